@@ -1,0 +1,18 @@
+"""tessellm: LLM inference and serving with a paged KV cache and pluggable hardware backends."""
+
+__version__ = "0.1.0"
+
+from tessellm.core.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
+from tessellm.core.sampling_params import SamplingParams  # noqa: E402
+
+
+def __getattr__(name):
+    # LLM pulls in the model stack; import it lazily so `import tessellm` stays light.
+    if name == "LLM":
+        from tessellm.entrypoints.llm import LLM
+
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

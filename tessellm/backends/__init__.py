@@ -1,0 +1,1 @@
+"""Hardware backends: the plugin contract (spec), the registry, and the in-tree plugins."""

@@ -1,0 +1,62 @@
+"""The cuda backend plugin: Triton paged attention and fused ops, CUDA graphs, nccl."""
+
+from __future__ import annotations
+
+from tessellm.backends.spec import AttentionSpec, Backend, GraphSpec, OpsSpec, hookimpl
+
+NAME = "cuda"
+
+
+def _is_available() -> bool:
+    import torch
+
+    # A ROCm build of torch also answers torch.cuda; that is the rocm backend's hardware.
+    return torch.cuda.is_available() and getattr(torch.version, "hip", None) is None
+
+
+def _memory_info() -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.mem_get_info()
+
+
+def _synchronize() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
+@hookimpl
+def tessellm_register_backends(register):
+    register(Backend(
+        name=NAME, device_type="cuda", dist_backend="nccl", priority=100,
+        is_available=_is_available, memory_info=_memory_info, synchronize=_synchronize,
+        description="NVIDIA GPUs: Triton paged attention and fused ops, CUDA graphs.",
+        validated_on="hardware",
+        capabilities={"graph_capture": True},
+    ))
+
+
+@hookimpl
+def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
+    if backend.name != NAME:
+        return None
+    from tessellm.backends.cuda.triton_attention import TritonAttentionKernel
+
+    return TritonAttentionKernel(spec, max_model_len=131072)
+
+
+@hookimpl
+def tessellm_fused_ops(backend: Backend, spec: OpsSpec):
+    if backend.name != NAME:
+        return None
+    from tessellm.backends.cuda.triton_ops import TritonOps
+
+    return TritonOps()
+
+
+@hookimpl
+def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
+    if backend.name != NAME or spec.enforce_eager:
+        return None
+    return None  # CUDA graph capture lands with the cuda issue's graph runner

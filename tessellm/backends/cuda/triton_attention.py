@@ -1,0 +1,438 @@
+"""Paged attention in Triton: cache write, varlen prefill, split-KV decode.
+
+KV cache layout (see ``backends/spec.py``): ``k_cache``/``v_cache`` ``[num_blocks, block_size,
+KVH, D]``. Token ``t`` of sequence ``s`` lives at block ``block_tables[s, t // block_size]``,
+offset ``t % block_size``::
+
+    block_tables[s] = [7, 2, 9]       block_size = 4, seq_len = 10
+    tokens 0..3 -> block 7, 4..7 -> block 2, 8..9 -> block 9 (offsets 0, 1)
+
+The flat batch holds decode sequences first (one query each), then prefill chunks. Query ``i``
+of sequence ``s`` sits at position ``seq_lens[s] - query_len(s) + i`` and sees keys ``<=`` it
+(and ``> pos - window`` with a sliding window).
+
+GQA: one program handles all ``G = H / KVH`` query heads of one KV head, packed as rows of a
+``[BLOCK_M, D]`` tile (``row = query * G_P2 + g``), so every K/V tile is loaded once per group.
+
+Decode is split-KV: grid ``(num_decodes, KVH, num_splits)`` with ``num_splits`` a host int
+fixed per batch size (graph-capture safe). A sequence of length L is cut into parts of
+``max(roundup(cdiv(L, num_splits), BLOCK_N), MIN_PART)`` keys, computed in the kernel from
+``seq_lens``; splits past L are empty and write (out=0, m=-1e30, l=0), which the reduction
+weighs as zero. A sequence of length 0 (graph padding) gives output 0, never NaN.
+No host-device sync anywhere in ``forward``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully masked tiles never give inf - inf
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                              stride_kt, stride_kh, stride_vt, stride_vh,
+                              stride_kcb, stride_kct, stride_kch,
+                              stride_vcb, stride_vct, stride_vch,
+                              NUM_KV_HEADS: tl.constexpr, KVH_P2: tl.constexpr,
+                              HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    h = tl.arange(0, KVH_P2)[:, None]
+    d = tl.arange(0, HEAD_SIZE)[None, :]
+    mask = h < NUM_KV_HEADS
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(kc_ptr + blk * stride_kcb + off * stride_kct + h * stride_kch + d,
+             k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + blk * stride_vcb + off * stride_vct + h * stride_vch + d,
+             v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok, mask, kvh,
+                 scale_log2, stride_cb, stride_ct, stride_ch,
+                 HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over keys ``n`` (``[BLOCK_N]``). ``mask``: ``[BLOCK_M, BLOCK_N]``."""
+    d = tl.arange(0, HEAD_SIZE)
+    blk = tl.load(bt_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    kv_off = blk * stride_cb + (n % BLOCK_SIZE) * stride_ct + kvh * stride_ch
+    k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * scale_log2
+    s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+                    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+                    seq_offset, scale_log2, window,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_cb, stride_ct, stride_ch, stride_bt,
+                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+                    DOT_FP32: tl.constexpr):
+    """Grid ``(num_prefills, cdiv(max_query_len, BLOCK_Q), KVH)``; BLOCK_M = BLOCK_Q * GROUP_P2."""
+    s = seq_offset + tl.program_id(0)
+    qb = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + s)
+    q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
+    if qb * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + s)
+    ctx_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    tq = qb * BLOCK_Q + rows // GROUP_P2  # query index inside the sequence
+    g = rows % GROUP_P2
+    row_ok = (tq < q_len) & (g < GROUP)
+    d = tl.arange(0, HEAD_SIZE)
+    tok = (q_start + tq).to(tl.int64)
+    head = kvh * GROUP + g
+    q = tl.load(q_ptr + (tok * stride_qt + head * stride_qh)[:, None] + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if DOT_FP32:  # tiles take q's dtype
+        q = q.to(tl.float32)
+    q_pos = ctx_len + tq
+
+    hi = tl.minimum(seq_len, ctx_len + (qb + 1) * BLOCK_Q)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx_len + qb * BLOCK_Q - window + 1, 0)
+    m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_SIZE], tl.float32)
+    bt_ptr = block_tables_ptr + s.to(tl.int64) * stride_bt
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        mask = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        if USE_WINDOW:
+            mask = mask & (n[None, :] > q_pos[:, None] - window)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
+                                     mask, kvh, scale_log2, stride_cb, stride_ct, stride_ch,
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC)
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (tok * stride_ot + head * stride_oh)[:, None] + d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
+                         query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+                         scale_log2, window,
+                         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+                         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, MIN_PART: tl.constexpr,
+                         BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
+                         DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Grid ``(num_decodes, KVH, NUM_SPLITS)``. Writes each split's normalized partial output,
+    running max (log2 units) and sum of exponentials to the workspace."""
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + s)
+    tok = tl.load(query_start_loc_ptr + s).to(tl.int64)
+    part = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    part = tl.maximum(part, MIN_PART)
+    start = split * part
+    end = tl.minimum(start + part, seq_len)
+    if USE_WINDOW:
+        start = tl.maximum(start, seq_len - window)
+
+    g = tl.arange(0, BLOCK_M)
+    row_ok = g < GROUP
+    head = kvh * GROUP + g
+    d = tl.arange(0, HEAD_SIZE)
+    q = tl.load(q_ptr + (tok * stride_qt + head * stride_qh)[:, None] + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if DOT_FP32:  # tiles take q's dtype
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_SIZE], tl.float32)
+    bt_ptr = block_tables_ptr + s.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        mask = (g[:, None] >= 0) & n_ok[None, :]  # every key < seq_len is visible to the query
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
+                                     mask, kvh, scale_log2, stride_cb, stride_ct, stride_ch,
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC)
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    idx = (s.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
+    tl.store(part_out_ptr + idx[:, None] * HEAD_SIZE + d[None, :], acc, mask=row_ok[:, None])
+    tl.store(part_m_ptr + idx, m_i, mask=row_ok)
+    tl.store(part_l_ptr + idx, l_i, mask=row_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, query_start_loc_ptr,
+                          stride_ot, stride_oh,
+                          NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                          HEAD_SIZE: tl.constexpr):
+    """Grid ``(num_decodes, H)``: out = sum_i w_i o_i / sum_i w_i, w_i = 2^(m_i - M) l_i."""
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    tok = tl.load(query_start_loc_ptr + s).to(tl.int64)
+    sp = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_SIZE)
+    idx = (s.to(tl.int64) * NUM_HEADS + h) * NUM_SPLITS + sp
+    m = tl.load(part_m_ptr + idx)
+    l = tl.load(part_l_ptr + idx)
+    w = tl.exp2(m - tl.max(m, 0)) * l
+    denom = tl.sum(w, 0)
+    o = tl.load(part_out_ptr + idx[:, None] * HEAD_SIZE + d[None, :])
+    out = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + tok * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _p2(x: int) -> int:
+    return triton.next_power_of_2(x)
+
+
+def _dot_precision(dtype) -> str:
+    # tf32x3: three tf32 products, float32-level accuracy on the tensor cores. Ignored for 16-bit.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _dot_fp32(q: torch.Tensor) -> bool:
+    """Run the dots in float32 for bf16 on the CPU: there Triton runs in its interpreter, which
+    has no bf16 arithmetic (it would multiply the raw bit patterns, triton issue #11584)."""
+    return q.dtype == torch.bfloat16 and q.device.type == "cpu"
+
+
+def _prefill_tiles(dtype, head_size: int) -> tuple[int, int]:
+    """(BLOCK_M rows of q, BLOCK_N keys) per prefill program; sized to stay out of local memory."""
+    if dtype == torch.float32 or head_size > 128:
+        return 64, 32
+    return 128, 64
+
+
+def _decode_block_n(dtype, head_size: int) -> int:
+    return 64 if dtype != torch.float32 and head_size <= 128 else 32
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must have the same shape and strides, got "
+                         f"{tuple(k_cache.shape)}/{k_cache.stride()} and "
+                         f"{tuple(v_cache.shape)}/{v_cache.stride()}.")
+    if k_cache.stride(-1) != 1:
+        raise ValueError("the KV cache's head dimension must be contiguous (stride 1).")
+
+
+def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write ``k``/``v`` ``[T, KVH, D]`` into the caches at ``slot_mapping`` (-1: skip)."""
+    num_tokens, num_kv_heads, head_size = k.shape
+    if num_tokens == 0:
+        return
+    assert k.stride(-1) == 1 and v.stride(-1) == 1, "k/v head dimension must be contiguous"
+    _reshape_and_cache_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, KVH_P2=_p2(num_kv_heads), HEAD_SIZE=head_size,
+        BLOCK_SIZE=k_cache.shape[1], num_warps=4 if num_kv_heads * head_size >= 1024 else 1)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      out: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                      block_tables: torch.Tensor, scale: float, *, seq_offset: int,
+                      num_seqs: int, max_query_len: int,
+                      sliding_window: Optional[int] = None) -> None:
+    """Causal attention of sequences ``seq_offset .. seq_offset + num_seqs - 1`` of the flat
+    batch over their paged context; writes their rows of ``out`` ``[T, H, D]``."""
+    if num_seqs == 0 or max_query_len == 0:
+        return
+    _check_cache(k_cache, v_cache)
+    num_heads, head_size = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    group_p2 = _p2(group)
+    block_m, block_n = _prefill_tiles(q.dtype, head_size)
+    block_m = max(block_m, group_p2)
+    block_m = min(block_m, max(16, group_p2 * _p2(max_query_len)))  # short chunks: small tiles
+    block_q = block_m // group_p2
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        seq_offset, scale * _LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_SIZE=head_size, BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
+        DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q),
+        num_warps=8 if block_m * head_size >= 16384 else 4, num_stages=2)
+
+
+def decode_workspace_numel(num_seqs: int, num_heads: int, num_splits: int, head_size: int) -> int:
+    """float32 elements of workspace ``decode_attention`` needs: partial outs, maxes, sums."""
+    return num_seqs * num_heads * num_splits * (head_size + 2)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     out: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                     block_tables: torch.Tensor, scale: float, *, num_seqs: int, num_splits: int,
+                     workspace: torch.Tensor, sliding_window: Optional[int] = None,
+                     min_partition: int = 128) -> None:
+    """Split-KV attention of the first ``num_seqs`` sequences (one query token each).
+
+    ``num_splits``: a power of two, a host int fixed per batch size. ``workspace``: float32, at
+    least ``decode_workspace_numel(...)`` elements; reused, never read before written.
+    """
+    if num_seqs == 0:
+        return
+    _check_cache(k_cache, v_cache)
+    assert num_splits >= 1 and num_splits & (num_splits - 1) == 0, "num_splits: a power of two"
+    num_heads, head_size = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    n_part = num_seqs * num_heads * num_splits
+    assert workspace.dtype == torch.float32 and workspace.numel() >= n_part * (head_size + 2)
+    part_out = workspace[:n_part * head_size]
+    part_m = workspace[n_part * head_size:n_part * (head_size + 1)]
+    part_l = workspace[n_part * (head_size + 1):n_part * (head_size + 2)]
+    block_n = _decode_block_n(q.dtype, head_size)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, part_out, part_m, part_l, query_start_loc, seq_lens, block_tables,
+        scale * _LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        NUM_HEADS=num_heads, GROUP=group, BLOCK_M=max(16, _p2(group)), NUM_SPLITS=num_splits,
+        MIN_PART=max(min_partition, block_n), BLOCK_N=block_n, HEAD_SIZE=head_size,
+        BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
+        DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q), num_warps=4, num_stages=3)
+    _decode_reduce_kernel[(num_seqs, num_heads)](
+        out, part_out, part_m, part_l, query_start_loc, out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_SIZE=head_size, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The AttentionKernel
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TritonAttentionMetadata:
+    """What ``TritonAttentionKernel.forward`` needs for one step. Tensors are on the device."""
+
+    num_decodes: int  # the first num_decodes sequences: one query each, split-KV kernel
+    num_prefills: int  # the rest: varlen prefill kernel
+    num_splits: int  # decode splits per (sequence, KV head); a function of num_decodes only
+    max_query_len: int  # bounds the prefill grid
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
+    seq_lens: torch.Tensor  # int32 [num_seqs]
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq]
+    slot_mapping: torch.Tensor  # int64 [num_tokens]; -1 = skip
+
+
+class TritonAttentionKernel:
+    """Paged attention through this module's Triton kernels (``AttentionKernel`` protocol).
+
+    The split-KV workspace is allocated on the first decode forward, sized for
+    ``max_num_seqs`` decodes, and reused; a larger batch grows it (outside graph capture: run
+    each captured size eagerly once first, as graph runners do for warm-up).
+    """
+
+    name = "triton"
+    supports_sliding_window = True
+    min_partition = 128  # fewest keys a decode split handles (bounds partial-output traffic)
+    target_programs = 1024  # decode programs wanted to fill the GPU (about 8 per SM on H100)
+    max_splits = 32
+
+    def __init__(self, spec, max_model_len: int, max_num_seqs: int = 256):
+        head_size = spec.head_size
+        if head_size < 16 or head_size & (head_size - 1):
+            raise ValueError(f"Triton attention needs a power-of-two head size >= 16, got "
+                             f"{head_size}; use the reference kernel for this model.")
+        if spec.num_heads % spec.num_kv_heads:
+            raise ValueError(f"num_heads {spec.num_heads} is not a multiple of num_kv_heads "
+                             f"{spec.num_kv_heads}.")
+        if spec.kv_cache_dtype != "auto":
+            raise NotImplementedError(f"Triton attention supports kv_cache_dtype='auto' only, "
+                                      f"got {spec.kv_cache_dtype!r}.")
+        self.spec = spec
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.sliding_window = spec.sliding_window
+        self._splits_cap = max(1, min(self.max_splits, _p2(math.ceil(max_model_len
+                                                                     / self.min_partition))))
+        self._workspace: Optional[torch.Tensor] = None
+
+    def num_splits(self, num_decodes: int) -> int:
+        """Decode splits for a batch of ``num_decodes``: enough programs to fill the GPU."""
+        programs = max(1, num_decodes * self.spec.num_kv_heads)
+        want = _p2(math.ceil(self.target_programs / programs))
+        return max(1, min(want, self._splits_cap))
+
+    def workspace_numel(self, num_decodes: int) -> int:
+        return decode_workspace_numel(num_decodes, self.spec.num_heads,
+                                      self.num_splits(num_decodes), self.spec.head_size)
+
+    def build_metadata(self, batch) -> TritonAttentionMetadata:
+        return TritonAttentionMetadata(
+            num_decodes=batch.num_decodes, num_prefills=batch.num_seqs - batch.num_decodes,
+            num_splits=self.num_splits(batch.num_decodes), max_query_len=batch.max_query_len,
+            query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
+            block_tables=batch.block_tables, slot_mapping=batch.slot_mapping)
+
+    def _get_workspace(self, num_decodes: int, device) -> torch.Tensor:
+        need = self.workspace_numel(num_decodes)
+        ws = self._workspace
+        if ws is None or ws.numel() < need or ws.device != device:
+            cap = max(self.workspace_numel(n) for n in range(1, self.max_num_seqs + 1))
+            self._workspace = ws = torch.empty(max(need, cap), dtype=torch.float32,
+                                               device=device)
+        return ws
+
+    def forward(self, q, k, v, k_cache, v_cache, metadata: TritonAttentionMetadata, scale: float,
+                out: Optional[torch.Tensor] = None):
+        reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        if out is None:
+            out = torch.empty_like(q)
+        md = metadata
+        if md.num_decodes:
+            decode_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
+                             md.block_tables, scale, num_seqs=md.num_decodes,
+                             num_splits=md.num_splits,
+                             workspace=self._get_workspace(md.num_decodes, q.device),
+                             sliding_window=self.sliding_window, min_partition=self.min_partition)
+        if md.num_prefills:
+            prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
+                              md.block_tables, scale, seq_offset=md.num_decodes,
+                              num_seqs=md.num_prefills, max_query_len=md.max_query_len,
+                              sliding_window=self.sliding_window)
+        return out

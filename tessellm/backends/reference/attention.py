@@ -1,0 +1,97 @@
+"""Reference paged attention: obviously-correct pure torch, one sequence at a time.
+
+This is the oracle every attention kernel is tested against. It favours clarity over speed:
+it gathers each sequence's keys and values through its block table and runs dense causal
+attention in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Scatter ``k``/``v`` ``[T, KVH, D]`` into the caches ``[num_blocks, block_size, KVH, D]``.
+
+    Slots of -1 are skipped (padding tokens).
+    """
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
+    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first ``seq_len`` tokens of one sequence from a paged cache: ``[seq_len, KVH, D]``."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = cache[block_table[:num_blocks].long()]  # [nb, bs, KVH, D]
+    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+
+
+def causal_mask(query_len: int, seq_len: int, sliding_window: Optional[int], device) -> torch.Tensor:
+    """Boolean ``[query_len, seq_len]``: True where query i may attend key j.
+
+    Query i sits at absolute position ``seq_len - query_len + i``.
+    """
+    q_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                    block_tables: torch.Tensor, scale: float,
+                    sliding_window: Optional[int] = None) -> torch.Tensor:
+    """Attention of flat queries ``q`` ``[T, H, D]`` over paged K/V. Returns ``[T, H, D]``.
+
+    The new tokens' K/V must already be in the cache (see ``write_kv_cache``).
+    """
+    num_heads, head_size = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for s, seq_len in enumerate(lens):
+        q0, q1 = starts[s], starts[s + 1]
+        if q1 == q0:
+            continue
+        k = gather_kv(k_cache, block_tables[s], seq_len).float()
+        v = gather_kv(v_cache, block_tables[s], seq_len).float()
+        k = k.repeat_interleave(group, dim=1)  # [L, H, D]
+        v = v.repeat_interleave(group, dim=1)
+        qs = q[q0:q1].float()  # [Q, H, D]
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        mask = causal_mask(q1 - q0, seq_len, sliding_window, q.device)
+        scores = scores.masked_fill(~mask, -math.inf)
+        probs = torch.softmax(scores, dim=-1)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+class ReferenceAttentionKernel:
+    """The reference ops wrapped as an ``AttentionKernel`` (for tests and as a fallback)."""
+
+    name = "reference"
+    supports_sliding_window = True
+
+    def __init__(self, sliding_window: Optional[int] = None):
+        self.sliding_window = sliding_window
+
+    def build_metadata(self, batch):
+        return batch
+
+    def forward(self, q, k, v, k_cache, v_cache, metadata, scale):
+        write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        return paged_attention(q, k_cache, v_cache, metadata.query_start_loc, metadata.seq_lens,
+                               metadata.block_tables, scale, self.sliding_window)

@@ -1,0 +1,40 @@
+"""Reference fused ops in plain torch: RMSNorm, rotary embedding, SiLU-and-mul."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class ReferenceOps:
+    """Pure-torch ``FusedOps``. Computes norms in float32 like HF transformers does."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(dtype)
+
+    def fused_add_rms_norm(self, x, residual, weight, eps):
+        residual = x + residual
+        return self.rms_norm(residual, weight, eps), residual
+
+    def rotary_embedding(self, positions, q, k, cos_sin_cache, head_size):
+        """NeoX style: rotate the two halves of each head. cos_sin_cache: [max_pos, head_size]
+        holding cos in the first half and sin in the second."""
+        cos_sin = cos_sin_cache[positions]  # [T, D]
+        cos, sin = cos_sin.chunk(2, dim=-1)  # [T, D/2] each
+        return _rotate(q, cos, sin, head_size), _rotate(k, cos, sin, head_size)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.silu(x[..., :d]) * x[..., d:]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: int) -> torch.Tensor:
+    shape = x.shape
+    x = x.view(shape[0], -1, head_size)
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.reshape(shape)

@@ -1,0 +1,142 @@
+"""Engine configuration: what the user asked for, resolved against the model and the backend."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass
+class EngineArgs:
+    """Everything a user can set; the same names as ``LLM(...)`` and ``tessellm serve`` flags."""
+
+    model: Optional[str] = None  # directory, .gguf file, HF cache repo id; None: bundled SmolLM2
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    block_size: int = 16
+    num_kv_blocks: Optional[int] = None  # overrides sizing from free memory
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    load_format: str = "auto"  # auto, safetensors, gguf, dummy
+    enforce_eager: bool = False
+    tokenizer: Optional[str] = None  # a directory with tokenizer files; default: the model's
+    served_model_name: Optional[str] = None
+    chat_template: Optional[str] = None  # a file path or the template text
+    kv_cache_dtype: str = "auto"
+    quantization: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype {self.dtype!r} is not supported; use auto, float32, bfloat16 or float16.")
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ValueError(f"load_format {self.load_format!r} is not supported; "
+                             "use auto, safetensors, gguf or dummy.")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}.")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+
+
+@dataclass
+class ModelSource:
+    """Where a model's pieces come from."""
+
+    path: str  # a directory (config.json) or a .gguf file
+    kind: str  # "dir" or "gguf"
+    hf_config: object = field(repr=False)
+    has_tokenizer: bool = True
+
+
+def resolve_model(model: Optional[str]) -> ModelSource:
+    """Find the model: the bundled default, a .gguf file, a directory, or a cached HF repo."""
+    if model is None:
+        from tessellm.loader.default_model import default_model_path
+
+        model = default_model_path()
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise FileNotFoundError(f"GGUF file {model} does not exist.")
+        from tessellm.loader.gguf_loader import load_gguf_config
+
+        return ModelSource(model, "gguf", load_gguf_config(model))
+    path = model if os.path.isdir(model) else _from_hf_cache(model)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json; give a model directory or a .gguf file.")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    has_tok = any(os.path.exists(os.path.join(path, f))
+                  for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    return ModelSource(path, "dir", config, has_tok)
+
+
+def _from_hf_cache(repo_id: str) -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise FileNotFoundError(
+            f"Model {repo_id!r} is neither a local directory, a .gguf file, nor in the local "
+            "Hugging Face cache (tessellm never downloads weights); download it first.") from exc
+
+
+def resolve_dtype(requested: str, hf_config, device_type: str) -> torch.dtype:
+    """'auto': float32 on the cpu; otherwise the checkpoint's dtype, with float32 -> bfloat16."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    if device_type == "cpu":
+        return torch.float32
+    dtype = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(dtype, torch.bfloat16)
+    if dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    return torch.bfloat16
+
+
+def resolve_max_model_len(requested: Optional[int], hf_config) -> int:
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if requested is None:
+        return int(limit)
+    if requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds the model's max_position_embeddings "
+                         f"{limit}; use at most {limit}.")
+    return requested
+
+
+def generation_eos_ids(source: ModelSource) -> list[int]:
+    """EOS ids from config.json and generation_config.json (Llama 3 lists several)."""
+    ids: list[int] = []
+    for value in (getattr(source.hf_config, "eos_token_id", None), _gen_config_eos(source)):
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, (list, tuple)):
+            ids.extend(int(v) for v in value)
+    return sorted(set(ids))
+
+
+def _gen_config_eos(source: ModelSource):
+    if source.kind != "dir":
+        return None
+    path = os.path.join(source.path, "generation_config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("eos_token_id")

@@ -1,0 +1,1 @@
+"""Hardware-neutral engine core."""

@@ -1,0 +1,189 @@
+"""KV cache block manager: fixed-size blocks, reference counts, a free queue, prefix caching.
+
+Plain Python: block ids and token counts, never tensors.
+
+Invariants
+----------
+* Every block is in exactly one of: held by >= 1 request (``ref_cnt > 0``), or in the free
+  queue (``ref_cnt == 0``). A free block may still hold a cached prefix (``block_hash`` set)
+  and be revived by a prefix hit until it is evicted.
+* The free queue is ordered least-recently-freed first. Allocation takes from the front and
+  evicts the cached hash of whatever it takes. A request's blocks are freed tail first, so a
+  prompt's *last* blocks are evicted before its first ones (the first are the most shareable).
+* A full block's hash chains its parent's hash and its own token ids (plus an extra key such as
+  a cache salt): ``h_i = hash((h_{i-1}, tokens_i, extra))``. Equal prefixes share blocks.
+* A prefix hit never covers a request's last prompt token: that token's logits are needed.
+
+Picture of one request (block_size 4, 10 tokens, 9 computed)::
+
+    tokens:  t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9
+    blocks:  [  b7 full ] [  b2 full ] [ b5 partial ]
+    hashes:      h0           h1          (none until full)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+from tessellm.core.request import Request
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: Optional[int] = None  # set once full and registered in the prefix cache
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of which found in the cache
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+def hash_block(parent_hash: Optional[int], token_ids: tuple[int, ...], extra: object = None) -> int:
+    return hash((parent_hash, token_ids, extra))
+
+
+class BlockManager:
+    """Allocates KV blocks to requests. One instance per engine (all layers share block ids)."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}.")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # block_id -> Block, least recently freed first. OrderedDict gives O(1) removal.
+        self.free_queue: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached: dict[int, Block] = {}  # block hash -> block holding that prefix
+        self.req_blocks: dict[str, list[Block]] = {}
+        self.stats = PrefixCacheStats()
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by requests (cached-but-free blocks count as free)."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix cache ----------------------------------------------------------------------
+
+    def update_block_hashes(self, request: Request) -> None:
+        """Extend ``request.block_hashes`` to cover every full block of its known tokens."""
+        tokens = request.all_token_ids
+        hashes = request.block_hashes
+        bs = self.block_size
+        while (len(hashes) + 1) * bs <= len(tokens):
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs]), request.cache_salt))
+
+    def find_cached_prefix(self, request: Request) -> list[Block]:
+        """The longest run of cached blocks matching the request's prompt prefix.
+
+        Leaves at least one prompt token uncomputed. Counts the lookup in ``stats``.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        self.update_block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hit: list[Block] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block = self.cached.get(block_hash)
+            if block is None:
+                break
+            hit.append(block)
+        self.stats.queries += request.num_tokens
+        self.stats.hits += len(hit) * self.block_size
+        return hit
+
+    def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Register the request's blocks that are full and computed in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        self.update_block_hashes(request)
+        blocks = self.req_blocks.get(request.request_id, [])
+        num_full = min(num_computed_tokens // self.block_size, len(request.block_hashes), len(blocks))
+        for i in range(num_full):
+            block = blocks[i]
+            if block.block_hash is not None:
+                continue
+            block_hash = request.block_hashes[i]
+            if block_hash in self.cached:
+                continue  # another block already holds this prefix; keep ours private
+            block.block_hash = block_hash
+            self.cached[block_hash] = block
+
+    # -- allocation ------------------------------------------------------------------------
+
+    def can_allocate(self, request: Request, num_new_tokens: int, prefix: list[Block]) -> bool:
+        held = len(self.req_blocks.get(request.request_id, ())) + len(prefix)
+        needed = self.blocks_needed(request.num_computed_tokens + len(prefix) * self.block_size
+                                    + num_new_tokens) - held
+        revived = sum(1 for b in prefix if b.ref_cnt == 0)  # leave the free queue when taken
+        return needed + revived <= self.num_free_blocks
+
+    def allocate(self, request: Request, num_new_tokens: int,
+                 prefix: Optional[list[Block]] = None) -> Optional[list[int]]:
+        """Give ``request`` blocks for ``num_new_tokens`` more tokens after its computed ones.
+
+        ``prefix``: cached blocks from ``find_cached_prefix`` to take first (new requests only).
+        Returns the ids of the blocks added (prefix included), or None when there are not enough
+        free blocks (nothing is changed then).
+        """
+        prefix = prefix or []
+        if not self.can_allocate(request, num_new_tokens, prefix):
+            return None
+        held = self.req_blocks.setdefault(request.request_id, [])
+        for block in prefix:
+            if block.ref_cnt == 0:
+                del self.free_queue[block.block_id]
+            block.ref_cnt += 1
+            held.append(block)
+        total = request.num_computed_tokens + len(prefix) * self.block_size + num_new_tokens
+        new = [self._take_free_block() for _ in range(self.blocks_needed(total) - len(held))]
+        held.extend(new)
+        return [b.block_id for b in prefix] + [b.block_id for b in new]
+
+    def _take_free_block(self) -> Block:
+        _, block = self.free_queue.popitem(last=False)
+        if block.block_hash is not None:  # evict its cached prefix
+            if self.cached.get(block.block_hash) is block:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+        block.ref_cnt = 1
+        return block
+
+    def free(self, request_id: str) -> None:
+        """Release a request's blocks, tail first (so its prefix is evicted last)."""
+        for block in reversed(self.req_blocks.pop(request_id, [])):
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self.free_queue[block.block_id] = block
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix. Only possible while no block is held."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.block_hash = None
+        self.cached.clear()
+        return True

@@ -1,0 +1,83 @@
+"""Front end, inbound: prompts to validated EngineCoreRequests (tokenize, check, fan out n)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
+from tessellm.core.sampling_params import SamplingParams
+
+PromptType = Union[str, list[int], dict]
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+
+
+class InputProcessor:
+    def __init__(self, info: EngineInfo, tokenizer):
+        self.info = info
+        self.tokenizer = tokenizer
+
+    def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return self._check(ProcessedPrompt(prompt.get("prompt"), list(prompt["prompt_token_ids"])))
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, list):
+            return self._check(ProcessedPrompt(None, list(prompt)))
+        if not isinstance(prompt, str):
+            raise ValueError(f"A prompt must be a string, a list of token ids or a dict with "
+                             f"'prompt' or 'prompt_token_ids', got {type(prompt).__name__}.")
+        if not prompt:
+            raise ValueError("The prompt is empty; give at least one character.")
+        if self.tokenizer is None:
+            raise ValueError("This model has no tokenizer files; pass prompts as token ids "
+                             "({'prompt_token_ids': [...]}).")
+        return self._check(ProcessedPrompt(prompt, self.tokenizer.encode(prompt)))
+
+    def _check(self, p: ProcessedPrompt) -> ProcessedPrompt:
+        ids = p.prompt_token_ids
+        if not ids:
+            raise ValueError("The prompt is empty; give at least one token.")
+        if not all(isinstance(t, int) and 0 <= t < self.info.vocab_size for t in ids):
+            raise ValueError(f"Prompt token ids must be integers in [0, {self.info.vocab_size}).")
+        limit = self.info.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(f"The prompt has {len(ids)} tokens but the model's context length is "
+                             f"{limit}; shorten the prompt to at most {limit - 1} tokens.")
+        capacity = self.info.num_kv_blocks * self.info.block_size
+        if len(ids) + 1 > capacity:
+            raise ValueError(f"The prompt has {len(ids)} tokens but the KV cache holds only "
+                             f"{capacity} tokens; give the cache more blocks (num_kv_blocks) or "
+                             "shorten the prompt.")
+        return p
+
+    def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                      arrival_time: Optional[float] = None) -> list[EngineCoreRequest]:
+        """One core request per sample; samples after the first reuse its prompt blocks."""
+        arrival = time.time() if arrival_time is None else arrival_time
+        if params.max_tokens is None:
+            params = params.clone(max_tokens=self.info.max_model_len - len(prompt.prompt_token_ids))
+        if params.n == 1:
+            return [EngineCoreRequest(request_id, prompt.prompt_token_ids, params, arrival)]
+        child_ids = [child_request_id(request_id, i) for i in range(params.n)]
+        reqs = []
+        for i, cid in enumerate(child_ids):
+            child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
+            reqs.append(EngineCoreRequest(cid, prompt.prompt_token_ids, child_params, arrival,
+                                          wait_for=child_ids[0] if i else None))
+        return reqs
+
+
+def child_request_id(parent_id: str, index: int) -> str:
+    return f"{index}_{parent_id}"
+
+
+def random_request_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,53 @@
+"""LLMEngine: the synchronous, in-process engine (front end + core in one loop)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tessellm.config import EngineArgs
+from tessellm.core.engine_core import EngineCore
+from tessellm.core.input_processor import InputProcessor, PromptType
+from tessellm.core.output_processor import OutputProcessor
+from tessellm.core.outputs import RequestOutput
+from tessellm.core.sampling_params import SamplingParams
+from tessellm.loader.model_loader import load_tokenizer
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        self.core = EngineCore(args)
+        source = self.core.source
+        self.tokenizer = None
+        if source.has_tokenizer or args.tokenizer:
+            self.tokenizer = load_tokenizer(source.path, source.kind, args.tokenizer)
+        self.inputs = InputProcessor(self.core.info, self.tokenizer)
+        self.outputs = OutputProcessor(self.tokenizer)
+
+    def add_request(self, request_id: str, prompt: PromptType,
+                    params: Optional[SamplingParams] = None) -> None:
+        """Validate and queue a request. Raises ValueError (nothing queued) on bad input."""
+        params = params or SamplingParams()
+        processed = self.inputs.process_prompt(prompt)
+        if self.outputs.has_request(request_id):
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        core_reqs = self.inputs.make_requests(request_id, processed, params)
+        self.outputs.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
+                                 [r.request_id for r in core_reqs])
+        for req in core_reqs:
+            self.core.add_request(req)
+
+    def abort_request(self, request_id: str) -> None:
+        ids = self.outputs.core_ids(request_id)
+        self.outputs.abort(request_id)
+        self.core.abort_requests(ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        results, to_abort = self.outputs.process(self.core.step())
+        if to_abort:
+            self.core.abort_requests(to_abort)
+        return results
+

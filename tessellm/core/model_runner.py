@@ -1,0 +1,262 @@
+"""Model runner: turns a SchedulerOutput into flat tensors, runs the model, samples.
+
+It keeps a small state per running request (its tokens and block ids), updated from what the
+scheduler says changed. Per step it builds, on the host and then copies to the device::
+
+    request:         A (decode)    B (prefill chunk, 3 tokens, 5 cached)
+    input_ids:       [a9]          [b5 b6 b7]
+    positions:       [9]           [5  6  7 ]
+    slot_mapping:    [slot(A,9)]   [slot(B,5) slot(B,6) slot(B,7)]   slot = block*bs + pos%bs
+    query_start_loc: 0             1                                   4
+    seq_lens:        10            8
+    logits_indices:  [0]           [3]        (only B's last token samples, if it ends B's prompt)
+
+Decode requests (one query token) are ordered first, as AttentionBatch requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from tessellm.core.attention_batch import AttentionBatch
+from tessellm.core.sampler import Sampler, SamplerOutput, SamplingBatch, seed_for_position
+from tessellm.core.scheduler import SchedulerOutput
+
+
+@dataclass
+class RunnerRequest:
+    request_id: str
+    token_ids: list[int]  # prompt + output so far
+    num_prompt_tokens: int
+    params: object  # SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    prompt_logprobs: list = field(default_factory=list)  # accumulated over prefill chunks
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, list[int]]  # request id -> new token ids (absent: partial prefill)
+    logprobs: dict[str, list]  # request id -> per new token (id, logprob, rank, [(id, lp), ...])
+    prompt_logprobs: dict[str, list]  # request id -> per prompt position, first None
+
+
+class ModelRunner:
+    def __init__(self, model, kernel, backend, device: torch.device, block_size: int,
+                 vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0):
+        self.model = model
+        self.kernel = kernel  # the attention kernel all layers share
+        self.backend = backend
+        self.device = device
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)  # banned before a request's min_tokens
+        self.sampler = Sampler(device, seed)
+        self.requests: dict[str, RunnerRequest] = {}
+
+    # -- KV cache --------------------------------------------------------------------------
+
+    def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
+        """Zero-filled so padded reads are finite. One (k, v) pair of tensors per layer."""
+        for attn in self.model.attention_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_size)
+            attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def kv_bytes_per_block(self, dtype: torch.dtype) -> int:
+        elem = torch.empty(0, dtype=dtype).element_size()
+        return sum(2 * self.block_size * a.num_kv_heads * a.head_size * elem
+                   for a in self.model.attention_layers())
+
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int) -> None:
+        """One forward at ``num_tokens`` so the allocator reaches its peak before KV sizing."""
+        from tessellm.core.sampling_params import SamplingParams
+
+        dtype = self.model.embed_tokens.weight.dtype
+        num_blocks = -(-num_tokens // self.block_size)
+        self.allocate_kv_cache(num_blocks, dtype)
+        state = RunnerRequest("profile", [0] * num_tokens, num_tokens, SamplingParams(max_tokens=1),
+                              list(range(num_blocks)), 0)
+        inputs = self._prepare_inputs([state], [num_tokens])
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kernel.build_metadata(inputs.attn))
+        self.model.compute_logits(hidden[-min(num_tokens, 256):])
+        self.backend.synchronize()
+        self.allocate_kv_cache(0, dtype)
+
+    # -- per-step state --------------------------------------------------------------------
+
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for rid in sched.finished_request_ids:
+            self.requests.pop(rid, None)
+        for new in sched.new_requests:
+            self.requests[new.request_id] = RunnerRequest(
+                new.request_id, list(new.all_token_ids), len(new.prompt_token_ids),
+                new.sampling_params, list(new.block_ids), new.num_computed_tokens)
+        for cached in sched.cached_requests:
+            state = self.requests[cached.request_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(sched)
+        order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
+        states = [self.requests[r] for r in order]
+        counts = [sched.num_scheduled_tokens[r] for r in order]
+        inputs = self._prepare_inputs(states, counts)
+        metadata = self.kernel.build_metadata(inputs.attn)
+        hidden = self.model(inputs.input_ids, inputs.positions, metadata)
+        sampling_rows = [s for s, samples in zip(states, inputs.samples) if samples]
+        out = ModelRunnerOutput({}, {}, {})
+        if inputs.prompt_lp_rows:
+            self._prompt_logprobs(hidden, inputs, out)
+        if not sampling_rows:
+            return out
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        result = self.sampler(logits, self._sampling_batch(sampling_rows))
+        self._collect(sampling_rows, result, out)
+        return out
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    @dataclass
+    class _Inputs:
+        input_ids: torch.Tensor
+        positions: torch.Tensor
+        attn: AttentionBatch
+        logits_indices: torch.Tensor
+        samples: list[bool]
+        prompt_lp_rows: list[tuple[RunnerRequest, int, int, int]]  # (state, first row, start, n)
+
+    def _prepare_inputs(self, states: list[RunnerRequest], counts: list[int]) -> "_Inputs":
+        bs = self.block_size
+        ids, pos, slots, starts, seq_lens, logits_idx, samples, plp = [], [], [], [0], [], [], [], []
+        max_blocks = max(len(s.block_ids) for s in states)
+        table = np.zeros((len(states), max_blocks), dtype=np.int32)
+        for i, (state, n) in enumerate(zip(states, counts)):
+            c = state.num_computed_tokens
+            p = np.arange(c, c + n)
+            blocks = np.asarray(state.block_ids, dtype=np.int64)
+            table[i, :len(blocks)] = blocks
+            ids.append(np.asarray(state.token_ids[c:c + n], dtype=np.int64))
+            pos.append(p)
+            slots.append(blocks[p // bs] * bs + p % bs)
+            row0 = starts[-1]
+            starts.append(row0 + n)
+            seq_lens.append(c + n)
+            sampling = c + n == len(state.token_ids)
+            samples.append(sampling)
+            if sampling:
+                logits_idx.append(row0 + n - 1)
+            if state.params.prompt_logprobs is not None and c < state.num_prompt_tokens - 1:
+                plp.append((state, row0, c, min(n, state.num_prompt_tokens - 1 - c)))
+            state.num_computed_tokens = c + n
+        dev = self.device
+        attn = AttentionBatch(
+            num_tokens=starts[-1], num_seqs=len(states),
+            num_decodes=sum(1 for n in counts if n == 1) if counts[0] == 1 else 0,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(table).to(dev),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            max_query_len=max(counts), max_seq_len=max(seq_lens),
+            query_start_loc_host=starts, seq_lens_host=seq_lens)
+        return self._Inputs(torch.from_numpy(np.concatenate(ids)).to(dev),
+                            torch.from_numpy(np.concatenate(pos)).to(dev), attn,
+                            torch.tensor(logits_idx, dtype=torch.int64, device=dev), samples, plp)
+
+    def _sampling_batch(self, rows: list[RunnerRequest]) -> SamplingBatch:
+        dev = self.device
+        params = [r.params for r in rows]
+        temperature = torch.tensor([0.0 if p.is_greedy else p.temperature for p in params],
+                                   dtype=torch.float32, device=dev)
+        all_greedy = all(p.is_greedy for p in params)
+        top_k = top_p = min_p = None
+        if not all_greedy:
+            if any(p.top_k > 0 for p in params):
+                top_k = torch.tensor([p.top_k or self.vocab_size for p in params], device=dev)
+            if any(p.top_p < 1.0 for p in params):
+                top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+            if any(p.min_p > 0 for p in params):
+                min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+        batch = SamplingBatch(temperature, all_greedy, top_p, top_k, min_p)
+        if any(p.needs_penalties for p in params):
+            self._add_penalties(batch, rows)
+        batch.logit_bias = [(i, list(p.logit_bias), list(p.logit_bias.values()))
+                            for i, p in enumerate(params) if p.logit_bias] or None
+        batch.banned = self._banned(rows) or None
+        batch.seeds = [(i, seed_for_position(p.seed, len(r.token_ids) - r.num_prompt_tokens))
+                       for i, (r, p) in enumerate(zip(rows, params))
+                       if p.seed is not None and not p.is_greedy] or None
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        batch.max_num_logprobs = max(wanted) if wanted else None
+        return batch
+
+    def _add_penalties(self, batch: SamplingBatch, rows: list[RunnerRequest]) -> None:
+        dev, vocab = self.device, self.vocab_size
+        counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=dev)
+        prompt = torch.zeros(len(rows), vocab, dtype=torch.bool, device=dev)
+        for i, r in enumerate(rows):
+            out = r.token_ids[r.num_prompt_tokens:]
+            if out:
+                idx = torch.tensor(out, device=dev)
+                counts[i].scatter_add_(0, idx, torch.ones(len(out), device=dev))
+            prompt[i, torch.tensor(r.token_ids[:r.num_prompt_tokens], device=dev)] = True
+        ps = [r.params for r in rows]
+        batch.presence = torch.tensor([p.presence_penalty for p in ps], device=dev)
+        batch.frequency = torch.tensor([p.frequency_penalty for p in ps], device=dev)
+        batch.repetition = torch.tensor([p.repetition_penalty for p in ps], device=dev)
+        batch.output_counts, batch.prompt_mask = counts, prompt
+
+    def _banned(self, rows: list[RunnerRequest]) -> list[tuple[int, list[int]]]:
+        banned = []
+        for i, r in enumerate(rows):
+            p = r.params
+            if p.min_tokens and len(r.token_ids) - r.num_prompt_tokens < p.min_tokens:
+                ids = set(p.stop_token_ids) | set(self.eos_token_ids)
+                if ids:
+                    banned.append((i, sorted(ids)))
+        return banned
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def _collect(self, rows: list[RunnerRequest], result: SamplerOutput, out: ModelRunnerOutput) -> None:
+        tokens = result.token_ids.tolist()  # the step's one host sync
+        lp = None
+        if result.sampled_logprob is not None:
+            lp = (result.sampled_logprob.tolist(), result.sampled_rank.tolist(),
+                  result.topk_ids.tolist() if result.topk_ids is not None else None,
+                  result.topk_logprobs.tolist() if result.topk_logprobs is not None else None)
+        for i, (state, tok) in enumerate(zip(rows, tokens)):
+            state.token_ids.append(tok)
+            out.sampled[state.request_id] = [tok]
+            k = state.params.logprobs
+            if k is not None and lp is not None:
+                top = list(zip(lp[2][i][:k], lp[3][i][:k])) if k and lp[2] is not None else []
+                out.logprobs[state.request_id] = [(tok, lp[0][i], lp[1][i], top)]
+            if state.prompt_logprobs and len(state.prompt_logprobs) == state.num_prompt_tokens - 1:
+                out.prompt_logprobs[state.request_id] = [None] + state.prompt_logprobs
+                state.prompt_logprobs = []
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: "_Inputs", out: ModelRunnerOutput) -> None:
+        for state, row0, start, n in inputs.prompt_lp_rows:
+            logits = self.model.compute_logits(hidden[row0:row0 + n]).float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            targets = torch.tensor(state.token_ids[start + 1:start + 1 + n], device=logits.device)
+            chosen = logprobs.gather(-1, targets[:, None])
+            ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+            k = state.params.prompt_logprobs
+            top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+            for j in range(n):
+                top = list(zip(top_ids[j].tolist(), top_lp[j].tolist())) if k else []
+                state.prompt_logprobs.append((targets[j].item(), chosen[j, 0].item(), ranks[j], top))
+
+
+def profile_num_blocks(budget_bytes: int, bytes_per_block: int, cap_blocks: int) -> int:
+    return max(0, min(cap_blocks, budget_bytes // bytes_per_block))
+

@@ -1,0 +1,147 @@
+"""Front end, outbound: core token ids to RequestOutputs (detokenize, stop strings, logprobs).
+
+A stop string is found here, after detokenization; the request is then finished here and its
+id returned so the caller aborts it in the core (freeing its blocks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tessellm.core.detokenizer import IncrementalDetokenizer
+from tessellm.core.outputs import CompletionOutput, Logprob, RequestOutput
+from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.scheduler import EngineCoreOutput
+
+
+@dataclass
+class _Sample:
+    """One of a request's n samples."""
+
+    index: int
+    core_id: str
+    detok: Optional[IncrementalDetokenizer]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[list] = None
+    cumulative_logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[object] = None
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    prompt_logprobs: Optional[list] = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.states: dict[str, _RequestState] = {}
+        self.core_to_parent: dict[str, tuple[str, int]] = {}
+
+    def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                    params: SamplingParams, core_ids: list[str]) -> None:
+        samples = []
+        for i, cid in enumerate(core_ids):
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
+                                               params.stop, params.include_stop_str_in_output)
+            samples.append(_Sample(i, cid, detok, logprobs=[] if params.logprobs is not None else None,
+                                   cumulative_logprob=0.0 if params.logprobs is not None else None))
+            self.core_to_parent[cid] = (request_id, i)
+        self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, samples)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.states
+
+    def core_ids(self, request_id: str) -> list[str]:
+        state = self.states.get(request_id)
+        return [s.core_id for s in state.samples] if state else []
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        """Drop a request (client went away); returns its final output, marked aborted."""
+        state = self.states.get(request_id)
+        if state is None:
+            return None
+        for s in state.samples:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+        return self._finish(state)
+
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns (updated RequestOutputs, core ids to abort because a stop string hit)."""
+        touched: dict[str, _RequestState] = {}
+        to_abort: list[str] = []
+        for out in outputs:
+            parent = self.core_to_parent.get(out.request_id)
+            if parent is None:
+                continue  # finished here already (stop string) or aborted
+            state = self.states[parent[0]]
+            sample = state.samples[parent[1]]
+            self._apply(state, sample, out)
+            if sample.finish_reason == "stop" and out.finish_reason is None:
+                to_abort.append(out.request_id)
+            touched[state.request_id] = state
+        results = []
+        for state in touched.values():
+            results.append(self._finish(state) if state.finished else self._output(state))
+        return results, to_abort
+
+    def _apply(self, state: _RequestState, sample: _Sample, out: EngineCoreOutput) -> None:
+        sample.token_ids.extend(out.new_token_ids)
+        state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+        if out.prompt_logprobs is not None and state.prompt_logprobs is None:
+            state.prompt_logprobs = [None] + [self._logprob_dict(e) for e in out.prompt_logprobs[1:]]
+        if out.logprobs and sample.logprobs is not None:
+            for entry in out.logprobs:
+                sample.logprobs.append(self._logprob_dict(entry))
+                sample.cumulative_logprob += entry[1]
+        finished = out.finish_reason is not None
+        if sample.detok is not None:
+            hit = sample.detok.add_tokens(out.new_token_ids, finished)
+            if hit is not None:
+                sample.finish_reason, sample.stop_reason = "stop", hit
+                return
+        if finished:
+            sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
+
+    def _logprob_dict(self, entry) -> dict[int, Logprob]:
+        token, logprob, rank, top = entry
+        result = {tid: Logprob(lp, r + 1, self._token_text(tid)) for r, (tid, lp) in enumerate(top)}
+        result[token] = Logprob(logprob, rank, self._token_text(token))
+        return result
+
+    def _token_text(self, token_id: int) -> Optional[str]:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token_id])
+
+    def _output(self, state: _RequestState) -> RequestOutput:
+        outs = []
+        for s in state.samples:
+            done = s.finish_reason is not None
+            text = s.detok.visible_text(done) if s.detok is not None else ""
+            outs.append(CompletionOutput(s.index, text, list(s.token_ids), s.cumulative_logprob,
+                                         s.logprobs, s.finish_reason, s.stop_reason))
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs,
+                             state.finished, state.prompt_logprobs, state.num_cached_tokens)
+
+    def _finish(self, state: _RequestState) -> RequestOutput:
+        result = self._output(state)
+        result.finished = True
+        del self.states[state.request_id]
+        for s in state.samples:
+            self.core_to_parent.pop(s.core_id, None)
+        return result

@@ -1,0 +1,91 @@
+"""A request as the scheduler sees it: token ids and counters, no tensors."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Iterable, Optional
+
+from tessellm.core.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    # Everything from here on is finished.
+    FINISHED_STOPPED = 3  # EOS, a stop token or a stop string
+    FINISHED_LENGTH = 4  # max_tokens or the context length
+    FINISHED_ABORTED = 5  # aborted by the caller (client disconnect, stop string in front end)
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return _FINISH_REASON.get(self)
+
+
+_FINISH_REASON = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    """One sequence being generated.
+
+    ``all_token_ids`` is the prompt followed by the output so far. ``num_computed_tokens`` of
+    them have K/V in the cache; the scheduler advances it, and a preemption resets it to 0 (the
+    request is then recomputed from its tokens, so it resumes with identical results).
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                 eos_token_ids: Iterable[int] = (), arrival_time: Optional[float] = None,
+                 cache_salt: Optional[str] = None, wait_for: Optional[str] = None):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = frozenset(eos_token_ids)  # any of these ends it (unless ignore_eos)
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
+        self.cache_salt = cache_salt  # extra key for the prefix hash (isolates tenants)
+        # n > 1: the sibling that computes the shared prompt first; this request waits for it so
+        # that it can take the prompt's blocks from the prefix cache.
+        self.wait_for = wait_for
+        self.all_token_ids = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until scheduled
+        self.status = RequestStatus.WAITING
+        self.stop_reason: Optional[object] = None  # the stop token id or string that ended it
+        self.num_preemptions = 0
+        self.first_scheduled_time: Optional[float] = None
+        self.block_hashes: list[int] = []  # prefix hashes of this request's full blocks
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, prompt={self.num_prompt_tokens}, "
+                f"out={self.num_output_tokens}, computed={self.num_computed_tokens}, {self.status.name})")

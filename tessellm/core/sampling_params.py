@@ -1,0 +1,93 @@
+"""Sampling parameters, with vLLM's field names and meanings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's output. Invalid values raise ``ValueError`` at construction."""
+
+    n: int = 1  # number of output sequences sampled from the prompt
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability >= top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 disables
+    min_p: float = 0.0  # drop tokens below min_p * the most likely token's probability
+    seed: Optional[int] = None  # per-request generator: same seed, same tokens, any batch
+    max_tokens: Optional[int] = 16  # None: up to the context length
+    min_tokens: int = 0  # EOS and stop tokens are suppressed until this many are generated
+    stop: Optional[Union[str, list[str]]] = None  # strings that end generation (not in output)
+    stop_token_ids: Optional[list[int]] = None  # token ids that end generation (kept in ids)
+    ignore_eos: bool = False  # keep generating past EOS
+    presence_penalty: float = 0.0  # in [-2, 2]; subtracted once per token seen in the output
+    frequency_penalty: float = 0.0  # in [-2, 2]; subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # > 0; divides positive logits of prompt+output tokens
+    logprobs: Optional[int] = None  # top-k logprobs per output token (plus the sampled one)
+    prompt_logprobs: Optional[int] = None  # top-k logprobs per prompt token
+    skip_special_tokens: bool = True  # in the detokenized text
+    include_stop_str_in_output: bool = False
+    logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit
+    extra: dict = field(default_factory=dict, repr=False)  # free-form, ignored by the engine
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        _check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}.")
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}.")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+               f"top_k must be -1 (disabled), 0 (disabled) or a positive integer, got {self.top_k!r}.")
+        _check(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}.")
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+               f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+               f"min_tokens must be an integer >= 0, got {self.min_tokens!r}.")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
+               f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens}).")
+        _check(-2 <= self.presence_penalty <= 2,
+               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        _check(-2 <= self.frequency_penalty <= 2,
+               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        _check(self.repetition_penalty > 0,
+               f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and value >= 0),
+                   f"{name} must be None or an integer >= 0, got {value!r}.")
+        _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}.")
+        _check(all(isinstance(s, str) and s for s in self.stop),
+               "stop must be a string or a list of non-empty strings.")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids must be a list of non-negative integers.")
+        if self.logit_bias is not None:
+            _check(all(isinstance(k, int) for k in self.logit_bias), "logit_bias keys must be token ids (int).")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    def clone(self, **changes) -> "SamplingParams":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)

@@ -1,0 +1,294 @@
+"""Continuous-batching scheduler: a token budget per step over running and waiting requests.
+
+Plain Python, no torch. Each step it decides, per request, how many new tokens to compute;
+prefill chunks and decode tokens share one flat batch.
+
+Invariants
+----------
+* A request is in exactly one of ``waiting`` (WAITING or PREEMPTED) or ``running``.
+* ``num_computed_tokens <= num_tokens``; a request samples a token in a step exactly when the
+  step brings ``num_computed_tokens`` up to ``num_tokens`` (chunks before that only fill K/V).
+* Per step: sum of scheduled tokens <= ``max_num_batched_tokens``; running <= ``max_num_seqs``.
+* Running requests are served in order (oldest first). When blocks run out, the newest running
+  request is preempted (its blocks freed, ``num_computed_tokens`` reset) and put back at the
+  front of ``waiting``; it is recomputed later from its tokens, so its results are unchanged.
+* No waiting request is admitted in a step that preempted (it would only be preempted again).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from tessellm.core.block_manager import BlockManager
+from tessellm.core.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256  # running requests at most
+    max_num_batched_tokens: int = 8192  # tokens computed in one step at most
+    max_model_len: int = 2048  # prompt + output tokens per request at most
+    enable_chunked_prefill: bool = True  # split prompts longer than the step's budget
+
+
+@dataclass
+class NewRequestData:
+    """A request the model runner has not seen before (or is resuming after preemption)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    all_token_ids: list[int]  # prompt + output so far (output is non-empty after preemption)
+    sampling_params: object
+    block_ids: list[int]  # every block the request holds, in order
+    num_computed_tokens: int  # tokens already in the cache (prefix-cache hit)
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: only what changed."""
+
+    request_id: str
+    new_block_ids: list[int]  # appended to the runner's block table for the request
+    num_computed_tokens: int  # before this step
+
+
+@dataclass
+class SchedulerOutput:
+    """The scheduler's decision for one step, handed to the model runner."""
+
+    new_requests: list[NewRequestData]  # first time scheduled, or resumed after preemption
+    cached_requests: list[CachedRequestData]  # scheduled again; the runner has their state
+    num_scheduled_tokens: dict[str, int]  # request id -> tokens to compute this step
+    total_num_scheduled_tokens: int
+    finished_request_ids: set[str]  # since the last step: the runner drops their state
+    num_preempted: int = 0  # preemptions made while building this step
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions_total: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one request produced in a step (token ids only; text is the front end's job)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: Optional[str] = None  # "stop", "length", "abort" when finished
+    stop_reason: Optional[object] = None  # the stop token id that ended it
+    logprobs: Optional[list] = None  # per new token: (token_id, logprob, rank, [(id, lp), ...])
+    prompt_logprobs: Optional[list] = None  # per prompt position (first is None)
+    num_cached_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.kv = block_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished_ids: set[str] = set()  # to report to the runner next step
+        self.num_preemptions_total = 0
+
+    # -- admission -------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        self.check_fits(request)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def check_fits(self, request: Request) -> None:
+        """Refuse a request that could never run, before it is queued."""
+        if request.num_prompt_tokens == 0:
+            raise ValueError("The prompt is empty; give at least one token.")
+        limit = self.config.max_model_len
+        if request.num_prompt_tokens >= limit:
+            raise ValueError(
+                f"The prompt has {request.num_prompt_tokens} tokens but the model's context length "
+                f"is {limit}; shorten the prompt to at most {limit - 1} tokens.")
+        if self.kv.blocks_needed(request.num_prompt_tokens + 1) > self.kv.num_blocks:
+            raise ValueError(
+                f"The prompt has {request.num_prompt_tokens} tokens but the KV cache holds only "
+                f"{self.kv.num_blocks * self.kv.block_size} tokens; give the cache more blocks "
+                f"(num_kv_blocks) or shorten the prompt.")
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        """Finish requests as aborted and free their blocks. Unknown ids are ignored."""
+        aborted = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+            aborted.append(req)
+        return aborted
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted = 0
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = self._num_new_tokens(req, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            new_block_ids = self.kv.allocate(req, num_new)
+            while new_block_ids is None:
+                victim = self.running.pop()  # the newest
+                self._preempt(victim)
+                preempted += 1
+                if victim is req:
+                    break
+                new_block_ids = self.kv.allocate(req, num_new)
+            if new_block_ids is None:
+                break  # req itself was preempted; everything after it already was
+            cached_reqs.append(CachedRequestData(req.request_id, new_block_ids, req.num_computed_tokens))
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            i += 1
+
+        if not preempted:
+            budget = self._admit_waiting(budget, num_scheduled, new_reqs)
+
+        self.num_preemptions_total += preempted
+        out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
+                              sum(num_scheduled.values()), self.finished_ids, preempted)
+        self.finished_ids = set()
+        return out
+
+    def _admit_waiting(self, budget: int, num_scheduled: dict[str, int],
+                       new_reqs: list[NewRequestData]) -> int:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.popleft()
+            if self._waits_for_sibling(req):
+                skipped.append(req)
+                continue
+            # Prompt logprobs need every prompt position computed: no prefix hit for those.
+            use_cache = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
+            prefix = self.kv.find_cached_prefix(req) if use_cache else []
+            num_hit = len(prefix) * self.kv.block_size
+            num_new = self._num_new_tokens(req, budget, already=num_hit)
+            if num_new == 0:
+                skipped.append(req)
+                break
+            block_ids = self.kv.allocate(req, num_new, prefix)
+            if block_ids is None:
+                skipped.append(req)
+                break
+            req.num_computed_tokens += num_hit
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.time()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            new_reqs.append(NewRequestData(
+                req.request_id, req.prompt_token_ids, list(req.all_token_ids), req.sampling_params,
+                self.kv.block_ids(req.request_id), req.num_computed_tokens))
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+        return budget
+
+    def _num_new_tokens(self, req: Request, budget: int, already: int = 0) -> int:
+        num_new = req.num_tokens - req.num_computed_tokens - already
+        if num_new > budget and not self.config.enable_chunked_prefill:
+            return 0
+        return min(num_new, budget)
+
+    def _waits_for_sibling(self, req: Request) -> bool:
+        sibling = self.requests.get(req.wait_for) if req.wait_for else None
+        if sibling is None or sibling.is_finished:
+            return False
+        return sibling.num_computed_tokens < sibling.num_prompt_tokens - 1
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+        self.finished_ids.add(req.request_id)  # the runner drops its state; resumes as new
+
+    # -- after the model ran ---------------------------------------------------------------
+
+    def update(self, sched: SchedulerOutput, sampled: dict[str, list[int]]) -> list[EngineCoreOutput]:
+        """Advance computed counts, append sampled tokens, and finish requests that stop.
+
+        ``sampled``: request id -> tokens sampled this step (absent for partial prefills).
+        """
+        outputs = []
+        for rid, num in sched.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += num
+            self.kv.cache_full_blocks(req, req.num_computed_tokens)
+            new_tokens = sampled.get(rid)
+            if not new_tokens:
+                continue
+            appended = []
+            for tok in new_tokens:
+                req.append_token(tok)
+                appended.append(tok)
+                status = self._check_stop(req, tok)
+                if status is not None:
+                    self._finish(req, status)
+                    break
+            outputs.append(EngineCoreOutput(rid, appended, req.status.finish_reason, req.stop_reason,
+                                            num_cached_tokens=max(req.num_cached_tokens, 0)))
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
+        params = req.sampling_params
+        if req.num_output_tokens > params.min_tokens:  # the sampler masked these before
+            if token in req.eos_token_ids and not params.ignore_eos:
+                req.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and req.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req.request_id)
+        self.finished_ids.add(req.request_id)
+        del self.requests[req.request_id]
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
+                              self.num_preemptions_total, self.kv.stats.queries, self.kv.stats.hits)

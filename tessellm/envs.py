@@ -1,0 +1,25 @@
+"""Every environment variable tessellm reads, read here and nowhere else."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def plugins_allowed() -> Optional[set[str]]:
+    """TESSELLM_PLUGINS: comma-separated backend plugin names to load; unset loads all."""
+    value = os.environ.get("TESSELLM_PLUGINS")
+    if value is None or not value.strip():
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def api_key() -> Optional[str]:
+    """TESSELLM_API_KEY: the server's API key when --api-key is not given."""
+    return os.environ.get("TESSELLM_API_KEY") or None
+
+
+def cpu_kv_cache_bytes() -> Optional[int]:
+    """TESSELLM_CPU_KV_CACHE_GB: KV cache size for the cpu backend, in GiB."""
+    value = os.environ.get("TESSELLM_CPU_KV_CACHE_GB")
+    return int(float(value) * (1 << 30)) if value else None

@@ -1,0 +1,1 @@
+"""Model building blocks. Each asks the backend (through a ModelContext) for its ops."""

@@ -1,0 +1,17 @@
+"""What layers need from the backend, passed in explicitly at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass
+class ModelContext:
+    ops: Any  # FusedOps from the backend (rms_norm, rotary, silu_and_mul)
+    make_attention_kernel: Callable[[Optional[int]], Any]  # sliding window -> AttentionKernel
+    dtype: torch.dtype
+    device: torch.device
+    quant_method: Any = None  # QuantMethod for linear layers, or None (dense weights)

@@ -1,0 +1,52 @@
+"""Rotary position embedding (NeoX style), with llama3 frequency scaling."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+def inverse_frequencies(head_size: int, base: float, scaling: Optional[dict]) -> torch.Tensor:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        return _llama3_scaling(inv_freq, scaling)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: default, linear, llama3.")
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds a ``[max_position, head_size]`` float32 cache: cos in the first half, sin after."""
+
+    def __init__(self, head_size: int, max_position: int, base: float, scaling: Optional[dict], ops):
+        super().__init__()
+        self.head_size = head_size
+        self.ops = ops
+        inv_freq = inverse_frequencies(head_size, base, scaling)
+        t = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1),
+                             persistent=False)
+
+    def forward(self, positions, q, k):
+        return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_size)

@@ -1,0 +1,1 @@
+"""Weight and config loading: safetensors directories, GGUF files, dummy (random) weights."""

@@ -1,0 +1,244 @@
+"""GGUF checkpoints: a Hugging Face config, tokenizer and dequantized weights from one `.gguf` file.
+
+A GGUF file is a header followed by aligned tensor data (all little-endian):
+
+    "GGUF" | version u32 | n_tensors u64 | n_kv u64
+    n_kv      x (key: str, value type: u32, value)           <- metadata: hyper-parameters, tokenizer
+    n_tensors x (name: str, n_dims: u32, dims: u64[n_dims], ggml type: u32, offset: u64)
+    padding up to `general.alignment` (32 by default)
+    tensor data: tensor i starts at data_start + offset_i     (str = length u64 + utf-8 bytes)
+
+Invariants:
+- The header is parsed here, not with `gguf.GGUFReader`: that one decodes all 49k vocabulary strings
+  and 49k merges up front (~2.5 s); we skip string arrays and only keep their length (~10 ms).
+  The tokenizer, which does need them, is built by transformers' own GGUF tokenizer conversion.
+- Shapes are in torch order. GGUF lists dims fastest-moving first, so a GGUF [576, 1536] ffn_gate
+  tensor is the (1536, 576) `gate_proj.weight`.
+- Dequantization is `gguf.quants.dequantize` to float32, then a cast to the requested dtype: in
+  float32 the result is bit-identical to what transformers loads from the same file.
+- Weights stream one tensor at a time from a read-only memory map; nothing holds the whole model.
+"""
+
+import functools
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config
+
+# GGUF `general.architecture` -> (HF architecture name, config class, llama.cpp permuted q/k rows)
+_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", LlamaConfig, True),
+    "qwen2": ("Qwen2ForCausalLM", Qwen2Config, False),
+}
+
+# GGUF tensor name (without `.weight`/`.bias`) -> HF module name
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {  # blk.{i}.KEY -> model.layers.{i}.VALUE
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    name: str  # GGUF name, e.g. "blk.0.attn_q.weight"
+    shape: tuple[int, ...]  # torch order (GGUF's dims reversed)
+    qtype: gguf.GGMLQuantizationType  # storage type: F32, F16, Q4_1, Q8_0, ...
+    start: int  # absolute byte offset of the tensor's data in the file
+
+
+@dataclass(frozen=True)
+class _Header:
+    path: str
+    metadata: dict[str, Any]  # string arrays (vocabulary, merges) are kept as their length only
+    tensors: list[_TensorInfo]  # in file order
+    blob: np.ndarray  # the whole file, a read-only uint8 memory map
+
+
+class _Cursor:
+    """Reads little-endian GGUF values from a byte buffer, advancing `pos`."""
+
+    def __init__(self, buf: np.ndarray):
+        self.buf, self.pos = buf, 0
+
+    def scalars(self, code: str, count: int = 1) -> tuple:
+        """`count` values of struct type `code` (e.g. "Q")."""
+        values = struct.unpack_from(f"<{count}{code}", self.buf, self.pos)
+        self.pos += struct.calcsize(f"<{count}{code}")
+        return values
+
+    def string(self) -> str:
+        """One length-prefixed utf-8 string."""
+        (length,) = self.scalars("Q")
+        self.pos += length
+        return bytes(self.buf[self.pos - length : self.pos]).decode("utf-8", errors="replace")
+
+    def value(self, value_type: int) -> Any:
+        """One metadata value; an array of strings is skipped and returned as its length."""
+        if value_type in _SCALAR_FORMATS:
+            return self.scalars(_SCALAR_FORMATS[value_type])[0]
+        if value_type == _STRING:
+            return self.string()
+        if value_type != _ARRAY:
+            raise ValueError(f"unknown GGUF metadata value type {value_type}")
+        element_type, count = self.scalars("I")[0], self.scalars("Q")[0]
+        if element_type in _SCALAR_FORMATS:
+            return list(self.scalars(_SCALAR_FORMATS[element_type], count))
+        for _ in range(count):  # strings: walk past them without decoding
+            self.pos += 8 + self.scalars("Q")[0]
+        return count
+
+
+def _read_header(path: str | os.PathLike) -> _Header:
+    """Parse a GGUF file's metadata and tensor table (no tensor data is read)."""
+    path = os.fspath(path)
+    cursor = _Cursor(np.memmap(path, dtype=np.uint8, mode="r"))
+    magic = bytes(cursor.buf[:4])
+    cursor.pos = 4
+    version = cursor.scalars("I")[0]
+    if magic != b"GGUF" or version not in (2, 3):
+        raise ValueError(f"{path} is not a GGUF v2/v3 file (magic {magic!r}, version {version}).")
+    n_tensors, n_kv = cursor.scalars("Q", 2)
+    metadata = {}
+    for _ in range(n_kv):
+        key = cursor.string()
+        metadata[key] = cursor.value(cursor.scalars("I")[0])
+    table = []
+    for _ in range(n_tensors):
+        name, n_dims = cursor.string(), cursor.scalars("I")[0]
+        dims = cursor.scalars("Q", n_dims)
+        qtype, offset = cursor.scalars("I")[0], cursor.scalars("Q")[0]
+        table.append((name, tuple(reversed(dims)), gguf.GGMLQuantizationType(qtype), offset))
+    align = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    data_start = -(-cursor.pos // align) * align
+    tensors = [_TensorInfo(name, shape, qtype, data_start + off) for name, shape, qtype, off in table]
+    return _Header(path, metadata, tensors, cursor.buf)
+
+
+def _architecture(header: _Header) -> str:
+    """The file's `general.architecture`; ValueError naming the supported ones if we can't load it."""
+    arch = header.metadata.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(
+            f"GGUF architecture {arch!r} in {header.path} is not supported; tessellm loads GGUF files "
+            f"of architecture {', '.join(map(repr, _ARCHITECTURES))} (use a safetensors checkpoint otherwise)."
+        )
+    scaling = header.metadata.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in header.tensors):
+        raise ValueError(f"{header.path} uses RoPE scaling, which tessellm's GGUF loader does not support yet.")
+    if header.metadata.get(f"{arch}.expert_count", 0):
+        raise ValueError(f"{header.path} is a mixture-of-experts GGUF, which tessellm does not support yet.")
+    return arch
+
+
+def _hparam(header: _Header, arch: str, key: str, default: Any = ...) -> Any:
+    """Metadata `{arch}.{key}`; ValueError if it is missing and there is no default."""
+    value = header.metadata.get(f"{arch}.{key}", default)
+    if value is ...:
+        raise ValueError(f"{header.path} lacks the GGUF metadata key '{arch}.{key}'.")
+    return value
+
+
+def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
+    """HF config (LlamaConfig / Qwen2Config) built from a GGUF file's metadata."""
+    header = _read_header(path)
+    arch = _architecture(header)
+    hf_arch, config_class, _ = _ARCHITECTURES[arch]
+    hp = functools.partial(_hparam, header, arch)
+    heads, hidden = hp("attention.head_count"), hp("embedding_length")
+    tensor_names, extra = {t.name for t in header.tensors}, {}
+    embed_rows = next((t.shape[0] for t in header.tensors if t.name == "token_embd.weight"), None)
+    token_id = {kind: header.metadata.get(f"tokenizer.ggml.{kind}_token_id") for kind in ("bos", "eos", "padding")}
+    if arch == "llama":  # Qwen2 always has q/k/v biases; a llama-arch file may have them or not
+        extra["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    return config_class(
+        architectures=[hf_arch],
+        vocab_size=hp("vocab_size", embed_rows),
+        hidden_size=hidden,
+        intermediate_size=hp("feed_forward_length"),
+        num_hidden_layers=hp("block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=hp("attention.head_count_kv", heads),
+        head_dim=hp("attention.key_length", hp("rope.dimension_count", hidden // heads)),
+        rms_norm_eps=hp("attention.layer_norm_rms_epsilon"),
+        rope_theta=hp("rope.freq_base", 10000.0),
+        max_position_embeddings=hp("context_length"),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=token_id["bos"],
+        eos_token_id=token_id["eos"],
+        pad_token_id=token_id["padding"],
+        **extra,
+    )
+
+
+def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """HF fast tokenizer (vocab, merges, special tokens, chat template) from a GGUF, via transformers."""
+    path = os.path.abspath(os.fspath(path))
+    return PreTrainedTokenizerFast.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
+    )
+
+
+def _hf_name(gguf_name: str) -> str:
+    """HF parameter name of a GGUF tensor: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    stem, suffix = gguf_name.rsplit(".", 1)
+    if stem in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[stem]}.{suffix}"
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    if match and match[2] in _LAYER_NAMES:
+        return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{suffix}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no tessellm equivalent; this GGUF variant is not supported.")
+
+
+def _dequantize(header: _Header, info: _TensorInfo) -> torch.Tensor:
+    """One tensor as a fresh float32 torch tensor of shape `info.shape`."""
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(info.shape, info.qtype)
+    raw = header.blob[info.start : info.start + int(np.prod(byte_shape))].reshape(byte_shape)
+    values = gguf.quants.dequantize(raw, info.qtype)  # F32 comes back as a view of the read-only map
+    return torch.from_numpy(values if values.flags.writeable else values.copy())
+
+
+def _unpermute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation, per head (d = head_dim):
+
+        GGUF rows  x0 y0 x1 y1 ... x(d/2-1) y(d/2-1)    (rotary pairs interleaved)
+        HF rows    x0 x1 ... x(d/2-1) y0 y1 ... y(d/2-1) (pairs d/2 apart: `rotate_half`)
+    """
+    shape = weight.shape
+    return weight.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def iter_gguf_weights(path: str | os.PathLike, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(hf_name, tensor)` per GGUF tensor, dequantized to `dtype`, one tensor alive at a time."""
+    header = _read_header(path)
+    arch = _architecture(header)  # raises now, not at the first next()
+    heads = _hparam(header, arch, "attention.head_count")
+    rotary_heads = {"attn_q": heads, "attn_k": _hparam(header, arch, "attention.head_count_kv", heads)}
+    permuted = _ARCHITECTURES[arch][2]
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for info in header.tensors:
+            name, weight = _hf_name(info.name), _dequantize(header, info)
+            kind = info.name.split(".")[-2]
+            if permuted and kind in rotary_heads:
+                weight = _unpermute_rotary(weight, rotary_heads[kind])
+            yield name, weight.to(dtype)
+
+    return stream()

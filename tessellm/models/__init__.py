@@ -1,0 +1,1 @@
+"""Model definitions and the HF-architecture registry."""

@@ -1,0 +1,25 @@
+"""HF architecture name -> model class."""
+
+from __future__ import annotations
+
+from tessellm.models import llama
+
+_MODELS = {
+    "LlamaForCausalLM": llama.LlamaForCausalLM,
+    "MistralForCausalLM": llama.MistralForCausalLM,
+    "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def model_class(config):
+    archs = list(getattr(config, "architectures", None) or [])
+    for arch in archs:
+        if arch in _MODELS:
+            return _MODELS[arch]
+    raise ValueError(f"Model architecture {archs or '(none in config)'} is not supported. "
+                     f"Supported: {', '.join(supported_architectures())}.")
