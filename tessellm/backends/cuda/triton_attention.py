@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully masked tiles never give inf - inf
+_NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so masked tiles never give inf - inf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,14 +68,17 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
 @triton.jit
 def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok, mask, kvh,
                  scale_log2, stride_cb, stride_ct, stride_ch,
-                 HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One online-softmax step over keys ``n`` (``[BLOCK_N]``). ``mask``: ``[BLOCK_M, BLOCK_N]``."""
+                 HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+                 APPLY_MASK: tl.constexpr):
+    """One online-softmax step over keys ``n`` (``[BLOCK_N]``). ``mask``: ``[BLOCK_M, BLOCK_N]``,
+    applied only when APPLY_MASK (tiles every row sees whole skip the select)."""
     d = tl.arange(0, HEAD_SIZE)
     blk = tl.load(bt_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
     kv_off = blk * stride_cb + (n % BLOCK_SIZE) * stride_ct + kvh * stride_ch
     k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * scale_log2
-    s = tl.where(mask, s, float("-inf"))
+    if APPLY_MASK:
+        s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -127,7 +130,20 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_SIZE], tl.float32)
     bt_ptr = block_tables_ptr + s.to(tl.int64) * stride_bt
-    for n0 in range(lo, hi, BLOCK_N):
+    # Keys < mid are <= the block's first query position, so causally visible to every row:
+    #   keys:  lo ...... mid ..... hi      (mid - lo: whole BLOCK_N tiles)
+    #          no mask   | causal mask
+    mid = lo + (ctx_len + qb * BLOCK_Q + 1 - lo) // BLOCK_N * BLOCK_N
+    for n0 in range(lo, mid, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < mid
+        mask = n_ok[None, :]
+        if USE_WINDOW:
+            mask = mask & (n[None, :] > q_pos[:, None] - window)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
+                                     mask, kvh, scale_log2, stride_cb, stride_ct, stride_ch,
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, USE_WINDOW)
+    for n0 in range(mid, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         mask = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
@@ -135,7 +151,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
             mask = mask & (n[None, :] > q_pos[:, None] - window)
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
                                      mask, kvh, scale_log2, stride_cb, stride_ct, stride_ch,
-                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC)
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (tok * stride_ot + head * stride_oh)[:, None] + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -183,7 +199,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_m_p
         mask = (g[:, None] >= 0) & n_ok[None, :]  # every key < seq_len is visible to the query
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
                                      mask, kvh, scale_log2, stride_cb, stride_ct, stride_ch,
-                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC)
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True)
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     idx = (s.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
     tl.store(part_out_ptr + idx[:, None] * HEAD_SIZE + d[None, :], acc, mask=row_ok[:, None])
@@ -234,13 +250,15 @@ def _dot_fp32(q: torch.Tensor) -> bool:
 
 def _prefill_tiles(dtype, head_size: int) -> tuple[int, int]:
     """(BLOCK_M rows of q, BLOCK_N keys) per prefill program; sized to stay out of local memory."""
-    if dtype == torch.float32 or head_size > 128:
-        return 64, 32
-    return 128, 64
+    if dtype == torch.float32:
+        return (32, 32) if head_size <= 128 else (32, 16)
+    return (128, 64) if head_size <= 128 else (64, 32)
 
 
 def _decode_block_n(dtype, head_size: int) -> int:
-    return 64 if dtype != torch.float32 and head_size <= 128 else 32
+    if dtype == torch.float32:
+        return 32 if head_size <= 128 else 16
+    return 64 if head_size <= 128 else 32
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -272,9 +290,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       out: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_tables: torch.Tensor, scale: float, *, seq_offset: int,
                       num_seqs: int, max_query_len: int,
-                      sliding_window: Optional[int] = None) -> None:
+                      sliding_window: Optional[int] = None,
+                      tiles: Optional[tuple[int, int, int, int]] = None) -> None:
     """Causal attention of sequences ``seq_offset .. seq_offset + num_seqs - 1`` of the flat
-    batch over their paged context; writes their rows of ``out`` ``[T, H, D]``."""
+    batch over their paged context; writes their rows of ``out`` ``[T, H, D]``.
+
+    ``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the defaults (benchmarks).
+    """
     if num_seqs == 0 or max_query_len == 0:
         return
     _check_cache(k_cache, v_cache)
@@ -283,6 +305,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = num_heads // num_kv_heads
     group_p2 = _p2(group)
     block_m, block_n = _prefill_tiles(q.dtype, head_size)
+    num_warps, num_stages = 8 if block_m * head_size >= 8192 else 4, 2
+    if tiles is not None:
+        block_m, block_n, num_warps, num_stages = tiles
     block_m = max(block_m, group_p2)
     block_m = min(block_m, max(16, group_p2 * _p2(max_query_len)))  # short chunks: small tiles
     block_q = block_m // group_p2
@@ -295,7 +320,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         HEAD_SIZE=head_size, BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q),
-        num_warps=8 if block_m * head_size >= 16384 else 4, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
 
 
 def decode_workspace_numel(num_seqs: int, num_heads: int, num_splits: int, head_size: int) -> int:
@@ -307,11 +332,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      out: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, scale: float, *, num_seqs: int, num_splits: int,
                      workspace: torch.Tensor, sliding_window: Optional[int] = None,
-                     min_partition: int = 128) -> None:
+                     min_partition: int = 128,
+                     tiles: Optional[tuple[int, int, int]] = None) -> None:
     """Split-KV attention of the first ``num_seqs`` sequences (one query token each).
 
     ``num_splits``: a power of two, a host int fixed per batch size. ``workspace``: float32, at
     least ``decode_workspace_numel(...)`` elements; reused, never read before written.
+    ``tiles``: (BLOCK_N, num_warps, num_stages) to override the defaults (benchmarks).
     """
     if num_seqs == 0:
         return
@@ -325,7 +352,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_out = workspace[:n_part * head_size]
     part_m = workspace[n_part * head_size:n_part * (head_size + 1)]
     part_l = workspace[n_part * (head_size + 1):n_part * (head_size + 2)]
-    block_n = _decode_block_n(q.dtype, head_size)
+    block_n, num_warps, num_stages = _decode_block_n(q.dtype, head_size), 4, 3
+    if tiles is not None:
+        block_n, num_warps, num_stages = tiles
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, part_out, part_m, part_l, query_start_loc, seq_lens, block_tables,
         scale * _LOG2E, sliding_window or 0,
@@ -334,7 +363,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         NUM_HEADS=num_heads, GROUP=group, BLOCK_M=max(16, _p2(group)), NUM_SPLITS=num_splits,
         MIN_PART=max(min_partition, block_n), BLOCK_N=block_n, HEAD_SIZE=head_size,
         BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
-        DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q), num_warps=4, num_stages=3)
+        DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q), num_warps=num_warps,
+        num_stages=num_stages)
     _decode_reduce_kernel[(num_seqs, num_heads)](
         out, part_out, part_m, part_l, query_start_loc, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_SIZE=head_size, num_warps=4)

@@ -1,4 +1,4 @@
-"""Fused elementwise ops in Triton: RMSNorm (plain and with residual add), NeoX rotary, SiLU-and-mul.
+"""Fused elementwise ops in Triton: RMSNorm (plain and residual-add), NeoX rotary, SiLU-and-mul.
 
 Each matches ``backends/reference/ops.py`` including its rounding points: RMSNorm normalizes in
 float32, rounds to x's dtype, then multiplies by the weight; rotary rounds cos/sin and each

@@ -1,0 +1,278 @@
+"""The engine core in its own process, and the client the API process talks to it through.
+
+Serving keeps tokenization, JSON and HTTP out of the model loop: the core runs in a child
+process (multiprocessing ``spawn``) and the API process talks to it over two local ZeroMQ
+sockets in a private temp dir. Every message is **msgpack** (never pickle on a socket)::
+
+    API process (EngineCoreClient)                    core process (run_engine_core)
+      input  PUSH  --["add", req] ["abort", ids]-->   PULL
+                    ["call", id, method] ["shutdown"]
+      output PULL  <--["ready", info] ["startup_failed", msg]--  PUSH
+                    ["outputs", [out...], stats] ["rejected", rid, msg]
+                    ["call_result", id, result] ["dead", msg]
+
+Invariants
+----------
+* The core sends exactly one of ``ready`` / ``startup_failed`` first (the handshake).
+* While it has work the core loop never blocks: it drains the input socket without waiting,
+  runs one ``step()`` and sends what the step produced, with the scheduler stats. Idle, it
+  blocks on the input socket (waking every second to exit if its parent died).
+* A crash in the core is sent as ``dead`` before the process exits; the client also notices a
+  core that vanished without a word (killed) from its exit code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from typing import Any, Optional
+
+import msgpack
+import zmq
+
+from tessellm.config import EngineArgs
+from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
+from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.scheduler import EngineCoreOutput
+
+logger = logging.getLogger(__name__)
+
+_IDLE_POLL_MS = 1000  # how often an idle core checks that its parent is still alive
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+def pack(message: Any) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    # strict_map_key=False: logit_bias maps int token ids to floats.
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def encode_request(req: EngineCoreRequest) -> dict:
+    params = dataclasses.asdict(req.sampling_params)
+    params.pop("extra", None)  # free-form and ignored by the engine: not sent
+    return {"request_id": req.request_id, "prompt_token_ids": list(req.prompt_token_ids),
+            "sampling_params": params, "arrival_time": req.arrival_time,
+            "cache_salt": req.cache_salt, "wait_for": req.wait_for}
+
+
+def decode_request(d: dict) -> EngineCoreRequest:
+    return EngineCoreRequest(d["request_id"], d["prompt_token_ids"], SamplingParams(**d["sampling_params"]),
+                             d["arrival_time"], d.get("cache_salt"), d.get("wait_for"))
+
+
+_OUTPUT_FIELDS = [f.name for f in dataclasses.fields(EngineCoreOutput)]
+
+
+def encode_output(out: EngineCoreOutput) -> list:
+    return [getattr(out, name) for name in _OUTPUT_FIELDS]
+
+
+def decode_output(values: list) -> EngineCoreOutput:
+    return EngineCoreOutput(**dict(zip(_OUTPUT_FIELDS, values)))
+
+
+def engine_args_to_dict(args: EngineArgs) -> dict:
+    return dataclasses.asdict(args)
+
+
+# -- the core process ----------------------------------------------------------------------
+
+def run_engine_core(args: dict, input_addr: str, output_addr: str, parent_pid: int) -> None:
+    """Entry point of the core process: build the EngineCore, handshake, then serve."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [core] %(message)s")
+    ctx = zmq.Context()
+    out_sock = ctx.socket(zmq.PUSH)
+    out_sock.connect(output_addr)
+    in_sock = ctx.socket(zmq.PULL)
+    in_sock.connect(input_addr)
+    try:
+        from tessellm.core.engine_core import EngineCore
+
+        core = EngineCore(EngineArgs(**args))
+    except BaseException as exc:  # noqa: BLE001 - every start-up failure goes to the parent
+        out_sock.send(pack(["startup_failed", f"{type(exc).__name__}: {exc}"]))
+        _close(ctx, out_sock, in_sock)
+        raise SystemExit(1)
+    out_sock.send(pack(["ready", dataclasses.asdict(core.info)]))
+    try:
+        _CoreLoop(core, in_sock, out_sock, parent_pid).run()
+    except BaseException as exc:  # noqa: BLE001
+        logger.error("Engine core died:\n%s", traceback.format_exc())
+        out_sock.send(pack(["dead", f"{type(exc).__name__}: {exc}"]))
+        _close(ctx, out_sock, in_sock)
+        raise SystemExit(1)
+    _close(ctx, out_sock, in_sock)
+
+
+def _close(ctx, *socks) -> None:
+    for sock in socks:
+        sock.close(linger=2000)  # let the last message (an error) reach the parent
+    ctx.term()
+
+
+class _CoreLoop:
+    def __init__(self, core, in_sock, out_sock, parent_pid: int):
+        self.core = core
+        self.in_sock = in_sock
+        self.out_sock = out_sock
+        self.parent_pid = parent_pid
+        self.shutdown = False
+
+    def run(self) -> None:
+        while not self.shutdown:
+            busy = self.core.has_unfinished_requests()
+            changed = False
+            if self.in_sock.poll(0 if busy else _IDLE_POLL_MS):
+                changed = self._drain_inputs()
+            elif not busy:
+                if os.getppid() != self.parent_pid:
+                    logger.info("The API process is gone; the engine core exits.")
+                    return
+                continue
+            if self.shutdown:
+                return
+            if self.core.has_unfinished_requests():
+                outputs = self.core.step()
+                if outputs or changed:
+                    self._send_outputs(outputs)
+            elif changed:
+                self._send_outputs([])  # e.g. aborts freed blocks: report the new KV usage
+
+    def _drain_inputs(self) -> bool:
+        changed = False
+        while True:
+            try:
+                raw = self.in_sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return changed
+            changed |= self._handle(unpack(raw))
+
+    def _handle(self, msg: list) -> bool:
+        kind = msg[0]
+        if kind == "add":
+            req = decode_request(msg[1])
+            try:
+                self.core.add_request(req)
+            except ValueError as exc:  # the front end checks first; this is the last line
+                self.out_sock.send(pack(["rejected", req.request_id, str(exc)]))
+                return False
+            return True
+        if kind == "abort":
+            self.core.abort_requests(msg[1])
+            return True
+        if kind == "call":
+            self.out_sock.send(pack(["call_result", msg[1], self._call(msg[2])]))
+            return False
+        if kind == "shutdown":
+            self.shutdown = True
+            return False
+        raise ValueError(f"Unknown message {kind!r} from the API process.")
+
+    def _call(self, method: str):
+        if method in ("stats", "ping"):
+            return self._stats()
+        return {"error": f"unknown method {method!r}"}
+
+    def _stats(self) -> dict:
+        return dataclasses.asdict(self.core.scheduler.stats())
+
+    def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+        self.out_sock.send(pack(["outputs", [encode_output(o) for o in outputs], self._stats()]))
+
+
+# -- the API side --------------------------------------------------------------------------
+
+class EngineStartupError(RuntimeError):
+    """The core process failed to build the engine (bad model path, no memory, ...)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The core process crashed or exited; every request in flight fails with this."""
+
+
+class EngineCoreClient:
+    """Starts the core process and owns both sockets (API side).
+
+    ``send_*`` are synchronous and never wait (ZeroMQ queues), so they are safe to call from a
+    ``finally`` of a cancelled task. The output socket is read by whoever owns the event loop
+    (``AsyncLLM``) through ``output_socket``.
+    """
+
+    def __init__(self, args: EngineArgs, startup_timeout: float = 1800.0):
+        self.tmpdir = tempfile.mkdtemp(prefix="tessellm-")
+        input_addr = f"ipc://{os.path.join(self.tmpdir, 'input')}"
+        output_addr = f"ipc://{os.path.join(self.tmpdir, 'output')}"
+        self.ctx = zmq.Context()
+        self.input = self.ctx.socket(zmq.PUSH)
+        self.input.bind(input_addr)
+        self.output = self.ctx.socket(zmq.PULL)
+        self.output.bind(output_addr)
+        mp = multiprocessing.get_context("spawn")
+        self.proc = mp.Process(target=run_engine_core, name="tessellm-engine-core", daemon=True,
+                               args=(engine_args_to_dict(args), input_addr, output_addr, os.getpid()))
+        self.proc.start()
+        try:
+            self.info = self._handshake(startup_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _handshake(self, timeout: float) -> EngineInfo:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.output.poll(500):
+                msg = unpack(self.output.recv())
+                if msg[0] == "ready":
+                    return EngineInfo(**msg[1])
+                if msg[0] == "startup_failed":
+                    raise EngineStartupError(f"The engine failed to start: {msg[1]}")
+                raise EngineStartupError(f"Unexpected first message {msg[0]!r} from the engine core.")
+            if not self.proc.is_alive():
+                raise EngineStartupError(f"The engine core process exited with code {self.proc.exitcode} "
+                                         "while starting; see its log above.")
+        raise EngineStartupError(f"The engine core did not start within {timeout:.0f}s.")
+
+    def send_add(self, req: EngineCoreRequest) -> None:
+        self.input.send(pack(["add", encode_request(req)]))
+
+    def send_abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self.input.send(pack(["abort", list(request_ids)]))
+
+    def send_call(self, call_id: int, method: str) -> None:
+        self.input.send(pack(["call", call_id, method]))
+
+    def is_alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def exit_code(self) -> Optional[int]:
+        return self.proc.exitcode
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the core to stop, then make sure it has; remove the socket files."""
+        if self.proc.is_alive():
+            try:
+                self.input.send(pack(["shutdown"]), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self.proc.join(timeout)
+            if self.proc.is_alive():
+                self.proc.terminate()
+                self.proc.join(timeout)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+        self.input.close(linger=0)
+        self.output.close(linger=0)
+        self.ctx.term()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)

@@ -1,0 +1,295 @@
+"""AsyncLLM: the serving front end in the API process, one async stream per request.
+
+It owns the text side (``InputProcessor`` in, ``OutputProcessor`` out) and talks to the engine
+core in its own process through ``EngineCoreClient``. One asyncio task, the *output handler*,
+reads everything the core sends and routes each ``RequestOutput`` to its request's stream::
+
+    add_request --tokenize/check--> core process --EngineCoreOutputs--> output handler
+        |                                                                  | detokenize, stop strings
+        '-> RequestStream <------------------ latest RequestOutput -------'
+
+Outputs are cumulative (each holds the whole text so far), so a stream keeps only the newest
+one: a slow consumer skips intermediate states instead of queueing them.
+
+Everything here runs on the event loop thread. ``abort`` never awaits, so it is safe in the
+``finally`` of a task being cancelled (a client that disconnected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from typing import AsyncIterator, Optional, Union
+
+import zmq
+import zmq.asyncio
+
+from tessellm.config import EngineArgs
+from tessellm.core.engine_process import (EngineCoreClient, EngineDeadError, decode_output, unpack)
+from tessellm.core.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from tessellm.core.output_processor import OutputProcessor
+from tessellm.core.outputs import RequestOutput
+from tessellm.core.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_POLL_MS = 500  # the output handler checks the core is alive after this much silence
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+class RequestStream:
+    """The newest output of one request, or its error. ``event`` may be shared by a group."""
+
+    def __init__(self, request_id: str, event: Optional[asyncio.Event] = None):
+        self.request_id = request_id
+        self.event = event or asyncio.Event()
+        self._latest: Optional[RequestOutput] = None
+        self._error: Optional[BaseException] = None
+
+    def put(self, output: RequestOutput) -> None:
+        self._latest = output
+        self.event.set()
+
+    def put_error(self, error: BaseException) -> None:
+        self._error = error
+        self.event.set()
+
+    def get_nowait(self) -> Optional[RequestOutput]:
+        """The newest output not yet taken, else None; raises the request's error once drained."""
+        if self._latest is not None:
+            out, self._latest = self._latest, None
+            return out
+        if self._error is not None:
+            raise self._error
+        return None
+
+
+async def iterate_streams(streams: list[RequestStream], event: asyncio.Event,
+                          heartbeat: Optional[float] = None):
+    """Yield ``(index, RequestOutput)`` from several streams sharing ``event`` until all finish.
+
+    With ``heartbeat``, yields ``None`` after each ``heartbeat`` seconds with nothing new (SSE
+    keep-alive, disconnect checks).
+    """
+    live = dict(enumerate(streams))
+    while live:
+        event.clear()  # before the scan: a put during the scan's yields sets it again
+        produced = False
+        for i, stream in list(live.items()):
+            out = stream.get_nowait()
+            if out is None:
+                continue
+            produced = True
+            if out.finished:
+                del live[i]
+            yield i, out
+        if produced or not live:
+            continue
+        try:
+            await asyncio.wait_for(event.wait(), heartbeat)
+        except TimeoutError:
+            yield None
+
+
+class AsyncLLM:
+    def __init__(self, args: EngineArgs):
+        self.args = args
+        self.client = EngineCoreClient(args)
+        self.info = self.client.info
+        self.tokenizer = _load_tokenizer(self.info, args)
+        self.inputs = InputProcessor(self.info, self.tokenizer)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.streams: dict[str, RequestStream] = {}
+        self.stats: dict = {}  # the core's SchedulerStats, as of its last message
+        self.last_message_time = time.monotonic()
+        self.dead_reason: Optional[str] = None
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._handler: Optional[asyncio.Task] = None
+
+    # -- requests --------------------------------------------------------------------------
+
+    @property
+    def is_dead(self) -> bool:
+        return self.dead_reason is not None
+
+    def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+        """Tokenize and check a prompt (ValueError with the reason when it cannot run)."""
+        return self.inputs.process_prompt(prompt)
+
+    def add_request(self, request_id: str, prompt: Union[PromptType, ProcessedPrompt],
+                    params: SamplingParams, event: Optional[asyncio.Event] = None) -> RequestStream:
+        """Queue a request in the core; raises ValueError (nothing queued) on bad input."""
+        self._check_alive()
+        self._ensure_handler()
+        processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
+        if request_id in self.streams or self.outputs.has_request(request_id):
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        core_reqs = self.inputs.make_requests(request_id, processed, params)
+        self.outputs.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
+                                 [r.request_id for r in core_reqs])
+        stream = RequestStream(request_id, event)
+        self.streams[request_id] = stream
+        for req in core_reqs:
+            self.client.send_add(req)
+        return stream
+
+    async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
+                       request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (cumulative); cancelling the iteration aborts it."""
+        request_id = request_id or os.urandom(12).hex()
+        stream = self.add_request(request_id, prompt, params or SamplingParams())
+        try:
+            async for item in iterate_streams([stream], stream.event):
+                yield item[1]
+        finally:
+            self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Forget a request here and free it in the core; a no-op once it has finished."""
+        self.streams.pop(request_id, None)
+        if not self.outputs.has_request(request_id):
+            return
+        core_ids = self.outputs.core_ids(request_id)
+        self.outputs.abort(request_id)
+        if not self.is_dead:
+            self.client.send_abort(core_ids)
+
+    # -- queries to the core ----------------------------------------------------------------
+
+    async def call(self, method: str, timeout: float = 10.0):
+        """Ask the core process something ("stats", "ping") and wait for its answer."""
+        self._check_alive()
+        self._ensure_handler()
+        call_id = next(self._call_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        self.client.send_call(call_id, method)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._calls.pop(call_id, None)
+
+    async def is_ready(self, timeout: float = 10.0) -> bool:
+        """The core is alive and answers (recent outputs count as an answer)."""
+        if self.is_dead or not self.client.is_alive():
+            return False
+        if self.streams and time.monotonic() - self.last_message_time < 1.0:
+            return True
+        try:
+            await self.call("ping", timeout)
+        except (TimeoutError, EngineDeadError):
+            return False
+        return True
+
+    # -- the output handler -----------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self.is_dead:
+            raise EngineDeadError(f"The engine core is dead ({self.dead_reason}); restart the server.")
+
+    def _ensure_handler(self) -> None:
+        if self._handler is None:
+            self._handler = asyncio.get_running_loop().create_task(self._output_handler())
+
+    async def _output_handler(self) -> None:
+        sock = zmq.asyncio.Socket.from_socket(self.client.output)
+        try:
+            while not self.is_dead:
+                if not await sock.poll(_POLL_MS):
+                    if not self.client.is_alive():
+                        self._mark_dead(f"the engine core process exited with code {self.client.exit_code()}")
+                    continue
+                while True:
+                    try:
+                        raw = self.client.output.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.last_message_time = time.monotonic()
+                    self._handle(unpack(raw))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug here must not hang every request
+            logger.exception("The output handler failed")
+            self._mark_dead(f"output handler error: {type(exc).__name__}: {exc}")
+
+    def _handle(self, msg: list) -> None:
+        kind = msg[0]
+        if kind == "outputs":
+            self.stats = msg[2]
+            self._route([decode_output(v) for v in msg[1]])
+        elif kind == "call_result":
+            future = self._calls.get(msg[1])
+            if future is not None and not future.done():
+                future.set_result(msg[2])
+        elif kind == "rejected":
+            self._reject(msg[1], msg[2])
+        elif kind == "dead":
+            self._mark_dead(msg[1])
+        else:
+            logger.warning("Ignoring unknown message %r from the engine core.", kind)
+
+    def _route(self, core_outputs) -> None:
+        if not core_outputs:
+            return
+        results, to_abort = self.outputs.process(core_outputs)
+        for result in results:
+            stream = self.streams.get(result.request_id)
+            if stream is not None:
+                stream.put(result)
+                if result.finished:
+                    del self.streams[result.request_id]
+        if to_abort:  # stop strings found here: free those requests in the core too
+            self.client.send_abort(to_abort)
+
+    def _reject(self, core_id: str, message: str) -> None:
+        parent = self.outputs.core_to_parent.get(core_id)
+        if parent is None:
+            return
+        stream = self.streams.get(parent[0])
+        self.abort(parent[0])
+        if stream is not None:
+            stream.put_error(ValueError(message))
+
+    def _mark_dead(self, reason: str) -> None:
+        if self.is_dead:
+            return
+        logger.error("The engine core is dead: %s", reason)
+        self.dead_reason = reason
+        error = EngineDeadError(f"The engine core is dead ({reason}); restart the server.")
+        for stream in self.streams.values():
+            stream.put_error(error)
+        self.streams.clear()
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(error)
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        if self._handler is not None:
+            self._handler.cancel()
+            try:
+                await self._handler
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+            self._handler = None
+        self.close()
+
+    def close(self) -> None:
+        """Stop the core process (synchronous; safe when no event loop runs)."""
+        self.dead_reason = self.dead_reason or "shut down"
+        self.client.close()
+
+
+def _load_tokenizer(info, args: EngineArgs):
+    from tessellm.loader.model_loader import load_tokenizer
+
+    if args.tokenizer or info.model_kind == "gguf":
+        return load_tokenizer(info.model_path, info.model_kind, args.tokenizer)
+    if any(os.path.exists(os.path.join(info.model_path, f)) for f in _TOKENIZER_FILES):
+        return load_tokenizer(info.model_path, info.model_kind, None)
+    return None

@@ -1,0 +1,173 @@
+"""The OpenAI-compatible FastAPI app.
+
+Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (and ``/v1/models/{id}``),
+``/tokenize``, ``/detokenize``, ``/health`` (liveness: the API process and the engine core
+process are up), ``/ready`` (the engine has loaded and answers), ``/version``, ``/metrics``
+(Prometheus text) and ``/debug/stats`` (the core's scheduler stats, fresh).
+
+Every error is ``{"error": {"message", "type", "param", "code"}}``; validation errors are 400,
+never FastAPI's 422. The API key (when set) guards every route except /health, /ready,
+/version and /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import tessellm
+from tessellm.entrypoints.async_llm import AsyncLLM
+from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
+from tessellm.entrypoints.openai.middleware import EdgeMiddleware
+from tessellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard,
+                                                  ModelList, TokenizeChatRequest,
+                                                  TokenizeCompletionRequest, TokenizeResponse)
+from tessellm.entrypoints.openai.sampling import check_model
+from tessellm.entrypoints.openai.server_config import ServerConfig
+from tessellm.entrypoints.openai.serving import parse_request
+from tessellm.entrypoints.openai.serving_chat import create_chat_completion, render_messages
+from tessellm.entrypoints.openai.serving_completion import create_completion
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="tessellm", version=tessellm.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.config = config
+    _add_error_handlers(app)
+    _add_status_routes(app, engine, config)
+    _add_inference_routes(app, engine, config)
+    app.add_middleware(EdgeMiddleware, config=config)
+    return app
+
+
+async def _json_body(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"We could not parse the JSON body of your request ({exc}). The body must "
+                          "be a JSON object.", None, "invalid_json") from None
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_request, exc: OpenAIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, exc: RequestValidationError):
+        return from_validation_error(exc.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return OpenAIError(message, exc.status_code).response()
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request, exc: Exception):
+        logger.exception("Unhandled error")
+        return OpenAIError(f"Internal error: {type(exc).__name__}: {exc}", 500).response()
+
+
+def _add_status_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
+    @app.get("/health")
+    async def health():
+        if engine.is_dead or not engine.client.is_alive():
+            raise OpenAIError(f"The engine core is not running ({engine.dead_reason or 'exited'}).", 503)
+        return JSONResponse({})
+
+    @app.get("/ready")
+    async def ready():
+        if await engine.is_ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready", "reason": engine.dead_reason or "no answer"},
+                            status_code=503)
+
+    @app.get("/version")
+    async def version():
+        return {"version": tessellm.__version__}
+
+    @app.get("/debug/stats")
+    async def debug_stats():
+        try:
+            stats = await engine.call("stats")
+        except Exception as exc:  # noqa: BLE001
+            raise OpenAIError(f"The engine core did not answer: {exc}", 503) from None
+        return {"stats": stats, "num_requests": len(engine.streams),
+                "num_kv_blocks": engine.info.num_kv_blocks, "block_size": engine.info.block_size}
+
+    @app.get("/metrics")
+    async def metrics():
+        s = engine.stats
+        lines = [f"tessellm_num_requests_running {s.get('num_running', 0)}",
+                 f"tessellm_num_requests_waiting {s.get('num_waiting', 0)}",
+                 f"tessellm_kv_cache_usage_perc {s.get('kv_cache_usage', 0.0)}",
+                 f"tessellm_num_preemptions_total {s.get('num_preemptions_total', 0)}",
+                 f"tessellm_prefix_cache_queries_total {s.get('prefix_cache_queries', 0)}",
+                 f"tessellm_prefix_cache_hits_total {s.get('prefix_cache_hits', 0)}",
+                 f"tessellm_engine_alive {0 if engine.is_dead else 1}"]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, root=engine.info.model_path, max_model_len=engine.info.max_model_len,
+                         vocab_size=engine.info.vocab_size)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return ModelList(data=[card(n) for n in config.served_model_names])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        check_model(model_id, config)
+        return card(model_id)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await create_completion(engine, config, await _json_body(request), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await create_chat_completion(engine, config, await _json_body(request), request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _json_body(request)
+        is_chat = isinstance(body, dict) and "messages" in body
+        req = parse_request(TokenizeChatRequest if is_chat else TokenizeCompletionRequest, body)
+        check_model(req.model, config)
+        if engine.tokenizer is None:
+            raise bad_request("This model has no tokenizer.")
+        if is_chat:
+            ids = render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template)
+        else:
+            ids = engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        strs = engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=engine.info.max_model_len, tokens=ids,
+                                token_strs=strs)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = parse_request(DetokenizeRequest, await _json_body(request))
+        check_model(req.model, config)
+        if engine.tokenizer is None:
+            raise bad_request("This model has no tokenizer.")
+        bad = [t for t in req.tokens if not 0 <= t < engine.info.vocab_size]
+        if bad:
+            raise bad_request(f"Token ids must be in [0, {engine.info.vocab_size}); got {bad[0]}.", "tokens")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(req.tokens))

@@ -1,0 +1,99 @@
+"""The edge: header and body size limits and the API key, before any route runs.
+
+A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which buffers streaming
+responses and hides client disconnects). The body is read here, checked against the limit, and
+replayed to the app; after that ``receive`` passes straight through, so the app still sees
+``http.disconnect`` when a client goes away mid-stream.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from tessellm.entrypoints.openai.errors import OpenAIError
+from tessellm.entrypoints.openai.server_config import ServerConfig
+
+
+class EdgeMiddleware:
+    def __init__(self, app, config: ServerConfig):
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        error = self._check_headers(scope)
+        if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            body, error = await self._read_body(scope, receive)
+            if error is None:
+                receive = _replay(body, receive)
+        if error is not None:
+            return await _send_error(send, error)
+        return await self.app(scope, receive, send)
+
+    def _check_headers(self, scope):
+        limit = self.config.max_header_bytes
+        size = sum(len(k) + len(v) for k, v in scope["headers"])
+        if size > limit:
+            return OpenAIError(f"The request headers are {size} bytes; this server accepts at most "
+                               f"{limit} bytes of headers (--max-header-bytes).", 400, None,
+                               "headers_too_large")
+        if self.config.api_key is None or scope["path"] in self.config.open_paths:
+            return None
+        return self._check_key(scope)
+
+    def _check_key(self, scope):
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if not auth:
+            return OpenAIError("You didn't provide an API key. Send it in the Authorization header "
+                               "as 'Bearer YOUR_KEY'.", 401, None, "missing_api_key")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                    self.config.api_key.encode()):
+            return OpenAIError("Incorrect API key provided.", 401, None, "invalid_api_key")
+        return None
+
+    async def _read_body(self, scope, receive):
+        limit = self.config.max_body_bytes
+        too_big = OpenAIError(f"The request body is larger than this server's limit of {limit} bytes "
+                              "(--max-body-bytes).", 400, None, "body_too_large")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return b"", too_big
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", OpenAIError("The client disconnected.", 400)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", too_big
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_error(send, error: OpenAIError) -> None:
+    import json
+
+    payload = json.dumps(error.body()).encode()
+    await send({"type": "http.response.start", "status": error.status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})

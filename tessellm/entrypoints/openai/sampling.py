@@ -1,0 +1,134 @@
+"""From an OpenAI request to SamplingParams: refuse what is unsupported or over a limit.
+
+Order of checks: unknown model (404), unsupported fields, server limits, then the values
+themselves (SamplingParams' own validation). Every refusal names the field.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import BaseModel
+
+from tessellm.core.sampling_params import SamplingParams
+from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
+from tessellm.entrypoints.openai.protocol import (UNSUPPORTED, ChatCompletionRequest,
+                                                  CompletionRequest)
+from tessellm.entrypoints.openai.server_config import ServerConfig
+
+_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+
+
+def check_model(requested: Optional[str], config: ServerConfig) -> None:
+    if requested is not None and requested not in config.served_model_names:
+        raise OpenAIError(f"The model '{requested}' does not exist. This server serves "
+                          f"{', '.join(repr(n) for n in config.served_model_names)}.", 404, "model",
+                          "model_not_found")
+
+
+def check_unsupported(req: BaseModel) -> None:
+    for name, neutral in UNSUPPORTED.items():
+        if name in type(req).model_fields and getattr(req, name) not in neutral:
+            raise bad_request(f"'{name}' is not supported by tessellm yet; remove it from the request.",
+                              name, "unsupported_parameter")
+    if isinstance(req, ChatCompletionRequest):
+        if req.response_format is not None and req.response_format.type != "text":
+            raise bad_request(f"response_format of type '{req.response_format.type}' is not supported "
+                              "by tessellm yet (structured output); only 'text' is.",
+                              "response_format", "unsupported_parameter")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
+    if isinstance(req, CompletionRequest) and req.best_of not in (None, 1, req.n or 1):
+        raise bad_request("best_of other than n is not supported by tessellm (no ranking of samples).",
+                          "best_of", "unsupported_parameter")
+
+
+def check_limits(req: Union[CompletionRequest, ChatCompletionRequest], config: ServerConfig) -> None:
+    n = req.n or 1
+    if n > config.max_n:
+        raise bad_request(f"n is {n}, over this server's limit of {config.max_n} (--max-n).", "n")
+    num_logprobs, field = _num_logprobs(req)
+    if num_logprobs is not None and num_logprobs > config.max_logprobs:
+        raise bad_request(f"{field} is {num_logprobs}, over this server's limit of "
+                          f"{config.max_logprobs} (--max-logprobs).", field)
+    max_tokens, field = requested_max_tokens(req)
+    if max_tokens is not None and config.max_tokens is not None and max_tokens > config.max_tokens:
+        raise bad_request(f"{field} is {max_tokens}, over this server's limit of {config.max_tokens} "
+                          "output tokens per request (--max-tokens-limit).", field)
+
+
+def requested_max_tokens(req) -> tuple[Optional[int], str]:
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return req.max_completion_tokens, "max_completion_tokens"
+    return req.max_tokens, "max_tokens"
+
+
+def _num_logprobs(req) -> tuple[Optional[int], str]:
+    if isinstance(req, ChatCompletionRequest):
+        return ((req.top_logprobs or 0) if req.logprobs else None), "top_logprobs"
+    return req.logprobs, "logprobs"
+
+
+def resolve_max_tokens(req, prompt_len: int, max_model_len: int, config: ServerConfig) -> int:
+    """The request's output budget; refuses prompt + max_tokens over the context length."""
+    max_tokens, field = requested_max_tokens(req)
+    room = max_model_len - prompt_len
+    if max_tokens is None:
+        default = _COMPLETIONS_DEFAULT_MAX_TOKENS if isinstance(req, CompletionRequest) else room
+        limit = config.max_tokens if config.max_tokens is not None else room
+        return max(1, min(default, room, limit))
+    if max_tokens > room:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you "
+                          f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+                          f"{max_tokens} in the completion). Reduce the prompt or {field}.", field,
+                          "context_length_exceeded")
+    return max_tokens
+
+
+def to_sampling_params(req, max_tokens: int, vocab_size: int) -> SamplingParams:
+    num_logprobs, _ = _num_logprobs(req)
+    try:
+        return SamplingParams(
+            n=req.n or 1,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            max_tokens=max_tokens,
+            min_tokens=req.min_tokens,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logprobs=num_logprobs,
+            prompt_logprobs=num_logprobs if getattr(req, "echo", False) and num_logprobs is not None else None,
+            skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            logit_bias=_logit_bias(req.logit_bias, vocab_size),
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+
+
+def _logit_bias(bias: Optional[dict[str, float]], vocab_size: int) -> Optional[dict[int, float]]:
+    if not bias:
+        return None
+    result = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise bad_request(f"logit_bias token id {token} is outside the vocabulary [0, {vocab_size}).",
+                              "logit_bias")
+        if not -100 <= value <= 100:
+            raise bad_request(f"logit_bias values must be in [-100, 100], got {value} for token {token}.",
+                              "logit_bias")
+        result[token] = float(value)
+    return result

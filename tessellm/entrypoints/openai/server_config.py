@@ -1,0 +1,26 @@
+"""What the HTTP layer needs beyond the engine: names, the API key, limits, keep-alive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ServerConfig:
+    served_model_names: list[str]  # the first one is reported in responses
+    api_key: Optional[str] = None  # None: no authentication
+    chat_template: Optional[str] = None  # template text (already read from --chat-template)
+    max_n: int = 16  # most samples per request (n, best_of)
+    max_logprobs: int = 20  # most top logprobs per token (logprobs / top_logprobs)
+    max_tokens: Optional[int] = None  # most output tokens per request; None: the context length
+    max_prompts: int = 64  # most prompts in one /v1/completions request
+    max_body_bytes: int = 4 << 20  # request body
+    max_header_bytes: int = 32 << 10  # all request headers together
+    sse_keepalive_s: float = 10.0  # an SSE comment after this much silence on a stream
+    open_paths: frozenset = field(default_factory=lambda: frozenset(
+        {"/health", "/ready", "/version", "/metrics"}))  # no API key needed
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]

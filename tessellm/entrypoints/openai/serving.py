@@ -1,0 +1,149 @@
+"""What chat and completions share: parse, submit, then wait for the end or stream SSE.
+
+A streamed request is answered with ``text/event-stream``: one ``data: {json}`` event per
+chunk, ``data: [DONE]`` at the end, an SSE comment (``: keep-alive``) after every
+``sse_keepalive_s`` of silence (queued, or in a long prefill) so proxies keep the stream
+open, and an error that happens mid-stream as a last ``data: {"error": ...}`` event.
+Whatever ends the stream (done, error, client gone: Starlette cancels the generator) aborts
+the requests that are still running, which frees their KV blocks in the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from tessellm.core.engine_process import EngineDeadError
+from tessellm.core.input_processor import ProcessedPrompt
+from tessellm.core.outputs import RequestOutput
+from tessellm.core.sampling_params import SamplingParams
+from tessellm.entrypoints.async_llm import AsyncLLM, RequestStream, iterate_streams
+from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def parse_request(cls: type[BaseModel], body) -> BaseModel:
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    try:
+        return cls.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def engine_error(exc: BaseException) -> OpenAIError:
+    """An exception from the engine side, as the error a client should see."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError(str(exc), 503, None, "engine_dead")
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    logger.exception("Request failed", exc_info=exc)
+    return OpenAIError(f"Internal error: {type(exc).__name__}: {exc}", 500)
+
+
+@dataclass
+class Submitted:
+    """A request's engine requests: one per prompt, each with n samples."""
+
+    request_ids: list[str]
+    streams: list[RequestStream]
+    event: asyncio.Event  # shared: set when any of the streams has news
+    prompts: list[ProcessedPrompt]
+
+    def abort(self, engine: AsyncLLM) -> None:
+        for rid in self.request_ids:
+            engine.abort(rid)
+
+
+def submit(engine: AsyncLLM, base_id: str, prompts: list[ProcessedPrompt],
+           params: list[SamplingParams]) -> Submitted:
+    sub = Submitted([], [], asyncio.Event(), prompts)
+    try:
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            rid = f"{base_id}-{i}"
+            sub.streams.append(engine.add_request(rid, prompt, p, sub.event))
+            sub.request_ids.append(rid)
+    except BaseException as exc:
+        sub.abort(engine)
+        if isinstance(exc, (ValueError, EngineDeadError)):
+            raise engine_error(exc) from None
+        raise
+    return sub
+
+
+async def collect(engine: AsyncLLM, sub: Submitted, http_request: Request,
+                  heartbeat: float) -> list[RequestOutput]:
+    """Wait for every request to finish; abort them if the client goes away meanwhile."""
+    final: list[Optional[RequestOutput]] = [None] * len(sub.streams)
+    try:
+        async for item in iterate_streams(sub.streams, sub.event, heartbeat):
+            if item is None:
+                if await http_request.is_disconnected():
+                    raise OpenAIError("The client disconnected.", 400, None, "client_disconnected")
+                continue
+            if item[1].finished:
+                final[item[0]] = item[1]
+    except Exception as exc:  # noqa: BLE001
+        raise engine_error(exc) from None
+    finally:
+        sub.abort(engine)
+    return final  # type: ignore[return-value]
+
+
+class ChunkRenderer(Protocol):
+    def start(self) -> list[BaseModel]: ...
+    def update(self, index: int, output: RequestOutput) -> list[BaseModel]: ...
+    def finish(self) -> list[BaseModel]: ...
+
+
+def sse_response(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer,
+                 heartbeat: float) -> StreamingResponse:
+    return StreamingResponse(_sse_events(engine, sub, renderer, heartbeat),
+                             media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _sse_events(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer, heartbeat: float):
+    try:
+        for chunk in renderer.start():
+            yield _event(chunk)
+        async for item in iterate_streams(sub.streams, sub.event, heartbeat):
+            if item is None:
+                yield ": keep-alive\n\n"
+                continue
+            for chunk in renderer.update(*item):
+                yield _event(chunk)
+        for chunk in renderer.finish():
+            yield _event(chunk)
+        yield "data: [DONE]\n\n"
+    except Exception as exc:  # noqa: BLE001 - becomes the stream's last event
+        yield engine_error(exc).sse_event()
+        yield "data: [DONE]\n\n"
+    finally:
+        sub.abort(engine)  # never awaits: safe while being cancelled
+
+
+def _event(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+def finish_reason(reason: Optional[str]) -> Optional[str]:
+    """The engine's reasons as OpenAI's: stop or length (an abort never reaches a client)."""
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"

@@ -1,0 +1,175 @@
+"""POST /v1/chat/completions: messages through the model's chat template, then generation.
+
+The prompt is rendered by ``render_chat`` (the same function ``LLM.chat`` uses), so greedy
+output here equals ``LLM.chat``'s for the same messages.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from fastapi import Request
+
+from tessellm.core.outputs import Logprob, RequestOutput
+from tessellm.entrypoints.async_llm import AsyncLLM
+from tessellm.entrypoints.llm import render_chat
+from tessellm.entrypoints.openai.errors import bad_request
+from tessellm.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogProbs, ChatCompletionChunk,
+                                                  ChatCompletionRequest, ChatCompletionResponse,
+                                                  ChatLogProb, ChatLogProbTop, ChatMessage,
+                                                  ChatResponseMessage, ChatStreamChoice, DeltaMessage)
+from tessellm.entrypoints.openai.sampling import (check_limits, check_model, check_unsupported,
+                                                  resolve_max_tokens, to_sampling_params)
+from tessellm.entrypoints.openai.server_config import ServerConfig
+from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request, random_id,
+                                                 sse_response, submit)
+from tessellm.entrypoints.openai.serving_completion import usage
+
+
+async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
+    req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
+    check_model(req.model, config)
+    check_unsupported(req)
+    check_limits(req, config)
+    ids = render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template)
+    try:
+        processed = engine.process_prompt({"prompt_token_ids": ids})
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+    max_tokens = resolve_max_tokens(req, len(ids), engine.info.max_model_len, config)
+    params = to_sampling_params(req, max_tokens, engine.info.vocab_size)
+    request_id = random_id("chatcmpl")
+    sub = submit(engine, request_id, [processed], [params])
+    view = _ChatView(engine, req, config.model_name, request_id)
+    if req.stream:
+        return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s)
+    outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
+    return view.response(outputs[0])
+
+
+def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool,
+                    chat_template: Optional[str]) -> list[int]:
+    if engine.tokenizer is None:
+        raise bad_request("This model has no tokenizer, so chat is unavailable; use /v1/completions "
+                          "with token ids.", "messages")
+    conversation = [_message_dict(i, m) for i, m in enumerate(messages)]
+    try:
+        return render_chat(engine.tokenizer, conversation, add_generation_prompt, chat_template)
+    except Exception as exc:  # noqa: BLE001 - a template error is the request's fault (roles, ...)
+        raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
+
+
+def _message_dict(i: int, m: ChatMessage) -> dict:
+    for name in ("tool_calls", "function_call", "audio"):
+        if getattr(m, name) not in (None, []):
+            raise bad_request(f"messages[{i}].{name} is not supported by tessellm yet.",
+                              f"messages.{i}.{name}", "unsupported_parameter")
+    if isinstance(m.content, list):
+        texts = []
+        for j, part in enumerate(m.content):
+            if part.type != "text" or part.text is None:
+                raise bad_request(f"Content parts of type '{part.type}' are not supported by tessellm "
+                                  "yet; only 'text'.", f"messages.{i}.content.{j}.type",
+                                  "unsupported_parameter")
+            texts.append(part.text)
+        content = "".join(texts)
+    else:
+        content = m.content or ""
+    message = {"role": "system" if m.role == "developer" else m.role, "content": content}
+    if m.name:
+        message["name"] = m.name
+    return message
+
+
+class _ChatView:
+    def __init__(self, engine: AsyncLLM, req: ChatCompletionRequest, model: str, request_id: str):
+        self.engine = engine
+        self.req = req
+        self.model = model
+        self.id = request_id
+        self.created = int(time.time())
+        self.top = req.top_logprobs or 0
+
+    def response(self, out: RequestOutput) -> ChatCompletionResponse:
+        choices = []
+        for co in out.outputs:
+            logprobs = None
+            if self.req.logprobs:
+                logprobs = ChatChoiceLogProbs(content=self.logprobs(co.token_ids, co.logprobs or []))
+            choices.append(ChatChoice(index=co.index, message=ChatResponseMessage(content=co.text),
+                                      logprobs=logprobs, finish_reason=finish_reason(co.finish_reason)))
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
+                                      usage=usage([out]))
+
+    def logprobs(self, token_ids, entries) -> list[ChatLogProb]:
+        result = []
+        for tid, entry in zip(token_ids, entries):
+            chosen = entry.get(tid)
+            top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None),
+                         key=lambda kv: kv[1].rank)[:self.top]
+            token = self._text(tid, chosen)
+            result.append(ChatLogProb(token=token, logprob=chosen.logprob if chosen else float("-inf"),
+                                      bytes=list(token.encode("utf-8")),
+                                      top_logprobs=[_top(self._text(t, lp), lp) for t, lp in top]))
+        return result
+
+    def _text(self, tid: int, lp: Optional[Logprob]) -> str:
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        tok = self.engine.tokenizer
+        return tok.decode([tid]) if tok is not None else f"<{tid}>"
+
+
+def _top(token: str, lp: Logprob) -> ChatLogProbTop:
+    return ChatLogProbTop(token=token, logprob=lp.logprob, bytes=list(token.encode("utf-8")))
+
+
+class _ChatChunks:
+    """Stream rendering: a role chunk per choice, then content deltas; finish_reason on the last."""
+
+    def __init__(self, view: _ChatView):
+        self.view = view
+        self.n = view.req.n or 1
+        self.sent_text = [0] * self.n
+        self.sent_tokens = [0] * self.n
+        self.done = [False] * self.n
+        self.final: Optional[RequestOutput] = None
+
+    def _chunk(self, choices, usage_info=None) -> ChatCompletionChunk:
+        v = self.view
+        return ChatCompletionChunk(id=v.id, created=v.created, model=v.model, choices=choices, usage=usage_info)
+
+    def start(self):
+        return [self._chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                for i in range(self.n)]
+
+    def update(self, _index: int, out: RequestOutput):
+        chunks = []
+        if out.finished:
+            self.final = out
+        for co in out.outputs:
+            i = co.index
+            if self.done[i]:
+                continue
+            text = co.text[self.sent_text[i]:]
+            new_ids = co.token_ids[self.sent_tokens[i]:]
+            reason = finish_reason(co.finish_reason)
+            if not (text or reason or (new_ids and self.view.req.logprobs)):
+                continue
+            logprobs = None
+            if self.view.req.logprobs:
+                entries = (co.logprobs or [])[self.sent_tokens[i]:len(co.token_ids)]
+                logprobs = ChatChoiceLogProbs(content=self.view.logprobs(new_ids, entries))
+            self.sent_text[i], self.sent_tokens[i] = len(co.text), len(co.token_ids)
+            self.done[i] = reason is not None
+            delta = DeltaMessage(content=text) if text else DeltaMessage()
+            chunks.append(self._chunk([ChatStreamChoice(index=i, delta=delta, logprobs=logprobs,
+                                                        finish_reason=reason)]))
+        return chunks
+
+    def finish(self):
+        req = self.view.req
+        if not (req.stream_options and req.stream_options.include_usage) or self.final is None:
+            return []
+        return [self._chunk([], usage([self.final]))]

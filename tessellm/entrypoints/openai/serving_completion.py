@@ -1,0 +1,183 @@
+"""POST /v1/completions: prompts (text or token ids, one or many) to completions.
+
+Choice ``index`` is ``prompt_index * n + sample_index``, as in the OpenAI API.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from fastapi import Request
+
+from tessellm.core.outputs import Logprob, RequestOutput
+from tessellm.entrypoints.async_llm import AsyncLLM
+from tessellm.entrypoints.openai.errors import bad_request
+from tessellm.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs,
+                                                  CompletionRequest, CompletionResponse, UsageInfo)
+from tessellm.entrypoints.openai.sampling import (check_limits, check_model, check_unsupported,
+                                                  resolve_max_tokens, to_sampling_params)
+from tessellm.entrypoints.openai.server_config import ServerConfig
+from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request, random_id,
+                                                 sse_response, submit)
+
+
+async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
+    req: CompletionRequest = parse_request(CompletionRequest, body)
+    check_model(req.model, config)
+    check_unsupported(req)
+    check_limits(req, config)
+    prompts = _prompt_list(req.prompt, config.max_prompts)
+    processed = []
+    for i, prompt in enumerate(prompts):
+        try:
+            processed.append(engine.process_prompt(prompt))
+        except ValueError as exc:
+            raise bad_request(str(exc) if len(prompts) == 1 else f"prompt {i}: {exc}", "prompt") from None
+    max_len = engine.info.max_model_len
+    params = [to_sampling_params(req, resolve_max_tokens(req, len(p.prompt_token_ids), max_len, config),
+                                 engine.info.vocab_size) for p in processed]
+    request_id = random_id("cmpl")
+    sub = submit(engine, request_id, processed, params)
+    view = _CompletionView(engine, req, config.model_name, request_id, [_prompt_text(engine, p) for p in processed])
+    if req.stream:
+        return sse_response(engine, sub, _CompletionChunks(view, len(prompts)), config.sse_keepalive_s)
+    outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
+    return view.response(outputs)
+
+
+def _prompt_list(prompt, max_prompts: int) -> list:
+    """str | [str] | [int] | [[int]] -> a list of prompts (str or token-id list)."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompts = [{"prompt_token_ids": list(prompt)}]
+    else:
+        prompts = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompt]
+    if not prompts:
+        raise bad_request("prompt is empty; give a string, a list of strings or token ids.", "prompt")
+    if len(prompts) > max_prompts:
+        raise bad_request(f"The request has {len(prompts)} prompts, over this server's limit of "
+                          f"{max_prompts} (--max-prompts).", "prompt")
+    return prompts
+
+
+def _prompt_text(engine: AsyncLLM, processed) -> str:
+    if processed.prompt is not None:
+        return processed.prompt
+    if engine.tokenizer is None:
+        return ""
+    return engine.tokenizer.decode(processed.prompt_token_ids)
+
+
+class _CompletionView:
+    """Builds response objects from RequestOutputs."""
+
+    def __init__(self, engine: AsyncLLM, req: CompletionRequest, model: str, request_id: str,
+                 prompt_texts: list[str]):
+        self.engine = engine
+        self.req = req
+        self.model = model
+        self.id = request_id
+        self.created = int(time.time())
+        self.n = req.n or 1
+        self.prompt_texts = prompt_texts
+
+    def response(self, outputs: list[RequestOutput]) -> CompletionResponse:
+        choices = []
+        for pi, out in enumerate(outputs):
+            for co in out.outputs:
+                text, logprobs = co.text, None
+                if self.req.logprobs is not None:
+                    logprobs = CompletionLogProbs()
+                if self.req.echo:
+                    text = self.prompt_texts[pi] + text
+                    if logprobs is not None:
+                        self.add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs or [], 0)
+                if logprobs is not None:
+                    offset = len(self.prompt_texts[pi]) if self.req.echo else 0
+                    self.add_logprobs(logprobs, co.token_ids, co.logprobs or [], offset)
+                choices.append(CompletionChoice(index=pi * self.n + co.index, text=text, logprobs=logprobs,
+                                                finish_reason=finish_reason(co.finish_reason)))
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
+                                  usage=usage(outputs))
+
+    def add_logprobs(self, lp: CompletionLogProbs, token_ids, entries, offset: int) -> int:
+        """Append one entry per token; returns the text offset after the last one."""
+        for i, tid in enumerate(token_ids):
+            entry: Optional[dict[int, Logprob]] = entries[i] if i < len(entries) else None
+            token = self._token(tid, entry)
+            lp.tokens.append(token)
+            lp.text_offset.append(offset)
+            offset += len(token)
+            if entry is None:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                continue
+            lp.token_logprobs.append(entry[tid].logprob if tid in entry else None)
+            top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
+            lp.top_logprobs.append({self._token(t, entry): l.logprob for t, l in top})
+        return offset
+
+    def _token(self, tid: int, entry) -> str:
+        if entry is not None and tid in entry and entry[tid].decoded_token is not None:
+            return entry[tid].decoded_token
+        tok = self.engine.tokenizer
+        return tok.decode([tid]) if tok is not None else f"<{tid}>"
+
+
+def usage(outputs: list[RequestOutput]) -> UsageInfo:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class _CompletionChunks:
+    """Stream rendering: per choice, the text and tokens not sent yet."""
+
+    def __init__(self, view: _CompletionView, num_prompts: int):
+        self.view = view
+        self.sent_text: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+        self.offsets: dict[int, int] = {}
+        self.finals: list[Optional[RequestOutput]] = [None] * num_prompts
+
+    def start(self):
+        return []
+
+    def update(self, pi: int, out: RequestOutput):
+        view, chunks = self.view, []
+        if out.finished:
+            self.finals[pi] = out
+        for co in out.outputs:
+            index = pi * view.n + co.index
+            first = index not in self.sent_text
+            text = co.text[self.sent_text.get(index, 0):]
+            new_ids = co.token_ids[self.sent_tokens.get(index, 0):]
+            done = finish_reason(co.finish_reason)
+            if not (first or text or new_ids or done) or self.sent_tokens.get(index) == -1:
+                continue
+            logprobs = None
+            if view.req.logprobs is not None:
+                logprobs = CompletionLogProbs()
+                offset = self.offsets.get(index, 0)
+                if first and view.req.echo:
+                    offset = view.add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs or [], 0)
+                start = self.sent_tokens.get(index, 0)
+                self.offsets[index] = view.add_logprobs(logprobs, new_ids, (co.logprobs or [])[start:], offset)
+            if first and view.req.echo:
+                text = view.prompt_texts[pi] + text
+            self.sent_text[index] = len(co.text)
+            self.sent_tokens[index] = -1 if done else len(co.token_ids)
+            chunks.append(CompletionResponse(id=view.id, created=view.created, model=view.model,
+                                             choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                                                       finish_reason=done)]))
+        return chunks
+
+    def finish(self):
+        req = self.view.req
+        if not (req.stream_options and req.stream_options.include_usage):
+            return []
+        view = self.view
+        return [CompletionResponse(id=view.id, created=view.created, model=view.model, choices=[],
+                                   usage=usage([o for o in self.finals if o is not None]))]

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random HF models saved as safetensors (built here, never downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+TINY_COMMON = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def _tiny_configs():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    return {
+        "llama": LlamaConfig(**TINY_COMMON, tie_word_embeddings=False,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 64}),
+        "llama-tied": LlamaConfig(**TINY_COMMON, tie_word_embeddings=True),
+        "mistral": MistralConfig(**TINY_COMMON, sliding_window=24, tie_word_embeddings=False),
+        "qwen2": Qwen2Config(**TINY_COMMON, tie_word_embeddings=False, use_sliding_window=False),
+        "qwen3": Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=True,
+                             use_sliding_window=False),
+    }
+
+
+TINY_ARCHS = ["llama", "llama-tied", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A function arch -> directory with config.json + model.safetensors (float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    configs = _tiny_configs()
+    made: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in made:
+            torch.manual_seed(1234)
+            model = AutoModelForCausalLM.from_config(configs[arch], dtype=torch.float32)
+            path = os.path.join(root, arch)
+            model.save_pretrained(path)
+            made[arch] = path
+        return made[arch]
+
+    return make
+
+
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy tokens from HF transformers, one prompt at a time (no padding effects)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    outs = []
+    for p in prompts:
+        ids = hf.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                          do_sample=False, pad_token_id=0)
+        outs.append(ids[0, len(p):].tolist())
+    return outs

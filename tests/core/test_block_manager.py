@@ -1,0 +1,95 @@
+"""Block manager without torch: allocation, freeing, prefix hits, eviction order."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tessellm.core.block_manager import BlockManager
+from tessellm.core.request import Request
+from tessellm.core.sampling_params import SamplingParams
+
+
+def req(rid: str, tokens: list[int]) -> Request:
+    return Request(rid, tokens, SamplingParams())
+
+
+def test_core_scheduling_imports_no_torch():
+    code = ("import sys, tessellm.core.scheduler, tessellm.core.block_manager; "
+            "assert 'torch' not in sys.modules, 'scheduler pulled in torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_allocate_and_free_returns_every_block():
+    kv = BlockManager(num_blocks=8, block_size=4)
+    r = req("a", list(range(10)))
+    ids = kv.allocate(r, 10)
+    assert len(ids) == 3 and len(set(ids)) == 3
+    assert kv.num_free_blocks == 5
+    r.num_computed_tokens = 10
+    assert kv.allocate(r, 2) == []  # 12 tokens still fit in 3 blocks
+    assert kv.allocate(r, 3) is not None and len(kv.block_ids("a")) == 4
+    kv.free("a")
+    assert kv.num_free_blocks == 8 and kv.usage == 0.0
+
+
+def test_allocation_fails_cleanly_when_full():
+    kv = BlockManager(num_blocks=2, block_size=4)
+    r = req("a", list(range(12)))
+    assert kv.allocate(r, 12) is None
+    assert kv.num_free_blocks == 2 and kv.block_ids("a") == []
+
+
+def test_prefix_hit_shares_blocks_and_leaves_last_token():
+    kv = BlockManager(num_blocks=16, block_size=4)
+    a = req("a", list(range(12)))
+    kv.allocate(a, 12)
+    kv.cache_full_blocks(a, 12)
+    b = req("b", list(range(12)))  # identical prompt
+    hit = kv.find_cached_prefix(b)
+    assert len(hit) == 2, "the last block holds the last prompt token, which must be recomputed"
+    ids = kv.allocate(b, 4, hit)
+    assert ids[:2] == kv.block_ids("a")[:2]
+    assert kv.blocks[ids[0]].ref_cnt == 2
+    assert kv.stats.hits == 8 and kv.stats.queries == 12
+
+
+def test_different_prefix_or_salt_does_not_hit():
+    kv = BlockManager(num_blocks=16, block_size=4)
+    a = req("a", list(range(12)))
+    kv.allocate(a, 12)
+    kv.cache_full_blocks(a, 12)
+    assert kv.find_cached_prefix(req("b", [99] + list(range(1, 12)))) == []
+    salted = Request("c", list(range(12)), SamplingParams(), cache_salt="tenant-2")
+    assert kv.find_cached_prefix(salted) == []
+
+
+def test_freed_cached_block_is_revived_then_evicted_lru():
+    kv = BlockManager(num_blocks=4, block_size=2)
+    a = req("a", [1, 2, 3, 4, 5])
+    kv.allocate(a, 5)
+    kv.cache_full_blocks(a, 5)
+    kv.free("a")
+    assert kv.num_free_blocks == 4 and len(kv.cached) == 2
+    # Revived by a hit: leaves the free queue.
+    b = req("b", [1, 2, 3, 4, 9])
+    hit = kv.find_cached_prefix(b)
+    assert len(hit) == 2
+    kv.allocate(b, 1, hit)
+    assert kv.num_free_blocks == 1
+    kv.free("b")
+    # a's tail block was freed first, so it is evicted before the prefix blocks.
+    c = req("c", [7, 7])
+    kv.allocate(c, 2)
+    assert len(kv.cached) == 2, "an uncached free block is taken before cached ones"
+    d = req("d", [8, 8, 8, 8])
+    kv.allocate(d, 4)
+    assert len(kv.cached) == 1 and kv.find_cached_prefix(req("e", [1, 2, 3])) != []
+
+
+def test_prefix_caching_disabled_never_hits():
+    kv = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    a = req("a", list(range(12)))
+    kv.allocate(a, 12)
+    kv.cache_full_blocks(a, 12)
+    assert kv.find_cached_prefix(req("b", list(range(12)))) == []

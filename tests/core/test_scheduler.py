@@ -1,0 +1,154 @@
+"""Scheduler without torch: budgets, chunked prefill, prefix hits, preemption, abort."""
+
+from __future__ import annotations
+
+import pytest
+
+from tessellm.core.block_manager import BlockManager
+from tessellm.core.request import Request, RequestStatus
+from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.scheduler import Scheduler, SchedulerConfig
+
+
+def make(num_blocks=64, block_size=4, budget=64, max_seqs=8, max_len=256, prefix=True):
+    kv = BlockManager(num_blocks, block_size, prefix)
+    return Scheduler(SchedulerConfig(max_seqs, budget, max_len), kv)
+
+
+def req(rid, n, max_tokens=4, start=1, **kw):
+    return Request(rid, list(range(start, start + n)), SamplingParams(max_tokens=max_tokens, **kw),
+                   eos_token_ids=[0])
+
+
+def run_step(s: Scheduler, token=7):
+    out = s.schedule()
+    sampled = {}
+    for rid, n in out.num_scheduled_tokens.items():
+        r = s.requests[rid]
+        if r.num_computed_tokens + n == r.num_tokens:
+            sampled[rid] = [token]
+    return out, s.update(out, sampled)
+
+
+def test_prefill_then_decode_mixed_in_one_step():
+    s = make()
+    s.add_request(req("a", 10))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 10}
+    s.add_request(req("b", 6, start=100))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 6}
+    assert [r.request_id for r in out.new_requests] == ["b"]
+    assert [c.request_id for c in out.cached_requests] == ["a"]
+
+
+def test_chunked_prefill_accounting():
+    s = make(budget=8)
+    s.add_request(req("a", 20))
+    chunks = []
+    while s.requests["a"].num_output_tokens == 0:
+        out, outs = run_step(s)
+        chunks.append(out.num_scheduled_tokens["a"])
+        assert out.total_num_scheduled_tokens <= 8
+    assert chunks == [8, 8, 4]
+    assert s.requests["a"].num_computed_tokens == 20
+
+
+def test_token_budget_and_max_seqs():
+    s = make(budget=16, max_seqs=2)
+    for i in range(4):
+        s.add_request(req(f"r{i}", 5))
+    out, _ = run_step(s)
+    assert len(out.num_scheduled_tokens) == 2 and out.total_num_scheduled_tokens == 10
+    assert len(s.waiting) == 2
+
+
+def test_finishes_on_max_tokens_eos_and_stop_token():
+    s = make()
+    s.add_request(req("len", 3, max_tokens=2))
+    s.add_request(req("eos", 3, max_tokens=9))
+    s.add_request(req("stop", 3, max_tokens=9, stop_token_ids=[5]))
+    out = s.schedule()
+    outs = s.update(out, {"len": [7], "eos": [0], "stop": [5]})
+    reasons = {o.request_id: o.finish_reason for o in outs}
+    assert reasons == {"len": None, "eos": "stop", "stop": "stop"}
+    out = s.schedule()
+    outs = s.update(out, {"len": [7]})
+    assert outs[0].finish_reason == "length"
+    assert not s.has_unfinished() and s.kv.num_free_blocks == s.kv.num_blocks
+
+
+def test_min_tokens_defers_eos_and_ignore_eos():
+    s = make()
+    s.add_request(req("a", 3, max_tokens=9, min_tokens=2))
+    s.add_request(req("b", 3, max_tokens=9, ignore_eos=True))
+    out = s.schedule()
+    outs = s.update(out, {"a": [0], "b": [0]})
+    assert all(o.finish_reason is None for o in outs)
+
+
+def test_prefix_hit_skips_computed_tokens():
+    s = make(block_size=4)
+    s.add_request(req("a", 12, max_tokens=1))
+    run_step(s)
+    s.add_request(req("b", 12))
+    out = s.schedule()
+    new = out.new_requests[0]
+    assert new.num_computed_tokens == 8 and out.num_scheduled_tokens["b"] == 4
+
+
+def test_preemption_and_resume_recomputes_everything():
+    s = make(num_blocks=6, block_size=4, budget=64)
+    s.add_request(req("old", 8, max_tokens=20))
+    s.add_request(req("new", 8, max_tokens=20))
+    run_step(s)  # both prefilled: 2 + 2 blocks plus room for decode
+    preempted_seen = False
+    for _ in range(12):
+        out, _ = run_step(s)
+        if out.num_preempted:
+            preempted_seen = True
+            victim = s.requests["new"]
+            assert victim.status == RequestStatus.PREEMPTED and victim.num_computed_tokens == 0
+            assert "new" in out.finished_request_ids and "old" in out.num_scheduled_tokens
+            break
+    assert preempted_seen
+    while s.requests.get("old") is not None:
+        run_step(s)
+    out, _ = run_step(s)
+    resumed = out.new_requests[0]
+    assert resumed.request_id == "new" and len(resumed.all_token_ids) > 8  # prompt + output so far
+    assert out.num_scheduled_tokens["new"] == len(resumed.all_token_ids) - resumed.num_computed_tokens
+
+
+def test_abort_frees_blocks_and_is_reported():
+    s = make()
+    s.add_request(req("a", 10))
+    s.add_request(req("b", 10))
+    run_step(s)
+    s.abort_requests(["a", "unknown"])
+    assert "a" not in s.requests
+    out = s.schedule()
+    assert "a" in out.finished_request_ids and list(out.num_scheduled_tokens) == ["b"]
+    s.abort_requests(["b"])
+    assert s.kv.num_free_blocks == s.kv.num_blocks and not s.has_unfinished()
+
+
+def test_sibling_waits_for_shared_prompt():
+    s = make(block_size=4)
+    s.add_request(req("0_x", 12))
+    sib = Request("1_x", list(range(1, 13)), SamplingParams(max_tokens=4), wait_for="0_x")
+    s.add_request(sib)
+    out, _ = run_step(s)
+    assert list(out.num_scheduled_tokens) == ["0_x"]
+    out, _ = run_step(s)
+    assert out.new_requests[0].request_id == "1_x" and out.new_requests[0].num_computed_tokens == 8
+
+
+@pytest.mark.parametrize("n,msg", [(0, "empty"), (256, "context length")])
+def test_rejects_prompts_that_can_never_run(n, msg):
+    s = make(max_len=256)
+    with pytest.raises(ValueError, match=msg):
+        s.add_request(req("a", n))
+    small = make(num_blocks=2, block_size=4)
+    with pytest.raises(ValueError, match="KV cache"):
+        small.add_request(req("b", 20))

@@ -1,0 +1,115 @@
+"""Triton fused ops against the pure-torch reference ops (``backends/reference/ops.py``).
+
+On a GPU the caching allocator is first filled with NaN so that an output element the kernel
+forgets to write shows up as NaN; in-place outputs are checked element by element.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tessellm.backends.cuda.triton_ops import TritonOps  # noqa: E402
+from tessellm.backends.reference.ops import ReferenceOps  # noqa: E402
+from tessellm.backends.spec import FusedOps  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+DTYPES = [F32, BF16, F16]
+HIDDEN = [4096, 5120] if ON_GPU else [256, 200]  # 200: not a power of two
+ROWS = 67 if ON_GPU else 5
+REF = ReferenceOps()
+OPS = TritonOps()
+
+
+def _gen(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
+
+
+def _randn(*shape, gen, dtype, scale=1.0) -> torch.Tensor:
+    return (scale * torch.randn(*shape, generator=gen)).to(dtype).to(DEVICE)
+
+
+def _poison_allocator(numel: int) -> None:
+    """Leave NaN in freed GPU memory, so ``torch.empty`` in the op hands back NaN."""
+    if ON_GPU:
+        torch.full((numel * 4,), float("nan"), device=DEVICE)
+
+
+def _check(out, ref, dtype) -> None:
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert not torch.isnan(out).any(), "some output elements were never written"
+    tol = {F32: 1e-5, F16: 2e-3, BF16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+def test_triton_ops_is_fused_ops():
+    assert isinstance(OPS, FusedOps)
+
+
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(dtype, hidden):
+    gen = _gen("rms", dtype, hidden)
+    x = _randn(ROWS, hidden, gen=gen, dtype=dtype, scale=3.0)
+    w = _randn(hidden, gen=gen, dtype=dtype).add_(1.0)
+    _poison_allocator(x.numel())
+    _check(OPS.rms_norm(x, w, 1e-6), REF.rms_norm(x, w, 1e-6), dtype)
+
+
+def test_rms_norm_keeps_leading_dims_and_promotes_like_torch():
+    gen = _gen("rms-3d")
+    x = _randn(2, 3, 64, gen=gen, dtype=BF16)
+    w = _randn(64, gen=gen, dtype=F32)  # fp32 weight: the reference's product is fp32
+    _check(OPS.rms_norm(x, w, 1e-5), REF.rms_norm(x, w, 1e-5), BF16)
+
+
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm(dtype, hidden):
+    gen = _gen("add-rms", dtype, hidden)
+    x = _randn(ROWS, hidden, gen=gen, dtype=dtype)
+    residual = _randn(ROWS, hidden, gen=gen, dtype=dtype, scale=2.0)
+    w = _randn(hidden, gen=gen, dtype=dtype)
+    ref_out, ref_res = REF.fused_add_rms_norm(x.clone(), residual.clone(), w, 1e-6)
+    _poison_allocator(x.numel())
+    out, new_res = OPS.fused_add_rms_norm(x, residual, w, 1e-6)
+    _check(out, ref_out, dtype)
+    _check(new_res, ref_res, dtype)
+    assert torch.equal(new_res, residual), "residual is updated in place"
+
+
+@pytest.mark.parametrize("head_size,num_heads,num_kv_heads", [(64, 4, 2), (128, 8, 1), (80, 3, 3)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_embedding_neox_in_place(dtype, head_size, num_heads, num_kv_heads):
+    gen = _gen("rope", dtype, head_size, num_heads)
+    num_tokens, max_pos = (300, 4096) if ON_GPU else (7, 64)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_size, 2).float() / head_size))
+    freqs = torch.arange(max_pos).float()[:, None] * inv_freq[None, :]
+    cos_sin_cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(DEVICE)
+    positions = torch.randint(0, max_pos, (num_tokens,), generator=gen).to(DEVICE)
+    # q and k as strided views into one fused qkv projection, like the attention layer has them.
+    q_size, kv_size = num_heads * head_size, num_kv_heads * head_size
+    qkv = _randn(num_tokens, q_size + 2 * kv_size, gen=gen, dtype=dtype)
+    q, k = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size]
+    v_before = qkv[:, q_size + kv_size:].clone()
+    ref_q, ref_k = REF.rotary_embedding(positions, q.clone(), k.clone(), cos_sin_cache, head_size)
+    out_q, out_k = OPS.rotary_embedding(positions, q, k, cos_sin_cache, head_size)
+    assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
+    _check(q, ref_q, dtype)
+    _check(k, ref_k, dtype)
+    assert torch.equal(qkv[:, q_size + kv_size:], v_before), "v must be left alone"
+
+
+@pytest.mark.parametrize("d", [14336, 1000] if ON_GPU else [128, 100])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(dtype, d):
+    gen = _gen("silu", dtype, d)
+    x = _randn(3, ROWS, 2 * d, gen=gen, dtype=dtype, scale=3.0)
+    _poison_allocator(x.numel())
+    _check(OPS.silu_and_mul(x), REF.silu_and_mul(x), dtype)
