@@ -64,8 +64,8 @@ class ModelRunner:
         """Zero-filled so padded reads are finite. One (k, v) pair of tensors per layer."""
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_size)
-            attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            attn.k_cache = _zeros(shape, dtype, self.device)
+            attn.v_cache = _zeros(shape, dtype, self.device)
 
     def kv_bytes_per_block(self, dtype: torch.dtype) -> int:
         elem = torch.empty(0, dtype=dtype).element_size()
@@ -257,6 +257,11 @@ class ModelRunner:
                 state.prompt_logprobs.append((targets[j].item(), chosen[j, 0].item(), ranks[j], top))
 
 
-def profile_num_blocks(budget_bytes: int, bytes_per_block: int, cap_blocks: int) -> int:
-    return max(0, min(cap_blocks, budget_bytes // bytes_per_block))
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; in host memory through calloc, so the OS zeroes pages lazily as they are used
+    (filling a multi-GiB CPU cache eagerly costs seconds at start-up)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 

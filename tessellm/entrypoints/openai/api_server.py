@@ -107,7 +107,7 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> 
             stats = await engine.call("stats")
         except Exception as exc:  # noqa: BLE001
             raise OpenAIError(f"The engine core did not answer: {exc}", 503) from None
-        return {"stats": stats, "num_requests": len(engine.streams),
+        return {"stats": stats, "num_requests": len(engine.streams), "engine_pid": engine.client.proc.pid,
                 "num_kv_blocks": engine.info.num_kv_blocks, "block_size": engine.info.block_size}
 
     @app.get("/metrics")

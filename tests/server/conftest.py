@@ -1,0 +1,123 @@
+"""A real server for the server tests: the CLI in a subprocess, real uvicorn on a free loopback
+port, a real engine core process, the bundled SmolLM2 model.
+
+Small settings keep memory and time down. ``OMP_NUM_THREADS=1``: on a 2-core machine the engine
+core, the API process and the test process share the cores; two OpenMP threads in the core spin
+against the others and make every step several times slower.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+API_KEY = "sk-tessellm-test"
+MODEL = "SmolLM2-135M-Instruct"
+SERVER_ARGS = ["--max-model-len", "1024", "--num-kv-blocks", "512", "--max-num-seqs", "64",
+               "--sse-keepalive", "0.2", "--max-body-bytes", "1000000", "--max-n", "4",
+               "--max-logprobs", "5"]
+START_TIMEOUT_S = 240
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    log_path: str
+    api_key: str = API_KEY
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def log_tail(self, n: int = 60) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+
+    def stats(self) -> dict:
+        r = httpx.get(f"{self.url}/debug/stats", headers=self.headers, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launcher() -> list[str]:
+    if importlib.util.find_spec("tessellm.entrypoints.cli") is not None:
+        return [sys.executable, "-m", "tessellm.entrypoints.cli", "serve"]
+    return [sys.executable, "-m", "tessellm.entrypoints.serve", "serve"]
+
+
+def start_server(extra_args: list[str] = (), env: dict | None = None, api_key_flag: bool = True) -> Server:
+    port = _free_port()
+    log = tempfile.NamedTemporaryFile(prefix="tessellm-server-", suffix=".log", delete=False)
+    args = [*_launcher(), "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS, *extra_args]
+    if api_key_flag:
+        args += ["--api-key", API_KEY]
+    proc_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
+    server = Server(proc, port, log.name)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"The server exited with code {proc.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=5).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"The server was not ready within {START_TIMEOUT_S}s:\n{server.log_tail()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(10)
+    os.unlink(server.log_path)
+
+
+@pytest.fixture(scope="session")
+def server():
+    srv = start_server()
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key, max_retries=0,
+                       timeout=120) as c:
+        yield c
+
+
+@pytest.fixture()
+def http(server):
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=120) as c:
+        yield c
