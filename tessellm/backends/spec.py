@@ -1,29 +1,46 @@
 """The backend plugin contract: pluggy hook specifications and the types they exchange.
 
-This module holds only the contract. Everything here is read by plugin authors; keep each
-docstring exact about *when* a hook is called, *in which process*, what its arguments mean and
-what its return value means.
+This module holds only the contract. Everything here is read by plugin authors; each docstring
+says *when* a hook is called, *in which process*, what its arguments mean and what its return
+value means. docs/plugins.md is the tutorial; this file is the reference.
 
-Versioning: ``TESSELLM_PLUGIN_API`` is bumped when a hook or a spec dataclass changes in a way a
-plugin can observe. A plugin that needs a newer API declares ``TESSELLM_PLUGIN_API_REQUIRED`` in
-its module; the registry refuses it with a clear error. Fields are only ever *added* to the spec
-dataclasses, and pluggy lets an implementation accept fewer arguments than its spec, so a plugin
-written against an older API keeps working.
+Versioning
+----------
+``TESSELLM_PLUGIN_API`` is the contract's version, an integer. It is bumped when a hook, a spec
+dataclass or a returned protocol changes in a way a plugin can observe. Rules that keep old
+plugins working:
+
+- fields are only ever *added* to the spec dataclasses (with defaults), never renamed/removed;
+- pluggy lets an implementation accept *fewer* arguments than its spec, so a new hook argument
+  does not break an old implementation;
+- a plugin that needs features of a newer API sets ``TESSELLM_PLUGIN_API_REQUIRED = N`` in its
+  plugin module; the registry refuses it with one sentence naming the plugin, ``N`` and the API
+  this tessellm provides (``PluginError``), instead of failing later in an obscure place.
+
+History: 1 = the first published contract (this one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import pluggy
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
 TESSELLM_PLUGIN_API = 1
+# The module attribute a plugin sets to the API version it needs (default: 1).
+API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+# Values of ``Backend.validated_on``.
+VALIDATED_HARDWARE = "hardware"  # run on the real device, conformance suite passed
+VALIDATED_EMULATION = "emulation"  # run only emulated (Triton interpreter, XLA on CPU, ...)
+VALIDATED_UNTESTED = "untested"  # written against the documented APIs, never run
+VALIDATION_LEVELS = (VALIDATED_HARDWARE, VALIDATED_EMULATION, VALIDATED_UNTESTED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,7 +57,8 @@ class Backend:
     """One hardware backend, as registered by a plugin.
 
     Everything device-specific that the hardware-neutral engine needs goes through this object
-    (or through the hooks below, which receive it).
+    (or through the hooks below, which receive it). Frozen: a backend never changes once
+    registered.
     """
 
     name: str  # the value users pass as ``--device`` ("cuda", "rocm", "cpu", "mynpu")
@@ -52,10 +70,14 @@ class Backend:
     memory_info: Optional[Callable[[], tuple[int, int]]] = None
     synchronize: Callable[[], None] = _no_sync  # waits for all queued device work
     description: str = ""
-    # Where this backend has been run: "hardware" (real devices), "emulation", or "untested".
-    validated_on: str = "untested"
+    # Where this backend has been run: one of VALIDATION_LEVELS. Say the truth: "hardware" only
+    # when the conformance suite passed on the real device.
+    validated_on: str = VALIDATED_UNTESTED
+    # Free text: what exactly was run, where, when (shown by ``tessellm backends``).
+    validation_note: str = ""
     plugin_name: str = ""  # filled in by the registry: the plugin that registered it
-    # Free-form capability flags shown by ``tessellm backends --verbose`` (e.g. "fp8": True).
+    # Capability flags shown by ``tessellm backends`` (e.g. {"graph_capture": True,
+    # "quantization": ["fp8"], "kv_cache_dtypes": ["auto"]}). Declared, not discovered.
     capabilities: dict = field(default_factory=dict, hash=False, compare=False)
 
     def torch_device(self, index: int = 0):
@@ -82,6 +104,8 @@ class AttentionSpec:
     block_size: int  # tokens per KV cache block
     kv_cache_dtype: str = "auto"  # "auto" (same as dtype) or "fp8"
     sliding_window: Optional[int] = None  # a query at position p sees keys at positions > p - w
+    max_model_len: Optional[int] = None  # longest sequence the engine will run; None: unknown
+    max_num_seqs: Optional[int] = None  # largest batch the scheduler can produce; None: unknown
 
 
 @dataclass(frozen=True)
@@ -89,8 +113,9 @@ class GraphSpec:
     """What the engine wants captured."""
 
     max_num_seqs: int  # the largest decode batch the scheduler can produce
-    enforce_eager: bool = False  # True: the hook should return None (no capture)
+    enforce_eager: bool = False  # True: the hook must return None (no capture)
     capture_sizes: Optional[tuple[int, ...]] = None  # explicit batch-size ladder, or None
+    dtype: Any = None  # torch dtype the model runs in; None: unknown
 
 
 @dataclass(frozen=True)
@@ -99,6 +124,7 @@ class QuantSpec:
 
     scheme: str  # "fp8", "int8", "awq", "gptq", "gguf", ...
     config: dict = field(default_factory=dict, hash=False, compare=False)  # checkpoint's config
+    dtype: Any = None  # activation dtype; None: unknown
 
 
 @dataclass(frozen=True)
@@ -109,18 +135,27 @@ class OpsSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Protocols of what the hooks return.
+# Protocols of what the hooks return. The registry checks results against these with
+# ``isinstance`` and refuses (naming the plugin) an object that lacks a member.
 # ---------------------------------------------------------------------------------------------
 
 
 @runtime_checkable
 class AttentionKernel(Protocol):
-    """A paged-attention implementation. Every kernel has the same three parts.
+    """A paged-attention implementation. Every kernel has the same three parts: a metadata type,
+    ``build_metadata`` (the builder) and ``forward``.
 
     KV cache layout (shared by all backends): per layer, ``k_cache`` and ``v_cache`` each of
     shape ``[num_blocks, block_size, num_kv_heads, head_size]``. Token ``t`` of a sequence lives
     in block ``block_table[t // block_size]`` at offset ``t % block_size``; its *slot* is
-    ``block_id * block_size + offset``.
+    ``block_id * block_size + offset``. A slot of -1 in ``slot_mapping`` means "do not write".
+
+    Capabilities are declared as class attributes, never discovered by trial:
+
+    - ``name``: shown in logs and ``tessellm backends --verbose``.
+    - ``supports_sliding_window``: False means the hook returns None for a spec with a window.
+    - ``supports_graph_capture`` (optional, default False): ``build_metadata`` output can be
+      reused across graph replays and ``forward`` does no host-device synchronisation.
     """
 
     name: str
@@ -155,26 +190,67 @@ class FusedOps(Protocol):
 
 @runtime_checkable
 class GraphRunner(Protocol):
-    """Captures and replays the decode step. Created once per model runner."""
+    """Captures a fixed-shape step once per batch-size bucket and replays it.
 
-    def capture(self, model_step: Callable[..., Any], buffers: Any) -> None: ...
+    The engine (or a test) drives it like this::
 
-    def can_run(self, num_tokens: int, is_pure_decode: bool) -> bool: ...
+        runner.capture(step, make_inputs)      # once, after the KV cache is allocated
+        size = runner.padded_size(n)           # smallest captured bucket >= n, or None
+        out = runner.run(make_inputs_like(size))   # same shapes as make_inputs(size)
 
-    def run(self, num_tokens: int) -> Any: ...
+    ``step(*inputs)`` is a pure function of its tensor inputs (the KV cache and weights are
+    captured by closure); dim 0 of every input and of the output is the padded batch size.
+    ``make_inputs(size)`` returns a tuple of tensors for that size (the runner may keep them as
+    its static buffers). Padding values are the caller's job (slot -1, sequence length 0).
+    ``run`` returns what ``step`` would return for those inputs; a runner that keeps static
+    buffers copies the inputs in and may return a view of its static output, valid until the
+    next ``run``.
+    """
+
+    name: str
+    capture_sizes: tuple[int, ...]  # ascending batch-size buckets captured
+
+    def capture(self, step: Callable[..., Any], make_inputs: Callable[[int], tuple]) -> None: ...
+
+    def padded_size(self, num_tokens: int) -> Optional[int]: ...
+
+    def run(self, inputs: Sequence[Any]) -> Any: ...
 
 
 @runtime_checkable
 class QuantMethod(Protocol):
-    """How a linear layer stores and applies quantized weights."""
+    """How a linear layer stores and applies quantized weights.
+
+    Life cycle: ``create_weights`` registers parameters on ``layer`` (a ``torch.nn.Module``);
+    the loader fills them from the checkpoint, or ``quantize_dense`` fills them from a dense
+    weight (on-the-fly quantization of an unquantized checkpoint, and what the conformance suite
+    uses); then ``process_weights_after_loading`` repacks once; then ``apply`` per forward.
+    """
 
     name: str
 
     def create_weights(self, layer, input_size: int, output_size: int, dtype) -> None: ...
 
+    def quantize_dense(self, layer, weight) -> None:
+        """Fill ``layer``'s parameters from a dense ``weight`` ``[output_size, input_size]``.
+        May raise ``NotImplementedError`` for schemes that only load pre-quantized weights."""
+
     def process_weights_after_loading(self, layer) -> None: ...
 
-    def apply(self, layer, x, bias=None): ...
+    def apply(self, layer, x, bias=None):
+        """``x @ W.T (+ bias)`` with the quantized ``W``; returns x's dtype."""
+
+
+# The protocol each firstresult hook's return value must satisfy.
+HOOK_RESULT_PROTOCOLS = {
+    "tessellm_attention_kernel": AttentionKernel,
+    "tessellm_fused_ops": FusedOps,
+    "tessellm_graph_runner": GraphRunner,
+    "tessellm_quant_method": QuantMethod,
+}
+# The pieces ``tessellm backends --verbose`` reports, by hook.
+PIECES = {"attention": "tessellm_attention_kernel", "ops": "tessellm_fused_ops",
+          "graph": "tessellm_graph_runner", "quant": "tessellm_quant_method"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +259,11 @@ class QuantMethod(Protocol):
 
 
 class BackendHookSpec:
+    """Every hook a plugin may implement. A plugin implements any subset; all are module-level
+    functions marked ``@hookimpl`` (or methods of a registered object). An implementation may
+    declare fewer arguments than the spec. A function named ``tessellm_*`` that is not a hook
+    below, or a hook function not marked ``@hookimpl``, is refused at load time."""
+
     @hookspec
     def tessellm_register_backends(self, register: Callable[[Backend], None]) -> None:
         """Register the backends this plugin provides.
@@ -191,18 +272,24 @@ class BackendHookSpec:
         every worker process, and the CLI for ``tessellm backends``).
         ``register``: call it once per ``Backend``. Registering a name that another plugin
         already registered is an error naming both plugins.
-        Return value: ignored. Must not touch the device (``is_available`` is asked later).
+        Return value: ignored. Must not touch the device or import heavy device libraries
+        (``is_available`` is asked later, and only then may it probe the hardware).
         """
 
     @hookspec(firstresult=True)
     def tessellm_attention_kernel(self, backend: Backend, spec: AttentionSpec) -> Optional[AttentionKernel]:
         """Return the paged-attention kernel for ``backend`` and ``spec``, or None.
 
-        When: once per model load, in the process that runs the model (engine core or worker).
+        When: once per model load (per distinct sliding window), in the process that runs the
+        model (engine core or worker); also by ``tessellm backends --verbose`` and the
+        conformance suite, possibly for a backend whose hardware is absent: constructing the
+        kernel must not touch the device (allocate lazily in ``forward``).
         ``backend``: the selected backend; return None unless you provide a kernel for it.
         ``spec``: the attention shapes and dtypes of the model.
         Return value: the first non-None result wins. A plugin that overrides a backend it does
-        not own marks its implementation ``tryfirst=True``.
+        not own marks its implementation ``@hookimpl(tryfirst=True)`` and returns None for specs
+        it does not handle, so the owner's kernel serves those. Raise ``ValueError`` with one
+        sentence for a spec the backend can never run (e.g. an unsupported head size).
         """
 
     @hookspec(firstresult=True)
@@ -219,6 +306,7 @@ class BackendHookSpec:
 
         When: once per model runner, after the KV cache is allocated, in the process that runs
         the model. None means eager execution. Must return None when ``spec.enforce_eager``.
+        The runner's ``capture`` is called once; it may compile or record per bucket.
         """
 
     @hookspec(firstresult=True)

@@ -15,6 +15,7 @@ from typing import Iterable, Optional
 import torch
 
 from tessellm.backends.registry import get_registry
+from tessellm.backends.spec import GraphSpec
 from tessellm.config import (EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len,
                              resolve_model)
 from tessellm.core.block_manager import BlockManager
@@ -75,11 +76,15 @@ class EngineCore:
         model, kernel = build_model(self.source, load_format, registry, self.backend, self.dtype,
                                     self.device, args.block_size, args.kv_cache_dtype, args.seed)
         self.vocab_size = config.vocab_size
+        graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, args.enforce_eager,
+                                                               dtype=self.dtype))
         self.runner = ModelRunner(model, kernel, self.backend, self.device, args.block_size,
-                                  self.vocab_size, tuple(self.eos_token_ids), args.seed)
+                                  self.vocab_size, tuple(self.eos_token_ids), args.seed,
+                                  self.max_model_len, graphs)
         max_batched = args.max_num_batched_tokens or (2048 if self.backend.device_type == "cpu" else 8192)
         num_blocks = self._num_kv_blocks(args, max_batched)
         self.runner.allocate_kv_cache(num_blocks, self.dtype)
+        self.runner.capture_graphs()
         logger.info("Loaded %s on %s in %.1fs; KV cache: %d blocks x %d tokens = %d tokens",
                     self.source.path, self.backend.name, time.perf_counter() - t0, num_blocks,
                     args.block_size, num_blocks * args.block_size)

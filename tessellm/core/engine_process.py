@@ -16,7 +16,8 @@ Invariants
 * The core sends exactly one of ``ready`` / ``startup_failed`` first (the handshake).
 * While it has work the core loop never blocks: it drains the input socket without waiting,
   runs one ``step()`` and sends what the step produced, with the scheduler stats. Idle, it
-  blocks on the input socket (waking every second to exit if its parent died).
+  blocks on the input socket, waking every second. Busy or idle, it exits once its parent (the
+  API process) is gone, so a killed server never leaves an orphan holding the device.
 * A crash in the core is sent as ``dead`` before the process exits; the client also notices a
   core that vanished without a word (killed) from its exit code.
 """
@@ -130,14 +131,14 @@ class _CoreLoop:
 
     def run(self) -> None:
         while not self.shutdown:
+            if os.getppid() != self.parent_pid:  # re-parented: the API process died
+                logger.info("The API process is gone; the engine core exits.")
+                return
             busy = self.core.has_unfinished_requests()
             changed = False
             if self.in_sock.poll(0 if busy else _IDLE_POLL_MS):
                 changed = self._drain_inputs()
             elif not busy:
-                if os.getppid() != self.parent_pid:
-                    logger.info("The API process is gone; the engine core exits.")
-                    return
                 continue
             if self.shutdown:
                 return
@@ -160,11 +161,10 @@ class _CoreLoop:
     def _handle(self, msg: list) -> bool:
         kind = msg[0]
         if kind == "add":
-            req = decode_request(msg[1])
             try:
-                self.core.add_request(req)
-            except ValueError as exc:  # the front end checks first; this is the last line
-                self.out_sock.send(pack(["rejected", req.request_id, str(exc)]))
+                self.core.add_request(decode_request(msg[1]))
+            except (ValueError, TypeError, KeyError) as exc:  # the front end checks first
+                self.out_sock.send(pack(["rejected", msg[1].get("request_id"), str(exc)]))
                 return False
             return True
         if kind == "abort":
@@ -209,6 +209,7 @@ class EngineCoreClient:
     """
 
     def __init__(self, args: EngineArgs, startup_timeout: float = 1800.0):
+        self.closed = False
         self.tmpdir = tempfile.mkdtemp(prefix="tessellm-")
         input_addr = f"ipc://{os.path.join(self.tmpdir, 'input')}"
         output_addr = f"ipc://{os.path.join(self.tmpdir, 'output')}"
@@ -259,7 +260,10 @@ class EngineCoreClient:
         return self.proc.exitcode
 
     def close(self, timeout: float = 5.0) -> None:
-        """Ask the core to stop, then make sure it has; remove the socket files."""
+        """Ask the core to stop, then make sure it has; remove the socket files. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
         if self.proc.is_alive():
             try:
                 self.input.send(pack(["shutdown"]), zmq.NOBLOCK)

@@ -47,7 +47,8 @@ class ModelRunnerOutput:
 
 class ModelRunner:
     def __init__(self, model, kernel, backend, device: torch.device, block_size: int,
-                 vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0):
+                 vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
+                 max_model_len: int = 2048, graph_runner=None):
         self.model = model
         self.kernel = kernel  # the attention kernel all layers share
         self.backend = backend
@@ -57,6 +58,9 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)  # banned before a request's min_tokens
         self.sampler = Sampler(device, seed)
         self.requests: dict[str, RunnerRequest] = {}
+        self.max_model_len = max_model_len
+        self.graph_runner = graph_runner  # replays captured pure-decode steps; None: eager
+        self._graphs_ready = False
 
     # -- KV cache --------------------------------------------------------------------------
 
@@ -108,19 +112,83 @@ class ModelRunner:
         order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
         states = [self.requests[r] for r in order]
         counts = [sched.num_scheduled_tokens[r] for r in order]
-        inputs = self._prepare_inputs(states, counts)
-        metadata = self.kernel.build_metadata(inputs.attn)
-        hidden = self.model(inputs.input_ids, inputs.positions, metadata)
-        sampling_rows = [s for s, samples in zip(states, inputs.samples) if samples]
         out = ModelRunnerOutput({}, {}, {})
-        if inputs.prompt_lp_rows:
-            self._prompt_logprobs(hidden, inputs, out)
-        if not sampling_rows:
-            return out
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        padded = self._graph_size(states, counts)
+        if padded is not None:
+            logits = self._run_graph(states, padded)
+            sampling_rows = states
+        else:
+            inputs = self._prepare_inputs(states, counts)
+            metadata = self.kernel.build_metadata(inputs.attn)
+            hidden = self.model(inputs.input_ids, inputs.positions, metadata)
+            sampling_rows = [s for s, samples in zip(states, inputs.samples) if samples]
+            if inputs.prompt_lp_rows:
+                self._prompt_logprobs(hidden, inputs, out)
+            if not sampling_rows:
+                return out
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         result = self.sampler(logits, self._sampling_batch(sampling_rows))
         self._collect(sampling_rows, result, out)
         return out
+
+    # -- graphs ----------------------------------------------------------------------------
+
+    def capture_graphs(self) -> None:
+        """Capture the decode step (forward + logits) for each of the graph runner's sizes."""
+        if self.graph_runner is None:
+            return
+        width = -(-self.max_model_len // self.block_size)
+        self._arange = torch.arange(max(self.graph_runner.capture_sizes) + 1, dtype=torch.int32,
+                                    device=self.device)
+
+        def make_inputs(n: int):
+            return (torch.zeros(n, dtype=torch.int64, device=self.device),  # input ids
+                    torch.zeros(n, dtype=torch.int64, device=self.device),  # positions
+                    torch.full((n,), -1, dtype=torch.int64, device=self.device),  # slots
+                    torch.ones(n, dtype=torch.int32, device=self.device),  # seq lens
+                    torch.zeros((n, width), dtype=torch.int32, device=self.device))  # tables
+
+        with torch.inference_mode():
+            self.graph_runner.capture(self._decode_step, make_inputs)
+        self._graphs_ready = True
+
+    def _decode_step(self, input_ids, positions, slot_mapping, seq_lens, block_tables):
+        n = input_ids.shape[0]
+        batch = AttentionBatch(num_tokens=n, num_seqs=n, num_decodes=n,
+                               query_start_loc=self._arange[:n + 1], seq_lens=seq_lens,
+                               block_tables=block_tables, slot_mapping=slot_mapping,
+                               max_query_len=1, max_seq_len=self.max_model_len,
+                               query_start_loc_host=[], seq_lens_host=[])
+        hidden = self.model(input_ids, positions, self.kernel.build_metadata(batch))
+        return self.model.compute_logits(hidden)
+
+    def _graph_size(self, states: list[RunnerRequest], counts: list[int]) -> Optional[int]:
+        if not self._graphs_ready or counts[-1] != 1:  # decodes sort first: last is 1 => all
+            return None
+        if any(s.params.prompt_logprobs is not None for s in states):
+            return None
+        return self.graph_runner.padded_size(len(states))
+
+    def _run_graph(self, states: list[RunnerRequest], padded: int) -> torch.Tensor:
+        """Pad a pure-decode batch to ``padded`` rows (slot -1, length 0) and replay."""
+        n, bs = len(states), self.block_size
+        width = max(len(st.block_ids) for st in states)  # the graph's table is wider; see run()
+        ids = np.zeros(padded, dtype=np.int64)
+        pos = np.zeros(padded, dtype=np.int64)
+        slots = np.full(padded, -1, dtype=np.int64)
+        lens = np.zeros(padded, dtype=np.int32)
+        table = np.zeros((padded, width), dtype=np.int32)
+        for i, st in enumerate(states):
+            c = st.num_computed_tokens
+            ids[i] = st.token_ids[c]
+            pos[i] = c
+            slots[i] = st.block_ids[c // bs] * bs + c % bs
+            lens[i] = c + 1
+            table[i, :len(st.block_ids)] = st.block_ids
+            st.num_computed_tokens = c + 1
+        host = (ids, pos, slots, lens, table)
+        inputs = [torch.from_numpy(a).pin_memory().to(self.device, non_blocking=True) for a in host]
+        return self.graph_runner.run(inputs)[:n]
 
     # -- inputs ----------------------------------------------------------------------------
 

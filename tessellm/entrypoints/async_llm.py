@@ -11,8 +11,10 @@ reads everything the core sends and routes each ``RequestOutput`` to its request
 Outputs are cumulative (each holds the whole text so far), so a stream keeps only the newest
 one: a slow consumer skips intermediate states instead of queueing them.
 
-Everything here runs on the event loop thread. ``abort`` never awaits, so it is safe in the
-``finally`` of a task being cancelled (a client that disconnected).
+The core process is started with ``spawn``, so a script that builds an ``AsyncLLM`` needs the
+usual ``if __name__ == "__main__":`` guard. Everything here runs on the event loop thread.
+``abort`` never awaits, so it is safe in the ``finally`` of a task being cancelled (a client
+that disconnected).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ async def iterate_streams(streams: list[RequestStream], event: asyncio.Event,
             continue
         try:
             await asyncio.wait_for(event.wait(), heartbeat)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             yield None
 
 
@@ -99,7 +101,11 @@ class AsyncLLM:
         self.args = args
         self.client = EngineCoreClient(args)
         self.info = self.client.info
-        self.tokenizer = _load_tokenizer(self.info, args)
+        try:
+            self.tokenizer = _load_tokenizer(self.info, args)
+        except BaseException:
+            self.client.close()
+            raise
         self.inputs = InputProcessor(self.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer)
         self.streams: dict[str, RequestStream] = {}
@@ -181,7 +187,7 @@ class AsyncLLM:
             return True
         try:
             await self.call("ping", timeout)
-        except (TimeoutError, EngineDeadError):
+        except (asyncio.TimeoutError, EngineDeadError):
             return False
         return True
 

@@ -72,7 +72,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="name(s) clients use for the model (default: MODEL as given)")
     g.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file overriding the tokenizer's")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")
     g = parser.add_argument_group("limits")
     g.add_argument("--max-n", type=int, default=16, help="most samples per request (n)")
@@ -108,7 +108,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 # -- serve ---------------------------------------------------------------------------------
 
 def run_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tessellm.core.engine_process import EngineStartupError
     from tessellm.entrypoints.async_llm import AsyncLLM
     from tessellm.entrypoints.openai.api_server import build_app
@@ -132,7 +133,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logger.info("Serving %s on http://%s:%d (API key %s)", config.model_name, host, port,
                 "required" if config.api_key else "not required")
     server = uvicorn.Server(uvicorn.Config(
-        app, log_level=args.log_level, access_log=not args.no_access_log, timeout_graceful_shutdown=5,
+        app, log_level=args.uvicorn_log_level, access_log=not args.no_access_log, timeout_graceful_shutdown=5,
         h11_max_incomplete_event_size=2 * config.max_header_bytes + 8192))
     try:
         server.run(sockets=[sock])
@@ -190,7 +191,8 @@ def _bind(host: str, port: int) -> socket.socket:
 # -- generate ------------------------------------------------------------------------------
 
 def run_generate(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger("tessellm").setLevel(logging.INFO if args.verbose else logging.WARNING)
     from tessellm.core.llm_engine import LLMEngine
     from tessellm.core.sampling_params import SamplingParams
     from tessellm.entrypoints.llm import render_chat
@@ -238,6 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("serve", "generate") else "serve"
     parser = argparse.ArgumentParser(prog=f"tessellm {command}")
+    parser.add_argument("--log-level", default="INFO", help="Python logging level")
     if command == "generate":
         return run_generate(add_generate_arguments(parser).parse_args(argv))
     return run_serve(add_serve_arguments(parser).parse_args(argv))

@@ -102,6 +102,21 @@ def stop_server(server: Server) -> None:
 
 
 @pytest.fixture(scope="session")
+def server_factory():
+    """Start extra servers (e.g. one a test may break); each is stopped at the end."""
+    started: list[Server] = []
+
+    def start(extra_args=(), env=None, api_key_flag=True) -> Server:
+        srv = start_server(list(extra_args), env, api_key_flag)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        stop_server(srv)
+
+
+@pytest.fixture(scope="session")
 def server():
     srv = start_server()
     yield srv

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import MODEL
+MODEL = "SmolLM2-135M-Instruct"
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -67,7 +67,8 @@ def test_n_2(client):
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, n=2, seed=3,
                                        temperature=1.0)
     assert sorted(c.index for c in r.choices) == [0, 1]
-    assert r.usage.completion_tokens == sum(1 for _ in range(2)) * 0 + r.usage.completion_tokens
+    assert all(c.message.content for c in r.choices)
+    assert 2 <= r.usage.completion_tokens <= 12
     chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, n=2, stream=True,
                                             temperature=1.0, seed=5))
     assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}

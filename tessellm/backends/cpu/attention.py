@@ -82,8 +82,8 @@ class CpuAttentionKernel:
         kvh = k_cache.shape[2]
         group = num_heads // kvh
         blocks = md.decode_blocks
-        k = k_cache[blocks].view(nd, -1, kvh, head_size).transpose(1, 2)  # [B, KVH, L, D]
-        v = v_cache[blocks].view(nd, -1, kvh, head_size).transpose(1, 2)
+        k = _gather(k_cache, blocks).view(nd, -1, kvh, head_size).transpose(1, 2)  # [B, KVH, L, D]
+        v = _gather(v_cache, blocks).view(nd, -1, kvh, head_size).transpose(1, 2)
         qg = q.view(nd, kvh, group, head_size)  # the group's queries share a position
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=md.decode_mask, scale=scale)
         return o.reshape(nd, num_heads, head_size)
@@ -92,12 +92,22 @@ class CpuAttentionKernel:
         bs = k_cache.shape[1]
         nblocks = -(-seq_len // bs)
         ids = block_table[:nblocks].long()
-        k = k_cache[ids].view(-1, *k_cache.shape[2:])[:seq_len].transpose(0, 1)  # [KVH, L, D]
-        v = v_cache[ids].view(-1, *v_cache.shape[2:])[:seq_len].transpose(0, 1)
+        k = _gather(k_cache, ids).view(-1, *k_cache.shape[2:])[:seq_len].transpose(0, 1)  # [KVH, L, D]
+        v = _gather(v_cache, ids).view(-1, *v_cache.shape[2:])[:seq_len].transpose(0, 1)
         qh = q.transpose(0, 1)  # [H, Q, D]
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=mask is None,
                                            scale=scale, enable_gqa=True)
         return o.transpose(0, 1)
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Whole blocks by id, as ``[*block_ids.shape, block_size * KVH * D]``.
+
+    index_select over a 2-D view copies contiguous rows; it is several times faster on the CPU
+    than advanced indexing of the 4-D cache.
+    """
+    flat = cache.view(cache.shape[0], -1)
+    return flat.index_select(0, block_ids.reshape(-1)).view(*block_ids.shape, -1)
 
 
 def _write_cache(k, v, k_cache, v_cache, slot_mapping):

@@ -43,7 +43,7 @@ def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
         return None
     from tessellm.backends.cuda.triton_attention import TritonAttentionKernel
 
-    return TritonAttentionKernel(spec, max_model_len=131072)
+    return TritonAttentionKernel(spec, max_model_len=131072, max_num_seqs=1024)
 
 
 @hookimpl
@@ -59,4 +59,6 @@ def tessellm_fused_ops(backend: Backend, spec: OpsSpec):
 def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
     if backend.name != NAME or spec.enforce_eager:
         return None
-    return None  # CUDA graph capture lands with the cuda issue's graph runner
+    from tessellm.backends.cuda.graph_runner import CudaGraphRunner, default_capture_sizes
+
+    return CudaGraphRunner(spec.capture_sizes or default_capture_sizes(spec.max_num_seqs))

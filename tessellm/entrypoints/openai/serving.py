@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Optional, Protocol
@@ -30,6 +31,7 @@ from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_va
 logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_DISCONNECT_CHECK_S = 1.0  # how often a non-streamed request checks that its client is still there
 
 
 def parse_request(cls: type[BaseModel], body) -> BaseModel:
@@ -89,15 +91,21 @@ def submit(engine: AsyncLLM, base_id: str, prompts: list[ProcessedPrompt],
 
 async def collect(engine: AsyncLLM, sub: Submitted, http_request: Request,
                   heartbeat: float) -> list[RequestOutput]:
-    """Wait for every request to finish; abort them if the client goes away meanwhile."""
+    """Wait for every request to finish; abort them if the client goes away meanwhile.
+
+    Outputs may flow without pause, so the disconnect check runs on a clock (at most every
+    ``_DISCONNECT_CHECK_S``), not only in silences.
+    """
     final: list[Optional[RequestOutput]] = [None] * len(sub.streams)
+    interval = min(heartbeat, _DISCONNECT_CHECK_S)
+    next_check = time.monotonic() + interval
     try:
-        async for item in iterate_streams(sub.streams, sub.event, heartbeat):
-            if item is None:
+        async for item in iterate_streams(sub.streams, sub.event, interval):
+            if time.monotonic() >= next_check:
                 if await http_request.is_disconnected():
                     raise OpenAIError("The client disconnected.", 400, None, "client_disconnected")
-                continue
-            if item[1].finished:
+                next_check = time.monotonic() + interval
+            if item is not None and item[1].finished:
                 final[item[0]] = item[1]
     except Exception as exc:  # noqa: BLE001
         raise engine_error(exc) from None

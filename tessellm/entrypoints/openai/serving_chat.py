@@ -69,8 +69,9 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
         texts = []
         for j, part in enumerate(m.content):
             if part.type != "text" or part.text is None:
-                raise bad_request(f"Content parts of type '{part.type}' are not supported by tessellm "
-                                  "yet; only 'text'.", f"messages.{i}.content.{j}.type",
+                raise bad_request(f"messages[{i}].content[{j}] has type '{part.type}'; content parts "
+                                  "other than 'text' are not supported by tessellm yet.",
+                                  f"messages.{i}.content.{j}.type",
                                   "unsupported_parameter")
             texts.append(part.text)
         content = "".join(texts)

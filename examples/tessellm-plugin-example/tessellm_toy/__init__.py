@@ -1,0 +1,1 @@
+"""tessellm-plugin-example: the 'toy' backend (CPU device, its own attention kernel)."""

@@ -1,0 +1,97 @@
+"""Quantized GEMMs in plain torch: the cpu backend's ``QuantOps``.
+
+Each op dequantizes a slab of output columns at a time and multiplies it, so the temporary
+dense slab stays small (cache-sized) and the full dense weight never exists::
+
+    for columns n0..n1 (about _SLAB_ELEMS weights):
+        w = dequantize(packed[:, n0:n1])         # [n1 - n0, K] in x's dtype
+        y[:, n0:n1] = x @ w.T
+
+They run on any torch device (the math is the dequantize-then-matmul definition), which also
+makes them the reference the Triton kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tessellm.quantization.packed import Fp8Weight, Int4Weight, Int8Weight, quantize_fp8_per_token
+
+_SLAB_ELEMS = 1 << 19  # weights dequantized per slab
+
+
+def _slabs(n: int, k: int):
+    step = max(16, (_SLAB_ELEMS // max(k, 1)) // 16 * 16)
+    for n0 in range(0, n, step):
+        yield n0, min(n, n0 + step)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # bf16/fp16 GEMMs on the cpu are slow and lossy; accumulate in float32 there.
+    return torch.float32 if x.device.type == "cpu" else x.dtype
+
+
+class TorchQuantOps:
+    name = "torch"
+    schemes = frozenset({"int8", "fp8", "gguf"})
+
+    def int8_mm(self, x: torch.Tensor, w: Int8Weight, bias=None) -> torch.Tensor:
+        n, k = w.qweight.shape
+        ct = _compute_dtype(x)
+        xc = x.to(ct)
+        out = torch.empty(x.shape[0], n, dtype=ct, device=x.device)
+        per_channel = w.scales.shape[0] == 1
+        for n0, n1 in _slabs(n, k):
+            q = w.qweight[n0:n1].to(ct)
+            if per_channel:
+                torch.matmul(xc, q.t(), out=out[:, n0:n1])
+            else:
+                s = w.scales[:, n0:n1].t().to(ct)  # [n, G]
+                wd = (q.view(n1 - n0, s.shape[1], -1) * s[..., None]).view(n1 - n0, k)
+                torch.matmul(xc, wd.t(), out=out[:, n0:n1])
+        if per_channel:
+            out.mul_(w.scales[0].to(ct))
+        return _finish(out, x.dtype, bias)
+
+    def int4_mm(self, x: torch.Tensor, w: Int4Weight, bias=None) -> torch.Tensor:
+        if w.perm is not None:
+            x = x.index_select(-1, w.perm.long())
+        k8, n = w.qweight.shape
+        k = k8 * 8
+        ct = _compute_dtype(x)
+        xc = x.to(ct)
+        out = torch.empty(x.shape[0], n, dtype=ct, device=x.device)
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=x.device)[None, :, None]
+        groups = k // w.group_size
+        for n0, n1 in _slabs(n, k):
+            q = ((w.qweight[:, None, n0:n1] >> shifts) & 0xF).to(ct)  # [K/8, 8, n]
+            q = q.view(groups, w.group_size, n1 - n0)
+            if w.zero_point:
+                q.sub_(w.zero_point)
+            q.mul_(w.scales[:, None, n0:n1].to(ct))
+            if w.offsets is not None:
+                q.add_(w.offsets[:, None, n0:n1].to(ct))
+            torch.matmul(xc, q.view(k, n1 - n0), out=out[:, n0:n1])
+        return _finish(out, x.dtype, bias)
+
+    def fp8_mm(self, x: torch.Tensor, w: Fp8Weight, bias=None) -> torch.Tensor:
+        """W8A8 emulated exactly: both operands rounded to fp8, products summed in float32."""
+        n, k = w.qweight.shape
+        xq, sx = quantize_fp8_per_token(x, w.qweight.dtype)
+        xf = xq.float()
+        out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+        for n0, n1 in _slabs(n, k):
+            torch.matmul(xf, w.qweight[n0:n1].float().t(), out=out[:, n0:n1])
+        out.mul_(sx[:, None]).mul_(w.scales[None, :])
+        return _finish(out, x.dtype, bias)
+
+
+def _finish(out: torch.Tensor, dtype: torch.dtype, bias) -> torch.Tensor:
+    out = out.to(dtype)
+    return out if bias is None else out.add_(bias)
+
+
+def dense_reference(x: torch.Tensor, w_dense: torch.Tensor, bias=None) -> torch.Tensor:
+    """``x @ w.T (+ bias)`` in float32, cast back: what every quantized op must approximate."""
+    return F.linear(x.float(), w_dense.float(), None if bias is None else bias.float()).to(x.dtype)

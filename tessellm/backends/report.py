@@ -1,0 +1,95 @@
+"""``tessellm backends [--verbose]``: what is installed, what is available, who provides what."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tessellm.backends import spec
+from tessellm.backends.registry import BackendRegistry, DeviceError, get_registry
+
+# Quantization schemes probed for the verbose report.
+_SCHEMES = ("fp8", "int8", "awq", "gptq", "gguf")
+
+
+def describe_backends(verbose: bool = False, registry: Optional[BackendRegistry] = None) -> str:
+    """Every discovered backend: its plugin, availability, priority, what it has been validated
+    on and its capabilities; with ``verbose``, which plugin provides each piece for it."""
+    registry = registry or get_registry()
+    lines = [f"tessellm backend plugins (plugin API {spec.TESSELLM_PLUGIN_API}): "
+             + ", ".join(_plugin_label(p) for p in registry.plugins.values())]
+    rows = [("BACKEND", "PLUGIN", "AVAILABLE", "PRIORITY", "DEVICE", "DIST", "VALIDATED ON")]
+    backends = sorted(registry.backends.values(), key=lambda b: (-b.priority, b.name))
+    avail = {b.name for b in registry.available()}
+    for b in backends:
+        rows.append((b.name, b.plugin_name, "yes" if b.name in avail else "no", str(b.priority),
+                     b.device_type, b.dist_backend, b.validated_on))
+    lines += _table(rows)
+    try:
+        lines.append(f"--device=auto selects: {registry.select('auto').name}")
+    except DeviceError as exc:
+        lines.append(f"--device=auto: {exc}")
+    for b in backends:
+        lines.append("")
+        lines.append(f"{b.name}: {b.description or '(no description)'}")
+        if b.capabilities:
+            caps = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(b.capabilities.items()))
+            lines.append(f"  capabilities: {caps}")
+        if b.validation_note:
+            lines.append(f"  validation: {b.validation_note}")
+        if verbose:
+            lines += _pieces(registry, b)
+    if verbose:
+        lines.append("")
+        lines.append("hook implementations, in call order (tryfirst first):")
+        for piece, hook in spec.PIECES.items():
+            lines.append(f"  {piece} ({hook}): {', '.join(registry.implementers(hook)) or '-'}")
+    return "\n".join(lines)
+
+
+def _plugin_label(p) -> str:
+    where = f" [{p.distribution} {p.version}]" if p.distribution else ""
+    return f"{p.name} ({p.module}){where}"
+
+
+def _pieces(registry: BackendRegistry, backend) -> list[str]:
+    import torch
+
+    dtype = torch.float32 if backend.device_type == "cpu" else torch.bfloat16
+    attn = spec.AttentionSpec(num_heads=32, num_kv_heads=8, head_size=128, dtype=dtype,
+                              block_size=16, max_model_len=4096, max_num_seqs=256)
+    lines = ["  pieces (for a Llama-8B-shaped model, "
+             f"{str(dtype).replace('torch.', '')}):"]
+    probes = [("attention", attn), ("ops", spec.OpsSpec(dtype)),
+              ("graph", spec.GraphSpec(max_num_seqs=256, dtype=dtype))]
+    for piece, spec_obj in probes:
+        lines.append(f"    {piece + ':':<10} {_probe(registry, piece, backend, spec_obj)}")
+    quant = []
+    for scheme in _SCHEMES:
+        got = _probe(registry, "quant", backend, spec.QuantSpec(scheme, dtype=dtype))
+        if not got.startswith("none"):
+            quant.append(f"{scheme} -> {got}")
+    lines.append(f"    {'quant:':<10} {'; '.join(quant) or 'none'}")
+    return lines
+
+
+def _probe(registry: BackendRegistry, piece: str, backend, spec_obj) -> str:
+    try:
+        result, plugin = registry.provider(piece, backend, spec_obj)
+    except Exception as exc:  # noqa: BLE001 - the report shows the failure instead
+        return f"error: {type(exc).__name__}: {exc}"
+    if result is None:
+        default = {"ops": "reference ops (no plugin answered)", "graph": "none (eager)"}
+        return default.get(piece, "none")
+    name = getattr(result, "name", type(result).__name__)
+    return f"{name} ({type(result).__name__}) from plugin {plugin!r}"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -1,0 +1,94 @@
+"""The tpu backend plugin: Google TPUs through torch-xla (and XLA's CPU device for tests).
+
+Available when torch-xla imports and its PJRT runtime reports a device: a TPU, or XLA's CPU
+device when ``PJRT_DEVICE=CPU`` is set (emulation for tests; torch-xla reads that variable).
+Pieces: bucketed padded attention (XLA path) plus the Pallas paged-attention decode kernel on a
+real TPU (``xla_attention.py``), the XLA program per bucket as graph capture
+(``graph_runner.py``), pure-torch fused ops (XLA fuses elementwise chains itself).
+"""
+
+from __future__ import annotations
+
+from tessellm.backends.spec import (VALIDATED_UNTESTED, AttentionSpec, Backend, GraphSpec,
+                                    OpsSpec, hookimpl)
+
+NAME = "tpu"
+VALIDATION_NOTE = ("Never run on a TPU, and torch-xla never run here (it pins torch 2.9; this "
+                   "machine has a newer torch). The XLA-path attention math passes the "
+                   "conformance attention tests on CPU tensors in eager torch.")
+
+
+def _xla_device_type():
+    import importlib.util
+
+    if importlib.util.find_spec("torch_xla") is None:
+        return None
+    try:
+        import torch_xla.runtime as xr
+
+        return xr.device_type()
+    except Exception:  # noqa: BLE001 - a broken install is "not available"
+        return None
+
+
+def _is_available() -> bool:
+    return _xla_device_type() in ("TPU", "CPU")
+
+
+def _memory_info() -> tuple[int, int]:
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+
+    info = xm.get_memory_info(torch_xla.device())
+    if "bytes_limit" in info:  # torch-xla >= 2.5
+        return info["bytes_limit"] - info["bytes_used"], info["bytes_limit"]
+    return info["kb_free"] * 1024, info["kb_total"] * 1024
+
+
+def _synchronize() -> None:
+    import torch_xla.core.xla_model as xm
+
+    from tessellm.backends.tpu.graph_runner import _xla_sync
+
+    _xla_sync()
+    xm.wait_device_ops()
+
+
+@hookimpl
+def tessellm_register_backends(register):
+    register(Backend(
+        name=NAME, device_type="xla", dist_backend="xla", priority=80,
+        is_available=_is_available, memory_info=_memory_info, synchronize=_synchronize,
+        description="Google TPUs via torch-xla: bucketed shapes, Pallas paged attention on TPU, "
+                    "an XLA-compiled padded path elsewhere (PJRT_DEVICE=CPU for tests).",
+        validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
+        capabilities={"graph_capture": True, "quantization": [], "kv_cache_dtypes": ["auto"],
+                      "sliding_window": True, "shape_buckets": "powers of two"},
+    ))
+
+
+@hookimpl
+def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
+    if backend.name != NAME:
+        return None
+    from tessellm.backends.tpu.xla_attention import XlaPagedAttentionKernel, pallas_paged_attention
+
+    return XlaPagedAttentionKernel(spec, pallas_paged_attention())
+
+
+@hookimpl
+def tessellm_fused_ops(backend: Backend, spec: OpsSpec):
+    if backend.name != NAME:
+        return None
+    from tessellm.backends.reference.ops import ReferenceOps
+
+    return ReferenceOps()
+
+
+@hookimpl
+def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
+    if backend.name != NAME or spec.enforce_eager:
+        return None
+    from tessellm.backends.tpu.graph_runner import XlaGraphRunner, pow2_capture_sizes
+
+    return XlaGraphRunner(spec.capture_sizes or pow2_capture_sizes(spec.max_num_seqs))

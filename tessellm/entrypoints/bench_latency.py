@@ -1,0 +1,58 @@
+"""``tessellm bench latency``: one request at a time: time to first token and ms per output token."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+from tessellm.entrypoints.bench_throughput import make_requests
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--num-iters", type=int, default=5)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", default=None)
+
+
+def run(args) -> int:
+    from tessellm import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, seed=args.seed,
+              enable_prefix_caching=False)
+    engine, core = llm.engine, llm.engine.core
+    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    ttfts, tpots = [], []
+    for it in range(args.num_iters + 1):  # the first is a warm-up
+        req = make_requests(1, args.input_len, args.output_len, 0.0, core.vocab_size, args.seed + it)[0]
+        core.backend.synchronize()
+        start = time.perf_counter()
+        engine.add_request(f"b{it}", {"prompt_token_ids": req.prompt_token_ids}, params)
+        first = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if first is None and out.outputs[0].token_ids:
+                    first = time.perf_counter()
+        end = time.perf_counter()
+        if it:
+            ttfts.append(first - start)
+            tpots.append((end - first) / (args.output_len - 1))
+    result = {"device": core.backend.name, "input_len": args.input_len, "output_len": args.output_len,
+              "ttft_ms_median": round(statistics.median(ttfts) * 1e3, 2),
+              "tpot_ms_median": round(statistics.median(tpots) * 1e3, 3),
+              "ttft_ms": [round(t * 1e3, 2) for t in ttfts], "tpot_ms": [round(t * 1e3, 3) for t in tpots],
+              "graphs": core.runner.graph_runner is not None}
+    print(json.dumps(result, indent=2))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0

@@ -1,0 +1,169 @@
+"""``tessellm bench throughput``: offline throughput on random-token prompts, EOS ignored, greedy.
+
+``--backend hf`` runs HF transformers' static batched ``generate`` on the same prompts
+(left-padded; each batch runs until its longest request; only each request's own tokens count),
+for a side-by-side figure. Model loading is excluded from every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class BenchRequest:
+    prompt_token_ids: list[int]
+    output_len: int
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="Model dir or .gguf (default: bundled SmolLM2).")
+    p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf or dummy.")
+    p.add_argument("--backend", default="tessellm", choices=["tessellm", "hf"])
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="Draw each length uniformly from [L(1-R), L(1+R)].")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-batch-size", type=int, default=32)
+    p.add_argument("--hf-disable-cudnn-sdpa", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--output-json", default=None)
+
+
+def make_requests(num: int, input_len: int, output_len: int, ratio: float, vocab: int,
+                  seed: int) -> list[BenchRequest]:
+    rng = random.Random(seed)
+
+    def length(n: int) -> int:
+        lo, hi = max(1, int(n * (1 - ratio))), max(1, int(n * (1 + ratio)))
+        return rng.randint(lo, hi)
+
+    reqs = []
+    for _ in range(num):
+        n_in, n_out = length(input_len), length(output_len)
+        reqs.append(BenchRequest([rng.randrange(vocab) for _ in range(n_in)], n_out))
+    return reqs
+
+
+def run(args) -> int:
+    result = run_hf(args) if args.backend == "hf" else run_tessellm(args)
+    print(json.dumps(result, indent=2))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _summary(args, reqs: list[BenchRequest], elapsed: float, extra: dict) -> dict:
+    out_tokens = sum(r.output_len for r in reqs)
+    in_tokens = sum(len(r.prompt_token_ids) for r in reqs)
+    return {"backend": args.backend, "model": args.model, "num_prompts": len(reqs),
+            "input_tokens": in_tokens, "output_tokens": out_tokens, "elapsed_s": round(elapsed, 3),
+            "requests_per_s": round(len(reqs) / elapsed, 3),
+            "output_tokens_per_s": round(out_tokens / elapsed, 2),
+            "total_tokens_per_s": round((in_tokens + out_tokens) / elapsed, 2), **extra}
+
+
+def run_tessellm(args) -> dict:
+    from tessellm import LLM, SamplingParams
+
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              num_kv_blocks=args.num_kv_blocks, load_format=args.load_format, seed=args.seed,
+              enable_prefix_caching=args.enable_prefix_caching,
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
+    core = llm.engine.core
+    reqs = make_requests(args.num_prompts, args.input_len, args.output_len, args.random_range_ratio,
+                         core.vocab_size, args.seed)
+    params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in reqs]
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    # Warm-up: JIT compilation and allocator growth stay out of the timed region.
+    warm = make_requests(2, 16, 4, 0.0, core.vocab_size, args.seed + 1)
+    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
+                 SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    core.backend.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    core.backend.synchronize()
+    elapsed = time.perf_counter() - start
+    produced = [len(o.outputs[0].token_ids) for o in outs]
+    assert produced == [r.output_len for r in reqs], "a request stopped early despite ignore_eos"
+    return _summary(args, reqs, elapsed, {"device": core.backend.name, "dtype": core.info.dtype,
+                                          "num_kv_blocks": core.info.num_kv_blocks,
+                                          "preemptions": core.scheduler.num_preemptions_total})
+
+
+def run_hf(args) -> dict:
+    import torch
+
+    from tessellm.backends.registry import get_registry
+    from tessellm.config import resolve_dtype, resolve_model
+
+    backend = get_registry().select(args.device)
+    device = backend.torch_device()
+    source = resolve_model(args.model)
+    dtype = resolve_dtype(args.dtype, source.hf_config, backend.device_type)
+    if args.hf_disable_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    model = _load_hf(source, args.load_format, dtype, device)
+    vocab = source.hf_config.vocab_size
+    reqs = make_requests(args.num_prompts, args.input_len, args.output_len, args.random_range_ratio,
+                         vocab, args.seed)
+    pad = 0
+    _hf_generate(model, reqs[:2], pad, device)  # warm-up
+    backend.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(reqs), args.hf_batch_size):
+        _hf_generate(model, reqs[i:i + args.hf_batch_size], pad, device)
+    backend.synchronize()
+    elapsed = time.perf_counter() - start
+    return _summary(args, reqs, elapsed, {"device": backend.name, "dtype": str(dtype),
+                                          "hf_batch_size": args.hf_batch_size,
+                                          "cudnn_sdpa": not args.hf_disable_cudnn_sdpa})
+
+
+def _load_hf(source, load_format: str, dtype, device):
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if load_format == "dummy":
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(source.hf_config, dtype=dtype)
+    elif source.kind == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(source.path),
+                                                     gguf_file=os.path.basename(source.path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def _hf_generate(model, batch: list[BenchRequest], pad: int, device) -> None:
+    import torch
+
+    width = max(len(r.prompt_token_ids) for r in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, r in enumerate(batch):
+        n = len(r.prompt_token_ids)
+        ids[row, width - n:] = torch.tensor(r.prompt_token_ids)
+        mask[row, width - n:] = 1
+    longest = max(r.output_len for r in batch)
+    with torch.no_grad():
+        model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                       max_new_tokens=longest, min_new_tokens=longest, pad_token_id=pad)
+

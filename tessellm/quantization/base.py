@@ -1,0 +1,166 @@
+"""The shared skeleton of every quantized linear method, and what a backend must provide.
+
+A scheme (int8, fp8, awq, gptq, gguf) decides how checkpoint tensors become packed segments
+(``packed.py``); a backend decides how a segment is multiplied (``QuantOps``). The plugin's
+``tessellm_quant_method`` hook pairs them: ``make_quant_method(spec, ops)``.
+
+Life of one quantized ``Linear`` (``layer``)::
+
+    create_weights   layer.segments = []; staging dict for checkpoint pieces
+    load_weight      once per checkpoint tensor: ("weight" | "qweight" | "weight_scale" | ...,
+                     tensor, shard) -> staged per shard (shard None: the whole layer)
+    process_weights_after_loading
+                     checks every shard arrived, turns the staged pieces into packed segments,
+                     merges neighbours of one layout, drops the staging
+    apply            y = concat over segments of ops.<kind>_mm(x, segment) (+ bias)
+
+Invariant: after ``process_weights_after_loading`` the layer holds its weight only as
+``layer.segments`` buffers; nothing dense of the quantized weight stays in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+import torch.nn as nn
+
+from tessellm.quantization.packed import (DenseWeight, Fp8Weight, Int4Weight, Int8Weight,
+                                          PackedWeight, cat_segments)
+
+
+@runtime_checkable
+class QuantOps(Protocol):
+    """The GEMMs a backend provides for packed segments. ``x``: ``[M, K]`` in the model dtype;
+    returns ``[M, N]`` in x's dtype, plus ``bias`` when given. A backend lists the schemes it
+    can run in ``schemes`` (a scheme needs the kinds its segments use)."""
+
+    name: str
+    schemes: frozenset
+
+    def int8_mm(self, x: torch.Tensor, w: Int8Weight, bias=None) -> torch.Tensor: ...
+
+    def int4_mm(self, x: torch.Tensor, w: Int4Weight, bias=None) -> torch.Tensor: ...
+
+    def fp8_mm(self, x: torch.Tensor, w: Fp8Weight, bias=None) -> torch.Tensor:
+        """W8A8: quantizes each row of x to fp8 (dynamic per-token scale) first."""
+
+
+class QuantLinearMethod:
+    """Base of every scheme's method. Subclasses implement ``_load`` and ``_finish``."""
+
+    name = ""
+    # attribute names a checkpoint may give this method ("bias" is handled here)
+    accepts: tuple[str, ...] = ("weight",)
+    ignores: tuple[str, ...] = ()  # accepted and dropped (e.g. static activation scales)
+
+    def __init__(self, ops: QuantOps, config: Optional[dict] = None):
+        self.ops = ops
+        self.config = dict(config or {})
+
+    # -- the QuantMethod protocol --------------------------------------------------------
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype) -> None:
+        layer.quant_dtype = dtype or torch.get_default_dtype()  # the model's activation dtype
+        layer.quant_device = torch.empty(0).device  # the device the model is being built on
+        layer.quant_name = getattr(layer, "quant_name", "linear")  # set by the loader
+        layer.quant_staged = {}  # shard -> {attr: tensor or packed}; None is the whole layer
+        layer.segments = nn.ModuleList()
+
+    def load_weight(self, layer: nn.Module, name: str, tensor, shard: Optional[int]) -> None:
+        """Take one checkpoint tensor (``name``: its last name part) for output shard ``shard``."""
+        if name == "bias":
+            rows = _rows(layer, shard)
+            _copy_checked(layer.bias.data[rows], tensor, f"{layer.quant_name}.bias")
+            return
+        if name in self.ignores:
+            return
+        if name not in self.accepts:
+            raise ValueError(f"Checkpoint tensor {layer.quant_name}.{name} has no place in a "
+                             f"{self.name} layer (it takes {', '.join(self.accepts)}); is the "
+                             "quantization config right for these weights?")
+        self._load(layer, name, tensor, shard, layer.quant_staged.setdefault(shard, {}))
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        staged = layer.quant_staged
+        shards = [None] if len(layer.output_sizes) == 1 else list(range(len(layer.output_sizes)))
+        if len(layer.output_sizes) == 1 and 0 in staged:  # a fused path loaded a single shard
+            staged[None] = staged.pop(0)
+        segments = []
+        for shard in shards:
+            pieces = staged.get(shard, {})
+            missing = self._missing(pieces)
+            if missing:
+                what = f" shard {shard}" if shard is not None else ""
+                raise ValueError(f"The checkpoint lacks {', '.join(missing)} for "
+                                 f"{layer.quant_name}{what}; is it complete and the right "
+                                 "architecture?")
+            seg = self._finish(layer, pieces, _rows(layer, shard))
+            if seg.out_features != _rows(layer, shard).stop - _rows(layer, shard).start:
+                raise ValueError(f"{layer.quant_name}{'' if shard is None else f' shard {shard}'}"
+                                 f" has {seg.out_features} output rows in the checkpoint, "
+                                 "expected a different number; the config does not match.")
+            segments.append(seg)
+        layer.segments = nn.ModuleList(self._merge(segments))
+        layer.quant_staged = {}
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias=None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        segs = layer.segments
+        if len(segs) == 1:
+            y = self._mm(x2, segs[0], bias)
+        else:
+            y = torch.cat([self._mm(x2, s, None) for s in segs], dim=-1)
+            if bias is not None:
+                y = y + bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    # -- random weights (load_format="dummy") -----------------------------------------------
+
+    def init_dummy(self, layer: nn.Module, generator: torch.Generator, scale: float = 0.02) -> None:
+        """Fill every shard from random dense values, quantized the way a checkpoint would be."""
+        shards = [None] if len(layer.output_sizes) == 1 else range(len(layer.output_sizes))
+        for shard in shards:
+            rows = _rows(layer, shard)
+            w = torch.empty(rows.stop - rows.start, layer.input_size, device=layer.quant_device,
+                            dtype=layer.quant_dtype)
+            w.uniform_(-scale, scale, generator=generator)
+            self.load_weight(layer, "weight", w, shard)
+
+    # -- for subclasses ---------------------------------------------------------------------
+
+    def _load(self, layer, name: str, tensor, shard, pieces: dict) -> None:
+        raise NotImplementedError
+
+    def _missing(self, pieces: dict) -> list[str]:
+        return [] if "weight" in pieces else ["weight"]
+
+    def _finish(self, layer, pieces: dict, rows: slice) -> PackedWeight:
+        raise NotImplementedError
+
+    def _merge(self, segments: list[PackedWeight]) -> list[PackedWeight]:
+        return cat_segments(segments)
+
+    def _mm(self, x: torch.Tensor, seg: PackedWeight, bias) -> torch.Tensor:
+        if seg.kind == "dense":
+            return torch.nn.functional.linear(x, seg.weight.to(x.dtype), bias)
+        return getattr(self.ops, f"{seg.kind}_mm")(x, seg, bias)
+
+
+def _rows(layer: nn.Module, shard: Optional[int]) -> slice:
+    """Output rows of ``shard`` in the fused layer (the whole layer for None)."""
+    if shard is None:
+        return slice(0, layer.output_size)
+    start = sum(layer.output_sizes[:shard])
+    return slice(start, start + layer.output_sizes[shard])
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"Checkpoint tensor {name} has shape {tuple(src.shape)}, expected "
+                         f"{tuple(dst.shape)}; the config does not match the weights.")
+    dst.copy_(src)
+
+
+def dense_segment(tensor: torch.Tensor, layer) -> DenseWeight:
+    return DenseWeight(tensor.to(device=layer.quant_device, dtype=layer.quant_dtype).contiguous())

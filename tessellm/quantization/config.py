@@ -1,0 +1,153 @@
+"""What to quantize and how: the user's ``quantization`` merged with the checkpoint's own.
+
+    user asks   checkpoint                      result
+    None        unquantized / .gguf             None (dense weights; a GGUF is dequantized)
+    None        quantization_config (awq, ...)   that scheme, pre-quantized
+    int8, fp8   unquantized or .gguf            quantized on load
+    gguf        .gguf                           GGUF blocks kept quantized in memory
+    X           quantization_config of Y != X   refused: one sentence naming Y
+    awq, gptq   no quantization_config          refused: they need such a checkpoint
+
+``QuantSpec.config`` carries the normalized settings the methods read (``format``,
+``group_size``, ``zero_offset``, ``prequantized``) plus the raw ``checkpoint`` dict.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tessellm.backends.spec import QuantSpec
+
+SCHEMES = ("int8", "fp8", "awq", "gptq", "gguf")
+_ALIASES = {"fp8_e4m3": "fp8", "fbgemm_fp8": "fp8", "w8a16": "int8", "int8_weight_only": "int8"}
+_OFF = (None, "", "none", "auto")
+
+
+def normalize_scheme(requested: Optional[str]) -> Optional[str]:
+    if requested is None or str(requested).lower() in _OFF:
+        return None
+    name = str(requested).lower()
+    name = _ALIASES.get(name, name)
+    if name == "compressed-tensors":
+        return name  # "whatever the checkpoint says"
+    if name not in SCHEMES:
+        raise ValueError(f"quantization={requested!r} is not a known scheme; use one of "
+                         f"{', '.join(SCHEMES)} (or leave it unset).")
+    return name
+
+
+def checkpoint_quant_config(hf_config) -> Optional[dict]:
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        return None
+    return dict(qc) if isinstance(qc, dict) else dict(qc.to_dict())
+
+
+def resolve_quant_spec(requested: Optional[str], source) -> Optional[QuantSpec]:
+    """The scheme to load ``source`` (a ``config.ModelSource``) with, or None for dense."""
+    req = normalize_scheme(requested)
+    if source.kind == "gguf":
+        if req is None:
+            return None
+        if req in ("gguf", "int8", "fp8"):
+            return QuantSpec(req, {"prequantized": req == "gguf"})
+        raise ValueError(f"quantization={req!r} needs a checkpoint directory quantized that way, "
+                         f"but {source.path} is a GGUF file; use 'gguf' (keep its blocks), "
+                         "'int8' or 'fp8'.")
+    ckpt = checkpoint_quant_config(source.hf_config)
+    if ckpt is None:
+        if req in (None, "compressed-tensors"):
+            return None
+        if req in ("int8", "fp8"):
+            return QuantSpec(req, {"prequantized": False})
+        if req == "gguf":
+            raise ValueError(f"quantization='gguf' needs a .gguf model file; {source.path} is a "
+                             "directory (use int8 or fp8 to quantize it on load).")
+        raise ValueError(f"quantization={req!r} needs a checkpoint quantized with {req.upper()} "
+                         f"(a quantization_config in config.json), but {source.path} has none; "
+                         "use int8 or fp8 to quantize it on load.")
+    spec = parse_checkpoint_config(ckpt)
+    if req not in (None, "compressed-tensors", spec.scheme):
+        raise ValueError(f"The checkpoint at {source.path} is quantized with "
+                         f"{ckpt.get('quant_method')} ({spec.scheme}); leave quantization unset "
+                         f"or pass {spec.scheme!r}.")
+    return spec
+
+
+def parse_checkpoint_config(qc: dict) -> QuantSpec:
+    """A checkpoint's ``quantization_config`` -> QuantSpec; ValueError when unsupported."""
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "awq":
+        return _awq(qc)
+    if method == "gptq":
+        return _gptq(qc)
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc)
+    if method == "fbgemm_fp8":  # per-channel fp8 weights, dynamic per-token activations
+        return QuantSpec("fp8", {"prequantized": True, "format": "fbgemm_fp8", "checkpoint": qc})
+    if method == "fp8":
+        if qc.get("weight_block_size"):
+            raise ValueError("Block-wise fp8 checkpoints (weight_block_size "
+                             f"{qc['weight_block_size']}) are not supported; use a per-channel or "
+                             "per-tensor FP8 checkpoint (compressed-tensors), or quantize a bf16 "
+                             "checkpoint with quantization='fp8'.")
+        return QuantSpec("fp8", {"prequantized": True, "format": "fp8", "checkpoint": qc})
+    raise ValueError(f"Checkpoint quantization {method!r} is not supported; tessellm loads awq, "
+                     "gptq, compressed-tensors FP8 and fbgemm_fp8 checkpoints.")
+
+
+def _int4_common(qc: dict, name: str) -> int:
+    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    if bits != 4:
+        raise ValueError(f"{name.upper()} checkpoints with {bits}-bit weights are not supported; "
+                         "only 4-bit.")
+    group = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    if group not in (-1, 0) and (group < 16 or group & (group - 1)):
+        raise ValueError(f"{name.upper()} group size {group} is not supported; use a power of "
+                         "two >= 16 or -1 (per channel).")
+    return group
+
+
+def _awq(qc: dict) -> QuantSpec:
+    group = _int4_common(qc, "awq")
+    version = str(qc.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"AWQ version {version!r} is not supported; only GEMM-packed AWQ is.")
+    if not qc.get("zero_point", True):
+        raise ValueError("AWQ checkpoints without zero points are not supported.")
+    return QuantSpec("awq", {"prequantized": True, "format": "awq", "group_size": group,
+                             "checkpoint": qc})
+
+
+def _gptq(qc: dict) -> QuantSpec:
+    group = _int4_common(qc, "gptq")
+    fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported; use gptq or gptq_v2.")
+    return QuantSpec("gptq", {"prequantized": True, "format": "gptq", "group_size": group,
+                              "zero_offset": 1 if fmt == "gptq" else 0,
+                              "desc_act": bool(qc.get("desc_act", False)), "checkpoint": qc})
+
+
+def _compressed_tensors(qc: dict) -> QuantSpec:
+    groups = list((qc.get("config_groups") or {}).values())
+    if not groups:
+        raise ValueError("This compressed-tensors checkpoint has no config_groups.")
+    schemes = {_ct_group_kind(g) for g in groups}
+    if len(schemes) != 1:
+        raise ValueError("compressed-tensors checkpoints mixing several schemes are not supported.")
+    weights = groups[0].get("weights") or {}
+    return QuantSpec("fp8", {"prequantized": True, "format": "compressed-tensors",
+                             "weight_strategy": weights.get("strategy"), "checkpoint": qc})
+
+
+def _ct_group_kind(group: dict) -> str:
+    w = group.get("weights") or {}
+    kind = f"{w.get('type')}{w.get('num_bits')}"
+    if kind == "float8" and w.get("strategy", "tensor") in ("tensor", "channel"):
+        act = group.get("input_activations")
+        if act is None or (act.get("type"), act.get("num_bits")) == ("float", 8):
+            return "fp8"
+    raise ValueError(f"compressed-tensors weights {w.get('type')} {w.get('num_bits')}-bit, "
+                     f"strategy {w.get('strategy')!r}, are not supported; tessellm loads FP8 "
+                     "checkpoints (per-tensor or per-channel weight scales) from compressed-tensors.")

@@ -1,0 +1,1 @@
+"""The conformance tests (run with ``python -m tessellm.testing --backend NAME``)."""

@@ -1,0 +1,96 @@
+"""The backend's paged-attention kernel against the pure-torch reference, over many shapes.
+
+Checks per case: the output matches the reference (float32 reference, per-dtype tolerance),
+the new k/v landed in exactly their slots, every other cache entry is untouched, and the
+output has q's shape and dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessellm.backends.spec import AttentionKernel, AttentionSpec
+from tessellm.testing.harness import make_paged_step, seed_of, tolerance
+
+# (num_kv_heads, group, head_size, block_size)
+SHAPES = [(2, 1, 64, 16), (2, 4, 64, 16), (1, 8, 128, 16), (4, 2, 32, 8), (2, 2, 64, 32),
+          (8, 1, 16, 16)]
+# name -> (query_lens, ctx_lens); decodes first, context not a multiple of the block size
+BATCHES = {
+    "decode": ([1, 1, 1, 1], [0, 5, 17, 40]),
+    "prefill": ([7, 16, 1], [0, 0, 0]),
+    "mixed": ([1, 1, 9, 4, 20], [12, 40, 0, 21, 3]),
+}
+
+
+def _kernel(target, spec):
+    kernel = target.registry.attention_kernel(target.backend, spec)
+    assert kernel is not None, (f"backend {target.name!r} provides no attention kernel for "
+                                f"{spec}; every backend must serve this common shape")
+    assert isinstance(kernel, AttentionKernel)
+    return kernel
+
+
+def _check(target, kernel, step, dtype):
+    md = kernel.build_metadata(step.batch)
+    out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale)
+    assert out.shape == step.q.shape and out.dtype == step.q.dtype
+    torch.testing.assert_close(out.float().cpu(), step.ref_out.float(), **tolerance(dtype))
+    # Cache writes are copies: exact, and nothing else changes.
+    assert torch.equal(step.k_cache.cpu(), step.ref_k_cache), "k_cache differs from reference"
+    assert torch.equal(step.v_cache.cpu(), step.ref_v_cache), "v_cache differs from reference"
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "kvh{}-g{}-d{}-bs{}".format(*s))
+def test_attention_matches_reference_float32(target, shape, batch):
+    kvh, group, head_size, block_size = shape
+    spec = AttentionSpec(num_heads=kvh * group, num_kv_heads=kvh, head_size=head_size,
+                         dtype=torch.float32, block_size=block_size, max_model_len=256,
+                         max_num_seqs=8)
+    q_lens, ctx = BATCHES[batch]
+    step = make_paged_step(q_lens, ctx, num_kv_heads=kvh, group=group, head_size=head_size,
+                           block_size=block_size, dtype=torch.float32, device=target.device,
+                           seed=seed_of(shape, batch))
+    _check(target, _kernel(target, spec), step, torch.float32)
+
+
+@pytest.mark.parametrize("batch", ["decode", "mixed"])
+def test_attention_matches_reference_low_precision(target, batch):
+    dtype = target.low_precision_dtype
+    spec = AttentionSpec(num_heads=8, num_kv_heads=2, head_size=64, dtype=dtype, block_size=16,
+                         max_model_len=256, max_num_seqs=8)
+    q_lens, ctx = BATCHES[batch]
+    step = make_paged_step(q_lens, ctx, num_kv_heads=2, group=4, head_size=64, block_size=16,
+                           dtype=dtype, device=target.device, seed=seed_of("lp", batch))
+    _check(target, _kernel(target, spec), step, dtype)
+
+
+@pytest.mark.parametrize("window", [1, 6, 16])
+def test_attention_sliding_window(target, window):
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64, dtype=torch.float32,
+                         block_size=16, sliding_window=window, max_model_len=256, max_num_seqs=8)
+    kernel = target.registry.attention_kernel(target.backend, spec)
+    if kernel is None:
+        if target.backend.capabilities.get("sliding_window"):
+            pytest.fail(f"{target.name} declares sliding_window but returned no kernel for it")
+        pytest.skip(f"{target.name} has no sliding-window kernel")
+    assert kernel.supports_sliding_window, "a kernel served for a window must declare support"
+    q_lens, ctx = BATCHES["mixed"]
+    step = make_paged_step(q_lens, ctx, num_kv_heads=2, group=2, head_size=64, block_size=16,
+                           dtype=torch.float32, device=target.device, window=window,
+                           seed=seed_of("window", window))
+    _check(target, kernel, step, torch.float32)
+
+
+def test_attention_kernel_is_reusable_across_steps(target):
+    """One kernel object serves every step of a model: state from one batch never leaks."""
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64, dtype=torch.float32,
+                         block_size=16, max_model_len=256, max_num_seqs=8)
+    kernel = _kernel(target, spec)
+    for i, batch in enumerate(["mixed", "decode", "prefill", "decode"]):
+        q_lens, ctx = BATCHES[batch]
+        step = make_paged_step(q_lens, ctx, num_kv_heads=2, group=2, head_size=64, block_size=16,
+                               dtype=torch.float32, device=target.device, seed=seed_of("reuse", i))
+        _check(target, kernel, step, torch.float32)

@@ -1,0 +1,80 @@
+"""The backend's fused ops (RMSNorm, residual-add RMSNorm, NeoX rotary, SiLU-and-mul) against
+the pure-torch reference ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessellm.backends.reference.ops import ReferenceOps
+from tessellm.backends.spec import FusedOps, OpsSpec
+from tessellm.testing.harness import tolerance
+
+REF = ReferenceOps()
+
+
+def _dtypes(target):
+    return [torch.float32, target.low_precision_dtype]
+
+
+def _ops(target, dtype):
+    ops = target.registry.fused_ops(target.backend, OpsSpec(dtype))
+    if ops is None:
+        pytest.skip(f"{target.name} provides no fused ops (the reference ops are used)")
+    assert isinstance(ops, FusedOps)
+    return ops
+
+
+def _rand(*shape, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 96), (33, 256)])
+def test_rms_norm(target, rows, hidden):
+    for dtype in _dtypes(target):
+        ops = _ops(target, dtype)
+        x = _rand(rows, hidden, dtype=dtype, device=target.device, seed=1)
+        w = _rand(hidden, dtype=dtype, device=target.device, seed=2)
+        x_before = x.clone()
+        out = ops.rms_norm(x, w, 1e-6)
+        assert torch.equal(x, x_before), "rms_norm must not modify its input"
+        torch.testing.assert_close(out.cpu(), REF.rms_norm(x.cpu(), w.cpu(), 1e-6), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (9, 128)])
+def test_fused_add_rms_norm(target, rows, hidden):
+    for dtype in _dtypes(target):
+        ops = _ops(target, dtype)
+        x = _rand(rows, hidden, dtype=dtype, device=target.device, seed=3)
+        r = _rand(rows, hidden, dtype=dtype, device=target.device, seed=4)
+        w = _rand(hidden, dtype=dtype, device=target.device, seed=5)
+        ref_out, ref_res = REF.fused_add_rms_norm(x.cpu(), r.cpu(), w.cpu(), 1e-5)
+        out, res = ops.fused_add_rms_norm(x.clone(), r.clone(), w, 1e-5)
+        torch.testing.assert_close(res.cpu(), ref_res, **tolerance(dtype))
+        torch.testing.assert_close(out.cpu(), ref_out, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 4, 2, 64), (11, 8, 8, 32), (5, 2, 1, 128)])
+def test_rotary_embedding(target, tokens, heads, kv_heads, head_size):
+    for dtype in _dtypes(target):
+        ops = _ops(target, dtype)
+        max_pos = 512
+        inv = 1.0 / (10000 ** (torch.arange(0, head_size, 2).float() / head_size))
+        freqs = torch.arange(max_pos).float()[:, None] * inv[None, :]
+        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(target.device)
+        pos = torch.randint(0, max_pos, (tokens,), generator=torch.Generator().manual_seed(6))
+        q = _rand(tokens, heads * head_size, dtype=dtype, device=target.device, seed=7)
+        k = _rand(tokens, kv_heads * head_size, dtype=dtype, device=target.device, seed=8)
+        ref_q, ref_k = REF.rotary_embedding(pos, q.cpu().clone(), k.cpu().clone(), cache.cpu(), head_size)
+        out_q, out_k = ops.rotary_embedding(pos.to(target.device), q.clone(), k.clone(), cache, head_size)
+        torch.testing.assert_close(out_q.cpu(), ref_q, **tolerance(dtype))
+        torch.testing.assert_close(out_k.cpu(), ref_k, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("rows,d", [(1, 64), (13, 176)])
+def test_silu_and_mul(target, rows, d):
+    for dtype in _dtypes(target):
+        ops = _ops(target, dtype)
+        x = _rand(rows, 2 * d, dtype=dtype, device=target.device, seed=9)
+        torch.testing.assert_close(ops.silu_and_mul(x).cpu(), REF.silu_and_mul(x.cpu()), **tolerance(dtype))
