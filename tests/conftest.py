@@ -21,6 +21,8 @@ def _tiny_configs():
         "llama-tied": LlamaConfig(**TINY_COMMON, tie_word_embeddings=True),
         "mistral": MistralConfig(**TINY_COMMON, sliding_window=24, tie_word_embeddings=False),
         "qwen2": Qwen2Config(**TINY_COMMON, tie_word_embeddings=False, use_sliding_window=False),
+        # Larger init: decisive logits, so greedy parity across devices is not decided by ties.
+        "llama-sharp": LlamaConfig(**TINY_COMMON, tie_word_embeddings=False, initializer_range=0.25),
         "qwen3": Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=True,
                              use_sliding_window=False),
     }
@@ -51,15 +53,17 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
-def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int,
+              device: str = "cpu", dtype=None) -> list[list[int]]:
     """Greedy tokens from HF transformers, one prompt at a time (no padding effects)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32).to(device)
     outs = []
     for p in prompts:
-        ids = hf.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        prompt = torch.tensor([p], device=device)
+        ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                           do_sample=False, pad_token_id=0)
         outs.append(ids[0, len(p):].tolist())
     return outs

@@ -117,7 +117,7 @@ class BackendRegistry:
             self.pm.register(module, name=name)
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"Backend plugin {name!r} does not match the tessellm hook "
-                              f"specification: {exc}") from exc
+                              f"specification: {_one_line(exc)}") from exc
         try:
             self.pm.check_pending()
             _check_no_wrappers(self.pm, name)
@@ -126,14 +126,14 @@ class BackendRegistry:
             if isinstance(exc, PluginError):
                 raise
             raise PluginError(f"Backend plugin {name!r} does not match the tessellm hook "
-                              f"specification: {exc}") from exc
+                              f"specification: {_one_line(exc)}") from exc
         self.plugins[name] = PluginInfo(name, getattr(module, "__name__", repr(module)), required,
                                         distribution, version)
 
     def collect_backends(self) -> None:
         """Ask every plugin to register its backends (again), validating each one."""
         self.backends.clear()
-        for impl in reversed(self.pm.hook.tessellm_register_backends.get_hookimpls()):
+        for impl in self.pm.hook.tessellm_register_backends.get_hookimpls():  # load order
             plugin_name = impl.plugin_name
 
             def register(backend: Backend, _plugin=plugin_name) -> None:
@@ -177,7 +177,8 @@ class BackendRegistry:
         if not candidates:
             raise DeviceError("No backend is available; the cpu backend ships with tessellm, so "
                               "check TESSELLM_PLUGINS.")
-        top = [b for b in candidates if b.priority == candidates[0].priority]
+        top = sorted((b for b in candidates if b.priority == candidates[0].priority),
+                     key=lambda b: b.name)
         if len(top) > 1:
             names = ", ".join(f"{b.name} ({b.plugin_name})" for b in top)
             raise DeviceError(f"--device=auto is ambiguous: {names} share priority "
@@ -292,6 +293,10 @@ def _check_backend(backend, plugin: str) -> None:
     if problems:
         raise PluginError(f"Backend plugin {plugin!r} registered an invalid backend: "
                           + "; ".join(problems) + ".")
+
+
+def _one_line(exc: Exception) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def _renamed(exc: Exception, message: str) -> Exception:

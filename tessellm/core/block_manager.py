@@ -116,13 +116,19 @@ class BlockManager:
         return hit
 
     def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
-        """Register the request's blocks that are full and computed in the prefix cache."""
+        """Register the request's blocks that are full and computed in the prefix cache.
+
+        Resumes from ``request.num_cached_blocks``, so each block is looked at once.
+        """
         if not self.enable_prefix_caching:
+            return
+        num_full = num_computed_tokens // self.block_size
+        if num_full <= request.num_cached_blocks:
             return
         self.update_block_hashes(request)
         blocks = self.req_blocks.get(request.request_id, [])
-        num_full = min(num_computed_tokens // self.block_size, len(request.block_hashes), len(blocks))
-        for i in range(num_full):
+        num_full = min(num_full, len(request.block_hashes), len(blocks))
+        for i in range(request.num_cached_blocks, num_full):
             block = blocks[i]
             if block.block_hash is not None:
                 continue
@@ -131,6 +137,7 @@ class BlockManager:
                 continue  # another block already holds this prefix; keep ours private
             block.block_hash = block_hash
             self.cached[block_hash] = block
+        request.num_cached_blocks = max(request.num_cached_blocks, num_full)
 
     # -- allocation ------------------------------------------------------------------------
 
@@ -172,8 +179,10 @@ class BlockManager:
         block.ref_cnt = 1
         return block
 
-    def free(self, request_id: str) -> None:
+    def free(self, request_id: str, request: Optional[Request] = None) -> None:
         """Release a request's blocks, tail first (so its prefix is evicted last)."""
+        if request is not None:
+            request.num_cached_blocks = 0
         for block in reversed(self.req_blocks.pop(request_id, [])):
             block.ref_cnt -= 1
             if block.ref_cnt == 0:

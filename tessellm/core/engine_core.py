@@ -74,7 +74,11 @@ class EngineCore:
 
         t0 = time.perf_counter()
         model, kernel = build_model(self.source, load_format, registry, self.backend, self.dtype,
-                                    self.device, args.block_size, args.kv_cache_dtype, args.seed)
+                                    self.device, args.block_size, args.kv_cache_dtype, args.seed,
+                                    quantization=args.quantization)
+        from tessellm.quantization.support import kv_cache_torch_dtype
+
+        self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
         self.vocab_size = config.vocab_size
         graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, args.enforce_eager,
                                                                dtype=self.dtype))
@@ -83,7 +87,7 @@ class EngineCore:
                                   self.max_model_len, graphs)
         max_batched = args.max_num_batched_tokens or (2048 if self.backend.device_type == "cpu" else 8192)
         num_blocks = self._num_kv_blocks(args, max_batched)
-        self.runner.allocate_kv_cache(num_blocks, self.dtype)
+        self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
         self.runner.capture_graphs()
         logger.info("Loaded %s on %s in %.1fs; KV cache: %d blocks x %d tokens = %d tokens",
                     self.source.path, self.backend.name, time.perf_counter() - t0, num_blocks,
@@ -96,7 +100,7 @@ class EngineCore:
                                str(self.dtype).replace("torch.", ""))
 
     def _num_kv_blocks(self, args: EngineArgs, max_batched: int) -> int:
-        per_block = self.runner.kv_bytes_per_block(self.dtype)
+        per_block = self.runner.kv_bytes_per_block(self.kv_dtype)
         cap = args.max_num_seqs * -(-self.max_model_len // args.block_size)  # never need more
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks

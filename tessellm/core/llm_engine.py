@@ -14,7 +14,7 @@ from tessellm.loader.model_loader import load_tokenizer
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, final_only: bool = False):
         self.args = args
         self.core = EngineCore(args)
         source = self.core.source
@@ -22,7 +22,7 @@ class LLMEngine:
         if source.has_tokenizer or args.tokenizer:
             self.tokenizer = load_tokenizer(source.path, source.kind, args.tokenizer)
         self.inputs = InputProcessor(self.core.info, self.tokenizer)
-        self.outputs = OutputProcessor(self.tokenizer)
+        self.outputs = OutputProcessor(self.tokenizer, final_only)
 
     def add_request(self, request_id: str, prompt: PromptType,
                     params: Optional[SamplingParams] = None) -> None:

@@ -19,12 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import logging
+
 import numpy as np
 import torch
 
 from tessellm.core.attention_batch import AttentionBatch
 from tessellm.core.sampler import Sampler, SamplerOutput, SamplingBatch, seed_for_position
 from tessellm.core.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,6 +141,11 @@ class ModelRunner:
         """Capture the decode step (forward + logits) for each of the graph runner's sizes."""
         if self.graph_runner is None:
             return
+        if not getattr(self.kernel, "supports_graph_capture", False):
+            logger.warning("Attention kernel %r does not declare supports_graph_capture; running "
+                           "eagerly without the backend's graph runner.", self.kernel.name)
+            self.graph_runner = None
+            return
         width = -(-self.max_model_len // self.block_size)
         self._arange = torch.arange(max(self.graph_runner.capture_sizes) + 1, dtype=torch.int32,
                                     device=self.device)
@@ -187,7 +196,9 @@ class ModelRunner:
             table[i, :len(st.block_ids)] = st.block_ids
             st.num_computed_tokens = c + 1
         host = (ids, pos, slots, lens, table)
-        inputs = [torch.from_numpy(a).pin_memory().to(self.device, non_blocking=True) for a in host]
+        pin = self.device.type != "cpu"
+        inputs = [torch.from_numpy(a).pin_memory().to(self.device, non_blocking=True) if pin
+                  else torch.from_numpy(a) for a in host]
         return self.graph_runner.run(inputs)[:n]
 
     # -- inputs ----------------------------------------------------------------------------

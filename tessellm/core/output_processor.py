@@ -45,8 +45,9 @@ class _RequestState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, final_only: bool = False):
         self.tokenizer = tokenizer
+        self.final_only = final_only  # offline batches want finished outputs only
         self.states: dict[str, _RequestState] = {}
         self.core_to_parent: dict[str, tuple[str, int]] = {}
 
@@ -96,7 +97,10 @@ class OutputProcessor:
             touched[state.request_id] = state
         results = []
         for state in touched.values():
-            results.append(self._finish(state) if state.finished else self._output(state))
+            if state.finished:
+                results.append(self._finish(state))
+            elif not self.final_only:
+                results.append(self._output(state))
         return results, to_abort
 
     def _apply(self, state: _RequestState, sample: _Sample, out: EngineCoreOutput) -> None:

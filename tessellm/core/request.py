@@ -62,6 +62,7 @@ class Request:
         self.num_preemptions = 0
         self.first_scheduled_time: Optional[float] = None
         self.block_hashes: list[int] = []  # prefix hashes of this request's full blocks
+        self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -228,7 +228,7 @@ class Scheduler:
         return sibling.num_computed_tokens < sibling.num_prompt_tokens - 1
 
     def _preempt(self, req: Request) -> None:
-        self.kv.free(req.request_id)
+        self.kv.free(req.request_id, req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1

@@ -30,6 +30,7 @@ def run(args) -> int:
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, seed=args.seed,
               enable_prefix_caching=False)
     engine, core = llm.engine, llm.engine.core
+    engine.outputs.final_only = False  # we watch for the first token
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     ttfts, tpots = [], []
     for it in range(args.num_iters + 1):  # the first is a warm-up

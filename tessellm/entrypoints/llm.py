@@ -31,7 +31,7 @@ class LLM:
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           enable_prefix_caching=enable_prefix_caching, seed=seed,
                           load_format=load_format, **kwargs)
-        self.engine = LLMEngine(args)
+        self.engine = LLMEngine(args, final_only=True)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -37,7 +37,13 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard: Optional[int]) -> None:
-        """Copy a checkpoint tensor (``name`` is "weight" or "bias") into its rows."""
+        """Copy a checkpoint tensor (``name`` is "weight" or "bias") into its rows. A quant
+        method with ``load_weight`` (tessellm.quantization's) takes the tensor instead: it knows
+        where quantized pieces (``qweight``, ``weight_scale``, ...) of a shard go."""
+        load_weight = getattr(self.quant_method, "load_weight", None)
+        if load_weight is not None:
+            load_weight(self, name, tensor, shard)
+            return
         param = getattr(self, name)
         if shard is None:
             _copy_checked(param.data, tensor, name)

@@ -17,13 +17,15 @@ Invariants:
 - Dequantization is `gguf.quants.dequantize` to float32, then a cast to the requested dtype: in
   float32 the result is bit-identical to what transformers loads from the same file.
 - Weights stream one tensor at a time from a read-only memory map; nothing holds the whole model.
+- With `quantization="gguf"` the linear layers' tensors are not dequantized: they are yielded as
+  `GGUFQuantized` (raw blocks) and kept quantized in memory by `tessellm.quantization.gguf`.
 """
 
 import functools
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,20 +227,55 @@ def _unpermute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
-def iter_gguf_weights(path: str | os.PathLike, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, tensor)` per GGUF tensor in file order, dequantized to `dtype` one at a time."""
+@dataclass(frozen=True)
+class GGUFQuantized:
+    """One GGUF tensor still in its llama.cpp blocks (see `iter_gguf_weights(keep_quantized=...)`).
+
+    Rows are independent runs of blocks along the input dim, so q/k un-permutation is a
+    permutation of `data`'s rows, done before this is yielded."""
+
+    qtype: gguf.GGMLQuantizationType
+    shape: tuple[int, int]  # torch order: (rows, input size)
+    data: torch.Tensor  # uint8 [rows, bytes per row], a private copy (not the memory map)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 `shape`, exactly as the dequantizing path gives it."""
+        values = gguf.quants.dequantize(self.data.numpy(), self.qtype)
+        return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape)
+
+
+_DENSE_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+
+def _raw_rows(header: _Header, info: _TensorInfo) -> torch.Tensor:
+    """One 2-D quantized tensor's bytes as uint8 [rows, bytes per row] (copied out of the map)."""
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(info.shape, info.qtype)
+    raw = header.blob[info.start : info.start + int(np.prod(byte_shape))].reshape(byte_shape)
+    return torch.from_numpy(np.array(raw))
+
+
+def iter_gguf_weights(
+    path: str | os.PathLike, dtype: torch.dtype, keep_quantized: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """Yield `(hf_name, tensor)` per GGUF tensor in file order, dequantized to `dtype` one at a time.
+
+    `keep_quantized(hf_name)` True: a quantized 2-D tensor is yielded as `GGUFQuantized` (its raw
+    blocks) instead, for a quantized linear layer to keep in memory as it is."""
     header = _read_header(path)
     arch = _architecture(header)  # raises now, not at the first next()
     heads = _hparam(header, arch, "attention.head_count")
     rotary_heads = {"attn_q": heads, "attn_k": _hparam(header, arch, "attention.head_count_kv", heads)}
     permuted = _ARCHITECTURES[arch][2]
 
-    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+    def stream() -> Iterator[tuple[str, Any]]:
         for info in header.tensors:
-            name, weight = _hf_name(info.name), _dequantize(header, info)
+            name = _hf_name(info.name)
+            raw = (keep_quantized is not None and info.qtype not in _DENSE_TYPES
+                   and len(info.shape) == 2 and keep_quantized(name))
+            weight = _raw_rows(header, info) if raw else _dequantize(header, info)
             kind = info.name.split(".")[-2]
             if permuted and kind in rotary_heads:
                 weight = _unpermute_rotary(weight, rotary_heads[kind])
-            yield name, weight.to(dtype)
+            yield name, GGUFQuantized(info.qtype, info.shape, weight) if raw else weight.to(dtype)
 
     return stream()

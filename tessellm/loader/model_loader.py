@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
+from typing import Optional
 
 import torch
 
@@ -11,13 +13,29 @@ from tessellm.backends.spec import AttentionSpec, OpsSpec
 from tessellm.config import ModelSource
 from tessellm.layers.context import ModelContext
 from tessellm.models.registry import model_class
+from tessellm.quantization.config import resolve_quant_spec
+from tessellm.quantization.loading import (init_dummy_quantized, iter_prequantized_safetensors,
+                                           load_quantized_weights, process_quantized,
+                                           quantized_weight_filter)
+from tessellm.quantization.support import check_kv_cache_dtype, quant_method_or_refuse
 
 
 def build_model(source: ModelSource, load_format: str, registry, backend, dtype: torch.dtype,
-                device: torch.device, block_size: int, kv_cache_dtype: str = "auto", seed: int = 0):
-    """Returns ``(model, attention_kernel)``; the kernel is shared by every layer."""
+                device: torch.device, block_size: int, kv_cache_dtype: str = "auto", seed: int = 0,
+                quantization: Optional[str] = None):
+    """Returns ``(model, attention_kernel)``; the kernel is shared by every layer.
+
+    ``quantization``: EngineArgs.quantization. It is merged with the checkpoint's own
+    quantization_config into a QuantSpec, and the backend's ``tessellm_quant_method`` answer
+    becomes every Linear's method; no answer refuses start-up naming the backends that have one.
+    """
     config = source.hf_config
     cls = model_class(config)  # raises for unsupported architectures before any allocation
+    quant_spec = resolve_quant_spec(quantization, source)
+    quant_method = None
+    if quant_spec is not None:
+        quant_spec = replace(quant_spec, dtype=dtype)
+        quant_method = quant_method_or_refuse(registry, backend, quant_spec)
     ops = registry.fused_ops(backend, OpsSpec(dtype)) or ReferenceOps()
     heads = config.num_attention_heads
     kernels = {}
@@ -33,10 +51,12 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
             if kernel is None:
                 raise RuntimeError(f"No plugin provides an attention kernel for backend "
                                    f"{backend.name!r} with {spec}.")
+            check_kv_cache_dtype(registry, backend, kernel, spec)
             kernels[window] = kernel
         return kernels[window]
 
-    ctx = ModelContext(ops=ops, make_attention_kernel=make_kernel, dtype=dtype, device=device)
+    ctx = ModelContext(ops=ops, make_attention_kernel=make_kernel, dtype=dtype, device=device,
+                       quant_method=quant_method)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -44,33 +64,48 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
             model = cls(config, ctx)
     finally:
         torch.set_default_dtype(previous)
-    _load_weights(model, source, load_format, dtype, seed)
+    _load_weights(model, source, load_format, dtype, seed, quant_spec if quant_method else None)
     model.eval()
     if len(kernels) != 1:
         raise RuntimeError(f"Expected one attention kernel per model, got {len(kernels)}.")
     return model, next(iter(kernels.values()))
 
 
-def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dtype, seed: int) -> None:
+def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dtype, seed: int,
+                  quant_spec=None) -> None:
     if load_format == "dummy":
-        from tessellm.loader.dummy import init_dummy_weights
+        if quant_spec is None:
+            from tessellm.loader.dummy import init_dummy_weights
 
-        init_dummy_weights(model, seed)
+            init_dummy_weights(model, seed)
+        else:
+            init_dummy_quantized(model, seed)
+            process_quantized(model)
         return
-    if source.kind == "gguf":
-        from tessellm.loader.gguf_loader import iter_gguf_weights
-
-        weights = iter_gguf_weights(source.path, dtype)
-    else:
-        from tessellm.loader.safetensors_loader import iter_safetensors_weights
-
-        weights = iter_safetensors_weights(source.path, dtype)
-    loaded = model.load_weights(weights)
+    weights = _weight_stream(model, source, dtype, quant_spec)
+    loaded = load_quantized_weights(model, weights) if quant_spec else model.load_weights(weights)
     expected = {n for n, _ in model.named_parameters()}
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"The checkpoint at {source.path} lacks {len(missing)} weights, e.g. "
                          f"{missing[:3]}; is it complete and the right architecture?")
+    if quant_spec is not None:
+        process_quantized(model)
+
+
+def _weight_stream(model, source: ModelSource, dtype: torch.dtype, quant_spec):
+    if source.kind == "gguf":
+        from tessellm.loader.gguf_loader import iter_gguf_weights
+
+        keep = None
+        if quant_spec is not None and quant_spec.scheme == "gguf":
+            keep = quantized_weight_filter(model)  # linear layers stay in their GGUF blocks
+        return iter_gguf_weights(source.path, dtype, keep_quantized=keep)
+    if quant_spec is not None and quant_spec.config.get("prequantized"):
+        return iter_prequantized_safetensors(source.path, dtype)  # fp8 / int32 / scales kept
+    from tessellm.loader.safetensors_loader import iter_safetensors_weights
+
+    return iter_safetensors_weights(source.path, dtype)
 
 
 @functools.lru_cache(maxsize=8)

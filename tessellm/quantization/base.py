@@ -61,6 +61,10 @@ class QuantLinearMethod:
     # -- the QuantMethod protocol --------------------------------------------------------
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype) -> None:
+        if not hasattr(layer, "output_sizes"):  # a bare module (tests, conformance suite)
+            layer.input_size, layer.output_size, layer.output_sizes = input_size, output_size, [output_size]
+        if not hasattr(layer, "bias"):
+            layer.bias = None
         layer.quant_dtype = dtype or torch.get_default_dtype()  # the model's activation dtype
         layer.quant_device = torch.empty(0).device  # the device the model is being built on
         layer.quant_name = getattr(layer, "quant_name", "linear")  # set by the loader
@@ -83,7 +87,7 @@ class QuantLinearMethod:
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         staged = layer.quant_staged
-        shards = [None] if len(layer.output_sizes) == 1 else list(range(len(layer.output_sizes)))
+        shards = _shards(layer)
         if len(layer.output_sizes) == 1 and 0 in staged:  # a fused path loaded a single shard
             staged[None] = staged.pop(0)
         segments = []
@@ -115,19 +119,25 @@ class QuantLinearMethod:
                 y = y + bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    # -- random weights (load_format="dummy") -----------------------------------------------
+    def quantize_dense(self, layer: nn.Module, weight: torch.Tensor) -> None:
+        """Quantize a dense ``weight [output_size, input_size]`` into ``layer`` (every shard)."""
+        for shard in _shards(layer):
+            self._quantize_shard(layer, weight[_rows(layer, shard)], shard)
 
     def init_dummy(self, layer: nn.Module, generator: torch.Generator, scale: float = 0.02) -> None:
-        """Fill every shard from random dense values, quantized the way a checkpoint would be."""
-        shards = [None] if len(layer.output_sizes) == 1 else range(len(layer.output_sizes))
-        for shard in shards:
+        """Random weights (``load_format="dummy"``): uniform dense values, quantized per shard."""
+        for shard in _shards(layer):
             rows = _rows(layer, shard)
             w = torch.empty(rows.stop - rows.start, layer.input_size, device=layer.quant_device,
                             dtype=layer.quant_dtype)
             w.uniform_(-scale, scale, generator=generator)
-            self.load_weight(layer, "weight", w, shard)
+            self._quantize_shard(layer, w, shard)
 
     # -- for subclasses ---------------------------------------------------------------------
+
+    def _quantize_shard(self, layer, w: torch.Tensor, shard) -> None:
+        """Dense rows of one shard -> staged pieces. Default: the scheme takes float weights."""
+        self.load_weight(layer, "weight", w, shard)
 
     def _load(self, layer, name: str, tensor, shard, pieces: dict) -> None:
         raise NotImplementedError
@@ -145,6 +155,10 @@ class QuantLinearMethod:
         if seg.kind == "dense":
             return torch.nn.functional.linear(x, seg.weight.to(x.dtype), bias)
         return getattr(self.ops, f"{seg.kind}_mm")(x, seg, bias)
+
+
+def _shards(layer: nn.Module) -> list:
+    return [None] if len(layer.output_sizes) == 1 else list(range(len(layer.output_sizes)))
 
 
 def _rows(layer: nn.Module, shard: Optional[int]) -> slice:

@@ -119,6 +119,14 @@ class GgufMethod(QuantLinearMethod):
     def _finish(self, layer, pieces, rows):
         return pieces["weight"]
 
+    def _quantize_shard(self, layer, w, shard):
+        """Dense rows -> Q8_0 blocks (with the ``gguf`` package, as llama.cpp would)."""
+        from tessellm.loader.gguf_loader import GGUFQuantized
+
+        blocks = gguf.quants.quantize(w.detach().float().cpu().numpy(), Q.Q8_0)
+        self.load_weight(layer, "weight", GGUFQuantized(Q.Q8_0, tuple(w.shape),
+                                                        torch.from_numpy(blocks)), shard)
+
     def init_dummy(self, layer, generator, scale=0.02):
         raise ValueError("quantization='gguf' needs a .gguf checkpoint; it has no dummy weights "
                          "(use int8 or fp8 with load_format='dummy').")

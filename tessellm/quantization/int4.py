@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from tessellm.quantization.base import QuantLinearMethod
-from tessellm.quantization.packed import Int4Weight, cat_segments, pack_int4, unpack_int4
+from tessellm.quantization.packed import (Int4Weight, cat_segments, pack_int4, quantize_int4,
+                                          unpack_int4)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i <- column AWQ_ORDER[i] of each 8
 AWQ_REVERSE = (0, 4, 1, 5, 2, 6, 3, 7)  # column j -> nibble AWQ_REVERSE[j]
@@ -94,7 +95,7 @@ class Int4Method(QuantLinearMethod):
 
     def _group(self, k: int) -> int:
         g = int(self.config.get("group_size", 128))
-        return k if g in (-1, 0) else g
+        return k if g in (-1, 0) or g > k else g
 
     def _finish(self, layer, pieces, rows):
         k = layer.input_size
@@ -133,23 +134,19 @@ class Int4Method(QuantLinearMethod):
                 return merged
         return cat_segments(segments)
 
-    def init_dummy(self, layer, generator, scale=0.02):
-        """Random codes, zero 8, scales that span about ``scale``, in the checkpoint's format."""
-        shards = [None] if len(layer.output_sizes) == 1 else range(len(layer.output_sizes))
-        k, dev = layer.input_size, layer.quant_device
-        group = self._group(k)
-        for shard in shards:
-            n = layer.output_sizes[shard or 0]
-            q = torch.randint(0, 16, (k, n), generator=generator, device=dev, dtype=torch.int32)
-            z = torch.full((k // group, n), 8, dtype=torch.int32, device=dev)
-            s = torch.full((k // group, n), scale / 8, dtype=torch.float16, device=dev)
-            if self.format == "awq":
-                parts = {"qweight": pack_awq(q), "qzeros": pack_awq(z)}
-            else:
-                parts = {"qweight": pack_int4(q), "qzeros": pack_gptq_zeros(z - self.zero_offset)}
-            parts["scales"] = s
-            for name, t in parts.items():
-                self.load_weight(layer, name, t, shard)
+    def _quantize_shard(self, layer, w, shard):
+        """Round-to-nearest int4 of dense rows, written in the checkpoint's own format (AWQ:
+        asymmetric; GPTQ: symmetric unless the config says ``sym: false``)."""
+        group = self._group(layer.input_size)
+        sym = self.format == "gptq" and (self.config.get("checkpoint") or {}).get("sym", True)
+        q, s, z = quantize_int4(w, group, symmetric=sym)
+        if self.format == "awq":
+            parts = {"qweight": pack_awq(q), "qzeros": pack_awq(z)}
+        else:
+            parts = {"qweight": pack_int4(q), "qzeros": pack_gptq_zeros(z - self.zero_offset)}
+        parts["scales"] = s.to(torch.float16)
+        for name, t in parts.items():
+            self.load_weight(layer, name, t, shard)
 
 
 def _without_perm(seg: Int4Weight) -> Int4Weight:

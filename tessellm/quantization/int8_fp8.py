@@ -36,6 +36,9 @@ class Int8Method(QuantLinearMethod):
                              "its own quantization scheme.")
         pieces["weight"] = quantize_int8(tensor.to(layer.quant_device))
 
+    def _finish(self, layer, pieces, rows):
+        return pieces["weight"]
+
 
 class Fp8Method(QuantLinearMethod):
     name = "fp8"

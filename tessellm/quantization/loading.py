@@ -14,7 +14,6 @@ weights are cast to the model dtype, as the dense loaders do.
 
 from __future__ import annotations
 
-import os
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -35,10 +34,17 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def load_quantized_weights(model: nn.Module, weights: Iterable[tuple[str, object]]) -> set[str]:
-    """Load ``weights`` into ``model``; returns the parameter names filled (as load_weights)."""
+    """Load ``weights`` into ``model``; returns the parameter names filled (as load_weights).
+
+    A method with ``load_weight`` (this package's) takes each tensor as it comes. Any other
+    ``QuantMethod`` (a third-party plugin's) gets a float checkpoint's ``weight`` through
+    ``quantize_dense`` once all of a layer's shards have arrived (one layer buffered at a time,
+    since checkpoints keep a layer's tensors together); its other tensors are copied by rows.
+    """
     layers = quantized_linears(model)
     stacked = getattr(model, "stacked_params", ())
     routed: set[str] = set()
+    pending: dict[str, dict] = {}  # layer name -> shard -> dense rows (foreign methods only)
 
     def rest() -> Iterator[tuple[str, object]]:
         for name, tensor in weights:
@@ -47,11 +53,39 @@ def load_quantized_weights(model: nn.Module, weights: Iterable[tuple[str, object
                 yield name, tensor
                 continue
             module_name, attr, shard = target
-            layers[module_name].quant_method.load_weight(layers[module_name], attr, tensor, shard)
+            layer = layers[module_name]
             routed.add(f"{module_name}.{attr}")
+            if hasattr(layer.quant_method, "load_weight"):
+                layer.quant_method.load_weight(layer, attr, tensor, shard)
+            elif attr == "weight" and _is_dense_float(tensor):
+                if _buffer_dense(layer, pending.setdefault(module_name, {}), tensor, shard, routed):
+                    del pending[module_name]
+            else:
+                layer.load_shard(attr, tensor, shard)
 
     loaded = model.load_weights(rest())
+    if pending:
+        raise ValueError(f"The checkpoint lacks shards of {sorted(pending)[:3]}; is it complete?")
     return loaded | routed
+
+
+def _is_dense_float(tensor) -> bool:
+    return (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+            and tensor.element_size() >= 2)
+
+
+def _buffer_dense(layer, buffered: dict, tensor: torch.Tensor, shard, routed: set) -> bool:
+    """Keep one shard's dense rows; once the layer is whole, quantize it. True when done."""
+    buffered[shard] = tensor
+    n = len(layer.output_sizes)
+    if n > 1 and len(buffered) < n:
+        return False
+    order = [None] if n == 1 else list(range(n))
+    weight = torch.cat([buffered[s] for s in order]).to(layer.quant_device)
+    layer.quant_method.quantize_dense(layer, weight)
+    routed.update(f"{layer.quant_name}.{p}" for p, _ in layer.named_parameters(recurse=False)
+                  if p != "bias")
+    return True
 
 
 def _route(name: str, layers: dict, stacked) -> Optional[tuple[str, str, Optional[int]]]:
@@ -77,19 +111,26 @@ def process_quantized(model: nn.Module) -> None:
 @torch.no_grad()
 def init_dummy_quantized(model: nn.Module, seed: int = 0, scale: float = 0.02) -> None:
     """Random weights (``load_format="dummy"``): dense parameters as ``loader.dummy`` fills them,
-    quantized layers through their method (random values, quantized)."""
+    quantized layers from random dense values through their method."""
     layers = quantized_linears(model)
-    device = next(iter(layers.values())).quant_device if layers else torch.device("cpu")
+    device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
-        if name.endswith(".bias") and name[: -len(".bias")] in layers:
-            param.data.zero_()
+        owner, _, attr = name.rpartition(".")
+        if owner in layers:
+            if attr == "bias":
+                param.data.zero_()
         elif "norm" in name:
             param.data.uniform_(0.9, 1.1, generator=gen)
         elif param.is_floating_point():
             param.data.uniform_(-scale, scale, generator=gen)
     for layer in layers.values():
-        layer.quant_method.init_dummy(layer, gen, scale)
+        method = layer.quant_method
+        if hasattr(method, "init_dummy"):
+            method.init_dummy(layer, gen, scale)
+        else:
+            w = torch.empty(layer.output_size, layer.input_size, device=device)
+            method.quantize_dense(layer, w.uniform_(-scale, scale, generator=gen))
 
 
 def iter_prequantized_safetensors(model_dir: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -122,5 +163,9 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def gguf_source(path: str) -> bool:
-    return path.endswith(".gguf") and os.path.isfile(path)
+def quantized_weight_filter(model: nn.Module):
+    """A predicate on checkpoint names: True for the ``.weight`` of a quantized layer (the GGUF
+    loader keeps exactly those in their blocks)."""
+    layers = quantized_linears(model)
+    stacked = getattr(model, "stacked_params", ())
+    return lambda name: name.endswith(".weight") and _route(name, layers, stacked) is not None

@@ -16,8 +16,8 @@ PROMPTS = [[(7 * i + j) % 384 for j in range(n)] for i, n in enumerate([1, 5, 17
 
 @pytest.mark.parametrize("enforce_eager", [True, False])
 def test_fp32_greedy_matches_hf(tiny_model_dir, enforce_eager):
-    path = tiny_model_dir("llama")
-    want = hf_greedy(path, PROMPTS, 12)
+    path = tiny_model_dir("llama-sharp")
+    want = hf_greedy(path, PROMPTS, 12, device="cuda")
     llm = LLM(path, device="cuda", dtype="float32", enforce_eager=enforce_eager)
     assert (llm.engine.core.runner.graph_runner is None) == enforce_eager
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
@@ -27,7 +27,7 @@ def test_fp32_greedy_matches_hf(tiny_model_dir, enforce_eager):
 
 def test_bf16_agrees_on_first_tokens(tiny_model_dir):
     path = tiny_model_dir("qwen3")
-    want = hf_greedy(path, PROMPTS, 4)
+    want = hf_greedy(path, PROMPTS, 4, device="cuda", dtype=torch.bfloat16)
     llm = LLM(path, device="cuda", dtype="bfloat16")
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                         SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)

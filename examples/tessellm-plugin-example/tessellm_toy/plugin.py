@@ -38,7 +38,8 @@ def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
         return None
     from tessellm_toy.graph import ToyCompiledGraphRunner
 
-    return ToyCompiledGraphRunner(spec.capture_sizes or (1, 2, 4, 8))
+    sizes = spec.capture_sizes or tuple(s for s in (1, 2, 4, 8) if s <= spec.max_num_seqs)
+    return ToyCompiledGraphRunner(sizes or (1,))
 
 
 @hookimpl

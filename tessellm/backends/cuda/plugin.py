@@ -62,3 +62,14 @@ def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
     from tessellm.backends.cuda.graph_runner import CudaGraphRunner, default_capture_sizes
 
     return CudaGraphRunner(spec.capture_sizes or default_capture_sizes(spec.max_num_seqs))
+
+
+@hookimpl
+def tessellm_quant_method(backend: Backend, spec):
+    """int8, fp8 (torch._scaled_mm on sm89+, else Triton), awq, gptq and gguf via Triton."""
+    if backend.name != NAME:
+        return None
+    from tessellm.backends.cuda.quant_kernels import TritonQuantOps
+    from tessellm.quantization import make_quant_method
+
+    return make_quant_method(spec, TritonQuantOps())

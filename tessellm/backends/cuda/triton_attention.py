@@ -20,6 +20,11 @@ fixed per batch size (graph-capture safe). A sequence of length L is cut into pa
 ``seq_lens``; splits past L are empty and write (out=0, m=-1e30, l=0), which the reduction
 weighs as zero. A sequence of length 0 (graph padding) gives output 0, never NaN.
 No host-device sync anywhere in ``forward``.
+
+fp8 KV cache (``kv_cache_dtype="fp8"``): the cache holds e4m3 values ``k / k_scale`` and
+``v / v_scale`` (per-tensor scales, host floats on the kernel, 1.0 unless set); the cache write
+divides and saturates at +-448, the attention kernels widen each tile to q's dtype and fold the
+scales in: ``k_scale`` into the softmax scale, ``v_scale`` into the output normalisation.
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                               stride_kt, stride_kh, stride_vt, stride_vh,
                               stride_kcb, stride_kct, stride_kch,
                               stride_vcb, stride_vct, stride_vch,
+                              inv_k_scale, inv_v_scale,
                               NUM_KV_HEADS: tl.constexpr, KVH_P2: tl.constexpr,
-                              HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                              HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                              FP8: tl.constexpr, FP8_MAX: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -59,6 +66,9 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     mask = h < NUM_KV_HEADS
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8:  # scale, then saturate: e4m3 has no infinity
+        k = tl.minimum(tl.maximum(k.to(tl.float32) * inv_k_scale, -FP8_MAX), FP8_MAX)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) * inv_v_scale, -FP8_MAX), FP8_MAX)
     tl.store(kc_ptr + blk * stride_kcb + off * stride_kct + h * stride_kch + d,
              k.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(vc_ptr + blk * stride_vcb + off * stride_vct + h * stride_vch + d,
@@ -91,7 +101,7 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok, ma
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-                    seq_offset, scale_log2, window,
+                    seq_offset, scale_log2, v_scale, window,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_cb, stride_ct, stride_ch, stride_bt,
                     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -152,7 +162,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
                                      mask, kvh, scale_log2, stride_cb, stride_ct, stride_ch,
                                      HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True)
-    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    acc = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(out_ptr + (tok * stride_ot + head * stride_oh)[:, None] + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -160,7 +170,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
                          query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-                         scale_log2, window,
+                         scale_log2, v_scale, window,
                          stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, MIN_PART: tl.constexpr,
@@ -200,7 +210,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_m_p
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
                                      mask, kvh, scale_log2, stride_cb, stride_ct, stride_ch,
                                      HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True)
-    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    acc = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     idx = (s.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
     tl.store(part_out_ptr + idx[:, None] * HEAD_SIZE + d[None, :], acc, mask=row_ok[:, None])
     tl.store(part_m_ptr + idx, m_i, mask=row_ok)
@@ -270,9 +280,30 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         raise ValueError("the KV cache's head dimension must be contiguous (stride 1).")
 
 
+_FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+
+
+def _is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype in _FP8_CACHE_DTYPES
+
+
+def _fp8_max(cache: torch.Tensor) -> float:
+    return float(torch.finfo(cache.dtype).max) if _is_fp8(cache) else 0.0
+
+
+def _k_factor(k_cache: torch.Tensor, k_scale: float) -> float:
+    return k_scale if _is_fp8(k_cache) else 1.0
+
+
+def _v_factor(v_cache: torch.Tensor, v_scale: float) -> float:
+    return v_scale if _is_fp8(v_cache) else 1.0
+
+
 def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write ``k``/``v`` ``[T, KVH, D]`` into the caches at ``slot_mapping`` (-1: skip)."""
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> None:
+    """Write ``k``/``v`` ``[T, KVH, D]`` into the caches at ``slot_mapping`` (-1: skip).
+    An fp8 cache stores ``k / k_scale`` and ``v / v_scale``, saturated."""
     num_tokens, num_kv_heads, head_size = k.shape
     if num_tokens == 0:
         return
@@ -282,8 +313,10 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        1.0 / k_scale, 1.0 / v_scale,
         NUM_KV_HEADS=num_kv_heads, KVH_P2=_p2(num_kv_heads), HEAD_SIZE=head_size,
-        BLOCK_SIZE=k_cache.shape[1], num_warps=4 if num_kv_heads * head_size >= 1024 else 1)
+        BLOCK_SIZE=k_cache.shape[1], FP8=_is_fp8(k_cache), FP8_MAX=_fp8_max(k_cache),
+        num_warps=4 if num_kv_heads * head_size >= 1024 else 1)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -291,9 +324,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_tables: torch.Tensor, scale: float, *, seq_offset: int,
                       num_seqs: int, max_query_len: int,
                       sliding_window: Optional[int] = None,
-                      tiles: Optional[tuple[int, int, int, int]] = None) -> None:
+                      tiles: Optional[tuple[int, int, int, int]] = None,
+                      k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Causal attention of sequences ``seq_offset .. seq_offset + num_seqs - 1`` of the flat
     batch over their paged context; writes their rows of ``out`` ``[T, H, D]``.
+    ``k_scale``/``v_scale``: an fp8 cache's per-tensor scales (ignored for other caches).
 
     ``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the defaults (benchmarks).
     """
@@ -314,7 +349,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
-        seq_offset, scale * _LOG2E, sliding_window or 0,
+        seq_offset, scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
+        sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -333,7 +369,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_tables: torch.Tensor, scale: float, *, num_seqs: int, num_splits: int,
                      workspace: torch.Tensor, sliding_window: Optional[int] = None,
                      min_partition: int = 128,
-                     tiles: Optional[tuple[int, int, int]] = None) -> None:
+                     tiles: Optional[tuple[int, int, int]] = None,
+                     k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Split-KV attention of the first ``num_seqs`` sequences (one query token each).
 
     ``num_splits``: a power of two, a host int fixed per batch size. ``workspace``: float32, at
@@ -357,7 +394,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_n, num_warps, num_stages = tiles
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, part_out, part_m, part_l, query_start_loc, seq_lens, block_tables,
-        scale * _LOG2E, sliding_window or 0,
+        scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
+        sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_M=max(16, _p2(group)), NUM_SPLITS=num_splits,
@@ -399,6 +437,15 @@ class TritonAttentionKernel:
 
     name = "triton"
     supports_sliding_window = True
+    supports_graph_capture = True  # no host sync in forward; grid fixed per batch size
+    kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3")  # fp8: e4m3 cache, needs sm89+ (Ada, Hopper)
+
+    def __init_subclass__(cls, **kwargs):
+        # A subclass serves an fp8 cache only if it says so: its forward must pass k_scale and
+        # v_scale on (and its hardware may want another fp8 format, e.g. e4m3fnuz on MI300).
+        super().__init_subclass__(**kwargs)
+        if "kv_cache_dtypes" not in cls.__dict__:
+            cls.kv_cache_dtypes = ("auto",)
     min_partition = 128  # fewest keys a decode split handles (bounds partial-output traffic)
     target_programs = 1024  # decode programs wanted to fill the GPU (about 8 per SM on H100)
     max_splits = 32
@@ -411,9 +458,16 @@ class TritonAttentionKernel:
         if spec.num_heads % spec.num_kv_heads:
             raise ValueError(f"num_heads {spec.num_heads} is not a multiple of num_kv_heads "
                              f"{spec.num_kv_heads}.")
-        if spec.kv_cache_dtype != "auto":
-            raise NotImplementedError(f"Triton attention supports kv_cache_dtype='auto' only, "
-                                      f"got {spec.kv_cache_dtype!r}.")
+        if spec.kv_cache_dtype not in self.kv_cache_dtypes:
+            raise ValueError(f"Triton attention supports kv_cache_dtype "
+                             f"{', '.join(self.kv_cache_dtypes)}; got {spec.kv_cache_dtype!r}.")
+        # The dtype the engine allocates the cache in (None: the model's dtype).
+        self.kv_cache_torch_dtype = (torch.float8_e4m3fn if spec.kv_cache_dtype != "auto"
+                                     else None)
+        # Per-tensor fp8 scales (cache holds k / k_scale, v / v_scale): 1.0 unless a checkpoint
+        # or calibration sets them. One pair for every layer (the kernel is shared).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         self.spec = spec
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -450,7 +504,8 @@ class TritonAttentionKernel:
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: TritonAttentionMetadata, scale: float,
                 out: Optional[torch.Tensor] = None):
-        reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping, self.k_scale,
+                          self.v_scale)
         if out is None:
             out = torch.empty_like(q)
         md = metadata
@@ -459,10 +514,12 @@ class TritonAttentionKernel:
                              md.block_tables, scale, num_seqs=md.num_decodes,
                              num_splits=md.num_splits,
                              workspace=self._get_workspace(md.num_decodes, q.device),
-                             sliding_window=self.sliding_window, min_partition=self.min_partition)
+                             sliding_window=self.sliding_window, min_partition=self.min_partition,
+                             k_scale=self.k_scale, v_scale=self.v_scale)
         if md.num_prefills:
             prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
                               md.block_tables, scale, seq_offset=md.num_decodes,
                               num_seqs=md.num_prefills, max_query_len=md.max_query_len,
-                              sliding_window=self.sliding_window)
+                              sliding_window=self.sliding_window, k_scale=self.k_scale,
+                              v_scale=self.v_scale)
         return out

@@ -20,7 +20,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: usage in every chunk
+    continuous_usage_stats: bool = False  # vLLM: usage in every chunk (refused when true)
 
 
 class _SamplingFields(_Request):

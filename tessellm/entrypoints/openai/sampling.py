@@ -40,6 +40,10 @@ def check_unsupported(req: BaseModel) -> None:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
+    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
+        raise bad_request("stream_options.continuous_usage_stats is not supported by tessellm yet; "
+                          "use include_usage.", "stream_options.continuous_usage_stats",
+                          "unsupported_parameter")
     if isinstance(req, CompletionRequest) and req.best_of not in (None, 1, req.n or 1):
         raise bad_request("best_of other than n is not supported by tessellm (no ranking of samples).",
                           "best_of", "unsupported_parameter")

@@ -1,0 +1,377 @@
+"""Quantized GEMMs in Triton (dequantize inside the GEMM): the cuda backend's ``QuantOps``.
+
+``y[M, N] = x[M, K] @ W.T`` with W packed (see ``tessellm/quantization/packed.py``). One program
+computes a ``[BLOCK_M, BLOCK_N]`` tile of y over a K range; grouped scales are applied per K
+tile, so a tile never straddles a group (``BLOCK_K`` divides the group size)::
+
+    for k0 in my K range, step BLOCK_K:            g = k0 // GROUP
+        part = dot(x[:, k0:k0+BK], codes[k0:k0+BK, :] - zero_point)   (exact small integers)
+        acc += part * scale[g, :]  (+ rowsum(x[:, k0:k0+BK]) * offset[g, :] for int4 offsets)
+
+Small M (decode) is memory-bound: tiles are 16 rows and K is split over ``SPLIT_K`` programs
+(fp32 atomics) until the grid fills the GPU. Large M (prefill) is compute-bound: the weight is
+dequantized once to x's dtype and cuBLAS does the GEMM (``DEQUANT_MIN_M``).
+
+fp8 (W8A8): x is quantized per token by one Triton kernel, then ``torch._scaled_mm`` (row-wise
+scales, sm89+) runs the GEMM; without it, ``_fp8_gemm_kernel`` does (fp8 tensor-core dots on
+sm89+, fp8 -> fp16 conversion before the dot elsewhere).
+
+No host-device sync anywhere: graph-capture safe. On the CPU these kernels run in Triton's
+interpreter (tests), where bf16 dots run in float32 (the interpreter has no bf16 arithmetic).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from tessellm.quantization.packed import Fp8Weight, Int4Weight, Int8Weight
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k,
+              HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    ok = (rm[:, None] < M) & (rn[None, :] < N)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+    ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=ok)
+    else:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
+                      stride_xm, stride_wn, stride_sg, stride_om,
+                      GROUP_SIZE: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """w int8 ``[N, K]``; scales ``[G, N]`` (PER_CHANNEL: G = 1, applied once at the end)."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * span
+    k_hi = tl.minimum(k_lo + span, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    w_col = w_ptr + rn[None, :].to(tl.int64) * stride_wn
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < k_hi
+        x = tl.load(x_row + rk[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        w = tl.load(w_col + rk[:, None], mask=k_ok[:, None] & (rn[None, :] < N), other=0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+        part = tl.dot(x, w.to(x.dtype), input_precision=DOT_PREC)
+        if PER_CHANNEL:
+            acc += part
+        else:
+            s = tl.load(s_ptr + (k0 // GROUP_SIZE) * stride_sg + rn, mask=rn < N, other=0.0)
+            acc += part * s.to(tl.float32)[None, :]
+    if PER_CHANNEL:
+        acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K,
+                      stride_xm, stride_qk, stride_sg, stride_og, stride_om,
+                      GROUP_SIZE: tl.constexpr, ZERO_POINT: tl.constexpr,
+                      HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                      SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """q int32 ``[K/8, N]`` (8 codes per word along K); scales/offsets ``[G, N]``."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * span
+    k_hi = tl.minimum(k_lo + span, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < k_hi
+        x = tl.load(x_row + rk[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        packed = tl.load(q_ptr + (rk // 8)[:, None].to(tl.int64) * stride_qk + rn[None, :],
+                         mask=k_ok[:, None] & (rn[None, :] < N), other=0)
+        codes = (packed >> ((rk % 8) * 4)[:, None]) & 0xF
+        if DOT_FP32:
+            x = x.to(tl.float32)
+        part = tl.dot(x, (codes - ZERO_POINT).to(x.dtype), input_precision=DOT_PREC)
+        g = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + g * stride_sg + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc += part * s[None, :]
+        if HAS_OFFSETS:
+            off = tl.load(o_ptr + g * stride_og + rn, mask=rn < N, other=0.0).to(tl.float32)
+            acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * off[None, :]
+    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _int4_dequant_kernel(q_ptr, s_ptr, o_ptr, out_ptr, K, N, stride_qk, stride_sg, stride_og,
+                         GROUP_SIZE: tl.constexpr, ZERO_POINT: tl.constexpr,
+                         HAS_OFFSETS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out ``[N, K]`` (x's dtype) = the dense weight, for the large-M cuBLAS path."""
+    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (rk[:, None] < K) & (rn[None, :] < N)
+    packed = tl.load(q_ptr + (rk // 8)[:, None].to(tl.int64) * stride_qk + rn[None, :], mask=ok,
+                     other=0)
+    w = (((packed >> ((rk % 8) * 4)[:, None]) & 0xF) - ZERO_POINT).to(tl.float32)
+    g = (rk // GROUP_SIZE)[:, None]
+    w *= tl.load(s_ptr + g * stride_sg + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_OFFSETS:
+        w += tl.load(o_ptr + g * stride_og + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rn[None, :].to(tl.int64) * K + rk[:, None],
+             w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _fp8_quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
+                           FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: scale = max(|x|) / FP8_MAX, q = x / scale (two passes over K)."""
+    m = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, 0), 1e-12) / FP8_MAX
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        tl.store(q_ptr + m * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=k < K)
+    tl.store(s_ptr + m, scale)
+
+
+@triton.jit
+def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K,
+                     stride_xm, stride_wn, stride_om,
+                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_MODE: tl.constexpr):
+    """x, w fp8 (``[M, K]``, ``[N, K]``); y = (x @ w.T) * sx[m] * sw[n]. DOT_MODE: 0 fp8
+    tensor-core dots (sm89+), 1 fp16 dots (fp8 -> fp16 is exact), 2 float32 (interpreter)."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * span
+    k_hi = tl.minimum(k_lo + span, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    w_col = w_ptr + rn[None, :].to(tl.int64) * stride_wn
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < k_hi
+        x = tl.load(x_row + rk[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        w = tl.load(w_col + rk[:, None], mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)
+        if DOT_MODE == 0:
+            acc += tl.dot(x, w)
+        elif DOT_MODE == 1:
+            acc += tl.dot(x.to(tl.float16), w.to(tl.float16))
+        else:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+    sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
+    sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
+    acc = acc * sx[:, None] * sw[None, :]
+    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, ATOMIC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+DEQUANT_MIN_M = 512  # from this many rows on, dequantize once and let cuBLAS multiply
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _interpreted(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu"  # Triton runs on the CPU only through its interpreter
+
+
+def _dot_args(x: torch.Tensor) -> dict:
+    return dict(DOT_FP32=x.dtype == torch.bfloat16 and _interpreted(x),
+                DOT_PREC="tf32x3" if x.dtype == torch.float32 else "tf32")
+
+
+def _tiles(x: torch.Tensor, m: int, n: int, k: int, group: int) -> dict:
+    """Tile sizes, split-K and launch shape for an ``[m, k] x [k, n]`` product."""
+    if m <= 16:
+        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+    elif m <= 64:
+        bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    if _interpreted(x):
+        bm, bn, bk, warps, stages = 16, 32, 32, 1, 1
+    if group < k:  # a K tile must stay inside one group
+        bk = min(bk, group)
+    tiles_mn = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    if not _interpreted(x):
+        want = 2 * _num_sms(x.device.index or 0)
+        while tiles_mn * split * 2 <= want and k // (bk * split * 2) >= 2 and split < 16:
+            split *= 2
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
+                num_stages=stages, grid=(triton.cdiv(m, bm), triton.cdiv(n, bn), split))
+
+
+def _out(x: torch.Tensor, m: int, n: int, split: int) -> torch.Tensor:
+    if split > 1:  # partial sums from several K ranges meet by fp32 atomics
+        return torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    return torch.empty(m, n, dtype=x.dtype, device=x.device)
+
+
+def int8_gemm(x: torch.Tensor, w: Int8Weight, bias=None) -> torch.Tensor:
+    """``x [M, K] @ dequant(w).T (+ bias)`` with the int8 dequantized inside the GEMM."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = w.qweight.shape[0]
+    per_channel = w.scales.shape[0] == 1
+    t = _tiles(x, m, n, k, k if per_channel else w.group_size)
+    grid, split = t.pop("grid"), t["SPLIT_K"]
+    out = _out(x, m, n, split)
+    _int8_gemm_kernel[grid](
+        x, w.qweight, w.scales, bias if bias is not None else x, out, m, n, k,
+        x.stride(0), w.qweight.stride(0), w.scales.stride(0), out.stride(0),
+        GROUP_SIZE=w.group_size, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
+        ATOMIC=split > 1, **_dot_args(x), **t)
+    return out if split == 1 else out.to(x.dtype)
+
+
+def int4_gemm(x: torch.Tensor, w: Int4Weight, bias=None) -> torch.Tensor:
+    """``x [M, K] @ dequant(w).T (+ bias)`` with the int4 dequantized inside the GEMM."""
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    x = x.contiguous()
+    m, k = x.shape
+    n = w.qweight.shape[1]
+    t = _tiles(x, m, n, k, w.group_size)
+    grid, split = t.pop("grid"), t["SPLIT_K"]
+    out = _out(x, m, n, split)
+    offsets = w.offsets if w.offsets is not None else w.scales
+    _int4_gemm_kernel[grid](
+        x, w.qweight, w.scales, offsets, bias if bias is not None else x, out, m, n, k,
+        x.stride(0), w.qweight.stride(0), w.scales.stride(0), offsets.stride(0), out.stride(0),
+        GROUP_SIZE=w.group_size, ZERO_POINT=w.zero_point, HAS_OFFSETS=w.offsets is not None,
+        HAS_BIAS=bias is not None, ATOMIC=split > 1, **_dot_args(x), **t)
+    return out if split == 1 else out.to(x.dtype)
+
+
+def int4_dequantize(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[N, K]`` weight in ``dtype`` (rows in the permuted input order)."""
+    k, n = w.qweight.shape[0] * 8, w.qweight.shape[1]
+    out = torch.empty(n, k, dtype=dtype, device=w.qweight.device)
+    bk, bn = 64, 64
+    offsets = w.offsets if w.offsets is not None else w.scales
+    _int4_dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](
+        w.qweight, w.scales, offsets, out, k, n, w.qweight.stride(0), w.scales.stride(0),
+        offsets.stride(0), GROUP_SIZE=w.group_size, ZERO_POINT=w.zero_point,
+        HAS_OFFSETS=w.offsets is not None, BLOCK_K=bk, BLOCK_N=bn)
+    return out
+
+
+def int8_dequantize(w: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[N, K]`` weight in ``dtype`` (two elementwise kernels, no float32 copy)."""
+    n, k = w.qweight.shape
+    s = w.scales.to(dtype).t()  # [N, G]
+    return (w.qweight.to(dtype).view(n, s.shape[1], -1) * s[..., None]).view(n, k)
+
+
+def quantize_fp8_rows(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token fp8: ``(x_q [M, K], scales [M] fp32)`` in one kernel launch."""
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=fp8_dtype, device=x.device)
+    scales = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        block = min(4096, triton.next_power_of_2(k)) if not _interpreted(x) else 64
+        _fp8_quant_rows_kernel[(m,)](x, q, scales, k, x.stride(0), q.stride(0),
+                                     FP8_MAX=torch.finfo(fp8_dtype).max, BLOCK=block,
+                                     num_warps=4 if k >= 1024 else 1)
+    return q, scales
+
+
+def fp8_gemm(xq: torch.Tensor, sx: torch.Tensor, w: Fp8Weight, out_dtype: torch.dtype,
+             bias=None) -> torch.Tensor:
+    """The Triton W8A8 GEMM: ``(xq @ w.qweight.T) * sx[:, None] * w.scales[None, :]``."""
+    m, k = xq.shape
+    n = w.qweight.shape[0]
+    t = _tiles(xq, m, n, k, k)
+    grid, split = t.pop("grid"), t["SPLIT_K"]
+    out = torch.zeros(m, n, dtype=torch.float32, device=xq.device) if split > 1 else \
+        torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    if _interpreted(xq):
+        mode = 2
+    else:
+        mode = 0 if _capability(xq.device.index or 0) >= (8, 9) else 1
+    _fp8_gemm_kernel[grid](
+        xq, sx, w.qweight, w.scales, bias if bias is not None else sx, out, m, n, k,
+        xq.stride(0), w.qweight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+        ATOMIC=split > 1, DOT_MODE=mode, **t)
+    return out if split == 1 else out.to(out_dtype)
+
+
+def _scaled_mm_ok(x: torch.Tensor, w: Fp8Weight) -> bool:
+    """torch._scaled_mm with row-wise scales: sm89+, K and N multiples of 16."""
+    if _interpreted(x) or not hasattr(torch, "_scaled_mm"):
+        return False
+    n, k = w.qweight.shape
+    return _capability(x.device.index or 0) >= (8, 9) and k % 16 == 0 and n % 16 == 0
+
+
+class TritonQuantOps:
+    """``QuantOps`` for the cuda backend (and any Triton GPU). ``use_scaled_mm``: False forces
+    the Triton fp8 GEMM (tests, GPUs without cuBLASLt fp8)."""
+
+    name = "triton"
+    schemes = frozenset({"int8", "fp8", "awq", "gptq", "gguf"})
+
+    def __init__(self, use_scaled_mm: bool = True, dequant_min_m: int = DEQUANT_MIN_M):
+        self.use_scaled_mm = use_scaled_mm
+        self.dequant_min_m = dequant_min_m
+
+    def int8_mm(self, x, w: Int8Weight, bias=None):
+        if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
+            return F.linear(x, int8_dequantize(w, x.dtype), bias)
+        return int8_gemm(x, w, bias)
+
+    def int4_mm(self, x, w: Int4Weight, bias=None):
+        if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
+            if w.perm is not None:
+                x = x.index_select(-1, w.perm)
+            return F.linear(x, int4_dequantize(w, x.dtype), bias)
+        return int4_gemm(x, w, bias)
+
+    def fp8_mm(self, x, w: Fp8Weight, bias=None):
+        xq, sx = quantize_fp8_rows(x, w.qweight.dtype)
+        if self.use_scaled_mm and _scaled_mm_ok(x, w):
+            out = torch._scaled_mm(xq, w.qweight.t(), scale_a=sx[:, None], scale_b=w.scales[None, :],
+                                   out_dtype=torch.bfloat16)
+            out = out.to(x.dtype)
+            return out if bias is None else out.add_(bias)
+        return fp8_gemm(xq, sx, w, x.dtype, bias)

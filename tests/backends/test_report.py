@@ -1,0 +1,54 @@
+"""``tessellm backends [--verbose]`` text: every backend, its plugin, availability, priority,
+validation and capabilities; verbose adds which plugin provides each piece."""
+
+from __future__ import annotations
+
+import torch
+
+from backend_plugins import make_plugin
+from tessellm.backends.registry import BackendRegistry
+from tessellm.backends.report import describe_backends
+
+
+def test_lists_every_backend_with_plugin_availability_and_validation():
+    text = describe_backends(verbose=False, registry=BackendRegistry())
+    rows = {line.split()[0]: line.split() for line in text.splitlines()
+            if line.split() and line.split()[0] in {"cpu", "cuda", "rocm", "xpu", "tpu"}}
+    assert rows["cpu"][1:4] == ["cpu", "yes", "0"]
+    assert rows["rocm"][1:4] == ["rocm", "no", "90"] and rows["rocm"][-1] == "emulation"
+    assert rows["tpu"][-1] == "untested" and rows["xpu"][-1] == "untested"
+    assert "--device=auto selects: cpu" in text
+    assert "Never run on an AMD GPU" in text  # the honest validation note
+    assert "quantization=[fp8]" in text
+    assert "  pieces (for" not in text
+
+
+def test_verbose_shows_which_plugin_provides_each_piece():
+    override = make_plugin("fastattn", """
+        from tessellm.backends.cpu.attention import CpuAttentionKernel
+        class Fast(CpuAttentionKernel):
+            name = "fast-cpu"
+        @hookimpl(tryfirst=True)
+        def tessellm_attention_kernel(backend, spec):
+            return Fast(spec) if backend.name == "cpu" else None
+    """)
+    text = describe_backends(verbose=True, registry=BackendRegistry(plugins=[("fastattn", override)]))
+    cpu = text[text.index("\ncpu: "):]
+    assert "attention: fast-cpu (Fast) from plugin 'fastattn'" in cpu
+    assert "ops:       ReferenceOps (ReferenceOps) from plugin 'cpu'" in cpu
+    assert "graph:     none (eager)" in cpu
+    rocm = text[text.index("\nrocm: "):text.index("\ntpu: ")]
+    assert "attention: triton-rocm (RocmTritonAttentionKernel) from plugin 'rocm'" in rocm
+    assert "graph:     hip-graphs" in rocm and "fp8 -> fp8 (RocmFp8LinearMethod)" in rocm
+    assert "attention (tessellm_attention_kernel): fastattn, " in text
+
+
+def test_a_piece_that_errors_is_shown_not_raised():
+    bad = make_plugin("bad", """
+        @hookimpl(tryfirst=True)
+        def tessellm_graph_runner(backend, spec):
+            raise RuntimeError("driver exploded")
+    """)
+    text = describe_backends(verbose=True, registry=BackendRegistry(plugins=[("bad", bad)]))
+    assert "graph:     error: PluginError: Backend plugin 'bad' raised" in text
+    assert torch.is_tensor(torch.zeros(1))  # the report never touched a device

@@ -1,0 +1,125 @@
+"""Every quantized GEMM against dequantize-then-matmul on random data.
+
+Runs the Triton kernels (cuda backend) on a GPU at realistic sizes, or through Triton's
+interpreter on the CPU at tiny sizes; the torch ops (cpu backend) run on both. The reference
+is ``x @ segment.dequantize().T`` in float32, where ``dequantize`` is the format's definition.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tessellm.backends.cpu.quant_ops import TorchQuantOps  # noqa: E402
+from tessellm.backends.cuda import quant_kernels as qk  # noqa: E402
+from tessellm.quantization.packed import (Int4Weight, pack_int4, quantize_fp8,  # noqa: E402
+                                          quantize_fp8_per_token, quantize_int4, quantize_int8)
+
+ON_GPU = torch.cuda.is_available()
+DEV = torch.device("cuda" if ON_GPU else "cpu")
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# (M, N, K): decode-sized, odd, and (GPU) prefill-sized rows that take the dequantize path.
+SHAPES = ([(1, 512, 1024), (7, 384, 4096), (64, 1024, 512), (600, 256, 1024)] if ON_GPU
+          else [(1, 48, 128), (5, 40, 256)])
+OPS = {"torch": TorchQuantOps(), "triton": qk.TritonQuantOps(),
+       "triton-fp8-fallback": qk.TritonQuantOps(use_scaled_mm=False)}
+TOL = {F32: 1e-5, F16: 2e-3, BF16: 1.2e-2}  # relative (Frobenius) error vs the fp32 reference
+
+
+def _gen(*parts):
+    return torch.Generator().manual_seed(hash(parts) % (2**31))
+
+
+def _data(m, n, k, dtype, bias, seed=0):
+    g = _gen(m, n, k, seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(m, k, generator=g).to(DEV, dtype)
+    b = torch.randn(n, generator=g).to(DEV, dtype) if bias else None
+    return w, x, b
+
+
+def _check(out, x, seg, bias, dtype, tol=None):
+    ref = x.float() @ seg.dequantize().to(DEV).t()
+    if bias is not None:
+        ref = ref + bias.float()
+    assert out.shape == ref.shape and out.dtype == dtype, (out.shape, out.dtype)
+    assert torch.isfinite(out).all()
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < (tol or TOL[dtype]), f"relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("ops", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("group", [None, 32, 128])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8(ops, dtype, group, shape):
+    m, n, k = shape
+    w, x, b = _data(m, n, k, dtype, bias=group == 32)
+    seg = quantize_int8(w, group).to(DEV)
+    _check(OPS[ops].int8_mm(x, seg, b), x, seg, b, dtype)
+
+
+@pytest.mark.parametrize("ops", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("variant", ["asym-offsets", "zero-point-8", "act-order"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int4(ops, dtype, variant, shape):
+    m, n, k = shape
+    w, x, b = _data(m, n, k, dtype, bias=variant == "asym-offsets")
+    group = 32 if k < 1024 else 128
+    if variant == "zero-point-8":  # GGUF Q4_0 / symmetric GPTQ: fp16 scales, no offsets
+        q, s, _ = quantize_int4(w, group, symmetric=True)
+        seg = Int4Weight(pack_int4(q), s.half(), None, 8, group)
+    else:
+        q, s, z = quantize_int4(w, group)
+        perm = None
+        if variant == "act-order":
+            perm = torch.randperm(k, generator=_gen(k)).to(torch.int32)
+        seg = Int4Weight(pack_int4(q), s, -z * s, 0, group, perm)
+    seg = seg.to(DEV)
+    _check(OPS[ops].int4_mm(x, seg, b), x, seg, b, dtype)
+
+
+@pytest.mark.parametrize("ops", ["torch", "triton", "triton-fp8-fallback"])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp8_w8a8(ops, dtype, shape):
+    """The reference quantizes x per token the same way, so only the GEMM is compared."""
+    m, n, k = shape
+    w, x, b = _data(m, n, k, dtype, bias=True)
+    seg = quantize_fp8(w).to(DEV)
+    out = OPS[ops].fp8_mm(x, seg, b)
+    quantizer = quantize_fp8_per_token if ops == "torch" else qk.quantize_fp8_rows
+    xq, sx = quantizer(x, torch.float8_e4m3fn)
+    x_fp8 = xq.float() * sx[:, None]
+    # _scaled_mm writes bf16 (row-wise scaling has no fp32 output), whatever x's dtype
+    tol = TOL[BF16] if ON_GPU and ops == "triton" else TOL[dtype] if dtype != F32 else 1e-4
+    _check(out, x_fp8, seg, b, dtype, tol=tol)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_fp8_row_quantizer_matches_torch(dtype):
+    x = (torch.randn(9, 300, generator=_gen(9)) * 3).to(DEV, dtype)
+    q, s = qk.quantize_fp8_rows(x, torch.float8_e4m3fn)
+    q_ref, s_ref = quantize_fp8_per_token(x)
+    assert torch.allclose(s, s_ref, rtol=1e-6)
+    diff = q.float() != q_ref.float()
+    # the CPU interpreter rounds ties away from zero and halves values that round up to a power
+    # of two (its own float -> fp8 conversion); GPUs convert in hardware (round to nearest even)
+    assert diff.float().mean() < (0.05 if not ON_GPU else 0.01)
+    ratio = q.float()[diff] / q_ref.float()[diff]
+    assert ((ratio > 0.45) & (ratio < 1.2)).all()  # one step (ties) or the halving bug
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the split-K and dequantize paths are GPU-only choices")
+def test_gpu_paths_agree():
+    """Split-K (small M, long K), single-pass and dequantize+cuBLAS paths give the same y."""
+    w, x, _ = _data(600, 2048, 8192, BF16, bias=False)
+    seg = quantize_int8(w).to(DEV)
+    full = qk.int8_gemm(x, seg)
+    deq = qk.TritonQuantOps().int8_mm(x, seg)
+    small = qk.int8_gemm(x[:3], seg)
+    assert torch.allclose(full.float(), deq.float(), rtol=2e-2, atol=2e-2)
+    assert torch.allclose(small.float(), full[:3].float(), rtol=2e-2, atol=2e-2)
