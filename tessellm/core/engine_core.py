@@ -85,7 +85,9 @@ class EngineCore:
         self.runner = ModelRunner(model, kernel, self.backend, self.device, args.block_size,
                                   self.vocab_size, tuple(self.eos_token_ids), args.seed,
                                   self.max_model_len, graphs)
-        max_batched = args.max_num_batched_tokens or (2048 if self.backend.device_type == "cpu" else 8192)
+        # Large prefill chunks keep accelerator GEMMs compute-bound (measured on an H200: 8192-token
+        # steps ran prefill at ~400 TFLOP/s, 16384-token steps at ~710; benchmarks/README.md).
+        max_batched = args.max_num_batched_tokens or (2048 if self.backend.device_type == "cpu" else 16384)
         num_blocks = self._num_kv_blocks(args, max_batched)
         self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
         self.runner.capture_graphs()
