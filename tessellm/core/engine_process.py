@@ -37,6 +37,7 @@ from typing import Any, Optional
 import msgpack
 import zmq
 
+from tessellm import envs
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.sampling_params import SamplingParams
@@ -218,6 +219,8 @@ class EngineCoreClient:
         self.input.bind(input_addr)
         self.output = self.ctx.socket(zmq.PULL)
         self.output.bind(output_addr)
+        for key, value in envs.engine_process_env_defaults().items():
+            os.environ.setdefault(key, value)  # the spawned core inherits the environment
         mp = multiprocessing.get_context("spawn")
         self.proc = mp.Process(target=run_engine_core, name="tessellm-engine-core", daemon=True,
                                args=(engine_args_to_dict(args), input_addr, output_addr, os.getpid()))

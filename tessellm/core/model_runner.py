@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tessellm.core.attention_batch import AttentionBatch
+from tessellm.core.block_table import PersistentBlockTable
 from tessellm.core.sampler import Sampler, SamplerOutput, SamplingBatch, seed_for_position
 from tessellm.core.scheduler import SchedulerOutput
 
@@ -39,6 +40,7 @@ class RunnerRequest:
     params: object  # SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    row: int = -1  # this request's row in the persistent block table
     prompt_logprobs: list = field(default_factory=list)  # accumulated over prefill chunks
 
 
@@ -63,6 +65,7 @@ class ModelRunner:
         self.sampler = Sampler(device, seed)
         self.requests: dict[str, RunnerRequest] = {}
         self.max_model_len = max_model_len
+        self.tables = PersistentBlockTable(-(-max_model_len // block_size))
         self.graph_runner = graph_runner  # replays captured pure-decode steps; None: eager
         self._graphs_ready = False
 
@@ -100,14 +103,18 @@ class ModelRunner:
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_request_ids:
-            self.requests.pop(rid, None)
+            state = self.requests.pop(rid, None)
+            if state is not None:
+                self.tables.remove(state.row)
         for new in sched.new_requests:
             self.requests[new.request_id] = RunnerRequest(
                 new.request_id, list(new.all_token_ids), len(new.prompt_token_ids),
-                new.sampling_params, list(new.block_ids), new.num_computed_tokens)
+                new.sampling_params, list(new.block_ids), new.num_computed_tokens,
+                self.tables.add(new.block_ids))
         for cached in sched.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)
+            self.tables.append(state.row, cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
     @torch.inference_mode()
@@ -181,24 +188,24 @@ class ModelRunner:
     def _run_graph(self, states: list[RunnerRequest], padded: int) -> torch.Tensor:
         """Pad a pure-decode batch to ``padded`` rows (slot -1, length 0) and replay."""
         n, bs = len(states), self.block_size
-        width = max(len(st.block_ids) for st in states)  # the graph's table is wider; see run()
-        ids = np.zeros(padded, dtype=np.int64)
-        pos = np.zeros(padded, dtype=np.int64)
-        slots = np.full(padded, -1, dtype=np.int64)
-        lens = np.zeros(padded, dtype=np.int32)
+        rows = np.fromiter((st.row for st in states), dtype=np.int64, count=n)
+        computed = np.fromiter((st.num_computed_tokens for st in states), dtype=np.int64, count=n)
+        width = int(self.tables.num_blocks[rows].max())  # the graph's table is wider; see run()
         table = np.zeros((padded, width), dtype=np.int32)
-        for i, st in enumerate(states):
-            c = st.num_computed_tokens
-            ids[i] = st.token_ids[c]
-            pos[i] = c
-            slots[i] = st.block_ids[c // bs] * bs + c % bs
-            lens[i] = c + 1
-            table[i, :len(st.block_ids)] = st.block_ids
-            st.num_computed_tokens = c + 1
-        host = (ids, pos, slots, lens, table)
+        table[:n] = self.tables.table[rows, :width]
+        ids = np.zeros(padded, dtype=np.int64)
+        ids[:n] = [st.token_ids[st.num_computed_tokens] for st in states]
+        pos = np.zeros(padded, dtype=np.int64)
+        pos[:n] = computed
+        slots = np.full(padded, -1, dtype=np.int64)
+        slots[:n] = table[np.arange(n), computed // bs].astype(np.int64) * bs + computed % bs
+        lens = np.zeros(padded, dtype=np.int32)
+        lens[:n] = computed + 1
+        for st in states:
+            st.num_computed_tokens += 1
         pin = self.device.type != "cpu"
         inputs = [torch.from_numpy(a).pin_memory().to(self.device, non_blocking=True) if pin
-                  else torch.from_numpy(a) for a in host]
+                  else torch.from_numpy(a) for a in (ids, pos, slots, lens, table)]
         return self.graph_runner.run(inputs)[:n]
 
     # -- inputs ----------------------------------------------------------------------------
@@ -252,9 +259,9 @@ class ModelRunner:
     def _sampling_batch(self, rows: list[RunnerRequest]) -> SamplingBatch:
         dev = self.device
         params = [r.params for r in rows]
-        temperature = torch.tensor([0.0 if p.is_greedy else p.temperature for p in params],
-                                   dtype=torch.float32, device=dev)
         all_greedy = all(p.is_greedy for p in params)
+        temperature = None if all_greedy else torch.tensor(
+            [0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32, device=dev)
         top_k = top_p = min_p = None
         if not all_greedy:
             if any(p.top_k > 0 for p in params):

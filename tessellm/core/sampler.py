@@ -24,7 +24,7 @@ _SEED_MIX = 0x9E3779B97F4A7C15
 class SamplingBatch:
     """Per-row sampling inputs for one step, built by the model runner."""
 
-    temperature: torch.Tensor  # float32 [B]; 0 for greedy rows
+    temperature: Optional[torch.Tensor]  # float32 [B]; 0 for greedy rows; None if all greedy
     all_greedy: bool
     top_p: Optional[torch.Tensor]  # float32 [B], None when no row uses it
     top_k: Optional[torch.Tensor]  # int64 [B] (vocab size when off), None when no row uses it
@@ -65,6 +65,8 @@ class Sampler:
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if batch.all_greedy and batch.max_num_logprobs is None and not _has_edits(batch):
+            return SamplerOutput(logits.argmax(dim=-1))  # exact in any float dtype; no copies
         logits = logits.float()
         raw = logits
         logits = self._edit_logits(logits.clone(), batch)
@@ -118,6 +120,10 @@ class Sampler:
         out.sampled_rank = (logprobs > chosen).sum(dim=-1) + 1
         if k > 0:
             out.topk_logprobs, out.topk_ids = logprobs.topk(k, dim=-1)
+
+
+def _has_edits(batch: SamplingBatch) -> bool:
+    return bool(batch.logit_bias or batch.banned or batch.repetition is not None)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor],

@@ -10,3 +10,17 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> str:
+    """Path of the bundled SmolLM2 Q4_1 GGUF; skips where it is not installed (device machines)."""
+    from tessellm.loader.default_model import default_model_path
+
+    try:
+        return default_model_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))

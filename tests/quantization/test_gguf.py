@@ -71,26 +71,26 @@ def test_segment_gemm(qtype, ops):
 
 
 @pytest.fixture(scope="module")
-def bundled_gguf_engine():
+def bundled_gguf_engine(bundled_model):
     from tessellm.entrypoints.llm import LLM
 
-    return LLM(quantization="gguf", max_model_len=256, num_kv_blocks=64)
+    return LLM(bundled_model, quantization="gguf", dtype="float32", max_model_len=256, num_kv_blocks=64,
+               max_num_seqs=4)
 
 
-def test_bundled_model_linears_stay_quantized_and_exact(bundled_gguf_engine):
+def test_bundled_model_linears_stay_quantized_and_exact(bundled_gguf_engine, bundled_model):
     """Every linear layer holds int4/int8 segments whose values equal the dequantizing loader's
     weights bit for bit (q/k un-permutation included), in the file's own number of bytes."""
-    from tessellm.loader.default_model import default_model_path
     from tessellm.quantization.loading import quantized_linears
 
     model = bundled_gguf_engine.engine.core.runner.model
     layers = quantized_linears(model)
     assert len(layers) == 4 * model.config.num_hidden_layers
-    dense = dict(iter_gguf_weights(default_model_path(), torch.float32))
+    dense = dict(iter_gguf_weights(bundled_model, torch.float32))
     checked = 0
     for name, layer in layers.items():
         assert all(seg.kind in ("int4", "int8") for seg in layer.segments), name
-        got = torch.cat([seg.dequantize(torch.float32) for seg in layer.segments])
+        got = torch.cat([seg.dequantize(torch.float32).cpu() for seg in layer.segments])
         if name.endswith("qkv_proj"):
             parts = [dense[f"model.{name.replace('qkv_proj', p)}.weight"] for p in ("q_proj", "k_proj", "v_proj")]
         elif name.endswith("gate_up_proj"):
@@ -106,12 +106,13 @@ def test_bundled_model_linears_stay_quantized_and_exact(bundled_gguf_engine):
     assert linear_bytes == linear_params // 32 * 20
 
 
-def test_bundled_model_generates_like_the_dequantized_one(bundled_gguf_engine):
+def test_bundled_model_generates_like_the_dequantized_one(bundled_gguf_engine, bundled_model):
     from tessellm.core.sampling_params import SamplingParams
     from tessellm.entrypoints.llm import LLM
 
     params = SamplingParams(max_tokens=12, temperature=0)
     prompts = ["The capital of France is", "def add(a, b):"]
-    dense = LLM(max_model_len=256, num_kv_blocks=64).generate(prompts, params)
+    dense = LLM(bundled_model, dtype="float32", max_model_len=256, num_kv_blocks=64, max_num_seqs=4)
+    dense = dense.generate(prompts, params)
     quant = bundled_gguf_engine.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in quant] == [o.outputs[0].token_ids for o in dense]

@@ -26,6 +26,9 @@ SHAPES = ([(1, 512, 1024), (7, 384, 4096), (64, 1024, 512), (600, 256, 1024)] if
 OPS = {"torch": TorchQuantOps(), "triton": qk.TritonQuantOps(),
        "triton-fp8-fallback": qk.TritonQuantOps(use_scaled_mm=False)}
 TOL = {F32: 1e-5, F16: 2e-3, BF16: 1.2e-2}  # relative (Frobenius) error vs the fp32 reference
+# On a GPU every shape runs in bf16 and test_other_dtypes covers fp16/fp32 (each dtype and tile
+# shape is a separate Triton compile); the interpreter runs every dtype at every (tiny) shape.
+DTYPES = [BF16] if ON_GPU else [F32, F16, BF16]
 
 
 def _gen(*parts):
@@ -51,7 +54,7 @@ def _check(out, x, seg, bias, dtype, tol=None):
 
 
 @pytest.mark.parametrize("ops", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [None, 32, 128])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_int8(ops, dtype, group, shape):
@@ -62,7 +65,7 @@ def test_int8(ops, dtype, group, shape):
 
 
 @pytest.mark.parametrize("ops", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["asym-offsets", "zero-point-8", "act-order"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_int4(ops, dtype, variant, shape):
@@ -83,7 +86,7 @@ def test_int4(ops, dtype, variant, shape):
 
 
 @pytest.mark.parametrize("ops", ["torch", "triton", "triton-fp8-fallback"])
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fp8_w8a8(ops, dtype, shape):
     """The reference quantizes x per token the same way, so only the GEMM is compared."""
@@ -97,6 +100,17 @@ def test_fp8_w8a8(ops, dtype, shape):
     # _scaled_mm writes bf16 (row-wise scaling has no fp32 output), whatever x's dtype
     tol = TOL[BF16] if ON_GPU and ops == "triton" else TOL[dtype] if dtype != F32 else 1e-4
     _check(out, x_fp8, seg, b, dtype, tol=tol)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter runs every dtype in the tests above")
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_other_dtypes(dtype):
+    shape = SHAPES[1]
+    test_int8("triton", dtype, None, shape)
+    test_int8("triton", dtype, 128, shape)
+    test_int4("triton", dtype, "asym-offsets", shape)
+    test_fp8_w8a8("triton", dtype, shape)
+    test_fp8_w8a8("triton-fp8-fallback", dtype, shape)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

@@ -61,19 +61,19 @@ def test_awq_checkpoint_refused_on_cpu_at_engine_start(tmp_path, tiny_model_dir)
         LLM(path, device="cpu")
 
 
-def test_fp8_kv_cache_refused_on_cpu_naming_cuda():
+def test_fp8_kv_cache_refused_on_cpu_naming_cuda(tiny_model_dir):
     from tessellm.entrypoints.llm import LLM
 
     with pytest.raises(UnsupportedQuantizationError,
                        match=r"kv_cache_dtype='fp8' is not supported by the 'cpu'.*cuda"):
-        LLM(device="cpu", kv_cache_dtype="fp8", max_model_len=128)
+        LLM(tiny_model_dir("llama"), device="cpu", kv_cache_dtype="fp8", max_model_len=128)
 
 
-def test_unknown_kv_cache_dtype():
+def test_unknown_kv_cache_dtype(tiny_model_dir):
     from tessellm.entrypoints.llm import LLM
 
     with pytest.raises(UnsupportedQuantizationError, match="kv_cache_dtype='int3' is not known"):
-        LLM(device="cpu", kv_cache_dtype="int3", max_model_len=128)
+        LLM(tiny_model_dir("llama"), device="cpu", kv_cache_dtype="int3", max_model_len=128)
 
 
 def test_scheme_and_source_mismatches(tmp_path, tiny_model_dir):
@@ -90,9 +90,10 @@ def test_scheme_and_source_mismatches(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="quantized with awq"):
         resolve_quant_spec("gptq", awq)
     assert resolve_quant_spec(None, awq).scheme == "awq"
-    from tessellm.loader.default_model import default_model_path
 
-    gguf_source = resolve_model(default_model_path())
+
+def test_gguf_source_schemes(bundled_model):
+    gguf_source = resolve_model(bundled_model)
     with pytest.raises(ValueError, match="is a GGUF file"):
         resolve_quant_spec("awq", gguf_source)
     assert resolve_quant_spec(None, gguf_source) is None  # default: dequantize, as before
@@ -125,16 +126,26 @@ def test_checkpoint_configs_parse():
     assert gptq.config["desc_act"] is True
 
 
-def test_conformance_style_quantize_dense_on_bare_module():
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_conformance_style_quantize_dense_on_bare_module(backend):
     """A method works on a bare module through ``quantize_dense`` (the conformance suite's way)."""
-    from tessellm.backends.cpu.quant_ops import TorchQuantOps
-
+    if backend == "cuda":
+        pytest.importorskip("triton")
+        from tessellm.backends.cuda.quant_kernels import TritonQuantOps as Ops
+    else:
+        from tessellm.backends.cpu.quant_ops import TorchQuantOps as Ops
+    dev = torch.device("cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
     w, x, b = torch.randn(48, 64, generator=g), torch.randn(5, 64, generator=g), torch.randn(48)
-    for scheme, tol in (("int8", 0.02), ("fp8", 0.08), ("gguf", 0.02)):
-        method = make_quant_method(QuantSpec(scheme, dtype=torch.float32), TorchQuantOps())
+    w, x, b = w.to(dev), x.to(dev), b.to(dev)
+    schemes = [("int8", 0.02), ("fp8", 0.08), ("gguf", 0.02)]
+    if backend == "cuda":
+        schemes += [("awq", 0.2), ("gptq", 0.2)]
+    for scheme, tol in schemes:
+        method = make_quant_method(QuantSpec(scheme, dtype=torch.float32), Ops())
         layer = torch.nn.Module()
-        method.create_weights(layer, 64, 48, torch.float32)
+        with torch.device(dev):
+            method.create_weights(layer, 64, 48, torch.float32)
         method.quantize_dense(layer, w)
         method.process_weights_after_loading(layer)
         want = x @ w.t() + b

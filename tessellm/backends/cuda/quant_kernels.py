@@ -13,8 +13,8 @@ Small M (decode) is memory-bound: tiles are 16 rows and K is split over ``SPLIT_
 dequantized once to x's dtype and cuBLAS does the GEMM (``DEQUANT_MIN_M``).
 
 fp8 (W8A8): x is quantized per token by one Triton kernel, then ``torch._scaled_mm`` (row-wise
-scales, sm89+) runs the GEMM; without it, ``_fp8_gemm_kernel`` does (fp8 tensor-core dots on
-sm89+, fp8 -> fp16 conversion before the dot elsewhere).
+scales, sm89+) runs the GEMM; without it, ``_fp8_gemm_kernel`` does (tiles widened to fp16,
+which is exact for e4m3, so it runs on any GPU Triton supports).
 
 No host-device sync anywhere: graph-capture safe. On the CPU these kernels run in Triton's
 interpreter (tests), where bf16 dots run in float32 (the interpreter has no bf16 arithmetic).
@@ -54,7 +54,7 @@ def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k,
 def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
                       stride_xm, stride_wn, stride_sg, stride_om,
                       GROUP_SIZE: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
     """w int8 ``[N, K]``; scales ``[G, N]`` (PER_CHANNEL: G = 1, applied once at the end)."""
@@ -90,7 +90,7 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K,
                       stride_xm, stride_qk, stride_sg, stride_og, stride_om,
                       GROUP_SIZE: tl.constexpr, ZERO_POINT: tl.constexpr,
                       HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                      SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
     """q int32 ``[K/8, N]`` (8 codes per word along K); scales/offsets ``[G, N]``."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -161,11 +161,12 @@ def _fp8_quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
 @triton.jit
 def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K,
                      stride_xm, stride_wn, stride_om,
-                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     DOT_MODE: tl.constexpr):
-    """x, w fp8 (``[M, K]``, ``[N, K]``); y = (x @ w.T) * sx[m] * sw[n]. DOT_MODE: 0 fp8
-    tensor-core dots (sm89+), 1 fp16 dots (fp8 -> fp16 is exact), 2 float32 (interpreter)."""
+                     DOT_FP32: tl.constexpr):
+    """x, w fp8 (``[M, K]``, ``[N, K]``); y = (x @ w.T) * sx[m] * sw[n]. The tiles are widened
+    to fp16 (exact for e4m3) for the dot, or to float32 in the interpreter (DOT_FP32). This is
+    the fallback where ``torch._scaled_mm`` cannot run, so it favours portability over speed."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -180,12 +181,10 @@ def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K,
         k_ok = rk < k_hi
         x = tl.load(x_row + rk[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
         w = tl.load(w_col + rk[:, None], mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)
-        if DOT_MODE == 0:
-            acc += tl.dot(x, w)
-        elif DOT_MODE == 1:
-            acc += tl.dot(x.to(tl.float16), w.to(tl.float16))
-        else:
+        if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(x.to(tl.float16), w.to(tl.float16))
     sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
     acc = acc * sx[:, None] * sw[None, :]
@@ -258,7 +257,8 @@ def int8_gemm(x: torch.Tensor, w: Int8Weight, bias=None) -> torch.Tensor:
     _int8_gemm_kernel[grid](
         x, w.qweight, w.scales, bias if bias is not None else x, out, m, n, k,
         x.stride(0), w.qweight.stride(0), w.scales.stride(0), out.stride(0),
-        GROUP_SIZE=w.group_size, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
+        GROUP_SIZE=1 if per_channel else w.group_size, PER_CHANNEL=per_channel,
+        HAS_BIAS=bias is not None,
         ATOMIC=split > 1, **_dot_args(x), **t)
     return out if split == 1 else out.to(x.dtype)
 
@@ -325,14 +325,10 @@ def fp8_gemm(xq: torch.Tensor, sx: torch.Tensor, w: Fp8Weight, out_dtype: torch.
     grid, split = t.pop("grid"), t["SPLIT_K"]
     out = torch.zeros(m, n, dtype=torch.float32, device=xq.device) if split > 1 else \
         torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    if _interpreted(xq):
-        mode = 2
-    else:
-        mode = 0 if _capability(xq.device.index or 0) >= (8, 9) else 1
     _fp8_gemm_kernel[grid](
         xq, sx, w.qweight, w.scales, bias if bias is not None else sx, out, m, n, k,
         xq.stride(0), w.qweight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        ATOMIC=split > 1, DOT_MODE=mode, **t)
+        ATOMIC=split > 1, DOT_FP32=_interpreted(xq), **t)
     return out if split == 1 else out.to(out_dtype)
 
 
