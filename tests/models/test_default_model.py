@@ -39,17 +39,37 @@ def hf_reference():
     return hf
 
 
-def test_greedy_matches_hf_on_bundled_model(llm, hf_reference):
+@pytest.fixture(scope="module")
+def hf_tokens(llm, hf_reference):
+    tok = llm.get_tokenizer()
+    want = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok.encode(prompt)])
+        ref = hf_reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+                                    min_new_tokens=MAX_NEW, do_sample=False, pad_token_id=2)
+        want.append(ref[0, ids.shape[1]:].tolist())
+    return want
+
+
+def test_greedy_matches_hf_on_bundled_model(llm, hf_tokens):
     tok = llm.get_tokenizer()
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
                         use_tqdm=False)
-    for prompt, out in zip(PROMPTS, outs):
-        ids = tok.encode(prompt)
-        assert out.prompt_token_ids == ids
-        ref = hf_reference.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
-                                    do_sample=False, pad_token_id=2)
-        assert out.outputs[0].token_ids == ref[0, len(ids):].tolist(), prompt
+    for prompt, out, want in zip(PROMPTS, outs, hf_tokens):
+        assert out.prompt_token_ids == tok.encode(prompt)
+        assert out.outputs[0].token_ids == want, prompt
         assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("variant", [dict(enable_prefix_caching=False), dict(max_num_batched_tokens=16),
+                                     dict(num_kv_blocks=12, block_size=8)])
+def test_bundled_model_parity_through_scheduling_paths(hf_tokens, variant):
+    llm = LLM(dtype="float32", max_model_len=1024, **variant)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_tokens
+    if "num_kv_blocks" in variant:
+        assert llm.engine.core.scheduler.num_preemptions_total > 0
 
 
 def test_chat_template_and_eos(llm):
