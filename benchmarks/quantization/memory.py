@@ -33,13 +33,19 @@ def layer_bytes(scheme: str) -> tuple[int, int]:
     from tessellm.quantization.loading import weight_bytes
 
     source = resolve_model(LLAMA_8B)
-    source = dataclasses.replace(source, hf_config=_one_layer(source.hf_config))
+    config = _one_layer(source.hf_config)
+    if scheme == "awq":  # as if the checkpoint were an AWQ one (group 128)
+        config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 128,
+                                      "zero_point": True, "version": "gemm"}
+        scheme = None
+    source = dataclasses.replace(source, hf_config=config)
     registry = BackendRegistry()
-    backend = registry.backends["cuda" if scheme in ("awq", "gptq") else "cpu"]
+    backend = registry.backends["cuda" if scheme is None else "cpu"]
     model, _ = build_model(source, "dummy", registry, backend, torch.bfloat16,
                            torch.device("cpu"), 16, quantization=None if scheme == "bf16" else scheme)
     total = weight_bytes(model)
-    layer = sum(t.nbytes for t in list(model.layers[0].parameters()) + list(model.layers[0].buffers()))
+    own = list(model.layers[0].named_parameters()) + list(model.layers[0].named_buffers())
+    layer = sum(t.nbytes for n, t in own if "rotary" not in n)  # the rotary cache is shared
     return total - layer, layer
 
 
@@ -56,7 +62,6 @@ def main() -> None:
     p.add_argument("--reserve-gb", type=float, default=6.0)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    import torch  # noqa: F401
 
     rows = {}
     rest, bf16_layer = layer_bytes("bf16")

@@ -88,7 +88,6 @@ def gemm_bench(args) -> None:
             row["fp8_triton"] = _time_cuda(lambda: fallback.fp8_mm(x, segs["fp8"]))
             results[f"{name} M={m}"] = {kk: round(v, 1) for kk, v in row.items()}
             print(name, m, results[f"{name} M={m}"], flush=True)
-        del w, segs
     per_layer = {}
     for m in args.m:
         keys = results[f"qkv M={m}"].keys()

@@ -138,11 +138,12 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
+        ended = self.scheduler.take_finished_outputs()
         if sched.is_empty:
-            return []
+            return ended
         result = self.runner.execute(sched)
         outputs = self.scheduler.update(sched, result.sampled)
         for out in outputs:
             out.logprobs = result.logprobs.get(out.request_id)
             out.prompt_logprobs = result.prompt_logprobs.get(out.request_id)
-        return outputs
+        return ended + outputs

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from tessellm.core.block_manager import BlockManager
@@ -102,6 +102,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished_ids: set[str] = set()  # to report to the runner next step
+        self.finished_outputs: list[EngineCoreOutput] = []  # ended in schedule(), see below
         self.num_preemptions_total = 0
 
     # -- admission -------------------------------------------------------------------------
@@ -159,13 +160,19 @@ class Scheduler:
             new_block_ids = self.kv.allocate(req, num_new)
             while new_block_ids is None:
                 victim = self.running.pop()  # the newest
+                if victim is req and i == 0:
+                    # Alone and still out of blocks: it outgrew the whole cache and would only
+                    # preempt itself forever. It ends here, as if at its length limit.
+                    self.running.append(req)
+                    self._finish_outgrown(req)
+                    break
                 self._preempt(victim)
                 preempted += 1
                 if victim is req:
                     break
                 new_block_ids = self.kv.allocate(req, num_new)
             if new_block_ids is None:
-                break  # req itself was preempted; everything after it already was
+                break  # req itself was preempted or finished; everything after it already was
             cached_reqs.append(CachedRequestData(req.request_id, new_block_ids, req.num_computed_tokens))
             num_scheduled[req.request_id] = num_new
             budget -= num_new
@@ -197,6 +204,9 @@ class Scheduler:
                 skipped.append(req)
                 break
             block_ids = self.kv.allocate(req, num_new, prefix)
+            if block_ids is None and not self.running:
+                self._finish_outgrown(req)  # nothing else holds blocks: it can never fit
+                continue
             if block_ids is None:
                 skipped.append(req)
                 break
@@ -220,6 +230,15 @@ class Scheduler:
         if num_new > budget and not self.config.enable_chunked_prefill:
             return 0
         return min(num_new, budget)
+
+    def _finish_outgrown(self, req: Request) -> None:
+        self._finish(req, RequestStatus.FINISHED_LENGTH)
+        self.finished_outputs.append(EngineCoreOutput(req.request_id, [], "length"))
+
+    def take_finished_outputs(self) -> list[EngineCoreOutput]:
+        """Requests the scheduler itself ended (they outgrew the KV cache), for the front end."""
+        outputs, self.finished_outputs = self.finished_outputs, []
+        return outputs
 
     def _waits_for_sibling(self, req: Request) -> bool:
         sibling = self.requests.get(req.wait_for) if req.wait_for else None

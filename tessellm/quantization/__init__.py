@@ -43,7 +43,10 @@ def make_quant_method(spec: QuantSpec, ops: QuantOps,
 
         return Int4Method(ops, {"format": spec.scheme, **spec.config})
     if spec.scheme == "gguf":
-        from tessellm.quantization.gguf import GgufMethod
-
+        try:
+            from tessellm.quantization.gguf import GgufMethod
+        except ImportError as exc:
+            raise ValueError("quantization='gguf' needs the 'gguf' package (pip install "
+                             "gguf).") from exc
         return GgufMethod(ops, spec.config)
     return None

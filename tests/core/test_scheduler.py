@@ -98,12 +98,13 @@ def test_prefix_hit_skips_computed_tokens():
 
 
 def test_preemption_and_resume_recomputes_everything():
-    s = make(num_blocks=6, block_size=4, budget=64)
+    # Each needs 7 blocks, both 14. Without prefix caching, a resume recomputes every token.
+    s = make(num_blocks=10, block_size=4, budget=64, prefix=False)
     s.add_request(req("old", 8, max_tokens=20))
     s.add_request(req("new", 8, max_tokens=20))
     run_step(s)  # both prefilled: 2 + 2 blocks plus room for decode
     preempted_seen = False
-    for _ in range(12):
+    for _ in range(30):
         out, _ = run_step(s)
         if out.num_preempted:
             preempted_seen = True
@@ -152,3 +153,31 @@ def test_rejects_prompts_that_can_never_run(n, msg):
     small = make(num_blocks=2, block_size=4)
     with pytest.raises(ValueError, match="KV cache"):
         small.add_request(req("b", 20))
+
+
+def test_request_that_outgrows_the_whole_cache_ends_instead_of_livelocking():
+    s = make(num_blocks=3, block_size=4)  # 12 tokens in all
+    s.add_request(req("big", 5, max_tokens=40))
+    for _ in range(20):
+        run_step(s)
+        ended = s.take_finished_outputs()
+        if ended:
+            break
+    assert [(o.request_id, o.finish_reason) for o in ended] == [("big", "length")]
+    assert not s.has_unfinished() and s.kv.num_free_blocks == s.kv.num_blocks
+
+
+def test_preempted_request_resumes_from_its_cached_blocks():
+    s = make(num_blocks=10, block_size=4, budget=64, prefix=True)
+    s.add_request(req("old", 8, max_tokens=20))
+    s.add_request(req("new", 8, max_tokens=20, start=100))
+    resumed = None
+    for _ in range(30):
+        out, _ = run_step(s)
+        if out.new_requests and out.new_requests[0].request_id == "new" and out.new_requests[0].num_computed_tokens:
+            resumed = out.new_requests[0]
+            break
+    assert resumed is not None, "the preempted request should come back with a prefix hit"
+    # Its tail blocks may have been evicted first (tail-first free); the head still hits.
+    assert resumed.num_computed_tokens % 4 == 0 and resumed.num_computed_tokens >= 4
+    assert out.num_scheduled_tokens["new"] == len(resumed.all_token_ids) - resumed.num_computed_tokens

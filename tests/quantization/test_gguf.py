@@ -8,14 +8,15 @@ backends' ops, and finally the bundled SmolLM2 Q4_1 file is loaded with ``quanti
 
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import pytest
 import torch
 
-from tessellm.backends.cpu.quant_ops import TorchQuantOps
-from tessellm.loader.gguf_loader import iter_gguf_weights
-from tessellm.quantization.gguf import segment_from_blocks
+gguf = pytest.importorskip("gguf")
+
+from tessellm.backends.cpu.quant_ops import TorchQuantOps  # noqa: E402
+from tessellm.loader.gguf_loader import iter_gguf_weights  # noqa: E402
+from tessellm.quantization.gguf import segment_from_blocks  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 ROWS, K = 24, 512

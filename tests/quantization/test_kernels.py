@@ -137,3 +137,18 @@ def test_gpu_paths_agree():
     small = qk.int8_gemm(x[:3], seg)
     assert torch.allclose(full.float(), deq.float(), rtol=2e-2, atol=2e-2)
     assert torch.allclose(small.float(), full[:3].float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_dequantize_kernels(dtype):
+    """The large-M path's dequantizers write exactly the format's dense weight (in dtype)."""
+    n, k = (256, 1024) if ON_GPU else (40, 256)
+    w = torch.randn(n, k, generator=_gen(n, k)) * 0.05
+    # exact in float32; in bf16 one rounding step (the CPU interpreter truncates, GPUs round)
+    tol = dict(rtol=0, atol=0) if dtype == F32 else dict(rtol=2**-7, atol=1e-6)
+    q, s, z = quantize_int4(w, 128)
+    segs = (quantize_int8(w), quantize_int8(w, 32), Int4Weight(pack_int4(q), s, -z * s, 0, 128))
+    for seg in segs:
+        seg = seg.to(DEV)
+        fn = qk.int8_dequantize if seg.kind == "int8" else qk.int4_dequantize
+        torch.testing.assert_close(fn(seg, dtype), seg.dequantize(torch.float32).to(dtype), **tol)
