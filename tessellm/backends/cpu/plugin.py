@@ -22,7 +22,7 @@ def tessellm_register_backends(register):
         is_available=lambda: True, memory_info=_memory_info,
         description="Pure-torch paged attention on the host CPU.",
         validated_on="hardware",
-        capabilities={"graph_capture": False, "quantization": []},
+        capabilities={"graph_capture": False, "quantization": ["int8", "fp8", "gguf"]},
     ))
 
 

@@ -33,7 +33,9 @@ def tessellm_register_backends(register):
         is_available=_is_available, memory_info=_memory_info, synchronize=_synchronize,
         description="NVIDIA GPUs: Triton paged attention and fused ops, CUDA graphs.",
         validated_on="hardware",
-        capabilities={"graph_capture": True},
+        capabilities={"graph_capture": True,
+                      "quantization": ["int8", "fp8", "awq", "gptq", "gguf"],
+                      "kv_cache_dtypes": ["auto", "fp8"]},
     ))
 
 
