@@ -42,8 +42,10 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="a directory with tokenizer files")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--enforce-eager", action="store_true", help="no graph capture")
-    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
-    g.add_argument("--quantization", default=None)
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
+                   help="auto | fp8 (e4m3 cache with per-tensor scales; cuda)")
+    g.add_argument("--quantization", default=None,
+                   help="int8 | fp8 | awq | gptq | gguf; unset: the checkpoint's own")
 
 
 def engine_args_from(args: argparse.Namespace, model: Optional[str]) -> EngineArgs:

@@ -135,8 +135,11 @@ def test_gpu_paths_agree():
     full = qk.int8_gemm(x, seg)
     deq = qk.TritonQuantOps().int8_mm(x, seg)
     small = qk.int8_gemm(x[:3], seg)
-    assert torch.allclose(full.float(), deq.float(), rtol=2e-2, atol=2e-2)
-    assert torch.allclose(small.float(), full[:3].float(), rtol=2e-2, atol=2e-2)
+    # bf16 outputs of K=8192 products: compare by relative norm (a wrong split or tile would
+    # be off by O(1), rounding differences are ~1e-3).
+    for a, b in ((full, deq), (small, full[:3])):
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert err < 1e-2, f"relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -144,8 +147,9 @@ def test_dequantize_kernels(dtype):
     """The large-M path's dequantizers write exactly the format's dense weight (in dtype)."""
     n, k = (256, 1024) if ON_GPU else (40, 256)
     w = torch.randn(n, k, generator=_gen(n, k)) * 0.05
-    # exact in float32; in bf16 one rounding step (the CPU interpreter truncates, GPUs round)
-    tol = dict(rtol=0, atol=0) if dtype == F32 else dict(rtol=2**-7, atol=1e-6)
+    # float32: exact up to FMA contraction on a GPU (~1 ulp); bf16: one rounding step (the CPU
+    # interpreter truncates, GPUs round)
+    tol = dict(rtol=2**-22, atol=1e-7) if dtype == F32 else dict(rtol=2**-7, atol=1e-6)
     q, s, z = quantize_int4(w, 128)
     segs = (quantize_int8(w), quantize_int8(w, 32), Int4Weight(pack_int4(q), s, -z * s, 0, 128))
     for seg in segs:
