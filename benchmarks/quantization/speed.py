@@ -106,28 +106,9 @@ def _engine(config: dict, args):
 
 
 def b1(llm, args) -> dict:
-    from tessellm import SamplingParams
-    from tessellm.entrypoints.bench_throughput import make_requests
+    from tessellm.entrypoints.bench_latency import measure
 
-    engine, core = llm.engine, llm.engine.core
-    engine.outputs.final_only = False
-    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-    ttfts, tpots = [], []
-    for it in range(args.b1_iters + 1):
-        req = make_requests(1, args.input_len, 256, 0.0, core.vocab_size, it)[0]
-        core.backend.synchronize()
-        start = time.perf_counter()
-        engine.add_request(f"b{it}", {"prompt_token_ids": req.prompt_token_ids}, params)
-        first = None
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if first is None and out.outputs[0].token_ids:
-                    first = time.perf_counter()
-        end = time.perf_counter()
-        if it:
-            ttfts.append(first - start)
-            tpots.append((end - first) / (args.output_len - 1))
-    engine.outputs.final_only = True
+    ttfts, tpots = measure(llm, args.input_len, args.output_len, args.b1_iters)
     return {"ttft_ms": round(statistics.median(ttfts) * 1e3, 2),
             "tpot_ms": round(statistics.median(tpots) * 1e3, 3)}
 

@@ -24,29 +24,13 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from tessellm import LLM, SamplingParams
+    from tessellm import LLM
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, seed=args.seed,
               enable_prefix_caching=False)
-    engine, core = llm.engine, llm.engine.core
-    engine.outputs.final_only = False  # we watch for the first token
-    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-    ttfts, tpots = [], []
-    for it in range(args.num_iters + 1):  # the first is a warm-up
-        req = make_requests(1, args.input_len, args.output_len, 0.0, core.vocab_size, args.seed + it)[0]
-        core.backend.synchronize()
-        start = time.perf_counter()
-        engine.add_request(f"b{it}", {"prompt_token_ids": req.prompt_token_ids}, params)
-        first = None
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if first is None and out.outputs[0].token_ids:
-                    first = time.perf_counter()
-        end = time.perf_counter()
-        if it:
-            ttfts.append(first - start)
-            tpots.append((end - first) / (args.output_len - 1))
+    ttfts, tpots = measure(llm, args.input_len, args.output_len, args.num_iters, args.seed)
+    core = llm.engine.core
     result = {"device": core.backend.name, "input_len": args.input_len, "output_len": args.output_len,
               "ttft_ms_median": round(statistics.median(ttfts) * 1e3, 2),
               "tpot_ms_median": round(statistics.median(tpots) * 1e3, 3),
@@ -57,3 +41,31 @@ def run(args) -> int:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def measure(llm, input_len: int, output_len: int, num_iters: int, seed: int = 0):
+    """Batch-1 runs (after one warm-up): lists of TTFT and time per output token, in seconds."""
+    from tessellm import SamplingParams
+
+    engine, core = llm.engine, llm.engine.core
+    final_only, engine.outputs.final_only = engine.outputs.final_only, False  # watch 1st token
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    ttfts, tpots = [], []
+    try:
+        for it in range(num_iters + 1):
+            req = make_requests(1, input_len, output_len, 0.0, core.vocab_size, seed + it)[0]
+            core.backend.synchronize()
+            start = time.perf_counter()
+            engine.add_request(f"latency-{it}", {"prompt_token_ids": req.prompt_token_ids}, params)
+            first = None
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if first is None and out.outputs[0].token_ids:
+                        first = time.perf_counter()
+            end = time.perf_counter()
+            if it:
+                ttfts.append(first - start)
+                tpots.append((end - first) / (output_len - 1))
+    finally:
+        engine.outputs.final_only = final_only
+    return ttfts, tpots
