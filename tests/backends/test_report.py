@@ -19,7 +19,7 @@ def test_lists_every_backend_with_plugin_availability_and_validation():
     assert rows["tpu"][-1] == "untested" and rows["xpu"][-1] == "untested"
     assert "--device=auto selects: cpu" in text
     assert "Never run on an AMD GPU" in text  # the honest validation note
-    assert "quantization=[fp8]" in text
+    assert "quantization=[fp8,int8,awq,gptq,gguf]" in text  # rocm
     assert "  pieces (for" not in text
 
 

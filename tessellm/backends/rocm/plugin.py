@@ -44,7 +44,8 @@ def tessellm_register_backends(register):
         description="AMD Instinct GPUs (ROCm): Triton paged attention with AMD tiles, HIP "
                     "graphs, fp8 e4m3fnuz weights, rccl.",
         validated_on=VALIDATED_EMULATION, validation_note=VALIDATION_NOTE,
-        capabilities={"graph_capture": True, "quantization": ["fp8"],
+        capabilities={"graph_capture": True,
+                      "quantization": ["fp8", "int8", "awq", "gptq", "gguf"],
                       "kv_cache_dtypes": ["auto"], "sliding_window": True,
                       "communicator": "rccl (torch 'nccl')"},
     ))
@@ -80,8 +81,15 @@ def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
 
 @hookimpl
 def tessellm_quant_method(backend: Backend, spec: QuantSpec):
-    if backend.name != NAME or spec.scheme != "fp8":
+    """fp8: e4m3fnuz weights (MI300); int8/awq/gptq/gguf: the shared Triton dequantize-in-GEMM
+    kernels, which do not depend on the fp8 format."""
+    if backend.name != NAME:
         return None
-    from tessellm.backends.rocm.quant import RocmFp8LinearMethod
+    if spec.scheme == "fp8":
+        from tessellm.backends.rocm.quant import RocmFp8LinearMethod
 
-    return RocmFp8LinearMethod()
+        return RocmFp8LinearMethod()
+    from tessellm.backends.cuda.quant_kernels import TritonQuantOps
+    from tessellm.quantization import make_quant_method
+
+    return make_quant_method(spec, TritonQuantOps(use_scaled_mm=False))

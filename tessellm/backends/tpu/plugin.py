@@ -9,7 +9,7 @@ real TPU (``xla_attention.py``), the XLA program per bucket as graph capture
 
 from __future__ import annotations
 
-from tessellm.backends.spec import (VALIDATED_UNTESTED, AttentionSpec, Backend, GraphSpec,
+from tessellm.backends.spec import (QuantSpec, VALIDATED_UNTESTED, AttentionSpec, Backend, GraphSpec,
                                     OpsSpec, hookimpl)
 
 NAME = "tpu"
@@ -62,7 +62,8 @@ def tessellm_register_backends(register):
         description="Google TPUs via torch-xla: bucketed shapes, Pallas paged attention on TPU, "
                     "an XLA-compiled padded path elsewhere (PJRT_DEVICE=CPU for tests).",
         validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
-        capabilities={"graph_capture": True, "quantization": [], "kv_cache_dtypes": ["auto"],
+        capabilities={"graph_capture": True, "quantization": ["int8", "fp8", "gguf"],
+                      "kv_cache_dtypes": ["auto"],
                       "sliding_window": True, "shape_buckets": "powers of two"},
     ))
 
@@ -92,3 +93,13 @@ def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
     from tessellm.backends.tpu.graph_runner import XlaGraphRunner, pow2_capture_sizes
 
     return XlaGraphRunner(spec.capture_sizes or pow2_capture_sizes(spec.max_num_seqs))
+
+@hookimpl
+def tessellm_quant_method(backend: Backend, spec: QuantSpec):
+    """int8, fp8 (emulated W8A8) and gguf through the device-agnostic torch ops."""
+    if backend.name != NAME:
+        return None
+    from tessellm.backends.cpu.quant_ops import TorchQuantOps
+    from tessellm.quantization import make_quant_method
+
+    return make_quant_method(spec, TorchQuantOps())

@@ -8,7 +8,7 @@ Communicator: xccl (torch >= 2.8). Nothing here has run on an Intel GPU: see VAL
 
 from __future__ import annotations
 
-from tessellm.backends.spec import (VALIDATED_UNTESTED, AttentionSpec, Backend, GraphSpec,
+from tessellm.backends.spec import (QuantSpec, VALIDATED_UNTESTED, AttentionSpec, Backend, GraphSpec,
                                     OpsSpec, hookimpl)
 
 NAME = "xpu"
@@ -43,7 +43,8 @@ def tessellm_register_backends(register):
         description="Intel GPUs (torch.xpu): IPEX paged attention when installed, else pure "
                     "torch; XPU graphs; xccl.",
         validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
-        capabilities={"graph_capture": True, "quantization": [], "kv_cache_dtypes": ["auto"],
+        capabilities={"graph_capture": True, "quantization": ["int8", "fp8", "gguf"],
+                      "kv_cache_dtypes": ["auto"],
                       "sliding_window": True, "ipex": "optional"},
     ))
 
@@ -88,3 +89,13 @@ def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
 
     return TorchDeviceGraphRunner(spec.capture_sizes or default_capture_sizes(spec.max_num_seqs),
                                   device_api="xpu", name="xpu-graphs")
+
+@hookimpl
+def tessellm_quant_method(backend: Backend, spec: QuantSpec):
+    """int8, fp8 (emulated W8A8) and gguf through the device-agnostic torch ops."""
+    if backend.name != NAME:
+        return None
+    from tessellm.backends.cpu.quant_ops import TorchQuantOps
+    from tessellm.quantization import make_quant_method
+
+    return make_quant_method(spec, TorchQuantOps())
