@@ -35,7 +35,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(start, end, first scored position) per window; every position >= 1 scored once."""
+    """(start, end, first scored position) per window; every position >= 1 scored once.
+
+    A window's first token has no logprob, so windows must overlap: stride < window.
+    """
+    if not 0 < stride < window:
+        raise ValueError(f"--stride ({stride}) must be in (0, --window ({window})): windows must "
+                         "overlap so each scored token has context in its window.")
     out, start, scored_to = [], 0, 1
     while scored_to < n:
         end = min(start + window, n)
