@@ -187,12 +187,3 @@ class BlockManager:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self.free_queue[block.block_id] = block
-
-    def reset_prefix_cache(self) -> bool:
-        """Drop every cached prefix. Only possible while no block is held."""
-        if self.num_free_blocks != self.num_blocks:
-            return False
-        for block in self.blocks:
-            block.block_hash = None
-        self.cached.clear()
-        return True

@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.scheduler import check_prompt_fits
 
 PromptType = Union[str, list[int], dict]
 
@@ -47,15 +48,8 @@ class InputProcessor:
             raise ValueError("The prompt is empty; give at least one token.")
         if not all(isinstance(t, int) and 0 <= t < self.info.vocab_size for t in ids):
             raise ValueError(f"Prompt token ids must be integers in [0, {self.info.vocab_size}).")
-        limit = self.info.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(f"The prompt has {len(ids)} tokens but the model's context length is "
-                             f"{limit}; shorten the prompt to at most {limit - 1} tokens.")
-        capacity = self.info.num_kv_blocks * self.info.block_size
-        if len(ids) + 1 > capacity:
-            raise ValueError(f"The prompt has {len(ids)} tokens but the KV cache holds only "
-                             f"{capacity} tokens; give the cache more blocks (num_kv_blocks) or "
-                             "shorten the prompt.")
+        check_prompt_fits(len(ids), self.info.max_model_len,
+                          self.info.num_kv_blocks * self.info.block_size)
         return p
 
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,

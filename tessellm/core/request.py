@@ -60,7 +60,6 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[object] = None  # the stop token id or string that ended it
         self.num_preemptions = 0
-        self.first_scheduled_time: Optional[float] = None
         self.block_hashes: list[int] = []  # prefix hashes of this request's full blocks
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
 

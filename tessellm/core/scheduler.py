@@ -17,7 +17,6 @@ Invariants
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -94,6 +93,19 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
 
 
+def check_prompt_fits(num_tokens: int, max_model_len: int, kv_capacity_tokens: int) -> None:
+    """One clear ValueError for a prompt that can never run; shared by the front end and core."""
+    if num_tokens == 0:
+        raise ValueError("The prompt is empty; give at least one token.")
+    if num_tokens >= max_model_len:
+        raise ValueError(f"The prompt has {num_tokens} tokens but the model's context length is "
+                         f"{max_model_len}; shorten the prompt to at most {max_model_len - 1} tokens.")
+    if num_tokens + 1 > kv_capacity_tokens:
+        raise ValueError(f"The prompt has {num_tokens} tokens but the KV cache holds only "
+                         f"{kv_capacity_tokens} tokens; give the cache more blocks (num_kv_blocks) "
+                         "or shorten the prompt.")
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         self.config = config
@@ -114,18 +126,8 @@ class Scheduler:
 
     def check_fits(self, request: Request) -> None:
         """Refuse a request that could never run, before it is queued."""
-        if request.num_prompt_tokens == 0:
-            raise ValueError("The prompt is empty; give at least one token.")
-        limit = self.config.max_model_len
-        if request.num_prompt_tokens >= limit:
-            raise ValueError(
-                f"The prompt has {request.num_prompt_tokens} tokens but the model's context length "
-                f"is {limit}; shorten the prompt to at most {limit - 1} tokens.")
-        if self.kv.blocks_needed(request.num_prompt_tokens + 1) > self.kv.num_blocks:
-            raise ValueError(
-                f"The prompt has {request.num_prompt_tokens} tokens but the KV cache holds only "
-                f"{self.kv.num_blocks * self.kv.block_size} tokens; give the cache more blocks "
-                f"(num_kv_blocks) or shorten the prompt.")
+        check_prompt_fits(request.num_prompt_tokens, self.config.max_model_len,
+                          self.kv.num_blocks * self.kv.block_size)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
         """Finish requests as aborted and free their blocks. Unknown ids are ignored."""
@@ -213,8 +215,6 @@ class Scheduler:
             req.num_computed_tokens += num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = time.time()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             new_reqs.append(NewRequestData(
