@@ -36,6 +36,9 @@ class EngineArgs:
     chat_template: Optional[str] = None  # a file path or the template text
     kv_cache_dtype: str = "auto"
     quantization: Optional[str] = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: Optional[str] = None  # uni, mp, ray; None: uni for one device, else mp
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -45,7 +48,11 @@ class EngineArgs:
                              "use auto, safetensors, gguf or dummy.")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}.")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len"):
+        if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):
+            raise ValueError(f"distributed_executor_backend {self.distributed_executor_backend!r} is "
+                             "not supported; use mp (processes on this host) or ray.")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len",
+                     "tensor_parallel_size", "pipeline_parallel_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")

@@ -7,27 +7,23 @@ the GPU loop never waits on JSON, HTTP or the tokenizer.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-import torch
-
 from tessellm.backends.registry import get_registry
-from tessellm.backends.spec import GraphSpec
 from tessellm.config import (EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len,
                              resolve_model)
 from tessellm.core.block_manager import BlockManager
-from tessellm.core.model_runner import ModelRunner
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
-from tessellm.core.scheduler import EngineCoreOutput, Scheduler, SchedulerConfig
-from tessellm.envs import cpu_kv_cache_bytes
+from tessellm.core.scheduler import EngineCoreOutput, Scheduler, SchedulerConfig, SchedulerOutput
+from tessellm.distributed.executor import make_executor
+from tessellm.distributed.worker import default_max_num_batched_tokens
 
 logger = logging.getLogger(__name__)
-
-_CPU_KV_CACHE_DEFAULT = 4 << 30
 
 
 @dataclass
@@ -68,60 +64,48 @@ class EngineCore:
         self.dtype = resolve_dtype(args.dtype, config, self.backend.device_type)
         self.max_model_len = resolve_max_model_len(args.max_model_len, config)
         self.eos_token_ids = generation_eos_ids(self.source)
-        torch.manual_seed(args.seed)
-        load_format = args.load_format if args.load_format != "auto" else self.source.kind
-        from tessellm.loader.model_loader import build_model
-
-        t0 = time.perf_counter()
-        model, kernel = build_model(self.source, load_format, registry, self.backend, self.dtype,
-                                    self.device, args.block_size, args.kv_cache_dtype, args.seed,
-                                    quantization=args.quantization)
-        from tessellm.quantization.support import kv_cache_torch_dtype
-
-        self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
         self.vocab_size = config.vocab_size
-        graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, args.enforce_eager,
-                                                               dtype=self.dtype))
-        self.runner = ModelRunner(model, kernel, self.backend, self.device, args.block_size,
-                                  self.vocab_size, tuple(self.eos_token_ids), args.seed,
-                                  self.max_model_len, graphs)
-        # Large prefill chunks keep accelerator GEMMs compute-bound (measured on an H200: 8192-token
-        # steps ran prefill at ~400 TFLOP/s, 16384-token steps at ~710; benchmarks/README.md).
-        max_batched = args.max_num_batched_tokens or (2048 if self.backend.device_type == "cpu" else 16384)
-        num_blocks = self._num_kv_blocks(args, max_batched)
-        self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
-        self.runner.capture_graphs()
-        logger.info("Loaded %s on %s in %.1fs; KV cache: %d blocks x %d tokens = %d tokens",
-                    self.source.path, self.backend.name, time.perf_counter() - t0, num_blocks,
-                    args.block_size, num_blocks * args.block_size)
+        t0 = time.perf_counter()
+        # One worker per device: in this process for one device, else processes or Ray actors
+        # (tessellm.distributed.executor). Every rank sizes its KV cache; the smallest wins.
+        self.executor = make_executor(args)
+        try:
+            num_blocks = self.executor.num_kv_blocks()
+            self.executor.initialize_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.parallel = self.executor.parallel
+        max_batched = default_max_num_batched_tokens(args, self.backend.device_type)
+        logger.info("Loaded %s on %s (%d rank(s)) in %.1fs; KV cache: %d blocks x %d tokens = %d tokens",
+                    self.source.path, self.backend.name, self.parallel.world_size,
+                    time.perf_counter() - t0, num_blocks, args.block_size, num_blocks * args.block_size)
         self.kv = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, max_batched, self.max_model_len,
-                                                   args.enable_chunked_prefill), self.kv)
+                                                   args.enable_chunked_prefill,
+                                                   self.parallel.pipeline_parallel_size), self.kv)
         self.info = EngineInfo(self.source.path, self.source.kind, self.max_model_len, self.vocab_size,
                                num_blocks, args.block_size, self.eos_token_ids, self.backend.name,
                                str(self.dtype).replace("torch.", ""))
+        # Steps submitted and not collected, oldest first (several only with pipeline stages).
+        self.batch_queue: collections.deque[SchedulerOutput] = collections.deque()
 
-    def _num_kv_blocks(self, args: EngineArgs, max_batched: int) -> int:
-        per_block = self.runner.kv_bytes_per_block(self.kv_dtype)
-        cap = args.max_num_seqs * -(-self.max_model_len // args.block_size)  # never need more
-        if args.num_kv_blocks is not None:
-            return args.num_kv_blocks
-        if self.backend.device_type == "cpu":
-            budget = cpu_kv_cache_bytes() or _CPU_KV_CACHE_DEFAULT
-        else:
-            budget = self._device_budget(args, max_batched)
-        blocks = min(cap, budget // per_block)
-        if blocks < 1:
-            raise RuntimeError(f"No memory is left for the KV cache on {self.backend.name} "
-                               "after loading the model; raise gpu_memory_utilization or use a "
-                               "smaller model.")
-        return int(blocks)
+    @property
+    def runner(self):
+        """The model runner, when it lives in this process (one device)."""
+        worker = getattr(self.executor, "worker", None)
+        if worker is None:
+            raise AttributeError("The model runs in worker processes; there is no runner here.")
+        return worker.runner
 
-    def _device_budget(self, args: EngineArgs, max_batched: int) -> int:
-        """Run one forward at the largest step size, then take what is left of the card."""
-        self.runner.profile_run(max_batched)
-        free, total = self.backend.memory_info()
-        return int(free - total * (1 - args.gpu_memory_utilization))
+    @property
+    def kv_dtype(self):
+        """The KV cache dtype (fp8 with kv_cache_dtype="fp8"), as every rank allocates it."""
+        return self.executor.worker_info[0]["kv_dtype"] if not hasattr(self.executor, "worker") \
+            else self.executor.worker.kv_dtype
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     # -- the engine loop -------------------------------------------------------------------
 
@@ -134,14 +118,26 @@ class EngineCore:
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.batch_queue)
 
     def step(self) -> list[EngineCoreOutput]:
+        """Schedule and run one step; return what requests produced.
+
+        With pipeline stages, up to ``max_concurrent_batches`` steps are in flight: while one
+        is free, a new batch (of requests not in flight) is submitted and the call returns at
+        once; otherwise it waits for the oldest step and returns its outputs.
+        """
         sched = self.scheduler.schedule()
         ended = self.scheduler.take_finished_outputs()
-        if sched.is_empty:
+        if not sched.is_empty:
+            self.executor.submit(sched)
+            self.batch_queue.append(sched)
+            if len(self.batch_queue) < self.executor.max_concurrent_batches:
+                return ended
+        elif not self.batch_queue:
             return ended
-        result = self.runner.execute(sched)
+        sched = self.batch_queue.popleft()
+        result = self.executor.collect()
         outputs = self.scheduler.update(sched, result.sampled)
         for out in outputs:
             out.logprobs = result.logprobs.get(out.request_id)

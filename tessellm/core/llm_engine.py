@@ -42,6 +42,9 @@ class LLMEngine:
         self.outputs.abort(request_id)
         self.core.abort_requests(ids)
 
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
 

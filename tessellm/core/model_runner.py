@@ -12,6 +12,12 @@ scheduler says changed. Per step it builds, on the host and then copies to the d
     logits_indices:  [0]           [3]        (only B's last token samples, if it ends B's prompt)
 
 Decode requests (one query token) are ordered first, as AttentionBatch requires.
+
+Under tensor parallelism every rank runs this same code on its shard of the model; the logits
+are gathered whole on every rank and every rank samples, identically (same seed, same ops), so
+each keeps its own copy of the tokens. Under pipeline parallelism a stage that is not the first
+receives ``(hidden, residual)`` from the previous one, and one that is not the last sends them
+on and samples nothing: it learns the sampled tokens from the scheduler (``new_token_ids``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from tessellm.core.attention_batch import AttentionBatch
 from tessellm.core.block_table import PersistentBlockTable
 from tessellm.core.sampler import Sampler, SamplerOutput, SamplingBatch, seed_for_position
 from tessellm.core.scheduler import SchedulerOutput
+from tessellm.distributed.parallel_state import PipelineStage
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +61,11 @@ class ModelRunnerOutput:
 class ModelRunner:
     def __init__(self, model, kernel, backend, device: torch.device, block_size: int,
                  vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
-                 max_model_len: int = 2048, graph_runner=None):
+                 max_model_len: int = 2048, graph_runner=None, pp: Optional[PipelineStage] = None,
+                 dtype: torch.dtype = torch.float32):
         self.model = model
+        self.pp = pp or PipelineStage()
+        self.dtype = dtype  # of activations (hidden states sent between stages)
         self.kernel = kernel  # the attention kernel all layers share
         self.backend = backend
         self.device = device
@@ -88,14 +98,16 @@ class ModelRunner:
         """One forward at ``num_tokens`` so the allocator reaches its peak before KV sizing."""
         from tessellm.core.sampling_params import SamplingParams
 
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype = self.dtype
         num_blocks = -(-num_tokens // self.block_size)
         self.allocate_kv_cache(num_blocks, dtype)
         state = RunnerRequest("profile", [0] * num_tokens, num_tokens, SamplingParams(max_tokens=1),
                               list(range(num_blocks)), 0)
         inputs = self._prepare_inputs([state], [num_tokens])
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kernel.build_metadata(inputs.attn))
-        self.model.compute_logits(hidden[-min(num_tokens, 256):])
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kernel.build_metadata(inputs.attn),
+                            self._dummy_intermediate(num_tokens))
+        if self.pp.is_last:
+            self.model.compute_logits(hidden[-min(num_tokens, 256):])
         self.backend.synchronize()
         self.allocate_kv_cache(0, dtype)
 
@@ -116,6 +128,9 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             self.tables.append(state.row, cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+            if cached.new_token_ids and not self.pp.is_last:  # tokens another stage sampled
+                del state.token_ids[cached.num_computed_tokens:]
+                state.token_ids.extend(cached.new_token_ids)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -131,7 +146,14 @@ class ModelRunner:
         else:
             inputs = self._prepare_inputs(states, counts)
             metadata = self.kernel.build_metadata(inputs.attn)
-            hidden = self.model(inputs.input_ids, inputs.positions, metadata)
+            intermediate = None
+            if not self.pp.is_first:
+                intermediate = self.pp.recv([(inputs.attn.num_tokens, self._hidden_size)] * 2,
+                                            self.dtype, self.device)
+            hidden = self.model(inputs.input_ids, inputs.positions, metadata, intermediate)
+            if not self.pp.is_last:
+                self.pp.send(list(hidden))
+                return out
             sampling_rows = [s for s, samples in zip(states, inputs.samples) if samples]
             if inputs.prompt_lp_rows:
                 self._prompt_logprobs(hidden, inputs, out)
@@ -141,6 +163,17 @@ class ModelRunner:
         result = self.sampler(logits, self._sampling_batch(sampling_rows))
         self._collect(sampling_rows, result, out)
         return out
+
+    @property
+    def _hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def _dummy_intermediate(self, num_tokens: int):
+        if self.pp.is_first:
+            return None
+        shape = (num_tokens, self._hidden_size)
+        return (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device))
 
     # -- graphs ----------------------------------------------------------------------------
 

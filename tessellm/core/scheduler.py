@@ -13,12 +13,16 @@ Invariants
   request is preempted (its blocks freed, ``num_computed_tokens`` reset) and put back at the
   front of ``waiting``; it is recomputed later from its tokens, so its results are unchanged.
 * No waiting request is admitted in a step that preempted (it would only be preempted again).
+* A request scheduled in a batch whose results have not come back (``in_flight``; several
+  batches are in flight only under pipeline parallelism) is neither scheduled again nor
+  preempted until ``update`` sees that batch.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from tessellm.core.block_manager import BlockManager
@@ -31,6 +35,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # tokens computed in one step at most
     max_model_len: int = 2048  # prompt + output tokens per request at most
     enable_chunked_prefill: bool = True  # split prompts longer than the step's budget
+    pipeline_parallel_size: int = 1  # > 1: cached requests carry their new token ids
 
 
 @dataclass
@@ -52,6 +57,9 @@ class CachedRequestData:
     request_id: str
     new_block_ids: list[int]  # appended to the runner's block table for the request
     num_computed_tokens: int  # before this step
+    # Pipeline parallelism only: the tokens this step computes, for stages that do not sample
+    # (the last stage samples; the first needs the sampled ids as its next inputs).
+    new_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -91,6 +99,8 @@ class EngineCoreOutput:
     logprobs: Optional[list] = None  # per new token: (token_id, logprob, rank, [(id, lp), ...])
     prompt_logprobs: Optional[list] = None  # per prompt position (first is None)
     num_cached_tokens: int = 0
+    # time.time() when the request was first scheduled; on its first output only (queue time).
+    first_scheduled_time: Optional[float] = None
 
 
 def check_prompt_fits(num_tokens: int, max_model_len: int, kv_capacity_tokens: int) -> None:
@@ -116,6 +126,8 @@ class Scheduler:
         self.finished_ids: set[str] = set()  # to report to the runner next step
         self.finished_outputs: list[EngineCoreOutput] = []  # ended in schedule(), see below
         self.num_preemptions_total = 0
+        self.in_flight: set[str] = set()  # scheduled, results not back yet
+        self.num_scheduled_tokens_total = 0  # over all steps: the metrics' per-step token counts
 
     # -- admission -------------------------------------------------------------------------
 
@@ -155,19 +167,19 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = self._num_new_tokens(req, budget)
+            num_new = 0 if req.request_id in self.in_flight else self._num_new_tokens(req, budget)
             if num_new == 0:
                 i += 1
                 continue
             new_block_ids = self.kv.allocate(req, num_new)
             while new_block_ids is None:
-                victim = self.running.pop()  # the newest
-                if victim is req and i == 0:
+                j = self._victim_index(i)  # the newest request after req not in flight
+                if j == i and len(self.running) == 1:
                     # Alone and still out of blocks: it outgrew the whole cache and would only
                     # preempt itself forever. It ends here, as if at its length limit.
-                    self.running.append(req)
                     self._finish_outgrown(req)
                     break
+                victim = self.running.pop(j)
                 self._preempt(victim)
                 preempted += 1
                 if victim is req:
@@ -175,7 +187,11 @@ class Scheduler:
                 new_block_ids = self.kv.allocate(req, num_new)
             if new_block_ids is None:
                 break  # req itself was preempted or finished; everything after it already was
-            cached_reqs.append(CachedRequestData(req.request_id, new_block_ids, req.num_computed_tokens))
+            tokens = []
+            if self.config.pipeline_parallel_size > 1:
+                tokens = req.all_token_ids[req.num_computed_tokens:req.num_computed_tokens + num_new]
+            cached_reqs.append(CachedRequestData(req.request_id, new_block_ids,
+                                                 req.num_computed_tokens, tokens))
             num_scheduled[req.request_id] = num_new
             budget -= num_new
             i += 1
@@ -184,8 +200,10 @@ class Scheduler:
             budget = self._admit_waiting(budget, num_scheduled, new_reqs)
 
         self.num_preemptions_total += preempted
+        self.in_flight.update(num_scheduled)
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
                               sum(num_scheduled.values()), self.finished_ids, preempted)
+        self.num_scheduled_tokens_total += out.total_num_scheduled_tokens
         self.finished_ids = set()
         return out
 
@@ -199,7 +217,7 @@ class Scheduler:
                 continue
             # Prompt logprobs need every prompt position computed: no prefix hit for those.
             use_cache = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
-            prefix = self.kv.find_cached_prefix(req) if use_cache else []
+            prefix = self.kv.find_cached_prefix(req, count=False) if use_cache else []
             num_hit = len(prefix) * self.kv.block_size
             num_new = self._num_new_tokens(req, budget, already=num_hit)
             if num_new == 0:
@@ -212,9 +230,12 @@ class Scheduler:
             if block_ids is None:
                 skipped.append(req)
                 break
+            if use_cache and self.kv.enable_prefix_caching:
+                self.kv.stats.record(req.num_tokens, num_hit)  # once per admission, not per retry
             req.num_computed_tokens += num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
+                req.first_scheduled_time = time.time()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             new_reqs.append(NewRequestData(
@@ -224,6 +245,14 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         return budget
+
+    def _victim_index(self, i: int) -> int:
+        """Index of the request to preempt for ``running[i]``: the newest one after it that is
+        not in flight, else ``i`` itself."""
+        for j in range(len(self.running) - 1, i, -1):
+            if self.running[j].request_id not in self.in_flight:
+                return j
+        return i
 
     def _num_new_tokens(self, req: Request, budget: int, already: int = 0) -> int:
         num_new = req.num_tokens - req.num_computed_tokens - already
@@ -263,6 +292,7 @@ class Scheduler:
         """
         outputs = []
         for rid, num in sched.num_scheduled_tokens.items():
+            self.in_flight.discard(rid)
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue  # aborted while the step ran
@@ -279,8 +309,10 @@ class Scheduler:
                 if status is not None:
                     self._finish(req, status)
                     break
+            first = len(appended) == req.num_output_tokens
             outputs.append(EngineCoreOutput(rid, appended, req.status.finish_reason, req.stop_reason,
-                                            num_cached_tokens=max(req.num_cached_tokens, 0)))
+                                            num_cached_tokens=max(req.num_cached_tokens, 0),
+                                            first_scheduled_time=req.first_scheduled_time if first else None))
         return outputs
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+
+from tessellm.distributed.parallel_state import PipelineStage, TensorParallel
 
 
 @dataclass
@@ -15,3 +17,5 @@ class ModelContext:
     dtype: torch.dtype
     device: torch.device
     quant_method: Any = None  # QuantMethod for linear layers, or None (dense weights)
+    tp: TensorParallel = field(default_factory=TensorParallel)  # this rank's tensor-parallel group
+    pp: PipelineStage = field(default_factory=PipelineStage)  # this rank's pipeline stage

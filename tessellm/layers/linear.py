@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tessellm.distributed.parallel_state import TensorParallel
+
 
 class Linear(nn.Module):
     """``y = x W^T + b``. A fused layer stacks several logical weights along the output dim.
@@ -40,6 +42,7 @@ class Linear(nn.Module):
         """Copy a checkpoint tensor (``name`` is "weight" or "bias") into its rows. A quant
         method with ``load_weight`` (tessellm.quantization's) takes the tensor instead: it knows
         where quantized pieces (``qweight``, ``weight_scale``, ...) of a shard go."""
+        tensor = materialize(tensor)
         load_weight = getattr(self.quant_method, "load_weight", None)
         if load_weight is not None:
             load_weight(self, name, tensor, shard)
@@ -50,6 +53,88 @@ class Linear(nn.Module):
             return
         start = sum(self.output_sizes[:shard])
         _copy_checked(param.data[start:start + self.output_sizes[shard]], tensor, name)
+
+
+class ColumnParallelLinear(Linear):
+    """Output rows split over the tensor-parallel group. Each logical shard is split on its own,
+    so a fused layer keeps its layout on every rank::
+
+        full qkv rows:  [ q0 q1 | k0 k1 | v0 v1 ]        (T=2)
+        rank 0 holds:   [ q0 | k0 | v0 ]    rank 1: [ q1 | k1 | v1 ]
+
+    ``shard_ranges`` overrides the even split: per logical shard, ``(first row, rows)`` of the
+    checkpoint tensor this rank holds (the attention layer passes it to replicate KV heads when
+    there are fewer of them than ranks). The output stays split: the next layer is row-parallel.
+    """
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
+                 quant_method=None, tp: Optional[TensorParallel] = None,
+                 shard_ranges: Optional[Sequence[tuple[int, int]]] = None):
+        self.tp = tp or TensorParallel()
+        if shard_ranges is None:
+            shard_ranges = []
+            for size in output_sizes:
+                if size % self.tp.size:
+                    raise ValueError(f"An output size of {size} does not split over "
+                                     f"tensor_parallel_size {self.tp.size}; use a size that divides it.")
+                rows = size // self.tp.size
+                shard_ranges.append((self.tp.rank * rows, rows))
+        self.shard_ranges = list(shard_ranges)
+        super().__init__(input_size, [rows for _, rows in self.shard_ranges], bias, quant_method)
+
+    def load_shard(self, name: str, tensor, shard: Optional[int]) -> None:
+        if self.tp.size > 1:
+            _check_dense(self, name)
+            start, rows = self.shard_ranges[shard or 0]
+            tensor = tensor.narrow(0, start, rows)  # only these rows are read from the file
+        super().load_shard(name, tensor, shard)
+
+
+class RowParallelLinear(Linear):
+    """Input columns split over the group; partial products summed with an all-reduce::
+
+        x = [x0 | x1] (split by the column-parallel layer before)   W = [W0 | W1]
+        y = all_reduce(x_r W_r^T) + b     (the bias is added once, after the sum)
+    """
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, quant_method=None,
+                 tp: Optional[TensorParallel] = None):
+        self.tp = tp or TensorParallel()
+        if input_size % self.tp.size:
+            raise ValueError(f"An input size of {input_size} does not split over "
+                             f"tensor_parallel_size {self.tp.size}; use a size that divides it.")
+        local = input_size // self.tp.size
+        super().__init__(local, [output_size], bias, quant_method)
+        self.input_start = self.tp.rank * local
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(x)
+        if self.quant_method is not None:
+            y = self.quant_method.apply(self, x, None)
+        else:
+            y = F.linear(x, self.weight)
+        y = self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+    def load_shard(self, name: str, tensor, shard: Optional[int]) -> None:
+        if self.tp.size > 1 and name != "bias":
+            _check_dense(self, name)
+            tensor = tensor.narrow(1, self.input_start, self.input_size)
+        super().load_shard(name, tensor, shard)
+
+
+def materialize(tensor) -> torch.Tensor:
+    """A checkpoint tensor read lazily (``loader.safetensors_loader.LazyTensor``) or a tensor."""
+    return tensor if isinstance(tensor, torch.Tensor) else tensor.materialize()
+
+
+def _check_dense(layer: Linear, name: str) -> None:
+    if name not in ("weight", "bias"):
+        raise NotImplementedError(
+            f"Tensor parallelism splits dense (or quantized-on-load) checkpoints only; the "
+            f"checkpoint tensor {name!r} of a pre-quantized model cannot be split yet. Run it "
+            "with tensor_parallel_size=1, or use a bf16/fp16 checkpoint.")
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from tessellm.backends.reference.ops import ReferenceOps
 from tessellm.backends.spec import AttentionSpec, OpsSpec
 from tessellm.config import ModelSource
+from tessellm.distributed.parallel_state import PipelineStage, TensorParallel
 from tessellm.layers.context import ModelContext
 from tessellm.models.registry import model_class
 from tessellm.quantization.config import resolve_quant_spec
@@ -22,8 +23,12 @@ from tessellm.quantization.support import check_kv_cache_dtype, quant_method_or_
 
 def build_model(source: ModelSource, load_format: str, registry, backend, dtype: torch.dtype,
                 device: torch.device, block_size: int, kv_cache_dtype: str = "auto", seed: int = 0,
-                quantization: Optional[str] = None):
+                quantization: Optional[str] = None, tp: Optional[TensorParallel] = None,
+                pp: Optional[PipelineStage] = None):
     """Returns ``(model, attention_kernel)``; the kernel is shared by every layer.
+
+    ``tp`` / ``pp``: this rank's tensor-parallel group and pipeline stage (default: one device).
+    Each rank builds and reads only its part: its stage's layers, its slices of split weights.
 
     ``quantization``: EngineArgs.quantization. It is merged with the checkpoint's own
     quantization_config into a QuantSpec, and the backend's ``tessellm_quant_method`` answer
@@ -36,14 +41,24 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     if quant_spec is not None:
         quant_spec = replace(quant_spec, dtype=dtype)
         quant_method = quant_method_or_refuse(registry, backend, quant_spec)
+    tp = tp or TensorParallel()
+    pp = pp or PipelineStage()
+    if quant_spec is not None and tp.size > 1:
+        raise ValueError(f"Quantization ({quant_spec.scheme}) with tensor_parallel_size > 1 is "
+                         "not supported yet; run quantized models with tensor_parallel_size=1 "
+                         "(pipeline parallelism works).")
     ops = registry.fused_ops(backend, OpsSpec(dtype)) or ReferenceOps()
     heads = config.num_attention_heads
+    from tessellm.models.llama import shard_heads
+
+    local_heads, local_kv_heads, _ = shard_heads(
+        heads, getattr(config, "num_key_value_heads", None) or heads, tp.rank, tp.size)
     kernels = {}
 
     def make_kernel(window):
         if window not in kernels:
             spec = AttentionSpec(
-                num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                num_heads=local_heads, num_kv_heads=local_kv_heads,
                 head_size=getattr(config, "head_dim", None) or config.hidden_size // heads,
                 dtype=dtype, block_size=block_size, kv_cache_dtype=kv_cache_dtype,
                 sliding_window=window)
@@ -56,7 +71,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
         return kernels[window]
 
     ctx = ModelContext(ops=ops, make_attention_kernel=make_kernel, dtype=dtype, device=device,
-                       quant_method=quant_method)
+                       quant_method=quant_method, tp=tp, pp=pp)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -105,7 +120,8 @@ def _weight_stream(model, source: ModelSource, dtype: torch.dtype, quant_spec):
         return iter_prequantized_safetensors(source.path, dtype)  # fp8 / int32 / scales kept
     from tessellm.loader.safetensors_loader import iter_safetensors_weights
 
-    return iter_safetensors_weights(source.path, dtype)
+    # Lazy: a tensor-parallel rank reads only the rows or columns it holds.
+    return iter_safetensors_weights(source.path, dtype, lazy=quant_spec is None)
 
 
 @functools.lru_cache(maxsize=8)

@@ -23,10 +23,44 @@ def safetensors_files(model_dir: str) -> list[str]:
     return [os.path.join(model_dir, f) for f in files]
 
 
-def iter_safetensors_weights(model_dir: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one tensor at a time, cast to ``dtype`` (floats only)."""
+def iter_safetensors_weights(model_dir: str, dtype: torch.dtype,
+                             lazy: bool = False) -> Iterator[tuple[str, object]]:
+    """Yield (name, tensor) one tensor at a time, cast to ``dtype`` (floats only).
+
+    ``lazy``: yield ``LazyTensor`` handles instead, valid until the next item; the consumer reads
+    the whole tensor (``materialize()``) or only a slice of it (``narrow``).
+    """
     for path in safetensors_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                tensor = f.get_tensor(name)
-                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+                if lazy:
+                    yield name, LazyTensor(f, name, dtype)
+                    continue
+                yield name, _cast(f.get_tensor(name), dtype)
+
+
+class LazyTensor:
+    """A checkpoint tensor not read yet. ``narrow`` reads just that slice from the file, so a
+    tensor-parallel rank never holds a whole split weight."""
+
+    def __init__(self, handle, name: str, dtype: torch.dtype):
+        self._handle = handle
+        self._slice = handle.get_slice(name)
+        self.name = name
+        self.shape = torch.Size(self._slice.get_shape())
+        self._dtype = dtype
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if not 0 <= start <= start + length <= self.shape[dim]:
+            raise ValueError(f"Slice [{start}, {start + length}) of dim {dim} is outside "
+                             f"checkpoint tensor {self.name} of shape {tuple(self.shape)}.")
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return _cast(self._slice[tuple(index)], self._dtype)
+
+    def materialize(self) -> torch.Tensor:
+        return _cast(self._handle.get_tensor(self.name), self._dtype)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor

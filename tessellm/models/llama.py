@@ -2,6 +2,12 @@
 
 One decoder definition; the differences are config switches. Tokens are flat (no batch dim):
 ``input_ids`` and ``positions`` are ``[num_tokens]``.
+
+Parallelism comes in through the ModelContext (``ctx.tp``, ``ctx.pp``): attention heads, the
+MLP's intermediate rows and the vocabulary are split over the tensor-parallel group, and each
+pipeline stage builds only its own layers (the others are ``MissingLayer`` placeholders, so
+parameter names stay those of the checkpoint). A stage that is not the last returns
+``(hidden, residual)`` for the next one.
 """
 
 from __future__ import annotations
@@ -10,13 +16,13 @@ from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tessellm.layers.attention import Attention
 from tessellm.layers.context import ModelContext
-from tessellm.layers.linear import Linear
+from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
+from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 
 class DecoderAttention(nn.Module):
@@ -24,15 +30,22 @@ class DecoderAttention(nn.Module):
                  qk_norm: bool):
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_size = getattr(config, "head_dim", None) or hidden // self.num_heads
+        tp = ctx.tp
+        total_heads = config.num_attention_heads
+        total_kv = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_size = getattr(config, "head_dim", None) or hidden // total_heads
+        self.num_heads, self.num_kv_heads, kv_first = shard_heads(total_heads, total_kv, tp.rank, tp.size)
         self.q_size = self.num_heads * self.head_size
         self.kv_size = self.num_kv_heads * self.head_size
-        self.qkv_proj = Linear(hidden, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias,
-                               quant_method=ctx.quant_method)
-        self.o_proj = Linear(self.q_size, [hidden], bias=getattr(config, "attention_bias", False)
-                             and not qkv_bias, quant_method=ctx.quant_method)
+        d = self.head_size
+        ranges = [(tp.rank * self.q_size, self.q_size), (kv_first * d, self.kv_size),
+                  (kv_first * d, self.kv_size)]
+        self.qkv_proj = ColumnParallelLinear(hidden, [total_heads * d, total_kv * d, total_kv * d],
+                                             bias=qkv_bias, quant_method=ctx.quant_method, tp=tp,
+                                             shard_ranges=ranges)
+        self.o_proj = RowParallelLinear(total_heads * d, hidden,
+                                        bias=getattr(config, "attention_bias", False) and not qkv_bias,
+                                        quant_method=ctx.quant_method, tp=tp)
         self.rotary = rotary  # shared by all layers
         eps = config.rms_norm_eps
         self.q_norm = RMSNorm(self.head_size, eps, ctx.ops) if qk_norm else None
@@ -56,8 +69,10 @@ class DecoderMLP(nn.Module):
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, [inter, inter], quant_method=ctx.quant_method)
-        self.down_proj = Linear(inter, [config.hidden_size], quant_method=ctx.quant_method)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter],
+                                                 quant_method=ctx.quant_method, tp=ctx.tp)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, quant_method=ctx.quant_method,
+                                           tp=ctx.tp)
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported by the llama family; only silu is.")
@@ -99,34 +114,47 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.pp = ctx.pp
+        vocab, hidden = config.vocab_size, config.hidden_size
+        self.start_layer, self.end_layer = ctx.pp.layer_range(config.num_hidden_layers)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if ctx.pp.is_first:
+            self.embed_tokens = VocabParallelEmbedding(vocab, hidden, ctx.tp)
         heads = config.num_attention_heads
         head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
         rotary = RotaryEmbedding(head_size, config.max_position_embeddings, _rope_theta(config),
                                  _rope_scaling(config), ctx.ops)
-        self.layers = nn.ModuleList(DecoderLayer(config, ctx, rotary, self.qkv_bias, self.qk_norm)
-                                    for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.ops)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size),
-                                        requires_grad=False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, ctx, rotary, self.qkv_bias, self.qk_norm)
+            if self.start_layer <= i < self.end_layer else MissingLayer()
+            for i in range(config.num_hidden_layers))
+        if ctx.pp.is_last:
+            self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.ops)
+            tied = self.embed_tokens.weight if self.tie_word_embeddings and ctx.pp.is_first else None
+            self.lm_head = ParallelLMHead(vocab, hidden, ctx.tp, weight=tied)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.layers]
+        """This stage's attention layers (the ones that hold KV cache)."""
+        return [self.layers[i].self_attn.attn for i in range(self.start_layer, self.end_layer)]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata,
+                intermediate: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """The first stage embeds ``input_ids``; later ones continue from ``intermediate``
+        (the previous stage's ``(hidden, residual)``). The last stage returns the normed
+        hidden states, the others ``(hidden, residual)``."""
+        if self.pp.is_first:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate
+        for i in range(self.start_layer, self.end_layer):
+            hidden, residual = self.layers[i](positions, hidden, residual, metadata)
+        if not self.pp.is_last:
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head
-        return F.linear(hidden, weight)
+        return self.lm_head(hidden)
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -137,12 +165,19 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             name = _strip_prefix(name)
-            if name is None:
+            if name is None or not self._owns(name):
                 continue
-            if name == "lm_head.weight":
-                if self.tie_word_embeddings:
+            if name == "embed_tokens.weight" or name == "lm_head.weight":
+                if name == "lm_head.weight" and self.tie_word_embeddings:
                     continue
-                name = "lm_head"
+                if name == "embed_tokens.weight" and self.pp.is_first:
+                    self.embed_tokens.load_weight(tensor)
+                    loaded.add(name)
+                if self.pp.is_last and self.lm_head.tied is None and (
+                        name == "lm_head.weight" or self.tie_word_embeddings):
+                    self.lm_head.load_weight(tensor)
+                    loaded.add("lm_head.weight")
+                continue
             for ckpt_part, our_part, shard in self.stacked_params:
                 if ckpt_part in name:
                     fused = name.replace(ckpt_part, our_part)
@@ -155,12 +190,51 @@ class LlamaForCausalLM(nn.Module):
                     module_name, _, attr = name.rpartition(".")
                     modules[module_name].load_shard(attr, tensor, None)
                 elif name in params:
-                    _copy(params[name], tensor, name)
+                    _copy(params[name], materialize(tensor), name)
                 else:
                     raise ValueError(f"Checkpoint tensor {name!r} has no place in "
                                      f"{type(self).__name__}; is this the right architecture?")
                 loaded.add(name)
         return loaded
+
+
+    def _owns(self, name: str) -> bool:
+        """Whether this pipeline stage holds the checkpoint tensor ``name``."""
+        if name.startswith("layers."):
+            return self.start_layer <= int(name.split(".", 2)[1]) < self.end_layer
+        if name.startswith("norm."):
+            return self.pp.is_last
+        return True  # embed_tokens / lm_head: sorted out by the caller
+
+
+class MissingLayer(nn.Module):
+    """Stands in for a decoder layer that another pipeline stage runs."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("This decoder layer belongs to another pipeline stage.")
+
+
+def shard_heads(num_heads: int, num_kv_heads: int, rank: int, size: int) -> tuple[int, int, int]:
+    """(query heads, KV heads, first KV head) on tensor rank ``rank`` of ``size``.
+
+    Query heads split evenly. KV heads split too when there are at least ``size`` of them;
+    with fewer, each is replicated on ``size // num_kv_heads`` consecutive ranks, which are
+    exactly the ranks whose query heads use it (GQA groups stay whole).
+    """
+    if num_heads % size:
+        raise ValueError(f"The model's {num_heads} attention heads do not split over "
+                         f"tensor_parallel_size {size}; use a size that divides {num_heads}.")
+    if num_kv_heads >= size:
+        if num_kv_heads % size:
+            raise ValueError(f"The model's {num_kv_heads} KV heads do not split over "
+                             f"tensor_parallel_size {size}; use a size that divides {num_kv_heads}.")
+        per_rank = num_kv_heads // size
+        return num_heads // size, per_rank, rank * per_rank
+    if size % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size {size} is not a multiple of the model's "
+                         f"{num_kv_heads} KV heads, so they cannot be replicated evenly; use a "
+                         f"size that is a divisor or a multiple of {num_kv_heads}.")
+    return num_heads // size, 1, rank // (size // num_kv_heads)
 
 
 def _strip_prefix(name: str) -> Optional[str]:

@@ -1,0 +1,299 @@
+"""Executors: how the engine core drives its workers.
+
+* ``UniProcExecutor``: one device, the worker lives in the core process (no copies at all).
+* ``MultiprocExecutor`` (``mp``): T x P worker processes on this host, spawned. The core sends
+  each step's ``SchedulerOutput`` to every rank, msgpack over a private ZeroMQ ``ipc://``
+  socket per rank (local only, never pickle); tensor rank 0 of the last pipeline stage sends
+  back the sampled tokens. The ranks exchange activations among themselves through the
+  backend's communicator (``torch.distributed``: nccl, gloo, ...).
+* ``RayExecutor`` (``ray``, ``tessellm.distributed.ray_executor``): the same workers as Ray
+  actors placed by a placement group, across nodes.
+
+All of them let up to ``max_concurrent_batches`` steps be in flight (``submit`` / ``collect``,
+first in first out): the pipeline depth, so every stage has a batch to work on.
+
+A worker that dies or raises makes the next call fail fast with ``WorkerDiedError`` naming the
+rank and the reason; the remaining workers are stopped (no rank is left waiting in a
+collective for a peer that will never come).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import socket
+import tempfile
+import traceback
+from typing import Optional
+
+from tessellm.config import EngineArgs
+from tessellm.core.model_runner import ModelRunnerOutput
+from tessellm.core.scheduler import SchedulerOutput
+from tessellm.distributed.codec import (decode_runner_output, decode_scheduler_output,
+                                        encode_runner_output, encode_scheduler_output, pack, unpack)
+from tessellm.distributed.parallel_state import ParallelConfig
+
+logger = logging.getLogger(__name__)
+
+_POLL_MS = 500  # how often a waiting side checks that the other is still alive
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process or actor exited or raised; the engine cannot go on."""
+
+
+class Executor:
+    parallel: ParallelConfig
+    worker_info: list[dict]
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        return self.parallel.pipeline_parallel_size
+
+    def num_kv_blocks(self) -> int:
+        """The KV cache size every rank can hold: the smallest over ranks."""
+        return min(self.collective_rpc("num_kv_blocks"))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.collective_rpc("initialize_cache", num_blocks)
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.submit(sched)
+        return self.collect()
+
+    def collective_rpc(self, method: str, *args) -> list:
+        raise NotImplementedError
+
+    def submit(self, sched: SchedulerOutput) -> None:
+        raise NotImplementedError
+
+    def collect(self) -> ModelRunnerOutput:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        pass
+
+
+class UniProcExecutor(Executor):
+    def __init__(self, args: EngineArgs):
+        from tessellm.distributed.worker import Worker
+
+        self.parallel = ParallelConfig()
+        self.worker = Worker(args)
+        self.worker_info = [self.worker.info()]
+        self._done: collections.deque = collections.deque()
+
+    def collective_rpc(self, method: str, *args) -> list:
+        return [getattr(self.worker, method)(*args)]
+
+    def submit(self, sched: SchedulerOutput) -> None:
+        self._done.append(self.worker.execute(sched))
+
+    def collect(self) -> ModelRunnerOutput:
+        return self._done.popleft()
+
+
+# -- multiprocessing ---------------------------------------------------------------------------
+
+class MultiprocExecutor(Executor):
+    def __init__(self, args: EngineArgs, parallel: ParallelConfig):
+        import zmq
+
+        self.parallel = parallel
+        self._dead: Optional[str] = None
+        self._in_flight = 0
+        self._tmp = tempfile.mkdtemp(prefix="tessellm-workers-")
+        self._ctx = zmq.Context()
+        self._results = self._ctx.socket(zmq.PULL)
+        results_addr = f"ipc://{self._tmp}/results"
+        self._results.bind(results_addr)
+        self._cmds = []
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        mp = multiprocessing.get_context("spawn")
+        self._procs = []
+        for rank in range(parallel.world_size):
+            sock = self._ctx.socket(zmq.PUSH)
+            addr = f"ipc://{self._tmp}/cmd{rank}"
+            sock.bind(addr)
+            self._cmds.append(sock)
+            proc = mp.Process(target=run_worker, name=f"tessellm-worker-{rank}", daemon=True,
+                              args=(dataclasses.asdict(args), rank, dataclasses.asdict(parallel),
+                                    init_method, addr, results_addr, os.getpid()))
+            proc.start()
+            self._procs.append(proc)
+        try:
+            infos = {}
+            while len(infos) < parallel.world_size:
+                msg = self._recv()
+                if msg[0] != "ready":
+                    raise WorkerDiedError(f"Unexpected message {msg[0]!r} from a starting worker.")
+                infos[msg[1]] = msg[2]
+            self.worker_info = [infos[r] for r in range(parallel.world_size)]
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _broadcast(self, message: list) -> None:
+        self._check()
+        data = pack(message)
+        for sock in self._cmds:
+            sock.send(data)
+
+    def collective_rpc(self, method: str, *args) -> list:
+        if self._in_flight:
+            raise RuntimeError("collective_rpc while steps are in flight; collect them first.")
+        self._broadcast(["call", method, list(args)])
+        results = {}
+        while len(results) < self.parallel.world_size:
+            msg = self._recv()
+            if msg[0] != "result":
+                raise WorkerDiedError(f"Unexpected message {msg[0]!r} while waiting for {method}.")
+            results[msg[1]] = msg[2]
+        return [results[r] for r in range(self.parallel.world_size)]
+
+    def submit(self, sched: SchedulerOutput) -> None:
+        self._broadcast(["execute", encode_scheduler_output(sched)])
+        self._in_flight += 1
+
+    def collect(self) -> ModelRunnerOutput:
+        if not self._in_flight:
+            raise RuntimeError("collect() with no step in flight.")
+        msg = self._recv()
+        if msg[0] != "output":
+            raise WorkerDiedError(f"Unexpected message {msg[0]!r} while waiting for a step.")
+        self._in_flight -= 1
+        return decode_runner_output(msg[1])
+
+    def _recv(self) -> list:
+        """The next message from any worker; fails fast if a worker died or raised."""
+        while True:
+            self._check()
+            if self._results.poll(_POLL_MS):
+                msg = unpack(self._results.recv())
+                if msg[0] == "error":
+                    self._fail(f"Worker rank {msg[1]} failed: {msg[2]}")
+                return msg
+            for rank, proc in enumerate(self._procs):
+                if proc.exitcode is not None:
+                    self._fail(f"Worker rank {rank} (pid {proc.pid}) exited with code "
+                               f"{proc.exitcode}; the engine cannot continue without it.")
+
+    def _check(self) -> None:
+        if self._dead is not None:
+            raise WorkerDiedError(self._dead)
+
+    def _fail(self, reason: str) -> None:
+        logger.error("%s Stopping the other workers.", reason)
+        self._dead = reason
+        self._stop_processes()
+        raise WorkerDiedError(reason)
+
+    def _stop_processes(self) -> None:
+        for proc in self._procs:
+            if proc.exitcode is None:
+                proc.terminate()
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join(timeout=5)
+
+    def shutdown(self) -> None:
+        if getattr(self, "_procs", None) is None:
+            return
+        if self._dead is None:
+            try:
+                for sock in self._cmds:
+                    sock.send(pack(["shutdown"]))
+            except Exception:  # noqa: BLE001 - best effort; the processes are stopped below
+                pass
+            for proc in self._procs:
+                proc.join(timeout=10)
+        self._stop_processes()
+        for sock in [self._results, *self._cmds]:
+            sock.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._procs = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr: str,
+               results_addr: str, parent_pid: int) -> None:
+    """Entry point of a worker process: build the Worker, then serve the core's commands."""
+    import zmq
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [rank {rank}] %(message)s")
+    ctx = zmq.Context()
+    cmds = ctx.socket(zmq.PULL)
+    cmds.connect(cmd_addr)
+    results = ctx.socket(zmq.PUSH)
+    results.connect(results_addr)
+    config = ParallelConfig(**parallel)
+    try:
+        from tessellm.distributed.worker import Worker, set_worker_threads
+
+        set_worker_threads(config.world_size)
+        worker = Worker(EngineArgs(**args), rank, config, init_method)
+        results.send(pack(["ready", rank, worker.info()]))
+        serve_worker(worker, cmds, results, config.output_rank, parent_pid)
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported to the core
+        if not isinstance(exc, SystemExit):
+            logger.error("Worker failed:\n%s", traceback.format_exc())
+            results.send(pack(["error", rank, f"{type(exc).__name__}: {exc}"]))
+        cmds.close(linger=0)
+        results.close(linger=2000)  # let the error reach the core
+        ctx.term()
+        raise SystemExit(1)
+    cmds.close(linger=0)
+    results.close(linger=2000)
+    ctx.term()
+
+
+def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> None:
+    while True:
+        if not cmds.poll(_POLL_MS * 2):
+            if os.getppid() != parent_pid:  # the engine core is gone: do not hold the device
+                logger.info("The engine core is gone; worker %d exits.", worker.rank)
+                return
+            continue
+        msg = unpack(cmds.recv())
+        kind = msg[0]
+        if kind == "execute":
+            out = worker.execute(decode_scheduler_output(msg[1]))
+            if worker.rank == output_rank:
+                results.send(pack(["output", encode_runner_output(out)]))
+        elif kind == "call":
+            results.send(pack(["result", worker.rank, getattr(worker, msg[1])(*msg[2])]))
+        elif kind == "shutdown":
+            return
+        else:
+            raise ValueError(f"Unknown command {kind!r} from the engine core.")
+
+
+def make_executor(args: EngineArgs) -> Executor:
+    parallel = ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size)
+    backend = args.distributed_executor_backend
+    if backend is None:
+        backend = "mp" if parallel.world_size > 1 else "uni"
+    if backend == "uni":
+        if parallel.world_size > 1:
+            raise ValueError("distributed_executor_backend 'uni' runs one device; use 'mp' or "
+                             "'ray' for tensor_parallel_size or pipeline_parallel_size > 1.")
+        return UniProcExecutor(args)
+    if backend == "mp":
+        return MultiprocExecutor(args, parallel)
+    if backend == "ray":
+        from tessellm.distributed.ray_executor import RayExecutor
+
+        return RayExecutor(args, parallel)
+    raise ValueError(f"distributed_executor_backend {backend!r} is not supported; use uni, mp or ray.")

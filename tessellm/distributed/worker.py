@@ -1,0 +1,126 @@
+"""A worker: one rank's device, its part of the model, and the model runner over it.
+
+The engine core builds one in-process for a single device (``UniProcExecutor``), or the
+executors start one per rank in their own processes (``mp``) or Ray actors (``ray``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from tessellm.backends.registry import get_registry
+from tessellm.backends.spec import GraphSpec
+from tessellm.config import EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len, resolve_model
+from tessellm.core.model_runner import ModelRunner, ModelRunnerOutput
+from tessellm.core.scheduler import SchedulerOutput
+from tessellm.distributed.parallel_state import ParallelConfig, PipelineStage, TensorParallel, init_distributed
+from tessellm.envs import cpu_kv_cache_bytes
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_CACHE_DEFAULT = 4 << 30
+
+
+def default_max_num_batched_tokens(args: EngineArgs, device_type: str) -> int:
+    # Large prefill chunks keep accelerator GEMMs compute-bound (measured on an H200: 8192-token
+    # steps ran prefill at ~400 TFLOP/s, 16384-token steps at ~710; benchmarks/README.md).
+    return args.max_num_batched_tokens or (2048 if device_type == "cpu" else 16384)
+
+
+@dataclass
+class WorkerInfo:
+    rank: int
+    device: str
+    kv_dtype: str  # of the cache this rank allocates ("bfloat16", "float8_e4m3fn", ...)
+    num_attention_layers: int
+
+
+class Worker:
+    def __init__(self, args: EngineArgs, rank: int = 0, parallel: ParallelConfig = ParallelConfig(),
+                 init_method: Optional[str] = None, local_rank: Optional[int] = None):
+        registry = get_registry()
+        self.args = args
+        self.rank = rank
+        self.parallel = parallel
+        self.backend = registry.select(args.device)
+        self.device = self.backend.torch_device(rank if local_rank is None else local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if parallel.world_size > 1:
+            self.tp, self.pp = init_distributed(parallel, rank, self.backend.dist_backend,
+                                                init_method, self.device)
+        else:
+            self.tp, self.pp = TensorParallel(), PipelineStage()
+        source = resolve_model(args.model)
+        config = source.hf_config
+        self.dtype = resolve_dtype(args.dtype, config, self.backend.device_type)
+        self.max_model_len = resolve_max_model_len(args.max_model_len, config)
+        torch.manual_seed(args.seed)  # the same on every rank: tensor-parallel ranks sample alike
+        load_format = args.load_format if args.load_format != "auto" else source.kind
+        from tessellm.loader.model_loader import build_model
+        from tessellm.quantization.support import kv_cache_torch_dtype
+
+        t0 = time.perf_counter()
+        model, kernel = build_model(source, load_format, registry, self.backend, self.dtype,
+                                    self.device, args.block_size, args.kv_cache_dtype, args.seed,
+                                    quantization=args.quantization, tp=self.tp, pp=self.pp)
+        self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
+        graphs = None
+        if self.pp.num_stages == 1:  # stages exchange tensors between steps: eager only
+            graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, args.enforce_eager,
+                                                                   dtype=self.dtype))
+        self.runner = ModelRunner(model, kernel, self.backend, self.device, args.block_size,
+                                  config.vocab_size, tuple(generation_eos_ids(source)), args.seed,
+                                  self.max_model_len, graphs, pp=self.pp, dtype=self.dtype)
+        self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
+        logger.info("Rank %d: loaded %s on %s in %.1fs", rank, source.path, self.device,
+                    time.perf_counter() - t0)
+
+    def info(self) -> dict:
+        return {"rank": self.rank, "device": str(self.device),
+                "kv_dtype": str(self.kv_dtype).replace("torch.", ""),
+                "num_attention_layers": len(self.runner.model.attention_layers())}
+
+    def num_kv_blocks(self) -> int:
+        """How many KV blocks this rank can hold (the engine takes the smallest over ranks)."""
+        args = self.args
+        per_block = self.runner.kv_bytes_per_block(self.kv_dtype)
+        cap = args.max_num_seqs * -(-self.max_model_len // args.block_size)  # never need more
+        if args.num_kv_blocks is not None:
+            return args.num_kv_blocks
+        if self.backend.device_type == "cpu":
+            # The cpu budget is for the whole engine: split it over the ranks on this host.
+            budget = (cpu_kv_cache_bytes() or _CPU_KV_CACHE_DEFAULT) // self.parallel.world_size
+        else:
+            self.runner.profile_run(self.max_num_batched_tokens)
+            free, total = self.backend.memory_info()
+            budget = int(free - total * (1 - args.gpu_memory_utilization))
+        blocks = min(cap, budget // per_block) if per_block else cap
+        if blocks < 1:
+            raise RuntimeError(f"No memory is left for the KV cache on {self.backend.name} "
+                               f"(rank {self.rank}) after loading the model; raise "
+                               "gpu_memory_utilization or use a smaller model.")
+        return int(blocks)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
+        self.runner.capture_graphs()
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(sched)
+
+    def param_slices(self) -> dict:
+        """Parameter shapes by name (tests and ``tessellm`` diagnostics)."""
+        return {n: list(p.shape) for n, p in self.runner.model.named_parameters()}
+
+
+def set_worker_threads(world_size: int) -> None:
+    """CPU ranks share the host's cores: each takes its part unless the user set a count."""
+    if "OMP_NUM_THREADS" not in os.environ and world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

@@ -1,0 +1,42 @@
+"""Tensor and pipeline parallelism on the CPU with gloo: greedy tokens identical to one process.
+
+Real worker processes (``mp`` executor) on a tiny random Llama; T x P ranks each run their
+shard of the model and exchange activations through torch.distributed (gloo).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+
+PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 7, 7], list(range(40, 80)), [300, 12]]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def _tokens(llm) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    path = tiny_model_dir("llama-sharp")
+    llm = LLM(path, device="cpu", num_kv_blocks=64, seed=0)
+    tokens = _tokens(llm)
+    llm.shutdown()
+    return path, tokens
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_mp_matches_one_process(reference, tp, pp):
+    path, expected = reference
+    # Small steps (max_num_batched_tokens) so prompts are chunked and several batches are in
+    # flight through the pipeline.
+    llm = LLM(path, device="cpu", num_kv_blocks=64, seed=0, tensor_parallel_size=tp,
+              pipeline_parallel_size=pp, max_num_batched_tokens=24)
+    try:
+        assert len(llm.engine.core.executor.worker_info) == tp * pp
+        assert _tokens(llm) == expected
+    finally:
+        llm.shutdown()
