@@ -42,6 +42,10 @@ class PrefixCacheStats:
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # of which found in the cache
 
+    def record(self, num_queried: int, num_hit: int) -> None:
+        self.queries += num_queried
+        self.hits += num_hit
+
     @property
     def hit_rate(self) -> float:
         return self.hits / self.queries if self.queries else 0.0
@@ -96,10 +100,12 @@ class BlockManager:
             parent = hashes[-1] if hashes else None
             hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs]), request.cache_salt))
 
-    def find_cached_prefix(self, request: Request) -> list[Block]:
+    def find_cached_prefix(self, request: Request, count: bool = True) -> list[Block]:
         """The longest run of cached blocks matching the request's prompt prefix.
 
-        Leaves at least one prompt token uncomputed. Counts the lookup in ``stats``.
+        Leaves at least one prompt token uncomputed. Counts the lookup in ``stats`` unless
+        ``count`` is False: the scheduler counts a request once, when it is admitted, not at
+        every step it is retried while the cache is full.
         """
         if not self.enable_prefix_caching:
             return []
@@ -111,8 +117,8 @@ class BlockManager:
             if block is None:
                 break
             hit.append(block)
-        self.stats.queries += request.num_tokens
-        self.stats.hits += len(hit) * self.block_size
+        if count:
+            self.stats.record(request.num_tokens, len(hit) * self.block_size)
         return hit
 
     def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:

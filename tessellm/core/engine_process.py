@@ -8,14 +8,15 @@ sockets in a private temp dir. Every message is **msgpack** (never pickle on a s
       input  PUSH  --["add", req] ["abort", ids]-->   PULL
                     ["call", id, method] ["shutdown"]
       output PULL  <--["ready", info] ["startup_failed", msg]--  PUSH
-                    ["outputs", [out...], stats] ["rejected", rid, msg]
+                    ["outputs", [out...], EngineStats] ["rejected", rid, msg]
                     ["call_result", id, result] ["dead", msg]
 
 Invariants
 ----------
 * The core sends exactly one of ``ready`` / ``startup_failed`` first (the handshake).
 * While it has work the core loop never blocks: it drains the input socket without waiting,
-  runs one ``step()`` and sends what the step produced, with the scheduler stats. Idle, it
+  runs one ``step()`` and sends what the step produced, with ``EngineStats`` (counters only:
+  the metrics cost the loop a few integers per step; see ``tessellm.metrics``). Idle, it
   blocks on the input socket, waking every second. Busy or idle, it exits once its parent (the
   API process) is gone, so a killed server never leaves an orphan holding the device.
 * A crash in the core is sent as ``dead`` before the process exits; the client also notices a
@@ -42,6 +43,7 @@ from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import EngineCoreOutput
+from tessellm.metrics.device_memory import DeviceMemoryProbe
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +131,14 @@ class _CoreLoop:
         self.out_sock = out_sock
         self.parent_pid = parent_pid
         self.shutdown = False
+        # Device memory is read where the model runs. With worker processes (tensor or pipeline
+        # parallel) asking here would open a device context in a process that has none: then
+        # it is not reported.
+        self.memory = DeviceMemoryProbe(core.backend if hasattr(core, "runner") else None)
+        self.step_num_tokens: list[int] = []  # tokens of each step since the last message
 
     def run(self) -> None:
+        self._send_outputs([])  # the stats before any request (device memory after loading)
         while not self.shutdown:
             if os.getppid() != self.parent_pid:  # re-parented: the API process died
                 logger.info("The API process is gone; the engine core exits.")
@@ -144,7 +152,7 @@ class _CoreLoop:
             if self.shutdown:
                 return
             if self.core.has_unfinished_requests():
-                outputs = self.core.step()
+                outputs = self._step()
                 if outputs or changed:
                     self._send_outputs(outputs)
             elif changed:
@@ -184,11 +192,23 @@ class _CoreLoop:
             return self._stats()
         return {"error": f"unknown method {method!r}"}
 
-    def _stats(self) -> dict:
-        return dataclasses.asdict(self.core.scheduler.stats())
+    def _step(self) -> list[EngineCoreOutput]:
+        scheduler = self.core.scheduler
+        before = scheduler.num_scheduled_tokens_total
+        outputs = self.core.step()
+        if scheduler.num_scheduled_tokens_total > before:
+            self.step_num_tokens.append(scheduler.num_scheduled_tokens_total - before)
+        return outputs
+
+    def _stats(self, step_num_tokens: Optional[list[int]] = None) -> dict:
+        """The scheduler's stats plus the rest of ``EngineStats`` (the front end decodes it)."""
+        used, total = self.memory.sample()
+        return {**dataclasses.asdict(self.core.scheduler.stats()), "step_num_tokens": step_num_tokens or [],
+                "device_memory_used_bytes": used, "device_memory_total_bytes": total}
 
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
-        self.out_sock.send(pack(["outputs", [encode_output(o) for o in outputs], self._stats()]))
+        steps, self.step_num_tokens = self.step_num_tokens, []
+        self.out_sock.send(pack(["outputs", [encode_output(o) for o in outputs], self._stats(steps)]))
 
 
 # -- the API side --------------------------------------------------------------------------
@@ -222,7 +242,10 @@ class EngineCoreClient:
         for key, value in envs.engine_process_env_defaults().items():
             os.environ.setdefault(key, value)  # the spawned core inherits the environment
         mp = multiprocessing.get_context("spawn")
-        self.proc = mp.Process(target=run_engine_core, name="tessellm-engine-core", daemon=True,
+        # A daemonic process may not start children, and a core over several devices starts its
+        # workers; it exits by itself once this process is gone either way (see _CoreLoop.run).
+        daemon = args.tensor_parallel_size * args.pipeline_parallel_size == 1
+        self.proc = mp.Process(target=run_engine_core, name="tessellm-engine-core", daemon=daemon,
                                args=(engine_args_to_dict(args), input_addr, output_addr, os.getpid()))
         self.proc.start()
         try:

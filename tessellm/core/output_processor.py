@@ -2,10 +2,14 @@
 
 A stop string is found here, after detokenization; the request is then finished here and its
 id returned so the caller aborts it in the core (freeing its blocks).
+
+Given an ``IterationStats``, ``process`` and ``abort`` also record what the metrics need: each
+sample's token arrival times and how it finished (``tessellm.metrics.stats``).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,6 +17,7 @@ from tessellm.core.detokenizer import IncrementalDetokenizer
 from tessellm.core.outputs import CompletionOutput, Logprob, RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import EngineCoreOutput
+from tessellm.metrics.stats import IterationStats, RequestTimes
 
 
 @dataclass
@@ -27,6 +32,7 @@ class _Sample:
     cumulative_logprob: Optional[float] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[object] = None
+    times: Optional[RequestTimes] = None  # for the metrics
 
 
 @dataclass
@@ -52,7 +58,9 @@ class OutputProcessor:
         self.core_to_parent: dict[str, tuple[str, int]] = {}
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
-                    params: SamplingParams, core_ids: list[str]) -> None:
+                    params: SamplingParams, core_ids: list[str],
+                    arrival_time: Optional[float] = None) -> None:
+        arrival = time.time() if arrival_time is None else arrival_time
         samples = []
         for i, cid in enumerate(core_ids):
             detok = None
@@ -60,7 +68,8 @@ class OutputProcessor:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
                                                params.stop, params.include_stop_str_in_output)
             samples.append(_Sample(i, cid, detok, logprobs=[] if params.logprobs is not None else None,
-                                   cumulative_logprob=0.0 if params.logprobs is not None else None))
+                                   cumulative_logprob=0.0 if params.logprobs is not None else None,
+                                   times=RequestTimes(arrival, len(prompt_token_ids))))
             self.core_to_parent[cid] = (request_id, i)
         self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, samples)
 
@@ -71,7 +80,7 @@ class OutputProcessor:
         state = self.states.get(request_id)
         return [s.core_id for s in state.samples] if state else []
 
-    def abort(self, request_id: str) -> Optional[RequestOutput]:
+    def abort(self, request_id: str, stats: Optional[IterationStats] = None) -> Optional[RequestOutput]:
         """Drop a request (client went away); returns its final output, marked aborted."""
         state = self.states.get(request_id)
         if state is None:
@@ -79,10 +88,16 @@ class OutputProcessor:
         for s in state.samples:
             if s.finish_reason is None:
                 s.finish_reason = "abort"
+                if stats is not None:
+                    stats.observe_finished(s.times, "abort")
         return self._finish(state)
 
-    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns (updated RequestOutputs, core ids to abort because a stop string hit)."""
+    def process(self, outputs: list[EngineCoreOutput],
+                stats: Optional[IterationStats] = None) -> tuple[list[RequestOutput], list[str]]:
+        """Returns (updated RequestOutputs, core ids to abort because a stop string hit).
+
+        ``stats``: filled in with the token counts, latencies and finished samples of this batch.
+        """
         touched: dict[str, _RequestState] = {}
         to_abort: list[str] = []
         for out in outputs:
@@ -91,7 +106,13 @@ class OutputProcessor:
                 continue  # finished here already (stop string) or aborted
             state = self.states[parent[0]]
             sample = state.samples[parent[1]]
+            if sample.finish_reason is not None:
+                continue  # n > 1: a stop string ended this sample; its abort is on the way
             self._apply(state, sample, out)
+            if stats is not None:
+                stats.observe_output(sample.times, len(out.new_token_ids), out.first_scheduled_time)
+                if sample.finish_reason is not None:  # just now: later outputs are skipped above
+                    stats.observe_finished(sample.times, sample.finish_reason)
             if sample.finish_reason == "stop" and out.finish_reason is None:
                 to_abort.append(out.request_id)
             touched[state.request_id] = state

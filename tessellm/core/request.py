@@ -57,6 +57,7 @@ class Request:
         self.all_token_ids = list(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until scheduled
+        self.first_scheduled_time: Optional[float] = None  # time.time() when first scheduled
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[object] = None  # the stop token id or string that ended it
         self.num_preemptions = 0

@@ -15,6 +15,10 @@ The core process is started with ``spawn``, so a script that builds an ``AsyncLL
 usual ``if __name__ == "__main__":`` guard. Everything here runs on the event loop thread.
 ``abort`` never awaits, so it is safe in the ``finally`` of a task being cancelled (a client
 that disconnected).
+
+Metrics: stat loggers (``add_stat_logger``, e.g. ``tessellm.metrics.prometheus.EngineMetrics``)
+are fed by the output handler: the core's ``EngineStats`` with each message, and the
+``IterationStats`` (latencies, token counts, finished requests) of the outputs it processed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from tessellm.core.input_processor import InputProcessor, ProcessedPrompt, Promp
 from tessellm.core.output_processor import OutputProcessor
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
+from tessellm.metrics.stats import EngineStats, IterationStats, StatLogger
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +114,8 @@ class AsyncLLM:
         self.inputs = InputProcessor(self.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer)
         self.streams: dict[str, RequestStream] = {}
-        self.stats: dict = {}  # the core's SchedulerStats, as of its last message
+        self.stats: dict = {}  # the core's EngineStats, as of its last message
+        self.stat_loggers: list[StatLogger] = []
         self.last_message_time = time.monotonic()
         self.dead_reason: Optional[str] = None
         self._calls: dict[int, asyncio.Future] = {}
@@ -136,7 +142,7 @@ class AsyncLLM:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         core_reqs = self.inputs.make_requests(request_id, processed, params)
         self.outputs.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
-                                 [r.request_id for r in core_reqs])
+                                 [r.request_id for r in core_reqs], core_reqs[0].arrival_time)
         stream = RequestStream(request_id, event)
         self.streams[request_id] = stream
         for req in core_reqs:
@@ -160,9 +166,26 @@ class AsyncLLM:
         if not self.outputs.has_request(request_id):
             return
         core_ids = self.outputs.core_ids(request_id)
-        self.outputs.abort(request_id)
+        iteration = IterationStats() if self.stat_loggers else None
+        self.outputs.abort(request_id, iteration)
+        if iteration is not None:
+            self._notify("observe_outputs", iteration)
         if not self.is_dead:
             self.client.send_abort(core_ids)
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def add_stat_logger(self, stat_logger: StatLogger) -> None:
+        """Feed ``stat_logger`` from now on (see ``tessellm.metrics.stats.StatLogger``)."""
+        self.stat_loggers.append(stat_logger)
+
+    def _notify(self, method: str, arg) -> None:
+        for stat_logger in list(self.stat_loggers):
+            try:
+                getattr(stat_logger, method)(arg)
+            except Exception:  # noqa: BLE001 - metrics must not take the serving path down
+                logger.exception("Stat logger %r failed in %s; it is dropped.", stat_logger, method)
+                self.stat_loggers.remove(stat_logger)
 
     # -- queries to the core ----------------------------------------------------------------
 
@@ -197,6 +220,11 @@ class AsyncLLM:
         if self.is_dead:
             raise EngineDeadError(f"The engine core is dead ({self.dead_reason}); restart the server.")
 
+    def start(self) -> None:
+        """Read the core's messages from now on, not from the first request (metrics of an idle
+        server, an early notice of a dead core). Needs a running event loop."""
+        self._ensure_handler()
+
     def _ensure_handler(self) -> None:
         if self._handler is None:
             self._handler = asyncio.get_running_loop().create_task(self._output_handler())
@@ -226,6 +254,8 @@ class AsyncLLM:
         kind = msg[0]
         if kind == "outputs":
             self.stats = msg[2]
+            if self.stat_loggers:
+                self._notify("observe_stats", EngineStats.from_dict(msg[2]))
             self._route([decode_output(v) for v in msg[1]])
         elif kind == "call_result":
             future = self._calls.get(msg[1])
@@ -241,7 +271,10 @@ class AsyncLLM:
     def _route(self, core_outputs) -> None:
         if not core_outputs:
             return
-        results, to_abort = self.outputs.process(core_outputs)
+        iteration = IterationStats() if self.stat_loggers else None
+        results, to_abort = self.outputs.process(core_outputs, iteration)
+        if iteration is not None and not iteration.is_empty:
+            self._notify("observe_outputs", iteration)
         for result in results:
             stream = self.streams.get(result.request_id)
             if stream is not None:

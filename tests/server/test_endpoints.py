@@ -21,7 +21,7 @@ def test_health_ready_version(server):
     assert r.status_code == 200 and r.json()["status"] == "ready"
     assert httpx.get(f"{server.url}/version").json() == {"version": tessellm.__version__}
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert "tessellm_kv_cache_usage_perc" in metrics
+    assert "tessellm:kv_cache_usage_perc" in metrics
 
 
 def test_tokenize_detokenize_roundtrip(http):

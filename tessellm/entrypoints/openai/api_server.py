@@ -3,7 +3,8 @@
 Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (and ``/v1/models/{id}``),
 ``/tokenize``, ``/detokenize``, ``/health`` (liveness: the API process and the engine core
 process are up), ``/ready`` (the engine has loaded and answers), ``/version``, ``/metrics``
-(Prometheus text) and ``/debug/stats`` (the core's scheduler stats, fresh).
+(Prometheus text, ``tessellm.metrics.prometheus``; one private registry per app) and
+``/debug/stats`` (the core's scheduler stats, fresh).
 
 Every error is ``{"error": {"message", "type", "param", "code"}}``; validation errors are 400,
 never FastAPI's 422. The API key (when set) guards every route except /health, /ready,
@@ -18,7 +19,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tessellm
@@ -33,6 +35,7 @@ from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.serving import parse_request
 from tessellm.entrypoints.openai.serving_chat import create_chat_completion, render_messages
 from tessellm.entrypoints.openai.serving_completion import create_completion
+from tessellm.metrics.prometheus import EngineMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        engine.start()
         yield
         await engine.shutdown()
 
@@ -47,8 +51,10 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.config = config
+    app.state.metrics = EngineMetrics(config.model_name, CollectorRegistry(), engine.info.max_model_len)
+    engine.add_stat_logger(app.state.metrics)
     _add_error_handlers(app)
-    _add_status_routes(app, engine, config)
+    _add_status_routes(app, engine, app.state.metrics)
     _add_inference_routes(app, engine, config)
     app.add_middleware(EdgeMiddleware, config=config)
     return app
@@ -83,7 +89,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return OpenAIError(f"Internal error: {type(exc).__name__}: {exc}", 500).response()
 
 
-def _add_status_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
+def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -> None:
     @app.get("/health")
     async def health():
         if engine.is_dead or not engine.client.is_alive():
@@ -111,16 +117,8 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> 
                 "num_kv_blocks": engine.info.num_kv_blocks, "block_size": engine.info.block_size}
 
     @app.get("/metrics")
-    async def metrics():
-        s = engine.stats
-        lines = [f"tessellm_num_requests_running {s.get('num_running', 0)}",
-                 f"tessellm_num_requests_waiting {s.get('num_waiting', 0)}",
-                 f"tessellm_kv_cache_usage_perc {s.get('kv_cache_usage', 0.0)}",
-                 f"tessellm_num_preemptions_total {s.get('num_preemptions_total', 0)}",
-                 f"tessellm_prefix_cache_queries_total {s.get('prefix_cache_queries', 0)}",
-                 f"tessellm_prefix_cache_hits_total {s.get('prefix_cache_hits', 0)}",
-                 f"tessellm_engine_alive {0 if engine.is_dead else 1}"]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=metrics.content_type)
 
 
 def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:

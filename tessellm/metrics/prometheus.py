@@ -1,0 +1,191 @@
+"""Prometheus metrics of one engine: the names vLLM users know, with the ``tessellm:`` prefix.
+
+``EngineMetrics`` is a stat logger (see ``tessellm.metrics.stats.StatLogger``): the front end
+that reads the core's messages (``AsyncLLM``) calls ``observe_stats`` with each message's
+``EngineStats`` and ``observe_outputs`` with the ``IterationStats`` the output processor built
+from it. Nothing here runs in the core process, and nothing here knows HTTP: the OpenAI server
+serves ``render()`` on ``/metrics``; a Ray Serve replica can do the same with its own registry.
+
+Each instance registers its metrics in the ``CollectorRegistry`` it is given, never in
+prometheus_client's global one, so several engines (servers, replicas, tests) can live in one
+process. Every metric is labelled ``model_name`` (the served model name).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from tessellm.metrics.stats import EngineStats, FinishedRequest, IterationStats
+
+PREFIX = "tessellm:"
+FINISH_REASONS = ("stop", "length", "abort")
+
+# Bucket upper bounds (+Inf is added by prometheus_client).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+               0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 80.0)
+REQUEST_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0,
+                           60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 3840.0)
+ITERATION_TOKEN_BUCKETS = tuple(float(1 << i) for i in range(15))  # 1 .. 16384
+
+
+def one_two_five_buckets(limit: int) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to the first value >= ``limit``."""
+    buckets, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            buckets.append(float(m * scale))
+            if m * scale >= limit:
+                return tuple(buckets)
+        scale *= 10
+
+
+class _CumulativeCounter:
+    """A Counter fed with the core's running totals: increments by the difference."""
+
+    def __init__(self, counter):
+        self.counter = counter
+        self.last = 0
+
+    def update(self, total: int) -> None:
+        delta = total - self.last
+        if delta < 0:  # the source restarted from zero
+            delta = total
+        if delta:
+            self.counter.inc(delta)
+        self.last = total
+
+
+class EngineMetrics:
+    """The Prometheus metrics of one engine, labelled with its ``model_name``.
+
+    ``max_model_len`` sets the top of the per-request token histograms.
+    """
+
+    def __init__(self, model_name: str, registry: CollectorRegistry, max_model_len: int = 8192):
+        self.model_name = model_name
+        self.registry = registry
+        self._add_core_metrics()
+        self._add_request_metrics(one_two_five_buckets(max_model_len))
+
+    def _metric(self, cls, name: str, doc: str, **kwargs):
+        return cls(PREFIX + name, doc, ["model_name"], registry=self.registry, **kwargs)
+
+    def _child(self, cls, name: str, doc: str, **kwargs):
+        return self._metric(cls, name, doc, **kwargs).labels(model_name=self.model_name)
+
+    def _add_core_metrics(self) -> None:
+        """What the core counts (``EngineStats``)."""
+        self.num_running = self._child(Gauge, "num_requests_running",
+                                       "Requests (one per sample) running in the engine now.")
+        self.num_waiting = self._child(Gauge, "num_requests_waiting", "Requests (one per sample) "
+                                       "waiting to be scheduled, preempted ones included.")
+        self.kv_cache_usage = self._child(Gauge, "kv_cache_usage_perc", "KV cache usage: fraction "
+                                          "of KV blocks held by requests, 1 = full.")
+        # No child until the core reports a value: a backend that cannot tell exports nothing.
+        self.device_used = self._metric(Gauge, "device_memory_used_bytes", "Device memory in use "
+                                        "as the backend reports it (cpu: the engine core process's "
+                                        "resident set size).")
+        self.device_total = self._metric(Gauge, "device_memory_total_bytes", "Device memory in "
+                                         "total (cpu: the host's physical memory).")
+        self.preemptions = _CumulativeCounter(self._child(
+            Counter, "num_preemptions_total", "Preemptions (a request's KV blocks freed for others; "
+            "it is recomputed later)."))
+        self.prefix_queries = _CumulativeCounter(self._child(
+            Counter, "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache, "
+            "once per admitted request."))
+        self.prefix_hits = _CumulativeCounter(self._child(
+            Counter, "prefix_cache_hits_total", "Prompt tokens found in the prefix cache."))
+        self.iteration_tokens = self._child(Histogram, "iteration_tokens_total", "Tokens computed "
+                                            "per engine step (prefill chunks plus decodes).",
+                                            buckets=ITERATION_TOKEN_BUCKETS)
+
+    def _add_request_metrics(self, token_buckets: tuple[float, ...]) -> None:
+        """What the front end measures from the outputs (``IterationStats``)."""
+        self.prompt_tokens = self._child(Counter, "prompt_tokens_total", "Prompt tokens of requests "
+                                         "that produced their first token (cached ones included).")
+        self.generation_tokens = self._child(Counter, "generation_tokens_total",
+                                             "Output tokens generated.")
+        self.success = Counter(PREFIX + "request_success_total", "Requests finished, by finish "
+                               "reason (stop, length, abort).", ["model_name", "finished_reason"],
+                               registry=self.registry)
+        for reason in FINISH_REASONS:  # exported at zero from the start
+            self.success.labels(model_name=self.model_name, finished_reason=reason)
+        self.ttft = self._child(Histogram, "time_to_first_token_seconds", "Arrival to the first "
+                                "output token.", buckets=TTFT_BUCKETS)
+        self.itl = self._child(Histogram, "inter_token_latency_seconds", "Time between successive "
+                               "outputs of a request.", buckets=ITL_BUCKETS)
+        self.e2e = self._child(Histogram, "e2e_request_latency_seconds", "Arrival to the final "
+                               "output; requests that finished with stop or length.",
+                               buckets=REQUEST_SECONDS_BUCKETS)
+        self.queue_time = self._child(Histogram, "request_queue_time_seconds", "Arrival to first "
+                                      "scheduled in the engine; requests that finished with stop "
+                                      "or length.", buckets=REQUEST_SECONDS_BUCKETS)
+        self.request_prompt_tokens = self._child(Histogram, "request_prompt_tokens", "Prompt tokens "
+                                                 "per finished request.", buckets=token_buckets)
+        self.request_generation_tokens = self._child(Histogram, "request_generation_tokens", "Output "
+                                                     "tokens per finished request.",
+                                                     buckets=token_buckets)
+
+    # -- the stat logger interface --------------------------------------------------------
+
+    def observe_stats(self, stats: EngineStats) -> None:
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.preemptions.update(stats.num_preemptions_total)
+        self.prefix_queries.update(stats.prefix_cache_queries)
+        self.prefix_hits.update(stats.prefix_cache_hits)
+        for n in stats.step_num_tokens:
+            self.iteration_tokens.observe(n)
+        if stats.device_memory_used_bytes is not None:
+            self.device_used.labels(model_name=self.model_name).set(stats.device_memory_used_bytes)
+        if stats.device_memory_total_bytes is not None:
+            self.device_total.labels(model_name=self.model_name).set(stats.device_memory_total_bytes)
+
+    def observe_outputs(self, it: IterationStats) -> None:
+        if it.num_prompt_tokens:
+            self.prompt_tokens.inc(it.num_prompt_tokens)
+        if it.num_generation_tokens:
+            self.generation_tokens.inc(it.num_generation_tokens)
+        for t in it.time_to_first_token:
+            self.ttft.observe(t)
+        for t in it.inter_token_latency:
+            self.itl.observe(t)
+        for fin in it.finished:
+            self._observe_finished(fin)
+
+    def _observe_finished(self, fin: FinishedRequest) -> None:
+        self.success.labels(model_name=self.model_name, finished_reason=fin.finish_reason).inc()
+        if fin.finish_reason == "abort":  # the client left: its latency says nothing of the engine
+            return
+        self.e2e.observe(fin.e2e_latency)
+        if fin.queue_time is not None:
+            self.queue_time.observe(fin.queue_time)
+        self.request_prompt_tokens.observe(fin.num_prompt_tokens)
+        self.request_generation_tokens.observe(fin.num_generation_tokens)
+
+    # -- exposition ----------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """This registry in the Prometheus text format, without the ``*_created`` series."""
+        return generate_latest(_WithoutCreated(self.registry))
+
+    content_type: str = CONTENT_TYPE_LATEST
+
+
+class _WithoutCreated:
+    """A registry view that drops prometheus_client's ``*_created`` timestamps: one extra series
+    per counter and histogram that dashboards never read. (prometheus_client can only turn them
+    off process-wide; this keeps the choice to one registry.)"""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():  # fresh objects on every collect: ours to edit
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+

@@ -1,0 +1,125 @@
+"""What the metrics are computed from: plain dataclasses, no Prometheus, no torch.
+
+Two sources, split by who knows what (the core never waits on the front end)::
+
+    core process                                    API process (front end)
+      EngineStats, one per "outputs" message  --->  gauges, counter deltas, iteration_tokens
+      EngineCoreOutput.first_scheduled_time   --->  RequestTimes -> queue time
+                                                    IterationStats, one per message handled:
+                                                      TTFT, ITL, token counts, finished requests
+
+Every time is a ``time.time()`` wall-clock stamp: the core and the API process share a host, so
+their stamps are comparable. Latencies are measured at the front end, when an output reaches
+it, which is when a client can first see it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+
+@dataclass
+class EngineStats:
+    """The core's counters, sent with every ``outputs`` message (msgpack: a dict of these)."""
+
+    num_running: int = 0  # core requests (one per sample) holding KV blocks now
+    num_waiting: int = 0  # queued or preempted
+    kv_cache_usage: float = 0.0  # fraction of KV blocks held by requests, 0..1
+    num_preemptions_total: int = 0  # since the core started
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of which found there, since start
+    # Tokens computed (prefill chunks + decodes) by each engine step since the previous message.
+    step_num_tokens: list[int] = field(default_factory=list)
+    # Device memory in use, as the backend reports it (on cpu: the core process's RSS); None
+    # when the backend cannot tell. Sampled at most once a second (see DeviceMemoryProbe).
+    device_memory_used_bytes: Optional[int] = None
+    device_memory_total_bytes: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineStats":
+        """Decode a stats message; unknown keys (a newer core) are ignored."""
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class RequestTimes:
+    """One sequence (one core request, i.e. one of a request's n samples), as the front end saw it."""
+
+    arrival_time: float  # when the front end accepted the request
+    num_prompt_tokens: int
+    first_scheduled_time: Optional[float] = None  # from the core: when it left the queue
+    first_token_time: Optional[float] = None  # when its first output token reached the front end
+    last_token_time: Optional[float] = None  # when its newest output token did
+    num_generation_tokens: int = 0
+
+
+@dataclass
+class FinishedRequest:
+    """A sequence that finished (any reason); the request-level histograms observe these."""
+
+    finish_reason: str  # "stop", "length" or "abort"
+    e2e_latency: float  # arrival to the final output, seconds
+    queue_time: Optional[float]  # arrival to first scheduled; None if never scheduled
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+
+@dataclass
+class IterationStats:
+    """What one batch of core outputs did, seen from the front end at time ``now``.
+
+    The output processor fills it (``observe_output`` per core output, ``observe_finished``
+    per sequence that ends); stat loggers read it.
+    """
+
+    now: float = field(default_factory=time.time)
+    num_prompt_tokens: int = 0  # prompts of sequences that got their first token now
+    num_generation_tokens: int = 0  # output tokens that arrived now
+    time_to_first_token: list[float] = field(default_factory=list)
+    inter_token_latency: list[float] = field(default_factory=list)  # one per output after the first
+    finished: list[FinishedRequest] = field(default_factory=list)
+
+    def observe_output(self, times: RequestTimes, num_new_tokens: int,
+                       first_scheduled_time: Optional[float]) -> None:
+        if first_scheduled_time is not None and times.first_scheduled_time is None:
+            times.first_scheduled_time = first_scheduled_time
+        if num_new_tokens == 0:
+            return
+        self.num_generation_tokens += num_new_tokens
+        times.num_generation_tokens += num_new_tokens
+        if times.first_token_time is None:
+            times.first_token_time = self.now
+            self.num_prompt_tokens += times.num_prompt_tokens
+            self.time_to_first_token.append(self.now - times.arrival_time)
+        else:
+            self.inter_token_latency.append(self.now - times.last_token_time)
+        times.last_token_time = self.now
+
+    def observe_finished(self, times: RequestTimes, finish_reason: str) -> None:
+        queue_time = None
+        if times.first_scheduled_time is not None:
+            queue_time = max(0.0, times.first_scheduled_time - times.arrival_time)
+        self.finished.append(FinishedRequest(finish_reason, self.now - times.arrival_time, queue_time,
+                                             times.num_prompt_tokens, times.num_generation_tokens))
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.num_generation_tokens or self.finished)
+
+
+class StatLogger(Protocol):
+    """What a front end feeds its metrics with (``AsyncLLM.add_stat_logger``).
+
+    Both methods are called in the API process, on the event loop thread, by the task that reads
+    the core's messages, so they must be quick and must not await or block. An exception
+    raised here is logged and the logger is dropped; the engine keeps serving.
+    """
+
+    def observe_stats(self, stats: EngineStats) -> None:
+        """Called once per ``outputs`` message from the core, before its outputs are processed."""
+
+    def observe_outputs(self, iteration: IterationStats) -> None:
+        """Called once per batch of outputs processed (and per abort made in the front end)."""
