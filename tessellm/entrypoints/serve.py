@@ -46,6 +46,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="auto | fp8 (e4m3 cache with per-tensor scales; cuda)")
     g.add_argument("--quantization", default=None,
                    help="int8 | fp8 | awq | gptq | gguf; unset: the checkpoint's own")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                   help="split each layer over this many devices")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size,
+                   help="split the layers into this many stages, one device group each")
+    g.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
+                   help="mp: worker processes on this host (default); ray: Ray actors, across nodes")
 
 
 def engine_args_from(args: argparse.Namespace, model: Optional[str]) -> EngineArgs:
@@ -57,6 +63,9 @@ def engine_args_from(args: argparse.Namespace, model: Optional[str]) -> EngineAr
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         load_format=args.load_format, enforce_eager=args.enforce_eager, tokenizer=args.tokenizer,
         kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
         served_model_name=getattr(args, "served_model_name", None) and args.served_model_name[0],
         chat_template=getattr(args, "chat_template", None))
 
@@ -86,6 +95,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--max-header-bytes", type=int, default=32 << 10, help="largest request headers")
     g.add_argument("--sse-keepalive", type=float, default=10.0, metavar="SECONDS",
                    help="send an SSE comment after this much silence on a stream")
+    from tessellm.entrypoints.ray_serve.launch import add_ray_arguments
+
+    add_ray_arguments(parser)
     return parser
 
 
@@ -116,6 +128,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from tessellm.entrypoints.async_llm import AsyncLLM
     from tessellm.entrypoints.openai.api_server import build_app
 
+    if getattr(args, "ray", False):
+        return _run_ray_serve(args)
     try:
         config = _server_config(args)
         sock = _bind(args.host, args.port)
@@ -143,6 +157,21 @@ def run_serve(args: argparse.Namespace) -> int:
         if not engine.is_dead:
             engine.close()
     return 0
+
+
+def _run_ray_serve(args: argparse.Namespace) -> int:
+    """``--ray``: the same app on Ray Serve replicas (tessellm/entrypoints/ray_serve/)."""
+    try:
+        from tessellm.entrypoints.ray_serve.launch import run_ray_serve
+
+        return run_ray_serve(args, _server_config(args))
+    except ImportError as exc:
+        print(f"tessellm serve --ray: {exc}; install Ray Serve with `pip install -e \".[ray]\"`.",
+              file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"tessellm serve --ray: {exc}", file=sys.stderr)
+        return 2
 
 
 def _server_config(args: argparse.Namespace):

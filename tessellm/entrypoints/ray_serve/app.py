@@ -1,0 +1,65 @@
+"""The Serve application: an ingress deployment in front of an engine deployment.
+
+::
+
+    HTTP --> Serve proxy --> TessellmIngress (FastAPI, forwards)  --handle, stream=True-->
+             TessellmEngine replica 1..N (AsyncLLM + the OpenAI app), chosen by
+             PrefixAffinityRouter (or Serve's default router when router.prefix_affinity=false)
+
+``build_app(args)`` is the import path Serve runs
+(``tessellm.entrypoints.ray_serve:build_app``); ``args`` is the dict config.py documents.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from tessellm.entrypoints.ray_serve.config import RayServeConfig, config_to_dict, parse_config
+from tessellm.entrypoints.ray_serve.engine_replica import EngineReplica
+from tessellm.entrypoints.ray_serve.ingress import OpenAIIngress
+from tessellm.entrypoints.ray_serve.prefix_router import ROUTER_CLASS_PATH
+
+ENGINE_DEPLOYMENT = "TessellmEngine"
+INGRESS_DEPLOYMENT = "TessellmIngress"
+ENGINE_SECTIONS = ("model", "engine", "server")
+INGRESS_SECTIONS = ("model", "engine", "server", "router", "ingress")
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """The application for ``serve run`` / a Serve config file / ``tessellm serve --ray``."""
+    config = parse_config(args)
+    # Each deployment gets only the plain data it reads, so changing replica counts or
+    # autoscaling is a light update (no restart): Serve restarts replicas when bind args change.
+    engine_part = config_to_dict(config, ENGINE_SECTIONS)
+    ingress_part = config_to_dict(config, INGRESS_SECTIONS)
+    engine = serve.deployment(**engine_options(config))(EngineReplica).bind(engine_part)
+    return serve.deployment(**ingress_options(config))(OpenAIIngress).bind(engine, ingress_part)
+
+
+def engine_options(config: RayServeConfig) -> dict:
+    r = config.replica
+    opts = dict(name=ENGINE_DEPLOYMENT, ray_actor_options=config.replica_actor_options(),
+                max_ongoing_requests=r.max_ongoing_requests, max_queued_requests=r.max_queued_requests,
+                graceful_shutdown_timeout_s=r.graceful_shutdown_timeout_s,
+                graceful_shutdown_wait_loop_s=r.graceful_shutdown_wait_loop_s,
+                health_check_period_s=r.health_check_period_s,
+                health_check_timeout_s=r.health_check_timeout_s)
+    if config.autoscaling is not None:
+        opts["autoscaling_config"] = config.autoscaling.to_serve()
+    else:
+        opts["num_replicas"] = config.num_replicas
+    if config.router.prefix_affinity:
+        rt = config.router
+        opts["request_router_config"] = RequestRouterConfig(
+            request_router_class=ROUTER_CLASS_PATH,
+            request_router_kwargs={"prefix_affinity": True, "imbalance_threshold": rt.imbalance_threshold,
+                                   "max_entries_per_replica": rt.max_entries_per_replica})
+    return opts
+
+
+def ingress_options(config: RayServeConfig) -> dict:
+    i = config.ingress
+    return dict(name=INGRESS_DEPLOYMENT, num_replicas=i.num_replicas,
+                ray_actor_options={"num_cpus": i.num_cpus},
+                max_ongoing_requests=i.max_ongoing_requests)

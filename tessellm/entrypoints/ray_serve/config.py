@@ -1,0 +1,269 @@
+"""The Ray Serve application's configuration: one dict in, checked loudly, typed out.
+
+The same dict comes from three places: ``tessellm serve --ray`` (built from its flags), a Serve
+config file (``applications[].args``) and ``serve run IMPORT_PATH key=value ...`` (flat strings).
+Nested keys may be given flat with dots (``engine.max_model_len=1024``); strings are converted
+to each field's type. Unknown keys are an error naming the key, never silently ignored::
+
+    model: null                 # model path / .gguf / cached HF repo id; null: bundled SmolLM2
+    engine: {...}               # EngineArgs fields (device, max_model_len, num_kv_blocks, ...)
+    server: {...}               # ServerConfig fields (served_model_names, api_key, max_n, ...)
+    num_replicas: 1             # fixed replica count (ignored when autoscaling is given)
+    autoscaling: {min_replicas, max_replicas, target_ongoing_requests, ...}
+    replica: {num_cpus, num_gpus, resources, max_ongoing_requests, ...}
+    router: {prefix_affinity, chunk_chars, imbalance_threshold, ...}
+    ingress: {num_replicas, num_cpus, max_ongoing_requests, retries}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from tessellm.config import EngineArgs
+from tessellm.entrypoints.openai.server_config import ServerConfig
+
+# Ray resources a replica of each in-tree backend asks for. Ray schedules NVIDIA, AMD and Intel
+# GPUs all as "GPU" and TPU chips as "TPU". A plugin backend must name its own resource.
+_BACKEND_RESOURCES = {"cpu": {}, "cuda": {"num_gpus": 1}, "rocm": {"num_gpus": 1},
+                      "xpu": {"num_gpus": 1}, "tpu": {"resources": {"TPU": 1}}}
+
+
+@dataclass
+class ReplicaOptions:
+    """One engine replica: what it asks Ray for and how Serve treats it."""
+
+    num_cpus: float = 1.0  # CPUs reserved per replica (fractional is fine for tests)
+    num_gpus: Optional[float] = None  # None: from the device (1 for cuda/rocm/xpu, 0 for cpu)
+    resources: dict = field(default_factory=dict)  # custom Ray resources, e.g. {"TPU": 1}
+    max_ongoing_requests: int = 256  # Serve queues requests beyond this at the router
+    max_queued_requests: int = -1  # -1: unbounded; else Serve answers 503 beyond this
+    graceful_shutdown_timeout_s: float = 60.0  # how long a stopping replica drains its requests
+    graceful_shutdown_wait_loop_s: float = 2.0  # how often it checks that it has drained
+    health_check_period_s: float = 10.0  # how often Serve asks the replica's engine if it is alive
+    health_check_timeout_s: float = 30.0
+    env_vars: dict = field(default_factory=dict)  # extra environment for the replica process
+
+
+@dataclass
+class AutoscalingOptions:
+    """Serve's autoscaler on ongoing requests per replica (queued + running at the replica)."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: Optional[int] = None  # None: min_replicas
+    target_ongoing_requests: float = 32.0  # scale so each replica has about this many
+    upscale_delay_s: float = 30.0  # the load must stay high this long before adding replicas
+    downscale_delay_s: float = 600.0  # ... and low this long before removing them
+
+    def to_serve(self) -> dict:
+        out = dataclasses.asdict(self)
+        if out["initial_replicas"] is None:
+            del out["initial_replicas"]
+        return out
+
+
+@dataclass
+class RouterOptions:
+    """The prefix-affinity request router (see prefix_router.py)."""
+
+    prefix_affinity: bool = True  # False: Serve's default power-of-two-choices router
+    chunk_chars: int = 128  # prompt characters per prefix chunk (about 30 tokens of English)
+    chunk_tokens: int = 32  # token-id prompts: ids per chunk
+    max_chunks: int = 64  # only the first max_chunks chunks are looked at
+    imbalance_threshold: int = 8  # leave the prefix's replica when it has this many more
+    #                               requests in flight than the least-loaded one
+    max_entries_per_replica: int = 50_000  # chunk hashes remembered per replica (LRU)
+
+
+@dataclass
+class IngressOptions:
+    """The HTTP ingress deployment (forwards requests; no model)."""
+
+    num_replicas: int = 1
+    num_cpus: float = 0.5
+    max_ongoing_requests: int = 2048  # concurrent client connections per ingress replica
+    retries: int = 1  # re-send a request whose replica died before answering anything
+
+
+@dataclass
+class RayServeConfig:
+    model: Optional[str] = None
+    engine: dict = field(default_factory=dict)  # EngineArgs fields, except model
+    server: dict = field(default_factory=dict)  # ServerConfig fields
+    num_replicas: int = 1
+    autoscaling: Optional[AutoscalingOptions] = None
+    replica: ReplicaOptions = field(default_factory=ReplicaOptions)
+    router: RouterOptions = field(default_factory=RouterOptions)
+    ingress: IngressOptions = field(default_factory=IngressOptions)
+
+    def engine_args(self) -> EngineArgs:
+        return EngineArgs(model=self.model, **self.engine)
+
+    def server_config(self) -> ServerConfig:
+        server = dict(self.server)
+        names = server.pop("served_model_names", None)
+        if isinstance(names, str):
+            names = [names]
+        if not names:
+            from tessellm.entrypoints.serve import DEFAULT_SERVED_NAME
+
+            names = [self.engine.get("served_model_name") or self.model or DEFAULT_SERVED_NAME]
+        return ServerConfig(served_model_names=list(names), **server)
+
+    def replica_actor_options(self) -> dict:
+        """``ray_actor_options`` for an engine replica: CPUs, and the accelerator its backend uses."""
+        device = self.engine.get("device", "auto")
+        opts: dict[str, Any] = {"num_cpus": self.replica.num_cpus}
+        if self.replica.num_gpus is not None or self.replica.resources:
+            auto = {}
+        elif device in _BACKEND_RESOURCES:
+            auto = _BACKEND_RESOURCES[device]
+        elif device == "auto":
+            raise ValueError("engine.device is 'auto', but a Ray replica must say which accelerator "
+                             "it needs before it starts; set engine.device (cpu, cuda, rocm, xpu, tpu) "
+                             "or replica.num_gpus / replica.resources.")
+        else:
+            raise ValueError(f"engine.device {device!r} is a plugin backend; tell Ray which resource "
+                             "its replicas need with replica.resources (e.g. {\"NPU\": 1}) or "
+                             "replica.num_gpus.")
+        num_gpus = self.replica.num_gpus if self.replica.num_gpus is not None else auto.get("num_gpus", 0)
+        if num_gpus:
+            opts["num_gpus"] = num_gpus
+        resources = {**auto.get("resources", {}), **self.replica.resources}
+        if resources:
+            opts["resources"] = resources
+        if self.replica.env_vars:
+            opts["runtime_env"] = {"env_vars": {k: str(v) for k, v in self.replica.env_vars.items()}}
+        return opts
+
+    def validate(self, check_resources: bool = True) -> None:
+        self.engine_args().validate()
+        self.server_config()
+        if self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}.")
+        a = self.autoscaling
+        if a is not None and not (0 <= a.min_replicas <= a.max_replicas and a.max_replicas >= 1):
+            raise ValueError(f"autoscaling needs 0 <= min_replicas <= max_replicas and max_replicas >= 1; "
+                             f"got min {a.min_replicas}, max {a.max_replicas}.")
+        if a is not None and a.target_ongoing_requests <= 0:
+            raise ValueError("autoscaling.target_ongoing_requests must be > 0, "
+                             f"got {a.target_ongoing_requests}.")
+        r = self.router
+        for name in ("chunk_chars", "chunk_tokens", "max_chunks", "max_entries_per_replica"):
+            if getattr(r, name) < 1:
+                raise ValueError(f"router.{name} must be >= 1, got {getattr(r, name)}.")
+        if r.imbalance_threshold < 0:
+            raise ValueError(f"router.imbalance_threshold must be >= 0, got {r.imbalance_threshold}.")
+        if self.replica.max_ongoing_requests < 1 or self.ingress.max_ongoing_requests < 1:
+            raise ValueError("replica.max_ongoing_requests and ingress.max_ongoing_requests must be >= 1.")
+        if self.ingress.num_replicas < 1 or self.ingress.retries < 0:
+            raise ValueError("ingress.num_replicas must be >= 1 and ingress.retries >= 0.")
+        if check_resources:
+            self.replica_actor_options()
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+_SECTIONS = {"replica": ReplicaOptions, "router": RouterOptions, "ingress": IngressOptions,
+             "autoscaling": AutoscalingOptions}
+_OPEN_SECTIONS = {"engine": EngineArgs, "server": ServerConfig}  # checked against these fields
+
+
+def parse_config(args: Optional[dict], check_resources: bool = True) -> RayServeConfig:
+    """A RayServeConfig from nested and/or dotted keys; ValueError naming any bad key or value.
+
+    ``check_resources=False`` skips deciding Ray resources (replicas parse their part of the
+    config with it; where they run was decided when the app was built)."""
+    nested = _unflatten(dict(args or {}))
+    top = {f.name: f for f in dataclasses.fields(RayServeConfig)}
+    unknown = sorted(set(nested) - set(top))
+    if unknown:
+        raise ValueError(f"Unknown tessellm Ray Serve option(s): {', '.join(unknown)}. Known: "
+                         f"{', '.join(sorted(top))}.")
+    kwargs: dict[str, Any] = {}
+    for name, value in nested.items():
+        if name in _SECTIONS:
+            kwargs[name] = None if value is None else _build(_SECTIONS[name], value, name)
+        elif name in _OPEN_SECTIONS:
+            kwargs[name] = _check_fields(_OPEN_SECTIONS[name], value, name)
+        elif name == "model":
+            kwargs[name] = None if value in (None, "", "null", "None") else str(value)
+        else:
+            kwargs[name] = _convert(value, int, name)
+    if "model" in kwargs.get("engine", {}):
+        raise ValueError("Give the model as the top-level 'model' option, not engine.model.")
+    config = RayServeConfig(**kwargs)
+    config.validate(check_resources)
+    return config
+
+
+def _unflatten(args: dict) -> dict:
+    out: dict = {}
+    for key, value in args.items():
+        parts = str(key).split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"Option {key!r} nests under {part!r}, which is not a section.")
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def _build(cls, value, section: str):
+    return cls(**_check_fields(cls, value, section))
+
+
+def _check_fields(cls, value, section: str) -> dict:
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"Option {section!r} must be a mapping, got {value!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise ValueError(f"Unknown option(s) in {section!r}: {', '.join(unknown)}. Known: "
+                         f"{', '.join(sorted(fields))}.")
+    return {k: _convert(v, hints[k], f"{section}.{k}") for k, v in value.items()}
+
+
+def _convert(value, hint, name: str):
+    """Strings from ``serve run key=value`` to the field's type; other values pass through."""
+    if not isinstance(value, str):
+        return value
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    target = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    if value.lower() in ("none", "null") and target is not str:
+        return None
+    try:
+        if target is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if target in (int, float):
+            return target(value)
+        if target is list or typing.get_origin(target) is list:
+            return json.loads(value) if value.startswith("[") else value.split(",")  # a,b or ["a"]
+        if target is dict or typing.get_origin(target) is dict:
+            return json.loads(value)
+    except (ValueError, json.JSONDecodeError):
+        kind = getattr(target, "__name__", target)
+        raise ValueError(f"Option {name!r}: cannot read {value!r} as {kind}.") from None
+    return value
+
+
+def config_to_dict(config: RayServeConfig, sections: tuple = ()) -> dict:
+    """The config as plain data (what a Serve config file's ``args`` would hold); ``sections``:
+    only those top-level keys."""
+    out = dataclasses.asdict(config)
+    return {k: v for k, v in out.items() if k in sections} if sections else out

@@ -1,0 +1,161 @@
+"""The HTTP ingress: an OpenAI-compatible FastAPI front that forwards to engine replicas.
+
+It parses nothing but the prompt prefix (for routing, prefix_key.py): every request, raw, goes
+to an engine replica through a streaming DeploymentHandle call, and the replica's response
+(status, headers, body chunks) streams back as it comes. So the replica's app decides
+everything an OpenAI client sees, as with ``tessellm serve``.
+
+Failures of the replica, not of the request:
+
+* it died (or became unreachable) before sending anything back: the request is sent again, to
+  another replica, up to ``ingress.retries`` times; then 503 ``replica_unavailable``;
+* it died mid-stream: an SSE stream ends with an OpenAI error event and ``data: [DONE]``; a
+  plain body, already started, is cut short (the client sees a broken response, never a hang);
+* Serve refused it (``max_queued_requests`` reached): 503 ``overloaded``, not retried.
+
+The FastAPI app below is a route table only (Serve's class-based ingress); its state lives
+on the ``OpenAIIngress`` instance. Serve pickles the app when the class is decorated, so every
+helper a route uses is defined above the class.
+"""
+
+import logging  # no `from __future__ import annotations`: FastAPI must see the real Request type
+import secrets
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+
+from tessellm.entrypoints.openai.errors import OpenAIError
+from tessellm.entrypoints.ray_serve.asgi_bridge import ForwardedRequest
+from tessellm.entrypoints.ray_serve.config import parse_config
+from tessellm.entrypoints.ray_serve.prefix_key import prefix_hashes
+
+logger = logging.getLogger(__name__)
+
+_HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te",
+                b"proxy-connection"}
+_RESPONSE_DROP = _HOP_HEADERS | {b"content-length"}
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+
+app = FastAPI(title="tessellm (Ray Serve)", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class ReplicaLost(Exception):
+    """The replica failed before answering anything: the request may be sent again."""
+
+
+async def _relay(gen, first: bytes, is_sse: bool):
+    """The rest of a streamed body; a replica failure mid-stream ends it with an error event."""
+    finished = False
+    try:
+        yield first
+        async for _, chunk, _more in gen:
+            if chunk:
+                yield chunk
+        finished = True
+    except Exception as exc:  # noqa: BLE001
+        error = _replica_error(exc)
+        logger.warning("Stream from an engine replica failed: %s", error.message)
+        if is_sse:
+            yield error.sse_event()
+            yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            gen.cancel()  # client gone or replica failed: stop the replica's work too
+
+
+def _replica_error(exc) -> OpenAIError:
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return OpenAIError("All engine replicas are at their queue limit; retry later.", 503, None,
+                           "overloaded")
+    if isinstance(exc, (RayActorError, ActorUnavailableError)):
+        return OpenAIError(f"The engine replica serving this request died or is unreachable "
+                           f"({type(exc).__name__}); retry the request.", 503, None,
+                           "replica_unavailable")
+    logger.error("Engine replica call failed: %r", exc)
+    return OpenAIError(f"Internal error in an engine replica: {type(exc).__name__}: {exc}", 500)
+
+
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, engine, config: dict):
+        cfg = parse_config(config, check_resources=False)
+        server = cfg.server_config()
+        self.engine = engine  # DeploymentHandle of the engine deployment
+        self.router = cfg.router
+        self.retries = cfg.ingress.retries
+        self.api_key = server.api_key
+        self.max_body_bytes = server.max_body_bytes
+
+    @app.get("/debug/replica")
+    async def replica_info(self, request: Request):
+        """One engine replica's identity and counters (whichever the router picks)."""
+        if not self._authorized(request):
+            return OpenAIError("Incorrect or missing API key.", 401, None, "invalid_api_key").response()
+        try:
+            return await self.engine.replica_info.remote()
+        except Exception as exc:  # noqa: BLE001
+            return _replica_error(exc).response()
+
+    @app.api_route("/{path:path}", methods=_METHODS)
+    async def forward(self, request: Request, path: str):
+        body = await request.body()
+        if len(body) > self.max_body_bytes:
+            return OpenAIError(f"The request body is larger than this server's limit of "
+                               f"{self.max_body_bytes} bytes (max_body_bytes).", 400, None,
+                               "body_too_large").response()
+        forwarded = ForwardedRequest(
+            request.method, "/" + path, request.scope.get("query_string", b""),
+            [(k, v) for k, v in request.scope["headers"] if k not in _HOP_HEADERS], body)
+        r = self.router
+        chain = (prefix_hashes(forwarded.path, body, r.chunk_chars, r.chunk_tokens, r.max_chunks)
+                 if r.prefix_affinity else [])
+        last = None
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._send(forwarded, chain)
+            except ReplicaLost as exc:
+                logger.warning("Replica lost before answering (attempt %d of %d): %s", attempt + 1,
+                               self.retries + 1, exc.__cause__)
+                last = exc.__cause__
+            except Exception as exc:  # noqa: BLE001
+                return _replica_error(exc).response()
+        return _replica_error(last).response()
+
+    async def _send(self, forwarded: ForwardedRequest, chain: list[int]):
+        """Start the call; answer once the first body chunk is in (until then, failures retry)."""
+        gen = self.engine.options(stream=True).handle_http.remote(forwarded, prefix_hashes=chain)
+        handed_over = False
+        try:
+            try:
+                _, status, headers = await gen.__anext__()
+                _, first, more = await gen.__anext__()
+            except (RayActorError, ActorUnavailableError) as exc:
+                raise ReplicaLost() from exc
+            except StopAsyncIteration:
+                raise OpenAIError("The engine replica ended its response without a body.", 502) from None
+            headers = [(k, v) for k, v in headers if k.lower() not in _RESPONSE_DROP]
+            if not more:
+                response = Response(first, status_code=status)
+                response.raw_headers = headers + [(b"content-length", str(len(first)).encode())]
+                return response
+            is_sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                         for k, v in headers)
+            response = StreamingResponse(_relay(gen, first, is_sse), status_code=status)
+            response.raw_headers = headers
+            handed_over = True
+            return response
+        finally:
+            if not handed_over:
+                gen.cancel()
+
+    def _authorized(self, request: Request) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
+                                                                     self.api_key.encode())

@@ -1,0 +1,90 @@
+"""A request's prompt prefix as a chain of chunk hashes, computed in the ingress (no tokenizer).
+
+Invariant: two prompts that agree on their first ``k`` full chunks have equal first ``k``
+hashes, and (up to hash collisions) prompts that differ inside chunk ``i`` have different
+hashes from ``i`` on, because each hash covers its chunk *and* every chunk before it::
+
+    text:    |<-- chunk 0 -->|<-- chunk 1 -->|<-- chunk 2 -->|tail|
+    hashes:  h0 = H(c0)       h1 = H(h0, c1)  h2 = H(h1, c2)        (the partial tail is dropped)
+
+This mirrors the engine's own prefix cache, which hashes full KV blocks the same way, but on
+characters instead of tokens: the ingress has no tokenizer, and a prompt whose first N
+characters match another's starts with (almost) the same tokens. A chat request hashes its
+messages in order, each as ``role`` and ``content`` with separators, so a shared system
+prompt is a shared prefix. Hashes are stable across processes (blake2b, not ``hash()``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Optional
+
+_ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def prefix_hashes(path: str, body: bytes, chunk_chars: int, chunk_tokens: int,
+                  max_chunks: int) -> list[int]:
+    """Chained chunk hashes of the request's prompt; [] when it has none (or is not JSON)."""
+    if not path.rstrip("/").endswith(_ROUTED_PATHS) or not body:
+        return []
+    try:
+        request = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    if not isinstance(request, dict):
+        return []
+    if "messages" in request:
+        text = _chat_text(request["messages"])
+        return _chain_text(text, chunk_chars, max_chunks) if text else []
+    prompt = _first_prompt(request.get("prompt"))
+    if isinstance(prompt, str):
+        return _chain_text(prompt, chunk_chars, max_chunks)
+    if isinstance(prompt, list):
+        return _chain_tokens(prompt, chunk_tokens, max_chunks)
+    return []
+
+
+def _first_prompt(prompt):
+    """str | [int] -> itself; [str] | [[int]] -> the first (a batch routes by its first prompt)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return prompt[0]
+    return prompt
+
+
+def _chat_text(messages) -> Optional[str]:
+    if not isinstance(messages, list):
+        return None
+    parts = []
+    for m in messages:
+        if not isinstance(m, dict):
+            return None
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: their text, in order
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        parts.append(f"{m.get('role', '')}\x1f{content if isinstance(content, str) else ''}\x1e")
+    return "".join(parts)
+
+
+def _chain_text(text: str, chunk_chars: int, max_chunks: int) -> list[int]:
+    chunks = [text[i:i + chunk_chars].encode("utf-8", "surrogatepass")
+              for i in range(0, (len(text) // chunk_chars) * chunk_chars, chunk_chars)]
+    return _chain(chunks[:max_chunks], b"t")
+
+
+def _chain_tokens(ids: list, chunk_tokens: int, max_chunks: int) -> list[int]:
+    if not all(isinstance(t, int) for t in ids):
+        return []
+    full = (len(ids) // chunk_tokens) * chunk_tokens
+    chunks = [",".join(map(str, ids[i:i + chunk_tokens])).encode()
+              for i in range(0, min(full, max_chunks * chunk_tokens), chunk_tokens)]
+    return _chain(chunks, b"i")
+
+
+def _chain(chunks: list[bytes], kind: bytes) -> list[int]:
+    out, parent = [], kind
+    for chunk in chunks:
+        digest = hashlib.blake2b(parent + b"\x00" + chunk, digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little"))
+        parent = digest
+    return out

@@ -1,0 +1,87 @@
+"""The engine deployment's Serve request router: prefix-cache affinity with a load check.
+
+Serve builds one router per DeploymentHandle, in the process holding the handle: here, each
+ingress replica. It calls ``initialize_state(**router kwargs)`` once, then for each request
+``choose_replicas(candidates, pending_request)`` (the policy, affinity_policy.py) and, once a
+replica accepted it, ``on_request_routed``; ``on_request_completed`` when it ends.
+
+The ingress passes the prompt's chunk hashes as the ``prefix_hashes`` keyword of the handle
+call (prefix_key.py), so nothing here parses a request. A request's load figure is Serve's
+queue-length cache for the replica (what the replica last reported, plus what this router
+sent since) when it is fresh, else this router's own count of its requests in flight there.
+This class reads those through the ``RequestRouter`` API of Ray Serve >= 2.50 (tested: 2.60).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Optional
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from tessellm.entrypoints.ray_serve.affinity_policy import rank_replicas
+from tessellm.entrypoints.ray_serve.prefix_index import PrefixIndex
+
+logger = logging.getLogger(__name__)
+
+ROUTER_CLASS_PATH = "tessellm.entrypoints.ray_serve.prefix_router:PrefixAffinityRouter"
+
+
+class PrefixAffinityRouter(RequestRouter):
+    def initialize_state(self, prefix_affinity: bool = True, imbalance_threshold: int = 8,
+                         max_entries_per_replica: int = 50_000, **_unused) -> None:
+        """``_unused``: the chunking options, which the ingress applies, travel in the same dict."""
+        self._affinity = prefix_affinity
+        self._threshold = imbalance_threshold
+        self._index = PrefixIndex(max_entries_per_replica)
+        self._in_flight: Counter = Counter()  # replica unique id -> this router's requests there
+        self._routed: dict[str, str] = {}  # internal request id -> replica unique id
+        self._known: frozenset = frozenset()
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: Optional[PendingRequest] = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True  # no busy loop when all are full
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        self._forget_gone(by_id)
+        loads = {uid: self._load(r) for uid, r in by_id.items()}
+        chain = _chain(pending_request) if self._affinity else []
+        ranks = rank_replicas(chain, loads, self._index, self._threshold)
+        if chain and ranks:
+            self._index.record(ranks[0][0], chain)  # claim it now: a burst agrees before routing ends
+        return [[by_id[uid] for uid in rank] for rank in ranks]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        uid = replica_id.unique_id
+        chain = _chain(pending_request) if self._affinity else []
+        if chain:
+            self._index.record(uid, chain)  # where it really went (the second rank, if the first was full)
+        request_id = pending_request.metadata.internal_request_id
+        if request_id not in self._routed:
+            self._routed[request_id] = uid
+            self._in_flight[uid] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        uid = self._routed.pop(internal_request_id, None)
+        if uid is not None:
+            self._in_flight[uid] -= 1
+            if self._in_flight[uid] <= 0:
+                del self._in_flight[uid]
+
+    def _load(self, replica: RunningReplica) -> int:
+        cached = self.replica_queue_len_cache.get(replica.replica_id)
+        return cached if cached is not None else self._in_flight.get(replica.replica_id.unique_id, 0)
+
+    def _forget_gone(self, by_id: dict) -> None:
+        ids = frozenset(by_id)
+        if ids != self._known:
+            self._index.retain(ids)
+            self._known = ids
+
+
+def _chain(pending_request: Optional[PendingRequest]) -> list[int]:
+    if pending_request is None:
+        return []
+    chain = pending_request.kwargs.get("prefix_hashes")
+    return list(chain) if isinstance(chain, (list, tuple)) else []
