@@ -59,7 +59,9 @@ class Executor:
         return min(self.collective_rpc("num_kv_blocks"))
 
     def initialize_cache(self, num_blocks: int) -> None:
-        self.collective_rpc("initialize_cache", num_blocks)
+        """Every rank allocates ``num_blocks`` and captures its graphs."""
+        for info, graphs in zip(self.worker_info, self.collective_rpc("initialize_cache", num_blocks)):
+            info["graphs"] = graphs
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.submit(sched)
@@ -138,9 +140,14 @@ class MultiprocExecutor(Executor):
             raise
 
     def _broadcast(self, message: list) -> None:
+        import zmq
+
         self._check()
         data = pack(message)
         for sock in self._cmds:
+            # A PUSH socket whose worker is gone blocks on send: wait while checking liveness.
+            while not sock.poll(_POLL_MS, zmq.POLLOUT):
+                self._check_processes()
             sock.send(data)
 
     def collective_rpc(self, method: str, *args) -> list:
@@ -177,10 +184,13 @@ class MultiprocExecutor(Executor):
                 if msg[0] == "error":
                     self._fail(f"Worker rank {msg[1]} failed: {msg[2]}")
                 return msg
-            for rank, proc in enumerate(self._procs):
-                if proc.exitcode is not None:
-                    self._fail(f"Worker rank {rank} (pid {proc.pid}) exited with code "
-                               f"{proc.exitcode}; the engine cannot continue without it.")
+            self._check_processes()
+
+    def _check_processes(self) -> None:
+        for rank, proc in enumerate(self._procs):
+            if proc.exitcode is not None:
+                self._fail(f"Worker rank {rank} (pid {proc.pid}) exited with code "
+                           f"{proc.exitcode}; the engine cannot continue without it.")
 
     def _check(self) -> None:
         if self._dead is not None:

@@ -85,7 +85,8 @@ class Worker:
     def info(self) -> dict:
         return {"rank": self.rank, "device": str(self.device),
                 "kv_dtype": str(self.kv_dtype).replace("torch.", ""),
-                "num_attention_layers": len(self.runner.model.attention_layers())}
+                "num_attention_layers": len(self.runner.model.attention_layers()),
+                "graphs": self.runner.graph_runner is not None}
 
     def num_kv_blocks(self) -> int:
         """How many KV blocks this rank can hold (the engine takes the smallest over ranks)."""
@@ -108,9 +109,11 @@ class Worker:
                                "gpu_memory_utilization or use a smaller model.")
         return int(blocks)
 
-    def initialize_cache(self, num_blocks: int) -> None:
+    def initialize_cache(self, num_blocks: int) -> bool:
+        """Allocate the cache and capture graphs; True when graphs were captured."""
         self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
         self.runner.capture_graphs()
+        return self.runner.graph_runner is not None
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)

@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"])
     p.add_argument("--output-json", default=None)
 
 
@@ -28,14 +31,18 @@ def run(args) -> int:
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, seed=args.seed,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
+              pipeline_parallel_size=args.pipeline_parallel_size,
+              distributed_executor_backend=args.distributed_executor_backend)
     ttfts, tpots = measure(llm, args.input_len, args.output_len, args.num_iters, args.seed)
     core = llm.engine.core
     result = {"device": core.backend.name, "input_len": args.input_len, "output_len": args.output_len,
               "ttft_ms_median": round(statistics.median(ttfts) * 1e3, 2),
               "tpot_ms_median": round(statistics.median(tpots) * 1e3, 3),
               "ttft_ms": [round(t * 1e3, 2) for t in ttfts], "tpot_ms": [round(t * 1e3, 3) for t in tpots],
-              "graphs": core.runner.graph_runner is not None}
+              "graphs": core.executor.worker_info[0]["graphs"],
+              "tensor_parallel_size": args.tensor_parallel_size,
+              "pipeline_parallel_size": args.pipeline_parallel_size}
     print(json.dumps(result, indent=2))
     if args.output_json:
         with open(args.output_json, "w") as f:
@@ -54,7 +61,8 @@ def measure(llm, input_len: int, output_len: int, num_iters: int, seed: int = 0)
     try:
         for it in range(num_iters + 1):
             req = make_requests(1, input_len, output_len, 0.0, core.vocab_size, seed + it)[0]
-            core.backend.synchronize()
+            if core.parallel.world_size == 1:  # workers return only finished steps
+                core.backend.synchronize()
             start = time.perf_counter()
             engine.add_request(f"latency-{it}", {"prompt_token_ids": req.prompt_token_ids}, params)
             first = None

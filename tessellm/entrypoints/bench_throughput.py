@@ -40,6 +40,9 @@ def add_arguments(p) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"])
     p.add_argument("--output-json", default=None)
 
 
@@ -84,7 +87,10 @@ def run_tessellm(args) -> dict:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               num_kv_blocks=args.num_kv_blocks, load_format=args.load_format, seed=args.seed,
               enable_prefix_caching=args.enable_prefix_caching,
-              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=args.tensor_parallel_size,
+              pipeline_parallel_size=args.pipeline_parallel_size,
+              distributed_executor_backend=args.distributed_executor_backend)
     core = llm.engine.core
     reqs = make_requests(args.num_prompts, args.input_len, args.output_len, args.random_range_ratio,
                          core.vocab_size, args.seed)
@@ -94,14 +100,17 @@ def run_tessellm(args) -> dict:
     warm = make_requests(2, 16, 4, 0.0, core.vocab_size, args.seed + 1)
     llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
                  SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-    core.backend.synchronize()
+    sync = core.backend.synchronize if core.parallel.world_size == 1 else (lambda: None)
+    sync()  # (with workers, each step's results come back only once the step is done)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    core.backend.synchronize()
+    sync()
     elapsed = time.perf_counter() - start
     produced = [len(o.outputs[0].token_ids) for o in outs]
     assert produced == [r.output_len for r in reqs], "a request stopped early despite ignore_eos"
     return _summary(args, reqs, elapsed, {"device": core.backend.name, "dtype": core.info.dtype,
+                                          "tensor_parallel_size": args.tensor_parallel_size,
+                                          "pipeline_parallel_size": args.pipeline_parallel_size,
                                           "num_kv_blocks": core.info.num_kv_blocks,
                                           "preemptions": core.scheduler.num_preemptions_total})
 

@@ -1,0 +1,55 @@
+"""The ``ray`` executor on a local Ray cluster (CPU actors, gloo): greedy tokens identical to one
+process, and a dead actor fails the engine fast."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from tessellm import LLM  # noqa: E402
+from tessellm.distributed.executor import WorkerDiedError  # noqa: E402
+
+from test_parallel_parity import PROMPTS, _tokens  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    # 4 logical CPUs, so a TP=2 x PP=2 placement group fits on a 2-core CI machine.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    path = tiny_model_dir("llama-sharp")
+    with LLM(path, device="cpu", num_kv_blocks=64, seed=0) as llm:
+        return path, _tokens(llm)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_ray_matches_one_process(ray_cluster, reference, tp, pp):
+    path, expected = reference
+    with LLM(path, device="cpu", num_kv_blocks=64, seed=0, tensor_parallel_size=tp,
+             pipeline_parallel_size=pp, distributed_executor_backend="ray",
+             max_num_batched_tokens=24) as llm:
+        assert len(llm.engine.core.executor.worker_info) == tp * pp
+        assert _tokens(llm) == expected
+    # The placement group is released (asynchronously): the next engine gets the same CPUs.
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 4
+
+
+def test_dead_actor_fails_fast(ray_cluster, reference):
+    path, _ = reference
+    llm = LLM(path, device="cpu", num_kv_blocks=64, seed=0, tensor_parallel_size=2,
+              distributed_executor_backend="ray")
+    ray.kill(llm.engine.core.executor._actors[1])
+    with pytest.raises(WorkerDiedError, match="rank 1"):
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], use_tqdm=False)
+    llm.shutdown()

@@ -1,0 +1,53 @@
+"""A worker process that dies makes the engine fail fast with a clear error, never hang; in
+serving, the in-flight requests are answered with that error."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tessellm.config import EngineArgs
+from tessellm.distributed.executor import WorkerDiedError
+
+
+def test_killed_worker_fails_generate(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), device="cpu", num_kv_blocks=64, tensor_parallel_size=2)
+    procs = llm.engine.core.executor._procs
+    os.kill(procs[1].pid, signal.SIGKILL)
+    procs[1].join(timeout=10)
+    with pytest.raises(WorkerDiedError, match=r"rank 1 .*exited"):
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], use_tqdm=False)
+    # Every other worker was stopped too: nothing is left holding the device.
+    assert all(p.exitcode is not None for p in procs)
+    with pytest.raises(WorkerDiedError):  # and the engine stays failed, with the same reason
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], use_tqdm=False)
+
+
+def test_server_engine_answers_in_flight_requests_with_an_error(tiny_model_dir):
+    from tessellm.entrypoints.async_llm import AsyncLLM
+
+    async def main():
+        engine = AsyncLLM(EngineArgs(model=tiny_model_dir("llama"), device="cpu", num_kv_blocks=64,
+                                     tensor_parallel_size=2))
+        try:
+            params = SamplingParams(max_tokens=400, ignore_eos=True, temperature=0.0)
+            stream = engine.generate({"prompt_token_ids": [1, 2, 3]}, params, request_id="r1")
+            first = await stream.__anext__()  # the request is running
+            assert first.outputs[0].token_ids
+            # The core's worker processes are its children; kill one of them.
+            pid = engine.client.proc.pid
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(c) for c in f.read().split()]
+            assert len(children) >= 2  # the two ranks (and multiprocessing's resource tracker)
+            os.kill(children[-1], signal.SIGKILL)
+            with pytest.raises(Exception, match="(?i)rank|worker|engine"):
+                async for _ in stream:
+                    pass
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=120))
