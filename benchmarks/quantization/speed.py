@@ -8,7 +8,12 @@ Part 2, engine (``--engine``): for each config, one ``LLM`` with Llama-3.1-8B sh
 weights (``load_format="dummy"``), then
   B1: one request, 512 prompt tokens, 256 output tokens: TTFT and ms per output token;
   F:  256 requests of 512 random prompt tokens and exactly 256 output tokens, greedy: output
-      tokens per second (model loading and graph capture excluded);
+      tokens per second (model loading and graph capture excluded), run twice: "F cold" is the
+      first run, which also pays Triton's compilation of every kernel variant its eager mixed
+      steps meet (seconds per variant on a fresh machine); "F" is the second;
+  decode: one batch-256 decode step at context ~520 (``--decode-profile``): wall and CUDA
+      graph replay ms per step, and the kernels of one eager step grouped (attention, GEMMs,
+      the rest);
 plus the weight bytes on the GPU and the KV cache tokens the engine could allocate.
 
 Every result is appended to ``--out`` (JSON) as soon as it is measured, so a run cut short by
@@ -131,6 +136,69 @@ def f(llm, args) -> dict:
             "output_tok_per_s": round(tokens / secs, 1)}
 
 
+def decode_profile(llm, batch: int = 256, input_len: int = 512, steps: int = 20) -> dict:
+    """Time batch-``batch`` decode steps (as benchmarks/profile_step.py does, for any config)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tessellm import SamplingParams
+
+    eng, core = llm.engine, llm.engine.core
+    params = SamplingParams(max_tokens=steps + 20, ignore_eos=True, temperature=0)
+    for i in range(batch):
+        ids = [(7 * i + j) % 1000 + 10 for j in range(input_len)]
+        eng.add_request(f"prof-{i}", {"prompt_token_ids": ids}, params)
+    while any(r.num_output_tokens == 0 for r in core.scheduler.running) or core.scheduler.waiting:
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    result = {"batch": batch, "wall_ms": round(wall_ms, 3)}
+    runner = core.runner
+    gr = runner.graph_runner
+    if gr is not None and gr.padded_size(batch) is not None:
+        graph = gr._graphs[gr.padded_size(batch)][0]
+        graph.replay()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):
+            graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        result["graph_gpu_ms"] = round(a.elapsed_time(b) / 10, 3)
+    ready, runner._graphs_ready = runner._graphs_ready, False  # one eager step, for its kernels
+    sched = core.scheduler.schedule()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        res = runner.execute(sched)
+        torch.cuda.synchronize()
+    core.scheduler.update(sched, res.sampled)
+    runner._graphs_ready = ready
+    groups = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+    top = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        name = evt.key.lower()
+        if "decode" in name or "prefill" in name or "attention" in name or "cache" in name:
+            groups["attention"] += us
+        elif any(t in name for t in ("gemm", "cutlass", "sm90", "nvjet", "matmul", "scaled_mm")):
+            groups["gemm"] += us
+        else:
+            groups["other"] += us
+        top.append((round(us / 1e3, 3), evt.key[:60]))
+    result["eager_kernels_ms"] = {k: round(v / 1e3, 3) for k, v in groups.items()}
+    result["eager_top"] = sorted(top, reverse=True)[:8]
+    for i in range(batch):
+        eng.abort_request(f"prof-{i}")
+    while eng.has_unfinished_requests():
+        eng.step()
+    return result
+
+
 def engine_bench(args) -> None:
     import torch
 
@@ -154,7 +222,13 @@ def engine_bench(args) -> None:
             if time.perf_counter() - START > args.deadline:
                 _record(args.out, f"{name} {workload}", "skipped: deadline")
                 continue
-            _record(args.out, f"{name} {workload}", b1(llm, args) if workload == "B1" else f(llm, args))
+            if workload == "B1":
+                _record(args.out, f"{name} B1", b1(llm, args))
+            elif workload == "F":
+                _record(args.out, f"{name} F cold", f(llm, args))
+                _record(args.out, f"{name} F", f(llm, args))
+            elif workload == "decode":
+                _record(args.out, f"{name} decode", decode_profile(llm))
         del llm, core
         gc.collect()
         torch.cuda.empty_cache()
@@ -166,7 +240,7 @@ def main() -> None:
     p.add_argument("--engine", action="store_true")
     p.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 256, 1024, 4096])
     p.add_argument("--configs", nargs="+", default=["bf16", "fp8", "int8", "fp8+kv_fp8"])
-    p.add_argument("--workloads", nargs="+", default=["B1", "F"])
+    p.add_argument("--workloads", nargs="+", default=["B1", "F"], help="B1, F, decode")
     p.add_argument("--b1-iters", type=int, default=2)
     p.add_argument("--f-prompts", type=int, default=256)
     p.add_argument("--input-len", type=int, default=512)

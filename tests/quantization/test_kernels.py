@@ -14,8 +14,9 @@ pytest.importorskip("triton")
 
 from tessellm.backends.cpu.quant_ops import TorchQuantOps  # noqa: E402
 from tessellm.backends.cuda import quant_kernels as qk  # noqa: E402
-from tessellm.quantization.packed import (Int4Weight, pack_int4, quantize_fp8,  # noqa: E402
-                                          quantize_fp8_per_token, quantize_int4, quantize_int8)
+from tessellm.quantization.packed import (Fp8Weight, Int4Weight, pack_int4,  # noqa: E402
+                                          quantize_fp8, quantize_fp8_per_token, quantize_int4,
+                                          quantize_int8)
 
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
@@ -23,8 +24,10 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (M, N, K): decode-sized, odd, and (GPU) prefill-sized rows that take the dequantize path.
 SHAPES = ([(1, 512, 1024), (7, 384, 4096), (64, 1024, 512), (600, 256, 1024)] if ON_GPU
           else [(1, 48, 128), (5, 40, 256)])
-OPS = {"torch": TorchQuantOps(), "triton": qk.TritonQuantOps(),
-       "triton-fp8-fallback": qk.TritonQuantOps(use_scaled_mm=False)}
+# fp8_weight_only_max_m=0: every fp8 GEMM takes the W8A8 path (test_fp8_w8a8); the default
+# ops route small M through W8A16 (test_fp8_weight_only).
+OPS = {"torch": TorchQuantOps(), "triton": qk.TritonQuantOps(fp8_weight_only_max_m=0),
+       "triton-fp8-fallback": qk.TritonQuantOps(use_scaled_mm=False, fp8_weight_only_max_m=0)}
 TOL = {F32: 1e-5, F16: 2e-3, BF16: 1.2e-2}  # relative (Frobenius) error vs the fp32 reference
 # On a GPU every shape runs in bf16 and test_other_dtypes covers fp16/fp32 (each dtype and tile
 # shape is a separate Triton compile); the interpreter runs every dtype at every (tiny) shape.
@@ -102,6 +105,48 @@ def test_fp8_w8a8(ops, dtype, shape):
     _check(out, x_fp8, seg, b, dtype, tol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + ([(24, 256, 2048)] if ON_GPU else []))
+def test_fp8_weight_only(dtype, shape):
+    """W8A16: x is not quantized, so the reference is x @ dequant(w).T itself. The default ops
+    take this path up to FP8_WEIGHT_ONLY_MAX_M rows, _scaled_mm (or the W8A8 kernel) above."""
+    m, n, k = shape
+    w, x, b = _data(m, n, k, dtype, bias=True, seed=3)
+    seg = quantize_fp8(w).to(DEV)
+    _check(qk.fp8_weight_only_gemm(x, seg, b), x, seg, b, dtype)
+    if m <= qk.FP8_WEIGHT_ONLY_MAX_M:
+        _check(qk.TritonQuantOps().fp8_mm(x, seg, b), x, seg, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_fp8_weight_only_widens_every_code_exactly(dtype):
+    """Every finite e4m3 code (subnormals, +-0, +-448) times a one-hot x comes back unchanged:
+    on a GPU this checks the bit-moving conversion (e4m3_to_16bit), code by code."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    codes = codes[~torch.isnan(codes.float())]  # 254 finite codes
+    k = 256
+    qweight = torch.zeros(16, k, dtype=torch.float8_e4m3fn)
+    qweight[:, :codes.numel()] = codes  # each row holds every code
+    seg = Fp8Weight(qweight, torch.ones(16)).to(DEV)
+    x = torch.eye(k, dtype=dtype, device=DEV)[:48]  # row m picks weight column m
+    out = qk.fp8_weight_only_gemm(x, seg)
+    expect = qweight.float()[:, :48].t().to(DEV)
+    assert torch.equal(out.float(), expect), (out.float() - expect).abs().max()
+
+
+@pytest.mark.skipif(ON_GPU, reason="e4m3fnuz is the rocm backend's format (MI300); NVIDIA "
+                                   "Triton has no such type, the interpreter does")
+def test_fp8_w8a16_e4m3fnuz():
+    """The rocm backend's fp8 layers share the W8A16 kernel through ``fp8_w8a16``."""
+    m, n, k = SHAPES[1]
+    w, x, b = _data(m, n, k, BF16, bias=True, seed=4)
+    fmax = torch.finfo(torch.float8_e4m3fnuz).max
+    scales = (w.abs().amax(dim=1) / fmax).clamp(min=1e-12)
+    qweight = (w / scales[:, None]).clamp(-fmax, fmax).to(torch.float8_e4m3fnuz)
+    seg = Fp8Weight(qweight, scales)
+    _check(qk.fp8_w8a16(x, qweight, scales, b), x, seg, b, BF16)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter runs every dtype in the tests above")
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_other_dtypes(dtype):
@@ -111,6 +156,7 @@ def test_other_dtypes(dtype):
     test_int4("triton", dtype, "asym-offsets", shape)
     test_fp8_w8a8("triton", dtype, shape)
     test_fp8_w8a8("triton-fp8-fallback", dtype, shape)
+    test_fp8_weight_only(dtype, shape)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

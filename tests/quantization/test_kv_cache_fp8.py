@@ -90,6 +90,26 @@ def test_fp8_cache_matches_reference_on_dequantized_cache(dtype, group, scales):
     assert rel < {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}[dtype], rel
 
 
+# On a GPU every way of widening e4m3 tiles (triton_attention._fp8_ptx) is checked; on the CPU
+# the interpreter has only Triton's own conversion.
+CONVERTS = ["auto", "triton", "cvt", "bits"] if ON_GPU else ["auto"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if ON_GPU else []))
+@pytest.mark.parametrize("convert", CONVERTS)
+def test_fp8_cache_every_tile_conversion(dtype, convert):
+    k_scale, v_scale = 0.05, 0.02
+    (q, k, v, k_cache, v_cache), batch = _step(dtype, 4, k_scale, v_scale, seed=3)
+    kernel = _kernel(dtype, 4, "fp8", k_scale, v_scale)
+    kernel.fp8_convert = convert
+    scale = HEAD ** -0.5
+    out = kernel.forward(q, k, v, k_cache, v_cache, kernel.build_metadata(batch), scale)
+    ref = paged_attention(q.float(), k_cache.float() * k_scale, v_cache.float() * v_scale,
+                          batch.query_start_loc, batch.seq_lens, batch.block_tables, scale, None)
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < {torch.float16: 3e-3, torch.bfloat16: 1.5e-2}[dtype], rel
+
+
 def test_fp8_cache_error_vs_full_precision_cache():
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     (q, k, v, k8, v8), batch = _step(dtype, 4, 1.0, 1.0, seed=1)

@@ -12,9 +12,19 @@ Small M (decode) is memory-bound: tiles are 16 rows and K is split over ``SPLIT_
 (fp32 atomics) until the grid fills the GPU. Large M (prefill) is compute-bound: the weight is
 dequantized once to x's dtype and cuBLAS does the GEMM (``DEQUANT_MIN_M``).
 
-fp8 (W8A8): x is quantized per token by one Triton kernel, then ``torch._scaled_mm`` (row-wise
-scales, sm89+) runs the GEMM; without it, ``_fp8_gemm_kernel`` does (tiles widened to fp16,
-which is exact for e4m3, so it runs on any GPU Triton supports).
+fp8: up to ``FP8_WEIGHT_ONLY_MAX_M`` rows (decode), W8A16: ``_fp8_w8a16_gemm_kernel`` reads
+the e4m3 weight and multiplies it with x as it is, like int8 (half of bf16's bytes, nothing to
+quantize). Above it (prefill), W8A8: x is quantized per token by one Triton kernel, then
+``torch._scaled_mm`` (row-wise scales, sm89+) runs the GEMM on the fp8 tensor cores; without
+it, ``_fp8_gemm_kernel`` does (tiles widened to fp16, exact for e4m3). Both sides of the
+threshold are static per captured graph: M is fixed per graph.
+
+Widening e4m3 to bf16 with Triton's ``.to`` costs, in sm90 SASS, one ``F2F`` per value plus
+an ``F2FP`` per pair: conversion-unit instructions, which issue at a fraction of the integer
+ALU's rate. On NVIDIA the weight-only kernel moves bits instead (``e4m3_to_16bit``: byte
+permutes, masks, one packed multiply by a power of two; exact, subnormals included), which
+leaves only full-rate integer and half-precision instructions. (Read from the SASS; the ``.to``
+variant of this kernel was not timed.)
 
 No host-device sync anywhere: graph-capture safe. On the CPU these kernels run in Triton's
 interpreter (tests), where bf16 dots run in float32 (the interpreter has no bf16 arithmetic).
@@ -23,6 +33,7 @@ interpreter (tests), where bf16 dots run in float32 (the interpreter has no bf16
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -206,11 +217,97 @@ def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K,
     _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, ATOMIC)
 
 
+@triton.jit
+def e4m3_to_16bit(w, BF16: tl.constexpr, PURE: tl.constexpr = True):
+    """e4m3fn -> bf16 (BF16) or fp16, exact, 4 values per 32-bit word, without the conversion
+    unit. Each byte ``b`` lands in the high byte of a 16-bit lane; sign kept, the 7 other bits
+    shifted into the exponent/mantissa fields, which gives the value times 2^-120 (bf16) or
+    2^-8 (fp16); one packed multiply restores it (subnormals map to subnormals, also exact;
+    NaN codes, which quantizers never write, become +-480). PURE=False pins it where it stands
+    (Triton otherwise may move it into the dot's operand loads)::
+
+        bf16: (t & 0x8000) | ((t >> 4) & 0x07F0)    t = b << 8, then * 2^120
+        fp16: (t & 0x8000) | ((t >> 1) & 0x3F80)    then * 2^8
+    """
+    if BF16:
+        y = tl.inline_asm_elementwise(
+             ("{ .reg .b32 t0, t1, s0, s1, c, z;\n"
+              "mov.b32 c, 0x7B807B80;\n"  # 2^120 in both bf16 lanes
+              "mov.b32 z, 0x80008000;\n"  # -0: the fma is a plain multiply
+              "prmt.b32 t0, $2, 0, 0x1404;\n"
+              "prmt.b32 t1, $2, 0, 0x3424;\n"
+              "shr.b32 s0, t0, 4;\n"
+              "shr.b32 s1, t1, 4;\n"
+              "and.b32 t0, t0, 0x80008000;\n"
+              "and.b32 t1, t1, 0x80008000;\n"
+              "and.b32 s0, s0, 0x07F007F0;\n"
+              "and.b32 s1, s1, 0x07F007F0;\n"
+              "or.b32 t0, t0, s0;\n"
+              "or.b32 t1, t1, s1;\n"
+              "fma.rn.bf16x2 $0, t0, c, z;\n"
+              "fma.rn.bf16x2 $1, t1, c, z; }"),
+            "=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16, is_pure=PURE, pack=4)
+    else:
+        y = tl.inline_asm_elementwise(
+             ("{ .reg .b32 t0, t1, s0, s1, c;\n"
+              "mov.b32 c, 0x5C005C00;\n"  # 2^8 in both fp16 lanes
+              "prmt.b32 t0, $2, 0, 0x1404;\n"
+              "prmt.b32 t1, $2, 0, 0x3424;\n"
+              "shr.b32 s0, t0, 1;\n"
+              "shr.b32 s1, t1, 1;\n"
+              "and.b32 t0, t0, 0x80008000;\n"
+              "and.b32 t1, t1, 0x80008000;\n"
+              "and.b32 s0, s0, 0x3F803F80;\n"
+              "and.b32 s1, s1, 0x3F803F80;\n"
+              "or.b32 t0, t0, s0;\n"
+              "or.b32 t1, t1, s1;\n"
+              "mul.rn.f16x2 $0, t0, c;\n"
+              "mul.rn.f16x2 $1, t1, c; }"),
+            "=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=PURE, pack=4)
+    return y
+
+
+@triton.jit
+def _fp8_w8a16_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
+                           stride_xm, stride_wn, stride_om,
+                           HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           W_PTX: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """w fp8 ``[N, K]`` (per-channel scales ``[N]``), x in the model dtype: y = (x @ w.T) * s.
+    W_PTX: widen w with ``e4m3_to_16bit`` (x bf16 or fp16, NVIDIA); else ``w.to(x.dtype)``."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * span
+    k_hi = tl.minimum(k_lo + span, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    w_col = w_ptr + rn[None, :].to(tl.int64) * stride_wn
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < k_hi
+        x = tl.load(x_row + rk[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        w = tl.load(w_col + rk[:, None], mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+        if W_PTX:
+            w = e4m3_to_16bit(w, x.dtype == tl.bfloat16)
+        acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PREC)
+    acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, ATOMIC)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
 DEQUANT_MIN_M = 512  # from this many rows on, dequantize once and let cuBLAS multiply
+# fp8 GEMMs of at most this many rows read the weight as W8A16 instead of quantizing x for
+# torch._scaled_mm, which is slower than bf16 at small M. H200, one Llama-8B layer's GEMMs in a
+# CUDA graph (benchmarks/quantization/fp8_kernels.py): W8A16 81-92 us vs W8A8 132-137 us at
+# M = 1..16, 112.5 vs 126.6 at M = 32, 153 vs 122 at M = 64.
+FP8_WEIGHT_ONLY_MAX_M = 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,9 +329,15 @@ def _dot_args(x: torch.Tensor) -> dict:
                 DOT_PREC="tf32x3" if x.dtype == torch.float32 else "tf32")
 
 
-def _tiles(x: torch.Tensor, m: int, n: int, k: int, group: int) -> dict:
-    """Tile sizes, split-K and launch shape for an ``[m, k] x [k, n]`` product."""
-    if m <= 16:
+def _tiles(x: torch.Tensor, m: int, n: int, k: int, group: int,
+           config: Optional[tuple] = None) -> dict:
+    """Tile sizes, split-K and launch shape for an ``[m, k] x [k, n]`` product. ``config``:
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, most split-K) instead of the defaults
+    (benchmarks)."""
+    max_split = 16
+    if config is not None:
+        bm, bn, bk, warps, stages, max_split = config
+    elif m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif m <= 64:
         bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
@@ -248,7 +351,7 @@ def _tiles(x: torch.Tensor, m: int, n: int, k: int, group: int) -> dict:
     split = 1
     if not _interpreted(x):
         want = 2 * _num_sms(x.device.index or 0)
-        while tiles_mn * split * 2 <= want and k // (bk * split * 2) >= 2 and split < 16:
+        while tiles_mn * split * 2 <= want and k // (bk * split * 2) >= 2 and split < max_split:
             split *= 2
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
                 num_stages=stages, grid=(triton.cdiv(m, bm), triton.cdiv(n, bn), split))
@@ -353,6 +456,46 @@ def fp8_gemm(xq: torch.Tensor, sx: torch.Tensor, w: Fp8Weight, out_dtype: torch.
     return out if split == 1 else out.to(out_dtype)
 
 
+def _w_ptx(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Widen e4m3 weights by bit moves (``e4m3_to_16bit``): NVIDIA, e4m3fn, 16-bit x."""
+    return (not _interpreted(x) and torch.version.hip is None
+            and w.dtype == torch.float8_e4m3fn and x.dtype in (torch.bfloat16, torch.float16))
+
+
+def _fp8_w8a16_config(m: int) -> tuple:
+    """Tiles of the W8A16 fp8 GEMM by rows (H200 sweep, same benchmark): BLOCK_K 256 wins
+    where Triton specializes M (M = 1, or M a multiple of 16), 128 for the other M <= 16."""
+    if m > 16:
+        return (32, 64, 128, 4, 4, 16)
+    if m == 1 or m % 16 == 0:
+        return (16, 64, 256, 4, 3, 16)
+    return (16, 64, 128, 4, 4, 16)
+
+
+def fp8_weight_only_gemm(x: torch.Tensor, w: Fp8Weight, bias=None,
+                         config: Optional[tuple] = None) -> torch.Tensor:
+    """W8A16: ``x [M, K] @ (w.qweight * w.scales[:, None]).T (+ bias)``, x unquantized.
+    ``config``: tiles instead of ``_fp8_w8a16_config``'s (benchmarks)."""
+    return fp8_w8a16(x, w.qweight, w.scales, bias, config)
+
+
+def fp8_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None,
+              config: Optional[tuple] = None) -> torch.Tensor:
+    """``fp8_weight_only_gemm`` on bare tensors: ``qweight`` e4m3fn or e4m3fnuz ``[N, K]``,
+    ``scales`` float32 ``[N]`` (the rocm backend's fp8 layers hold these)."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = qweight.shape[0]
+    t = _tiles(x, m, n, k, k, config or _fp8_w8a16_config(m))
+    grid, split = t.pop("grid"), t["SPLIT_K"]
+    out = _out(x, m, n, split)
+    _fp8_w8a16_gemm_kernel[grid](
+        x, qweight, scales, bias if bias is not None else x, out, m, n, k,
+        x.stride(0), qweight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+        ATOMIC=split > 1, W_PTX=_w_ptx(x, qweight), **_dot_args(x), **t)
+    return out if split == 1 else out.to(x.dtype)
+
+
 def _scaled_mm_ok(x: torch.Tensor, w: Fp8Weight) -> bool:
     """torch._scaled_mm with row-wise scales: sm89+, K and N multiples of 16, and a one-row
     probe on this device that ran (some torch/cuBLASLt builds lack row-wise fp8)."""
@@ -381,14 +524,18 @@ def _scaled_mm_probe(index: int, fp8_dtype: torch.dtype) -> bool:
 
 class TritonQuantOps:
     """``QuantOps`` for the cuda backend (and any Triton GPU). ``use_scaled_mm``: False forces
-    the Triton fp8 GEMM (tests, GPUs without cuBLASLt fp8)."""
+    the Triton fp8 GEMM (tests, GPUs without cuBLASLt fp8). ``fp8_weight_only_max_m``: fp8
+    GEMMs of at most this many rows run weight-only (W8A16, ``fp8_weight_only_gemm``); 0 never.
+    """
 
     name = "triton"
     schemes = frozenset({"int8", "fp8", "awq", "gptq", "gguf"})
 
-    def __init__(self, use_scaled_mm: bool = True, dequant_min_m: int = DEQUANT_MIN_M):
+    def __init__(self, use_scaled_mm: bool = True, dequant_min_m: int = DEQUANT_MIN_M,
+                 fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M):
         self.use_scaled_mm = use_scaled_mm
         self.dequant_min_m = dequant_min_m
+        self.fp8_weight_only_max_m = fp8_weight_only_max_m
 
     def int8_mm(self, x, w: Int8Weight, bias=None):
         if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
@@ -403,6 +550,10 @@ class TritonQuantOps:
         return int4_gemm(x, w, bias)
 
     def fp8_mm(self, x, w: Fp8Weight, bias=None):
+        """W8A16 up to ``fp8_weight_only_max_m`` rows (x's shape is fixed per captured graph, so
+        a graph always takes one side), W8A8 above."""
+        if x.shape[0] <= self.fp8_weight_only_max_m:
+            return fp8_weight_only_gemm(x, w, bias)
         xq, sx = quantize_fp8_rows(x, w.qweight.dtype)
         if self.use_scaled_mm and _scaled_mm_ok(x, w):
             out = torch._scaled_mm(xq, w.qweight.t(), scale_a=sx[:, None], scale_b=w.scales[None, :],

@@ -23,12 +23,33 @@ No host-device sync anywhere in ``forward``.
 
 fp8 KV cache (``kv_cache_dtype="fp8"``): the cache holds e4m3 values ``k / k_scale`` and
 ``v / v_scale`` (per-tensor scales, host floats on the kernel, 1.0 unless set); the cache write
-divides and saturates at +-448, the attention kernels widen each tile to q's dtype and fold the
-scales in: ``k_scale`` into the softmax scale, ``v_scale`` into the output normalisation.
+divides and saturates at +-448, the attention kernels widen each tile and fold the scales in:
+``k_scale`` into the softmax scale, ``v_scale`` into the output normalisation.
+
+How an e4m3 tile is widened matters more than the bytes it saves (``FP8_PTX``). Left to
+Triton, ``v.to(bf16)`` is moved past the shared-memory staging of the dot: V (``[keys, D]``,
+D contiguous) is the dot's right operand with its reduction dim strided, which 16-bit tiles
+read with ``ldmatrix.trans`` but 8-bit tiles only byte by byte (``ld.shared.b8``, bank
+conflicts). On sm89+ NVIDIA GPUs each tile is therefore widened in registers right after its
+load, by ``cvt.rn.f16x2.e4m3x2`` in inline PTX (opaque to Triton, so it stays there), and the
+dots run in fp16: e4m3 is exact in fp16, q enters pre-multiplied by the softmax scale (fp16
+holds q * scale up to 65504: |q| up to ~5e5 at head size 128 and k_scale 1), and P in fp16
+keeps three more mantissa bits than in bf16::
+
+    q16 = fp16(q * scale_log2)          once per program
+    s   = dot(q16, fp16(k8)^T)          k8: the e4m3 tile, widened in registers
+    acc = acc * alpha + dot(fp16(p), fp16(v8))
+
+Elsewhere (float32 q, e4m3fnuz, the CPU interpreter) tiles widen with ``.to(q.dtype)``.
+``fp8_convert`` selects another way for tests and benchmarks: "triton" (the ``.to`` path) or
+"bits" (``e4m3_to_16bit``, no conversion unit; measured slower than "cvt" here). H200, batch
+256, Llama-8B heads, one layer: 236 us with "triton", 201 with "cvt", 210 with the bf16 cache
+(benchmarks/quantization/README.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -36,6 +57,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from tessellm.backends.cuda.quant_kernels import e4m3_to_16bit
 
 _LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so masked tiles never give inf - inf
@@ -76,16 +99,33 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
 
 
 @triton.jit
+def _e4m3_to_f16(x):
+    """e4m3 -> fp16 in registers, 4 values per 32-bit word (exact). Inline PTX, not marked pure:
+    Triton keeps it where it stands instead of moving it into the dot's operand loads."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi;\n"
+        "mov.b32 {lo, hi}, $2;\n"
+        "cvt.rn.f16x2.e4m3x2 $0, lo;\n"
+        "cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
+
+
+@triton.jit
 def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok, mask, kvh,
                  scale_log2, stride_cb, stride_ct, stride_ch,
                  HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
-                 APPLY_MASK: tl.constexpr):
+                 APPLY_MASK: tl.constexpr, FP8_PTX: tl.constexpr):
     """One online-softmax step over keys ``n`` (``[BLOCK_N]``). ``mask``: ``[BLOCK_M, BLOCK_N]``,
-    applied only when APPLY_MASK (tiles every row sees whole skip the select)."""
+    applied only when APPLY_MASK (tiles every row sees whole skip the select). FP8_PTX: the
+    cache is e4m3 and ``q`` fp16, pre-scaled by the caller."""
     d = tl.arange(0, HEAD_SIZE)
     blk = tl.load(bt_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
     kv_off = blk * stride_cb + (n % BLOCK_SIZE) * stride_ct + kvh * stride_ch
     k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+    if FP8_PTX == 1:
+        k = _e4m3_to_f16(k)
+    elif FP8_PTX == 2:
+        k = e4m3_to_16bit(k, False, False)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * scale_log2
     if APPLY_MASK:
         s = tl.where(mask, s, float("-inf"))
@@ -94,6 +134,10 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok, ma
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+    if FP8_PTX == 1:
+        v = _e4m3_to_f16(v)
+    elif FP8_PTX == 2:
+        v = e4m3_to_16bit(v, False, False)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
     return acc, m_new, l_i
 
@@ -107,7 +151,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                    DOT_FP32: tl.constexpr):
+                    DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr):
     """Grid ``(num_prefills, cdiv(max_query_len, BLOCK_Q), KVH)``; BLOCK_M = BLOCK_Q * GROUP_P2."""
     s = seq_offset + tl.program_id(0)
     qb = tl.program_id(1)
@@ -128,7 +172,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     head = kvh * GROUP + g
     q = tl.load(q_ptr + (tok * stride_qt + head * stride_qh)[:, None] + d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    if DOT_FP32:  # tiles take q's dtype
+    qk_scale = scale_log2
+    if FP8_PTX != 0:  # fp16 dots on widened e4m3 tiles; q pre-scaled (module docstring)
+        q = (q.to(tl.float32) * scale_log2).to(tl.float16)
+        qk_scale = 1.0
+    elif DOT_FP32:  # tiles take q's dtype
         q = q.to(tl.float32)
     q_pos = ctx_len + tq
 
@@ -151,8 +199,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         if USE_WINDOW:
             mask = mask & (n[None, :] > q_pos[:, None] - window)
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
-                                     mask, kvh, scale_log2, stride_cb, stride_ct, stride_ch,
-                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, USE_WINDOW)
+                                     mask, kvh, qk_scale, stride_cb, stride_ct, stride_ch,
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, USE_WINDOW, FP8_PTX)
     for n0 in range(mid, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < hi
@@ -160,8 +208,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         if USE_WINDOW:
             mask = mask & (n[None, :] > q_pos[:, None] - window)
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
-                                     mask, kvh, scale_log2, stride_cb, stride_ct, stride_ch,
-                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True)
+                                     mask, kvh, qk_scale, stride_cb, stride_ct, stride_ch,
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True, FP8_PTX)
     acc = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(out_ptr + (tok * stride_ot + head * stride_oh)[:, None] + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -176,7 +224,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_m_p
                          NUM_SPLITS: tl.constexpr, MIN_PART: tl.constexpr,
                          BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
-                         DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr):
+                         DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr):
     """Grid ``(num_decodes, KVH, NUM_SPLITS)``. Writes each split's normalized partial output,
     running max (log2 units) and sum of exponentials to the workspace."""
     s = tl.program_id(0)
@@ -197,7 +245,11 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_m_p
     d = tl.arange(0, HEAD_SIZE)
     q = tl.load(q_ptr + (tok * stride_qt + head * stride_qh)[:, None] + d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    if DOT_FP32:  # tiles take q's dtype
+    qk_scale = scale_log2
+    if FP8_PTX != 0:  # fp16 dots on widened e4m3 tiles; q pre-scaled (module docstring)
+        q = (q.to(tl.float32) * scale_log2).to(tl.float16)
+        qk_scale = 1.0
+    elif DOT_FP32:  # tiles take q's dtype
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -208,8 +260,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_m_p
         n_ok = n < end
         mask = (g[:, None] >= 0) & n_ok[None, :]  # every key < seq_len is visible to the query
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
-                                     mask, kvh, scale_log2, stride_cb, stride_ct, stride_ch,
-                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True)
+                                     mask, kvh, qk_scale, stride_cb, stride_ct, stride_ch,
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True, FP8_PTX)
     acc = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     idx = (s.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
     tl.store(part_out_ptr + idx[:, None] * HEAD_SIZE + d[None, :], acc, mask=row_ok[:, None])
@@ -291,6 +343,29 @@ def _fp8_max(cache: torch.Tensor) -> float:
     return float(torch.finfo(cache.dtype).max) if _is_fp8(cache) else 0.0
 
 
+@functools.lru_cache(maxsize=None)
+def _has_e4m3_cvt(index: int) -> bool:
+    """``cvt.rn.f16x2.e4m3x2``: NVIDIA sm89+ (a ROCm build also answers torch.cuda: no PTX)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+_FP8_CONVERT = {"triton": 0, "cvt": 1, "bits": 2}
+
+
+def _fp8_ptx(q: torch.Tensor, k_cache: torch.Tensor, fp8_convert: str = "auto") -> int:
+    """How an e4m3 cache's tiles are widened (module docstring): 0 ``.to(q.dtype)``; with inline
+    PTX and fp16 dots, 1 ``cvt.rn.f16x2.e4m3x2``, 2 bit moves (``e4m3_to_16bit``).
+    ``fp8_convert``: "auto", or one of ``_FP8_CONVERT`` (benchmarks)."""
+    if fp8_convert != "auto" and fp8_convert not in _FP8_CONVERT:
+        raise ValueError(f"fp8_convert is 'auto' or one of {', '.join(_FP8_CONVERT)}, got "
+                         f"{fp8_convert!r}.")
+    ptx_ok = (k_cache.dtype == torch.float8_e4m3fn and q.is_cuda
+              and q.dtype in (torch.float16, torch.bfloat16) and _has_e4m3_cvt(q.device.index or 0))
+    if not ptx_ok:
+        return 0
+    return _FP8_CONVERT[fp8_convert] if fp8_convert != "auto" else 1
+
+
 def _k_factor(k_cache: torch.Tensor, k_scale: float) -> float:
     return k_scale if _is_fp8(k_cache) else 1.0
 
@@ -325,10 +400,12 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       num_seqs: int, max_query_len: int,
                       sliding_window: Optional[int] = None,
                       tiles: Optional[tuple[int, int, int, int]] = None,
-                      k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                      k_scale: float = 1.0, v_scale: float = 1.0,
+                      fp8_convert: str = "auto") -> None:
     """Causal attention of sequences ``seq_offset .. seq_offset + num_seqs - 1`` of the flat
     batch over their paged context; writes their rows of ``out`` ``[T, H, D]``.
-    ``k_scale``/``v_scale``: an fp8 cache's per-tensor scales (ignored for other caches).
+    ``k_scale``/``v_scale``: an fp8 cache's per-tensor scales (ignored for other caches);
+    ``fp8_convert``: how its tiles are widened (``_fp8_ptx``; "auto" unless benchmarking).
 
     ``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the defaults (benchmarks).
     """
@@ -356,7 +433,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         HEAD_SIZE=head_size, BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q),
-        num_warps=num_warps, num_stages=num_stages)
+        FP8_PTX=_fp8_ptx(q, k_cache, fp8_convert), num_warps=num_warps, num_stages=num_stages)
 
 
 def decode_workspace_numel(num_seqs: int, num_heads: int, num_splits: int, head_size: int) -> int:
@@ -370,12 +447,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      workspace: torch.Tensor, sliding_window: Optional[int] = None,
                      min_partition: int = 128,
                      tiles: Optional[tuple[int, int, int]] = None,
-                     k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+                     k_scale: float = 1.0, v_scale: float = 1.0,
+                     fp8_convert: str = "auto") -> None:
     """Split-KV attention of the first ``num_seqs`` sequences (one query token each).
 
     ``num_splits``: a power of two, a host int fixed per batch size. ``workspace``: float32, at
     least ``decode_workspace_numel(...)`` elements; reused, never read before written.
     ``tiles``: (BLOCK_N, num_warps, num_stages) to override the defaults (benchmarks).
+    ``k_scale``/``v_scale``/``fp8_convert``: as for ``prefill_attention``.
     """
     if num_seqs == 0:
         return
@@ -389,7 +468,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_out = workspace[:n_part * head_size]
     part_m = workspace[n_part * head_size:n_part * (head_size + 1)]
     part_l = workspace[n_part * (head_size + 1):n_part * (head_size + 2)]
-    block_n, num_warps, num_stages = _decode_block_n(q.dtype, head_size), 4, 3
+    fp8_ptx = _fp8_ptx(q, k_cache, fp8_convert)
+    # fp8 tiles: 2 warps (H200, batch 256, Llama-8B heads: 207 us vs 221 with 4 warps; the
+    # bf16 cache keeps 4, its best: benchmarks/quantization/fp8_kernels.py --attention-sweep)
+    block_n, num_warps, num_stages = _decode_block_n(q.dtype, head_size), 2 if fp8_ptx else 4, 3
     if tiles is not None:
         block_n, num_warps, num_stages = tiles
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -401,8 +483,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         NUM_HEADS=num_heads, GROUP=group, BLOCK_M=max(16, _p2(group)), NUM_SPLITS=num_splits,
         MIN_PART=max(min_partition, block_n), BLOCK_N=block_n, HEAD_SIZE=head_size,
         BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
-        DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q), num_warps=num_warps,
-        num_stages=num_stages)
+        DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q), FP8_PTX=fp8_ptx,
+        num_warps=num_warps, num_stages=num_stages)
     _decode_reduce_kernel[(num_seqs, num_heads)](
         out, part_out, part_m, part_l, query_start_loc, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_SIZE=head_size, num_warps=4)
@@ -468,6 +550,7 @@ class TritonAttentionKernel:
         # or calibration sets them. One pair for every layer (the kernel is shared).
         self.k_scale = 1.0
         self.v_scale = 1.0
+        self.fp8_convert = "auto"  # how fp8 tiles are widened (``_fp8_ptx``); tests, benchmarks
         self.spec = spec
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -515,11 +598,12 @@ class TritonAttentionKernel:
                              num_splits=md.num_splits,
                              workspace=self._get_workspace(md.num_decodes, q.device),
                              sliding_window=self.sliding_window, min_partition=self.min_partition,
-                             k_scale=self.k_scale, v_scale=self.v_scale)
+                             k_scale=self.k_scale, v_scale=self.v_scale,
+                             fp8_convert=self.fp8_convert)
         if md.num_prefills:
             prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
                               md.block_tables, scale, seq_offset=md.num_decodes,
                               num_seqs=md.num_prefills, max_query_len=md.max_query_len,
                               sliding_window=self.sliding_window, k_scale=self.k_scale,
-                              v_scale=self.v_scale)
+                              v_scale=self.v_scale, fp8_convert=self.fp8_convert)
         return out

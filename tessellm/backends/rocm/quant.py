@@ -4,9 +4,12 @@ MI300-class parts (gfx94x) do fp8 arithmetic in the ``float8_e4m3fnuz`` format (
 zero, NaN = 0x80, max 240, exponent bias 8); MI350 (gfx950) and NVIDIA use OCP ``e4m3fn``
 (max 448). Weights are stored per output channel: ``W ~= w_fp8 * scale[:, None]``.
 
-``apply``: on a ROCm device with fp8 matmul support, activations are quantized per token to
-the same format and multiplied with ``torch._scaled_mm`` (hipBLASLt); anywhere else the weight
-is dequantized to x's dtype and multiplied (correct, not fast: used on CPU for tests).
+``apply``: on a ROCm device, up to ``weight_only_max_m`` rows (decode) run weight-only through
+the cuda backend's Triton W8A16 kernel (``quant_kernels.fp8_w8a16``, which widens either fp8
+format in the GEMM); more rows quantize the activations per token to the same format and
+multiply with ``torch._scaled_mm`` (hipBLASLt). M is fixed per captured graph, so a graph always
+takes one side. Anywhere else the weight is dequantized to x's dtype and multiplied (correct,
+not fast: used on CPU for tests). The threshold is the H200's (32); not measured on AMD.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ class RocmFp8LinearMethod:
 
     name = "fp8"
 
-    def __init__(self, fp8_dtype=None):
+    def __init__(self, fp8_dtype=None, weight_only_max_m: int = 32):
         self.fp8_dtype = fp8_dtype  # None: chosen from the device in create_weights
+        self.weight_only_max_m = weight_only_max_m  # W8A16 up to this many rows; 0: never
 
     def create_weights(self, layer, input_size: int, output_size: int, dtype) -> None:
         fp8 = self.fp8_dtype or fp8_dtype_for(torch.get_default_device())
@@ -51,6 +55,12 @@ class RocmFp8LinearMethod:
 
     def apply(self, layer, x: torch.Tensor, bias=None) -> torch.Tensor:
         if x.device.type == "cuda" and getattr(torch.version, "hip", None):
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[0] <= self.weight_only_max_m:
+                from tessellm.backends.cuda.quant_kernels import fp8_w8a16
+
+                out = fp8_w8a16(x2, layer.weight, layer.weight_scale, bias)
+                return out.reshape(*x.shape[:-1], -1)
             return self._apply_scaled_mm(layer, x, bias)
         w = layer.weight.to(torch.float32) * layer.weight_scale[:, None]
         out = x.float() @ w.t()
