@@ -15,11 +15,14 @@ model builds and runs without a process group.
 from __future__ import annotations
 
 import datetime
+import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ParallelConfig:
@@ -53,14 +56,31 @@ class TensorParallel:
         self.size = size
         self.group = group  # a torch.distributed ProcessGroup; None with size 1
 
+        self.fast_all_reduce = None  # SymmMemAllReduce on NVLink GPUs, see enable_fast_all_reduce
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the group, in place."""
+        """Sum over the group (in place, or into a new tensor that is returned)."""
         if self.size == 1:
             return x
+        if self.fast_all_reduce is not None and self.fast_all_reduce.fits(x):
+            return self.fast_all_reduce(x)
         import torch.distributed as dist
 
         dist.all_reduce(x, group=self.group)
         return x
+
+    def enable_fast_all_reduce(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Small all-reduces (decode steps) through symmetric memory instead of NCCL, where
+        torch supports it on this device; False (NCCL for everything) otherwise."""
+        if self.size == 1 or device.type != "cuda" or os.environ.get("TESSELLM_SYMM_MEM", "1") == "0":
+            return False
+        try:
+            self.fast_all_reduce = SymmMemAllReduce(self.group, device, dtype)
+        except Exception as exc:  # noqa: BLE001 - an optional fast path; NCCL always works
+            logger.warning("Symmetric-memory all-reduce unavailable (%s: %s); using NCCL.",
+                           type(exc).__name__, exc)
+            return False
+        return True
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``x`` along the last dim, in rank order."""
@@ -75,6 +95,37 @@ class TensorParallel:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+
+class SymmMemAllReduce:
+    """All-reduce through a buffer every rank maps (torch symmetric memory over NVLink P2P).
+
+    One kernel: each rank copies its input into its slice of the shared buffer and, after a
+    barrier, reads and sums every peer's (one-shot) — a few microseconds where NCCL takes
+    tens at decode sizes. Inputs above ``max_bytes`` (prefill) go to NCCL. Graph-capturable.
+    NVLink multicast (``multimem``) is never used.
+    """
+
+    def __init__(self, group, device: torch.device, dtype: torch.dtype, max_bytes: int = 4 << 20):
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+
+        group = group or dist.group.WORLD
+        self.group_name = group.group_name
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.8
+            symm_mem.enable_symm_mem_for_group(self.group_name)
+        self.dtype = dtype
+        self.max_numel = max_bytes // torch.empty(0, dtype=dtype).element_size()
+        self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
+        symm_mem.rendezvous(self.buffer, self.group_name)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.dtype and x.numel() <= self.max_numel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        buf = self.buffer[:x.numel()]
+        buf.copy_(x.reshape(-1))
+        return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", self.group_name).view(x.shape)
 
 
 class PipelineStage:

@@ -71,6 +71,7 @@ class Worker:
                                     self.device, args.block_size, args.kv_cache_dtype, args.seed,
                                     quantization=args.quantization, tp=self.tp, pp=self.pp)
         self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
+        self.fast_all_reduce = self.tp.enable_fast_all_reduce(self.device, self.dtype)
         graphs = None
         if self.pp.num_stages == 1:  # stages exchange tensors between steps: eager only
             graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, args.enforce_eager,
@@ -86,7 +87,8 @@ class Worker:
         return {"rank": self.rank, "device": str(self.device),
                 "kv_dtype": str(self.kv_dtype).replace("torch.", ""),
                 "num_attention_layers": len(self.runner.model.attention_layers()),
-                "graphs": self.runner.graph_runner is not None}
+                "graphs": self.runner.graph_runner is not None,
+                "fast_all_reduce": self.fast_all_reduce}
 
     def num_kv_blocks(self) -> int:
         """How many KV blocks this rank can hold (the engine takes the smallest over ranks)."""
@@ -117,6 +119,41 @@ class Worker:
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
+
+    # -- diagnostics (benchmarks/profile_tp.py; every rank at once through collective_rpc) ----
+
+    def time_decode_graph(self, batch: int, iters: int = 50) -> Optional[float]:
+        """GPU milliseconds of one captured decode step at ``batch`` (replays the graph; all
+        ranks must replay together, their collectives meet)."""
+        gr = self.runner.graph_runner
+        if gr is None or self.device.type != "cuda":
+            return None
+        graph = gr._graphs[gr.padded_size(batch)][0]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+
+    def start_profile(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self._profiler = profile(activities=acts)
+        self._profiler.__enter__()
+
+    def stop_profile(self, row_limit: int = 25, trace_path: Optional[str] = None) -> str:
+        self._profiler.__exit__(None, None, None)
+        if trace_path:
+            self._profiler.export_chrome_trace(trace_path.format(rank=self.rank))
+        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = self._profiler.key_averages().table(sort_by=key, row_limit=row_limit)
+        self._profiler = None
+        return table
 
     def param_slices(self) -> dict:
         """Parameter shapes by name (tests and ``tessellm`` diagnostics)."""
