@@ -22,9 +22,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp = tp or TensorParallel()
         self.vocab_size = vocab_size
-        rows = -(-vocab_size // self.tp.size)
-        self.vocab_start = self.tp.rank * rows
-        self.vocab_end = min(self.vocab_start + rows, vocab_size)
+        rows, self.vocab_start, self.vocab_end = vocab_shard(vocab_size, self.tp)
         self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -48,9 +46,7 @@ class ParallelLMHead(nn.Module):
         super().__init__()
         self.tp = tp or TensorParallel()
         self.vocab_size = vocab_size
-        rows = -(-vocab_size // self.tp.size)
-        self.vocab_start = self.tp.rank * rows
-        self.vocab_end = min(self.vocab_start + rows, vocab_size)
+        rows, self.vocab_start, self.vocab_end = vocab_shard(vocab_size, self.tp)
         self.tied = weight
         if weight is None:
             self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
@@ -64,6 +60,14 @@ class ParallelLMHead(nn.Module):
 
     def load_weight(self, tensor) -> None:
         load_vocab_rows(self.weight, tensor, self.vocab_start, self.vocab_end, self.vocab_size)
+
+
+def vocab_shard(vocab_size: int, tp: TensorParallel) -> tuple[int, int, int]:
+    """(rows per rank, first vocabulary id, end id) of this rank's slice; the last rank's slice
+    may end before its rows do (padding)."""
+    rows = -(-vocab_size // tp.size)
+    start = tp.rank * rows
+    return rows, start, min(start + rows, vocab_size)
 
 
 def load_vocab_rows(param: torch.Tensor, tensor, start: int, end: int, vocab_size: int) -> None:

@@ -35,8 +35,14 @@ def test_mp_matches_one_process(reference, tp, pp):
     # flight through the pipeline.
     llm = LLM(path, device="cpu", num_kv_blocks=64, seed=0, tensor_parallel_size=tp,
               pipeline_parallel_size=pp, max_num_batched_tokens=24)
+    core = llm.engine.core
+    in_flight = []  # how many steps were already in flight at each submit
+    submit = core.executor.submit
+    core.executor.submit = lambda sched: (in_flight.append(len(core.batch_queue)), submit(sched))
     try:
-        assert len(llm.engine.core.executor.worker_info) == tp * pp
+        assert len(core.executor.worker_info) == tp * pp
         assert _tokens(llm) == expected
     finally:
         llm.shutdown()
+    # With two stages a second batch was submitted while the first was still in the pipeline.
+    assert max(in_flight) == pp - 1

@@ -55,6 +55,15 @@ def test_replicas_ask_ray_for_their_backends_accelerator(device, expected):
     assert parse_config({"engine": {"device": device}}).replica_actor_options() == expected
 
 
+def test_a_tensor_parallel_replica_holds_all_its_devices():
+    cfg = parse_config({"engine": {"device": "cuda", "tensor_parallel_size": 2,
+                                   "pipeline_parallel_size": 2}})
+    assert cfg.replica_actor_options() == {"num_cpus": 1.0, "num_gpus": 4}
+    with pytest.raises(ValueError, match="distributed_executor_backend 'ray'"):
+        parse_config({"engine": {"device": "cuda", "tensor_parallel_size": 2,
+                                 "distributed_executor_backend": "ray"}})
+
+
 @pytest.mark.parametrize("args,needle", [
     ({"engine": {"device": "cpu"}, "replicas": 2}, "Unknown tessellm Ray Serve option(s): replicas"),
     ({"engine": {"device": "cpu", "max_len": 3}}, "Unknown option(s) in 'engine': max_len"),

@@ -130,17 +130,31 @@ class RayServeConfig:
             raise ValueError(f"engine.device {device!r} is a plugin backend; tell Ray which resource "
                              "its replicas need with replica.resources (e.g. {\"NPU\": 1}) or "
                              "replica.num_gpus.")
-        num_gpus = self.replica.num_gpus if self.replica.num_gpus is not None else auto.get("num_gpus", 0)
+        # A replica's engine runs one worker process per device (tensor x pipeline parallel,
+        # the mp executor): the replica holds all of its devices.
+        world = self.world_size()
+        num_gpus = self.replica.num_gpus if self.replica.num_gpus is not None \
+            else auto.get("num_gpus", 0) * world
         if num_gpus:
             opts["num_gpus"] = num_gpus
-        resources = {**auto.get("resources", {}), **self.replica.resources}
+        resources = {**{k: v * world for k, v in auto.get("resources", {}).items()},
+                     **self.replica.resources}
         if resources:
             opts["resources"] = resources
         if self.replica.env_vars:
             opts["runtime_env"] = {"env_vars": {k: str(v) for k, v in self.replica.env_vars.items()}}
         return opts
 
+    def world_size(self) -> int:
+        """Devices one replica's engine uses (tensor_parallel_size x pipeline_parallel_size)."""
+        return (int(self.engine.get("tensor_parallel_size", 1))
+                * int(self.engine.get("pipeline_parallel_size", 1)))
+
     def validate(self, check_resources: bool = True) -> None:
+        if self.engine.get("distributed_executor_backend") == "ray":
+            raise ValueError("engine.distributed_executor_backend 'ray' inside a Ray Serve replica "
+                             "is not supported: leave it unset (mp), and the replica holds all "
+                             "tensor_parallel_size x pipeline_parallel_size devices of its engine.")
         self.engine_args().validate()
         self.server_config()
         if self.num_replicas < 1:

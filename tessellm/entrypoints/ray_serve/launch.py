@@ -74,10 +74,12 @@ def resolve_auto_device(config: dict, cluster_resources: dict) -> None:
     replica = config["replica"]
     if config["engine"].get("device") != "auto" or replica["num_gpus"] is not None or replica["resources"]:
         return
+    engine = config["engine"]
+    world = int(engine.get("tensor_parallel_size", 1)) * int(engine.get("pipeline_parallel_size", 1))
     if cluster_resources.get("GPU", 0) > 0:
-        replica["num_gpus"] = 1
+        replica["num_gpus"] = world
     elif cluster_resources.get("TPU", 0) > 0:
-        replica["resources"] = {"TPU": 1}
+        replica["resources"] = {"TPU": world}
     else:
         replica["num_gpus"] = 0
 
