@@ -250,9 +250,8 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
     results.connect(results_addr)
     config = ParallelConfig(**parallel)
     try:
-        from tessellm.distributed.worker import Worker, set_worker_threads
+        from tessellm.distributed.worker import Worker
 
-        set_worker_threads(config.world_size)
         worker = Worker(EngineArgs(**args), rank, config, init_method)
         results.send(pack(["ready", rank, worker.info()]))
         serve_worker(worker, cmds, results, config.output_rank, parent_pid)

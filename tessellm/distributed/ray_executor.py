@@ -60,10 +60,8 @@ class RayWorkerActor:
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
     def start(self, init_method: str) -> dict:
-        from tessellm.distributed.worker import Worker, set_worker_threads
+        from tessellm.distributed.worker import Worker
 
-        if self.args.device == "cpu" or self.args.device == "auto":
-            set_worker_threads(self.parallel.world_size)
         # Ray points each actor at its own accelerator (CUDA_VISIBLE_DEVICES): device index 0.
         self.worker = Worker(self.args, self.rank, self.parallel, init_method, local_rank=0)
         return self.worker.info()

@@ -49,6 +49,8 @@ class Worker:
         self.rank = rank
         self.parallel = parallel
         self.backend = registry.select(args.device)
+        if parallel.world_size > 1:
+            set_worker_threads(self.backend.device_type, parallel.world_size)
         self.device = self.backend.torch_device(rank if local_rank is None else local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -160,7 +162,14 @@ class Worker:
         return {n: list(p.shape) for n, p in self.runner.model.named_parameters()}
 
 
-def set_worker_threads(world_size: int) -> None:
-    """CPU ranks share the host's cores: each takes its part unless the user set a count."""
-    if "OMP_NUM_THREADS" not in os.environ and world_size > 1:
+def set_worker_threads(device_type: str, world_size: int) -> None:
+    """Host threads of a worker process, unless the user set OMP_NUM_THREADS. CPU ranks share
+    the host's cores evenly. An accelerator's worker needs none for its model (its host work is
+    numpy and copies), and idle OpenMP threads spinning in every rank's process steal the cores
+    that prepare and launch the next step."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    if device_type != "cpu":
+        torch.set_num_threads(1)
+    elif world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
