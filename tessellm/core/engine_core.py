@@ -65,6 +65,14 @@ class EngineCore:
         self.max_model_len = resolve_max_model_len(args.max_model_len, config)
         self.eos_token_ids = generation_eos_ids(self.source)
         self.vocab_size = config.vocab_size
+        if args.tensor_parallel_size > 1 and (args.quantization is not None or
+                                              getattr(config, "quantization_config", None) is not None):
+            from tessellm.loader.model_loader import check_tensor_parallel_quantization
+            from tessellm.quantization.config import resolve_quant_spec
+
+            # Before any worker starts: a refusal names the problem, not a dead rank.
+            check_tensor_parallel_quantization(resolve_quant_spec(args.quantization, self.source),
+                                               args.tensor_parallel_size)
         t0 = time.perf_counter()
         # One worker per device: in this process for one device, else processes or Ray actors
         # (tessellm.distributed.executor). Every rank sizes its KV cache; the smallest wins.

@@ -38,11 +38,18 @@ class Linear(nn.Module):
             return self.quant_method.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def load_shard(self, name: str, tensor: torch.Tensor, shard: Optional[int]) -> None:
+    def local_slice(self, name: str, tensor, shard: Optional[int]) -> torch.Tensor:
+        """The part of a dense checkpoint tensor (``name``: "weight" or "bias" of logical shard
+        ``shard``) this layer holds, read from the file if it is lazy. The whole tensor here;
+        the tensor-parallel layers below narrow it to their rank's rows or columns. Quantized
+        loading (``quantization.loading``) calls it too, before a method quantizes the slice."""
+        return materialize(tensor)
+
+    def load_shard(self, name: str, tensor, shard: Optional[int]) -> None:
         """Copy a checkpoint tensor (``name`` is "weight" or "bias") into its rows. A quant
         method with ``load_weight`` (tessellm.quantization's) takes the tensor instead: it knows
         where quantized pieces (``qweight``, ``weight_scale``, ...) of a shard go."""
-        tensor = materialize(tensor)
+        tensor = self.local_slice(name, tensor, shard)
         load_weight = getattr(self.quant_method, "load_weight", None)
         if load_weight is not None:
             load_weight(self, name, tensor, shard)
@@ -82,12 +89,12 @@ class ColumnParallelLinear(Linear):
         self.shard_ranges = list(shard_ranges)
         super().__init__(input_size, [rows for _, rows in self.shard_ranges], bias, quant_method)
 
-    def load_shard(self, name: str, tensor, shard: Optional[int]) -> None:
+    def local_slice(self, name: str, tensor, shard: Optional[int]) -> torch.Tensor:
         if self.tp.size > 1:
             _check_dense(self, name)
             start, rows = self.shard_ranges[shard or 0]
             tensor = tensor.narrow(0, start, rows)  # only these rows are read from the file
-        super().load_shard(name, tensor, shard)
+        return materialize(tensor)
 
 
 class RowParallelLinear(Linear):
@@ -95,6 +102,9 @@ class RowParallelLinear(Linear):
 
         x = [x0 | x1] (split by the column-parallel layer before)   W = [W0 | W1]
         y = all_reduce(x_r W_r^T) + b     (the bias is added once, after the sum)
+
+    A scheme quantizing on load sees only ``W_r``, so its per-row scales are this rank's
+    (``quantization/loading.py`` draws it).
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, quant_method=None,
@@ -117,11 +127,11 @@ class RowParallelLinear(Linear):
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
-    def load_shard(self, name: str, tensor, shard: Optional[int]) -> None:
-        if self.tp.size > 1 and name != "bias":
+    def local_slice(self, name: str, tensor, shard: Optional[int]) -> torch.Tensor:
+        if self.tp.size > 1 and name != "bias":  # the bias is whole on every rank
             _check_dense(self, name)
             tensor = tensor.narrow(1, self.input_start, self.input_size)
-        super().load_shard(name, tensor, shard)
+        return materialize(tensor)
 
 
 def materialize(tensor) -> torch.Tensor:

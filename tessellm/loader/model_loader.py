@@ -43,10 +43,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
         quant_method = quant_method_or_refuse(registry, backend, quant_spec)
     tp = tp or TensorParallel()
     pp = pp or PipelineStage()
-    if quant_spec is not None and tp.size > 1:
-        raise ValueError(f"Quantization ({quant_spec.scheme}) with tensor_parallel_size > 1 is "
-                         "not supported yet; run quantized models with tensor_parallel_size=1 "
-                         "(pipeline parallelism works).")
+    check_tensor_parallel_quantization(quant_spec, tp.size)
     ops = registry.fused_ops(backend, OpsSpec(dtype)) or ReferenceOps()
     heads = config.num_attention_heads
     from tessellm.models.llama import shard_heads
@@ -86,6 +83,18 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     return model, next(iter(kernels.values()))
 
 
+def check_tensor_parallel_quantization(quant_spec, tp_size: int) -> None:
+    """Each rank quantizes its slice of a dense checkpoint (int8, fp8); packed int4, GGUF blocks
+    and fp8 weights stored with their scales are not split yet: refused by name."""
+    if quant_spec is None or tp_size == 1:
+        return
+    if quant_spec.scheme not in ("int8", "fp8") or quant_spec.config.get("prequantized"):
+        raise ValueError(f"A pre-quantized {quant_spec.scheme} model cannot run with "
+                         f"tensor_parallel_size={tp_size} yet; use tensor_parallel_size=1 (or "
+                         "pipeline_parallel_size), or load a bf16/fp16/fp32 checkpoint with "
+                         "quantization='int8' or 'fp8', which tensor parallelism supports.")
+
+
 def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dtype, seed: int,
                   quant_spec=None) -> None:
     if load_format == "dummy":
@@ -120,8 +129,9 @@ def _weight_stream(model, source: ModelSource, dtype: torch.dtype, quant_spec):
         return iter_prequantized_safetensors(source.path, dtype)  # fp8 / int32 / scales kept
     from tessellm.loader.safetensors_loader import iter_safetensors_weights
 
-    # Lazy: a tensor-parallel rank reads only the rows or columns it holds.
-    return iter_safetensors_weights(source.path, dtype, lazy=quant_spec is None)
+    # Lazy: a tensor-parallel rank reads only the rows or columns it holds (quantized on load
+    # too: Linear.local_slice narrows before the quant method sees the tensor).
+    return iter_safetensors_weights(source.path, dtype, lazy=True)
 
 
 @functools.lru_cache(maxsize=8)

@@ -10,6 +10,18 @@ the model's own ``load_weights``. Names are routed with the model's ``stacked_pa
 
 Checkpoint tensors keep their stored dtype here (fp8, int32, fp16 scales); only plain float
 weights are cast to the model dtype, as the dense loaders do.
+
+Tensor parallelism: a method sees only this rank's slice of a dense tensor
+(``layer.local_slice``), so quantize-on-load schemes (int8, fp8) quantize what the rank holds.
+Per-output-row scales are then those of one device for column-parallel layers (whole rows) and
+per rank for row-parallel ones (each rank's ``K / T`` columns of a row get their own scale)::
+
+    int8 o_proj W [N, K], T=2:   rank 0: W[:, :K/2] -> q0, s0 = amax(W[:, :K/2]) / 127 per row
+                                 rank 1: W[:, K/2:] -> q1, s1 = amax(W[:, K/2:]) / 127 per row
+    y = all_reduce(x0 (q0 s0)^T + x1 (q1 s1)^T)       (T=1: one s = max(s0, s1) per row)
+
+Pre-quantized checkpoints (packed int4, fp8 with its scales, GGUF blocks) are not split:
+``model_loader.build_model`` refuses them with ``T > 1``.
 """
 
 from __future__ import annotations
@@ -56,17 +68,31 @@ def load_quantized_weights(model: nn.Module, weights: Iterable[tuple[str, object
             layer = layers[module_name]
             routed.add(f"{module_name}.{attr}")
             if hasattr(layer.quant_method, "load_weight"):
-                layer.quant_method.load_weight(layer, attr, tensor, shard)
-            elif attr == "weight" and _is_dense_float(tensor):
-                if _buffer_dense(layer, pending.setdefault(module_name, {}), tensor, shard, routed):
-                    del pending[module_name]
-            else:
-                layer.load_shard(attr, tensor, shard)
+                layer.quant_method.load_weight(layer, attr, _local(layer, attr, tensor, shard),
+                                               shard)
+                continue
+            if attr == "weight":
+                local = _local(layer, attr, tensor, shard)
+                if _is_dense_float(local):
+                    if _buffer_dense(layer, pending.setdefault(module_name, {}), local, shard,
+                                     routed):
+                        del pending[module_name]
+                    continue
+            layer.load_shard(attr, tensor, shard)  # slices it itself
 
     loaded = model.load_weights(rest())
     if pending:
         raise ValueError(f"The checkpoint lacks shards of {sorted(pending)[:3]}; is it complete?")
     return loaded | routed
+
+
+def _local(layer, attr: str, tensor, shard):
+    """This rank's slice of a dense checkpoint tensor (a tensor, or a lazy one with
+    ``materialize``); anything else (GGUF blocks kept quantized) as it is: pre-quantized
+    checkpoints are refused with tensor_parallel_size > 1 (``model_loader.build_model``)."""
+    if isinstance(tensor, torch.Tensor) or hasattr(tensor, "materialize"):
+        return layer.local_slice(attr, tensor, shard)
+    return tensor
 
 
 def _is_dense_float(tensor) -> bool:
