@@ -1,8 +1,12 @@
 """Generate the GitHub Actions workflow from ci/matrix.yaml: one job per lane.
 
-``python ci/gen_workflows.py`` writes ci/workflows/backends.yml; ``--check`` exits 1 when the
-file differs from what the matrix generates (tests/backends/test_ci_matrix.py runs it).
-Copy or link it into .github/workflows/ to enable it on GitHub.
+``python ci/gen_workflows.py`` writes .github/workflows/backends.yml, the one place GitHub
+reads workflows from (a copy elsewhere would only drift); ``--check`` exits 1 when the file
+differs from what the matrix generates (tests/backends/test_ci_matrix.py runs it).
+
+Hardware lanes (``runs_on_cpu: false``) carry an ``if:`` on the repository variable
+``TESSELLM_SELF_HOSTED_LANES`` (comma-separated lane names): without a runner that has their
+labels, GitHub would keep each such job queued for a day on every push.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lanes import HERE, load_lanes  # noqa: E402
 
-OUTPUT = os.path.join(HERE, "workflows", "backends.yml")
+OUTPUT = os.path.join(os.path.dirname(HERE), ".github", "workflows", "backends.yml")
+SELF_HOSTED_VAR = "TESSELLM_SELF_HOSTED_LANES"
 
 
 def _q(value: str) -> str:
@@ -29,6 +34,8 @@ def render() -> str:
                 f"    name: {_q(f'{lane.name} ({lane.backend})')}",
                 f"    runs-on: [{', '.join(lane.runner)}]",
                 "    timeout-minutes: 90"]
+        if not lane.runs_on_cpu:
+            out.append(f"    if: contains(format(',{{0}},', vars.{SELF_HOSTED_VAR}), ',{lane.name},')")
         if lane.env:
             out.append("    env:")
             out += [f"      {k}: {_q(v)}" for k, v in sorted(lane.env.items())]

@@ -25,6 +25,19 @@ def cpu_kv_cache_bytes() -> Optional[int]:
     return int(float(value) * (1 << 30)) if value else None
 
 
+def cpu_compile() -> Optional[bool]:
+    """TESSELLM_CPU_COMPILE: "1" compiles the cpu backend's decode step with ``torch.compile``,
+    "0" keeps it eager. Unset: None, the cpu plugin's default (eager; docs/plugins.md)."""
+    value = os.environ.get("TESSELLM_CPU_COMPILE", "").strip().lower()
+    if not value:
+        return None
+    if value in ("0", "off", "false", "no"):
+        return False
+    if value in ("1", "on", "true", "yes"):
+        return True
+    raise ValueError(f"TESSELLM_CPU_COMPILE={value!r} is not understood; use 1 or 0.")
+
+
 def engine_process_env_defaults() -> dict[str, str]:
     """Set for the engine-core process unless the user set them: OpenMP threads that spin while
     idle steal the cores the API process needs (measured on 2 cores: 7x slower steps)."""

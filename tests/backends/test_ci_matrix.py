@@ -30,11 +30,19 @@ def test_generated_workflow_matches_matrix():
     proc = subprocess.run([sys.executable, os.path.join(REPO, "ci", "gen_workflows.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
-    workflow = yaml.safe_load(open(os.path.join(REPO, "ci", "workflows", "backends.yml")))
+    workflow = yaml.safe_load(open(os.path.join(REPO, ".github", "workflows", "backends.yml")))
     jobs = workflow["jobs"]
-    assert set(jobs) == set(load_lanes())
+    lanes = load_lanes()
+    assert set(jobs) == set(lanes)
     assert jobs["rocm"]["runs-on"] == ["self-hosted", "linux", "gpu-amd-mi300"]
     assert "--backend rocm --emulate" in jobs["rocm-interpret"]["steps"][-1]["run"]
+    # Hardware lanes wait for a repository variable naming them; hosted lanes always run.
+    for name, lane in lanes.items():
+        if lane.runs_on_cpu:
+            assert "if" not in jobs[name], name
+        else:
+            assert f"',{name},'" in jobs[name]["if"] and "TESSELLM_SELF_HOSTED_LANES" in jobs[name]["if"]
+    assert jobs["cpu-compile"]["env"] == {"TESSELLM_CPU_COMPILE": "1"}
 
 
 def test_run_lane_lists_lanes_and_rejects_unknown():

@@ -3,6 +3,11 @@
 Decode sequences (one query each, first in the batch) run as one batched SDPA over their
 gathered, right-padded contexts; prefill chunks run one SDPA per sequence. K/V are always read
 through the block table: the cache is paged, never a contiguous per-request buffer.
+
+Graph capture (``graph_runner.py`` compiles the decode step with ``torch.compile``): a captured
+step gets no host lists (``seq_lens_host == []``), so a decode batch attends over the whole
+width of the block table it is given, masked by ``seq_lens``; padding rows have slot -1 and
+length 0. Nothing here reads a tensor's value on the host, so the step traces as one graph.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ class CpuAttentionMetadata:
     decode_mask: Optional[torch.Tensor]  # bool [num_decodes, 1, 1, L]: key j valid for seq s
     decode_blocks: Optional[torch.Tensor]  # int64 [num_decodes, blocks] block ids to gather
     prefill_masks: list[Optional[torch.Tensor]]  # per prefill seq: bool [Q, L] or None (causal)
+    padded_slots: bool  # some slot may be -1: write the cache without dropping rows
 
 
 class CpuAttentionKernel:
     name = "cpu-sdpa"
     supports_sliding_window = True
+    supports_graph_capture = True  # no host syncs; decode metadata needs no host lists
 
     def __init__(self, spec: AttentionSpec):
         self.spec = spec
@@ -39,8 +46,10 @@ class CpuAttentionKernel:
         decode_mask = decode_blocks = None
         if nd:
             lens = batch.seq_lens[:nd].long()
-            max_len = max(batch.seq_lens_host[:nd])
-            nblocks = -(-max_len // bs)
+            if batch.seq_lens_host:  # eager: only the blocks the longest decode needs
+                nblocks = -(-max(batch.seq_lens_host[:nd]) // bs)
+            else:  # a captured step: the table's width bounds every context
+                nblocks = batch.block_tables.shape[1]
             decode_blocks = batch.block_tables[:nd, :nblocks].long()
             k_pos = torch.arange(nblocks * bs)
             q_pos = (lens - 1)[:, None]
@@ -49,7 +58,7 @@ class CpuAttentionKernel:
                 valid &= k_pos[None, :] > q_pos - self.window
             decode_mask = valid[:, None, None, :]
         prefill_masks = []
-        for s in range(nd, batch.num_seqs):
+        for s in _prefill_seqs(batch):
             q_len = batch.query_start_loc_host[s + 1] - batch.query_start_loc_host[s]
             seq_len = batch.seq_lens_host[s]
             if q_len == seq_len and self.window is None:
@@ -61,17 +70,22 @@ class CpuAttentionKernel:
             if self.window is not None:
                 mask &= k_pos > q_pos - self.window
             prefill_masks.append(mask)
-        return CpuAttentionMetadata(batch, decode_mask, decode_blocks, prefill_masks)
+        padded = (torch.compiler.is_compiling() or not batch.seq_lens_host
+                  or bool((batch.slot_mapping < 0).any()))  # once per step, on the host
+        return CpuAttentionMetadata(batch, decode_mask, decode_blocks, prefill_masks, padded)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: CpuAttentionMetadata, scale: float):
         batch = metadata.batch
-        _write_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+        if metadata.padded_slots:
+            _write_cache_padded(k, v, k_cache, v_cache, batch.slot_mapping)
+        else:
+            _write_cache(k, v, k_cache, v_cache, batch.slot_mapping)
         out = torch.empty_like(q)
         nd = batch.num_decodes
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, metadata, scale)
         starts = batch.query_start_loc_host
-        for i, s in enumerate(range(nd, batch.num_seqs)):
+        for i, s in enumerate(_prefill_seqs(batch)):
             q0, q1 = starts[s], starts[s + 1]
             out[q0:q1] = self._prefill(q[q0:q1], k_cache, v_cache, batch.block_tables[s],
                                        batch.seq_lens_host[s], metadata.prefill_masks[i], scale)
@@ -100,6 +114,14 @@ class CpuAttentionKernel:
         return o.transpose(0, 1)
 
 
+def _prefill_seqs(batch: AttentionBatch) -> range:
+    """Indices of the prefill sequences. Compared first: under ``torch.compile`` the counts are
+    symbolic, and ``range`` of them would turn the batch size into a constant."""
+    if batch.num_seqs > batch.num_decodes:
+        return range(batch.num_decodes, batch.num_seqs)
+    return range(0)
+
+
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """Whole blocks by id, as ``[*block_ids.shape, block_size * KVH * D]``.
 
@@ -114,3 +136,25 @@ def _write_cache(k, v, k_cache, v_cache, slot_mapping):
     kvh, d = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _write_cache_padded(k, v, k_cache, v_cache, slot_mapping):
+    """Scatter this step's k/v into the cache by slot; rows with slot -1 change nothing.
+
+    Without data-dependent shapes (a captured step cannot drop rows), a slot -1 row rewrites
+    what another row writes: the first real row's slot and values, a duplicate write of equal
+    values, which is deterministic. A batch of padding only rewrites slot 0 with its own value::
+
+        slots  [ 7, 12, -1, -1]        values [k0, k1, kx, kx]
+        write  [ 7, 12,  7,  7]               [k0, k1, k0, k0]
+    """
+    valid = slot_mapping >= 0
+    first = torch.argmax(valid.to(torch.int32), dim=0, keepdim=True)  # [1]: first real row or 0
+    any_valid = valid.index_select(0, first)  # [1]; index_select, not a host scalar
+    slots = torch.where(valid, slot_mapping, slot_mapping.index_select(0, first).clamp(min=0))
+    keep = valid[:, None, None]
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        flat = cache.view(-1, *cache.shape[2:])
+        new = new.to(cache.dtype)
+        fill = torch.where(any_valid[:, None, None], new.index_select(0, first), flat[:1])
+        flat.index_copy_(0, slots, torch.where(keep, new, fill))

@@ -13,9 +13,12 @@ from tessellm.backends.spec import (QuantSpec, VALIDATED_UNTESTED, AttentionSpec
                                     OpsSpec, hookimpl)
 
 NAME = "tpu"
-VALIDATION_NOTE = ("Never run on a TPU, and torch-xla never run here (it pins torch 2.9; this "
-                   "machine has a newer torch). The XLA-path attention math passes the "
-                   "conformance attention tests on CPU tensors in eager torch.")
+VALIDATION_NOTE = ("Never run on a TPU, and torch-xla never ran here (2026-11-21): torch_xla 2.9.0, "
+                   "the newest on PyPI, fails to import next to torch 2.13 (undefined symbol in "
+                   "_XLAC); its torch 2.9.0 is a CUDA build on PyPI (0.9 GB plus ~3.2 GB of "
+                   "nvidia-* wheels) and download.pytorch.org's CPU build is unreachable here. "
+                   "The XLA-path attention math passes the conformance attention tests on CPU "
+                   "tensors in eager torch (--emulate); see docs/plugins.md section 5.1.")
 
 
 def _xla_device_type():

@@ -12,9 +12,11 @@ from tessellm.backends.spec import (QuantSpec, VALIDATED_UNTESTED, AttentionSpec
                                     OpsSpec, hookimpl)
 
 NAME = "xpu"
-VALIDATION_NOTE = ("Never run on an Intel GPU, and intel-extension-for-pytorch never imported "
-                   "here (its wheels pin an older torch). The pure-torch fallback kernel passes "
-                   "the conformance attention tests on CPU tensors.")
+VALIDATION_NOTE = ("Never run on an Intel GPU, and intel-extension-for-pytorch never ran here "
+                   "(2026-11-21): IPEX 2.8.0, the newest on PyPI (a CPU build), refuses torch 2.13 "
+                   "at import ('needs to work with PyTorch 2.8.*'), and torch 2.8.0 on PyPI is a "
+                   "CUDA build (0.9 GB plus nvidia-* wheels). The pure-torch fallback kernel "
+                   "passes the conformance attention tests on CPU tensors (--emulate).")
 
 
 def _is_available() -> bool:
