@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+import torch
+
 from tessellm.backends.registry import get_registry
 from tessellm.config import (EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len,
                              resolve_model)
@@ -107,10 +109,9 @@ class EngineCore:
         return worker.runner
 
     @property
-    def kv_dtype(self):
+    def kv_dtype(self) -> torch.dtype:
         """The KV cache dtype (fp8 with kv_cache_dtype="fp8"), as every rank allocates it."""
-        return self.executor.worker_info[0]["kv_dtype"] if not hasattr(self.executor, "worker") \
-            else self.executor.worker.kv_dtype
+        return getattr(torch, self.executor.worker_info[0]["kv_dtype"])
 
     def shutdown(self) -> None:
         self.executor.shutdown()
