@@ -52,8 +52,8 @@ class Worker:
         if parallel.world_size > 1:
             set_worker_threads(self.backend.device_type, parallel.world_size)
         self.device = self.backend.torch_device(rank if local_rank is None else local_rank)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        if self.device.type != "cpu":  # this rank's device becomes the process's current one
+            _set_current_device(self.device)
         if parallel.world_size > 1:
             self.tp, self.pp = init_distributed(parallel, rank, self.backend.dist_backend,
                                                 init_method, self.device)
@@ -160,6 +160,15 @@ class Worker:
     def param_slices(self) -> dict:
         """Parameter shapes by name (tests and ``tessellm`` diagnostics)."""
         return {n: list(p.shape) for n, p in self.runner.model.named_parameters()}
+
+
+def _set_current_device(device: torch.device) -> None:
+    try:
+        module = torch.get_device_module(device.type)  # torch.cuda, torch.xpu, ...
+    except (RuntimeError, AttributeError):  # e.g. xla: torch_xla places tensors by device
+        return
+    if hasattr(module, "set_device"):
+        module.set_device(device)
 
 
 def set_worker_threads(device_type: str, world_size: int) -> None:
