@@ -33,6 +33,9 @@ def tessellm_register_backends(register):
         is_available=_is_available, memory_info=_memory_info, synchronize=_synchronize,
         description="NVIDIA GPUs: Triton paged attention and fused ops, CUDA graphs.",
         validated_on="hardware",
+        validation_note=("Conformance, kernel and parity tests on an NVIDIA H200 (2026-11-21); "
+                         "tensor and pipeline parallelism (NCCL, symmetric-memory all-reduce) on "
+                         "2 and 4 H200s of one host."),
         capabilities={"graph_capture": True,
                       "quantization": ["int8", "fp8", "awq", "gptq", "gguf"],
                       "kv_cache_dtypes": ["auto", "fp8"]},
