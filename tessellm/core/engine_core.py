@@ -60,7 +60,6 @@ class EngineCore:
         args.validate()
         registry = get_registry()
         self.backend = registry.select(args.device)
-        self.device = self.backend.torch_device()
         self.source = resolve_model(args.model)
         config = self.source.hf_config
         self.dtype = resolve_dtype(args.dtype, config, self.backend.device_type)

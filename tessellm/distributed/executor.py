@@ -63,10 +63,6 @@ class Executor:
         for info, graphs in zip(self.worker_info, self.collective_rpc("initialize_cache", num_blocks)):
             info["graphs"] = graphs
 
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        self.submit(sched)
-        return self.collect()
-
     def collective_rpc(self, method: str, *args) -> list:
         raise NotImplementedError
 

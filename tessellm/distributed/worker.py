@@ -157,10 +157,6 @@ class Worker:
         self._profiler = None
         return table
 
-    def param_slices(self) -> dict:
-        """Parameter shapes by name (tests and ``tessellm`` diagnostics)."""
-        return {n: list(p.shape) for n, p in self.runner.model.named_parameters()}
-
 
 def _set_current_device(device: torch.device) -> None:
     try:
