@@ -16,13 +16,13 @@ from typing import Iterable, Optional
 import torch
 
 from tessellm.backends.registry import get_registry
-from tessellm.config import (EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len,
-                             resolve_model)
+from tessellm.config import (EngineArgs, generation_eos_ids, resolve_async_scheduling, resolve_dtype,
+                             resolve_max_model_len, resolve_model)
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import EngineCoreOutput, Scheduler, SchedulerConfig, SchedulerOutput
-from tessellm.distributed.executor import make_executor
+from tessellm.distributed.executor import executor_backend, make_executor
 from tessellm.distributed.worker import default_max_num_batched_tokens
 
 logger = logging.getLogger(__name__)
@@ -74,10 +74,13 @@ class EngineCore:
             # Before any worker starts: a refusal names the problem, not a dead rank.
             check_tensor_parallel_quantization(resolve_quant_spec(args.quantization, self.source),
                                                args.tensor_parallel_size)
+        # Schedule step N+1 while step N runs (scheduler module docstring).
+        self.async_scheduling = resolve_async_scheduling(args, self.backend.device_type,
+                                                         executor_backend(args))
         t0 = time.perf_counter()
         # One worker per device: in this process for one device, else processes or Ray actors
         # (tessellm.distributed.executor). Every rank sizes its KV cache; the smallest wins.
-        self.executor = make_executor(args)
+        self.executor = make_executor(args, self.async_scheduling)
         try:
             num_blocks = self.executor.num_kv_blocks()
             self.executor.initialize_cache(num_blocks)
@@ -92,7 +95,10 @@ class EngineCore:
         self.kv = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, max_batched, self.max_model_len,
                                                    args.enable_chunked_prefill,
-                                                   self.parallel.pipeline_parallel_size), self.kv)
+                                                   self.parallel.pipeline_parallel_size,
+                                                   self.async_scheduling), self.kv)
+        # Steps in flight at most: one per pipeline stage, or two under async scheduling.
+        self.max_in_flight = 2 if self.async_scheduling else self.executor.max_concurrent_batches
         self.info = EngineInfo(self.source.path, self.source.kind, self.max_model_len, self.vocab_size,
                                num_blocks, args.block_size, self.eos_token_ids, self.backend.name,
                                str(self.dtype).replace("torch.", ""))
@@ -131,16 +137,17 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """Schedule and run one step; return what requests produced.
 
-        With pipeline stages, up to ``max_concurrent_batches`` steps are in flight: while one
-        is free, a new batch (of requests not in flight) is submitted and the call returns at
-        once; otherwise it waits for the oldest step and returns its outputs.
+        With pipeline stages or async scheduling, up to ``max_in_flight`` steps are in flight:
+        while one is free, a new batch is submitted and the call returns at once; otherwise it
+        waits for the oldest step and returns its outputs. Under async scheduling the new batch
+        is launched on the device before the oldest is waited for.
         """
         sched = self.scheduler.schedule()
         ended = self.scheduler.take_finished_outputs()
         if not sched.is_empty:
             self.executor.submit(sched)
             self.batch_queue.append(sched)
-            if len(self.batch_queue) < self.executor.max_concurrent_batches:
+            if len(self.batch_queue) < self.max_in_flight:
                 return ended
         elif not self.batch_queue:
             return ended

@@ -18,14 +18,27 @@ are gathered whole on every rank and every rank samples, identically (same seed,
 each keeps its own copy of the tokens. Under pipeline parallelism a stage that is not the first
 receives ``(hidden, residual)`` from the previous one, and one that is not the last sends them
 on and samples nothing: it learns the sampled tokens from the scheduler (``new_token_ids``).
+
+Steps run asynchronously: ``execute_async`` launches a step and returns a ``StepHandle`` at
+once; the sampled ids reach the host through a pinned buffer and an event, read by
+``StepHandle.result()``. Under async scheduling the next step is prepared and launched before
+that: a request's input token may then be one the device sampled but the host has not seen
+(``num_pending``), and it is fed from the previous step's sampled ids on the device::
+
+    step N:    ... sample -> ids_N (device) --copy--> pinned host buffer, event
+    step N+1:  input_ids = host ids, with rows of pending tokens <- ids_N[row in N]
+               (launched while N runs); then N's handle resolves (event wait, no stream sync)
+
+Only penalties read a request's whole history on the host: a step with them first resolves
+every step in flight.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 from dataclasses import dataclass, field
 from typing import Optional
-
-import logging
 
 import numpy as np
 import torch
@@ -49,6 +62,12 @@ class RunnerRequest:
     num_computed_tokens: int
     row: int = -1  # this request's row in the persistent block table
     prompt_logprobs: list = field(default_factory=list)  # accumulated over prefill chunks
+    num_pending: int = 0  # tokens sampled by launched steps, not yet in token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens so far, pending ones included (``token_ids`` lags by ``num_pending``)."""
+        return len(self.token_ids) + self.num_pending
 
 
 @dataclass
@@ -77,8 +96,15 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.tables = PersistentBlockTable(-(-max_model_len // block_size))
         self.graph_runner = graph_runner  # replays captured pure-decode steps; None: eager
-        self._staging: dict[int, torch.Tensor] = {}  # pinned host buffers for graph inputs
+        # Pinned host buffers for step inputs, two sets used alternately by launch: a set is
+        # written again only after the event recorded once its last step's copies were queued.
+        self._staging: dict[tuple[int, int], torch.Tensor] = {}
+        self._staging_events: dict[int, object] = {}
+        self._readback_pool: list[torch.Tensor] = []  # pinned buffers for sampled ids, free
         self._graphs_ready = False
+        self._unresolved: collections.deque[StepHandle] = collections.deque()  # oldest first
+        self._last: Optional[StepHandle] = None  # the last launched step that sampled
+        self._num_launches = 0
 
     # -- KV cache --------------------------------------------------------------------------
 
@@ -133,19 +159,28 @@ class ModelRunner:
                 del state.token_ids[cached.num_computed_tokens:]
                 state.token_ids.extend(cached.new_token_ids)
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its results."""
+        return self.execute_async(sched).result()
+
+    @torch.inference_mode()
+    def execute_async(self, sched: SchedulerOutput) -> "StepHandle":
+        """Launch one step; its ``StepHandle.result()`` waits for the sampled tokens."""
         self._update_states(sched)
         order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
         states = [self.requests[r] for r in order]
         counts = [sched.num_scheduled_tokens[r] for r in order]
         out = ModelRunnerOutput({}, {}, {})
+        if len(self._unresolved) >= 2 or any(s.params.needs_penalties for s in states):
+            self.resolve_all()  # at most two steps in flight; penalties count every output token
+        self._num_launches += 1
         padded = self._graph_size(states, counts)
         if padded is not None:
             logits = self._run_graph(states, padded)
             sampling_rows = states
         else:
             inputs = self._prepare_inputs(states, counts)
+            self._inputs_queued()
             metadata = self.kernel.build_metadata(inputs.attn)
             intermediate = None
             if not self.pp.is_first:
@@ -154,16 +189,83 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, metadata, intermediate)
             if not self.pp.is_last:
                 self.pp.send(list(hidden))
-                return out
+                return StepHandle.done(out)
             sampling_rows = [s for s, samples in zip(states, inputs.samples) if samples]
             if inputs.prompt_lp_rows:
                 self._prompt_logprobs(hidden, inputs, out)
             if not sampling_rows:
-                return out
+                return StepHandle.done(out)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
         result = self.sampler(logits, self._sampling_batch(sampling_rows))
-        self._collect(sampling_rows, result, out)
-        return out
+        return self._launch_readback(sampling_rows, result, out)
+
+    def resolve_all(self) -> None:
+        """Wait for every launched step and put its tokens into the requests' states."""
+        while self._unresolved:
+            self._unresolved[0].result()
+
+    def _launch_readback(self, rows: list[RunnerRequest], result: SamplerOutput,
+                         out: ModelRunnerOutput) -> "StepHandle":
+        """Start copying the step's sampled ids (and logprobs) to the host; record an event."""
+        n = len(rows)
+        event = buffer = None
+        if self.device.type == "cpu":
+            host = result.token_ids
+        else:
+            buffer = self._take_readback(n)
+            host = buffer[:n]
+            host.copy_(result.token_ids, non_blocking=True)
+            for name in ("sampled_logprob", "sampled_rank", "topk_ids", "topk_logprobs"):
+                value = getattr(result, name)
+                if value is not None:
+                    setattr(result, name, value.to("cpu", non_blocking=True))
+            event = torch.Event(device=self.device)
+            event.record()
+        for state in rows:
+            state.num_pending += 1
+        handle = StepHandle(self, rows, result, host, event, out)
+        handle.readback = buffer
+        self._unresolved.append(handle)
+        self._last = handle
+        return handle
+
+    def _resolve(self, handle: "StepHandle") -> None:
+        while self._unresolved and self._unresolved[0] is not handle:
+            self._unresolved[0].result()  # in launch order: tokens append in order
+        if handle.event is not None:
+            handle.event.synchronize()
+        self._collect(handle.rows, handle.sampled, handle.host_ids.tolist(), handle.out)
+        for state in handle.rows:
+            state.num_pending -= 1
+        if self._unresolved and self._unresolved[0] is handle:
+            self._unresolved.popleft()
+        if handle.readback is not None:
+            self._readback_pool.append(handle.readback)
+        # ``_last`` keeps its device ids: a feed taken from them stays valid.
+
+    def _input_token(self, state: RunnerRequest, pos: int, row: int,
+                     feed: list[tuple[int, int]]) -> int:
+        """The input id at ``pos``; for a pending token, 0 and ``(row, row in the last step's
+        sampled ids)`` added to ``feed`` (copied on the device)."""
+        if pos < len(state.token_ids):
+            return state.token_ids[pos]
+        last = self._last
+        if (last is not None and pos == len(state.token_ids) and state.num_pending == 1
+                and state.request_id in last.index):
+            feed.append((row, last.index[state.request_id]))
+            return 0
+        self.resolve_all()  # not the last step's token (not expected): wait for it on the host
+        return state.token_ids[pos]
+
+    def _feed(self, input_ids: torch.Tensor, feed: list[tuple[int, int]]) -> torch.Tensor:
+        """Copy pending tokens from the last step's sampled ids into ``input_ids`` (device)."""
+        if not feed:
+            return input_ids
+        rows = np.asarray(feed, dtype=np.int64)
+        dst = self._to_device(5, np.ascontiguousarray(rows[:, 0]))
+        src = self._to_device(6, np.ascontiguousarray(rows[:, 1]))
+        input_ids.index_copy_(0, dst, self._last.sampled.token_ids.index_select(0, src))
+        return input_ids
 
     @property
     def _hidden_size(self) -> int:
@@ -228,7 +330,8 @@ class ModelRunner:
         table = np.zeros((padded, width), dtype=np.int32)
         table[:n] = self.tables.table[rows, :width]
         ids = np.zeros(padded, dtype=np.int64)
-        ids[:n] = [st.token_ids[st.num_computed_tokens] for st in states]
+        feed: list[tuple[int, int]] = []
+        ids[:n] = [self._input_token(st, st.num_computed_tokens, i, feed) for i, st in enumerate(states)]
         pos = np.zeros(padded, dtype=np.int64)
         pos[:n] = computed
         slots = np.full(padded, -1, dtype=np.int64)
@@ -238,23 +341,48 @@ class ModelRunner:
         for st in states:
             st.num_computed_tokens += 1
         inputs = [self._to_device(i, a) for i, a in enumerate((ids, pos, slots, lens, table))]
+        inputs[0] = self._feed(inputs[0], feed)
+        self._inputs_queued()
         return self.graph_runner.run(inputs)[:n]
 
     def _to_device(self, slot: int, array: np.ndarray) -> torch.Tensor:
         """Host array -> device tensor through a pinned staging buffer kept per input slot
-        (pinning a fresh buffer costs a cudaHostAlloc, ~40 us, every step). The buffer is
-        reused next step only after this step's sampled tokens were read back, which orders
-        it after this copy."""
+        (pinning a fresh buffer costs a cudaHostAlloc, ~40 us, every step). Two sets of buffers
+        alternate by step, and ``execute_async`` resolves the step that used a set before it is
+        written again, which orders the write after that step's copy."""
         tensor = torch.from_numpy(array)
         if self.device.type == "cpu":
             return tensor
-        buf = self._staging.get(slot)
-        if buf is None or buf.numel() < tensor.numel() or buf.dtype != tensor.dtype:
-            buf = torch.empty(max(tensor.numel(), 1 << 12), dtype=tensor.dtype).pin_memory()
-            self._staging[slot] = buf
-        host = buf[:tensor.numel()].view(tensor.shape)
+        host = self._pinned(slot, tensor.numel(), tensor.dtype).view(tensor.shape)
         host.copy_(tensor)
         return host.to(self.device, non_blocking=True)
+
+    def _pinned(self, slot: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        parity = self._num_launches % 2
+        event = self._staging_events.pop(parity, None)
+        if event is not None:  # the set's previous copies (two launches ago) must have run
+            event.synchronize()
+        key = (slot, parity)
+        buf = self._staging.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = torch.empty(max(numel, 1 << 12), dtype=dtype).pin_memory()
+            self._staging[key] = buf
+        return buf[:numel]
+
+    def _inputs_queued(self) -> None:
+        """Mark this launch's staging set: its host-to-device copies are queued before here."""
+        if self.device.type != "cpu":
+            event = torch.Event(device=self.device)
+            event.record()
+            self._staging_events[self._num_launches % 2] = event
+
+    def _take_readback(self, n: int) -> torch.Tensor:
+        """A pinned int64 buffer of at least ``n`` for a step's sampled ids, back in the pool
+        once the host has read them (``_resolve``)."""
+        for i, buf in enumerate(self._readback_pool):
+            if buf.numel() >= n:
+                return self._readback_pool.pop(i)
+        return torch.empty(max(n, 1024), dtype=torch.int64).pin_memory()
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -270,6 +398,7 @@ class ModelRunner:
     def _prepare_inputs(self, states: list[RunnerRequest], counts: list[int]) -> "_Inputs":
         bs = self.block_size
         ids, pos, slots, starts, seq_lens, logits_idx, samples, plp = [], [], [], [0], [], [], [], []
+        feed: list[tuple[int, int]] = []
         max_blocks = max(len(s.block_ids) for s in states)
         table = np.zeros((len(states), max_blocks), dtype=np.int32)
         for i, (state, n) in enumerate(zip(states, counts)):
@@ -277,13 +406,16 @@ class ModelRunner:
             p = np.arange(c, c + n)
             blocks = np.asarray(state.block_ids, dtype=np.int64)
             table[i, :len(blocks)] = blocks
-            ids.append(np.asarray(state.token_ids[c:c + n], dtype=np.int64))
+            if c + n <= len(state.token_ids):
+                ids.append(np.asarray(state.token_ids[c:c + n], dtype=np.int64))
+            else:  # a decode whose input the last step sampled
+                ids.append(np.asarray([self._input_token(state, c, starts[-1], feed)], dtype=np.int64))
             pos.append(p)
             slots.append(blocks[p // bs] * bs + p % bs)
             row0 = starts[-1]
             starts.append(row0 + n)
             seq_lens.append(c + n)
-            sampling = c + n == len(state.token_ids)
+            sampling = c + n == state.num_tokens
             samples.append(sampling)
             if sampling:
                 logits_idx.append(row0 + n - 1)
@@ -300,7 +432,7 @@ class ModelRunner:
             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
             max_query_len=max(counts), max_seq_len=max(seq_lens),
             query_start_loc_host=starts, seq_lens_host=seq_lens)
-        return self._Inputs(torch.from_numpy(np.concatenate(ids)).to(dev),
+        return self._Inputs(self._feed(torch.from_numpy(np.concatenate(ids)).to(dev), feed),
                             torch.from_numpy(np.concatenate(pos)).to(dev), attn,
                             torch.tensor(logits_idx, dtype=torch.int64, device=dev), samples, plp)
 
@@ -324,7 +456,8 @@ class ModelRunner:
         batch.logit_bias = [(i, list(p.logit_bias), list(p.logit_bias.values()))
                             for i, p in enumerate(params) if p.logit_bias] or None
         batch.banned = self._banned(rows) or None
-        batch.seeds = [(i, seed_for_position(p.seed, len(r.token_ids) - r.num_prompt_tokens))
+        # Output position of the token sampled now: the step brought num_computed_tokens to it.
+        batch.seeds = [(i, seed_for_position(p.seed, r.num_computed_tokens - r.num_prompt_tokens))
                        for i, (r, p) in enumerate(zip(rows, params))
                        if p.seed is not None and not p.is_greedy] or None
         wanted = [p.logprobs for p in params if p.logprobs is not None]
@@ -351,7 +484,7 @@ class ModelRunner:
         banned = []
         for i, r in enumerate(rows):
             p = r.params
-            if p.min_tokens and len(r.token_ids) - r.num_prompt_tokens < p.min_tokens:
+            if p.min_tokens and r.num_computed_tokens - r.num_prompt_tokens < p.min_tokens:
                 ids = set(p.stop_token_ids) | set(self.eos_token_ids)
                 if ids:
                     banned.append((i, sorted(ids)))
@@ -359,8 +492,8 @@ class ModelRunner:
 
     # -- outputs ---------------------------------------------------------------------------
 
-    def _collect(self, rows: list[RunnerRequest], result: SamplerOutput, out: ModelRunnerOutput) -> None:
-        tokens = result.token_ids.tolist()  # the step's one host sync
+    def _collect(self, rows: list[RunnerRequest], result: SamplerOutput, tokens: list[int],
+                 out: ModelRunnerOutput) -> None:
         lp = None
         if result.sampled_logprob is not None:
             lp = (result.sampled_logprob.tolist(), result.sampled_rank.tolist(),
@@ -389,6 +522,35 @@ class ModelRunner:
             for j in range(n):
                 top = list(zip(top_ids[j].tolist(), top_lp[j].tolist())) if k else []
                 state.prompt_logprobs.append((targets[j].item(), chosen[j, 0].item(), ranks[j], top))
+
+
+class StepHandle:
+    """A launched step. ``result()`` waits for its sampled ids (an event, not a stream sync: a
+    step launched after it keeps running) and puts them into the requests' states, once."""
+
+    def __init__(self, runner: Optional[ModelRunner], rows: list[RunnerRequest],
+                 sampled: Optional[SamplerOutput], host_ids: Optional[torch.Tensor], event,
+                 out: ModelRunnerOutput):
+        self.runner = runner
+        self.rows = rows
+        self.sampled = sampled  # device tensors; logprobs already on their way to the host
+        self.host_ids = host_ids  # pinned; valid once ``event`` completes
+        self.event = event
+        self.out = out
+        self.index = {state.request_id: i for i, state in enumerate(rows)}  # row in sampled ids
+        self.readback: Optional[torch.Tensor] = None  # the pooled pinned buffer under host_ids
+        self._resolved = runner is None
+
+    @classmethod
+    def done(cls, out: ModelRunnerOutput) -> "StepHandle":
+        """A step that sampled nothing (a partial prefill, an earlier pipeline stage)."""
+        return cls(None, [], None, None, None, out)
+
+    def result(self) -> ModelRunnerOutput:
+        if not self._resolved:
+            self._resolved = True
+            self.runner._resolve(self)
+        return self.out
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

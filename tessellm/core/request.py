@@ -56,6 +56,10 @@ class Request:
         self.wait_for = wait_for
         self.all_token_ids = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Async scheduling: tokens scheduled in steps whose results have not come back, and how
+        # many tokens those steps sample (placeholders: their ids are known on the device only).
+        self.num_inflight_tokens = 0
+        self.num_inflight_samples = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until scheduled
         self.first_scheduled_time: Optional[float] = None  # time.time() when first scheduled
         self.status = RequestStatus.WAITING

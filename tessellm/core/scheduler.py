@@ -13,15 +13,26 @@ Invariants
   request is preempted (its blocks freed, ``num_computed_tokens`` reset) and put back at the
   front of ``waiting``; it is recomputed later from its tokens, so its results are unchanged.
 * No waiting request is admitted in a step that preempted (it would only be preempted again).
-* A request scheduled in a batch whose results have not come back (``in_flight``; several
-  batches are in flight only under pipeline parallelism) is neither scheduled again nor
-  preempted until ``update`` sees that batch.
+* Several batches may be in flight (``in_flight`` counts, per request, the scheduled batches
+  whose results have not come back): under pipeline parallelism (one per stage) and under
+  async scheduling (the next step is scheduled while one runs).
+* Pipeline parallelism: a request in flight is neither scheduled again nor preempted until
+  ``update`` sees its batch.
+* Async scheduling (``async_scheduling``): a request in flight is scheduled again, one step
+  ahead: its next prefill chunk, or, when the step in flight samples, one decode token whose id
+  is a placeholder (only the device knows it; the model runner feeds it from that step's
+  sampled ids). ``num_inflight_tokens`` / ``num_inflight_samples`` count what is ahead of
+  ``num_computed_tokens`` / ``all_token_ids``. A request whose in-flight steps would reach
+  ``max_tokens`` or the context length is not scheduled ahead. One that stops (EOS, stop token,
+  abort) while a step ahead runs has that step's result dropped; so has a request preempted
+  while in flight (``_discard``): it is recomputed later from its known tokens, exactly as a
+  preemption in a synchronous step.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -36,6 +47,7 @@ class SchedulerConfig:
     max_model_len: int = 2048  # prompt + output tokens per request at most
     enable_chunked_prefill: bool = True  # split prompts longer than the step's budget
     pipeline_parallel_size: int = 1  # > 1: cached requests carry their new token ids
+    async_scheduling: bool = False  # schedule requests in flight one step ahead (see above)
 
 
 @dataclass
@@ -126,7 +138,8 @@ class Scheduler:
         self.finished_ids: set[str] = set()  # to report to the runner next step
         self.finished_outputs: list[EngineCoreOutput] = []  # ended in schedule(), see below
         self.num_preemptions_total = 0
-        self.in_flight: set[str] = set()  # scheduled, results not back yet
+        self.in_flight: Counter[str] = Counter()  # request id -> batches scheduled, not back yet
+        self._discard: Counter[str] = Counter()  # request id -> in-flight results to drop
         self.num_scheduled_tokens_total = 0  # over all steps: the metrics' per-step token counts
 
     # -- admission -------------------------------------------------------------------------
@@ -167,13 +180,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = 0 if req.request_id in self.in_flight else self._num_new_tokens(req, budget)
+            num_new = self._num_new_running(req, budget)
             if num_new == 0:
                 i += 1
                 continue
-            new_block_ids = self.kv.allocate(req, num_new)
+            ahead = req.num_inflight_tokens  # tokens already scheduled, after the computed ones
+            new_block_ids = self.kv.allocate(req, ahead + num_new)
             while new_block_ids is None:
-                j = self._victim_index(i)  # the newest request after req not in flight
+                j = self._victim_index(i)  # the newest request after req that may be preempted
                 if j == i and len(self.running) == 1:
                     # Alone and still out of blocks: it outgrew the whole cache and would only
                     # preempt itself forever. It ends here, as if at its length limit.
@@ -184,14 +198,14 @@ class Scheduler:
                 preempted += 1
                 if victim is req:
                     break
-                new_block_ids = self.kv.allocate(req, num_new)
+                new_block_ids = self.kv.allocate(req, ahead + num_new)
             if new_block_ids is None:
                 break  # req itself was preempted or finished; everything after it already was
+            start = req.num_computed_tokens + ahead
             tokens = []
             if self.config.pipeline_parallel_size > 1:
-                tokens = req.all_token_ids[req.num_computed_tokens:req.num_computed_tokens + num_new]
-            cached_reqs.append(CachedRequestData(req.request_id, new_block_ids,
-                                                 req.num_computed_tokens, tokens))
+                tokens = req.all_token_ids[start:start + num_new]
+            cached_reqs.append(CachedRequestData(req.request_id, new_block_ids, start, tokens))
             num_scheduled[req.request_id] = num_new
             budget -= num_new
             i += 1
@@ -200,7 +214,13 @@ class Scheduler:
             budget = self._admit_waiting(budget, num_scheduled, new_reqs)
 
         self.num_preemptions_total += preempted
-        self.in_flight.update(num_scheduled)
+        for rid, num in num_scheduled.items():
+            req = self.requests[rid]
+            self.in_flight[rid] += 1
+            req.num_inflight_tokens += num
+            # The step samples when it reaches the end of the known tokens (placeholders count).
+            if req.num_computed_tokens + req.num_inflight_tokens == req.num_tokens + req.num_inflight_samples:
+                req.num_inflight_samples += 1
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
                               sum(num_scheduled.values()), self.finished_ids, preempted)
         self.num_scheduled_tokens_total += out.total_num_scheduled_tokens
@@ -247,12 +267,27 @@ class Scheduler:
         return budget
 
     def _victim_index(self, i: int) -> int:
-        """Index of the request to preempt for ``running[i]``: the newest one after it that is
-        not in flight, else ``i`` itself."""
+        """Index of the request to preempt for ``running[i]``: the newest one after it (under
+        pipeline parallelism, the newest not in flight), else ``i`` itself."""
         for j in range(len(self.running) - 1, i, -1):
-            if self.running[j].request_id not in self.in_flight:
+            if self.config.async_scheduling or self.running[j].request_id not in self.in_flight:
                 return j
         return i
+
+    def _num_new_running(self, req: Request, budget: int) -> int:
+        """Tokens to compute for a running request this step (0: skip it)."""
+        if req.request_id not in self.in_flight:
+            return self._num_new_tokens(req, budget)
+        if not self.config.async_scheduling or self.in_flight[req.request_id] > 1:
+            return 0  # one step ahead at most
+        pending = req.num_inflight_samples  # placeholders: sampled in flight, ids unknown here
+        if pending:
+            params = req.sampling_params
+            if params.max_tokens is not None and req.num_output_tokens + pending >= params.max_tokens:
+                return 0  # the step in flight ends it
+            if req.num_tokens + pending >= self.config.max_model_len:
+                return 0
+        return self._num_new_tokens(req, budget, already=req.num_inflight_tokens - pending)
 
     def _num_new_tokens(self, req: Request, budget: int, already: int = 0) -> int:
         num_new = req.num_tokens - req.num_computed_tokens - already
@@ -279,6 +314,9 @@ class Scheduler:
         self.kv.free(req.request_id, req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        # Results of its steps still in flight (async scheduling) are dropped when they come.
+        self._discard[req.request_id] += self.in_flight.pop(req.request_id, 0)
+        req.num_inflight_tokens = req.num_inflight_samples = 0
         req.num_preemptions += 1
         self.waiting.appendleft(req)
         self.finished_ids.add(req.request_id)  # the runner drops its state; resumes as new
@@ -292,15 +330,20 @@ class Scheduler:
         """
         outputs = []
         for rid, num in sched.num_scheduled_tokens.items():
-            self.in_flight.discard(rid)
+            if self._discard[rid]:  # preempted while this step ran: recomputed later
+                _decrement(self._discard, rid)
+                continue
+            _decrement(self.in_flight, rid)
             req = self.requests.get(rid)
             if req is None or req.is_finished:
-                continue  # aborted while the step ran
+                continue  # aborted, or stopped by an earlier step, while this one ran
             req.num_computed_tokens += num
+            req.num_inflight_tokens -= num
             self.kv.cache_full_blocks(req, req.num_computed_tokens)
             new_tokens = sampled.get(rid)
             if not new_tokens:
                 continue
+            req.num_inflight_samples -= 1
             appended = []
             for tok in new_tokens:
                 req.append_token(tok)
@@ -343,3 +386,10 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
                               self.num_preemptions_total, self.kv.stats.queries, self.kv.stats.hits)
+
+
+def _decrement(counter: Counter, key: str) -> None:
+    if counter[key] <= 1:
+        counter.pop(key, None)
+    else:
+        counter[key] -= 1

@@ -9,8 +9,11 @@
 * ``RayExecutor`` (``ray``, ``tessellm.distributed.ray_executor``): the same workers as Ray
   actors placed by a placement group, across nodes.
 
-All of them let up to ``max_concurrent_batches`` steps be in flight (``submit`` / ``collect``,
-first in first out): the pipeline depth, so every stage has a batch to work on.
+All of them let several steps be in flight (``submit`` / ``collect``, first in first out): the
+pipeline depth, so every stage has a batch to work on; or, under async scheduling (uni and mp),
+two: step N+1 is submitted, and launched on the devices, before step N is collected. Then an
+``mp`` worker sends step N's tokens only once it has launched N+1 (or is told to ``flush``),
+so the wait for N's tokens never delays N+1's launch.
 
 A worker that dies or raises makes the next call fail fast with ``WorkerDiedError`` naming the
 rank and the reason; the remaining workers are stopped (no rank is left waiting in a
@@ -83,25 +86,30 @@ class UniProcExecutor(Executor):
         self.parallel = ParallelConfig()
         self.worker = Worker(args)
         self.worker_info = [self.worker.info()]
-        self._done: collections.deque = collections.deque()
+        self._launched: collections.deque = collections.deque()  # StepHandles, oldest first
 
     def collective_rpc(self, method: str, *args) -> list:
         return [getattr(self.worker, method)(*args)]
 
     def submit(self, sched: SchedulerOutput) -> None:
-        self._done.append(self.worker.execute(sched))
+        self._launched.append(self.worker.execute_async(sched))
 
     def collect(self) -> ModelRunnerOutput:
-        return self._done.popleft()
+        return self._launched.popleft().result()
 
 
 # -- multiprocessing ---------------------------------------------------------------------------
 
 class MultiprocExecutor(Executor):
-    def __init__(self, args: EngineArgs, parallel: ParallelConfig):
+    """``deferred``: async scheduling's protocol (module docstring); a worker holds a step's
+    tokens until the next step or a ``flush``."""
+
+    def __init__(self, args: EngineArgs, parallel: ParallelConfig, deferred: bool = False):
         import zmq
 
         self.parallel = parallel
+        self.deferred = deferred
+        self._held = False  # the workers hold the last submitted step's tokens
         self._dead: Optional[str] = None
         self._in_flight = 0
         self._tmp = tempfile.mkdtemp(prefix="tessellm-workers-")
@@ -159,12 +167,16 @@ class MultiprocExecutor(Executor):
         return [results[r] for r in range(self.parallel.world_size)]
 
     def submit(self, sched: SchedulerOutput) -> None:
-        self._broadcast(["execute", encode_scheduler_output(sched)])
+        self._broadcast(["execute", encode_scheduler_output(sched), self.deferred])
         self._in_flight += 1
+        self._held = self.deferred
 
     def collect(self) -> ModelRunnerOutput:
         if not self._in_flight:
             raise RuntimeError("collect() with no step in flight.")
+        if self._in_flight == 1 and self._held:  # no later step will release it: ask for it
+            self._broadcast(["flush"])
+            self._held = False
         msg = self._recv()
         if msg[0] != "output":
             raise WorkerDiedError(f"Unexpected message {msg[0]!r} while waiting for a step.")
@@ -265,6 +277,13 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
 
 
 def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> None:
+    held = None  # a launched step whose tokens wait for the next step or a flush (deferred)
+
+    def send(handle) -> None:
+        out = handle.result()
+        if worker.rank == output_rank:
+            results.send(pack(["output", encode_runner_output(out)]))
+
     while True:
         if not cmds.poll(_POLL_MS * 2):
             if os.getppid() != parent_pid:  # the engine core is gone: do not hold the device
@@ -274,9 +293,18 @@ def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> No
         msg = unpack(cmds.recv())
         kind = msg[0]
         if kind == "execute":
-            out = worker.execute(decode_scheduler_output(msg[1]))
-            if worker.rank == output_rank:
-                results.send(pack(["output", encode_runner_output(out)]))
+            handle = worker.execute_async(decode_scheduler_output(msg[1]))
+            if held is not None:  # launched first, so the device has the next step queued
+                send(held)
+                held = None
+            if msg[2]:
+                held = handle
+            else:
+                send(handle)
+        elif kind == "flush":
+            if held is not None:
+                send(held)
+                held = None
         elif kind == "call":
             results.send(pack(["result", worker.rank, getattr(worker, msg[1])(*msg[2])]))
         elif kind == "shutdown":
@@ -285,18 +313,23 @@ def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> No
             raise ValueError(f"Unknown command {kind!r} from the engine core.")
 
 
-def make_executor(args: EngineArgs) -> Executor:
+def executor_backend(args: EngineArgs) -> str:
+    """The executor ``args`` ask for: uni, mp or ray (default: uni for one device, else mp)."""
+    if args.distributed_executor_backend is not None:
+        return args.distributed_executor_backend
+    return "mp" if args.tensor_parallel_size * args.pipeline_parallel_size > 1 else "uni"
+
+
+def make_executor(args: EngineArgs, async_scheduling: bool = False) -> Executor:
     parallel = ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size)
-    backend = args.distributed_executor_backend
-    if backend is None:
-        backend = "mp" if parallel.world_size > 1 else "uni"
+    backend = executor_backend(args)
     if backend == "uni":
         if parallel.world_size > 1:
             raise ValueError("distributed_executor_backend 'uni' runs one device; use 'mp' or "
                              "'ray' for tensor_parallel_size or pipeline_parallel_size > 1.")
         return UniProcExecutor(args)
     if backend == "mp":
-        return MultiprocExecutor(args, parallel)
+        return MultiprocExecutor(args, parallel, deferred=async_scheduling)
     if backend == "ray":
         from tessellm.distributed.ray_executor import RayExecutor
 

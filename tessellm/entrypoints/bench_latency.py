@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -23,6 +24,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"])
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule step N+1 while step N runs (default: on for GPUs)")
     p.add_argument("--output-json", default=None)
 
 
@@ -33,7 +36,8 @@ def run(args) -> int:
               max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, seed=args.seed,
               enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
               pipeline_parallel_size=args.pipeline_parallel_size,
-              distributed_executor_backend=args.distributed_executor_backend)
+              distributed_executor_backend=args.distributed_executor_backend,
+              async_scheduling=args.async_scheduling)
     ttfts, tpots = measure(llm, args.input_len, args.output_len, args.num_iters, args.seed)
     core = llm.engine.core
     result = {"device": core.backend.name, "input_len": args.input_len, "output_len": args.output_len,
@@ -41,6 +45,7 @@ def run(args) -> int:
               "tpot_ms_median": round(statistics.median(tpots) * 1e3, 3),
               "ttft_ms": [round(t * 1e3, 2) for t in ttfts], "tpot_ms": [round(t * 1e3, 3) for t in tpots],
               "graphs": core.executor.worker_info[0]["graphs"],
+              "async_scheduling": core.async_scheduling,
               "tensor_parallel_size": args.tensor_parallel_size,
               "pipeline_parallel_size": args.pipeline_parallel_size}
     print(json.dumps(result, indent=2))

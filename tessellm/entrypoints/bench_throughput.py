@@ -7,6 +7,7 @@ for a side-by-side figure. Model loading is excluded from every figure.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import time
@@ -45,6 +46,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"])
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule step N+1 while step N runs (default: on for GPUs)")
     p.add_argument("--output-json", default=None)
 
 
@@ -92,7 +95,8 @@ def run_tessellm(args) -> dict:
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
               tensor_parallel_size=args.tensor_parallel_size,
               pipeline_parallel_size=args.pipeline_parallel_size,
-              distributed_executor_backend=args.distributed_executor_backend)
+              distributed_executor_backend=args.distributed_executor_backend,
+              async_scheduling=args.async_scheduling)
     core = llm.engine.core
     reqs = make_requests(args.num_prompts, args.input_len, args.output_len, args.random_range_ratio,
                          core.vocab_size, args.seed)
@@ -122,6 +126,7 @@ def run_tessellm(args) -> dict:
     assert produced == [r.output_len for r in reqs], "a request stopped early despite ignore_eos"
     return _summary(args, reqs, elapsed, {"device": core.backend.name, "dtype": core.info.dtype,
                                           "warmup": warmup,
+                                          "async_scheduling": core.async_scheduling,
                                           "tensor_parallel_size": args.tensor_parallel_size,
                                           "pipeline_parallel_size": args.pipeline_parallel_size,
                                           "num_kv_blocks": core.info.num_kv_blocks,

@@ -52,6 +52,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="split the layers into this many stages, one device group each")
     g.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
                    help="mp: worker processes on this host (default); ray: Ray actors, across nodes")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule step N+1 while step N runs (default: on for GPUs, off on the cpu)")
 
 
 def engine_args_from(args: argparse.Namespace, model: Optional[str]) -> EngineArgs:
@@ -66,6 +68,7 @@ def engine_args_from(args: argparse.Namespace, model: Optional[str]) -> EngineAr
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
+        async_scheduling=args.async_scheduling,
         served_model_name=getattr(args, "served_model_name", None) and args.served_model_name[0],
         chat_template=getattr(args, "chat_template", None))
 

@@ -28,13 +28,16 @@ def reference(tiny_model_dir):
     return path, tokens
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_mp_matches_one_process(reference, tp, pp):
+@pytest.mark.parametrize("tp,pp,async_scheduling", [(2, 1, False), (1, 2, False), (2, 2, False),
+                                                    (2, 1, True)])
+def test_mp_matches_one_process(reference, tp, pp, async_scheduling):
     path, expected = reference
     # Small steps (max_num_batched_tokens) so prompts are chunked and several batches are in
-    # flight through the pipeline.
+    # flight through the pipeline (or, async, the workers hold a step's tokens until the next
+    # step is launched, or a flush).
     llm = LLM(path, device="cpu", num_kv_blocks=64, seed=0, tensor_parallel_size=tp,
-              pipeline_parallel_size=pp, max_num_batched_tokens=24)
+              pipeline_parallel_size=pp, max_num_batched_tokens=24,
+              async_scheduling=async_scheduling)
     core = llm.engine.core
     in_flight = []  # how many steps were already in flight at each submit
     submit = core.executor.submit
@@ -44,5 +47,5 @@ def test_mp_matches_one_process(reference, tp, pp):
         assert _tokens(llm) == expected
     finally:
         llm.shutdown()
-    # With two stages a second batch was submitted while the first was still in the pipeline.
-    assert max(in_flight) == pp - 1
+    # With two stages (or async) a second batch was submitted while the first was in flight.
+    assert max(in_flight) == (1 if async_scheduling else pp - 1)
