@@ -6,7 +6,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
 # Entry points come from a carried tessellm.egg-info (python -c "import setuptools; setuptools.setup()" egg_info).
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-export PYTHONPATH=.
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
 L8=benchmarks/model-configs/llama-3.1-8b
 Q06=benchmarks/model-configs/qwen3-0.6b
 B="python3 -m tessellm.entrypoints.cli --log-level WARNING bench"

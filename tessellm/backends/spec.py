@@ -156,6 +156,13 @@ class AttentionKernel(Protocol):
     - ``supports_sliding_window``: False means the hook returns None for a spec with a window.
     - ``supports_graph_capture`` (optional, default False): ``build_metadata`` output can be
       reused across graph replays and ``forward`` does no host-device synchronisation.
+    - ``fuses_rotary`` (optional, default False): ``forward`` also accepts the keyword
+      arguments ``positions`` and ``cos_sin_cache`` and then applies the rotary embedding
+      itself (below), saving the model a launch per layer. The model passes them only for
+      NeoX-style rotary over the whole head; for any other rotary, and for every kernel that
+      does not declare this, it rotates q and k first (``FusedOps.rotary_embedding``) and calls
+      ``forward`` without them. Declaring it is safe on any tessellm: one that does not know
+      the flag never passes the arguments.
     """
 
     name: str
@@ -169,7 +176,17 @@ class AttentionKernel(Protocol):
         """Writes this step's ``k``/``v`` ``[num_tokens, num_kv_heads, head_size]`` into the
         cache by slot mapping, then attends ``q`` ``[num_tokens, num_heads, head_size]`` over
         each sequence's cached context plus itself, causally. Returns
-        ``[num_tokens, num_heads, head_size]`` in q's dtype."""
+        ``[num_tokens, num_heads, head_size]`` in q's dtype.
+
+        Only for a kernel that declares ``fuses_rotary``, and only when the model passes them:
+        keyword arguments ``positions`` (int ``[num_tokens]``, each token's absolute position)
+        and ``cos_sin_cache`` (``[max_position, head_size]``, cos of each rotary frequency in
+        the first half, sin in the second). Then ``q`` and ``k`` arrive unrotated and the kernel
+        applies NeoX rotation (the two halves of each head, as ``FusedOps.rotary_embedding``
+        does) to q and to k before k is written to the cache; attention uses the rotated q and
+        keys. The caller reads neither ``q`` nor ``k`` afterwards: rotating q in place is
+        fine, and k may stay unrotated. Rows with slot -1 (graph padding) must not fault; their
+        output is ignored."""
 
 
 @runtime_checkable
@@ -186,6 +203,10 @@ class FusedOps(Protocol):
 
     def silu_and_mul(self, x):
         """``silu(x[..., :d]) * x[..., d:]``."""
+
+    # Optional (not checked by the registry): ``linear(x, weight, bias=None)``, the dense product
+    # ``x @ weight.T + bias`` for the model's unquantized linears and LM head, where the backend
+    # has something faster than torch's for some shapes (the cuda backend: a GEMV at 1-2 rows).
 
 
 @runtime_checkable

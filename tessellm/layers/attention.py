@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -14,13 +16,29 @@ class Attention(nn.Module):
         self.head_size = head_size
         self.scale = scale
         self.kernel = kernel
+        # Declared by the kernel (``AttentionKernel.fuses_rotary``): its forward can apply NeoX
+        # rotary itself, so ``forward`` may be given unrotated q, k with their positions.
+        self.fuses_rotary = bool(getattr(kernel, "fuses_rotary", False))
         self.k_cache = torch.empty(0)  # bound by the model runner once the cache is allocated
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata,
+                positions: Optional[torch.Tensor] = None,
+                cos_sin_cache: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q ``[T, H*D]``, k and v ``[T, KVH*D]``: rotated already, or, when ``positions`` and
+        ``cos_sin_cache`` (``[max_position, D]``, cos then sin) are given, unrotated for the
+        kernel to rotate (NeoX over the whole head; only if ``fuses_rotary``). Either way q and
+        k are not to be read afterwards (the kernel may rotate them in place)."""
         t = q.shape[0]
+        rotary = {}
+        if positions is not None:
+            if not self.fuses_rotary:
+                raise ValueError(f"Attention kernel {getattr(self.kernel, 'name', self.kernel)!r} "
+                                 f"does not declare fuses_rotary; apply the rotary before "
+                                 f"calling attention.")
+            rotary = dict(positions=positions, cos_sin_cache=cos_sin_cache)
         out = self.kernel.forward(q.view(t, self.num_heads, self.head_size),
                                   k.view(t, self.num_kv_heads, self.head_size),
                                   v.view(t, self.num_kv_heads, self.head_size),
-                                  self.k_cache, self.v_cache, metadata, self.scale)
+                                  self.k_cache, self.v_cache, metadata, self.scale, **rotary)
         return out.reshape(t, self.num_heads * self.head_size)

@@ -20,6 +20,10 @@ class Linear(nn.Module):
         weight rows: [ q (shard 0) | k (shard 1) | v (shard 2) ]
     """
 
+    # The dense product ``(x, weight, bias) -> y``: the backend's ``FusedOps.linear`` when it has
+    # one (``use_backend_linear``), else torch's.
+    dense_mm = staticmethod(F.linear)
+
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
                  quant_method=None):
         super().__init__()
@@ -36,7 +40,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.dense_mm(x, self.weight, self.bias)
 
     def local_slice(self, name: str, tensor, shard: Optional[int]) -> torch.Tensor:
         """The part of a dense checkpoint tensor (``name``: "weight" or "bias" of logical shard
@@ -123,7 +127,7 @@ class RowParallelLinear(Linear):
         if self.quant_method is not None:
             y = self.quant_method.apply(self, x, None)
         else:
-            y = F.linear(x, self.weight)
+            y = self.dense_mm(x, self.weight)
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
@@ -132,6 +136,20 @@ class RowParallelLinear(Linear):
             _check_dense(self, name)
             tensor = tensor.narrow(1, self.input_start, self.input_size)
         return materialize(tensor)
+
+
+def use_backend_linear(model: nn.Module, ops) -> int:
+    """Route the model's dense (unquantized) linears and LM head through ``ops.linear`` when the
+    backend's ``FusedOps`` provides it (an optional member). Returns how many modules it set."""
+    linear = getattr(ops, "linear", None)
+    if linear is None:
+        return 0
+    count = 0
+    for module in model.modules():
+        if getattr(module, "quant_method", None) is None and hasattr(module, "dense_mm"):
+            module.dense_mm = linear
+            count += 1
+    return count
 
 
 def materialize(tensor) -> torch.Tensor:

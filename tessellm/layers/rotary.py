@@ -38,9 +38,14 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Holds a ``[max_position, head_size]`` float32 cache: cos in the first half, sin after."""
 
+    # NeoX style (rotate the two halves of each head) over the whole head: the rotation an
+    # attention kernel that declares ``fuses_rotary`` can apply from ``cos_sin_cache``.
+    is_neox_style = True
+
     def __init__(self, head_size: int, max_position: int, base: float, scaling: Optional[dict], ops):
         super().__init__()
         self.head_size = head_size
+        self.rotary_dim = head_size  # dimensions rotated per head (partial rotary: fewer)
         self.ops = ops
         inv_freq = inverse_frequencies(head_size, base, scaling)
         t = torch.arange(max_position, dtype=torch.float32)

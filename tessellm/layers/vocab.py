@@ -41,6 +41,8 @@ class ParallelLMHead(nn.Module):
     """``logits = hidden @ W^T`` over the whole vocabulary, W split by rows like the embedding.
     With ``weight`` given (tied embeddings on the same rank) it reads that tensor instead."""
 
+    dense_mm = staticmethod(F.linear)  # the backend's FusedOps.linear when it has one
+
     def __init__(self, vocab_size: int, hidden_size: int, tp: Optional[TensorParallel] = None,
                  weight: Optional[nn.Parameter] = None):
         super().__init__()
@@ -53,7 +55,7 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.tied if self.tied is not None else self.weight
-        logits = F.linear(hidden, weight)
+        logits = self.dense_mm(hidden, weight)
         if self.tp.size == 1:
             return logits
         return self.tp.all_gather(logits)[..., :self.vocab_size]

@@ -13,6 +13,7 @@ from tessellm.backends.spec import AttentionSpec, OpsSpec
 from tessellm.config import ModelSource
 from tessellm.distributed.parallel_state import PipelineStage, TensorParallel
 from tessellm.layers.context import ModelContext
+from tessellm.layers.linear import use_backend_linear
 from tessellm.models.registry import model_class
 from tessellm.quantization.config import resolve_quant_spec
 from tessellm.quantization.loading import (init_dummy_quantized, iter_prequantized_safetensors,
@@ -77,6 +78,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     finally:
         torch.set_default_dtype(previous)
     _load_weights(model, source, load_format, dtype, seed, quant_spec if quant_method else None)
+    use_backend_linear(model, ops)
     model.eval()
     if len(kernels) != 1:
         raise RuntimeError(f"Expected one attention kernel per model, got {len(kernels)}.")

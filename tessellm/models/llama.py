@@ -53,6 +53,10 @@ class DecoderAttention(nn.Module):
         window = getattr(config, "sliding_window", None) if _uses_sliding_window(config) else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size,
                               self.head_size ** -0.5, ctx.make_attention_kernel(window))
+        # A kernel that fuses rotary rotates q and k as it writes the KV cache (one launch
+        # fewer per layer); it does NeoX over the whole head only.
+        self.fuse_rotary = (self.attn.fuses_rotary and rotary.is_neox_style
+                            and rotary.rotary_dim == self.head_size)
 
     def forward(self, positions, hidden, metadata):
         qkv = self.qkv_proj(hidden)
@@ -61,8 +65,12 @@ class DecoderAttention(nn.Module):
             t = q.shape[0]
             q = self.q_norm(q.reshape(t, self.num_heads, self.head_size)).view(t, self.q_size)
             k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_size)).view(t, self.kv_size)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, metadata))
+        if self.fuse_rotary:
+            out = self.attn(q, k, v, metadata, positions, self.rotary.cos_sin_cache)
+        else:
+            q, k = self.rotary(positions, q, k)
+            out = self.attn(q, k, v, metadata)
+        return self.o_proj(out)
 
 
 class DecoderMLP(nn.Module):

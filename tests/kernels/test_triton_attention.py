@@ -18,7 +18,9 @@ pytest.importorskip("triton")
 
 from tessellm.backends.cuda.triton_attention import (  # noqa: E402
     TritonAttentionKernel, decode_attention, decode_workspace_numel, reshape_and_cache)
+from tessellm.backends.cuda.triton_ops import TritonOps  # noqa: E402
 from tessellm.backends.reference.attention import paged_attention, write_kv_cache  # noqa: E402
+from tessellm.backends.reference.ops import ReferenceOps  # noqa: E402
 from tessellm.backends.spec import AttentionKernel, AttentionSpec  # noqa: E402
 from tessellm.core.attention_batch import AttentionBatch  # noqa: E402
 
@@ -204,6 +206,58 @@ def test_uniform_batches_match_reference(kind):
     assert_matches(run_kernel(step, **cfg), step.ref_out, BF16)
 
 
+def _positions(batch: AttentionBatch) -> torch.Tensor:
+    """Each token's absolute position: query i of sequence s sits at ctx_len(s) + i."""
+    qsl, lens = batch.query_start_loc_host, batch.seq_lens_host
+    pos = [p for s, n in enumerate(lens) for p in range(n - (qsl[s + 1] - qsl[s]), n)]
+    return torch.tensor(pos, dtype=torch.int64, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype,block_size,head_size,group",
+                         [(F32, 16, 64, 4), (BF16, 32, 128, 8), (F16, 16, 64, 1)])
+def test_forward_fuses_rotary_like_rotate_then_forward(dtype, block_size, head_size, group):
+    """``fuses_rotary``: forward given unrotated q, k and the positions does what rotating
+    first (``TritonOps``) then the plain forward does, bit for bit: prefill chunks read the
+    rotated keys back from the cache, decodes too. And it matches the reference backend."""
+    cfg = dict(group=group, head_size=head_size, block_size=block_size, dtype=dtype)
+    step = make_step(**MIXED, **cfg, seed=_seed("fused-rotary", dtype, block_size, head_size))
+    positions = _positions(step.batch)
+    max_pos = int(step.batch.max_seq_len) + 5
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_size, 2).float() / head_size))
+    freqs = torch.arange(max_pos).float()[:, None] * inv_freq[None, :]
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(DEVICE)
+    spec = AttentionSpec(num_heads=NUM_KV_HEADS * group, num_kv_heads=NUM_KV_HEADS,
+                         head_size=head_size, dtype=dtype, block_size=block_size)
+    # a short max_model_len caps the decode splits (fewer interpreted programs on the CPU)
+    kernel = TritonAttentionKernel(spec, max_model_len=4096 if ON_GPU else 256, max_num_seqs=16)
+    assert kernel.fuses_rotary
+    md = kernel.build_metadata(step.batch)
+
+    q_rot, k_rot = step.q.clone(), step.k.clone()
+    TritonOps().rotary_embedding(positions, q_rot, k_rot, cos_sin, head_size)
+    k_sep, v_sep = step.k_cache.clone(), step.v_cache.clone()
+    want = kernel.forward(q_rot, k_rot, step.v, k_sep, v_sep, md, step.scale)
+
+    q = step.q.clone()
+    out = torch.full_like(q, float("nan"))
+    kernel.forward(q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale, out=out,
+                   positions=positions, cos_sin_cache=cos_sin)
+    assert torch.equal(q, q_rot), "q is rotated in place"
+    assert torch.equal(step.k_cache, k_sep) and torch.equal(step.v_cache, v_sep)
+    assert torch.equal(out, want)
+
+    ref_q, ref_k = ReferenceOps().rotary_embedding(positions, step.q.clone(), step.k.clone(),
+                                                   cos_sin, head_size)
+    ref_kc, ref_vc = step.ref_k_cache.clone(), step.ref_v_cache.clone()
+    write_kv_cache(ref_k, step.v, ref_kc, ref_vc, step.batch.slot_mapping)
+    ref = paged_attention(ref_q, ref_kc, ref_vc, step.batch.query_start_loc, step.batch.seq_lens,
+                          step.batch.block_tables, step.scale)
+    if dtype == BF16 and not ON_GPU:  # the interpreter's bf16 rounding (test_triton_rotary_cache)
+        torch.testing.assert_close(out, ref, atol=6e-2, rtol=3e-2)
+    else:
+        assert_matches(out, ref, dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Split-KV decode
 # ---------------------------------------------------------------------------------------------
@@ -230,22 +284,60 @@ def test_decode_many_splits_with_empty_ones(num_splits, min_partition, window, d
     assert_matches(out, step.ref_out, dtype)
 
 
-def test_decode_of_empty_sequence_is_zero_not_nan():
+@pytest.mark.parametrize("num_splits,fused_reduce", [(4, False), (4, True), (1, True)])
+def test_decode_of_empty_sequence_is_zero_not_nan(num_splits, fused_reduce):
     """Graph padding may hand the kernel sequences of length 0: their output must be finite."""
     cfg = dict(group=4, head_size=64, block_size=16, dtype=F32)
     step = make_step([1, 1], [20, 5], **cfg, seed=_seed("empty"))
     b = step.batch
     seq_lens = b.seq_lens.clone()
     seq_lens[1] = 0
-    workspace = torch.full((decode_workspace_numel(2, step.q.shape[1], 4, 64),), float("nan"),
-                           device=DEVICE)
+    workspace = torch.full((decode_workspace_numel(2, step.q.shape[1], num_splits, 64),),
+                           float("nan"), device=DEVICE)
     out = torch.full_like(step.q, float("nan"))
     reshape_and_cache(step.k, step.v, step.k_cache, step.v_cache, b.slot_mapping)
     decode_attention(step.q, step.k_cache, step.v_cache, out, b.query_start_loc, seq_lens,
-                     b.block_tables, step.scale, num_seqs=2, num_splits=4, workspace=workspace,
-                     min_partition=0)
+                     b.block_tables, step.scale, num_seqs=2, num_splits=num_splits,
+                     workspace=workspace, min_partition=0, fused_reduce=fused_reduce)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert_matches(out[:1], step.ref_out[:1], F32)
+
+
+@pytest.mark.parametrize("num_splits,window,dtype", [(1, None, F32), (1, 40, BF16), (8, None, F32)])
+def test_decode_fused_reduce_matches_two_kernels(num_splits, window, dtype):
+    """With ``fused_reduce`` one split writes the output directly (its workspace untouched) and
+    more splits reduce in the second kernel: the same result as always reducing separately. Two
+    layers of one step, run for two steps, share the workspace."""
+    big = 7 if ON_GPU else 1
+    ctx = [0, 47, 130 * big] + ([5, 16, 77 * big] if ON_GPU else [])  # mostly partial blocks
+    cfg = dict(group=4, head_size=64, block_size=16, dtype=dtype)
+    layers = [make_step([1] * len(ctx), ctx, **cfg, window=window,
+                        seed=_seed("fused-reduce", num_splits, window, dtype, layer))
+              for layer in range(2)]
+    num_seqs, num_heads = len(ctx), layers[0].q.shape[1]
+    numel = decode_workspace_numel(num_seqs, num_heads, num_splits, 64)
+    workspace = torch.full((numel,), float("nan"), device=DEVICE)
+
+    def run(step, out, **kw):
+        b = step.batch
+        decode_attention(step.q, step.k_cache, step.v_cache, out, b.query_start_loc, b.seq_lens,
+                         b.block_tables, step.scale, num_seqs=num_seqs, num_splits=num_splits,
+                         sliding_window=window, min_partition=0, **kw)
+        return out
+
+    two_kernels = []
+    for step in layers:
+        reshape_and_cache(step.k, step.v, step.k_cache, step.v_cache, step.batch.slot_mapping)
+        two_kernels.append(run(step, torch.full_like(step.q, float("nan")), fused_reduce=False,
+                               workspace=torch.full_like(workspace, float("nan"))))
+    for _ in range(2):
+        for step, two in zip(layers, two_kernels):
+            one = run(step, torch.full_like(step.q, float("nan")), workspace=workspace)
+            if num_splits == 1:
+                assert torch.isnan(workspace).all(), "one split writes the output directly"
+            assert_matches(one, step.ref_out, dtype)
+            torch.testing.assert_close(one, two, **(_tol(dtype) if dtype != F32
+                                                    else dict(atol=1e-6, rtol=1e-5)))
 
 
 def test_num_splits_depends_on_batch_size_only():
@@ -294,9 +386,10 @@ def test_decode_replays_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = kernel.forward(bufs["q"], bufs["k"], bufs["v"], k_cache, v_cache, md, first.scale)
-    for step in (second, first):
+    for step in (second, first, second):
         load(step)
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
         assert_matches(out, step.ref_out, BF16)
+    assert md.num_splits > 1

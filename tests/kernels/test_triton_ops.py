@@ -113,3 +113,56 @@ def test_silu_and_mul(dtype, d):
     x = _randn(3, ROWS, 2 * d, gen=gen, dtype=dtype, scale=3.0)
     _poison_allocator(x.numel())
     _check(OPS.silu_and_mul(x), REF.silu_and_mul(x), dtype)
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 96, 80), (2, 96, 80), (2, 9000, 16), (3, 96, 80)])
+def test_linear_gemv_at_decode_rows_else_torch(rows, n, k):
+    """``TritonOps.linear``: the GEMV for 1 row (2 below ``gemv_two_rows_max_n`` outputs),
+    bit-identical to ``F.linear`` where it falls back; bf16 close to a float32 product."""
+    g = _gen("linear", rows, n, k)
+    x = torch.randn(rows, k, generator=g).to(DEVICE, BF16)
+    w = torch.randn(n, k, generator=g).to(DEVICE, BF16)
+    bias = torch.randn(n, generator=g).to(DEVICE, BF16)
+    y = OPS.linear(x, w, bias)
+    ref = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+    assert y.dtype == BF16 and y.shape == (rows, n)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    uses_gemv = rows == 1 or (rows == 2 and n < OPS.gemv_two_rows_max_n)
+    if not uses_gemv:
+        assert torch.equal(y, torch.nn.functional.linear(x, w, bias))
+
+
+def test_use_backend_linear_routes_dense_layers_only():
+    """Dense linears and the LM head call the backend's ``linear``; quantized ones keep their
+    method; a backend without ``linear`` changes nothing."""
+    import torch.nn as nn
+
+    from tessellm.layers.linear import Linear, RowParallelLinear, use_backend_linear
+    from tessellm.layers.vocab import ParallelLMHead
+
+    class Spy:
+        def __init__(self):
+            self.calls = 0
+
+        def linear(self, x, weight, bias=None):
+            self.calls += 1
+            return torch.nn.functional.linear(x, weight, bias)
+
+    class Quant:  # the parts of a quant method Linear touches
+        def create_weights(self, layer, *args):
+            layer.weight = nn.Parameter(torch.ones(4, 8), requires_grad=False)
+
+        def apply(self, layer, x, bias=None):
+            return x @ layer.weight.T
+
+    model = nn.ModuleList([Linear(8, [4, 4]), RowParallelLinear(8, 4), ParallelLMHead(10, 8),
+                           Linear(8, [4], quant_method=Quant())])
+    for p in model.parameters():
+        p.data.normal_()
+    assert use_backend_linear(model, object()) == 0
+    spy = Spy()
+    assert use_backend_linear(model, spy) == 3
+    x = torch.randn(2, 8)
+    for module in model:
+        module(x)
+    assert spy.calls == 3

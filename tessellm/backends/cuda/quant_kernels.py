@@ -14,10 +14,11 @@ dequantized once to x's dtype and cuBLAS does the GEMM (``DEQUANT_MIN_M``).
 
 fp8: up to ``FP8_WEIGHT_ONLY_MAX_M`` rows (decode), W8A16: ``_fp8_w8a16_gemm_kernel`` reads
 the e4m3 weight and multiplies it with x as it is, like int8 (half of bf16's bytes, nothing to
-quantize). Above it (prefill), W8A8: x is quantized per token by one Triton kernel, then
-``torch._scaled_mm`` (row-wise scales, sm89+) runs the GEMM on the fp8 tensor cores; without
-it, ``_fp8_gemm_kernel`` does (tiles widened to fp16, exact for e4m3). Both sides of the
-threshold are static per captured graph: M is fixed per graph.
+quantize); at one or two rows and small N the skinny GEMM of ``gemv.py`` does instead
+(``_gemv_fp8_faster``). Above it (prefill), W8A8: x is quantized per token by one Triton
+kernel, then ``torch._scaled_mm`` (row-wise scales, sm89+) runs the GEMM on the fp8 tensor
+cores; without it, ``_fp8_gemm_kernel`` does (tiles widened to fp16, exact for e4m3). Both
+sides of the threshold are static per captured graph: M is fixed per graph.
 
 Widening e4m3 to bf16 with Triton's ``.to`` costs, in sm90 SASS, one ``F2F`` per value plus
 an ``F2FP`` per pair: conversion-unit instructions, which issue at a fraction of the integer
@@ -479,10 +480,34 @@ def fp8_weight_only_gemm(x: torch.Tensor, w: Fp8Weight, bias=None,
     return fp8_w8a16(x, w.qweight, w.scales, bias, config)
 
 
+def _gemv_fp8_faster(m: int, n: int, k: int) -> bool:
+    """Where ``gemv.gemv_fp8`` beats ``fp8_w8a16_tiled`` (H200, CUDA graph, Llama-3.1-8B shapes
+    at TP 1 and 2, benchmarks/kernels/gemv_bench.py): at one row wherever N < 8192, where the
+    tiled kernel's 64-row tiles cannot fill the GPU and it splits K (zeroed fp32 buffer,
+    atomics, a cast); at two rows only while K <= 4096 too. Elsewhere, large N (gate_up, the LM
+    head) and M >= 3, the tiled kernel streams the weight faster. M=1 layer (qkv, o, gate_up,
+    down): 74.5 us against 81.9 with the tiled kernel alone."""
+    return n < 8192 and (m == 1 or (m == 2 and k <= 4096))
+
+
 def fp8_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None,
               config: Optional[tuple] = None) -> torch.Tensor:
     """``fp8_weight_only_gemm`` on bare tensors: ``qweight`` e4m3fn or e4m3fnuz ``[N, K]``,
-    ``scales`` float32 ``[N]`` (the rocm backend's fp8 layers hold these)."""
+    ``scales`` float32 ``[N]`` (the rocm backend's fp8 layers hold these). The skinny GEMM
+    (``gemv.gemv_fp8``) where it is faster, else the tiled kernel; ``config`` (the tiled
+    kernel's tiles, benchmarks) forces the tiled kernel. The choice is by shape alone, so each
+    captured graph takes one side."""
+    if config is None and _gemv_fp8_faster(x.shape[0], qweight.shape[0], qweight.shape[1]):
+        from tessellm.backends.cuda.gemv import gemv_fp8  # gemv imports this module
+
+        return gemv_fp8(x, qweight, scales, bias)
+    return fp8_w8a16_tiled(x, qweight, scales, bias, config)
+
+
+def fp8_w8a16_tiled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None,
+                    config: Optional[tuple] = None) -> torch.Tensor:
+    """``fp8_w8a16`` by ``_fp8_w8a16_gemm_kernel`` (tiles, split-K by atomics); ``config``: its
+    tiles instead of ``_fp8_w8a16_config``'s (benchmarks)."""
     x = x.contiguous()
     m, k = x.shape
     n = qweight.shape[0]

@@ -1,4 +1,5 @@
-"""Paged attention in Triton: cache write, varlen prefill, split-KV decode.
+"""Paged attention in Triton: cache write (with NeoX rotary fused in), varlen prefill,
+split-KV decode.
 
 KV cache layout (see ``backends/spec.py``): ``k_cache``/``v_cache`` ``[num_blocks, block_size,
 KVH, D]``. Token ``t`` of sequence ``s`` lives at block ``block_tables[s, t // block_size]``,
@@ -19,7 +20,18 @@ fixed per batch size (graph-capture safe). A sequence of length L is cut into pa
 ``max(roundup(cdiv(L, num_splits), BLOCK_N), MIN_PART)`` keys, computed in the kernel from
 ``seq_lens``; splits past L are empty and write (out=0, m=-1e30, l=0), which the reduction
 weighs as zero. A sequence of length 0 (graph padding) gives output 0, never NaN.
+With one split (large batches) the split kernel writes the output itself (``fused_reduce``);
+with more, ``_decode_reduce_kernel`` combines the partials in a second launch. (Reducing in the
+last split program to finish, through per-(sequence, KV head) atomic counters, was tried and
+measured slower at batch 1 on an H200: 4.54 against 4.34 ms per token for Llama-8B shapes; the
+counters' registers and the serial tail cost more than the launch they save.)
 No host-device sync anywhere in ``forward``.
+
+Cache write: one program per token writes its k and v at ``slot_mapping`` (-1: skipped). When
+the model hands over the rotary inputs (``fuses_rotary``), the same program first NeoX-rotates
+the token's q heads in place (padding rows with slot -1 too) and rotates k on its way to the
+cache (``rotary_and_cache``), with ``TritonOps.rotary_embedding``'s rounding: one launch per
+layer instead of two. Prefill and decode read k only from the cache, never from ``k``.
 
 fp8 KV cache (``kv_cache_dtype="fp8"``): the cache holds e4m3 values ``k / k_scale`` and
 ``v / v_scale`` (per-tensor scales, host floats on the kernel, 1.0 unless set); the cache write
@@ -59,6 +71,7 @@ import triton
 import triton.language as tl
 
 from tessellm.backends.cuda.quant_kernels import e4m3_to_16bit
+from tessellm.backends.cuda.triton_ops import rope_halves, rotate_heads
 
 _LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so masked tiles never give inf - inf
@@ -94,6 +107,50 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
         v = tl.minimum(tl.maximum(v.to(tl.float32) * inv_v_scale, -FP8_MAX), FP8_MAX)
     tl.store(kc_ptr + blk * stride_kcb + off * stride_kct + h * stride_kch + d,
              k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + blk * stride_vcb + off * stride_vct + h * stride_vch + d,
+             v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_and_cache_kernel(pos_ptr, cos_sin_ptr, q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                             stride_cs, stride_qt, stride_qh, stride_kt, stride_kh,
+                             stride_vt, stride_vh, stride_kcb, stride_kct, stride_kch,
+                             stride_vcb, stride_vct, stride_vch, inv_k_scale, inv_v_scale,
+                             NUM_HEADS: tl.constexpr, HEADS_P2: tl.constexpr,
+                             NUM_KV_HEADS: tl.constexpr, KVH_P2: tl.constexpr,
+                             HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                             FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+    """One token per program: NeoX-rotates its q heads in place (slot -1 too), then writes its
+    rotated k and its v to the caches at its slot (none for slot -1). ``k`` itself is read only.
+    Rounds like ``TritonOps.rotary_embedding`` followed by ``_reshape_and_cache_kernel``."""
+    HALF: tl.constexpr = HEAD_SIZE // 2
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, HALF)
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + j)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + j)
+    rotate_heads(q_ptr, t, stride_qt, stride_qh, cos, sin, NUM_HEADS, HEADS_P2, HALF, HALF)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    h = tl.arange(0, KVH_P2)[:, None]
+    mask = h < tl.where(slot >= 0, NUM_KV_HEADS, 0)  # slot -1: no head is written
+    k_ptrs = k_ptr + t * stride_kt + h * stride_kh + j[None, :]
+    k1, k2 = rope_halves(tl.load(k_ptrs, mask=mask, other=0.0),
+                         tl.load(k_ptrs + HALF, mask=mask, other=0.0),
+                         cos[None, :], sin[None, :], k_ptr.dtype.element_ty)
+    if FP8:  # scale, then saturate: e4m3 has no infinity
+        k1 = tl.minimum(tl.maximum(k1.to(tl.float32) * inv_k_scale, -FP8_MAX), FP8_MAX)
+        k2 = tl.minimum(tl.maximum(k2.to(tl.float32) * inv_k_scale, -FP8_MAX), FP8_MAX)
+    kc_ptrs = kc_ptr + blk * stride_kcb + off * stride_kct + h * stride_kch + j[None, :]
+    tl.store(kc_ptrs, k1.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(kc_ptrs + HALF, k2.to(kc_ptr.dtype.element_ty), mask=mask)
+
+    d = tl.arange(0, HEAD_SIZE)[None, :]
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    if FP8:
+        v = tl.minimum(tl.maximum(v.to(tl.float32) * inv_v_scale, -FP8_MAX), FP8_MAX)
     tl.store(vc_ptr + blk * stride_vcb + off * stride_vct + h * stride_vch + d,
              v.to(vc_ptr.dtype.element_ty), mask=mask)
 
@@ -216,17 +273,21 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_m_ptr, part_l_ptr,
-                         query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-                         scale_log2, v_scale, window,
-                         stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr,
+                         part_l_ptr, query_start_loc_ptr, seq_lens_ptr,
+                         block_tables_ptr, scale_log2, v_scale, window,
+                         stride_qt, stride_qh, stride_ot, stride_oh,
+                         stride_cb, stride_ct, stride_ch, stride_bt,
                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, MIN_PART: tl.constexpr,
                          BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
-                         DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr):
-    """Grid ``(num_decodes, KVH, NUM_SPLITS)``. Writes each split's normalized partial output,
-    running max (log2 units) and sum of exponentials to the workspace."""
+                         DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr,
+                         REDUCE: tl.constexpr):
+    """Grid ``(num_decodes, KVH, NUM_SPLITS)``. Each split's normalized partial output, running
+    max (log2 units) and sum of exponentials go where ``REDUCE`` says (``_REDUCE_*``): to the
+    workspace for ``_decode_reduce_kernel`` (SEPARATE), or straight to ``out`` (DIRECT, one
+    split)."""
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -263,10 +324,14 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_m_p
                                      mask, kvh, qk_scale, stride_cb, stride_ct, stride_ch,
                                      HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True, FP8_PTX)
     acc = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
-    idx = (s.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
-    tl.store(part_out_ptr + idx[:, None] * HEAD_SIZE + d[None, :], acc, mask=row_ok[:, None])
-    tl.store(part_m_ptr + idx, m_i, mask=row_ok)
-    tl.store(part_l_ptr + idx, l_i, mask=row_ok)
+    if REDUCE == 1:  # _REDUCE_DIRECT: the only split's partial is the output
+        tl.store(out_ptr + (tok * stride_ot + head * stride_oh)[:, None] + d[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        idx = (s.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + idx[:, None] * HEAD_SIZE + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_m_ptr + idx, m_i, mask=row_ok)
+        tl.store(part_l_ptr + idx, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -394,6 +459,39 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         num_warps=4 if num_kv_heads * head_size >= 1024 else 1)
 
 
+def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> None:
+    """NeoX rotary and the cache write in one launch: rotates ``q`` ``[T, H, D]`` in place for
+    every token, and writes NeoX-rotated ``k`` and ``v`` ``[T, KVH, D]`` into the caches at
+    ``slot_mapping`` (-1: no write) like ``reshape_and_cache``. ``k`` is left as it was.
+    ``positions``: ``[T]`` indices into ``cos_sin_cache`` ``[max_position, D]`` (cos in the
+    first half, sin in the second). Same values as ``TritonOps.rotary_embedding`` followed by
+    ``reshape_and_cache``."""
+    num_tokens, num_heads, head_size = q.shape
+    num_kv_heads = k.shape[1]
+    if cos_sin_cache.shape[-1] != head_size:
+        raise ValueError(f"cos_sin_cache width {cos_sin_cache.shape[-1]} != head_size "
+                         f"{head_size}: the fused rotary rotates whole heads (NeoX) only.")
+    if head_size < 16 or head_size & (head_size - 1):
+        raise ValueError(f"the fused rotary needs a power-of-two head size >= 16, got "
+                         f"{head_size}.")
+    if num_tokens == 0:
+        return
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, \
+        "q/k/v head dimension must be contiguous"
+    assert cos_sin_cache.stride(-1) == 1 and positions.numel() == num_tokens
+    _rotary_and_cache_kernel[(num_tokens,)](
+        positions.reshape(-1), cos_sin_cache, q, k, v, k_cache, v_cache, slot_mapping,
+        cos_sin_cache.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 1.0 / k_scale, 1.0 / v_scale,
+        NUM_HEADS=num_heads, HEADS_P2=_p2(num_heads), NUM_KV_HEADS=num_kv_heads,
+        KVH_P2=_p2(num_kv_heads), HEAD_SIZE=head_size, BLOCK_SIZE=k_cache.shape[1],
+        FP8=_is_fp8(k_cache), FP8_MAX=_fp8_max(k_cache), num_warps=4)
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       out: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_tables: torch.Tensor, scale: float, *, seq_offset: int,
@@ -441,6 +539,11 @@ def decode_workspace_numel(num_seqs: int, num_heads: int, num_splits: int, head_
     return num_seqs * num_heads * num_splits * (head_size + 2)
 
 
+# How a decode's splits are combined (``_decode_split_kernel``'s REDUCE).
+_REDUCE_SEPARATE = 0  # partials to the workspace, then ``_decode_reduce_kernel``
+_REDUCE_DIRECT = 1  # one split: it writes the output itself
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      out: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                      block_tables: torch.Tensor, scale: float, *, num_seqs: int, num_splits: int,
@@ -448,13 +551,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      min_partition: int = 128,
                      tiles: Optional[tuple[int, int, int]] = None,
                      k_scale: float = 1.0, v_scale: float = 1.0,
-                     fp8_convert: str = "auto") -> None:
+                     fp8_convert: str = "auto", fused_reduce: bool = True) -> None:
     """Split-KV attention of the first ``num_seqs`` sequences (one query token each).
 
     ``num_splits``: a power of two, a host int fixed per batch size. ``workspace``: float32, at
     least ``decode_workspace_numel(...)`` elements; reused, never read before written.
     ``tiles``: (BLOCK_N, num_warps, num_stages) to override the defaults (benchmarks).
     ``k_scale``/``v_scale``/``fp8_convert``: as for ``prefill_attention``.
+
+    ``fused_reduce``: with one split, the split kernel writes the output itself (one launch);
+    otherwise, or when False, ``_decode_reduce_kernel`` follows.
     """
     if num_seqs == 0:
         return
@@ -468,6 +574,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_out = workspace[:n_part * head_size]
     part_m = workspace[n_part * head_size:n_part * (head_size + 1)]
     part_l = workspace[n_part * (head_size + 1):n_part * (head_size + 2)]
+    reduce = _REDUCE_DIRECT if fused_reduce and num_splits == 1 else _REDUCE_SEPARATE
     fp8_ptx = _fp8_ptx(q, k_cache, fp8_convert)
     # fp8 tiles: 2 warps (H200, batch 256, Llama-8B heads: 207 us vs 221 with 4 warps; the
     # bf16 cache keeps 4, its best: benchmarks/quantization/fp8_kernels.py --attention-sweep)
@@ -475,19 +582,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if tiles is not None:
         block_n, num_warps, num_stages = tiles
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, part_out, part_m, part_l, query_start_loc, seq_lens, block_tables,
+        q, k_cache, v_cache, out, part_out, part_m, part_l, query_start_loc, seq_lens, block_tables,
         scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
         sliding_window or 0,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_M=max(16, _p2(group)), NUM_SPLITS=num_splits,
         MIN_PART=max(min_partition, block_n), BLOCK_N=block_n, HEAD_SIZE=head_size,
         BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q), FP8_PTX=fp8_ptx,
-        num_warps=num_warps, num_stages=num_stages)
-    _decode_reduce_kernel[(num_seqs, num_heads)](
-        out, part_out, part_m, part_l, query_start_loc, out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_SIZE=head_size, num_warps=4)
+        REDUCE=reduce, num_warps=num_warps, num_stages=num_stages)
+    if reduce == _REDUCE_SEPARATE:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, part_out, part_m, part_l, query_start_loc, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_SIZE=head_size, num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,24 +621,33 @@ class TritonAttentionKernel:
     """Paged attention through this module's Triton kernels (``AttentionKernel`` protocol).
 
     The split-KV workspace is allocated on the first decode forward, sized for
-    ``max_num_seqs`` decodes, and reused; a larger batch grows it (outside graph capture: run
-    each captured size eagerly once first, as graph runners do for warm-up).
+    ``max_num_seqs`` decodes, and reused by every layer; a larger batch grows it (outside graph
+    capture: run each captured size eagerly once first, as graph runners do for warm-up).
     """
 
     name = "triton"
     supports_sliding_window = True
     supports_graph_capture = True  # no host sync in forward; grid fixed per batch size
     kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3")  # fp8: e4m3 cache, needs sm89+ (Ada, Hopper)
+    # forward takes positions/cos_sin_cache and applies NeoX rotary as it writes the cache
+    # (``rotary_and_cache``): one launch per layer instead of two.
+    fuses_rotary = True
+    min_partition = 128  # fewest keys a decode split handles (bounds partial-output traffic)
+    target_programs = 1024  # decode programs wanted to fill the GPU (about 8 per SM on H100)
+    max_splits = 32
+    # One decode split writes the output itself (no reduce launch, ``decode_attention``);
+    # False: always the separate reduce kernel (set on an instance for tests and benchmarks).
+    fused_reduce = True
 
     def __init_subclass__(cls, **kwargs):
         # A subclass serves an fp8 cache only if it says so: its forward must pass k_scale and
         # v_scale on (and its hardware may want another fp8 format, e.g. e4m3fnuz on MI300).
+        # Likewise a subclass with its own forward fuses rotary only if it says so.
         super().__init_subclass__(**kwargs)
         if "kv_cache_dtypes" not in cls.__dict__:
             cls.kv_cache_dtypes = ("auto",)
-    min_partition = 128  # fewest keys a decode split handles (bounds partial-output traffic)
-    target_programs = 1024  # decode programs wanted to fill the GPU (about 8 per SM on H100)
-    max_splits = 32
+        if "forward" in cls.__dict__ and "fuses_rotary" not in cls.__dict__:
+            cls.fuses_rotary = False
 
     def __init__(self, spec, max_model_len: int, max_num_seqs: int = 256):
         head_size = spec.head_size
@@ -585,21 +702,33 @@ class TritonAttentionKernel:
                                                device=device)
         return ws
 
+    def _decode_buffers(self, num_decodes: int, device) -> dict:
+        """``decode_attention``'s workspace and reduce mode."""
+        return dict(workspace=self._get_workspace(num_decodes, device),
+                    fused_reduce=self.fused_reduce)
+
     def forward(self, q, k, v, k_cache, v_cache, metadata: TritonAttentionMetadata, scale: float,
-                out: Optional[torch.Tensor] = None):
-        reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping, self.k_scale,
-                          self.v_scale)
+                out: Optional[torch.Tensor] = None, *, positions: Optional[torch.Tensor] = None,
+                cos_sin_cache: Optional[torch.Tensor] = None):
+        """``AttentionKernel.forward``; with ``positions`` and ``cos_sin_cache`` (``fuses_rotary``)
+        q and k arrive unrotated: q is NeoX-rotated in place, k as it is written to the cache."""
+        md = metadata
+        if positions is None:
+            reshape_and_cache(k, v, k_cache, v_cache, md.slot_mapping, self.k_scale,
+                              self.v_scale)
+        else:
+            rotary_and_cache(q, k, v, k_cache, v_cache, md.slot_mapping, positions,
+                             cos_sin_cache, self.k_scale, self.v_scale)
         if out is None:
             out = torch.empty_like(q)
-        md = metadata
         if md.num_decodes:
             decode_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
                              md.block_tables, scale, num_seqs=md.num_decodes,
                              num_splits=md.num_splits,
-                             workspace=self._get_workspace(md.num_decodes, q.device),
                              sliding_window=self.sliding_window, min_partition=self.min_partition,
                              k_scale=self.k_scale, v_scale=self.v_scale,
-                             fp8_convert=self.fp8_convert)
+                             fp8_convert=self.fp8_convert,
+                             **self._decode_buffers(md.num_decodes, q.device))
         if md.num_prefills:
             prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
                               md.block_tables, scale, seq_offset=md.num_decodes,

@@ -9,6 +9,7 @@ Rows are flattened to ``[rows, hidden]``; the last dimension must be contiguous.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -37,25 +38,37 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, hidden, eps,
 
 
 @triton.jit
-def _rotate_heads(x_ptr, row, stride_t, stride_h, cos, sin,
-                  NUM_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HALF: tl.constexpr,
-                  HALF_P2: tl.constexpr):
+def rope_halves(x1, x2, cos, sin, dt: tl.constexpr):
+    """NeoX rotation of a head's halves ``x1``, ``x2`` (any dtype; rounded like torch's ``dt``
+    arithmetic). Returns ``(x1 cos - x2 sin, x2 cos + x1 sin)`` in ``dt``; ``cos``/``sin``
+    broadcast against the halves. Shared with the attention kernel's fused rotary cache write.
+    """
+    # Products of two 16-bit floats are exact in float32, so rounding each float32 product to
+    # dt reproduces torch's 16-bit arithmetic bit for bit (and keeps bf16 math off the Triton
+    # interpreter, which cannot do arithmetic on bf16).
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    c = cos.to(dt).to(tl.float32)
+    s = sin.to(dt).to(tl.float32)
+    o1 = (x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)
+    o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
+    return o1.to(dt), o2.to(dt)
+
+
+@triton.jit
+def rotate_heads(x_ptr, row, stride_t, stride_h, cos, sin,
+                 NUM_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HALF: tl.constexpr,
+                 HALF_P2: tl.constexpr):
+    """Rotates the ``NUM_HEADS`` heads of token ``row`` in place; ``cos``/``sin``: ``[HALF_P2]``."""
     h = tl.arange(0, HEADS_P2)[:, None]
     j = tl.arange(0, HALF_P2)[None, :]
     mask = (h < NUM_HEADS) & (j < HALF)
     ptr = x_ptr + row * stride_t + h * stride_h + j
-    dt = x_ptr.dtype.element_ty
-    # Products of two 16-bit floats are exact in float32, so rounding each float32 product to
-    # dt reproduces torch's 16-bit arithmetic bit for bit (and keeps bf16 math off the Triton
-    # interpreter, which cannot do arithmetic on bf16).
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    c = cos.to(dt).to(tl.float32)[None, :]
-    s = sin.to(dt).to(tl.float32)[None, :]
-    o1 = (x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)
-    o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
-    tl.store(ptr, o1.to(dt), mask=mask)
-    tl.store(ptr + HALF, o2.to(dt), mask=mask)
+    x1 = tl.load(ptr, mask=mask, other=0.0)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
+    o1, o2 = rope_halves(x1, x2, cos[None, :], sin[None, :], x_ptr.dtype.element_ty)
+    tl.store(ptr, o1, mask=mask)
+    tl.store(ptr + HALF, o2, mask=mask)
 
 
 @triton.jit
@@ -70,8 +83,8 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, stride_qt, stride_qh, strid
     j = tl.arange(0, HALF_P2)
     cos = tl.load(cache_ptr + pos * stride_cache + j, mask=j < HALF, other=0.0)
     sin = tl.load(cache_ptr + pos * stride_cache + HALF + j, mask=j < HALF, other=0.0)
-    _rotate_heads(q_ptr, t, stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, Q_HEADS_P2, HALF, HALF_P2)
-    _rotate_heads(k_ptr, t, stride_kt, stride_kh, cos, sin, NUM_K_HEADS, K_HEADS_P2, HALF, HALF_P2)
+    rotate_heads(q_ptr, t, stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, Q_HEADS_P2, HALF, HALF_P2)
+    rotate_heads(k_ptr, t, stride_kt, stride_kh, cos, sin, NUM_K_HEADS, K_HEADS_P2, HALF, HALF_P2)
 
 
 @triton.jit
@@ -151,6 +164,19 @@ class TritonOps:
             NUM_K_HEADS=hk, K_HEADS_P2=triton.next_power_of_2(hk),
             HALF=half, HALF_P2=triton.next_power_of_2(half), num_warps=4)
         return q, k
+
+    # Dense products the GEMV (``gemv.py``) runs faster than cuBLAS: 1 row at any width, 2 rows
+    # below this many outputs (H200, Llama-8B shapes, benchmarks/kernels/gemv_bench.py).
+    gemv_two_rows_max_n = 8192
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+        """``x @ weight.T + bias``: the GEMV at decode's 1-2 rows in bf16/fp16, else torch's."""
+        if (x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+                and (x.shape[0] == 1 or (x.shape[0] == 2 and weight.shape[0] < self.gemv_two_rows_max_n))):
+            from tessellm.backends.cuda.gemv import gemv
+
+            return gemv(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)

@@ -45,6 +45,7 @@ class RocmTritonAttentionKernel(TritonAttentionKernel):
     supports_graph_capture = True  # no host sync in forward; num_splits fixed per batch size
     target_programs = 304 * 4  # about 4 decode programs per CU on MI300X
     min_partition = 256  # longer splits: fewer partial outputs through the smaller L2
+    fuses_rotary = False  # forward below takes no rotary inputs (the model rotates first)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata, scale: float, out=None):
         md = metadata
@@ -56,9 +57,9 @@ class RocmTritonAttentionKernel(TritonAttentionKernel):
             decode_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
                              md.block_tables, scale, num_seqs=md.num_decodes,
                              num_splits=md.num_splits,
-                             workspace=self._get_workspace(md.num_decodes, q.device),
                              sliding_window=self.sliding_window, min_partition=self.min_partition,
-                             tiles=amd_decode_tiles(q.dtype, head_size))
+                             tiles=amd_decode_tiles(q.dtype, head_size),
+                             **self._decode_buffers(md.num_decodes, q.device))
         if md.num_prefills:
             prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
                               md.block_tables, scale, seq_offset=md.num_decodes,

@@ -1,0 +1,375 @@
+"""Skinny GEMMs for decode: ``y[M, N] = x[M, K] @ W[N, K].T`` with M = 1..32 rows.
+
+At decode the weight is read once per step and the rows of x are few, so the product is bound
+by the weight read: one pass over ``N * K`` weight bytes at memory bandwidth is the floor. W is
+bf16/fp16 (``gemv``) or e4m3 with one float32 scale per output channel (``gemv_fp8``, W8A16:
+``y = (x @ codes.T) * scale``). Both weight kinds share two kernels (``W_FP8``); the host picks
+one and its tiles from (M, N, K) with ``gemv_config``:
+
+* ``_gemv_fma_kernel`` (M <= 4): each program reads a ``[BLOCK_N, BLOCK_K]`` weight tile per
+  step, 16 bytes a thread along K, widens it to float32 and multiplies it with every row of x
+  (one float32 accumulator tile per row, up to 4); no tensor cores, no shared memory::
+
+      acc_m[n, k'] += x[m, k0 + k'] * W[n, k0 + k']     k' < BLOCK_K, k0 over my K range
+      y[m, n] = sum_k' acc_m[n, k'] (* scale[n]) (+ bias[n])
+
+  With ``chunk`` the tile is ``[BLOCK_N, BLOCK_K / chunk, chunk]`` and each thread sums its
+  ``chunk`` products every step, so the accumulator (registers) shrinks ``chunk`` times.
+  With ``f32_bits`` e4m3 codes become float32 by 3 integer instructions (exact, scaled by
+  2^-120, undone in the epilogue) instead of ``e4m3_to_16bit`` and a widening.
+
+* ``_gemv_dot_kernel`` (any M, BLOCK_M >= 16): ``acc[BLOCK_N, BLOCK_M] += dot(W tile, x
+  tile.T)``: weight rows in the tensor cores' M slot, x's few rows in the N slot.
+
+Invariant: every program reads whole weight rows of its ``BLOCK_N`` outputs over its K range.
+Rows past N are clamped to row N-1 (read again, never stored), so weight loads carry no N mask;
+K needs a mask only when ``BLOCK_K * SPLIT_K`` does not divide K (``EVEN_K``). With
+``SPLIT_K`` > 1 the K ranges meet by float32 atomics into a zeroed buffer that is cast after:
+two extra kernels, so the tables split only where N alone cannot give every SM a program.
+
+No host-device sync, no autotuning: configs are a pure function of (M, N, K, weight kind), so
+the launch is safe inside CUDA graph capture. On the CPU the kernels run in Triton's
+interpreter (tests); there, dots run in float32 and no inline PTX runs.
+
+H200 (gemv_bench.py, CUDA graph, weights rotated past the L2): at M = 1 the FMA kernel reads
+bf16 weights at 4.3-4.6 TB/s on large matrices (about 2.5 us more than that on each small one)
+and beats cuBLAS on every Llama-8B shape (by 1% on gate_up, 3% on the LM head, 10-33% on the
+smaller ones); at M = 2 only where N < 8192; from M = 4 on cuBLAS is faster. e4m3 reaches only
+3.2-3.4 TB/s on large matrices (about 5 instructions a code: it is not bound by the read), so
+``quant_kernels.fp8_w8a16`` uses it only where the tiled kernel is slower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tessellm.backends.cuda.quant_kernels import e4m3_to_16bit
+
+GEMV_MAX_M = 32  # the config tables cover up to this many rows
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape of the skinny GEMM; chosen per (M, N, K) by ``gemv_config``."""
+
+    block_n: int  # weight rows (outputs) per program
+    block_k: int  # K elements per loop step and program (a power of two)
+    num_warps: int
+    stages: int  # software-pipelining depth of the K loop (1: plain loads)
+    split_k: int = 1  # programs along K; > 1: fp32 atomics into a zeroed buffer, then a cast
+    dot: bool = False  # tensor-core dot (BLOCK_M >= 16 rows of x) instead of FMAs
+    chunk: int = 0  # FMA: sum each thread's 16-byte run of K every step (0: at the end)
+    f32_bits: bool = False  # FMA, e4m3 on NVIDIA: decode to float32 by bit moves (x 2^-120)
+
+
+@triton.jit
+def _widen(w, x_dtype: tl.constexpr, W_FP8: tl.constexpr, W_PTX: tl.constexpr,
+           TO_F32: tl.constexpr, PTX: tl.constexpr):
+    """The weight tile in float32 (TO_F32) or in x's dtype, exactly. For a dot the bit moves
+    are pinned to the loaded tile (16 contiguous bytes a thread); left free, Triton moves them
+    into the dot operand layout, where they take twice the instructions (sm_90 SASS)."""
+    if W_FP8 and W_PTX:
+        w = e4m3_to_16bit(w, x_dtype == tl.bfloat16, TO_F32)
+    if TO_F32:
+        w = _to_f32(w, PTX)
+    else:
+        w = w.to(x_dtype)
+    return w
+
+
+@triton.jit
+def _e4m3_to_f32_scaled(w):
+    """e4m3fn -> float32 times 2^-120, exact (subnormals too), 3 integer instructions a value:
+    the byte b goes to the top of a word, an arithmetic shift by 4 puts its 7 low bits into
+    float32's exponent/mantissa fields (the sign stays in bit 31), a mask clears the rest."""
+    return tl.inline_asm_elementwise(
+        ("{ .reg .b32 t0, t1, t2, t3;\n"
+         "prmt.b32 t0, $4, 0, 0x0444;\n"
+         "prmt.b32 t1, $4, 0, 0x1444;\n"
+         "prmt.b32 t2, $4, 0, 0x2444;\n"
+         "shr.s32 t0, t0, 4;\n"
+         "shr.s32 t1, t1, 4;\n"
+         "shr.s32 t2, t2, 4;\n"
+         "shr.s32 t3, $4, 4;\n"
+         "and.b32 $0, t0, 0x87F00000;\n"
+         "and.b32 $1, t1, 0x87F00000;\n"
+         "and.b32 $2, t2, 0x87F00000;\n"
+         "and.b32 $3, t3, 0x87F00000; }"),
+        "=r,=r,=r,=r,r", [w.to(tl.uint8, bitcast=True)], dtype=tl.float32, is_pure=True,
+        pack=4)
+
+
+@triton.jit
+def _bf16_to_f32(x):
+    """bf16 -> float32 by one shift or mask a value (Triton's conversion takes 1.5)."""
+    return tl.inline_asm_elementwise(
+        "shl.b32 $0, $2, 16;\nand.b32 $1, $2, 0xFFFF0000;",
+        "=r,=r,r", [x.to(tl.uint16, bitcast=True)], dtype=tl.float32, is_pure=True, pack=2)
+
+
+@triton.jit
+def _to_f32(t, PTX: tl.constexpr):
+    if PTX and t.dtype == tl.bfloat16:
+        t = _bf16_to_f32(t)
+    else:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _load_k(ptrs, koff, K, EVEN_K: tl.constexpr):
+    """A tile at K offsets ``koff``; zeros past K."""
+    if EVEN_K:
+        t = tl.load(ptrs)
+    else:
+        t = tl.load(ptrs, mask=koff < K, other=0.0)
+    return t
+
+
+@triton.jit
+def _fma_row(acc, wf, x_row, koff, K, EVEN_K: tl.constexpr, PTX: tl.constexpr,
+             CHUNK: tl.constexpr):
+    """acc += W * x_row over the tile: x is read as a tile of the weight tile's shape whose
+    rows are all the same addresses, so that it takes the weight tile's register layout (the
+    compiler loads each address once per thread); a [BLOCK_K] load would be reshuffled
+    through shared memory every step. CHUNK: the tile is [BN, BK / CHUNK, CHUNK] and each
+    thread sums its CHUNK products at once, so acc holds BK / CHUNK, not BK, per row."""
+    if CHUNK:
+        same = tl.zeros([wf.shape[0], 1, 1], dtype=tl.int32)
+    else:
+        same = tl.zeros([wf.shape[0], 1], dtype=tl.int32)
+    prod = wf * _to_f32(_load_k(x_row + same + koff, koff, K, EVEN_K), PTX)
+    if CHUNK:
+        prod = tl.sum(prod, axis=2)
+    return acc + prod
+
+
+@triton.jit
+def _finish(y, s_ptr, bias_ptr, rn, N, pid_k, W_FP8: tl.constexpr, F32_BITS: tl.constexpr,
+            HAS_BIAS: tl.constexpr):
+    """Per-channel scale and bias (the first K range adds it) on y [..., BLOCK_N]."""
+    rn_ld = tl.minimum(rn, N - 1)
+    if F32_BITS:
+        y *= 1.329227995784916e36  # 2^120, exact: undoes _e4m3_to_f32_scaled
+    if W_FP8:
+        y *= tl.load(s_ptr + rn_ld)
+    if HAS_BIAS:
+        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + rn_ld).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _store_row(acc, r, s_ptr, bias_ptr, out_ptr, rn, M, N, stride_om, pid_k,
+               W_FP8: tl.constexpr, F32_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+               ATOMIC: tl.constexpr):
+    y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, rn, N, pid_k, W_FP8, F32_BITS, HAS_BIAS)
+    ptrs = out_ptr + r * stride_om + rn
+    ok = (rn < N) & (tl.zeros_like(rn) + r < M)
+    if ATOMIC:
+        tl.atomic_add(ptrs, y, mask=ok)
+    else:
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
+                     stride_om, k_per_split,
+                     W_FP8: tl.constexpr, W_PTX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                     CHUNK: tl.constexpr, F32_BITS: tl.constexpr, PTX: tl.constexpr):
+    """Up to 4 rows of x (BLOCK_M 1, 2 or 4), one float32 accumulator tile per row."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn
+    k_lo = pid_k * k_per_split
+    if CHUNK:
+        j = tl.arange(0, BLOCK_K // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+        k_in = j[None, :, :]  # [1, BK / CHUNK, CHUNK]
+        w_rows = w_ptr + row[:, :, None]
+        acc0 = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
+    else:
+        k_in = tl.arange(0, BLOCK_K)[None, :]  # [1, BK]
+        w_rows = w_ptr + row
+        acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1, acc2, acc3 = acc0, acc0, acc0
+    x0 = x_ptr
+    x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm
+    x2 = x_ptr + tl.minimum(2, M - 1) * stride_xm
+    x3 = x_ptr + tl.minimum(3, M - 1) * stride_xm
+    steps = tl.cdiv(tl.minimum(k_per_split, K - k_lo), BLOCK_K)
+    for i in tl.range(0, steps, num_stages=STAGES):
+        koff = k_lo + i * BLOCK_K + k_in
+        w = _load_k(w_rows + koff, koff, K, EVEN_K)
+        if F32_BITS:
+            wf = _e4m3_to_f32_scaled(w)
+        else:
+            wf = _widen(w, x_ptr.dtype.element_ty, W_FP8, W_PTX, True, PTX)
+        acc0 = _fma_row(acc0, wf, x0, koff, K, EVEN_K, PTX, CHUNK)
+        if BLOCK_M > 1:
+            acc1 = _fma_row(acc1, wf, x1, koff, K, EVEN_K, PTX, CHUNK)
+        if BLOCK_M > 2:
+            acc2 = _fma_row(acc2, wf, x2, koff, K, EVEN_K, PTX, CHUNK)
+            acc3 = _fma_row(acc3, wf, x3, koff, K, EVEN_K, PTX, CHUNK)
+    args = (s_ptr, bias_ptr, out_ptr, rn, M, N, stride_om, pid_k, W_FP8, F32_BITS, HAS_BIAS,
+            ATOMIC)
+    _store_row(acc0, 0, *args)
+    if BLOCK_M > 1:
+        _store_row(acc1, 1, *args)
+    if BLOCK_M > 2:
+        _store_row(acc2, 2, *args)
+        _store_row(acc3, 3, *args)
+
+
+@triton.jit
+def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
+                     stride_om, k_per_split,
+                     W_FP8: tl.constexpr, W_PTX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                     DOT_FP32: tl.constexpr):
+    """``acc[BN, BM] += dot(W tile, x tile.T)``: BLOCK_M >= 16 rows, tensor cores.
+    DOT_FP32: float32 operands, exact products (the interpreter; float32 x)."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+    x_rows = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    k_lo = pid_k * k_per_split
+    steps = tl.cdiv(tl.minimum(k_per_split, K - k_lo), BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for i in tl.range(0, steps, num_stages=STAGES):
+        koff = k_lo + i * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+        w = _load_k(w_rows + koff, koff, K, EVEN_K)
+        x = _load_k(x_rows + koff, koff, K, EVEN_K)
+        if DOT_FP32:
+            wf = _widen(w, x.dtype, W_FP8, W_PTX, True, False)
+            acc += tl.dot(wf, tl.trans(x.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(_widen(w, x.dtype, W_FP8, W_PTX, False, False), tl.trans(x))
+    y = _finish(tl.trans(acc), s_ptr, bias_ptr, rn, N, pid_k, W_FP8, False, HAS_BIAS)
+    ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    ok = (rm[:, None] < M) & (rn[None, :] < N)
+    if ATOMIC:
+        tl.atomic_add(ptrs, y, mask=ok)
+    else:
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: a pure function of the shape (graph-capture safe), from the H200 sweep of
+# benchmarks/kernels/gemv_bench.py.
+# ---------------------------------------------------------------------------------------------
+
+
+def gemv_config(m: int, n: int, k: int, w_fp8: bool, num_sms: int = 132) -> GemvConfig:
+    """The launch shape for ``m`` rows against an ``[n, k]`` weight. From the H200 sweep of
+    ``benchmarks/kernels/gemv_bench.py`` (Llama-3.1-8B shapes at TP 1 and 2 and the LM head,
+    CUDA graph): at M <= 2 each of these FMA tiles was within 1% (bf16) or 8-16% (e4m3) of the
+    fastest tile of its shape; from M = 3 on the tensor-core tiles win, though neither beats
+    cuBLAS (bf16) or ``quant_kernels.fp8_w8a16_tiled`` (e4m3) there."""
+    if m > GEMV_MAX_M:
+        raise ValueError(f"gemv serves at most {GEMV_MAX_M} rows, got {m}; use a GEMM")
+    if m <= 2 and w_fp8:
+        cfg = GemvConfig(block_n=2, block_k=1024, num_warps=4, stages=1, chunk=16,
+                         f32_bits=True)
+    elif m <= 2:
+        cfg = GemvConfig(block_n=2, block_k=1024 if m == 1 else 512, num_warps=4, stages=1,
+                         chunk=8)
+    elif w_fp8:
+        cfg = GemvConfig(block_n=64, block_k=256 if m <= 8 else 128, num_warps=4, stages=3,
+                         dot=True)
+    elif m <= 8:
+        cfg = GemvConfig(block_n=64, block_k=128, num_warps=4, stages=3 if m <= 4 else 4,
+                         dot=True)
+    else:
+        cfg = GemvConfig(block_n=16, block_k=128, num_warps=4, stages=4, dot=True)
+    return _with_split(cfg, n, k, num_sms)
+
+
+def _with_split(cfg: GemvConfig, n: int, k: int, num_sms: int) -> GemvConfig:
+    """Split K only when the N tiles alone leave SMs idle (the atomics cost two kernels)."""
+    split = 1
+    tiles = triton.cdiv(n, cfg.block_n)
+    while tiles * split < num_sms and k >= cfg.block_k * split * 4 and split < 16:
+        split *= 2
+    return dataclasses.replace(cfg, split_k=split)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _interpreted(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu"  # Triton runs on the CPU only through its interpreter
+
+
+def _ptx(x: torch.Tensor) -> bool:
+    """Inline PTX (bit-moving conversions) can run: compiled, on NVIDIA."""
+    return not _interpreted(x) and torch.version.hip is None
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+         config: Optional[GemvConfig] = None) -> torch.Tensor:
+    """``x [M, K] @ weight[N, K].T (+ bias)`` for M <= ``GEMV_MAX_M``, weight in x's dtype."""
+    if weight.dtype != x.dtype:
+        raise TypeError(f"gemv: weight is {weight.dtype} but x is {x.dtype}; cast one of them")
+    return _launch(x, weight, None, bias, config, w_ptx=False)
+
+
+def gemv_fp8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+             bias: Optional[torch.Tensor] = None,
+             config: Optional[GemvConfig] = None) -> torch.Tensor:
+    """W8A16: ``x [M, K] @ (qweight * scales[:, None]).T (+ bias)``; ``qweight`` e4m3fn or
+    e4m3fnuz ``[N, K]``, ``scales`` float32 ``[N]``, x bf16/fp16/fp32, unquantized."""
+    w_ptx = (_ptx(x) and qweight.dtype == torch.float8_e4m3fn
+             and x.dtype in (torch.bfloat16, torch.float16))
+    return _launch(x, qweight, scales, bias, config, w_ptx=w_ptx)
+
+
+def _launch(x, w, scales, bias, config, w_ptx: bool) -> torch.Tensor:
+    x = x.contiguous()
+    m, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k or w.stride(1) != 1:
+        raise ValueError(f"gemv: weight must be a row-major [N, {k}] matrix, got shape "
+                         f"{tuple(w.shape)} strides {w.stride()}")
+    if m == 0:
+        return torch.empty(0, n, dtype=x.dtype, device=x.device)
+    cfg = config or gemv_config(m, n, k, scales is not None,
+                                1 if _interpreted(x) else _num_sms(x.device.index or 0))
+    if not cfg.dot and m > 4:
+        raise ValueError(f"gemv: the FMA kernel takes at most 4 rows, got {m}; use dot=True")
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)
+    if split > 1:  # partial sums of several K ranges meet by fp32 atomics
+        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    args = (x, w, scales if scales is not None else x, bias if bias is not None else x, out,
+            m, n, k, x.stride(0), w.stride(0), out.stride(0), k_per_split)
+    meta = dict(W_FP8=scales is not None, W_PTX=w_ptx, HAS_BIAS=bias is not None,
+                ATOMIC=split > 1, EVEN_K=k % k_per_split == 0, BLOCK_N=cfg.block_n,
+                BLOCK_K=cfg.block_k, STAGES=cfg.stages, num_warps=cfg.num_warps,
+                num_stages=cfg.stages)
+    grid = (triton.cdiv(n, cfg.block_n), split)
+    if cfg.dot:
+        _gemv_dot_kernel[grid](*args, BLOCK_M=max(16, triton.next_power_of_2(m)),
+                               DOT_FP32=_interpreted(x) or x.dtype == torch.float32, **meta)
+    else:
+        _gemv_fma_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), CHUNK=cfg.chunk,
+                               F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x), **meta)
+    return out if split == 1 else out.to(x.dtype)

@@ -1,0 +1,190 @@
+"""The skinny GEMMs (``backends/cuda/gemv.py``) against dequantize-then-matmul in float32.
+
+Random data, odd N and K that no tile divides, M = 1..16, with and without bias, each way to
+multiply (FMA, tensor-core dot) with and without split-K. On a GPU the caching allocator is
+first filled with NaN, so an output element the kernel never writes shows up; on the CPU the
+kernels run in Triton's interpreter at tiny sizes.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tessellm.backends.cuda import gemv as gv  # noqa: E402
+from tessellm.quantization.packed import quantize_fp8  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEV = torch.device("cuda" if ON_GPU else "cpu")
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# Each (config, dtype, M's tile, bias, K parity) is a Triton compile on a GPU: there the M loop
+# runs in bf16 and test_gemv_other_dtypes takes fp16/fp32 through fewer M.
+DTYPES = [BF16] if ON_GPU else [BF16, F16, F32]
+TOL = {F32: 1e-5, F16: 2e-3, BF16: 8e-3}  # relative (Frobenius) error vs the fp32 reference
+# (N, K): K = 100 and 300 leave a partial K step (masked), 64 and 4096 do not for most tiles
+SHAPES = [(1031, 300), (2056, 4096)] if ON_GPU else [(19, 100), (13, 64)]
+CONFIGS = {  # None: the tuned table's choice for the shape
+    "table": None,
+    "fma": gv.GemvConfig(block_n=4, block_k=64, num_warps=1, stages=1),
+    "fma-split3": gv.GemvConfig(block_n=8, block_k=16, num_warps=1, stages=1, split_k=3),
+    "fma-chunk-bits": gv.GemvConfig(block_n=4, block_k=64, num_warps=2, stages=1, chunk=16,
+                                    f32_bits=True),  # bits: e4m3 on a GPU only
+    "dot": gv.GemvConfig(block_n=16, block_k=32, num_warps=4, stages=2, dot=True),
+    "dot-split2": gv.GemvConfig(block_n=16, block_k=16, num_warps=4, stages=1, split_k=2,
+                                dot=True),
+}
+
+
+def _rows(dtype, config) -> range:
+    """M = 1..16 on a GPU; in the interpreter every fourth M, a different quarter for each
+    config of a dtype, so that every M still meets every dtype."""
+    if ON_GPU:
+        return range(1, 17)
+    return range(1 + (DTYPES.index(dtype) + list(CONFIGS).index(config)) % 4, 17, 4)
+
+
+def _bias(config, m) -> bool:
+    """Half the configs add a bias for odd M, the others for even M."""
+    return (list(CONFIGS).index(config) + m) % 2 == 1
+
+
+def _fma_only(config) -> bool:
+    """The FMA kernel takes at most 4 rows."""
+    return CONFIGS[config] is not None and not CONFIGS[config].dot
+
+
+def _gen(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
+
+
+def _poison_allocator(numel: int) -> None:
+    """Leave NaN in freed GPU memory, so ``torch.empty`` in the kernel's launcher hands back
+    NaN where the kernel does not write."""
+    if ON_GPU:
+        torch.full((numel * 4 + (1 << 20),), float("nan"), device=DEV)
+
+
+def _data(m, n, k, dtype, bias, *seed):
+    g = _gen(m, n, k, dtype, bias, *seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(m, k, generator=g).to(DEV, dtype)
+    b = torch.randn(n, generator=g).to(DEV, dtype) if bias else None
+    return w, x, b
+
+
+def _check(out, x, w_f32, bias, dtype):
+    ref = x.float() @ w_f32.to(DEV).t()
+    if bias is not None:
+        ref = ref + bias.float()
+    assert out.shape == ref.shape and out.dtype == dtype, (out.shape, out.dtype)
+    assert torch.isfinite(out).all(), "some output elements are NaN: never written?"
+    err = out.float() - ref
+    rel = (err.norm() / ref.norm()).item()
+    assert rel < TOL[dtype], f"relative error {rel:.2e}"
+    worst = (err.abs().max() / ref.abs().max()).item()  # catches a stray unwritten element
+    assert worst < 8 * TOL[dtype], f"largest error {worst:.2e} of max |ref|"
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemv_16bit(shape, dtype, config):
+    n, k = shape
+    for m in _rows(dtype, config):
+        if _fma_only(config) and m > 4:
+            continue
+        w, x, b = _data(m, n, k, dtype, _bias(config, m))
+        wq = w.to(DEV, dtype)
+        _poison_allocator(m * n)
+        _check(gv.gemv(x, wq, b, CONFIGS[config]), x, wq.float(), b, dtype)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemv_fp8(shape, dtype, config):
+    n, k = shape
+    for m in _rows(dtype, config):
+        if _fma_only(config) and m > 4:
+            continue
+        w, x, b = _data(m, n, k, dtype, not _bias(config, m), "fp8")
+        seg = quantize_fp8(w).to(DEV)
+        _poison_allocator(m * n)
+        out = gv.gemv_fp8(x, seg.qweight, seg.scales, b, CONFIGS[config])
+        _check(out, x, seg.dequantize(), b, dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the interpreter runs every dtype in the tests above")
+@pytest.mark.parametrize("config", ["table", "fma", "fma-chunk-bits", "dot"])
+@pytest.mark.parametrize("dtype", [F16, F32])
+def test_gemv_other_dtypes(dtype, config):
+    n, k = SHAPES[0]
+    for m in (1, 3, 16):
+        if _fma_only(config) and m > 4:
+            continue
+        w, x, b = _data(m, n, k, dtype, m == 3, "other")
+        wq = w.to(DEV, dtype)
+        _check(gv.gemv(x, wq, b, CONFIGS[config]), x, wq.float(), b, dtype)
+        seg = quantize_fp8(w).to(DEV)
+        out = gv.gemv_fp8(x, seg.qweight, seg.scales, b, CONFIGS[config])
+        _check(out, x, seg.dequantize(), b, dtype)
+
+
+@pytest.mark.parametrize("config", ["table", "fma", "fma-chunk-bits", "dot"])
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_gemv_fp8_widens_every_code_exactly(dtype, config):
+    """Every finite e4m3 code (subnormals, +-0, +-448) times a one-hot x comes back unchanged:
+    on a GPU this checks the bit-moving conversion (``e4m3_to_16bit``), code by code."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    codes = codes[~torch.isnan(codes.float())]  # 254 finite codes
+    qweight = codes.view(2, 127).repeat(8, 1).to(DEV)  # [16, 127]: every code, odd K
+    for m in (1, 4) if _fma_only(config) else (1, 16):
+        x = torch.eye(127, dtype=dtype, device=DEV)[m * 7:m * 8]  # row i picks column 7m + i
+        out = gv.gemv_fp8(x, qweight, torch.ones(16, device=DEV), config=CONFIGS[config])
+        expect = qweight.float()[:, m * 7:m * 8].t()
+        assert torch.equal(out.float(), expect), (out.float() - expect).abs().max()
+
+
+@pytest.mark.skipif(ON_GPU, reason="e4m3fnuz is the rocm backend's format (MI300); NVIDIA "
+                                   "Triton has no such type, the interpreter does")
+@pytest.mark.parametrize("config", ["table", "fma", "dot"])
+def test_gemv_fp8_e4m3fnuz(config):
+    """The rocm backend's fp8 layers reach gemv_fp8 through quant_kernels.fp8_w8a16."""
+    n, k = SHAPES[0]
+    for m in (1, 3):
+        w, x, b = _data(m, n, k, BF16, True, "fnuz")
+        seg = quantize_fp8(w, torch.float8_e4m3fnuz)
+        out = gv.gemv_fp8(x, seg.qweight, seg.scales, b, CONFIGS[config])
+        _check(out, x, seg.dequantize(), b, BF16)
+
+
+def test_configs_are_deterministic_and_cover_decode():
+    """The table answers every (M, shape) of a Llama-8B layer the same way twice, with tiles
+    the kernel can run; more rows than it covers fail loudly."""
+    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096),
+              (3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168)]
+    for fp8 in (False, True):
+        for m in range(1, gv.GEMV_MAX_M + 1):
+            for n, k in shapes:
+                cfg = gv.gemv_config(m, n, k, fp8)
+                assert cfg == gv.gemv_config(m, n, k, fp8)
+                assert cfg.block_k & (cfg.block_k - 1) == 0 and cfg.split_k >= 1
+                assert not cfg.dot or cfg.block_n >= 16
+    with pytest.raises(ValueError, match="at most"):
+        gv.gemv_config(gv.GEMV_MAX_M + 1, 64, 64, False)
+
+
+def test_rejects_what_it_cannot_run():
+    x = torch.randn(2, 32, device=DEV)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        gv.gemv(torch.randn(5, 32, device=DEV), torch.randn(8, 32, device=DEV),
+                config=CONFIGS["fma"])
+    with pytest.raises(TypeError, match="weight is"):
+        gv.gemv(x, torch.randn(8, 32, device=DEV, dtype=BF16))
+    with pytest.raises(ValueError, match="row-major"):
+        gv.gemv(x, torch.randn(32, 8, device=DEV).t())
+    assert gv.gemv(x[:0], torch.randn(8, 32, device=DEV)).shape == (0, 8)
