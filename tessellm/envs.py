@@ -38,6 +38,17 @@ def cpu_compile() -> Optional[bool]:
     raise ValueError(f"TESSELLM_CPU_COMPILE={value!r} is not understood; use 1 or 0.")
 
 
+def cuda_pdl() -> bool:
+    """TESSELLM_PDL: "1" turns on programmatic dependent launch of the cuda backend's captured
+    decode kernels (``backends/cuda/pdl.py``; opt-in until validated on a GPU in its final form)."""
+    value = os.environ.get("TESSELLM_PDL", "0").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return False
+    if value in ("1", "on", "true", "yes"):
+        return True
+    raise ValueError(f"TESSELLM_PDL={value!r} is not understood; use 1 or 0.")
+
+
 def engine_process_env_defaults() -> dict[str, str]:
     """Set for the engine-core process unless the user set them: OpenMP threads that spin while
     idle steal the cores the API process needs (measured on 2 cores: 7x slower steps)."""

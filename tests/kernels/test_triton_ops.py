@@ -166,3 +166,22 @@ def test_use_backend_linear_routes_dense_layers_only():
     for module in model:
         module(x)
     assert spy.calls == 3
+
+
+def test_pdl_only_inside_a_graph_scope_on_a_gpu(monkeypatch):
+    """Kernels get the PDL launch flag only inside the graph runner's scope, on sm90+, with
+    TESSELLM_PDL=1; everywhere else (the cpu interpreter included) they launch plainly."""
+    from tessellm.backends.cuda import pdl
+
+    monkeypatch.setenv("TESSELLM_PDL", "1")
+    pdl._enabled.cache_clear()
+    try:
+        assert pdl.pdl_args(DEVICE) == {"USE_PDL": False}  # outside the scope
+        with pdl.graph_scope():
+            inside = pdl.pdl_args(DEVICE)
+            assert pdl.pdl_args(torch.device("cpu")) == {"USE_PDL": False}
+        assert pdl.pdl_args(DEVICE) == {"USE_PDL": False}
+        hopper = ON_GPU and torch.version.hip is None and torch.cuda.get_device_capability()[0] >= 9
+        assert inside == ({"USE_PDL": True, "launch_pdl": True} if hopper else {"USE_PDL": False})
+    finally:
+        pdl._enabled.cache_clear()

@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tessellm.backends.cuda.pdl import pdl_args, pdl_start
+
 from tessellm.backends.cuda.quant_kernels import e4m3_to_16bit
 
 GEMV_MAX_M = 32  # the config tables cover up to this many rows
@@ -184,8 +186,10 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                      W_FP8: tl.constexpr, W_PTX: tl.constexpr, HAS_BIAS: tl.constexpr,
                      ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                     CHUNK: tl.constexpr, F32_BITS: tl.constexpr, PTX: tl.constexpr):
+                     CHUNK: tl.constexpr, F32_BITS: tl.constexpr, PTX: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     """Up to 4 rows of x (BLOCK_M 1, 2 or 4), one float32 accumulator tile per row."""
+    pdl_start(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row = tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn
@@ -234,9 +238,10 @@ def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                      W_FP8: tl.constexpr, W_PTX: tl.constexpr, HAS_BIAS: tl.constexpr,
                      ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                     DOT_FP32: tl.constexpr):
+                     DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr):
     """``acc[BN, BM] += dot(W tile, x tile.T)``: BLOCK_M >= 16 rows, tensor cores.
     DOT_FP32: float32 operands, exact products (the interpreter; float32 x)."""
+    pdl_start(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
@@ -368,8 +373,10 @@ def _launch(x, w, scales, bias, config, w_ptx: bool) -> torch.Tensor:
     grid = (triton.cdiv(n, cfg.block_n), split)
     if cfg.dot:
         _gemv_dot_kernel[grid](*args, BLOCK_M=max(16, triton.next_power_of_2(m)),
-                               DOT_FP32=_interpreted(x) or x.dtype == torch.float32, **meta)
+                               DOT_FP32=_interpreted(x) or x.dtype == torch.float32, **meta,
+                               **pdl_args(x.device))
     else:
         _gemv_fma_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), CHUNK=cfg.chunk,
-                               F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x), **meta)
+                               F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x), **meta,
+                               **pdl_args(x.device))
     return out if split == 1 else out.to(x.dtype)

@@ -8,6 +8,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from tessellm.backends.cuda.pdl import graph_scope, pdl_enabled
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,6 +34,9 @@ class CudaGraphRunner:
         self._pool = None
 
     def capture(self, step: Callable[..., Any], make_inputs: Callable[[int], tuple]) -> None:
+        """With ``TESSELLM_PDL=1`` the Triton kernels of the capture chain each other through
+        programmatic dependent launch (``pdl.py``), compiled by one warm-up on the current
+        stream first."""
         stream = torch.cuda.Stream()
         for size in reversed(self.capture_sizes):
             inputs = make_inputs(size)
@@ -40,9 +45,14 @@ class CudaGraphRunner:
                 for _ in range(2):  # warm-up: JIT compiles, lazy workspaces allocate outside capture
                     step(*inputs)
             torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                out = step(*inputs)
+            with graph_scope():
+                if pdl_enabled(inputs[0].device):  # the PDL variants compile outside capture
+                    step(*inputs)
+                    torch.cuda.synchronize()
+                    stream.wait_stream(torch.cuda.current_stream())
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                    out = step(*inputs)
             if self._pool is None:
                 self._pool = graph.pool()
             self._graphs[size] = (graph, inputs, out)

@@ -70,6 +70,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tessellm.backends.cuda.pdl import pdl_args, pdl_start
+
 from tessellm.backends.cuda.quant_kernels import e4m3_to_16bit
 from tessellm.backends.cuda.triton_ops import rope_halves, rotate_heads
 
@@ -90,7 +92,8 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
                               inv_k_scale, inv_v_scale,
                               NUM_KV_HEADS: tl.constexpr, KVH_P2: tl.constexpr,
                               HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                              FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+                              FP8: tl.constexpr, FP8_MAX: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -119,10 +122,11 @@ def _rotary_and_cache_kernel(pos_ptr, cos_sin_ptr, q_ptr, k_ptr, v_ptr, kc_ptr, 
                              NUM_HEADS: tl.constexpr, HEADS_P2: tl.constexpr,
                              NUM_KV_HEADS: tl.constexpr, KVH_P2: tl.constexpr,
                              HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                             FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+                             FP8: tl.constexpr, FP8_MAX: tl.constexpr, USE_PDL: tl.constexpr):
     """One token per program: NeoX-rotates its q heads in place (slot -1 too), then writes its
     rotated k and its v to the caches at its slot (none for slot -1). ``k`` itself is read only.
     Rounds like ``TritonOps.rotary_embedding`` followed by ``_reshape_and_cache_kernel``."""
+    pdl_start(USE_PDL)
     HALF: tl.constexpr = HEAD_SIZE // 2
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -283,11 +287,12 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
                          BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
                          DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr,
-                         REDUCE: tl.constexpr):
+                         REDUCE: tl.constexpr, USE_PDL: tl.constexpr):
     """Grid ``(num_decodes, KVH, NUM_SPLITS)``. Each split's normalized partial output, running
     max (log2 units) and sum of exponentials go where ``REDUCE`` says (``_REDUCE_*``): to the
     workspace for ``_decode_reduce_kernel`` (SEPARATE), or straight to ``out`` (DIRECT, one
     split)."""
+    pdl_start(USE_PDL)
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -338,8 +343,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
 def _decode_reduce_kernel(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, query_start_loc_ptr,
                           stride_ot, stride_oh,
                           NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                          HEAD_SIZE: tl.constexpr):
+                          HEAD_SIZE: tl.constexpr, USE_PDL: tl.constexpr):
     """Grid ``(num_decodes, H)``: out = sum_i w_i o_i / sum_i w_i, w_i = 2^(m_i - M) l_i."""
+    pdl_start(USE_PDL)
     s = tl.program_id(0)
     h = tl.program_id(1)
     tok = tl.load(query_start_loc_ptr + s).to(tl.int64)
@@ -456,7 +462,7 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         1.0 / k_scale, 1.0 / v_scale,
         NUM_KV_HEADS=num_kv_heads, KVH_P2=_p2(num_kv_heads), HEAD_SIZE=head_size,
         BLOCK_SIZE=k_cache.shape[1], FP8=_is_fp8(k_cache), FP8_MAX=_fp8_max(k_cache),
-        num_warps=4 if num_kv_heads * head_size >= 1024 else 1)
+        num_warps=4 if num_kv_heads * head_size >= 1024 else 1, **pdl_args(k.device))
 
 
 def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -489,7 +495,7 @@ def rotary_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 1.0 / k_scale, 1.0 / v_scale,
         NUM_HEADS=num_heads, HEADS_P2=_p2(num_heads), NUM_KV_HEADS=num_kv_heads,
         KVH_P2=_p2(num_kv_heads), HEAD_SIZE=head_size, BLOCK_SIZE=k_cache.shape[1],
-        FP8=_is_fp8(k_cache), FP8_MAX=_fp8_max(k_cache), num_warps=4)
+        FP8=_is_fp8(k_cache), FP8_MAX=_fp8_max(k_cache), num_warps=4, **pdl_args(k.device))
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -591,11 +597,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         MIN_PART=max(min_partition, block_n), BLOCK_N=block_n, HEAD_SIZE=head_size,
         BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q), FP8_PTX=fp8_ptx,
-        REDUCE=reduce, num_warps=num_warps, num_stages=num_stages)
+        REDUCE=reduce, num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device))
     if reduce == _REDUCE_SEPARATE:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_out, part_m, part_l, query_start_loc, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_SIZE=head_size, num_warps=4)
+            NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_SIZE=head_size, num_warps=4,
+            **pdl_args(q.device))
 
 
 # ---------------------------------------------------------------------------------------------

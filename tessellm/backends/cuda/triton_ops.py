@@ -13,12 +13,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tessellm.backends.cuda.pdl import pdl_args, pdl_start
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, hidden, eps,
                      stride_x, stride_res, stride_out, stride_res_out,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """One row per program. With a residual: r = x + res is stored to res_out, then normed."""
+    pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -76,8 +79,9 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, stride_qt, stride_qh, strid
                    stride_cache,
                    NUM_Q_HEADS: tl.constexpr, Q_HEADS_P2: tl.constexpr,
                    NUM_K_HEADS: tl.constexpr, K_HEADS_P2: tl.constexpr,
-                   HALF: tl.constexpr, HALF_P2: tl.constexpr):
+                   HALF: tl.constexpr, HALF_P2: tl.constexpr, USE_PDL: tl.constexpr):
     """One token per program; rotates all its q and k heads in place."""
+    pdl_start(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, HALF_P2)
@@ -88,7 +92,9 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, stride_qt, stride_qh, strid
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_out, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -142,7 +148,7 @@ class TritonOps:
             x2, r2 if has_res else x2, weight.contiguous(), out, new_res if has_res else out,
             hidden, eps, x2.stride(0), r2.stride(0) if has_res else 0, out.stride(0),
             new_res.stride(0) if has_res else 0, HAS_RESIDUAL=has_res, BLOCK=block,
-            num_warps=min(16, max(1, block // 512)))
+            num_warps=min(16, max(1, block // 512)), **pdl_args(x2.device))
 
     def rotary_embedding(self, positions, q, k, cos_sin_cache, head_size: int):
         """NeoX rotation, in place on ``q`` ``[T, H*D]`` and ``k`` ``[T, KVH*D]`` (or 3-D)."""
@@ -162,7 +168,7 @@ class TritonOps:
             k3.stride(0), k3.stride(1), cos_sin_cache.stride(0),
             NUM_Q_HEADS=hq, Q_HEADS_P2=triton.next_power_of_2(hq),
             NUM_K_HEADS=hk, K_HEADS_P2=triton.next_power_of_2(hk),
-            HALF=half, HALF_P2=triton.next_power_of_2(half), num_warps=4)
+            HALF=half, HALF_P2=triton.next_power_of_2(half), num_warps=4, **pdl_args(q.device))
         return q, k
 
     # Dense products the GEMV (``gemv.py``) runs faster than cuBLAS: 1 row at any width, 2 rows
@@ -185,5 +191,6 @@ class TritonOps:
         if x2.shape[0]:
             block = min(1024, triton.next_power_of_2(d))
             _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-                x2, out, d, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+                x2, out, d, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+                **pdl_args(x.device))
         return out.view(*x.shape[:-1], d)

@@ -1,0 +1,83 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for the decode step's Triton kernels.
+
+A decode step at batch 1 is some 300 short kernels in a row; between two of them the GPU drains
+the first (its last wave's tail) and only then launches and ramps up the second: ~1-3 us each.
+With PDL the next kernel's programs are launched while the current one's last wave still runs:
+
+    kernel A:  [ gdc_launch_dependents | gdc_wait | body ............ ]
+    kernel B:              [ launched early, parked in gdc_wait ] [ body ... ]
+
+Every kernel here starts with ``pdl_start``: it first lets its successor launch, then waits
+until its predecessor has completed and its writes are visible, before touching any memory.
+So a kernel never reads what its predecessor has not finished writing, and never writes what
+its predecessor may still read; the chain is transitive (B's wait returns only after A, which
+itself waited for its own predecessor). Kernels that do not take part (torch's, cuBLAS, NCCL)
+trigger their successor only at exit, which is ordinary stream order.
+
+PDL is used only inside ``graph_scope`` (the CUDA graph runner's capture of the decode step
+and one warm-up of it on the current stream, which compiles the PDL variants outside capture):
+eager steps gain nothing from it (the host launches slower than the kernels run), and outside a
+graph a kernel's predecessor may be a cross-stream event wait rather than a kernel. (Launching
+every kernel with PDL, eager ones included, passed each engine test in a fresh process but
+failed fp32 greedy parity once when many engines and kernel tests, graph captures on side
+streams included, ran in one process; confining it to the captured chain of kernels removes
+those cases.)
+
+Opt-in: ``TESSELLM_PDL=1`` (``tessellm.envs``). Measured on an H200 (Llama-3.1-8B shapes,
+bf16, batch 1) with PDL on every launch: 4.19 against 4.39 ms per token in the same run. This
+graph-only form was written after the device time of that session ran out and has not run on a
+GPU yet; validate it (``tests/models/test_cuda_parity.py`` and a B1 run with TESSELLM_PDL=1)
+before making it the default. Never used before sm90, on ROCm or in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from tessellm import envs
+
+
+@functools.lru_cache(maxsize=None)
+def _enabled(index: int) -> bool:
+    """Once per device (the environment is read at the first launch)."""
+    return (torch.version.hip is None and envs.cuda_pdl()
+            and torch.cuda.get_device_capability(index)[0] >= 9)
+
+
+_scope_depth = 0
+
+
+@contextlib.contextmanager
+def graph_scope():
+    """Launches inside use PDL (where enabled): the graph runner's warm-up and capture."""
+    global _scope_depth
+    _scope_depth += 1
+    try:
+        yield
+    finally:
+        _scope_depth -= 1
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    return (_scope_depth > 0 and device.type == "cuda"
+            and _enabled(device.index if device.index is not None else torch.cuda.current_device()))
+
+
+def pdl_args(device: torch.device) -> dict:
+    """Launch arguments for a kernel taking ``USE_PDL``: the constexpr and Triton's launch flag."""
+    if pdl_enabled(device):
+        return {"USE_PDL": True, "launch_pdl": True}
+    return {"USE_PDL": False}
+
+
+@triton.jit
+def pdl_start(USE_PDL: tl.constexpr):
+    """First statement of a kernel launched with ``pdl_args``: see the module docstring."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
