@@ -28,28 +28,50 @@ def cpu_kv_cache_bytes() -> Optional[int]:
 def cpu_compile() -> Optional[bool]:
     """TESSELLM_CPU_COMPILE: "1" compiles the cpu backend's decode step with ``torch.compile``,
     "0" keeps it eager. Unset: None, the cpu plugin's default (eager; docs/plugins.md)."""
-    value = os.environ.get("TESSELLM_CPU_COMPILE", "").strip().lower()
-    if not value:
-        return None
-    if value in ("0", "off", "false", "no"):
-        return False
-    if value in ("1", "on", "true", "yes"):
-        return True
-    raise ValueError(f"TESSELLM_CPU_COMPILE={value!r} is not understood; use 1 or 0.")
+    return _switch("TESSELLM_CPU_COMPILE")
 
 
 def cuda_pdl() -> bool:
     """TESSELLM_PDL: "1" turns on programmatic dependent launch of the cuda backend's captured
     decode kernels (``backends/cuda/pdl.py``; opt-in until validated on a GPU in its final form)."""
-    value = os.environ.get("TESSELLM_PDL", "0").strip().lower()
-    if value in ("0", "off", "false", "no"):
-        return False
-    if value in ("1", "on", "true", "yes"):
-        return True
-    raise ValueError(f"TESSELLM_PDL={value!r} is not understood; use 1 or 0.")
+    return bool(_switch("TESSELLM_PDL"))
+
+
+def symm_mem_all_reduce() -> bool:
+    """TESSELLM_SYMM_MEM: "0" sends tensor-parallel all-reduces of every size through NCCL
+    (default: inputs up to 1 MiB go through the symmetric-memory one-shot all-reduce)."""
+    return os.environ.get("TESSELLM_SYMM_MEM", "1").strip() != "0"
+
+
+def ray_address() -> Optional[str]:
+    """RAY_ADDRESS: the Ray cluster the ``ray`` executor joins (unset: a local one)."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def ray_placement_timeout_s() -> float:
+    """TESSELLM_RAY_PLACEMENT_TIMEOUT_S: how long the ``ray`` executor waits for its placement
+    group (default 300)."""
+    return float(os.environ.get("TESSELLM_RAY_PLACEMENT_TIMEOUT_S", 300))
+
+
+def omp_threads_set() -> bool:
+    """Whether the user set OMP_NUM_THREADS (then workers keep torch's thread count)."""
+    return "OMP_NUM_THREADS" in os.environ
 
 
 def engine_process_env_defaults() -> dict[str, str]:
     """Set for the engine-core process unless the user set them: OpenMP threads that spin while
     idle steal the cores the API process needs (measured on 2 cores: 7x slower steps)."""
     return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _switch(name: str) -> Optional[bool]:
+    """An on/off variable: None when unset or empty; a clear error for anything else."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    if value in ("0", "off", "false", "no"):
+        return False
+    if value in ("1", "on", "true", "yes"):
+        return True
+    raise ValueError(f"{name}={value!r} is not understood; use 1 or 0.")

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from tessellm import envs
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class TensorParallel:
     def enable_fast_all_reduce(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Small all-reduces (decode steps) through symmetric memory instead of NCCL, where
         torch supports it on this device; False (NCCL for everything) otherwise."""
-        if self.size == 1 or device.type != "cuda" or os.environ.get("TESSELLM_SYMM_MEM", "1") == "0":
+        if self.size == 1 or device.type != "cuda" or not envs.symm_mem_all_reduce():
             return False
         try:
             self.fast_all_reduce = SymmMemAllReduce(self.group, device, dtype)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
 from typing import Optional
 
+from tessellm import envs
 from tessellm.config import EngineArgs
 from tessellm.core.model_runner import ModelRunnerOutput
 from tessellm.core.scheduler import SchedulerOutput
@@ -110,7 +110,7 @@ class RayExecutor(Executor):
         self._dead: Optional[str] = None
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+            ray.init(address=envs.ray_address(), include_dashboard=False,
                      log_to_driver=True)
         backend = get_registry().select(args.device)
         bundle = ray_resources(backend.device_type, backend.name)
@@ -118,7 +118,7 @@ class RayExecutor(Executor):
         self._remove_pg = remove_placement_group
         self._queue: collections.deque = collections.deque()
         try:
-            ray.get(self._pg.ready(), timeout=float(os.environ.get("TESSELLM_RAY_PLACEMENT_TIMEOUT_S", 300)))
+            ray.get(self._pg.ready(), timeout=envs.ray_placement_timeout_s())
         except Exception as exc:  # noqa: BLE001
             self._cleanup()
             raise RuntimeError(

@@ -20,6 +20,7 @@ from tessellm.config import EngineArgs, generation_eos_ids, resolve_dtype, resol
 from tessellm.core.model_runner import ModelRunner, ModelRunnerOutput, StepHandle
 from tessellm.core.scheduler import SchedulerOutput
 from tessellm.distributed.parallel_state import ParallelConfig, PipelineStage, TensorParallel, init_distributed
+from tessellm import envs
 from tessellm.envs import cpu_kv_cache_bytes
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def set_worker_threads(device_type: str, world_size: int) -> None:
     the host's cores evenly. An accelerator's worker needs none for its model (its host work is
     numpy and copies), and idle OpenMP threads spinning in every rank's process steal the cores
     that prepare and launch the next step."""
-    if "OMP_NUM_THREADS" in os.environ:
+    if envs.omp_threads_set():
         return
     if device_type != "cpu":
         torch.set_num_threads(1)
