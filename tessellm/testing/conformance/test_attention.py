@@ -94,3 +94,37 @@ def test_attention_kernel_is_reusable_across_steps(target):
         step = make_paged_step(q_lens, ctx, num_kv_heads=2, group=2, head_size=64, block_size=16,
                                dtype=torch.float32, device=target.device, seed=seed_of("reuse", i))
         _check(target, kernel, step, torch.float32)
+
+
+@pytest.mark.parametrize("batch", ["decode", "mixed"])
+def test_fused_rotary_equals_rotating_first(target, batch):
+    """A kernel that declares ``fuses_rotary``: ``forward`` given unrotated q and k with their
+    positions and the cos/sin cache gives what rotating first (the reference's NeoX rotation)
+    and calling ``forward`` without them gives: the output and both caches."""
+    from tessellm.backends.reference.ops import ReferenceOps
+    from tessellm.layers.rotary import inverse_frequencies
+
+    spec = AttentionSpec(num_heads=8, num_kv_heads=2, head_size=64, dtype=torch.float32,
+                         block_size=16, max_model_len=256, max_num_seqs=8)
+    kernel = _kernel(target, spec)
+    if not getattr(kernel, "fuses_rotary", False):
+        pytest.skip(f"the {target.name!r} attention kernel does not declare fuses_rotary")
+    q_lens, ctx = BATCHES[batch]
+    step = make_paged_step(q_lens, ctx, num_kv_heads=2, group=4, head_size=64, block_size=16,
+                           dtype=torch.float32, device=target.device, seed=seed_of("rotary", batch))
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, q_lens)])
+    freqs = torch.outer(torch.arange(256, dtype=torch.float32), inverse_frequencies(64, 10000.0, None))
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    q_rot, k_rot = ReferenceOps().rotary_embedding(positions, step.q.cpu().reshape(len(positions), -1),
+                                                   step.k.cpu().reshape(len(positions), -1), cos_sin, 64)
+    dev = target.device
+    md = kernel.build_metadata(step.batch)
+    k_first, v_first = step.k_cache.clone(), step.v_cache.clone()
+    want = kernel.forward(q_rot.view_as(step.q).to(dev), k_rot.view_as(step.k).to(dev), step.v.clone(),
+                          k_first, v_first, md, step.scale)
+    got = kernel.forward(step.q.clone(), step.k.clone(), step.v.clone(), step.k_cache, step.v_cache,
+                         md, step.scale, positions=positions.to(dev), cos_sin_cache=cos_sin.to(dev))
+    tol = tolerance(torch.float32)
+    torch.testing.assert_close(got.cpu(), want.cpu(), **tol)
+    torch.testing.assert_close(step.k_cache.cpu(), k_first.cpu(), **tol)
+    assert torch.equal(step.v_cache.cpu(), v_first.cpu()), "v is written unrotated, as is"
