@@ -27,7 +27,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import multiprocessing as mp
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 from tessellm.backends.cuda import gemv as gv  # noqa: E402
 from tessellm.backends.cuda import quant_kernels as qk  # noqa: E402
 from tessellm.quantization.packed import quantize_fp8  # noqa: E402
+from tessellm.testing.timing import graph_time_us  # noqa: E402
 
 SHAPES = {  # (N, K) of Llama-3.1-8B's GEMMs: one layer at TP=1, the LM head, TP=2 shards
     "qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -146,28 +146,7 @@ def rel_error(method: str, ws: Weights, x: torch.Tensor, cfg=None) -> float:
 
 def graph_us(calls: list, replays: int = 15) -> tuple[float, float]:
     """(median, min) microseconds per call: REPS calls rotating over ``calls`` in a graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for i in range(REPS):
-            calls[i % len(calls)]()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / REPS)
-    del graph
-    return statistics.median(times), min(times)
+    return graph_time_us(calls, REPS, replays)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from tessellm.testing.timing import graph_time_us
+
 LAYER = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, most split-K) for the W8A16 sweep
 CONFIGS = {
@@ -51,27 +53,7 @@ def _record(path, key, value):
 
 def graph_us(fn, reps=10, replays=20) -> float:
     """Microseconds per ``fn()`` from a CUDA graph of ``reps`` calls, median of replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    return statistics.median(times)
+    return graph_time_us([fn], reps, replays)[0]
 
 
 def event_us(fn, iters=30) -> float:
