@@ -348,8 +348,8 @@ class ModelRunner:
     def _to_device(self, slot: int, array: np.ndarray) -> torch.Tensor:
         """Host array -> device tensor through a pinned staging buffer kept per input slot
         (pinning a fresh buffer costs a cudaHostAlloc, ~40 us, every step). Two sets of buffers
-        alternate by step, and ``execute_async`` resolves the step that used a set before it is
-        written again, which orders the write after that step's copy."""
+        alternate by launch; a set is written again only after the event that ``_inputs_queued``
+        recorded behind its previous launch's copies has completed (``_pinned``)."""
         tensor = torch.from_numpy(array)
         if self.device.type == "cpu":
             return tensor
