@@ -40,7 +40,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     distributed_executor_backend: Optional[str] = None  # uni, mp, ray; None: uni for one device, else mp
     # Schedule step N+1 while step N runs on the device (its sampled ids fed on the device).
-    # None: on for GPU backends with the uni or mp executor and no pipeline stages.
+    # None: on for GPU backends without pipeline stages.
     async_scheduling: Optional[bool] = None
 
     def validate(self) -> None:
@@ -62,9 +62,6 @@ class EngineArgs:
         if self.async_scheduling and self.pipeline_parallel_size > 1:
             raise ValueError("async_scheduling does not combine with pipeline_parallel_size > 1 "
                              "(stages already overlap batches); leave it unset.")
-        if self.async_scheduling and self.distributed_executor_backend == "ray":
-            raise ValueError("async_scheduling is supported by the uni and mp executors, not ray; "
-                             "use distributed_executor_backend='mp' or leave async_scheduling unset.")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
 
@@ -79,13 +76,12 @@ class ModelSource:
     has_tokenizer: bool = True
 
 
-def resolve_async_scheduling(args: EngineArgs, device_type: str, executor_backend: str) -> bool:
+def resolve_async_scheduling(args: EngineArgs, device_type: str) -> bool:
     """Whether the engine schedules one step ahead. Default: where it pays, on accelerators
     (a CPU step has no device to overlap with; the host does the whole step)."""
     if args.async_scheduling is not None:
         return args.async_scheduling
-    return (device_type not in ("cpu", "xla") and args.pipeline_parallel_size == 1
-            and executor_backend in ("uni", "mp"))
+    return device_type not in ("cpu", "xla") and args.pipeline_parallel_size == 1
 
 
 def resolve_model(model: Optional[str]) -> ModelSource:

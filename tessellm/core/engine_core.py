@@ -22,7 +22,7 @@ from tessellm.core.block_manager import BlockManager
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import EngineCoreOutput, Scheduler, SchedulerConfig, SchedulerOutput
-from tessellm.distributed.executor import executor_backend, make_executor
+from tessellm.distributed.executor import make_executor
 from tessellm.distributed.worker import default_max_num_batched_tokens
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,7 @@ class EngineCore:
             check_tensor_parallel_quantization(resolve_quant_spec(args.quantization, self.source),
                                                args.tensor_parallel_size)
         # Schedule step N+1 while step N runs (scheduler module docstring).
-        self.async_scheduling = resolve_async_scheduling(args, self.backend.device_type,
-                                                         executor_backend(args))
+        self.async_scheduling = resolve_async_scheduling(args, self.backend.device_type)
         t0 = time.perf_counter()
         # One worker per device: in this process for one device, else processes or Ray actors
         # (tessellm.distributed.executor). Every rank sizes its KV cache; the smallest wins.

@@ -10,10 +10,10 @@
   actors placed by a placement group, across nodes.
 
 All of them let several steps be in flight (``submit`` / ``collect``, first in first out): the
-pipeline depth, so every stage has a batch to work on; or, under async scheduling (uni and mp),
-two: step N+1 is submitted, and launched on the devices, before step N is collected. Then an
-``mp`` worker sends step N's tokens only once it has launched N+1 (or is told to ``flush``),
-so the wait for N's tokens never delays N+1's launch.
+pipeline depth, so every stage has a batch to work on; or, under async scheduling, two: step
+N+1 is submitted, and launched on the devices, before step N is collected. Then an ``mp``
+worker or Ray actor returns step N's tokens only once it has launched N+1 (or is told to
+``flush``), so the wait for N's tokens never delays N+1's launch.
 
 A worker that dies or raises makes the next call fail fast with ``WorkerDiedError`` naming the
 rank and the reason; the remaining workers are stopped (no rank is left waiting in a
@@ -333,5 +333,5 @@ def make_executor(args: EngineArgs, async_scheduling: bool = False) -> Executor:
     if backend == "ray":
         from tessellm.distributed.ray_executor import RayExecutor
 
-        return RayExecutor(args, parallel)
+        return RayExecutor(args, parallel, deferred=async_scheduling)
     raise ValueError(f"distributed_executor_backend {backend!r} is not supported; use uni, mp or ray.")

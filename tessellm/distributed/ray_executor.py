@@ -48,6 +48,7 @@ class RayWorkerActor:
         self.rank = rank
         self.parallel = ParallelConfig(**parallel)
         self.worker = None
+        self.held = None  # async scheduling: a launched step whose tokens wait for the next call
 
     def address(self) -> str:
         import socket
@@ -69,8 +70,23 @@ class RayWorkerActor:
     def call(self, method: str, args: list):
         return getattr(self.worker, method)(*args)
 
-    def execute(self, payload: bytes) -> Optional[bytes]:
-        out = self.worker.execute(decode_scheduler_output(unpack(payload)))
+    def execute(self, payload: bytes, deferred: bool = False) -> Optional[bytes]:
+        """Launch a step. Synchronous: return its tokens. ``deferred`` (async scheduling, the
+        mp protocol of ``executor.py``): hold them, and return the previously held step's."""
+        handle = self.worker.execute_async(decode_scheduler_output(unpack(payload)))
+        if not deferred:
+            return self._output(handle)
+        previous = self.flush()  # after the launch: the device already has this step queued
+        self.held = handle
+        return previous
+
+    def flush(self) -> Optional[bytes]:
+        """The held step's tokens (None when nothing is held)."""
+        held, self.held = self.held, None
+        return None if held is None else self._output(held)
+
+    def _output(self, handle) -> Optional[bytes]:
+        out = handle.result()
         if self.rank == self.parallel.output_rank:
             return pack(encode_runner_output(out))
         return None
@@ -99,7 +115,11 @@ def _describe(exc: Exception) -> str:
 
 
 class RayExecutor(Executor):
-    def __init__(self, args: EngineArgs, parallel: ParallelConfig):
+    """``deferred``: async scheduling; every ``execute`` call returns the step before it (the
+    first one after a flush returns nothing) and ``collect`` asks for a ``flush`` when no later
+    step will bring the oldest one back."""
+
+    def __init__(self, args: EngineArgs, parallel: ParallelConfig, deferred: bool = False):
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -107,6 +127,9 @@ class RayExecutor(Executor):
         from tessellm.backends.registry import get_registry
 
         self.parallel = parallel
+        self.deferred = deferred
+        self._held = False  # the actors hold the last submitted step's tokens
+        self._launch_only: list = []  # refs of calls that return no step (checked for errors)
         self._dead: Optional[str] = None
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -172,9 +195,20 @@ class RayExecutor(Executor):
         if self._dead is not None:
             raise WorkerDiedError(self._dead)
         payload = pack(encode_scheduler_output(sched))
-        self._queue.append([a.execute.remote(payload) for a in self._actors])
+        refs = [a.execute.remote(payload, self.deferred) for a in self._actors]
+        if self.deferred and not self._held:
+            self._launch_only.append(refs)  # nothing held before it: it returns no step
+        else:
+            self._queue.append(refs)  # returns this step (sync) or the held one (deferred)
+        self._held = self.deferred
 
     def collect(self) -> ModelRunnerOutput:
+        if self._launch_only:  # a launch that failed must not pass for a held step
+            self._get([r for refs in self._launch_only for r in refs])
+            self._launch_only = []
+        if not self._queue:  # the one step in flight is held: no later call will return it
+            self._queue.append([a.flush.remote() for a in self._actors])
+            self._held = False
         results = self._get(self._queue.popleft())
         return decode_runner_output(unpack(results[self.parallel.output_rank]))
 

@@ -30,14 +30,21 @@ def reference(tiny_model_dir):
         return path, _tokens(llm)
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_ray_matches_one_process(ray_cluster, reference, tp, pp):
+@pytest.mark.parametrize("tp,pp,async_scheduling", [(2, 1, False), (1, 2, False), (2, 2, False),
+                                                    (2, 1, True)])
+def test_ray_matches_one_process(ray_cluster, reference, tp, pp, async_scheduling):
+    """Async: each actor returns a step's tokens only with the next step's launch (or a flush)."""
     path, expected = reference
     with LLM(path, device="cpu", num_kv_blocks=64, seed=0, tensor_parallel_size=tp,
              pipeline_parallel_size=pp, distributed_executor_backend="ray",
-             max_num_batched_tokens=24) as llm:
-        assert len(llm.engine.core.executor.worker_info) == tp * pp
+             max_num_batched_tokens=24, async_scheduling=async_scheduling) as llm:
+        core = llm.engine.core
+        assert len(core.executor.worker_info) == tp * pp
+        in_flight = []  # steps already in flight at each submit
+        submit = core.executor.submit
+        core.executor.submit = lambda sched: (in_flight.append(len(core.batch_queue)), submit(sched))
         assert _tokens(llm) == expected
+    assert max(in_flight) == (1 if async_scheduling or pp > 1 else 0)
     # The placement group is released (asynchronously): the next engine gets the same CPUs.
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
@@ -45,10 +52,11 @@ def test_ray_matches_one_process(ray_cluster, reference, tp, pp):
     assert ray.available_resources().get("CPU", 0) == 4
 
 
-def test_dead_actor_fails_fast(ray_cluster, reference):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_dead_actor_fails_fast(ray_cluster, reference, async_scheduling):
     path, _ = reference
     llm = LLM(path, device="cpu", num_kv_blocks=64, seed=0, tensor_parallel_size=2,
-              distributed_executor_backend="ray")
+              distributed_executor_backend="ray", async_scheduling=async_scheduling)
     ray.kill(llm.engine.core.executor._actors[1])
     with pytest.raises(WorkerDiedError, match="rank 1"):
         llm.generate([{"prompt_token_ids": PROMPTS[0]}], use_tqdm=False)
