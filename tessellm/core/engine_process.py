@@ -235,6 +235,7 @@ class EngineCoreClient:
         input_addr = f"ipc://{os.path.join(self.tmpdir, 'input')}"
         output_addr = f"ipc://{os.path.join(self.tmpdir, 'output')}"
         self.ctx = zmq.Context()
+        self.ctx.setsockopt(zmq.LINGER, 0)  # never block exit on a dead core (as close() does)
         self.input = self.ctx.socket(zmq.PUSH)
         self.input.bind(input_addr)
         self.output = self.ctx.socket(zmq.PULL)

@@ -114,6 +114,9 @@ class MultiprocExecutor(Executor):
         self._in_flight = 0
         self._tmp = tempfile.mkdtemp(prefix="tessellm-workers-")
         self._ctx = zmq.Context()
+        # Sockets drop unsent messages when closed: an executor garbage-collected without
+        # shutdown() (after a failure) must not block the process's exit on dead workers.
+        self._ctx.setsockopt(zmq.LINGER, 0)
         self._results = self._ctx.socket(zmq.PULL)
         results_addr = f"ipc://{self._tmp}/results"
         self._results.bind(results_addr)
