@@ -17,7 +17,7 @@ import torch
 from tessellm.backends.registry import get_registry
 from tessellm.backends.spec import GraphSpec
 from tessellm.config import EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len, resolve_model
-from tessellm.core.model_runner import ModelRunner, ModelRunnerOutput, StepHandle
+from tessellm.core.model_runner import ModelRunner, StepHandle
 from tessellm.core.scheduler import SchedulerOutput
 from tessellm.distributed.parallel_state import ParallelConfig, PipelineStage, TensorParallel, init_distributed
 from tessellm import envs
@@ -119,9 +119,6 @@ class Worker:
         self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
         self.runner.capture_graphs()
         return self.runner.graph_runner is not None
-
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute(sched)
 
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
         """Launch the step; ``.result()`` on the handle waits for its tokens."""
