@@ -122,15 +122,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int) -> None:
-        """One forward at ``num_tokens`` so the allocator reaches its peak before KV sizing."""
+        """One forward at ``num_tokens`` so the allocator reaches its peak before KV sizing.
+
+        The tokens are prompts of at most ``max_model_len`` each, as a real step's are: one
+        prompt longer than that would index rotary tables (sized by the model's context) past
+        their end."""
         from tessellm.core.sampling_params import SamplingParams
 
         dtype = self.dtype
-        num_blocks = -(-num_tokens // self.block_size)
-        self.allocate_kv_cache(num_blocks, dtype)
-        state = RunnerRequest("profile", [0] * num_tokens, num_tokens, SamplingParams(max_tokens=1),
-                              list(range(num_blocks)), 0)
-        inputs = self._prepare_inputs([state], [num_tokens])
+        bs = self.block_size
+        counts = [min(self.max_model_len, num_tokens - start)
+                  for start in range(0, num_tokens, self.max_model_len)]
+        states, first_block = [], 0
+        for i, n in enumerate(counts):
+            blocks = list(range(first_block, first_block + -(-n // bs)))
+            first_block += len(blocks)
+            states.append(RunnerRequest(f"profile-{i}", [0] * n, n, SamplingParams(max_tokens=1),
+                                        blocks, 0))
+        self.allocate_kv_cache(first_block, dtype)
+        inputs = self._prepare_inputs(states, counts)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kernel.build_metadata(inputs.attn),
                             self._dummy_intermediate(num_tokens))
         if self.pp.is_last:
@@ -556,7 +566,7 @@ class StepHandle:
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros; in host memory through calloc, so the OS zeroes pages lazily as they are used
     (filling a multi-GiB CPU cache eagerly costs seconds at start-up)."""
-    if device.type != "cpu":
+    if device.type != "cpu" or 0 in shape:
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
