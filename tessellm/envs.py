@@ -32,9 +32,9 @@ def cpu_compile() -> Optional[bool]:
 
 
 def cuda_pdl() -> bool:
-    """TESSELLM_PDL: "1" turns on programmatic dependent launch of the cuda backend's captured
-    decode kernels (``backends/cuda/pdl.py``; opt-in until validated on a GPU in its final form)."""
-    return bool(_switch("TESSELLM_PDL"))
+    """TESSELLM_PDL: "0" turns off programmatic dependent launch of the cuda backend's captured
+    decode kernels (``backends/cuda/pdl.py``; default on, where the GPU has it: sm90+)."""
+    return _switch("TESSELLM_PDL") is not False
 
 
 def symm_mem_all_reduce() -> bool:

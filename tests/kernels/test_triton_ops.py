@@ -168,13 +168,19 @@ def test_use_backend_linear_routes_dense_layers_only():
     assert spy.calls == 3
 
 
-def test_pdl_only_inside_a_graph_scope_on_a_gpu(monkeypatch):
-    """Kernels get the PDL launch flag only inside the graph runner's scope, on sm90+, with
-    TESSELLM_PDL=1; everywhere else (the cpu interpreter included) they launch plainly."""
+@pytest.mark.parametrize("env", [None, "1", "0"])
+def test_pdl_only_inside_a_graph_scope_on_a_gpu(monkeypatch, env):
+    """Kernels get the PDL launch flag only inside the graph runner's scope, on sm90+, unless
+    TESSELLM_PDL=0; everywhere else (the cpu interpreter included) they launch plainly."""
+    from tessellm import envs
     from tessellm.backends.cuda import pdl
 
-    monkeypatch.setenv("TESSELLM_PDL", "1")
+    if env is None:
+        monkeypatch.delenv("TESSELLM_PDL", raising=False)
+    else:
+        monkeypatch.setenv("TESSELLM_PDL", env)
     pdl._enabled.cache_clear()
+    assert envs.cuda_pdl() == (env != "0")  # on unless turned off
     try:
         assert pdl.pdl_args(DEVICE) == {"USE_PDL": False}  # outside the scope
         with pdl.graph_scope():
@@ -182,6 +188,7 @@ def test_pdl_only_inside_a_graph_scope_on_a_gpu(monkeypatch):
             assert pdl.pdl_args(torch.device("cpu")) == {"USE_PDL": False}
         assert pdl.pdl_args(DEVICE) == {"USE_PDL": False}
         hopper = ON_GPU and torch.version.hip is None and torch.cuda.get_device_capability()[0] >= 9
-        assert inside == ({"USE_PDL": True, "launch_pdl": True} if hopper else {"USE_PDL": False})
+        on = hopper and env != "0"
+        assert inside == ({"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False})
     finally:
         pdl._enabled.cache_clear()

@@ -34,9 +34,9 @@ class CudaGraphRunner:
         self._pool = None
 
     def capture(self, step: Callable[..., Any], make_inputs: Callable[[int], tuple]) -> None:
-        """With ``TESSELLM_PDL=1`` the Triton kernels of the capture chain each other through
-        programmatic dependent launch (``pdl.py``), compiled by one warm-up on the current
-        stream first."""
+        """On sm90+ (unless ``TESSELLM_PDL=0``) the Triton kernels of the capture chain each
+        other through programmatic dependent launch (``pdl.py``), compiled by one warm-up on
+        the current stream first."""
         stream = torch.cuda.Stream()
         for size in reversed(self.capture_sizes):
             inputs = make_inputs(size)
