@@ -5,7 +5,10 @@
 Per weight shape (N, K) and rows M: cuBLAS bf16 (``F.linear``), the Triton bf16 skinny GEMM
 (``gemv.gemv``), the tiled fp8 W8A16 kernel (``quant_kernels.fp8_w8a16_tiled``, all that
 ``fp8_w8a16`` ran before), the fp8 skinny GEMM (``gemv.gemv_fp8``) and ``fp8_w8a16`` as it
-dispatches now (the skinny GEMM where ``_gemv_fp8_faster``, else the tiled kernel).
+dispatches now (the skinny GEMM where ``_gemv_fp8_faster``, else the tiled kernel); and W8A8 on
+the fp8 tensor cores (``gemv.gemv_w8a8``: ``fp8_w8a8`` quantizes x inside the kernel,
+``fp8_w8a8_preq`` by ``quant_kernels.quantize_fp8_rows`` first, timed together), checked
+against x quantized per row.
 
 Timing: 20 back-to-back calls captured in one CUDA graph, replayed; microseconds per call are
 the median over replays / 20. The 20 calls rotate over copies of the weight (enough for 256
@@ -49,7 +52,8 @@ SHAPES = {  # (N, K) of Llama-3.1-8B's GEMMs: one layer at TP=1, the LM head, TP
 }
 LAYER = ["qkv", "o", "gate_up", "down"]
 SWEEP_SHAPES = ["qkv", "o", "gate_up", "down", "o_tp2", "down_tp2"]
-METHODS = ["cublas_bf16", "gemv_bf16", "fp8_old", "fp8_new", "fp8_w8a16"]
+METHODS = ["cublas_bf16", "gemv_bf16", "fp8_old", "fp8_new", "fp8_w8a16", "fp8_w8a8",
+           "fp8_w8a8_preq"]
 REPS, ROTATE_BYTES = 20, 256 << 20
 TOL = 8e-3  # relative error vs float32 reference: one bf16 rounding of an fp32 sum
 
@@ -77,6 +81,13 @@ def candidates(fp8: bool, m: int) -> list[gv.GemvConfig]:
             for stages in (1, 3, 4):
                 out.append(gv.GemvConfig(bn, bk, 4, stages, dot=True))
     return out
+
+
+def w8a8_candidates() -> list[gv.GemvConfig]:
+    """Tiles of ``gemv_w8a8``: one or two warpgroups' MMA rows, 128-512 codes a step."""
+    return [gv.GemvConfig(bn, bk, warps, stages, dot=True)
+            for bn, warps in ((64, 4), (128, 4), (128, 8)) for bk in (128, 256, 512)
+            for stages in (3, 4, 6)]
 
 
 def cfg_name(c: gv.GemvConfig) -> str:
@@ -135,11 +146,21 @@ def op_calls(method: str, ws: Weights, x: torch.Tensor, cfg=None) -> list:
         return [lambda q=q, s=s: gv.gemv_fp8(x, q, s, config=cfg) for q, s in ws.fp8]
     if method == "fp8_w8a16":
         return [lambda q=q, s=s: qk.fp8_w8a16(x, q, s) for q, s in ws.fp8]
+    if method == "fp8_w8a8":
+        return [lambda q=q, s=s: gv.gemv_w8a8(x, q, s, config=cfg) for q, s in ws.fp8]
+    if method == "fp8_w8a8_preq":
+        def call(q, s):
+            xq, sx = qk.quantize_fp8_rows(x, q.dtype)
+            return gv.gemv_w8a8(xq, q, s, x_scales=sx, config=cfg)
+        return [lambda q=q, s=s: call(q, s) for q, s in ws.fp8]
     raise ValueError(method)
 
 
 def rel_error(method: str, ws: Weights, x: torch.Tensor, cfg=None) -> float:
     out = op_calls(method, ws, x, cfg)[0]().float()
+    if method.startswith("fp8_w8a8"):  # against the product with x quantized per row
+        xq, sx = qk.quantize_fp8_rows(x, ws.fp8[0][0].dtype)
+        x = xq.float() * sx[:, None]
     ref = x.float() @ ws.reference(method.startswith("fp8")).t()
     return ((out - ref).norm() / ref.norm()).item()
 
@@ -173,7 +194,9 @@ def _compile_tasks(tasks: list) -> int:
 def _compile_key(method, shape, m, cfg) -> tuple:
     """What Triton specializes a launch on (besides dtypes): one compile per key."""
     n, k = SHAPES[shape]
-    if method not in ("gemv_bf16", "fp8_new"):
+    if method.startswith("fp8_w8a8"):
+        cfg = cfg or gv.w8a8_config(m, n, k)
+    elif method not in ("gemv_bf16", "fp8_new"):
         return method, shape, m
     cfg = cfg or gv.gemv_config(m, n, k, method == "fp8_new")
     k_per_split = -(-k // (cfg.block_k * cfg.split_k)) * cfg.block_k
@@ -207,7 +230,9 @@ def time_case(method, ws, m, cfg=None) -> dict:
 def sweep(args, result: dict) -> None:
     todo = [(kind, m, shape, with_split(c, *SHAPES[shape]))
             for kind in args.sweep_kinds for m in args.sweep_m
-            for c in candidates(kind == "fp8_new", m) for shape in args.sweep_shapes]
+            for c in (w8a8_candidates() if kind == "fp8_w8a8"
+                      else candidates(kind == "fp8_new", m))
+            for shape in args.sweep_shapes]
     precompile([(kind, shape, m, c) for kind, m, shape, c in todo], args.jobs)
     table = result.setdefault("sweep", {})
     t0 = time.perf_counter()
@@ -218,7 +243,7 @@ def sweep(args, result: dict) -> None:
         ws = Weights(*SHAPES[shape])
         for kind in args.sweep_kinds:
             for m in args.sweep_m:
-                ref = "fp8_old" if kind == "fp8_new" else "cublas_bf16"
+                ref = {"fp8_new": "fp8_old", "fp8_w8a8": "fp8_w8a16"}.get(kind, "cublas_bf16")
                 table.setdefault(kind, {}).setdefault(str(m), {}).setdefault(shape, {})[
                     f"ref {ref}"] = time_case(ref, ws, m).get("us")
         for kind, m, s, c in todo:
@@ -244,7 +269,8 @@ def report(args, result: dict) -> None:
     """Every shape, every M, the four ways with the launchers' own configs."""
     rows = result.setdefault("report", {})
     tasks = [(method, shape, m, None) for shape in SHAPES for m in args.m
-             for method in ("gemv_bf16", "fp8_new", "fp8_old", "fp8_w8a16")]
+             for method in ("gemv_bf16", "fp8_new", "fp8_old", "fp8_w8a16", "fp8_w8a8",
+                            "fp8_w8a8_preq")]
     precompile(tasks, args.jobs)
     for shape, (n, k) in SHAPES.items():
         ws = Weights(n, k)
@@ -252,6 +278,7 @@ def report(args, result: dict) -> None:
             row = {method: time_case(method, ws, m) for method in METHODS}
             for method, cfgfn in (("gemv_bf16", False), ("fp8_new", True)):
                 row[method]["config"] = cfg_name(gv.gemv_config(m, n, k, cfgfn))
+            row["fp8_w8a8"]["config"] = cfg_name(with_split(gv.w8a8_config(m, n, k), n, k))
             rows.setdefault(shape, {})[str(m)] = row
         del ws
         torch.cuda.empty_cache()
@@ -299,7 +326,7 @@ def main() -> None:
     p.add_argument("--sweep-m", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--sweep-shapes", nargs="+", default=SWEEP_SHAPES, choices=list(SHAPES))
     p.add_argument("--sweep-kinds", nargs="+", default=["gemv_bf16", "fp8_new"],
-                   choices=["gemv_bf16", "fp8_new"])
+                   choices=["gemv_bf16", "fp8_new", "fp8_w8a8"])
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--sweep-deadline", type=float, default=1e9,
                    help="seconds from the start after which the sweep starts no new shape")

@@ -204,9 +204,14 @@ def engine_bench(args) -> None:
 
     from tessellm.quantization.loading import weight_bytes
 
+    from tessellm.backends.cuda import quant_kernels as qk
+
     configs = {"bf16": {}, "int8": {"quantization": "int8"}, "fp8": {"quantization": "fp8"},
-               "fp8+kv_fp8": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
-    for name in args.configs:
+               "fp8+kv_fp8": {"quantization": "fp8", "kv_cache_dtype": "fp8"},
+               "fp8-skinny-w8a8": {"quantization": "fp8"}}  # decode through gemv.gemv_w8a8
+    skinny = qk.FP8_SKINNY_W8A8_MAX_M
+    for name in args.configs:  # read when the ops are built
+        qk.FP8_SKINNY_W8A8_MAX_M = 16 if name == "fp8-skinny-w8a8" else skinny
         if time.perf_counter() - START > args.deadline:
             _record(args.out, f"{name}", "skipped: deadline")
             continue

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from tessellm.backends.cuda import gemv as gv  # noqa: E402
-from tessellm.quantization.packed import quantize_fp8  # noqa: E402
+from tessellm.quantization.packed import quantize_fp8, quantize_fp8_per_token  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
@@ -162,6 +162,49 @@ def test_gemv_fp8_e4m3fnuz(config):
         _check(out, x, seg.dequantize(), b, BF16)
 
 
+W8A8_CONFIGS = {"table": None,
+                "split3": gv.GemvConfig(block_n=16, block_k=32, num_warps=4, stages=2, split_k=3,
+                                        dot=True)}
+
+
+@pytest.mark.parametrize("config", list(W8A8_CONFIGS))
+@pytest.mark.parametrize("dtype", [BF16] if ON_GPU else [BF16, F32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemv_w8a8(shape, dtype, config):
+    """W8A8 skinny GEMM against the prefill path's arithmetic: x quantized per row to e4m3
+    (``quantize_fp8_per_token``), an exact product of the codes, both scales, bias. Quantized
+    inside the kernel and passed in already quantized."""
+    n, k = shape
+    for m in (1, 2, 5, 16) if ON_GPU else (1, 3, 16):
+        w, x, b = _data(m, n, k, dtype, m % 2 == 1, "w8a8")
+        seg = quantize_fp8(w).to(DEV)
+        xq, sx = quantize_fp8_per_token(x)
+        x_fp8 = xq.float() * sx[:, None]
+        _poison_allocator(m * n)
+        out = gv.gemv_w8a8(x, seg.qweight, seg.scales, b, config=W8A8_CONFIGS[config])
+        _check(out, x_fp8, seg.dequantize(), b, dtype)
+        out = gv.gemv_w8a8(xq, seg.qweight, seg.scales, b, x_scales=sx,
+                           config=W8A8_CONFIGS[config])
+        _check(out, x_fp8.to(BF16), seg.dequantize(), b, BF16)
+
+
+def test_gemv_w8a8_rounds_x_like_torch():
+    """In-kernel quantization of x picks torch's e4m3 codes (round to nearest, ties to even;
+    values that round up across a power of two included: the interpreter's own cast drops
+    that carry, ``_round_e4m3`` stands in for it there). x is one row: e4m3 midpoints (ties),
+    values just off them and codes, scale 1 (max |x| = 448); the weight is the identity."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid) & (grid >= 0)].unique()  # 0 .. 448
+    mids = (grid[1:] + grid[:-1]) / 2
+    vals = torch.cat([mids, mids * 0.999, mids * 1.001, grid, -mids])  # ties, near ties, codes
+    x = torch.cat([vals, torch.tensor([448.0])])[None, :]  # max |x| = 448: scale exactly 1
+    k = x.shape[1]
+    qweight = torch.eye(k, dtype=torch.float32).to(torch.float8_e4m3fn).to(DEV)
+    out = gv.gemv_w8a8(x.to(DEV), qweight, torch.ones(k, device=DEV))
+    expect = x[0].to(torch.float8_e4m3fn).float()
+    assert torch.equal(out.float().cpu()[0], expect), (out.float().cpu()[0] - expect).abs().max()
+
+
 def test_configs_are_deterministic_and_cover_decode():
     """The table answers every (M, shape) of a Llama-8B layer the same way twice, with tiles
     the kernel can run; more rows than it covers fail loudly."""
@@ -188,3 +231,9 @@ def test_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="row-major"):
         gv.gemv(x, torch.randn(32, 8, device=DEV).t())
     assert gv.gemv(x[:0], torch.randn(8, 32, device=DEV)).shape == (0, 8)
+    codes = torch.randn(8, 32, device=DEV).to(torch.float8_e4m3fn)
+    ones = torch.ones(8, device=DEV)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        gv.gemv_w8a8(torch.randn(17, 32, device=DEV), codes, ones)
+    with pytest.raises(TypeError, match="x_scales"):
+        gv.gemv_w8a8(x, codes, ones, x_scales=torch.ones(2, device=DEV))

@@ -118,6 +118,22 @@ def test_fp8_weight_only(dtype, shape):
         _check(qk.TritonQuantOps().fp8_mm(x, seg, b), x, seg, b, dtype)
 
 
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] <= 16])
+def test_fp8_skinny_w8a8_rows(shape):
+    """Ops asked for the skinny W8A8 path: ``gemv.gemv_w8a8`` where the GPU has fp8 MMA (the
+    reference quantizes x per row), W8A16 elsewhere (x as it is)."""
+    from tessellm.backends.cuda import gemv
+
+    m, n, k = shape
+    w, x, b = _data(m, n, k, BF16, bias=True, seed=5)
+    seg = quantize_fp8(w).to(DEV)
+    out = qk.TritonQuantOps(fp8_skinny_w8a8_max_m=16).fp8_mm(x, seg, b)
+    if gemv.w8a8_native(x, seg.qweight):
+        xq, sx = quantize_fp8_per_token(x)
+        x = xq.float() * sx[:, None]
+    _check(out, x, seg, b, BF16)
+
+
 @pytest.mark.parametrize("dtype", [BF16, F16])
 def test_fp8_weight_only_widens_every_code_exactly(dtype):
     """Every finite e4m3 code (subnormals, +-0, +-448) times a one-hot x comes back unchanged:

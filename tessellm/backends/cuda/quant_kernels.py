@@ -309,6 +309,9 @@ DEQUANT_MIN_M = 512  # from this many rows on, dequantize once and let cuBLAS mu
 # CUDA graph (benchmarks/quantization/fp8_kernels.py): W8A16 81-92 us vs W8A8 132-137 us at
 # M = 1..16, 112.5 vs 126.6 at M = 32, 153 vs 122 at M = 64.
 FP8_WEIGHT_ONLY_MAX_M = 32
+# gemv.gemv_w8a8 up to this many rows where the GPU has fp8 MMA: off (0). On an H200 it lost to
+# W8A16 at one row: Llama-8B layer 81.1 us vs 74.6, B1 3.549 vs 3.192 ms (gemv.py docstring).
+FP8_SKINNY_W8A8_MAX_M = 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -551,16 +554,21 @@ class TritonQuantOps:
     """``QuantOps`` for the cuda backend (and any Triton GPU). ``use_scaled_mm``: False forces
     the Triton fp8 GEMM (tests, GPUs without cuBLASLt fp8). ``fp8_weight_only_max_m``: fp8
     GEMMs of at most this many rows run weight-only (W8A16, ``fp8_weight_only_gemm``); 0 never.
+    ``fp8_skinny_w8a8_max_m``: up to this many rows take ``gemv.gemv_w8a8`` instead, where the
+    GPU has fp8 MMA (default ``FP8_SKINNY_W8A8_MAX_M``: 0, never; slower on an H200).
     """
 
     name = "triton"
     schemes = frozenset({"int8", "fp8", "awq", "gptq", "gguf"})
 
     def __init__(self, use_scaled_mm: bool = True, dequant_min_m: int = DEQUANT_MIN_M,
-                 fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M):
+                 fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M,
+                 fp8_skinny_w8a8_max_m: Optional[int] = None):
         self.use_scaled_mm = use_scaled_mm
         self.dequant_min_m = dequant_min_m
         self.fp8_weight_only_max_m = fp8_weight_only_max_m
+        self.fp8_skinny_w8a8_max_m = (FP8_SKINNY_W8A8_MAX_M if fp8_skinny_w8a8_max_m is None
+                                      else fp8_skinny_w8a8_max_m)  # None: read when built
 
     def int8_mm(self, x, w: Int8Weight, bias=None):
         if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
@@ -575,9 +583,17 @@ class TritonQuantOps:
         return int4_gemm(x, w, bias)
 
     def fp8_mm(self, x, w: Fp8Weight, bias=None):
-        """W8A16 up to ``fp8_weight_only_max_m`` rows (x's shape is fixed per captured graph, so
-        a graph always takes one side), W8A8 above."""
-        if x.shape[0] <= self.fp8_weight_only_max_m:
+        """Decode: W8A16 up to ``fp8_weight_only_max_m`` rows (or, if asked, up to
+        ``fp8_skinny_w8a8_max_m`` rows, W8A8 through ``gemv.gemv_w8a8`` where the GPU has fp8
+        MMA). Above, W8A8 (x quantized by its own kernel, then ``torch._scaled_mm`` or the
+        Triton GEMM). x's shape is fixed per captured graph, so a graph always takes one side."""
+        m = x.shape[0]
+        if m <= self.fp8_skinny_w8a8_max_m:
+            from tessellm.backends.cuda import gemv  # gemv imports this module
+
+            if gemv.w8a8_native(x, w.qweight):
+                return gemv.gemv_w8a8(x, w.qweight, w.scales, bias)
+        if m <= self.fp8_weight_only_max_m:
             return fp8_weight_only_gemm(x, w, bias)
         xq, sx = quantize_fp8_rows(x, w.qweight.dtype)
         if self.use_scaled_mm and _scaled_mm_ok(x, w):
