@@ -98,6 +98,11 @@ class TensorParallel:
         return torch.cat(parts, dim=-1)
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 class SymmMemAllReduce:
     """All-reduce through a buffer every rank maps (torch symmetric memory over NVLink P2P).
 
@@ -115,7 +120,7 @@ class SymmMemAllReduce:
 
         group = group or dist.group.WORLD
         self.group_name = group.group_name
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.8
+        if _torch_version() < (2, 8):  # needed before 2.8, deprecated (a warning) after
             symm_mem.enable_symm_mem_for_group(self.group_name)
         self.dtype = dtype
         self.max_numel = max_bytes // torch.empty(0, dtype=dtype).element_size()
