@@ -81,7 +81,20 @@ def _probe(registry: BackendRegistry, piece: str, backend, spec_obj) -> str:
         default = {"ops": "reference ops (no plugin answered)", "graph": "none (eager)"}
         return default.get(piece, "none")
     name = getattr(result, "name", type(result).__name__)
-    return f"{name} ({type(result).__name__}) from plugin {plugin!r}"
+    flags = _flags(piece, result)
+    return (f"{name} ({type(result).__name__}) from plugin {plugin!r}"
+            + (f" [{', '.join(flags)}]" if flags else ""))
+
+
+def _flags(piece: str, result) -> list[str]:
+    """The optional parts of the contract a piece declares (spec.AttentionKernel, FusedOps)."""
+    if piece == "attention":
+        declared = {"graph capture": "supports_graph_capture",
+                    "sliding window": "supports_sliding_window", "fuses rotary": "fuses_rotary"}
+        return [label for label, attr in declared.items() if getattr(result, attr, False)]
+    if piece == "ops":
+        return ["linear"] if callable(getattr(result, "linear", None)) else []
+    return []
 
 
 def _fmt(value) -> str:
