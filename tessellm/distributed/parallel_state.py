@@ -106,8 +106,9 @@ def _torch_version() -> tuple[int, int]:
 class SymmMemAllReduce:
     """All-reduce through a buffer every rank maps (torch symmetric memory over NVLink P2P).
 
-    One kernel: each rank copies its input into its slice of the shared buffer and, after a
-    barrier, reads and sums every peer's (one-shot). Measured on 4 H200s inside a CUDA graph
+    One kernel (``one_shot_all_reduce_copy``, torch 2.8+; before it a copy, then the kernel):
+    each rank copies its input into its slice of the shared buffer and, after a barrier, reads
+    and sums every peer's (one-shot). Measured on 4 H200s inside a CUDA graph
     (benchmarks/allreduce_bench.py): 8.1 us vs NCCL's 10.6 at 8 KiB, 9.3 vs 12.1 at 64 KiB,
     equal at 1 MiB, slower above; so inputs above ``max_bytes`` (1 MiB: decode batches up to
     128 at hidden size 4096 in bf16) go to NCCL. Graph-capturable. NVLink multicast
@@ -132,6 +133,9 @@ class SymmMemAllReduce:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         buf = self.buffer[:x.numel()]
+        if hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"):  # one kernel copies, then sums
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(
+                buf, x.reshape(-1), "sum", self.group_name).view(x.shape)
         buf.copy_(x.reshape(-1))
         return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", self.group_name).view(x.shape)
 
