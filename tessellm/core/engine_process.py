@@ -29,7 +29,6 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import shutil
 import tempfile
 import time
 import traceback
@@ -40,6 +39,7 @@ import zmq
 
 from tessellm import envs
 from tessellm.config import EngineArgs
+from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import EngineCoreOutput
@@ -234,12 +234,10 @@ class EngineCoreClient:
         self.tmpdir = tempfile.mkdtemp(prefix="tessellm-")
         input_addr = f"ipc://{os.path.join(self.tmpdir, 'input')}"
         output_addr = f"ipc://{os.path.join(self.tmpdir, 'output')}"
-        self.ctx = zmq.Context()
-        self.ctx.setsockopt(zmq.LINGER, 0)  # never block exit on a dead core (as close() does)
-        self.input = self.ctx.socket(zmq.PUSH)
-        self.input.bind(input_addr)
-        self.output = self.ctx.socket(zmq.PULL)
-        self.output.bind(output_addr)
+        # Released by close(), or when garbage-collected without it (core process included).
+        self._ipc = ParentEndpoints(self, self.tmpdir)
+        self.input = self._ipc.socket(zmq.PUSH, bind=input_addr)
+        self.output = self._ipc.socket(zmq.PULL, bind=output_addr)
         for key, value in envs.engine_process_env_defaults().items():
             os.environ.setdefault(key, value)  # the spawned core inherits the environment
         mp = multiprocessing.get_context("spawn")
@@ -249,6 +247,7 @@ class EngineCoreClient:
         self.proc = mp.Process(target=run_engine_core, name="tessellm-engine-core", daemon=daemon,
                                args=(engine_args_to_dict(args), input_addr, output_addr, os.getpid()))
         self.proc.start()
+        self._ipc.adopt(self.proc)
         try:
             self.info = self._handshake(startup_timeout)
         except BaseException:
@@ -303,7 +302,4 @@ class EngineCoreClient:
             if self.proc.is_alive():
                 self.proc.kill()
                 self.proc.join()
-        self.input.close(linger=0)
-        self.output.close(linger=0)
-        self.ctx.term()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        self._ipc.release()

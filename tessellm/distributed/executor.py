@@ -27,13 +27,13 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import shutil
 import socket
 import tempfile
 import traceback
 from typing import Optional
 
 from tessellm.config import EngineArgs
+from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.model_runner import ModelRunnerOutput
 from tessellm.core.scheduler import SchedulerOutput
 from tessellm.distributed.codec import (decode_runner_output, decode_scheduler_output,
@@ -113,27 +113,23 @@ class MultiprocExecutor(Executor):
         self._dead: Optional[str] = None
         self._in_flight = 0
         self._tmp = tempfile.mkdtemp(prefix="tessellm-workers-")
-        self._ctx = zmq.Context()
-        # Sockets drop unsent messages when closed: an executor garbage-collected without
-        # shutdown() (after a failure) must not block the process's exit on dead workers.
-        self._ctx.setsockopt(zmq.LINGER, 0)
-        self._results = self._ctx.socket(zmq.PULL)
+        # Released by shutdown(), or when garbage-collected without it (after a failure).
+        self._ipc = ParentEndpoints(self, self._tmp)
         results_addr = f"ipc://{self._tmp}/results"
-        self._results.bind(results_addr)
+        self._results = self._ipc.socket(zmq.PULL, bind=results_addr)
         self._cmds = []
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         mp = multiprocessing.get_context("spawn")
         self._procs = []
         for rank in range(parallel.world_size):
-            sock = self._ctx.socket(zmq.PUSH)
             addr = f"ipc://{self._tmp}/cmd{rank}"
-            sock.bind(addr)
-            self._cmds.append(sock)
+            self._cmds.append(self._ipc.socket(zmq.PUSH, bind=addr))
             proc = mp.Process(target=run_worker, name=f"tessellm-worker-{rank}", daemon=True,
                               args=(dataclasses.asdict(args), rank, dataclasses.asdict(parallel),
                                     init_method, addr, results_addr, os.getpid()))
             proc.start()
             self._procs.append(proc)
+            self._ipc.adopt(proc)
         try:
             infos = {}
             while len(infos) < parallel.world_size:
@@ -235,10 +231,7 @@ class MultiprocExecutor(Executor):
             for proc in self._procs:
                 proc.join(timeout=10)
         self._stop_processes()
-        for sock in [self._results, *self._cmds]:
-            sock.close(linger=0)
-        self._ctx.term()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._ipc.release()
         self._procs = None
 
 

@@ -4,8 +4,10 @@ serving, the in-flight requests are answered with that error."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
+import threading
 
 import pytest
 
@@ -15,16 +17,40 @@ from tessellm.distributed.executor import WorkerDiedError
 
 
 def test_killed_worker_fails_generate(tiny_model_dir):
+    with LLM(tiny_model_dir("llama"), device="cpu", num_kv_blocks=64,
+             tensor_parallel_size=2) as llm:
+        procs = llm.engine.core.executor._procs
+        os.kill(procs[1].pid, signal.SIGKILL)
+        procs[1].join(timeout=10)
+        with pytest.raises(WorkerDiedError, match=r"rank 1 .*exited"):
+            llm.generate([{"prompt_token_ids": [1, 2, 3]}], use_tqdm=False)
+        # Every other worker was stopped too: nothing is left holding the device.
+        assert all(p.exitcode is not None for p in procs)
+        with pytest.raises(WorkerDiedError):  # and the engine stays failed, with the same reason
+            llm.generate([{"prompt_token_ids": [1, 2, 3]}], use_tqdm=False)
+
+
+def test_a_failed_engine_dropped_without_shutdown_is_released_by_gc(tiny_model_dir):
+    """An engine nobody shut down, garbage in a reference cycle: the collector must release its
+    sockets, context, worker processes and socket files, and must not block. (pyzmq alone ran
+    ``Context.term()`` after the cycle's sockets had lost their weak references, and waited for
+    them forever.)"""
     llm = LLM(tiny_model_dir("llama"), device="cpu", num_kv_blocks=64, tensor_parallel_size=2)
-    procs = llm.engine.core.executor._procs
-    os.kill(procs[1].pid, signal.SIGKILL)
-    procs[1].join(timeout=10)
-    with pytest.raises(WorkerDiedError, match=r"rank 1 .*exited"):
+    executor = llm.engine.core.executor
+    procs, tmp = list(executor._procs), executor._tmp
+    procs[0].kill()
+    procs[0].join(timeout=10)
+    with pytest.raises(WorkerDiedError):
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], use_tqdm=False)
-    # Every other worker was stopped too: nothing is left holding the device.
+    cycle = [llm]
+    cycle.append(cycle)  # only the cycle collector frees it
+    del llm, executor, cycle
+    collector = threading.Thread(target=gc.collect, daemon=True)
+    collector.start()
+    collector.join(timeout=60)
+    assert not collector.is_alive(), "gc.collect() blocked on the dropped engine"
     assert all(p.exitcode is not None for p in procs)
-    with pytest.raises(WorkerDiedError):  # and the engine stays failed, with the same reason
-        llm.generate([{"prompt_token_ids": [1, 2, 3]}], use_tqdm=False)
+    assert not os.path.exists(tmp)
 
 
 def test_server_engine_answers_in_flight_requests_with_an_error(tiny_model_dir):
