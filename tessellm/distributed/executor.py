@@ -189,6 +189,8 @@ class MultiprocExecutor(Executor):
             if self._results.poll(_POLL_MS):
                 msg = unpack(self._results.recv())
                 if msg[0] == "error":
+                    # A peer's collective fails when a rank dies: name the dead rank, the cause.
+                    self._check_processes()
                     self._fail(f"Worker rank {msg[1]} failed: {msg[2]}")
                 return msg
             self._check_processes()

@@ -268,6 +268,12 @@ def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
         else:
             acc += tl.dot(_widen(w, x.dtype, W_FP8, W_PTX, False, False), tl.trans(x))
     y = _finish(tl.trans(acc), s_ptr, bias_ptr, rn, N, pid_k, W_FP8, False, HAS_BIAS)
+    _store_tile(y, out_ptr, rm, rn, M, N, stride_om, ATOMIC)
+
+
+@triton.jit
+def _store_tile(y, out_ptr, rm, rn, M, N, stride_om, ATOMIC: tl.constexpr):
+    """y [BM, BN] to rows rm, columns rn of out (float32 atomics into a split-K buffer)."""
     ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
     ok = (rm[:, None] < M) & (rn[None, :] < N)
     if ATOMIC:
@@ -347,12 +353,7 @@ def _gemv_w8a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, s
             acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
     y = tl.trans(acc) * sx[:, None]
     y = _finish(y, s_ptr, bias_ptr, rn, N, pid_k, True, False, HAS_BIAS)
-    ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    ok = (rm[:, None] < M) & (rn[None, :] < N)
-    if ATOMIC:
-        tl.atomic_add(ptrs, y, mask=ok)
-    else:
-        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+    _store_tile(y, out_ptr, rm, rn, M, N, stride_om, ATOMIC)
 
 
 # ---------------------------------------------------------------------------------------------
