@@ -39,8 +39,8 @@ import zmq
 
 from tessellm import envs
 from tessellm.config import EngineArgs
-from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
+from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import EngineCoreOutput
 from tessellm.metrics.device_memory import DeviceMemoryProbe

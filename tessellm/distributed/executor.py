@@ -33,7 +33,6 @@ import traceback
 from typing import Optional
 
 from tessellm.config import EngineArgs
-from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.model_runner import ModelRunnerOutput
 from tessellm.core.scheduler import SchedulerOutput
 from tessellm.distributed.codec import (decode_runner_output, decode_scheduler_output,
@@ -106,6 +105,8 @@ class MultiprocExecutor(Executor):
 
     def __init__(self, args: EngineArgs, parallel: ParallelConfig, deferred: bool = False):
         import zmq
+
+        from tessellm.core.ipc import ParentEndpoints
 
         self.parallel = parallel
         self.deferred = deferred
