@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device-machine session: GPU correctness (kernel, parity, quantization and device tests), then workloads B1, F (tessellm vs HF both SDPA
-# ways), V and L from ../shared/BENCHMARKS.md. Results land in $OUT. Run from the repo root.
+# One device-machine session: GPU correctness (kernel, parity, quantization and device tests),
+# then workloads B1, F (tessellm vs HF both SDPA ways), V and L from ../shared/BENCHMARKS.md.
+# Results land in $OUT. Run from the repo root.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
