@@ -207,6 +207,13 @@ class FusedOps(Protocol):
     # Optional (not checked by the registry): ``linear(x, weight, bias=None)``, the dense product
     # ``x @ weight.T + bias`` for the model's unquantized linears and LM head, where the backend
     # has something faster than torch's for some shapes (the cuda backend: a GEMV at 1-2 rows).
+    #
+    # Optional: ``all_reduce_add_rms_norm(x, residual, weight, eps, tp)``, under tensor
+    # parallelism: ``x`` is this rank's partial sum (a row-parallel layer's unreduced output),
+    # ``tp`` its ``distributed.parallel_state.TensorParallel``; returns what
+    # ``fused_add_rms_norm(tp.all_reduce(x), residual, weight, eps)`` returns, so a backend can
+    # do the all-reduce, the residual add and the norm in one launch. Without it the model calls
+    # those two (``layers/norm.py``).
 
 
 @runtime_checkable

@@ -109,17 +109,25 @@ class RowParallelLinear(Linear):
 
     A scheme quantizing on load sees only ``W_r``, so its per-row scales are this rank's
     (``quantization/loading.py`` draws it).
+
+    ``reduce_results=False`` returns the partial product ``x_r W_r^T`` unsummed: whoever takes
+    the output sums it (the model's next RMSNorm, ``layers/norm.py``, which can fuse the
+    all-reduce with the residual add and the norm). It needs ``bias=False``.
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, quant_method=None,
-                 tp: Optional[TensorParallel] = None):
+                 tp: Optional[TensorParallel] = None, reduce_results: bool = True):
         self.tp = tp or TensorParallel()
         if input_size % self.tp.size:
             raise ValueError(f"An input size of {input_size} does not split over "
                              f"tensor_parallel_size {self.tp.size}; use a size that divides it.")
+        if bias and not reduce_results:
+            raise ValueError("RowParallelLinear(reduce_results=False) takes no bias: it is added "
+                             "once, after the sum, which this layer then does not do.")
         local = input_size // self.tp.size
         super().__init__(local, [output_size], bias, quant_method)
         self.input_start = self.tp.rank * local
+        self.reduce_results = reduce_results
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -128,6 +136,8 @@ class RowParallelLinear(Linear):
             y = self.quant_method.apply(self, x, None)
         else:
             y = self.dense_mm(x, self.weight)
+        if not self.reduce_results:
+            return y
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 

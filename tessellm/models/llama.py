@@ -43,9 +43,11 @@ class DecoderAttention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(hidden, [total_heads * d, total_kv * d, total_kv * d],
                                              bias=qkv_bias, quant_method=ctx.quant_method, tp=tp,
                                              shard_ranges=ranges)
-        self.o_proj = RowParallelLinear(total_heads * d, hidden,
-                                        bias=getattr(config, "attention_bias", False) and not qkv_bias,
-                                        quant_method=ctx.quant_method, tp=tp)
+        o_bias = bool(getattr(config, "attention_bias", False)) and not qkv_bias
+        # Without a bias the sum over ranks is left to post_attention_layernorm (DecoderLayer).
+        self.o_proj = RowParallelLinear(total_heads * d, hidden, bias=o_bias,
+                                        quant_method=ctx.quant_method, tp=tp,
+                                        reduce_results=o_bias)
         self.rotary = rotary  # shared by all layers
         eps = config.rms_norm_eps
         self.q_norm = RMSNorm(self.head_size, eps, ctx.ops) if qk_norm else None
@@ -79,8 +81,9 @@ class DecoderMLP(nn.Module):
         inter = config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter],
                                                  quant_method=ctx.quant_method, tp=ctx.tp)
+        # Summed over ranks by the next RMSNorm: the next layer's input_layernorm or the final norm.
         self.down_proj = RowParallelLinear(inter, config.hidden_size, quant_method=ctx.quant_method,
-                                           tp=ctx.tp)
+                                           tp=ctx.tp, reduce_results=False)
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported by the llama family; only silu is.")
@@ -91,12 +94,25 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, ctx: ModelContext, rotary, qkv_bias: bool, qk_norm: bool):
+    """Under tensor parallelism o_proj (without a bias) and down_proj leave their outputs
+    unsummed; the RMSNorm that takes each output with the residual sums it over the ranks
+    (``RMSNorm(reduce=tp)``), so a backend can fuse all-reduce, residual add and norm::
+
+        layer i:  input_layernorm(h, res)  [sums h unless i == 0: the embedding is whole]
+                  -> attention -> o_proj (partial) -> post_attention_layernorm (sums)
+                  -> mlp -> down_proj (partial)  -> layer i+1's input_layernorm or the final norm
+    """
+
+    def __init__(self, config, ctx: ModelContext, rotary, qkv_bias: bool, qk_norm: bool,
+                 index: int):
         super().__init__()
         self.self_attn = DecoderAttention(config, ctx, rotary, qkv_bias, qk_norm)
         self.mlp = DecoderMLP(config, ctx)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.ops)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.ops)
+        eps, hidden = config.rms_norm_eps, config.hidden_size
+        self.input_layernorm = RMSNorm(hidden, eps, ctx.ops, reduce=ctx.tp if index > 0 else None)
+        o_reduced = self.self_attn.o_proj.reduce_results
+        self.post_attention_layernorm = RMSNorm(hidden, eps, ctx.ops,
+                                                reduce=None if o_reduced else ctx.tp)
 
     def forward(self, positions, hidden, residual, metadata):
         if residual is None:
@@ -133,11 +149,11 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(head_size, config.max_position_embeddings, _rope_theta(config),
                                  _rope_scaling(config), ctx.ops)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, ctx, rotary, self.qkv_bias, self.qk_norm)
+            DecoderLayer(config, ctx, rotary, self.qkv_bias, self.qk_norm, i)
             if self.start_layer <= i < self.end_layer else MissingLayer()
             for i in range(config.num_hidden_layers))
         if ctx.pp.is_last:
-            self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.ops)
+            self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.ops, reduce=ctx.tp)  # down_proj's sum
             tied = self.embed_tokens.weight if self.tie_word_embeddings and ctx.pp.is_first else None
             self.lm_head = ParallelLMHead(vocab, hidden, ctx.tp, weight=tied)
 

@@ -49,3 +49,15 @@ def test_mp_matches_one_process(reference, tp, pp, async_scheduling):
         llm.shutdown()
     # With two stages (or async) a second batch was submitted while the first was in flight.
     assert max(in_flight) == (1 if async_scheduling else pp - 1)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_tp_matches_one_process_across_architectures(tiny_model_dir, arch):
+    """TP=2 on the other architectures: q/k/v biases (qwen2), q/k norms and tied embeddings
+    (qwen3), a sliding window (mistral). Row-parallel outputs are summed by the next RMSNorm
+    (``RMSNorm(reduce=tp)``), so each layer's norms see whole sums."""
+    path = tiny_model_dir(arch)
+    with LLM(path, device="cpu", num_kv_blocks=64, seed=0) as llm:
+        expected = _tokens(llm)
+    with LLM(path, device="cpu", num_kv_blocks=64, seed=0, tensor_parallel_size=2) as llm:
+        assert _tokens(llm) == expected
