@@ -35,7 +35,7 @@ def test_verbose_shows_which_plugin_provides_each_piece():
     text = describe_backends(verbose=True, registry=BackendRegistry(plugins=[("fastattn", override)]))
     cpu = text[text.index("\ncpu: "):]
     assert "attention: fast-cpu (Fast) from plugin 'fastattn'" in cpu
-    assert "ops:       ReferenceOps (ReferenceOps) from plugin 'cpu'" in cpu
+    assert "ops:       CpuOps (CpuOps) from plugin 'cpu' [linear]" in cpu
     assert "graph:     none (eager)" in cpu
     rocm = text[text.index("\nrocm: "):text.index("\ntpu: ")]
     assert "attention: triton-rocm (RocmTritonAttentionKernel) from plugin 'rocm'" in rocm

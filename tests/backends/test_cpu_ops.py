@@ -1,0 +1,45 @@
+"""The cpu backend's ``linear``: wide float32 products in column blocks, bitwise equal to one
+``F.linear`` (so greedy parity with HF cannot move), everything else passed straight through."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessellm.backends.cpu import ops as cpu_ops
+
+
+@pytest.mark.parametrize("m", [1, 8, 13, 64])
+def test_blocked_product_is_bitwise_one_product(m):
+    g = torch.Generator().manual_seed(m)
+    n = cpu_ops.MIN_N + 3 * cpu_ops.BLOCK_N + 77  # a last block that is partial
+    w = torch.randn(n, 96, generator=g) * 0.05
+    x = torch.randn(m, 96, generator=g)
+    out = cpu_ops.CpuOps().linear(x, w)
+    assert out.shape == (m, n)
+    assert torch.equal(out, F.linear(x, w))
+
+
+def test_blocks_only_where_they_pay(monkeypatch):
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
+    ops = cpu_ops.CpuOps()
+    w = torch.randn(cpu_ops.MIN_N, 32)
+    ops.linear(torch.randn(cpu_ops.MIN_M, 32), w)
+    assert len(calls) == cpu_ops.MIN_N // cpu_ops.BLOCK_N
+    calls.clear()
+    ops.linear(torch.randn(cpu_ops.MIN_M - 1, 32), w)  # too few rows
+    ops.linear(torch.randn(cpu_ops.MIN_M, 32), w[:cpu_ops.MIN_N - 1])  # too few columns
+    ops.linear(torch.randn(cpu_ops.MIN_M, 32).bfloat16(), w.bfloat16())  # not float32
+    ops.linear(torch.randn(cpu_ops.MIN_M, 32), w, torch.zeros(cpu_ops.MIN_N))  # a bias
+    assert calls == []
+
+
+def test_the_cpu_backend_routes_the_lm_head_through_it(tiny_model_dir):
+    from tessellm import LLM
+
+    llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", num_kv_blocks=16)
+    model = llm.engine.core.runner.model
+    assert getattr(model.lm_head.dense_mm, "__func__", None) is cpu_ops.CpuOps.linear
