@@ -296,10 +296,4 @@ class EngineCoreClient:
             except zmq.ZMQError:
                 pass
             self.proc.join(timeout)
-            if self.proc.is_alive():
-                self.proc.terminate()
-                self.proc.join(timeout)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join()
-        self._ipc.release()
+        self._ipc.release()  # terminates, then kills, a core that did not stop by itself

@@ -46,15 +46,20 @@ class ParentEndpoints:
         self._release()
 
 
-def _release(ctx: zmq.Context, sockets: list, procs: list, tmpdir: Optional[str]) -> None:
+def stop_processes(procs: list, timeout: float = 5.0) -> None:
+    """Terminate the children still running, then kill the ones that do not exit in time."""
     for proc in procs:
         if proc.exitcode is None:
             proc.terminate()
     for proc in procs:
-        proc.join(timeout=5)
+        proc.join(timeout=timeout)
         if proc.exitcode is None:
             proc.kill()
-            proc.join(timeout=5)
+            proc.join(timeout=timeout)
+
+
+def _release(ctx: zmq.Context, sockets: list, procs: list, tmpdir: Optional[str]) -> None:
+    stop_processes(procs)
     for sock in sockets:
         sock.close(linger=0)
     ctx.term()

@@ -213,14 +213,9 @@ class MultiprocExecutor(Executor):
         raise WorkerDiedError(reason)
 
     def _stop_processes(self) -> None:
-        for proc in self._procs:
-            if proc.exitcode is None:
-                proc.terminate()
-        for proc in self._procs:
-            proc.join(timeout=5)
-            if proc.exitcode is None:
-                proc.kill()
-                proc.join(timeout=5)
+        from tessellm.core.ipc import stop_processes
+
+        stop_processes(self._procs)
 
     def shutdown(self) -> None:
         if getattr(self, "_procs", None) is None:
