@@ -43,8 +43,9 @@ e4m3 (inside the kernel, or before it) and the codes go straight into the fp8 te
 ``acc[BN, 16] += dot(W codes, xq.T)``. It was built to break that instruction bound and measured
 slower where it matters (H200, 2026-11-21, ``gemv_bench.py``, M = 1): 13.2 / 10.8 / 34.6 /
 22.5 us on qkv / o / gate_up / down against W8A16's 10.6 / 7.9 / 35.1 / 21.0 (best swept tile
-32.2 us on gate_up; 123.8 against 129.7 on an e4m3 LM head); B1 3.549 against 3.192 ms. So it
-is off by default (``quant_kernels.FP8_SKINNY_W8A8_MAX_M``); it wins only on the largest N.
+32.2 us on gate_up; on an e4m3 LM head 134.1, or 123.8 with x quantized before it, against
+129.7); B1 3.549 against 3.192 ms. So it is off by default
+(``quant_kernels.FP8_SKINNY_W8A8_MAX_M``); it wins only on the largest N.
 """
 
 from __future__ import annotations
