@@ -5,6 +5,10 @@ split into schedule / submit+collect (the workers' step, over ZeroMQ) / update, 
 one captured decode graph replayed on every rank, and rank 0's torch-profiler table.
 
     python benchmarks/profile_tp.py -tp 2 [--batch 1] [--output-json out.json]
+
+Steps run without async scheduling (one in flight, so the workers can be asked for the graph
+timing between them). Under programmatic dependent launch a kernel's profiled time includes
+its wait for the one before; run with TESSELLM_PDL=0 for per-kernel times.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ def main() -> None:
     p.add_argument("--trace", default=None, help="chrome trace path per rank, e.g. out/trace{rank}.json")
     args = p.parse_args()
     llm = LLM(args.model or None, load_format="dummy" if args.model else "auto", max_model_len=4096, enable_prefix_caching=False,
-              tensor_parallel_size=args.tensor_parallel_size)
+              async_scheduling=False, tensor_parallel_size=args.tensor_parallel_size)
     eng, core = llm.engine, llm.engine.core
     for i in range(args.batch):
         eng.add_request(str(i), {"prompt_token_ids": [(7 * i + j) % 1000 + 10 for j in range(512)]},

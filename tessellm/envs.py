@@ -43,6 +43,13 @@ def symm_mem_all_reduce() -> bool:
     return os.environ.get("TESSELLM_SYMM_MEM", "1").strip() != "0"
 
 
+def fused_all_reduce_norm() -> bool:
+    """TESSELLM_FUSED_AR_NORM: "0" keeps the cuda backend's all-reduce and the RMSNorm after it
+    as two kernels (default: one, ``backends/cuda/allreduce_norm.py``, where symmetric memory
+    is on)."""
+    return _switch("TESSELLM_FUSED_AR_NORM") is not False
+
+
 def ray_address() -> Optional[str]:
     """RAY_ADDRESS: the Ray cluster the ``ray`` executor joins (unset: a local one)."""
     return os.environ.get("RAY_ADDRESS") or None

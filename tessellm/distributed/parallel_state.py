@@ -58,6 +58,7 @@ class TensorParallel:
         self.group = group  # a torch.distributed ProcessGroup; None with size 1
 
         self.fast_all_reduce = None  # SymmMemAllReduce on NVLink GPUs, see enable_fast_all_reduce
+        self.workspaces = {}  # a backend's per-group state for its fused collectives, by key
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the group (in place, or into a new tensor that is returned)."""
@@ -124,6 +125,7 @@ class SymmMemAllReduce:
         if _torch_version() < (2, 8):  # needed before 2.8, deprecated (a warning) after
             symm_mem.enable_symm_mem_for_group(self.group_name)
         self.dtype = dtype
+        self.max_bytes = max_bytes
         self.max_numel = max_bytes // torch.empty(0, dtype=dtype).element_size()
         self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)

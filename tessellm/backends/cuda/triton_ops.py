@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tessellm import envs
 from tessellm.backends.cuda.pdl import pdl_args, pdl_start
 
 
@@ -135,6 +136,18 @@ class TritonOps:
                           device=x.device)
         self._launch_norm(x2, r2, weight, out, new_res, eps)
         return out.view(x.shape), (residual if in_place else new_res.view(x.shape))
+
+    def all_reduce_add_rms_norm(self, x, residual, weight, eps, tp):
+        """``fused_add_rms_norm(tp.all_reduce(x), residual, weight, eps)`` in one kernel where
+        the group has symmetric memory and x fits its buffers (``allreduce_norm.py``; CUDA
+        only: not validated on ROCm)."""
+        if x.is_cuda and torch.version.hip is None and envs.fused_all_reduce_norm():
+            from tessellm.backends.cuda.allreduce_norm import workspace
+
+            ws = workspace(tp, x.dtype, x.shape[-1])
+            if ws is not None and ws.fits(x) and x.shape[-1] <= self.max_hidden:
+                return ws(x, residual, weight, eps)
+        return self.fused_add_rms_norm(tp.all_reduce(x), residual, weight, eps)
 
     def _launch_norm(self, x2, r2, weight, out, new_res, eps):
         rows, hidden = x2.shape
