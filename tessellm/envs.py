@@ -50,6 +50,12 @@ def fused_all_reduce_norm() -> bool:
     return _switch("TESSELLM_FUSED_AR_NORM") is not False
 
 
+def fp8_gemv_x2() -> Optional[bool]:
+    """TESSELLM_FP8_GEMV_X2: "1" runs one-row e4m3 W8A16 products through the cuda backend's
+    bf16x2 GEMV (``gemv.gemv_fp8_x2``), "0" never; unset: the backend's default."""
+    return _switch("TESSELLM_FP8_GEMV_X2")
+
+
 def ray_address() -> Optional[str]:
     """RAY_ADDRESS: the Ray cluster the ``ray`` executor joins (unset: a local one)."""
     return os.environ.get("RAY_ADDRESS") or None

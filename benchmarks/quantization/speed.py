@@ -208,10 +208,13 @@ def engine_bench(args) -> None:
 
     configs = {"bf16": {}, "int8": {"quantization": "int8"}, "fp8": {"quantization": "fp8"},
                "fp8+kv_fp8": {"quantization": "fp8", "kv_cache_dtype": "fp8"},
-               "fp8-skinny-w8a8": {"quantization": "fp8"}}  # decode through gemv.gemv_w8a8
-    skinny = qk.FP8_SKINNY_W8A8_MAX_M
-    for name in args.configs:  # read when the ops are built
+               "fp8-skinny-w8a8": {"quantization": "fp8"},  # decode through gemv.gemv_w8a8
+               "fp8-gemv-x2": {"quantization": "fp8"},  # one row through gemv.gemv_fp8_x2
+               "fp8-no-x2": {"quantization": "fp8"}}
+    skinny, x2 = qk.FP8_SKINNY_W8A8_MAX_M, qk.FP8_GEMV_X2
+    for name in args.configs:  # read when the ops are built / called
         qk.FP8_SKINNY_W8A8_MAX_M = 16 if name == "fp8-skinny-w8a8" else skinny
+        qk.FP8_GEMV_X2 = {"fp8-gemv-x2": True, "fp8-no-x2": False}.get(name, x2)
         if time.perf_counter() - START > args.deadline:
             _record(args.out, f"{name}", "skipped: deadline")
             continue

@@ -237,3 +237,49 @@ def test_rejects_what_it_cannot_run():
         gv.gemv_w8a8(torch.randn(17, 32, device=DEV), codes, ones)
     with pytest.raises(TypeError, match="x_scales"):
         gv.gemv_w8a8(x, codes, ones, x_scales=torch.ones(2, device=DEV))
+
+
+# gemv_fp8_x2: one bf16 row, e4m3 codes decoded in pairs to bf16x2 (inline PTX on a GPU; its
+# float32 twin in the interpreter). (block_n, block_kw, warps, split_k): the table's tiles,
+# a partial K step (masked) and split K.
+X2_CONFIGS = [None, (2, 512, 4, None), (4, 16, 1, None), (8, 8, 1, 3), (1, 32, 2, 2)]
+X2_SHAPES = [(1031, 300), (2056, 4096), (4096, 7168)] if ON_GPU else [(19, 100), (13, 64)]
+
+
+@pytest.mark.parametrize("config", X2_CONFIGS)
+@pytest.mark.parametrize("shape", X2_SHAPES)
+def test_gemv_fp8_x2(shape, config):
+    n, k = shape
+    tiles, split = (config[:3], config[3]) if config else (None, None)
+    for bias in (False, True):
+        w, x, b = _data(1, n, k, BF16, bias, "x2")
+        seg = quantize_fp8(w).to(DEV)
+        _poison_allocator(n)
+        out = gv.gemv_fp8_x2(x, seg.qweight, seg.scales, b, config=tiles, split_k=split)
+        _check(out, x, seg.dequantize(), b, BF16)
+
+
+def test_gemv_fp8_x2_decodes_every_code_exactly():
+    """Every finite e4m3 code times a one-hot x comes back unchanged (on a GPU: the byte
+    permute, shift and mask of ``_dot4_e4m3_bf16x2``, code by code, and its bf16 lanes)."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    codes = codes[~torch.isnan(codes.float())]  # 254 finite codes
+    codes = torch.cat([codes, codes.new_zeros(2)])  # K = 128: whole words
+    qweight = codes.view(2, 128).repeat(8, 1).to(DEV)  # [16, 128]
+    for col in (0, 1, 2, 3, 61, 127):  # every position in a word
+        x = torch.zeros(1, 128, dtype=BF16, device=DEV)
+        x[0, col] = 1
+        out = gv.gemv_fp8_x2(x, qweight, torch.ones(16, device=DEV), config=(2, 8, 1))
+        expect = qweight.float()[:, col][None]
+        assert torch.equal(out.float(), expect), (col, (out.float() - expect).abs().max())
+
+
+def test_gemv_fp8_x2_refuses_what_it_cannot_run():
+    seg = quantize_fp8(torch.randn(8, 64)).to(DEV)
+    with pytest.raises(ValueError, match="one bf16 row"):
+        gv.gemv_fp8_x2(torch.randn(2, 64, dtype=BF16, device=DEV), seg.qweight, seg.scales)
+    with pytest.raises(ValueError, match="one bf16 row"):
+        gv.gemv_fp8_x2(torch.randn(1, 64, dtype=F16, device=DEV), seg.qweight, seg.scales)
+    seg = quantize_fp8(torch.randn(8, 66)).to(DEV)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        gv.gemv_fp8_x2(torch.randn(1, 66, dtype=BF16, device=DEV), seg.qweight, seg.scales)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tessellm import envs
 from tessellm.quantization.packed import Fp8Weight, Int4Weight, Int8Weight
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +494,18 @@ def _gemv_fp8_faster(m: int, n: int, k: int) -> bool:
     return n < 8192 and (m == 1 or (m == 2 and k <= 4096))
 
 
+FP8_GEMV_X2 = True  # default of TESSELLM_FP8_GEMV_X2
+
+
+def _use_gemv_x2(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """One bf16 row against e4m3fn, compiled on NVIDIA sm90+ (``mul.rn.bf16x2``), K in words."""
+    on = envs.fp8_gemv_x2()
+    return ((FP8_GEMV_X2 if on is None else on) and x.shape[0] == 1
+            and x.dtype == torch.bfloat16 and qweight.dtype == torch.float8_e4m3fn
+            and x.is_cuda and torch.version.hip is None and qweight.shape[1] % 4 == 0
+            and qweight.stride(0) % 4 == 0 and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
 def fp8_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None,
               config: Optional[tuple] = None) -> torch.Tensor:
     """``fp8_weight_only_gemm`` on bare tensors: ``qweight`` e4m3fn or e4m3fnuz ``[N, K]``,
@@ -500,6 +513,10 @@ def fp8_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
     (``gemv.gemv_fp8``) where it is faster, else the tiled kernel; ``config`` (the tiled
     kernel's tiles, benchmarks) forces the tiled kernel. The choice is by shape alone, so each
     captured graph takes one side."""
+    if config is None and _use_gemv_x2(x, qweight):
+        from tessellm.backends.cuda.gemv import gemv_fp8_x2  # gemv imports this module
+
+        return gemv_fp8_x2(x, qweight, scales, bias)
     if config is None and _gemv_fp8_faster(x.shape[0], qweight.shape[0], qweight.shape[1]):
         from tessellm.backends.cuda.gemv import gemv_fp8  # gemv imports this module
 
