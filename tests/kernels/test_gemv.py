@@ -283,3 +283,13 @@ def test_gemv_fp8_x2_refuses_what_it_cannot_run():
     seg = quantize_fp8(torch.randn(8, 66)).to(DEV)
     with pytest.raises(ValueError, match="multiples of 4"):
         gv.gemv_fp8_x2(torch.randn(1, 66, dtype=BF16, device=DEV), seg.qweight, seg.scales)
+
+
+def test_gemv_fp8_x2_takes_an_unaligned_row():
+    """x starting 2 bytes into a buffer (it is read as 64-bit words): copied, same result."""
+    seg = quantize_fp8(torch.randn(8, 64)).to(DEV)
+    buf = torch.randn(1, 65, dtype=BF16, device=DEV)
+    x = buf.view(-1)[1:].view(1, 64)
+    assert x.data_ptr() % 8
+    want = gv.gemv_fp8_x2(x.clone(), seg.qweight, seg.scales, config=(2, 8, 1))
+    assert torch.equal(gv.gemv_fp8_x2(x, seg.qweight, seg.scales, config=(2, 8, 1)), want)

@@ -583,10 +583,14 @@ def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     block_n, block_kw, num_warps = config or gemv_x2_config(n, k)
     if m != 1 or x.dtype != torch.bfloat16 or qweight.dtype != torch.float8_e4m3fn:
         raise ValueError("gemv_fp8_x2: one bf16 row against e4m3fn weights")
-    if k % 4 or qweight.shape[1] != k or qweight.stride(1) != 1 or qweight.stride(0) % 4:
+    if (k % 4 or qweight.shape[1] != k or qweight.stride(1) != 1 or qweight.stride(0) % 4
+            or qweight.data_ptr() % 4):
         raise ValueError(f"gemv_fp8_x2: weight must be row-major [N, {k}] with K and its row "
-                         f"stride multiples of 4, got {tuple(qweight.shape)} {qweight.stride()}")
+                         f"stride multiples of 4, got {tuple(qweight.shape)} {qweight.stride()}"
+                         " (and 4-byte aligned)")
     x = x.contiguous()
+    if x.data_ptr() % 8:  # read as 64-bit words
+        x = x.clone()
     kw = k // 4
     if split_k is None:
         split_k = _with_split(GemvConfig(block_n, block_kw * 4, num_warps, 1), n, k,

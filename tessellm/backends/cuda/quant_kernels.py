@@ -503,7 +503,8 @@ def _use_gemv_x2(x: torch.Tensor, qweight: torch.Tensor) -> bool:
     return ((FP8_GEMV_X2 if on is None else on) and x.shape[0] == 1
             and x.dtype == torch.bfloat16 and qweight.dtype == torch.float8_e4m3fn
             and x.is_cuda and torch.version.hip is None and qweight.shape[1] % 4 == 0
-            and qweight.stride(0) % 4 == 0 and torch.cuda.get_device_capability(x.device)[0] >= 9)
+            and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 def fp8_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None,
