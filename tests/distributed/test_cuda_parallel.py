@@ -32,87 +32,70 @@ def test_cuda_matches_one_gpu(reference, tp, pp):
         assert _tokens(llm) == expected
 
 
-def _fused_norm_rank(rank, init_file, errors):
+def _fused_norm_rank(rank, init_file):
     import torch.distributed as dist
 
     from tessellm.backends.cuda.pdl import graph_scope
     from tessellm.backends.cuda.triton_ops import TritonOps
     from tessellm.distributed.parallel_state import TensorParallel
 
-    try:
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
-                                world_size=2, device_id=device)
-        ops = TritonOps()
-        hidden = 4096
-        for dtype in (torch.bfloat16, torch.float32):
-            tp = TensorParallel(rank, 2, dist.group.WORLD)
-            assert tp.enable_fast_all_reduce(device, dtype)
-            weight = torch.randn(hidden, device=device).to(dtype)
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank,
+                            world_size=2, device_id=device)
+    ops = TritonOps()
+    hidden = 4096
+    for dtype in (torch.bfloat16, torch.float32):
+        tp = TensorParallel(rank, 2, dist.group.WORLD)
+        assert tp.enable_fast_all_reduce(device, dtype)
+        weight = torch.randn(hidden, device=device).to(dtype)
 
-            def inputs(rows, seed):
-                g = torch.Generator(device=device).manual_seed(seed)
-                return (torch.randn(2, rows, hidden, generator=g, device=device).to(dtype),
-                        torch.randn(rows, hidden, generator=g, device=device).to(dtype))
+        def inputs(rows, seed):
+            g = torch.Generator(device=device).manual_seed(seed)
+            return (torch.randn(2, rows, hidden, generator=g, device=device).to(dtype),
+                    torch.randn(rows, hidden, generator=g, device=device).to(dtype))
 
-            def check(xs, residual, out, new_res):
-                s = (xs[0].float() + xs[1].float()).to(dtype)  # the sum in rank order, rounded
-                want_out, want_res = ops.fused_add_rms_norm(s, residual.clone(), weight, 1e-5)
-                assert torch.equal(new_res, want_res) and torch.equal(out, want_out)
+        def check(xs, residual, out, new_res):
+            s = (xs[0].float() + xs[1].float()).to(dtype)  # the sum in rank order, rounded
+            want_out, want_res = ops.fused_add_rms_norm(s, residual.clone(), weight, 1e-5)
+            assert torch.equal(new_res, want_res) and torch.equal(out, want_out)
 
-            # eager, sizes up and down (the slot reset), and one above the buffer (unfused)
-            for i, rows in enumerate([1, 128, 7, 1, 3, 200, 64]):
-                xs, residual = inputs(rows, i)
-                out, new_res = ops.all_reduce_add_rms_norm(xs[rank].clone(), residual.clone(),
-                                                           weight, 1e-5, tp)
-                check(xs, residual, out, new_res)
-            assert tp.workspaces[("cuda.allreduce_norm", dtype, hidden)] is not None
+        # eager, sizes up and down (the slot reset), and one above the buffer (unfused)
+        for i, rows in enumerate([1, 128, 7, 1, 3, 200, 64]):
+            xs, residual = inputs(rows, i)
+            out, new_res = ops.all_reduce_add_rms_norm(xs[rank].clone(), residual.clone(),
+                                                       weight, 1e-5, tp)
+            check(xs, residual, out, new_res)
+        assert tp.workspaces[("cuda.allreduce_norm", dtype, hidden)] is not None
 
-            # a CUDA graph of two calls (not a multiple of the three slots), replayed
-            static = [inputs(rows, 100 + rows) for rows in (1, 5)]
-            x_in = [xs[rank].clone() for xs, _ in static]
-            r_in = [r.clone() for _, r in static]
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream), graph_scope():
-                for x, r in zip(x_in, r_in):  # warm-up (compiles the PDL variant)
-                    ops.all_reduce_add_rms_norm(x.clone(), r.clone(), weight, 1e-5, tp)
-                with torch.cuda.graph(graph, stream=stream):
-                    outs = [ops.all_reduce_add_rms_norm(x, r, weight, 1e-5, tp)
-                            for x, r in zip(x_in, r_in)]
-            torch.cuda.current_stream(device).wait_stream(stream)
-            for replay in range(3):
-                fresh = [inputs(rows, 1000 * replay + rows) for rows in (1, 5)]
-                for (xs, r), x_dst, r_dst in zip(fresh, x_in, r_in):
-                    x_dst.copy_(xs[rank])
-                    r_dst.copy_(r)
-                graph.replay()
-                for (xs, r), (out, new_res) in zip(fresh, outs):
-                    check(xs, r, out, new_res)
-        dist.destroy_process_group()
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
-        raise
+        # a CUDA graph of two calls (not a multiple of the three slots), replayed
+        static = [inputs(rows, 100 + rows) for rows in (1, 5)]
+        x_in = [xs[rank].clone() for xs, _ in static]
+        r_in = [r.clone() for _, r in static]
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), graph_scope():
+            for x, r in zip(x_in, r_in):  # warm-up (compiles the PDL variant)
+                ops.all_reduce_add_rms_norm(x.clone(), r.clone(), weight, 1e-5, tp)
+            with torch.cuda.graph(graph, stream=stream):
+                outs = [ops.all_reduce_add_rms_norm(x, r, weight, 1e-5, tp)
+                        for x, r in zip(x_in, r_in)]
+        torch.cuda.current_stream(device).wait_stream(stream)
+        for replay in range(3):
+            fresh = [inputs(rows, 1000 * replay + rows) for rows in (1, 5)]
+            for (xs, r), x_dst, r_dst in zip(fresh, x_in, r_in):
+                x_dst.copy_(xs[rank])
+                r_dst.copy_(r)
+            graph.replay()
+            for (xs, r), (out, new_res) in zip(fresh, outs):
+                check(xs, r, out, new_res)
+    dist.destroy_process_group()
 
 
 def test_fused_all_reduce_norm_over_symmetric_memory(tmp_path):
     """TritonOps.all_reduce_add_rms_norm over NVLink is bit for bit the all-reduce (sum in rank
     order) then fused_add_rms_norm: eager at several sizes, and in a replayed CUDA graph."""
-    import torch.multiprocessing as mp
+    from tessellm.testing.ranks import run_ranks
 
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    procs = [ctx.Process(target=_fused_norm_rank, args=(r, str(tmp_path / "rdzv"), errors))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        p.kill()
-    assert not hung, f"ranks {hung} hung"
-    assert errors.empty(), errors.get()
-    assert all(p.exitcode == 0 for p in procs)
+    run_ranks(_fused_norm_rank, 2, (str(tmp_path / "rdzv"),), timeout_s=300)

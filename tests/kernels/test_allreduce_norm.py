@@ -15,11 +15,11 @@ import zlib
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("triton")
 
 from tessellm.backends.reference.ops import ReferenceOps  # noqa: E402
+from tessellm.testing.ranks import run_ranks  # noqa: E402
 
 HIDDEN = 48  # not a power of two
 MAX_ROWS = 5
@@ -51,25 +51,21 @@ def _calls_of(row: int) -> list[int]:
     return [c for c, rows in enumerate(ROWS) if rows > row]
 
 
-def _rank(rank, world, buffers, dtype, errors):
-    try:
-        from tessellm.backends.cuda.allreduce_norm import PushAllReduceNorm
+def _rank(rank, world, buffers, dtype):
+    from tessellm.backends.cuda.allreduce_norm import PushAllReduceNorm
 
-        ws = PushAllReduceNorm(rank, world, buffers[rank], [b.data_ptr() for b in buffers],
-                               HIDDEN, MAX_ROWS)
-        weight = torch.linspace(0.5, 1.5, HIDDEN).to(dtype)
-        for call, rows in enumerate(ROWS):
-            g = torch.Generator().manual_seed(call)
-            residual = torch.randn(rows, HIDDEN, generator=g).to(dtype)
-            want_out, want_res = _expected(world, call, rows, residual, weight, dtype)
-            out, new_res = ws(_x(rank, call, rows, dtype), residual, weight, 1e-5)
-            assert new_res.data_ptr() == residual.data_ptr()  # the residual updated in place
-            torch.testing.assert_close(new_res, want_res, rtol=0, atol=0)
-            torch.testing.assert_close(out, want_out, rtol=0, atol=0)
-        assert ws.counts.tolist() == [len(_calls_of(i)) for i in range(MAX_ROWS)]
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        errors.put(f"rank {rank}: {type(exc).__name__}: {exc}")
-        raise
+    ws = PushAllReduceNorm(rank, world, buffers[rank], [b.data_ptr() for b in buffers],
+                           HIDDEN, MAX_ROWS)
+    weight = torch.linspace(0.5, 1.5, HIDDEN).to(dtype)
+    for call, rows in enumerate(ROWS):
+        g = torch.Generator().manual_seed(call)
+        residual = torch.randn(rows, HIDDEN, generator=g).to(dtype)
+        want_out, want_res = _expected(world, call, rows, residual, weight, dtype)
+        out, new_res = ws(_x(rank, call, rows, dtype), residual, weight, 1e-5)
+        assert new_res.data_ptr() == residual.data_ptr()  # the residual updated in place
+        torch.testing.assert_close(new_res, want_res, rtol=0, atol=0)
+        torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    assert ws.counts.tolist() == [len(_calls_of(i)) for i in range(MAX_ROWS)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPUs run it over symmetric memory")
@@ -82,21 +78,9 @@ def test_ranks_in_processes_sum_add_and_norm_like_the_reference(world, dtype):
                for _ in range(world)]
     for b in buffers:
         PushAllReduceNorm.fill_sentinel(b)
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
     assert os.environ.get("TRITON_INTERPRET") == "1"  # inherited by the spawned ranks
-    procs = [ctx.Process(target=_rank, args=(r, world, buffers, dtype, errors))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        p.kill()
-    assert not hung, f"ranks {hung} never finished (a lost push or a reset too early)"
-    assert errors.empty(), errors.get()
-    assert all(p.exitcode == 0 for p in procs)
+    run_ranks(_rank, world, (world, buffers, dtype), timeout_s=240,
+              hang_hint=" (a lost push or a reset too early)")
 
     # Each row's last call left the peers' rows in its slot; every other element was reset.
     bits = torch.int32 if dtype == torch.float32 else torch.int16

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from tessellm.backends.cuda.pdl import pdl_args, pdl_start
-from tessellm.backends.cuda.triton_ops import _rows
+from tessellm.backends.cuda.triton_ops import _rows, add_rms_norm_row
 
 logger = logging.getLogger(__name__)
 
@@ -111,16 +111,10 @@ def _ar_add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, bufs_pt
                 v = tl.load(src, mask=mask, other=0.0, volatile=True)
             acc += v.to(tl.float32)
 
-    # 4. residual add and RMSNorm, rounded like _rms_norm_kernel after an all-reduce in dt
-    s = acc.to(dt).to(tl.float32)
-    r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
-    xr = (s + r).to(res_out_ptr.dtype.element_ty)
-    tl.store(res_out_ptr + row * stride_res_out + cols, xr, mask=mask)
-    xf = xr.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / hidden + eps)
-    xn = (xf * rstd).to(res_out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (w * xn).to(out_ptr.dtype.element_ty), mask=mask)
+    # 4. residual add and RMSNorm of the sum rounded to dt (an all-reduce's output)
+    add_rms_norm_row(acc.to(dt).to(tl.float32), res_ptr + row * stride_res + cols,
+                     res_out_ptr + row * stride_res_out + cols, w_ptr,
+                     out_ptr + row * stride_out + cols, cols, mask, hidden, eps)
     tl.store(counts_ptr + row, count + 1)
 
 

@@ -18,6 +18,21 @@ from tessellm.backends.cuda.pdl import pdl_args, pdl_start
 
 
 @triton.jit
+def add_rms_norm_row(x, res_ptrs, res_out_ptrs, w_ptr, out_ptrs, cols, mask, hidden, eps):
+    """The residual-add RMSNorm of one row: ``x`` (float32) + the row at ``res_ptrs`` is
+    stored (rounded) at ``res_out_ptrs``, normalized, rounded again, times the weight, and
+    stored at ``out_ptrs``. Shared with the fused all-reduce (``allreduce_norm.py``)."""
+    r = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+    xr = (x + r).to(res_out_ptrs.dtype.element_ty)
+    tl.store(res_out_ptrs, xr, mask=mask)
+    xf = xr.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / hidden + eps)
+    xn = (xf * rstd).to(res_out_ptrs.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, (w * xn).to(out_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, hidden, eps,
                      stride_x, stride_res, stride_out, stride_res_out,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
@@ -28,17 +43,15 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, hidden, eps,
     mask = cols < hidden
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
-        xr = (x + r).to(res_out_ptr.dtype.element_ty)
-        tl.store(res_out_ptr + row * stride_res_out + cols, xr, mask=mask)
-        x = xr.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
-        xn = (x * rstd).to(res_out_ptr.dtype.element_ty).to(tl.float32)
+        add_rms_norm_row(x, res_ptr + row * stride_res + cols,
+                         res_out_ptr + row * stride_res_out + cols, w_ptr,
+                         out_ptr + row * stride_out + cols, cols, mask, hidden, eps)
     else:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / hidden + eps)
         xn = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (w * xn).to(out_ptr.dtype.element_ty), mask=mask)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (w * xn).to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
