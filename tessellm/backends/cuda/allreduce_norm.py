@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from tessellm.backends.cuda.pdl import pdl_args, pdl_start
-from tessellm.backends.cuda.triton_ops import _rows, add_rms_norm_row
+from tessellm.backends.cuda.triton_ops import add_norm_buffers, add_rms_norm_row
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +181,7 @@ class PushAllReduceNorm:
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``fused_add_rms_norm(all_reduce(x), residual, weight, eps)``: the residual is
         updated in place where ``fused_add_rms_norm`` would update it."""
-        x2, r2 = _rows(x), _rows(residual)
-        res_dtype = torch.promote_types(x.dtype, residual.dtype)
-        in_place = res_dtype == residual.dtype and r2.data_ptr() == residual.data_ptr()
-        new_res = r2 if in_place else torch.empty(r2.shape, dtype=res_dtype, device=x.device)
-        out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, res_dtype),
-                          device=x.device)
+        x2, r2, out, new_res, result = add_norm_buffers(x, residual, weight)
         rows = x2.shape[0]
         if rows:
             block = triton.next_power_of_2(self.hidden)
@@ -195,7 +190,7 @@ class PushAllReduceNorm:
                 self.hidden, eps, x2.stride(0), r2.stride(0), out.stride(0), new_res.stride(0),
                 self.max_rows, RANK=self.rank, WORLD=self.world, BITS=self.bits, BLOCK=block,
                 num_warps=min(16, max(1, block // 512)), **pdl_args(x.device))
-        return out.view(x.shape), (residual if in_place else new_res.view(x.shape))
+        return result
 
 
 def workspace(tp, dtype: torch.dtype, hidden: int) -> Optional[PushAllReduceNorm]:

@@ -126,6 +126,20 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def add_norm_buffers(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor):
+    """Rows and outputs of a residual-add RMSNorm: ``(x2, r2, out, new_res, result)``;
+    ``new_res`` is ``r2`` itself (the sum overwrites the residual) when its dtype and layout
+    allow, and ``result`` is what the op returns once a kernel has filled ``out``/``new_res``."""
+    x2, r2 = _rows(x), _rows(residual)
+    res_dtype = torch.promote_types(x.dtype, residual.dtype)
+    in_place = res_dtype == residual.dtype and r2.data_ptr() == residual.data_ptr()
+    new_res = r2 if in_place else torch.empty(r2.shape, dtype=res_dtype, device=x.device)
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, res_dtype),
+                      device=x.device)
+    return x2, r2, out, new_res, (out.view(x.shape),
+                                  residual if in_place else new_res.view(x.shape))
+
+
 class TritonOps:
     """``FusedOps`` through Triton kernels (see module docstring for the rounding contract)."""
 
@@ -141,14 +155,9 @@ class TritonOps:
     def fused_add_rms_norm(self, x, residual, weight, eps):
         """Returns ``(rms_norm(x + residual), x + residual)``; the sum overwrites ``residual``
         in place when its dtype and layout allow."""
-        x2, r2 = _rows(x), _rows(residual)
-        res_dtype = torch.promote_types(x.dtype, residual.dtype)
-        in_place = res_dtype == residual.dtype and r2.data_ptr() == residual.data_ptr()
-        new_res = r2 if in_place else torch.empty(r2.shape, dtype=res_dtype, device=x.device)
-        out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, res_dtype),
-                          device=x.device)
+        x2, r2, out, new_res, result = add_norm_buffers(x, residual, weight)
         self._launch_norm(x2, r2, weight, out, new_res, eps)
-        return out.view(x.shape), (residual if in_place else new_res.view(x.shape))
+        return result
 
     def all_reduce_add_rms_norm(self, x, residual, weight, eps, tp):
         """``fused_add_rms_norm(tp.all_reduce(x), residual, weight, eps)`` in one kernel where
