@@ -41,10 +41,10 @@ def test_verbose_shows_which_plugin_provides_each_piece():
     assert "attention: triton-rocm (RocmTritonAttentionKernel) from plugin 'rocm'" in rocm
     cuda = text[text.index("\ncuda: "):text.index("\nrocm: ")]
     # optional contract flags the pieces declare (cuda: rotary fused into the cache write,
-    # FusedOps.linear for 1-2 row products)
+    # FusedOps.linear for 1-2 row products, the all-reduce fused with the norm after it)
     assert "(TritonAttentionKernel) from plugin 'cuda' [graph capture, sliding window, " \
            "fuses rotary]" in cuda
-    assert "(TritonOps) from plugin 'cuda' [linear]" in cuda
+    assert "(TritonOps) from plugin 'cuda' [linear, all-reduce + norm]" in cuda
     assert "graph:     hip-graphs" in rocm and "fp8 -> fp8 (RocmFp8LinearMethod)" in rocm
     assert "attention (tessellm_attention_kernel): fastattn, " in text
 
