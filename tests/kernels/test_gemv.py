@@ -293,3 +293,19 @@ def test_gemv_fp8_x2_takes_an_unaligned_row():
     assert x.data_ptr() % 8
     want = gv.gemv_fp8_x2(x.clone(), seg.qweight, seg.scales, config=(2, 8, 1))
     assert torch.equal(gv.gemv_fp8_x2(x, seg.qweight, seg.scales, config=(2, 8, 1)), want)
+
+
+@pytest.mark.skipif(not ON_GPU or torch.version.hip is not None
+                    or torch.cuda.get_device_capability()[0] < 9, reason="sm90+ NVIDIA only")
+def test_fp8_w8a16_takes_the_x2_gemv_for_one_bf16_row(monkeypatch):
+    """The W8A16 entry point sends one bf16 row to ``gemv_fp8_x2`` (same bits), and not when
+    TESSELLM_FP8_GEMV_X2=0."""
+    from tessellm.backends.cuda import quant_kernels as qk
+
+    seg = quantize_fp8(torch.randn(1031, 4096)).to(DEV)
+    x = torch.randn(1, 4096, dtype=BF16, device=DEV)
+    x2 = gv.gemv_fp8_x2(x, seg.qweight, seg.scales)
+    assert torch.equal(qk.fp8_w8a16(x, seg.qweight, seg.scales), x2)
+    monkeypatch.setenv("TESSELLM_FP8_GEMV_X2", "0")
+    assert torch.equal(qk.fp8_w8a16(x, seg.qweight, seg.scales),
+                       gv.gemv_fp8(x, seg.qweight, seg.scales))
