@@ -561,8 +561,9 @@ def _launch(x, w, scales, bias, config, w_ptx: bool) -> torch.Tensor:
 def gemv_x2_config(n: int, k: int) -> tuple[int, int, int]:
     """(weight rows a program, 32-bit words of K a step, warps) for ``gemv_fp8_x2``, from the
     H200 sweep (``benchmarks/results/h200-2026-11-21e/x2bench.json``, M = 1, CUDA graph,
-    weights rotated past the L2): within 3% of the best of seven tiles on every Llama-3.1-8B
-    shape at TP 1 and 2 and the LM head."""
+    weights rotated past the L2): within 3% of the best of seven tiles on each shape swept,
+    Llama-3.1-8B's qkv, o, gate_up, down and LM head, and qkv, o, down at TP 2 (gate_up at
+    TP 2 was not swept)."""
     if n >= 65536:  # the LM head: 121.5 us
         return 8, 128, 4
     if n <= 4096 and k % 2048 == 0:  # o, down, qkv at TP=2: few rows, whole 512-word steps
