@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from tessellm.backends.reference.attention import paged_attention, write_kv_cache
-from tessellm.core.attention_batch import AttentionBatch
+from tessellm.backends.spec import AttentionBatch
 
 
 @dataclass

@@ -22,7 +22,7 @@ from tessellm.backends.cuda.triton_ops import TritonOps  # noqa: E402
 from tessellm.backends.reference.attention import paged_attention, write_kv_cache  # noqa: E402
 from tessellm.backends.reference.ops import ReferenceOps  # noqa: E402
 from tessellm.backends.spec import AttentionKernel, AttentionSpec  # noqa: E402
-from tessellm.core.attention_batch import AttentionBatch  # noqa: E402
+from tessellm.backends.spec import AttentionBatch  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

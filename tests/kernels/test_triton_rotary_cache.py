@@ -26,7 +26,7 @@ from tessellm.backends.reference.attention import (  # noqa: E402
     ReferenceAttentionKernel, write_kv_cache)
 from tessellm.backends.reference.ops import ReferenceOps  # noqa: E402
 from tessellm.backends.spec import AttentionSpec  # noqa: E402
-from tessellm.core.attention_batch import AttentionBatch  # noqa: E402
+from tessellm.backends.spec import AttentionBatch  # noqa: E402
 from tessellm.layers.context import ModelContext  # noqa: E402
 from tessellm.layers.rotary import RotaryEmbedding  # noqa: E402
 from tessellm.models.llama import DecoderAttention  # noqa: E402

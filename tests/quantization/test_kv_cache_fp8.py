@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from tessellm.backends.cuda.triton_attention import TritonAttentionKernel  # noqa: E402
 from tessellm.backends.reference.attention import paged_attention, write_kv_cache  # noqa: E402
 from tessellm.backends.spec import AttentionSpec  # noqa: E402
-from tessellm.core.attention_batch import AttentionBatch  # noqa: E402
+from tessellm.backends.spec import AttentionBatch  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from tessellm.backends.registry import BackendRegistry
 from tessellm.config import resolve_model
-from tessellm.core.attention_batch import AttentionBatch
+from tessellm.backends.spec import AttentionBatch
 from tessellm.loader.model_loader import build_model
 from tessellm.quantization.int4 import pack_awq, pack_gptq_zeros
 from tessellm.quantization.loading import quantized_linears, weight_bytes

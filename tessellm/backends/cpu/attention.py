@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tessellm.backends.spec import AttentionSpec
-from tessellm.core.attention_batch import AttentionBatch
+from tessellm.backends.spec import AttentionBatch
 
 
 @dataclass

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tessellm.backends.spec import AttentionSpec, GraphRunner, GraphSpec, OpsSpec
-from tessellm.core.attention_batch import AttentionBatch
+from tessellm.backends.spec import AttentionBatch
 from tessellm.testing.harness import tolerance
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD, BLOCK, MAX_BLOCKS = 64, 96, 4, 2, 16, 16, 4
