@@ -121,20 +121,20 @@ class BlockManager:
             self.stats.record(request.num_tokens, len(hit) * self.block_size)
         return hit
 
-    def cache_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
+    def publish_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Register the request's blocks that are full and computed in the prefix cache.
 
-        Resumes from ``request.num_cached_blocks``, so each block is looked at once.
+        Resumes from ``request.num_published_blocks``, so each block is looked at once.
         """
         if not self.enable_prefix_caching:
             return
         num_full = num_computed_tokens // self.block_size
-        if num_full <= request.num_cached_blocks:
+        if num_full <= request.num_published_blocks:
             return
         self.update_block_hashes(request)
         blocks = self.req_blocks.get(request.request_id, [])
         num_full = min(num_full, len(request.block_hashes), len(blocks))
-        for i in range(request.num_cached_blocks, num_full):
+        for i in range(request.num_published_blocks, num_full):
             block = blocks[i]
             if block.block_hash is not None:
                 continue
@@ -143,7 +143,7 @@ class BlockManager:
                 continue  # another block already holds this prefix; keep ours private
             block.block_hash = block_hash
             self.cached[block_hash] = block
-        request.num_cached_blocks = max(request.num_cached_blocks, num_full)
+        request.num_published_blocks = max(request.num_published_blocks, num_full)
 
     # -- allocation ------------------------------------------------------------------------
 
@@ -185,11 +185,39 @@ class BlockManager:
         block.ref_cnt = 1
         return block
 
-    def free(self, request_id: str, request: Optional[Request] = None) -> None:
-        """Release a request's blocks, tail first (so its prefix is evicted last)."""
-        if request is not None:
-            request.num_cached_blocks = 0
-        for block in reversed(self.req_blocks.pop(request_id, [])):
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                self.free_queue[block.block_id] = block
+    def free(self, request: Request) -> None:
+        """Release a request's blocks, tail first (so its prefix is evicted last). Blocks it
+        published stay in the prefix cache until evicted; the request publishes afresh if it
+        comes back (after a preemption)."""
+        request.num_published_blocks = 0
+        for block in reversed(self.req_blocks.pop(request.request_id, [])):
+            self._release(block)
+
+    def truncate(self, request: Request, num_tokens: int) -> list[int]:
+        """Keep the request's slots for its first ``num_tokens`` tokens; free the blocks past
+        them (tail first). Returns the freed block ids.
+
+        For rejected draft tokens: their K/V sits in slots past the accepted length, and they
+        were never published (only computed, accepted tokens are), so nothing leaves the prefix
+        cache. A published block is never cut (other requests may share it)::
+
+            block_size 4, accepted 6 of 10 computed:
+            slots:  [a0 a1 a2 a3] [a4 a5 r6 r7] [r8 r9 .. ..]
+            kept:   [  block 0  ] [  block 1  ]  freed: block 2 (r6, r7 are overwritten later)
+        """
+        if num_tokens < request.num_published_blocks * self.block_size:
+            raise ValueError(f"Cannot truncate request {request.request_id!r} to {num_tokens} tokens: "
+                             f"its first {request.num_published_blocks * self.block_size} are "
+                             "published in the prefix cache (only unaccepted tokens may be cut).")
+        held = self.req_blocks.get(request.request_id, [])
+        keep = self.blocks_needed(num_tokens)
+        freed = held[keep:]
+        del held[keep:]
+        for block in reversed(freed):
+            self._release(block)
+        return [b.block_id for b in freed]
+
+    def _release(self, block: Block) -> None:
+        block.ref_cnt -= 1
+        if block.ref_cnt == 0:
+            self.free_queue[block.block_id] = block

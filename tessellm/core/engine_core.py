@@ -21,7 +21,9 @@ from tessellm.config import (EngineArgs, generation_eos_ids, resolve_async_sched
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
-from tessellm.core.scheduler import EngineCoreOutput, Scheduler, SchedulerConfig, SchedulerOutput
+from tessellm.core.engine_output import EngineCoreOutput
+from tessellm.core.scheduler import Scheduler, SchedulerConfig
+from tessellm.core.step import SchedulerOutput
 from tessellm.distributed.executor import make_executor
 from tessellm.distributed.worker import default_max_num_batched_tokens
 
@@ -152,8 +154,4 @@ class EngineCore:
             return ended
         sched = self.batch_queue.popleft()
         result = self.executor.collect()
-        outputs = self.scheduler.update(sched, result.sampled)
-        for out in outputs:
-            out.logprobs = result.logprobs.get(out.request_id)
-            out.prompt_logprobs = result.prompt_logprobs.get(out.request_id)
-        return ended + outputs
+        return ended + self.scheduler.update(sched, result)

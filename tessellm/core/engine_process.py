@@ -42,7 +42,8 @@ from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.sampling_params import SamplingParams
-from tessellm.core.scheduler import EngineCoreOutput
+from tessellm.core.engine_output import EngineCoreOutput
+from tessellm.core.step import STEP_SCHEMA_VERSION, build_dataclass, check_version
 from tessellm.metrics.device_memory import DeviceMemoryProbe
 
 logger = logging.getLogger(__name__)
@@ -61,28 +62,43 @@ def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
+# Requests and outputs travel as maps from field name to value with the schema version under
+# "v" (the step schema's: tessellm.distributed.codec): a new field never shifts the others, and
+# a reader refuses a version or a field it does not know with one clear error.
+
 def encode_request(req: EngineCoreRequest) -> dict:
     params = dataclasses.asdict(req.sampling_params)
     params.pop("extra", None)  # free-form and ignored by the engine: not sent
-    return {"request_id": req.request_id, "prompt_token_ids": list(req.prompt_token_ids),
-            "sampling_params": params, "arrival_time": req.arrival_time,
-            "cache_salt": req.cache_salt, "wait_for": req.wait_for}
+    return {"v": STEP_SCHEMA_VERSION, "request_id": req.request_id,
+            "prompt_token_ids": list(req.prompt_token_ids), "sampling_params": params,
+            "arrival_time": req.arrival_time, "cache_salt": req.cache_salt, "wait_for": req.wait_for}
 
 
 def decode_request(d: dict) -> EngineCoreRequest:
-    return EngineCoreRequest(d["request_id"], d["prompt_token_ids"], SamplingParams(**d["sampling_params"]),
-                             d["arrival_time"], d.get("cache_salt"), d.get("wait_for"))
+    d = dict(d)
+    check_version(d, "An EngineCoreRequest")
+    d["sampling_params"] = SamplingParams(**d["sampling_params"])
+    return build_dataclass(EngineCoreRequest, d, "An EngineCoreRequest")
 
 
-_OUTPUT_FIELDS = [f.name for f in dataclasses.fields(EngineCoreOutput)]
+_OUTPUT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineCoreOutput)
+                    if f.default is not dataclasses.MISSING}
 
 
-def encode_output(out: EngineCoreOutput) -> list:
-    return [getattr(out, name) for name in _OUTPUT_FIELDS]
+def encode_output(out: EngineCoreOutput) -> dict:
+    """By name; fields at their default (None, 0) are left out to keep the message small."""
+    d = {"v": STEP_SCHEMA_VERSION}
+    for f in dataclasses.fields(out):
+        value = getattr(out, f.name)
+        if f.name not in _OUTPUT_DEFAULTS or value != _OUTPUT_DEFAULTS[f.name]:
+            d[f.name] = value
+    return d
 
 
-def decode_output(values: list) -> EngineCoreOutput:
-    return EngineCoreOutput(**dict(zip(_OUTPUT_FIELDS, values)))
+def decode_output(d: dict) -> EngineCoreOutput:
+    d = dict(d)
+    check_version(d, "An EngineCoreOutput")
+    return build_dataclass(EngineCoreOutput, d, "An EngineCoreOutput")
 
 
 def engine_args_to_dict(args: EngineArgs) -> dict:

@@ -46,7 +46,7 @@ import torch
 from tessellm.core.attention_batch import AttentionBatch
 from tessellm.core.block_table import PersistentBlockTable
 from tessellm.core.sampler import Sampler, SamplerOutput, SamplingBatch, seed_for_position
-from tessellm.core.scheduler import SchedulerOutput
+from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 from tessellm.distributed.parallel_state import PipelineStage
 
 logger = logging.getLogger(__name__)
@@ -68,13 +68,6 @@ class RunnerRequest:
     def num_tokens(self) -> int:
         """Tokens so far, pending ones included (``token_ids`` lags by ``num_pending``)."""
         return len(self.token_ids) + self.num_pending
-
-
-@dataclass
-class ModelRunnerOutput:
-    sampled: dict[str, list[int]]  # request id -> new token ids (absent: partial prefill)
-    logprobs: dict[str, list]  # request id -> per new token (id, logprob, rank, [(id, lp), ...])
-    prompt_logprobs: dict[str, list]  # request id -> per prompt position, first None
 
 
 class ModelRunner:
@@ -140,7 +133,7 @@ class ModelRunner:
             states.append(RunnerRequest(f"profile-{i}", [0] * n, n, SamplingParams(max_tokens=1),
                                         blocks, 0))
         self.allocate_kv_cache(first_block, dtype)
-        inputs = self._prepare_inputs(states, counts)
+        inputs = self._prepare_inputs(states, counts, [0] * len(counts))
         hidden = self.model(inputs.input_ids, inputs.positions, self.kernel.build_metadata(inputs.attn),
                             self._dummy_intermediate(num_tokens))
         if self.pp.is_last:
@@ -151,7 +144,7 @@ class ModelRunner:
     # -- per-step state --------------------------------------------------------------------
 
     def _update_states(self, sched: SchedulerOutput) -> None:
-        for rid in sched.finished_request_ids:
+        for rid in sched.dropped_request_ids:
             state = self.requests.pop(rid, None)
             if state is not None:
                 self.tables.remove(state.row)
@@ -189,7 +182,7 @@ class ModelRunner:
             logits = self._run_graph(states, padded)
             sampling_rows = states
         else:
-            inputs = self._prepare_inputs(states, counts)
+            inputs = self._prepare_inputs(states, counts, [sched.num_sampled_tokens.get(r, 0) for r in order])
             self._inputs_queued()
             metadata = self.kernel.build_metadata(inputs.attn)
             intermediate = None
@@ -405,13 +398,14 @@ class ModelRunner:
         samples: list[bool]
         prompt_lp_rows: list[tuple[RunnerRequest, int, int, int]]  # (state, first row, start, n)
 
-    def _prepare_inputs(self, states: list[RunnerRequest], counts: list[int]) -> "_Inputs":
+    def _prepare_inputs(self, states: list[RunnerRequest], counts: list[int],
+                        num_sampled: list[int]) -> "_Inputs":
         bs = self.block_size
         ids, pos, slots, starts, seq_lens, logits_idx, samples, plp = [], [], [], [0], [], [], [], []
         feed: list[tuple[int, int]] = []
         max_blocks = max(len(s.block_ids) for s in states)
         table = np.zeros((len(states), max_blocks), dtype=np.int32)
-        for i, (state, n) in enumerate(zip(states, counts)):
+        for i, (state, n, s) in enumerate(zip(states, counts, num_sampled)):
             c = state.num_computed_tokens
             p = np.arange(c, c + n)
             blocks = np.asarray(state.block_ids, dtype=np.int64)
@@ -425,7 +419,7 @@ class ModelRunner:
             row0 = starts[-1]
             starts.append(row0 + n)
             seq_lens.append(c + n)
-            sampling = c + n == state.num_tokens
+            sampling = s > 0  # the scheduler decides (SchedulerOutput.num_sampled_tokens)
             samples.append(sampling)
             if sampling:
                 logits_idx.append(row0 + n - 1)

@@ -16,7 +16,7 @@ from typing import Optional
 from tessellm.core.detokenizer import IncrementalDetokenizer
 from tessellm.core.outputs import CompletionOutput, Logprob, RequestOutput
 from tessellm.core.sampling_params import SamplingParams
-from tessellm.core.scheduler import EngineCoreOutput
+from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.metrics.stats import IterationStats, RequestTimes
 
 

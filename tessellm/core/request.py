@@ -60,13 +60,20 @@ class Request:
         # many tokens those steps sample (placeholders: their ids are known on the device only).
         self.num_inflight_tokens = 0
         self.num_inflight_samples = 0
-        self.num_cached_tokens = -1  # prefix-cache hit at first schedule; -1 until scheduled
+        # Prompt tokens found in the prefix cache at first schedule; -1 until scheduled. ("Cached"
+        # always means "in the prefix cache": see BlockManager.)
+        self.num_cached_tokens = -1
         self.first_scheduled_time: Optional[float] = None  # time.time() when first scheduled
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[object] = None  # the stop token id or string that ended it
         self.num_preemptions = 0
         self.block_hashes: list[int] = []  # prefix hashes of this request's full blocks
-        self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
+        # Leading blocks this request has published into the prefix cache (BlockManager).
+        self.num_published_blocks = 0
+        # Draft tokens proposed for the next step (speculative decoding); the scheduler moves
+        # them into the step it schedules (SchedulerOutput.spec_token_ids). Never in
+        # all_token_ids until the model accepts them.
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_prompt_tokens(self) -> int:

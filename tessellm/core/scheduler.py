@@ -37,7 +37,10 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from tessellm.core.block_manager import BlockManager
+from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.request import Request, RequestStatus
+from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,  # noqa: F401
+                                SchedulerOutput)
 
 
 @dataclass
@@ -51,46 +54,6 @@ class SchedulerConfig:
 
 
 @dataclass
-class NewRequestData:
-    """A request the model runner has not seen before (or is resuming after preemption)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    all_token_ids: list[int]  # prompt + output so far (output is non-empty after preemption)
-    sampling_params: object
-    block_ids: list[int]  # every block the request holds, in order
-    num_computed_tokens: int  # tokens already in the cache (prefix-cache hit)
-
-
-@dataclass
-class CachedRequestData:
-    """A request the runner already holds: only what changed."""
-
-    request_id: str
-    new_block_ids: list[int]  # appended to the runner's block table for the request
-    num_computed_tokens: int  # before this step
-    # Pipeline parallelism only: the tokens this step computes, for stages that do not sample
-    # (the last stage samples; the first needs the sampled ids as its next inputs).
-    new_token_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class SchedulerOutput:
-    """The scheduler's decision for one step, handed to the model runner."""
-
-    new_requests: list[NewRequestData]  # first time scheduled, or resumed after preemption
-    cached_requests: list[CachedRequestData]  # scheduled again; the runner has their state
-    num_scheduled_tokens: dict[str, int]  # request id -> tokens to compute this step
-    total_num_scheduled_tokens: int
-    finished_request_ids: set[str]  # since the last step: the runner drops their state
-    num_preempted: int = 0  # preemptions made while building this step
-
-    @property
-    def is_empty(self) -> bool:
-        return self.total_num_scheduled_tokens == 0
-
-
-@dataclass
 class SchedulerStats:
     num_running: int = 0
     num_waiting: int = 0
@@ -98,21 +61,6 @@ class SchedulerStats:
     num_preemptions_total: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
-
-
-@dataclass
-class EngineCoreOutput:
-    """What one request produced in a step (token ids only; text is the front end's job)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: Optional[str] = None  # "stop", "length", "abort" when finished
-    stop_reason: Optional[object] = None  # the stop token id that ended it
-    logprobs: Optional[list] = None  # per new token: (token_id, logprob, rank, [(id, lp), ...])
-    prompt_logprobs: Optional[list] = None  # per prompt position (first is None)
-    num_cached_tokens: int = 0
-    # time.time() when the request was first scheduled; on its first output only (queue time).
-    first_scheduled_time: Optional[float] = None
 
 
 def check_prompt_fits(num_tokens: int, max_model_len: int, kv_capacity_tokens: int) -> None:
@@ -135,7 +83,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.finished_ids: set[str] = set()  # to report to the runner next step
+        self.finished_ids: set[str] = set()  # ended since the last step: the runner drops them
+        self.preempted_ids: set[str] = set()  # preempted while building the current step
         self.finished_outputs: list[EngineCoreOutput] = []  # ended in schedule(), see below
         self.num_preemptions_total = 0
         self.in_flight: Counter[str] = Counter()  # request id -> batches scheduled, not back yet
@@ -175,6 +124,7 @@ class Scheduler:
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
+        spec: dict[str, list[int]] = {}
         preempted = 0
 
         i = 0
@@ -184,6 +134,8 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
+            drafts = self._drafts(req, num_new, budget)
+            num_new += len(drafts)
             ahead = req.num_inflight_tokens  # tokens already scheduled, after the computed ones
             new_block_ids = self.kv.allocate(req, ahead + num_new)
             while new_block_ids is None:
@@ -207,6 +159,9 @@ class Scheduler:
                 tokens = req.all_token_ids[start:start + num_new]
             cached_reqs.append(CachedRequestData(req.request_id, new_block_ids, start, tokens))
             num_scheduled[req.request_id] = num_new
+            if drafts:
+                spec[req.request_id] = drafts
+                req.spec_token_ids = []  # they belong to this step now
             budget -= num_new
             i += 1
 
@@ -214,18 +169,31 @@ class Scheduler:
             budget = self._admit_waiting(budget, num_scheduled, new_reqs)
 
         self.num_preemptions_total += preempted
+        out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
+                              self._mark_in_flight(num_scheduled, spec), spec,
+                              finished_request_ids=self.finished_ids,
+                              preempted_request_ids=self.preempted_ids)
+        self.num_scheduled_tokens_total += out.total_num_scheduled_tokens
+        self.finished_ids, self.preempted_ids = set(), set()
+        return out
+
+    def _mark_in_flight(self, num_scheduled: dict[str, int],
+                        spec: dict[str, list[int]]) -> dict[str, int]:
+        """Count the step as in flight for each request; return how many rows each samples.
+
+        The one place that decides whether a step samples for a request: when it reaches the
+        end of the known tokens (placeholders of steps in flight count), plus one row per draft.
+        """
+        num_sampled = {}
         for rid, num in num_scheduled.items():
             req = self.requests[rid]
             self.in_flight[rid] += 1
             req.num_inflight_tokens += num
-            # The step samples when it reaches the end of the known tokens (placeholders count).
-            if req.num_computed_tokens + req.num_inflight_tokens == req.num_tokens + req.num_inflight_samples:
+            k = len(spec.get(rid, ()))
+            if req.num_computed_tokens + req.num_inflight_tokens == req.num_tokens + req.num_inflight_samples + k:
                 req.num_inflight_samples += 1
-        out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled,
-                              sum(num_scheduled.values()), self.finished_ids, preempted)
-        self.num_scheduled_tokens_total += out.total_num_scheduled_tokens
-        self.finished_ids = set()
-        return out
+                num_sampled[rid] = k + 1
+        return num_sampled
 
     def _admit_waiting(self, budget: int, num_scheduled: dict[str, int],
                        new_reqs: list[NewRequestData]) -> int:
@@ -289,6 +257,20 @@ class Scheduler:
                 return 0
         return self._num_new_tokens(req, budget, already=req.num_inflight_tokens - pending)
 
+    def _drafts(self, req: Request, num_new: int, budget: int) -> list[int]:
+        """The draft tokens a decoding request verifies this step (cut to fit the budget, the
+        context and ``max_tokens``). Steps ahead (async scheduling, pipeline stages) take none:
+        their verification would need the accepted count before the next launch."""
+        drafts = req.spec_token_ids
+        if not drafts or num_new != 1 or req.num_computed_tokens != req.num_tokens - 1:
+            return []
+        if self.config.async_scheduling or self.config.pipeline_parallel_size > 1:
+            return []
+        room = min(budget - num_new, self.config.max_model_len - req.num_tokens)
+        if req.sampling_params.max_tokens is not None:
+            room = min(room, req.sampling_params.max_tokens - req.num_output_tokens - 1)
+        return list(drafts[:max(room, 0)])
+
     def _num_new_tokens(self, req: Request, budget: int, already: int = 0) -> int:
         num_new = req.num_tokens - req.num_computed_tokens - already
         if num_new > budget and not self.config.enable_chunked_prefill:
@@ -311,23 +293,29 @@ class Scheduler:
         return sibling.num_computed_tokens < sibling.num_prompt_tokens - 1
 
     def _preempt(self, req: Request) -> None:
-        self.kv.free(req.request_id, req)
+        self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         # Results of its steps still in flight (async scheduling) are dropped when they come.
         self._discard[req.request_id] += self.in_flight.pop(req.request_id, 0)
         req.num_inflight_tokens = req.num_inflight_samples = 0
         req.num_preemptions += 1
+        req.spec_token_ids = []
         self.waiting.appendleft(req)
-        self.finished_ids.add(req.request_id)  # the runner drops its state; resumes as new
+        self.preempted_ids.add(req.request_id)  # the runner drops its state; resumes as new
 
     # -- after the model ran ---------------------------------------------------------------
 
-    def update(self, sched: SchedulerOutput, sampled: dict[str, list[int]]) -> list[EngineCoreOutput]:
-        """Advance computed counts, append sampled tokens, and finish requests that stop.
+    def update(self, sched: SchedulerOutput, result) -> list[EngineCoreOutput]:
+        """Advance computed counts, append accepted tokens, and finish requests that stop.
 
-        ``sampled``: request id -> tokens sampled this step (absent for partial prefills).
+        ``result``: the step's ``ModelRunnerOutput`` (or just its ``sampled`` map: request id ->
+        accepted tokens, absent for partial prefills). The outputs leave whole, logprobs in.
+        A request that verified k drafts and accepted ``a`` tokens computed ``k - (a - 1)``
+        slots too many: they are given back (``BlockManager.truncate``) and never published.
         """
+        if not isinstance(result, ModelRunnerOutput):
+            result = ModelRunnerOutput(dict(result))
         outputs = []
         for rid, num in sched.num_scheduled_tokens.items():
             if self._discard[rid]:  # preempted while this step ran: recomputed later
@@ -337,26 +325,39 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue  # aborted, or stopped by an earlier step, while this one ran
-            req.num_computed_tokens += num
+            new_tokens = result.sampled.get(rid)
+            rejected = 0
+            num_drafts = len(sched.spec_token_ids.get(rid, ()))
+            if num_drafts and new_tokens:
+                rejected = num_drafts - (len(new_tokens) - 1)
+            req.num_computed_tokens += num - rejected
             req.num_inflight_tokens -= num
-            self.kv.cache_full_blocks(req, req.num_computed_tokens)
-            new_tokens = sampled.get(rid)
+            if rejected:
+                self.kv.truncate(req, req.num_computed_tokens)
+            self.kv.publish_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
             if not new_tokens:
                 continue
             req.num_inflight_samples -= 1
-            appended = []
-            for tok in new_tokens:
-                req.append_token(tok)
-                appended.append(tok)
-                status = self._check_stop(req, tok)
-                if status is not None:
-                    self._finish(req, status)
-                    break
-            first = len(appended) == req.num_output_tokens
-            outputs.append(EngineCoreOutput(rid, appended, req.status.finish_reason, req.stop_reason,
-                                            num_cached_tokens=max(req.num_cached_tokens, 0),
-                                            first_scheduled_time=req.first_scheduled_time if first else None))
+            outputs.append(self._append(req, new_tokens, result))
         return outputs
+
+    def _append(self, req: Request, new_tokens: list[int], result: ModelRunnerOutput) -> EngineCoreOutput:
+        rid = req.request_id
+        appended = []
+        for tok in new_tokens:
+            req.append_token(tok)
+            appended.append(tok)
+            status = self._check_stop(req, tok)
+            if status is not None:
+                self._finish(req, status)
+                break
+        first = len(appended) == req.num_output_tokens
+        logprobs = result.logprobs.get(rid)
+        return EngineCoreOutput(rid, appended, req.status.finish_reason, req.stop_reason,
+                                logprobs[:len(appended)] if logprobs is not None else None,
+                                result.prompt_logprobs.get(rid),
+                                num_cached_tokens=max(req.num_cached_tokens, 0),
+                                first_scheduled_time=req.first_scheduled_time if first else None)
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         params = req.sampling_params
@@ -379,7 +380,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req.request_id)
+        self.kv.free(req)
         self.finished_ids.add(req.request_id)
         del self.requests[req.request_id]
 

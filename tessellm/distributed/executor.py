@@ -33,8 +33,7 @@ import traceback
 from typing import Optional
 
 from tessellm.config import EngineArgs
-from tessellm.core.model_runner import ModelRunnerOutput
-from tessellm.core.scheduler import SchedulerOutput
+from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 from tessellm.distributed.codec import (decode_runner_output, decode_scheduler_output,
                                         encode_runner_output, encode_scheduler_output, pack, unpack)
 from tessellm.distributed.parallel_state import ParallelConfig

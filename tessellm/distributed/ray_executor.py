@@ -19,8 +19,7 @@ from typing import Optional
 
 from tessellm import envs
 from tessellm.config import EngineArgs
-from tessellm.core.model_runner import ModelRunnerOutput
-from tessellm.core.scheduler import SchedulerOutput
+from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 from tessellm.distributed.codec import (decode_runner_output, decode_scheduler_output,
                                         encode_runner_output, encode_scheduler_output, pack, unpack)
 from tessellm.distributed.executor import Executor, WorkerDiedError

@@ -18,7 +18,7 @@ from tessellm.backends.registry import get_registry
 from tessellm.backends.spec import GraphSpec
 from tessellm.config import EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len, resolve_model
 from tessellm.core.model_runner import ModelRunner, StepHandle
-from tessellm.core.scheduler import SchedulerOutput
+from tessellm.core.step import SchedulerOutput
 from tessellm.distributed.parallel_state import ParallelConfig, PipelineStage, TensorParallel, init_distributed
 from tessellm import envs
 from tessellm.envs import cpu_kv_cache_bytes

@@ -155,7 +155,7 @@ def test_scheduler_drops_results_of_a_preempted_step():
     assert s1.num_scheduled_tokens == {"a": 4, "b": 7}
     s2 = sch.schedule()  # a needs a 2nd block: b, in flight, is preempted
     assert s2.num_preempted == 1 and s2.num_scheduled_tokens == {"a": 1}
-    assert "b" in s2.finished_request_ids and b.num_computed_tokens == 0
+    assert "b" in s2.preempted_request_ids and b.num_computed_tokens == 0
     outs = sch.update(s1, {"a": [50], "b": [60]})
     assert [o.request_id for o in outs] == ["a"]  # b's token is dropped: it is recomputed
     assert b.output_token_ids == [] and b in sch.waiting

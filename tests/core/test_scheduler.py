@@ -110,7 +110,8 @@ def test_preemption_and_resume_recomputes_everything():
             preempted_seen = True
             victim = s.requests["new"]
             assert victim.status == RequestStatus.PREEMPTED and victim.num_computed_tokens == 0
-            assert "new" in out.finished_request_ids and "old" in out.num_scheduled_tokens
+            assert "new" in out.preempted_request_ids and "new" not in out.finished_request_ids
+            assert "old" in out.num_scheduled_tokens
             break
     assert preempted_seen
     while s.requests.get("old") is not None:

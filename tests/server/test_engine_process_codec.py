@@ -8,7 +8,7 @@ from tessellm.core.engine_core import EngineCoreRequest
 from tessellm.core.engine_process import (decode_output, decode_request, encode_output, encode_request,
                                           pack, unpack)
 from tessellm.core.sampling_params import SamplingParams
-from tessellm.core.scheduler import EngineCoreOutput
+from tessellm.core.engine_output import EngineCoreOutput
 
 
 def test_request_round_trip_is_plain_msgpack():
@@ -34,3 +34,19 @@ def test_output_round_trip():
     assert back.finish_reason == "stop" and back.stop_reason == 6 and back.num_cached_tokens == 16
     token, logprob, rank, top = back.logprobs[0]
     assert (token, logprob, rank) == (5, -0.1, 1) and [tuple(t) for t in top] == [(5, -0.1), (7, -2.0)]
+
+
+def test_output_by_name_refuses_another_schema_version():
+    from tessellm.core.step import STEP_SCHEMA_VERSION, StepSchemaError
+
+    encoded = unpack(pack(encode_output(EngineCoreOutput("r1", [5]))))
+    assert encoded["v"] == STEP_SCHEMA_VERSION and encoded["request_id"] == "r1"
+    assert decode_output(dict(encoded)).new_token_ids == [5]
+    for bad, words in (({**encoded, "v": STEP_SCHEMA_VERSION + 1}, "schema version"),
+                       ({**encoded, "mystery": 1}, "mystery")):
+        try:
+            decode_output(bad)
+        except StepSchemaError as exc:
+            assert words in str(exc) and "same tessellm version" in str(exc)
+        else:
+            raise AssertionError("an unknown schema must be refused")

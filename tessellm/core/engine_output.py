@@ -1,0 +1,29 @@
+"""What the engine core hands its front end per request and step: token ids, never text.
+
+An ``EngineCoreOutput`` leaves the core whole: the scheduler builds it from the step's
+``ModelRunnerOutput`` with the sampled tokens and their logprobs together, and nothing is
+attached to it afterwards. ``tessellm.core.engine_process`` sends it to the API process by
+field name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one request produced in a step (token ids only; text is the front end's job)."""
+
+    request_id: str
+    new_token_ids: list[int]  # accepted this step, in order (several with draft tokens)
+    finish_reason: Optional[str] = None  # "stop", "length", "abort" when finished
+    stop_reason: Optional[object] = None  # the stop token id that ended it
+    logprobs: Optional[list] = None  # per new token: (token_id, logprob, rank, [(id, lp), ...])
+    prompt_logprobs: Optional[list] = None  # per prompt position (first is None)
+    # Prompt tokens found in the prefix cache at first schedule (the OpenAI usage's
+    # ``cached_tokens``); the only meaning "cached" has in a request's counters.
+    num_cached_tokens: int = 0
+    # time.time() when the request was first scheduled; on its first output only (queue time).
+    first_scheduled_time: Optional[float] = None

@@ -1,0 +1,133 @@
+"""The step boundary: what the scheduler hands the model runner, and what comes back.
+
+One module owns these dataclasses; ``tessellm.distributed.codec`` sends them to workers field
+by field, by name, under ``STEP_SCHEMA_VERSION`` (bump it when a field changes meaning; adding
+a field with a default needs no bump: an older reader refuses names it does not know, loudly).
+
+Per scheduled request a step says how many tokens to **compute** and how many to **sample**::
+
+    request  known tokens   drafts    computed this step     sampled rows
+    A        t0..t9 (9 in   d0 d1 d2  t9 d0 d1 d2   (4)      4: after t9, d0, d1, d2
+             the cache)                                       (k+1 rows verify k drafts)
+    B        u0..u5 (5)     -         u5            (1)      1
+    C        prompt chunk   -         v0..v7        (8)      0 (the prompt goes on next step)
+
+A request samples 0 rows (a prefill chunk before its prompt's end), 1 row (the step reaches
+its last known token) or k+1 rows (it verifies k draft tokens). Sampled rows are laid out
+request after request in the order the runner batches them; ``grammar_bitmask`` rows follow
+the same per-request layout (``grammar_bitmask_rows`` gives each request's first row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+STEP_SCHEMA_VERSION = 1
+
+
+class StepSchemaError(ValueError):
+    """A message this process cannot read (another tessellm version sent it)."""
+
+
+@dataclass
+class NewRequestData:
+    """A request the model runner has not seen before (or is resuming after preemption)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    all_token_ids: list[int]  # prompt + output so far (output is non-empty after preemption)
+    sampling_params: Any  # SamplingParams
+    block_ids: list[int]  # every block the request holds, in order
+    num_computed_tokens: int  # tokens whose K/V is already in the cache (prefix-cache hit)
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: only what changed."""
+
+    request_id: str
+    new_block_ids: list[int]  # appended to the runner's block table for the request
+    num_computed_tokens: int  # before this step (the runner overwrites its own count with it)
+    # Pipeline parallelism only: the tokens this step computes, for stages that do not sample
+    # (the last stage samples; the first needs the sampled ids as its next inputs).
+    new_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    """The scheduler's decision for one step, handed to the model runner (every rank)."""
+
+    new_requests: list[NewRequestData]  # first time scheduled, or resumed after preemption
+    cached_requests: list[CachedRequestData]  # scheduled again; the runner has their state
+    num_scheduled_tokens: dict[str, int]  # request id -> tokens to compute this step (drafts in)
+    total_num_scheduled_tokens: int  # sum of num_scheduled_tokens
+    # Request id -> rows sampled this step: 1 when the step reaches the request's last known
+    # token, k+1 when it also verifies k drafts; absent means 0 (a prompt chunk before the end).
+    num_sampled_tokens: dict[str, int] = field(default_factory=dict)
+    # Request id -> draft tokens computed after its last known token (counted in
+    # num_scheduled_tokens) and verified by its k+1 sampled rows. Absent: no drafts.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Structured output: request id -> its first row in ``grammar_bitmask`` (one row per sampled
+    # row, in order). Absent: the request's logits are not masked.
+    grammar_bitmask_rows: dict[str, int] = field(default_factory=dict)
+    # int32 numpy array [rows, ceil(vocab / 32)], bit j of word w set = token 32*w + j allowed;
+    # None when no request in the step is constrained.
+    grammar_bitmask: Optional[Any] = None
+    # Multi-LoRA: request id -> adapter slot on the device. Absent: the base model.
+    lora_slots: dict[str, int] = field(default_factory=dict)
+    # Since the last step: requests that ended (finished or aborted); the runner drops them.
+    finished_request_ids: set[str] = field(default_factory=set)
+    # Preempted while building this step: the runner drops their state; they come back later as
+    # new requests (recomputed from their tokens).
+    preempted_request_ids: set[str] = field(default_factory=set)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+    @property
+    def num_preempted(self) -> int:
+        """Preemptions made while building this step."""
+        return len(self.preempted_request_ids)
+
+    @property
+    def dropped_request_ids(self) -> set[str]:
+        """Every request whose runner state goes away: finished or preempted."""
+        return self.finished_request_ids | self.preempted_request_ids
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What one step produced, from the (last-stage) runner back to the scheduler."""
+
+    # Request id -> accepted token ids: one for a plain sampled row; for k drafts, the drafts
+    # that matched the target's samples followed by the target's next token (1..k+1 ids).
+    # Absent: the request sampled nothing (partial prefill, an earlier pipeline stage).
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list] = field(default_factory=dict)  # per accepted token (id, lp, rank, top)
+    prompt_logprobs: dict[str, list] = field(default_factory=dict)  # per prompt position, first None
+
+
+# -- field-by-name encoding helpers (the codecs: tessellm.distributed.codec, engine_process) --
+
+def dataclass_fields(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def build_dataclass(cls, d: dict, what: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise StepSchemaError(f"{what} has field(s) {unknown} that this tessellm does not know; "
+                              "run the same tessellm version in the engine and every worker.")
+    return cls(**d)
+
+
+def check_version(d: dict, what: str) -> None:
+    version = d.pop("v", None)
+    if version != STEP_SCHEMA_VERSION:
+        raise StepSchemaError(f"{what} uses step schema version {version!r}, but this tessellm "
+                              f"speaks version {STEP_SCHEMA_VERSION}; run the same tessellm "
+                              "version in the engine and every worker.")
