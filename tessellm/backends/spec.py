@@ -250,6 +250,20 @@ class FusedOps(Protocol):
     # ``fused_add_rms_norm(tp.all_reduce(x), residual, weight, eps)`` returns, so a backend can
     # do the all-reduce, the residual add and the norm in one launch. Without it the model calls
     # those two (``layers/norm.py``).
+    #
+    # Optional: ``fused_moe(hidden, router_logits, w13, w2, top_k, scoring="softmax",
+    # renormalize=True, w13_scale=None, w2_scale=None)``, a Mixture-of-Experts MLP for the MoE
+    # families (Mixtral, Qwen2/3-MoE). ``hidden [T, H]``; ``router_logits [T, E]``; ``w13
+    # [E, 2I, H]`` (per expert the gate rows, then the up rows); ``w2 [E, H, I]``. Routing, in
+    # float32: ``scoring`` "softmax" (over all E) or "sigmoid" (per logit) scores, the top
+    # ``top_k`` experts per token, divided by their sum when ``renormalize``. Returns ``[T, H]`` in
+    # hidden's dtype: per token the routing-weighted sum of ``w2[e] @ silu_and_mul(w13[e] @ x)``.
+    # Quantized experts: ``w13`` / ``w2`` in ``float8_e4m3fn`` with per-output-channel float32
+    # scales ``w13_scale [E, 2I]`` / ``w2_scale [E, H]`` (``W ~= w * scale[:, None]``). Under
+    # tensor parallelism each rank holds its slice of I and returns its partial sum (the model
+    # sums it, as for a row-parallel layer). The oracle is ``backends/reference/moe.py``; the
+    # conformance suite's ``test_moe.py`` checks an implementation against it. Without it the
+    # model runs the reference loop; ``tessellm backends`` reports which backends provide it.
 
 
 @runtime_checkable

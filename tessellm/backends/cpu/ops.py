@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tessellm.backends.cpu.moe import fused_moe_grouped
 from tessellm.backends.reference.ops import ReferenceOps
 
 # Column blocks of a wide product (the LM head: N = vocab). 2 cores (AVX-512), float32, x
@@ -17,6 +18,8 @@ MIN_M = 8
 
 
 class CpuOps(ReferenceOps):
+    fused_moe = staticmethod(fused_moe_grouped)  # the sort-and-group MoE (cpu/moe.py)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
         """``x @ weight.T (+ bias)``; float32 products of at least ``MIN_M`` rows and ``MIN_N``
         columns run in column blocks into one output, all others in one ``F.linear``."""

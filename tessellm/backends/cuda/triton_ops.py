@@ -145,6 +145,14 @@ class TritonOps:
 
     max_hidden = 65536  # one program holds a whole row
 
+    def fused_moe(self, hidden, router_logits, w13, w2, top_k, scoring="softmax",
+                  renormalize=True, w13_scale=None, w2_scale=None):
+        """Grouped GEMMs over expert-sorted token blocks (``tessellm/kernels/moe``)."""
+        from tessellm.kernels.moe import fused_moe
+
+        return fused_moe(hidden, router_logits, w13, w2, top_k, scoring, renormalize,
+                         w13_scale, w2_scale)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = _rows(x)
         out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tessellm.backends.reference.moe import fused_moe_reference
+
 
 class ReferenceOps:
     """Pure-torch ``FusedOps``. Computes norms in float32 like HF transformers does."""
@@ -30,6 +32,12 @@ class ReferenceOps:
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 
+    def fused_moe(self, hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
+                  renormalize: bool = True, w13_scale=None, w2_scale=None):
+        """``FusedOps.fused_moe``: the loop over experts (``reference/moe.py``)."""
+        return fused_moe_reference(hidden, router_logits, w13, w2, top_k, scoring, renormalize,
+                                   w13_scale, w2_scale)
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: int) -> torch.Tensor:
     shape = x.shape
@@ -38,3 +46,4 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: in
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.reshape(shape)
+

@@ -1,0 +1,38 @@
+"""The cpu backend's MoE: tokens grouped by expert with one sort, one product per touched expert.
+
+Same arithmetic as the reference loop (``reference/moe.py``) but without a mask pass per expert:
+the (token, slot) pairs are sorted by expert once, each touched expert multiplies one
+contiguous slice, and the weighted rows are scattered back with one ``index_add_``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tessellm.backends.reference.moe import dequantize_experts, route
+
+
+def fused_moe_grouped(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
+                      renormalize: bool = True, w13_scale=None, w2_scale=None) -> torch.Tensor:
+    weights, ids = route(router_logits, top_k, scoring, renormalize)
+    dtype = hidden.dtype
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    token_of = order // top_k
+    x = hidden[token_of]
+    inter = w2.shape[-1]
+    pieces, start = [], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        up13 = dequantize_experts(w13[e], None if w13_scale is None else w13_scale[e], dtype)
+        down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype)
+        gate_up = F.linear(x[start:start + n], up13)
+        pieces.append(F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down))
+        start += n
+    y = torch.cat(pieces) * weights.flatten()[order, None].to(dtype)
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    out.index_add_(0, token_of, y.float())
+    return out.to(dtype)

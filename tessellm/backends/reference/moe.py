@@ -1,0 +1,72 @@
+"""Reference Mixture-of-Experts in plain torch: the oracle for ``FusedOps.fused_moe``.
+
+Layout (the contract's, ``backends/spec.py``)::
+
+    hidden        [T, H]                   the tokens (model dtype)
+    router_logits [T, E]                   the router's output for each token
+    w13           [E, 2I, H]               per expert: gate rows [0, I), up rows [I, 2I)
+    w2            [E, H, I]                per expert: the down projection
+    w13_scale     [E, 2I] float32 or None  fp8 per-output-channel scales of w13 (w13 is fp8)
+    w2_scale      [E, H]  float32 or None  likewise for w2
+
+    out[t] = sum over the top-k experts e of t:  weight[t, e] * w2[e] @ (silu(g) * u),
+             [g | u] = w13[e] @ hidden[t]
+
+Routing: ``scoring`` "softmax" (Mixtral, Qwen-MoE) takes softmax over all E logits, then the
+top k; "sigmoid" (DeepSeek-V3 style) takes sigmoid of each logit, then the top k. With
+``renormalize`` the k weights are divided by their sum. Routing runs in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+SCORINGS = ("softmax", "sigmoid")
+
+
+def route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
+          renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [T, k] float32, expert ids [T, k] int64)``, each row best expert first."""
+    if scoring == "softmax":
+        scores = torch.softmax(router_logits.float(), dim=-1)
+    elif scoring == "sigmoid":
+        scores = torch.sigmoid(router_logits.float())
+    else:
+        raise ValueError(f"MoE scoring {scoring!r} is not supported; use one of {SCORINGS}.")
+    weights, ids = torch.topk(scores, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def dequantize_experts(w: torch.Tensor, scale: Optional[torch.Tensor], dtype) -> torch.Tensor:
+    """``w`` as ``dtype``: fp8 weights times their per-output-channel ``scale`` ``[E, N]``."""
+    if scale is None:
+        return w.to(dtype)
+    return (w.float() * scale.float()[..., None]).to(dtype)
+
+
+def fused_moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor,
+                        w2: torch.Tensor, top_k: int, scoring: str = "softmax",
+                        renormalize: bool = True, w13_scale: Optional[torch.Tensor] = None,
+                        w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The loop over experts; returns ``[T, H]`` in hidden's dtype. Experts run in hidden's
+    dtype (as HF transformers does), their weighted outputs are summed in float32."""
+    weights, ids = route(router_logits, top_k, scoring, renormalize)
+    dtype = hidden.dtype
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    inter = w2.shape[-1]
+    for e in range(w13.shape[0]):
+        token_idx, slot = torch.where(ids == e)
+        if token_idx.numel() == 0:
+            continue
+        up13 = dequantize_experts(w13[e], None if w13_scale is None else w13_scale[e], dtype)
+        down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype)
+        gate_up = F.linear(hidden[token_idx], up13)
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        y = F.linear(act, down) * weights[token_idx, slot, None].to(dtype)
+        out.index_add_(0, token_idx, y.float())
+    return out.to(dtype)

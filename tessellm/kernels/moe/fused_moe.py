@@ -1,0 +1,124 @@
+"""Fused MoE on Triton: route, align tokens by expert, two grouped GEMMs with SiLU-and-mul.
+
+The grouped GEMM (``_expert_gemm_kernel``) runs one program per (block of ``BLOCK_M``
+expert-sorted rows, block of ``BLOCK_N`` output columns); every row of a block belongs to the
+same expert (``align.py``), so the block multiplies by that expert's weight only. Rows are
+gathered by index, so the activations are never permuted in memory::
+
+    hidden [T, H] --gather rows p // k--> GEMM 1 (w13[e]) --> C1 [T*k, 2I] (row p = pair p)
+    silu(C1[:, :I]) * C1[:, I:] --> A2 [T*k, I] --> GEMM 2 (w2[e], x routing weight) --> C2 [T*k, H]
+    out[t] = sum over slots of C2[t * k + slot]
+
+fp8 experts (``float8_e4m3fn`` weights with per-output-channel float32 scales ``[E, N]``) are
+widened in the tile and the accumulator is scaled per column (W8A16).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from tessellm.kernels.moe.align import align_by_expert
+
+
+@triton.jit
+def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, sorted_ids_ptr, block_expert_ptr,
+                        num_padded_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn,
+                        stride_cm, stride_se, A_ROW_DIV: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr):
+    """C[p, n] = sum_k A[p // A_ROW_DIV, k] * B[e, n, k] (* scale[e, n]) (* weight[p])."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pairs < num_pairs
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_row = a_ptr + (pairs // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
+    b_col = b_ptr + expert * stride_be + rn[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_row + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K), other=0.0)
+        b = tl.load(b_col + rk[:, None], mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if DOT_FP32:  # the interpreter's bf16 dot is wrong: widen the tiles there
+            a = a.to(tl.float32)
+        acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PREC)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + expert * stride_se + rn, mask=rn < N, other=0.0)[None, :]
+    if MUL_WEIGHT:
+        acc *= tl.load(weight_ptr + pairs, mask=row_ok, other=0.0)[:, None]
+    c = c_ptr + pairs.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (rn[None, :] < N))
+
+
+def _tiles(pairs: int, num_experts: int) -> dict:
+    """Tile sizes by the mean rows per expert: decode-sized groups take short blocks."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+    if pairs <= 2 * num_experts:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    if pairs <= 32 * num_experts:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out, row_div, tiles):
+    n, k = w.shape[1], w.shape[2]
+    grid = (sorted_ids.numel() // tiles["BLOCK_M"], triton.cdiv(n, tiles["BLOCK_N"]))
+    _expert_gemm_kernel[grid](
+        a, w, out, scale if scale is not None else w, weights if weights is not None else out,
+        sorted_ids, block_expert, num_padded, n, k, out.shape[0], a.stride(0), w.stride(0),
+        w.stride(1), out.stride(0), scale.stride(0) if scale is not None else 0,
+        A_ROW_DIV=row_div, HAS_SCALE=scale is not None, MUL_WEIGHT=weights is not None,
+        DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32",
+        DOT_FP32=a.dtype == torch.bfloat16 and a.device.type == "cpu", **tiles)
+
+
+def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     w13: torch.Tensor, w2: torch.Tensor, w13_scale: Optional[torch.Tensor] = None,
+                     w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``hidden [T, H]``, routing ``topk_weights`` / ``topk_ids`` ``[T, k]``, experts ``w13
+    [E, 2I, H]`` and ``w2 [E, H, I]`` (fp8 with ``*_scale [E, N]``, or hidden's dtype);
+    returns ``[T, H]`` in hidden's dtype."""
+    t, k = topk_ids.shape
+    num_experts, inter = w13.shape[0], w2.shape[2]
+    tiles = _tiles(t * k, num_experts)
+    sorted_ids, block_expert, num_padded = align_by_expert(topk_ids, num_experts, tiles["BLOCK_M"])
+    hidden = hidden.contiguous()
+    c1 = torch.empty(t * k, 2 * inter, dtype=hidden.dtype, device=hidden.device)
+    _expert_gemm(hidden, w13, w13_scale, None, sorted_ids, block_expert, num_padded, c1, k, tiles)
+    act = F.silu(c1[:, :inter]) * c1[:, inter:]
+    c2 = torch.empty(t * k, w2.shape[1], dtype=hidden.dtype, device=hidden.device)
+    weights = topk_weights.to(torch.float32).contiguous().view(-1)
+    _expert_gemm(act, w2, w2_scale, weights, sorted_ids, block_expert, num_padded, c2, 1, tiles)
+    return c2.view(t, k, -1).sum(dim=1, dtype=torch.float32).to(hidden.dtype)
+
+
+def topk_routing(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool):
+    """``(weights [T, k] float32, ids [T, k])``: softmax or sigmoid scores, the top k, divided
+    by their sum when ``renormalize`` (the contract's routing, ``backends/spec.py``)."""
+    logits = router_logits.float()
+    if scoring == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    elif scoring == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:
+        raise ValueError(f"MoE scoring {scoring!r} is not supported; use softmax or sigmoid.")
+    weights, ids = torch.topk(scores, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_moe(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
+              renormalize: bool = True, w13_scale=None, w2_scale=None) -> torch.Tensor:
+    """The contract's ``FusedOps.fused_moe``: routing, then ``fused_moe_triton``."""
+    weights, ids = topk_routing(router_logits, top_k, scoring, renormalize)
+    return fused_moe_triton(hidden, weights, ids, w13, w2, w13_scale, w2_scale)

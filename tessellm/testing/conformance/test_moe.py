@@ -1,0 +1,64 @@
+"""``FusedOps.fused_moe`` (optional) against the reference loop over experts: softmax and
+sigmoid routing, top-k 1/2/8, experts that receive no token, and fp8 per-channel experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessellm.backends.reference.moe import fused_moe_reference
+from tessellm.backends.spec import OpsSpec
+from tessellm.testing.harness import tolerance
+
+
+def _moe_ops(target, dtype):
+    ops = target.registry.fused_ops(target.backend, OpsSpec(dtype))
+    if ops is None or getattr(ops, "fused_moe", None) is None:
+        pytest.skip(f"{target.name} provides no fused_moe (MoE models run the reference loop)")
+    return ops
+
+
+def _experts(e, h, i, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(e, 2 * i, h, generator=g) / h ** 0.5,
+            torch.randn(e, h, i, generator=g) / i ** 0.5)
+
+
+@pytest.mark.parametrize("tokens,top_k,scoring,renormalize", [
+    (1, 1, "softmax", True), (6, 2, "softmax", False), (9, 8, "sigmoid", True)])
+def test_fused_moe(target, tokens, top_k, scoring, renormalize):
+    e, h, i = 16, 64, 32  # with 1-6 tokens most experts get none
+    w13, w2 = _experts(e, h, i, seed=tokens)
+    g = torch.Generator().manual_seed(100 + tokens)
+    x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
+    for dtype in (torch.float32, target.low_precision_dtype):
+        ops = _moe_ops(target, dtype)
+        args = [t.to(dtype) for t in (x, logits, w13, w2)]
+        want = fused_moe_reference(*args, top_k, scoring, renormalize)
+        got = ops.fused_moe(*[t.to(target.device) for t in args], top_k, scoring, renormalize)
+        assert got.dtype == dtype and got.shape == x.shape
+        torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+
+
+def test_fused_moe_fp8_experts(target):
+    """Per-output-channel fp8 weights with float32 scales (W8A16)."""
+    dtype = target.low_precision_dtype
+    ops = _moe_ops(target, dtype)
+    w13, w2 = _experts(8, 64, 32, seed=3)
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    s13, s2 = w13.abs().amax(-1) / fmax, w2.abs().amax(-1) / fmax
+    q13 = (w13 / s13[..., None]).to(torch.float8_e4m3fn)
+    q2 = (w2 / s2[..., None]).to(torch.float8_e4m3fn)
+    g = torch.Generator().manual_seed(4)
+    x, logits = torch.randn(5, 64, generator=g).to(dtype), torch.randn(5, 8, generator=g)
+    want = fused_moe_reference(x, logits, q13, q2, 2, "softmax", True, s13, s2)
+    dev = target.device
+    got = ops.fused_moe(x.to(dev), logits.to(dev), q13.to(dev), q2.to(dev), 2, "softmax", True,
+                        s13.to(dev), s2.to(dev))
+    torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+
+
+def _moe_tolerance(dtype):
+    tol = tolerance(dtype)
+    # Two chained products plus a weighted sum: a few roundings more than one GEMM.
+    return {k: v * 4 for k, v in tol.items()} if dtype != torch.float32 else tol
