@@ -76,9 +76,9 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, config, ctx: ModelContext):
+    def __init__(self, config, ctx: ModelContext, intermediate_size: Optional[int] = None):
         super().__init__()
-        inter = config.intermediate_size
+        inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter],
                                                  quant_method=ctx.quant_method, tp=ctx.tp)
         # Summed over ranks by the next RMSNorm: the next layer's input_layernorm or the final norm.
@@ -104,10 +104,10 @@ class DecoderLayer(nn.Module):
     """
 
     def __init__(self, config, ctx: ModelContext, rotary, qkv_bias: bool, qk_norm: bool,
-                 index: int):
+                 index: int, mlp: Optional[nn.Module] = None):
         super().__init__()
         self.self_attn = DecoderAttention(config, ctx, rotary, qkv_bias, qk_norm)
-        self.mlp = DecoderMLP(config, ctx)
+        self.mlp = mlp if mlp is not None else DecoderMLP(config, ctx)  # output: a partial sum
         eps, hidden = config.rms_norm_eps, config.hidden_size
         self.input_layernorm = RMSNorm(hidden, eps, ctx.ops, reduce=ctx.tp if index > 0 else None)
         o_reduced = self.self_attn.o_proj.reduce_results
@@ -149,13 +149,19 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(head_size, config.max_position_embeddings, _rope_theta(config),
                                  _rope_scaling(config), ctx.ops)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, ctx, rotary, self.qkv_bias, self.qk_norm, i)
+            DecoderLayer(config, ctx, rotary, self.qkv_bias, self.qk_norm, i,
+                         self.make_mlp(config, ctx, i))
             if self.start_layer <= i < self.end_layer else MissingLayer()
             for i in range(config.num_hidden_layers))
         if ctx.pp.is_last:
             self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.ops, reduce=ctx.tp)  # down_proj's sum
             tied = self.embed_tokens.weight if self.tie_word_embeddings and ctx.pp.is_first else None
             self.lm_head = ParallelLMHead(vocab, hidden, ctx.tp, weight=tied)
+
+    def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
+        """Layer ``index``'s MLP (the MoE families override it); its output is a partial sum
+        under tensor parallelism, summed by the next RMSNorm."""
+        return DecoderMLP(config, ctx)
 
     def attention_layers(self) -> list[Attention]:
         """This stage's attention layers (the ones that hold KV cache)."""

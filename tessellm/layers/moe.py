@@ -1,0 +1,89 @@
+"""Mixture-of-Experts: a router and the experts, run through the backend's ``fused_moe``.
+
+Experts are sharded tensor-parallel style: every rank holds every expert, but only its slice
+of each expert's intermediate dimension I (rank r of R: rows ``[r*I/R, (r+1)*I/R)`` of the gate
+and of the up projection, the same columns of the down projection)::
+
+    w13[e] rows:  [ gate_0 gate_1 | up_0 up_1 ]   (R = 2)   rank 0 holds [ gate_0 | up_0 ]
+    w2[e]  cols:  [ down_0 | down_1 ]                       rank 0 holds [ down_0 ]
+
+so each rank's output is a partial sum over I, summed by the next RMSNorm like a row-parallel
+layer's (``layers/norm.py``). The router is replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from tessellm.backends.reference.moe import fused_moe_reference
+from tessellm.distributed.parallel_state import TensorParallel
+from tessellm.layers.linear import Linear, materialize
+
+# Checkpoint names of an expert's three projections -> (our tensor, shard in it).
+EXPERT_PARTS = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up_proj": ("w13", 1),
+                "w2": ("w2", None), "down_proj": ("w2", None)}
+
+
+class FusedMoE(nn.Module):
+    """``num_experts`` SwiGLU experts of intermediate size ``intermediate`` (whole model)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, top_k: int, ops,
+                 scoring: str = "softmax", renormalize: bool = True,
+                 tp: Optional[TensorParallel] = None):
+        super().__init__()
+        self.tp = tp or TensorParallel()
+        if intermediate % self.tp.size:
+            raise ValueError(f"The experts' intermediate size {intermediate} does not split over "
+                             f"tensor_parallel_size {self.tp.size}; use a size that divides it.")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok {top_k} must be within 1..{num_experts}.")
+        self.local = intermediate // self.tp.size
+        self.top_k, self.scoring, self.renormalize = top_k, scoring, renormalize
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.local, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.local), requires_grad=False)
+        self._moe = getattr(ops, "fused_moe", None) or fused_moe_reference
+
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """This rank's partial ``[T, H]`` (the whole result when not tensor-parallel)."""
+        return self._moe(hidden, router_logits, self.w13, self.w2, self.top_k, self.scoring,
+                         self.renormalize)
+
+    def load_expert(self, expert: int, part: str, tensor) -> str:
+        """Copy one checkpoint projection (a key of ``EXPERT_PARTS``) of ``expert``; returns the
+        parameter's name."""
+        name, shard = EXPERT_PARTS[part]
+        start = self.tp.rank * self.local
+        if name == "w2":
+            src = materialize(tensor.narrow(1, start, self.local) if self.tp.size > 1 else tensor)
+            dst = self.w2.data[expert]
+        else:
+            src = materialize(tensor.narrow(0, start, self.local) if self.tp.size > 1 else tensor)
+            dst = self.w13.data[expert, shard * self.local:(shard + 1) * self.local]
+        if dst.shape != src.shape:
+            raise ValueError(f"Expert {expert} {part} has shape {tuple(tensor.shape)} in the "
+                             f"checkpoint, which does not fit {tuple(dst.shape)} on this rank; "
+                             "the config does not match the weights.")
+        dst.copy_(src)
+        return name
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts, plus Qwen2-MoE's shared expert gated by ``sigmoid(shared_expert_gate)``
+    when ``shared_expert`` is given (a dense MLP whose output is a partial sum too)."""
+
+    def __init__(self, experts: FusedMoE, hidden: int, num_experts: int,
+                 shared_expert: Optional[nn.Module] = None):
+        super().__init__()
+        self.gate = Linear(hidden, [num_experts])  # replicated router, never quantized
+        self.experts = experts
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = Linear(hidden, [1]) if shared_expert is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.experts(x, self.gate(x))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out

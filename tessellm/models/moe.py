@@ -1,0 +1,114 @@
+"""Mixture-of-Experts families on the llama decoder: Mixtral, Qwen2-MoE (shared expert),
+Qwen3-MoE (q/k norm). Attention, norms and rotary are the llama family's; each layer's MLP is a
+``SparseMoeBlock`` (router + ``FusedMoE``), or a dense MLP where the config says so
+(Qwen-MoE's ``mlp_only_layers`` / ``decoder_sparse_step``).
+
+Checkpoint names: the experts come one tensor per projection and expert
+(``...experts.<e>.w1|w3|w2`` for Mixtral, ``...experts.<e>.gate_proj|up_proj|down_proj`` for
+Qwen) and load into the stacked ``w13`` / ``w2``; Mixtral's ``block_sparse_moe`` is our ``mlp``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from tessellm.layers.context import ModelContext
+from tessellm.layers.moe import FusedMoE, SparseMoeBlock
+from tessellm.models.llama import DecoderMLP, LlamaForCausalLM, _strip_prefix
+
+_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
+
+
+class _MoeForCausalLM(LlamaForCausalLM):
+    shared_expert = False
+
+    def __init__(self, config, ctx: ModelContext):
+        if ctx.quant_method is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not run quantized linears yet; load it unquantized "
+                "(fp8 experts are supported by the fused_moe op, not yet by the loader).")
+        super().__init__(config, ctx)
+
+    # -- per-family config -----------------------------------------------------------------
+
+    def num_experts(self, config) -> int:
+        return config.num_experts
+
+    def expert_size(self, config) -> int:
+        return config.moe_intermediate_size
+
+    def renormalize(self, config) -> bool:
+        return bool(getattr(config, "norm_topk_prob", False))
+
+    def is_sparse(self, config, index: int) -> bool:
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+        return index not in (getattr(config, "mlp_only_layers", None) or []) and (index + 1) % step == 0
+
+    # -- layers ----------------------------------------------------------------------------
+
+    def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
+        if not self.is_sparse(config, index):
+            return DecoderMLP(config, ctx)
+        experts = FusedMoE(self.num_experts(config), config.hidden_size, self.expert_size(config),
+                           config.num_experts_per_tok, ctx.ops,
+                           renormalize=self.renormalize(config), tp=ctx.tp)
+        shared = None
+        if self.shared_expert and getattr(config, "shared_expert_intermediate_size", 0):
+            shared = DecoderMLP(config, ctx, config.shared_expert_intermediate_size)
+        return SparseMoeBlock(experts, config.hidden_size, self.num_experts(config), shared)
+
+    def rename(self, name: str) -> str:
+        return name
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Expert tensors go into the stacked ``w13`` / ``w2``; the rest as for llama."""
+        loaded: set[str] = set()
+        modules = dict(self.named_modules())
+
+        def others():
+            for name, tensor in weights:
+                short = _strip_prefix(name)
+                match = _EXPERT.match(self.rename(short)) if short else None
+                if match is None:
+                    yield name, tensor
+                elif self._owns(match.group(1)):
+                    prefix, expert, part = match.groups()
+                    param = modules[prefix].load_expert(int(expert), part, tensor)
+                    loaded.add(f"{prefix}.{param}")
+
+        loaded |= super().load_weights((self.rename_full(n), t) for n, t in others())
+        return loaded
+
+    def rename_full(self, name: str) -> str:
+        short = _strip_prefix(name)
+        return self.rename(short) if short is not None else name
+
+
+class MixtralForCausalLM(_MoeForCausalLM):
+    def num_experts(self, config) -> int:
+        return config.num_local_experts
+
+    def expert_size(self, config) -> int:
+        return config.intermediate_size
+
+    def renormalize(self, config) -> bool:
+        return True  # Mixtral always renormalizes its top-k weights
+
+    def is_sparse(self, config, index: int) -> bool:
+        return True
+
+    def rename(self, name: str) -> str:
+        return name.replace(".block_sparse_moe.", ".mlp.")
+
+
+class Qwen2MoeForCausalLM(_MoeForCausalLM):
+    qkv_bias = True
+    shared_expert = True
+
+
+class Qwen3MoeForCausalLM(_MoeForCausalLM):
+    qk_norm = True
