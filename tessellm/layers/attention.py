@@ -30,6 +30,8 @@ class Attention(nn.Module):
         kernel to rotate (NeoX over the whole head; only if ``fuses_rotary``). Either way q and
         k are not to be read afterwards (the kernel may rotate them in place)."""
         t = q.shape[0]
+        if isinstance(metadata, PerKernelMetadata):
+            metadata = metadata[id(self.kernel)]
         rotary = {}
         if positions is not None:
             if not self.fuses_rotary:
@@ -42,3 +44,25 @@ class Attention(nn.Module):
                                   v.view(t, self.num_kv_heads, self.head_size),
                                   self.k_cache, self.v_cache, metadata, self.scale, **rotary)
         return out.reshape(t, self.num_heads * self.head_size)
+
+
+class PerKernelMetadata(dict):
+    """Step metadata of a model with several attention kernels: ``id(kernel)`` -> metadata."""
+
+
+class PerWindowKernels:
+    """The attention kernels of a model whose layers differ in sliding window (Gemma 3: local
+    and global layers), behind the one ``build_metadata`` the model runner calls: it builds each
+    kernel's metadata, and every ``Attention`` picks its own kernel's (``forward`` above)."""
+
+    supports_sliding_window = True
+    fuses_rotary = False
+
+    def __init__(self, kernels):
+        self.kernels = list(kernels)
+        self.name = "+".join(getattr(k, "name", type(k).__name__) for k in self.kernels)
+        self.supports_graph_capture = all(getattr(k, "supports_graph_capture", False)
+                                          for k in self.kernels)
+
+    def build_metadata(self, batch) -> PerKernelMetadata:
+        return PerKernelMetadata((id(k), k.build_metadata(batch)) for k in self.kernels)

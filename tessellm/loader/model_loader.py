@@ -12,6 +12,7 @@ from tessellm.backends.reference.ops import ReferenceOps
 from tessellm.backends.spec import AttentionSpec, OpsSpec
 from tessellm.config import ModelSource
 from tessellm.distributed.parallel_state import PipelineStage, TensorParallel
+from tessellm.layers.attention import PerWindowKernels
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import use_backend_linear
 from tessellm.models.registry import model_class
@@ -80,8 +81,8 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     _load_weights(model, source, load_format, dtype, seed, quant_spec if quant_method else None)
     use_backend_linear(model, ops)
     model.eval()
-    if len(kernels) != 1:
-        raise RuntimeError(f"Expected one attention kernel per model, got {len(kernels)}.")
+    if len(kernels) > 1:  # layers with different sliding windows (Gemma 3)
+        return model, PerWindowKernels(kernels.values())
     return model, next(iter(kernels.values()))
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from tessellm.models import llama, moe
+from tessellm.models import gemma3, llama, moe
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
     "MistralForCausalLM": llama.MistralForCausalLM,
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
+    "Gemma3ForCausalLM": gemma3.Gemma3ForCausalLM,
     "MixtralForCausalLM": moe.MixtralForCausalLM,
     "Qwen2MoeForCausalLM": moe.Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": moe.Qwen3MoeForCausalLM,

@@ -35,7 +35,7 @@ def test_verbose_shows_which_plugin_provides_each_piece():
     text = describe_backends(verbose=True, registry=BackendRegistry(plugins=[("fastattn", override)]))
     cpu = text[text.index("\ncpu: "):]
     assert "attention: fast-cpu (Fast) from plugin 'fastattn'" in cpu
-    assert "ops:       CpuOps (CpuOps) from plugin 'cpu' [linear]" in cpu
+    assert "ops:       CpuOps (CpuOps) from plugin 'cpu' [linear, fused MoE]" in cpu
     assert "graph:     none (eager)" in cpu
     rocm = text[text.index("\nrocm: "):text.index("\ntpu: ")]
     assert "attention: triton-rocm (RocmTritonAttentionKernel) from plugin 'rocm'" in rocm
@@ -44,7 +44,7 @@ def test_verbose_shows_which_plugin_provides_each_piece():
     # FusedOps.linear for 1-2 row products, the all-reduce fused with the norm after it)
     assert "(TritonAttentionKernel) from plugin 'cuda' [graph capture, sliding window, " \
            "fuses rotary]" in cuda
-    assert "(TritonOps) from plugin 'cuda' [linear, all-reduce + norm]" in cuda
+    assert "(TritonOps) from plugin 'cuda' [linear, all-reduce + norm, fused MoE]" in cuda
     assert "graph:     hip-graphs" in rocm and "fp8 -> fp8 (RocmFp8LinearMethod)" in rocm
     assert "attention (tessellm_attention_kernel): fastattn, " in text
 
