@@ -90,6 +90,10 @@ def resolve_model(model: Optional[str]) -> ModelSource:
         from tessellm.loader.default_model import default_model_path
 
         model = default_model_path()
+    from tessellm.loader.default_model import BUNDLED_MODELS, bundled_model_path
+
+    if model in BUNDLED_MODELS:
+        model = bundled_model_path(model)
     if model.endswith(".gguf"):
         if not os.path.isfile(model):
             raise FileNotFoundError(f"GGUF file {model} does not exist.")

@@ -88,3 +88,10 @@ def _switch(name: str) -> Optional[bool]:
     if value in ("1", "on", "true", "yes"):
         return True
     raise ValueError(f"{name}={value!r} is not understood; use 1 or 0.")
+
+
+def cache_dir() -> str:
+    """TESSELLM_CACHE_DIR: where tessellm writes files it derives once (a bundled model
+    assembled from its chunk packages); default ~/.cache/tessellm."""
+    return os.environ.get("TESSELLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                "tessellm")

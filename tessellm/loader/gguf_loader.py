@@ -32,12 +32,16 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (Gemma3TextConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast,
+                          Qwen2Config)
+
+from tessellm.loader.gguf_gemma3 import GEMMA3_LAYER_NAMES, gemma3_config, gemma3_tokenizer_fixups
 
 # GGUF `general.architecture` -> (HF architecture name, config class, llama.cpp permuted q/k rows)
 _ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", LlamaConfig, True),
     "qwen2": ("Qwen2ForCausalLM", Qwen2Config, False),
+    "gemma3": ("Gemma3ForCausalLM", Gemma3TextConfig, False),
 }
 
 # GGUF tensor name (without `.weight`/`.bias`) -> HF module name
@@ -53,6 +57,8 @@ _LAYER_NAMES = {  # blk.{i}.KEY -> model.layers.{i}.VALUE
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+
+_ARCH_LAYER_NAMES = {"gemma3": {**_LAYER_NAMES, **GEMMA3_LAYER_NAMES}}
 
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
@@ -170,6 +176,8 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     token_id = {k: header.metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
     if arch == "llama":  # Qwen2 always has q/k/v biases; a llama-arch file may have them or not
         extra["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    if arch == "gemma3":
+        return gemma3_config(hp, token_id, embed_rows, tensor_names)
     return config_class(
         architectures=[hf_arch],
         vocab_size=hp("vocab_size", embed_rows),
@@ -193,19 +201,23 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
 def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """HF fast tokenizer (vocab, merges, special tokens, chat template) from a GGUF, via transformers."""
     path = os.path.abspath(os.fspath(path))
-    return PreTrainedTokenizerFast.from_pretrained(
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
     )
+    if _read_header(path).metadata.get("general.architecture") == "gemma3":
+        gemma3_tokenizer_fixups(tokenizer)
+    return tokenizer
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str:
     """HF name of a GGUF tensor name: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    layer_names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
     stem, suffix = gguf_name.rsplit(".", 1)
     if stem in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[stem]}.{suffix}"
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
-    if match and match[2] in _LAYER_NAMES:
-        return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{suffix}"
+    if match and match[2] in layer_names:
+        return f"model.layers.{match[1]}.{layer_names[match[2]]}.{suffix}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no tessellm equivalent; this GGUF variant is unsupported.")
 
 
@@ -269,13 +281,15 @@ def iter_gguf_weights(
 
     def stream() -> Iterator[tuple[str, Any]]:
         for info in header.tensors:
-            name = _hf_name(info.name)
+            name = _hf_name(info.name, arch)
             raw = (keep_quantized is not None and info.qtype not in _DENSE_TYPES
                    and len(info.shape) == 2 and keep_quantized(name))
             weight = _raw_rows(header, info) if raw else _dequantize(header, info)
             kind = info.name.split(".")[-2]
             if permuted and kind in rotary_heads:
                 weight = _unpermute_rotary(weight, rotary_heads[kind])
+            if arch == "gemma3" and name.endswith("norm.weight"):
+                weight = weight - 1  # llama.cpp stores Gemma's 1 + w; HF names hold w (as HF does)
             yield name, GGUFQuantized(info.qtype, info.shape, weight) if raw else weight.to(dtype)
 
     return stream()
