@@ -23,7 +23,9 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int):
     num_padded [1] int32)``."""
     flat = ids.flatten().to(torch.int64)
     pairs = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add, not bincount: bincount sizes its output from the data (a host sync).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
