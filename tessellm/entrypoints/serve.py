@@ -88,6 +88,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="a Jinja chat template file overriding the tokenizer's")
     g.add_argument("--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM / Ctrl-C, refuse new requests (503) and let those in flight "
+                   "finish for at most this long")
     g = parser.add_argument_group("limits")
     g.add_argument("--max-n", type=int, default=16, help="most samples per request (n)")
     g.add_argument("--max-logprobs", type=int, default=20, help="most logprobs / top_logprobs")

@@ -19,6 +19,7 @@ from tessellm.entrypoints.ray_serve.config import RayServeConfig, config_to_dict
 from tessellm.entrypoints.ray_serve.engine_replica import EngineReplica
 from tessellm.entrypoints.ray_serve.ingress import OpenAIIngress
 from tessellm.entrypoints.ray_serve.prefix_router import ROUTER_CLASS_PATH
+from tessellm.entrypoints.ray_serve.resources import DEFAULT_INGRESS_CPUS, ClusterView, fit_defaults
 
 ENGINE_DEPLOYMENT = "TessellmEngine"
 INGRESS_DEPLOYMENT = "TessellmIngress"
@@ -27,14 +28,31 @@ INGRESS_SECTIONS = ("model", "engine", "server", "router", "ingress")
 
 
 def build_app(args: dict | None = None) -> serve.Application:
-    """The application for ``serve run`` / a Serve config file / ``tessellm serve --ray``."""
+    """The application for ``serve run`` / a Serve config file / ``tessellm serve --ray``.
+
+    CPUs left unset are fitted to the cluster's total resources (resources.py), so a redeploy
+    asks for the same. The ingress's ``user_config`` ``{draining: false}`` may be set true in a
+    Serve config file (a light update) to drain it (ingress.py)."""
     config = parse_config(args)
+    if config.replica.num_cpus is None or config.ingress.num_cpus is None:
+        fit_defaults(config, _cluster_totals())
     # Each deployment gets only the plain data it reads, so changing replica counts or
     # autoscaling is a light update (no restart): Serve restarts replicas when bind args change.
     engine_part = config_to_dict(config, ENGINE_SECTIONS)
     ingress_part = config_to_dict(config, INGRESS_SECTIONS)
     engine = serve.deployment(**engine_options(config))(EngineReplica).bind(engine_part)
-    return serve.deployment(**ingress_options(config))(OpenAIIngress).bind(engine, ingress_part)
+    ingress = serve.deployment(**ingress_options(config), user_config={"draining": False})
+    return ingress(OpenAIIngress).bind(engine, ingress_part)
+
+
+def _cluster_totals() -> ClusterView:
+    """The connected cluster's total resources; none known: the documented fixed defaults."""
+    import ray
+
+    if not ray.is_initialized():
+        return ClusterView(free={"CPU": 10 * DEFAULT_INGRESS_CPUS})  # replica 1 CPU, ingress 0.5
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return ClusterView(free=dict(ray.cluster_resources()), nodes=nodes)
 
 
 def engine_options(config: RayServeConfig) -> dict:
@@ -61,5 +79,6 @@ def engine_options(config: RayServeConfig) -> dict:
 def ingress_options(config: RayServeConfig) -> dict:
     i = config.ingress
     return dict(name=INGRESS_DEPLOYMENT, num_replicas=i.num_replicas,
-                ray_actor_options={"num_cpus": i.num_cpus},
-                max_ongoing_requests=i.max_ongoing_requests)
+                ray_actor_options={"num_cpus": i.num_cpus if i.num_cpus is not None else DEFAULT_INGRESS_CPUS},
+                max_ongoing_requests=i.max_ongoing_requests,
+                graceful_shutdown_timeout_s=i.graceful_shutdown_timeout_s)

@@ -12,7 +12,7 @@ to each field's type. Unknown keys are an error naming the key, never silently i
     autoscaling: {min_replicas, max_replicas, target_ongoing_requests, ...}
     replica: {num_cpus, num_gpus, resources, max_ongoing_requests, ...}
     router: {prefix_affinity, chunk_chars, imbalance_threshold, ...}
-    ingress: {num_replicas, num_cpus, max_ongoing_requests, retries}
+    ingress: {num_replicas, num_cpus, max_ongoing_requests, retries, graceful_shutdown_timeout_s, ...}
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ _BACKEND_RESOURCES = {"cpu": {}, "cuda": {"num_gpus": 1}, "rocm": {"num_gpus": 1
 class ReplicaOptions:
     """One engine replica: what it asks Ray for and how Serve treats it."""
 
-    num_cpus: float = 1.0  # CPUs reserved per replica (fractional is fine for tests)
+    num_cpus: Optional[float] = None  # CPUs reserved per replica; None: fitted to the cluster
+    #                                   (resources.py: at most 1, less where the cluster is small)
     num_gpus: Optional[float] = None  # None: from the device (1 for cuda/rocm/xpu, 0 for cpu)
     resources: dict = field(default_factory=dict)  # custom Ray resources, e.g. {"TPU": 1}
     max_ongoing_requests: int = 256  # Serve queues requests beyond this at the router
@@ -84,9 +85,11 @@ class IngressOptions:
     """The HTTP ingress deployment (forwards requests; no model)."""
 
     num_replicas: int = 1
-    num_cpus: float = 0.5
+    num_cpus: Optional[float] = None  # None: fitted to the cluster (0.5, less on a small one)
     max_ongoing_requests: int = 2048  # concurrent client connections per ingress replica
     retries: int = 1  # re-send a request whose replica died before answering anything
+    graceful_shutdown_timeout_s: float = 60.0  # how long a stopping ingress lets its streams finish
+    retry_after_s: int = 5  # Retry-After of the 503 a draining ingress answers new requests with
 
 
 @dataclass
@@ -117,7 +120,8 @@ class RayServeConfig:
     def replica_actor_options(self) -> dict:
         """``ray_actor_options`` for an engine replica: CPUs, and the accelerator its backend uses."""
         device = self.engine.get("device", "auto")
-        opts: dict[str, Any] = {"num_cpus": self.replica.num_cpus}
+        num_cpus = self.replica.num_cpus
+        opts: dict[str, Any] = {"num_cpus": 1.0 if num_cpus is None else num_cpus}
         if self.replica.num_gpus is not None or self.replica.resources:
             auto = {}
         elif device in _BACKEND_RESOURCES:
@@ -176,6 +180,10 @@ class RayServeConfig:
             raise ValueError("replica.max_ongoing_requests and ingress.max_ongoing_requests must be >= 1.")
         if self.ingress.num_replicas < 1 or self.ingress.retries < 0:
             raise ValueError("ingress.num_replicas must be >= 1 and ingress.retries >= 0.")
+        for name, value in (("replica.num_cpus", self.replica.num_cpus),
+                            ("ingress.num_cpus", self.ingress.num_cpus)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 (or unset, to fit the cluster), got {value}.")
         if check_resources:
             self.replica_actor_options()
 

@@ -13,6 +13,12 @@ Failures of the replica, not of the request:
   plain body, already started, is cut short (the client sees a broken response, never a hang);
 * Serve refused it (``max_queued_requests`` reached): 503 ``overloaded``, not retried.
 
+Draining (``tessellm serve --ray`` got SIGTERM / Ctrl-C and called ``drain()``, or an operator
+set the deployment's ``user_config: {draining: true}``, which Serve hands every ingress replica
+through ``reconfigure``): new requests get 503 ``server_shutting_down`` with ``Retry-After``;
+requests in flight, streams included, go on. ``drain()`` / ``drain_status()`` answer how many
+are left (a response counts until its last byte is sent or its client is gone).
+
 The FastAPI app below is a route table only (Serve's class-based ingress); its state lives
 on the ``OpenAIIngress`` instance. Serve pickles the app when the class is decorated, so every
 helper a route uses is defined above the class.
@@ -22,7 +28,7 @@ import logging  # no `from __future__ import annotations`: FastAPI must see the 
 import secrets
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -30,6 +36,7 @@ from ray.serve.exceptions import BackPressureError
 from tessellm.entrypoints.openai.errors import OpenAIError
 from tessellm.entrypoints.ray_serve.asgi_bridge import ForwardedRequest
 from tessellm.entrypoints.ray_serve.config import parse_config
+from tessellm.entrypoints.ray_serve.engine_replica import REPLICA_HEADER
 from tessellm.entrypoints.ray_serve.prefix_key import prefix_hashes
 
 logger = logging.getLogger(__name__)
@@ -66,6 +73,27 @@ async def _relay(gen, first: bytes, is_sse: bool):
             gen.cancel()  # client gone or replica failed: stop the replica's work too
 
 
+class _Counted(Response):
+    """Wraps a response: ``done()`` runs once it is sent or its client is gone (exactly once)."""
+
+    def __init__(self, response: Response, done):  # noqa: super().__init__ not wanted: a proxy
+        self.response, self.done = response, done
+
+    @property
+    def background(self):  # FastAPI attaches background tasks here: they belong to the inner one
+        return self.response.background
+
+    @background.setter
+    def background(self, value):
+        self.response.background = value
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            self.done()
+
+
 def _replica_error(exc) -> OpenAIError:
     if isinstance(exc, OpenAIError):
         return exc
@@ -90,19 +118,61 @@ class OpenAIIngress:
         self.retries = cfg.ingress.retries
         self.api_key = server.api_key
         self.max_body_bytes = server.max_body_bytes
+        self.retry_after_s = cfg.ingress.retry_after_s
+        self.draining = False
+        self.in_flight = 0  # requests whose response is not fully sent yet
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this at start and on every ``user_config`` change (a light update)."""
+        draining = bool((user_config or {}).get("draining", False))
+        if draining and not self.draining:
+            logger.info("Draining: new requests get 503; %d in flight go on.", self.in_flight)
+        self.draining = draining
+
+    def drain(self) -> dict:
+        """Take no new requests from now on; returns ``drain_status()``."""
+        self.reconfigure({"draining": True})
+        return self.drain_status()
+
+    def drain_status(self) -> dict:
+        return {"draining": self.draining, "in_flight": self.in_flight}
 
     @app.get("/debug/replica")
     async def replica_info(self, request: Request):
         """One engine replica's identity and counters (whichever the router picks)."""
+        if self.draining:
+            return self._shutting_down()
         if not self._authorized(request):
             return OpenAIError("Incorrect or missing API key.", 401, None, "invalid_api_key").response()
         try:
-            return await self.engine.replica_info.remote()
+            info = await self.engine.replica_info.remote()
         except Exception as exc:  # noqa: BLE001
             return _replica_error(exc).response()
+        return JSONResponse(info, headers={REPLICA_HEADER.decode(): info["replica_id"]})
 
     @app.api_route("/{path:path}", methods=_METHODS)
     async def forward(self, request: Request, path: str):
+        if self.draining:
+            return self._shutting_down()
+        self.in_flight += 1
+        try:
+            response = await self._forward(request, path)
+        except BaseException:
+            self._done()
+            raise
+        return _Counted(response, self._done)
+
+    def _done(self) -> None:
+        self.in_flight -= 1
+
+    def _shutting_down(self) -> Response:
+        response = OpenAIError("The server is shutting down and takes no new requests; retry "
+                               "shortly (another instance may answer).", 503, None,
+                               "server_shutting_down").response()
+        response.headers["retry-after"] = str(self.retry_after_s)
+        return response
+
+    async def _forward(self, request: Request, path: str):
         body = await request.body()
         if len(body) > self.max_body_bytes:
             return OpenAIError(f"The request body is larger than this server's limit of "

@@ -1,8 +1,14 @@
 """``tessellm serve --ray``: the Serve app from the serve flags, run until Ctrl-C or SIGTERM.
 
-Without ``--ray-address`` it starts a local Ray cluster; with one it joins that cluster and,
-on exit, deletes only its own application. Either way exiting drains: Serve stops routing to
-the replicas and lets their requests in flight finish (``graceful_shutdown_timeout_s``).
+::
+
+    start a local Ray cluster (dashboard on) | join --ray-address      cluster.py
+    fit CPUs to the cluster, check what is free, probe a placement     resources.py
+        -> refused at once, or after --ray-schedule-timeout, naming the shortfall and the flag
+    deploy, wait until RUNNING (a stop signal gives up at once)
+    serve until SIGTERM / Ctrl-C, then drain (503 to new requests,      drain.py
+        in-flight ones finish, at most --shutdown-timeout)
+    serve.shutdown() + stop every Ray process started | serve.delete(app) on a joined cluster
 """
 
 from __future__ import annotations
@@ -11,8 +17,8 @@ import argparse
 import dataclasses
 import json
 import logging
-import signal
-import threading
+import sys
+import time
 
 logger = logging.getLogger("tessellm.serve")
 
@@ -24,16 +30,26 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ray", action="store_true", help="serve through Ray Serve: engine replicas "
                    "behind an OpenAI ingress (docs/ray_serve.md)")
     g.add_argument("--ray-address", default=None,
-                   help="join this Ray cluster (default: start a local one)")
+                   help="join this Ray cluster, e.g. 10.0.0.5:6379 (default: start a local one)")
+    g.add_argument("--ray-dashboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the local cluster with Ray's dashboard, so `serve status`, "
+                   "`ray list actors` and the state API work")
+    g.add_argument("--ray-dashboard-port", type=int, default=None,
+                   help="the local dashboard's port (default: 8265, or the next free one; 0: any)")
+    g.add_argument("--ray-temp-dir", default=None, help="the local cluster's temp/log directory "
+                   "(default: Ray's, /tmp/ray)")
+    g.add_argument("--ray-schedule-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="give up if Ray cannot place the replicas within this long")
     g.add_argument("--num-replicas", type=int, default=1, help="engine replicas (without autoscaling)")
     g.add_argument("--min-replicas", type=int, default=None, help="autoscaling: fewest replicas")
     g.add_argument("--max-replicas", type=int, default=None,
                    help="autoscaling: most replicas (setting it turns autoscaling on)")
     g.add_argument("--target-ongoing-requests", type=float, default=32.0,
                    help="autoscaling: requests in flight per replica to aim for")
-    g.add_argument("--replica-num-cpus", type=float, default=1.0, help="CPUs reserved per replica")
-    g.add_argument("--replica-num-gpus", type=float, default=None,
-                   help="GPUs per replica (default: from --device; 1 for cuda/rocm/xpu)")
+    g.add_argument("--replica-num-cpus", type=float, default=None, help="CPUs reserved per replica "
+                   "(default: 1, or an equal share of the cluster's CPUs where that is less)")
+    g.add_argument("--replica-num-gpus", type=float, default=None, help="GPUs per replica (default: "
+                   "from --device: tensor x pipeline parallel size for cuda/rocm/xpu, 0 for cpu)")
     g.add_argument("--replica-resources", type=json.loads, default=None, metavar="JSON",
                    help='custom Ray resources per replica, e.g. \'{"TPU": 1}\'')
     g.add_argument("--max-ongoing-requests", type=int, default=256,
@@ -57,7 +73,9 @@ def config_from_args(args: argparse.Namespace, server_config) -> dict:
               "num_replicas": args.num_replicas,
               "replica": {"num_cpus": args.replica_num_cpus, "num_gpus": args.replica_num_gpus,
                           "resources": args.replica_resources or {},
-                          "max_ongoing_requests": args.max_ongoing_requests},
+                          "max_ongoing_requests": args.max_ongoing_requests,
+                          "graceful_shutdown_timeout_s": args.shutdown_timeout},
+              "ingress": {"graceful_shutdown_timeout_s": args.shutdown_timeout},
               "router": {"prefix_affinity": args.prefix_affinity,
                          "imbalance_threshold": args.imbalance_threshold}}
     if args.max_replicas is not None:
@@ -84,32 +102,142 @@ def resolve_auto_device(config: dict, cluster_resources: dict) -> None:
         replica["num_gpus"] = 0
 
 
-def run_ray_serve(args: argparse.Namespace, server_config) -> int:
-    import ray
-    from ray import serve
 
-    from tessellm.entrypoints.ray_serve.app import build_app
+class DeployFailed(RuntimeError):
+    """Serve gave up on the application (a replica kept failing to start, say)."""
+
+
+def run_ray_serve(args: argparse.Namespace, server_config) -> int:
+    from tessellm.entrypoints.ray_serve.cluster import start_or_join
+    from tessellm.entrypoints.ray_serve.drain import Interrupted, StopSignal, drain_ingress
+    from tessellm.entrypoints.ray_serve.resources import ResourceShortfall
 
     config = config_from_args(args, server_config)
-    if args.ray_address:
-        ray.init(address=args.ray_address)
-    else:
-        ray.init(include_dashboard=False)
+    stop = StopSignal().install()  # before Ray starts: a signal during start-up still cleans up
+    cluster, serving = None, False
     try:
-        resolve_auto_device(config, ray.cluster_resources())
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        logger.info("Serving %s through Ray Serve on http://%s:%d (%s)", server_config.model_name,
-                    args.host, args.port, _replicas_text(config))
-        _wait_for_stop()
+        cluster = start_or_join(args.ray_address, args.ray_dashboard, args.ray_dashboard_port,
+                                args.ray_temp_dir)
+        stop.install()  # ray.init() put in its own SIGTERM handler
+        stop.check()
+        config = fit_to_cluster(config, args.ray_schedule_timeout, stop)
+        serving = True
+        _deploy(config, args, stop)
+        logger.info("Serving %s through Ray Serve on http://%s:%d (%s). Ray's tools:\n%s",
+                    server_config.model_name, args.host, args.port, _replicas_text(config),
+                    cluster.tools_hint())
+        while not stop.requested.wait(1.0):
+            pass
+        drain_ingress(APP_NAME, args.shutdown_timeout, stop)
+        return 0
+    except Interrupted:
+        print("tessellm serve --ray: stopped before the application was up.", file=sys.stderr)
+        return 1
+    except ResourceShortfall as exc:
+        print(f"tessellm serve --ray: {exc}", file=sys.stderr)
+        return 2
+    except DeployFailed as exc:
+        print(f"tessellm serve --ray: {exc}", file=sys.stderr)
+        return 1
     finally:
-        logger.info("Draining and stopping the Serve application...")
-        if args.ray_address:
-            serve.delete(APP_NAME)
-        else:
+        _stop(cluster, serving, stop)
+        stop.restore()
+
+
+def fit_to_cluster(config: dict, schedule_timeout: float, stop) -> dict:
+    """The config with CPUs fitted to the connected cluster; ResourceShortfall if it cannot fit."""
+    import ray
+
+    from tessellm.entrypoints.ray_serve.config import config_to_dict, parse_config
+    from tessellm.entrypoints.ray_serve.resources import ClusterView, check_fit, describe, fit_defaults
+
+    resolve_auto_device(config, ray.cluster_resources())
+    cfg = parse_config(config)
+    cluster = ClusterView.current()
+    fit_defaults(cfg, cluster)
+    check_fit(cfg, cluster)
+    _probe_placement(cfg, schedule_timeout, stop)
+    logger.info("Ray resources: %s", describe(cfg))
+    return config_to_dict(cfg)
+
+
+def _probe_placement(cfg, timeout_s: float, stop) -> None:
+    """Ask Ray to place every bundle the app needs at once (a placement group, removed again),
+    so fragmentation over nodes and resources others hold are caught before Serve waits forever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from tessellm.entrypoints.ray_serve.resources import (ResourceShortfall, describe, ingress_bundle,
+                                                          replica_bundle, replicas_at_start)
+
+    bundles = [replica_bundle(cfg)] * replicas_at_start(cfg) + [ingress_bundle(cfg)] * cfg.ingress.num_replicas
+    bundles = [b for b in bundles if b]
+    if not bundles:
+        return
+    pg = placement_group(bundles, strategy="PACK")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not pg.wait(timeout_seconds=1):
+            stop.check()
+            if time.monotonic() >= deadline:
+                free = {k: round(v, 2) for k, v in ray.available_resources().items()
+                        if k in ("CPU", "GPU", "TPU") or k in cfg.replica.resources}
+                raise ResourceShortfall(
+                    f"Ray could not place {describe(cfg)} within --ray-schedule-timeout "
+                    f"{timeout_s:g}s (free now: {free}); lower --num-replicas or the resources per "
+                    "replica, free the cluster, or raise --ray-schedule-timeout.")
+    finally:
+        remove_placement_group(pg)
+
+
+def _deploy(config: dict, args: argparse.Namespace, stop) -> None:
+    """Deploy and wait until RUNNING; Serve's own failure or a stop signal ends the wait."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    from tessellm.entrypoints.ray_serve.app import build_app
+    from tessellm.entrypoints.ray_serve.resources import ResourceShortfall
+
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run_many([serve.RunTarget(build_app(config), name=APP_NAME, route_prefix="/")],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    started = time.monotonic()
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
+            raise DeployFailed(f"Ray Serve could not deploy the application: {_messages(app)}")
+        if app is not None and time.monotonic() - started > args.ray_schedule_timeout:
+            stuck = [d.message for d in app.deployments.values() if "to be scheduled" in d.message]
+            if stuck:
+                raise ResourceShortfall(f"{stuck[0]} Lower --num-replicas or the resources per replica, "
+                                        "or raise --ray-schedule-timeout.")
+        if stop.requested.wait(0.5):
+            stop.check()
+
+
+def _messages(app) -> str:
+    parts = [app.message] + [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+    return " ".join(p for p in parts if p)
+
+
+def _stop(cluster, serving: bool, stop) -> None:
+    """Serve down (gracefully unless told to hurry), then the Ray processes this run started."""
+    from ray import serve
+
+    if cluster is None:
+        return
+    try:
+        if serving and not cluster.started:
+            serve.delete(APP_NAME, _blocking=not stop.hurry.is_set())  # the cluster is not ours
+        elif serving and not stop.hurry.is_set():
+            logger.info("Stopping Ray Serve...")
             serve.shutdown()
-        ray.shutdown()
-    return 0
+    except Exception as exc:  # noqa: BLE001 - stopping goes on: the cluster is stopped below
+        logger.warning("Stopping Serve failed: %r", exc)
+    finally:
+        cluster.stop()
 
 
 def _replicas_text(config: dict) -> str:
@@ -117,15 +245,3 @@ def _replicas_text(config: dict) -> str:
     if a:
         return f"autoscaling {a['min_replicas']}..{a['max_replicas']} replicas"
     return f"{config['num_replicas']} replica(s)"
-
-
-def _wait_for_stop() -> None:
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
