@@ -4,6 +4,7 @@ A local cluster is started with the dashboard (Ray's state API, ``serve status``
 actors``; ``--no-ray-dashboard`` turns it off) and with Ray's default authentication for a
 cluster ``ray.init`` starts: token auth, the token in ``~/.ray/auth_token`` (set
 ``RAY_AUTH_MODE=disabled`` before launching to opt out). ``tools_hint()`` prints the commands.
+Joining a cluster sends this machine's token when it has one (``~/.ray/auth_token``).
 
 Stopping a local cluster stops every process it started, none left behind: Ray's own shutdown
 first, then whatever of the launcher's process tree (GCS, raylet, dashboard, agents, workers,
@@ -63,6 +64,7 @@ def start_or_join(address: Optional[str], dashboard: bool = True, dashboard_port
     import ray
 
     if address:
+        _token_auth_if_available()
         ctx = ray.init(address=address, log_to_driver=False)
         return RayCluster(False, ctx.address_info["gcs_address"], ctx.dashboard_url or None)
     kwargs = {"_temp_dir": os.path.abspath(temp_dir)} if temp_dir else {}
@@ -73,6 +75,19 @@ def start_or_join(address: Optional[str], dashboard: bool = True, dashboard_port
         _reap(_descendants(), wait_s=2.0)  # a half-started cluster leaves nothing behind either
         raise
     return RayCluster(True, ctx.address_info["gcs_address"], ctx.dashboard_url or None)
+
+
+def _token_auth_if_available() -> None:
+    """Joining: send this machine's Ray token if it has one (a cluster without auth ignores it;
+    one with auth refuses a client without it). ``RAY_AUTH_MODE``, when set, decides."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # a Ray without token auth
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _descendants() -> list:
