@@ -64,14 +64,18 @@ def drain_ingress(app_name: str, timeout_s: float, stop: StopSignal) -> bool:
     timeout / a second signal (False)."""
     from ray import serve
 
-    handle = serve.get_app_handle(app_name)
     deadline = time.monotonic() + timeout_s
-    status = handle.drain.remote().result(timeout_s=30)
-    while status["in_flight"] > 0:
-        if time.monotonic() >= deadline or stop.hurry.wait(_POLL_S):
-            logger.warning("Shutting down with %d request(s) still in flight (--shutdown-timeout "
-                           "%gs).", status["in_flight"], timeout_s)
-            return False
-        status = handle.drain_status.remote().result(timeout_s=30)
+    try:
+        handle = serve.get_app_handle(app_name)
+        status = handle.drain.remote().result(timeout_s=min(30.0, timeout_s + 1))
+        while status["in_flight"] > 0:
+            if time.monotonic() >= deadline or stop.hurry.wait(_POLL_S):
+                logger.warning("Shutting down with %d request(s) still in flight "
+                               "(--shutdown-timeout %gs).", status["in_flight"], timeout_s)
+                return False
+            status = handle.drain_status.remote().result(timeout_s=30)
+    except Exception as exc:  # noqa: BLE001 - an unreachable ingress has nothing to drain
+        logger.warning("Could not drain the ingress (%r); shutting down.", exc)
+        return False
     logger.info("Drained: no request in flight.")
     return True

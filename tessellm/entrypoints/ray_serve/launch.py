@@ -131,7 +131,9 @@ def run_ray_serve(args: argparse.Namespace, server_config) -> int:
         drain_ingress(APP_NAME, args.shutdown_timeout, stop)
         return 0
     except Interrupted:
-        print("tessellm serve --ray: stopped before the application was up.", file=sys.stderr)
+        if _ingress_running():  # part of the fleet already answers: its requests finish too
+            drain_ingress(APP_NAME, args.shutdown_timeout, stop)
+        print("tessellm serve --ray: stopped before the application was fully up.", file=sys.stderr)
         return 1
     except ResourceShortfall as exc:
         print(f"tessellm serve --ray: {exc}", file=sys.stderr)
@@ -215,6 +217,17 @@ def _deploy(config: dict, args: argparse.Namespace, stop) -> None:
                                         "or raise --ray-schedule-timeout.")
         if stop.requested.wait(0.5):
             stop.check()
+
+
+def _ingress_running() -> bool:
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+        ingress = app.deployments.get("TessellmIngress") if app is not None else None
+        return bool(ingress and ingress.replica_states.get("RUNNING", 0))
+    except Exception:  # noqa: BLE001 - Serve not started: nothing to drain
+        return False
 
 
 def _messages(app) -> str:
