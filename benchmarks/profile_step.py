@@ -36,9 +36,9 @@ def main() -> None:
         eng.step()
     for _ in range(3):
         eng.step()
-    while core.batch_queue:  # async scheduling leaves a step in flight: finish it first
-        sched = core.batch_queue.popleft()
-        eng.outputs.process(core.scheduler.update(sched, core.executor.collect().sampled))
+    while core.in_flight:  # async scheduling leaves a step in flight: finish it first
+        sched = core.in_flight.oldest()
+        eng.outputs.process(core.scheduler.update(sched, core.executor.collect()))
     phases = {"schedule": 0.0, "runner": 0.0, "update": 0.0, "outputs": 0.0}
     torch.cuda.synchronize()
     t0 = time.perf_counter()

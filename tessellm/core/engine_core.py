@@ -7,7 +7,6 @@ the GPU loop never waits on JSON, HTTP or the tokenizer.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
-from tessellm.core.step import SchedulerOutput
 from tessellm.distributed.executor import make_executor
 from tessellm.distributed.worker import default_max_num_batched_tokens
 
@@ -103,8 +101,12 @@ class EngineCore:
         self.info = EngineInfo(self.source.path, self.source.kind, self.max_model_len, self.vocab_size,
                                num_blocks, args.block_size, self.eos_token_ids, self.backend.name,
                                str(self.dtype).replace("torch.", ""))
-        # Steps submitted and not collected, oldest first (several only with pipeline stages).
-        self.batch_queue: collections.deque[SchedulerOutput] = collections.deque()
+
+    @property
+    def in_flight(self):
+        """Steps submitted and not collected, oldest first (several only with pipeline stages or
+        async scheduling): the scheduler's ``InFlightSteps``, the one record of them."""
+        return self.scheduler.in_flight
 
     @property
     def runner(self):
@@ -133,7 +135,7 @@ class EngineCore:
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.batch_queue)
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     def step(self) -> list[EngineCoreOutput]:
         """Schedule and run one step; return what requests produced.
@@ -143,15 +145,14 @@ class EngineCore:
         waits for the oldest step and returns its outputs. Under async scheduling the new batch
         is launched on the device before the oldest is waited for.
         """
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule()  # a non-empty step is in flight from here
         ended = self.scheduler.take_finished_outputs()
         if not sched.is_empty:
             self.executor.submit(sched)
-            self.batch_queue.append(sched)
-            if len(self.batch_queue) < self.max_in_flight:
+            if len(self.in_flight) < self.max_in_flight:
                 return ended
-        elif not self.batch_queue:
+        elif not self.in_flight:
             return ended
-        sched = self.batch_queue.popleft()
+        sched = self.in_flight.oldest()
         result = self.executor.collect()
         return ended + self.scheduler.update(sched, result)

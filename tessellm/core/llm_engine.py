@@ -10,6 +10,7 @@ from tessellm.core.input_processor import InputProcessor, PromptType
 from tessellm.core.output_processor import OutputProcessor
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.submit import submit
 from tessellm.loader.model_loader import load_tokenizer
 
 
@@ -27,15 +28,8 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType,
                     params: Optional[SamplingParams] = None) -> None:
         """Validate and queue a request. Raises ValueError (nothing queued) on bad input."""
-        params = params or SamplingParams()
-        processed = self.inputs.process_prompt(prompt)
-        if self.outputs.has_request(request_id):
-            raise ValueError(f"Request id {request_id!r} is already in use.")
-        core_reqs = self.inputs.make_requests(request_id, processed, params)
-        self.outputs.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
-                                 [r.request_id for r in core_reqs])
-        for req in core_reqs:
-            self.core.add_request(req)
+        submit(self.inputs, self.outputs, request_id, prompt, params or SamplingParams(),
+               self.core.add_request)
 
     def abort_request(self, request_id: str) -> None:
         ids = self.outputs.core_ids(request_id)

@@ -39,7 +39,8 @@ class Request:
 
     ``all_token_ids`` is the prompt followed by the output so far. ``num_computed_tokens`` of
     them have K/V in the cache; the scheduler advances it, and a preemption resets it to 0 (the
-    request is then recomputed from its tokens, so it resumes with identical results).
+    request is then recomputed from its tokens, so it resumes with identical results). What steps
+    in flight owe it is the scheduler's ``InFlightSteps``, not a counter here.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
@@ -56,10 +57,6 @@ class Request:
         self.wait_for = wait_for
         self.all_token_ids = list(prompt_token_ids)
         self.num_computed_tokens = 0
-        # Async scheduling: tokens scheduled in steps whose results have not come back, and how
-        # many tokens those steps sample (placeholders: their ids are known on the device only).
-        self.num_inflight_tokens = 0
-        self.num_inflight_samples = 0
         # Prompt tokens found in the prefix cache at first schedule; -1 until scheduled. ("Cached"
         # always means "in the prefix cache": see BlockManager.)
         self.num_cached_tokens = -1

@@ -13,31 +13,33 @@ Invariants
   request is preempted (its blocks freed, ``num_computed_tokens`` reset) and put back at the
   front of ``waiting``; it is recomputed later from its tokens, so its results are unchanged.
 * No waiting request is admitted in a step that preempted (it would only be preempted again).
-* Several batches may be in flight (``in_flight`` counts, per request, the scheduled batches
-  whose results have not come back): under pipeline parallelism (one per stage) and under
-  async scheduling (the next step is scheduled while one runs).
+* Several batches may be in flight (``in_flight``, an ``InFlightSteps``: the steps scheduled
+  whose results have not come back, and what they owe each request): under pipeline
+  parallelism (one per stage) and under async scheduling (the next step is scheduled while one
+  runs).
 * Pipeline parallelism: a request in flight is neither scheduled again nor preempted until
   ``update`` sees its batch.
 * Async scheduling (``async_scheduling``): a request in flight is scheduled again, one step
   ahead: its next prefill chunk, or, when the step in flight samples, one decode token whose id
   is a placeholder (only the device knows it; the model runner feeds it from that step's
-  sampled ids). ``num_inflight_tokens`` / ``num_inflight_samples`` count what is ahead of
+  sampled ids). ``in_flight.tokens_ahead`` / ``samples_ahead`` count what is ahead of
   ``num_computed_tokens`` / ``all_token_ids``. A request whose in-flight steps would reach
   ``max_tokens`` or the context length is not scheduled ahead. One that stops (EOS, stop token,
   abort) while a step ahead runs has that step's result dropped; so has a request preempted
-  while in flight (``_discard``): it is recomputed later from its known tokens, exactly as a
+  while in flight (``InFlightSteps.drop``): it is recomputed later from its known tokens, exactly as a
   preemption in a synchronous step.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.engine_output import EngineCoreOutput
+from tessellm.core.in_flight import InFlightSteps
 from tessellm.core.request import Request, RequestStatus
 from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,  # noqa: F401
                                 SchedulerOutput)
@@ -87,8 +89,7 @@ class Scheduler:
         self.preempted_ids: set[str] = set()  # preempted while building the current step
         self.finished_outputs: list[EngineCoreOutput] = []  # ended in schedule(), see below
         self.num_preemptions_total = 0
-        self.in_flight: Counter[str] = Counter()  # request id -> batches scheduled, not back yet
-        self._discard: Counter[str] = Counter()  # request id -> in-flight results to drop
+        self.in_flight = InFlightSteps()  # steps scheduled whose results are not back yet
         self.num_scheduled_tokens_total = 0  # over all steps: the metrics' per-step token counts
 
     # -- admission -------------------------------------------------------------------------
@@ -136,7 +137,7 @@ class Scheduler:
                 continue
             drafts = self._drafts(req, num_new, budget)
             num_new += len(drafts)
-            ahead = req.num_inflight_tokens  # tokens already scheduled, after the computed ones
+            ahead = self.in_flight.tokens_ahead(req.request_id)  # scheduled, after the computed ones
             new_block_ids = self.kv.allocate(req, ahead + num_new)
             while new_block_ids is None:
                 j = self._victim_index(i)  # the newest request after req that may be preempted
@@ -170,16 +171,18 @@ class Scheduler:
 
         self.num_preemptions_total += preempted
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
-                              self._mark_in_flight(num_scheduled, spec), spec,
+                              self._num_sampled(num_scheduled, spec), spec,
                               finished_request_ids=self.finished_ids,
                               preempted_request_ids=self.preempted_ids)
         self.num_scheduled_tokens_total += out.total_num_scheduled_tokens
         self.finished_ids, self.preempted_ids = set(), set()
+        if not out.is_empty:
+            self.in_flight.add(out)
         return out
 
-    def _mark_in_flight(self, num_scheduled: dict[str, int],
-                        spec: dict[str, list[int]]) -> dict[str, int]:
-        """Count the step as in flight for each request; return how many rows each samples.
+    def _num_sampled(self, num_scheduled: dict[str, int],
+                     spec: dict[str, list[int]]) -> dict[str, int]:
+        """How many rows the step samples for each request (absent: none).
 
         The one place that decides whether a step samples for a request: when it reaches the
         end of the known tokens (placeholders of steps in flight count), plus one row per draft.
@@ -187,11 +190,9 @@ class Scheduler:
         num_sampled = {}
         for rid, num in num_scheduled.items():
             req = self.requests[rid]
-            self.in_flight[rid] += 1
-            req.num_inflight_tokens += num
             k = len(spec.get(rid, ()))
-            if req.num_computed_tokens + req.num_inflight_tokens == req.num_tokens + req.num_inflight_samples + k:
-                req.num_inflight_samples += 1
+            end = req.num_computed_tokens + self.in_flight.tokens_ahead(rid) + num
+            if end == req.num_tokens + self.in_flight.samples_ahead(rid) + k:
                 num_sampled[rid] = k + 1
         return num_sampled
 
@@ -246,16 +247,17 @@ class Scheduler:
         """Tokens to compute for a running request this step (0: skip it)."""
         if req.request_id not in self.in_flight:
             return self._num_new_tokens(req, budget)
-        if not self.config.async_scheduling or self.in_flight[req.request_id] > 1:
+        if not self.config.async_scheduling or self.in_flight.num_steps(req.request_id) > 1:
             return 0  # one step ahead at most
-        pending = req.num_inflight_samples  # placeholders: sampled in flight, ids unknown here
+        pending = self.in_flight.samples_ahead(req.request_id)  # placeholders: ids on the device
         if pending:
             params = req.sampling_params
             if params.max_tokens is not None and req.num_output_tokens + pending >= params.max_tokens:
                 return 0  # the step in flight ends it
             if req.num_tokens + pending >= self.config.max_model_len:
                 return 0
-        return self._num_new_tokens(req, budget, already=req.num_inflight_tokens - pending)
+        return self._num_new_tokens(req, budget,
+                                    already=self.in_flight.tokens_ahead(req.request_id) - pending)
 
     def _drafts(self, req: Request, num_new: int, budget: int) -> list[int]:
         """The draft tokens a decoding request verifies this step (cut to fit the budget, the
@@ -297,8 +299,7 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         # Results of its steps still in flight (async scheduling) are dropped when they come.
-        self._discard[req.request_id] += self.in_flight.pop(req.request_id, 0)
-        req.num_inflight_tokens = req.num_inflight_samples = 0
+        self.in_flight.drop(req.request_id)
         req.num_preemptions += 1
         req.spec_token_ids = []
         self.waiting.appendleft(req)
@@ -317,11 +318,10 @@ class Scheduler:
         if not isinstance(result, ModelRunnerOutput):
             result = ModelRunnerOutput(dict(result))
         outputs = []
+        dropped = self.in_flight.retire(sched)
         for rid, num in sched.num_scheduled_tokens.items():
-            if self._discard[rid]:  # preempted while this step ran: recomputed later
-                _decrement(self._discard, rid)
+            if rid in dropped:  # preempted while this step ran: recomputed later
                 continue
-            _decrement(self.in_flight, rid)
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue  # aborted, or stopped by an earlier step, while this one ran
@@ -331,13 +331,11 @@ class Scheduler:
             if num_drafts and new_tokens:
                 rejected = num_drafts - (len(new_tokens) - 1)
             req.num_computed_tokens += num - rejected
-            req.num_inflight_tokens -= num
             if rejected:
                 self.kv.truncate(req, req.num_computed_tokens)
             self.kv.publish_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
             if not new_tokens:
                 continue
-            req.num_inflight_samples -= 1
             outputs.append(self._append(req, new_tokens, result))
         return outputs
 
@@ -388,9 +386,3 @@ class Scheduler:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
                               self.num_preemptions_total, self.kv.stats.queries, self.kv.stats.hits)
 
-
-def _decrement(counter: Counter, key: str) -> None:
-    if counter[key] <= 1:
-        counter.pop(key, None)
-    else:
-        counter[key] -= 1

@@ -39,6 +39,7 @@ from tessellm.core.input_processor import InputProcessor, ProcessedPrompt, Promp
 from tessellm.core.output_processor import OutputProcessor
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.submit import submit
 from tessellm.metrics.stats import EngineStats, IterationStats, StatLogger
 
 logger = logging.getLogger(__name__)
@@ -138,15 +139,10 @@ class AsyncLLM:
         self._check_alive()
         self._ensure_handler()
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
-        if request_id in self.streams or self.outputs.has_request(request_id):
-            raise ValueError(f"Request id {request_id!r} is already in use.")
-        core_reqs = self.inputs.make_requests(request_id, processed, params)
-        self.outputs.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
-                                 [r.request_id for r in core_reqs], core_reqs[0].arrival_time)
+        submit(self.inputs, self.outputs, request_id, processed, params, self.client.send_add,
+               in_use=request_id in self.streams)
         stream = RequestStream(request_id, event)
         self.streams[request_id] = stream
-        for req in core_reqs:
-            self.client.send_add(req)
         return stream
 
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,

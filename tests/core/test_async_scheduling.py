@@ -93,15 +93,16 @@ def test_async_overlaps_steps(engines):
     _, asyn = engines
     runner = asyn.engine.core.runner
     events, fed = [], []
-    launch, resolve, feed = runner.execute_async, runner._resolve, runner._feed
+    steps = runner.steps  # the runner's step pipeline: launched steps, resolve, device feed
+    launch, resolve, feed = runner.execute_async, steps.resolve, steps.apply_feed
     runner.execute_async = lambda sched: (events.append("launch"), launch(sched))[1]
-    runner._resolve = lambda handle: (events.append("resolve"), resolve(handle))[1]
-    runner._feed = lambda ids, rows: (fed.append(len(rows)), feed(ids, rows))[1]
+    steps.resolve = lambda handle: (events.append("resolve"), resolve(handle))[1]
+    steps.apply_feed = lambda ids, rows, staging: (fed.append(len(rows)), feed(ids, rows, staging))[1]
     try:
         asyn.generate([{"prompt_token_ids": [5, 6, 7]}],
                       SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False)
     finally:
-        del runner.execute_async, runner._resolve, runner._feed
+        del runner.execute_async, steps.resolve, steps.apply_feed
     # 6 forward passes for 6 tokens (none wasted: max_tokens is known ahead), each launched
     # before the previous one resolved.
     assert events == ["launch", "launch", "resolve"] * 1 + ["launch", "resolve"] * 4 + ["resolve"]
@@ -135,7 +136,7 @@ def test_scheduler_schedules_one_step_ahead():
     s2 = sch.schedule()  # ahead: one decode token at position 3, its id a placeholder
     assert s2.num_scheduled_tokens == {"a": 1} and s2.cached_requests[0].num_computed_tokens == 3
     assert sch.schedule().is_empty  # never two steps ahead
-    assert (req.num_inflight_tokens, req.num_inflight_samples) == (4, 2)
+    assert (sch.in_flight.tokens_ahead("a"), sch.in_flight.samples_ahead("a")) == (4, 2)
     sch.update(s1, {"a": [10]})
     s3 = sch.schedule()  # outputs 1 + 1 pending < 3
     assert s3.num_scheduled_tokens == {"a": 1} and s3.cached_requests[0].num_computed_tokens == 4

@@ -39,9 +39,9 @@ def test_mp_matches_one_process(reference, tp, pp, async_scheduling):
               pipeline_parallel_size=pp, max_num_batched_tokens=24,
               async_scheduling=async_scheduling)
     core = llm.engine.core
-    in_flight = []  # how many steps were already in flight at each submit
+    in_flight = []  # how many steps were already in flight at each submit (not this one)
     submit = core.executor.submit
-    core.executor.submit = lambda sched: (in_flight.append(len(core.batch_queue)), submit(sched))
+    core.executor.submit = lambda sched: (in_flight.append(len(core.in_flight) - 1), submit(sched))
     try:
         assert len(core.executor.worker_info) == tp * pp
         assert _tokens(llm) == expected

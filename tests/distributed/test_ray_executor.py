@@ -40,9 +40,9 @@ def test_ray_matches_one_process(ray_cluster, reference, tp, pp, async_schedulin
              max_num_batched_tokens=24, async_scheduling=async_scheduling) as llm:
         core = llm.engine.core
         assert len(core.executor.worker_info) == tp * pp
-        in_flight = []  # steps already in flight at each submit
+        in_flight = []  # steps already in flight at each submit (not counting the one submitted)
         submit = core.executor.submit
-        core.executor.submit = lambda sched: (in_flight.append(len(core.batch_queue)), submit(sched))
+        core.executor.submit = lambda sched: (in_flight.append(len(core.in_flight) - 1), submit(sched))
         assert _tokens(llm) == expected
     assert max(in_flight) == (1 if async_scheduling or pp > 1 else 0)
     # The placement group is released (asynchronously): the next engine gets the same CPUs.

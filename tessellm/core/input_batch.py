@@ -1,0 +1,70 @@
+"""The model runner's persistent batch: per running request its tokens, blocks and table row.
+
+It changes only through ``apply(sched)``, from what the scheduler says changed (new requests,
+new blocks, dropped requests), so a step sends deltas, not the whole state. Under async
+scheduling a request's ``token_ids`` lags the device by ``num_pending`` tokens (sampled by
+launched steps whose ids the host has not read yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tessellm.core.block_table import PersistentBlockTable
+from tessellm.core.step import SchedulerOutput
+
+
+@dataclass
+class RunnerRequest:
+    request_id: str
+    token_ids: list[int]  # prompt + output so far (accepted tokens only, never drafts)
+    num_prompt_tokens: int
+    params: object  # SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int  # tokens with K/V in the cache before the current step
+    row: int = -1  # this request's row in the persistent block table
+    prompt_logprobs: list = field(default_factory=list)  # accumulated over prefill chunks
+    num_pending: int = 0  # tokens sampled by launched steps, not yet in token_ids
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts the current step verifies
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens so far, pending ones included (``token_ids`` lags by ``num_pending``)."""
+        return len(self.token_ids) + self.num_pending
+
+
+class InputBatch:
+    """Every request the runner holds, and the block table rows they own."""
+
+    def __init__(self, max_blocks_per_request: int):
+        self.requests: dict[str, RunnerRequest] = {}
+        self.tables = PersistentBlockTable(max_blocks_per_request)
+
+    def apply(self, sched: SchedulerOutput, samples_here: bool) -> None:
+        """Take in what changed. ``samples_here``: this rank samples (the last pipeline stage);
+        other stages learn the tokens from ``CachedRequestData.new_token_ids``."""
+        for rid in sched.dropped_request_ids:
+            state = self.requests.pop(rid, None)
+            if state is not None:
+                self.tables.remove(state.row)
+        for new in sched.new_requests:
+            self.requests[new.request_id] = RunnerRequest(
+                new.request_id, list(new.all_token_ids), len(new.prompt_token_ids),
+                new.sampling_params, list(new.block_ids), new.num_computed_tokens,
+                self.tables.add(new.block_ids))
+        for cached in sched.cached_requests:
+            state = self.requests[cached.request_id]
+            state.block_ids.extend(cached.new_block_ids)
+            self.tables.append(state.row, cached.new_block_ids)
+            # The scheduler's count is the truth (it knows which drafts were rejected).
+            state.num_computed_tokens = cached.num_computed_tokens
+            if cached.new_token_ids and not samples_here:  # tokens another stage sampled
+                del state.token_ids[cached.num_computed_tokens:]
+                state.token_ids.extend(cached.new_token_ids)
+        for rid, drafts in sched.spec_token_ids.items():
+            self.requests[rid].spec_token_ids = drafts
+
+    def truncate_blocks(self, state: RunnerRequest, num_blocks: int) -> None:
+        """Forget blocks past ``num_blocks`` (the scheduler freed them: rejected drafts)."""
+        del state.block_ids[num_blocks:]
+        self.tables.num_blocks[state.row] = num_blocks

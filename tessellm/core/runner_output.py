@@ -1,0 +1,81 @@
+"""From a resolved step's sampled ids to the runner's output: draft acceptance, logprobs,
+prompt logprobs.
+
+Verification of k drafts (rows r0..rk, sampled by the target model at each draft's position)::
+
+    drafts:   d0  d1  d2
+    sampled:  d0  d1  x   y      -> accepted [d0, d1, x]: drafts while they equal the target's
+                                    sample, then the target's own token (x); y is dropped
+
+Each row is the target's sample given the accepted prefix, so accepted tokens follow the
+target's distribution exactly (greedy: its argmax). The K/V of rejected drafts sits in slots
+past the accepted length: the scheduler frees their blocks (``BlockManager.truncate``) and the
+runner forgets the same blocks here (the same formula on the same counts), so both agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tessellm.core.input_batch import InputBatch, RunnerRequest
+from tessellm.core.step import ModelRunnerOutput
+from tessellm.core.step_pipeline import StepHandle
+
+
+def accept(drafts: list[int], sampled: list[int]) -> list[int]:
+    """The accepted tokens of one request: matching drafts, then the target's next token."""
+    for j, draft in enumerate(drafts):
+        if sampled[j] != draft:
+            return sampled[:j + 1]
+    return sampled[:len(drafts) + 1]
+
+
+def collect(handle: StepHandle, tokens: list[int], batch: InputBatch, block_size: int) -> None:
+    """Put a resolved step's tokens into the requests' states and its output."""
+    result, out, start = handle.sampled, handle.out, handle.sample_start
+    lp = None
+    if result.sampled_logprob is not None:
+        lp = (result.sampled_logprob.tolist(), result.sampled_rank.tolist(),
+              result.topk_ids.tolist() if result.topk_ids is not None else None,
+              result.topk_logprobs.tolist() if result.topk_logprobs is not None else None)
+    for i, state in enumerate(handle.states):
+        first, end = start[i], start[i + 1]
+        if end - first == 1:
+            accepted = [tokens[first]]
+        else:
+            accepted = accept(state.spec_token_ids, tokens[first:end])
+            _forget_rejected(state, end - first - len(accepted), batch, block_size)
+            state.spec_token_ids = []
+        state.token_ids.extend(accepted)
+        out.sampled[state.request_id] = accepted
+        k = state.params.logprobs
+        if k is not None and lp is not None:
+            out.logprobs[state.request_id] = [
+                (tok, lp[0][r], lp[1][r], list(zip(lp[2][r][:k], lp[3][r][:k])) if k and lp[2] is not None else [])
+                for r, tok in zip(range(first, end), accepted)]
+        if state.prompt_logprobs and len(state.prompt_logprobs) == state.num_prompt_tokens - 1:
+            out.prompt_logprobs[state.request_id] = [None] + state.prompt_logprobs
+            state.prompt_logprobs = []
+
+
+def _forget_rejected(state: RunnerRequest, rejected: int, batch: InputBatch, block_size: int) -> None:
+    """After verifying: the tokens with K/V are the known ones minus one (the last accepted
+    token is computed next step), exactly the scheduler's ``num_computed_tokens``."""
+    if rejected:
+        num_computed = len(state.token_ids) + (len(state.spec_token_ids) - rejected)
+        batch.truncate_blocks(state, -(-num_computed // block_size))
+
+
+def prompt_logprobs(model, hidden: torch.Tensor, rows: list) -> None:
+    """Logprobs of each prompt token given the ones before it, accumulated over chunks."""
+    for state, row0, start, n in rows:
+        logits = model.compute_logits(hidden[row0:row0 + n]).float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor(state.token_ids[start + 1:start + 1 + n], device=logits.device)
+        chosen = logprobs.gather(-1, targets[:, None])
+        ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+        k = state.params.prompt_logprobs
+        top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+        for j in range(n):
+            top = list(zip(top_ids[j].tolist(), top_lp[j].tolist())) if k else []
+            state.prompt_logprobs.append((targets[j].item(), chosen[j, 0].item(), ranks[j], top))

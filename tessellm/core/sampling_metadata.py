@@ -1,0 +1,77 @@
+"""Builds the sampler's per-row inputs (``SamplingBatch``) for one step's sampled rows.
+
+A row is one sampled token: a request sampling k+1 rows (k drafts) gives k+1 rows with the
+same parameters, each at its own output position (seeds and min_tokens follow the position)::
+
+    rows:        A0   B0   B1   B2        (A samples 1 row, B verifies 2 drafts)
+    out_pos:     7    3    4    5         output index of the token each row samples
+
+Per-step Python work is per row (one per request without drafts), never per vocabulary entry.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from tessellm.core.input_batch import RunnerRequest
+from tessellm.core.sampler import SamplingBatch, seed_for_position
+
+
+def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Sequence[int], device: torch.device,
+                         vocab_size: int, eos_token_ids: tuple[int, ...]) -> SamplingBatch:
+    """``rows[i]`` samples the token at output index ``out_pos[i]`` (0 = first output token)."""
+    params = [r.params for r in rows]
+    all_greedy = all(p.is_greedy for p in params)
+    temperature = None if all_greedy else torch.tensor(
+        [0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32, device=device)
+    top_k = top_p = min_p = None
+    if not all_greedy:
+        if any(p.top_k > 0 for p in params):
+            top_k = torch.tensor([p.top_k or vocab_size for p in params], device=device)
+        if any(p.top_p < 1.0 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+    batch = SamplingBatch(temperature, all_greedy, top_p, top_k, min_p)
+    if any(p.needs_penalties for p in params):
+        _add_penalties(batch, rows, device, vocab_size)
+    batch.logit_bias = [(i, list(p.logit_bias), list(p.logit_bias.values()))
+                        for i, p in enumerate(params) if p.logit_bias] or None
+    batch.banned = _banned(params, out_pos, eos_token_ids) or None
+    batch.seeds = [(i, seed_for_position(p.seed, pos)) for i, (p, pos) in enumerate(zip(params, out_pos))
+                   if p.seed is not None and not p.is_greedy] or None
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    batch.max_num_logprobs = max(wanted) if wanted else None
+    return batch
+
+
+def _add_penalties(batch: SamplingBatch, rows: Sequence[RunnerRequest], device: torch.device,
+                   vocab: int) -> None:
+    """Penalties read each request's whole history on the host (the runner resolves every step
+    in flight first). Requests with penalties verify no drafts (the scheduler sends none)."""
+    counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
+    prompt = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        out = r.token_ids[r.num_prompt_tokens:]
+        if out:
+            idx = torch.tensor(out, device=device)
+            counts[i].scatter_add_(0, idx, torch.ones(len(out), device=device))
+        prompt[i, torch.tensor(r.token_ids[:r.num_prompt_tokens], device=device)] = True
+    ps = [r.params for r in rows]
+    batch.presence = torch.tensor([p.presence_penalty for p in ps], device=device)
+    batch.frequency = torch.tensor([p.frequency_penalty for p in ps], device=device)
+    batch.repetition = torch.tensor([p.repetition_penalty for p in ps], device=device)
+    batch.output_counts, batch.prompt_mask = counts, prompt
+
+
+def _banned(params, out_pos, eos_token_ids) -> list[tuple[int, list[int]]]:
+    """EOS and stop ids are banned from rows sampling before ``min_tokens``."""
+    banned = []
+    for i, (p, pos) in enumerate(zip(params, out_pos)):
+        if p.min_tokens and pos < p.min_tokens:
+            ids = set(p.stop_token_ids) | set(eos_token_ids)
+            if ids:
+                banned.append((i, sorted(ids)))
+    return banned

@@ -1,0 +1,31 @@
+"""One way in for a request, shared by ``LLMEngine`` (offline) and ``AsyncLLM`` (the server).
+
+Tokenize and check the prompt, refuse an id in use, fan out ``n`` samples, register them with
+the output processor, then hand each core request to ``send`` (the in-process core's
+``add_request``, or the engine-process client's ``send_add``). Bad input raises ValueError with
+nothing queued.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+from tessellm.core.engine_core import EngineCoreRequest
+from tessellm.core.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from tessellm.core.output_processor import OutputProcessor
+from tessellm.core.sampling_params import SamplingParams
+
+
+def submit(inputs: InputProcessor, outputs: OutputProcessor, request_id: str,
+           prompt: Union[PromptType, ProcessedPrompt], params: SamplingParams,
+           send: Callable[[EngineCoreRequest], None], in_use: bool = False) -> list[EngineCoreRequest]:
+    """Queue one request; ``in_use``: the caller already holds ``request_id`` (a stream)."""
+    processed = prompt if isinstance(prompt, ProcessedPrompt) else inputs.process_prompt(prompt)
+    if in_use or outputs.has_request(request_id):
+        raise ValueError(f"Request id {request_id!r} is already in use.")
+    core_reqs = inputs.make_requests(request_id, processed, params)
+    outputs.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
+                        [r.request_id for r in core_reqs], core_reqs[0].arrival_time)
+    for req in core_reqs:
+        send(req)
+    return core_reqs
