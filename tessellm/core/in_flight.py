@@ -65,12 +65,15 @@ class InFlightSteps:
         self.steps.append(InFlightStep(sched))
 
     def retire(self, sched: SchedulerOutput) -> set[str]:
-        """The oldest step came back; returns the requests whose results it must drop."""
-        if not self.steps or self.steps[0].sched is not sched:
-            if any(step.sched is sched for step in self.steps):
-                raise RuntimeError("Steps must come back in the order they were scheduled.")
-            return set()  # an empty step was never in flight
-        step = self.steps.popleft()
+        """A step came back (the engine core retires the oldest; a benchmark that runs a step
+        by hand may retire a later one); returns the requests whose results it must drop."""
+        if self.steps and self.steps[0].sched is sched:
+            step = self.steps.popleft()
+        else:
+            step = next((st for st in self.steps if st.sched is sched), None)
+            if step is None:
+                return set()  # an empty step was never in flight
+            self.steps.remove(step)
         for rid, num in sched.num_scheduled_tokens.items():
             if rid not in step.dropped:
                 self._forget(rid, num, rid in sched.num_sampled_tokens)

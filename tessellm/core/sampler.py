@@ -22,7 +22,12 @@ _SEED_MIX = 0x9E3779B97F4A7C15
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling inputs for one step, built by the model runner."""
+    """Per-row sampling inputs for one step, built by ``sampling_metadata.build_sampling_batch``.
+
+    A row is one sampled token, ``[num_sampled_tokens]`` of them (``B`` below): a request that
+    verifies k drafts owns k+1 consecutive rows (at its offset, ``StepHandle.sample_start``),
+    one without drafts owns one. Every row is sampled independently from its own logits.
+    """
 
     temperature: Optional[torch.Tensor]  # float32 [B]; 0 for greedy rows; None if all greedy
     all_greedy: bool
@@ -45,7 +50,7 @@ class SamplingBatch:
 
 @dataclass
 class SamplerOutput:
-    token_ids: torch.Tensor  # int64 [B]
+    token_ids: torch.Tensor  # int64 [B], one per sampled row
     # With logprobs: the sampled token's logprob [B], its rank [B], and the top-k ids/logprobs.
     sampled_logprob: Optional[torch.Tensor] = None
     sampled_rank: Optional[torch.Tensor] = None
