@@ -20,7 +20,7 @@ graph replays a pure-decode step padded to its size: ``pad`` appends rows that r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -37,11 +37,12 @@ class HostInputs:
     query_start_loc: np.ndarray  # int32 [S + 1]
     block_table: np.ndarray  # int32 [S, widest table of the step]
     logits_indices: np.ndarray  # int64 [R]: the token rows that are sampled
-    sample_start: list[int]  # [S + 1]: request i's sampled rows are sample_start[i]:[i + 1]
+    sample_start: Sequence[int]  # [S + 1]: request i's sampled rows are sample_start[i]:[i + 1]
     feed: list[tuple[int, int]]  # (token row, row in the last step's sampled ids): async inputs
     num_decodes: int  # the first num_decodes requests have one query token
     all_decode: bool  # every request has one query token (a graph may replay the step)
     prompt_lp_rows: list[tuple[RunnerRequest, int, int, int]]  # (state, first row, start, n)
+    any_prompt_logprobs: bool  # some request asks for prompt logprobs (no graph replay then)
 
     @property
     def num_tokens(self) -> int:
@@ -62,42 +63,56 @@ class HostInputs:
 InputToken = Callable[[RunnerRequest, int, int, list], int]
 
 
-def build_inputs(states: list[RunnerRequest], counts: list[int], num_sampled: list[int],
+def build_inputs(states: list[RunnerRequest], counts: list[int], num_sampled: Optional[list[int]],
                  tables: PersistentBlockTable, block_size: int, input_token: InputToken) -> HostInputs:
-    """``input_token(state, pos, row, feed)`` gives a token the host has not seen (async)."""
+    """``num_sampled``: rows each request samples; None when every request samples one (the
+    usual decode step: it takes a fast path with no per-request Python beyond the token ids).
+    ``input_token(state, pos, row, feed)`` gives a token the host has not seen (async)."""
     s = len(states)
-    n = np.asarray(counts, dtype=np.int64)
     c = np.fromiter((st.num_computed_tokens for st in states), dtype=np.int64, count=s)
     rows = np.fromiter((st.row for st in states), dtype=np.int64, count=s)
-    qsl = np.zeros(s + 1, dtype=np.int32)
-    np.cumsum(n, out=qsl[1:])
-    all_decode = int(qsl[-1]) == s
+    all_decode = sum(counts) == s
+    feed: list[tuple[int, int]] = []
     if all_decode:
+        n = 1
+        qsl = np.arange(s + 1, dtype=np.int32)
         positions, req_of_token = c.copy(), np.arange(s)
+        ids = np.fromiter([st.token_ids[st.num_computed_tokens] if st.num_computed_tokens < len(st.token_ids)
+                           else input_token(st, st.num_computed_tokens, i, feed)
+                           for i, st in enumerate(states)], dtype=np.int64, count=s)
     else:
+        n = np.asarray(counts, dtype=np.int64)
+        qsl = np.zeros(s + 1, dtype=np.int32)
+        np.cumsum(n, out=qsl[1:])
         positions = np.arange(int(qsl[-1]), dtype=np.int64) - np.repeat(qsl[:-1] - c, n)
         req_of_token = np.repeat(np.arange(s), n)
+        ids = _input_ids(states, counts, qsl, input_token, feed)
     width = int(tables.num_blocks[rows].max())
     table = tables.table[rows, :width]
     slots = table[req_of_token, positions // block_size].astype(np.int64) * block_size
     slots += positions % block_size
-    feed: list[tuple[int, int]] = []
-    ids = _input_ids(states, counts, qsl, all_decode, input_token, feed)
-    sampled = np.asarray(num_sampled, dtype=np.int64)
-    sample_start = np.zeros(s + 1, dtype=np.int64)
-    np.cumsum(sampled, out=sample_start[1:])
-    num_rows = int(sample_start[-1])
-    logits_indices = (np.repeat(qsl[1:] - sampled, sampled)
-                      + np.arange(num_rows) - np.repeat(sample_start[:-1], sampled))
+    if num_sampled is None:
+        logits_indices, sample_start = qsl[1:].astype(np.int64) - 1, range(s + 1)
+    else:
+        logits_indices, sample_start = _sampled(qsl, num_sampled)
+    plp = [i for i, st in enumerate(states) if st.params.prompt_logprobs is not None]
     return HostInputs(ids, positions, slots, (c + n).astype(np.int32), qsl, table, logits_indices,
-                      sample_start.tolist(), feed, _num_decodes(counts), all_decode,
-                      _prompt_logprob_rows(states, counts, qsl))
+                      sample_start, feed, _num_decodes(counts), all_decode,
+                      _prompt_logprob_rows(states, counts, qsl, plp), bool(plp))
 
 
-def _input_ids(states, counts, qsl, all_decode: bool, input_token: InputToken, feed) -> np.ndarray:
-    if all_decode:
-        return np.fromiter((_one(st, i, input_token, feed) for i, st in enumerate(states)),
-                           dtype=np.int64, count=len(states))
+def _sampled(qsl: np.ndarray, num_sampled: list[int]) -> tuple[np.ndarray, list[int]]:
+    """Each request's last ``num_sampled`` token rows, and where its rows start."""
+    sampled = np.asarray(num_sampled, dtype=np.int64)
+    start = np.zeros(len(num_sampled) + 1, dtype=np.int64)
+    np.cumsum(sampled, out=start[1:])
+    num_rows = int(start[-1])
+    indices = (np.repeat(qsl[1:] - sampled, sampled)
+               + np.arange(num_rows) - np.repeat(start[:-1], sampled))
+    return indices, start.tolist()
+
+
+def _input_ids(states, counts, qsl, input_token: InputToken, feed) -> np.ndarray:
     parts = []
     for i, (st, n) in enumerate(zip(states, counts)):
         c = st.num_computed_tokens
@@ -110,11 +125,6 @@ def _input_ids(states, counts, qsl, all_decode: bool, input_token: InputToken, f
     return np.concatenate(parts)
 
 
-def _one(st: RunnerRequest, row: int, input_token: InputToken, feed) -> int:
-    c = st.num_computed_tokens
-    return st.token_ids[c] if c < len(st.token_ids) else input_token(st, c, row, feed)
-
-
 def _num_decodes(counts: list[int]) -> int:
     """Decodes sort first: count the leading one-token requests."""
     if counts[0] != 1:
@@ -124,10 +134,11 @@ def _num_decodes(counts: list[int]) -> int:
     return next(i for i, n in enumerate(counts) if n != 1)
 
 
-def _prompt_logprob_rows(states, counts, qsl) -> list:
+def _prompt_logprob_rows(states, counts, qsl, plp: list[int]) -> list:
     rows = []
-    for i, (st, n) in enumerate(zip(states, counts)):
+    for i in plp:
+        st, n = states[i], counts[i]
         c, p = st.num_computed_tokens, st.num_prompt_tokens
-        if st.params.prompt_logprobs is not None and c < p - 1:
+        if c < p - 1:
             rows.append((st, int(qsl[i]), c, min(n, p - 1 - c)))
     return rows

@@ -128,7 +128,9 @@ class ModelRunner:
         order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
         states = [self.batch.requests[r] for r in order]
         counts = [sched.num_scheduled_tokens[r] for r in order]
-        num_sampled = [sched.num_sampled_tokens.get(r, 0) for r in order]
+        ns = sched.num_sampled_tokens  # values >= 1: all ones exactly when they sum to the count
+        one_each = len(ns) == len(order) and sum(ns.values()) == len(ns)
+        num_sampled = None if one_each else [ns.get(r, 0) for r in order]
         if len(self.steps.unresolved) >= 2 or any(s.params.needs_penalties for s in states):
             self.steps.resolve_all()  # at most two steps in flight; penalties count every token
         self.staging.begin_launch()
@@ -223,17 +225,19 @@ class ModelRunner:
     def _graph_size(self, host: HostInputs, states: list[RunnerRequest]) -> Optional[int]:
         if not self._graphs_ready or not host.all_decode:
             return None
-        if host.prompt_lp_rows or any(s.params.prompt_logprobs is not None for s in states):
+        if host.any_prompt_logprobs:
             return None
         return self.graph_runner.padded_size(len(states))
 
 
-def _sampled_rows(states: list[RunnerRequest], counts: list[int], num_sampled: list[int]):
+def _sampled_rows(states: list[RunnerRequest], counts: list[int], num_sampled: Optional[list[int]]):
     """Per sampled row its request and the output index it samples; the requests that sample
-    and their first rows (``starts``, cumulative)."""
-    if all(s == 1 for s in num_sampled):  # the usual step: one row per request
-        out_pos = [st.num_computed_tokens + n - st.num_prompt_tokens for st, n in zip(states, counts)]
-        return states, out_pos, states, list(range(len(states) + 1))
+    and their first rows (``starts``, cumulative). ``num_sampled`` None: one row each."""
+    if num_sampled is None:  # the usual step: one row per request
+        def out_pos(i: int) -> int:
+            return states[i].num_computed_tokens + counts[i] - states[i].num_prompt_tokens
+
+        return states, out_pos, states, range(len(states) + 1)
     rows, out_pos, sampling, starts = [], [], [], [0]
     for st, n, s in zip(states, counts, num_sampled):
         if not s:
@@ -243,7 +247,7 @@ def _sampled_rows(states: list[RunnerRequest], counts: list[int], num_sampled: l
         out_pos.extend(range(last - s + 1, last + 1))
         sampling.append(st)
         starts.append(starts[-1] + s)
-    return rows, out_pos, sampling, starts
+    return rows, out_pos.__getitem__, sampling, starts
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -11,7 +11,7 @@ Per-step Python work is per row (one per request without drafts), never per voca
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -19,9 +19,10 @@ from tessellm.core.input_batch import RunnerRequest
 from tessellm.core.sampler import SamplingBatch, seed_for_position
 
 
-def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Sequence[int], device: torch.device,
+def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Callable[[int], int], device: torch.device,
                          vocab_size: int, eos_token_ids: tuple[int, ...]) -> SamplingBatch:
-    """``rows[i]`` samples the token at output index ``out_pos[i]`` (0 = first output token)."""
+    """``rows[i]`` samples the token at output index ``out_pos(i)`` (0 = first output token);
+    asked only for rows with a seed or ``min_tokens``."""
     params = [r.params for r in rows]
     all_greedy = all(p.is_greedy for p in params)
     temperature = None if all_greedy else torch.tensor(
@@ -40,7 +41,7 @@ def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Sequence[int], 
     batch.logit_bias = [(i, list(p.logit_bias), list(p.logit_bias.values()))
                         for i, p in enumerate(params) if p.logit_bias] or None
     batch.banned = _banned(params, out_pos, eos_token_ids) or None
-    batch.seeds = [(i, seed_for_position(p.seed, pos)) for i, (p, pos) in enumerate(zip(params, out_pos))
+    batch.seeds = [(i, seed_for_position(p.seed, out_pos(i))) for i, p in enumerate(params)
                    if p.seed is not None and not p.is_greedy] or None
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     batch.max_num_logprobs = max(wanted) if wanted else None
@@ -69,8 +70,8 @@ def _add_penalties(batch: SamplingBatch, rows: Sequence[RunnerRequest], device: 
 def _banned(params, out_pos, eos_token_ids) -> list[tuple[int, list[int]]]:
     """EOS and stop ids are banned from rows sampling before ``min_tokens``."""
     banned = []
-    for i, (p, pos) in enumerate(zip(params, out_pos)):
-        if p.min_tokens and pos < p.min_tokens:
+    for i, p in enumerate(params):
+        if p.min_tokens and out_pos(i) < p.min_tokens:
             ids = set(p.stop_token_ids) | set(eos_token_ids)
             if ids:
                 banned.append((i, sorted(ids)))
