@@ -35,6 +35,29 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def _longrope_cache(head_size: int, max_position: int, base: float, s: dict) -> torch.Tensor:
+    """LongRoPE (Phi-3 "su"/"longrope"): per-frequency divisors, ``short_factor`` for positions
+    below ``original_max_position_embeddings`` and ``long_factor`` from there on, cos and sin
+    scaled by ``attention_factor`` (default sqrt(1 + ln(max / original) / ln(original))).
+    HF switches the whole sequence to the long factors once it outgrows the original length;
+    here each position keeps its own (as vLLM does), so the two agree below that length."""
+    original = s["original_max_position_embeddings"]
+    factor = s.get("factor") or max_position / original
+    scale = s.get("attention_factor")
+    if scale is None:
+        scale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    shape = torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size
+    parts = []
+    for key, lo, hi in (("short_factor", 0, min(original, max_position)),
+                        ("long_factor", original, max_position)):
+        if hi <= lo:
+            continue
+        inv_freq = 1.0 / (torch.tensor(s[key], dtype=torch.float32) * base ** shape)
+        freqs = torch.outer(torch.arange(lo, hi, dtype=torch.float32), inv_freq)
+        parts.append(torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1))
+    return torch.cat(parts)
+
+
 class RotaryEmbedding(nn.Module):
     """Holds a ``[max_position, head_size]`` float32 cache: cos in the first half, sin after."""
 
@@ -47,11 +70,14 @@ class RotaryEmbedding(nn.Module):
         self.head_size = head_size
         self.rotary_dim = head_size  # dimensions rotated per head (partial rotary: fewer)
         self.ops = ops
-        inv_freq = inverse_frequencies(head_size, base, scaling)
-        t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1),
-                             persistent=False)
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+        if kind in ("longrope", "su"):
+            cache = _longrope_cache(head_size, max_position, base, scaling)
+        else:
+            inv_freq = inverse_frequencies(head_size, base, scaling)
+            freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+            cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions, q, k):
         return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_size)

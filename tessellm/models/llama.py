@@ -290,9 +290,9 @@ def _rope_theta(config) -> float:
 
 def _rope_scaling(config) -> Optional[dict]:
     scaling = getattr(config, "rope_scaling", None)
-    if scaling:
-        return dict(scaling)
     params = getattr(config, "rope_parameters", None)
+    if scaling:
+        return {**(params or {}), **dict(scaling)}  # HF 5 keeps e.g. original_max_... in params
     if params and params.get("rope_type", "default") != "default":
         return dict(params)
     return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tessellm.models import gemma3, llama, moe
+from tessellm.models import gemma3, llama, moe, phi3
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -10,6 +10,7 @@ _MODELS = {
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
     "Gemma3ForCausalLM": gemma3.Gemma3ForCausalLM,
+    "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
     "MixtralForCausalLM": moe.MixtralForCausalLM,
     "Qwen2MoeForCausalLM": moe.Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": moe.Qwen3MoeForCausalLM,

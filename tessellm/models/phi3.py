@@ -1,0 +1,44 @@
+"""Phi-3 (``Phi3ForCausalLM``): the llama decoder with q/k/v fused into one ``qkv_proj`` and
+gate/up into one ``gate_up_proj`` in the checkpoint, and LongRoPE ("su"/"longrope") scaling
+(``layers/rotary.py``).
+
+The fused checkpoint tensors are split into their logical parts on load, so each lands in our
+fused layers' shards exactly as separate ``q_proj``/``k_proj``/... tensors would (and tensor
+parallelism narrows each part on its own)::
+
+    qkv_proj.weight rows   [ q: H*d | k: KVH*d | v: KVH*d ]  -> q_proj, k_proj, v_proj
+    gate_up_proj.weight    [ gate: I | up: I ]               -> gate_proj, up_proj
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from tessellm.layers.linear import materialize
+from tessellm.models.llama import LlamaForCausalLM
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        config = self.config
+        d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        qkv_sizes = [config.num_attention_heads * d, kv * d, kv * d]
+        inter = config.intermediate_size
+
+        def split():
+            for name, tensor in weights:
+                if name.endswith(".qkv_proj.weight"):
+                    parts = materialize(tensor).split(qkv_sizes, dim=0)
+                    for part, piece in zip(("q_proj", "k_proj", "v_proj"), parts):
+                        yield name.replace(".qkv_proj.", f".{part}."), piece
+                elif name.endswith(".gate_up_proj.weight"):
+                    gate, up = materialize(tensor).split([inter, inter], dim=0)
+                    yield name.replace(".gate_up_proj.", ".gate_proj."), gate
+                    yield name.replace(".gate_up_proj.", ".up_proj."), up
+                else:
+                    yield name, tensor
+
+        return super().load_weights(split())
