@@ -42,6 +42,9 @@ class EngineArgs:
     # Schedule step N+1 while step N runs on the device (its sampled ids fed on the device).
     # None: on for GPU backends without pipeline stages.
     async_scheduling: Optional[bool] = None
+    # Run every kernel variant serving can hit before the engine says ready (core/warmup.py).
+    # None: on in the serving engine process, off for LLM(...) (a batch job pays it once anyway).
+    kernel_warmup: Optional[bool] = None
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):

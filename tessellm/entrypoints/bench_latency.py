@@ -2,42 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import statistics
 import time
 
 from tessellm.entrypoints.bench_throughput import make_requests
+from tessellm.entrypoints.engine_args import add_engine_arguments, engine_args_from
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default=None)
-    p.add_argument("--load-format", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--num-iters", type=int, default=5)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    p.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"])
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule step N+1 while step N runs (default: on for GPUs)")
     p.add_argument("--output-json", default=None)
+    add_engine_arguments(p, enable_prefix_caching=False)  # each iteration's prompt is computed
 
 
 def run(args) -> int:
     from tessellm import LLM
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-              max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, seed=args.seed,
-              enable_prefix_caching=False, tensor_parallel_size=args.tensor_parallel_size,
-              pipeline_parallel_size=args.pipeline_parallel_size,
-              distributed_executor_backend=args.distributed_executor_backend,
-              async_scheduling=args.async_scheduling)
+    llm = LLM(**dataclasses.asdict(engine_args_from(args, args.model)))
     ttfts, tpots = measure(llm, args.input_len, args.output_len, args.num_iters, args.seed)
     core = llm.engine.core
     result = {"device": core.backend.name, "input_len": args.input_len, "output_len": args.output_len,

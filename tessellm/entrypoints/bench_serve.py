@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import random
 import statistics
@@ -45,15 +46,29 @@ def add_arguments(p) -> None:
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="draw prompt token ids from [0, V) (default: the server's, else 32000)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--output-json", default=None)
+    p.add_argument("--launch", action="store_true",
+                   help="start `tessellm serve MODEL` with the engine flags below on --base-url's port, "
+                   "time it to /ready, benchmark it, then stop it (SIGTERM)")
+    p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for /ready (--launch)")
+    from tessellm.entrypoints.engine_args import add_engine_arguments
+
+    add_engine_arguments(p)  # --seed also seeds the random prompts
 
 
 def run(args) -> int:
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1 or args.request_rate <= 0:
         raise ValueError("--num-prompts, --input-len, --output-len and --request-rate must be positive.")
-    result = asyncio.run(benchmark(args))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
+    server = launch_server(args) if args.launch else None
+    try:
+        result = asyncio.run(benchmark(args))
+    finally:
+        if server is not None:
+            result_server = server.stop()
+    if server is not None:
+        result["server"] = {**server.summary(), **result_server}
     print(format_report(result))
     if args.output_json:
         with open(args.output_json, "w") as f:
@@ -175,6 +190,12 @@ def summarize(args, model: str, results: list[RequestResult], duration: float) -
     }
 
 
+def launch_server(args):
+    from tessellm.entrypoints.bench_server import LaunchedServer
+
+    return LaunchedServer.start(args)
+
+
 def format_report(s: dict) -> str:
     rows = [("Model", s["model"]), ("Request rate (req/s)", s["request_rate"]),
             ("Successful requests", s["completed"]), ("Failed requests", s["failed"]),
@@ -188,6 +209,8 @@ def format_report(s: dict) -> str:
             rows.append((f"{stat.capitalize() if stat == 'mean' else stat.upper()} {name} (ms)", s[key][stat]))
     lines = ["=" * 50, f"{'Serving benchmark':^50}", "=" * 50]
     lines += [f"{name:<36}{value!s:>14}" for name, value in rows]
+    if s.get("server"):
+        lines.append(f"{'Server time to /ready (s)':<36}{s['server']['time_to_ready_s']!s:>14}")
     if s["errors"]:
         lines.append("Errors: " + "; ".join(s["errors"]))
     lines.append("=" * 50)

@@ -7,11 +7,13 @@ for a side-by-side figure. Model loading is excluded from every figure.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import random
 import time
 from dataclasses import dataclass
+
+from tessellm.entrypoints.engine_args import add_engine_arguments, engine_args_from
 
 
 @dataclass
@@ -22,33 +24,18 @@ class BenchRequest:
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="Model dir or .gguf (default: bundled SmolLM2).")
-    p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf or dummy.")
     p.add_argument("--backend", default="tessellm", choices=["tessellm", "hf"])
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="Draw each length uniformly from [L(1-R), L(1+R)].")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-batch-size", type=int, default=32)
     p.add_argument("--hf-disable-cudnn-sdpa", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
     p.add_argument("--warmup", default="auto", choices=["auto", "tiny", "full"],
                    help="untimed run first: full = the whole workload (auto: full except on cpu)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    p.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"])
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule step N+1 while step N runs (default: on for GPUs)")
     p.add_argument("--output-json", default=None)
+    add_engine_arguments(p)
 
 
 def make_requests(num: int, input_len: int, output_len: int, ratio: float, vocab: int,
@@ -88,15 +75,7 @@ def _summary(args, reqs: list[BenchRequest], elapsed: float, extra: dict) -> dic
 def run_tessellm(args) -> dict:
     from tessellm import LLM, SamplingParams
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              num_kv_blocks=args.num_kv_blocks, load_format=args.load_format, seed=args.seed,
-              enable_prefix_caching=args.enable_prefix_caching,
-              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-              tensor_parallel_size=args.tensor_parallel_size,
-              pipeline_parallel_size=args.pipeline_parallel_size,
-              distributed_executor_backend=args.distributed_executor_backend,
-              async_scheduling=args.async_scheduling)
+    llm = LLM(**dataclasses.asdict(engine_args_from(args, args.model)))
     core = llm.engine.core
     reqs = make_requests(args.num_prompts, args.input_len, args.output_len, args.random_range_ratio,
                          core.vocab_size, args.seed)

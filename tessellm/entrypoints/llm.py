@@ -11,6 +11,7 @@ from tessellm.config import EngineArgs
 from tessellm.core.llm_engine import LLMEngine
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
+from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
 
 _TQDM_MIN_PROMPTS = 8
 
@@ -87,15 +88,6 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [done[rid] for rid in ids]
-
-
-def render_chat(tokenizer, conversation, add_generation_prompt: bool = True,
-                chat_template: Optional[str] = None) -> list[int]:
-    if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("The tokenizer has no chat template; pass chat_template=...")
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
-                                         add_generation_prompt=add_generation_prompt)
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _per_prompt(params, n: int) -> list[SamplingParams]:

@@ -15,68 +15,19 @@ import time
 from typing import Optional
 
 from tessellm import envs
-from tessellm.config import EngineArgs
+from tessellm.entrypoints.engine_args import (DEFAULT_SERVED_NAME, add_engine_arguments,  # noqa: F401
+                                           engine_args_from)
 
-DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"  # the bundled model's name when MODEL is omitted
 logger = logging.getLogger("tessellm.serve")
 
 
 # -- arguments -----------------------------------------------------------------------------
-
-def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    d = EngineArgs()
-    g = parser.add_argument_group("engine")
-    g.add_argument("--device", default=d.device,
-                   help="auto, cpu, cuda, rocm, xpu, tpu or a plugin's backend name (default: auto)")
-    g.add_argument("--dtype", default=d.dtype, help="auto, float32, bfloat16 or float16")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="running requests at most")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per step at most")
-    g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
-    g.add_argument("--num-kv-blocks", type=int, default=None,
-                   help="KV cache blocks (default: sized from free memory)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=d.enable_prefix_caching, help="share KV blocks of equal prompt prefixes")
-    g.add_argument("--load-format", default=d.load_format, help="auto, safetensors, gguf or dummy")
-    g.add_argument("--tokenizer", default=None, help="a directory with tokenizer files")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--enforce-eager", action="store_true", help="no graph capture")
-    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
-                   help="auto | fp8 (e4m3 cache with per-tensor scales; cuda)")
-    g.add_argument("--quantization", default=None,
-                   help="int8 | fp8 | awq | gptq | gguf; unset: the checkpoint's own")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
-                   help="split each layer over this many devices")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=d.pipeline_parallel_size,
-                   help="split the layers into this many stages, one device group each")
-    g.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray"],
-                   help="mp: worker processes on this host (default); ray: Ray actors, across nodes")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule step N+1 while step N runs (default: on for GPUs, off on the cpu)")
-
-
-def engine_args_from(args: argparse.Namespace, model: Optional[str]) -> EngineArgs:
-    return EngineArgs(
-        model=model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-        load_format=args.load_format, enforce_eager=args.enforce_eager, tokenizer=args.tokenizer,
-        kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-        tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size,
-        distributed_executor_backend=args.distributed_executor_backend,
-        async_scheduling=args.async_scheduling,
-        served_model_name=getattr(args, "served_model_name", None) and args.served_model_name[0],
-        chat_template=getattr(args, "chat_template", None))
-
+# The engine flags come from one definition (tessellm/entrypoints/engine_args.py).
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("model", nargs="?", default=None,
                         help="model directory, .gguf file or cached HF repo id (default: bundled SmolLM2)")
-    _add_engine_arguments(parser)
+    add_engine_arguments(parser)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
@@ -110,7 +61,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("prompt", help="the prompt (with --chat, the user's message)")
     parser.add_argument("--model", default=None, help="model (default: bundled SmolLM2)")
-    _add_engine_arguments(parser)
+    add_engine_arguments(parser)
     g = parser.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -232,7 +183,7 @@ def run_generate(args: argparse.Namespace) -> int:
     logging.getLogger("tessellm").setLevel(logging.INFO if args.verbose else logging.WARNING)
     from tessellm.core.llm_engine import LLMEngine
     from tessellm.core.sampling_params import SamplingParams
-    from tessellm.entrypoints.llm import render_chat
+    from tessellm.entrypoints.chat_utils import render_chat
 
     try:
         engine = LLMEngine(engine_args_from(args, args.model))

@@ -27,6 +27,7 @@ from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.async_llm import AsyncLLM, RequestStream, iterate_streams
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
+from tessellm.entrypoints.openai.protocol import UsageInfo
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,13 @@ async def _sse_events(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer,
         yield "data: [DONE]\n\n"
     finally:
         sub.abort(engine)  # never awaits: safe while being cancelled
+
+
+def usage(outputs: list[RequestOutput]) -> UsageInfo:
+    """Token counts over finished requests (every prompt, every sample)."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def _event(chunk: BaseModel) -> str:

@@ -13,7 +13,7 @@ from fastapi import Request
 
 from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
-from tessellm.entrypoints.llm import render_chat
+from tessellm.entrypoints.chat_utils import render_chat
 from tessellm.entrypoints.openai.errors import bad_request
 from tessellm.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogProbs, ChatCompletionChunk,
                                                   ChatCompletionRequest, ChatCompletionResponse,
@@ -23,8 +23,7 @@ from tessellm.entrypoints.openai.sampling import (check_limits, check_model, che
                                                   resolve_max_tokens, to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request, random_id,
-                                                 sse_response, submit)
-from tessellm.entrypoints.openai.serving_completion import usage
+                                                 sse_response, submit, usage)
 
 
 async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):

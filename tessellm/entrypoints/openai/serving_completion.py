@@ -14,12 +14,12 @@ from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.openai.errors import bad_request
 from tessellm.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs,
-                                                  CompletionRequest, CompletionResponse, UsageInfo)
+                                                  CompletionRequest, CompletionResponse)
 from tessellm.entrypoints.openai.sampling import (check_limits, check_model, check_unsupported,
                                                   resolve_max_tokens, to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request, random_id,
-                                                 sse_response, submit)
+                                                 sse_response, submit, usage)
 
 
 async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
@@ -124,12 +124,6 @@ class _CompletionView:
             return entry[tid].decoded_token
         tok = self.engine.tokenizer
         return tok.decode([tid]) if tok is not None else f"<{tid}>"
-
-
-def usage(outputs: list[RequestOutput]) -> UsageInfo:
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class _CompletionChunks:

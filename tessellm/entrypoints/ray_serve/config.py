@@ -112,7 +112,7 @@ class RayServeConfig:
         if isinstance(names, str):
             names = [names]
         if not names:
-            from tessellm.entrypoints.serve import DEFAULT_SERVED_NAME
+            from tessellm.entrypoints.engine_args import DEFAULT_SERVED_NAME
 
             names = [self.engine.get("served_model_name") or self.model or DEFAULT_SERVED_NAME]
         return ServerConfig(served_model_names=list(names), **server)

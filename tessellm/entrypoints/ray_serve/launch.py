@@ -63,7 +63,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, server_config) -> dict:
     """The app's config dict (config.py) from parsed ``tessellm serve`` flags."""
-    from tessellm.entrypoints.serve import engine_args_from
+    from tessellm.entrypoints.engine_args import engine_args_from
 
     engine = dataclasses.asdict(engine_args_from(args, args.model))
     engine.pop("model")

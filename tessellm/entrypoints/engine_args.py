@@ -1,0 +1,110 @@
+"""The engine's command-line flags, generated from the one definition: ``tessellm.config.EngineArgs``.
+
+``tessellm serve``, ``tessellm generate``, ``bench throughput``, ``bench latency`` and
+``bench serve --launch`` all call ``add_engine_arguments``; ``LLM(...)`` takes the same names as
+keyword arguments and the Ray Serve config's ``engine`` section the same names as keys. A field
+added to ``EngineArgs`` becomes a flag everywhere at once (a test checks every field has help).
+
+Flags are the field names with dashes (``max_num_seqs`` -> ``--max-num-seqs``); booleans get a
+``--no-`` form. Fields that are not engine flags (``model``, which each command takes its own way,
+and the server's ``served_model_name`` / ``chat_template``) are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Optional
+
+from tessellm.config import EngineArgs
+
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"  # the bundled model's name when MODEL is omitted
+
+# Fields set elsewhere than the engine group (the command's MODEL, the server group's flags).
+NOT_FLAGS = frozenset({"model", "served_model_name", "chat_template"})
+
+HELP = {
+    "device": "auto, cpu, cuda, rocm, xpu, tpu or a plugin's backend name",
+    "dtype": "auto, float32, bfloat16 or float16",
+    "max_model_len": "context length (default: the model's)",
+    "block_size": "tokens per KV cache block",
+    "num_kv_blocks": "KV cache blocks (default: sized from free memory)",
+    "gpu_memory_utilization": "fraction of device memory the engine may use",
+    "max_num_seqs": "running requests at most",
+    "max_num_batched_tokens": "tokens per step at most (default: 2048 on the cpu, else 16384)",
+    "enable_prefix_caching": "share KV blocks of equal prompt prefixes",
+    "enable_chunked_prefill": "split long prompts over several steps",
+    "seed": "random seed (sampling without a per-request seed)",
+    "load_format": "auto, safetensors, gguf or dummy (random weights)",
+    "enforce_eager": "no graph capture",
+    "tokenizer": "a directory with tokenizer files (default: the model's)",
+    "kv_cache_dtype": "auto | fp8 (e4m3 cache with per-tensor scales; cuda)",
+    "quantization": "int8 | fp8 | awq | gptq | gguf; unset: the checkpoint's own",
+    "tensor_parallel_size": "split each layer over this many devices",
+    "pipeline_parallel_size": "split the layers into this many stages, one device group each",
+    "distributed_executor_backend": "mp: worker processes on this host (default); ray: Ray actors, across nodes",
+    "async_scheduling": "schedule step N+1 while step N runs (default: on for GPUs, off on the cpu)",
+    "kernel_warmup": "run every kernel variant serving can hit before ready "
+                     "(default: on when serving, off for LLM(...) and the benches)",
+}
+SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
+CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"]}
+
+
+def engine_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(EngineArgs) if f.name not in NOT_FLAGS]
+
+
+def _kind(f: dataclasses.Field) -> type:
+    """The flag's type from the field's annotation (a string under postponed evaluation)."""
+    annotation = str(f.type).replace("typing.", "")
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if annotation in (name, f"Optional[{name}]"):
+            return kind
+    return str
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, **defaults) -> argparse.ArgumentParser:
+    """Add every engine flag to ``parser`` (one group); ``defaults`` override EngineArgs' own."""
+    group = parser.add_argument_group("engine (the same for serve, LLM(...), bench, Ray Serve)")
+    base = EngineArgs()
+    for f in engine_fields():
+        names = [f"--{f.name.replace('_', '-')}"] + ([SHORT[f.name]] if f.name in SHORT else [])
+        default = defaults.get(f.name, getattr(base, f.name))
+        kind = _kind(f)
+        kwargs = {"dest": f.name, "default": default, "help": f"{HELP[f.name]} (default: {default})"}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+        if f.name in CHOICES:
+            kwargs["choices"] = CHOICES[f.name]
+        group.add_argument(*names, **kwargs)
+    return parser
+
+
+def engine_args_from(args: argparse.Namespace, model: Optional[str] = None, **overrides) -> EngineArgs:
+    """EngineArgs from parsed flags (those a parser lacks keep EngineArgs' defaults)."""
+    values = {f.name: getattr(args, f.name) for f in engine_fields() if hasattr(args, f.name)}
+    served = getattr(args, "served_model_name", None)
+    if served:
+        values["served_model_name"] = served[0] if isinstance(served, list) else served
+    if getattr(args, "chat_template", None) is not None:
+        values["chat_template"] = args.chat_template
+    return EngineArgs(model=model, **{**values, **overrides})
+
+
+def engine_flags(args: EngineArgs) -> list[str]:
+    """The command line that gives ``args`` back (``bench serve --launch`` starts a server with it)."""
+    out: list[str] = []
+    base = EngineArgs()
+    for f in engine_fields():
+        value = getattr(args, f.name)
+        if value == getattr(base, f.name):
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            out += [flag, str(value)]
+    return out

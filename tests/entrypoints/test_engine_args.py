@@ -1,0 +1,53 @@
+"""One set of engine arguments: every command parses the same flags into the same EngineArgs."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from tessellm.config import EngineArgs
+from tessellm.entrypoints.cli import build_parser
+from tessellm.entrypoints.engine_args import HELP, NOT_FLAGS, engine_args_from, engine_flags
+
+# A non-default value for every engine flag (the test fails when a field is added without one).
+NON_DEFAULT = {
+    "device": "cpu", "dtype": "float32", "max_model_len": 512, "block_size": 8, "num_kv_blocks": 64,
+    "gpu_memory_utilization": 0.5, "max_num_seqs": 7, "max_num_batched_tokens": 333,
+    "enable_prefix_caching": False, "enable_chunked_prefill": False, "seed": 11, "load_format": "dummy",
+    "enforce_eager": True, "tokenizer": "/tmp/tok", "kv_cache_dtype": "fp8", "quantization": "int8",
+    "tensor_parallel_size": 2, "pipeline_parallel_size": 2, "distributed_executor_backend": "ray",
+    "async_scheduling": True, "kernel_warmup": False,
+}
+COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
+            ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],
+            ["bench", "serve", "--launch", "--model", "MODEL"]]
+
+
+def test_every_field_is_a_documented_flag():
+    names = {f.name for f in dataclasses.fields(EngineArgs)} - NOT_FLAGS
+    assert names == set(HELP), "an EngineArgs field lacks help in engine_args.HELP (or help is stale)"
+    assert names == set(NON_DEFAULT)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
+def test_commands_share_engine_arguments(command):
+    expected = EngineArgs(model="MODEL", **NON_DEFAULT)
+    flags = engine_flags(expected)
+    args = build_parser().parse_args([*command, *flags])
+    assert engine_args_from(args, args.model) == expected
+
+
+def test_bench_latency_takes_quantization_and_kv_cache_dtype():
+    args = build_parser().parse_args(["bench", "latency", "--quantization", "fp8", "--kv-cache-dtype", "fp8"])
+    ea = engine_args_from(args, args.model)
+    assert (ea.quantization, ea.kv_cache_dtype, ea.enable_prefix_caching) == ("fp8", "fp8", False)
+
+
+def test_ray_serve_does_not_import_the_serve_module():
+    code = ("import sys, tessellm.entrypoints.ray_serve.config, tessellm.entrypoints.ray_serve.launch;"
+            "print('tessellm.entrypoints.serve' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
