@@ -8,12 +8,15 @@ sockets in a private temp dir. Every message is **msgpack** (never pickle on a s
       input  PUSH  --["add", req] ["abort", ids]-->   PULL
                     ["call", id, method] ["shutdown"]
       output PULL  <--["ready", info] ["startup_failed", msg]--  PUSH
+                    ["warm", WarmupReport] (after warm-up, before any step)
                     ["outputs", [out...], EngineStats] ["rejected", rid, msg]
                     ["call_result", id, result] ["dead", msg]
 
 Invariants
 ----------
-* The core sends exactly one of ``ready`` / ``startup_failed`` first (the handshake).
+* The core sends exactly one of ``ready`` / ``startup_failed`` first (the handshake); after
+  ``ready`` it warms up (``tessellm.core.warmup``) and sends ``warm`` before anything else, so
+  the server's ``/ready`` answers 200 only once no request can meet a cold kernel.
 * While it has work the core loop never blocks: it drains the input socket without waiting,
   runs one ``step()`` and sends what the step produced, with ``EngineStats`` (counters only:
   the metrics cost the loop a few integers per step; see ``tessellm.metrics``). Idle, it
@@ -44,6 +47,7 @@ from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.step import STEP_SCHEMA_VERSION, build_dataclass, check_version
+from tessellm.metrics.compile_counter import COUNTER as COMPILE_COUNTER
 from tessellm.metrics.device_memory import DeviceMemoryProbe
 
 logger = logging.getLogger(__name__)
@@ -115,16 +119,23 @@ def run_engine_core(args: dict, input_addr: str, output_addr: str, parent_pid: i
     out_sock.connect(output_addr)
     in_sock = ctx.socket(zmq.PULL)
     in_sock.connect(input_addr)
+    COMPILE_COUNTER.install()
     try:
         from tessellm.core.engine_core import EngineCore
 
-        core = EngineCore(EngineArgs(**args))
+        core_args = EngineArgs(**args)
+        core = EngineCore(core_args)
     except BaseException as exc:  # noqa: BLE001 - every start-up failure goes to the parent
         out_sock.send(pack(["startup_failed", f"{type(exc).__name__}: {exc}"]))
         _close(ctx, out_sock, in_sock)
         raise SystemExit(1)
     out_sock.send(pack(["ready", dataclasses.asdict(core.info)]))
     try:
+        # Loaded: the API process starts serving /health now; /ready waits for "warm".
+        from tessellm.core.warmup import warm_up
+
+        report = warm_up(core, core_args, serving=True)
+        out_sock.send(pack(["warm", dataclasses.asdict(report) if report else {}]))
         _CoreLoop(core, in_sock, out_sock, parent_pid).run()
     except BaseException as exc:  # noqa: BLE001
         logger.error("Engine core died:\n%s", traceback.format_exc())
@@ -220,7 +231,8 @@ class _CoreLoop:
         """The scheduler's stats plus the rest of ``EngineStats`` (the front end decodes it)."""
         used, total = self.memory.sample()
         return {**dataclasses.asdict(self.core.scheduler.stats()), "step_num_tokens": step_num_tokens or [],
-                "device_memory_used_bytes": used, "device_memory_total_bytes": total}
+                "device_memory_used_bytes": used, "device_memory_total_bytes": total,
+                "triton_compilations_after_ready": COMPILE_COUNTER.after_ready}
 
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         steps, self.step_num_tokens = self.step_num_tokens, []

@@ -17,7 +17,16 @@ from tessellm.loader.model_loader import load_tokenizer
 class LLMEngine:
     def __init__(self, args: EngineArgs, final_only: bool = False):
         self.args = args
+        from tessellm.core.warmup import warm_up
+        from tessellm.metrics.compile_counter import COUNTER
+
+        COUNTER.install()
         self.core = EngineCore(args)
+        try:
+            self.warmup = warm_up(self.core, args, serving=False)  # off unless kernel_warmup=True
+        except BaseException:
+            self.core.shutdown()
+            raise
         source = self.core.source
         self.tokenizer = None
         if source.has_tokenizer or args.tokenizer:

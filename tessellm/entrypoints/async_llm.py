@@ -11,8 +11,9 @@ reads everything the core sends and routes each ``RequestOutput`` to its request
 Outputs are cumulative (each holds the whole text so far), so a stream keeps only the newest
 one: a slow consumer skips intermediate states instead of queueing them.
 
-The core process is started with ``spawn``, so a script that builds an ``AsyncLLM`` needs the
-usual ``if __name__ == "__main__":`` guard. Everything here runs on the event loop thread.
+Everything here runs on the event loop thread, except tokenization and chat templating
+(``process_prompt_async``, ``run_off_loop``: a small thread pool, so a huge prompt never stalls
+other streams).
 ``abort`` never awaits, so it is safe in the ``finally`` of a task being cancelled (a client
 that disconnected).
 
@@ -28,6 +29,7 @@ import itertools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Optional, Union
 
 import zmq
@@ -119,9 +121,15 @@ class AsyncLLM:
         self.stat_loggers: list[StatLogger] = []
         self.last_message_time = time.monotonic()
         self.dead_reason: Optional[str] = None
+        self.warm = False  # the core finished its warm-up ("warm" message): /ready may say 200
+        self.warmup_report: dict = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
         self._handler: Optional[asyncio.Task] = None
+        # Tokenization and chat templating run here, never on the event loop: a 2 MB prompt
+        # takes seconds to tokenize, and other streams must not wait for it.
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tessellm-tokenize")
+        self._max_token_chars: Optional[int] = None
 
     # -- requests --------------------------------------------------------------------------
 
@@ -132,6 +140,37 @@ class AsyncLLM:
     def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
         """Tokenize and check a prompt (ValueError with the reason when it cannot run)."""
         return self.inputs.process_prompt(prompt)
+
+    async def run_off_loop(self, fn, *args):
+        """``fn(*args)`` on the tokenizer threads (tokenizing, chat templates), awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def process_prompt_async(self, prompt: PromptType) -> ProcessedPrompt:
+        """``process_prompt`` off the event loop; a text that cannot fit is refused untokenized."""
+        text = prompt.get("prompt") if isinstance(prompt, dict) and "prompt_token_ids" not in prompt else prompt
+        if isinstance(text, str):
+            self.check_text_fits(len(text))
+        return await self.run_off_loop(self.process_prompt, prompt)
+
+    def check_text_fits(self, num_chars: int, what: str = "The prompt") -> None:
+        """ValueError when ``num_chars`` of text are sure to exceed the context: no token of this
+        vocabulary is longer than ``max_token_chars``, so the text has at least that many tokens."""
+        if self.tokenizer is None:
+            return
+        per_token = self.max_token_chars()
+        least = num_chars // per_token
+        if least >= self.info.max_model_len:
+            raise ValueError(f"{what} is {num_chars} characters, at least {least} tokens for this model "
+                             f"(no token is longer than {per_token} characters), over its context "
+                             f"length of {self.info.max_model_len} tokens; shorten it.")
+
+    def max_token_chars(self) -> int:
+        """An upper bound of characters per token: the longest vocabulary entry, x4 for
+        normalizers that merge characters."""
+        if self._max_token_chars is None:
+            vocab = self.tokenizer.get_vocab()
+            self._max_token_chars = 4 * max([len(t) for t in vocab] or [1])
+        return self._max_token_chars
 
     def add_request(self, request_id: str, prompt: Union[PromptType, ProcessedPrompt],
                     params: SamplingParams, event: Optional[asyncio.Event] = None) -> RequestStream:
@@ -199,8 +238,8 @@ class AsyncLLM:
             self._calls.pop(call_id, None)
 
     async def is_ready(self, timeout: float = 10.0) -> bool:
-        """The core is alive and answers (recent outputs count as an answer)."""
-        if self.is_dead or not self.client.is_alive():
+        """The core is alive, warmed up and answers (recent outputs count as an answer)."""
+        if self.is_dead or not self.client.is_alive() or not self.warm:
             return False
         if self.streams and time.monotonic() - self.last_message_time < 1.0:
             return True
@@ -253,6 +292,9 @@ class AsyncLLM:
             if self.stat_loggers:
                 self._notify("observe_stats", EngineStats.from_dict(msg[2]))
             self._route([decode_output(v) for v in msg[1]])
+        elif kind == "warm":
+            self.warm, self.warmup_report = True, msg[1]
+            logger.info("The engine core is warm: %s", msg[1] or "warm-up off")
         elif kind == "call_result":
             future = self._calls.get(msg[1])
             if future is not None and not future.done():
@@ -317,6 +359,7 @@ class AsyncLLM:
     def close(self) -> None:
         """Stop the core process (synchronous; safe when no event loop runs)."""
         self.dead_reason = self.dead_reason or "shut down"
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
 

@@ -40,15 +40,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="on SIGTERM / Ctrl-C, refuse new requests (503) and let those in flight "
-                   "finish for at most this long")
+                   help="on SIGTERM / Ctrl-C, refuse new requests (503) and let those in flight finish for at "
+                   "most this long, then exit (keep Kubernetes' terminationGracePeriodSeconds above it)")
     g = parser.add_argument_group("limits")
     g.add_argument("--max-n", type=int, default=16, help="most samples per request (n)")
     g.add_argument("--max-logprobs", type=int, default=20, help="most logprobs / top_logprobs")
     g.add_argument("--max-tokens-limit", type=int, default=None,
                    help="most output tokens per request (default: the context length)")
     g.add_argument("--max-prompts", type=int, default=64, help="most prompts in one completions request")
-    g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body")
+    g.add_argument("--max-request-body-bytes", "--max-body-bytes", dest="max_body_bytes", type=int,
+                   default=4 << 20, help="largest request body; a larger one is answered 413 before "
+                   "it is parsed (default: 4 MiB)")
     g.add_argument("--max-header-bytes", type=int, default=32 << 10, help="largest request headers")
     g.add_argument("--sse-keepalive", type=float, default=10.0, metavar="SECONDS",
                    help="send an SSE comment after this much silence on a stream")
@@ -105,9 +107,12 @@ def run_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     logger.info("Serving %s on http://%s:%d (API key %s)", config.model_name, host, port,
                 "required" if config.api_key else "not required")
-    server = uvicorn.Server(uvicorn.Config(
+    from tessellm.entrypoints.openai.lifecycle import draining_server
+
+    server = draining_server(uvicorn.Config(
         app, log_level=args.uvicorn_log_level, access_log=not args.no_access_log, timeout_graceful_shutdown=5,
-        h11_max_incomplete_event_size=2 * config.max_header_bytes + 8192))
+        h11_max_incomplete_event_size=2 * config.max_header_bytes + 8192), app.state.lifecycle,
+        args.shutdown_timeout)
     try:
         server.run(sockets=[sock])
     finally:
@@ -135,11 +140,15 @@ def _server_config(args: argparse.Namespace):
     from tessellm.entrypoints.openai.server_config import ServerConfig
 
     names = args.served_model_name or [args.model if args.model is not None else DEFAULT_SERVED_NAME]
+    flags = {"max_body_bytes": "max-request-body-bytes"}
     for name in ("max_n", "max_logprobs", "max_prompts", "max_body_bytes", "max_header_bytes"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+            flag = flags.get(name, name.replace("_", "-"))
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, name)}.")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise ValueError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}.")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}.")
     if args.sse_keepalive <= 0:
         raise ValueError(f"--sse-keepalive must be > 0 seconds, got {args.sse_keepalive}.")
     return ServerConfig(

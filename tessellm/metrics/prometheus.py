@@ -98,6 +98,9 @@ class EngineMetrics:
             "once per admitted request."))
         self.prefix_hits = _CumulativeCounter(self._child(
             Counter, "prefix_cache_hits_total", "Prompt tokens found in the prefix cache."))
+        self.compilations = self._child(Gauge, "triton_compilations_after_ready", "Triton JIT "
+                                        "compilations in the engine core since warm-up ended "
+                                        "(should stay 0; tessellm.metrics.compile_counter).")
         self.iteration_tokens = self._child(Histogram, "iteration_tokens_total", "Tokens computed "
                                             "per engine step (prefill chunks plus decodes).",
                                             buckets=ITERATION_TOKEN_BUCKETS)
@@ -138,6 +141,7 @@ class EngineMetrics:
         self.preemptions.update(stats.num_preemptions_total)
         self.prefix_queries.update(stats.prefix_cache_queries)
         self.prefix_hits.update(stats.prefix_cache_hits)
+        self.compilations.set(stats.triton_compilations_after_ready)
         for n in stats.step_num_tokens:
             self.iteration_tokens.observe(n)
         if stats.device_memory_used_bytes is not None:

@@ -36,6 +36,8 @@ class EngineStats:
     # when the backend cannot tell. Sampled at most once a second (see DeviceMemoryProbe).
     device_memory_used_bytes: Optional[int] = None
     device_memory_total_bytes: Optional[int] = None
+    # Triton JIT compilations in the core process since it said ready (warm-up should leave 0).
+    triton_compilations_after_ready: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineStats":

@@ -91,7 +91,7 @@ def test_limits(http):
     assert_error(http.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 9}),
                  400, "top_logprobs")
     big = {**COMPLETION, "prompt": "x" * 1_100_000}  # over --max-body-bytes 1000000
-    assert_error(http.post("/v1/completions", json=big), 400, None, "1000000")
+    assert_error(http.post("/v1/completions", json=big), 413, None, "1000000")
     r = http.post("/v1/completions", json=COMPLETION, headers={"X-Big": "y" * 40_000})
     assert_error(r, 400, None, "headers")
     assert_still_serving(http)

@@ -2,7 +2,8 @@
 
 Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (and ``/v1/models/{id}``),
 ``/tokenize``, ``/detokenize``, ``/health`` (liveness: the API process and the engine core
-process are up), ``/ready`` (the engine has loaded and answers), ``/version``, ``/metrics``
+process are up), ``/ready`` (the engine has loaded, finished its warm-up and answers; 503 with
+``Retry-After`` while warming up or draining, see lifecycle.py), ``/version``, ``/metrics``
 (Prometheus text, ``tessellm.metrics.prometheus``; one private registry per app) and
 ``/debug/stats`` (the core's scheduler stats, fresh).
 
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import tessellm
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
+from tessellm.entrypoints.openai.lifecycle import Lifecycle
 from tessellm.entrypoints.openai.middleware import EdgeMiddleware
 from tessellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard,
                                                   ModelList, TokenizeChatRequest,
@@ -51,12 +53,13 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.config = config
+    app.state.lifecycle = Lifecycle()  # draining on SIGTERM (lifecycle.py)
     app.state.metrics = EngineMetrics(config.model_name, CollectorRegistry(), engine.info.max_model_len)
     engine.add_stat_logger(app.state.metrics)
     _add_error_handlers(app)
     _add_status_routes(app, engine, app.state.metrics)
     _add_inference_routes(app, engine, config)
-    app.add_middleware(EdgeMiddleware, config=config)
+    app.add_middleware(EdgeMiddleware, config=config, lifecycle=app.state.lifecycle)
     return app
 
 
@@ -98,6 +101,12 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
 
     @app.get("/ready")
     async def ready():
+        if app.state.lifecycle.draining:
+            return JSONResponse({"status": "draining", "reason": "shutting down"}, status_code=503,
+                                headers={"Retry-After": "5"})
+        if not engine.is_dead and not engine.warm:
+            return JSONResponse({"status": "warming up", "reason": "the engine is running its warm-up"},
+                                status_code=503, headers={"Retry-After": "5"})
         if await engine.is_ready():
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready", "reason": engine.dead_reason or "no answer"},
@@ -114,7 +123,8 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
         except Exception as exc:  # noqa: BLE001
             raise OpenAIError(f"The engine core did not answer: {exc}", 503) from None
         return {"stats": stats, "num_requests": len(engine.streams), "engine_pid": engine.client.proc.pid,
-                "num_kv_blocks": engine.info.num_kv_blocks, "block_size": engine.info.block_size}
+                "num_kv_blocks": engine.info.num_kv_blocks, "block_size": engine.info.block_size,
+                "warmup": engine.warmup_report}
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -152,9 +162,10 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
         if engine.tokenizer is None:
             raise bad_request("This model has no tokenizer.")
         if is_chat:
-            ids = render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template)
+            ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template)
         else:
-            ids = engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await engine.run_off_loop(
+                lambda: engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         strs = engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=engine.info.max_model_len, tokens=ids,
                                 token_strs=strs)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from tessellm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 500: "server_error", 503: "server_error"}
+          405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
 
 
 class OpenAIError(Exception):

@@ -1,4 +1,5 @@
-"""The edge: header and body size limits and the API key, before any route runs.
+"""The edge: header and body size limits (a body over the limit is answered 413 before it is
+parsed), the API key, and the lifecycle (503 while draining; ``in_flight``), before any route runs.
 
 A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which buffers streaming
 responses and hides client disconnects). The body is read here, checked against the limit, and
@@ -9,19 +10,28 @@ replayed to the app; after that ``receive`` passes straight through, so the app 
 from __future__ import annotations
 
 import secrets
+from typing import Optional, Sequence
 
 from tessellm.entrypoints.openai.errors import OpenAIError
+from tessellm.entrypoints.openai.lifecycle import Lifecycle
 from tessellm.entrypoints.openai.server_config import ServerConfig
 
 
 class EdgeMiddleware:
-    def __init__(self, app, config: ServerConfig):
+    def __init__(self, app, config: ServerConfig, lifecycle: Optional[Lifecycle] = None):
         self.app = app
         self.config = config
+        self.lifecycle = lifecycle or Lifecycle()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        open_path = scope["path"] in self.config.open_paths
+        if self.lifecycle.draining and not open_path:
+            retry = self.lifecycle.retry_after_s
+            return await _send_error(send, OpenAIError(
+                f"The server is shutting down; retry in {retry} s (on another replica).", 503, None,
+                "shutting_down"), [(b"retry-after", str(retry).encode())])
         error = self._check_headers(scope)
         if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
             body, error = await self._read_body(scope, receive)
@@ -29,7 +39,13 @@ class EdgeMiddleware:
                 receive = _replay(body, receive)
         if error is not None:
             return await _send_error(send, error)
-        return await self.app(scope, receive, send)
+        if open_path:
+            return await self.app(scope, receive, send)
+        self.lifecycle.in_flight += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.lifecycle.in_flight -= 1
 
     def _check_headers(self, scope):
         limit = self.config.max_header_bytes
@@ -57,7 +73,8 @@ class EdgeMiddleware:
     async def _read_body(self, scope, receive):
         limit = self.config.max_body_bytes
         too_big = OpenAIError(f"The request body is larger than this server's limit of {limit} bytes "
-                              "(--max-body-bytes).", 400, None, "body_too_large")
+                              "(--max-request-body-bytes); send a smaller request.", 413, None,
+                              "request_too_large")
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -89,11 +106,11 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def _send_error(send, error: OpenAIError) -> None:
+async def _send_error(send, error: OpenAIError, headers: Sequence[tuple] = ()) -> None:
     import json
 
     payload = json.dumps(error.body()).encode()
     await send({"type": "http.response.start", "status": error.status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]})
+                            (b"content-length", str(len(payload)).encode()), *headers]})
     await send({"type": "http.response.body", "body": payload})

@@ -31,7 +31,7 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     check_model(req.model, config)
     check_unsupported(req)
     check_limits(req, config)
-    ids = render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template)
+    ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template)
     try:
         processed = engine.process_prompt({"prompt_token_ids": ids})
     except ValueError as exc:
@@ -47,14 +47,20 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     return view.response(outputs[0])
 
 
-def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool,
-                    chat_template: Optional[str]) -> list[int]:
+async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool,
+                          chat_template: Optional[str]) -> list[int]:
+    """The messages through the chat template (``chat_utils.render_chat``), off the event loop."""
     if engine.tokenizer is None:
         raise bad_request("This model has no tokenizer, so chat is unavailable; use /v1/completions "
                           "with token ids.", "messages")
     conversation = [_message_dict(i, m) for i, m in enumerate(messages)]
     try:
-        return render_chat(engine.tokenizer, conversation, add_generation_prompt, chat_template)
+        engine.check_text_fits(sum(len(m["content"]) for m in conversation), "The conversation")
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+    try:
+        return await engine.run_off_loop(render_chat, engine.tokenizer, conversation,
+                                         add_generation_prompt, chat_template)
     except Exception as exc:  # noqa: BLE001 - a template error is the request's fault (roles, ...)
         raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
 

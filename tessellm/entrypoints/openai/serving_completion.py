@@ -31,7 +31,7 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     processed = []
     for i, prompt in enumerate(prompts):
         try:
-            processed.append(engine.process_prompt(prompt))
+            processed.append(await engine.process_prompt_async(prompt))
         except ValueError as exc:
             raise bad_request(str(exc) if len(prompts) == 1 else f"prompt {i}: {exc}", "prompt") from None
     max_len = engine.info.max_model_len

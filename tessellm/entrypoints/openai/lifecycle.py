@@ -1,0 +1,60 @@
+"""The server's lifecycle: warming up -> ready -> draining -> exit.
+
+* Warming up: the engine core runs its warm-up (``tessellm.core.warmup``); ``/health`` answers
+  200 (liveness), ``/ready`` 503 with ``Retry-After``; requests sent meanwhile queue and run once
+  it ends.
+* Ready: ``/ready`` 200.
+* Draining, on the first SIGTERM or SIGINT: every new request (and ``/ready``) gets 503 with
+  ``Retry-After``, while the listening socket stays open, so a load balancer sees a clean refusal,
+  not a reset; requests in flight (streams included) run to their end, for at most
+  ``--shutdown-timeout`` seconds; then uvicorn closes the connections, the engine core stops and
+  the process exits 0. A second signal exits at once.
+
+``in_flight`` counts requests inside the app (a stream until its last byte), kept by the edge
+middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger("tessellm.serve")
+
+
+@dataclass
+class Lifecycle:
+    draining: bool = False
+    in_flight: int = 0
+    retry_after_s: int = 5  # what a refused client is told to wait
+
+
+def draining_server(uvicorn_config, lifecycle: Lifecycle, shutdown_timeout: float):
+    """A ``uvicorn.Server`` whose first SIGTERM/SIGINT drains instead of closing at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if lifecycle.draining or self.should_exit:  # a second signal: the usual fast exit
+                return super().handle_exit(sig, frame)
+            lifecycle.draining = True
+            logger.info("Got %s: draining (no new requests; %d in flight, up to %.0fs).",
+                        signal.Signals(sig).name, lifecycle.in_flight, shutdown_timeout)
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+        async def _drain(self) -> None:
+            deadline = time.monotonic() + shutdown_timeout
+            while lifecycle.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if lifecycle.in_flight:
+                logger.warning("%d request(s) still running after --shutdown-timeout %.0fs; "
+                               "closing them.", lifecycle.in_flight, shutdown_timeout)
+            else:
+                logger.info("Drained; shutting down.")
+            self.should_exit = True
+
+    return DrainingServer(uvicorn_config)

@@ -1,0 +1,61 @@
+"""Counts Triton JIT compilations in this process, and those after the engine said ready.
+
+Warm-up (``tessellm.core.warmup``) should leave nothing to compile: the lead checks on the GPU
+that ``tessellm:triton_compilations_after_ready`` (``/metrics``) stays 0 under load. The count
+comes from Triton's ``knobs.runtime.jit_post_compile_hook``, called once per new kernel
+specialisation a process builds (from source or from the on-disk ``TRITON_CACHE_DIR``: either
+way a request would have waited for it). Each compilation after ready is also logged, with the
+kernel's name, as a warning.
+
+The hook is process-wide by nature (Triton has one), so the counter is one per process:
+``COUNTER``. ``install()`` is idempotent and chains a hook that was already set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+logger = logging.getLogger(__name__)
+
+
+class CompileCounter:
+    def __init__(self):
+        self.total = 0
+        self.after_ready = 0
+        self.ready = False
+        self.installed = False
+        self._lock = threading.Lock()
+
+    def install(self) -> bool:
+        """Hook Triton (when it is importable); False when it is not."""
+        if self.installed:
+            return True
+        try:
+            from triton import knobs
+
+            previous = knobs.runtime.jit_post_compile_hook
+        except (ImportError, AttributeError):  # no Triton, or one older than its knobs (< 3.4)
+            return False
+
+        def hook(*args, **kwargs):
+            self.observe(kwargs.get("fn"))
+            return previous(*args, **kwargs) if previous is not None else None
+
+        knobs.runtime.jit_post_compile_hook = hook
+        self.installed = True
+        return True
+
+    def observe(self, fn=None) -> None:
+        with self._lock:
+            self.total += 1
+            if self.ready:
+                self.after_ready += 1
+                logger.warning("Triton compiled %s after the engine was ready (%d so far).",
+                               getattr(fn, "name", fn), self.after_ready)
+
+    def mark_ready(self) -> None:
+        self.ready = True
+
+
+COUNTER = CompileCounter()
