@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
 import os
 import tempfile
 import time
@@ -47,6 +46,7 @@ from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.step import STEP_SCHEMA_VERSION, build_dataclass, check_version
+from tessellm.distributed.spawn import spawn_process
 from tessellm.metrics.compile_counter import COUNTER as COMPILE_COUNTER
 from tessellm.metrics.device_memory import DeviceMemoryProbe
 
@@ -268,13 +268,12 @@ class EngineCoreClient:
         self.output = self._ipc.socket(zmq.PULL, bind=output_addr)
         for key, value in envs.engine_process_env_defaults().items():
             os.environ.setdefault(key, value)  # the spawned core inherits the environment
-        mp = multiprocessing.get_context("spawn")
         # A daemonic process may not start children, and a core over several devices starts its
         # workers; it exits by itself once this process is gone either way (see _CoreLoop.run).
         daemon = args.tensor_parallel_size * args.pipeline_parallel_size == 1
-        self.proc = mp.Process(target=run_engine_core, name="tessellm-engine-core", daemon=daemon,
-                               args=(engine_args_to_dict(args), input_addr, output_addr, os.getpid()))
-        self.proc.start()
+        # From a clean main: the user's script is never re-run in the core (distributed/spawn.py).
+        self.proc = spawn_process(run_engine_core, "tessellm-engine-core",
+                                  (engine_args_to_dict(args), input_addr, output_addr, os.getpid()), daemon)
         self._ipc.adopt(self.proc)
         try:
             self.info = self._handshake(startup_timeout)

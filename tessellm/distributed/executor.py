@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import multiprocessing
 import os
 import socket
 import tempfile
@@ -37,6 +36,7 @@ from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 from tessellm.distributed.codec import (decode_runner_output, decode_scheduler_output,
                                         encode_runner_output, encode_scheduler_output, pack, unpack)
 from tessellm.distributed.parallel_state import ParallelConfig
+from tessellm.distributed.spawn import spawn_process
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,13 @@ class UniProcExecutor(Executor):
     def collect(self) -> ModelRunnerOutput:
         return self._launched.popleft().result()
 
+    def shutdown(self) -> None:
+        """Release the model and KV cache now, not when this object is collected."""
+        worker, self.worker = self.worker, None
+        self._launched.clear()
+        if worker is not None:
+            worker.release()
+
 
 # -- multiprocessing ---------------------------------------------------------------------------
 
@@ -119,15 +126,14 @@ class MultiprocExecutor(Executor):
         self._results = self._ipc.socket(zmq.PULL, bind=results_addr)
         self._cmds = []
         init_method = f"tcp://127.0.0.1:{_free_port()}"
-        mp = multiprocessing.get_context("spawn")
         self._procs = []
         for rank in range(parallel.world_size):
             addr = f"ipc://{self._tmp}/cmd{rank}"
             self._cmds.append(self._ipc.socket(zmq.PUSH, bind=addr))
-            proc = mp.Process(target=run_worker, name=f"tessellm-worker-{rank}", daemon=True,
-                              args=(dataclasses.asdict(args), rank, dataclasses.asdict(parallel),
-                                    init_method, addr, results_addr, os.getpid()))
-            proc.start()
+            # From a clean main: the user's script is never re-run in a worker (spawn.py).
+            proc = spawn_process(run_worker, f"tessellm-worker-{rank}",
+                                 (dataclasses.asdict(args), rank, dataclasses.asdict(parallel),
+                                  init_method, addr, results_addr, os.getpid()))
             self._procs.append(proc)
             self._ipc.adopt(proc)
         try:

@@ -6,6 +6,7 @@ executors start one per rank in their own processes (``mp``) or Ray actors (``ra
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -119,6 +120,14 @@ class Worker:
         self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
         self.runner.capture_graphs()
         return self.runner.graph_runner is not None
+
+    def release(self) -> None:
+        """Drop the model, its KV cache and graphs, and give the device memory back to the device
+        (``LLM.shutdown``: a second engine in this process can size its cache from it again)."""
+        self.runner = None
+        gc.collect()  # graphs and compiled steps hold reference cycles
+        if self.device.type != "cpu" and hasattr(torch, "accelerator"):
+            torch.accelerator.empty_cache()  # the caching allocator's blocks: free for others
 
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
         """Launch the step; ``.result()`` on the handle waits for its tokens."""
