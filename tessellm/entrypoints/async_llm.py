@@ -249,6 +249,17 @@ class AsyncLLM:
             return False
         return True
 
+    async def wait_until_warm(self, timeout: Optional[float] = None) -> None:
+        """Return once the core has finished its warm-up (e.g. before a Ray Serve replica says it
+        is up); EngineDeadError if it died, asyncio.TimeoutError after ``timeout`` seconds."""
+        self._ensure_handler()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.warm:
+            self._check_alive()
+            if deadline is not None and time.monotonic() > deadline:
+                raise asyncio.TimeoutError(f"the engine core did not finish its warm-up in {timeout}s")
+            await asyncio.sleep(0.05)
+
     # -- the output handler -----------------------------------------------------------------
 
     def _check_alive(self) -> None:
