@@ -14,6 +14,18 @@ def plugins_allowed() -> Optional[set[str]]:
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
+def validate_plugins() -> bool:
+    """TESSELLM_VALIDATE_PLUGINS: "1" checks every call of a plugin's attention kernel and fused
+    ops (``backends/checked.py``; the conformance suite sets it); default: the first steps."""
+    return _switch("TESSELLM_VALIDATE_PLUGINS") is True
+
+
+def debug() -> bool:
+    """TESSELLM_DEBUG: "1" shows full tracebacks for plugin and start-up errors (default: one
+    sentence)."""
+    return _switch("TESSELLM_DEBUG") is True
+
+
 def api_key() -> Optional[str]:
     """TESSELLM_API_KEY: the server's API key when --api-key is not given."""
     return os.environ.get("TESSELLM_API_KEY") or None

@@ -8,14 +8,21 @@ entry-point names) limits which load. Every failure names the plugin and the fix
 - a hook that does not match its spec (unknown hook name, unknown argument, a ``tessellm_*``
   function without ``@hookimpl``, a hook wrapper);
 - a hook that raises, or returns an object that lacks a member of the protocol;
-- two plugins registering the same backend name, or ``--device=auto`` with a priority tie.
+- two plugins registering the same backend name, or ``--device=auto`` with a priority tie;
+- a hook answering for a backend another plugin owns without declaring ``TESSELLM_OVERRIDES``.
+
+Isolation: a plugin discovered through an entry point that fails to load (import error, API
+version, hook mismatch, a raising or duplicate ``tessellm_register_backends``) is disabled on
+its own: one warning line, its backends absent, ``--device`` naming it gets one sentence saying
+why, every other backend works. Plugins passed in ``plugins=`` (tests, embedding applications)
+fail loudly instead.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata
-import re
+import logging
 from dataclasses import dataclass, replace
 from typing import Iterable, Optional
 
@@ -23,13 +30,15 @@ import pluggy
 
 from tessellm import envs
 from tessellm.backends import spec
+from tessellm.backends.checked import checked_kernel, checked_ops
+from tessellm.backends.plugin_checks import (PluginError, api_required, check_backend,
+                                             check_hook_names, check_no_wrappers, one_line,
+                                             overrides, protocol_members, renamed)
 from tessellm.backends.spec import Backend
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+logger = logging.getLogger(__name__)
 
-
-class PluginError(RuntimeError):
-    """A plugin failed to load or does not match the contract."""
+__all__ = ["BackendRegistry", "DeviceError", "PluginError", "PluginInfo", "get_registry"]
 
 
 class DeviceError(ValueError):
@@ -43,6 +52,7 @@ class PluginInfo:
     api_required: int  # its TESSELLM_PLUGIN_API_REQUIRED
     distribution: str = ""  # the installed package that declared the entry point, if any
     version: str = ""  # that package's version
+    overrides: tuple[str, ...] = ()  # TESSELLM_OVERRIDES: others' backends it may answer for
 
 
 class BackendRegistry:
@@ -58,6 +68,10 @@ class BackendRegistry:
         self.pm.add_hookspecs(spec.BackendHookSpec)
         self.plugins: dict[str, PluginInfo] = {}
         self.backends: dict[str, Backend] = {}
+        # Plugins disabled at load (entry points only): name -> the one-sentence reason.
+        self.broken: dict[str, str] = {}
+        self._isolated: set[str] = set()  # plugins loaded from entry points
+        self._backend_names: dict[str, set[str]] = {}  # plugin -> names it tried to register
         self.allowed = allowed
         if load_entry_points:
             self._load_entry_points(allowed)
@@ -78,17 +92,41 @@ class BackendRegistry:
                     f"package provides; installed backend plugins: "
                     f"{', '.join(sorted({ep.name for ep in eps})) or 'none'}.")
         seen: dict[str, str] = {}
+        eps.sort(key=lambda ep: not ep.value.startswith("tessellm.backends."))  # ours first
         for ep in eps:
             if allowed is not None and ep.name not in allowed:
                 continue
             if ep.name in seen:
                 if seen[ep.name] != ep.value:  # the same package seen twice is harmless
-                    raise PluginError(
-                        f"Two installed packages declare backend plugin {ep.name!r}: "
-                        f"{seen[ep.name]} and {ep.value}; uninstall one.")
+                    reason = (f"Two installed packages declare backend plugin {ep.name!r}: "
+                              f"{seen[ep.name]} and {ep.value}; uninstall one.")
+                    if seen[ep.name].startswith("tessellm.backends."):  # keep tessellm's own
+                        self._disable(f"{ep.name} ({ep.value})", reason)
+                    else:
+                        self._disable(ep.name, reason)
                 continue
             seen[ep.name] = ep.value
-            self._load_entry_point(ep)
+            try:
+                self._load_entry_point(ep)
+            except PluginError as exc:
+                self._disable(ep.name, str(exc))
+            else:
+                self._isolated.add(ep.name)
+
+    def _disable(self, name: str, reason: str) -> None:
+        """Take a broken entry-point plugin out (hooks and backends); warn once, one line."""
+        reason = one_line(reason)
+        if name in self.broken:
+            return
+        if self.pm.get_plugin(name) is not None:
+            self.pm.unregister(name=name)
+        self.plugins.pop(name, None)
+        self._isolated.discard(name)
+        for backend in [b for b in self.backends.values() if b.plugin_name == name]:
+            del self.backends[backend.name]
+        self.broken[name] = reason
+        logger.warning("%s Plugin %r is disabled; the other backends work.",
+                       reason if reason.endswith(".") else reason + ".", name)
 
     def _load_entry_point(self, ep) -> None:
         dist = getattr(ep, "dist", None)
@@ -111,47 +149,68 @@ class BackendRegistry:
         if name in self.plugins:
             raise PluginError(f"A backend plugin named {name!r} is already registered "
                               f"({self.plugins[name].module}).")
-        required = _api_required(module, name)
-        _check_hook_names(module, name)
+        required = api_required(module, name)
+        check_hook_names(module, name)
+        declared = overrides(module, name)
         try:
             self.pm.register(module, name=name)
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"Backend plugin {name!r} does not match the tessellm hook "
-                              f"specification: {_one_line(exc)}") from exc
+                              f"specification: {one_line(exc)}") from exc
         try:
             self.pm.check_pending()
-            _check_no_wrappers(self.pm, name)
+            check_no_wrappers(self.pm, name)
         except (pluggy.PluginValidationError, PluginError) as exc:
             self.pm.unregister(name=name)
             if isinstance(exc, PluginError):
                 raise
             raise PluginError(f"Backend plugin {name!r} does not match the tessellm hook "
-                              f"specification: {_one_line(exc)}") from exc
+                              f"specification: {one_line(exc)}") from exc
         self.plugins[name] = PluginInfo(name, getattr(module, "__name__", repr(module)), required,
-                                        distribution, version)
+                                        distribution, version, declared)
 
     def collect_backends(self) -> None:
-        """Ask every plugin to register its backends (again), validating each one."""
+        """Ask every plugin to register its backends (again), validating each one. A failing
+        entry-point plugin is disabled (``_disable``); any other failure raises."""
         self.backends.clear()
-        for impl in self.pm.hook.tessellm_register_backends.get_hookimpls():  # load order
-            plugin_name = impl.plugin_name
-
-            def register(backend: Backend, _plugin=plugin_name) -> None:
-                _check_backend(backend, _plugin)
-                other = self.backends.get(backend.name)
-                if other is not None:
-                    raise PluginError(f"Backend {backend.name!r} is registered by both "
-                                      f"{other.plugin_name!r} and {_plugin!r}; uninstall one or "
-                                      "limit plugins with TESSELLM_PLUGINS.")
-                self.backends[backend.name] = replace(backend, plugin_name=_plugin)
-
+        impls = self.pm.hook.tessellm_register_backends.get_hookimpls()  # load order
+        # tessellm's own plugins first, so a third-party duplicate of "cpu" is the one disabled.
+        impls.sort(key=lambda impl: not self._in_tree(impl.plugin_name))
+        for impl in impls:
             try:
-                impl.function(**_hook_kwargs(impl, register=register))
-            except PluginError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - re-raised with the plugin's name
-                raise PluginError(f"Backend plugin {plugin_name!r} raised in "
-                                  f"tessellm_register_backends: {type(exc).__name__}: {exc}") from exc
+                self._collect_from(impl)
+            except PluginError as exc:
+                if impl.plugin_name not in self._isolated:
+                    raise
+                self._disable(impl.plugin_name, str(exc))
+
+    def _in_tree(self, plugin: str) -> bool:
+        info = self.plugins.get(plugin)
+        return info is not None and info.module.startswith("tessellm.backends.")
+
+    def _collect_from(self, impl) -> None:
+        plugin_name = impl.plugin_name
+        mine: list[Backend] = []
+        names = self._backend_names.setdefault(plugin_name, set())
+
+        def register(backend: Backend) -> None:
+            check_backend(backend, plugin_name)
+            names.add(backend.name)
+            other = self.backends.get(backend.name)
+            if other is not None:
+                raise PluginError(f"Backend {backend.name!r} is registered by both "
+                                  f"{other.plugin_name!r} and {plugin_name!r}; uninstall one or "
+                                  "limit plugins with TESSELLM_PLUGINS.")
+            mine.append(replace(backend, plugin_name=plugin_name))
+
+        try:
+            impl.function(**_hook_kwargs(impl, register=register))
+        except PluginError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised with the plugin's name
+            raise PluginError(f"Backend plugin {plugin_name!r} raised in "
+                              f"tessellm_register_backends: {type(exc).__name__}: {exc}") from exc
+        self.backends.update((b.name, b) for b in mine)  # all or nothing
 
     # -- selection -------------------------------------------------------------------------
 
@@ -163,6 +222,7 @@ class BackendRegistry:
         if device != "auto":
             backend = self.backends.get(device)
             if backend is None:
+                self._refuse_broken(device)
                 raise DeviceError(f"Unknown device {device!r}. Known backends: "
                                   f"{', '.join(sorted(self.backends)) or 'none'}; a third-party "
                                   "one is installed with pip as a plugin (docs/plugins.md), and "
@@ -185,6 +245,13 @@ class BackendRegistry:
                               f"{top[0].priority}; pass --device explicitly.")
         return top[0]
 
+    def _refuse_broken(self, device: str) -> None:
+        """``device`` belongs to a plugin that failed to load: say so, in one sentence."""
+        for plugin, reason in self.broken.items():
+            if device == plugin or device in self._backend_names.get(plugin, ()):
+                raise DeviceError(f"Device {device!r} is unavailable because its backend plugin "
+                                  f"{plugin!r} failed to load: {reason}")
+
     # -- pieces ----------------------------------------------------------------------------
 
     def provider(self, hook_name: str, backend: Backend, spec_obj) -> tuple[object, Optional[str]]:
@@ -202,7 +269,7 @@ class BackendRegistry:
             try:
                 result = impl.function(**_hook_kwargs(impl, backend=backend, spec=spec_obj))
             except (ValueError, NotImplementedError) as exc:
-                raise _renamed(exc, f"[plugin {impl.plugin_name!r}, {hook_name}] {exc}") from exc
+                raise renamed(exc, f"[plugin {impl.plugin_name!r}, {hook_name}] {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - re-raised with the plugin's name
                 raise PluginError(f"Backend plugin {impl.plugin_name!r} raised in {hook_name} "
                                   f"for backend {backend.name!r}: {type(exc).__name__}: {exc}"
@@ -210,12 +277,28 @@ class BackendRegistry:
             if result is None:
                 continue
             if not isinstance(result, protocol):
-                missing = [m for m in _protocol_members(protocol) if not hasattr(result, m)]
+                missing = [m for m in protocol_members(protocol) if not hasattr(result, m)]
                 raise PluginError(f"Backend plugin {impl.plugin_name!r} returned "
                                   f"{type(result).__name__} from {hook_name}, which is not a "
                                   f"{protocol.__name__}: it lacks {', '.join(missing)}.")
+            self._check_owner(impl.plugin_name, hook_name, backend)
             return result, impl.plugin_name
         return None, None
+
+    def _check_owner(self, plugin: str, hook_name: str, backend: Backend) -> None:
+        """Refuse an answer for a backend another plugin owns, unless the plugin declared it."""
+        owner = backend.plugin_name
+        info = self.plugins.get(plugin)
+        if not owner or owner == plugin or info is None or backend.name in info.overrides:
+            return
+        raise PluginError(f"Backend plugin {plugin!r} answered {hook_name} for backend "
+                          f"{backend.name!r}, which plugin {owner!r} owns; return None unless "
+                          f"backend.name is yours, or declare the override with "
+                          f"{spec.OVERRIDES_ATTR} = ({backend.name!r},) in its plugin module.")
+
+    def overriders(self, backend_name: str) -> list[str]:
+        """Plugins that declare ``TESSELLM_OVERRIDES`` for ``backend_name``."""
+        return [p.name for p in self.plugins.values() if backend_name in p.overrides]
 
     def implementers(self, hook_name: str) -> list[str]:
         """Plugins implementing a hook, in call order (tryfirst ones first)."""
@@ -223,97 +306,20 @@ class BackendRegistry:
         return [impl.plugin_name for impl in reversed(hook.get_hookimpls())]
 
     def attention_kernel(self, backend: Backend, attn_spec: spec.AttentionSpec):
-        return self.provider("tessellm_attention_kernel", backend, attn_spec)[0]
+        """The kernel for ``backend``, wrapped so its first steps are checked (checked.py)."""
+        kernel, plugin = self.provider("tessellm_attention_kernel", backend, attn_spec)
+        return None if kernel is None else checked_kernel(kernel, plugin, backend.name, attn_spec)
 
     def fused_ops(self, backend: Backend, ops_spec: spec.OpsSpec):
-        return self.provider("tessellm_fused_ops", backend, ops_spec)[0]
+        """The plugin's fused ops for ``backend`` (checked on first calls), or None."""
+        ops, plugin = self.provider("tessellm_fused_ops", backend, ops_spec)
+        return None if ops is None else checked_ops(ops, plugin, backend.name)
 
     def graph_runner(self, backend: Backend, graph_spec: spec.GraphSpec):
         return self.provider("tessellm_graph_runner", backend, graph_spec)[0]
 
     def quant_method(self, backend: Backend, quant_spec: spec.QuantSpec):
         return self.provider("tessellm_quant_method", backend, quant_spec)[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _api_required(module, name: str) -> int:
-    required = getattr(module, spec.API_REQUIRED_ATTR, 1)
-    if not isinstance(required, int) or isinstance(required, bool) or required < 1:
-        raise PluginError(f"Backend plugin {name!r} sets {spec.API_REQUIRED_ATTR} = "
-                          f"{required!r}; it must be a positive integer.")
-    if required > spec.TESSELLM_PLUGIN_API:
-        raise PluginError(
-            f"Backend plugin {name!r} needs tessellm plugin API {required}, but this tessellm "
-            f"provides API {spec.TESSELLM_PLUGIN_API}; upgrade tessellm or use an older plugin.")
-    return required
-
-
-def _check_hook_names(module, name: str) -> None:
-    """A ``tessellm_*`` callable not marked ``@hookimpl`` would be ignored silently by pluggy."""
-    marker = f"{spec.PROJECT_NAME}_impl"
-    for attr in dir(module):
-        if not attr.startswith("tessellm_"):
-            continue
-        value = getattr(module, attr, None)
-        if callable(value) and not hasattr(value, marker):
-            raise PluginError(f"Backend plugin {name!r} defines {attr} without @hookimpl, so "
-                              "tessellm would never call it; decorate it with "
-                              "tessellm.backends.spec.hookimpl.")
-
-
-def _check_no_wrappers(pm: pluggy.PluginManager, name: str) -> None:
-    plugin = pm.get_plugin(name)
-    for caller in pm.get_hookcallers(plugin) or []:
-        for impl in caller.get_hookimpls():
-            if impl.plugin_name == name and (impl.hookwrapper or getattr(impl, "wrapper", False)):
-                raise PluginError(f"Backend plugin {name!r} implements {caller.name} as a "
-                                  "wrapper; tessellm hooks take plain implementations (use "
-                                  "tryfirst=True to override another plugin).")
-
-
-def _check_backend(backend, plugin: str) -> None:
-    if not isinstance(backend, Backend):
-        raise PluginError(f"Backend plugin {plugin!r} registered {backend!r}, which is not a "
-                          "tessellm.backends.spec.Backend.")
-    problems = []
-    if not isinstance(backend.name, str) or not _NAME_RE.match(backend.name) or backend.name == "auto":
-        problems.append(f"name {backend.name!r} must be lower-case letters, digits, '-' or '_' "
-                        "(and not 'auto')")
-    if not isinstance(backend.priority, int):
-        problems.append(f"priority {backend.priority!r} must be an int")
-    if not callable(backend.is_available):
-        problems.append("is_available must be callable")
-    if backend.validated_on not in spec.VALIDATION_LEVELS:
-        problems.append(f"validated_on {backend.validated_on!r} must be one of "
-                        f"{', '.join(spec.VALIDATION_LEVELS)}")
-    if problems:
-        raise PluginError(f"Backend plugin {plugin!r} registered an invalid backend: "
-                          + "; ".join(problems) + ".")
-
-
-def _one_line(exc: Exception) -> str:
-    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-
-
-def _renamed(exc: Exception, message: str) -> Exception:
-    """The same exception type with ``message``; the original when its type takes no message."""
-    try:
-        return type(exc)(message)
-    except Exception:  # noqa: BLE001 - an exotic constructor: keep the original
-        return exc
-
-
-def _protocol_members(protocol) -> list[str]:
-    members = getattr(protocol, "__protocol_attrs__", None)
-    if members is None:  # Python < 3.12
-        from typing import _get_protocol_attrs  # type: ignore[attr-defined]
-
-        members = _get_protocol_attrs(protocol)
-    return sorted(members)
 
 
 def _hook_kwargs(impl, **available):

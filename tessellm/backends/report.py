@@ -24,6 +24,8 @@ def describe_backends(verbose: bool = False, registry: Optional[BackendRegistry]
         rows.append((b.name, b.plugin_name, "yes" if b.name in avail else "no", str(b.priority),
                      b.device_type, b.dist_backend, b.validated_on))
     lines += _table(rows)
+    for name, reason in registry.broken.items():
+        lines.append(f"DISABLED plugin {name}: {reason}")
     try:
         lines.append(f"--device=auto selects: {registry.select('auto').name}")
     except DeviceError as exc:
@@ -36,6 +38,9 @@ def describe_backends(verbose: bool = False, registry: Optional[BackendRegistry]
             lines.append(f"  capabilities: {caps}")
         if b.validation_note:
             lines.append(f"  validation: {b.validation_note}")
+        overriders = registry.overriders(b.name)
+        if overriders:
+            lines.append(f"  overridden by: {', '.join(overriders)} (TESSELLM_OVERRIDES)")
         if verbose:
             lines += _pieces(registry, b)
     if verbose:

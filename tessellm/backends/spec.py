@@ -17,7 +17,33 @@ plugins working:
   plugin module; the registry refuses it with one sentence naming the plugin, ``N`` and the API
   this tessellm provides (``PluginError``), instead of failing later in an obscure place.
 
-History: 1 = the first published contract (this one).
+History: 1 = the first published contract. 2 = ownership: a hook that answers for a backend
+another plugin registered must be declared in ``TESSELLM_OVERRIDES`` (below), and tessellm
+checks what kernels and ops return (``TESSELLM_VALIDATE_PLUGINS``). A version-1 plugin keeps
+working unchanged unless it answered for another plugin's backend; then the registry refuses
+that answer with one sentence saying to add ``TESSELLM_OVERRIDES``.
+
+Ownership
+---------
+A backend belongs to the plugin that registered it. A hook result for a backend owned by
+another plugin is refused (``PluginError``) unless the answering plugin lists that backend's
+name in ``TESSELLM_OVERRIDES`` (a tuple of backend names, set in its plugin module);
+``tessellm backends`` shows declared overrides. Hooks should return None for backends they do
+not serve: check ``backend.name`` first.
+
+Checked calls
+-------------
+On each model load, the first calls of every ``AttentionKernel.forward`` and ``FusedOps`` op are
+checked (shape, dtype, device, and a few rows against the pure-torch reference); a mismatch
+raises one ``PluginError`` naming the plugin, the hook, what was expected and what came back.
+After those first calls the plugin's own methods are called directly (no cost). With
+``TESSELLM_VALIDATE_PLUGINS=1`` (the conformance suite sets it) every call is checked.
+
+A backend on ``device_type="cpu"``
+----------------------------------
+The engine treats any backend whose ``device_type`` is "cpu" like the cpu backend: the model
+runs in float32 unless ``--dtype`` says otherwise, and the KV cache gets
+``TESSELLM_CPU_KV_CACHE_GB`` (default 4 GiB) instead of a share of ``memory_info``.
 """
 
 from __future__ import annotations
@@ -32,9 +58,35 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 1
+TESSELLM_PLUGIN_API = 2
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
+# The module attribute listing backends (by name) this plugin may answer hooks for although
+# another plugin registered them, e.g. ``TESSELLM_OVERRIDES = ("cpu",)``. Default: none.
+OVERRIDES_ATTR = "TESSELLM_OVERRIDES"
+
+# KV cache dtypes, the one list: the values of ``--kv-cache-dtype`` / ``AttentionSpec.
+# kv_cache_dtype``. An attention kernel declares the ones it runs in its ``kv_cache_dtypes``
+# attribute (default ("auto",)); that attribute is what the engine enforces.
+KV_CACHE_DTYPES = {
+    "auto": "the cache has the model's dtype",
+    "fp8": "float8 e4m3 cache (the kernel picks its torch dtype via kv_cache_torch_dtype)",
+    "fp8_e4m3": "an alias of fp8",
+}
+
+# ``Backend.capabilities`` keys. "enforced": the engine acts on it; "informative": shown by
+# ``tessellm backends`` and read by the conformance suite to skip cases, never trusted for
+# correctness (the pieces themselves are asked: the kernel's attributes, the hooks' answers).
+CAPABILITIES = {
+    "graph_capture": ("informative", "bool: the backend has a graph runner "
+                      "(the engine asks tessellm_graph_runner)"),
+    "quantization": ("informative", "list of schemes tessellm_quant_method answers for "
+                     "(the engine asks the hook)"),
+    "kv_cache_dtypes": ("informative", "list of KV_CACHE_DTYPES keys; the enforced list is the "
+                        "attention kernel's kv_cache_dtypes attribute"),
+    "sliding_window": ("informative", "bool; the enforced flag is the kernel's "
+                       "supports_sliding_window"),
+}
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -80,7 +132,8 @@ class Backend:
     validation_note: str = ""
     plugin_name: str = ""  # filled in by the registry: the plugin that registered it
     # Capability flags shown by ``tessellm backends`` (e.g. {"graph_capture": True,
-    # "quantization": ["fp8"], "kv_cache_dtypes": ["auto"]}). Declared, not discovered.
+    # "quantization": ["fp8"], "kv_cache_dtypes": ["auto"]}). Declared, not discovered; the
+    # keys and which are enforced: CAPABILITIES above.
     capabilities: dict = field(default_factory=dict, hash=False, compare=False)
 
     def torch_device(self, index: int = 0):
@@ -144,7 +197,12 @@ class OpsSpec:
 
 @dataclass
 class AttentionBatch:
-    """One step's sequences, flattened. Decode sequences (one query token) come first.
+    """One step's sequences, flattened: what ``AttentionKernel.build_metadata`` receives.
+
+    Ordering: the first ``num_decodes`` sequences have exactly one query token (decodes); the
+    prefill chunks (one or more query tokens, possibly with cached context before them: chunked
+    prefill, prefix-cache hits) follow. Within a sequence, query rows are consecutive and in
+    position order. Rows of ``q``/``k``/``v`` are in this same order.
 
     Picture for three sequences, the first a decode, the others prefill chunks::
 
@@ -154,18 +212,44 @@ class AttentionBatch:
 
     Query ``i`` of sequence ``s`` sits at absolute position ``seq_lens[s] - query_len[s] + i``
     and attends causally to every key at positions ``<=`` that (minus a sliding window).
+
+    Every tensor is on the backend's device (``Backend.torch_device``); nothing is promised
+    about contiguity beyond what ``torch.tensor``/``from_numpy(...).to(device)`` give (they
+    are contiguous today). Two shapes of batch reach a kernel:
+
+    - eager steps: exactly ``num_seqs`` rows, ``block_tables`` as wide as the longest sequence
+      of this step needs, host copies filled;
+    - graph-captured decode steps (only for a kernel whose backend has a graph runner): every
+      sequence a decode, ``num_seqs`` = the padded bucket size, padding rows with slot -1 and
+      ``seq_lens`` 0 (1 while capturing), ``block_tables`` ``ceil(max_model_len /
+      block_size)`` wide, ``max_seq_len = max_model_len``, and the host copies **empty lists**
+      (reading them would bake one step's values into the graph).
     """
 
-    num_tokens: int  # total query tokens this step (rows of q)
+    # Query tokens this step, i.e. rows of q/k/v and of slot_mapping (graph steps: padded).
+    num_tokens: int
+    # Sequences this step (graph steps: padded); rows of seq_lens and block_tables.
     num_seqs: int
-    num_decodes: int  # the first num_decodes sequences have exactly one query token
-    query_start_loc: torch.Tensor  # int32 [num_seqs + 1], cumulative query lengths, on device
-    seq_lens: torch.Tensor  # int32 [num_seqs], context + this step's queries, on device
-    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq], on device; pad with 0
-    slot_mapping: torch.Tensor  # int64 [num_tokens], cache slot each new k/v goes to; -1 = skip
-    max_query_len: int
-    max_seq_len: int
-    # Host copies, for kernels that loop over sequences on the CPU. Plain lists of ints.
+    # The first num_decodes sequences have exactly one query token; 0 <= num_decodes <= num_seqs.
+    num_decodes: int
+    # int32 [num_seqs + 1]: query_start_loc[s] is sequence s's first row; [0] = 0 and
+    # [num_seqs] = num_tokens, so query_len[s] = query_start_loc[s+1] - query_start_loc[s].
+    query_start_loc: torch.Tensor
+    # int32 [num_seqs]: cached context + this step's queries = keys sequence s attends over.
+    # 0 for graph padding rows.
+    seq_lens: torch.Tensor
+    # int32 [num_seqs, max_blocks_per_seq]: row s lists sequence s's KV block ids in order
+    # (token t of the sequence is in block block_tables[s, t // block_size]). Unused trailing
+    # entries are 0, a real block id, so a kernel that reads past seq_lens[s] reads finite
+    # (zero-initialised) cache; mask by seq_lens, never by the table.
+    block_tables: torch.Tensor
+    # int64 [num_tokens]: the cache slot (block_id * block_size + offset) row i's k/v is
+    # written to; -1 means "do not write" (graph padding rows).
+    slot_mapping: torch.Tensor
+    max_query_len: int  # max over sequences of query_len (1 when every sequence is a decode)
+    max_seq_len: int  # >= max(seq_lens); graph steps pass max_model_len (an upper bound)
+    # Host copies of query_start_loc and seq_lens (plain lists of ints), for kernels that loop
+    # over sequences on the CPU without a device sync. Empty lists in graph-captured steps.
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
 
@@ -227,18 +311,36 @@ class AttentionKernel(Protocol):
 
 @runtime_checkable
 class FusedOps(Protocol):
-    """Elementwise ops a layer asks the backend for. All take and return torch tensors."""
+    """Elementwise ops a layer asks the backend for. All take and return torch tensors.
 
-    def rms_norm(self, x, weight, eps: float): ...
+    Exact semantics (``tessellm.backends.reference.ops.ReferenceOps`` is the oracle the
+    conformance suite and the first-call checks compare against). Every op returns tensors of
+    its input's shape, dtype and device unless said otherwise; inputs are contiguous, outputs
+    need not be.
+    """
+
+    def rms_norm(self, x, weight, eps: float):
+        """x ``[T, hidden]`` (model dtype), weight ``[hidden]``. In this order: cast x to
+        float32; ``x * rsqrt(mean(x**2, -1) + eps)``; cast back to x's dtype; multiply by
+        ``weight`` (in x's dtype). Returns a new tensor; x is not modified."""
 
     def fused_add_rms_norm(self, x, residual, weight, eps: float):
-        """Returns ``(rms_norm(x + residual), x + residual)``; may update in place."""
+        """Returns ``(rms_norm(x + residual), x + residual)``; the sum is formed in x's dtype
+        (rounded once) and both results have x's shape and dtype. May update ``x`` and
+        ``residual`` in place (the caller reads neither afterwards)."""
 
     def rotary_embedding(self, positions, q, k, cos_sin_cache, head_size: int):
-        """NeoX-style rotation of q ``[T, H*D]`` and k ``[T, KVH*D]``; returns ``(q, k)``."""
+        """NeoX-style rotation of q ``[T, H*D]`` and k ``[T, KVH*D]`` (``D = head_size``) at
+        int64 ``positions [T]``; returns ``(q, k)`` (may be rotated in place).
+
+        ``cos_sin_cache`` is float32 ``[max_position, R]``: cos of each of the R/2 rotary
+        frequencies in the first half, sin in the second. ``R`` is the rotary width: ``R == D``
+        rotates the whole head; ``R < D`` (partial rotary) rotates only the first R dims of each
+        head and leaves dims ``R..D`` unchanged. Within the rotated part, with ``x1, x2`` its
+        two halves and cos/sin cast to q's dtype first: ``(x1*cos - x2*sin, x2*cos + x1*sin)``."""
 
     def silu_and_mul(self, x):
-        """``silu(x[..., :d]) * x[..., d:]``."""
+        """x ``[T, 2d]`` -> ``[T, d]``: ``silu(x[..., :d]) * x[..., d:]`` in x's dtype."""
 
     # Optional (not checked by the registry): ``linear(x, weight, bias=None)``, the dense product
     # ``x @ weight.T + bias`` for the model's unquantized linears and LM head, where the backend

@@ -84,8 +84,8 @@ class Worker:
                                   config.vocab_size, tuple(generation_eos_ids(source)), args.seed,
                                   self.max_model_len, graphs, pp=self.pp, dtype=self.dtype)
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
-        logger.info("Rank %d: loaded %s on %s in %.1fs", rank, source.path, self.device,
-                    time.perf_counter() - t0)
+        logger.info("Rank %d: loaded %s on %s (backend %s) in %.1fs", rank, source.path,
+                    self.device, self.backend.name, time.perf_counter() - t0)
 
     def info(self) -> dict:
         return {"rank": self.rank, "device": str(self.device),

@@ -32,9 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from tessellm import envs
+    from tessellm.backends.plugin_checks import PluginError
+
     try:
         return _dispatch(args) or 0
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, PluginError) as exc:
+        if envs.debug():  # TESSELLM_DEBUG=1: the whole traceback
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -208,6 +208,8 @@ def run_generate(args: argparse.Namespace) -> int:
             prompt = {"prompt_token_ids": ids}
         engine.add_request("generate", prompt, params)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if envs.debug():  # TESSELLM_DEBUG=1: the whole traceback
+            raise
         print(f"tessellm generate: {exc}", file=sys.stderr)
         return 1
     return _stream_to_terminal(engine)

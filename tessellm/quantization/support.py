@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+from tessellm.backends.spec import KV_CACHE_DTYPES as _DECLARED
+
+KV_CACHE_DTYPES = tuple(_DECLARED)  # declared, with their meaning, in backends/spec.py
 
 
 class UnsupportedQuantizationError(ValueError):

@@ -19,6 +19,12 @@ def pytest_addoption(parser):
                          "tests only; Triton kernels need TRITON_INTERPRET=1)")
 
 
+def pytest_configure(config):
+    # Every call of the plugin's kernel and ops is checked (backends/checked.py), not only the
+    # first steps: a wrong shape, dtype or layout fails with the plugin's name.
+    os.environ.setdefault("TESSELLM_VALIDATE_PLUGINS", "1")
+
+
 def pytest_report_header(config):
     return (f"tessellm conformance: backend={config.getoption('tessellm_backend', 'cpu')} "
             f"emulate={config.getoption('tessellm_emulate', False)} "

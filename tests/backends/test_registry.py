@@ -124,15 +124,21 @@ def test_tessellm_plugins_naming_a_missing_plugin_fails(monkeypatch):
 # -- broken plugins ----------------------------------------------------------------------------
 
 
-def test_plugin_that_fails_to_import_fails_loudly_with_its_name(fake_site):
+def test_plugin_that_fails_to_import_is_disabled_alone_with_its_name(fake_site, caplog):
     fake_site("fakeplug-broken", {"broken": "fakeplug_broken"},
               {"fakeplug_broken": "import torch_not_a_module\n"})
-    with pytest.raises(PluginError, match=r"'broken' \(fakeplug_broken from package "
-                                          r"fakeplug-broken 0.1\) failed to import: "
-                                          r"ModuleNotFoundError.*TESSELLM_PLUGINS"):
-        BackendRegistry()
+    registry = BackendRegistry()
+    assert registry.broken["broken"].startswith(
+        "Backend plugin 'broken' (fakeplug_broken from package fakeplug-broken 0.1) failed to "
+        "import: ModuleNotFoundError")
+    assert "broken" not in registry.plugins and registry.select("cpu").name == "cpu"
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "'broken'" in warning and "\n" not in warning
+    with pytest.raises(DeviceError, match=r"^Device 'broken' is unavailable because its backend "
+                                          r"plugin 'broken' failed to load: .*torch_not_a_module"):
+        registry.select("broken")
     # The way out the message names: leave it out.
-    assert "broken" not in BackendRegistry(allowed={"cpu"}).plugins
+    assert "broken" not in BackendRegistry(allowed={"cpu"}).broken
 
 
 def test_plugin_needing_newer_api_is_refused():
@@ -280,6 +286,7 @@ def test_unsupported_spec_error_keeps_its_type_and_gains_the_plugin_name():
 # -- overriding one piece ----------------------------------------------------------------------
 
 OVERRIDE = """
+    TESSELLM_OVERRIDES = ("cpu",)
     from tessellm.backends.cpu.attention import CpuAttentionKernel
     class FastCpuKernel(CpuAttentionKernel):
         name = "fast-cpu"
@@ -301,6 +308,16 @@ def test_tryfirst_override_of_one_piece_for_a_backend_it_does_not_own():
     assert registry.provider("ops", cpu, OpsSpec(torch.float32))[1] == "cpu"  # untouched
     assert registry.implementers("attention")[0] == "fastattn"
     assert cpu.plugin_name == "cpu"  # the backend still belongs to its plugin
+
+
+def test_undeclared_override_is_refused_naming_the_plugin_and_the_fix():
+    """A tryfirst hook that forgets to check backend.name would serve cpu: refused, loudly."""
+    sloppy = make_plugin("sloppyattn", OVERRIDE.replace('TESSELLM_OVERRIDES = ("cpu",)', ""))
+    registry = BackendRegistry(plugins=[("sloppyattn", sloppy)])
+    with pytest.raises(PluginError, match=r"'sloppyattn' answered tessellm_attention_kernel for "
+                                          r"backend 'cpu', which plugin 'cpu' owns.*"
+                                          r"TESSELLM_OVERRIDES = \('cpu',\)"):
+        registry.attention_kernel(registry.backends["cpu"], ATTN)
 
 
 def test_override_is_used_by_a_real_generation(tiny_llama):

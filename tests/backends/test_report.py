@@ -25,6 +25,7 @@ def test_lists_every_backend_with_plugin_availability_and_validation():
 
 def test_verbose_shows_which_plugin_provides_each_piece():
     override = make_plugin("fastattn", """
+        TESSELLM_OVERRIDES = ("cpu",)
         from tessellm.backends.cpu.attention import CpuAttentionKernel
         class Fast(CpuAttentionKernel):
             name = "fast-cpu"
@@ -35,6 +36,7 @@ def test_verbose_shows_which_plugin_provides_each_piece():
     text = describe_backends(verbose=True, registry=BackendRegistry(plugins=[("fastattn", override)]))
     cpu = text[text.index("\ncpu: "):]
     assert "attention: fast-cpu (Fast) from plugin 'fastattn'" in cpu
+    assert "  overridden by: fastattn (TESSELLM_OVERRIDES)" in cpu
     assert "ops:       CpuOps (CpuOps) from plugin 'cpu' [linear, fused MoE]" in cpu
     assert "graph:     none (eager)" in cpu
     rocm = text[text.index("\nrocm: "):text.index("\ntpu: ")]

@@ -40,10 +40,13 @@ class ReferenceOps:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: int) -> torch.Tensor:
+    """Rotates the first ``2 * cos.shape[-1]`` dims of each head (all of them unless partial
+    rotary); the rest pass through."""
     shape = x.shape
     x = x.view(shape[0], -1, head_size)
-    x1, x2 = x.chunk(2, dim=-1)
+    rot = 2 * cos.shape[-1]
+    x1, x2 = x[..., :rot].chunk(2, dim=-1)
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rot:]), dim=-1)
     return out.reshape(shape)
 

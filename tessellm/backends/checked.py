@@ -1,0 +1,221 @@
+"""Checked plugin calls: what a plugin's attention kernel and fused ops return, on first use.
+
+The registry hands out a plugin's kernel and ops wrapped here. For the first steps of each
+model load (and on every call under ``TESSELLM_VALIDATE_PLUGINS=1``) each call's result is
+checked: shape, dtype and device, and a few rows against the pure-torch reference (a same-numel
+wrong layout passes every shape check but not this). A mismatch raises one ``PluginError``
+naming the plugin, the hook, what was expected and what came back.
+
+Invariant: after the checked calls, the wrapper stores the plugin's own bound methods on itself
+(``self.forward = kernel.forward``), so later calls run the plugin directly: no branch, no
+check, no extra frame. Anything the wrapper does not define (``name``, ``kv_cache_dtypes``,
+``linear`` ...) is read from the plugin's object.
+
+Numeric probes need a host sync, so they are skipped while a CUDA graph is being captured and
+on XLA devices (shape, dtype and device are still checked there).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tessellm import envs
+from tessellm.backends.plugin_checks import PluginError
+from tessellm.backends.reference.ops import ReferenceOps
+
+CHECKED_STEPS = 2  # attention: build_metadata calls (one per step) whose forwards are checked
+CHECKED_OP_CALLS = 8  # fused ops: calls of each op that are checked
+PROBE_ROWS = 4  # rows compared against the reference
+_REFERENCE = ReferenceOps()
+
+
+class _Checked:
+    def __init__(self, inner, plugin: str, backend: str, hook: str, always: bool):
+        self._inner = inner
+        self._where = f"Backend plugin {plugin!r} ({hook} for backend {backend!r})"
+        self._always = always
+
+    def __getattr__(self, name):  # only for names the wrapper itself does not have
+        inner = self.__dict__.get("_inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def _uncheck(self, *methods: str) -> None:
+        if not self._always:
+            for method in methods:
+                setattr(self, method, getattr(self._inner, method))
+
+    def _fail(self, call: str, expected: str, got: str):
+        raise PluginError(f"{self._where}: {call} returned {got}; expected {expected}.")
+
+    def _tensor(self, call: str, out, shape, dtype, device) -> None:
+        if not isinstance(out, torch.Tensor):
+            self._fail(call, "a torch.Tensor", type(out).__name__)
+        want = [tuple(s) for s in (shape if isinstance(shape, list) else [shape])]
+        if tuple(out.shape) not in want:
+            self._fail(call, f"shape {' or '.join(map(str, want))}", f"shape {tuple(out.shape)}")
+        if out.dtype != dtype:
+            self._fail(call, f"dtype {dtype}", f"dtype {out.dtype}")
+        if out.device != device:
+            self._fail(call, f"device {device}", f"device {out.device}")
+
+    def _close(self, call: str, got: torch.Tensor, ref: torch.Tensor, rel: float, hint: str):
+        got, ref = got.float(), ref.float()
+        tol = rel * float(ref.abs().max()) + rel * 0.1
+        diff = float((got - ref).abs().max())
+        if not diff <= tol:  # NaN fails too
+            self._fail(call, f"the reference values on its first {ref.shape[0]} rows (max "
+                             f"difference {tol:.3g})", f"values off by {diff:.3g}{hint}")
+
+
+def _rel(dtype: torch.dtype) -> float:
+    return 1e-3 if dtype == torch.float32 else (3e-2 if dtype == torch.bfloat16 else 1e-2)
+
+
+def _probing(t: torch.Tensor) -> bool:
+    if t.device.type == "xla":
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+class CheckedAttentionKernel(_Checked):
+    """An ``AttentionKernel`` whose first steps' ``forward`` results are checked."""
+
+    def __init__(self, kernel, plugin: str, backend: str, spec, always: bool):
+        super().__init__(kernel, plugin, backend, "tessellm_attention_kernel", always)
+        self._spec = spec
+        self._steps = 0
+        self._batch = None
+
+    def build_metadata(self, batch):
+        self._steps += 1
+        self._batch = batch
+        if self._steps > CHECKED_STEPS and not self._always:
+            self._uncheck("build_metadata", "forward")
+            self._batch = None
+        return self._inner.build_metadata(batch)
+
+    def forward(self, q, k, v, k_cache, v_cache, metadata, scale, **rotary):
+        probe = None if rotary else _attention_probe(self._batch, q, k, v)
+        out = self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **rotary)
+        t, h, d = q.shape
+        self._tensor("forward", out, [(t, h, d), (t, h * d)], q.dtype, q.device)
+        if probe is not None:
+            first, rows = probe
+            ref = _reference_attention(*rows, scale, self._spec.sliding_window)
+            rel = 0.15 if self._spec.kv_cache_dtype != "auto" else _rel(q.dtype)
+            got = out.reshape(t, h, d)[first:first + ref.shape[0]]
+            self._close("forward", got, ref, rel, " (is the output laid out [num_tokens, "
+                                                  "num_heads, head_size]?)")
+        return out
+
+
+def _attention_probe(batch, q, k, v):
+    """``(first row, (q, k, v) rows)`` of a sequence with no cached context, copied before
+    the kernel may change them in place; None when this step has none or cannot be probed."""
+    if batch is None or not batch.seq_lens_host or not _probing(q):
+        return None
+    starts, lens = batch.query_start_loc_host, batch.seq_lens_host
+    for s in range(batch.num_seqs):
+        n = starts[s + 1] - starts[s]
+        if n >= 1 and lens[s] == n:
+            a, r = starts[s], min(PROBE_ROWS, n)
+            return a, tuple(x[a:a + r].detach().clone() for x in (q, k, v))
+    return None
+
+
+def _reference_attention(q, k, v, scale: float, window: Optional[int]) -> torch.Tensor:
+    """Causal attention of ``r`` rows over themselves: q ``[r, H, D]``, k/v ``[r, KVH, D]``."""
+    r, h, _ = q.shape
+    group = h // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("ihd,jhd->hij", q.float(), k) * scale
+    i = torch.arange(r, device=q.device)[:, None]
+    j = torch.arange(r, device=q.device)[None, :]
+    visible = (j <= i) & ((j > i - window) if window else True)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return torch.einsum("hij,jhd->ihd", probs, v)
+
+
+class CheckedFusedOps(_Checked):
+    """``FusedOps`` whose first calls of each op are checked against ``ReferenceOps``."""
+
+    _OPS = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul")
+
+    def __init__(self, ops, plugin: str, backend: str, always: bool):
+        super().__init__(ops, plugin, backend, "tessellm_fused_ops", always)
+        self._calls = dict.fromkeys(self._OPS, 0)
+
+    def _tick(self, op: str) -> None:
+        self._calls[op] += 1
+        if self._calls[op] >= CHECKED_OP_CALLS:
+            self._uncheck(op)
+
+    def rms_norm(self, x, weight, eps):
+        rows = _rows(x)
+        out = self._inner.rms_norm(x, weight, eps)
+        self._tensor("rms_norm", out, x.shape, x.dtype, x.device)
+        if rows is not None:
+            self._close("rms_norm", out[:len(rows)], _REFERENCE.rms_norm(rows, weight, eps),
+                        _rel(x.dtype), "")
+        self._tick("rms_norm")
+        return out
+
+    def fused_add_rms_norm(self, x, residual, weight, eps):
+        rows, res_rows = _rows(x), _rows(residual)
+        shape, dtype, device = x.shape, x.dtype, x.device
+        out = self._inner.fused_add_rms_norm(x, residual, weight, eps)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            self._fail("fused_add_rms_norm", "a tuple (normed, residual)", type(out).__name__)
+        for got in out:
+            self._tensor("fused_add_rms_norm", got, shape, dtype, device)
+        if rows is not None:
+            ref = _REFERENCE.fused_add_rms_norm(rows, res_rows, weight, eps)
+            for got, want in zip(out, ref):
+                self._close("fused_add_rms_norm", got[:len(rows)], want, _rel(dtype), "")
+        self._tick("fused_add_rms_norm")
+        return out
+
+    def rotary_embedding(self, positions, q, k, cos_sin_cache, head_size):
+        rows = None if _rows(q) is None else (positions[:PROBE_ROWS], _rows(q), _rows(k))
+        shapes = (q.shape, k.shape)
+        out = self._inner.rotary_embedding(positions, q, k, cos_sin_cache, head_size)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            self._fail("rotary_embedding", "a tuple (q, k)", type(out).__name__)
+        for got, shape in zip(out, shapes):
+            self._tensor("rotary_embedding", got, shape, q.dtype, q.device)
+        if rows is not None:
+            ref = _REFERENCE.rotary_embedding(*rows, cos_sin_cache, head_size)
+            for got, want in zip(out, ref):
+                self._close("rotary_embedding", got[:len(want)], want, _rel(q.dtype), "")
+        self._tick("rotary_embedding")
+        return out
+
+    def silu_and_mul(self, x):
+        rows = _rows(x)
+        out = self._inner.silu_and_mul(x)
+        self._tensor("silu_and_mul", out, (*x.shape[:-1], x.shape[-1] // 2), x.dtype, x.device)
+        if rows is not None:
+            self._close("silu_and_mul", out[:len(rows)], _REFERENCE.silu_and_mul(rows),
+                        _rel(x.dtype), "")
+        self._tick("silu_and_mul")
+        return out
+
+
+def _rows(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A copy of x's first rows for a reference check (None when probing is off here)."""
+    if x.dim() < 2 or x.shape[0] == 0 or not _probing(x):
+        return None
+    return x[:PROBE_ROWS].detach().clone()
+
+
+def checked_kernel(kernel, plugin: str, backend: str, spec):
+    return CheckedAttentionKernel(kernel, plugin, backend, spec, envs.validate_plugins())
+
+
+def checked_ops(ops, plugin: str, backend: str):
+    return CheckedFusedOps(ops, plugin, backend, envs.validate_plugins())
