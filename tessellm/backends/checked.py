@@ -75,6 +75,10 @@ def _rel(dtype: torch.dtype) -> float:
     return 1e-3 if dtype == torch.float32 else (3e-2 if dtype == torch.bfloat16 else 1e-2)
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def _probing(t: torch.Tensor) -> bool:
     if t.device.type == "xla":
         return False
@@ -91,6 +95,8 @@ class CheckedAttentionKernel(_Checked):
         self._batch = None
 
     def build_metadata(self, batch):
+        if _compiling():  # traced by torch.compile: the plugin's code only, no Python state
+            return self._inner.build_metadata(batch)
         self._steps += 1
         self._batch = batch
         if self._steps > CHECKED_STEPS and not self._always:
@@ -99,6 +105,8 @@ class CheckedAttentionKernel(_Checked):
         return self._inner.build_metadata(batch)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata, scale, **rotary):
+        if _compiling():
+            return self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **rotary)
         probe = None if rotary else _attention_probe(self._batch, q, k, v)
         out = self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **rotary)
         t, h, d = q.shape
@@ -156,6 +164,8 @@ class CheckedFusedOps(_Checked):
             self._uncheck(op)
 
     def rms_norm(self, x, weight, eps):
+        if _compiling():
+            return self._inner.rms_norm(x, weight, eps)
         rows = _rows(x)
         out = self._inner.rms_norm(x, weight, eps)
         self._tensor("rms_norm", out, x.shape, x.dtype, x.device)
@@ -166,6 +176,8 @@ class CheckedFusedOps(_Checked):
         return out
 
     def fused_add_rms_norm(self, x, residual, weight, eps):
+        if _compiling():
+            return self._inner.fused_add_rms_norm(x, residual, weight, eps)
         rows, res_rows = _rows(x), _rows(residual)
         shape, dtype, device = x.shape, x.dtype, x.device
         out = self._inner.fused_add_rms_norm(x, residual, weight, eps)
@@ -181,6 +193,8 @@ class CheckedFusedOps(_Checked):
         return out
 
     def rotary_embedding(self, positions, q, k, cos_sin_cache, head_size):
+        if _compiling():
+            return self._inner.rotary_embedding(positions, q, k, cos_sin_cache, head_size)
         rows = None if _rows(q) is None else (positions[:PROBE_ROWS], _rows(q), _rows(k))
         shapes = (q.shape, k.shape)
         out = self._inner.rotary_embedding(positions, q, k, cos_sin_cache, head_size)
@@ -196,6 +210,8 @@ class CheckedFusedOps(_Checked):
         return out
 
     def silu_and_mul(self, x):
+        if _compiling():
+            return self._inner.silu_and_mul(x)
         rows = _rows(x)
         out = self._inner.silu_and_mul(x)
         self._tensor("silu_and_mul", out, (*x.shape[:-1], x.shape[-1] // 2), x.dtype, x.device)

@@ -1,0 +1,71 @@
+"""Checked plugin calls (backends/checked.py): a plugin's ops and kernel are checked on their
+first calls, then the wrapper steps aside (the plugin's own bound methods, no check left);
+TESSELLM_VALIDATE_PLUGINS=1 keeps checking every call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessellm.backends import checked
+from tessellm.backends.reference.ops import ReferenceOps
+from tessellm.backends.registry import PluginError
+
+
+class HalfWrongOps(ReferenceOps):
+    """Right for the first calls, then returns float64: only a check that stays catches it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def silu_and_mul(self, x):
+        self.calls += 1
+        out = super().silu_and_mul(x)
+        return out if self.calls <= checked.CHECKED_OP_CALLS + 1 else out.double()
+
+
+def test_ops_are_checked_on_first_calls_then_called_directly(monkeypatch):
+    monkeypatch.delenv("TESSELLM_VALIDATE_PLUGINS", raising=False)
+    inner = HalfWrongOps()
+    ops = checked.checked_ops(inner, "mine", "mine")
+    x = torch.randn(3, 8)
+    for _ in range(checked.CHECKED_OP_CALLS):
+        assert ops.silu_and_mul.__func__ is checked.CheckedFusedOps.silu_and_mul
+        torch.testing.assert_close(ops.silu_and_mul(x), ReferenceOps().silu_and_mul(x))
+    assert ops.silu_and_mul.__self__ is inner  # swapped out: the plugin's own method
+    assert ops.rms_norm.__func__ is checked.CheckedFusedOps.rms_norm  # others still checked
+
+
+def test_validate_plugins_checks_every_call(monkeypatch):
+    monkeypatch.setenv("TESSELLM_VALIDATE_PLUGINS", "1")
+    ops = checked.checked_ops(HalfWrongOps(), "mine", "mine")
+    x = torch.randn(3, 8)
+    for _ in range(checked.CHECKED_OP_CALLS + 1):
+        ops.silu_and_mul(x)
+    with pytest.raises(PluginError, match=r"^Backend plugin 'mine' \(tessellm_fused_ops for "
+                                          r"backend 'mine'\): silu_and_mul returned dtype "
+                                          r"torch.float64; expected dtype torch.float32\.$"):
+        ops.silu_and_mul(x)
+
+
+def test_rms_norm_with_the_wrong_cast_order_is_caught():
+    class Late(ReferenceOps):  # multiplies by the weight in float32, then casts: not the contract
+        def rms_norm(self, x, weight, eps):
+            xf = x.float()
+            return (weight.float() * xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+                    ).to(x.dtype) * 1.5
+
+    ops = checked.checked_ops(Late(), "mine", "mine")
+    x, w = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(16, dtype=torch.bfloat16)
+    with pytest.raises(PluginError, match=r"rms_norm returned values off by"):
+        ops.rms_norm(x, w, 1e-6)
+
+
+def test_partial_rotary_reference_leaves_the_tail_unrotated():
+    t, d, r = 3, 8, 4
+    q, k = torch.randn(t, 2 * d), torch.randn(t, d)
+    cache = torch.randn(16, r)
+    q2, k2 = ReferenceOps().rotary_embedding(torch.tensor([1, 5, 9]), q.clone(), k.clone(), cache, d)
+    assert torch.equal(q2.view(t, 2, d)[..., r:], q.view(t, 2, d)[..., r:])
+    assert not torch.allclose(q2.view(t, 2, d)[..., :r], q.view(t, 2, d)[..., :r])
+    assert torch.equal(k2[:, r:], k[:, r:])
