@@ -98,16 +98,19 @@ class CheckedAttentionKernel(_Checked):
         if _compiling():  # traced by torch.compile: the plugin's code only, no Python state
             return self._inner.build_metadata(batch)
         self._steps += 1
-        self._batch = batch
+        metadata = self._inner.build_metadata(batch)
+        # Probe only a forward given this very metadata: not a compiled step's, not a stale one.
+        self._batch = (metadata, batch)
         if self._steps > CHECKED_STEPS and not self._always:
             self._uncheck("build_metadata", "forward")
             self._batch = None
-        return self._inner.build_metadata(batch)
+        return metadata
 
     def forward(self, q, k, v, k_cache, v_cache, metadata, scale, **rotary):
         if _compiling():
             return self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **rotary)
-        probe = None if rotary else _attention_probe(self._batch, q, k, v)
+        known = self._batch is not None and self._batch[0] is metadata
+        probe = None if rotary or not known else _attention_probe(self._batch[1], q, k, v)
         out = self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **rotary)
         t, h, d = q.shape
         self._tensor("forward", out, [(t, h, d), (t, h * d)], q.dtype, q.device)
