@@ -232,9 +232,20 @@ def _rows(x: torch.Tensor) -> Optional[torch.Tensor]:
     return x[:PROBE_ROWS].detach().clone()
 
 
+def _unwrapped() -> bool:
+    """TESSELLM_CPU_COMPILE=1 traces the decode step with torch.compile once, at capture; the
+    wrapper stepping aside later would change what it traced and recompile it, so with it on
+    (and no TESSELLM_VALIDATE_PLUGINS) the pieces are handed out unchecked."""
+    return envs.cpu_compile() is True and not envs.validate_plugins()
+
+
 def checked_kernel(kernel, plugin: str, backend: str, spec):
+    if _unwrapped():
+        return kernel
     return CheckedAttentionKernel(kernel, plugin, backend, spec, envs.validate_plugins())
 
 
 def checked_ops(ops, plugin: str, backend: str):
+    if _unwrapped():
+        return ops
     return CheckedFusedOps(ops, plugin, backend, envs.validate_plugins())
