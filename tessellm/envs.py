@@ -45,7 +45,7 @@ def cpu_compile() -> Optional[bool]:
 
 def cuda_pdl() -> bool:
     """TESSELLM_PDL: "0" turns off programmatic dependent launch of the cuda backend's captured
-    decode kernels (``backends/cuda/pdl.py``; default on, where the GPU has it: sm90+)."""
+    decode kernels (``tessellm/kernels/pdl.py``; default on, where the GPU has it: sm90+)."""
     return _switch("TESSELLM_PDL") is not False
 
 

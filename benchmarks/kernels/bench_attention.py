@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 import triton  # noqa: E402
 
-from tessellm.backends.cuda.triton_attention import (  # noqa: E402
+from tessellm.kernels.attention import (  # noqa: E402
     TritonAttentionKernel, decode_attention, prefill_attention)
 from tessellm.backends.spec import AttentionSpec  # noqa: E402
 from tessellm.core.attention_batch import AttentionBatch  # noqa: E402

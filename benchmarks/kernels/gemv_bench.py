@@ -39,8 +39,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from tessellm.backends.cuda import gemv as gv  # noqa: E402
-from tessellm.backends.cuda import quant_kernels as qk  # noqa: E402
+from tessellm.kernels.gemm import common, fp8, w8a8  # noqa: E402
+from tessellm.kernels.gemm import gemv as gv  # noqa: E402
+from tessellm.kernels.gemm import weight_only as qk  # noqa: E402
 from tessellm.quantization.packed import quantize_fp8  # noqa: E402
 from tessellm.testing.timing import graph_time_us  # noqa: E402
 
@@ -97,7 +98,7 @@ def cfg_name(c: gv.GemvConfig) -> str:
 
 
 def with_split(c: gv.GemvConfig, n: int, k: int) -> gv.GemvConfig:
-    return gv._with_split(c, n, k, gv._num_sms(torch.cuda.current_device()))
+    return gv._with_split(c, n, k, common._num_sms(torch.cuda.current_device()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,11 +148,11 @@ def op_calls(method: str, ws: Weights, x: torch.Tensor, cfg=None) -> list:
     if method == "fp8_w8a16":
         return [lambda q=q, s=s: qk.fp8_w8a16(x, q, s) for q, s in ws.fp8]
     if method == "fp8_w8a8":
-        return [lambda q=q, s=s: gv.gemv_w8a8(x, q, s, config=cfg) for q, s in ws.fp8]
+        return [lambda q=q, s=s: w8a8.gemv_w8a8(x, q, s, config=cfg) for q, s in ws.fp8]
     if method == "fp8_w8a8_preq":
         def call(q, s):
-            xq, sx = qk.quantize_fp8_rows(x, q.dtype)
-            return gv.gemv_w8a8(xq, q, s, x_scales=sx, config=cfg)
+            xq, sx = fp8.quantize_fp8_rows(x, q.dtype)
+            return w8a8.gemv_w8a8(xq, q, s, x_scales=sx, config=cfg)
         return [lambda q=q, s=s: call(q, s) for q, s in ws.fp8]
     raise ValueError(method)
 
@@ -159,7 +160,7 @@ def op_calls(method: str, ws: Weights, x: torch.Tensor, cfg=None) -> list:
 def rel_error(method: str, ws: Weights, x: torch.Tensor, cfg=None) -> float:
     out = op_calls(method, ws, x, cfg)[0]().float()
     if method.startswith("fp8_w8a8"):  # against the product with x quantized per row
-        xq, sx = qk.quantize_fp8_rows(x, ws.fp8[0][0].dtype)
+        xq, sx = fp8.quantize_fp8_rows(x, ws.fp8[0][0].dtype)
         x = xq.float() * sx[:, None]
     ref = x.float() @ ws.reference(method.startswith("fp8")).t()
     return ((out - ref).norm() / ref.norm()).item()
@@ -195,7 +196,7 @@ def _compile_key(method, shape, m, cfg) -> tuple:
     """What Triton specializes a launch on (besides dtypes): one compile per key."""
     n, k = SHAPES[shape]
     if method.startswith("fp8_w8a8"):
-        cfg = cfg or gv.w8a8_config(m, n, k)
+        cfg = cfg or w8a8.w8a8_config(m, n, k)
     elif method not in ("gemv_bf16", "fp8_new"):
         return method, shape, m
     cfg = cfg or gv.gemv_config(m, n, k, method == "fp8_new")
@@ -278,7 +279,7 @@ def report(args, result: dict) -> None:
             row = {method: time_case(method, ws, m) for method in METHODS}
             for method, cfgfn in (("gemv_bf16", False), ("fp8_new", True)):
                 row[method]["config"] = cfg_name(gv.gemv_config(m, n, k, cfgfn))
-            row["fp8_w8a8"]["config"] = cfg_name(with_split(gv.w8a8_config(m, n, k), n, k))
+            row["fp8_w8a8"]["config"] = cfg_name(with_split(w8a8.w8a8_config(m, n, k), n, k))
             rows.setdefault(shape, {})[str(m)] = row
         del ws
         torch.cuda.empty_cache()

@@ -72,10 +72,10 @@ def event_us(fn, iters=30) -> float:
 
 
 def gemm_bench(args) -> dict:
-    from tessellm.backends.cuda import quant_kernels as qk
+    from tessellm.kernels.gemm import quant_ops, weight_only as qk
     from tessellm.quantization.packed import quantize_fp8, quantize_int8
 
-    w8a8 = qk.TritonQuantOps(fp8_weight_only_max_m=0)
+    w8a8 = quant_ops.TritonQuantOps(fp8_weight_only_max_m=0)
     dev = torch.device("cuda")
     torch.manual_seed(0)
     ws = {name: torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
@@ -133,7 +133,7 @@ def _attention_inputs(batch, ctx_lo, ctx_hi, query_len, dtype, cache_dtype, seed
 
 
 def attention_bench(args) -> dict:
-    from tessellm.backends.cuda import triton_attention as ta
+    from tessellm.kernels import attention as ta
     from tessellm.backends.spec import AttentionSpec
 
     dtype = torch.bfloat16
@@ -178,7 +178,7 @@ DECODE_TILES = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (64, 2, 3), (128
 
 def attention_sweep(args) -> dict:
     """Decode tiles (BLOCK_N, num_warps, num_stages) x splits, per cache dtype/conversion."""
-    from tessellm.backends.cuda import triton_attention as ta
+    from tessellm.kernels import attention as ta
     from tessellm.backends.spec import AttentionSpec
 
     dtype = torch.bfloat16

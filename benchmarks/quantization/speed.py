@@ -69,7 +69,7 @@ def gemm_bench(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from tessellm.backends.cuda.quant_kernels import TritonQuantOps
+    from tessellm.kernels.gemm.quant_ops import TritonQuantOps
     from tessellm.quantization.packed import (Int4Weight, pack_int4, quantize_fp8, quantize_int4,
                                               quantize_int8)
 
@@ -204,16 +204,17 @@ def engine_bench(args) -> None:
 
     from tessellm.quantization.loading import weight_bytes
 
-    from tessellm.backends.cuda import quant_kernels as qk
+    from tessellm.kernels.gemm import quant_ops as qo
+    from tessellm.kernels.gemm import weight_only as qk
 
     configs = {"bf16": {}, "int8": {"quantization": "int8"}, "fp8": {"quantization": "fp8"},
                "fp8+kv_fp8": {"quantization": "fp8", "kv_cache_dtype": "fp8"},
                "fp8-skinny-w8a8": {"quantization": "fp8"},  # decode through gemv.gemv_w8a8
                "fp8-gemv-x2": {"quantization": "fp8"},  # one row through gemv.gemv_fp8_x2
                "fp8-no-x2": {"quantization": "fp8"}}
-    skinny, x2 = qk.FP8_SKINNY_W8A8_MAX_M, qk.FP8_GEMV_X2
+    skinny, x2 = qo.FP8_SKINNY_W8A8_MAX_M, qk.FP8_GEMV_X2
     for name in args.configs:  # read when the ops are built / called
-        qk.FP8_SKINNY_W8A8_MAX_M = 16 if name == "fp8-skinny-w8a8" else skinny
+        qo.FP8_SKINNY_W8A8_MAX_M = 16 if name == "fp8-skinny-w8a8" else skinny
         qk.FP8_GEMV_X2 = {"fp8-gemv-x2": True, "fp8-no-x2": False}.get(name, x2)
         if time.perf_counter() - START > args.deadline:
             _record(args.out, f"{name}", "skipped: deadline")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tessellm.backends.registry import get_registry
-from tessellm.backends.rocm.graph_runner import TorchDeviceGraphRunner, default_capture_sizes
+from tessellm.backends.reference.device_graph_runner import TorchDeviceGraphRunner, default_capture_sizes
 from tessellm.backends.tpu.graph_runner import pow2_capture_sizes
 from tessellm.backends.tpu.xla_attention import XlaPagedAttentionKernel, pow2_bucket
 from tessellm.backends.spec import AttentionSpec

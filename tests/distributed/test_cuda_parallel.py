@@ -35,8 +35,8 @@ def test_cuda_matches_one_gpu(reference, tp, pp):
 def _fused_norm_rank(rank, init_file):
     import torch.distributed as dist
 
-    from tessellm.backends.cuda.pdl import graph_scope
-    from tessellm.backends.cuda.triton_ops import TritonOps
+    from tessellm.kernels.pdl import graph_scope
+    from tessellm.backends.cuda.ops import CudaOps as TritonOps
     from tessellm.distributed.parallel_state import TensorParallel
 
     device = torch.device("cuda", rank)

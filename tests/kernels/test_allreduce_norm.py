@@ -36,7 +36,7 @@ def _x(rank: int, call: int, rows: int, dtype) -> torch.Tensor:
 def _expected(world: int, call: int, rows: int, residual, weight, dtype):
     """The unfused path: the all-reduce (a float32 sum in rank order, rounded), then the
     Triton residual add + RMSNorm; and the reference ops' result, to a tolerance."""
-    from tessellm.backends.cuda.triton_ops import TritonOps
+    from tessellm.backends.cuda.ops import CudaOps as TritonOps
 
     s = sum(_x(p, call, rows, dtype).float() for p in range(world)).to(dtype)
     ref_out, ref_res = ReferenceOps().fused_add_rms_norm(s, residual.clone(), weight, 1e-5)

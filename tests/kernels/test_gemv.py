@@ -1,4 +1,4 @@
-"""The skinny GEMMs (``backends/cuda/gemv.py``) against dequantize-then-matmul in float32.
+"""The skinny GEMMs (``tessellm/kernels/gemm/``) against dequantize-then-matmul in float32.
 
 Random data, odd N and K that no tile divides, M = 1..16, with and without bias, each way to
 multiply (FMA, tensor-core dot) with and without split-K. On a GPU the caching allocator is
@@ -15,7 +15,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from tessellm.backends.cuda import gemv as gv  # noqa: E402
+from tessellm.kernels.gemm import gemv as gv  # noqa: E402
+from tessellm.kernels.gemm import gemv_x2, w8a8  # noqa: E402
 from tessellm.quantization.packed import quantize_fp8, quantize_fp8_per_token  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -153,7 +154,7 @@ def test_gemv_fp8_widens_every_code_exactly(dtype, config):
                                    "Triton has no such type, the interpreter does")
 @pytest.mark.parametrize("config", ["table", "fma", "dot"])
 def test_gemv_fp8_e4m3fnuz(config):
-    """The rocm backend's fp8 layers reach gemv_fp8 through quant_kernels.fp8_w8a16."""
+    """The rocm backend's fp8 layers reach gemv_fp8 through weight_only.fp8_w8a16."""
     n, k = SHAPES[0]
     for m in (1, 3):
         w, x, b = _data(m, n, k, BF16, True, "fnuz")
@@ -181,9 +182,9 @@ def test_gemv_w8a8(shape, dtype, config):
         xq, sx = quantize_fp8_per_token(x)
         x_fp8 = xq.float() * sx[:, None]
         _poison_allocator(m * n)
-        out = gv.gemv_w8a8(x, seg.qweight, seg.scales, b, config=W8A8_CONFIGS[config])
+        out = w8a8.gemv_w8a8(x, seg.qweight, seg.scales, b, config=W8A8_CONFIGS[config])
         _check(out, x_fp8, seg.dequantize(), b, dtype)
-        out = gv.gemv_w8a8(xq, seg.qweight, seg.scales, b, x_scales=sx,
+        out = w8a8.gemv_w8a8(xq, seg.qweight, seg.scales, b, x_scales=sx,
                            config=W8A8_CONFIGS[config])
         _check(out, x_fp8.to(BF16), seg.dequantize(), b, BF16)
 
@@ -200,7 +201,7 @@ def test_gemv_w8a8_rounds_x_like_torch():
     x = torch.cat([vals, torch.tensor([448.0])])[None, :]  # max |x| = 448: scale exactly 1
     k = x.shape[1]
     qweight = torch.eye(k, dtype=torch.float32).to(torch.float8_e4m3fn).to(DEV)
-    out = gv.gemv_w8a8(x.to(DEV), qweight, torch.ones(k, device=DEV))
+    out = w8a8.gemv_w8a8(x.to(DEV), qweight, torch.ones(k, device=DEV))
     expect = x[0].to(torch.float8_e4m3fn).float()
     assert torch.equal(out.float().cpu()[0], expect), (out.float().cpu()[0] - expect).abs().max()
 
@@ -234,9 +235,9 @@ def test_rejects_what_it_cannot_run():
     codes = torch.randn(8, 32, device=DEV).to(torch.float8_e4m3fn)
     ones = torch.ones(8, device=DEV)
     with pytest.raises(ValueError, match="at most 16 rows"):
-        gv.gemv_w8a8(torch.randn(17, 32, device=DEV), codes, ones)
+        w8a8.gemv_w8a8(torch.randn(17, 32, device=DEV), codes, ones)
     with pytest.raises(TypeError, match="x_scales"):
-        gv.gemv_w8a8(x, codes, ones, x_scales=torch.ones(2, device=DEV))
+        w8a8.gemv_w8a8(x, codes, ones, x_scales=torch.ones(2, device=DEV))
 
 
 # gemv_fp8_x2: one bf16 row, e4m3 codes decoded in pairs to bf16x2 (inline PTX on a GPU; its
@@ -255,7 +256,7 @@ def test_gemv_fp8_x2(shape, config):
         w, x, b = _data(1, n, k, BF16, bias, "x2")
         seg = quantize_fp8(w).to(DEV)
         _poison_allocator(n)
-        out = gv.gemv_fp8_x2(x, seg.qweight, seg.scales, b, config=tiles, split_k=split)
+        out = gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales, b, config=tiles, split_k=split)
         _check(out, x, seg.dequantize(), b, BF16)
 
 
@@ -269,7 +270,7 @@ def test_gemv_fp8_x2_decodes_every_code_exactly():
     for col in (0, 1, 2, 3, 61, 127):  # every position in a word
         x = torch.zeros(1, 128, dtype=BF16, device=DEV)
         x[0, col] = 1
-        out = gv.gemv_fp8_x2(x, qweight, torch.ones(16, device=DEV), config=(2, 8, 1))
+        out = gemv_x2.gemv_fp8_x2(x, qweight, torch.ones(16, device=DEV), config=(2, 8, 1))
         expect = qweight.float()[:, col][None]
         assert torch.equal(out.float(), expect), (col, (out.float() - expect).abs().max())
 
@@ -277,12 +278,12 @@ def test_gemv_fp8_x2_decodes_every_code_exactly():
 def test_gemv_fp8_x2_refuses_what_it_cannot_run():
     seg = quantize_fp8(torch.randn(8, 64)).to(DEV)
     with pytest.raises(ValueError, match="one bf16 row"):
-        gv.gemv_fp8_x2(torch.randn(2, 64, dtype=BF16, device=DEV), seg.qweight, seg.scales)
+        gemv_x2.gemv_fp8_x2(torch.randn(2, 64, dtype=BF16, device=DEV), seg.qweight, seg.scales)
     with pytest.raises(ValueError, match="one bf16 row"):
-        gv.gemv_fp8_x2(torch.randn(1, 64, dtype=F16, device=DEV), seg.qweight, seg.scales)
+        gemv_x2.gemv_fp8_x2(torch.randn(1, 64, dtype=F16, device=DEV), seg.qweight, seg.scales)
     seg = quantize_fp8(torch.randn(8, 66)).to(DEV)
     with pytest.raises(ValueError, match="multiples of 4"):
-        gv.gemv_fp8_x2(torch.randn(1, 66, dtype=BF16, device=DEV), seg.qweight, seg.scales)
+        gemv_x2.gemv_fp8_x2(torch.randn(1, 66, dtype=BF16, device=DEV), seg.qweight, seg.scales)
 
 
 def test_gemv_fp8_x2_takes_an_unaligned_row():
@@ -291,8 +292,8 @@ def test_gemv_fp8_x2_takes_an_unaligned_row():
     buf = torch.randn(1, 65, dtype=BF16, device=DEV)
     x = buf.view(-1)[1:].view(1, 64)
     assert x.data_ptr() % 8
-    want = gv.gemv_fp8_x2(x.clone(), seg.qweight, seg.scales, config=(2, 8, 1))
-    assert torch.equal(gv.gemv_fp8_x2(x, seg.qweight, seg.scales, config=(2, 8, 1)), want)
+    want = gemv_x2.gemv_fp8_x2(x.clone(), seg.qweight, seg.scales, config=(2, 8, 1))
+    assert torch.equal(gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales, config=(2, 8, 1)), want)
 
 
 @pytest.mark.skipif(not ON_GPU or torch.version.hip is not None
@@ -300,11 +301,11 @@ def test_gemv_fp8_x2_takes_an_unaligned_row():
 def test_fp8_w8a16_takes_the_x2_gemv_for_one_bf16_row(monkeypatch):
     """The W8A16 entry point sends one bf16 row to ``gemv_fp8_x2`` (same bits), and not when
     TESSELLM_FP8_GEMV_X2=0."""
-    from tessellm.backends.cuda import quant_kernels as qk
+    from tessellm.kernels.gemm import weight_only as qk
 
     seg = quantize_fp8(torch.randn(1031, 4096)).to(DEV)
     x = torch.randn(1, 4096, dtype=BF16, device=DEV)
-    x2 = gv.gemv_fp8_x2(x, seg.qweight, seg.scales)
+    x2 = gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales)
     assert torch.equal(qk.fp8_w8a16(x, seg.qweight, seg.scales), x2)
     monkeypatch.setenv("TESSELLM_FP8_GEMV_X2", "0")
     assert torch.equal(qk.fp8_w8a16(x, seg.qweight, seg.scales),

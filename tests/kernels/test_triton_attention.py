@@ -16,9 +16,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from tessellm.backends.cuda.triton_attention import (  # noqa: E402
+from tessellm.kernels.attention import (  # noqa: E402
     TritonAttentionKernel, decode_attention, decode_workspace_numel, reshape_and_cache)
-from tessellm.backends.cuda.triton_ops import TritonOps  # noqa: E402
+from tessellm.kernels.fused_ops import TritonOps  # noqa: E402
 from tessellm.backends.reference.attention import paged_attention, write_kv_cache  # noqa: E402
 from tessellm.backends.reference.ops import ReferenceOps  # noqa: E402
 from tessellm.backends.spec import AttentionKernel, AttentionSpec  # noqa: E402

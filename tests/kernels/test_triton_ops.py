@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from tessellm.backends.cuda.triton_ops import TritonOps  # noqa: E402
+from tessellm.kernels.fused_ops import TritonOps  # noqa: E402
 from tessellm.backends.reference.ops import ReferenceOps  # noqa: E402
 from tessellm.backends.spec import FusedOps  # noqa: E402
 
@@ -173,7 +173,7 @@ def test_pdl_only_inside_a_graph_scope_on_a_gpu(monkeypatch, env):
     """Kernels get the PDL launch flag only inside the graph runner's scope, on sm90+, unless
     TESSELLM_PDL=0; everywhere else (the cpu interpreter included) they launch plainly."""
     from tessellm import envs
-    from tessellm.backends.cuda import pdl
+    from tessellm.kernels import pdl
 
     if env is None:
         monkeypatch.delenv("TESSELLM_PDL", raising=False)

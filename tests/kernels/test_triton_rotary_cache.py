@@ -19,9 +19,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from tessellm.backends.cuda.triton_attention import (  # noqa: E402
+from tessellm.kernels.attention import (  # noqa: E402
     TritonAttentionKernel, reshape_and_cache, rotary_and_cache)
-from tessellm.backends.cuda.triton_ops import TritonOps  # noqa: E402
+from tessellm.kernels.fused_ops import TritonOps  # noqa: E402
 from tessellm.backends.reference.attention import (  # noqa: E402
     ReferenceAttentionKernel, write_kv_cache)
 from tessellm.backends.reference.ops import ReferenceOps  # noqa: E402

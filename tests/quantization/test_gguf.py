@@ -14,7 +14,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from tessellm.backends.cpu.quant_ops import TorchQuantOps  # noqa: E402
+from tessellm.backends.reference.quant_ops import TorchQuantOps  # noqa: E402
 from tessellm.loader.gguf_loader import iter_gguf_weights  # noqa: E402
 from tessellm.quantization.gguf import segment_from_blocks  # noqa: E402
 
@@ -58,7 +58,7 @@ def test_segment_dequantizes_bit_exactly(qtype):
 def test_segment_gemm(qtype, ops):
     if ops == "triton":
         pytest.importorskip("triton")
-        from tessellm.backends.cuda.quant_kernels import TritonQuantOps
+        from tessellm.kernels.gemm.quant_ops import TritonQuantOps
 
         impl = TritonQuantOps()
     else:

@@ -12,8 +12,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from tessellm.backends.cpu.quant_ops import TorchQuantOps  # noqa: E402
-from tessellm.backends.cuda import quant_kernels as qk  # noqa: E402
+from tessellm.backends.reference.quant_ops import TorchQuantOps  # noqa: E402
+from tessellm.kernels.gemm import fp8, quant_ops  # noqa: E402
+from tessellm.kernels.gemm import weight_only as qk  # noqa: E402
 from tessellm.quantization.packed import (Fp8Weight, Int4Weight, pack_int4,  # noqa: E402
                                           quantize_fp8, quantize_fp8_per_token, quantize_int4,
                                           quantize_int8)
@@ -26,8 +27,8 @@ SHAPES = ([(1, 512, 1024), (7, 384, 4096), (64, 1024, 512), (600, 256, 1024)] if
           else [(1, 48, 128), (5, 40, 256)])
 # fp8_weight_only_max_m=0: every fp8 GEMM takes the W8A8 path (test_fp8_w8a8); the default
 # ops route small M through W8A16 (test_fp8_weight_only).
-OPS = {"torch": TorchQuantOps(), "triton": qk.TritonQuantOps(fp8_weight_only_max_m=0),
-       "triton-fp8-fallback": qk.TritonQuantOps(use_scaled_mm=False, fp8_weight_only_max_m=0)}
+OPS = {"torch": TorchQuantOps(), "triton": quant_ops.TritonQuantOps(fp8_weight_only_max_m=0),
+       "triton-fp8-fallback": quant_ops.TritonQuantOps(use_scaled_mm=False, fp8_weight_only_max_m=0)}
 TOL = {F32: 1e-5, F16: 2e-3, BF16: 1.2e-2}  # relative (Frobenius) error vs the fp32 reference
 # On a GPU every shape runs in bf16 and test_other_dtypes covers fp16/fp32 (each dtype and tile
 # shape is a separate Triton compile); the interpreter runs every dtype at every (tiny) shape.
@@ -97,7 +98,7 @@ def test_fp8_w8a8(ops, dtype, shape):
     w, x, b = _data(m, n, k, dtype, bias=True)
     seg = quantize_fp8(w).to(DEV)
     out = OPS[ops].fp8_mm(x, seg, b)
-    quantizer = quantize_fp8_per_token if ops == "torch" else qk.quantize_fp8_rows
+    quantizer = quantize_fp8_per_token if ops == "torch" else fp8.quantize_fp8_rows
     xq, sx = quantizer(x, torch.float8_e4m3fn)
     x_fp8 = xq.float() * sx[:, None]
     # _scaled_mm writes bf16 (row-wise scaling has no fp32 output), whatever x's dtype
@@ -114,20 +115,20 @@ def test_fp8_weight_only(dtype, shape):
     w, x, b = _data(m, n, k, dtype, bias=True, seed=3)
     seg = quantize_fp8(w).to(DEV)
     _check(qk.fp8_weight_only_gemm(x, seg, b), x, seg, b, dtype)
-    if m <= qk.FP8_WEIGHT_ONLY_MAX_M:
-        _check(qk.TritonQuantOps().fp8_mm(x, seg, b), x, seg, b, dtype)
+    if m <= quant_ops.FP8_WEIGHT_ONLY_MAX_M:
+        _check(quant_ops.TritonQuantOps().fp8_mm(x, seg, b), x, seg, b, dtype)
 
 
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] <= 16])
 def test_fp8_skinny_w8a8_rows(shape):
     """Ops asked for the skinny W8A8 path: ``gemv.gemv_w8a8`` where the GPU has fp8 MMA (the
     reference quantizes x per row), W8A16 elsewhere (x as it is)."""
-    from tessellm.backends.cuda import gemv
+    from tessellm.kernels.gemm import w8a8 as gemv
 
     m, n, k = shape
     w, x, b = _data(m, n, k, BF16, bias=True, seed=5)
     seg = quantize_fp8(w).to(DEV)
-    out = qk.TritonQuantOps(fp8_skinny_w8a8_max_m=16).fp8_mm(x, seg, b)
+    out = quant_ops.TritonQuantOps(fp8_skinny_w8a8_max_m=16).fp8_mm(x, seg, b)
     if gemv.w8a8_native(x, seg.qweight):
         xq, sx = quantize_fp8_per_token(x)
         x = xq.float() * sx[:, None]
@@ -178,7 +179,7 @@ def test_other_dtypes(dtype):
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_fp8_row_quantizer_matches_torch(dtype):
     x = (torch.randn(9, 300, generator=_gen(9)) * 3).to(DEV, dtype)
-    q, s = qk.quantize_fp8_rows(x, torch.float8_e4m3fn)
+    q, s = fp8.quantize_fp8_rows(x, torch.float8_e4m3fn)
     q_ref, s_ref = quantize_fp8_per_token(x)
     assert torch.allclose(s, s_ref, rtol=1e-6)
     diff = q.float() != q_ref.float()
@@ -195,7 +196,7 @@ def test_gpu_paths_agree():
     w, x, _ = _data(600, 2048, 8192, BF16, bias=False)
     seg = quantize_int8(w).to(DEV)
     full = qk.int8_gemm(x, seg)
-    deq = qk.TritonQuantOps().int8_mm(x, seg)
+    deq = quant_ops.TritonQuantOps().int8_mm(x, seg)
     small = qk.int8_gemm(x[:3], seg)
     # bf16 outputs of K=8192 products: compare by relative norm (a wrong split or tile would
     # be off by O(1), rounding differences are ~1e-3).

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from tessellm.backends.cuda.triton_attention import TritonAttentionKernel  # noqa: E402
+from tessellm.kernels.attention import TritonAttentionKernel  # noqa: E402
 from tessellm.backends.reference.attention import paged_attention, write_kv_cache  # noqa: E402
 from tessellm.backends.spec import AttentionSpec  # noqa: E402
 from tessellm.backends.spec import AttentionBatch  # noqa: E402
@@ -90,7 +90,7 @@ def test_fp8_cache_matches_reference_on_dequantized_cache(dtype, group, scales):
     assert rel < {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}[dtype], rel
 
 
-# On a GPU every way of widening e4m3 tiles (triton_attention._fp8_ptx) is checked; on the CPU
+# On a GPU every way of widening e4m3 tiles (tessellm.kernels.attention.common._fp8_ptx) is checked; on the CPU
 # the interpreter has only Triton's own conversion.
 CONVERTS = ["auto", "triton", "cvt", "bits"] if ON_GPU else ["auto"]
 

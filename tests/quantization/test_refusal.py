@@ -135,9 +135,9 @@ def test_conformance_style_quantize_dense_on_bare_module(backend):
     """A method works on a bare module through ``quantize_dense`` (the conformance suite's way)."""
     if backend == "cuda":
         pytest.importorskip("triton")
-        from tessellm.backends.cuda.quant_kernels import TritonQuantOps as Ops
+        from tessellm.kernels.gemm.quant_ops import TritonQuantOps as Ops
     else:
-        from tessellm.backends.cpu.quant_ops import TorchQuantOps as Ops
+        from tessellm.backends.reference.quant_ops import TorchQuantOps as Ops
     dev = torch.device("cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
     w, x, b = torch.randn(48, 64, generator=g), torch.randn(5, 64, generator=g), torch.randn(48)

@@ -72,7 +72,7 @@ def tessellm_quant_method(backend: Backend, spec):
     """int8, fp8 (W8A8 emulated in float32) and gguf through torch ops; awq/gptq: None."""
     if backend.name != NAME:
         return None
-    from tessellm.backends.cpu.quant_ops import TorchQuantOps
+    from tessellm.backends.reference.quant_ops import TorchQuantOps
     from tessellm.quantization import make_quant_method
 
     return make_quant_method(spec, TorchQuantOps())

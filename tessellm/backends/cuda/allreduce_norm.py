@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.backends.cuda.pdl import pdl_args, pdl_start
-from tessellm.backends.cuda.triton_ops import add_norm_buffers, add_rms_norm_row
+from tessellm.kernels.pdl import pdl_args, pdl_start
+from tessellm.kernels.norm import add_norm_buffers, add_rms_norm_row
 
 logger = logging.getLogger(__name__)
 

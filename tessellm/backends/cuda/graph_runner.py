@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from tessellm.backends.cuda.pdl import graph_scope, pdl_enabled
+from tessellm.kernels.pdl import graph_scope, pdl_enabled
 
 logger = logging.getLogger(__name__)
 

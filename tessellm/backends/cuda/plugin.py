@@ -46,7 +46,7 @@ def tessellm_register_backends(register):
 def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
     if backend.name != NAME:
         return None
-    from tessellm.backends.cuda.triton_attention import TritonAttentionKernel
+    from tessellm.kernels.attention import TritonAttentionKernel
 
     return TritonAttentionKernel(spec, max_model_len=131072, max_num_seqs=1024)
 
@@ -55,9 +55,9 @@ def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
 def tessellm_fused_ops(backend: Backend, spec: OpsSpec):
     if backend.name != NAME:
         return None
-    from tessellm.backends.cuda.triton_ops import TritonOps
+    from tessellm.backends.cuda.ops import CudaOps
 
-    return TritonOps()
+    return CudaOps()
 
 
 @hookimpl
@@ -74,7 +74,7 @@ def tessellm_quant_method(backend: Backend, spec):
     """int8, fp8 (torch._scaled_mm on sm89+, else Triton), awq, gptq and gguf via Triton."""
     if backend.name != NAME:
         return None
-    from tessellm.backends.cuda.quant_kernels import TritonQuantOps
+    from tessellm.kernels.gemm.quant_ops import TritonQuantOps
     from tessellm.quantization import make_quant_method
 
     return make_quant_method(spec, TritonQuantOps())

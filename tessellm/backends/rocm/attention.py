@@ -1,6 +1,6 @@
 """Paged attention for AMD GPUs: the cuda backend's Triton kernels with AMD tile choices.
 
-The kernels in ``backends/cuda/triton_attention.py`` are portable Triton; what differs on AMD
+The kernels in ``tessellm.kernels.attention`` are portable Triton; what differs on AMD
 Instinct (CDNA) parts is the machine they are tiled for:
 
 - a wavefront is 64 lanes (``num_warps`` counts wavefronts), so a 4-wave program already holds
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from tessellm.backends.cuda.triton_attention import (TritonAttentionKernel, decode_attention,
-                                                     prefill_attention, reshape_and_cache)
+from tessellm.kernels.attention import (TritonAttentionKernel, decode_attention,
+                                        prefill_attention, reshape_and_cache)
 
 
 def amd_prefill_tiles(dtype, head_size: int) -> tuple[int, int, int, int]:

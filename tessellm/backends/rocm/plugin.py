@@ -65,7 +65,7 @@ def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
 def tessellm_fused_ops(backend: Backend, spec: OpsSpec):
     if backend.name != NAME:
         return None
-    from tessellm.backends.cuda.triton_ops import TritonOps
+    from tessellm.kernels.fused_ops import TritonOps
 
     return TritonOps()
 
@@ -74,7 +74,7 @@ def tessellm_fused_ops(backend: Backend, spec: OpsSpec):
 def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
     if backend.name != NAME or spec.enforce_eager:
         return None
-    from tessellm.backends.rocm.graph_runner import TorchDeviceGraphRunner, default_capture_sizes
+    from tessellm.backends.reference.device_graph_runner import TorchDeviceGraphRunner, default_capture_sizes
 
     return TorchDeviceGraphRunner(spec.capture_sizes or default_capture_sizes(spec.max_num_seqs))
 
@@ -89,7 +89,7 @@ def tessellm_quant_method(backend: Backend, spec: QuantSpec):
         from tessellm.backends.rocm.quant import RocmFp8LinearMethod
 
         return RocmFp8LinearMethod()
-    from tessellm.backends.cuda.quant_kernels import TritonQuantOps
+    from tessellm.kernels.gemm.quant_ops import TritonQuantOps
     from tessellm.quantization import make_quant_method
 
     return make_quant_method(spec, TritonQuantOps(use_scaled_mm=False))

@@ -5,7 +5,7 @@ zero, NaN = 0x80, max 240, exponent bias 8); MI350 (gfx950) and NVIDIA use OCP `
 (max 448). Weights are stored per output channel: ``W ~= w_fp8 * scale[:, None]``.
 
 ``apply``: on a ROCm device, up to ``weight_only_max_m`` rows (decode) run weight-only through
-the cuda backend's Triton W8A16 kernel (``quant_kernels.fp8_w8a16``, which widens either fp8
+the portable Triton W8A16 kernel (``tessellm.kernels.gemm.weight_only.fp8_w8a16``, which widens either fp8
 format in the GEMM); more rows quantize the activations per token to the same format and
 multiply with ``torch._scaled_mm`` (hipBLASLt). M is fixed per captured graph, so a graph always
 takes one side. Anywhere else the weight is dequantized to x's dtype and multiplied (correct,
@@ -57,7 +57,7 @@ class RocmFp8LinearMethod:
         if x.device.type == "cuda" and getattr(torch.version, "hip", None):
             x2 = x.reshape(-1, x.shape[-1])
             if x2.shape[0] <= self.weight_only_max_m:
-                from tessellm.backends.cuda.quant_kernels import fp8_w8a16
+                from tessellm.kernels.gemm.weight_only import fp8_w8a16
 
                 out = fp8_w8a16(x2, layer.weight, layer.weight_scale, bias)
                 return out.reshape(*x.shape[:-1], -1)

@@ -102,7 +102,7 @@ def tessellm_quant_method(backend: Backend, spec: QuantSpec):
     """int8, fp8 (emulated W8A8) and gguf through the device-agnostic torch ops."""
     if backend.name != NAME:
         return None
-    from tessellm.backends.cpu.quant_ops import TorchQuantOps
+    from tessellm.backends.reference.quant_ops import TorchQuantOps
     from tessellm.quantization import make_quant_method
 
     return make_quant_method(spec, TorchQuantOps())

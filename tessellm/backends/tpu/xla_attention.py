@@ -3,7 +3,7 @@
 Two paths behind one ``AttentionKernel``:
 
 - XLA path (any PJRT device, XLA's CPU device included): the padded pure-torch formulation of
-  ``backends/xpu/torch_attention.py`` with every metadata dimension rounded up to a power of
+  ``backends/reference/padded_attention.py`` with every metadata dimension rounded up to a power of
   two, so XLA compiles one program per bucket instead of one per batch shape. Writing the
   cache must not use slot -1 (XLA has no data-dependent shapes, so we cannot drop rows):
   padding rows are given the slot and the values of the batch's first real token, a duplicate
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from tessellm.backends.xpu.torch_attention import (PaddedMetadata, PaddedTorchAttentionKernel,
+from tessellm.backends.reference.padded_attention import (PaddedMetadata, PaddedTorchAttentionKernel,
                                                    padded_attention)
 
 

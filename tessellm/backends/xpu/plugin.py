@@ -60,7 +60,7 @@ def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
     ops = ipex_paged_attention_ops()
     if ops is not None:
         return IpexAttentionKernel(spec, ops)
-    from tessellm.backends.xpu.torch_attention import PaddedTorchAttentionKernel
+    from tessellm.backends.reference.padded_attention import PaddedTorchAttentionKernel
 
     return PaddedTorchAttentionKernel(spec)
 
@@ -87,7 +87,7 @@ def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
 
     if not hasattr(getattr(torch, "xpu", None), "XPUGraph"):
         return None
-    from tessellm.backends.rocm.graph_runner import TorchDeviceGraphRunner, default_capture_sizes
+    from tessellm.backends.reference.device_graph_runner import TorchDeviceGraphRunner, default_capture_sizes
 
     return TorchDeviceGraphRunner(spec.capture_sizes or default_capture_sizes(spec.max_num_seqs),
                                   device_api="xpu", name="xpu-graphs")
@@ -97,7 +97,7 @@ def tessellm_quant_method(backend: Backend, spec: QuantSpec):
     """int8, fp8 (emulated W8A8) and gguf through the device-agnostic torch ops."""
     if backend.name != NAME:
         return None
-    from tessellm.backends.cpu.quant_ops import TorchQuantOps
+    from tessellm.backends.reference.quant_ops import TorchQuantOps
     from tessellm.quantization import make_quant_method
 
     return make_quant_method(spec, TorchQuantOps())

@@ -36,34 +36,12 @@ bf16 weights at 4.3-4.6 TB/s on large matrices (about 2.5 us more than that on e
 and beats cuBLAS on every Llama-8B shape (by 1% on gate_up, 3% on the LM head, 10-33% on the
 smaller ones); at M = 2 only where N < 8192; from M = 4 on cuBLAS is faster. e4m3 reaches only
 3.2-3.4 TB/s on large matrices (about 5 instructions a code: it is not bound by the read), so
-``quant_kernels.fp8_w8a16`` uses it only where the tiled kernel is slower.
-
-``gemv_fp8_x2`` (one bf16 row, e4m3fn, NVIDIA sm90+; ``quant_kernels.fp8_w8a16`` takes it for
-every M = 1 product, ``TESSELLM_FP8_GEMV_X2=0`` turns it off) breaks that bound with packed
-bf16 arithmetic: four codes a 32-bit word become two bf16x2 pairs by a byte permute, a shift
-and a mask each (x 2^-120, exact), and ``mul``/``fma.rn.bf16x2`` against four x values form two
-lanes of two products, widened and summed in float32: 12 instructions per 4 codes, about 3 a
-code against 5. The two products of a lane round to bf16 (relative error 2.6e-3 against the
-float32 dequantized product, 1.7e-3 for ``gemv_fp8``, both far under e4m3's own ~6%). H200,
-M = 1 (``benchmarks/results/h200-2026-11-21e/x2bench.json``): qkv / o / gate_up / down 8.7 /
-6.7 / 31.8 / 16.5 us against 10.7 / 7.9 / 35.5 / 21.3 with the best of the earlier two
-kernels; the LM head 121.5 against 133.0 (4.3 TB/s). Engine B1 (fp8 weights) 2.741 against
-3.203 ms per token, bf16 4.138 in the same run (0.66x).
-
-``gemv_w8a8`` (up to 16 rows) skips widening the weight altogether: x is quantized per row to
-e4m3 (inside the kernel, or before it) and the codes go straight into the fp8 tensor cores,
-``acc[BN, 16] += dot(W codes, xq.T)``. It was built to break that instruction bound and measured
-slower where it matters (H200, 2026-11-21, ``gemv_bench.py``, M = 1): 13.2 / 10.8 / 34.6 /
-22.5 us on qkv / o / gate_up / down against W8A16's 10.6 / 7.9 / 35.1 / 21.0 (best swept tile
-32.2 us on gate_up; on an e4m3 LM head 134.1, or 123.8 with x quantized before it, against
-129.7); B1 3.549 against 3.192 ms. So it is off by default
-(``quant_kernels.FP8_SKINNY_W8A8_MAX_M``); it wins only on the largest N.
+``weight_only.fp8_w8a16`` uses it only where the tiled kernel is slower.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -71,9 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.backends.cuda.pdl import pdl_args, pdl_start
-
-from tessellm.backends.cuda.quant_kernels import e4m3_to_16bit
+from tessellm.kernels.gemm.common import _interpreted, _num_sms
+from tessellm.kernels.gemm.fp8_codes import e4m3_to_16bit
+from tessellm.kernels.pdl import pdl_args, pdl_start
 
 GEMV_MAX_M = 32  # the config tables cover up to this many rows
 
@@ -295,167 +273,12 @@ def _store_tile(y, out_ptr, rm, rn, M, N, stride_om, ATOMIC: tl.constexpr):
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _round_e4m3(v):
-    """float32 in [-448, 448] -> the nearest e4m3fn value (ties to even), still float32: the
-    cast after it is then exact. Only for Triton's interpreter, whose float32 -> e4m3 cast
-    drops the carry when rounding up crosses a power of two (31.6 -> 16); GPUs round right.
-    Normal range: round the float32 bits to 3 mantissa bits; below 2^-6: to multiples of 2^-9."""
-    bits = v.to(tl.int32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
-    magic = 12582912.0  # 1.5 * 2^23: adding it rounds to an integer, ties to even
-    sub = ((v * 512.0 + magic) - magic) / 512.0
-    return tl.where(tl.abs(v) < 0.015625, sub, normal)
-
-
-@triton.jit
-def _row_scales(x_ptr, M, K, stride_xm, FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """Per-row dynamic fp8 scales ``max(|x[m]|) / FP8_MAX`` (``quant_kernels.quantize_fp8_rows``'
-    formula) of the first M rows, 1.0 past them; each row read once, [BLOCK] at a time."""
-    rm = tl.arange(0, BLOCK_M)
-    scale = tl.full([BLOCK_M], 1.0, tl.float32)
-    for r in range(0, M):
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            k = k0 + tl.arange(0, BLOCK)
-            v = tl.load(x_ptr + r * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.where(rm == r, tl.maximum(tl.max(amax, 0), 1e-12) / FP8_MAX, scale)
-    return scale
-
-
-@triton.jit
-def _gemv_w8a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
-                      stride_wn, stride_om, k_per_split,
-                      FP8_MAX: tl.constexpr, X_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                      NATIVE: tl.constexpr, SCALE_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    """W8A8 on the fp8 tensor cores: ``acc[BN, BM] += dot(W codes, xq.T)``, then
-    ``y = acc.T * sx[m] * sw[n]``. X_QUANT: x is 16-bit and quantized here per row (each
-    program first reads the rows for their scales, then quantizes its K tiles as it goes);
-    otherwise x holds e4m3 codes already and ``xs`` their row scales. NATIVE: the dot takes the
-    e4m3 tiles as they are (sm89+); else both are widened to float32, exactly (interpreter)."""
-    pdl_start(USE_PDL)
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn  # [BN, 1]
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # [BM, 1]; rows past M masked
-    if X_QUANT:
-        sx = _row_scales(x_ptr, M, K, stride_xm, FP8_MAX, BLOCK_M, SCALE_BLOCK)
-    else:
-        sx = tl.load(xs_ptr + rm, mask=rm < M, other=1.0)
-    inv = 1.0 / sx
-    k_lo = pid_k * k_per_split
-    steps = tl.cdiv(tl.minimum(k_per_split, K - k_lo), BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for i in tl.range(0, steps, num_stages=STAGES):
-        koff = k_lo + i * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
-        w = _load_k(w_rows + koff, koff, K, EVEN_K)
-        x = tl.load(x_rows + koff, mask=(rm[:, None] < M) & (koff < K), other=0.0)
-        if X_QUANT:
-            x = tl.minimum(tl.maximum(x.to(tl.float32) * inv[:, None], -FP8_MAX), FP8_MAX)
-            if not NATIVE:
-                x = _round_e4m3(x)
-            x = x.to(w.dtype)
-        if NATIVE:
-            acc += tl.dot(w, tl.trans(x))
-        else:
-            acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
-    y = tl.trans(acc) * sx[:, None]
-    y = _finish(y, s_ptr, bias_ptr, rn, N, pid_k, True, False, HAS_BIAS)
-    _store_tile(y, out_ptr, rm, rn, M, N, stride_om, ATOMIC)
-
-
-@triton.jit
-def _dot4_e4m3_bf16x2(acc, w, x):
-    """acc (float32) + the dot product of 4 e4m3 codes (one 32-bit word ``w``) with 4 bf16
-    values (one 64-bit word ``x``) times 2^-120, in 12 instructions: each code pair becomes
-    bf16x2 by a byte permute (sign replicated above the low code), an arithmetic shift and a
-    mask; a packed multiply and fma give two lanes of two products each (rounded to bf16), which
-    are widened and added to acc in float32."""
-    return tl.inline_asm_elementwise(
-        ("{ .reg .b32 xa, xb, t0, t1, p;\n"
-         "mov.b64 {xa, xb}, $3;\n"
-         "prmt.b32 t0, $2, 0, 0x1804;\n"   # [c1, sign(c0) x8, c0, 0]
-         "prmt.b32 t1, $2, 0, 0x3A24;\n"   # [c3, sign(c2) x8, c2, 0]
-         "shr.s32 t0, t0, 4;\n"
-         "shr.s32 t1, t1, 4;\n"
-         "and.b32 t0, t0, 0x87F087F0;\n"   # two bf16 lanes: code * 2^-120
-         "and.b32 t1, t1, 0x87F087F0;\n"
-         "mul.rn.bf16x2 p, t0, xa;\n"
-         "fma.rn.bf16x2 p, t1, xb, p;\n"
-         "shl.b32 t0, p, 16;\n"
-         "and.b32 t1, p, 0xFFFF0000;\n"
-         "add.f32 t0, t0, t1;\n"
-         "add.f32 $0, $1, t0; }"),
-        "=f,f,r,l", [acc, w, x], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _dot4_e4m3_bf16_ref(acc, w, x):
-    """``_dot4_e4m3_bf16x2`` without inline PTX (Triton's interpreter): exact float32 sums of
-    the same products, the codes times 2^-120."""
-    for i in tl.static_range(4):
-        code = ((w >> (8 * i)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-        xi = ((x >> (16 * i)) & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        acc += code.to(tl.float32) * 7.52316384526264e-37 * xi.to(tl.float32)  # 2^-120
-    return acc
-
-
-@triton.jit
-def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_wn_words,
-                         words_per_split,
-                         HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PTX: tl.constexpr,
-                         USE_PDL: tl.constexpr):
-    """One row of bf16 x against e4m3 weights, 4 codes a 32-bit word (``_dot4_e4m3_bf16x2``).
-    ``KW``: words in a weight row (K / 4); x is read as 64-bit words of 4 values."""
-    pdl_start(USE_PDL)
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row = tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn_words
-    w_words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    x_words = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
-    kw = tl.arange(0, BLOCK_KW)[None, :]
-    same = tl.zeros([BLOCK_N, 1], dtype=tl.int32)  # x in the weight tile's layout (_fma_row)
-    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    k_lo = pid_k * words_per_split
-    steps = tl.cdiv(tl.minimum(words_per_split, KW - k_lo), BLOCK_KW)
-    for i in range(0, steps):
-        koff = k_lo + i * BLOCK_KW + kw
-        if EVEN_K:
-            w = tl.load(w_words + row + koff)
-            x = tl.load(x_words + same + koff)
-        else:
-            w = tl.load(w_words + row + koff, mask=koff < KW, other=0)
-            x = tl.load(x_words + same + koff, mask=koff < KW, other=0)
-        if PTX:
-            acc = _dot4_e4m3_bf16x2(acc, w, x)
-        else:
-            acc = _dot4_e4m3_bf16_ref(acc, w, x)
-    y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, rn, N, pid_k, True, True, HAS_BIAS)
-    ok = rn < N
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rn, y, mask=ok)
-    else:
-        tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-# ---------------------------------------------------------------------------------------------
-# Configs: a pure function of the shape (graph-capture safe), from the H200 sweep of
-# benchmarks/kernels/gemv_bench.py.
-# ---------------------------------------------------------------------------------------------
-
-
 def gemv_config(m: int, n: int, k: int, w_fp8: bool, num_sms: int = 132) -> GemvConfig:
     """The launch shape for ``m`` rows against an ``[n, k]`` weight. From the H200 sweep of
     ``benchmarks/kernels/gemv_bench.py`` (Llama-3.1-8B shapes at TP 1 and 2 and the LM head,
     CUDA graph): at M <= 2 each of these FMA tiles was within 1% (bf16) or 8-16% (e4m3) of the
     fastest tile of its shape; from M = 3 on the tensor-core tiles win, though neither beats
-    cuBLAS (bf16) or ``quant_kernels.fp8_w8a16_tiled`` (e4m3) there."""
+    cuBLAS (bf16) or ``weight_only.fp8_w8a16_tiled`` (e4m3) there."""
     if m > GEMV_MAX_M:
         raise ValueError(f"gemv serves at most {GEMV_MAX_M} rows, got {m}; use a GEMM")
     if m <= 2 and w_fp8:
@@ -482,20 +305,6 @@ def _with_split(cfg: GemvConfig, n: int, k: int, num_sms: int) -> GemvConfig:
     while tiles * split < num_sms and k >= cfg.block_k * split * 4 and split < 16:
         split *= 2
     return dataclasses.replace(cfg, split_k=split)
-
-
-# ---------------------------------------------------------------------------------------------
-# Launchers
-# ---------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _interpreted(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu"  # Triton runs on the CPU only through its interpreter
 
 
 def _ptx(x: torch.Tensor) -> bool:
@@ -556,104 +365,3 @@ def _launch(x, w, scales, bias, config, w_ptx: bool) -> torch.Tensor:
                                F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x), **meta,
                                **pdl_args(x.device))
     return out if split == 1 else out.to(x.dtype)
-
-
-def gemv_x2_config(n: int, k: int) -> tuple[int, int, int]:
-    """(weight rows a program, 32-bit words of K a step, warps) for ``gemv_fp8_x2``, from the
-    H200 sweep (``benchmarks/results/h200-2026-11-21e/x2bench.json``, M = 1, CUDA graph,
-    weights rotated past the L2): within 3% of the best of seven tiles on each shape swept,
-    Llama-3.1-8B's qkv, o, gate_up, down and LM head, and qkv, o, down at TP 2 (gate_up at
-    TP 2 was not swept)."""
-    if n >= 65536:  # the LM head: 121.5 us
-        return 8, 128, 4
-    if n <= 4096 and k % 2048 == 0:  # o, down, qkv at TP=2: few rows, whole 512-word steps
-        return 2, 512, 4
-    return 4, 256, 4  # qkv, gate_up, down at TP=2 (K = 7168: 3.5 steps of 512 words)
-
-
-def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                bias: Optional[torch.Tensor] = None,
-                config: Optional[tuple[int, int, int]] = None,
-                split_k: Optional[int] = None) -> torch.Tensor:
-    """W8A16 for one row of bf16 x: ``x [1, K] @ (qweight * scales[:, None]).T (+ bias)``
-    through ``_dot4_e4m3_bf16x2`` (pairs of products rounded to bf16 before a float32 sum).
-    K a multiple of 4; ``qweight`` e4m3fn ``[N, K]`` row-major, ``scales`` float32 ``[N]``.
-    ``config``: (block_n, block_kw, num_warps) instead of ``gemv_x2_config``'s."""
-    m, k = x.shape
-    n = qweight.shape[0]
-    block_n, block_kw, num_warps = config or gemv_x2_config(n, k)
-    if m != 1 or x.dtype != torch.bfloat16 or qweight.dtype != torch.float8_e4m3fn:
-        raise ValueError("gemv_fp8_x2: one bf16 row against e4m3fn weights")
-    if (k % 4 or qweight.shape[1] != k or qweight.stride(1) != 1 or qweight.stride(0) % 4
-            or qweight.data_ptr() % 4):
-        raise ValueError(f"gemv_fp8_x2: weight must be row-major [N, {k}] with K and its row "
-                         f"stride multiples of 4, got {tuple(qweight.shape)} {qweight.stride()}"
-                         " (and 4-byte aligned)")
-    x = x.contiguous()
-    if x.data_ptr() % 8:  # read as 64-bit words
-        x = x.clone()
-    kw = k // 4
-    if split_k is None:
-        split_k = _with_split(GemvConfig(block_n, block_kw * 4, num_warps, 1), n, k,
-                              1 if _interpreted(x) else _num_sms(x.device.index or 0)).split_k
-    words_per_split = triton.cdiv(triton.cdiv(kw, block_kw), split_k) * block_kw
-    split = triton.cdiv(kw, words_per_split)
-    out = (torch.zeros(1, n, dtype=torch.float32, device=x.device) if split > 1
-           else torch.empty(1, n, dtype=x.dtype, device=x.device))
-    _gemv_e4m3_x2_kernel[(triton.cdiv(n, block_n), split)](
-        x, qweight, scales, bias if bias is not None else scales, out, n, kw,
-        qweight.stride(0) // 4, words_per_split, HAS_BIAS=bias is not None, ATOMIC=split > 1,
-        EVEN_K=kw % words_per_split == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
-        num_warps=num_warps, **pdl_args(x.device))
-    return out if split == 1 else out.to(x.dtype)
-
-
-def w8a8_native(x: torch.Tensor, qweight: torch.Tensor) -> bool:
-    """The fp8 tensor cores can take e4m3 tiles here: compiled, NVIDIA sm89+, e4m3fn."""
-    return (_ptx(x) and qweight.dtype == torch.float8_e4m3fn
-            and torch.cuda.get_device_capability(x.device.index or 0) >= (8, 9))
-
-
-def w8a8_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:
-    """Tiles of ``gemv_w8a8``: 64 weight rows (one warpgroup's MMA), 256 codes of K a step."""
-    if m > 16:
-        raise ValueError(f"gemv_w8a8 serves at most 16 rows, got {m}; use a GEMM")
-    return _with_split(GemvConfig(block_n=64, block_k=256, num_warps=4, stages=4, dot=True),
-                       n, k, num_sms)
-
-
-def gemv_w8a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-              bias: Optional[torch.Tensor] = None, x_scales: Optional[torch.Tensor] = None,
-              config: Optional[GemvConfig] = None) -> torch.Tensor:
-    """W8A8 for up to 16 rows: ``(q(x) @ qweight.T) * sx[:, None] * scales[None, :] (+ bias)``
-    with ``q(x)`` e4m3 per row at ``sx = max|x[m]| / 448`` (the prefill path's quantization).
-    ``qweight`` e4m3fn ``[N, K]``, ``scales`` float32 ``[N]``. x is 16-bit or float32 and
-    quantized inside the kernel; or x holds e4m3 codes already and ``x_scales`` their scales.
-    Output in x's dtype (bfloat16 for e4m3 x)."""
-    m, k = x.shape
-    n = qweight.shape[0]
-    if qweight.shape[1] != k or qweight.stride(1) != 1:
-        raise ValueError(f"gemv_w8a8: weight must be a row-major [N, {k}] matrix, got shape "
-                         f"{tuple(qweight.shape)} strides {qweight.stride()}")
-    x_quant = x_scales is None
-    if x_quant == (x.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)):
-        raise TypeError("gemv_w8a8: pass x_scales exactly when x holds e4m3 codes")
-    out_dtype = x.dtype if x_quant else torch.bfloat16
-    if m == 0:
-        return torch.empty(0, n, dtype=out_dtype, device=x.device)
-    x = x.contiguous()
-    cfg = config or w8a8_config(m, n, k, 1 if _interpreted(x) else _num_sms(x.device.index or 0))
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k
-    split = triton.cdiv(k, k_per_split)
-    out = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1
-           else torch.empty(m, n, dtype=out_dtype, device=x.device))
-    _gemv_w8a8_kernel[(triton.cdiv(n, cfg.block_n), split)](
-        x, x_scales if x_scales is not None else scales, qweight, scales,
-        bias if bias is not None else scales, out, m, n, k, x.stride(0), qweight.stride(0),
-        out.stride(0), k_per_split, FP8_MAX=torch.finfo(qweight.dtype).max, X_QUANT=x_quant,
-        HAS_BIAS=bias is not None, ATOMIC=split > 1, EVEN_K=k % k_per_split == 0,
-        BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        STAGES=cfg.stages, NATIVE=w8a8_native(x, qweight),
-        SCALE_BLOCK=2048 if not _interpreted(x) else 64, num_warps=cfg.num_warps,
-        num_stages=cfg.stages, **pdl_args(x.device))
-    return out if split == 1 else out.to(out_dtype)

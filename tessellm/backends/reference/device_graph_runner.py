@@ -1,4 +1,5 @@
-"""HIP graph capture through torch's graph API (``torch.cuda.CUDAGraph`` is HIP graphs on ROCm).
+"""Device-graph capture through torch's graph API, shared by the rocm and xpu backends
+(``torch.cuda.CUDAGraph`` is HIP graphs on ROCm).
 
 One graph per batch-size bucket, all sharing one memory pool, captured largest first so the
 pool is sized by the largest. Static buffers: each bucket keeps the tensors ``make_inputs(size)``

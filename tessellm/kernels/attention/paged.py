@@ -1,0 +1,152 @@
+"""``TritonAttentionKernel``: the contract's ``AttentionKernel`` protocol on this package's
+kernels (metadata type, builder, forward). It satisfies the protocol structurally and imports
+nothing of the contract; the cuda and rocm backends serve it (rocm through a subclass).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from tessellm.kernels.attention.cache import reshape_and_cache, rotary_and_cache
+from tessellm.kernels.attention.common import _p2
+from tessellm.kernels.attention.decode import decode_attention, decode_workspace_numel
+from tessellm.kernels.attention.prefill import prefill_attention
+
+
+@dataclass
+class TritonAttentionMetadata:
+    """What ``TritonAttentionKernel.forward`` needs for one step. Tensors are on the device."""
+
+    num_decodes: int  # the first num_decodes sequences: one query each, split-KV kernel
+    num_prefills: int  # the rest: varlen prefill kernel
+    num_splits: int  # decode splits per (sequence, KV head); a function of num_decodes only
+    max_query_len: int  # bounds the prefill grid
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
+    seq_lens: torch.Tensor  # int32 [num_seqs]
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq]
+    slot_mapping: torch.Tensor  # int64 [num_tokens]; -1 = skip
+
+
+class TritonAttentionKernel:
+    """Paged attention through this module's Triton kernels (``AttentionKernel`` protocol).
+
+    The split-KV workspace is allocated on the first decode forward, sized for
+    ``max_num_seqs`` decodes, and reused by every layer; a larger batch grows it (outside graph
+    capture: run each captured size eagerly once first, as graph runners do for warm-up).
+    """
+
+    name = "triton"
+    supports_sliding_window = True
+    supports_graph_capture = True  # no host sync in forward; grid fixed per batch size
+    kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3")  # fp8: e4m3 cache, needs sm89+ (Ada, Hopper)
+    # forward takes positions/cos_sin_cache and applies NeoX rotary as it writes the cache
+    # (``rotary_and_cache``): one launch per layer instead of two.
+    fuses_rotary = True
+    min_partition = 128  # fewest keys a decode split handles (bounds partial-output traffic)
+    target_programs = 1024  # decode programs wanted to fill the GPU (about 8 per SM on H100)
+    max_splits = 32
+    # One decode split writes the output itself (no reduce launch, ``decode_attention``);
+    # False: always the separate reduce kernel (set on an instance for tests and benchmarks).
+    fused_reduce = True
+
+    def __init_subclass__(cls, **kwargs):
+        # A subclass serves an fp8 cache only if it says so: its forward must pass k_scale and
+        # v_scale on (and its hardware may want another fp8 format, e.g. e4m3fnuz on MI300).
+        # Likewise a subclass with its own forward fuses rotary only if it says so.
+        super().__init_subclass__(**kwargs)
+        if "kv_cache_dtypes" not in cls.__dict__:
+            cls.kv_cache_dtypes = ("auto",)
+        if "forward" in cls.__dict__ and "fuses_rotary" not in cls.__dict__:
+            cls.fuses_rotary = False
+
+    def __init__(self, spec, max_model_len: int, max_num_seqs: int = 256):
+        head_size = spec.head_size
+        if head_size < 16 or head_size & (head_size - 1):
+            raise ValueError(f"Triton attention needs a power-of-two head size >= 16, got "
+                             f"{head_size}; use the reference kernel for this model.")
+        if spec.num_heads % spec.num_kv_heads:
+            raise ValueError(f"num_heads {spec.num_heads} is not a multiple of num_kv_heads "
+                             f"{spec.num_kv_heads}.")
+        if spec.kv_cache_dtype not in self.kv_cache_dtypes:
+            raise ValueError(f"Triton attention supports kv_cache_dtype "
+                             f"{', '.join(self.kv_cache_dtypes)}; got {spec.kv_cache_dtype!r}.")
+        # The dtype the engine allocates the cache in (None: the model's dtype).
+        self.kv_cache_torch_dtype = (torch.float8_e4m3fn if spec.kv_cache_dtype != "auto"
+                                     else None)
+        # Per-tensor fp8 scales (cache holds k / k_scale, v / v_scale): 1.0 unless a checkpoint
+        # or calibration sets them. One pair for every layer (the kernel is shared).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+        self.fp8_convert = "auto"  # how fp8 tiles are widened (``_fp8_ptx``); tests, benchmarks
+        self.spec = spec
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.sliding_window = spec.sliding_window
+        self._splits_cap = max(1, min(self.max_splits, _p2(math.ceil(max_model_len
+                                                                     / self.min_partition))))
+        self._workspace: Optional[torch.Tensor] = None
+
+    def num_splits(self, num_decodes: int) -> int:
+        """Decode splits for a batch of ``num_decodes``: enough programs to fill the GPU."""
+        programs = max(1, num_decodes * self.spec.num_kv_heads)
+        want = _p2(math.ceil(self.target_programs / programs))
+        return max(1, min(want, self._splits_cap))
+
+    def workspace_numel(self, num_decodes: int) -> int:
+        return decode_workspace_numel(num_decodes, self.spec.num_heads,
+                                      self.num_splits(num_decodes), self.spec.head_size)
+
+    def build_metadata(self, batch) -> TritonAttentionMetadata:
+        return TritonAttentionMetadata(
+            num_decodes=batch.num_decodes, num_prefills=batch.num_seqs - batch.num_decodes,
+            num_splits=self.num_splits(batch.num_decodes), max_query_len=batch.max_query_len,
+            query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
+            block_tables=batch.block_tables, slot_mapping=batch.slot_mapping)
+
+    def _get_workspace(self, num_decodes: int, device) -> torch.Tensor:
+        need = self.workspace_numel(num_decodes)
+        ws = self._workspace
+        if ws is None or ws.numel() < need or ws.device != device:
+            cap = max(self.workspace_numel(n) for n in range(1, self.max_num_seqs + 1))
+            self._workspace = ws = torch.empty(max(need, cap), dtype=torch.float32,
+                                               device=device)
+        return ws
+
+    def _decode_buffers(self, num_decodes: int, device) -> dict:
+        """``decode_attention``'s workspace and reduce mode."""
+        return dict(workspace=self._get_workspace(num_decodes, device),
+                    fused_reduce=self.fused_reduce)
+
+    def forward(self, q, k, v, k_cache, v_cache, metadata: TritonAttentionMetadata, scale: float,
+                out: Optional[torch.Tensor] = None, *, positions: Optional[torch.Tensor] = None,
+                cos_sin_cache: Optional[torch.Tensor] = None):
+        """``AttentionKernel.forward``; with ``positions`` and ``cos_sin_cache`` (``fuses_rotary``)
+        q and k arrive unrotated: q is NeoX-rotated in place, k as it is written to the cache."""
+        md = metadata
+        if positions is None:
+            reshape_and_cache(k, v, k_cache, v_cache, md.slot_mapping, self.k_scale,
+                              self.v_scale)
+        else:
+            rotary_and_cache(q, k, v, k_cache, v_cache, md.slot_mapping, positions,
+                             cos_sin_cache, self.k_scale, self.v_scale)
+        if out is None:
+            out = torch.empty_like(q)
+        if md.num_decodes:
+            decode_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
+                             md.block_tables, scale, num_seqs=md.num_decodes,
+                             num_splits=md.num_splits,
+                             sliding_window=self.sliding_window, min_partition=self.min_partition,
+                             k_scale=self.k_scale, v_scale=self.v_scale,
+                             fp8_convert=self.fp8_convert,
+                             **self._decode_buffers(md.num_decodes, q.device))
+        if md.num_prefills:
+            prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
+                              md.block_tables, scale, seq_offset=md.num_decodes,
+                              num_seqs=md.num_prefills, max_query_len=md.max_query_len,
+                              sliding_window=self.sliding_window, k_scale=self.k_scale,
+                              v_scale=self.v_scale, fp8_convert=self.fp8_convert)
+        return out

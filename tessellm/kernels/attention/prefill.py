@@ -1,0 +1,131 @@
+"""Varlen paged prefill attention: one program per (query block, sequence, KV head), every
+KV tile read from the paged cache (``_attend_tile``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tessellm.kernels.attention.common import (
+    _LOG2E, _NEG_BIG, _attend_tile, _check_cache, _dot_fp32, _dot_precision,
+    _fp8_ptx, _k_factor, _load_q, _p2, _v_factor)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+                    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+                    seq_offset, scale_log2, v_scale, window,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_cb, stride_ct, stride_ch, stride_bt,
+                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+                    DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr):
+    """Grid ``(num_prefills, cdiv(max_query_len, BLOCK_Q), KVH)``; BLOCK_M = BLOCK_Q * GROUP_P2."""
+    s = seq_offset + tl.program_id(0)
+    qb = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + s)
+    q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
+    if qb * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + s)
+    ctx_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    tq = qb * BLOCK_Q + rows // GROUP_P2  # query index inside the sequence
+    g = rows % GROUP_P2
+    row_ok = (tq < q_len) & (g < GROUP)
+    d = tl.arange(0, HEAD_SIZE)
+    tok = (q_start + tq).to(tl.int64)
+    head = kvh * GROUP + g
+    q, qk_scale = _load_q(q_ptr, tok, head, d, row_ok, stride_qt, stride_qh, scale_log2,
+                          DOT_FP32, FP8_PTX)
+    q_pos = ctx_len + tq
+
+    hi = tl.minimum(seq_len, ctx_len + (qb + 1) * BLOCK_Q)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(ctx_len + qb * BLOCK_Q - window + 1, 0)
+    m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_SIZE], tl.float32)
+    bt_ptr = block_tables_ptr + s.to(tl.int64) * stride_bt
+    # Keys < mid are <= the block's first query position, so causally visible to every row:
+    #   keys:  lo ...... mid ..... hi      (mid - lo: whole BLOCK_N tiles)
+    #          no mask   | causal mask
+    mid = lo + (ctx_len + qb * BLOCK_Q + 1 - lo) // BLOCK_N * BLOCK_N
+    for n0 in range(lo, mid, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < mid
+        mask = n_ok[None, :]
+        if USE_WINDOW:
+            mask = mask & (n[None, :] > q_pos[:, None] - window)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
+                                     mask, kvh, qk_scale, stride_cb, stride_ct, stride_ch,
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, USE_WINDOW, FP8_PTX)
+    for n0 in range(mid, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        mask = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+        if USE_WINDOW:
+            mask = mask & (n[None, :] > q_pos[:, None] - window)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
+                                     mask, kvh, qk_scale, stride_cb, stride_ct, stride_ch,
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True, FP8_PTX)
+    acc = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
+    tl.store(out_ptr + (tok * stride_ot + head * stride_oh)[:, None] + d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _prefill_tiles(dtype, head_size: int) -> tuple[int, int]:
+    """(BLOCK_M rows of q, BLOCK_N keys) per prefill program; sized to stay out of local memory."""
+    if dtype == torch.float32:
+        return (32, 32) if head_size <= 128 else (32, 16)
+    return (128, 64) if head_size <= 128 else (64, 32)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      out: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                      block_tables: torch.Tensor, scale: float, *, seq_offset: int,
+                      num_seqs: int, max_query_len: int,
+                      sliding_window: Optional[int] = None,
+                      tiles: Optional[tuple[int, int, int, int]] = None,
+                      k_scale: float = 1.0, v_scale: float = 1.0,
+                      fp8_convert: str = "auto") -> None:
+    """Causal attention of sequences ``seq_offset .. seq_offset + num_seqs - 1`` of the flat
+    batch over their paged context; writes their rows of ``out`` ``[T, H, D]``.
+    ``k_scale``/``v_scale``: an fp8 cache's per-tensor scales (ignored for other caches);
+    ``fp8_convert``: how its tiles are widened (``_fp8_ptx``; "auto" unless benchmarking).
+
+    ``tiles``: (BLOCK_M, BLOCK_N, num_warps, num_stages) to override the defaults (benchmarks).
+    """
+    if num_seqs == 0 or max_query_len == 0:
+        return
+    _check_cache(k_cache, v_cache)
+    num_heads, head_size = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    group_p2 = _p2(group)
+    block_m, block_n = _prefill_tiles(q.dtype, head_size)
+    num_warps, num_stages = 8 if block_m * head_size >= 8192 else 4, 2
+    if tiles is not None:
+        block_m, block_n, num_warps, num_stages = tiles
+    block_m = max(block_m, group_p2)
+    block_m = min(block_m, max(16, group_p2 * _p2(max_query_len)))  # short chunks: small tiles
+    block_q = block_m // group_p2
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        seq_offset, scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
+        sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_P2=group_p2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_SIZE=head_size, BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
+        DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q),
+        FP8_PTX=_fp8_ptx(q, k_cache, fp8_convert), num_warps=num_warps, num_stages=num_stages)

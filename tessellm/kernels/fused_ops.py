@@ -1,0 +1,105 @@
+"""Fused elementwise ops in Triton: RMSNorm (plain and residual-add), NeoX rotary, SiLU-and-mul.
+
+Each matches ``backends/reference/ops.py`` including its rounding points: RMSNorm normalizes in
+float32, rounds to x's dtype, then multiplies by the weight; rotary rounds cos/sin and each
+product to x's dtype like the torch expression does; SiLU rounds its output before the multiply.
+Rows are flattened to ``[rows, hidden]``; the last dimension must be contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from tessellm.kernels.activation import _silu_and_mul_kernel
+from tessellm.kernels.norm import _rms_norm_kernel, _rows, add_norm_buffers
+from tessellm.kernels.pdl import pdl_args
+from tessellm.kernels.rotary import _rotary_kernel
+
+
+class TritonOps:
+    """``FusedOps`` through Triton kernels (see module docstring for the rounding contract)."""
+
+    max_hidden = 65536  # one program holds a whole row
+
+    def fused_moe(self, hidden, router_logits, w13, w2, top_k, scoring="softmax",
+                  renormalize=True, w13_scale=None, w2_scale=None):
+        """Grouped GEMMs over expert-sorted token blocks (``tessellm/kernels/moe``)."""
+        from tessellm.kernels.moe import fused_moe
+
+        return fused_moe(hidden, router_logits, w13, w2, top_k, scoring, renormalize,
+                         w13_scale, w2_scale)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x2 = _rows(x)
+        out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype),
+                          device=x.device)
+        self._launch_norm(x2, None, weight, out, None, eps)
+        return out.view(x.shape)
+
+    def fused_add_rms_norm(self, x, residual, weight, eps):
+        """Returns ``(rms_norm(x + residual), x + residual)``; the sum overwrites ``residual``
+        in place when its dtype and layout allow."""
+        x2, r2, out, new_res, result = add_norm_buffers(x, residual, weight)
+        self._launch_norm(x2, r2, weight, out, new_res, eps)
+        return result
+
+    def _launch_norm(self, x2, r2, weight, out, new_res, eps):
+        rows, hidden = x2.shape
+        if hidden > self.max_hidden:
+            raise ValueError(f"Triton RMSNorm handles rows up to {self.max_hidden}, got {hidden}.")
+        if rows == 0:
+            return
+        block = triton.next_power_of_2(hidden)
+        has_res = r2 is not None
+        _rms_norm_kernel[(rows,)](
+            x2, r2 if has_res else x2, weight.contiguous(), out, new_res if has_res else out,
+            hidden, eps, x2.stride(0), r2.stride(0) if has_res else 0, out.stride(0),
+            new_res.stride(0) if has_res else 0, HAS_RESIDUAL=has_res, BLOCK=block,
+            num_warps=min(16, max(1, block // 512)), **pdl_args(x2.device))
+
+    def rotary_embedding(self, positions, q, k, cos_sin_cache, head_size: int):
+        """NeoX rotation, in place on ``q`` ``[T, H*D]`` and ``k`` ``[T, KVH*D]`` (or 3-D)."""
+        if cos_sin_cache.shape[-1] != head_size:
+            raise ValueError(f"cos_sin_cache width {cos_sin_cache.shape[-1]} != head_size "
+                             f"{head_size}: partial rotary is not supported by TritonOps.")
+        num_tokens = q.shape[0]
+        if num_tokens == 0:
+            return q, k
+        q3 = q.view(num_tokens, -1, head_size)
+        k3 = k.view(num_tokens, -1, head_size)
+        assert q3.stride(-1) == 1 and k3.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1
+        half = head_size // 2
+        hq, hk = q3.shape[1], k3.shape[1]
+        _rotary_kernel[(num_tokens,)](
+            positions.reshape(-1), q3, k3, cos_sin_cache, q3.stride(0), q3.stride(1),
+            k3.stride(0), k3.stride(1), cos_sin_cache.stride(0),
+            NUM_Q_HEADS=hq, Q_HEADS_P2=triton.next_power_of_2(hq),
+            NUM_K_HEADS=hk, K_HEADS_P2=triton.next_power_of_2(hk),
+            HALF=half, HALF_P2=triton.next_power_of_2(half), num_warps=4, **pdl_args(q.device))
+        return q, k
+
+    # Dense products the GEMV (``gemv.py``) runs faster than cuBLAS: 1 row at any width, 2 rows
+    # below this many outputs (H200, Llama-8B shapes, benchmarks/kernels/gemv_bench.py).
+    gemv_two_rows_max_n = 8192
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+        """``x @ weight.T + bias``: the GEMV at decode's 1-2 rows in bf16/fp16, else torch's."""
+        if (x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+                and (x.shape[0] == 1 or (x.shape[0] == 2 and weight.shape[0] < self.gemv_two_rows_max_n))):
+            from tessellm.kernels.gemm.gemv import gemv
+
+            return gemv(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = _rows(x)
+        d = x2.shape[1] // 2
+        out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
+        if x2.shape[0]:
+            block = min(1024, triton.next_power_of_2(d))
+            _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
+                x2, out, d, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+                **pdl_args(x.device))
+        return out.view(*x.shape[:-1], d)

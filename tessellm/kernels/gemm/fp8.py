@@ -1,0 +1,121 @@
+"""W8A8 fp8 for prefill: x quantized per token by one Triton kernel, then ``torch._scaled_mm``
+(row-wise scales, sm89+) or, without it, ``_fp8_gemm_kernel`` (tiles widened to fp16, exact).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from tessellm.kernels.gemm.common import (
+    _capability,
+    _epilogue,
+    _interpreted,
+    _tile_ranges,
+    _tiles,
+    _xw_tiles,
+)
+from tessellm.quantization.packed import Fp8Weight
+
+
+@triton.jit
+def _fp8_quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
+                           FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: scale = max(|x|) / FP8_MAX, q = x / scale (two passes over K)."""
+    m = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, 0), 1e-12) / FP8_MAX
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        tl.store(q_ptr + m * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=k < K)
+    tl.store(s_ptr + m, scale)
+
+
+@triton.jit
+def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K,
+                     stride_xm, stride_wn, stride_om,
+                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_FP32: tl.constexpr):
+    """x, w fp8 (``[M, K]``, ``[N, K]``); y = (x @ w.T) * sx[m] * sw[n]. The tiles are widened
+    to fp16 (exact for e4m3) for the dot, or to float32 in the interpreter (DOT_FP32). This is
+    the fallback where ``torch._scaled_mm`` cannot run, so it favours portability over speed."""
+    pid_k, rm, rn, k_lo, k_hi = _tile_ranges(K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    w_col = w_ptr + rn[None, :].to(tl.int64) * stride_wn
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        x, w = _xw_tiles(x_row, w_col, rm, rn, k0, k_hi, M, N, BLOCK_K)
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(x.to(tl.float16), w.to(tl.float16))
+    sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
+    sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
+    acc = acc * sx[:, None] * sw[None, :]
+    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, ATOMIC)
+
+
+def quantize_fp8_rows(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token fp8: ``(x_q [M, K], scales [M] fp32)`` in one kernel launch."""
+    x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=fp8_dtype, device=x.device)
+    scales = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        block = min(4096, triton.next_power_of_2(k)) if not _interpreted(x) else 64
+        _fp8_quant_rows_kernel[(m,)](x, q, scales, k, x.stride(0), q.stride(0),
+                                     FP8_MAX=torch.finfo(fp8_dtype).max, BLOCK=block,
+                                     num_warps=4 if k >= 1024 else 1)
+    return q, scales
+
+
+def fp8_gemm(xq: torch.Tensor, sx: torch.Tensor, w: Fp8Weight, out_dtype: torch.dtype,
+             bias=None) -> torch.Tensor:
+    """The Triton W8A8 GEMM: ``(xq @ w.qweight.T) * sx[:, None] * w.scales[None, :]``."""
+    m, k = xq.shape
+    n = w.qweight.shape[0]
+    t = _tiles(xq, m, n, k, k)
+    grid, split = t.pop("grid"), t["SPLIT_K"]
+    out = torch.zeros(m, n, dtype=torch.float32, device=xq.device) if split > 1 else \
+        torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    _fp8_gemm_kernel[grid](
+        xq, sx, w.qweight, w.scales, bias if bias is not None else sx, out, m, n, k,
+        xq.stride(0), w.qweight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+        ATOMIC=split > 1, DOT_FP32=_interpreted(xq), **t)
+    return out if split == 1 else out.to(out_dtype)
+
+
+def _scaled_mm_ok(x: torch.Tensor, w: Fp8Weight) -> bool:
+    """torch._scaled_mm with row-wise scales: sm89+, K and N multiples of 16, and a one-row
+    probe on this device that ran (some torch/cuBLASLt builds lack row-wise fp8)."""
+    if _interpreted(x) or not hasattr(torch, "_scaled_mm"):
+        return False
+    n, k = w.qweight.shape
+    index = x.device.index or 0
+    return (_capability(index) >= (8, 9) and k % 16 == 0 and n % 16 == 0
+            and _scaled_mm_probe(index, w.qweight.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _scaled_mm_probe(index: int, fp8_dtype: torch.dtype) -> bool:
+    """Runs once per device, at the first fp8 GEMM (the engine's eager profile run, never
+    inside a graph capture). False: the Triton fp8 GEMM serves instead."""
+    dev = torch.device("cuda", index)
+    a = torch.ones(1, 32, device=dev).to(fp8_dtype)
+    b = torch.ones(32, 32, device=dev).to(fp8_dtype)
+    try:
+        out = torch._scaled_mm(a, b.t(), scale_a=torch.ones(1, 1, device=dev),
+                               scale_b=torch.ones(1, 32, device=dev), out_dtype=torch.bfloat16)
+        return bool(out.float().sum().item() == 32 * 32)
+    except (RuntimeError, TypeError):
+        return False

@@ -1,0 +1,149 @@
+"""``gemv_fp8_x2`` (one bf16 row, e4m3fn, NVIDIA sm90+; ``weight_only.fp8_w8a16`` takes it for
+every M = 1 product, ``TESSELLM_FP8_GEMV_X2=0`` turns it off) breaks that bound with packed
+bf16 arithmetic: four codes a 32-bit word become two bf16x2 pairs by a byte permute, a shift
+and a mask each (x 2^-120, exact), and ``mul``/``fma.rn.bf16x2`` against four x values form two
+lanes of two products, widened and summed in float32: 12 instructions per 4 codes, about 3 a
+code against 5. The two products of a lane round to bf16 (relative error 2.6e-3 against the
+float32 dequantized product, 1.7e-3 for ``gemv_fp8``, both far under e4m3's own ~6%). H200,
+M = 1 (``benchmarks/results/h200-2026-11-21e/x2bench.json``): qkv / o / gate_up / down 8.7 /
+6.7 / 31.8 / 16.5 us against 10.7 / 7.9 / 35.5 / 21.3 with the best of the earlier two
+kernels; the LM head 121.5 against 133.0 (4.3 TB/s). Engine B1 (fp8 weights) 2.741 against
+3.203 ms per token, bf16 4.138 in the same run (0.66x).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tessellm.kernels.gemm.common import _interpreted, _num_sms
+from tessellm.kernels.gemm.gemv import GemvConfig, _finish, _ptx, _with_split
+from tessellm.kernels.pdl import pdl_args, pdl_start
+
+
+@triton.jit
+def _dot4_e4m3_bf16x2(acc, w, x):
+    """acc (float32) + the dot product of 4 e4m3 codes (one 32-bit word ``w``) with 4 bf16
+    values (one 64-bit word ``x``) times 2^-120, in 12 instructions: each code pair becomes
+    bf16x2 by a byte permute (sign replicated above the low code), an arithmetic shift and a
+    mask; a packed multiply and fma give two lanes of two products each (rounded to bf16), which
+    are widened and added to acc in float32."""
+    return tl.inline_asm_elementwise(
+        ("{ .reg .b32 xa, xb, t0, t1, p;\n"
+         "mov.b64 {xa, xb}, $3;\n"
+         "prmt.b32 t0, $2, 0, 0x1804;\n"   # [c1, sign(c0) x8, c0, 0]
+         "prmt.b32 t1, $2, 0, 0x3A24;\n"   # [c3, sign(c2) x8, c2, 0]
+         "shr.s32 t0, t0, 4;\n"
+         "shr.s32 t1, t1, 4;\n"
+         "and.b32 t0, t0, 0x87F087F0;\n"   # two bf16 lanes: code * 2^-120
+         "and.b32 t1, t1, 0x87F087F0;\n"
+         "mul.rn.bf16x2 p, t0, xa;\n"
+         "fma.rn.bf16x2 p, t1, xb, p;\n"
+         "shl.b32 t0, p, 16;\n"
+         "and.b32 t1, p, 0xFFFF0000;\n"
+         "add.f32 t0, t0, t1;\n"
+         "add.f32 $0, $1, t0; }"),
+        "=f,f,r,l", [acc, w, x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot4_e4m3_bf16_ref(acc, w, x):
+    """``_dot4_e4m3_bf16x2`` without inline PTX (Triton's interpreter): exact float32 sums of
+    the same products, the codes times 2^-120."""
+    for i in tl.static_range(4):
+        code = ((w >> (8 * i)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        xi = ((x >> (16 * i)) & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        acc += code.to(tl.float32) * 7.52316384526264e-37 * xi.to(tl.float32)  # 2^-120
+    return acc
+
+
+@triton.jit
+def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_wn_words,
+                         words_per_split,
+                         HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PTX: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    """One row of bf16 x against e4m3 weights, 4 codes a 32-bit word (``_dot4_e4m3_bf16x2``).
+    ``KW``: words in a weight row (K / 4); x is read as 64-bit words of 4 values."""
+    pdl_start(USE_PDL)
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn_words
+    w_words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    x_words = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+    kw = tl.arange(0, BLOCK_KW)[None, :]
+    same = tl.zeros([BLOCK_N, 1], dtype=tl.int32)  # x in the weight tile's layout (_fma_row)
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    k_lo = pid_k * words_per_split
+    steps = tl.cdiv(tl.minimum(words_per_split, KW - k_lo), BLOCK_KW)
+    for i in range(0, steps):
+        koff = k_lo + i * BLOCK_KW + kw
+        if EVEN_K:
+            w = tl.load(w_words + row + koff)
+            x = tl.load(x_words + same + koff)
+        else:
+            w = tl.load(w_words + row + koff, mask=koff < KW, other=0)
+            x = tl.load(x_words + same + koff, mask=koff < KW, other=0)
+        if PTX:
+            acc = _dot4_e4m3_bf16x2(acc, w, x)
+        else:
+            acc = _dot4_e4m3_bf16_ref(acc, w, x)
+    y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, rn, N, pid_k, True, True, HAS_BIAS)
+    ok = rn < N
+    if ATOMIC:
+        tl.atomic_add(out_ptr + rn, y, mask=ok)
+    else:
+        tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def gemv_x2_config(n: int, k: int) -> tuple[int, int, int]:
+    """(weight rows a program, 32-bit words of K a step, warps) for ``gemv_fp8_x2``, from the
+    H200 sweep (``benchmarks/results/h200-2026-11-21e/x2bench.json``, M = 1, CUDA graph,
+    weights rotated past the L2): within 3% of the best of seven tiles on each shape swept,
+    Llama-3.1-8B's qkv, o, gate_up, down and LM head, and qkv, o, down at TP 2 (gate_up at
+    TP 2 was not swept)."""
+    if n >= 65536:  # the LM head: 121.5 us
+        return 8, 128, 4
+    if n <= 4096 and k % 2048 == 0:  # o, down, qkv at TP=2: few rows, whole 512-word steps
+        return 2, 512, 4
+    return 4, 256, 4  # qkv, gate_up, down at TP=2 (K = 7168: 3.5 steps of 512 words)
+
+
+def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: Optional[torch.Tensor] = None,
+                config: Optional[tuple[int, int, int]] = None,
+                split_k: Optional[int] = None) -> torch.Tensor:
+    """W8A16 for one row of bf16 x: ``x [1, K] @ (qweight * scales[:, None]).T (+ bias)``
+    through ``_dot4_e4m3_bf16x2`` (pairs of products rounded to bf16 before a float32 sum).
+    K a multiple of 4; ``qweight`` e4m3fn ``[N, K]`` row-major, ``scales`` float32 ``[N]``.
+    ``config``: (block_n, block_kw, num_warps) instead of ``gemv_x2_config``'s."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_n, block_kw, num_warps = config or gemv_x2_config(n, k)
+    if m != 1 or x.dtype != torch.bfloat16 or qweight.dtype != torch.float8_e4m3fn:
+        raise ValueError("gemv_fp8_x2: one bf16 row against e4m3fn weights")
+    if (k % 4 or qweight.shape[1] != k or qweight.stride(1) != 1 or qweight.stride(0) % 4
+            or qweight.data_ptr() % 4):
+        raise ValueError(f"gemv_fp8_x2: weight must be row-major [N, {k}] with K and its row "
+                         f"stride multiples of 4, got {tuple(qweight.shape)} {qweight.stride()}"
+                         " (and 4-byte aligned)")
+    x = x.contiguous()
+    if x.data_ptr() % 8:  # read as 64-bit words
+        x = x.clone()
+    kw = k // 4
+    if split_k is None:
+        split_k = _with_split(GemvConfig(block_n, block_kw * 4, num_warps, 1), n, k,
+                              1 if _interpreted(x) else _num_sms(x.device.index or 0)).split_k
+    words_per_split = triton.cdiv(triton.cdiv(kw, block_kw), split_k) * block_kw
+    split = triton.cdiv(kw, words_per_split)
+    out = (torch.zeros(1, n, dtype=torch.float32, device=x.device) if split > 1
+           else torch.empty(1, n, dtype=x.dtype, device=x.device))
+    _gemv_e4m3_x2_kernel[(triton.cdiv(n, block_n), split)](
+        x, qweight, scales, bias if bias is not None else scales, out, n, kw,
+        qweight.stride(0) // 4, words_per_split, HAS_BIAS=bias is not None, ATOMIC=split > 1,
+        EVEN_K=kw % words_per_split == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
+        num_warps=num_warps, **pdl_args(x.device))
+    return out if split == 1 else out.to(x.dtype)

@@ -1,0 +1,83 @@
+"""``TritonQuantOps``: the contract's ``QuantOps`` on this package's GEMMs (cuda, rocm).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from tessellm.kernels.gemm.common import _interpreted
+from tessellm.kernels.gemm.fp8 import _scaled_mm_ok, fp8_gemm, quantize_fp8_rows
+from tessellm.kernels.gemm.w8a8 import gemv_w8a8, w8a8_native
+from tessellm.kernels.gemm.weight_only import (
+    DEQUANT_MIN_M,
+    fp8_weight_only_gemm,
+    int4_dequantize,
+    int4_gemm,
+    int8_dequantize,
+    int8_gemm,
+)
+from tessellm.quantization.packed import Fp8Weight, Int4Weight, Int8Weight
+
+# fp8 GEMMs of at most this many rows read the weight as W8A16 instead of quantizing x for
+# torch._scaled_mm, which is slower than bf16 at small M. H200, one Llama-8B layer's GEMMs in a
+# CUDA graph (benchmarks/quantization/fp8_kernels.py): W8A16 81-92 us vs W8A8 132-137 us at
+# M = 1..16, 112.5 vs 126.6 at M = 32, 153 vs 122 at M = 64.
+FP8_WEIGHT_ONLY_MAX_M = 32
+# gemv.gemv_w8a8 up to this many rows where the GPU has fp8 MMA: off (0). On an H200 it lost to
+# W8A16 at one row: Llama-8B layer 81.1 us vs 74.6, B1 3.549 vs 3.192 ms (gemv.py docstring).
+FP8_SKINNY_W8A8_MAX_M = 0
+
+
+class TritonQuantOps:
+    """``QuantOps`` for the cuda backend (and any Triton GPU). ``use_scaled_mm``: False forces
+    the Triton fp8 GEMM (tests, GPUs without cuBLASLt fp8). ``fp8_weight_only_max_m``: fp8
+    GEMMs of at most this many rows run weight-only (W8A16, ``fp8_weight_only_gemm``); 0 never.
+    ``fp8_skinny_w8a8_max_m``: up to this many rows take ``gemv.gemv_w8a8`` instead, where the
+    GPU has fp8 MMA (default ``FP8_SKINNY_W8A8_MAX_M``: 0, never; slower on an H200).
+    """
+
+    name = "triton"
+    schemes = frozenset({"int8", "fp8", "awq", "gptq", "gguf"})
+
+    def __init__(self, use_scaled_mm: bool = True, dequant_min_m: int = DEQUANT_MIN_M,
+                 fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M,
+                 fp8_skinny_w8a8_max_m: Optional[int] = None):
+        self.use_scaled_mm = use_scaled_mm
+        self.dequant_min_m = dequant_min_m
+        self.fp8_weight_only_max_m = fp8_weight_only_max_m
+        self.fp8_skinny_w8a8_max_m = (FP8_SKINNY_W8A8_MAX_M if fp8_skinny_w8a8_max_m is None
+                                      else fp8_skinny_w8a8_max_m)  # None: read when built
+
+    def int8_mm(self, x, w: Int8Weight, bias=None):
+        if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
+            return F.linear(x, int8_dequantize(w, x.dtype), bias)
+        return int8_gemm(x, w, bias)
+
+    def int4_mm(self, x, w: Int4Weight, bias=None):
+        if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
+            if w.perm is not None:
+                x = x.index_select(-1, w.perm)
+            return F.linear(x, int4_dequantize(w, x.dtype), bias)
+        return int4_gemm(x, w, bias)
+
+    def fp8_mm(self, x, w: Fp8Weight, bias=None):
+        """Decode: W8A16 up to ``fp8_weight_only_max_m`` rows (or, if asked, up to
+        ``fp8_skinny_w8a8_max_m`` rows, W8A8 through ``gemv.gemv_w8a8`` where the GPU has fp8
+        MMA). Above, W8A8 (x quantized by its own kernel, then ``torch._scaled_mm`` or the
+        Triton GEMM). x's shape is fixed per captured graph, so a graph always takes one side."""
+        m = x.shape[0]
+        if m <= self.fp8_skinny_w8a8_max_m:
+            if w8a8_native(x, w.qweight):
+                return gemv_w8a8(x, w.qweight, w.scales, bias)
+        if m <= self.fp8_weight_only_max_m:
+            return fp8_weight_only_gemm(x, w, bias)
+        xq, sx = quantize_fp8_rows(x, w.qweight.dtype)
+        if self.use_scaled_mm and _scaled_mm_ok(x, w):
+            out = torch._scaled_mm(xq, w.qweight.t(), scale_a=sx[:, None], scale_b=w.scales[None, :],
+                                   out_dtype=torch.bfloat16)
+            out = out.to(x.dtype)
+            return out if bias is None else out.add_(bias)
+        return fp8_gemm(xq, sx, w, x.dtype, bias)
