@@ -45,6 +45,8 @@ class EngineArgs:
     # Run every kernel variant serving can hit before the engine says ready (core/warmup.py).
     # None: on in the serving engine process, off for LLM(...) (a batch job pays it once anyway).
     kernel_warmup: Optional[bool] = None
+    # Run ``device``'s backend on host tensors, its device absent (tessellm.backends.emulation).
+    emulate: bool = False
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -65,6 +67,9 @@ class EngineArgs:
         if self.async_scheduling and self.pipeline_parallel_size > 1:
             raise ValueError("async_scheduling does not combine with pipeline_parallel_size > 1 "
                              "(stages already overlap batches); leave it unset.")
+        if self.emulate and self.device == "auto":
+            raise ValueError("emulate needs an explicit device (device='xpu', emulate=True): "
+                             "'auto' picks only among available backends.")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
 

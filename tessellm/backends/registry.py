@@ -217,8 +217,19 @@ class BackendRegistry:
     def available(self) -> list[Backend]:
         return [b for b in self.backends.values() if _safe_available(b)]
 
-    def select(self, device: str = "auto") -> Backend:
-        """The backend for ``device``: a backend name, or "auto" for the best available one."""
+    def select(self, device: str = "auto", emulate: bool = False) -> Backend:
+        """The backend for ``device``: a backend name, or "auto" for the best available one.
+        ``emulate``: the named backend's kernels on host tensors, its device absent or not
+        (``tessellm.backends.emulation``)."""
+        if emulate:
+            if device == "auto":
+                raise DeviceError("emulate needs an explicit device (--device xpu --emulate): "
+                                  "'auto' picks only among available backends.")
+            if device not in self.backends:
+                self.select(device)  # raises the unknown-device error
+            from tessellm.backends.emulation import emulated_backend
+
+            return emulated_backend(self.backends[device])
         if device != "auto":
             backend = self.backends.get(device)
             if backend is None:

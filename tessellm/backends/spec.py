@@ -135,6 +135,9 @@ class Backend:
     # "quantization": ["fp8"], "kv_cache_dtypes": ["auto"]}). Declared, not discovered; the
     # keys and which are enforced: CAPABILITIES above.
     capabilities: dict = field(default_factory=dict, hash=False, compare=False)
+    # True for a copy made by ``tessellm.backends.emulation.emulated_backend``: this backend's
+    # kernels on host tensors (``LLM(emulate=True)``, ``--emulate``); plugins never set it.
+    emulated: bool = False
 
     def torch_device(self, index: int = 0):
         import torch

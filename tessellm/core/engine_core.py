@@ -59,7 +59,11 @@ class EngineCore:
     def __init__(self, args: EngineArgs):
         args.validate()
         registry = get_registry()
-        self.backend = registry.select(args.device)
+        self.backend = registry.select(args.device, getattr(args, "emulate", False))
+        if self.backend.emulated:
+            from tessellm.backends.emulation import mark_emulated
+
+            mark_emulated(self.backend.name)
         self.source = resolve_model(args.model)
         config = self.source.hf_config
         self.dtype = resolve_dtype(args.dtype, config, self.backend.device_type)
@@ -123,6 +127,10 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+        if self.backend.emulated:
+            from tessellm.backends.emulation import unmark_emulated
+
+            unmark_emulated(self.backend.name)
 
     # -- the engine loop -------------------------------------------------------------------
 

@@ -134,7 +134,7 @@ class RayExecutor(Executor):
         if self._owns_ray:
             ray.init(address=envs.ray_address(), include_dashboard=False,
                      log_to_driver=True)
-        backend = get_registry().select(args.device)
+        backend = get_registry().select(args.device, getattr(args, "emulate", False))
         bundle = ray_resources(backend.device_type, backend.name)
         self._pg = placement_group([dict(bundle)] * parallel.world_size, strategy="PACK")
         self._remove_pg = remove_placement_group

@@ -50,7 +50,7 @@ class Worker:
         self.args = args
         self.rank = rank
         self.parallel = parallel
-        self.backend = registry.select(args.device)
+        self.backend = registry.select(args.device, getattr(args, "emulate", False))
         if parallel.world_size > 1:
             set_worker_threads(self.backend.device_type, parallel.world_size)
         self.device = self.backend.torch_device(rank if local_rank is None else local_rank)

@@ -118,7 +118,7 @@ def run_hf(args) -> dict:
     from tessellm.backends.registry import get_registry
     from tessellm.config import resolve_dtype, resolve_model
 
-    backend = get_registry().select(args.device)
+    backend = get_registry().select(args.device, getattr(args, "emulate", False))
     device = backend.torch_device()
     source = resolve_model(args.model)
     dtype = resolve_dtype(args.dtype, source.hf_config, backend.device_type)

@@ -46,6 +46,8 @@ HELP = {
     "async_scheduling": "schedule step N+1 while step N runs (default: on for GPUs, off on the cpu)",
     "kernel_warmup": "run every kernel variant serving can hit before ready "
                      "(default: on when serving, off for LLM(...) and the benches)",
+    "emulate": "run --device's backend on CPU tensors, its device absent (log lines and "
+               "/version say emulated; for plugin authors and the CI lanes)",
 }
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
 CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"]}

@@ -89,6 +89,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if getattr(args, "ray", False):
         return _run_ray_serve(args)
+    if getattr(args, "emulate", False):  # this process's log lines and /version say so too
+        from tessellm.backends.emulation import mark_emulated
+
+        mark_emulated(args.device)
     try:
         config = _server_config(args)
         sock = _bind(args.host, args.port)

@@ -37,7 +37,8 @@ class ConformanceTarget:
         if not emulate:
             raise ValueError(f"backend {name!r} is not available on this machine; pass "
                              "--emulate to run its kernels on CPU tensors.")
-        return cls(name, backend, registry, torch.device("cpu"), True)
+        emulated = registry.select(name, emulate=True)  # host tensors (tessellm.backends.emulation)
+        return cls(name, emulated, registry, emulated.torch_device(), True)
 
     @property
     def low_precision_dtype(self) -> torch.dtype:

@@ -114,7 +114,10 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
 
     @app.get("/version")
     async def version():
-        return {"version": tessellm.__version__}
+        from tessellm.backends.emulation import emulated_names
+
+        emulated = emulated_names()
+        return {"version": tessellm.__version__, **({"emulated": ",".join(emulated)} if emulated else {})}
 
     @app.get("/debug/stats")
     async def debug_stats():

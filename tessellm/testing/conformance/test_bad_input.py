@@ -63,11 +63,10 @@ def test_unknown_quant_scheme_is_refused(target):
 
 
 def test_bad_requests_are_rejected_and_engine_keeps_serving(target, tiny_llama_dir):
-    target.skip_if_emulated("generation")
     from tessellm import LLM
 
-    llm = LLM(tiny_llama_dir, device=target.name, dtype="float32", num_kv_blocks=32,
-              max_model_len=128, max_num_seqs=4)
+    llm = LLM(tiny_llama_dir, device=target.name, emulate=target.emulated, dtype="float32",
+              num_kv_blocks=32, max_model_len=128, max_num_seqs=4)
     bad = [{"prompt_token_ids": [1, 100000]}, {"prompt_token_ids": [1] * 200},
            {"prompt_token_ids": []}, {"prompt_token_ids": [1, -3]}]
     for prompt in bad:

@@ -21,11 +21,12 @@ def cpu_tokens(tiny_llama_dir):
 
 
 def test_greedy_parity_with_cpu(target, tiny_llama_dir, cpu_tokens):
-    target.skip_if_emulated("generation")
     from tessellm import LLM
 
-    llm = LLM(tiny_llama_dir, device=target.name, **ENGINE)
+    # Emulated (device absent): the whole engine on this backend's kernels and host tensors.
+    llm = LLM(tiny_llama_dir, device=target.name, emulate=target.emulated, **ENGINE)
     assert llm.engine.core.backend.name == target.name
+    assert llm.engine.core.backend.emulated == target.emulated
     assert greedy_tokens(llm, PROMPTS, 8) == cpu_tokens
 
 
