@@ -9,7 +9,8 @@ every install step succeeded, so a half-built venv is rebuilt, never reused.
 
 The project goes into the venv with ``pip install --no-deps -e <checkout>`` on every call (a few
 seconds): the venv is shared between checkouts, and the entry points must name this one.
-``--prune`` removes the lane's older venvs (other hashes).
+``--prune`` removes the lane's older venvs (other hashes). After ``--``, a command to run with
+the venv first on PATH (``python`` is the venv's): that is how ci/matrix.yaml runs the lanes.
 """
 
 from __future__ import annotations
@@ -88,8 +89,23 @@ def prune(lane: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def run_in(vpy: str, command: list[str]) -> int:
+    """Run ``command`` (a shell line when one string) with the venv's bin/ first on PATH."""
+    bindir = os.path.dirname(vpy)
+    env = {**os.environ, "VIRTUAL_ENV": os.path.dirname(bindir),
+           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("PYTHONPATH", None)  # the venv's editable install names this checkout
+    print("[lane_env] $ " + " ".join(command), flush=True)
+    return subprocess.call(["bash", "-c", " ".join(command)], cwd=REPO, env=env)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="python ci/lane_env.py xpu -- python -m tessellm.testing --backend xpu --emulate")
     parser.add_argument("lane", choices=LANES)
     parser.add_argument("--no-project", action="store_true", help="skip installing the checkout")
     parser.add_argument("--prune", action="store_true", help="remove the lane's stale venvs")
@@ -99,6 +115,8 @@ def main(argv=None) -> int:
         install_project(vpy)
     if args.prune:
         prune(args.lane)
+    if command:
+        return run_in(vpy, command)
     print(vpy)
     return 0
 

@@ -73,11 +73,19 @@ class ModelRunner:
     # -- KV cache --------------------------------------------------------------------------
 
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
-        """Zero-filled so padded reads are finite. One (k, v) pair of tensors per layer."""
+        """Zero-filled so padded reads are finite. One (k, v) pair of tensors per layer, shaped
+        ``[blocks, block_size, kv_heads, head_size]``; a kernel declaring ``kv_cache_heads_major``
+        gets that as a ``transpose(1, 2)`` view of ``[blocks, kv_heads, block_size, head]``
+        storage (IPEX's CPU paged attention reads it without a copy)."""
+        heads_major = getattr(self.kernel, "kv_cache_heads_major", False)
         for attn in self.model.attention_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_size)
+            if heads_major:
+                shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_size)
             attn.k_cache = _zeros(shape, dtype, self.device)
             attn.v_cache = _zeros(shape, dtype, self.device)
+            if heads_major:
+                attn.k_cache, attn.v_cache = attn.k_cache.transpose(1, 2), attn.v_cache.transpose(1, 2)
 
     def kv_bytes_per_block(self, dtype: torch.dtype) -> int:
         elem = torch.empty(0, dtype=dtype).element_size()

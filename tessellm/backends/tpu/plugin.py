@@ -13,12 +13,11 @@ from tessellm.backends.spec import (QuantSpec, VALIDATED_UNTESTED, AttentionSpec
                                     OpsSpec, hookimpl)
 
 NAME = "tpu"
-VALIDATION_NOTE = ("Never run on a TPU, and torch-xla never ran here (2026-11-21): torch_xla 2.9.0, "
-                   "the newest on PyPI, fails to import next to torch 2.13 (undefined symbol in "
-                   "_XLAC); its torch 2.9.0 is a CUDA build on PyPI (0.9 GB plus ~3.2 GB of "
-                   "nvidia-* wheels) and download.pytorch.org's CPU build is unreachable here. "
-                   "The XLA-path attention math passes the conformance attention tests on CPU "
-                   "tensors in eager torch (--emulate); see docs/plugins.md section 5.1.")
+VALIDATION_NOTE = ("Never run on a TPU. Lane tpu-xla-cpu (torch-xla 2.9.0, torch 2.9.0, "
+                   "PJRT_DEVICE=CPU): the model step ran for real as bucketed XLA programs on "
+                   "PJRT's CPU device, KV cache in XLA tensors: the conformance suite and greedy "
+                   "parity with the cpu backend on SmolLM2 and a tiny Llama, compiled programs "
+                   "counted (docs/plugins.md 5.1). The Pallas kernels (real TPU only) never ran.")
 
 
 def _xla_device_type():
@@ -32,6 +31,13 @@ def _xla_device_type():
         return xr.device_type()
     except Exception:  # noqa: BLE001 - a broken install is "not available"
         return None
+
+
+def _emulation_device_type() -> str:
+    """``emulate=True`` runs on XLA's CPU device when torch-xla is installed, else host torch."""
+    import importlib.util
+
+    return "xla" if importlib.util.find_spec("torch_xla") is not None else "cpu"
 
 
 def _is_available() -> bool:
@@ -67,7 +73,9 @@ def tessellm_register_backends(register):
         validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
         capabilities={"graph_capture": True, "quantization": ["int8", "fp8", "gguf"],
                       "kv_cache_dtypes": ["auto"],
-                      "sliding_window": True, "shape_buckets": "powers of two"},
+                      "sliding_window": True, "shape_buckets": "powers of two",
+                      "emulation_device_type": _emulation_device_type(),
+                      "lane": "tpu-xla-cpu: XLA programs on PJRT CPU"},
     ))
 
 

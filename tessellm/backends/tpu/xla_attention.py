@@ -18,6 +18,8 @@ Two paths behind one ``AttentionKernel``:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from tessellm.backends.reference.padded_attention import (PaddedMetadata, PaddedTorchAttentionKernel,
@@ -52,6 +54,18 @@ class XlaPagedAttentionKernel(PaddedTorchAttentionKernel):
         self.pallas = pallas if spec.sliding_window is None else None
         if self.pallas is not None:
             self.name = "xla-pallas"
+
+    @staticmethod
+    def token_bucket(n: int) -> int:
+        """The model runner pads each step's tokens and sampled rows to this (module doc)."""
+        return pow2_bucket(n, 8)
+
+    def build_metadata(self, batch) -> PaddedMetadata:
+        # The block table is padded on the host: padding it on the device would put the
+        # batch's exact shape into the XLA graph, one program per batch instead of per bucket.
+        md = super().build_metadata(dataclasses.replace(batch, block_tables=batch.block_tables.cpu()))
+        md.block_tables = md.block_tables.to(batch.slot_mapping.device)
+        return md
 
     def write_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         valid = slot_mapping >= 0

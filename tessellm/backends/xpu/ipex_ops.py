@@ -1,5 +1,7 @@
-"""Fused ops through intel-extension-for-pytorch's ``ipex.llm.functional`` where it has them;
-rotary stays the pure-torch reference (its IPEX signature changed across releases)."""
+"""Fused ops through intel-extension-for-pytorch's ``ipex.llm.functional`` (the same calls on
+``xpu`` and ``cpu`` tensors: IPEX dispatches on the tensor's device): ``rms_norm``,
+``add_rms_norm`` and ``silu_mul``. Rotary stays the pure-torch reference (IPEX's
+``rotary_embedding`` takes its own sin/cos layout; not wired)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from tessellm.backends.reference.ops import ReferenceOps
 
 
 class IpexOps(ReferenceOps):
+    name = "ipex.llm.functional"
+
     def __init__(self, functional):
         self.f = functional  # intel_extension_for_pytorch.llm.functional
 
@@ -23,17 +27,19 @@ class IpexOps(ReferenceOps):
         return normed, residual
 
     def silu_and_mul(self, x):
-        out = torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=x.dtype, device=x.device)
-        self.f.silu_and_mul(x, out)
+        d = x.shape[-1] // 2
+        out = torch.empty(*x.shape[:-1], d, dtype=x.dtype, device=x.device)
+        self.f.silu_mul(x[..., :d], x[..., d:], out)
         return out
 
 
 def ipex_functional():
+    """``ipex.llm.functional`` when IPEX imports and has the ops used here, else None."""
     try:
         import intel_extension_for_pytorch as ipex
 
         f = ipex.llm.functional
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - absent, or a build whose import fails
         return None
-    needed = ("rms_norm", "add_rms_norm", "silu_and_mul")
+    needed = ("rms_norm", "add_rms_norm", "silu_mul")
     return f if all(hasattr(f, n) for n in needed) else None

@@ -12,11 +12,11 @@ from tessellm.backends.spec import (QuantSpec, VALIDATED_UNTESTED, AttentionSpec
                                     OpsSpec, hookimpl)
 
 NAME = "xpu"
-VALIDATION_NOTE = ("Never run on an Intel GPU, and intel-extension-for-pytorch never ran here "
-                   "(2026-11-21): IPEX 2.8.0, the newest on PyPI (a CPU build), refuses torch 2.13 "
-                   "at import ('needs to work with PyTorch 2.8.*'), and torch 2.8.0 on PyPI is a "
-                   "CUDA build (0.9 GB plus nvidia-* wheels). The pure-torch fallback kernel "
-                   "passes the conformance attention tests on CPU tensors (--emulate).")
+VALIDATION_NOTE = ("Never run on an Intel GPU. Lane xpu-ipex-cpu (intel-extension-for-pytorch "
+                   "2.8.0 CPU build, torch 2.8.0): IPEX's PagedAttention.flash_attn_varlen_func + "
+                   "reshape_and_cache and ipex.llm.functional rms_norm/add_rms_norm/silu_mul ran "
+                   "for real on CPU tensors (emulate): the conformance suite and greedy parity "
+                   "with the cpu backend on SmolLM2 and a tiny Llama. Without IPEX: pure torch.")
 
 
 def _is_available() -> bool:
@@ -47,7 +47,8 @@ def tessellm_register_backends(register):
         validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
         capabilities={"graph_capture": True, "quantization": ["int8", "fp8", "gguf"],
                       "kv_cache_dtypes": ["auto"],
-                      "sliding_window": True, "ipex": "optional"},
+                      "sliding_window": True, "ipex": "optional",
+                      "lane": "xpu-ipex-cpu: IPEX attention + fused ops on CPU tensors"},
     ))
 
 
@@ -58,7 +59,9 @@ def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
     from tessellm.backends.xpu.ipex_attention import IpexAttentionKernel, ipex_paged_attention_ops
 
     ops = ipex_paged_attention_ops()
-    if ops is not None:
+    # IPEX's CPU varlen kernel gets sliding windows wrong (the xpu lane, IPEX 2.8.0): windowed
+    # models take the pure-torch path unless an Intel GPU runs IPEX's XPU kernel.
+    if ops is not None and (spec.sliding_window is None or _is_available()):
         return IpexAttentionKernel(spec, ops)
     from tessellm.backends.reference.padded_attention import PaddedTorchAttentionKernel
 
