@@ -9,6 +9,8 @@ real TPU (``xla_attention.py``), the XLA program per bucket as graph capture
 
 from __future__ import annotations
 
+import os
+
 from tessellm.backends.spec import (QuantSpec, VALIDATED_UNTESTED, AttentionSpec, Backend, GraphSpec,
                                     OpsSpec, hookimpl)
 
@@ -48,6 +50,11 @@ def _memory_info() -> tuple[int, int]:
     import torch_xla
     import torch_xla.core.xla_model as xm
 
+    import torch_xla.runtime as xr
+
+    if xr.device_type() == "CPU":  # PJRT's CPU client keeps no allocator stats: host memory
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
     info = xm.get_memory_info(torch_xla.device())
     if "bytes_limit" in info:  # torch-xla >= 2.5
         return info["bytes_limit"] - info["bytes_used"], info["bytes_limit"]
