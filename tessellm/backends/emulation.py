@@ -4,7 +4,8 @@
 conformance suite's ``--emulate`` all go through ``emulated_backend``: the same ``Backend``
 (same name, so every hook of its plugin still answers) with tensors on the CPU, or on the device
 the plugin names in ``capabilities["emulation_device_type"]`` (the tpu plugin names "xla" when
-torch-xla is installed: XLA's PJRT CPU device, ``PJRT_DEVICE=CPU``). The result says
+torch-xla is installed: XLA's PJRT CPU device, ``PJRT_DEVICE=CPU``); graph capture is off
+(device graphs need the device: the worker passes ``enforce_eager``). The result says
 ``emulated=True``; while an emulated engine lives in a process, every log record it emits is
 prefixed ``[emulated <name>]`` and the server's ``/version`` says ``"emulated": "<name>"``.
 """

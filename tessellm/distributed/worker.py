@@ -78,7 +78,8 @@ class Worker:
         self.fast_all_reduce = self.tp.enable_fast_all_reduce(self.device, self.dtype)
         graphs = None
         if self.pp.num_stages == 1:  # stages exchange tensors between steps: eager only
-            graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, args.enforce_eager,
+            eager = args.enforce_eager or self.backend.emulated  # no device graphs on the host
+            graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, eager,
                                                                    dtype=self.dtype))
         self.runner = ModelRunner(model, kernel, self.backend, self.device, args.block_size,
                                   config.vocab_size, tuple(generation_eos_ids(source)), args.seed,
