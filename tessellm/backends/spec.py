@@ -424,12 +424,41 @@ class QuantMethod(Protocol):
         """``x @ W.T (+ bias)`` with the quantized ``W``; returns x's dtype."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Logits ops (structured output). Self-contained: its spec, protocol and result entry.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogitsOpsSpec:
+    """What the sampler's logits look like."""
+
+    dtype: Any = None  # torch dtype of the logits the ops receive (float32 in practice)
+
+
+@runtime_checkable
+class LogitsOps(Protocol):
+    """Ops on the ``[num_rows, vocab]`` logits between the LM head and the sampler.
+
+    ``apply_token_bitmask(logits, bitmask, indices=None)``: structured output's token mask, in
+    place, for the whole batch in one launch. ``bitmask`` is int32 ``[num_masks, ceil(vocab /
+    32)]`` on the logits' device: bit ``t % 32`` of word ``t // 32`` of a row is 1 when token
+    ``t`` is allowed; every disallowed token's logit becomes ``-inf``, allowed ones are left
+    untouched (bit-exact). Mask row ``i`` applies to logits row ``indices[i]`` (int64
+    ``[num_masks]``) or, without ``indices``, to logits row ``i``. Returns None. A backend that
+    does not provide it gets ``tessellm.backends.reference.logits.ReferenceLogitsOps``.
+    """
+
+    def apply_token_bitmask(self, logits, bitmask, indices=None) -> None: ...
+
+
 # The protocol each firstresult hook's return value must satisfy.
 HOOK_RESULT_PROTOCOLS = {
     "tessellm_attention_kernel": AttentionKernel,
     "tessellm_fused_ops": FusedOps,
     "tessellm_graph_runner": GraphRunner,
     "tessellm_quant_method": QuantMethod,
+    "tessellm_logits_ops": LogitsOps,
 }
 # The pieces ``tessellm backends --verbose`` reports, by hook.
 PIECES = {"attention": "tessellm_attention_kernel", "ops": "tessellm_fused_ops",
@@ -499,4 +528,13 @@ class BackendHookSpec:
         When: once per model load, before weights are created, in the process that runs the
         model. None from every plugin means the scheme is unsupported on this backend: the
         engine refuses it at start-up naming the backends that do support it.
+        """
+
+    @hookspec(firstresult=True)
+    def tessellm_logits_ops(self, backend: Backend, spec: LogitsOpsSpec) -> Optional[LogitsOps]:
+        """Return the logits ops (structured output's ``apply_token_bitmask``) for ``backend``.
+
+        When: once per model runner, in the process that samples (engine core or worker).
+        Return value: first non-None wins; if none does, the pure-torch reference
+        (``backends/reference/logits.py``) is used, so a plugin may skip this hook.
         """

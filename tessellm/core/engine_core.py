@@ -24,6 +24,7 @@ from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.distributed.executor import make_executor
 from tessellm.distributed.worker import default_max_num_batched_tokens
+from tessellm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ class EngineCore:
         self.info = EngineInfo(self.source.path, self.source.kind, self.max_model_len, self.vocab_size,
                                num_blocks, args.block_size, self.eos_token_ids, self.backend.name,
                                str(self.dtype).replace("torch.", ""))
+        # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
+        self.structured = StructuredOutputManager(
+            lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids)
 
     @property
     def in_flight(self):
@@ -126,6 +130,7 @@ class EngineCore:
         return getattr(torch, self.executor.worker_info[0]["kv_dtype"])
 
     def shutdown(self) -> None:
+        self.structured.shutdown()
         self.executor.shutdown()
         if self.backend.emulated:
             from tessellm.backends.emulation import unmark_emulated
@@ -137,6 +142,9 @@ class EngineCore:
     def add_request(self, req: EngineCoreRequest) -> None:
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params,
                           self.eos_token_ids, req.arrival_time, req.cache_salt, req.wait_for)
+        self.scheduler.check_fits(request)
+        if req.sampling_params.structured_outputs is not None:
+            request.grammar = self.structured.grammar_for(req.sampling_params.structured_outputs)
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
@@ -156,11 +164,22 @@ class EngineCore:
         sched = self.scheduler.schedule()  # a non-empty step is in flight from here
         ended = self.scheduler.take_finished_outputs()
         if not sched.is_empty:
+            self.structured.fill_bitmask(sched, self.scheduler.requests)
             self.executor.submit(sched)
             if len(self.in_flight) < self.max_in_flight:
                 return ended
         elif not self.in_flight:
+            self.structured.wait_for_compiles(self.scheduler.waiting)  # instead of spinning
             return ended
         sched = self.in_flight.oldest()
         result = self.executor.collect()
         return ended + self.scheduler.update(sched, result)
+
+
+def _load_tokenizer(source, tokenizer_dir: Optional[str]):
+    """The model's HF tokenizer, for grammar compilation (loaded on first use), or None."""
+    if not (source.has_tokenizer or tokenizer_dir):
+        return None
+    from tessellm.loader.model_loader import load_tokenizer
+
+    return load_tokenizer(source.path, source.kind, tokenizer_dir)

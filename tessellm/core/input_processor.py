@@ -24,6 +24,7 @@ class InputProcessor:
     def __init__(self, info: EngineInfo, tokenizer):
         self.info = info
         self.tokenizer = tokenizer
+        self._valid_specs: dict[str, None] = {}  # cache keys of structured outputs that parsed
 
     def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
         if isinstance(prompt, dict):
@@ -52,10 +53,25 @@ class InputProcessor:
                           self.info.num_kv_blocks * self.info.block_size)
         return p
 
+    def _check_structured(self, structured) -> None:
+        """Refuse a malformed schema / grammar / regex here, before anything is queued (the
+        core compiles it later, off its step loop). Recently accepted specs are remembered."""
+        key = structured.cache_key()
+        if key in self._valid_specs:
+            return
+        from tessellm.structured_output.grammar import build_grammar
+
+        build_grammar(structured)
+        self._valid_specs[key] = None
+        if len(self._valid_specs) > 256:
+            self._valid_specs.pop(next(iter(self._valid_specs)))
+
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                       arrival_time: Optional[float] = None) -> list[EngineCoreRequest]:
         """One core request per sample; samples after the first reuse its prompt blocks."""
         arrival = time.time() if arrival_time is None else arrival_time
+        if params.structured_outputs is not None:
+            self._check_structured(params.structured_outputs)
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.info.max_model_len - len(prompt.prompt_token_ids))
         if params.n == 1:

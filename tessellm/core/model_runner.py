@@ -28,6 +28,7 @@ import torch
 
 from tessellm.core.attention_batch import AttentionBatch
 from tessellm.core.block_table import PersistentBlockTable
+from tessellm.backends.reference.logits import ReferenceLogitsOps
 from tessellm.core.input_batch import InputBatch, RunnerRequest  # noqa: F401 (re-exported)
 from tessellm.core.input_builder import HostInputs, build_inputs
 from tessellm.core.pp_io import StageIO
@@ -37,6 +38,7 @@ from tessellm.core.sampling_metadata import build_sampling_batch
 from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 from tessellm.core.step_pipeline import LaunchedSteps, Staging, StepHandle
 from tessellm.distributed.parallel_state import PipelineStage
+from tessellm.structured_output.apply import apply_grammar_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class ModelRunner:
     def __init__(self, model, kernel, backend, device: torch.device, block_size: int,
                  vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
                  max_model_len: int = 2048, graph_runner=None, pp: Optional[PipelineStage] = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, logits_ops=None):
         self.model = model
         self.pp = pp or PipelineStage()
         self.dtype = dtype  # of activations (hidden states sent between stages)
@@ -58,6 +60,8 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)  # banned before a request's min_tokens
         self.sampler = Sampler(device, seed)
+        # apply_token_bitmask for structured output (the backend's, else the reference's).
+        self.logits_ops = logits_ops or ReferenceLogitsOps()
         self.max_model_len = max_model_len
         self.batch = InputBatch(-(-max_model_len // block_size))
         self.staging = Staging(device)
@@ -150,6 +154,9 @@ class ModelRunner:
         if logits is not None:
             rows, out_pos, sampling_states, starts = _sampled_rows(states, counts, num_sampled)
             batch = build_sampling_batch(rows, out_pos, self.device, self.vocab_size, self.eos_token_ids)
+            if sched.grammar_bitmask is not None:  # structured output: disallowed tokens -> -inf
+                apply_grammar_bitmask(logits, [r.request_id for r in rows], sched.grammar_bitmask_rows,
+                                      sched.grammar_bitmask, self.logits_ops)
             handle = self.steps.launch_readback(sampling_states, starts, self.sampler(logits, batch), out)
         for state, n in zip(states, counts):  # the one place the runner's states advance
             state.num_computed_tokens += n

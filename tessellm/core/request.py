@@ -71,6 +71,9 @@ class Request:
         # them into the step it schedules (SchedulerOutput.spec_token_ids). Never in
         # all_token_ids until the model accepts them.
         self.spec_token_ids: list[int] = []
+        # Structured output: the request's grammar matcher (structured_output.RequestGrammar,
+        # opaque here), None when unconstrained. Advanced by Scheduler.update per sampled token.
+        self.grammar = None
 
     @property
     def num_prompt_tokens(self) -> int:

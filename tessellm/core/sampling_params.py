@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from tessellm.structured_output.params import StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5
 
 
@@ -31,6 +33,9 @@ class SamplingParams:
     skip_special_tokens: bool = True  # in the detokenized text
     include_stop_str_in_output: bool = False
     logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit
+    # Constrain the output to a JSON schema, regex, choice, grammar (structured_output/params.py);
+    # a dict (as msgpack carries it) is converted.
+    structured_outputs: Optional[StructuredOutputsParams] = None
     extra: dict = field(default_factory=dict, repr=False)  # free-form, ignored by the engine
 
     def __post_init__(self) -> None:
@@ -40,6 +45,10 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs must be a StructuredOutputsParams (or a dict of its fields).")
         self._validate()
 
     def _validate(self) -> None:

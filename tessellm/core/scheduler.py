@@ -201,8 +201,12 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
-            if self._waits_for_sibling(req):
-                skipped.append(req)
+            if self._waits_for_sibling(req) or (req.grammar is not None and not req.grammar.ready):
+                skipped.append(req)  # its grammar still compiles: others go ahead
+                continue
+            if req.grammar is not None and req.grammar.error is not None:
+                self._finish(req, RequestStatus.FINISHED_ABORTED)
+                self.finished_outputs.append(EngineCoreOutput(req.request_id, [], "abort"))
                 continue
             # Prompt logprobs need every prompt position computed: no prefix hit for those.
             use_cache = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
@@ -249,6 +253,8 @@ class Scheduler:
             return self._num_new_tokens(req, budget)
         if not self.config.async_scheduling or self.in_flight.num_steps(req.request_id) > 1:
             return 0  # one step ahead at most
+        if req.grammar is not None:
+            return 0  # its mask needs the tokens in flight: never scheduled ahead
         pending = self.in_flight.samples_ahead(req.request_id)  # placeholders: ids on the device
         if pending:
             params = req.sampling_params
@@ -345,6 +351,10 @@ class Scheduler:
         for tok in new_tokens:
             req.append_token(tok)
             appended.append(tok)
+            if req.grammar is not None and not req.grammar.accept(tok):
+                req.stop_reason = "grammar"  # never with the mask applied; a safety net
+                self._finish(req, RequestStatus.FINISHED_STOPPED)
+                break
             status = self._check_stop(req, tok)
             if status is not None:
                 self._finish(req, status)
@@ -366,6 +376,8 @@ class Scheduler:
             if token in params.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
+        if req.grammar is not None and req.grammar.is_terminated:
+            return RequestStatus.FINISHED_STOPPED  # the grammar accepted its stop token
         if params.max_tokens is not None and req.num_output_tokens >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         if req.num_tokens >= self.config.max_model_len:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from tessellm.backends.registry import get_registry
-from tessellm.backends.spec import GraphSpec
+from tessellm.backends.spec import GraphSpec, LogitsOpsSpec
 from tessellm.config import EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len, resolve_model
 from tessellm.core.model_runner import ModelRunner, StepHandle
 from tessellm.core.step import SchedulerOutput
@@ -83,7 +83,9 @@ class Worker:
                                                                    dtype=self.dtype))
         self.runner = ModelRunner(model, kernel, self.backend, self.device, args.block_size,
                                   config.vocab_size, tuple(generation_eos_ids(source)), args.seed,
-                                  self.max_model_len, graphs, pp=self.pp, dtype=self.dtype)
+                                  self.max_model_len, graphs, pp=self.pp, dtype=self.dtype,
+                                  logits_ops=registry.provider("tessellm_logits_ops", self.backend,
+                                                               LogitsOpsSpec(torch.float32))[0])
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
         logger.info("Rank %d: loaded %s on %s (backend %s) in %.1fs", rank, source.path,
                     self.device, self.backend.name, time.perf_counter() - t0)

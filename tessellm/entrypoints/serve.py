@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Optional
 
+from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from tessellm import envs
 from tessellm.entrypoints.engine_args import (DEFAULT_SERVED_NAME, add_engine_arguments,  # noqa: F401
                                            engine_args_from)
@@ -37,6 +38,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="name(s) clients use for the model (default: MODEL as given)")
     g.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file overriding the tokenizer's")
+    g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="parses tool calls out of the model's text for tool_choice 'auto' "
+                        "(docs/structured_output.md)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility: --tool-call-parser alone enables it")
     g.add_argument("--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -160,7 +166,7 @@ def _server_config(args: argparse.Namespace):
         chat_template=read_chat_template(args.chat_template), max_n=args.max_n,
         max_logprobs=args.max_logprobs, max_tokens=args.max_tokens_limit, max_prompts=args.max_prompts,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
-        sse_keepalive_s=args.sse_keepalive)
+        sse_keepalive_s=args.sse_keepalive, tool_call_parser=args.tool_call_parser)
 
 
 def read_chat_template(value: Optional[str]) -> Optional[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tessellm.backends.spec import AttentionSpec, Backend, GraphSpec, OpsSpec, hookimpl
+from tessellm.backends.spec import AttentionSpec, Backend, GraphSpec, LogitsOpsSpec, OpsSpec, hookimpl
 
 NAME = "cuda"
 
@@ -78,3 +78,12 @@ def tessellm_quant_method(backend: Backend, spec):
     from tessellm.quantization import make_quant_method
 
     return make_quant_method(spec, TritonQuantOps())
+
+
+@hookimpl
+def tessellm_logits_ops(backend: Backend, spec: LogitsOpsSpec):
+    if backend.name != NAME:
+        return None
+    from tessellm.kernels.bitmask import TritonLogitsOps
+
+    return TritonLogitsOps()

@@ -10,7 +10,7 @@ tiles (``attention.py``), its Triton fused ops (portable Triton), HIP graphs thr
 from __future__ import annotations
 
 from tessellm.backends.spec import (VALIDATED_EMULATION, AttentionSpec, Backend, GraphSpec,
-                                    OpsSpec, QuantSpec, hookimpl)
+                                    LogitsOpsSpec, OpsSpec, QuantSpec, hookimpl)
 
 NAME = "rocm"
 VALIDATION_NOTE = ("Never run on an AMD GPU. Its Triton kernels, with these AMD tiles, pass the "
@@ -93,3 +93,12 @@ def tessellm_quant_method(backend: Backend, spec: QuantSpec):
     from tessellm.quantization import make_quant_method
 
     return make_quant_method(spec, TritonQuantOps(use_scaled_mm=False))
+
+
+@hookimpl
+def tessellm_logits_ops(backend: Backend, spec: LogitsOpsSpec):
+    if backend.name != NAME:
+        return None
+    from tessellm.kernels.bitmask import TritonLogitsOps
+
+    return TritonLogitsOps()

@@ -48,6 +48,13 @@ class _SamplingFields(_Request):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM structured output (docs/structured_output.md): one constraint at most.
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None  # older vLLM names
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None  # accepted; xgrammar is the only backend
 
 
 class CompletionRequest(_SamplingFields):
@@ -65,21 +72,57 @@ class ContentPart(BaseModel):
     text: Optional[str] = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None  # role "tool": the call this result answers
     # unsupported
-    tool_calls: Optional[Any] = None
     function_call: Optional[Any] = None
     refusal: Optional[str] = None
     audio: Optional[Any] = None
     annotations: Optional[Any] = None  # accepted (echoed back by SDK users); no effect
 
 
+class JsonSchemaFormat(_Request):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    # "schema" shadows a pydantic BaseModel attribute: stored as json_schema, sent as "schema".
+    json_schema: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
 class ResponseFormat(_Request):
-    type: str
-    json_schema: Optional[Any] = None
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: Optional[JsonSchemaFormat] = None
+    # type "structural_tag" (vLLM): the tag itself, in either of vLLM's forms.
+    structures: Optional[list[dict[str, Any]]] = None
+    triggers: Optional[list[str]] = None
+    format: Optional[dict[str, Any]] = None
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -87,7 +130,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    response_format: Optional[ResponseFormat] = None  # only {"type": "text"}
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
     add_generation_prompt: bool = True  # vLLM extra
     # accepted with no effect
     metadata: Optional[dict[str, str]] = None
@@ -96,11 +142,8 @@ class ChatCompletionRequest(_SamplingFields):
     safety_identifier: Optional[str] = None
     prompt_cache_key: Optional[str] = None
     # unsupported
-    tools: Optional[Any] = None
-    tool_choice: Optional[Any] = None
     functions: Optional[Any] = None
     function_call: Optional[Any] = None
-    parallel_tool_calls: Optional[bool] = None
     audio: Optional[Any] = None
     modalities: Optional[Any] = None
     prediction: Optional[Any] = None
@@ -112,11 +155,8 @@ class ChatCompletionRequest(_SamplingFields):
 # field -> values that mean "not used" (accepted); anything else is refused with a 400
 UNSUPPORTED: dict[str, tuple] = {
     "suffix": (None, ""),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None, False, True),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
@@ -183,13 +223,14 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
     refusal: Optional[str] = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: Optional[ChatChoiceLogProbs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[Literal["stop", "length", "tool_calls"]] = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -207,6 +248,30 @@ class DeltaMessage(BaseModel):
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list["DeltaToolCall"]] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: the first piece of call ``index`` carries its id, type
+    and name; later pieces append to ``function.arguments``."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):
@@ -217,7 +282,7 @@ class ChatStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: Optional[ChatChoiceLogProbs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[Literal["stop", "length", "tool_calls"]] = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -286,3 +351,6 @@ class DetokenizeRequest(_Request):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+DeltaMessage.model_rebuild()  # DeltaToolCall is defined after it

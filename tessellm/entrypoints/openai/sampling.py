@@ -15,6 +15,7 @@ from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.protocol import (UNSUPPORTED, ChatCompletionRequest,
                                                   CompletionRequest)
 from tessellm.entrypoints.openai.server_config import ServerConfig
+from tessellm.structured_output.params import StructuredOutputsParams
 
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 
@@ -32,10 +33,6 @@ def check_unsupported(req: BaseModel) -> None:
             raise bad_request(f"'{name}' is not supported by tessellm yet; remove it from the request.",
                               name, "unsupported_parameter")
     if isinstance(req, ChatCompletionRequest):
-        if req.response_format is not None and req.response_format.type != "text":
-            raise bad_request(f"response_format of type '{req.response_format.type}' is not supported "
-                              "by tessellm yet (structured output); only 'text' is.",
-                              "response_format", "unsupported_parameter")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
     if req.stream_options is not None and not req.stream:
@@ -91,7 +88,8 @@ def resolve_max_tokens(req, prompt_len: int, max_model_len: int, config: ServerC
     return max_tokens
 
 
-def to_sampling_params(req, max_tokens: int, vocab_size: int) -> SamplingParams:
+def to_sampling_params(req, max_tokens: int, vocab_size: int,
+                       structured: Optional[StructuredOutputsParams] = None) -> SamplingParams:
     num_logprobs, _ = _num_logprobs(req)
     try:
         return SamplingParams(
@@ -114,6 +112,7 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int) -> SamplingParams:
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             logit_bias=_logit_bias(req.logit_bias, vocab_size),
+            structured_outputs=structured,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from exc

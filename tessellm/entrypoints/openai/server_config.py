@@ -11,6 +11,7 @@ class ServerConfig:
     served_model_names: list[str]  # the first one is reported in responses
     api_key: Optional[str] = None  # None: no authentication
     chat_template: Optional[str] = None  # template text (already read from --chat-template)
+    tool_call_parser: Optional[str] = None  # --tool-call-parser: parses tool_choice "auto" output
     max_n: int = 16  # most samples per request (n, best_of)
     max_logprobs: int = 20  # most top logprobs per token (logprobs / top_logprobs)
     max_tokens: Optional[int] = None  # most output tokens per request; None: the context length

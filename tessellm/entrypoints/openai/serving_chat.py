@@ -22,6 +22,8 @@ from tessellm.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogProbs
 from tessellm.entrypoints.openai.sampling import (check_limits, check_model, check_unsupported,
                                                   resolve_max_tokens, to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
+from tessellm.entrypoints.openai.structured import structured_from_request
+from tessellm.entrypoints.openai.tools import ToolPlan, tool_call_history
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request, random_id,
                                                  sse_response, submit, usage)
 
@@ -31,16 +33,21 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     check_model(req.model, config)
     check_unsupported(req)
     check_limits(req, config)
-    ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template)
+    plan = ToolPlan(req, config.tool_call_parser)
+    structured = structured_from_request(req, plan.forced_schema())
+    ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
+                                plan.template_tools())
     try:
         processed = engine.process_prompt({"prompt_token_ids": ids})
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
     max_tokens = resolve_max_tokens(req, len(ids), engine.info.max_model_len, config)
-    params = to_sampling_params(req, max_tokens, engine.info.vocab_size)
+    params = to_sampling_params(req, max_tokens, engine.info.vocab_size, structured)
+    if plan.parser is not None and plan.parser.needs_special_tokens:
+        params.skip_special_tokens = False  # the parser's markers are special tokens
     request_id = random_id("chatcmpl")
     sub = submit(engine, request_id, [processed], [params])
-    view = _ChatView(engine, req, config.model_name, request_id)
+    view = _ChatView(engine, req, config.model_name, request_id, plan)
     if req.stream:
         return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
@@ -48,7 +55,7 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
 
 
 async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool,
-                          chat_template: Optional[str]) -> list[int]:
+                          chat_template: Optional[str], tools: Optional[list[dict]] = None) -> list[int]:
     """The messages through the chat template (``chat_utils.render_chat``), off the event loop."""
     if engine.tokenizer is None:
         raise bad_request("This model has no tokenizer, so chat is unavailable; use /v1/completions "
@@ -60,13 +67,13 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
         raise bad_request(str(exc), "messages") from None
     try:
         return await engine.run_off_loop(render_chat, engine.tokenizer, conversation,
-                                         add_generation_prompt, chat_template)
+                                         add_generation_prompt, chat_template, tools)
     except Exception as exc:  # noqa: BLE001 - a template error is the request's fault (roles, ...)
         raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
 
 
 def _message_dict(i: int, m: ChatMessage) -> dict:
-    for name in ("tool_calls", "function_call", "audio"):
+    for name in ("function_call", "audio"):
         if getattr(m, name) not in (None, []):
             raise bad_request(f"messages[{i}].{name} is not supported by tessellm yet.",
                               f"messages.{i}.{name}", "unsupported_parameter")
@@ -85,11 +92,20 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
     message = {"role": "system" if m.role == "developer" else m.role, "content": content}
     if m.name:
         message["name"] = m.name
+    if m.tool_calls:
+        message["tool_calls"] = tool_call_history(m.tool_calls)
+    if m.role == "tool":
+        if not m.tool_call_id:
+            raise bad_request(f"messages[{i}] has role 'tool' but no tool_call_id; give the id of the "
+                              "call it answers.", f"messages.{i}.tool_call_id")
+        message["tool_call_id"] = m.tool_call_id
     return message
 
 
 class _ChatView:
-    def __init__(self, engine: AsyncLLM, req: ChatCompletionRequest, model: str, request_id: str):
+    def __init__(self, engine: AsyncLLM, req: ChatCompletionRequest, model: str, request_id: str,
+                 plan: Optional[ToolPlan] = None):
+        self.plan = plan
         self.engine = engine
         self.req = req
         self.model = model
@@ -103,10 +119,25 @@ class _ChatView:
             logprobs = None
             if self.req.logprobs:
                 logprobs = ChatChoiceLogProbs(content=self.logprobs(co.token_ids, co.logprobs or []))
-            choices.append(ChatChoice(index=co.index, message=ChatResponseMessage(content=co.text),
-                                      logprobs=logprobs, finish_reason=finish_reason(co.finish_reason)))
+            message, reason = self.message(co.text, finish_reason(co.finish_reason))
+            choices.append(ChatChoice(index=co.index, message=message, logprobs=logprobs,
+                                      finish_reason=reason))
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=usage([out]))
+
+    def message(self, text: str, reason: Optional[str]) -> tuple[ChatResponseMessage, Optional[str]]:
+        """The assistant message (content and tool_calls) and the finish reason for ``text``."""
+        view = self.plan.view() if self.plan is not None else None
+        if view is None:
+            return ChatResponseMessage(content=text), reason
+        content, calls = view.final(text)
+        return ChatResponseMessage(content=content, tool_calls=calls), self.tool_reason(bool(calls), reason)
+
+    def tool_reason(self, has_calls: bool, reason: Optional[str]) -> Optional[str]:
+        """OpenAI's: "tool_calls" when the model chose to call (not for a named tool_choice)."""
+        if has_calls and reason == "stop" and self.plan.mode != "named":
+            return "tool_calls"
+        return reason
 
     def logprobs(self, token_ids, entries) -> list[ChatLogProb]:
         result = []
@@ -141,6 +172,8 @@ class _ChatChunks:
         self.sent_tokens = [0] * self.n
         self.done = [False] * self.n
         self.final: Optional[RequestOutput] = None
+        plan = view.plan
+        self.tools = [plan.view() if plan is not None else None for _ in range(self.n)]
 
     def _chunk(self, choices, usage_info=None) -> ChatCompletionChunk:
         v = self.view
@@ -170,9 +203,19 @@ class _ChatChunks:
             self.sent_text[i], self.sent_tokens[i] = len(co.text), len(co.token_ids)
             self.done[i] = reason is not None
             delta = DeltaMessage(content=text) if text else DeltaMessage()
+            if self.tools[i] is not None:
+                delta, reason = self._tool_delta(i, co.text, reason)
+                if not (delta.content or delta.tool_calls or reason or logprobs):
+                    continue  # held back: it may be the start of a tool call
             chunks.append(self._chunk([ChatStreamChoice(index=i, delta=delta, logprobs=logprobs,
                                                         finish_reason=reason)]))
         return chunks
+
+    def _tool_delta(self, i: int, text: str, reason: Optional[str]):
+        tools = self.tools[i]
+        content, pieces = tools.delta(text, final=reason is not None)
+        delta = DeltaMessage(content=content or None, tool_calls=pieces or None)
+        return delta, self.view.tool_reason(tools.num_calls > 0, reason)
 
     def finish(self):
         req = self.view.req

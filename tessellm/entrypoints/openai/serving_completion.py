@@ -18,6 +18,7 @@ from tessellm.entrypoints.openai.protocol import (CompletionChoice, CompletionLo
 from tessellm.entrypoints.openai.sampling import (check_limits, check_model, check_unsupported,
                                                   resolve_max_tokens, to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
+from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request, random_id,
                                                  sse_response, submit, usage)
 
@@ -35,8 +36,9 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
         except ValueError as exc:
             raise bad_request(str(exc) if len(prompts) == 1 else f"prompt {i}: {exc}", "prompt") from None
     max_len = engine.info.max_model_len
+    structured = structured_from_request(req)
     params = [to_sampling_params(req, resolve_max_tokens(req, len(p.prompt_token_ids), max_len, config),
-                                 engine.info.vocab_size) for p in processed]
+                                 engine.info.vocab_size, structured) for p in processed]
     request_id = random_id("cmpl")
     sub = submit(engine, request_id, processed, params)
     view = _CompletionView(engine, req, config.model_name, request_id, [_prompt_text(engine, p) for p in processed])

@@ -1,0 +1,134 @@
+"""Tool-call parsers on recorded model outputs: whole, streamed prefix by prefix, adversarial."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tessellm.entrypoints.openai.tool_parsers import (HermesParser, Llama3JsonParser, MistralParser,
+                                                      NamedParser, RequiredParser, get_tool_parser)
+from tessellm.entrypoints.openai.tools import ToolCallView
+
+WEATHER = {"city": "Paris", "unit": "celsius"}
+
+# (parser, recorded output, expected content, expected [(name, arguments dict)])
+RECORDED = [
+    (HermesParser, 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+                   '"unit": "celsius"}}\n</tool_call>', "Let me check.\n", [("get_weather", WEATHER)]),
+    (HermesParser, '<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>\n'
+                   '{"name": "b", "arguments": {"y": [1, 2]}}\n</tool_call>', "", [("a", {"x": 1}), ("b", {"y": [1, 2]})]),
+    # Qwen sometimes stops (EOS) before the closing tag
+    (HermesParser, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+     "", [("get_weather", WEATHER)]),
+    (HermesParser, "The weather is sunny <tool_call are nice>.", "The weather is sunny <tool_call are nice>.", []),
+    (Llama3JsonParser, '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}', "",
+     [("get_weather", WEATHER)]),
+    (Llama3JsonParser, '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}', "",
+     [("a", {"x": 1}), ("b", {})]),
+    (Llama3JsonParser, "Paris is sunny today.", "Paris is sunny today.", []),
+    (MistralParser, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]', "",
+     [("get_weather", WEATHER)]),
+    (MistralParser, 'Sure. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}[TOOL_CALLS]a[ARGS]{}',
+     "Sure. ", [("get_weather", WEATHER), ("a", {})]),
+    (RequiredParser, '[{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}, '
+                     '{"name": "a", "parameters": {"x": 1}}]', "", [("get_weather", WEATHER), ("a", {"x": 1})]),
+]
+
+
+def _calls(calls):
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize("parser_cls,text,content,calls", RECORDED)
+def test_whole_output(parser_cls, text, content, calls):
+    got_content, got_calls = ToolCallView(parser_cls()).final(text)
+    assert _calls(got_calls) == calls
+    assert (got_content or "") == content
+    ids = [c.id for c in got_calls]
+    assert len(set(ids)) == len(ids)
+    if parser_cls is MistralParser:
+        assert all(len(i) == 9 and i.isalnum() for i in ids)
+    else:
+        assert all(i.startswith("call_") for i in ids)
+
+
+def _stream(parser, text: str, step: int):
+    """Feed growing prefixes; reassemble content and tool calls from the deltas, as a client does."""
+    view = ToolCallView(parser)
+    content, calls = "", {}
+    cuts = list(range(step, len(text), step)) + [len(text)]
+    for n in cuts:
+        delta, pieces = view.delta(text[:n], final=n == len(text))
+        content += delta
+        for p in pieces:
+            if p.id is not None:
+                assert p.index not in calls and p.function.name
+                calls[p.index] = {"id": p.id, "name": p.function.name, "arguments": ""}
+            calls[p.index]["arguments"] += p.function.arguments or ""
+    return content, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("step", [1, 3, 17])
+@pytest.mark.parametrize("parser_cls,text,content,calls", RECORDED)
+def test_partial_streams_reassemble(parser_cls, text, content, calls, step):
+    got_content, got_calls = _stream(parser_cls(), text, step)
+    assert got_content == content
+    assert [(c["name"], json.loads(c["arguments"])) for c in got_calls] == calls
+
+
+def test_stream_holds_back_a_marker_start():
+    view = ToolCallView(HermesParser())
+    assert view.delta("Hello <tool", final=False)[0] == "Hello "
+    content, pieces = view.delta('Hello <tool_call>{"name": "f", "argu', final=False)
+    assert content == "" and pieces[0].function.name == "f" and pieces[0].function.arguments == ""
+
+
+def test_named_streams_arguments_as_they_grow():
+    text = '{"city": "Paris"}'
+    content, calls = _stream(NamedParser("get_weather"), text, 4)
+    assert content == "" and calls[0]["name"] == "get_weather" and calls[0]["arguments"] == text
+
+
+def test_invalid_call_falls_back_to_content():
+    text = "<tool_call>{not json}</tool_call>"
+    content, calls = ToolCallView(HermesParser()).final(text)
+    assert content == text and calls == []
+
+
+def test_unknown_parser_is_named():
+    with pytest.raises(ValueError, match="hermes"):
+        get_tool_parser("nope")
+
+
+def _100kb(prefix: str, unit: str) -> str:
+    return prefix + unit * (-(-(100_000 - len(prefix)) // len(unit)))
+
+
+ADVERSARIAL = [
+    _100kb("", "<tool_call>"),
+    _100kb("<tool_call>{", '"name": "'),
+    _100kb("[TOOL_CALLS]", "a[ARGS]"),
+    _100kb("", "["),
+    _100kb('{"name": "f", "parameters": ', "["),
+    _100kb("", "<tool"),
+    _100kb("<tool_call>", '{"a":'),
+    _100kb("", "<tool_call>{}</tool_call>"),
+    _100kb('<|python_tag|>', '{"name": "f", "parameters": {}}; '),
+    _100kb("[", '{"name": "f", "parameters": {"x": "\\u00'),
+]
+
+
+@pytest.mark.parametrize("parser_cls", [HermesParser, Llama3JsonParser, MistralParser, RequiredParser])
+@pytest.mark.parametrize("i", range(len(ADVERSARIAL)))
+def test_adversarial_100kb_parses_fast(parser_cls, i):
+    text = ADVERSARIAL[i]
+    assert len(text) >= 100_000
+    for final in (False, True):
+        best = float("inf")
+        for _ in range(3):  # the best of three: the shared CI machine may preempt one run
+            t0 = time.perf_counter()
+            parser_cls().parse(text, final)
+            best = min(best, time.perf_counter() - t0)
+        assert best < 0.05, f"{parser_cls.name} on adversarial input {i}: {best * 1e3:.1f} ms"
