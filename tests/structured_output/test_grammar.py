@@ -57,7 +57,6 @@ def test_malformed_or_oversized_is_refused_by_name(params, words):
         assert w in str(info.value)
 
 
-
 @pytest.fixture(scope="module")
 def tokenizer():
     from tessellm.config import resolve_model
