@@ -12,6 +12,7 @@ from tessellm.core.block_manager import BlockManager
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
+from tessellm.core.step import ModelRunnerOutput
 from tessellm.structured_output.compiler import RequestGrammar
 
 xgr = pytest.importorskip("xgrammar")
@@ -36,9 +37,8 @@ def req(rid, grammar=None):
 
 
 def update(s, out, token):
-    sampled = {rid: [token] for rid, n in out.num_scheduled_tokens.items()
-               if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens}
-    return s.update(out, sampled)
+    sampled = {rid: [token] for rid in out.num_sampled_tokens}
+    return s.update(out, ModelRunnerOutput(sampled))
 
 
 def test_waits_for_its_grammar_while_others_run():
