@@ -88,6 +88,12 @@ def _probing(t: torch.Tensor) -> bool:
 class CheckedAttentionKernel(_Checked):
     """An ``AttentionKernel`` whose first steps' ``forward`` results are checked."""
 
+    # The protocol's data members as properties, so that ``isinstance(wrapper, AttentionKernel)``
+    # holds on Python 3.12+, whose runtime protocol checks look members up statically
+    # (``inspect.getattr_static``) and never reach ``__getattr__``.
+    name = property(lambda self: self._inner.name)
+    supports_sliding_window = property(lambda self: self._inner.supports_sliding_window)
+
     def __init__(self, kernel, plugin: str, backend: str, spec, always: bool):
         super().__init__(kernel, plugin, backend, "tessellm_attention_kernel", always)
         self._spec = spec

@@ -69,3 +69,24 @@ def test_partial_rotary_reference_leaves_the_tail_unrotated():
     assert torch.equal(q2.view(t, 2, d)[..., r:], q.view(t, 2, d)[..., r:])
     assert not torch.allclose(q2.view(t, 2, d)[..., :r], q.view(t, 2, d)[..., :r])
     assert torch.equal(k2[:, r:], k[:, r:])
+
+
+def test_checked_pieces_satisfy_their_protocols_statically():
+    """Python 3.12+ checks runtime protocols with ``inspect.getattr_static``, which never reaches
+    the wrappers' ``__getattr__``: every protocol member must be visible on the wrapper itself
+    (on the H200's Python 3.12 the cuda conformance suite failed 23 cases without this)."""
+    import inspect
+    import typing
+
+    from tessellm.backends.reference.attention import ReferenceAttentionKernel
+    from tessellm.backends.spec import AttentionKernel, AttentionSpec, FusedOps
+
+    spec = AttentionSpec(num_heads=2, num_kv_heads=1, head_size=16, dtype=torch.float32,
+                         block_size=16)
+    pieces = [(checked.CheckedAttentionKernel(ReferenceAttentionKernel(), "p", "b", spec,
+                                              False), AttentionKernel),
+              (checked.CheckedFusedOps(ReferenceOps(), "p", "b", False), FusedOps)]
+    for wrapper, protocol in pieces:
+        for member in typing._get_protocol_attrs(protocol):
+            inspect.getattr_static(wrapper, member)  # raises AttributeError if hidden
+        assert isinstance(wrapper, protocol)
