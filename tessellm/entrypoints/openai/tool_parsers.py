@@ -135,6 +135,29 @@ class HermesParser(ToolParser):
         return ParseResult(text[:start], calls)
 
 
+def _call_sequence(text: str, pos: int, final: bool, sep: str,
+                   stop: Optional[str] = None) -> ParseResult:
+    """JSON call objects from ``pos`` on, each optionally followed by ``sep``, until ``stop`` or
+    the text's end. While streaming, an unfinished object is a call whose name is known so far;
+    once final, anything that is not a call makes the whole text content again."""
+    calls = []
+    while pos < len(text) and text[pos] != stop:
+        value, end = decode_at(text, pos)
+        call = call_from_object(value) if end > 0 else None
+        if call is None:
+            if final:
+                return ParseResult(text)
+            calls.append(ParsedToolCall(partial_name(text[pos:]), None))
+            break
+        calls.append(call)
+        if len(calls) > MAX_CALLS:
+            return ParseResult(text if final else "")
+        pos = skip_ws(text, end)
+        if pos < len(text) and text[pos] == sep:
+            pos = skip_ws(text, pos + 1)
+    return ParseResult("", calls)
+
+
 class Llama3JsonParser(ToolParser):
     name = "llama3_json"
     TAG = "<|python_tag|>"
@@ -149,22 +172,7 @@ class Llama3JsonParser(ToolParser):
             return ParseResult(text if final else "")
         if text[pos] != "{":
             return ParseResult(text)
-        calls = []
-        while pos < len(text):
-            value, end = decode_at(text, pos)
-            call = call_from_object(value) if end > 0 else None
-            if call is None:
-                if final:
-                    return ParseResult(text)
-                calls.append(ParsedToolCall(partial_name(text[pos:]), None))
-                break
-            calls.append(call)
-            if len(calls) > MAX_CALLS:
-                return ParseResult(text if final else "")
-            pos = skip_ws(text, end)
-            if pos < len(text) and text[pos] == ";":
-                pos = skip_ws(text, pos + 1)
-        return ParseResult("", calls)
+        return _call_sequence(text, pos, final, sep=";")
 
 
 class MistralParser(ToolParser):
@@ -222,22 +230,7 @@ class RequiredParser(ToolParser):
         pos = skip_ws(text, 0)
         if pos < len(text) and text[pos] != "[":
             return ParseResult(text)
-        calls, pos = [], skip_ws(text, pos + 1)
-        while pos < len(text) and text[pos] != "]":
-            value, end = decode_at(text, pos)
-            call = call_from_object(value) if end > 0 else None
-            if call is None:
-                if final:
-                    return ParseResult(text)
-                calls.append(ParsedToolCall(partial_name(text[pos:]), None))
-                break
-            calls.append(call)
-            if len(calls) > MAX_CALLS:
-                return ParseResult(text if final else "")
-            pos = skip_ws(text, end)
-            if pos < len(text) and text[pos] == ",":
-                pos = skip_ws(text, pos + 1)
-        return ParseResult("", calls)
+        return _call_sequence(text, skip_ws(text, pos + 1), final, sep=",", stop="]")
 
 
 class NamedParser(ToolParser):
