@@ -7,6 +7,7 @@
 #   run 1: empty TRITON_CACHE_DIR, rate 4     (a brand-new node)
 #   run 2: warm  TRITON_CACHE_DIR, rate 16    (a restart / autoscaled replica with the cache volume)
 #   run 3: warm  TRITON_CACHE_DIR, rate 4
+#   PASSES=2: each fresh server serves the workload twice (other prompts); pass 1 cold, pass 2 warm
 #
 # Server packages the device image lacks travel as wheels in .whl/ (benchmarks/README.md lists
 # them). Results: $OUT/ready_<run>.json (bench serve JSON with a "server" section) and a summary.
@@ -29,8 +30,8 @@ run() {  # name rate
   python3 -m tessellm.entrypoints.cli --log-level WARNING bench serve --launch --model "$MODEL" \
     --load-format dummy --max-model-len ${MAX_LEN:-4096} --base-url "http://127.0.0.1:$PORT" \
     --num-prompts ${NUM_PROMPTS:-500} --input-len 512 --output-len 128 --request-rate "$2" \
-    --output-json "$OUT/ready_$1.json" > "$OUT/ready_$1.log" 2>&1
-  echo "exit $?"; grep -E "ready after|P99 TTFT|P50 TTFT|Successful|Failed|time to" "$OUT/ready_$1.log"
+    --passes ${PASSES:-1} --output-json "$OUT/ready_$1.json" > "$OUT/ready_$1.log" 2>&1
+  echo "exit $?"; grep -E "ready after|P99 TTFT|P50 TTFT|Pass |Successful|Failed|time to" "$OUT/ready_$1.log"
   grep -E "Warm-up|Triton compiled" "$OUT/ready_$1.log" | head -5
 }
 for spec in ${RUNS:-cold4:4 warm16:16 warm4:4}; do run "${spec%%:*}" "${spec##*:}"; done

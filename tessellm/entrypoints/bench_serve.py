@@ -48,6 +48,10 @@ def add_arguments(p) -> None:
                    help="draw prompt token ids from [0, V) (default: the server's, else 32000)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--output-json", default=None)
+    p.add_argument("--passes", type=int, default=1,
+                   help="run the workload this many times against the same server and report the "
+                        "last; each pass's TTFT is kept under 'passes' (with --launch: pass 1 is the "
+                        "cold server, the later ones the same server warm)")
     p.add_argument("--launch", action="store_true",
                    help="start `tessellm serve MODEL` with the engine flags below on --base-url's port, "
                    "time it to /ready, benchmark it, then stop it (SIGTERM)")
@@ -58,12 +62,17 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1 or args.request_rate <= 0:
-        raise ValueError("--num-prompts, --input-len, --output-len and --request-rate must be positive.")
+    if min(args.num_prompts, args.input_len, args.output_len, args.passes) < 1 or args.request_rate <= 0:
+        raise ValueError("--num-prompts, --input-len, --output-len, --passes and --request-rate "
+                         "must be positive.")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
     server = launch_server(args) if args.launch else None
     try:
-        result = asyncio.run(benchmark(args))
+        passes = [asyncio.run(benchmark(args, i)) for i in range(args.passes)]
+        result = passes[-1]
+        if len(passes) > 1:
+            result["passes"] = [{"ttft_ms": r["ttft_ms"], "itl_ms": r["itl_ms"], "failed": r["failed"]}
+                                for r in passes]
     finally:
         if server is not None:
             result_server = server.stop()
@@ -76,7 +85,8 @@ def run(args) -> int:
     return 0 if result["completed"] else 1
 
 
-async def benchmark(args) -> dict:
+async def benchmark(args, pass_index: int = 0) -> dict:
+    """One pass; each pass draws other prompts (no prefix-cache hits across passes)."""
     import httpx
 
     from tessellm import envs
@@ -87,7 +97,7 @@ async def benchmark(args) -> dict:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=args.timeout, limits=limits) as client:
         model, vocab = await _model_info(client, args)
-        rng = random.Random(args.seed)
+        rng = random.Random(args.seed + 1_000_003 * pass_index)
         prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
         gate = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
         start = time.perf_counter()
@@ -209,6 +219,8 @@ def format_report(s: dict) -> str:
             rows.append((f"{stat.capitalize() if stat == 'mean' else stat.upper()} {name} (ms)", s[key][stat]))
     lines = ["=" * 50, f"{'Serving benchmark':^50}", "=" * 50]
     lines += [f"{name:<36}{value!s:>14}" for name, value in rows]
+    for i, p in enumerate(s.get("passes", ())):
+        lines.append(f"{f'Pass {i + 1} TTFT p50 / p99 (ms)':<36}{p['ttft_ms']['p50']!s:>6} /{p['ttft_ms']['p99']!s:>7}")
     if s.get("server"):
         lines.append(f"{'Server time to /ready (s)':<36}{s['server']['time_to_ready_s']!s:>14}")
     if s["errors"]:
