@@ -232,7 +232,8 @@ class _CoreLoop:
         used, total = self.memory.sample()
         return {**dataclasses.asdict(self.core.scheduler.stats()), "step_num_tokens": step_num_tokens or [],
                 "device_memory_used_bytes": used, "device_memory_total_bytes": total,
-                "triton_compilations_after_ready": COMPILE_COUNTER.after_ready}
+                "triton_compilations_after_ready": (COMPILE_COUNTER.after_ready +
+                                                    self.core.executor.worker_compilations_after_ready())}
 
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         steps, self.step_num_tokens = self.step_num_tokens, []

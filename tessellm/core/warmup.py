@@ -199,4 +199,5 @@ def warm_up(core, args, serving: bool) -> Optional[WarmupReport]:
         logger.info("Warm-up: %d synthetic requests, %d steps in %.1fs (%d Triton compilation(s) so far)",
                     report.requests, report.steps, report.seconds, compile_counter.COUNTER.total)
     compile_counter.COUNTER.mark_ready()
+    core.executor.mark_compile_ready()  # worker processes (TP/PP) count from now on too
     return report

@@ -67,6 +67,15 @@ class Executor:
     def collective_rpc(self, method: str, *args) -> list:
         raise NotImplementedError
 
+    def mark_compile_ready(self) -> None:
+        """Warm-up ended: every worker process counts its Triton compilations as 'after ready'
+        from now on (``tessellm.metrics.compile_counter``)."""
+        self.collective_rpc("mark_compile_ready")
+
+    def worker_compilations_after_ready(self) -> int:
+        """Triton compilations after ready in worker processes (not the caller's own)."""
+        return sum(getattr(self, "_worker_compilations", {}).values())
+
     def submit(self, sched: SchedulerOutput) -> None:
         raise NotImplementedError
 
@@ -88,6 +97,9 @@ class UniProcExecutor(Executor):
 
     def collective_rpc(self, method: str, *args) -> list:
         return [getattr(self.worker, method)(*args)]
+
+    def mark_compile_ready(self) -> None:
+        pass  # the worker runs in the caller's process, whose counter the caller marks
 
     def submit(self, sched: SchedulerOutput) -> None:
         self._launched.append(self.worker.execute_async(sched))
@@ -119,6 +131,7 @@ class MultiprocExecutor(Executor):
         self._held = False  # the workers hold the last submitted step's tokens
         self._dead: Optional[str] = None
         self._in_flight = 0
+        self._worker_compilations: dict[int, int] = {}  # rank -> Triton compilations after ready
         self._tmp = tempfile.mkdtemp(prefix="tessellm-workers-")
         # Released by shutdown(), or when garbage-collected without it (after a failure).
         self._ipc = ParentEndpoints(self, self._tmp)
@@ -198,6 +211,9 @@ class MultiprocExecutor(Executor):
                     # A peer's collective fails when a rank dies: name the dead rank, the cause.
                     self._check_processes()
                     self._fail(f"Worker rank {msg[1]} failed: {msg[2]}")
+                if msg[0] == "compiled":  # unsolicited: a rank compiled after ready
+                    self._worker_compilations[msg[1]] = msg[2]
+                    continue
                 return msg
             self._check_processes()
 
@@ -276,10 +292,17 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
 
 
 def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> None:
+    from tessellm.metrics.compile_counter import COUNTER
+
     held = None  # a launched step whose tokens wait for the next step or a flush (deferred)
+    reported = 0  # compilations after ready that the core knows of
 
     def send(handle) -> None:
+        nonlocal reported
         out = handle.result()
+        if COUNTER.after_ready != reported:  # rare: tell the core, whose /metrics sums the ranks
+            reported = COUNTER.after_ready
+            results.send(pack(["compiled", worker.rank, reported]))
         if worker.rank == output_rank:
             results.send(pack(["output", encode_runner_output(out)]))
 

@@ -46,6 +46,9 @@ class WorkerInfo:
 class Worker:
     def __init__(self, args: EngineArgs, rank: int = 0, parallel: ParallelConfig = ParallelConfig(),
                  init_method: Optional[str] = None, local_rank: Optional[int] = None):
+        from tessellm.metrics.compile_counter import COUNTER
+
+        COUNTER.install()  # this process's Triton compilations (reported to the core by rank)
         registry = get_registry()
         self.args = args
         self.rank = rank
@@ -89,6 +92,18 @@ class Worker:
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
         logger.info("Rank %d: loaded %s on %s (backend %s) in %.1fs", rank, source.path,
                     self.device, self.backend.name, time.perf_counter() - t0)
+
+    def mark_compile_ready(self) -> None:
+        """Warm-up ended (the executor's ``mark_compile_ready``)."""
+        from tessellm.metrics.compile_counter import COUNTER
+
+        COUNTER.mark_ready()
+
+    def compile_counts(self) -> dict:
+        """This process's Triton compilations: in all, after ready, and whether warm-up ended."""
+        from tessellm.metrics.compile_counter import COUNTER
+
+        return {"total": COUNTER.total, "after_ready": COUNTER.after_ready, "ready": COUNTER.ready}
 
     def info(self) -> dict:
         return {"rank": self.rank, "device": str(self.device),

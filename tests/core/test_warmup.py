@@ -47,3 +47,16 @@ def test_gpu_plan_covers_the_shapes():
     assert len(plan.samplers) == 7
     assert warmup.enabled(SimpleNamespace(kernel_warmup=None), serving=True)
     assert not warmup.enabled(SimpleNamespace(kernel_warmup=None), serving=False)
+
+
+def test_tensor_parallel_workers_count_compilations_after_ready(tiny_model_dir):
+    """Each TP worker process counts its own Triton compilations from the end of warm-up (the
+    core's /metrics adds what the ranks report)."""
+    with LLM(tiny_model_dir("llama"), device="cpu", num_kv_blocks=64, block_size=8,
+             max_model_len=128, tensor_parallel_size=2, kernel_warmup=True) as llm:
+        executor = llm.engine.core.executor
+        counts = executor.collective_rpc("compile_counts")
+        assert [c["ready"] for c in counts] == [True, True]
+        assert [c["after_ready"] for c in counts] == [0, 0]  # the cpu path compiles nothing
+        assert len(_tokens(llm)) == 2
+        assert executor.worker_compilations_after_ready() == 0
