@@ -447,6 +447,13 @@ class LogitsOps(Protocol):
     untouched (bit-exact). Mask row ``i`` applies to logits row ``indices[i]`` (int64
     ``[num_masks]``) or, without ``indices``, to logits row ``i``. Returns None. A backend that
     does not provide it gets ``tessellm.backends.reference.logits.ReferenceLogitsOps``.
+
+    Optional (not part of the protocol check): ``argmax(x, divisor=None)``, the sampler's
+    reduction: int64 ``[rows]`` equal to ``(x / divisor).argmax(-1)`` (``x.argmax(-1)`` without
+    ``divisor``) for 2-D ``x`` with contiguous rows, ties to the lowest index, as ``torch.argmax``.
+    Greedy rows and the exponential race of random sampling go through it; without it the sampler
+    uses torch (``tessellm.core.sampler.torch_argmax``). The Triton one is
+    ``tessellm.kernels.sampling.argmax``.
     """
 
     def apply_token_bitmask(self, logits, bitmask, indices=None) -> None: ...

@@ -59,9 +59,10 @@ class ModelRunner:
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)  # banned before a request's min_tokens
-        self.sampler = Sampler(device, seed)
-        # apply_token_bitmask for structured output (the backend's, else the reference's).
+        # apply_token_bitmask for structured output (the backend's, else the reference's), and the
+        # sampler's argmax where the backend has its own (optional in LogitsOps).
         self.logits_ops = logits_ops or ReferenceLogitsOps()
+        self.sampler = Sampler(device, seed, getattr(self.logits_ops, "argmax", None))
         self.max_model_len = max_model_len
         self.batch = InputBatch(-(-max_model_len // block_size))
         self.staging = Staging(device)

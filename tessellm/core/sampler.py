@@ -62,21 +62,27 @@ def seed_for_position(seed: int, position: int) -> int:
     return (seed * _SEED_MIX + position) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def torch_argmax(x: torch.Tensor, divisor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(x / divisor).argmax(-1)``: the default of ``LogitsOps.argmax`` (backends/spec.py)."""
+    return (x if divisor is None else x / divisor).argmax(dim=-1)
+
+
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, argmax=None):
         self.device = device
+        self.argmax = argmax or torch_argmax  # the backend's LogitsOps.argmax when it has one
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if batch.all_greedy and batch.max_num_logprobs is None and not _has_edits(batch):
-            return SamplerOutput(logits.argmax(dim=-1))  # exact in any float dtype; no copies
+            return SamplerOutput(self.argmax(logits))  # exact in any float dtype; no copies
         logits = logits.float()
         raw = logits
         logits = self._edit_logits(logits.clone(), batch)
         if batch.all_greedy:
-            tokens = logits.argmax(dim=-1)
+            tokens = self.argmax(logits)
         else:
             tokens = self._sample(logits, batch)
         out = SamplerOutput(tokens)
@@ -100,7 +106,7 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = self.argmax(logits)
         greedy_rows = batch.temperature == 0
         temp = torch.where(greedy_rows, torch.ones_like(batch.temperature), batch.temperature)
         logits = logits / temp[:, None]
@@ -114,7 +120,7 @@ class Sampler:
         for row, seed in batch.seeds or ():
             gen = torch.Generator(device=probs.device).manual_seed(seed)
             q[row].exponential_(generator=gen)
-        sampled = (probs / q).argmax(dim=-1)
+        sampled = self.argmax(probs, q)
         return torch.where(greedy_rows, greedy_tokens, sampled)
 
     @staticmethod

@@ -69,3 +69,10 @@ class TritonLogitsOps:
     def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
                             indices: Optional[torch.Tensor] = None) -> None:
         apply_token_bitmask(logits, bitmask, indices)
+
+    def argmax(self, x: torch.Tensor, divisor: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from tessellm.kernels import sampling
+
+        if x.dim() != 2 or x.stride(-1) != 1 or (divisor is not None and divisor.stride(-1) != 1):
+            return (x if divisor is None else x / divisor).argmax(dim=-1)
+        return sampling.argmax(x, divisor)

@@ -1,6 +1,7 @@
 """Workers start from any main: LLM(..., tensor_parallel_size=2) in a top-level script with no
 ``if __name__ == "__main__":`` guard, and in a script fed on standard input, gives the TP=1
-tokens (gloo on the cpu). Before tessellm/distributed/spawn.py, each spawned worker re-ran the
+tokens (gloo on the cpu); so does IPython's interactive shell, the one a Jupyter notebook's kernel
+runs (cells execute in a ``__main__`` with no file behind it). Before tessellm/distributed/spawn.py, each spawned worker re-ran the
 script (bootstrapping RuntimeError) or failed to find it (FileNotFoundError: '<stdin>')."""
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _tokens(result: subprocess.CompletedProcess) -> list:
     return json.loads(lines[0][len("TOKENS "):])
 
 
-@pytest.mark.parametrize("how", ["file", "stdin"])
+@pytest.mark.parametrize("how", ["file", "stdin", "ipython"])
 def test_tp2_from_a_script_without_main_guard(model_and_reference, tmp_path, how):
     path, expected = model_and_reference
     code = SCRIPT.format(path=path, prompts=PROMPTS)
@@ -52,6 +53,10 @@ def test_tp2_from_a_script_without_main_guard(model_and_reference, tmp_path, how
         script.write_text(code)
         result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                                 timeout=600, env=env, cwd=tmp_path)
+    elif how == "ipython":
+        pytest.importorskip("IPython")
+        result = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--quick", "--colors=NoColor",
+                                 "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     else:
         result = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True,
                                 timeout=600, env=env, cwd=tmp_path)

@@ -73,7 +73,11 @@ def fleet(reference):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(CONFIG), name="tessellm", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300  # the replicas' engines warm up after serve.run returns
+        while httpx.get(f"{url}/ready", timeout=30).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(1)
+        yield url
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -141,6 +145,11 @@ def test_bad_input_is_an_openai_400(client, fleet):
     r = httpx.post(f"{fleet}/v1/chat/completions", content=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    # Over the ingress's body limit (4 MiB by default): 413 before the body is read whole.
+    big = b'{"model": "%s", "prompt": "' % MODEL.encode() + b"a" * (5 << 20) + b'"}'
+    r = httpx.post(f"{fleet}/v1/completions", content=big, timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
 def test_ready_and_models_through_the_ingress(client, fleet):

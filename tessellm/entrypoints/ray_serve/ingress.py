@@ -26,6 +26,7 @@ helper a route uses is defined above the class.
 
 import logging  # no `from __future__ import annotations`: FastAPI must see the real Request type
 import secrets
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -172,12 +173,26 @@ class OpenAIIngress:
         response.headers["retry-after"] = str(self.retry_after_s)
         return response
 
+    async def _read_body(self, request: Request) -> Optional[bytes]:
+        """The body, or None once it is known to exceed ``max_body_bytes``: by its
+        Content-Length before reading, else while it streams in (never buffered whole)."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _forward(self, request: Request, path: str):
-        body = await request.body()
-        if len(body) > self.max_body_bytes:
+        body = await self._read_body(request)
+        if body is None:  # as the single-process server's edge answers (openai/middleware.py)
             return OpenAIError(f"The request body is larger than this server's limit of "
-                               f"{self.max_body_bytes} bytes (max_body_bytes).", 400, None,
-                               "body_too_large").response()
+                               f"{self.max_body_bytes} bytes (max_body_bytes); send a smaller "
+                               f"request.", 413, None, "body_too_large").response()
         forwarded = ForwardedRequest(
             request.method, "/" + path, request.scope.get("query_string", b""),
             [(k, v) for k, v in request.scope["headers"] if k not in _HOP_HEADERS], body)
