@@ -7,7 +7,9 @@ plain server does, and answers forwarded HTTP requests through the same FastAPI 
 
 Lifecycle, as Serve drives it:
 
-* ``__init__``: start the engine (loads the model); Serve routes nothing here until it returns.
+* ``__init__`` (async): start the engine (loads the model) and wait for its warm-up; Serve routes
+  nothing here until it returns, so a replica takes traffic only once it is warm (ready means
+  warm, as the plain server's ``/ready``).
 * ``check_health`` (every ``health_check_period_s``): raises once the engine core is dead, so
   Serve replaces the replica; its requests in flight have already failed with a 503.
 * stopping (scale-down, redeploy, shutdown): Serve stops routing here, waits up to
@@ -30,7 +32,7 @@ REPLICA_HEADER = b"x-tessellm-replica"  # on every response: which replica answe
 
 
 class EngineReplica:
-    def __init__(self, config: dict):
+    async def __init__(self, config: dict):  # Serve awaits an async constructor
         from ray import serve
 
         from tessellm.entrypoints.async_llm import AsyncLLM
@@ -41,7 +43,8 @@ class EngineReplica:
         self.engine = AsyncLLM(cfg.engine_args())
         self.app = build_app(self.engine, cfg.server_config())
         self.in_flight = 0
-        logger.info("tessellm engine replica %s ready (pid %d)", self.replica_id, os.getpid())
+        await self.engine.wait_until_warm()  # EngineDeadError if the core died: Serve retries
+        logger.info("tessellm engine replica %s ready and warm (pid %d)", self.replica_id, os.getpid())
 
     async def handle_http(self, request: ForwardedRequest, prefix_hashes: Optional[list] = None):
         """Stream one HTTP request's response (``prefix_hashes`` is for the router only)."""
