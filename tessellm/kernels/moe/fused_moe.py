@@ -15,15 +15,17 @@ widened in the tile and the accumulator is scaled per column (W8A16).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tessellm.kernels.moe.align import align_by_expert
+from tessellm.kernels.activation import _silu_and_mul_kernel
+from tessellm.kernels.moe.align import align_by_expert_triton
+from tessellm.kernels.pdl import pdl_args
 
 
 @triton.jit
@@ -58,15 +60,46 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, sorted_ids_p
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (rn[None, :] < N))
 
 
-def _tiles(pairs: int, num_experts: int) -> dict:
-    """Tile sizes by the mean rows per expert: decode-sized groups take short blocks."""
+def _tiles(pairs: int, num_experts: int, device: Optional[torch.device] = None) -> dict:
+    """Tile sizes by the mean rows per expert: decode-sized groups take short blocks. H200 sweep
+    (``benchmarks/kernels/gpuperf_probe.py``, Qwen3-30B-A3B layer, CUDA graph, L2 flushed,
+    ``benchmarks/results/h200-2026-12-04-gpuperf``): 4 rows per expert (64 tokens) 397 us with
+    16x128x128 against 418 with 32x64x64; 256 rows (4096 tokens) 1,061 against 1,255 with
+    128x256x64 / 8 warps / 4 stages (192 KB of shared memory: sm90 NVIDIA only)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     if pairs <= 2 * num_experts:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    if pairs <= 8 * num_experts:
+        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2)
     if pairs <= 32 * num_experts:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
+    if device is not None and _big_smem(device):
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def _big_smem(device: torch.device) -> bool:
+    """NVIDIA sm90+ (228 KB of shared memory a multiprocessor): the large prefill tiles fit."""
+    return (device.type == "cuda" and torch.version.hip is None
+            and _capability(device.index or 0)[0] >= 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _silu_and_mul(c1: torch.Tensor, inter: int) -> torch.Tensor:
+    """``silu(c1[:, :inter]) * c1[:, inter:]`` in one Triton launch (the SiLU rounded to c1's
+    dtype before the product, as torch's two ops do)."""
+    out = torch.empty(c1.shape[0], inter, dtype=c1.dtype, device=c1.device)
+    if c1.shape[0]:
+        block = min(1024, triton.next_power_of_2(inter))
+        _silu_and_mul_kernel[(c1.shape[0], triton.cdiv(inter, block))](
+            c1, out, inter, c1.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+            **pdl_args(c1.device))
+    return out
 
 
 def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out, row_div, tiles):
@@ -83,18 +116,21 @@ def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out
 
 def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      w13: torch.Tensor, w2: torch.Tensor, w13_scale: Optional[torch.Tensor] = None,
-                     w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     w2_scale: Optional[torch.Tensor] = None,
+                     tiles: Optional[dict] = None) -> torch.Tensor:
     """``hidden [T, H]``, routing ``topk_weights`` / ``topk_ids`` ``[T, k]``, experts ``w13
     [E, 2I, H]`` and ``w2 [E, H, I]`` (fp8 with ``*_scale [E, N]``, or hidden's dtype);
-    returns ``[T, H]`` in hidden's dtype."""
+    returns ``[T, H]`` in hidden's dtype. ``tiles``: the grouped GEMMs' launch parameters
+    instead of ``_tiles``' (benchmarks)."""
     t, k = topk_ids.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
-    tiles = _tiles(t * k, num_experts)
-    sorted_ids, block_expert, num_padded = align_by_expert(topk_ids, num_experts, tiles["BLOCK_M"])
+    tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device)
+    sorted_ids, block_expert, num_padded = align_by_expert_triton(topk_ids, num_experts,
+                                                                  tiles["BLOCK_M"])
     hidden = hidden.contiguous()
     c1 = torch.empty(t * k, 2 * inter, dtype=hidden.dtype, device=hidden.device)
     _expert_gemm(hidden, w13, w13_scale, None, sorted_ids, block_expert, num_padded, c1, k, tiles)
-    act = F.silu(c1[:, :inter]) * c1[:, inter:]
+    act = _silu_and_mul(c1, inter)
     c2 = torch.empty(t * k, w2.shape[1], dtype=hidden.dtype, device=hidden.device)
     weights = topk_weights.to(torch.float32).contiguous().view(-1)
     _expert_gemm(act, w2, w2_scale, weights, sorted_ids, block_expert, num_padded, c2, 1, tiles)

@@ -1,0 +1,282 @@
+"""Kernel-level probe for issue 22/24's GPU speed goals (GPU only): fp8 prefill GEMMs, the fused
+MoE at 1/64/4096 tokens, prefill attention against SDPA flash, the fp8 M=1 GEMV.
+
+    python3 benchmarks/kernels/gpuperf_probe.py --out DIR [--sections gemm moe attn gemv]
+        [--deadline SECONDS]
+
+Every time is GPU time of CUDA-graph replays (``gtime``: the call captured ``reps`` times in one
+graph, the median replay over ``reps``), so host launch costs are out; memory-bound cases
+(``flush=True``) write a 256 MB buffer before each call (L2 flush) and subtract that
+buffer's own time. Each section writes ``DIR/<section>.json`` as soon as it ends; a section
+started after ``--deadline`` seconds is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
+
+START = time.perf_counter()
+_FLUSH = None
+
+
+def _flush_buf():
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(64 * 2**20, dtype=torch.int32, device="cuda")  # 256 MB
+    return _FLUSH
+
+
+def _graph_ms(body, reps: int) -> float:
+    body()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            body()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(7):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    del g
+    return statistics.median(times)
+
+
+def gtime(fn, reps: int = 20, flush: bool = False) -> float:
+    """Microseconds of GPU time per call of ``fn`` (see the module docstring)."""
+    fn()
+    torch.cuda.synchronize()
+    if not flush:
+        return _graph_ms(fn, reps) * 1e3
+    buf = _flush_buf()
+
+    def body():
+        buf.fill_(1)
+        fn()
+
+    return (_graph_ms(body, reps) - _graph_ms(lambda: buf.fill_(1), reps)) * 1e3
+
+
+def eager_us(fn, iters: int = 5) -> float:
+    """Wall time per call of ``fn`` run eagerly back to back (host launch costs included)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+LAYER = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def gemm_section(out: dict) -> None:
+    """fp8 vs bf16 GEMMs of one Llama-3.1-8B layer at prefill row counts."""
+    from tessellm.kernels.gemm.fp8 import quantize_fp8_rows
+    from tessellm.kernels.gemm.quant_ops import TritonQuantOps
+    from tessellm.kernels.gemm.weight_only import fp8_w8a16_tiled
+    from tessellm.quantization.packed import quantize_fp8
+
+    ops = TritonQuantOps()
+    ws, fp8 = {}, {}
+    for name, (n, k) in LAYER.items():
+        ws[name] = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        fp8[name] = quantize_fp8(ws[name])
+    rows = {}
+    for m in (32, 64, 128, 256, 512, 1024, 2048):
+        per = {}
+        for name, (n, k) in LAYER.items():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w, q = ws[name], fp8[name]
+            xq, sx = quantize_fp8_rows(x, q.qweight.dtype)
+            r = {"bf16": gtime(lambda: F.linear(x, w)),
+                 "fp8_mm": gtime(lambda: ops.fp8_mm(x, q)),
+                 "quant": gtime(lambda: quantize_fp8_rows(x, q.qweight.dtype)),
+                 "scaled_mm": gtime(lambda: torch._scaled_mm(
+                     xq, q.qweight.t(), scale_a=sx[:, None], scale_b=q.scales[None, :],
+                     out_dtype=torch.bfloat16))}
+            if m <= 256:
+                r["w8a16"] = gtime(lambda: fp8_w8a16_tiled(x, q.qweight, q.scales))
+            if m >= 512:
+                r["dequant_linear"] = gtime(lambda: F.linear(
+                    x, (q.qweight.to(torch.bfloat16) * q.scales[:, None].to(torch.bfloat16))))
+            per[name] = {kk: round(v, 1) for kk, v in r.items()}
+        total = {kk: round(sum(per[nm].get(kk, 0) for nm in LAYER), 1) for kk in per["qkv"]}
+        rows[m] = {"per_gemm": per, "layer": total}
+        print("gemm M", m, "layer us", total, flush=True)
+    # One prefill's worth of GEMMs, eager and back to back (what the engine's eager prefill
+    # launches): host-bound if this is far above the graph time.
+    m = 512
+    xs = {nm: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for nm, (n, k) in LAYER.items()}
+
+    def chain(kind):
+        for _ in range(32):
+            for nm in LAYER:
+                if kind == "bf16":
+                    F.linear(xs[nm], ws[nm])
+                else:
+                    ops.fp8_mm(xs[nm], fp8[nm])
+
+    out["eager_32_layers_M512_us"] = {kind: round(eager_us(lambda: chain(kind)), 1)
+                                      for kind in ("bf16", "fp8")}
+    out["graph_32_layers_M512_us"] = {kind: round(gtime(lambda: chain(kind), reps=1), 1)
+                                      for kind in ("bf16", "fp8")}
+    print("32 layers M=512 eager", out["eager_32_layers_M512_us"], "graph",
+          out["graph_32_layers_M512_us"], flush=True)
+    out["rows"] = rows
+
+
+E, TOPK, HID, INTER = 128, 8, 2048, 768
+MOE_TILES = {
+    1: [(16, 64, 128, 4, 4), (16, 64, 64, 4, 5), (16, 32, 128, 4, 4), (16, 64, 256, 4, 3),
+        (16, 128, 128, 4, 3), (16, 32, 256, 4, 3), (16, 64, 128, 2, 4)],
+    64: [(32, 64, 64, 4, 4), (16, 256, 128, 8, 2), (16, 128, 128, 4, 2), (16, 64, 128, 4, 4),
+         (32, 128, 128, 4, 3), (16, 128, 256, 4, 2), (16, 64, 256, 4, 3)],
+    4096: [(64, 128, 64, 4, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+           (64, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4)],
+}
+
+
+def moe_section(out: dict) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from tessellm.kernels.moe.fused_moe import fused_moe_triton, topk_routing
+
+    torch.manual_seed(0)
+    w13 = (torch.randn(E, 2 * INTER, HID, device="cuda") / HID ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, HID, INTER, device="cuda") / INTER ** 0.5).to(torch.bfloat16)
+    for tokens, cands in MOE_TILES.items():
+        x = torch.randn(tokens, HID, device="cuda").to(torch.bfloat16)
+        weights, ids = topk_routing(torch.randn(tokens, E, device="cuda"), TOPK, "softmax", True)
+        base = fused_moe_triton(x, weights, ids, w13, w2).float()
+        res = {"default_us": round(gtime(lambda: fused_moe_triton(x, weights, ids, w13, w2),
+                                         flush=True), 1)}
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fused_moe_triton(x, weights, ids, w13, w2)
+            torch.cuda.synchronize()
+        res["kernels_us"] = sorted(
+            ((round(getattr(e, "device_time_total", 0), 1), e.key[:50])
+             for e in prof.key_averages()), reverse=True)[:12]
+        sweep = []
+        for bm, bn, bk, nw, ns in cands:
+            tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+            try:
+                got = fused_moe_triton(x, weights, ids, w13, w2, tiles=tiles).float()
+                err = ((got - base).abs().max() / base.abs().max()).item()
+                us = gtime(lambda: fused_moe_triton(x, weights, ids, w13, w2, tiles=tiles),
+                           flush=True)
+                sweep.append(dict(tiles=[bm, bn, bk, nw, ns], us=round(us, 1), err=err))
+            except Exception as e:  # noqa: BLE001 - a config that does not fit is reported
+                sweep.append(dict(tiles=[bm, bn, bk, nw, ns], error=str(e)[:100]))
+            print("moe", tokens, sweep[-1], flush=True)
+        res["sweep"] = sweep
+        out[str(tokens)] = res
+        print("moe", tokens, "default", res["default_us"], res["kernels_us"][:6], flush=True)
+
+
+ATTN_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2),
+              (128, 32, 4, 3), (64, 128, 4, 2), (32, 64, 4, 3), (128, 64, 4, 3)]
+
+
+def attn_section(out: dict) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from bench_attention import D, H, KVH, make_batch  # noqa: E402 (this folder)
+    from tessellm.kernels.attention import prefill_attention
+
+    gen = torch.Generator().manual_seed(0)
+    for num, plen in ((1, 512), (16, 512), (1, 2048), (1, 8192)):
+        q, k, v, kc, vc, b = make_batch([plen] * num, [plen] * num, gen)
+        flops = 4 * num * plen * (plen + 1) // 2 * H * D
+        qd = q.view(num, plen, H, D).transpose(1, 2)
+        kd = k.view(num, plen, KVH, D).transpose(1, 2).repeat_interleave(H // KVH, 1)
+        vd = v.view(num, plen, KVH, D).transpose(1, 2).repeat_interleave(H // KVH, 1)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            sdpa = gtime(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True))
+        res = {"sdpa_flash_us": round(sdpa, 1)}
+        base = None
+        for tiles in ATTN_TILES:
+            o = torch.full_like(q, float("nan"))
+            run = lambda: prefill_attention(  # noqa: E731
+                q, kc, vc, o, b.query_start_loc, b.seq_lens, b.block_tables, D ** -0.5,
+                seq_offset=0, num_seqs=num, max_query_len=plen, tiles=tiles)
+            try:
+                us = gtime(run)
+            except Exception as e:  # noqa: BLE001
+                res[str(tiles)] = str(e)[:100]
+                continue
+            ok = not torch.isnan(o).any().item()
+            if base is not None:
+                ok = ok and (o.float() - base).abs().max().item() < 2e-2
+            base = o.float() if base is None else base
+            res[str(tiles)] = dict(us=round(us, 1), tflops=round(flops / us / 1e6, 1), ok=ok)
+        out[f"{num}x{plen}"] = res
+        print("attn", num, plen, json.dumps(res), flush=True)
+
+
+def gemv_section(out: dict) -> None:
+    """fp8 M=1 (gemv_fp8_x2) by config and split-K on the layer's shapes, weights past the L2."""
+    from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2, gemv_x2_config
+    from tessellm.quantization.packed import quantize_fp8
+
+    shapes = dict(LAYER, lm_head=(128256, 4096))
+    for name, (n, k) in shapes.items():
+        q = quantize_fp8(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        res = {"default": round(gtime(lambda: gemv_fp8_x2(x, q.qweight, q.scales), flush=True), 2),
+               "floor_us_4.3TBs": round(n * k / 4.3e6, 2), "config": gemv_x2_config(n, k)}
+        if name != "lm_head":
+            for cfg in ((2, 512, 4), (4, 256, 4), (1, 512, 4), (2, 256, 4), (4, 512, 8)):
+                for split in (1, 2, 4):
+                    res[f"{cfg} split {split}"] = round(gtime(
+                        lambda: gemv_fp8_x2(x, q.qweight, q.scales, config=cfg, split_k=split),
+                        flush=True), 2)
+        out[name] = res
+        print("gemv", name, json.dumps(res), flush=True)
+
+
+SECTIONS = {"gemm": gemm_section, "moe": moe_section, "attn": attn_section, "gemv": gemv_section}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS))
+    p.add_argument("--deadline", type=float, default=1e9)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    for name in args.sections:
+        if time.perf_counter() - START > args.deadline:
+            print("skipped (deadline):", name, flush=True)
+            continue
+        res = {"device": torch.cuda.get_device_name()}
+        t0 = time.perf_counter()
+        try:
+            SECTIONS[name](res)
+        except Exception as e:  # noqa: BLE001 - keep the other sections
+            res["error"] = f"{type(e).__name__}: {e}"[:300]
+            print(name, "failed:", res["error"], flush=True)
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        (args.out / f"{name}.json").write_text(json.dumps(res, indent=1))
+        print(f"== {name} done in {res['seconds']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
