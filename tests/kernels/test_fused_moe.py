@@ -8,6 +8,7 @@ import torch
 from tessellm.backends.cpu.moe import fused_moe_grouped
 from tessellm.backends.reference.moe import fused_moe_reference, route
 from tessellm.kernels.moe import align_by_expert, fused_moe_triton
+from tessellm.kernels.moe.align import align_by_expert_triton
 from tessellm.quantization.packed import quantize_fp8
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,6 +41,20 @@ def test_align_by_expert_blocks_hold_one_expert():
         rows = [p for p in sorted_ids[4 * b:4 * b + 4].tolist() if p < 6]
         assert all(flat[p].item() == block_expert[b].item() for p in rows)
     assert sorted(p for p in sorted_ids.tolist() if p < 6) == list(range(6))
+
+
+@pytest.mark.parametrize("t,k,e,block_m", [(3, 2, 4, 4), (1, 8, 128, 16), (64, 8, 128, 16),
+                                             (40, 8, 8, 32), (300, 2, 16, 64)])
+def test_triton_align_has_the_reference_layout(t, k, e, block_m):
+    """Same blocks, experts and padding as the torch reference; inside a block the pairs may
+    come in another order (atomics), so blocks are compared as sets."""
+    g = torch.Generator().manual_seed(t + e)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEV)
+    ref = align_by_expert(ids, e, block_m)
+    got = align_by_expert_triton(ids, e, block_m)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    assert torch.equal(got[0].view(-1, block_m).sort(1).values,
+                       ref[0].view(-1, block_m).sort(1).values)
 
 
 @pytest.mark.parametrize("scoring,renormalize", [("softmax", True), ("softmax", False),
