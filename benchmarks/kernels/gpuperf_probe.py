@@ -27,6 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 START = time.perf_counter()
 _FLUSH = None
+_PARTIAL: list = []  # [path, dict] of the running section: saved as results come (time boxes)
+
+
+def _save() -> None:
+    if _PARTIAL:
+        _PARTIAL[0].write_text(json.dumps(_PARTIAL[1], indent=1))
 
 
 def _flush_buf():
@@ -251,7 +257,168 @@ def gemv_section(out: dict) -> None:
         print("gemv", name, json.dumps(res), flush=True)
 
 
-SECTIONS = {"gemm": gemm_section, "moe": moe_section, "attn": attn_section, "gemv": gemv_section}
+def _legacy_moe(x, weights, ids, w13, w2):
+    """The fused MoE as it was before 2026-12-04 (torch alignment with a radix sort, torch
+    SiLU-and-mul, the old tiles): the "before" of the same run."""
+    from tessellm.kernels.moe.align import align_by_expert
+    from tessellm.kernels.moe.fused_moe import _expert_gemm
+
+    t, k = ids.shape
+    pairs = t * k
+    if pairs <= 2 * E:
+        tiles = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    elif pairs <= 32 * E:
+        tiles = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
+    else:
+        tiles = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+    sorted_ids, block_expert, num_padded = align_by_expert(ids, E, tiles["BLOCK_M"])
+    c1 = torch.empty(pairs, 2 * INTER, dtype=x.dtype, device=x.device)
+    _expert_gemm(x, w13, None, None, sorted_ids, block_expert, num_padded, c1, k, tiles)
+    act = F.silu(c1[:, :INTER]) * c1[:, INTER:]
+    c2 = torch.empty(pairs, HID, dtype=x.dtype, device=x.device)
+    _expert_gemm(act, w2, None, weights.float().contiguous().view(-1), sorted_ids, block_expert,
+                 num_padded, c2, 1, tiles)
+    return c2.view(t, k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def moe_quick_section(out: dict) -> None:
+    """Before (``_legacy_moe``) and after (``fused_moe_triton``) per layer, with routing."""
+    from tessellm.kernels.moe.fused_moe import fused_moe_triton, topk_routing
+
+    torch.manual_seed(0)
+    w13 = (torch.randn(E, 2 * INTER, HID, device="cuda") / HID ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, HID, INTER, device="cuda") / INTER ** 0.5).to(torch.bfloat16)
+    for tokens in (1, 8, 64, 4096):
+        x = torch.randn(tokens, HID, device="cuda").to(torch.bfloat16)
+        logits = torch.randn(tokens, E, device="cuda")
+
+        def new():
+            w, i = topk_routing(logits, TOPK, "softmax", True)
+            return fused_moe_triton(x, w, i, w13, w2)
+
+        def old():
+            w, i = topk_routing(logits, TOPK, "softmax", True)
+            return _legacy_moe(x, w, i, w13, w2)
+
+        err = ((new().float() - old().float()).abs().max() / old().float().abs().max()).item()
+        touched = E * (1 - (1 - TOPK / E) ** tokens)
+        floor = max(touched * 3 * HID * INTER * 2 / 4.25e12,
+                    2 * tokens * TOPK * 3 * HID * INTER / 800e12) * 1e6
+        out[str(tokens)] = dict(before_us=round(gtime(old, flush=True), 1),
+                                after_us=round(gtime(new, flush=True), 1),
+                                floor_us=round(floor, 1), rel_diff=err)
+        print("moe", tokens, out[str(tokens)], flush=True)
+        _save()
+
+
+def attn_quick_section(out: dict) -> None:
+    """Prefill attention, old default tiles against the new default, SDPA flash and SDPA's own
+    backend choice (cuDNN on an H200) with GQA, dense causal tensors."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from bench_attention import D, H, KVH, make_batch  # noqa: E402 (this folder)
+    from tessellm.kernels.attention import prefill_attention
+
+    gen = torch.Generator().manual_seed(0)
+    for num, plen in ((1, 512), (16, 512), (1, 2048), (1, 8192)):
+        q, k, v, kc, vc, b = make_batch([plen] * num, [plen] * num, gen)
+        qd = q.view(num, plen, H, D).transpose(1, 2)
+        kd = k.view(num, plen, KVH, D).transpose(1, 2)
+        vd = v.view(num, plen, KVH, D).transpose(1, 2)
+        kr, vr = kd.repeat_interleave(H // KVH, 1), vd.repeat_interleave(H // KVH, 1)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            flash = gtime(lambda: F.scaled_dot_product_attention(qd, kr, vr, is_causal=True))
+        auto = gtime(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True,
+                                                            enable_gqa=True))
+        res = {"sdpa_flash_us": round(flash, 1), "sdpa_default_us": round(auto, 1)}
+        o = torch.empty_like(q)
+        for name, tiles in (("before_us", (128, 64, 8, 2)), ("after_us", None)):
+            res[name] = round(gtime(lambda: prefill_attention(
+                q, kc, vc, o, b.query_start_loc, b.seq_lens, b.block_tables, D ** -0.5,
+                seq_offset=0, num_seqs=num, max_query_len=plen, tiles=tiles)), 1)
+        out[f"{num}x{plen}"] = res
+        print("attn", num, plen, res, flush=True)
+        _save()
+
+
+def host_section(out: dict) -> None:
+    """Host microseconds per call of the fp8 prefill GEMM's pieces (M = 64, a small N so that
+    the GPU is not the bound), back to back, one sync at the end."""
+    from tessellm.kernels.gemm import quant_ops as qo
+    from tessellm.kernels.gemm.fp8 import quantize_fp8_rows
+    from tessellm.quantization.packed import quantize_fp8
+
+    ops = qo.TritonQuantOps()
+    w = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    q = quantize_fp8(w)
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    xq, sx = quantize_fp8_rows(x, q.qweight.dtype)
+    wt, s1, s2 = q.qweight.t(), sx[:, None], q.scales[None, :]
+
+    def per_call(fn, iters=400):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - t0) / iters * 1e6, 2)
+
+    lean = qo.FP8_LEAN_W8A8
+    out["F.linear bf16"] = per_call(lambda: F.linear(x, w))
+    out["quantize_fp8_rows"] = per_call(lambda: quantize_fp8_rows(x, q.qweight.dtype))
+    out["torch._scaled_mm"] = per_call(lambda: torch._scaled_mm(
+        xq, wt, scale_a=s1, scale_b=s2, out_dtype=torch.bfloat16))
+    out["torch.empty"] = per_call(lambda: torch.empty(64, 4096, device="cuda"))
+    qo.FP8_LEAN_W8A8 = False
+    out["fp8_mm before"] = per_call(lambda: ops.fp8_mm(x, q))
+    qo.FP8_LEAN_W8A8 = True
+    out["fp8_mm after"] = per_call(lambda: ops.fp8_mm(x, q))
+    qo.FP8_LEAN_W8A8 = lean
+    print("host us per call", out, flush=True)
+
+
+def engine_section(out: dict) -> None:
+    """Llama-3.1-8B shapes, random weights: TTFT (512-token prompt) and B1 ms per token, fp8
+    with the W8A8 prefill path before/after (``FP8_LEAN_W8A8``), then bf16; a CPU+CUDA profile
+    of one fp8 prefill."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from tessellm import LLM
+    from tessellm.entrypoints.bench_latency import measure
+    from tessellm.kernels.gemm import quant_ops as qo
+
+    model = str(Path(__file__).resolve().parents[1] / "model-configs" / "llama-3.1-8b")
+    for config in ("fp8", "bf16"):
+        llm = LLM(model, load_format="dummy", max_model_len=4096, enable_prefix_caching=False,
+                  seed=0, quantization="fp8" if config == "fp8" else None)
+        modes = (False, True, False, True) if config == "fp8" else (None,)
+        for lean in modes:
+            if lean is not None:
+                qo.FP8_LEAN_W8A8 = lean
+            ttft, tpot = measure(llm, 512, 128, 3)
+            key = config if lean is None else f"{config} {'after' if lean else 'before'}"
+            out.setdefault(key, []).append(dict(ttft_ms=round(statistics.median(ttft) * 1e3, 2),
+                                                tpot_ms=round(statistics.median(tpot) * 1e3, 3)))
+            print("engine", key, out[key][-1], flush=True)
+            _save()
+        if config == "fp8":
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                measure(llm, 512, 2, 0)
+            evs = prof.key_averages()
+            out["fp8 prefill profile top self cpu us"] = sorted(
+                ((round(e.self_cpu_time_total, 1), e.count, e.key[:60]) for e in evs),
+                reverse=True)[:14]
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+SECTIONS = {"gemm": gemm_section, "moe": moe_section, "attn": attn_section, "gemv": gemv_section,
+            "moe_quick": moe_quick_section, "attn_quick": attn_quick_section,
+            "host": host_section, "engine": engine_section}
 
 
 def main() -> None:
@@ -267,6 +434,7 @@ def main() -> None:
             print("skipped (deadline):", name, flush=True)
             continue
         res = {"device": torch.cuda.get_device_name()}
+        _PARTIAL[:] = [args.out / f"{name}.json", res]
         t0 = time.perf_counter()
         try:
             SECTIONS[name](res)

@@ -65,18 +65,40 @@ def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K,
     _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, ATOMIC)
 
 
-def quantize_fp8_rows(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token fp8: ``(x_q [M, K], scales [M] fp32)`` in one kernel launch."""
-    x = x.contiguous()
+_FP8_MAX = {}  # dtype -> torch.finfo(dtype).max (finfo costs a microsecond a call)
+
+
+def quantize_fp8_rows(x: torch.Tensor, fp8_dtype: torch.dtype,
+                      keepdim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token fp8: ``(x_q [M, K], scales [M] fp32)`` in one kernel launch
+    (``keepdim``: scales ``[M, 1]``, as ``torch._scaled_mm`` takes them)."""
+    if not x.is_contiguous():
+        x = x.contiguous()
     m, k = x.shape
     q = torch.empty(m, k, dtype=fp8_dtype, device=x.device)
-    scales = torch.empty(m, dtype=torch.float32, device=x.device)
+    scales = torch.empty((m, 1) if keepdim else (m,), dtype=torch.float32, device=x.device)
     if m:
-        block = min(4096, triton.next_power_of_2(k)) if not _interpreted(x) else 64
-        _fp8_quant_rows_kernel[(m,)](x, q, scales, k, x.stride(0), q.stride(0),
-                                     FP8_MAX=torch.finfo(fp8_dtype).max, BLOCK=block,
-                                     num_warps=4 if k >= 1024 else 1)
+        fmax = _FP8_MAX.get(fp8_dtype)
+        if fmax is None:
+            fmax = _FP8_MAX.setdefault(fp8_dtype, torch.finfo(fp8_dtype).max)
+        block = min(4096, triton.next_power_of_2(k)) if x.device.type != "cpu" else 64
+        _fp8_quant_rows_kernel[(m,)](x, q, scales, k, x.stride(0), k, FP8_MAX=fmax,
+                                     BLOCK=block, num_warps=4 if k >= 1024 else 1)
     return q, scales
+
+
+def scaled_mm_plan(x: torch.Tensor, w: Fp8Weight):
+    """``(w.qweight.t(), w.scales as [1, N])`` for ``torch._scaled_mm`` where it runs for this
+    weight (``_scaled_mm_ok``), else None; cached on ``w`` (checked against the weight's
+    storage, so a replaced buffer gets a fresh plan). Saves the per-call checks and views."""
+    qweight = w.qweight
+    plan = w.__dict__.get("_scaled_mm_plan")
+    if plan is not None and plan[0] == qweight.data_ptr():
+        return plan[1]
+    ok = _scaled_mm_ok(x, w)
+    value = (qweight.t(), w.scales.view(1, -1)) if ok else None
+    w.__dict__["_scaled_mm_plan"] = (qweight.data_ptr(), value)
+    return value
 
 
 def fp8_gemm(xq: torch.Tensor, sx: torch.Tensor, w: Fp8Weight, out_dtype: torch.dtype,

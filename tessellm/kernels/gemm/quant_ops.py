@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tessellm.kernels.gemm.common import _interpreted
-from tessellm.kernels.gemm.fp8 import _scaled_mm_ok, fp8_gemm, quantize_fp8_rows
+from tessellm.kernels.gemm.fp8 import _scaled_mm_ok, fp8_gemm, quantize_fp8_rows, scaled_mm_plan
 from tessellm.kernels.gemm.w8a8 import gemv_w8a8, w8a8_native
 from tessellm.kernels.gemm.weight_only import (
     DEQUANT_MIN_M,
@@ -29,6 +29,11 @@ FP8_WEIGHT_ONLY_MAX_M = 32
 # gemv.gemv_w8a8 up to this many rows where the GPU has fp8 MMA: off (0). On an H200 it lost to
 # W8A16 at one row: Llama-8B layer 81.1 us vs 74.6, B1 3.549 vs 3.192 ms (gemv.py docstring).
 FP8_SKINNY_W8A8_MAX_M = 0
+# The W8A8 prefill path with its checks and weight views cached per weight
+# (``fp8.scaled_mm_plan``): an eager prefill launches 4 such GEMMs a layer and is bound by the
+# host's launch work (H200, 2026-12-04: 128 fp8 GEMMs at M = 512 took 8.3 ms eager against
+# 6.8 ms as a graph, so ~65 us of host time each; benchmarks/results/h200-2026-12-04-gpuperf).
+FP8_LEAN_W8A8 = True
 
 
 class TritonQuantOps:
@@ -74,6 +79,15 @@ class TritonQuantOps:
                 return gemv_w8a8(x, w.qweight, w.scales, bias)
         if m <= self.fp8_weight_only_max_m:
             return fp8_weight_only_gemm(x, w, bias)
+        if FP8_LEAN_W8A8 and self.use_scaled_mm:
+            plan = scaled_mm_plan(x, w)
+            if plan is not None:
+                xq, sx = quantize_fp8_rows(x, plan[0].dtype, keepdim=True)
+                out = torch._scaled_mm(xq, plan[0], scale_a=sx, scale_b=plan[1],
+                                       out_dtype=torch.bfloat16)
+                if out.dtype != x.dtype:
+                    out = out.to(x.dtype)
+                return out if bias is None else out.add_(bias)
         xq, sx = quantize_fp8_rows(x, w.qweight.dtype)
         if self.use_scaled_mm and _scaled_mm_ok(x, w):
             out = torch._scaled_mm(xq, w.qweight.t(), scale_a=sx[:, None], scale_b=w.scales[None, :],
