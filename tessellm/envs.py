@@ -68,6 +68,12 @@ def fp8_gemv_x2() -> Optional[bool]:
     return _switch("TESSELLM_FP8_GEMV_X2")
 
 
+def fp8_lean_w8a8() -> Optional[bool]:
+    """TESSELLM_FP8_LEAN_W8A8: "0" takes the fp8 W8A8 prefill GEMM's checks and views again
+    every call (the path before 2026-12-04; benchmarks), "1" caches them per weight (default)."""
+    return _switch("TESSELLM_FP8_LEAN_W8A8")
+
+
 def ray_address() -> Optional[str]:
     """RAY_ADDRESS: the Ray cluster the ``ray`` executor joins (unset: a local one)."""
     return os.environ.get("RAY_ADDRESS") or None

@@ -348,7 +348,6 @@ def host_section(out: dict) -> None:
     from tessellm.kernels.gemm.fp8 import quantize_fp8_rows
     from tessellm.quantization.packed import quantize_fp8
 
-    ops = qo.TritonQuantOps()
     w = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
     q = quantize_fp8(w)
     x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
@@ -364,61 +363,21 @@ def host_section(out: dict) -> None:
         torch.cuda.synchronize()
         return round((time.perf_counter() - t0) / iters * 1e6, 2)
 
-    lean = qo.FP8_LEAN_W8A8
     out["F.linear bf16"] = per_call(lambda: F.linear(x, w))
     out["quantize_fp8_rows"] = per_call(lambda: quantize_fp8_rows(x, q.qweight.dtype))
     out["torch._scaled_mm"] = per_call(lambda: torch._scaled_mm(
         xq, wt, scale_a=s1, scale_b=s2, out_dtype=torch.bfloat16))
     out["torch.empty"] = per_call(lambda: torch.empty(64, 4096, device="cuda"))
-    qo.FP8_LEAN_W8A8 = False
-    out["fp8_mm before"] = per_call(lambda: ops.fp8_mm(x, q))
-    qo.FP8_LEAN_W8A8 = True
-    out["fp8_mm after"] = per_call(lambda: ops.fp8_mm(x, q))
-    qo.FP8_LEAN_W8A8 = lean
+    before, after = qo.TritonQuantOps(), qo.TritonQuantOps()
+    before.lean_w8a8, after.lean_w8a8 = False, True
+    out["fp8_mm before"] = per_call(lambda: before.fp8_mm(x, q))
+    out["fp8_mm after"] = per_call(lambda: after.fp8_mm(x, q))
     print("host us per call", out, flush=True)
-
-
-def engine_section(out: dict) -> None:
-    """Llama-3.1-8B shapes, random weights: TTFT (512-token prompt) and B1 ms per token, fp8
-    with the W8A8 prefill path before/after (``FP8_LEAN_W8A8``), then bf16; a CPU+CUDA profile
-    of one fp8 prefill."""
-    import gc
-
-    from torch.profiler import ProfilerActivity, profile
-
-    from tessellm import LLM
-    from tessellm.entrypoints.bench_latency import measure
-    from tessellm.kernels.gemm import quant_ops as qo
-
-    model = str(Path(__file__).resolve().parents[1] / "model-configs" / "llama-3.1-8b")
-    for config in ("fp8", "bf16"):
-        llm = LLM(model, load_format="dummy", max_model_len=4096, enable_prefix_caching=False,
-                  seed=0, quantization="fp8" if config == "fp8" else None)
-        modes = (False, True, False, True) if config == "fp8" else (None,)
-        for lean in modes:
-            if lean is not None:
-                qo.FP8_LEAN_W8A8 = lean
-            ttft, tpot = measure(llm, 512, 128, 3)
-            key = config if lean is None else f"{config} {'after' if lean else 'before'}"
-            out.setdefault(key, []).append(dict(ttft_ms=round(statistics.median(ttft) * 1e3, 2),
-                                                tpot_ms=round(statistics.median(tpot) * 1e3, 3)))
-            print("engine", key, out[key][-1], flush=True)
-            _save()
-        if config == "fp8":
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                measure(llm, 512, 2, 0)
-            evs = prof.key_averages()
-            out["fp8 prefill profile top self cpu us"] = sorted(
-                ((round(e.self_cpu_time_total, 1), e.count, e.key[:60]) for e in evs),
-                reverse=True)[:14]
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 SECTIONS = {"gemm": gemm_section, "moe": moe_section, "attn": attn_section, "gemv": gemv_section,
             "moe_quick": moe_quick_section, "attn_quick": attn_quick_section,
-            "host": host_section, "engine": engine_section}
+            "host": host_section}
 
 
 def main() -> None:

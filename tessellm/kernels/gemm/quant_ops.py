@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from tessellm import envs
 from tessellm.kernels.gemm.common import _interpreted
 from tessellm.kernels.gemm.fp8 import _scaled_mm_ok, fp8_gemm, quantize_fp8_rows, scaled_mm_plan
 from tessellm.kernels.gemm.w8a8 import gemv_w8a8, w8a8_native
@@ -33,7 +34,7 @@ FP8_SKINNY_W8A8_MAX_M = 0
 # (``fp8.scaled_mm_plan``): an eager prefill launches 4 such GEMMs a layer and is bound by the
 # host's launch work (H200, 2026-12-04: 128 fp8 GEMMs at M = 512 took 8.3 ms eager against
 # 6.8 ms as a graph, so ~65 us of host time each; benchmarks/results/h200-2026-12-04-gpuperf).
-FP8_LEAN_W8A8 = True
+FP8_LEAN_W8A8 = True  # default of TESSELLM_FP8_LEAN_W8A8
 
 
 class TritonQuantOps:
@@ -55,6 +56,8 @@ class TritonQuantOps:
         self.fp8_weight_only_max_m = fp8_weight_only_max_m
         self.fp8_skinny_w8a8_max_m = (FP8_SKINNY_W8A8_MAX_M if fp8_skinny_w8a8_max_m is None
                                       else fp8_skinny_w8a8_max_m)  # None: read when built
+        lean = envs.fp8_lean_w8a8()
+        self.lean_w8a8 = FP8_LEAN_W8A8 if lean is None else lean  # read when built
 
     def int8_mm(self, x, w: Int8Weight, bias=None):
         if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
@@ -79,7 +82,7 @@ class TritonQuantOps:
                 return gemv_w8a8(x, w.qweight, w.scales, bias)
         if m <= self.fp8_weight_only_max_m:
             return fp8_weight_only_gemm(x, w, bias)
-        if FP8_LEAN_W8A8 and self.use_scaled_mm:
+        if self.lean_w8a8 and self.use_scaled_mm:
             plan = scaled_mm_plan(x, w)
             if plan is not None:
                 xq, sx = quantize_fp8_rows(x, plan[0].dtype, keepdim=True)
