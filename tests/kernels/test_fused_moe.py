@@ -46,15 +46,21 @@ def test_align_by_expert_blocks_hold_one_expert():
 @pytest.mark.parametrize("t,k,e,block_m", [(3, 2, 4, 4), (1, 8, 128, 16), (64, 8, 128, 16),
                                              (40, 8, 8, 32), (300, 2, 16, 64)])
 def test_triton_align_has_the_reference_layout(t, k, e, block_m):
-    """Same blocks, experts and padding as the torch reference; inside a block the pairs may
-    come in another order (atomics), so blocks are compared as sets."""
+    """Same blocks, experts, padding and pad rows as the torch reference; an expert's pairs take
+    its rows in atomic order (on a GPU not by pair index), so only the rows' experts and the
+    set of pairs are compared."""
     g = torch.Generator().manual_seed(t + e)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(DEV)
+    pairs = t * k
     ref = align_by_expert(ids, e, block_m)
     got = align_by_expert_triton(ids, e, block_m)
     assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
-    assert torch.equal(got[0].view(-1, block_m).sort(1).values,
-                       ref[0].view(-1, block_m).sort(1).values)
+    assert torch.equal(got[0] == pairs, ref[0] == pairs)  # pad rows in the same places
+    rows = got[0].cpu()
+    valid = rows < pairs
+    assert sorted(rows[valid].tolist()) == list(range(pairs))
+    row_expert = got[1].cpu().repeat_interleave(block_m)
+    assert torch.equal(ids.flatten().cpu()[rows[valid].long()], row_expert[valid])
 
 
 @pytest.mark.parametrize("scoring,renormalize", [("softmax", True), ("softmax", False),
