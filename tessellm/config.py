@@ -47,6 +47,9 @@ class EngineArgs:
     kernel_warmup: Optional[bool] = None
     # Run ``device``'s backend on host tensors, its device absent (tessellm.backends.emulation).
     emulate: bool = False
+    # Speculative decoding (tessellm.spec_decode): a JSON string or a dict, e.g.
+    # {"method": "ngram", "num_speculative_tokens": 3}; None: off.
+    speculative_config: Optional[object] = None
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -72,6 +75,19 @@ class EngineArgs:
                              "'auto' picks only among available backends.")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        self._validate_speculative()
+
+    def _validate_speculative(self) -> None:
+        from tessellm.spec_decode.config import parse_speculative_config
+
+        if parse_speculative_config(self.speculative_config) is None:
+            return
+        if self.async_scheduling:
+            raise ValueError("speculative_config does not combine with async_scheduling (a step "
+                             "needs the accepted count before the next launch); leave it unset.")
+        if self.pipeline_parallel_size > 1:
+            raise ValueError("speculative_config does not combine with pipeline_parallel_size > 1 "
+                             "yet; use tensor parallelism.")
 
 
 @dataclass
@@ -89,6 +105,8 @@ def resolve_async_scheduling(args: EngineArgs, device_type: str) -> bool:
     (a CPU step has no device to overlap with; the host does the whole step)."""
     if args.async_scheduling is not None:
         return args.async_scheduling
+    if args.speculative_config is not None:
+        return False  # drafts are verified step by step (scheduler._drafts)
     return device_type not in ("cpu", "xla") and args.pipeline_parallel_size == 1
 
 

@@ -100,7 +100,8 @@ class EngineCore:
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, max_batched, self.max_model_len,
                                                    args.enable_chunked_prefill,
                                                    self.parallel.pipeline_parallel_size,
-                                                   self.async_scheduling), self.kv)
+                                                   self.async_scheduling,
+                                                   _num_lookahead_tokens(args)), self.kv)
         # Steps in flight at most: one per pipeline stage, or two under async scheduling.
         self.max_in_flight = 2 if self.async_scheduling else self.executor.max_concurrent_batches
         self.info = EngineInfo(self.source.path, self.source.kind, self.max_model_len, self.vocab_size,
@@ -174,6 +175,13 @@ class EngineCore:
         sched = self.in_flight.oldest()
         result = self.executor.collect()
         return ended + self.scheduler.update(sched, result)
+
+
+def _num_lookahead_tokens(args: EngineArgs) -> int:
+    from tessellm.spec_decode.config import parse_speculative_config
+
+    config = parse_speculative_config(args.speculative_config)
+    return config.num_lookahead_tokens if config is not None else 0
 
 
 def _load_tokenizer(source, tokenizer_dir: Optional[str]):

@@ -26,6 +26,7 @@ class RunnerRequest:
     prompt_logprobs: list = field(default_factory=list)  # accumulated over prefill chunks
     num_pending: int = 0  # tokens sampled by launched steps, not yet in token_ids
     spec_token_ids: list[int] = field(default_factory=list)  # drafts the current step verifies
+    draft_probs: object = None  # float32 [k, vocab] tensor: the drafts' distribution; None: point masses
 
     @property
     def num_tokens(self) -> int:

@@ -38,6 +38,7 @@ from tessellm.core.sampling_metadata import build_sampling_batch
 from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 from tessellm.core.step_pipeline import LaunchedSteps, Staging, StepHandle
 from tessellm.distributed.parallel_state import PipelineStage
+from tessellm.spec_decode.proposer import StepTensors
 from tessellm.structured_output.apply import apply_grammar_bitmask
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class ModelRunner:
     def __init__(self, model, kernel, backend, device: torch.device, block_size: int,
                  vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
                  max_model_len: int = 2048, graph_runner=None, pp: Optional[PipelineStage] = None,
-                 dtype: torch.dtype = torch.float32, logits_ops=None):
+                 dtype: torch.dtype = torch.float32, logits_ops=None, spec=None):
         self.model = model
         self.pp = pp or PipelineStage()
         self.dtype = dtype  # of activations (hidden states sent between stages)
@@ -66,9 +67,13 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.batch = InputBatch(-(-max_model_len // block_size))
         self.staging = Staging(device)
-        self.steps = LaunchedSteps(device, lambda handle, ids: collect(handle, ids, self.batch, block_size))
+        # Speculative decoding (tessellm.spec_decode.runner_part.SpecDecodeRunner), or None.
+        self.spec = spec
+        lookahead = spec.num_lookahead_tokens if spec is not None else 0
+        self.steps = LaunchedSteps(device, lambda handle, ids: self._collect(handle, ids, lookahead))
         self.io = StageIO(self.pp, model, dtype, device)
         self.graph_runner = graph_runner  # replays captured pure-decode steps; None: eager
+        self._step_tensors = None  # the last eager forward's tensors, for a proposer that wants them
         self._graphs_ready = False
 
     @property
@@ -83,7 +88,7 @@ class ModelRunner:
         gets that as a ``transpose(1, 2)`` view of ``[blocks, kv_heads, block_size, head]``
         storage (IPEX's CPU paged attention reads it without a copy)."""
         heads_major = getattr(self.kernel, "kv_cache_heads_major", False)
-        for attn in self.model.attention_layers():
+        for attn in self.kv_layers():
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_size)
             if heads_major:
                 shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_size)
@@ -95,7 +100,13 @@ class ModelRunner:
     def kv_bytes_per_block(self, dtype: torch.dtype) -> int:
         elem = torch.empty(0, dtype=dtype).element_size()
         return sum(2 * self.block_size * a.num_kv_heads * a.head_size * elem
-                   for a in self.model.attention_layers())
+                   for a in self.kv_layers())
+
+    def kv_layers(self) -> list:
+        """Every attention layer holding KV cache: the target's, then a proposer's (a draft
+        model's layers use the same block ids as the target's)."""
+        extra = self.spec.attention_layers() if self.spec is not None else []
+        return list(self.model.attention_layers()) + list(extra)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int) -> None:
@@ -138,6 +149,8 @@ class ModelRunner:
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
         """Launch one step; its ``StepHandle.result()`` waits for the sampled tokens."""
         self.batch.apply(sched, samples_here=self.pp.is_last)
+        if self.spec is not None:
+            self.spec.drop(sched)
         order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
         states = [self.batch.requests[r] for r in order]
         counts = [sched.num_scheduled_tokens[r] for r in order]
@@ -158,10 +171,30 @@ class ModelRunner:
             if sched.grammar_bitmask is not None:  # structured output: disallowed tokens -> -inf
                 apply_grammar_bitmask(logits, [r.request_id for r in rows], sched.grammar_bitmask_rows,
                                       sched.grammar_bitmask, self.logits_ops)
-            handle = self.steps.launch_readback(sampling_states, starts, self.sampler(logits, batch), out)
+            handle = self.steps.launch_readback(sampling_states, starts,
+                                                self._sample(logits, batch, sampling_states, starts), out)
         for state, n in zip(states, counts):  # the one place the runner's states advance
             state.num_computed_tokens += n
+        if self.spec is not None:
+            self.spec.record(handle, order, states, counts, sched, self._step_tensors)
+            self._step_tensors = None
+            if handle.steps is None:  # sampled nothing: propose now (a draft fills its KV cache)
+                self.spec.propose(handle)
         return handle
+
+    def _sample(self, logits, batch, sampling_states, starts):
+        """The sampler, or the rejection sampler when drafts carry a draft distribution."""
+        verify = None
+        if self.spec is not None:
+            verify = self.spec.verify_rows(sampling_states, starts, logits.shape[-1], self.device)
+        if verify is None:
+            return self.sampler(logits, batch)
+        return self.sampler.verify(logits, batch, *verify)
+
+    def _collect(self, handle: StepHandle, ids: list[int], lookahead: int) -> None:
+        collect(handle, ids, self.batch, self.block_size, lookahead)
+        if self.spec is not None:
+            self.spec.propose(handle)
 
     def _forward(self, host: HostInputs, states, counts, out: ModelRunnerOutput) -> Optional[torch.Tensor]:
         """Run the model; the logits of the sampled rows, or None when nothing samples here."""
@@ -180,6 +213,9 @@ class ModelRunner:
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens))
         if self.io.send(hidden):
             return None
+        if self.spec is not None and self.spec.wants_tensors:
+            self._step_tensors = StepTensors(ids, positions, attn.slot_mapping, attn, rows, None, hidden,
+                                             getattr(self.model, "aux_hidden_states", None))
         if host.prompt_lp_rows:
             prompt_logprobs(self.model, hidden, host.prompt_lp_rows)
         if not num_rows:
@@ -241,8 +277,8 @@ class ModelRunner:
     def _graph_size(self, host: HostInputs, states: list[RunnerRequest]) -> Optional[int]:
         if not self._graphs_ready or not host.all_decode:
             return None
-        if host.any_prompt_logprobs:
-            return None
+        if host.any_prompt_logprobs or (self.spec is not None and self.spec.wants_tensors):
+            return None  # the graph returns logits only
         return self.graph_runner.padded_size(len(states))
 
 

@@ -30,8 +30,10 @@ def accept(drafts: list[int], sampled: list[int]) -> list[int]:
     return sampled[:len(drafts) + 1]
 
 
-def collect(handle: StepHandle, tokens: list[int], batch: InputBatch, block_size: int) -> None:
-    """Put a resolved step's tokens into the requests' states and its output."""
+def collect(handle: StepHandle, tokens: list[int], batch: InputBatch, block_size: int,
+            lookahead: int = 0) -> None:
+    """Put a resolved step's tokens into the requests' states and its output. ``lookahead``:
+    KV slots kept past the computed tokens (the scheduler's ``num_lookahead_tokens``)."""
     result, out, start = handle.sampled, handle.out, handle.sample_start
     lp = None
     if result.sampled_logprob is not None:
@@ -44,7 +46,7 @@ def collect(handle: StepHandle, tokens: list[int], batch: InputBatch, block_size
             accepted = [tokens[first]]
         else:
             accepted = accept(state.spec_token_ids, tokens[first:end])
-            _forget_rejected(state, end - first - len(accepted), batch, block_size)
+            _forget_rejected(state, end - first - len(accepted), batch, block_size, lookahead)
             state.spec_token_ids = []
         state.token_ids.extend(accepted)
         out.sampled[state.request_id] = accepted
@@ -58,12 +60,15 @@ def collect(handle: StepHandle, tokens: list[int], batch: InputBatch, block_size
             state.prompt_logprobs = []
 
 
-def _forget_rejected(state: RunnerRequest, rejected: int, batch: InputBatch, block_size: int) -> None:
+def _forget_rejected(state: RunnerRequest, rejected: int, batch: InputBatch, block_size: int,
+                     lookahead: int) -> None:
     """After verifying: the tokens with K/V are the known ones minus one (the last accepted
-    token is computed next step), exactly the scheduler's ``num_computed_tokens``."""
+    token is computed next step), exactly the scheduler's ``num_computed_tokens``; the blocks
+    for them and ``lookahead`` slots more stay (``Scheduler.update`` keeps the same)."""
     if rejected:
         num_computed = len(state.token_ids) + (len(state.spec_token_ids) - rejected)
-        batch.truncate_blocks(state, -(-num_computed // block_size))
+        keep = -(-(num_computed + lookahead) // block_size)
+        batch.truncate_blocks(state, min(keep, len(state.block_ids)))
 
 
 def prompt_logprobs(model, hidden: torch.Tensor, rows: list) -> None:

@@ -105,8 +105,32 @@ class Sampler:
             logits = logits - batch.presence[:, None] * (batch.output_counts > 0).float()
         return logits
 
-    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        greedy_tokens = self.argmax(logits)
+    @torch.no_grad()
+    def verify(self, logits: torch.Tensor, batch: SamplingBatch, draft_ids: torch.Tensor,
+               draft_probs: Optional[torch.Tensor] = None,
+               has_draft_probs: Optional[torch.Tensor] = None) -> SamplerOutput:
+        """Rejection-sample the rows of a step that verifies drafts from a proposer with a
+        draft distribution (``tessellm.spec_decode.rejection``); logprobs as ``__call__``'s."""
+        from tessellm.spec_decode.rejection import rejection_sample
+
+        raw = logits.float()
+        tokens = rejection_sample(self.target_probs(raw, batch), draft_ids, draft_probs,
+                                  has_draft_probs, self.generator, batch.seeds)
+        out = SamplerOutput(tokens)
+        if batch.max_num_logprobs is not None:
+            self._logprobs(raw, tokens, batch.max_num_logprobs, out)
+        return out
+
+    def target_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """float32 [B, V]: the distribution each row samples from (greedy rows: a point mass)."""
+        logits = self._edit_logits(logits.float().clone(), batch)
+        greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+        if batch.all_greedy:
+            return greedy
+        return torch.where((batch.temperature == 0)[:, None], greedy, self._probs(logits, batch))
+
+    @staticmethod
+    def _probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         greedy_rows = batch.temperature == 0
         temp = torch.where(greedy_rows, torch.ones_like(batch.temperature), batch.temperature)
         logits = logits / temp[:, None]
@@ -116,6 +140,12 @@ class Sampler:
         if batch.min_p is not None:
             threshold = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        greedy_tokens = self.argmax(logits)
+        greedy_rows = batch.temperature == 0
+        probs = self._probs(logits, batch)
         q = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, seed in batch.seeds or ():
             gen = torch.Generator(device=probs.device).manual_seed(seed)

@@ -43,6 +43,7 @@ from tessellm.core.in_flight import InFlightSteps
 from tessellm.core.request import Request, RequestStatus
 from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,  # noqa: F401
                                 SchedulerOutput)
+from tessellm.spec_decode.metrics import SpecDecodeStats
 
 
 @dataclass
@@ -53,6 +54,9 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True  # split prompts longer than the step's budget
     pipeline_parallel_size: int = 1  # > 1: cached requests carry their new token ids
     async_scheduling: bool = False  # schedule requests in flight one step ahead (see above)
+    # Speculative decoding: KV slots kept allocated past a request's computed tokens, for a
+    # draft model's K/V of its own drafts (tessellm.spec_decode; 0 for n-gram and replay).
+    num_lookahead_tokens: int = 0
 
 
 @dataclass
@@ -63,6 +67,7 @@ class SchedulerStats:
     num_preemptions_total: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    spec_decode: Optional[SpecDecodeStats] = None  # totals since start; None: no speculation
 
 
 def check_prompt_fits(num_tokens: int, max_model_len: int, kv_capacity_tokens: int) -> None:
@@ -89,6 +94,7 @@ class Scheduler:
         self.preempted_ids: set[str] = set()  # preempted while building the current step
         self.finished_outputs: list[EngineCoreOutput] = []  # ended in schedule(), see below
         self.num_preemptions_total = 0
+        self.spec_stats = SpecDecodeStats()  # speculative decoding totals (vLLM's meanings)
         self.in_flight = InFlightSteps()  # steps scheduled whose results are not back yet
         self.num_scheduled_tokens_total = 0  # over all steps: the metrics' per-step token counts
 
@@ -138,7 +144,8 @@ class Scheduler:
             drafts = self._drafts(req, num_new, budget)
             num_new += len(drafts)
             ahead = self.in_flight.tokens_ahead(req.request_id)  # scheduled, after the computed ones
-            new_block_ids = self.kv.allocate(req, ahead + num_new)
+            lookahead = self.config.num_lookahead_tokens
+            new_block_ids = self.kv.allocate(req, ahead + num_new + lookahead)
             while new_block_ids is None:
                 j = self._victim_index(i)  # the newest request after req that may be preempted
                 if j == i and len(self.running) == 1:
@@ -151,7 +158,7 @@ class Scheduler:
                 preempted += 1
                 if victim is req:
                     break
-                new_block_ids = self.kv.allocate(req, ahead + num_new)
+                new_block_ids = self.kv.allocate(req, ahead + num_new + lookahead)
             if new_block_ids is None:
                 break  # req itself was preempted or finished; everything after it already was
             start = req.num_computed_tokens + ahead
@@ -216,7 +223,7 @@ class Scheduler:
             if num_new == 0:
                 skipped.append(req)
                 break
-            block_ids = self.kv.allocate(req, num_new, prefix)
+            block_ids = self.kv.allocate(req, num_new + self.config.num_lookahead_tokens, prefix)
             if block_ids is None and not self.running:
                 self._finish_outgrown(req)  # nothing else holds blocks: it can never fit
                 continue
@@ -272,6 +279,8 @@ class Scheduler:
         drafts = req.spec_token_ids
         if not drafts or num_new != 1 or req.num_computed_tokens != req.num_tokens - 1:
             return []
+        if req.grammar is not None or req.sampling_params.needs_penalties:
+            return []  # masks and penalties per row would need the drafts' states: plain decode
         if self.config.async_scheduling or self.config.pipeline_parallel_size > 1:
             return []
         room = min(budget - num_new, self.config.max_model_len - req.num_tokens)
@@ -338,10 +347,13 @@ class Scheduler:
                 rejected = num_drafts - (len(new_tokens) - 1)
             req.num_computed_tokens += num - rejected
             if rejected:
-                self.kv.truncate(req, req.num_computed_tokens)
+                self.kv.truncate(req, req.num_computed_tokens + self.config.num_lookahead_tokens)
             self.kv.publish_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
             if not new_tokens:
                 continue
+            if num_drafts:
+                self.spec_stats.observe(num_drafts, len(new_tokens) - 1)
+            req.spec_token_ids = result.spec_token_ids.get(rid, [])
             outputs.append(self._append(req, new_tokens, result))
         return outputs
 
@@ -396,5 +408,6 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
-                              self.num_preemptions_total, self.kv.stats.queries, self.kv.stats.hits)
+                              self.num_preemptions_total, self.kv.stats.queries, self.kv.stats.hits,
+                              self.spec_stats.copy() if self.spec_stats.num_drafts else None)
 

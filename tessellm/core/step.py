@@ -108,6 +108,9 @@ class ModelRunnerOutput:
     sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list] = field(default_factory=dict)  # per accepted token (id, lp, rank, top)
     prompt_logprobs: dict[str, list] = field(default_factory=dict)  # per prompt position, first None
+    # Speculative decoding: request id -> draft tokens the proposer made for the next step
+    # (the scheduler puts them in Request.spec_token_ids). Absent: none.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 # -- field-by-name encoding helpers (the codecs: tessellm.distributed.codec, engine_process) --

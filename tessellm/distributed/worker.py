@@ -84,11 +84,16 @@ class Worker:
             eager = args.enforce_eager or self.backend.emulated  # no device graphs on the host
             graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, eager,
                                                                    dtype=self.dtype))
+        from tessellm.spec_decode.runner_part import build_spec_decode
+
+        spec = build_spec_decode(args, model, kernel, self.backend, self.device, self.dtype,
+                                 self.max_model_len, config.vocab_size, self.tp, registry)
         self.runner = ModelRunner(model, kernel, self.backend, self.device, args.block_size,
                                   config.vocab_size, tuple(generation_eos_ids(source)), args.seed,
                                   self.max_model_len, graphs, pp=self.pp, dtype=self.dtype,
                                   logits_ops=registry.provider("tessellm_logits_ops", self.backend,
-                                                               LogitsOpsSpec(torch.float32))[0])
+                                                               LogitsOpsSpec(torch.float32))[0],
+                                  spec=spec)
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
         logger.info("Rank %d: loaded %s on %s (backend %s) in %.1fs", rank, source.path,
                     self.device, self.backend.name, time.perf_counter() - t0)

@@ -13,6 +13,7 @@ and the server's ``served_model_name`` / ``chat_template``) are left out.
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 from typing import Optional
 
@@ -46,6 +47,9 @@ HELP = {
     "async_scheduling": "schedule step N+1 while step N runs (default: on for GPUs, off on the cpu)",
     "kernel_warmup": "run every kernel variant serving can hit before ready "
                      "(default: on when serving, off for LLM(...) and the benches)",
+    "speculative_config": "speculative decoding as JSON, e.g. '{\"method\": \"ngram\", "
+                          "\"num_speculative_tokens\": 3}' (methods: ngram, draft_model, eagle, eagle3, "
+                          "replay; docs/speculative_decoding.md)",
     "emulate": "run --device's backend on CPU tensors, its device absent (log lines and "
                "/version say emulated; for plugin authors and the CI lanes)",
 }
@@ -107,6 +111,8 @@ def engine_flags(args: EngineArgs) -> list[str]:
         flag = f"--{f.name.replace('_', '-')}"
         if isinstance(value, bool):
             out.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, (dict, list)):
+            out += [flag, json.dumps(value)]
         else:
             out += [flag, str(value)]
     return out

@@ -141,6 +141,10 @@ class LlamaForCausalLM(nn.Module):
         self.pp = ctx.pp
         vocab, hidden = config.vocab_size, config.hidden_size
         self.start_layer, self.end_layer = ctx.pp.layer_range(config.num_hidden_layers)
+        # Speculative decoding (EAGLE-3) sets layer indices whose inputs each forward keeps in
+        # ``aux_hidden_states`` (once, at start-up); empty: none kept.
+        self.aux_hidden_layers: tuple[int, ...] = ()
+        self.aux_hidden_states: list[torch.Tensor] = []
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if ctx.pp.is_first:
             self.embed_tokens = VocabParallelEmbedding(vocab, hidden, ctx.tp)
@@ -176,7 +180,12 @@ class LlamaForCausalLM(nn.Module):
             hidden, residual = self.embed_tokens(input_ids), None
         else:
             hidden, residual = intermediate
+        aux = self.aux_hidden_layers
+        if aux:  # EAGLE-3: the residual stream entering these layers (tessellm.spec_decode)
+            self.aux_hidden_states = []
         for i in range(self.start_layer, self.end_layer):
+            if aux and i in aux:
+                self.aux_hidden_states.append(hidden if residual is None else hidden + residual)
             hidden, residual = self.layers[i](positions, hidden, residual, metadata)
         if not self.pp.is_last:
             return hidden, residual

@@ -1,0 +1,126 @@
+"""n-gram (prompt lookup) proposer: drafts the tokens that followed the latest earlier
+occurrence of the request's own suffix, in its prompt + output. No model.
+
+Vectorised over the batch: the histories live in one persistent int32 array (a row per
+request, the runner's block-table row), appended with each step's accepted tokens; the search
+runs on a ``[B, W]`` slice of it (``W`` the longest history) with numpy, one pass per n-gram
+length, no Python loop per request::
+
+    history:  a b c d e b c d      (L = 8, suffix "b c d", n = 3)
+    E_1:      . . . X . . . X      columns equal to the last token (d)
+    E_2:      . . . X . . . X      ... and the token before equal to the one before it (c)
+    E_3:      . . . X . . . X      ... (b); valid ends j <= L - 2 -> j = 3
+    drafts:   e b c ...            the k tokens after j (at most up to the end)
+
+The longest n in [prompt_lookup_min, prompt_lookup_max] with a match wins; among its matches
+the latest (most recent) one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tessellm.spec_decode.proposer import Proposal, ProposeInput, Proposer, ProposerContext
+
+
+class NgramProposer(Proposer):
+    def __init__(self, ctx: ProposerContext):
+        super().__init__(ctx)
+        self.k = self.config.num_speculative_tokens
+        self.nmin = self.config.prompt_lookup_min
+        self.nmax = self.config.prompt_lookup_max
+        self.history = NgramHistory(ctx.max_model_len + self.k + 1)
+
+    def propose(self, inp: ProposeInput) -> Proposal:
+        self.history.update(inp)
+        out = Proposal()
+        if inp.max_drafts <= 0:
+            return out
+        ids = [rid for rid in inp.order if rid in inp.sampled]
+        if not ids:
+            return out
+        rows = np.fromiter((self.history.row_of[rid] for rid in ids), dtype=np.int64, count=len(ids))
+        drafts, counts = propose_ngram(self.history.tokens, self.history.lens, rows, self.nmin,
+                                       self.nmax, min(self.k, inp.max_drafts))
+        for i in np.flatnonzero(counts):
+            out.token_ids[ids[i]] = drafts[i, :counts[i]].tolist()
+        return out
+
+    def remove_requests(self, request_ids) -> None:
+        self.history.remove(request_ids)
+
+
+class NgramHistory:
+    """Each request's tokens (prompt + accepted output) in a row of one int32 array."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.tokens = np.zeros((8, width), dtype=np.int32)
+        self.lens = np.zeros(8, dtype=np.int64)
+        self.row_of: dict[str, int] = {}
+        self.free_rows: list[int] = list(range(7, -1, -1))
+
+    def update(self, inp: ProposeInput) -> None:
+        """Take in the step's accepted tokens (a new request: its whole history, once)."""
+        for rid, state in zip(inp.order, inp.states):
+            row = self.row_of.get(rid)
+            if row is None:
+                row = self._add(rid)
+                n = len(state.token_ids)
+                self.tokens[row, :n] = state.token_ids
+                self.lens[row] = n
+                continue
+            new = inp.sampled.get(rid)
+            if new:
+                n = int(self.lens[row])
+                self.tokens[row, n:n + len(new)] = new
+                self.lens[row] = n + len(new)
+
+    def _add(self, rid: str) -> int:
+        if not self.free_rows:
+            old = self.tokens.shape[0]
+            self.tokens = np.concatenate([self.tokens, np.zeros_like(self.tokens)])
+            self.lens = np.concatenate([self.lens, np.zeros_like(self.lens)])
+            self.free_rows = list(range(2 * old - 1, old - 1, -1))
+        row = self.free_rows.pop()
+        self.row_of[rid] = row
+        return row
+
+    def remove(self, request_ids) -> None:
+        for rid in request_ids:
+            row = self.row_of.pop(rid, None)
+            if row is not None:
+                self.lens[row] = 0
+                self.free_rows.append(row)
+
+
+def propose_ngram(tokens: np.ndarray, lens: np.ndarray, rows: np.ndarray, nmin: int, nmax: int,
+                  k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Drafts ``[B, k]`` and their counts ``[B]`` (0: no match) for the histories
+    ``tokens[rows, :lens[rows]]`` (see the module docstring)."""
+    length = lens[rows]
+    width = int(length.max()) if len(rows) else 0
+    hist = tokens[rows, :width]  # [B, W], a copy
+    b = np.arange(len(rows))
+    cols = np.arange(width)
+    ends_ok = cols[None, :] <= (length - 2)[:, None]  # a token follows the match; not the suffix
+    match = hist == hist[b, np.maximum(length - 1, 0)][:, None]
+    best = np.full(len(rows), -1, dtype=np.int64)
+    for n in range(1, nmax + 1):
+        if n > 1:
+            prev = hist[b, np.maximum(length - n, 0)]  # the suffix's n-th token from the end
+            match[:, n - 1:] &= hist[:, :width - n + 1] == prev[:, None]
+            match[:, :n - 1] = False
+        if n < nmin:
+            continue
+        valid = match & ends_ok & (length >= n + 1)[:, None]
+        found = valid.any(axis=1)
+        if not found.any():
+            break  # no longer n-gram can match where this one did not
+        last = width - 1 - np.argmax(valid[:, ::-1], axis=1)
+        best = np.where(found, last, best)
+    start = best + 1
+    counts = np.where(best >= 0, np.minimum(k, length - start), 0)
+    idx = np.minimum(start[:, None] + np.arange(k)[None, :], max(width - 1, 0))
+    drafts = hist[b[:, None], idx] if width else np.zeros((len(rows), k), dtype=np.int32)
+    return drafts, counts

@@ -1,0 +1,116 @@
+"""The model runner's speculative part: calls the proposer after each step and prepares the
+verification of drafts that carry a draft distribution.
+
+Owned by ``ModelRunner`` (``runner.spec``, None without speculation). Per step::
+
+    execute_async:  drop(sched)                        finished / preempted -> proposer forgets
+                    forward -> keep(...)               device tensors, when the proposer wants them
+                    verify_rows(...)                   draft ids / q per sampled row, or None
+                    record(handle, ...)                what propose() will need
+    collect:        propose(handle)                    -> out.spec_token_ids, draft probs kept
+    (a step that sampled nothing proposes at once: a draft model still fills its KV cache)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from tessellm.spec_decode.config import SpeculativeConfig
+from tessellm.spec_decode.proposer import ProposeInput, Proposer, StepTensors
+
+
+@dataclass
+class PendingProposal:
+    """What a launched step leaves for its proposer (read once the step resolves)."""
+
+    order: list[str]
+    states: list
+    counts: list[int]
+    verified: dict[str, list[int]]
+    tensors: Optional[StepTensors]
+
+
+class SpecDecodeRunner:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer):
+        self.config = config
+        self.proposer = proposer
+        self.num_lookahead_tokens = config.num_lookahead_tokens
+
+    @property
+    def wants_tensors(self) -> bool:
+        p = self.proposer
+        return p.needs_step_tensors or p.needs_hidden_states or bool(p.aux_hidden_layers)
+
+    def attention_layers(self) -> list:
+        return self.proposer.attention_layers()
+
+    def drop(self, sched) -> None:
+        if sched.dropped_request_ids:
+            self.proposer.remove_requests(sched.dropped_request_ids)
+
+    def record(self, handle, order, states, counts, sched, tensors: Optional[StepTensors]) -> None:
+        if tensors is not None and handle.sampled is not None:
+            tensors.sampled_token_ids = handle.sampled.token_ids
+        handle.pending_proposal = PendingProposal(list(order), list(states), list(counts),
+                                                  sched.spec_token_ids, tensors)
+
+    def propose(self, handle) -> None:
+        """Draft for the next step from a resolved step; the drafts go out with its output."""
+        pending = getattr(handle, "pending_proposal", None)
+        if pending is None:
+            return
+        handle.pending_proposal = None
+        out = handle.out
+        inp = ProposeInput(pending.order, pending.states, pending.counts, out.sampled,
+                           pending.verified, self.config.num_drafts(len(pending.order)), pending.tensors)
+        proposal = self.proposer.propose(inp)
+        for rid, drafts in proposal.token_ids.items():
+            if drafts and rid in out.sampled:
+                out.spec_token_ids[rid] = list(drafts)
+        by_id = {st.request_id: st for st in pending.states}
+        for rid, probs in proposal.draft_probs.items():
+            if rid in out.spec_token_ids:
+                by_id[rid].draft_probs = probs
+
+    def verify_rows(self, sampling_states, starts, vocab: int, device: torch.device):
+        """(draft ids [R], draft probs [R, V], has probs [R]) for a step in which some request
+        verifies drafts with a draft distribution; None when every draft is a point mass (the
+        runner's sample-and-match is then exactly this rejection sampler with one-hot q)."""
+        if not any(st.draft_probs is not None and st.spec_token_ids for st in sampling_states):
+            return None
+        num_rows = starts[-1]
+        ids = torch.full((num_rows,), -1, dtype=torch.int64)
+        has = torch.zeros(num_rows, dtype=torch.bool)
+        probs = torch.zeros(num_rows, vocab, dtype=torch.float32, device=device)
+        for i, st in enumerate(sampling_states):
+            k = starts[i + 1] - starts[i] - 1
+            if k <= 0:
+                continue
+            ids[starts[i]:starts[i] + k] = torch.tensor(st.spec_token_ids[:k])
+            if st.draft_probs is not None:
+                probs[starts[i]:starts[i] + k] = st.draft_probs[:k].to(device, torch.float32)
+                has[starts[i]:starts[i] + k] = True
+        for st in sampling_states:
+            st.draft_probs = None  # used once
+        return ids.to(device), probs, has.to(device)
+
+
+def build_spec_decode(args, model, kernel, backend, device, dtype, max_model_len: int,
+                      vocab_size: int, tp=None, registry=None) -> Optional[SpecDecodeRunner]:
+    """The runner's speculative part for ``args.speculative_config`` (None when unset): the
+    proposer built and loaded in this worker; the target told which layers' inputs to keep."""
+    from tessellm.spec_decode.config import parse_speculative_config
+    from tessellm.spec_decode.proposer import ProposerContext, make_proposer
+
+    config = parse_speculative_config(args.speculative_config)
+    if config is None:
+        return None
+    ctx = ProposerContext(config, model, kernel, backend, device, dtype, args.block_size,
+                          max_model_len, vocab_size, args.max_num_seqs, tp, registry, args)
+    proposer = make_proposer(ctx)
+    if proposer.aux_hidden_layers:
+        model.aux_hidden_layers = tuple(proposer.aux_hidden_layers)
+    return SpecDecodeRunner(config, proposer)

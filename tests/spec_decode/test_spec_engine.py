@@ -1,0 +1,109 @@
+"""Speculative decoding inside the engine (cpu backend, tiny random Llama): greedy tokens with
+n-gram and replay drafts equal those without speculation for a mixed batch (chunked prefill,
+several lengths), and preemption, prefix-cache hits and an abort mid-speculation give every
+KV block back."""
+
+from __future__ import annotations
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tessellm.core.engine_core import EngineCoreRequest
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 11], [7, 7, 7, 12, 30], list(range(10, 60)), [1, 2, 3, 1, 2, 3, 1, 2],
+           [300, 301, 302, 303, 300, 301]]
+MAX_TOKENS = [16, 12, 16, 10, 14]
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+def _params():
+    return [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in MAX_TOKENS]
+
+
+def _generate(llm, prompts=PROMPTS):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], _params(), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def want(model):
+    llm = LLM(model, device="cpu", dtype="float32", block_size=4, num_kv_blocks=256, seed=0)
+    try:
+        yield _generate(llm)
+    finally:
+        llm.shutdown()
+
+
+def _spec_llm(model, config, **kw):
+    kw = {"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 32, **kw}
+    return LLM(model, device="cpu", dtype="float32", seed=0, speculative_config=config, **kw)
+
+
+def test_ngram_greedy_equals_plain_with_prefix_hits(model, want):
+    llm = _spec_llm(model, NGRAM)
+    core = llm.engine.core
+    try:
+        assert _generate(llm) == want
+        stats = core.scheduler.spec_stats
+        assert stats.num_drafts > 0 and 0 < stats.num_accepted_tokens <= stats.num_draft_tokens
+        assert core.kv.num_free_blocks == core.kv.num_blocks
+        hits = core.kv.stats.hits
+        assert _generate(llm) == want  # the same prompts again: prefix-cache hits
+        assert core.kv.stats.hits > hits
+        assert core.kv.num_free_blocks == core.kv.num_blocks
+    finally:
+        llm.shutdown()
+
+
+def test_replay_greedy_equals_plain_and_accepts_everything(model, want):
+    records = [{"prompt_token_ids": p, "output_token_ids": w} for p, w in zip(PROMPTS, want)]
+    llm = _spec_llm(model, {"method": "replay", "num_speculative_tokens": 4, "replay_records": records})
+    try:
+        assert _generate(llm) == want
+        stats = llm.engine.core.scheduler.spec_stats
+        assert stats.num_accepted_tokens == stats.num_draft_tokens > 0
+        assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
+    finally:
+        llm.shutdown()
+
+
+def test_preemption_and_load_policy(model, want):
+    """Blocks for about one request at a time (preemptions), and speculation off while three or
+    more requests run."""
+    llm = _spec_llm(model, {**NGRAM, "disable_by_batch_size": 3}, num_kv_blocks=20,
+                    max_num_batched_tokens=16)
+    core = llm.engine.core
+    try:
+        assert _generate(llm) == want
+        assert core.scheduler.num_preemptions_total > 0 and core.scheduler.spec_stats.num_drafts > 0
+        assert core.kv.num_free_blocks == core.kv.num_blocks
+    finally:
+        llm.shutdown()
+
+
+def test_abort_mid_speculation_frees_every_block(model):
+    llm = _spec_llm(model, NGRAM)
+    core = llm.engine.core
+    try:
+        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        for i, p in enumerate(PROMPTS):
+            core.add_request(EngineCoreRequest(f"r{i}", p, params, 0.0))
+        while core.scheduler.spec_stats.num_drafts < 3:
+            core.step()
+        drafting = [r for r in core.scheduler.running if r.spec_token_ids]
+        assert drafting, "some request holds drafts for the next step"
+        core.abort_requests([drafting[0].request_id, "r0"])
+        core.step()  # verifies the others' drafts; the runner drops the aborted ones
+        core.abort_requests([r.request_id for r in list(core.scheduler.running)])
+        while core.has_unfinished_requests():
+            core.step()
+        assert core.kv.num_free_blocks == core.kv.num_blocks
+    finally:
+        llm.shutdown()
+
+
