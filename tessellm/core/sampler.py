@@ -124,7 +124,7 @@ class Sampler:
     def target_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """float32 [B, V]: the distribution each row samples from (greedy rows: a point mass)."""
         logits = self._edit_logits(logits.float().clone(), batch)
-        greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+        greedy = torch.nn.functional.one_hot(self.argmax(logits), logits.shape[-1]).float()
         if batch.all_greedy:
             return greedy
         return torch.where((batch.temperature == 0)[:, None], greedy, self._probs(logits, batch))
