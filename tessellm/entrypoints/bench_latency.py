@@ -33,7 +33,8 @@ def run(args) -> int:
               "graphs": core.executor.worker_info[0]["graphs"],
               "async_scheduling": core.async_scheduling,
               "tensor_parallel_size": args.tensor_parallel_size,
-              "pipeline_parallel_size": args.pipeline_parallel_size}
+              "pipeline_parallel_size": args.pipeline_parallel_size,
+              "spec_decode": core.scheduler.spec_stats.as_dict() if args.speculative_config else None}
     print(json.dumps(result, indent=2))
     if args.output_json:
         with open(args.output_json, "w") as f:

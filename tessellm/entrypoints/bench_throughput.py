@@ -109,7 +109,14 @@ def run_tessellm(args) -> dict:
                                           "tensor_parallel_size": args.tensor_parallel_size,
                                           "pipeline_parallel_size": args.pipeline_parallel_size,
                                           "num_kv_blocks": core.info.num_kv_blocks,
-                                          "preemptions": core.scheduler.num_preemptions_total})
+                                          "preemptions": core.scheduler.num_preemptions_total,
+                                          "spec_decode": _spec_decode(core)})
+
+
+def _spec_decode(core):
+    """Speculative decoding counters (tessellm.spec_decode.metrics), None when it is off."""
+    stats = core.scheduler.spec_stats
+    return stats.as_dict() if stats.num_drafts else None
 
 
 def run_hf(args) -> dict:

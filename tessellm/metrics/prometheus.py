@@ -13,6 +13,8 @@ process. Every metric is labelled ``model_name`` (the served model name).
 
 from __future__ import annotations
 
+from typing import Optional
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -101,9 +103,36 @@ class EngineMetrics:
         self.compilations = self._child(Gauge, "triton_compilations_after_ready", "Triton JIT "
                                         "compilations in the engine core since warm-up ended "
                                         "(should stay 0; tessellm.metrics.compile_counter).")
+        self._add_spec_decode_metrics()
         self.iteration_tokens = self._child(Histogram, "iteration_tokens_total", "Tokens computed "
                                             "per engine step (prefill chunks plus decodes).",
                                             buckets=ITERATION_TOKEN_BUCKETS)
+
+    def _add_spec_decode_metrics(self) -> None:
+        """Speculative decoding, with vLLM's meanings (tessellm.spec_decode.metrics)."""
+        self.spec_drafts = _CumulativeCounter(self._child(
+            Counter, "spec_decode_num_drafts_total", "Speculative verifications (a request "
+            "verifying k >= 1 draft tokens in a step counts once)."))
+        self.spec_draft_tokens = _CumulativeCounter(self._child(
+            Counter, "spec_decode_num_draft_tokens_total", "Draft tokens verified."))
+        self.spec_accepted = _CumulativeCounter(self._child(
+            Counter, "spec_decode_num_accepted_tokens_total", "Draft tokens accepted."))
+        self.spec_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos_total",
+                                    "Verifications whose draft at this position (0-based) was "
+                                    "accepted.", ["model_name", "position"], registry=self.registry)
+        self._spec_per_pos: dict[int, _CumulativeCounter] = {}
+
+    def _observe_spec_decode(self, spec: Optional[dict]) -> None:
+        if not spec:
+            return
+        self.spec_drafts.update(spec["num_drafts"])
+        self.spec_draft_tokens.update(spec["num_draft_tokens"])
+        self.spec_accepted.update(spec["num_accepted_tokens"])
+        for pos, total in enumerate(spec["accepted_per_pos"]):
+            if pos not in self._spec_per_pos:
+                self._spec_per_pos[pos] = _CumulativeCounter(
+                    self.spec_per_pos.labels(model_name=self.model_name, position=str(pos)))
+            self._spec_per_pos[pos].update(total)
 
     def _add_request_metrics(self, token_buckets: tuple[float, ...]) -> None:
         """What the front end measures from the outputs (``IterationStats``)."""
@@ -142,6 +171,7 @@ class EngineMetrics:
         self.prefix_queries.update(stats.prefix_cache_queries)
         self.prefix_hits.update(stats.prefix_cache_hits)
         self.compilations.set(stats.triton_compilations_after_ready)
+        self._observe_spec_decode(stats.spec_decode)
         for n in stats.step_num_tokens:
             self.iteration_tokens.observe(n)
         if stats.device_memory_used_bytes is not None:

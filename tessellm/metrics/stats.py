@@ -38,6 +38,9 @@ class EngineStats:
     device_memory_total_bytes: Optional[int] = None
     # Triton JIT compilations in the core process since it said ready (warm-up should leave 0).
     triton_compilations_after_ready: int = 0
+    # Speculative decoding totals since start (tessellm.spec_decode.metrics.SpecDecodeStats as a
+    # dict: num_drafts, num_draft_tokens, num_accepted_tokens, accepted_per_pos); None: off.
+    spec_decode: Optional[dict] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineStats":

@@ -20,6 +20,7 @@ NON_DEFAULT = {
     "enforce_eager": True, "tokenizer": "/tmp/tok", "kv_cache_dtype": "fp8", "quantization": "int8",
     "tensor_parallel_size": 2, "pipeline_parallel_size": 2, "distributed_executor_backend": "ray",
     "async_scheduling": True, "kernel_warmup": False, "emulate": True,
+    "speculative_config": '{"method": "ngram", "num_speculative_tokens": 2}',
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],

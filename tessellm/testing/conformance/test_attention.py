@@ -21,6 +21,9 @@ BATCHES = {
     "decode": ([1, 1, 1, 1], [0, 5, 17, 40]),
     "prefill": ([7, 16, 1], [0, 0, 0]),
     "mixed": ([1, 1, 9, 4, 20], [12, 40, 0, 21, 3]),
+    # Speculative decoding's verify step: a few query tokens (last token + k drafts) per sequence
+    # over a long cached context, next to plain decodes (tessellm.spec_decode).
+    "verify": ([1, 4, 4, 2, 8], [30, 12, 47, 63, 100]),
 }
 
 
@@ -56,7 +59,7 @@ def test_attention_matches_reference_float32(target, shape, batch):
     _check(target, _kernel(target, spec), step, torch.float32)
 
 
-@pytest.mark.parametrize("batch", ["decode", "mixed"])
+@pytest.mark.parametrize("batch", ["decode", "mixed", "verify"])
 def test_attention_matches_reference_low_precision(target, batch):
     dtype = target.low_precision_dtype
     spec = AttentionSpec(num_heads=8, num_kv_heads=2, head_size=64, dtype=dtype, block_size=16,
