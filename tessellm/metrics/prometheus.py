@@ -121,6 +121,13 @@ class EngineMetrics:
                                     "Verifications whose draft at this position (0-based) was "
                                     "accepted.", ["model_name", "position"], registry=self.registry)
         self._spec_per_pos: dict[int, _CumulativeCounter] = {}
+        self._spec_position(0)  # exported at zero from the start, as the other counters
+
+    def _spec_position(self, pos: int) -> _CumulativeCounter:
+        if pos not in self._spec_per_pos:
+            self._spec_per_pos[pos] = _CumulativeCounter(
+                self.spec_per_pos.labels(model_name=self.model_name, position=str(pos)))
+        return self._spec_per_pos[pos]
 
     def _observe_spec_decode(self, spec: Optional[dict]) -> None:
         if not spec:
@@ -129,10 +136,7 @@ class EngineMetrics:
         self.spec_draft_tokens.update(spec["num_draft_tokens"])
         self.spec_accepted.update(spec["num_accepted_tokens"])
         for pos, total in enumerate(spec["accepted_per_pos"]):
-            if pos not in self._spec_per_pos:
-                self._spec_per_pos[pos] = _CumulativeCounter(
-                    self.spec_per_pos.labels(model_name=self.model_name, position=str(pos)))
-            self._spec_per_pos[pos].update(total)
+            self._spec_position(pos).update(total)
 
     def _add_request_metrics(self, token_buckets: tuple[float, ...]) -> None:
         """What the front end measures from the outputs (``IterationStats``)."""
