@@ -16,6 +16,28 @@ from tessellm.kernels.attention.common import (
 
 
 @triton.jit
+def _attend_keys(q, acc, m_i, l_i, lo, hi, k_cache_ptr, v_cache_ptr, bt_ptr, kvh, qk_scale, q_pos,
+                 window, stride_cb, stride_ct, stride_ch, HEAD_SIZE: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, APPLY_MASK: tl.constexpr,
+                 FP8_PTX: tl.constexpr):
+    """Keys ``lo .. hi - 1`` in BLOCK_N tiles; CAUSAL masks keys past each row's position (the
+    diagonal tiles), USE_WINDOW keys before its sliding window; APPLY_MASK when either is set."""
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        mask = n_ok[None, :]
+        if CAUSAL:
+            mask = mask & (n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            mask = mask & (n[None, :] > q_pos[:, None] - window)
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
+                                     mask, kvh, qk_scale, stride_cb, stride_ct, stride_ch,
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, APPLY_MASK, FP8_PTX)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
                     seq_offset, scale_log2, v_scale, window,
@@ -59,24 +81,14 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     #   keys:  lo ...... mid ..... hi      (mid - lo: whole BLOCK_N tiles)
     #          no mask   | causal mask
     mid = lo + (ctx_len + qb * BLOCK_Q + 1 - lo) // BLOCK_N * BLOCK_N
-    for n0 in range(lo, mid, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < mid
-        mask = n_ok[None, :]
-        if USE_WINDOW:
-            mask = mask & (n[None, :] > q_pos[:, None] - window)
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
-                                     mask, kvh, qk_scale, stride_cb, stride_ct, stride_ch,
-                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, USE_WINDOW, FP8_PTX)
-    for n0 in range(mid, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < hi
-        mask = (n[None, :] <= q_pos[:, None]) & n_ok[None, :]
-        if USE_WINDOW:
-            mask = mask & (n[None, :] > q_pos[:, None] - window)
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
-                                     mask, kvh, qk_scale, stride_cb, stride_ct, stride_ch,
-                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True, FP8_PTX)
+    acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, lo, mid, k_cache_ptr, v_cache_ptr, bt_ptr, kvh,
+                                 qk_scale, q_pos, window, stride_cb, stride_ct, stride_ch,
+                                 HEAD_SIZE, BLOCK_SIZE, BLOCK_N, DOT_PREC, USE_WINDOW, False,
+                                 USE_WINDOW, FP8_PTX)
+    acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, mid, hi, k_cache_ptr, v_cache_ptr, bt_ptr, kvh,
+                                 qk_scale, q_pos, window, stride_cb, stride_ct, stride_ch,
+                                 HEAD_SIZE, BLOCK_SIZE, BLOCK_N, DOT_PREC, USE_WINDOW, True, True,
+                                 FP8_PTX)
     acc = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(out_ptr + (tok * stride_ot + head * stride_oh)[:, None] + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
