@@ -125,6 +125,13 @@ def _to_f32(t, PTX: tl.constexpr):
 
 
 @triton.jit
+def _k_split(pid_k, k_per_split, K, BLOCK_K: tl.constexpr):
+    """Split-K: this program's first K offset and its number of BLOCK_K steps."""
+    k_lo = pid_k * k_per_split
+    return k_lo, tl.cdiv(tl.minimum(k_per_split, K - k_lo), BLOCK_K)
+
+
+@triton.jit
 def _load_k(ptrs, koff, K, EVEN_K: tl.constexpr):
     """A tile at K offsets ``koff``; zeros past K."""
     if EVEN_K:
@@ -192,7 +199,7 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row = tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn
-    k_lo = pid_k * k_per_split
+    k_lo, steps = _k_split(pid_k, k_per_split, K, BLOCK_K)
     if CHUNK:
         j = tl.arange(0, BLOCK_K // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
         k_in = j[None, :, :]  # [1, BK / CHUNK, CHUNK]
@@ -207,7 +214,6 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
     x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm
     x2 = x_ptr + tl.minimum(2, M - 1) * stride_xm
     x3 = x_ptr + tl.minimum(3, M - 1) * stride_xm
-    steps = tl.cdiv(tl.minimum(k_per_split, K - k_lo), BLOCK_K)
     for i in tl.range(0, steps, num_stages=STAGES):
         koff = k_lo + i * BLOCK_K + k_in
         w = _load_k(w_rows + koff, koff, K, EVEN_K)
@@ -246,8 +252,7 @@ def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
     rm = tl.arange(0, BLOCK_M)
     w_rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn  # [BN, 1]
     x_rows = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * stride_xm  # [BM, 1]
-    k_lo = pid_k * k_per_split
-    steps = tl.cdiv(tl.minimum(k_per_split, K - k_lo), BLOCK_K)
+    k_lo, steps = _k_split(pid_k, k_per_split, K, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for i in tl.range(0, steps, num_stages=STAGES):
         koff = k_lo + i * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]

@@ -20,6 +20,7 @@ from tessellm.kernels.gemm.common import _interpreted, _num_sms
 from tessellm.kernels.gemm.gemv import (
     GemvConfig,
     _finish,
+    _k_split,
     _load_k,
     _ptx,
     _store_tile,
@@ -81,8 +82,7 @@ def _gemv_w8a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, s
     else:
         sx = tl.load(xs_ptr + rm, mask=rm < M, other=1.0)
     inv = 1.0 / sx
-    k_lo = pid_k * k_per_split
-    steps = tl.cdiv(tl.minimum(k_per_split, K - k_lo), BLOCK_K)
+    k_lo, steps = _k_split(pid_k, k_per_split, K, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for i in tl.range(0, steps, num_stages=STAGES):
         koff = k_lo + i * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
