@@ -50,7 +50,8 @@ class ModelRunner:
     def __init__(self, model, kernel, backend, device: torch.device, block_size: int,
                  vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
                  max_model_len: int = 2048, graph_runner=None, pp: Optional[PipelineStage] = None,
-                 dtype: torch.dtype = torch.float32, logits_ops=None, spec=None):
+                 dtype: torch.dtype = torch.float32, logits_ops=None, spec=None,
+                 verify_graph_factory=None):
         self.model = model
         self.pp = pp or PipelineStage()
         self.dtype = dtype  # of activations (hidden states sent between stages)
@@ -74,6 +75,9 @@ class ModelRunner:
         self.io = StageIO(self.pp, model, dtype, device)
         self.graph_runner = graph_runner  # replays captured pure-decode steps; None: eager
         self._step_tensors = None  # the last eager forward's tensors, for a proposer that wants them
+        # Speculative decoding: capture sizes -> a fresh graph runner, for the verify graphs.
+        self.verify_graph_factory = verify_graph_factory
+        self.verify_graphs = None  # tessellm.spec_decode.verify_graphs.VerifyGraphs once captured
         self._graphs_ready = False
 
     @property
@@ -209,6 +213,9 @@ class ModelRunner:
             if not num_rows:
                 return None
             return logits if rows is None else logits[rows]
+        bucket = self.verify_graphs.bucket(host, counts) if self.verify_graphs is not None else None
+        if bucket is not None:  # every request verifies k drafts: a captured verify step
+            return self.verify_graphs.run(host, *bucket, self.staging.to_device, self.staging.inputs_queued)
         ids, positions, attn, rows = self._eager_tensors(host, counts)
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens))
         if self.io.send(hidden):
@@ -260,7 +267,24 @@ class ModelRunner:
 
         with torch.inference_mode():
             self.graph_runner.capture(self._decode_step, make_inputs)
+            self._capture_verify_graphs()
         self._graphs_ready = True
+
+    def _capture_verify_graphs(self) -> None:
+        """Speculative decoding: graphs of the verify step (q = 2..k+1 tokens per sequence)."""
+        spec = self.spec
+        if spec is not None:
+            spec.proposer.capture_graphs()  # a draft model's own graphs (the target's are done)
+        if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
+            return
+        from tessellm.spec_decode.verify_graphs import VerifyGraphs, capture_sizes
+
+        sizes = capture_sizes(spec.max_num_seqs, spec.config.disable_by_batch_size)
+        if sizes:
+            self.verify_graphs = VerifyGraphs(self.model, self.kernel, self.device, self.max_model_len,
+                                              self.block_size, self.verify_graph_factory,
+                                              spec.config.num_speculative_tokens + 1, sizes)
+            self.verify_graphs.capture()
 
     def _decode_step(self, input_ids, positions, slot_mapping, seq_lens, block_tables):
         """The captured step: the graph's static buffers are its AttentionBatch (one query

@@ -93,7 +93,8 @@ class Worker:
                                   self.max_model_len, graphs, pp=self.pp, dtype=self.dtype,
                                   logits_ops=registry.provider("tessellm_logits_ops", self.backend,
                                                                LogitsOpsSpec(torch.float32))[0],
-                                  spec=spec)
+                                  spec=spec, verify_graph_factory=_verify_graph_factory(
+                                      registry, self.backend, graphs, self.dtype))
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
         logger.info("Rank %d: loaded %s on %s (backend %s) in %.1fs", rank, source.path,
                     self.device, self.backend.name, time.perf_counter() - t0)
@@ -190,6 +191,15 @@ class Worker:
         table = self._profiler.key_averages().table(sort_by=key, row_limit=row_limit)
         self._profiler = None
         return table
+
+
+def _verify_graph_factory(registry, backend, graphs, dtype):
+    """Speculative decoding's verify graphs: a fresh graph runner per query length, from the
+    same hook as the decode graphs (None when the decode step itself is not captured)."""
+    if graphs is None:
+        return None
+    return lambda sizes: registry.graph_runner(backend, GraphSpec(max(sizes), False,
+                                                                  capture_sizes=tuple(sizes), dtype=dtype))
 
 
 def _set_current_device(device: torch.device) -> None:

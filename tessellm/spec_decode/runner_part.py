@@ -34,9 +34,10 @@ class PendingProposal:
 
 
 class SpecDecodeRunner:
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer):
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_num_seqs: int = 256):
         self.config = config
         self.proposer = proposer
+        self.max_num_seqs = max_num_seqs
         self.num_lookahead_tokens = config.num_lookahead_tokens
 
     @property
@@ -113,4 +114,4 @@ def build_spec_decode(args, model, kernel, backend, device, dtype, max_model_len
     proposer = make_proposer(ctx)
     if proposer.aux_hidden_layers:
         model.aux_hidden_layers = tuple(proposer.aux_hidden_layers)
-    return SpecDecodeRunner(config, proposer)
+    return SpecDecodeRunner(config, proposer, args.max_num_seqs)

@@ -1,0 +1,107 @@
+"""Captured verify steps: every sequence verifies k drafts (q = k + 1 query tokens each), replayed
+from a graph per (q, batch bucket) like the decode graphs.
+
+A verify step at small batch is as memory-bound as a decode step, so eager per-layer launches
+would eat the gain. Inputs are shaped per sequence so the backend's graph runner (which keys
+on dim 0) buckets by sequences::
+
+    input_ids, positions, slot_mapping:  [S, q]   (flattened to S*q token rows inside)
+    seq_lens:                            [S]      padding sequences: q (they read block 0,
+    block_tables:                        [S, W]    write nothing: slot -1)
+    output logits:                       [S, q, vocab]
+
+The attention batch has no decodes: one prefill-with-context chunk of q tokens per sequence
+(``query_start_loc = arange(S + 1) * q``), the path the conformance suite checks ("verify").
+A step is replayed only when every request has q tokens and samples all q rows (no prompt
+logprobs, no async feed); anything else runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from tessellm.core.attention_batch import AttentionBatch
+
+logger = logging.getLogger(__name__)
+
+LADDER = (1, 2, 4, 8, 12, 16, 24, 32)
+
+
+def capture_sizes(max_num_seqs: int, disable_by_batch_size: int) -> tuple[int, ...]:
+    """Batch buckets worth a verify graph: below the load policy's cut-off (at most 32)."""
+    top = disable_by_batch_size - 1 if disable_by_batch_size else 32
+    return tuple(s for s in LADDER if s <= min(top, max_num_seqs))
+
+
+class VerifyGraphs:
+    def __init__(self, model, kernel, device: torch.device, max_model_len: int, block_size: int,
+                 make_runner: Callable[[tuple[int, ...]], object], max_q: int, sizes: tuple[int, ...]):
+        self.model = model
+        self.kernel = kernel
+        self.device = device
+        self.max_model_len = max_model_len
+        self.width = -(-max_model_len // block_size)
+        self.make_runner = make_runner  # capture sizes -> a fresh graph runner (or None)
+        self.max_q = max_q
+        self.sizes = tuple(sizes)
+        self.runners: dict[int, object] = {}  # q -> graph runner of its buckets
+        self._qsl: dict[int, torch.Tensor] = {}
+
+    def capture(self) -> None:
+        for q in range(2, self.max_q + 1):
+            runner = self.make_runner(self.sizes)
+            if runner is None:
+                return
+            self._qsl[q] = torch.arange(max(self.sizes) + 1, dtype=torch.int32, device=self.device) * q
+            runner.capture(self._step, lambda s, q=q: self._inputs(s, q))
+            self.runners[q] = runner
+        logger.info("Captured verify graphs for q = 2..%d, %d batch sizes each", self.max_q, len(self.sizes))
+
+    def _inputs(self, s: int, q: int) -> tuple:
+        dev = self.device
+        return (torch.zeros((s, q), dtype=torch.int64, device=dev),  # input ids
+                torch.arange(q, dtype=torch.int64, device=dev).repeat(s, 1),  # positions
+                torch.full((s, q), -1, dtype=torch.int64, device=dev),  # slots
+                torch.full((s,), q, dtype=torch.int32, device=dev),  # seq lens
+                torch.zeros((s, self.width), dtype=torch.int32, device=dev))  # tables
+
+    def _step(self, input_ids, positions, slot_mapping, seq_lens, block_tables):
+        s, q = input_ids.shape
+        batch = AttentionBatch(num_tokens=s * q, num_seqs=s, num_decodes=0,
+                               query_start_loc=self._qsl[q][:s + 1], seq_lens=seq_lens,
+                               block_tables=block_tables, slot_mapping=slot_mapping.reshape(-1),
+                               max_query_len=q, max_seq_len=self.max_model_len,
+                               query_start_loc_host=[], seq_lens_host=[])
+        hidden = self.model(input_ids.reshape(-1), positions.reshape(-1), self.kernel.build_metadata(batch))
+        return self.model.compute_logits(hidden).view(s, q, -1)
+
+    def bucket(self, host, counts: list[int]) -> Optional[tuple[int, int]]:
+        """(q, padded sequences) when this step can replay a verify graph, else None."""
+        q = counts[0]
+        if q not in self.runners or host.feed or host.any_prompt_logprobs:
+            return None
+        if any(n != q for n in counts) or host.logits_indices.shape[0] != host.num_tokens:
+            return None
+        padded = self.runners[q].padded_size(len(counts))
+        return None if padded is None else (q, padded)
+
+    def run(self, host, q: int, padded: int, to_device, queued) -> torch.Tensor:
+        """The logits [S * q, vocab] of every token row (all are sampled), through the graph."""
+        s = len(host.seq_lens)
+        ids = np.zeros((padded, q), dtype=np.int64)
+        positions = np.zeros((padded, q), dtype=np.int64)
+        slots = np.full((padded, q), -1, dtype=np.int64)
+        seq_lens = np.full(padded, q, dtype=np.int32)
+        table = np.zeros((padded, host.block_table.shape[1]), dtype=np.int32)
+        ids[:s] = host.input_ids.reshape(s, q)
+        positions[:s] = host.positions.reshape(s, q)
+        slots[:s] = host.slot_mapping.reshape(s, q)
+        seq_lens[:s] = host.seq_lens
+        table[:s] = host.block_table
+        inputs = [to_device(i, a) for i, a in enumerate((ids, positions, slots, seq_lens, table))]
+        queued()
+        return self.runners[q].run(inputs)[:s].reshape(s * q, -1)
