@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The second wave-2 device session (one H200, 2026-12-04), in two calls of under 10 minutes:
+#   PART=A  GPU tests of what landed (sampling argmax, LoRA ops, spec decode, the new families
+#          on cuda, cuda conformance), benchmarks/speed_device.sh (prefill attention vs SDPA,
+#          fused MoE, B1 bf16/fp8, MoE B1), and a fresh server's workload S at 16 req/s served
+#          twice (pass 1 cold after /ready, pass 2 warm: benchmarks/serve_ready.sh PASSES=2)
+#   PART=B  speculative decoding (benchmarks/spec_decode.sh), multi-LoRA (benchmarks/lora.sh),
+#          F with a JSON schema vs F (benchmarks/structured_output.sh)
+# Each step is time-boxed by an env variable (seconds; 0 skips it). Wheels for the server and
+# xgrammar travel in .whl/. Results: $OUT/log_<part>.txt and $OUT/results_<part>.tar.gz.
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
+PART=${PART:-A}
+R=$(mktemp -d)
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export SKIP_WHL=1  # the scripts below would install the same wheels again
+# step NAME SECONDS CMD...: CMD under a time limit; SECONDS 0 skips it.
+step() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(date -u +%T)";
+         [ "$secs" -gt 0 ] && timeout "$secs" "$@" 2>&1 | grep -v -E "^(INFO|DEBUG)" | tail -${TAIL:-60}; }
+{
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  echo "commit ${COMMIT:-$(git log -1 --format=%H 2>/dev/null)}"
+  if [ "$PART" = A ]; then
+    GPU_TESTS=$(ls tests/kernels/test_sampling_kernels.py tests/kernels/test_gemv.py \
+                   tests/kernels/test_lora*.py tests/models/test_cuda_families.py \
+                   tests/models/test_cuda_parity.py tests/spec_decode/test_*gpu*.py \
+                   tests/lora/test_*gpu*.py 2>/dev/null)
+    TAIL=25 step "gpu tests" ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider $GPU_TESTS
+    TAIL=12 step "cuda conformance" ${CONF_S:-90} python3 -m tessellm.testing --backend cuda -q
+    OUT=$R TAIL=80 step "speed (issue 22/24)" ${SPEED_S:-270} bash benchmarks/speed_device.sh
+    OUT=$R RUNS=${READY_RUNS:-cold16:16} PASSES=2 TAIL=20 step "ready means warm" ${READY_S:-200} \
+      bash benchmarks/serve_ready.sh
+  else
+    OUT=$R TAIL=80 step "speculative decoding" ${SPEC_S:-270} bash benchmarks/spec_decode.sh
+    [ -f benchmarks/lora.sh ] && OUT=$R TAIL=40 step "multi-LoRA" ${LORA_S:-200} bash benchmarks/lora.sh
+    OUT=$R TAIL=30 step "structured output" ${SO_S:-120} bash benchmarks/structured_output.sh
+  fi
+} 2>&1 | tee "$OUT/log_$PART.txt"
+tar -czf "$OUT/results_$PART.tar.gz" -C "$R" .
