@@ -23,12 +23,14 @@ import torch
 
 from tessellm import envs
 from tessellm.backends.plugin_checks import PluginError
+from tessellm.backends.reference.lora import ReferenceLoRAOps
 from tessellm.backends.reference.ops import ReferenceOps
 
 CHECKED_STEPS = 2  # attention: build_metadata calls (one per step) whose forwards are checked
 CHECKED_OP_CALLS = 8  # fused ops: calls of each op that are checked
 PROBE_ROWS = 4  # rows compared against the reference
 _REFERENCE = ReferenceOps()
+_REFERENCE_LORA = ReferenceLoRAOps()
 
 
 class _Checked:
@@ -231,6 +233,68 @@ class CheckedFusedOps(_Checked):
         return out
 
 
+class CheckedLoRAOps(_Checked):
+    """``LoRAOps`` whose first shrink/expand calls are checked against ``ReferenceLoRAOps`` on
+    their first rows (the slots of those rows come from the ``prepare`` that made ``meta``)."""
+
+    name = property(lambda self: self._inner.name)
+    supports_graph_capture = property(
+        lambda self: getattr(self._inner, "supports_graph_capture", False))
+
+    def __init__(self, ops, plugin: str, backend: str, always: bool):
+        super().__init__(ops, plugin, backend, "tessellm_lora_ops", always)
+        self._calls = {"shrink": 0, "expand": 0}
+        self._step = None  # (the plugin's meta, the reference meta of its first rows)
+
+    def prepare(self, token_slots, num_slots):
+        meta = self._inner.prepare(token_slots, num_slots)
+        self._step = None
+        if _probing(token_slots) and not _compiling():
+            head = token_slots[:PROBE_ROWS]
+            self._step = (meta, _REFERENCE_LORA.prepare(head, num_slots))
+        return meta
+
+    def _probe_meta(self, meta):
+        step = self._step
+        return step[1] if step is not None and step[0] is meta else None
+
+    def _tick(self, op: str) -> None:
+        self._calls[op] += 1
+        if all(n >= CHECKED_OP_CALLS for n in self._calls.values()):
+            self._uncheck("prepare", "shrink", "expand")
+
+    def shrink(self, x, lora_a, meta, out):
+        ref_meta = None if _compiling() else self._probe_meta(meta)
+        rows = None if ref_meta is None else x[:PROBE_ROWS].detach().clone()
+        shape, dtype = tuple(out.shape), out.dtype
+        got = self._inner.shrink(x, lora_a, meta, out)
+        if got is not None:
+            self._fail("shrink", "None (it writes out in place)", type(got).__name__)
+        self._tensor("shrink's out", out, shape, dtype, x.device)
+        if rows is not None:
+            want = torch.empty(len(rows), shape[1], dtype=dtype, device=out.device)
+            _REFERENCE_LORA.shrink(rows, lora_a, ref_meta, want)
+            self._close("shrink", out[:len(rows)], want, _rel(x.dtype),
+                        " (out[t] = lora_a[slot[t]] @ x[t], 0 for slot -1)")
+        self._tick("shrink")
+
+    def expand(self, buf, lora_b, meta, scaling, out, out_offset=0):
+        ref_meta = None if _compiling() else self._probe_meta(meta)
+        want = None
+        if ref_meta is not None:
+            want = out[:PROBE_ROWS].detach().clone()
+            _REFERENCE_LORA.expand(buf[:PROBE_ROWS], lora_b, ref_meta, scaling, want, out_offset)
+        shape, dtype = tuple(out.shape), out.dtype
+        got = self._inner.expand(buf, lora_b, meta, scaling, out, out_offset)
+        if got is not None:
+            self._fail("expand", "None (it adds into out in place)", type(got).__name__)
+        self._tensor("expand's out", out, shape, dtype, buf.device)
+        if want is not None:
+            self._close("expand", out[:len(want)], want, _rel(out.dtype),
+                        " (out[t, off:off+N] += scaling[s] * lora_b[s] @ buf[t], s = slot[t])")
+        self._tick("expand")
+
+
 def _rows(x: torch.Tensor) -> Optional[torch.Tensor]:
     """A copy of x's first rows for a reference check (None when probing is off here)."""
     if x.dim() < 2 or x.shape[0] == 0 or not _probing(x):
@@ -255,3 +319,9 @@ def checked_ops(ops, plugin: str, backend: str):
     if _unwrapped():
         return ops
     return CheckedFusedOps(ops, plugin, backend, envs.validate_plugins())
+
+
+def checked_lora_ops(ops, plugin: str, backend: str):
+    if _unwrapped():
+        return ops
+    return CheckedLoRAOps(ops, plugin, backend, envs.validate_plugins())

@@ -30,7 +30,7 @@ import pluggy
 
 from tessellm import envs
 from tessellm.backends import spec
-from tessellm.backends.checked import checked_kernel, checked_ops
+from tessellm.backends.checked import checked_kernel, checked_lora_ops, checked_ops
 from tessellm.backends.plugin_checks import (PluginError, api_required, check_backend,
                                              check_hook_names, check_no_wrappers, one_line,
                                              overrides, protocol_members, renamed)
@@ -325,6 +325,16 @@ class BackendRegistry:
         """The plugin's fused ops for ``backend`` (checked on first calls), or None."""
         ops, plugin = self.provider("tessellm_fused_ops", backend, ops_spec)
         return None if ops is None else checked_ops(ops, plugin, backend.name)
+
+    def lora_ops(self, backend: Backend, lora_spec: spec.LoRAOpsSpec):
+        """The plugin's batched LoRA ops for ``backend`` (checked on first calls), or the
+        pure-torch reference when no plugin answers."""
+        ops, plugin = self.provider("tessellm_lora_ops", backend, lora_spec)
+        if ops is None:
+            from tessellm.backends.reference.lora import ReferenceLoRAOps
+
+            return ReferenceLoRAOps()
+        return checked_lora_ops(ops, plugin, backend.name)
 
     def graph_runner(self, backend: Backend, graph_spec: spec.GraphSpec):
         return self.provider("tessellm_graph_runner", backend, graph_spec)[0]

@@ -21,7 +21,9 @@ History: 1 = the first published contract. 2 = ownership: a hook that answers fo
 another plugin registered must be declared in ``TESSELLM_OVERRIDES`` (below), and tessellm
 checks what kernels and ops return (``TESSELLM_VALIDATE_PLUGINS``). A version-1 plugin keeps
 working unchanged unless it answered for another plugin's backend; then the registry refuses
-that answer with one sentence saying to add ``TESSELLM_OVERRIDES``.
+that answer with one sentence saying to add ``TESSELLM_OVERRIDES``. 3 = ``tessellm_lora_ops``
+(batched multi-LoRA shrink/expand, ``LoRAOps``); plugins of versions 1 and 2 keep working (the
+engine falls back to the pure-torch reference for LoRA).
 
 Ownership
 ---------
@@ -58,7 +60,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 2
+TESSELLM_PLUGIN_API = 3
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -459,6 +461,69 @@ class LogitsOps(Protocol):
     def apply_token_bitmask(self, logits, bitmask, indices=None) -> None: ...
 
 
+# ---------------------------------------------------------------------------------------------
+# LoRA ops (multi-LoRA serving). Self-contained: its spec, protocol and result entry.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoRAOpsSpec:
+    """How the engine stores its adapters: every slot's matrices stacked in fixed-size tensors."""
+
+    dtype: Any  # torch dtype of the activations and of the stacked A/B weights
+    max_loras: int  # S: adapter slots on the device (dim 0 of every stacked A/B tensor)
+    max_rank: int  # R: every adapter's rank, zero-padded to it
+    device: Any = None  # torch device the tensors live on; None: the backend's default
+
+
+@runtime_checkable
+class LoRAOps(Protocol):
+    """Batched LoRA over a mixed batch: each token row may use a different adapter (SGMV/BGMV).
+
+    A LoRA linear computes ``y = x W^T + scaling * (x A^T) B^T``; the engine runs the base
+    product itself and asks these ops for the low-rank part, one launch per projection for the
+    whole batch. Adapters live in *slots*: ``lora_a [S, R, K]`` and ``lora_b [S, N, R]`` hold slot
+    ``s``'s matrices (rank zero-padded to ``R``; a slot with no adapter is all zeros). A row's
+    slot is ``token_slots[t]``; -1 means "no adapter" (the row gets nothing added). Per step::
+
+        meta = ops.prepare(token_slots, S)               # once, shared by every layer
+        ops.shrink(x, lora_a, meta, buf)                 # buf [T, R'] float32
+        ops.expand(buf[:, :R], lora_b, meta, scaling, y, out_offset=0)   # y += ...
+
+    Exact semantics (``tessellm.backends.reference.lora.ReferenceLoRAOps`` is the oracle):
+
+    - ``prepare(token_slots, num_slots)``: int32 ``[T]`` slots in ``[-1, num_slots)``; returns
+      whatever ``shrink``/``expand`` need (opaque to the engine, passed back unchanged). With
+      ``supports_graph_capture`` it does no host synchronisation and its result's tensors may
+      be captured in a CUDA graph and refilled by the next ``prepare`` of the same ``T``.
+    - ``shrink(x, lora_a, meta, out)``: ``x [T, K]`` (spec dtype), ``lora_a [S, R', K]``,
+      ``out`` float32 ``[T, R']``. Writes ``out[t] = lora_a[slot[t]] @ x[t]`` (products summed in
+      float32) for rows with a slot and 0 for rows without. The engine stacks a fused
+      projection's A matrices (q/k/v, gate/up) as ``[S, n * R, K]``: one shrink for all of them.
+    - ``expand(buf, lora_b, meta, scaling, out, out_offset)``: ``buf`` float32 ``[T, R']`` (may
+      be a column slice of shrink's ``out``: rows strided), ``lora_b [S, N, R']``, ``scaling``
+      float32 ``[S]``, ``out [T, N_total]`` (spec dtype, ``out_offset + N <= N_total``). In
+      place: ``out[t, off:off + N] += scaling[slot[t]] * (lora_b[slot[t]] @ buf[t])``, the sum
+      formed in float32 and rounded once to out's dtype, for rows with a slot; other rows and
+      columns are untouched. One call per projection slice (q, k, v separately).
+
+    Both return None. Inputs are on the spec's device; ``x``, ``lora_a``, ``lora_b`` have a
+    contiguous last dim (``buf`` and ``out`` may be column slices). Optional attribute
+    ``supports_graph_capture`` (default False): all three calls run without host
+    synchronisation, so a decode step with LoRA can be captured. A backend that does not
+    provide the hook gets the reference (correct everywhere, not capturable: it groups rows by
+    slot on the host).
+    """
+
+    name: str
+
+    def prepare(self, token_slots, num_slots: int) -> Any: ...
+
+    def shrink(self, x, lora_a, meta: Any, out) -> None: ...
+
+    def expand(self, buf, lora_b, meta: Any, scaling, out, out_offset: int = 0) -> None: ...
+
+
 # The protocol each firstresult hook's return value must satisfy.
 HOOK_RESULT_PROTOCOLS = {
     "tessellm_attention_kernel": AttentionKernel,
@@ -466,10 +531,12 @@ HOOK_RESULT_PROTOCOLS = {
     "tessellm_graph_runner": GraphRunner,
     "tessellm_quant_method": QuantMethod,
     "tessellm_logits_ops": LogitsOps,
+    "tessellm_lora_ops": LoRAOps,
 }
 # The pieces ``tessellm backends --verbose`` reports, by hook.
 PIECES = {"attention": "tessellm_attention_kernel", "ops": "tessellm_fused_ops",
-          "graph": "tessellm_graph_runner", "quant": "tessellm_quant_method"}
+          "graph": "tessellm_graph_runner", "quant": "tessellm_quant_method",
+          "lora": "tessellm_lora_ops"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,4 +611,16 @@ class BackendHookSpec:
         When: once per model runner, in the process that samples (engine core or worker).
         Return value: first non-None wins; if none does, the pure-torch reference
         (``backends/reference/logits.py``) is used, so a plugin may skip this hook.
+        """
+
+    @hookspec(firstresult=True)
+    def tessellm_lora_ops(self, backend: Backend, spec: LoRAOpsSpec) -> Optional[LoRAOps]:
+        """Return the batched LoRA ops (``LoRAOps``: prepare, shrink, expand) for ``backend``.
+
+        When: once per model load with LoRA enabled, in the process that runs the model (engine
+        core or worker); also by the conformance suite, possibly for an absent device
+        (construct without touching it).
+        Return value: first non-None wins; if none does, the pure-torch reference
+        (``backends/reference/lora.py``) is used, so a plugin may skip this hook. Raise
+        ``ValueError`` with one sentence for a spec the backend can never run (e.g. a dtype).
         """

@@ -15,6 +15,8 @@ import pytest
 
 import broken_plugins_pkg
 
+from tessellm.backends import spec
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KW = 'dtype="float32", num_kv_blocks=32, max_model_len=128, max_num_seqs=4'
 
@@ -92,7 +94,8 @@ def test_plugins_that_fail_to_load_leave_the_others_working(site, tiny_llama):
     assert len(warnings) == len(failures) == len(proc.stderr.splitlines())  # one line each
     for name, line in zip(sorted(failures), sorted(warnings, key=lambda w: w.split("'")[1])):
         assert f"Plugin '{name}' is disabled; the other backends work." in line, line
-    assert "needs tessellm plugin API 99, but this tessellm provides API 2" in proc.stderr
+    assert (f"needs tessellm plugin API 99, but this tessellm provides API "
+            f"{spec.TESSELLM_PLUGIN_API}") in proc.stderr
     assert "unknown hook 'tessellm_atention_kernel'" in proc.stderr
     assert "Backend 'cpu' is registered by both 'cpu' and 'dupcpu'" in proc.stderr
     assert "Traceback" not in proc.stderr

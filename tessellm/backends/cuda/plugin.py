@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tessellm.backends.spec import AttentionSpec, Backend, GraphSpec, LogitsOpsSpec, OpsSpec, hookimpl
+from tessellm.backends.spec import (AttentionSpec, Backend, GraphSpec, LogitsOpsSpec, LoRAOpsSpec,
+                                    OpsSpec, hookimpl)
 
 NAME = "cuda"
 
@@ -87,3 +88,13 @@ def tessellm_logits_ops(backend: Backend, spec: LogitsOpsSpec):
     from tessellm.kernels.bitmask import TritonLogitsOps
 
     return TritonLogitsOps()
+
+
+@hookimpl
+def tessellm_lora_ops(backend: Backend, spec: LoRAOpsSpec):
+    """Batched multi-LoRA shrink/expand: the portable Triton kernels (kernels/lora/)."""
+    if backend.name != NAME:
+        return None
+    from tessellm.kernels.lora import TritonLoRAOps
+
+    return TritonLoRAOps()

@@ -10,7 +10,7 @@ tiles (``attention.py``), its Triton fused ops (portable Triton), HIP graphs thr
 from __future__ import annotations
 
 from tessellm.backends.spec import (VALIDATED_EMULATION, AttentionSpec, Backend, GraphSpec,
-                                    LogitsOpsSpec, OpsSpec, QuantSpec, hookimpl)
+                                    LogitsOpsSpec, LoRAOpsSpec, OpsSpec, QuantSpec, hookimpl)
 
 NAME = "rocm"
 VALIDATION_NOTE = ("Never run on an AMD GPU. Its Triton kernels, with these AMD tiles, pass the "
@@ -102,3 +102,13 @@ def tessellm_logits_ops(backend: Backend, spec: LogitsOpsSpec):
     from tessellm.kernels.bitmask import TritonLogitsOps
 
     return TritonLogitsOps()
+
+
+@hookimpl
+def tessellm_lora_ops(backend: Backend, spec: LoRAOpsSpec):
+    """Batched multi-LoRA shrink/expand: the portable Triton kernels (kernels/lora/)."""
+    if backend.name != NAME:
+        return None
+    from tessellm.kernels.lora import TritonLoRAOps
+
+    return TritonLoRAOps()

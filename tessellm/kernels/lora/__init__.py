@@ -1,0 +1,31 @@
+"""Batched multi-LoRA (SGMV/BGMV-style) Triton kernels: ``prepare`` groups the step's rows by
+adapter slot once (``meta``), ``lora_shrink`` and ``lora_expand`` run one launch per projection
+over the whole mixed batch. ``TritonLoRAOps`` is the contract's ``LoRAOps`` on top of them."""
+
+from __future__ import annotations
+
+import torch
+
+from tessellm.kernels.lora.expand import lora_expand
+from tessellm.kernels.lora.meta import LoRABatchMeta, prepare
+from tessellm.kernels.lora.shrink import lora_shrink
+
+__all__ = ["LoRABatchMeta", "TritonLoRAOps", "lora_expand", "lora_shrink", "prepare"]
+
+
+class TritonLoRAOps:
+    """The ``LoRAOps`` (backends/spec.py) of any backend that runs Triton (cuda, rocm)."""
+
+    name = "triton"
+    supports_graph_capture = True  # prepare, shrink and expand never read the device
+
+    def prepare(self, token_slots: torch.Tensor, num_slots: int) -> LoRABatchMeta:
+        if token_slots.dim() != 1:
+            raise ValueError(f"token_slots must be 1-D, got shape {tuple(token_slots.shape)}.")
+        return prepare(token_slots, num_slots)
+
+    def shrink(self, x, lora_a, meta: LoRABatchMeta, out) -> None:
+        lora_shrink(x, lora_a, meta, out)
+
+    def expand(self, buf, lora_b, meta: LoRABatchMeta, scaling, out, out_offset: int = 0) -> None:
+        lora_expand(buf, lora_b, meta, scaling, out, out_offset)
