@@ -261,7 +261,7 @@ class CheckedLoRAOps(_Checked):
     def _tick(self, op: str) -> None:
         self._calls[op] += 1
         if all(n >= CHECKED_OP_CALLS for n in self._calls.values()):
-            self._uncheck("prepare", "shrink", "expand")
+            self._uncheck("prepare", "shrink", "expand", "expand_slices")
 
     def shrink(self, x, lora_a, meta, out):
         ref_meta = None if _compiling() else self._probe_meta(meta)
@@ -292,6 +292,23 @@ class CheckedLoRAOps(_Checked):
         if want is not None:
             self._close("expand", out[:len(want)], want, _rel(out.dtype),
                         " (out[t, off:off+N] += scaling[s] * lora_b[s] @ buf[t], s = slot[t])")
+        self._tick("expand")
+
+    def expand_slices(self, buf, lora_bs, meta, scaling, out, offsets):
+        ref_meta = None if _compiling() else self._probe_meta(meta)
+        want = None
+        if ref_meta is not None:
+            want = out[:PROBE_ROWS].detach().clone()
+            _REFERENCE_LORA.expand_slices(buf[:PROBE_ROWS], lora_bs, ref_meta, scaling, want,
+                                          offsets)
+        shape, dtype = tuple(out.shape), out.dtype
+        got = self._inner.expand_slices(buf, lora_bs, meta, scaling, out, offsets)
+        if got is not None:
+            self._fail("expand_slices", "None (it adds into out in place)", type(got).__name__)
+        self._tensor("expand_slices' out", out, shape, dtype, buf.device)
+        if want is not None:
+            self._close("expand_slices", out[:len(want)], want, _rel(out.dtype),
+                        " (slice i reads buf[:, i*R:(i+1)*R] and adds at offsets[i])")
         self._tick("expand")
 
 

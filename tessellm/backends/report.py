@@ -65,7 +65,8 @@ def _pieces(registry: BackendRegistry, backend) -> list[str]:
     lines = ["  pieces (for a Llama-8B-shaped model, "
              f"{str(dtype).replace('torch.', '')}):"]
     probes = [("attention", attn), ("ops", spec.OpsSpec(dtype)),
-              ("graph", spec.GraphSpec(max_num_seqs=256, dtype=dtype))]
+              ("graph", spec.GraphSpec(max_num_seqs=256, dtype=dtype)),
+              ("lora", spec.LoRAOpsSpec(dtype, max_loras=16, max_rank=64))]
     for piece, spec_obj in probes:
         lines.append(f"    {piece + ':':<10} {_probe(registry, piece, backend, spec_obj)}")
     quant = []
@@ -83,7 +84,8 @@ def _probe(registry: BackendRegistry, piece: str, backend, spec_obj) -> str:
     except Exception as exc:  # noqa: BLE001 - the report shows the failure instead
         return f"error: {type(exc).__name__}: {exc}"
     if result is None:
-        default = {"ops": "reference ops (no plugin answered)", "graph": "none (eager)"}
+        default = {"ops": "reference ops (no plugin answered)", "graph": "none (eager)",
+                   "lora": "reference LoRA ops (no plugin answered)"}
         return default.get(piece, "none")
     name = getattr(result, "name", type(result).__name__)
     flags = _flags(piece, result)
@@ -93,6 +95,8 @@ def _probe(registry: BackendRegistry, piece: str, backend, spec_obj) -> str:
 
 def _flags(piece: str, result) -> list[str]:
     """The optional parts of the contract a piece declares (spec.AttentionKernel, FusedOps)."""
+    if piece == "lora":
+        return ["graph capture"] if getattr(result, "supports_graph_capture", False) else []
     if piece == "attention":
         declared = {"graph capture": "supports_graph_capture",
                     "sliding window": "supports_sliding_window", "fuses rotary": "fuses_rotary"}

@@ -88,6 +88,8 @@ CAPABILITIES = {
                         "attention kernel's kv_cache_dtypes attribute"),
     "sliding_window": ("informative", "bool; the enforced flag is the kernel's "
                        "supports_sliding_window"),
+    "lora": ("informative", "bool: the backend has batched LoRA ops of its own (the engine asks "
+             "tessellm_lora_ops; without them it runs the pure-torch reference)"),
 }
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -505,7 +507,11 @@ class LoRAOps(Protocol):
       float32 ``[S]``, ``out [T, N_total]`` (spec dtype, ``out_offset + N <= N_total``). In
       place: ``out[t, off:off + N] += scaling[slot[t]] * (lora_b[slot[t]] @ buf[t])``, the sum
       formed in float32 and rounded once to out's dtype, for rows with a slot; other rows and
-      columns are untouched. One call per projection slice (q, k, v separately).
+      columns are untouched.
+    - ``expand_slices(buf, lora_bs, meta, scaling, out, offsets)``: a fused projection's slices
+      in one call (one launch on Triton backends): ``buf [T, n * R']``, ``lora_bs`` a sequence
+      of ``n`` (1 to 3) ``[S, N_i, R']`` tensors, ``offsets`` ``n`` ints; equal to ``expand(
+      buf[:, i*R':(i+1)*R'], lora_bs[i], meta, scaling, out, offsets[i])`` for each ``i``.
 
     Both return None. Inputs are on the spec's device; ``x``, ``lora_a``, ``lora_b`` have a
     contiguous last dim (``buf`` and ``out`` may be column slices). Optional attribute
@@ -522,6 +528,8 @@ class LoRAOps(Protocol):
     def shrink(self, x, lora_a, meta: Any, out) -> None: ...
 
     def expand(self, buf, lora_b, meta: Any, scaling, out, out_offset: int = 0) -> None: ...
+
+    def expand_slices(self, buf, lora_bs, meta: Any, scaling, out, offsets) -> None: ...
 
 
 # The protocol each firstresult hook's return value must satisfy.

@@ -48,6 +48,8 @@ def test_verbose_shows_which_plugin_provides_each_piece():
            "fuses rotary]" in cuda
     assert "(CudaOps) from plugin 'cuda' [linear, all-reduce + norm, fused MoE]" in cuda
     assert "graph:     hip-graphs" in rocm and "fp8 -> fp8 (RocmFp8LinearMethod)" in rocm
+    assert "lora:      triton (TritonLoRAOps) from plugin 'cuda' [graph capture]" in cuda
+    assert "lora:      reference LoRA ops (no plugin answered)" in cpu
     assert "attention (tessellm_attention_kernel): fastattn, " in text
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessellm.backends.reference.lora import ReferenceLoRAOps
-from tessellm.kernels.lora import TritonLoRAOps, lora_expand, lora_shrink, prepare
+from tessellm.kernels.lora import TritonLoRAOps, lora_expand, lora_expand_slices, lora_shrink, prepare
 from tessellm.kernels.lora.shrink import _split_k
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,3 +92,18 @@ def test_bad_shapes_say_what_fits():
     with pytest.raises(ValueError, match="lora_expand: .* out_offset"):
         lora_expand(torch.zeros(4, 16, device=DEV), b, meta, scaling,
                     torch.zeros(4, 40, device=DEV), 16)
+
+
+def test_expand_slices_one_launch_equals_three_expands():
+    """q/k/v of different widths in one launch; tiles never straddle slices."""
+    g = torch.Generator().manual_seed(5)
+    slots = torch.tensor([0, 2, -1, 1, 0], dtype=torch.int32, device=DEV)
+    buf = torch.randn(5, 3 * 16, generator=g).to(DEV)
+    bs = [(torch.randn(3, n, 16, generator=g)).to(DEV, torch.float16) for n in (40, 24, 24)]
+    scaling = torch.tensor([1.0, 0.5, 2.0], device=DEV)
+    out = torch.randn(5, 100, generator=g).to(DEV, torch.float16)
+    got, want = out.clone(), out.clone()
+    lora_expand_slices(buf, bs, prepare(slots, 3), scaling, got, [4, 44, 68])
+    REF.expand_slices(buf, bs, REF.prepare(slots, 3), scaling, want, [4, 44, 68])
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+    assert torch.equal(got[:, :4], out[:, :4]) and torch.equal(got[:, 92:], out[:, 92:])

@@ -79,3 +79,9 @@ class ReferenceLoRAOps:
             else:
                 summed = cols.index_select(0, rows).float() + delta
                 cols.index_copy_(0, rows, summed.to(out.dtype))
+
+    def expand_slices(self, buf: torch.Tensor, lora_bs, meta: ReferenceLoRAMeta,
+                      scaling: torch.Tensor, out: torch.Tensor, offsets) -> None:
+        r = lora_bs[0].shape[2]
+        for i, (lora_b, offset) in enumerate(zip(lora_bs, offsets)):
+            self.expand(buf[:, i * r:(i + 1) * r], lora_b, meta, scaling, out, offset)

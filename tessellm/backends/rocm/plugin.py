@@ -46,7 +46,7 @@ def tessellm_register_backends(register):
         validated_on=VALIDATED_EMULATION, validation_note=VALIDATION_NOTE,
         capabilities={"graph_capture": True,
                       "quantization": ["fp8", "int8", "awq", "gptq", "gguf"],
-                      "kv_cache_dtypes": ["auto"], "sliding_window": True,
+                      "kv_cache_dtypes": ["auto"], "sliding_window": True, "lora": True,
                       "communicator": "rccl (torch 'nccl')"},
     ))
 

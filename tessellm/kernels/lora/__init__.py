@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import torch
 
-from tessellm.kernels.lora.expand import lora_expand
+from tessellm.kernels.lora.expand import lora_expand, lora_expand_slices
 from tessellm.kernels.lora.meta import LoRABatchMeta, prepare
 from tessellm.kernels.lora.shrink import lora_shrink
 
-__all__ = ["LoRABatchMeta", "TritonLoRAOps", "lora_expand", "lora_shrink", "prepare"]
+__all__ = ["LoRABatchMeta", "TritonLoRAOps", "lora_expand", "lora_expand_slices", "lora_shrink",
+           "prepare"]
 
 
 class TritonLoRAOps:
@@ -29,3 +30,6 @@ class TritonLoRAOps:
 
     def expand(self, buf, lora_b, meta: LoRABatchMeta, scaling, out, out_offset: int = 0) -> None:
         lora_expand(buf, lora_b, meta, scaling, out, out_offset)
+
+    def expand_slices(self, buf, lora_bs, meta: LoRABatchMeta, scaling, out, offsets) -> None:
+        lora_expand_slices(buf, lora_bs, meta, scaling, out, offsets)

@@ -16,6 +16,7 @@ before a split-K launch). Tensors in, tensors out: imports neither tessellm.core
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -77,9 +78,10 @@ def _tiles(dtype: torch.dtype) -> dict:
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta,
-                out: torch.Tensor) -> None:
+                out: torch.Tensor, split_k: Optional[int] = None) -> None:
     """``x [T, K]``, ``lora_a [S, R, K]`` (x's dtype, last dim contiguous), ``out`` float32
-    ``[T, R]``: ``out[t] = lora_a[slot[t]] @ x[t]``, 0 for rows of slot -1."""
+    ``[T, R]``: ``out[t] = lora_a[slot[t]] @ x[t]``, 0 for rows of slot -1. ``split_k``: K
+    splits (default: by the batch size; > 1 costs a memset of ``out``)."""
     t, k = x.shape
     r = lora_a.shape[1]
     if lora_a.shape[2] != k or out.shape != (t, r) or out.dtype != torch.float32:
@@ -93,7 +95,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta,
     tiles = _tiles(x.dtype)
     block_n = min(64, max(16, triton.next_power_of_2(r)))
     rank_tiles = triton.cdiv(r, block_n)
-    split_k = _split_k(meta, k, rank_tiles, tiles["BLOCK_K"])
+    split_k = split_k or _split_k(meta, k, rank_tiles, tiles["BLOCK_K"])
     if split_k > 1:
         out.zero_()
     grid = (meta.block_slot.numel(), rank_tiles, split_k)

@@ -1,8 +1,9 @@
-"""The backend's batched LoRA ops (``LoRAOps``: prepare, shrink, expand) against a per-row oracle
-written here, independent of the reference: mixed slots (some rows without an adapter, some
-slots unused), ranks zero-padded, a fused q/k/v projection (one shrink of stacked A matrices,
-one expand per slice into column offsets), decode-sized and prefill-sized batches, float32 and
-bfloat16. A backend without ``tessellm_lora_ops`` is checked through the reference it gets."""
+"""The backend's batched LoRA ops (``LoRAOps``: prepare, shrink, expand, expand_slices) against
+a per-row oracle written here, independent of the reference: mixed slots (some rows without an
+adapter, some slots unused), ranks zero-padded, a fused q/k/v projection (one shrink of stacked
+A matrices; q through ``expand``, k and v in one ``expand_slices``), decode-sized and
+prefill-sized batches, float32 and bfloat16. A backend without ``tessellm_lora_ops`` is checked
+through the reference it gets."""
 
 from __future__ import annotations
 
@@ -84,11 +85,15 @@ def test_lora_shrink_expand(target, tokens, pattern):
         torch.testing.assert_close(buf.cpu(), want_buf, **_tol(dtype), msg=f"shrink {dtype}")
         out = torch.randn(tokens, sum(SLICES) + 8, generator=g).to(dtype)
         got, want = out.to(dev, copy=True), out.clone()
-        for i, n in enumerate(SLICES):
-            offset, cols = 8 + sum(SLICES[:i]), slice(i * RANK, (i + 1) * RANK)
-            bd = lora_b[i].to(dtype)
-            ops.expand(buf[:, cols], bd.to(dev), meta, scaling.to(dev), got, offset)
-            want = _oracle_expand(want_buf[:, cols], bd.float(), slots, scaling, want, offset)
+        offsets = [8 + sum(SLICES[:i]) for i in range(len(SLICES))]
+        bd = [b.to(dtype) for b in lora_b]
+        # q alone through expand, k and v in one expand_slices call
+        ops.expand(buf[:, :RANK], bd[0].to(dev), meta, scaling.to(dev), got, offsets[0])
+        ops.expand_slices(buf[:, RANK:], [b.to(dev) for b in bd[1:]], meta, scaling.to(dev), got,
+                          offsets[1:])
+        for i, offset in enumerate(offsets):
+            cols = slice(i * RANK, (i + 1) * RANK)
+            want = _oracle_expand(want_buf[:, cols], bd[i].float(), slots, scaling, want, offset)
         assert got.dtype == dtype
         torch.testing.assert_close(got.cpu().float(), want.float(), **_tol(dtype),
                                    msg=f"expand {dtype}")
