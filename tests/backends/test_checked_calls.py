@@ -90,3 +90,37 @@ def test_checked_pieces_satisfy_their_protocols_statically():
         for member in typing._get_protocol_attrs(protocol):
             inspect.getattr_static(wrapper, member)  # raises AttributeError if hidden
         assert isinstance(wrapper, protocol)
+
+
+def test_lora_ops_from_a_plugin_are_checked_and_the_reference_serves_without_one(monkeypatch):
+    """A plugin's expand that forgets the per-adapter scaling is caught on its first call with
+    the plugin's name; with no plugin answering, the registry hands out the reference."""
+    from backend_plugins import make_plugin
+
+    from tessellm.backends.reference.lora import ReferenceLoRAOps
+    from tessellm.backends.registry import BackendRegistry
+    from tessellm.backends.spec import LoRAOpsSpec
+
+    monkeypatch.delenv("TESSELLM_VALIDATE_PLUGINS", raising=False)
+    plugin = make_plugin("unscaled", """
+        TESSELLM_OVERRIDES = ("cpu",)
+        from tessellm.backends.reference.lora import ReferenceLoRAOps
+        class Unscaled(ReferenceLoRAOps):
+            name = "unscaled"
+            def expand(self, buf, lora_b, meta, scaling, out, out_offset=0):
+                super().expand(buf, lora_b, meta, scaling * 0 + 1, out, out_offset)
+        @hookimpl(tryfirst=True)
+        def tessellm_lora_ops(backend, spec):
+            return Unscaled() if backend.name == "cpu" else None
+    """)
+    spec = LoRAOpsSpec(torch.float32, max_loras=2, max_rank=4)
+    cpu = BackendRegistry().select("cpu")
+    assert type(BackendRegistry().lora_ops(cpu, spec)) is ReferenceLoRAOps
+    ops = BackendRegistry(plugins=[("unscaled", plugin)]).lora_ops(cpu, spec)
+    assert isinstance(ops, checked.CheckedLoRAOps) and ops.name == "unscaled"
+    meta = ops.prepare(torch.tensor([1, -1, 0], dtype=torch.int32), 2)
+    buf, out = torch.zeros(3, 4), torch.zeros(3, 8)
+    ops.shrink(torch.randn(3, 8), torch.randn(2, 4, 8), meta, buf)  # right: passes
+    with pytest.raises(PluginError, match=r"^Backend plugin 'unscaled' \(tessellm_lora_ops for "
+                                          r"backend 'cpu'\): expand returned values off by"):
+        ops.expand(buf, torch.randn(2, 8, 4), meta, torch.tensor([3.0, 0.5]), out, 0)

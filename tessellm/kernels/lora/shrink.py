@@ -74,6 +74,8 @@ def _split_k(meta: LoRABatchMeta, k: int, rank_tiles: int, block_k: int) -> int:
 def _tiles(dtype: torch.dtype) -> dict:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return dict(BLOCK_K=32)
+    if getattr(torch.version, "hip", None):  # 64 KiB of LDS on MI300: smaller K tiles
+        return dict(BLOCK_K=64, num_warps=4, num_stages=2)
     return dict(BLOCK_K=128 if dtype != torch.float32 else 64, num_warps=4, num_stages=3)
 
 
