@@ -9,8 +9,9 @@ shrink writes their zeros)::
     block_m = 2         sorted_ids  [2 5 | 0 3 | 4 5 | 1 5 | 5 5 ...]   block_slot [0 2 2 4 ..]
                         (5 = T: a pad row, masked off)
 
-Pure torch, no host synchronisation, fixed output sizes for a given ``T``: ``prepare`` can run
-inside a captured CUDA graph and its tensors serve every layer of the step.
+No host synchronisation (the MoE kernel's two-launch alignment, ``moe/align.py``), fixed output
+sizes for a given ``T``: ``prepare`` can run inside a captured CUDA graph and its tensors serve
+every layer of the step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tessellm.kernels.moe.align import align_by_expert
+from tessellm.kernels.moe.align import align_by_expert_triton
 
 
 @dataclass
@@ -47,6 +48,9 @@ def block_rows(num_tokens: int) -> int:
 
 def prepare(token_slots: torch.Tensor, num_slots: int) -> LoRABatchMeta:
     block_m = block_rows(token_slots.shape[0])
-    ids = torch.where(token_slots < 0, num_slots, token_slots.to(torch.int64))
-    sorted_ids, block_slot, num_padded = align_by_expert(ids[:, None], num_slots + 1, block_m)
+    ids = torch.where(token_slots < 0, num_slots, token_slots.to(torch.int32))
+    # Two Triton launches (a histogram plan, an atomic scatter): the order of rows inside a
+    # slot's blocks is the atomics', which no kernel here depends on.
+    sorted_ids, block_slot, num_padded = align_by_expert_triton(ids[:, None], num_slots + 1,
+                                                                block_m)
     return LoRABatchMeta(token_slots, num_slots, block_m, sorted_ids, block_slot, num_padded)
