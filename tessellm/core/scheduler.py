@@ -279,8 +279,8 @@ class Scheduler:
         drafts = req.spec_token_ids
         if not drafts or num_new != 1 or req.num_computed_tokens != req.num_tokens - 1:
             return []
-        if req.grammar is not None or req.sampling_params.needs_penalties:
-            return []  # masks and penalties per row would need the drafts' states: plain decode
+        if req.sampling_params.needs_penalties:
+            return []  # penalties per row would need the drafts' counts: plain decode
         if self.config.async_scheduling or self.config.pipeline_parallel_size > 1:
             return []
         room = min(budget - num_new, self.config.max_model_len - req.num_tokens)

@@ -63,10 +63,14 @@ class StructuredOutputManager:
         for rid, num_sampled in sched.num_sampled_tokens.items():
             grammar = getattr(requests.get(rid), "grammar", None)
             if num_sampled and grammar is not None and grammar.matcher is not None:
-                rows.append((rid, grammar))  # one row: constrained requests get no drafts
+                rows.append((rid, grammar))
         if not rows:
             return
         import xgrammar as xgr
+
+        if any(rid in sched.spec_token_ids for rid, _ in rows):  # k + 1 rows for k drafts
+            self._fill_with_drafts(sched, rows, xgr)
+            return
 
         bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
         if len(rows) == 1:
@@ -77,6 +81,20 @@ class StructuredOutputManager:
             self._batch.batch_fill_next_token_bitmask([g.matcher for _, g in rows], bitmask)
         sched.grammar_bitmask = bitmask.numpy()
         sched.grammar_bitmask_rows = {rid: i for i, (rid, _) in enumerate(rows)}
+
+    def _fill_with_drafts(self, sched, rows, xgr) -> None:
+        """Speculative decoding: a row per sampled position (tessellm.spec_decode.grammar)."""
+        from tessellm.spec_decode.grammar import fill_draft_rows
+
+        bitmask = xgr.allocate_token_bitmask(sum(sched.num_sampled_tokens[rid] for rid, _ in rows),
+                                             self.vocab_size)
+        first, row = {}, 0
+        for rid, grammar in rows:
+            first[rid] = row
+            fill_draft_rows(grammar, sched.spec_token_ids.get(rid, []), bitmask, row)
+            row += sched.num_sampled_tokens[rid]
+        sched.grammar_bitmask = bitmask.numpy()
+        sched.grammar_bitmask_rows = first
 
     def wait_for_compiles(self, waiting, timeout_s: float = 0.005) -> None:
         """When nothing could be scheduled: wait briefly for a waiting request's compile rather
