@@ -113,14 +113,14 @@ def main() -> None:
         rows.append(row)
         layer = row["layer"]
         print(f"{kind:8s} T={t:5d} adapters={adapters:2d}  per layer: shrink {layer['shrink_us']:7.1f} us"
-              f"  expand {layer['expand_us']:7.1f} us  floor {layer['floor_us']:6.1f} us  base GEMMs "
+              f"  expand {layer['expand_us']:7.1f} us  floor {layer['floor_us']:6.2f} us  base GEMMs "
               f"{layer['base_us']:7.1f} us  LoRA/base {layer['lora_over_base']:.2f}  prepare "
               f"{row['prepare_us']:.1f} us")
         for name in PROJ:
             p = row[name]
             print(f"    {name:8s} shrink {p['shrink_us']:7.1f} (split-K 1: {p['shrink_split1_us']:6.1f}, "
-                  f"floor {p['floor_shrink_us']:6.1f})  "
-                  f"expand {p['expand_us']:7.1f} (floor {p['floor_expand_us']:6.1f})  base "
+                  f"floor {p['floor_shrink_us']:6.2f})  "
+                  f"expand {p['expand_us']:7.1f} (floor {p['floor_expand_us']:6.2f})  base "
                   f"{p['base_gemm_us']:7.1f} us")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(),
