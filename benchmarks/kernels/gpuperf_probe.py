@@ -257,12 +257,19 @@ def gemv_section(out: dict) -> None:
         print("gemv", name, json.dumps(res), flush=True)
 
 
-def _legacy_moe(x, weights, ids, w13, w2):
-    """The fused MoE as it was before 2026-12-04 (torch alignment with a radix sort, torch
-    SiLU-and-mul, the old tiles): the "before" of the same run."""
+def _old_length(pairs: int, num_experts: int, block_m: int) -> int:
+    """The alignment's length before 2026-12-04's moefast (every expert may hold a block)."""
+    return -(-(pairs + num_experts * (block_m - 1)) // block_m) * block_m
+
+
+def _legacy_moe(x, logits, w13, w2):
+    """The fused MoE as it was at 5b0d0f4 (torch routing, torch alignment with a radix sort,
+    torch SiLU-and-mul, the old tiles): the first "before" of the same run."""
+    from tessellm.backends.reference.moe import route
     from tessellm.kernels.moe.align import align_by_expert
     from tessellm.kernels.moe.fused_moe import _expert_gemm
 
+    weights, ids = route(logits, TOPK, "softmax", True)
     t, k = ids.shape
     pairs = t * k
     if pairs <= 2 * E:
@@ -281,9 +288,35 @@ def _legacy_moe(x, weights, ids, w13, w2):
     return c2.view(t, k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
 
+def _main_1550193_moe(x, logits, w13, w2):
+    """The fused MoE as on main at 1550193 (gpuperf): torch routing (4-5 launches), Triton
+    alignment, GEMM 1, SiLU-and-mul kernel, GEMM 2, torch sum and cast, its tiles; run with
+    ``_old_length`` patched in (grid of every expert's possible block)."""
+    from tessellm.backends.reference.moe import route
+    from tessellm.kernels.moe.align import align_by_expert_triton
+    from tessellm.kernels.moe.fused_moe import _expert_gemm, _silu_and_mul, _tiles
+
+    weights, ids = route(logits, TOPK, "softmax", True)
+    t, k = ids.shape
+    tiles = _tiles(t * k, E, x.device)
+    align = align_by_expert_triton(ids, E, tiles["BLOCK_M"])
+    c1 = torch.empty(t * k, 2 * INTER, dtype=x.dtype, device=x.device)
+    _expert_gemm(x, w13, None, None, *align, c1, k, tiles)
+    act = _silu_and_mul(c1, INTER)
+    c2 = torch.empty(t * k, HID, dtype=x.dtype, device=x.device)
+    _expert_gemm(act, w2, None, weights.contiguous().view(-1), *align, c2, 1, tiles)
+    return c2.view(t, k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
 def moe_quick_section(out: dict) -> None:
-    """Before (``_legacy_moe``) and after (``fused_moe_triton``) per layer, with routing."""
-    from tessellm.kernels.moe.fused_moe import fused_moe_triton, topk_routing
+    """Per layer, with routing: 5b0d0f4 (``_legacy_moe``), main at 1550193 (``_main_1550193_
+    moe``), now (``fused_moe``: Triton routing, bounded grid, SiLU in GEMM 1, one-launch top-k
+    sum) without and with PDL (the engine's CUDA graphs use PDL on sm90; ``graph_scope``)."""
+    from unittest import mock
+
+    from tessellm.kernels.moe import align as align_mod
+    from tessellm.kernels.moe.fused_moe import fused_moe
+    from tessellm.kernels.pdl import graph_scope
 
     torch.manual_seed(0)
     w13 = (torch.randn(E, 2 * INTER, HID, device="cuda") / HID ** 0.5).to(torch.bfloat16)
@@ -293,20 +326,30 @@ def moe_quick_section(out: dict) -> None:
         logits = torch.randn(tokens, E, device="cuda")
 
         def new():
-            w, i = topk_routing(logits, TOPK, "softmax", True)
-            return fused_moe_triton(x, w, i, w13, w2)
+            return fused_moe(x, logits, w13, w2, TOPK, "softmax", True)
 
         def old():
-            w, i = topk_routing(logits, TOPK, "softmax", True)
-            return _legacy_moe(x, w, i, w13, w2)
+            return _legacy_moe(x, logits, w13, w2)
 
-        err = ((new().float() - old().float()).abs().max() / old().float().abs().max()).item()
+        def main():
+            return _main_1550193_moe(x, logits, w13, w2)
+
+        with mock.patch.object(align_mod, "_length", _old_length):
+            ref = old().float()
+            main_diff = ((main().float() - ref).abs().max() / ref.abs().max()).item()
+            before = gtime(old, flush=True)
+            before_main = gtime(main, flush=True)
+        err = ((new().float() - ref).abs().max() / ref.abs().max()).item()
         touched = E * (1 - (1 - TOPK / E) ** tokens)
         floor = max(touched * 3 * HID * INTER * 2 / 4.25e12,
                     2 * tokens * TOPK * 3 * HID * INTER / 800e12) * 1e6
-        out[str(tokens)] = dict(before_us=round(gtime(old, flush=True), 1),
-                                after_us=round(gtime(new, flush=True), 1),
-                                floor_us=round(floor, 1), rel_diff=err)
+        after = gtime(new, flush=True)
+        with graph_scope():
+            after_pdl = gtime(new, flush=True)
+        out[str(tokens)] = dict(before_5b0d0f4_us=round(before, 1),
+                                before_1550193_us=round(before_main, 1),
+                                after_us=round(after, 1), after_pdl_us=round(after_pdl, 1),
+                                floor_us=round(floor, 1), rel_diff=err, rel_diff_1550193=main_diff)
         print("moe", tokens, out[str(tokens)], flush=True)
         _save()
 

@@ -10,7 +10,10 @@ Invariant: rows ``[b * block_m, (b + 1) * block_m)`` of ``sorted_ids`` all go to
                      num_padded = 12 (blocks past it are skipped by the kernel)
 
 No host synchronisation: the output has the static worst-case length
-``T * k + E * (block_m - 1)`` rounded up to a block, so it can run inside a captured graph.
+``T * k + min(E, T * k) * (block_m - 1)`` rounded up to a block (at most ``min(E, T * k)``
+experts hold pairs, each wasting under a block), so it can run inside a captured graph, and
+the grouped GEMM's grid (one row of programs per block of that length) has no empty blocks
+beyond that bound: 8 blocks of 16 rows at one token with top-8 of 128 experts, not 121.
 
 Two implementations of the same layout: ``align_by_expert`` in pure torch (the reference;
 about 25 small kernels with a radix sort, 60 us of a 94 us MoE layer at one token on an H200)
@@ -29,9 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
+from tessellm.kernels.pdl import pdl_args, pdl_start
+
 
 def _length(pairs: int, num_experts: int, block_m: int) -> int:
-    return -(-(pairs + num_experts * (block_m - 1)) // block_m) * block_m
+    used = min(num_experts, pairs)  # experts that can hold a pair
+    return max(1, -(-(pairs + used * (block_m - 1)) // block_m)) * block_m
 
 
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int):
@@ -60,8 +66,9 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int):
 @triton.jit
 def _align_plan_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
                        P, E, L, BLOCK_M: tl.constexpr, BINS: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr):
+                       BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr):
     """One program. BINS: a power of two > E; bin E collects the masked-off lanes."""
+    pdl_start(USE_PDL)
     counts = tl.zeros([BINS], dtype=tl.int32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
@@ -85,7 +92,9 @@ def _align_plan_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, block_expert_ptr, nu
 
 
 @triton.jit
-def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, P, BLOCK: tl.constexpr):
+def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, P, BLOCK: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = p < P
     e = tl.load(ids_ptr + p, mask=ok, other=0).to(tl.int32)
@@ -110,8 +119,9 @@ def align_by_expert_triton(ids: torch.Tensor, num_experts: int, block_m: int):
     bins = triton.next_power_of_2(num_experts + 1)
     _align_plan_kernel[(1,)](flat, cursor, sorted_ids, block_expert, num_padded, pairs,
                              num_experts, length, BLOCK_M=block_m, BINS=bins,
-                             BLOCK_P=1024, BLOCK_B=max(1, 4096 // bins), num_warps=4)
+                             BLOCK_P=1024, BLOCK_B=max(1, 4096 // bins), num_warps=4,
+                             **pdl_args(dev))
     block = 256
     _align_scatter_kernel[(triton.cdiv(max(pairs, 1), block),)](
-        flat, cursor, sorted_ids, pairs, BLOCK=block, num_warps=4)
+        flat, cursor, sorted_ids, pairs, BLOCK=block, num_warps=4, **pdl_args(dev))
     return sorted_ids, block_expert, num_padded

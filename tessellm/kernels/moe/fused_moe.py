@@ -5,9 +5,19 @@ expert-sorted rows, block of ``BLOCK_N`` output columns); every row of a block b
 same expert (``align.py``), so the block multiplies by that expert's weight only. Rows are
 gathered by index, so the activations are never permuted in memory::
 
+    logits [T, E] --route (routing.py, 1 launch)--> weights, ids [T, k]
+    ids --align (align.py, 2 launches)--> sorted_ids, block_expert, num_padded
     hidden [T, H] --gather rows p // k--> GEMM 1 (w13[e]) --> C1 [T*k, 2I] (row p = pair p)
     silu(C1[:, :I]) * C1[:, I:] --> A2 [T*k, I] --> GEMM 2 (w2[e], x routing weight) --> C2 [T*k, H]
-    out[t] = sum over slots of C2[t * k + slot]
+    out[t] = sum over slots of C2[t * k + slot]   (_sum_topk_kernel, float32, 1 launch)
+
+At decode sizes (``BLOCK_M`` <= 32) SiLU-and-mul runs in GEMM 1's epilogue (each program holds
+the gate and the up columns of its block: C1 is never written), so a layer is 6 launches; the
+grids have only the blocks that can hold pairs (``align.py``: a host bound from T*k, no sync)
+and, inside a CUDA graph on sm90+, the kernels chain by programmatic dependent launch
+(``kernels/pdl.py``). The routing weights multiply GEMM 2's rows in its epilogue; the k rows
+of a token are summed by a small kernel rather than by atomics (deterministic, and at 1 token
+the same one launch as a zeroed buffer's cast would be).
 
 fp8 experts (``float8_e4m3fn`` weights with per-output-channel float32 scales ``[E, N]``) are
 widened in the tile and the accumulator is scaled per column (W8A16).
@@ -25,16 +35,20 @@ import triton.language as tl
 
 from tessellm.kernels.activation import _silu_and_mul_kernel
 from tessellm.kernels.moe.align import align_by_expert_triton
-from tessellm.kernels.pdl import pdl_args
+from tessellm.kernels.moe.routing import route_triton
+from tessellm.kernels.pdl import pdl_args, pdl_start
 
 
 @triton.jit
 def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, sorted_ids_ptr, block_expert_ptr,
                         num_padded_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn,
                         stride_cm, stride_se, A_ROW_DIV: tl.constexpr, HAS_SCALE: tl.constexpr,
-                        MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr):
-    """C[p, n] = sum_k A[p // A_ROW_DIV, k] * B[e, n, k] (* scale[e, n]) (* weight[p])."""
+                        MUL_WEIGHT: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+                        DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr):
+    """C[p, n] = sum_k A[p // A_ROW_DIV, k] * B[e, n, k] (* scale[e, n]) (* weight[p]); with
+    SILU_MUL, C[p, n] = silu(that of column n) * that of column n + N (gate and up halves)."""
+    pdl_start(USE_PDL)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
@@ -45,19 +59,45 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, sorted_ids_p
     a_row = a_ptr + (pairs // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
     b_col = b_ptr + expert * stride_be + rn[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N if SILU_MUL else 1), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_row + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K), other=0.0)
-        b = tl.load(b_col + rk[:, None], mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        b_mask = (rk[:, None] < K) & (rn[None, :] < N)
+        b = tl.load(b_col + rk[:, None], mask=b_mask, other=0.0)
         if DOT_FP32:  # the interpreter's bf16 dot is wrong: widen the tiles there
             a = a.to(tl.float32)
         acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PREC)
+        if SILU_MUL:
+            b_up = tl.load(b_col + N * stride_bn + rk[:, None], mask=b_mask, other=0.0)
+            acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PREC)
+    dt = c_ptr.dtype.element_ty
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + expert * stride_se + rn, mask=rn < N, other=0.0)[None, :]
+        if SILU_MUL:
+            acc_up *= tl.load(scale_ptr + expert * stride_se + N + rn, mask=rn < N,
+                              other=0.0)[None, :]
+    if SILU_MUL:  # the reference's rounding points: gate/up, SiLU and product each in C's dtype
+        g = acc.to(dt).to(tl.float32)
+        acc = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * acc_up.to(dt).to(tl.float32)
     if MUL_WEIGHT:
         acc *= tl.load(weight_ptr + pairs, mask=row_ok, other=0.0)[:, None]
     c = c_ptr + pairs.to(tl.int64)[:, None] * stride_cm + rn[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (rn[None, :] < N))
+    tl.store(c, acc.to(dt), mask=row_ok[:, None] & (rn[None, :] < N))
+
+
+@triton.jit
+def _sum_topk_kernel(c_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    """out[t] = sum over the K slots of c[t * K + slot], in float32 (the weighted rows)."""
+    pdl_start(USE_PDL)
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < H
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(K):
+        acc += tl.load(c_ptr + (t * K + j) * H + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _tiles(pairs: int, num_experts: int, device: Optional[torch.device] = None) -> dict:
@@ -92,7 +132,7 @@ def _capability(index: int) -> tuple[int, int]:
 
 def _silu_and_mul(c1: torch.Tensor, inter: int) -> torch.Tensor:
     """``silu(c1[:, :inter]) * c1[:, inter:]`` in one Triton launch (the SiLU rounded to c1's
-    dtype before the product, as torch's two ops do)."""
+    dtype before the product, as torch's two ops do): the unfused path of the large tiles."""
     out = torch.empty(c1.shape[0], inter, dtype=c1.dtype, device=c1.device)
     if c1.shape[0]:
         block = min(1024, triton.next_power_of_2(inter))
@@ -102,16 +142,33 @@ def _silu_and_mul(c1: torch.Tensor, inter: int) -> torch.Tensor:
     return out
 
 
-def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out, row_div, tiles):
-    n, k = w.shape[1], w.shape[2]
+def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out, row_div, tiles,
+                 silu_mul: bool = False):
+    """One grouped GEMM over the ``sorted_ids.numel() // BLOCK_M`` blocks (``align.py``: the
+    host's bound on the blocks that can hold pairs). ``silu_mul``: ``w``'s rows are [gate | up]
+    and ``out`` gets SiLU-and-mul of the two halves (``out``'s width: half of ``w``'s rows)."""
+    n, k = out.shape[1], w.shape[2]
     grid = (sorted_ids.numel() // tiles["BLOCK_M"], triton.cdiv(n, tiles["BLOCK_N"]))
     _expert_gemm_kernel[grid](
         a, w, out, scale if scale is not None else w, weights if weights is not None else out,
         sorted_ids, block_expert, num_padded, n, k, out.shape[0], a.stride(0), w.stride(0),
         w.stride(1), out.stride(0), scale.stride(0) if scale is not None else 0,
         A_ROW_DIV=row_div, HAS_SCALE=scale is not None, MUL_WEIGHT=weights is not None,
-        DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32",
-        DOT_FP32=a.dtype == torch.bfloat16 and a.device.type == "cpu", **tiles)
+        SILU_MUL=silu_mul, DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32",
+        DOT_FP32=a.dtype == torch.bfloat16 and a.device.type == "cpu", **tiles,
+        **pdl_args(a.device))
+
+
+def _sum_topk(c2: torch.Tensor, t: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """``c2 [T*k, H]`` (weighted rows) -> ``[T, H]``: the k slots of each token summed in
+    float32, written in ``dtype``, one launch."""
+    h = c2.shape[1]
+    out = torch.empty(t, h, dtype=dtype, device=c2.device)
+    if t:
+        block = min(1024, triton.next_power_of_2(h))
+        _sum_topk_kernel[(t, triton.cdiv(h, block))](c2, out, h, K=k, BLOCK=block, num_warps=4,
+                                                     **pdl_args(c2.device))
+    return out
 
 
 def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -121,40 +178,40 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     """``hidden [T, H]``, routing ``topk_weights`` / ``topk_ids`` ``[T, k]``, experts ``w13
     [E, 2I, H]`` and ``w2 [E, H, I]`` (fp8 with ``*_scale [E, N]``, or hidden's dtype);
     returns ``[T, H]`` in hidden's dtype. ``tiles``: the grouped GEMMs' launch parameters
-    instead of ``_tiles``' (benchmarks)."""
+    instead of ``_tiles``' (benchmarks); the key ``SILU_MUL`` (default: on for ``BLOCK_M`` <=
+    32) computes SiLU-and-mul in the first GEMM's epilogue, with ``BLOCK_N`` columns of the
+    gate and of the up half each (so ``BLOCK_N / 2`` of the unfused tile's)."""
     t, k = topk_ids.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
     tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device)
+    fuse = tiles.pop("SILU_MUL", tiles["BLOCK_M"] <= 32)
     sorted_ids, block_expert, num_padded = align_by_expert_triton(topk_ids, num_experts,
                                                                   tiles["BLOCK_M"])
     hidden = hidden.contiguous()
-    c1 = torch.empty(t * k, 2 * inter, dtype=hidden.dtype, device=hidden.device)
-    _expert_gemm(hidden, w13, w13_scale, None, sorted_ids, block_expert, num_padded, c1, k, tiles)
-    act = _silu_and_mul(c1, inter)
-    c2 = torch.empty(t * k, w2.shape[1], dtype=hidden.dtype, device=hidden.device)
+    dev, dtype = hidden.device, hidden.dtype
+    align = (sorted_ids, block_expert, num_padded)
+    if fuse:
+        act = torch.empty(t * k, inter, dtype=dtype, device=dev)
+        tiles1 = dict(tiles, BLOCK_N=max(16, tiles["BLOCK_N"] // 2))
+        _expert_gemm(hidden, w13, w13_scale, None, *align, act, k, tiles1, silu_mul=True)
+    else:
+        c1 = torch.empty(t * k, 2 * inter, dtype=dtype, device=dev)
+        _expert_gemm(hidden, w13, w13_scale, None, *align, c1, k, tiles)
+        act = _silu_and_mul(c1, inter)
+    c2 = torch.empty(t * k, w2.shape[1], dtype=dtype, device=dev)
     weights = topk_weights.to(torch.float32).contiguous().view(-1)
-    _expert_gemm(act, w2, w2_scale, weights, sorted_ids, block_expert, num_padded, c2, 1, tiles)
-    return c2.view(t, k, -1).sum(dim=1, dtype=torch.float32).to(hidden.dtype)
+    _expert_gemm(act, w2, w2_scale, weights, *align, c2, 1, tiles)
+    return _sum_topk(c2, t, k, dtype)
 
 
 def topk_routing(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool):
-    """``(weights [T, k] float32, ids [T, k])``: softmax or sigmoid scores, the top k, divided
-    by their sum when ``renormalize`` (the contract's routing, ``backends/spec.py``)."""
-    logits = router_logits.float()
-    if scoring == "softmax":
-        scores = torch.softmax(logits, dim=-1)
-    elif scoring == "sigmoid":
-        scores = torch.sigmoid(logits)
-    else:
-        raise ValueError(f"MoE scoring {scoring!r} is not supported; use softmax or sigmoid.")
-    weights, ids = torch.topk(scores, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+    """``(weights [T, k] float32, ids [T, k] int32)``: the contract's routing in one Triton
+    launch (``routing.py``)."""
+    return route_triton(router_logits, top_k, scoring, renormalize)
 
 
 def fused_moe(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
               renormalize: bool = True, w13_scale=None, w2_scale=None) -> torch.Tensor:
-    """The contract's ``FusedOps.fused_moe``: routing, then ``fused_moe_triton``."""
-    weights, ids = topk_routing(router_logits, top_k, scoring, renormalize)
+    """The contract's ``FusedOps.fused_moe``: routing (one launch), then ``fused_moe_triton``."""
+    weights, ids = route_triton(router_logits, top_k, scoring, renormalize)
     return fused_moe_triton(hidden, weights, ids, w13, w2, w13_scale, w2_scale)
