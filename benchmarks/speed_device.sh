@@ -14,7 +14,7 @@
 #   4. MoE B1 (Qwen3-30B-A3B shapes): `tessellm bench latency` (6.70 ms/token at 5b0d0f4, 4.57 at
 #      1550193 on 2026-12-04; after only: the before is those runs')
 #   5. GPU tests of the kernels changed (fused MoE + alignment, fp8 GEMMs, prefill attention)
-# Time boxes (seconds; 0 skips): KERNELS_S 60, B1_S 60 (each of 3), MOE_B1_S 80, TEST_S 50.
+# Time boxes (seconds; 0 skips): KERNELS_S 55, B1_S 60 (each of 3), MOE_B1_S 80, TEST_S 50.
 # Typically ~4 min in all (a fresh machine compiles the Triton kernels in the first B1 run).
 #   bash benchmarks/speed_device.sh      (repo root; .whl/ and tessellm.egg-info carried)
 # Results: $OUT/log.txt and $OUT/results.tar.gz (one JSON per step).
@@ -36,7 +36,7 @@ box() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s)";
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
   if [ -n "${COMMIT:-}" ]; then echo "commit $COMMIT"; else git log -1 --format='commit %H %cd'; fi
   date -u
-  box "attention, moe, fp8 host cost" ${KERNELS_S:-60} $P --sections attn_quick moe_quick host
+  box "attention, moe, fp8 host cost" ${KERNELS_S:-55} $P --sections attn_quick moe_quick host
   LAT="python3 -m tessellm.entrypoints.cli --log-level WARNING bench latency --load-format dummy --max-model-len 4096"
   L8=benchmarks/model-configs/llama-3.1-8b
   TAIL=3 box "B1 bf16" ${B1_S:-60} $LAT --model $L8 --num-iters 5 --output-json "$R/b1_bf16.json"
