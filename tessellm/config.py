@@ -50,6 +50,11 @@ class EngineArgs:
     # Speculative decoding (tessellm.spec_decode): a JSON string or a dict, e.g.
     # {"method": "ngram", "num_speculative_tokens": 3}; None: off.
     speculative_config: Optional[object] = None
+    # Multi-LoRA (docs/lora.md): serve PEFT adapters on this model, batched in one step.
+    enable_lora: bool = False
+    max_loras: int = 4  # adapters in device slots at once (a step holds at most this many)
+    max_cpu_loras: Optional[int] = None  # adapters cached in host memory; None: max(max_loras, 8)
+    max_lora_rank: int = 64  # the largest adapter rank served (slots are this wide)
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -63,7 +68,8 @@ class EngineArgs:
             raise ValueError(f"distributed_executor_backend {self.distributed_executor_backend!r} is "
                              "not supported; use mp (processes on this host) or ray.")
         for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len",
-                     "tensor_parallel_size", "pipeline_parallel_size"):
+                     "tensor_parallel_size", "pipeline_parallel_size", "max_loras",
+                     "max_cpu_loras", "max_lora_rank"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")

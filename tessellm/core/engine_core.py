@@ -39,6 +39,7 @@ class EngineCoreRequest:
     arrival_time: float
     cache_salt: Optional[str] = None
     wait_for: Optional[str] = None  # n > 1: sibling whose prompt blocks this one reuses
+    lora_request: Optional[dict] = None  # LoRARequest.to_dict() of its adapter; None: base model
 
 
 @dataclass
@@ -110,6 +111,37 @@ class EngineCore:
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids)
+        self.lora_store = self._lora_slots(args)  # None without enable_lora
+
+    def _lora_slots(self, args: EngineArgs):
+        """Adapter slots in the scheduler over a host cache read by a background thread; a
+        runner in this process reads the same cache (workers in processes keep their own)."""
+        from tessellm.lora.config import LoRAConfig
+
+        config = LoRAConfig.from_args(args)
+        if config is None:
+            return None
+        from tessellm.lora.shapes import BaseShapes
+        from tessellm.lora.slots import LoRASlots
+        from tessellm.lora.store import AdapterStore
+
+        store = AdapterStore(BaseShapes.from_config(self.source.hf_config), config.max_lora_rank,
+                             config.max_cpu_loras)
+        self.scheduler.lora = LoRASlots(config.max_loras, store)
+        worker = getattr(self.executor, "worker", None)
+        if worker is not None:
+            worker.runner.lora.store = store
+        return store
+
+    def add_lora(self, lora) -> None:
+        """Read and check an adapter now (offline ``LLM``: a bad one raises ValueError here,
+        before any request names it)."""
+        if self.lora_store is None:
+            raise ValueError(f"LoRA adapter {lora.lora_name!r} was given but the engine runs "
+                             "without LoRA; pass enable_lora=True (--enable-lora).")
+        if not self.lora_store.ready(lora.lora_int_id):
+            self.lora_store.forget_error(lora.lora_int_id)
+            self.lora_store.load_now(lora)
 
     @property
     def in_flight(self):
@@ -132,6 +164,8 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.structured.shutdown()
+        if self.lora_store is not None:
+            self.lora_store.shutdown()
         self.executor.shutdown()
         if self.backend.emulated:
             from tessellm.backends.emulation import unmark_emulated
@@ -141,8 +175,18 @@ class EngineCore:
     # -- the engine loop -------------------------------------------------------------------
 
     def add_request(self, req: EngineCoreRequest) -> None:
+        lora = None
+        if req.lora_request is not None:
+            from tessellm.lora.request import LoRARequest
+
+            if self.lora_store is None:
+                raise ValueError("The request names a LoRA adapter but the engine runs without "
+                                 "LoRA; start it with --enable-lora (enable_lora=True).")
+            lora = LoRARequest.from_dict(req.lora_request)
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params,
-                          self.eos_token_ids, req.arrival_time, req.cache_salt, req.wait_for)
+                          self.eos_token_ids, req.arrival_time, req.cache_salt, req.wait_for, lora)
+        if lora is not None:
+            self.lora_store.ensure(lora)  # read off the step loop, before it is scheduled
         self.scheduler.check_fits(request)
         if req.sampling_params.structured_outputs is not None:
             request.grammar = self.structured.grammar_for(req.sampling_params.structured_outputs)
@@ -171,6 +215,8 @@ class EngineCore:
                 return ended
         elif not self.in_flight:
             self.structured.wait_for_compiles(self.scheduler.waiting)  # instead of spinning
+            if self.lora_store is not None:
+                self.lora_store.wait_any(0.05)  # adapters still loading: wait, do not spin
             return ended
         sched = self.in_flight.oldest()
         result = self.executor.collect()

@@ -75,7 +75,8 @@ def encode_request(req: EngineCoreRequest) -> dict:
     params.pop("extra", None)  # free-form and ignored by the engine: not sent
     return {"v": STEP_SCHEMA_VERSION, "request_id": req.request_id,
             "prompt_token_ids": list(req.prompt_token_ids), "sampling_params": params,
-            "arrival_time": req.arrival_time, "cache_salt": req.cache_salt, "wait_for": req.wait_for}
+            "arrival_time": req.arrival_time, "cache_salt": req.cache_salt, "wait_for": req.wait_for,
+            "lora_request": req.lora_request}
 
 
 def decode_request(d: dict) -> EngineCoreRequest:

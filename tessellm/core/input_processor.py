@@ -67,21 +67,25 @@ class InputProcessor:
             self._valid_specs.pop(next(iter(self._valid_specs)))
 
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                      arrival_time: Optional[float] = None) -> list[EngineCoreRequest]:
-        """One core request per sample; samples after the first reuse its prompt blocks."""
+                      arrival_time: Optional[float] = None,
+                      lora_request=None) -> list[EngineCoreRequest]:
+        """One core request per sample; samples after the first reuse its prompt blocks.
+        ``lora_request``: the adapter (``tessellm.lora.LoRARequest``), None for the base model."""
+        lora = None if lora_request is None else lora_request.to_dict()
         arrival = time.time() if arrival_time is None else arrival_time
         if params.structured_outputs is not None:
             self._check_structured(params.structured_outputs)
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.info.max_model_len - len(prompt.prompt_token_ids))
         if params.n == 1:
-            return [EngineCoreRequest(request_id, prompt.prompt_token_ids, params, arrival)]
+            return [EngineCoreRequest(request_id, prompt.prompt_token_ids, params, arrival,
+                                      lora_request=lora)]
         child_ids = [child_request_id(request_id, i) for i in range(params.n)]
         reqs = []
         for i, cid in enumerate(child_ids):
             child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
             reqs.append(EngineCoreRequest(cid, prompt.prompt_token_ids, child_params, arrival,
-                                          wait_for=child_ids[0] if i else None))
+                                          wait_for=child_ids[0] if i else None, lora_request=lora))
         return reqs
 
 

@@ -35,10 +35,13 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, final_only)
 
     def add_request(self, request_id: str, prompt: PromptType,
-                    params: Optional[SamplingParams] = None) -> None:
-        """Validate and queue a request. Raises ValueError (nothing queued) on bad input."""
+                    params: Optional[SamplingParams] = None, lora_request=None) -> None:
+        """Validate and queue a request. Raises ValueError (nothing queued) on bad input,
+        a bad LoRA adapter included (``lora_request``: a ``tessellm.lora.LoRARequest``)."""
+        if lora_request is not None:
+            self.core.add_lora(lora_request)
         submit(self.inputs, self.outputs, request_id, prompt, params or SamplingParams(),
-               self.core.add_request)
+               self.core.add_request, lora_request=lora_request)
 
     def abort_request(self, request_id: str) -> None:
         ids = self.outputs.core_ids(request_id)

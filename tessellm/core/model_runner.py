@@ -51,7 +51,7 @@ class ModelRunner:
                  vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
                  max_model_len: int = 2048, graph_runner=None, pp: Optional[PipelineStage] = None,
                  dtype: torch.dtype = torch.float32, logits_ops=None, spec=None,
-                 verify_graph_factory=None):
+                 verify_graph_factory=None, lora=None):
         self.model = model
         self.pp = pp or PipelineStage()
         self.dtype = dtype  # of activations (hidden states sent between stages)
@@ -79,6 +79,10 @@ class ModelRunner:
         self.verify_graph_factory = verify_graph_factory
         self.verify_graphs = None  # tessellm.spec_decode.verify_graphs.VerifyGraphs once captured
         self._graphs_ready = False
+        # Multi-LoRA: the slots on the model's layers (tessellm.lora.worker), or None.
+        self.lora = lora
+        self._lora_slots: Optional[np.ndarray] = None  # int32 slot per token row; None: no adapter
+        self._lora_graphs = False  # captured graphs take the token slots (LoRA steps replay)
 
     @property
     def requests(self) -> dict[str, RunnerRequest]:
@@ -163,6 +167,8 @@ class ModelRunner:
         num_sampled = None if one_each else [ns.get(r, 0) for r in order]
         if len(self.steps.unresolved) >= 2 or any(s.params.needs_penalties for s in states):
             self.steps.resolve_all()  # at most two steps in flight; penalties count every token
+        if self.lora is not None:
+            self._lora_slots = self.lora.begin_step(sched.lora_loads, sched.lora_slots, order, counts)
         self.staging.begin_launch()
         host = build_inputs(states, counts, num_sampled, self.batch.tables, self.block_size,
                             self.steps.input_token)
@@ -206,6 +212,11 @@ class ModelRunner:
         padded = self._graph_size(host, states)
         if padded is not None:
             inputs = [self.staging.to_device(i, a) for i, a in enumerate(host.pad(padded))]
+            if self._lora_graphs:  # the LoRA slot of each row; padded rows use none
+                slots = np.full(padded, -1, dtype=np.int32)
+                if self._lora_slots is not None:
+                    slots[:host.num_tokens] = self._lora_slots
+                inputs.insert(4, self.staging.to_device(10, slots))  # the table stays last
             inputs[0] = self.steps.apply_feed(inputs[0], host.feed, self.staging)
             rows = None if num_rows == host.num_tokens else self.staging.to_device(8, host.logits_indices)
             self.staging.inputs_queued()
@@ -213,10 +224,12 @@ class ModelRunner:
             if not num_rows:
                 return None
             return logits if rows is None else logits[rows]
-        bucket = self.verify_graphs.bucket(host, counts) if self.verify_graphs is not None else None
+        bucket = None  # LoRA steps run their verify eagerly (the verify graphs hold no adapters)
+        if self.verify_graphs is not None and self._lora_slots is None:
+            bucket = self.verify_graphs.bucket(host, counts)
         if bucket is not None:  # every request verifies k drafts: a captured verify step
             return self.verify_graphs.run(host, *bucket, self.staging.to_device, self.staging.inputs_queued)
-        ids, positions, attn, rows = self._eager_tensors(host, counts)
+        ids, positions, attn, rows = self._eager_tensors(host, counts, self._lora_slots)
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens))
         if self.io.send(hidden):
             return None
@@ -229,12 +242,15 @@ class ModelRunner:
             return None
         return self.model.compute_logits(hidden[rows])
 
-    def _eager_tensors(self, host: HostInputs, counts: list[int]):
-        """The step's inputs on the device, through pinned staging, and its AttentionBatch."""
+    def _eager_tensors(self, host: HostInputs, counts: list[int], lora_slots=None):
+        """The step's inputs on the device, through pinned staging, and its AttentionBatch
+        (``lora_slots``: the LoRA slot per token row, set on the layers' ``LoRABatch``)."""
         put = self.staging.to_device
         ids = self.steps.apply_feed(put(0, host.input_ids), host.feed, self.staging)
         positions, slots, seq_lens = put(1, host.positions), put(2, host.slot_mapping), put(3, host.seq_lens)
         table, qsl, rows = put(4, host.block_table), put(7, host.query_start_loc), put(8, host.logits_indices)
+        if self.lora is not None:
+            self.lora.batch.set(None if lora_slots is None else put(10, lora_slots))
         self.staging.inputs_queued()
         attn = AttentionBatch(
             num_tokens=host.num_tokens, num_seqs=len(counts), num_decodes=host.num_decodes,
@@ -257,13 +273,18 @@ class ModelRunner:
         width = -(-self.max_model_len // self.block_size)
         self._arange = torch.arange(max(self.graph_runner.capture_sizes) + 1, dtype=torch.int32,
                                     device=self.device)
+        # LoRA: graphs cover adapter steps when the backend's ops are capturable; else they
+        # hold the base model only and steps with adapters run eagerly (docs/lora.md).
+        self._lora_graphs = self.lora is not None and self.lora.graph_capturable
 
         def make_inputs(n: int):
+            lora = (torch.full((n,), -1, dtype=torch.int32, device=self.device),) if self._lora_graphs else ()
             return (torch.zeros(n, dtype=torch.int64, device=self.device),  # input ids
                     torch.zeros(n, dtype=torch.int64, device=self.device),  # positions
                     torch.full((n,), -1, dtype=torch.int64, device=self.device),  # slots
                     torch.ones(n, dtype=torch.int32, device=self.device),  # seq lens
-                    torch.zeros((n, width), dtype=torch.int32, device=self.device))  # tables
+                    *lora,  # LoRA slot per row (-1: none)
+                    torch.zeros((n, width), dtype=torch.int32, device=self.device))  # tables (last)
 
         with torch.inference_mode():
             self.graph_runner.capture(self._decode_step, make_inputs)
@@ -273,6 +294,8 @@ class ModelRunner:
     def _capture_verify_graphs(self) -> None:
         """Speculative decoding: graphs of the verify step (q = 2..k+1 tokens per sequence)."""
         spec = self.spec
+        if self.lora is not None:
+            self.lora.batch.set(None)  # verify graphs hold the base model only
         if spec is not None:
             spec.proposer.capture_graphs()  # a draft model's own graphs (the target's are done)
         if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
@@ -286,10 +309,14 @@ class ModelRunner:
                                               spec.config.num_speculative_tokens + 1, sizes)
             self.verify_graphs.capture()
 
-    def _decode_step(self, input_ids, positions, slot_mapping, seq_lens, block_tables):
+    def _decode_step(self, input_ids, positions, slot_mapping, seq_lens, *rest):
         """The captured step: the graph's static buffers are its AttentionBatch (one query
-        token per row; padded rows have slot -1 and length 0)."""
+        token per row; padded rows have slot -1 and length 0), the block table last, and
+        before it, with LoRA graphs, each row's adapter slot (prepared inside the graph)."""
         n = input_ids.shape[0]
+        block_tables = rest[-1]
+        if self.lora is not None:
+            self.lora.batch.set(rest[0] if len(rest) == 2 else None)
         batch = AttentionBatch(num_tokens=n, num_seqs=n, num_decodes=n,
                                query_start_loc=self._arange[:n + 1], seq_lens=seq_lens,
                                block_tables=block_tables, slot_mapping=slot_mapping,
@@ -301,6 +328,8 @@ class ModelRunner:
     def _graph_size(self, host: HostInputs, states: list[RunnerRequest]) -> Optional[int]:
         if not self._graphs_ready or not host.all_decode:
             return None
+        if self._lora_slots is not None and not self._lora_graphs:
+            return None  # graphs hold the base model only: a step with adapters runs eagerly
         if host.any_prompt_logprobs or (self.spec is not None and self.spec.wants_tensors):
             return None  # the graph returns logits only
         return self.graph_runner.padded_size(len(states))

@@ -45,13 +45,18 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: Iterable[int] = (), arrival_time: Optional[float] = None,
-                 cache_salt: Optional[str] = None, wait_for: Optional[str] = None):
+                 cache_salt: Optional[str] = None, wait_for: Optional[str] = None,
+                 lora_request=None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = frozenset(eos_token_ids)  # any of these ends it (unless ignore_eos)
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.cache_salt = cache_salt  # extra key for the prefix hash (isolates tenants)
+        # Multi-LoRA: the adapter (tessellm.lora.LoRARequest) or None for the base model, and
+        # the device slot it holds while running (-1: none; tessellm.lora.slots).
+        self.lora_request = lora_request
+        self.lora_slot = -1
         # n > 1: the sibling that computes the shared prompt first; this request waits for it so
         # that it can take the prompt's blocks from the prefix cache.
         self.wait_for = wait_for
@@ -74,6 +79,14 @@ class Request:
         # Structured output: the request's grammar matcher (structured_output.RequestGrammar,
         # opaque here), None when unconstrained. Advanced by Scheduler.update per sampled token.
         self.grammar = None
+
+    @property
+    def cache_key(self) -> object:
+        """The extra key of its prefix hashes: KV computed under another adapter or another
+        cache salt is never shared."""
+        if self.lora_request is None:
+            return self.cache_salt
+        return (self.cache_salt, "lora", self.lora_request.lora_int_id)
 
     @property
     def num_prompt_tokens(self) -> int:

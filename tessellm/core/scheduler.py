@@ -44,6 +44,7 @@ from tessellm.core.request import Request, RequestStatus
 from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,  # noqa: F401
                                 SchedulerOutput)
 from tessellm.spec_decode.metrics import SpecDecodeStats
+from tessellm.lora.scheduling import LORA_WAIT, acquire_slot, lora_step_fields, release_slot
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Scheduler:
         self.spec_stats = SpecDecodeStats()  # speculative decoding totals (vLLM's meanings)
         self.in_flight = InFlightSteps()  # steps scheduled whose results are not back yet
         self.num_scheduled_tokens_total = 0  # over all steps: the metrics' per-step token counts
+        self.lora = None  # tessellm.lora.slots.LoRASlots when LoRA is enabled (adapter slots)
 
     # -- admission -------------------------------------------------------------------------
 
@@ -181,6 +183,8 @@ class Scheduler:
                               self._num_sampled(num_scheduled, spec), spec,
                               finished_request_ids=self.finished_ids,
                               preempted_request_ids=self.preempted_ids)
+        if self.lora is not None:
+            lora_step_fields(self, out)
         self.num_scheduled_tokens_total += out.total_num_scheduled_tokens
         self.finished_ids, self.preempted_ids = set(), set()
         if not out.is_empty:
@@ -215,15 +219,23 @@ class Scheduler:
                 self._finish(req, RequestStatus.FINISHED_ABORTED)
                 self.finished_outputs.append(EngineCoreOutput(req.request_id, [], "abort"))
                 continue
+            lora = acquire_slot(self, req) if req.lora_request is not None else 0
+            if lora < 0:  # its adapter is loading or every slot is busy: it waits; or it failed
+                if lora == LORA_WAIT:
+                    skipped.append(req)
+                continue
             # Prompt logprobs need every prompt position computed: no prefix hit for those.
             use_cache = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
             prefix = self.kv.find_cached_prefix(req, count=False) if use_cache else []
             num_hit = len(prefix) * self.kv.block_size
             num_new = self._num_new_tokens(req, budget, already=num_hit)
+            block_ids = (self.kv.allocate(req, num_new + self.config.num_lookahead_tokens, prefix)
+                         if num_new else None)
+            if block_ids is None:
+                release_slot(self, req)
             if num_new == 0:
                 skipped.append(req)
                 break
-            block_ids = self.kv.allocate(req, num_new + self.config.num_lookahead_tokens, prefix)
             if block_ids is None and not self.running:
                 self._finish_outgrown(req)  # nothing else holds blocks: it can never fit
                 continue
@@ -311,6 +323,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        release_slot(self, req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         # Results of its steps still in flight (async scheduling) are dropped when they come.
@@ -403,6 +416,7 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req)
+        release_slot(self, req)
         self.finished_ids.add(req.request_id)
         del self.requests[req.request_id]
 

@@ -77,6 +77,9 @@ class SchedulerOutput:
     grammar_bitmask: Optional[Any] = None
     # Multi-LoRA: request id -> adapter slot on the device. Absent: the base model.
     lora_slots: dict[str, int] = field(default_factory=dict)
+    # Multi-LoRA: adapters to put into slots before this step's forward, ``[slot, {"name",
+    # "id", "path"}]`` each (the runner reads them from its host cache, tessellm.lora.store).
+    lora_loads: list = field(default_factory=list)
     # Since the last step: requests that ended (finished or aborted); the runner drops them.
     finished_request_ids: set[str] = field(default_factory=set)
     # Preempted while building this step: the runner drops their state; they come back later as

@@ -18,12 +18,14 @@ from tessellm.core.sampling_params import SamplingParams
 
 def submit(inputs: InputProcessor, outputs: OutputProcessor, request_id: str,
            prompt: Union[PromptType, ProcessedPrompt], params: SamplingParams,
-           send: Callable[[EngineCoreRequest], None], in_use: bool = False) -> list[EngineCoreRequest]:
-    """Queue one request; ``in_use``: the caller already holds ``request_id`` (a stream)."""
+           send: Callable[[EngineCoreRequest], None], in_use: bool = False,
+           lora_request=None) -> list[EngineCoreRequest]:
+    """Queue one request; ``in_use``: the caller already holds ``request_id`` (a stream);
+    ``lora_request``: its adapter (``tessellm.lora.LoRARequest``) or None."""
     processed = prompt if isinstance(prompt, ProcessedPrompt) else inputs.process_prompt(prompt)
     if in_use or outputs.has_request(request_id):
         raise ValueError(f"Request id {request_id!r} is already in use.")
-    core_reqs = inputs.make_requests(request_id, processed, params)
+    core_reqs = inputs.make_requests(request_id, processed, params, lora_request=lora_request)
     outputs.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
                         [r.request_id for r in core_reqs], core_reqs[0].arrival_time)
     for req in core_reqs:

@@ -78,6 +78,7 @@ class Worker:
                                     self.device, args.block_size, args.kv_cache_dtype, args.seed,
                                     quantization=args.quantization, tp=self.tp, pp=self.pp)
         self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
+        lora = _lora_state(args, model, registry, self.backend, config, self.device)
         self.fast_all_reduce = self.tp.enable_fast_all_reduce(self.device, self.dtype)
         graphs = None
         if self.pp.num_stages == 1:  # stages exchange tensors between steps: eager only
@@ -94,7 +95,8 @@ class Worker:
                                   logits_ops=registry.provider("tessellm_logits_ops", self.backend,
                                                                LogitsOpsSpec(torch.float32))[0],
                                   spec=spec, verify_graph_factory=_verify_graph_factory(
-                                      registry, self.backend, graphs, self.dtype))
+                                      registry, self.backend, graphs, self.dtype),
+                                  lora=lora)
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
         logger.info("Rank %d: loaded %s on %s (backend %s) in %.1fs", rank, source.path,
                     self.device, self.backend.name, time.perf_counter() - t0)
@@ -200,6 +202,19 @@ def _verify_graph_factory(registry, backend, graphs, dtype):
         return None
     return lambda sizes: registry.graph_runner(backend, GraphSpec(max(sizes), False,
                                                                   capture_sizes=tuple(sizes), dtype=dtype))
+
+
+def _lora_state(args: EngineArgs, model, registry, backend, hf_config, device):
+    """LoRA slots on this rank's layers (``tessellm.lora.worker``), or None without LoRA."""
+    from tessellm.lora.config import LoRAConfig
+
+    config = LoRAConfig.from_args(args)
+    if config is None:
+        return None
+    from tessellm.lora.ops import lora_ops_for
+    from tessellm.lora.worker import LoRAWorkerState
+
+    return LoRAWorkerState(model, lora_ops_for(registry, backend), config, hf_config, device)
 
 
 def _set_current_device(device: torch.device) -> None:

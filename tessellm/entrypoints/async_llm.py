@@ -173,13 +173,15 @@ class AsyncLLM:
         return self._max_token_chars
 
     def add_request(self, request_id: str, prompt: Union[PromptType, ProcessedPrompt],
-                    params: SamplingParams, event: Optional[asyncio.Event] = None) -> RequestStream:
-        """Queue a request in the core; raises ValueError (nothing queued) on bad input."""
+                    params: SamplingParams, event: Optional[asyncio.Event] = None,
+                    lora_request=None) -> RequestStream:
+        """Queue a request in the core; raises ValueError (nothing queued) on bad input.
+        ``lora_request``: its adapter (``tessellm.lora.LoRARequest``, checked by the caller)."""
         self._check_alive()
         self._ensure_handler()
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         submit(self.inputs, self.outputs, request_id, processed, params, self.client.send_add,
-               in_use=request_id in self.streams)
+               in_use=request_id in self.streams, lora_request=lora_request)
         stream = RequestStream(request_id, event)
         self.streams[request_id] = stream
         return stream

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import statistics
 import time
@@ -17,6 +18,7 @@ def add_arguments(p) -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--num-iters", type=int, default=5)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--lora-path", default=None, help="a PEFT adapter every request uses (needs --enable-lora)")
     add_engine_arguments(p, enable_prefix_caching=False)  # each iteration's prompt is computed
 
 
@@ -24,13 +26,18 @@ def run(args) -> int:
     from tessellm import LLM
 
     llm = LLM(**dataclasses.asdict(engine_args_from(args, args.model)))
-    ttfts, tpots = measure(llm, args.input_len, args.output_len, args.num_iters, args.seed)
+    lora = None
+    if args.lora_path:
+        from tessellm.lora import LoRARequest
+
+        lora = LoRARequest(os.path.basename(args.lora_path.rstrip("/")), 1, args.lora_path)
+    ttfts, tpots = measure(llm, args.input_len, args.output_len, args.num_iters, args.seed, lora)
     core = llm.engine.core
     result = {"device": core.backend.name, "input_len": args.input_len, "output_len": args.output_len,
               "ttft_ms_median": round(statistics.median(ttfts) * 1e3, 2),
               "tpot_ms_median": round(statistics.median(tpots) * 1e3, 3),
               "ttft_ms": [round(t * 1e3, 2) for t in ttfts], "tpot_ms": [round(t * 1e3, 3) for t in tpots],
-              "graphs": core.executor.worker_info[0]["graphs"],
+              "graphs": core.executor.worker_info[0]["graphs"], "lora": args.lora_path,
               "async_scheduling": core.async_scheduling,
               "tensor_parallel_size": args.tensor_parallel_size,
               "pipeline_parallel_size": args.pipeline_parallel_size,
@@ -42,7 +49,7 @@ def run(args) -> int:
     return 0
 
 
-def measure(llm, input_len: int, output_len: int, num_iters: int, seed: int = 0):
+def measure(llm, input_len: int, output_len: int, num_iters: int, seed: int = 0, lora=None):
     """Batch-1 runs (after one warm-up): lists of TTFT and time per output token, in seconds."""
     from tessellm import SamplingParams
 
@@ -56,7 +63,7 @@ def measure(llm, input_len: int, output_len: int, num_iters: int, seed: int = 0)
             if core.parallel.world_size == 1:  # workers return only finished steps
                 core.backend.synchronize()
             start = time.perf_counter()
-            engine.add_request(f"latency-{it}", {"prompt_token_ids": req.prompt_token_ids}, params)
+            engine.add_request(f"latency-{it}", {"prompt_token_ids": req.prompt_token_ids}, params, lora)
             first = None
             while engine.has_unfinished_requests():
                 for out in engine.step():

@@ -8,6 +8,7 @@ for a side-by-side figure. Model loading is excluded from every figure.
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import random
 import time
@@ -35,6 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", default="auto", choices=["auto", "tiny", "full"],
                    help="untimed run first: full = the whole workload (auto: full except on cpu)")
     p.add_argument("--output-json", default=None)
+    p.add_argument("--lora-dir", default=None,
+                   help="a directory of PEFT adapters (one per subdirectory): requests are spread "
+                        "over them uniformly (needs --enable-lora)")
     add_engine_arguments(p)
 
 
@@ -72,6 +76,19 @@ def _summary(args, reqs: list[BenchRequest], elapsed: float, extra: dict) -> dic
             "total_tokens_per_s": round((in_tokens + out_tokens) / elapsed, 2), **extra}
 
 
+def lora_requests(lora_dir, num: int) -> list:
+    """One LoRARequest per request, round robin over the adapters in ``lora_dir`` (None: none)."""
+    if lora_dir is None:
+        return [None] * num
+    from tessellm.lora import LoRARequest
+
+    names = sorted(d for d in os.listdir(lora_dir) if os.path.isdir(os.path.join(lora_dir, d)))
+    if not names:
+        raise ValueError(f"--lora-dir {lora_dir} has no adapter subdirectories.")
+    loras = [LoRARequest(n, i + 1, os.path.join(lora_dir, n)) for i, n in enumerate(names)]
+    return [loras[i % len(loras)] for i in range(num)]
+
+
 def run_tessellm(args) -> dict:
     from tessellm import LLM, SamplingParams
 
@@ -81,6 +98,7 @@ def run_tessellm(args) -> dict:
                          core.vocab_size, args.seed)
     params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    loras = lora_requests(args.lora_dir, len(reqs))
     # Warm-up: JIT compilation and allocator growth stay out of the timed region. Triton
     # compiles a kernel variant per shape class the first time a step meets it (measured on an
     # H200: ~1.7 s of a cold 6.9 s F run), so on accelerators the whole workload runs once first.
@@ -90,7 +108,7 @@ def run_tessellm(args) -> dict:
                              args.random_range_ratio, core.vocab_size, args.seed + 1)
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
                      [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
-                      for r in warm], use_tqdm=False)
+                      for r in warm], use_tqdm=False, lora_request=loras)
     else:
         warm = make_requests(2, 16, 4, 0.0, core.vocab_size, args.seed + 1)
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
@@ -98,7 +116,7 @@ def run_tessellm(args) -> dict:
     sync = core.backend.synchronize if core.parallel.world_size == 1 else (lambda: None)
     sync()  # (with workers, each step's results come back only once the step is done)
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
     sync()
     elapsed = time.perf_counter() - start
     produced = [len(o.outputs[0].token_ids) for o in outs]
@@ -109,6 +127,7 @@ def run_tessellm(args) -> dict:
                                           "tensor_parallel_size": args.tensor_parallel_size,
                                           "pipeline_parallel_size": args.pipeline_parallel_size,
                                           "num_kv_blocks": core.info.num_kv_blocks,
+                                          "num_loras": len({lr.lora_int_id for lr in loras if lr}),
                                           "preemptions": core.scheduler.num_preemptions_total,
                                           "spec_decode": _spec_decode(core)})
 

@@ -52,6 +52,10 @@ HELP = {
                           "replay; docs/speculative_decoding.md)",
     "emulate": "run --device's backend on CPU tensors, its device absent (log lines and "
                "/version say emulated; for plugin authors and the CI lanes)",
+    "enable_lora": "serve LoRA adapters (PEFT) on the model, several in one batch (docs/lora.md)",
+    "max_loras": "LoRA adapters on the device at once (requests for others wait)",
+    "max_cpu_loras": "LoRA adapters cached in host memory (default: max(max_loras, 8))",
+    "max_lora_rank": "the largest LoRA rank served; slots are this wide",
 }
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
 CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"]}

@@ -50,16 +50,20 @@ class LLM:
         self.shutdown()
 
     def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Prompts: a str, a list of str, token-id dicts, or a list of those. Outputs keep input order."""
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+        """Prompts: a str, a list of str, token-id dicts, or a list of those. Outputs keep input order.
+
+        ``lora_request``: a ``tessellm.lora.LoRARequest`` for every prompt, or a list with one
+        (or None: the base model) per prompt; needs ``LLM(enable_lora=True)``."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = _per_prompt(sampling_params, len(prompts))
+        loras = _per_prompt_lora(lora_request, len(prompts))
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, lora in zip(prompts, params, loras):
                 rid = str(next(self._ids))
-                self.engine.add_request(rid, prompt, p)
+                self.engine.add_request(rid, prompt, p, lora)
                 ids.append(rid)
         except Exception:
             for rid in ids:  # leave the engine clean for the next call
@@ -88,6 +92,14 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [done[rid] for rid in ids]
+
+
+def _per_prompt_lora(lora, n: int) -> list:
+    if lora is None or not isinstance(lora, (list, tuple)):
+        return [lora] * n
+    if len(lora) != n:
+        raise ValueError(f"Got {len(lora)} LoRA requests for {n} prompts; give one, or one per prompt.")
+    return list(lora)
 
 
 def _per_prompt(params, n: int) -> list[SamplingParams]:

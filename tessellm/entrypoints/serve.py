@@ -60,6 +60,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--max-header-bytes", type=int, default=32 << 10, help="largest request headers")
     g.add_argument("--sse-keepalive", type=float, default=10.0, metavar="SECONDS",
                    help="send an SSE comment after this much silence on a stream")
+    g = parser.add_argument_group("LoRA (with --enable-lora; docs/lora.md)")
+    g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="PEFT adapters to serve; a request selects one with model: NAME")
+    g.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     from tessellm.entrypoints.ray_serve.launch import add_ray_arguments
 
     add_ray_arguments(parser)
@@ -111,7 +116,13 @@ def run_serve(args: argparse.Namespace) -> int:
         sock.close()
         print(f"tessellm serve: {exc}", file=sys.stderr)
         return 1
-    app = build_app(engine, config)
+    try:
+        app = build_app(engine, config)
+    except ValueError as exc:  # a bad --lora-modules adapter
+        engine.close()
+        sock.close()
+        print(f"tessellm serve: {exc}", file=sys.stderr)
+        return 1
     import uvicorn
 
     host, port = sock.getsockname()[:2]
@@ -147,6 +158,7 @@ def _run_ray_serve(args: argparse.Namespace) -> int:
 
 
 def _server_config(args: argparse.Namespace):
+    from tessellm.entrypoints.openai.lora_modules import parse_lora_modules
     from tessellm.entrypoints.openai.server_config import ServerConfig
 
     names = args.served_model_name or [args.model if args.model is not None else DEFAULT_SERVED_NAME]
@@ -166,7 +178,9 @@ def _server_config(args: argparse.Namespace):
         chat_template=read_chat_template(args.chat_template), max_n=args.max_n,
         max_logprobs=args.max_logprobs, max_tokens=args.max_tokens_limit, max_prompts=args.max_prompts,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
-        sse_keepalive_s=args.sse_keepalive, tool_call_parser=args.tool_call_parser)
+        sse_keepalive_s=args.sse_keepalive, tool_call_parser=args.tool_call_parser,
+        lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
+        allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False))
 
 
 def read_chat_template(value: Optional[str]) -> Optional[str]:

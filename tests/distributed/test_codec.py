@@ -26,7 +26,8 @@ def _full_step() -> SchedulerOutput:
         num_sampled_tokens={"n": 1, "c": 4}, spec_token_ids={"c": [41, 42, 43]},
         grammar_bitmask_rows={"c": 1},
         grammar_bitmask=np.arange(10, dtype=np.int32).reshape(5, 2) - 3,
-        lora_slots={"c": 2}, finished_request_ids={"f1", "f2"}, preempted_request_ids={"p"})
+        lora_slots={"c": 2}, lora_loads=[[2, {"name": "a", "id": 3, "path": "/a"}]],
+        finished_request_ids={"f1", "f2"}, preempted_request_ids={"p"})
 
 
 def _equal(a, b) -> bool:

@@ -21,6 +21,7 @@ NON_DEFAULT = {
     "tensor_parallel_size": 2, "pipeline_parallel_size": 2, "distributed_executor_backend": "ray",
     "async_scheduling": True, "kernel_warmup": False, "emulate": True,
     "speculative_config": '{"method": "ngram", "num_speculative_tokens": 2}',
+    "enable_lora": True, "max_loras": 3, "max_cpu_loras": 9, "max_lora_rank": 16,
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],

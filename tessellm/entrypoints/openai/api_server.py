@@ -1,6 +1,8 @@
 """The OpenAI-compatible FastAPI app.
 
-Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (and ``/v1/models/{id}``),
+Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (and ``/v1/models/{id}``;
+LoRA adapters are listed with their ``parent``), ``/v1/load_lora_adapter`` and
+``/v1/unload_lora_adapter`` (lora_routes.py),
 ``/tokenize``, ``/detokenize``, ``/health`` (liveness: the API process and the engine core
 process are up), ``/ready`` (the engine has loaded, finished its warm-up and answers; 503 with
 ``Retry-After`` while warming up or draining, see lifecycle.py), ``/version``, ``/metrics``
@@ -28,6 +30,7 @@ import tessellm
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
 from tessellm.entrypoints.openai.lifecycle import Lifecycle
+from tessellm.entrypoints.openai.lora_routes import add_lora_routes, serve_lora
 from tessellm.entrypoints.openai.middleware import EdgeMiddleware
 from tessellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard,
                                                   ModelList, TokenizeChatRequest,
@@ -58,7 +61,9 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     engine.add_stat_logger(app.state.metrics)
     _add_error_handlers(app)
     _add_status_routes(app, engine, app.state.metrics)
+    serve_lora(engine, config)  # --enable-lora: reads --lora-modules (ValueError if one is bad)
     _add_inference_routes(app, engine, config)
+    add_lora_routes(app, engine, config, _json_body)
     app.add_middleware(EdgeMiddleware, config=config, lifecycle=app.state.lifecycle)
     return app
 
@@ -136,12 +141,15 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
 
 def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
     def card(name: str) -> ModelCard:
-        return ModelCard(id=name, root=engine.info.model_path, max_model_len=engine.info.max_model_len,
-                         vocab_size=engine.info.vocab_size)
+        lora = config.lora_for(name)
+        return ModelCard(id=name, root=lora.lora_path if lora else engine.info.model_path,
+                         max_model_len=engine.info.max_model_len, vocab_size=engine.info.vocab_size,
+                         parent=config.model_name if lora else None)
 
     @app.get("/v1/models")
     async def list_models():
-        return ModelList(data=[card(n) for n in config.served_model_names])
+        adapters = list(config.lora.adapters) if config.lora is not None else []
+        return ModelList(data=[card(n) for n in config.served_model_names + adapters])
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):

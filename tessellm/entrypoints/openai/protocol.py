@@ -303,6 +303,7 @@ class ModelCard(BaseModel):
     root: Optional[str] = None  # tessellm: where the weights came from
     max_model_len: Optional[int] = None  # tessellm: context length
     vocab_size: Optional[int] = None  # tessellm: for random-token benchmarks
+    parent: Optional[str] = None  # a LoRA adapter's base model (None for the base model)
 
 
 class ModelList(BaseModel):

@@ -22,9 +22,11 @@ _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 
 def check_model(requested: Optional[str], config: ServerConfig) -> None:
     if requested is not None and requested not in config.served_model_names:
+        if config.lora_for(requested) is not None:
+            return
+        names = config.served_model_names + sorted(config.lora.adapters if config.lora else ())
         raise OpenAIError(f"The model '{requested}' does not exist. This server serves "
-                          f"{', '.join(repr(n) for n in config.served_model_names)}.", 404, "model",
-                          "model_not_found")
+                          f"{', '.join(repr(n) for n in names)}.", 404, "model", "model_not_found")
 
 
 def check_unsupported(req: BaseModel) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -21,6 +21,13 @@ class ServerConfig:
     sse_keepalive_s: float = 10.0  # an SSE comment after this much silence on a stream
     open_paths: frozenset = field(default_factory=lambda: frozenset(
         {"/health", "/ready", "/version", "/metrics"}))  # no API key needed
+    lora_modules: list = field(default_factory=list)  # --lora-modules: [(name, path)] at start
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and unload allowed
+    lora: Any = None  # the served adapters (openai.lora_modules.LoRAModules) with --enable-lora
+
+    def lora_for(self, name: Optional[str]):
+        """The LoRARequest the ``model`` field names, or None (the base model)."""
+        return self.lora.get(name) if self.lora is not None else None
 
     @property
     def model_name(self) -> str:

@@ -75,12 +75,12 @@ class Submitted:
 
 
 def submit(engine: AsyncLLM, base_id: str, prompts: list[ProcessedPrompt],
-           params: list[SamplingParams]) -> Submitted:
+           params: list[SamplingParams], lora_request=None) -> Submitted:
     sub = Submitted([], [], asyncio.Event(), prompts)
     try:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             rid = f"{base_id}-{i}"
-            sub.streams.append(engine.add_request(rid, prompt, p, sub.event))
+            sub.streams.append(engine.add_request(rid, prompt, p, sub.event, lora_request))
             sub.request_ids.append(rid)
     except BaseException as exc:
         sub.abort(engine)

@@ -46,8 +46,9 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     if plan.parser is not None and plan.parser.needs_special_tokens:
         params.skip_special_tokens = False  # the parser's markers are special tokens
     request_id = random_id("chatcmpl")
-    sub = submit(engine, request_id, [processed], [params])
-    view = _ChatView(engine, req, config.model_name, request_id, plan)
+    lora = config.lora_for(req.model)
+    sub = submit(engine, request_id, [processed], [params], lora)
+    view = _ChatView(engine, req, lora.lora_name if lora else config.model_name, request_id, plan)
     if req.stream:
         return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)

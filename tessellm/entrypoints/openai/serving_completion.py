@@ -40,8 +40,9 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     params = [to_sampling_params(req, resolve_max_tokens(req, len(p.prompt_token_ids), max_len, config),
                                  engine.info.vocab_size, structured) for p in processed]
     request_id = random_id("cmpl")
-    sub = submit(engine, request_id, processed, params)
-    view = _CompletionView(engine, req, config.model_name, request_id, [_prompt_text(engine, p) for p in processed])
+    lora = config.lora_for(req.model)
+    sub = submit(engine, request_id, processed, params, lora)
+    view = _CompletionView(engine, req, lora.lora_name if lora else config.model_name, request_id, [_prompt_text(engine, p) for p in processed])
     if req.stream:
         return sse_response(engine, sub, _CompletionChunks(view, len(prompts)), config.sse_keepalive_s)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)

@@ -119,6 +119,10 @@ class OpenAIIngress:
         self.retries = cfg.ingress.retries
         self.api_key = server.api_key
         self.max_body_bytes = server.max_body_bytes
+        # Served LoRA adapters (server.lora_modules): their requests route by adapter first.
+        from tessellm.entrypoints.openai.lora_modules import parse_lora_modules
+
+        self.lora_names = frozenset(name for name, _ in parse_lora_modules(server.lora_modules))
         self.retry_after_s = cfg.ingress.retry_after_s
         self.draining = False
         self.in_flight = 0  # requests whose response is not fully sent yet
@@ -196,9 +200,13 @@ class OpenAIIngress:
         forwarded = ForwardedRequest(
             request.method, "/" + path, request.scope.get("query_string", b""),
             [(k, v) for k, v in request.scope["headers"] if k not in _HOP_HEADERS], body)
+        if forwarded.path.rstrip("/").endswith(("/load_lora_adapter", "/unload_lora_adapter")):
+            return OpenAIError("Under Ray Serve, LoRA adapters are listed in the config's "
+                               "server.lora_modules (every replica serves them); loading one at "
+                               "run time would reach a single replica.", 400).response()
         r = self.router
-        chain = (prefix_hashes(forwarded.path, body, r.chunk_chars, r.chunk_tokens, r.max_chunks)
-                 if r.prefix_affinity else [])
+        chain = (prefix_hashes(forwarded.path, body, r.chunk_chars, r.chunk_tokens, r.max_chunks,
+                               self.lora_names) if r.prefix_affinity else [])
         last = None
         for attempt in range(self.retries + 1):
             try:

@@ -69,6 +69,7 @@ def config_from_args(args: argparse.Namespace, server_config) -> dict:
     engine.pop("model")
     server = dataclasses.asdict(server_config)
     server.pop("open_paths")
+    server.pop("lora")  # built by each replica from lora_modules
     config = {"model": args.model, "engine": engine, "server": server,
               "num_replicas": args.num_replicas,
               "replica": {"num_cpus": args.replica_num_cpus, "num_gpus": args.replica_num_gpus,

@@ -12,6 +12,14 @@ characters instead of tokens: the ingress has no tokenizer, and a prompt whose f
 characters match another's starts with (almost) the same tokens. A chat request hashes its
 messages in order, each as ``role`` and ``content`` with separators, so a shared system
 prompt is a shared prefix. Hashes are stable across processes (blake2b, not ``hash()``).
+
+LoRA multiplexing: a request whose ``model`` is one of the served adapters (``lora_names``)
+gets the adapter as its chain's first link, ``m = H(name)``, and its chunks chained after it::
+
+    hashes:  m = H(adapter)   h0 = H(m, c0)   h1 = H(h0, c1) ...
+
+so every request for an adapter shares ``m``: the router prefers the replica that served the
+adapter last (its slots and its KV prefixes are there), under the same load check as prefixes.
 """
 
 from __future__ import annotations
@@ -24,24 +32,40 @@ _ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 def prefix_hashes(path: str, body: bytes, chunk_chars: int, chunk_tokens: int,
-                  max_chunks: int) -> list[int]:
+                  max_chunks: int, lora_names: frozenset = frozenset()) -> list[int]:
     """Chained chunk hashes of the request's prompt; [] when it has none (or is not JSON)."""
-    if not path.rstrip("/").endswith(_ROUTED_PATHS) or not body:
+    request = _json_request(path, body)
+    if request is None:
         return []
+    model = request.get("model")
+    if isinstance(model, str) and model in lora_names:
+        head = _chain([model.encode("utf-8", "surrogatepass")], b"m")
+        kind = head[0].to_bytes(8, "little")
+        return head + _prompt_chain(request, chunk_chars, chunk_tokens, max_chunks - 1, kind)
+    return _prompt_chain(request, chunk_chars, chunk_tokens, max_chunks, None)
+
+
+def _json_request(path: str, body: bytes):
+    if not path.rstrip("/").endswith(_ROUTED_PATHS) or not body:
+        return None
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return []
-    if not isinstance(request, dict):
-        return []
+        return None
+    return request if isinstance(request, dict) else None
+
+
+def _prompt_chain(request: dict, chunk_chars: int, chunk_tokens: int, max_chunks: int,
+                  parent) -> list[int]:
+    """The prompt's chunk chain; ``parent``: the digest it continues (an adapter's link)."""
     if "messages" in request:
         text = _chat_text(request["messages"])
-        return _chain_text(text, chunk_chars, max_chunks) if text else []
+        return _chain_text(text, chunk_chars, max_chunks, parent) if text else []
     prompt = _first_prompt(request.get("prompt"))
     if isinstance(prompt, str):
-        return _chain_text(prompt, chunk_chars, max_chunks)
+        return _chain_text(prompt, chunk_chars, max_chunks, parent)
     if isinstance(prompt, list):
-        return _chain_tokens(prompt, chunk_tokens, max_chunks)
+        return _chain_tokens(prompt, chunk_tokens, max_chunks, parent)
     return []
 
 
@@ -66,19 +90,19 @@ def _chat_text(messages) -> Optional[str]:
     return "".join(parts)
 
 
-def _chain_text(text: str, chunk_chars: int, max_chunks: int) -> list[int]:
+def _chain_text(text: str, chunk_chars: int, max_chunks: int, parent=None) -> list[int]:
     chunks = [text[i:i + chunk_chars].encode("utf-8", "surrogatepass")
               for i in range(0, (len(text) // chunk_chars) * chunk_chars, chunk_chars)]
-    return _chain(chunks[:max_chunks], b"t")
+    return _chain(chunks[:max_chunks], parent or b"t")
 
 
-def _chain_tokens(ids: list, chunk_tokens: int, max_chunks: int) -> list[int]:
+def _chain_tokens(ids: list, chunk_tokens: int, max_chunks: int, parent=None) -> list[int]:
     if not all(isinstance(t, int) for t in ids):
         return []
     full = (len(ids) // chunk_tokens) * chunk_tokens
     chunks = [",".join(map(str, ids[i:i + chunk_tokens])).encode()
               for i in range(0, min(full, max_chunks * chunk_tokens), chunk_tokens)]
-    return _chain(chunks, b"i")
+    return _chain(chunks, parent or b"i")
 
 
 def _chain(chunks: list[bytes], kind: bytes) -> list[int]:

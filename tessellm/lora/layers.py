@@ -1,0 +1,146 @@
+"""LoRA on the model's linears: adapters stacked in fixed-size slots, one batched op per layer.
+
+Each wrapped layer keeps, per slot ``s`` of ``max_loras``, the adapter's A and B zero-padded to
+the slot rank ``R`` (an absent module is all zeros, so it adds nothing)::
+
+    fused qkv (3 slices) under tensor parallelism (this rank's rows of each slice):
+      lora_a  [S, 3R, K]          one shrink: buf[T, 3R] = x A_s^T (fp32)
+      lora_b  [S, Nq, R] [S, Nk, R] [S, Nv, R]     one expand_slices into y[:, off_i : off_i + N_i]
+      scaling [S] fp32            one per slot (a slice whose module scales differently has the
+                                  ratio folded into its B when the slot is filled)
+
+Column-parallel layers (qkv, gate_up) hold A whole and B's rows of this rank (the same
+``shard_ranges`` as the base weight). Row-parallel layers (o, down) hold A's columns of this
+rank and B whole: each rank adds ``x_r A_r^T B^T`` to its partial product, and the base
+layer's sum over ranks (its all-reduce, or the next RMSNorm's) sums the LoRA terms too, since
+``sum_r (x_r A_r^T) B^T = (x A^T) B^T``.
+
+Which slot each token row uses is the step's ``LoRABatch`` (set by the model runner before a
+forward); layers are built with it, nothing global.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from tessellm.lora.shapes import LAYER_SLICES
+
+
+class LoRABatch:
+    """The current step's slot per token row, prepared once for every layer."""
+
+    def __init__(self, ops, num_slots: int):
+        self.ops = ops
+        self.num_slots = num_slots
+        self.meta = None  # ops.prepare's result; None: no row uses an adapter this step
+
+    def set(self, token_slots: Optional[torch.Tensor]) -> None:
+        """``token_slots``: int32 [T] on the device (-1: the base model), or None."""
+        self.meta = None if token_slots is None else self.ops.prepare(token_slots, self.num_slots)
+
+
+class LoRALinear(nn.Module):
+    """A column- or row-parallel linear plus ``max_loras`` adapter slots (module docstring)."""
+
+    def __init__(self, base: nn.Module, batch: LoRABatch, num_slots: int, rank: int):
+        super().__init__()
+        self.base = base
+        self.batch = batch
+        self.rank = rank
+        self.row_parallel = isinstance(base, RowParallelLinear)
+        weight = getattr(base, "weight", None)
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.get_default_dtype()
+        device = next(base.parameters()).device
+        n = len(base.output_sizes)
+        self.register_buffer("lora_a", torch.zeros(num_slots, n * rank, base.input_size,
+                                                   dtype=dtype, device=device), persistent=False)
+        self.lora_b = [torch.zeros(num_slots, size, rank, dtype=dtype, device=device)
+                       for size in base.output_sizes]
+        self.scaling = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.offsets = [sum(base.output_sizes[:i]) for i in range(n)]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base"), name)  # output_sizes, reduce_results, ...
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        meta = self.batch.meta
+        if meta is None:
+            return self.base(x)
+        if not self.row_parallel or self.base.tp.size == 1:
+            return self._add_lora(x, self.base(x), meta)
+        base = self.base  # tensor-parallel row layer: add before the sum over ranks
+        y = base.quant_method.apply(base, x, None) if base.quant_method is not None else base.dense_mm(x, base.weight)
+        y = self._add_lora(x, y, meta)
+        if not base.reduce_results:
+            return y
+        y = base.tp.all_reduce(y)
+        return y if base.bias is None else y + base.bias
+
+    def _add_lora(self, x: torch.Tensor, y: torch.Tensor, meta) -> torch.Tensor:
+        ops, r = self.batch.ops, self.rank
+        buf = torch.empty(x.shape[0], self.lora_a.shape[1], dtype=torch.float32, device=x.device)
+        ops.shrink(x, self.lora_a, meta, buf)
+        expand_slices = getattr(ops, "expand_slices", None)
+        if expand_slices is not None:  # all slices in one call (one launch on Triton backends)
+            expand_slices(buf, self.lora_b, meta, self.scaling, y, self.offsets)
+            return y
+        for i, (b, off) in enumerate(zip(self.lora_b, self.offsets)):
+            ops.expand(buf[:, i * r:(i + 1) * r], b, meta, self.scaling, y, off)
+        return y
+
+    # -- slots -----------------------------------------------------------------------------
+
+    def set_slot(self, slot: int, modules: list) -> None:
+        """Fill ``slot`` with one ``ModuleLoRA`` (or None: not adapted) per slice, whole
+        (unsharded) tensors: this rank's part is cut here."""
+        r = self.rank
+        self.lora_a[slot].zero_()
+        scale = next((m.scaling for m in modules if m is not None), 0.0)
+        self.scaling[slot] = scale
+        for i, m in enumerate(modules):
+            self.lora_b[i][slot].zero_()
+            if m is None:
+                continue
+            a, b, k = m.a, m.b, m.a.shape[0]
+            if m.scaling != scale:  # one scaling per slot: fold this module's ratio into B
+                b = b * (m.scaling / scale)
+            if self.row_parallel:
+                a = a.narrow(1, self.base.input_start, self.base.input_size)
+            else:
+                start, rows = self.base.shard_ranges[i]
+                b = b.narrow(0, start, rows)
+            self.lora_a[slot, i * r:i * r + k].copy_(a)
+            self.lora_b[i][slot, :, :k].copy_(b)
+
+    def clear_slot(self, slot: int) -> None:
+        self.set_slot(slot, [None] * len(self.lora_b))
+
+
+def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int) -> dict:
+    """Replace each decoder layer's q/k/v/o and gate/up/down linears by a ``LoRALinear``.
+    Returns ``{(layer index, our layer name): LoRALinear}``; refuses a model without them."""
+    wrapped = {}
+    layers = getattr(model, "layers", None)
+    if layers is None or not hasattr(model, "start_layer"):
+        raise ValueError(f"LoRA is not supported for {type(model).__name__}; it supports the "
+                         "dense Llama family (Llama, Mistral, Qwen2, Qwen3).")
+    for index in range(model.start_layer, model.end_layer):
+        for name in LAYER_SLICES:
+            parent_name, _, attr = name.rpartition(".")
+            parent = layers[index].get_submodule(parent_name)
+            base = getattr(parent, attr, None)
+            if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
+                raise ValueError(f"LoRA is not supported for {type(model).__name__}: layer "
+                                 f"{index} has no dense {name} (a mixture-of-experts MLP?); it "
+                                 "supports the dense Llama family.")
+            layer = LoRALinear(base, batch, num_slots, rank)
+            setattr(parent, attr, layer)
+            wrapped[(index, name)] = layer
+    return wrapped

@@ -1,0 +1,176 @@
+"""Read a PEFT LoRA adapter directory and check it against the base model, on the host.
+
+``adapter_config.json`` + ``adapter_model.safetensors`` (or ``adapter_model.bin``, read with
+``torch.load(weights_only=True)``: tensors only, never arbitrary pickled objects). Every
+refusal is one ``ValueError`` sentence naming the adapter, the problem and the fix: DoRA,
+trained bias or extra saved modules, a module outside the model's linears, a rank above
+``max_lora_rank``, shapes that do not match the base model, unreadable files.
+
+Scaling per module (PEFT's): ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with
+``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` override r / alpha per module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from tessellm.lora.request import LoRARequest
+from tessellm.lora.shapes import TARGETS, BaseShapes
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\."
+                  r"(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+@dataclass
+class ModuleLoRA:
+    """One adapted linear: ``y += scaling * (x A^T) B^T``; float32 host tensors."""
+
+    a: torch.Tensor  # [r, in_features]
+    b: torch.Tensor  # [out_features, r]
+    scaling: float
+
+
+@dataclass
+class LoRAAdapter:
+    request: LoRARequest
+    rank: int  # the largest rank over its modules
+    modules: dict = field(default_factory=dict)  # (layer index, PEFT module name) -> ModuleLoRA
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.a.numel() * 4 + m.b.numel() * 4 for m in self.modules.values())
+
+
+def load_adapter(lora: LoRARequest, base: BaseShapes, max_rank: int) -> LoRAAdapter:
+    """Parse and check ``lora.lora_path``; raises ValueError naming the problem."""
+    where = f"LoRA adapter {lora.lora_name!r} ({lora.lora_path})"
+    config = _read_config(lora.lora_path, where)
+    _check_config(config, where)
+    tensors = _read_tensors(lora.lora_path, where)
+    pairs: dict = {}
+    groups: dict = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise ValueError(f"{where} has tensor {key!r}, which is not a LoRA A/B matrix of a "
+                             "q/k/v/o or gate/up/down projection; only those are supported.")
+        layer, module, ab = int(m.group(1)), m.group(3), m.group(4)
+        if module not in TARGETS:
+            raise ValueError(f"{where} adapts {module!r}, which is not one of the model's linears "
+                             f"({', '.join(TARGETS)}); retrain it on those modules.")
+        if layer >= base.num_layers:
+            raise ValueError(f"{where} adapts layer {layer}, but the base model has "
+                             f"{base.num_layers} layers; it was trained for another model.")
+        pairs.setdefault((layer, module), {})[ab] = tensor
+        groups[(layer, module)] = m.group(2)
+    if not pairs:
+        raise ValueError(f"{where} holds no LoRA weights.")
+    adapter = LoRAAdapter(lora, 0)
+    for (layer, module), ab in sorted(pairs.items()):
+        name = f"model.layers.{layer}.{groups[(layer, module)]}.{module}"
+        adapter.modules[(layer, module)] = _module(ab, name, module, config, base, max_rank, where)
+        adapter.rank = max(adapter.rank, adapter.modules[(layer, module)].a.shape[0])
+    return adapter
+
+
+def _read_config(path: str, where: str) -> dict:
+    if not os.path.isdir(path):
+        raise ValueError(f"{where}: the directory does not exist.")
+    cfg = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg):
+        raise ValueError(f"{where} has no adapter_config.json; give a PEFT adapter directory.")
+    try:
+        with open(cfg) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{where}: adapter_config.json is not readable JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: adapter_config.json is not a JSON object.")
+    return config
+
+
+def _check_config(config: dict, where: str) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise ValueError(f"{where} is a {peft_type} adapter; only LoRA adapters are supported.")
+    if config.get("use_dora"):
+        raise ValueError(f"{where} uses DoRA (use_dora), which is not supported; serve a plain "
+                         "LoRA adapter or merge the DoRA weights into the model.")
+    if config.get("modules_to_save"):
+        raise ValueError(f"{where} saves whole modules ({config['modules_to_save']}), which is "
+                         "not supported; only LoRA on the q/k/v/o and gate/up/down projections is.")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{where} trains biases (bias={config['bias']!r}), which is not "
+                         "supported; retrain it with bias='none'.")
+    if config.get("fan_in_fan_out"):
+        raise ValueError(f"{where} sets fan_in_fan_out, which Llama-family linears never use; "
+                         "it was trained for another architecture.")
+
+
+def _read_tensors(path: str, where: str) -> dict:
+    st = os.path.join(path, "adapter_model.safetensors")
+    if os.path.isfile(st):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(st, device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{where}: adapter_model.safetensors is corrupt or unreadable "
+                             f"({exc}); re-save the adapter.") from None
+    pt = os.path.join(path, "adapter_model.bin")
+    if os.path.isfile(pt):
+        try:  # weights_only: plain tensors, never arbitrary pickled code
+            tensors = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise ValueError(f"{where}: adapter_model.bin is corrupt or holds more than tensors "
+                             f"({type(exc).__name__}); re-save it as safetensors.") from None
+        if not isinstance(tensors, dict):
+            raise ValueError(f"{where}: adapter_model.bin is not a dict of tensors.")
+        return tensors
+    raise ValueError(f"{where} has no adapter_model.safetensors (nor adapter_model.bin).")
+
+
+def _module(ab: dict, name: str, module: str, config: dict, base: BaseShapes, max_rank: int,
+            where: str) -> ModuleLoRA:
+    if set(ab) != {"A", "B"}:
+        raise ValueError(f"{where} has lora_{''.join(ab)} but not both A and B for {name}.")
+    a, b = ab["A"].float(), ab["B"].float()
+    rank = a.shape[0]
+    fan_in, fan_out = base.shapes[module]
+    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != rank:
+        raise ValueError(f"{where}: {name} has lora_A {tuple(a.shape)} and lora_B "
+                         f"{tuple(b.shape)}, which do not chain; the file is corrupt.")
+    if rank > max_rank:
+        raise ValueError(f"{where} has rank {rank} at {name}, above max_lora_rank {max_rank}; "
+                         f"start the engine with --max-lora-rank {_next_pow2(rank)} or more.")
+    if a.shape[1] != fan_in or b.shape[0] != fan_out:
+        raise ValueError(f"{where}: {name} maps {a.shape[1]} -> {b.shape[0]} features but the "
+                         f"base model's {module} maps {fan_in} -> {fan_out}; the adapter was "
+                         "trained for another base model.")
+    alpha = float(_pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
+    if config.get("use_rslora"):
+        scaling = alpha / math.sqrt(rank)
+    else:
+        scaling = alpha / rank
+    if not math.isfinite(scaling) or not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError(f"{where}: {name} has non-finite weights or scaling; the file is corrupt.")
+    return ModuleLoRA(a.contiguous(), b.contiguous(), scaling)
+
+
+def _pattern(patterns, name: str, default):
+    """PEFT's per-module override: the first key matching the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()

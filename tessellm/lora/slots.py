@@ -1,0 +1,73 @@
+"""The scheduler's adapter slots: which adapter each device slot holds, and who uses it.
+
+Plain Python, no torch. Invariants:
+
+* A request with an adapter holds a slot from admission until it finishes or is preempted;
+  every request in a step is running, so a step never has more distinct adapters than slots.
+* A slot changes adapter only while no request holds it (LRU among the free ones); the new
+  adapter is loaded by the runner before the step that first uses it (``take_loads``).
+* A request is admitted only once its adapter is in the host cache (``AdapterStore.ready``),
+  read by a background thread: otherwise it waits, others go ahead.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # the scheduler stays free of torch: the store is handed in
+    from tessellm.lora.request import LoRARequest
+    from tessellm.lora.store import AdapterStore
+
+WAIT = -1  # acquire(): the request waits (adapter loading, or every slot busy)
+FAILED = -2  # acquire(): the adapter cannot be loaded (``store.error`` says why)
+
+
+class LoRASlots:
+    def __init__(self, num_slots: int, store: "AdapterStore"):
+        self.store = store
+        self.slot_ids: list[Optional[int]] = [None] * num_slots  # adapter id per slot
+        self.users = [0] * num_slots  # running requests holding each slot
+        self.last_used = [0] * num_slots
+        self._tick = itertools.count(1)
+        self._loads: list = []  # [slot, lora dict] since the last step
+
+    def acquire(self, lora: "LoRARequest") -> int:
+        """A slot holding ``lora`` for one more request, or WAIT / FAILED."""
+        key = lora.lora_int_id
+        if key in self.slot_ids:
+            slot = self.slot_ids.index(key)
+        else:
+            if self.store.error(key) is not None:
+                return FAILED
+            self.store.ensure(lora)
+            if not self.store.ready(key):
+                return WAIT
+            free = [s for s, n in enumerate(self.users) if n == 0]
+            if not free:
+                return WAIT
+            slot = min(free, key=lambda s: (self.slot_ids[s] is not None, self.last_used[s]))
+            self.slot_ids[slot] = key
+            self._loads = [x for x in self._loads if x[0] != slot] + [[slot, lora.to_dict()]]
+        self.users[slot] += 1
+        self.last_used[slot] = next(self._tick)
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot >= 0:
+            self.users[slot] -= 1
+
+    def take_loads(self) -> list:
+        """Slots the runner must fill before the next step: ``[[slot, lora dict], ...]``."""
+        loads, self._loads = self._loads, []
+        return loads
+
+    def drop(self, lora_id: int) -> bool:
+        """Forget an adapter (unloaded at the server); False while requests still use it."""
+        if lora_id in self.slot_ids:
+            slot = self.slot_ids.index(lora_id)
+            if self.users[slot]:
+                return False
+            self.slot_ids[slot] = None
+        self.store.evict(lora_id)
+        return True

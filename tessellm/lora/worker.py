@@ -1,0 +1,59 @@
+"""The model runner's side of LoRA: the wrapped layers, slot contents, and per-step slots.
+
+Per step the scheduler says which adapter to put in which slot (``SchedulerOutput.lora_loads``,
+before this step's forward) and each request's slot (``lora_slots``); this turns them into the
+int32 slot of every token row::
+
+    requests (runner order):  A (3 tokens, slot 1)   B (1 token, none)   C (2 tokens, slot 0)
+    token_slots:              [1 1 1                  -1                  0 0]
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from tessellm.lora.config import LoRAConfig
+from tessellm.lora.layers import LoRABatch, wrap_model
+from tessellm.lora.request import LoRARequest
+from tessellm.lora.shapes import LAYER_SLICES, BaseShapes
+from tessellm.lora.store import AdapterStore
+
+
+class LoRAWorkerState:
+    def __init__(self, model, ops, config: LoRAConfig, hf_config, device: torch.device):
+        self.config = config
+        self.device = device
+        self.batch = LoRABatch(ops, config.max_loras)
+        self.layers = wrap_model(model, self.batch, config.max_loras, config.max_lora_rank)
+        # Adapters are read from this cache; in one process it is the engine core's (already
+        # loaded off the step loop), a worker process keeps its own (EngineCore.__init__).
+        self.store = AdapterStore(BaseShapes.from_config(hf_config), config.max_lora_rank,
+                                  config.max_cpu_loras)
+        self.slot_ids: list[Optional[int]] = [None] * config.max_loras
+
+    def load_slot(self, slot: int, lora: LoRARequest) -> None:
+        adapter = self.store.get(lora)
+        for (index, name), layer in self.layers.items():
+            layer.set_slot(slot, [adapter.modules.get((index, m)) for m in LAYER_SLICES[name]])
+        self.slot_ids[slot] = lora.lora_int_id
+
+    @property
+    def graph_capturable(self) -> bool:
+        """The backend's LoRA ops may run inside a captured graph (``prepare`` reads nothing
+        on the host): then graphs take the token slots as an input and cover LoRA steps."""
+        return bool(getattr(self.batch.ops, "supports_graph_capture", False))
+
+    def begin_step(self, loads: list, lora_slots: dict, order: list[str],
+                   counts: list[int]) -> Optional[np.ndarray]:
+        """Fill new slots; the step's int32 slot per token row, or None when no row uses an
+        adapter (the runner hands it to ``batch.set`` on the device, or to a graph)."""
+        for slot, lora in loads:
+            self.load_slot(int(slot), LoRARequest.from_dict(lora))
+        if not lora_slots:
+            return None
+        per_request = np.fromiter((lora_slots.get(r, -1) for r in order), dtype=np.int32,
+                                  count=len(order))
+        return np.repeat(per_request, counts)

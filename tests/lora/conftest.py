@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.lora.adapters import make_adapters
+from tests.server.conftest import server_factory  # noqa: F401 (a fixture)
+
+
+@pytest.fixture(scope="session")
+def lora_setup(tiny_model_dir, tmp_path_factory):
+    """(model dir, {adapter name: dir}) for the tiny sharp Llama and three random adapters."""
+    model = tiny_model_dir("llama-sharp")
+    return model, make_adapters(model, str(tmp_path_factory.mktemp("adapters")))

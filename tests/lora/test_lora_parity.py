@@ -1,0 +1,77 @@
+"""Multi-LoRA: greedy tokens of a mixed batch equal HF transformers + peft per adapter (fp32)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tessellm.lora import LoRARequest
+from tests.lora.adapters import ADAPTERS, peft_greedy
+
+MAX_NEW = 8
+
+
+def _prompts(n: int = 5) -> list[list[int]]:
+    rng = random.Random(3)
+    return [[rng.randrange(384) for _ in range(rng.choice([3, 11, 20, 37]))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def expected(lora_setup):
+    model, paths = lora_setup
+    prompts = _prompts()
+    want = {None: peft_greedy(model, None, prompts, MAX_NEW)}
+    for name in ADAPTERS:
+        want[name] = peft_greedy(model, paths[name], prompts, MAX_NEW)
+    for name in ADAPTERS:  # the adapters matter: each changes some prompt's tokens
+        assert want[name] != want[None], name
+    return prompts, want
+
+
+def _requests(paths) -> dict:
+    return {name: LoRARequest(name, i + 1, paths[name]) for i, name in enumerate(ADAPTERS)}
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(max_loras=1, max_num_batched_tokens=24)],
+                         ids=["slots-for-all", "one-slot-chunked"])
+def test_mixed_batch_matches_peft(lora_setup, expected, variant):
+    model, paths = lora_setup
+    prompts, want = expected
+    loras = _requests(paths)
+    names = [None, "qv8", "kogate16", "all32"]
+    # Every prompt under every adapter (and the base model), all in one generate call.
+    jobs = [(p, name) for name in names for p in range(len(prompts))]
+    random.Random(0).shuffle(jobs)
+    llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=32, **variant)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs], params, use_tqdm=False,
+                        lora_request=[loras[n] if n else None for _, n in jobs])
+    for (p, name), out in zip(jobs, outs):
+        assert out.outputs[0].token_ids == want[name][p], (name, p)
+    core = llm.engine.core
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+    assert all(n == 0 for n in core.scheduler.lora.users)
+
+
+def test_prefix_cache_keyed_by_adapter(lora_setup, expected):
+    model, paths = lora_setup
+    prompts, want = expected
+    loras = _requests(paths)
+    llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=32, block_size=4)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+    prompt = {"prompt_token_ids": prompts[3]}  # 20+ tokens: several full blocks
+
+    def run(lora):
+        return llm.generate(prompt, params, use_tqdm=False, lora_request=lora)[0]
+
+    first = run(loras["all32"])
+    other = run(loras["qv8"])  # same prompt, other adapter: no hit, its own tokens
+    assert other.num_cached_tokens == 0
+    assert first.outputs[0].token_ids == want["all32"][3]
+    assert other.outputs[0].token_ids == want["qv8"][3]
+    again = run(loras["all32"])  # the same adapter again: its own blocks are hit
+    assert again.num_cached_tokens > 0 and again.outputs[0].token_ids == want["all32"][3]
+    base = run(None)
+    assert base.num_cached_tokens == 0 and base.outputs[0].token_ids == want[None][3]

@@ -1,0 +1,86 @@
+"""LoRA at the OpenAI server: adapters listed with their parent, selected by ``model``, loaded
+and unloaded at run time; unknown names are 404, bad adapters 400, and the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx
+import pytest
+
+from tests.lora.adapters import peft_greedy
+from tests.server.conftest import start_server, stop_server
+
+PROMPT = [5, 17, 200, 33, 8, 91, 4]
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def lora_server(lora_setup):
+    model, paths = lora_setup
+    srv = start_server([model, "--dtype", "float32", "--enable-lora", "--max-loras", "1",
+                        "--max-lora-rank", "32", "--max-model-len", "256",
+                        "--lora-modules", f"qv8={paths['qv8']}", "--allow-runtime-lora-updating",
+                        "--no-kernel-warmup"])
+    yield srv, model, paths
+    stop_server(srv)
+
+
+def _tokens(http: httpx.Client, model: str) -> list[int]:
+    r = http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": MAX_NEW,
+                                           "temperature": 0, "logprobs": 1, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return [int(t.strip("<>")) for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+
+
+def test_lora_server(lora_server, tmp_path):
+    srv, model, paths = lora_server
+    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=120) as http:
+        cards = {c["id"]: c for c in http.get("/v1/models").json()["data"]}
+        base = next(n for n, c in cards.items() if c.get("parent") is None)
+        assert cards["qv8"]["parent"] == base and cards["qv8"]["root"] == paths["qv8"]
+
+        assert _tokens(http, "qv8") == peft_greedy(model, paths["qv8"], [PROMPT], MAX_NEW)[0]
+        r = http.post("/v1/completions", json={"model": "nope", "prompt": PROMPT, "max_tokens": 2})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+        # A corrupt adapter and a mismatched one: 400 naming the problem, nothing registered.
+        corrupt = tmp_path / "corrupt"
+        corrupt.mkdir()
+        config_path = os.path.join(paths["all32"], "adapter_config.json")
+        (corrupt / "adapter_config.json").write_text(open(config_path).read())
+        (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00not safetensors")
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(corrupt)})
+        assert r.status_code == 400 and "corrupt" in r.json()["error"]["message"]
+        dora = tmp_path / "dora"
+        dora.mkdir()
+        config = json.load(open(config_path))
+        (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(dora)})
+        assert r.status_code == 400 and "DoRA" in r.json()["error"]["message"]
+        assert "bad" not in {c["id"] for c in http.get("/v1/models").json()["data"]}
+
+        # Load at run time: with one slot, requests for two adapters and the base all complete.
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "all32", "lora_path": paths["all32"]})
+        assert r.status_code == 200, r.text
+        assert _tokens(http, "all32") == peft_greedy(model, paths["all32"], [PROMPT], MAX_NEW)[0]
+        assert _tokens(http, base) == peft_greedy(model, None, [PROMPT], MAX_NEW)[0]
+        r = http.post("/v1/unload_lora_adapter", json={"lora_name": "all32"})
+        assert r.status_code == 200
+        r = http.post("/v1/completions", json={"model": "all32", "prompt": PROMPT, "max_tokens": 2})
+        assert r.status_code == 404
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "all32"}).status_code == 404
+    # The API key guards the adapter routes.
+    r = httpx.post(f"{srv.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
+    assert r.status_code == 401
+
+
+@pytest.mark.slow
+def test_runtime_updating_off_is_refused(lora_setup, server_factory):
+    model, paths = lora_setup
+    srv = server_factory([model, "--dtype", "float32", "--enable-lora", "--max-lora-rank", "32",
+                          "--max-model-len", "256", "--no-kernel-warmup"])
+    r = httpx.post(f"{srv.url}/v1/load_lora_adapter", headers=srv.headers,
+                   json={"lora_name": "qv8", "lora_path": paths["qv8"]})
+    assert r.status_code == 400 and "--allow-runtime-lora-updating" in r.json()["error"]["message"]

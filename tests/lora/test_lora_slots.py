@@ -1,0 +1,86 @@
+"""The scheduler's adapter slots, without a model: a step never holds more distinct adapters
+than slots, requests wait (never fail) for a slot or a loading adapter, and all complete."""
+
+from __future__ import annotations
+
+from tessellm.core.block_manager import BlockManager
+from tessellm.core.request import Request
+from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.scheduler import Scheduler, SchedulerConfig
+from tessellm.lora.request import LoRARequest
+from tessellm.lora.slots import LoRASlots
+
+
+class HostCache:
+    """Stands in for AdapterStore's bookkeeping (the scheduler reads only these four calls);
+    adapters become ready when the test says so, as the loader thread would."""
+
+    def __init__(self):
+        self.loaded, self.requested, self.failed = set(), [], {}
+
+    def ensure(self, lora):
+        if lora.lora_int_id not in self.requested:
+            self.requested.append(lora.lora_int_id)
+
+    def ready(self, key):
+        return key in self.loaded
+
+    def error(self, key):
+        return self.failed.get(key)
+
+    def evict(self, key):
+        self.loaded.discard(key)
+
+
+def _scheduler(num_slots: int, cache: HostCache) -> Scheduler:
+    s = Scheduler(SchedulerConfig(8, 64, 256), BlockManager(64, 4, True))
+    s.lora = LoRASlots(num_slots, cache)
+    return s
+
+
+def _run(s: Scheduler):
+    """One step; also each scheduled request's adapter id (read before update ends any)."""
+    out = s.schedule()
+    ids = {rid: s.requests[rid].lora_request.lora_int_id for rid in out.lora_slots}
+    sampled = {rid: [7] for rid, n in out.num_scheduled_tokens.items()
+               if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens}
+    out.adapter_ids = ids
+    return out, s.update(out, sampled)
+
+
+def test_slot_pressure_waits_and_completes():
+    cache = HostCache()
+    s = _scheduler(2, cache)
+    loras = [LoRARequest(f"a{i}", i + 1, f"/adapters/{i}") for i in range(4)]
+    for i in range(12):
+        s.add_request(Request(f"r{i}", [1 + i, 2, 3, 4, 5], SamplingParams(max_tokens=3),
+                              lora_request=loras[i % 4] if i % 3 else None))
+    out, _ = _run(s)  # nothing loaded yet: only base-model requests run
+    assert all(s.requests[r].lora_request is None for r in out.num_scheduled_tokens)
+    assert sorted(cache.requested) == [1, 2, 3, 4]  # every adapter is being read meanwhile
+    cache.loaded = {1, 2, 3, 4}
+    loaded_slots, done = [], set()
+    for _ in range(40):
+        out, outs = _run(s)
+        assert len(set(out.adapter_ids.values())) <= 2 and set(out.lora_slots.values()) <= {0, 1}
+        for rid, slot in out.lora_slots.items():  # the slot holds that request's adapter
+            assert s.lora.slot_ids[slot] == out.adapter_ids[rid]
+        loaded_slots += [slot for slot, _ in out.lora_loads]
+        done |= {o.request_id for o in outs if o.finish_reason}
+        if not s.has_unfinished():
+            break
+    assert done == {f"r{i}" for i in range(12)}
+    assert len(loaded_slots) >= 4 and s.lora.users == [0, 0]
+
+
+def test_failed_adapter_aborts_only_its_requests():
+    cache = HostCache()
+    cache.failed[9] = "LoRA adapter 'x' uses DoRA"
+    s = _scheduler(1, cache)
+    s.add_request(Request("bad", [1, 2, 3], SamplingParams(max_tokens=2),
+                          lora_request=LoRARequest("x", 9, "/x")))
+    s.add_request(Request("ok", [1, 2, 3], SamplingParams(max_tokens=2)))
+    out, _ = _run(s)
+    ended = s.take_finished_outputs()
+    assert [(o.request_id, o.finish_reason) for o in ended] == [("bad", "abort")]
+    assert "DoRA" in ended[0].stop_reason and list(out.num_scheduled_tokens) == ["ok"]
