@@ -78,7 +78,7 @@ class Worker:
                                     self.device, args.block_size, args.kv_cache_dtype, args.seed,
                                     quantization=args.quantization, tp=self.tp, pp=self.pp)
         self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
-        lora = _lora_state(args, model, registry, self.backend, config, self.device)
+        lora = _lora_state(args, model, registry, self.backend, config, self.device, self.dtype)
         self.fast_all_reduce = self.tp.enable_fast_all_reduce(self.device, self.dtype)
         graphs = None
         if self.pp.num_stages == 1:  # stages exchange tensors between steps: eager only
@@ -204,7 +204,7 @@ def _verify_graph_factory(registry, backend, graphs, dtype):
                                                                   capture_sizes=tuple(sizes), dtype=dtype))
 
 
-def _lora_state(args: EngineArgs, model, registry, backend, hf_config, device):
+def _lora_state(args: EngineArgs, model, registry, backend, hf_config, device, dtype):
     """LoRA slots on this rank's layers (``tessellm.lora.worker``), or None without LoRA."""
     from tessellm.lora.config import LoRAConfig
 
@@ -214,7 +214,8 @@ def _lora_state(args: EngineArgs, model, registry, backend, hf_config, device):
     from tessellm.lora.ops import lora_ops_for
     from tessellm.lora.worker import LoRAWorkerState
 
-    return LoRAWorkerState(model, lora_ops_for(registry, backend), config, hf_config, device)
+    ops = lora_ops_for(registry, backend, dtype, config.max_loras, config.max_lora_rank, device)
+    return LoRAWorkerState(model, ops, config, hf_config, device)
 
 
 def _set_current_device(device: torch.device) -> None:

@@ -102,14 +102,14 @@ class LoRALinear(nn.Module):
         (unsharded) tensors: this rank's part is cut here."""
         r = self.rank
         self.lora_a[slot].zero_()
-        scale = next((m.scaling for m in modules if m is not None), 0.0)
+        scale = next((m.scaling for m in modules if m is not None and m.scaling), 0.0)
         self.scaling[slot] = scale
         for i, m in enumerate(modules):
             self.lora_b[i][slot].zero_()
             if m is None:
                 continue
             a, b, k = m.a, m.b, m.a.shape[0]
-            if m.scaling != scale:  # one scaling per slot: fold this module's ratio into B
+            if scale and m.scaling != scale:  # one scaling per slot: fold the ratio into B
                 b = b * (m.scaling / scale)
             if self.row_parallel:
                 a = a.narrow(1, self.base.input_start, self.base.input_size)

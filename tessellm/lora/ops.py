@@ -34,13 +34,12 @@ class StandInLoRAOps:
         out[:, out_offset:out_offset + n] += y.to(out.dtype)
 
 
-def lora_ops_for(registry, backend):
-    """The backend's LoRA ops (``tessellm_lora_ops``), else the pure-torch reference."""
-    hook = getattr(getattr(registry, "pm", None), "hook", None)
-    if hook is not None and hasattr(hook, "tessellm_lora_ops"):
-        from tessellm.backends.spec import LoRAOpsSpec  # noqa: F401 (lands with the hook)
+def lora_ops_for(registry, backend, dtype, max_loras: int, max_rank: int, device):
+    """The backend's LoRA ops (``tessellm_lora_ops``, checked), else the pure-torch reference."""
+    lora_ops = getattr(registry, "lora_ops", None)
+    if lora_ops is None:  # a contract without the hook yet
+        return StandInLoRAOps()
+    from tessellm.backends.spec import LoRAOpsSpec
 
-        ops, _ = registry.provider("tessellm_lora_ops", backend, LoRAOpsSpec())
-        if ops is not None:
-            return ops
-    return StandInLoRAOps()
+    return lora_ops(backend, LoRAOpsSpec(dtype=dtype, max_loras=max_loras, max_rank=max_rank,
+                                         device=device))
