@@ -33,15 +33,16 @@ def module_shapes(config) -> dict:
 
 
 def write_adapter(path: str, config, rank: int, seed: int, dtype=torch.bfloat16) -> None:
-    gen = torch.Generator().manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are faster there
+    gen = torch.Generator(device).manual_seed(seed)
     tensors = {}
     for layer in range(config.num_hidden_layers):
         for module, (fan_in, fan_out) in module_shapes(config).items():
             key = f"base_model.model.model.layers.{layer}.{MODULES[module]}.{module}"
-            a = torch.randn(rank, fan_in, generator=gen) / fan_in ** 0.5
-            b = torch.randn(fan_out, rank, generator=gen) * 0.01
-            tensors[f"{key}.lora_A.weight"] = a.to(dtype).contiguous()
-            tensors[f"{key}.lora_B.weight"] = b.to(dtype).contiguous()
+            a = torch.randn(rank, fan_in, generator=gen, device=device) / fan_in ** 0.5
+            b = torch.randn(fan_out, rank, generator=gen, device=device) * 0.01
+            tensors[f"{key}.lora_A.weight"] = a.to(dtype).cpu().contiguous()
+            tensors[f"{key}.lora_B.weight"] = b.to(dtype).cpu().contiguous()
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:

@@ -52,3 +52,71 @@ def peft_greedy(model_dir: str, adapter_dir, prompts: list[list[int]], max_new: 
                                  pad_token_id=0)
             outs.append(gen[0, len(p):].tolist())
     return outs
+
+
+MODULE_GROUPS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+                 "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def write_random_adapter(path: str, model_dir: str, rank: int, targets, alpha: float,
+                         seed: int) -> None:
+    """A PEFT adapter written with safetensors alone (no peft: the GPU image lacks it)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head = getattr(config, "head_dim", None) or hidden // heads
+    kv = config.num_key_value_heads * head
+    shapes = {"q_proj": (hidden, heads * head), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+              "o_proj": (heads * head, hidden), "gate_proj": (hidden, config.intermediate_size),
+              "up_proj": (hidden, config.intermediate_size),
+              "down_proj": (config.intermediate_size, hidden)}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for module in targets:
+            fan_in, fan_out = shapes[module]
+            key = f"base_model.model.model.layers.{layer}.{MODULE_GROUPS[module]}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.1
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets),
+                   "bias": "none", "use_dora": False}, f)
+
+
+def merged_greedy(model_dir: str, adapter_dir, prompts, max_new: int, device: str, dtype) -> list:
+    """Greedy tokens of HF transformers with the adapter merged into the weights
+    (``W + alpha / r * B A``, in float32 before the cast), no peft needed."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        config = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
+        tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+        params = dict(model.named_parameters())
+        for key, a in tensors.items():
+            if ".lora_A." not in key:
+                continue
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            name = key.replace("base_model.model.", "").replace(".lora_A.weight", ".weight")
+            params[name].data += (config["lora_alpha"] / a.shape[0]) * (b.float() @ a.float())
+    model = model.to(device=device, dtype=dtype).eval()
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p], device=device)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                 pad_token_id=0)
+            outs.append(gen[0, len(p):].tolist())
+    return outs
