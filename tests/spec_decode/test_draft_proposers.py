@@ -73,6 +73,36 @@ def _save_head(path: str, method: str, cfg: dict, seed: int, draft_vocab: int = 
     return path
 
 
+def _save_bigram_pair(root: str) -> tuple[str, str]:
+    """A target whose next token depends on the current token only (every attention and MLP
+    output projection zero: its residual stream is the embedding), and an EAGLE-1 head that
+    predicts it exactly (``fc = [I | 0]``, its layer's outputs zero: it returns the next
+    token's embedding, which the target's LM head scores as the target does, up to the final
+    norm's positive scale). Every draft is accepted: the acceptance paths run."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(6)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TARGET), dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    target = os.path.join(root, "bigram")
+    model.save_pretrained(target)
+    head = _save_head(os.path.join(root, "bigram-eagle"), "eagle", TARGET, 7)
+    path = os.path.join(head, "model.safetensors")
+    from safetensors.torch import load_file
+
+    t = load_file(path)
+    h = TARGET["hidden_size"]
+    t["fc.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1)
+    t["fc.bias"] = torch.zeros(h)
+    t["layers.0.self_attn.o_proj.weight"].zero_()
+    t["layers.0.mlp.down_proj.weight"].zero_()
+    save_file(t, path)
+    return target, head
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("spec-draft")
@@ -131,6 +161,16 @@ def test_abort_mid_speculation_returns_every_block(models):
         while core.has_unfinished_requests():
             core.step()
         assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+def test_eagle_head_that_always_agrees(models, tmp_path):
+    target, head = _save_bigram_pair(str(tmp_path))
+    with LLM(target, **ENGINE) as llm:
+        plain = _greedy(llm)
+    with LLM(target, speculative_config=_spec("eagle", head, 4), **ENGINE) as llm:
+        assert _greedy(llm) == plain
+        stats = llm.engine.core.scheduler.spec_stats
+        assert stats.num_drafts > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
 
 
 @pytest.mark.parametrize("method,breakage,message", [
