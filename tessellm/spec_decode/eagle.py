@@ -122,7 +122,11 @@ class Eagle3Proposer(EagleProposer):
         n = self.ctx.target.config.num_hidden_layers
         layers = getattr(self.head_config, "eagle_aux_hidden_state_layer_ids", None)
         layers = tuple(layers) if layers else (2, n // 2, n - 3)
-        return tuple(max(0, min(n - 1, i)) for i in layers)  # tiny test targets have few layers
+        if len(set(layers)) != 3 or sorted(layers) != list(layers) or not 0 <= layers[0] < layers[-1] < n:
+            raise ValueError(f"EAGLE-3 reads the inputs of three distinct target layers in order, "
+                             f"but {list(layers)} does not fit the target's {n} layers; set "
+                             "eagle_aux_hidden_state_layer_ids in the head's config.json.")
+        return layers
 
     def target_hidden(self, tensors, index: torch.Tensor) -> torch.Tensor:
         return torch.cat([h[index] for h in tensors.aux_hidden_states], dim=-1)
