@@ -71,19 +71,31 @@ def build_draft_batch(runs: list[Run], block_size: int, device: torch.device) ->
     return DraftBatch(put(ids), put(positions), attn, order, put(last))
 
 
-def decode_batch(starts: list[int], blocks: list[list[int]], block_size: int,
-                 device: torch.device) -> tuple[torch.Tensor, AttentionBatch]:
-    """Positions and attention for one token per request at ``starts`` (the inputs' ids come
-    from the device: the previous draft step's argmax, never read on the host)."""
+def decode_arrays(starts: list[int], blocks: list[list[int]], block_size: int, size: int,
+                  width: int = 0) -> tuple[np.ndarray, ...]:
+    """Host inputs for one token per request at ``starts``, padded to ``size`` rows (padding:
+    slot -1, length 0) and a block table at least ``width`` wide: positions, slots, seq lens,
+    table. The inputs' ids come from the device (the previous draft step's argmax)."""
     n = len(starts)
-    pos = np.asarray(starts, dtype=np.int64)
-    width = max(len(b) for b in blocks)
-    table = np.zeros((n, width), dtype=np.int32)
+    width = max(width, max(len(b) for b in blocks))
+    pos = np.zeros(size, dtype=np.int64)
+    pos[:n] = starts
+    table = np.zeros((size, width), dtype=np.int32)
     for i, b in enumerate(blocks):
         table[i, :len(b)] = b
-    slots = table[np.arange(n), pos // block_size].astype(np.int64) * block_size + pos % block_size
+    slots = np.full(size, -1, dtype=np.int64)
+    slots[:n] = table[np.arange(n), pos[:n] // block_size].astype(np.int64) * block_size + pos[:n] % block_size
+    seq_lens = np.zeros(size, dtype=np.int32)
+    seq_lens[:n] = pos[:n] + 1
+    return pos, slots, seq_lens, table
+
+
+def decode_batch(starts: list[int], blocks: list[list[int]], block_size: int,
+                 device: torch.device) -> tuple[torch.Tensor, AttentionBatch]:
+    """Positions and an eager AttentionBatch for one token per request at ``starts``."""
+    n = len(starts)
+    pos, slots, seq_lens, table = decode_arrays(starts, blocks, block_size, n)
     qsl = np.arange(n + 1, dtype=np.int32)
-    seq_lens = (pos + 1).astype(np.int32)
 
     def put(a):
         return torch.from_numpy(a).to(device)

@@ -54,6 +54,7 @@ class DraftModelProposer(KVDrafter):
             source, load_format, ctx.registry, ctx.backend, ctx.dtype, ctx.device, ctx.block_size,
             getattr(args, "kv_cache_dtype", "auto"), getattr(args, "seed", 0), tp=ctx.tp)
 
+    @torch.inference_mode()
     def propose(self, inp: ProposeInput) -> Proposal:
         runs, ends, proposing = [], [], []
         k = min(self.k, inp.max_drafts)
@@ -73,13 +74,12 @@ class DraftModelProposer(KVDrafter):
         if not proposing:
             return out
         rows = batch.last_rows[torch.tensor([i for i, _, _ in proposing], device=self.ctx.device)]
-        first = self._tokens(hidden[rows])
+        first = self.to_tokens(hidden[rows])
         limit = self.max_position()
         bases = [len(st.token_ids) - 1 for _, _, st in proposing]
         counts = [1 + room(len(st.block_ids), self.ctx.block_size, b + 1, k - 1, limit)
                   for (_, _, st), b in zip(proposing, bases)]
-        drafts = self.draft_steps(first, None, bases, [st.block_ids for _, _, st in proposing],
-                                  counts, self._step, self._tokens)
+        drafts = self.draft_steps(first, None, bases, [st.block_ids for _, _, st in proposing], counts)
         for (_, rid, st), d in zip(proposing, drafts):
             out.token_ids[rid] = d
             self.valid[rid] = len(st.token_ids) + len(d) - 1  # its guesses at L .. L+k-2
@@ -97,10 +97,10 @@ class DraftModelProposer(KVDrafter):
         accepted_drafts = len(new) - 1 if rid in inp.verified_drafts else 0
         return min(valid, before + accepted_drafts), len(st.token_ids)
 
-    def _step(self, ids, positions, metadata, hidden):
+    def step(self, ids, positions, metadata, hidden):
         return self.model(ids, positions, metadata), None
 
-    def _tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+    def to_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden).argmax(dim=-1)
 
     def remove_requests(self, request_ids) -> None:

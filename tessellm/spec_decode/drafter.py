@@ -10,23 +10,34 @@ steps are decodes, one token per request, batched::
 The ids never visit the host between steps (each step's argmax is the next step's input); the
 drafts are read once at the end. Requests whose blocks or context run out drop out of the
 later steps (fewer drafts), never write outside their slots.
+
+Where the backend has a graph runner (CUDA graphs), the draft steps replay graphs captured per
+batch-size bucket (forward + argmax, padded rows write nothing); the first forward of a step
+(variable query lengths) runs eagerly.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
 
-from tessellm.spec_decode.draft_batch import decode_batch
+from tessellm.core.attention_batch import AttentionBatch
+from tessellm.spec_decode.draft_batch import decode_arrays, decode_batch
 from tessellm.spec_decode.proposer import Proposer
 
-# (input ids [P], positions [P], metadata, hidden [P, H] or None) -> (states, next hidden)
-StepFn = Callable[[torch.Tensor, torch.Tensor, object, Optional[torch.Tensor]], tuple]
+logger = logging.getLogger(__name__)
 
 
 class KVDrafter(Proposer):
-    """Base of proposers that run a model with a KV cache (draft model, EAGLE heads)."""
+    """Base of proposers that run a model with a KV cache (draft model, EAGLE heads).
+
+    Subclasses set ``model`` / ``kernel`` in ``load_weights`` and implement ``step`` (one
+    forward: ``(ids, positions, metadata, hidden) -> (states, next hidden)``; hidden None for a
+    draft model) and ``to_tokens`` (states -> greedy draft ids in the target's vocabulary)."""
+
+    hidden_size: Optional[int] = None  # width of the hidden state fed between draft steps
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -34,42 +45,120 @@ class KVDrafter(Proposer):
         self.num_lookahead_tokens = self.k
         self.model = None
         self.kernel = None
+        self.graph_runner = None
+        self._capture_tried = False
 
     def attention_layers(self) -> list:
         return self.model.attention_layers()
 
+    def step(self, ids, positions, metadata, hidden):
+        raise NotImplementedError
+
+    def to_tokens(self, states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def draft_steps(self, first: torch.Tensor, hidden: Optional[torch.Tensor], bases: list[int],
-                    blocks: list[list[int]], counts: list[int], step: StepFn,
-                    to_tokens: Callable[[torch.Tensor], torch.Tensor]) -> list[list[int]]:
+                    blocks: list[list[int]], counts: list[int]) -> list[list[int]]:
         """Drafts per proposing request: ``first`` [P] holds each one's d0 (device), ``hidden``
         the hidden state its last row left (EAGLE; None for a draft model), ``bases`` the
         position d0 was predicted at, ``counts`` how many drafts each may have (>= 1)."""
+        if not self._capture_tried:
+            self.capture_graphs()
         p, kmax = len(bases), max(counts)
-        drafts = torch.full((p, kmax), -1, dtype=torch.int64, device=first.device)
+        device = first.device
+        drafts = torch.full((p, kmax), -1, dtype=torch.int64, device=device)
         drafts[:, 0] = first
         active = list(range(p))
         tokens = first
         for j in range(1, kmax):
             keep = [i for i, a in enumerate(active) if counts[a] > j]
+            if not keep:
+                break
             if len(keep) < len(active):
-                if not keep:
-                    break
-                index = torch.tensor(keep, device=first.device)
+                index = torch.tensor(keep, device=device)
                 tokens = tokens[index]
                 hidden = hidden[index] if hidden is not None else None
                 active = [active[i] for i in keep]
-            positions, attn = decode_batch([bases[a] + j for a in active], [blocks[a] for a in active],
-                                           self.ctx.block_size, self.ctx.device)
-            states, hidden = step(tokens, positions, self.kernel.build_metadata(attn), hidden)
-            tokens = to_tokens(states)
-            drafts[torch.tensor(active, device=first.device), j] = tokens
+            tokens, hidden = self._decode(tokens, hidden, [bases[a] + j for a in active],
+                                          [blocks[a] for a in active])
+            drafts[torch.tensor(active, device=device), j] = tokens
         rows = drafts.tolist()  # the one host sync of the proposal
         return [row[:counts[i]] for i, row in enumerate(rows)]
 
+    def _decode(self, tokens, hidden, positions: list[int], blocks: list[list[int]]):
+        """One draft step for ``len(positions)`` requests: a graph replay, else eager."""
+        n = len(positions)
+        size = self.graph_runner.padded_size(n) if self.graph_runner is not None else None
+        if size is None:
+            pos, attn = decode_batch(positions, blocks, self.ctx.block_size, self.ctx.device)
+            states, hidden = self.step(tokens, pos, self.kernel.build_metadata(attn), hidden)
+            return self.to_tokens(states), hidden
+        *host, table = decode_arrays(positions, blocks, self.ctx.block_size, size)
+        inputs = [_pad(tokens, size)] + [torch.from_numpy(a).to(self.ctx.device) for a in host]
+        if hidden is not None:
+            inputs.append(_pad(hidden, size))
+        inputs.append(torch.from_numpy(table).to(self.ctx.device))  # last, as graph runners expect
+        out = self.graph_runner.run(inputs)
+        return out[0][:n], (out[1][:n] if hidden is not None else None)
+
+    # -- graphs ----------------------------------------------------------------------------
+
+    def capture_graphs(self) -> None:
+        """Capture the draft step per batch size with the backend's graph runner (none on the
+        cpu, or with enforce_eager). Needs the KV cache: called once it exists."""
+        from tessellm.backends.spec import GraphSpec
+
+        self._capture_tried = True
+        ctx, args = self.ctx, self.ctx.engine_args
+        eager = bool(getattr(args, "enforce_eager", False)) or getattr(ctx.backend, "emulated", False)
+        if ctx.registry is None or not getattr(self.kernel, "supports_graph_capture", False):
+            return
+        runner = ctx.registry.graph_runner(ctx.backend, GraphSpec(ctx.max_num_seqs, eager, dtype=ctx.dtype))
+        if runner is None:
+            return
+        width = -(-(ctx.max_model_len + self.k) // ctx.block_size)
+        dev = ctx.device
+        self._arange = torch.arange(max(runner.capture_sizes) + 1, dtype=torch.int32, device=dev)
+
+        def make_inputs(n: int):
+            inputs = [torch.zeros(n, dtype=torch.int64, device=dev), torch.zeros(n, dtype=torch.int64, device=dev),
+                      torch.full((n,), -1, dtype=torch.int64, device=dev), torch.ones(n, dtype=torch.int32, device=dev)]
+            if self.hidden_size is not None:
+                inputs.append(torch.zeros((n, self.hidden_size), dtype=ctx.dtype, device=dev))
+            inputs.append(torch.zeros((n, width), dtype=torch.int32, device=dev))  # block table
+            return tuple(inputs)
+
+        with torch.inference_mode():
+            runner.capture(self._graph_step, make_inputs)
+        self.graph_runner = runner
+        logger.info("Speculative decoding: captured the %s draft step for batch sizes %s",
+                    self.config.method, runner.capture_sizes)
+
+    def _graph_step(self, ids, positions, slots, seq_lens, *rest):
+        """``rest``: (hidden, block table) for EAGLE, (block table,) for a draft model."""
+        hidden, tables = (rest[0] if len(rest) == 2 else None), rest[-1]
+        n = ids.shape[0]
+        batch = AttentionBatch(num_tokens=n, num_seqs=n, num_decodes=n,
+                               query_start_loc=self._arange[:n + 1], seq_lens=seq_lens,
+                               block_tables=tables, slot_mapping=slots, max_query_len=1,
+                               max_seq_len=self.ctx.max_model_len, query_start_loc_host=[],
+                               seq_lens_host=[])
+        states, hidden = self.step(ids, positions, self.kernel.build_metadata(batch), hidden)
+        return (self.to_tokens(states), hidden) if hidden is not None else (self.to_tokens(states),)
+
     def max_position(self) -> int:
-        """Positions the drafter may write: its rotary table's length and the context."""
+        """Positions the drafter may write: below its rotary table's length and the context
+        (a captured step's attention reads at most ``max_model_len`` keys)."""
         limit = getattr(self.model_config(), "max_position_embeddings", None) or self.ctx.max_model_len
-        return min(limit, self.ctx.max_model_len + self.k)
+        return min(limit, self.ctx.max_model_len)
 
     def model_config(self):
         return self.model.config
+
+
+def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[0] == size:
+        return x
+    out = x.new_zeros((size,) + tuple(x.shape[1:]))
+    out[:x.shape[0]] = x
+    return out

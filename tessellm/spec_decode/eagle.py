@@ -45,6 +45,7 @@ class EagleProposer(KVDrafter):
         self.model = load_eagle_head(self.config.model, self.method, ctx.target, self._model_context(),
                                      load_format, getattr(ctx.engine_args, "seed", 0))
         self.aux_hidden_layers = self.target_layers()
+        self.hidden_size = self.head_config.hidden_size
 
     def _model_context(self):
         """The head's layers get the backend's fused ops and an attention kernel for its shape."""
@@ -74,6 +75,13 @@ class EagleProposer(KVDrafter):
     def model_config(self):
         return self.head_config
 
+    def step(self, ids, positions, metadata, hidden):
+        return self.model(ids, positions, metadata, hidden)
+
+    def to_tokens(self, states: torch.Tensor) -> torch.Tensor:
+        return self.model.draft_tokens(states)
+
+    @torch.inference_mode()
     def propose(self, inp: ProposeInput) -> Proposal:
         runs, rows, proposing = [], [], []
         k = min(self.k, inp.max_drafts)
@@ -104,7 +112,7 @@ class EagleProposer(KVDrafter):
         counts = [1 + room(len(st.block_ids), self.ctx.block_size, b + 1, k - 1, self.max_position())
                   for (_, _, st), b in zip(proposing, bases)]
         drafts = self.draft_steps(first, hidden[last], bases, [st.block_ids for _, _, st in proposing],
-                                  counts, self.model, self.model.draft_tokens)
+                                  counts)
         for (_, rid, _), d in zip(proposing, drafts):
             out.token_ids[rid] = d
         return out
