@@ -21,7 +21,7 @@ The embedding (and EAGLE-1's LM head) are the target's unless the checkpoint car
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn

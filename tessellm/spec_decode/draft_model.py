@@ -56,7 +56,7 @@ class DraftModelProposer(KVDrafter):
 
     @torch.inference_mode()
     def propose(self, inp: ProposeInput) -> Proposal:
-        runs, ends, proposing = [], [], []
+        runs, proposing = [], []
         k = min(self.k, inp.max_drafts)
         for rid, st, n in zip(inp.order, inp.states, inp.num_scheduled):
             first, end = self._span(rid, st, n, inp)

@@ -19,7 +19,7 @@ batch-size bucket (forward + argmax, padded rows write nothing); the first forwa
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 

@@ -14,7 +14,9 @@ hidden states the rejected drafts did not touch::
 
 The guesses the draft steps write (positions L-1 ..) are rewritten with the target's hidden
 states the next step, as those rows are computed. Positions the head never saw (a step that
-did not call the proposer) keep stale K/V: only the acceptance rate suffers, never the output.
+did not call the proposer) keep stale K/V, and so does a prefix-cache hit's last position (its
+K/V saw the next token of the request that computed the block): only the acceptance rate can
+suffer, never the output.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class EagleProposer(KVDrafter):
 
     @torch.inference_mode()
     def propose(self, inp: ProposeInput) -> Proposal:
+        if inp.tensors is None:  # no hidden states this step (never expected): no drafts
+            return Proposal()
         runs, rows, proposing = [], [], []
         k = min(self.k, inp.max_drafts)
         row0 = 0
