@@ -163,14 +163,27 @@ def test_abort_mid_speculation_returns_every_block(models):
         assert core.kv.num_free_blocks == core.kv.num_blocks
 
 
+def _seeded(llm) -> list[list[int]]:
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=100 + i, max_tokens=MAX_TOKENS,
+                             ignore_eos=True) for i in range(len(PROMPTS))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
 def test_eagle_head_that_always_agrees(models, tmp_path):
+    """Greedy: every draft accepted. Seeded sampling: the same tokens as without speculation
+    (each row's randomness is its seed's and position's), some drafts accepted."""
     target, head = _save_bigram_pair(str(tmp_path))
     with LLM(target, **ENGINE) as llm:
-        plain = _greedy(llm)
+        plain, plain_sampled = _greedy(llm), _seeded(llm)
     with LLM(target, speculative_config=_spec("eagle", head, 4), **ENGINE) as llm:
         assert _greedy(llm) == plain
-        stats = llm.engine.core.scheduler.spec_stats
+        stats = llm.engine.core.scheduler.spec_stats.copy()
         assert stats.num_drafts > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+        assert _seeded(llm) == plain_sampled
+        after = llm.engine.core.scheduler.spec_stats
+        assert after.num_draft_tokens > stats.num_draft_tokens
+        assert after.num_accepted_tokens > stats.num_accepted_tokens
 
 
 @pytest.mark.parametrize("method,breakage,message", [
