@@ -69,12 +69,9 @@ class DraftModelProposer(KVDrafter):
         out = Proposal()
         if not runs:
             return out
-        batch = build_draft_batch(runs, self.ctx.block_size, self.ctx.device)
-        hidden = self.model(batch.input_ids, batch.positions, self.kernel.build_metadata(batch.attention))
-        if not proposing:
+        first = self._first_forward(runs, [i for i, _, _ in proposing])
+        if first is None:
             return out
-        rows = batch.last_rows[torch.tensor([i for i, _, _ in proposing], device=self.ctx.device)]
-        first = self.to_tokens(hidden[rows])
         limit = self.max_position()
         bases = [len(st.token_ids) - 1 for _, _, st in proposing]
         counts = [1 + room(len(st.block_ids), self.ctx.block_size, b + 1, k - 1, limit)
@@ -84,6 +81,23 @@ class DraftModelProposer(KVDrafter):
             out.token_ids[rid] = d
             self.valid[rid] = len(st.token_ids) + len(d) - 1  # its guesses at L .. L+k-2
         return out
+
+    def _first_forward(self, runs: list[Run], proposing: list[int]):
+        """Feed the runs; the first draft of each proposing run (device), or None. One token
+        per run (the usual decode after a rejection): a draft step, graph-captured; else a
+        flat eager forward."""
+        device = self.ctx.device
+        if all(len(r.token_ids) == 1 for r in runs):
+            if not self._capture_tried:
+                self.capture_graphs()
+            ids = torch.tensor([r.token_ids[0] for r in runs], dtype=torch.int64, device=device)
+            tokens, _ = self._decode(ids, None, [r.start for r in runs], [r.block_ids for r in runs])
+            return tokens[torch.tensor(proposing, device=device)] if proposing else None
+        batch = build_draft_batch(runs, self.ctx.block_size, device)
+        hidden = self.model(batch.input_ids, batch.positions, self.kernel.build_metadata(batch.attention))
+        if not proposing:
+            return None
+        return self.to_tokens(hidden[batch.last_rows[torch.tensor(proposing, device=device)]])
 
     def _span(self, rid: str, st, n: int, inp: ProposeInput) -> tuple[int, int]:
         """Positions ``[first, end)`` to feed the draft this step."""
