@@ -103,23 +103,42 @@ class EagleProposer(KVDrafter):
         out = Proposal()
         if not runs:
             return out
-        batch = build_draft_batch(runs, self.ctx.block_size, self.ctx.device)
-        index = torch.from_numpy(np.concatenate([rows[i] for i in batch.order])).to(self.ctx.device)
-        hidden = self.model.combine(self.target_hidden(inp.tensors, index))
-        states, hidden = self.model(batch.input_ids, batch.positions,
-                                    self.kernel.build_metadata(batch.attention), hidden)
-        if not proposing:
+        fed = self._first_forward(runs, rows, inp.tensors, [i for i, _, _ in proposing])
+        if fed is None:
             return out
-        last = batch.last_rows[torch.tensor([i for i, _, _ in proposing], device=self.ctx.device)]
-        first = self.model.draft_tokens(states[last])
+        first, hidden = fed
         bases = [len(st.token_ids) - 2 for _, _, st in proposing]
         counts = [1 + room(len(st.block_ids), self.ctx.block_size, b + 1, k - 1, self.max_position())
                   for (_, _, st), b in zip(proposing, bases)]
-        drafts = self.draft_steps(first, hidden[last], bases, [st.block_ids for _, _, st in proposing],
-                                  counts)
+        drafts = self.draft_steps(first, hidden, bases, [st.block_ids for _, _, st in proposing], counts)
         for (_, rid, _), d in zip(proposing, drafts):
             out.token_ids[rid] = d
         return out
+
+    def _first_forward(self, runs: list[Run], rows: list, tensors, proposing: list[int]):
+        """Feed the runs with the target's hidden states of their rows; (first drafts, the
+        head's hidden states) of the proposing runs (device), or None. One row per run (the
+        usual decode after a rejection): a draft step, graph-captured; else a flat eager
+        forward."""
+        device = self.ctx.device
+        pick = torch.tensor(proposing, device=device)
+        if all(len(r.token_ids) == 1 for r in runs):
+            if not self._capture_tried:
+                self.capture_graphs()
+            index = torch.from_numpy(np.concatenate(rows)).to(device)
+            ids = torch.tensor([r.token_ids[0] for r in runs], dtype=torch.int64, device=device)
+            hidden = self.model.combine(self.target_hidden(tensors, index))
+            tokens, hidden = self._decode(ids, hidden, [r.start for r in runs], [r.block_ids for r in runs])
+            return (tokens[pick], hidden[pick]) if proposing else None
+        batch = build_draft_batch(runs, self.ctx.block_size, device)
+        index = torch.from_numpy(np.concatenate([rows[i] for i in batch.order])).to(device)
+        hidden = self.model.combine(self.target_hidden(tensors, index))
+        states, hidden = self.model(batch.input_ids, batch.positions,
+                                    self.kernel.build_metadata(batch.attention), hidden)
+        if not proposing:
+            return None
+        last = batch.last_rows[pick]
+        return self.model.draft_tokens(states[last]), hidden[last]
 
     def target_hidden(self, tensors, index: torch.Tensor) -> torch.Tensor:
         return tensors.hidden_states[index]
