@@ -283,10 +283,16 @@ def _load(head: nn.Module, tensors: dict, path: str) -> None:
                                  "the head's config.json does not match its weights.")
             params[name].data.copy_(tensor)
             loaded.add(name)
-    missing = sorted(set(params) - shared - loaded)
+    missing = sorted(set(params) - shared - loaded - _optional(head))
     if missing:
         raise ValueError(f"The {head.method} head at {path} lacks {len(missing)} weights, e.g. "
                          f"{missing[:3]}; is the checkpoint complete and of method {head.method!r}?")
+
+
+def _optional(head: nn.Module) -> set[str]:
+    """An EAGLE-3 head over the whole target vocabulary may leave out ``d2t`` (all zeros)."""
+    d2t = getattr(head, "d2t", None)
+    return {"d2t"} if d2t is not None and d2t.numel() == head.config.vocab_size else set()
 
 
 def _checked(load, path: str) -> None:

@@ -41,8 +41,10 @@ def _rand(*shape, scale=0.2):
     return torch.randn(*shape) * scale
 
 
-def _save_head(path: str, method: str, cfg: dict, seed: int, draft_vocab: int = 96) -> str:
-    """A random EAGLE (``eagle``) or EAGLE-3 (``eagle3``) head in the public checkpoint layout."""
+def _save_head(path: str, method: str, cfg: dict, seed: int, draft_vocab: int = 96,
+               bin_file: bool = False) -> str:
+    """A random EAGLE (``eagle``) or EAGLE-3 (``eagle3``) head in the public checkpoint layout
+    (``bin_file``: as ``pytorch_model.bin``, the format the published heads use)."""
     torch.manual_seed(seed)
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     d = h // cfg["num_attention_heads"]
@@ -67,7 +69,10 @@ def _save_head(path: str, method: str, cfg: dict, seed: int, draft_vocab: int = 
         config.update(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=draft_vocab,
                       eagle_aux_hidden_state_layer_ids=[0, 2, 3])
     os.makedirs(path, exist_ok=True)
-    save_file(t, os.path.join(path, "model.safetensors"))
+    if bin_file:
+        torch.save(t, os.path.join(path, "pytorch_model.bin"))
+    else:
+        save_file(t, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     return path
@@ -112,7 +117,7 @@ def models(tmp_path_factory):
     return {"target": target, "same": same,
             "draft": _save_llama(str(root / "draft"), DRAFT, 2),
             "eagle": _save_head(str(root / "eagle"), "eagle", TARGET, 3),
-            "eagle3": _save_head(str(root / "eagle3"), "eagle3", TARGET, 4)}
+            "eagle3": _save_head(str(root / "eagle3"), "eagle3", TARGET, 4, bin_file=True)}
 
 
 @pytest.fixture(scope="module")
