@@ -12,6 +12,7 @@ and reports:
 
 Random weights accept almost nothing, so this measures what drafting *costs*, not what it
 saves (the replay proposer in benchmarks/spec_decode.sh measures the verify path's ceiling).
+``benchmarks/spec_draft.sh`` runs it time-boxed; ``benchmarks/spec_decode.py draft`` calls ``run()``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,25 @@ CONFIGS = "benchmarks/model-configs"
 HEADS = {"draft_model": "llama-3.2-1b", "eagle": "eagle-llama-3.1-8b", "eagle3": "eagle3-llama-3.1-8b"}
 
 
-def run(method: str, k: int, prompt_len: int, output_len: int, device: str,
-        configs: str = CONFIGS) -> dict:
+def run(methods: str = "plain draft_model eagle eagle3", k: int = 3, prompt_len: int = 512,
+        output_len: int = 256, device: str = "auto", configs: str = CONFIGS,
+        output_json: str | None = None) -> dict:
+    """Every method in turn (``benchmarks/spec_decode.py draft`` calls this with defaults)."""
+    results = []
+    for method in methods.split():
+        t0 = time.perf_counter()
+        r = run_method(method, k, prompt_len, output_len, device, configs)
+        r["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        if output_json:  # after each method: a time box that ends the run keeps the rest
+            with open(output_json, "w") as f:
+                json.dump(results, f, indent=2)
+    return {"draft": results}
+
+
+def run_method(method: str, k: int, prompt_len: int, output_len: int, device: str,
+               configs: str = CONFIGS) -> dict:
     from tessellm import LLM
     from tessellm.core.sampling_params import SamplingParams
 
@@ -99,16 +117,8 @@ def main() -> None:
     ap.add_argument("--configs", default=CONFIGS, help="a folder with llama-3.1-8b/ and the heads' "
                     "folders (a cpu smoke run points it at tiny configs)")
     args = ap.parse_args()
-    results = []
-    for method in args.methods.split():
-        t0 = time.perf_counter()
-        r = run(method, args.k, args.prompt_len, args.output_len, args.device, args.configs)
-        r["wall_s"] = round(time.perf_counter() - t0, 1)
-        print(json.dumps(r), flush=True)
-        results.append(r)
-        if args.output_json:  # after each method: a time box that ends the run keeps the rest
-            with open(args.output_json, "w") as f:
-                json.dump(results, f, indent=2)
+    run(args.methods, args.k, args.prompt_len, args.output_len, args.device, args.configs,
+        args.output_json)
 
 
 if __name__ == "__main__":
