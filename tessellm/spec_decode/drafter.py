@@ -113,7 +113,13 @@ class KVDrafter(Proposer):
         eager = bool(getattr(args, "enforce_eager", False)) or getattr(ctx.backend, "emulated", False)
         if ctx.registry is None or not getattr(self.kernel, "supports_graph_capture", False):
             return
-        runner = ctx.registry.graph_runner(ctx.backend, GraphSpec(ctx.max_num_seqs, eager, dtype=ctx.dtype))
+        from tessellm.spec_decode.verify_graphs import capture_sizes
+
+        # Drafts happen below the load policy's batch cut-off: capture those buckets only.
+        sizes = capture_sizes(ctx.max_num_seqs, self.config.disable_by_batch_size)
+        if not sizes:
+            return
+        runner = ctx.registry.graph_runner(ctx.backend, GraphSpec(max(sizes), eager, sizes, ctx.dtype))
         if runner is None:
             return
         width = -(-(ctx.max_model_len + self.k) // ctx.block_size)
