@@ -59,7 +59,7 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, sorted_ids_p
     a_row = a_ptr + (pairs // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
     b_col = b_ptr + expert * stride_be + rn[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N if SILU_MUL else 1), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused (and dropped) unless SILU_MUL
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_row + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K), other=0.0)
