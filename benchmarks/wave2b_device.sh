@@ -29,7 +29,7 @@ step() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(dat
   if [ "$PART" = A ]; then
     GPU_TESTS=$(ls tests/kernels/test_sampling_kernels.py tests/kernels/test_gemv.py \
                    tests/kernels/test_lora*.py tests/models/test_cuda_families.py \
-                   tests/models/test_cuda_parity.py tests/spec_decode/test_*gpu*.py \
+                   tests/models/test_cuda_parity.py tests/spec_decode/test_spec_gpu.py \
                    tests/lora/test_*gpu*.py 2>/dev/null)
     TAIL=25 step "gpu tests" ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider $GPU_TESTS
     TAIL=12 step "cuda conformance" ${CONF_S:-90} python3 -m tessellm.testing --backend cuda -q
