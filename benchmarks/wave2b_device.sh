@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The second wave-2 device session (one H200, 2026-12-04), in two calls of under 10 minutes:
+# The second wave-2 device session (one H200, 2026-12-04), in three calls of under 10 minutes:
 #   PART=A  GPU tests of what landed (sampling argmax, LoRA ops, spec decode, the new families
-#          on cuda, cuda conformance), benchmarks/speed_device.sh (prefill attention vs SDPA,
-#          fused MoE, B1 bf16/fp8, MoE B1), and a fresh server's workload S at 16 req/s served
-#          twice (pass 1 cold after /ready, pass 2 warm: benchmarks/serve_ready.sh PASSES=2)
-#   PART=B  speculative decoding (benchmarks/spec_decode.sh), multi-LoRA (benchmarks/lora.sh),
-#          F with a JSON schema vs F (benchmarks/structured_output.sh)
+#          on cuda), the cuda conformance suite, and a fresh server's workload S at 16 req/s
+#          served twice (pass 1 cold after /ready, pass 2 warm: serve_ready.sh PASSES=2)
+#   PART=B  benchmarks/speed_device.sh (prefill attention vs SDPA, fused MoE, B1 bf16/fp8,
+#          MoE B1) and F with a JSON schema vs F (benchmarks/structured_output.sh)
+#   PART=C  speculative decoding (benchmarks/spec_decode.sh), multi-LoRA (benchmarks/lora.sh)
 # Each step is time-boxed by an env variable (seconds; 0 skips it). Wheels for the server and
 # xgrammar travel in .whl/. Results: $OUT/log_<part>.txt and $OUT/results_<part>.tar.gz.
 set -u
@@ -31,15 +31,16 @@ step() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(dat
                    tests/kernels/test_lora*.py tests/models/test_cuda_families.py \
                    tests/models/test_cuda_parity.py tests/spec_decode/test_spec_gpu.py \
                    tests/lora/test_*gpu*.py 2>/dev/null)
-    TAIL=25 step "gpu tests" ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider $GPU_TESTS
-    TAIL=12 step "cuda conformance" ${CONF_S:-90} python3 -m tessellm.testing --backend cuda -q
-    OUT=$R TAIL=80 step "speed (issue 22/24)" ${SPEED_S:-270} bash benchmarks/speed_device.sh
-    OUT=$R RUNS=${READY_RUNS:-cold16:16} PASSES=2 TAIL=20 step "ready means warm" ${READY_S:-200} \
+    TAIL=25 step "gpu tests" ${TEST_S:-200} python3 -m pytest -q -p no:cacheprovider $GPU_TESTS
+    TAIL=12 step "cuda conformance" ${CONF_S:-80} python3 -m tessellm.testing --backend cuda -q
+    OUT=$R RUNS=${READY_RUNS:-cold16:16} PASSES=2 NUM_PROMPTS=${READY_PROMPTS:-300} TAIL=20 step "ready means warm" ${READY_S:-140} \
       bash benchmarks/serve_ready.sh
+  elif [ "$PART" = B ]; then
+    OUT=$R TAIL=80 step "speed (issue 22/24)" ${SPEED_S:-240} bash benchmarks/speed_device.sh
+    OUT=$R TAIL=30 step "structured output" ${SO_S:-110} bash benchmarks/structured_output.sh
   else
-    OUT=$R TAIL=80 step "speculative decoding" ${SPEC_S:-270} bash benchmarks/spec_decode.sh
-    [ -f benchmarks/lora.sh ] && OUT=$R TAIL=40 step "multi-LoRA" ${LORA_S:-200} bash benchmarks/lora.sh
-    OUT=$R TAIL=30 step "structured output" ${SO_S:-120} bash benchmarks/structured_output.sh
+    OUT=$R TAIL=80 step "speculative decoding" ${SPEC_S:-230} bash benchmarks/spec_decode.sh
+    OUT=$R TAIL=40 step "multi-LoRA" ${LORA_S:-200} bash benchmarks/lora.sh
   fi
 } 2>&1 | tee "$OUT/log_$PART.txt"
 tar -czf "$OUT/results_$PART.tar.gz" -C "$R" .
