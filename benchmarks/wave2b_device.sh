@@ -28,15 +28,18 @@ step() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(dat
   echo "commit ${COMMIT:-$(git log -1 --format=%H 2>/dev/null)}"
   if [ "$PART" = A ]; then
     GPU_TESTS=$(ls tests/kernels/test_sampling_kernels.py tests/kernels/test_gemv.py \
+                   tests/kernels/test_fused_moe.py tests/kernels/test_triton_attention.py \
+                   tests/quantization/test_kernels.py \
                    tests/kernels/test_lora*.py tests/models/test_cuda_families.py \
                    tests/models/test_cuda_parity.py tests/spec_decode/test_spec_gpu.py \
                    tests/lora/test_*gpu*.py 2>/dev/null)
-    TAIL=25 step "gpu tests" ${TEST_S:-200} python3 -m pytest -q -p no:cacheprovider $GPU_TESTS
+    TAIL=25 step "gpu tests" ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider $GPU_TESTS
     TAIL=12 step "cuda conformance" ${CONF_S:-80} python3 -m tessellm.testing --backend cuda -q
     OUT=$R RUNS=${READY_RUNS:-cold16:16} PASSES=2 NUM_PROMPTS=${READY_PROMPTS:-300} TAIL=20 step "ready means warm" ${READY_S:-140} \
       bash benchmarks/serve_ready.sh
   elif [ "$PART" = B ]; then
-    OUT=$R TAIL=80 step "speed (issue 22/24)" ${SPEED_S:-240} bash benchmarks/speed_device.sh
+    OUT=$R KERNELS_S=55 B1_S=45 MOE_B1_S=60 TEST_S=0 TAIL=80 step "speed (issue 22/24)" ${SPEED_S:-250} \
+      bash benchmarks/speed_device.sh
     OUT=$R TAIL=30 step "structured output" ${SO_S:-110} bash benchmarks/structured_output.sh
   else
     OUT=$R TAIL=80 step "speculative decoding" ${SPEC_S:-230} bash benchmarks/spec_decode.sh
