@@ -42,7 +42,10 @@ def release_slot(scheduler, req) -> None:
 
 
 def lora_step_fields(scheduler, out) -> None:
-    """Fill ``out.lora_slots`` (request id -> slot, adapters only) and ``out.lora_loads``."""
+    """Fill ``out.lora_slots`` (request id -> slot, adapters only) and ``out.lora_loads``. An
+    empty step never reaches the runner: its loads wait for the next step that does."""
+    if out.is_empty:
+        return
     requests = scheduler.requests
     out.lora_slots = {rid: requests[rid].lora_slot for rid in out.num_scheduled_tokens
                       if requests[rid].lora_slot >= 0}

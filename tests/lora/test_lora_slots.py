@@ -84,3 +84,21 @@ def test_failed_adapter_aborts_only_its_requests():
     ended = s.take_finished_outputs()
     assert [(o.request_id, o.finish_reason) for o in ended] == [("bad", "abort")]
     assert "DoRA" in ended[0].stop_reason and list(out.num_scheduled_tokens) == ["ok"]
+
+
+def test_loads_wait_for_a_step_that_runs():
+    """A slot given out while building a step that ends up empty (the only running request is
+    in flight, no blocks are free) is loaded by the next step that reaches the runner."""
+    cache = HostCache()
+    cache.loaded = {1}
+    s = Scheduler(SchedulerConfig(8, 64, 256, async_scheduling=True), BlockManager(2, 4, True))
+    s.lora = LoRASlots(1, cache)
+    s.add_request(Request("big", list(range(1, 8)), SamplingParams(max_tokens=1)))
+    first = s.schedule()  # "big" takes both blocks and stays in flight
+    s.add_request(Request("r", [1, 2, 3], SamplingParams(max_tokens=1),
+                          lora_request=LoRARequest("a", 1, "/a")))
+    empty = s.schedule()  # "r" is given slot 0 but no blocks: nothing runs
+    assert empty.is_empty and empty.lora_loads == []
+    s.update(first, {"big": [7]})  # "big" finishes, its blocks are free
+    out = s.schedule()
+    assert out.lora_slots == {"r": 0} and [slot for slot, _ in out.lora_loads] == [0]
