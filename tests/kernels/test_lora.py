@@ -107,3 +107,46 @@ def test_expand_slices_one_launch_equals_three_expands():
     REF.expand_slices(buf, bs, REF.prepare(slots, 3), scaling, want, [4, 44, 68])
     torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
     assert torch.equal(got[:, :4], out[:, :4]) and torch.equal(got[:, 92:], out[:, 92:])
+
+
+_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tessellm.kernels.lora.expand import _expand_kernel
+from tessellm.kernels.lora.shrink import _shrink_kernel
+
+def compile(fn, ptrs, consts):
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
+    cx = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
+                          target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+idx = {n: "*i32" for n in ("sorted_ids_ptr", "block_slot_ptr", "num_padded_ptr")}
+for split in (1, 4):
+    compile(_shrink_kernel, {"x_ptr": "*bf16", "a_ptr": "*bf16", "out_ptr": "*fp32", **idx},
+            dict(SPLIT_K=split, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, DOT_PREC="tf32",
+                 DOT_FP32=False))
+compile(_expand_kernel, {"buf_ptr": "*fp32", "b0_ptr": "*bf16", "b1_ptr": "*bf16",
+                         "b2_ptr": "*bf16", "scaling_ptr": "*fp32", "out_ptr": "*bf16", **idx},
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=16, DOT_PREC="tf32", DOT_FP32=False))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_to_sm90_ptx():
+    """The interpreter runs what the compiler may refuse (types that differ between branches,
+    constexpr misuse): compile both kernels for sm_90 offline, no GPU needed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if "No module named 'triton.backends.nvidia'" in proc.stderr:
+        pytest.skip("this triton has no NVIDIA backend")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
