@@ -50,6 +50,12 @@ TASKS = ["Repeat the following passage exactly, word for word:\n\n{}",
          "Rewrite the following passage, changing nothing except fixing any typos:\n\n{}"]
 
 
+def save(args, name: str, result: dict) -> None:
+    """Write the part's JSON now (a time box that ends the part keeps what was measured)."""
+    with open(os.path.join(args.out, f"spec_{name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def b1(llm, prompts: list[list[int]], max_tokens: int) -> tuple[list[float], list[list[int]]]:
     """Batch 1: time per output token after the first (TTFT excluded) for each prompt, and the
     tokens. One warm-up request first."""
@@ -119,6 +125,7 @@ def part_smollm(args) -> dict:
                                    "speedup": round(result["plain_ms_per_token"] / ms, 3),
                                    "tokens_equal_plain": sum(a == b for a, b in zip(got, want)),
                                    **spec_stats(llm)}
+        save(args, "smollm", result)
         close(llm)
     return result
 
@@ -144,6 +151,7 @@ def part_replay_and_f(args, parts) -> dict:
         records += [{"prompt_token_ids": r.prompt_token_ids, "output_token_ids": o}
                     for r, o in zip(f_reqs, outs)]
     close(base)
+    save(args, "_".join(parts), result)
     k_max = max(args.ks)
     llm = LLM(**common, speculative_config={"method": "replay", "num_speculative_tokens": k_max,
                                             "replay_records": records})
@@ -158,6 +166,7 @@ def part_replay_and_f(args, parts) -> dict:
                                            "speedup": round(result["b1_plain_ms_per_token"] / ms, 3),
                                            **spec_stats(llm)}
             print(json.dumps({"k": k, **result["b1_replay"][str(k)]}), flush=True)
+            save(args, "_".join(parts), result)
     if "f" in parts:
         set_k(llm, 3)
         reset_stats(llm)

@@ -18,9 +18,9 @@ P="python3 benchmarks/spec_decode.py --out $OUT"
 {
   git log -1 --format='commit %H %cd' 2>/dev/null || true
   echo "=== smollm n-gram"
-  timeout ${SMOLLM_S:-60} $P smollm 2>&1 | grep -v "^INFO" | tail -40
+  timeout ${SMOLLM_S:-80} $P smollm 2>&1 | grep -v "^INFO" | tail -40
   echo "=== llama-3.1-8b shapes: B1 replay k=1..7, F with the load policy"
-  timeout ${SPEC8B_S:-200} $P replay f --f-prompts ${F_PROMPTS:-256} 2>&1 | grep -v "^INFO" | tail -80
+  timeout ${SPEC8B_S:-185} $P replay f --f-prompts ${F_PROMPTS:-256} 2>&1 | grep -v "^INFO" | tail -80
   if [ "${DRAFT_S:-0}" -gt 0 ]; then
     echo "=== draft model"
     timeout ${DRAFT_S} $P draft 2>&1 | tail -20
