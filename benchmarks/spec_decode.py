@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tessellm import LLM, SamplingParams  # noqa: E402
 from tessellm.entrypoints.bench_throughput import make_requests  # noqa: E402
+from tessellm.entrypoints.chat_utils import render_chat  # noqa: E402
 
 LLAMA8B = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model-configs", "llama-3.1-8b")
 
@@ -107,10 +108,8 @@ def close(llm) -> None:
 def part_smollm(args) -> dict:
     base = LLM(dtype=args.dtype, max_model_len=2048, enable_prefix_caching=False)
     tok = base.get_tokenizer()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": t.format(p)}], tokenize=True,
-                                       add_generation_prompt=True)
-               for t in TASKS for p in PASSAGES]
-    prompts = [list(p["input_ids"] if isinstance(p, dict) else p) for p in prompts]
+    prompts = [[int(t) for t in render_chat(tok, [{"role": "user", "content": task.format(p)}], True, None)]
+               for task in TASKS for p in PASSAGES]
     plain, want = b1(base, prompts, args.smollm_tokens)
     close(base)
     result = {"model": "SmolLM2-135M-Instruct (bundled GGUF)", "dtype": args.dtype,
