@@ -187,6 +187,7 @@ class EngineCore:
                           self.eos_token_ids, req.arrival_time, req.cache_salt, req.wait_for, lora)
         if lora is not None:
             self.lora_store.ensure(lora)  # read off the step loop, before it is scheduled
+            self.scheduler.lora.announce(lora)  # worker processes read it in their own thread
         self.scheduler.check_fits(request)
         if req.sampling_params.structured_outputs is not None:
             request.grammar = self.structured.grammar_for(req.sampling_params.structured_outputs)

@@ -168,7 +168,8 @@ class ModelRunner:
         if len(self.steps.unresolved) >= 2 or any(s.params.needs_penalties for s in states):
             self.steps.resolve_all()  # at most two steps in flight; penalties count every token
         if self.lora is not None:
-            self._lora_slots = self.lora.begin_step(sched.lora_loads, sched.lora_slots, order, counts)
+            self._lora_slots = self.lora.begin_step(sched.lora_loads, sched.lora_slots, order, counts,
+                                                    sched.lora_prefetch)
         self.staging.begin_launch()
         host = build_inputs(states, counts, num_sampled, self.batch.tables, self.block_size,
                             self.steps.input_token)

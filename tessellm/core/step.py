@@ -80,6 +80,9 @@ class SchedulerOutput:
     # Multi-LoRA: adapters to put into slots before this step's forward, ``[slot, {"name",
     # "id", "path"}]`` each (the runner reads them from its host cache, tessellm.lora.store).
     lora_loads: list = field(default_factory=list)
+    # Multi-LoRA: adapters first named since the last step (``{"name", "id", "path"}`` each): a
+    # worker process starts reading them into its own host cache now, off its step.
+    lora_prefetch: list = field(default_factory=list)
     # Since the last step: requests that ended (finished or aborted); the runner drops them.
     finished_request_ids: set[str] = field(default_factory=set)
     # Preempted while building this step: the runner drops their state; they come back later as

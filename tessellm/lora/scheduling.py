@@ -50,3 +50,4 @@ def lora_step_fields(scheduler, out) -> None:
     out.lora_slots = {rid: requests[rid].lora_slot for rid in out.num_scheduled_tokens
                       if requests[rid].lora_slot >= 0}
     out.lora_loads = scheduler.lora.take_loads()
+    out.lora_prefetch = scheduler.lora.take_prefetch()

@@ -31,6 +31,8 @@ class LoRASlots:
         self.last_used = [0] * num_slots
         self._tick = itertools.count(1)
         self._loads: list = []  # [slot, lora dict] since the last step
+        self._announced: set[int] = set()  # adapter ids sent to the workers for prefetching
+        self._prefetch: list = []  # lora dicts to announce with the next step
 
     def acquire(self, lora: "LoRARequest") -> int:
         """A slot holding ``lora`` for one more request, or WAIT / FAILED."""
@@ -56,6 +58,16 @@ class LoRASlots:
     def release(self, slot: int) -> None:
         if slot >= 0:
             self.users[slot] -= 1
+
+    def announce(self, lora: "LoRARequest") -> None:
+        """A request names ``lora``: worker processes start reading it with the next step."""
+        if lora.lora_int_id not in self._announced:
+            self._announced.add(lora.lora_int_id)
+            self._prefetch.append(lora.to_dict())
+
+    def take_prefetch(self) -> list:
+        prefetch, self._prefetch = self._prefetch, []
+        return prefetch
 
     def take_loads(self) -> list:
         """Slots the runner must fill before the next step: ``[[slot, lora dict], ...]``."""

@@ -46,10 +46,13 @@ class LoRAWorkerState:
         on the host): then graphs take the token slots as an input and cover LoRA steps."""
         return bool(getattr(self.batch.ops, "supports_graph_capture", False))
 
-    def begin_step(self, loads: list, lora_slots: dict, order: list[str],
-                   counts: list[int]) -> Optional[np.ndarray]:
-        """Fill new slots; the step's int32 slot per token row, or None when no row uses an
-        adapter (the runner hands it to ``batch.set`` on the device, or to a graph)."""
+    def begin_step(self, loads: list, lora_slots: dict, order: list[str], counts: list[int],
+                   prefetch: list = ()) -> Optional[np.ndarray]:
+        """Start reading announced adapters (``prefetch``: a worker process's own cache; a
+        no-op on the core's), fill new slots; the step's int32 slot per token row, or None
+        when no row uses an adapter (the runner hands it to ``batch.set``, or to a graph)."""
+        for lora in prefetch:
+            self.store.ensure(LoRARequest.from_dict(lora))
         for slot, lora in loads:
             self.load_slot(int(slot), LoRARequest.from_dict(lora))
         if not lora_slots:
