@@ -17,7 +17,9 @@ hit every variant a real batch can:
   new prompt joining them (prefill riding on decode, eager);
 * the sampler: greedy; temperature with top-k, top-p and min-p; penalties; logprobs and prompt
   logprobs; per-request seeds; logit bias and min_tokens: each alone and all in one batch;
-* quantized GEMMs and tensor-parallel collectives run inside every step above.
+* quantized GEMMs and tensor-parallel collectives run inside every step above;
+* multi-LoRA (``--enable-lora``): the prefill shapes and decode batches again with a zero
+  adapter, so the LoRA kernels compile now too (``tessellm.lora.warmup``).
 
 On the cpu backend (no Triton JIT; the decode graph is compiled at capture) the plan is one
 short request through the full sampler, so tests and the newcomer path stay fast.
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from tessellm.core.sampling_params import SamplingParams
+from tessellm.lora.warmup import lora_warmup
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +112,11 @@ class _Driver:
     def prompt(self, n: int) -> list[int]:
         return [self.rng.randint(*self.token_range) for _ in range(n)]
 
-    def add(self, prompt: list[int], params: SamplingParams) -> str:
+    def add(self, prompt: list[int], params: SamplingParams, lora: Optional[dict] = None) -> str:
         from tessellm.core.engine_core import EngineCoreRequest
 
         rid = f"{_ID_PREFIX}{next(self.ids)}"
-        self.core.add_request(EngineCoreRequest(rid, prompt, params, time.time()))
+        self.core.add_request(EngineCoreRequest(rid, prompt, params, time.time(), lora_request=lora))
         self.report.requests += 1
         return rid
 
@@ -151,6 +154,7 @@ def run(core, plan: Optional[WarmupPlan] = None) -> WarmupReport:
         d.step()
     _decode_and_mixed(d, plan.decode_batches)
     _samplers(d, plan.samplers)
+    lora_warmup(core, lambda lora: _lora_shapes(d, plan, lora))  # with --enable-lora
     _forget(core)
     d.report.seconds = round(time.perf_counter() - t0, 3)
     return d.report
@@ -164,6 +168,18 @@ def _decode_and_mixed(d: _Driver, batches: list[int]) -> None:
         d.step(4)  # prefilled, then pure decode steps (graphs where captured)
         d.add(d.prompt(33), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
         d.step()  # the new prompt's prefill rides on the decodes: a mixed, eager step
+
+
+def _lora_shapes(d: _Driver, plan: WarmupPlan, lora: dict) -> None:
+    """Multi-LoRA: each prefill shape alone and the decode batches, with an adapter."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    for n in plan.prefill_lens or [8]:
+        d.add(d.prompt(n), greedy, lora)
+        d.step()
+    for size in plan.decode_batches:
+        for _ in range(size):
+            d.add(d.prompt(9), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), lora)
+        d.step()
 
 
 def _samplers(d: _Driver, samplers: list[SamplingParams]) -> None:

@@ -34,8 +34,9 @@ def _requests(paths) -> dict:
     return {name: LoRARequest(name, i + 1, paths[name]) for i, name in enumerate(ADAPTERS)}
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(max_loras=1, max_num_batched_tokens=24)],
-                         ids=["slots-for-all", "one-slot-chunked"])
+@pytest.mark.parametrize("variant", [dict(), dict(max_loras=1, max_num_batched_tokens=24,
+                                                 kernel_warmup=True)],
+                         ids=["slots-for-all", "one-slot-chunked-warmup"])
 def test_mixed_batch_matches_peft(lora_setup, expected, variant):
     model, paths = lora_setup
     prompts, want = expected
@@ -53,6 +54,11 @@ def test_mixed_batch_matches_peft(lora_setup, expected, variant):
     core = llm.engine.core
     assert core.kv.num_free_blocks == core.kv.num_blocks
     assert all(n == 0 for n in core.scheduler.lora.users)
+    from tessellm.lora.warmup import WARMUP_LORA_ID  # the warm-up's adapter left nothing behind
+
+    assert WARMUP_LORA_ID not in core.scheduler.lora.slot_ids and not core.lora_store.ready(WARMUP_LORA_ID)
+    if variant.get("kernel_warmup"):  # the cpu plan's one request, then one with the adapter
+        assert llm.engine.warmup.requests == 2
 
 
 def test_prefix_cache_keyed_by_adapter(lora_setup, expected):
