@@ -43,7 +43,7 @@ step() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(dat
     OUT=$R TAIL=30 step "structured output" ${SO_S:-110} bash benchmarks/structured_output.sh
   else
     OUT=$R TAIL=80 step "speculative decoding" ${SPEC_S:-230} bash benchmarks/spec_decode.sh
-    OUT=$R TAIL=40 step "multi-LoRA" ${LORA_S:-200} bash benchmarks/lora.sh
+    OUT=$R TAIL=40 step "multi-LoRA" ${LORA_S:-260} bash benchmarks/lora.sh
   fi
 } 2>&1 | tee "$OUT/log_$PART.txt"
 tar -czf "$OUT/results_$PART.tar.gz" -C "$R" .
