@@ -35,6 +35,7 @@ from tessellm.core.pp_io import StageIO
 from tessellm.core.runner_output import collect, prompt_logprobs
 from tessellm.core.sampler import Sampler
 from tessellm.core.sampling_metadata import build_sampling_batch
+from tessellm.core.shape_buckets import Buckets, pad_host_inputs, runner_grad_mode
 from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 from tessellm.core.step_pipeline import LaunchedSteps, Staging, StepHandle
 from tessellm.distributed.parallel_state import PipelineStage
@@ -61,17 +62,22 @@ class ModelRunner:
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)  # banned before a request's min_tokens
+        # A compiling device (XLA) samples on the host: the device runs only the bucketed
+        # forward programs (shape_buckets.py), one per bucket, none per sampling shape.
+        self.host_sampling = device.type == "xla"
+        self.buckets = Buckets.of(kernel)  # pad every step to the kernel's shape buckets
+        sample_device = torch.device("cpu") if self.host_sampling else device
         # apply_token_bitmask for structured output (the backend's, else the reference's), and the
         # sampler's argmax where the backend has its own (optional in LogitsOps).
-        self.logits_ops = logits_ops or ReferenceLogitsOps()
-        self.sampler = Sampler(device, seed, getattr(self.logits_ops, "argmax", None))
+        self.logits_ops = (None if self.host_sampling else logits_ops) or ReferenceLogitsOps()
+        self.sampler = Sampler(sample_device, seed, getattr(self.logits_ops, "argmax", None))
         self.max_model_len = max_model_len
         self.batch = InputBatch(-(-max_model_len // block_size))
         self.staging = Staging(device)
         # Speculative decoding (tessellm.spec_decode.runner_part.SpecDecodeRunner), or None.
         self.spec = spec
         lookahead = spec.num_lookahead_tokens if spec is not None else 0
-        self.steps = LaunchedSteps(device, lambda handle, ids: self._collect(handle, ids, lookahead))
+        self.steps = LaunchedSteps(sample_device, lambda handle, ids: self._collect(handle, ids, lookahead))
         self.io = StageIO(self.pp, model, dtype, device)
         self.graph_runner = graph_runner  # replays captured pure-decode steps; None: eager
         self._step_tensors = None  # the last eager forward's tensors, for a proposer that wants them
@@ -83,6 +89,7 @@ class ModelRunner:
         self.lora = lora
         self._lora_slots: Optional[np.ndarray] = None  # int32 slot per token row; None: no adapter
         self._lora_graphs = False  # captured graphs take the token slots (LoRA steps replay)
+        self.precompiled: Optional[dict] = None  # bucketed steps compiled at warm-up (XLA)
 
     @property
     def requests(self) -> dict[str, RunnerRequest]:
@@ -116,7 +123,7 @@ class ModelRunner:
         extra = self.spec.attention_layers() if self.spec is not None else []
         return list(self.model.attention_layers()) + list(extra)
 
-    @torch.inference_mode()
+    @runner_grad_mode
     def profile_run(self, num_tokens: int) -> None:
         """One forward at ``num_tokens`` so the allocator reaches its peak before KV sizing.
 
@@ -153,7 +160,7 @@ class ModelRunner:
     def resolve_all(self) -> None:
         self.steps.resolve_all()
 
-    @torch.inference_mode()
+    @runner_grad_mode
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
         """Launch one step; its ``StepHandle.result()`` waits for the sampled tokens."""
         self.batch.apply(sched, samples_here=self.pp.is_last)
@@ -165,8 +172,11 @@ class ModelRunner:
         ns = sched.num_sampled_tokens  # values >= 1: all ones exactly when they sum to the count
         one_each = len(ns) == len(order) and sum(ns.values()) == len(ns)
         num_sampled = None if one_each else [ns.get(r, 0) for r in order]
-        if len(self.steps.unresolved) >= 2 or any(s.params.needs_penalties for s in states):
-            self.steps.resolve_all()  # at most two steps in flight; penalties count every token
+        if (self.host_sampling or len(self.steps.unresolved) >= 2
+                or any(s.params.needs_penalties for s in states)):
+            # at most two steps in flight; penalties count every token; sampled on the host,
+            # the last step's tokens are there already (no device feed)
+            self.steps.resolve_all()
         if self.lora is not None:
             self._lora_slots = self.lora.begin_step(sched.lora_loads, sched.lora_slots, order, counts,
                                                     sched.lora_prefetch)
@@ -178,7 +188,8 @@ class ModelRunner:
         handle = StepHandle.done(out)
         if logits is not None:
             rows, out_pos, sampling_states, starts = _sampled_rows(states, counts, num_sampled)
-            batch = build_sampling_batch(rows, out_pos, self.device, self.vocab_size, self.eos_token_ids)
+            batch = build_sampling_batch(rows, out_pos, self.sampler.device, self.vocab_size,
+                                         self.eos_token_ids)
             if sched.grammar_bitmask is not None:  # structured output: disallowed tokens -> -inf
                 apply_grammar_bitmask(logits, [r.request_id for r in rows], sched.grammar_bitmask_rows,
                                       sched.grammar_bitmask, self.logits_ops)
@@ -197,7 +208,7 @@ class ModelRunner:
         """The sampler, or the rejection sampler when drafts carry a draft distribution."""
         verify = None
         if self.spec is not None:
-            verify = self.spec.verify_rows(sampling_states, starts, logits.shape[-1], self.device)
+            verify = self.spec.verify_rows(sampling_states, starts, logits.shape[-1], self.sampler.device)
         if verify is None:
             return self.sampler(logits, batch)
         return self.sampler.verify(logits, batch, *verify)
@@ -210,6 +221,8 @@ class ModelRunner:
     def _forward(self, host: HostInputs, states, counts, out: ModelRunnerOutput) -> Optional[torch.Tensor]:
         """Run the model; the logits of the sampled rows, or None when nothing samples here."""
         num_rows = host.logits_indices.shape[0]
+        if self.buckets is not None:
+            return self._forward_bucketed(host, states, counts, num_rows)
         padded = self._graph_size(host, states)
         if padded is not None:
             inputs = [self.staging.to_device(i, a) for i, a in enumerate(host.pad(padded))]
@@ -243,6 +256,24 @@ class ModelRunner:
             return None
         return self.model.compute_logits(hidden[rows])
 
+    def _forward_bucketed(self, host: HostInputs, states, counts, num_rows: int) -> Optional[torch.Tensor]:
+        """The step padded to the kernel's buckets, run as one program (XLA: the graph is cut
+        after the logits), its logits on the host; see shape_buckets.py."""
+        host = pad_host_inputs(host, self.buckets, len(states), self.batch.tables.width)
+        lora_slots = self._lora_slots
+        if lora_slots is not None:  # padding rows: no adapter (-1)
+            lora_slots = np.concatenate([lora_slots, np.full(host.num_tokens - len(lora_slots), -1,
+                                                             dtype=lora_slots.dtype)])
+        ids, positions, attn, rows = self._eager_tensors(host, counts, lora_slots)
+        hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens))
+        logits = self.model.compute_logits(hidden[rows])  # always: one program per bucket
+        if host.prompt_lp_rows:
+            prompt_logprobs(self.model, hidden, host.prompt_lp_rows)
+        self.backend.synchronize()  # XLA: compile (once per bucket) and run the step
+        if not num_rows:
+            return None
+        return logits.cpu()[:num_rows] if self.host_sampling else logits[:num_rows]
+
     def _eager_tensors(self, host: HostInputs, counts: list[int], lora_slots=None):
         """The step's inputs on the device, through pinned staging, and its AttentionBatch
         (``lora_slots``: the LoRA slot per token row, set on the layers' ``LoRABatch``)."""
@@ -265,6 +296,10 @@ class ModelRunner:
     def capture_graphs(self) -> None:
         """Capture the decode step (forward + logits) for each of the graph runner's sizes."""
         if self.graph_runner is None:
+            return
+        if self.buckets is not None:  # bucketed steps run as they are, never replayed
+            if hasattr(self.graph_runner, "precompile"):  # a compiling device: compile them now
+                self._precompile_buckets()
             return
         if not getattr(self.kernel, "supports_graph_capture", False):
             logger.warning("Attention kernel %r does not declare supports_graph_capture; running "
@@ -309,6 +344,32 @@ class ModelRunner:
                                               self.block_size, self.verify_graph_factory,
                                               spec.config.num_speculative_tokens + 1, sizes)
             self.verify_graphs.capture()
+
+    @runner_grad_mode
+    def _precompile_buckets(self) -> None:
+        """One synthetic step per shape class of ``step_shapes``, through the graph runner's
+        ``precompile`` (XLA compiles each program once, before the engine says ready); the steps
+        write into block 0 of the cache, which no request has written yet."""
+        from tessellm.core.sampling_params import SamplingParams
+        from tessellm.core.shape_buckets import step_shapes
+
+        bs, gr = self.block_size, self.graph_runner
+        self.backend.synchronize()  # the cache's zeros are their own program, not the first step's
+        shapes = step_shapes(self.buckets, gr.max_num_seqs, gr.max_num_tokens or self.max_model_len,
+                             self.max_model_len)
+
+        def step(counts: list[int]) -> None:
+            tables = PersistentBlockTable(self.batch.tables.width, rows=len(counts))
+            states = [RunnerRequest(f"precompile-{i}", [0] * n, n, SamplingParams(max_tokens=1),
+                                    [0] * -(-n // bs), 0, tables.add([0] * -(-n // bs)))
+                      for i, n in enumerate(counts)]
+            host = build_inputs(states, counts, None, tables, bs, self.steps.input_token)
+            self._forward_bucketed(host, states, counts, 0)
+
+        gr.precompile(step, shapes)
+        self.precompiled = {"shapes": len(gr.shapes), "compiled": gr.compiled, "seconds": gr.seconds}
+        logger.info("Precompiled %d bucketed step shapes: %d XLA programs in %.1fs",
+                    len(gr.shapes), gr.compiled, gr.seconds)
 
     def _decode_step(self, input_ids, positions, slot_mapping, seq_lens, *rest):
         """The captured step: the graph's static buffers are its AttentionBatch (one query

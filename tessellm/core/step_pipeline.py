@@ -47,6 +47,8 @@ class Staging:
         tensor = torch.from_numpy(array)
         if self.device.type == "cpu":
             return tensor
+        if self.device.type == "xla":  # device data made from the host tensor (no streams)
+            return tensor.to(self.device)
         host = self._buffer(slot, tensor.numel(), tensor.dtype).view(tensor.shape)
         host.copy_(tensor)
         return host.to(self.device, non_blocking=True)
@@ -65,7 +67,7 @@ class Staging:
 
     def inputs_queued(self) -> None:
         """Mark this launch's set: its host-to-device copies are queued before here."""
-        if self.device.type != "cpu":
+        if self.device.type not in ("cpu", "xla"):
             event = torch.Event(device=self.device)
             event.record()
             self._events[self.num_launches % 2] = event

@@ -98,6 +98,8 @@ class Worker:
                                       registry, self.backend, graphs, self.dtype),
                                   lora=lora)
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
+        if hasattr(graphs, "max_num_tokens"):  # a plan of step shapes to compile (tpu)
+            graphs.max_num_tokens = self.max_num_batched_tokens
         logger.info("Rank %d: loaded %s on %s (backend %s) in %.1fs", rank, source.path,
                     self.device, self.backend.name, time.perf_counter() - t0)
 

@@ -43,3 +43,20 @@ def test_emulate_unknown_device_is_refused():
 
     with pytest.raises(DeviceError, match="Unknown device 'npu9'"):
         get_registry().select("npu9", emulate=True)
+
+
+def test_emulated_tpu_runs_padded_steps_and_matches_cpu(tiny_llama):
+    """The tpu kernel asks for bucketed steps (core/shape_buckets.py): on host tensors the runner
+    pads every step as on XLA (tokens, sampled rows, block table) and the tokens stay the cpu's."""
+    from tessellm import LLM
+
+    engine = dict(dtype="float32", block_size=16, num_kv_blocks=32, max_model_len=128,
+                  max_num_seqs=3, max_num_batched_tokens=32)
+    prompts = [[1, 17, 33, 5], [2] + list(range(40, 80)), [3, 9]]  # one prompt is chunked
+    with LLM(tiny_llama, device="cpu", **engine) as cpu:
+        expected = greedy_tokens(cpu, prompts, 5)
+    with LLM(tiny_llama, device="tpu", emulate=True, **engine) as tpu:
+        runner = tpu.engine.core.runner
+        assert runner.buckets is not None and runner.device.type == "cpu"
+        got = greedy_tokens(tpu, prompts, 5)
+    assert got == expected

@@ -67,8 +67,7 @@ class PaddedTorchAttentionKernel:
         starts, lens = batch.query_start_loc_host, batch.seq_lens_host
         n_seqs = batch.num_seqs
         q_lens = [starts[s + 1] - starts[s] for s in range(n_seqs)]
-        S, Q = self.bucket(n_seqs), self.bucket(max(q_lens))
-        MB = self.bucket(-(-max(lens) // bs))
+        S, Q, MB = self.grid(batch, n_seqs, max(q_lens), -(-max(lens) // bs))
         q_rows = np.zeros((S, Q), dtype=np.int64)
         q_pos = np.full((S, Q), -1, dtype=np.int64)
         tok_seq = np.zeros(batch.num_tokens, dtype=np.int64)
@@ -92,6 +91,10 @@ class PaddedTorchAttentionKernel:
             tok_seq=torch.from_numpy(tok_seq).to(dev), tok_q=torch.from_numpy(tok_q).to(dev),
             slot_mapping=batch.slot_mapping.long(),
             is_pure_decode=batch.num_decodes == batch.num_seqs)
+
+    def grid(self, batch, num_seqs: int, max_query_len: int, max_blocks: int) -> tuple[int, int, int]:
+        """The padded grid: sequences S, queries per sequence Q, blocks per sequence MB."""
+        return self.bucket(num_seqs), self.bucket(max_query_len), self.bucket(max_blocks)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: PaddedMetadata, scale: float):
         self.write_cache(k, v, k_cache, v_cache, metadata.slot_mapping)

@@ -2,9 +2,11 @@
 
 Available when torch-xla imports and its PJRT runtime reports a device: a TPU, or XLA's CPU
 device when ``PJRT_DEVICE=CPU`` is set (emulation for tests; torch-xla reads that variable).
-Pieces: bucketed padded attention (XLA path) plus the Pallas paged-attention decode kernel on a
-real TPU (``xla_attention.py``), the XLA program per bucket as graph capture
-(``graph_runner.py``), pure-torch fused ops (XLA fuses elementwise chains itself).
+Pieces: every step padded to shape buckets (``tessellm/core/shape_buckets.py``: tokens, sequences,
+sampled rows, block-table width) and run as one XLA program, sampled on the host; attention as
+torch-xla's Pallas ``ragged_paged_attention`` on a real TPU, else a pure-XLA padded path
+(``xla_attention.py``); every bucket's program compiled at start-up as the graph capture
+(``graph_runner.py``); pure-torch fused ops (XLA fuses elementwise chains itself).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ NAME = "tpu"
 VALIDATION_NOTE = ("Never run on a TPU. Lane tpu-xla-cpu (torch-xla 2.9.0, torch 2.9.0, "
                    "PJRT_DEVICE=CPU): the model step ran for real as bucketed XLA programs on "
                    "PJRT's CPU device, KV cache in XLA tensors: the conformance suite and greedy "
-                   "parity with the cpu backend on SmolLM2 and a tiny Llama, compiled programs "
-                   "counted (docs/plugins.md 5.1). The Pallas kernels (real TPU only) never ran.")
+                   "parity with the cpu backend on SmolLM2 and a tiny Llama, every bucket's "
+                   "program compiled at start-up and none after (docs/plugins.md 5.1). "
+                   "ragged_paged_attention (Pallas, real TPU only) never ran.")
 
 
 def _xla_device_type():
@@ -40,6 +43,21 @@ def _emulation_device_type() -> str:
     import importlib.util
 
     return "xla" if importlib.util.find_spec("torch_xla") is not None else "cpu"
+
+
+def _paths() -> str:
+    """What runs for real (``tessellm backends``), without starting the XLA runtime."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("torch_xla")
+    except importlib.metadata.PackageNotFoundError:
+        return "host torch only (torch_xla not installed: emulate=True runs the padded math)"
+    device = os.environ.get("PJRT_DEVICE", "unset")
+    attention = ("ragged_paged_attention (Pallas)" if device == "TPU"
+                 else "xla-padded (pure XLA; Pallas kernels need a TPU)")
+    return (f"torch_xla {version}, PJRT_DEVICE={device}: bucketed steps as XLA programs, "
+            f"all precompiled at start-up, attention {attention}, sampling on the host")
 
 
 def _is_available() -> bool:
@@ -75,14 +93,15 @@ def tessellm_register_backends(register):
     register(Backend(
         name=NAME, device_type="xla", dist_backend="xla", priority=80,
         is_available=_is_available, memory_info=_memory_info, synchronize=_synchronize,
-        description="Google TPUs via torch-xla: bucketed shapes, Pallas paged attention on TPU, "
-                    "an XLA-compiled padded path elsewhere (PJRT_DEVICE=CPU for tests).",
+        description="Google TPUs via torch-xla: bucketed steps precompiled at start-up, Pallas "
+                    "ragged paged attention on TPU, a pure-XLA padded path elsewhere "
+                    "(PJRT_DEVICE=CPU for tests).",
         validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
         capabilities={"graph_capture": True, "quantization": ["int8", "fp8", "gguf"],
                       "kv_cache_dtypes": ["auto"],
-                      "sliding_window": True, "shape_buckets": "powers of two",
+                      "sliding_window": True, "shape_buckets": "powers of two (tokens from 8, sequences)",
                       "emulation_device_type": _emulation_device_type(),
-                      "lane": "tpu-xla-cpu: XLA programs on PJRT CPU"},
+                      "lane": "tpu-xla-cpu: XLA programs on PJRT CPU", "paths": _paths()},
     ))
 
 
@@ -90,9 +109,9 @@ def tessellm_register_backends(register):
 def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
     if backend.name != NAME:
         return None
-    from tessellm.backends.tpu.xla_attention import XlaPagedAttentionKernel, pallas_paged_attention
+    from tessellm.backends.tpu.xla_attention import XlaPagedAttentionKernel, ragged_paged_attention
 
-    return XlaPagedAttentionKernel(spec, pallas_paged_attention())
+    return XlaPagedAttentionKernel(spec, ragged_paged_attention())
 
 
 @hookimpl
@@ -108,9 +127,9 @@ def tessellm_fused_ops(backend: Backend, spec: OpsSpec):
 def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
     if backend.name != NAME or spec.enforce_eager:
         return None
-    from tessellm.backends.tpu.graph_runner import XlaGraphRunner, pow2_capture_sizes
+    from tessellm.backends.tpu.graph_runner import XlaGraphRunner
 
-    return XlaGraphRunner(spec.capture_sizes or pow2_capture_sizes(spec.max_num_seqs))
+    return XlaGraphRunner(spec.max_num_seqs, spec.capture_sizes)
 
 @hookimpl
 def tessellm_quant_method(backend: Backend, spec: QuantSpec):

@@ -37,6 +37,32 @@ def _synchronize() -> None:
     torch.xpu.synchronize()
 
 
+def _ipex_version():
+    """The installed IPEX's version, without importing it (registration stays cheap)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("intel_extension_for_pytorch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _quant_schemes() -> list[str]:
+    # int4 (awq, gptq): IPEX's WOQ, else the torch int4 op behind it (ipex_quant.py)
+    return ["int8", "fp8", "gguf"] + (["awq", "gptq"] if _ipex_version() else [])
+
+
+def _paths() -> str:
+    """What runs for real (``tessellm backends``): which framework path each piece takes."""
+    version = _ipex_version()
+    if version is None:
+        return "pure torch (intel_extension_for_pytorch not installed)"
+    return (f"intel_extension_for_pytorch {version}: attention IPEX PagedAttention "
+            "(flash_attn_varlen_func; pure torch for sliding windows on CPU), fused ops "
+            "ipex.llm.functional, int8/int4 IPEX WOQ linear on CPU tensors (torch ops on xpu "
+            "tensors, fp8, gguf)")
+
+
 @hookimpl
 def tessellm_register_backends(register):
     register(Backend(
@@ -45,10 +71,11 @@ def tessellm_register_backends(register):
         description="Intel GPUs (torch.xpu): IPEX paged attention when installed, else pure "
                     "torch; XPU graphs; xccl.",
         validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
-        capabilities={"graph_capture": True, "quantization": ["int8", "fp8", "gguf"],
+        capabilities={"graph_capture": True, "quantization": _quant_schemes(),
                       "kv_cache_dtypes": ["auto"],
                       "sliding_window": True, "ipex": "optional",
-                      "lane": "xpu-ipex-cpu: IPEX attention + fused ops on CPU tensors"},
+                      "lane": "xpu-ipex-cpu: IPEX attention + fused ops on CPU tensors",
+                      "paths": _paths()},
     ))
 
 
@@ -97,10 +124,13 @@ def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
 
 @hookimpl
 def tessellm_quant_method(backend: Backend, spec: QuantSpec):
-    """int8, fp8 (emulated W8A8) and gguf through the device-agnostic torch ops."""
+    """Weight-only int8 and int4 (awq, gptq) through IPEX's WOQ linear when IPEX is installed
+    (``ipex_quant.py``); fp8 (emulated W8A8), gguf, and everything without IPEX through the
+    device-agnostic torch ops."""
     if backend.name != NAME:
         return None
     from tessellm.backends.reference.quant_ops import TorchQuantOps
+    from tessellm.backends.xpu.ipex_quant import IpexQuantOps, ipex_woq_available
     from tessellm.quantization import make_quant_method
 
-    return make_quant_method(spec, TorchQuantOps())
+    return make_quant_method(spec, IpexQuantOps() if ipex_woq_available() else TorchQuantOps())
