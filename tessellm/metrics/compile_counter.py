@@ -1,4 +1,5 @@
-"""Counts Triton JIT compilations in this process, and those after the engine said ready.
+"""Counts Triton JIT compilations in this process, and those after the engine said ready (and,
+under torch-xla, XLA compilations after ready: ``xla_after_ready``).
 
 Warm-up (``tessellm.core.warmup``) should leave nothing to compile: the lead checks on the GPU
 that ``tessellm:triton_compilations_after_ready`` (``/metrics``) stays 0 under load. The count
@@ -56,6 +57,20 @@ class CompileCounter:
 
     def mark_ready(self) -> None:
         self.ready = True
+        self._xla_at_ready = _xla_compilations()
+
+    @property
+    def xla_after_ready(self) -> int:
+        """XLA programs this process compiled since ready (torch-xla's ``CompileTime`` count;
+        0 without torch-xla). Serving should compile none: the tpu backend precompiles every
+        bucketed step shape at start-up (``tessellm/core/shape_buckets.py``)."""
+        return _xla_compilations() - getattr(self, "_xla_at_ready", 0) if self.ready else 0
+
+
+def _xla_compilations() -> int:
+    from tessellm.core.shape_buckets import xla_compilations
+
+    return xla_compilations()
 
 
 COUNTER = CompileCounter()
