@@ -347,29 +347,12 @@ class ModelRunner:
 
     @runner_grad_mode
     def _precompile_buckets(self) -> None:
-        """One synthetic step per shape class of ``step_shapes``, through the graph runner's
-        ``precompile`` (XLA compiles each program once, before the engine says ready); the steps
-        write into block 0 of the cache, which no request has written yet."""
-        from tessellm.core.sampling_params import SamplingParams
-        from tessellm.core.shape_buckets import step_shapes
+        """Every bucketed step shape compiled before ready (``shape_buckets.precompile_steps``)."""
+        from tessellm.core.shape_buckets import precompile_steps
 
-        bs, gr = self.block_size, self.graph_runner
-        self.backend.synchronize()  # the cache's zeros are their own program, not the first step's
-        shapes = step_shapes(self.buckets, gr.max_num_seqs, gr.max_num_tokens or self.max_model_len,
-                             self.max_model_len)
-
-        def step(counts: list[int]) -> None:
-            tables = PersistentBlockTable(self.batch.tables.width, rows=len(counts))
-            states = [RunnerRequest(f"precompile-{i}", [0] * n, n, SamplingParams(max_tokens=1),
-                                    [0] * -(-n // bs), 0, tables.add([0] * -(-n // bs)))
-                      for i, n in enumerate(counts)]
-            host = build_inputs(states, counts, None, tables, bs, self.steps.input_token)
-            self._forward_bucketed(host, states, counts, 0)
-
-        gr.precompile(step, shapes)
-        self.precompiled = {"shapes": len(gr.shapes), "compiled": gr.compiled, "seconds": gr.seconds}
+        self.precompiled = precompile_steps(self)
         logger.info("Precompiled %d bucketed step shapes: %d XLA programs in %.1fs",
-                    len(gr.shapes), gr.compiled, gr.seconds)
+                    self.precompiled["shapes"], self.precompiled["compiled"], self.precompiled["seconds"])
 
     def _decode_step(self, input_ids, positions, slot_mapping, seq_lens, *rest):
         """The captured step: the graph's static buffers are its AttentionBatch (one query

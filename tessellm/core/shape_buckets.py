@@ -119,6 +119,33 @@ def step_shapes(buckets: Buckets, max_num_seqs: int, max_num_tokens: int, max_mo
     return shapes
 
 
+def precompile_steps(runner) -> dict:
+    """One synthetic step per shape class of ``step_shapes`` through ``runner``'s bucketed path,
+    driven by its graph runner's ``precompile`` (XLA compiles each program once, before the
+    engine says ready). The steps write into block 0 of the cache, which no request has written
+    yet. Returns ``{"shapes", "compiled", "seconds"}``."""
+    from tessellm.core.block_table import PersistentBlockTable
+    from tessellm.core.input_batch import RunnerRequest
+    from tessellm.core.input_builder import build_inputs
+    from tessellm.core.sampling_params import SamplingParams
+
+    bs, gr, width = runner.block_size, runner.graph_runner, runner.batch.tables.width
+    runner.backend.synchronize()  # the cache's zeros are their own program, not the first step's
+    shapes = step_shapes(runner.buckets, gr.max_num_seqs, gr.max_num_tokens or runner.max_model_len,
+                         runner.max_model_len)
+
+    def step(counts: list[int]) -> None:
+        tables = PersistentBlockTable(width, rows=len(counts))
+        states = [RunnerRequest(f"precompile-{i}", [0] * n, n, SamplingParams(max_tokens=1),
+                                [0] * -(-n // bs), 0, tables.add([0] * -(-n // bs)))
+                  for i, n in enumerate(counts)]
+        host = build_inputs(states, counts, None, tables, bs, runner.steps.input_token)
+        runner._forward_bucketed(host, states, counts, 0)
+
+    gr.precompile(step, shapes)
+    return {"shapes": len(gr.shapes), "compiled": gr.compiled, "seconds": gr.seconds}
+
+
 @contextlib.contextmanager
 def xla_compile_count(out: dict):
     """``out["compiled"]``: XLA programs compiled inside the block (torch-xla's metrics)."""

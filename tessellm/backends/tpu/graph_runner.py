@@ -9,7 +9,7 @@ synthetic step of each shape class and syncs, so XLA compiles and caches them al
     capture:  for counts in step_shapes(...):  step(counts); sync   -> compile, cache
     serve:    step(padded batch); sync                              -> cache hit, execute
 
-The runner computes the shapes and steps them (``_precompile_buckets``) through
+``tessellm.core.shape_buckets.precompile_steps`` computes the shapes and steps them through
 ``precompile``, which counts the programs compiled.
 """
 
