@@ -102,7 +102,9 @@ class EngineCore:
                                                    args.enable_chunked_prefill,
                                                    self.parallel.pipeline_parallel_size,
                                                    self.async_scheduling,
-                                                   _num_lookahead_tokens(args)), self.kv)
+                                                   _num_lookahead_tokens(args),
+                                                   defer_grammar=self.async_scheduling
+                                                   and self.executor.supports_deferred_sample), self.kv)
         # Steps in flight at most: one per pipeline stage, or two under async scheduling.
         self.max_in_flight = 2 if self.async_scheduling else self.executor.max_concurrent_batches
         self.info = EngineInfo(self.source.path, self.source.kind, self.max_model_len, self.vocab_size,
@@ -205,12 +207,20 @@ class EngineCore:
         With pipeline stages or async scheduling, up to ``max_in_flight`` steps are in flight:
         while one is free, a new batch is submitted and the call returns at once; otherwise it
         waits for the oldest step and returns its outputs. Under async scheduling the new batch
-        is launched on the device before the oldest is waited for.
+        is launched on the device before the oldest is waited for; a constrained request's mask
+        for it is then filled after the oldest step's update, while the device runs its forward
+        pass (``grammar_deferred``, structured_output/manager.py).
         """
         sched = self.scheduler.schedule()  # a non-empty step is in flight from here
         ended = self.scheduler.take_finished_outputs()
+        deferred = False
         if not sched.is_empty:
-            self.structured.fill_bitmask(sched, self.scheduler.requests)
+            requests = self.scheduler.requests
+            deferred = self.structured.must_defer(sched, self.in_flight, requests)
+            if deferred:  # needs the tokens of the step in flight: mask after its update
+                sched.grammar_deferred = True
+            else:
+                self.structured.fill_bitmask(sched, requests)
             self.executor.submit(sched)
             if len(self.in_flight) < self.max_in_flight:
                 return ended
@@ -219,9 +229,13 @@ class EngineCore:
             if self.lora_store is not None:
                 self.lora_store.wait_any(0.05)  # adapters still loading: wait, do not spin
             return ended
-        sched = self.in_flight.oldest()
+        oldest = self.in_flight.oldest()
         result = self.executor.collect()
-        return ended + self.scheduler.update(sched, result)
+        outputs = ended + self.scheduler.update(oldest, result)
+        if deferred:  # the matchers have the collected step's tokens: the new step's mask
+            self.structured.fill_bitmask(sched, self.scheduler.requests)
+            self.executor.sample_deferred(sched.grammar_bitmask, sched.grammar_bitmask_rows)
+        return outputs
 
 
 def _num_lookahead_tokens(args: EngineArgs) -> int:

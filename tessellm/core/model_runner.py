@@ -10,8 +10,9 @@ One concept a file, the runner only orchestrates them::
     pp_io.py              pipeline-parallel receive / send
 
 A step: apply the scheduler's deltas -> build host inputs -> copy (pinned) -> forward (eager,
-or a captured graph for a pure-decode step) -> logits of the sampled rows -> sampler -> start
-the readback -> advance the states (the one place they move) -> return a ``StepHandle``.
+or a captured graph for a pure-decode step) -> logits of the sampled rows -> grammar mask ->
+sampler (a ``grammar_deferred`` step waits here for ``sample_deferred``) -> start the readback
+-> advance the states (the one place they move) -> return a ``StepHandle``.
 
 Under tensor parallelism every rank runs this same code on its shard of the model; the logits
 are gathered whole on every rank and every rank samples, identically (same seed, same ops), so
@@ -37,10 +38,10 @@ from tessellm.core.sampler import Sampler
 from tessellm.core.sampling_metadata import build_sampling_batch
 from tessellm.core.shape_buckets import Buckets, pad_host_inputs, runner_grad_mode
 from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
-from tessellm.core.step_pipeline import LaunchedSteps, Staging, StepHandle
+from tessellm.core.step_pipeline import DeferredSample, LaunchedSteps, Staging, StepHandle
 from tessellm.distributed.parallel_state import PipelineStage
 from tessellm.spec_decode.proposer import StepTensors
-from tessellm.structured_output.apply import apply_grammar_bitmask
+from tessellm.structured_output.apply import MaskUpload, apply_grammar_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class ModelRunner:
         # sampler's argmax where the backend has its own (optional in LogitsOps).
         self.logits_ops = (None if self.host_sampling else logits_ops) or ReferenceLogitsOps()
         self.sampler = Sampler(sample_device, seed, getattr(self.logits_ops, "argmax", None))
+        self.mask_upload = MaskUpload(sample_device)
+        self._deferred: Optional[DeferredSample] = None  # a step waiting for its grammar mask
         self.max_model_len = max_model_len
         self.batch = InputBatch(-(-max_model_len // block_size))
         self.staging = Staging(device)
@@ -190,11 +193,18 @@ class ModelRunner:
             rows, out_pos, sampling_states, starts = _sampled_rows(states, counts, num_sampled)
             batch = build_sampling_batch(rows, out_pos, self.sampler.device, self.vocab_size,
                                          self.eos_token_ids)
-            if sched.grammar_bitmask is not None:  # structured output: disallowed tokens -> -inf
-                apply_grammar_bitmask(logits, [r.request_id for r in rows], sched.grammar_bitmask_rows,
-                                      sched.grammar_bitmask, self.logits_ops)
-            handle = self.steps.launch_readback(sampling_states, starts,
-                                                self._sample(logits, batch, sampling_states, starts), out)
+
+            def sample(bitmask, bitmask_rows: dict[str, int]) -> StepHandle:
+                if bitmask is not None:  # structured output: disallowed tokens -> -inf
+                    apply_grammar_bitmask(logits, [r.request_id for r in rows], bitmask_rows, bitmask,
+                                          self.logits_ops, self.mask_upload)
+                sampled = self._sample(logits, batch, sampling_states, starts)
+                return self.steps.launch_readback(sampling_states, starts, sampled, out)
+
+            if sched.grammar_deferred:  # the mask comes later (sample_deferred)
+                handle = self._deferred = DeferredSample(sample)
+            else:
+                handle = sample(sched.grammar_bitmask, sched.grammar_bitmask_rows)
         for state, n in zip(states, counts):  # the one place the runner's states advance
             state.num_computed_tokens += n
         if self.spec is not None:
@@ -217,6 +227,14 @@ class ModelRunner:
         collect(handle, ids, self.batch, self.block_size, lookahead)
         if self.spec is not None:
             self.spec.propose(handle)
+
+    @torch.inference_mode()
+    def sample_deferred(self, bitmask, bitmask_rows: dict[str, int]) -> None:
+        """Sample the last launched step (``grammar_deferred``) with its mask, now known. A
+        stage that does not sample has nothing waiting: a no-op."""
+        pending, self._deferred = self._deferred, None
+        if pending is not None:
+            pending.sample(bitmask, bitmask_rows)
 
     def _forward(self, host: HostInputs, states, counts, out: ModelRunnerOutput) -> Optional[torch.Tensor]:
         """Run the model; the logits of the sampled rows, or None when nothing samples here."""

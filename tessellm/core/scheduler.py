@@ -24,10 +24,11 @@ Invariants
   is a placeholder (only the device knows it; the model runner feeds it from that step's
   sampled ids). ``in_flight.tokens_ahead`` / ``samples_ahead`` count what is ahead of
   ``num_computed_tokens`` / ``all_token_ids``. A request whose in-flight steps would reach
-  ``max_tokens`` or the context length is not scheduled ahead. One that stops (EOS, stop token,
-  abort) while a step ahead runs has that step's result dropped; so has a request preempted
-  while in flight (``InFlightSteps.drop``): it is recomputed later from its known tokens, exactly as a
-  preemption in a synchronous step.
+  ``max_tokens`` or the context length is not scheduled ahead. A constrained request goes
+  ahead only with ``defer_grammar`` (its mask is filled once the step before is back). One
+  that stops (EOS, stop token, abort) while a step ahead runs has that step's result dropped;
+  so has a request preempted while in flight (``InFlightSteps.drop``): it is recomputed later
+  from its known tokens, exactly as a preemption in a synchronous step.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class SchedulerConfig:
     # Speculative decoding: KV slots kept allocated past a request's computed tokens, for a
     # draft model's K/V of its own drafts (tessellm.spec_decode; 0 for n-gram and replay).
     num_lookahead_tokens: int = 0
+    # Async scheduling: constrained requests go one step ahead too; their masks are filled after
+    # the step before is back (the executor supports ``sample_deferred``). False: they wait.
+    defer_grammar: bool = False
 
 
 @dataclass
@@ -272,8 +276,8 @@ class Scheduler:
             return self._num_new_tokens(req, budget)
         if not self.config.async_scheduling or self.in_flight.num_steps(req.request_id) > 1:
             return 0  # one step ahead at most
-        if req.grammar is not None:
-            return 0  # its mask needs the tokens in flight: never scheduled ahead
+        if req.grammar is not None and not self.config.defer_grammar:
+            return 0  # its mask needs the tokens in flight, and the mask cannot come later
         pending = self.in_flight.samples_ahead(req.request_id)  # placeholders: ids on the device
         if pending:
             params = req.sampling_params

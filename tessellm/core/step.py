@@ -75,6 +75,10 @@ class SchedulerOutput:
     # int32 numpy array [rows, ceil(vocab / 32)], bit j of word w set = token 32*w + j allowed;
     # None when no request in the step is constrained.
     grammar_bitmask: Optional[Any] = None
+    # Async scheduling: the mask needs the tokens of the step in flight before this one, so it
+    # comes later (``ModelRunner.sample_deferred``); the runner runs the forward pass and waits
+    # for it before sampling (tessellm.structured_output.manager).
+    grammar_deferred: bool = False
     # Multi-LoRA: request id -> adapter slot on the device. Absent: the base model.
     lora_slots: dict[str, int] = field(default_factory=dict)
     # Multi-LoRA: adapters to put into slots before this step's forward, ``[slot, {"name",

@@ -104,6 +104,25 @@ class StepHandle:
         return self.out
 
 
+class DeferredSample:
+    """A launched step whose sampling waits for its grammar mask (``grammar_deferred``: the
+    mask needs the tokens of the step before). ``sample`` applies it and launches the sampler;
+    ``result()`` is then the step's ``StepHandle.result()``."""
+
+    def __init__(self, sample: Callable[..., StepHandle]):
+        self._sample: Optional[Callable[..., StepHandle]] = sample
+        self.handle: Optional[StepHandle] = None
+
+    def sample(self, bitmask, bitmask_rows: dict[str, int]) -> None:
+        sample, self._sample = self._sample, None
+        self.handle = sample(bitmask, bitmask_rows)
+
+    def result(self) -> ModelRunnerOutput:
+        if self.handle is None:
+            raise RuntimeError("This step waits for its grammar mask: sample_deferred() was not called.")
+        return self.handle.result()
+
+
 Collect = Callable[[StepHandle, list[int]], None]
 
 

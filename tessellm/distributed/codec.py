@@ -37,14 +37,14 @@ def _params(p: SamplingParams) -> dict:
     return d
 
 
-def _encode_bitmask(mask) -> Any:
+def encode_bitmask(mask) -> Any:
     if mask is None:
         return None
     mask = np.ascontiguousarray(mask, dtype=np.int32)
     return {"shape": list(mask.shape), "data": mask.tobytes()}
 
 
-def _decode_bitmask(d) -> Any:
+def decode_bitmask(d) -> Any:
     if d is None:
         return None
     return np.frombuffer(d["data"], dtype=np.int32).reshape(d["shape"]).copy()
@@ -57,7 +57,7 @@ def encode_scheduler_output(s: SchedulerOutput) -> dict:
     d["cached_requests"] = [dataclass_fields(c) for c in s.cached_requests]
     d["finished_request_ids"] = sorted(s.finished_request_ids)
     d["preempted_request_ids"] = sorted(s.preempted_request_ids)
-    d["grammar_bitmask"] = _encode_bitmask(s.grammar_bitmask)
+    d["grammar_bitmask"] = encode_bitmask(s.grammar_bitmask)
     d["v"] = STEP_SCHEMA_VERSION
     return d
 
@@ -72,7 +72,7 @@ def decode_scheduler_output(d: dict) -> SchedulerOutput:
                             for c in d.get("cached_requests", [])]
     d["finished_request_ids"] = set(d.get("finished_request_ids", ()))
     d["preempted_request_ids"] = set(d.get("preempted_request_ids", ()))
-    d["grammar_bitmask"] = _decode_bitmask(d.get("grammar_bitmask"))
+    d["grammar_bitmask"] = decode_bitmask(d.get("grammar_bitmask"))
     return build_dataclass(SchedulerOutput, d, "A SchedulerOutput")
 
 

@@ -50,6 +50,8 @@ class WorkerDiedError(RuntimeError):
 class Executor:
     parallel: ParallelConfig
     worker_info: list[dict]
+    # ``sample_deferred``: a step submitted with ``grammar_deferred`` samples once its mask comes.
+    supports_deferred_sample = False
 
     @property
     def max_concurrent_batches(self) -> int:
@@ -82,11 +84,17 @@ class Executor:
     def collect(self) -> ModelRunnerOutput:
         raise NotImplementedError
 
+    def sample_deferred(self, bitmask, bitmask_rows: dict[str, int]) -> None:
+        """The mask of the last submitted step (``grammar_deferred``): it samples now."""
+        raise NotImplementedError
+
     def shutdown(self) -> None:
         pass
 
 
 class UniProcExecutor(Executor):
+    supports_deferred_sample = True
+
     def __init__(self, args: EngineArgs):
         from tessellm.distributed.worker import Worker
 
@@ -107,6 +115,9 @@ class UniProcExecutor(Executor):
     def collect(self) -> ModelRunnerOutput:
         return self._launched.popleft().result()
 
+    def sample_deferred(self, bitmask, bitmask_rows: dict[str, int]) -> None:
+        self.worker.runner.sample_deferred(bitmask, bitmask_rows)
+
     def shutdown(self) -> None:
         """Release the model and KV cache now, not when this object is collected."""
         worker, self.worker = self.worker, None
@@ -120,6 +131,8 @@ class UniProcExecutor(Executor):
 class MultiprocExecutor(Executor):
     """``deferred``: async scheduling's protocol (module docstring); a worker holds a step's
     tokens until the next step or a ``flush``."""
+
+    supports_deferred_sample = True
 
     def __init__(self, args: EngineArgs, parallel: ParallelConfig, deferred: bool = False):
         import zmq
@@ -188,6 +201,11 @@ class MultiprocExecutor(Executor):
         self._broadcast(["execute", encode_scheduler_output(sched), self.deferred])
         self._in_flight += 1
         self._held = self.deferred
+
+    def sample_deferred(self, bitmask, bitmask_rows: dict[str, int]) -> None:
+        from tessellm.distributed.codec import encode_bitmask
+
+        self._broadcast(["sample", encode_bitmask(bitmask), bitmask_rows])
 
     def collect(self) -> ModelRunnerOutput:
         if not self._in_flight:
@@ -323,6 +341,10 @@ def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> No
                 held = handle
             else:
                 send(handle)
+        elif kind == "sample":  # the mask of the last step (grammar_deferred)
+            from tessellm.distributed.codec import decode_bitmask
+
+            worker.runner.sample_deferred(decode_bitmask(msg[1]), msg[2])
         elif kind == "flush":
             if held is not None:
                 send(held)

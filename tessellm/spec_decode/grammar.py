@@ -19,7 +19,7 @@ def fill_draft_rows(grammar, drafts: list[int], bitmask, first_row: int) -> None
     advanced = 0
     for j in range(len(drafts) + 1):
         row = first_row + j
-        if advanced < j:  # draft j-1 was refused: this row is never sampled from
+        if advanced < j or grammar.is_terminated:  # draft j-1 refused or ended it: never sampled
             bitmask[row] = bitmask[row - 1]
             continue
         grammar.fill_bitmask(bitmask, row)

@@ -2,20 +2,31 @@
 
 Per step (``EngineCore.step``), after the scheduler decided::
 
-    SchedulerOutput.num_scheduled_tokens   {"a": 1, "b": 37, "c": 1}      (b: a prefill chunk)
-    constrained requests that sample now    a, c
-    grammar_bitmask  int32 [2, ceil(V/32)]  row 0: a's allowed tokens, row 1: c's
-    grammar_bitmask_rows                    {"a": 0, "c": 1}
+    SchedulerOutput.num_scheduled_tokens   {"a": 1, "b": 37, "c": 4}      (b: a prefill chunk;
+    SchedulerOutput.spec_token_ids         {"c": [d0, d1, d2]}             c verifies 3 drafts)
+    constrained requests that sample now    a (1 row), c (4 rows)
+    grammar_bitmask  int32 [5, ceil(V/32)]  row 0: a's allowed tokens; rows 1..4: c's after its
+                                            accepted tokens, then after d0, d0 d1, d0 d1 d2
+    grammar_bitmask_rows                    {"a": 0, "c": 1}                (first row each)
 
 Bit ``t % 32`` of word ``t // 32`` of a row is 1 when token ``t`` is allowed. The model runner
 expands this to its sampling rows (an unconstrained row allows everything) and applies it to the
-logits with the backend's ``apply_token_bitmask`` before sampling.
+logits with the backend's ``apply_token_bitmask`` before sampling. A request's draft rows are
+filled by advancing its matcher over the drafts and rolling it back afterwards
+(``tessellm.spec_decode.grammar.fill_draft_rows``).
 
-Invariant: a constrained request's matcher has accepted exactly its output tokens when the step
-is scheduled. The scheduler guarantees it by never scheduling a constrained request ahead of a
-step in flight (async scheduling, pipeline stages), and ``Scheduler.update`` advances the
-matcher as it appends each sampled token. Preemption keeps the output tokens (the request is
-recomputed from them), so the matcher state stays valid and nothing is replayed.
+Invariant: when a constrained request's mask is filled, its matcher has accepted exactly its
+output tokens. ``Scheduler.update`` advances the matcher as it appends each sampled token.
+Under async scheduling a constrained request is scheduled one step ahead like any other; its
+mask for step N+1 then needs step N's tokens, so the step is launched with
+``grammar_deferred``: the runner runs the forward pass and waits for the mask before sampling,
+and the engine core fills the mask (``fill_bitmask``) right after ``update`` accepted step N's
+tokens, while the device runs step N+1's forward pass (vLLM v1 defers the same way). Preemption
+keeps the output tokens (the request is recomputed from them), so the matcher state stays valid
+and nothing is replayed.
+
+Masks are filled into two preallocated buffers used in turn (a fresh 4 MB array per step costs
+more than the fill), rows in parallel with xgrammar's ``BatchGrammarMatcher``.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import logging
 import os
 from typing import Callable, Optional
 
+from tessellm.spec_decode.grammar import fill_draft_rows
 from tessellm.structured_output.compiler import GrammarCompilerPool, RequestGrammar
 from tessellm.structured_output.params import StructuredOutputsParams
 
@@ -42,6 +54,9 @@ class StructuredOutputManager:
         self._pool: Optional[GrammarCompilerPool] = None
         self._batch = None  # xgrammar's BatchGrammarMatcher, made on first use
         self.fill_threads = min(8, os.cpu_count() or 1)  # threads filling a step's mask rows
+        self._buffers: list = [None, None]  # the step masks, used in turn (``_buffer``)
+        self._turn = 0
+        self.num_deferred_steps = 0  # steps whose mask was filled after the step before came back
 
     @property
     def pool(self) -> GrammarCompilerPool:
@@ -58,43 +73,68 @@ class StructuredOutputManager:
 
     def fill_bitmask(self, sched, requests: dict) -> None:
         """Set ``sched.grammar_bitmask`` / ``sched.grammar_bitmask_rows`` for the constrained
-        requests that sample in this step (none: they stay None / empty)."""
-        rows = []
+        requests that sample in this step: one row per sampled row (k+1 for k drafts). None
+        constrained: they stay None / empty. A request no longer in ``requests`` (it ended
+        while this step was deferred) gets no rows: its result is dropped anyway."""
+        plain, drafted, num_rows = [], [], 0
+        rows: dict[str, int] = {}
         for rid, num_sampled in sched.num_sampled_tokens.items():
             grammar = getattr(requests.get(rid), "grammar", None)
-            if num_sampled and grammar is not None and grammar.matcher is not None:
-                rows.append((rid, grammar))
+            if not num_sampled or grammar is None or grammar.matcher is None:
+                continue
+            rows[rid] = num_rows
+            if num_sampled > 1 or grammar.is_terminated:
+                drafted.append((grammar, num_rows, list(sched.spec_token_ids.get(rid, ()))[:num_sampled - 1]))
+            else:
+                plain.append((grammar.matcher, num_rows))
+            num_rows += num_sampled
         if not rows:
             return
-        import xgrammar as xgr
+        bitmask = self._buffer(num_rows)
+        self._fill_plain(plain, bitmask)
+        for grammar, first, drafts in drafted:
+            if grammar.is_terminated:  # it ended while this step was deferred: never used
+                bitmask[first:first + len(drafts) + 1] = -1
+            else:
+                fill_draft_rows(grammar, drafts, bitmask, first)
+        sched.grammar_bitmask = bitmask.numpy()
+        sched.grammar_bitmask_rows = rows
 
-        if any(rid in sched.spec_token_ids for rid, _ in rows):  # k + 1 rows for k drafts
-            self._fill_with_drafts(sched, rows, xgr)
-            return
-
-        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        if len(rows) == 1:
-            rows[0][1].fill_bitmask(bitmask, 0)
-        else:  # xgrammar fills the rows in parallel threads
+    def _fill_plain(self, plain: list, bitmask) -> None:
+        if len(plain) == 1:
+            plain[0][0].fill_next_token_bitmask(bitmask, plain[0][1])
+        elif plain:  # xgrammar fills the rows in parallel threads
             if self._batch is None:
+                import xgrammar as xgr
+
                 self._batch = xgr.BatchGrammarMatcher(max_threads=self.fill_threads)
-            self._batch.batch_fill_next_token_bitmask([g.matcher for _, g in rows], bitmask)
-        sched.grammar_bitmask = bitmask.numpy()
-        sched.grammar_bitmask_rows = {rid: i for i, (rid, _) in enumerate(rows)}
+            self._batch.batch_fill_next_token_bitmask([m for m, _ in plain], bitmask,
+                                                      [row for _, row in plain])
 
-    def _fill_with_drafts(self, sched, rows, xgr) -> None:
-        """Speculative decoding: a row per sampled position (tessellm.spec_decode.grammar)."""
-        from tessellm.spec_decode.grammar import fill_draft_rows
+    def _buffer(self, num_rows: int):
+        """``num_rows`` rows of one of the two mask buffers, in turn (the other may still be
+        read by the step before). Grown, never shrunk."""
+        import torch
 
-        bitmask = xgr.allocate_token_bitmask(sum(sched.num_sampled_tokens[rid] for rid, _ in rows),
-                                             self.vocab_size)
-        first, row = {}, 0
-        for rid, grammar in rows:
-            first[rid] = row
-            fill_draft_rows(grammar, sched.spec_token_ids.get(rid, []), bitmask, row)
-            row += sched.num_sampled_tokens[rid]
-        sched.grammar_bitmask = bitmask.numpy()
-        sched.grammar_bitmask_rows = first
+        self._turn ^= 1
+        buf = self._buffers[self._turn]
+        if buf is None or buf.shape[0] < num_rows:
+            width = -(-self.vocab_size // 32)
+            buf = torch.empty((max(num_rows, 64), width), dtype=torch.int32)
+            self._buffers[self._turn] = buf
+        return buf[:num_rows]
+
+    def must_defer(self, sched, in_flight, requests: dict) -> bool:
+        """Whether ``sched`` (just scheduled, the newest step in flight) samples a constrained
+        request that an older step in flight also samples: its mask needs that step's tokens,
+        so it is filled after that step's ``update`` (``grammar_deferred``)."""
+        older = [step.sched.num_sampled_tokens for step in list(in_flight.steps)[:-1]]
+        if not older:
+            return False
+        deferred = any(getattr(requests.get(rid), "grammar", None) is not None
+                       and any(rid in o for o in older) for rid in sched.num_sampled_tokens)
+        self.num_deferred_steps += deferred
+        return deferred
 
     def wait_for_compiles(self, waiting, timeout_s: float = 0.005) -> None:
         """When nothing could be scheduled: wait briefly for a waiting request's compile rather
@@ -107,3 +147,4 @@ class StructuredOutputManager:
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+
