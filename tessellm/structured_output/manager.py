@@ -125,10 +125,14 @@ class StructuredOutputManager:
         return buf[:num_rows]
 
     def must_defer(self, sched, in_flight, requests: dict) -> bool:
-        """Whether ``sched`` (just scheduled, the newest step in flight) samples a constrained
-        request that an older step in flight also samples: its mask needs that step's tokens,
+        """Whether ``sched`` (scheduled, in flight) samples a constrained request that an older
+        step in flight also samples: its mask needs that step's tokens,
         so it is filled after that step's ``update`` (``grammar_deferred``)."""
-        older = [step.sched.num_sampled_tokens for step in list(in_flight.steps)[:-1]]
+        older = []
+        for step in in_flight.steps:  # oldest first, up to ``sched``
+            if step.sched is sched:
+                break
+            older.append(step.sched.num_sampled_tokens)
         if not older:
             return False
         deferred = any(getattr(requests.get(rid), "grammar", None) is not None

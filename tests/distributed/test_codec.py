@@ -25,7 +25,7 @@ def _full_step() -> SchedulerOutput:
         num_scheduled_tokens={"n": 2, "c": 4}, total_num_scheduled_tokens=6,
         num_sampled_tokens={"n": 1, "c": 4}, spec_token_ids={"c": [41, 42, 43]},
         grammar_bitmask_rows={"c": 1},
-        grammar_bitmask=np.arange(10, dtype=np.int32).reshape(5, 2) - 3,
+        grammar_bitmask=np.arange(10, dtype=np.int32).reshape(5, 2) - 3, grammar_deferred=True,
         lora_slots={"c": 2}, lora_loads=[[2, {"name": "a", "id": 3, "path": "/a"}]],
         lora_prefetch=[{"name": "b", "id": 4, "path": "/b"}],
         finished_request_ids={"f1", "f2"}, preempted_request_ids={"p"})

@@ -92,3 +92,21 @@ def test_structural_tag_and_malformed_spec(llm):
         llm.generate("Hi", _params(S(json={"type": "objectx"})), use_tqdm=False)
     # the engine keeps serving
     assert llm.generate("Hi", _params(S(choice=["a", "b"])), use_tqdm=False)[0].outputs[0].text in ("a", "b")
+
+
+@pytest.mark.parametrize("executor", ["uni", pytest.param("mp", marks=pytest.mark.slow)])
+def test_async_scheduling_defers_masks_and_keeps_tokens(batch, executor):
+    """Async scheduling (in process, and through a worker process): constrained requests go one
+    step ahead with their masks filled after the step before is back, and every request's
+    greedy tokens equal the synchronous engine's above."""
+    names = list(SCHEMAS)[:2]
+    convs = [[{"role": "user", "content": f"Reply with a JSON value ({n})."}] for n in names]
+    params = [_params(S(json=SCHEMAS[n], disable_any_whitespace=True)) for n in names]
+    convs += [[{"role": "user", "content": "Give me a code."}],
+              [{"role": "user", "content": "What is the capital of France?"}]]
+    params += [_params(S(regex=REGEX)), _params(None, 24)]
+    with LLM(max_model_len=512, async_scheduling=True, distributed_executor_backend=executor) as engine:
+        outs = engine.chat(convs, params, use_tqdm=False)
+        assert engine.engine.core.structured.num_deferred_steps > 0
+    for name, out in zip(names + ["regex", "plain"], outs):
+        assert out.outputs[0].token_ids == batch[name].token_ids, name

@@ -1,6 +1,8 @@
 """The scheduler with constrained requests (real xgrammar matchers over a 5-token vocabulary):
-a request waits for its grammar without holding others up, is never scheduled ahead of a step
-in flight, and its matcher advances with exactly the tokens it is given."""
+a request waits for its grammar without holding others up, goes ahead of a step in flight only
+when its mask can be deferred (and the deferred mask then follows the step's tokens exactly),
+its matcher advances with exactly the tokens it is given, and draft tokens get one mask row
+each."""
 
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.core.step import ModelRunnerOutput
+from tessellm.core.step import SchedulerOutput
 from tessellm.structured_output.compiler import RequestGrammar
+from tessellm.structured_output.manager import StructuredOutputManager
 
 xgr = pytest.importorskip("xgrammar")
 
 VOCAB = ["</s>", "a", "b", "c", "d"]  # token 0 ends a sequence
-EOS, A, B = 0, 1, 2
+EOS, A, B, C = 0, 1, 2, 3
 
 
 def compiled(regex: str):
@@ -26,8 +30,26 @@ def compiled(regex: str):
     return xgr.GrammarCompiler(info, max_threads=1).compile_regex(regex)
 
 
-def make(async_scheduling=False):
-    return Scheduler(SchedulerConfig(8, 64, 128, async_scheduling=async_scheduling), BlockManager(32, 4, True))
+def make(async_scheduling=False, defer_grammar=False):
+    return Scheduler(SchedulerConfig(8, 64, 128, async_scheduling=async_scheduling, defer_grammar=defer_grammar),
+                     BlockManager(32, 4, True))
+
+
+def grammar_of(regex):
+    future = Future()
+    future.set_result(compiled(regex))
+    grammar = RequestGrammar(future)
+    assert grammar.ready
+    return grammar
+
+
+def manager():
+    return StructuredOutputManager(lambda: None, len(VOCAB), [EOS])
+
+
+def allowed(bitmask, row):
+    """The token ids a mask row allows."""
+    return [t for t in range(len(VOCAB)) if (int(bitmask[row][t // 32]) >> (t % 32)) & 1]
 
 
 def req(rid, grammar=None):
@@ -98,3 +120,42 @@ def test_constrained_request_is_not_scheduled_ahead():
     ahead = s.schedule()  # while the first step runs
     assert set(first.num_scheduled_tokens) == {"g", "u"}
     assert list(ahead.num_scheduled_tokens) == ["u"]  # g's mask needs the token in flight
+
+
+def test_deferred_mask_follows_the_step_in_flight():
+    """Async scheduling with defer_grammar: g goes ahead of its step in flight; its mask for
+    the step ahead is filled after that step's token was accepted, and allows exactly what the
+    grammar allows after it."""
+    s, m = make(async_scheduling=True, defer_grammar=True), manager()
+    s.add_request(req("g", grammar_of("ab(cd)?")))
+    s.add_request(req("u"))
+    first = s.schedule()
+    m.fill_bitmask(first, s.requests)
+    assert allowed(first.grammar_bitmask, first.grammar_bitmask_rows["g"]) == [A]
+    ahead = s.schedule()  # while the first step runs
+    assert set(ahead.num_scheduled_tokens) == {"g", "u"}
+    assert ahead.num_sampled_tokens == {"g": 1, "u": 1}
+    assert m.must_defer(ahead, s.in_flight, s.requests) and not m.must_defer(first, s.in_flight, s.requests)
+    update(s, first, A)  # the step before comes back: g's matcher accepts A
+    m.fill_bitmask(ahead, s.requests)
+    assert allowed(ahead.grammar_bitmask, ahead.grammar_bitmask_rows["g"]) == [B]
+    assert "u" not in ahead.grammar_bitmask_rows  # unconstrained rows are left alone
+    update(s, ahead, B)
+    after = s.schedule()
+    m.fill_bitmask(after, s.requests)
+    assert allowed(after.grammar_bitmask, after.grammar_bitmask_rows["g"]) == [EOS, C]
+
+
+def test_draft_rows_walk_and_roll_back():
+    """k drafts: k+1 rows, row i after drafts[:i]; a refused draft ends the walk (later rows
+    repeat its row: never used) and the matcher is back where it was."""
+    m = manager()
+    g, h = grammar_of("abab"), grammar_of("c+")
+    requests = {"g": type("R", (), {"grammar": g})(), "h": type("R", (), {"grammar": h})()}
+    sched = SchedulerOutput([], [], {"h": 1, "g": 4}, 5, num_sampled_tokens={"h": 1, "g": 4},
+                            spec_token_ids={"g": [A, B, B]})
+    m.fill_bitmask(sched, requests)
+    assert sched.grammar_bitmask_rows == {"h": 0, "g": 1}
+    rows = [allowed(sched.grammar_bitmask, r) for r in range(5)]
+    assert rows == [[C], [A], [B], [A], [A]]  # d2 = B is refused after "ab"
+    assert g.accept(A) and not g.accept(A)  # rolled back to the start, then "a" -> only "b"
