@@ -202,6 +202,8 @@ class ModelRunner:
                 return self.steps.launch_readback(sampling_states, starts, sampled, out)
 
             if sched.grammar_deferred:  # the mask comes later (sample_deferred)
+                if self._deferred is not None:
+                    raise RuntimeError("A step still waits for its grammar mask; call sample_deferred first.")
                 handle = self._deferred = DeferredSample(sample)
             else:
                 handle = sample(sched.grammar_bitmask, sched.grammar_bitmask_rows)
