@@ -49,7 +49,7 @@ def _forced(parser: str) -> str:
 def test_auto_tool_choice_through_the_server(server_factory, parser):
     srv = server_factory(["--enable-auto-tool-choice", "--tool-call-parser", parser])
     with openai.OpenAI(base_url=f"{srv.url}/v1", api_key=srv.api_key, max_retries=0, timeout=300) as client:
-        kw = dict(model=MODEL, messages=ASK, max_tokens=64, temperature=0, tools=[WEATHER], tool_choice="auto",
+        kw = dict(model=MODEL, messages=ASK, max_tokens=160, temperature=0, tools=[WEATHER], tool_choice="auto",
                   extra_body={"structured_outputs": {"grammar": _forced(parser)}})
         r = client.chat.completions.create(**kw)
         chunks = list(client.chat.completions.create(stream=True, **kw))
