@@ -104,7 +104,8 @@ class EngineCore:
                                                    self.async_scheduling,
                                                    _num_lookahead_tokens(args),
                                                    defer_grammar=self.async_scheduling
-                                                   and self.executor.supports_deferred_sample), self.kv)
+                                                   and self.executor.supports_deferred_sample
+                                                   and args.speculative_config is None), self.kv)
         # Steps in flight at most: one per pipeline stage, or two under async scheduling.
         self.max_in_flight = 2 if self.async_scheduling else self.executor.max_concurrent_batches
         self.info = EngineInfo(self.source.path, self.source.kind, self.max_model_len, self.vocab_size,
