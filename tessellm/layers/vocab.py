@@ -52,10 +52,21 @@ class ParallelLMHead(nn.Module):
         self.tied = weight
         if weight is None:
             self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
+        # A quantized copy of the head (``quantization="gguf"``: the file's own blocks, set by
+        # ``loader.model_loader``) and the QuantOps product that reads it; None: dense.
+        self.quant_weight = None
+        self.quant_mm = None
+
+    def set_quantized(self, segment: nn.Module, mm) -> None:
+        """Compute the logits from ``segment`` (a ``quantization.packed`` weight) with ``mm``."""
+        self.quant_weight, self.quant_mm = segment, mm
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.tied if self.tied is not None else self.weight
-        logits = self.dense_mm(hidden, weight)
+        if self.quant_mm is not None:
+            logits = self.quant_mm(hidden, self.quant_weight).to(hidden.dtype)
+        else:
+            weight = self.tied if self.tied is not None else self.weight
+            logits = self.dense_mm(hidden, weight)
         if self.tp.size == 1:
             return logits
         return self.tp.all_gather(logits)[..., :self.vocab_size]

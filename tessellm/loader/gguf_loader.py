@@ -266,6 +266,16 @@ def _raw_rows(header: _Header, info: _TensorInfo) -> torch.Tensor:
     return torch.from_numpy(np.array(raw))
 
 
+def read_quantized(path: str | os.PathLike, gguf_name: str) -> GGUFQuantized | None:
+    """The raw blocks of one quantized 2-D tensor (e.g. ``token_embd.weight``), or None when the
+    file lacks it or stores it dense."""
+    header = _read_header(path)
+    info = next((t for t in header.tensors if t.name == gguf_name), None)
+    if info is None or info.qtype in _DENSE_TYPES or len(info.shape) != 2:
+        return None
+    return GGUFQuantized(info.qtype, info.shape, _raw_rows(header, info))
+
+
 def iter_gguf_weights(
     path: str | os.PathLike, dtype: torch.dtype, keep_quantized: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[str, Any]]:

@@ -118,6 +118,34 @@ def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dty
                          f"{missing[:3]}; is it complete and the right architecture?")
     if quant_spec is not None:
         process_quantized(model)
+        if source.kind == "gguf" and quant_spec.scheme == "gguf":
+            _quantize_lm_head(model, source.path)
+
+
+def _quantize_lm_head(model, path) -> None:
+    """``quantization="gguf"``: the LM head reads the file's own blocks (``output.weight``, or
+    the tied ``token_embd.weight``) through the quant method's ops, as llama.cpp does, when the
+    head is whole on this rank and its kind has a product. The embedding lookup stays dense."""
+    from tessellm.layers.vocab import ParallelLMHead
+    from tessellm.loader.gguf_loader import read_quantized
+    from tessellm.quantization.gguf import segment_from_blocks
+    from tessellm.quantization.loading import quantized_linears
+
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead) and m.tp.size == 1]
+    methods = [layer.quant_method for layer in quantized_linears(model).values()]
+    if not heads or not methods or not getattr(methods[0].ops, "quantized_lm_head", False):
+        return
+    head = heads[0]
+    raw = read_quantized(path, "output.weight") if head.tied is None else None
+    if raw is None:
+        raw = read_quantized(path, "token_embd.weight")
+    dense = head.tied if head.tied is not None else head.weight
+    if raw is None or tuple(raw.shape) != tuple(dense.shape):
+        return
+    seg = segment_from_blocks(raw.qtype, raw.data.numpy(), raw.shape)
+    mm = getattr(methods[0].ops, f"{seg.kind}_mm", None) if seg is not None else None
+    if mm is not None:
+        head.set_quantized(seg.to(dense.device), mm)
 
 
 def _weight_stream(model, source: ModelSource, dtype: torch.dtype, quant_spec):

@@ -69,10 +69,11 @@ def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
 
 @hookimpl
 def tessellm_quant_method(backend: Backend, spec):
-    """int8, fp8 (W8A8 emulated in float32) and gguf through torch ops; awq/gptq: None."""
+    """int8, fp8 (W8A8 emulated in float32) and gguf through torch ops (int4 and grouped int8
+    through torch's CPU int4 kernel, ``cpu/quant_ops.py``); awq/gptq: None."""
     if backend.name != NAME:
         return None
-    from tessellm.backends.reference.quant_ops import TorchQuantOps
+    from tessellm.backends.cpu.quant_ops import CpuQuantOps
     from tessellm.quantization import make_quant_method
 
-    return make_quant_method(spec, TorchQuantOps())
+    return make_quant_method(spec, CpuQuantOps())

@@ -1,0 +1,102 @@
+"""The cpu backend's ``QuantOps``: torch's CPU int4 weight-only GEMM for int4 and grouped int8.
+
+``torch.ops.aten._weight_int4pack_mm_for_cpu`` (AVX-512/AVX2, group 32-256) reads 4-bit codes
+with one (scale, zero) pair per group, ``w = (code - 8) * scale + zero``, and is fast only with
+bfloat16 activations (float32 or float16 take a scalar path ~40x slower; 2 cores, 2026-12).
+Every segment is repacked once, on its first product, into the layout it wants:
+
+    int4  (q - zp) * s + off   ->  scale s, zero off + (8 - zp) * s    (Q4_0, Q4_1, Q4_K, AWQ, GPTQ)
+    int8  q * s, group g       ->  q = 16 h + l (h in -8..7, l in 0..15): two int4 halves along
+                                   K, ``[x, x] @ [16 s (h+8 - 8) | s (l - 8) + 8 s]``   (Q8_0)
+
+Both rewrites are exact in real arithmetic; what changes against the float32 reference
+(``TorchQuantOps``, dequantize then matmul) is the rounding: x, the scales and zeros and the
+result are bfloat16, the sums float32 in another order. Greedy tokens can therefore differ from
+the float32 path after some steps (``tests/quantization/test_cpu_quant_ops.py`` bounds the error
+against the dequantized weight). ``TESSELLM_CPU_INT4PACK=0`` keeps the float32 reference path.
+Groups of 16 (Q6_K), per-channel int8 and fp8 go through the reference ops.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tessellm.backends.reference.quant_ops import TorchQuantOps, _finish
+from tessellm.quantization.packed import Int4Weight, Int8Weight, PackedWeight, unpack_int4
+
+GROUPS = (32, 64, 128, 256)  # what the CPU kernel accepts
+_ATTR = "_cpu_int4pack"  # the repacked (codes, scale_and_zero) cached on the segment
+
+
+def enabled() -> bool:
+    return os.environ.get("TESSELLM_CPU_INT4PACK", "1") not in ("0", "false", "no")
+
+
+def _pack(codes_nk: torch.Tensor, scale_kn: torch.Tensor, zero_kn: torch.Tensor):
+    """codes int32 ``[N, K]`` in 0..15, scale/zero float32 ``[G, N]`` -> the kernel's operands."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_nk.contiguous(), 2)
+    sz = torch.stack([scale_kn, zero_kn], dim=-1).to(torch.bfloat16).contiguous()
+    return packed, sz
+
+
+def repack_int4(w: Int4Weight):
+    """``(packed, scale_and_zero, group, doubled=False)``, or None when the kernel cannot run it."""
+    if w.perm is not None or w.group_size not in GROUPS:
+        return None
+    codes = unpack_int4(w.qweight).to(torch.int32).t()  # [N, K]
+    scales = w.scales.float()
+    zeros = scales * (8 - w.zero_point)
+    if w.offsets is not None:
+        zeros = zeros + w.offsets.float()
+    return (*_pack(codes, scales, zeros), w.group_size, False)
+
+
+def repack_int8(w: Int8Weight):
+    """Grouped int8 as two int4 halves stacked along K (``doubled``: x is fed twice)."""
+    g = w.group_size
+    n, k = w.qweight.shape
+    if g not in GROUPS or k % g or w.scales.shape[0] == 1:
+        return None
+    q = w.qweight.to(torch.int32)
+    hi, lo = (q >> 4) + 8, q & 0xF  # q = 16 (hi - 8) + lo, both in 0..15
+    s = w.scales.float()  # [G, N]
+    codes = torch.cat([hi, lo], dim=1)  # [N, 2K]: groups never straddle the seam (K % g == 0)
+    scales = torch.cat([16 * s, s], dim=0)
+    zeros = torch.cat([torch.zeros_like(s), 8 * s], dim=0)
+    return (*_pack(codes, scales, zeros), g, True)
+
+
+def _cached(w: PackedWeight):
+    packed = getattr(w, _ATTR, 0)
+    if packed == 0:
+        packed = repack_int4(w) if w.kind == "int4" else repack_int8(w)
+        object.__setattr__(w, _ATTR, packed)  # a plain attribute: not a buffer, not saved
+    return packed
+
+
+def int4pack_mm(x: torch.Tensor, packed) -> torch.Tensor:
+    """``x [M, K]`` (any float dtype) times a repacked segment -> bfloat16 ``[M, N]``."""
+    codes, sz, group, doubled = packed
+    xb = x.to(torch.bfloat16)
+    if doubled:
+        xb = torch.cat([xb, xb], dim=-1)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, codes, group, sz)
+
+
+class CpuQuantOps(TorchQuantOps):
+    name = "cpu"
+    quantized_lm_head = True  # the GGUF loader may hand this ops the LM head's Q8_0 blocks
+
+    def int4_mm(self, x: torch.Tensor, w: Int4Weight, bias=None) -> torch.Tensor:
+        packed = _cached(w) if enabled() and x.device.type == "cpu" else None
+        if packed is None:
+            return super().int4_mm(x, w, bias)
+        return _finish(int4pack_mm(x, packed), x.dtype, bias)
+
+    def int8_mm(self, x: torch.Tensor, w: Int8Weight, bias=None) -> torch.Tensor:
+        packed = _cached(w) if enabled() and x.device.type == "cpu" else None
+        if packed is None:
+            return super().int8_mm(x, w, bias)
+        return _finish(int4pack_mm(x, packed), x.dtype, bias)

@@ -1,0 +1,86 @@
+"""The cpu backend's quantized GEMMs (torch's CPU int4 kernel) against the dequantized weight.
+
+The repacked products round x, the scales and the result to bfloat16, so they are compared with
+a bfloat16-sized tolerance against ``x @ dequantize(w).T`` in float32: a wrong zero point, a
+swapped nibble or a group misplaced is off by the size of the weights, far outside it. The
+bundled model's greedy tokens against the dequantized float32 model are checked in
+``tests/quantization/test_gguf.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from tessellm.backends.cpu.quant_ops import CpuQuantOps, repack_int4, repack_int8  # noqa: E402
+from tessellm.quantization.gguf import segment_from_blocks  # noqa: E402
+from tessellm.quantization.packed import Int4Weight, pack_int4, quantize_int8  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+N, K = 48, 256
+
+
+def _blocks(qtype):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        return gguf.quants.quantize(rng.standard_normal((N, K)).astype(np.float32) * 0.05, qtype)
+    raw = rng.integers(0, 256, (N, K // 256, 144), dtype=np.uint8)
+    raw[..., 0:4] = rng.uniform(1e-3, 1e-2, (N, K // 256, 2)).astype(np.float16).view(np.uint8)
+    return raw.reshape(N, -1)
+
+
+def _check(out: torch.Tensor, x: torch.Tensor, w_dense: torch.Tensor) -> None:
+    ref = x @ w_dense.t()
+    # bf16 rounding of x (2^-9 relative) summed over K terms, plus the output's own rounding
+    bound = 2.0 ** -7 * (x.abs() @ w_dense.abs().t()) + 2.0 ** -8 * ref.abs()
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert bool(((out - ref).abs() <= bound + 1e-6).all()), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("m", [1, 5])
+def test_gguf_segment_through_int4pack(qtype, m):
+    seg = segment_from_blocks(qtype, _blocks(qtype), (N, K))
+    assert (repack_int4(seg) if seg.kind == "int4" else repack_int8(seg)) is not None
+    x = torch.randn(m, K, generator=torch.Generator().manual_seed(m))
+    out = getattr(CpuQuantOps(), f"{seg.kind}_mm")(x, seg)
+    _check(out, x, seg.dequantize(torch.float32))
+
+
+def test_int4_with_offsets_and_zero_point_and_bias():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (K, N), dtype=torch.int32, generator=g)
+    scales = torch.rand(K // 64, N, generator=g) * 0.02
+    offsets = torch.randn(K // 64, N, generator=g) * 0.05
+    seg = Int4Weight(pack_int4(q), scales, offsets, zero_point=3, group_size=64)
+    x, bias = torch.randn(4, K, generator=g), torch.randn(N, generator=g)
+    out = CpuQuantOps().int4_mm(x, seg, bias)
+    _check(out - bias, x, seg.dequantize(torch.float32))
+
+
+def test_unsupported_layouts_take_the_reference_path():
+    """Per-channel int8 and groups of 16 (Q6_K) have no int4-kernel form: exact float32 results."""
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(2))
+    for seg in (quantize_int8(w), quantize_int8(w, group_size=16)):
+        assert repack_int8(seg) is None
+        ref = x @ seg.dequantize(torch.float32).t()
+        assert torch.allclose(CpuQuantOps().int8_mm(x, seg), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bundled_model_head_reads_the_q8_0_blocks(bundled_model):
+    """quantization="gguf" on the cpu: the tied LM head is the file's Q8_0 token embedding."""
+    from tessellm.entrypoints.llm import LLM
+
+    llm = LLM(bundled_model, quantization="gguf", dtype="float32", max_model_len=64,
+              num_kv_blocks=16, max_num_seqs=2)
+    model = llm.engine.core.runner.model
+    head = next(m for m in model.modules() if type(m).__name__ == "ParallelLMHead")
+    assert head.quant_weight is not None and head.quant_weight.kind == "int8"
+    assert torch.equal(head.quant_weight.dequantize(torch.float32), head.tied.data)
+    hidden = torch.randn(3, head.tied.shape[1])
+    _check(head(hidden), hidden, head.tied.data)
