@@ -36,6 +36,8 @@ def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Callable[[int],
         if any(p.min_p > 0 for p in params):
             min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
     batch = SamplingBatch(temperature, all_greedy, top_p, top_k, min_p)
+    if top_k is not None and all(p.top_k > 0 or p.is_greedy for p in params):
+        batch.top_k_max = max(p.top_k for p in params)  # greedy rows take the argmax anyway
     if any(p.needs_penalties for p in params):
         _add_penalties(batch, rows, device, vocab_size)
     batch.logit_bias = [(i, list(p.logit_bias), list(p.logit_bias.values()))

@@ -143,9 +143,13 @@ def _quantize_lm_head(model, path) -> None:
     if raw is None or tuple(raw.shape) != tuple(dense.shape):
         return
     seg = segment_from_blocks(raw.qtype, raw.data.numpy(), raw.shape)
-    mm = getattr(methods[0].ops, f"{seg.kind}_mm", None) if seg is not None else None
-    if mm is not None:
-        head.set_quantized(seg.to(dense.device), mm)
+    ops = methods[0].ops
+    if seg is None or not hasattr(ops, f"{seg.kind}_mm"):
+        return
+    if hasattr(ops, "lm_head_mm"):  # e.g. the cpu's: refines the top logits from ``dense``
+        head.set_quantized(seg.to(dense.device), lambda x, w: ops.lm_head_mm(x, w, dense))
+    else:
+        head.set_quantized(seg.to(dense.device), getattr(ops, f"{seg.kind}_mm"))
 
 
 def _weight_stream(model, source: ModelSource, dtype: torch.dtype, quant_spec):

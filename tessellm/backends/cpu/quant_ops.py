@@ -26,7 +26,8 @@ import torch
 from tessellm.backends.reference.quant_ops import TorchQuantOps, _finish
 from tessellm.quantization.packed import Int4Weight, Int8Weight, PackedWeight, unpack_int4
 
-GROUPS = (32, 64, 128, 256)  # what the CPU kernel accepts
+GROUPS = (32, 64, 128, 256)
+REFINE = 16  # LM-head logits recomputed in float32 per row (lm_head_mm)  # what the CPU kernel accepts
 _ATTR = "_cpu_int4pack"  # the repacked (codes, scale_and_zero) cached on the segment
 
 
@@ -100,3 +101,16 @@ class CpuQuantOps(TorchQuantOps):
         if packed is None:
             return super().int8_mm(x, w, bias)
         return _finish(int4pack_mm(x, packed), x.dtype, bias)
+
+    def lm_head_mm(self, x: torch.Tensor, w: PackedWeight, dense: torch.Tensor) -> torch.Tensor:
+        """Logits from the quantized head, then the ``REFINE`` largest of each row recomputed in
+        float32 from ``dense`` (the same values, which the embedding keeps anyway): bfloat16
+        logits are 2^-8 apart relative (0.06 at 16), so without this near-ties become exact ties
+        and greedy picks among them by index."""
+        logits = getattr(self, f"{w.kind}_mm")(x, w)
+        if logits.dtype == torch.float32 and getattr(w, _ATTR, None) is None:
+            return logits  # the float32 reference path: already exact
+        logits = logits.float()
+        top = logits.topk(min(REFINE, logits.shape[-1]), dim=-1).indices  # [M, R]
+        exact = torch.bmm(dense[top].float(), x.float()[:, :, None])[..., 0]  # [M, R]
+        return logits.scatter_(-1, top, exact)
