@@ -40,7 +40,8 @@ step() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(dat
   elif [ "$PART" = B ]; then
     OUT=$R KERNELS_S=55 B1_S=45 MOE_B1_S=60 TEST_S=0 TAIL=80 step "speed (issue 22/24)" ${SPEED_S:-250} \
       bash benchmarks/speed_device.sh
-    OUT=$R TAIL=30 step "structured output" ${SO_S:-110} bash benchmarks/structured_output.sh
+    OUT=$R SO_BEFORE=${SO_BEFORE:-0} SO_S=${SO_PY_S:-130} TAIL=30 step "structured output" ${SO_BOX_S:-175} \
+      bash benchmarks/structured_output.sh
   else
     OUT=$R TAIL=80 step "speculative decoding" ${SPEC_S:-230} bash benchmarks/spec_decode.sh
     OUT=$R TAIL=40 step "multi-LoRA" ${LORA_S:-260} bash benchmarks/lora.sh
