@@ -33,18 +33,19 @@ step() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(dat
                    tests/kernels/test_lora*.py tests/models/test_cuda_families.py \
                    tests/models/test_cuda_parity.py tests/spec_decode/test_spec_gpu.py \
                    tests/lora/test_*gpu*.py 2>/dev/null)
-    TAIL=25 step "gpu tests" ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider $GPU_TESTS
-    TAIL=12 step "cuda conformance" ${CONF_S:-80} python3 -m tessellm.testing --backend cuda -q
-    OUT=$R RUNS=${READY_RUNS:-cold16:16} PASSES=2 NUM_PROMPTS=${READY_PROMPTS:-300} TAIL=20 step "ready means warm" ${READY_S:-140} \
+    TAIL=25 step "gpu tests" ${TEST_S:-200} python3 -m pytest -q -p no:cacheprovider $GPU_TESTS
+    TAIL=12 step "cuda conformance" ${CONF_S:-70} python3 -m tessellm.testing --backend cuda -q
+    OUT=$R RUNS=${READY_RUNS:-cold16:16} PASSES=2 NUM_PROMPTS=${READY_PROMPTS:-250} TAIL=20 step "ready means warm" ${READY_S:-125} \
       bash benchmarks/serve_ready.sh
   elif [ "$PART" = B ]; then
-    OUT=$R KERNELS_S=55 B1_S=45 MOE_B1_S=60 TEST_S=0 TAIL=80 step "speed (issue 22/24)" ${SPEED_S:-250} \
+    OUT=$R KERNELS_S=55 B1_S=${B1_S:-0} MOE_B1_S=60 TEST_S=0 TAIL=80 step "speed (issue 22/24)" ${SPEED_S:-130} \
       bash benchmarks/speed_device.sh
     OUT=$R SO_BEFORE=${SO_BEFORE:-0} SO_S=${SO_PY_S:-130} TAIL=30 step "structured output" ${SO_BOX_S:-175} \
       bash benchmarks/structured_output.sh
   else
-    OUT=$R TAIL=80 step "speculative decoding" ${SPEC_S:-230} bash benchmarks/spec_decode.sh
-    OUT=$R TAIL=40 step "multi-LoRA" ${LORA_S:-260} bash benchmarks/lora.sh
+    OUT=$R SMOLLM_S=${SMOLLM_S:-70} SPEC8B_S=${SPEC8B_S:-170} TAIL=80 step "speculative decoding" \
+      ${SPEC_S:-250} bash benchmarks/spec_decode.sh
+    OUT=$R TAIL=40 step "multi-LoRA" ${LORA_S:-250} bash benchmarks/lora.sh
   fi
 } 2>&1 | tee "$OUT/log_$PART.txt"
 tar -czf "$OUT/results_$PART.tar.gz" -C "$R" .
