@@ -100,12 +100,14 @@ def _sum_topk_kernel(c_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr,
     tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _tiles(pairs: int, num_experts: int, device: Optional[torch.device] = None) -> dict:
+def _tiles(pairs: int, num_experts: int, device: Optional[torch.device] = None,
+           itemsize: int = 2) -> dict:
     """Tile sizes by the mean rows per expert: decode-sized groups take short blocks. H200 sweep
     (``benchmarks/kernels/gpuperf_probe.py``, Qwen3-30B-A3B layer, CUDA graph, L2 flushed,
     ``benchmarks/results/h200-2026-12-04-gpuperf``): 4 rows per expert (64 tokens) 397 us with
     16x128x128 against 418 with 32x64x64; 256 rows (4096 tokens) 1,061 against 1,255 with
-    128x256x64 / 8 warps / 4 stages (192 KB of shared memory: sm90 NVIDIA only)."""
+    128x256x64 / 8 warps / 4 stages (192 KB of shared memory in 16-bit: sm90 NVIDIA only;
+    float32 operands would need 288 KB, so they keep the default tile)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     if pairs <= 2 * num_experts:
@@ -114,7 +116,7 @@ def _tiles(pairs: int, num_experts: int, device: Optional[torch.device] = None) 
         return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2)
     if pairs <= 32 * num_experts:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
-    if device is not None and _big_smem(device):
+    if device is not None and itemsize <= 2 and _big_smem(device):
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
 
@@ -183,7 +185,8 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     gate and of the up half each (so ``BLOCK_N / 2`` of the unfused tile's)."""
     t, k = topk_ids.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
-    tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device)
+    tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device,
+                                                                   hidden.element_size())
     fuse = tiles.pop("SILU_MUL", tiles["BLOCK_M"] <= 32)
     sorted_ids, block_expert, num_padded = align_by_expert_triton(topk_ids, num_experts,
                                                                   tiles["BLOCK_M"])
