@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from tessellm.core.input_batch import InputBatch, RunnerRequest
-from tessellm.core.step import ModelRunnerOutput
 from tessellm.core.step_pipeline import StepHandle
 
 

@@ -21,23 +21,17 @@ version_counter for inference tensor").
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
-import time
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from tessellm.backends.reference.padded_attention import pow2  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
-
-
-def pow2(n: int, minimum: int = 1) -> int:
-    """The smallest power of two >= max(n, minimum)."""
-    n = max(int(n), minimum)
-    return 1 << (n - 1).bit_length()
 
 
 def no_grad_mode(device: torch.device):
@@ -144,25 +138,3 @@ def precompile_steps(runner) -> dict:
 
     gr.precompile(step, shapes)
     return {"shapes": len(gr.shapes), "compiled": gr.compiled, "seconds": gr.seconds}
-
-
-@contextlib.contextmanager
-def xla_compile_count(out: dict):
-    """``out["compiled"]``: XLA programs compiled inside the block (torch-xla's metrics)."""
-    before = xla_compilations()
-    t0 = time.monotonic()
-    yield out
-    out["compiled"] = xla_compilations() - before
-    out["seconds"] = time.monotonic() - t0
-
-
-def xla_compilations() -> int:
-    """XLA programs this process compiled so far (0 without torch-xla imported)."""
-    import sys
-
-    if "torch_xla" not in sys.modules:
-        return 0
-    import torch_xla.debug.metrics as met
-
-    data = met.metric_data("CompileTime")
-    return int(data[0]) if data else 0

@@ -14,8 +14,10 @@ The hook is process-wide by nature (Triton has one), so the counter is one per p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -57,20 +59,37 @@ class CompileCounter:
 
     def mark_ready(self) -> None:
         self.ready = True
-        self._xla_at_ready = _xla_compilations()
+        self._xla_at_ready = xla_compilations()
 
     @property
     def xla_after_ready(self) -> int:
         """XLA programs this process compiled since ready (torch-xla's ``CompileTime`` count;
         0 without torch-xla). Serving should compile none: the tpu backend precompiles every
         bucketed step shape at start-up (``tessellm/core/shape_buckets.py``)."""
-        return _xla_compilations() - getattr(self, "_xla_at_ready", 0) if self.ready else 0
+        return xla_compilations() - getattr(self, "_xla_at_ready", 0) if self.ready else 0
 
 
-def _xla_compilations() -> int:
-    from tessellm.core.shape_buckets import xla_compilations
+@contextlib.contextmanager
+def xla_compile_count(out: dict):
+    """``out["compiled"]``: XLA programs compiled inside the block (torch-xla's metrics)."""
+    before = xla_compilations()
+    t0 = time.monotonic()
+    yield out
+    out["compiled"] = xla_compilations() - before
+    out["seconds"] = time.monotonic() - t0
 
-    return xla_compilations()
+
+def xla_compilations() -> int:
+    """XLA programs this process compiled so far (0 without torch-xla imported)."""
+    import sys
+
+    if "torch_xla" not in sys.modules:
+        return 0
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
 
 
 COUNTER = CompileCounter()

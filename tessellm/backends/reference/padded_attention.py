@@ -40,6 +40,12 @@ class PaddedMetadata:
     is_pure_decode: bool = False  # every sequence has exactly one query this step
 
 
+def pow2(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
 def identity_bucket(n: int) -> int:
     return n
 

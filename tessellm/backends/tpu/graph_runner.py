@@ -77,7 +77,7 @@ class XlaGraphRunner:
 
     def precompile(self, step: Callable[[list[int]], None], shapes: list[list[int]]) -> None:
         """``step(counts)`` for each shape class, each cut into its program; counted."""
-        from tessellm.core.shape_buckets import xla_compile_count
+        from tessellm.metrics.compile_counter import xla_compile_count
 
         self.shapes = [list(c) for c in shapes]
         stats: dict = {}

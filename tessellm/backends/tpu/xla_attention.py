@@ -30,7 +30,7 @@ import torch
 
 from tessellm.backends.reference.padded_attention import (PaddedMetadata, PaddedTorchAttentionKernel,
                                                           padded_attention)
-from tessellm.core.shape_buckets import pow2
+from tessellm.backends.reference.padded_attention import pow2
 
 
 def pow2_bucket(n: int, minimum: int = 1) -> int:
