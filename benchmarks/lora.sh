@@ -12,8 +12,8 @@
 # cuda conformance cases of the LoRA ops first. Expected total about 3.5-4 minutes on an H200
 # (two F runs ~45 s each, two B1 runs ~25 s each, adapters ~15 s, kernels ~30 s).
 # Results: $OUT/*.json and $OUT/log.txt.
-# Figures (fill in from $OUT after the run):
-#   F ........ tok/s   F-LoRA ........ tok/s (....%)   B1 ........ ms/token   B1-LoRA ........ ms (....x)
+# Figures (H200, 2026-12-04, commit 589d3e5; benchmarks/results/h200-2026-12-04-wave2b/):
+#   F 10,017 tok/s   F-LoRA 9,025 tok/s (90%)   B1 4.158 ms/token   B1-LoRA 5.327 ms (1.28x)
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
 OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
