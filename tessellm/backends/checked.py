@@ -279,36 +279,31 @@ class CheckedLoRAOps(_Checked):
         self._tick("shrink")
 
     def expand(self, buf, lora_b, meta, scaling, out, out_offset=0):
-        ref_meta = None if _compiling() else self._probe_meta(meta)
-        want = None
-        if ref_meta is not None:
-            want = out[:PROBE_ROWS].detach().clone()
-            _REFERENCE_LORA.expand(buf[:PROBE_ROWS], lora_b, ref_meta, scaling, want, out_offset)
-        shape, dtype = tuple(out.shape), out.dtype
-        got = self._inner.expand(buf, lora_b, meta, scaling, out, out_offset)
-        if got is not None:
-            self._fail("expand", "None (it adds into out in place)", type(got).__name__)
-        self._tensor("expand's out", out, shape, dtype, buf.device)
-        if want is not None:
-            self._close("expand", out[:len(want)], want, _rel(out.dtype),
-                        " (out[t, off:off+N] += scaling[s] * lora_b[s] @ buf[t], s = slot[t])")
-        self._tick("expand")
+        self._checked_add("expand", buf, meta, out,
+                          lambda ops, b, m, o: ops.expand(b, lora_b, m, scaling, o, out_offset),
+                          " (out[t, off:off+N] += scaling[s] * lora_b[s] @ buf[t], s = slot[t])")
 
     def expand_slices(self, buf, lora_bs, meta, scaling, out, offsets):
+        self._checked_add("expand_slices", buf, meta, out,
+                          lambda ops, b, m, o: ops.expand_slices(b, lora_bs, m, scaling, o, offsets),
+                          " (slice i reads buf[:, i*R:(i+1)*R] and adds at offsets[i])")
+
+    def _checked_add(self, op: str, buf, meta, out, call, hint: str) -> None:
+        """``call(ops, buf, meta, out)`` adds into ``out`` in place: the plugin's call, checked
+        for its return value, ``out``'s shape and dtype, and its first rows against the
+        reference's on the same rows."""
         ref_meta = None if _compiling() else self._probe_meta(meta)
         want = None
         if ref_meta is not None:
             want = out[:PROBE_ROWS].detach().clone()
-            _REFERENCE_LORA.expand_slices(buf[:PROBE_ROWS], lora_bs, ref_meta, scaling, want,
-                                          offsets)
+            call(_REFERENCE_LORA, buf[:PROBE_ROWS], ref_meta, want)
         shape, dtype = tuple(out.shape), out.dtype
-        got = self._inner.expand_slices(buf, lora_bs, meta, scaling, out, offsets)
+        got = call(self._inner, buf, meta, out)
         if got is not None:
-            self._fail("expand_slices", "None (it adds into out in place)", type(got).__name__)
-        self._tensor("expand_slices' out", out, shape, dtype, buf.device)
+            self._fail(op, "None (it adds into out in place)", type(got).__name__)
+        self._tensor(f"{op}'s out", out, shape, dtype, buf.device)
         if want is not None:
-            self._close("expand_slices", out[:len(want)], want, _rel(out.dtype),
-                        " (slice i reads buf[:, i*R:(i+1)*R] and adds at offsets[i])")
+            self._close(op, out[:len(want)], want, _rel(out.dtype), hint)
         self._tick("expand")
 
 
