@@ -123,23 +123,25 @@ class LoRALinear(nn.Module):
         self.set_slot(slot, [None] * len(self.lora_b))
 
 
-def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int) -> dict:
-    """Replace each decoder layer's q/k/v/o and gate/up/down linears by a ``LoRALinear``.
-    Returns ``{(layer index, our layer name): LoRALinear}``; refuses a model without them."""
+def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int,
+               names=tuple(LAYER_SLICES)) -> dict:
+    """Replace each decoder layer's linears named in ``names`` (our layers: ``BaseShapes.layers``,
+    the family's) by a ``LoRALinear``. Returns ``{(layer index, our layer name): LoRALinear}``;
+    refuses a model without them."""
     wrapped = {}
     layers = getattr(model, "layers", None)
     if layers is None or not hasattr(model, "start_layer"):
         raise ValueError(f"LoRA is not supported for {type(model).__name__}; it supports the "
-                         "dense Llama family (Llama, Mistral, Qwen2, Qwen3).")
+                         "Llama, Gemma 3 and Phi-3 families and the attention of Mixtral, "
+                         "Qwen2-MoE and Qwen3-MoE.")
     for index in range(model.start_layer, model.end_layer):
-        for name in LAYER_SLICES:
+        for name in names:
             parent_name, _, attr = name.rpartition(".")
             parent = layers[index].get_submodule(parent_name)
             base = getattr(parent, attr, None)
             if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
                 raise ValueError(f"LoRA is not supported for {type(model).__name__}: layer "
-                                 f"{index} has no dense {name} (a mixture-of-experts MLP?); it "
-                                 "supports the dense Llama family.")
+                                 f"{index} has no dense {name} (a mixture-of-experts MLP?).")
             layer = LoRALinear(base, batch, num_slots, rank)
             setattr(parent, attr, layer)
             wrapped[(index, name)] = layer

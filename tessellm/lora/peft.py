@@ -3,8 +3,12 @@
 ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``adapter_model.bin``, read with
 ``torch.load(weights_only=True)``: tensors only, never arbitrary pickled objects). Every
 refusal is one ``ValueError`` sentence naming the adapter, the problem and the fix: DoRA,
-trained bias or extra saved modules, a module outside the model's linears, a rank above
-``max_lora_rank``, shapes that do not match the base model, unreadable files.
+trained bias or extra saved modules, a module the family's LoRA does not cover (naming the
+ones it does, ``shapes.py``), a rank above ``max_lora_rank``, shapes that do not match the
+base model, unreadable files.
+
+A fused PEFT module (Phi-3's ``qkv_proj``, ``gate_up_proj``) is split here into one logical
+module per part: the same A, and B's rows of that part (``y_part = s * x A^T B_part^T``).
 
 Scaling per module (PEFT's): ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with
 ``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` override r / alpha per module.
@@ -21,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from tessellm.lora.request import LoRARequest
-from tessellm.lora.shapes import TARGETS, BaseShapes
+from tessellm.lora.shapes import ATTENTION, BaseShapes
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\."
-                  r"(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.([\w.]+?)"
+                  r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
 @dataclass
@@ -53,30 +57,47 @@ def load_adapter(lora: LoRARequest, base: BaseShapes, max_rank: int) -> LoRAAdap
     config = _read_config(lora.lora_path, where)
     _check_config(config, where)
     tensors = _read_tensors(lora.lora_path, where)
+    pairs = _pairs(tensors, base, where)
+    adapter = LoRAAdapter(lora, 0)
+    for (layer, module), ab in sorted(pairs.items()):
+        name = f"model.layers.{layer}.{module_path(base, module)}"
+        whole = _module(ab, name, module, config, base, max_rank, where)
+        adapter.rank = max(adapter.rank, whole.a.shape[0])
+        parts = base.modules[module]
+        sizes = [base.shapes[p][1] for p in parts]
+        for part, b in zip(parts, whole.b.split(sizes, dim=0)):
+            adapter.modules[(layer, part)] = ModuleLoRA(whole.a, b.contiguous(), whole.scaling)
+    return adapter
+
+
+def module_path(base: BaseShapes, module: str) -> str:
+    """The module's path under the HF decoder layer (``self_attn.q_proj``, ``mlp.down_proj``)."""
+    return f"{'self_attn' if base.modules[module][0] in ATTENTION else 'mlp'}.{module}"
+
+
+def _pairs(tensors: dict, base: BaseShapes, where: str) -> dict:
+    """``{(layer, PEFT module): {"A": tensor, "B": tensor}}``; refuses a tensor of a module
+    the family's LoRA does not cover, naming what it does."""
+    accepted = {module_path(base, m): m for m in base.modules}
     pairs: dict = {}
-    groups: dict = {}
     for key, tensor in tensors.items():
         m = _KEY.match(key)
         if m is None:
             raise ValueError(f"{where} has tensor {key!r}, which is not a LoRA A/B matrix of a "
-                             "q/k/v/o or gate/up/down projection; only those are supported.")
-        layer, module, ab = int(m.group(1)), m.group(3), m.group(4)
-        if module not in TARGETS:
-            raise ValueError(f"{where} adapts {module!r}, which is not one of the model's linears "
-                             f"({', '.join(TARGETS)}); retrain it on those modules.")
+                             f"decoder layer's projection; LoRA on {base.arch} supports "
+                             f"{base.supported()}.")
+        layer, path, ab = int(m.group(1)), m.group(2), m.group(3)
+        if path not in accepted:
+            raise ValueError(f"{where} adapts {path} (layer {layer}), which {base.arch} has no "
+                             f"LoRA support for; it supports {base.supported()}; retrain the "
+                             "adapter on those modules.")
         if layer >= base.num_layers:
             raise ValueError(f"{where} adapts layer {layer}, but the base model has "
                              f"{base.num_layers} layers; it was trained for another model.")
-        pairs.setdefault((layer, module), {})[ab] = tensor
-        groups[(layer, module)] = m.group(2)
+        pairs.setdefault((layer, accepted[path]), {})[ab] = tensor
     if not pairs:
         raise ValueError(f"{where} holds no LoRA weights.")
-    adapter = LoRAAdapter(lora, 0)
-    for (layer, module), ab in sorted(pairs.items()):
-        name = f"model.layers.{layer}.{groups[(layer, module)]}.{module}"
-        adapter.modules[(layer, module)] = _module(ab, name, module, config, base, max_rank, where)
-        adapter.rank = max(adapter.rank, adapter.modules[(layer, module)].a.shape[0])
-    return adapter
+    return pairs
 
 
 def _read_config(path: str, where: str) -> dict:
@@ -104,13 +125,13 @@ def _check_config(config: dict, where: str) -> None:
                          "LoRA adapter or merge the DoRA weights into the model.")
     if config.get("modules_to_save"):
         raise ValueError(f"{where} saves whole modules ({config['modules_to_save']}), which is "
-                         "not supported; only LoRA on the q/k/v/o and gate/up/down projections is.")
+                         "not supported; only LoRA on the model's projections is.")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{where} trains biases (bias={config['bias']!r}), which is not "
                          "supported; retrain it with bias='none'.")
     if config.get("fan_in_fan_out"):
-        raise ValueError(f"{where} sets fan_in_fan_out, which Llama-family linears never use; "
-                         "it was trained for another architecture.")
+        raise ValueError(f"{where} sets fan_in_fan_out, which the supported families' linears "
+                         "never use; it was trained for another architecture.")
 
 
 def _read_tensors(path: str, where: str) -> dict:
@@ -143,7 +164,7 @@ def _module(ab: dict, name: str, module: str, config: dict, base: BaseShapes, ma
         raise ValueError(f"{where} has lora_{''.join(ab)} but not both A and B for {name}.")
     a, b = ab["A"].float(), ab["B"].float()
     rank = a.shape[0]
-    fan_in, fan_out = base.shapes[module]
+    fan_in, fan_out = base.peft_shape(module)
     if a.dim() != 2 or b.dim() != 2 or b.shape[1] != rank:
         raise ValueError(f"{where}: {name} has lora_A {tuple(a.shape)} and lora_B "
                          f"{tuple(b.shape)}, which do not chain; the file is corrupt.")

@@ -1,7 +1,7 @@
 """The serving warm-up's LoRA part: a zero adapter through the same prefill and decode shapes,
 so the backend's LoRA kernels are compiled before ``/ready``.
 
-The adapter is rank 1 on every q/k/v/o and gate/up/down projection (a slot is ``max_lora_rank``
+The adapter is rank 1 on every projection the family's LoRA covers (a slot is ``max_lora_rank``
 wide whatever the adapter's rank, so the kernels see the shapes real adapters give them), all
 zeros (it changes nothing), written to a temporary directory so worker processes can read it
 too; it is forgotten (slot, host caches, files) afterwards.
@@ -21,13 +21,13 @@ def write_zero_adapter(path: str, base) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from tessellm.lora.shapes import TARGETS
+    from tessellm.lora.peft import module_path
 
     tensors = {}
     for layer in range(base.num_layers):
-        for module, (fan_in, fan_out) in base.shapes.items():
-            group = TARGETS[module][0].split(".")[0]
-            key = f"base_model.model.model.layers.{layer}.{group}.{module}"
+        for module in base.modules:
+            fan_in, fan_out = base.peft_shape(module)
+            key = f"base_model.model.model.layers.{layer}.{module_path(base, module)}"
             tensors[f"{key}.lora_A.weight"] = torch.zeros(1, fan_in)
             tensors[f"{key}.lora_B.weight"] = torch.zeros(fan_out, 1)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))

@@ -27,11 +27,12 @@ class LoRAWorkerState:
         self.config = config
         self.device = device
         self.batch = LoRABatch(ops, config.max_loras)
-        self.layers = wrap_model(model, self.batch, config.max_loras, config.max_lora_rank)
+        shapes = BaseShapes.from_config(hf_config)
+        self.layers = wrap_model(model, self.batch, config.max_loras, config.max_lora_rank,
+                                 shapes.layers)
         # Adapters are read from this cache; in one process it is the engine core's (already
         # loaded off the step loop), a worker process keeps its own (EngineCore.__init__).
-        self.store = AdapterStore(BaseShapes.from_config(hf_config), config.max_lora_rank,
-                                  config.max_cpu_loras)
+        self.store = AdapterStore(shapes, config.max_lora_rank, config.max_cpu_loras)
         self.slot_ids: list[Optional[int]] = [None] * config.max_loras
 
     def load_slot(self, slot: int, lora: LoRARequest) -> None:

@@ -13,15 +13,16 @@ ADAPTERS = {
 }
 
 
-def make_adapters(model_dir: str, root: str, seed: int = 0) -> dict[str, str]:
-    """Save each adapter of ``ADAPTERS`` for the model in ``model_dir`` under ``root``; B is
-    random too (``init_lora_weights=False``), so every adapter changes the tokens."""
+def make_adapters(model_dir: str, root: str, seed: int = 0, specs=None) -> dict[str, str]:
+    """Save each adapter of ``specs`` (default ``ADAPTERS``) for the model in ``model_dir``
+    under ``root``; B is random too (``init_lora_weights=False``), so every adapter changes
+    the tokens."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     paths = {}
-    for i, (name, (rank, targets, extra)) in enumerate(ADAPTERS.items()):
+    for i, (name, (rank, targets, extra)) in enumerate((specs or ADAPTERS).items()):
         torch.manual_seed(seed + i)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         config = LoraConfig(r=rank, target_modules=targets, init_lora_weights=False,

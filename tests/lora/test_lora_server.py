@@ -8,6 +8,7 @@ import os
 
 import httpx
 import pytest
+from safetensors.torch import load_file, save_file
 
 from tests.lora.adapters import peft_greedy
 from tests.server.conftest import start_server, stop_server
@@ -59,6 +60,16 @@ def test_lora_server(lora_server, tmp_path):
         (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(dora)})
         assert r.status_code == 400 and "DoRA" in r.json()["error"]["message"]
+        fused = tmp_path / "fused"  # a Phi-3 style module the Llama family lacks
+        fused.mkdir()
+        (fused / "adapter_config.json").write_text(open(config_path).read())
+        tensors = load_file(os.path.join(paths["all32"], "adapter_model.safetensors"))
+        save_file({k.replace(".q_proj.", ".qkv_proj."): v for k, v in tensors.items()},
+                  str(fused / "adapter_model.safetensors"))
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(fused)})
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and "self_attn.qkv_proj" in message, message
+        assert "supports q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in message
         assert "bad" not in {c["id"] for c in http.get("/v1/models").json()["data"]}
 
         # Load at run time: with one slot, requests for two adapters and the base all complete.

@@ -1,0 +1,162 @@
+"""Multi-LoRA beyond the Llama family: Gemma 3, Phi-3 (fused ``qkv_proj`` / ``gate_up_proj``
+adapters split onto our fused layers' slices) and the attention of the MoE families. Greedy
+tokens of a mixed batch (some requests without adapter) equal HF transformers + peft with each
+adapter applied alone, in float32; an adapter for a module the family's LoRA does not cover is
+refused naming it and what is supported."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tessellm import LLM, SamplingParams
+from tessellm.lora import LoRARequest
+from tests.lora.adapters import make_adapters, peft_greedy
+
+MAX_NEW = 6
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# family -> {adapter name: (rank, PEFT target modules, extra LoraConfig arguments)}
+SPECS = {
+    "gemma3": {"qvdown8": (8, ["q_proj", "v_proj", "down_proj"], dict(lora_alpha=16)),
+               "all16": (16, ALL, dict(lora_alpha=8, use_rslora=True))},
+    "phi3": {"qkvo8": (8, ["qkv_proj", "o_proj"], dict(lora_alpha=16)),
+             "fused16": (16, ["qkv_proj", "gate_up_proj", "down_proj"], dict(lora_alpha=32))},
+    "mixtral": {"qv8": (8, ["q_proj", "v_proj"], dict(lora_alpha=16)),
+                "kqo16": (16, ["k_proj", "q_proj", "o_proj"], dict(lora_alpha=8))},
+    "qwen2-moe": {"qkvo16": (16, ["q_proj", "k_proj", "v_proj", "o_proj"], dict(lora_alpha=32))},
+    "qwen3-moe": {"vo8": (8, ["v_proj", "o_proj"], dict(lora_alpha=16, use_rslora=True))},
+}
+
+
+def _save(family: str, path: str) -> str:
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    if family in ("mixtral", "qwen2-moe", "qwen3-moe"):
+        from tests.models.tiny_moe import save_tiny_moe
+
+        return save_tiny_moe(family, path)
+    if family == "gemma3":
+        from tests.models.test_gemma3_parity import gemma3_config
+
+        config = gemma3_config()
+    else:
+        config = Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+                            bos_token_id=2, tie_word_embeddings=False, initializer_range=0.1)
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # Gemma's (1 + w) norms start at w = 0: make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name and family == "gemma3":
+                p.uniform_(-0.5, 0.5)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def family_setup(tmp_path_factory):
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"lora-{family}")
+            model = _save(family, str(root / "model"))
+            made[family] = model, make_adapters(model, str(root), seed=5, specs=SPECS[family])
+        return made[family]
+
+    return get
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(8)
+    return [[rng.randrange(3, 256) for _ in range(n)] for n in (5, 29)]
+
+
+@pytest.mark.parametrize("family", list(SPECS))
+def test_family_mixed_batch_matches_peft(family_setup, family):
+    model, paths = family_setup(family)
+    prompts = _prompts()
+    names = [None, *SPECS[family]]
+    want = {n: peft_greedy(model, paths[n] if n else None, prompts, MAX_NEW) for n in names}
+    for name in names[1:]:  # the adapters matter: each changes some prompt's tokens
+        assert want[name] != want[None], name
+    loras = {n: LoRARequest(n, i + 1, paths[n]) for i, n in enumerate(names[1:])}
+    jobs = [(p, n) for n in names for p in range(len(prompts))]
+    random.Random(1).shuffle(jobs)
+    llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=16, max_loras=2)
+    outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs],
+                        SamplingParams(max_tokens=MAX_NEW, min_tokens=MAX_NEW, temperature=0),
+                        use_tqdm=False, lora_request=[loras.get(n) for _, n in jobs])
+    for (p, name), out in zip(jobs, outs):
+        assert out.outputs[0].token_ids == want[name][p], (family, name, p)
+
+
+def _base(model: str):
+    from transformers import AutoConfig
+
+    from tessellm.lora.shapes import BaseShapes
+
+    return BaseShapes.from_config(AutoConfig.from_pretrained(model))
+
+
+def test_fused_phi3_adapter_splits_onto_slices(family_setup):
+    from tessellm.lora.peft import load_adapter
+
+    model, paths = family_setup("phi3")
+    base = _base(model)
+    assert base.layers == ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                           "mlp.down_proj")
+    adapter = load_adapter(LoRARequest("f", 1, paths["fused16"]), base, 16)
+    q, k, v = (adapter.modules[(0, m)] for m in ("q_proj", "k_proj", "v_proj"))
+    assert q.a is k.a is v.a and (q.b.shape[0], k.b.shape[0], v.b.shape[0]) == (64, 32, 32)
+    assert adapter.modules[(1, "gate_proj")].b.shape == adapter.modules[(1, "up_proj")].b.shape
+
+
+@pytest.mark.parametrize("family,adapter_family,match", [
+    ("phi3", "gemma3", r"adapts self_attn\.q_proj .*Phi3ForCausalLM.*supports qkv_proj, o_proj, "
+                       r"gate_up_proj, down_proj"),
+    ("qwen3-moe", "phi3", r"adapts self_attn\.qkv_proj .*supports q_proj, k_proj, v_proj, o_proj"),
+    ("qwen2-moe", "qwen2-moe-mlp", r"adapts mlp\.shared_expert\.gate_proj .*Qwen2MoeForCausalLM"
+                                   r".*\(attention only: LoRA on the mixture-of-experts MLPs"),
+])
+def test_module_the_family_lacks_is_refused(family_setup, tmp_path, family, adapter_family, match):
+    from tessellm.lora.peft import load_adapter
+
+    model, _ = family_setup(family)
+    if adapter_family == "qwen2-moe-mlp":  # peft puts gate_proj on the shared expert
+        path = make_adapters(model, str(tmp_path), specs={"mlp": (4, ["gate_proj"], {})})["mlp"]
+    else:
+        path = next(iter(family_setup(adapter_family)[1].values()))
+    with pytest.raises(ValueError, match=match) as err:
+        load_adapter(LoRARequest("x", 1, path), _base(model), 64)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["phi3", "qwen3-moe"])
+def test_tensor_parallel_family_lora_matches_tp1(family_setup, family):
+    """TP=2 (gloo worker processes): fused Phi-3 adapters split into parts, each part's B rows
+    narrowed like the base weight's; row-parallel o/down A columns; the tokens equal TP=1's."""
+    model, paths = family_setup(family)
+    names = [*SPECS[family], None]
+    loras = {n: LoRARequest(n, i + 1, paths[n]) for i, n in enumerate(names[:-1])}
+    prompts = _prompts()
+    jobs = [(p, n) for n in names for p in range(len(prompts))]
+    params = SamplingParams(max_tokens=MAX_NEW, min_tokens=MAX_NEW, temperature=0)
+    tokens = {}
+    for tp in (1, 2):
+        llm = LLM(model, device="cpu", dtype="float32", num_kv_blocks=64, tensor_parallel_size=tp,
+                  enable_lora=True, max_lora_rank=16, max_loras=2)
+        try:
+            outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs], params,
+                                use_tqdm=False, lora_request=[loras.get(n) for _, n in jobs])
+        finally:
+            llm.shutdown()
+        tokens[tp] = [o.outputs[0].token_ids for o in outs]
+    assert tokens[2] == tokens[1]
+    name = names[0]  # and TP=1 is peft's (the fast test checks every adapter)
+    want = peft_greedy(model, paths[name], prompts, MAX_NEW)
+    assert [t for t, (_, n) in zip(tokens[1], jobs) if n == name] == want
