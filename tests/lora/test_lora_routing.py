@@ -9,7 +9,7 @@ import random
 from tessellm.entrypoints.openai.lora_modules import parse_lora_modules
 from tessellm.entrypoints.ray_serve.affinity_policy import rank_replicas
 from tessellm.entrypoints.ray_serve.prefix_index import PrefixIndex
-from tessellm.entrypoints.ray_serve.prefix_key import prefix_hashes
+from tessellm.entrypoints.ray_serve.prefix_key import prefix_hashes, route_keys
 
 CHUNK = dict(chunk_chars=16, chunk_tokens=4, max_chunks=64)
 ADAPTERS = frozenset({"sql", "chat"})
@@ -49,3 +49,39 @@ def test_adapter_and_prompt_chains():
 def test_lora_modules_forms():
     assert parse_lora_modules(["a=/x", ("b", "/y")]) == [("a", "/x"), ("b", "/y")]
     assert parse_lora_modules({"c": "/z"}) == [("c", "/z")]
+
+
+def test_route_keys_name_the_adapter_as_the_multiplexed_model_id():
+    def keys(model, **kw):
+        body = json.dumps({"model": model, "prompt": "a" * 40}).encode()
+        return route_keys("/v1/completions", body, **CHUNK, lora_names=ADAPTERS, **kw)
+
+    adapter, chain = keys("sql")
+    assert adapter == "sql" and chain == _chain("sql", "a" * 40)
+    assert keys("sql", hashes=False) == ("sql", [])  # prefix affinity off: the id alone
+    assert keys("base")[0] == "" and keys("nope")[0] == ""  # the base model, an unknown name
+    assert route_keys("/v1/models", b"", **CHUNK, lora_names=ADAPTERS) == ("", [])
+
+
+def test_replicas_holding_the_adapter_win_within_the_load_check():
+    rng = random.Random(0)
+    chain = _chain("sql", "q" * 40)
+    loads = {"r0": 0, "r1": 0, "r2": 0, "r3": 0}
+    free = rank_replicas(chain, loads, PrefixIndex(100), 8, rng)[0][0]
+    holder = next(r for r in loads if r != free)  # Serve says another replica holds "sql"
+    ranks = rank_replicas(chain, loads, PrefixIndex(100), 8, rng, holders=frozenset({holder}))
+    assert ranks[0] == [holder]
+    # A second holder comes right after it (before the others), whatever the loads.
+    second = next(r for r in loads if r not in (free, holder))
+    loads = {"r0": 3, "r1": 3, "r2": 3, "r3": 3, free: 0, second: 5}
+    ranks = rank_replicas(chain, loads, PrefixIndex(100), 8, rng, holders=frozenset({holder, second}))
+    assert ranks[0] == [holder] and ranks[1][0] == second
+    # A holder busier than the least loaded by more than the threshold is passed over.
+    busy = {**{r: 0 for r in loads}, holder: 9}
+    ranks = rank_replicas(chain, busy, PrefixIndex(100), 8, rng, holders=frozenset({holder}))
+    assert ranks[0] != [holder] and ranks[1][0] == holder
+    # Among several holders, the one that already holds the prompt's prefix wins.
+    index = PrefixIndex(100)
+    index.record(second, chain)
+    both = frozenset({holder, second})
+    assert rank_replicas(chain, {r: 0 for r in loads}, index, 8, rng, holders=both)[0] == [second]

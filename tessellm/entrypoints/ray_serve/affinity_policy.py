@@ -12,9 +12,14 @@ Invariants:
   the same replicas computes the same winner, so even a burst of requests with a new shared
   prefix, routed before any of them is recorded, lands on one replica.
 * A request with no chain (short prompt, not a completion) goes to a least-loaded replica.
+* LoRA multiplexing: ``holders`` are the replicas that report holding the request's adapter
+  (Serve's multiplexed model ids). When some eligible replica holds it, the choice above is
+  made among those holders only; when none does (a new adapter, or its holders are busy past
+  the threshold), among all eligible replicas (the rendezvous winner of the adapter's link).
 
-The answer is ranked: ``[[preferred], [the others, least loaded first]]``. Serve tries the
-first rank, and the second at once if the preferred replica is full (max_ongoing_requests).
+The answer is ranked: ``[[preferred], [the others: adapter holders first, then least loaded
+first]]``. Serve tries the first rank, and the second at once if the preferred replica is full
+(max_ongoing_requests).
 """
 
 from __future__ import annotations
@@ -27,13 +32,17 @@ from tessellm.entrypoints.ray_serve.prefix_index import PrefixIndex
 
 
 def rank_replicas(chain: list[int], loads: dict[Hashable, int], index: PrefixIndex,
-                  imbalance_threshold: int, rng: Optional[random.Random] = None) -> list[list]:
-    """Replicas in ranks of preference; ``loads`` maps each candidate to its requests in flight."""
+                  imbalance_threshold: int, rng: Optional[random.Random] = None,
+                  holders: frozenset = frozenset()) -> list[list]:
+    """Replicas in ranks of preference; ``loads`` maps each candidate to its requests in flight;
+    ``holders``: those holding the request's adapter (LoRA multiplexing)."""
     if not loads:
         return []
     rng = rng or random
     min_load = min(loads.values())
     eligible = [r for r, load in loads.items() if load <= min_load + imbalance_threshold]
+    eligible = [r for r in eligible if r in holders] or eligible
+    min_load = min(loads[r] for r in eligible)
     if not chain:
         least = [r for r in eligible if loads[r] == min_load]
         first = rng.choice(least)
@@ -41,12 +50,12 @@ def rank_replicas(chain: list[int], loads: dict[Hashable, int], index: PrefixInd
         depth = index.match(chain, eligible)
         best = max(depth.values())
         if best > 0:
-            holders = [r for r in eligible if depth[r] == best]
-            low = min(loads[r] for r in holders)
-            first = rendezvous_winner(chain[0], [r for r in holders if loads[r] == low])
+            deepest = [r for r in eligible if depth[r] == best]
+            low = min(loads[r] for r in deepest)
+            first = rendezvous_winner(chain[0], [r for r in deepest if loads[r] == low])
         else:
             first = rendezvous_winner(chain[0], eligible)
-    rest = sorted((r for r in loads if r != first), key=lambda r: loads[r])
+    rest = sorted((r for r in loads if r != first), key=lambda r: (r not in holders, loads[r]))
     return [[first], rest] if rest else [[first]]
 
 

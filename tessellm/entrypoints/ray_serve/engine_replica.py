@@ -15,6 +15,13 @@ Lifecycle, as Serve drives it:
 * stopping (scale-down, redeploy, shutdown): Serve stops routing here, waits up to
   ``graceful_shutdown_timeout_s`` for the requests in flight (streams included) to finish,
   then calls ``__del__``, which stops the engine core.
+
+LoRA multiplexing (Ray Serve's model multiplexing): a request for a served adapter arrives with
+the adapter as its multiplexed model id (the ingress sets it). The replica passes it to a
+``serve.multiplexed`` loader (an LRU of ``engine.max_loras`` ids, the engine's slot count),
+which is what makes Serve record the adapter on this replica and the routers prefer it. The
+loader itself loads nothing: the engine reads the adapter off its step loop when the request
+arrives (docs/lora.md), and its own LRU decides which adapters hold device slots.
 """
 
 from __future__ import annotations
@@ -40,9 +47,11 @@ class EngineReplica:
 
         cfg = parse_config(config, check_resources=False)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.engine = AsyncLLM(cfg.engine_args())
-        self.app = build_app(self.engine, cfg.server_config())
+        args, server = cfg.engine_args(), cfg.server_config()
+        self.engine = AsyncLLM(args)
+        self.app = build_app(self.engine, server)
         self.in_flight = 0
+        self.adapters, self.held_adapters, self._hold = _adapter_multiplexing(server, args)
         await self.engine.wait_until_warm()  # EngineDeadError if the core died: Serve retries
         logger.info("tessellm engine replica %s ready and warm (pid %d)", self.replica_id, os.getpid())
 
@@ -50,6 +59,7 @@ class EngineReplica:
         """Stream one HTTP request's response (``prefix_hashes`` is for the router only)."""
         self.in_flight += 1
         try:
+            await self._hold_adapter()
             async for item in stream_asgi(self.app, request):
                 if item[0] == "start":
                     item = (item[0], item[1], item[2] + [(REPLICA_HEADER, self.replica_id.encode())])
@@ -67,7 +77,18 @@ class EngineReplica:
                 pass
         return {"replica_id": self.replica_id, "pid": os.getpid(),
                 "engine_pid": self.engine.client.proc.pid, "engine_alive": self.engine_alive(),
-                "in_flight": self.in_flight, "stats": dict(stats)}
+                "in_flight": self.in_flight, "stats": dict(stats),
+                "lora_adapters": sorted(self.held_adapters)}
+
+    async def _hold_adapter(self) -> None:
+        """Register this request's adapter with Serve's multiplexing (see the module docstring)."""
+        if self._hold is None:
+            return
+        from ray import serve
+
+        model_id = serve.get_multiplexed_model_id()
+        if model_id in self.adapters:  # an unknown name is the app's 404, not Serve's business
+            await self._hold(model_id)
 
     def engine_alive(self) -> bool:
         return not self.engine.is_dead and self.engine.client.is_alive()
@@ -81,3 +102,33 @@ class EngineReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             await engine.shutdown()
+
+
+class _HeldAdapter:
+    """What the multiplexed loader returns; Serve calls ``__del__`` when its LRU drops it."""
+
+    def __init__(self, name: str, held: set):
+        self.name, self.held = name, held
+        held.add(name)
+
+    def __del__(self):
+        self.held.discard(self.name)
+
+
+def _adapter_multiplexing(server, args):
+    """``(served adapter names, names Serve holds here, the serve.multiplexed loader)``;
+    the loader is None without LoRA adapters."""
+    from ray import serve
+
+    from tessellm.entrypoints.openai.lora_modules import parse_lora_modules
+
+    names = frozenset(name for name, _ in parse_lora_modules(server.lora_modules))
+    held: set = set()
+    if not names:
+        return names, held, None
+    max_loras = int(getattr(args, "max_loras", 0) or 1)
+
+    async def hold(model_id: str) -> _HeldAdapter:
+        return _HeldAdapter(model_id, held)
+
+    return names, held, serve.multiplexed(max_num_models_per_replica=max_loras)(hold)

@@ -1,7 +1,9 @@
 """The HTTP ingress: an OpenAI-compatible FastAPI front that forwards to engine replicas.
 
-It parses nothing but the prompt prefix (for routing, prefix_key.py): every request, raw, goes
-to an engine replica through a streaming DeploymentHandle call, and the replica's response
+It parses nothing but the prompt prefix and the ``model`` (for routing, prefix_key.py; a
+request for a served LoRA adapter goes out with the adapter as its Serve multiplexed model id,
+as ``serve_multiplexed_model_id`` would set it): every request, raw, goes to an engine replica
+through a streaming DeploymentHandle call, and the replica's response
 (status, headers, body chunks) streams back as it comes. So the replica's app decides
 everything an OpenAI client sees, as with ``tessellm serve``.
 
@@ -38,7 +40,7 @@ from tessellm.entrypoints.openai.errors import OpenAIError
 from tessellm.entrypoints.ray_serve.asgi_bridge import ForwardedRequest
 from tessellm.entrypoints.ray_serve.config import parse_config
 from tessellm.entrypoints.ray_serve.engine_replica import REPLICA_HEADER
-from tessellm.entrypoints.ray_serve.prefix_key import prefix_hashes
+from tessellm.entrypoints.ray_serve.prefix_key import route_keys
 
 logger = logging.getLogger(__name__)
 
@@ -205,12 +207,12 @@ class OpenAIIngress:
                                "server.lora_modules (every replica serves them); loading one at "
                                "run time would reach a single replica.", 400).response()
         r = self.router
-        chain = (prefix_hashes(forwarded.path, body, r.chunk_chars, r.chunk_tokens, r.max_chunks,
-                               self.lora_names) if r.prefix_affinity else [])
+        adapter, chain = route_keys(forwarded.path, body, r.chunk_chars, r.chunk_tokens,
+                                    r.max_chunks, self.lora_names, hashes=r.prefix_affinity)
         last = None
         for attempt in range(self.retries + 1):
             try:
-                return await self._send(forwarded, chain)
+                return await self._send(forwarded, chain, adapter)
             except ReplicaLost as exc:
                 logger.warning("Replica lost before answering (attempt %d of %d): %s", attempt + 1,
                                self.retries + 1, exc.__cause__)
@@ -219,9 +221,12 @@ class OpenAIIngress:
                 return _replica_error(exc).response()
         return _replica_error(last).response()
 
-    async def _send(self, forwarded: ForwardedRequest, chain: list[int]):
-        """Start the call; answer once the first body chunk is in (until then, failures retry)."""
-        gen = self.engine.options(stream=True).handle_http.remote(forwarded, prefix_hashes=chain)
+    async def _send(self, forwarded: ForwardedRequest, chain: list[int], adapter: str = ""):
+        """Start the call; answer once the first body chunk is in (until then, failures retry).
+        ``adapter``: the LoRA adapter the request names, its Serve multiplexed model id."""
+        handle = self.engine.options(stream=True, multiplexed_model_id=adapter) if adapter else \
+            self.engine.options(stream=True)
+        gen = handle.handle_http.remote(forwarded, prefix_hashes=chain)
         handed_over = False
         try:
             try:

@@ -20,6 +20,9 @@ gets the adapter as its chain's first link, ``m = H(name)``, and its chunks chai
 
 so every request for an adapter shares ``m``: the router prefers the replica that served the
 adapter last (its slots and its KV prefixes are there), under the same load check as prefixes.
+The adapter's name is also the request's Serve *multiplexed model id* (``route_keys``): the
+ingress passes it to the engine handle, the replica registers it (``serve.multiplexed``), and
+the router prefers the replicas that report holding it (engine_replica.py, prefix_router.py).
 """
 
 from __future__ import annotations
@@ -34,15 +37,26 @@ _ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
 def prefix_hashes(path: str, body: bytes, chunk_chars: int, chunk_tokens: int,
                   max_chunks: int, lora_names: frozenset = frozenset()) -> list[int]:
     """Chained chunk hashes of the request's prompt; [] when it has none (or is not JSON)."""
+    return route_keys(path, body, chunk_chars, chunk_tokens, max_chunks, lora_names)[1]
+
+
+def route_keys(path: str, body: bytes, chunk_chars: int, chunk_tokens: int, max_chunks: int,
+               lora_names: frozenset = frozenset(), hashes: bool = True) -> tuple[str, list[int]]:
+    """``(adapter, chain)``: the served adapter the request names ("" for none: the base model,
+    or not a completion) and, with ``hashes``, its chunk chain (``prefix_hashes``)."""
     request = _json_request(path, body)
     if request is None:
-        return []
+        return "", []
     model = request.get("model")
     if isinstance(model, str) and model in lora_names:
+        if not hashes:
+            return model, []
         head = _chain([model.encode("utf-8", "surrogatepass")], b"m")
         kind = head[0].to_bytes(8, "little")
-        return head + _prompt_chain(request, chunk_chars, chunk_tokens, max_chunks - 1, kind)
-    return _prompt_chain(request, chunk_chars, chunk_tokens, max_chunks, None)
+        return model, head + _prompt_chain(request, chunk_chars, chunk_tokens, max_chunks - 1, kind)
+    if not hashes:
+        return "", []
+    return "", _prompt_chain(request, chunk_chars, chunk_tokens, max_chunks, None)
 
 
 def _json_request(path: str, body: bytes):

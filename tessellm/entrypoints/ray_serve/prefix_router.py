@@ -6,7 +6,10 @@ ingress replica. It calls ``initialize_state(**router kwargs)`` once, then for e
 replica accepted it, ``on_request_routed``; ``on_request_completed`` when it ends.
 
 The ingress passes the prompt's chunk hashes as the ``prefix_hashes`` keyword of the handle
-call (prefix_key.py), so nothing here parses a request. A request's load figure is Serve's
+call (prefix_key.py), so nothing here parses a request. A request for a LoRA adapter carries
+it as Serve's multiplexed model id (``handle.options(multiplexed_model_id=...)``); the replicas
+that report it loaded (``RunningReplica.multiplexed_model_ids``, pushed by their
+``serve.multiplexed`` loader) are preferred (affinity_policy.py). A request's load figure is Serve's
 queue-length cache for the replica (what the replica last reported, plus what this router
 sent since) when it is fresh, else this router's own count of its requests in flight there.
 This class reads those through the ``RequestRouter`` API of Ray Serve >= 2.50 (tested: 2.60).
@@ -47,7 +50,10 @@ class PrefixAffinityRouter(RequestRouter):
         self._forget_gone(by_id)
         loads = {uid: self._load(r) for uid, r in by_id.items()}
         chain = _chain(pending_request) if self._affinity else []
-        ranks = rank_replicas(chain, loads, self._index, self._threshold)
+        model_id = _model_id(pending_request)
+        holders = frozenset(uid for uid, r in by_id.items()
+                            if model_id and model_id in r.multiplexed_model_ids)
+        ranks = rank_replicas(chain, loads, self._index, self._threshold, holders=holders)
         if chain and ranks:
             self._index.record(ranks[0][0], chain)  # claim it now: a burst agrees before routing ends
         return [[by_id[uid] for uid in rank] for rank in ranks]
@@ -85,3 +91,10 @@ def _chain(pending_request: Optional[PendingRequest]) -> list[int]:
         return []
     chain = pending_request.kwargs.get("prefix_hashes")
     return list(chain) if isinstance(chain, (list, tuple)) else []
+
+
+def _model_id(pending_request: Optional[PendingRequest]) -> str:
+    """The request's multiplexed model id (its LoRA adapter), "" for none."""
+    if pending_request is None:
+        return ""
+    return getattr(pending_request.metadata, "multiplexed_model_id", "") or ""
