@@ -1,0 +1,167 @@
+"""Batch-1 decode as the engine's graph runs it, kernel by kernel (GPU only): 32 Llama-3.1-8B
+layers of add-RMSNorm, qkv GEMV, cache write + split-KV decode attention (768-token context),
+o GEMV, add-RMSNorm, gate_up GEMV, SiLU-and-mul, down GEMV, then the LM head, captured in one
+CUDA graph with programmatic dependent launch (``graph_scope``), weights bf16 or e4m3 (W8A16,
+``gemv_fp8_x2``). Each layer has its own weights (16 GB bf16), so nothing stays in the L2.
+
+    python3 benchmarks/kernels/decode_chain.py --out DIR [--prefetch 0 1024 4096 16384]
+        [--sections chain attn_long]
+
+chain: GPU ms per step for each ``gemv.PREFETCH_BYTES`` (bytes of each weight row a GEMV
+program asks of the L2 before its PDL wait), against the weight-read floor at 4.25 TB/s.
+attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
+256 and 512 and workload F's (512-768) at 256, in GB/s of K/V read, by splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpuperf_probe import _graph_ms  # noqa: E402
+
+HID, INTER, LAYERS, VOCAB = 4096, 14336, 32, 128256
+
+
+def _weights(fp8: bool):
+    from tessellm.quantization.packed import quantize_fp8
+
+    shapes = {"qkv": (6144, HID), "o": (HID, HID), "gate_up": (2 * INTER, HID),
+              "down": (HID, INTER)}
+    layers = []
+    for _ in range(LAYERS):
+        w = {}
+        for name, (n, k) in shapes.items():
+            t = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            w[name] = quantize_fp8(t) if fp8 else t
+            del t
+        layers.append(w)
+    head = torch.randn(VOCAB, HID, device="cuda", dtype=torch.bfloat16) * 0.02
+    nbytes = sum((q.qweight if fp8 else q).numel() * (1 if fp8 else 2)
+                 for w in layers for q in w.values()) + head.numel() * 2
+    return layers, head, nbytes
+
+
+def _step_fn(layers, head, fp8: bool):
+    from bench_attention import D, H, KVH, DTYPE, BS, MAX_MODEL_LEN, make_batch
+    from tessellm.backends.spec import AttentionSpec
+    from tessellm.kernels.attention import TritonAttentionKernel
+    from tessellm.kernels.fused_ops import TritonOps
+    from tessellm.kernels.gemm.gemv import gemv
+    from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2
+
+    ops = TritonOps()
+    gen = torch.Generator().manual_seed(0)
+    _, _, _, kc, vc, batch = make_batch([1], [768], gen)
+    kernel = TritonAttentionKernel(AttentionSpec(H, KVH, D, DTYPE, BS), MAX_MODEL_LEN,
+                                   max_num_seqs=1)
+    md = kernel.build_metadata(batch)
+    norm_w = torch.ones(HID, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, HID, device="cuda", dtype=torch.bfloat16)
+    res = torch.zeros_like(x)
+
+    def lin(a, w):
+        return gemv_fp8_x2(a, w.qweight, w.scales) if fp8 else gemv(a, w)
+
+    def step():
+        h = x
+        for w in layers:
+            a, _ = ops.fused_add_rms_norm(h, res, norm_w, 1e-5)
+            qkv = lin(a, w["qkv"])
+            q = qkv[:, :H * D].view(1, H, D)
+            k = qkv[:, H * D:(H + KVH) * D].view(1, KVH, D)
+            v = qkv[:, (H + KVH) * D:].view(1, KVH, D)
+            o = kernel.forward(q, k, v, kc, vc, md, D ** -0.5)
+            h = lin(o.view(1, H * D), w["o"])
+            a, _ = ops.fused_add_rms_norm(h, res, norm_w, 1e-5)
+            h = lin(ops.silu_and_mul(lin(a, w["gate_up"])), w["down"])
+        a, _ = ops.fused_add_rms_norm(h, res, norm_w, 1e-5)
+        return gemv(a, head)
+
+    return step
+
+
+def chain_section(out: dict, prefetch: list[int]) -> None:
+    from tessellm.kernels.gemm import gemv as gemv_mod
+    from tessellm.kernels.pdl import graph_scope
+
+    for fp8 in (False, True):
+        layers, head, nbytes = _weights(fp8)
+        step = _step_fn(layers, head, fp8)
+        res = {"weight_gb": round(nbytes / 1e9, 3),
+               "floor_ms_4.25TBs": round(nbytes / 4.25e9, 3)}
+        for pf in prefetch:
+            gemv_mod.PREFETCH_BYTES = pf
+            with graph_scope():
+                res[f"prefetch {pf}"] = round(_graph_ms(step, 3), 4)
+            print("chain", "fp8" if fp8 else "bf16", pf, res[f"prefetch {pf}"], flush=True)
+        gemv_mod.PREFETCH_BYTES = 0
+        res["no_pdl"] = round(_graph_ms(step, 3), 4)
+        out["fp8" if fp8 else "bf16"] = res
+        print("chain", json.dumps(res), flush=True)
+        del layers, head, step
+        torch.cuda.empty_cache()
+
+
+def attn_long_section(out: dict) -> None:
+    from bench_attention import D, H, KVH, make_batch
+    from tessellm.kernels.attention import decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    cases = ((256, 512, 768), (256, 1024, 2048), (512, 1024, 2048), (128, 1024, 2048))
+    ws = torch.empty(512 * H * 8 * (D + 2), device="cuda")
+    for b, lo, hi in cases:
+        seq_lens = torch.randint(lo, hi + 1, (b,), generator=gen).tolist()
+        q, _, _, kc, vc, bt = make_batch([1] * b, seq_lens, gen)
+        nbytes = sum(seq_lens) * KVH * D * 2 * 2
+        row = {}
+        for splits in (1, 2):
+            for tiles in (None, (64, 4, 4), (64, 8, 3), (128, 8, 2)):
+                o = torch.empty_like(q)
+                try:
+                    us = _graph_ms(lambda: decode_attention(
+                        q, kc, vc, o, bt.query_start_loc, bt.seq_lens, bt.block_tables,
+                        D ** -0.5, num_seqs=b, num_splits=splits, workspace=ws,
+                        tiles=tiles), 10) * 1e3
+                except Exception as e:  # noqa: BLE001 - a tile that does not fit
+                    row[f"s{splits} {tiles}"] = str(e)[:80]
+                    continue
+                row[f"s{splits} {tiles}"] = [round(us, 1), round(nbytes / us / 1e3)]
+        out[f"B{b} ctx{lo}-{hi}"] = row
+        print("attn_long", b, lo, hi, json.dumps(row), flush=True)
+        del kc, vc
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sections", nargs="+", default=["chain", "attn_long"])
+    p.add_argument("--prefetch", nargs="+", type=int, default=[0, 1024, 4096, 16384])
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.sections:
+        res = {"device": torch.cuda.get_device_name()}
+        t0 = time.perf_counter()
+        try:
+            if name == "chain":
+                chain_section(res, args.prefetch)
+            else:
+                attn_long_section(res)
+        except Exception as e:  # noqa: BLE001 - keep the other sections
+            res["error"] = f"{type(e).__name__}: {e}"[:300]
+            print(name, "failed:", res["error"], flush=True)
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        (args.out / f"{name}.json").write_text(json.dumps(res, indent=1))
+        print(f"== {name} done in {res['seconds']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
