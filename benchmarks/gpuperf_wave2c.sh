@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Issue 22 (GPU), wave 2c: where a decode step's time goes, and the B1 GEMV L2 prefetch.
+# Issue 22 (GPU), wave 2c: where a decode step's time goes.
 #   PART=probe: (1) benchmarks/kernels/decode_chain.py: the batch-1 decode chain (32 layers,
-#     PDL, CUDA graph) bf16 and fp8 for each GEMV prefetch size, against the weight floor;
-#     the split-KV decode kernel at L's and F's contexts; (2) benchmarks/profile_step.py at
-#     batch 256 (F): host phases, GPU time of the graph, GPU idle per step, kernel table;
-#     (3) GPU tests of the GEMV kernels.
-#   PART=final: B1 bf16 and fp8 (ms/token; prefetch off and on, one process each), F, HF F
-#     static batch 256 with cuDNN SDPA off (same run: the ratio), L, F fp8 (each boxed).
-# Time boxes (s): CHAIN_S 80, PROFILE_S 60, TEST_S 40; B1_S 45, F_S 50, HF_S 60, L_S 100,
-#   F8_S 55 (0 skips a step).
+#     PDL, CUDA graph) bf16 and fp8, whole and without each kind of kernel, against the
+#     weight floor; the split-KV decode kernel at L's and F's contexts; (2)
+#     benchmarks/profile_step.py at batch 256 (F): host phases, GPU time of the graph, GPU idle
+#     per step, kernel table; (3) F and HF F (static batch 256, cuDNN SDPA off) side by side.
+#   PART=final: B1 bf16 and fp8 (ms/token, one process each), F, HF F static batch 256 with
+#     cuDNN SDPA off (same run: the ratio), F fp8 (fp8 weights and KV cache), L (each boxed).
+# Time boxes (s): CHAIN_S 60, PROFILE_S 60, F_S 50, HF_S 60; B1_S 45, F8_S 55, L_S 100
+#   (0 skips a step). PART=final takes ~5.5 min with every box; the lead's run.
 #   bash benchmarks/gpuperf_wave2c.sh     (repo root; .whl/ carried for the server wheels)
 # Results: $OUT/log.txt and one JSON per step under $OUT.
 set -u
@@ -26,18 +26,18 @@ L8=benchmarks/model-configs/llama-3.1-8b
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
   echo "commit ${COMMIT:-unknown}"; date -u
   if [ "${PART:-probe}" = probe ]; then
-    box "decode chain + long-context decode attention" ${CHAIN_S:-80} \
-      python3 benchmarks/kernels/decode_chain.py --out "$OUT"
+    box "decode chain + long-context decode attention" ${CHAIN_S:-60} \
+      python3 benchmarks/kernels/decode_chain.py --out "$OUT" --sections ${CHAIN_SECTIONS:-chain attn_long}
     TAIL=60 box "profile batch 256" ${PROFILE_S:-60} \
       python3 benchmarks/profile_step.py --batch 256 --steps 10 --output-json "$OUT/profile_b256.json"
-    TAIL=5 box "gpu tests" ${TEST_S:-40} python3 -m pytest -q -x -p no:cacheprovider \
-      tests/kernels/test_gemv.py -k "prefetching or x2 or table"
+    F="throughput --model $L8 --load-format dummy --num-prompts 256 --input-len 512 --output-len 256"
+    TAIL=3 box F ${F_S:-50} $B $F --max-model-len 4096 --output-json "$OUT/f.json"
+    TAIL=3 box "F hf nocudnn" ${HF_S:-60} $B $F --backend hf --hf-batch-size 256 --hf-disable-cudnn-sdpa --output-json "$OUT/f_hf_nocudnn.json"
+    for f in f f_hf_nocudnn; do [ -f "$OUT/$f.json" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], d['output_tokens_per_s'], 'tok/s', d['elapsed_s'], 's')" "$OUT/$f.json" $f; done
   else
     LAT="$B latency --load-format dummy --max-model-len 4096 --model $L8 --num-iters 2"
-    for pf in 0 ${PREFETCH:-2048}; do
-      TAIL=2 TESSELLM_GEMV_PREFETCH=$pf box "B1 bf16 prefetch $pf" ${B1_S:-45} $LAT --output-json "$OUT/b1_pf$pf.json"
-      TAIL=2 TESSELLM_GEMV_PREFETCH=$pf box "B1 fp8 prefetch $pf" ${B1_S:-45} $LAT --quantization fp8 --output-json "$OUT/b1_fp8_pf$pf.json"
-    done
+    TAIL=2 box "B1 bf16" ${B1_S:-45} $LAT --output-json "$OUT/b1.json"
+    TAIL=2 box "B1 fp8" ${B1_S:-45} $LAT --quantization fp8 --output-json "$OUT/b1_fp8.json"
     for f in "$OUT"/b1*.json; do python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].rsplit('/',1)[1], 'TTFT ms', d['ttft_ms_median'], 'ms/token', d['tpot_ms_median'])" "$f"; done
     F="throughput --model $L8 --load-format dummy --num-prompts 256 --input-len 512 --output-len 256"
     TAIL=3 box F ${F_S:-50} $B $F --max-model-len 4096 --output-json "$OUT/f.json"

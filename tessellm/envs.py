@@ -68,18 +68,6 @@ def fp8_gemv_x2() -> Optional[bool]:
     return _switch("TESSELLM_FP8_GEMV_X2")
 
 
-def gemv_prefetch_bytes(default: int) -> int:
-    """TESSELLM_GEMV_PREFETCH: bytes of each weight row a one-row GEMV program (``gemv.py``,
-    ``gemv_x2.py``) asks of the L2 while it waits for its predecessor under PDL; "0": none."""
-    value = os.environ.get("TESSELLM_GEMV_PREFETCH", "").strip()
-    if not value:
-        return default
-    if not value.isdigit():
-        raise ValueError(f"TESSELLM_GEMV_PREFETCH={value!r} is not a byte count; use e.g. "
-                         "2048, or 0 for none.")
-    return int(value)
-
-
 def fp8_lean_w8a8() -> Optional[bool]:
     """TESSELLM_FP8_LEAN_W8A8: "0" takes the fp8 W8A8 prefill GEMM's checks and views again
     every call (the path before 2026-12-04; benchmarks), "1" caches them per weight (default)."""

@@ -4,11 +4,12 @@ o GEMV, add-RMSNorm, gate_up GEMV, SiLU-and-mul, down GEMV, then the LM head, ca
 CUDA graph with programmatic dependent launch (``graph_scope``), weights bf16 or e4m3 (W8A16,
 ``gemv_fp8_x2``). Each layer has its own weights (16 GB bf16), so nothing stays in the L2.
 
-    python3 benchmarks/kernels/decode_chain.py --out DIR [--prefetch 0 1024 4096 16384]
-        [--sections chain attn_long]
+    python3 benchmarks/kernels/decode_chain.py --out DIR [--sections chain attn_long]
 
-chain: GPU ms per step for each ``gemv.PREFETCH_BYTES`` (bytes of each weight row a GEMV
-program asks of the L2 before its PDL wait), against the weight-read floor at 4.25 TB/s.
+chain: GPU ms per step, against the weight-read floor at 4.25 TB/s, of the whole chain and of
+the chain without one kind of kernel (``-attn``: cache write and decode attention; ``-norm``:
+both add-RMSNorms; ``-silu``: SiLU-and-mul; ``gemv``: the GEMVs alone), with PDL, and of the
+whole chain without PDL: the differences are what each kind costs a step.
 attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
 256 and 512 and workload F's (512-768) at 256, in GB/s of K/V read, by splits.
 """
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpuperf_probe import _graph_ms  # noqa: E402
+from gpuperf_probe import _graph_ms
 
 HID, INTER, LAYERS, VOCAB = 4096, 14336, 32, 128256
 
@@ -50,8 +51,9 @@ def _weights(fp8: bool):
     return layers, head, nbytes
 
 
-def _step_fn(layers, head, fp8: bool):
-    from bench_attention import D, H, KVH, DTYPE, BS, MAX_MODEL_LEN, make_batch
+def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu")):
+    from bench_attention import BS, DTYPE, KVH, MAX_MODEL_LEN, D, H, make_batch
+
     from tessellm.backends.spec import AttentionSpec
     from tessellm.kernels.attention import TritonAttentionKernel
     from tessellm.kernels.fused_ops import TritonOps
@@ -71,80 +73,90 @@ def _step_fn(layers, head, fp8: bool):
     def lin(a, w):
         return gemv_fp8_x2(a, w.qweight, w.scales) if fp8 else gemv(a, w)
 
+    def norm(h):
+        return ops.fused_add_rms_norm(h, res, norm_w, 1e-5)[0] if "norm" in parts else h
+
     def step():
         h = x
         for w in layers:
-            a, _ = ops.fused_add_rms_norm(h, res, norm_w, 1e-5)
-            qkv = lin(a, w["qkv"])
-            q = qkv[:, :H * D].view(1, H, D)
-            k = qkv[:, H * D:(H + KVH) * D].view(1, KVH, D)
-            v = qkv[:, (H + KVH) * D:].view(1, KVH, D)
-            o = kernel.forward(q, k, v, kc, vc, md, D ** -0.5)
-            h = lin(o.view(1, H * D), w["o"])
-            a, _ = ops.fused_add_rms_norm(h, res, norm_w, 1e-5)
-            h = lin(ops.silu_and_mul(lin(a, w["gate_up"])), w["down"])
-        a, _ = ops.fused_add_rms_norm(h, res, norm_w, 1e-5)
-        return gemv(a, head)
+            qkv = lin(norm(h), w["qkv"])
+            o = qkv[:, :H * D]
+            if "attn" in parts:
+                q = qkv[:, :H * D].view(1, H, D)
+                k = qkv[:, H * D:(H + KVH) * D].view(1, KVH, D)
+                v = qkv[:, (H + KVH) * D:].view(1, KVH, D)
+                o = kernel.forward(q, k, v, kc, vc, md, D ** -0.5).view(1, H * D)
+            gu = lin(norm(lin(o, w["o"])), w["gate_up"])
+            h = lin(ops.silu_and_mul(gu) if "silu" in parts else gu[:, :INTER], w["down"])
+        return gemv(norm(h), head)
 
     return step
 
 
-def chain_section(out: dict, prefetch: list[int]) -> None:
-    from tessellm.kernels.gemm import gemv as gemv_mod
+VARIANTS = {"full": ("attn", "norm", "silu"), "-attn": ("norm", "silu"),
+            "-norm": ("attn", "silu"), "-silu": ("attn", "norm"), "gemv": ()}
+
+
+def chain_section(out: dict) -> None:
     from tessellm.kernels.pdl import graph_scope
 
     for fp8 in (False, True):
         layers, head, nbytes = _weights(fp8)
-        step = _step_fn(layers, head, fp8)
         res = {"weight_gb": round(nbytes / 1e9, 3),
                "floor_ms_4.25TBs": round(nbytes / 4.25e9, 3)}
-        for pf in prefetch:
-            gemv_mod.PREFETCH_BYTES = pf
+        for name, parts in VARIANTS.items():
+            step = _step_fn(layers, head, fp8, parts)
             with graph_scope():
-                res[f"prefetch {pf}"] = round(_graph_ms(step, 3), 4)
-            print("chain", "fp8" if fp8 else "bf16", pf, res[f"prefetch {pf}"], flush=True)
-        gemv_mod.PREFETCH_BYTES = 0
-        res["no_pdl"] = round(_graph_ms(step, 3), 4)
+                res[name] = round(_graph_ms(step, 3), 4)
+        res["full, no PDL"] = round(_graph_ms(_step_fn(layers, head, fp8), 3), 4)
         out["fp8" if fp8 else "bf16"] = res
-        print("chain", json.dumps(res), flush=True)
-        del layers, head, step
+        print("chain", "fp8" if fp8 else "bf16", json.dumps(res), flush=True)
+        del layers, head
         torch.cuda.empty_cache()
 
 
-def attn_long_section(out: dict) -> None:
-    from bench_attention import D, H, KVH, make_batch
+def _decode_us(batch, q, kc, vc, splits, tiles, ws) -> float:
+    from bench_attention import D
+
     from tessellm.kernels.attention import decode_attention
+
+    o = torch.empty_like(q)
+
+    def run():
+        decode_attention(q, kc, vc, o, batch.query_start_loc, batch.seq_lens,
+                         batch.block_tables, D ** -0.5, num_seqs=q.shape[0],
+                         num_splits=splits, workspace=ws, tiles=tiles)
+
+    return _graph_ms(run, 10) * 1e3
+
+
+def attn_long_section(out: dict) -> None:
+    from bench_attention import KVH, D, H, make_batch
 
     gen = torch.Generator().manual_seed(0)
     cases = ((256, 512, 768), (256, 1024, 2048), (512, 1024, 2048), (128, 1024, 2048))
     ws = torch.empty(512 * H * 8 * (D + 2), device="cuda")
     for b, lo, hi in cases:
         seq_lens = torch.randint(lo, hi + 1, (b,), generator=gen).tolist()
-        q, _, _, kc, vc, bt = make_batch([1] * b, seq_lens, gen)
+        q, _, _, kc, vc, batch = make_batch([1] * b, seq_lens, gen)
         nbytes = sum(seq_lens) * KVH * D * 2 * 2
         row = {}
         for splits in (1, 2):
             for tiles in (None, (64, 4, 4), (64, 8, 3), (128, 8, 2)):
-                o = torch.empty_like(q)
                 try:
-                    us = _graph_ms(lambda: decode_attention(
-                        q, kc, vc, o, bt.query_start_loc, bt.seq_lens, bt.block_tables,
-                        D ** -0.5, num_seqs=b, num_splits=splits, workspace=ws,
-                        tiles=tiles), 10) * 1e3
+                    us = _decode_us(batch, q, kc, vc, splits, tiles, ws)
                 except Exception as e:  # noqa: BLE001 - a tile that does not fit
                     row[f"s{splits} {tiles}"] = str(e)[:80]
                     continue
                 row[f"s{splits} {tiles}"] = [round(us, 1), round(nbytes / us / 1e3)]
         out[f"B{b} ctx{lo}-{hi}"] = row
         print("attn_long", b, lo, hi, json.dumps(row), flush=True)
-        del kc, vc
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sections", nargs="+", default=["chain", "attn_long"])
-    p.add_argument("--prefetch", nargs="+", type=int, default=[0, 1024, 4096, 16384])
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.sections:
@@ -152,7 +164,7 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             if name == "chain":
-                chain_section(res, args.prefetch)
+                chain_section(res)
             else:
                 attn_long_section(res)
         except Exception as e:  # noqa: BLE001 - keep the other sections

@@ -78,28 +78,3 @@ def pdl_start(USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def _prefetch_l2(addr):
-    """One L2 prefetch a value of ``addr`` (int64 byte addresses); returns zeros. Not pure, so
-    it is kept though nothing reads its result."""
-    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [addr],
-                                     dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def pdl_start_prefetch(USE_PDL: tl.constexpr, rows_addr, nbytes, LINES: tl.constexpr):
-    """``pdl_start`` for a kernel that streams weights: between letting its successor launch and
-    waiting for its predecessor it asks the L2 for the first ``LINES`` 128-byte lines of each
-    of its weight rows (``rows_addr``: int64 byte addresses of the rows' first bytes it reads,
-    ``nbytes``: how many bytes of a row it reads; lines past that are not asked for). Weights
-    are never written during a step, so reading them before ``gdc_wait`` is safe, and the
-    memory system, idle while a small kernel before (a norm, rotary, attention's reduce) runs,
-    already streams the GEMV's first bytes."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        if LINES > 0:
-            off = tl.minimum(tl.arange(0, LINES) * 128, nbytes - 1)
-            _prefetch_l2(rows_addr[:, None] + off[None, :])
-        tl.extra.cuda.gdc_wait()

@@ -310,36 +310,3 @@ def test_fp8_w8a16_takes_the_x2_gemv_for_one_bf16_row(monkeypatch):
     monkeypatch.setenv("TESSELLM_FP8_GEMV_X2", "0")
     assert torch.equal(qk.fp8_w8a16(x, seg.qweight, seg.scales),
                        gv.gemv_fp8(x, seg.qweight, seg.scales))
-
-
-@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability()[0] < 9,
-                    reason="programmatic dependent launch: sm90+ GPUs")
-@pytest.mark.parametrize("prefetch", [128, 2048, 1 << 20])
-def test_one_row_gemvs_prefetching_under_pdl_equal_plain_launches(monkeypatch, prefetch):
-    """Inside ``graph_scope`` a one-row GEMV asks the L2 for its weight rows' first bytes before
-    the PDL wait (``pdl_start_prefetch``); captured in a graph right after a kernel that writes
-    x, the results equal the plain launch's, bit for bit (the prefetch only moves bytes into the
-    L2; x is read after the wait). ``1 << 20``: more than a row holds (clamped)."""
-    from tessellm.kernels.pdl import graph_scope
-
-    n, k = 4100, 4096
-    w, x, _ = _data(1, n, k, BF16, False, "pf")
-    seg = quantize_fp8(w).to(DEV)
-    w = w.to(DEV, BF16)
-    src = x
-    x = torch.empty_like(src)
-    monkeypatch.setattr(gv, "PREFETCH_BYTES", 0)
-    want = (gv.gemv(src, w), gemv_x2.gemv_fp8_x2(src, seg.qweight, seg.scales))
-    monkeypatch.setattr(gv, "PREFETCH_BYTES", prefetch)
-    with graph_scope():
-        step = lambda: (x.copy_(src * 1), gv.gemv(x, w),  # noqa: E731
-                        gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales))
-        step()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            _, a, b = step()
-    x.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(a, want[0]) and torch.equal(b, want[1])

@@ -49,10 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm import envs
 from tessellm.kernels.gemm.common import _interpreted, _num_sms
 from tessellm.kernels.gemm.fp8_codes import e4m3_to_16bit
-from tessellm.kernels.pdl import pdl_args, pdl_start, pdl_start_prefetch
+from tessellm.kernels.pdl import pdl_args, pdl_start
 
 GEMV_MAX_M = 32  # the config tables cover up to this many rows
 
@@ -194,17 +193,13 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                      ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                      CHUNK: tl.constexpr, F32_BITS: tl.constexpr, PTX: tl.constexpr,
-                     PREFETCH_LINES: tl.constexpr, USE_PDL: tl.constexpr):
-    """Up to 4 rows of x (BLOCK_M 1, 2 or 4), one float32 accumulator tile per row.
-    PREFETCH_LINES: 128-byte lines of each weight row asked of the L2 before the PDL wait."""
+                     USE_PDL: tl.constexpr):
+    """Up to 4 rows of x (BLOCK_M 1, 2 or 4), one float32 accumulator tile per row."""
+    pdl_start(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(rn, N - 1).to(tl.int64) * stride_wn
-    row = rows[:, None]
+    row = tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn
     k_lo, steps = _k_split(pid_k, k_per_split, K, BLOCK_K)
-    w_bytes: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-    pdl_start_prefetch(USE_PDL, (w_ptr + rows + k_lo).to(tl.int64),
-                       tl.minimum(k_per_split, K - k_lo) * w_bytes, PREFETCH_LINES)
     if CHUNK:
         j = tl.arange(0, BLOCK_K // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
         k_in = j[None, :, :]  # [1, BK / CHUNK, CHUNK]
@@ -317,18 +312,6 @@ def _with_split(cfg: GemvConfig, n: int, k: int, num_sms: int) -> GemvConfig:
     return dataclasses.replace(cfg, split_k=split)
 
 
-# Bytes of each weight row a one-row GEMV program asks of the L2 before its PDL wait
-# (``pdl.pdl_start_prefetch``); 0: none. Set from TESSELLM_GEMV_PREFETCH (benchmarks).
-PREFETCH_BYTES = envs.gemv_prefetch_bytes(2048)
-
-
-def prefetch_lines(row_bytes: int) -> int:
-    """``PREFETCH_LINES`` for programs reading ``row_bytes`` of each weight row: a power of
-    two, at most the lines of that range."""
-    nbytes = min(PREFETCH_BYTES, row_bytes)
-    return triton.next_power_of_2(triton.cdiv(nbytes, 128)) if nbytes > 0 else 0
-
-
 def _ptx(x: torch.Tensor) -> bool:
     """Inline PTX (bit-moving conversions) can run: compiled, on NVIDIA."""
     return not _interpreted(x) and torch.version.hip is None
@@ -384,7 +367,6 @@ def _launch(x, w, scales, bias, config, w_ptx: bool) -> torch.Tensor:
                                **pdl_args(x.device))
     else:
         _gemv_fma_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), CHUNK=cfg.chunk,
-                               F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x),
-                               PREFETCH_LINES=prefetch_lines(k_per_split * w.element_size()),
-                               **meta, **pdl_args(x.device))
+                               F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x), **meta,
+                               **pdl_args(x.device))
     return out if split == 1 else out.to(x.dtype)

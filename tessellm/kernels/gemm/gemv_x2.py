@@ -20,9 +20,8 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.gemm.common import _interpreted, _num_sms
-from tessellm.kernels.gemm import gemv as _gemv
 from tessellm.kernels.gemm.gemv import GemvConfig, _finish, _ptx, _with_split
-from tessellm.kernels.pdl import pdl_args, pdl_start_prefetch
+from tessellm.kernels.pdl import pdl_args, pdl_start
 
 
 @triton.jit
@@ -66,22 +65,19 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
                          words_per_split,
                          HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PTX: tl.constexpr,
-                         PREFETCH_LINES: tl.constexpr, USE_PDL: tl.constexpr):
+                         USE_PDL: tl.constexpr):
     """One row of bf16 x against e4m3 weights, 4 codes a 32-bit word (``_dot4_e4m3_bf16x2``).
-    ``KW``: words in a weight row (K / 4); x is read as 64-bit words of 4 values.
-    PREFETCH_LINES: as for ``gemv._gemv_fma_kernel``."""
+    ``KW``: words in a weight row (K / 4); x is read as 64-bit words of 4 values."""
+    pdl_start(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(rn, N - 1).to(tl.int64) * stride_wn_words
-    row = rows[:, None]
+    row = tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn_words
     w_words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     x_words = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
     kw = tl.arange(0, BLOCK_KW)[None, :]
     same = tl.zeros([BLOCK_N, 1], dtype=tl.int32)  # x in the weight tile's layout (_fma_row)
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     k_lo = pid_k * words_per_split
-    pdl_start_prefetch(USE_PDL, (w_words + rows + k_lo).to(tl.int64),
-                       tl.minimum(words_per_split, KW - k_lo) * 4, PREFETCH_LINES)
     steps = tl.cdiv(tl.minimum(words_per_split, KW - k_lo), BLOCK_KW)
     for i in range(0, steps):
         koff = k_lo + i * BLOCK_KW + kw
@@ -149,6 +145,5 @@ def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         x, qweight, scales, bias if bias is not None else scales, out, n, kw,
         qweight.stride(0) // 4, words_per_split, HAS_BIAS=bias is not None, ATOMIC=split > 1,
         EVEN_K=kw % words_per_split == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
-        PREFETCH_LINES=_gemv.prefetch_lines(words_per_split * 4), num_warps=num_warps,
-        **pdl_args(x.device))
+        num_warps=num_warps, **pdl_args(x.device))
     return out if split == 1 else out.to(x.dtype)
