@@ -5,10 +5,11 @@
 #     weight floor; the split-KV decode kernel at L's and F's contexts; (2)
 #     benchmarks/profile_step.py at batch 256 (F): host phases, GPU time of the graph, GPU idle
 #     per step, kernel table; (3) F and HF F (static batch 256, cuDNN SDPA off) side by side.
-#   PART=final: B1 bf16 and fp8 (ms/token, one process each), F, HF F static batch 256 with
-#     cuDNN SDPA off (same run: the ratio), F fp8 (fp8 weights and KV cache), L (each boxed).
+#   PART=final: the B1 chain (kernel level, with the attention split variants), B1 bf16 and
+#     fp8 (ms/token, one process each), F, HF F static batch 256 with cuDNN SDPA off (same
+#     run: the ratio), F fp8 (fp8 weights and KV cache), L (each boxed).
 # Time boxes (s): CHAIN_S 60, PROFILE_S 60, F_S 50, HF_S 60; B1_S 45, F8_S 55, L_S 100
-#   (0 skips a step). PART=final takes ~5.5 min with every box; the lead's run.
+#   (0 skips a step). PART=final needs ~4.5 min (L alone ~80 s).
 #   bash benchmarks/gpuperf_wave2c.sh     (repo root; .whl/ carried for the server wheels)
 # Results: $OUT/log.txt and one JSON per step under $OUT.
 set -u
@@ -35,6 +36,7 @@ L8=benchmarks/model-configs/llama-3.1-8b
     TAIL=3 box "F hf nocudnn" ${HF_S:-60} $B $F --backend hf --hf-batch-size 256 --hf-disable-cudnn-sdpa --output-json "$OUT/f_hf_nocudnn.json"
     for f in f f_hf_nocudnn; do [ -f "$OUT/$f.json" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], d['output_tokens_per_s'], 'tok/s', d['elapsed_s'], 's')" "$OUT/$f.json" $f; done
   else
+    box "decode chain" ${CHAIN_S:-30} python3 benchmarks/kernels/decode_chain.py --out "$OUT" --sections chain
     LAT="$B latency --load-format dummy --max-model-len 4096 --model $L8 --num-iters 2"
     TAIL=2 box "B1 bf16" ${B1_S:-45} $LAT --output-json "$OUT/b1.json"
     TAIL=2 box "B1 fp8" ${B1_S:-45} $LAT --quantization fp8 --output-json "$OUT/b1_fp8.json"

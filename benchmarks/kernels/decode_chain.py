@@ -9,7 +9,8 @@ CUDA graph with programmatic dependent launch (``graph_scope``), weights bf16 or
 chain: GPU ms per step, against the weight-read floor at 4.25 TB/s, of the whole chain and of
 the chain without one kind of kernel (``-attn``: cache write and decode attention; ``-norm``:
 both add-RMSNorms; ``-silu``: SiLU-and-mul; ``gemv``: the GEMVs alone), with PDL, and of the
-whole chain without PDL: the differences are what each kind costs a step.
+whole chain without PDL: the differences are what each kind costs a step; then the whole
+chain with other split-KV settings of the attention (``ATTN_VARIANTS``).
 attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
 256 and 512 and workload F's (512-768) at 256, in GB/s of K/V read, by splits.
 """
@@ -51,7 +52,7 @@ def _weights(fp8: bool):
     return layers, head, nbytes
 
 
-def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu")):
+def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs=None):
     from bench_attention import BS, DTYPE, KVH, MAX_MODEL_LEN, D, H, make_batch
 
     from tessellm.backends.spec import AttentionSpec
@@ -65,6 +66,8 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu")):
     _, _, _, kc, vc, batch = make_batch([1], [768], gen)
     kernel = TritonAttentionKernel(AttentionSpec(H, KVH, D, DTYPE, BS), MAX_MODEL_LEN,
                                    max_num_seqs=1)
+    for name, value in (attn_attrs or {}).items():  # split-KV knobs (chain_section)
+        setattr(kernel, name, value)
     md = kernel.build_metadata(batch)
     norm_w = torch.ones(HID, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1, HID, device="cuda", dtype=torch.bfloat16)
@@ -95,6 +98,13 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu")):
 
 VARIANTS = {"full": ("attn", "norm", "silu"), "-attn": ("norm", "silu"),
             "-norm": ("attn", "silu"), "-silu": ("attn", "norm"), "gemv": ()}
+# The whole chain with other split-KV settings of the batch-1 decode attention (default:
+# 32 splits of at least 128 keys, i.e. 6 busy splits at 768 keys): what the attention block
+# (~11 us a layer on an H200, 2026-12-04) might lose.
+ATTN_VARIANTS = {"attn min_partition 64": {"min_partition": 64},
+                 "attn 8 splits": {"target_programs": 64},
+                 "attn 4 splits": {"target_programs": 32},
+                 "attn 1 split": {"target_programs": 8}}
 
 
 def chain_section(out: dict) -> None:
@@ -106,6 +116,10 @@ def chain_section(out: dict) -> None:
                "floor_ms_4.25TBs": round(nbytes / 4.25e9, 3)}
         for name, parts in VARIANTS.items():
             step = _step_fn(layers, head, fp8, parts)
+            with graph_scope():
+                res[name] = round(_graph_ms(step, 3), 4)
+        for name, attrs in ATTN_VARIANTS.items():
+            step = _step_fn(layers, head, fp8, attn_attrs=attrs)
             with graph_scope():
                 res[name] = round(_graph_ms(step, 3), 4)
         res["full, no PDL"] = round(_graph_ms(_step_fn(layers, head, fp8), 3), 4)
