@@ -226,7 +226,8 @@ class ModelRunner:
         return self.sampler.verify(logits, batch, *verify)
 
     def _collect(self, handle: StepHandle, ids: list[int], lookahead: int) -> None:
-        collect(handle, ids, self.batch, self.block_size, lookahead)
+        collect(handle, ids, self.batch, self.block_size, lookahead,
+                self.spec is not None and self.spec.config.force_accept)
         if self.spec is not None:
             self.spec.propose(handle)
 

@@ -21,8 +21,12 @@ from tessellm.core.input_batch import InputBatch, RunnerRequest
 from tessellm.core.step_pipeline import StepHandle
 
 
-def accept(drafts: list[int], sampled: list[int]) -> list[int]:
-    """The accepted tokens of one request: matching drafts, then the target's next token."""
+def accept(drafts: list[int], sampled: list[int], force: bool = False) -> list[int]:
+    """The accepted tokens of one request: matching drafts, then the target's next token.
+    ``force`` (the replay proposer's benchmark mode ``force_accept``): every draft, then the
+    target's token after the last one, whatever the target sampled at the drafts' rows."""
+    if force:
+        return list(drafts) + [sampled[len(drafts)]]
     for j, draft in enumerate(drafts):
         if sampled[j] != draft:
             return sampled[:j + 1]
@@ -30,9 +34,10 @@ def accept(drafts: list[int], sampled: list[int]) -> list[int]:
 
 
 def collect(handle: StepHandle, tokens: list[int], batch: InputBatch, block_size: int,
-            lookahead: int = 0) -> None:
+            lookahead: int = 0, force_accept: bool = False) -> None:
     """Put a resolved step's tokens into the requests' states and its output. ``lookahead``:
-    KV slots kept past the computed tokens (the scheduler's ``num_lookahead_tokens``)."""
+    KV slots kept past the computed tokens (the scheduler's ``num_lookahead_tokens``);
+    ``force_accept``: every draft is accepted (``accept``; benchmark mode of replay)."""
     result, out, start = handle.sampled, handle.out, handle.sample_start
     lp = None
     if result.sampled_logprob is not None:
@@ -44,7 +49,7 @@ def collect(handle: StepHandle, tokens: list[int], batch: InputBatch, block_size
         if end - first == 1:
             accepted = [tokens[first]]
         else:
-            accepted = accept(state.spec_token_ids, tokens[first:end])
+            accepted = accept(state.spec_token_ids, tokens[first:end], force_accept)
             _forget_rejected(state, end - first - len(accepted), batch, block_size, lookahead)
             state.spec_token_ids = []
         state.token_ids.extend(accepted)

@@ -2,10 +2,11 @@
 
 Field names follow vLLM's ``--speculative-config`` where vLLM has them (``method``,
 ``num_speculative_tokens``, ``prompt_lookup_min/max``, ``model``, ``disable_by_batch_size``);
-``replay_path`` / ``replay_records`` are tessellm's benchmark-only replay method. Given as a
-JSON string (``--speculative-config '{"method": "ngram", "num_speculative_tokens": 3}'``) or a
-dict (``LLM(speculative_config={...})``); ``parse_speculative_config`` turns either into this
-dataclass or raises one ``ValueError`` naming the problem and the fix.
+``replay_path`` / ``replay_records`` / ``force_accept`` are tessellm's benchmark-only replay
+method. Given as a JSON string (``--speculative-config '{"method": "ngram",
+"num_speculative_tokens": 3}'``) or a dict (``LLM(speculative_config={...})``);
+``parse_speculative_config`` turns either into this dataclass or raises one ``ValueError``
+naming the problem and the fix.
 
 Load policy (``num_drafts``): a step drafts ``num_speculative_tokens`` per decoding request
 while the step's running batch has fewer than ``disable_by_batch_size`` requests, and none at
@@ -46,6 +47,12 @@ class SpeculativeConfig:
     # "output_token_ids": [...]}; a request whose prompt matches one proposes its next tokens.
     replay_path: Optional[str] = None
     replay_records: Optional[list] = None
+    # replay only, benchmark mode: every draft is accepted. The verify pass runs in full and the
+    # target samples every row, but the accept step keeps all k drafts plus the target's token
+    # after them (``runner_output.accept``), so a step emits k + 1 tokens even where the verify
+    # pass rounds differently from the run that recorded the drafts (random weights in bf16).
+    # Outputs are then no longer the target's greedy tokens: it measures the verify path only.
+    force_accept: bool = False
 
     def __post_init__(self) -> None:
         self._validate()
@@ -82,6 +89,11 @@ class SpeculativeConfig:
         if self.method == "replay" and (self.replay_path is None) == (self.replay_records is None):
             raise ValueError("speculative_config method 'replay' needs exactly one of replay_path "
                              "(a JSON file of recorded outputs) or replay_records (the list itself).")
+        if not isinstance(self.force_accept, bool):
+            raise ValueError(f"speculative_config force_accept must be true or false, got {self.force_accept!r}.")
+        if self.force_accept and self.method != "replay":
+            raise ValueError(f"speculative_config force_accept is a benchmark mode of the replay method "
+                             f"only (it would change the outputs of {self.method!r}); remove it.")
         if self.draft_load_format not in ("auto", "dummy"):
             raise ValueError(f"speculative_config draft_load_format {self.draft_load_format!r} is not "
                              "supported; use auto or dummy.")

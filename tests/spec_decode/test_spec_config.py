@@ -34,6 +34,9 @@ def test_load_policy_turns_drafts_off_at_the_batch_size():
     ({"method": "eagle", "num_speculative_tokens": 2}, "needs \"model\""),
     ({"method": "replay", "num_speculative_tokens": 2}, "replay_path"),
     ({"method": "ngram", "num_speculative_tokens": 2, "k": 1}, "unknown field(s) ['k']"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "force_accept": True}, "replay method only"),
+    ({"method": "replay", "num_speculative_tokens": 2, "replay_records": [], "force_accept": 1},
+     "true or false"),
 ])
 def test_bad_config_is_one_clear_error(value, words):
     with pytest.raises(ValueError) as e:

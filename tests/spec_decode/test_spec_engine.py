@@ -107,3 +107,38 @@ def test_abort_mid_speculation_frees_every_block(model):
         llm.shutdown()
 
 
+
+
+def test_replay_force_accept_emits_k_plus_one_tokens_per_step(model):
+    """Benchmark mode: drafts the target disagrees with (arbitrary recorded tokens) are all
+    accepted; every verify step emits k + 1 tokens, the bonus token is the target's greedy
+    token after the forced prefix (its K/V came from the verify pass), blocks all come back."""
+    k, prompt, n = 3, PROMPTS[0], 13
+    recorded = [(37 * i + 11) % 200 + 3 for i in range(n)]
+    llm = _spec_llm(model, {"method": "replay", "num_speculative_tokens": k, "force_accept": True,
+                            "replay_records": [{"prompt_token_ids": prompt, "output_token_ids": recorded}]})
+    core = llm.engine.core
+    try:
+        core.add_request(EngineCoreRequest("r0", prompt, SamplingParams(max_tokens=n, temperature=0,
+                                                                        ignore_eos=True), 0.0))
+        per_step, out = [], []
+        while core.has_unfinished_requests():
+            got = [tok for o in core.step() for tok in o.new_token_ids]
+            if got:
+                per_step.append(len(got))
+                out += got
+        assert per_step == [1, k + 1, k + 1, k + 1]  # the prefill's token, then k drafts + bonus
+        stats = core.scheduler.spec_stats
+        assert stats.num_drafts == 3 and stats.num_accepted_tokens == stats.num_draft_tokens == 3 * k
+        assert [out[i] for i in range(n) if i % (k + 1)] == [recorded[i] for i in range(n) if i % (k + 1)]
+        assert core.kv.num_free_blocks == core.kv.num_blocks
+    finally:
+        llm.shutdown()
+    plain = LLM(model, device="cpu", dtype="float32", block_size=4, num_kv_blocks=256, seed=0)
+    try:  # each bonus token is the plain greedy token after the forced tokens before it
+        for i in (k + 1, 2 * (k + 1), 3 * (k + 1)):
+            got = plain.generate([{"prompt_token_ids": prompt + out[:i]}],
+                                 SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), use_tqdm=False)
+            assert got[0].outputs[0].token_ids == [out[i]]
+    finally:
+        plain.shutdown()
