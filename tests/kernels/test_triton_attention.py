@@ -340,6 +340,42 @@ def test_decode_fused_reduce_matches_two_kernels(num_splits, window, dtype):
                                                     else dict(atol=1e-6, rtol=1e-5)))
 
 
+# Verify steps (speculative decoding): q query tokens per sequence over a cached context, the
+# split-KV kernel with q x group rows per program (``TritonAttentionKernel.verify_query_len``).
+@pytest.mark.parametrize("q,group,window,dtype", [(4, 4, None, BF16), (3, 8, 24, F32), (8, 1, None, F16)])
+def test_verify_step_takes_split_kv_and_matches_reference(q, group, window, dtype):
+    big = 7 if ON_GPU else 1
+    ctx = [0, 5, 63, 130 * big]  # 0: a q-token prompt with no context
+    cfg = dict(group=group, head_size=64, block_size=16, dtype=dtype)
+    step = make_step([q] * len(ctx), ctx, **cfg, window=window, seed=_seed("verify", q, group, window))
+    spec = AttentionSpec(num_heads=NUM_KV_HEADS * group, num_kv_heads=NUM_KV_HEADS, head_size=64,
+                         dtype=dtype, block_size=16, sliding_window=window)
+    kernel = TritonAttentionKernel(spec, max_model_len=4096, max_num_seqs=64)
+    md = kernel.build_metadata(step.batch)
+    assert (md.num_decodes, md.num_prefills, md.query_len) == (len(ctx), 0, q)
+    for splits in {md.num_splits, 1}:  # reduced in a second kernel, and written directly
+        md.num_splits = splits
+        out = torch.full_like(step.q, float("nan"))
+        kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale, out=out)
+        assert_matches(out, step.ref_out, dtype)
+
+
+def test_only_uniform_short_verify_steps_take_split_kv():
+    spec = AttentionSpec(num_heads=8, num_kv_heads=2, head_size=64, dtype=F32, block_size=16)
+    kernel = TritonAttentionKernel(spec, max_model_len=4096, max_num_seqs=64)
+
+    def batch(query_lens, num_decodes=0):
+        n = sum(query_lens)
+        return AttentionBatch(n, len(query_lens), num_decodes, None, None, None, None, max(query_lens),
+                              4096, [], [])
+
+    assert kernel.verify_query_len(batch([4, 4, 4])) == 4
+    assert kernel.verify_query_len(batch([4, 3, 4])) == 0  # mixed: prefill kernel
+    assert kernel.verify_query_len(batch([1, 1], num_decodes=2)) == 0  # decodes
+    assert kernel.verify_query_len(batch([16])) == 16 and kernel.verify_query_len(batch([17])) == 0
+    assert kernel.verify_query_len(batch([8] * 9)) == 0  # more rows than the workspace holds
+
+
 def test_num_splits_depends_on_batch_size_only():
     spec = AttentionSpec(num_heads=32, num_kv_heads=8, head_size=128, dtype=BF16, block_size=16)
     kernel = TritonAttentionKernel(spec, max_model_len=8192, max_num_seqs=256)

@@ -58,8 +58,8 @@ class RocmTritonAttentionKernel(TritonAttentionKernel):
                              md.block_tables, scale, num_seqs=md.num_decodes,
                              num_splits=md.num_splits,
                              sliding_window=self.sliding_window, min_partition=self.min_partition,
-                             tiles=amd_decode_tiles(q.dtype, head_size),
-                             **self._decode_buffers(md.num_decodes, q.device))
+                             tiles=amd_decode_tiles(q.dtype, head_size), query_len=md.query_len,
+                             **self._decode_buffers(md.num_decodes, q.device, md.query_len))
         if md.num_prefills:
             prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
                               md.block_tables, scale, seq_offset=md.num_decodes,

@@ -21,7 +21,7 @@ from tessellm.kernels.attention.prefill import prefill_attention
 class TritonAttentionMetadata:
     """What ``TritonAttentionKernel.forward`` needs for one step. Tensors are on the device."""
 
-    num_decodes: int  # the first num_decodes sequences: one query each, split-KV kernel
+    num_decodes: int  # the first num_decodes sequences: query_len queries each, split-KV kernel
     num_prefills: int  # the rest: varlen prefill kernel
     num_splits: int  # decode splits per (sequence, KV head); a function of num_decodes only
     max_query_len: int  # bounds the prefill grid
@@ -29,6 +29,8 @@ class TritonAttentionMetadata:
     seq_lens: torch.Tensor  # int32 [num_seqs]
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq]
     slot_mapping: torch.Tensor  # int64 [num_tokens]; -1 = skip
+    # Queries per split-KV sequence: 1 (decodes), or q for a verify step (``verify_query_len``).
+    query_len: int = 1
 
 
 class TritonAttentionKernel:
@@ -49,6 +51,10 @@ class TritonAttentionKernel:
     min_partition = 128  # fewest keys a decode split handles (bounds partial-output traffic)
     target_programs = 1024  # decode programs wanted to fill the GPU (about 8 per SM on H100)
     max_splits = 32
+    # Verify steps (speculative decoding: every sequence q = 2.. query tokens over its cached
+    # context) take the split-KV kernel while its tile (q x GQA group rows, both rounded up to
+    # powers of two) has at most this many rows; else the prefill kernel (``verify_query_len``).
+    max_verify_rows = 64
     # One decode split writes the output itself (no reduce launch, ``decode_attention``);
     # False: always the separate reduce kernel (set on an instance for tests and benchmarks).
     fused_reduce = True
@@ -96,29 +102,51 @@ class TritonAttentionKernel:
         want = _p2(math.ceil(self.target_programs / programs))
         return max(1, min(want, self._splits_cap))
 
-    def workspace_numel(self, num_decodes: int) -> int:
+    def workspace_numel(self, num_decodes: int, query_len: int = 1) -> int:
         return decode_workspace_numel(num_decodes, self.spec.num_heads,
-                                      self.num_splits(num_decodes), self.spec.head_size)
+                                      self.num_splits(num_decodes), self.spec.head_size, query_len)
+
+    def _max_verify_query_len(self) -> int:
+        return max(1, self.max_verify_rows // _p2(self.spec.num_heads // self.spec.num_kv_heads))
+
+    def verify_query_len(self, batch) -> int:
+        """q when every sequence of ``batch`` has the same q >= 2 query tokens, few enough for
+        the split-KV kernel (a speculative verify step, eager or graph-captured); else 0.
+        From host ints only: q tokens per sequence exactly when num_tokens = num_seqs * q."""
+        q = batch.max_query_len
+        if (batch.num_decodes or q < 2 or q > self._max_verify_query_len()
+                or batch.num_tokens != batch.num_seqs * q or batch.num_tokens > self.max_num_seqs):
+            return 0
+        return q
 
     def build_metadata(self, batch) -> TritonAttentionMetadata:
+        q = self.verify_query_len(batch)
+        if q:  # a verify step: every sequence through the split-KV kernel, q queries each
+            return TritonAttentionMetadata(
+                num_decodes=batch.num_seqs, num_prefills=0, num_splits=self.num_splits(batch.num_seqs),
+                max_query_len=q, query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
+                block_tables=batch.block_tables, slot_mapping=batch.slot_mapping, query_len=q)
         return TritonAttentionMetadata(
             num_decodes=batch.num_decodes, num_prefills=batch.num_seqs - batch.num_decodes,
             num_splits=self.num_splits(batch.num_decodes), max_query_len=batch.max_query_len,
             query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
             block_tables=batch.block_tables, slot_mapping=batch.slot_mapping)
 
-    def _get_workspace(self, num_decodes: int, device) -> torch.Tensor:
-        need = self.workspace_numel(num_decodes)
+    def _get_workspace(self, num_decodes: int, device, query_len: int = 1) -> torch.Tensor:
+        need = self.workspace_numel(num_decodes, query_len)
         ws = self._workspace
         if ws is None or ws.numel() < need or ws.device != device:
-            cap = max(self.workspace_numel(n) for n in range(1, self.max_num_seqs + 1))
+            # Sized once for every decode and verify batch (``verify_query_len``), so graphs
+            # captured earlier never hold a workspace that a later batch replaced.
+            cap = max(self.workspace_numel(n, q) for q in range(1, self._max_verify_query_len() + 1)
+                      for n in range(1, self.max_num_seqs // q + 1))
             self._workspace = ws = torch.empty(max(need, cap), dtype=torch.float32,
                                                device=device)
         return ws
 
-    def _decode_buffers(self, num_decodes: int, device) -> dict:
+    def _decode_buffers(self, num_decodes: int, device, query_len: int = 1) -> dict:
         """``decode_attention``'s workspace and reduce mode."""
-        return dict(workspace=self._get_workspace(num_decodes, device),
+        return dict(workspace=self._get_workspace(num_decodes, device, query_len),
                     fused_reduce=self.fused_reduce)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: TritonAttentionMetadata, scale: float,
@@ -141,8 +169,8 @@ class TritonAttentionKernel:
                              num_splits=md.num_splits,
                              sliding_window=self.sliding_window, min_partition=self.min_partition,
                              k_scale=self.k_scale, v_scale=self.v_scale,
-                             fp8_convert=self.fp8_convert,
-                             **self._decode_buffers(md.num_decodes, q.device))
+                             fp8_convert=self.fp8_convert, query_len=md.query_len,
+                             **self._decode_buffers(md.num_decodes, q.device, md.query_len))
         if md.num_prefills:
             prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
                               md.block_tables, scale, seq_offset=md.num_decodes,

@@ -1,0 +1,95 @@
+"""Where a verify pass's time goes (issue 25, benchmarks/spec_decode.py part ``replay``).
+
+* ``graph_times``: GPU time of one replay of the captured decode step (1 token) and of each
+  captured verify step (q = 2..k+1 tokens) at batch 1 over a ``ctx``-token context, by CUDA
+  events around back-to-back replays: the device's share of a step, no host work in it.
+* ``attention_times``: one layer's attention at batch 1 (Llama-3.1-8B heads: 32 q / 8 KV heads of
+  128, bf16, 16-token blocks) for q query tokens over the same context: the prefill kernel
+  (what verify steps ran through before) against the split-KV kernel with q queries per
+  sequence (``decode_attention(query_len=q)``, what they run through now), in microseconds.
+* ``host_profile``: cProfile of a callable, the top functions by own time (the host's share).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+
+import torch
+
+
+def _events(fn, iters: int) -> float:
+    """Mean milliseconds per call of ``fn`` on the current stream (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def graph_times(llm, ctx: int, iters: int = 50) -> dict:
+    """Decode and verify graph replays at batch 1 (slots -1: nothing written to the cache)."""
+    runner = llm.engine.core.runner
+    dev, bs = runner.device, runner.block_size
+    blocks = -(-ctx // bs)
+    table = torch.arange(blocks, dtype=torch.int32, device=dev)[None]
+    seq_lens = torch.tensor([ctx], dtype=torch.int32, device=dev)
+    decode = [torch.zeros(1, dtype=torch.int64, device=dev),
+              torch.tensor([ctx - 1], dtype=torch.int64, device=dev),
+              torch.full((1,), -1, dtype=torch.int64, device=dev), seq_lens, table]
+    result = {"ctx": ctx, "decode_ms": round(_events(lambda: runner.graph_runner.run(decode), iters), 4),
+              "verify_ms": {}}
+    graphs = runner.verify_graphs
+    for q, g in sorted((graphs.runners if graphs is not None else {}).items()):
+        inputs = [torch.zeros((1, q), dtype=torch.int64, device=dev),
+                  torch.arange(ctx - q, ctx, dtype=torch.int64, device=dev)[None],
+                  torch.full((1, q), -1, dtype=torch.int64, device=dev), seq_lens, table]
+        result["verify_ms"][str(q)] = round(_events(lambda g=g, i=inputs: g.run(i), iters), 4)
+    return result
+
+
+def attention_times(ctx: int, qs, iters: int = 200) -> dict:
+    from tessellm.kernels.attention import decode_attention, prefill_attention
+    from tessellm.kernels.attention.paged import TritonAttentionKernel
+    from tessellm.backends.spec import AttentionSpec
+
+    dev, heads, kv_heads, d, bs = torch.device("cuda"), 32, 8, 128, 16
+    spec = AttentionSpec(num_heads=heads, num_kv_heads=kv_heads, head_size=d, dtype=torch.bfloat16,
+                         block_size=bs)
+    kernel = TritonAttentionKernel(spec, max_model_len=131072, max_num_seqs=1024)
+    blocks = -(-ctx // bs)
+    k_cache = torch.randn(blocks + 1, bs, kv_heads, d, dtype=torch.bfloat16, device=dev)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(blocks + 1, device=dev)[:blocks].to(torch.int32)[None]
+    seq_lens = torch.tensor([ctx], dtype=torch.int32, device=dev)
+    out = {"ctx": ctx, "split_kv_us": {}, "prefill_us": {}}
+    for q in qs:
+        x = torch.randn(q, heads, d, dtype=torch.bfloat16, device=dev)
+        o = torch.empty_like(x)
+        qsl = torch.tensor([0, q], dtype=torch.int32, device=dev)
+        splits = kernel.num_splits(1)
+        ws = torch.empty(kernel.workspace_numel(1, q), dtype=torch.float32, device=dev)
+        split = lambda: decode_attention(x, k_cache, v_cache, o, qsl, seq_lens, table, d ** -0.5,  # noqa: E731
+                                         num_seqs=1, num_splits=splits, workspace=ws, query_len=q)
+        out["split_kv_us"][str(q)] = round(_events(split, iters) * 1e3, 2)
+        if q > 1:
+            pre = lambda: prefill_attention(x, k_cache, v_cache, o, qsl, seq_lens, table, d ** -0.5,  # noqa: E731
+                                            seq_offset=0, num_seqs=1, max_query_len=q)
+            out["prefill_us"][str(q)] = round(_events(pre, iters) * 1e3, 2)
+    return out
+
+
+def host_profile(fn, top: int = 25) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
