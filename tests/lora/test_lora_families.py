@@ -40,7 +40,8 @@ def _save(family: str, path: str) -> str:
     if family == "gemma3":
         from tests.models.test_gemma3_parity import gemma3_config
 
-        config = gemma3_config()
+        config = gemma3_config(num_hidden_layers=2,
+                               layer_types=["sliding_attention", "full_attention"])
     else:
         config = Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

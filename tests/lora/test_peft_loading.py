@@ -93,3 +93,23 @@ def test_refusals(lora_setup, base, tmp_path, case, match):
     with pytest.raises(ValueError, match=match) as err:
         _load(path, base, max_rank)
     assert str(err.value).count(".") >= 1 and "\n" not in str(err.value)
+
+
+def test_server_checks_adapters_against_a_gguf_model(tmp_path):
+    """The server reads the base shapes of a .gguf model as the engine does (not with
+    AutoConfig, which cannot read one): an adapter that fits is accepted, others refused."""
+    from tessellm.entrypoints.openai.lora_modules import LoRAModules
+    from tessellm.loader.default_model import default_model_path
+
+    modules = LoRAModules("base", default_model_path(), 64)
+    key = "base_model.model.model.layers.0.self_attn.{}.lora_{}.weight"
+    for name, module, out in (("fits", "q_proj", 576), ("fused", "qkv_proj", 576 + 2 * 192)):
+        path = tmp_path / name
+        path.mkdir()
+        save_file({key.format(module, "A"): torch.zeros(4, 576),
+                   key.format(module, "B"): torch.zeros(out, 4)},
+                  str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    assert modules.add("fits", str(tmp_path / "fits")).lora_name == "fits"
+    with pytest.raises(ValueError, match=r"adapts self_attn\.qkv_proj .*LlamaForCausalLM"):
+        modules.add("fused", str(tmp_path / "fused"))

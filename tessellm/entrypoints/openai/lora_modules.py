@@ -56,11 +56,11 @@ class LoRAModules:
 
     def _base_shapes(self):
         if self._shapes is None:
-            from transformers import AutoConfig
-
+            from tessellm.config import resolve_model
             from tessellm.lora.shapes import BaseShapes
 
-            self._shapes = BaseShapes.from_config(AutoConfig.from_pretrained(self.model_path))
+            # The engine's own config reader: a model directory or a .gguf file.
+            self._shapes = BaseShapes.from_config(resolve_model(self.model_path).hf_config)
         return self._shapes
 
 
