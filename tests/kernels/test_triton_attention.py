@@ -7,6 +7,7 @@ first, and asserts that every element was written.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -351,7 +352,9 @@ def test_verify_step_takes_split_kv_and_matches_reference(q, group, window, dtyp
     spec = AttentionSpec(num_heads=NUM_KV_HEADS * group, num_kv_heads=NUM_KV_HEADS, head_size=64,
                          dtype=dtype, block_size=16, sliding_window=window)
     kernel = TritonAttentionKernel(spec, max_model_len=4096, max_num_seqs=64)
-    md = kernel.build_metadata(step.batch)
+    assert kernel.build_metadata(step.batch).query_len == 1  # eager (host lists): prefill kernel
+    graph_batch = dataclasses.replace(step.batch, query_start_loc_host=[], seq_lens_host=[])
+    md = kernel.build_metadata(graph_batch)  # as a captured verify step hands it over
     assert (md.num_decodes, md.num_prefills, md.query_len) == (len(ctx), 0, q)
     for splits in {md.num_splits, 1}:  # reduced in a second kernel, and written directly
         md.num_splits = splits
@@ -364,12 +367,13 @@ def test_only_uniform_short_verify_steps_take_split_kv():
     spec = AttentionSpec(num_heads=8, num_kv_heads=2, head_size=64, dtype=F32, block_size=16)
     kernel = TritonAttentionKernel(spec, max_model_len=4096, max_num_seqs=64)
 
-    def batch(query_lens, num_decodes=0):
+    def batch(query_lens, num_decodes=0, host=False):  # host lists: an eager step
         n = sum(query_lens)
         return AttentionBatch(n, len(query_lens), num_decodes, None, None, None, None, max(query_lens),
-                              4096, [], [])
+                              4096, [0, n] if host else [], [n] if host else [])
 
     assert kernel.verify_query_len(batch([4, 4, 4])) == 4
+    assert kernel.verify_query_len(batch([4, 4, 4], host=True)) == 0  # eager: prefill kernel
     assert kernel.verify_query_len(batch([4, 3, 4])) == 0  # mixed: prefill kernel
     assert kernel.verify_query_len(batch([1, 1], num_decodes=2)) == 0  # decodes
     assert kernel.verify_query_len(batch([16])) == 16 and kernel.verify_query_len(batch([17])) == 0

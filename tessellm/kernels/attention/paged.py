@@ -51,9 +51,9 @@ class TritonAttentionKernel:
     min_partition = 128  # fewest keys a decode split handles (bounds partial-output traffic)
     target_programs = 1024  # decode programs wanted to fill the GPU (about 8 per SM on H100)
     max_splits = 32
-    # Verify steps (speculative decoding: every sequence q = 2.. query tokens over its cached
-    # context) take the split-KV kernel while its tile (q x GQA group rows, both rounded up to
-    # powers of two) has at most this many rows; else the prefill kernel (``verify_query_len``).
+    # Captured verify steps (speculative decoding: every sequence q = 2.. query tokens over its
+    # cached context) take the split-KV kernel while its tile (q x GQA group rows, both rounded
+    # up to powers of two) has at most this many rows; else the prefill kernel (``verify_query_len``).
     max_verify_rows = 64
     # One decode split writes the output itself (no reduce launch, ``decode_attention``);
     # False: always the separate reduce kernel (set on an instance for tests and benchmarks).
@@ -110,18 +110,21 @@ class TritonAttentionKernel:
         return max(1, self.max_verify_rows // _p2(self.spec.num_heads // self.spec.num_kv_heads))
 
     def verify_query_len(self, batch) -> int:
-        """q when every sequence of ``batch`` has the same q >= 2 query tokens, few enough for
-        the split-KV kernel (a speculative verify step, eager or graph-captured); else 0.
-        From host ints only: q tokens per sequence exactly when num_tokens = num_seqs * q."""
+        """q when ``batch`` is a graph-captured step in which every sequence has the same q >= 2
+        query tokens, few enough for the split-KV kernel (the speculative verify graphs); else
+        0. From host ints only: q tokens per sequence exactly when num_tokens = num_seqs * q;
+        a captured step has empty host lists (``AttentionBatch``). Eager steps keep the prefill
+        kernel: every split variant is then compiled while the graphs are captured, none after
+        ready (a prefix-cache hit leaving a few tokens would otherwise meet a new one)."""
         q = batch.max_query_len
-        if (batch.num_decodes or q < 2 or q > self._max_verify_query_len()
+        if (batch.num_decodes or q < 2 or q > self._max_verify_query_len() or batch.seq_lens_host
                 or batch.num_tokens != batch.num_seqs * q or batch.num_tokens > self.max_num_seqs):
             return 0
         return q
 
     def build_metadata(self, batch) -> TritonAttentionMetadata:
         q = self.verify_query_len(batch)
-        if q:  # a verify step: every sequence through the split-KV kernel, q queries each
+        if q:  # a captured verify step: every sequence through the split-KV kernel, q queries each
             return TritonAttentionMetadata(
                 num_decodes=batch.num_seqs, num_prefills=0, num_splits=self.num_splits(batch.num_seqs),
                 max_query_len=q, query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
