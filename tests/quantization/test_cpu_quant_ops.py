@@ -51,6 +51,19 @@ def test_gguf_segment_through_int4pack(qtype, m):
     _check(out, x, seg.dequantize(torch.float32))
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+def test_repack_releases_the_codes_and_dequantize_is_unchanged(qtype):
+    """After its first product a segment holds its 4-bit codes once (in the repack): qweight's
+    storage is one element, and dequantize rebuilds the very same weight from the repack."""
+    seg = segment_from_blocks(qtype, _blocks(qtype), (N, K))
+    want, shape = seg.dequantize(torch.float32), seg.qweight.shape
+    x = torch.randn(2, K, generator=torch.Generator().manual_seed(4))
+    first = getattr(CpuQuantOps(), f"{seg.kind}_mm")(x, seg)
+    assert seg.qweight.shape == shape and seg.qweight.untyped_storage().nbytes() <= 4
+    assert torch.equal(seg.dequantize(torch.float32), want)
+    assert torch.equal(getattr(CpuQuantOps(), f"{seg.kind}_mm")(x, seg), first)
+
+
 def test_int4_with_offsets_and_zero_point_and_bias():
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (K, N), dtype=torch.int32, generator=g)

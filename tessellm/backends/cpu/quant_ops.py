@@ -15,6 +15,13 @@ result are bfloat16, the sums float32 in another order. Greedy tokens can theref
 the float32 path after some steps (``tests/quantization/test_cpu_quant_ops.py`` bounds the error
 against the dequantized weight). ``TESSELLM_CPU_INT4PACK=0`` keeps the float32 reference path.
 Groups of 16 (Q6_K), per-channel int8 and fp8 go through the reference ops.
+
+Memory: once repacked, a segment's own codes (``qweight``, as large as the repack) are released
+(``release_codes``): the buffer becomes a one-element view of its shape, and ``dequantize``
+recovers the exact codes from the repack (the kernel with scale 1, zero 8 times the identity
+gives each code back as an integer), so the 4-bit weights sit in memory once, not twice.
+``TESSELLM_CPU_INT4PACK=0`` set after a segment was repacked does not bring the codes back: that
+segment keeps the int4 kernel.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import os
 import torch
 
 from tessellm.backends.reference.quant_ops import TorchQuantOps, _finish
-from tessellm.quantization.packed import Int4Weight, Int8Weight, PackedWeight, unpack_int4
+from tessellm.quantization.packed import (Int4Weight, Int8Weight, PackedWeight, pack_int4,
+                                          unpack_int4)
 
 GROUPS = (32, 64, 128, 256)
 REFINE = 16  # LM-head logits recomputed in float32 per row (lm_head_mm)  # what the CPU kernel accepts
@@ -74,7 +82,51 @@ def _cached(w: PackedWeight):
     if packed == 0:
         packed = repack_int4(w) if w.kind == "int4" else repack_int8(w)
         object.__setattr__(w, _ATTR, packed)  # a plain attribute: not a buffer, not saved
+        if packed is not None:
+            release_codes(w)
     return packed
+
+
+def repacked(w: PackedWeight) -> bool:
+    return getattr(w, _ATTR, None) is not None
+
+
+def release_codes(w: PackedWeight) -> None:
+    """Drops ``w.qweight``'s storage (the repack holds the same codes) and makes ``w.dequantize``
+    rebuild them from the repack: its result is unchanged, bit for bit."""
+    q = w.qweight
+    w.qweight = torch.zeros((), dtype=q.dtype, device=q.device).expand(q.shape)
+    cls = type(w)
+
+    def dequantize(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return cls.dequantize(_with_codes(w), dtype)
+
+    object.__setattr__(w, "dequantize", dequantize)
+
+
+def unpacked_codes(packed) -> torch.Tensor:
+    """The repack's codes as int32 ``[N, K']`` in 0..15 (``K'``: 2K for a doubled int8 repack)."""
+    codes, sz, group, _ = packed
+    k = sz.shape[0] * group
+    unit = torch.stack([torch.ones(sz.shape[:2]), torch.full(sz.shape[:2], 8.0)], -1)
+    eye = torch.eye(k, dtype=torch.bfloat16)  # row i picks code i of every output
+    w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, codes, group, unit.to(torch.bfloat16))
+    return w.t().to(torch.int32)  # integers 0..15: exact in bfloat16
+
+
+def _with_codes(w: PackedWeight) -> PackedWeight:
+    """A copy of the released segment ``w`` with its original codes rebuilt from the repack."""
+    packed = getattr(w, _ATTR)
+    codes = unpacked_codes(packed)
+    if w.kind == "int4":
+        return Int4Weight(pack_int4(codes.t()), w.scales, w.offsets, w.zero_point, w.group_size)
+    k = codes.shape[1] // 2
+    q = 16 * (codes[:, :k] - 8) + codes[:, k:]  # q = 16 (hi - 8) + lo
+    return Int8Weight(q.to(torch.int8), w.scales, w.group_size)
+
+
+def _use_kernel(x: torch.Tensor, w: PackedWeight) -> bool:
+    return repacked(w) or (enabled() and x.device.type == "cpu")
 
 
 def int4pack_mm(x: torch.Tensor, packed) -> torch.Tensor:
@@ -91,13 +143,13 @@ class CpuQuantOps(TorchQuantOps):
     quantized_lm_head = True  # the GGUF loader may hand this ops the LM head's Q8_0 blocks
 
     def int4_mm(self, x: torch.Tensor, w: Int4Weight, bias=None) -> torch.Tensor:
-        packed = _cached(w) if enabled() and x.device.type == "cpu" else None
+        packed = _cached(w) if _use_kernel(x, w) else None
         if packed is None:
             return super().int4_mm(x, w, bias)
         return _finish(int4pack_mm(x, packed), x.dtype, bias)
 
     def int8_mm(self, x: torch.Tensor, w: Int8Weight, bias=None) -> torch.Tensor:
-        packed = _cached(w) if enabled() and x.device.type == "cpu" else None
+        packed = _cached(w) if _use_kernel(x, w) else None
         if packed is None:
             return super().int8_mm(x, w, bias)
         return _finish(int4pack_mm(x, packed), x.dtype, bias)
