@@ -88,9 +88,6 @@ class EngineArgs:
 
         if parse_speculative_config(self.speculative_config) is None:
             return
-        if self.async_scheduling:
-            raise ValueError("speculative_config does not combine with async_scheduling (a step "
-                             "needs the accepted count before the next launch); leave it unset.")
         if self.pipeline_parallel_size > 1:
             raise ValueError("speculative_config does not combine with pipeline_parallel_size > 1 "
                              "yet; use tensor parallelism.")
@@ -112,7 +109,9 @@ def resolve_async_scheduling(args: EngineArgs, device_type: str) -> bool:
     if args.async_scheduling is not None:
         return args.async_scheduling
     if args.speculative_config is not None:
-        return False  # drafts are verified step by step (scheduler._drafts)
+        # Opt-in with speculation (async_scheduling=True, core/spec_ahead.py): a step ahead
+        # waits for the step before's tokens in the runner; not yet measured on a GPU.
+        return False
     return device_type not in ("cpu", "xla") and args.pipeline_parallel_size == 1
 
 

@@ -102,10 +102,10 @@ class EngineCore:
                                                    args.enable_chunked_prefill,
                                                    self.parallel.pipeline_parallel_size,
                                                    self.async_scheduling,
-                                                   _num_lookahead_tokens(args),
                                                    defer_grammar=self.async_scheduling
                                                    and self.executor.supports_deferred_sample
-                                                   and args.speculative_config is None), self.kv)
+                                                   and args.speculative_config is None,
+                                                   **_speculation(args)), self.kv)
         # Steps in flight at most: one per pipeline stage, or two under async scheduling.
         self.max_in_flight = 2 if self.async_scheduling else self.executor.max_concurrent_batches
         self.info = EngineInfo(self.source.path, self.source.kind, self.max_model_len, self.vocab_size,
@@ -239,11 +239,16 @@ class EngineCore:
         return outputs
 
 
-def _num_lookahead_tokens(args: EngineArgs) -> int:
+def _speculation(args: EngineArgs) -> dict:
+    """The scheduler's speculative-decoding fields (none without a speculative_config)."""
     from tessellm.spec_decode.config import parse_speculative_config
 
     config = parse_speculative_config(args.speculative_config)
-    return config.num_lookahead_tokens if config is not None else 0
+    if config is None:
+        return {}
+    return dict(num_lookahead_tokens=config.num_lookahead_tokens,
+                num_speculative_tokens=config.num_speculative_tokens,
+                disable_by_batch_size=config.disable_by_batch_size)
 
 
 def _load_tokenizer(source, tokenizer_dir: Optional[str]):

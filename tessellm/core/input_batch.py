@@ -27,6 +27,7 @@ class RunnerRequest:
     num_pending: int = 0  # tokens sampled by launched steps, not yet in token_ids
     spec_token_ids: list[int] = field(default_factory=list)  # drafts the current step verifies
     draft_probs: object = None  # float32 [k, vocab] tensor: the drafts' distribution; None: point masses
+    proposed: list[int] = field(default_factory=list)  # the proposer's drafts after its last step
 
     @property
     def num_tokens(self) -> int:
@@ -48,6 +49,10 @@ class InputBatch:
             state = self.requests.pop(rid, None)
             if state is not None:
                 self.tables.remove(state.row)
+        for rid, num_blocks in sched.kept_blocks.items():  # before new blocks are appended
+            state = self.requests.get(rid)
+            if state is not None:
+                self.truncate_blocks(state, min(num_blocks, len(state.block_ids)))
         for new in sched.new_requests:
             self.requests[new.request_id] = RunnerRequest(
                 new.request_id, list(new.all_token_ids), len(new.prompt_token_ids),
@@ -66,6 +71,7 @@ class InputBatch:
             self.requests[rid].spec_token_ids = drafts
 
     def truncate_blocks(self, state: RunnerRequest, num_blocks: int) -> None:
-        """Forget blocks past ``num_blocks`` (the scheduler freed them: rejected drafts)."""
+        """Forget blocks past ``num_blocks`` (the scheduler freed them: rejected drafts,
+        ``SchedulerOutput.kept_blocks``)."""
         del state.block_ids[num_blocks:]
         self.tables.num_blocks[state.row] = num_blocks

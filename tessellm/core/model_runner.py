@@ -79,8 +79,7 @@ class ModelRunner:
         self.staging = Staging(device)
         # Speculative decoding (tessellm.spec_decode.runner_part.SpecDecodeRunner), or None.
         self.spec = spec
-        lookahead = spec.num_lookahead_tokens if spec is not None else 0
-        self.steps = LaunchedSteps(sample_device, lambda handle, ids: self._collect(handle, ids, lookahead))
+        self.steps = LaunchedSteps(sample_device, self._collect)
         self.io = StageIO(self.pp, model, dtype, device)
         self.graph_runner = graph_runner  # replays captured pure-decode steps; None: eager
         self._step_tensors = None  # the last eager forward's tensors, for a proposer that wants them
@@ -169,10 +168,15 @@ class ModelRunner:
         self.batch.apply(sched, samples_here=self.pp.is_last)
         if self.spec is not None:
             self.spec.drop(sched)
-        order = sorted(sched.num_scheduled_tokens, key=lambda r: sched.num_scheduled_tokens[r] != 1)
+        out = ModelRunnerOutput()
+        scheduled, ns = sched.num_scheduled_tokens, sched.num_sampled_tokens
+        if sched.spec_ahead:  # where they start and what they verify: after the steps in flight
+            self.steps.resolve_all()
+            scheduled, ns = self.spec.start_ahead(sched, self.batch.requests, out)
+        order = sorted(scheduled, key=lambda r: scheduled[r] != 1)
         states = [self.batch.requests[r] for r in order]
-        counts = [sched.num_scheduled_tokens[r] for r in order]
-        ns = sched.num_sampled_tokens  # values >= 1: all ones exactly when they sum to the count
+        counts = [scheduled[r] for r in order]
+        # ns values >= 1: all ones exactly when they sum to the count
         one_each = len(ns) == len(order) and sum(ns.values()) == len(ns)
         num_sampled = None if one_each else [ns.get(r, 0) for r in order]
         if (self.host_sampling or len(self.steps.unresolved) >= 2
@@ -186,7 +190,6 @@ class ModelRunner:
         self.staging.begin_launch()
         host = build_inputs(states, counts, num_sampled, self.batch.tables, self.block_size,
                             self.steps.input_token)
-        out = ModelRunnerOutput()
         logits = self._forward(host, states, counts, out)
         handle = StepHandle.done(out)
         if logits is not None:
@@ -213,7 +216,7 @@ class ModelRunner:
             self.spec.record(handle, order, states, counts, sched, self._step_tensors)
             self._step_tensors = None
             if handle.steps is None:  # sampled nothing: propose now (a draft fills its KV cache)
-                self.spec.propose(handle)
+                self.spec.propose(handle, self.batch.requests)
         return handle
 
     def _sample(self, logits, batch, sampling_states, starts):
@@ -225,11 +228,10 @@ class ModelRunner:
             return self.sampler(logits, batch)
         return self.sampler.verify(logits, batch, *verify)
 
-    def _collect(self, handle: StepHandle, ids: list[int], lookahead: int) -> None:
-        collect(handle, ids, self.batch, self.block_size, lookahead,
-                self.spec is not None and self.spec.config.force_accept)
+    def _collect(self, handle: StepHandle, ids: list[int]) -> None:
+        collect(handle, ids, self.spec is not None and self.spec.config.force_accept)
         if self.spec is not None:
-            self.spec.propose(handle)
+            self.spec.propose(handle, self.batch.requests)
 
     @torch.inference_mode()
     def sample_deferred(self, bitmask, bitmask_rows: dict[str, int]) -> None:

@@ -9,15 +9,14 @@ Verification of k drafts (rows r0..rk, sampled by the target model at each draft
 
 Each row is the target's sample given the accepted prefix, so accepted tokens follow the
 target's distribution exactly (greedy: its argmax). The K/V of rejected drafts sits in slots
-past the accepted length: the scheduler frees their blocks (``BlockManager.truncate``) and the
-runner forgets the same blocks here (the same formula on the same counts), so both agree.
+past the accepted length: the scheduler frees their blocks (``BlockManager.truncate``) and
+tells the runner with its next step (``SchedulerOutput.kept_blocks``, ``InputBatch.apply``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from tessellm.core.input_batch import InputBatch, RunnerRequest
 from tessellm.core.step_pipeline import StepHandle
 
 
@@ -33,11 +32,9 @@ def accept(drafts: list[int], sampled: list[int], force: bool = False) -> list[i
     return sampled[:len(drafts) + 1]
 
 
-def collect(handle: StepHandle, tokens: list[int], batch: InputBatch, block_size: int,
-            lookahead: int = 0, force_accept: bool = False) -> None:
-    """Put a resolved step's tokens into the requests' states and its output. ``lookahead``:
-    KV slots kept past the computed tokens (the scheduler's ``num_lookahead_tokens``);
-    ``force_accept``: every draft is accepted (``accept``; benchmark mode of replay)."""
+def collect(handle: StepHandle, tokens: list[int], force_accept: bool = False) -> None:
+    """Put a resolved step's tokens into the requests' states and its output. ``force_accept``:
+    every draft is accepted (``accept``; benchmark mode of replay)."""
     result, out, start = handle.sampled, handle.out, handle.sample_start
     lp = None
     if result.sampled_logprob is not None:
@@ -50,7 +47,6 @@ def collect(handle: StepHandle, tokens: list[int], batch: InputBatch, block_size
             accepted = [tokens[first]]
         else:
             accepted = accept(state.spec_token_ids, tokens[first:end], force_accept)
-            _forget_rejected(state, end - first - len(accepted), batch, block_size, lookahead)
             state.spec_token_ids = []
         state.token_ids.extend(accepted)
         out.sampled[state.request_id] = accepted
@@ -62,17 +58,6 @@ def collect(handle: StepHandle, tokens: list[int], batch: InputBatch, block_size
         if state.prompt_logprobs and len(state.prompt_logprobs) == state.num_prompt_tokens - 1:
             out.prompt_logprobs[state.request_id] = [None] + state.prompt_logprobs
             state.prompt_logprobs = []
-
-
-def _forget_rejected(state: RunnerRequest, rejected: int, batch: InputBatch, block_size: int,
-                     lookahead: int) -> None:
-    """After verifying: the tokens with K/V are the known ones minus one (the last accepted
-    token is computed next step), exactly the scheduler's ``num_computed_tokens``; the blocks
-    for them and ``lookahead`` slots more stay (``Scheduler.update`` keeps the same)."""
-    if rejected:
-        num_computed = len(state.token_ids) + (len(state.spec_token_ids) - rejected)
-        keep = -(-(num_computed + lookahead) // block_size)
-        batch.truncate_blocks(state, min(keep, len(state.block_ids)))
 
 
 def prompt_logprobs(model, hidden: torch.Tensor, rows: list) -> None:

@@ -28,7 +28,9 @@ Invariants
   ahead only with ``defer_grammar`` (its mask is filled once the step before is back). One
   that stops (EOS, stop token, abort) while a step ahead runs has that step's result dropped;
   so has a request preempted while in flight (``InFlightSteps.drop``): it is recomputed later
-  from its known tokens, exactly as a preemption in a synchronous step.
+  from its known tokens, exactly as a preemption in a synchronous step. With speculation, a
+  request whose step in flight samples goes ahead with drafts reserved, not a placeholder
+  (``spec_ahead.py``: the runner fills in where it starts and what it verifies).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from tessellm.core.block_manager import BlockManager
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.in_flight import InFlightSteps
 from tessellm.core.request import Request, RequestStatus
+from tessellm.core.spec_ahead import SpecAhead, computed_and_drafts
 from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,  # noqa: F401
                                 SchedulerOutput)
 from tessellm.spec_decode.metrics import SpecDecodeStats
@@ -62,6 +65,10 @@ class SchedulerConfig:
     # Async scheduling: constrained requests go one step ahead too; their masks are filled after
     # the step before is back (the executor supports ``sample_deferred``). False: they wait.
     defer_grammar: bool = False
+    # Speculative decoding: drafts per request (0: off) and the load policy's batch cut-off
+    # (SpeculativeConfig); under async scheduling steps ahead reserve them (spec_ahead.py).
+    num_speculative_tokens: int = 0
+    disable_by_batch_size: int = 0
 
 
 @dataclass
@@ -103,6 +110,11 @@ class Scheduler:
         self.in_flight = InFlightSteps()  # steps scheduled whose results are not back yet
         self.num_scheduled_tokens_total = 0  # over all steps: the metrics' per-step token counts
         self.lora = None  # tessellm.lora.slots.LoRASlots when LoRA is enabled (adapter slots)
+        self.ahead = None  # SpecAhead: async scheduling with speculation
+        if config.async_scheduling and config.num_speculative_tokens:
+            self.ahead = SpecAhead(self.in_flight, config.max_model_len, config.num_speculative_tokens,
+                                   config.disable_by_batch_size)
+        self.kept_blocks: dict[str, int] = {}  # blocks cut since the last step (rejected drafts)
 
     # -- admission -------------------------------------------------------------------------
 
@@ -138,6 +150,9 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         spec: dict[str, list[int]] = {}
+        reserved_drafts: dict[str, int] = {}  # steps ahead with speculation (spec_ahead.py)
+        if self.ahead is not None:
+            self.ahead.reserved.clear()  # a request preempted after reserving left its entry
         preempted = 0
 
         i = 0
@@ -173,6 +188,9 @@ class Scheduler:
                 tokens = req.all_token_ids[start:start + num_new]
             cached_reqs.append(CachedRequestData(req.request_id, new_block_ids, start, tokens))
             num_scheduled[req.request_id] = num_new
+            reserved = self.ahead.take(req.request_id) if self.ahead is not None else None
+            if reserved is not None:
+                reserved_drafts[req.request_id] = reserved
             if drafts:
                 spec[req.request_id] = drafts
                 req.spec_token_ids = []  # they belong to this step now
@@ -184,7 +202,8 @@ class Scheduler:
 
         self.num_preemptions_total += preempted
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
-                              self._num_sampled(num_scheduled, spec), spec,
+                              self._num_sampled(num_scheduled, spec, reserved_drafts), spec,
+                              spec_ahead=reserved_drafts, kept_blocks=self.kept_blocks,
                               finished_request_ids=self.finished_ids,
                               preempted_request_ids=self.preempted_ids)
         if self.lora is not None:
@@ -193,10 +212,11 @@ class Scheduler:
         self.finished_ids, self.preempted_ids = set(), set()
         if not out.is_empty:
             self.in_flight.add(out)
+            self.kept_blocks = {}  # sent (an empty step is not: they wait for the next one)
         return out
 
-    def _num_sampled(self, num_scheduled: dict[str, int],
-                     spec: dict[str, list[int]]) -> dict[str, int]:
+    def _num_sampled(self, num_scheduled: dict[str, int], spec: dict[str, list[int]],
+                     ahead: dict[str, int]) -> dict[str, int]:
         """How many rows the step samples for each request (absent: none).
 
         The one place that decides whether a step samples for a request: when it reaches the
@@ -204,6 +224,9 @@ class Scheduler:
         """
         num_sampled = {}
         for rid, num in num_scheduled.items():
+            if rid in ahead:  # at most: the runner samples 1 + the drafts it verifies
+                num_sampled[rid] = num
+                continue
             req = self.requests[rid]
             k = len(spec.get(rid, ()))
             end = req.num_computed_tokens + self.in_flight.tokens_ahead(rid) + num
@@ -278,6 +301,8 @@ class Scheduler:
             return 0  # one step ahead at most
         if req.grammar is not None and not self.config.defer_grammar:
             return 0  # its mask needs the tokens in flight, and the mask cannot come later
+        if self.ahead is not None and self.ahead.applies(req):
+            return self.ahead.reserve(req, budget, len(self.running))
         pending = self.in_flight.samples_ahead(req.request_id)  # placeholders: ids on the device
         if pending:
             params = req.sampling_params
@@ -291,13 +316,14 @@ class Scheduler:
     def _drafts(self, req: Request, num_new: int, budget: int) -> list[int]:
         """The draft tokens a decoding request verifies this step (cut to fit the budget, the
         context and ``max_tokens``). Steps ahead (async scheduling, pipeline stages) take none:
-        their verification would need the accepted count before the next launch."""
+        their verification would need the accepted count before the next launch (async
+        scheduling reserves drafts for them instead, spec_ahead.py)."""
         drafts = req.spec_token_ids
         if not drafts or num_new != 1 or req.num_computed_tokens != req.num_tokens - 1:
             return []
         if req.sampling_params.needs_penalties:
             return []  # penalties per row would need the drafts' counts: plain decode
-        if self.config.async_scheduling or self.config.pipeline_parallel_size > 1:
+        if req.request_id in self.in_flight or self.config.pipeline_parallel_size > 1:
             return []
         room = min(budget - num_new, self.config.max_model_len - req.num_tokens)
         if req.sampling_params.max_tokens is not None:
@@ -334,6 +360,7 @@ class Scheduler:
         self.in_flight.drop(req.request_id)
         req.num_preemptions += 1
         req.spec_token_ids = []
+        self.kept_blocks.pop(req.request_id, None)
         self.waiting.appendleft(req)
         self.preempted_ids.add(req.request_id)  # the runner drops its state; resumes as new
 
@@ -359,12 +386,12 @@ class Scheduler:
                 continue  # aborted, or stopped by an earlier step, while this one ran
             new_tokens = result.sampled.get(rid)
             rejected = 0
-            num_drafts = len(sched.spec_token_ids.get(rid, ()))
+            computed, num_drafts = computed_and_drafts(sched, result, rid, num)
             if num_drafts and new_tokens:
                 rejected = num_drafts - (len(new_tokens) - 1)
-            req.num_computed_tokens += num - rejected
-            if rejected:
-                self.kv.truncate(req, req.num_computed_tokens + self.config.num_lookahead_tokens)
+            req.num_computed_tokens += computed - rejected
+            if rejected or computed != num:  # slots past the accepted tokens go back
+                self._give_back(req)
             self.kv.publish_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
             if not new_tokens:
                 continue
@@ -373,6 +400,13 @@ class Scheduler:
             req.spec_token_ids = result.spec_token_ids.get(rid, [])
             outputs.append(self._append(req, new_tokens, result))
         return outputs
+
+    def _give_back(self, req: Request) -> None:
+        """Free the blocks past what the request's steps may still write (spec_ahead.py)."""
+        rid = req.request_id
+        keep = req.num_computed_tokens + self.in_flight.tokens_ahead(rid) + self.config.num_lookahead_tokens
+        if self.kv.truncate(req, keep):
+            self.kept_blocks[rid] = len(self.kv.block_ids(rid))
 
     def _append(self, req: Request, new_tokens: list[int], result: ModelRunnerOutput) -> EngineCoreOutput:
         rid = req.request_id
@@ -421,6 +455,7 @@ class Scheduler:
             self.waiting.remove(req)
         self.kv.free(req)
         release_slot(self, req)
+        self.kept_blocks.pop(req.request_id, None)
         self.finished_ids.add(req.request_id)
         del self.requests[req.request_id]
 

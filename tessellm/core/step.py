@@ -69,6 +69,16 @@ class SchedulerOutput:
     # Request id -> draft tokens computed after its last known token (counted in
     # num_scheduled_tokens) and verified by its k+1 sampled rows. Absent: no drafts.
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Async scheduling with speculation: request id -> drafts reserved for a request scheduled
+    # while its step in flight samples (whose accepted count the scheduler does not know yet).
+    # Its ``num_scheduled_tokens`` / ``num_sampled_tokens`` (1 + k) are upper bounds: the runner
+    # starts it after its last accepted token and verifies at most k of its proposer's drafts
+    # (``ModelRunnerOutput.spec_ahead_drafts`` says how many). tessellm/core/spec_ahead.py.
+    spec_ahead: dict[str, int] = field(default_factory=dict)
+    # Request id -> blocks it keeps: the scheduler gave back the blocks past them (rejected or
+    # unused draft slots) since the last step; the runner cuts its block list before appending
+    # ``new_block_ids``. Requests it no longer holds are ignored.
+    kept_blocks: dict[str, int] = field(default_factory=dict)
     # Structured output: request id -> its first row in ``grammar_bitmask`` (one row per sampled
     # row, in order). Absent: the request's logits are not masked.
     grammar_bitmask_rows: dict[str, int] = field(default_factory=dict)
@@ -121,6 +131,8 @@ class ModelRunnerOutput:
     # Speculative decoding: request id -> draft tokens the proposer made for the next step
     # (the scheduler puts them in Request.spec_token_ids). Absent: none.
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Requests in ``SchedulerOutput.spec_ahead``: request id -> drafts the step verified.
+    spec_ahead_drafts: dict[str, int] = field(default_factory=dict)
 
 
 # -- field-by-name encoding helpers (the codecs: tessellm.distributed.codec, engine_process) --

@@ -44,7 +44,7 @@ HELP = {
     "tensor_parallel_size": "split each layer over this many devices",
     "pipeline_parallel_size": "split the layers into this many stages, one device group each",
     "distributed_executor_backend": "mp: worker processes on this host (default); ray: Ray actors, across nodes",
-    "async_scheduling": "schedule step N+1 while step N runs (default: on for GPUs, off on the cpu)",
+    "async_scheduling": "schedule step N+1 while step N runs (default: on for GPUs, off on the cpu and with a speculative_config)",
     "kernel_warmup": "run every kernel variant serving can hit before ready "
                      "(default: on when serving, off for LLM(...) and the benches)",
     "speculative_config": "speculative decoding as JSON, e.g. '{\"method\": \"ngram\", "

@@ -7,7 +7,8 @@ Owned by ``ModelRunner`` (``runner.spec``, None without speculation). Per step::
                     forward -> keep(...)               device tensors, when the proposer wants them
                     verify_rows(...)                   draft ids / q per sampled row, or None
                     record(handle, ...)                what propose() will need
-    collect:        propose(handle)                    -> out.spec_token_ids, draft probs kept
+    collect:        propose(handle, live)              -> out.spec_token_ids, draft probs kept
+    (a step ahead, async scheduling: start_ahead(...) after resolving the steps in flight)
     (a step that sampled nothing proposes at once: a draft model still fills its KV cache)
 """
 
@@ -55,26 +56,45 @@ class SpecDecodeRunner:
     def record(self, handle, order, states, counts, sched, tensors: Optional[StepTensors]) -> None:
         if tensors is not None and handle.sampled is not None:
             tensors.sampled_token_ids = handle.sampled.token_ids
+        verified = {st.request_id: list(st.spec_token_ids) for st in states if st.spec_token_ids}
         handle.pending_proposal = PendingProposal(list(order), list(states), list(counts),
-                                                  sched.spec_token_ids, tensors)
+                                                  verified, tensors)
 
-    def propose(self, handle) -> None:
-        """Draft for the next step from a resolved step; the drafts go out with its output."""
+    def propose(self, handle, live: dict) -> None:
+        """Draft for the next step from a resolved step; the drafts go out with its output and
+        stay on the states (``proposed``) for a step ahead. ``live``: the runner's requests; a
+        request dropped since the step launched (preempted, finished) gets none."""
         pending = getattr(handle, "pending_proposal", None)
         if pending is None:
             return
         handle.pending_proposal = None
         out = handle.out
-        inp = ProposeInput(pending.order, pending.states, pending.counts, out.sampled,
+        keep = [i for i, st in enumerate(pending.states) if live.get(st.request_id) is st]
+        order = [pending.order[i] for i in keep]
+        states = [pending.states[i] for i in keep]
+        inp = ProposeInput(order, states, [pending.counts[i] for i in keep], out.sampled,
                            pending.verified, self.config.num_drafts(len(pending.order)), pending.tensors)
-        proposal = self.proposer.propose(inp)
-        for rid, drafts in proposal.token_ids.items():
-            if drafts and rid in out.sampled:
-                out.spec_token_ids[rid] = list(drafts)
-        by_id = {st.request_id: st for st in pending.states}
-        for rid, probs in proposal.draft_probs.items():
-            if rid in out.spec_token_ids:
-                by_id[rid].draft_probs = probs
+        proposal = self.proposer.propose(inp) if keep else None
+        for st in states:
+            drafts = proposal.token_ids.get(st.request_id) if st.request_id in out.sampled else None
+            st.proposed = list(drafts) if drafts else []
+            if st.proposed:
+                out.spec_token_ids[st.request_id] = list(drafts)
+                if st.request_id in proposal.draft_probs:
+                    st.draft_probs = proposal.draft_probs[st.request_id]
+
+    def start_ahead(self, sched, requests: dict, out) -> tuple[dict, dict]:
+        """Steps ahead (``SchedulerOutput.spec_ahead``, core/spec_ahead.py), once the steps in
+        flight are resolved: each starts after its last accepted token and verifies at most
+        the reserved number of its proposer's drafts. The step's (scheduled, sampled) counts."""
+        scheduled, sampled = dict(sched.num_scheduled_tokens), dict(sched.num_sampled_tokens)
+        for rid, k in sched.spec_ahead.items():
+            st = requests[rid]
+            st.spec_token_ids, st.proposed = st.proposed[:k], []
+            st.num_computed_tokens = len(st.token_ids) - 1
+            scheduled[rid] = sampled[rid] = 1 + len(st.spec_token_ids)
+            out.spec_ahead_drafts[rid] = len(st.spec_token_ids)
+        return scheduled, sampled
 
     def verify_rows(self, sampling_states, starts, vocab: int, device: torch.device):
         """(draft ids [R], draft probs [R, V], has probs [R]) for a step in which some request

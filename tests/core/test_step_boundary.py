@@ -67,13 +67,15 @@ def _run(core, want, drafter: StubDrafter, k: int = 3):
 
 def _check_kv(core, req) -> None:
     """K/V for exactly the accepted tokens but the last: in the scheduler's count, the block
-    manager's blocks and the runner's block table alike."""
+    manager's blocks and the runner's block table alike (the runner cuts rejected drafts'
+    blocks when it applies the next step: ``SchedulerOutput.kept_blocks``)."""
     assert req.num_computed_tokens == req.num_tokens - 1
     blocks = core.kv.block_ids(req.request_id)
     assert len(blocks) == core.kv.blocks_needed(req.num_computed_tokens)
     state = core.runner.requests[req.request_id]
-    assert state.block_ids == blocks and state.token_ids == req.all_token_ids
-    assert core.runner.batch.tables.num_blocks[state.row] == len(blocks)
+    kept = core.scheduler.kept_blocks.get(req.request_id, len(state.block_ids))
+    assert state.block_ids[:kept] == blocks and state.token_ids == req.all_token_ids
+    assert core.runner.batch.tables.num_blocks[state.row] == len(state.block_ids)
 
 
 def test_four_computed_four_sampled_next_to_one(setup):

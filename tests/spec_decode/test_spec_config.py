@@ -44,9 +44,12 @@ def test_bad_config_is_one_clear_error(value, words):
     assert words in str(e.value)
 
 
-def test_engine_args_refuse_bad_config_and_async_scheduling():
+def test_engine_args_refuse_bad_config_and_pipeline_stages():
     with pytest.raises(ValueError, match="not supported"):
         EngineArgs(speculative_config={"method": "x", "num_speculative_tokens": 1}).validate()
-    with pytest.raises(ValueError, match="async_scheduling"):
+    with pytest.raises(ValueError, match="pipeline_parallel_size"):
         EngineArgs(speculative_config={"method": "ngram", "num_speculative_tokens": 1},
-                   async_scheduling=True).validate()
+                   pipeline_parallel_size=2).validate()
+    # async scheduling combines (tessellm/core/spec_ahead.py)
+    EngineArgs(speculative_config={"method": "ngram", "num_speculative_tokens": 1},
+               async_scheduling=True).validate()

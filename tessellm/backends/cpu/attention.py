@@ -8,6 +8,15 @@ Graph capture (``graph_runner.py`` compiles the decode step with ``torch.compile
 step gets no host lists (``seq_lens_host == []``), so a decode batch attends over the whole
 width of the block table it is given, masked by ``seq_lens``; padding rows have slot -1 and
 length 0. Nothing here reads a tensor's value on the host, so the step traces as one graph.
+
+A captured **verify** step (speculative decoding, ``spec_decode/verify_graphs.py``) has no host
+lists either and no decodes: every sequence has the same ``q = max_query_len`` query tokens at
+the end of its context. It runs batched like a decode, one SDPA over the gathered contexts with
+a ``[S, 1, q, L]`` mask (query i of sequence s sees keys ``<= seq_len - q + i``)::
+
+    seq_len 7, q 3:   query 0 (pos 4)  k k k k k . .
+                      query 1 (pos 5)  k k k k k k .
+                      query 2 (pos 6)  k k k k k k k
 """
 
 from __future__ import annotations
@@ -29,6 +38,10 @@ class CpuAttentionMetadata:
     decode_blocks: Optional[torch.Tensor]  # int64 [num_decodes, blocks] block ids to gather
     prefill_masks: list[Optional[torch.Tensor]]  # per prefill seq: bool [Q, L] or None (causal)
     padded_slots: bool  # some slot may be -1: write the cache without dropping rows
+    # A captured verify step (no host lists): every sequence has ``verify_q`` queries; 0: none.
+    verify_q: int = 0
+    verify_mask: Optional[torch.Tensor] = None  # bool [S, 1, q, L]
+    verify_blocks: Optional[torch.Tensor] = None  # int64 [S, blocks]
 
 
 class CpuAttentionKernel:
@@ -41,6 +54,8 @@ class CpuAttentionKernel:
         self.window = spec.sliding_window
 
     def build_metadata(self, batch: AttentionBatch) -> CpuAttentionMetadata:
+        if not batch.query_start_loc_host and batch.num_decodes == 0:
+            return self._verify_metadata(batch)
         bs = self.spec.block_size
         nd = batch.num_decodes
         decode_mask = decode_blocks = None
@@ -74,12 +89,25 @@ class CpuAttentionKernel:
                   or bool((batch.slot_mapping < 0).any()))  # once per step, on the host
         return CpuAttentionMetadata(batch, decode_mask, decode_blocks, prefill_masks, padded)
 
+    def _verify_metadata(self, batch: AttentionBatch) -> CpuAttentionMetadata:
+        """A captured verify step: ``max_query_len`` queries per sequence (module docstring)."""
+        q = batch.max_query_len
+        blocks = batch.block_tables.long()
+        k_pos = torch.arange(blocks.shape[1] * self.spec.block_size)
+        q_pos = (batch.seq_lens.long() - q)[:, None] + torch.arange(q)[None, :]  # [S, q]
+        valid = k_pos[None, None, :] <= q_pos[:, :, None]
+        if self.window is not None:
+            valid &= k_pos[None, None, :] > q_pos[:, :, None] - self.window
+        return CpuAttentionMetadata(batch, None, None, [], True, q, valid[:, None], blocks)
+
     def forward(self, q, k, v, k_cache, v_cache, metadata: CpuAttentionMetadata, scale: float):
         batch = metadata.batch
         if metadata.padded_slots:
             _write_cache_padded(k, v, k_cache, v_cache, batch.slot_mapping)
         else:
             _write_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+        if metadata.verify_q:
+            return self._verify(q, k_cache, v_cache, metadata, scale)
         out = torch.empty_like(q)
         nd = batch.num_decodes
         if nd:
@@ -101,6 +129,21 @@ class CpuAttentionKernel:
         qg = q.view(nd, kvh, group, head_size)  # the group's queries share a position
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=md.decode_mask, scale=scale)
         return o.reshape(nd, num_heads, head_size)
+
+    def _verify(self, q, k_cache, v_cache, md: CpuAttentionMetadata, scale):
+        """``q`` [S * n, H, D], n queries per sequence; the group's queries share a mask row."""
+        n = md.verify_q
+        num_heads, head_size = q.shape[1], q.shape[2]
+        kvh = k_cache.shape[2]
+        group = num_heads // kvh
+        s = md.verify_blocks.shape[0]
+        k = _gather(k_cache, md.verify_blocks).view(s, -1, kvh, head_size).transpose(1, 2)  # [S, KVH, L, D]
+        v = _gather(v_cache, md.verify_blocks).view(s, -1, kvh, head_size).transpose(1, 2)
+        # [S, n, KVH, G, D] -> [S, KVH, G * n, D]: rows g * n + i, each group row i sees mask row i
+        qg = q.view(s, n, kvh, group, head_size).permute(0, 2, 3, 1, 4).reshape(s, kvh, group * n, head_size)
+        mask = md.verify_mask.expand(s, group, n, md.verify_mask.shape[-1]).reshape(s, 1, group * n, -1)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [S, KVH, G * n, D]
+        return o.view(s, kvh, group, n, head_size).permute(0, 3, 1, 2, 4).reshape(s * n, num_heads, head_size)
 
     def _prefill(self, q, k_cache, v_cache, block_table, seq_len, mask, scale):
         bs = k_cache.shape[1]
