@@ -44,7 +44,7 @@ from tessellm.core.block_manager import BlockManager
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.in_flight import InFlightSteps
 from tessellm.core.request import Request, RequestStatus
-from tessellm.core.spec_ahead import SpecAhead, computed_and_drafts
+from tessellm.core.spec_ahead import SpecAhead, computed_and_drafts, give_back
 from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,  # noqa: F401
                                 SchedulerOutput)
 from tessellm.spec_decode.metrics import SpecDecodeStats
@@ -110,10 +110,7 @@ class Scheduler:
         self.in_flight = InFlightSteps()  # steps scheduled whose results are not back yet
         self.num_scheduled_tokens_total = 0  # over all steps: the metrics' per-step token counts
         self.lora = None  # tessellm.lora.slots.LoRASlots when LoRA is enabled (adapter slots)
-        self.ahead = None  # SpecAhead: async scheduling with speculation
-        if config.async_scheduling and config.num_speculative_tokens:
-            self.ahead = SpecAhead(self.in_flight, config.max_model_len, config.num_speculative_tokens,
-                                   config.disable_by_batch_size)
+        self.ahead = SpecAhead.of(config, self.in_flight)  # async scheduling with speculation
         self.kept_blocks: dict[str, int] = {}  # blocks cut since the last step (rejected drafts)
 
     # -- admission -------------------------------------------------------------------------
@@ -390,8 +387,9 @@ class Scheduler:
             if num_drafts and new_tokens:
                 rejected = num_drafts - (len(new_tokens) - 1)
             req.num_computed_tokens += computed - rejected
-            if rejected or computed != num:  # slots past the accepted tokens go back
-                self._give_back(req)
+            if rejected or computed != num:  # slots past what its steps may still write go back
+                keep = req.num_computed_tokens + self.in_flight.tokens_ahead(rid) + self.config.num_lookahead_tokens
+                give_back(self.kv, req, keep, self.kept_blocks)
             self.kv.publish_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
             if not new_tokens:
                 continue
@@ -400,13 +398,6 @@ class Scheduler:
             req.spec_token_ids = result.spec_token_ids.get(rid, [])
             outputs.append(self._append(req, new_tokens, result))
         return outputs
-
-    def _give_back(self, req: Request) -> None:
-        """Free the blocks past what the request's steps may still write (spec_ahead.py)."""
-        rid = req.request_id
-        keep = req.num_computed_tokens + self.in_flight.tokens_ahead(rid) + self.config.num_lookahead_tokens
-        if self.kv.truncate(req, keep):
-            self.kept_blocks[rid] = len(self.kv.block_ids(rid))
 
     def _append(self, req: Request, new_tokens: list[int], result: ModelRunnerOutput) -> EngineCoreOutput:
         rid = req.request_id

@@ -44,6 +44,14 @@ class SpecAhead:
         self.disable_by_batch_size = disable_by_batch_size  # the load policy (SpeculativeConfig)
         self.reserved: dict[str, int] = {}  # drafts reserved in the step being built
 
+    @classmethod
+    def of(cls, config, in_flight: InFlightSteps) -> Optional["SpecAhead"]:
+        """For a ``SchedulerConfig``: None unless async scheduling and speculation are on."""
+        if not (config.async_scheduling and config.num_speculative_tokens):
+            return None
+        return cls(in_flight, config.max_model_len, config.num_speculative_tokens,
+                   config.disable_by_batch_size)
+
     def applies(self, req: Request) -> bool:
         """A request in flight whose step samples and that may draft."""
         if not self.in_flight.samples_ahead(req.request_id):
@@ -76,6 +84,13 @@ class SpecAhead:
     def take(self, rid: str) -> Optional[int]:
         """The drafts reserved for ``rid`` in this step (None: it is not a step ahead)."""
         return self.reserved.pop(rid, None)
+
+
+def give_back(kv, req: Request, keep_tokens: int, kept_blocks: dict[str, int]) -> None:
+    """Free the request's blocks past ``keep_tokens`` (rejected or unused draft slots; what its
+    steps in flight may still write stays) and note the count for the runner."""
+    if kv.truncate(req, keep_tokens):
+        kept_blocks[req.request_id] = len(kv.block_ids(req.request_id))
 
 
 def computed_and_drafts(sched, result, rid: str, num: int) -> tuple[int, int]:
