@@ -61,12 +61,21 @@ def llama_cpp_run(llm, ids: list[int], out_len: int):
     return (first - start) * 1e3, (end - first) * 1e3 / (out_len - 1), tokens
 
 
-def load_engines(path: str, threads: int, with_llama: bool):
+def load_engines(path: str, threads: int, with_llama: bool, compiled: bool = False):
     from tessellm import LLM
 
     kw = dict(dtype="float32", max_model_len=512, num_kv_blocks=64, max_num_seqs=4,
               enable_prefix_caching=False)
-    engines = {"tessellm fp32": LLM(path, **kw), "tessellm gguf": LLM(path, quantization="gguf", **kw)}
+    engines = {"tessellm fp32": LLM(path, enforce_eager=True, **kw),
+               "tessellm gguf": LLM(path, quantization="gguf", enforce_eager=True, **kw)}
+    if compiled:  # the decode step through torch.compile (minutes on a cold inductor cache)
+        start, old = time.perf_counter(), os.environ.get("TESSELLM_CPU_COMPILE")
+        os.environ["TESSELLM_CPU_COMPILE"] = "1"
+        try:
+            engines["tessellm gguf compiled"] = LLM(path, quantization="gguf", **kw)
+        finally:
+            os.environ["TESSELLM_CPU_COMPILE"] = old if old is not None else "0"
+        print(f"tessellm gguf compiled: built in {time.perf_counter() - start:.0f} s", flush=True)
     if with_llama:
         try:
             from llama_cpp import Llama
@@ -86,6 +95,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="also a quantization='gguf' engine with TESSELLM_CPU_COMPILE=1")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     import torch
@@ -94,7 +105,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     path = default_model_path()
-    engines = load_engines(path, args.threads, not args.no_llama_cpp)
+    engines = load_engines(path, args.threads, not args.no_llama_cpp, args.compile)
     vocab = engines["tessellm fp32"].engine.core.vocab_size
     runs = {name: [] for name in engines}
     tokens = {}
@@ -121,7 +132,7 @@ def main() -> int:
     result["greedy_agreement"] = agreement(tokens, list(engines))
     ref = result["engines"].get("llama.cpp", {}).get("decode_ms_per_token_median")
     if ref:
-        for name in ("tessellm fp32", "tessellm gguf"):
+        for name in [n for n in engines if n != "llama.cpp"]:
             e = result["engines"][name]
             e["decode_vs_llama_cpp"] = round(e["decode_ms_per_token_median"] / ref, 2)
     print(json.dumps(result, indent=2))

@@ -23,6 +23,7 @@ PARTS=${PARTS:-"C B1 S"}
 C_ROUNDS=${C_ROUNDS:-1}
 B1_ROUNDS=${B1_ROUNDS:-3}
 B1_OUT_LEN=${B1_OUT_LEN:-64}
+B1_COMPILE=${B1_COMPILE:-0}  # 1: also quantization="gguf" with TESSELLM_CPU_COMPILE=1 (torch.compile)
 LLAMA_PY=${LLAMA_PY:-$HOME/.cache/tessellm/bench-llamacpp/bin/python}
 PY=${PY:-python}
 export PYTHONPATH=${PYTHONPATH:-.} TESSELLM_PLUGINS=${TESSELLM_PLUGINS:-cpu}
@@ -48,12 +49,12 @@ if [[ " $PARTS " == *" C "* ]]; then
   done
 fi
 if [[ " $PARTS " == *" B1 "* ]]; then
-  B1_PY=$PY; B1_FLAGS=""
+  B1_PY=$PY; B1_FLAGS=""; [[ "$B1_COMPILE" == 1 ]] && B1_FLAGS="--compile"
   if [[ -x "$LLAMA_PY" ]] && "$LLAMA_PY" -c "import llama_cpp" 2>/dev/null; then
     B1_PY=$LLAMA_PY
   else
     echo "llama-cpp-python is not installed ($LLAMA_PY): B1 runs without llama.cpp (see the header)"
-    B1_FLAGS="--no-llama-cpp"
+    B1_FLAGS="$B1_FLAGS --no-llama-cpp"
   fi
   echo "== B1 (load $(cut -d' ' -f1 /proc/loadavg))"
   $B1_PY benchmarks/cpu_b1.py --rounds "$B1_ROUNDS" --output-len "$B1_OUT_LEN" $B1_FLAGS \
