@@ -35,6 +35,7 @@ import triton.language as tl
 
 from tessellm.kernels.activation import _silu_and_mul_kernel
 from tessellm.kernels.moe.align import align_by_expert_triton
+from tessellm.kernels.moe.decode import decode_max_tokens, fused_moe_decode
 from tessellm.kernels.moe.routing import route_triton
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
@@ -182,8 +183,12 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     returns ``[T, H]`` in hidden's dtype. ``tiles``: the grouped GEMMs' launch parameters
     instead of ``_tiles``' (benchmarks); the key ``SILU_MUL`` (default: on for ``BLOCK_M`` <=
     32) computes SiLU-and-mul in the first GEMM's epilogue, with ``BLOCK_N`` columns of the
-    gate and of the up half each (so ``BLOCK_N / 2`` of the unfused tile's)."""
+    gate and of the up half each (so ``BLOCK_N / 2`` of the unfused tile's). Up to
+    ``decode.DECODE_MAX_TOKENS`` tokens (and no ``tiles``) the two-launch decode path runs
+    instead (``decode.py``: no alignment, no sum kernel)."""
     t, k = topk_ids.shape
+    if tiles is None and 0 < t <= decode_max_tokens():
+        return fused_moe_decode(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale)
     num_experts, inter = w13.shape[0], w2.shape[2]
     tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device,
                                                                    hidden.element_size())

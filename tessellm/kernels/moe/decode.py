@@ -1,0 +1,156 @@
+"""Fused MoE for decode (a few tokens): two GEMV-style launches, no alignment, no sum kernel.
+
+At 1 token (B1) a Qwen3-30B-A3B layer reads 8 experts x 3 x 2048 x 768 bf16 = 75.5 MB: 17.8 us
+at 4.25 TB/s. The grouped GEMM path (``fused_moe.py``) spends 6 launches on it (routing, two of
+alignment, two GEMMs over 16-row blocks of which one row is used, the top-k sum). Here each
+(token, slot) pair reads its expert's rows directly from ``topk_ids``::
+
+    routing (routing.py, 1 launch) -> weights, ids [T, k]
+    _moe_up_kernel    grid (I / BLOCK_N, T * k):   program (n, p) reads rows n-block of the
+        gate and of the up half of w13[ids[p]] over all of H, multiplies by hidden[p // k]
+        -> act[p, n-block] = silu(gate) * up            (the reference's rounding points)
+    _moe_down_kernel  grid (H / BLOCK_N, T):       program (n, t) loops over the k slots of
+        token t: y_j = w2[ids[t, j]][n-block] @ act[t * k + j], rounded as weights[t, j] * y_j
+        in hidden's dtype, summed in float32 -> out[t, n-block]     (no atomics: deterministic)
+
+Each program reads whole weight rows, 16 bytes a thread per load, FMAs in float32 (no tensor
+cores: one row of x), like ``kernels/gemm/gemv.py``'s FMA kernel; the grids (192 x 8 and 512
+programs at one token with the default tiles) give every SM of an H200 several programs.
+Tokens that share an expert read it again (from the L2 when lucky), so the grouped path wins
+past a few tokens (``DECODE_MAX_TOKENS``). fp8 experts (e4m3 with per-output-channel float32
+scales) are widened in the tile and the row sums scaled (W8A16).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tessellm.kernels.pdl import pdl_args, pdl_start
+
+# Up to this many tokens ``fused_moe`` takes this path (``TESSELLM_MOE_DECODE_MAX_TOKENS``
+# overrides; 0 turns it off). H200 figures: benchmarks/results/h200-2026-12-04-wave2c.
+DECODE_MAX_TOKENS = 4
+
+
+def decode_max_tokens() -> int:
+    return int(os.environ.get("TESSELLM_MOE_DECODE_MAX_TOKENS", DECODE_MAX_TOKENS))
+
+
+@triton.jit
+def _row_dot(w_rows, x_row, same, koff, K, EVEN_K: tl.constexpr):
+    """Float32 products of a ``[BN, BK]`` weight tile with x at K offsets ``koff`` ([1, BK]);
+    x is loaded in the tile's shape (``same``: [BN, 1] zeros, every row at the same addresses)
+    so that it takes the tile's register layout instead of a shuffle through shared memory."""
+    if EVEN_K:
+        w = tl.load(w_rows + koff)
+        x = tl.load(x_row + same + koff)
+    else:
+        ok = (same + koff) < K
+        w = tl.load(w_rows + koff, mask=ok, other=0.0)
+        x = tl.load(x_row + same + koff, mask=ok, other=0.0)
+    return w.to(tl.float32) * x.to(tl.float32)
+
+
+@triton.jit
+def _moe_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, I, H, stride_xm, stride_we,
+                   stride_wn, stride_se, stride_am, TOP_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
+    pid_n, p = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(ids_ptr + p).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_ld = tl.minimum(rn, I - 1)  # rows past I read row I-1 again, never stored
+    gate_rows = w_ptr + expert * stride_we + rn_ld.to(tl.int64)[:, None] * stride_wn
+    up_rows = gate_rows + I * stride_wn
+    x_row = x_ptr + (p // TOP_K).to(tl.int64) * stride_xm
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    same = tl.zeros((BLOCK_N, 1), dtype=tl.int32)
+    for k0 in range(0, H, BLOCK_K):
+        koff = k0 + tl.arange(0, BLOCK_K)[None, :]
+        acc_g += _row_dot(gate_rows, x_row, same, koff, H, EVEN_K)
+        acc_u += _row_dot(up_rows, x_row, same, koff, H, EVEN_K)
+    g = tl.sum(acc_g, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    if HAS_SCALE:
+        g *= tl.load(s_ptr + expert * stride_se + rn_ld)
+        u *= tl.load(s_ptr + expert * stride_se + I + rn_ld)
+    dt = act_ptr.dtype.element_ty
+    g = g.to(dt).to(tl.float32)  # the reference's rounding points: gate/up, SiLU, product
+    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u.to(dt).to(tl.float32)
+    tl.store(act_ptr + p.to(tl.int64) * stride_am + rn, a.to(dt), mask=rn < I)
+
+
+@triton.jit
+def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, w_ptr, s_ptr, out_ptr, H, I, stride_am,
+                     stride_we, stride_wn, stride_se, stride_om, TOP_K: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
+    pid_n, t = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_ld = tl.minimum(rn, H - 1)
+    dt = out_ptr.dtype.element_ty
+    out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    same = tl.zeros((BLOCK_N, 1), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + t * TOP_K + j).to(tl.int64)
+        rows = w_ptr + expert * stride_we + rn_ld.to(tl.int64)[:, None] * stride_wn
+        a_row = act_ptr + (t * TOP_K + j) * stride_am
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            acc += _row_dot(rows, a_row, same, k0 + tl.arange(0, BLOCK_K)[None, :], I, EVEN_K)
+        y = tl.sum(acc, axis=1)
+        if HAS_SCALE:
+            y *= tl.load(s_ptr + expert * stride_se + rn_ld)
+        y *= tl.load(weights_ptr + t * TOP_K + j)
+        out += y.to(dt).to(tl.float32)  # each slot's weighted row rounded, as the grouped path
+    tl.store(out_ptr + t * stride_om + rn, out.to(dt), mask=rn < H)
+
+
+def _tiles(k_dim: int, interpreted: bool, rows: int) -> dict:
+    """``rows`` rows a program, ``BLOCK_K`` columns a step: 16 bytes a thread per row at 4
+    warps when ``rows * BLOCK_K`` = 1024 elements (bf16)."""
+    if interpreted:
+        return dict(BLOCK_N=rows, BLOCK_K=min(32, triton.next_power_of_2(k_dim)), num_warps=1)
+    block_k = min(1024 // rows, triton.next_power_of_2(k_dim))
+    return dict(BLOCK_N=rows, BLOCK_K=block_k, num_warps=4)
+
+
+def fused_moe_decode(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     w13: torch.Tensor, w2: torch.Tensor, w13_scale: Optional[torch.Tensor] = None,
+                     w2_scale: Optional[torch.Tensor] = None, up_rows: int = 4,
+                     down_rows: int = 4) -> torch.Tensor:
+    """``fused_moe_triton``'s contract (module docstring for the layout) in two launches;
+    ``up_rows`` / ``down_rows``: weight rows a program of each kernel (benchmarks sweep them)."""
+    t, k = topk_ids.shape
+    inter, h = w2.shape[2], w13.shape[2]
+    hidden = hidden.contiguous()
+    ids = topk_ids.contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
+    dev, dtype = hidden.device, hidden.dtype
+    out = torch.empty(t, h, dtype=dtype, device=dev)
+    if t == 0:
+        return out
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    act = torch.empty(t * k, inter, dtype=dtype, device=dev)
+    up = _tiles(h, interp, up_rows)
+    _moe_up_kernel[(triton.cdiv(inter, up["BLOCK_N"]), t * k)](
+        hidden, ids, w13, w13_scale if w13_scale is not None else w13, act, inter, h,
+        hidden.stride(0), w13.stride(0), w13.stride(1),
+        w13_scale.stride(0) if w13_scale is not None else 0, act.stride(0), TOP_K=k,
+        HAS_SCALE=w13_scale is not None, EVEN_K=h % up["BLOCK_K"] == 0, **up, **pdl_args(dev))
+    down = _tiles(inter, interp, down_rows)
+    _moe_down_kernel[(triton.cdiv(h, down["BLOCK_N"]), t)](
+        act, ids, weights, w2, w2_scale if w2_scale is not None else w2, out, h, inter,
+        act.stride(0), w2.stride(0), w2.stride(1),
+        w2_scale.stride(0) if w2_scale is not None else 0, out.stride(0), TOP_K=k,
+        HAS_SCALE=w2_scale is not None, EVEN_K=inter % down["BLOCK_K"] == 0, **down,
+        **pdl_args(dev))
+    return out
