@@ -74,6 +74,25 @@ def fp8_lean_w8a8() -> Optional[bool]:
     return _switch("TESSELLM_FP8_LEAN_W8A8")
 
 
+def moe_decode_max_tokens() -> Optional[int]:
+    """TESSELLM_MOE_DECODE_MAX_TOKENS: up to this many tokens the fused MoE takes its two-launch
+    decode path (``kernels/moe/decode.py``); 0 turns it off; unset: the module's default."""
+    value = os.environ.get("TESSELLM_MOE_DECODE_MAX_TOKENS")
+    return int(value) if value else None
+
+
+def moe_decode_rows() -> Optional[tuple[int, int]]:
+    """TESSELLM_MOE_DECODE_ROWS: "UP,DOWN", weight rows a program of the decode path's two
+    kernels (benchmarks sweep them; powers of two up to 8); unset: the module's default."""
+    value = os.environ.get("TESSELLM_MOE_DECODE_ROWS")
+    if not value:
+        return None
+    up, down = (int(v) for v in value.split(","))
+    if not all(r in (1, 2, 4, 8) for r in (up, down)):
+        raise ValueError(f"TESSELLM_MOE_DECODE_ROWS={value!r}: give two of 1, 2, 4, 8, e.g. 4,4")
+    return up, down
+
+
 def ray_address() -> Optional[str]:
     """RAY_ADDRESS: the Ray cluster the ``ray`` executor joins (unset: a local one)."""
     return os.environ.get("RAY_ADDRESS") or None

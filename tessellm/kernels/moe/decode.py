@@ -30,15 +30,19 @@ import torch
 import triton
 import triton.language as tl
 
+from tessellm import envs
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
 # Up to this many tokens ``fused_moe`` takes this path (``TESSELLM_MOE_DECODE_MAX_TOKENS``
-# overrides; 0 turns it off). H200 figures: benchmarks/results/h200-2026-12-04-wave2c.
+# overrides; 0 turns it off), with these weight rows a program in its two kernels
+# (``TESSELLM_MOE_DECODE_ROWS``). H200 figures: benchmarks/results/h200-2026-12-04-wave2c.
 DECODE_MAX_TOKENS = 4
+DECODE_ROWS = (4, 4)
 
 
 def decode_max_tokens() -> int:
-    return int(os.environ.get("TESSELLM_MOE_DECODE_MAX_TOKENS", DECODE_MAX_TOKENS))
+    value = envs.moe_decode_max_tokens()
+    return DECODE_MAX_TOKENS if value is None else value
 
 
 @triton.jit
@@ -59,8 +63,8 @@ def _row_dot(w_rows, x_row, same, koff, K, EVEN_K: tl.constexpr):
 @triton.jit
 def _moe_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, I, H, stride_xm, stride_we,
                    stride_wn, stride_se, stride_am, TOP_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-                   EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   EVEN_K: tl.constexpr, K_STEPS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_start(USE_PDL)
     pid_n, p = tl.program_id(0), tl.program_id(1)
     expert = tl.load(ids_ptr + p).to(tl.int64)
@@ -72,8 +76,8 @@ def _moe_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, I, H, stride_xm, strid
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     same = tl.zeros((BLOCK_N, 1), dtype=tl.int32)
-    for k0 in range(0, H, BLOCK_K):
-        koff = k0 + tl.arange(0, BLOCK_K)[None, :]
+    for s in tl.static_range(K_STEPS):  # unrolled: every load of the program can be in flight
+        koff = s * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
         acc_g += _row_dot(gate_rows, x_row, same, koff, H, EVEN_K)
         acc_u += _row_dot(up_rows, x_row, same, koff, H, EVEN_K)
     g = tl.sum(acc_g, axis=1)
@@ -90,8 +94,8 @@ def _moe_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, I, H, stride_xm, strid
 @triton.jit
 def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, w_ptr, s_ptr, out_ptr, H, I, stride_am,
                      stride_we, stride_wn, stride_se, stride_om, TOP_K: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                     HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, K_STEPS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_start(USE_PDL)
     pid_n, t = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,8 +108,9 @@ def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, w_ptr, s_ptr, out_ptr, H, I,
         rows = w_ptr + expert * stride_we + rn_ld.to(tl.int64)[:, None] * stride_wn
         a_row = act_ptr + (t * TOP_K + j) * stride_am
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            acc += _row_dot(rows, a_row, same, k0 + tl.arange(0, BLOCK_K)[None, :], I, EVEN_K)
+        for s in tl.static_range(K_STEPS):
+            acc += _row_dot(rows, a_row, same, s * BLOCK_K + tl.arange(0, BLOCK_K)[None, :], I,
+                            EVEN_K)
         y = tl.sum(acc, axis=1)
         if HAS_SCALE:
             y *= tl.load(s_ptr + expert * stride_se + rn_ld)
@@ -115,20 +120,31 @@ def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, w_ptr, s_ptr, out_ptr, H, I,
 
 
 def _tiles(k_dim: int, interpreted: bool, rows: int) -> dict:
-    """``rows`` rows a program, ``BLOCK_K`` columns a step: 16 bytes a thread per row at 4
-    warps when ``rows * BLOCK_K`` = 1024 elements (bf16)."""
+    """``rows`` rows a program, ``BLOCK_K`` columns a step (at most 1024 / rows, the largest
+    power of two dividing ``k_dim`` when one is at least 64: no masked lanes), as many warps as
+    give every thread 8 elements (16 bytes in bf16) of the ``[rows, BLOCK_K]`` tile a load."""
     if interpreted:
-        return dict(BLOCK_N=rows, BLOCK_K=min(32, triton.next_power_of_2(k_dim)), num_warps=1)
+        block_k = min(32, triton.next_power_of_2(k_dim))
+        return dict(BLOCK_N=rows, BLOCK_K=block_k, K_STEPS=triton.cdiv(k_dim, block_k),
+                    num_warps=1)
     block_k = min(1024 // rows, triton.next_power_of_2(k_dim))
-    return dict(BLOCK_N=rows, BLOCK_K=block_k, num_warps=4)
+    pow2_divisor = k_dim & -k_dim
+    if pow2_divisor >= 64:
+        block_k = min(block_k, pow2_divisor)
+    warps = max(1, min(8, rows * block_k // 256))
+    return dict(BLOCK_N=rows, BLOCK_K=block_k, K_STEPS=triton.cdiv(k_dim, block_k),
+                num_warps=warps)
 
 
 def fused_moe_decode(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      w13: torch.Tensor, w2: torch.Tensor, w13_scale: Optional[torch.Tensor] = None,
-                     w2_scale: Optional[torch.Tensor] = None, up_rows: int = 4,
-                     down_rows: int = 4) -> torch.Tensor:
+                     w2_scale: Optional[torch.Tensor] = None, up_rows: Optional[int] = None,
+                     down_rows: Optional[int] = None) -> torch.Tensor:
     """``fused_moe_triton``'s contract (module docstring for the layout) in two launches;
-    ``up_rows`` / ``down_rows``: weight rows a program of each kernel (benchmarks sweep them)."""
+    ``up_rows`` / ``down_rows``: weight rows a program of each kernel (default
+    ``DECODE_ROWS`` or ``TESSELLM_MOE_DECODE_ROWS``; benchmarks sweep them)."""
+    rows = envs.moe_decode_rows() or DECODE_ROWS
+    up_rows, down_rows = up_rows or rows[0], down_rows or rows[1]
     t, k = topk_ids.shape
     inter, h = w2.shape[2], w13.shape[2]
     hidden = hidden.contiguous()
