@@ -81,6 +81,12 @@ def moe_decode_max_tokens() -> Optional[int]:
     return int(value) if value else None
 
 
+def moe_decode_route() -> Optional[bool]:
+    """TESSELLM_MOE_DECODE_ROUTE: "1" routes inside the MoE decode path's first kernel, "0" in
+    a launch of its own before it; unset: the module's default (``kernels/moe/decode.py``)."""
+    return _switch("TESSELLM_MOE_DECODE_ROUTE")
+
+
 def moe_decode_rows() -> Optional[tuple[int, int]]:
     """TESSELLM_MOE_DECODE_ROWS: "UP,DOWN", weight rows a program of the decode path's two
     kernels (benchmarks sweep them; powers of two up to 8); unset: the module's default."""

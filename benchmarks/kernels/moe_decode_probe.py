@@ -4,7 +4,9 @@ and the contract entry against the reference loop at 1, 64 and 4096 tokens.
     PYTHONPATH=. python3 benchmarks/kernels/moe_decode_probe.py --out $OUT/moe_layer.json
 
 The sweep's fastest rows (``best_rows``) are used by the parts after it, and the most tokens
-at which the decode path beat the grouped one (``best_max_tokens``) are recorded: the driver
+at which the decode path beat the grouped one (``best_max_tokens``) and whether routing inside
+the decode path's first kernel beat a routing launch of its own at 1 token (``best_route``)
+are recorded: the driver
 (``benchmarks/moe_wave2c.sh``) runs the engine with both.
 
 Layer: 128 experts, top-8, hidden 2048, expert intermediate 768, bf16, softmax routing
@@ -43,7 +45,7 @@ from tessellm.kernels.moe.routing import route_triton  # noqa: E402
 from tessellm.kernels.pdl import graph_scope  # noqa: E402
 
 E, TOPK, HID, INTER = 128, 8, 2048, 768
-SWEEP = [(4, 4), (2, 2), (2, 4), (4, 2), (8, 4), (4, 8), (1, 2), (2, 1), (8, 8)]
+SWEEP = [(4, 4), (2, 2), (2, 4), (4, 2), (8, 4), (1, 2)]
 
 
 def floor_us(tokens: int) -> float:
@@ -84,26 +86,33 @@ def main() -> None:
     res["best_rows"] = best.replace("up", "").replace("_down", ",")
     os.environ["TESSELLM_MOE_DECODE_ROWS"] = res["best_rows"]  # the rest runs the best tiles
     save()
-    # 2. the contract entry, decode path vs grouped path, 1..8 tokens (routing included)
+    # 2. the contract entry, 1..8 tokens (routing included): the decode path with the routing
+    #    inside its up kernel (2 launches), with its own routing launch (3), the grouped path (6)
     paths = {}
+    variants = (("decode_routed", "8", "1"), ("decode", "8", "0"), ("grouped", "0", "0"))
     for tokens in (1, 2, 4, 8):
         x = torch.randn(tokens, HID, device="cuda").to(torch.bfloat16)
         logits = torch.randn(tokens, E, device="cuda")
         ref = fused_moe_reference(x, logits, w13, w2, TOPK)
         row = {"floor_us": round(floor_us(tokens), 1)}
-        for name, limit in (("decode", "8"), ("grouped", "0")):
+        for name, limit, route in variants:
             os.environ["TESSELLM_MOE_DECODE_MAX_TOKENS"] = limit
+            os.environ["TESSELLM_MOE_DECODE_ROUTE"] = route
             fn = lambda: fused_moe(x, logits, w13, w2, TOPK)  # noqa: E731
-            with graph_scope():
+            with graph_scope():  # (every launch with PDL: one compiled variant a kernel)
                 row[f"{name}_pdl_us"] = round(gtime(fn, flush=True), 1)
-            row[f"{name}_rel"] = rel(fn(), ref)
-        os.environ.pop("TESSELLM_MOE_DECODE_MAX_TOKENS")
+                row[f"{name}_rel"] = rel(fn(), ref)
         paths[str(tokens)] = row
         print("paths", tokens, row, flush=True)
         res["decode_vs_grouped"] = paths
+        route_wins = paths["1"]["decode_routed_pdl_us"] < paths["1"]["decode_pdl_us"]
+        res["best_route"] = int(route_wins)
+        best = "decode_routed" if route_wins else "decode"
         res["best_max_tokens"] = max([0] + [int(n) for n, r in paths.items()
-                                            if r["decode_pdl_us"] < r["grouped_pdl_us"]])
+                                            if r[f"{best}_pdl_us"] < r["grouped_pdl_us"]])
         save()
+    os.environ["TESSELLM_MOE_DECODE_MAX_TOKENS"] = str(res["best_max_tokens"])
+    os.environ["TESSELLM_MOE_DECODE_ROUTE"] = str(res["best_route"])
     # 3. the contract entry as it dispatches now vs the reference loop, 1 / 64 / 4096 tokens
     layer = {}
     for tokens in (1, 64, 4096):
@@ -113,13 +122,14 @@ def main() -> None:
         fn = lambda: fused_moe(x, logits, w13, w2, TOPK)  # noqa: E731
         with graph_scope():
             graph_us = gtime(fn, flush=True)
-        fused_ms = triton.testing.do_bench(fn)
+            fused_ms = triton.testing.do_bench(fn)
+            err = rel(fn(), ref)
         ref_ms = triton.testing.do_bench(lambda: fused_moe_reference(x, logits, w13, w2, TOPK))
         layer[str(tokens)] = dict(fused_graph_pdl_us=round(graph_us, 1),
                                   fused_eager_us=round(fused_ms * 1e3, 1),
                                   reference_eager_us=round(ref_ms * 1e3, 1),
                                   speedup_vs_reference=round(ref_ms * 1e3 / graph_us, 1),
-                                  floor_us=round(floor_us(tokens), 1), rel=rel(fn(), ref))
+                                  floor_us=round(floor_us(tokens), 1), rel=err)
         print("layer", tokens, layer[str(tokens)], flush=True)
         res["layer_vs_reference"] = layer
         save()

@@ -231,6 +231,28 @@ def test_decode_path_matches_reference_and_grouped(case):
     torch.testing.assert_close(got, grouped, **_tol(dtype))
 
 
+@pytest.mark.parametrize("case", DECODE)
+@pytest.mark.parametrize("scoring,renormalize", [("softmax", True), ("sigmoid", False)])
+def test_decode_path_routing_inside_matches_reference(case, scoring, renormalize):
+    """Routing inside the up kernel (the contract entry's decode path) against the reference,
+    and the weights and ids it keeps against the routing kernel's."""
+    from tessellm.kernels.moe.decode import _launch
+    from tessellm.kernels.moe.routing import route_triton
+
+    t, h, i, e, k, dtype = case
+    x, logits, w13, w2 = _case(t, h, i, e, dtype, seed=t * 5 + e)
+    ref = fused_moe_reference(x, logits, w13, w2, k, scoring, renormalize)
+    args = [v.to(DEV) for v in (x, logits, w13, w2)]
+    weights = torch.empty(t, k, dtype=torch.float32, device=DEV)
+    ids = torch.empty(t, k, dtype=torch.int32, device=DEV)
+    route = dict(logits=args[1], sigmoid=scoring == "sigmoid", renormalize=renormalize)
+    got = _launch(args[0], weights, ids, route, args[2], args[3], None, None, (2, 4))
+    torch.testing.assert_close(got.cpu(), ref, **_tol(dtype))
+    want_w, want_i = route_triton(args[1], k, scoring, renormalize)
+    assert torch.equal(ids, want_i)
+    torch.testing.assert_close(weights, want_w)
+
+
 def test_decode_path_fp8_experts():
     """W8A16 experts through the decode path, against the reference that dequantizes."""
     from tessellm.kernels.moe.decode import fused_moe_decode

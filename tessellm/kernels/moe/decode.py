@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from tessellm import envs
+from tessellm.kernels.moe.routing import check_routing, topk_scores
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
 # Up to this many tokens ``fused_moe`` takes this path (``TESSELLM_MOE_DECODE_MAX_TOKENS``
@@ -38,6 +39,14 @@ from tessellm.kernels.pdl import pdl_args, pdl_start
 # (``TESSELLM_MOE_DECODE_ROWS``). H200 figures: benchmarks/results/h200-2026-12-04-wave2c.
 DECODE_MAX_TOKENS = 4
 DECODE_ROWS = (4, 4)
+# The contract entry routes inside the up kernel (``fused_moe_decode_routed``: two launches)
+# rather than in routing.py's own launch first (``TESSELLM_MOE_DECODE_ROUTE`` 0/1 overrides).
+DECODE_ROUTE = True
+
+
+def decode_route() -> bool:
+    value = envs.moe_decode_route()
+    return DECODE_ROUTE if value is None else value
 
 
 def decode_max_tokens() -> int:
@@ -61,13 +70,28 @@ def _row_dot(w_rows, x_row, same, koff, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _moe_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, I, H, stride_xm, stride_we,
-                   stride_wn, stride_se, stride_am, TOP_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-                   EVEN_K: tl.constexpr, K_STEPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+def _moe_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, logits_ptr, weights_ptr, I, H, E,
+                   stride_xm, stride_we, stride_wn, stride_se, stride_am, stride_l,
+                   TOP_K: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+                   K_STEPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ROUTE: tl.constexpr, K_P2: tl.constexpr, BLOCK_E: tl.constexpr,
+                   SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, USE_PDL: tl.constexpr):
+    """ROUTE: every program routes its token from the logits (``routing.topk_scores``) and
+    takes its slot's expert; the first column block writes the slot's weight and id for the
+    down kernel. Else the ids come from ``ids_ptr``."""
     pdl_start(USE_PDL)
     pid_n, p = tl.program_id(0), tl.program_id(1)
-    expert = tl.load(ids_ptr + p).to(tl.int64)
+    if ROUTE:
+        top_w, top_i = topk_scores(logits_ptr + (p // TOP_K).to(tl.int64) * stride_l, E, TOP_K,
+                                   K_P2, BLOCK_E, SIGMOID, RENORMALIZE)
+        mine = tl.arange(0, K_P2) == p % TOP_K
+        expert32 = tl.sum(tl.where(mine, top_i, 0), 0)
+        if pid_n == 0:
+            tl.store(ids_ptr + p, expert32)
+            tl.store(weights_ptr + p, tl.sum(tl.where(mine, top_w, 0.0), 0))
+        expert = expert32.to(tl.int64)
+    else:
+        expert = tl.load(ids_ptr + p).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_ld = tl.minimum(rn, I - 1)  # rows past I read row I-1 again, never stored
     gate_rows = w_ptr + expert * stride_we + rn_ld.to(tl.int64)[:, None] * stride_wn
@@ -143,13 +167,32 @@ def fused_moe_decode(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     """``fused_moe_triton``'s contract (module docstring for the layout) in two launches;
     ``up_rows`` / ``down_rows``: weight rows a program of each kernel (default
     ``DECODE_ROWS`` or ``TESSELLM_MOE_DECODE_ROWS``; benchmarks sweep them)."""
-    rows = envs.moe_decode_rows() or DECODE_ROWS
-    up_rows, down_rows = up_rows or rows[0], down_rows or rows[1]
-    t, k = topk_ids.shape
-    inter, h = w2.shape[2], w13.shape[2]
-    hidden = hidden.contiguous()
-    ids = topk_ids.contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
+    return _launch(hidden, weights, topk_ids.contiguous(), None, w13, w2, w13_scale, w2_scale,
+                   (up_rows, down_rows))
+
+
+def fused_moe_decode_routed(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
+                            renormalize: bool = True, w13_scale=None, w2_scale=None,
+                            up_rows: Optional[int] = None,
+                            down_rows: Optional[int] = None) -> torch.Tensor:
+    """The contract's ``fused_moe`` (routing included) in two launches: the up kernel routes
+    (each program its own token's top k; ``routing.py``'s semantics) and keeps the weights and
+    ids for the down kernel."""
+    logits = check_routing(router_logits, top_k, scoring)
+    t = logits.shape[0]
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=hidden.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=hidden.device)
+    route = dict(logits=logits, sigmoid=scoring == "sigmoid", renormalize=renormalize)
+    return _launch(hidden, weights, ids, route, w13, w2, w13_scale, w2_scale, (up_rows, down_rows))
+
+
+def _launch(hidden, weights, ids, route, w13, w2, w13_scale, w2_scale, rows) -> torch.Tensor:
+    default = envs.moe_decode_rows() or DECODE_ROWS
+    up_rows, down_rows = rows[0] or default[0], rows[1] or default[1]
+    t, k = ids.shape
+    num_experts, inter, h = w13.shape[0], w2.shape[2], w13.shape[2]
+    hidden = hidden.contiguous()
     dev, dtype = hidden.device, hidden.dtype
     out = torch.empty(t, h, dtype=dtype, device=dev)
     if t == 0:
@@ -157,11 +200,15 @@ def fused_moe_decode(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     act = torch.empty(t * k, inter, dtype=dtype, device=dev)
     up = _tiles(h, interp, up_rows)
+    logits = route["logits"] if route else hidden
     _moe_up_kernel[(triton.cdiv(inter, up["BLOCK_N"]), t * k)](
-        hidden, ids, w13, w13_scale if w13_scale is not None else w13, act, inter, h,
-        hidden.stride(0), w13.stride(0), w13.stride(1),
-        w13_scale.stride(0) if w13_scale is not None else 0, act.stride(0), TOP_K=k,
-        HAS_SCALE=w13_scale is not None, EVEN_K=h % up["BLOCK_K"] == 0, **up, **pdl_args(dev))
+        hidden, ids, w13, w13_scale if w13_scale is not None else w13, act, logits, weights,
+        inter, h, num_experts, hidden.stride(0), w13.stride(0), w13.stride(1),
+        w13_scale.stride(0) if w13_scale is not None else 0, act.stride(0), logits.stride(0),
+        TOP_K=k, HAS_SCALE=w13_scale is not None, EVEN_K=h % up["BLOCK_K"] == 0, **up,
+        ROUTE=route is not None, K_P2=triton.next_power_of_2(k),
+        BLOCK_E=triton.next_power_of_2(num_experts), SIGMOID=bool(route and route["sigmoid"]),
+        RENORMALIZE=bool(route and route["renormalize"]), **pdl_args(dev))
     down = _tiles(inter, interp, down_rows)
     _moe_down_kernel[(triton.cdiv(h, down["BLOCK_N"]), t)](
         act, ids, weights, w2, w2_scale if w2_scale is not None else w2, out, h, inter,

@@ -35,7 +35,8 @@ import triton.language as tl
 
 from tessellm.kernels.activation import _silu_and_mul_kernel
 from tessellm.kernels.moe.align import align_by_expert_triton
-from tessellm.kernels.moe.decode import decode_max_tokens, fused_moe_decode
+from tessellm.kernels.moe.decode import (decode_max_tokens, decode_route, fused_moe_decode,
+                                         fused_moe_decode_routed)
 from tessellm.kernels.moe.routing import route_triton
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
@@ -220,6 +221,11 @@ def topk_routing(router_logits: torch.Tensor, top_k: int, scoring: str, renormal
 
 def fused_moe(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
               renormalize: bool = True, w13_scale=None, w2_scale=None) -> torch.Tensor:
-    """The contract's ``FusedOps.fused_moe``: routing (one launch), then ``fused_moe_triton``."""
+    """The contract's ``FusedOps.fused_moe``: routing (one launch), then ``fused_moe_triton``;
+    up to ``decode.DECODE_MAX_TOKENS`` tokens, with ``decode.DECODE_ROUTE``, the decode path
+    with the routing inside its first kernel (two launches in all)."""
+    if 0 < hidden.shape[0] <= decode_max_tokens() and decode_route():
+        return fused_moe_decode_routed(hidden, router_logits, w13, w2, top_k, scoring,
+                                       renormalize, w13_scale, w2_scale)
     weights, ids = route_triton(router_logits, top_k, scoring, renormalize)
     return fused_moe_triton(hidden, weights, ids, w13, w2, w13_scale, w2_scale)

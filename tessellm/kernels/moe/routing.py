@@ -25,14 +25,13 @@ MAX_EXPERTS = 4096
 
 
 @triton.jit
-def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l, K: tl.constexpr,
-                  K_P2: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
-                  USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
-    t = tl.program_id(0).to(tl.int64)
+def topk_scores(row_ptr, E, K: tl.constexpr, K_P2: tl.constexpr, BLOCK_E: tl.constexpr,
+                SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """One token's routing from its ``E`` logits at ``row_ptr``: ``(weights, ids)``, each
+    ``[K_P2]`` (slots past K: weight 0, id 0), best first (module docstring)."""
     e = tl.arange(0, BLOCK_E)
     ok = e < E
-    x = tl.load(logits_ptr + t * stride_l + e, mask=ok, other=float("-inf")).to(tl.float32)
+    x = tl.load(row_ptr + e, mask=ok, other=float("-inf")).to(tl.float32)
     if SIGMOID:
         scores = 1.0 / (1.0 + tl.exp(-x))
     else:
@@ -50,22 +49,39 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l, K: tl.constexpr
         scores = tl.where(e == idx, -2.0, scores)
     if RENORMALIZE:
         top_w = top_w / tl.sum(top_w, 0)
+    return top_w, top_i
+
+
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_l, K: tl.constexpr,
+                  K_P2: tl.constexpr, BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr,
+                  USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
+    t = tl.program_id(0).to(tl.int64)
+    top_w, top_i = topk_scores(logits_ptr + t * stride_l, E, K, K_P2, BLOCK_E, SIGMOID,
+                               RENORMALIZE)
+    slots = tl.arange(0, K_P2)
     tl.store(weights_ptr + t * K + slots, top_w, mask=slots < K)
     tl.store(ids_ptr + t * K + slots, top_i, mask=slots < K)
+
+
+def check_routing(router_logits: torch.Tensor, top_k: int, scoring: str) -> torch.Tensor:
+    """The logits with a contiguous last dimension, after the checks of ``route_triton``."""
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"MoE scoring {scoring!r} is not supported; use softmax or sigmoid.")
+    num_experts = router_logits.shape[1]
+    if not 1 <= top_k <= num_experts or num_experts > MAX_EXPERTS:
+        raise ValueError(f"Triton MoE routing takes 1 <= top_k <= num_experts <= {MAX_EXPERTS}, "
+                         f"got top_k {top_k} of {num_experts} experts.")
+    return router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
 
 
 def route_triton(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
                  renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [T, k] float32, ids [T, k] int32)``, each row best expert first (module
     docstring). ``router_logits [T, E]``, last dimension contiguous."""
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"MoE scoring {scoring!r} is not supported; use softmax or sigmoid.")
+    router_logits = check_routing(router_logits, top_k, scoring)
     t, num_experts = router_logits.shape
-    if not 1 <= top_k <= num_experts or num_experts > MAX_EXPERTS:
-        raise ValueError(f"Triton MoE routing takes 1 <= top_k <= num_experts <= {MAX_EXPERTS}, "
-                         f"got top_k {top_k} of {num_experts} experts.")
-    if router_logits.stride(-1) != 1:
-        router_logits = router_logits.contiguous()
     dev = router_logits.device
     weights = torch.empty(t, top_k, dtype=torch.float32, device=dev)
     ids = torch.empty(t, top_k, dtype=torch.int32, device=dev)
