@@ -13,9 +13,12 @@ alignment, two GEMMs over 16-row blocks of which one row is used, the top-k sum)
         token t: y_j = w2[ids[t, j]][n-block] @ act[t * k + j], rounded as weights[t, j] * y_j
         in hidden's dtype, summed in float32 -> out[t, n-block]     (no atomics: deterministic)
 
-Each program reads whole weight rows, 16 bytes a thread per load, FMAs in float32 (no tensor
-cores: one row of x), like ``kernels/gemm/gemv.py``'s FMA kernel; the grids (192 x 8 and 512
-programs at one token with the default tiles) give every SM of an H200 several programs.
+Each program reads whole weight rows, 16 bytes a thread per load (as many warps as that
+takes), all of its loads unrolled so that they can be in flight together, FMAs in float32 (no
+tensor cores: one row of x), like ``kernels/gemm/gemv.py``'s FMA kernel; the grids (768 x 8
+and 1,024 programs at one token with the default 1- and 2-row tiles) give every SM of an H200
+many programs. ``fused_moe_decode_routed`` also moves the routing into the up kernel (off by
+default: slower as measured, see ``DECODE_ROUTE``).
 Tokens that share an expert read it again (from the L2 when lucky), so the grouped path wins
 past a few tokens (``DECODE_MAX_TOKENS``). fp8 experts (e4m3 with per-output-channel float32
 scales) are widened in the tile and the row sums scaled (W8A16).
@@ -36,12 +39,16 @@ from tessellm.kernels.pdl import pdl_args, pdl_start
 
 # Up to this many tokens ``fused_moe`` takes this path (``TESSELLM_MOE_DECODE_MAX_TOKENS``
 # overrides; 0 turns it off), with these weight rows a program in its two kernels
-# (``TESSELLM_MOE_DECODE_ROWS``). H200 figures: benchmarks/results/h200-2026-12-04-wave2c.
+# (``TESSELLM_MOE_DECODE_ROWS``). H200, Qwen3-30B-A3B layer, routing included, PDL, L2 flushed
+# (benchmarks/results/h200-2026-12-04-wave2c/moe_layer.json): 33.7 / 48.7 / 82.8 / 146.2 us at
+# 1 / 2 / 4 / 8 tokens against the grouped path's 37.3 / 55.4 / 89.9 / 126.1; the rows sweep at
+# 1 token was flat (31.0-32.5 us for up/down rows 1-8 / 2-4), 1 / 2 the fastest.
 DECODE_MAX_TOKENS = 4
-DECODE_ROWS = (4, 4)
-# The contract entry routes inside the up kernel (``fused_moe_decode_routed``: two launches)
-# rather than in routing.py's own launch first (``TESSELLM_MOE_DECODE_ROUTE`` 0/1 overrides).
-DECODE_ROUTE = True
+DECODE_ROWS = (1, 2)
+# The contract entry can route inside the up kernel (``fused_moe_decode_routed``: two launches
+# instead of three; ``TESSELLM_MOE_DECODE_ROUTE=1``). Off: with the 1-row up tiles every one of
+# the 6,144 programs ranks the 128 logits, 44.2 us against 33.7 at 1 token (same file).
+DECODE_ROUTE = False
 
 
 def decode_route() -> bool:
