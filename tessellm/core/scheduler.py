@@ -299,7 +299,9 @@ class Scheduler:
         if req.grammar is not None and not self.config.defer_grammar:
             return 0  # its mask needs the tokens in flight, and the mask cannot come later
         if self.ahead is not None and self.ahead.applies(req):
-            return self.ahead.reserve(req, budget, len(self.running))
+            num = self.ahead.reserve(req, budget, len(self.running))
+            if num is not None:
+                return num
         pending = self.in_flight.samples_ahead(req.request_id)  # placeholders: ids on the device
         if pending:
             params = req.sampling_params

@@ -19,6 +19,11 @@ next one, fills in the truth (as vLLM's async scheduler does with draft placehol
                   bound) + lookahead given back (SchedulerOutput.kept_blocks tells the runner)
     update(N+1):  computed += accepted (1 .. j+1), the same give-back
 
+Above the load policy's cut-off (no drafts) a request whose step in flight is certain (it
+verifies no drafts) takes the plain placeholder path instead: its next input is fed on the
+device and the runner does not wait for the step in flight, so a large batch keeps the whole
+async overlap.
+
 Invariants: a request's blocks always cover ``num_computed_tokens + tokens_ahead +
 num_lookahead_tokens`` (what its steps in flight may write, a draft model's guesses included);
 the runner's block list equals the scheduler's once it applies ``kept_blocks`` (sent with the
@@ -58,9 +63,10 @@ class SpecAhead:
             return False
         return req.grammar is None and not req.sampling_params.needs_penalties
 
-    def reserve(self, req: Request, budget: int, batch_size: int) -> int:
+    def reserve(self, req: Request, budget: int, batch_size: int) -> Optional[int]:
         """Tokens to schedule for ``req`` (1 + k reserved drafts), or 0: not this step (the step
-        in flight may end it). Records k in ``reserved``."""
+        in flight may end it), or None: the plain placeholder path (no drafts after a step in
+        flight that verifies none). Records k in ``reserved``."""
         rid = req.request_id
         # Tokens known after the steps in flight if every draft in them is accepted.
         tokens = req.num_computed_tokens + self.in_flight.tokens_ahead(rid) + 1
@@ -77,9 +83,16 @@ class SpecAhead:
         k = self.k
         if self.disable_by_batch_size and batch_size >= self.disable_by_batch_size:
             k = 0
+            if not self._uncertain(rid):
+                return None
         k = max(0, min(k, room, budget - 1))
         self.reserved[rid] = k
         return 1 + k
+
+    def _uncertain(self, rid: str) -> bool:
+        """A step in flight may accept a number of tokens for ``rid`` not known yet."""
+        return any(rid in st.sched.spec_token_ids or st.sched.spec_ahead.get(rid)
+                   for st in self.in_flight.steps)
 
     def take(self, rid: str) -> Optional[int]:
         """The drafts reserved for ``rid`` in this step (None: it is not a step ahead)."""

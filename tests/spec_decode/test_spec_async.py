@@ -41,11 +41,15 @@ def _async_llm(model, config, **kw):
     core = llm.engine.core
     assert core.async_scheduling and core.scheduler.ahead is not None
     core.ahead_steps = []  # per step: drafts reserved for requests scheduled ahead
-    schedule = core.scheduler.schedule
+    core.placeholder_steps = 0  # requests scheduled ahead on the plain path (device feed)
+    sched = core.scheduler
+    schedule = sched.schedule
 
     def counting():
+        ahead = {r.request_id for r in sched.running if sched.in_flight.samples_ahead(r.request_id)}
         out = schedule()
         core.ahead_steps.append(sum(out.spec_ahead.values()) if out.spec_ahead else -1)
+        core.placeholder_steps += len((ahead & set(out.num_scheduled_tokens)) - set(out.spec_ahead))
         return out
 
     core.scheduler.schedule = counting
@@ -97,6 +101,7 @@ def test_async_preemption_and_load_policy(model, want):
                     max_num_batched_tokens=16) as llm:
         assert _generate(llm) == want
         assert llm.engine.core.scheduler.num_preemptions_total > 0
+        assert llm.engine.core.placeholder_steps > 0  # above the cut-off: no wait for the step before
         _check(llm)
 
 
