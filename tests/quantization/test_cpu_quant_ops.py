@@ -97,3 +97,22 @@ def test_bundled_model_head_reads_the_q8_0_blocks(bundled_model):
     assert torch.equal(head.quant_weight.dequantize(torch.float32), head.tied.data)
     hidden = torch.randn(3, head.tied.shape[1])
     _check(head(hidden), hidden, head.tied.data)
+
+
+@pytest.mark.slow
+def test_bundled_gguf_compiled_decode_equals_eager(bundled_model, monkeypatch):
+    """TESSELLM_CPU_COMPILE=1 with quantization="gguf": the compiled batch-1 decode step (the
+    int4 kernel inside the graph, the codes released) gives eager's greedy tokens (~2 min)."""
+    from tessellm.entrypoints.llm import LLM
+    from tessellm.testing.harness import greedy_tokens
+
+    kw = dict(quantization="gguf", dtype="float32", max_model_len=128, num_kv_blocks=16,
+              max_num_seqs=1)
+    prompts = [[1, 504, 3458, 314, 260], list(range(2000, 2040))]
+    eager = greedy_tokens(LLM(bundled_model, enforce_eager=True, **kw), prompts, 12)
+    monkeypatch.setenv("TESSELLM_CPU_COMPILE", "1")
+    llm = LLM(bundled_model, **kw)
+    assert llm.engine.core.runner.graph_runner is not None
+    assert greedy_tokens(llm, prompts, 12) == eager
+    layer = llm.engine.core.runner.model.layers[0].mlp.down_proj
+    assert layer.segments[0].qweight.untyped_storage().nbytes() <= 4
