@@ -57,11 +57,14 @@ def main() -> int:
               "load_avg_start": _loadavg(), "rounds": []}
     for r in range(args.rounds):
         t0 = time.perf_counter()
+        medians = {}
         for name, llm in engines.items():
             got, tokens = b1(llm, prompts, args.tokens)
             tpots[name] += got
             outs.setdefault(name, tokens)
-        result["rounds"].append({"seconds": round(time.perf_counter() - t0, 1), "load_avg": _loadavg()})
+            medians[name] = round(statistics.median(got) * 1e3, 2)
+        result["rounds"].append({"seconds": round(time.perf_counter() - t0, 1), "load_avg": _loadavg(),
+                                 "ms_per_token": medians})
         plain = statistics.median(tpots["plain"]) * 1e3
         result["plain_ms_per_token"] = round(plain, 2)
         for name, llm in engines.items():
