@@ -179,7 +179,9 @@ def part_8b(args, parts) -> dict:
     close(base)
     save(args, "8b", result)
     llm = LLM(**_common(args), speculative_config={"method": "replay", "num_speculative_tokens": max(args.ks),
-                                                   "replay_records": records})
+                                                   "replay_records": records},
+              async_scheduling=True if args.spec_async else None)
+    result["spec_async_scheduling"] = bool(args.spec_async)
     if "replay" in parts:
         _replay_b1(args, llm, prompts, result)
     if "f" in parts:
@@ -256,6 +258,8 @@ def main() -> int:
     p.add_argument("--b1-iters", type=int, default=2)
     p.add_argument("--f-prompts", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spec-async", action="store_true", default=os.environ.get("SPEC_ASYNC") == "1",
+                   help="the speculative engine schedules one step ahead (async_scheduling=True; env SPEC_ASYNC=1)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
