@@ -18,6 +18,7 @@ import statistics
 import string
 import time
 
+import numpy as np
 import torch
 
 LONG_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 300}
@@ -122,6 +123,41 @@ def fill_costs(compiled, prefix_of, vocab_size: int, batches=(1, 64, 256)) -> di
     return out
 
 
+def upload_costs(bitmask: torch.Tensor, device: str) -> dict:
+    """Host ms per step to get a ``[batch, V/32]`` mask onto the device (each timed to the
+    device copy's end): from pageable memory; copied into a pinned buffer with torch (the way
+    before; torch's copy runs on its OpenMP pool) or numpy (``MaskUpload``'s fallback now);
+    filled straight into the runner's pinned buffer (now: no host copy), and the host copies
+    alone."""
+    import os
+
+    from tessellm.core.step_pipeline import _pinned
+    from tessellm.structured_output.apply import MaskUpload
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    upload = MaskUpload(torch.device(device))
+    pinned = _pinned(bitmask.numel(), torch.int32).view(bitmask.shape)
+
+    def torch_copy():
+        pinned.copy_(bitmask)
+        pinned.to(device, non_blocking=True)
+
+    def lent():
+        host = upload.host_buffer(*bitmask.shape) if upload.pinned else bitmask
+        upload(host)
+
+    out = {"pageable": _median_ms(lambda: (bitmask.to(device, non_blocking=True), sync()), 20),
+           "pinned_torch_copy": _median_ms(lambda: (torch_copy(), sync()), 20),
+           "pinned_numpy_copy": _median_ms(lambda: (upload(bitmask), sync()), 20),
+           "lent_pinned_no_copy": _median_ms(lambda: (lent(), sync()), 20),
+           "host_copy_torch": _median_ms(lambda: pinned.copy_(bitmask), 20),
+           "host_copy_numpy": _median_ms(lambda: np.copyto(pinned.numpy(), bitmask.numpy()), 20)}
+    out["torch_threads"] = torch.get_num_threads()
+    out["cpu_count"] = os.cpu_count()
+    out["affinity"] = len(os.sched_getaffinity(0))
+    return out
+
+
 def micro(info, vocab_size: int, batch: int, device: str) -> dict:
     """Compile time (large schema, cold); mask fill per step at batch 1/64/256 for F's schema
     and a typical API schema; mask upload and application per step at ``batch``."""
@@ -129,7 +165,6 @@ def micro(info, vocab_size: int, batch: int, device: str) -> dict:
 
     from tessellm.backends.reference.logits import ReferenceLogitsOps
     from tessellm.kernels.bitmask import apply_token_bitmask
-    from tessellm.structured_output.apply import MaskUpload
 
     compiler = xgr.GrammarCompiler(info, max_threads=8, cache_enabled=False)
     t0 = time.perf_counter()
@@ -145,10 +180,8 @@ def micro(info, vocab_size: int, batch: int, device: str) -> dict:
     bitmask = xgr.allocate_token_bitmask(batch, vocab_size)
     for i, m in enumerate(_matchers(person, lambda i: PERSON_PREFIXES[i % 5], batch)):
         m.fill_next_token_bitmask(bitmask, i)
+    upload_ms = upload_costs(bitmask, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    upload = MaskUpload(torch.device(device))
-    upload_ms = {"pageable": _median_ms(lambda: (bitmask.to(device, non_blocking=True), sync()), 20),
-                 "pinned": _median_ms(lambda: (upload(bitmask), sync()), 20)}
     logits = torch.randn(batch, vocab_size, dtype=torch.bfloat16, device=device)
     mask = bitmask.to(device)
     apply = {"reference": lambda x: ReferenceLogitsOps().apply_token_bitmask(x, mask)}
@@ -167,29 +200,89 @@ def micro(info, vocab_size: int, batch: int, device: str) -> dict:
             "mask_apply_ms_per_step": apply_ms}
 
 
-def workload_f(args, info, structured: bool, defer: bool = True) -> dict:
-    """F's throughput; ``structured``: every request under the F schema. ``defer`` False: the
-    old way (constrained requests never go ahead of a step in flight). Every constrained output
-    is checked against the grammar (a fresh matcher accepts all its tokens)."""
-    import xgrammar as xgr
+class StepTimers:
+    """Wall time spent in the engine loop's parts (wrapped instance methods), for the per-step
+    breakdown: where a constrained step's host time goes next to an unconstrained one."""
 
-    from tessellm import LLM, SamplingParams
-    from tessellm.structured_output import StructuredOutputsParams
+    PARTS = {"core": ["step", "_sample_deferred"], "scheduler": ["schedule", "update"],
+             "executor": ["submit", "collect", "sample_deferred"],
+             "structured": ["fill_bitmask", "_fill_plain"]}
+
+    def __init__(self, core):
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        owners = {"core": core, "scheduler": core.scheduler, "executor": core.executor}
+        for owner, names in self.PARTS.items():
+            obj = owners.get(owner)
+            for name in names:
+                if obj is not None and hasattr(obj, name):
+                    setattr(obj, name, self._timed(f"{owner}.{name}", getattr(obj, name)))
+        self._core = core
+
+    def wrap_structured(self) -> None:
+        for name in self.PARTS["structured"]:
+            obj = self._core.structured
+            setattr(obj, name, self._timed(f"structured.{name}", getattr(obj, name)))
+
+    def _timed(self, key, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - t0
+                self.counts[key] = self.counts.get(key, 0) + 1
+        return timed
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.counts.clear()
+
+    def per_step_ms(self) -> dict:
+        steps = max(1, self.counts.get("core.step", 1))
+        out = {key: round(total * 1e3 / steps, 3) for key, total in sorted(self.totals.items())}
+        out["steps"] = steps
+        return out
+
+
+def load_f_engine(args, info):
+    """One engine for every F variant (the same weights, graphs and KV cache)."""
+    from tessellm import LLM
     from tessellm.structured_output.manager import StructuredOutputManager
 
     llm = LLM(model=args.model, load_format="dummy", max_model_len=4096, max_num_seqs=256,
               async_scheduling=args.async_scheduling)
     core = llm.engine.core
-    core.scheduler.config.defer_grammar &= defer
+    lent = core.structured.host_buffer
     # No tokenizer with dummy weights: grammars compile against the synthetic vocabulary.
     core.structured = StructuredOutputManager(lambda: info, core.vocab_size, [core.vocab_size - 1])
+    core.structured.host_buffer = lent
+    llm.so_lent_buffer = lent  # the runner's pinned buffers (None on a CPU)
+    return llm
+
+
+def workload_f(llm, args, info, structured: bool, timers: StepTimers, variant: str = "now") -> dict:
+    """F's throughput on ``llm``; ``structured``: every request under the F schema. Variants
+    of F-JSON: "now" (the mask filled in the runner's pinned buffer, in the background while
+    the loop schedules) and "inline" (filled in the core's own buffer on the loop, then copied
+    to pinned memory: the path before). Every constrained output is checked against the
+    grammar (a fresh matcher accepts all its tokens)."""
+    import xgrammar as xgr
+
+    from tessellm import SamplingParams
+    from tessellm.structured_output import StructuredOutputsParams
+
+    core = llm.engine.core
+    core.structured.host_buffer = llm.so_lent_buffer if variant == "now" else None
+    core.structured.background_fill = variant == "now"
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(core.vocab_size - 1) for _ in range(args.input_len)]}
                for _ in range(args.num_prompts)]
     so = StructuredOutputsParams(json=LONG_SCHEMA, disable_any_whitespace=True) if structured else None
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True, structured_outputs=so)
     llm.generate(prompts[:8], SamplingParams(max_tokens=4, ignore_eos=True, structured_outputs=so), use_tqdm=False)
-    deferred0 = core.structured.num_deferred_steps
+    deferred0, background0 = core.structured.num_deferred_steps, core.structured.num_background_fills
+    timers.reset()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
@@ -200,12 +293,35 @@ def workload_f(args, info, structured: bool, defer: bool = True) -> dict:
                                                                               any_whitespace=False)
         valid = sum(all(m.accept_token(t) for t in o.outputs[0].token_ids)
                     for o in outs for m in [xgr.GrammarMatcher(grammar)])
-    result = {"structured": structured, "async_scheduling": core.async_scheduling,
-              "defer_grammar": core.scheduler.config.defer_grammar,
-              "deferred_steps": core.structured.num_deferred_steps - deferred0, "elapsed_s": elapsed,
-              "output_tokens": tokens, "output_tok_per_s": tokens / elapsed, "requests": len(outs),
-              "outputs_in_grammar": valid}
+    per_step = timers.per_step_ms()
+    per_step["outside_core_step"] = round((elapsed * 1e3 - per_step.get("core.step", 0) * per_step["steps"])
+                                          / per_step["steps"], 3)
+    return {"structured": structured, "variant": variant if structured else None,
+            "async_scheduling": core.async_scheduling, "defer_grammar": core.scheduler.config.defer_grammar,
+            "deferred_steps": core.structured.num_deferred_steps - deferred0,
+            "background_fills": core.structured.num_background_fills - background0, "elapsed_s": elapsed,
+            "output_tokens": tokens, "output_tok_per_s": tokens / elapsed, "requests": len(outs),
+            "outputs_in_grammar": valid, "host_ms_per_step": per_step}
+
+
+def run_f(args, info) -> dict:
+    """F, F-JSON, F-JSON the way before (mask inline, copied), F again: one engine, one run."""
+    llm = load_f_engine(args, info)
+    timers = StepTimers(llm.engine.core)
+    timers.wrap_structured()
+    runs = [("f", False, "now"), ("f_json", True, "now"), ("f_json_inline", True, "inline"), ("f_again", False, "now")]
+    result = {}
+    for name, structured, variant in runs[:args.f_runs]:
+        result[name] = workload_f(llm, args, info, structured, timers, variant)
+        print(json.dumps({name: result[name]}), flush=True)
     llm.shutdown()
+    plain = [result[k]["output_tok_per_s"] for k in ("f", "f_again") if k in result]
+    f = sum(plain) / len(plain)
+    for name in ("f_json", "f_json_inline"):
+        if name in result:
+            result[name + "_over_f"] = result[name]["output_tok_per_s"] / f
+    print(f"F-JSON / F = {result.get('f_json_over_f', 0):.3f} (goal >= 0.90; F the mean of {len(plain)} runs); "
+          f"the way before: {result.get('f_json_inline_over_f', 0):.3f}", flush=True)
     return result
 
 
@@ -217,8 +333,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--vocab-size", type=int, default=128256)
     p.add_argument("--skip-f", action="store_true", help="only the compile / mask micro-benchmarks")
-    p.add_argument("--before", action="store_true",
-                   help="also F-JSON without deferred masks (constrained requests skip async scheduling)")
+    p.add_argument("--f-runs", type=int, default=4,
+                   help="how many of F, F-JSON, F-JSON inline (the way before), F again to run")
     p.add_argument("--async-scheduling", action="store_true", default=None,
                    help="force async scheduling (the default is on for GPUs; for a CPU smoke run)")
     p.add_argument("--output-json", default=None)
@@ -228,19 +344,7 @@ def main() -> None:
     result = {"micro": micro(info, args.vocab_size, args.num_prompts, device)}
     print(json.dumps(result["micro"], indent=1), flush=True)
     if not args.skip_f:
-        plain = workload_f(args, info, structured=False)
-        print(json.dumps(plain), flush=True)
-        constrained = workload_f(args, info, structured=True)
-        print(json.dumps(constrained), flush=True)
-        result.update(f=plain, f_json=constrained,
-                      f_json_over_f=constrained["output_tok_per_s"] / plain["output_tok_per_s"])
-        print(f"F-JSON / F = {result['f_json_over_f']:.3f} (goal >= 0.90)", flush=True)
-        if args.before:
-            old = workload_f(args, info, structured=True, defer=False)
-            print(json.dumps(old), flush=True)
-            result.update(f_json_no_defer=old,
-                          f_json_no_defer_over_f=old["output_tok_per_s"] / plain["output_tok_per_s"])
-            print(f"F-JSON without deferred masks / F = {result['f_json_no_defer_over_f']:.3f}")
+        result.update(run_f(args, info))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=1)

@@ -114,6 +114,10 @@ class EngineCore:
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids)
+        upload = getattr(getattr(getattr(self.executor, "worker", None), "runner", None), "mask_upload", None)
+        if upload is not None and upload.pinned:  # fill masks straight into the runner's pinned buffers
+            self.structured.host_buffer = upload.host_buffer
+        self._deferred_sample = None  # (step, its background mask fill): launched, not yet sampled
         self.lora_store = self._lora_slots(args)  # None without enable_lora
 
     def _lora_slots(self, args: EngineArgs):
@@ -166,6 +170,7 @@ class EngineCore:
         return getattr(torch, self.executor.worker_info[0]["kv_dtype"])
 
     def shutdown(self) -> None:
+        self._deferred_sample = None
         self.structured.shutdown()
         if self.lora_store is not None:
             self.lora_store.shutdown()
@@ -209,11 +214,14 @@ class EngineCore:
         while one is free, a new batch is submitted and the call returns at once; otherwise it
         waits for the oldest step and returns its outputs. Under async scheduling the new batch
         is launched on the device before the oldest is waited for; a constrained request's mask
-        for it is then filled after the oldest step's update, while the device runs its forward
-        pass (``grammar_deferred``, structured_output/manager.py).
+        for it is then filled after the oldest step's update, in the background while the
+        caller takes the outputs and the next call schedules, and the step samples at the start
+        of that next call, before anything else is launched (``grammar_deferred``,
+        structured_output/manager.py). The device runs the step's forward pass meanwhile.
         """
         sched = self.scheduler.schedule()  # a non-empty step is in flight from here
         ended = self.scheduler.take_finished_outputs()
+        self._sample_deferred()
         deferred = False
         if not sched.is_empty:
             requests = self.scheduler.requests
@@ -223,7 +231,7 @@ class EngineCore:
             else:
                 self.structured.fill_bitmask(sched, requests)
             self.executor.submit(sched)
-            if len(self.in_flight) < self.max_in_flight:
+            if len(self.in_flight) < self.max_in_flight:  # (never deferred: no older step)
                 return ended
         elif not self.in_flight:
             self.structured.wait_for_compiles(self.scheduler.waiting)  # instead of spinning
@@ -234,9 +242,23 @@ class EngineCore:
         result = self.executor.collect()
         outputs = ended + self.scheduler.update(oldest, result)
         if deferred:  # the matchers have the collected step's tokens: the new step's mask
-            self.structured.fill_bitmask(sched, self.scheduler.requests)
-            self.executor.sample_deferred(sched.grammar_bitmask, sched.grammar_bitmask_rows)
+            self._defer_sample(sched, background=self.structured.background_fill)
         return outputs
+
+    def _defer_sample(self, sched, background: bool) -> None:
+        fill = self.structured.fill_bitmask(sched, self.scheduler.requests, background=background)
+        self._deferred_sample = (sched, fill)
+        if fill is None:
+            self._sample_deferred()
+
+    def _sample_deferred(self) -> None:
+        """The launched step waiting for its mask samples now (its fill done)."""
+        pending, self._deferred_sample = self._deferred_sample, None
+        if pending is not None:
+            sched, fill = pending
+            if fill is not None:
+                fill.result()
+            self.executor.sample_deferred(sched.grammar_bitmask, sched.grammar_bitmask_rows)
 
 
 def _speculation(args: EngineArgs) -> dict:

@@ -26,7 +26,12 @@ keeps the output tokens (the request is recomputed from them), so the matcher st
 and nothing is replayed.
 
 Masks are filled into two preallocated buffers used in turn (a fresh 4 MB array per step costs
-more than the fill), rows in parallel with xgrammar's ``BatchGrammarMatcher``.
+more than the fill), rows in parallel with xgrammar's ``BatchGrammarMatcher``. With the model
+runner in this process on a GPU, those buffers are its pinned upload buffers
+(``host_buffer``, from ``MaskUpload.host_buffer``): the mask is filled where the device copies
+it from. A deferred step's mask is filled in the background (``fill_bitmask(background=True)``:
+xgrammar releases the GIL), while the engine loop hands out the step's outputs and schedules the
+next step; the engine core waits for it just before it launches anything after that step.
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ class StructuredOutputManager:
         self.fill_threads = min(8, os.cpu_count() or 1)  # threads filling a step's mask rows
         self._buffers: list = [None, None]  # the step masks, used in turn (``_buffer``)
         self._turn = 0
+        # (num_rows, width) -> int32 rows to fill, when the runner lends its pinned buffers.
+        self.host_buffer: Optional[Callable[[int, int], object]] = None
+        self._filler: Optional[concurrent.futures.ThreadPoolExecutor] = None  # background fills
+        self.background_fill = True  # deferred masks fill in the background (EngineCore.step)
+        self.num_background_fills = 0
         self.num_deferred_steps = 0  # steps whose mask was filled after the step before came back
 
     @property
@@ -71,12 +81,14 @@ class StructuredOutputManager:
         """Start (or share) the compile for a new request; returns its matcher-to-be."""
         return RequestGrammar(self.pool.submit(params))
 
-    def fill_bitmask(self, sched, requests: dict) -> None:
+    def fill_bitmask(self, sched, requests: dict, background: bool = False) -> Optional[concurrent.futures.Future]:
         """Set ``sched.grammar_bitmask`` / ``sched.grammar_bitmask_rows`` for the constrained
         requests that sample in this step: one row per sampled row (k+1 for k drafts). None
         constrained: they stay None / empty. A request no longer in ``requests`` (it ended
-        while this step was deferred) gets no rows: its result is dropped anyway."""
-        plain, drafted, num_rows = [], [], 0
+        while this step was deferred) gets no rows: its result is dropped anyway.
+        ``background``: the rows of requests without drafts are filled in a thread; the mask
+        is complete once the returned future is done (None: complete now)."""
+        plain, plain_rows, drafted, num_rows = [], [], [], 0
         rows: dict[str, int] = {}
         for rid, num_sampled in sched.num_sampled_tokens.items():
             grammar = getattr(requests.get(rid), "grammar", None)
@@ -86,12 +98,12 @@ class StructuredOutputManager:
             if num_sampled > 1 or grammar.is_terminated:
                 drafted.append((grammar, num_rows, list(sched.spec_token_ids.get(rid, ()))[:num_sampled - 1]))
             else:
-                plain.append((grammar.matcher, num_rows))
+                plain.append(grammar.matcher)
+                plain_rows.append(num_rows)
             num_rows += num_sampled
         if not rows:
-            return
+            return None
         bitmask = self._buffer(num_rows)
-        self._fill_plain(plain, bitmask)
         for grammar, first, drafts in drafted:
             if grammar.is_terminated:  # it ended while this step was deferred: never used
                 bitmask[first:first + len(drafts) + 1] = -1
@@ -99,27 +111,36 @@ class StructuredOutputManager:
                 fill_draft_rows(grammar, drafts, bitmask, first)
         sched.grammar_bitmask = bitmask.numpy()
         sched.grammar_bitmask_rows = rows
+        if background and len(plain) > 1:
+            if self._filler is None:
+                self._filler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+            self.num_background_fills += 1
+            return self._filler.submit(self._fill_plain, plain, plain_rows, bitmask)
+        self._fill_plain(plain, plain_rows, bitmask)
+        return None
 
-    def _fill_plain(self, plain: list, bitmask) -> None:
-        if len(plain) == 1:
-            plain[0][0].fill_next_token_bitmask(bitmask, plain[0][1])
-        elif plain:  # xgrammar fills the rows in parallel threads
+    def _fill_plain(self, matchers: list, rows: list[int], bitmask) -> None:
+        if len(matchers) == 1:
+            matchers[0].fill_next_token_bitmask(bitmask, rows[0])
+        elif matchers:  # xgrammar fills the rows in parallel threads (without the GIL)
             if self._batch is None:
                 import xgrammar as xgr
 
                 self._batch = xgr.BatchGrammarMatcher(max_threads=self.fill_threads)
-            self._batch.batch_fill_next_token_bitmask([m for m, _ in plain], bitmask,
-                                                      [row for _, row in plain])
+            self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
 
     def _buffer(self, num_rows: int):
-        """``num_rows`` rows of one of the two mask buffers, in turn (the other may still be
-        read by the step before). Grown, never shrunk."""
+        """``num_rows`` rows to fill: the runner's pinned buffer when it lends one, else one of
+        two buffers of our own, in turn (the other may still be read by the step before).
+        Grown, never shrunk."""
         import torch
 
+        width = -(-self.vocab_size // 32)
+        if self.host_buffer is not None:
+            return self.host_buffer(num_rows, width)
         self._turn ^= 1
         buf = self._buffers[self._turn]
         if buf is None or buf.shape[0] < num_rows:
-            width = -(-self.vocab_size // 32)
             buf = torch.empty((max(num_rows, 64), width), dtype=torch.int32)
             self._buffers[self._turn] = buf
         return buf[:num_rows]
@@ -149,6 +170,8 @@ class StructuredOutputManager:
             concurrent.futures.wait(futures, timeout=timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def shutdown(self) -> None:
+        if self._filler is not None:
+            self._filler.shutdown(wait=True)
         if self._pool is not None:
             self._pool.shutdown()
 

@@ -5,6 +5,7 @@ row), through the reference op and the host-to-device upload."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tessellm.backends.reference.logits import ReferenceLogitsOps
@@ -38,3 +39,44 @@ def test_every_row_constrained_in_order_needs_no_index():
     mask = np.array([_row(5), _row(6, 36)], dtype=np.int32)
     apply_grammar_bitmask(logits, ["a", "b"], {"a": 0, "b": 1}, mask, ReferenceLogitsOps())
     assert torch.equal(logits, expect)
+
+
+def test_rows_out_of_order_go_up_whole_with_an_index():
+    """Mask rows in another order than the sampling rows: the mask is applied as filled (no
+    gather on the host), row i onto the logits row of its request."""
+    logits = torch.zeros(3, V)
+    mask = np.array([_row(7), _row(8, 38)], dtype=np.int32)
+    apply_grammar_bitmask(logits, ["x", "b", "a"], {"a": 0, "b": 1}, mask, ReferenceLogitsOps())
+    finite = [torch.nonzero(torch.isfinite(row)).flatten().tolist() for row in logits]
+    assert finite == [list(range(V)), [8, 38], [7]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers need a GPU")
+def test_mask_filled_in_a_lent_pinned_buffer_is_uploaded_as_is():
+    """The engine core fills the mask straight into the runner's pinned buffers (in turn);
+    each upload sees exactly what was filled for its step, also when a buffer comes round
+    again while the device still works."""
+    from tessellm.kernels.bitmask import apply_token_bitmask
+
+    class Ops:
+        def apply_token_bitmask(self, logits, mask, indices=None):
+            apply_token_bitmask(logits, mask, indices)
+
+    upload = MaskUpload(torch.device("cuda"))
+    vocab = 4000
+    width = (vocab + 31) // 32
+    busy = torch.randn(4096, 4096, device="cuda")
+    results = []
+    for step in range(6):
+        busy = busy @ busy / 64  # keeps the device behind the host: buffers come round early
+        host = upload.host_buffer(2, width)
+        assert upload._lent(host) is not None
+        host.zero_()
+        host[0, step] = 1  # token 32 * step allowed
+        host[1, step + 1] = 2  # token 32 * (step + 1) + 1
+        logits = torch.zeros(2, vocab, device="cuda")
+        apply_grammar_bitmask(logits, ["a", "b"], {"a": 0, "b": 1}, host.numpy(), Ops(), upload)
+        results.append(logits)
+    for step, logits in enumerate(results):
+        finite = [torch.nonzero(torch.isfinite(row)).flatten().tolist() for row in logits.cpu()]
+        assert finite == [[32 * step], [32 * (step + 1) + 1]]
