@@ -39,6 +39,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import threading
 from typing import Callable, Optional
 
 from tessellm.spec_decode.grammar import fill_draft_rows
@@ -115,9 +116,23 @@ class StructuredOutputManager:
             if self._filler is None:
                 self._filler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
             self.num_background_fills += 1
-            return self._filler.submit(self._fill_plain, plain, plain_rows, bitmask)
+            return self._fill_in_background(plain, plain_rows, bitmask)
         self._fill_plain(plain, plain_rows, bitmask)
         return None
+
+    def _fill_in_background(self, matchers: list, rows: list[int], bitmask) -> concurrent.futures.Future:
+        """Start the fill in the filler thread and return once it runs: handed the GIL now, it
+        gives it back inside xgrammar; left to wait, it could sit out a whole GIL switch
+        interval (5 ms) behind the engine loop's Python before it even started."""
+        started = threading.Event()
+
+        def fill() -> None:
+            started.set()
+            self._fill_plain(matchers, rows, bitmask)
+
+        future = self._filler.submit(fill)
+        started.wait()
+        return future
 
     def _fill_plain(self, matchers: list, rows: list[int], bitmask) -> None:
         if len(matchers) == 1:
