@@ -321,13 +321,13 @@ def workload_f(llm, args, info, schema, timers: StepTimers, variant: str, seed: 
 
 
 RUNS = [("f", None, "now"), ("f_json", F_SCHEMA, "now"), ("f_json_min300", LONG_SCHEMA, "now"),
-        ("f_json_inline", F_SCHEMA, "inline"), ("f_again", None, "now")]
+        ("f_again", None, "now"), ("f_json_inline", F_SCHEMA, "inline")]
 
 
 def run_f(args, info) -> dict:
     """After a warm-up at F's shapes (the batch-256 kernels compile there, not in a timed run):
-    F, F-JSON, F-JSON with the array schema, F-JSON the way before (mask inline, copied), F
-    again; one engine, each run with its own prompts."""
+    F, F-JSON, F-JSON with the array schema, F again, F-JSON the way before (mask inline,
+    copied); one engine, each run with its own prompts."""
     from tessellm import SamplingParams
 
     llm = load_f_engine(args, info)
@@ -361,7 +361,7 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=128256)
     p.add_argument("--skip-f", action="store_true", help="only the compile / mask micro-benchmarks")
     p.add_argument("--f-runs", type=int, default=len(RUNS),
-                   help="how many of F, F-JSON, F-JSON array schema, F-JSON inline (before), F again to run")
+                   help="how many of F, F-JSON, F-JSON array schema, F again, F-JSON inline (before) to run")
     p.add_argument("--async-scheduling", action="store_true", default=None,
                    help="force async scheduling (the default is on for GPUs; for a CPU smoke run)")
     p.add_argument("--output-json", default=None)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Structured output on one GPU (docs/structured_output.md): F; F with a JSON schema on every
 # request (an object of 64 required integers); the same with the array of >= 300 integers used
-# before; F-JSON the way before (mask filled on the loop, copied to pinned memory); F again: all
+# before; F again; F-JSON the way before (mask filled on the loop, copied to pinned memory): all
 # on one engine in one run, each with its own prompts; per-step host time of the loop's parts;
 # mask fill / upload / apply cost per step; compile time of a large schema. Run from the repo
 # root: `bash benchmarks/structured_output.sh`; results in $OUT/structured_output.json.
 # Time box: SO_S seconds for the Python part (default 150: one 8B load, a warm-up and five F
-# runs take ~90 s on an H200). SO_F_RUNS=2: F and F-JSON only. SO_TESTS="": no GPU tests.
+# runs take ~90 s on an H200). SO_F_RUNS=4: all but the way before. SO_TESTS="": no GPU tests.
 # Needs xgrammar and its deps (not in the device image): pip install --no-deps
 #   xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 (cp312 manylinux x86_64 wheels), plus pydantic,
 #   pydantic-core, annotated-types, typing-inspection if the image lacks pydantic.
