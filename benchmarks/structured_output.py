@@ -133,9 +133,8 @@ def fill_costs(compiled, prefix_of, vocab_size: int, batches=(1, 64, 256)) -> di
 def upload_costs(bitmask: torch.Tensor, device: str) -> dict:
     """Host ms per step to get a ``[batch, V/32]`` mask onto the device (each timed to the
     device copy's end): from pageable memory; copied into a pinned buffer with torch (the way
-    before; torch's copy runs on its OpenMP pool) or numpy (``MaskUpload``'s fallback now);
-    filled straight into the runner's pinned buffer (now: no host copy), and the host copies
-    alone."""
+    before, and ``MaskUpload``'s path for a mask filled elsewhere) or numpy; filled straight
+    into the runner's pinned buffer (now: no host copy); and the host copies alone."""
     import os
 
     from tessellm.core.step_pipeline import _pinned
@@ -155,7 +154,7 @@ def upload_costs(bitmask: torch.Tensor, device: str) -> dict:
 
     out = {"pageable": _median_ms(lambda: (bitmask.to(device, non_blocking=True), sync()), 20),
            "pinned_torch_copy": _median_ms(lambda: (torch_copy(), sync()), 20),
-           "pinned_numpy_copy": _median_ms(lambda: (upload(bitmask), sync()), 20),
+           "mask_upload_copy": _median_ms(lambda: (upload(bitmask), sync()), 20),
            "lent_pinned_no_copy": _median_ms(lambda: (lent(), sync()), 20),
            "host_copy_torch": _median_ms(lambda: pinned.copy_(bitmask), 20),
            "host_copy_numpy": _median_ms(lambda: np.copyto(pinned.numpy(), bitmask.numpy()), 20)}

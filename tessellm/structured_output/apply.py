@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 
@@ -67,7 +66,7 @@ class MaskUpload:
         turn = self._lent(mask)
         if turn is None:  # filled elsewhere (a worker process): one copy into pinned memory
             host = self.host_buffer(*mask.shape)
-            np.copyto(host.numpy(), mask.numpy())  # numpy: one thread, no OpenMP pool to wake
+            host.copy_(mask)
             mask, turn = host, self._turn
         out = mask.to(self.device, non_blocking=True)
         event = torch.Event(device=self.device)
