@@ -9,13 +9,17 @@
 #   bash benchmarks/lora.sh        (repo root; tessellm.egg-info carried for entry points)
 # Time boxes (env): LORA_STEP_TIMEOUT (s per step, default 90), LORA_F_PROMPTS (default 256),
 # LORA_B1_ITERS (default 3), LORA_KERNEL_BUDGET_S (default 30), LORA_CONFORMANCE=1 to run the
-# cuda conformance cases of the LoRA ops first. Expected total about 3.5-4 minutes on an H200
+# cuda conformance cases of the LoRA ops first. Order: B1 pair, kernels, F pair (LORA_F_PROMPTS=0
+# skips F). Expected total about 3.5-4 minutes on an H200
 # (two F runs ~45 s each, two B1 runs ~25 s each, adapters ~15 s, kernels ~30 s).
 # Results: $OUT/*.json and $OUT/log.txt.
 # Figures (H200, 2026-12-04, commit 589d3e5; benchmarks/results/h200-2026-12-04-wave2b/):
 #   F 10,017 tok/s   F-LoRA 9,025 tok/s (90%)   B1 4.158 ms/token   B1-LoRA 5.327 ms (1.28x)
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
+if [ -d .whl ] && [ -z "${SKIP_WHL:-}" ]; then  # the server wheels, as wave2b_device.sh
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
 M=benchmarks/model-configs/llama-3.1-8b
 ADAPTERS=${LORA_ADAPTERS_DIR:-/tmp/tessellm-lora-adapters}
@@ -31,8 +35,6 @@ step() { echo "=== $1"; shift; /usr/bin/time -f "(%e s)" timeout "$T" "$@" 2>&1 
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   git log -1 --format='commit %H %cd' 2>/dev/null || true
   step adapters python3 benchmarks/lora_adapters.py --config $M --out "$ADAPTERS" --num 16 --rank 16
-  step F $B throughput $F_ARGS --output-json "$OUT/f.json"
-  step F-lora $B throughput $F_ARGS $LORA --max-loras 16 --lora-dir "$ADAPTERS" --output-json "$OUT/f_lora.json"
   step B1 $B latency $B1_ARGS --output-json "$OUT/b1.json"
   step B1-lora $B latency $B1_ARGS $LORA --max-loras 1 --lora-path "$ADAPTERS/a0" --output-json "$OUT/b1_lora.json"
   # The shrink/expand kernels per layer (T = 1/64/256 decode, 2048 prefill) against the
@@ -41,6 +43,8 @@ step() { echo "=== $1"; shift; /usr/bin/time -f "(%e s)" timeout "$T" "$@" 2>&1 
     [ "${LORA_CONFORMANCE:-0}" = 1 ] && TAIL=4 step lora-conformance python3 -m tessellm.testing --backend cuda -q -k lora
     step lora-kernel python3 benchmarks/kernels/bench_lora.py --budget-s "${LORA_KERNEL_BUDGET_S:-30}" --json "$OUT/lora_kernel.json"
   fi
+  [ "$N" -gt 0 ] && step F $B throughput $F_ARGS --output-json "$OUT/f.json"
+  [ "$N" -gt 0 ] && step F-lora $B throughput $F_ARGS $LORA --max-loras 16 --lora-dir "$ADAPTERS" --output-json "$OUT/f_lora.json"
   python3 - "$OUT" <<'PY'
 import json, os, sys
 out = sys.argv[1]
