@@ -19,8 +19,7 @@ read-modify-write the outputs (4 x T x N B) and approach the floor.
 Times are GPU time per call from CUDA-graph replays (tessellm.testing.timing.graph_time_us),
 rotating over 8 layers' weights so L2 cannot hold them; "base" is the layer's dense bf16
 products (x @ W^T) for the same rows, the cost the LoRA part adds to; "split-K 1" is the shrink
-without K splits (no memset), to check the split heuristic; "shrink_expand" is the call the engine
-makes (one launch for up to 16 rows, lora/fused.py; the two kernels above otherwise).
+without K splits (no memset), to check the split heuristic.
 """
 
 from __future__ import annotations
@@ -36,13 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
 from tessellm.kernels.lora import TritonLoRAOps, lora_shrink  # noqa: E402
-from tessellm.kernels.lora.fused import fusable  # noqa: E402
 from tessellm.testing.timing import graph_time_us  # noqa: E402
 
 S, R, H, KV, I, DTYPE, BW, LAYERS = 16, 16, 4096, 1024, 14336, torch.bfloat16, 4.25e12, 8
 # name -> (K, [output widths of the slices]) of each LoRA linear of a layer
 PROJ = {"qkv": (H, [H, KV, KV]), "o": (H, [H]), "gate_up": (H, [I, I]), "down": (I, [H])}
-BATCHES = [("decode", 1, S), ("decode", 16, S), ("decode", 64, S), ("decode", 256, S), ("prefill", 2048, 1),
+BATCHES = [("decode", 1, S), ("decode", 64, S), ("decode", 256, S), ("prefill", 2048, 1),
            ("prefill", 2048, S)]
 
 
@@ -69,8 +67,7 @@ def _bench_batch(ops, weights, t: int, adapters: int, dev) -> dict:
     scaling = torch.full((S,), 2.0, device=dev)
     row = {"tokens": t, "adapters": adapters, "prepare_us": graph_time_us(
         [lambda: ops.prepare(slots, S)], reps=20)[0]}
-    totals = {"shrink_us": 0.0, "expand_us": 0.0, "shrink_expand_us": 0.0, "base_us": 0.0,
-              "floor_us": 0.0}
+    totals = {"shrink_us": 0.0, "expand_us": 0.0, "base_us": 0.0, "floor_us": 0.0}
     for name, (k, ns) in PROJ.items():
         x = torch.randn(t, k, device=dev).to(DTYPE)
         y = torch.zeros(t, sum(ns), device=dev, dtype=DTYPE)
@@ -84,18 +81,13 @@ def _bench_batch(ops, weights, t: int, adapters: int, dev) -> dict:
         whole_k = [lambda a=a: lora_shrink(x, a, meta, buf, split_k=1) for a, _, _ in weights[name]]
         s_us, e_us = graph_time_us(shrinks, reps=40)[0], graph_time_us(expands, reps=40)[0]
         s1_us = graph_time_us(whole_k, reps=40)[0]
-        fused = [lambda a=a, bs=bs: ops.shrink_expand(x, a, bs, meta, scaling, y, offsets)
-                 for a, bs, _ in weights[name]]
-        f_us = graph_time_us(fused, reps=40)[0]
         b_us = graph_time_us(base, reps=40)[0]
         fs, fe = _floor_us(t, k, ns, min(t, adapters))
         row[name] = {"shrink_us": round(s_us, 2), "shrink_split1_us": round(s1_us, 2),
-                     "expand_us": round(e_us, 2), "shrink_expand_us": round(f_us, 2),
-                     "fused": fusable(x, weights[name][0][0], meta),
+                     "expand_us": round(e_us, 2),
                      "floor_shrink_us": round(fs, 2), "floor_expand_us": round(fe, 2),
                      "base_gemm_us": round(b_us, 2)}
-        for key, v in (("shrink_us", s_us), ("expand_us", e_us), ("shrink_expand_us", f_us),
-                       ("base_us", b_us),
+        for key, v in (("shrink_us", s_us), ("expand_us", e_us), ("base_us", b_us),
                        ("floor_us", fs + fe)):
             totals[key] += v
     row["layer"] = {k: round(v, 2) for k, v in totals.items()}
@@ -121,15 +113,14 @@ def main() -> None:
         rows.append(row)
         layer = row["layer"]
         print(f"{kind:8s} T={t:5d} adapters={adapters:2d}  per layer: shrink {layer['shrink_us']:7.1f} us"
-              f"  expand {layer['expand_us']:7.1f} us  shrink_expand (engine) {layer['shrink_expand_us']:7.1f} us  floor {layer['floor_us']:6.2f} us  base GEMMs "
+              f"  expand {layer['expand_us']:7.1f} us  floor {layer['floor_us']:6.2f} us  base GEMMs "
               f"{layer['base_us']:7.1f} us  LoRA/base {layer['lora_over_base']:.2f}  prepare "
               f"{row['prepare_us']:.1f} us")
         for name in PROJ:
             p = row[name]
             print(f"    {name:8s} shrink {p['shrink_us']:7.1f} (split-K 1: {p['shrink_split1_us']:6.1f}, "
                   f"floor {p['floor_shrink_us']:6.2f})  "
-                  f"expand {p['expand_us']:7.1f} (floor {p['floor_expand_us']:6.2f})  shrink_expand "
-                  f"{p['shrink_expand_us']:6.1f} (one launch: {p['fused']})  base "
+                  f"expand {p['expand_us']:7.1f} (floor {p['floor_expand_us']:6.2f})  base "
                   f"{p['base_gemm_us']:7.1f} us")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(),

@@ -261,8 +261,7 @@ class CheckedLoRAOps(_Checked):
     def _tick(self, op: str) -> None:
         self._calls[op] += 1
         if all(n >= CHECKED_OP_CALLS for n in self._calls.values()):
-            self._uncheck("prepare", "shrink", "expand", "expand_slices",
-                          *(["shrink_expand"] if hasattr(self._inner, "shrink_expand") else []))
+            self._uncheck("prepare", "shrink", "expand", "expand_slices")
 
     def shrink(self, x, lora_a, meta, out):
         ref_meta = None if _compiling() else self._probe_meta(meta)
@@ -288,18 +287,6 @@ class CheckedLoRAOps(_Checked):
         self._checked_add("expand_slices", buf, meta, out,
                           lambda ops, b, m, o: ops.expand_slices(b, lora_bs, m, scaling, o, offsets),
                           " (slice i reads buf[:, i*R:(i+1)*R] and adds at offsets[i])")
-
-    def shrink_expand(self, x, lora_a, lora_bs, meta, scaling, out, offsets):
-        if not hasattr(self._inner, "shrink_expand"):  # optional: the two calls, each checked
-            buf = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
-            self.shrink(x, lora_a, meta, buf)
-            self.expand_slices(buf, lora_bs, meta, scaling, out, offsets)
-            return
-        self._checked_add("shrink_expand", x, meta, out,
-                          lambda ops, b, m, o: ops.shrink_expand(b, lora_a, lora_bs, m, scaling, o,
-                                                                 offsets),
-                          " (shrink into buf [T, n*R], then expand_slices(buf, ...))")
-        self._tick("shrink")
 
     def _checked_add(self, op: str, buf, meta, out, call, hint: str) -> None:
         """``call(ops, buf, meta, out)`` adds into ``out`` in place: the plugin's call, checked

@@ -512,10 +512,6 @@ class LoRAOps(Protocol):
       in one call (one launch on Triton backends): ``buf [T, n * R']``, ``lora_bs`` a sequence
       of ``n`` (1 to 3) ``[S, N_i, R']`` tensors, ``offsets`` ``n`` ints; equal to ``expand(
       buf[:, i*R':(i+1)*R'], lora_bs[i], meta, scaling, out, offsets[i])`` for each ``i``.
-    - ``shrink_expand(x, lora_a, lora_bs, meta, scaling, out, offsets)`` (optional): ``shrink``
-      into a float32 ``buf [T, n * R']`` then ``expand_slices(buf, ...)``, as one call, so a
-      backend may run both in one launch (the Triton ops do for decode-sized batches). Without
-      it the engine makes the two calls.
 
     Both return None. Inputs are on the spec's device; ``x``, ``lora_a``, ``lora_b`` have a
     contiguous last dim (``buf`` and ``out`` may be column slices). Optional attribute
@@ -534,8 +530,6 @@ class LoRAOps(Protocol):
     def expand(self, buf, lora_b, meta: Any, scaling, out, out_offset: int = 0) -> None: ...
 
     def expand_slices(self, buf, lora_bs, meta: Any, scaling, out, offsets) -> None: ...
-
-    # optional: def shrink_expand(self, x, lora_a, lora_bs, meta, scaling, out, offsets) -> None
 
 
 # The protocol each firstresult hook's return value must satisfy.

@@ -85,10 +85,6 @@ class LoRALinear(nn.Module):
 
     def _add_lora(self, x: torch.Tensor, y: torch.Tensor, meta) -> torch.Tensor:
         ops, r = self.batch.ops, self.rank
-        shrink_expand = getattr(ops, "shrink_expand", None)
-        if shrink_expand is not None:  # one call (one launch for decode on Triton backends)
-            shrink_expand(x, self.lora_a, self.lora_b, meta, self.scaling, y, self.offsets)
-            return y
         buf = torch.empty(x.shape[0], self.lora_a.shape[1], dtype=torch.float32, device=x.device)
         ops.shrink(x, self.lora_a, meta, buf)
         expand_slices = getattr(ops, "expand_slices", None)

@@ -85,9 +85,3 @@ class ReferenceLoRAOps:
         r = lora_bs[0].shape[2]
         for i, (lora_b, offset) in enumerate(zip(lora_bs, offsets)):
             self.expand(buf[:, i * r:(i + 1) * r], lora_b, meta, scaling, out, offset)
-
-    def shrink_expand(self, x: torch.Tensor, lora_a: torch.Tensor, lora_bs, meta: ReferenceLoRAMeta,
-                      scaling: torch.Tensor, out: torch.Tensor, offsets) -> None:
-        buf = torch.empty(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
-        self.shrink(x, lora_a, meta, buf)
-        self.expand_slices(buf, lora_bs, meta, scaling, out, offsets)

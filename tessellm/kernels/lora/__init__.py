@@ -1,19 +1,17 @@
 """Batched multi-LoRA (SGMV/BGMV-style) Triton kernels: ``prepare`` groups the step's rows by
 adapter slot once (``meta``), ``lora_shrink`` and ``lora_expand`` run one launch per projection
-over the whole mixed batch; ``lora_shrink_expand`` does both in one launch for decode-sized
-batches. ``TritonLoRAOps`` is the contract's ``LoRAOps`` on top of them."""
+over the whole mixed batch. ``TritonLoRAOps`` is the contract's ``LoRAOps`` on top of them."""
 
 from __future__ import annotations
 
 import torch
 
 from tessellm.kernels.lora.expand import lora_expand, lora_expand_slices
-from tessellm.kernels.lora.fused import lora_shrink_expand
 from tessellm.kernels.lora.meta import LoRABatchMeta, prepare
 from tessellm.kernels.lora.shrink import lora_shrink
 
 __all__ = ["LoRABatchMeta", "TritonLoRAOps", "lora_expand", "lora_expand_slices", "lora_shrink",
-           "lora_shrink_expand", "prepare"]
+           "prepare"]
 
 
 class TritonLoRAOps:
@@ -35,6 +33,3 @@ class TritonLoRAOps:
 
     def expand_slices(self, buf, lora_bs, meta: LoRABatchMeta, scaling, out, offsets) -> None:
         lora_expand_slices(buf, lora_bs, meta, scaling, out, offsets)
-
-    def shrink_expand(self, x, lora_a, lora_bs, meta: LoRABatchMeta, scaling, out, offsets) -> None:
-        lora_shrink_expand(x, lora_a, lora_bs, meta, scaling, out, offsets)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -33,9 +32,6 @@ class LoRABatchMeta:
     sorted_ids: torch.Tensor  # int32 [L]: row ids grouped by slot, pad rows hold T
     block_slot: torch.Tensor  # int32 [L / block_m]: the slot of each block (S: no adapter)
     num_padded: torch.Tensor  # int32 [1]: blocks past num_padded / block_m are empty
-    # int32 [2] (arrivals, generation): the grid barrier of fused.lora_shrink_expand, zero at
-    # prepare and back to zero arrivals after each launch; None: no fused launches
-    barrier: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -57,6 +53,4 @@ def prepare(token_slots: torch.Tensor, num_slots: int) -> LoRABatchMeta:
     # slot's blocks is the atomics', which no kernel here depends on.
     sorted_ids, block_slot, num_padded = align_by_expert_triton(ids[:, None], num_slots + 1,
                                                                 block_m)
-    barrier = torch.zeros(2, dtype=torch.int32, device=token_slots.device)
-    return LoRABatchMeta(token_slots, num_slots, block_m, sorted_ids, block_slot, num_padded,
-                         barrier)
+    return LoRABatchMeta(token_slots, num_slots, block_m, sorted_ids, block_slot, num_padded)

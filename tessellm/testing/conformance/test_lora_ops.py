@@ -154,38 +154,3 @@ def test_lora_ops_graph_capture(target):
     want = _oracle_expand(want_buf[:, :RANK], lora_b.float().cpu(), new_slots, scaling.cpu(),
                           torch.zeros(tokens, SLICES[0]), 0)
     torch.testing.assert_close(out.float().cpu(), want, **_tol(torch.bfloat16))
-
-
-@pytest.mark.parametrize("tokens,pattern", [(1, "one"), (7, "mixed"), (7, "none"), (16, "mixed"),
-                                            (40, "mixed")])
-def test_lora_shrink_expand_in_one_call(target, tokens, pattern):
-    """The optional ``shrink_expand`` (one launch for decode batches on Triton backends): the
-    same sums as ``shrink`` then ``expand_slices``, the same two calls twice on one ``meta``."""
-    g = torch.Generator().manual_seed(seed_of("lora-fused", tokens, pattern))
-    lora_a, lora_b = _adapters((8, 16, 4, 0), seed=tokens)
-    scaling = torch.tensor([2.0, 0.5, 1.0, 1.0])
-    slots = _slots(tokens, pattern, g)
-    dev = target.device
-    for dtype in (torch.float32, target.low_precision_dtype):
-        ops = _ops(target, dtype)
-        if not hasattr(ops, "shrink_expand"):
-            pytest.skip(f"{target.name}'s LoRA ops have no shrink_expand (optional)")
-        meta = ops.prepare(slots.to(dev), SLOTS)
-        offsets = [8 + sum(SLICES[:i]) for i in range(len(SLICES))]
-        bd = [b.to(dtype) for b in lora_b]
-        for layer in range(2):
-            x = torch.randn(tokens, HIDDEN, generator=g).to(dtype)
-            out = torch.randn(tokens, sum(SLICES) + 8, generator=g).to(dtype)
-            got = out.to(dev, copy=True)
-            ops.shrink_expand(x.to(dev), lora_a.to(dtype).to(dev), [b.to(dev) for b in bd], meta,
-                              scaling.to(dev), got, offsets)
-            buf = _oracle_shrink(x.float(), lora_a.to(dtype).float(), slots)
-            want = out.clone()
-            for i, offset in enumerate(offsets):
-                cols = slice(i * RANK, (i + 1) * RANK)
-                want = _oracle_expand(buf[:, cols], bd[i].float(), slots, scaling, want, offset)
-            torch.testing.assert_close(got.cpu().float(), want.float(), **_tol(dtype),
-                                       msg=f"shrink_expand {dtype} call {layer}")
-            untouched = slots < 0
-            assert torch.equal(got.cpu()[untouched], out[untouched])
-            assert torch.equal(got.cpu()[:, :8], out[:, :8])
