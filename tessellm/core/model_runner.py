@@ -261,11 +261,13 @@ class ModelRunner:
             if not num_rows:
                 return None
             return logits if rows is None else logits[rows]
-        bucket = None  # LoRA steps run their verify eagerly (the verify graphs hold no adapters)
-        if self.verify_graphs is not None and self._lora_slots is None:
-            bucket = self.verify_graphs.bucket(host, counts)
+        bucket = None  # LoRA steps verify eagerly unless the verify graphs take adapter slots
+        graphs = self.verify_graphs
+        if graphs is not None and (self._lora_slots is None or graphs.lora is not None):
+            bucket = graphs.bucket(host, counts)
         if bucket is not None:  # every request verifies k drafts: a captured verify step
-            return self.verify_graphs.run(host, *bucket, self.staging.to_device, self.staging.inputs_queued)
+            return graphs.run(host, *bucket, self.staging.to_device, self.staging.inputs_queued,
+                              self._lora_slots)
         ids, positions, attn, rows = self._eager_tensors(host, counts, self._lora_slots)
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens))
         if self.io.send(hidden):
@@ -354,7 +356,7 @@ class ModelRunner:
         """Speculative decoding: graphs of the verify step (q = 2..k+1 tokens per sequence)."""
         spec = self.spec
         if self.lora is not None:
-            self.lora.batch.set(None)  # verify graphs hold the base model only
+            self.lora.batch.set(None)  # without capturable LoRA ops verify graphs hold the base model
         if spec is not None:
             spec.proposer.capture_graphs()  # a draft model's own graphs (the target's are done)
         if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
@@ -365,7 +367,8 @@ class ModelRunner:
         if sizes:
             self.verify_graphs = VerifyGraphs(self.model, self.kernel, self.device, self.max_model_len,
                                               self.block_size, self.verify_graph_factory,
-                                              spec.config.num_speculative_tokens + 1, sizes)
+                                              spec.config.num_speculative_tokens + 1, sizes,
+                                              self.lora.batch if self._lora_graphs else None)
             self.verify_graphs.capture()
 
     @runner_grad_mode

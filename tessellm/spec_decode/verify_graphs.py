@@ -39,7 +39,8 @@ def capture_sizes(max_num_seqs: int, disable_by_batch_size: int) -> tuple[int, .
 
 class VerifyGraphs:
     def __init__(self, model, kernel, device: torch.device, max_model_len: int, block_size: int,
-                 make_runner: Callable[[tuple[int, ...]], object], max_q: int, sizes: tuple[int, ...]):
+                 make_runner: Callable[[tuple[int, ...]], object], max_q: int, sizes: tuple[int, ...],
+                 lora_batch=None):
         self.model = model
         self.kernel = kernel
         self.device = device
@@ -50,6 +51,10 @@ class VerifyGraphs:
         self.sizes = tuple(sizes)
         self.runners: dict[int, object] = {}  # q -> graph runner of its buckets
         self._qsl: dict[int, torch.Tensor] = {}
+        # Multi-LoRA with capturable ops: the layers' LoRABatch; each graph then takes every
+        # token row's adapter slot ([S, q] int32, -1: none) before the table and prepares it
+        # inside the graph, so verify steps with adapters replay too. None: base model only.
+        self.lora = lora_batch
 
     def capture(self) -> None:
         for q in range(2, self.max_q + 1):
@@ -67,10 +72,19 @@ class VerifyGraphs:
                 torch.arange(q, dtype=torch.int64, device=dev).repeat(s, 1),  # positions
                 torch.full((s, q), -1, dtype=torch.int64, device=dev),  # slots
                 torch.full((s,), q, dtype=torch.int32, device=dev),  # seq lens
-                torch.zeros((s, self.width), dtype=torch.int32, device=dev))  # tables
+                *self._lora_input(s, q),  # LoRA slot per token row (LoRA graphs only)
+                torch.zeros((s, self.width), dtype=torch.int32, device=dev))  # tables (last)
 
-    def _step(self, input_ids, positions, slot_mapping, seq_lens, block_tables):
+    def _lora_input(self, s: int, q: int) -> tuple:
+        if self.lora is None:
+            return ()
+        return (torch.full((s, q), -1, dtype=torch.int32, device=self.device),)
+
+    def _step(self, input_ids, positions, slot_mapping, seq_lens, *rest):
         s, q = input_ids.shape
+        block_tables = rest[-1]
+        if self.lora is not None:
+            self.lora.set(rest[0].reshape(-1))
         batch = AttentionBatch(num_tokens=s * q, num_seqs=s, num_decodes=0,
                                query_start_loc=self._qsl[q][:s + 1], seq_lens=seq_lens,
                                block_tables=block_tables, slot_mapping=slot_mapping.reshape(-1),
@@ -89,8 +103,9 @@ class VerifyGraphs:
         padded = self.runners[q].padded_size(len(counts))
         return None if padded is None else (q, padded)
 
-    def run(self, host, q: int, padded: int, to_device, queued) -> torch.Tensor:
-        """The logits [S * q, vocab] of every token row (all are sampled), through the graph."""
+    def run(self, host, q: int, padded: int, to_device, queued, lora_slots=None) -> torch.Tensor:
+        """The logits [S * q, vocab] of every token row (all are sampled), through the graph
+        (``lora_slots``: int32 adapter slot per token row, -1 none; None: no row has one)."""
         s = len(host.seq_lens)
         ids = np.zeros((padded, q), dtype=np.int64)
         positions = np.zeros((padded, q), dtype=np.int64)
@@ -103,5 +118,10 @@ class VerifyGraphs:
         seq_lens[:s] = host.seq_lens
         table[:s] = host.block_table
         inputs = [to_device(i, a) for i, a in enumerate((ids, positions, slots, seq_lens, table))]
+        if self.lora is not None:  # padding sequences use no adapter; the table stays last
+            adapters = np.full((padded, q), -1, dtype=np.int32)
+            if lora_slots is not None:
+                adapters[:s] = np.asarray(lora_slots).reshape(s, q)
+            inputs.insert(4, to_device(10, adapters))
         queued()
         return self.runners[q].run(inputs)[:s].reshape(s * q, -1)

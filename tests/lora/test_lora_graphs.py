@@ -53,3 +53,35 @@ def test_decode_graphs_cover_lora(lora_setup, monkeypatch):
     assert replays and all(n == 6 for n in replays)  # decode steps replayed, slots included
     for out, prompt, lora in zip(outs, prompts, ("qv8", "all32")):
         assert out.outputs[0].token_ids == peft_greedy(model, paths[lora], [prompt], 6)[0]
+
+
+@pytest.mark.slow
+def test_verify_graphs_cover_lora(lora_setup):
+    """Speculative verify steps with adapters replay the verify graphs (the slots of every
+    token row are one more static input) and keep HF + peft's tokens (drafts replayed from
+    them, so every draft is accepted and every step verifies)."""
+    from tests.spec_decode.test_verify_graphs import StandInGraphRunner
+
+    model, paths = lora_setup
+    prompts = [[5, 17, 200, 33], [8, 91, 4, 100, 7, 3]]
+    llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=32, max_num_seqs=4,
+              speculative_config={"method": "replay", "num_speculative_tokens": 3,
+                                  "replay_records": []})
+    runner = llm.engine.core.runner
+    runner.lora.batch.ops = GatherLoRAOps()
+    runner.graph_runner = StandInGraphRunner((1, 2, 4))
+    runner.kernel.supports_graph_capture = True
+    runner.verify_graph_factory = StandInGraphRunner
+    runner.capture_graphs()
+    assert runner.verify_graphs.lora is runner.lora.batch
+    names = ("qv8", "all32")
+    want = [peft_greedy(model, paths[n], [p], 9)[0] for p, n in zip(prompts, names)]
+    for p, w in zip(prompts, want):
+        runner.spec.proposer.records[tuple(p)] = list(w)
+    loras = [LoRARequest(n, i + 1, paths[n]) for i, n in enumerate(names)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
+                        use_tqdm=False, lora_request=loras)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert sum(r.replays for r in runner.verify_graphs.runners.values()) >= 2
+    llm.shutdown()
