@@ -25,17 +25,7 @@ B1_ROUNDS=${B1_ROUNDS:-3}
 B1_OUT_LEN=${B1_OUT_LEN:-64}
 B1_COMPILE=${B1_COMPILE:-0}  # 1: also quantization="gguf" with TESSELLM_CPU_COMPILE=1 (torch.compile)
 LLAMA_PY=${LLAMA_PY:-$HOME/.cache/tessellm/bench-llamacpp/bin/python}
-PY=${PY:-python}
-export PYTHONPATH=${PYTHONPATH:-.} TESSELLM_PLUGINS=${TESSELLM_PLUGINS:-cpu}
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$OUT"
-{
-  echo "date: $(date -u +%FT%TZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | grep -q . && echo '(+ working tree)')"
-  echo "machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), $(uname -r)"
-  echo "torch: $($PY -c 'import torch; print(torch.__version__)')"
-  echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-} | tee "$OUT/meta.txt"
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_env.sh"
 
 C="--num-prompts 64 --input-len 136 --output-len 136 --random-range-ratio 0.8824 --seed 7"
 if [[ " $PARTS " == *" C "* ]]; then

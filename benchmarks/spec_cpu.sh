@@ -9,17 +9,7 @@
 # Writes $OUT/meta.txt and $OUT/spec_cpu.json (ms per output token, speedup, acceptance length).
 set -u
 OUT=${OUT:-benchmarks/results/cpu-$(date -u +%F)-spec}
-PY=${PY:-python}
-export PYTHONPATH=${PYTHONPATH:-.} TESSELLM_PLUGINS=${TESSELLM_PLUGINS:-cpu}
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-mkdir -p "$OUT"
-{
-  echo "date: $(date -u +%FT%TZ)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | grep -q . && echo '(+ working tree)')"
-  echo "machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), $(uname -r)"
-  echo "torch: $($PY -c 'import torch; print(torch.__version__)')"
-  echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-} | tee "$OUT/meta.txt"
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_env.sh"
 timeout "${SPEC_CPU_S:-900}" $PY benchmarks/spec_cpu.py --out "$OUT" --rounds "${ROUNDS:-2}" \
   --tokens "${TOKENS:-96}" --ks ${KS:-3 5} 2>&1 | grep -v "^INFO" | tail -60
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/meta.txt"
