@@ -97,30 +97,37 @@ class NgramHistory:
 def propose_ngram(tokens: np.ndarray, lens: np.ndarray, rows: np.ndarray, nmin: int, nmax: int,
                   k: int) -> tuple[np.ndarray, np.ndarray]:
     """Drafts ``[B, k]`` and their counts ``[B]`` (0: no match) for the histories
-    ``tokens[rows, :lens[rows]]`` (see the module docstring)."""
-    length = lens[rows]
-    width = int(length.max()) if len(rows) else 0
+    ``tokens[rows, :lens[rows]]`` (see the module docstring).
+
+    Candidates only: the columns equal to the suffix's last token (one ``[B, W]`` compare), then
+    for each candidate its ``nmax`` tokens back against the suffix's (``[C, nmax]``): the run of
+    equal ones is the longest n-gram ending there. Per row the longest run (at least ``nmin``)
+    wins, the latest column among equals: one segmented max of ``run * W + column``."""
+    length = lens[rows].astype(np.int64)
+    num = len(rows)
+    width = int(length.max()) if num else 0
+    drafts = np.zeros((num, k), dtype=tokens.dtype)
+    counts = np.zeros(num, dtype=np.int64)
+    if width < 2:
+        return drafts, counts
     hist = tokens[rows, :width]  # [B, W], a copy
-    b = np.arange(len(rows))
-    cols = np.arange(width)
-    ends_ok = cols[None, :] <= (length - 2)[:, None]  # a token follows the match; not the suffix
-    match = hist == hist[b, np.maximum(length - 1, 0)][:, None]
-    best = np.full(len(rows), -1, dtype=np.int64)
-    for n in range(1, nmax + 1):
-        if n > 1:
-            prev = hist[b, np.maximum(length - n, 0)]  # the suffix's n-th token from the end
-            match[:, n - 1:] &= hist[:, :width - n + 1] == prev[:, None]
-            match[:, :n - 1] = False
-        if n < nmin:
-            continue
-        valid = match & ends_ok & (length >= n + 1)[:, None]
-        found = valid.any(axis=1)
-        if not found.any():
-            break  # no longer n-gram can match where this one did not
-        last = width - 1 - np.argmax(valid[:, ::-1], axis=1)
-        best = np.where(found, last, best)
-    start = best + 1
-    counts = np.where(best >= 0, np.minimum(k, length - start), 0)
-    idx = np.minimum(start[:, None] + np.arange(k)[None, :], max(width - 1, 0))
-    drafts = hist[b[:, None], idx] if width else np.zeros((len(rows), k), dtype=np.int32)
+    b = np.arange(num)
+    r, j = np.nonzero(hist[:, :width - 1] == hist[b, np.maximum(length - 1, 0)][:, None])
+    keep = j <= length[r] - 2  # a token follows the match, and it is not the suffix itself
+    r, j = r[keep], j[keep]
+    if not len(r):
+        return drafts, counts
+    back = np.arange(nmax)
+    suffix = hist[b[:, None], np.maximum(length[:, None] - 1 - back, 0)]  # [B, nmax], last first
+    cols = j[:, None] - back  # [C, nmax]
+    equal = (hist[r[:, None], np.maximum(cols, 0)] == suffix[r]) & (cols >= 0)
+    run = np.logical_and.accumulate(equal, axis=1).sum(axis=1)
+    first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # nonzero's rows come sorted
+    key = np.maximum.reduceat(run * width + j, first)
+    row, best_run, end = r[first], key // width, key % width
+    ok = best_run >= nmin
+    row, start = row[ok], end[ok] + 1
+    counts[row] = np.minimum(k, length[row] - start)
+    idx = np.minimum(start[:, None] + np.arange(k)[None, :], width - 1)
+    drafts[row] = hist[row[:, None], idx]
     return drafts, counts

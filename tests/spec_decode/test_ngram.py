@@ -38,3 +38,27 @@ def test_matches_reference_on_random_histories():
             assert drafts[j, :counts[j]].tolist() == want, (r, nmin, nmax, k)
     drafts, counts = propose_ngram(tokens, lens, np.array([len(histories) - 1]), 2, 4, 4)
     assert drafts[0, :counts[0]].tolist() == [9, 1, 2, 3]
+
+
+def test_candidate_search_matches_reference_on_copy_histories():
+    """Copies with edits (long runs, ties between equally long matches, the suffix overlapping
+    its match), rows of one or two tokens, and histories longer than their row's neighbours'."""
+    rng = np.random.default_rng(1)
+    histories = []
+    for i in range(60):
+        vocab = int(rng.choice([2, 4, 30]))
+        base = list(rng.integers(0, vocab, size=int(rng.integers(1, 12))))
+        h = (base * int(rng.integers(1, 5)))[:int(rng.integers(1, 40))]
+        if h and rng.random() < 0.5:
+            h[int(rng.integers(0, len(h)))] = int(rng.integers(0, vocab))
+        histories.append(h)
+    tokens = np.zeros((len(histories), 48), dtype=np.int32)
+    lens = np.array([len(h) for h in histories], dtype=np.int64)
+    for i, h in enumerate(histories):
+        tokens[i, :len(h)] = h
+    rows = rng.permutation(len(histories))
+    for nmin, nmax, k in [(1, 5, 5), (2, 5, 8), (3, 4, 1), (2, 2, 3)]:
+        drafts, counts = propose_ngram(tokens, lens, rows, nmin, nmax, k)
+        for j, r in enumerate(rows):
+            want = [int(t) for t in reference(histories[r], nmin, nmax, k)]
+            assert drafts[j, :counts[j]].tolist() == want, (histories[r], nmin, nmax, k)

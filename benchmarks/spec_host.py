@@ -1,0 +1,229 @@
+"""The host work of a speculative step, on the CPU: a proxy for the host-bound GPU regime.
+
+SmolLM2-135M on an H200 is host-bound (0.94 ms per plain step, nearly all of it host work), so
+n-gram speculation gains only if a speculative step costs about a plain step of host time. This
+benchmark makes the same regime on the CPU: a random Llama whose forward is cheap (2 layers,
+hidden 64, vocab 256: a few hundred microseconds of torch op overhead), through the real engine
+(``LLM`` -> ``LLMEngine.step`` -> scheduler, runner, proposer, output processor), and splits each
+step's host time into phases by wrapping the functions that do them (inclusive times; nested
+phases are marked ``.``)::
+
+    step               LLMEngine.step, everything
+    .schedule          Scheduler.schedule (block allocation, drafts onto the step)
+    .update            Scheduler.update (accepted tokens, stop checks, KV rollback)
+    ..rollback         spec_ahead.give_back: rejected drafts' slots back to the block manager
+    .apply             InputBatch.apply (the runner's per-request state from the step)
+    .build_inputs      input_builder.build_inputs (ids, positions, slots, query starts, ...)
+    .forward           ModelRunner._forward (host -> device copies + the model + logits)
+    ..model            the model's forward alone
+    .sampling_batch    build_sampling_batch (per-row sampling parameters)
+    .sample            ModelRunner._sample (the sampler: argmax for greedy)
+    .collect           runner_output.collect (readback -> accepted tokens per request)
+    .propose           SpecDecodeRunner.propose (the n-gram search and its bookkeeping)
+    .outputs           OutputProcessor.process (detokenise-free here: token ids only)
+
+Workload: copy-heavy prompts (a random passage of 48 tokens repeated, so a random model's greedy
+continuation falls into the same kind of loops a copy task gives n-gram), greedy, EOS ignored.
+Batch 1 (requests one after another) and batch 8 (8 at once). One plain engine and one n-gram
+engine per k are loaded side by side and run in interleaved rounds; the figure per engine is the
+median over rounds of ms per output token (wall time of the whole generate / output tokens).
+
+Usage: python benchmarks/spec_host.py --out DIR [--rounds 3] [--tokens 128] [--ks 3 5 8] [--async]
+Writes DIR/spec_host.json after every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tessellm import LLM  # noqa: E402
+from tessellm.core.sampling_params import SamplingParams  # noqa: E402
+
+PHASES = {  # name -> (module path, attribute path): functions wrapped with a timer
+    "step": ("tessellm.core.llm_engine", "LLMEngine.step"),
+    ".schedule": ("tessellm.core.scheduler", "Scheduler.schedule"),
+    ".update": ("tessellm.core.scheduler", "Scheduler.update"),
+    "..rollback": ("tessellm.core.scheduler", "give_back"),
+    ".apply": ("tessellm.core.input_batch", "InputBatch.apply"),
+    ".build_inputs": ("tessellm.core.model_runner", "build_inputs"),
+    ".forward": ("tessellm.core.model_runner", "ModelRunner._forward"),
+    ".sampling_batch": ("tessellm.core.model_runner", "build_sampling_batch"),
+    ".sample": ("tessellm.core.model_runner", "ModelRunner._sample"),
+    ".collect": ("tessellm.core.model_runner", "collect"),
+    ".propose": ("tessellm.spec_decode.runner_part", "SpecDecodeRunner.propose"),
+    ".outputs": ("tessellm.core.output_processor", "OutputProcessor.process"),
+}
+
+
+class Timers:
+    """Per-phase accumulated seconds, for the engine currently measured (``active``)."""
+
+    def __init__(self):
+        self.active: dict[str, float] | None = None
+
+    def install(self) -> None:
+        import importlib
+
+        for name, (module_name, attr) in PHASES.items():
+            owner = importlib.import_module(module_name)
+            *path, leaf = attr.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            setattr(owner, leaf, self._wrap(name, getattr(owner, leaf)))
+
+    def _wrap(self, name: str, fn):
+        timers = self
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if timers.active is not None:
+                    timers.active[name] = timers.active.get(name, 0.0) + time.perf_counter() - t0
+        return timed
+
+    def wrap_model(self, llm) -> None:
+        model = llm.engine.core.runner.model
+        model.forward = self._wrap("..model", model.forward)
+
+
+def save_model(root: str) -> str:
+    """The random Llama (HF config + safetensors), built here, never downloaded."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tessellm.testing.harness import TINY_LLAMA
+
+    path = os.path.join(root, "host-llama")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        torch.manual_seed(1234)
+        config = LlamaConfig(**{**TINY_LLAMA, "max_position_embeddings": 2048})
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+def copy_prompts(n: int, vocab: int = 256, length: int = 48, repeats: int = 3) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, vocab, size=length).tolist() * repeats for _ in range(n)]
+
+
+def run(llm, prompts: list[list[int]], tokens: int, batch: int, timers: Timers) -> tuple[dict, list]:
+    """Generate every prompt ``batch`` at a time; wall time, output tokens, steps, phases."""
+    engine = llm.engine
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    phases: dict[str, float] = {}
+    outs: dict[str, list[int]] = {}
+    steps = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(prompts), batch):
+        for i in range(start, min(start + batch, len(prompts))):
+            engine.add_request(f"r{i}-{time.monotonic_ns()}", {"prompt_token_ids": prompts[i]}, params)
+        timers.active = phases
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outs[out.request_id] = list(out.outputs[0].token_ids)
+            steps += 1
+        timers.active = None
+    wall = time.perf_counter() - t0
+    produced = sum(len(t) for t in outs.values())
+    ordered = [outs[k] for k in sorted(outs, key=lambda r: int(r[1:].split("-")[0]))]
+    return {"wall_s": wall, "tokens": produced, "steps": steps, "phases": phases}, ordered
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Median ms per output token; per-step phase times (ms) of the median run."""
+    ms = [1e3 * r["wall_s"] / r["tokens"] for r in runs]
+    mid = sorted(range(len(runs)), key=lambda i: ms[i])[len(runs) // 2]
+    r = runs[mid]
+    return {"ms_per_token": round(statistics.median(ms), 4), "tokens_per_step": round(r["tokens"] / r["steps"], 3),
+            "steps": r["steps"], "phase_ms_per_step": {k: round(1e3 * v / r["steps"], 4) for k, v in r["phases"].items()},
+            "phase_ms_per_token": {k: round(1e3 * v / r["tokens"], 4) for k, v in r["phases"].items()}}
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/tessellm-out"))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--ks", type=int, nargs="+", default=[3, 5, 8])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--async", dest="async_", action="store_true", help="also n-gram k=5 with async_scheduling")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(1)  # a tiny model: threads only add overhead (and the 2 cores are shared)
+    timers = Timers()
+    timers.install()
+    model = save_model(os.path.join(tempfile.gettempdir(), "tessellm-spec-host"))
+    common = dict(model=model, device="cpu", dtype="float32", max_model_len=1024, enable_prefix_caching=False,
+                  max_num_seqs=max(args.batches))
+    configs = {"plain": {}}
+    for k in args.ks:
+        configs[f"ngram_k{k}"] = {"speculative_config": {"method": "ngram", "num_speculative_tokens": k}}
+    if args.async_:
+        configs["ngram_k5_async"] = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 5},
+                                     "async_scheduling": True}
+    engines = {name: LLM(**common, **extra) for name, extra in configs.items()}
+    for llm in engines.values():
+        timers.wrap_model(llm)
+    prompts = copy_prompts(args.prompts)
+    result = {"model": "random Llama, 2 layers, hidden 64, vocab 256, fp32, cpu backend, 1 torch thread",
+              "workload": f"{len(prompts)} prompts (48 random tokens x3), greedy, {args.tokens} output tokens, EOS ignored",
+              "load_avg_start": _loadavg(), "rounds": []}
+    runs: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    plain_out: dict[int, list] = {}
+    for rnd in range(args.rounds):
+        for batch in args.batches:
+            for name, llm in engines.items():
+                stats, outs = run(llm, prompts, args.tokens, batch, timers)
+                runs[(name, batch)].append(stats)
+                if name == "plain":
+                    plain_out.setdefault(batch, outs)
+                elif outs != plain_out[batch]:
+                    raise SystemExit(f"{name} batch {batch}: greedy tokens differ from plain")
+        result["rounds"].append({"round": rnd, "load_avg": _loadavg()})
+        for batch in args.batches:
+            table = {name: summarise(runs[(name, batch)]) for name in engines}
+            base = table["plain"]["ms_per_token"]
+            for name, row in table.items():
+                row["speedup"] = round(base / row["ms_per_token"], 3)
+                llm = engines[name]
+                if name != "plain":
+                    row["acceptance"] = llm.engine.core.scheduler.spec_stats.as_dict()
+            result[f"batch{batch}"] = table
+        with open(os.path.join(args.out, "spec_host.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps({b: {n: (r["ms_per_token"], r["speedup"], r["tokens_per_step"])
+                              for n, r in result[f"batch{b}"].items()} for b in args.batches}), flush=True)
+    result["load_avg_end"] = _loadavg()
+    with open(os.path.join(args.out, "spec_host.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    for llm in engines.values():
+        llm.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
