@@ -103,7 +103,7 @@ def propose_ngram(tokens: np.ndarray, lens: np.ndarray, rows: np.ndarray, nmin: 
     for each candidate its ``nmax`` tokens back against the suffix's (``[C, nmax]``): the run of
     equal ones is the longest n-gram ending there. Per row the longest run (at least ``nmin``)
     wins, the latest column among equals: one segmented max of ``run * W + column``."""
-    length = lens[rows].astype(np.int64)
+    length = lens[rows]
     num = len(rows)
     width = int(length.max()) if num else 0
     drafts = np.zeros((num, k), dtype=tokens.dtype)
@@ -112,22 +112,22 @@ def propose_ngram(tokens: np.ndarray, lens: np.ndarray, rows: np.ndarray, nmin: 
         return drafts, counts
     hist = tokens[rows, :width]  # [B, W], a copy
     b = np.arange(num)
-    r, j = np.nonzero(hist[:, :width - 1] == hist[b, np.maximum(length - 1, 0)][:, None])
-    keep = j <= length[r] - 2  # a token follows the match, and it is not the suffix itself
-    r, j = r[keep], j[keep]
-    if not len(r):
-        return drafts, counts
     back = np.arange(nmax)
     suffix = hist[b[:, None], np.maximum(length[:, None] - 1 - back, 0)]  # [B, nmax], last first
+    hist[b, length - 1] = -1  # the suffix's own end is no match (a token must follow one)
+    if length.min() != width:  # past a shorter row's end: no match either
+        hist[np.arange(width)[None, :] >= length[:, None]] = -1
+    r, j = np.nonzero(hist == suffix[:, :1])
+    if not len(r):
+        return drafts, counts
     cols = j[:, None] - back  # [C, nmax]
     equal = (hist[r[:, None], np.maximum(cols, 0)] == suffix[r]) & (cols >= 0)
     run = np.logical_and.accumulate(equal, axis=1).sum(axis=1)
-    first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # nonzero's rows come sorted
+    first = np.flatnonzero(np.concatenate(([True], r[1:] != r[:-1])))  # nonzero's rows come sorted
     key = np.maximum.reduceat(run * width + j, first)
-    row, best_run, end = r[first], key // width, key % width
-    ok = best_run >= nmin
-    row, start = row[ok], end[ok] + 1
+    ok = key >= nmin * width  # the longest run is at least nmin
+    row, start = r[first[ok]], key[ok] % width + 1
     counts[row] = np.minimum(k, length[row] - start)
-    idx = np.minimum(start[:, None] + np.arange(k)[None, :], width - 1)
-    drafts[row] = hist[row[:, None], idx]
+    idx = np.minimum(start[:, None] + np.arange(k), width - 1)
+    drafts[row] = tokens[rows[row][:, None], idx]  # not hist: its suffix end is overwritten
     return drafts, counts

@@ -63,3 +63,31 @@ def test_captured_verify_compiles():
     out = torch.compile(run, fullgraph=True)(step.q, step.k, step.v, batch.seq_lens, batch.slot_mapping,
                                               batch.block_tables)
     torch.testing.assert_close(out, step.ref_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("query_lens,ctx_lens", [
+    ([1, 1, 4, 4, 4], [7, 2, 9, 0, 13]),  # decodes, then verifies of k = 3 (one a fresh prompt)
+    ([1, 3, 1 + 1, 6, 2], [5, 11, 0, 4, 17]),  # uneven query lengths: padded rows dropped
+    ([5], [20]),  # one verify, no decode
+])
+def test_eager_short_queries_batched_match_reference(window, query_lens, ctx_lens):
+    """An eager step whose non-decode sequences have few queries each (a verify step) runs them
+    as one SDPA (``ShortQueries``): the same output as the reference, the cache written alike."""
+    from tessellm.backends.cpu import attention
+
+    decodes = sum(1 for n in query_lens if n == 1)
+    order = sorted(range(len(query_lens)), key=lambda i: query_lens[i] != 1)  # decodes first
+    qs, cs = [query_lens[i] for i in order], [ctx_lens[i] for i in order]
+    step = make_paged_step(qs, cs, num_kv_heads=2, group=2, head_size=16, block_size=BLOCK,
+                           dtype=torch.float32, device="cpu", window=window, seed=5)
+    assert step.batch.num_decodes == decodes
+    kernel = CpuAttentionKernel(AttentionSpec(4, 2, 16, torch.float32, BLOCK, "auto", window))
+    md = kernel.build_metadata(step.batch)
+    assert md.short is not None and md.short.n == max(qs[decodes:])
+    out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale)
+    torch.testing.assert_close(out, step.ref_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(step.k_cache, step.ref_k_cache) and torch.equal(step.v_cache, step.ref_v_cache)
+    long = make_paged_step([1, attention.SHORT_QUERY + 1], [3, 2], num_kv_heads=2, group=2, head_size=16,
+                           block_size=BLOCK, dtype=torch.float32, device="cpu", seed=6)
+    assert kernel.build_metadata(long.batch).short is None  # a long chunk: one SDPA per sequence

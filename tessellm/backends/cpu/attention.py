@@ -1,7 +1,9 @@
 """Paged attention for the cpu backend, in plain torch.
 
 Decode sequences (one query each, first in the batch) run as one batched SDPA over their
-gathered, right-padded contexts; prefill chunks run one SDPA per sequence. K/V are always read
+gathered, right-padded contexts; the other sequences too when each has at most ``SHORT_QUERY``
+queries (a speculative verify step's k+1, short prompts: ``ShortQueries``, queries padded to the
+longest), else one SDPA per sequence. K/V are always read
 through the block table: the cache is paged, never a contiguous per-request buffer.
 
 Graph capture (``graph_runner.py`` compiles the decode step with ``torch.compile``): a captured
@@ -42,6 +44,28 @@ class CpuAttentionMetadata:
     verify_q: int = 0
     verify_mask: Optional[torch.Tensor] = None  # bool [S, 1, q, L]
     verify_blocks: Optional[torch.Tensor] = None  # int64 [S, blocks]
+    # An eager step whose non-decode sequences all have at most SHORT_QUERY queries (a verify
+    # step's k+1, short prompts): one batched SDPA for them, their queries padded to ``short_q``.
+    short: Optional["ShortQueries"] = None
+
+
+# Non-decode sequences with at most this many queries each run batched (``ShortQueries``).
+SHORT_QUERY = 16
+
+
+@dataclass
+class ShortQueries:
+    """The non-decode sequences of an eager step, batched: ``n`` query rows each (a sequence
+    with fewer repeats its last query; those rows are dropped after SDPA)::
+
+        q lens 3, 1, 3 (n = 3):  rows  [0 1 2] [3 3 3] [4 5 6]   keep [0 1 2 3 6 7 8]
+    """
+
+    n: int
+    mask: torch.Tensor  # bool [S', 1, n, L]: query i of sequence s sees key j
+    blocks: torch.Tensor  # int64 [S', blocks]
+    rows: Optional[torch.Tensor]  # int64 [S' * n]: token row per padded query; None: uniform
+    keep: Optional[torch.Tensor]  # int64 [T']: the padded rows that are real; None: uniform
 
 
 class CpuAttentionKernel:
@@ -72,8 +96,9 @@ class CpuAttentionKernel:
             if self.window is not None:
                 valid &= k_pos[None, :] > q_pos - self.window
             decode_mask = valid[:, None, None, :]
+        short = self._short_queries(batch)
         prefill_masks = []
-        for s in _prefill_seqs(batch):
+        for s in _prefill_seqs(batch) if short is None else ():
             q_len = batch.query_start_loc_host[s + 1] - batch.query_start_loc_host[s]
             seq_len = batch.seq_lens_host[s]
             if q_len == seq_len and self.window is None:
@@ -87,7 +112,35 @@ class CpuAttentionKernel:
             prefill_masks.append(mask)
         padded = (torch.compiler.is_compiling() or not batch.seq_lens_host
                   or bool((batch.slot_mapping < 0).any()))  # once per step, on the host
-        return CpuAttentionMetadata(batch, decode_mask, decode_blocks, prefill_masks, padded)
+        return CpuAttentionMetadata(batch, decode_mask, decode_blocks, prefill_masks, padded, short=short)
+
+    def _short_queries(self, batch: AttentionBatch) -> Optional[ShortQueries]:
+        """``ShortQueries`` for an eager step's non-decode sequences, or None (none of them, or
+        one with more than ``SHORT_QUERY`` queries: those run one SDPA each)."""
+        seqs = _prefill_seqs(batch)
+        if not len(seqs) or not batch.query_start_loc_host or torch.compiler.is_compiling():
+            return None
+        starts = batch.query_start_loc_host[seqs.start:]
+        q_lens = [b - a for a, b in zip(starts, starts[1:])]
+        n = max(q_lens)
+        if n > SHORT_QUERY:
+            return None
+        seq_lens = batch.seq_lens_host[seqs.start:]
+        bs = self.spec.block_size
+        nblocks = -(-max(seq_lens) // bs)
+        ql = torch.tensor(q_lens)
+        i = torch.minimum(torch.arange(n)[None, :], (ql - 1)[:, None])  # [S', n]
+        q_pos = (torch.tensor(seq_lens) - ql)[:, None] + i
+        k_pos = torch.arange(nblocks * bs)
+        valid = k_pos[None, None, :] <= q_pos[:, :, None]
+        if self.window is not None:
+            valid &= k_pos[None, None, :] > q_pos[:, :, None] - self.window
+        rows = keep = None
+        if min(q_lens) != n:
+            rows = (torch.tensor(starts[:-1]) - starts[0])[:, None] + i
+            rows, keep = rows.reshape(-1), (torch.arange(n)[None, :] < ql[:, None]).reshape(-1).nonzero().squeeze(1)
+        blocks = batch.block_tables[seqs.start:, :nblocks].long()
+        return ShortQueries(n, valid[:, None], blocks, rows, keep)
 
     def _verify_metadata(self, batch: AttentionBatch) -> CpuAttentionMetadata:
         """A captured verify step: ``max_query_len`` queries per sequence (module docstring)."""
@@ -112,6 +165,10 @@ class CpuAttentionKernel:
         nd = batch.num_decodes
         if nd:
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, metadata, scale)
+        if metadata.short is not None:
+            out[batch.query_start_loc_host[nd]:] = self._short(q[batch.query_start_loc_host[nd]:], k_cache,
+                                                               v_cache, metadata.short, scale)
+            return out
         starts = batch.query_start_loc_host
         for i, s in enumerate(_prefill_seqs(batch)):
             q0, q1 = starts[s], starts[s + 1]
@@ -131,19 +188,14 @@ class CpuAttentionKernel:
         return o.reshape(nd, num_heads, head_size)
 
     def _verify(self, q, k_cache, v_cache, md: CpuAttentionMetadata, scale):
-        """``q`` [S * n, H, D], n queries per sequence; the group's queries share a mask row."""
-        n = md.verify_q
-        num_heads, head_size = q.shape[1], q.shape[2]
-        kvh = k_cache.shape[2]
-        group = num_heads // kvh
-        s = md.verify_blocks.shape[0]
-        k = _gather(k_cache, md.verify_blocks).view(s, -1, kvh, head_size).transpose(1, 2)  # [S, KVH, L, D]
-        v = _gather(v_cache, md.verify_blocks).view(s, -1, kvh, head_size).transpose(1, 2)
-        # [S, n, KVH, G, D] -> [S, KVH, G * n, D]: rows g * n + i, each group row i sees mask row i
-        qg = q.view(s, n, kvh, group, head_size).permute(0, 2, 3, 1, 4).reshape(s, kvh, group * n, head_size)
-        mask = md.verify_mask.expand(s, group, n, md.verify_mask.shape[-1]).reshape(s, 1, group * n, -1)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [S, KVH, G * n, D]
-        return o.view(s, kvh, group, n, head_size).permute(0, 3, 1, 2, 4).reshape(s * n, num_heads, head_size)
+        return _batched_queries(q, k_cache, v_cache, md.verify_blocks, md.verify_mask, md.verify_q, scale)
+
+    def _short(self, q, k_cache, v_cache, short: ShortQueries, scale):
+        """The non-decode sequences' queries (``q`` from the first one on), one SDPA."""
+        if short.rows is not None:
+            q = q.index_select(0, short.rows)
+        o = _batched_queries(q, k_cache, v_cache, short.blocks, short.mask, short.n, scale)
+        return o if short.keep is None else o.index_select(0, short.keep)
 
     def _prefill(self, q, k_cache, v_cache, block_table, seq_len, mask, scale):
         bs = k_cache.shape[1]
@@ -155,6 +207,22 @@ class CpuAttentionKernel:
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=mask is None,
                                            scale=scale, enable_gqa=True)
         return o.transpose(0, 1)
+
+
+def _batched_queries(q, k_cache, v_cache, blocks, mask, n: int, scale):
+    """``q`` [S * n, H, D], n queries per sequence, against each sequence's gathered blocks;
+    ``mask`` [S, 1, n, L]. The group's queries share a mask row."""
+    num_heads, head_size = q.shape[1], q.shape[2]
+    kvh = k_cache.shape[2]
+    group = num_heads // kvh
+    s = blocks.shape[0]
+    k = _gather(k_cache, blocks).view(s, -1, kvh, head_size).transpose(1, 2)  # [S, KVH, L, D]
+    v = _gather(v_cache, blocks).view(s, -1, kvh, head_size).transpose(1, 2)
+    # [S, n, KVH, G, D] -> [S, KVH, G * n, D]: rows g * n + i, each group row i sees mask row i
+    qg = q.view(s, n, kvh, group, head_size).permute(0, 2, 3, 1, 4).reshape(s, kvh, group * n, head_size)
+    mask = mask.expand(s, group, n, mask.shape[-1]).reshape(s, 1, group * n, -1)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [S, KVH, G * n, D]
+    return o.view(s, kvh, group, n, head_size).permute(0, 3, 1, 2, 4).reshape(s * n, num_heads, head_size)
 
 
 def _prefill_seqs(batch: AttentionBatch) -> range:
