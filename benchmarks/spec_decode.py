@@ -122,22 +122,30 @@ def part_smollm(args) -> dict:
     close(base)
     result = {"model": f"SmolLM2-135M-Instruct ({model or 'bundled GGUF'})", "dtype": args.dtype,
               "num_prompts": len(prompts), "max_tokens": args.smollm_tokens,
-              "plain_ms_per_token": round(statistics.median(plain) * 1e3, 3), "ngram": {}}
+              "plain_ms_per_token": round(statistics.median(plain) * 1e3, 3)}
     save(args, "smollm", result)
-    llm = LLM(**kw, speculative_config={"method": "ngram", "num_speculative_tokens": max(args.smollm_ks)})
+    for key, async_ in (("ngram", None), ("ngram_async", True)) if args.spec_async else (("ngram", None),):
+        _smollm_ngram(args, kw, prompts, want, result, key, async_)
+    return result
+
+
+def _smollm_ngram(args, kw: dict, prompts, want, result: dict, key: str, async_) -> None:
+    """One n-gram engine (``async_``: its async_scheduling), every k of ``--smollm-ks`` in turn."""
+    result[key] = {}
+    llm = LLM(**kw, speculative_config={"method": "ngram", "num_speculative_tokens": max(args.smollm_ks)},
+              async_scheduling=async_)
     for k in args.smollm_ks:
         set_k(llm, k)
         reset_stats(llm)
         tpots, got = b1(llm, prompts, args.smollm_tokens)
         ms = statistics.median(tpots) * 1e3
-        result["ngram"][str(k)] = {"ms_per_token": round(ms, 3),
-                                   "speedup": round(result["plain_ms_per_token"] / ms, 3),
-                                   "tokens_equal_plain": sum(a == b for a, b in zip(got, want)),
-                                   **spec_stats(llm)}
-        print(json.dumps({"k": k, **result["ngram"][str(k)]}), flush=True)
+        result[key][str(k)] = {"ms_per_token": round(ms, 3),
+                               "speedup": round(result["plain_ms_per_token"] / ms, 3),
+                               "tokens_equal_plain": sum(a == b for a, b in zip(got, want)),
+                               **spec_stats(llm)}
+        print(json.dumps({"engine": key, "k": k, **result[key][str(k)]}), flush=True)
         save(args, "smollm", result)
     close(llm)
-    return result
 
 
 def _common(args) -> dict:

@@ -28,8 +28,13 @@ Batch 1 (requests one after another) and batch 8 (8 at once). One plain engine a
 engine per k are loaded side by side and run in interleaved rounds; the figure per engine is the
 median over rounds of ms per output token (wall time of the whole generate / output tokens).
 
-Usage: python benchmarks/spec_host.py --out DIR [--rounds 3] [--tokens 128] [--ks 3 5 8] [--async]
-Writes DIR/spec_host.json after every round.
+Usage: python benchmarks/spec_host.py --out DIR [--rounds 3] [--tokens 256] [--ks 3 5 8] [--async]
+       python benchmarks/spec_host.py --table DIR/spec_host.json     (a markdown table of it)
+Writes DIR/spec_host.json after every round. ``host_ms_per_step``: the step without the model's
+forward (what a GPU step would spend on the host); ``step_vs_plain`` / ``host_vs_plain``: a
+speculative step's time over a plain one's. The speed-up is about ``tokens_per_step /
+step_vs_plain``: with the host work of a step near a plain one's, the accepted tokens are
+nearly free.
 """
 
 from __future__ import annotations
@@ -123,7 +128,10 @@ def copy_prompts(n: int, vocab: int = 256, length: int = 48, repeats: int = 3) -
 
 def run(llm, prompts: list[list[int]], tokens: int, batch: int, timers: Timers) -> tuple[dict, list]:
     """Generate every prompt ``batch`` at a time; wall time, output tokens, steps, phases."""
+    from tessellm.spec_decode.metrics import SpecDecodeStats
+
     engine = llm.engine
+    engine.core.scheduler.spec_stats = SpecDecodeStats()
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     phases: dict[str, float] = {}
     outs: dict[str, list[int]] = {}
@@ -142,7 +150,9 @@ def run(llm, prompts: list[list[int]], tokens: int, batch: int, timers: Timers) 
     wall = time.perf_counter() - t0
     produced = sum(len(t) for t in outs.values())
     ordered = [outs[k] for k in sorted(outs, key=lambda r: int(r[1:].split("-")[0]))]
-    return {"wall_s": wall, "tokens": produced, "steps": steps, "phases": phases}, ordered
+    spec = engine.core.scheduler.spec_stats
+    return {"wall_s": wall, "tokens": produced, "steps": steps, "phases": phases,
+            "acceptance": spec.as_dict() if spec.num_drafts else None}, ordered
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -150,9 +160,36 @@ def summarise(runs: list[dict]) -> dict:
     ms = [1e3 * r["wall_s"] / r["tokens"] for r in runs]
     mid = sorted(range(len(runs)), key=lambda i: ms[i])[len(runs) // 2]
     r = runs[mid]
+    per_step = {k: 1e3 * v / r["steps"] for k, v in r["phases"].items()}
     return {"ms_per_token": round(statistics.median(ms), 4), "tokens_per_step": round(r["tokens"] / r["steps"], 3),
-            "steps": r["steps"], "phase_ms_per_step": {k: round(1e3 * v / r["steps"], 4) for k, v in r["phases"].items()},
-            "phase_ms_per_token": {k: round(1e3 * v / r["tokens"], 4) for k, v in r["phases"].items()}}
+            "steps": r["steps"], "step_ms": round(per_step["step"], 4),
+            "host_ms_per_step": round(per_step["step"] - per_step.get("..model", 0.0), 4),
+            "phase_ms_per_step": {k: round(v, 4) for k, v in per_step.items()},
+            "phase_ms_per_token": {k: round(1e3 * v / r["tokens"], 4) for k, v in r["phases"].items()},
+            "acceptance": r["acceptance"]}
+
+
+COLUMNS = ("ms_per_token", "speedup", "tokens_per_step", "step_ms", "step_vs_plain", "host_ms_per_step",
+           "host_vs_plain")
+PHASE_COLUMNS = (".schedule", ".build_inputs", ".forward", "..model", ".sample", ".propose", ".update", ".outputs")
+
+
+def table(path: str) -> str:
+    """A markdown table of a spec_host.json: per batch and engine the figures, then the phases
+    (ms per step). ``host`` is the step without the model's forward."""
+    with open(path) as f:
+        result = json.load(f)
+    lines = [f"{result['model']}; {result['workload']}; load {result['load_avg_start']} -> "
+             f"{result.get('load_avg_end', '?')}", ""]
+    head = ["batch", "engine", *COLUMNS, "acceptance length", *PHASE_COLUMNS]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(k for k in result if k.startswith("batch")):
+        for name, row in result[key].items():
+            acc = (row.get("acceptance") or {}).get("mean_acceptance_length", "")
+            cells = [key[5:], name, *(row[c] for c in COLUMNS), acc,
+                     *(row["phase_ms_per_step"].get(c, 0.0) for c in PHASE_COLUMNS)]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def _loadavg() -> str:
@@ -164,12 +201,16 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/tessellm-out"))
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--ks", type=int, nargs="+", default=[3, 5, 8])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--async", dest="async_", action="store_true", help="also n-gram k=5 with async_scheduling")
+    p.add_argument("--table", help="print the markdown table of this spec_host.json and exit")
     args = p.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
     os.makedirs(args.out, exist_ok=True)
     import torch
 
@@ -209,9 +250,8 @@ def main() -> int:
             base = table["plain"]["ms_per_token"]
             for name, row in table.items():
                 row["speedup"] = round(base / row["ms_per_token"], 3)
-                llm = engines[name]
-                if name != "plain":
-                    row["acceptance"] = llm.engine.core.scheduler.spec_stats.as_dict()
+                row["step_vs_plain"] = round(row["step_ms"] / table["plain"]["step_ms"], 3)
+                row["host_vs_plain"] = round(row["host_ms_per_step"] / table["plain"]["host_ms_per_step"], 3)
             result[f"batch{batch}"] = table
         with open(os.path.join(args.out, "spec_host.json"), "w") as f:
             json.dump(result, f, indent=2)

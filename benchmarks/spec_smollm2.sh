@@ -9,6 +9,7 @@
 #               `cat a b > file`, sha256 in .gpuperf/smol/sha256)
 #   SMOL_S      time box in seconds (default 150; about 60-90 s on an H200)
 #   SMOL_DTYPE  bfloat16 (default; float32 on the CPU)
+#   SPEC_ASYNC  1: also one n-gram engine with async_scheduling=True (key "ngram_async")
 # The `gguf` package comes from the lead's wheels in .whl/ when present.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

@@ -113,16 +113,18 @@ def _sampled(qsl: np.ndarray, num_sampled: list[int]) -> tuple[np.ndarray, list[
 
 
 def _input_ids(states, counts, qsl, input_token: InputToken, feed) -> np.ndarray:
-    parts = []
+    flat: list[int] = []  # one host array at the end, not one per request
     for i, (st, n) in enumerate(zip(states, counts)):
         c = st.num_computed_tokens
         known = st.token_ids[c:c + n]
         if len(known) < n and st.spec_token_ids:  # the last known token, then the drafts
-            known = known + st.spec_token_ids[:n - len(known)]
+            flat += known
+            flat += st.spec_token_ids[:n - len(known)]
         elif len(known) < n:  # a decode whose input the last step sampled
-            known = [input_token(st, c, int(qsl[i]), feed)]
-        parts.append(np.asarray(known, dtype=np.int64))
-    return np.concatenate(parts)
+            flat.append(input_token(st, c, int(qsl[i]), feed))
+        else:
+            flat += known
+    return np.array(flat, dtype=np.int64)
 
 
 def _num_decodes(counts: list[int]) -> int:

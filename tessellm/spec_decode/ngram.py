@@ -42,8 +42,9 @@ class NgramProposer(Proposer):
         rows = np.fromiter((self.history.row_of[rid] for rid in ids), dtype=np.int64, count=len(ids))
         drafts, counts = propose_ngram(self.history.tokens, self.history.lens, rows, self.nmin,
                                        self.nmax, min(self.k, inp.max_drafts))
-        for i in np.flatnonzero(counts):
-            out.token_ids[ids[i]] = drafts[i, :counts[i]].tolist()
+        for rid, row, n in zip(ids, drafts.tolist(), counts.tolist()):  # two host copies in all
+            if n:
+                out.token_ids[rid] = row[:n]
         return out
 
     def remove_requests(self, request_ids) -> None:

@@ -107,16 +107,11 @@ class VerifyGraphs:
         """The logits [S * q, vocab] of every token row (all are sampled), through the graph
         (``lora_slots``: int32 adapter slot per token row, -1 none; None: no row has one)."""
         s = len(host.seq_lens)
-        ids = np.zeros((padded, q), dtype=np.int64)
-        positions = np.zeros((padded, q), dtype=np.int64)
-        slots = np.full((padded, q), -1, dtype=np.int64)
-        seq_lens = np.full(padded, q, dtype=np.int32)
-        table = np.zeros((padded, host.block_table.shape[1]), dtype=np.int32)
-        ids[:s] = host.input_ids.reshape(s, q)
-        positions[:s] = host.positions.reshape(s, q)
-        slots[:s] = host.slot_mapping.reshape(s, q)
-        seq_lens[:s] = host.seq_lens
-        table[:s] = host.block_table
+        ids = _padded(host.input_ids.reshape(s, q), padded, 0)
+        positions = _padded(host.positions.reshape(s, q), padded, 0)
+        slots = _padded(host.slot_mapping.reshape(s, q), padded, -1)  # padding writes nothing
+        seq_lens = _padded(host.seq_lens, padded, q)
+        table = _padded(host.block_table, padded, 0)
         inputs = [to_device(i, a) for i, a in enumerate((ids, positions, slots, seq_lens, table))]
         if self.lora is not None:  # padding sequences use no adapter; the table stays last
             adapters = np.full((padded, q), -1, dtype=np.int32)
@@ -125,3 +120,12 @@ class VerifyGraphs:
             inputs.insert(4, to_device(10, adapters))
         queued()
         return self.runners[q].run(inputs)[:s].reshape(s * q, -1)
+
+
+def _padded(a: np.ndarray, rows: int, fill: int) -> np.ndarray:
+    """``a`` with ``rows`` rows, the new ones ``fill``; ``a`` itself (no copy) when it has them."""
+    if a.shape[0] == rows:
+        return a
+    out = np.full((rows, *a.shape[1:]), fill, dtype=a.dtype)
+    out[:a.shape[0]] = a
+    return out
