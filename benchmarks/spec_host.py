@@ -246,13 +246,13 @@ def main() -> int:
                     raise SystemExit(f"{name} batch {batch}: greedy tokens differ from plain")
         result["rounds"].append({"round": rnd, "load_avg": _loadavg()})
         for batch in args.batches:
-            table = {name: summarise(runs[(name, batch)]) for name in engines}
-            base = table["plain"]["ms_per_token"]
-            for name, row in table.items():
+            summary = {name: summarise(runs[(name, batch)]) for name in engines}
+            base = summary["plain"]["ms_per_token"]
+            for name, row in summary.items():
                 row["speedup"] = round(base / row["ms_per_token"], 3)
-                row["step_vs_plain"] = round(row["step_ms"] / table["plain"]["step_ms"], 3)
-                row["host_vs_plain"] = round(row["host_ms_per_step"] / table["plain"]["host_ms_per_step"], 3)
-            result[f"batch{batch}"] = table
+                row["step_vs_plain"] = round(row["step_ms"] / summary["plain"]["step_ms"], 3)
+                row["host_vs_plain"] = round(row["host_ms_per_step"] / summary["plain"]["host_ms_per_step"], 3)
+            result[f"batch{batch}"] = summary
         with open(os.path.join(args.out, "spec_host.json"), "w") as f:
             json.dump(result, f, indent=2)
         print(json.dumps({b: {n: (r["ms_per_token"], r["speedup"], r["tokens_per_step"])
