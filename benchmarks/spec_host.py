@@ -171,7 +171,8 @@ def summarise(runs: list[dict]) -> dict:
 
 COLUMNS = ("ms_per_token", "speedup", "tokens_per_step", "step_ms", "step_vs_plain", "host_ms_per_step",
            "host_vs_plain")
-PHASE_COLUMNS = (".schedule", ".build_inputs", ".forward", "..model", ".sample", ".propose", ".update", ".outputs")
+PHASE_COLUMNS = (".schedule", ".build_inputs", ".forward", "..model", ".sample", ".collect", ".propose", ".update",
+                 "..rollback", ".outputs")
 
 
 def table(path: str) -> str:
