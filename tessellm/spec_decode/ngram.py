@@ -103,7 +103,7 @@ def propose_ngram(tokens: np.ndarray, lens: np.ndarray, rows: np.ndarray, nmin: 
     Candidates only: the columns equal to the suffix's last token (one ``[B, W]`` compare), then
     for each candidate its ``nmax`` tokens back against the suffix's (``[C, nmax]``): the run of
     equal ones is the longest n-gram ending there. Per row the longest run (at least ``nmin``)
-    wins, the latest column among equals: one segmented max of ``run * W + column``."""
+    wins, the latest column among equals: one scattered max of ``run * W + column``."""
     length = lens[rows]
     num = len(rows)
     width = int(length.max()) if num else 0
@@ -112,23 +112,25 @@ def propose_ngram(tokens: np.ndarray, lens: np.ndarray, rows: np.ndarray, nmin: 
     if width < 2:
         return drafts, counts
     hist = tokens[rows, :width]  # [B, W], a copy
-    b = np.arange(num)
     back = np.arange(nmax)
-    suffix = hist[b[:, None], np.maximum(length[:, None] - 1 - back, 0)]  # [B, nmax], last first
-    hist[b, length - 1] = -1  # the suffix's own end is no match (a token must follow one)
+    # [B, nmax], last first; a column below 0 wraps, but only where no match can reach (below)
+    suffix = hist[np.arange(num)[:, None], (length - 1)[:, None] - back]
+    hist[np.arange(num), length - 1] = -1  # the suffix's own end is no match (a token must follow one)
     if length.min() != width:  # past a shorter row's end: no match either
         hist[np.arange(width)[None, :] >= length[:, None]] = -1
     r, j = np.nonzero(hist == suffix[:, :1])
     if not len(r):
         return drafts, counts
+    # run i of a candidate ending at j <= L - 2 reads columns j - i >= 0, so suffix columns
+    # L - 1 - i >= 1: never a wrapped one; columns j - i < 0 wrap too and are masked here
     cols = j[:, None] - back  # [C, nmax]
-    equal = (hist[r[:, None], np.maximum(cols, 0)] == suffix[r]) & (cols >= 0)
-    run = np.logical_and.accumulate(equal, axis=1).sum(axis=1)
-    first = np.flatnonzero(np.concatenate(([True], r[1:] != r[:-1])))  # nonzero's rows come sorted
-    key = np.maximum.reduceat(run * width + j, first)
-    ok = key >= nmin * width  # the longest run is at least nmin
-    row, start = r[first[ok]], key[ok] % width + 1
+    equal = (hist[r[:, None], cols] == suffix[r]) & (cols >= 0)
+    key = np.logical_and.accumulate(equal, axis=1).sum(axis=1) * width + j
+    best = np.zeros(num, dtype=np.int64)  # per row: longest run * W + its latest column
+    np.maximum.at(best, r, key)
+    row = np.flatnonzero(best >= nmin * width)  # the longest run is at least nmin
+    start = best[row] % width + 1
     counts[row] = np.minimum(k, length[row] - start)
-    idx = np.minimum(start[:, None] + np.arange(k), width - 1)
-    drafts[row] = tokens[rows[row][:, None], idx]  # not hist: its suffix end is overwritten
+    # not hist: its suffix end is overwritten
+    drafts[row] = tokens[rows[row][:, None], np.minimum(start[:, None] + np.arange(k), width - 1)]
     return drafts, counts
