@@ -37,65 +37,25 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable
 
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.in_flight import InFlightSteps
 from tessellm.core.request import Request, RequestStatus
-from tessellm.core.spec_ahead import SpecAhead, computed_and_drafts, give_back
+from tessellm.core.scheduler_config import SchedulerConfig, SchedulerStats, check_prompt_fits  # noqa: F401
+from tessellm.core.scheduler_update import SchedulerUpdate
+from tessellm.core.spec_ahead import SpecAhead
 from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,  # noqa: F401
                                 SchedulerOutput)
 from tessellm.spec_decode.metrics import SpecDecodeStats
 from tessellm.lora.scheduling import LORA_WAIT, acquire_slot, lora_step_fields, release_slot
 
 
-@dataclass
-class SchedulerConfig:
-    max_num_seqs: int = 256  # running requests at most
-    max_num_batched_tokens: int = 8192  # tokens computed in one step at most
-    max_model_len: int = 2048  # prompt + output tokens per request at most
-    enable_chunked_prefill: bool = True  # split prompts longer than the step's budget
-    pipeline_parallel_size: int = 1  # > 1: cached requests carry their new token ids
-    async_scheduling: bool = False  # schedule requests in flight one step ahead (see above)
-    # Speculative decoding: KV slots kept allocated past a request's computed tokens, for a
-    # draft model's K/V of its own drafts (tessellm.spec_decode; 0 for n-gram and replay).
-    num_lookahead_tokens: int = 0
-    # Async scheduling: constrained requests go one step ahead too; their masks are filled after
-    # the step before is back (the executor supports ``sample_deferred``). False: they wait.
-    defer_grammar: bool = False
-    # Speculative decoding: drafts per request (0: off) and the load policy's batch cut-off
-    # (SpeculativeConfig); under async scheduling steps ahead reserve them (spec_ahead.py).
-    num_speculative_tokens: int = 0
-    disable_by_batch_size: int = 0
+class Scheduler(SchedulerUpdate):
+    """Step-by-step admission, budgets and preemption (here); ``update`` after the model ran
+    is in scheduler_update.py, the configuration and stats in scheduler_config.py."""
 
-
-@dataclass
-class SchedulerStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_preemptions_total: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    spec_decode: Optional[SpecDecodeStats] = None  # totals since start; None: no speculation
-
-
-def check_prompt_fits(num_tokens: int, max_model_len: int, kv_capacity_tokens: int) -> None:
-    """One clear ValueError for a prompt that can never run; shared by the front end and core."""
-    if num_tokens == 0:
-        raise ValueError("The prompt is empty; give at least one token.")
-    if num_tokens >= max_model_len:
-        raise ValueError(f"The prompt has {num_tokens} tokens but the model's context length is "
-                         f"{max_model_len}; shorten the prompt to at most {max_model_len - 1} tokens.")
-    if num_tokens + 1 > kv_capacity_tokens:
-        raise ValueError(f"The prompt has {num_tokens} tokens but the KV cache holds only "
-                         f"{kv_capacity_tokens} tokens; give the cache more blocks (num_kv_blocks) "
-                         "or shorten the prompt.")
-
-
-class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         self.config = config
         self.kv = block_manager
@@ -363,83 +323,6 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.preempted_ids.add(req.request_id)  # the runner drops its state; resumes as new
 
-    # -- after the model ran ---------------------------------------------------------------
-
-    def update(self, sched: SchedulerOutput, result) -> list[EngineCoreOutput]:
-        """Advance computed counts, append accepted tokens, and finish requests that stop.
-
-        ``result``: the step's ``ModelRunnerOutput`` (or just its ``sampled`` map: request id ->
-        accepted tokens, absent for partial prefills). The outputs leave whole, logprobs in.
-        A request that verified k drafts and accepted ``a`` tokens computed ``k - (a - 1)``
-        slots too many: they are given back (``BlockManager.truncate``) and never published.
-        """
-        if not isinstance(result, ModelRunnerOutput):
-            result = ModelRunnerOutput(dict(result))
-        outputs = []
-        dropped = self.in_flight.retire(sched)
-        for rid, num in sched.num_scheduled_tokens.items():
-            if rid in dropped:  # preempted while this step ran: recomputed later
-                continue
-            req = self.requests.get(rid)
-            if req is None or req.is_finished:
-                continue  # aborted, or stopped by an earlier step, while this one ran
-            new_tokens = result.sampled.get(rid)
-            rejected = 0
-            computed, num_drafts = computed_and_drafts(sched, result, rid, num)
-            if num_drafts and new_tokens:
-                rejected = num_drafts - (len(new_tokens) - 1)
-            req.num_computed_tokens += computed - rejected
-            if rejected or computed != num:  # slots past what its steps may still write go back
-                keep = req.num_computed_tokens + self.in_flight.tokens_ahead(rid) + self.config.num_lookahead_tokens
-                give_back(self.kv, req, keep, self.kept_blocks)
-            self.kv.publish_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
-            if not new_tokens:
-                continue
-            if num_drafts:
-                self.spec_stats.observe(num_drafts, len(new_tokens) - 1)
-            req.spec_token_ids = result.spec_token_ids.get(rid, [])
-            outputs.append(self._append(req, new_tokens, result))
-        return outputs
-
-    def _append(self, req: Request, new_tokens: list[int], result: ModelRunnerOutput) -> EngineCoreOutput:
-        rid = req.request_id
-        appended = []
-        for tok in new_tokens:
-            req.append_token(tok)
-            appended.append(tok)
-            if req.grammar is not None and not req.grammar.accept(tok):
-                req.stop_reason = "grammar"  # never with the mask applied; a safety net
-                self._finish(req, RequestStatus.FINISHED_STOPPED)
-                break
-            status = self._check_stop(req, tok)
-            if status is not None:
-                self._finish(req, status)
-                break
-        first = len(appended) == req.num_output_tokens
-        logprobs = result.logprobs.get(rid)
-        return EngineCoreOutput(rid, appended, req.status.finish_reason, req.stop_reason,
-                                logprobs[:len(appended)] if logprobs is not None else None,
-                                result.prompt_logprobs.get(rid),
-                                num_cached_tokens=max(req.num_cached_tokens, 0),
-                                first_scheduled_time=req.first_scheduled_time if first else None)
-
-    def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
-        params = req.sampling_params
-        if req.num_output_tokens > params.min_tokens:  # the sampler masked these before
-            if token in req.eos_token_ids and not params.ignore_eos:
-                req.stop_reason = None
-                return RequestStatus.FINISHED_STOPPED
-            if token in params.stop_token_ids:
-                req.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-        if req.grammar is not None and req.grammar.is_terminated:
-            return RequestStatus.FINISHED_STOPPED  # the grammar accepted its stop token
-        if params.max_tokens is not None and req.num_output_tokens >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens >= self.config.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
         if req in self.running:
@@ -456,4 +339,3 @@ class Scheduler:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
                               self.num_preemptions_total, self.kv.stats.queries, self.kv.stats.hits,
                               self.spec_stats.copy() if self.spec_stats.num_drafts else None)
-

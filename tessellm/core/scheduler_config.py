@@ -1,0 +1,56 @@
+"""The scheduler's configuration and statistics, and the one check that a prompt can ever run.
+
+Plain Python, no torch: the front end imports ``check_prompt_fits`` without the scheduler.
+All three stay importable from ``tessellm.core.scheduler``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from tessellm.spec_decode.metrics import SpecDecodeStats
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256  # running requests at most
+    max_num_batched_tokens: int = 8192  # tokens computed in one step at most
+    max_model_len: int = 2048  # prompt + output tokens per request at most
+    enable_chunked_prefill: bool = True  # split prompts longer than the step's budget
+    pipeline_parallel_size: int = 1  # > 1: cached requests carry their new token ids
+    async_scheduling: bool = False  # schedule requests in flight one step ahead (see above)
+    # Speculative decoding: KV slots kept allocated past a request's computed tokens, for a
+    # draft model's K/V of its own drafts (tessellm.spec_decode; 0 for n-gram and replay).
+    num_lookahead_tokens: int = 0
+    # Async scheduling: constrained requests go one step ahead too; their masks are filled after
+    # the step before is back (the executor supports ``sample_deferred``). False: they wait.
+    defer_grammar: bool = False
+    # Speculative decoding: drafts per request (0: off) and the load policy's batch cut-off
+    # (SpeculativeConfig); under async scheduling steps ahead reserve them (spec_ahead.py).
+    num_speculative_tokens: int = 0
+    disable_by_batch_size: int = 0
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions_total: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    spec_decode: Optional[SpecDecodeStats] = None  # totals since start; None: no speculation
+
+
+def check_prompt_fits(num_tokens: int, max_model_len: int, kv_capacity_tokens: int) -> None:
+    """One clear ValueError for a prompt that can never run; shared by the front end and core."""
+    if num_tokens == 0:
+        raise ValueError("The prompt is empty; give at least one token.")
+    if num_tokens >= max_model_len:
+        raise ValueError(f"The prompt has {num_tokens} tokens but the model's context length is "
+                         f"{max_model_len}; shorten the prompt to at most {max_model_len - 1} tokens.")
+    if num_tokens + 1 > kv_capacity_tokens:
+        raise ValueError(f"The prompt has {num_tokens} tokens but the KV cache holds only "
+                         f"{kv_capacity_tokens} tokens; give the cache more blocks (num_kv_blocks) "
+                         "or shorten the prompt.")

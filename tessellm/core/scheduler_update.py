@@ -1,0 +1,95 @@
+"""The scheduler after the model ran: advance computed counts, append accepted tokens, stop.
+
+A mixin of ``Scheduler`` (tessellm/core/scheduler.py), which owns the state it reads and
+writes: ``requests``, ``kv`` (the BlockManager), ``in_flight``, ``config``, ``kept_blocks``,
+``spec_stats``, and ``_finish`` (a request leaves ``running``/``waiting`` and frees its blocks).
+Plain Python, no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tessellm.core.engine_output import EngineCoreOutput
+from tessellm.core.request import Request, RequestStatus
+from tessellm.core.spec_ahead import computed_and_drafts, give_back
+from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
+
+
+class SchedulerUpdate:
+    """``Scheduler.update`` and what it needs: accepted tokens in, outputs and stops out."""
+
+    def update(self, sched: SchedulerOutput, result) -> list[EngineCoreOutput]:
+        """Advance computed counts, append accepted tokens, and finish requests that stop.
+
+        ``result``: the step's ``ModelRunnerOutput`` (or just its ``sampled`` map: request id ->
+        accepted tokens, absent for partial prefills). The outputs leave whole, logprobs in.
+        A request that verified k drafts and accepted ``a`` tokens computed ``k - (a - 1)``
+        slots too many: they are given back (``BlockManager.truncate``) and never published.
+        """
+        if not isinstance(result, ModelRunnerOutput):
+            result = ModelRunnerOutput(dict(result))
+        outputs = []
+        dropped = self.in_flight.retire(sched)
+        for rid, num in sched.num_scheduled_tokens.items():
+            if rid in dropped:  # preempted while this step ran: recomputed later
+                continue
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue  # aborted, or stopped by an earlier step, while this one ran
+            new_tokens = result.sampled.get(rid)
+            rejected = 0
+            computed, num_drafts = computed_and_drafts(sched, result, rid, num)
+            if num_drafts and new_tokens:
+                rejected = num_drafts - (len(new_tokens) - 1)
+            req.num_computed_tokens += computed - rejected
+            if rejected or computed != num:  # slots past what its steps may still write go back
+                keep = req.num_computed_tokens + self.in_flight.tokens_ahead(rid) + self.config.num_lookahead_tokens
+                give_back(self.kv, req, keep, self.kept_blocks)
+            self.kv.publish_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+            if not new_tokens:
+                continue
+            if num_drafts:
+                self.spec_stats.observe(num_drafts, len(new_tokens) - 1)
+            req.spec_token_ids = result.spec_token_ids.get(rid, [])
+            outputs.append(self._append(req, new_tokens, result))
+        return outputs
+
+    def _append(self, req: Request, new_tokens: list[int], result: ModelRunnerOutput) -> EngineCoreOutput:
+        rid = req.request_id
+        appended = []
+        for tok in new_tokens:
+            req.append_token(tok)
+            appended.append(tok)
+            if req.grammar is not None and not req.grammar.accept(tok):
+                req.stop_reason = "grammar"  # never with the mask applied; a safety net
+                self._finish(req, RequestStatus.FINISHED_STOPPED)
+                break
+            status = self._check_stop(req, tok)
+            if status is not None:
+                self._finish(req, status)
+                break
+        first = len(appended) == req.num_output_tokens
+        logprobs = result.logprobs.get(rid)
+        return EngineCoreOutput(rid, appended, req.status.finish_reason, req.stop_reason,
+                                logprobs[:len(appended)] if logprobs is not None else None,
+                                result.prompt_logprobs.get(rid),
+                                num_cached_tokens=max(req.num_cached_tokens, 0),
+                                first_scheduled_time=req.first_scheduled_time if first else None)
+
+    def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
+        params = req.sampling_params
+        if req.num_output_tokens > params.min_tokens:  # the sampler masked these before
+            if token in req.eos_token_ids and not params.ignore_eos:
+                req.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if req.grammar is not None and req.grammar.is_terminated:
+            return RequestStatus.FINISHED_STOPPED  # the grammar accepted its stop token
+        if params.max_tokens is not None and req.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
