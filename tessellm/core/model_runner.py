@@ -8,6 +8,7 @@ One concept a file, the runner only orchestrates them::
     step_pipeline.py      pinned staging, launch, readback, async feed, resolve (host syncs)
     runner_output.py      draft acceptance, logprobs, prompt logprobs
     pp_io.py              pipeline-parallel receive / send
+    runner_graphs.py      captured decode / verify graphs, precompiled buckets (a mixin)
 
 A step: apply the scheduler's deltas -> build host inputs -> copy (pinned) -> forward (eager,
 or a captured graph for a pure-decode step) -> logits of the sampled rows -> grammar mask ->
@@ -21,7 +22,6 @@ each keeps its own copy of the tokens.
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import numpy as np
@@ -33,6 +33,7 @@ from tessellm.backends.reference.logits import ReferenceLogitsOps
 from tessellm.core.input_batch import InputBatch, RunnerRequest  # noqa: F401 (re-exported)
 from tessellm.core.input_builder import HostInputs, build_inputs
 from tessellm.core.pp_io import StageIO
+from tessellm.core.runner_graphs import RunnerGraphs
 from tessellm.core.runner_output import collect, prompt_logprobs
 from tessellm.core.sampler import Sampler
 from tessellm.core.sampling_metadata import build_sampling_batch
@@ -43,12 +44,12 @@ from tessellm.distributed.parallel_state import PipelineStage
 from tessellm.spec_decode.proposer import StepTensors
 from tessellm.structured_output.apply import MaskUpload, apply_grammar_bitmask
 
-logger = logging.getLogger(__name__)
-
 __all__ = ["ModelRunner", "ModelRunnerOutput", "RunnerRequest", "StepHandle"]
 
 
-class ModelRunner:
+class ModelRunner(RunnerGraphs):
+    """Steps in, sampled tokens out (see above); graph capture is in runner_graphs.py."""
+
     def __init__(self, model, kernel, backend, device: torch.device, block_size: int,
                  vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
                  max_model_len: int = 2048, graph_runner=None, pp: Optional[PipelineStage] = None,
@@ -315,95 +316,6 @@ class ModelRunner:
             max_query_len=max(counts), max_seq_len=int(host.seq_lens.max()),
             query_start_loc_host=host.query_start_loc.tolist(), seq_lens_host=host.seq_lens.tolist())
         return ids, positions, attn, rows
-
-    # -- graphs ----------------------------------------------------------------------------
-
-    def capture_graphs(self) -> None:
-        """Capture the decode step (forward + logits) for each of the graph runner's sizes."""
-        if self.graph_runner is None:
-            return
-        if self.buckets is not None:  # bucketed steps run as they are, never replayed
-            if hasattr(self.graph_runner, "precompile"):  # a compiling device: compile them now
-                self._precompile_buckets()
-            return
-        if not getattr(self.kernel, "supports_graph_capture", False):
-            logger.warning("Attention kernel %r does not declare supports_graph_capture; running "
-                           "eagerly without the backend's graph runner.", self.kernel.name)
-            self.graph_runner = None
-            return
-        width = -(-self.max_model_len // self.block_size)
-        self._arange = torch.arange(max(self.graph_runner.capture_sizes) + 1, dtype=torch.int32,
-                                    device=self.device)
-        # LoRA: graphs cover adapter steps when the backend's ops are capturable; else they
-        # hold the base model only and steps with adapters run eagerly (docs/lora.md).
-        self._lora_graphs = self.lora is not None and self.lora.graph_capturable
-
-        def make_inputs(n: int):
-            lora = (torch.full((n,), -1, dtype=torch.int32, device=self.device),) if self._lora_graphs else ()
-            return (torch.zeros(n, dtype=torch.int64, device=self.device),  # input ids
-                    torch.zeros(n, dtype=torch.int64, device=self.device),  # positions
-                    torch.full((n,), -1, dtype=torch.int64, device=self.device),  # slots
-                    torch.ones(n, dtype=torch.int32, device=self.device),  # seq lens
-                    *lora,  # LoRA slot per row (-1: none)
-                    torch.zeros((n, width), dtype=torch.int32, device=self.device))  # tables (last)
-
-        with torch.inference_mode():
-            self.graph_runner.capture(self._decode_step, make_inputs)
-            self._capture_verify_graphs()
-        self._graphs_ready = True
-
-    def _capture_verify_graphs(self) -> None:
-        """Speculative decoding: graphs of the verify step (q = 2..k+1 tokens per sequence)."""
-        spec = self.spec
-        if self.lora is not None:
-            self.lora.batch.set(None)  # without capturable LoRA ops verify graphs hold the base model
-        if spec is not None:
-            spec.proposer.capture_graphs()  # a draft model's own graphs (the target's are done)
-        if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
-            return
-        from tessellm.spec_decode.verify_graphs import VerifyGraphs, capture_sizes
-
-        sizes = capture_sizes(spec.max_num_seqs, spec.config.disable_by_batch_size)
-        if sizes:
-            self.verify_graphs = VerifyGraphs(self.model, self.kernel, self.device, self.max_model_len,
-                                              self.block_size, self.verify_graph_factory,
-                                              spec.config.num_speculative_tokens + 1, sizes,
-                                              self.lora.batch if self._lora_graphs else None)
-            self.verify_graphs.capture()
-
-    @runner_grad_mode
-    def _precompile_buckets(self) -> None:
-        """Every bucketed step shape compiled before ready (``shape_buckets.precompile_steps``)."""
-        from tessellm.core.shape_buckets import precompile_steps
-
-        self.precompiled = precompile_steps(self)
-        logger.info("Precompiled %d bucketed step shapes: %d XLA programs in %.1fs",
-                    self.precompiled["shapes"], self.precompiled["compiled"], self.precompiled["seconds"])
-
-    def _decode_step(self, input_ids, positions, slot_mapping, seq_lens, *rest):
-        """The captured step: the graph's static buffers are its AttentionBatch (one query
-        token per row; padded rows have slot -1 and length 0), the block table last, and
-        before it, with LoRA graphs, each row's adapter slot (prepared inside the graph)."""
-        n = input_ids.shape[0]
-        block_tables = rest[-1]
-        if self.lora is not None:
-            self.lora.batch.set(rest[0] if len(rest) == 2 else None)
-        batch = AttentionBatch(num_tokens=n, num_seqs=n, num_decodes=n,
-                               query_start_loc=self._arange[:n + 1], seq_lens=seq_lens,
-                               block_tables=block_tables, slot_mapping=slot_mapping,
-                               max_query_len=1, max_seq_len=self.max_model_len,
-                               query_start_loc_host=[], seq_lens_host=[])
-        hidden = self.model(input_ids, positions, self.kernel.build_metadata(batch))
-        return self.model.compute_logits(hidden)
-
-    def _graph_size(self, host: HostInputs, states: list[RunnerRequest]) -> Optional[int]:
-        if not self._graphs_ready or not host.all_decode:
-            return None
-        if self._lora_slots is not None and not self._lora_graphs:
-            return None  # graphs hold the base model only: a step with adapters runs eagerly
-        if host.any_prompt_logprobs or (self.spec is not None and self.spec.wants_tensors):
-            return None  # the graph returns logits only
-        return self.graph_runner.padded_size(len(states))
 
 
 def _sampled_rows(states: list[RunnerRequest], counts: list[int], num_sampled: Optional[list[int]]):

@@ -1,0 +1,113 @@
+"""The model runner's captured graphs: decode steps, verify steps, precompiled buckets.
+
+A mixin of ``ModelRunner`` (tessellm/core/model_runner.py), which owns the state used here:
+``graph_runner`` (the backend's, None: eager), ``buckets`` (a compiling device's shapes),
+``kernel``, ``model``, ``lora``, ``spec``, ``verify_graph_factory`` / ``verify_graphs``, and
+the flags ``_graphs_ready`` / ``_lora_graphs``. Captured steps are pure decode: one query token
+per row, padded to the graph runner's capture sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from tessellm.core.attention_batch import AttentionBatch
+from tessellm.core.input_batch import RunnerRequest
+from tessellm.core.input_builder import HostInputs
+from tessellm.core.shape_buckets import runner_grad_mode
+
+logger = logging.getLogger(__name__)
+
+
+class RunnerGraphs:
+    """Graph capture and the choice, per step, of a captured graph (``_graph_size``)."""
+
+    def capture_graphs(self) -> None:
+        """Capture the decode step (forward + logits) for each of the graph runner's sizes."""
+        if self.graph_runner is None:
+            return
+        if self.buckets is not None:  # bucketed steps run as they are, never replayed
+            if hasattr(self.graph_runner, "precompile"):  # a compiling device: compile them now
+                self._precompile_buckets()
+            return
+        if not getattr(self.kernel, "supports_graph_capture", False):
+            logger.warning("Attention kernel %r does not declare supports_graph_capture; running "
+                           "eagerly without the backend's graph runner.", self.kernel.name)
+            self.graph_runner = None
+            return
+        width = -(-self.max_model_len // self.block_size)
+        self._arange = torch.arange(max(self.graph_runner.capture_sizes) + 1, dtype=torch.int32,
+                                    device=self.device)
+        # LoRA: graphs cover adapter steps when the backend's ops are capturable; else they
+        # hold the base model only and steps with adapters run eagerly (docs/lora.md).
+        self._lora_graphs = self.lora is not None and self.lora.graph_capturable
+
+        def make_inputs(n: int):
+            lora = (torch.full((n,), -1, dtype=torch.int32, device=self.device),) if self._lora_graphs else ()
+            return (torch.zeros(n, dtype=torch.int64, device=self.device),  # input ids
+                    torch.zeros(n, dtype=torch.int64, device=self.device),  # positions
+                    torch.full((n,), -1, dtype=torch.int64, device=self.device),  # slots
+                    torch.ones(n, dtype=torch.int32, device=self.device),  # seq lens
+                    *lora,  # LoRA slot per row (-1: none)
+                    torch.zeros((n, width), dtype=torch.int32, device=self.device))  # tables (last)
+
+        with torch.inference_mode():
+            self.graph_runner.capture(self._decode_step, make_inputs)
+            self._capture_verify_graphs()
+        self._graphs_ready = True
+
+    def _capture_verify_graphs(self) -> None:
+        """Speculative decoding: graphs of the verify step (q = 2..k+1 tokens per sequence)."""
+        spec = self.spec
+        if self.lora is not None:
+            self.lora.batch.set(None)  # without capturable LoRA ops verify graphs hold the base model
+        if spec is not None:
+            spec.proposer.capture_graphs()  # a draft model's own graphs (the target's are done)
+        if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
+            return
+        from tessellm.spec_decode.verify_graphs import VerifyGraphs, capture_sizes
+
+        sizes = capture_sizes(spec.max_num_seqs, spec.config.disable_by_batch_size)
+        if sizes:
+            self.verify_graphs = VerifyGraphs(self.model, self.kernel, self.device, self.max_model_len,
+                                              self.block_size, self.verify_graph_factory,
+                                              spec.config.num_speculative_tokens + 1, sizes,
+                                              self.lora.batch if self._lora_graphs else None)
+            self.verify_graphs.capture()
+
+    @runner_grad_mode
+    def _precompile_buckets(self) -> None:
+        """Every bucketed step shape compiled before ready (``shape_buckets.precompile_steps``)."""
+        from tessellm.core.shape_buckets import precompile_steps
+
+        self.precompiled = precompile_steps(self)
+        logger.info("Precompiled %d bucketed step shapes: %d XLA programs in %.1fs",
+                    self.precompiled["shapes"], self.precompiled["compiled"], self.precompiled["seconds"])
+
+    def _decode_step(self, input_ids, positions, slot_mapping, seq_lens, *rest):
+        """The captured step: the graph's static buffers are its AttentionBatch (one query
+        token per row; padded rows have slot -1 and length 0), the block table last, and
+        before it, with LoRA graphs, each row's adapter slot (prepared inside the graph)."""
+        n = input_ids.shape[0]
+        block_tables = rest[-1]
+        if self.lora is not None:
+            self.lora.batch.set(rest[0] if len(rest) == 2 else None)
+        batch = AttentionBatch(num_tokens=n, num_seqs=n, num_decodes=n,
+                               query_start_loc=self._arange[:n + 1], seq_lens=seq_lens,
+                               block_tables=block_tables, slot_mapping=slot_mapping,
+                               max_query_len=1, max_seq_len=self.max_model_len,
+                               query_start_loc_host=[], seq_lens_host=[])
+        hidden = self.model(input_ids, positions, self.kernel.build_metadata(batch))
+        return self.model.compute_logits(hidden)
+
+    def _graph_size(self, host: HostInputs, states: list[RunnerRequest]) -> Optional[int]:
+        if not self._graphs_ready or not host.all_decode:
+            return None
+        if self._lora_slots is not None and not self._lora_graphs:
+            return None  # graphs hold the base model only: a step with adapters runs eagerly
+        if host.any_prompt_logprobs or (self.spec is not None and self.spec.wants_tensors):
+            return None  # the graph returns logits only
+        return self.graph_runner.padded_size(len(states))
