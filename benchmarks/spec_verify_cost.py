@@ -18,22 +18,14 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "kernels"))
 
-def _events(fn, iters: int) -> float:
-    """Mean milliseconds per call of ``fn`` on the current stream (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+from gpu_timing import capture_graph, events_ms as _events  # noqa: E402
 
 
 @torch.inference_mode()
@@ -116,13 +108,7 @@ def attention_times(ctx: int, qs, layers: int = 32, iters: int = 20) -> dict:
 
 def _graph_of(call, layers: int, iters: int) -> float:
     """Milliseconds per replay of a CUDA graph holding ``layers`` calls."""
-    call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(layers):
-            call()
-    return _events(graph.replay, iters)
+    return _events(capture_graph(call, layers).replay, iters)
 
 
 def host_profile(fn, top: int = 25) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpuperf_probe import _graph_ms
+from gpu_timing import graph_ms, run_sections  # noqa: E402
 
 HID, INTER, LAYERS, VOCAB = 4096, 14336, 32, 128256
 
@@ -117,12 +116,12 @@ def chain_section(out: dict) -> None:
         for name, parts in VARIANTS.items():
             step = _step_fn(layers, head, fp8, parts)
             with graph_scope():
-                res[name] = round(_graph_ms(step, 3), 4)
+                res[name] = round(graph_ms(step, 3), 4)
         for name, attrs in ATTN_VARIANTS.items():
             step = _step_fn(layers, head, fp8, attn_attrs=attrs)
             with graph_scope():
-                res[name] = round(_graph_ms(step, 3), 4)
-        res["full, no PDL"] = round(_graph_ms(_step_fn(layers, head, fp8), 3), 4)
+                res[name] = round(graph_ms(step, 3), 4)
+        res["full, no PDL"] = round(graph_ms(_step_fn(layers, head, fp8), 3), 4)
         out["fp8" if fp8 else "bf16"] = res
         print("chain", "fp8" if fp8 else "bf16", json.dumps(res), flush=True)
         del layers, head
@@ -141,7 +140,7 @@ def _decode_us(batch, q, kc, vc, splits, tiles, ws) -> float:
                          batch.block_tables, D ** -0.5, num_seqs=q.shape[0],
                          num_splits=splits, workspace=ws, tiles=tiles)
 
-    return _graph_ms(run, 10) * 1e3
+    return graph_ms(run, 10) * 1e3
 
 
 def attn_long_section(out: dict) -> None:
@@ -173,20 +172,7 @@ def main() -> None:
     p.add_argument("--sections", nargs="+", default=["chain", "attn_long"])
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.sections:
-        res = {"device": torch.cuda.get_device_name()}
-        t0 = time.perf_counter()
-        try:
-            if name == "chain":
-                chain_section(res)
-            else:
-                attn_long_section(res)
-        except Exception as e:  # noqa: BLE001 - keep the other sections
-            res["error"] = f"{type(e).__name__}: {e}"[:300]
-            print(name, "failed:", res["error"], flush=True)
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        (args.out / f"{name}.json").write_text(json.dumps(res, indent=1))
-        print(f"== {name} done in {res['seconds']} s", flush=True)
+    run_sections(args.out, args.sections, {"chain": chain_section, "attn_long": attn_long_section})
 
 
 if __name__ == "__main__":

@@ -4,18 +4,17 @@ MoE at 1/64/4096 tokens, prefill attention against SDPA flash, the fp8 M=1 GEMV.
     python3 benchmarks/kernels/gpuperf_probe.py --out DIR [--sections gemm moe attn gemv]
         [--deadline SECONDS]
 
-Every time is GPU time of CUDA-graph replays (``gtime``: the call captured ``reps`` times in one
-graph, the median replay over ``reps``), so host launch costs are out; memory-bound cases
-(``flush=True``) write a 256 MB buffer before each call (L2 flush) and subtract that
-buffer's own time. Each section writes ``DIR/<section>.json`` as soon as it ends; a section
-started after ``--deadline`` seconds is skipped.
+Every time is GPU time of CUDA-graph replays (``gtime``, gpu_timing.py: the call captured
+``reps`` times in one graph, the median replay over ``reps``), so host launch costs are out;
+memory-bound cases (``flush=True``) write a 256 MB buffer before each call (L2 flush) and
+subtract that buffer's own time. Each section writes ``DIR/<section>.json`` as soon as it
+ends; a section started after ``--deadline`` seconds is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,69 +23,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_timing import eager_us, gtime, run_sections  # noqa: E402
 
 START = time.perf_counter()
-_FLUSH = None
 _PARTIAL: list = []  # [path, dict] of the running section: saved as results come (time boxes)
 
 
 def _save() -> None:
     if _PARTIAL:
         _PARTIAL[0].write_text(json.dumps(_PARTIAL[1], indent=1))
-
-
-def _flush_buf():
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(64 * 2**20, dtype=torch.int32, device="cuda")  # 256 MB
-    return _FLUSH
-
-
-def _graph_ms(body, reps: int) -> float:
-    body()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            body()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / reps)
-    del g
-    return statistics.median(times)
-
-
-def gtime(fn, reps: int = 20, flush: bool = False) -> float:
-    """Microseconds of GPU time per call of ``fn`` (see the module docstring)."""
-    fn()
-    torch.cuda.synchronize()
-    if not flush:
-        return _graph_ms(fn, reps) * 1e3
-    buf = _flush_buf()
-
-    def body():
-        buf.fill_(1)
-        fn()
-
-    return (_graph_ms(body, reps) - _graph_ms(lambda: buf.fill_(1), reps)) * 1e3
-
-
-def eager_us(fn, iters: int = 5) -> float:
-    """Wall time per call of ``fn`` run eagerly back to back (host launch costs included)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters * 1e6
 
 
 LAYER = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -398,13 +345,7 @@ def host_section(out: dict) -> None:
     wt, s1, s2 = q.qweight.t(), sx[:, None], q.scales[None, :]
 
     def per_call(fn, iters=400):
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-        return round((time.perf_counter() - t0) / iters * 1e6, 2)
+        return round(eager_us(fn, iters), 2)
 
     out["F.linear bf16"] = per_call(lambda: F.linear(x, w))
     out["quantize_fp8_rows"] = per_call(lambda: quantize_fp8_rows(x, q.qweight.dtype))
@@ -430,22 +371,7 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=1e9)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    for name in args.sections:
-        if time.perf_counter() - START > args.deadline:
-            print("skipped (deadline):", name, flush=True)
-            continue
-        res = {"device": torch.cuda.get_device_name()}
-        _PARTIAL[:] = [args.out / f"{name}.json", res]
-        t0 = time.perf_counter()
-        try:
-            SECTIONS[name](res)
-        except Exception as e:  # noqa: BLE001 - keep the other sections
-            res["error"] = f"{type(e).__name__}: {e}"[:300]
-            print(name, "failed:", res["error"], flush=True)
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        (args.out / f"{name}.json").write_text(json.dumps(res, indent=1))
-        print(f"== {name} done in {res['seconds']} s", flush=True)
+    run_sections(args.out, args.sections, SECTIONS, args.deadline, START, _PARTIAL)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ are recorded: the driver
 (``benchmarks/moe_wave2c.sh``) runs the engine with both.
 
 Layer: 128 experts, top-8, hidden 2048, expert intermediate 768, bf16, softmax routing
-renormalized (``fused_moe``: routing included). Kernel times: ``gpuperf_probe.gtime``, 20 calls
+renormalized (``fused_moe``: routing included). Kernel times: ``gpu_timing.gtime``, 20 calls
 captured in one CUDA graph with a 256 MB buffer fill before each (the L2 never holds the
 experts, as in a decode step), PDL on as in the engine's graphs, minus the fills alone. The
 reference loop (``backends/reference/moe.py``) syncs the host, so it and, for comparison, the
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
 
-from gpuperf_probe import gtime  # noqa: E402
+from gpu_timing import gtime  # noqa: E402
 from tessellm.backends.reference.moe import fused_moe_reference  # noqa: E402
 from tessellm.kernels.moe import fused_moe  # noqa: E402
 from tessellm.kernels.moe.decode import fused_moe_decode  # noqa: E402
