@@ -8,24 +8,21 @@ from __future__ import annotations
 
 import pytest
 
-from tessellm import LLM, SamplingParams
+from tessellm import LLM
+
+from parity_helpers import greedy_tokens, one_process_tokens
 
 PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 7, 7], list(range(40, 80)), [300, 12]]
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
-def _tokens(llm) -> list[list[int]]:
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+def _tokens(llm) -> list[list[int]]:  # also used by test_cuda_parallel.py, test_ray_executor.py
+    return greedy_tokens(llm, PROMPTS)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     path = tiny_model_dir("llama-sharp")
-    llm = LLM(path, device="cpu", num_kv_blocks=64, seed=0)
-    tokens = _tokens(llm)
-    llm.shutdown()
-    return path, tokens
+    return path, one_process_tokens(path, PROMPTS)
 
 
 @pytest.mark.parametrize("tp,pp,async_scheduling", [(2, 1, False), (1, 2, False), (2, 2, False),

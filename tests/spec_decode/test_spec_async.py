@@ -11,28 +11,7 @@ import pytest
 from tessellm import LLM, SamplingParams
 from tessellm.core.engine_core import EngineCoreRequest
 
-PROMPTS = [[5, 17, 42, 99, 3, 250, 11], [7, 7, 7, 12, 30], list(range(10, 60)), [1, 2, 3, 1, 2, 3, 1, 2],
-           [300, 301, 302, 303, 300, 301]]
-MAX_TOKENS = [16, 12, 16, 10, 14]
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-ENGINE = dict(device="cpu", dtype="float32", seed=0, block_size=4, num_kv_blocks=256)
-
-
-def _generate(llm, prompts=PROMPTS):
-    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in MAX_TOKENS]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def want(model):
-    with LLM(model, **ENGINE) as llm:
-        return _generate(llm)
+from spec_cases import ENGINE, NGRAM, PROMPTS, generate as _generate
 
 
 def _async_llm(model, config, **kw):

@@ -5,43 +5,14 @@ KV block back."""
 
 from __future__ import annotations
 
-import pytest
-
 from tessellm import LLM, SamplingParams
 from tessellm.core.engine_core import EngineCoreRequest
 
-PROMPTS = [[5, 17, 42, 99, 3, 250, 11], [7, 7, 7, 12, 30], list(range(10, 60)), [1, 2, 3, 1, 2, 3, 1, 2],
-           [300, 301, 302, 303, 300, 301]]
-MAX_TOKENS = [16, 12, 16, 10, 14]
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-
-
-def _params():
-    return [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in MAX_TOKENS]
-
-
-def _generate(llm, prompts=PROMPTS):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], _params(), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
-@pytest.fixture(scope="module")
-def want(model):
-    llm = LLM(model, device="cpu", dtype="float32", block_size=4, num_kv_blocks=256, seed=0)
-    try:
-        yield _generate(llm)
-    finally:
-        llm.shutdown()
+from spec_cases import ENGINE, NGRAM, PROMPTS, generate as _generate
 
 
 def _spec_llm(model, config, **kw):
-    kw = {"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 32, **kw}
-    return LLM(model, device="cpu", dtype="float32", seed=0, speculative_config=config, **kw)
+    return LLM(model, speculative_config=config, **{**ENGINE, "max_num_batched_tokens": 32, **kw})
 
 
 def test_ngram_greedy_equals_plain_with_prefix_hits(model, want):
@@ -134,7 +105,7 @@ def test_replay_force_accept_emits_k_plus_one_tokens_per_step(model):
         assert core.kv.num_free_blocks == core.kv.num_blocks
     finally:
         llm.shutdown()
-    plain = LLM(model, device="cpu", dtype="float32", block_size=4, num_kv_blocks=256, seed=0)
+    plain = LLM(model, **ENGINE)
     try:  # each bonus token is the plain greedy token after the forced tokens before it
         for i in (k + 1, 2 * (k + 1), 3 * (k + 1)):
             got = plain.generate([{"prompt_token_ids": prompt + out[:i]}],
