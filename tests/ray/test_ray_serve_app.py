@@ -13,14 +13,13 @@ import gc
 import json
 import os
 import signal
-import socket
 import time
 
 import httpx
 import openai
 import pytest
 
-import tessellm
+from ray_fleet import serve_fleet
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic use
 
@@ -59,43 +58,13 @@ def reference():
 
 @pytest.fixture(scope="module")
 def fleet(reference):
-    import ray
-    from ray import serve
-
-    from tessellm.entrypoints.ray_serve import build_app
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(tessellm.__file__)))
-    old_path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, old_path) if p)  # workers import this tree
-    port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 << 20)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(CONFIG), name="tessellm", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300  # the replicas' engines warm up after serve.run returns
-        while httpx.get(f"{url}/ready", timeout=30).status_code != 200 and time.monotonic() < deadline:
-            time.sleep(1)
+    with serve_fleet(CONFIG) as url:
         yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        if old_path is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old_path
 
 
 @pytest.fixture(scope="module")
 def client(fleet):
     return openai.OpenAI(base_url=f"{fleet}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _complete(url: str, prompt: str, max_tokens: int = MAX_TOKENS, **extra) -> httpx.Response:

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,19 +22,12 @@ import httpx
 import psutil
 import pytest
 
-import tessellm
+from ray_fleet import REPO, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 MODEL = "SmolLM2-135M-Instruct"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(tessellm.__file__)))
 UP_TIMEOUT_S = 420  # Ray with its dashboard + two model loads on 2 shared cores
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -52,7 +44,7 @@ def _cli(*argv: str, **kwargs) -> subprocess.Popen:
 
 class Launcher:
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.temp_dir = tempfile.mkdtemp(prefix="tl-ray-", dir="/tmp")  # short: Ray's socket paths
         self.proc = _cli("serve", "--ray", "--num-replicas", "2", "--port", str(self.port),
@@ -155,7 +147,7 @@ def test_joining_with_more_than_the_cluster_has_is_refused_at_once(launcher):
     gcs = launcher.tool(r"ray status --address (\S+)")
     t0 = time.monotonic()
     joined = _cli("serve", "--ray", "--ray-address", gcs, "--num-replicas", "3", "--replica-num-cpus", "1",
-                  "--port", str(_free_port()))
+                  "--port", str(free_port()))
     out, _ = joined.communicate(timeout=120)
     assert joined.returncode == 2, out
     assert time.monotonic() - t0 < 60  # no model was loaded, nothing waited for Ray to schedule

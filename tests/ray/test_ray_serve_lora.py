@@ -5,14 +5,12 @@ by the replica's ``serve.multiplexed`` loader) keeps an adapter's requests on on
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 
 import httpx
 import pytest
 
-import tessellm
+from ray_fleet import serve_fleet
 from tests.lora.adapters import make_adapters, peft_greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -21,19 +19,8 @@ PROMPTS = [[5 + i, 17, 200, 33 + i, 8, 91, 4] for i in range(8)]
 MAX_NEW = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lora_fleet(tiny_model_dir, tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from tessellm.entrypoints.ray_serve import build_app
-
     model = tiny_model_dir("llama-sharp")
     paths = make_adapters(model, str(tmp_path_factory.mktemp("ray-adapters")))
     config = {
@@ -47,28 +34,8 @@ def lora_fleet(tiny_model_dir, tmp_path_factory):
         "router": {"prefix_affinity": False},  # Serve's power-of-two router, multiplex-aware
         "replica": {"num_cpus": 0.5}, "ingress": {"num_cpus": 0.25},
     }
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(tessellm.__file__)))
-    old_path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, old_path) if p)
-    port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 << 20)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name="tessellm", route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while httpx.get(f"{url}/ready", timeout=30).status_code != 200 and time.monotonic() < deadline:
-            time.sleep(1)
+    with serve_fleet(config) as url:
         yield url, model, paths
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        if old_path is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old_path
-
 
 def _complete(url: str, model: str, prompt: list[int]) -> httpx.Response:
     body = {"model": model, "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0,
