@@ -14,13 +14,7 @@
 # Results: $OUT/*.json and $OUT/log.txt.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
-if [ -d .whl ]; then  # the engine's extra packages (pyzmq, ...), as speed_device.sh
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+. benchmarks/device_env.sh  # $OUT, the wheels in .whl/, PYTHONPATH
 M=benchmarks/model-configs/qwen3-30b-a3b
 box() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(date -u +%T)";
         [ "$secs" -gt 0 ] && timeout "$secs" "$@" 2>&1 | grep -v -i warn; }

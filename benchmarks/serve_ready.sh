@@ -13,13 +13,7 @@
 # them). Results: $OUT/ready_<run>.json (bench serve JSON with a "server" section) and a summary.
 set -u
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:.
-else
-  export PYTHONPATH=.
-fi
+. benchmarks/device_env.sh  # $OUT, the wheels in .whl/, PYTHONPATH
 PORT=${PORT:-8011}
 MODEL=${MODEL:-benchmarks/model-configs/llama-3.1-8b}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tessellm-triton-cache}

@@ -4,13 +4,7 @@
 # Missing server packages travel as wheels in .whl/ (see the device README); results in $OUT.
 set -u
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:.
-else
-  export PYTHONPATH=.
-fi
+. benchmarks/device_env.sh  # $OUT, the wheels in .whl/, PYTHONPATH
 PORT=${PORT:-8011}
 python3 -m tessellm.entrypoints.cli --log-level WARNING serve ${MODEL:-benchmarks/model-configs/llama-3.1-8b} \
   --load-format dummy --max-model-len ${MAX_LEN:-4096} --port $PORT --served-model-name llama8b > "$OUT/server.log" 2>&1 &

@@ -11,13 +11,7 @@
 # $OUT/spec_decode_log.txt. About 2.5 minutes on an H200 (8B part ~110 s, SmolLM2 ~60 s).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
-if [ -d .whl ] && [ -z "${SKIP_WHL:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:.
-else
-  export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
-fi
+. benchmarks/device_env.sh  # $OUT, the wheels in .whl/, PYTHONPATH
 export SKIP_WHL=1
 P="python3 benchmarks/spec_decode.py --out $OUT"
 {

@@ -7,13 +7,7 @@
 # SPEC_DRAFT_OUTPUT (256 tokens), SPEC_DRAFT_TIMEOUT (seconds for everything, 200).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
-if [ -d .whl ] && [ -z "${SKIP_WHL:-}" ]; then  # the lead's wheels (as benchmarks/spec_decode.sh)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:.
-else
-  export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
-fi
+. benchmarks/device_env.sh  # $OUT, the wheels in .whl/, PYTHONPATH
 timeout "${SPEC_DRAFT_TIMEOUT:-200}" python3 benchmarks/spec_decode_draft.py \
   --methods "${SPEC_DRAFT_METHODS:-plain draft_model eagle eagle3}" --k "${SPEC_DRAFT_K:-3}" \
   --output-len "${SPEC_DRAFT_OUTPUT:-256}" --output-json "$OUT/spec_draft.json" 2>&1 \

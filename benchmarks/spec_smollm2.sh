@@ -13,13 +13,7 @@
 # The `gguf` package comes from the lead's wheels in .whl/ when present.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
-if [ -d .whl ] && [ -z "${SKIP_WHL:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:.
-else
-  export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
-fi
+. benchmarks/device_env.sh  # $OUT, the wheels in .whl/, PYTHONPATH
 if [ -n "${SMOL_GGUF:-}" ] && [ ! -f "$SMOL_GGUF" ]; then
   echo "SMOL_GGUF=$SMOL_GGUF is not a file"; exit 2
 fi

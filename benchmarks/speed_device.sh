@@ -20,14 +20,8 @@
 # Results: $OUT/log.txt and $OUT/results.tar.gz (one JSON per step).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
+. benchmarks/device_env.sh  # $OUT, the wheels in .whl/, PYTHONPATH
 R=$(mktemp -d)
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
 P="python3 benchmarks/kernels/gpuperf_probe.py --out $R"
 # box NAME SECONDS CMD...: run CMD under a time limit; SECONDS 0 skips the step.
 box() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s)";

@@ -10,14 +10,8 @@
 # Results: $OUT/log.txt and $OUT/results.tar.gz.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
+. benchmarks/device_env.sh  # $OUT, the wheels in .whl/, PYTHONPATH
 R=$(mktemp -d)
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:.
-else
-  export PYTHONPATH=.
-fi
 B="python3 -m tessellm.entrypoints.cli --log-level WARNING bench"
 M=benchmarks/model-configs/qwen3-30b-a3b
 {

@@ -10,15 +10,9 @@
 # xgrammar travel in .whl/. Results: $OUT/log_<part>.txt and $OUT/results_<part>.tar.gz.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
+. benchmarks/device_env.sh  # $OUT, the wheels in .whl/, PYTHONPATH
 PART=${PART:-A}
 R=$(mktemp -d)
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
 export SKIP_WHL=1  # the scripts below would install the same wheels again
 # step NAME SECONDS CMD...: CMD under a time limit; SECONDS 0 skips it.
 step() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(date -u +%T)";

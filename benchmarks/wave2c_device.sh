@@ -11,14 +11,8 @@
 # Boxes (seconds, 0 skips): TEST_S, CONF_S, SMOL_S, SPECF_S. Results: $OUT/log_<part>.txt, $OUT/spec_smollm.json.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
+. benchmarks/device_env.sh  # $OUT, the wheels in .whl/, PYTHONPATH
 PART=${PART:-A}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
 export SKIP_WHL=1
 step() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(date -u +%T)";
          [ "$secs" -gt 0 ] && timeout "$secs" "$@" 2>&1 | grep -v -E "^(INFO|DEBUG)" | tail -${TAIL:-60}; }
