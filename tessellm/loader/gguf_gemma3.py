@@ -38,30 +38,19 @@ END_OF_TURN = "<end_of_turn>"
 END_OF_TURN_ID = 106  # in every Gemma 3 vocabulary; HF's generation_config lists eos [1, 106]
 
 
-def gemma3_config(hp, token_id: dict, embed_rows, tensor_names) -> Gemma3TextConfig:
-    """``hp(key, default)`` reads ``gemma3.<key>``. Defaults as HF's GGUF loading uses them:
-    sliding pattern 5 local : 1 global, local rope base 10000, query scale head_dim."""
-    heads, hidden = hp("attention.head_count"), hp("embedding_length")
-    head_dim = hp("attention.key_length", hidden // heads)
-    eos = token_id["eos"]
+def gemma3_config(hp, common: dict, eos, embed_rows) -> Gemma3TextConfig:
+    """``hp(key, default)`` reads ``gemma3.<key>``; ``common``: the fields every architecture
+    reads alike (gguf_loader.py). Defaults as HF's GGUF loading uses them: sliding pattern
+    5 local : 1 global, local rope base 10000, query scale head_dim."""
+    hidden, heads = common["hidden_size"], common["num_attention_heads"]
     return Gemma3TextConfig(
         architectures=["Gemma3ForCausalLM"],
-        vocab_size=hp("vocab_size", embed_rows),
-        hidden_size=hidden,
-        intermediate_size=hp("feed_forward_length"),
-        num_hidden_layers=hp("block_count"),
-        num_attention_heads=heads,
-        num_key_value_heads=hp("attention.head_count_kv", heads),
-        head_dim=head_dim,
-        rms_norm_eps=hp("attention.layer_norm_rms_epsilon"),
+        **common,
+        head_dim=hp("attention.key_length", hidden // heads),
         rope_theta=hp("rope.freq_base", 1_000_000.0),
         sliding_window=hp("attention.sliding_window", 4096),
-        max_position_embeddings=hp("context_length"),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=token_id["bos"],
         eos_token_id=[eos, END_OF_TURN_ID] if eos is not None and embed_rows and
         embed_rows > END_OF_TURN_ID else eos,
-        pad_token_id=token_id["padding"],
     )
 
 

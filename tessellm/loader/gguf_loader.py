@@ -164,36 +164,45 @@ def _hparam(header: _Header, arch: str, key: str, default: Any = ...) -> Any:
     return value
 
 
-def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
-    """HF config (LlamaConfig / Qwen2Config) built from a GGUF file's metadata."""
-    header = _read_header(path)
-    arch = _architecture(header)
-    hf_arch, config_class, _ = _ARCHITECTURES[arch]
-    hp = functools.partial(_hparam, header, arch)
-    heads, hidden = hp("attention.head_count"), hp("embedding_length")
-    tensor_names, extra = {t.name for t in header.tensors}, {}
-    embed_rows = next((t.shape[0] for t in header.tensors if t.name == "token_embd.weight"), None)
-    token_id = {k: header.metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
-    if arch == "llama":  # Qwen2 always has q/k/v biases; a llama-arch file may have them or not
-        extra["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
-    if arch == "gemma3":
-        return gemma3_config(hp, token_id, embed_rows, tensor_names)
-    return config_class(
-        architectures=[hf_arch],
+def _common_fields(hp, token_id: dict, embed_rows, tensor_names) -> dict:
+    """The HF config fields every supported GGUF architecture reads alike from its header."""
+    heads = hp("attention.head_count")
+    return dict(
         vocab_size=hp("vocab_size", embed_rows),
-        hidden_size=hidden,
+        hidden_size=hp("embedding_length"),
         intermediate_size=hp("feed_forward_length"),
         num_hidden_layers=hp("block_count"),
         num_attention_heads=heads,
         num_key_value_heads=hp("attention.head_count_kv", heads),
-        head_dim=hp("attention.key_length", hp("rope.dimension_count", hidden // heads)),
         rms_norm_eps=hp("attention.layer_norm_rms_epsilon"),
-        rope_theta=hp("rope.freq_base", 10000.0),
         max_position_embeddings=hp("context_length"),
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=token_id["bos"],
-        eos_token_id=token_id["eos"],
         pad_token_id=token_id["padding"],
+    )
+
+
+def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
+    """HF config (LlamaConfig / Qwen2Config / Gemma3TextConfig) built from a GGUF file's metadata."""
+    header = _read_header(path)
+    arch = _architecture(header)
+    hf_arch, config_class, _ = _ARCHITECTURES[arch]
+    hp = functools.partial(_hparam, header, arch)
+    tensor_names, extra = {t.name for t in header.tensors}, {}
+    embed_rows = next((t.shape[0] for t in header.tensors if t.name == "token_embd.weight"), None)
+    token_id = {k: header.metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+    common = _common_fields(hp, token_id, embed_rows, tensor_names)
+    if arch == "llama":  # Qwen2 always has q/k/v biases; a llama-arch file may have them or not
+        extra["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    if arch == "gemma3":
+        return gemma3_config(hp, common, token_id["eos"], embed_rows)
+    hidden, heads = common["hidden_size"], common["num_attention_heads"]
+    return config_class(
+        architectures=[hf_arch],
+        **common,
+        head_dim=hp("attention.key_length", hp("rope.dimension_count", hidden // heads)),
+        rope_theta=hp("rope.freq_base", 10000.0),
+        eos_token_id=token_id["eos"],
         **extra,
     )
 
