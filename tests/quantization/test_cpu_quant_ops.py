@@ -116,3 +116,31 @@ def test_bundled_gguf_compiled_decode_equals_eager(bundled_model, monkeypatch):
     assert greedy_tokens(llm, prompts, 12) == eager
     layer = llm.engine.core.runner.model.layers[0].mlp.down_proj
     assert layer.segments[0].qweight.untyped_storage().nbytes() <= 4
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["int4pack", "reference"])
+def test_lm_head_refines_the_top_logits_in_float32(kernel, monkeypatch):
+    """``lm_head_mm`` on a Q8_0 head with float32 activations: through the kernel (repacked on
+    this, its first, call) the top ``REFINE`` logits of each row are recomputed from the dense
+    weight, so they equal the float32 products; through the reference path (kernel off) the
+    logits are the reference's own, untouched."""
+    from tessellm.backends.cpu.quant_ops import REFINE, repacked
+    from tessellm.backends.reference.quant_ops import TorchQuantOps
+
+    if not kernel:
+        monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "0")
+    seg = segment_from_blocks(Q.Q8_0, _blocks(Q.Q8_0), (N, K))
+    dense = seg.dequantize(torch.float32)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(5))
+    assert not repacked(seg)
+    out = CpuQuantOps().lm_head_mm(x, seg, dense)
+    assert out.dtype == torch.float32 and repacked(seg) == kernel
+    ref = x @ dense.t()
+    if not kernel:
+        assert torch.equal(out, TorchQuantOps().int8_mm(x, seg))
+        return
+    bf16 = CpuQuantOps().int8_mm(x, seg)  # the kernel's logits, before the refinement
+    top = bf16.topk(REFINE, dim=-1).indices
+    assert not torch.allclose(bf16.gather(-1, top), ref.gather(-1, top), rtol=0, atol=1e-6)
+    assert torch.allclose(out.gather(-1, top), ref.gather(-1, top), rtol=1e-6, atol=1e-6)
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))

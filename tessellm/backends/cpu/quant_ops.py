@@ -160,8 +160,11 @@ class CpuQuantOps(TorchQuantOps):
         logits are 2^-8 apart relative (0.06 at 16), so without this near-ties become exact ties
         and greedy picks among them by index."""
         logits = getattr(self, f"{w.kind}_mm")(x, w)
-        if logits.dtype == torch.float32 and getattr(w, _ATTR, None) is None:
-            return logits  # the float32 reference path: already exact
+        # Asked after the product, which repacks ``w`` on its first call: float32 logits from
+        # the reference path (never repacked, or no kernel form) are exact already; the
+        # kernel's are bfloat16 values cast back to x's float32.
+        if logits.dtype == torch.float32 and not repacked(w):
+            return logits
         logits = logits.float()
         top = logits.topk(min(REFINE, logits.shape[-1]), dim=-1).indices  # [M, R]
         exact = torch.bmm(dense[top].float(), x.float()[:, :, None])[..., 0]  # [M, R]
