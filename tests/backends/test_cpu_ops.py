@@ -43,3 +43,29 @@ def test_the_cpu_backend_routes_the_lm_head_through_it(tiny_model_dir):
     llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", num_kv_blocks=16)
     model = llm.engine.core.runner.model
     assert getattr(model.lm_head.dense_mm, "__func__", None) is cpu_ops.CpuOps.linear
+
+
+@pytest.mark.parametrize("n", [100, 2048, 3001, 49152])
+def test_chunked_argmax_is_torch_argmax(n):
+    """Exactly ``torch.argmax``: ties (in one chunk, across chunks, in the partial last chunk),
+    NaN, all -inf rows, and the exponential race's divisor."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(6, n, generator=g)
+    x[1, n - 1] = x[1, n // 2] = 50.0  # a tie across chunks: the first wins
+    x[2, n - 1] = 50.0  # the maximum in the last column
+    x[3, 7] = x[3, 5] = 50.0  # a tie inside one chunk
+    x[4, n // 3] = float("nan")  # NaN is torch's maximum
+    x[5] = float("-inf")
+    assert torch.equal(cpu_ops.chunked_argmax(x), x.argmax(dim=-1))
+    q = torch.empty(6, n).exponential_(generator=g)
+    probs = torch.softmax(torch.randn(6, n, generator=g), dim=-1)
+    assert torch.equal(cpu_ops.chunked_argmax(probs, q), (probs / q).argmax(dim=-1))
+
+
+def test_the_cpu_backend_samples_with_it():
+    from tessellm.backends.registry import get_registry
+    from tessellm.backends.spec import LogitsOpsSpec
+
+    registry = get_registry()
+    ops = registry.provider("tessellm_logits_ops", registry.select("cpu"), LogitsOpsSpec(torch.float32))[0]
+    assert ops.argmax is cpu_ops.chunked_argmax

@@ -8,7 +8,7 @@ serving run) and costs minutes of compilation at start-up on a cold inductor cac
 
 from __future__ import annotations
 
-from tessellm.backends.spec import AttentionSpec, Backend, GraphSpec, OpsSpec, hookimpl
+from tessellm.backends.spec import AttentionSpec, Backend, GraphSpec, LogitsOpsSpec, OpsSpec, hookimpl
 
 NAME = "cpu"
 
@@ -51,6 +51,16 @@ def tessellm_fused_ops(backend: Backend, spec: OpsSpec):
     from tessellm.backends.cpu.ops import CpuOps
 
     return CpuOps()
+
+
+@hookimpl
+def tessellm_logits_ops(backend: Backend, spec: LogitsOpsSpec):
+    """The reference bitmask and a two-pass argmax (``cpu/ops.py``: torch's is a scalar loop)."""
+    if backend.name != NAME:
+        return None
+    from tessellm.backends.cpu.ops import CpuLogitsOps
+
+    return CpuLogitsOps()
 
 
 @hookimpl
