@@ -69,3 +69,21 @@ def test_the_cpu_backend_samples_with_it():
     registry = get_registry()
     ops = registry.provider("tessellm_logits_ops", registry.select("cpu"), LogitsOpsSpec(torch.float32))[0]
     assert ops.argmax is cpu_ops.chunked_argmax
+
+
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_packed_linear_matches_f_linear_and_follows_weight_updates(m):
+    """The layer products (N < MIN_N) on oneDNN's packed weight: F.linear's result up to float32
+    summation order, with and without bias; an in-place weight update is seen (repacked)."""
+    g = torch.Generator().manual_seed(m)
+    ops = cpu_ops.CpuOps()
+    w = torch.randn(96, 80, generator=g) * 0.05
+    b = torch.randn(96, generator=g)
+    x = torch.randn(m, 80, generator=g)
+    torch.testing.assert_close(ops.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        w.mul_(-2.0)
+    torch.testing.assert_close(ops.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    if ops.onednn:
+        assert len(ops._packed) == 1  # one entry per weight, replaced when it changed
