@@ -50,6 +50,7 @@ def test_chunked_argmax_is_torch_argmax(n):
     """Exactly ``torch.argmax``: ties (in one chunk, across chunks, in the partial last chunk),
     NaN, all -inf rows, and the exponential race's divisor."""
     g = torch.Generator().manual_seed(n)
+    assert cpu_ops.ARGMAX_MIN_ROWS <= 6  # the two-pass path runs
     x = torch.randn(6, n, generator=g)
     x[1, n - 1] = x[1, n // 2] = 50.0  # a tie across chunks: the first wins
     x[2, n - 1] = 50.0  # the maximum in the last column

@@ -74,6 +74,9 @@ class CpuOps(ReferenceOps):
 # Columns per chunk of the two-pass argmax. torch's CPU argmax over a row is a scalar loop
 # (measured on 2 cores, [64, 49152] float32: ~8 ms at one thread, amax ~0.5 ms).
 ARGMAX_CHUNK = 1024
+# Fewer rows: torch's argmax (one row is ~40 us, and it opens no OpenMP region, which on a
+# contended machine can stall for a scheduler slice: measured 12 ms for the two-pass at 1 row).
+ARGMAX_MIN_ROWS = 4
 
 
 def chunked_argmax(x: torch.Tensor, divisor: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -86,7 +89,7 @@ def chunked_argmax(x: torch.Tensor, divisor: Optional[torch.Tensor] = None) -> t
     if divisor is not None:
         x = x / divisor
     rows, n = x.shape[0], x.shape[-1]
-    if x.dim() != 2 or n < 2 * ARGMAX_CHUNK:
+    if x.dim() != 2 or n < 2 * ARGMAX_CHUNK or rows < ARGMAX_MIN_ROWS:
         return x.argmax(dim=-1)
     full = n // ARGMAX_CHUNK * ARGMAX_CHUNK
     maxima = x[:, :full].reshape(rows, -1, ARGMAX_CHUNK).amax(dim=-1)  # [rows, chunks]
