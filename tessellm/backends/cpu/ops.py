@@ -25,7 +25,7 @@ MIN_M = 8
 # reordered once into its blocked layout (``PACK_HINT``: the batch size the layout is chosen
 # for). Measured on 2 cores (AVX-512), one thread, SmolLM2's four layer products: 0.68-0.92x of
 # MKL's time from M = 1 to 2048. Not bitwise MKL's sums: greedy parity with HF is checked by
-# tests/models (float32 sums in another order).
+# tests/models (float32 sums in another order). The packed copies take the weights' size again.
 PACK_HINT = 64
 
 
