@@ -88,3 +88,25 @@ def test_packed_linear_matches_f_linear_and_follows_weight_updates(m):
     torch.testing.assert_close(ops.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
     if ops.onednn:
         assert len(ops._packed) == 1  # one entry per weight, replaced when it changed
+
+
+def test_packed_copies_stop_at_the_memory_cap(monkeypatch):
+    """Past TESSELLM_CPU_PACKED_WEIGHTS_MB the weights stay on F.linear (no second copy); a
+    repack of a weight already held does not count twice."""
+    monkeypatch.setenv(cpu_ops.PACK_LIMIT_ENV, "1")  # 1 MiB: one 512x256 float32 weight (0.5 MiB) fits
+    ops = cpu_ops.CpuOps()
+    if not ops.onednn:
+        pytest.skip("no oneDNN in this torch build")
+    g = torch.Generator().manual_seed(0)
+    w1, w2, w3 = (torch.randn(512, 256, generator=g) * 0.05 for _ in range(3))
+    x = torch.randn(4, 256, generator=g)
+    for w in (w1, w2, w3):
+        torch.testing.assert_close(ops.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert [id(w) in ops._packed for w in (w1, w2, w3)] == [True, True, False]
+    with torch.no_grad():
+        w1.mul_(0.5)  # repacked in its own slot: w3 still does not fit
+    torch.testing.assert_close(ops.linear(x, w1), F.linear(x, w1), rtol=1e-5, atol=1e-5)
+    ops.linear(x, w3)
+    assert ops._packed_bytes == 2 * w1.numel() * 4 and id(w3) not in ops._packed
+    monkeypatch.setenv(cpu_ops.PACK_LIMIT_ENV, "0")
+    assert cpu_ops.CpuOps()._pack(w1) is None  # 0 turns packing off

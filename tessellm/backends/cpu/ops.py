@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -25,8 +26,11 @@ MIN_M = 8
 # reordered once into its blocked layout (``PACK_HINT``: the batch size the layout is chosen
 # for). Measured on 2 cores (AVX-512), one thread, SmolLM2's four layer products: 0.68-0.92x of
 # MKL's time from M = 1 to 2048. Not bitwise MKL's sums: greedy parity with HF is checked by
-# tests/models (float32 sums in another order). The packed copies take the weights' size again.
+# tests/models (float32 sums in another order). The packed copies take the weights' size again,
+# so they are capped: past ``TESSELLM_CPU_PACKED_WEIGHTS_MB`` (default 2048 MiB; 0 turns packing
+# off) the remaining linears stay on ``F.linear``, and a large model does not double its memory.
 PACK_HINT = 64
+PACK_LIMIT_ENV = "TESSELLM_CPU_PACKED_WEIGHTS_MB"
 
 
 class CpuOps(ReferenceOps):
@@ -35,6 +39,8 @@ class CpuOps(ReferenceOps):
     def __init__(self):
         # id(weight) -> (weight, its version counter when packed, the packed weight)
         self._packed: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._packed_bytes = 0
+        self._pack_limit = int(os.environ.get(PACK_LIMIT_ENV, "2048")) << 20
         self.onednn = torch.backends.mkldnn.is_available()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
@@ -66,8 +72,13 @@ class CpuOps(ReferenceOps):
         version = weight._version
         entry = self._packed.get(id(weight))
         if entry is None or entry[0] is not weight or entry[1] != version:
+            size = weight.numel() * weight.element_size()
+            held = entry[0].numel() * entry[0].element_size() if entry is not None else 0
+            if self._packed_bytes - held + size > self._pack_limit:
+                return None  # over the cap: this weight stays on F.linear
             entry = (weight, version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_HINT))
             self._packed[id(weight)] = entry
+            self._packed_bytes += size - held
         return entry[2]
 
 
