@@ -61,7 +61,7 @@ PHASES = {  # name -> (module path, attribute path): functions wrapped with a ti
     "step": ("tessellm.core.llm_engine", "LLMEngine.step"),
     ".schedule": ("tessellm.core.scheduler", "Scheduler.schedule"),
     ".update": ("tessellm.core.scheduler", "Scheduler.update"),
-    "..rollback": ("tessellm.core.scheduler", "give_back"),
+    "..rollback": ("tessellm.core.scheduler_update", "give_back"),
     ".apply": ("tessellm.core.input_batch", "InputBatch.apply"),
     ".build_inputs": ("tessellm.core.model_runner", "build_inputs"),
     ".forward": ("tessellm.core.model_runner", "ModelRunner._forward"),
