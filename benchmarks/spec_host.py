@@ -54,6 +54,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from spec_cpu import _loadavg  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 from tessellm import LLM  # noqa: E402
 from tessellm.core.sampling_params import SamplingParams  # noqa: E402
 
@@ -220,11 +221,6 @@ def search_times(nmin: int = 2, nmax: int = 5, k: int = 5) -> dict:
             best = min(timeit.repeat(lambda: propose_ngram(tokens, lens, rows, nmin, nmax, k), number=100, repeat=15))
             out[f"{kind}_b{batch}"] = round(best / 100 * 1e6, 1)
     return out
-
-
-def _loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 def main() -> int:
