@@ -80,9 +80,14 @@ class PrefixAffinityRouter(RequestRouter):
         return cached if cached is not None else self._in_flight.get(replica.replica_id.unique_id, 0)
 
     def _forget_gone(self, by_id: dict) -> None:
+        """Drops what this router holds for replicas no longer among the candidates: their index
+        entries and in-flight counts (a killed replica's requests may never report completion)."""
         ids = frozenset(by_id)
         if ids != self._known:
             self._index.retain(ids)
+            for uid in [u for u in self._in_flight if u not in ids]:
+                del self._in_flight[uid]
+            self._routed = {rid: uid for rid, uid in self._routed.items() if uid in ids}
             self._known = ids
 
 
