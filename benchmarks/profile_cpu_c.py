@@ -22,6 +22,8 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--profile-steps", type=int, default=0, help="op table of this many decode steps")
+    p.add_argument("--profile-mixed", action="store_true",
+                   help="profile mixed (prefill) steps instead of decode steps of >= 32 sequences")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: all)")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
@@ -38,6 +40,7 @@ def main() -> None:
     kinds = {"decode": [0, 0.0, 0], "mixed": [0, 0.0, 0]}  # steps, seconds, tokens
     phases = {"schedule": 0.0, "runner": 0.0, "update": 0.0, "outputs": 0.0}
     out_tokens = 0
+    by_batch: dict[int, list] = {}  # largest batch in the bucket -> [steps, seconds, tokens]
     prof_left = args.profile_steps
     prof = None
     t0 = time.perf_counter()
@@ -48,7 +51,9 @@ def main() -> None:
         sched = core.scheduler.schedule()
         b = time.perf_counter()
         decode_only = all(n == 1 for n in sched.num_scheduled_tokens.values())
-        if decode_only and prof_left and len(sched.num_scheduled_tokens) >= 32 and prof is None:
+        wanted = (not decode_only) if args.profile_mixed else (
+            decode_only and len(sched.num_scheduled_tokens) >= 32)
+        if wanted and prof_left and prof is None:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
             prof.__enter__()
         res = core.runner.execute(sched)
@@ -68,6 +73,13 @@ def main() -> None:
         k[0] += 1
         k[1] += e - a
         k[2] += sum(sched.num_scheduled_tokens.values())
+        if decode_only:  # decode steps by batch size: 1-8, 9-16, 17-32, 33-64, 65+
+            n = len(sched.num_scheduled_tokens)
+            bucket = next(b for b in (8, 16, 32, 64, 1 << 30) if n <= b)
+            by_batch.setdefault(bucket, [0, 0.0, 0])
+            by_batch[bucket][0] += 1
+            by_batch[bucket][1] += e - a
+            by_batch[bucket][2] += n
         for name, v in zip(phases, (b - a, c - b, d - c, e - d)):
             phases[name] += v
     wall = time.perf_counter() - t0
@@ -76,6 +88,9 @@ def main() -> None:
               "phases_s": {k: round(v, 2) for k, v in phases.items()},
               "steps": {k: {"n": v[0], "s": round(v[1], 2), "tokens": v[2],
                             "ms_per_step": round(v[1] / max(v[0], 1) * 1e3, 1)} for k, v in kinds.items()},
+              "decode_by_batch": {f"<={k}": {"n": v[0], "s": round(v[1], 2), "mean_batch": round(v[2] / v[0], 1),
+                                             "ms_per_step": round(v[1] / v[0] * 1e3, 1)}
+                                  for k, v in sorted(by_batch.items())},
               "load": open("/proc/loadavg").read().split()[:3]}
     print(json.dumps(result, indent=2))
     if args.profile_steps and prof is False:
