@@ -13,7 +13,7 @@ from tessellm.backends.cpu.moe import fused_moe_grouped
 from tessellm.backends.reference.logits import ReferenceLogitsOps
 from tessellm.backends.reference.ops import ReferenceOps
 
-# Column blocks of a wide product (the LM head: N = vocab). 2 cores (AVX-512), float32, x
+# Column blocks of a wide product (the LM head: N = vocab) when it has no packed copy. 2 cores (AVX-512), float32, x
 # [64, 576] @ W[49152, 576].T: 34 ms in blocks of 2048 columns against 54 ms in one call
 # (MKL); equal at one row. Each output element is the same dot over K either way: the blocked
 # result is bitwise identical (checked at M = 1..64), so greedy parity with HF is unchanged.
@@ -22,10 +22,11 @@ MIN_N = 8 * BLOCK_N
 MIN_M = 8
 
 
-# The model's other float32 linears (qkv, o, gate-up, down) run on oneDNN with the weight
-# reordered once into its blocked layout (``PACK_HINT``: the batch size the layout is chosen
-# for). Measured on 2 cores (AVX-512), one thread, SmolLM2's four layer products: 0.68-0.92x of
-# MKL's time from M = 1 to 2048. Not bitwise MKL's sums: greedy parity with HF is checked by
+# The model's float32 linears (qkv, o, gate-up, down and the LM head) run on oneDNN with the
+# weight reordered once into its blocked layout (``PACK_HINT``: the batch size the layout is
+# chosen for). Measured on 2 cores (AVX-512), one thread, SmolLM2's four layer products: 0.68-0.92x
+# of MKL's time from M = 1 to 2048; its LM head [49152, 576]: 0.45-0.81x of the blocked MKL
+# product from M = 1 to 128 (benchmarks/README.md, "cpurest"). Not bitwise MKL's sums: greedy parity with HF is checked by
 # tests/models (float32 sums in another order). The packed copies take the weights' size again,
 # so they are capped: past ``TESSELLM_CPU_PACKED_WEIGHTS_MB`` (default 2048 MiB; 0 turns packing
 # off) the remaining linears stay on ``F.linear``, and a large model does not double its memory.
@@ -44,23 +45,31 @@ class CpuOps(ReferenceOps):
         self.onednn = torch.backends.mkldnn.is_available()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-        """``x @ weight.T (+ bias)``; float32 products of at least ``MIN_M`` rows and ``MIN_N``
-        columns (the LM head) run in column blocks into one output; other float32 products on
-        oneDNN's packed weight (``_pack``); the rest in one ``F.linear``."""
+        """``x @ weight.T (+ bias)``; float32 products on oneDNN's packed weight (``_pack``),
+        the LM head included; where no packed copy can be used, products of at least ``MIN_M``
+        rows and ``MIN_N`` columns (the LM head) run in column blocks into one output, the rest
+        in one ``F.linear``."""
         n = weight.shape[0]
         if x.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.float32:
             return F.linear(x, weight, bias)
-        if n < MIN_N or bias is not None:
-            packed = self._pack(weight)
-            if packed is None:
-                return F.linear(x, weight, bias)
+        packed = self._pack(weight)
+        if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
-        if x.shape[0] < MIN_M:
-            return F.linear(x, weight)
+        if n < MIN_N or bias is not None or x.shape[0] < MIN_M:
+            return F.linear(x, weight, bias)
         out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
         for start in range(0, n, BLOCK_N):
             torch.mm(x, weight[start:start + BLOCK_N].t(), out=out[:, start:start + BLOCK_N])
         return out
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` into one new tensor (the reference allocates two): bitwise the
+        reference's result; [2048, 2 x 1536] float32, one thread: 4.0-5.1 -> 3.5-3.7 ms."""
+        if torch.compiler.is_compiling() or x.requires_grad:
+            return super().silu_and_mul(x)
+        d = x.shape[-1] // 2
+        out = torch.ops.aten.silu.out(x[..., :d], out=x.new_empty(x.shape[:-1] + (d,)))
+        return out.mul_(x[..., d:])
 
     def _pack(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
         """oneDNN's blocked copy of a 2-D float32 weight, made once and made again when the
