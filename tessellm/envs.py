@@ -37,6 +37,12 @@ def cpu_kv_cache_bytes() -> Optional[int]:
     return int(float(value) * (1 << 30)) if value else None
 
 
+def cpu_native() -> bool:
+    """TESSELLM_CPU_NATIVE: "0" keeps the cpu backend on plain torch (no C kernel compiled on
+    first use, ``backends/cpu/native.py``); default on where a C compiler is found."""
+    return _switch("TESSELLM_CPU_NATIVE") is not False
+
+
 def cpu_compile() -> Optional[bool]:
     """TESSELLM_CPU_COMPILE: "1" compiles the cpu backend's decode step with ``torch.compile``,
     "0" keeps it eager. Unset: None, the cpu plugin's default (eager; docs/plugins.md)."""

@@ -1,4 +1,4 @@
-"""The cpu kernel's eager decode groups: decodes sorted by context length and cut into groups
+"""The cpu kernel's torch path for eager decodes (without the C kernel): decode groups: decodes sorted by context length and cut into groups
 of at most ``DECODE_GROUP_TOKENS`` padded tokens attend exactly like the reference, whatever
 the group budget (one group, several, one sequence each), with prefill chunks in the same step."""
 
@@ -36,6 +36,7 @@ def test_grouped_decodes_match_reference(monkeypatch, budget, window):
     step = make_paged_step([1] * 7 + [5, 3], ctx, num_kv_heads=2, group=3, head_size=16,
                            block_size=BLOCK, dtype=torch.float32, device="cpu", window=window, seed=5)
     kernel = CpuAttentionKernel(AttentionSpec(6, 2, 16, torch.float32, BLOCK, "auto", window))
+    kernel.native = None  # the torch path (the C kernel's tests: test_cpu_native.py)
     md = kernel.build_metadata(step.batch)
     assert len(md.decode_groups) == {10_000: 1, 48: 5, 1: 7}[budget]  # seq lens 14 3 41 8 26 26 2
     out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale)

@@ -1,6 +1,11 @@
-"""Paged attention for the cpu backend, in plain torch.
+"""Paged attention for the cpu backend.
 
-Decode sequences (one query each, first in the batch) run as batched SDPAs over their gathered,
+Eager decode sequences (one query each, first in the batch) run the C kernel of
+``csrc/paged_decode.c`` (``native.py`` builds it on first use) where it loads: it reads K/V in
+place through the block tables, each row once for the query heads of its KV head, with an
+online softmax in float32, parallel over (sequence, KV head). Without it (``TESSELLM_CPU_NATIVE=0``,
+no C compiler, a cache dtype other than float32/bfloat16) and in captured steps, decodes
+run as batched SDPAs over their gathered,
 right-padded contexts: in eager steps sorted by length and cut into groups of at most
 ``DECODE_GROUP_TOKENS`` padded context tokens, so that a group pads little and its gathered K/V
 is still in cache when SDPA reads it (workload C on 2 cores, 64 decodes of 100-500 tokens:
@@ -33,6 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from tessellm.backends.cpu import native
 from tessellm.backends.spec import AttentionSpec
 from tessellm.backends.spec import AttentionBatch
 
@@ -64,6 +70,16 @@ class CpuAttentionMetadata:
     # An eager step whose non-decode sequences all have at most SHORT_QUERY queries (a verify
     # step's k+1, short prompts): one batched SDPA for them, their queries padded to ``short_q``.
     short: Optional["ShortQueries"] = None
+    native_decode: Optional["NativeDecode"] = None  # the eager decodes, through the C kernel
+
+
+@dataclass
+class NativeDecode:
+    """What ``tl_paged_decode`` reads for the first ``n`` (decode) sequences, int32 contiguous."""
+
+    n: int
+    tables: torch.Tensor  # int32 [n, blocks]
+    seq_lens: torch.Tensor  # int32 [n]
 
 
 # Non-decode sequences with at most this many queries each run batched (``ShortQueries``).
@@ -93,14 +109,18 @@ class CpuAttentionKernel:
     def __init__(self, spec: AttentionSpec):
         self.spec = spec
         self.window = spec.sliding_window
+        self.native = native.load() if _native_shapes(spec) else None
 
     def build_metadata(self, batch: AttentionBatch) -> CpuAttentionMetadata:
         if not batch.query_start_loc_host and batch.num_decodes == 0:
             return self._verify_metadata(batch)
         bs = self.spec.block_size
         nd = batch.num_decodes
-        groups = []
-        if nd and batch.seq_lens_host:  # eager: groups of similar length, each its own width
+        groups, native_decode = [], None
+        if nd and batch.seq_lens_host and self.native is not None and not torch.compiler.is_compiling():
+            native_decode = NativeDecode(nd, batch.block_tables[:nd].to(torch.int32).contiguous(),
+                                         batch.seq_lens[:nd].to(torch.int32).contiguous())
+        elif nd and batch.seq_lens_host:  # eager: groups of similar length, each its own width
             for rows, longest in _decode_groups(batch.seq_lens_host[:nd], bs):
                 groups.append(self._decode_group(batch, rows, -(-longest // bs)))
         elif nd:  # a captured step: the table's width bounds every context
@@ -121,7 +141,8 @@ class CpuAttentionKernel:
             prefill_masks.append(mask)
         padded = (torch.compiler.is_compiling() or not batch.seq_lens_host
                   or bool((batch.slot_mapping < 0).any()))  # once per step, on the host
-        return CpuAttentionMetadata(batch, groups, prefill_masks, padded, short=short)
+        return CpuAttentionMetadata(batch, groups, prefill_masks, padded, short=short,
+                                    native_decode=native_decode)
 
     def _decode_group(self, batch: AttentionBatch, rows: Optional[list[int]], nblocks: int) -> DecodeGroup:
         nd = batch.num_decodes
@@ -183,8 +204,10 @@ class CpuAttentionKernel:
             _write_cache(k, v, k_cache, v_cache, batch.slot_mapping)
         if metadata.verify_q:
             return self._verify(q, k_cache, v_cache, metadata, scale)
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = batch.num_decodes
+        if metadata.native_decode is not None:
+            self._native_decode(q[:nd], k_cache, v_cache, metadata.native_decode, scale, out[:nd])
         for group in metadata.decode_groups:
             if group.rows is None:
                 out[:nd] = self._decode(q[:nd], k_cache, v_cache, group, scale)
@@ -212,6 +235,24 @@ class CpuAttentionKernel:
         qg = q.view(nd, kvh, group, head_size)  # the group's queries share a position
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=dg.mask, scale=scale)
         return o.reshape(nd, num_heads, head_size)
+
+    def _native_decode(self, q, k_cache, v_cache, nat: NativeDecode, scale, out):
+        """``out`` [n, H, D] (contiguous) = the decodes' attention, by the C kernel."""
+        n, num_heads, head_size = q.shape
+        if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != head_size:
+            q = q.to(torch.float32).contiguous()
+        res = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
+        assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype
+        rc = self.native.tl_paged_decode(
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+            int(k_cache.dtype == torch.bfloat16), nat.tables.data_ptr(), nat.tables.shape[1],
+            nat.seq_lens.data_ptr(), n, num_heads, k_cache.shape[2], head_size, k_cache.shape[1],
+            self.window or 0, scale, res.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"tl_paged_decode refused heads={num_heads} kv_heads={k_cache.shape[2]} "
+                               f"head_size={head_size}")
+        if res is not out:
+            out.copy_(res)
 
     def _verify(self, q, k_cache, v_cache, md: CpuAttentionMetadata, scale):
         return _batched_queries(q, k_cache, v_cache, md.verify_blocks, md.verify_mask, md.verify_q, scale)
@@ -249,6 +290,13 @@ def _batched_queries(q, k_cache, v_cache, blocks, mask, n: int, scale):
     mask = mask.expand(s, group, n, mask.shape[-1]).reshape(s, 1, group * n, -1)
     o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [S, KVH, G * n, D]
     return o.view(s, kvh, group, n, head_size).permute(0, 3, 1, 2, 4).reshape(s * n, num_heads, head_size)
+
+
+def _native_shapes(spec: AttentionSpec) -> bool:
+    """Whether the C decode kernel handles this layer (it loads only then)."""
+    return (spec.kv_cache_dtype == "auto" and spec.dtype in (torch.float32, torch.bfloat16)
+            and spec.num_heads % spec.num_kv_heads == 0 and spec.num_heads <= 128
+            and spec.head_size <= 256 and spec.num_heads * spec.head_size <= 8192)
 
 
 def _decode_groups(lens: list[int], block_size: int) -> list[tuple[Optional[list[int]], int]]:

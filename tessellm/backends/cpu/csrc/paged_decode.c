@@ -1,0 +1,260 @@
+/* Paged decode attention for the cpu backend: one query token per sequence, read in place from
+ * the paged K/V cache (no gathered copy), online softmax in float32.
+ *
+ * Built on first use by tessellm/backends/cpu/native.py (cc -O3 -march=native -fopenmp) and
+ * called through ctypes. Layouts (all contiguous, checked by the caller):
+ *   q          float32 [n, H, D]        (rows are the decode sequences, in order)
+ *   k/v cache  float32 or bfloat16 [num_blocks, block_size, KVH, D]
+ *   tables     int32 [n, table_stride]  block ids of each sequence
+ *   seq_lens   int32 [n]                keys per sequence; 0 gives zeros
+ *   out        float32 [n, H, D]
+ * GQA: the G = H / KVH query heads of a KV head run in the same task, so each K/V row is read
+ * once. Tasks are (sequence, range of KV heads), spread over the OpenMP threads of the
+ * process's one runtime (torch's libgomp). A sliding window w (> 0) keeps keys at positions
+ * >= len - w. With AVX-512 and D % 16 == 0 the inner products and the V sums use 16-float
+ * vectors (specialised for D = 64 and 128); otherwise plain C that the compiler vectorizes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define MAX_H 128    /* query heads */
+#define MAX_D 256
+#define MAX_HD 8192  /* query heads x head size: the per-task state lives on the stack */
+#define TILE 32      /* tokens per online-softmax step (at most one block) */
+#ifndef PF_DIST
+#define PF_DIST 2  /* tiles ahead (measured: 1-3 within noise, 2 a little better) */
+#endif
+#ifndef PF_LOC
+#define PF_LOC 2  /* into L2: two tiles of K and V would not fit L1 */
+#endif
+
+/* exp(x) for x <= 0 (larger x is not passed), ~1 ulp: Cody-Waite reduction and the Cephes
+ * polynomial, plain arithmetic so that the tile loop vectorizes. */
+static inline float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    union { float f; int32_t i; } u;
+    u.i = ((int32_t)fx + 127) << 23;
+    return y * u.f;
+}
+
+static inline const float *row_f32(const void *base, int64_t idx, int D, float *tmp, int bf16) {
+    if (!bf16) return (const float *)base + idx;
+    const uint16_t *src = (const uint16_t *)base + idx;
+    uint32_t *dst = (uint32_t *)tmp;
+#pragma omp simd
+    for (int d = 0; d < D; d++) dst[d] = (uint32_t)src[d] << 16;
+    return tmp;
+}
+
+/* One tile of nt tokens starting at element `base` of the caches, KV heads [0, nkv) of the
+ * task (base already points at its first head): scores s[i][t] = q_i . k_t (q pre-scaled). */
+static inline __attribute__((always_inline)) void tile_scores(
+        const float *qs, const void *kc, int64_t base, int64_t tok_stride, int nt, int nkv,
+        const int D, const int G, int bf16, float s[][TILE]) {
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+        const int DV = D / 16;
+        for (int h = 0; h < nkv; h++)
+            for (int t = 0; t < nt; t++) {
+                int64_t idx = base + t * tok_stride + (int64_t)h * D;
+                __m512 k[MAX_D / 16];
+                for (int j = 0; j < DV; j++)
+                    k[j] = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                      _mm256_loadu_si256((const __m256i *)((const uint16_t *)kc + idx + 16 * j))), 16))
+                                : _mm512_loadu_ps((const float *)kc + idx + 16 * j);
+                for (int g = 0; g < G; g++) {
+                    const float *qg = qs + (int64_t)(h * G + g) * D;
+                    __m512 x = _mm512_mul_ps(k[0], _mm512_loadu_ps(qg));
+                    for (int j = 1; j < DV; j++) x = _mm512_fmadd_ps(k[j], _mm512_loadu_ps(qg + 16 * j), x);
+                    s[h * G + g][t] = _mm512_reduce_add_ps(x);
+                }
+            }
+        return;
+    }
+#endif
+    float tmp[MAX_D];
+    for (int t = 0; t < nt; t++)
+        for (int h = 0; h < nkv; h++) {
+            const float *k = row_f32(kc, base + t * tok_stride + (int64_t)h * D, D, tmp, bf16);
+            for (int g = 0; g < G; g++) {
+                const float *qg = qs + (int64_t)(h * G + g) * D;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int d = 0; d < D; d++) dot += qg[d] * k[d];
+                s[h * G + g][t] = dot;
+            }
+        }
+}
+
+/* acc_i += sum_t p[i][t] v_t over the tile (same arguments as tile_scores). */
+static inline __attribute__((always_inline)) void tile_values(
+        float *acc, const void *vc, int64_t base, int64_t tok_stride, int nt, int nkv,
+        const int D, const int G, int bf16, float p[][TILE]) {
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+        const int DV = D / 16, GB = DV <= 24 ? 24 / DV : 1;  /* queries kept in registers */
+        for (int h = 0; h < nkv; h++)
+            for (int g0 = 0; g0 < G; g0 += GB) {
+                const int gn = G - g0 < GB ? G - g0 : GB;
+                __m512 a[24];
+                float *ah = acc + (int64_t)(h * G + g0) * D;
+                for (int i = 0; i < gn * DV; i++) a[i] = _mm512_loadu_ps(ah + 16 * i);
+                for (int t = 0; t < nt; t++) {
+                    int64_t idx = base + t * tok_stride + (int64_t)h * D;
+                    for (int j = 0; j < DV; j++) {
+                        __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                              _mm256_loadu_si256((const __m256i *)((const uint16_t *)vc + idx + 16 * j))), 16))
+                                        : _mm512_loadu_ps((const float *)vc + idx + 16 * j);
+                        for (int g = 0; g < gn; g++)
+                            a[g * DV + j] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * G + g0 + g][t]), v, a[g * DV + j]);
+                    }
+                }
+                for (int i = 0; i < gn * DV; i++) _mm512_storeu_ps(ah + 16 * i, a[i]);
+            }
+        return;
+    }
+#endif
+    float tmp[MAX_D];
+    for (int t = 0; t < nt; t++)
+        for (int h = 0; h < nkv; h++) {
+            const float *v = row_f32(vc, base + t * tok_stride + (int64_t)h * D, D, tmp, bf16);
+            for (int g = 0; g < G; g++) {
+                float pt = p[h * G + g][t], *a = acc + (int64_t)(h * G + g) * D;
+#pragma omp simd
+                for (int d = 0; d < D; d++) a[d] += pt * v[d];
+            }
+        }
+}
+
+/* Online softmax over one tile: s becomes the probabilities, acc/l rescaled to the new max. */
+static inline void tile_softmax(float s[][TILE], int nt, int nh, int D, float *m, float *l, float *acc) {
+    for (int i = 0; i < nh; i++) {
+        float mx = m[i];
+        for (int t = 0; t < nt; t++) mx = s[i][t] > mx ? s[i][t] : mx;
+        if (mx > m[i]) {
+            float corr = m[i] == -INFINITY ? 0.0f : expf(m[i] - mx);
+            l[i] *= corr;
+            float *a = acc + (int64_t)i * D;
+#pragma omp simd
+            for (int d = 0; d < D; d++) a[d] *= corr;
+            m[i] = mx;
+        }
+        float *si = s[i], sum = 0.0f;
+#pragma omp simd
+        for (int t = 0; t < nt; t++) si[t] = exp_nonpos(si[t] - mx);
+        for (int t = 0; t < nt; t++) sum += si[t];
+        l[i] += sum;
+    }
+}
+
+/* Prefetch the K and V rows of the task's heads of nt tokens from element `base` on: the next
+ * tile is fetched while this one computes (block ids are random: the hardware prefetchers
+ * cannot follow a sequence across blocks). */
+static inline void prefetch_tile(const void *kc, const void *vc, int64_t base, int64_t tok_stride,
+                                 int nt, int64_t span, int esize) {
+    for (int t = 0; t < nt; t++) {
+        const char *k = (const char *)kc + (base + t * tok_stride) * esize;
+        const char *v = (const char *)vc + (base + t * tok_stride) * esize;
+        for (int64_t b = 0; b < span; b += 64) {
+            __builtin_prefetch(k + b, 0, PF_LOC);
+            __builtin_prefetch(v + b, 0, PF_LOC);
+        }
+    }
+}
+
+/* KV heads [h0, h1) of one sequence: their G queries each against keys [start, len), tile by
+ * tile (at most TILE tokens of one block; with all KV heads in the task a tile's K and its V
+ * are each one contiguous stretch of the block). */
+static inline __attribute__((always_inline)) void attend(
+        const float *q, const void *kc, const void *vc, const int32_t *table, int start, int len,
+        int bs, int KVH, const int D, const int G, int h0, int h1, float scale, int bf16, float *out) {
+    const int nkv = h1 - h0, nh = nkv * G, esize = bf16 ? 2 : 4;
+    float qs[MAX_HD], acc[MAX_HD], s[MAX_H][TILE], m[MAX_H], l[MAX_H];
+    const float *qh = q + (int64_t)h0 * G * D;
+    for (int i = 0; i < nh * D; i++) {
+        qs[i] = qh[i] * scale;
+        acc[i] = 0.0f;
+    }
+    for (int i = 0; i < nh; i++) {
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+    }
+    const int64_t tok_stride = (int64_t)KVH * D, block_stride = (int64_t)bs * KVH * D;
+    for (int t0 = start; t0 < len;) {
+        int off = t0 % bs, nt = bs - off < TILE ? bs - off : TILE;
+        if (nt > len - t0) nt = len - t0;
+        int64_t base = (int64_t)table[t0 / bs] * block_stride + (int64_t)off * tok_stride + (int64_t)h0 * D;
+        int t1 = t0 + nt;
+        const int tp = t1 + (PF_DIST - 1) * (bs < TILE ? bs : TILE);  /* PF_DIST tiles ahead */
+        if (PF_DIST && tp < len) {
+            int offp = tp % bs, np = bs - offp < TILE ? bs - offp : TILE;
+            if (np > len - tp) np = len - tp;
+            int64_t bp = (int64_t)table[tp / bs] * block_stride + (int64_t)offp * tok_stride + (int64_t)h0 * D;
+            prefetch_tile(kc, vc, bp, tok_stride, np, (int64_t)nkv * D * esize, esize);
+        }
+        tile_scores(qs, kc, base, tok_stride, nt, nkv, D, G, bf16, s);
+        tile_softmax(s, nt, nh, D, m, l, acc);
+        tile_values(acc, vc, base, tok_stride, nt, nkv, D, G, bf16, s);
+        t0 = t1;
+    }
+    float *o = out + (int64_t)h0 * G * D;
+    for (int i = 0; i < nh; i++) {
+        float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        for (int d = 0; d < D; d++) o[(int64_t)i * D + d] = acc[(int64_t)i * D + d] * inv;
+    }
+}
+
+/* attend() with D as a constant where it is common (the vector loops unroll). */
+static void attend_task(const float *q, const void *kc, const void *vc, const int32_t *table,
+                        int start, int len, int bs, int KVH, int D, int G, int h0, int h1,
+                        float scale, int bf16, float *out) {
+#define ATTEND(DD, BF) attend(q, kc, vc, table, start, len, bs, KVH, DD, G, h0, h1, scale, BF, out)
+    if (bf16) {
+        if (D == 64) ATTEND(64, 1); else if (D == 128) ATTEND(128, 1); else ATTEND(D, 1);
+    } else {
+        if (D == 64) ATTEND(64, 0); else if (D == 128) ATTEND(128, 0); else ATTEND(D, 0);
+    }
+#undef ATTEND
+}
+
+/* Returns 0, or -1 when the shapes are outside what this kernel handles (nothing written).
+ * Tasks: each sequence's KV heads cut into `chunks` ranges, enough tasks for the threads when
+ * the batch is small, all heads of a sequence in one task (contiguous reads) when it is not. */
+int tl_paged_decode(const float *q, int64_t q_row_stride, const void *k_cache, const void *v_cache,
+                    int cache_bf16, const int32_t *tables, int64_t table_stride,
+                    const int32_t *seq_lens, int n, int H, int KVH, int D, int bs, int window,
+                    float scale, float *out, int num_threads) {
+    if (KVH <= 0 || H % KVH || H > MAX_H || D > MAX_D || D <= 0 || H * D > MAX_HD || bs <= 0) return -1;
+    const int G = H / KVH;
+    int chunks = n > 0 ? (4 * num_threads + n - 1) / n : 1;
+    if (chunks > KVH) chunks = KVH;
+    const int64_t tasks = (int64_t)n * chunks;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t i = 0; i < tasks; i++) {
+        int seq = (int)(i / chunks), c = (int)(i % chunks);
+        int h0 = (int)((int64_t)KVH * c / chunks), h1 = (int)((int64_t)KVH * (c + 1) / chunks);
+        int len = seq_lens[seq];
+        int start = window > 0 && len - window > 0 ? len - window : 0;
+        float *o = out + (int64_t)seq * H * D;
+        if (len <= 0) {
+            memset(o + (int64_t)h0 * G * D, 0, sizeof(float) * (h1 - h0) * G * D);
+            continue;
+        }
+        attend_task(q + (int64_t)seq * q_row_stride, k_cache, v_cache, tables + (int64_t)seq * table_stride,
+                    start, len, bs, KVH, D, G, h0, h1, scale, cache_bf16, o);
+    }
+    return 0;
+}

@@ -1,0 +1,73 @@
+"""The cpu backend's C decode kernel (``csrc/paged_decode.c``, built by ``native.py``) against the
+pure-torch reference: shuffled block tables, GQA, ragged contexts (1 token, block boundaries,
+several tiles), float32 and bfloat16 caches, sliding windows, prefill chunks in the same step;
+a sequence of length 0 gives zeros; ``TESSELLM_CPU_NATIVE=0`` keeps the torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessellm.backends.cpu import native
+from tessellm.backends.cpu.attention import CpuAttentionKernel, NativeDecode
+from tessellm.backends.spec import AttentionSpec
+from tessellm.testing.harness import make_paged_step
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if native.load() is None:
+        pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
+    return native.load()
+
+
+def _kernel(step_heads, kvh, d, dtype, bs, window):
+    return CpuAttentionKernel(AttentionSpec(step_heads, kvh, d, dtype, bs, "auto", window))
+
+
+@pytest.mark.parametrize("dtype,bs,group,window", [
+    (torch.float32, 4, 3, None), (torch.float32, 64, 3, None), (torch.float32, 16, 1, 21),
+    (torch.bfloat16, 16, 4, None), (torch.bfloat16, 4, 2, 7)])
+def test_native_decode_matches_reference(lib, dtype, bs, group, window):
+    ctx = [0, bs - 1, bs, 2 * bs - 1, 37, 150, 3, 90, 12]  # seq lens 1, bs, bs + 1, 2 bs, ...
+    qlens = [1] * 7 + [5, 12]  # seven decodes, then two prefill chunks over cached context
+    step = make_paged_step(qlens, ctx, num_kv_heads=2, group=group, head_size=64, block_size=bs,
+                           dtype=dtype, device="cpu", window=window, seed=11)
+    kernel = _kernel(2 * group, 2, 64, dtype, bs, window)
+    assert kernel.native is lib
+    md = kernel.build_metadata(step.batch)
+    assert md.native_decode is not None and md.native_decode.n == 7 and not md.decode_groups
+    out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), step.ref_out.float(), rtol=tol, atol=tol)
+    assert torch.equal(step.k_cache, step.ref_k_cache) and torch.equal(step.v_cache, step.ref_v_cache)
+
+
+def test_zero_length_gives_zeros_and_one_openmp_runtime(lib):
+    step = make_paged_step([1, 1, 1], [5, 30, 8], num_kv_heads=3, group=3, head_size=32,
+                           block_size=8, dtype=torch.float32, device="cpu", seed=3)
+    kernel = _kernel(9, 3, 32, torch.float32, 8, None)
+    kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache,
+                   kernel.build_metadata(step.batch), step.scale)  # writes this step's K/V
+    lens = step.batch.seq_lens.clone()
+    lens[1] = 0  # a graph padding row
+    nat = NativeDecode(3, step.batch.block_tables.contiguous(), lens)
+    out = torch.full((3, 9, 32), float("nan"))
+    kernel._native_decode(step.q, step.k_cache, step.v_cache, nat, step.scale, out)
+    assert torch.equal(out[1], torch.zeros(9, 32))
+    torch.testing.assert_close(out[[0, 2]], step.ref_out[[0, 2]], rtol=1e-5, atol=1e-5)
+    assert len(native._openmp_libs()) == 1  # torch's libgomp, shared with the C kernel
+
+
+def test_native_off_keeps_the_torch_path(monkeypatch):
+    monkeypatch.setenv("TESSELLM_CPU_NATIVE", "0")
+    monkeypatch.setattr(native, "_state", {})
+    assert native.load() is None and native.unavailable_reason() == "TESSELLM_CPU_NATIVE=0"
+    step = make_paged_step([1, 1, 4], [20, 3, 9], num_kv_heads=2, group=3, head_size=16,
+                           block_size=4, dtype=torch.float32, device="cpu", seed=2)
+    kernel = _kernel(6, 2, 16, torch.float32, 4, None)
+    assert kernel.native is None
+    md = kernel.build_metadata(step.batch)
+    assert md.native_decode is None and md.decode_groups
+    out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale)
+    torch.testing.assert_close(out, step.ref_out, rtol=1e-5, atol=1e-5)
