@@ -270,10 +270,14 @@ class CpuAttentionKernel:
         ids = block_table[:nblocks].long()
         k = _gather(k_cache, ids).view(-1, *k_cache.shape[2:])[:seq_len].transpose(0, 1)  # [KVH, L, D]
         v = _gather(v_cache, ids).view(-1, *v_cache.shape[2:])[:seq_len].transpose(0, 1)
-        qh = q.transpose(0, 1)  # [H, Q, D]
-        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=mask is None,
-                                           scale=scale, enable_gqa=True)
-        return o.transpose(0, 1)
+        # 4-D [KVH, G, Q, D] with K/V expanded over the group (a view): torch's CPU flash kernel
+        # takes it, where 3-D inputs or enable_gqa=True run the math path (measured, one
+        # thread, SmolLM2 heads: 146 causal tokens 4.2-5.7 -> 2.1-3.1 ms, 2,048: 1.8-2.1 -> 0.36-0.38 s).
+        kvh, group = k.shape[0], q.shape[1] // k.shape[0]
+        qh = q.transpose(0, 1).unflatten(0, (kvh, group))
+        k, v = (t[:, None].expand(kvh, group, *t.shape[1:]) for t in (k, v))
+        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        return o.flatten(0, 1).transpose(0, 1)
 
 
 def _batched_queries(q, k_cache, v_cache, blocks, mask, n: int, scale):
