@@ -71,3 +71,15 @@ def test_native_off_keeps_the_torch_path(monkeypatch):
     assert md.native_decode is None and md.decode_groups
     out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale)
     torch.testing.assert_close(out, step.ref_out, rtol=1e-5, atol=1e-5)
+
+
+def test_no_compiler_falls_back_with_the_reason(monkeypatch, tmp_path):
+    if not any("gomp" in lib for lib in native._openmp_libs()):
+        pytest.skip("torch without GNU OpenMP: load() refuses before looking for a compiler")
+    monkeypatch.delenv("TESSELLM_CPU_NATIVE", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no cc, gcc or clang
+    monkeypatch.setattr(native, "_state", {})
+    assert native.load() is None
+    assert "no C compiler" in native.unavailable_reason()
+    assert _kernel(6, 2, 16, torch.float32, 4, None).native is None
