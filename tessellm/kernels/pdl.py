@@ -19,6 +19,12 @@ and one warm-up of it on the current stream, which compiles the PDL variants out
 eager steps gain nothing from it (the host launches slower than the kernels run), and outside a
 graph a kernel's predecessor may be a cross-stream event wait rather than a kernel.
 
+Loads of what no kernel of the step writes (the step's inputs: positions, slot mapping, sequence
+lengths, block tables, cos/sin tables, and the KV cache of tokens cached in earlier steps) may go
+before the wait, between ``pdl_launch`` and ``pdl_wait``: their DRAM latency then hides under
+the predecessor (the split-KV decode kernel prefetches its first K/V tile there). Such a kernel
+still writes nothing before ``pdl_wait``.
+
 On by default on sm90+ (``TESSELLM_PDL=0`` turns it off, ``tessellm.envs``). Measured on an
 H200 (Llama-3.1-8B shapes, bf16, CUDA graphs, 2026-11-21, two runs each way in one session):
 B1 4.144 / 4.144 ms per token against 4.331 / 4.335 without, F 10,332 against 10,312 tok/s.
@@ -77,4 +83,19 @@ def pdl_start(USE_PDL: tl.constexpr):
     """First statement of a kernel launched with ``pdl_args``: see the module docstring."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_launch(USE_PDL: tl.constexpr):
+    """``pdl_start``'s first half: lets the successor launch. Loads of the step's inputs may
+    follow (module docstring), then ``pdl_wait`` before anything else."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """``pdl_start``'s second half: the predecessor has completed and its writes are visible."""
+    if USE_PDL:
         tl.extra.cuda.gdc_wait()

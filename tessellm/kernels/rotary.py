@@ -30,6 +30,17 @@ def rope_halves(x1, x2, cos, sin, dt: tl.constexpr):
 
 
 @triton.jit
+def rope_full(x, xp, cos, sin, sign, dt: tl.constexpr):
+    """``rope_halves`` over whole heads at once: ``x`` ``[..., D]``, ``xp`` its partner
+    (element ``(d + D/2) % D``), ``sign`` -1 in the first half and +1 in the second, ``cos``/
+    ``sin`` at ``d % (D/2)``. The same arithmetic, so the same bits, as ``rope_halves``."""
+    c = cos.to(dt).to(tl.float32)
+    s = sin.to(dt).to(tl.float32)
+    o = (x.to(tl.float32) * c).to(dt).to(tl.float32)
+    return (o + sign * (xp.to(tl.float32) * s).to(dt).to(tl.float32)).to(dt)
+
+
+@triton.jit
 def rotate_heads(x_ptr, row, stride_t, stride_h, cos, sin,
                  NUM_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HALF: tl.constexpr,
                  HALF_P2: tl.constexpr):

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.attention.common import _fp8_max, _is_fp8, _p2
-from tessellm.kernels.pdl import pdl_args, pdl_start
+from tessellm.kernels.pdl import pdl_args, pdl_launch, pdl_start, pdl_wait
 from tessellm.kernels.rotary import rope_halves, rotate_heads
 
 
@@ -55,16 +55,17 @@ def _rotary_and_cache_kernel(pos_ptr, cos_sin_ptr, q_ptr, k_ptr, v_ptr, kc_ptr, 
     """One token per program: NeoX-rotates its q heads in place (slot -1 too), then writes its
     rotated k and its v to the caches at its slot (none for slot -1). ``k`` itself is read only.
     Rounds like ``TritonOps.rotary_embedding`` followed by ``_reshape_and_cache_kernel``."""
-    pdl_start(USE_PDL)
+    pdl_launch(USE_PDL)  # positions, cos/sin and slots are the step's inputs (``pdl.py``)
     HALF: tl.constexpr = HEAD_SIZE // 2
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     j = tl.arange(0, HALF)
     cos = tl.load(cos_sin_ptr + pos * stride_cs + j)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + j)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    pdl_wait(USE_PDL)
     rotate_heads(q_ptr, t, stride_qt, stride_qh, cos, sin, NUM_HEADS, HEADS_P2, HALF, HALF)
 
-    slot = tl.load(slot_ptr + t).to(tl.int64)
     blk = slot // BLOCK_SIZE
     off = slot % BLOCK_SIZE
     h = tl.arange(0, KVH_P2)[:, None]

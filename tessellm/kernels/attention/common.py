@@ -48,6 +48,46 @@ def _load_q(q_ptr, tok, head, d, row_ok, stride_qt, stride_qh, scale_log2,
 
 
 @triton.jit
+def _kv_offsets(bt_ptr, n, n_ok, kvh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE: tl.constexpr):
+    """Element offsets of keys ``n`` (``[BLOCK_N]``, head ``kvh``) in the paged cache."""
+    blk = tl.load(bt_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    return blk * stride_cb + (n % BLOCK_SIZE) * stride_ct + kvh * stride_ch
+
+
+@triton.jit
+def _widen(x, FP8_PTX: tl.constexpr):
+    if FP8_PTX == 1:
+        x = _e4m3_to_f16(x)
+    elif FP8_PTX == 2:
+        x = e4m3_to_16bit(x, False, False)
+    return x
+
+
+@triton.jit
+def _scores(q, m_i, l_i, k, mask, scale_log2, DOT_PREC: tl.constexpr, APPLY_MASK: tl.constexpr,
+            FP8_PTX: tl.constexpr):
+    """First half of an online-softmax step: P, the rescale alpha, the new max and sum."""
+    k = _widen(k, FP8_PTX)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * scale_log2
+    if APPLY_MASK:
+        s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _attend_kv(q, acc, m_i, l_i, k, v, mask, scale_log2, DOT_PREC: tl.constexpr,
+               APPLY_MASK: tl.constexpr, FP8_PTX: tl.constexpr):
+    """One online-softmax step over loaded K/V tiles ``[BLOCK_N, HEAD_SIZE]`` (cache dtype)."""
+    p, alpha, m_i, l_i = _scores(q, m_i, l_i, k, mask, scale_log2, DOT_PREC, APPLY_MASK, FP8_PTX)
+    v = _widen(v, FP8_PTX)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok, mask, kvh,
                  scale_log2, stride_cb, stride_ct, stride_ch,
                  HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -56,27 +96,13 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok, ma
     applied only when APPLY_MASK (tiles every row sees whole skip the select). FP8_PTX: the
     cache is e4m3 and ``q`` fp16, pre-scaled by the caller."""
     d = tl.arange(0, HEAD_SIZE)
-    blk = tl.load(bt_ptr + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-    kv_off = blk * stride_cb + (n % BLOCK_SIZE) * stride_ct + kvh * stride_ch
+    kv_off = _kv_offsets(bt_ptr, n, n_ok, kvh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
     k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-    if FP8_PTX == 1:
-        k = _e4m3_to_f16(k)
-    elif FP8_PTX == 2:
-        k = e4m3_to_16bit(k, False, False)
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * scale_log2
-    if APPLY_MASK:
-        s = tl.where(mask, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_i, l_i = _scores(q, m_i, l_i, k, mask, scale_log2, DOT_PREC, APPLY_MASK, FP8_PTX)
     v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-    if FP8_PTX == 1:
-        v = _e4m3_to_f16(v)
-    elif FP8_PTX == 2:
-        v = e4m3_to_16bit(v, False, False)
+    v = _widen(v, FP8_PTX)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
-    return acc, m_new, l_i
+    return acc, m_i, l_i
 
 
 def _p2(x: int) -> int:

@@ -24,29 +24,36 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.attention.common import (
-    _LOG2E, _NEG_BIG, _attend_tile, _check_cache, _dot_fp32, _dot_precision,
-    _fp8_ptx, _k_factor, _load_q, _p2, _v_factor)
-from tessellm.kernels.pdl import pdl_args, pdl_start
+    _LOG2E, _NEG_BIG, _attend_kv, _attend_tile, _check_cache, _dot_fp32, _dot_precision,
+    _fp8_ptx, _is_fp8, _k_factor, _kv_offsets, _load_q, _p2, _v_factor)
+from tessellm.kernels.pdl import pdl_args, pdl_launch, pdl_wait
+from tessellm.kernels.rotary import rope_full
 
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr,
                          part_l_ptr, query_start_loc_ptr, seq_lens_ptr,
-                         block_tables_ptr, scale_log2, v_scale, window,
+                         block_tables_ptr, pos_ptr, cos_sin_ptr, k_ptr, v_ptr, slot_ptr,
+                         scale_log2, v_scale, window,
                          stride_qt, stride_qh, stride_ot, stride_oh,
                          stride_cb, stride_ct, stride_ch, stride_bt,
+                         stride_cs, stride_kt, stride_kh, stride_vt, stride_vh,
                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                          QUERY_LEN: tl.constexpr, GROUP_P2: tl.constexpr,
                          NUM_SPLITS: tl.constexpr, MIN_PART: tl.constexpr,
                          BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
                          DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr,
-                         REDUCE: tl.constexpr, USE_PDL: tl.constexpr):
+                         REDUCE: tl.constexpr, PREFETCH: tl.constexpr, ROTARY: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     """Grid ``(num_decodes, KVH, NUM_SPLITS)``. Each split's normalized partial output, running
     max (log2 units) and sum of exponentials go where ``REDUCE`` says (``_REDUCE_*``): to the
     workspace for ``_decode_reduce_kernel`` (SEPARATE), or straight to ``out`` (DIRECT, one
-    split). QUERY_LEN query tokens per sequence (module docstring), rows ``tq * GROUP_P2 + g``."""
-    pdl_start(USE_PDL)
+    split). QUERY_LEN query tokens per sequence (module docstring), rows ``tq * GROUP_P2 + g``.
+    PREFETCH: the first K/V tile's cached keys are loaded before the PDL wait. ROTARY (decodes
+    only): q, k, v arrive unrotated; see ``_new_key``."""
+    pdl_launch(USE_PDL)
+    # Before the wait: only the step's inputs and keys of earlier steps (``pdl.py``).
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -57,6 +64,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
     end = tl.minimum(start + part, seq_len)
     if USE_WINDOW:  # the first query's window starts earliest
         start = tl.maximum(start, seq_len - QUERY_LEN + 1 - window)
+    n_new = seq_len - QUERY_LEN  # keys n >= n_new: written by this step (the predecessor)
+    end_cache = end
+    if ROTARY:  # the new key comes from registers (``_new_key``), not from the cache
+        end_cache = tl.minimum(end, n_new)
 
     rows = tl.arange(0, BLOCK_M)
     tq = rows // GROUP_P2  # query index inside the sequence (0 for a decode)
@@ -69,20 +80,50 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
         tok = tl.load(query_start_loc_ptr + s).to(tl.int64) + tq
     q_pos = seq_len - QUERY_LEN + tq
     d = tl.arange(0, HEAD_SIZE)
-    q, qk_scale = _load_q(q_ptr, tok, head, d, row_ok, stride_qt, stride_qh, scale_log2,
-                          DOT_FP32, FP8_PTX)
+    bt_ptr = block_tables_ptr + s.to(tl.int64) * stride_bt
+    first = start
+    if PREFETCH:
+        n0 = start + tl.arange(0, BLOCK_N)
+        n0_ok = n0 < end_cache
+        old = n0_ok & (n0 < n_new)
+        off0 = _kv_offsets(bt_ptr, n0, n0_ok, kvh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
+        k0 = tl.load(k_cache_ptr + off0[:, None] + d[None, :], mask=old[:, None], other=0.0)
+        v0 = tl.load(v_cache_ptr + off0[:, None] + d[None, :], mask=old[:, None], other=0.0)
+        first = start + BLOCK_N
+    if ROTARY:
+        HALF: tl.constexpr = HEAD_SIZE // 2
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+        cos = tl.load(cos_sin_ptr + pos * stride_cs + d % HALF)
+        sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d % HALF)
+        slot = tl.load(slot_ptr + tok)
+    pdl_wait(USE_PDL)
+
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_SIZE], tl.float32)
-    bt_ptr = block_tables_ptr + s.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        mask = (rows[:, None] >= 0) & n_ok[None, :]  # a decode's query sees every key < seq_len
-        if QUERY_LEN > 1:  # causal among the step's queries
-            mask = mask & (n[None, :] <= q_pos[:, None])
-            if USE_WINDOW:
-                mask = mask & (n[None, :] > q_pos[:, None] - window)
+    if ROTARY:
+        q, qk_scale, acc, m_i, l_i = _new_key(
+            q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, tok, head, kvh, d, row_ok, cos, sin,
+            slot, (n_new >= start) & (n_new < end), acc, m_i, l_i, scale_log2,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+            stride_cb, stride_ct, stride_ch, HEAD_SIZE, BLOCK_SIZE, DOT_FP32)
+    else:
+        q, qk_scale = _load_q(q_ptr, tok, head, d, row_ok, stride_qt, stride_qh, scale_log2,
+                              DOT_FP32, FP8_PTX)
+    if PREFETCH:
+        if not ROTARY:  # this step's keys, written by the predecessor: read after the wait
+            new = n0_ok & (n0 >= n_new)
+            k0 = tl.where(new[:, None], tl.load(k_cache_ptr + off0[:, None] + d[None, :],
+                                                mask=new[:, None], other=0.0), k0)
+            v0 = tl.where(new[:, None], tl.load(v_cache_ptr + off0[:, None] + d[None, :],
+                                                mask=new[:, None], other=0.0), v0)
+        mask = _key_mask(rows, n0, n0_ok, q_pos, window, QUERY_LEN, USE_WINDOW)
+        acc, m_i, l_i = _attend_kv(q, acc, m_i, l_i, k0, v0, mask, qk_scale, DOT_PREC, True,
+                                   FP8_PTX)
+    for n_start in range(first, end_cache, BLOCK_N):
+        n = n_start + tl.arange(0, BLOCK_N)
+        n_ok = n < end_cache
+        mask = _key_mask(rows, n, n_ok, q_pos, window, QUERY_LEN, USE_WINDOW)
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
                                      mask, kvh, qk_scale, stride_cb, stride_ct, stride_ch,
                                      HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True, FP8_PTX)
@@ -98,6 +139,55 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
 
 
 @triton.jit
+def _key_mask(rows, n, n_ok, q_pos, window, QUERY_LEN: tl.constexpr, USE_WINDOW: tl.constexpr):
+    mask = (rows[:, None] >= 0) & n_ok[None, :]  # a decode's query sees every key < seq_len
+    if QUERY_LEN > 1:  # causal among the step's queries
+        mask = mask & (n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            mask = mask & (n[None, :] > q_pos[:, None] - window)
+    return mask
+
+
+@triton.jit
+def _new_key(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, tok, head, kvh, d, row_ok, cos, sin,
+             slot, own, acc, m_i, l_i, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
+             stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
+             HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """A decode's rotary and cache write, fused (ROTARY): every program NeoX-rotates its q rows
+    (``rope_full``: the bits of ``rotary_and_cache``); the program owning the new key
+    (``own``: its split holds position seq_len - 1) rotates that key, writes it and v to the
+    caches at ``slot`` (-1: not written) and takes it into the softmax from registers."""
+    HALF: tl.constexpr = HEAD_SIZE // 2
+    dp = (d + HALF) % HEAD_SIZE  # each element's rotary partner
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    q_row = q_ptr + (tok * stride_qt + head * stride_qh)[:, None]
+    q = rope_full(tl.load(q_row + d[None, :], mask=row_ok[:, None], other=0.0),
+                  tl.load(q_row + dp[None, :], mask=row_ok[:, None], other=0.0),
+                  cos[None, :], sin[None, :], sign[None, :], q_ptr.dtype.element_ty)
+    k_row = k_ptr + tok * stride_kt + kvh * stride_kh
+    key_ok = d < tl.where(own, HEAD_SIZE, 0)  # (scalar & vector masks fail in the interpreter)
+    k = rope_full(tl.load(k_row + d, mask=key_ok, other=0.0),
+                  tl.load(k_row + dp, mask=key_ok, other=0.0), cos, sin, sign,
+                  k_ptr.dtype.element_ty)
+    v = tl.load(v_ptr + tok * stride_vt + kvh * stride_vh + d, mask=key_ok, other=0.0)
+    slot = slot.to(tl.int64)
+    c_off = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct + kvh * stride_ch
+    write_ok = d < tl.where(own & (slot >= 0), HEAD_SIZE, 0)
+    tl.store(k_cache_ptr + c_off + d, k.to(k_cache_ptr.dtype.element_ty), mask=write_ok)
+    tl.store(v_cache_ptr + c_off + d, v.to(v_cache_ptr.dtype.element_ty), mask=write_ok)
+    # the tile path's rounding: a dot of q and k (fp32 sums), P in q's dtype times v
+    s_new = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale_log2
+    s_new = tl.where(row_ok & own, s_new, float("-inf"))
+    m_new = tl.maximum(m_i, s_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s_new - m_new)
+    acc = acc * alpha[:, None] + p.to(q.dtype).to(tl.float32)[:, None] * v.to(tl.float32)[None, :]
+    if DOT_FP32:  # tiles take q's dtype (``_load_q``)
+        q = q.to(tl.float32)
+    return q, scale_log2, acc, m_new, l_i * alpha + p
+
+
+@triton.jit
 def _decode_reduce_kernel(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, query_start_loc_ptr,
                           stride_ot, stride_oh,
                           NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -105,10 +195,11 @@ def _decode_reduce_kernel(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, query_s
                           USE_PDL: tl.constexpr):
     """Grid ``(num_decodes * QUERY_LEN, H)``: out = sum_i w_i o_i / sum_i w_i,
     w_i = 2^(m_i - M) l_i."""
-    pdl_start(USE_PDL)
+    pdl_launch(USE_PDL)
     sq = tl.program_id(0)  # sequence * QUERY_LEN + query
     h = tl.program_id(1)
     tok = tl.load(query_start_loc_ptr + sq // QUERY_LEN).to(tl.int64) + sq % QUERY_LEN
+    pdl_wait(USE_PDL)  # the partials: written by the split kernel
     sp = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, HEAD_SIZE)
     idx = (sq.to(tl.int64) * NUM_HEADS + h) * NUM_SPLITS + sp
@@ -148,7 +239,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      tiles: Optional[tuple[int, int, int]] = None,
                      k_scale: float = 1.0, v_scale: float = 1.0,
                      fp8_convert: str = "auto", fused_reduce: bool = True,
-                     query_len: int = 1) -> None:
+                     query_len: int = 1, prefetch: bool = False,
+                     rotary: Optional[tuple] = None) -> None:
     """Split-KV attention of the first ``num_seqs`` sequences, ``query_len`` query tokens each
     (1: decodes; more: verify steps, the last ``query_len`` positions of each sequence, rows
     ``query_start_loc[s] ..`` consecutive).
@@ -160,6 +252,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     ``fused_reduce``: with one split, the split kernel writes the output itself (one launch);
     otherwise, or when False, ``_decode_reduce_kernel`` follows.
+
+    ``prefetch``: each program loads its first K/V tile's keys of earlier steps before the PDL
+    wait (``pdl.py``), so their latency hides under the kernel before (small batches).
+    ``rotary``: ``(k, v, slot_mapping, positions, cos_sin_cache)`` of a pure-decode step
+    (``query_len`` 1, a 16-bit cache) whose q and k arrive unrotated: the kernel does
+    ``rotary_and_cache``'s work itself (``_new_key``) and q stays unrotated in memory.
     """
     if num_seqs == 0:
         return
@@ -180,18 +278,29 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_n, num_warps, num_stages = _decode_block_n(q.dtype, head_size), 2 if fp8_ptx else 4, 3
     if tiles is not None:
         block_n, num_warps, num_stages = tiles
+    if rotary is not None:
+        assert query_len == 1 and not _is_fp8(k_cache), "fused rotary: 16-bit cache decodes"
+        k, v, slots, positions, cos_sin = rotary
+        assert cos_sin.shape[-1] == head_size and cos_sin.stride(-1) == 1
+        assert k.stride(-1) == 1 and v.stride(-1) == 1 and q.stride(-1) == 1
+        extra = (positions.reshape(-1), cos_sin, k, v, slots)
+        extra_strides = (cos_sin.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    else:
+        extra, extra_strides = (seq_lens, q, q, q, seq_lens), (0, 0, 0, 0, 0)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_m, part_l, query_start_loc, seq_lens, block_tables,
-        scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
+        *extra, scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
         sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        *extra_strides,
         NUM_HEADS=num_heads, GROUP=group, BLOCK_M=max(16, _p2(group) * _p2(query_len)),
         QUERY_LEN=query_len, GROUP_P2=_p2(group), NUM_SPLITS=num_splits,
         MIN_PART=max(min_partition, block_n), BLOCK_N=block_n, HEAD_SIZE=head_size,
         BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q), FP8_PTX=fp8_ptx,
-        REDUCE=reduce, num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device))
+        REDUCE=reduce, PREFETCH=prefetch, ROTARY=rotary is not None, num_warps=num_warps,
+        num_stages=num_stages, **pdl_args(q.device))
     if reduce == _REDUCE_SEPARATE:
         _decode_reduce_kernel[(num_seqs * query_len, num_heads)](
             out, part_out, part_m, part_l, query_start_loc, out.stride(0), out.stride(1),

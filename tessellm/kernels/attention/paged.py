@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from tessellm.kernels.attention.cache import reshape_and_cache, rotary_and_cache
-from tessellm.kernels.attention.common import _p2
+from tessellm.kernels.attention.common import _is_fp8, _p2
 from tessellm.kernels.attention.decode import decode_attention, decode_workspace_numel
 from tessellm.kernels.attention.prefill import prefill_attention
 
@@ -58,6 +58,15 @@ class TritonAttentionKernel:
     # One decode split writes the output itself (no reduce launch, ``decode_attention``);
     # False: always the separate reduce kernel (set on an instance for tests and benchmarks).
     fused_reduce = True
+    # Latency-bound small decode batches (batch 1: ~11 us of attention a layer against 0.7 us
+    # of K/V reads, H200): up to this many decodes the split kernel prefetches its first K/V
+    # tile before the PDL wait (``decode_attention``'s prefetch), and up to
+    # ``fuse_rotary_max_decodes`` a pure-decode step with a 16-bit cache does the rotary and
+    # cache write in the split kernel too (one launch less a layer). 0 turns either off.
+    prefetch_max_decodes = 16
+    fuse_rotary_max_decodes = 16
+    # fewest keys a decode split handles at those batch sizes (one 64-key tile a program)
+    small_batch_min_partition = 128
 
     def __init_subclass__(cls, **kwargs):
         # A subclass serves an fp8 cache only if it says so: its forward must pass k_scale and
@@ -152,15 +161,27 @@ class TritonAttentionKernel:
         return dict(workspace=self._get_workspace(num_decodes, device, query_len),
                     fused_reduce=self.fused_reduce)
 
+    def _fuses_decode_rotary(self, q, k_cache, md, cos_sin_cache) -> bool:
+        """A pure-decode step of at most ``fuse_rotary_max_decodes`` on a 16-bit cache: the
+        split kernel rotates and writes the new keys itself (``decode_attention``'s rotary)."""
+        return (md.num_prefills == 0 and md.query_len == 1
+                and 0 < md.num_decodes <= self.fuse_rotary_max_decodes
+                and q.shape[0] == md.num_decodes and not _is_fp8(k_cache)
+                and cos_sin_cache.shape[-1] == q.shape[-1])
+
     def forward(self, q, k, v, k_cache, v_cache, metadata: TritonAttentionMetadata, scale: float,
                 out: Optional[torch.Tensor] = None, *, positions: Optional[torch.Tensor] = None,
                 cos_sin_cache: Optional[torch.Tensor] = None):
         """``AttentionKernel.forward``; with ``positions`` and ``cos_sin_cache`` (``fuses_rotary``)
         q and k arrive unrotated: q is NeoX-rotated in place, k as it is written to the cache."""
         md = metadata
+        small = 0 < md.num_decodes <= self.prefetch_max_decodes
+        rotary = None
         if positions is None:
             reshape_and_cache(k, v, k_cache, v_cache, md.slot_mapping, self.k_scale,
                               self.v_scale)
+        elif self._fuses_decode_rotary(q, k_cache, md, cos_sin_cache):
+            rotary = (k, v, md.slot_mapping, positions, cos_sin_cache)
         else:
             rotary_and_cache(q, k, v, k_cache, v_cache, md.slot_mapping, positions,
                              cos_sin_cache, self.k_scale, self.v_scale)
@@ -169,10 +190,12 @@ class TritonAttentionKernel:
         if md.num_decodes:
             decode_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
                              md.block_tables, scale, num_seqs=md.num_decodes,
-                             num_splits=md.num_splits,
-                             sliding_window=self.sliding_window, min_partition=self.min_partition,
+                             num_splits=md.num_splits, sliding_window=self.sliding_window,
+                             min_partition=(self.small_batch_min_partition if small
+                                            else self.min_partition),
                              k_scale=self.k_scale, v_scale=self.v_scale,
                              fp8_convert=self.fp8_convert, query_len=md.query_len,
+                             prefetch=small, rotary=rotary,
                              **self._decode_buffers(md.num_decodes, q.device, md.query_len))
         if md.num_prefills:
             prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
