@@ -68,6 +68,11 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
     for name, value in (attn_attrs or {}).items():  # split-KV knobs (chain_section)
         setattr(kernel, name, value)
     md = kernel.build_metadata(batch)
+    # the engine's call: unrotated q, k with positions and the cos/sin table (fuses_rotary)
+    positions = (batch.seq_lens[:1] - 1).long()
+    freqs = torch.outer(torch.arange(MAX_MODEL_LEN, dtype=torch.float32),
+                        1.0 / 500000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).cuda()
     norm_w = torch.ones(HID, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1, HID, device="cuda", dtype=torch.bfloat16)
     res = torch.zeros_like(x)
@@ -87,7 +92,8 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
                 q = qkv[:, :H * D].view(1, H, D)
                 k = qkv[:, H * D:(H + KVH) * D].view(1, KVH, D)
                 v = qkv[:, (H + KVH) * D:].view(1, KVH, D)
-                o = kernel.forward(q, k, v, kc, vc, md, D ** -0.5).view(1, H * D)
+                o = kernel.forward(q, k, v, kc, vc, md, D ** -0.5, positions=positions,
+                                   cos_sin_cache=cos_sin).view(1, H * D)
             gu = lin(norm(lin(o, w["o"])), w["gate_up"])
             h = lin(ops.silu_and_mul(gu) if "silu" in parts else gu[:, :INTER], w["down"])
         return gemv(norm(h), head)
@@ -97,13 +103,24 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
 
 VARIANTS = {"full": ("attn", "norm", "silu"), "-attn": ("norm", "silu"),
             "-norm": ("attn", "silu"), "-silu": ("attn", "norm"), "gemv": ()}
-# The whole chain with other split-KV settings of the batch-1 decode attention (default:
-# 32 splits of at least 128 keys, i.e. 6 busy splits at 768 keys): what the attention block
-# (~11 us a layer on an H200, 2026-12-04) might lose.
-ATTN_VARIANTS = {"attn min_partition 64": {"min_partition": 64},
-                 "attn 8 splits": {"target_programs": 64},
-                 "attn 4 splits": {"target_programs": 32},
-                 "attn 1 split": {"target_programs": 8}}
+QUICK_VARIANTS = ("full", "-attn", "gemv")  # --quick
+# The whole chain with other settings of the batch-1 decode attention (default: at most 16
+# splits of at least ``small_batch_min_partition`` (64) keys, first tile prefetched before the
+# PDL wait, rotary + cache write in the split kernel): what the attention block costs each way.
+ATTN_VARIANTS = {"attn unfused (3 launches, no prefetch)": {"prefetch_max_decodes": 0,
+                                                            "fuse_rotary_max_decodes": 0},
+                 "attn unfused, 16 splits >= 64 keys": {
+                     "prefetch_max_decodes": 0, "fuse_rotary_max_decodes": 0,
+                     "min_partition": 64, "target_programs": 128},
+                 "attn prefetch, rotary kernel": {"fuse_rotary_max_decodes": 0},
+                 "attn fused rotary, no prefetch": {"prefetch_max_decodes": 0,
+                                                    "min_partition": 64, "target_programs": 128},
+                 "attn 32 splits >= 64 keys": {"small_batch_max_splits": 32},
+                 "attn 32 splits >= 128 keys": {"small_batch_max_splits": 32,
+                                                "small_batch_min_partition": 128},
+                 "attn 8 splits": {"small_batch_max_splits": 8},
+                 "attn 4 splits": {"small_batch_max_splits": 4}}
+QUICK = False
 
 
 def chain_section(out: dict) -> None:
@@ -114,6 +131,8 @@ def chain_section(out: dict) -> None:
         res = {"weight_gb": round(nbytes / 1e9, 3),
                "floor_ms_4.25TBs": round(nbytes / 4.25e9, 3)}
         for name, parts in VARIANTS.items():
+            if QUICK and name not in QUICK_VARIANTS:
+                continue
             step = _step_fn(layers, head, fp8, parts)
             with graph_scope():
                 res[name] = round(graph_ms(step, 3), 4)
@@ -170,7 +189,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sections", nargs="+", default=["chain", "attn_long"])
+    p.add_argument("--quick", action="store_true", help="chain: whole, -attn and GEMVs only")
     args = p.parse_args()
+    global QUICK
+    QUICK = args.quick
     args.out.mkdir(parents=True, exist_ok=True)
     run_sections(args.out, args.sections, {"chain": chain_section, "attn_long": attn_long_section})
 

@@ -33,7 +33,8 @@ def rope_halves(x1, x2, cos, sin, dt: tl.constexpr):
 def rope_full(x, xp, cos, sin, sign, dt: tl.constexpr):
     """``rope_halves`` over whole heads at once: ``x`` ``[..., D]``, ``xp`` its partner
     (element ``(d + D/2) % D``), ``sign`` -1 in the first half and +1 in the second, ``cos``/
-    ``sin`` at ``d % (D/2)``. The same arithmetic, so the same bits, as ``rope_halves``."""
+    ``sin`` at ``d % (D/2)``. The same arithmetic as ``rope_halves``: the same bits in 16-bit
+    dtypes (in float32 the compiler may contract either into FMAs differently)."""
     c = cos.to(dt).to(tl.float32)
     s = sin.to(dt).to(tl.float32)
     o = (x.to(tl.float32) * c).to(dt).to(tl.float32)

@@ -87,7 +87,11 @@ def test_decode_step_fuses_rotary_and_cache_write(dtype, head_size, group, split
     kernel.forward(q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale, out=out,
                    positions=positions, cos_sin_cache=cos_sin)
     assert torch.equal(q, step.q), "the fused decode path leaves q in memory as it was"
-    assert torch.equal(step.k_cache, k_two) and torch.equal(step.v_cache, v_two)
+    assert torch.equal(step.v_cache, v_two)
+    if dtype == F32 and ON_GPU:  # float32: the compiler may contract either rotary into FMAs
+        torch.testing.assert_close(step.k_cache, k_two, atol=1e-6, rtol=1e-6)
+    else:  # 16-bit: each product rounded, the same bits
+        assert torch.equal(step.k_cache, k_two)
     assert torch.equal(out[3], torch.zeros_like(out[3]))
     torch.testing.assert_close(out, want, **_tol(dtype))
 

@@ -65,8 +65,11 @@ class TritonAttentionKernel:
     # cache write in the split kernel too (one launch less a layer). 0 turns either off.
     prefetch_max_decodes = 16
     fuse_rotary_max_decodes = 16
-    # fewest keys a decode split handles at those batch sizes (one 64-key tile a program)
-    small_batch_min_partition = 128
+    # At those batch sizes: splits of at least one 64-key tile, at most 16 splits (H200, B1
+    # chain of Llama-8B at 768 keys: 3.948 ms a token against 4.078 with 32 splits of >= 128
+    # keys; results/h200-2026-12-04-b1)
+    small_batch_min_partition = 64
+    small_batch_max_splits = 16
 
     def __init_subclass__(cls, **kwargs):
         # A subclass serves an fp8 cache only if it says so: its forward must pass k_scale and
@@ -109,6 +112,8 @@ class TritonAttentionKernel:
         """Decode splits for a batch of ``num_decodes``: enough programs to fill the GPU."""
         programs = max(1, num_decodes * self.spec.num_kv_heads)
         want = _p2(math.ceil(self.target_programs / programs))
+        if num_decodes <= self.prefetch_max_decodes:
+            want = min(want, self.small_batch_max_splits)
         return max(1, min(want, self._splits_cap))
 
     def workspace_numel(self, num_decodes: int, query_len: int = 1) -> int:
