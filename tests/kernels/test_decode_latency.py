@@ -88,9 +88,12 @@ def test_decode_step_fuses_rotary_and_cache_write(dtype, head_size, group, split
                    positions=positions, cos_sin_cache=cos_sin)
     assert torch.equal(q, step.q), "the fused decode path leaves q in memory as it was"
     assert torch.equal(step.v_cache, v_two)
-    if dtype == F32 and ON_GPU:  # float32: the compiler may contract either rotary into FMAs
-        torch.testing.assert_close(step.k_cache, k_two, atol=1e-6, rtol=1e-6)
-    else:  # 16-bit: each product rounded, the same bits
+    # The same arithmetic as rotary_and_cache (bit-equal in the interpreter); compiled, the two
+    # kernels' rotations may round differently (FMA contraction, narrowed 16-bit arithmetic).
+    diff = (step.k_cache.float() - k_two.float()).abs()
+    assert diff.max() <= (1e-6 if dtype == F32 else 2 ** -7) * k_two.float().abs().max(), \
+        f"{int((diff > 0).sum())} cached key elements differ, by up to {diff.max().item():.3g}"
+    if not ON_GPU:
         assert torch.equal(step.k_cache, k_two)
     assert torch.equal(out[3], torch.zeros_like(out[3]))
     torch.testing.assert_close(out, want, **_tol(dtype))

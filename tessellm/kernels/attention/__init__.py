@@ -27,6 +27,15 @@ measured slower at batch 1 on an H200: 4.54 against 4.34 ms per token for Llama-
 counters' registers and the serial tail cost more than the launch they save.)
 No host-device sync anywhere in ``forward``.
 
+Small decode batches (at most ``prefetch_max_decodes`` = 16, latency-bound: at batch 1 the
+block cost 11 us a layer for 0.7 us of K/V reads on an H200) take three measures
+(benchmarks/README.md, wave 2e): at most 16 splits of at least 64 keys; each program loads its
+first K/V tile of earlier steps' keys before the PDL wait (``pdl.py``), re-reading this step's
+keys after it; and a pure-decode step with a 16-bit cache does the rotary and the cache write
+inside the split kernel (``decode._new_key``: every program rotates its q rows, the program whose
+split holds the new key rotates it, writes k and v and takes it from registers), one launch less.
+B1 chain 4.12 -> 3.99 ms, engine B1 4.16 -> 3.99.
+
 Cache write: one program per token writes its k and v at ``slot_mapping`` (-1: skipped). When
 the model hands over the rotary inputs (``fuses_rotary``), the same program first NeoX-rotates
 the token's q heads in place (padding rows with slot -1 too) and rotates k on its way to the

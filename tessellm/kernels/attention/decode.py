@@ -154,7 +154,7 @@ def _new_key(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, tok, head, kvh, d, r
              stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
              HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr):
     """A decode's rotary and cache write, fused (ROTARY): every program NeoX-rotates its q rows
-    (``rope_full``: 16-bit results bit-equal to ``rotary_and_cache``); the program owning the new key
+    (``rope_full``, ``rotary_and_cache``'s arithmetic); the program owning the new key
     (``own``: its split holds position seq_len - 1) rotates that key, writes it and v to the
     caches at ``slot`` (-1: not written) and takes it into the softmax from registers."""
     HALF: tl.constexpr = HEAD_SIZE // 2
