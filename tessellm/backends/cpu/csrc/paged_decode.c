@@ -59,6 +59,15 @@ static inline const float *row_f32(const void *base, int64_t idx, int D, float *
     return tmp;
 }
 
+#if defined(__AVX512F__)
+/* 16 cache values from element idx, widened to float32 (a bfloat16 is a float32's top half). */
+static inline __attribute__((always_inline)) __m512 load16(const void *c, int64_t idx, int bf16) {
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                      _mm256_loadu_si256((const __m256i *)((const uint16_t *)c + idx))), 16))
+                : _mm512_loadu_ps((const float *)c + idx);
+}
+#endif
+
 /* One tile of nt tokens starting at element `base` of the caches, KV heads [0, nkv) of the
  * task (base already points at its first head): scores s[i][t] = q_i . k_t (q pre-scaled). */
 static inline __attribute__((always_inline)) void tile_scores(
@@ -72,9 +81,7 @@ static inline __attribute__((always_inline)) void tile_scores(
                 int64_t idx = base + t * tok_stride + (int64_t)h * D;
                 __m512 k[MAX_D / 16];
                 for (int j = 0; j < DV; j++)
-                    k[j] = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                      _mm256_loadu_si256((const __m256i *)((const uint16_t *)kc + idx + 16 * j))), 16))
-                                : _mm512_loadu_ps((const float *)kc + idx + 16 * j);
+                    k[j] = load16(kc, idx + 16 * j, bf16);
                 for (int g = 0; g < G; g++) {
                     const float *qg = qs + (int64_t)(h * G + g) * D;
                     __m512 x = _mm512_mul_ps(k[0], _mm512_loadu_ps(qg));
@@ -115,9 +122,7 @@ static inline __attribute__((always_inline)) void tile_values(
                 for (int t = 0; t < nt; t++) {
                     int64_t idx = base + t * tok_stride + (int64_t)h * D;
                     for (int j = 0; j < DV; j++) {
-                        __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                              _mm256_loadu_si256((const __m256i *)((const uint16_t *)vc + idx + 16 * j))), 16))
-                                        : _mm512_loadu_ps((const float *)vc + idx + 16 * j);
+                        __m512 v = load16(vc, idx + 16 * j, bf16);
                         for (int g = 0; g < gn; g++)
                             a[g * DV + j] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * G + g0 + g][t]), v, a[g * DV + j]);
                     }
