@@ -25,15 +25,18 @@ def _kernel(step_heads, kvh, d, dtype, bs, window):
     return CpuAttentionKernel(AttentionSpec(step_heads, kvh, d, dtype, bs, "auto", window))
 
 
-@pytest.mark.parametrize("dtype,bs,group,window", [
-    (torch.float32, 4, 3, None), (torch.float32, 64, 3, None), (torch.float32, 16, 1, 21),
-    (torch.bfloat16, 16, 4, None), (torch.bfloat16, 4, 2, 7)])
-def test_native_decode_matches_reference(lib, dtype, bs, group, window):
+@pytest.mark.parametrize("dtype,bs,group,window,head", [
+    (torch.float32, 4, 3, None, 64), (torch.float32, 64, 3, None, 64), (torch.float32, 16, 1, 21, 64),
+    (torch.bfloat16, 16, 4, None, 64), (torch.bfloat16, 4, 2, 7, 64),
+    # 16-token tiles inside 32-token blocks, a window start off the tile grid; head sizes of
+    # the plain-C path (40) and of 8 vectors a row (128)
+    (torch.float32, 32, 2, 45, 128), (torch.float32, 16, 3, None, 40), (torch.bfloat16, 32, 3, 19, 40)])
+def test_native_decode_matches_reference(lib, dtype, bs, group, window, head):
     ctx = [0, bs - 1, bs, 2 * bs - 1, 37, 150, 3, 90, 12]  # seq lens 1, bs, bs + 1, 2 bs, ...
     qlens = [1] * 7 + [5, 12]  # seven decodes, then two prefill chunks over cached context
-    step = make_paged_step(qlens, ctx, num_kv_heads=2, group=group, head_size=64, block_size=bs,
+    step = make_paged_step(qlens, ctx, num_kv_heads=2, group=group, head_size=head, block_size=bs,
                            dtype=dtype, device="cpu", window=window, seed=11)
-    kernel = _kernel(2 * group, 2, 64, dtype, bs, window)
+    kernel = _kernel(2 * group, 2, head, dtype, bs, window)
     assert kernel.native is lib
     md = kernel.build_metadata(step.batch)
     assert md.native_decode is not None and md.native_decode.n == 7 and not md.decode_groups
