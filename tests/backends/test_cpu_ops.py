@@ -138,3 +138,44 @@ def test_silu_and_mul_is_the_references_bitwise(dtype):
     assert out.shape == (37, 96) and out.dtype == dtype
     assert torch.equal(out, ReferenceOps().silu_and_mul(x))
     assert torch.equal(cpu_ops.CpuOps().silu_and_mul(x[None]), ReferenceOps().silu_and_mul(x[None]))
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (64, 576), (2048, 576), (3, 4096), (5, 40)])
+def test_rms_norm_is_the_references_bitwise(shape):
+    """float32 RMSNorm in one aten call: the reference's bits (greedy parity with HF rests on
+    it); bfloat16 stays on the reference."""
+    from tessellm.backends.reference.ops import ReferenceOps
+
+    g = torch.Generator().manual_seed(shape[0])
+    ops, ref = cpu_ops.CpuOps(), ReferenceOps()
+    x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+    assert torch.equal(ops.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+    r = torch.randn(*shape, generator=g)
+    for a, b in zip(ops.fused_add_rms_norm(x, r, w, 1e-5), ref.fused_add_rms_norm(x, r, w, 1e-5)):
+        assert torch.equal(a, b)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert torch.equal(ops.rms_norm(xb, wb, 1e-6), ref.rms_norm(xb, wb, 1e-6))
+
+
+@pytest.mark.parametrize("rot", [64, 32])
+def test_native_rotary_is_the_references_bitwise(rot):
+    """q and k as views into one qkv row (as the models pass them), full and partial rotary:
+    rotated in place by the C kernel, bitwise the reference's result."""
+    from tessellm.backends.cpu import native
+    from tessellm.backends.reference.ops import ReferenceOps
+
+    if native.load() is None:
+        pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
+    g = torch.Generator().manual_seed(rot)
+    ops = cpu_ops.CpuOps()
+    for t in (1, 5, 64):  # serial and threaded
+        qkv = torch.randn(t, (9 + 3 + 3) * 64, generator=g)
+        positions = torch.randint(0, 500, (t,), generator=g)
+        cos_sin = torch.randn(512, rot, generator=g)
+        q, k = qkv[:, :576], qkv[:, 576:768]
+        want_q, want_k = ReferenceOps().rotary_embedding(positions, q.clone(), k.clone(), cos_sin, 64)
+        v_before = qkv[:, 768:].clone()
+        got_q, got_k = ops.rotary_embedding(positions, q, k, cos_sin, 64)
+        assert got_q.data_ptr() == q.data_ptr()  # in place, the native path
+        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+        assert torch.equal(qkv[:, 768:], v_before)

@@ -1,6 +1,6 @@
 """The cpu backend's C kernels (``csrc/``), built on first use and loaded through ctypes.
 
-``load()`` compiles ``csrc/paged_decode.c`` with the system C compiler (``$CC``, else ``cc``,
+``load()`` compiles ``csrc/paged_decode.c`` (paged decode attention, NeoX rotary) with the system C compiler (``$CC``, else ``cc``,
 ``gcc``, ``clang``; ``-O3 -march=native -fopenmp``) into ``<cache_dir>/cpu_native/``, keyed by
 the source, the compiler's version, the flags and the host CPU, so a machine compiles it once
 (~0.5 s; several processes compiling at once each write a temporary file and rename it into
@@ -83,6 +83,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tl_paged_decode.restype = i32
     lib.tl_paged_decode.argtypes = [p, i64, p, p, i32, p, i64, p, i32, i32, i32, i32, i32, i32,
                                     ctypes.c_float, p, i32]
+    lib.tl_rotary_neox.restype = i32
+    lib.tl_rotary_neox.argtypes = [p, i64, i32, p, i64, i32, p, p, i64, i32, i32, i32, i32]
 
 
 def _compiler() -> Optional[list[str]]:

@@ -1,4 +1,5 @@
-"""The cpu backend's ``FusedOps`` (the reference ops, plus a ``linear`` for wide products) and
+"""The cpu backend's ``FusedOps`` (the reference ops, plus a ``linear`` for wide products, a
+one-call float32 RMSNorm and a one-allocation SiLU-and-mul) and
 ``LogitsOps`` (the reference bitmask, plus a two-pass argmax)."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from tessellm.backends.cpu import native
 from tessellm.backends.cpu.moe import fused_moe_grouped
 from tessellm.backends.reference.logits import ReferenceLogitsOps
 from tessellm.backends.reference.ops import ReferenceOps
@@ -43,6 +45,7 @@ class CpuOps(ReferenceOps):
         self._packed_bytes = 0
         self._pack_limit = int(os.environ.get(PACK_LIMIT_ENV, "2048")) << 20
         self.onednn = torch.backends.mkldnn.is_available()
+        self._native = False  # the native kernels (native.load()), looked up on first use
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
         """``x @ weight.T (+ bias)``; float32 products on oneDNN's packed weight (``_pack``),
@@ -61,6 +64,37 @@ class CpuOps(ReferenceOps):
         for start in range(0, n, BLOCK_N):
             torch.mm(x, weight[start:start + BLOCK_N].t(), out=out[:, start:start + BLOCK_N])
         return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """float32: ``F.rms_norm``, one aten call for the reference's five (the same products in
+        the same order: bitwise the reference's result, checked in tests/backends/test_cpu_ops.py)."""
+        if x.dtype != torch.float32 or weight.dtype != torch.float32:
+            return super().rms_norm(x, weight, eps)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def rotary_embedding(self, positions, q, k, cos_sin_cache, head_size: int):
+        """float32 q/k rows with unit inner stride: rotated in place by the native kernel
+        (``csrc/paged_decode.c``), one call for the reference's dozen ops, bitwise its result
+        (the products rounded before the sums, as torch's); anything else: the reference."""
+        lib = self._native_lib()
+        if (lib is None or q.dtype != torch.float32 or k.dtype != torch.float32 or q.dim() != 2
+                or k.dim() != 2 or q.shape[1] % head_size or k.shape[1] % head_size or q.stride(-1) != 1 or k.stride(-1) != 1 or positions.dtype != torch.int64
+                or cos_sin_cache.dtype != torch.float32 or cos_sin_cache.stride(-1) != 1
+                or torch.compiler.is_compiling() or q.requires_grad or k.requires_grad):
+            return super().rotary_embedding(positions, q, k, cos_sin_cache, head_size)
+        positions = positions.contiguous()
+        rc = lib.tl_rotary_neox(q.data_ptr(), q.stride(0), q.shape[1] // head_size, k.data_ptr(), k.stride(0),
+                                k.shape[1] // head_size, positions.data_ptr(), cos_sin_cache.data_ptr(),
+                                cos_sin_cache.stride(0), q.shape[0], head_size, cos_sin_cache.shape[-1],
+                                torch.get_num_threads())
+        if rc:
+            return super().rotary_embedding(positions, q, k, cos_sin_cache, head_size)
+        return q, k
+
+    def _native_lib(self):
+        if self._native is False:
+            self._native = native.load()
+        return self._native
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` into one new tensor (the reference allocates two): bitwise the

@@ -355,3 +355,40 @@ int tl_paged_decode(const float *q, int64_t q_row_stride, const void *k_cache, c
     }
     return 0;
 }
+
+/* NeoX rotary embedding in place, float32: q [T, qh*D] and k [T, kh*D] rows (strides in floats),
+ * positions int64 [T], cos_sin [*, R] rows (cos of the R/2 frequencies, then sin); the first R
+ * dims of each head rotate, the rest stay. Each product is rounded before the sum, as torch's
+ * (x1*cos - x2*sin, x2*cos + x1*sin) does, so the result is bitwise the reference's: no
+ * contraction into FMAs here (GCC's attribute, the standard pragma for clang). */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static void rotate_heads(float *x, int heads, int D, int half, const float *cos, const float *sin) {
+    for (int h = 0; h < heads; h++) {
+        float *x1 = x + (int64_t)h * D, *x2 = x1 + half;
+#pragma omp simd
+        for (int i = 0; i < half; i++) {
+            float a = x1[i], b = x2[i];
+            float ac = a * cos[i], bs = b * sin[i], bc = b * cos[i], as = a * sin[i];
+            x1[i] = ac - bs;
+            x2[i] = bc + as;
+        }
+    }
+}
+
+int tl_rotary_neox(float *q, int64_t q_stride, int qh, float *k, int64_t k_stride, int kh,
+                   const int64_t *pos, const float *cos_sin, int64_t cs_stride, int T, int D, int R,
+                   int num_threads) {
+    if (R <= 0 || R % 2 || R > D) return -1;
+    const int half = R / 2;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (T >= 32)
+    for (int t = 0; t < T; t++) {
+        const float *cs = cos_sin + pos[t] * cs_stride;
+        rotate_heads(q + t * q_stride, qh, D, half, cs, cs + half);
+        rotate_heads(k + t * k_stride, kh, D, half, cs, cs + half);
+    }
+    return 0;
+}
