@@ -260,6 +260,61 @@ def test_gemv_fp8_x2(shape, config):
         _check(out, x, seg.dequantize(), b, BF16)
 
 
+# The streamed kernel (5-tuples: block_n, block_kw, warps, programs per SM, prefetch): one
+# program a tile with and without the register prefetch, persistent grids that loop over
+# several tiles (in the interpreter 1 SM: 1-3 programs), partial K steps (K = 100, 300).
+X2_STREAM = [(4, 16, 1, 0, False), (4, 16, 1, 0, True), (2, 8, 1, 3, True), (8, 32, 2, 2, False),
+             (1, 64, 1, 1, True)]
+if ON_GPU:
+    X2_STREAM += [(4, 512, 4, 8, True), (8, 256, 4, 16, False), (16, 256, 8, 4, True)]
+
+
+@pytest.mark.parametrize("config", X2_STREAM)
+@pytest.mark.parametrize("shape", X2_SHAPES)
+def test_gemv_fp8_x2_streamed(shape, config):
+    """Against the float32 reference, and against the tiled x2 kernel: the same products
+    (``_dot4_e4m3_bf16x2`` per word), so at most the float32 sum's order differs: within one
+    bf16 rounding of the output."""
+    n, k = shape
+    for bias in (False, True):
+        w, x, b = _data(1, n, k, BF16, bias, "x2s")
+        seg = quantize_fp8(w).to(DEV)
+        _poison_allocator(n)
+        out = gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales, b, config=config)
+        _check(out, x, seg.dequantize(), b, BF16)
+        tiled = gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales, b, config=(2, 8, 1), split_k=1)
+        ulp = tiled.float().abs().clamp_min(1e-30) * 2.0 ** -7
+        assert ((out.float() - tiled.float()).abs() <= ulp + 1e-6).all()
+
+
+def test_gemv_x2_table_picks_the_streamed_kernel(monkeypatch):
+    """A shape in ``X2_TABLE`` takes its tuned launch (here a streamed one) through
+    ``gemv_fp8_x2`` and the W8A16 entry point alike; other shapes keep the rules."""
+    n, k = X2_SHAPES[0]
+    w, x, _ = _data(1, n, k, BF16, False, "x2t")
+    seg = quantize_fp8(w).to(DEV)
+    cfg = (2, 8, 1, 3, True)
+    monkeypatch.setitem(gemv_x2.X2_TABLE, (n, k), cfg)
+    assert gemv_x2.gemv_x2_config(n, k) == cfg
+    assert gemv_x2.gemv_x2_config(n + 1, k) != cfg
+    want = gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales, config=cfg)
+    assert torch.equal(gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales), want)
+
+
+@pytest.mark.parametrize("shape", sorted(gemv_x2.X2_TABLE) or [None])
+def test_gemv_x2_table_entries(shape):
+    """Each measured launch shape of the table on its own weight shape (on the CPU, in the
+    interpreter, on a small one), against the float32 reference."""
+    if shape is None:
+        pytest.skip("the table is empty")
+    n, k = shape if ON_GPU else (19, 100)
+    w, x, _ = _data(1, n, k, BF16, False, "x2tab")
+    seg = quantize_fp8(w).to(DEV)
+    _poison_allocator(n)
+    out = gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales, config=gemv_x2.X2_TABLE[shape])
+    _check(out, x, seg.dequantize(), None, BF16)
+
+
 def test_gemv_fp8_x2_decodes_every_code_exactly():
     """Every finite e4m3 code times a one-hot x comes back unchanged (on a GPU: the byte
     permute, shift and mask of ``_dot4_e4m3_bf16x2``, code by code, and its bf16 lanes)."""

@@ -9,6 +9,14 @@ M = 1 (``benchmarks/results/h200-2026-11-21e/x2bench.json``): qkv / o / gate_up 
 6.7 / 31.8 / 16.5 us against 10.7 / 7.9 / 35.5 / 21.3 with the best of the earlier two
 kernels; the LM head 121.5 against 133.0 (4.3 TB/s). Engine B1 (fp8 weights) 2.741 against
 3.203 ms per token, bf16 4.138 in the same run (0.66x).
+
+Two kernels share that arithmetic: ``_gemv_e4m3_x2_kernel`` (one program a tile of BLOCK_N rows,
+split K by float32 atomics where the tiles cannot fill the GPU) and
+``_gemv_e4m3_x2_stream_kernel`` (a persistent grid of a few programs an SM streaming tile after
+tile, each as a flat loop over K steps with the next step's words loaded before this step's
+arithmetic). Only the order of the float32 sum differs between them. Which one and which tiles
+a weight shape takes is a table measured on the device (``gemv_x2_table.py``, written by
+``benchmarks/kernels/x2_sweep.py``), never an autotune at serve time.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import triton.language as tl
 
 from tessellm.kernels.gemm.common import _interpreted, _num_sms
 from tessellm.kernels.gemm.gemv import GemvConfig, _finish, _ptx, _with_split
+from tessellm.kernels.gemm.gemv_x2_table import X2_TABLE
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
 
@@ -99,12 +108,82 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
         tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def gemv_x2_config(n: int, k: int) -> tuple[int, int, int]:
-    """(weight rows a program, 32-bit words of K a step, warps) for ``gemv_fp8_x2``, from the
-    H200 sweep (``benchmarks/results/h200-2026-11-21e/x2bench.json``, M = 1, CUDA graph,
-    weights rotated past the L2): within 3% of the best of seven tiles on each shape swept,
-    Llama-3.1-8B's qkv, o, gate_up, down and LM head, and qkv, o, down at TP 2 (gate_up at
-    TP 2 was not swept)."""
+@triton.jit
+def _x2_load(w_words, x_words, tile, k_step, N, KW, stride_wn_words, i, total, kw,
+             EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """The weight words of ``tile``'s rows and the x words of one K step, for the program's
+    flat step ``i`` (nothing from ``i >= total``: the prefetch past its last step)."""
+    row = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)[:, None]
+    koff = k_step * BLOCK_KW + kw
+    same = tl.zeros([BLOCK_N, 1], dtype=tl.int32)  # x in the weight tile's layout
+    ok = (same + i) < total
+    if not EVEN_K:
+        ok = ok & (koff < KW)
+    w = tl.load(w_words + row * stride_wn_words + koff, mask=ok, other=0)
+    x = tl.load(x_words + same + koff, mask=ok, other=0)
+    return w, x
+
+
+@triton.jit
+def _gemv_e4m3_x2_stream_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW,
+                                stride_wn_words, num_tiles,
+                                HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                                PREFETCH: tl.constexpr, PTX: tl.constexpr,
+                                USE_PDL: tl.constexpr):
+    """``_gemv_e4m3_x2_kernel``'s arithmetic (same ``_dot4_e4m3_bf16x2`` per word), streamed:
+    each of the G programs takes the tiles pid, pid + G, ... (BLOCK_N whole rows each) as one
+    flat loop over their K steps, so a persistent grid (G a few programs an SM) never drains
+    between tiles. PREFETCH: the next step's weight and x words are loaded before this step's
+    arithmetic (a register double buffer, across tile boundaries too), so two steps of loads
+    are in flight per program instead of one."""
+    pdl_start(USE_PDL)
+    pid, grid = tl.program_id(0), tl.num_programs(0)
+    w_words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    x_words = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+    kw = tl.arange(0, BLOCK_KW)[None, :]
+    steps = tl.cdiv(KW, BLOCK_KW)
+    total = tl.cdiv(num_tiles - pid, grid) * steps
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    if PREFETCH:
+        w, x = _x2_load(w_words, x_words, pid, 0, N, KW, stride_wn_words, 0, total, kw,
+                        EVEN_K, BLOCK_N, BLOCK_KW)
+    tile, ks = pid, 0  # this step's tile and K step (counters: no division in the loop)
+    for i in range(0, total):
+        last = ks == steps - 1
+        next_tile = tl.where(last, tile + grid, tile)
+        next_ks = tl.where(last, 0, ks + 1)
+        if PREFETCH:
+            w_next, x_next = _x2_load(w_words, x_words, next_tile, next_ks, N, KW,
+                                      stride_wn_words, i + 1, total, kw, EVEN_K, BLOCK_N,
+                                      BLOCK_KW)
+        else:
+            w, x = _x2_load(w_words, x_words, tile, ks, N, KW, stride_wn_words, i, total, kw,
+                            EVEN_K, BLOCK_N, BLOCK_KW)
+        if PTX:
+            acc = _dot4_e4m3_bf16x2(acc, w, x)
+        else:
+            acc = _dot4_e4m3_bf16_ref(acc, w, x)
+        if PREFETCH:
+            w, x = w_next, x_next
+        if last:  # the tile's last K step: its outputs
+            rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, rn, N, 0, True, True, HAS_BIAS)
+            tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+            acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+        tile, ks = next_tile, next_ks
+
+
+def gemv_x2_config(n: int, k: int) -> tuple:
+    """The launch shape for ``gemv_fp8_x2``: the measured table (``gemv_x2_table.X2_TABLE``,
+    by exact (N, K)) where it holds the shape, else (weight rows a program, 32-bit words of K
+    a step, warps) for ``_gemv_e4m3_x2_kernel``, from the H200 sweep
+    (``benchmarks/results/h200-2026-11-21e/x2bench.json``, M = 1, CUDA graph, weights rotated
+    past the L2): within 3% of the best of seven tiles on each shape swept, Llama-3.1-8B's qkv,
+    o, gate_up, down and LM head, and qkv, o, down at TP 2 (gate_up at TP 2 was not swept)."""
+    tuned = X2_TABLE.get((n, k))
+    if tuned is not None:
+        return tuned
     if n >= 65536:  # the LM head: 121.5 us
         return 8, 128, 4
     if n <= 4096 and k % 2048 == 0:  # o, down, qkv at TP=2: few rows, whole 512-word steps
@@ -113,16 +192,18 @@ def gemv_x2_config(n: int, k: int) -> tuple[int, int, int]:
 
 
 def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                bias: Optional[torch.Tensor] = None,
-                config: Optional[tuple[int, int, int]] = None,
+                bias: Optional[torch.Tensor] = None, config: Optional[tuple] = None,
                 split_k: Optional[int] = None) -> torch.Tensor:
     """W8A16 for one row of bf16 x: ``x [1, K] @ (qweight * scales[:, None]).T (+ bias)``
     through ``_dot4_e4m3_bf16x2`` (pairs of products rounded to bf16 before a float32 sum).
     K a multiple of 4; ``qweight`` e4m3fn ``[N, K]`` row-major, ``scales`` float32 ``[N]``.
-    ``config``: (block_n, block_kw, num_warps) instead of ``gemv_x2_config``'s."""
+    ``config`` instead of ``gemv_x2_config``'s: (block_n, block_kw, num_warps) for
+    ``_gemv_e4m3_x2_kernel`` (``split_k`` programs along K, default by ``_with_split``), or
+    (block_n, block_kw, num_warps, programs_per_sm, prefetch) for the streamed kernel
+    (programs_per_sm 0: one program a tile; no split)."""
     m, k = x.shape
     n = qweight.shape[0]
-    block_n, block_kw, num_warps = config or gemv_x2_config(n, k)
+    config = tuple(config or gemv_x2_config(n, k))
     if m != 1 or x.dtype != torch.bfloat16 or qweight.dtype != torch.float8_e4m3fn:
         raise ValueError("gemv_fp8_x2: one bf16 row against e4m3fn weights")
     if (k % 4 or qweight.shape[1] != k or qweight.stride(1) != 1 or qweight.stride(0) % 4
@@ -133,6 +214,9 @@ def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     x = x.contiguous()
     if x.data_ptr() % 8:  # read as 64-bit words
         x = x.clone()
+    if len(config) == 5:
+        return _stream(x, qweight, scales, bias, *config)
+    block_n, block_kw, num_warps = config
     kw = k // 4
     if split_k is None:
         split_k = _with_split(GemvConfig(block_n, block_kw * 4, num_warps, 1), n, k,
@@ -147,3 +231,22 @@ def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         EVEN_K=kw % words_per_split == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
         num_warps=num_warps, **pdl_args(x.device))
     return out if split == 1 else out.to(x.dtype)
+
+
+def _stream(x, qweight, scales, bias, block_n: int, block_kw: int, num_warps: int,
+            per_sm: int, prefetch: bool) -> torch.Tensor:
+    """``_gemv_e4m3_x2_stream_kernel`` on min(tiles, per_sm x SMs) programs (all tiles if
+    ``per_sm`` is 0)."""
+    n, k = qweight.shape
+    kw = k // 4
+    tiles = triton.cdiv(n, block_n)
+    grid = tiles
+    if per_sm:
+        grid = min(tiles, per_sm * (1 if _interpreted(x) else _num_sms(x.device.index or 0)))
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_e4m3_x2_stream_kernel[(grid,)](
+        x, qweight, scales, bias if bias is not None else scales, out, n, kw,
+        qweight.stride(0) // 4, tiles, HAS_BIAS=bias is not None, EVEN_K=kw % block_kw == 0,
+        BLOCK_N=block_n, BLOCK_KW=block_kw, PREFETCH=bool(prefetch), PTX=_ptx(x),
+        num_warps=num_warps, **pdl_args(x.device))
+    return out
