@@ -10,7 +10,8 @@ call (GB/s: weight bytes over it). Every launch shape is first checked against t
 product of the dequantized weight (relative error < 8e-3, every output written) and against
 the current default's output (the same per-word products, so within one bf16 rounding); a
 shape that fails is reported and never chosen. A winner replaces the default in the table
-only if it is at least 1% faster. Then ``layers``: qkv, o, gate_up, down of 8 layers (own
+only if it is at least 3% faster (``MIN_GAIN``: one launch shape timed twice in one run
+differed by 2.2% on the H200, 2026-12-04). Then ``layers``: qkv, o, gate_up, down of 8 layers (own
 weights each) in one graph with PDL, default launch shapes against the winners, which is the
 GEMV part of a B1 decode step (without the LM head, bf16 in the engine's fp8 mode).
 """
@@ -35,6 +36,7 @@ from tessellm.quantization.packed import quantize_fp8  # noqa: E402
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
 DEV = "cuda"
+MIN_GAIN = 0.03  # a winner must beat the default by this much (the timing spread: 2.2%)
 COPY_BYTES = 1.5e9  # weight copies a graph rotates through (the L2 holds 60 MB)
 TILES = [(4, 256, 4), (4, 512, 4), (2, 512, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8),
          (4, 1024, 8)]
@@ -180,7 +182,7 @@ def main() -> None:
         r = sweep_shape(name, n, k)
         res["shapes"][name] = r
         best = _parse(r["best"])
-        if best is not None and r["best_us"] < 0.99 * r["default_us"]:
+        if best is not None and r["best_us"] < (1 - MIN_GAIN) * r["default_us"]:
             table[(n, k)] = best
         (args.out / "x2_sweep.json").write_text(json.dumps(res, indent=1))
     res["table"] = {str(nk): cfg for nk, cfg in table.items()}

@@ -16,7 +16,14 @@ split K by float32 atomics where the tiles cannot fill the GPU) and
 tile, each as a flat loop over K steps with the next step's words loaded before this step's
 arithmetic). Only the order of the float32 sum differs between them. Which one and which tiles
 a weight shape takes is a table measured on the device (``gemv_x2_table.py``, written by
-``benchmarks/kernels/x2_sweep.py``), never an autotune at serve time.
+``benchmarks/kernels/x2_sweep.py``), never an autotune at serve time. H200, 2026-12-04, graphs
+of back-to-back calls with PDL over 1.5 GB of weight copies: the rules' tiled kernel reads qkv /
+o / gate_up / down at 3.08 / 2.67 / 3.82 / 3.72 TB/s (a layer's four: 3.56); the streamed
+kernel was slower on qkv, gate_up and down by 5-9% at its best, equal on o; the register
+prefetch slowed 26 of 28 tiles (92 registers instead of 48: half the programs an SM) and a
+persistent grid of 4 programs an SM was the slowest of all. The gap to the weight floor
+(51.3 us a layer at 4.25 TB/s, 61.3 measured) is ~2-3 us a launch of ramp and tail, not the
+read rate of the large shapes.
 """
 
 from __future__ import annotations
