@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from tessellm.kernels.gemm import gemv_x2  # noqa: E402
-from tessellm.kernels.pdl import graph_scope  # noqa: E402
-from tessellm.quantization.packed import quantize_fp8  # noqa: E402
+from tessellm.kernels.gemm import gemv_x2
+from tessellm.kernels.pdl import graph_scope
+from tessellm.quantization.packed import quantize_fp8
+from tessellm.testing.timing import graph_time_us
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
@@ -56,24 +56,7 @@ def candidates() -> list:
 def graph_us(fn_list, replays: int = 5) -> float:
     """Microseconds a call: one graph calling each of ``fn_list`` once, under PDL."""
     with graph_scope():
-        for fn in fn_list:
-            fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for fn in fn_list:
-                fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(fn_list))
-    return statistics.median(times)
+        return graph_time_us(fn_list, reps=len(fn_list), replays=replays)[0]
 
 
 def _check(out, ref, base) -> str:
