@@ -77,10 +77,10 @@ class CpuOps(ReferenceOps):
         (``csrc/paged_decode.c``), one call for the reference's dozen ops, bitwise its result
         (the products rounded before the sums, as torch's); anything else: the reference."""
         lib = self._native_lib()
-        if (lib is None or q.dtype != torch.float32 or k.dtype != torch.float32 or q.dim() != 2
-                or k.dim() != 2 or q.shape[1] % head_size or k.shape[1] % head_size or q.stride(-1) != 1 or k.stride(-1) != 1 or positions.dtype != torch.int64
-                or cos_sin_cache.dtype != torch.float32 or cos_sin_cache.stride(-1) != 1
-                or torch.compiler.is_compiling() or q.requires_grad or k.requires_grad):
+        if (lib is None or torch.compiler.is_compiling() or q.requires_grad or k.requires_grad
+                or any(t.dtype != torch.float32 or t.stride(-1) != 1 for t in (q, k, cos_sin_cache))
+                or q.dim() != 2 or k.dim() != 2 or q.shape[1] % head_size or k.shape[1] % head_size
+                or positions.dtype != torch.int64):
             return super().rotary_embedding(positions, q, k, cos_sin_cache, head_size)
         positions = positions.contiguous()
         rc = lib.tl_rotary_neox(q.data_ptr(), q.stride(0), q.shape[1] // head_size, k.data_ptr(), k.stride(0),

@@ -72,11 +72,11 @@ static inline __attribute__((always_inline)) __m512 load16(const void *c, int64_
 }
 #endif
 
-/* Prefetch one cache row of D values from element idx. */
-static inline __attribute__((always_inline)) void prefetch_row(const void *c, int64_t idx, int D, int bf16) {
+/* Prefetch n cache values from element idx. */
+static inline __attribute__((always_inline)) void prefetch_row(const void *c, int64_t idx, int n, int bf16) {
     const int esize = bf16 ? 2 : 4;
     const char *row = (const char *)c + idx * esize;
-    for (int b = 0; b < D * esize; b += 64) __builtin_prefetch(row + b, 0, PF_LOC);
+    for (int b = 0; b < n * esize; b += 64) __builtin_prefetch(row + b, 0, PF_LOC);
 }
 
 /* One tile of nt tokens starting at element `base` of the caches, KV heads [0, nkv) of the
@@ -241,28 +241,24 @@ static inline void tile_softmax(float s[][TILE], int nt, int nh, int D, float *m
     }
 }
 
-/* Prefetch the K and V rows of the task's heads of nt tokens from element `base` on: the next
- * tile is fetched while this one computes (block ids are random: the hardware prefetchers
- * cannot follow a sequence across blocks). */
+/* Prefetch the K and V rows of the task's heads (span values a token) of nt tokens from element
+ * `base` on, in one burst: the plain-C path's next tile (block ids are random: the hardware
+ * prefetchers cannot follow a sequence across blocks). */
 static inline void prefetch_tile(const void *kc, const void *vc, int64_t base, int64_t tok_stride,
-                                 int nt, int64_t span, int esize) {
+                                 int nt, int span, int bf16) {
     for (int t = 0; t < nt; t++) {
-        const char *k = (const char *)kc + (base + t * tok_stride) * esize;
-        const char *v = (const char *)vc + (base + t * tok_stride) * esize;
-        for (int64_t b = 0; b < span; b += 64) {
-            __builtin_prefetch(k + b, 0, PF_LOC);
-            __builtin_prefetch(v + b, 0, PF_LOC);
-        }
+        prefetch_row(kc, base + t * tok_stride, span, bf16);
+        prefetch_row(vc, base + t * tok_stride, span, bf16);
     }
 }
 
 /* KV heads [h0, h1) of one sequence: their G queries each against keys [start, len), tile by
- * tile (at most TILE tokens of one block; with all KV heads in the task a tile's K and its V
+ * tile (at most 16 tokens on the vector path, TILE otherwise, of one block; with all KV heads in the task a tile's K and its V
  * are each one contiguous stretch of the block). */
 static inline __attribute__((always_inline)) void attend(
         const float *q, const void *kc, const void *vc, const int32_t *table, int start, int len,
         int bs, int KVH, const int D, const int G, int h0, int h1, float scale, int bf16, float *out) {
-    const int nkv = h1 - h0, nh = nkv * G, esize = bf16 ? 2 : 4;
+    const int nkv = h1 - h0, nh = nkv * G;
     float qs[MAX_HD], acc[MAX_HD], s[MAX_H][TILE], m[MAX_H], l[MAX_H];
     const float *qh = q + (int64_t)h0 * G * D;
     for (int i = 0; i < nh * D; i++) {
@@ -301,7 +297,7 @@ static inline __attribute__((always_inline)) void attend(
             continue;
         }
 #endif
-        if (bp >= 0) prefetch_tile(kc, vc, bp, tok_stride, np, (int64_t)nkv * D * esize, esize);
+        if (bp >= 0) prefetch_tile(kc, vc, bp, tok_stride, np, nkv * D, bf16);
         tile_scores(qs, kc, base, tok_stride, nt, nkv, D, G, bf16, s);
         tile_softmax(s, nt, nh, D, m, l, acc);
         tile_values(acc, vc, base, tok_stride, nt, nkv, D, G, bf16, s, -1, 0);
