@@ -24,9 +24,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--quantization", default=None, help="e.g. fp8 (W8A16 / W8A8 weights)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
-    llm = LLM(args.model, load_format="dummy", max_model_len=4096, enable_prefix_caching=False)
+    llm = LLM(args.model, load_format="dummy", max_model_len=4096, enable_prefix_caching=False,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     eng, core = llm.engine, llm.engine.core
     for i in range(args.batch):
         ids = [(7 * i + j) % 1000 + 10 for j in range(args.input_len)]

@@ -21,10 +21,13 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--quantization", default=None, help="e.g. fp8 (W8A16 / W8A8 weights)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     llm = LLM(args.model, load_format="dummy", max_model_len=4096,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     eng, core = llm.engine, llm.engine.core
     reqs = make_requests(args.num_prompts, args.input_len, args.output_len, 0.0, core.vocab_size, 0)
     llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs[:2]],
