@@ -1,7 +1,10 @@
 """Per-step timeline of an offline run (workload F by default): where does the time go?
 
-Classifies each engine step as mixed (prefill chunks present) or pure decode and sums wall
-time per class, so prefill and decode costs can be compared with their physical floors.
+The workload runs twice on one engine: first with other prompts (seed 1) as a warm-up, so every
+kernel variant its steps meet is compiled, then measured. The measured run is the engine's own
+loop (async scheduling on, as ``bench throughput`` runs it); each ``schedule()`` call is stamped,
+and the time from one to the next is charged to that step's kind: mixed (prefill chunks present)
+or pure decode. Per class: steps, seconds, tokens, ms per step, to set against the floors.
 """
 
 from __future__ import annotations
@@ -29,27 +32,18 @@ def main() -> None:
               max_num_batched_tokens=args.max_num_batched_tokens,
               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     eng, core = llm.engine, llm.engine.core
-    reqs = make_requests(args.num_prompts, args.input_len, args.output_len, 0.0, core.vocab_size, 0)
-    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs[:2]],
-                 SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-    for i, r in enumerate(reqs):
-        eng.add_request(f"r{i}", {"prompt_token_ids": r.prompt_token_ids},
-                        SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0))
+    for seed in (1, 0):  # 1: warm-up on other prompts (no prefix-cache hits), 0: measured
+        reqs = make_requests(args.num_prompts, args.input_len, args.output_len, 0.0,
+                             core.vocab_size, seed)
+        stamps = run_stamped(eng, core, reqs, f"s{seed}-")
     stats = {"mixed": [0, 0.0, 0], "decode": [0, 0.0, 0]}  # steps, seconds, tokens
-    core.backend.synchronize()
-    start = time.perf_counter()
-    while eng.has_unfinished_requests():
-        t = time.perf_counter()
-        sched = core.scheduler.schedule()
-        res = core.runner.execute(sched)
-        outs = core.scheduler.update(sched, res.sampled)
-        eng.outputs.process(outs)
-        kind = "decode" if all(n == 1 for n in sched.num_scheduled_tokens.values()) else "mixed"
+    for (t, kind, tokens), (t_next, _, _) in zip(stamps, stamps[1:]):
         s = stats[kind]
         s[0] += 1
-        s[1] += time.perf_counter() - t
-        s[2] += sched.total_num_scheduled_tokens
-    total = time.perf_counter() - start
+        s[1] += t_next - t
+        s[2] += tokens
+    start = stamps[0][0]
+    total = stamps[-1][0] - start
     out_tokens = sum(r.output_len for r in reqs)
     result = {"total_s": round(total, 3), "output_tok_per_s": round(out_tokens / total, 1),
               **{f"{k}_steps": v[0] for k, v in stats.items()},
@@ -60,6 +54,34 @@ def main() -> None:
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def run_stamped(eng, core, reqs, prefix: str) -> list[tuple[float, str, int]]:
+    """Run ``reqs`` through the engine's loop; one ``(time, kind, tokens)`` per schedule() call
+    that scheduled work, and a last stamp when the loop ends."""
+    schedule, stamps = core.scheduler.schedule, []
+
+    def stamped():
+        sched = schedule()
+        if sched.total_num_scheduled_tokens:
+            n = sched.num_scheduled_tokens.values()
+            kind = "decode" if all(x == 1 for x in n) else "mixed"
+            stamps.append((time.perf_counter(), kind, sched.total_num_scheduled_tokens))
+        return sched
+
+    for i, r in enumerate(reqs):
+        eng.add_request(f"{prefix}{i}", {"prompt_token_ids": r.prompt_token_ids},
+                        SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0))
+    core.backend.synchronize()
+    core.scheduler.schedule = stamped
+    try:
+        while eng.has_unfinished_requests():
+            eng.step()
+        core.backend.synchronize()
+    finally:
+        core.scheduler.schedule = schedule
+    stamps.append((time.perf_counter(), "end", 0))
+    return stamps
 
 
 if __name__ == "__main__":
