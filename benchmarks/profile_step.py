@@ -71,7 +71,7 @@ def main() -> None:
     gpu_ms = None
     if gr is not None:
         size = gr.padded_size(args.batch)
-        graph, inputs, _ = gr._graphs[size]
+        graph = gr._graphs[size][0]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         graph.replay()
         start.record()

@@ -10,6 +10,7 @@ or pure decode. Per class: steps, seconds, tokens, ms per step, to set against t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -37,7 +38,7 @@ def main() -> None:
                              core.vocab_size, seed)
         stamps = run_stamped(eng, core, reqs, f"s{seed}-")
     stats = {"mixed": [0, 0.0, 0], "decode": [0, 0.0, 0]}  # steps, seconds, tokens
-    for (t, kind, tokens), (t_next, _, _) in zip(stamps, stamps[1:]):
+    for (t, kind, tokens), (t_next, _, _) in itertools.pairwise(stamps):
         s = stats[kind]
         s[0] += 1
         s[1] += t_next - t
