@@ -24,8 +24,22 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.attention.common import (
-    _LOG2E, _NEG_BIG, _attend_kv, _attend_tile, _check_cache, _dot_fp32, _dot_precision,
-    _fp8_ptx, _is_fp8, _k_factor, _kv_offsets, _load_q, _p2, _v_factor)
+    _LOG2E,
+    _NEG_BIG,
+    _attend_kv,
+    _attend_tile,
+    _check_cache,
+    _dot_fp32,
+    _dot_precision,
+    _fp8_ptx,
+    _is_fp8,
+    _k_factor,
+    _kv_offsets,
+    _load_q,
+    _p2,
+    _v_factor,
+)
+from tessellm.kernels.attention.decode_table import cache_kind, lookup
 from tessellm.kernels.pdl import pdl_args, pdl_launch, pdl_wait
 from tessellm.kernels.rotary import rope_full
 
@@ -45,8 +59,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
                          BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
                          DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr,
                          REDUCE: tl.constexpr, PREFETCH: tl.constexpr, ROTARY: tl.constexpr,
-                         USE_PDL: tl.constexpr):
-    """Grid ``(num_decodes, KVH, NUM_SPLITS)``. Each split's normalized partial output, running
+                         HEAD_MAJOR: tl.constexpr, USE_PDL: tl.constexpr):
+    """Grid ``(num_decodes, KVH, NUM_SPLITS)``, or ``(KVH, num_decodes, NUM_SPLITS)`` with
+    HEAD_MAJOR (a sequence's KV heads in consecutive programs: they read the same tokens' rows
+    of the cache at about the same time). Each split's normalized partial output, running
     max (log2 units) and sum of exponentials go where ``REDUCE`` says (``_REDUCE_*``): to the
     workspace for ``_decode_reduce_kernel`` (SEPARATE), or straight to ``out`` (DIRECT, one
     split). QUERY_LEN query tokens per sequence (module docstring), rows ``tq * GROUP_P2 + g``.
@@ -54,8 +70,12 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
     only): q, k, v arrive unrotated; see ``_new_key``."""
     pdl_launch(USE_PDL)
     # Before the wait: only the step's inputs and keys of earlier steps (``pdl.py``).
-    s = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEAD_MAJOR:
+        kvh = tl.program_id(0)
+        s = tl.program_id(1)
+    else:
+        s = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + s)
     part = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -212,6 +232,24 @@ def _decode_reduce_kernel(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, query_s
     tl.store(out_ptr + tok * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+def _launch_shape(dtype, cache_dtype, head_size: int, fp8_ptx: int, num_seqs: int,
+                  tiles: Optional[tuple[int, int, int]], head_major: Optional[bool]):
+    """(BLOCK_N, num_warps, num_stages, head_major): ``tiles``/``head_major`` where given,
+    else ``decode_table``'s entry for ``num_seqs`` plain decodes (0: none), else the defaults."""
+    entry = lookup(cache_kind(cache_dtype, fp8_ptx), num_seqs) if num_seqs else None
+    shape = entry[:3] if entry is not None else _default_tiles(dtype, head_size, fp8_ptx)
+    if head_major is None:
+        head_major = bool(entry[3]) if entry is not None else False
+    return (*(tiles if tiles is not None else shape), head_major)
+
+
+def _default_tiles(dtype, head_size: int, fp8_ptx: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) where ``decode_table`` has no entry. fp8 tiles: 2
+    warps (H200, batch 256, Llama-8B heads: 207 us vs 221 with 4 warps; the bf16 cache keeps
+    4, its best: benchmarks/quantization/fp8_kernels.py --attention-sweep)."""
+    return _decode_block_n(dtype, head_size), 2 if fp8_ptx else 4, 3
+
+
 def _decode_block_n(dtype, head_size: int) -> int:
     if dtype == torch.float32:
         return 32 if head_size <= 128 else 16
@@ -240,14 +278,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      k_scale: float = 1.0, v_scale: float = 1.0,
                      fp8_convert: str = "auto", fused_reduce: bool = True,
                      query_len: int = 1, prefetch: bool = False,
-                     rotary: Optional[tuple] = None) -> None:
+                     rotary: Optional[tuple] = None, head_major: Optional[bool] = None) -> None:
     """Split-KV attention of the first ``num_seqs`` sequences, ``query_len`` query tokens each
     (1: decodes; more: verify steps, the last ``query_len`` positions of each sequence, rows
     ``query_start_loc[s] ..`` consecutive).
 
     ``num_splits``: a power of two, a host int fixed per batch size. ``workspace``: float32, at
     least ``decode_workspace_numel(...)`` elements; reused, never read before written.
-    ``tiles``: (BLOCK_N, num_warps, num_stages) to override the defaults (benchmarks).
+    ``tiles``: (BLOCK_N, num_warps, num_stages) to override the defaults (benchmarks), which
+    are ``decode_table``'s entry for a plain decode batch of this size, else
+    ``_default_tiles``. ``head_major``: the grid's first axis is the KV head (None: as the
+    table says, else False).
     ``k_scale``/``v_scale``/``fp8_convert``: as for ``prefill_attention``.
 
     ``fused_reduce``: with one split, the split kernel writes the output itself (one launch);
@@ -273,11 +314,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_l = workspace[n_part * (head_size + 1):n_part * (head_size + 2)]
     reduce = _REDUCE_DIRECT if fused_reduce and num_splits == 1 else _REDUCE_SEPARATE
     fp8_ptx = _fp8_ptx(q, k_cache, fp8_convert)
-    # fp8 tiles: 2 warps (H200, batch 256, Llama-8B heads: 207 us vs 221 with 4 warps; the
-    # bf16 cache keeps 4, its best: benchmarks/quantization/fp8_kernels.py --attention-sweep)
-    block_n, num_warps, num_stages = _decode_block_n(q.dtype, head_size), 2 if fp8_ptx else 4, 3
-    if tiles is not None:
-        block_n, num_warps, num_stages = tiles
+    plain = q.is_cuda and query_len == 1 and not prefetch and rotary is None
+    block_n, num_warps, num_stages, head_major = _launch_shape(
+        q.dtype, k_cache.dtype, head_size, fp8_ptx, num_seqs if plain else 0, tiles, head_major)
     if rotary is not None:
         assert query_len == 1 and not _is_fp8(k_cache), "fused rotary: 16-bit cache decodes"
         k, v, slots, positions, cos_sin = rotary
@@ -287,7 +326,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         extra_strides = (cos_sin.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     else:
         extra, extra_strides = (seq_lens, q, q, q, seq_lens), (0, 0, 0, 0, 0)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+    grid = (num_kv_heads, num_seqs, num_splits) if head_major else (num_seqs, num_kv_heads,
+                                                                   num_splits)
+    _decode_split_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_m, part_l, query_start_loc, seq_lens, block_tables,
         *extra, scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
         sliding_window or 0,
@@ -299,7 +340,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         MIN_PART=max(min_partition, block_n), BLOCK_N=block_n, HEAD_SIZE=head_size,
         BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q), FP8_PTX=fp8_ptx,
-        REDUCE=reduce, PREFETCH=prefetch, ROTARY=rotary is not None, num_warps=num_warps,
+        REDUCE=reduce, PREFETCH=prefetch, ROTARY=rotary is not None, HEAD_MAJOR=head_major,
+        num_warps=num_warps,
         num_stages=num_stages, **pdl_args(q.device))
     if reduce == _REDUCE_SEPARATE:
         _decode_reduce_kernel[(num_seqs * query_len, num_heads)](

@@ -14,6 +14,7 @@ import torch
 from tessellm.kernels.attention.cache import reshape_and_cache, rotary_and_cache
 from tessellm.kernels.attention.common import _is_fp8, _p2
 from tessellm.kernels.attention.decode import decode_attention, decode_workspace_numel
+from tessellm.kernels.attention.decode_table import lookup
 from tessellm.kernels.attention.prefill import prefill_attention
 
 
@@ -104,6 +105,9 @@ class TritonAttentionKernel:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.sliding_window = spec.sliding_window
+        # ``decode_table``'s kind of this cache (an fp8 cache: as widened on CUDA sm89+)
+        self._cache_kind = ("fp8" if spec.kv_cache_dtype != "auto"
+                            else str(spec.dtype).removeprefix("torch."))
         self._splits_cap = max(1, min(self.max_splits, _p2(math.ceil(max_model_len
                                                                      / self.min_partition))))
         self._workspace: Optional[torch.Tensor] = None
@@ -114,6 +118,9 @@ class TritonAttentionKernel:
         want = _p2(math.ceil(self.target_programs / programs))
         if num_decodes <= self.prefetch_max_decodes:
             want = min(want, self.small_batch_max_splits)
+        entry = lookup(self._cache_kind, num_decodes)
+        if entry is not None and entry[4]:  # measured (``decode_table``)
+            want = entry[4]
         return max(1, min(want, self._splits_cap))
 
     def workspace_numel(self, num_decodes: int, query_len: int = 1) -> int:
