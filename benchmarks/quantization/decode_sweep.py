@@ -103,14 +103,13 @@ def warm(args):
     """Compile every variant in ``--warm-procs`` processes (Triton's disk cache)."""
     import multiprocessing as mp
     jobs = []
+    per_kind = max(1, args.warm_procs // len(args.kinds))
     for kind in args.kinds:
         base = _kernel_splits(256, kind).num_splits(256)
         vs = _variants(kind, base) + [(t, hm, base * f) for t in TILES[kind][:6]
                                       for hm in (False, True) for f in (2, 4)]
-        for i in range(args.warm_procs):
-            if vs[i::args.warm_procs]:
-                jobs.append((kind, 256, tuple(args.ctx), vs[i::args.warm_procs]))
-    with mp.get_context("spawn").Pool(min(len(jobs), args.warm_procs * len(args.kinds))) as pool:
+        jobs += [(kind, 256, tuple(args.ctx), vs[i::per_kind]) for i in range(per_kind)]
+    with mp.get_context("spawn").Pool(len(jobs)) as pool:
         done = sum(pool.map(_warm_one, jobs))
     print(f"warmed {done} variants", flush=True)
 
