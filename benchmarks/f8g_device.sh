@@ -7,7 +7,7 @@
 #      winners written to tessellm/kernels/attention/decode_table.py in this tree (KINDS)
 #   2. GPU tests of what the table touches (decode launch shapes, fp8 KV, Triton attention)
 #   3. F fp8 through `bench throughput`, this tree (with the table) then the baseline OLD
-# Run from this tree's root (carry .whl, tessellm.egg-info and .devdata):
+# Run from this tree's root (carry .whl and tessellm.egg-info; OLD: a baseline tree, or OLD_TAR):
 #   OLD_TAR=.devdata/old.tar bash benchmarks/f8g_device.sh
 # OLD_TAR: `git archive` of the baseline (tessellm/, benchmarks/model-configs, pyproject.toml).
 # Time boxes (s): SWEEP_S 170, TEST_S 90, F_S 75 (each run). Results in $OUT: log.txt,
@@ -19,7 +19,7 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 fi
-NEW=$PWD OLD=
+NEW=$PWD OLD=${OLD:-}
 if [ -n "${OLD_TAR:-}" ] && [ -f "$OLD_TAR" ]; then
   OLD=/tmp/f8g-old; rm -rf "$OLD"; mkdir -p "$OLD"
   tar -x -C "$OLD" -f "$OLD_TAR" && cp -r tessellm.egg-info "$OLD/" 2>/dev/null
