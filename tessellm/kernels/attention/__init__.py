@@ -36,6 +36,11 @@ inside the split kernel (``decode._new_key``: every program rotates its q rows, 
 split holds the new key rotates it, writes k and v and takes it from registers), one launch less.
 B1 chain 4.12 -> 3.99 ms, engine B1 4.16 -> 3.99.
 
+Large decode batches (at least 128 plain decodes) take their launch shape (BLOCK_N, warps,
+pipeline stages, grid order, splits) from ``decode_table.py``, measured per cache kind by
+``benchmarks/quantization/decode_sweep.py``; H200: the fp8 cache takes 5 stages (two K/V buffers
+instead of one: the paged loads cost the pipeliner a stage), 158 -> 150 us a layer at batch 256.
+
 Cache write: one program per token writes its k and v at ``slot_mapping`` (-1: skipped). When
 the model hands over the rotary inputs (``fuses_rotary``), the same program first NeoX-rotates
 the token's q heads in place (padding rows with slot -1 too) and rotates k on its way to the

@@ -21,7 +21,10 @@ from typing import Optional
 
 import torch
 
-DECODE_TABLE: dict[tuple[str, int], tuple[int, int, int, bool, int]] = {}
+DECODE_TABLE: dict[tuple[str, int], tuple[int, int, int, bool, int]] = {  # NVIDIA H200, 2026-12-04
+    ('fp8', 128): (64, 2, 5, False, 0),
+    ('fp8', 256): (64, 2, 5, False, 0),
+}
 
 
 def cache_kind(cache_dtype: torch.dtype, fp8_ptx: int) -> str:
