@@ -10,7 +10,9 @@
 # Run from this tree's root (carry .whl and tessellm.egg-info; OLD: a baseline tree, or OLD_TAR):
 #   OLD_TAR=.devdata/old.tar bash benchmarks/f8g_device.sh
 # OLD_TAR: `git archive` of the baseline (tessellm/, benchmarks/model-configs, pyproject.toml).
-# Time boxes (s): SWEEP_S 170, TEST_S 90, F_S 75 (each run). Results in $OUT: log.txt,
+# Time boxes (s): SWEEP_S 170, TEST_S 90, F_S 75 (each run). SWEEP_ARGS: more decode_sweep.py
+# arguments; TESTS / TEST_ARGS: the test files / pytest options (e.g. -n 8); F_RUNS: which trees
+# run F, in order (default "new old"; empty: none). Results in $OUT: log.txt,
 # decode_sweep.json, decode_table.py, tests.txt, f_fp8_{new,old}.json.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -36,15 +38,15 @@ F="throughput --model benchmarks/model-configs/llama-3.1-8b --load-format dummy 
   echo "commit ${COMMIT:-unknown}, baseline ${OLD_COMMIT:-${OLD:-none}}"; date -u
   TAIL=40 box "decode sweep" ${SWEEP_S:-170} "$NEW" python3 benchmarks/quantization/decode_sweep.py \
     --warm-procs ${WARM_PROCS:-12} --out "$OUT/decode_sweep.json" --table-kinds ${KINDS:-fp8} \
-    --write-table tessellm/kernels/attention/decode_table.py
+    --write-table tessellm/kernels/attention/decode_table.py ${SWEEP_ARGS:-}
   cp tessellm/kernels/attention/decode_table.py "$OUT/decode_table.py"
   grep -A6 "^DECODE_TABLE" tessellm/kernels/attention/decode_table.py
   echo "=== gpu tests (limit ${TEST_S:-90} s) $(date -u +%T)"
   (cd "$NEW" && PYTHONPATH=/tmp/site:$NEW timeout ${TEST_S:-90} python3 -m pytest -q -p no:cacheprovider \
-     tests/kernels/test_decode_launch.py tests/quantization/test_kv_cache_fp8.py \
-     tests/kernels/test_triton_attention.py 2>&1) > "$OUT/tests.txt"
+     ${TEST_ARGS:-} ${TESTS:-tests/kernels/test_decode_launch.py tests/quantization/test_kv_cache_fp8.py \
+     tests/kernels/test_triton_attention.py} 2>&1) > "$OUT/tests.txt"
   grep -E "passed|failed|error" "$OUT/tests.txt" | tail -8
-  for tag in new old; do
+  for tag in ${F_RUNS-new old}; do
     dir=$NEW; [ $tag = old ] && dir=$OLD
     [ -z "$dir" ] && continue
     TAIL=3 box "F fp8 ($tag)" ${F_S:-75} "$dir" $B $F --output-json "$OUT/f_fp8_$tag.json"

@@ -71,6 +71,7 @@ def _kernel_splits(batch, kind):
 
 
 def _time(inp, convert, batch, tiles, head_major, splits, reps=6):
+    """(us, GB/s) of one launch shape; ``convert``: ``fp8_convert`` ("auto" for 16-bit)."""
     from tessellm.kernels import attention as ta
     q, caches, qsl, seq_lens, tables, kv_bytes = inp
     ws = torch.empty(ta.decode_workspace_numel(batch, H, splits, D), device="cuda")
@@ -83,17 +84,24 @@ def _time(inp, convert, batch, tiles, head_major, splits, reps=6):
     return round(us, 1), round(kv_bytes / us / 1e3, 1)
 
 
-def _variants(kind, base):
-    return [(t, hm, base) for t in TILES[kind] for hm in (False, True)]
+def _variants(kind, base, args):
+    """(tiles, head_major, splits, fp8_convert) at the kernel's split count."""
+    converts = args.converts if kind == "fp8" else ["auto"]
+    tiles = args.tiles or TILES[kind]
+    return [(t, hm, base, c) for t in tiles for hm in args.grid_orders for c in converts]
+
+
+def _default(kind, base, args):
+    return (args.default or TILES[kind][0], False, base, CACHES[kind][1])
 
 
 def _warm_one(job):
     kind, batch, ctx, variants = job
     torch.cuda.init()
     inp = _inputs(batch, *ctx, CACHES[kind][0], 1)
-    for tiles, hm, splits in variants:
+    for tiles, hm, splits, convert in variants:
         try:
-            _time(inp, CACHES[kind][1], batch, tiles, hm, splits, reps=1)
+            _time(inp, convert, batch, tiles, hm, splits, reps=1)
         except Exception:  # the timing process reports it
             pass
     return len(variants)
@@ -106,8 +114,9 @@ def warm(args):
     per_kind = max(1, args.warm_procs // len(args.kinds))
     for kind in args.kinds:
         base = _kernel_splits(256, kind).num_splits(256)
-        vs = _variants(kind, base) + [(t, hm, base * f) for t in TILES[kind][:6]
-                                      for hm in (False, True) for f in (2, 4)]
+        vs = _variants(kind, base, args)
+        vs += [(t, hm, base * f, c) for t, hm, _, c in vs[:12] for f in args.split_factors]
+        vs += [_default(kind, base, args)]
         jobs += [(kind, 256, tuple(args.ctx), vs[i::per_kind]) for i in range(per_kind)]
     with mp.get_context("spawn").Pool(len(jobs)) as pool:
         done = sum(pool.map(_warm_one, jobs))
@@ -115,41 +124,44 @@ def warm(args):
 
 
 def sweep_kind(kind, args, results):
-    cache_dtype, convert = CACHES[kind]
+    cache_dtype = CACHES[kind][0]
     table = {}
     for batch in args.batches:
         base = _kernel_splits(batch, kind).num_splits(batch)
         inp = _inputs(batch, *args.ctx, cache_dtype, COPIES)
         row = {}
-        for tiles, hm, splits in _variants(kind, base):
+        dflt = _default(kind, base, args)
+        for v in [dflt] + _variants(kind, base, args):
             try:
-                row[(tiles, hm, splits)] = _time(inp, convert, batch, tiles, hm, splits)
+                row[v] = _time(inp, v[3], batch, *v[:3])
             except Exception as exc:  # a shape that does not fit (shared memory, registers)
-                print(f"  {kind} b{batch} {tiles} hm={hm}: {type(exc).__name__}", flush=True)
+                print(f"  {kind} b{batch} {v}: {type(exc).__name__}", flush=True)
         top = sorted(row, key=lambda k: row[k][0])[:3]
-        for tiles, hm, _ in top:
-            for f in (2, 4):
+        for tiles, hm, _, convert in top:
+            for f in args.split_factors:
                 try:
-                    row[(tiles, hm, base * f)] = _time(inp, convert, batch, tiles, hm, base * f)
+                    row[(tiles, hm, base * f, convert)] = _time(inp, convert, batch, tiles, hm,
+                                                                base * f)
                 except Exception as exc:
                     print(f"  {kind} b{batch} {tiles} s{base * f}: {type(exc).__name__}")
-        default = row[(TILES[kind][0], False, base)]
+        default = row[dflt]
         best = min(row, key=lambda k: row[k][0])
         gain = default[0] / row[best][0] - 1
         name = f"{kind} batch {batch} ctx {args.ctx[0]}-{args.ctx[1]}"
-        results[name] = {"default": [TILES[kind][0], False, base, *default],
+        results[name] = {"default": [*dflt, *default],
                          "best": [*best, *row[best], round(100 * gain, 1)],
-                         "all": {f"{t} hm={int(hm)} s{s}": v for (t, hm, s), v in
+                         "all": {f"{t} hm={int(hm)} s{s} {c}": v for (t, hm, s, c), v in
                                  sorted(row.items(), key=lambda kv: kv[1][0])}}
         print(f"{name}: default {default} best {best} {row[best]} (+{100 * gain:.1f}%)",
               flush=True)
         if gain >= args.min_gain and batch >= 128 and kind in args.table_kinds:
-            table[(kind, batch)] = (*best[0], best[1], best[2] if best[2] != base else 0)
+            entry = (*best[0], best[1], best[2] if best[2] != base else 0)
+            table[(kind, batch)] = entry + ((best[3],) if best[3] != CACHES[kind][1] else ())
         if args.long_ctx and batch == max(args.batches):
             del inp
             inp = _inputs(batch, *args.long_ctx, cache_dtype, 2)
-            long_row = {"default": _time(inp, convert, batch, TILES[kind][0], False, base),
-                        "best": _time(inp, convert, batch, best[0], best[1], best[2])}
+            long_row = {"default": _time(inp, dflt[3], batch, *dflt[:3]),
+                        "best": _time(inp, best[3], batch, *best[:3])}
             results[f"{kind} batch {batch} ctx {args.long_ctx[0]}-{args.long_ctx[1]}"] = long_row
             print(f"  long ctx {args.long_ctx}: {long_row}", flush=True)
         del inp
@@ -162,11 +174,15 @@ def write_table(path, table, note):
         src = f.read()
     head, sep, _ = src.partition("DECODE_TABLE: dict")
     assert sep, f"{path} has no DECODE_TABLE"
-    lines = [f"DECODE_TABLE: dict[tuple[str, int], tuple[int, int, int, bool, int]] = {{  # {note}"]
+    lines = [f"DECODE_TABLE: dict[tuple[str, int], tuple] = {{  # {note}"]
     lines += [f"    {k!r}: {v!r}," for k, v in sorted(table.items())] + ["}"]
     tail = src[src.index("\n\n\ndef cache_kind"):]
     with open(path, "w") as f:
         f.write(head + "\n".join(lines) + tail)
+
+
+def _tile(text):
+    return tuple(int(x) for x in text.split(","))
 
 
 def main() -> None:
@@ -179,6 +195,16 @@ def main() -> None:
     p.add_argument("--table-kinds", nargs="+", default=["fp8", "bfloat16"],
                    help="kinds whose winners enter the table (the others: measured only)")
     p.add_argument("--warm-procs", type=int, default=0)
+    p.add_argument("--tiles", type=_tile, nargs="+", default=None,
+                   help="BLOCK_N,warps,stages ... (default: TILES of the kind)")
+    p.add_argument("--default", type=_tile, default=None,
+                   help="the shape gains are measured against (default: TILES[kind][0])")
+    p.add_argument("--grid-orders", type=lambda x: bool(int(x)), nargs="+", default=[False, True],
+                   help="0: sequence-major grid, 1: head-major")
+    p.add_argument("--split-factors", type=int, nargs="*", default=[2, 4],
+                   help="the best 3 shapes again at these multiples of the kernel's splits")
+    p.add_argument("--converts", nargs="+", default=["cvt"],
+                   help="fp8 widenings to try (tessellm.kernels.attention.common._FP8_CONVERT)")
     p.add_argument("--out", default=None)
     p.add_argument("--write-table", default=None)
     args = p.parse_args()

@@ -1,6 +1,6 @@
 """The split-KV decode kernel's launch shapes (``tessellm/kernels/attention/decode_table.py``):
-every shape the table names, and the head-major grid, give the reference's output on 16-bit and
-fp8 caches; the table lookup picks the largest batch key at or under the batch.
+every shape the table names, the head-major grid and the "kdot" e4m3 widening (on a GPU) give the
+reference's output on 16-bit and fp8 caches; the table lookup picks the largest batch key at or under the batch.
 
 On the CPU (Triton's interpreter) the stage count changes nothing but BLOCK_N, warps and the grid
 order do; on a GPU a batch of 256 decodes also goes through ``TritonAttentionKernel.forward``,
@@ -27,9 +27,10 @@ ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
 FP8 = torch.float8_e4m3fn
 KVH, HEAD, BS = (8, 128, 16) if ON_GPU else (2, 64, 16)
-# every (BLOCK_N, warps, stages, head_major) the table names, and a spread of others
-SHAPES = sorted({v[:4] for v in DECODE_TABLE.values()}
-                | {(64, 4, 3, True), (32, 2, 5, False), (16, 2, 7, True)})
+# every (BLOCK_N, warps, stages, head_major, fp8_convert) the table names, and a spread of others
+SHAPES = sorted({(*v[:4], v[5] if len(v) > 5 else "auto") for v in DECODE_TABLE.values()}
+                | {(64, 4, 3, True, "auto"), (32, 2, 5, False, "auto"), (16, 2, 7, True, "auto"),
+                   (64, 2, 5, False, "kdot")})
 
 
 def _decodes(num_seqs, max_ctx, cache_dtype, seed):
@@ -73,7 +74,7 @@ def test_decode_launch_shape_matches_reference(cache_dtype, shape, num_splits):
     out = torch.full_like(q, float("nan"))
     decode_attention(q, kc, vc, out, qsl, seq_lens, tables, HEAD ** -0.5, num_seqs=num_seqs,
                      num_splits=num_splits, workspace=ws, min_partition=0, tiles=shape[:3],
-                     head_major=shape[3])
+                     head_major=shape[3], fp8_convert=shape[4])
     assert _rel(out, _reference(q, kc, vc, qsl, seq_lens, tables)) < 1.5e-2
 
 

@@ -92,7 +92,7 @@ def test_fp8_cache_matches_reference_on_dequantized_cache(dtype, group, scales):
 
 # On a GPU every way of widening e4m3 tiles (tessellm.kernels.attention.common._fp8_ptx) is checked; on the CPU
 # the interpreter has only Triton's own conversion.
-CONVERTS = ["auto", "triton", "cvt", "bits"] if ON_GPU else ["auto"]
+CONVERTS = ["auto", "triton", "cvt", "bits", "kdot", "native16"] if ON_GPU else ["auto"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if ON_GPU else []))

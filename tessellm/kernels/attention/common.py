@@ -56,7 +56,10 @@ def _kv_offsets(bt_ptr, n, n_ok, kvh, stride_cb, stride_ct, stride_ch, BLOCK_SIZ
 
 @triton.jit
 def _widen(x, FP8_PTX: tl.constexpr):
-    if FP8_PTX == 1:
+    """A V tile (and K's, but under FP8_PTX 3 and 4) as the dots take it."""
+    if FP8_PTX == 4:  # Triton widens it inside the dot's operand load
+        x = x.to(tl.float16)
+    elif FP8_PTX == 1 or FP8_PTX == 3:
         x = _e4m3_to_f16(x)
     elif FP8_PTX == 2:
         x = e4m3_to_16bit(x, False, False)
@@ -67,7 +70,10 @@ def _widen(x, FP8_PTX: tl.constexpr):
 def _scores(q, m_i, l_i, k, mask, scale_log2, DOT_PREC: tl.constexpr, APPLY_MASK: tl.constexpr,
             FP8_PTX: tl.constexpr):
     """First half of an online-softmax step: P, the rescale alpha, the new max and sum."""
-    k = _widen(k, FP8_PTX)
+    if FP8_PTX >= 3:  # K's reduction dim is contiguous: Triton widens it in the dot's operand
+        k = k.to(tl.float16)
+    else:
+        k = _widen(k, FP8_PTX)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * scale_log2
     if APPLY_MASK:
         s = tl.where(mask, s, float("-inf"))
@@ -146,13 +152,14 @@ def _has_e4m3_cvt(index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 9)
 
 
-_FP8_CONVERT = {"triton": 0, "cvt": 1, "bits": 2}
+_FP8_CONVERT = {"triton": 0, "cvt": 1, "bits": 2, "kdot": 3, "native16": 4}
 
 
 def _fp8_ptx(q: torch.Tensor, k_cache: torch.Tensor, fp8_convert: str = "auto") -> int:
     """How an e4m3 cache's tiles are widened (module docstring): 0 ``.to(q.dtype)``; with inline
-    PTX and fp16 dots, 1 ``cvt.rn.f16x2.e4m3x2``, 2 bit moves (``e4m3_to_16bit``).
-    ``fp8_convert``: "auto", or one of ``_FP8_CONVERT`` (benchmarks)."""
+    PTX and fp16 dots, 1 ``cvt.rn.f16x2.e4m3x2``, 2 bit moves (``e4m3_to_16bit``); with fp16
+    dots, 3 "kdot" (K widened by Triton inside the dot's operand load, its reduction dim being
+    contiguous; V by ``cvt``), 4 "native16" (both by Triton). ``fp8_convert``: "auto", or one of ``_FP8_CONVERT`` (benchmarks)."""
     if fp8_convert != "auto" and fp8_convert not in _FP8_CONVERT:
         raise ValueError(f"fp8_convert is 'auto' or one of {', '.join(_FP8_CONVERT)}, got "
                          f"{fp8_convert!r}.")

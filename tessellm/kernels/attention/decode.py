@@ -31,6 +31,7 @@ from tessellm.kernels.attention.common import (
     _check_cache,
     _dot_fp32,
     _dot_precision,
+    _FP8_CONVERT,
     _fp8_ptx,
     _is_fp8,
     _k_factor,
@@ -232,15 +233,19 @@ def _decode_reduce_kernel(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, query_s
     tl.store(out_ptr + tok * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def _launch_shape(dtype, cache_dtype, head_size: int, fp8_ptx: int, num_seqs: int,
-                  tiles: Optional[tuple[int, int, int]], head_major: Optional[bool]):
-    """(BLOCK_N, num_warps, num_stages, head_major): ``tiles``/``head_major`` where given,
-    else ``decode_table``'s entry for ``num_seqs`` plain decodes (0: none), else the defaults."""
+def _launch_shape(dtype, cache_dtype, head_size: int, fp8_ptx: int, fp8_convert: str,
+                  num_seqs: int, tiles: Optional[tuple[int, int, int]],
+                  head_major: Optional[bool]):
+    """(BLOCK_N, num_warps, num_stages, head_major, FP8_PTX): ``tiles``/``head_major``/
+    ``fp8_convert`` where given, else ``decode_table``'s entry for ``num_seqs`` plain decodes
+    (0: none), else the defaults."""
     entry = lookup(cache_kind(cache_dtype, fp8_ptx), num_seqs) if num_seqs else None
     shape = entry[:3] if entry is not None else _default_tiles(dtype, head_size, fp8_ptx)
     if head_major is None:
         head_major = bool(entry[3]) if entry is not None else False
-    return (*(tiles if tiles is not None else shape), head_major)
+    if entry is not None and len(entry) > 5 and fp8_ptx == 1 and fp8_convert == "auto":
+        fp8_ptx = _FP8_CONVERT[entry[5]]  # the table's e4m3 widening ("kdot")
+    return (*(tiles if tiles is not None else shape), head_major, fp8_ptx)
 
 
 def _default_tiles(dtype, head_size: int, fp8_ptx: int) -> tuple[int, int, int]:
@@ -315,8 +320,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     reduce = _REDUCE_DIRECT if fused_reduce and num_splits == 1 else _REDUCE_SEPARATE
     fp8_ptx = _fp8_ptx(q, k_cache, fp8_convert)
     plain = q.is_cuda and query_len == 1 and not prefetch and rotary is None
-    block_n, num_warps, num_stages, head_major = _launch_shape(
-        q.dtype, k_cache.dtype, head_size, fp8_ptx, num_seqs if plain else 0, tiles, head_major)
+    block_n, num_warps, num_stages, head_major, fp8_ptx = _launch_shape(
+        q.dtype, k_cache.dtype, head_size, fp8_ptx, fp8_convert, num_seqs if plain else 0, tiles,
+        head_major)
     if rotary is not None:
         assert query_len == 1 and not _is_fp8(k_cache), "fused rotary: 16-bit cache decodes"
         k, v, slots, positions, cos_sin = rotary
