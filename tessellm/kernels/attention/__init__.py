@@ -37,9 +37,10 @@ split holds the new key rotates it, writes k and v and takes it from registers),
 B1 chain 4.12 -> 3.99 ms, engine B1 4.16 -> 3.99.
 
 Large decode batches (at least 128 plain decodes) take their launch shape (BLOCK_N, warps,
-pipeline stages, grid order, splits) from ``decode_table.py``, measured per cache kind by
-``benchmarks/quantization/decode_sweep.py``; H200: the fp8 cache takes 5 stages (two K/V buffers
-instead of one: the paged loads cost the pipeliner a stage), 158 -> 150 us a layer at batch 256.
+pipeline stages, grid order, splits, e4m3 widening) from ``decode_table.py``, measured per cache
+kind by ``benchmarks/quantization/decode_sweep.py``; H200, fp8 cache: 5 stages (two K/V buffers
+instead of one: the paged loads cost the pipeliner a stage) and "kdot" widening (below), 158 ->
+114 us a Llama-8B layer at batch 256.
 
 Cache write: one program per token writes its k and v at ``slot_mapping`` (-1: skipped). When
 the model hands over the rotary inputs (``fuses_rotary``), the same program first NeoX-rotates
@@ -68,7 +69,11 @@ keeps three more mantissa bits than in bf16::
 
 Elsewhere (float32 q, e4m3fnuz, the CPU interpreter) tiles widen with ``.to(q.dtype)``.
 ``fp8_convert`` selects another way for tests and benchmarks: "triton" (the ``.to`` path) or
-"bits" (``e4m3_to_16bit``, no conversion unit; measured slower than "cvt" here). H200, batch
+"bits" (``e4m3_to_16bit``, no conversion unit; measured slower than "cvt" here), "kdot" (fp16
+dots; K widened by Triton inside the dot's operand load, which is fine for K, whose reduction dim
+is contiguous, and saves its second trip through shared memory; V by ``cvt``) and "native16" (both
+by Triton). ``decode_table`` picks "kdot" for large decode batches: 150 -> 114 us a layer at batch
+256 with 5 stages. H200, batch
 256, Llama-8B heads, one layer: 236 us with "triton", 201 with "cvt", 210 with the bf16 cache
 (benchmarks/quantization/README.md).
 

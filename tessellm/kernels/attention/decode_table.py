@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 
 DECODE_TABLE: dict[tuple[str, int], tuple] = {  # NVIDIA H200, 2026-12-04
-    ('fp8', 128): (64, 2, 5, False, 0),
-    ('fp8', 256): (64, 2, 5, False, 0),
+    ('fp8', 128): (64, 2, 5, False, 0, 'kdot'),
+    ('fp8', 256): (64, 2, 5, False, 0, 'kdot'),
 }
 
 
