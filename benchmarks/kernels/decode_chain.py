@@ -11,7 +11,9 @@ the chain without one kind of kernel (``-attn``: cache write and decode attentio
 both add-RMSNorms; ``-silu``: SiLU-and-mul; ``gemv``: the GEMVs alone), with PDL, and of the
 whole chain without PDL: the differences are what each kind costs a step; then the whole
 chain with other split-KV settings of the attention (``ATTN_VARIANTS``).
-attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
+The bf16 chain also runs with the two add-RMSNorms folded into the qkv and gate_up GEMVs
+(``fold ...``: ``gemv_norm.py`` at several launch shapes; ``--fold``: bf16 only, these and the
+kinds above). attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
 256 and 512 and workload F's (512-768) at 256, in GB/s of K/V read, by splits.
 """
 
@@ -51,13 +53,17 @@ def _weights(fp8: bool):
     return layers, head, nbytes
 
 
-def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs=None):
+def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs=None,
+             fold=None):
+    """``fold``: a ``GemvConfig``; the two add-RMSNorms of a layer folded into the qkv and
+    gate_up GEMVs at that launch shape (``gemv_norm.py``, bf16 only), as the engine runs them."""
     from bench_attention import BS, DTYPE, KVH, MAX_MODEL_LEN, D, H, make_batch
 
     from tessellm.backends.spec import AttentionSpec
     from tessellm.kernels.attention import TritonAttentionKernel
     from tessellm.kernels.fused_ops import TritonOps
     from tessellm.kernels.gemm.gemv import gemv
+    from tessellm.kernels.gemm.gemv_norm import gemv_add_rms_norm
     from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2
 
     ops = TritonOps()
@@ -83,10 +89,15 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
     def norm(h):
         return ops.fused_add_rms_norm(h, res, norm_w, 1e-5)[0] if "norm" in parts else h
 
+    def norm_lin(h, w):
+        if fold is not None:
+            return gemv_add_rms_norm(h, res, norm_w, 1e-5, w, config=fold)[0]
+        return lin(norm(h), w)
+
     def step():
         h = x
         for w in layers:
-            qkv = lin(norm(h), w["qkv"])
+            qkv = norm_lin(h, w["qkv"])
             o = qkv[:, :H * D]
             if "attn" in parts:
                 q = qkv[:, :H * D].view(1, H, D)
@@ -94,7 +105,7 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
                 v = qkv[:, (H + KVH) * D:].view(1, KVH, D)
                 o = kernel.forward(q, k, v, kc, vc, md, D ** -0.5, positions=positions,
                                    cos_sin_cache=cos_sin).view(1, H * D)
-            gu = lin(norm(lin(o, w["o"])), w["gate_up"])
+            gu = norm_lin(lin(o, w["o"]), w["gate_up"])
             h = lin(ops.silu_and_mul(gu) if "silu" in parts else gu[:, :INTER], w["down"])
         return gemv(norm(h), head)
 
@@ -121,26 +132,46 @@ ATTN_VARIANTS = {"attn unfused (3 launches, no prefetch)": {"prefetch_max_decode
                  "attn 8 splits": {"small_batch_max_splits": 8},
                  "attn 4 splits": {"small_batch_max_splits": 4}}
 QUICK = False
+FOLD_ONLY = False  # --fold: bf16 only, the split-KV variants left out
+
+
+def _fold_variants() -> dict:
+    """bf16: the chain with the norms folded into the GEMVs (``gemv_norm.py``) at the default
+    launch shape and at others (block_n, block_k, warps); the engine's is NORM_GEMV_CONFIG."""
+    from tessellm.kernels.gemm.gemv import GemvConfig
+    from tessellm.kernels.gemm.gemv_norm import NORM_GEMV_CONFIG
+
+    out = {"fold (default)": NORM_GEMV_CONFIG}
+    for bn, bk, warps in ((1, 1024, 4), (2, 512, 4), (2, 2048, 8), (4, 1024, 4), (4, 512, 4),
+                          (8, 512, 4), (8, 1024, 8)):
+        out[f"fold bn{bn} bk{bk} w{warps}"] = GemvConfig(block_n=bn, block_k=bk,
+                                                         num_warps=warps, stages=1, chunk=8)
+    return out
 
 
 def chain_section(out: dict) -> None:
     from tessellm.kernels.pdl import graph_scope
 
-    for fp8 in (False, True):
+    for fp8 in (False,) if FOLD_ONLY else (False, True):
         layers, head, nbytes = _weights(fp8)
         res = {"weight_gb": round(nbytes / 1e9, 3),
                "floor_ms_4.25TBs": round(nbytes / 4.25e9, 3)}
         for name, parts in VARIANTS.items():
-            if QUICK and name not in QUICK_VARIANTS:
+            if (QUICK and name not in QUICK_VARIANTS) or (FOLD_ONLY and name == "-silu"):
                 continue
             step = _step_fn(layers, head, fp8, parts)
             with graph_scope():
                 res[name] = round(graph_ms(step, 3), 4)
-        for name, attrs in ATTN_VARIANTS.items():
+        for name, cfg in ({} if fp8 else _fold_variants()).items():
+            step = _step_fn(layers, head, fp8, fold=cfg)
+            with graph_scope():
+                res[name] = round(graph_ms(step, 3), 4)
+        for name, attrs in ({} if FOLD_ONLY else ATTN_VARIANTS).items():
             step = _step_fn(layers, head, fp8, attn_attrs=attrs)
             with graph_scope():
                 res[name] = round(graph_ms(step, 3), 4)
-        res["full, no PDL"] = round(graph_ms(_step_fn(layers, head, fp8), 3), 4)
+        if not FOLD_ONLY:
+            res["full, no PDL"] = round(graph_ms(_step_fn(layers, head, fp8), 3), 4)
         out["fp8" if fp8 else "bf16"] = res
         print("chain", "fp8" if fp8 else "bf16", json.dumps(res), flush=True)
         del layers, head
@@ -190,9 +221,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--sections", nargs="+", default=["chain", "attn_long"])
     p.add_argument("--quick", action="store_true", help="chain: whole, -attn and GEMVs only")
+    p.add_argument("--fold", action="store_true",
+                   help="chain: bf16 only, with the norm folded at several launch shapes, "
+                        "without the split-KV variants")
     args = p.parse_args()
-    global QUICK
-    QUICK = args.quick
+    global QUICK, FOLD_ONLY
+    QUICK, FOLD_ONLY = args.quick, args.fold
     args.out.mkdir(parents=True, exist_ok=True)
     run_sections(args.out, args.sections, {"chain": chain_section, "attn_long": attn_long_section})
 

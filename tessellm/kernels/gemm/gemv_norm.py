@@ -1,0 +1,122 @@
+"""The residual-add RMSNorm folded into the one-row GEMV that follows it (decode at batch 1).
+
+A decoder layer runs ``h = x + residual; y = W @ (g * norm(h))`` twice (input norm -> qkv,
+post-attention norm -> gate_up). Unfused that is two launches, the norm's ~2 us mostly launch
+and drain. Here every program of the GEMV forms the norm's input itself, for one row::
+
+    program p (outputs n = p*BN .. p*BN+BN-1), K loop over the whole row:
+        h[k]  = round(x[k] + residual[k])            (the residual's dtype, as the unfused add)
+        ss   += h[k]^2                               (float32)
+        acc_n += W[n, k] * h[k] * g[k]               (float32, h not rounded after the norm)
+        program 0 also stores h[k] to ``new_residual`` (a new buffer: the others still read
+        the old residual)
+    y[n] = acc_n * rsqrt(ss / K + eps) (+ bias[n])
+
+so each program reads x, residual and g (24 KB at Llama-8B's K = 4096, from L1/L2; the weight
+rows come from DRAM) and no second kernel runs. Deterministic: no atomics, every program sums
+the same squares in the same order. Not bit-equal to ``fused_add_rms_norm`` + ``gemv``: the
+normalized row is not rounded to 16 bits before the product (closer to the float64 result).
+
+One row, 16-bit x / residual / weight / g, no split-K (every program needs the whole row's
+sum of squares). The tile layout is ``_gemv_fma_kernel``'s with ``chunk`` (``gemv.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tessellm.kernels.gemm.gemv import GemvConfig, _load_k, _ptx, _to_f32
+from tessellm.kernels.pdl import pdl_args, pdl_start
+
+# The launch shape at one row (H200, ``benchmarks/kernels/decode_chain.py norm_gemv``).
+NORM_GEMV_CONFIG = GemvConfig(block_n=2, block_k=1024, num_warps=4, stages=1, chunk=8)
+
+
+@triton.jit
+def _add_rows(x_ptr, res_ptr, res_out_ptr, vo, koff, K, first, EVEN_K: tl.constexpr,
+              PTX: tl.constexpr):
+    """h = x + residual at K offsets ``vo`` (a tile of the weight tile's shape whose rows are
+    the same addresses), rounded to the residual's dtype; stored where ``first``."""
+    x = _to_f32(_load_k(x_ptr + vo, koff, K, EVEN_K), PTX)
+    r = _to_f32(_load_k(res_ptr + vo, koff, K, EVEN_K), PTX)
+    h = (x + r).to(res_out_ptr.dtype.element_ty)
+    if EVEN_K:
+        tl.store(res_out_ptr + vo, h, mask=first)
+    else:
+        tl.store(res_out_ptr + vo, h, mask=first & (koff < K))
+    return _to_f32(h, PTX)
+
+
+@triton.jit
+def _gemv_add_rms_norm_kernel(x_ptr, res_ptr, g_ptr, w_ptr, bias_ptr, out_ptr, res_out_ptr,
+                              N, K, stride_wn, eps,
+                              HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              CHUNK: tl.constexpr, STAGES: tl.constexpr, PTX: tl.constexpr,
+                              USE_PDL: tl.constexpr):
+    """One row: ``out = W @ (g * rmsnorm(x + res)) (+ bias)``, ``res_out = x + res``."""
+    pdl_start(USE_PDL)
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_rows = w_ptr + (tl.minimum(rn, N - 1).to(tl.int64) * stride_wn)[:, None, None]
+    j = tl.arange(0, BLOCK_K // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    k_in = j[None, :, :]  # [1, BK / CHUNK, CHUNK]
+    same = tl.zeros([BLOCK_N, 1, 1], dtype=tl.int32)  # the vectors in the weight tile's layout
+    first = (tl.arange(0, BLOCK_N)[:, None, None] == 0) & (same + pid == 0)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
+    for i in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
+        koff = i * BLOCK_K + k_in
+        w = _to_f32(_load_k(w_rows + koff, koff, K, EVEN_K), PTX)
+        vo = same + koff
+        h = _add_rows(x_ptr, res_ptr, res_out_ptr, vo, koff, K, first, EVEN_K, PTX)
+        g = _to_f32(_load_k(g_ptr + vo, koff, K, EVEN_K), PTX)
+        acc += tl.sum(w * (h * g), axis=2)
+        ss += tl.sum(h * h, axis=2)
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)  # [BN], the same in every row
+    y = tl.sum(acc, axis=1) * rstd
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + tl.minimum(rn, N - 1)).to(tl.float32)
+    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+def gemv_add_rms_norm_applies(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                              weight: torch.Tensor) -> bool:
+    """Whether ``gemv_add_rms_norm`` takes these: one 16-bit row, everything in one dtype."""
+    dtype = x.dtype
+    return (x.dim() == 2 and x.shape[0] == 1 and dtype in (torch.bfloat16, torch.float16)
+            and residual.shape == x.shape and residual.dtype == dtype
+            and norm_weight.dtype == dtype and weight.dtype == dtype
+            and weight.dim() == 2 and weight.shape[1] == x.shape[1] and weight.stride(1) == 1)
+
+
+def gemv_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                      eps: float, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      config: Optional[GemvConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual) @ weight.T (+ bias), x + residual)`` for one row ``[1, K]``
+    (``gemv_add_rms_norm_applies``); ``residual`` is not modified."""
+    if not gemv_add_rms_norm_applies(x, residual, norm_weight, weight):
+        raise ValueError(
+            f"gemv_add_rms_norm takes one 16-bit row and a [N, K] row-major weight of its dtype; "
+            f"got x {tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} "
+            f"{residual.dtype}, norm weight {norm_weight.dtype}, weight {tuple(weight.shape)} "
+            f"{weight.dtype}; use fused_add_rms_norm and a linear")
+    cfg = dataclasses.replace(config or NORM_GEMV_CONFIG, split_k=1)
+    if cfg.dot or not cfg.chunk:
+        raise ValueError(f"gemv_add_rms_norm runs the FMA tile with a chunk, got {cfg}")
+    x, residual = x.contiguous(), residual.contiguous()
+    n, k = weight.shape
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    new_res = torch.empty_like(residual)
+    _gemv_add_rms_norm_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, residual, norm_weight.contiguous(), weight, bias if bias is not None else x, out,
+        new_res, n, k, weight.stride(0), eps, HAS_BIAS=bias is not None,
+        EVEN_K=k % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        CHUNK=cfg.chunk, STAGES=cfg.stages, PTX=_ptx(x),
+        num_warps=cfg.num_warps, num_stages=cfg.stages, **pdl_args(x.device))
+    return out, new_res
