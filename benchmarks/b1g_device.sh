@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Issue 22 (GPU), wave 2g: the add-RMSNorm folded into the one-row GEMV after it
 # (tessellm/kernels/gemm/gemv_norm.py), B1 bf16 before/after, in one device call:
-#   1. GPU tests: tests/kernels/test_gemv_norm.py (the fold at Llama-8B shapes against the
-#      float64 oracle and the unfused ops), the cuda
-#      conformance of the fused ops, tests/models/test_cuda_parity.py (fp32 greedy = HF)
+#   1. engine B1 bf16 (bench latency, dummy weights), this tree then the baseline tree OLD
+#      (FP8=1: fp8 B1 too, whose norms stay unfused: the linears are quantized)
 #   2. benchmarks/kernels/decode_chain.py --fold: the bf16 B1 chain unfused, folded at several
 #      launch shapes, without norms, GEMVs alone (skipped with CHAIN_S=0)
-#   3. engine B1 bf16 (bench latency, dummy weights), this tree then the baseline tree OLD
-#      (FP8=1: fp8 B1 too, whose norms stay unfused: the linears are quantized)
+#   3. GPU tests: tests/kernels/test_gemv_norm.py (the fold at Llama-8B shapes against the
+#      float64 oracle and the unfused ops), the cuda conformance of the fused ops,
+#      tests/models/test_cuda_parity.py (fp32 greedy = HF; bf16 one-row decode)
 # Run from this tree's root:  OLD=/path/to/baseline WHL=/path/to/wheels bash benchmarks/b1g_device.sh
-# Time boxes (s): TEST_S 150, CHAIN_S 120, B1_S 60 (each run). Results (8 files at most, as the
+# Time boxes (s): B1_S 60 (each run), CHAIN_S 120, TEST_S 150 (each pytest run). Results (8 files at most, as the
 # device tool returns): $OUT/log.txt, tests.txt, chain.json, b1{,_fp8}_{new,old}.json.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -32,17 +32,6 @@ show() { for f in "$@"; do [ -f "$f" ] && python3 -c "import json,sys; d=json.lo
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "commit ${COMMIT:-unknown}, baseline ${OLD_COMMIT:-${OLD:-none}}"; date -u
-  echo "=== gpu tests (limit ${TEST_S:-150} s) $(date -u +%T)"
-  T="timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider"
-  (export PYTHONPATH=/tmp/site:$NEW
-   $T tests/kernels/test_gemv_norm.py 2>&1
-   timeout 60 python3 -m tessellm.testing --backend cuda -q -k "fused_ops" 2>&1
-   $T tests/models/test_cuda_parity.py 2>&1) > "$OUT/tests.txt"
-  grep -E "passed|failed|error" "$OUT/tests.txt" | tail -8
-  if [ "${CHAIN_S:-120}" != 0 ]; then
-    TAIL=4 box "chain (fold)" ${CHAIN_S:-120} "$NEW" python3 benchmarks/kernels/decode_chain.py \
-      --out "$OUT" --sections chain --fold
-  fi
   for tag in new old; do
     dir=$NEW; [ $tag = old ] && dir=$OLD
     [ -z "$dir" ] && continue
@@ -53,5 +42,16 @@ show() { for f in "$@"; do [ -f "$f" ] && python3 -c "import json,sys; d=json.lo
     fi
   done
   show "$OUT"/b1_*.json
+  if [ "${CHAIN_S:-120}" != 0 ]; then
+    TAIL=4 box "chain (fold)" ${CHAIN_S:-120} "$NEW" python3 benchmarks/kernels/decode_chain.py \
+      --out "$OUT" --sections chain --fold
+  fi
+  echo "=== gpu tests (limit ${TEST_S:-150} s) $(date -u +%T)"
+  T="timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider"
+  (export PYTHONPATH=/tmp/site:$NEW
+   $T tests/kernels/test_gemv_norm.py 2>&1
+   timeout 60 python3 -m tessellm.testing --backend cuda -q -k "fused_ops" 2>&1
+   $T tests/models/test_cuda_parity.py 2>&1) > "$OUT/tests.txt"
+  grep -E "passed|failed|error" "$OUT/tests.txt" | tail -8
   date -u
 } 2>&1 | tee "$OUT/log.txt"
