@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Issue 22 (GPU), wave 2g: the add-RMSNorm folded into the one-row GEMV after it
 # (tessellm/kernels/gemm/gemv_norm.py), B1 bf16 before/after, in one device call:
-#   1. engine B1 bf16 (bench latency, dummy weights), this tree then the baseline tree OLD
+#   1. benchmarks/kernels/decode_chain.py --fold --write-default: the bf16 B1 chain unfused,
+#      folded at several launch shapes, without norms, GEMVs alone; the fastest fold shape (by
+#      >= 0.5%) becomes NORM_GEMV_CONFIG in this tree (skipped with CHAIN_S=0)
+#   2. engine B1 bf16 (bench latency, dummy weights), this tree then the baseline tree OLD
 #      (FP8=1: fp8 B1 too, whose norms stay unfused: the linears are quantized)
-#   2. benchmarks/kernels/decode_chain.py --fold: the bf16 B1 chain unfused, folded at several
-#      launch shapes, without norms, GEMVs alone (skipped with CHAIN_S=0)
 #   3. GPU tests: tests/kernels/test_gemv_norm.py (the fold at Llama-8B shapes against the
 #      float64 oracle and the unfused ops), the cuda conformance of the fused ops,
 #      tests/models/test_cuda_parity.py (fp32 greedy = HF; bf16 one-row decode)
 # Run from this tree's root:  OLD=/path/to/baseline WHL=/path/to/wheels bash benchmarks/b1g_device.sh
-# Time boxes (s): B1_S 60 (each run), CHAIN_S 120, TEST_S 150 (each pytest run). Results (8 files at most, as the
-# device tool returns): $OUT/log.txt, tests.txt, chain.json, b1{,_fp8}_{new,old}.json.
+# Time boxes (s): CHAIN_S 120, B1_S 60 (each run), TEST_S 150 (each pytest run; 0: none). Results (8 files at most, as the
+# device tool returns): $OUT/log.txt, tests.txt, chain.json, b1{,_fp8}_{new,old}.json,
+# gemv_norm.py.txt (with the launch shape the chain chose).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
@@ -32,6 +34,12 @@ show() { for f in "$@"; do [ -f "$f" ] && python3 -c "import json,sys; d=json.lo
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "commit ${COMMIT:-unknown}, baseline ${OLD_COMMIT:-${OLD:-none}}"; date -u
+  if [ "${CHAIN_S:-120}" != 0 ]; then
+    TAIL=4 box "chain (fold)" ${CHAIN_S:-120} "$NEW" python3 benchmarks/kernels/decode_chain.py \
+      --out "$OUT" --sections chain --fold --write-default
+    cp tessellm/kernels/gemm/gemv_norm.py "$OUT/gemv_norm.py.txt"
+    grep -n "^NORM_GEMV_CONFIG" tessellm/kernels/gemm/gemv_norm.py
+  fi
   for tag in new old; do
     dir=$NEW; [ $tag = old ] && dir=$OLD
     [ -z "$dir" ] && continue
@@ -42,10 +50,7 @@ show() { for f in "$@"; do [ -f "$f" ] && python3 -c "import json,sys; d=json.lo
     fi
   done
   show "$OUT"/b1_*.json
-  if [ "${CHAIN_S:-120}" != 0 ]; then
-    TAIL=4 box "chain (fold)" ${CHAIN_S:-120} "$NEW" python3 benchmarks/kernels/decode_chain.py \
-      --out "$OUT" --sections chain --fold
-  fi
+  [ "${TEST_S:-150}" = 0 ] && exit 0
   echo "=== gpu tests (limit ${TEST_S:-150} s) $(date -u +%T)"
   T="timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider"
   (export PYTHONPATH=/tmp/site:$NEW

@@ -17,22 +17,21 @@ pytest.importorskip("triton")
 
 from tessellm.backends.reference.ops import add_rms_norm_linear_reference  # noqa: E402
 from tessellm.kernels.fused_ops import TritonOps  # noqa: E402
-from tessellm.kernels.gemm.gemv import GemvConfig  # noqa: E402
 from tessellm.kernels.gemm.gemv_norm import (  # noqa: E402
-    NORM_GEMV_CONFIG, gemv_add_rms_norm, gemv_add_rms_norm_applies)
+    NORM_GEMV_CONFIG, NormGemvConfig, gemv_add_rms_norm, gemv_add_rms_norm_applies)
 
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
 BF16, F16 = torch.bfloat16, torch.float16
 # (N, K): K not a multiple of the tile (masked steps) and one that is
 SHAPES = [(1031, 4096), (6144, 4096), (77, 1000)] if ON_GPU else [(37, 96), (9, 64)]
-CONFIGS = {"default": NORM_GEMV_CONFIG,
-           "bn4": GemvConfig(block_n=4, block_k=32 if not ON_GPU else 1024, num_warps=1 if not ON_GPU else 4,
-                             stages=1, chunk=8),
-           "bn8": GemvConfig(block_n=8, block_k=16 if not ON_GPU else 512, num_warps=1 if not ON_GPU else 4,
-                             stages=1, chunk=8)}
-if not ON_GPU:  # the interpreter: a K tile smaller than K, so the loop takes several steps
-    CONFIGS["default"] = GemvConfig(block_n=2, block_k=32, num_warps=1, stages=1, chunk=8)
+CONFIGS = {"default": NORM_GEMV_CONFIG,  # the interpreter: K tiles smaller than K
+           "bn4-prefetch": NormGemvConfig(block_n=4, block_k=1024 if ON_GPU else 32,
+                                          num_warps=4 if ON_GPU else 1, prefetch=True),
+           "bn8": NormGemvConfig(block_n=8, block_k=512 if ON_GPU else 16,
+                                 num_warps=4 if ON_GPU else 1)}
+if not ON_GPU:
+    CONFIGS["default"] = NormGemvConfig(block_n=2, block_k=32, num_warps=1)
 
 
 def _inputs(n, k, dtype, bias, seed=0):
@@ -59,7 +58,7 @@ def _close(got, want, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fold_matches_the_float64_oracle(shape, dtype, config):
     n, k = shape
-    bias = config != "bn4"
+    bias = config != "bn8"
     x, res, gw, w, b = _inputs(n, k, dtype, bias)
     res_before = res.clone()
     y, new_res = gemv_add_rms_norm(x, res, gw, 1e-5, w, b, CONFIGS[config])

@@ -23,33 +23,43 @@ sum of squares). The tile layout is ``_gemv_fma_kernel``'s with ``chunk`` (``gem
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from tessellm.kernels.gemm.gemv import GemvConfig, _load_k, _ptx, _to_f32
+from tessellm.kernels.gemm.common import _interpreted
+from tessellm.kernels.gemm.gemv import _load_k, _ptx, _to_f32
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
-# The launch shape at one row (H200, ``benchmarks/kernels/decode_chain.py norm_gemv``).
-NORM_GEMV_CONFIG = GemvConfig(block_n=2, block_k=1024, num_warps=4, stages=1, chunk=8)
+
+
+@dataclass(frozen=True)
+class NormGemvConfig:
+    """Launch shape of ``gemv_add_rms_norm`` (the FMA tile of ``gemv.py`` with a chunk)."""
+
+    block_n: int  # weight rows (outputs) per program
+    block_k: int  # K elements per loop step (a power of two, a multiple of chunk)
+    num_warps: int
+    chunk: int = 8  # each thread sums its run of this many K elements every step
+    prefetch: bool = False  # load the next step's weight tile before this step's vectors
+    maxnreg: Optional[int] = None  # registers a thread at most (more programs an SM)
+
+
+# The launch shape at one row (H200, ``benchmarks/kernels/decode_chain.py --fold``).
+NORM_GEMV_CONFIG = NormGemvConfig(block_n=2, block_k=1024, num_warps=4)
 
 
 @triton.jit
-def _add_rows(x_ptr, res_ptr, res_out_ptr, vo, koff, K, first, EVEN_K: tl.constexpr,
+def _add_rows(x_ptr, res_ptr, vo, koff, K, out_dtype: tl.constexpr, EVEN_K: tl.constexpr,
               PTX: tl.constexpr):
     """h = x + residual at K offsets ``vo`` (a tile of the weight tile's shape whose rows are
-    the same addresses), rounded to the residual's dtype; stored where ``first``."""
+    the same addresses: it takes the weight tile's registers), rounded to ``out_dtype``."""
     x = _to_f32(_load_k(x_ptr + vo, koff, K, EVEN_K), PTX)
     r = _to_f32(_load_k(res_ptr + vo, koff, K, EVEN_K), PTX)
-    h = (x + r).to(res_out_ptr.dtype.element_ty)
-    if EVEN_K:
-        tl.store(res_out_ptr + vo, h, mask=first)
-    else:
-        tl.store(res_out_ptr + vo, h, mask=first & (koff < K))
-    return _to_f32(h, PTX)
+    return (x + r).to(out_dtype)
 
 
 @triton.jit
@@ -57,9 +67,12 @@ def _gemv_add_rms_norm_kernel(x_ptr, res_ptr, g_ptr, w_ptr, bias_ptr, out_ptr, r
                               N, K, stride_wn, eps,
                               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              CHUNK: tl.constexpr, STAGES: tl.constexpr, PTX: tl.constexpr,
+                              CHUNK: tl.constexpr, PREFETCH: tl.constexpr, PTX: tl.constexpr,
                               USE_PDL: tl.constexpr):
-    """One row: ``out = W @ (g * rmsnorm(x + res)) (+ bias)``, ``res_out = x + res``."""
+    """One row: ``out = W @ (g * rmsnorm(x + res)) (+ bias)``, ``res_out = x + res``.
+    The K loop only loads (no store in it: a store would keep the compiler from issuing the
+    weight loads ahead of the vectors' arithmetic); program 0 writes the sum after it.
+    PREFETCH: the next step's weight tile is loaded before this step's vectors."""
     pdl_start(USE_PDL)
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,22 +80,34 @@ def _gemv_add_rms_norm_kernel(x_ptr, res_ptr, g_ptr, w_ptr, bias_ptr, out_ptr, r
     j = tl.arange(0, BLOCK_K // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
     k_in = j[None, :, :]  # [1, BK / CHUNK, CHUNK]
     same = tl.zeros([BLOCK_N, 1, 1], dtype=tl.int32)  # the vectors in the weight tile's layout
-    first = (tl.arange(0, BLOCK_N)[:, None, None] == 0) & (same + pid == 0)
+    res_dtype: tl.constexpr = res_out_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
     ss = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
-    for i in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=STAGES):
+    steps = tl.cdiv(K, BLOCK_K)
+    w_next = _load_k(w_rows + k_in, k_in, K, EVEN_K)
+    for i in range(0, steps):
         koff = i * BLOCK_K + k_in
-        w = _to_f32(_load_k(w_rows + koff, koff, K, EVEN_K), PTX)
+        if PREFETCH:
+            w = w_next
+            k_nx = koff + BLOCK_K
+            w_next = tl.load(w_rows + k_nx, mask=(k_nx < K) & (same == 0), other=0.0)
+        else:
+            w = _load_k(w_rows + koff, koff, K, EVEN_K)
         vo = same + koff
-        h = _add_rows(x_ptr, res_ptr, res_out_ptr, vo, koff, K, first, EVEN_K, PTX)
         g = _to_f32(_load_k(g_ptr + vo, koff, K, EVEN_K), PTX)
-        acc += tl.sum(w * (h * g), axis=2)
+        h = _to_f32(_add_rows(x_ptr, res_ptr, vo, koff, K, res_dtype, EVEN_K, PTX), PTX)
+        acc += tl.sum(_to_f32(w, PTX) * (h * g), axis=2)
         ss += tl.sum(h * h, axis=2)
     rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps)  # [BN], the same in every row
     y = tl.sum(acc, axis=1) * rstd
     if HAS_BIAS:
         y += tl.load(bias_ptr + tl.minimum(rn, N - 1)).to(tl.float32)
     tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
+    if pid == 0:  # the new residual: the same rounded sums, once
+        for i in range(0, tl.cdiv(K, BLOCK_K)):
+            koff = i * BLOCK_K + k_in
+            h = _add_rows(x_ptr, res_ptr, koff, koff, K, res_dtype, EVEN_K, PTX)
+            tl.store(res_out_ptr + koff, h, mask=koff < K)
 
 
 def gemv_add_rms_norm_applies(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
@@ -97,7 +122,7 @@ def gemv_add_rms_norm_applies(x: torch.Tensor, residual: torch.Tensor, norm_weig
 
 def gemv_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
                       eps: float, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                      config: Optional[GemvConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      config: Optional[NormGemvConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual) @ weight.T (+ bias), x + residual)`` for one row ``[1, K]``
     (``gemv_add_rms_norm_applies``); ``residual`` is not modified."""
     if not gemv_add_rms_norm_applies(x, residual, norm_weight, weight):
@@ -106,17 +131,16 @@ def gemv_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torc
             f"got x {tuple(x.shape)} {x.dtype}, residual {tuple(residual.shape)} "
             f"{residual.dtype}, norm weight {norm_weight.dtype}, weight {tuple(weight.shape)} "
             f"{weight.dtype}; use fused_add_rms_norm and a linear")
-    cfg = dataclasses.replace(config or NORM_GEMV_CONFIG, split_k=1)
-    if cfg.dot or not cfg.chunk:
-        raise ValueError(f"gemv_add_rms_norm runs the FMA tile with a chunk, got {cfg}")
+    cfg = config or NORM_GEMV_CONFIG
     x, residual = x.contiguous(), residual.contiguous()
     n, k = weight.shape
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     new_res = torch.empty_like(residual)
+    extra = {} if cfg.maxnreg is None or _interpreted(x) else {"maxnreg": cfg.maxnreg}
     _gemv_add_rms_norm_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, residual, norm_weight.contiguous(), weight, bias if bias is not None else x, out,
         new_res, n, k, weight.stride(0), eps, HAS_BIAS=bias is not None,
         EVEN_K=k % cfg.block_k == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        CHUNK=cfg.chunk, STAGES=cfg.stages, PTX=_ptx(x),
-        num_warps=cfg.num_warps, num_stages=cfg.stages, **pdl_args(x.device))
+        CHUNK=cfg.chunk, PREFETCH=cfg.prefetch, PTX=_ptx(x), num_warps=cfg.num_warps,
+        num_stages=1, **extra, **pdl_args(x.device))
     return out, new_res
