@@ -360,17 +360,6 @@ class FusedOps(Protocol):
     # do the all-reduce, the residual add and the norm in one launch. Without it the model calls
     # those two (``layers/norm.py``).
     #
-    # Optional: ``add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias=None)``, the
-    # residual-add RMSNorm and the dense linear after it (``weight [N, hidden]`` unquantized, in
-    # x's dtype): returns ``(y, x + residual)`` with ``y`` what
-    # ``linear(fused_add_rms_norm(x, residual, norm_weight, eps)[0], weight, bias)`` computes,
-    # within the dtype's tolerance of the float64 oracle
-    # ``reference.ops.add_rms_norm_linear_reference`` (the normed row need not be rounded to x's
-    # dtype before the product); the sum is rounded to x's dtype as in ``fused_add_rms_norm``.
-    # The model calls it for the norms before qkv_proj and gate_up_proj when those are dense and
-    # the norm has no tensor-parallel sum, so a backend can fold the norm into the product (the
-    # cuda backend: into the one-row decode GEMV). Without it: the norm, then the linear.
-    #
     # Optional: ``fused_moe(hidden, router_logits, w13, w2, top_k, scoring="softmax",
     # renormalize=True, w13_scale=None, w2_scale=None)``, a Mixture-of-Experts MLP for the MoE
     # families (Mixtral, Qwen2/3-MoE). ``hidden [T, H]``; ``router_logits [T, E]``; ``w13

@@ -42,13 +42,6 @@ class Linear(nn.Module):
             return self.quant_method.apply(self, x, self.bias)
         return self.dense_mm(x, self.weight, self.bias)
 
-    @property
-    def is_dense(self) -> bool:
-        """``forward`` is ``x @ weight.T + bias`` with the unquantized weight and nothing after
-        it (no sum over ranks), so the RMSNorm before it may fold itself into the product
-        (``RMSNorm.forward_linear``)."""
-        return self.quant_method is None and type(self).forward is Linear.forward
-
     def local_slice(self, name: str, tensor, shard: Optional[int]) -> torch.Tensor:
         """The part of a dense checkpoint tensor (``name``: "weight" or "bias" of logical shard
         ``shard``) this layer holds, read from the file if it is lazy. The whole tensor here;

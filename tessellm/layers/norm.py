@@ -1,4 +1,4 @@
-"""RMSNorm through the backend's fused ops, alone or folded into the linear after it."""
+"""RMSNorm through the backend's fused op."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ class RMSNorm(nn.Module):
         self.ops = ops
         self.reduce = reduce if reduce is not None and reduce.size > 1 else None
         self._fused_reduce = getattr(ops, "all_reduce_add_rms_norm", None) if self.reduce else None
-        self._fused_linear = None if self.reduce else getattr(ops, "add_rms_norm_linear", None)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """Without ``residual``: the norm of x. With it: ``(norm(x + residual), x + residual)``,
@@ -40,14 +39,3 @@ class RMSNorm(nn.Module):
                 return self._fused_reduce(x, residual, self.weight, self.eps, self.reduce)
             x = self.reduce.all_reduce(x)
         return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
-
-    def forward_linear(self, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor):
-        """``(linear(norm(x + residual)), x + residual)``: through the backend's optional
-        ``add_rms_norm_linear`` (the norm folded into the product) when ``linear`` is dense
-        (``Linear.is_dense``) and this norm sums nothing over ranks; else the norm, then
-        ``linear``."""
-        if self._fused_linear is not None and getattr(linear, "is_dense", False):
-            return self._fused_linear(x, residual, self.weight, self.eps, linear.weight,
-                                      linear.bias)
-        x, residual = self(x, residual)
-        return linear(x), residual

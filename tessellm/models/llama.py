@@ -61,10 +61,7 @@ class DecoderAttention(nn.Module):
                             and rotary.rotary_dim == self.head_size)
 
     def forward(self, positions, hidden, metadata):
-        return self.attend(positions, self.qkv_proj(hidden), metadata)
-
-    def attend(self, positions, qkv, metadata):
-        """The block after ``qkv_proj``: attention over ``qkv`` and ``o_proj``."""
+        qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             t = q.shape[0]
@@ -93,11 +90,7 @@ class DecoderMLP(nn.Module):
         self.ops = ctx.ops
 
     def forward(self, x):
-        return self.down(self.gate_up_proj(x))
-
-    def down(self, gate_up):
-        """The MLP after ``gate_up_proj``."""
-        return self.down_proj(self.ops.silu_and_mul(gate_up))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -122,21 +115,14 @@ class DecoderLayer(nn.Module):
                                                 reduce=None if o_reduced else ctx.tp)
 
     def forward(self, positions, hidden, residual, metadata):
-        # Each residual-add norm goes through RMSNorm.forward_linear with the linear after it,
-        # so a backend can fold the norm into that product (at decode: into the one-row GEMV).
-        attn = self.self_attn
         if residual is None:
             residual = hidden
-            qkv = attn.qkv_proj(self.input_layernorm(hidden))
+            hidden = self.input_layernorm(hidden)
         else:
-            qkv, residual = self.input_layernorm.forward_linear(attn.qkv_proj, hidden, residual)
-        hidden = attn.attend(positions, qkv, metadata)
-        if not isinstance(self.mlp, DecoderMLP):  # a mixture of experts
-            hidden, residual = self.post_attention_layernorm(hidden, residual)
-            return self.mlp(hidden), residual
-        gate_up, residual = self.post_attention_layernorm.forward_linear(
-            self.mlp.gate_up_proj, hidden, residual)
-        return self.mlp.down(gate_up), residual
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(nn.Module):

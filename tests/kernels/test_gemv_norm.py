@@ -1,5 +1,6 @@
-"""The residual-add RMSNorm folded into the one-row GEMV (``kernels/gemm/gemv_norm.py``) against
-the float64 oracle and against the unfused ops (``fused_add_rms_norm`` then ``gemv``).
+"""The residual-add RMSNorm folded into the one-row GEMV (``kernels/gemm/gemv_norm.py``, an
+experiment the engine does not use: ``decode_chain.py --fold`` measures it) against a float64
+oracle and against the unfused ops (``fused_add_rms_norm`` then ``gemv``).
 
 The inputs make every part of the fold show: the norm weight g is random (not ones), the row is
 scaled so that rstd is far from 1, the residual is random, and N spans several programs (in the
@@ -15,7 +16,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from tessellm.backends.reference.ops import add_rms_norm_linear_reference  # noqa: E402
 from tessellm.kernels.fused_ops import TritonOps  # noqa: E402
 from tessellm.kernels.gemm.gemv_norm import (  # noqa: E402
     NORM_GEMV_CONFIG, NormGemvConfig, gemv_add_rms_norm, gemv_add_rms_norm_applies)
@@ -32,6 +32,18 @@ CONFIGS = {"default": NORM_GEMV_CONFIG,  # the interpreter: K tiles smaller than
                                  num_warps=4 if ON_GPU else 1)}
 if not ON_GPU:
     CONFIGS["default"] = NormGemvConfig(block_n=2, block_k=32, num_warps=1)
+
+
+def add_rms_norm_linear_reference(x, residual, norm_weight, eps, weight, bias=None):
+    """``(y, x + residual)``: the sum rounded to x's dtype, then the norm and the product in
+    float64 and ``y`` rounded once."""
+    h = x + residual
+    hf = h.double()
+    xn = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    y = xn @ weight.double().t()
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype), h
 
 
 def _inputs(n, k, dtype, bias, seed=0):
@@ -106,41 +118,3 @@ def test_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="one 16-bit row"):
         gemv_add_rms_norm(two, torch.cat([res, res]), gw, 1e-5, w)
 
-
-def _layer_inputs(dtype):
-    from tessellm.layers.linear import ColumnParallelLinear
-
-    n, k = SHAPES[-1]
-    x, res, gw, w, b = _inputs(n, k, dtype, True, seed=2)
-    linear = ColumnParallelLinear(k, [n // 2, n - n // 2], bias=True).to(DEV, dtype)
-    linear.weight.data.copy_(w)
-    linear.bias.data.copy_(b)
-    return x, res, gw, linear
-
-
-def test_rms_norm_folds_into_a_dense_linear_only():
-    """``RMSNorm.forward_linear`` with the cuda backend's ops: one 16-bit row into a dense
-    linear takes the fold (bit-equal to the kernel); float32, two rows, a linear that is not
-    dense (row-parallel, quantized) take the norm, then the linear (bit-equal to calling them;
-    the model's dense linears run ``ops.linear``, ``use_backend_linear``)."""
-    from tessellm.backends.cuda.ops import CudaOps
-    from tessellm.layers.linear import RowParallelLinear
-    from tessellm.layers.norm import RMSNorm
-
-    ops = CudaOps()
-    for dtype, rows in ((BF16, 1), (BF16, 2), (torch.float32, 1)):
-        x, res, gw, linear = _layer_inputs(dtype)
-        x, res = x.expand(rows, -1).contiguous(), res.expand(rows, -1).contiguous()
-        norm = RMSNorm(x.shape[1], 1e-5, ops).to(DEV, dtype)
-        norm.weight.data.copy_(gw.to(dtype))
-        y, new_res = norm.forward_linear(linear, x, res.clone())
-        if rows == 1 and dtype == BF16:
-            want = gemv_add_rms_norm(x, res, norm.weight, 1e-5, linear.weight, linear.bias)
-        else:
-            normed, want_res = norm(x.clone(), res.clone())
-            want = (ops.linear(normed, linear.weight, linear.bias), want_res)
-        assert torch.equal(y, want[0]) and torch.equal(new_res, want[1]), (dtype, rows)
-    assert linear.is_dense
-    assert not RowParallelLinear(8, 8).is_dense
-    linear.quant_method = object()
-    assert not linear.is_dense

@@ -39,20 +39,6 @@ class ReferenceOps:
                                    w13_scale, w2_scale)
 
 
-def add_rms_norm_linear_reference(x, residual, norm_weight, eps, weight, bias=None):
-    """The oracle of ``FusedOps.add_rms_norm_linear``: ``(y, x + residual)``, the sum rounded
-    to x's dtype, then the norm and the product in float64 and ``y`` rounded once. Not a
-    ``ReferenceOps`` method: a backend without the op runs the norm and the linear (so the
-    pure-torch backends keep their numerics)."""
-    h = x + residual
-    hf = h.double()
-    xn = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
-    y = xn @ weight.double().t()
-    if bias is not None:
-        y = y + bias.double()
-    return y.to(x.dtype), h
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: int) -> torch.Tensor:
     """Rotates the first ``2 * cos.shape[-1]`` dims of each head (all of them unless partial
     rotary); the rest pass through."""

@@ -1,24 +1,33 @@
-"""The residual-add RMSNorm folded into the one-row GEMV that follows it (decode at batch 1).
+"""The residual-add RMSNorm folded into the one-row GEMV that follows it: an experiment, measured
+SLOWER than the two launches it replaces, so the engine does not use it (issue 22, wave 2g).
 
 A decoder layer runs ``h = x + residual; y = W @ (g * norm(h))`` twice (input norm -> qkv,
-post-attention norm -> gate_up). Unfused that is two launches, the norm's ~2 us mostly launch
-and drain. Here every program of the GEMV forms the norm's input itself, for one row::
+post-attention norm -> gate_up). Unfused that is two launches; the norm's ~1.8 us is mostly
+launch and drain. Here every program of the GEMV forms the norm's input itself, for one row::
 
     program p (outputs n = p*BN .. p*BN+BN-1), K loop over the whole row:
         h[k]  = round(x[k] + residual[k])            (the residual's dtype, as the unfused add)
         ss   += h[k]^2                               (float32)
         acc_n += W[n, k] * h[k] * g[k]               (float32, h not rounded after the norm)
-        program 0 also stores h[k] to ``new_residual`` (a new buffer: the others still read
-        the old residual)
     y[n] = acc_n * rsqrt(ss / K + eps) (+ bias[n])
+    program 0 then stores h to ``new_residual`` (a new buffer: the others still read the old
+    residual; a store inside the loop kept the compiler from issuing the weight loads first)
 
-so each program reads x, residual and g (24 KB at Llama-8B's K = 4096, from L1/L2; the weight
-rows come from DRAM) and no second kernel runs. Deterministic: no atomics, every program sums
-the same squares in the same order. Not bit-equal to ``fused_add_rms_norm`` + ``gemv``: the
-normalized row is not rounded to 16 bits before the product (closer to the float64 result).
+Deterministic: no atomics, every program sums the same squares in the same order. Not
+bit-equal to ``fused_add_rms_norm`` + ``gemv``: the normalized row is not rounded to 16 bits
+before the product (closer to the float64 result). One row, 16-bit, no split-K.
 
-One row, 16-bit x / residual / weight / g, no split-K (every program needs the whole row's
-sum of squares). The tile layout is ``_gemv_fma_kernel``'s with ``chunk`` (``gemv.py``).
+Measured on an H200 (``benchmarks/kernels/decode_chain.py --fold``, Llama-3.1-8B B1 chain,
+2026-12-04, ``benchmarks/README.md`` "wave 2g"): the two norms cost 0.116 ms a token
+(chain 3.938 against 3.822 without them), but the fold makes each qkv / gate_up GEMV ~6.6 us
+slower (chain 4.245; the best of 13 launch shapes, block_k 512, 4.231; larger tiles, a register
+prefetch of the next weight tile and a register cap were all slower still). The K loop's instructions double
+(sm_90 SASS: 129 against 65 a 4 KB weight step at block_n 2; 40 registers against 28), and the
+step runs as "all programs wait for memory, then all compute": the extra arithmetic on x,
+residual and g, redone by each of the 3,072 (qkv) / 14,336 (gate_up) programs, does not hide
+under the weight reads. Capping registers at 32 made it far slower (6.2 ms: loads serialized),
+which says the loop is latency-bound, not bandwidth-bound. A fold that pays needs the norm
+formed once per step (not once per program) and out of the weight loop's critical path.
 """
 
 from __future__ import annotations
@@ -35,7 +44,6 @@ from tessellm.kernels.gemm.gemv import _load_k, _ptx, _to_f32
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
 
-
 @dataclass(frozen=True)
 class NormGemvConfig:
     """Launch shape of ``gemv_add_rms_norm`` (the FMA tile of ``gemv.py`` with a chunk)."""
@@ -48,7 +56,7 @@ class NormGemvConfig:
     maxnreg: Optional[int] = None  # registers a thread at most (more programs an SM)
 
 
-# The launch shape at one row (H200, ``benchmarks/kernels/decode_chain.py --fold``).
+# The launch shape (the best of 13 in ``decode_chain.py --fold``, within 0.3% of block_k 512).
 NORM_GEMV_CONFIG = NormGemvConfig(block_n=2, block_k=1024, num_warps=4)
 
 
