@@ -5,14 +5,15 @@
 #      folded at several launch shapes, without norms, GEMVs alone; the fastest fold shape (by
 #      >= 0.5%) becomes NORM_GEMV_CONFIG in this tree (skipped with CHAIN_S=0)
 #   2. engine B1 bf16 (bench latency, dummy weights), this tree then the baseline tree OLD
-#      (FP8=1: fp8 B1 too, whose norms stay unfused: the linears are quantized)
+#      (FP8=1: fp8 B1 too). The engine does not use the fold (measured slower, benchmarks/
+#      README.md "wave 2g, b1norm"); the 2026-12-04 calls ran a tree where it was wired in.
 #   3. GPU tests: tests/kernels/test_gemv_norm.py (the fold at Llama-8B shapes against the
 #      float64 oracle and the unfused ops), the cuda conformance of the fused ops,
-#      tests/models/test_cuda_parity.py (fp32 greedy = HF; bf16 one-row decode)
+#      tests/models/test_cuda_parity.py (fp32 greedy = HF)
 # Run from this tree's root:  OLD=/path/to/baseline WHL=/path/to/wheels bash benchmarks/b1g_device.sh
-# Time boxes (s): CHAIN_S 120, B1_S 60 (each run), TEST_S 150 (each pytest run; 0: none). Results (8 files at most, as the
-# device tool returns): $OUT/log.txt, tests.txt, chain.json, b1{,_fp8}_{new,old}.json,
-# gemv_norm.py.txt (with the launch shape the chain chose).
+# Time boxes (s): CHAIN_S 120, B1_S 60 (each run), TEST_S 150 (each pytest run; 0: none).
+# Results (8 files at most, as the device tool returns): $OUT/log.txt, tests.txt, chain.json,
+# b1{,_fp8}_{new,old}.json, gemv_norm.py.txt (with the launch shape the chain chose).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"

@@ -16,9 +16,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from tessellm.kernels.fused_ops import TritonOps  # noqa: E402
-from tessellm.kernels.gemm.gemv_norm import (  # noqa: E402
-    NORM_GEMV_CONFIG, NormGemvConfig, gemv_add_rms_norm, gemv_add_rms_norm_applies)
+from tessellm.kernels.fused_ops import TritonOps
+from tessellm.kernels.gemm.gemv_norm import (
+    NORM_GEMV_CONFIG,
+    NormGemvConfig,
+    gemv_add_rms_norm,
+    gemv_add_rms_norm_applies,
+)
 
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")

@@ -33,7 +33,6 @@ formed once per step (not once per program) and out of the weight loop's critica
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
@@ -53,7 +52,7 @@ class NormGemvConfig:
     num_warps: int
     chunk: int = 8  # each thread sums its run of this many K elements every step
     prefetch: bool = False  # load the next step's weight tile before this step's vectors
-    maxnreg: Optional[int] = None  # registers a thread at most (more programs an SM)
+    maxnreg: int | None = None  # registers a thread at most (more programs an SM)
 
 
 # The launch shape (the best of 13 in ``decode_chain.py --fold``, within 0.3% of block_k 512).
@@ -93,7 +92,7 @@ def _gemv_add_rms_norm_kernel(x_ptr, res_ptr, g_ptr, w_ptr, bias_ptr, out_ptr, r
     ss = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
     steps = tl.cdiv(K, BLOCK_K)
     w_next = _load_k(w_rows + k_in, k_in, K, EVEN_K)
-    for i in range(0, steps):
+    for i in range(steps):
         koff = i * BLOCK_K + k_in
         if PREFETCH:
             w = w_next
@@ -112,7 +111,7 @@ def _gemv_add_rms_norm_kernel(x_ptr, res_ptr, g_ptr, w_ptr, bias_ptr, out_ptr, r
         y += tl.load(bias_ptr + tl.minimum(rn, N - 1)).to(tl.float32)
     tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)
     if pid == 0:  # the new residual: the same rounded sums, once
-        for i in range(0, tl.cdiv(K, BLOCK_K)):
+        for i in range(tl.cdiv(K, BLOCK_K)):
             koff = i * BLOCK_K + k_in
             h = _add_rows(x_ptr, res_ptr, koff, koff, K, res_dtype, EVEN_K, PTX)
             tl.store(res_out_ptr + koff, h, mask=koff < K)
@@ -129,8 +128,8 @@ def gemv_add_rms_norm_applies(x: torch.Tensor, residual: torch.Tensor, norm_weig
 
 
 def gemv_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                      eps: float, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                      config: Optional[NormGemvConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      config: NormGemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual) @ weight.T (+ bias), x + residual)`` for one row ``[1, K]``
     (``gemv_add_rms_norm_applies``); ``residual`` is not modified."""
     if not gemv_add_rms_norm_applies(x, residual, norm_weight, weight):
