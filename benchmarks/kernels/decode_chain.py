@@ -13,7 +13,8 @@ whole chain without PDL: the differences are what each kind costs a step; then t
 chain with other split-KV settings of the attention (``ATTN_VARIANTS``).
 The bf16 chain also runs with the two add-RMSNorms folded into the qkv and gate_up GEMVs
 (``fold ...``: ``gemv_norm.py`` at several launch shapes; ``--fold``: bf16 only, these and the
-kinds above). attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
+kinds above; the engine keeps the norms unfused: the fold measured slower).
+attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
 256 and 512 and workload F's (512-768) at 256, in GB/s of K/V read, by splits.
 """
 

@@ -104,7 +104,8 @@ def test_fold_is_deterministic_and_every_part_counts():
     want, _ = add_rms_norm_linear_reference(x.cpu(), res.cpu(), gw.cpu(), 1e-5, w.cpu(), b.cpu())
     # what a fold without g, without rstd or with the un-summed x would give is far from it
     ones = torch.ones_like(gw)
-    wrong_g, _ = add_rms_norm_linear_reference(x.cpu(), res.cpu(), ones.cpu(), 1e-5, w.cpu(), b.cpu())
+    wrong_g, _ = add_rms_norm_linear_reference(x.cpu(), res.cpu(), ones.cpu(), 1e-5, w.cpu(),
+                                               b.cpu())
     no_rstd = ((x + res).float() * gw.float()) @ w.float().t() + b.float()
     wrong_sum, _ = add_rms_norm_linear_reference(x.cpu(), 0 * res.cpu(), gw.cpu(), 1e-5, w.cpu(),
                                                  b.cpu())

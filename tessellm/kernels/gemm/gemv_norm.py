@@ -18,16 +18,17 @@ bit-equal to ``fused_add_rms_norm`` + ``gemv``: the normalized row is not rounde
 before the product (closer to the float64 result). One row, 16-bit, no split-K.
 
 Measured on an H200 (``benchmarks/kernels/decode_chain.py --fold``, Llama-3.1-8B B1 chain,
-2026-12-04, ``benchmarks/README.md`` "wave 2g"): the two norms cost 0.116 ms a token
-(chain 3.938 against 3.822 without them), but the fold makes each qkv / gate_up GEMV ~6.6 us
-slower (chain 4.245; the best of 13 launch shapes, block_k 512, 4.231; larger tiles, a register
-prefetch of the next weight tile and a register cap were all slower still). The K loop's instructions double
-(sm_90 SASS: 129 against 65 a 4 KB weight step at block_n 2; 40 registers against 28), and the
-step runs as "all programs wait for memory, then all compute": the extra arithmetic on x,
-residual and g, redone by each of the 3,072 (qkv) / 14,336 (gate_up) programs, does not hide
-under the weight reads. Capping registers at 32 made it far slower (6.2 ms: loads serialized),
-which says the loop is latency-bound, not bandwidth-bound. A fold that pays needs the norm
-formed once per step (not once per program) and out of the weight loop's critical path.
+2026-12-04, ``benchmarks/README.md`` "wave 2g"): the two norms cost 0.116 ms a token (chain
+3.938 against 3.822 without them), but the fold makes each qkv / gate_up GEMV ~6.6 us slower
+(chain 4.245; the best of 13 launch shapes, block_k 512, 4.231; larger tiles, a register
+prefetch of the next weight tile and a register cap were all slower still). The K loop's
+instructions double (sm_90 SASS: 135 against 65 a 4 KB weight step at block_n 2; 40 registers
+against 28), and the step runs as "all programs wait for memory, then all compute": the extra
+arithmetic on x, residual and g, redone by each of the 3,072 (qkv) / 14,336 (gate_up) programs,
+does not hide under the weight reads. Capping registers at 32 made it far slower (6.2 ms: loads
+serialized), which says the loop is latency-bound, not bandwidth-bound. A fold that pays needs
+the norm formed once per step (not once per program) and out of the weight loop's critical
+path.
 """
 
 from __future__ import annotations
