@@ -8,7 +8,8 @@
 # Time boxes (s): B1_S 45 (each), F_S 70, HF_S 60, F8_S 80, L_S 130, L8_S 130, TL_S 70. A freshly
 #   started machine has an empty Triton cache: the first run of each kind compiles its kernels
 #   (2026-12-04 21:16: F fp8 run first with a 55 s box and L with 100 s both timed out cold), so
-#   the boxes leave room for that and F fp8 follows the bf16 runs. All of it needs ~10 min.
+#   the boxes leave room for that and F fp8 follows the bf16 runs. All boxes add up to 630 s, more
+#   than one device call (600 s): skip one (L8_S=0 or TL_S=0).
 #   bash benchmarks/final_g.sh   (repo root; carry .whl and tessellm.egg-info)
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
