@@ -353,6 +353,13 @@ class FusedOps(Protocol):
     # ``x @ weight.T + bias`` for the model's unquantized linears and LM head, where the backend
     # has something faster than torch's for some shapes (the cuda backend: a GEMV at 1-2 rows).
     #
+    # Optional: ``linear_silu_and_mul(x, weight, bias=None)``, ``silu_and_mul(linear(x, weight,
+    # bias))`` for a stacked ``[gate; up]`` weight ``[2I, K]`` (``[M, 2I]`` -> ``[M, I]``), so the
+    # activation can run in the GEMV's epilogue: the MLP calls it at 1-2 rows (decode) for a
+    # dense gate_up without LoRA (``layers.linear.fused_silu_and_mul``). The oracle is
+    # ``backends/reference/ops.linear_silu_and_mul``. Quantized layers: ``QuantMethod``'s
+    # optional ``apply_silu_and_mul``.
+    #
     # Optional: ``all_reduce_add_rms_norm(x, residual, weight, eps, tp)``, under tensor
     # parallelism: ``x`` is this rank's partial sum (a row-parallel layer's unreduced output),
     # ``tp`` its ``distributed.parallel_state.TensorParallel``; returns what
@@ -426,6 +433,12 @@ class QuantMethod(Protocol):
 
     def apply(self, layer, x, bias=None):
         """``x @ W.T (+ bias)`` with the quantized ``W``; returns x's dtype."""
+
+    # Optional: ``apply_silu_and_mul(layer, x, bias=None)``, ``silu_and_mul(apply(layer, x,
+    # bias))`` for a stacked ``[gate; up]`` layer in one product, or None where the method cannot
+    # for this layer (the caller then runs ``apply`` and the activation). The MLP asks for it at
+    # 1-2 rows (decode). ``quantization.base.QuantLinearMethod`` serves it through its
+    # ``QuantOps``' optional ``fp8_mm_silu_and_mul``.
 
 
 # ---------------------------------------------------------------------------------------------

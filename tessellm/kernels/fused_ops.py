@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import triton
 
 from tessellm.kernels.activation import _silu_and_mul_kernel
+from tessellm.kernels.gemm.gemv import GEMV_FOLD_MAX_M, gemv, gemv_silu_and_mul
 from tessellm.kernels.norm import _rms_norm_kernel, _rows, add_norm_buffers
 from tessellm.kernels.pdl import pdl_args
 from tessellm.kernels.rotary import _rotary_kernel
@@ -86,12 +87,25 @@ class TritonOps:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
         """``x @ weight.T + bias``: the GEMV at decode's 1-2 rows in bf16/fp16, else torch's."""
-        if (x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-                and (x.shape[0] == 1 or (x.shape[0] == 2 and weight.shape[0] < self.gemv_two_rows_max_n))):
-            from tessellm.kernels.gemm.gemv import gemv
-
+        if self._gemv_applies(x, weight):
             return gemv(x, weight, bias)
         return F.linear(x, weight, bias)
+
+    def _gemv_applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)
+                and weight.dtype == x.dtype
+                and (x.shape[0] == 1
+                     or (x.shape[0] == 2 and weight.shape[0] < self.gemv_two_rows_max_n)))
+
+    def linear_silu_and_mul(self, x: torch.Tensor, weight: torch.Tensor,
+                            bias=None) -> torch.Tensor:
+        """``silu_and_mul(linear(x, weight, bias))`` for a stacked ``[gate; up]`` weight: one
+        launch where ``linear`` takes the GEMV (the activation in its epilogue,
+        ``gemv.gemv_silu_and_mul``, bitwise the two launches), else those two."""
+        if (x.dim() == 2 and x.shape[0] <= GEMV_FOLD_MAX_M and weight.shape[0] % 2 == 0
+                and self._gemv_applies(x, weight)):
+            return gemv_silu_and_mul(x, weight, bias)
+        return self.silu_and_mul(self.linear(x, weight, bias))
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)

@@ -23,6 +23,9 @@ class Linear(nn.Module):
     # The dense product ``(x, weight, bias) -> y``: the backend's ``FusedOps.linear`` when it has
     # one (``use_backend_linear``), else torch's.
     dense_mm = staticmethod(F.linear)
+    # ``(x, weight, bias) -> silu_and_mul(x W^T + b)`` for a [gate; up] layer in one product:
+    # the backend's optional ``FusedOps.linear_silu_and_mul`` (``use_backend_linear``), or None.
+    dense_silu_mm = None
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
                  quant_method=None):
@@ -150,16 +153,36 @@ class RowParallelLinear(Linear):
 
 def use_backend_linear(model: nn.Module, ops) -> int:
     """Route the model's dense (unquantized) linears and LM head through ``ops.linear`` when the
-    backend's ``FusedOps`` provides it (an optional member). Returns how many modules it set."""
+    backend's ``FusedOps`` provides it (an optional member), and give them
+    ``ops.linear_silu_and_mul`` (optional too; ``fused_silu_and_mul`` uses it). Returns how many
+    modules took ``ops.linear``."""
     linear = getattr(ops, "linear", None)
-    if linear is None:
-        return 0
+    silu_mm = getattr(ops, "linear_silu_and_mul", None)
     count = 0
     for module in model.modules():
         if getattr(module, "quant_method", None) is None and hasattr(module, "dense_mm"):
-            module.dense_mm = linear
-            count += 1
+            if linear is not None:
+                module.dense_mm = linear
+                count += 1
+            if silu_mm is not None and hasattr(module, "dense_silu_mm"):
+                module.dense_silu_mm = silu_mm
     return count
+
+
+def fused_silu_and_mul(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``silu_and_mul(layer(x))`` as one product (at decode: the GEMV with the activation in
+    its epilogue, one launch instead of two) where the backend offers it for this layer, else
+    None: the caller runs the layer, then the activation. Only for a plain ``Linear`` stacking
+    two equal shards [gate; up]: not a LoRA wrapper (its adapters add to gate and up before
+    the activation), whose type is not a ``Linear``. x is ``[M, K]``."""
+    if (not isinstance(layer, Linear) or len(layer.output_sizes) != 2
+            or layer.output_sizes[0] != layer.output_sizes[1]):
+        return None
+    if layer.quant_method is None:
+        mm = layer.dense_silu_mm
+        return None if mm is None else mm(x, layer.weight, layer.bias)
+    apply = getattr(layer.quant_method, "apply_silu_and_mul", None)
+    return None if apply is None else apply(layer, x, layer.bias)
 
 
 def materialize(tensor) -> torch.Tensor:

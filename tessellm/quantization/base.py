@@ -45,6 +45,12 @@ class QuantOps(Protocol):
     def fp8_mm(self, x: torch.Tensor, w: Fp8Weight, bias=None) -> torch.Tensor:
         """W8A8: quantizes each row of x to fp8 (dynamic per-token scale) first."""
 
+    # Optional: ``fp8_mm_silu_and_mul(x, w, bias=None)``, ``silu_and_mul(fp8_mm(x, w, bias))``
+    # for a stacked ``[gate; up]`` weight (``[M, 2I]`` -> ``[M, I]``, SiLU rounded to x's dtype
+    # before the multiply), so a backend can put the activation in its GEMM's epilogue at
+    # decode (the cuda one: ``gemv_x2.gemv_fp8_x2_silu_and_mul`` at one row). The oracle is
+    # ``backends/reference/quant_ops.fp8_mm_silu_and_mul``; without it the MLP runs the two.
+
 
 class QuantLinearMethod:
     """Base of every scheme's method. Subclasses implement ``_load`` and ``_finish``."""
@@ -118,6 +124,17 @@ class QuantLinearMethod:
             if bias is not None:
                 y = y + bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor, bias=None):
+        """The optional ``QuantMethod`` member: ``silu_and_mul(apply(layer, x, bias))`` for a
+        stacked ``[gate; up]`` layer in one product where the backend's ``QuantOps`` offers it
+        for the layer's weight (one fp8 segment and ``ops.fp8_mm_silu_and_mul``); None where it
+        does not (the caller runs ``apply``, then the activation). x is ``[M, K]``."""
+        fused = getattr(self.ops, "fp8_mm_silu_and_mul", None)
+        segs = layer.segments
+        if fused is None or len(segs) != 1 or segs[0].kind != "fp8" or x.dim() != 2:
+            return None
+        return fused(x, segs[0], bias)
 
     def quantize_dense(self, layer: nn.Module, weight: torch.Tensor) -> None:
         """Quantize a dense ``weight [output_size, input_size]`` into ``layer`` (every shard)."""

@@ -39,6 +39,13 @@ class ReferenceOps:
                                    w13_scale, w2_scale)
 
 
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """The oracle of the optional ``FusedOps.linear_silu_and_mul``: ``silu_and_mul(x @
+    weight.T + bias)`` for a stacked ``[gate; up]`` weight. A function, not a ``ReferenceOps``
+    member: backends whose ops derive from ``ReferenceOps`` keep their own ``linear``."""
+    return ReferenceOps().silu_and_mul(F.linear(x, weight, bias))
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: int) -> torch.Tensor:
     """Rotates the first ``2 * cos.shape[-1]`` dims of each head (all of them unless partial
     rotary); the rest pass through."""

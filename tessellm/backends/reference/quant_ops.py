@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tessellm.backends.reference.ops import ReferenceOps
 from tessellm.quantization.packed import Fp8Weight, Int4Weight, Int8Weight, quantize_fp8_per_token
 
 _SLAB_ELEMS = 1 << 19  # weights dequantized per slab
@@ -95,3 +96,13 @@ def _finish(out: torch.Tensor, dtype: torch.dtype, bias) -> torch.Tensor:
 def dense_reference(x: torch.Tensor, w_dense: torch.Tensor, bias=None) -> torch.Tensor:
     """``x @ w.T (+ bias)`` in float32, cast back: what every quantized op must approximate."""
     return F.linear(x.float(), w_dense.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def fp8_mm_silu_and_mul(x: torch.Tensor, w: Fp8Weight, bias=None) -> torch.Tensor:
+    """The oracle of the optional ``QuantOps.fp8_mm_silu_and_mul``: the weight dequantized
+    (``qweight * scales``), x unquantized (W8A16, as decode runs it), the product in float32,
+    rounded to x's dtype, then ``ReferenceOps.silu_and_mul``. Not a ``TorchQuantOps`` member:
+    the cpu backend keeps its unfused path."""
+    wd = w.qweight.float() * w.scales.float()[:, None]
+    y = F.linear(x.float(), wd, None if bias is None else bias.float()).to(x.dtype)
+    return ReferenceOps().silu_and_mul(y)

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.gemm.common import _interpreted, _num_sms
+from tessellm.kernels.activation import silu_mul
 from tessellm.kernels.gemm.fp8_codes import e4m3_to_16bit
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
@@ -174,16 +175,46 @@ def _finish(y, s_ptr, bias_ptr, rn, N, pid_k, W_FP8: tl.constexpr, F32_BITS: tl.
 
 
 @triton.jit
-def _store_row(acc, r, s_ptr, bias_ptr, out_ptr, rn, M, N, stride_om, pid_k,
+def _fold_rows(pid_n, N, BLOCK_N: tl.constexpr):
+    """SILU_FOLD: a program's BLOCK_N weight rows are BLOCK_N / 2 (gate, up) pairs, interleaved:
+    tile row i is output column ``c = pid_n * BLOCK_N / 2 + i // 2`` of the gate half (i even,
+    weight row c) or of the up half (i odd, weight row c + N; N = I, the output width). Returns
+    (the output column of each tile row, its weight row clamped into its half)."""
+    i = tl.arange(0, BLOCK_N)
+    col = pid_n * (BLOCK_N // 2) + i // 2
+    return col, tl.minimum(col, N - 1) + (i % 2) * N
+
+
+@triton.jit
+def store_silu_mul(y, out_row, col, limit):
+    """The SILU_FOLD epilogue: ``y`` [BLOCK_N] float32 holds interleaved (gate, up) pairs of
+    output columns ``col`` (each twice); both are rounded to the output dtype as the GEMV
+    stores them, then combined as ``activation._silu_and_mul_kernel`` does (``silu_mul``), so
+    the result is bitwise that of the GEMV followed by that kernel. Columns >= ``limit`` are
+    not stored."""
+    dt = out_row.dtype.element_ty
+    gate, up = tl.split(tl.reshape(y.to(dt).to(tl.float32), [y.shape[0] // 2, 2]))
+    c = tl.split(tl.reshape(col, [y.shape[0] // 2, 2]))[0]
+    tl.store(out_row + c, silu_mul(gate, up, dt), mask=c < limit)
+
+
+@triton.jit
+def _store_row(acc, r, s_ptr, bias_ptr, out_ptr, rn, w_rn, M, N, stride_om, pid_k,
                W_FP8: tl.constexpr, F32_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-               ATOMIC: tl.constexpr):
-    y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, rn, N, pid_k, W_FP8, F32_BITS, HAS_BIAS)
-    ptrs = out_ptr + r * stride_om + rn
-    ok = (rn < N) & (tl.zeros_like(rn) + r < M)
-    if ATOMIC:
-        tl.atomic_add(ptrs, y, mask=ok)
+               ATOMIC: tl.constexpr, SILU_FOLD: tl.constexpr):
+    if SILU_FOLD:  # w_rn: weight rows in [0, 2N) (gate, up pairs), rn: output columns
+        y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, w_rn, 2 * N, pid_k, W_FP8, F32_BITS,
+                    HAS_BIAS)
+        store_silu_mul(y, out_ptr + r * stride_om, rn, tl.where(r < M, N, 0))
     else:
-        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+        y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, rn, N, pid_k, W_FP8, F32_BITS,
+                    HAS_BIAS)
+        ptrs = out_ptr + r * stride_om + rn
+        ok = (rn < N) & (tl.zeros_like(rn) + r < M)
+        if ATOMIC:
+            tl.atomic_add(ptrs, y, mask=ok)
+        else:
+            tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -193,12 +224,18 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                      ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                      CHUNK: tl.constexpr, F32_BITS: tl.constexpr, PTX: tl.constexpr,
-                     USE_PDL: tl.constexpr):
-    """Up to 4 rows of x (BLOCK_M 1, 2 or 4), one float32 accumulator tile per row."""
+                     SILU_FOLD: tl.constexpr, USE_PDL: tl.constexpr):
+    """Up to 4 rows of x (BLOCK_M 1, 2 or 4), one float32 accumulator tile per row.
+    SILU_FOLD: W is a stacked [gate; up] ``[2N, K]``, out ``[M, N]`` gets silu(gate) * up
+    (``_fold_rows``, ``store_silu_mul``); the K loop is the same."""
     pdl_start(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row = tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn
+    if SILU_FOLD:
+        rn, w_rn = _fold_rows(pid_n, N, BLOCK_N)
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_rn = tl.minimum(rn, N - 1)
+    row = w_rn.to(tl.int64)[:, None] * stride_wn
     k_lo, steps = _k_split(pid_k, k_per_split, K, BLOCK_K)
     if CHUNK:
         j = tl.arange(0, BLOCK_K // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
@@ -227,8 +264,8 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
         if BLOCK_M > 2:
             acc2 = _fma_row(acc2, wf, x2, koff, K, EVEN_K, PTX, CHUNK)
             acc3 = _fma_row(acc3, wf, x3, koff, K, EVEN_K, PTX, CHUNK)
-    args = (s_ptr, bias_ptr, out_ptr, rn, M, N, stride_om, pid_k, W_FP8, F32_BITS, HAS_BIAS,
-            ATOMIC)
+    args = (s_ptr, bias_ptr, out_ptr, rn, w_rn, M, N, stride_om, pid_k, W_FP8, F32_BITS,
+            HAS_BIAS, ATOMIC, SILU_FOLD)
     _store_row(acc0, 0, *args)
     if BLOCK_M > 1:
         _store_row(acc1, 1, *args)
@@ -335,7 +372,30 @@ def gemv_fp8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return _launch(x, qweight, scales, bias, config, w_ptx=w_ptx)
 
 
-def _launch(x, w, scales, bias, config, w_ptx: bool) -> torch.Tensor:
+def gemv_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      config: Optional[GemvConfig] = None) -> torch.Tensor:
+    """``silu_and_mul(gemv(x, weight, bias))`` in one launch for a stacked ``[gate; up]``
+    weight ``[2I, K]`` and x ``[M, K]``, M <= ``GEMV_FOLD_MAX_M``: returns ``[M, I]``, bitwise
+    what the two launches give (``store_silu_mul``). Each program reads (gate, up) row pairs
+    j, j + I over the whole of K (no split-K: the epilogue needs both sums) with the tiles
+    ``gemv_config`` gives the ``[2I, K]`` product."""
+    if weight.dtype != x.dtype:
+        raise TypeError(f"gemv: weight is {weight.dtype} but x is {x.dtype}; cast one of them")
+    return _launch(x, weight, None, bias, config, w_ptx=False, silu_fold=True)
+
+
+GEMV_FOLD_MAX_M = 2  # gemv_silu_and_mul: the FMA kernel's rows (its M <= 2 tiles)
+
+
+def _fold_config(cfg: GemvConfig, m: int, n: int) -> GemvConfig:
+    if m > GEMV_FOLD_MAX_M or n % 2 or cfg.dot or cfg.block_n % 2:
+        raise ValueError(f"gemv_silu_and_mul: at most {GEMV_FOLD_MAX_M} rows against a stacked "
+                         f"[gate; up] weight of an even row count, FMA tiles of an even block_n; "
+                         f"got {m} rows, {n} weight rows, {cfg}")
+    return dataclasses.replace(cfg, split_k=1)
+
+
+def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False) -> torch.Tensor:
     x = x.contiguous()
     m, k = x.shape
     n = w.shape[0]
@@ -343,9 +403,12 @@ def _launch(x, w, scales, bias, config, w_ptx: bool) -> torch.Tensor:
         raise ValueError(f"gemv: weight must be a row-major [N, {k}] matrix, got shape "
                          f"{tuple(w.shape)} strides {w.stride()}")
     if m == 0:
-        return torch.empty(0, n, dtype=x.dtype, device=x.device)
+        return torch.empty(0, n // 2 if silu_fold else n, dtype=x.dtype, device=x.device)
     cfg = config or gemv_config(m, n, k, scales is not None,
                                 1 if _interpreted(x) else _num_sms(x.device.index or 0))
+    if silu_fold:
+        cfg = _fold_config(cfg, m, n)
+        n //= 2  # the output width, I; the grid below covers BLOCK_N / 2 outputs a program
     if not cfg.dot and m > 4:
         raise ValueError(f"gemv: the FMA kernel takes at most 4 rows, got {m}; use dot=True")
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k
@@ -360,13 +423,13 @@ def _launch(x, w, scales, bias, config, w_ptx: bool) -> torch.Tensor:
                 ATOMIC=split > 1, EVEN_K=k % k_per_split == 0, BLOCK_N=cfg.block_n,
                 BLOCK_K=cfg.block_k, STAGES=cfg.stages, num_warps=cfg.num_warps,
                 num_stages=cfg.stages)
-    grid = (triton.cdiv(n, cfg.block_n), split)
+    grid = (triton.cdiv(n, cfg.block_n // 2 if silu_fold else cfg.block_n), split)
     if cfg.dot:
         _gemv_dot_kernel[grid](*args, BLOCK_M=max(16, triton.next_power_of_2(m)),
                                DOT_FP32=_interpreted(x) or x.dtype == torch.float32, **meta,
                                **pdl_args(x.device))
     else:
         _gemv_fma_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), CHUNK=cfg.chunk,
-                               F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x), **meta,
-                               **pdl_args(x.device))
+                               F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x),
+                               SILU_FOLD=silu_fold, **meta, **pdl_args(x.device))
     return out if split == 1 else out.to(x.dtype)

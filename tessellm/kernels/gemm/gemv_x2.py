@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.gemm.common import _interpreted, _num_sms
-from tessellm.kernels.gemm.gemv import GemvConfig, _finish, _ptx, _with_split
+from tessellm.kernels.gemm.gemv import (GemvConfig, _finish, _fold_rows, _ptx, _with_split,
+                                        store_silu_mul)
 from tessellm.kernels.gemm.gemv_x2_table import X2_TABLE
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
@@ -81,13 +82,19 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
                          words_per_split,
                          HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PTX: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+                         SILU_FOLD: tl.constexpr, USE_PDL: tl.constexpr):
     """One row of bf16 x against e4m3 weights, 4 codes a 32-bit word (``_dot4_e4m3_bf16x2``).
-    ``KW``: words in a weight row (K / 4); x is read as 64-bit words of 4 values."""
+    ``KW``: words in a weight row (K / 4); x is read as 64-bit words of 4 values. SILU_FOLD:
+    the weight is a stacked [gate; up] ``[2N, K]`` and out ``[1, N]`` gets silu(gate) * up
+    (``gemv._fold_rows``, ``gemv.store_silu_mul``; each row its own scale); same K loop."""
     pdl_start(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row = tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn_words
+    if SILU_FOLD:
+        rn, w_rn = _fold_rows(pid_n, N, BLOCK_N)
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_rn = tl.minimum(rn, N - 1)
+    row = w_rn.to(tl.int64)[:, None] * stride_wn_words
     w_words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     x_words = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
     kw = tl.arange(0, BLOCK_KW)[None, :]
@@ -107,12 +114,17 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
             acc = _dot4_e4m3_bf16x2(acc, w, x)
         else:
             acc = _dot4_e4m3_bf16_ref(acc, w, x)
-    y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, rn, N, pid_k, True, True, HAS_BIAS)
-    ok = rn < N
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rn, y, mask=ok)
+    if SILU_FOLD:
+        y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, w_rn, 2 * N, pid_k, True, True,
+                    HAS_BIAS)
+        store_silu_mul(y, out_ptr, rn, N)
     else:
-        tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
+        y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, rn, N, pid_k, True, True, HAS_BIAS)
+        ok = rn < N
+        if ATOMIC:
+            tl.atomic_add(out_ptr + rn, y, mask=ok)
+        else:
+            tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -208,19 +220,10 @@ def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     ``_gemv_e4m3_x2_kernel`` (``split_k`` programs along K, default by ``_with_split``), or
     (block_n, block_kw, num_warps, programs_per_sm, prefetch) for the streamed kernel
     (programs_per_sm 0: one program a tile; no split)."""
-    m, k = x.shape
+    k = x.shape[1]
     n = qweight.shape[0]
     config = tuple(config or gemv_x2_config(n, k))
-    if m != 1 or x.dtype != torch.bfloat16 or qweight.dtype != torch.float8_e4m3fn:
-        raise ValueError("gemv_fp8_x2: one bf16 row against e4m3fn weights")
-    if (k % 4 or qweight.shape[1] != k or qweight.stride(1) != 1 or qweight.stride(0) % 4
-            or qweight.data_ptr() % 4):
-        raise ValueError(f"gemv_fp8_x2: weight must be row-major [N, {k}] with K and its row "
-                         f"stride multiples of 4, got {tuple(qweight.shape)} {qweight.stride()}"
-                         " (and 4-byte aligned)")
-    x = x.contiguous()
-    if x.data_ptr() % 8:  # read as 64-bit words
-        x = x.clone()
+    x = _x2_checked(x, qweight)
     if len(config) == 5:
         return _stream(x, qweight, scales, bias, *config)
     block_n, block_kw, num_warps = config
@@ -236,8 +239,46 @@ def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         x, qweight, scales, bias if bias is not None else scales, out, n, kw,
         qweight.stride(0) // 4, words_per_split, HAS_BIAS=bias is not None, ATOMIC=split > 1,
         EVEN_K=kw % words_per_split == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
-        num_warps=num_warps, **pdl_args(x.device))
+        SILU_FOLD=False, num_warps=num_warps, **pdl_args(x.device))
     return out if split == 1 else out.to(x.dtype)
+
+
+def gemv_fp8_x2_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                             bias: Optional[torch.Tensor] = None,
+                             config: Optional[tuple] = None) -> torch.Tensor:
+    """``silu_and_mul(gemv_fp8_x2(x, qweight, scales, bias))`` in one launch for a stacked
+    ``[gate; up]`` e4m3fn weight ``[2I, K]`` (scales ``[2I]``): returns ``[1, I]``, bitwise what
+    the two launches give. ``_gemv_e4m3_x2_kernel`` with SILU_FOLD on the tiles
+    ``gemv_x2_config`` gives the ``[2I, K]`` product (block_n, block_kw, num_warps: a streamed
+    table entry's first three), whole K a program (the epilogue needs both sums)."""
+    n, k = qweight.shape
+    block_n, block_kw, num_warps = tuple(config or gemv_x2_config(n, k))[:3]
+    if n % 2 or block_n % 2:
+        raise ValueError(f"gemv_fp8_x2_silu_and_mul: a stacked [gate; up] weight of an even row "
+                         f"count and an even block_n, got {n} rows, block_n {block_n}")
+    x = _x2_checked(x, qweight)
+    kw = k // 4
+    out = torch.empty(1, n // 2, dtype=x.dtype, device=x.device)
+    _gemv_e4m3_x2_kernel[(triton.cdiv(n // 2, block_n // 2), 1)](
+        x, qweight, scales, bias if bias is not None else scales, out, n // 2, kw,
+        qweight.stride(0) // 4, kw, HAS_BIAS=bias is not None, ATOMIC=False,
+        EVEN_K=kw % block_kw == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
+        SILU_FOLD=True, num_warps=num_warps, **pdl_args(x.device))
+    return out
+
+
+def _x2_checked(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """x as the kernels read it (contiguous, 8-byte aligned), after checking both operands."""
+    m, k = x.shape
+    if m != 1 or x.dtype != torch.bfloat16 or qweight.dtype != torch.float8_e4m3fn:
+        raise ValueError("gemv_fp8_x2: one bf16 row against e4m3fn weights")
+    if (k % 4 or qweight.shape[1] != k or qweight.stride(1) != 1 or qweight.stride(0) % 4
+            or qweight.data_ptr() % 4):
+        raise ValueError(f"gemv_fp8_x2: weight must be row-major [N, {k}] with K and its row "
+                         f"stride multiples of 4, got {tuple(qweight.shape)} {qweight.stride()}"
+                         " (and 4-byte aligned)")
+    x = x.contiguous()
+    return x.clone() if x.data_ptr() % 8 else x  # read as 64-bit words
 
 
 def _stream(x, qweight, scales, bias, block_n: int, block_kw: int, num_warps: int,

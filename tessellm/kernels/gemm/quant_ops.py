@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from tessellm import envs
+from tessellm.kernels.fused_ops import TritonOps
 from tessellm.kernels.gemm.common import _interpreted
 from tessellm.kernels.gemm.fp8 import _scaled_mm_ok, fp8_gemm, quantize_fp8_rows, scaled_mm_plan
+from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2_silu_and_mul
 from tessellm.kernels.gemm.w8a8 import gemv_w8a8, w8a8_native
 from tessellm.kernels.gemm.weight_only import (
     DEQUANT_MIN_M,
+    _use_gemv_x2,
     fp8_weight_only_gemm,
     int4_dequantize,
     int4_gemm,
@@ -35,6 +38,7 @@ FP8_SKINNY_W8A8_MAX_M = 0
 # host's launch work (H200, 2026-12-04: 128 fp8 GEMMs at M = 512 took 8.3 ms eager against
 # 6.8 ms as a graph, so ~65 us of host time each; benchmarks/results/h200-2026-12-04-gpuperf).
 FP8_LEAN_W8A8 = True  # default of TESSELLM_FP8_LEAN_W8A8
+_SILU = TritonOps()  # fp8_mm_silu_and_mul's activation where the GEMV cannot fold it
 
 
 class TritonQuantOps:
@@ -70,6 +74,16 @@ class TritonQuantOps:
                 x = x.index_select(-1, w.perm)
             return F.linear(x, int4_dequantize(w, x.dtype), bias)
         return int4_gemm(x, w, bias)
+
+    def fp8_mm_silu_and_mul(self, x, w: Fp8Weight, bias=None):
+        """``silu_and_mul(fp8_mm(x, w, bias))`` for a stacked ``[gate; up]`` weight (the
+        optional ``QuantOps`` member): one launch where ``fp8_mm`` takes the one-row
+        ``gemv_fp8_x2`` (the activation in its epilogue, bitwise the two launches), else
+        ``fp8_mm`` then the Triton SiLU-and-mul."""
+        if (x.shape[0] == 1 and w.qweight.shape[0] % 2 == 0 and self.fp8_skinny_w8a8_max_m < 1
+                and self.fp8_weight_only_max_m >= 1 and _use_gemv_x2(x, w.qweight)):
+            return gemv_fp8_x2_silu_and_mul(x, w.qweight, w.scales, bias)
+        return _SILU.silu_and_mul(self.fp8_mm(x, w, bias))
 
     def fp8_mm(self, x, w: Fp8Weight, bias=None):
         """Decode: W8A16 up to ``fp8_weight_only_max_m`` rows (or, if asked, up to

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessellm.backends.reference.ops import ReferenceOps
+from tessellm.backends.reference.ops import ReferenceOps, linear_silu_and_mul
 from tessellm.backends.spec import FusedOps, OpsSpec
 from tessellm.testing.harness import tolerance
 
@@ -78,3 +78,21 @@ def test_silu_and_mul(target, rows, d):
         ops = _ops(target, dtype)
         x = _rand(rows, 2 * d, dtype=dtype, device=target.device, seed=9)
         torch.testing.assert_close(ops.silu_and_mul(x).cpu(), REF.silu_and_mul(x.cpu()), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("rows,d,k", [(1, 24, 64), (2, 9, 96), (7, 16, 64)])
+def test_linear_silu_and_mul(target, rows, d, k):
+    """The optional ``linear_silu_and_mul`` (a stacked [gate; up] weight ``[2d, k]``) against
+    ``reference.ops.linear_silu_and_mul`` in float32; skipped where the backend lacks it (the
+    MLP then runs ``linear`` and ``silu_and_mul``)."""
+    for dtype in _dtypes(target):
+        ops = _ops(target, dtype)
+        if getattr(ops, "linear_silu_and_mul", None) is None:
+            pytest.skip(f"{target.name} has no linear_silu_and_mul (optional)")
+        x = _rand(rows, k, dtype=dtype, device=target.device, seed=10)
+        w = (_rand(2 * d, k, dtype=torch.float32, device=target.device, seed=11) * 0.2).to(dtype)
+        b = _rand(2 * d, dtype=dtype, device=target.device, seed=12)
+        out = ops.linear_silu_and_mul(x, w, b)
+        assert out.shape == (rows, d) and out.dtype == dtype
+        want = linear_silu_and_mul(x.cpu().float(), w.cpu().float(), b.cpu().float()).to(dtype)
+        torch.testing.assert_close(out.cpu(), want, **tolerance(dtype))

@@ -46,3 +46,40 @@ def test_declared_schemes(target):
         assert out.shape == want.shape and out.dtype == x.dtype
         rel = ((out.float() - want).norm() / want.norm()).item()
         assert rel < REL_TOL.get(scheme, 0.2), f"{scheme}: relative error {rel:.3f}"
+
+
+def test_apply_silu_and_mul(target):
+    """The optional ``QuantMethod.apply_silu_and_mul`` on a stacked [gate; up] layer at 1-2 rows:
+    None (not offered: the MLP runs ``apply`` and the activation) or ``silu_and_mul`` of the
+    quantized product, within the scheme's error of the dense one."""
+    from tessellm.backends.reference.ops import ReferenceOps
+
+    tried = 0
+    for scheme in _schemes(target):
+        method = target.registry.quant_method(target.backend, QuantSpec(scheme, dtype=torch.float32))
+        if getattr(method, "apply_silu_and_mul", None) is None:
+            continue
+        g = torch.Generator().manual_seed(1)
+        weight = torch.randn(48, 64, generator=g).to(target.device)
+        bias = torch.randn(48, generator=g).to(target.device)
+        layer = torch.nn.Module()
+        layer.input_size, layer.output_size, layer.output_sizes = 64, 48, [24, 24]
+        with torch.device(target.device):
+            method.create_weights(layer, 64, 48, torch.float32)
+        try:
+            method.quantize_dense(layer, weight)
+        except NotImplementedError:
+            continue
+        method.process_weights_after_loading(layer)
+        for rows in (1, 2):
+            x = torch.randn(rows, 64, generator=g).to(target.device)
+            out = method.apply_silu_and_mul(layer, x, bias)
+            if out is None:
+                continue
+            tried += 1
+            want = ReferenceOps().silu_and_mul(x @ weight.t() + bias)
+            assert out.shape == want.shape and out.dtype == x.dtype
+            rel = ((out.float() - want).norm() / want.norm()).item()
+            assert rel < 2 * REL_TOL.get(scheme, 0.2), f"{scheme}: relative error {rel:.3f}"
+    if not tried:
+        pytest.skip(f"{target.name} offers no apply_silu_and_mul")
