@@ -10,7 +10,9 @@ chain: GPU ms per step, against the weight-read floor at 4.25 TB/s, of the whole
 the chain without one kind of kernel (``-attn``: cache write and decode attention; ``-norm``:
 both add-RMSNorms; ``-silu``: SiLU-and-mul; ``gemv``: the GEMVs alone), with PDL, and of the
 whole chain without PDL: the differences are what each kind costs a step; then the whole
-chain with other split-KV settings of the attention (``ATTN_VARIANTS``).
+chain with other split-KV settings of the attention (``ATTN_VARIANTS``). ``silu fold``: the
+whole chain with SiLU-and-mul in the gate_up GEMV's epilogue (``gemv_silu_and_mul``,
+``gemv_fp8_x2_silu_and_mul``), as the engine runs its MLP at 1-2 rows.
 The bf16 chain also runs with the two add-RMSNorms folded into the qkv and gate_up GEMVs
 (``fold ...``: ``gemv_norm.py`` at several launch shapes; ``--fold``: bf16 only, these and the
 kinds above; the engine keeps the norms unfused: the fold measured slower).
@@ -63,9 +65,9 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
     from tessellm.backends.spec import AttentionSpec
     from tessellm.kernels.attention import TritonAttentionKernel
     from tessellm.kernels.fused_ops import TritonOps
-    from tessellm.kernels.gemm.gemv import gemv
+    from tessellm.kernels.gemm.gemv import gemv, gemv_silu_and_mul
     from tessellm.kernels.gemm.gemv_norm import gemv_add_rms_norm
-    from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2
+    from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2, gemv_fp8_x2_silu_and_mul
 
     ops = TritonOps()
     gen = torch.Generator().manual_seed(0)
@@ -87,6 +89,11 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
     def lin(a, w):
         return gemv_fp8_x2(a, w.qweight, w.scales) if fp8 else gemv(a, w)
 
+    def silu_lin(a, w):  # gate_up with SiLU-and-mul in the GEMV's epilogue
+        if fp8:
+            return gemv_fp8_x2_silu_and_mul(a, w.qweight, w.scales)
+        return gemv_silu_and_mul(a, w)
+
     def norm(h):
         return ops.fused_add_rms_norm(h, res, norm_w, 1e-5)[0] if "norm" in parts else h
 
@@ -106,16 +113,22 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
                 v = qkv[:, (H + KVH) * D:].view(1, KVH, D)
                 o = kernel.forward(q, k, v, kc, vc, md, D ** -0.5, positions=positions,
                                    cos_sin_cache=cos_sin).view(1, H * D)
-            gu = norm_lin(lin(o, w["o"]), w["gate_up"])
-            h = lin(ops.silu_and_mul(gu) if "silu" in parts else gu[:, :INTER], w["down"])
+            h = lin(o, w["o"])
+            if "silufold" in parts:  # the engine's MLP at 1-2 rows: one launch
+                act = silu_lin(norm(h), w["gate_up"])
+            else:
+                gu = norm_lin(h, w["gate_up"])
+                act = ops.silu_and_mul(gu) if "silu" in parts else gu[:, :INTER]
+            h = lin(act, w["down"])
         return gemv(norm(h), head)
 
     return step
 
 
 VARIANTS = {"full": ("attn", "norm", "silu"), "-attn": ("norm", "silu"),
-            "-norm": ("attn", "silu"), "-silu": ("attn", "norm"), "gemv": ()}
-QUICK_VARIANTS = ("full", "-attn", "gemv")  # --quick
+            "-norm": ("attn", "silu"), "-silu": ("attn", "norm"), "gemv": (),
+            "silu fold": ("attn", "norm", "silufold")}
+QUICK_VARIANTS = ("full", "-attn", "gemv", "silu fold")  # --quick
 # The whole chain with other settings of the batch-1 decode attention (default: at most 16
 # splits of at least ``small_batch_min_partition`` (64) keys, first tile prefetched before the
 # PDL wait, rotary + cache write in the split kernel): what the attention block costs each way.

@@ -102,7 +102,8 @@ def _flags(piece: str, result) -> list[str]:
                     "sliding window": "supports_sliding_window", "fuses rotary": "fuses_rotary"}
         return [label for label, attr in declared.items() if getattr(result, attr, False)]
     if piece == "ops":
-        optional = {"linear": "linear", "all-reduce + norm": "all_reduce_add_rms_norm",
+        optional = {"linear": "linear", "linear + SiLU": "linear_silu_and_mul",
+                    "all-reduce + norm": "all_reduce_add_rms_norm",
                     "fused MoE": "fused_moe"}
         return [label for label, attr in optional.items()
                 if callable(getattr(result, attr, None))]

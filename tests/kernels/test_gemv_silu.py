@@ -118,3 +118,35 @@ def test_triton_ops_linear_silu_and_mul(rows):
         assert torch.equal(got, OPS.silu_and_mul(OPS.linear(x, w, b)))
         torch.testing.assert_close(got.float(), linear_silu_and_mul(x, w, b).float(),
                                    rtol=2e-2, atol=2e-2)
+
+
+def test_fp8_method_folds_at_one_row(monkeypatch):
+    """The fp8 linear method on the cuda backend's ``TritonQuantOps``: at one row
+    ``apply_silu_and_mul`` takes the fused x2 GEMV where ``apply`` takes ``gemv_fp8_x2`` (sm90+;
+    the device check is lifted here so that the interpreter runs both) and gives the bits of
+    ``apply`` then ``silu_and_mul``; at two rows it runs those two."""
+    from tessellm.kernels.gemm import quant_ops, weight_only
+    from tessellm.quantization.int8_fp8 import Fp8Method
+
+    def x2_applies(x, qweight):
+        return x.shape[0] == 1 and x.dtype == BF16 and qweight.dtype == torch.float8_e4m3fn
+
+    monkeypatch.setattr(quant_ops, "_use_gemv_x2", x2_applies)
+    monkeypatch.setattr(weight_only, "_use_gemv_x2", x2_applies)
+    calls = []
+    fused_x2 = quant_ops.gemv_fp8_x2_silu_and_mul
+    monkeypatch.setattr(quant_ops, "gemv_fp8_x2_silu_and_mul",
+                        lambda *a: calls.append(a[0].shape[0]) or fused_x2(*a))
+    method = Fp8Method(quant_ops.TritonQuantOps())
+    layer = torch.nn.Module()
+    layer.input_size, layer.output_size, layer.output_sizes = 64, 14, [7, 7]
+    with torch.device(DEV):
+        method.create_weights(layer, 64, 14, BF16)
+    _, w, b = _data(1, 7, 64, BF16, True, 3)
+    method.quantize_dense(layer, w.to(BF16))
+    method.process_weights_after_loading(layer)
+    for rows in (1, 2):
+        x = _data(rows, 7, 64, BF16, False, rows)[0]
+        fused = method.apply_silu_and_mul(layer, x, b)
+        assert torch.equal(fused, OPS.silu_and_mul(method.apply(layer, x, b)))
+    assert calls == [1], "one row takes the fused x2 GEMV, two rows do not"

@@ -21,6 +21,13 @@ one and its tiles from (M, N, K) with ``gemv_config``:
 * ``_gemv_dot_kernel`` (any M, BLOCK_M >= 16): ``acc[BLOCK_N, BLOCK_M] += dot(W tile, x
   tile.T)``: weight rows in the tensor cores' M slot, x's few rows in the N slot.
 
+SiLU-and-mul in the epilogue (``gemv_silu_and_mul``, ``SILU_FOLD``; the engine's MLP at 1-2
+rows, one launch a layer fewer): W is the stacked ``[gate; up]`` ``[2I, K]`` and a program's
+BLOCK_N rows are BLOCK_N / 2 pairs (gate row j, up row j + I), read by the same K loop; the
+epilogue rounds both sums to x's dtype as the GEMV stores them and runs
+``activation.silu_mul``, so out ``[M, I]`` is bitwise the GEMV then ``silu_and_mul``. No
+split-K there (the epilogue needs whole sums); ``gemv_x2`` folds its e4m3 kernel the same way.
+
 Invariant: every program reads whole weight rows of its ``BLOCK_N`` outputs over its K range.
 Rows past N are clamped to row N-1 (read again, never stored), so weight loads carry no N mask;
 K needs a mask only when ``BLOCK_K * SPLIT_K`` does not divide K (``EVEN_K``). With

@@ -24,6 +24,10 @@ prefetch slowed 26 of 28 tiles (92 registers instead of 48: half the programs an
 persistent grid of 4 programs an SM was the slowest of all. The gap to the weight floor
 (51.3 us a layer at 4.25 TB/s, 61.3 measured) is ~2-3 us a launch of ramp and tail, not the
 read rate of the large shapes.
+
+``gemv_fp8_x2_silu_and_mul``: the tiled kernel with SILU_FOLD (the MLP's gate_up at one row):
+program rows in (gate j, up j + I) pairs, each with its own scale, SiLU-and-mul in the
+epilogue, bitwise ``gemv_fp8_x2`` then ``silu_and_mul`` (``gemv.py``'s SiLU paragraph).
 """
 
 from __future__ import annotations
