@@ -169,20 +169,26 @@ def use_backend_linear(model: nn.Module, ops) -> int:
     return count
 
 
-def fused_silu_and_mul(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+def fused_silu_and_mul(layer: nn.Module, x: torch.Tensor, max_rows: int) -> Optional[torch.Tensor]:
     """``silu_and_mul(layer(x))`` as one product (at decode: the GEMV with the activation in
-    its epilogue, one launch instead of two) where the backend offers it for this layer, else
-    None: the caller runs the layer, then the activation. Only for a plain ``Linear`` stacking
-    two equal shards [gate; up]: not a LoRA wrapper (its adapters add to gate and up before
-    the activation), whose type is not a ``Linear``. x is ``[M, K]``."""
+    its epilogue, one launch instead of two) where the backend offers it for this layer and x
+    has at most ``max_rows`` rows, else None: the caller runs the layer, then the activation.
+    Only for a plain ``Linear`` stacking two equal shards [gate; up]: not a LoRA wrapper (its
+    adapters add to gate and up before the activation), whose type is not a ``Linear``. x is
+    ``[M, K]``. The rows are looked at only where the op is offered: a branch on them is a
+    shape guard under ``torch.compile`` (the cpu backend's decode graph serves any batch)."""
     if (not isinstance(layer, Linear) or len(layer.output_sizes) != 2
             or layer.output_sizes[0] != layer.output_sizes[1]):
         return None
     if layer.quant_method is None:
         mm = layer.dense_silu_mm
-        return None if mm is None else mm(x, layer.weight, layer.bias)
+        if mm is None or x.shape[0] > max_rows:
+            return None
+        return mm(x, layer.weight, layer.bias)
     apply = getattr(layer.quant_method, "apply_silu_and_mul", None)
-    return None if apply is None else apply(layer, x, layer.bias)
+    if apply is None or x.shape[0] > max_rows:
+        return None
+    return apply(layer, x, layer.bias)
 
 
 def materialize(tensor) -> torch.Tensor:

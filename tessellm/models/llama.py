@@ -91,11 +91,11 @@ class DecoderMLP(nn.Module):
         self.ops = ctx.ops
 
     def forward(self, x):
-        if x.shape[0] <= 2:  # decode: the backend's GEMV may run the activation in its epilogue
-            act = fused_silu_and_mul(self.gate_up_proj, x)
-            if act is not None:
-                return self.down_proj(act)
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        # decode (1-2 rows): the backend's GEMV may run the activation in its epilogue
+        act = fused_silu_and_mul(self.gate_up_proj, x, max_rows=2)
+        if act is None:
+            act = self.ops.silu_and_mul(self.gate_up_proj(x))
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):

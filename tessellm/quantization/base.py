@@ -63,6 +63,8 @@ class QuantLinearMethod:
     def __init__(self, ops: QuantOps, config: Optional[dict] = None):
         self.ops = ops
         self.config = dict(config or {})
+        if getattr(ops, "fp8_mm_silu_and_mul", None) is None:
+            self.apply_silu_and_mul = None  # not offered (layers.linear.fused_silu_and_mul)
 
     # -- the QuantMethod protocol --------------------------------------------------------
 
@@ -128,13 +130,13 @@ class QuantLinearMethod:
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor, bias=None):
         """The optional ``QuantMethod`` member: ``silu_and_mul(apply(layer, x, bias))`` for a
         stacked ``[gate; up]`` layer in one product where the backend's ``QuantOps`` offers it
-        for the layer's weight (one fp8 segment and ``ops.fp8_mm_silu_and_mul``); None where it
-        does not (the caller runs ``apply``, then the activation). x is ``[M, K]``."""
-        fused = getattr(self.ops, "fp8_mm_silu_and_mul", None)
+        (``ops.fp8_mm_silu_and_mul``; without it this member is None) for the layer's weight
+        (one fp8 segment); None where it does not (the caller runs ``apply``, then the
+        activation). x is ``[M, K]``."""
         segs = layer.segments
-        if fused is None or len(segs) != 1 or segs[0].kind != "fp8" or x.dim() != 2:
+        if len(segs) != 1 or segs[0].kind != "fp8" or x.dim() != 2:
             return None
-        return fused(x, segs[0], bias)
+        return self.ops.fp8_mm_silu_and_mul(x, segs[0], bias)
 
     def quantize_dense(self, layer: nn.Module, weight: torch.Tensor) -> None:
         """Quantize a dense ``weight [output_size, input_size]`` into ``layer`` (every shard)."""

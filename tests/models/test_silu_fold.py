@@ -79,13 +79,14 @@ def test_fused_only_for_a_plain_gate_up_layer():
     from tessellm.lora.layers import LoRABatch, LoRALinear
 
     x = torch.randn(1, 32)
-    assert fused_silu_and_mul(_gate_up(ReferenceOps()), x) is None  # no linear_silu_and_mul
+    assert fused_silu_and_mul(_gate_up(ReferenceOps()), x, max_rows=2) is None  # no such op
     ops = TritonOps()
     layer = _gate_up(ops)
-    got = fused_silu_and_mul(layer, x)
+    got = fused_silu_and_mul(layer, x, max_rows=2)
     assert got is not None and torch.equal(got, ops.silu_and_mul(layer(x)))
+    assert fused_silu_and_mul(layer, torch.randn(3, 32), max_rows=2) is None  # not decode
     wrapped = LoRALinear(layer, LoRABatch(None, 2), num_slots=2, rank=4)
-    assert fused_silu_and_mul(wrapped, x) is None
+    assert fused_silu_and_mul(wrapped, x, max_rows=2) is None
     qkv = ColumnParallelLinear(32, [8, 4, 4])
     qkv.dense_silu_mm = ops.linear_silu_and_mul
-    assert fused_silu_and_mul(qkv, x) is None
+    assert fused_silu_and_mul(qkv, x, max_rows=2) is None
