@@ -68,6 +68,14 @@ def fused_all_reduce_norm() -> bool:
     return _switch("TESSELLM_FUSED_AR_NORM") is not False
 
 
+def silu_fold() -> bool:
+    """TESSELLM_SILU_FOLD: "1" lets the decoder MLP take a backend's fused gate_up +
+    SiLU-and-mul (``layers.linear.fused_silu_and_mul``: the one-row GEMV with the activation in
+    its epilogue). Default off: the fold is bitwise the two launches but had not been timed on a
+    GPU when it landed (2026-12-04); ``benchmarks/kernels/decode_chain.py --quick`` times it."""
+    return _switch("TESSELLM_SILU_FOLD") is True
+
+
 def fp8_gemv_x2() -> Optional[bool]:
     """TESSELLM_FP8_GEMV_X2: "1" runs one-row e4m3 W8A16 products through the cuda backend's
     bf16x2 GEMV (``gemv.gemv_fp8_x2``), "0" never; unset: the backend's default."""

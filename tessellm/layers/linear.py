@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tessellm import envs
 from tessellm.distributed.parallel_state import TensorParallel
 
 
@@ -154,10 +155,11 @@ class RowParallelLinear(Linear):
 def use_backend_linear(model: nn.Module, ops) -> int:
     """Route the model's dense (unquantized) linears and LM head through ``ops.linear`` when the
     backend's ``FusedOps`` provides it (an optional member), and give them
-    ``ops.linear_silu_and_mul`` (optional too; ``fused_silu_and_mul`` uses it). Returns how many
+    ``ops.linear_silu_and_mul`` (optional too; ``fused_silu_and_mul`` uses it; only under
+    ``TESSELLM_SILU_FOLD=1``, ``tessellm.envs.silu_fold``). Returns how many
     modules took ``ops.linear``."""
     linear = getattr(ops, "linear", None)
-    silu_mm = getattr(ops, "linear_silu_and_mul", None)
+    silu_mm = getattr(ops, "linear_silu_and_mul", None) if envs.silu_fold() else None
     count = 0
     for module in model.modules():
         if getattr(module, "quant_method", None) is None and hasattr(module, "dense_mm"):
@@ -176,7 +178,8 @@ def fused_silu_and_mul(layer: nn.Module, x: torch.Tensor, max_rows: int) -> Opti
     Only for a plain ``Linear`` stacking two equal shards [gate; up]: not a LoRA wrapper (its
     adapters add to gate and up before the activation), whose type is not a ``Linear``. x is
     ``[M, K]``. The rows are looked at only where the op is offered: a branch on them is a
-    shape guard under ``torch.compile`` (the cpu backend's decode graph serves any batch)."""
+    shape guard under ``torch.compile`` (the cpu backend's decode graph serves any batch).
+    Off unless ``TESSELLM_SILU_FOLD=1`` (``tessellm.envs.silu_fold``: not yet timed on a GPU)."""
     if (not isinstance(layer, Linear) or len(layer.output_sizes) != 2
             or layer.output_sizes[0] != layer.output_sizes[1]):
         return None
@@ -186,7 +189,7 @@ def fused_silu_and_mul(layer: nn.Module, x: torch.Tensor, max_rows: int) -> Opti
             return None
         return mm(x, layer.weight, layer.bias)
     apply = getattr(layer.quant_method, "apply_silu_and_mul", None)
-    if apply is None or x.shape[0] > max_rows:
+    if apply is None or x.shape[0] > max_rows or not envs.silu_fold():
         return None
     return apply(layer, x, layer.bias)
 
