@@ -4,7 +4,8 @@ at 1-2 rows where the backend offers it, never under LoRA, and greedy tokens (an
 The engine test runs the cpu backend (bf16) with the op added: once as the cuda backend's two
 launches (its GEMV, then its SiLU-and-mul), once as its fused GEMV (``TritonOps
 .linear_silu_and_mul``), both in Triton's interpreter. The MLP outputs must be the same bits,
-so the greedy tokens and their logprobs are too. The model is a tiny Llama with a narrow MLP (interpreter time).
+so the greedy tokens and their logprobs are too. The model is a tiny Llama with a narrow MLP
+(interpreter time).
 """
 
 from __future__ import annotations
