@@ -2,12 +2,12 @@
 # Issue 22 (GPU), wave 2g: the lead's closing run of every GPU goal in one call, this tree only
 # (the helpers' calls hold the before/after pairs). Each step is time-boxed; 0 skips it.
 #   B1 bf16 and fp8 (bench latency), the same with TESSELLM_SILU_FOLD=1 and the B1 kernel chain
-#   (decode_chain.py --quick: full against 'silu fold'), F bf16, HF F static batch 256 with cuDNN SDPA off (the
-#   ratio's baseline, same run), F fp8 (fp8 weights + fp8 KV), L bf16, L with bf16 weights and an
+#   (decode_chain.py --quick: full against 'silu fold'), F bf16, HF F static batch 256 with
+#   cuDNN SDPA off (the ratio's baseline, same run), F fp8 (fp8 weights + fp8 KV), L bf16, L with bf16 weights and an
 #   fp8 KV cache (for the record: not the goal's configuration), F fp8 split into prefill-carrying
 #   and decode steps (profile_timeline.py, warm).
-# Time boxes (s): B1_S 45 (each), FOLD_S 45 (each), CHAIN_S 60, F_S 70, HF_S 60, F8_S 80, L_S 130, L8_S 130, TL_S 70. A freshly
-#   started machine has an empty Triton cache: the first run of each kind compiles its kernels
+# Time boxes (s): B1_S 45 (each), FOLD_S 45 (each), CHAIN_S 60, F_S 70, HF_S 60, F8_S 80,
+#   L_S 130, L8_S 130, TL_S 70. A freshly started machine has an empty Triton cache: the first run of each kind compiles its kernels
 #   (2026-12-04 21:16: F fp8 run first with a 55 s box and L with 100 s both timed out cold), so
 #   the boxes leave room for that and F fp8 follows the bf16 runs. All boxes add up to 780 s, more
 #   than one device call (600 s): skip some (e.g. L8_S=0 TL_S=0 HF_S=0).
