@@ -22,11 +22,12 @@ one and its tiles from (M, N, K) with ``gemv_config``:
   tile.T)``: weight rows in the tensor cores' M slot, x's few rows in the N slot.
 
 SiLU-and-mul in the epilogue (``gemv_silu_and_mul``, ``SILU_FOLD``; the engine's MLP at 1-2
-rows under ``TESSELLM_SILU_FOLD=1``, one launch a layer fewer; off by default until timed): W is the stacked ``[gate; up]`` ``[2I, K]`` and a program's
-BLOCK_N rows are BLOCK_N / 2 pairs (gate row j, up row j + I), read by the same K loop; the
-epilogue rounds both sums to x's dtype as the GEMV stores them and runs
-``activation.silu_mul``, so out ``[M, I]`` is bitwise the GEMV then ``silu_and_mul``. No
-split-K there (the epilogue needs whole sums); ``gemv_x2`` folds its e4m3 kernel the same way.
+rows under ``TESSELLM_SILU_FOLD=1``, one launch a layer fewer; off by default until timed):
+W is the stacked ``[gate; up]`` ``[2I, K]`` and a program's BLOCK_N rows are BLOCK_N / 2 pairs
+(gate row j, up row j + I), read by the same K loop; the epilogue rounds both sums to x's dtype
+as the GEMV stores them and runs ``activation.silu_mul``, so out ``[M, I]`` is bitwise the GEMV
+then ``silu_and_mul``. No split-K there (the epilogue needs whole sums); ``gemv_x2`` folds its
+e4m3 kernel the same way.
 
 Invariant: every program reads whole weight rows of its ``BLOCK_N`` outputs over its K range.
 Rows past N are clamped to row N-1 (read again, never stored), so weight loads carry no N mask;
@@ -182,6 +183,18 @@ def _finish(y, s_ptr, bias_ptr, rn, N, pid_k, W_FP8: tl.constexpr, F32_BITS: tl.
 
 
 @triton.jit
+def _program_rows(pid_n, N, BLOCK_N: tl.constexpr, SILU_FOLD: tl.constexpr):
+    """(output column, weight row) of each of a program's BLOCK_N tile rows: ``_fold_rows``
+    under SILU_FOLD, else BLOCK_N consecutive rows, those past N clamped to row N - 1."""
+    if SILU_FOLD:
+        rn, w_rn = _fold_rows(pid_n, N, BLOCK_N)
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_rn = tl.minimum(rn, N - 1)
+    return rn, w_rn
+
+
+@triton.jit
 def _fold_rows(pid_n, N, BLOCK_N: tl.constexpr):
     """SILU_FOLD: a program's BLOCK_N weight rows are BLOCK_N / 2 (gate, up) pairs, interleaved:
     tile row i is output column ``c = pid_n * BLOCK_N / 2 + i // 2`` of the gate half (i even,
@@ -237,11 +250,7 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
     (``_fold_rows``, ``store_silu_mul``); the K loop is the same."""
     pdl_start(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    if SILU_FOLD:
-        rn, w_rn = _fold_rows(pid_n, N, BLOCK_N)
-    else:
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        w_rn = tl.minimum(rn, N - 1)
+    rn, w_rn = _program_rows(pid_n, N, BLOCK_N, SILU_FOLD)
     row = w_rn.to(tl.int64)[:, None] * stride_wn
     k_lo, steps = _k_split(pid_k, k_per_split, K, BLOCK_K)
     if CHUNK:

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.gemm.common import _interpreted, _num_sms
-from tessellm.kernels.gemm.gemv import (GemvConfig, _finish, _fold_rows, _ptx, _with_split,
+from tessellm.kernels.gemm.gemv import (GemvConfig, _finish, _program_rows, _ptx, _with_split,
                                         store_silu_mul)
 from tessellm.kernels.gemm.gemv_x2_table import X2_TABLE
 from tessellm.kernels.pdl import pdl_args, pdl_start
@@ -93,11 +93,7 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
     (``gemv._fold_rows``, ``gemv.store_silu_mul``; each row its own scale); same K loop."""
     pdl_start(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    if SILU_FOLD:
-        rn, w_rn = _fold_rows(pid_n, N, BLOCK_N)
-    else:
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        w_rn = tl.minimum(rn, N - 1)
+    rn, w_rn = _program_rows(pid_n, N, BLOCK_N, SILU_FOLD)
     row = w_rn.to(tl.int64)[:, None] * stride_wn_words
     w_words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     x_words = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
