@@ -11,13 +11,7 @@
 # $OUT/{b1,b1_fp8,f}_{new,old}.json (at most 8 files, as the device tool returns).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-. benchmarks/device_env.sh  # $OUT, the wheels in .whl/, PYTHONPATH
-NEW=$PWD OLD=${OLD:-}
-# box NAME SECONDS DIR CMD...: CMD run from DIR (DIR's tessellm first on the path), time-boxed
-box() { local name=$1 secs=$2 dir=$3; shift 3; echo "=== $name (limit ${secs} s) $(date -u +%T)";
-        [ "$secs" -gt 0 ] && (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout "$secs" "$@" 2>&1) \
-          | grep -v -i warn | tail -${TAIL:-40}; }
-B="python3 -m tessellm.entrypoints.cli --log-level WARNING bench"
+. benchmarks/device_ab.sh  # $OUT, the wheels, PYTHONPATH, NEW/OLD, box, B
 L8=benchmarks/model-configs/llama-3.1-8b
 show() { for f in "$@"; do [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].rsplit('/',1)[1], {k: d[k] for k in ('ttft_ms_median','tpot_ms_median','output_tokens_per_s','elapsed_s') if k in d})" "$f"; done; }
 {

@@ -14,18 +14,7 @@
 # tests.txt.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
-WHL=${WHL:-.whl}
-if [ -d "$WHL" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$WHL"/*.whl || exit 1
-fi
-NEW=$PWD OLD=${OLD:-}
-# box NAME SECONDS DIR CMD...: CMD run from DIR (DIR's tessellm first on the path), time-boxed
-box() { local name=$1 secs=$2 dir=$3; shift 3; echo "=== $name (limit ${secs} s) $(date -u +%T)";
-        (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout "$secs" "$@" 2>&1) \
-          | grep -v -i warn | tail -${TAIL:-40}; }
-B="python3 -m tessellm.entrypoints.cli --log-level WARNING bench"
+. benchmarks/device_ab.sh  # $OUT, the wheels ($WHL), PYTHONPATH, NEW/OLD, box, B
 L8=benchmarks/model-configs/llama-3.1-8b
 LAT="$B latency --load-format dummy --max-model-len 4096 --model $L8 --num-iters 5"
 show() { for f in "$@"; do [ -f "$f" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].rsplit('/',1)[1], {k: d[k] for k in ('ttft_ms_median','tpot_ms_median') if k in d})" "$f"; done; }

@@ -16,21 +16,11 @@
 # decode_sweep.json, decode_table.py, tests.txt, f_fp8_{new,old}.json.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/tessellm-out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-fi
-NEW=$PWD OLD=${OLD:-}
+. benchmarks/device_ab.sh  # $OUT, the wheels, PYTHONPATH, NEW/OLD, box, B
 if [ -n "${OLD_TAR:-}" ] && [ -f "$OLD_TAR" ]; then
   OLD=/tmp/f8g-old; rm -rf "$OLD"; mkdir -p "$OLD"
   tar -x -C "$OLD" -f "$OLD_TAR" && cp -r tessellm.egg-info "$OLD/" 2>/dev/null
 fi
-# box NAME SECONDS DIR CMD...: CMD run from DIR (DIR's tessellm first on the path), time-boxed
-box() { local name=$1 secs=$2 dir=$3; shift 3; echo "=== $name (limit ${secs} s) $(date -u +%T)";
-        (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout "$secs" "$@" 2>&1) \
-          | grep -v -i warn | tail -${TAIL:-40}; }
-B="python3 -m tessellm.entrypoints.cli --log-level WARNING bench"
 F="throughput --model benchmarks/model-configs/llama-3.1-8b --load-format dummy --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 4096 --quantization fp8 --kv-cache-dtype fp8"
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
