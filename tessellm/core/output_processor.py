@@ -66,7 +66,8 @@ class OutputProcessor:
             detok = None
             if self.tokenizer is not None:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
-                                               params.stop, params.include_stop_str_in_output)
+                                               params.stop, params.include_stop_str_in_output,
+                                               params.min_tokens)
             samples.append(_Sample(i, cid, detok, logprobs=[] if params.logprobs is not None else None,
                                    cumulative_logprob=0.0 if params.logprobs is not None else None,
                                    times=RequestTimes(arrival, len(prompt_token_ids))))
@@ -108,9 +109,9 @@ class OutputProcessor:
             sample = state.samples[parent[1]]
             if sample.finish_reason is not None:
                 continue  # n > 1: a stop string ended this sample; its abort is on the way
-            self._apply(state, sample, out)
+            num_kept = self._apply(state, sample, out)
             if stats is not None:
-                stats.observe_output(sample.times, len(out.new_token_ids), out.first_scheduled_time)
+                stats.observe_output(sample.times, num_kept, out.first_scheduled_time)
                 if sample.finish_reason is not None:  # just now: later outputs are skipped above
                     stats.observe_finished(sample.times, sample.finish_reason)
             if sample.finish_reason == "stop" and out.finish_reason is None:
@@ -124,23 +125,27 @@ class OutputProcessor:
                 results.append(self._output(state))
         return results, to_abort
 
-    def _apply(self, state: _RequestState, sample: _Sample, out: EngineCoreOutput) -> None:
-        sample.token_ids.extend(out.new_token_ids)
+    def _apply(self, state: _RequestState, sample: _Sample, out: EngineCoreOutput) -> int:
+        """Adds the output's tokens to the sample; returns how many it kept (a stop string in
+        a step of several tokens, speculative decoding's, ends the sample at its last token)."""
         state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
         if out.prompt_logprobs is not None and state.prompt_logprobs is None:
             state.prompt_logprobs = [None] + [self._logprob_dict(e) for e in out.prompt_logprobs[1:]]
+        finished = out.finish_reason is not None
+        new_ids, hit = out.new_token_ids, None
+        if sample.detok is not None:
+            hit = sample.detok.add_tokens(new_ids, finished)
+            new_ids = new_ids[:sample.detok.num_kept]
+        sample.token_ids.extend(new_ids)
         if out.logprobs and sample.logprobs is not None:
-            for entry in out.logprobs:
+            for entry in out.logprobs[:len(new_ids)]:
                 sample.logprobs.append(self._logprob_dict(entry))
                 sample.cumulative_logprob += entry[1]
-        finished = out.finish_reason is not None
-        if sample.detok is not None:
-            hit = sample.detok.add_tokens(out.new_token_ids, finished)
-            if hit is not None:
-                sample.finish_reason, sample.stop_reason = "stop", hit
-                return
-        if finished:
+        if hit is not None:
+            sample.finish_reason, sample.stop_reason = "stop", hit
+        elif finished:
             sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
+        return len(new_ids)
 
     def _logprob_dict(self, entry) -> dict[int, Logprob]:
         token, logprob, rank, top = entry

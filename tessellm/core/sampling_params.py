@@ -21,7 +21,7 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens below min_p * the most likely token's probability
     seed: Optional[int] = None  # per-request generator: same seed, same tokens, any batch
     max_tokens: Optional[int] = 16  # None: up to the context length
-    min_tokens: int = 0  # EOS and stop tokens are suppressed until this many are generated
+    min_tokens: int = 0  # EOS, stop tokens and stop strings end nothing until this many are generated
     stop: Optional[Union[str, list[str]]] = None  # strings that end generation (not in output)
     stop_token_ids: Optional[list[int]] = None  # token ids that end generation (kept in ids)
     ignore_eos: bool = False  # keep generating past EOS
