@@ -113,8 +113,9 @@ def propose_ngram(tokens: np.ndarray, lens: np.ndarray, rows: np.ndarray, nmin: 
         return drafts, counts
     hist = tokens[rows, :width]  # [B, W], a copy
     back = np.arange(nmax)
-    # [B, nmax], last first; a column below 0 wraps, but only where no match can reach (below)
-    suffix = hist[np.arange(num)[:, None], (length - 1)[:, None] - back]
+    # [B, nmax], last first; a column below 0 reads column 0 instead, only where no match can
+    # reach (below); clipped, not wrapped: the batch's longest row may be shorter than nmax
+    suffix = hist[np.arange(num)[:, None], np.maximum((length - 1)[:, None] - back, 0)]
     hist[np.arange(num), length - 1] = -1  # the suffix's own end is no match (a token must follow one)
     if length.min() != width:  # past a shorter row's end: no match either
         hist[np.arange(width)[None, :] >= length[:, None]] = -1
@@ -122,9 +123,9 @@ def propose_ngram(tokens: np.ndarray, lens: np.ndarray, rows: np.ndarray, nmin: 
     if not len(r):
         return drafts, counts
     # run i of a candidate ending at j <= L - 2 reads columns j - i >= 0, so suffix columns
-    # L - 1 - i >= 1: never a wrapped one; columns j - i < 0 wrap too and are masked here
+    # L - 1 - i >= 1: never a clipped one; columns j - i < 0 are clipped too and masked here
     cols = j[:, None] - back  # [C, nmax]
-    equal = (hist[r[:, None], cols] == suffix[r]) & (cols >= 0)
+    equal = (hist[r[:, None], np.maximum(cols, 0)] == suffix[r]) & (cols >= 0)
     key = np.logical_and.accumulate(equal, axis=1).sum(axis=1) * width + j
     best = np.zeros(num, dtype=np.int64)  # per row: longest run * W + its latest column
     np.maximum.at(best, r, key)

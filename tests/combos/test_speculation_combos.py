@@ -36,13 +36,16 @@ def _run(llm: LLM) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs():
-    with LLM(max_model_len=256) as plain:
-        want = _run(plain)
-    with LLM(max_model_len=256, speculative_config=NGRAM) as spec:
-        got = _run(spec)
-        stats = spec.engine.core.scheduler.spec_stats
-    assert stats.num_accepted_tokens >= 20  # drafts were accepted: several tokens per step
+def engines():
+    with LLM(max_model_len=256) as plain, LLM(max_model_len=256, speculative_config=NGRAM) as spec:
+        yield plain, spec
+
+
+@pytest.fixture(scope="module")
+def runs(engines):
+    plain, spec = engines
+    want, got = _run(plain), _run(spec)
+    assert spec.engine.core.scheduler.spec_stats.num_accepted_tokens >= 20  # several tokens a step
     return want, got
 
 
@@ -66,3 +69,13 @@ def test_stop_strings_end_at_their_token(runs):
     assert want["min_tokens"].text == " d e f g h a b c d e f " and len(want["min_tokens"].token_ids) > 8
     assert want["stop_token"].token_ids[-1] == 265 and want["stop_token"].finish_reason == "stop"
     assert len(want["max_tokens"].token_ids) == 7 and want["max_tokens"].finish_reason == "length"
+
+
+def test_histories_shorter_than_the_longest_ngram(engines):
+    """One-token prompts alone in a step: every history is shorter than prompt_lookup_max
+    (default 5); this killed the engine (IndexError in the n-gram search)."""
+    plain, spec = engines
+    prompts = [{"prompt_token_ids": [t]} for t in (28, 253)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)] == want

@@ -62,3 +62,18 @@ def test_candidate_search_matches_reference_on_copy_histories():
         for j, r in enumerate(rows):
             want = [int(t) for t in reference(histories[r], nmin, nmax, k)]
             assert drafts[j, :counts[j]].tolist() == want, (histories[r], nmin, nmax, k)
+
+
+def test_batches_of_histories_shorter_than_the_longest_ngram():
+    """Every history shorter than prompt_lookup_max (a one-token prompt and its first tokens):
+    the suffix indices below the row's start are never read (this once raised IndexError in
+    the engine loop, killing the server)."""
+    for histories in ([[7, 7]], [[3, 4, 3]], [[1, 2, 1, 2], [5, 5]], [[9], [4, 4, 4]]):
+        tokens = np.zeros((len(histories), 16), dtype=np.int32)
+        lens = np.array([len(h) for h in histories], dtype=np.int64)
+        for i, h in enumerate(histories):
+            tokens[i, :len(h)] = h
+        for nmin, nmax, k in [(1, 5, 3), (2, 5, 2), (1, 16, 4)]:
+            drafts, counts = propose_ngram(tokens, lens, np.arange(len(histories)), nmin, nmax, k)
+            for j, h in enumerate(histories):
+                assert drafts[j, :counts[j]].tolist() == reference(h, nmin, nmax, k), (h, nmin, nmax)
