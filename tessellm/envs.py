@@ -76,6 +76,15 @@ def silu_fold() -> bool:
     return _switch("TESSELLM_SILU_FOLD") is True
 
 
+def fp8_act_fold() -> bool:
+    """TESSELLM_FP8_ACT_FOLD: "1" lets the decoder's RMSNorms and SiLU-and-mul quantize their
+    output to fp8 per token in their own kernel when the next linear takes the W8A8 path
+    (``layers.linear.fp8_input_dtype``), instead of a separate quantization launch before each
+    such GEMM. Default off: bitwise the unfused path, but not yet timed on a GPU when it landed
+    (2026-12-04); ``benchmarks/fp8fold_device.sh`` times it."""
+    return _switch("TESSELLM_FP8_ACT_FOLD") is True
+
+
 def fp8_gemv_x2() -> Optional[bool]:
     """TESSELLM_FP8_GEMV_X2: "1" runs one-row e4m3 W8A16 products through the cuda backend's
     bf16x2 GEMV (``gemv.gemv_fp8_x2``), "0" never; unset: the backend's default."""

@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from tessellm.kernels.activation import _silu_and_mul_kernel
+from tessellm.kernels.activation import _silu_and_mul_kernel, launch_silu_and_mul_fp8
 from tessellm.kernels.gemm.gemv import GEMV_FOLD_MAX_M, gemv, gemv_silu_and_mul
-from tessellm.kernels.norm import _rms_norm_kernel, _rows, add_norm_buffers
+from tessellm.kernels.norm import (_rows, add_norm_buffers, launch_rms_norm, launch_rms_norm_fp8,
+                                   residual_buffers)
 from tessellm.kernels.pdl import pdl_args
 from tessellm.kernels.rotary import _rotary_kernel
+from tessellm.quantization.packed import Fp8Activation
 
 
 class TritonOps:
@@ -47,18 +49,38 @@ class TritonOps:
         return result
 
     def _launch_norm(self, x2, r2, weight, out, new_res, eps):
-        rows, hidden = x2.shape
-        if hidden > self.max_hidden:
-            raise ValueError(f"Triton RMSNorm handles rows up to {self.max_hidden}, got {hidden}.")
-        if rows == 0:
-            return
-        block = triton.next_power_of_2(hidden)
-        has_res = r2 is not None
-        _rms_norm_kernel[(rows,)](
-            x2, r2 if has_res else x2, weight.contiguous(), out, new_res if has_res else out,
-            hidden, eps, x2.stride(0), r2.stride(0) if has_res else 0, out.stride(0),
-            new_res.stride(0) if has_res else 0, HAS_RESIDUAL=has_res, BLOCK=block,
-            num_warps=min(16, max(1, block // 512)), **pdl_args(x2.device))
+        self._check_hidden(x2)
+        launch_rms_norm(x2, r2, weight, out, new_res, eps)
+
+    def _check_hidden(self, x2):
+        if x2.shape[-1] > self.max_hidden:
+            raise ValueError(f"Triton RMSNorm handles rows up to {self.max_hidden}, got "
+                             f"{x2.shape[-1]}.")
+
+    # -- the fp8 activation fold (optional FusedOps members): the op's output quantized per
+    # token in the same kernel, bitwise the op then ``gemm/fp8.quantize_fp8_rows``.
+
+    def rms_norm_fp8(self, x, weight, eps, fp8_dtype) -> Fp8Activation:
+        """``rms_norm(x, weight, eps)`` quantized to ``fp8_dtype`` per token (2-D x)."""
+        x2 = _rows(x)
+        self._check_hidden(x2)
+        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+        q, s = launch_rms_norm_fp8(x2, None, weight, None, eps, out_dtype, fp8_dtype)
+        return Fp8Activation(q, s, out_dtype)
+
+    def fused_add_rms_norm_fp8(self, x, residual, weight, eps, fp8_dtype):
+        """``fused_add_rms_norm`` whose normed output comes quantized: ``(Fp8Activation, x +
+        residual)``; the sum overwrites ``residual`` in place when its dtype and layout allow."""
+        x2, r2, new_res, res_result = residual_buffers(x, residual)
+        self._check_hidden(x2)
+        out_dtype = torch.promote_types(weight.dtype, new_res.dtype)
+        q, s = launch_rms_norm_fp8(x2, r2, weight, new_res, eps, out_dtype, fp8_dtype)
+        return Fp8Activation(q, s, out_dtype), res_result
+
+    def silu_and_mul_fp8(self, x, fp8_dtype) -> Fp8Activation:
+        """``silu_and_mul(x)`` quantized to ``fp8_dtype`` per token (2-D x)."""
+        q, s = launch_silu_and_mul_fp8(_rows(x), fp8_dtype)
+        return Fp8Activation(q, s, x.dtype)
 
     def rotary_embedding(self, positions, q, k, cos_sin_cache, head_size: int):
         """NeoX rotation, in place on ``q`` ``[T, H*D]`` and ``k`` ``[T, KVH*D]`` (or 3-D)."""

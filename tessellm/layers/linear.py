@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from tessellm import envs
 from tessellm.distributed.parallel_state import TensorParallel
+from tessellm.quantization.packed import Fp8Activation
 
 
 class Linear(nn.Module):
@@ -43,8 +44,15 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
-            return self.quant_method.apply(self, x, self.bias)
+            return self.apply_quant(x, self.bias)
         return self.dense_mm(x, self.weight, self.bias)
+
+    def apply_quant(self, x, bias) -> torch.Tensor:
+        """The quant method's product; ``x`` may be an ``Fp8Activation`` (``fp8_input_dtype``
+        asked its producer for one)."""
+        if isinstance(x, Fp8Activation):
+            return self.quant_method.apply_prequantized(self, x, bias)
+        return self.quant_method.apply(self, x, bias)
 
     def local_slice(self, name: str, tensor, shard: Optional[int]) -> torch.Tensor:
         """The part of a dense checkpoint tensor (``name``: "weight" or "bias" of logical shard
@@ -137,7 +145,7 @@ class RowParallelLinear(Linear):
         if self.tp.size == 1:
             return super().forward(x)
         if self.quant_method is not None:
-            y = self.quant_method.apply(self, x, None)
+            y = self.apply_quant(x, None)
         else:
             y = self.dense_mm(x, self.weight)
         if not self.reduce_results:
@@ -181,7 +189,7 @@ def fused_silu_and_mul(layer: nn.Module, x: torch.Tensor, max_rows: int) -> Opti
     shape guard under ``torch.compile`` (the cpu backend's decode graph serves any batch).
     Off unless ``TESSELLM_SILU_FOLD=1`` (``tessellm.envs.silu_fold``: not yet timed on a GPU)."""
     if (not isinstance(layer, Linear) or len(layer.output_sizes) != 2
-            or layer.output_sizes[0] != layer.output_sizes[1]):
+            or layer.output_sizes[0] != layer.output_sizes[1] or isinstance(x, Fp8Activation)):
         return None
     if layer.quant_method is None:
         mm = layer.dense_silu_mm
@@ -192,6 +200,22 @@ def fused_silu_and_mul(layer: nn.Module, x: torch.Tensor, max_rows: int) -> Opti
     if apply is None or x.shape[0] > max_rows or not envs.silu_fold():
         return None
     return apply(layer, x, layer.bias)
+
+
+def fp8_input_dtype(layer: Optional[nn.Module], rows: int) -> Optional[torch.dtype]:
+    """The fp8 activation fold's one decision: the fp8 dtype in which ``layer`` takes its
+    input pre-quantized per token (an ``Fp8Activation`` from the op producing it: RMSNorm or
+    SiLU-and-mul, ``layers/norm.py``, ``models/llama.py``) at ``rows`` rows, else None (it
+    takes the model-dtype tensor). Yes only for a plain ``Linear`` (not a LoRA wrapper: its
+    adapters read x in the model dtype) whose quant method holds one fp8 segment that its
+    ``QuantOps`` multiplies as W8A8 at this M (``QuantMethod.prequantized_dtype``). M is fixed
+    per captured graph, so a graph takes one side. Callers ask only under
+    ``TESSELLM_FP8_ACT_FOLD=1`` (``tessellm.envs.fp8_act_fold``) and where their backend's
+    ``FusedOps`` offers the producing op, so the rows are never looked at otherwise."""
+    if not isinstance(layer, Linear) or layer.quant_method is None:
+        return None
+    dtype_for = getattr(layer.quant_method, "prequantized_dtype", None)
+    return None if dtype_for is None else dtype_for(layer, rows)
 
 
 def materialize(tensor) -> torch.Tensor:

@@ -17,10 +17,11 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
+from tessellm import envs
 from tessellm.layers.attention import Attention
 from tessellm.layers.context import ModelContext
-from tessellm.layers.linear import (ColumnParallelLinear, RowParallelLinear, fused_silu_and_mul,
-                                    materialize)
+from tessellm.layers.linear import (ColumnParallelLinear, RowParallelLinear, fp8_input_dtype,
+                                    fused_silu_and_mul, materialize)
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
@@ -89,13 +90,22 @@ class DecoderMLP(nn.Module):
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported by the llama family; only silu is.")
         self.ops = ctx.ops
+        # the fp8 activation fold (TESSELLM_FP8_ACT_FOLD=1): SiLU-and-mul quantizes for down_proj
+        self._fp8_fold = (envs.fp8_act_fold()
+                          and getattr(ctx.ops, "silu_and_mul_fp8", None) is not None)
 
     def forward(self, x):
+        """``x``: the hidden states, or them quantized for gate_up_proj (an ``Fp8Activation``
+        from the norm before, ``DecoderLayer``)."""
         # decode (1-2 rows): the backend's GEMV may run the activation in its epilogue
         act = fused_silu_and_mul(self.gate_up_proj, x, max_rows=2)
         if act is None:
-            act = self.ops.silu_and_mul(self.gate_up_proj(x))
+            act = self._silu_and_mul(self.gate_up_proj(x))
         return self.down_proj(act)
+
+    def _silu_and_mul(self, y):
+        fp8 = fp8_input_dtype(self.down_proj, y.shape[0]) if self._fp8_fold else None
+        return self.ops.silu_and_mul(y) if fp8 is None else self.ops.silu_and_mul_fp8(y, fp8)
 
 
 class DecoderLayer(nn.Module):
@@ -118,15 +128,20 @@ class DecoderLayer(nn.Module):
         o_reduced = self.self_attn.o_proj.reduce_results
         self.post_attention_layernorm = RMSNorm(hidden, eps, ctx.ops,
                                                 reduce=None if o_reduced else ctx.tp)
+        self._plain_mlp = isinstance(self.mlp, DecoderMLP)  # its gate_up_proj takes the norm
 
     def forward(self, positions, hidden, residual, metadata):
+        # Each norm is told which layer takes its output (looked up per call: LoRA wraps
+        # layers after construction), so it can quantize for it (the fp8 fold, RMSNorm).
+        qkv = self.self_attn.qkv_proj
         if residual is None:
             residual = hidden
-            hidden = self.input_layernorm(hidden)
+            hidden = self.input_layernorm(hidden, consumer=qkv)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, consumer=qkv)
         hidden = self.self_attn(positions, hidden, metadata)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        gate_up = self.mlp.gate_up_proj if self._plain_mlp else None
+        hidden, residual = self.post_attention_layernorm(hidden, residual, consumer=gate_up)
         return self.mlp(hidden), residual
 
 

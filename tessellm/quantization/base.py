@@ -25,8 +25,8 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
-from tessellm.quantization.packed import (DenseWeight, Fp8Weight, Int4Weight, Int8Weight,
-                                          PackedWeight, cat_segments)
+from tessellm.quantization.packed import (DenseWeight, Fp8Activation, Fp8Weight, Int4Weight,
+                                          Int8Weight, PackedWeight, cat_segments)
 
 
 @runtime_checkable
@@ -50,6 +50,13 @@ class QuantOps(Protocol):
     # before the multiply), so a backend can put the activation in its GEMM's epilogue at
     # decode (the cuda one: ``gemv_x2.gemv_fp8_x2_silu_and_mul`` at one row). The oracle is
     # ``backends/reference/quant_ops.fp8_mm_silu_and_mul``; without it the MLP runs the two.
+    #
+    # Optional, a pair (the fp8 activation fold): ``fp8_mm_prequantized(xa, w, bias=None)``,
+    # ``fp8_mm``'s W8A8 product for an activation its producer already quantized per token
+    # (``xa``: a ``packed.Fp8Activation``; returns ``[M, N]`` in ``xa.dtype``), and
+    # ``fp8_w8a8_rows(rows) -> bool``, whether ``fp8_mm`` itself quantizes x per token at that
+    # many rows (its W8A8 path: only there does a producer quantize for it). The oracle is
+    # ``backends/reference/quant_ops.TorchQuantOps``' pair.
 
 
 class QuantLinearMethod:
@@ -65,6 +72,9 @@ class QuantLinearMethod:
         self.config = dict(config or {})
         if getattr(ops, "fp8_mm_silu_and_mul", None) is None:
             self.apply_silu_and_mul = None  # not offered (layers.linear.fused_silu_and_mul)
+        if getattr(ops, "fp8_mm_prequantized", None) is None:
+            self.prequantized_dtype = None  # not offered (layers.linear.fp8_input_dtype)
+            self.apply_prequantized = None
 
     # -- the QuantMethod protocol --------------------------------------------------------
 
@@ -137,6 +147,20 @@ class QuantLinearMethod:
         if len(segs) != 1 or segs[0].kind != "fp8" or x.dim() != 2:
             return None
         return self.ops.fp8_mm_silu_and_mul(x, segs[0], bias)
+
+    def prequantized_dtype(self, layer: nn.Module, rows: int) -> Optional[torch.dtype]:
+        """The optional ``QuantMethod`` member of the fp8 activation fold: the fp8 dtype in which
+        ``layer`` takes its input pre-quantized per token at ``rows`` rows (one fp8 segment
+        whose ``QuantOps`` runs W8A8 there: ``ops.fp8_w8a8_rows``), else None. None as a
+        member where ``QuantOps`` lacks ``fp8_mm_prequantized``."""
+        segs = layer.segments
+        if len(segs) != 1 or segs[0].kind != "fp8" or not self.ops.fp8_w8a8_rows(rows):
+            return None
+        return segs[0].qweight.dtype
+
+    def apply_prequantized(self, layer: nn.Module, xa: Fp8Activation, bias=None):
+        """``apply`` for an input ``prequantized_dtype`` asked for: ``[M, N]`` in ``xa.dtype``."""
+        return self.ops.fp8_mm_prequantized(xa, layer.segments[0], bias)
 
     def quantize_dense(self, layer: nn.Module, weight: torch.Tensor) -> None:
         """Quantize a dense ``weight [output_size, input_size]`` into ``layer`` (every shard)."""

@@ -23,6 +23,7 @@ exactly the dense tensors a checkpoint must provide.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -181,6 +182,32 @@ def quantize_fp8_per_token(x: torch.Tensor, fp8_dtype: torch.dtype = torch.float
     scales = x.float().abs().amax(dim=-1).clamp(min=1e-12) / fmax
     q = (x.float() / scales[:, None]).clamp(-fmax, fmax).to(fp8_dtype)
     return q, scales
+
+
+@dataclass
+class Fp8Activation:
+    """An activation already quantized to fp8 per token by the op that produced it (the fp8
+    activation fold: a norm or SiLU-and-mul that quantizes its own output), handed to an fp8
+    linear's W8A8 product instead of the model-dtype tensor::
+
+        x[m, k] ~= qx[m, k] * scales[m]      scales[m] = max(max_k |x[m, k]|, 1e-12) / FP8_MAX
+
+    where x is the producer's output rounded to ``dtype`` (what the unfused op would return).
+    Rows are tokens: ``[M, K]``, 2-D like the model's flat hidden states."""
+
+    qx: torch.Tensor  # [M, K] fp8 (the weight's fp8 dtype), contiguous
+    scales: torch.Tensor  # [M, 1] float32 (the layout torch._scaled_mm takes)
+    dtype: torch.dtype  # the model dtype x had: the product is returned in it
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.qx.shape
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor, fp8_dtype: torch.dtype) -> "Fp8Activation":
+        """The reference: ``quantize_fp8_per_token`` of a model-dtype ``x [M, K]``."""
+        q, s = quantize_fp8_per_token(x, fp8_dtype)
+        return cls(q, s[:, None], x.dtype)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = False):

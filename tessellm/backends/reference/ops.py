@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tessellm.backends.reference.moe import fused_moe_reference
+from tessellm.quantization.packed import Fp8Activation
 
 
 class ReferenceOps:
@@ -44,6 +45,27 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> tor
     weight.T + bias)`` for a stacked ``[gate; up]`` weight. A function, not a ``ReferenceOps``
     member: backends whose ops derive from ``ReferenceOps`` keep their own ``linear``."""
     return ReferenceOps().silu_and_mul(F.linear(x, weight, bias))
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 fp8_dtype: torch.dtype) -> Fp8Activation:
+    """The oracle of the optional ``FusedOps.rms_norm_fp8``: ``rms_norm`` rounded to its output
+    dtype, then quantized per token (``quantization.packed.quantize_fp8_per_token``)."""
+    return Fp8Activation.quantize(ReferenceOps().rms_norm(x, weight, eps), fp8_dtype)
+
+
+def fused_add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float, fp8_dtype: torch.dtype):
+    """The oracle of the optional ``FusedOps.fused_add_rms_norm_fp8``: ``(Fp8Activation of
+    rms_norm(x + residual), x + residual)``."""
+    out, res = ReferenceOps().fused_add_rms_norm(x, residual, weight, eps)
+    return Fp8Activation.quantize(out, fp8_dtype), res
+
+
+def silu_and_mul_fp8(x: torch.Tensor, fp8_dtype: torch.dtype) -> Fp8Activation:
+    """The oracle of the optional ``FusedOps.silu_and_mul_fp8``: ``silu_and_mul`` in x's dtype,
+    then quantized per token."""
+    return Fp8Activation.quantize(ReferenceOps().silu_and_mul(x), fp8_dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_size: int) -> torch.Tensor:

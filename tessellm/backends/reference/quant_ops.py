@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tessellm.backends.reference.ops import ReferenceOps
-from tessellm.quantization.packed import Fp8Weight, Int4Weight, Int8Weight, quantize_fp8_per_token
+from tessellm.quantization.packed import Fp8Activation, Fp8Weight, Int4Weight, Int8Weight
 
 _SLAB_ELEMS = 1 << 19  # weights dequantized per slab
 
@@ -78,14 +78,22 @@ class TorchQuantOps:
 
     def fp8_mm(self, x: torch.Tensor, w: Fp8Weight, bias=None) -> torch.Tensor:
         """W8A8 emulated exactly: both operands rounded to fp8, products summed in float32."""
+        return self.fp8_mm_prequantized(Fp8Activation.quantize(x, w.qweight.dtype), w, bias)
+
+    def fp8_mm_prequantized(self, xa: Fp8Activation, w: Fp8Weight, bias=None) -> torch.Tensor:
+        """The optional ``QuantOps`` member (and its oracle): ``fp8_mm``'s product for an
+        activation its producer already quantized per token, in ``xa.dtype``."""
         n, k = w.qweight.shape
-        xq, sx = quantize_fp8_per_token(x, w.qweight.dtype)
-        xf = xq.float()
-        out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+        xf = xa.qx.float()
+        out = torch.empty(xf.shape[0], n, dtype=torch.float32, device=xf.device)
         for n0, n1 in _slabs(n, k):
             torch.matmul(xf, w.qweight[n0:n1].float().t(), out=out[:, n0:n1])
-        out.mul_(sx[:, None]).mul_(w.scales[None, :])
-        return _finish(out, x.dtype, bias)
+        out.mul_(xa.scales).mul_(w.scales[None, :])
+        return _finish(out, xa.dtype, bias)
+
+    def fp8_w8a8_rows(self, rows: int) -> bool:
+        """The optional ``QuantOps`` member: ``fp8_mm`` quantizes x per token at every M."""
+        return True
 
 
 def _finish(out: torch.Tensor, dtype: torch.dtype, bias) -> torch.Tensor:

@@ -18,24 +18,25 @@ from tessellm.kernels.gemm.common import (
     _tiles,
     _xw_tiles,
 )
+from tessellm.kernels.fp8_rows import fp8_max, fp8_quantize, fp8_row_buffers, fp8_row_scale
 from tessellm.quantization.packed import Fp8Weight
 
 
 @triton.jit
 def _fp8_quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
                            FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per row: scale = max(|x|) / FP8_MAX, q = x / scale (two passes over K)."""
+    """One program per row: the row's scale and codes (``fp8_rows``), two passes over K."""
     m = tl.program_id(0).to(tl.int64)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0), 1e-12) / FP8_MAX
+    scale = fp8_row_scale(tl.max(amax, 0), FP8_MAX)
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        q = fp8_quantize(x, scale, FP8_MAX)
         tl.store(q_ptr + m * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=k < K)
     tl.store(s_ptr + m, scale)
 
@@ -65,9 +66,6 @@ def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K,
     _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, ATOMIC)
 
 
-_FP8_MAX = {}  # dtype -> torch.finfo(dtype).max (finfo costs a microsecond a call)
-
-
 def quantize_fp8_rows(x: torch.Tensor, fp8_dtype: torch.dtype,
                       keepdim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token fp8: ``(x_q [M, K], scales [M] fp32)`` in one kernel launch
@@ -75,16 +73,12 @@ def quantize_fp8_rows(x: torch.Tensor, fp8_dtype: torch.dtype,
     if not x.is_contiguous():
         x = x.contiguous()
     m, k = x.shape
-    q = torch.empty(m, k, dtype=fp8_dtype, device=x.device)
-    scales = torch.empty((m, 1) if keepdim else (m,), dtype=torch.float32, device=x.device)
+    q, scales = fp8_row_buffers(m, k, fp8_dtype, x.device)
     if m:
-        fmax = _FP8_MAX.get(fp8_dtype)
-        if fmax is None:
-            fmax = _FP8_MAX.setdefault(fp8_dtype, torch.finfo(fp8_dtype).max)
         block = min(4096, triton.next_power_of_2(k)) if x.device.type != "cpu" else 64
-        _fp8_quant_rows_kernel[(m,)](x, q, scales, k, x.stride(0), k, FP8_MAX=fmax,
+        _fp8_quant_rows_kernel[(m,)](x, q, scales, k, x.stride(0), k, FP8_MAX=fp8_max(fp8_dtype),
                                      BLOCK=block, num_warps=4 if k >= 1024 else 1)
-    return q, scales
+    return q, (scales if keepdim else scales.view(m))
 
 
 def scaled_mm_plan(x: torch.Tensor, w: Fp8Weight):

@@ -23,7 +23,7 @@ from tessellm.kernels.gemm.weight_only import (
     int8_dequantize,
     int8_gemm,
 )
-from tessellm.quantization.packed import Fp8Weight, Int4Weight, Int8Weight
+from tessellm.quantization.packed import Fp8Activation, Fp8Weight, Int4Weight, Int8Weight
 
 # fp8 GEMMs of at most this many rows read the weight as W8A16 instead of quantizing x for
 # torch._scaled_mm, which is slower than bf16 at small M. H200, one Llama-8B layer's GEMMs in a
@@ -96,19 +96,31 @@ class TritonQuantOps:
                 return gemv_w8a8(x, w.qweight, w.scales, bias)
         if m <= self.fp8_weight_only_max_m:
             return fp8_weight_only_gemm(x, w, bias)
-        if self.lean_w8a8 and self.use_scaled_mm:
-            plan = scaled_mm_plan(x, w)
+        xq, sx = quantize_fp8_rows(x, w.qweight.dtype, keepdim=True)
+        return self._w8a8(xq, sx, w, x.dtype, bias)
+
+    def fp8_w8a8_rows(self, rows: int) -> bool:
+        """Whether ``fp8_mm`` at ``rows`` rows quantizes x per token (``quantize_fp8_rows``)
+        for the W8A8 GEMM, so an activation quantized by its producer (the fold's Triton
+        kernels, bitwise that quantizer) gives ``fp8_mm_prequantized`` the same product."""
+        return rows > self.fp8_weight_only_max_m and rows > self.fp8_skinny_w8a8_max_m
+
+    def fp8_mm_prequantized(self, xa: Fp8Activation, w: Fp8Weight, bias=None):
+        """``fp8_mm``'s W8A8 product for an activation already quantized per token (the
+        optional ``QuantOps`` member; the fp8 activation fold)."""
+        return self._w8a8(xa.qx, xa.scales, w, xa.dtype, bias)
+
+    def _w8a8(self, xq, sx, w: Fp8Weight, out_dtype: torch.dtype, bias):
+        """``(xq @ w.T) * sx * w.scales`` (+ bias) in ``out_dtype``; ``sx`` ``[M, 1]``."""
+        if self.use_scaled_mm:
+            if self.lean_w8a8:
+                plan = scaled_mm_plan(xq, w)
+            else:
+                plan = (w.qweight.t(), w.scales[None, :]) if _scaled_mm_ok(xq, w) else None
             if plan is not None:
-                xq, sx = quantize_fp8_rows(x, plan[0].dtype, keepdim=True)
                 out = torch._scaled_mm(xq, plan[0], scale_a=sx, scale_b=plan[1],
                                        out_dtype=torch.bfloat16)
-                if out.dtype != x.dtype:
-                    out = out.to(x.dtype)
+                if out.dtype != out_dtype:
+                    out = out.to(out_dtype)
                 return out if bias is None else out.add_(bias)
-        xq, sx = quantize_fp8_rows(x, w.qweight.dtype)
-        if self.use_scaled_mm and _scaled_mm_ok(x, w):
-            out = torch._scaled_mm(xq, w.qweight.t(), scale_a=sx[:, None], scale_b=w.scales[None, :],
-                                   out_dtype=torch.bfloat16)
-            out = out.to(x.dtype)
-            return out if bias is None else out.add_(bias)
-        return fp8_gemm(xq, sx, w, x.dtype, bias)
+        return fp8_gemm(xq, sx.view(-1), w, out_dtype, bias)

@@ -96,3 +96,50 @@ def test_linear_silu_and_mul(target, rows, d, k):
         assert out.shape == (rows, d) and out.dtype == dtype
         want = linear_silu_and_mul(x.cpu().float(), w.cpu().float(), b.cpu().float()).to(dtype)
         torch.testing.assert_close(out.cpu(), want, **tolerance(dtype))
+
+
+def _fp8_close(xa, y, dtype, what: str):
+    """An ``Fp8Activation`` against the reference op's unquantized output ``y``: the layout of
+    the contract, each row's scale ``max|y| / FP8_MAX`` within the model dtype's error, and the
+    dequantized rows within fp8's (e4m3: 1/16 relative)."""
+    fp8 = torch.float8_e4m3fn
+    rows, k = y.shape
+    assert xa.qx.shape == (rows, k) and xa.qx.dtype == fp8, f"{what}: qx {xa.qx.shape} {xa.qx.dtype}"
+    assert xa.scales.shape == (rows, 1) and xa.scales.dtype == torch.float32, f"{what}: scales"
+    assert xa.dtype == dtype, f"{what}: dtype {xa.dtype}, expected {dtype}"
+    yf = y.float()
+    want = yf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / torch.finfo(fp8).max
+    torch.testing.assert_close(xa.scales.cpu(), want, rtol=0.03 if dtype != torch.float32 else 1e-4,
+                               atol=0)
+    rel = ((xa.qx.cpu().float() * xa.scales.cpu() - yf).norm() / yf.norm()).item()
+    assert rel < 0.15, f"{what}: dequantized rows off by {rel:.3f} (relative)"
+
+
+def test_fp8_activation_fold(target):
+    """The optional fp8 activation fold (``rms_norm_fp8``, ``fused_add_rms_norm_fp8``,
+    ``silu_and_mul_fp8``: the op's output quantized to fp8 per token, an ``Fp8Activation``)
+    against ``reference.ops``' plain ops; skipped where the backend lacks them (the layers then
+    hand the fp8 linear its model-dtype input)."""
+    fp8 = torch.float8_e4m3fn
+    tried = 0
+    for dtype in _dtypes(target):
+        ops = _ops(target, dtype)
+        x = _rand(7, 96, dtype=dtype, device=target.device, seed=13) * 3
+        r = _rand(7, 96, dtype=dtype, device=target.device, seed=14)
+        w = _rand(96, dtype=dtype, device=target.device, seed=15)
+        if getattr(ops, "rms_norm_fp8", None) is not None:
+            xa = ops.rms_norm_fp8(x, w, 1e-6, fp8)
+            _fp8_close(xa, REF.rms_norm(x.cpu(), w.cpu(), 1e-6), dtype, "rms_norm_fp8")
+            tried += 1
+        if getattr(ops, "fused_add_rms_norm_fp8", None) is not None:
+            ref_out, ref_res = REF.fused_add_rms_norm(x.cpu(), r.cpu(), w.cpu(), 1e-6)
+            xa, res = ops.fused_add_rms_norm_fp8(x.clone(), r.clone(), w, 1e-6, fp8)
+            torch.testing.assert_close(res.cpu(), ref_res, **tolerance(dtype))
+            _fp8_close(xa, ref_out, dtype, "fused_add_rms_norm_fp8")
+            tried += 1
+        if getattr(ops, "silu_and_mul_fp8", None) is not None:
+            xa = ops.silu_and_mul_fp8(x, fp8)
+            _fp8_close(xa, REF.silu_and_mul(x.cpu()), dtype, "silu_and_mul_fp8")
+            tried += 1
+    if not tried:
+        pytest.skip(f"{target.name} has no fp8 activation fold (optional)")

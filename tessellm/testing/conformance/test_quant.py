@@ -83,3 +83,42 @@ def test_apply_silu_and_mul(target):
             assert rel < 2 * REL_TOL.get(scheme, 0.2), f"{scheme}: relative error {rel:.3f}"
     if not tried:
         pytest.skip(f"{target.name} offers no apply_silu_and_mul")
+
+
+def test_apply_prequantized(target):
+    """The optional fp8 activation fold of a quant method (``prequantized_dtype``,
+    ``apply_prequantized``): where a layer of one fp8 segment asks for its input quantized at
+    some rows, its product of the reference quantizer's ``Fp8Activation`` matches the reference
+    W8A8 product (``reference.quant_ops.TorchQuantOps.fp8_mm_prequantized``); a layer of
+    another scheme never asks."""
+    from tessellm.backends.reference.quant_ops import TorchQuantOps
+    from tessellm.quantization.packed import Fp8Activation
+
+    method = None
+    if "fp8" in _schemes(target):
+        method = target.registry.quant_method(target.backend, QuantSpec("fp8", dtype=torch.float32))
+    if getattr(method, "apply_prequantized", None) is None:
+        pytest.skip(f"{target.name} offers no fp8 apply_prequantized (optional)")
+    g = torch.Generator().manual_seed(2)
+    weight = (torch.randn(48, 64, generator=g) * 0.1).to(target.device)
+    bias = torch.randn(48, generator=g).to(target.device)
+    layer = torch.nn.Module()
+    with torch.device(target.device):
+        method.create_weights(layer, 64, 48, torch.float32)
+    method.quantize_dense(layer, weight)
+    method.process_weights_after_loading(layer)
+    tried = 0
+    for rows in (1, 2, 40, 100):
+        fp8 = method.prequantized_dtype(layer, rows)
+        if fp8 is None:
+            continue
+        tried += 1
+        x = torch.randn(rows, 64, generator=g).to(target.device)
+        xa = Fp8Activation.quantize(x, fp8)
+        out = method.apply_prequantized(layer, xa, bias)
+        want = TorchQuantOps().fp8_mm_prequantized(xa, layer.segments[0], bias)
+        assert out.shape == want.shape and out.dtype == torch.float32
+        rel = ((out.float() - want).norm() / want.norm()).item()
+        assert rel < 1e-2, f"rows {rows}: relative error {rel:.2e} against the reference"
+    if not tried:
+        pytest.skip(f"{target.name}'s fp8 method asks for no pre-quantized input at 1-100 rows")
