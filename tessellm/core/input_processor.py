@@ -66,6 +66,24 @@ class InputProcessor:
         if len(self._valid_specs) > 256:
             self._valid_specs.pop(next(iter(self._valid_specs)))
 
+    def _check_vocab(self, params: SamplingParams) -> None:
+        """What only the model can judge: token ids and logprob counts against its vocabulary
+        (refused here: inside a step they would fail the whole batch)."""
+        vocab = self.info.vocab_size
+        for field in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, field)
+            if value is not None and value > vocab:
+                raise ValueError(f"{field} is {value}, over the vocabulary size {vocab}; ask for at "
+                                 f"most {vocab} top logprobs per token.")
+        for token in params.logit_bias or ():
+            if not (isinstance(token, int) and 0 <= token < vocab):
+                raise ValueError(f"logit_bias token id {token} is outside the vocabulary [0, {vocab}); "
+                                 "use this model's token ids.")
+        for token in params.stop_token_ids or ():
+            if not (isinstance(token, int) and 0 <= token < vocab):
+                raise ValueError(f"stop_token_ids has {token}, outside the vocabulary [0, {vocab}); "
+                                 "use this model's token ids.")
+
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                       arrival_time: Optional[float] = None,
                       lora_request=None) -> list[EngineCoreRequest]:
@@ -73,6 +91,7 @@ class InputProcessor:
         ``lora_request``: the adapter (``tessellm.lora.LoRARequest``), None for the base model."""
         lora = None if lora_request is None else lora_request.to_dict()
         arrival = time.time() if arrival_time is None else arrival_time
+        self._check_vocab(params)
         if params.structured_outputs is not None:
             self._check_structured(params.structured_outputs)
         if params.max_tokens is None:
