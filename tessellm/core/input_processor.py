@@ -68,8 +68,12 @@ class InputProcessor:
 
     def _check_vocab(self, params: SamplingParams) -> None:
         """What only the model can judge: token ids and logprob counts against its vocabulary
-        (refused here: inside a step they would fail the whole batch)."""
+        (refused here: inside a step they would fail the whole batch), stop strings without a
+        tokenizer (they would be ignored)."""
         vocab = self.info.vocab_size
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the model's tokenizer, and this model has no "
+                             "tokenizer files; use stop_token_ids instead.")
         for field in ("logprobs", "prompt_logprobs"):
             value = getattr(params, field)
             if value is not None and value > vocab:

@@ -1,6 +1,7 @@
-"""Values that only the model can judge (the vocabulary) are refused by ``LLM`` with one
-ValueError naming the field and the fix, before anything is queued, and the engine keeps
-serving; each of these once raised inside an engine step and left the engine unusable."""
+"""Values that only the model can judge (its vocabulary, whether it has a tokenizer) are
+refused by ``LLM`` with one ValueError naming the field and the fix, before anything is queued,
+and the engine keeps serving. The vocabulary ones once raised inside an engine step and left
+the engine unusable; stop strings on a model without a tokenizer were silently ignored."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def _greedy(**kw) -> SamplingParams:
     (dict(prompt_logprobs=1000), "prompt_logprobs is 1000, over the vocabulary size 384"),
     (dict(logit_bias={VOCAB: 1.0}), r"logit_bias token id 384 is outside the vocabulary \[0, 384\)"),
     (dict(stop_token_ids=[5, 9999], min_tokens=2), r"stop_token_ids has 9999, outside the vocabulary \[0, 384\)"),
+    (dict(stop=["x"]), "stop strings need the model's tokenizer.*use stop_token_ids"),  # were ignored
 ])
 def test_refused_by_name_and_the_engine_serves_on(llm, kw, words):
     prompt = {"prompt_token_ids": [1, 2, 3, 4]}
