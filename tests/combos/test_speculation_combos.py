@@ -21,6 +21,9 @@ def _params() -> dict[str, SamplingParams]:
                                         include_stop_str_in_output=True),
         # No stop string ends the output before min_tokens (vLLM's rule): the second "g".
         "min_tokens": SamplingParams(temperature=0, max_tokens=30, stop=["g"], min_tokens=8),
+        # EOS (id 2) made the argmax everywhere: banned in the rows before min_tokens only, so
+        # the verify step's row at position 6 (inside the accepted drafts' window) samples it.
+        "min_tokens_eos": SamplingParams(temperature=0, max_tokens=30, min_tokens=6, logit_bias={2: 30.0}),
         "stop_token": SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[265]),  # " c"
         "max_tokens": SamplingParams(temperature=0, max_tokens=7, logprobs=1),
         "seeded": SamplingParams(temperature=0.7, seed=3, max_tokens=20),
@@ -67,6 +70,7 @@ def test_stop_strings_end_at_their_token(runs):
     assert want["stop"].text == " d e" and want["stop"].token_ids[-1] == 275  # " f" itself
     assert want["stop_included"].text == " d e f g h"
     assert want["min_tokens"].text == " d e f g h a b c d e f " and len(want["min_tokens"].token_ids) > 8
+    assert len(want["min_tokens_eos"].token_ids) == 7 and want["min_tokens_eos"].token_ids[-1] == 2
     assert want["stop_token"].token_ids[-1] == 265 and want["stop_token"].finish_reason == "stop"
     assert len(want["max_tokens"].token_ids) == 7 and want["max_tokens"].finish_reason == "length"
 
