@@ -104,7 +104,7 @@ def _flags(piece: str, result) -> list[str]:
     if piece == "ops":
         optional = {"linear": "linear", "linear + SiLU": "linear_silu_and_mul",
                     "all-reduce + norm": "all_reduce_add_rms_norm",
-                    "fused MoE": "fused_moe"}
+                    "fused MoE": "fused_moe", "fp8 act fold": "silu_and_mul_fp8"}
         return [label for label, attr in optional.items()
                 if callable(getattr(result, attr, None))]
     return []

@@ -360,6 +360,17 @@ class FusedOps(Protocol):
     # ``backends/reference/ops.linear_silu_and_mul``. Quantized layers: ``QuantMethod``'s
     # optional ``apply_silu_and_mul``.
     #
+    # Optional, the fp8 activation fold (asked only under ``TESSELLM_FP8_ACT_FOLD=1``, for the
+    # input of an fp8 linear on its W8A8 path, ``layers.linear.fp8_input_dtype``):
+    # ``rms_norm_fp8(x, weight, eps, fp8_dtype)``, ``fused_add_rms_norm_fp8(x, residual, weight,
+    # eps, fp8_dtype)`` and ``silu_and_mul_fp8(x, fp8_dtype)``: the op's output (2-D, rounded to
+    # the dtype the plain op returns) quantized per token, returned as a
+    # ``quantization.packed.Fp8Activation`` (``qx [M, K]`` in ``fp8_dtype``, ``scales [M, 1]``
+    # float32 ``= max(max|row|, 1e-12) / finfo(fp8_dtype).max``, ``dtype``) in place of the
+    # tensor; the add variant returns ``(Fp8Activation, x + residual)``. A backend offers the
+    # norms as a pair. Oracles: ``backends/reference/ops.rms_norm_fp8`` and its neighbours; the
+    # consumer side is ``QuantOps``' optional ``fp8_mm_prequantized`` (``quantization/base.py``).
+    #
     # Optional: ``all_reduce_add_rms_norm(x, residual, weight, eps, tp)``, under tensor
     # parallelism: ``x`` is this rank's partial sum (a row-parallel layer's unreduced output),
     # ``tp`` its ``distributed.parallel_state.TensorParallel``; returns what
@@ -439,6 +450,13 @@ class QuantMethod(Protocol):
     # for this layer (the caller then runs ``apply`` and the activation). The MLP asks for it at
     # 1-2 rows (decode). ``quantization.base.QuantLinearMethod`` serves it through its
     # ``QuantOps``' optional ``fp8_mm_silu_and_mul``.
+    #
+    # Optional, the fp8 activation fold: ``prequantized_dtype(layer, rows)``, the fp8 dtype in
+    # which ``layer`` takes its input already quantized per token at ``rows`` rows, or None (it
+    # takes the model-dtype tensor); and ``apply_prequantized(layer, xa, bias=None)``, ``apply``
+    # for such an input (a ``quantization.packed.Fp8Activation``), in ``xa.dtype``.
+    # ``QuantLinearMethod`` serves them through its ``QuantOps``' optional
+    # ``fp8_mm_prequantized`` / ``fp8_w8a8_rows`` (a layer of one fp8 segment on the W8A8 path).
 
 
 # ---------------------------------------------------------------------------------------------
