@@ -4,9 +4,9 @@ with ``quantization="fp8"`` gives the same greedy tokens and logprobs with the f
 The cpu backend runs the cuda backend's pieces in Triton's interpreter: its fused ops (RMSNorm,
 SiLU-and-mul, and the fold's ``*_fp8`` producers) and its ``QuantOps`` with W8A16 at one row and
 W8A8 above (``fp8_weight_only_max_m=1``, the Triton fp8 GEMM), so a batch-1 decode step keeps
-the model-dtype path and prefill and batch-2 decode take the fold. A fast test checks which
-layers ask for a pre-quantized input (``layers.linear.fp8_input_dtype``). The unfused path is the op,
-then ``quantize_fp8_rows`` inside ``fp8_mm``; the fold must be the same bits.
+the model-dtype path and prefill and batch-2 decode take the fold. The unfused path is the op,
+then ``quantize_fp8_rows`` inside ``fp8_mm``; the fold must be the same bits. A fast test checks
+which layers ask for a pre-quantized input (``layers.linear.fp8_input_dtype``).
 """
 
 from __future__ import annotations

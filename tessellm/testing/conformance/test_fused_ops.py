@@ -104,7 +104,8 @@ def _fp8_close(xa, y, dtype, what: str):
     dequantized rows within fp8's (e4m3: 1/16 relative)."""
     fp8 = torch.float8_e4m3fn
     rows, k = y.shape
-    assert xa.qx.shape == (rows, k) and xa.qx.dtype == fp8, f"{what}: qx {xa.qx.shape} {xa.qx.dtype}"
+    assert xa.qx.shape == (rows, k) and xa.qx.dtype == fp8, \
+        f"{what}: qx {tuple(xa.qx.shape)} {xa.qx.dtype}"
     assert xa.scales.shape == (rows, 1) and xa.scales.dtype == torch.float32, f"{what}: scales"
     assert xa.dtype == dtype, f"{what}: dtype {xa.dtype}, expected {dtype}"
     yf = y.float()
