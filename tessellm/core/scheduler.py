@@ -122,7 +122,7 @@ class Scheduler(SchedulerUpdate):
             drafts = self._drafts(req, num_new, budget)
             num_new += len(drafts)
             ahead = self.in_flight.tokens_ahead(req.request_id)  # scheduled, after the computed ones
-            lookahead = self.config.num_lookahead_tokens
+            lookahead = self._lookahead(req.num_computed_tokens + ahead + num_new)
             new_block_ids = self.kv.allocate(req, ahead + num_new + lookahead)
             while new_block_ids is None:
                 j = self._victim_index(i)  # the newest request after req that may be preempted
@@ -213,7 +213,7 @@ class Scheduler(SchedulerUpdate):
             prefix = self.kv.find_cached_prefix(req, count=False) if use_cache else []
             num_hit = len(prefix) * self.kv.block_size
             num_new = self._num_new_tokens(req, budget, already=num_hit)
-            block_ids = (self.kv.allocate(req, num_new + self.config.num_lookahead_tokens, prefix)
+            block_ids = (self.kv.allocate(req, num_new + self._lookahead(num_hit + num_new), prefix)
                          if num_new else None)
             if block_ids is None:
                 release_slot(self, req)
@@ -249,6 +249,12 @@ class Scheduler(SchedulerUpdate):
             if self.config.async_scheduling or self.running[j].request_id not in self.in_flight:
                 return j
         return i
+
+    def _lookahead(self, num_tokens: int) -> int:
+        """KV slots kept past a request's first ``num_tokens`` for a draft model's guesses
+        (``num_lookahead_tokens``), none past the context: the block tables hold
+        ``max_model_len`` tokens, and a drafter writes no position beyond it (``room``)."""
+        return max(0, min(self.config.num_lookahead_tokens, self.config.max_model_len - num_tokens))
 
     def _num_new_running(self, req: Request, budget: int) -> int:
         """Tokens to compute for a running request this step (0: skip it)."""
