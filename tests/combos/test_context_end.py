@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tessellm import LLM, SamplingParams
+from tests.spec_decode.test_draft_proposers import TARGET, _save_head, _save_llama
 
 MAX_LEN = 64
 ENGINE = dict(dtype="float32", block_size=4, num_kv_blocks=96, max_model_len=MAX_LEN, seed=0)
@@ -24,8 +25,15 @@ def _generate(llm: LLM) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return tiny_model_dir("llama")
+def models(tmp_path_factory):
+    """A tiny target (4 layers), and an EAGLE head for it (random: few drafts accepted)."""
+    root = tmp_path_factory.mktemp("context-end")
+    return _save_llama(str(root / "target"), TARGET, 1), _save_head(str(root / "eagle"), "eagle", TARGET, 3)
+
+
+@pytest.fixture(scope="module")
+def model(models):
+    return models[0]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +42,12 @@ def want(model):
         return _generate(llm)
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_draft_model_to_the_last_position(model, want, async_scheduling):
-    spec = {"method": "draft_model", "model": model, "num_speculative_tokens": 4}
-    with LLM(model, **ENGINE, speculative_config=spec, async_scheduling=async_scheduling) as llm:
+@pytest.mark.parametrize("method, async_scheduling", [("draft_model", False), ("draft_model", True),
+                                                      ("eagle", False)])
+def test_drafter_to_the_last_position(models, want, method, async_scheduling):
+    target, head = models
+    spec = {"method": method, "model": target if method == "draft_model" else head,
+            "num_speculative_tokens": 4}
+    with LLM(target, **ENGINE, speculative_config=spec, async_scheduling=async_scheduling) as llm:
         assert _generate(llm) == want
-        assert llm.engine.core.scheduler.spec_stats.num_accepted_tokens > 0  # a target drafting for itself
+        assert llm.engine.core.scheduler.spec_stats.num_draft_tokens > 0
