@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -81,6 +82,10 @@ class SamplingParams:
                "stop_token_ids must be a list of non-negative integers.")
         if self.logit_bias is not None:
             _check(all(isinstance(k, int) for k in self.logit_bias), "logit_bias keys must be token ids (int).")
+            for token, value in self.logit_bias.items():
+                _check(isinstance(value, (int, float)) and not math.isnan(value) and value != math.inf,
+                       f"logit_bias value for token {token} must be a number below +inf (-inf bans the "
+                       f"token), got {value!r}.")
 
     @property
     def is_greedy(self) -> bool:

@@ -29,6 +29,10 @@ INVALID_PARAMS = [
     (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-4]), "stop_token_ids"),
     (dict(logit_bias={"x": 1.0}), "logit_bias"),
+    # NaN / +inf made every logit NaN: garbage tokens (id 0), no error
+    (dict(logit_bias={5: float("nan")}), "logit_bias value for token 5 must be a number below"),
+    (dict(logit_bias={5: float("inf")}), "logit_bias"),
+    (dict(logit_bias={5: "big"}), "logit_bias"),
 ]
 
 
