@@ -21,6 +21,7 @@ forward); layers are built with it, nothing global.
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -43,6 +44,17 @@ class LoRABatch:
         self.meta = None if token_slots is None else self.ops.prepare(token_slots, self.num_slots)
 
 
+def _activation_dtype_and_device(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The model dtype and device of ``base``'s activations: its weight's, or, for a quantized
+    layer (packed segments as buffers, no float weight), what its quant method recorded."""
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype, weight.device
+    dtype = getattr(base, "quant_dtype", None) or torch.get_default_dtype()
+    tensor = next(itertools.chain(base.parameters(), base.buffers()), None)
+    return dtype, tensor.device if tensor is not None else getattr(base, "quant_device", torch.device("cpu"))
+
+
 class LoRALinear(nn.Module):
     """A column- or row-parallel linear plus ``max_loras`` adapter slots (module docstring)."""
 
@@ -52,9 +64,7 @@ class LoRALinear(nn.Module):
         self.batch = batch
         self.rank = rank
         self.row_parallel = isinstance(base, RowParallelLinear)
-        weight = getattr(base, "weight", None)
-        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.get_default_dtype()
-        device = next(base.parameters()).device
+        dtype, device = _activation_dtype_and_device(base)
         n = len(base.output_sizes)
         self.register_buffer("lora_a", torch.zeros(num_slots, n * rank, base.input_size,
                                                    dtype=dtype, device=device), persistent=False)
