@@ -4,9 +4,10 @@
 # Triton cache does too). Every step is time-boxed (seconds, env; 0 skips it):
 #   PART=1  prefill attention 1x512 / 16x512 / 2k / 8k against SDPA flash and cuDNN (ATTN_S 70,
 #           gpuperf_probe.py attn_quick); B1 bf16 and fp8, each also with TESSELLM_SILU_FOLD=1
-#           (B1_S 50 each; the fp8 runs' TTFT is the fp8 512-token TTFT goal); an 8k-token single
-#           prefill, bf16 and fp8 (TTFT8K_S 60 each); the B1 kernel chain, full against 'silu
-#           fold' (CHAIN_S 60)                                            ~ 440 s warm
+#           and fp8 with TESSELLM_FP8_ACT_FOLD=1 (B1_S 50 each; the fp8 runs' TTFT is the fp8
+#           512-token TTFT goal, which the act fold reaches); an 8k-token single prefill, bf16
+#           and fp8 (TTFT8K_S 60 each); the B1 kernel chain, full against 'silu fold' (CHAIN_S
+#           60)                                                           ~ 490 s warm
 #   PART=2  F bf16 (F_S 70); HF F static batch 256, cuDNN SDPA off, the ratio's baseline (HF_S
 #           70); F fp8 = fp8 weights + fp8 KV (F8_S 80); F fp8 with TESSELLM_FP8_ACT_FOLD=1, the
 #           per-token fp8 quantisation folded into the RMSNorm / SiLU before each GEMM (F8F_S 80);
@@ -43,10 +44,11 @@ throughput() { for f in "$@"; do [ -f "$OUT/$f.json" ] && python3 -c "import jso
     box "B1 fp8" ${B1_S:-50} $LAT --quantization fp8 --output-json "$OUT/b1_fp8.json"
     box "B1 bf16 silu fold" ${B1_S:-50} env TESSELLM_SILU_FOLD=1 $LAT --output-json "$OUT/b1_fold.json"
     box "B1 fp8 silu fold" ${B1_S:-50} env TESSELLM_SILU_FOLD=1 $LAT --quantization fp8 --output-json "$OUT/b1_fp8_fold.json"
+    box "B1 fp8 act fold" ${B1_S:-50} env TESSELLM_FP8_ACT_FOLD=1 $LAT --quantization fp8 --output-json "$OUT/b1_fp8_actfold.json"
     box "8k prefill bf16" ${TTFT8K_S:-60} $LAT8K --output-json "$OUT/ttft8k.json"
     box "8k prefill fp8" ${TTFT8K_S:-60} $LAT8K --quantization fp8 --output-json "$OUT/ttft8k_fp8.json"
     TAIL=20 box "chain: full vs silu fold" ${CHAIN_S:-60} python3 benchmarks/kernels/decode_chain.py --out "$OUT" --sections chain --quick
-    latency b1 b1_fp8 b1_fold b1_fp8_fold ttft8k ttft8k_fp8 ;;
+    latency b1 b1_fp8 b1_fold b1_fp8_fold b1_fp8_actfold ttft8k ttft8k_fp8 ;;
   2)
     box F ${F_S:-70} $B $F --max-model-len 4096 --output-json "$OUT/f.json"
     box "F hf nocudnn" ${HF_S:-70} $B $F --backend hf --hf-batch-size 256 --hf-disable-cudnn-sdpa --output-json "$OUT/f_hf_nocudnn.json"
