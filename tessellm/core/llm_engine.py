@@ -33,11 +33,13 @@ class LLMEngine:
             self.tokenizer = load_tokenizer(source.path, source.kind, args.tokenizer)
         self.inputs = InputProcessor(self.core.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, final_only)
+        self.failure: Optional[Exception] = None  # what broke a step: raised again by every call
 
     def add_request(self, request_id: str, prompt: PromptType,
                     params: Optional[SamplingParams] = None, lora_request=None) -> None:
         """Validate and queue a request. Raises ValueError (nothing queued) on bad input,
         a bad LoRA adapter included (``lora_request``: a ``tessellm.lora.LoRARequest``)."""
+        self._check_alive()
         if lora_request is not None:
             self.core.add_lora(lora_request)
         submit(self.inputs, self.outputs, request_id, prompt, params or SamplingParams(),
@@ -54,8 +56,22 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
 
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
     def step(self) -> list[RequestOutput]:
-        results, to_abort = self.outputs.process(self.core.step())
+        """One engine step. An exception from the core leaves its step half done (the batch's
+        state is lost): the engine is finished then, and every later call raises the same
+        exception (with a note saying so) instead of failing on the lost state."""
+        self._check_alive()
+        try:
+            core_outputs = self.core.step()
+        except Exception as exc:
+            exc.add_note("The engine failed in this step and cannot go on; create a new LLM.")
+            self.failure = exc
+            raise
+        results, to_abort = self.outputs.process(core_outputs)
         if to_abort:
             self.core.abort_requests(to_abort)
         return results

@@ -43,3 +43,24 @@ def test_whole_vocabulary_of_logprobs_is_allowed(llm):
     out = llm.generate({"prompt_token_ids": [1, 2, 3]}, _greedy(logprobs=VOCAB, prompt_logprobs=VOCAB),
                        use_tqdm=False)[0]
     assert len(out.outputs[0].logprobs[0]) == VOCAB and len(out.prompt_logprobs[1]) == VOCAB
+
+
+def test_a_failed_step_is_raised_again_not_a_confusing_error(tiny_model_dir):
+    """A step that raises (here: the executor, made to fail once) loses its batch's state; the
+    engine then raises that same error on every later call, with a note naming the way out,
+    instead of an unrelated IndexError from the lost state."""
+    with LLM(tiny_model_dir("llama"), dtype="float32", max_model_len=64) as llm:
+        executor = llm.engine.core.executor
+        real_submit = executor.submit
+
+        def failing_submit(sched):
+            executor.submit = real_submit
+            raise RuntimeError("device lost")
+
+        executor.submit = failing_submit
+        prompt = {"prompt_token_ids": [1, 2, 3]}
+        with pytest.raises(RuntimeError, match="device lost"):
+            llm.generate(prompt, _greedy(), use_tqdm=False)
+        with pytest.raises(RuntimeError, match="device lost") as err:
+            llm.generate(prompt, _greedy(), use_tqdm=False)
+        assert "create a new LLM" in " ".join(getattr(err.value, "__notes__", []))
