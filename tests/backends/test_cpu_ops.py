@@ -179,3 +179,41 @@ def test_native_rotary_is_the_references_bitwise(rot):
         assert got_q.data_ptr() == q.data_ptr()  # in place, the native path
         assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
         assert torch.equal(qkv[:, 768:], v_before)
+
+
+@pytest.mark.parametrize("n", [16, 48, 64, 576, 960, 4096])
+def test_native_rms_norm_is_the_references_bitwise(n):
+    """The C add + RMSNorm (csrc/norm.c) reproduces torch's float32 sum order: bitwise the
+    reference's result, with and without a residual, 1 to 56 rows (the 32768-value limit)."""
+    from tessellm.backends.cpu import native
+    from tessellm.backends.reference.ops import ReferenceOps
+
+    if native.load() is None:
+        pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
+    g = torch.Generator().manual_seed(n)
+    ops, ref = cpu_ops.CpuOps(), ReferenceOps()
+    w = torch.randn(n, generator=g)
+    for rows in (1, 3, cpu_ops.NORM_MAX_NUMEL // n):
+        for scale in (1e-2, 1.0, 50.0):
+            x, r = (torch.randn(rows, n, generator=g) * scale for _ in range(2))
+            native_out = ops._native_norm(x, r, w, 1e-5)
+            assert native_out is not None and ops._norm_lanes[n] in (8, 16)
+            want = ref.fused_add_rms_norm(x, r, w, 1e-5)
+            assert torch.equal(native_out[0], want[0]) and torch.equal(native_out[1], want[1])
+            assert torch.equal(ops.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+
+
+def test_native_rms_norm_steps_aside():
+    """Inputs it does not take go through torch: too many values, a strided row, bfloat16, a
+    row width that is not a multiple of 16."""
+    from tessellm.backends.cpu import native
+
+    if native.load() is None:
+        pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
+    ops, w = cpu_ops.CpuOps(), torch.randn(64)
+    assert ops._native_norm(torch.randn(cpu_ops.NORM_MAX_NUMEL // 64 + 1, 64), None, w, 1e-6) is None
+    assert ops._native_norm(torch.randn(4, 128)[:, :64], None, w, 1e-6) is None
+    assert ops._native_norm(torch.randn(4, 64).bfloat16(), None, w, 1e-6) is None
+    assert ops._native_norm(torch.randn(4, 64), torch.randn(4, 64).double(), w, 1e-6) is None
+    assert ops._native_norm(torch.randn(1, 17), None, torch.randn(17), 1e-6) is None
+    assert ops._native_norm(torch.randn(4, 64), None, w, 1e-6) is not None

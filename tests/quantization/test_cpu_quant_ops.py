@@ -144,3 +144,26 @@ def test_lm_head_refines_the_top_logits_in_float32(kernel, monkeypatch):
     assert not torch.allclose(bf16.gather(-1, top), ref.gather(-1, top), rtol=0, atol=1e-6)
     assert torch.allclose(out.gather(-1, top), ref.gather(-1, top), rtol=1e-6, atol=1e-6)
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_direct_apply_is_the_generic_apply_bitwise(bundled_model):
+    """quantization="gguf" on the cpu: after a layer's first product (which repacks it) its
+    products skip the generic ``apply`` (``direct_apply``), with the same bits; a bias or 3-D x
+    still takes the generic path."""
+    from tessellm.backends.cpu import quant_ops
+    from tessellm.entrypoints.llm import LLM
+
+    llm = LLM(bundled_model, quantization="gguf", dtype="float32", max_model_len=64,
+              num_kv_blocks=16, max_num_seqs=2, enforce_eager=True)
+    layer = llm.engine.core.runner.model.layers[1].mlp.gate_up_proj
+    method = layer.quant_method
+    generic = method.apply.__closure__[0].cell_contents  # the generic apply direct_apply wraps
+    x = torch.randn(3, layer.input_size, generator=torch.Generator().manual_seed(1))
+    want = generic(layer, x)  # repacks the segment
+    assert quant_ops.repacked(layer.segments[0])
+    first = method.apply(layer, x)  # makes the direct entry
+    assert quant_ops._DIRECT in layer.__dict__
+    assert torch.equal(first, want) and torch.equal(method.apply(layer, x), want)
+    assert torch.equal(method.apply(layer, x[None])[0], want)
+    bias = torch.randn(want.shape[-1])
+    assert torch.equal(method.apply(layer, x, bias), generic(layer, x, bias))

@@ -1,6 +1,7 @@
 """The cpu backend's C kernels (``csrc/``), built on first use and loaded through ctypes.
 
-``load()`` compiles ``csrc/paged_decode.c`` (paged decode attention, NeoX rotary) with the system C compiler (``$CC``, else ``cc``,
+``load()`` compiles ``csrc/paged_decode.c`` (paged decode attention, NeoX rotary) and
+``csrc/norm.c`` (residual add + RMSNorm) into one library with the system C compiler (``$CC``, else ``cc``,
 ``gcc``, ``clang``; ``-O3 -march=native -fopenmp``) into ``<cache_dir>/cpu_native/``, keyed by
 the source, the compiler's version, the flags and the host CPU, so a machine compiles it once
 (~0.5 s; several processes compiling at once each write a temporary file and rename it into
@@ -33,7 +34,7 @@ from tessellm import envs
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_decode.c", "norm.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -71,7 +72,7 @@ def _try_load() -> tuple[Optional[ctypes.CDLL], Optional[str]]:
         path = _build(compiler)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        return None, f"building {SOURCE.name} failed: {str(e).strip()[-300:]}"
+        return None, f"building {', '.join(s.name for s in SOURCES)} failed: {str(e).strip()[-300:]}"
     if _openmp_libs() != omp_before:
         return None, "the built library loaded a second OpenMP runtime"
     _declare(lib)
@@ -85,6 +86,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                                     ctypes.c_float, p, i32]
     lib.tl_rotary_neox.restype = i32
     lib.tl_rotary_neox.argtypes = [p, i64, i32, p, i64, i32, p, p, i64, i32, i32, i32, i32]
+    lib.tl_add_rms_norm.restype = i32
+    lib.tl_add_rms_norm.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float, i32]
 
 
 def _compiler() -> Optional[list[str]]:
@@ -98,19 +101,19 @@ def _build(compiler: list[str]) -> Path:
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
+    for part in (*(s.read_bytes() for s in SOURCES), version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
                  torch.__version__.encode()):
         key.update(part)
         key.update(b"\0")
     out_dir = Path(envs.cache_dir()) / "cpu_native"
-    path = out_dir / f"paged_decode-{key.hexdigest()[:16]}.so"
+    path = out_dir / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if path.exists():
         return path
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([*compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+        proc = subprocess.run([*compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
                               text=True, timeout=300)
         if proc.returncode:
             raise OSError(proc.stderr or f"{compiler[0]} exited with {proc.returncode}")

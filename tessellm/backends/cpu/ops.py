@@ -35,6 +35,35 @@ MIN_M = 8
 PACK_HINT = 64
 PACK_LIMIT_ENV = "TESSELLM_CPU_PACKED_WEIGHTS_MB"
 
+# The native RMSNorm (csrc/norm.c) takes at most this many values: below torch's reduction grain
+# (32768) torch sums each row on one thread, in the order the kernel reproduces.
+NORM_MAX_NUMEL = 32768
+
+
+def norm_lanes(lib, n: int, eps: float) -> int:
+    """The vector width (16 or 8 lanes) with which ``tl_add_rms_norm`` reproduces torch's float32
+    RMSNorm bitwise for rows of ``n`` (torch's sum kernel may run narrower vectors than its CPU
+    capability says: 8 lanes measured on an AVX-512 host with torch 2.13), or 0 when neither
+    does. Probed once per width on random rows of several magnitudes, with and without a
+    residual, against ``F.rms_norm`` (as many rows as the size limit allows, up to 64: a wrong
+    width matched one random row of 576 in ~1/4 of draws, never 50)."""
+    g = torch.Generator().manual_seed(n)
+    count = max(1, min(64, NORM_MAX_NUMEL // n))
+    rows = [torch.randn(count, n, generator=g) * s for s in (1e-3, 1.0, 30.0)]
+    weight = torch.randn(n, generator=g)
+    for lanes in (8, 16):
+        ok = True
+        for x in rows:
+            res, out, sum_out = x.flip(0).contiguous(), torch.empty_like(x), torch.empty_like(x)
+            rc = lib.tl_add_rms_norm(x.data_ptr(), res.data_ptr(), sum_out.data_ptr(), weight.data_ptr(),
+                                     out.data_ptr(), x.shape[0], n, eps, lanes)
+            if rc or not torch.equal(out, F.rms_norm(x + res, (n,), weight, eps)):
+                ok = False
+                break
+        if ok:
+            return lanes
+    return 0
+
 
 class CpuOps(ReferenceOps):
     fused_moe = staticmethod(fused_moe_grouped)  # the sort-and-group MoE (cpu/moe.py)
@@ -46,6 +75,7 @@ class CpuOps(ReferenceOps):
         self._pack_limit = int(os.environ.get(PACK_LIMIT_ENV, "2048")) << 20
         self.onednn = torch.backends.mkldnn.is_available()
         self._native = False  # the native kernels (native.load()), looked up on first use
+        self._norm_lanes: dict[int, int] = {}  # row width -> norm_lanes() (0: torch's path)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
         """``x @ weight.T (+ bias)``; float32 products on oneDNN's packed weight (``_pack``),
@@ -66,11 +96,49 @@ class CpuOps(ReferenceOps):
         return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """float32: ``F.rms_norm``, one aten call for the reference's five (the same products in
-        the same order: bitwise the reference's result, checked in tests/backends/test_cpu_ops.py)."""
+        """float32: the native kernel (``csrc/norm.c``) where it takes ``x``, else ``F.rms_norm``,
+        one aten call for the reference's five; both bitwise the reference's result (checked in
+        tests/backends/test_cpu_ops.py)."""
         if x.dtype != torch.float32 or weight.dtype != torch.float32:
             return super().rms_norm(x, weight, eps)
+        out = self._native_norm(x, None, weight, eps)
+        if out is not None:
+            return out[0]
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def fused_add_rms_norm(self, x, residual, weight, eps):
+        """``(rms_norm(x + residual), x + residual)``: float32 rows in one native call
+        (``_native_norm``), else the reference (an add, then ``rms_norm``)."""
+        out = self._native_norm(x, residual, weight, eps)
+        if out is not None:
+            return out
+        return super().fused_add_rms_norm(x, residual, weight, eps)
+
+    def _native_norm(self, x, residual, weight, eps) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(norm, residual sum)`` by ``tl_add_rms_norm``, or None where it does not apply: no
+        native library, under ``torch.compile`` or autograd, not contiguous float32, more than
+        ``NORM_MAX_NUMEL`` values (torch may then sum a row over threads), or a row width whose
+        sum order the library could not match bitwise (``_norm_lanes``)."""
+        lib = self._native_lib()
+        if (lib is None or x.dtype != torch.float32 or weight.dtype != torch.float32
+                or x.numel() > NORM_MAX_NUMEL or not x.is_contiguous() or not weight.is_contiguous()
+                or x.requires_grad or torch.compiler.is_compiling()):
+            return None
+        if residual is not None and (residual.dtype != torch.float32 or residual.shape != x.shape
+                                     or not residual.is_contiguous()):
+            return None
+        n = x.shape[-1]
+        lanes = self._norm_lanes.get(n)
+        if lanes is None:
+            lanes = self._norm_lanes[n] = norm_lanes(lib, n, eps)
+        if not lanes or weight.shape != (n,):
+            return None
+        out = torch.empty_like(x)
+        res = None if residual is None else torch.empty_like(x)
+        rc = lib.tl_add_rms_norm(x.data_ptr(), 0 if res is None else residual.data_ptr(),
+                                 0 if res is None else res.data_ptr(), weight.data_ptr(),
+                                 out.data_ptr(), x.numel() // n, n, eps, lanes)
+        return None if rc else (out, res)
 
     def rotary_embedding(self, positions, q, k, cos_sin_cache, head_size: int):
         """float32 q/k rows with unit inner stride: rotated in place by the native kernel

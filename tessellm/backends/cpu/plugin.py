@@ -83,7 +83,10 @@ def tessellm_quant_method(backend: Backend, spec):
     through torch's CPU int4 kernel, ``cpu/quant_ops.py``); awq/gptq: None."""
     if backend.name != NAME:
         return None
-    from tessellm.backends.cpu.quant_ops import CpuQuantOps
+    from tessellm.backends.cpu.quant_ops import CpuQuantOps, direct_apply
     from tessellm.quantization import make_quant_method
 
-    return make_quant_method(spec, CpuQuantOps())
+    method = make_quant_method(spec, CpuQuantOps())
+    if method is not None:
+        direct_apply(method)  # repacked int4/int8 layers skip the generic apply's glue
+    return method
