@@ -86,3 +86,39 @@ def test_no_compiler_falls_back_with_the_reason(monkeypatch, tmp_path):
     assert native.load() is None
     assert "no C compiler" in native.unavailable_reason()
     assert _kernel(6, 2, 16, torch.float32, 4, None).native is None
+
+
+# a bfloat16 cache under float32 q: only the fused decode takes it (the SDPA paths want one dtype)
+@pytest.mark.parametrize("cache_dtype,window,qlens", [
+    (torch.float32, None, [1, 1, 1, 1]), (torch.float32, 9, [1, 1, 1, 1]), (torch.bfloat16, None, [1, 1, 1, 1]),
+    (torch.float32, None, [1, 1, 3]), (torch.float32, 9, [1, 1, 3])])
+def test_fused_rotary_step_is_rotating_first_bitwise(lib, cache_dtype, window, qlens):
+    """``forward`` with the rotary inputs (``fuses_rotary``): a step of decodes only runs
+    ``tl_decode_step`` (rotary, cache write, attention in one call), a mixed step rotates first;
+    either way the output and both caches are bitwise those of rotating with ``CpuOps`` and
+    calling ``forward`` without them. q, k, v are views into one qkv row, as the model passes."""
+    from tessellm.backends.cpu.ops import CpuOps
+
+    ctx = [0, 15, 40, 7][:len(qlens)]
+    step = make_paged_step(qlens, ctx, num_kv_heads=2, group=3, head_size=64, block_size=16,
+                           dtype=cache_dtype, device="cpu", window=window, seed=5)
+    kernel = _kernel(6, 2, 64, cache_dtype, 16, window)
+    t = step.q.shape[0]
+    qkv = torch.cat([x.float().reshape(t, -1) for x in (step.q, step.k, step.v)], dim=1)
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, qlens)])
+    cos_sin = torch.randn(128, 64, generator=torch.Generator().manual_seed(1))
+
+    def views(row):
+        q, k, v = row.split([6 * 64, 2 * 64, 2 * 64], dim=1)
+        return q.view(t, 6, 64), k.view(t, 2, 64), v.view(t, 2, 64)
+
+    md = kernel.build_metadata(step.batch)
+    assert (md.native_decode.n == t) == (qlens == [1] * 4)
+    k_first, v_first = step.k_cache.clone(), step.v_cache.clone()
+    q, k, v = views(qkv.clone())
+    q2, k2 = CpuOps().rotary_embedding(positions, q.reshape(t, -1), k.reshape(t, -1), cos_sin, 64)
+    want = kernel.forward(q2.view(t, 6, 64), k2.view(t, 2, 64), v, k_first, v_first, md, step.scale)
+    got = kernel.forward(*views(qkv.clone()), step.k_cache, step.v_cache, md, step.scale,
+                         positions=positions, cos_sin_cache=cos_sin)
+    assert torch.equal(got, want)
+    assert torch.equal(step.k_cache, k_first) and torch.equal(step.v_cache, v_first)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from tessellm.backends.cpu import native
+from tessellm.backends.cpu.decode_step import decode_step, fusable
 from tessellm.backends.spec import AttentionSpec
 from tessellm.backends.spec import AttentionBatch
 
@@ -80,6 +81,7 @@ class NativeDecode:
     n: int
     tables: torch.Tensor  # int32 [n, blocks]
     seq_lens: torch.Tensor  # int32 [n]
+    slots: Optional[torch.Tensor] = None  # int64 [n]: each decode's k/v slot (tl_decode_step)
 
 
 # Non-decode sequences with at most this many queries each run batched (``ShortQueries``).
@@ -105,11 +107,18 @@ class CpuAttentionKernel:
     name = "cpu-sdpa"
     supports_sliding_window = True
     supports_graph_capture = True  # no host syncs; decode metadata needs no host lists
+    # forward takes the unrotated q, k with positions and the cos/sin cache: a step of float32
+    # decodes runs rotary, cache write and attention in one C call (csrc/decode_step.c); any
+    # other step rotates first (CpuOps.rotary_embedding: native or the reference) and goes on.
+    fuses_rotary = True
 
     def __init__(self, spec: AttentionSpec):
+        from tessellm.backends.cpu.ops import CpuOps
+
         self.spec = spec
         self.window = spec.sliding_window
         self.native = native.load() if _native_shapes(spec) else None
+        self.rope = CpuOps()
 
     def build_metadata(self, batch: AttentionBatch) -> CpuAttentionMetadata:
         if not batch.query_start_loc_host and batch.num_decodes == 0:
@@ -119,7 +128,8 @@ class CpuAttentionKernel:
         groups, native_decode = [], None
         if nd and batch.seq_lens_host and self.native is not None and not torch.compiler.is_compiling():
             native_decode = NativeDecode(nd, batch.block_tables[:nd].to(torch.int32).contiguous(),
-                                         batch.seq_lens[:nd].to(torch.int32).contiguous())
+                                         batch.seq_lens[:nd].to(torch.int32).contiguous(),
+                                         batch.slot_mapping[:nd].to(torch.int64).contiguous())
         elif nd and batch.seq_lens_host:  # eager: groups of similar length, each its own width
             for rows, longest in _decode_groups(batch.seq_lens_host[:nd], bs):
                 groups.append(self._decode_group(batch, rows, -(-longest // bs)))
@@ -196,8 +206,18 @@ class CpuAttentionKernel:
             valid &= k_pos[None, None, :] > q_pos[:, :, None] - self.window
         return CpuAttentionMetadata(batch, [], [], True, q, valid[:, None], blocks)
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata: CpuAttentionMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, metadata: CpuAttentionMetadata, scale: float,
+                positions=None, cos_sin_cache=None):
         batch = metadata.batch
+        if positions is not None:
+            nat = metadata.native_decode
+            if (nat is not None and nat.slots is not None and nat.n == q.shape[0]
+                    and not metadata.padded_slots and fusable(q, k, v, positions, cos_sin_cache)):
+                return decode_step(self.native, q, k, v, k_cache, v_cache, nat, positions,
+                                   cos_sin_cache, scale, self.window)
+            t, d = q.shape[0], q.shape[-1]
+            q, k = self.rope.rotary_embedding(positions, q.view(t, -1), k.view(t, -1), cos_sin_cache, d)
+            q, k = q.view(t, -1, d), k.view(t, -1, d)
         if metadata.padded_slots:
             _write_cache_padded(k, v, k_cache, v_cache, batch.slot_mapping)
         else:
