@@ -187,7 +187,7 @@ def direct_apply(method) -> None:
 
     def apply(layer, x: torch.Tensor, bias=None) -> torch.Tensor:
         entry = layer.__dict__.get(_DIRECT)
-        if entry is not None and bias is None and x.dim() == 2:
+        if entry is not None and bias is None and isinstance(x, torch.Tensor) and x.dim() == 2:
             segs, seg, packed = entry
             if layer._modules.get("segments") is segs and segs._modules.get("0") is seg and len(segs) == 1:
                 return int4pack_mm(x, packed).to(x.dtype)
