@@ -4,7 +4,8 @@
 #       interleaved (tessellm, HF, tessellm, HF ... C_ROUNDS times) so load changes hit both
 #   B1  batch 1 on the bundled SmolLM2 Q4_1 GGUF, 128-token prompt, greedy, 2 threads:
 #       tessellm fp32, tessellm quantization="gguf", llama.cpp (llama-cpp-python; skipped with
-#       a message when it is not importable), interleaved rounds (benchmarks/cpu_b1.py)
+#       a message when it is not importable), interleaved rounds (benchmarks/cpu_b1.py); then
+#       the eager gguf decode step with its C/Python fast paths on and off (benchmarks/cpu_b1_ab.py)
 #   S   the sampler's per-step cost at batch 1 and 256 (benchmarks/sampler_cost.py)
 # Writes $OUT/{meta.txt,c_*.json,b1.json,sampler.json,summary.txt}.
 #
@@ -50,6 +51,9 @@ if [[ " $PARTS " == *" B1 "* ]]; then
   $B1_PY benchmarks/cpu_b1.py --rounds "$B1_ROUNDS" --output-len "$B1_OUT_LEN" $B1_FLAGS \
       --output-json "$OUT/b1.json" > "$OUT/b1.log" 2>&1
   grep "^round" "$OUT/b1.log"
+  echo "== B1 eager gguf fast paths on/off, 2 threads (load $(cut -d' ' -f1 /proc/loadavg))"
+  $PY benchmarks/cpu_b1_ab.py --threads 2 --rounds "$B1_ROUNDS" > "$OUT/b1_ab.log" 2>&1
+  tail -3 "$OUT/b1_ab.log"
 fi
 if [[ " $PARTS " == *" S "* ]]; then
   echo "== sampler (load $(cut -d' ' -f1 /proc/loadavg))"
