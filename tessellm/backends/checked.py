@@ -118,12 +118,15 @@ class CheckedAttentionKernel(_Checked):
         if _compiling():
             return self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **rotary)
         known = self._batch is not None and self._batch[0] is metadata
-        probe = None if rotary or not known else _attention_probe(self._batch[1], q, k, v)
+        probe = _attention_probe(self._batch[1], q, k, v) if known else None
         out = self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **rotary)
         t, h, d = q.shape
         self._tensor("forward", out, [(t, h, d), (t, h * d)], q.dtype, q.device)
         if probe is not None:
             first, rows = probe
+            if rotary:  # ``fuses_rotary``: the rows came unrotated; the reference rotates them
+                rows = _rotated(rows, rotary["positions"][first:first + rows[0].shape[0]],
+                                rotary["cos_sin_cache"])
             ref = _reference_attention(*rows, scale, self._spec.sliding_window)
             rel = 0.15 if self._spec.kv_cache_dtype != "auto" else _rel(q.dtype)
             got = out.reshape(t, h, d)[first:first + ref.shape[0]]
@@ -144,6 +147,16 @@ def _attention_probe(batch, q, k, v):
             a, r = starts[s], min(PROBE_ROWS, n)
             return a, tuple(x[a:a + r].detach().clone() for x in (q, k, v))
     return None
+
+
+def _rotated(rows, positions, cos_sin_cache):
+    """Probe rows ``(q, k, v)`` with q and k NeoX-rotated by the reference, as a kernel that
+    ``fuses_rotary`` must rotate them (``AttentionKernel.forward``)."""
+    q, k, v = rows
+    (r, h, d), kvh = q.shape, k.shape[1]
+    q, k = _REFERENCE.rotary_embedding(positions, q.reshape(r, h * d).clone(),
+                                       k.reshape(r, kvh * d).clone(), cos_sin_cache, d)
+    return q.reshape(r, h, d), k.reshape(r, kvh, d), v
 
 
 def _reference_attention(q, k, v, scale: float, window: Optional[int]) -> torch.Tensor:

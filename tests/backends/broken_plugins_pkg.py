@@ -32,6 +32,11 @@ _SPOILED = """
         return Spoiled(spec) if backend.name == NAME else None
 """
 
+# A kernel that declares fuses_rotary but attends over the unrotated q and k.
+_NO_ROTARY = _SPOILED.replace("name = NAME\n", "name = NAME\n        fuses_rotary = True\n").replace(
+    "super().forward(q, k, v, k_cache, v_cache, metadata, scale, **kw)",
+    "super().forward(q, k, v, k_cache, v_cache, metadata, scale)")
+
 # A tryfirst hook that forgets to check backend.name, so it answers for cpu too.
 _TAKEOVER = """
     from tessellm.backends.cpu.attention import CpuAttentionKernel
@@ -53,6 +58,7 @@ MODULES = {
     # 1. a wrong shape and a wrong dtype
     "shape": _SPOILED.format(name="badshape", spoil="out.transpose(0, 1).contiguous()"),
     "dtype": _SPOILED.format(name="baddtype", spoil="out.double()"),
+    "norotary": _NO_ROTARY.format(name="norotary", spoil="out"),
     # 2. silent takeover of cpu, and the same plugin declaring its override
     "takeover": _TAKEOVER.format(declare=""),
     "override": _TAKEOVER.format(declare='TESSELLM_OVERRIDES = ("cpu",)'),
@@ -86,6 +92,7 @@ MODULES = {
 }
 # entry-point name -> module; the entry-point name is also the backend name where it has one
 ENTRY_POINTS = {"badlayout": "layout", "badshape": "shape", "baddtype": "dtype",
+                "norotary": "norotary",
                 "takeover": "takeover", "override": "override", "importerror": "importerror",
                 "futureapi": "futureapi", "typo": "typo", "dupcpu": "dupcpu"}
 LOAD_FAILURES = ("importerror", "futureapi", "typo", "dupcpu")

@@ -58,8 +58,9 @@ for device in {devices!r}:
 
 
 def test_wrong_layout_shape_and_dtype_fail_on_the_first_step_naming_the_plugin(site, tiny_llama):
-    proc = run(site, "cpu,badlayout,badshape,baddtype",
-               code=generate_each(tiny_llama, ["badlayout", "badshape", "baddtype", "cpu"]))
+    proc = run(site, "cpu,badlayout,badshape,baddtype,norotary",
+               code=generate_each(tiny_llama, ["badlayout", "badshape", "baddtype", "norotary",
+                                               "cpu"]))
     out = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
     where = "PluginError: Backend plugin '{0}' (tessellm_attention_kernel for backend '{0}'): "
     # same number of elements, silently wrong before: caught by the reference rows
@@ -70,6 +71,10 @@ def test_wrong_layout_shape_and_dtype_fail_on_the_first_step_naming_the_plugin(s
         "forward returned shape (4, 5, 16); expected shape (5, 4, 16) or (5, 64).")
     assert out["baddtype"] == where.format("baddtype") + (
         "forward returned dtype torch.float64; expected dtype torch.float32.")
+    # declares fuses_rotary, attends over unrotated q/k: the probe rows are rotated by the
+    # reference, so this is caught on the first step too
+    assert out["norotary"].startswith(where.format("norotary") + "forward returned values off "
+                                      "by"), proc.stdout + proc.stderr
     assert out["cpu"] == "OK"
 
 
