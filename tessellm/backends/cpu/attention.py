@@ -112,6 +112,14 @@ class CpuAttentionKernel:
     # other step rotates first (CpuOps.rotary_embedding: native or the reference) and goes on.
     fuses_rotary = True
 
+    def __init_subclass__(cls, **kwargs):
+        # A plugin subclass with its own forward fuses rotary only if it says so (as the Triton
+        # kernel's, kernels/attention/paged.py): its forward may not take or pass the rotary
+        # keyword arguments on.
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__ and "fuses_rotary" not in cls.__dict__:
+            cls.fuses_rotary = False
+
     def __init__(self, spec: AttentionSpec):
         from tessellm.backends.cpu.ops import CpuOps
 
