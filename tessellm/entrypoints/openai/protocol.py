@@ -59,10 +59,16 @@ class _SamplingFields(_Request):
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0 only with echo: score the prompt (OpenAI, vLLM)
     best_of: Optional[int] = Field(None, ge=1)  # only best_of == n (no ranking) is accepted
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0)
     suffix: Optional[str] = None  # unsupported
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) back, nothing generated."""
+        return self.echo and self.max_tokens == 0
 
 
 class ContentPart(BaseModel):

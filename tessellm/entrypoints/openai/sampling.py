@@ -43,6 +43,9 @@ def check_unsupported(req: BaseModel) -> None:
         raise bad_request("stream_options.continuous_usage_stats is not supported by tessellm yet; "
                           "use include_usage.", "stream_options.continuous_usage_stats",
                           "unsupported_parameter")
+    if isinstance(req, CompletionRequest) and req.max_tokens == 0 and not req.echo:
+        raise bad_request("max_tokens must be at least 1; 0 is accepted only with echo (to score the "
+                          "prompt).", "max_tokens", "invalid_value")
     if isinstance(req, CompletionRequest) and req.best_of not in (None, 1, req.n or 1):
         raise bad_request("best_of other than n is not supported by tessellm (no ranking of samples).",
                           "best_of", "unsupported_parameter")
@@ -78,6 +81,8 @@ def resolve_max_tokens(req, prompt_len: int, max_model_len: int, config: ServerC
     """The request's output budget; refuses prompt + max_tokens over the context length."""
     max_tokens, field = requested_max_tokens(req)
     room = max_model_len - prompt_len
+    if getattr(req, "echo_only", False):
+        return 1  # one token is sampled for the prompt's logprobs, then dropped (serving_completion)
     if max_tokens is None:
         default = _COMPLETIONS_DEFAULT_MAX_TOKENS if isinstance(req, CompletionRequest) else room
         limit = config.max_tokens if config.max_tokens is not None else room
@@ -116,8 +121,9 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
             logit_bias=_logit_bias(req.logit_bias, vocab_size),
             structured_outputs=structured,
         )
-    except ValueError as exc:
-        raise bad_request(str(exc)) from exc
+    except ValueError as exc:  # SamplingParams' messages start with the field's name
+        name = str(exc).split(" ", 1)[0]
+        raise bad_request(str(exc), name if name in type(req).model_fields else None) from exc
 
 
 def _logit_bias(bias: Optional[dict[str, float]], vocab_size: int) -> Optional[dict[int, float]]:

@@ -6,6 +6,7 @@ Choice ``index`` is ``prompt_index * n + sample_index``, as in the OpenAI API.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Optional
 
 from fastapi import Request
@@ -46,7 +47,7 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     if req.stream:
         return sse_response(engine, sub, _CompletionChunks(view, len(prompts)), config.sse_keepalive_s)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
-    return view.response(outputs)
+    return view.response([view.visible(o) for o in outputs])
 
 
 def _prompt_list(prompt, max_prompts: int) -> list:
@@ -63,6 +64,13 @@ def _prompt_list(prompt, max_prompts: int) -> list:
         raise bad_request(f"The request has {len(prompts)} prompts, over this server's limit of "
                           f"{max_prompts} (--max-prompts).", "prompt")
     return prompts
+
+
+def _without_generation(out: RequestOutput) -> RequestOutput:
+    """echo with max_tokens 0: the one token sampled (for the prompt's logprobs) is dropped."""
+    outputs = [replace(co, text="", token_ids=[], logprobs=[], cumulative_logprob=None,
+                       finish_reason="length" if out.finished else None) for co in out.outputs]
+    return replace(out, outputs=outputs)
 
 
 def _prompt_text(engine: AsyncLLM, processed) -> str:
@@ -85,6 +93,9 @@ class _CompletionView:
         self.created = int(time.time())
         self.n = req.n or 1
         self.prompt_texts = prompt_texts
+
+    def visible(self, out: RequestOutput) -> RequestOutput:
+        return _without_generation(out) if self.req.echo_only else out
 
     def response(self, outputs: list[RequestOutput]) -> CompletionResponse:
         choices = []
@@ -144,6 +155,9 @@ class _CompletionChunks:
 
     def update(self, pi: int, out: RequestOutput):
         view, chunks = self.view, []
+        if view.req.echo_only and not out.finished:
+            return []
+        out = view.visible(out)
         if out.finished:
             self.finals[pi] = out
         for co in out.outputs:

@@ -1,0 +1,78 @@
+"""Request shapes that real OpenAI / vLLM clients send, over real HTTP against the bundled SmolLM2
+(the session's shared server from conftest.py): echo-only scoring (``echo`` + ``max_tokens: 0``,
+lm-eval-harness's loglikelihood request), ``stream_options.continuous_usage_stats``, and the
+``param`` of errors that SamplingParams raises. Every answer is checked field by field."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Say hi"}]
+
+
+def _events(http: httpx.Client, path: str, body: dict) -> list[dict]:
+    """A streamed request's JSON events (the [DONE] sentinel checked and dropped)."""
+    with http.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]" and "[DONE]" not in data[:-1]
+    return [json.loads(d) for d in data[:-1]]
+
+
+def _error(r: httpx.Response, status: int, param: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    return err
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(http):
+    """OpenAI and vLLM: echo + max_tokens 0 returns the prompt and its logprobs, no generation."""
+    body = {"model": MODEL, "prompt": PROMPT, "echo": True, "logprobs": 1, "temperature": 0}
+    r = http.post("/v1/completions", json={**body, "max_tokens": 0})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    choice = out["choices"][0]
+    assert choice["text"] == PROMPT
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == PROMPT
+    assert lp["token_logprobs"][0] is None and all(x is not None for x in lp["token_logprobs"][1:])
+    assert out["usage"]["completion_tokens"] == 0
+    assert out["usage"]["prompt_tokens"] == len(lp["tokens"])
+    assert choice["finish_reason"] == "length"
+    # the prompt part equals what echo with one generated token reports
+    one = http.post("/v1/completions", json={**body, "max_tokens": 1}).json()["choices"][0]["logprobs"]
+    n = len(lp["tokens"])
+    assert one["tokens"][:n] == lp["tokens"] and one["text_offset"][:n] == lp["text_offset"]
+    assert one["token_logprobs"][0] is None
+    assert one["token_logprobs"][1:n] == pytest.approx(lp["token_logprobs"][1:], abs=1e-4)
+    # streamed: the prompt once, no generated text, usage 0 completion tokens
+    events = _events(http, "/v1/completions", {**body, "max_tokens": 0, "n": 2,
+                                               "stream_options": {"include_usage": True}})
+    texts: dict[int, str] = {}
+    for e in events[:-1]:
+        for c in e["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {0: PROMPT, 1: PROMPT}
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 0
+    # max_tokens 0 without echo is still refused, by name
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 0})
+    assert "echo" in _error(r, 400, "max_tokens")["message"]
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 0})
+    _error(r, 400, "max_tokens")
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"stop": ""}, "stop"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+])
+def test_sampling_params_errors_name_the_field(http, extra, param):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, **extra})
+    _error(r, 400, param)
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2, **extra})
+    _error(r, 400, param)
