@@ -76,3 +76,28 @@ def test_sampling_params_errors_name_the_field(http, extra, param):
     _error(r, 400, param)
     r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2, **extra})
     _error(r, 400, param)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"messages": CHAT}),
+    ("/v1/completions", {"prompt": [PROMPT, "Hello"]}),
+])
+def test_continuous_usage_stats(http, path, body):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries usage (the prompt's
+    tokens and its choice's tokens so far); include_usage still adds the total at the end."""
+    body = {"model": MODEL, **body, "max_tokens": 4, "n": 2, "temperature": 0, "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    events = _events(http, path, body)
+    *chunks, total = events
+    assert total["choices"] == [] and total["usage"]["completion_tokens"] == 4 * 2 * (1 if "messages" in body else 2)
+    seen: dict[int, int] = {}
+    for e in chunks:
+        (choice,) = e["choices"]
+        u = e["usage"]
+        assert u is not None and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"], e
+        assert u["completion_tokens"] >= seen.get(choice["index"], 0)
+        seen[choice["index"]] = u["completion_tokens"]
+    assert sorted(seen.values()) == [4] * len(seen) and len(seen) == (2 if "messages" in body else 4)
+    # without continuous_usage_stats the other chunks carry usage null
+    events = _events(http, path, {**body, "stream_options": {"include_usage": True}})
+    assert all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"] is not None

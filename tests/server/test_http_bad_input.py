@@ -148,8 +148,6 @@ def test_missing_or_wrong_api_key(server):
     ({**CHAT, "frobnicate": True}, "frobnicate"),
     ({**COMPLETION, "suffix": "the end"}, "suffix"),
     ({**COMPLETION, "best_of": 3}, "best_of"),
-    ({**COMPLETION, "stream": True, "stream_options": {"continuous_usage_stats": True}},
-     "stream_options.continuous_usage_stats"),
 ])
 def test_unsupported_fields_are_named(http, body, param):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"

@@ -20,7 +20,14 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: usage in every chunk (refused when true)
+    continuous_usage_stats: bool = False  # vLLM: usage in every chunk (prompt + that choice so far)
+
+    def usage_now(self, prompt_tokens: int, completion_tokens: int) -> Optional["UsageInfo"]:
+        """A chunk's usage: only with continuous_usage_stats (other chunks carry null)."""
+        if not self.continuous_usage_stats:
+            return None
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens)
 
 
 class _SamplingFields(_Request):

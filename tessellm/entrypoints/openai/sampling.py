@@ -39,10 +39,6 @@ def check_unsupported(req: BaseModel) -> None:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
-    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
-        raise bad_request("stream_options.continuous_usage_stats is not supported by tessellm yet; "
-                          "use include_usage.", "stream_options.continuous_usage_stats",
-                          "unsupported_parameter")
     if isinstance(req, CompletionRequest) and req.max_tokens == 0 and not req.echo:
         raise bad_request("max_tokens must be at least 1; 0 is accepted only with echo (to score the "
                           "prompt).", "max_tokens", "invalid_value")

@@ -49,6 +49,7 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     lora = config.lora_for(req.model)
     sub = submit(engine, request_id, [processed], [params], lora)
     view = _ChatView(engine, req, lora.lora_name if lora else config.model_name, request_id, plan)
+    view.prompt_tokens = len(processed.prompt_token_ids)
     if req.stream:
         return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
@@ -113,6 +114,7 @@ class _ChatView:
         self.id = request_id
         self.created = int(time.time())
         self.top = req.top_logprobs or 0
+        self.prompt_tokens = 0
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
         choices = []
@@ -180,9 +182,13 @@ class _ChatChunks:
         v = self.view
         return ChatCompletionChunk(id=v.id, created=v.created, model=v.model, choices=choices, usage=usage_info)
 
+    def _usage_now(self, completion_tokens: int):
+        options = self.view.req.stream_options
+        return options.usage_now(self.view.prompt_tokens, completion_tokens) if options else None
+
     def start(self):
-        return [self._chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-                for i in range(self.n)]
+        return [self._chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+                            self._usage_now(0)) for i in range(self.n)]
 
     def update(self, _index: int, out: RequestOutput):
         chunks = []
@@ -209,7 +215,8 @@ class _ChatChunks:
                 if not (delta.content or delta.tool_calls or reason or logprobs):
                     continue  # held back: it may be the start of a tool call
             chunks.append(self._chunk([ChatStreamChoice(index=i, delta=delta, logprobs=logprobs,
-                                                        finish_reason=reason)]))
+                                                        finish_reason=reason)],
+                                      self._usage_now(len(co.token_ids))))
         return chunks
 
     def _tool_delta(self, i: int, text: str, reason: Optional[str]):

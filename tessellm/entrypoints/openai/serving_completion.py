@@ -180,9 +180,11 @@ class _CompletionChunks:
                 text = view.prompt_texts[pi] + text
             self.sent_text[index] = len(co.text)
             self.sent_tokens[index] = -1 if done else len(co.token_ids)
-            chunks.append(CompletionResponse(id=view.id, created=view.created, model=view.model,
-                                             choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                                                       finish_reason=done)]))
+            options = view.req.stream_options
+            chunks.append(CompletionResponse(
+                id=view.id, created=view.created, model=view.model,
+                choices=[CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=done)],
+                usage=options.usage_now(len(out.prompt_token_ids), len(co.token_ids)) if options else None))
         return chunks
 
     def finish(self):
