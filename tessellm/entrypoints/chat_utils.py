@@ -7,16 +7,36 @@ from __future__ import annotations
 from typing import Optional
 
 
+# apply_chat_template's own arguments: never taken from a request's chat_template_kwargs
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs"})
+
+
 def render_chat(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,
-                chat_template: Optional[str] = None, tools: Optional[list[dict]] = None) -> list[int]:
+                chat_template: Optional[str] = None, tools: Optional[list[dict]] = None,
+                continue_final_message: bool = False,
+                template_kwargs: Optional[dict] = None) -> list[int]:
     """The conversation (``[{role, content}, ...]``) through the chat template, as token ids.
 
     ``chat_template`` (Jinja text) overrides the tokenizer's own; ValueError when neither exists.
     ``tools``: OpenAI-shaped tool definitions, for templates that show them to the model.
+    ``continue_final_message``: the last message is left open (no end-of-turn) so the model
+    continues it (vLLM's option, with ``add_generation_prompt`` false).
+    ``template_kwargs``: extra variables for the template (e.g. ``enable_thinking``).
     """
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("The tokenizer has no chat template; pass chat_template=...")
-    extra = {"tools": tools} if tools else {}
+    extra = dict(template_kwargs or {})
+    bad = sorted(RESERVED_TEMPLATE_KWARGS & set(extra))
+    if bad:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(bad)}.")
+    if tools:
+        extra["tools"] = tools
+    if continue_final_message:
+        extra["continue_final_message"] = True
     text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
                                          add_generation_prompt=add_generation_prompt, **extra)
     return tokenizer.encode(text, add_special_tokens=False)

@@ -101,3 +101,32 @@ def test_continuous_usage_stats(http, path, body):
     # without continuous_usage_stats the other chunks carry usage null
     events = _events(http, path, {**body, "stream_options": {"include_usage": True}})
     assert all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"] is not None
+
+
+def test_continue_final_message_and_chat_template_kwargs(http):
+    """vLLM's chat extras: continue_final_message leaves the last assistant message open (greedy
+    output = a completion of the same prompt text without the end-of-turn); chat_template_kwargs
+    reach the template, and apply_chat_template's own arguments are refused by name."""
+    partial = [*CHAT, {"role": "assistant", "content": "Hello! My name"}]
+    body = {"model": MODEL, "messages": partial, "max_tokens": 5, "temperature": 0}
+    r = http.post("/v1/chat/completions", json={**body, "add_generation_prompt": False,
+                                                "continue_final_message": True})
+    assert r.status_code == 200, r.text
+    closed = http.post("/tokenize", json={"model": MODEL, "messages": partial,
+                                          "add_generation_prompt": False}).json()["tokens"]
+    text = http.post("/detokenize", json={"model": MODEL, "tokens": closed}).json()["prompt"]
+    end = text.rindex("Hello! My name") + len("Hello! My name")
+    assert text[end:].strip(), text  # the closed form has an end-of-turn after the content
+    want = http.post("/v1/completions", json={"model": MODEL, "prompt": text[:end], "max_tokens": 5,
+                                              "temperature": 0}).json()
+    got = r.json()
+    assert got["choices"][0]["message"]["content"] == want["choices"][0]["text"]
+    assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+    r = http.post("/v1/chat/completions", json={**body, "continue_final_message": True})
+    _error(r, 400, "continue_final_message")
+    # kwargs the template does not use change nothing; reserved ones are refused
+    plain = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    r = http.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == plain, r.text
+    r = http.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"tokenize": True}})
+    assert "tokenize" in _error(r, 400, "chat_template_kwargs")["message"]

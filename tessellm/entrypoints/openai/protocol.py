@@ -147,7 +147,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Optional[list[ChatTool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
-    add_generation_prompt: bool = True  # vLLM extra
+    add_generation_prompt: bool = True  # vLLM extras
+    continue_final_message: bool = False  # the last (assistant) message is continued, not closed
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # extra template variables
     # accepted with no effect
     metadata: Optional[dict[str, str]] = None
     store: Optional[bool] = None  # true is refused (nothing is stored)

@@ -13,7 +13,7 @@ from fastapi import Request
 
 from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
-from tessellm.entrypoints.chat_utils import render_chat
+from tessellm.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS, render_chat
 from tessellm.entrypoints.openai.errors import bad_request
 from tessellm.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogProbs, ChatCompletionChunk,
                                                   ChatCompletionRequest, ChatCompletionResponse,
@@ -35,8 +35,12 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     check_limits(req, config)
     plan = ToolPlan(req, config.tool_call_parser)
     structured = structured_from_request(req, plan.forced_schema())
+    if req.continue_final_message and req.add_generation_prompt:
+        raise bad_request("continue_final_message needs add_generation_prompt false (the last message is "
+                          "continued, no new turn is opened).", "continue_final_message")
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
-                                plan.template_tools())
+                                plan.template_tools(), continue_final_message=req.continue_final_message,
+                                template_kwargs=req.chat_template_kwargs)
     try:
         processed = engine.process_prompt({"prompt_token_ids": ids})
     except ValueError as exc:
@@ -57,7 +61,9 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
 
 
 async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool,
-                          chat_template: Optional[str], tools: Optional[list[dict]] = None) -> list[int]:
+                          chat_template: Optional[str], tools: Optional[list[dict]] = None,
+                          continue_final_message: bool = False,
+                          template_kwargs: Optional[dict] = None) -> list[int]:
     """The messages through the chat template (``chat_utils.render_chat``), off the event loop."""
     if engine.tokenizer is None:
         raise bad_request("This model has no tokenizer, so chat is unavailable; use /v1/completions "
@@ -67,9 +73,14 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
         engine.check_text_fits(sum(len(m["content"]) for m in conversation), "The conversation")
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
+    bad = sorted(RESERVED_TEMPLATE_KWARGS & set(template_kwargs or {}))
+    if bad:
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(bad)}; use the request's own "
+                          "fields.", "chat_template_kwargs")
     try:
         return await engine.run_off_loop(render_chat, engine.tokenizer, conversation,
-                                         add_generation_prompt, chat_template, tools)
+                                         add_generation_prompt, chat_template, tools,
+                                         continue_final_message, template_kwargs)
     except Exception as exc:  # noqa: BLE001 - a template error is the request's fault (roles, ...)
         raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
 
