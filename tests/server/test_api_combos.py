@@ -130,3 +130,20 @@ def test_continue_final_message_and_chat_template_kwargs(http):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == plain, r.text
     r = http.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"tokenize": True}})
     assert "tokenize" in _error(r, 400, "chat_template_kwargs")["message"]
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"seed": 2**64 + 5}, "seed"),
+    ({"seed": -2**63 - 1}, "seed"),
+    ({"top_k": 2**70}, "top_k"),
+])
+def test_integers_past_64_bits_are_a_400(http, extra, param):
+    """A seed or top_k that no 64-bit integer holds was a 500 (msgpack overflow on the way to the
+    engine core); vLLM bounds seed to int64. The server keeps serving."""
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, **extra})
+    _error(r, 400, param)
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2, **extra})
+    _error(r, 400, param)
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2,
+                                           "seed": 2**63 - 1, "top_k": 2**31})
+    assert r.status_code == 200, r.text

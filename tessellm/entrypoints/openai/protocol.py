@@ -14,6 +14,9 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1  # what the engine core's msgpack carries
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -39,7 +42,7 @@ class _SamplingFields(_Request):
     logit_bias: Optional[dict[str, float]] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     n: Optional[int] = Field(None, ge=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=_INT64_MIN, le=_INT64_MAX)  # past 64 bits: a 400, never a 500
     stop: Optional[Union[str, list[str]]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
@@ -47,7 +50,7 @@ class _SamplingFields(_Request):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     user: Optional[str] = None  # accepted; no effect
     # vLLM extras
-    top_k: Optional[int] = Field(None, ge=-1)
+    top_k: Optional[int] = Field(None, ge=-1, le=_INT64_MAX)
     min_p: Optional[float] = Field(None, ge=0, le=1)
     repetition_penalty: Optional[float] = Field(None, gt=0)
     ignore_eos: bool = False
