@@ -147,3 +147,18 @@ def test_integers_past_64_bits_are_a_400(http, extra, param):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2,
                                            "seed": 2**63 - 1, "top_k": 2**31})
     assert r.status_code == 200, r.text
+
+
+def test_schema_integers_past_64_bits_are_a_400(http):
+    """A JSON schema with an integer past 64 bits where xgrammar does not look (examples, default)
+    reached the engine core's msgpack and was a 500."""
+    schema = {"type": "object", "examples": [{"a": 2**70}]}
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2}
+    r = http.post("/v1/chat/completions", json={**body, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert "64" in _error(r, 400, "response_format")["message"]
+    r = http.post("/v1/chat/completions", json={**body, "guided_json": {**schema, "default": -2**64}})
+    _error(r, 400, "guided_json")
+    r = http.post("/v1/chat/completions", json={**body, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "examples": [{"a": 2**62}]}}}})
+    assert r.status_code == 200, r.text

@@ -47,6 +47,9 @@ def structured_from_request(req, forced_tool_schema: Optional[dict] = None) -> O
         raise bad_request(f"The request sets {names}; give at most one output constraint.", sources[1][0])
     param, fields = sources[0]
     fields = {**fields, **options}
+    if _has_huge_int(fields):
+        raise bad_request(f"{param} holds an integer that does not fit in 64 bits; the engine cannot carry "
+                          "it (use a smaller number or a string).", param, "invalid_structured_output")
     try:
         params = StructuredOutputsParams.from_dict(fields)
         build_grammar(params)  # malformed schema / grammar / regex: refused here, by name
@@ -60,6 +63,19 @@ def structured_from_request(req, forced_tool_schema: Optional[dict] = None) -> O
 # (source, constraint kind) -> the field a client wrote, for error messages.
 _FIELD_NAMES = {("response_format", "json"): "response_format.json_schema.schema",
                 ("tool_choice", "json"): "the forced tool call's parameters schema"}
+
+
+def _has_huge_int(value) -> bool:
+    """Any int msgpack cannot carry to the engine core (outside [-2**63, 2**64))?"""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return not -2**63 <= value < 2**64
+    if isinstance(value, dict):
+        return any(_has_huge_int(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_huge_int(v) for v in value)
+    return False
 
 
 def _kind(fields: dict) -> str:
