@@ -122,6 +122,9 @@ def test_continue_final_message_and_chat_template_kwargs(http):
     got = r.json()
     assert got["choices"][0]["message"]["content"] == want["choices"][0]["text"]
     assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+    open_ids = http.post("/tokenize", json={"model": MODEL, "messages": partial, "add_generation_prompt": False,
+                                            "continue_final_message": True}).json()["tokens"]
+    assert len(open_ids) == want["usage"]["prompt_tokens"] and open_ids == closed[:len(open_ids)]
     r = http.post("/v1/chat/completions", json={**body, "continue_final_message": True})
     _error(r, 400, "continue_final_message")
     # kwargs the template does not use change nothing; reserved ones are refused

@@ -173,7 +173,9 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
         if engine.tokenizer is None:
             raise bad_request("This model has no tokenizer.")
         if is_chat:
-            ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template)
+            ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
+                                        continue_final_message=req.continue_final_message,
+                                        template_kwargs=req.chat_template_kwargs)
         else:
             ids = await engine.run_off_loop(
                 lambda: engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))

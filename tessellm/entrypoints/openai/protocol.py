@@ -353,6 +353,8 @@ class TokenizeChatRequest(_Request):
     model: Optional[str] = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     return_token_strs: bool = False
 
 

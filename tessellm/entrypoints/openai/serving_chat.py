@@ -35,9 +35,6 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     check_limits(req, config)
     plan = ToolPlan(req, config.tool_call_parser)
     structured = structured_from_request(req, plan.forced_schema())
-    if req.continue_final_message and req.add_generation_prompt:
-        raise bad_request("continue_final_message needs add_generation_prompt false (the last message is "
-                          "continued, no new turn is opened).", "continue_final_message")
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
                                 plan.template_tools(), continue_final_message=req.continue_final_message,
                                 template_kwargs=req.chat_template_kwargs)
@@ -73,6 +70,9 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
         engine.check_text_fits(sum(len(m["content"]) for m in conversation), "The conversation")
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
+    if continue_final_message and add_generation_prompt:
+        raise bad_request("continue_final_message needs add_generation_prompt false (the last message is "
+                          "continued, no new turn is opened).", "continue_final_message")
     bad = sorted(RESERVED_TEMPLATE_KWARGS & set(template_kwargs or {}))
     if bad:
         raise bad_request(f"chat_template_kwargs may not set {', '.join(bad)}; use the request's own "
