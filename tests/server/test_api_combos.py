@@ -165,3 +165,27 @@ def test_schema_integers_past_64_bits_are_a_400(http):
     r = http.post("/v1/chat/completions", json={**body, "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "examples": [{"a": 2**62}]}}}})
     assert r.status_code == 200, r.text
+
+
+def test_streamed_n2_chat_with_logprobs_matches_the_whole_response(http):
+    """n > 1 streamed with logprobs: a role chunk per choice first, each choice's deltas and logprobs
+    under its own index, one finish_reason per choice, all equal to the non-streamed response."""
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 4, "n": 2, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
+    whole = http.post("/v1/chat/completions", json=body).json()
+    events = _events(http, "/v1/chat/completions", body)
+    assert [e["choices"][0]["delta"] for e in events[:2]] == [{"role": "assistant", "content": ""}] * 2
+    assert [e["choices"][0]["index"] for e in events[:2]] == [0, 1]
+    text, tokens, reasons = {0: "", 1: ""}, {0: [], 1: []}, {0: [], 1: []}
+    for e in events[2:]:
+        (c,) = e["choices"]
+        text[c["index"]] += c["delta"].get("content", "")
+        tokens[c["index"]] += [t["token"] for t in (c["logprobs"] or {}).get("content") or []]
+        if c["finish_reason"]:
+            reasons[c["index"]].append(c["finish_reason"])
+    for w in whole["choices"]:
+        i = w["index"]
+        assert text[i] == w["message"]["content"] == "".join(tokens[i])
+        assert tokens[i] == [t["token"] for t in w["logprobs"]["content"]]
+        assert all(len(t["top_logprobs"]) == 2 for t in w["logprobs"]["content"])
+        assert reasons[i] == [w["finish_reason"]]
