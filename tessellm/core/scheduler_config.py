@@ -43,13 +43,18 @@ class SchedulerStats:
     spec_decode: Optional[SpecDecodeStats] = None  # totals since start; None: no speculation
 
 
+class ContextLengthError(ValueError):
+    """A prompt at or over the context length (the server answers code "context_length_exceeded")."""
+
+
 def check_prompt_fits(num_tokens: int, max_model_len: int, kv_capacity_tokens: int) -> None:
     """One clear ValueError for a prompt that can never run; shared by the front end and core."""
     if num_tokens == 0:
         raise ValueError("The prompt is empty; give at least one token.")
     if num_tokens >= max_model_len:
-        raise ValueError(f"The prompt has {num_tokens} tokens but the model's context length is "
-                         f"{max_model_len}; shorten the prompt to at most {max_model_len - 1} tokens.")
+        raise ContextLengthError(f"The prompt has {num_tokens} tokens but this model's maximum context "
+                                 f"length is {max_model_len} tokens; shorten the prompt to at most "
+                                 f"{max_model_len - 1} tokens.")
     if num_tokens + 1 > kv_capacity_tokens:
         raise ValueError(f"The prompt has {num_tokens} tokens but the KV cache holds only "
                          f"{kv_capacity_tokens} tokens; give the cache more blocks (num_kv_blocks) "

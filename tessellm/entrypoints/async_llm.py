@@ -41,6 +41,7 @@ from tessellm.core.input_processor import InputProcessor, ProcessedPrompt, Promp
 from tessellm.core.output_processor import OutputProcessor
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.scheduler_config import ContextLengthError
 from tessellm.core.submit import submit
 from tessellm.metrics.stats import EngineStats, IterationStats, StatLogger
 
@@ -160,9 +161,9 @@ class AsyncLLM:
         per_token = self.max_token_chars()
         least = num_chars // per_token
         if least >= self.info.max_model_len:
-            raise ValueError(f"{what} is {num_chars} characters, at least {least} tokens for this model "
-                             f"(no token is longer than {per_token} characters), over its context "
-                             f"length of {self.info.max_model_len} tokens; shorten it.")
+            raise ContextLengthError(f"{what} is {num_chars} characters, at least {least} tokens for this "
+                                     f"model (no token is longer than {per_token} characters), over its "
+                                     f"maximum context length of {self.info.max_model_len} tokens; shorten it.")
 
     def max_token_chars(self) -> int:
         """An upper bound of characters per token: the longest vocabulary entry, x4 for

@@ -189,3 +189,21 @@ def test_streamed_n2_chat_with_logprobs_matches_the_whole_response(http):
         assert tokens[i] == [t["token"] for t in w["logprobs"]["content"]]
         assert all(len(t["top_logprobs"]) == 2 for t in w["logprobs"]["content"])
         assert reasons[i] == [w["finish_reason"]]
+
+
+def test_prompt_over_the_context_has_openais_code(http):
+    """A prompt at or over max_model_len (1024 here): 400 with code "context_length_exceeded" and
+    "maximum context length" in the message (what OpenAI clients and LiteLLM match on)."""
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": [100] * 1024, "max_tokens": 1})
+    err = _error(r, 400, "prompt")
+    assert err["code"] == "context_length_exceeded" and "maximum context length is 1024" in err["message"]
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": [[1, 2], [100] * 1500], "max_tokens": 1})
+    assert _error(r, 400, "prompt")["code"] == "context_length_exceeded"
+    long_chat = [{"role": "user", "content": "hello " * 1100}]
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": long_chat, "max_tokens": 1})
+    err = _error(r, 400, "messages")
+    assert err["code"] == "context_length_exceeded" and "maximum context length" in err["message"]
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 300000}]})
+    assert _error(r, 400, "messages")["code"] == "context_length_exceeded"
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": [[]], "max_tokens": 1})
+    assert _error(r, 400, "prompt")["code"] is None  # empty: not a context-length error

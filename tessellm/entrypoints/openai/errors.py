@@ -8,6 +8,7 @@ from typing import Optional
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from tessellm.core.scheduler_config import ContextLengthError
 from tessellm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -39,6 +40,12 @@ class OpenAIError(Exception):
 
 def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> OpenAIError:
     return OpenAIError(message, 400, param, code)
+
+
+def prompt_error(exc: ValueError, param: str, message: Optional[str] = None) -> OpenAIError:
+    """A prompt the engine refused; over the context length it carries OpenAI's code."""
+    code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else None
+    return bad_request(message or str(exc), param, code)
 
 
 def from_validation_error(exc: ValidationError | list) -> OpenAIError:

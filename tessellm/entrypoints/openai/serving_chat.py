@@ -14,7 +14,7 @@ from fastapi import Request
 from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS, render_chat
-from tessellm.entrypoints.openai.errors import bad_request
+from tessellm.entrypoints.openai.errors import bad_request, prompt_error
 from tessellm.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogProbs, ChatCompletionChunk,
                                                   ChatCompletionRequest, ChatCompletionResponse,
                                                   ChatLogProb, ChatLogProbTop, ChatMessage,
@@ -41,7 +41,7 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     try:
         processed = engine.process_prompt({"prompt_token_ids": ids})
     except ValueError as exc:
-        raise bad_request(str(exc), "messages") from None
+        raise prompt_error(exc, "messages") from None
     max_tokens = resolve_max_tokens(req, len(ids), engine.info.max_model_len, config)
     params = to_sampling_params(req, max_tokens, engine.info.vocab_size, structured)
     if plan.parser is not None and plan.parser.needs_special_tokens:
@@ -69,7 +69,7 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
     try:
         engine.check_text_fits(sum(len(m["content"]) for m in conversation), "The conversation")
     except ValueError as exc:
-        raise bad_request(str(exc), "messages") from None
+        raise prompt_error(exc, "messages") from None
     if continue_final_message and add_generation_prompt:
         raise bad_request("continue_final_message needs add_generation_prompt false (the last message is "
                           "continued, no new turn is opened).", "continue_final_message")

@@ -13,7 +13,7 @@ from fastapi import Request
 
 from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
-from tessellm.entrypoints.openai.errors import bad_request
+from tessellm.entrypoints.openai.errors import bad_request, prompt_error
 from tessellm.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs,
                                                   CompletionRequest, CompletionResponse)
 from tessellm.entrypoints.openai.sampling import (check_limits, check_model, check_unsupported,
@@ -35,7 +35,7 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
         try:
             processed.append(await engine.process_prompt_async(prompt))
         except ValueError as exc:
-            raise bad_request(str(exc) if len(prompts) == 1 else f"prompt {i}: {exc}", "prompt") from None
+            raise prompt_error(exc, "prompt", None if len(prompts) == 1 else f"prompt {i}: {exc}") from None
     max_len = engine.info.max_model_len
     structured = structured_from_request(req)
     params = [to_sampling_params(req, resolve_max_tokens(req, len(p.prompt_token_ids), max_len, config),
