@@ -207,3 +207,13 @@ def test_prompt_over_the_context_has_openais_code(http):
     assert _error(r, 400, "messages")["code"] == "context_length_exceeded"
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": [[]], "max_tokens": 1})
     assert _error(r, 400, "prompt")["code"] is None  # empty: not a context-length error
+
+
+def test_empty_model_name_means_the_served_model(http):
+    """vLLM (and clients that always send the field) treat "model": "" like no model: the served one."""
+    r = http.post("/v1/completions", json={"model": "", "prompt": PROMPT, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["model"] == MODEL, r.text
+    r = http.post("/v1/chat/completions", json={"model": "", "messages": CHAT, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["model"] == MODEL, r.text
+    r = http.post("/v1/completions", json={"model": "gpt-4o", "prompt": PROMPT, "max_tokens": 1})
+    assert _error(r, 404, "model")["code"] == "model_not_found"

@@ -21,7 +21,8 @@ _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 
 
 def check_model(requested: Optional[str], config: ServerConfig) -> None:
-    if requested is not None and requested not in config.served_model_names:
+    """None or "" (as vLLM) is the served model; another name must be served (404 otherwise)."""
+    if requested and requested not in config.served_model_names:
         if config.lora_for(requested) is not None:
             return
         names = config.served_model_names + sorted(config.lora.adapters if config.lora else ())

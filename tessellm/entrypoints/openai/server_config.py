@@ -27,7 +27,7 @@ class ServerConfig:
 
     def lora_for(self, name: Optional[str]):
         """The LoRARequest the ``model`` field names, or None (the base model)."""
-        return self.lora.get(name) if self.lora is not None else None
+        return self.lora.get(name) if self.lora is not None and name else None
 
     @property
     def model_name(self) -> str:
