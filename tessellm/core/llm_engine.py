@@ -43,7 +43,7 @@ class LLMEngine:
         if lora_request is not None:
             self.core.add_lora(lora_request)
         submit(self.inputs, self.outputs, request_id, prompt, params or SamplingParams(),
-               self.core.add_request, lora_request=lora_request)
+               self.core.add_request, lora_request=lora_request, abort=self.core.abort_requests)
 
     def abort_request(self, request_id: str) -> None:
         ids = self.outputs.core_ids(request_id)

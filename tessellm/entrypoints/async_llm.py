@@ -182,7 +182,8 @@ class AsyncLLM:
         self._ensure_handler()
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         submit(self.inputs, self.outputs, request_id, processed, params, self.client.send_add,
-               in_use=request_id in self.streams, lora_request=lora_request)
+               in_use=request_id in self.streams, lora_request=lora_request,
+               abort=self.client.send_abort)
         stream = RequestStream(request_id, event)
         self.streams[request_id] = stream
         return stream

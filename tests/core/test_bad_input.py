@@ -70,6 +70,28 @@ def test_bad_prompts_rejected_engine_keeps_working(llm, prompt, msg):
     _still_works(llm)
 
 
+def test_send_failing_part_way_leaves_nothing_behind(llm, monkeypatch):
+    """n = 2 whose second sample the core refuses (an injected failure of the hand-over, the
+    way a request the engine process cannot decode fails): the first sample is aborted and
+    the request unregistered, not left decoding for nobody."""
+    core, calls = llm.engine.core, []
+    add = core.add_request
+
+    def second_fails(req):
+        calls.append(req.request_id)
+        if len(calls) == 2:
+            raise ValueError("refused by the core")
+        add(req)
+
+    monkeypatch.setattr(core, "add_request", second_fails)
+    with pytest.raises(ValueError, match="refused by the core"):
+        llm.engine.add_request("n2", GOOD, SamplingParams(n=2, max_tokens=4))
+    monkeypatch.undo()
+    assert len(calls) == 2 and not llm.engine.outputs.has_request("n2")
+    assert not core.has_unfinished_requests()
+    _still_works(llm)
+
+
 def test_string_prompt_without_tokenizer_is_explained(llm):
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.generate("hello", use_tqdm=False)
