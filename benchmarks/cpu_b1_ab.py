@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 from cpu_b1 import prompt_ids
+from cpu_b1_steps import run  # (ms of each decode step, greedy tokens) of one request
 
 
 def switches(llm):
@@ -33,20 +33,6 @@ def switches(llm):
         cpu_ops.CpuOps._native_norm = norm if new else (lambda *a: None)
         cpu_attn.fusable = fusable if new else (lambda *a: False)
     return set_new
-
-
-def run(llm, ids, n: int, tag: str):
-    from tessellm import SamplingParams
-
-    eng = llm.engine
-    eng.add_request(tag, {"prompt_token_ids": ids}, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-    times, tokens = [], None
-    while eng.has_unfinished_requests():
-        start = time.perf_counter()
-        outs = eng.step()
-        times.append((time.perf_counter() - start) * 1e3)
-        tokens = next((list(o.outputs[0].token_ids) for o in outs), tokens)
-    return times[1:], tokens  # the first step is the prefill
 
 
 def main() -> int:
