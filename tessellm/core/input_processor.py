@@ -10,6 +10,7 @@ from typing import Optional, Union
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import check_prompt_fits
+from tessellm.core.scheduler_config import RequestParamError
 
 PromptType = Union[str, list[int], dict]
 
@@ -72,21 +73,22 @@ class InputProcessor:
         tokenizer (they would be ignored)."""
         vocab = self.info.vocab_size
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need the model's tokenizer, and this model has no "
-                             "tokenizer files; use stop_token_ids instead.")
+            raise RequestParamError("stop strings need the model's tokenizer, and this model has "
+                                    "no tokenizer files; use stop_token_ids instead.", "stop")
         for field in ("logprobs", "prompt_logprobs"):
             value = getattr(params, field)
             if value is not None and value > vocab:
-                raise ValueError(f"{field} is {value}, over the vocabulary size {vocab}; ask for at "
-                                 f"most {vocab} top logprobs per token.")
+                raise RequestParamError(f"{field} is {value}, over the vocabulary size {vocab}; ask "
+                                        f"for at most {vocab} top logprobs per token.", field)
         for token in params.logit_bias or ():
             if not (isinstance(token, int) and 0 <= token < vocab):
-                raise ValueError(f"logit_bias token id {token} is outside the vocabulary [0, {vocab}); "
-                                 "use this model's token ids.")
+                raise RequestParamError(f"logit_bias token id {token} is outside the vocabulary "
+                                        f"[0, {vocab}); use this model's token ids.", "logit_bias")
         for token in params.stop_token_ids or ():
             if not (isinstance(token, int) and 0 <= token < vocab):
-                raise ValueError(f"stop_token_ids has {token}, outside the vocabulary [0, {vocab}); "
-                                 "use this model's token ids.")
+                raise RequestParamError(f"stop_token_ids has {token}, outside the vocabulary "
+                                        f"[0, {vocab}); use this model's token ids.",
+                                        "stop_token_ids")
 
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                       arrival_time: Optional[float] = None,

@@ -47,6 +47,15 @@ class ContextLengthError(ValueError):
     """A prompt at or over the context length (the server answers code "context_length_exceeded")."""
 
 
+class RequestParamError(ValueError):
+    """A request parameter the engine refuses; ``param`` names the field (the server's error
+    object carries it)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 def check_prompt_fits(num_tokens: int, max_model_len: int, kv_capacity_tokens: int) -> None:
     """One clear ValueError for a prompt that can never run; shared by the front end and core."""
     if num_tokens == 0:

@@ -78,6 +78,16 @@ def test_sampling_params_errors_name_the_field(http, extra, param):
     _error(r, 400, param)
 
 
+def test_engine_side_refusals_name_the_field(http):
+    """Checks only the model can make (token ids against its vocabulary) come back with the
+    field as ``param`` too, not only in the message."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "stop_token_ids": [10 ** 7]}
+    assert "outside the vocabulary" in _error(http.post("/v1/completions", json=body), 400,
+                                              "stop_token_ids")["message"]
+    chat = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "stop_token_ids": [10 ** 7]}
+    _error(http.post("/v1/chat/completions", json=chat), 400, "stop_token_ids")
+
+
 @pytest.mark.parametrize("path,body", [
     ("/v1/chat/completions", {"messages": CHAT}),
     ("/v1/completions", {"prompt": [PROMPT, "Hello"]}),

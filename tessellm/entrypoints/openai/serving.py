@@ -55,7 +55,7 @@ def engine_error(exc: BaseException) -> OpenAIError:
     if isinstance(exc, EngineDeadError):
         return OpenAIError(str(exc), 503, None, "engine_dead")
     if isinstance(exc, ValueError):
-        return bad_request(str(exc))
+        return bad_request(str(exc), getattr(exc, "param", None))  # RequestParamError names it
     logger.exception("Request failed", exc_info=exc)
     return OpenAIError(f"Internal error: {type(exc).__name__}: {exc}", 500)
 
