@@ -11,3 +11,9 @@ if [ -d "$WHL" ] && [ -z "${SKIP_WHL:-}" ]; then
 else
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 fi
+# box NAME SECONDS CMD...: CMD time-boxed (SECONDS 0 skips it), warnings dropped, its last $TAIL
+# (3) lines kept; B: the bench CLI; L8: the Llama-3.1-8B shapes (scripts may redefine these)
+box() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(date -u +%T)";
+        [ "$secs" -gt 0 ] && timeout "$secs" "$@" 2>&1 | grep -v -i warn | tail -${TAIL:-3}; }
+B="python3 -m tessellm.entrypoints.cli --log-level WARNING bench"
+L8=benchmarks/model-configs/llama-3.1-8b

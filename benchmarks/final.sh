@@ -22,10 +22,6 @@ set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 source benchmarks/device_env.sh
 PART=${PART:-1}
-box() { local name=$1 secs=$2; shift 2; echo "=== $name (limit ${secs} s) $(date -u +%T)";
-        [ "$secs" -gt 0 ] && timeout "$secs" "$@" 2>&1 | grep -v -i warn | tail -${TAIL:-3}; }
-B="python3 -m tessellm.entrypoints.cli --log-level WARNING bench"
-L8=benchmarks/model-configs/llama-3.1-8b
 LAT="$B latency --load-format dummy --max-model-len 4096 --model $L8 --num-iters 3"
 LAT8K="$B latency --load-format dummy --max-model-len 8704 --model $L8 --num-iters 3 --input-len 8192 --output-len 8"
 F="throughput --model $L8 --load-format dummy --num-prompts 256 --input-len 512 --output-len 256"
