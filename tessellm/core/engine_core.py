@@ -146,6 +146,7 @@ class EngineCore:
         if self.lora_store is None:
             raise ValueError(f"LoRA adapter {lora.lora_name!r} was given but the engine runs "
                              "without LoRA; pass enable_lora=True (--enable-lora).")
+        self.lora_store.claim(lora)
         if not self.lora_store.ready(lora.lora_int_id):
             self.lora_store.forget_error(lora.lora_int_id)
             self.lora_store.load_now(lora)
@@ -191,6 +192,7 @@ class EngineCore:
                 raise ValueError("The request names a LoRA adapter but the engine runs without "
                                  "LoRA; start it with --enable-lora (enable_lora=True).")
             lora = LoRARequest.from_dict(req.lora_request)
+            self.lora_store.claim(lora)
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params,
                           self.eos_token_ids, req.arrival_time, req.cache_salt, req.wait_for, lora)
         if lora is not None:

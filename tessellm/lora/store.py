@@ -27,7 +27,20 @@ class AdapterStore:
         self._cache: OrderedDict[int, LoRAAdapter] = OrderedDict()  # id -> adapter, LRU first
         self._loading: dict[int, Future] = {}
         self._errors: dict[int, str] = {}  # id -> why it failed to load
+        self._named: dict[int, LoRARequest] = {}  # id -> the first request that named it
         self._pool: Optional[ThreadPoolExecutor] = None
+
+    def claim(self, lora: LoRARequest) -> None:
+        """Refuse an id already given to other files: the id keys every cache (this one, the
+        slots, the prefix cache), so the second adapter would be served the first's weights
+        and KV blocks. An id stays bound to its files after eviction (blocks may remain)."""
+        with self._lock:
+            first = self._named.setdefault(lora.lora_int_id, lora)
+        if first.lora_path != lora.lora_path:
+            raise ValueError(f"LoRA adapter {lora.lora_name!r} ({lora.lora_path}) has id "
+                             f"{lora.lora_int_id}, which already names adapter "
+                             f"{first.lora_name!r} ({first.lora_path}); give each adapter its "
+                             "own lora_int_id.")
 
     def load_now(self, lora: LoRARequest) -> LoRAAdapter:
         """Read and check the adapter in this thread (raises ValueError) and cache it."""
