@@ -72,15 +72,17 @@ class LLM:
         return self._run(ids, use_tqdm and len(ids) >= _TQDM_MIN_PROMPTS)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, chat_template: Optional[str] = None) -> list[RequestOutput]:
-        """One conversation (a list of {role, content}) or a list of conversations."""
+             add_generation_prompt: bool = True, chat_template: Optional[str] = None,
+             lora_request=None) -> list[RequestOutput]:
+        """One conversation (a list of {role, content}) or a list of conversations;
+        ``lora_request`` as in ``generate`` (one adapter, or one per conversation)."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("This model has no tokenizer, so chat templates are unavailable.")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": render_chat(tokenizer, conv, add_generation_prompt, chat_template)}
                    for conv in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

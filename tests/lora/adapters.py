@@ -121,3 +121,48 @@ def merged_greedy(model_dir: str, adapter_dir, prompts, max_new: int, device: st
                                  pad_token_id=0)
             outs.append(gen[0, len(p):].tolist())
     return outs
+
+
+def add_byte_tokenizer(model_dir: str) -> None:
+    """Save a small byte-level BPE tokenizer (ids 0-2: pad, bos, eos, as the tiny Llama's
+    config) into ``model_dir``, trained here on JSON-like text, so structured output (which
+    needs a tokenizer) runs on the tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    corpus = ['{"name": "abc", "age": 12, "tags": ["x", "y"], "ok": true}',
+              "The answer is yes or no.", "hello world 0123456789"]
+    tok.train_from_iterator(corpus * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(model_dir)
+
+
+def merge_adapter(model_dir: str, adapter_dir: str, out_dir: str) -> str:
+    """A copy of the checkpoint in ``model_dir`` (config, tokenizer) with the PEFT adapter
+    merged into its weights (``W + scaling * B A`` in float32): the reference model for a
+    request with that adapter."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out_dir)
+    config = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))
+    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    lora = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    for key, a in lora.items():
+        if ".lora_A." not in key:
+            continue
+        b = lora[key.replace(".lora_A.", ".lora_B.")]
+        r = a.shape[0]
+        scaling = config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
+        name = key.replace("base_model.model.", "").replace(".lora_A.weight", ".weight")
+        weights[name] = (weights[name].float() + scaling * (b.float() @ a.float())).contiguous()
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
