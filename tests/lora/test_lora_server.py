@@ -95,3 +95,41 @@ def test_runtime_updating_off_is_refused(lora_setup, server_factory):
     r = httpx.post(f"{srv.url}/v1/load_lora_adapter", headers=srv.headers,
                    json={"lora_name": "qv8", "lora_path": paths["qv8"]})
     assert r.status_code == 400 and "--allow-runtime-lora-updating" in r.json()["error"]["message"]
+
+
+def test_unload_and_reload_while_a_request_streams(lora_server):
+    """A streamed request for an adapter keeps it after the adapter is unloaded mid-stream and
+    finishes with its tokens; new requests for the name are 404 (others, and unknown names,
+    answered meanwhile); the name loaded again with other files serves the new files."""
+    srv, model, paths = lora_server
+    long = 160  # a while of decoding after the first token: the unload lands mid-stream
+    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=120) as http:
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "swap", "lora_path": paths["all32"]})
+        assert r.status_code == 200, r.text
+        body = {"model": "swap", "prompt": PROMPT, "max_tokens": long, "temperature": 0,
+                "logprobs": 1, "ignore_eos": True}
+        r = http.post("/v1/completions", json=body)  # the reference: no unload meanwhile
+        want = r.json()["choices"][0]["logprobs"]["tokens"]
+        assert want[:MAX_NEW] == [f"<{t}>" for t in peft_greedy(model, paths["all32"], [PROMPT], MAX_NEW)[0]]
+        body["stream"] = True
+        tokens = []
+        with http.stream("POST", "/v1/completions", json=body) as stream:
+            lines = stream.iter_lines()
+            for line in lines:  # the first token is out: the request runs
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    tokens += json.loads(line[6:])["choices"][0]["logprobs"]["tokens"]
+                    break
+            with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=120) as other:
+                assert other.post("/v1/unload_lora_adapter", json={"lora_name": "swap"}).status_code == 200
+                r = other.post("/v1/completions", json={"model": "swap", "prompt": PROMPT, "max_tokens": 2})
+                assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+                r = other.post("/v1/completions", json={"model": "nope", "prompt": PROMPT, "max_tokens": 2})
+                assert r.status_code == 404
+            for line in lines:
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    tokens += json.loads(line[6:])["choices"][0]["logprobs"]["tokens"]
+        assert tokens == want
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "swap", "lora_path": paths["qv8"]})
+        assert r.status_code == 200, r.text
+        assert _tokens(http, "swap") == peft_greedy(model, paths["qv8"], [PROMPT], MAX_NEW)[0]
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "swap"}).status_code == 200
