@@ -31,6 +31,10 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.([\w.]+?
                   r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
+# PEFT module names of input embeddings and output heads (refused by name from the config).
+_EMBEDDINGS = frozenset({"embed_tokens", "lm_head", "wte", "wpe", "embed_out", "word_embeddings"})
+
+
 @dataclass
 class ModuleLoRA:
     """One adapted linear: ``y += scaling * (x A^T) B^T``; float32 host tensors."""
@@ -126,6 +130,13 @@ def _check_config(config: dict, where: str) -> None:
     if config.get("modules_to_save"):
         raise ValueError(f"{where} saves whole modules ({config['modules_to_save']}), which is "
                          "not supported; only LoRA on the model's projections is.")
+    targets = config.get("target_modules")
+    outside = sorted(set(targets) & _EMBEDDINGS) if isinstance(targets, list) else []
+    if outside or config.get("trainable_token_indices"):
+        what = f"target_modules {outside}" if outside else "trainable_token_indices"
+        raise ValueError(f"{where} adapts the embeddings or the LM head ({what}), which is not "
+                         "supported: LoRA covers the decoder layers' projections only; retrain "
+                         "the adapter without them.")
     if config.get("bias", "none") != "none":
         raise ValueError(f"{where} trains biases (bias={config['bias']!r}), which is not "
                          "supported; retrain it with bias='none'.")

@@ -113,3 +113,38 @@ def test_server_checks_adapters_against_a_gguf_model(tmp_path):
     assert modules.add("fits", str(tmp_path / "fits")).lora_name == "fits"
     with pytest.raises(ValueError, match=r"adapts self_attn\.qkv_proj .*LlamaForCausalLM"):
         modules.add("fused", str(tmp_path / "fused"))
+
+
+@pytest.mark.parametrize("extra, match", [
+    (dict(target_modules=["embed_tokens", "q_proj"]),
+     r"adapts the embeddings or the LM head \(target_modules \['embed_tokens'\]\)"),
+    (dict(target_modules=["q_proj", "lm_head"]), r"LM head \(target_modules \['lm_head'\]\)"),
+    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "saves whole modules"),
+    (dict(target_modules=["q_proj"], bias="lora_only"), "bias"),
+], ids=["embedding", "lm_head", "modules_to_save", "bias"])
+def test_peft_adapters_beyond_the_projections_are_refused(lora_setup, base, tmp_path, extra, match):
+    """Adapters as peft writes them (not edited by hand) that train embeddings, the LM head,
+    whole saved modules or biases: one sentence naming the problem, before any slot is used."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model, _ = lora_setup
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    get_peft_model(hf, LoraConfig(r=4, init_lora_weights=False, **extra)).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=match) as err:
+        _load(tmp_path, base)
+    assert "\n" not in str(err.value)
+
+
+def test_peft_adapter_on_some_layers_loads(lora_setup, base, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model, _ = lora_setup
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    config = LoraConfig(r=4, target_modules=["v_proj", "down_proj"], layers_to_transform=[1],
+                        init_lora_weights=False)
+    get_peft_model(hf, config).save_pretrained(str(tmp_path))
+    assert set(_load(tmp_path, base).modules) == {(1, "v_proj"), (1, "down_proj")}
