@@ -144,13 +144,15 @@ def test_an_id_names_one_adapter(llm, loras, want, lora_setup):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_preemption_chunked_prefill_and_slot_pressure(lora_setup, loras, want):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_preemption_chunked_prefill_and_slot_pressure(lora_setup, loras, want, async_scheduling):
     """A KV cache for about two requests, a 16-token step budget (chunked prefill), two slots
     for three adapters and the base model: requests are preempted and recomputed, and every one
-    still gets HF + peft's tokens."""
+    still gets HF + peft's tokens; also scheduling a step ahead (the accelerators' default)."""
     model, _ = lora_setup
     llm = LLM(model, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=32,
-              block_size=4, num_kv_blocks=20, max_num_batched_tokens=16)
+              block_size=4, num_kv_blocks=20, max_num_batched_tokens=16,
+              async_scheduling=async_scheduling)
     try:
         jobs = [(p, n) for n in NAMES for p in range(len(PROMPTS))]
         outs = llm.generate([{"prompt_token_ids": PROMPTS[p]} for p, _ in jobs], _greedy(),

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.lora.adapters import peft_greedy
+from tests.lora.adapters import peft_greedy, write_random_adapter
 from tests.server.conftest import start_server, stop_server
 
 PROMPT = [5, 17, 200, 33, 8, 91, 4]
@@ -70,6 +70,10 @@ def test_lora_server(lora_server, tmp_path):
         message = r.json()["error"]["message"]
         assert r.status_code == 400 and "self_attn.qkv_proj" in message, message
         assert "supports q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in message
+        wide = tmp_path / "wide"  # rank 64 on a server of --max-lora-rank 32
+        write_random_adapter(str(wide), model, 64, ["q_proj"], 16, seed=1)
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(wide)})
+        assert r.status_code == 400 and "--max-lora-rank 64" in r.json()["error"]["message"]
         assert "bad" not in {c["id"] for c in http.get("/v1/models").json()["data"]}
 
         # Load at run time: with one slot, requests for two adapters and the base all complete.
