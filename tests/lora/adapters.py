@@ -123,10 +123,13 @@ def merged_greedy(model_dir: str, adapter_dir, prompts, max_new: int, device: st
     return outs
 
 
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+
+
 def add_byte_tokenizer(model_dir: str) -> None:
     """Save a small byte-level BPE tokenizer (ids 0-2: pad, bos, eos, as the tiny Llama's
-    config) into ``model_dir``, trained here on JSON-like text, so structured output (which
-    needs a tokenizer) runs on the tiny models."""
+    config; a one-line chat template) into ``model_dir``, trained here on JSON-like text, so
+    structured output and chat (which need a tokenizer) run on the tiny models."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -139,8 +142,10 @@ def add_byte_tokenizer(model_dir: str) -> None:
     corpus = ['{"name": "abc", "age": 12, "tags": ["x", "y"], "ok": true}',
               "The answer is yes or no.", "hello world 0123456789"]
     tok.train_from_iterator(corpus * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(model_dir)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(model_dir)
 
 
 def merge_adapter(model_dir: str, adapter_dir: str, out_dir: str) -> str:

@@ -1,19 +1,22 @@
 """Structured output with LoRA adapters: a constrained request with an adapter gives the tokens
 of the same constrained request on the model with that adapter merged into its weights, in a
 batch mixing adapters, the base model and unconstrained requests (the tiny sharp Llama with a
-small byte-level tokenizer, float32)."""
+small byte-level tokenizer, float32); offline, through chat, and at the server
+(``response_format`` json_schema, n > 1)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import httpx
 import pytest
 
 from tessellm import LLM, SamplingParams
 from tessellm.lora import LoRARequest
 from tessellm.structured_output import StructuredOutputsParams as S
 from tests.lora.adapters import add_byte_tokenizer, merge_adapter
+from tests.server.conftest import start_server, stop_server
 
 pytest.importorskip("xgrammar")
 
@@ -22,7 +25,6 @@ SCHEMA = {"type": "object", "properties": {
     "age": {"type": "integer", "minimum": 0, "maximum": 99},
     "ok": {"type": "boolean"}}, "required": ["name", "age", "ok"], "additionalProperties": False}
 PROMPTS = ["The answer is", "hello world", '{"name": "abc"']
-TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 
 
 def _json(max_tokens=40) -> SamplingParams:
@@ -89,9 +91,34 @@ def test_chat_takes_an_adapter(models):
     conv = [{"role": "user", "content": "hello world"}]
     lora = LoRARequest("all32", 2, paths["all32"])
     with LLM(base, dtype="float32", enable_lora=True, max_lora_rank=32) as llm:
-        got = llm.chat([conv, conv], _json(), use_tqdm=False, chat_template=TEMPLATE,
+        got = llm.chat([conv, conv], _json(), use_tqdm=False,
                        lora_request=[lora, None])
     with LLM(merged["all32"], dtype="float32") as llm:
-        want = llm.chat(conv, _json(), use_tqdm=False, chat_template=TEMPLATE)
+        want = llm.chat(conv, _json(), use_tqdm=False)
     assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
     assert got[1].outputs[0].token_ids != got[0].outputs[0].token_ids
+
+
+def test_server_response_format_with_an_adapter(models):
+    base, merged, paths = models
+    conv = [{"role": "user", "content": "The answer is"}]
+    with LLM(merged["all32"], dtype="float32") as llm:
+        want = llm.chat(conv, _json(), use_tqdm=False)[0].outputs[0].text
+    with LLM(base, dtype="float32") as llm:
+        plain = llm.chat(conv, _json(), use_tqdm=False)[0].outputs[0].text
+    assert want != plain and json.loads(want)["age"] >= 0  # the adapter matters
+    srv = start_server([base, "--dtype", "float32", "--enable-lora", "--max-lora-rank", "32",
+                        "--lora-modules", f"all32={paths['all32']}", "--max-model-len", "256",
+                        "--no-kernel-warmup"])
+    try:
+        fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+        body = {"messages": conv, "max_tokens": 40, "temperature": 0, "n": 2,
+                "response_format": fmt, "structured_outputs": {"disable_any_whitespace": True}}
+        with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=120) as http:
+            r = http.post("/v1/chat/completions", json={**body, "model": "all32"})
+            assert r.status_code == 200, r.text
+            assert [c["message"]["content"] for c in r.json()["choices"]] == [want, want]
+            r = http.post("/v1/chat/completions", json={**body, "model": base, "n": 1})
+            assert r.json()["choices"][0]["message"]["content"] == plain
+    finally:
+        stop_server(srv)
