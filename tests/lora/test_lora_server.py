@@ -137,3 +137,56 @@ def test_unload_and_reload_while_a_request_streams(lora_server):
         assert r.status_code == 200, r.text
         assert _tokens(http, "swap") == peft_greedy(model, paths["qv8"], [PROMPT], MAX_NEW)[0]
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "swap"}).status_code == 200
+
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_adapter_resolved_when_the_request_arrives(lora_setup, monkeypatch, route):
+    """An adapter unloaded while a request's prompt is being prepared (the handler awaits the
+    tokenizer threads): the request keeps the adapter it named. It was looked up again after
+    the await and, gone by then, the request ran on the base model under the adapter's name.
+    What is checked is the handler: the engine here only records what it is handed."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import tessellm.entrypoints.openai.serving_chat as chat
+    from tessellm.core.input_processor import ProcessedPrompt
+    from tessellm.entrypoints.openai.lora_modules import LoRAModules
+    from tessellm.entrypoints.openai.server_config import ServerConfig
+    from tessellm.entrypoints.openai.serving_completion import create_completion
+
+    model, paths = lora_setup
+    config = ServerConfig(["base"])
+    config.lora = LoRAModules("base", model, 32, allow_runtime_updating=True)
+    lora = config.lora.add("qv8", paths["qv8"])
+    handed = []
+
+    class Handed(Exception):
+        pass
+
+    def add_request(rid, prompt, params, event, lora_request):
+        handed.append(lora_request)
+        raise Handed
+
+    async def unload_meanwhile(*args, **kwargs):  # the unload route runs during this await
+        config.lora.remove("qv8")
+        return [5, 6, 7]
+
+    async def process_prompt_async(prompt):
+        await unload_meanwhile()
+        return ProcessedPrompt(None, prompt["prompt_token_ids"])
+
+    engine = SimpleNamespace(info=SimpleNamespace(max_model_len=256, vocab_size=384),
+                             process_prompt_async=process_prompt_async, add_request=add_request,
+                             process_prompt=lambda p: ProcessedPrompt(None, p["prompt_token_ids"]),
+                             abort=lambda rid: None)
+    body = {"model": "qv8", "max_tokens": 2}
+    if route == "completions":
+        call = create_completion(engine, config, {**body, "prompt": [5, 6, 7]}, None)
+    else:
+        monkeypatch.setattr(chat, "render_messages", unload_meanwhile)
+        call = chat.create_chat_completion(engine, config, {**body, "messages": [
+            {"role": "user", "content": "hi"}]}, None)
+    with pytest.raises(Handed):
+        asyncio.run(call)
+    assert handed == [lora]

@@ -20,14 +20,18 @@ from tessellm.structured_output.params import StructuredOutputsParams
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 
 
-def check_model(requested: Optional[str], config: ServerConfig) -> None:
-    """None or "" (as vLLM) is the served model; another name must be served (404 otherwise)."""
+def check_model(requested: Optional[str], config: ServerConfig):
+    """None or "" (as vLLM) is the served model; another name must be served (404 otherwise).
+    Returns the LoRA adapter the name selects (None: the base model), resolved now: the
+    request keeps it if the adapter is unloaded while its prompt is being prepared."""
     if requested and requested not in config.served_model_names:
-        if config.lora_for(requested) is not None:
-            return
+        lora = config.lora_for(requested)
+        if lora is not None:
+            return lora
         names = config.served_model_names + sorted(config.lora.adapters if config.lora else ())
         raise OpenAIError(f"The model '{requested}' does not exist. This server serves "
                           f"{', '.join(repr(n) for n in names)}.", 404, "model", "model_not_found")
+    return None
 
 
 def check_unsupported(req: BaseModel) -> None:

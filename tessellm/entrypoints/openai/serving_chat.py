@@ -30,7 +30,7 @@ from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_r
 
 async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
     req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
-    check_model(req.model, config)
+    lora = check_model(req.model, config)  # the adapter as served now
     check_unsupported(req)
     check_limits(req, config)
     plan = ToolPlan(req, config.tool_call_parser)
@@ -47,7 +47,6 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     if plan.parser is not None and plan.parser.needs_special_tokens:
         params.skip_special_tokens = False  # the parser's markers are special tokens
     request_id = random_id("chatcmpl")
-    lora = config.lora_for(req.model)
     sub = submit(engine, request_id, [processed], [params], lora)
     view = _ChatView(engine, req, lora.lora_name if lora else config.model_name, request_id, plan)
     view.prompt_tokens = len(processed.prompt_token_ids)

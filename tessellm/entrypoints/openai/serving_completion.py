@@ -26,7 +26,7 @@ from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_r
 
 async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
     req: CompletionRequest = parse_request(CompletionRequest, body)
-    check_model(req.model, config)
+    lora = check_model(req.model, config)  # the adapter as served now
     check_unsupported(req)
     check_limits(req, config)
     prompts = _prompt_list(req.prompt, config.max_prompts)
@@ -41,7 +41,6 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     params = [to_sampling_params(req, resolve_max_tokens(req, len(p.prompt_token_ids), max_len, config),
                                  engine.info.vocab_size, structured) for p in processed]
     request_id = random_id("cmpl")
-    lora = config.lora_for(req.model)
     sub = submit(engine, request_id, processed, params, lora)
     view = _CompletionView(engine, req, lora.lora_name if lora else config.model_name, request_id, [_prompt_text(engine, p) for p in processed])
     if req.stream:
