@@ -2,9 +2,9 @@
 transformers + peft (greedy tokens, logprobs), or the same request without the combination.
 
 Prefix caching with prompts sharing a prefix across adapters, preemption on a tiny KV cache with
-fewer slots than adapters, chunked prefill, n > 1 and seeds, logprobs and prompt logprobs,
-n-gram speculation, and the refusals (unknown adapter, rank above the limit, an id reused for
-other files) leaving the engine serving."""
+fewer slots than adapters, chunked prefill, async scheduling, n > 1 and seeds, logprobs and
+prompt logprobs, n-gram and draft-model speculation, and the refusals (unknown adapter, rank
+above the limit, an id reused for other files) leaving the engine serving."""
 
 from __future__ import annotations
 
@@ -153,12 +153,22 @@ def test_preemption_chunked_prefill_and_slot_pressure(lora_setup, loras, want, a
     llm = LLM(model, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=32,
               block_size=4, num_kv_blocks=20, max_num_batched_tokens=16,
               async_scheduling=async_scheduling)
+    core = llm.engine.core
+    schedule, adapters_per_step = core.scheduler.schedule, []
+
+    def observed():  # what each step holds: the adapter ids of its requests
+        out = schedule()
+        adapters_per_step.append({core.scheduler.requests[r].lora_request.lora_int_id
+                                  for r in out.lora_slots})
+        return out
+
+    core.scheduler.schedule = observed
     try:
         jobs = [(p, n) for n in NAMES for p in range(len(PROMPTS))]
         outs = llm.generate([{"prompt_token_ids": PROMPTS[p]} for p, _ in jobs], _greedy(),
                             use_tqdm=False, lora_request=[loras[n] for _, n in jobs])
         assert _ids(outs) == [want[n][p] for p, n in jobs]
-        core = llm.engine.core
+        assert max(map(len, adapters_per_step)) == 2  # never more adapters than slots
         assert core.scheduler.num_preemptions_total > 0
         assert core.kv.num_free_blocks == core.kv.num_blocks and core.scheduler.lora.users == [0, 0]
     finally:
@@ -176,14 +186,18 @@ def test_rank_above_the_limit_is_refused(lora_setup, loras, want):
         assert _ids(out) == [want["kogate16"][2]]
 
 
-def test_ngram_speculation_with_adapters(lora_setup, loras, want):
-    """n-gram drafts verified with each request's adapter: greedy tokens unchanged."""
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculation_with_adapters(lora_setup, loras, want, method):
+    """Drafts (n-gram, or a draft model without adapters: the base model itself) verified with
+    each request's adapter: greedy tokens unchanged."""
     model, _ = lora_setup
-    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
-            "prompt_lookup_max": 3}
+    spec = ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+             "prompt_lookup_max": 3} if method == "ngram" else
+            {"method": "draft_model", "model": model, "num_speculative_tokens": 3})
     with LLM(model, dtype="float32", enable_lora=True, max_lora_rank=32, block_size=4,
              speculative_config=spec, max_num_batched_tokens=32) as llm:
-        jobs = [(p, n) for n in NAMES for p in range(len(PROMPTS))]
+        prompts = range(len(PROMPTS)) if method == "ngram" else (1, 2)  # (the draft is slower)
+        jobs = [(p, n) for n in NAMES for p in prompts]
         outs = llm.generate([{"prompt_token_ids": PROMPTS[p]} for p, _ in jobs], _greedy(),
                             use_tqdm=False, lora_request=[loras[n] for _, n in jobs])
         assert _ids(outs) == [want[n][p] for p, n in jobs]
