@@ -32,7 +32,7 @@ from tessellm.layers.linear import ColumnParallelLinear, Linear, RowParallelLine
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.layers.vocab import VocabParallelEmbedding
-from tessellm.models.llama import DecoderLayer, DecoderMLP, LlamaForCausalLM, _rope_scaling, _rope_theta
+from tessellm.models.llama import DecoderLayer, DecoderMLP, LlamaForCausalLM
 
 
 class EagleHead(nn.Module):
@@ -173,8 +173,7 @@ class Eagle3Head(nn.Module):
 def _rotary(config, ctx: ModelContext) -> RotaryEmbedding:
     heads = config.num_attention_heads
     head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return RotaryEmbedding(head_size, config.max_position_embeddings, _rope_theta(config),
-                           _rope_scaling(config), ctx.ops)
+    return RotaryEmbedding.from_config(config, head_size, ctx.ops)
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from tessellm.layers.attention import Attention
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
 from tessellm.layers.norm import RMSNorm
+from tessellm.layers.rope_config import complete_rope_parameters
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from tessellm.models.llama import LlamaForCausalLM, MissingLayer, shard_heads
@@ -119,6 +120,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config, ctx: ModelContext):
         nn.Module.__init__(self)
+        check_config(config)
         self.config = config
         self.pp = ctx.pp
         vocab, hidden = config.vocab_size, config.hidden_size
@@ -169,8 +171,32 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
 
 def _rotary(config, kind: str, ops) -> RotaryEmbedding:
-    params = dict((getattr(config, "rope_parameters", None) or {}).get(kind) or {})
+    """transformers 5: ``rope_parameters[kind]``; 4: the local layers' ``rope_local_base_freq``
+    (no scaling), the global layers' ``rope_theta`` and ``rope_scaling``."""
+    nested = (getattr(config, "rope_parameters", None) or {}).get(kind)
+    if isinstance(nested, dict):
+        params = dict(nested)
+    elif kind == SLIDING:
+        params = {"rope_type": "default",
+                  "rope_theta": getattr(config, "rope_local_base_freq", None) or 10_000.0}
+    else:
+        params = {**(getattr(config, "rope_scaling", None) or {}),
+                  "rope_theta": getattr(config, "rope_theta", None) or 1_000_000.0}
     default_theta = 10_000.0 if kind == SLIDING else 1_000_000.0
-    theta = float(params.pop("rope_theta", default_theta))
-    scaling = params if params.get("rope_type", "default") != "default" else None
-    return RotaryEmbedding(config.head_dim, config.max_position_embeddings, theta, scaling, ops)
+    params = complete_rope_parameters(params, config, default_theta)
+    return RotaryEmbedding.from_config(config, config.head_dim, ops, params=params)
+
+
+def check_config(config) -> None:
+    """Refuses the Gemma 3 variants this implementation would run wrongly."""
+    cap = getattr(config, "attn_logit_softcapping", None)
+    if cap:
+        raise ValueError(f"Gemma 3 attn_logit_softcapping={cap} is not supported (no attention "
+                         "kernel applies a logit soft-cap); use a checkpoint with it null.")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("Gemma 3 use_bidirectional_attention=True (an embedding model) is not "
+                         "supported; tessellm serves causal language models only.")
+    kinds = set(config.layer_types) - {SLIDING, "full_attention"}
+    if kinds:
+        raise ValueError(f"Gemma 3 config.layer_types {sorted(kinds)} are not supported; "
+                         "supported: sliding_attention, full_attention.")

@@ -29,7 +29,8 @@ from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 class DecoderAttention(nn.Module):
     def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding, qkv_bias: bool,
-                 qk_norm: bool):
+                 qk_norm: bool, o_bias: bool = False, window: Optional[int] = None):
+        """``window``: this layer's sliding window (None: full attention)."""
         super().__init__()
         hidden = config.hidden_size
         tp = ctx.tp
@@ -45,7 +46,6 @@ class DecoderAttention(nn.Module):
         self.qkv_proj = ColumnParallelLinear(hidden, [total_heads * d, total_kv * d, total_kv * d],
                                              bias=qkv_bias, quant_method=ctx.quant_method, tp=tp,
                                              shard_ranges=ranges)
-        o_bias = bool(getattr(config, "attention_bias", False)) and not qkv_bias
         # Without a bias the sum over ranks is left to post_attention_layernorm (DecoderLayer).
         self.o_proj = RowParallelLinear(total_heads * d, hidden, bias=o_bias,
                                         quant_method=ctx.quant_method, tp=tp,
@@ -54,7 +54,6 @@ class DecoderAttention(nn.Module):
         eps = config.rms_norm_eps
         self.q_norm = RMSNorm(self.head_size, eps, ctx.ops) if qk_norm else None
         self.k_norm = RMSNorm(self.head_size, eps, ctx.ops) if qk_norm else None
-        window = getattr(config, "sliding_window", None) if _uses_sliding_window(config) else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size,
                               self.head_size ** -0.5, ctx.make_attention_kernel(window))
         # A kernel that fuses rotary rotates q and k as it writes the KV cache (one launch
@@ -78,14 +77,17 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, config, ctx: ModelContext, intermediate_size: Optional[int] = None):
+    def __init__(self, config, ctx: ModelContext, intermediate_size: Optional[int] = None,
+                 bias: bool = False):
         super().__init__()
         inter = intermediate_size or config.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter],
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias,
                                                  quant_method=ctx.quant_method, tp=ctx.tp)
-        # Summed over ranks by the next RMSNorm: the next layer's input_layernorm or the final norm.
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, quant_method=ctx.quant_method,
-                                           tp=ctx.tp, reduce_results=False)
+        # Without a bias, summed over ranks by the next RMSNorm: the next layer's
+        # input_layernorm or the final norm; with one, here (the bias is added once, after).
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias,
+                                           quant_method=ctx.quant_method, tp=ctx.tp,
+                                           reduce_results=bias)
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported by the llama family; only silu is.")
@@ -119,12 +121,16 @@ class DecoderLayer(nn.Module):
     """
 
     def __init__(self, config, ctx: ModelContext, rotary, qkv_bias: bool, qk_norm: bool,
-                 index: int, mlp: Optional[nn.Module] = None):
+                 index: int, mlp: Optional[nn.Module] = None, o_bias: bool = False,
+                 window: Optional[int] = None, input_summed: bool = False):
+        """``input_summed``: the previous layer's MLP output is summed over the ranks already
+        (an MLP with a bias), so ``input_layernorm`` does not reduce it."""
         super().__init__()
-        self.self_attn = DecoderAttention(config, ctx, rotary, qkv_bias, qk_norm)
+        self.self_attn = DecoderAttention(config, ctx, rotary, qkv_bias, qk_norm, o_bias, window)
         self.mlp = mlp if mlp is not None else DecoderMLP(config, ctx)  # output: a partial sum
         eps, hidden = config.rms_norm_eps, config.hidden_size
-        self.input_layernorm = RMSNorm(hidden, eps, ctx.ops, reduce=ctx.tp if index > 0 else None)
+        reduce = ctx.tp if index > 0 and not input_summed else None
+        self.input_layernorm = RMSNorm(hidden, eps, ctx.ops, reduce=reduce)
         o_reduced = self.self_attn.o_proj.reduce_results
         self.post_attention_layernorm = RMSNorm(hidden, eps, ctx.ops,
                                                 reduce=None if o_reduced else ctx.tp)
@@ -146,6 +152,9 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """Per-family switches are the class attributes and the ``*_bias`` / ``layer_window``
+    methods below (each subclass states what its HF modeling file does)."""
+
     qkv_bias = False
     qk_norm = False
 
@@ -168,24 +177,45 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if ctx.pp.is_first:
             self.embed_tokens = VocabParallelEmbedding(vocab, hidden, ctx.tp)
+        self.check_config(config)
         heads = config.num_attention_heads
         head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
-        rotary = RotaryEmbedding(head_size, config.max_position_embeddings, _rope_theta(config),
-                                 _rope_scaling(config), ctx.ops)
+        rotary = RotaryEmbedding.from_config(config, head_size, ctx.ops)
+        qkv_bias, o_bias = self.attention_biases(config)
+        mlp_bias = self.mlp_bias(config)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, ctx, rotary, self.qkv_bias, self.qk_norm, i,
-                         self.make_mlp(config, ctx, i))
+            DecoderLayer(config, ctx, rotary, qkv_bias, self.qk_norm, i,
+                         self.make_mlp(config, ctx, i), o_bias=o_bias,
+                         window=self.layer_window(config, i), input_summed=mlp_bias)
             if self.start_layer <= i < self.end_layer else MissingLayer()
             for i in range(config.num_hidden_layers))
-        if ctx.pp.is_last:
-            self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.ops, reduce=ctx.tp)  # down_proj's sum
+        if ctx.pp.is_last:  # down_proj's sum, unless it has a bias (summed there)
+            self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.ops,
+                                reduce=None if mlp_bias else ctx.tp)
             tied = self.embed_tokens.weight if self.tie_word_embeddings and ctx.pp.is_first else None
             self.lm_head = ParallelLMHead(vocab, hidden, ctx.tp, weight=tied)
 
     def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
         """Layer ``index``'s MLP (the MoE families override it); its output is a partial sum
-        under tensor parallelism, summed by the next RMSNorm."""
-        return DecoderMLP(config, ctx)
+        under tensor parallelism, summed by the next RMSNorm (unless it has a bias)."""
+        return DecoderMLP(config, ctx, bias=self.mlp_bias(config))
+
+    # -- per-family config (what the family's HF modeling file reads) -----------------------
+
+    def attention_biases(self, config) -> tuple[bool, bool]:
+        """(q/k/v bias, o_proj bias). Llama, Qwen3: both ``attention_bias``."""
+        bias = bool(getattr(config, "attention_bias", False))
+        return self.qkv_bias or bias, bias
+
+    def mlp_bias(self, config) -> bool:
+        return bool(getattr(config, "mlp_bias", False))
+
+    def layer_window(self, config, index: int) -> Optional[int]:
+        """Layer ``index``'s sliding window; None: full attention. Llama has none."""
+        return None
+
+    def check_config(self, config) -> None:
+        """Refuses, at load, config values this family's code does not implement."""
 
     def attention_layers(self) -> list[Attention]:
         """This stage's attention layers (the ones that hold KV cache)."""
@@ -222,6 +252,7 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         loaded: set[str] = set()
+        shards: dict[str, set] = {}  # fused parameter -> the shards the checkpoint filled
         for name, tensor in weights:
             name = _strip_prefix(name)
             if name is None or not self._owns(name):
@@ -240,9 +271,14 @@ class LlamaForCausalLM(nn.Module):
             for ckpt_part, our_part, shard in self.stacked_params:
                 if ckpt_part in name:
                     fused = name.replace(ckpt_part, our_part)
+                    if fused not in params:  # e.g. a q_proj.bias the config says is absent
+                        raise ValueError(f"Checkpoint tensor {name!r} has no place in "
+                                         f"{type(self).__name__} as configured; does the config "
+                                         "(attention_bias, mlp_bias, ...) match the weights?")
                     module_name, _, attr = fused.rpartition(".")
                     modules[module_name].load_shard(attr, tensor, shard)
                     loaded.add(fused)
+                    shards.setdefault(fused, set()).add(shard)
                     break
             else:
                 if name.endswith((".o_proj.weight", ".down_proj.weight", ".o_proj.bias")):
@@ -254,7 +290,17 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"Checkpoint tensor {name!r} has no place in "
                                      f"{type(self).__name__}; is this the right architecture?")
                 loaded.add(name)
+        self._check_shards(shards)
         return loaded
+
+    def _check_shards(self, shards: dict[str, set]) -> None:
+        """A fused parameter is filled from several checkpoint tensors (q/k/v, gate/up): each
+        of them must have been there, or part of it would stay uninitialised."""
+        for fused, seen in shards.items():
+            for ckpt_part, our_part, shard in self.stacked_params:
+                if our_part in fused and shard not in seen:
+                    raise ValueError(f"The checkpoint has no {fused.replace(our_part, ckpt_part)!r}"
+                                     f" (the other parts of {fused} are there); is it complete?")
 
 
     def _owns(self, name: str) -> bool:
@@ -312,34 +358,67 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     param.data.copy_(tensor)
 
 
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+def window_everywhere(config) -> Optional[int]:
+    """Mistral, Mixtral, Phi-3, Qwen3-MoE: ``sliding_window`` (when set and not switched off
+    by ``use_sliding_window``) on every layer."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
-def _rope_scaling(config) -> Optional[dict]:
-    scaling = getattr(config, "rope_scaling", None)
-    params = getattr(config, "rope_parameters", None)
-    if scaling:
-        return {**(params or {}), **dict(scaling)}  # HF 5 keeps e.g. original_max_... in params
-    if params and params.get("rope_type", "default") != "default":
-        return dict(params)
-    return None
-
-
-def _uses_sliding_window(config) -> bool:
-    if getattr(config, "sliding_window", None) is None:
-        return False
-    return getattr(config, "use_sliding_window", True) is not False
+def window_by_layer_type(config, index: int) -> Optional[int]:
+    """Qwen2, Qwen3, Qwen2-MoE: ``config.layer_types[index]`` says ``sliding_attention`` or
+    ``full_attention`` (transformers 5 derives it from ``use_sliding_window`` and
+    ``max_window_layers``); without it (transformers 4), layers from ``max_window_layers`` on
+    slide, when ``use_sliding_window``."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        kind = types[index]
+        if kind not in ("sliding_attention", "full_attention"):
+            raise ValueError(f"config.layer_types[{index}] = {kind!r} is not supported; "
+                             "supported: sliding_attention, full_attention.")
+        return int(window) if kind == "sliding_attention" and window else None
+    if not window or not getattr(config, "use_sliding_window", False):
+        return None
+    limit = getattr(config, "max_window_layers", None)
+    if limit is None:
+        return int(window)
+    return int(window) if index >= limit else None
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    pass
+    """No biases; ``sliding_window`` on every layer (Phi-3 shares these switches)."""
+
+    def attention_biases(self, config) -> tuple[bool, bool]:
+        return False, False
+
+    def mlp_bias(self, config) -> bool:
+        return False
+
+    def layer_window(self, config, index: int) -> Optional[int]:
+        return window_everywhere(config)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
 
+    def attention_biases(self, config) -> tuple[bool, bool]:
+        return True, False
+
+    def mlp_bias(self, config) -> bool:
+        return False
+
+    def layer_window(self, config, index: int) -> Optional[int]:
+        return window_by_layer_type(config, index)
+
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+
+    def mlp_bias(self, config) -> bool:
+        return False
+
+    def layer_window(self, config, index: int) -> Optional[int]:
+        return window_by_layer_type(config, index)

@@ -11,14 +11,15 @@ Qwen) and load into the stacked ``w13`` / ``w2``; Mixtral's ``block_sparse_moe``
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
-from tessellm.layers.moe import FusedMoE, SparseMoeBlock
-from tessellm.models.llama import DecoderMLP, LlamaForCausalLM, _strip_prefix
+from tessellm.layers.moe import EXPERT_PARTS, FusedMoE, SparseMoeBlock
+from tessellm.models.llama import (DecoderMLP, LlamaForCausalLM, _strip_prefix,
+                                   window_by_layer_type, window_everywhere)
 
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 
@@ -46,7 +47,11 @@ class _MoeForCausalLM(LlamaForCausalLM):
 
     def is_sparse(self, config, index: int) -> bool:
         step = getattr(config, "decoder_sparse_step", 1) or 1
-        return index not in (getattr(config, "mlp_only_layers", None) or []) and (index + 1) % step == 0
+        return (index not in (getattr(config, "mlp_only_layers", None) or [])
+                and self.num_experts(config) > 0 and (index + 1) % step == 0)
+
+    def mlp_bias(self, config) -> bool:
+        return False
 
     # -- layers ----------------------------------------------------------------------------
 
@@ -68,6 +73,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
         """Expert tensors go into the stacked ``w13`` / ``w2``; the rest as for llama."""
         loaded: set[str] = set()
         modules = dict(self.named_modules())
+        filled: dict[str, set] = {}  # experts module -> (expert, checkpoint part) loaded
 
         def others():
             for name, tensor in weights:
@@ -79,8 +85,16 @@ class _MoeForCausalLM(LlamaForCausalLM):
                     prefix, expert, part = match.groups()
                     param = modules[prefix].load_expert(int(expert), part, tensor)
                     loaded.add(f"{prefix}.{param}")
+                    filled.setdefault(prefix, set()).add((int(expert), EXPERT_PARTS[part]))
 
         loaded |= super().load_weights((self.rename_full(n), t) for n, t in others())
+        for prefix, seen in filled.items():
+            for expert in range(modules[prefix].w13.shape[0]):
+                for param, shard in (("w13", 0), ("w13", 1), ("w2", None)):
+                    if (expert, (param, shard)) not in seen:
+                        part = {0: "gate (w1)", 1: "up (w3)", None: "down (w2)"}[shard]
+                        raise ValueError(f"The checkpoint has no {part} projection of expert "
+                                         f"{expert} in {prefix}; is it complete?")
         return loaded
 
     def rename_full(self, name: str) -> str:
@@ -104,11 +118,25 @@ class MixtralForCausalLM(_MoeForCausalLM):
     def rename(self, name: str) -> str:
         return name.replace(".block_sparse_moe.", ".mlp.")
 
+    def attention_biases(self, config) -> tuple[bool, bool]:
+        return False, False
+
+    def layer_window(self, config, index: int) -> Optional[int]:
+        return window_everywhere(config)
+
 
 class Qwen2MoeForCausalLM(_MoeForCausalLM):
-    qkv_bias = True
     shared_expert = True
+
+    def attention_biases(self, config) -> tuple[bool, bool]:
+        return bool(getattr(config, "qkv_bias", True)), False
+
+    def layer_window(self, config, index: int) -> Optional[int]:
+        return window_by_layer_type(config, index)
 
 
 class Qwen3MoeForCausalLM(_MoeForCausalLM):
     qk_norm = True
+
+    def layer_window(self, config, index: int) -> Optional[int]:
+        return window_everywhere(config)

@@ -17,10 +17,12 @@ from typing import Iterable
 import torch
 
 from tessellm.layers.linear import materialize
-from tessellm.models.llama import LlamaForCausalLM
+from tessellm.models.llama import MistralForCausalLM
 
 
-class Phi3ForCausalLM(LlamaForCausalLM):
+class Phi3ForCausalLM(MistralForCausalLM):
+    """Mistral's switches: no biases, ``sliding_window`` on every layer (Phi-3-mini-4k: 2047).
+    Partial rotary (``partial_rotary_factor``, e.g. Phi-4-mini's 0.75) comes from the config."""
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         config = self.config
         d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
