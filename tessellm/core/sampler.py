@@ -1,13 +1,19 @@
 """Sampling on the device: every SamplingParams field, per row, in one batch.
 
 Order of operations (vLLM's): logit bias and min-tokens masking, then penalties, on the raw
-logits; greedy rows take the argmax there. Random rows then divide by temperature, drop tokens
-under min_p, apply top-k and top-p, and sample with the exponential trick
-(``argmax(p / q)``, ``q ~ Exp(1)``), which needs no host sync. Logprobs are the log-softmax of
-the *raw* logits (before any processing), as vLLM reports them.
+logits; greedy rows take the argmax there. Random rows then divide by temperature, apply top-k
+and top-p, drop tokens under min_p, and sample with the exponential trick (``argmax(p / q)``,
+``q ~ Exp(1)``), which needs no host sync. Logprobs are the log-softmax of the *raw* logits
+(before any processing), as vLLM reports them.
 
-Seeded rows draw their noise from a generator seeded with (seed, output position), so a seeded
-request gives the same tokens whatever else is in the batch and after a preemption.
+A filtered row samples from its *candidates* (``sampling_filters``): the tokens top-k, top-p or
+min-p leave it, found without sorting the vocabulary where that gives the reference's set, and
+the noise is drawn for those columns only (a 49k-row of ``exponential_`` costs ~1 ms on a CPU
+core). Rows without a filter race over the whole vocabulary.
+
+Seeded rows draw their noise from a generator seeded with (seed, output position), one draw per
+vocabulary entry in token order whatever the candidates, so a seeded request gives the same
+tokens whatever else is in the batch and after a preemption.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from tessellm.core.sampling_filters import (Candidates, filter_candidates, filter_dense,
+                                            filter_top_k)
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 
@@ -76,14 +85,18 @@ class Sampler:
         self.argmax = argmax or torch_argmax  # the backend's LogitsOps.argmax when it has one
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        # Host-resident logits (cpu, and xla, which samples on the host): reading a tensor to
+        # choose a path (which rows need a wider candidate set, whether the sampled token is in
+        # the top logprobs) costs nothing there; on an accelerator it would stall the step on a
+        # sync, so the sampler takes the sync-free forms.
+        self.on_host = torch.device(device).type == "cpu"
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if batch.all_greedy and batch.max_num_logprobs is None and not _has_edits(batch):
             return SamplerOutput(self.argmax(logits))  # exact in any float dtype; no copies
-        logits = logits.float()
-        raw = logits
-        logits = self._edit_logits(logits.clone(), batch)
+        raw = logits.float()
+        logits = self._edit_logits(raw, batch)
         if batch.all_greedy:
             tokens = self.argmax(logits)
         else:
@@ -93,7 +106,11 @@ class Sampler:
             self._logprobs(raw, tokens, batch.max_num_logprobs, out)
         return out
 
-    def _edit_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    @staticmethod
+    def _edit_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The logits with bias, bans and penalties applied; ``logits`` itself is not written."""
+        if batch.logit_bias or batch.banned:
+            logits = logits.clone()
         for row, ids, values in batch.logit_bias or ():
             idx = torch.tensor(ids, device=logits.device)
             logits[row, idx] += torch.tensor(values, device=logits.device)
@@ -126,69 +143,91 @@ class Sampler:
 
     def target_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """float32 [B, V]: the distribution each row samples from (greedy rows: a point mass)."""
-        logits = self._edit_logits(logits.float().clone(), batch)
+        logits = self._edit_logits(logits.float(), batch)
         greedy = torch.nn.functional.one_hot(self.argmax(logits), logits.shape[-1]).float()
         if batch.all_greedy:
             return greedy
-        return torch.where((batch.temperature == 0)[:, None], greedy, self._probs(logits, batch))
+        probs = self._probs(logits, batch).dense(logits.shape[-1], 0.0)
+        return torch.where((batch.temperature == 0)[:, None], greedy, probs)
 
-    @staticmethod
-    def _probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _probs(self, logits: torch.Tensor, batch: SamplingBatch) -> Candidates:
+        """Each row's sampling distribution over its candidates (0 where filtered out)."""
         greedy_rows = batch.temperature == 0
         temp = torch.where(greedy_rows, torch.ones_like(batch.temperature), batch.temperature)
-        logits = logits / temp[:, None]
-        if batch.top_k is not None or batch.top_p is not None:
-            logits = _top_k_top_p(logits, batch.top_k, batch.top_p, batch.top_k_max)
-        probs = torch.softmax(logits, dim=-1)
+        cand = self._filter(logits / temp[:, None], batch, greedy_rows)
+        probs = torch.softmax(cand.values, dim=-1)
         if batch.min_p is not None:
             threshold = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
-        return probs
+            if cand.ids is None and self.on_host:
+                return _nonzero_columns(probs)
+        return Candidates(probs, cand.ids)
+
+    def _filter(self, scaled: torch.Tensor, batch: SamplingBatch, greedy_rows: torch.Tensor) -> Candidates:
+        top_k, top_p = batch.top_k, batch.top_p
+        if top_k is None and top_p is None:
+            return Candidates(scaled)
+        if batch.top_k_max is not None and batch.top_k_max < scaled.shape[-1]:
+            return filter_top_k(scaled, top_k, top_p, batch.top_k_max)
+        if self.on_host:
+            return filter_candidates(scaled, top_k, top_p, skip=greedy_rows)
+        return Candidates(filter_dense(scaled, top_k, top_p))
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        greedy_tokens = self.argmax(logits)
         greedy_rows = batch.temperature == 0
         probs = self._probs(logits, batch)
-        q = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, seed in batch.seeds or ():
-            gen = torch.Generator(device=probs.device).manual_seed(seed)
-            q[row].exponential_(generator=gen)
-        sampled = self.argmax(probs, q)
-        return torch.where(greedy_rows, greedy_tokens, sampled)
+        pick = self.argmax(probs.values, self._noise(probs, batch.seeds, logits.shape[-1]))
+        sampled = pick if probs.ids is None else probs.ids.gather(-1, pick[:, None]).squeeze(-1)
+        if self.on_host and not bool(greedy_rows.any()):
+            return sampled
+        return torch.where(greedy_rows, self.argmax(logits), sampled)
 
-    @staticmethod
-    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, k: int, out: SamplerOutput) -> None:
+    def _noise(self, probs: Candidates, seeds: Optional[list[tuple[int, int]]], vocab: int) -> torch.Tensor:
+        """Exp(1) noise for every candidate column. A seeded row's generator draws one value
+        per vocabulary entry, in token order, and the row reads its candidates' entries."""
+        q = torch.empty_like(probs.values).exponential_(generator=self.generator)
+        for row, seed in seeds or ():
+            gen = torch.Generator(device=q.device).manual_seed(seed)
+            if probs.ids is None:
+                q[row].exponential_(generator=gen)
+            else:
+                full = torch.empty(vocab, device=q.device).exponential_(generator=gen)
+                q[row] = full[probs.ids[row]]
+        return q
+
+    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, k: int, out: SamplerOutput) -> None:
         logprobs = torch.log_softmax(raw, dim=-1)
         chosen = logprobs.gather(-1, tokens[:, None])
         out.sampled_logprob = chosen.squeeze(-1)
-        out.sampled_rank = (logprobs > chosen).sum(dim=-1) + 1
         if k > 0:
             out.topk_logprobs, out.topk_ids = logprobs.topk(k, dim=-1)
+        out.sampled_rank = self._rank(logprobs, chosen, out.topk_logprobs) + 1
+
+    def _rank(self, logprobs: torch.Tensor, chosen: torch.Tensor, top: Optional[torch.Tensor]) -> torch.Tensor:
+        """int64 [B]: how many tokens have a larger logprob than the sampled one (``chosen``
+        [B, 1]). On the host, counted among the ``top`` logprobs (descending; the row maximum
+        without them) for rows whose sampled token is at least the smallest of them (nothing
+        outside ``top`` is then larger), over the vocabulary for the others only."""
+        if not self.on_host:
+            return (logprobs > chosen).sum(dim=-1)
+        if top is None:
+            top = logprobs.amax(dim=-1, keepdim=True)
+        ahead = (top > chosen).sum(dim=-1)
+        outside = (chosen[:, 0] < top[:, -1]).nonzero()[:, 0]
+        if len(outside):
+            ahead[outside] = (logprobs[outside] > chosen[outside]).sum(dim=-1)
+        return ahead
 
 
 def _has_edits(batch: SamplingBatch) -> bool:
     return bool(batch.logit_bias or batch.banned or batch.repetition is not None)
 
 
-def _top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor],
-                 top_p: Optional[torch.Tensor], k_max: Optional[int] = None) -> torch.Tensor:
-    """Mask logits outside each row's top-k and top-p sets with -inf. With ``k_max`` (every
-    row has a top-k of at most that) only the ``k_max`` largest are sorted (a full-vocabulary
-    sort is ~44 ms a row on 2 CPU cores): every other token is masked whatever top-p says."""
-    vocab = logits.shape[-1]
-    if top_k is not None and k_max is not None and k_max < vocab:
-        cand, idx = logits.topk(k_max, dim=-1)  # sorted, descending
-        kept = _top_k_top_p(cand, top_k, top_p)
-        return torch.full_like(logits, -float("inf")).scatter_(-1, idx, kept)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
-    if top_k is not None:
-        ranks = torch.arange(vocab, device=logits.device)[None, :]
-        mask |= ranks >= top_k[:, None]
-    if top_p is not None:
-        probs = torch.softmax(sorted_logits.masked_fill(mask, -float("inf")), dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass strictly before this token
-        mask |= before >= top_p[:, None]
-    mask[:, 0] = False  # always keep the most likely token
-    sorted_logits = sorted_logits.masked_fill(mask, -float("inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+def _nonzero_columns(probs: torch.Tensor) -> Candidates:
+    """Dense probabilities as the columns of each row's nonzero ones (host tensors), when that
+    is at most half the vocabulary: a zero never wins the race, so only these need noise."""
+    width = int(torch.count_nonzero(probs, dim=-1).max())
+    if 2 * width > probs.shape[-1]:
+        return Candidates(probs)
+    values, ids = probs.topk(width, dim=-1)
+    return Candidates(values, ids)

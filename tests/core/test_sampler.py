@@ -125,14 +125,14 @@ def test_logit_bias_and_banned_tokens(logits):
 def test_top_k_candidates_path_masks_like_the_full_sort():
     """With ``top_k_max`` only that many candidates are sorted: the kept set must be the one
     the full-vocabulary sort keeps (per-row top-k, then top-p among them)."""
-    from tessellm.core.sampler import _top_k_top_p
+    from tessellm.core.sampling_filters import filter_dense, filter_top_k
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 1000, generator=g) * 3
     top_k = torch.tensor([5, 40, 40, 1, 17, 40])
     top_p = torch.tensor([1.0, 0.5, 0.9, 1.0, 0.3, 0.99])
-    full = _top_k_top_p(logits, top_k, top_p)
-    fast = _top_k_top_p(logits, top_k, top_p, k_max=40)
+    full = filter_dense(logits, top_k, top_p)
+    fast = filter_top_k(logits, top_k, top_p, k_max=40).dense(1000, -float("inf"))
     assert torch.equal(torch.isfinite(full), torch.isfinite(fast))
     assert torch.equal(full[torch.isfinite(full)], fast[torch.isfinite(fast)])
     assert torch.isfinite(fast).sum(-1).tolist()[0] == 5 and torch.isfinite(fast)[3].sum() == 1
