@@ -55,6 +55,11 @@ class EngineArgs:
     max_loras: int = 4  # adapters in device slots at once (a step holds at most this many)
     max_cpu_loras: Optional[int] = None  # adapters cached in host memory; None: max(max_loras, 8)
     max_lora_rank: int = 64  # the largest adapter rank served (slots are this wide)
+    # Default sampling from the model's generation_config.json (tessellm/generation_config.py):
+    # "auto" (the model's), "vllm" (none: neutral defaults) or a directory holding one.
+    generation_config: str = "auto"
+    # Laid over those defaults: a dict or its JSON, e.g. {"temperature": 0.5}.
+    override_generation_config: Optional[object] = None
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -82,6 +87,10 @@ class EngineArgs:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         self._validate_speculative()
+        from tessellm.generation_config import check_choice, parse_override
+
+        check_choice(self.generation_config)
+        parse_override(self.override_generation_config)
 
     def _validate_speculative(self) -> None:
         from tessellm.spec_decode.config import parse_speculative_config

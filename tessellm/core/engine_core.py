@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
@@ -24,6 +24,7 @@ from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.distributed.executor import make_executor
 from tessellm.distributed.worker import default_max_num_batched_tokens
+from tessellm.generation_config import default_sampling
 from tessellm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class EngineInfo:
     eos_token_ids: list[int]
     backend: str
     dtype: str
+    # SamplingParams fields a request leaves unset default to (the model's generation_config.json)
+    default_sampling: dict = field(default_factory=dict)
 
 
 class EngineCore:
@@ -110,7 +113,10 @@ class EngineCore:
         self.max_in_flight = 2 if self.async_scheduling else self.executor.max_concurrent_batches
         self.info = EngineInfo(self.source.path, self.source.kind, self.max_model_len, self.vocab_size,
                                num_blocks, args.block_size, self.eos_token_ids, self.backend.name,
-                               str(self.dtype).replace("torch.", ""))
+                               str(self.dtype).replace("torch.", ""),
+                               default_sampling(self.source.path if self.source.kind == "dir" else None,
+                                                getattr(args, "generation_config", "auto"),
+                                                getattr(args, "override_generation_config", None)))
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids)

@@ -42,8 +42,12 @@ class LLMEngine:
         self._check_alive()
         if lora_request is not None:
             self.core.add_lora(lora_request)
-        submit(self.inputs, self.outputs, request_id, prompt, params or SamplingParams(),
+        submit(self.inputs, self.outputs, request_id, prompt, params or self.default_sampling_params(),
                self.core.add_request, lora_request=lora_request, abort=self.core.abort_requests)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation-config defaults (tessellm/generation_config.py)."""
+        return SamplingParams(**self.core.info.default_sampling)
 
     def abort_request(self, request_id: str) -> None:
         ids = self.outputs.core_ids(request_id)

@@ -192,7 +192,7 @@ class AsyncLLM:
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (cumulative); cancelling the iteration aborts it."""
         request_id = request_id or os.urandom(12).hex()
-        stream = self.add_request(request_id, prompt, params or SamplingParams())
+        stream = self.add_request(request_id, prompt, params or SamplingParams(**self.info.default_sampling))
         try:
             async for item in iterate_streams([stream], stream.event):
                 yield item[1]

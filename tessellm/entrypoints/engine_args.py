@@ -56,6 +56,10 @@ HELP = {
     "max_loras": "LoRA adapters on the device at once (requests for others wait)",
     "max_cpu_loras": "LoRA adapters cached in host memory (default: max(max_loras, 8))",
     "max_lora_rank": "the largest LoRA rank served; slots are this wide",
+    "generation_config": "default sampling (temperature, top_p, top_k, min_p, repetition_penalty, "
+                         "max_new_tokens) for fields a request leaves unset: auto (the model's "
+                         "generation_config.json, as vLLM), vllm (none) or a directory holding one",
+    "override_generation_config": "JSON laid over those defaults, e.g. '{\"temperature\": 0.5}'",
 }
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
 CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"]}

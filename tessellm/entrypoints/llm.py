@@ -35,6 +35,11 @@ class LLM:
         self.engine = LLMEngine(args, final_only=True)
         self._ids = itertools.count()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` uses without sampling params: the model's generation_config.json
+        defaults (``generation_config="vllm"`` for none), as in vLLM."""
+        return self.engine.default_sampling_params()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 
@@ -57,7 +62,7 @@ class LLM:
         (or None: the base model) per prompt; needs ``LLM(enable_lora=True)``."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        params = _per_prompt(sampling_params, len(prompts))
+        params = _per_prompt(sampling_params, len(prompts), self.get_default_sampling_params)
         loras = _per_prompt_lora(lora_request, len(prompts))
         ids = []
         try:
@@ -104,9 +109,9 @@ def _per_prompt_lora(lora, n: int) -> list:
     return list(lora)
 
 
-def _per_prompt(params, n: int) -> list[SamplingParams]:
+def _per_prompt(params, n: int, default) -> list[SamplingParams]:
     if params is None:
-        return [SamplingParams() for _ in range(n)]
+        return [default() for _ in range(n)]
     if isinstance(params, SamplingParams):
         return [params] * n
     params = list(params)

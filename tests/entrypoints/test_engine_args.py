@@ -22,6 +22,7 @@ NON_DEFAULT = {
     "async_scheduling": True, "kernel_warmup": False, "emulate": True,
     "speculative_config": '{"method": "ngram", "num_speculative_tokens": 2}',
     "enable_lora": True, "max_loras": 3, "max_cpu_loras": 9, "max_lora_rank": 16,
+    "generation_config": "vllm", "override_generation_config": '{"temperature": 0.5}',
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],

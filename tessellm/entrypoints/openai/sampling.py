@@ -78,8 +78,11 @@ def _num_logprobs(req) -> tuple[Optional[int], str]:
     return req.logprobs, "logprobs"
 
 
-def resolve_max_tokens(req, prompt_len: int, max_model_len: int, config: ServerConfig) -> int:
-    """The request's output budget; refuses prompt + max_tokens over the context length."""
+def resolve_max_tokens(req, prompt_len: int, max_model_len: int, config: ServerConfig,
+                       defaults: Optional[dict] = None) -> int:
+    """The request's output budget; refuses prompt + max_tokens over the context length.
+    ``defaults``: the model's generation-config sampling defaults (their ``max_tokens`` caps the
+    budget of a request that sets none, as in vLLM)."""
     max_tokens, field = requested_max_tokens(req)
     room = max_model_len - prompt_len
     if getattr(req, "echo_only", False):
@@ -87,7 +90,8 @@ def resolve_max_tokens(req, prompt_len: int, max_model_len: int, config: ServerC
     if max_tokens is None:
         default = _COMPLETIONS_DEFAULT_MAX_TOKENS if isinstance(req, CompletionRequest) else room
         limit = config.max_tokens if config.max_tokens is not None else room
-        return max(1, min(default, room, limit))
+        model_cap = (defaults or {}).get("max_tokens", room)
+        return max(1, min(default, room, limit, model_cap))
     if max_tokens > room:
         raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you "
                           f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
@@ -97,15 +101,24 @@ def resolve_max_tokens(req, prompt_len: int, max_model_len: int, config: ServerC
 
 
 def to_sampling_params(req, max_tokens: int, vocab_size: int,
-                       structured: Optional[StructuredOutputsParams] = None) -> SamplingParams:
+                       structured: Optional[StructuredOutputsParams] = None,
+                       defaults: Optional[dict] = None) -> SamplingParams:
+    """``defaults``: the model's generation-config values for the fields the request leaves
+    unset (tessellm/generation_config.py); the neutral ones otherwise."""
     num_logprobs, _ = _num_logprobs(req)
+    defaults = defaults or {}
+
+    def pick(name: str, neutral):
+        value = getattr(req, name)
+        return defaults.get(name, neutral) if value is None else value
+
     try:
         return SamplingParams(
             n=req.n or 1,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            min_p=req.min_p or 0.0,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", 0) or 0,
+            min_p=pick("min_p", 0.0) or 0.0,
             seed=req.seed,
             max_tokens=max_tokens,
             min_tokens=req.min_tokens,
@@ -114,7 +127,7 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
             ignore_eos=req.ignore_eos,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             logprobs=num_logprobs,
             prompt_logprobs=num_logprobs if getattr(req, "echo", False) and num_logprobs is not None else None,
             skip_special_tokens=req.skip_special_tokens,

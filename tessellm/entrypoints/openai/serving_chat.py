@@ -42,8 +42,9 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
         processed = engine.process_prompt({"prompt_token_ids": ids})
     except ValueError as exc:
         raise prompt_error(exc, "messages") from None
-    max_tokens = resolve_max_tokens(req, len(ids), engine.info.max_model_len, config)
-    params = to_sampling_params(req, max_tokens, engine.info.vocab_size, structured)
+    defaults = engine.info.default_sampling
+    max_tokens = resolve_max_tokens(req, len(ids), engine.info.max_model_len, config, defaults)
+    params = to_sampling_params(req, max_tokens, engine.info.vocab_size, structured, defaults)
     if plan.parser is not None and plan.parser.needs_special_tokens:
         params.skip_special_tokens = False  # the parser's markers are special tokens
     request_id = random_id("chatcmpl")

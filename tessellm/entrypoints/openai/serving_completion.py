@@ -38,8 +38,9 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
             raise prompt_error(exc, "prompt", None if len(prompts) == 1 else f"prompt {i}: {exc}") from None
     max_len = engine.info.max_model_len
     structured = structured_from_request(req)
-    params = [to_sampling_params(req, resolve_max_tokens(req, len(p.prompt_token_ids), max_len, config),
-                                 engine.info.vocab_size, structured) for p in processed]
+    defaults = engine.info.default_sampling
+    params = [to_sampling_params(req, resolve_max_tokens(req, len(p.prompt_token_ids), max_len, config, defaults),
+                                 engine.info.vocab_size, structured, defaults) for p in processed]
     request_id = random_id("cmpl")
     sub = submit(engine, request_id, processed, params, lora)
     view = _CompletionView(engine, req, lora.lora_name if lora else config.model_name, request_id, [_prompt_text(engine, p) for p in processed])
