@@ -65,10 +65,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="PEFT adapters to serve; a request selects one with model: NAME")
     g.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    g = parser.add_argument_group("vLLM command-line compatibility (scripts written for `vllm serve`)")
+    g.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                   help="the model, as the positional MODEL (vLLM's older form)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted, no effect: tessellm runs no code from model repositories "
+                        "(an architecture it does not implement is refused)")
+    g.add_argument("--disable-log-requests", action="store_true",
+                   help="accepted, no effect: tessellm never logs prompts or outputs")
+    g.add_argument("--disable-log-stats", action="store_true",
+                   help="accepted, no effect: engine statistics are on /metrics, not in the log")
     from tessellm.entrypoints.ray_serve.launch import add_ray_arguments
 
     add_ray_arguments(parser)
     return parser
+
+
+def resolve_model_flag(args: argparse.Namespace) -> None:
+    """``--model X`` (vLLM's older form) is the positional MODEL; both, and different: an error."""
+    flag = getattr(args, "model_flag", None)
+    if flag is None:
+        return
+    if args.model is not None and args.model != flag:
+        raise SystemExit(f"tessellm serve: the model is given twice ({args.model!r} and --model "
+                         f"{flag!r}); give it once.")
+    args.model = flag
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -94,6 +115,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    resolve_model_flag(args)
     from tessellm.core.engine_process import EngineStartupError
     from tessellm.entrypoints.async_llm import AsyncLLM
     from tessellm.entrypoints.openai.api_server import build_app

@@ -54,3 +54,16 @@ def test_ray_serve_does_not_import_the_serve_module():
             "print('tessellm.entrypoints.serve' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_vllm_serve_command_lines_parse():
+    """Flags scripts written for `vllm serve` carry: --model and the no-effect ones."""
+    from tessellm.entrypoints.serve import resolve_model_flag
+
+    args = build_parser().parse_args(["serve", "--model", "/m", "--trust-remote-code",
+                                      "--disable-log-requests", "--disable-log-stats"])
+    resolve_model_flag(args)
+    assert engine_args_from(args, args.model).model == "/m"
+    both = build_parser().parse_args(["serve", "/a", "--model", "/b"])
+    with pytest.raises(SystemExit, match="given twice"):
+        resolve_model_flag(both)
