@@ -178,12 +178,19 @@ def resolve_dtype(requested: str, hf_config, device_type: str) -> torch.dtype:
 
 
 def resolve_max_model_len(requested: Optional[int], hf_config) -> int:
-    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    """Default and limit: max_position_embeddings (2048 without one), extended by a yarn
+    rope scaling (``layers.rope_config.rope_max_positions``)."""
+    from tessellm.layers.rope_config import rope_max_positions
+
+    limit = 2048
+    if getattr(hf_config, "max_position_embeddings", None):
+        limit = rope_max_positions(hf_config)
     if requested is None:
         return int(limit)
     if requested > limit:
-        raise ValueError(f"max_model_len {requested} exceeds the model's max_position_embeddings "
-                         f"{limit}; use at most {limit}.")
+        raise ValueError(f"max_model_len {requested} exceeds the model's maximum length {limit} "
+                         f"(max_position_embeddings, extended by yarn rope scaling); use at most "
+                         f"{limit}.")
     return requested
 
 

@@ -56,3 +56,23 @@ def complete_rope_parameters(params: dict, config, default_theta: float = 10000.
         params["max_position_embeddings"] = int(config.max_position_embeddings)
     check_rope_type(params)
     return params
+
+
+def rope_max_positions(config) -> int:
+    """How many positions the model's rotary serves: ``max_position_embeddings``, or, for yarn,
+    the extended length ``original_max_position_embeddings * factor`` when that is larger
+    (Qwen2.5 ships max_position_embeddings 32768 and adds yarn factor 4 for 131072; HF rotates
+    any position, vLLM serves that far). Dynamic NTK is not extended: past
+    max_position_embeddings HF rescales every position per forward pass, which a KV cache of
+    rotated keys cannot follow."""
+    limit = int(config.max_position_embeddings)
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None)
+    if isinstance(scaling, dict) and not _nested(scaling):
+        params.update(scaling)
+    for p in [v for v in params.values() if isinstance(v, dict)] or [params]:
+        if rope_type(p) == "yarn" and p.get("factor"):
+            original = (getattr(config, "original_max_position_embeddings", None)
+                        or p.get("original_max_position_embeddings") or limit)
+            limit = max(limit, int(original * p["factor"]))
+    return limit

@@ -184,11 +184,11 @@ class RotaryEmbedding(nn.Module):
     def from_config(cls, config, head_size: int, ops, layer_type: Optional[str] = None,
                     params: Optional[dict] = None) -> "RotaryEmbedding":
         """From an HF config (``params``: settings read already, e.g. Gemma 3's per layer)."""
-        from tessellm.layers.rope_config import rope_parameters
+        from tessellm.layers.rope_config import rope_max_positions, rope_parameters
 
         params = params if params is not None else rope_parameters(config, layer_type)
         rotary_dim = int(head_size * params.get("partial_rotary_factor", 1.0))
-        return cls(head_size, config.max_position_embeddings, params["rope_theta"], params, ops,
+        return cls(head_size, rope_max_positions(config), params["rope_theta"], params, ops,
                    rotary_dim=rotary_dim)
 
     def forward(self, positions, q, k):

@@ -32,8 +32,9 @@ def _config(family: str, **overrides):
     return getattr(transformers, cls)(**kwargs)
 
 
-# name -> (family, config overrides, prompt lengths). Prompts cross the windows (8) and the
-# original lengths (32) the variants set; decoding crosses them too.
+# name -> (family, config overrides, prompt lengths[, engine arguments]). Prompts cross the
+# windows (8) and the original lengths (32) the variants set; decoding crosses them too.
+CHUNKED = dict(max_num_batched_tokens=8)  # prompts prefilled in chunks smaller than the window
 VARIANTS = {
     # rotary
     "llama-rope-theta-500k": ("llama", dict(rope_theta=500000.0), (5, 30)),
@@ -42,9 +43,9 @@ VARIANTS = {
                                          max_position_embeddings=48), (5, 30)),
     "llama3-rope-parameters": ("llama", dict(rope_parameters={**LLAMA3, "rope_theta": 500000.0}),
                                (5, 40)),
-    "qwen2-yarn-original": ("qwen2", dict(rope_scaling={"type": "yarn", "factor": 4.0,
-                                                        "original_max_position_embeddings": 32}),
-                            (5, 40)),
+    # Qwen2.5 long context: max_position_embeddings = the original length, served 4x as far
+    "qwen2-yarn-original": ("qwen2", dict(max_position_embeddings=32, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}), (5, 40)),
     "llama-yarn-no-original": ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                               "rope_theta": 10000.0}), (5, 40)),
     "qwen3-yarn-attention-factor": ("qwen3", dict(head_dim=32, rope_scaling={
@@ -58,9 +59,9 @@ VARIANTS = {
     "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True), (5, 20)),
     "qwen3-attention-bias": ("qwen3", dict(head_dim=32, attention_bias=True), (5, 20)),
     # sliding windows, prompts and decoding past them
-    "mistral-window-head-dim": ("mistral", dict(sliding_window=8, head_dim=32), (5, 20)),
+    "mistral-window-head-dim": ("mistral", dict(sliding_window=8, head_dim=32), (5, 20), CHUNKED),
     "qwen2-window-upper-layers": ("qwen2", dict(use_sliding_window=True, sliding_window=8,
-                                                max_window_layers=1), (5, 20)),
+                                                max_window_layers=1), (5, 20), CHUNKED),
     "qwen3-window-all-layers": ("qwen3", dict(head_dim=16, use_sliding_window=True,
                                               sliding_window=8, max_window_layers=0), (5, 20)),
     "qwen2-window-off": ("qwen2", dict(use_sliding_window=False, sliding_window=8), (20,)),
@@ -94,16 +95,16 @@ VARIANTS = {
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_matches_hf(name, tmp_path):
-    family, overrides, lengths = VARIANTS[name]
+    family, overrides, lengths, *engine = VARIANTS[name]
     path = save_tiny(_config(family, **overrides), str(tmp_path / name))
-    assert_parity(path, prompts(lengths), max_new=12)
+    assert_parity(path, prompts(lengths), max_new=12, **(engine[0] if engine else {}))
 
 
 def test_biases_under_tensor_parallelism(tmp_path):
     """attention_bias + mlp_bias at tensor_parallel_size=2 (gloo workers): o_proj and down_proj
     then sum over the ranks themselves (the bias is added once, after), so the next norms must
     not sum again."""
-    _, overrides, lengths = VARIANTS["llama-attention-and-mlp-bias"]
+    _, overrides, lengths, *_ = VARIANTS["llama-attention-and-mlp-bias"]
     path = save_tiny(_config("llama", **overrides), str(tmp_path / "tp"))
     assert_parity(path, prompts(lengths), max_new=8, tensor_parallel_size=2, device="cpu")
 
@@ -126,7 +127,7 @@ def test_longrope_long_factors_match_hf():
     from tessellm.backends.reference.ops import ReferenceOps
     from tessellm.layers.rotary import RotaryEmbedding
 
-    _, overrides, _ = VARIANTS["phi3-longrope-partial-crossing"]
+    overrides = VARIANTS["phi3-longrope-partial-crossing"][1]
     config = _config("phi3", **overrides)
     hf = Phi3RotaryEmbedding(config)
     ours = RotaryEmbedding.from_config(config, 16, ReferenceOps()).cos_sin_cache
@@ -158,6 +159,27 @@ def test_transformers4_rope_scaling_form_reads_like_rope_parameters():
 
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+
+def test_gemma3_transformers4_rope_fields():
+    """Gemma 3 as transformers 4 configured it: rope_local_base_freq for the local layers,
+    rope_theta and rope_scaling for the global ones; the same caches as the 5 form."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tessellm.backends.reference.ops import ReferenceOps
+    from tessellm.models.gemma3 import _rotary
+
+    v5 = _config("gemma3", rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})
+    v4 = SimpleNamespace(rope_local_base_freq=20000.0, rope_theta=1000000.0,
+                         rope_scaling={"rope_type": "linear", "factor": 8.0}, head_dim=16,
+                         max_position_embeddings=v5.max_position_embeddings)
+    for kind in ("sliding_attention", "full_attention"):
+        torch.testing.assert_close(_rotary(v4, kind, ReferenceOps()).cos_sin_cache,
+                                   _rotary(v5, kind, ReferenceOps()).cos_sin_cache, rtol=0, atol=0)
+
 
 # family, config overrides, what the one-sentence refusal says
 REFUSED = {
