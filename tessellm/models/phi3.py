@@ -12,17 +12,31 @@ parallelism narrows each part on its own)::
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
 
 from tessellm.layers.linear import materialize
+from tessellm.layers.rope_config import rope_parameters
 from tessellm.models.llama import MistralForCausalLM
+
+logger = logging.getLogger(__name__)
 
 
 class Phi3ForCausalLM(MistralForCausalLM):
     """Mistral's switches: no biases, ``sliding_window`` on every layer (Phi-3-mini-4k: 2047).
     Partial rotary (``partial_rotary_factor``, e.g. Phi-4-mini's 0.75) comes from the config."""
+
+    def check_config(self, config) -> None:
+        params = rope_parameters(config)
+        original = params.get("original_max_position_embeddings")
+        if params["rope_type"] in ("longrope", "su") and config.max_position_embeddings > original:
+            logger.warning(
+                "LongRoPE: sequences longer than original_max_position_embeddings=%d use the long "
+                "factors from that position on and keep the short ones below it; HF transformers "
+                "re-rotates the whole sequence with the long factors, so past %d tokens outputs "
+                "differ from HF's.", original, original)
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         config = self.config
         d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
