@@ -130,12 +130,13 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         self.softcap = getattr(config, "final_logit_softcapping", None)
         if ctx.pp.is_first:
             self.embed_tokens = VocabParallelEmbedding(vocab, hidden, ctx.tp)
-        rotaries = {kind: _rotary(config, kind, ctx.ops) for kind in set(config.layer_types)}
+        types = layer_types(config)
+        rotaries = {kind: _rotary(config, kind, ctx.ops) for kind in set(types)}
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(config, ctx, rotaries[kind],
                                config.sliding_window if kind == SLIDING else None)
             if self.start_layer <= i < self.end_layer else MissingLayer()
-            for i, kind in enumerate(config.layer_types))
+            for i, kind in enumerate(types))
         if ctx.pp.is_last:
             self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.ops)
             tied = self.embed_tokens.weight if self.tie_word_embeddings and ctx.pp.is_first else None
@@ -187,6 +188,17 @@ def _rotary(config, kind: str, ops) -> RotaryEmbedding:
     return RotaryEmbedding.from_config(config, config.head_dim, ops, params=params)
 
 
+def layer_types(config) -> list[str]:
+    """``config.layer_types``; transformers before 4.53 had ``sliding_window_pattern`` instead
+    (default 6: every sixth layer global)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    pattern = getattr(config, "sliding_window_pattern", None) or 6
+    return ["full_attention" if (i + 1) % pattern == 0 else SLIDING
+            for i in range(config.num_hidden_layers)]
+
+
 def check_config(config) -> None:
     """Refuses the Gemma 3 variants this implementation would run wrongly."""
     cap = getattr(config, "attn_logit_softcapping", None)
@@ -196,7 +208,7 @@ def check_config(config) -> None:
     if getattr(config, "use_bidirectional_attention", False):
         raise ValueError("Gemma 3 use_bidirectional_attention=True (an embedding model) is not "
                          "supported; tessellm serves causal language models only.")
-    kinds = set(config.layer_types) - {SLIDING, "full_attention"}
+    kinds = set(layer_types(config)) - {SLIDING, "full_attention"}
     if kinds:
         raise ValueError(f"Gemma 3 config.layer_types {sorted(kinds)} are not supported; "
                          "supported: sliding_attention, full_attention.")

@@ -168,7 +168,7 @@ def test_gemma3_transformers4_rope_fields():
     import torch
 
     from tessellm.backends.reference.ops import ReferenceOps
-    from tessellm.models.gemma3 import _rotary
+    from tessellm.models.gemma3 import _rotary, layer_types
 
     v5 = _config("gemma3", rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
@@ -179,6 +179,9 @@ def test_gemma3_transformers4_rope_fields():
     for kind in ("sliding_attention", "full_attention"):
         torch.testing.assert_close(_rotary(v4, kind, ReferenceOps()).cos_sin_cache,
                                    _rotary(v5, kind, ReferenceOps()).cos_sin_cache, rtol=0, atol=0)
+    v4.num_hidden_layers, v4.sliding_window_pattern = 7, 3  # before layer_types (< 4.53)
+    assert layer_types(v4) == ["sliding_attention", "sliding_attention", "full_attention"] * 2 + [
+        "sliding_attention"]
 
 
 # family, config overrides, what the one-sentence refusal says
