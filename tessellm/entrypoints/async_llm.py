@@ -330,10 +330,16 @@ class AsyncLLM:
             self._notify("observe_outputs", iteration)
         for result in results:
             stream = self.streams.get(result.request_id)
-            if stream is not None:
-                stream.put(result)
-                if result.finished:
-                    del self.streams[result.request_id]
+            if stream is None:
+                continue
+            refusal = _core_refusal(result)
+            if refusal is not None:  # e.g. its LoRA adapter failed to load in the core
+                self.abort(result.request_id)  # the other samples too
+                stream.put_error(ValueError(refusal))
+                continue
+            stream.put(result)
+            if result.finished:
+                del self.streams[result.request_id]
         if to_abort:  # stop strings found here: free those requests in the core too
             self.client.send_abort(to_abort)
 
@@ -385,4 +391,13 @@ def _load_tokenizer(info, args: EngineArgs):
         return load_tokenizer(info.model_path, info.model_kind, args.tokenizer)
     if any(os.path.exists(os.path.join(info.model_path, f)) for f in _TOKENIZER_FILES):
         return load_tokenizer(info.model_path, info.model_kind, None)
+    return None
+
+
+def _core_refusal(result: RequestOutput) -> Optional[str]:
+    """Why the core ended a sample of ``result`` (an abort it was not asked for: a request
+    aborted here has no stream any more), or None. The core names the reason (stop_reason)."""
+    for sample in result.outputs:
+        if sample.finish_reason == "abort" and isinstance(sample.stop_reason, str):
+            return sample.stop_reason
     return None

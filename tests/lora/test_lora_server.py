@@ -190,3 +190,27 @@ def test_adapter_resolved_when_the_request_arrives(lora_setup, monkeypatch, rout
     with pytest.raises(Handed):
         asyncio.run(call)
     assert handed == [lora]
+
+
+def test_adapter_that_fails_in_the_engine_is_an_error(lora_server, tmp_path):
+    """The adapter's files vanish after the load route checked them: the engine cannot read it
+    when a request first names it. The request is a 400 naming why (it was a 200 with an
+    empty text and finish_reason "stop"), streamed or not; other requests go on."""
+    import shutil
+
+    srv, model, paths = lora_server
+    gone = tmp_path / "gone"
+    shutil.copytree(paths["qv8"], gone)
+    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=120) as http:
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "gone", "lora_path": str(gone)})
+        assert r.status_code == 200, r.text
+        shutil.rmtree(gone)
+        body = {"model": "gone", "prompt": PROMPT, "max_tokens": 4, "n": 2}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 400 and "does not exist" in r.json()["error"]["message"], r.text
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+            events = [json.loads(line[6:]) for line in stream.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        assert "does not exist" in events[-1]["error"]["message"], events
+        assert _tokens(http, "qv8") == peft_greedy(model, paths["qv8"], [PROMPT], MAX_NEW)[0]
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "gone"}).status_code == 200

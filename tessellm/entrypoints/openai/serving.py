@@ -159,7 +159,8 @@ def _event(chunk: BaseModel) -> str:
 
 
 def finish_reason(reason: Optional[str]) -> Optional[str]:
-    """The engine's reasons as OpenAI's: stop or length (an abort never reaches a client)."""
+    """The engine's reasons as OpenAI's: stop or length (an abort never reaches a client: one
+    the core makes, naming why, is the request's error; AsyncLLM._route)."""
     if reason is None:
         return None
     return "length" if reason == "length" else "stop"
