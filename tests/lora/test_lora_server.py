@@ -150,6 +150,7 @@ def test_adapter_resolved_when_the_request_arrives(lora_setup, monkeypatch, rout
     from types import SimpleNamespace
 
     import tessellm.entrypoints.openai.serving_chat as chat
+    from tessellm.core.engine_core import EngineInfo
     from tessellm.core.input_processor import ProcessedPrompt
     from tessellm.entrypoints.openai.lora_modules import LoRAModules
     from tessellm.entrypoints.openai.server_config import ServerConfig
@@ -176,7 +177,8 @@ def test_adapter_resolved_when_the_request_arrives(lora_setup, monkeypatch, rout
         await unload_meanwhile()
         return ProcessedPrompt(None, prompt["prompt_token_ids"])
 
-    engine = SimpleNamespace(info=SimpleNamespace(max_model_len=256, vocab_size=384),
+    info = EngineInfo(model, "dir", 256, 384, 64, 16, [2], "cpu", "float32")
+    engine = SimpleNamespace(info=info,
                              process_prompt_async=process_prompt_async, add_request=add_request,
                              process_prompt=lambda p: ProcessedPrompt(None, p["prompt_token_ids"]),
                              abort=lambda rid: None)
