@@ -25,6 +25,7 @@ from tessellm.layers.linear import (ColumnParallelLinear, RowParallelLinear, fp8
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from tessellm.models.layer_windows import window_by_layer_type, window_everywhere
 
 
 class DecoderAttention(nn.Module):
@@ -155,7 +156,6 @@ class LlamaForCausalLM(nn.Module):
     """Per-family switches are the class attributes and the ``*_bias`` / ``layer_window``
     methods below (each subclass states what its HF modeling file does)."""
 
-    qkv_bias = False
     qk_norm = False
 
     # checkpoint name fragment -> (our fused param fragment, shard index)
@@ -205,7 +205,7 @@ class LlamaForCausalLM(nn.Module):
     def attention_biases(self, config) -> tuple[bool, bool]:
         """(q/k/v bias, o_proj bias). Llama, Qwen3: both ``attention_bias``."""
         bias = bool(getattr(config, "attention_bias", False))
-        return self.qkv_bias or bias, bias
+        return bias, bias
 
     def mlp_bias(self, config) -> bool:
         return bool(getattr(config, "mlp_bias", False))
@@ -358,36 +358,6 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     param.data.copy_(tensor)
 
 
-def window_everywhere(config) -> Optional[int]:
-    """Mistral, Mixtral, Phi-3, Qwen3-MoE: ``sliding_window`` (when set and not switched off
-    by ``use_sliding_window``) on every layer."""
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
-
-
-def window_by_layer_type(config, index: int) -> Optional[int]:
-    """Qwen2, Qwen3, Qwen2-MoE: ``config.layer_types[index]`` says ``sliding_attention`` or
-    ``full_attention`` (transformers 5 derives it from ``use_sliding_window`` and
-    ``max_window_layers``); without it (transformers 4), layers from ``max_window_layers`` on
-    slide, when ``use_sliding_window``."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        kind = types[index]
-        if kind not in ("sliding_attention", "full_attention"):
-            raise ValueError(f"config.layer_types[{index}] = {kind!r} is not supported; "
-                             "supported: sliding_attention, full_attention.")
-        return int(window) if kind == "sliding_attention" and window else None
-    if not window or not getattr(config, "use_sliding_window", False):
-        return None
-    limit = getattr(config, "max_window_layers", None)
-    if limit is None:
-        return int(window)
-    return int(window) if index >= limit else None
-
-
 class MistralForCausalLM(LlamaForCausalLM):
     """No biases; ``sliding_window`` on every layer (Phi-3 shares these switches)."""
 
@@ -402,8 +372,6 @@ class MistralForCausalLM(LlamaForCausalLM):
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    qkv_bias = True
-
     def attention_biases(self, config) -> tuple[bool, bool]:
         return True, False
 
