@@ -203,6 +203,34 @@ def test_native_rms_norm_is_the_references_bitwise(n):
             assert torch.equal(ops.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
 
 
+@pytest.mark.parametrize("d", [8, 40, 96, 576, 1536, 2048])
+def test_native_silu_and_mul_is_the_references_bitwise(d):
+    """The C SiLU-and-mul (csrc/silu_mul.c: SLEEF's expf on torch's vector blocks, the C
+    library's on each row's tail) is bitwise ``F.silu(gate) * up``, 1 row to the 32767-output
+    limit, magnitudes from 1e-3 to past exp's limits (+-104), zeros, infinities and NaN."""
+    from tessellm.backends.cpu import native
+    from tessellm.backends.reference.ops import ReferenceOps
+
+    if native.load() is None:
+        pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
+    g = torch.Generator().manual_seed(d)
+    ops, ref = cpu_ops.CpuOps(), ReferenceOps()
+    for rows in (1, 3, cpu_ops.SILU_MAX_NUMEL // d):
+        for scale in (1e-3, 1.0, 10.0, 150.0):
+            x = torch.randn(rows, 2 * d, generator=g) * scale
+            x[0, : min(d, 6)] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e38])[: min(d, 6)]
+            got = ops._native_silu(x, d)
+            assert got is not None and ops._silu_block[d] in (16, 32)
+            want = ref.silu_and_mul(x)
+            assert torch.equal(got.nan_to_num(), want.nan_to_num())
+            assert torch.equal(got.isnan(), want.isnan())
+            batched = ops.silu_and_mul(x[None])  # leading dims: the same native call
+            assert torch.equal(batched.nan_to_num(), want[None].nan_to_num())
+    big = torch.randn(cpu_ops.SILU_MAX_NUMEL // d + 1, 2 * d, generator=g)
+    assert ops._native_silu(big, d) is None  # past the limit: torch's path
+    assert torch.equal(ops.silu_and_mul(big), ref.silu_and_mul(big))
+
+
 def test_native_rms_norm_steps_aside():
     """Inputs it does not take go through torch: too many values, a strided row, bfloat16, a
     row width that is not a multiple of 16."""

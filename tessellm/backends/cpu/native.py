@@ -1,8 +1,8 @@
 """The cpu backend's C kernels (``csrc/``), built on first use and loaded through ctypes.
 
 ``load()`` compiles ``csrc/paged_decode.c`` (paged decode attention, NeoX rotary),
-``csrc/norm.c`` (residual add + RMSNorm) and ``csrc/decode_step.c`` (rotary, cache write and
-decode attention in one call) into one library with the system C compiler (``$CC``, else ``cc``,
+``csrc/norm.c`` (residual add + RMSNorm), ``csrc/decode_step.c`` (rotary, cache write and
+decode attention in one call) and ``csrc/silu_mul.c`` (SiLU-and-mul) into one library with the system C compiler (``$CC``, else ``cc``,
 ``gcc``, ``clang``; ``-O3 -march=native -fopenmp``) into ``<cache_dir>/cpu_native/``, keyed by
 the source, the compiler's version, the flags and the host CPU, so a machine compiles it once
 (~0.5 s; several processes compiling at once each write a temporary file and rename it into
@@ -35,7 +35,8 @@ from tessellm import envs
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_decode.c", "norm.c", "decode_step.c")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_decode.c", "norm.c", "decode_step.c",
+                                                                 "silu_mul.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -92,6 +93,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                                    i32, i32, i32, i32, i32, ctypes.c_float, p, i32]
     lib.tl_add_rms_norm.restype = i32
     lib.tl_add_rms_norm.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float, i32]
+    lib.tl_silu_and_mul.restype = i32
+    lib.tl_silu_and_mul.argtypes = [p, p, i64, i64, i32]
 
 
 def _compiler() -> Optional[list[str]]:

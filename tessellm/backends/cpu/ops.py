@@ -1,5 +1,5 @@
 """The cpu backend's ``FusedOps`` (the reference ops, plus a ``linear`` for wide products, a
-one-call float32 RMSNorm and a one-allocation SiLU-and-mul) and
+one-call float32 RMSNorm and a native or one-allocation SiLU-and-mul) and
 ``LogitsOps`` (the reference bitmask, plus a two-pass argmax)."""
 
 from __future__ import annotations
@@ -65,6 +65,32 @@ def norm_lanes(lib, n: int, eps: float) -> int:
     return 0
 
 
+# The native SiLU-and-mul (csrc/silu_mul.c) takes at most this many outputs: below torch's
+# grain (32768) torch runs the whole tensor as one chunk, so each row's scalar tail (the values
+# past its last whole vector block) sits where the kernel puts it.
+SILU_MAX_NUMEL = 32767
+
+
+def silu_block(lib, d: int) -> int:
+    """The vector step (32 or 16 values) with which ``tl_silu_and_mul`` reproduces torch's
+    float32 ``F.silu(gate) * up`` bitwise for rows of ``d``, or 0 when neither does. Probed once
+    per width on rows of several magnitudes (past exp's limits too), against the reference."""
+    g = torch.Generator().manual_seed(d)
+    count = max(1, min(16, SILU_MAX_NUMEL // d))
+    probes = [torch.randn(count, 2 * d, generator=g) * s for s in (1e-3, 1.0, 8.0, 120.0)]
+    for block in (32, 16):
+        ok = True
+        for x in probes:
+            out = torch.empty(count, d)
+            if (lib.tl_silu_and_mul(x.data_ptr(), out.data_ptr(), count, d, block)
+                    or not torch.equal(out, F.silu(x[:, :d]) * x[:, d:])):
+                ok = False
+                break
+        if ok:
+            return block
+    return 0
+
+
 class CpuOps(ReferenceOps):
     fused_moe = staticmethod(fused_moe_grouped)  # the sort-and-group MoE (cpu/moe.py)
 
@@ -76,6 +102,7 @@ class CpuOps(ReferenceOps):
         self.onednn = torch.backends.mkldnn.is_available()
         self._native = False  # the native kernels (native.load()), looked up on first use
         self._norm_lanes: dict[int, int] = {}  # row width -> norm_lanes() (0: torch's path)
+        self._silu_block: dict[int, int] = {}  # row width -> silu_block() (0: torch's path)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
         """``x @ weight.T (+ bias)``; float32 products on oneDNN's packed weight (``_pack``),
@@ -165,13 +192,35 @@ class CpuOps(ReferenceOps):
         return self._native
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate) * up`` into one new tensor (the reference allocates two): bitwise the
-        reference's result; [2048, 2 x 1536] float32, one thread: 4.0-5.1 -> 3.5-3.7 ms."""
+        """``silu(gate) * up``: float32 rows of at most ``SILU_MAX_NUMEL`` outputs in one native
+        call (``csrc/silu_mul.c``; decode: one row of SmolLM2's 1,536 ~10 -> ~5 us), else into
+        one new tensor by aten (the reference allocates two; [2048, 2 x 1536] float32, one
+        thread: 4.0-5.1 -> 3.5-3.7 ms). Both bitwise the reference's result."""
         if torch.compiler.is_compiling() or x.requires_grad:
             return super().silu_and_mul(x)
         d = x.shape[-1] // 2
+        out = self._native_silu(x, d)
+        if out is not None:
+            return out
         out = torch.ops.aten.silu.out(x[..., :d], out=x.new_empty(x.shape[:-1] + (d,)))
         return out.mul_(x[..., d:])
+
+    def _native_silu(self, x: torch.Tensor, d: int) -> Optional[torch.Tensor]:
+        """``tl_silu_and_mul``'s result, or None where it does not apply: no native library,
+        not contiguous float32, more than ``SILU_MAX_NUMEL`` outputs, or a row width whose
+        result the library could not match bitwise (``silu_block``)."""
+        lib = self._native_lib()
+        if (lib is None or x.dtype != torch.float32 or not x.is_contiguous() or x.shape[-1] != 2 * d
+                or x.numel() > 2 * SILU_MAX_NUMEL or d == 0):
+            return None
+        block = self._silu_block.get(d)
+        if block is None:
+            block = self._silu_block[d] = silu_block(lib, d)
+        if not block:
+            return None
+        out = x.new_empty(x.shape[:-1] + (d,))
+        rc = lib.tl_silu_and_mul(x.data_ptr(), out.data_ptr(), x.numel() // (2 * d), d, block)
+        return None if rc else out
 
     def _pack(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
         """oneDNN's blocked copy of a 2-D float32 weight, made once and made again when the
