@@ -17,7 +17,6 @@ never FastAPI's 422. The API key (when set) guards every route except /health, /
 from __future__ import annotations
 
 import json
-import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -42,7 +41,6 @@ from tessellm.entrypoints.openai.serving_chat import create_chat_completion, ren
 from tessellm.entrypoints.openai.serving_completion import create_completion
 from tessellm.metrics.prometheus import EngineMetrics
 
-logger = logging.getLogger(__name__)
 
 
 def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
@@ -59,13 +57,19 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     app.state.lifecycle = Lifecycle()  # draining on SIGTERM (lifecycle.py)
     app.state.metrics = EngineMetrics(config.model_name, CollectorRegistry(), engine.info.max_model_len)
     engine.add_stat_logger(app.state.metrics)
-    _add_error_handlers(app)
     _add_status_routes(app, engine, app.state.metrics)
     serve_lora(engine, config)  # --enable-lora: reads --lora-modules (ValueError if one is bad)
     _add_inference_routes(app, engine, config)
     add_lora_routes(app, engine, config, _json_body)
-    app.add_middleware(EdgeMiddleware, config=config, lifecycle=app.state.lifecycle)
+    add_error_handling(app, config, app.state.lifecycle)
     return app
+
+
+def add_error_handling(app: FastAPI, config: ServerConfig, lifecycle: Lifecycle) -> None:
+    """Every error as an OpenAI error object: the handlers of known errors, and the edge
+    middleware (limits, API key, draining; an unhandled exception is a 500 there)."""
+    _add_error_handlers(app)
+    app.add_middleware(EdgeMiddleware, config=config, lifecycle=lifecycle)
 
 
 async def _json_body(request: Request):
@@ -90,11 +94,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _http_error(_request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return OpenAIError(message, exc.status_code).response()
-
-    @app.exception_handler(Exception)
-    async def _internal_error(_request, exc: Exception):
-        logger.exception("Unhandled error")
-        return OpenAIError(f"Internal error: {type(exc).__name__}: {exc}", 500).response()
+    # Any other exception: a 500 from EdgeMiddleware (middleware.py says why not a handler here).
 
 
 def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -> None:

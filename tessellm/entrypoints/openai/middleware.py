@@ -5,16 +5,25 @@ A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which buffers s
 responses and hides client disconnects). The body is read here, checked against the limit, and
 replayed to the app; after that ``receive`` passes straight through, so the app still sees
 ``http.disconnect`` when a client goes away mid-stream.
+
+An exception no route handled becomes a 500 OpenAI error object here, and is not raised further:
+Starlette's outermost ``ServerErrorMiddleware`` would answer it too but then re-raise, and the
+server (uvicorn) closes a connection whose app raised, so a keep-alive client would find its
+next request on a dead socket. Only when the response had already started (a stream) is the
+exception raised on: then closing the connection is the one way to tell the client.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Optional, Sequence
 
 from tessellm.entrypoints.openai.errors import OpenAIError
 from tessellm.entrypoints.openai.lifecycle import Lifecycle
 from tessellm.entrypoints.openai.server_config import ServerConfig
+
+logger = logging.getLogger(__name__)
 
 
 class EdgeMiddleware:
@@ -40,10 +49,10 @@ class EdgeMiddleware:
         if error is not None:
             return await _send_error(send, error)
         if open_path:
-            return await self.app(scope, receive, send)
+            return await _run_app(self.app, scope, receive, send)
         self.lifecycle.in_flight += 1
         try:
-            return await self.app(scope, receive, send)
+            return await _run_app(self.app, scope, receive, send)
         finally:
             self.lifecycle.in_flight -= 1
 
@@ -91,6 +100,25 @@ class EdgeMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None
+
+
+async def _run_app(app, scope, receive, send) -> None:
+    """The app; an exception before the response started is answered with a 500 (see above)."""
+    started = False
+
+    async def tracked_send(message):
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        await app(scope, receive, tracked_send)
+    except Exception as exc:  # noqa: BLE001
+        if started:
+            raise
+        logger.exception("Unhandled error in %s %s", scope["method"], scope["path"])
+        await _send_error(send, OpenAIError(f"Internal error: {type(exc).__name__}: {exc}", 500))
 
 
 def _replay(body: bytes, receive):

@@ -23,11 +23,12 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM: usage in every chunk (prompt + that choice so far)
+    continuous_usage_stats: bool = False  # vLLM: with include_usage, usage in every chunk
 
     def usage_now(self, prompt_tokens: int, completion_tokens: int) -> Optional["UsageInfo"]:
-        """A chunk's usage: only with continuous_usage_stats (other chunks carry null)."""
-        if not self.continuous_usage_stats:
+        """A chunk's usage: only with include_usage and continuous_usage_stats (as vLLM); with
+        include_usage alone chunks carry ``"usage": null``, without it no usage key at all."""
+        if not (self.include_usage and self.continuous_usage_stats):
             return None
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                          total_tokens=prompt_tokens + completion_tokens)
@@ -58,6 +59,7 @@ class _SamplingFields(_Request):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: Optional[int] = Field(None, ge=0)  # top-k logprobs per prompt token (not streamed)
     # vLLM structured output (docs/structured_output.md): one constraint at most.
     structured_outputs: Optional[dict[str, Any]] = None
     guided_json: Optional[Union[str, dict[str, Any]]] = None  # older vLLM names
@@ -205,11 +207,33 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: one token's entry in ``prompt_logprobs``."""
+
+    logprob: float
+    rank: Optional[int] = None  # 1 = most likely
+    decoded_token: Optional[str] = None
+
+
+# vLLM's shape: per prompt token, None for the first, else token id -> its logprob (the prompt's
+# own token plus the top-k).
+PromptLogprobs = list[Optional[dict[int, PromptLogprob]]]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogProbs] = None
     finish_reason: Optional[Literal["stop", "length"]] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM extra (request field prompt_logprobs)
+
+    @model_serializer(mode="wrap")
+    def _drop_unasked(self, handler):
+        """prompt_logprobs only when asked for (this choice is also a stream chunk's)."""
+        data = handler(self)
+        if data.get("prompt_logprobs") is None:
+            data.pop("prompt_logprobs", None)
+        return data
 
 
 class CompletionResponse(BaseModel):
@@ -259,6 +283,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Optional[UsageInfo] = None
     system_fingerprint: Optional[str] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM extra: here, not in the choice (as vLLM)
 
 
 class DeltaMessage(BaseModel):

@@ -42,6 +42,9 @@ def check_unsupported(req: BaseModel) -> None:
     if isinstance(req, ChatCompletionRequest):
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
+    if req.prompt_logprobs and req.stream:
+        raise bad_request("prompt_logprobs are not available with stream=true (as in vLLM); ask for them "
+                          "in a request that is not streamed.", "prompt_logprobs")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
     if isinstance(req, CompletionRequest) and req.max_tokens == 0 and not req.echo:
@@ -60,6 +63,9 @@ def check_limits(req: Union[CompletionRequest, ChatCompletionRequest], config: S
     if num_logprobs is not None and num_logprobs > config.max_logprobs:
         raise bad_request(f"{field} is {num_logprobs}, over this server's limit of "
                           f"{config.max_logprobs} (--max-logprobs).", field)
+    if req.prompt_logprobs is not None and req.prompt_logprobs > config.max_logprobs:
+        raise bad_request(f"prompt_logprobs is {req.prompt_logprobs}, over this server's limit of "
+                          f"{config.max_logprobs} (--max-logprobs).", "prompt_logprobs")
     max_tokens, field = requested_max_tokens(req)
     if max_tokens is not None and config.max_tokens is not None and max_tokens > config.max_tokens:
         raise bad_request(f"{field} is {max_tokens}, over this server's limit of {config.max_tokens} "
@@ -129,7 +135,7 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=pick("repetition_penalty", 1.0),
             logprobs=num_logprobs,
-            prompt_logprobs=num_logprobs if getattr(req, "echo", False) and num_logprobs is not None else None,
+            prompt_logprobs=_prompt_logprobs(req, num_logprobs),
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             logit_bias=_logit_bias(req.logit_bias, vocab_size),
@@ -138,6 +144,16 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
     except ValueError as exc:  # SamplingParams' messages start with the field's name
         name = str(exc).split(" ", 1)[0]
         raise bad_request(str(exc), name if name in type(req).model_fields else None) from exc
+
+
+def _prompt_logprobs(req, num_logprobs: Optional[int]) -> Optional[int]:
+    """vLLM's: the request's prompt_logprobs (not when streamed: never sent), else for echo with
+    logprobs the same k as the output's."""
+    if req.prompt_logprobs is not None and not req.stream:
+        return req.prompt_logprobs
+    if getattr(req, "echo", False):
+        return num_logprobs
+    return None
 
 
 def _logit_bias(bias: Optional[dict[str, float]], vocab_size: int) -> Optional[dict[int, float]]:

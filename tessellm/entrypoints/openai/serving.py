@@ -27,7 +27,7 @@ from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.async_llm import AsyncLLM, RequestStream, iterate_streams
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
-from tessellm.entrypoints.openai.protocol import UsageInfo
+from tessellm.entrypoints.openai.protocol import PromptLogprob, PromptLogprobs, UsageInfo
 
 logger = logging.getLogger(__name__)
 
@@ -121,24 +121,26 @@ class ChunkRenderer(Protocol):
     def finish(self) -> list[BaseModel]: ...
 
 
-def sse_response(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer,
-                 heartbeat: float) -> StreamingResponse:
-    return StreamingResponse(_sse_events(engine, sub, renderer, heartbeat),
+def sse_response(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer, heartbeat: float,
+                 stream_options) -> StreamingResponse:
+    include_usage = bool(stream_options is not None and stream_options.include_usage)
+    return StreamingResponse(_sse_events(engine, sub, renderer, heartbeat, include_usage),
                              media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _sse_events(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer, heartbeat: float):
+async def _sse_events(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer, heartbeat: float,
+                      include_usage: bool):
     try:
         for chunk in renderer.start():
-            yield _event(chunk)
+            yield _event(chunk, include_usage)
         async for item in iterate_streams(sub.streams, sub.event, heartbeat):
             if item is None:
                 yield ": keep-alive\n\n"
                 continue
             for chunk in renderer.update(*item):
-                yield _event(chunk)
+                yield _event(chunk, include_usage)
         for chunk in renderer.finish():
-            yield _event(chunk)
+            yield _event(chunk, include_usage)
         yield "data: [DONE]\n\n"
     except Exception as exc:  # noqa: BLE001 - becomes the stream's last event
         yield engine_error(exc).sse_event()
@@ -154,8 +156,21 @@ def usage(outputs: list[RequestOutput]) -> UsageInfo:
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _event(chunk: BaseModel) -> str:
-    return f"data: {chunk.model_dump_json()}\n\n"
+def prompt_logprobs(out: RequestOutput, asked: Optional[int]) -> Optional[PromptLogprobs]:
+    """vLLM's ``prompt_logprobs`` (when the request asked for them): per prompt token None for the
+    first, else token id -> {logprob, rank, decoded_token}."""
+    if asked is None or out.prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {tid: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+             for tid, lp in entry.items()}
+            for entry in out.prompt_logprobs]
+
+
+def _event(chunk: BaseModel, include_usage: bool) -> str:
+    """A chunk as an SSE event; without stream_options.include_usage it has no usage key at all
+    (OpenAI, vLLM), with it ``"usage": null`` except on the last (usage) chunk."""
+    return f"data: {chunk.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
 
 
 def finish_reason(reason: Optional[str]) -> Optional[str]:

@@ -24,8 +24,9 @@ from tessellm.entrypoints.openai.sampling import (check_limits, check_model, che
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.tools import ToolPlan, tool_call_history
-from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request, random_id,
-                                                 sse_response, submit, usage)
+from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request,
+                                                 prompt_logprobs, random_id, sse_response, submit,
+                                                 usage)
 
 
 async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
@@ -52,7 +53,7 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     view = _ChatView(engine, req, lora.lora_name if lora else config.model_name, request_id, plan)
     view.prompt_tokens = len(processed.prompt_token_ids)
     if req.stream:
-        return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s)
+        return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s, req.stream_options)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
     return view.response(outputs[0])
 
@@ -137,7 +138,8 @@ class _ChatView:
             choices.append(ChatChoice(index=co.index, message=message, logprobs=logprobs,
                                       finish_reason=reason))
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                      usage=usage([out]))
+                                      usage=usage([out]),
+                                      prompt_logprobs=prompt_logprobs(out, self.req.prompt_logprobs))
 
     def message(self, text: str, reason: Optional[str]) -> tuple[ChatResponseMessage, Optional[str]]:
         """The assistant message (content and tool_calls) and the finish reason for ``text``."""

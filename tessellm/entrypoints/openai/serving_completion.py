@@ -20,8 +20,9 @@ from tessellm.entrypoints.openai.sampling import (check_limits, check_model, che
                                                   resolve_max_tokens, to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
-from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request, random_id,
-                                                 sse_response, submit, usage)
+from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request,
+                                                 prompt_logprobs, random_id, sse_response, submit,
+                                                 usage)
 
 
 async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
@@ -45,7 +46,8 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     sub = submit(engine, request_id, processed, params, lora)
     view = _CompletionView(engine, req, lora.lora_name if lora else config.model_name, request_id, [_prompt_text(engine, p) for p in processed])
     if req.stream:
-        return sse_response(engine, sub, _CompletionChunks(view, len(prompts)), config.sse_keepalive_s)
+        return sse_response(engine, sub, _CompletionChunks(view, len(prompts)), config.sse_keepalive_s,
+                            req.stream_options)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
     return view.response([view.visible(o) for o in outputs])
 
@@ -107,17 +109,22 @@ class _CompletionView:
                 if self.req.echo:
                     text = self.prompt_texts[pi] + text
                     if logprobs is not None:
-                        self.add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs or [], 0)
+                        self.add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs or [], 0,
+                                          self.req.logprobs)
                 if logprobs is not None:
                     offset = len(self.prompt_texts[pi]) if self.req.echo else 0
                     self.add_logprobs(logprobs, co.token_ids, co.logprobs or [], offset)
                 choices.append(CompletionChoice(index=pi * self.n + co.index, text=text, logprobs=logprobs,
-                                                finish_reason=finish_reason(co.finish_reason)))
+                                                finish_reason=finish_reason(co.finish_reason),
+                                                prompt_logprobs=prompt_logprobs(out, self.req.prompt_logprobs)))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                   usage=usage(outputs))
 
-    def add_logprobs(self, lp: CompletionLogProbs, token_ids, entries, offset: int) -> int:
-        """Append one entry per token; returns the text offset after the last one."""
+    def add_logprobs(self, lp: CompletionLogProbs, token_ids, entries, offset: int,
+                     top_k: Optional[int] = None) -> int:
+        """Append one entry per token; returns the text offset after the last one. ``top_k``:
+        keep only that many top entries (besides the token itself; the prompt's entries may hold
+        more when prompt_logprobs is over logprobs)."""
         for i, tid in enumerate(token_ids):
             entry: Optional[dict[int, Logprob]] = entries[i] if i < len(entries) else None
             token = self._token(tid, entry)
@@ -129,7 +136,9 @@ class _CompletionView:
                 lp.top_logprobs.append(None)
                 continue
             lp.token_logprobs.append(entry[tid].logprob if tid in entry else None)
-            top = sorted(entry.items(), key=lambda kv: kv[1].rank or 0)
+            top = sorted(((t, l) for t, l in entry.items()
+                          if top_k is None or t == tid or (l.rank or 0) <= top_k),
+                         key=lambda kv: kv[1].rank or 0)
             lp.top_logprobs.append({self._token(t, entry): l.logprob for t, l in top})
         return offset
 
@@ -173,7 +182,8 @@ class _CompletionChunks:
                 logprobs = CompletionLogProbs()
                 offset = self.offsets.get(index, 0)
                 if first and view.req.echo:
-                    offset = view.add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs or [], 0)
+                    offset = view.add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs or [], 0,
+                                               view.req.logprobs)
                 start = self.sent_tokens.get(index, 0)
                 self.offsets[index] = view.add_logprobs(logprobs, new_ids, (co.logprobs or [])[start:], offset)
             if first and view.req.echo:
