@@ -81,3 +81,34 @@ def test_prefix_cache_keyed_by_adapter(lora_setup, expected):
     assert again.num_cached_tokens > 0 and again.outputs[0].token_ids == want["all32"][3]
     base = run(None)
     assert base.num_cached_tokens == 0 and base.outputs[0].token_ids == want[None][3]
+
+
+PATTERNS = {
+    # q rank 4, v rank 16, k and o at r = 8; k's alpha differs on layer 1 only: the fused
+    # q|k|v slot holds three scalings (folded into B against the slot's one)
+    "patterns": (8, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+                 dict(lora_alpha=16, rank_pattern={"q_proj": 4, "v_proj": 16},
+                      alpha_pattern={"layers.1.self_attn.k_proj": 64, "up_proj": 4})),
+    "patterns-rslora": (8, ["q_proj", "v_proj", "gate_proj", "down_proj"],
+                        dict(lora_alpha=16, use_rslora=True, rank_pattern={"down_proj": 32},
+                             alpha_pattern={"gate_proj": 2})),
+}
+
+
+def test_rank_and_alpha_patterns_match_peft(lora_setup, tmp_path):
+    from tests.lora.adapters import make_adapters
+
+    model, _ = lora_setup
+    paths = make_adapters(model, str(tmp_path), seed=11, specs=PATTERNS)
+    prompts = _prompts(3)
+    want = {n: peft_greedy(model, paths[n], prompts, MAX_NEW) for n in PATTERNS}
+    base = peft_greedy(model, None, prompts, MAX_NEW)
+    assert all(want[n] != base for n in PATTERNS)
+    loras = {n: LoRARequest(n, i + 1, paths[n]) for i, n in enumerate(PATTERNS)}
+    jobs = [(p, n) for n in PATTERNS for p in range(len(prompts))]
+    with LLM(model, dtype="float32", enable_lora=True, max_lora_rank=32) as llm:
+        outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs],
+                            SamplingParams(max_tokens=MAX_NEW, min_tokens=MAX_NEW, temperature=0),
+                            use_tqdm=False, lora_request=[loras[n] for _, n in jobs])
+    # (min_tokens: EOS is banned until the end, as peft_greedy's min_new_tokens does)
+    assert [o.outputs[0].token_ids for o in outs] == [want[n][p] for p, n in jobs]
