@@ -8,6 +8,7 @@ on next use.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,7 @@ class AdapterStore:
         and KV blocks. An id stays bound to its files after eviction (blocks may remain)."""
         with self._lock:
             first = self._named.setdefault(lora.lora_int_id, lora)
-        if first.lora_path != lora.lora_path:
+        if first.lora_path != lora.lora_path and not _same_dir(first.lora_path, lora.lora_path):
             raise ValueError(f"LoRA adapter {lora.lora_name!r} ({lora.lora_path}) has id "
                              f"{lora.lora_int_id}, which already names adapter "
                              f"{first.lora_name!r} ({first.lora_path}); give each adapter its "
@@ -117,3 +118,8 @@ class AdapterStore:
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _same_dir(a: str, b: str) -> bool:
+    """The same directory however it is spelled (trailing slash, "..", a symlink)."""
+    return os.path.realpath(a) == os.path.realpath(b)

@@ -142,6 +142,10 @@ def test_an_id_names_one_adapter(llm, loras, want, lora_setup):
     with pytest.raises(ValueError, match="has id 1, which already names adapter 'qv8'"):
         llm.generate({"prompt_token_ids": PROMPTS[2]}, _greedy(), use_tqdm=False, lora_request=clash)
     assert not llm.engine.has_unfinished_requests()
+    respelled = LoRARequest("qv8", loras["qv8"].lora_int_id, paths["qv8"] + "/")  # the same files
+    out = llm.generate({"prompt_token_ids": PROMPTS[2]}, _greedy(), use_tqdm=False,
+                       lora_request=respelled)
+    assert _ids(out) == [want["qv8"][2]]
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
