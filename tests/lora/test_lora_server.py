@@ -216,3 +216,35 @@ def test_adapter_that_fails_in_the_engine_is_an_error(lora_server, tmp_path):
         assert "does not exist" in events[-1]["error"]["message"], events
         assert _tokens(http, "qv8") == peft_greedy(model, paths["qv8"], [PROMPT], MAX_NEW)[0]
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "gone"}).status_code == 200
+
+
+def test_scoring_and_sampling_with_an_adapter(lora_server):
+    """echo + max_tokens 0 (lm-eval-harness's loglikelihood) scores the prompt with the adapter
+    (HF + peft's log-probabilities); n = 2 greedy streamed samples are the adapter's tokens."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    srv, model, paths = lora_server
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+                                   paths["qv8"]).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(input_ids=torch.tensor([PROMPT])).logits[0].float(), dim=-1)
+    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=120) as http:
+        r = http.post("/v1/completions", json={"model": "qv8", "prompt": PROMPT, "max_tokens": 0,
+                                               "echo": True, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        scored = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert scored[0] is None and len(scored) == len(PROMPT)
+        for j in range(1, len(PROMPT)):
+            assert abs(scored[j] - ref[j - 1, PROMPT[j]].item()) < 1e-4, j
+        body = {"model": "qv8", "prompt": PROMPT, "max_tokens": MAX_NEW, "temperature": 0, "n": 2,
+                "logprobs": 1, "ignore_eos": True, "stream": True}
+        tokens = {0: [], 1: []}
+        with http.stream("POST", "/v1/completions", json=body) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    choice = json.loads(line[6:])["choices"][0]
+                    tokens[choice["index"]] += [int(t.strip("<>")) for t in choice["logprobs"]["tokens"]]
+    want = peft_greedy(model, paths["qv8"], [PROMPT], MAX_NEW)[0]
+    assert tokens == {0: want, 1: want}
