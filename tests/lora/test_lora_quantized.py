@@ -105,6 +105,9 @@ def test_adapter_on_a_gguf_base_matches_the_float_path(smollm2_adapter):
         assert all(l.base.quant_method.name == "gguf" for l in layers.values())
         scored = packed.generate([{"prompt_token_ids": p + c} for p, c in adapted], score,
                                  use_tqdm=False, lora_request=lora)
+        decoded = packed.generate([{"prompt_token_ids": adapted[0][0]}], greedy, use_tqdm=False,
+                                  lora_request=lora)  # and through the decode path
+    assert decoded[0].outputs[0].token_ids == adapted[0][1]
     for (p, c), o in zip(adapted, scored):
         ranks = [o.prompt_logprobs[len(p) + j][tok].rank for j, tok in enumerate(c)]
         assert ranks == [1] * len(c), ranks
