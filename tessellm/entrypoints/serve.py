@@ -62,7 +62,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="send an SSE comment after this much silence on a stream")
     g = parser.add_argument_group("LoRA (with --enable-lora; docs/lora.md)")
     g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
-                   help="PEFT adapters to serve; a request selects one with model: NAME")
+                   help="PEFT adapters to serve (NAME=PATH, or vLLM's JSON '{\"name\": NAME, "
+                        "\"path\": PATH}'); a request selects one with model: NAME")
     g.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     g = parser.add_argument_group("vLLM command-line compatibility (scripts written for `vllm serve`)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from tessellm.entrypoints.openai.lora_modules import parse_lora_modules
 from tessellm.entrypoints.ray_serve.affinity_policy import rank_replicas
 from tessellm.entrypoints.ray_serve.prefix_index import PrefixIndex
@@ -49,6 +51,12 @@ def test_adapter_and_prompt_chains():
 def test_lora_modules_forms():
     assert parse_lora_modules(["a=/x", ("b", "/y")]) == [("a", "/x"), ("b", "/y")]
     assert parse_lora_modules({"c": "/z"}) == [("c", "/z")]
+    # vLLM's JSON form, as its users write it on the command line
+    assert parse_lora_modules(['{"name": "sql", "path": "/a/sql", "base_model_name": "m"}',
+                               "chat=/a/chat"]) == [("sql", "/a/sql"), ("chat", "/a/chat")]
+    for bad, match in (('{"name": "sql"}', "takes {\"name\""), ("{oops", "not valid JSON")):
+        with pytest.raises(ValueError, match=match):
+            parse_lora_modules([bad])
 
 
 def test_route_keys_name_the_adapter_as_the_multiplexed_model_id():

@@ -65,12 +65,18 @@ class LoRAModules:
 
 
 def parse_lora_modules(values) -> list[tuple[str, str]]:
-    """``--lora-modules name=path ...`` (or, from a Ray Serve config, ``{name: path}`` or
-    ``[name, path]`` pairs) -> [(name, path)]; ValueError names a malformed one."""
+    """``--lora-modules name=path ...``, or vLLM's JSON form ``'{"name": ..., "path": ...}'``
+    (its ``base_model_name`` is accepted: adapters always apply to the served model), or, from a
+    Ray Serve config, ``{name: path}`` or ``[name, path]`` pairs -> [(name, path)]; ValueError
+    names a malformed one."""
     if isinstance(values, dict):
         values = list(values.items())
     out = []
     for value in values or ():
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            value = _json_module(value)
+        if isinstance(value, dict):
+            value = _module_fields(value)
         if isinstance(value, (list, tuple)) and len(value) == 2:
             value = f"{value[0]}={value[1]}"
         if not isinstance(value, str):
@@ -80,3 +86,24 @@ def parse_lora_modules(values) -> list[tuple[str, str]]:
             raise ValueError(f"--lora-modules takes name=path pairs, got {value!r}.")
         out.append((name, path))
     return out
+
+
+def _json_module(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--lora-modules {text!r} is not valid JSON ({exc}); give name=path or "
+                         '\'{"name": "sql", "path": "/adapters/sql"}\'.') from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--lora-modules {text!r} is not a JSON object.")
+    return value
+
+
+def _module_fields(value: dict) -> tuple[str, str]:
+    unknown = set(value) - {"name", "path", "base_model_name"}
+    if unknown or not isinstance(value.get("name"), str) or not isinstance(value.get("path"), str):
+        raise ValueError(f"--lora-modules takes {{\"name\": ..., \"path\": ...}} (and optionally "
+                         f"\"base_model_name\"), got {value!r}.")
+    return value["name"], value["path"]
