@@ -36,6 +36,9 @@ from transformers import (Gemma3TextConfig, LlamaConfig, PretrainedConfig, PreTr
                           Qwen2Config)
 
 from tessellm.loader.gguf_gemma3 import GEMMA3_LAYER_NAMES, gemma3_config, gemma3_tokenizer_fixups
+from tessellm.loader.gguf_rope import gguf_rope_scaling
+
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (gguf_rope.py)
 
 # GGUF `general.architecture` -> (HF architecture name, config class, llama.cpp permuted q/k rows)
 _ARCHITECTURES = {
@@ -148,9 +151,6 @@ def _architecture(header: _Header) -> str:
             f"GGUF architecture {arch!r} in {header.path} is not supported; tessellm loads GGUF files "
             f"of architecture {', '.join(map(repr, _ARCHITECTURES))} (use a safetensors checkpoint otherwise)."
         )
-    scaling = header.metadata.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in header.tensors):
-        raise ValueError(f"{header.path} uses RoPE scaling, unsupported for GGUF yet; load a safetensors copy.")
     if header.metadata.get(f"{arch}.expert_count", 0):
         raise ValueError(f"{header.path} is a mixture-of-experts GGUF, unsupported yet; load a safetensors copy.")
     return arch
@@ -194,14 +194,21 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     common = _common_fields(hp, token_id, embed_rows, tensor_names)
     if arch == "llama":  # Qwen2 always has q/k/v biases; a llama-arch file may have them or not
         extra["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    freqs = next((_dequantize(header, t) for t in header.tensors if t.name == ROPE_FREQS), None)
     if arch == "gemma3":
+        gguf_rope_scaling(header.metadata, arch, freqs, 0, 0.0, header.path)  # refuses any
         return gemma3_config(hp, common, token_id["eos"], embed_rows)
     hidden, heads = common["hidden_size"], common["num_attention_heads"]
+    head_dim = hp("attention.key_length", hp("rope.dimension_count", hidden // heads))
+    theta = hp("rope.freq_base", 10000.0)
+    scaling = gguf_rope_scaling(header.metadata, arch, freqs, head_dim, theta, header.path)
+    if scaling is not None:
+        extra["rope_scaling"] = scaling
     return config_class(
         architectures=[hf_arch],
         **common,
-        head_dim=hp("attention.key_length", hp("rope.dimension_count", hidden // heads)),
-        rope_theta=hp("rope.freq_base", 10000.0),
+        head_dim=head_dim,
+        rope_theta=theta,
         eos_token_id=token_id["eos"],
         **extra,
     )
@@ -300,6 +307,8 @@ def iter_gguf_weights(
 
     def stream() -> Iterator[tuple[str, Any]]:
         for info in header.tensors:
+            if info.name == ROPE_FREQS:
+                continue  # read into the config's rope_scaling (load_gguf_config)
             name = _hf_name(info.name, arch)
             raw = (keep_quantized is not None and info.qtype not in _DENSE_TYPES
                    and len(info.shape) == 2 and keep_quantized(name))
