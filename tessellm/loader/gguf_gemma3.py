@@ -7,6 +7,8 @@ transformers' own GGUF loading does) and ``Gemma3ForCausalLM`` adds the 1 back.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from transformers import Gemma3TextConfig
 
 GEMMA3_LAYER_NAMES = {  # blk.{i}.KEY -> model.layers.{i}.VALUE (overrides of the llama names)
@@ -38,12 +40,16 @@ END_OF_TURN = "<end_of_turn>"
 END_OF_TURN_ID = 106  # in every Gemma 3 vocabulary; HF's generation_config lists eos [1, 106]
 
 
-def gemma3_config(hp, common: dict, eos, embed_rows) -> Gemma3TextConfig:
+def gemma3_config(hp, common: dict, eos, embed_rows,
+                  rope_scaling: Optional[dict] = None) -> Gemma3TextConfig:
     """``hp(key, default)`` reads ``gemma3.<key>``; ``common``: the fields every architecture
     reads alike (gguf_loader.py). Defaults as HF's GGUF loading uses them: sliding pattern
-    5 local : 1 global, local rope base 10000, query scale head_dim."""
+    5 local : 1 global, local rope base 10000, query scale head_dim. ``rope_scaling`` (the
+    4B-27B models' linear factor 8) applies to the global layers, as in HF and llama.cpp."""
     hidden, heads = common["hidden_size"], common["num_attention_heads"]
+    extra = {"rope_scaling": rope_scaling} if rope_scaling else {}
     return Gemma3TextConfig(
+        **extra,
         architectures=["Gemma3ForCausalLM"],
         **common,
         head_dim=hp("attention.key_length", hidden // heads),

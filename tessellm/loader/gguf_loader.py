@@ -196,8 +196,8 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
         extra["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     freqs = next((_dequantize(header, t) for t in header.tensors if t.name == ROPE_FREQS), None)
     if arch == "gemma3":
-        gguf_rope_scaling(header.metadata, arch, freqs, 0, 0.0, header.path)  # refuses any
-        return gemma3_config(hp, common, token_id["eos"], embed_rows)
+        scaling = gguf_rope_scaling(header.metadata, arch, freqs, 0, 0.0, header.path)
+        return gemma3_config(hp, common, token_id["eos"], embed_rows, scaling)
     hidden, heads = common["hidden_size"], common["num_attention_heads"]
     head_dim = hp("attention.key_length", hp("rope.dimension_count", hidden // heads))
     theta = hp("rope.freq_base", 10000.0)

@@ -5,8 +5,8 @@ llama.cpp's converter stores Llama 3.1/3.2's llama3 scaling not as metadata but 
 for the low ones, a smooth ramp between), computed with ``low_freq_factor`` 1,
 ``high_freq_factor`` 4 and ``original_max_position_embeddings`` 8192 unless the HF config had
 them at its top level. We recover ``factor`` (the largest divisor), recompute all of them with
-those defaults and accept the file only when they agree; linear scaling comes as metadata.
-Anything else is refused by name.
+those defaults and accept the file only when they agree. Linear scaling comes as metadata
+(Gemma 3 4B-27B: factor 8 on the global layers). Anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 def gguf_rope_scaling(metadata: dict, arch: str, freq_factors: Optional[torch.Tensor],
                       head_dim: int, theta: float, path) -> Optional[dict]:
     kind = metadata.get(f"{arch}.rope.scaling.type", "none")
-    if kind == "linear" and arch != "gemma3" and freq_factors is None:
+    if kind == "linear" and freq_factors is None:  # Gemma 3: its global layers
         return {"rope_type": "linear", "factor": float(metadata[f"{arch}.rope.scaling.factor"])}
     if kind != "none" or (freq_factors is not None and arch != "llama"):
         what = f"rope.scaling.type {kind!r}" if kind != "none" else "rope_freqs.weight"

@@ -96,3 +96,10 @@ def test_linear_gguf_rope_scaling(tmp_path):
         "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0})
     params = load_gguf_config(path).rope_parameters
     assert (params["rope_type"], params["factor"]) == ("linear", 4.0)
+    # Gemma 3 4B-27B: linear factor 8 on the global layers only (was refused)
+    path = write_gguf(tmp_path / "gemma3.gguf", "gemma3", metadata={
+        "gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0})
+    params = load_gguf_config(path).rope_parameters
+    assert params["full_attention"]["rope_type"] == "linear"
+    assert params["full_attention"]["factor"] == 8.0
+    assert params["sliding_attention"]["rope_type"] == "default"
