@@ -37,7 +37,6 @@ def _config(family: str, **overrides):
 CHUNKED = dict(max_num_batched_tokens=8)  # prompts prefilled in chunks smaller than the window
 VARIANTS = {
     # rotary
-    "llama-rope-theta-500k": ("llama", dict(rope_theta=500000.0), (5, 30)),
     "llama-rope-linear": ("llama", dict(rope_scaling={"type": "linear", "factor": 4.0}), (5, 30)),
     "llama-rope-dynamic": ("llama", dict(rope_scaling={"type": "dynamic", "factor": 2.0},
                                          max_position_embeddings=48), (5, 30)),
@@ -56,7 +55,6 @@ VARIANTS = {
     "llama-mqa-head-dim-32": ("llama", dict(num_key_value_heads=1, head_dim=32), (5, 20)),
     "llama-gqa-4-tied": ("llama", dict(num_key_value_heads=1, num_attention_heads=4,
                                        tie_word_embeddings=True), (5, 20)),
-    "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True), (5, 20)),
     "qwen3-attention-bias": ("qwen3", dict(head_dim=32, attention_bias=True), (5, 20)),
     # sliding windows, prompts and decoding past them
     "mistral-window-head-dim": ("mistral", dict(sliding_window=8, head_dim=32), (5, 20), CHUNKED),
