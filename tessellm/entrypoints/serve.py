@@ -66,6 +66,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "\"path\": PATH}'); a request selects one with model: NAME")
     g.add_argument("--allow-runtime-lora-updating", action="store_true",
                    help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    g.add_argument("--lora-dtype", type=_lora_dtype, default="auto",
+                   help="vLLM's; only auto: adapters run in the model's dtype (--dtype)")
+    g.add_argument("--fully-sharded-loras", action="store_true",
+                   help="vLLM's; accepted, no effect: under tensor parallelism each adapter is "
+                        "already sharded like its base layer (docs/lora.md)")
     g = parser.add_argument_group("vLLM command-line compatibility (scripts written for `vllm serve`)")
     g.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
                    help="the model, as the positional MODEL (vLLM's older form)")
@@ -80,6 +85,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
     add_ray_arguments(parser)
     return parser
+
+
+def _lora_dtype(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"{value!r}: adapters run in the model's dtype (set it "
+                                         "with --dtype); give auto or leave it out")
+    return value
 
 
 def resolve_model_flag(args: argparse.Namespace) -> None:

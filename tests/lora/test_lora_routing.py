@@ -93,3 +93,16 @@ def test_replicas_holding_the_adapter_win_within_the_load_check():
     index.record(second, chain)
     both = frozenset({holder, second})
     assert rank_replicas(chain, {r: 0 for r in loads}, index, 8, rng, holders=both)[0] == [second]
+
+
+def test_vllm_lora_flags_parse():
+    """`vllm serve` LoRA flags: --lora-dtype auto and --fully-sharded-loras are accepted (no
+    effect); another --lora-dtype is refused naming --dtype."""
+    from tessellm.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "/m", "--enable-lora", "--lora-dtype", "auto",
+                                      "--fully-sharded-loras", "--max-cpu-loras", "8",
+                                      "--lora-modules", '{"name": "a", "path": "/a"}'])
+    assert args.lora_modules == ['{"name": "a", "path": "/a"}'] and args.fully_sharded_loras
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "/m", "--lora-dtype", "bfloat16"])
