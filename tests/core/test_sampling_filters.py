@@ -39,6 +39,18 @@ def assert_same_sets(logits, top_k, top_p, skip=None):
     return torch.isfinite(ref).sum(-1)
 
 
+def test_triton_argmax_races_the_candidates():
+    """The GPU sampler's argmax (tessellm.kernels.sampling, here under TRITON_INTERPRET) over
+    candidate columns narrower than its block gives the same tokens as torch's."""
+    from tessellm.kernels.sampling import argmax
+
+    logits = peaked_logits(6, 10)
+    b = batch(6, torch.full((6,), 0.7), top_k=torch.full((6,), 20), top_k_max=20,
+              seeds=[(i, seed_for_position(5, i)) for i in range(6)])
+    torch_tokens = Sampler(torch.device("cpu"))(logits, b).token_ids
+    assert torch.equal(Sampler(torch.device("cpu"), argmax=argmax)(logits, b).token_ids, torch_tokens)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_candidates_keep_the_full_sort_sets(seed):
     logits = peaked_logits(40, seed)
@@ -107,11 +119,15 @@ def batches(rows):
     }
 
 
+@pytest.mark.parametrize("on_host", [True, False], ids=["host", "accelerator-forms"])
 @pytest.mark.parametrize("name", list(batches(2)))
-def test_distributions_and_seeded_tokens_equal_the_full_vocabulary_sampler(name):
+def test_distributions_and_seeded_tokens_equal_the_full_vocabulary_sampler(name, on_host):
+    """On the host and in the sync-free forms an accelerator takes (top_k_max candidates, else
+    the full sort; no min-p columns)."""
     logits = peaked_logits(24, 5)
     b = batches(24)[name]
     sampler = Sampler(torch.device("cpu"))
+    sampler.on_host = on_host
     got, ref = sampler.target_probs(logits, b), reference_probs(logits, b)
     assert torch.equal(got > 0, ref > 0)
     # Softmax over the candidate columns sums in another order than over the whole row:
