@@ -155,3 +155,145 @@ def test_unhandled_error_keeps_the_connection():
                     assert err["type"] == "server_error" and "RuntimeError: kaput" in err["message"]
     finally:
         server.should_exit = True
+
+
+# -- the sweep of vLLM's request fields ---------------------------------------------------------
+
+_REFUSED = [  # vLLM extras tessellm does not implement: (field, neutral value, a value that acts)
+    ("use_beam_search", False, True), ("length_penalty", 1.0, 0.5),
+    ("spaces_between_special_tokens", True, False), ("allowed_token_ids", None, [1, 2]),
+    ("bad_words", [], ["Paris"]), ("priority", 0, 1), ("cache_salt", None, "tenant-a"),
+    ("logprob_token_ids", None, [1]), ("vllm_xargs", None, {"a": 1}),
+]
+_CHAT_REFUSED = [("echo", False, True), ("add_special_tokens", False, True),
+                 ("chat_template", None, "{{ messages }}"), ("documents", None, [{"text": "x"}])]
+
+
+@pytest.mark.parametrize("path,body,fields", [
+    ("/v1/completions", {"prompt": PROMPT}, _REFUSED),
+    ("/v1/chat/completions", {"messages": CHAT}, _REFUSED + _CHAT_REFUSED),
+])
+def test_vllm_extras_neutral_accepted_else_refused_by_name(http, path, body, fields):
+    """A vLLM client sends these fields at their defaults (some SDK wrappers always do): accepted
+    (was a 400 'unrecognized'); a value that would change the output is a 400 naming the field,
+    never silently ignored."""
+    body = {"model": MODEL, **body, "max_tokens": 1, "temperature": 0}
+    neutral = {name: value for name, value, _ in fields}
+    r = http.post(path, json={**body, **neutral, "session_id": "s", "stream_interval": 2})
+    assert r.status_code == 200, r.text
+    for name, _, used in fields:
+        r = http.post(path, json={**body, name: used})
+        assert r.status_code == 400, (name, r.text)
+        err = r.json()["error"]
+        assert err["param"] == name and err["code"] == "unsupported_parameter" and name in err["message"]
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": PROMPT}),
+                                       ("/v1/chat/completions", {"messages": CHAT})])
+def test_stop_reason(http, path, body):
+    """vLLM's choice field stop_reason: the stop token id or stop string that ended the choice,
+    None at EOS or length; streamed on the chunk with the finish_reason."""
+    body = {"model": MODEL, **body, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    free = http.post(path, json=body).json()["choices"][0]
+    assert free["finish_reason"] == "length" and free["stop_reason"] is None
+    tid = free["token_ids"][2]
+    by_id = http.post(path, json={**body, "stop_token_ids": [tid]}).json()["choices"][0]
+    assert by_id["finish_reason"] == "stop" and by_id["stop_reason"] == tid
+    text = free.get("text", (free.get("message") or {}).get("content"))
+    stop = text.strip()[-2:]
+    by_str = http.post(path, json={**body, "stop": [stop]}).json()["choices"][0]
+    assert by_str["finish_reason"] == "stop" and by_str["stop_reason"] == stop
+    *_, last = [e for e in _events(http, path, {**body, "stop_token_ids": [tid]}) if e["choices"]]
+    assert last["choices"][0]["finish_reason"] == "stop" and last["choices"][0]["stop_reason"] == tid
+
+
+def test_return_token_ids_completions(http):
+    """vLLM's return_token_ids: prompt_token_ids and token_ids in the choice (streamed: the prompt's
+    on the first chunk, then each chunk's new ids); absent when not asked."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    ids = http.post("/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()["tokens"]
+    choice = http.post("/v1/completions", json={**body, "return_token_ids": True}).json()["choices"][0]
+    assert choice["prompt_token_ids"] == ids and len(choice["token_ids"]) == 5
+    assert http.post("/detokenize", json={"tokens": choice["token_ids"]}).json()["prompt"] == choice["text"]
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert "token_ids" not in plain and "prompt_token_ids" not in plain
+    chunks = [e["choices"][0] for e in _events(http, "/v1/completions", {**body, "return_token_ids": True})]
+    assert chunks[0]["prompt_token_ids"] == ids and all("prompt_token_ids" not in c for c in chunks[1:])
+    assert [t for c in chunks for t in c["token_ids"]] == choice["token_ids"]
+
+
+def test_return_token_ids_chat(http):
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    ids = http.post("/tokenize", json={"model": MODEL, "messages": CHAT}).json()["tokens"]
+    out = http.post("/v1/chat/completions", json=body).json()
+    assert out["prompt_token_ids"] == ids and len(out["choices"][0]["token_ids"]) == 5
+    events = _events(http, "/v1/chat/completions", body)
+    assert events[0]["prompt_token_ids"] == ids and all("prompt_token_ids" not in e for e in events[1:])
+    assert [t for e in events for t in e["choices"][0].get("token_ids", [])] == out["choices"][0]["token_ids"]
+
+
+def test_return_tokens_as_token_ids(http):
+    """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}" (for tokens that are
+    not whole characters), at both endpoints."""
+    body = {"model": MODEL, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "return_tokens_as_token_ids": True}
+    choice = http.post("/v1/completions", json={**body, "prompt": PROMPT, "logprobs": 2}).json()["choices"][0]
+    assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in choice["token_ids"]]
+    for top in choice["logprobs"]["top_logprobs"]:
+        assert top and all(k.startswith("token_id:") and k[9:].isdigit() for k in top)
+    chat = http.post("/v1/chat/completions", json={**body, "messages": CHAT, "logprobs": True,
+                                                   "top_logprobs": 2}).json()["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert [c["token"] for c in content] == [f"token_id:{t}" for t in chat["token_ids"]]
+    assert all(t["token"].startswith("token_id:") for c in content for t in c["top_logprobs"])
+
+
+def test_truncate_prompt_tokens(http):
+    """vLLM's truncate_prompt_tokens: a prompt over the context (1024 here) is cut to its last N
+    tokens (truncation_side "right": its first N) and answered as that shorter prompt."""
+    long = "hello there " * 700  # ~1400 tokens
+    ids = http.post("/tokenize", json={"model": MODEL, "prompt": long}).json()["tokens"]
+    assert len(ids) > 1024
+    body = {"model": MODEL, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    for side, want in ((None, ids[-10:]), ("left", ids[-10:]), ("right", ids[:10])):
+        extra = {"truncate_prompt_tokens": 10, **({"truncation_side": side} if side else {})}
+        out = http.post("/v1/completions", json={**body, "prompt": long, **extra}).json()
+        assert out["usage"]["prompt_tokens"] == 10 and out["choices"][0]["prompt_token_ids"] == want
+        same = http.post("/v1/completions", json={**body, "prompt": want}).json()
+        assert out["choices"][0]["token_ids"] == same["choices"][0]["token_ids"]
+    out = http.post("/v1/completions", json={**body, "prompt": ids, "truncate_prompt_tokens": -1}).json()
+    assert out["usage"]["prompt_tokens"] == 1024 - 3  # -1: the context less max_tokens
+    chat = http.post("/v1/chat/completions", json={**body, "messages": CHAT, "truncate_prompt_tokens": 4}).json()
+    full = http.post("/tokenize", json={"model": MODEL, "messages": CHAT}).json()["tokens"]
+    assert chat["prompt_token_ids"] == full[-4:]
+    for bad in ({"truncate_prompt_tokens": 2000}, {"truncation_side": "left"}):
+        r = http.post("/v1/completions", json={**body, "prompt": PROMPT, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
+
+
+def test_request_id_names_the_response(http):
+    """vLLM's request_id: the response id is cmpl-{request_id} / chatcmpl-{request_id}; two
+    requests may share one (the engine's own ids stay unique)."""
+    body = {"model": MODEL, "max_tokens": 2, "request_id": "job-7"}
+    assert http.post("/v1/completions", json={**body, "prompt": PROMPT}).json()["id"] == "cmpl-job-7"
+    assert http.post("/v1/chat/completions", json={**body, "messages": CHAT}).json()["id"] == "chatcmpl-job-7"
+    events = _events(http, "/v1/completions", {**body, "prompt": [PROMPT, PROMPT]})
+    assert {e["id"] for e in events} == {"cmpl-job-7"}
+
+
+def test_response_format_at_completions(http):
+    """vLLM takes response_format at /v1/completions too (was a 400 'unrecognized')."""
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Is water wet? Answer:", "max_tokens": 8,
+                                           "response_format": {"type": "json_schema",
+                                                               "json_schema": {"name": "a", "schema": schema}}})
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["choices"][0]["text"]) in ("yes", "no")
+
+
+def test_ping(server):
+    """vLLM's /ping (GET and POST): liveness like /health, no API key needed."""
+    for method in ("GET", "POST"):
+        assert httpx.request(method, f"{server.url}/ping", timeout=30).status_code == 200

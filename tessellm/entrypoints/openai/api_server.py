@@ -3,15 +3,15 @@
 Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (and ``/v1/models/{id}``;
 LoRA adapters are listed with their ``parent``), ``/v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter`` (lora_routes.py),
-``/tokenize``, ``/detokenize``, ``/health`` (liveness: the API process and the engine core
-process are up), ``/ready`` (the engine has loaded, finished its warm-up and answers; 503 with
+``/tokenize``, ``/detokenize``, ``/health`` and ``/ping`` (liveness: the API process and the
+engine core process are up), ``/ready`` (the engine has loaded, finished its warm-up and answers; 503 with
 ``Retry-After`` while warming up or draining, see lifecycle.py), ``/version``, ``/metrics``
 (Prometheus text, ``tessellm.metrics.prometheus``; one private registry per app) and
 ``/debug/stats`` (the core's scheduler stats, fresh).
 
 Every error is ``{"error": {"message", "type", "param", "code"}}``; validation errors are 400,
-never FastAPI's 422. The API key (when set) guards every route except /health, /ready,
-/version and /metrics.
+never FastAPI's 422. The API key (when set) guards every route except /health, /ping,
+/ready, /version and /metrics.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_va
 from tessellm.entrypoints.openai.lifecycle import Lifecycle
 from tessellm.entrypoints.openai.lora_routes import add_lora_routes, serve_lora
 from tessellm.entrypoints.openai.middleware import EdgeMiddleware
-from tessellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard,
-                                                  ModelList, TokenizeChatRequest,
-                                                  TokenizeCompletionRequest, TokenizeResponse)
+from tessellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse,
+                                                  TokenizeChatRequest, TokenizeCompletionRequest,
+                                                  TokenizeResponse)
+from tessellm.entrypoints.openai.protocol_responses import ModelCard, ModelList
 from tessellm.entrypoints.openai.sampling import check_model
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.serving import parse_request
@@ -103,6 +104,8 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
         if engine.is_dead or not engine.client.is_alive():
             raise OpenAIError(f"The engine core is not running ({engine.dead_reason or 'exited'}).", 503)
         return JSONResponse({})
+
+    app.add_api_route("/ping", health, methods=["GET", "POST"])  # vLLM's (SageMaker's) name for it
 
     @app.get("/ready")
     async def ready():

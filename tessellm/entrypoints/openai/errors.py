@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from tessellm.core.scheduler_config import ContextLengthError
-from tessellm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
+from tessellm.entrypoints.openai.protocol_responses import ErrorInfo, ErrorResponse
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}

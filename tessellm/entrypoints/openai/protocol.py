@@ -1,4 +1,5 @@
-"""Request and response bodies of the OpenAI API, field for field, plus vLLM's sampling extras.
+"""Request bodies of the OpenAI API, field for field, plus vLLM's extras (responses:
+protocol_responses.py).
 
 Requests forbid unknown fields (a typo or an unsupported feature is a 400 naming the field, never
 silently ignored). Fields of the OpenAI API that tessellm does not implement yet are declared
@@ -8,10 +9,11 @@ here so their *use* can be refused by name (see ``UNSUPPORTED``); sending their 
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field
+
+from tessellm.entrypoints.openai.protocol_responses import ToolCall, UsageInfo
 
 
 _INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1  # what the engine core's msgpack carries
@@ -60,6 +62,28 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: Optional[int] = Field(None, ge=0)  # top-k logprobs per prompt token (not streamed)
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)  # keep this many prompt tokens (-1: context)
+    truncation_side: Optional[Literal["left", "right"]] = None  # left (default) keeps the last ones
+    return_tokens_as_token_ids: Optional[bool] = None  # logprobs' tokens as "token_id:{id}"
+    return_token_ids: Optional[bool] = None  # token_ids (and prompt_token_ids) in the response
+    request_id: Optional[str] = Field(None, min_length=1, max_length=256)  # the response id's tail
+    session_id: Optional[str] = None  # accepted; no effect
+    stream_interval: Optional[int] = Field(None, ge=1)  # accepted; tessellm streams every step
+    # vLLM extras accepted only at their neutral value (UNSUPPORTED)
+    use_beam_search: bool = False
+    length_penalty: Optional[float] = None
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
+    logprob_token_ids: Optional[list[int]] = None
+    priority: int = 0
+    cache_salt: Optional[str] = None
+    watermarking: Optional[bool] = None
+    thinking_token_budget: Optional[int] = None
+    repetition_detection: Optional[Any] = None
+    kv_transfer_params: Optional[Any] = None
+    ec_transfer_params: Optional[Any] = None
+    vllm_xargs: Optional[Any] = None
     # vLLM structured output (docs/structured_output.md): one constraint at most.
     structured_outputs: Optional[dict[str, Any]] = None
     guided_json: Optional[Union[str, dict[str, Any]]] = None  # older vLLM names
@@ -75,7 +99,10 @@ class CompletionRequest(_SamplingFields):
     best_of: Optional[int] = Field(None, ge=1)  # only best_of == n (no ranking) is accepted
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0)
+    add_special_tokens: bool = True  # vLLM: BOS etc. added to a text prompt
     suffix: Optional[str] = None  # unsupported
+    response_format: Optional[ResponseFormat] = None  # vLLM extra here (as at chat)
+    prompt_embeds: Optional[Any] = None  # unsupported
 
     @property
     def echo_only(self) -> bool:
@@ -88,17 +115,6 @@ class ContentPart(BaseModel):
 
     type: str
     text: Optional[str] = None
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str  # JSON text
-
-
-class ToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
 
 
 class ChatMessage(_Request):
@@ -155,6 +171,13 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True  # vLLM extras
     continue_final_message: bool = False  # the last (assistant) message is continued, not closed
     chat_template_kwargs: Optional[dict[str, Any]] = None  # extra template variables
+    include_reasoning: bool = True  # accepted; no effect (no reasoning parser)
+    echo: bool = False  # vLLM extras accepted only at their neutral value (CHAT_UNSUPPORTED)
+    add_special_tokens: bool = False
+    documents: Optional[Any] = None
+    chat_template: Optional[str] = None
+    media_io_kwargs: Optional[Any] = None
+    mm_processor_kwargs: Optional[Any] = None
     # accepted with no effect
     metadata: Optional[dict[str, str]] = None
     store: Optional[bool] = None  # true is refused (nothing is stored)
@@ -185,184 +208,33 @@ UNSUPPORTED: dict[str, tuple] = {
     "web_search_options": (None,),
     "store": (None, False),
     "service_tier": (None, "auto", "default"),
+    # vLLM extras
+    "use_beam_search": (False,),
+    "length_penalty": (None, 1.0),
+    "spaces_between_special_tokens": (True,),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "logprob_token_ids": (None,),
+    "priority": (0,),
+    "cache_salt": (None,),
+    "watermarking": (None, False),
+    "thinking_token_budget": (None, -1),
+    "repetition_detection": (None,),
+    "kv_transfer_params": (None,),
+    "ec_transfer_params": (None,),
+    "vllm_xargs": (None,),
+    "prompt_embeds": (None,),
 }
 
-
-# -- responses -----------------------------------------------------------------------------
-
-def _now() -> int:
-    return int(time.time())
-
-
-class UsageInfo(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-
-class CompletionLogProbs(BaseModel):
-    text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[Optional[float]] = Field(default_factory=list)
-    tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
-
-
-class PromptLogprob(BaseModel):
-    """vLLM's Logprob: one token's entry in ``prompt_logprobs``."""
-
-    logprob: float
-    rank: Optional[int] = None  # 1 = most likely
-    decoded_token: Optional[str] = None
-
-
-# vLLM's shape: per prompt token, None for the first, else token id -> its logprob (the prompt's
-# own token plus the top-k).
-PromptLogprobs = list[Optional[dict[int, PromptLogprob]]]
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: Optional[CompletionLogProbs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
-    prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM extra (request field prompt_logprobs)
-
-    @model_serializer(mode="wrap")
-    def _drop_unasked(self, handler):
-        """prompt_logprobs only when asked for (this choice is also a stream chunk's)."""
-        data = handler(self)
-        if data.get("prompt_logprobs") is None:
-            data.pop("prompt_logprobs", None)
-        return data
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[CompletionChoice]
-    usage: Optional[UsageInfo] = None
-    system_fingerprint: Optional[str] = None
-
-
-class ChatLogProbTop(BaseModel):
-    token: str
-    logprob: float
-    bytes: Optional[list[int]] = None
-
-
-class ChatLogProb(ChatLogProbTop):
-    top_logprobs: list[ChatLogProbTop] = Field(default_factory=list)
-
-
-class ChatChoiceLogProbs(BaseModel):
-    content: Optional[list[ChatLogProb]] = None
-    refusal: Optional[list[ChatLogProb]] = None
-
-
-class ChatResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: Optional[str] = None
-    refusal: Optional[str] = None
-    tool_calls: list[ToolCall] = Field(default_factory=list)
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatResponseMessage
-    logprobs: Optional[ChatChoiceLogProbs] = None
-    finish_reason: Optional[Literal["stop", "length", "tool_calls"]] = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChatChoice]
-    usage: Optional[UsageInfo] = None
-    system_fingerprint: Optional[str] = None
-    prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM extra: here, not in the choice (as vLLM)
-
-
-class DeltaMessage(BaseModel):
-    """A stream chunk's delta: only the fields that changed are sent."""
-
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
-    tool_calls: Optional[list["DeltaToolCall"]] = None
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
-class DeltaFunctionCall(BaseModel):
-    name: Optional[str] = None
-    arguments: Optional[str] = None
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
-class DeltaToolCall(BaseModel):
-    """A piece of a streamed tool call: the first piece of call ``index`` carries its id, type
-    and name; later pieces append to ``function.arguments``."""
-
-    index: int
-    id: Optional[str] = None
-    type: Optional[Literal["function"]] = None
-    function: Optional[DeltaFunctionCall] = None
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: Optional[ChatChoiceLogProbs] = None
-    finish_reason: Optional[Literal["stop", "length", "tool_calls"]] = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: Optional[UsageInfo] = None
-    system_fingerprint: Optional[str] = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=_now)
-    owned_by: str = "tessellm"
-    root: Optional[str] = None  # tessellm: where the weights came from
-    max_model_len: Optional[int] = None  # tessellm: context length
-    vocab_size: Optional[int] = None  # tessellm: for random-token benchmarks
-    parent: Optional[str] = None  # a LoRA adapter's base model (None for the base model)
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
+# chat only (the same names mean something else, or are supported, at /v1/completions)
+CHAT_UNSUPPORTED: dict[str, tuple] = {
+    "echo": (False,),
+    "add_special_tokens": (False,),
+    "documents": (None,),
+    "chat_template": (None,),  # vLLM too refuses it unless --trust-request-chat-template
+    "media_io_kwargs": (None,),
+    "mm_processor_kwargs": (None,),
+}
 
 
 # -- tokenizer endpoints (vLLM's shapes) ----------------------------------------------------
@@ -399,4 +271,4 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-DeltaMessage.model_rebuild()  # DeltaToolCall is defined after it
+CompletionRequest.model_rebuild()  # ResponseFormat is defined after it

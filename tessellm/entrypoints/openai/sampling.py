@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
-from tessellm.entrypoints.openai.protocol import (UNSUPPORTED, ChatCompletionRequest,
+from tessellm.entrypoints.openai.protocol import (CHAT_UNSUPPORTED, UNSUPPORTED, ChatCompletionRequest,
                                                   CompletionRequest)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.structured_output.params import StructuredOutputsParams
@@ -35,7 +35,8 @@ def check_model(requested: Optional[str], config: ServerConfig):
 
 
 def check_unsupported(req: BaseModel) -> None:
-    for name, neutral in UNSUPPORTED.items():
+    unsupported = {**UNSUPPORTED, **CHAT_UNSUPPORTED} if isinstance(req, ChatCompletionRequest) else UNSUPPORTED
+    for name, neutral in unsupported.items():
         if name in type(req).model_fields and getattr(req, name) not in neutral:
             raise bad_request(f"'{name}' is not supported by tessellm yet; remove it from the request.",
                               name, "unsupported_parameter")

@@ -23,11 +23,11 @@ from pydantic import BaseModel, ValidationError
 
 from tessellm.core.engine_process import EngineDeadError
 from tessellm.core.input_processor import ProcessedPrompt
-from tessellm.core.outputs import RequestOutput
+from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.async_llm import AsyncLLM, RequestStream, iterate_streams
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
-from tessellm.entrypoints.openai.protocol import PromptLogprob, PromptLogprobs, UsageInfo
+from tessellm.entrypoints.openai.protocol_responses import PromptLogprob, PromptLogprobs, UsageInfo
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,23 @@ def parse_request(cls: type[BaseModel], body) -> BaseModel:
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def response_id(prefix: str, req, engine_id: str) -> str:
+    """The response's id: vLLM's ``{prefix}-{request_id}`` when the request names one (the engine's
+    own id stays unique: two clients may send the same request_id)."""
+    return f"{prefix}-{req.request_id}" if req.request_id else engine_id
+
+
+def token_string(engine: AsyncLLM, tid: int, lp: Optional[Logprob], as_id: Optional[bool]) -> str:
+    """A token in logprobs: its text, or vLLM's ``token_id:{id}`` with return_tokens_as_token_ids
+    (for tokens that are not whole UTF-8 characters)."""
+    if as_id:
+        return f"token_id:{tid}"
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    tok = engine.tokenizer
+    return tok.decode([tid]) if tok is not None else f"<{tid}>"
 
 
 def engine_error(exc: BaseException) -> OpenAIError:

@@ -15,18 +15,21 @@ from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS, render_chat
 from tessellm.entrypoints.openai.errors import bad_request, prompt_error
-from tessellm.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogProbs, ChatCompletionChunk,
-                                                  ChatCompletionRequest, ChatCompletionResponse,
-                                                  ChatLogProb, ChatLogProbTop, ChatMessage,
-                                                  ChatResponseMessage, ChatStreamChoice, DeltaMessage)
+from tessellm.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
+from tessellm.entrypoints.openai.protocol_responses import (ChatChoice, ChatChoiceLogProbs,
+                                                            ChatCompletionChunk, ChatCompletionResponse,
+                                                            ChatLogProb, ChatLogProbTop,
+                                                            ChatResponseMessage, ChatStreamChoice,
+                                                            DeltaMessage)
 from tessellm.entrypoints.openai.sampling import (check_limits, check_model, check_unsupported,
                                                   resolve_max_tokens, to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.tools import ToolPlan, tool_call_history
+from tessellm.entrypoints.openai.prompts import truncate, truncation
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request,
-                                                 prompt_logprobs, random_id, sse_response, submit,
-                                                 usage)
+                                                 prompt_logprobs, random_id, response_id, sse_response,
+                                                 submit, token_string, usage)
 
 
 async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
@@ -40,6 +43,7 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
                                 plan.template_tools(), continue_final_message=req.continue_final_message,
                                 template_kwargs=req.chat_template_kwargs)
     try:
+        ids = truncate(ids, truncation(req, engine.info.max_model_len), req.truncation_side)
         processed = engine.process_prompt({"prompt_token_ids": ids})
     except ValueError as exc:
         raise prompt_error(exc, "messages") from None
@@ -50,8 +54,10 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
         params.skip_special_tokens = False  # the parser's markers are special tokens
     request_id = random_id("chatcmpl")
     sub = submit(engine, request_id, [processed], [params], lora)
-    view = _ChatView(engine, req, lora.lora_name if lora else config.model_name, request_id, plan)
+    view = _ChatView(engine, req, lora.lora_name if lora else config.model_name,
+                     response_id("chatcmpl", req, request_id), plan)
     view.prompt_tokens = len(processed.prompt_token_ids)
+    view.prompt_ids = processed.prompt_token_ids
     if req.stream:
         return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s, req.stream_options)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
@@ -127,6 +133,7 @@ class _ChatView:
         self.created = int(time.time())
         self.top = req.top_logprobs or 0
         self.prompt_tokens = 0
+        self.prompt_ids: list[int] = []
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
         choices = []
@@ -136,10 +143,12 @@ class _ChatView:
                 logprobs = ChatChoiceLogProbs(content=self.logprobs(co.token_ids, co.logprobs or []))
             message, reason = self.message(co.text, finish_reason(co.finish_reason))
             choices.append(ChatChoice(index=co.index, message=message, logprobs=logprobs,
-                                      finish_reason=reason))
-        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                      usage=usage([out]),
-                                      prompt_logprobs=prompt_logprobs(out, self.req.prompt_logprobs))
+                                      finish_reason=reason, stop_reason=co.stop_reason,
+                                      token_ids=list(co.token_ids) if self.req.return_token_ids else None))
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage([out]),
+            prompt_logprobs=prompt_logprobs(out, self.req.prompt_logprobs),
+            prompt_token_ids=list(out.prompt_token_ids) if self.req.return_token_ids else None)
 
     def message(self, text: str, reason: Optional[str]) -> tuple[ChatResponseMessage, Optional[str]]:
         """The assistant message (content and tool_calls) and the finish reason for ``text``."""
@@ -168,10 +177,7 @@ class _ChatView:
         return result
 
     def _text(self, tid: int, lp: Optional[Logprob]) -> str:
-        if lp is not None and lp.decoded_token is not None:
-            return lp.decoded_token
-        tok = self.engine.tokenizer
-        return tok.decode([tid]) if tok is not None else f"<{tid}>"
+        return token_string(self.engine, tid, lp, self.req.return_tokens_as_token_ids)
 
 
 def _top(token: str, lp: Logprob) -> ChatLogProbTop:
@@ -186,22 +192,25 @@ class _ChatChunks:
         self.n = view.req.n or 1
         self.sent_text = [0] * self.n
         self.sent_tokens = [0] * self.n
+        self.sent_ids = [0] * self.n  # return_token_ids: a held-back chunk's ids go with the next
         self.done = [False] * self.n
         self.final: Optional[RequestOutput] = None
         plan = view.plan
         self.tools = [plan.view() if plan is not None else None for _ in range(self.n)]
 
-    def _chunk(self, choices, usage_info=None) -> ChatCompletionChunk:
+    def _chunk(self, choices, usage_info=None, prompt_ids=None) -> ChatCompletionChunk:
         v = self.view
-        return ChatCompletionChunk(id=v.id, created=v.created, model=v.model, choices=choices, usage=usage_info)
+        return ChatCompletionChunk(id=v.id, created=v.created, model=v.model, choices=choices, usage=usage_info,
+                                   prompt_token_ids=prompt_ids)
 
     def _usage_now(self, completion_tokens: int):
         options = self.view.req.stream_options
         return options.usage_now(self.view.prompt_tokens, completion_tokens) if options else None
 
     def start(self):
+        prompt_ids = list(self.view.prompt_ids) if self.view.req.return_token_ids else None
         return [self._chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
-                            self._usage_now(0)) for i in range(self.n)]
+                            self._usage_now(0), prompt_ids) for i in range(self.n)]
 
     def update(self, _index: int, out: RequestOutput):
         chunks = []
@@ -227,8 +236,12 @@ class _ChatChunks:
                 delta, reason = self._tool_delta(i, co.text, reason)
                 if not (delta.content or delta.tool_calls or reason or logprobs):
                     continue  # held back: it may be the start of a tool call
+            ids = None
+            if self.view.req.return_token_ids:
+                ids, self.sent_ids[i] = list(co.token_ids[self.sent_ids[i]:]), len(co.token_ids)
             chunks.append(self._chunk([ChatStreamChoice(index=i, delta=delta, logprobs=logprobs,
-                                                        finish_reason=reason)],
+                                                        finish_reason=reason, token_ids=ids,
+                                                        stop_reason=co.stop_reason if reason else None)],
                                       self._usage_now(len(co.token_ids))))
         return chunks
 

@@ -14,15 +14,17 @@ from fastapi import Request
 from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.openai.errors import bad_request, prompt_error
-from tessellm.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs,
-                                                  CompletionRequest, CompletionResponse)
+from tessellm.entrypoints.openai.protocol import CompletionRequest
+from tessellm.entrypoints.openai.protocol_responses import (CompletionChoice, CompletionLogProbs,
+                                                            CompletionResponse)
 from tessellm.entrypoints.openai.sampling import (check_limits, check_model, check_unsupported,
                                                   resolve_max_tokens, to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
+from tessellm.entrypoints.openai.prompts import process_completion_prompt, truncation
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request,
-                                                 prompt_logprobs, random_id, sse_response, submit,
-                                                 usage)
+                                                 prompt_logprobs, random_id, response_id, sse_response,
+                                                 submit, token_string, usage)
 
 
 async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
@@ -31,10 +33,11 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     check_unsupported(req)
     check_limits(req, config)
     prompts = _prompt_list(req.prompt, config.max_prompts)
+    keep = truncation(req, engine.info.max_model_len)
     processed = []
     for i, prompt in enumerate(prompts):
         try:
-            processed.append(await engine.process_prompt_async(prompt))
+            processed.append(await process_completion_prompt(engine, prompt, req, keep))
         except ValueError as exc:
             raise prompt_error(exc, "prompt", None if len(prompts) == 1 else f"prompt {i}: {exc}") from None
     max_len = engine.info.max_model_len
@@ -44,7 +47,8 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
                                  engine.info.vocab_size, structured, defaults) for p in processed]
     request_id = random_id("cmpl")
     sub = submit(engine, request_id, processed, params, lora)
-    view = _CompletionView(engine, req, lora.lora_name if lora else config.model_name, request_id, [_prompt_text(engine, p) for p in processed])
+    view = _CompletionView(engine, req, lora.lora_name if lora else config.model_name,
+                           response_id("cmpl", req, request_id), [_prompt_text(engine, p) for p in processed])
     if req.stream:
         return sse_response(engine, sub, _CompletionChunks(view, len(prompts)), config.sse_keepalive_s,
                             req.stream_options)
@@ -114,9 +118,13 @@ class _CompletionView:
                 if logprobs is not None:
                     offset = len(self.prompt_texts[pi]) if self.req.echo else 0
                     self.add_logprobs(logprobs, co.token_ids, co.logprobs or [], offset)
+                ids = self.req.return_token_ids
                 choices.append(CompletionChoice(index=pi * self.n + co.index, text=text, logprobs=logprobs,
                                                 finish_reason=finish_reason(co.finish_reason),
-                                                prompt_logprobs=prompt_logprobs(out, self.req.prompt_logprobs)))
+                                                stop_reason=co.stop_reason,
+                                                prompt_logprobs=prompt_logprobs(out, self.req.prompt_logprobs),
+                                                prompt_token_ids=list(out.prompt_token_ids) if ids else None,
+                                                token_ids=list(co.token_ids) if ids else None))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                   usage=usage(outputs))
 
@@ -143,10 +151,8 @@ class _CompletionView:
         return offset
 
     def _token(self, tid: int, entry) -> str:
-        if entry is not None and tid in entry and entry[tid].decoded_token is not None:
-            return entry[tid].decoded_token
-        tok = self.engine.tokenizer
-        return tok.decode([tid]) if tok is not None else f"<{tid}>"
+        return token_string(self.engine, tid, entry.get(tid) if entry is not None else None,
+                            self.req.return_tokens_as_token_ids)
 
 
 class _CompletionChunks:
@@ -190,10 +196,13 @@ class _CompletionChunks:
                 text = view.prompt_texts[pi] + text
             self.sent_text[index] = len(co.text)
             self.sent_tokens[index] = -1 if done else len(co.token_ids)
-            options = view.req.stream_options
+            options, ids = view.req.stream_options, view.req.return_token_ids
+            choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=done,
+                                      stop_reason=co.stop_reason if done else None,
+                                      prompt_token_ids=list(out.prompt_token_ids) if ids and first else None,
+                                      token_ids=list(new_ids) if ids else None)
             chunks.append(CompletionResponse(
-                id=view.id, created=view.created, model=view.model,
-                choices=[CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=done)],
+                id=view.id, created=view.created, model=view.model, choices=[choice],
                 usage=options.usage_now(len(out.prompt_token_ids), len(co.token_ids)) if options else None))
         return chunks
 

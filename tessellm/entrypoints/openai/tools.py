@@ -22,8 +22,8 @@ import string
 from typing import Optional
 
 from tessellm.entrypoints.openai.errors import bad_request
-from tessellm.entrypoints.openai.protocol import (DeltaFunctionCall, DeltaToolCall, FunctionCall,
-                                                  ToolCall)
+from tessellm.entrypoints.openai.protocol_responses import (DeltaFunctionCall, DeltaToolCall, FunctionCall,
+                                                            ToolCall)
 from tessellm.entrypoints.openai.tool_parsers import (NamedParser, ParsedToolCall, RequiredParser,
                                                       ToolParser, get_tool_parser)
 from tessellm.structured_output.grammar import check_limits

@@ -1,0 +1,57 @@
+"""Prompt tokens as a request shapes them: vLLM's ``add_special_tokens`` (a text prompt at
+/v1/completions) and ``truncate_prompt_tokens`` / ``truncation_side`` (both endpoints).
+
+Truncation keeps ``truncate_prompt_tokens`` tokens (-1: the context less the output), the last ones by
+default ("left": the start is cut) or the first ones ("right"), before the prompt is checked
+against the context, so a long document can be cut to fit instead of refused.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from tessellm.core.input_processor import ProcessedPrompt
+from tessellm.entrypoints.async_llm import AsyncLLM
+from tessellm.entrypoints.openai.errors import bad_request
+from tessellm.entrypoints.openai.sampling import requested_max_tokens
+
+
+def truncation(req, max_model_len: int) -> Optional[int]:
+    """How many prompt tokens to keep (None: all); -1 keeps what leaves room for the requested
+    output tokens (as vLLM); a count past the context length is refused."""
+    n = req.truncate_prompt_tokens
+    if n is None:
+        if req.truncation_side is not None:
+            raise bad_request("truncation_side needs truncate_prompt_tokens.", "truncation_side")
+        return None
+    if n == -1:
+        max_tokens, _ = requested_max_tokens(req)
+        return max(1, max_model_len - (max_tokens or 1))
+    if n > max_model_len:
+        raise bad_request(f"truncate_prompt_tokens is {n}, over the model's context length of "
+                          f"{max_model_len} tokens.", "truncate_prompt_tokens")
+    return n
+
+
+def truncate(ids: list[int], keep: Optional[int], side: Optional[str]) -> list[int]:
+    if keep is None or len(ids) <= keep:
+        return ids
+    return ids[:keep] if side == "right" else ids[len(ids) - keep:]
+
+
+async def process_completion_prompt(engine: AsyncLLM, prompt: Union[str, dict], req,
+                                    keep: Optional[int]) -> ProcessedPrompt:
+    """One /v1/completions prompt (text, or ``{"prompt_token_ids": [...]}``), tokenized with the
+    request's add_special_tokens and truncated; ValueError as ``process_prompt``'s."""
+    custom = not req.add_special_tokens or keep is not None
+    if isinstance(prompt, str) and custom and engine.tokenizer is not None and prompt:
+        if keep is None:
+            engine.check_text_fits(len(prompt))  # truncated text may be long: the body limit bounds it
+        ids = await engine.run_off_loop(
+            lambda: engine.tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens))
+        prompt = {"prompt": prompt, "prompt_token_ids": ids}
+    if isinstance(prompt, dict) and keep is not None:
+        ids = truncate(prompt["prompt_token_ids"], keep, req.truncation_side)
+        if len(ids) < len(prompt["prompt_token_ids"]):
+            prompt = {"prompt_token_ids": ids}  # the text no longer matches: echo decodes the ids
+    return await engine.process_prompt_async(prompt)
