@@ -160,7 +160,7 @@ class Sampler:
             threshold = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = probs.masked_fill(probs < threshold, 0.0)
             if cand.ids is None and self.on_host:
-                return _nonzero_columns(probs)
+                return _nonzero_columns(probs, greedy_rows)
         return Candidates(probs, cand.ids)
 
     def _filter(self, scaled: torch.Tensor, batch: SamplingBatch, greedy_rows: torch.Tensor) -> Candidates:
@@ -223,10 +223,11 @@ def _has_edits(batch: SamplingBatch) -> bool:
     return bool(batch.logit_bias or batch.banned or batch.repetition is not None)
 
 
-def _nonzero_columns(probs: torch.Tensor) -> Candidates:
+def _nonzero_columns(probs: torch.Tensor, skip: torch.Tensor) -> Candidates:
     """Dense probabilities as the columns of each row's nonzero ones (host tensors), when that
-    is at most half the vocabulary: a zero never wins the race, so only these need noise."""
-    width = int(torch.count_nonzero(probs, dim=-1).max())
+    is at most half the vocabulary: a zero never wins the race, so only these need noise.
+    ``skip`` rows (greedy: their token is the argmax) do not widen the columns."""
+    width = max(1, int(torch.count_nonzero(probs, dim=-1).masked_fill_(skip, 1).max()))
     if 2 * width > probs.shape[-1]:
         return Candidates(probs)
     values, ids = probs.topk(width, dim=-1)

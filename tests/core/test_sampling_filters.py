@@ -136,6 +136,23 @@ def test_distributions_and_seeded_tokens_equal_the_full_vocabulary_sampler(name,
     assert torch.equal(sampler(logits, b).token_ids, reference_seeded_tokens(logits, b))
 
 
+def test_greedy_rows_do_not_widen_min_p_columns():
+    """A greedy row next to min-p rows: the min-p rows still race over their nonzero columns
+    only (the greedy row keeps every probability but takes the argmax), tokens as the reference."""
+    logits = peaked_logits(6, 11) + torch.linspace(0, 3, V)  # every row's set well under V/2
+    temp = torch.tensor([0.0, 0.8, 0.8, 0.0, 1.1, 0.9])
+    seeds = [(i, seed_for_position(77, i)) for i in range(6)]
+    b = batch(6, temp, min_p=torch.tensor([0.0, 0.1, 0.2, 0.0, 0.05, 0.3]), seeds=seeds)
+    sampler = Sampler(torch.device("cpu"))
+    probs = sampler._probs(logits, b)
+    assert probs.ids is not None and probs.values.shape[1] < V // 2
+    tokens = sampler(logits, b).token_ids
+    ref = reference_seeded_tokens(logits, b)
+    greedy = temp == 0
+    assert torch.equal(tokens[greedy], logits[greedy].argmax(-1))
+    assert torch.equal(tokens[~greedy], ref[~greedy])
+
+
 def test_unseeded_candidate_rows_follow_the_filtered_distribution():
     """Noise drawn for candidate columns only: frequencies still follow the reference."""
     logits = (torch.randn(1, V, generator=torch.Generator().manual_seed(6)) * 4).expand(20000, V)
