@@ -13,17 +13,7 @@ import time
 import httpx
 import pytest
 
-MODEL = "SmolLM2-135M-Instruct"
-PROMPT = "The capital of France is"
-CHAT = [{"role": "user", "content": "Say hi"}]
-
-
-def _events(http: httpx.Client, path: str, body: dict) -> list[dict]:
-    with http.stream("POST", path, json={**body, "stream": True}) as r:
-        assert r.status_code == 200, r.read()
-        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
-    assert data[-1] == "[DONE]"
-    return [json.loads(d) for d in data[:-1]]
+from tests.server.test_api_combos import CHAT, MODEL, PROMPT, _events
 
 
 def _check_prompt_logprobs(plp: list, prompt_ids: list[int], k: int) -> None:
