@@ -1,4 +1,5 @@
-"""Multi-LoRA beyond the Llama family: Gemma 3, Phi-3 (fused ``qkv_proj`` / ``gate_up_proj``
+"""Multi-LoRA beyond the Llama family: Qwen2 (q/k/v biases), Qwen3 (head_dim apart from the
+hidden size, q/k norms), Gemma 3, Phi-3 (fused ``qkv_proj`` / ``gate_up_proj``
 adapters split onto our fused layers' slices) and the attention of the MoE families. Greedy
 tokens of a mixed batch (some requests without adapter) equal HF transformers + peft with each
 adapter applied alone, in float32; an adapter for a module the family's LoRA does not cover is
@@ -27,6 +28,10 @@ SPECS = {
                 "kqo16": (16, ["k_proj", "q_proj", "o_proj"], dict(lora_alpha=8))},
     "qwen2-moe": {"qkvo16": (16, ["q_proj", "k_proj", "v_proj", "o_proj"], dict(lora_alpha=32))},
     "qwen3-moe": {"vo8": (8, ["v_proj", "o_proj"], dict(lora_alpha=16, use_rslora=True))},
+    # Qwen2: q/k/v biases (the adapter adds after them); Qwen3: head_dim 32 != hidden / heads,
+    # q/k norms after the adapted projections
+    "qwen2": {"qkv16": (16, ["q_proj", "k_proj", "v_proj", "down_proj"], dict(lora_alpha=32))},
+    "qwen3": {"all8": (8, ALL, dict(lora_alpha=16))},
 }
 
 
@@ -37,7 +42,12 @@ def _save(family: str, path: str) -> str:
         from tests.models.tiny_moe import save_tiny_moe
 
         return save_tiny_moe(family, path)
-    if family == "gemma3":
+    if family in ("qwen2", "qwen3"):
+        from tests.conftest import _tiny_configs
+
+        config = _tiny_configs()[family]
+        config.initializer_range = 0.25  # sharp logits: no greedy ties
+    elif family == "gemma3":
         from tests.models.test_gemma3_parity import gemma3_config
 
         config = gemma3_config(num_hidden_layers=2,
