@@ -287,3 +287,15 @@ def test_ping(server):
     """vLLM's /ping (GET and POST): liveness like /health, no API key needed."""
     for method in ("GET", "POST"):
         assert httpx.request(method, f"{server.url}/ping", timeout=30).status_code == 200
+
+
+def test_text_parts_join_with_newlines(http):
+    """A message's text content parts are joined with "\\n", as vLLM renders them (they were run
+    together: a different prompt than vLLM's for the same request)."""
+    parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}]
+    joined = http.post("/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": "Say\nhi"}]})
+    split = http.post("/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": parts}]})
+    assert split.json()["tokens"] == joined.json()["tokens"]
+    out = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1, "return_token_ids": True,
+                                                  "messages": [{"role": "user", "content": parts}]}).json()
+    assert out["prompt_token_ids"] == joined.json()["tokens"]

@@ -106,7 +106,7 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
                                   f"messages.{i}.content.{j}.type",
                                   "unsupported_parameter")
             texts.append(part.text)
-        content = "".join(texts)
+        content = "\n".join(texts)  # as vLLM joins a text-only message's parts
     else:
         content = m.content or ""
     message = {"role": "system" if m.role == "developer" else m.role, "content": content}
