@@ -1,6 +1,6 @@
 """Per-step cost of the sampler on the CPU at batch 1 and 256, this tree's against a baseline
 ``sampler.py`` (another commit's, loaded from a file) in one process, interleaved: greedy,
-greedy with 5 logprobs, top-k, top-p, top-k + top-p, min-p (temperature 0.8). Also checks that
+greedy with 5 logprobs, top-k, top-p, top-k + top-p, min-p, no filter (temperature 0.8). Also checks that
 both give the same tokens to seeded rows (the noise of a seeded row is the same in both).
 
 Logits: real SmolLM2 decode logits when ``--logits FILE`` names a saved ``[rows, 49152]`` tensor
@@ -36,6 +36,7 @@ CONFIGS = {
     "top-p 0.9": dict(temperature=0.8, top_p=0.9),
     "top-k 50 + top-p 0.9": dict(temperature=0.8, top_k=50, top_p=0.9),
     "min-p 0.05": dict(temperature=0.8, min_p=0.05),
+    "temperature 0.8": dict(temperature=0.8),
 }
 
 
@@ -111,6 +112,7 @@ def main() -> int:
     p.add_argument("--logits", default=None, help="a saved [rows, V] float tensor of real logits")
     p.add_argument("--save-logits", default=None, help="capture SmolLM2 decode logits here and exit")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--budget-s", type=float, default=10.0, help="per config and batch")
     p.add_argument("--max-iters", type=int, default=30)
@@ -128,7 +130,8 @@ def main() -> int:
         samplers["old"] = load_baseline(args.baseline)(torch.device("cpu"))
     result = {"logits": args.logits or "synthetic", "threads": args.threads, "vocab": vocab,
               "load_average_start": os.getloadavg(), "ms_per_step": {}, "seeded_tokens_equal": {}}
-    for name, kw in CONFIGS.items():
+    for name in args.configs:
+        kw = CONFIGS[name]
         for b in args.batches:
             sb = batch_for(SamplingParams(max_tokens=16, **kw), b, vocab)
             inputs = [logits[i:i + b].contiguous() for i in range(0, len(logits) - b + 1, max(b, 1))][:16]

@@ -9,7 +9,8 @@ and top-p, drop tokens under min_p, and sample with the exponential trick (``arg
 A filtered row samples from its *candidates* (``sampling_filters``): the tokens top-k, top-p or
 min-p leave it, found without sorting the vocabulary where that gives the reference's set, and
 the noise is drawn for those columns only (a 49k-row of ``exponential_`` costs ~1 ms on a CPU
-core). Rows without a filter race over the whole vocabulary.
+core). Rows without a filter race over the whole vocabulary; on the host an unseeded one takes
+one uniform through its cumulative distribution instead (``inverse_cdf``).
 
 Seeded rows draw their noise from a generator seeded with (seed, output position), one draw per
 vocabulary entry in token order whatever the candidates, so a seeded request gives the same
@@ -176,8 +177,11 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         greedy_rows = batch.temperature == 0
         probs = self._probs(logits, batch)
-        pick = self.argmax(probs.values, self._noise(probs, batch.seeds, logits.shape[-1]))
-        sampled = pick if probs.ids is None else probs.ids.gather(-1, pick[:, None]).squeeze(-1)
+        if probs.ids is None and self.on_host:
+            sampled = self._invert(probs.values, batch.seeds)
+        else:
+            pick = self.argmax(probs.values, self._noise(probs, batch.seeds, logits.shape[-1]))
+            sampled = pick if probs.ids is None else probs.ids.gather(-1, pick[:, None]).squeeze(-1)
         if self.on_host and not bool(greedy_rows.any()):
             return sampled
         return torch.where(greedy_rows, self.argmax(logits), sampled)
@@ -194,6 +198,20 @@ class Sampler:
                 full = torch.empty(vocab, device=q.device).exponential_(generator=gen)
                 q[row] = full[probs.ids[row]]
         return q
+
+    def _invert(self, probs: torch.Tensor, seeds: Optional[list[tuple[int, int]]]) -> torch.Tensor:
+        """Whole-vocabulary rows on the host. An unseeded row takes one uniform through its
+        cumulative distribution (``inverse_cdf``: torch.multinomial's method, in float64), where
+        the race would draw V exponentials (a serial ~1 ms a row of 49k); a seeded row keeps the
+        race over its own generator's noise, so its tokens are unchanged."""
+        u = torch.rand(probs.shape[0], dtype=torch.float64, generator=self.generator)
+        tokens = inverse_cdf(probs, u)
+        if seeds:
+            rows = torch.tensor([row for row, _ in seeds])
+            q = torch.stack([torch.empty(probs.shape[-1]).exponential_(generator=torch.Generator().manual_seed(seed))
+                             for _, seed in seeds])
+            tokens[rows] = self.argmax(probs[rows], q)
+        return tokens
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, k: int, out: SamplerOutput) -> None:
         logprobs = torch.log_softmax(raw, dim=-1)
@@ -217,6 +235,20 @@ class Sampler:
         if len(outside):
             ahead[outside] = (logprobs[outside] > chosen[outside]).sum(dim=-1)
         return ahead
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """int64 [B]: per row the first token whose float64 cumulative probability exceeds
+    ``u * total`` (``u`` float64 [B] in [0, 1)): token ``i`` with probability ``p_i / total``
+    to ~1e-16, a zero-probability token never (its interval is empty)::
+
+        probs  [0  .2  0  .5  .3]    cdf [0 .2 .2 .7 1.0]    u * total = .45 -> token 3
+    """
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    # u * total may round up to total (u = 1 - 2^-53): kept below it, so some token exceeds it.
+    x = torch.minimum(u[:, None] * total, total * (1.0 - 2.0 ** -52))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 
 def _has_edits(batch: SamplingBatch) -> bool:

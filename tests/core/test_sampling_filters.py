@@ -111,6 +111,7 @@ def batches(rows):
     temp = torch.rand(rows) + 0.3
     seeds = [(i, seed_for_position(1000 + i, i)) for i in range(rows)]
     return {
+        "plain": batch(rows, temp, seeds=seeds),
         "top-k (top_k_max)": batch(rows, temp, top_k=torch.full((rows,), 40), top_k_max=40, seeds=seeds),
         "top-p": batch(rows, temp, top_p=top_p, seeds=seeds),
         "top-k and top-p": batch(rows, temp, top_k=top_k, top_p=top_p, seeds=seeds),
@@ -192,3 +193,25 @@ def test_top_p_one_keeps_every_token():
     assert torch.isfinite(out[0]).all()
     assert torch.isfinite(out[1]).sum() < V
     assert torch.isfinite(filter_candidates(logits, None, top_p).dense(V, -float("inf"))[0]).all()
+
+
+def test_inverse_cdf_never_picks_a_zero_probability_token():
+    """Whole-vocabulary rows on the host: one uniform through the float64 cumulative
+    distribution; the extreme uniforms land on the first and last nonzero tokens."""
+    from tessellm.core.sampler import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]] * 4)
+    u = torch.tensor([0.0, 0.45, 1.0 - 2.0 ** -53, 0.2], dtype=torch.float64)
+    assert inverse_cdf(probs, u).tolist() == [1, 3, 4, 3]
+    unnormalised = torch.tensor([[0.0, 3e-30, 0.0]], dtype=torch.float32)
+    assert inverse_cdf(unnormalised, torch.tensor([1.0 - 2.0 ** -53], dtype=torch.float64)).tolist() == [1]
+
+
+def test_plain_rows_follow_softmax_through_the_inverse_cdf():
+    logits = (torch.randn(1, V, generator=torch.Generator().manual_seed(12)) * 3).expand(20000, V)
+    b = batch(20000, torch.full((20000,), 0.7))
+    tokens = Sampler(torch.device("cpu"), seed=2)(logits, b).token_ids
+    ref = torch.softmax(logits[0] / 0.7, -1)
+    freq = torch.bincount(tokens, minlength=V).float() / len(tokens)
+    assert torch.allclose(freq, ref, atol=0.015)
+    assert set(tokens.tolist()) <= set(ref.nonzero()[:, 0].tolist())
