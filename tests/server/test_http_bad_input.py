@@ -76,7 +76,7 @@ def test_negative_max_tokens(http, field):
 
 
 def test_out_of_range_values(http):
-    for field, value in [("temperature", 5), ("top_p", 0), ("presence_penalty", 3), ("n", 0),
+    for field, value in [("temperature", -1), ("top_p", 0), ("presence_penalty", 3), ("n", 0),
                          ("logprobs", -1), ("top_k", -2), ("min_p", 2)]:
         assert_error(http.post("/v1/completions", json={**COMPLETION, field: value}), 400, field)
     assert_error(http.post("/v1/completions", json={**COMPLETION, "logit_bias": {"x": 1}}), 400, "logit_bias")

@@ -299,3 +299,38 @@ def test_text_parts_join_with_newlines(http):
     out = http.post("/v1/chat/completions", json={"model": MODEL, "max_tokens": 1, "return_token_ids": True,
                                                   "messages": [{"role": "user", "content": parts}]}).json()
     assert out["prompt_token_ids"] == joined.json()["tokens"]
+
+
+def test_temperature_over_two(http):
+    """vLLM bounds temperature below only (OpenAI stops at 2): a script sending 3.0 to vLLM got
+    an answer, here it was a 400."""
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2,
+                                           "temperature": 3.0, "seed": 1})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+
+
+_TOOLS_TEMPLATE = ("{% if tools %}Tools: {% for t in tools %}{{ t.function.name }} {% endfor %}\n{% endif %}"
+                   "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_tokenize_chat_with_tools(server_factory, tmp_path):
+    """vLLM's /tokenize takes tools (chat form), rendered by the template as a chat request's are,
+    so a client can count a tool-using prompt's tokens (was a 400 'unrecognized'). A server whose
+    chat template shows the tools (the bundled model's does not)."""
+    template = tmp_path / "tools.jinja"
+    template.write_text(_TOOLS_TEMPLATE)
+    srv = server_factory(["--chat-template", str(template)])
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    body = {"model": MODEL, "messages": CHAT}
+    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=120) as http:
+        plain = http.post("/tokenize", json=body).json()["tokens"]
+        r = http.post("/tokenize", json={**body, "tools": tools})
+        assert r.status_code == 200, r.text
+        chat = http.post("/v1/chat/completions", json={**body, "tools": tools, "tool_choice": "required",
+                                                       "max_tokens": 1, "return_token_ids": True}).json()
+        shown = http.post("/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
+    assert r.json()["tokens"] == chat["prompt_token_ids"] != plain
+    assert shown.startswith("Tools: get_weather")

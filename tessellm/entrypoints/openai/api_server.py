@@ -176,8 +176,9 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
         if engine.tokenizer is None:
             raise bad_request("This model has no tokenizer.")
         if is_chat:
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
             ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
-                                        continue_final_message=req.continue_final_message,
+                                        tools, continue_final_message=req.continue_final_message,
                                         template_kwargs=req.chat_template_kwargs)
         else:
             ids = await engine.run_off_loop(

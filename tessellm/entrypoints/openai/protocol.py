@@ -49,7 +49,7 @@ class _SamplingFields(_Request):
     stop: Optional[Union[str, list[str]]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = Field(None, ge=0, le=2)
+    temperature: Optional[float] = Field(None, ge=0)  # no upper bound (vLLM; OpenAI stops at 2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     user: Optional[str] = None  # accepted; no effect
     # vLLM extras
@@ -252,6 +252,7 @@ class TokenizeChatRequest(_Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[list[ChatTool]] = None  # rendered by the template, as at /v1/chat/completions
     return_token_strs: bool = False
 
 
