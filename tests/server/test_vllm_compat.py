@@ -334,3 +334,12 @@ def test_tokenize_chat_with_tools(server_factory, tmp_path):
         shown = http.post("/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
     assert r.json()["tokens"] == chat["prompt_token_ids"] != plain
     assert shown.startswith("Tools: get_weather")
+
+
+def test_no_tool_calls_key_without_calls(http):
+    """OpenAI and vLLM leave tool_calls out of a message that calls nothing (it was "tool_calls": [],
+    which clients testing for the key read as a tool call)."""
+    out = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2}).json()
+    message = out["choices"][0]["message"]
+    assert message["role"] == "assistant" and isinstance(message["content"], str)
+    assert "tool_calls" not in message

@@ -107,6 +107,14 @@ class ChatResponseMessage(BaseModel):
     refusal: Optional[str] = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler):
+        """No tool_calls key without a call (OpenAI, vLLM): clients test for its presence."""
+        data = handler(self)
+        if not data.get("tool_calls"):
+            data.pop("tool_calls", None)
+        return data
+
 
 class ChatChoice(BaseModel):
     index: int
