@@ -343,3 +343,15 @@ def test_no_tool_calls_key_without_calls(http):
     message = out["choices"][0]["message"]
     assert message["role"] == "assistant" and isinstance(message["content"], str)
     assert "tool_calls" not in message
+
+
+@pytest.mark.parametrize("path,key", [("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")])
+def test_truncation_of_a_text_far_over_the_context(http, path, key):
+    """A text so long it is refused untokenized (sure to exceed the context) is tokenized and cut
+    when the request asks for truncate_prompt_tokens (the chat form was still refused)."""
+    text = "hello there " * 60000  # 720000 characters: refused before tokenizing
+    value = text if key == "prompt" else [{"role": "user", "content": text}]
+    body = {"model": MODEL, key: value, "max_tokens": 1}
+    assert http.post(path, json=body).json()["error"]["code"] == "context_length_exceeded"
+    r = http.post(path, json={**body, "truncate_prompt_tokens": 16})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 16, r.text

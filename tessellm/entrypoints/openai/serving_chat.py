@@ -41,7 +41,8 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     structured = structured_from_request(req, plan.forced_schema())
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
                                 plan.template_tools(), continue_final_message=req.continue_final_message,
-                                template_kwargs=req.chat_template_kwargs)
+                                template_kwargs=req.chat_template_kwargs,
+                                check_fits=req.truncate_prompt_tokens is None)
     try:
         ids = truncate(ids, truncation(req, engine.info.max_model_len), req.truncation_side)
         processed = engine.process_prompt({"prompt_token_ids": ids})
@@ -67,14 +68,15 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
 async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool,
                           chat_template: Optional[str], tools: Optional[list[dict]] = None,
                           continue_final_message: bool = False,
-                          template_kwargs: Optional[dict] = None) -> list[int]:
+                          template_kwargs: Optional[dict] = None, check_fits: bool = True) -> list[int]:
     """The messages through the chat template (``chat_utils.render_chat``), off the event loop."""
     if engine.tokenizer is None:
         raise bad_request("This model has no tokenizer, so chat is unavailable; use /v1/completions "
                           "with token ids.", "messages")
     conversation = [_message_dict(i, m) for i, m in enumerate(messages)]
     try:
-        engine.check_text_fits(sum(len(m["content"]) for m in conversation), "The conversation")
+        if check_fits:  # not when the prompt is to be truncated (the body limit bounds the text)
+            engine.check_text_fits(sum(len(m["content"]) for m in conversation), "The conversation")
     except ValueError as exc:
         raise prompt_error(exc, "messages") from None
     if continue_final_message and add_generation_prompt:
