@@ -355,3 +355,17 @@ def test_truncation_of_a_text_far_over_the_context(http, path, key):
     assert http.post(path, json=body).json()["error"]["code"] == "context_length_exceeded"
     r = http.post(path, json={**body, "truncate_prompt_tokens": 16})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 16, r.text
+
+
+def test_logprobs_of_masked_tokens_are_numbers(http):
+    """A grammar masks tokens to -inf, and JSON has no -inf: they went out as "logprob": null, which
+    breaks a client doing arithmetic on them; vLLM sends -9999.0, so do we (both endpoints)."""
+    common = {"model": MODEL, "max_tokens": 3, "temperature": 0, "guided_choice": ["yes"]}
+    chat = http.post("/v1/chat/completions", json={**common, "messages": CHAT, "logprobs": True,
+                                                   "top_logprobs": 5}).json()
+    values = [t["logprob"] for c in chat["choices"][0]["logprobs"]["content"] for t in [c, *c["top_logprobs"]]]
+    cmpl = http.post("/v1/completions", json={**common, "prompt": PROMPT, "logprobs": 5}).json()
+    lp = cmpl["choices"][0]["logprobs"]
+    values += lp["token_logprobs"] + [v for top in lp["top_logprobs"] for v in top.values()]
+    assert all(isinstance(v, float) and -9999.0 <= v <= 0 for v in values), values
+    assert -9999.0 in values  # the masked ones (only "yes" may be generated)

@@ -54,6 +54,15 @@ def response_id(prefix: str, req, engine_id: str) -> str:
     return f"{prefix}-{req.request_id}" if req.request_id else engine_id
 
 
+_MIN_LOGPROB = -9999.0  # vLLM's floor: JSON has no -inf (it would go out as null)
+
+
+def json_logprob(logprob: float) -> float:
+    """A logprob a JSON client can read: -inf (a token masked by a grammar or a -100 bias) as
+    -9999.0, as vLLM sends it."""
+    return max(logprob, _MIN_LOGPROB)
+
+
 def token_string(engine: AsyncLLM, tid: int, lp: Optional[Logprob], as_id: Optional[bool]) -> str:
     """A token in logprobs: its text, or vLLM's ``token_id:{id}`` with return_tokens_as_token_ids
     (for tokens that are not whole UTF-8 characters)."""
@@ -179,7 +188,7 @@ def prompt_logprobs(out: RequestOutput, asked: Optional[int]) -> Optional[Prompt
     if asked is None or out.prompt_logprobs is None:
         return None
     return [None if entry is None else
-            {tid: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.decoded_token)
+            {tid: PromptLogprob(logprob=json_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
              for tid, lp in entry.items()}
             for entry in out.prompt_logprobs]
 

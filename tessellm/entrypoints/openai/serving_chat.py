@@ -28,8 +28,8 @@ from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.tools import ToolPlan, tool_call_history
 from tessellm.entrypoints.openai.prompts import truncate, truncation
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request,
-                                                 prompt_logprobs, random_id, response_id, sse_response,
-                                                 submit, token_string, usage)
+                                                 json_logprob, prompt_logprobs, random_id, response_id,
+                                                 sse_response, submit, token_string, usage)
 
 
 async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
@@ -173,7 +173,7 @@ class _ChatView:
             top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None),
                          key=lambda kv: kv[1].rank)[:self.top]
             token = self._text(tid, chosen)
-            result.append(ChatLogProb(token=token, logprob=chosen.logprob if chosen else float("-inf"),
+            result.append(ChatLogProb(token=token, logprob=json_logprob(chosen.logprob if chosen else float("-inf")),
                                       bytes=list(token.encode("utf-8")),
                                       top_logprobs=[_top(self._text(t, lp), lp) for t, lp in top]))
         return result
@@ -183,7 +183,7 @@ class _ChatView:
 
 
 def _top(token: str, lp: Logprob) -> ChatLogProbTop:
-    return ChatLogProbTop(token=token, logprob=lp.logprob, bytes=list(token.encode("utf-8")))
+    return ChatLogProbTop(token=token, logprob=json_logprob(lp.logprob), bytes=list(token.encode("utf-8")))
 
 
 class _ChatChunks:

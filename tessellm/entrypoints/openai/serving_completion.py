@@ -23,8 +23,8 @@ from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.prompts import process_completion_prompt, truncation
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request,
-                                                 prompt_logprobs, random_id, response_id, sse_response,
-                                                 submit, token_string, usage)
+                                                 json_logprob, prompt_logprobs, random_id, response_id,
+                                                 sse_response, submit, token_string, usage)
 
 
 async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
@@ -143,11 +143,11 @@ class _CompletionView:
                 lp.token_logprobs.append(None)
                 lp.top_logprobs.append(None)
                 continue
-            lp.token_logprobs.append(entry[tid].logprob if tid in entry else None)
+            lp.token_logprobs.append(json_logprob(entry[tid].logprob) if tid in entry else None)
             top = sorted(((t, l) for t, l in entry.items()
                           if top_k is None or t == tid or (l.rank or 0) <= top_k),
                          key=lambda kv: kv[1].rank or 0)
-            lp.top_logprobs.append({self._token(t, entry): l.logprob for t, l in top})
+            lp.top_logprobs.append({self._token(t, entry): json_logprob(l.logprob) for t, l in top})
         return offset
 
     def _token(self, tid: int, entry) -> str:
