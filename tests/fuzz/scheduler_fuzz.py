@@ -1,0 +1,180 @@
+"""A seeded random driver of the real Scheduler + BlockManager (no model) and its invariants.
+
+Each scenario draws a configuration (block size, a small KV cache that forces preemption, prefix
+caching and chunked prefill on or off, token budget, max_num_seqs, context length), then runs a
+random mix of: new requests (shared prefixes, block-size multiples, prompts at the context
+length), steps whose "model" returns random tokens (with speculative drafts accepted in runs of
+several tokens), aborts at any point (mid-prefill, preempted, waiting) and stop tokens. After
+every step ``check_invariants`` runs; at the end everything must be freed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from tessellm.core.block_manager import BlockManager, hash_block
+from tessellm.core.request import Request
+from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.scheduler import Scheduler, SchedulerConfig
+from tessellm.core.step import ModelRunnerOutput
+
+STOP = 3  # a stop token id the fake model emits now and then
+EOS = 0
+
+
+def check_invariants(s: Scheduler, budget: int, out=None) -> None:
+    kv = s.kv
+    refs = Counter(b.block_id for blocks in kv.req_blocks.values() for b in blocks)
+    for block in kv.blocks:
+        assert block.ref_cnt == refs.get(block.block_id, 0), (block, refs.get(block.block_id))
+        assert (block.block_id in kv.free_queue) == (block.ref_cnt == 0), block
+    assert len(kv.free_queue) + sum(1 for b in kv.blocks if b.ref_cnt > 0) == kv.num_blocks
+    for blocks in kv.req_blocks.values():
+        assert len({b.block_id for b in blocks}) == len(blocks), "a table holds a block twice"
+    for h, block in kv.cached.items():
+        assert block.block_hash == h, (h, block)
+    # Requests: one place each; held blocks cover the computed tokens; queues hold live ones.
+    ids_running = [r.request_id for r in s.running]
+    ids_waiting = [r.request_id for r in s.waiting]
+    assert not set(ids_running) & set(ids_waiting)
+    assert len(set(ids_running)) == len(ids_running) and len(set(ids_waiting)) == len(ids_waiting)
+    assert set(ids_running) | set(ids_waiting) == set(s.requests)
+    assert len(s.running) <= s.config.max_num_seqs
+    for rid in kv.req_blocks:
+        assert rid in s.requests, f"blocks leaked by finished request {rid}"
+    for req in s.requests.values():
+        assert 0 <= req.num_computed_tokens <= req.num_tokens
+        assert req.num_tokens <= s.config.max_model_len
+        held = kv.block_ids(req.request_id)
+        assert len(held) >= kv.blocks_needed(req.num_computed_tokens)
+        if req in s.waiting:
+            assert req.num_computed_tokens == 0 and not held
+        # Published blocks hold exactly the tokens their hash says.
+        parent = None
+        blocks = kv.req_blocks.get(req.request_id, [])
+        for i in range(min(req.num_computed_tokens // kv.block_size, len(blocks))):
+            toks = tuple(req.all_token_ids[i * kv.block_size:(i + 1) * kv.block_size])
+            h = hash_block(parent, toks, req.cache_key)
+            if blocks[i].block_hash is not None:
+                assert blocks[i].block_hash == h, (req.request_id, i)
+            parent = h
+    if out is not None:
+        assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens.values()) <= budget
+        for rid, n in out.num_scheduled_tokens.items():
+            assert n > 0
+
+
+class FakeModel:
+    """Random tokens; accepts a random prefix of each request's drafts; proposes new drafts."""
+
+    def __init__(self, rng: random.Random, vocab: int, spec: int):
+        self.rng, self.vocab, self.spec = rng, vocab, spec
+
+    def token(self) -> int:
+        r = self.rng.random()
+        return STOP if r < 0.02 else EOS if r < 0.03 else self.rng.randrange(4, self.vocab)
+
+    def run(self, s: Scheduler, out) -> ModelRunnerOutput:
+        sampled, spec = {}, {}
+        for rid, num in out.num_sampled_tokens.items():
+            drafts = out.spec_token_ids.get(rid, [])
+            accepted = 0
+            while accepted < len(drafts) and self.rng.random() < 0.6:
+                accepted += 1
+            sampled[rid] = list(drafts[:accepted]) + [self.token()]
+            if self.spec and self.rng.random() < 0.7:
+                spec[rid] = [self.token() for _ in range(self.rng.randint(1, self.spec))]
+        return ModelRunnerOutput(sampled, spec_token_ids=spec)
+
+
+def random_config(rng: random.Random):
+    bs = rng.choice([1, 2, 4, 8, 16])
+    max_len = rng.choice([16, 32, 64, 100])
+    num_blocks = rng.randint(max(2, -(-max_len // bs)), 4 * -(-max_len // bs) + 4)
+    chunked = rng.random() < 0.6
+    budget = rng.randint(1, 64) if chunked else rng.randint(max_len, 2 * max_len)
+    cfg = SchedulerConfig(max_num_seqs=rng.randint(1, 8), max_num_batched_tokens=budget,
+                          max_model_len=max_len, enable_chunked_prefill=chunked,
+                          num_speculative_tokens=rng.choice([0, 0, 2, 4]))
+    kv = BlockManager(num_blocks, bs, enable_prefix_caching=rng.random() < 0.7)
+    return Scheduler(cfg, kv)
+
+
+def random_prompt(rng: random.Random, s: Scheduler, prefixes: list[list[int]]) -> list[int]:
+    cap = min(s.config.max_model_len - 1, s.kv.num_blocks * s.kv.block_size - 1)
+    kind = rng.random()
+    if kind < 0.15:
+        n = cap  # at the context length / cache size
+    elif kind < 0.35:
+        n = max(1, min(cap, s.kv.block_size * rng.randint(1, 4)))  # block multiples
+    else:
+        n = rng.randint(1, cap)
+    if prefixes and rng.random() < 0.5:
+        base = rng.choice(prefixes)[:n]
+        return base + [rng.randrange(4, 50) for _ in range(n - len(base))]
+    prompt = [rng.randrange(4, 50) for _ in range(n)]
+    prefixes.append(prompt)
+    return prompt
+
+
+def run_scenario(seed: int, num_events: int = 120) -> dict:
+    rng = random.Random(seed)
+    s = random_config(rng)
+    model = FakeModel(rng, 60, s.config.num_speculative_tokens)
+    budget = s.config.max_num_batched_tokens
+    prefixes: list[list[int]] = []
+    waited: dict[str, int] = {}
+    counter = 0
+    stats = Counter()
+    for _ in range(num_events):
+        r = rng.random()
+        if r < 0.3 and len(s.requests) < 12:
+            counter += 1
+            n = rng.choice([1, 1, 1, 2, 3])
+            params = SamplingParams(max_tokens=rng.randint(1, 20), n=1,
+                                    stop_token_ids=[STOP] if rng.random() < 0.5 else [],
+                                    ignore_eos=rng.random() < 0.3)
+            prompt = random_prompt(rng, s, prefixes)
+            for k in range(n):  # n>1 forks: siblings with the same prompt
+                rid = f"r{counter}-{k}"
+                s.add_request(Request(rid, list(prompt), params, eos_token_ids=[EOS],
+                                      wait_for=f"r{counter}-0" if k else None))
+            stats["added"] += n
+        elif r < 0.38 and s.requests:
+            rid = rng.choice(sorted(s.requests))
+            s.abort_requests([rid])
+            stats["aborted"] += 1
+        else:
+            step(s, model, budget, waited, stats)
+    for _ in range(5000):
+        if not s.has_unfinished():
+            break
+        step(s, model, budget, waited, stats)
+    assert not s.has_unfinished(), "requests never finished"
+    s.take_finished_outputs()
+    kv = s.kv
+    assert kv.num_free_blocks == kv.num_blocks and not kv.req_blocks, "blocks leaked"
+    assert all(b.ref_cnt == 0 for b in kv.blocks)
+    stats["preemptions"] = s.num_preemptions_total
+    return stats
+
+
+def step(s: Scheduler, model: FakeModel, budget: int, waited: dict, stats: Counter) -> None:
+    out = s.schedule()
+    check_invariants(s, budget, out)
+    for rid in list(s.requests):
+        if rid in out.num_scheduled_tokens:
+            waited.pop(rid, None)
+        else:
+            waited[rid] = waited.get(rid, 0) + 1
+            assert waited[rid] < 2000, f"{rid} starved"
+    for rid in list(waited):
+        if rid not in s.requests:
+            del waited[rid]
+    result = model.run(s, out)
+    s.update(out, result)
+    s.take_finished_outputs()
+    stats["steps"] += 1
+    stats["spec"] += len(out.spec_token_ids)
+    check_invariants(s, budget)
