@@ -166,10 +166,12 @@ class Scheduler(SchedulerUpdate):
         if self.lora is not None:
             lora_step_fields(self, out)
         self.num_scheduled_tokens_total += out.total_num_scheduled_tokens
-        self.finished_ids, self.preempted_ids = set(), set()
         if not out.is_empty:
             self.in_flight.add(out)
-            self.kept_blocks = {}  # sent (an empty step is not: they wait for the next one)
+            # Sent. An empty step is not: what ended or was cut waits for the next one, or the
+            # runner would keep an ended request's state and block-table row.
+            self.kept_blocks = {}
+            self.finished_ids, self.preempted_ids = set(), set()
         return out
 
     def _num_sampled(self, num_scheduled: dict[str, int], spec: dict[str, list[int]],

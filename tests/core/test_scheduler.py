@@ -182,3 +182,18 @@ def test_preempted_request_resumes_from_its_cached_blocks():
     # Its tail blocks may have been evicted first (tail-first free); the head still hits.
     assert resumed.num_computed_tokens % 4 == 0 and resumed.num_computed_tokens >= 4
     assert out.num_scheduled_tokens["new"] == len(resumed.all_token_ids) - resumed.num_computed_tokens
+
+
+def test_ids_ended_before_an_empty_step_reach_the_next_step():
+    """An abort (or preemption) followed by a step that schedules nothing: the runner must
+    still learn of it in the next step it runs, or it keeps the request's state and block-table
+    row (and sees a resumed request "new" twice). Found by tests/fuzz (seed 14)."""
+    s = make()
+    s.add_request(req("a", 6))
+    run_step(s)
+    s.abort_requests(["a"])
+    assert s.schedule().is_empty  # nothing to run: the engine submits no step
+    s.add_request(req("b", 3))
+    out = s.schedule()
+    assert out.finished_request_ids == {"a"}
+

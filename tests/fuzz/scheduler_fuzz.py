@@ -47,7 +47,12 @@ def check_invariants(s: Scheduler, budget: int, out=None) -> None:
         assert 0 <= req.num_computed_tokens <= req.num_tokens
         assert req.num_tokens <= s.config.max_model_len
         held = kv.block_ids(req.request_id)
-        assert len(held) >= kv.blocks_needed(req.num_computed_tokens)
+        ahead = s.in_flight.tokens_ahead(req.request_id)
+        # What its steps in flight write fits the context and its blocks; a block table holds
+        # max_model_len tokens at most.
+        assert req.num_computed_tokens + ahead <= s.config.max_model_len, (req.request_id, ahead)
+        assert len(held) >= kv.blocks_needed(req.num_computed_tokens + ahead), req.request_id
+        assert len(held) <= kv.blocks_needed(s.config.max_model_len), (req.request_id, len(held))
         if req in s.waiting:
             assert req.num_computed_tokens == 0 and not held
         # Published blocks hold exactly the tokens their hash says.
@@ -76,16 +81,23 @@ class FakeModel:
         return STOP if r < 0.02 else EOS if r < 0.03 else self.rng.randrange(4, self.vocab)
 
     def run(self, s: Scheduler, out) -> ModelRunnerOutput:
-        sampled, spec = {}, {}
+        sampled, spec, ahead = {}, {}, {}
         for rid, num in out.num_sampled_tokens.items():
             drafts = out.spec_token_ids.get(rid, [])
+            if rid in out.spec_ahead:  # the runner verifies j <= reserved drafts of its own
+                ahead[rid] = self.rng.randint(0, out.spec_ahead[rid])
+                drafts = [self.token() for _ in range(ahead[rid])]
             accepted = 0
             while accepted < len(drafts) and self.rng.random() < 0.6:
                 accepted += 1
             sampled[rid] = list(drafts[:accepted]) + [self.token()]
             if self.spec and self.rng.random() < 0.7:
                 spec[rid] = [self.token() for _ in range(self.rng.randint(1, self.spec))]
-        return ModelRunnerOutput(sampled, spec_token_ids=spec)
+        return ModelRunnerOutput(sampled, spec_token_ids=spec, spec_ahead_drafts=ahead)
+
+
+def rng_bool(model: FakeModel) -> bool:
+    return model.rng.random() < 0.3
 
 
 def random_config(rng: random.Random):
@@ -93,10 +105,14 @@ def random_config(rng: random.Random):
     max_len = rng.choice([16, 32, 64, 100])
     num_blocks = rng.randint(max(2, -(-max_len // bs)), 4 * -(-max_len // bs) + 4)
     chunked = rng.random() < 0.6
+    mode = rng.choice(["sync", "sync", "async", "pp"])
     budget = rng.randint(1, 64) if chunked else rng.randint(max_len, 2 * max_len)
     cfg = SchedulerConfig(max_num_seqs=rng.randint(1, 8), max_num_batched_tokens=budget,
                           max_model_len=max_len, enable_chunked_prefill=chunked,
-                          num_speculative_tokens=rng.choice([0, 0, 2, 4]))
+                          num_speculative_tokens=rng.choice([0, 0, 2, 4]),
+                          async_scheduling=mode == "async",
+                          pipeline_parallel_size=rng.randint(2, 3) if mode == "pp" else 1,
+                          num_lookahead_tokens=rng.choice([0, 0, 0, 2, 3]))
     kv = BlockManager(num_blocks, bs, enable_prefix_caching=rng.random() < 0.7)
     return Scheduler(cfg, kv)
 
@@ -127,6 +143,8 @@ def run_scenario(seed: int, num_events: int = 120) -> dict:
     waited: dict[str, int] = {}
     counter = 0
     stats = Counter()
+    queue: list = []  # steps in flight, oldest first
+    runner = RunnerTables()
     for _ in range(num_events):
         r = rng.random()
         if r < 0.3 and len(s.requests) < 12:
@@ -146,11 +164,11 @@ def run_scenario(seed: int, num_events: int = 120) -> dict:
             s.abort_requests([rid])
             stats["aborted"] += 1
         else:
-            step(s, model, budget, waited, stats)
+            step(s, model, budget, waited, stats, queue, runner)
     for _ in range(5000):
         if not s.has_unfinished():
             break
-        step(s, model, budget, waited, stats)
+        step(s, model, budget, waited, stats, queue, runner)
     assert not s.has_unfinished(), "requests never finished"
     s.take_finished_outputs()
     kv = s.kv
@@ -160,9 +178,40 @@ def run_scenario(seed: int, num_events: int = 120) -> dict:
     return stats
 
 
-def step(s: Scheduler, model: FakeModel, budget: int, waited: dict, stats: Counter) -> None:
+class RunnerTables:
+    """The model runner's view of block tables, built only from what the steps send
+    (``InputBatch.apply``'s bookkeeping): it must equal the scheduler's after every step."""
+
+    def __init__(self):
+        self.tables: dict[str, list[int]] = {}
+
+    def apply(self, s: Scheduler, out) -> None:
+        for rid in out.dropped_request_ids:
+            self.tables.pop(rid, None)
+        for rid, num_blocks in out.kept_blocks.items():
+            if rid in self.tables:
+                del self.tables[rid][num_blocks:]
+        for new in out.new_requests:
+            assert new.request_id not in self.tables, f"{new.request_id} sent as new twice"
+            self.tables[new.request_id] = list(new.block_ids)
+        for cached in out.cached_requests:
+            self.tables[cached.request_id].extend(cached.new_block_ids)
+        for rid in out.num_scheduled_tokens:
+            assert self.tables[rid] == s.kv.block_ids(rid), (rid, self.tables[rid], s.kv.block_ids(rid))
+
+
+def depth(s: Scheduler) -> int:
+    """Steps in flight at most: one per pipeline stage, two under async scheduling."""
+    return 2 if s.config.async_scheduling else s.config.pipeline_parallel_size
+
+
+def step(s: Scheduler, model: FakeModel, budget: int, waited: dict, stats: Counter,
+         queue: list, runner: RunnerTables) -> None:
     out = s.schedule()
     check_invariants(s, budget, out)
+    if not out.is_empty:
+        runner.apply(s, out)
+        queue.append(out)
     for rid in list(s.requests):
         if rid in out.num_scheduled_tokens:
             waited.pop(rid, None)
@@ -172,9 +221,14 @@ def step(s: Scheduler, model: FakeModel, budget: int, waited: dict, stats: Count
     for rid in list(waited):
         if rid not in s.requests:
             del waited[rid]
-    result = model.run(s, out)
-    s.update(out, result)
+    while queue and (len(queue) >= depth(s) or out.is_empty or rng_bool(model)):
+        done = queue.pop(0)
+        s.update(done, model.run(s, done))
+        check_invariants(s, budget)
     s.take_finished_outputs()
     stats["steps"] += 1
     stats["spec"] += len(out.spec_token_ids)
+    stats["spec_ahead"] += len(out.spec_ahead)
+    stats["kept"] += len(out.kept_blocks)
+    stats["in_flight_max"] = max(stats["in_flight_max"], len(queue))
     check_invariants(s, budget)
