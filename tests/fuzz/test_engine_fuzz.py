@@ -11,6 +11,9 @@ import pytest
 from tessellm import LLM, SamplingParams
 
 
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+
+
 def random_mix(rng: random.Random, num: int):
     base = [rng.randrange(3, 380) for _ in range(24)]
     prompts, params = [], []
@@ -32,8 +35,13 @@ def tokens(out) -> list[list[int]]:
     return [list(c.token_ids) for c in out.outputs]
 
 
-@pytest.mark.parametrize("seed,extra", [(0, {}), (1, {}), (2, {"enable_prefix_caching": False}),
-                                        (3, {"async_scheduling": True})])
+CASES = [(0, {}), (1, {}), (2, {"enable_prefix_caching": False}),
+                                        (3, {"async_scheduling": True}),
+                                        (4, {"speculative_config": NGRAM}),
+                                        (5, {"speculative_config": NGRAM, "async_scheduling": True})]
+
+
+@pytest.mark.parametrize("seed,extra", CASES)
 def test_random_mix_equals_solo_runs(tiny_model_dir, seed, extra):
     rng = random.Random(seed)
     path = tiny_model_dir("llama")
@@ -64,3 +72,11 @@ def test_random_mix_equals_solo_runs(tiny_model_dir, seed, extra):
             continue
         assert tokens(done[rid]) == solo[i], (rid, prompts[i], params[i])
     assert engine.core.scheduler.num_preemptions_total > 0  # the cache is small enough
+    if "speculative_config" in extra:
+        assert engine.core.scheduler.spec_stats.num_drafts > 0  # drafts were verified
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(10, 40))
+def test_random_mix_equals_solo_runs_many(tiny_model_dir, seed):
+    test_random_mix_equals_solo_runs(tiny_model_dir, seed, CASES[seed % len(CASES)][1])
