@@ -154,9 +154,10 @@ def run_scenario(seed: int, num_events: int = 120) -> dict:
                                     stop_token_ids=[STOP] if rng.random() < 0.5 else [],
                                     ignore_eos=rng.random() < 0.3)
             prompt = random_prompt(rng, s, prefixes)
+            salt = "s" if rng.random() < 0.1 else None  # a salted prefix never shares
             for k in range(n):  # n>1 forks: siblings with the same prompt
                 rid = f"r{counter}-{k}"
-                s.add_request(Request(rid, list(prompt), params, eos_token_ids=[EOS],
+                s.add_request(Request(rid, list(prompt), params, eos_token_ids=[EOS], cache_salt=salt,
                                       wait_for=f"r{counter}-0" if k else None))
             stats["added"] += n
         elif r < 0.38 and s.requests:
