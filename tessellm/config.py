@@ -60,6 +60,11 @@ class EngineArgs:
     generation_config: str = "auto"
     # Laid over those defaults: a dict or its JSON, e.g. {"temperature": 0.5}.
     override_generation_config: Optional[object] = None
+    # Image inputs (docs/multimodal.md): items per prompt at most, e.g. {"image": 2} or its
+    # JSON (vLLM's flag); None: 1 image for a model that takes images.
+    limit_mm_per_prompt: Optional[object] = None
+    # file:// image URLs in chat messages are read only under this directory; None: refused.
+    allowed_local_media_path: Optional[str] = None
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -91,6 +96,10 @@ class EngineArgs:
 
         check_choice(self.generation_config)
         parse_override(self.override_generation_config)
+        from tessellm.multimodal.limits import check_media_path, parse_mm_limits
+
+        parse_mm_limits(self.limit_mm_per_prompt)
+        check_media_path(self.allowed_local_media_path)
 
     def _validate_speculative(self) -> None:
         from tessellm.spec_decode.config import parse_speculative_config
@@ -110,6 +119,13 @@ class ModelSource:
     kind: str  # "dir" or "gguf"
     hf_config: object = field(repr=False)
     has_tokenizer: bool = True
+
+
+def text_config(hf_config):
+    """The language model's config: ``text_config`` of a multimodal model (LLaVA), else the
+    config itself. Vocabulary, heads and context length are read from it."""
+    get = getattr(hf_config, "get_text_config", None)
+    return hf_config if get is None else get()
 
 
 def resolve_async_scheduling(args: EngineArgs, device_type: str) -> bool:
@@ -197,7 +213,8 @@ def resolve_max_model_len(requested: Optional[int], hf_config) -> int:
 def generation_eos_ids(source: ModelSource) -> list[int]:
     """EOS ids from config.json and generation_config.json (Llama 3 lists several)."""
     ids: list[int] = []
-    for value in (getattr(source.hf_config, "eos_token_id", None), _gen_config_eos(source)):
+    for value in (getattr(source.hf_config, "eos_token_id", None),
+                  getattr(text_config(source.hf_config), "eos_token_id", None), _gen_config_eos(source)):
         if isinstance(value, int):
             ids.append(value)
         elif isinstance(value, (list, tuple)):

@@ -11,7 +11,8 @@ Invariants
   evicts the cached hash of whatever it takes. A request's blocks are freed tail first, so a
   prompt's *last* blocks are evicted before its first ones (the first are the most shareable).
 * A full block's hash chains its parent's hash and its own token ids (plus an extra key such as
-  a cache salt or a LoRA adapter id: ``Request.cache_key``): ``h_i = hash((h_{i-1}, tokens_i, extra))``. Equal prefixes share blocks.
+  a cache salt, a LoRA adapter id, the images whose placeholders the block covers:
+  ``Request.block_key``): ``h_i = hash((h_{i-1}, tokens_i, extra))``. Equal prefixes share blocks.
 * A prefix hit never covers a request's last prompt token: that token's logits are needed.
 
 Picture of one request (block_size 4, 10 tokens, 9 computed)::
@@ -98,7 +99,8 @@ class BlockManager:
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs]), request.cache_key))
+            hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs]),
+                                     request.block_key(i * bs, (i + 1) * bs)))
 
     def find_cached_prefix(self, request: Request, count: bool = True) -> list[Block]:
         """The longest run of cached blocks matching the request's prompt prefix.

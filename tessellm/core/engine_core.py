@@ -16,7 +16,7 @@ import torch
 
 from tessellm.backends.registry import get_registry
 from tessellm.config import (EngineArgs, generation_eos_ids, resolve_async_scheduling, resolve_dtype,
-                             resolve_max_model_len, resolve_model)
+                             resolve_max_model_len, resolve_model, text_config)
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
@@ -25,6 +25,7 @@ from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.distributed.executor import make_executor
 from tessellm.distributed.worker import default_max_num_batched_tokens
 from tessellm.generation_config import default_sampling
+from tessellm.multimodal.limits import check_multimodal_args, model_mm_limits
 from tessellm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class EngineCoreRequest:
     cache_salt: Optional[str] = None
     wait_for: Optional[str] = None  # n > 1: sibling whose prompt blocks this one reuses
     lora_request: Optional[dict] = None  # LoRARequest.to_dict() of its adapter; None: base model
+    # Images in the prompt (tessellm.multimodal.inputs.MultiModalFeature); None: text only.
+    mm_features: Optional[list] = None
 
 
 @dataclass
@@ -58,6 +61,8 @@ class EngineInfo:
     dtype: str
     # SamplingParams fields a request leaves unset default to (the model's generation_config.json)
     default_sampling: dict = field(default_factory=dict)
+    # Items per prompt the model takes, e.g. {"image": 1}; empty: a text-only model.
+    mm_limits: dict = field(default_factory=dict)
 
 
 class EngineCore:
@@ -71,10 +76,11 @@ class EngineCore:
             mark_emulated(self.backend.name)
         self.source = resolve_model(args.model)
         config = self.source.hf_config
+        check_multimodal_args(config, args)
         self.dtype = resolve_dtype(args.dtype, config, self.backend.device_type)
-        self.max_model_len = resolve_max_model_len(args.max_model_len, config)
+        self.max_model_len = resolve_max_model_len(args.max_model_len, text_config(config))
         self.eos_token_ids = generation_eos_ids(self.source)
-        self.vocab_size = config.vocab_size
+        self.vocab_size = text_config(config).vocab_size
         if args.tensor_parallel_size > 1 and (args.quantization is not None or
                                               getattr(config, "quantization_config", None) is not None):
             from tessellm.loader.model_loader import check_tensor_parallel_quantization
@@ -116,7 +122,8 @@ class EngineCore:
                                str(self.dtype).replace("torch.", ""),
                                default_sampling(self.source.path if self.source.kind == "dir" else None,
                                                 getattr(args, "generation_config", "auto"),
-                                                getattr(args, "override_generation_config", None)))
+                                                getattr(args, "override_generation_config", None)),
+                               model_mm_limits(config, args))
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids)
@@ -200,7 +207,8 @@ class EngineCore:
             lora = LoRARequest.from_dict(req.lora_request)
             self.lora_store.claim(lora)
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params,
-                          self.eos_token_ids, req.arrival_time, req.cache_salt, req.wait_for, lora)
+                          self.eos_token_ids, req.arrival_time, req.cache_salt, req.wait_for, lora,
+                          req.mm_features)
         if lora is not None:
             self.lora_store.ensure(lora)  # read off the step loop, before it is scheduled
             self.scheduler.lora.announce(lora)  # worker processes read it in their own thread

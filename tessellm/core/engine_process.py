@@ -49,6 +49,7 @@ from tessellm.core.step import STEP_SCHEMA_VERSION, build_dataclass, check_versi
 from tessellm.distributed.spawn import spawn_process
 from tessellm.metrics.compile_counter import COUNTER as COMPILE_COUNTER
 from tessellm.metrics.device_memory import DeviceMemoryProbe
+from tessellm.multimodal.inputs import decode_features, encode_features
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +77,14 @@ def encode_request(req: EngineCoreRequest) -> dict:
     return {"v": STEP_SCHEMA_VERSION, "request_id": req.request_id,
             "prompt_token_ids": list(req.prompt_token_ids), "sampling_params": params,
             "arrival_time": req.arrival_time, "cache_salt": req.cache_salt, "wait_for": req.wait_for,
-            "lora_request": req.lora_request}
+            "lora_request": req.lora_request, "mm_features": encode_features(req.mm_features)}
 
 
 def decode_request(d: dict) -> EngineCoreRequest:
     d = dict(d)
     check_version(d, "An EngineCoreRequest")
     d["sampling_params"] = SamplingParams(**d["sampling_params"])
+    d["mm_features"] = decode_features(d.get("mm_features")) or None
     return build_dataclass(EngineCoreRequest, d, "An EngineCoreRequest")
 
 

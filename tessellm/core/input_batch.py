@@ -28,6 +28,7 @@ class RunnerRequest:
     spec_token_ids: list[int] = field(default_factory=list)  # drafts the current step verifies
     draft_probs: object = None  # float32 [k, vocab] tensor: the drafts' distribution; None: point masses
     proposed: list[int] = field(default_factory=list)  # the proposer's drafts after its last step
+    mm_features: list = field(default_factory=list)  # its images (multimodal.inputs); [] for text
 
     @property
     def num_tokens(self) -> int:
@@ -57,7 +58,7 @@ class InputBatch:
             self.requests[new.request_id] = RunnerRequest(
                 new.request_id, list(new.all_token_ids), len(new.prompt_token_ids),
                 new.sampling_params, list(new.block_ids), new.num_computed_tokens,
-                self.tables.add(new.block_ids))
+                self.tables.add(new.block_ids), mm_features=list(new.mm_features))
         for cached in sched.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)

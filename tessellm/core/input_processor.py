@@ -19,6 +19,9 @@ PromptType = Union[str, list[int], dict]
 class ProcessedPrompt:
     prompt: Optional[str]
     prompt_token_ids: list[int]
+    # Its images (tessellm.multimodal.inputs.MultiModalFeature), placeholders expanded in
+    # prompt_token_ids; None for a text prompt.
+    mm_features: Optional[list] = None
 
 
 class InputProcessor:
@@ -28,6 +31,8 @@ class InputProcessor:
         self._valid_specs: dict[str, None] = {}  # cache keys of structured outputs that parsed
 
     def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
+            return self._check(self._process_multimodal(prompt))
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return self._check(ProcessedPrompt(prompt.get("prompt"), list(prompt["prompt_token_ids"])))
@@ -44,10 +49,35 @@ class InputProcessor:
                              "({'prompt_token_ids': [...]}).")
         return self._check(ProcessedPrompt(prompt, self.tokenizer.encode(prompt)))
 
+    def _process_multimodal(self, prompt: dict) -> ProcessedPrompt:
+        """``{"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ...}}`` (vLLM's form)."""
+        from tessellm.multimodal.processor import get_processor
+
+        data = prompt["multi_modal_data"]
+        if not isinstance(data, dict) or set(data) - {"image"}:
+            raise ValueError("multi_modal_data must be a dict with an 'image' entry (a PIL image "
+                             "or a list of them); other modalities are not supported.")
+        processor = get_processor(self.info)
+        text = prompt.get("prompt")
+        source = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else text
+        if not source:
+            raise ValueError("The prompt is empty; give 'prompt' text (with <image> where each "
+                             "image goes) or 'prompt_token_ids'.")
+        ids, features = processor.process(source, data.get("image", []))
+        return ProcessedPrompt(text, ids, features or None)
+
     def _check(self, p: ProcessedPrompt) -> ProcessedPrompt:
         ids = p.prompt_token_ids
         if not ids:
             raise ValueError("The prompt is empty; give at least one token.")
+        if self.info.mm_limits and not p.mm_features:
+            from tessellm.multimodal.processor import get_processor
+
+            token = get_processor(self.info).image_token_id
+            if token in ids:
+                raise ValueError(f"The prompt has image placeholder tokens (id {token}) but no "
+                                 "image; pass the images in multi_modal_data (or image_url "
+                                 "parts), or drop the placeholders.")
         if not all(isinstance(t, int) and 0 <= t < self.info.vocab_size for t in ids):
             raise ValueError(f"Prompt token ids must be integers in [0, {self.info.vocab_size}).")
         check_prompt_fits(len(ids), self.info.max_model_len,
@@ -102,15 +132,17 @@ class InputProcessor:
             self._check_structured(params.structured_outputs)
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.info.max_model_len - len(prompt.prompt_token_ids))
+        mm = prompt.mm_features
         if params.n == 1:
             return [EngineCoreRequest(request_id, prompt.prompt_token_ids, params, arrival,
-                                      lora_request=lora)]
+                                      lora_request=lora, mm_features=mm)]
         child_ids = [child_request_id(request_id, i) for i in range(params.n)]
         reqs = []
         for i, cid in enumerate(child_ids):
             child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
             reqs.append(EngineCoreRequest(cid, prompt.prompt_token_ids, child_params, arrival,
-                                          wait_for=child_ids[0] if i else None, lora_request=lora))
+                                          wait_for=child_ids[0] if i else None, lora_request=lora,
+                                          mm_features=mm))
         return reqs
 
 

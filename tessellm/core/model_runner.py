@@ -94,6 +94,13 @@ class ModelRunner(RunnerGraphs):
         self._lora_slots: Optional[np.ndarray] = None  # int32 slot per token row; None: no adapter
         self._lora_graphs = False  # captured graphs take the token slots (LoRA steps replay)
         self.precompiled: Optional[dict] = None  # bucketed steps compiled at warm-up (XLA)
+        # Image features between the step that reaches an image and the one that ends its
+        # placeholders (tessellm.multimodal.encoder_cache); None for a text-only model.
+        self.encoder_cache = None
+        if getattr(model, "supports_images", False):
+            from tessellm.multimodal.encoder_cache import EncoderCache
+
+            self.encoder_cache = EncoderCache(model, device)
 
     @property
     def requests(self) -> dict[str, RunnerRequest]:
@@ -168,6 +175,8 @@ class ModelRunner(RunnerGraphs):
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
         """Launch one step; its ``StepHandle.result()`` waits for the sampled tokens."""
         self.batch.apply(sched, samples_here=self.pp.is_last)
+        if self.encoder_cache is not None:
+            self.encoder_cache.drop(sched.dropped_request_ids)
         if self.spec is not None:
             self.spec.drop(sched)
         out = ModelRunnerOutput()
@@ -246,9 +255,12 @@ class ModelRunner(RunnerGraphs):
     def _forward(self, host: HostInputs, states, counts, out: ModelRunnerOutput) -> Optional[torch.Tensor]:
         """Run the model; the logits of the sampled rows, or None when nothing samples here."""
         num_rows = host.logits_indices.shape[0]
+        mm = None  # image placeholders in this step: (rows, features); eager only
+        if self.encoder_cache is not None:
+            mm = self.encoder_cache.step_embeds(states, counts, host.query_start_loc)
         if self.buckets is not None:
-            return self._forward_bucketed(host, states, counts, num_rows)
-        padded = self._graph_size(host, states)
+            return self._forward_bucketed(host, states, counts, num_rows, mm)
+        padded = None if mm is not None else self._graph_size(host, states)
         if padded is not None:
             inputs = [self.staging.to_device(i, a) for i, a in enumerate(host.pad(padded))]
             if self._lora_graphs:  # the LoRA slot of each row; padded rows use none
@@ -265,13 +277,14 @@ class ModelRunner(RunnerGraphs):
             return logits if rows is None else logits[rows]
         bucket = None  # LoRA steps verify eagerly unless the verify graphs take adapter slots
         graphs = self.verify_graphs
-        if graphs is not None and (self._lora_slots is None or graphs.lora is not None):
+        if graphs is not None and mm is None and (self._lora_slots is None or graphs.lora is not None):
             bucket = graphs.bucket(host, counts)
         if bucket is not None:  # every request verifies k drafts: a captured verify step
             return graphs.run(host, *bucket, self.staging.to_device, self.staging.inputs_queued,
                               self._lora_slots)
         ids, positions, attn, rows = self._eager_tensors(host, counts, self._lora_slots)
-        hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens))
+        hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens),
+                            **({} if mm is None else {"mm_embeds": mm}))
         if self.io.send(hidden):
             return None
         if self.spec is not None and self.spec.wants_tensors:
@@ -283,7 +296,8 @@ class ModelRunner(RunnerGraphs):
             return None
         return self.model.compute_logits(hidden[rows])
 
-    def _forward_bucketed(self, host: HostInputs, states, counts, num_rows: int) -> Optional[torch.Tensor]:
+    def _forward_bucketed(self, host: HostInputs, states, counts, num_rows: int,
+                          mm=None) -> Optional[torch.Tensor]:
         """The step padded to the kernel's buckets, run as one program (XLA: the graph is cut
         after the logits), its logits on the host; see shape_buckets.py."""
         host = pad_host_inputs(host, self.buckets, len(states), self.batch.tables.width)
@@ -292,7 +306,8 @@ class ModelRunner(RunnerGraphs):
             lora_slots = np.concatenate([lora_slots, np.full(host.num_tokens - len(lora_slots), -1,
                                                              dtype=lora_slots.dtype)])
         ids, positions, attn, rows = self._eager_tensors(host, counts, lora_slots)
-        hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens))
+        hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens),
+                            **({} if mm is None else {"mm_embeds": mm}))
         logits = self.model.compute_logits(hidden[rows])  # always: one program per bucket
         if host.prompt_lp_rows:
             prompt_logprobs(self.model, hidden, host.prompt_lp_rows)

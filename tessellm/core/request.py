@@ -46,7 +46,7 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: Iterable[int] = (), arrival_time: Optional[float] = None,
                  cache_salt: Optional[str] = None, wait_for: Optional[str] = None,
-                 lora_request=None):
+                 lora_request=None, mm_features=None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -79,6 +79,9 @@ class Request:
         # Structured output: the request's grammar matcher (structured_output.RequestGrammar,
         # opaque here), None when unconstrained. Advanced by Scheduler.update per sampled token.
         self.grammar = None
+        # Images (tessellm.multimodal.inputs.MultiModalFeature, plain data), in prompt order:
+        # their placeholders' positions and content hashes; empty for a text prompt.
+        self.mm_features = list(mm_features or ())
 
     @property
     def cache_key(self) -> object:
@@ -87,6 +90,16 @@ class Request:
         if self.lora_request is None:
             return self.cache_salt
         return (self.cache_salt, "lora", self.lora_request.lora_int_id)
+
+    def block_key(self, start: int, end: int) -> object:
+        """The extra key of the prefix hash of the block over tokens ``[start, end)``:
+        ``cache_key``, plus the content hashes of the images whose placeholders it covers."""
+        if not self.mm_features:
+            return self.cache_key
+        from tessellm.multimodal.inputs import block_extra_keys
+
+        images = block_extra_keys(self.mm_features, start, end)
+        return (self.cache_key, images) if images else self.cache_key
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -238,7 +238,7 @@ class Scheduler(SchedulerUpdate):
             self.running.append(req)
             new_reqs.append(NewRequestData(
                 req.request_id, req.prompt_token_ids, list(req.all_token_ids), req.sampling_params,
-                self.kv.block_ids(req.request_id), req.num_computed_tokens))
+                self.kv.block_ids(req.request_id), req.num_computed_tokens, req.mm_features))
             num_scheduled[req.request_id] = num_new
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))

@@ -41,6 +41,9 @@ class NewRequestData:
     sampling_params: Any  # SamplingParams
     block_ids: list[int]  # every block the request holds, in order
     num_computed_tokens: int  # tokens whose K/V is already in the cache (prefix-cache hit)
+    # Images of the prompt (tessellm.multimodal.inputs.MultiModalFeature): pixels, placeholder
+    # span, hash. Sent again on resume: the runner recomputes their features. Empty: text.
+    mm_features: list = field(default_factory=list)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 
 from tessellm.core.sampling_params import SamplingParams
+from tessellm.multimodal.inputs import decode_features, encode_features
 from tessellm.core.step import (STEP_SCHEMA_VERSION, CachedRequestData, ModelRunnerOutput,
                                 NewRequestData, SchedulerOutput, StepSchemaError,  # noqa: F401
                                 build_dataclass, check_version, dataclass_fields)
@@ -52,7 +53,8 @@ def decode_bitmask(d) -> Any:
 
 def encode_scheduler_output(s: SchedulerOutput) -> dict:
     d = dataclass_fields(s)
-    d["new_requests"] = [{**dataclass_fields(r), "sampling_params": _params(r.sampling_params)}
+    d["new_requests"] = [{**dataclass_fields(r), "sampling_params": _params(r.sampling_params),
+                          "mm_features": encode_features(r.mm_features) or []}
                          for r in s.new_requests]
     d["cached_requests"] = [dataclass_fields(c) for c in s.cached_requests]
     d["finished_request_ids"] = sorted(s.finished_request_ids)
@@ -66,7 +68,8 @@ def decode_scheduler_output(d: dict) -> SchedulerOutput:
     d = dict(d)
     check_version(d, "A SchedulerOutput")
     d["new_requests"] = [
-        build_dataclass(NewRequestData, {**r, "sampling_params": SamplingParams(**r["sampling_params"])},
+        build_dataclass(NewRequestData, {**r, "sampling_params": SamplingParams(**r["sampling_params"]),
+                                         "mm_features": decode_features(r.get("mm_features"))},
                "A NewRequestData") for r in d.get("new_requests", [])]
     d["cached_requests"] = [build_dataclass(CachedRequestData, c, "A CachedRequestData")
                             for c in d.get("cached_requests", [])]

@@ -17,7 +17,8 @@ import torch
 
 from tessellm.backends.registry import get_registry
 from tessellm.backends.spec import GraphSpec, LogitsOpsSpec
-from tessellm.config import EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len, resolve_model
+from tessellm.config import (EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len, resolve_model,
+                             text_config)
 from tessellm.core.model_runner import ModelRunner, StepHandle
 from tessellm.core.step import SchedulerOutput
 from tessellm.distributed.parallel_state import ParallelConfig, PipelineStage, TensorParallel, init_distributed
@@ -65,8 +66,8 @@ class Worker:
         else:
             self.tp, self.pp = TensorParallel(), PipelineStage()
         source = resolve_model(args.model)
-        config = source.hf_config
-        self.dtype = resolve_dtype(args.dtype, config, self.backend.device_type)
+        self.dtype = resolve_dtype(args.dtype, source.hf_config, self.backend.device_type)
+        config = text_config(source.hf_config)  # the language model's (LLaVA: text_config)
         self.max_model_len = resolve_max_model_len(args.max_model_len, config)
         torch.manual_seed(args.seed)  # the same on every rank: tensor-parallel ranks sample alike
         load_format = args.load_format if args.load_format != "auto" else source.kind

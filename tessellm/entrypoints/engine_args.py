@@ -60,6 +60,10 @@ HELP = {
                          "max_new_tokens) for fields a request leaves unset: auto (the model's "
                          "generation_config.json, as vLLM), vllm (none) or a directory holding one",
     "override_generation_config": "JSON laid over those defaults, e.g. '{\"temperature\": 0.5}'",
+    "limit_mm_per_prompt": "images per prompt at most, as JSON, e.g. '{\"image\": 2}' "
+                           "(default: 1 for a model that takes images; docs/multimodal.md)",
+    "allowed_local_media_path": "a directory whose images chat messages may name as file:// URLs "
+                                "(default: none; file:// URLs are refused)",
 }
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
 CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"]}

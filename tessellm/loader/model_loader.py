@@ -47,18 +47,20 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     pp = pp or PipelineStage()
     check_tensor_parallel_quantization(quant_spec, tp.size)
     ops = registry.fused_ops(backend, OpsSpec(dtype)) or ReferenceOps()
-    heads = config.num_attention_heads
+    from tessellm.config import text_config
     from tessellm.models.llama import shard_heads
 
+    text = text_config(config)  # the paged attention layers are the language model's
+    heads = text.num_attention_heads
     local_heads, local_kv_heads, _ = shard_heads(
-        heads, getattr(config, "num_key_value_heads", None) or heads, tp.rank, tp.size)
+        heads, getattr(text, "num_key_value_heads", None) or heads, tp.rank, tp.size)
     kernels = {}
 
     def make_kernel(window):
         if window not in kernels:
             spec = AttentionSpec(
                 num_heads=local_heads, num_kv_heads=local_kv_heads,
-                head_size=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,
                 dtype=dtype, block_size=block_size, kv_cache_dtype=kv_cache_dtype,
                 sliding_window=window)
             kernel = registry.attention_kernel(backend, spec)

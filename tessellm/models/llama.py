@@ -222,12 +222,15 @@ class LlamaForCausalLM(nn.Module):
         return [self.layers[i].self_attn.attn for i in range(self.start_layer, self.end_layer)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata,
-                intermediate: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-        """The first stage embeds ``input_ids``; later ones continue from ``intermediate``
-        (the previous stage's ``(hidden, residual)``). The last stage returns the normed
-        hidden states, the others ``(hidden, residual)``."""
+                intermediate: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                inputs_embeds: Optional[torch.Tensor] = None):
+        """The first stage embeds ``input_ids`` (or takes ``inputs_embeds``: a multimodal
+        model's, with image features at its placeholders); later ones continue from
+        ``intermediate`` (the previous stage's ``(hidden, residual)``). The last stage returns
+        the normed hidden states, the others ``(hidden, residual)``."""
         if self.pp.is_first:
-            hidden, residual = self.embed_tokens(input_ids), None
+            embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            hidden, residual = embeds, None
         else:
             hidden, residual = intermediate
         aux = self.aux_hidden_layers

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tessellm.models import gemma3, llama, moe, phi3
+from tessellm.models import gemma3, llama, llava, moe, phi3
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -14,6 +14,7 @@ _MODELS = {
     "MixtralForCausalLM": moe.MixtralForCausalLM,
     "Qwen2MoeForCausalLM": moe.Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": moe.Qwen3MoeForCausalLM,
+    "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
 }
 
 

@@ -1,0 +1,80 @@
+"""The runner's encoder cache: image features computed when a step first reaches an image,
+kept until the request's steps have consumed all of its placeholders.
+
+Invariant: a request's image ``j`` has an entry exactly while some of its placeholders are
+still to be computed and a step has already reached it. Chunked prefill may split a span::
+
+    placeholders of image j:     [offset ................................ end)
+    step 1 computes [c, c+n):    [offset ....... c+n)                          encode; rows 0..k
+    step 2:                                      [c+n ............ end)        rows k..; free
+
+so the vision tower runs once per image even when a span crosses steps (as vLLM's encoder
+cache). A prefix-cache hit that ends inside a span starts in its middle: the features are
+computed whole, the rows already in the KV cache are skipped. Preemption drops the runner's
+state for the request (``drop``); on resume it comes back as new and the features are
+recomputed from its pixels, which travel with it (``NewRequestData.mm_features``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+class EncoderCache:
+    def __init__(self, model, device: torch.device):
+        self.model = model  # has encode_images(pixels [N, C, H, W]) -> [N, tokens, hidden]
+        self.device = device
+        self.features: dict[tuple[str, int], torch.Tensor] = {}  # (request id, image) -> [tokens, hidden]
+        self.num_encoded = 0  # images run through the vision tower (tests, stats)
+
+    def drop(self, request_ids) -> None:
+        """Forget the features of requests the runner no longer holds (finished, preempted)."""
+        if not self.features or not request_ids:
+            return
+        ids = set(request_ids)
+        for key in [k for k in self.features if k[0] in ids]:
+            del self.features[key]
+
+    def step_embeds(self, states: Sequence, counts: Sequence[int],
+                    query_start_loc: np.ndarray) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(token rows, their features) for the placeholders this step computes; None when it
+        computes none. ``states[i]`` computes ``counts[i]`` tokens from its
+        ``num_computed_tokens``, at rows ``query_start_loc[i]`` on."""
+        spans = []  # (key, feature, first feature index, last + 1, first row)
+        for i, (st, n) in enumerate(zip(states, counts)):
+            c = st.num_computed_tokens
+            for j, f in enumerate(st.mm_features):
+                lo, hi = max(c, f.offset), min(c + n, f.offset + f.length)
+                if lo < hi:
+                    spans.append(((st.request_id, j), f, lo - f.offset, hi - f.offset,
+                                  int(query_start_loc[i]) + lo - c))
+        if not spans:
+            return None
+        self._encode([(key, f) for key, f, *_ in spans if key not in self.features])
+        rows, feats = [], []
+        for key, f, lo, hi, row in spans:
+            rows.append(np.arange(row, row + hi - lo))
+            feats.append(self.features[key][lo:hi])
+            if hi == f.length:  # its last placeholders: consumed
+                del self.features[key]
+        rows_t = torch.from_numpy(np.concatenate(rows)).to(self.device)
+        return rows_t, torch.cat(feats)
+
+    def _encode(self, items: list) -> None:
+        """One vision-tower call per image shape among ``items`` (one for LLaVA-1.5)."""
+        by_shape: dict[tuple, list] = {}
+        for key, f in items:
+            by_shape.setdefault(tuple(f.shape), []).append((key, f))
+        for group in by_shape.values():
+            pixels = torch.from_numpy(np.stack([f.pixels() for _, f in group])).to(self.device)
+            out = self.model.encode_images(pixels)
+            for (key, f), feats in zip(group, out):
+                if feats.shape[0] != f.length:
+                    raise ValueError(f"Image of request {key[0]!r} has {f.length} placeholder "
+                                     f"tokens but the vision encoder gives {feats.shape[0]} "
+                                     "features; the prompt's image tokens do not match the model.")
+                self.features[key] = feats
+            self.num_encoded += len(group)

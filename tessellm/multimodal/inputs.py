@@ -1,0 +1,72 @@
+"""``MultiModalFeature``: one image of a request, as it travels from the front end to the
+runner (and, msgpack-encoded, between processes): its preprocessed pixels, where its
+placeholder tokens sit in the prompt, and a hash of its content.
+
+    prompt:   USER: <img> <img> <img> <img> \\n What ... ASSISTANT:
+                    ^offset                  ^offset + length
+    hash:     sha256 of the preprocessed pixels (dtype, shape, bytes): equal images hit the
+              prefix cache, different ones never share a block that covers a placeholder.
+
+Plain data (ints, a string, bytes): no tensors, so the scheduler and the block manager stay
+torch-free and a worker process is only ever handed numbers and bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class MultiModalFeature:
+    offset: int  # prompt index of its first placeholder token
+    length: int  # placeholder tokens: the features the encoder gives for it
+    identifier: str  # content hash (hex): prefix-cache key and encoder-cache key
+    data: bytes = field(repr=False)  # the preprocessed pixels, C order
+    shape: list[int] = field(default_factory=list)  # e.g. [3, 336, 336]
+    dtype: str = "float32"
+    modality: str = "image"
+
+    @classmethod
+    def from_pixels(cls, pixels: np.ndarray, offset: int, length: int) -> "MultiModalFeature":
+        pixels = np.ascontiguousarray(pixels)
+        data = pixels.tobytes()
+        digest = hashlib.sha256()
+        digest.update(f"{pixels.dtype.str}{pixels.shape}".encode())
+        digest.update(data)
+        return cls(offset, length, digest.hexdigest(), data, list(pixels.shape), str(pixels.dtype))
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    def pixels(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape)
+
+    def to_dict(self) -> dict:
+        return {"offset": self.offset, "length": self.length, "identifier": self.identifier,
+                "data": self.data, "shape": list(self.shape), "dtype": self.dtype,
+                "modality": self.modality}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MultiModalFeature":
+        return cls(**d)
+
+
+def encode_features(features: Optional[list[MultiModalFeature]]) -> Optional[list[dict]]:
+    """For msgpack (engine process, workers): None stays None."""
+    return None if not features else [f.to_dict() for f in features]
+
+
+def decode_features(items: Optional[list]) -> list[MultiModalFeature]:
+    return [f if isinstance(f, MultiModalFeature) else MultiModalFeature.from_dict(f)
+            for f in items or ()]
+
+
+def block_extra_keys(features: list[MultiModalFeature], start: int, end: int) -> tuple[str, ...]:
+    """The hashes of the images whose placeholders overlap tokens ``[start, end)``: a block's
+    prefix-cache key includes them (earlier images reach it through the parent hash)."""
+    return tuple(f.identifier for f in features if f.offset < end and start < f.end)

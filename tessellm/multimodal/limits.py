@@ -1,0 +1,71 @@
+"""What a model takes besides text, and the engine arguments about it: ``limit_mm_per_prompt``
+(vLLM's flag), ``allowed_local_media_path``, and the features that do not combine with image
+inputs yet (refused by name at start-up)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+MODALITIES = ("image",)
+
+
+def parse_mm_limits(value) -> dict[str, int]:
+    """``{"image": 2}``, its JSON, or vLLM's older ``image=2`` form; None: {}."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"limit_mm_per_prompt is not valid JSON ({exc.msg}); give e.g. "
+                                 "'{\"image\": 2}'.") from None
+        else:
+            try:
+                value = {k.strip(): int(v) for k, v in (p.split("=") for p in text.split(","))}
+            except ValueError:
+                raise ValueError(f"limit_mm_per_prompt {value!r} is not understood; give JSON "
+                                 "such as '{\"image\": 2}'.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"limit_mm_per_prompt must be a mapping such as {{\"image\": 2}}, got "
+                         f"{type(value).__name__}.")
+    for key, n in value.items():
+        if key not in MODALITIES:
+            raise ValueError(f"limit_mm_per_prompt names {key!r}; tessellm takes "
+                             f"{', '.join(MODALITIES)} inputs.")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"limit_mm_per_prompt[{key!r}] must be a count >= 0, got {n!r}.")
+    return dict(value)
+
+
+def check_media_path(path: Optional[str]) -> None:
+    if path is not None and not os.path.isdir(path):
+        raise ValueError(f"allowed_local_media_path {path!r} is not a directory; give the "
+                         "directory whose files chat messages may name as file:// URLs.")
+
+
+def takes_images(hf_config) -> bool:
+    return getattr(hf_config, "vision_config", None) is not None and "Llava" in "".join(
+        getattr(hf_config, "architectures", None) or ())
+
+
+def model_mm_limits(hf_config, args) -> dict[str, int]:
+    """What the model takes per prompt: ``{"image": n}`` (default 1) or {} for text only."""
+    if not takes_images(hf_config):
+        return {}
+    return {"image": 1, **parse_mm_limits(getattr(args, "limit_mm_per_prompt", None))}
+
+
+def check_multimodal_args(hf_config, args) -> None:
+    """Refuse, at start-up, what does not combine with an image model yet."""
+    if not takes_images(hf_config):
+        return
+    for name, unsupported in (("speculative_config", args.speculative_config is not None),
+                              ("enable_lora", args.enable_lora),
+                              ("pipeline_parallel_size > 1", args.pipeline_parallel_size > 1)):
+        if unsupported:
+            raise ValueError(f"{name} does not combine with an image model "
+                             f"({hf_config.architectures[0]}) yet; run it without.")

@@ -1,0 +1,138 @@
+"""Front end: a prompt and its images -> the prompt's token ids with each image's placeholder
+expanded, and one ``MultiModalFeature`` per image (preprocessed pixels, span, hash).
+
+The model's HF processor does the work (``AutoProcessor``: LlavaProcessor = a tokenizer that
+expands ``<image>`` to the image's feature count + CLIPImageProcessor: resize, crop, rescale,
+normalize), so the pixels are exactly what transformers would feed the model. A prompt given
+as token ids may carry the placeholder once per image (expanded here) or already expanded (as
+the processor's output); any other count is refused, naming the expected one.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from tessellm.multimodal.inputs import MultiModalFeature
+
+
+def _image_types():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError("Image inputs need Pillow; pip install pillow (or tessellm[vision]).") from None
+    return Image.Image
+
+
+def as_image_list(images) -> list:
+    """``multi_modal_data["image"]``: one PIL image or a list of them."""
+    image_cls = _image_types()
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    for i, item in enumerate(items):
+        if not isinstance(item, image_cls):
+            raise ValueError(f"multi_modal_data['image'][{i}] is a {type(item).__name__}; give "
+                             "PIL.Image.Image objects (one, or a list).")
+    return items
+
+
+class ImageProcessor:
+    """One per front end; the HF processor is loaded on first use."""
+
+    def __init__(self, model_path: str, max_images: int):
+        from transformers import AutoConfig
+
+        from tessellm.models.llava import image_feature_size, image_token_id
+
+        config = AutoConfig.from_pretrained(model_path)
+        self.model_path = model_path
+        self.max_images = max_images
+        self.image_token_id = image_token_id(config)
+        self.feature_size = image_feature_size(config)
+
+    @functools.cached_property
+    def hf(self):
+        from transformers import AutoProcessor
+
+        try:
+            return AutoProcessor.from_pretrained(self.model_path)
+        except Exception as exc:  # noqa: BLE001 - any failure means the same: no usable processor
+            raise ValueError(f"The model at {self.model_path} has no usable image processor "
+                             f"(processor_config.json / preprocessor_config.json): {exc}") from None
+
+    def process(self, prompt: Union[str, Sequence[int]], images) -> tuple[list[int], list[MultiModalFeature]]:
+        images = as_image_list(images)
+        if len(images) > self.max_images:
+            raise ValueError(f"The prompt has {len(images)} images, over the limit of "
+                             f"{self.max_images} per prompt; raise it with "
+                             f"--limit-mm-per-prompt '{{\"image\": {len(images)}}}'.")
+        if isinstance(prompt, str):
+            out = self._run(lambda: self.hf(text=prompt, images=images, return_tensors="np"))
+            ids = [int(t) for t in out["input_ids"][0]]
+        else:
+            out = self._run(lambda: self.hf.image_processor(images=images, return_tensors="np"))
+            ids = self._expand(list(prompt), len(images))
+        pixels = np.asarray(out["pixel_values"], dtype=np.float32)
+        spans = self._spans(ids, len(images))
+        return ids, [MultiModalFeature.from_pixels(p, start, self.feature_size)
+                     for p, start in zip(pixels, spans)]
+
+    @staticmethod
+    def _run(call):
+        try:
+            return call()
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bad image or prompt: the caller's error
+            raise ValueError(f"The image processor could not process the input: {exc}") from None
+
+    def _expand(self, ids: list[int], num_images: int) -> list[int]:
+        """Token ids with one placeholder per image: each becomes ``feature_size`` of them."""
+        count = ids.count(self.image_token_id)
+        if count == num_images * self.feature_size:
+            return ids
+        if count != num_images:
+            raise ValueError(self._count_error(count, num_images))
+        out: list[int] = []
+        for t in ids:
+            out.extend([t] * self.feature_size if t == self.image_token_id else [t])
+        return out
+
+    def _spans(self, ids: list[int], num_images: int) -> list[int]:
+        """The first index of each image's run of ``feature_size`` placeholders."""
+        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        n = self.feature_size
+        if len(where) != num_images * n:
+            raise ValueError(self._count_error(len(where), num_images))
+        starts = where[::n]
+        for k, s in enumerate(starts):
+            if where[k * n + n - 1] != s + n - 1:
+                raise ValueError(f"The placeholders of image {k} are not one run of {n} "
+                                 "tokens; keep each image's placeholder tokens together.")
+        return starts
+
+    def _count_error(self, count: int, num_images: int) -> str:
+        return (f"The prompt has {count} image placeholder tokens (id {self.image_token_id}) for "
+                f"{num_images} image(s); put one <image> per image in the prompt (each stands "
+                f"for the image's {self.feature_size} feature tokens), or "
+                f"{num_images * self.feature_size} when passing expanded token ids.")
+
+
+@functools.lru_cache(maxsize=4)
+def image_processor(model_path: str, max_images: int) -> ImageProcessor:
+    return ImageProcessor(model_path, max_images)
+
+
+def text_only_error(model_path: str) -> ValueError:
+    return ValueError(f"The model {model_path} is text-only: it does not take images. Remove "
+                      "the image inputs, or serve a vision-language model (LLaVA).")
+
+
+def get_processor(info) -> Optional[ImageProcessor]:
+    """The front end's image processor for the engine described by ``info`` (EngineInfo);
+    raises ``text_only_error`` for a model that takes no images."""
+    limit = info.mm_limits.get("image")
+    if limit is None:
+        raise text_only_error(info.model_path)
+    return image_processor(info.model_path, limit)

@@ -1,0 +1,90 @@
+"""A tiny random LLaVA-1.5 (CLIP ViT + projector + Llama) with its processor, built and saved
+offline, and HF transformers' greedy tokens on it: the reference for tests/multimodal."""
+
+from __future__ import annotations
+
+import numpy as np
+
+IMAGE_TOKEN = "<image>"
+IMAGE_SIZE, PATCH = 28, 7  # 16 patches: 16 placeholder tokens per image ("default" drops CLS)
+FEATURES = (IMAGE_SIZE // PATCH) ** 2
+PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}: "
+                 "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+                 "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n"
+                 "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", IMAGE_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(["USER: What is this? ASSISTANT: a cat on a mat", "Describe the image."] * 20,
+                            trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_llava(path: str, seed: int = 0) -> str:
+    """Saves config, float32 safetensors, tokenizer (``<image>`` = id 3) and processor."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    vision = CLIPVisionConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                              num_hidden_layers=3, image_size=IMAGE_SIZE, patch_size=PATCH,
+                              projection_dim=16)
+    text = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       num_hidden_layers=2, intermediate_size=128, vocab_size=320,
+                       max_position_embeddings=512, initializer_range=0.2, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=3)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(torch.float32)
+    with torch.no_grad():  # larger projector weights: image content visibly moves the logits
+        for p in model.model.multi_modal_projector.parameters():
+            p.mul_(8.0)
+    model.save_pretrained(path)
+    tokenizer = _tokenizer()
+    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=CHAT_TEMPLATE).save_pretrained(path)
+    return path
+
+
+def image(seed: int, size=(40, 52)):
+    """A random RGB PIL image (not square: the processor resizes and crops it)."""
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def hf_greedy(path: str, prompts: list[str], images: list, max_new_tokens: int) -> list[list[int]]:
+    """HF LlavaForConditionalGeneration.generate, float32, one prompt at a time; ``images[i]``
+    is prompt i's image or list of images."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    outs = []
+    for prompt, imgs in zip(prompts, images):
+        inputs = processor(text=prompt, images=imgs if isinstance(imgs, list) else [imgs],
+                           return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        outs.append(ids[0, inputs["input_ids"].shape[1]:].tolist())
+    return outs
