@@ -12,6 +12,7 @@ from tessellm.core.llm_engine import LLMEngine
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
+from tessellm.multimodal.chat import chat_prompt_with_images
 
 _TQDM_MIN_PROMPTS = 8
 
@@ -85,8 +86,15 @@ class LLM:
         if tokenizer is None:
             raise ValueError("This model has no tokenizer, so chat templates are unavailable.")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": render_chat(tokenizer, conv, add_generation_prompt, chat_template)}
-                   for conv in conversations]
+        prompts = []
+        for conv in conversations:
+            def render(c):
+                return render_chat(tokenizer, c, add_generation_prompt, chat_template)
+
+            # image_url / image_pil content parts (docs/multimodal.md): with multi_modal_data
+            prompt = chat_prompt_with_images(conv, self.engine.core.info, tokenizer, render,
+                                             self.engine.args.allowed_local_media_path)
+            prompts.append(prompt or {"prompt_token_ids": render(conv)})
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:

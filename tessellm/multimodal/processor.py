@@ -61,12 +61,15 @@ class ImageProcessor:
             raise ValueError(f"The model at {self.model_path} has no usable image processor "
                              f"(processor_config.json / preprocessor_config.json): {exc}") from None
 
+    def check_count(self, num_images: int) -> None:
+        if num_images > self.max_images:
+            raise ValueError(f"The prompt has {num_images} images, over the limit of "
+                             f"{self.max_images} per prompt; raise it with "
+                             f"--limit-mm-per-prompt '{{\"image\": {num_images}}}'.")
+
     def process(self, prompt: Union[str, Sequence[int]], images) -> tuple[list[int], list[MultiModalFeature]]:
         images = as_image_list(images)
-        if len(images) > self.max_images:
-            raise ValueError(f"The prompt has {len(images)} images, over the limit of "
-                             f"{self.max_images} per prompt; raise it with "
-                             f"--limit-mm-per-prompt '{{\"image\": {len(images)}}}'.")
+        self.check_count(len(images))
         if isinstance(prompt, str):
             out = self._run(lambda: self.hf(text=prompt, images=images, return_tensors="np"))
             ids = [int(t) for t in out["input_ids"][0]]

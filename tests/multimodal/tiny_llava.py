@@ -88,3 +88,22 @@ def hf_greedy(path: str, prompts: list[str], images: list, max_new_tokens: int) 
                                  min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
         outs.append(ids[0, inputs["input_ids"].shape[1]:].tolist())
     return outs
+
+
+def data_url(img, fmt: str = "PNG") -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    mime = "jpeg" if fmt == "JPEG" else fmt.lower()
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def hf_chat_prompt(path: str, text: str, num_images: int = 1) -> str:
+    """The HF processor's chat template over one user message with images then text."""
+    from transformers import AutoProcessor
+
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    return AutoProcessor.from_pretrained(path).apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True)

@@ -143,8 +143,8 @@ def test_missing_or_wrong_api_key(server):
     ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
      "response_format"),
     ({**CHAT, "functions": [{"name": "f"}]}, "functions"),
-    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages.0.content.0.type"),
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x"}}]}]},
+     "messages.0.content.0.type"),  # (image_url parts to a text-only model: tests/multimodal)
     ({**CHAT, "frobnicate": True}, "frobnicate"),
     ({**COMPLETION, "suffix": "the end"}, "suffix"),
     ({**COMPLETION, "best_of": 3}, "best_of"),

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tessellm
 from tessellm.entrypoints.async_llm import AsyncLLM
-from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
+from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error, prompt_error
 from tessellm.entrypoints.openai.lifecycle import Lifecycle
 from tessellm.entrypoints.openai.lora_routes import add_lora_routes, serve_lora
 from tessellm.entrypoints.openai.middleware import EdgeMiddleware
@@ -177,9 +177,16 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
             raise bad_request("This model has no tokenizer.")
         if is_chat:
             tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
+            images: list = []
             ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
                                         tools, continue_final_message=req.continue_final_message,
-                                        template_kwargs=req.chat_template_kwargs)
+                                        template_kwargs=req.chat_template_kwargs, images=images)
+            if images:  # the placeholders expanded, as the model sees them
+                try:
+                    ids = (await engine.process_prompt_async(
+                        {"prompt_token_ids": ids, "multi_modal_data": {"image": images}})).prompt_token_ids
+                except ValueError as exc:
+                    raise prompt_error(exc, "messages") from None
         else:
             ids = await engine.run_off_loop(
                 lambda: engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))

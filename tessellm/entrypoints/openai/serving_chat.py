@@ -26,6 +26,7 @@ from tessellm.entrypoints.openai.sampling import (check_limits, check_model, che
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.tools import ToolPlan, tool_call_history
+from tessellm.multimodal.chat import chat_prompt_with_images, count_images
 from tessellm.entrypoints.openai.prompts import truncate, truncation
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request,
                                                  json_logprob, prompt_logprobs, random_id, response_id,
@@ -39,13 +40,18 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     check_limits(req, config)
     plan = ToolPlan(req, config.tool_call_parser)
     structured = structured_from_request(req, plan.forced_schema())
+    images: list = []  # image_url parts, loaded (docs/multimodal.md)
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
                                 plan.template_tools(), continue_final_message=req.continue_final_message,
                                 template_kwargs=req.chat_template_kwargs,
-                                check_fits=req.truncate_prompt_tokens is None)
+                                check_fits=req.truncate_prompt_tokens is None, images=images)
     try:
         ids = truncate(ids, truncation(req, engine.info.max_model_len), req.truncation_side)
-        processed = engine.process_prompt({"prompt_token_ids": ids})
+        if images:  # the image processor runs off the event loop
+            processed = await engine.process_prompt_async({"prompt_token_ids": ids,
+                                                           "multi_modal_data": {"image": images}})
+        else:
+            processed = engine.process_prompt({"prompt_token_ids": ids})
     except ValueError as exc:
         raise prompt_error(exc, "messages") from None
     defaults = engine.info.default_sampling
@@ -65,18 +71,41 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     return view.response(outputs[0])
 
 
+def _image_or_text_part(i: int, j: int, part) -> dict:
+    """A content part of a message with images, as the template (and chat_prompt_with_images)
+    takes it."""
+    if part.type == "text" and part.text is not None:
+        return {"type": "text", "text": part.text}
+    image_url = (part.model_extra or {}).get("image_url")
+    if part.type == "image_url" and image_url is not None:
+        return {"type": "image_url", "image_url": image_url}
+    raise bad_request(f"messages[{i}].content[{j}] has type '{part.type}'"
+                      + (" but no image_url" if part.type == "image_url" else "")
+                      + "; give text or image_url parts.", f"messages.{i}.content.{j}",
+                      "invalid_value" if part.type == "image_url" else "unsupported_parameter")
+
+
+def _text_len(content) -> int:
+    if isinstance(content, list):
+        return sum(len(p.get("text") or "") for p in content)
+    return len(content)
+
+
 async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_generation_prompt: bool,
                           chat_template: Optional[str], tools: Optional[list[dict]] = None,
                           continue_final_message: bool = False,
-                          template_kwargs: Optional[dict] = None, check_fits: bool = True) -> list[int]:
-    """The messages through the chat template (``chat_utils.render_chat``), off the event loop."""
+                          template_kwargs: Optional[dict] = None, check_fits: bool = True,
+                          images: Optional[list] = None) -> list[int]:
+    """The messages through the chat template (``chat_utils.render_chat``), off the event loop.
+    ``images``: a list that receives the messages' images (``image_url`` parts, in order; the
+    ids hold one placeholder each); None refuses image parts."""
     if engine.tokenizer is None:
         raise bad_request("This model has no tokenizer, so chat is unavailable; use /v1/completions "
                           "with token ids.", "messages")
     conversation = [_message_dict(i, m) for i, m in enumerate(messages)]
     try:
         if check_fits:  # not when the prompt is to be truncated (the body limit bounds the text)
-            engine.check_text_fits(sum(len(m["content"]) for m in conversation), "The conversation")
+            engine.check_text_fits(sum(_text_len(m["content"]) for m in conversation), "The conversation")
     except ValueError as exc:
         raise prompt_error(exc, "messages") from None
     if continue_final_message and add_generation_prompt:
@@ -86,6 +115,22 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
     if bad:
         raise bad_request(f"chat_template_kwargs may not set {', '.join(bad)}; use the request's own "
                           "fields.", "chat_template_kwargs")
+    if count_images(conversation):
+        if images is None:
+            raise bad_request("Image content parts are not accepted here.", "messages")
+
+        def render(conv):
+            return render_chat(engine.tokenizer, conv, add_generation_prompt, chat_template, tools,
+                               continue_final_message, template_kwargs)
+
+        try:
+            prompt = await engine.run_off_loop(chat_prompt_with_images, conversation, engine.info,
+                                               engine.tokenizer, render,
+                                               engine.args.allowed_local_media_path)
+        except ValueError as exc:
+            raise prompt_error(exc, "messages") from None
+        images.extend(prompt["multi_modal_data"]["image"])
+        return prompt["prompt_token_ids"]
     try:
         return await engine.run_off_loop(render_chat, engine.tokenizer, conversation,
                                          add_generation_prompt, chat_template, tools,
@@ -99,12 +144,14 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
         if getattr(m, name) not in (None, []):
             raise bad_request(f"messages[{i}].{name} is not supported by tessellm yet.",
                               f"messages.{i}.{name}", "unsupported_parameter")
-    if isinstance(m.content, list):
+    if isinstance(m.content, list) and any(p.type == "image_url" for p in m.content):
+        content = [_image_or_text_part(i, j, p) for j, p in enumerate(m.content)]
+    elif isinstance(m.content, list):
         texts = []
         for j, part in enumerate(m.content):
             if part.type != "text" or part.text is None:
                 raise bad_request(f"messages[{i}].content[{j}] has type '{part.type}'; content parts "
-                                  "other than 'text' are not supported by tessellm yet.",
+                                  "other than 'text' and 'image_url' are not supported by tessellm yet.",
                                   f"messages.{i}.content.{j}.type",
                                   "unsupported_parameter")
             texts.append(part.text)

@@ -1,0 +1,116 @@
+"""Chat messages with images: OpenAI content parts (``image_url``; offline also
+``image_pil``) -> the chat-template prompt with one image placeholder per image, and the
+images in order, for ``multi_modal_data``.
+
+Templates take images in one of two ways (as vLLM's "content formats"):
+* parts: ``content`` is a list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}``
+  (llava-hf's templates);
+* string: ``content`` is text, the placeholder written in it (``<image>\\n`` before the text).
+The parts form is tried first; when the rendered prompt does not hold one placeholder per
+image, the string form is used; when neither does, the request is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+IMAGE_PARTS = ("image_url", "image_pil")
+
+
+def is_image_part(part) -> bool:
+    return isinstance(part, dict) and part.get("type") in IMAGE_PARTS
+
+
+def count_images(conversation: list[dict]) -> int:
+    return sum(1 for m in conversation if isinstance(m.get("content"), list)
+               for p in m["content"] if is_image_part(p))
+
+
+def collect_images(conversation: list[dict], load_url: Callable[[str], object]):
+    """(conversation with each image part as ``{"type": "image"}``, the images in order)."""
+    images, out = [], []
+    for i, message in enumerate(conversation):
+        content = message.get("content")
+        if not isinstance(content, list) or not any(is_image_part(p) for p in content):
+            out.append(message)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            if not is_image_part(part):
+                parts.append(part)
+                continue
+            images.append(_image_of(part, load_url, i, j))
+            parts.append({"type": "image"})
+        out.append({**message, "content": parts})
+    return out, images
+
+
+def _image_of(part: dict, load_url, i: int, j: int):
+    try:
+        if part["type"] == "image_pil":
+            return part["image_pil"]
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        return load_url(url)
+    except ValueError as exc:
+        raise ValueError(f"messages[{i}].content[{j}]: {exc}") from None
+
+
+def _as_string_content(conversation: list[dict], image_token: str) -> list[dict]:
+    out = []
+    for m in conversation:
+        content = m.get("content")
+        if isinstance(content, list):
+            n = sum(1 for p in content if isinstance(p, dict) and p.get("type") == "image")
+            text = "\n".join(p.get("text") or "" for p in content
+                             if isinstance(p, dict) and p.get("type") == "text")
+            m = {**m, "content": f"{image_token}\n" * n + text}
+        out.append(m)
+    return out
+
+
+def render_with_images(render: Callable[[list[dict]], list[int]], conversation: list[dict],
+                       num_images: int, image_token: str, image_token_id: int) -> list[int]:
+    """Token ids of the conversation (image parts already ``{"type": "image"}``) with one
+    placeholder per image; ``render``: the conversation through the chat template."""
+    error: Optional[Exception] = None
+    for form in (conversation, _as_string_content(conversation, image_token)):
+        try:
+            ids = render(form)
+        except Exception as exc:  # noqa: BLE001 - the other form may render
+            error = exc
+            continue
+        if ids.count(image_token_id) == num_images:
+            return ids
+    raise ValueError(f"The chat template does not place the {num_images} image(s) of these "
+                     f"messages (no {image_token} per image in the prompt)"
+                     + (f": {error}" if error else "") + "; pass a chat template that renders "
+                     "image parts.")
+
+
+def load_chat_images(conversation: list[dict], info, allowed_local_media_path: Optional[str]):
+    """Check and load the conversation's images for the engine ``info`` describes: (the
+    conversation with ``{"type": "image"}`` parts, the images, the image processor). A
+    text-only model, too many images, or a bad URL: ValueError naming it."""
+    from tessellm.multimodal.media import load_image_url
+    from tessellm.multimodal.processor import get_processor
+
+    processor = get_processor(info)
+    processor.check_count(count_images(conversation))
+    conversation, images = collect_images(
+        conversation, lambda url: load_image_url(url, allowed_local_media_path))
+    return conversation, images, processor
+
+
+def chat_prompt_with_images(conversation: list[dict], info, tokenizer,
+                            render: Callable[[list[dict]], list[int]],
+                            allowed_local_media_path: Optional[str] = None) -> Optional[dict]:
+    """The prompt (``{"prompt_token_ids", "multi_modal_data"}``) of a conversation with
+    images; None when it has none (render it as text)."""
+    if not count_images(conversation):
+        return None
+    conversation, images, processor = load_chat_images(conversation, info, allowed_local_media_path)
+    token_id = processor.image_token_id
+    ids = render_with_images(render, conversation, len(images),
+                             tokenizer.convert_ids_to_tokens(token_id), token_id)
+    return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}

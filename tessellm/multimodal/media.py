@@ -1,0 +1,80 @@
+"""Image URLs of chat messages -> PIL images.
+
+* ``data:image/...;base64,...`` : decoded here (malformed base64 or bytes Pillow cannot read
+  are refused, naming which).
+* ``file://...`` : read only under ``allowed_local_media_path`` (vLLM's flag), else refused.
+* ``http(s)://`` : refused: tessellm does not fetch from the network (send the image inline).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from typing import Optional
+from urllib.parse import unquote, urlparse
+
+
+def load_image_url(url: str, allowed_local_media_path: Optional[str] = None):
+    if not isinstance(url, str) or not url:
+        raise ValueError("image_url.url is missing; give a data: URL (base64) of the image.")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return _open(_data_url_bytes(url), "The data: URL")
+    if scheme == "file":
+        return _open(_local_file(url, allowed_local_media_path), "The file:// image")
+    if scheme in ("http", "https"):
+        raise ValueError("tessellm does not fetch http(s) image URLs (the server reaches no "
+                         "network); send the image inline as a data:image/...;base64 URL, or as a "
+                         "file:// URL under --allowed-local-media-path.")
+    raise ValueError(f"image_url scheme {scheme or url[:16]!r} is not supported; use a "
+                     "data:image/...;base64 URL (or file:// under --allowed-local-media-path).")
+
+
+def _data_url_bytes(url: str) -> bytes:
+    header, sep, payload = url[len("data:"):].partition(",")
+    if not sep:
+        raise ValueError("The data: URL has no ',' before its payload; use "
+                         "data:image/png;base64,<base64 bytes>.")
+    media_type, *params = header.split(";")
+    if media_type and not media_type.lower().startswith("image/"):
+        raise ValueError(f"The data: URL has media type {media_type!r}; an image_url needs an "
+                         "image (image/png, image/jpeg, ...).")
+    if "base64" not in (p.strip().lower() for p in params):
+        raise ValueError("The data: URL is not base64-encoded; use data:image/png;base64,<...>.")
+    try:
+        return base64.b64decode(payload.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("The data: URL's payload is not valid base64.") from None
+
+
+def _local_file(url: str, allowed: Optional[str]) -> bytes:
+    if allowed is None:
+        raise ValueError("file:// image URLs are refused; start the server with "
+                         "--allowed-local-media-path DIR to allow files under DIR.")
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"file:// URL names host {parsed.netloc!r}; only local files are read.")
+    path = os.path.realpath(unquote(parsed.path))
+    root = os.path.realpath(allowed)
+    if os.path.commonpath([path, root]) != root:
+        raise ValueError(f"The file:// image is outside --allowed-local-media-path ({allowed}).")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"The file:// image could not be read: {exc.strerror}.") from None
+
+
+def _open(data: bytes, what: str):
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError("Image inputs need Pillow; pip install pillow (or tessellm[vision]).") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception:  # noqa: BLE001 - whatever Pillow says, the bytes are not a usable image
+        raise ValueError(f"{what} is not an image Pillow can read (png, jpeg, ...).") from None
