@@ -202,8 +202,10 @@ class Scheduler(SchedulerUpdate):
                 skipped.append(req)  # its grammar still compiles: others go ahead
                 continue
             if req.grammar is not None and req.grammar.error is not None:
+                req.stop_reason = req.grammar.error  # the front end's refusal (a 400), as LoRA's
                 self._finish(req, RequestStatus.FINISHED_ABORTED)
-                self.finished_outputs.append(EngineCoreOutput(req.request_id, [], "abort"))
+                self.finished_outputs.append(EngineCoreOutput(req.request_id, [], "abort",
+                                                              req.stop_reason))
                 continue
             lora = acquire_slot(self, req) if req.lora_request is not None else 0
             if lora < 0:  # its adapter is loading or every slot is busy: it waits; or it failed

@@ -17,7 +17,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Optional
 
-from tessellm.structured_output.grammar import build_grammar
+from tessellm.structured_output.grammar import build_grammar, one_line
 from tessellm.structured_output.params import StructuredOutputsParams
 
 
@@ -65,6 +65,15 @@ class GrammarCompilerPool:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def compile_error(exc: BaseException) -> str:
+    """The refusal of a request whose grammar failed in the engine (past the front end's
+    checks): one sentence naming the problem, for the client's 400."""
+    line = one_line(exc)
+    if line.startswith("structured_outputs"):  # build_grammar's own refusal
+        return line
+    return f"structured_outputs could not be compiled against the vocabulary: {line}"
+
+
 class RequestGrammar:
     """One request's matcher: advances with each accepted token, rolls back on demand.
 
@@ -76,7 +85,7 @@ class RequestGrammar:
     def __init__(self, future: Future):
         self.future = future
         self.matcher = None
-        self.error: Optional[str] = None  # the compile failed: the request ends with this
+        self.error: Optional[str] = None  # the compile failed: one sentence, the request's refusal
 
     @property
     def ready(self) -> bool:
@@ -86,12 +95,15 @@ class RequestGrammar:
         if not self.future.done():
             return False
         exc = self.future.exception()
-        if exc is not None:
-            self.error = str(exc)
-            return True
-        import xgrammar as xgr
+        if exc is None:
+            import xgrammar as xgr
 
-        self.matcher = xgr.GrammarMatcher(self.future.result())  # rollback: unlimited
+            try:
+                self.matcher = xgr.GrammarMatcher(self.future.result())  # rollback: unlimited
+                return True
+            except Exception as matcher_exc:  # noqa: BLE001 - xgrammar's errors are RuntimeErrors
+                exc = matcher_exc
+        self.error = compile_error(exc)
         return True
 
     def accept(self, token_id: int) -> bool:

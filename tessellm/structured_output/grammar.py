@@ -77,7 +77,7 @@ def build_grammar(params: StructuredOutputsParams):
     except ValueError:
         raise
     except Exception as exc:  # noqa: BLE001 - xgrammar reports a bad spec as RuntimeError & co.
-        raise ValueError(f"structured_outputs.{kind} is invalid: {_one_line(exc)}") from None
+        raise ValueError(f"structured_outputs.{kind} is invalid: {one_line(exc)}") from None
 
 
 def _structural_tag(xgr, tag: dict):
@@ -95,7 +95,7 @@ def _ebnf_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _one_line(exc: Exception) -> str:
+def one_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     line = text[-1] if text else type(exc).__name__
     # xgrammar prefixes "[time] /path/file.cc:line: "; keep the message.

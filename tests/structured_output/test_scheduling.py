@@ -86,6 +86,7 @@ def test_failed_compile_ends_that_request_alone():
     assert list(out.num_scheduled_tokens) == ["u"]
     ended = s.take_finished_outputs()
     assert [(o.request_id, o.finish_reason) for o in ended] == [("g", "abort")]
+    assert ended[0].stop_reason == "structured_outputs.json is invalid: bad"  # the client's 400
 
 
 def test_matcher_advances_and_grammar_end_stops():
