@@ -65,6 +65,9 @@ class EngineArgs:
     limit_mm_per_prompt: Optional[object] = None
     # file:// image URLs in chat messages are read only under this directory; None: refused.
     allowed_local_media_path: Optional[str] = None
+    # Reasoning models (tessellm/reasoning/): deepseek_r1 or qwen3 splits the thinking out of the
+    # answer at the server, and structured output constrains only the answer; None: off.
+    reasoning_parser: Optional[str] = None
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -92,6 +95,9 @@ class EngineArgs:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         self._validate_speculative()
+        from tessellm.reasoning.parsers import check_reasoning_parser
+
+        check_reasoning_parser(self.reasoning_parser)
         from tessellm.generation_config import check_choice, parse_override
 
         check_choice(self.generation_config)

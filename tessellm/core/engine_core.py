@@ -126,7 +126,8 @@ class EngineCore:
                                model_mm_limits(config, args))
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
-            lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids)
+            lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids,
+            getattr(args, "reasoning_parser", None))
         upload = getattr(getattr(getattr(self.executor, "worker", None), "runner", None), "mask_upload", None)
         if upload is not None and upload.pinned:  # fill masks straight into the runner's pinned buffers
             self.structured.host_buffer = upload.host_buffer
@@ -214,7 +215,8 @@ class EngineCore:
             self.scheduler.lora.announce(lora)  # worker processes read it in their own thread
         self.scheduler.check_fits(request)
         if req.sampling_params.structured_outputs is not None:
-            request.grammar = self.structured.grammar_for(req.sampling_params.structured_outputs)
+            request.grammar = self.structured.grammar_for(req.sampling_params.structured_outputs,
+                                                          req.prompt_token_ids)
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:

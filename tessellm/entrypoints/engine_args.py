@@ -18,6 +18,7 @@ import dataclasses
 from typing import Optional
 
 from tessellm.config import EngineArgs
+from tessellm.reasoning.parsers import REASONING_PARSERS
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"  # the bundled model's name when MODEL is omitted
 
@@ -64,9 +65,11 @@ HELP = {
                            "(default: 1 for a model that takes images; docs/multimodal.md)",
     "allowed_local_media_path": "a directory whose images chat messages may name as file:// URLs "
                                 "(default: none; file:// URLs are refused)",
+    "reasoning_parser": "split a thinking model's reasoning from its answer (reasoning_content) and "
+                        "apply structured output to the answer only: deepseek_r1 or qwen3 (docs/reasoning.md)",
 }
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
-CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"]}
+CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"], "reasoning_parser": sorted(REASONING_PARSERS)}
 
 
 def engine_fields() -> list[dataclasses.Field]:

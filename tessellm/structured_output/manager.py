@@ -45,16 +45,22 @@ from typing import Callable, Optional
 from tessellm.spec_decode.grammar import fill_draft_rows
 from tessellm.structured_output.compiler import GrammarCompilerPool, RequestGrammar
 from tessellm.structured_output.params import StructuredOutputsParams
+from tessellm.structured_output.reasoning import ReasoningGate
 
 logger = logging.getLogger(__name__)
 
 
 class StructuredOutputManager:
-    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, stop_token_ids: list[int]):
+    def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, stop_token_ids: list[int],
+                 reasoning_parser: Optional[str] = None):
         """``load_tokenizer`` is called on the first constrained request (never otherwise); it
         returns the model's HF tokenizer, an ``xgrammar.TokenizerInfo``, or None (no tokenizer:
-        constrained requests are refused)."""
+        constrained requests are refused). ``reasoning_parser``: grammars start after the
+        model's reasoning (``reasoning.py``)."""
         self._load_tokenizer = load_tokenizer
+        self._tokenizer = None
+        self.reasoning_parser = reasoning_parser
+        self._markers = None  # ThinkMarkers, bound on first use
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
         self._pool: Optional[GrammarCompilerPool] = None
@@ -75,12 +81,29 @@ class StructuredOutputManager:
             tokenizer = self._load_tokenizer()
             if tokenizer is None:
                 raise ValueError("This model has no tokenizer, so structured output is unavailable.")
+            self._tokenizer = tokenizer
             self._pool = GrammarCompilerPool(tokenizer, self.vocab_size, self.stop_token_ids)
         return self._pool
 
-    def grammar_for(self, params: StructuredOutputsParams) -> RequestGrammar:
-        """Start (or share) the compile for a new request; returns its matcher-to-be."""
-        return RequestGrammar(self.pool.submit(params))
+    def grammar_for(self, params: StructuredOutputsParams, prompt_token_ids=()):
+        """Start (or share) the compile for a new request; returns its matcher-to-be (behind a
+        ``ReasoningGate`` with a reasoning parser: the prompt says where the output starts)."""
+        grammar = RequestGrammar(self.pool.submit(params))
+        if self.reasoning_parser is None:
+            return grammar
+        markers = self._reasoning_markers()
+        phase = markers.initial_phase(self._tokenizer, prompt_token_ids)
+        return ReasoningGate(grammar, markers.start_ids, markers.end_ids, phase)
+
+    def _reasoning_markers(self):
+        if self._markers is None:
+            from tessellm.reasoning.parsers import ThinkMarkers, get_reasoning_parser
+
+            if not hasattr(self._tokenizer, "encode"):
+                raise ValueError("A reasoning parser needs the model's tokenizer to find its think markers.")
+            self._markers = ThinkMarkers.from_tokenizer(get_reasoning_parser(self.reasoning_parser),
+                                                        self._tokenizer)
+        return self._markers
 
     def fill_bitmask(self, sched, requests: dict, background: bool = False) -> Optional[concurrent.futures.Future]:
         """Set ``sched.grammar_bitmask`` / ``sched.grammar_bitmask_rows`` for the constrained
@@ -95,8 +118,11 @@ class StructuredOutputManager:
             grammar = getattr(requests.get(rid), "grammar", None)
             if not num_sampled or grammar is None or grammar.matcher is None:
                 continue
+            gated = isinstance(grammar, ReasoningGate)
+            if gated and num_sampled == 1 and not grammar.constrains_next:
+                continue  # thinking: no mask row
             rows[rid] = num_rows
-            if num_sampled > 1 or grammar.is_terminated:
+            if num_sampled > 1 or grammar.is_terminated or (gated and grammar.answer_from is None):
                 drafted.append((grammar, num_rows, list(sched.spec_token_ids.get(rid, ()))[:num_sampled - 1]))
             else:
                 plain.append(grammar.matcher)

@@ -24,6 +24,7 @@ NON_DEFAULT = {
     "enable_lora": True, "max_loras": 3, "max_cpu_loras": 9, "max_lora_rank": 16,
     "generation_config": "vllm", "override_generation_config": '{"temperature": 0.5}',
     "limit_mm_per_prompt": '{"image": 2}', "allowed_local_media_path": "/tmp",
+    "reasoning_parser": "qwen3",
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],

@@ -171,7 +171,7 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: bool = True  # vLLM extras
     continue_final_message: bool = False  # the last (assistant) message is continued, not closed
     chat_template_kwargs: Optional[dict[str, Any]] = None  # extra template variables
-    include_reasoning: bool = True  # accepted; no effect (no reasoning parser)
+    include_reasoning: bool = True  # false: no reasoning in the response (--reasoning-parser)
     echo: bool = False  # vLLM extras accepted only at their neutral value (CHAT_UNSUPPORTED)
     add_special_tokens: bool = False
     documents: Optional[Any] = None

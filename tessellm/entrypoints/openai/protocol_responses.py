@@ -106,11 +106,15 @@ class ChatResponseMessage(BaseModel):
     content: Optional[str] = None
     refusal: Optional[str] = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    # --reasoning-parser: the thinking, under vLLM's name today and its earlier one (same text)
+    reasoning: Optional[str] = None
+    reasoning_content: Optional[str] = None
 
     @model_serializer(mode="wrap")
     def _drop_no_calls(self, handler):
-        """No tool_calls key without a call (OpenAI, vLLM): clients test for its presence."""
-        data = handler(self)
+        """No tool_calls key without a call (OpenAI, vLLM): clients test for its presence; no
+        reasoning keys without reasoning."""
+        data = _drop_none(handler(self), ("reasoning", "reasoning_content"))
         if not data.get("tool_calls"):
             data.pop("tool_calls", None)
         return data
@@ -150,6 +154,8 @@ class DeltaMessage(BaseModel):
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    reasoning: Optional[str] = None  # --reasoning-parser: new thinking text (as in the message)
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[list["DeltaToolCall"]] = None
 
     @model_serializer(mode="wrap")

@@ -21,6 +21,7 @@ from tessellm.entrypoints.openai.protocol_responses import (ChatChoice, ChatChoi
                                                             ChatLogProb, ChatLogProbTop,
                                                             ChatResponseMessage, ChatStreamChoice,
                                                             DeltaMessage)
+from tessellm.entrypoints.openai.reasoning import ReasoningPlan, ReasoningStream
 from tessellm.entrypoints.openai.sampling import (check_limits, check_model, check_unsupported,
                                                   resolve_max_tokens, to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
@@ -59,10 +60,13 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     params = to_sampling_params(req, max_tokens, engine.info.vocab_size, structured, defaults)
     if plan.parser is not None and plan.parser.needs_special_tokens:
         params.skip_special_tokens = False  # the parser's markers are special tokens
+    reasoning = ReasoningPlan.for_request(engine, req, processed.prompt_token_ids)
+    if reasoning is not None:
+        reasoning.adjust(params)
     request_id = random_id("chatcmpl")
     sub = submit(engine, request_id, [processed], [params], lora)
     view = _ChatView(engine, req, lora.lora_name if lora else config.model_name,
-                     response_id("chatcmpl", req, request_id), plan)
+                     response_id("chatcmpl", req, request_id), plan, reasoning)
     view.prompt_tokens = len(processed.prompt_token_ids)
     view.prompt_ids = processed.prompt_token_ids
     if req.stream:
@@ -173,8 +177,9 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
 
 class _ChatView:
     def __init__(self, engine: AsyncLLM, req: ChatCompletionRequest, model: str, request_id: str,
-                 plan: Optional[ToolPlan] = None):
+                 plan: Optional[ToolPlan] = None, reasoning: Optional[ReasoningPlan] = None):
         self.plan = plan
+        self.reasoning = reasoning  # --reasoning-parser: the thinking apart from the answer
         self.engine = engine
         self.req = req
         self.model = model
@@ -190,7 +195,7 @@ class _ChatView:
             logprobs = None
             if self.req.logprobs:
                 logprobs = ChatChoiceLogProbs(content=self.logprobs(co.token_ids, co.logprobs or []))
-            message, reason = self.message(co.text, finish_reason(co.finish_reason))
+            message, reason = self.message(co.text, finish_reason(co.finish_reason), co.token_ids)
             choices.append(ChatChoice(index=co.index, message=message, logprobs=logprobs,
                                       finish_reason=reason, stop_reason=co.stop_reason,
                                       token_ids=list(co.token_ids) if self.req.return_token_ids else None))
@@ -199,13 +204,22 @@ class _ChatView:
             prompt_logprobs=prompt_logprobs(out, self.req.prompt_logprobs),
             prompt_token_ids=list(out.prompt_token_ids) if self.req.return_token_ids else None)
 
-    def message(self, text: str, reason: Optional[str]) -> tuple[ChatResponseMessage, Optional[str]]:
-        """The assistant message (content and tool_calls) and the finish reason for ``text``."""
+    def message(self, text: str, reason: Optional[str],
+                token_ids=()) -> tuple[ChatResponseMessage, Optional[str]]:
+        """The assistant message (reasoning, content and tool_calls) and the finish reason for
+        ``text``; tool calls come from the answer after the reasoning only."""
+        extra, content = {}, text
+        if self.reasoning is not None:
+            thinking, content = self.reasoning.split().split(text, token_ids, final=True)
+            extra = self.reasoning.fields(thinking)
+            if thinking is not None and not content:
+                content = None  # as vLLM: the output ended with its reasoning
         view = self.plan.view() if self.plan is not None else None
         if view is None:
-            return ChatResponseMessage(content=text), reason
-        content, calls = view.final(text)
-        return ChatResponseMessage(content=content, tool_calls=calls), self.tool_reason(bool(calls), reason)
+            return ChatResponseMessage(content=content, **extra), reason
+        content, calls = view.final(content or "")
+        return (ChatResponseMessage(content=content, tool_calls=calls, **extra),
+                self.tool_reason(bool(calls), reason))
 
     def tool_reason(self, has_calls: bool, reason: Optional[str]) -> Optional[str]:
         """OpenAI's: "tool_calls" when the model chose to call (not for a named tool_choice)."""
@@ -246,6 +260,8 @@ class _ChatChunks:
         self.final: Optional[RequestOutput] = None
         plan = view.plan
         self.tools = [plan.view() if plan is not None else None for _ in range(self.n)]
+        thinking = view.reasoning
+        self.thinking = [ReasoningStream(thinking) if thinking is not None else None for _ in range(self.n)]
 
     def _chunk(self, choices, usage_info=None, prompt_ids=None) -> ChatCompletionChunk:
         v = self.view
@@ -281,7 +297,11 @@ class _ChatChunks:
             self.sent_text[i], self.sent_tokens[i] = len(co.text), len(co.token_ids)
             self.done[i] = reason is not None
             delta = DeltaMessage(content=text) if text else DeltaMessage()
-            if self.tools[i] is not None:
+            if self.thinking[i] is not None:
+                delta, reason = self._reasoning_delta(i, co, reason)
+                if not (delta.content or delta.reasoning or delta.tool_calls or reason or logprobs):
+                    continue  # held back (a marker may be starting), or reasoning not asked for
+            elif self.tools[i] is not None:
                 delta, reason = self._tool_delta(i, co.text, reason)
                 if not (delta.content or delta.tool_calls or reason or logprobs):
                     continue  # held back: it may be the start of a tool call
@@ -293,6 +313,17 @@ class _ChatChunks:
                                                         stop_reason=co.stop_reason if reason else None)],
                                       self._usage_now(len(co.token_ids))))
         return chunks
+
+    def _reasoning_delta(self, i: int, co, reason: Optional[str]):
+        final = reason is not None
+        fields, answer = self.thinking[i].delta(co.text, co.token_ids, final)
+        tools = self.tools[i]
+        if tools is None:
+            content, pieces = self.thinking[i].new_answer(answer), []
+        else:
+            content, pieces = tools.delta(answer, final)
+            reason = self.view.tool_reason(tools.num_calls > 0, reason)
+        return DeltaMessage(content=content or None, tool_calls=pieces or None, **fields), reason
 
     def _tool_delta(self, i: int, text: str, reason: Optional[str]):
         tools = self.tools[i]

@@ -1,0 +1,60 @@
+"""One output's text as reasoning and answer, whole or while it streams.
+
+``ReasoningSplit.split(text, token_ids, final)`` is called with the whole output so far, so a
+stream and a whole response go through the same code and reassemble to the same two strings.
+While not ``final``, a trailing piece of text that could still become a marker (``"</thi"``) is
+held back from both; each returned string only grows, so a stream sends their new tails::
+
+    phase REASONING   [<think>] reasoning </think> answer       (no </think>: all reasoning)
+    phase UNDECIDED   <think> reasoning </think> answer  |  answer   (opens with <think> or not)
+    phase ANSWER      answer
+
+When the end marker is one token, the split also needs that token among the output's ids, as
+the engine core's grammar gate does (the same characters spelled from other tokens are text).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from tessellm.reasoning.parsers import ANSWER, UNDECIDED, ThinkMarkers
+
+
+def hold_back(text: str, marker: str) -> str:
+    """``text`` without a trailing piece that could be the start of ``marker``."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return text[:-k]
+    return text
+
+
+class ReasoningSplit:
+    def __init__(self, markers: ThinkMarkers, phase: str):
+        self.markers = markers
+        self.phase = phase
+
+    def split(self, text: str, token_ids: Sequence[int], final: bool) -> tuple[Optional[str], str]:
+        """``(reasoning, answer)``; reasoning None when the output has none."""
+        start = self.markers.parser.start
+        if self.phase == ANSWER:
+            return None, text
+        if self.phase == UNDECIDED:
+            if not text.startswith(start):
+                if not final and start.startswith(text):
+                    return None, ""  # it may still open with the marker
+                return None, text
+            return self._reasoning(text[len(start):], token_ids, final)
+        if text.startswith(start):  # a model that repeats the marker the prompt opened
+            text = text[len(start):]
+        elif not final and start.startswith(text):
+            return "", ""
+        return self._reasoning(text, token_ids, final)
+
+    def _reasoning(self, body: str, token_ids: Sequence[int], final: bool) -> tuple[str, str]:
+        end = self.markers.parser.end
+        at = body.find(end)
+        end_id = self.markers.end_id
+        if at >= 0 and (end_id is None or end_id in token_ids):
+            return body[:at], body[at + len(end):]
+        return (body if final else hold_back(body, end)), ""
+

@@ -1,0 +1,198 @@
+"""``--reasoning-parser`` end to end: a real server on a tiny bigram "thinking" model
+(``thinking_model.py``) whose greedy output is known token for token, so each case checks the
+exact split of thinking and answer, whole and streamed (the stream's pieces reassemble to the
+same two strings), for both parsers, single-token and two-token markers, with tools and with
+structured output after the thinking."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.server.conftest import _launcher
+from tests.server.thinking_model import TOOL_IN_THOUGHT, make_thinking_model
+
+pytest.importorskip("xgrammar")
+
+ANSWER = " It is four."
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("thinking")
+    return {"single": make_thinking_model(str(root / "single")),
+            "split": make_thinking_model(str(root / "split"), split_markers=True)}
+
+
+@pytest.fixture(scope="module")
+def servers(server_factory, model_dirs):
+    started = {}
+
+    def get(parser: str, markers: str = "single"):
+        key = (parser, markers)
+        if key not in started:
+            started[key] = server_factory([model_dirs[markers], "--served-model-name", "m",
+                                           "--reasoning-parser", parser, "--tool-call-parser", "hermes"])
+        return started[key]
+    return get
+
+
+def _chat(srv, trigger: str, **body):
+    body = {"model": "m", "messages": [{"role": "user", "content": trigger}], "max_tokens": 24,
+            "temperature": 0, **body}
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, headers=srv.headers, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _stream(srv, trigger: str, **body):
+    """(reasoning, content, deltas, tool call pieces, finish reasons) from a streamed request."""
+    body = {"model": "m", "messages": [{"role": "user", "content": trigger}], "max_tokens": 24,
+            "temperature": 0, "stream": True, **body}
+    deltas = []
+    with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, headers=srv.headers,
+                      timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                deltas += [(c["index"], c["delta"], c.get("finish_reason")) for c in chunk["choices"]]
+    return deltas
+
+
+def _joined(deltas, key, index=0):
+    parts = [d.get(key) for i, d, _ in deltas if i == index and d.get(key) is not None]
+    return "".join(parts) if parts else None
+
+
+def _check_stream_matches(srv, trigger, message, markers_split=True, **body):
+    deltas = _stream(srv, trigger, **body)
+    assert _joined(deltas, "reasoning") == message.get("reasoning")
+    assert _joined(deltas, "reasoning_content") == message.get("reasoning_content")
+    assert (_joined(deltas, "content") or None) == (message.get("content") or None)
+    for _, d, _ in deltas:  # no marker ever leaks into either field
+        for key in ("reasoning", "content") if markers_split else ():
+            assert "think>" not in (d.get(key) or "") and "</" != (d.get(key) or "")[-2:]
+    return deltas
+
+
+@pytest.mark.parametrize("markers", ["single", "split"])
+def test_deepseek_r1_splits_thinking_from_the_answer(servers, markers):
+    srv = servers("deepseek_r1", markers)
+    r = _chat(srv, "[think]")
+    m = r["choices"][0]["message"]
+    assert m["reasoning"] == m["reasoning_content"] == " Let me see. Two and two."
+    assert m["content"] == ANSWER
+    _check_stream_matches(srv, "[think]", m)  # deltas may coalesce: test_reasoning_split feeds one token at a time
+    # The opening marker may be missing (DeepSeek-R1's template opens the block in the prompt).
+    m = _chat(srv, "[bare]")["choices"][0]["message"]
+    assert (m["reasoning"], m["content"]) == (" I recall", ANSWER)
+    _check_stream_matches(srv, "[bare]", m)
+    # No end marker: all of it is reasoning, no content.
+    r = _chat(srv, "[noend]", max_tokens=7)
+    m = r["choices"][0]["message"]
+    assert m["reasoning"] == " Step by step Step by step Step" and m.get("content") is None
+    assert r["choices"][0]["finish_reason"] == "length"
+    _check_stream_matches(srv, "[noend]", m, max_tokens=7)
+    _enable_thinking_false_is_all_answer(srv)
+
+
+def test_qwen3_needs_the_opening_marker_and_honours_enable_thinking(servers):
+    srv = servers("qwen3")
+    m = _chat(srv, "[think]")["choices"][0]["message"]
+    assert (m["reasoning"], m["content"]) == (" Let me see. Two and two.", ANSWER)
+    _check_stream_matches(srv, "[think]", m)
+    for trigger, max_tokens in (("[bare]", 24), ("[noend]", 7)):  # no <think>: all content
+        m = _chat(srv, trigger, max_tokens=max_tokens)["choices"][0]["message"]
+        assert "reasoning" not in m and "reasoning_content" not in m
+        assert m["content"] in (" I recall</think>" + ANSWER, " Step by step Step by step Step")
+        _check_stream_matches(srv, trigger, m, markers_split=False, max_tokens=max_tokens)
+    _enable_thinking_false_is_all_answer(srv)
+
+
+def _enable_thinking_false_is_all_answer(srv):
+    """The template closes an empty think block in the prompt ("...<think></think>"): the output
+    (no marker in it) is all answer, for deepseek_r1 too, which would otherwise call it reasoning."""
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    m = _chat(srv, "[json]", **off)["choices"][0]["message"]
+    assert "reasoning" not in m and m["content"] == ANSWER
+    _check_stream_matches(srv, "[json]", m, **off)
+
+
+def test_include_reasoning_false_and_n_greater_than_one(servers):
+    srv = servers("deepseek_r1")
+    r = _chat(srv, "[think]", include_reasoning=False)
+    full = _chat(srv, "[think]")
+    m = r["choices"][0]["message"]
+    assert "reasoning" not in m and "reasoning_content" not in m and m["content"] == ANSWER
+    assert r["usage"] == full["usage"]  # the thinking tokens still count
+    deltas = _stream(srv, "[think]", include_reasoning=False)
+    assert _joined(deltas, "reasoning") is None and _joined(deltas, "content") == ANSWER
+    r = _chat(srv, "[think]", n=2)
+    assert [c["message"]["reasoning"] for c in r["choices"]] == [" Let me see. Two and two."] * 2
+    deltas = _stream(srv, "[think]", n=2)
+    for i in (0, 1):
+        assert _joined(deltas, "reasoning", i) == " Let me see. Two and two."
+        assert _joined(deltas, "content", i) == ANSWER
+
+
+HERMES_CALL = ('root ::= "<tool_call>\\n{\\"name\\": \\"get_weather\\", \\"arguments\\": {\\"city\\": \\"" '
+               '[A-Z] [a-z]{1,8} "\\"}}\\n</tool_call>"')
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tool_calls_come_from_the_answer_only(servers):
+    """A <tool_call> written while thinking is not a call; the one after </think> (forced by a
+    grammar that applies after the thinking) is."""
+    srv = servers("deepseek_r1")
+    body = {"tools": [WEATHER], "tool_choice": "auto", "max_tokens": 120,
+            "structured_outputs": {"grammar": HERMES_CALL}}
+    r = _chat(srv, "[tool]", **body)
+    choice = r["choices"][0]
+    m = choice["message"]
+    assert m["reasoning"] == " Maybe" + TOOL_IN_THOUGHT + " No, later."
+    assert choice["finish_reason"] == "tool_calls" and len(m["tool_calls"]) == 1
+    args = json.loads(m["tool_calls"][0]["function"]["arguments"])
+    assert args["city"] != "Rome" and args["city"][0].isupper()
+    assert not m.get("content")
+    deltas = _stream(srv, "[tool]", **body)
+    assert _joined(deltas, "reasoning") == m["reasoning"]
+    pieces = [tc for _, d, _ in deltas for tc in d.get("tool_calls") or []]
+    assert pieces and pieces[0]["function"]["name"] == "get_weather"
+    assert json.loads("".join(p["function"].get("arguments") or "" for p in pieces)) == args
+    assert [f for _, _, f in deltas if f] == ["tool_calls"]
+
+
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+          "additionalProperties": False}
+
+
+@pytest.mark.parametrize("parser,trigger,thinking", [
+    ("deepseek_r1", "[json]", " Think: {not json"),
+    ("qwen3", "[think]", " Let me see. Two and two.")])
+def test_json_schema_applies_after_the_thinking(servers, parser, trigger, thinking):
+    """The thinking is free text the schema would refuse; the answer (which the model alone
+    would have written as " It is four.") parses and matches the schema."""
+    jsonschema = pytest.importorskip("jsonschema")
+    srv = servers(parser)
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}
+    compact = {"disable_any_whitespace": True}  # a free-whitespace loop is what this model would write
+    r = _chat(srv, trigger, response_format=fmt, structured_outputs=compact, max_tokens=40)
+    m = r["choices"][0]["message"]
+    assert m["reasoning"] == thinking
+    jsonschema.validate(json.loads(m["content"]), SCHEMA)
+    assert r["choices"][0]["finish_reason"] == "stop"
+    _check_stream_matches(srv, trigger, m, response_format=fmt, structured_outputs=compact, max_tokens=40)
+
+
+def test_unknown_reasoning_parser_is_refused_at_startup():
+    proc = subprocess.run([*_launcher(), "--reasoning-parser", "nope"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "nope" in proc.stderr and "deepseek_r1" in proc.stderr and "qwen3" in proc.stderr

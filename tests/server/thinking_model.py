@@ -1,0 +1,100 @@
+"""A tiny "thinking" model for the reasoning tests: a real Llama checkpoint (one layer, float32)
+whose weights make it a bigram table, so its greedy output is known token for token.
+
+The embedding is the identity (hidden size = vocabulary size), attention and MLP write nothing
+to the residual stream (``o_proj`` and ``down_proj`` are zero), so the last hidden state is the
+RMS-normalised one-hot of the current token and ``lm_head`` maps it to ``STRONG`` on the chosen
+successor plus small fixed noise on every token (which decides among the tokens a grammar
+allows). ``CHAINS`` lists, per trigger (the prompt's last token), the tokens that follow. The
+tokenizer is byte-level without merges plus the chains' pieces as added tokens, so the think
+markers are single tokens, or, with ``split_markers``, two tokens each (``"<thi" "nk>"``,
+``"</" "think>"``): then a marker reaches a stream in two deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+STRONG = 30.0  # the successor's logit; the noise is below 1
+TOOL_IN_THOUGHT = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+FILLER = [f" r{i}" for i in range(40)]  # a long chain of distinct thinking tokens
+
+# trigger -> the tokens it leads to (every token has one successor across all chains)
+CHAINS = {
+    "[think]": ["<think>", " Let me see.", " Two and two.", "</think>", " It is", " four.", "</s>"],
+    "[bare]": [" I recall", "</think>"],  # no opening marker (DeepSeek-R1); then as above
+    "[noend]": [" Step", " by", " step", " Step"],  # never ends its thinking
+    "[tool]": [" Maybe", TOOL_IN_THOUGHT, " No, later.", "</think>"],
+    "[json]": [" Think:", " {not json", "</think>"],
+    "[long]": [*FILLER, "</think>"],
+}
+TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+            "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
+
+
+def _pieces(split_markers: bool) -> list[str]:
+    pieces = []
+    for trigger, chain in CHAINS.items():
+        for token in [trigger, *chain]:
+            if token in ("<think>", "</think>") and split_markers:
+                pieces += ["<thi", "nk>"] if token == "<think>" else ["</", "think>"]
+            elif token != "</s>" and token not in pieces:
+                pieces.append(token)
+    return list(dict.fromkeys(pieces))
+
+
+def _chain_ids(tok, split_markers: bool) -> list[list[int]]:
+    out = []
+    for trigger, chain in CHAINS.items():
+        ids = []
+        for token in [trigger, *chain]:
+            if token in ("<think>", "</think>") and split_markers:
+                ids += tok.convert_tokens_to_ids(["<thi", "nk>"] if token == "<think>" else ["</", "think>"])
+            else:
+                ids.append(tok.convert_tokens_to_ids(token))
+        out.append(ids)
+    return out
+
+
+def make_thinking_model(path: str, split_markers: bool = False) -> str:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=259, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator(["abc"], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.add_tokens(_pieces(split_markers))
+    tok.chat_template = TEMPLATE
+    vocab = -(-len(tok) // 8) * 8
+    config = LlamaConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).float()
+    succ = {}
+    for ids in _chain_ids(tok, split_markers):
+        for a, b in zip(ids, ids[1:]):
+            assert succ.setdefault(a, b) == b, f"token {a} has two successors"
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab))
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        head = torch.rand(vocab, vocab) / math.sqrt(vocab)  # noise: logits in [0, 1)
+        for a, b in succ.items():
+            head[b, a] = STRONG / math.sqrt(vocab)
+        model.lm_head.weight.copy_(head)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": 2, "bos_token_id": 1}, f)
+    return path

@@ -1,0 +1,106 @@
+"""Structured output after reasoning (``ReasoningGate``) over real xgrammar matchers and a tiny
+vocabulary: no mask while thinking, the grammar from the token after ``</think>``, exact
+rollback across that boundary (speculative drafts), qwen3's undecided first token (the answer
+or ``<think>``), and the step's mask rows for a request whose drafts cross the boundary."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from tessellm.core.step import SchedulerOutput
+from tessellm.reasoning.parsers import ANSWER, REASONING, UNDECIDED
+from tessellm.structured_output.compiler import RequestGrammar
+from tessellm.structured_output.manager import StructuredOutputManager
+from tessellm.structured_output.reasoning import ReasoningGate
+
+xgr = pytest.importorskip("xgrammar")
+
+VOCAB = ["</s>", "a", "b", "c", "d", "<think>", "</think>", "x"]
+EOS, A, B, C, D, OPEN, CLOSE, X = range(len(VOCAB))
+
+
+def gate(phase, regex="ab", start=(OPEN,), end=(CLOSE,)):
+    info = xgr.TokenizerInfo(VOCAB, stop_token_ids=[EOS])
+    future = Future()
+    future.set_result(xgr.GrammarCompiler(info, max_threads=1).compile_regex(regex))
+    grammar = RequestGrammar(future)
+    assert grammar.ready
+    return ReasoningGate(grammar, tuple(start), tuple(end), phase)
+
+
+def allowed(g) -> list[int]:
+    mask = torch.zeros((1, 1), dtype=torch.int32)
+    g.fill_bitmask(mask, 0)
+    return [t for t in range(len(VOCAB)) if (int(mask[0, 0]) >> t) & 1]
+
+
+def test_thinking_is_free_then_the_grammar_starts_after_the_end_marker():
+    g = gate(REASONING)
+    assert not g.constrains_next and allowed(g) == list(range(len(VOCAB)))
+    for tok in (C, X, D, B, EOS + 4):  # tokens the grammar would refuse at its start
+        assert g.accept(tok)
+    assert not g.is_terminated and g.answer_from is None
+    assert g.accept(CLOSE) and g.answer_from == 6 and g.constrains_next
+    assert allowed(g) == [A]
+    assert not g.accept(C)  # the answer follows the grammar
+    assert g.accept(A) and g.accept(B) and g.accept(EOS) and g.is_terminated
+
+
+def test_rollback_across_the_end_marker_is_exact():
+    g = gate(REASONING)
+    for tok in (C, CLOSE, A):
+        assert g.accept(tok)
+    g.rollback(2)  # back to "c": thinking again, the grammar at its start
+    assert g.answer_from is None and g.tokens == [C] and allowed(g) == list(range(len(VOCAB)))
+    assert g.accept(D) and g.accept(CLOSE)
+    assert allowed(g) == [A]  # the matcher had been rolled back over "a"
+    assert g.accept(A) and allowed(g) == [B]
+    g.rollback(1)
+    assert g.answer_from == 3 and allowed(g) == [A]
+
+
+def test_qwen3_undecided_output_answers_or_opens_a_think_block():
+    g = gate(UNDECIDED)
+    assert g.constrains_next and allowed(g) == [A, OPEN]  # the grammar's first token, or <think>
+    assert g.accept(A) and g.answer_from == 0 and allowed(g) == [B]
+    g.rollback(1)
+    assert g.answer_from is None and allowed(g) == [A, OPEN]
+    assert g.accept(OPEN) and not g.constrains_next  # thinking
+    assert g.accept(C) and g.accept(CLOSE) and allowed(g) == [A]
+
+
+def test_multi_token_start_marker_is_held_to_its_next_token():
+    g = gate(UNDECIDED, start=(C, D), end=(X, X))  # markers spelled with two tokens each
+    assert allowed(g) == [A, C]
+    assert g.accept(C) and allowed(g) == [D] and not g.accept(B)
+    assert g.accept(D) and not g.constrains_next
+    assert g.accept(X) and g.answer_from is None and g.accept(X) and g.answer_from == 4
+    assert allowed(g) == [A]
+
+
+def test_prompt_that_closed_the_block_constrains_from_the_first_token():
+    g = gate(ANSWER)
+    assert allowed(g) == [A] and not g.accept(OPEN)
+
+
+def test_step_mask_rows_for_drafts_that_cross_the_end_marker():
+    """A thinking request gets no row while sampling one token; verifying drafts c </think> a
+    it gets four: free, free, the grammar's start, the grammar after "a"."""
+    manager = StructuredOutputManager(lambda: None, len(VOCAB), [EOS])
+    thinking = gate(REASONING)
+    drafting = gate(REASONING)
+
+    class Req:
+        def __init__(self, grammar):
+            self.grammar = grammar
+
+    sched = SchedulerOutput([], [], {"t": 1, "d": 4}, 5, num_sampled_tokens={"t": 1, "d": 4},
+                            spec_token_ids={"d": [C, CLOSE, A]})
+    manager.fill_bitmask(sched, {"t": Req(thinking), "d": Req(drafting)})
+    assert sched.grammar_bitmask_rows == {"d": 0}
+    rows = [[t for t in range(len(VOCAB)) if (int(sched.grammar_bitmask[r, 0]) >> t) & 1] for r in range(4)]
+    assert rows == [list(range(len(VOCAB))), list(range(len(VOCAB))), [A], [B]]
+    assert drafting.tokens == [] and drafting.answer_from is None  # the drafts were rolled back
