@@ -68,6 +68,16 @@ class EngineArgs:
     # Reasoning models (tessellm/reasoning/): deepseek_r1 or qwen3 splits the thinking out of the
     # answer at the server, and structured output constrains only the answer; None: off.
     reasoning_parser: Optional[str] = None
+    # Embedding models (tessellm.pooling, docs/pooling.md): "generate", "pooling", or "auto"
+    # (a bare *Model architecture pools); task="embed" and convert="embed" are vLLM's older
+    # spellings of runner="pooling".
+    runner: str = "auto"
+    task: Optional[str] = None
+    convert: str = "auto"
+    # How a pooling engine pools: a dict or its JSON, {"pooling_type": "LAST" | "MEAN" | "CLS",
+    # "normalize": bool}, laid over the checkpoint's sentence-transformers config.
+    pooler_config: Optional[object] = None
+    override_pooler_config: Optional[object] = None  # vLLM's older name, laid over pooler_config
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -98,6 +108,11 @@ class EngineArgs:
         from tessellm.reasoning.parsers import check_reasoning_parser
 
         check_reasoning_parser(self.reasoning_parser)
+        from tessellm.pooling.config import check_runner_args, parse_pooler_override
+
+        check_runner_args(self.runner, self.task, self.convert)
+        parse_pooler_override(self.pooler_config)
+        parse_pooler_override(self.override_pooler_config)
         from tessellm.generation_config import check_choice, parse_override
 
         check_choice(self.generation_config)

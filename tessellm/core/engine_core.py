@@ -7,6 +7,7 @@ the GPU loop never waits on JSON, HTTP or the tokenizer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ class EngineInfo:
     default_sampling: dict = field(default_factory=dict)
     # Items per prompt the model takes, e.g. {"image": 1}; empty: a text-only model.
     mm_limits: dict = field(default_factory=dict)
+    runner: str = "generate"  # or "pooling": an embedding model (tessellm.pooling)
+    # Pooling engine: PoolerConfig's fields and "matryoshka_dimensions" (None: any size).
+    pooling: dict = field(default_factory=dict)
 
 
 class EngineCore:
@@ -89,8 +93,15 @@ class EngineCore:
             # Before any worker starts: a refusal names the problem, not a dead rank.
             check_tensor_parallel_quantization(resolve_quant_spec(args.quantization, self.source),
                                                args.tensor_parallel_size)
-        # Schedule step N+1 while step N runs (scheduler module docstring).
-        self.async_scheduling = resolve_async_scheduling(args, self.backend.device_type)
+        from tessellm.pooling.config import pooler_config_for
+
+        self.pooling = pooler_config_for(args, self.source)  # None: the engine generates
+        if self.pooling is not None:
+            _check_pooling_args(args)
+        # Schedule step N+1 while step N runs (scheduler module docstring); a pooling request
+        # ends with its prompt, so there is no step to schedule ahead of.
+        self.async_scheduling = (resolve_async_scheduling(args, self.backend.device_type)
+                                 and self.pooling is None)
         t0 = time.perf_counter()
         # One worker per device: in this process for one device, else processes or Ray actors
         # (tessellm.distributed.executor). Every rank sizes its KV cache; the smallest wins.
@@ -106,7 +117,12 @@ class EngineCore:
         logger.info("Loaded %s on %s (%d rank(s)) in %.1fs; KV cache: %d blocks x %d tokens = %d tokens",
                     self.source.path, self.backend.name, self.parallel.world_size,
                     time.perf_counter() - t0, num_blocks, args.block_size, num_blocks * args.block_size)
-        self.kv = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        prefix_caching = args.enable_prefix_caching
+        if self.pooling is not None and prefix_caching and not self.pooling.prefix_caching_ok:
+            logger.info("%s pooling reads every prompt token's hidden state: prefix caching is off.",
+                        self.pooling.pooling_type)
+            prefix_caching = False
+        self.kv = BlockManager(num_blocks, args.block_size, prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, max_batched, self.max_model_len,
                                                    args.enable_chunked_prefill,
                                                    self.parallel.pipeline_parallel_size,
@@ -123,7 +139,8 @@ class EngineCore:
                                default_sampling(self.source.path if self.source.kind == "dir" else None,
                                                 getattr(args, "generation_config", "auto"),
                                                 getattr(args, "override_generation_config", None)),
-                               model_mm_limits(config, args))
+                               model_mm_limits(config, args),
+                               *_pooling_info(self.pooling, config))
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids,
@@ -277,6 +294,25 @@ class EngineCore:
             if fill is not None:
                 fill.result()
             self.executor.sample_deferred(sched.grammar_bitmask, sched.grammar_bitmask_rows)
+
+
+def _check_pooling_args(args: EngineArgs) -> None:
+    """What a pooling engine cannot do, refused before anything loads."""
+    for name, bad, fix in (
+            ("async_scheduling", args.async_scheduling is True, "leave it unset"),
+            ("speculative_config", args.speculative_config is not None, "leave it unset"),
+            ("pipeline_parallel_size", args.pipeline_parallel_size > 1, "use tensor_parallel_size")):
+        if bad:
+            raise ValueError(f"{name} does not apply to a pooling (embedding) engine; {fix}.")
+
+
+def _pooling_info(pooling, hf_config) -> tuple[str, dict]:
+    """EngineInfo's ``runner`` and ``pooling`` fields."""
+    if pooling is None:
+        return "generate", {}
+    from tessellm.pooling.params import matryoshka_dimensions
+
+    return "pooling", {**dataclasses.asdict(pooling), "matryoshka_dimensions": matryoshka_dimensions(hf_config)}
 
 
 def _speculation(args: EngineArgs) -> dict:

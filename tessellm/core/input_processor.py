@@ -30,15 +30,18 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self._valid_specs: dict[str, None] = {}  # cache keys of structured outputs that parsed
 
-    def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+    def process_prompt(self, prompt: PromptType, truncate: Optional[int] = None) -> ProcessedPrompt:
+        """``truncate``: keep only the last ``truncate`` tokens (-1: as many as the context
+        holds), before the length check (a pooling request's ``truncate_prompt_tokens``)."""
         if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
             return self._check(self._process_multimodal(prompt))
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return self._check(ProcessedPrompt(prompt.get("prompt"), list(prompt["prompt_token_ids"])))
+                return self._check(ProcessedPrompt(prompt.get("prompt"), list(prompt["prompt_token_ids"])),
+                                   truncate)
             prompt = prompt.get("prompt")
         if isinstance(prompt, list):
-            return self._check(ProcessedPrompt(None, list(prompt)))
+            return self._check(ProcessedPrompt(None, list(prompt)), truncate)
         if not isinstance(prompt, str):
             raise ValueError(f"A prompt must be a string, a list of token ids or a dict with "
                              f"'prompt' or 'prompt_token_ids', got {type(prompt).__name__}.")
@@ -47,7 +50,7 @@ class InputProcessor:
         if self.tokenizer is None:
             raise ValueError("This model has no tokenizer files; pass prompts as token ids "
                              "({'prompt_token_ids': [...]}).")
-        return self._check(ProcessedPrompt(prompt, self.tokenizer.encode(prompt)))
+        return self._check(ProcessedPrompt(prompt, self.tokenizer.encode(prompt)), truncate)
 
     def _process_multimodal(self, prompt: dict) -> ProcessedPrompt:
         """``{"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ...}}`` (vLLM's form)."""
@@ -66,7 +69,10 @@ class InputProcessor:
         ids, features = processor.process(source, data.get("image", []))
         return ProcessedPrompt(text, ids, features or None)
 
-    def _check(self, p: ProcessedPrompt) -> ProcessedPrompt:
+    def _check(self, p: ProcessedPrompt, truncate: Optional[int] = None) -> ProcessedPrompt:
+        if truncate is not None:
+            keep = self.info.max_model_len - 1 if truncate == -1 else truncate
+            p.prompt_token_ids = p.prompt_token_ids[-keep:]
         ids = p.prompt_token_ids
         if not ids:
             raise ValueError("The prompt is empty; give at least one token.")

@@ -12,6 +12,7 @@ from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.submit import submit
 from tessellm.loader.model_loader import load_tokenizer
+from tessellm.pooling.front import POOLING_SAMPLING, check_generates, resolve_pooling_params
 
 
 class LLMEngine:
@@ -40,10 +41,23 @@ class LLMEngine:
         """Validate and queue a request. Raises ValueError (nothing queued) on bad input,
         a bad LoRA adapter included (``lora_request``: a ``tessellm.lora.LoRARequest``)."""
         self._check_alive()
+        check_generates(self.core.info)
         if lora_request is not None:
             self.core.add_lora(lora_request)
         submit(self.inputs, self.outputs, request_id, prompt, params or self.default_sampling_params(),
                self.core.add_request, lora_request=lora_request, abort=self.core.abort_requests)
+
+    def add_pooling_request(self, request_id: str, prompt: PromptType, params=None,
+                            lora_request=None) -> None:
+        """Queue a prompt to embed (``params``: a ``tessellm.pooling.PoolingParams``); its
+        output is a ``PoolingRequestOutput``. Raises ValueError on bad input or a generating engine."""
+        self._check_alive()
+        params = resolve_pooling_params(params, self.core.info)
+        if lora_request is not None:
+            self.core.add_lora(lora_request)
+        processed = self.inputs.process_prompt(prompt, params.truncate_prompt_tokens)
+        submit(self.inputs, self.outputs, request_id, processed, POOLING_SAMPLING, self.core.add_request,
+               lora_request=lora_request, abort=self.core.abort_requests, pooling=params)
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation-config defaults (tessellm/generation_config.py)."""

@@ -55,7 +55,7 @@ class ModelRunner(RunnerGraphs):
                  vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
                  max_model_len: int = 2048, graph_runner=None, pp: Optional[PipelineStage] = None,
                  dtype: torch.dtype = torch.float32, logits_ops=None, spec=None,
-                 verify_graph_factory=None, lora=None):
+                 verify_graph_factory=None, lora=None, pooler=None):
         self.model = model
         self.pp = pp or PipelineStage()
         self.dtype = dtype  # of activations (hidden states sent between stages)
@@ -101,6 +101,9 @@ class ModelRunner(RunnerGraphs):
             from tessellm.multimodal.encoder_cache import EncoderCache
 
             self.encoder_cache = EncoderCache(model, device)
+        # Pooling runner (tessellm.pooling.pooler.Pooler): steps pool hidden states instead of
+        # sampling (``_pool``); None: the runner generates.
+        self.pooler = pooler
 
     @property
     def requests(self) -> dict[str, RunnerRequest]:
@@ -157,7 +160,7 @@ class ModelRunner(RunnerGraphs):
         host = build_inputs(states, counts, [0] * len(counts), tables, bs, self.steps.input_token)
         ids, positions, attn, _ = self._eager_tensors(host, counts)
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.dummy(num_tokens))
-        if self.pp.is_last:
+        if self.pp.is_last and self.pooler is None:
             self.model.compute_logits(hidden[-min(num_tokens, 256):])
         self.backend.synchronize()
         self.allocate_kv_cache(0, self.dtype)
@@ -201,6 +204,11 @@ class ModelRunner(RunnerGraphs):
         self.staging.begin_launch()
         host = build_inputs(states, counts, num_sampled, self.batch.tables, self.block_size,
                             self.steps.input_token)
+        if self.pooler is not None:  # an embedding model: pooled vectors, nothing sampled
+            self._pool(host, sched, states, counts, out)
+            for state, n in zip(states, counts):
+                state.num_computed_tokens += n
+            return StepHandle.done(out)
         logits = self._forward(host, states, counts, out)
         handle = StepHandle.done(out)
         if logits is not None:
@@ -251,6 +259,17 @@ class ModelRunner(RunnerGraphs):
         pending, self._deferred = self._deferred, None
         if pending is not None:
             pending.sample(bitmask, bitmask_rows)
+
+    def _pool(self, host: HostInputs, sched: SchedulerOutput, states, counts, out: ModelRunnerOutput) -> None:
+        """An eager forward of the step; ``out.pooled`` for the requests whose prompt ends in it."""
+        self.pooler.drop(sched.dropped_request_ids)
+        run, lora_slots = host, self._lora_slots
+        if self.buckets is not None:  # padded rows go after the real ones: rows stay aligned
+            run, lora_slots = pad_host_inputs(host, self.buckets, len(states), self.batch.tables.width), None
+        ids, positions, attn, _ = self._eager_tensors(run, counts, lora_slots)
+        hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(run.num_tokens))
+        if not self.io.send(hidden):
+            out.pooled = self.pooler(hidden, host.query_start_loc, states, counts)
 
     def _forward(self, host: HostInputs, states, counts, out: ModelRunnerOutput) -> Optional[torch.Tensor]:
         """Run the model; the logits of the sampled rows, or None when nothing samples here."""

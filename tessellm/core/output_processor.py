@@ -44,6 +44,8 @@ class _RequestState:
     samples: list[_Sample]
     prompt_logprobs: Optional[list] = None
     num_cached_tokens: int = 0
+    pooling: Optional[object] = None  # a pooling request's PoolingParams (normalize resolved)
+    pooled: Optional[list] = None  # its raw pooled vector from the core, once it came
 
     @property
     def finished(self) -> bool:
@@ -59,7 +61,7 @@ class OutputProcessor:
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     params: SamplingParams, core_ids: list[str],
-                    arrival_time: Optional[float] = None) -> None:
+                    arrival_time: Optional[float] = None, pooling=None) -> None:
         arrival = time.time() if arrival_time is None else arrival_time
         samples = []
         for i, cid in enumerate(core_ids):
@@ -72,7 +74,8 @@ class OutputProcessor:
                                    cumulative_logprob=0.0 if params.logprobs is not None else None,
                                    times=RequestTimes(arrival, len(prompt_token_ids))))
             self.core_to_parent[cid] = (request_id, i)
-        self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, samples)
+        self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, samples,
+                                                pooling=pooling)
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self.states
@@ -129,6 +132,8 @@ class OutputProcessor:
         """Adds the output's tokens to the sample; returns how many it kept (a stop string in
         a step of several tokens, speculative decoding's, ends the sample at its last token)."""
         state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+        if out.pooled is not None:
+            state.pooled = out.pooled
         if out.prompt_logprobs is not None and state.prompt_logprobs is None:
             state.prompt_logprobs = [None] + [self._logprob_dict(e) for e in out.prompt_logprobs[1:]]
         finished = out.finish_reason is not None
@@ -159,6 +164,10 @@ class OutputProcessor:
         return self.tokenizer.decode([token_id])
 
     def _output(self, state: _RequestState) -> RequestOutput:
+        if state.pooling is not None:
+            from tessellm.pooling.outputs import pooling_output
+
+            return pooling_output(state)
         outs = []
         for s in state.samples:
             done = s.finish_reason is not None

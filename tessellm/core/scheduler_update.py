@@ -47,6 +47,10 @@ class SchedulerUpdate:
                 keep = req.num_computed_tokens + self.in_flight.tokens_ahead(rid) + self.config.num_lookahead_tokens
                 give_back(self.kv, req, keep, self.kept_blocks)
             self.kv.publish_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+            pooled = result.pooled.get(rid)
+            if pooled is not None:  # a pooling request ends with its prompt: no token sampled
+                outputs.append(self._pooled(req, pooled))
+                continue
             if not new_tokens:
                 continue
             if num_drafts:
@@ -76,6 +80,12 @@ class SchedulerUpdate:
                                 result.prompt_logprobs.get(rid),
                                 num_cached_tokens=max(req.num_cached_tokens, 0),
                                 first_scheduled_time=req.first_scheduled_time if first else None)
+
+    def _pooled(self, req: Request, pooled: list[float]) -> EngineCoreOutput:
+        self._finish(req, RequestStatus.FINISHED_STOPPED)  # frees its blocks now
+        return EngineCoreOutput(req.request_id, [], "stop", pooled=pooled,
+                                num_cached_tokens=max(req.num_cached_tokens, 0),
+                                first_scheduled_time=req.first_scheduled_time)
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         params = req.sampling_params

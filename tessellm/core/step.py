@@ -136,6 +136,10 @@ class ModelRunnerOutput:
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # Requests in ``SchedulerOutput.spec_ahead``: request id -> drafts the step verified.
     spec_ahead_drafts: dict[str, int] = field(default_factory=dict)
+    # Pooling runner (tessellm.pooling): request id -> its pooled hidden state (float32 values,
+    # before the request's dimensions / normalize), in the step that computed its last prompt
+    # token; the request is finished then. Absent: not pooled in this step.
+    pooled: dict[str, list[float]] = field(default_factory=dict)
 
 
 # -- field-by-name encoding helpers (the codecs: tessellm.distributed.codec, engine_process) --

@@ -20,7 +20,8 @@ def submit(inputs: InputProcessor, outputs: OutputProcessor, request_id: str,
            prompt: Union[PromptType, ProcessedPrompt], params: SamplingParams,
            send: Callable[[EngineCoreRequest], None], in_use: bool = False,
            lora_request=None,
-           abort: Optional[Callable[[list[str]], None]] = None) -> list[EngineCoreRequest]:
+           abort: Optional[Callable[[list[str]], None]] = None,
+           pooling=None) -> list[EngineCoreRequest]:
     """Queue one request; ``in_use``: the caller already holds ``request_id`` (a stream);
     ``lora_request``: its adapter (``tessellm.lora.LoRARequest``) or None; ``abort``: frees
     core request ids in the core (used when ``send`` raises after some samples went)."""
@@ -29,7 +30,7 @@ def submit(inputs: InputProcessor, outputs: OutputProcessor, request_id: str,
         raise ValueError(f"Request id {request_id!r} is already in use.")
     core_reqs = inputs.make_requests(request_id, processed, params, lora_request=lora_request)
     outputs.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
-                        [r.request_id for r in core_reqs], core_reqs[0].arrival_time)
+                        [r.request_id for r in core_reqs], core_reqs[0].arrival_time, pooling)
     sent: list[str] = []
     try:
         for req in core_reqs:

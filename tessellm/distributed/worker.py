@@ -74,15 +74,20 @@ class Worker:
         from tessellm.loader.model_loader import build_model
         from tessellm.quantization.support import kv_cache_torch_dtype
 
+        from tessellm.pooling.config import pooler_config_for
+
+        pooling = pooler_config_for(args, source)  # None: a generating model
         t0 = time.perf_counter()
         model, kernel = build_model(source, load_format, registry, self.backend, self.dtype,
                                     self.device, args.block_size, args.kv_cache_dtype, args.seed,
-                                    quantization=args.quantization, tp=self.tp, pp=self.pp)
+                                    quantization=args.quantization, tp=self.tp, pp=self.pp,
+                                    pooling=pooling is not None)
         self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
         lora = _lora_state(args, model, registry, self.backend, config, self.device, self.dtype)
         self.fast_all_reduce = self.tp.enable_fast_all_reduce(self.device, self.dtype)
         graphs = None
-        if self.pp.num_stages == 1:  # stages exchange tensors between steps: eager only
+        if self.pp.num_stages == 1 and pooling is None:  # stages exchange tensors: eager only;
+            # pooling steps are prefills (eager) only
             eager = args.enforce_eager or self.backend.emulated  # no device graphs on the host
             graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, eager,
                                                                    dtype=self.dtype))
@@ -97,7 +102,7 @@ class Worker:
                                                                LogitsOpsSpec(torch.float32))[0],
                                   spec=spec, verify_graph_factory=_verify_graph_factory(
                                       registry, self.backend, graphs, self.dtype),
-                                  lora=lora)
+                                  lora=lora, pooler=_pooler(pooling, model))
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
         if hasattr(graphs, "max_num_tokens"):  # a plan of step shapes to compile (tpu)
             graphs.max_num_tokens = self.max_num_batched_tokens
@@ -196,6 +201,17 @@ class Worker:
         table = self._profiler.key_averages().table(sort_by=key, row_limit=row_limit)
         self._profiler = None
         return table
+
+
+def _pooler(config, model):
+    if config is None:
+        return None
+    if getattr(model, "supports_images", False):
+        raise ValueError(f"{type(model).__name__} takes images, and pooling (embeddings) does not "
+                         "support image models yet; serve it with runner='generate'.")
+    from tessellm.pooling.pooler import Pooler
+
+    return Pooler(config)
 
 
 def _verify_graph_factory(registry, backend, graphs, dtype):

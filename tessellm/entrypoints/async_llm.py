@@ -175,15 +175,16 @@ class AsyncLLM:
 
     def add_request(self, request_id: str, prompt: Union[PromptType, ProcessedPrompt],
                     params: SamplingParams, event: Optional[asyncio.Event] = None,
-                    lora_request=None) -> RequestStream:
+                    lora_request=None, pooling=None) -> RequestStream:
         """Queue a request in the core; raises ValueError (nothing queued) on bad input.
-        ``lora_request``: its adapter (``tessellm.lora.LoRARequest``, checked by the caller)."""
+        ``lora_request``: its adapter (``tessellm.lora.LoRARequest``, checked by the caller);
+        ``pooling``: an embedding request's resolved PoolingParams (tessellm.pooling.front)."""
         self._check_alive()
         self._ensure_handler()
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         submit(self.inputs, self.outputs, request_id, processed, params, self.client.send_add,
                in_use=request_id in self.streams, lora_request=lora_request,
-               abort=self.client.send_abort)
+               abort=self.client.send_abort, pooling=pooling)
         stream = RequestStream(request_id, event)
         self.streams[request_id] = stream
         return stream
@@ -397,6 +398,8 @@ def _load_tokenizer(info, args: EngineArgs):
 def _core_refusal(result: RequestOutput) -> Optional[str]:
     """Why the core ended a sample of ``result`` (an abort it was not asked for: a request
     aborted here has no stream any more), or None. The core names the reason (stop_reason)."""
+    if not isinstance(result, RequestOutput):
+        return None  # a pooling request's output (tessellm.pooling.outputs)
     for sample in result.outputs:
         if sample.finish_reason == "abort" and isinstance(sample.stop_reason, str):
             return sample.stop_reason

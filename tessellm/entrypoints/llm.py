@@ -1,4 +1,5 @@
-"""The offline API: ``LLM(...).generate(...)`` and ``.chat(...)``."""
+"""The offline API: ``LLM(...).generate(...)`` and ``.chat(...)``; ``.embed(...)`` and
+``.encode(...)`` on an embedding model (``runner="pooling"``, docs/pooling.md)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,49 @@ class LLM:
                                              self.engine.args.allowed_local_media_path)
             prompts.append(prompt or {"prompt_token_ids": render(conv)})
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+
+    def embed(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
+              use_tqdm: bool = True, lora_request=None) -> list:
+        """Embeddings of prompts (as ``generate`` takes them) on a pooling engine
+        (``LLM(model, runner="pooling")``): one ``EmbeddingRequestOutput`` each, in input order,
+        ``.outputs.embedding`` a list of floats. ``pooling_params``: one
+        ``tessellm.pooling.PoolingParams`` (dimensions, normalize) or one per prompt;
+        ``truncate_prompt_tokens``: keep the last k tokens of each prompt (docs/pooling.md)."""
+        from tessellm.pooling.outputs import EmbeddingRequestOutput
+
+        return [EmbeddingRequestOutput.from_base(o)
+                for o in self.encode(prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request)]
+
+    def encode(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
+               use_tqdm: bool = True, lora_request=None, pooling_task: Optional[str] = "embed") -> list:
+        """As ``embed``, the vectors as tensors: ``PoolingRequestOutput.outputs.data``."""
+        from dataclasses import replace
+
+        if pooling_task not in (None, "embed"):
+            raise ValueError(f"pooling_task {pooling_task!r} is not supported; tessellm pools "
+                             "embeddings (pooling_task='embed').")
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = pooling_params if isinstance(pooling_params, (list, tuple)) else [pooling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"Got {len(params)} PoolingParams for {len(prompts)} prompts; give one, "
+                             "or one per prompt.")
+        if truncate_prompt_tokens is not None:
+            from tessellm.pooling.params import PoolingParams
+
+            params = [replace(p or PoolingParams(), truncate_prompt_tokens=truncate_prompt_tokens)
+                      for p in params]
+        ids = []
+        try:
+            for prompt, p, lora in zip(prompts, params, _per_prompt_lora(lora_request, len(prompts))):
+                rid = str(next(self._ids))
+                self.engine.add_pooling_request(rid, prompt, p, lora)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm and len(ids) >= _TQDM_MIN_PROMPTS)
 
     def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

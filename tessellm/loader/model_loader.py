@@ -26,8 +26,11 @@ from tessellm.quantization.support import check_kv_cache_dtype, quant_method_or_
 def build_model(source: ModelSource, load_format: str, registry, backend, dtype: torch.dtype,
                 device: torch.device, block_size: int, kv_cache_dtype: str = "auto", seed: int = 0,
                 quantization: Optional[str] = None, tp: Optional[TensorParallel] = None,
-                pp: Optional[PipelineStage] = None):
+                pp: Optional[PipelineStage] = None, pooling: bool = False):
     """Returns ``(model, attention_kernel)``; the kernel is shared by every layer.
+
+    ``pooling``: an embedding model (tessellm.pooling): its LM head is never used, so a
+    checkpoint may lack one (a bare ``*Model``), and an untied head's memory is given back.
 
     ``tp`` / ``pp``: this rank's tensor-parallel group and pipeline stage (default: one device).
     Each rank builds and reads only its part: its stage's layers, its slices of split weights.
@@ -37,7 +40,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     becomes every Linear's method; no answer refuses start-up naming the backends that have one.
     """
     config = source.hf_config
-    cls = model_class(config)  # raises for unsupported architectures before any allocation
+    cls = model_class(config, pooling)  # raises for unsupported architectures before any allocation
     quant_spec = resolve_quant_spec(quantization, source)
     quant_method = None
     if quant_spec is not None:
@@ -80,7 +83,10 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
             model = cls(config, ctx)
     finally:
         torch.set_default_dtype(previous)
-    _load_weights(model, source, load_format, dtype, seed, quant_spec if quant_method else None)
+    _load_weights(model, source, load_format, dtype, seed, quant_spec if quant_method else None,
+                  optional=("lm_head.weight",) if pooling else ())
+    if pooling:
+        _drop_lm_head(model)
     use_backend_linear(model, ops)
     model.eval()
     if len(kernels) > 1:  # layers with different sliding windows (Gemma 3)
@@ -100,8 +106,18 @@ def check_tensor_parallel_quantization(quant_spec, tp_size: int) -> None:
                          "quantization='int8' or 'fp8', which tensor parallelism supports.")
 
 
+def _drop_lm_head(model) -> None:
+    """A pooling model computes no logits: an untied head's weight (vocab x hidden) is freed."""
+    from tessellm.layers.vocab import ParallelLMHead
+
+    for head in (m for m in model.modules() if isinstance(m, ParallelLMHead)):
+        if head.tied is None and head.weight.numel():
+            head.weight = torch.nn.Parameter(head.weight.new_empty(0, head.weight.shape[-1]),
+                                             requires_grad=False)
+
+
 def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dtype, seed: int,
-                  quant_spec=None) -> None:
+                  quant_spec=None, optional: tuple = ()) -> None:
     if load_format == "dummy":
         if quant_spec is None:
             from tessellm.loader.dummy import init_dummy_weights
@@ -114,7 +130,7 @@ def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dty
     weights = _weight_stream(model, source, dtype, quant_spec)
     loaded = load_quantized_weights(model, weights) if quant_spec else model.load_weights(weights)
     expected = {n for n, _ in model.named_parameters()}
-    missing = sorted(expected - loaded)
+    missing = sorted(expected - loaded - set(optional))
     if missing:
         raise ValueError(f"The checkpoint at {source.path} lacks {len(missing)} weights, e.g. "
                          f"{missing[:3]}; is it complete and the right architecture?")

@@ -22,10 +22,15 @@ def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def model_class(config):
+def model_class(config, pooling: bool = False):
+    """``pooling``: an embedding model, whose checkpoint may be a bare ``LlamaModel`` /
+    ``Qwen3Model`` / ... (no LM head): served by the family's ``*ForCausalLM`` class."""
     archs = list(getattr(config, "architectures", None) or [])
     for arch in archs:
         if arch in _MODELS:
             return _MODELS[arch]
+        causal = arch[:-len("Model")] + "ForCausalLM" if arch.endswith("Model") else None
+        if pooling and causal in _MODELS:
+            return _MODELS[causal]
     raise ValueError(f"Model architecture {archs or '(none in config)'} is not supported. "
                      f"Supported: {', '.join(supported_architectures())}.")

@@ -25,6 +25,8 @@ NON_DEFAULT = {
     "generation_config": "vllm", "override_generation_config": '{"temperature": 0.5}',
     "limit_mm_per_prompt": '{"image": 2}', "allowed_local_media_path": "/tmp",
     "reasoning_parser": "qwen3",
+    "runner": "pooling", "task": "embed", "convert": "embed",
+    "pooler_config": '{"pooling_type": "MEAN"}', "override_pooler_config": '{"normalize": false}',
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],

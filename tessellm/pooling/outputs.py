@@ -1,0 +1,57 @@
+"""Results of a pooling engine, shaped like vLLM's ``PoolingRequestOutput`` /
+``EmbeddingRequestOutput`` (``LLM.encode`` / ``LLM.embed``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class PoolingOutput:
+    data: torch.Tensor  # float32 [dimensions]: the pooled vector after the request's params
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class PoolingRequestOutput:
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    prompt: Optional[str] = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    prompt: Optional[str] = None
+
+    @classmethod
+    def from_base(cls, out: PoolingRequestOutput) -> "EmbeddingRequestOutput":
+        return cls(out.request_id, EmbeddingOutput(out.outputs.data.tolist()), out.prompt_token_ids,
+                   out.finished, out.prompt)
+
+
+def pooling_output(state) -> PoolingRequestOutput:
+    """A pooling request's result from the output processor's state (an empty vector when it
+    ended without one: aborted)."""
+    data = torch.zeros(0)
+    if state.pooled is not None:
+        data = torch.from_numpy(state.pooling.apply(state.pooled, True))
+    return PoolingRequestOutput(state.request_id, PoolingOutput(data), state.prompt_token_ids,
+                                state.finished, state.prompt, state.num_cached_tokens)

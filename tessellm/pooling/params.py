@@ -1,0 +1,68 @@
+"""Per-request pooling parameters (vLLM's ``PoolingParams``) and what they do to a vector.
+
+The engine core pools (``pooler.py``) and sends the raw pooled vector; the front end applies a
+request's ``dimensions`` and ``normalize`` to it, in that order, as vLLM's embedding head does::
+
+    pooled [hidden]  --dimensions=d-->  pooled[:d]  --normalize-->  v / max(||v||, eps)
+
+(Matryoshka: a model trained so a prefix of its embedding is itself an embedding; truncating,
+then normalizing, gives that smaller embedding.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from tessellm.core.scheduler_config import RequestParamError
+
+_EPS = 1e-12  # torch.nn.functional.normalize's floor on the norm
+
+
+@dataclass
+class PoolingParams:
+    """``dimensions``: keep the first d values (then normalize; 1 <= d <= hidden size).
+    ``normalize``: L2-normalize (None: the engine's ``PoolerConfig.normalize``, true by default).
+    ``truncate_prompt_tokens``: keep only the last k prompt tokens (-1: as many as fit)."""
+
+    dimensions: Optional[int] = None
+    normalize: Optional[bool] = None
+    truncate_prompt_tokens: Optional[int] = None
+
+    def verify(self, hidden_size: int, matryoshka: Optional[list[int]] = None) -> None:
+        """RequestParamError (a 400 at the server) naming the bad field and the fix."""
+        d = self.dimensions
+        if d is not None:
+            if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+                raise RequestParamError(f"dimensions must be a positive integer, got {d!r}.", "dimensions")
+            if d > hidden_size:
+                raise RequestParamError(f"dimensions is {d}, more than this model's embedding size "
+                                        f"{hidden_size}; ask for at most {hidden_size}.", "dimensions")
+            if matryoshka and d not in matryoshka:
+                raise RequestParamError(f"dimensions {d} is not one this model was trained for; "
+                                        f"use one of {sorted(matryoshka)}.", "dimensions")
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise RequestParamError(f"normalize must be true or false, got {self.normalize!r}.", "normalize")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1)):
+            raise RequestParamError(f"truncate_prompt_tokens must be a positive integer or -1, got {k!r}.",
+                                    "truncate_prompt_tokens")
+
+    def apply(self, pooled, default_normalize: bool) -> np.ndarray:
+        """The embedding (float32) from the engine's raw pooled vector."""
+        v = np.asarray(pooled, dtype=np.float32)
+        if self.dimensions is not None:
+            v = v[:self.dimensions]
+        normalize = default_normalize if self.normalize is None else self.normalize
+        if normalize:
+            v = v / max(float(np.linalg.norm(v.astype(np.float64))), _EPS)
+        return v.astype(np.float32)
+
+
+def matryoshka_dimensions(hf_config) -> Optional[list[int]]:
+    """The sizes a Matryoshka model declares (``matryoshka_dimensions`` in config.json), or None
+    (any size up to the hidden size is allowed then)."""
+    dims = getattr(hf_config, "matryoshka_dimensions", None)
+    return [int(d) for d in dims] if dims else None

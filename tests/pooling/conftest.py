@@ -1,0 +1,84 @@
+"""Tiny random embedding models (built here, never downloaded) and the HF reference embedding:
+``AutoModel``'s ``last_hidden_state`` (after the final norm), pooled one prompt at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.conftest import TINY_COMMON
+
+
+@pytest.fixture(scope="session")
+def bare_model_dir(tmp_path_factory):
+    """A function arch -> directory of a bare ``*Model`` checkpoint (no lm_head, no ``model.``
+    prefix: how Qwen3-Embedding and e5-mistral ship), float32."""
+    import torch
+    from transformers import AutoModel, LlamaConfig, Qwen3Config
+
+    configs = {"qwen3": Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False,
+                                    use_sliding_window=False),
+               "llama": LlamaConfig(**TINY_COMMON, tie_word_embeddings=False)}
+    root = tmp_path_factory.mktemp("tiny-bare")
+    made: dict[str, str] = {}
+
+    def make(arch: str) -> str:
+        if arch not in made:
+            torch.manual_seed(4321)
+            path = os.path.join(root, arch)
+            AutoModel.from_config(configs[arch], dtype=torch.float32).save_pretrained(path)
+            made[arch] = path
+        return made[arch]
+
+    return make
+
+
+def with_sentence_transformers(src: str, dst: str, pooling_mode: str, normalize: bool) -> str:
+    """A copy of ``src`` with sentence-transformers' modules.json and 1_Pooling/config.json."""
+    shutil.copytree(src, dst)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    with open(os.path.join(dst, "modules.json"), "w") as f:
+        json.dump(modules, f)
+    os.makedirs(os.path.join(dst, "1_Pooling"))
+    keys = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
+            "lasttoken": "pooling_mode_lasttoken"}
+    st = {"word_embedding_dimension": TINY_COMMON["hidden_size"],
+          **{k: k == keys[pooling_mode] for k in keys.values()}, "pooling_mode_max_tokens": False}
+    with open(os.path.join(dst, "1_Pooling", "config.json"), "w") as f:
+        json.dump(st, f)
+    return dst
+
+
+def hf_embeddings(model_dir: str, prompts: list[list[int]], pooling: str, normalize: bool = True,
+                  dimensions: int | None = None):
+    """The reference: HF AutoModel in float32, one prompt at a time (no padding)."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            hidden = model(torch.tensor([p])).last_hidden_state[0]
+            v = {"LAST": hidden[-1], "MEAN": hidden.mean(0), "CLS": hidden[0]}[pooling]
+            if dimensions is not None:
+                v = v[:dimensions]
+            if normalize:
+                v = torch.nn.functional.normalize(v, dim=-1)
+            out.append(v)
+    return torch.stack(out)
+
+
+def random_prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 90) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, TINY_COMMON["vocab_size"]) for _ in range(rng.randint(lo, hi))]
+            for _ in range(n)]
