@@ -162,6 +162,8 @@ class ModelRunner(RunnerGraphs):
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.dummy(num_tokens))
         if self.pp.is_last and self.pooler is None:
             self.model.compute_logits(hidden[-min(num_tokens, 256):])
+        if self.encoder_cache is not None:  # the vision tower's peak too
+            self.encoder_cache.profile(num_tokens)
         self.backend.synchronize()
         self.allocate_kv_cache(0, self.dtype)
 

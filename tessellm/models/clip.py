@@ -136,8 +136,9 @@ class CLIPVisionTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.pre_layrnorm(self.embeddings(pixels))
-        states = [x]
-        for layer in self.encoder.layers:
+        kept = {0: x} if 0 in self.feature_layers else {}  # only the selected layers' outputs
+        for i, layer in enumerate(self.encoder.layers, start=1):
             x = layer(x)
-            states.append(x)
-        return torch.cat([states[i] for i in self.feature_layers], dim=-1)
+            if i in self.feature_layers:
+                kept[i] = x
+        return torch.cat([kept[i] for i in self.feature_layers], dim=-1)

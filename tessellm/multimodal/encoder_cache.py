@@ -9,7 +9,8 @@ still to be computed and a step has already reached it. Chunked prefill may spli
     step 2:                                      [c+n ............ end)        rows k..; free
 
 so the vision tower runs once per image even when a span crosses steps (as vLLM's encoder
-cache). A prefix-cache hit that ends inside a span starts in its middle: the features are
+cache). Equal images (the same content hash) of requests in the cache together are encoded
+once and share the features tensor. A prefix-cache hit that ends inside a span starts in its middle: the features are
 computed whole, the rows already in the KV cache are skipped. Preemption drops the runner's
 state for the request (``drop``); on resume it comes back as new and the features are
 recomputed from its pixels, which travel with it (``NewRequestData.mm_features``).
@@ -28,6 +29,7 @@ class EncoderCache:
         self.model = model  # has encode_images(pixels [N, C, H, W]) -> [N, tokens, hidden]
         self.device = device
         self.features: dict[tuple[str, int], torch.Tensor] = {}  # (request id, image) -> [tokens, hidden]
+        self.identifiers: dict[tuple[str, int], str] = {}  # the same keys -> content hash
         self.num_encoded = 0  # images run through the vision tower (tests, stats)
 
     def drop(self, request_ids) -> None:
@@ -36,7 +38,7 @@ class EncoderCache:
             return
         ids = set(request_ids)
         for key in [k for k in self.features if k[0] in ids]:
-            del self.features[key]
+            self._forget(key)
 
     def step_embeds(self, states: Sequence, counts: Sequence[int],
                     query_start_loc: np.ndarray) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -59,22 +61,50 @@ class EncoderCache:
             rows.append(np.arange(row, row + hi - lo))
             feats.append(self.features[key][lo:hi])
             if hi == f.length:  # its last placeholders: consumed
-                del self.features[key]
+                self._forget(key)
         rows_t = torch.from_numpy(np.concatenate(rows)).to(self.device)
         return rows_t, torch.cat(feats)
 
+    def profile(self, num_tokens: int) -> None:
+        """Run the vision tower on as many blank images as a step of ``num_tokens`` prompt
+        tokens covers whole, so its activations count in the memory profile before the KV
+        cache is sized (``ModelRunner.profile_run``)."""
+        tower = self.model.vision_tower.embeddings
+        n = max(1, -(-num_tokens // self.model.feature_size))
+        pixels = torch.zeros(n, tower.patch_embedding.in_channels, tower.image_size, tower.image_size,
+                             device=self.device)
+        self.model.encode_images(pixels)
+
+    def _hold(self, key: tuple[str, int], identifier: str, feats: torch.Tensor) -> None:
+        self.features[key] = feats
+        self.identifiers[key] = identifier
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        del self.features[key]
+        del self.identifiers[key]
+
     def _encode(self, items: list) -> None:
-        """One vision-tower call per image shape among ``items`` (one for LLaVA-1.5)."""
-        by_shape: dict[tuple, list] = {}
+        """Features for ``items`` (key, feature): taken from an entry with the same content
+        hash where one is held, else one vision-tower call per image shape (one for
+        LLaVA-1.5) over the distinct images."""
+        held = {self.identifiers[k]: t for k, t in self.features.items()}
+        todo: dict[str, list] = {}  # content hash -> the keys that want it
+        firsts: dict[tuple, list] = {}  # image shape -> one feature per content hash
         for key, f in items:
-            by_shape.setdefault(tuple(f.shape), []).append((key, f))
-        for group in by_shape.values():
-            pixels = torch.from_numpy(np.stack([f.pixels() for _, f in group])).to(self.device)
+            if f.identifier in held:
+                self._hold(key, f.identifier, held[f.identifier])
+                continue
+            if f.identifier not in todo:
+                firsts.setdefault(tuple(f.shape), []).append(f)
+            todo.setdefault(f.identifier, []).append(key)
+        for group in firsts.values():
+            pixels = torch.from_numpy(np.stack([f.pixels() for f in group])).to(self.device)
             out = self.model.encode_images(pixels)
-            for (key, f), feats in zip(group, out):
+            for f, feats in zip(group, out):
                 if feats.shape[0] != f.length:
-                    raise ValueError(f"Image of request {key[0]!r} has {f.length} placeholder "
-                                     f"tokens but the vision encoder gives {feats.shape[0]} "
-                                     "features; the prompt's image tokens do not match the model.")
-                self.features[key] = feats
+                    raise ValueError(f"An image has {f.length} placeholder tokens but the vision "
+                                     f"encoder gives {feats.shape[0]} features; the prompt's image "
+                                     "tokens do not match the model.")
+                for key in todo[f.identifier]:
+                    self._hold(key, f.identifier, feats)
             self.num_encoded += len(group)

@@ -70,3 +70,21 @@ def test_preemption_recomputes_the_image_features(llava_dir):
         assert not core.runner.encoder_cache.features
         assert core.kv.num_free_blocks == core.kv.num_blocks
     assert [list(o.outputs[0].token_ids) for o in outs] == hf_greedy(llava_dir, prompts, images, 16)
+
+
+def test_equal_images_in_one_batch_are_encoded_once(llava_dir):
+    """Two prompts with the same image in one step (prefix caching off, so neither hits the
+    other's blocks), and n=2 samples of a third: the tower runs once per distinct image."""
+    prompts = [PROMPT, "USER: <image>\nDescribe the image. ASSISTANT:"]
+    with LLM(llava_dir, dtype="float32", num_kv_blocks=64, block_size=BS,
+             enable_prefix_caching=False) as llm:
+        outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": image(60)}} for p in prompts],
+                            GREEDY, use_tqdm=False)
+        cache = llm.engine.core.runner.encoder_cache
+        assert cache.num_encoded == 1 and not cache.features
+        two = llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": image(61)}},
+                           SamplingParams(n=2, temperature=0.0, max_tokens=MAX_NEW, min_tokens=MAX_NEW,
+                                          ignore_eos=True), use_tqdm=False)[0]
+    want = hf_greedy(llava_dir, prompts + [PROMPT], [image(60), image(60), image(61)], MAX_NEW)
+    assert [list(o.outputs[0].token_ids) for o in outs] == want[:2]
+    assert [list(c.token_ids) for c in two.outputs] == [want[2], want[2]]
