@@ -22,6 +22,9 @@ class ProcessedPrompt:
     # Its images (tessellm.multimodal.inputs.MultiModalFeature), placeholders expanded in
     # prompt_token_ids; None for a text prompt.
     mm_features: Optional[list] = None
+    # vLLM's cache_salt: mixed into its first prefix-cache block hash, so only requests with
+    # the same salt share its cached blocks (isolates tenants). None: unsalted.
+    cache_salt: Optional[str] = None
 
 
 class InputProcessor:
@@ -31,8 +34,16 @@ class InputProcessor:
         self._valid_specs: dict[str, None] = {}  # cache keys of structured outputs that parsed
 
     def process_prompt(self, prompt: PromptType, truncate: Optional[int] = None) -> ProcessedPrompt:
-        """``truncate``: keep only the last ``truncate`` tokens (-1: as many as the context
-        holds), before the length check (a pooling request's ``truncate_prompt_tokens``)."""
+        """A str, token ids, or a dict (vLLM's TextPrompt / TokensPrompt: ``prompt`` or
+        ``prompt_token_ids``, optional ``multi_modal_data`` and ``cache_salt``). ``truncate``:
+        keep only the last ``truncate`` tokens (-1: as many as the context holds), before the
+        length check (a pooling request's ``truncate_prompt_tokens``)."""
+        processed = self._process(prompt, truncate)
+        if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
+            processed.cache_salt = check_cache_salt(prompt["cache_salt"])
+        return processed
+
+    def _process(self, prompt: PromptType, truncate: Optional[int]) -> ProcessedPrompt:
         if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
             return self._check(self._process_multimodal(prompt))
         if isinstance(prompt, dict):
@@ -138,18 +149,26 @@ class InputProcessor:
             self._check_structured(params.structured_outputs)
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.info.max_model_len - len(prompt.prompt_token_ids))
-        mm = prompt.mm_features
+        mm, salt = prompt.mm_features, prompt.cache_salt
         if params.n == 1:
             return [EngineCoreRequest(request_id, prompt.prompt_token_ids, params, arrival,
-                                      lora_request=lora, mm_features=mm)]
+                                      cache_salt=salt, lora_request=lora, mm_features=mm)]
         child_ids = [child_request_id(request_id, i) for i in range(params.n)]
         reqs = []
         for i, cid in enumerate(child_ids):
             child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
             reqs.append(EngineCoreRequest(cid, prompt.prompt_token_ids, child_params, arrival,
-                                          wait_for=child_ids[0] if i else None, lora_request=lora,
-                                          mm_features=mm))
+                                          cache_salt=salt, wait_for=child_ids[0] if i else None,
+                                          lora_request=lora, mm_features=mm))
         return reqs
+
+
+def check_cache_salt(salt) -> str:
+    """A request's cache_salt, refused (as vLLM) unless a non-empty string."""
+    if not isinstance(salt, str) or not salt:
+        raise RequestParamError("cache_salt must be a non-empty string when given (a random, "
+                                "unguessable one per tenant).", "cache_salt")
+    return salt
 
 
 def child_request_id(parent_id: str, index: int) -> str:

@@ -69,6 +69,7 @@ class _SamplingFields(_Request):
     request_id: Optional[str] = Field(None, min_length=1, max_length=256)  # the response id's tail
     session_id: Optional[str] = None  # accepted; no effect
     stream_interval: Optional[int] = Field(None, ge=1)  # accepted; tessellm streams every step
+    cache_salt: Optional[str] = None  # prefix-cache blocks are shared only within one salt
     # vLLM extras accepted only at their neutral value (UNSUPPORTED)
     use_beam_search: bool = False
     length_penalty: Optional[float] = None
@@ -77,7 +78,6 @@ class _SamplingFields(_Request):
     bad_words: Optional[list[str]] = None
     logprob_token_ids: Optional[list[int]] = None
     priority: int = 0
-    cache_salt: Optional[str] = None
     watermarking: Optional[bool] = None
     thinking_token_budget: Optional[int] = None
     repetition_detection: Optional[Any] = None
@@ -216,7 +216,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "bad_words": (None, []),
     "logprob_token_ids": (None,),
     "priority": (0,),
-    "cache_salt": (None,),
     "watermarking": (None, False),
     "thinking_token_budget": (None, -1),
     "repetition_detection": (None,),

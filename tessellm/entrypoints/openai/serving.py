@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Protocol
 
 from fastapi import Request
@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from tessellm.core.engine_process import EngineDeadError
-from tessellm.core.input_processor import ProcessedPrompt
+from tessellm.core.input_processor import ProcessedPrompt, check_cache_salt
 from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.async_llm import AsyncLLM, RequestStream, iterate_streams
@@ -101,9 +101,13 @@ class Submitted:
 
 
 def submit(engine: AsyncLLM, base_id: str, prompts: list[ProcessedPrompt],
-           params: list[SamplingParams], lora_request=None) -> Submitted:
+           params: list[SamplingParams], lora_request=None, cache_salt=None) -> Submitted:
+    """``cache_salt``: the request's (vLLM's field), for every prompt of it."""
     sub = Submitted([], [], asyncio.Event(), prompts)
     try:
+        if cache_salt is not None:
+            salt = check_cache_salt(cache_salt)
+            prompts = [replace(p, cache_salt=salt) for p in prompts]
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             rid = f"{base_id}-{i}"
             sub.streams.append(engine.add_request(rid, prompt, p, sub.event, lora_request))

@@ -64,7 +64,7 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     if reasoning is not None:
         reasoning.adjust(params)
     request_id = random_id("chatcmpl")
-    sub = submit(engine, request_id, [processed], [params], lora)
+    sub = submit(engine, request_id, [processed], [params], lora, req.cache_salt)
     view = _ChatView(engine, req, lora.lora_name if lora else config.model_name,
                      response_id("chatcmpl", req, request_id), plan, reasoning)
     view.prompt_tokens = len(processed.prompt_token_ids)

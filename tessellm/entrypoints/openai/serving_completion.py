@@ -46,7 +46,7 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     params = [to_sampling_params(req, resolve_max_tokens(req, len(p.prompt_token_ids), max_len, config, defaults),
                                  engine.info.vocab_size, structured, defaults) for p in processed]
     request_id = random_id("cmpl")
-    sub = submit(engine, request_id, processed, params, lora)
+    sub = submit(engine, request_id, processed, params, lora, req.cache_salt)
     view = _CompletionView(engine, req, lora.lora_name if lora else config.model_name,
                            response_id("cmpl", req, request_id), [_prompt_text(engine, p) for p in processed])
     if req.stream:
