@@ -29,6 +29,9 @@ class RunnerRequest:
     draft_probs: object = None  # float32 [k, vocab] tensor: the drafts' distribution; None: point masses
     proposed: list[int] = field(default_factory=list)  # the proposer's drafts after its last step
     mm_features: list = field(default_factory=list)  # its images (multimodal.inputs); [] for text
+    # bool [vocab] on the sampler's device, True where ``params.allowed_token_ids`` bans the
+    # token; built at this request's first sampled step, kept while it runs.
+    disallowed: object = None
 
     @property
     def num_tokens(self) -> int:

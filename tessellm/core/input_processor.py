@@ -131,11 +131,38 @@ class InputProcessor:
             if not (isinstance(token, int) and 0 <= token < vocab):
                 raise RequestParamError(f"logit_bias token id {token} is outside the vocabulary "
                                         f"[0, {vocab}); use this model's token ids.", "logit_bias")
+        for field in ("allowed_token_ids", "bad_words_token_ids"):
+            value = getattr(params, field) or ()
+            tokens = value if field == "allowed_token_ids" else [t for word in value for t in word]
+            bad = [t for t in tokens if not 0 <= t < vocab]
+            if bad:
+                raise RequestParamError(f"{field} has {bad[0]}, outside the vocabulary [0, {vocab}); "
+                                        f"use this model's token ids.", field)
         for token in params.stop_token_ids or ():
             if not (isinstance(token, int) and 0 <= token < vocab):
                 raise RequestParamError(f"stop_token_ids has {token}, outside the vocabulary "
                                         f"[0, {vocab}); use this model's token ids.",
                                         "stop_token_ids")
+
+    def _bad_words_token_ids(self, params: SamplingParams) -> list[list[int]]:
+        """``bad_words`` as token sequences (plus any given ``bad_words_token_ids``): each word
+        without a leading space (as at the start of the text) and with one (after another
+        word), the second kept when it tokenizes differently. vLLM keeps it only when it also
+        has as many tokens; every distinct form is kept here, so a word whose spaced form
+        splits differently is banned too."""
+        if self.tokenizer is None:
+            raise RequestParamError("bad_words need the model's tokenizer, and this model has no "
+                                    "tokenizer files; pass bad_words_token_ids instead.", "bad_words")
+        words = [list(w) for w in params.bad_words_token_ids or ()]
+        for word in params.bad_words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if not ids:
+                    raise RequestParamError(f"bad_words entry {word!r} tokenizes to no tokens; "
+                                            "remove it.", "bad_words")
+                if ids not in words:
+                    words.append(ids)
+        return words
 
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                       arrival_time: Optional[float] = None,
@@ -144,6 +171,8 @@ class InputProcessor:
         ``lora_request``: the adapter (``tessellm.lora.LoRARequest``), None for the base model."""
         lora = None if lora_request is None else lora_request.to_dict()
         arrival = time.time() if arrival_time is None else arrival_time
+        if params.bad_words:
+            params = params.clone(bad_words_token_ids=self._bad_words_token_ids(params))
         self._check_vocab(params)
         if params.structured_outputs is not None:
             self._check_structured(params.structured_outputs)

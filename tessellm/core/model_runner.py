@@ -196,8 +196,8 @@ class ModelRunner(RunnerGraphs):
         one_each = len(ns) == len(order) and sum(ns.values()) == len(ns)
         num_sampled = None if one_each else [ns.get(r, 0) for r in order]
         if (self.host_sampling or len(self.steps.unresolved) >= 2
-                or any(s.params.needs_penalties for s in states)):
-            # at most two steps in flight; penalties count every token; sampled on the host,
+                or any(s.params.needs_history for s in states)):
+            # at most two steps in flight; penalties and bad words read every token; sampled on the host,
             # the last step's tokens are there already (no device feed)
             self.steps.resolve_all()
         if self.lora is not None:

@@ -1,9 +1,9 @@
 """Sampling on the device: every SamplingParams field, per row, in one batch.
 
-Order of operations (vLLM's): logit bias and min-tokens masking, then penalties, on the raw
-logits; greedy rows take the argmax there. Random rows then divide by temperature, apply top-k
-and top-p, drop tokens under min_p, and sample with the exponential trick (``argmax(p / q)``,
-``q ~ Exp(1)``), which needs no host sync. Logprobs are the log-softmax of the *raw* logits
+Order of operations (vLLM's): allowed_token_ids, then bad words, logit bias and min-tokens
+masking, then penalties, on the raw logits; greedy rows take the argmax there. Random rows
+then divide by temperature, apply top-k and top-p, drop tokens under min_p, and sample with
+the exponential trick (``argmax(p / q)``, ``q ~ Exp(1)``), which needs no host sync. Logprobs are the log-softmax of the *raw* logits
 (before any processing), as vLLM reports them.
 
 A filtered row samples from its *candidates* (``sampling_filters``): the tokens top-k, top-p or
@@ -52,8 +52,11 @@ class SamplingBatch:
     prompt_mask: Optional[torch.Tensor] = None  # bool [B, V]: token appears in the prompt
     # Sparse per-row edits: (row, token ids, values) added to the logits.
     logit_bias: Optional[list[tuple[int, list[int], list[float]]]] = None
-    # (row, token ids) banned this step (EOS / stop ids before min_tokens).
+    # (row, token ids) banned this step (EOS / stop ids before min_tokens, bad words' last tokens).
     banned: Optional[list[tuple[int, list[int]]]] = None
+    # allowed_token_ids: the rows that have them and their bool [V] masks (True: banned).
+    allowed_rows: Optional[list[int]] = None
+    allowed_masks: Optional[list[torch.Tensor]] = None
     seeds: Optional[list[tuple[int, int]]] = None  # (row, seed mixed with output position)
     max_num_logprobs: Optional[int] = None  # top-k logprobs to return; None: none
     # The largest top_k when every row has one (host int, no device sync): top-k/top-p then
@@ -110,8 +113,14 @@ class Sampler:
     @staticmethod
     def _edit_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The logits with bias, bans and penalties applied; ``logits`` itself is not written."""
-        if batch.logit_bias or batch.banned:
+        if batch.logit_bias or batch.banned or batch.allowed_rows:
             logits = logits.clone()
+        if batch.allowed_rows:  # first, as vLLM: only the allowed ids keep their logits
+            if len(batch.allowed_rows) == 1:
+                logits[batch.allowed_rows[0]].masked_fill_(batch.allowed_masks[0], -float("inf"))
+            else:
+                rows = torch.tensor(batch.allowed_rows, device=logits.device)
+                logits[rows] = logits[rows].masked_fill(torch.stack(batch.allowed_masks), -float("inf"))
         for row, ids, values in batch.logit_bias or ():
             idx = torch.tensor(ids, device=logits.device)
             logits[row, idx] += torch.tensor(values, device=logits.device)
@@ -252,7 +261,7 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _has_edits(batch: SamplingBatch) -> bool:
-    return bool(batch.logit_bias or batch.banned or batch.repetition is not None)
+    return bool(batch.logit_bias or batch.banned or batch.allowed_rows or batch.repetition is not None)
 
 
 def _nonzero_columns(probs: torch.Tensor, skip: torch.Tensor) -> Candidates:

@@ -42,7 +42,11 @@ def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Callable[[int],
         _add_penalties(batch, rows, device, vocab_size)
     batch.logit_bias = [(i, list(p.logit_bias), list(p.logit_bias.values()))
                         for i, p in enumerate(params) if p.logit_bias] or None
-    batch.banned = _banned(params, out_pos, eos_token_ids) or None
+    batch.banned = _banned(rows, out_pos, eos_token_ids) or None
+    allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
+    if allowed:
+        batch.allowed_rows = allowed
+        batch.allowed_masks = [_disallowed(rows[i], device, vocab_size) for i in allowed]
     batch.seeds = [(i, seed_for_position(p.seed, out_pos(i))) for i, p in enumerate(params)
                    if p.seed is not None and not p.is_greedy] or None
     wanted = [p.logprobs for p in params if p.logprobs is not None]
@@ -69,12 +73,48 @@ def _add_penalties(batch: SamplingBatch, rows: Sequence[RunnerRequest], device: 
     batch.output_counts, batch.prompt_mask = counts, prompt
 
 
-def _banned(params, out_pos, eos_token_ids) -> list[tuple[int, list[int]]]:
-    """EOS and stop ids are banned from rows sampling before ``min_tokens``."""
+def _banned(rows: Sequence[RunnerRequest], out_pos, eos_token_ids) -> list[tuple[int, list[int]]]:
+    """Per row the ids it may not sample: EOS and stop ids before ``min_tokens``, and the last
+    token of every bad word whose other tokens end the output so far."""
     banned = []
-    for i, p in enumerate(params):
+    for i, r in enumerate(rows):
+        p = r.params
+        ids = set()
         if p.min_tokens and out_pos(i) < p.min_tokens:
-            ids = set(p.stop_token_ids) | set(eos_token_ids)
-            if ids:
-                banned.append((i, sorted(ids)))
+            ids |= set(p.stop_token_ids) | set(eos_token_ids)
+        if p.bad_words_token_ids:
+            ids |= bad_word_bans(r, out_pos(i))
+        if ids:
+            banned.append((i, sorted(ids)))
     return banned
+
+
+def bad_word_bans(r: RunnerRequest, pos: int) -> set[int]:
+    """The bad words' last tokens banned at output index ``pos``: those whose other tokens are
+    the last ones of the output before ``pos``. The output is the accepted tokens followed by
+    the drafts this step verifies (a row verifying draft j sees drafts 0..j-1), so a verified
+    row is masked as the same token would be without speculation::
+
+        token_ids[num_prompt:] = [a b c]   spec_token_ids = [d e]   pos 4 -> history [a b c d]
+    """
+    words = r.params.bad_words_token_ids
+    longest = max(len(w) for w in words) - 1
+    start = r.num_prompt_tokens
+    num_out = len(r.token_ids) - start
+    tail = [r.token_ids[start + j] if j < num_out else r.spec_token_ids[j - num_out]
+            for j in range(max(0, pos - longest), pos)]
+    bans = set()
+    for word in words:
+        k = len(word) - 1
+        if k <= len(tail) and tail[len(tail) - k:] == word[:-1]:
+            bans.add(word[-1])
+    return bans
+
+
+def _disallowed(r: RunnerRequest, device: torch.device, vocab: int) -> torch.Tensor:
+    """bool [vocab], True outside ``allowed_token_ids``; made once per running request."""
+    if r.disallowed is None:
+        mask = torch.ones(vocab, dtype=torch.bool)
+        mask[torch.tensor(r.params.allowed_token_ids)] = False
+        r.disallowed = mask.to(device)
+    return r.disallowed

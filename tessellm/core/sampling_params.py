@@ -34,6 +34,16 @@ class SamplingParams:
     skip_special_tokens: bool = True  # in the detokenized text
     include_stop_str_in_output: bool = False
     logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit
+    # Only these token ids may be sampled (the others' logits are -inf before temperature,
+    # top-k/p); logprobs stay those of the raw logits, as vLLM's. None: no restriction.
+    allowed_token_ids: Optional[list[int]] = None
+    # Words that must not be generated: the front end tokenizes each (with and without a
+    # leading space) into ``bad_words_token_ids``; a word's last token is banned whenever the
+    # output so far ends with the word's other tokens (vLLM's rule).
+    bad_words: Optional[list[str]] = None
+    # Token sequences banned as above; filled from ``bad_words`` by the front end
+    # (InputProcessor), or given directly (a model without a tokenizer).
+    bad_words_token_ids: Optional[list[list[int]]] = None
     # Constrain the output to a JSON schema, regex, choice, grammar (structured_output/params.py);
     # a dict (as msgpack carries it) is converted.
     structured_outputs: Optional[StructuredOutputsParams] = None
@@ -46,6 +56,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.bad_words is not None:
+            self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
@@ -87,6 +99,21 @@ class SamplingParams:
                        f"logit_bias value for token {token} must be a number below +inf (-inf bans the "
                        f"token), got {value!r}.")
 
+        self._validate_token_lists()
+
+    def _validate_token_lists(self) -> None:
+        if self.allowed_token_ids is not None:
+            _check(isinstance(self.allowed_token_ids, (list, tuple)) and len(self.allowed_token_ids) > 0,
+                   "allowed_token_ids is empty: give at least one token id, or null for no restriction.")
+            _check(all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids),
+                   f"allowed_token_ids must be non-negative integers, got {self.allowed_token_ids!r}.")
+        _check(self.bad_words is None or all(isinstance(w, str) and w.strip() for w in self.bad_words),
+               "bad_words must be a list of non-empty strings.")
+        if self.bad_words_token_ids is not None:
+            _check(all(isinstance(w, (list, tuple)) and w and all(isinstance(t, int) and t >= 0 for t in w)
+                       for w in self.bad_words_token_ids),
+                   "bad_words_token_ids must be a list of non-empty lists of non-negative token ids.")
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
@@ -95,6 +122,12 @@ class SamplingParams:
     def needs_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
+
+    @property
+    def needs_history(self) -> bool:
+        """The sampler reads this request's output so far (penalties, bad words): the runner
+        resolves steps in flight first."""
+        return self.needs_penalties or bool(self.bad_words_token_ids)
 
     def clone(self, **changes) -> "SamplingParams":
         from dataclasses import replace

@@ -151,8 +151,7 @@ def test_unhandled_error_keeps_the_connection():
 
 _REFUSED = [  # vLLM extras tessellm does not implement: (field, neutral value, a value that acts)
     ("use_beam_search", False, True), ("length_penalty", 1.0, 0.5),
-    ("spaces_between_special_tokens", True, False), ("allowed_token_ids", None, [1, 2]),
-    ("bad_words", [], ["Paris"]), ("priority", 0, 1),
+    ("spaces_between_special_tokens", True, False), ("priority", 0, 1),
     ("logprob_token_ids", None, [1]), ("vllm_xargs", None, {"a": 1}),
 ]
 _CHAT_REFUSED = [("echo", False, True), ("add_special_tokens", False, True),

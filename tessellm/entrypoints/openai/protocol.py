@@ -71,11 +71,11 @@ class _SamplingFields(_Request):
     stream_interval: Optional[int] = Field(None, ge=1)  # accepted; tessellm streams every step
     cache_salt: Optional[str] = None  # prefix-cache blocks are shared only within one salt
     # vLLM extras accepted only at their neutral value (UNSUPPORTED)
+    allowed_token_ids: Optional[list[int]] = None  # only these ids may be sampled
+    bad_words: Optional[list[str]] = None  # words never generated (SamplingParams.bad_words)
     use_beam_search: bool = False
     length_penalty: Optional[float] = None
     spaces_between_special_tokens: bool = True
-    allowed_token_ids: Optional[list[int]] = None
-    bad_words: Optional[list[str]] = None
     logprob_token_ids: Optional[list[int]] = None
     priority: int = 0
     watermarking: Optional[bool] = None
@@ -212,8 +212,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "use_beam_search": (False,),
     "length_penalty": (None, 1.0),
     "spaces_between_special_tokens": (True,),
-    "allowed_token_ids": (None,),
-    "bad_words": (None, []),
     "logprob_token_ids": (None,),
     "priority": (0,),
     "watermarking": (None, False),

@@ -140,6 +140,8 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             logit_bias=_logit_bias(req.logit_bias, vocab_size),
+            allowed_token_ids=req.allowed_token_ids,
+            bad_words=req.bad_words or None,
             structured_outputs=structured,
         )
     except ValueError as exc:  # SamplingParams' messages start with the field's name
