@@ -70,9 +70,9 @@ class _SamplingFields(_Request):
     session_id: Optional[str] = None  # accepted; no effect
     stream_interval: Optional[int] = Field(None, ge=1)  # accepted; tessellm streams every step
     cache_salt: Optional[str] = None  # prefix-cache blocks are shared only within one salt
-    # vLLM extras accepted only at their neutral value (UNSUPPORTED)
     allowed_token_ids: Optional[list[int]] = None  # only these ids may be sampled
     bad_words: Optional[list[str]] = None  # words never generated (SamplingParams.bad_words)
+    # vLLM extras accepted only at their neutral value (UNSUPPORTED)
     use_beam_search: bool = False
     length_penalty: Optional[float] = None
     spaces_between_special_tokens: bool = True
