@@ -31,6 +31,10 @@ class InputProcessor:
     def __init__(self, info: EngineInfo, tokenizer):
         self.info = info
         self.tokenizer = tokenizer
+        if info.mm_limits:  # a vision model: its processor's chat template where the tokenizer has none
+            from tessellm.multimodal.processor import adopt_chat_template
+
+            adopt_chat_template(tokenizer, info)
         self._valid_specs: dict[str, None] = {}  # cache keys of structured outputs that parsed
 
     def process_prompt(self, prompt: PromptType, truncate: Optional[int] = None) -> ProcessedPrompt:
@@ -45,6 +49,9 @@ class InputProcessor:
 
     def _process(self, prompt: PromptType, truncate: Optional[int]) -> ProcessedPrompt:
         if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
+            if truncate is not None:
+                raise ValueError("truncate_prompt_tokens does not combine with images (it could "
+                                 "cut an image's placeholders); send a shorter prompt.")
             return self._check(self._process_multimodal(prompt))
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:

@@ -73,19 +73,20 @@ def render_with_images(render: Callable[[list[dict]], list[int]], conversation: 
                        num_images: int, image_token: str, image_token_id: int) -> list[int]:
     """Token ids of the conversation (image parts already ``{"type": "image"}``) with one
     placeholder per image; ``render``: the conversation through the chat template."""
-    error: Optional[Exception] = None
+    errors: list[Exception] = []
     for form in (conversation, _as_string_content(conversation, image_token)):
         try:
             ids = render(form)
         except Exception as exc:  # noqa: BLE001 - the other form may render
-            error = exc
+            errors.append(exc)
             continue
         if ids.count(image_token_id) == num_images:
             return ids
+    if len(errors) == 2:  # neither form rendered: the template's own error (or none at all)
+        raise ValueError(f"The chat template could not render these messages: {errors[-1]}")
     raise ValueError(f"The chat template does not place the {num_images} image(s) of these "
-                     f"messages (no {image_token} per image in the prompt)"
-                     + (f": {error}" if error else "") + "; pass a chat template that renders "
-                     "image parts.")
+                     f"messages (one {image_token} each in the prompt); pass a chat template "
+                     "that renders image parts.")
 
 
 def load_chat_images(conversation: list[dict], info, allowed_local_media_path: Optional[str]):

@@ -63,9 +63,12 @@ def check_multimodal_args(hf_config, args) -> None:
     """Refuse, at start-up, what does not combine with an image model yet."""
     if not takes_images(hf_config):
         return
+    from tessellm.pooling.config import resolve_runner
+
     for name, unsupported in (("speculative_config", args.speculative_config is not None),
                               ("enable_lora", args.enable_lora),
-                              ("pipeline_parallel_size > 1", args.pipeline_parallel_size > 1)):
+                              ("pipeline_parallel_size > 1", args.pipeline_parallel_size > 1),
+                              ("runner='pooling'", resolve_runner(args, hf_config) == "pooling")):
         if unsupported:
             raise ValueError(f"{name} does not combine with an image model "
                              f"({hf_config.architectures[0]}) yet; run it without.")

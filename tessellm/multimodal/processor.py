@@ -50,6 +50,7 @@ class ImageProcessor:
         self.max_images = max_images
         self.image_token_id = image_token_id(config)
         self.feature_size = image_feature_size(config)
+        self.image_size = config.vision_config.image_size
 
     @functools.cached_property
     def hf(self):
@@ -77,6 +78,10 @@ class ImageProcessor:
             out = self._run(lambda: self.hf.image_processor(images=images, return_tensors="np"))
             ids = self._expand(list(prompt), len(images))
         pixels = np.asarray(out["pixel_values"], dtype=np.float32)
+        if tuple(pixels.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"The model's image processor gives {tuple(pixels.shape[-2:])} images "
+                             f"but its vision tower takes {self.image_size}x{self.image_size}; "
+                             "the checkpoint's processor config does not match its config.json.")
         spans = self._spans(ids, len(images))
         return ids, [MultiModalFeature.from_pixels(p, start, self.feature_size)
                      for p, start in zip(pixels, spans)]
@@ -125,6 +130,19 @@ class ImageProcessor:
 @functools.lru_cache(maxsize=4)
 def image_processor(model_path: str, max_images: int) -> ImageProcessor:
     return ImageProcessor(model_path, max_images)
+
+
+def adopt_chat_template(tokenizer, info) -> None:
+    """A vision model whose tokenizer has no chat template (llava-hf keeps it in the
+    processor's chat_template.json): the tokenizer takes the processor's, so chat works."""
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) or not info.mm_limits:
+        return
+    try:
+        template = getattr(get_processor(info).hf, "chat_template", None)
+    except ValueError:
+        return
+    if template:
+        tokenizer.chat_template = template
 
 
 def text_only_error(model_path: str) -> ValueError:

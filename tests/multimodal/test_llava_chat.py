@@ -96,6 +96,9 @@ def test_prompt_errors_name_the_problem(llm):
         llm.generate(PROMPT, GREEDY)
     with pytest.raises(ValueError, match="PIL.Image.Image"):
         llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": "cat.png"}}, GREEDY)
+    with pytest.raises(ValueError, match="does not place the 1 image"):  # a template that drops content
+        llm.chat(_user({"type": "image_pil", "image_pil": img}, _text("hi")), GREEDY,
+                 chat_template="{% for m in messages %}{{ m['role'] }}{% endfor %}")
     ok = llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": img}}, GREEDY)  # still serving
     assert len(ok[0].outputs[0].token_ids) == MAX_NEW
 
@@ -104,3 +107,22 @@ def test_text_only_model_refuses_images(tiny_model_dir):
     with LLM(tiny_model_dir("llama"), dtype="float32", num_kv_blocks=32) as llm:
         with pytest.raises(ValueError, match="text-only: it does not take images"):
             llm.generate({"prompt_token_ids": [1, 2, 3], "multi_modal_data": {"image": image(0)}}, GREEDY)
+
+
+def test_chat_template_only_in_the_processors_legacy_file(llava_dir, tmp_path):
+    """llava-hf keeps the chat template in chat_template.json (the processor's), not with the
+    tokenizer: chat still renders, with the processor's template."""
+    import json
+    import shutil
+
+    from tests.multimodal.tiny_llava import CHAT_TEMPLATE
+
+    path = tmp_path / "legacy"
+    shutil.copytree(llava_dir, path)
+    (path / "chat_template.jinja").unlink()
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    img = image(36)
+    with LLM(str(path), dtype="float32", num_kv_blocks=32, block_size=4) as llm:
+        out = llm.chat(_user({"type": "image_url", "image_url": {"url": data_url(img)}},
+                             _text("What is this?")), GREEDY)
+    assert _tokens(out) == hf_greedy(llava_dir, [hf_chat_prompt(llava_dir, "What is this?")], [img], MAX_NEW)
