@@ -12,7 +12,11 @@ def __getattr__(name):
         from tessellm.entrypoints.llm import LLM
 
         return LLM
+    if name == "PoolingParams":  # embeddings (tessellm.pooling), as vllm.PoolingParams
+        from tessellm.pooling.params import PoolingParams
+
+        return PoolingParams
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "PoolingParams", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

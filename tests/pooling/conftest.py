@@ -82,3 +82,34 @@ def random_prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 90) -> list[lis
     rng = random.Random(seed)
     return [[rng.randrange(3, TINY_COMMON["vocab_size"]) for _ in range(rng.randint(lo, hi))]
             for _ in range(n)]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def save_tokenizer(path: str) -> None:
+    """A small byte-level BPE tokenizer (ids < 300, inside the tiny vocabulary of 384) with a
+    chat template, saved next to a tiny model so the server takes text and messages."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the cat sat on the mat", "a query about embeddings and vectors",
+                             "The quick brown fox jumps over the lazy dog."] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def embedding_model_dir(bare_model_dir, tmp_path_factory):
+    """A bare Qwen3Model checkpoint with a tokenizer: what a Qwen3-Embedding directory holds."""
+    path = str(tmp_path_factory.mktemp("tiny-embed") / "qwen3-embed")
+    shutil.copytree(bare_model_dir("qwen3"), path)
+    save_tokenizer(path)
+    return path

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessellm.entrypoints.llm import LLM
-from tessellm.pooling import PoolingParams
+from tessellm import PoolingParams
 from tests.pooling.conftest import hf_embeddings, random_prompts, with_sentence_transformers
 
 ATOL = 2e-5  # float32, the same math in another order

@@ -1,6 +1,7 @@
 """The OpenAI-compatible FastAPI app.
 
-Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (and ``/v1/models/{id}``;
+Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings`` (an embedding
+engine, ``--runner pooling``: serving_embedding.py), ``/v1/models`` (and ``/v1/models/{id}``;
 LoRA adapters are listed with their ``parent``), ``/v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter`` (lora_routes.py),
 ``/tokenize``, ``/detokenize``, ``/health`` and ``/ping`` (liveness: the API process and the
@@ -40,7 +41,9 @@ from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.serving import parse_request
 from tessellm.entrypoints.openai.serving_chat import create_chat_completion, render_messages
 from tessellm.entrypoints.openai.serving_completion import create_completion
+from tessellm.entrypoints.openai.serving_embedding import create_embedding
 from tessellm.metrics.prometheus import EngineMetrics
+from tessellm.pooling.front import check_generates
 
 
 
@@ -142,6 +145,14 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
         return Response(metrics.render(), media_type=metrics.content_type)
 
 
+def _check_generates(engine: AsyncLLM) -> None:
+    """A 400 for text generation on an embedding engine (``--runner pooling``)."""
+    try:
+        check_generates(engine.info)
+    except ValueError as exc:
+        raise bad_request(str(exc), None, "wrong_runner") from None
+
+
 def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
     def card(name: str) -> ModelCard:
         lora = config.lora_for(name)
@@ -161,11 +172,17 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        _check_generates(engine)
         return await create_completion(engine, config, await _json_body(request), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        _check_generates(engine)
         return await create_chat_completion(engine, config, await _json_body(request), request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return await create_embedding(engine, config, await _json_body(request), request)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
