@@ -182,6 +182,12 @@ class EngineCore:
             self.lora_store.forget_error(lora.lora_int_id)
             self.lora_store.load_now(lora)
 
+    def remove_lora(self, lora_id: int) -> None:
+        """Forget an adapter (the server unloaded its name): its slot and cached weights go once
+        no running request uses it (``LoRASlots.drop``). Unknown ids are ignored."""
+        if self.scheduler.lora is not None:
+            self.scheduler.lora.drop(lora_id)
+
     @property
     def in_flight(self):
         """Steps submitted and not collected, oldest first (several only with pipeline stages or

@@ -6,7 +6,7 @@ sockets in a private temp dir. Every message is **msgpack** (never pickle on a s
 
     API process (EngineCoreClient)                    core process (run_engine_core)
       input  PUSH  --["add", req] ["abort", ids]-->   PULL
-                    ["call", id, method] ["shutdown"]
+                    ["remove_lora", id] ["call", id, method] ["shutdown"]
       output PULL  <--["ready", info] ["startup_failed", msg]--  PUSH
                     ["warm", WarmupReport] (after warm-up, before any step)
                     ["outputs", [out...], EngineStats] ["rejected", rid, msg]
@@ -209,6 +209,9 @@ class _CoreLoop:
         if kind == "abort":
             self.core.abort_requests(msg[1])
             return True
+        if kind == "remove_lora":
+            self.core.remove_lora(int(msg[1]))
+            return False
         if kind == "call":
             self.out_sock.send(pack(["call_result", msg[1], self._call(msg[2])]))
             return False
@@ -306,6 +309,9 @@ class EngineCoreClient:
     def send_abort(self, request_ids: list[str]) -> None:
         if request_ids:
             self.input.send(pack(["abort", list(request_ids)]))
+
+    def send_remove_lora(self, lora_id: int) -> None:
+        self.input.send(pack(["remove_lora", int(lora_id)]))
 
     def send_call(self, call_id: int, method: str) -> None:
         self.input.send(pack(["call", call_id, method]))

@@ -59,6 +59,11 @@ class LLMEngine:
         submit(self.inputs, self.outputs, request_id, processed, POOLING_SAMPLING, self.core.add_request,
                lora_request=lora_request, abort=self.core.abort_requests, pooling=params)
 
+    def remove_lora(self, lora_id: int) -> None:
+        """Free an adapter's slot and cached weights (vLLM's ``remove_lora``); requests still
+        using it finish with it. The id stays bound to its files (the prefix cache keys on it)."""
+        self.core.remove_lora(lora_id)
+
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation-config defaults (tessellm/generation_config.py)."""
         return SamplingParams(**self.core.info.default_sampling)

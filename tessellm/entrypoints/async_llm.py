@@ -200,6 +200,12 @@ class AsyncLLM:
         finally:
             self.abort(request_id)
 
+    def remove_lora(self, lora_id: int) -> None:
+        """The server unloaded an adapter: the core frees its slot and cached weights once no
+        running request uses it (``EngineCore.remove_lora``)."""
+        if not self.is_dead:
+            self.client.send_remove_lora(lora_id)
+
     def abort(self, request_id: str) -> None:
         """Forget a request here and free it in the core; a no-op once it has finished."""
         self.streams.pop(request_id, None)

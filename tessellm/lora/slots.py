@@ -33,6 +33,7 @@ class LoRASlots:
         self._loads: list = []  # [slot, lora dict] since the last step
         self._announced: set[int] = set()  # adapter ids sent to the workers for prefetching
         self._prefetch: list = []  # lora dicts to announce with the next step
+        self._dropping: set[int] = set()  # removed while requests still used them (``drop``)
 
     def acquire(self, lora: "LoRARequest") -> int:
         """A slot holding ``lora`` for one more request, or WAIT / FAILED."""
@@ -58,6 +59,8 @@ class LoRASlots:
     def release(self, slot: int) -> None:
         if slot >= 0:
             self.users[slot] -= 1
+            if not self.users[slot] and self.slot_ids[slot] in self._dropping:
+                self.drop(self.slot_ids[slot])
 
     def announce(self, lora: "LoRARequest") -> None:
         """A request names ``lora``: worker processes start reading it with the next step."""
@@ -75,11 +78,17 @@ class LoRASlots:
         return loads
 
     def drop(self, lora_id: int) -> bool:
-        """Forget an adapter (unloaded at the server); False while requests still use it."""
+        """Forget an adapter (unloaded at the server: ``EngineCore.remove_lora``): its slot is
+        free for any adapter and its host copy evicted, now, or, while requests still use it
+        (they finish with it), when the last of them lets go (False then). A request naming
+        it later reads it again."""
+        self._announced.discard(lora_id)
         if lora_id in self.slot_ids:
             slot = self.slot_ids.index(lora_id)
             if self.users[slot]:
+                self._dropping.add(lora_id)
                 return False
             self.slot_ids[slot] = None
+        self._dropping.discard(lora_id)
         self.store.evict(lora_id)
         return True

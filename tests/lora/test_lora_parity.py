@@ -112,3 +112,23 @@ def test_rank_and_alpha_patterns_match_peft(lora_setup, tmp_path):
                             use_tqdm=False, lora_request=[loras[n] for _, n in jobs])
     # (min_tokens: EOS is banned until the end, as peft_greedy's min_new_tokens does)
     assert [o.outputs[0].token_ids for o in outs] == [want[n][p] for p, n in jobs]
+
+
+def test_removed_adapter_frees_its_slot_and_weights(lora_setup, expected):
+    """``LLMEngine.remove_lora`` (what the server's unload tells the core): the adapter's slot
+    and cached weights go; the next adapter gets the slot and its own tokens."""
+    model, paths = lora_setup
+    prompts, want = expected
+    loras = _requests(paths)
+    llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=32, max_loras=1)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+    prompt = {"prompt_token_ids": prompts[1]}
+    core = llm.engine.core
+    out = llm.generate(prompt, params, use_tqdm=False, lora_request=loras["qv8"])[0]
+    assert out.outputs[0].token_ids == want["qv8"][1]
+    assert core.scheduler.lora.slot_ids == [loras["qv8"].lora_int_id]
+    llm.engine.remove_lora(loras["qv8"].lora_int_id)
+    assert core.scheduler.lora.slot_ids == [None] and not core.lora_store.ready(loras["qv8"].lora_int_id)
+    out = llm.generate(prompt, params, use_tqdm=False, lora_request=loras["all32"])[0]
+    assert out.outputs[0].token_ids == want["all32"][1]
+    assert core.scheduler.lora.slot_ids == [loras["all32"].lora_int_id]

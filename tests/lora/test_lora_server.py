@@ -248,3 +248,23 @@ def test_scoring_and_sampling_with_an_adapter(lora_server):
                     tokens[choice["index"]] += [int(t.strip("<>")) for t in choice["logprobs"]["tokens"]]
     want = peft_greedy(model, paths["qv8"], [PROMPT], MAX_NEW)[0]
     assert tokens == {0: want, 1: want}
+
+
+def test_reload_of_rewritten_files_under_the_same_name_serves_the_new_weights(lora_server, tmp_path):
+    """Load A as "x" from a directory, request, unload; the directory is rewritten with B's
+    files (a retrained adapter) and loaded as "x" again: the answers are B's, never A's cached
+    weights (the core forgot A on unload, and the name gets a new id)."""
+    import shutil
+
+    srv, model, paths = lora_server
+    x = tmp_path / "x"
+    shutil.copytree(paths["all32"], x)
+    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=120) as http:
+        assert http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(x)}).status_code == 200
+        assert _tokens(http, "x") == peft_greedy(model, paths["all32"], [PROMPT], MAX_NEW)[0]
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "x"}).status_code == 200
+        shutil.rmtree(x)
+        shutil.copytree(paths["qv8"], x)
+        assert http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(x)}).status_code == 200
+        assert _tokens(http, "x") == peft_greedy(model, paths["qv8"], [PROMPT], MAX_NEW)[0]
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "x"}).status_code == 200

@@ -102,3 +102,24 @@ def test_loads_wait_for_a_step_that_runs():
     s.update(first, {"big": [7]})  # "big" finishes, its blocks are free
     out = s.schedule()
     assert out.lora_slots == {"r": 0} and [slot for slot, _ in out.lora_loads] == [0]
+
+
+def test_dropped_adapter_leaves_its_slot_once_its_requests_finish():
+    """``drop`` (the server unloaded the adapter): while a request still runs with it, the slot
+    keeps it and the request finishes; then the slot is free and the host copy evicted; an
+    adapter no request uses goes at once."""
+    cache = HostCache()
+    cache.loaded |= {1, 2}
+    s = _scheduler(2, cache)
+    a, b = LoRARequest("a", 1, "/adapters/a"), LoRARequest("b", 2, "/adapters/b")
+    s.add_request(Request("ra", [1, 2, 3], SamplingParams(max_tokens=3), lora_request=a))
+    _run(s)
+    assert s.lora.slot_ids.count(1) == 1
+    assert s.lora.drop(1) is False  # ra still runs with it
+    assert 1 in s.lora.slot_ids and 1 in cache.loaded
+    while s.has_unfinished():
+        _run(s)
+    assert 1 not in s.lora.slot_ids and 1 not in cache.loaded
+    s.add_request(Request("rb", [1, 2, 3], SamplingParams(max_tokens=1), lora_request=b))
+    _run(s)
+    assert s.lora.drop(2) is True and 2 not in s.lora.slot_ids and 2 not in cache.loaded

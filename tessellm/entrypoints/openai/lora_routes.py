@@ -52,10 +52,11 @@ def add_lora_routes(app: FastAPI, engine, config, read_body) -> None:
         check_allowed()
         req = parse_request(UnloadLoRAAdapterRequest, await read_body(request))
         try:
-            config.lora.remove(req.lora_name)
+            lora = config.lora.remove(req.lora_name)
         except KeyError:
             raise OpenAIError(f"The LoRA adapter '{req.lora_name}' is not loaded.", 404,
                               "lora_name", "model_not_found") from None
+        engine.remove_lora(lora.lora_int_id)  # its slot and cached weights (ids are never reused)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
 
