@@ -16,7 +16,12 @@ def __getattr__(name):
         from tessellm.pooling.params import PoolingParams
 
         return PoolingParams
+    if name in ("BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"):  # as vLLM's
+        from tessellm.entrypoints import beam_search
+
+        return getattr(beam_search, name)
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "PoolingParams", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "PoolingParams", "SamplingParams", "BeamSearchParams", "BeamSearchOutput",
+           "BeamSearchSequence", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

@@ -78,6 +78,15 @@ class LLM:
             raise
         return self._run(ids, use_tqdm and len(ids) >= _TQDM_MIN_PROMPTS)
 
+    def beam_search(self, prompts, params, lora_request=None) -> list:
+        """vLLM's ``LLM.beam_search``: per prompt a ``BeamSearchOutput`` whose ``sequences``
+        (best first, at most ``params.beam_width``) hold ``tokens`` (prompt + output), ``text``
+        and ``cum_logprob``. ``params``: ``tessellm.entrypoints.beam_search.BeamSearchParams``;
+        the algorithm and how it differs from HF's: that module's docstring."""
+        from tessellm.entrypoints.beam_search import run_offline
+
+        return run_offline(self, prompts, params, lora_request)
+
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True, chat_template: Optional[str] = None,
              lora_request=None) -> list[RequestOutput]:

@@ -1,0 +1,177 @@
+"""Beam search above the engine, as vLLM does it: ``LLM.beam_search`` and ``use_beam_search``.
+
+Each step every live beam is one engine request for a single token with the top ``2 *
+beam_width`` logprobs; the prefix cache holds the beam's earlier tokens, so a step computes
+only the tokens past the beam's last full KV block. Invariant after every step: ``beams``
+holds at most ``beam_width`` unfinished sequences, the best by cumulative logprob among the
+candidates, and ``completed`` every sequence that ended with EOS::
+
+    beams   [p a] [p b]           step: each beam's top-2w tokens (and the sampled one)
+    cands   [p a x] [p a EOS] [p b y] [p b z] ...
+              |        '--> completed (EOS, unless ignore_eos)
+              '--> the best w non-EOS candidates by cum_logprob are the next beams
+
+After ``max_tokens`` steps (or when no beam is left) the result is the best ``beam_width`` of
+``completed`` + ``beams`` by ``cum_logprob / length ** length_penalty``, where length counts
+the prompt and the generated tokens but not a final EOS (vLLM's score).
+
+How this differs from HF transformers' ``generate(num_beams=...)`` (by design, as vLLM):
+HF ranks all beams' continuations together and lets an EOS continuation finish only when it
+ranks among the first ``num_beams``; here every EOS among a beam's top ``2 * beam_width``
+tokens finishes. HF's length penalty divides by the generated length (EOS included), vLLM's
+by prompt + generated (EOS excluded). HF stops early (``early_stopping``); this runs
+``max_tokens`` steps. Without EOS (``ignore_eos``) both keep the same beams, so the sequences
+equal HF's with ``length_penalty=0.0, early_stopping="never"``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Collection, Generator, Optional
+
+from tessellm.core.outputs import Logprob
+from tessellm.core.sampling_params import SamplingParams
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's ``BeamSearchParams``; invalid values raise ``ValueError``."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0  # > 0: each step also samples a token, which joins the candidates
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False  # keep the EOS token in a finished beam
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.beam_width, int) and self.beam_width >= 1):
+            raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}.")
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}.")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}.")
+
+
+@dataclass
+class BeamSearchSequence:
+    """One beam: ``tokens`` are the prompt's then the generated ones (vLLM's shape)."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # per generated token
+    cum_logprob: float = 0.0
+    text: Optional[str] = None  # filled when returned
+    finish_reason: Optional[str] = None  # "stop" (EOS) or None (still running / length)
+    stop_reason: Optional[int] = None  # the EOS id that ended it
+
+
+@dataclass
+class BeamSearchOutput:
+    """The best ``beam_width`` sequences of one prompt, best first."""
+
+    sequences: list[BeamSearchSequence]
+
+
+class BeamSearch:
+    """One prompt's search; ``drive`` runs many together."""
+
+    def __init__(self, prompt_token_ids: list[int], params: BeamSearchParams,
+                 eos_token_ids: Collection[int], max_model_len: int):
+        self.params = params
+        self.prompt_len = len(prompt_token_ids)
+        self.eos = frozenset() if params.ignore_eos else frozenset(eos_token_ids)
+        # each step's request holds the beam as its prompt and adds one token
+        self.steps_left = min(params.max_tokens, max_model_len - self.prompt_len)
+        self.beams = [BeamSearchSequence(list(prompt_token_ids))]
+        self.completed: list[BeamSearchSequence] = []
+
+    def live(self) -> list[list[int]]:
+        """The token lists to extend this step (none when done)."""
+        return [b.tokens for b in self.beams] if self.steps_left > 0 else []
+
+    def advance(self, entries: list[Optional[dict[int, Logprob]]]) -> None:
+        """Each live beam's next-token logprobs (None: its request ended without them)."""
+        width, keep_eos = self.params.beam_width, self.params.include_stop_str_in_output
+        candidates = []
+        for beam, entry in zip(self.beams, entries):
+            for token, lp in (entry or {}).items():
+                cum = beam.cum_logprob + lp.logprob
+                if token in self.eos:
+                    self.completed.append(BeamSearchSequence(
+                        beam.tokens + [token] if keep_eos else list(beam.tokens), beam.logprobs + [entry],
+                        cum, finish_reason="stop", stop_reason=token))
+                else:
+                    candidates.append((cum, token, beam, entry))
+        candidates.sort(key=lambda c: c[0], reverse=True)
+        self.beams = [BeamSearchSequence(beam.tokens + [token], beam.logprobs + [entry], cum)
+                      for cum, token, beam, entry in candidates[:width]]
+        self.steps_left = self.steps_left - 1 if self.beams else 0
+
+    def score(self, seq: BeamSearchSequence) -> float:
+        length = len(seq.tokens)
+        if seq.finish_reason == "stop" and self.params.include_stop_str_in_output:
+            length -= 1  # the EOS is not counted
+        return seq.cum_logprob / (length ** self.params.length_penalty)
+
+    def best(self) -> list[BeamSearchSequence]:
+        """The best ``beam_width`` finished or surviving sequences, best first."""
+        ranked = sorted(self.completed + self.beams, key=self.score, reverse=True)
+        return ranked[:self.params.beam_width]
+
+
+def step_params(params: BeamSearchParams, vocab_size: int) -> SamplingParams:
+    """The engine request of one beam for one step (vLLM's: 2 * beam_width logprobs)."""
+    return SamplingParams(max_tokens=1, temperature=params.temperature,
+                          logprobs=min(2 * params.beam_width, vocab_size))
+
+
+def drive(searches: list[BeamSearch]) -> Generator[list[list[int]], list[Optional[dict[int, Logprob]]], None]:
+    """Runs the searches step by step: yields every live beam's tokens (one engine request
+    each) and takes back their next-token logprobs in that order; returns when all are done."""
+    while True:
+        batch = [(s, s.live()) for s in searches]
+        batch = [(s, beams) for s, beams in batch if beams]
+        if not batch:
+            return
+        entries = yield [tokens for _, beams in batch for tokens in beams]
+        at = 0
+        for search, beams in batch:
+            search.advance(entries[at:at + len(beams)])
+            at += len(beams)
+
+
+def step_logprobs(out) -> Optional[dict[int, Logprob]]:
+    """A step request's RequestOutput -> its one token's logprobs (None if it has none)."""
+    logprobs = out.outputs[0].logprobs if out.outputs else None
+    return logprobs[0] if logprobs else None
+
+
+def run_offline(llm, prompts, params: BeamSearchParams, lora_request=None) -> list[BeamSearchOutput]:
+    """``LLM.beam_search``: every step one ``LLM.generate`` over all prompts' live beams."""
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    engine = llm.engine
+    tokenizer, info = engine.tokenizer, engine.core.info
+    searches = [BeamSearch(engine.inputs.process_prompt(p).prompt_token_ids, params, info.eos_token_ids,
+                           info.max_model_len) for p in prompts]
+    sampling = step_params(params, info.vocab_size)
+    steps = drive(searches)
+    try:
+        batch = next(steps)
+        while True:
+            outs = llm.generate([{"prompt_token_ids": t} for t in batch], sampling, use_tqdm=False,
+                                lora_request=lora_request)
+            batch = steps.send([step_logprobs(o) for o in outs])
+    except StopIteration:
+        pass
+    results = []
+    for search in searches:
+        best = search.best()
+        for seq in best:
+            seq.text = tokenizer.decode(seq.tokens) if tokenizer is not None else None
+        results.append(BeamSearchOutput(best))
+    return results
+

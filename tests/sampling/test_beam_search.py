@@ -1,0 +1,145 @@
+"""``LLM.beam_search`` (vLLM's algorithm, above the engine: tessellm/entrypoints/beam_search.py)
+on tiny random float32 models, cpu.
+
+Without EOS the beams equal HF transformers' beam search with ``length_penalty=0.0,
+early_stopping="never"`` (the settings under which HF's algorithm is the textbook one, which
+vLLM's is too). With EOS and a length penalty the two differ by design (the module's
+docstring), so there the reference is an exhaustive search written here: on an 8-token
+vocabulary with ``beam_width`` above every candidate count, beam search must return the best
+sequences of all of them. Each step's requests hit the prefix cache (the engine's counters)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+from tessellm import LLM, BeamSearchParams
+
+ENGINE = dict(device="cpu", dtype="float32", seed=0, block_size=4)
+PROMPTS = [[5, 17, 42, 99, 3, 250, 11, 8, 64, 90, 120], [7, 7, 12, 30, 301]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return tiny_model_dir("llama-sharp")
+
+
+def _hf_beams(path, prompt, width, max_tokens):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), num_beams=width, num_return_sequences=width,
+                      do_sample=False, max_new_tokens=max_tokens, length_penalty=0.0, early_stopping="never",
+                      eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    return out.sequences.tolist(), out.sequences_scores.tolist()
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_beams_equal_hf_without_eos(tiny, width):
+    max_tokens = 6
+    with LLM(tiny, **ENGINE) as llm:
+        kv = llm.engine.core.scheduler.kv.stats
+        queries, hits = kv.queries, kv.hits
+        outs = llm.beam_search([{"prompt_token_ids": p} for p in PROMPTS],
+                               BeamSearchParams(beam_width=width, max_tokens=max_tokens, ignore_eos=True))
+        computed = (kv.queries - queries) - (kv.hits - hits)
+    requests = len(PROMPTS) * (1 + width * (max_tokens - 1))
+    for prompt, out in zip(PROMPTS, outs):
+        want, scores = _hf_beams(tiny, prompt, width, max_tokens)
+        assert [s.tokens for s in out.sequences] == want
+        assert [s.cum_logprob for s in out.sequences] == pytest.approx(scores, abs=1e-4)
+        assert all(s.text is None for s in out.sequences)  # this model has no tokenizer
+    # Every step's requests hit the prefix cache: a beam recomputes at most its last partial
+    # block (block_size 4) plus its new token, never its whole prompt.
+    uncached = sum(len(p) + t for p in PROMPTS for t in range(max_tokens)) * width
+    assert computed <= sum(len(p) for p in PROMPTS) + requests * ENGINE["block_size"]
+    assert computed < uncached / 3
+
+
+@pytest.fixture(scope="module")
+def vocab8(tmp_path_factory):
+    """A llama with 8 tokens, EOS = 3: small enough to enumerate every 3-token output."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.5, bos_token_id=1, eos_token_id=3, tie_word_embeddings=False)
+    torch.manual_seed(77)
+    path = os.path.join(tmp_path_factory.mktemp("vocab8"), "llama")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+@torch.no_grad()
+def _exhaustive(path, prompt, max_tokens, eos, length_penalty, keep_eos):
+    """Every output a search of max_tokens steps can end with (stopped at EOS, or max_tokens
+    long without one), scored as vLLM does, best first: (score, tokens, cum_logprob)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    vocab = hf.config.vocab_size
+    logprobs = {}  # output prefix -> next-token log-softmax
+
+    def next_lp(prefix):
+        if prefix not in logprobs:
+            logprobs[prefix] = torch.log_softmax(hf(torch.tensor([prompt + list(prefix)])).logits[0, -1], -1)
+        return logprobs[prefix]
+
+    ranked = []
+    for length in range(1, max_tokens + 1):
+        for out in itertools.product(range(vocab), repeat=length):
+            if eos in out[:-1] or (out[-1] != eos and length < max_tokens):
+                continue
+            cum = sum(next_lp(out[:i])[t].item() for i, t in enumerate(out))
+            tokens = prompt + list(out if out[-1] != eos or keep_eos else out[:-1])
+            scored = len(prompt) + length - (out[-1] == eos)
+            ranked.append((cum / scored ** length_penalty, tokens, cum))
+    return sorted(ranked, key=lambda r: r[0], reverse=True)
+
+
+@pytest.mark.parametrize("length_penalty,keep_eos", [(0.0, False), (1.0, True), (2.0, False), (-1.0, True)])
+def test_eos_and_length_penalty_equal_exhaustive_search(vocab8, length_penalty, keep_eos):
+    prompt, max_tokens, width = [1, 5, 2, 6], 3, 64  # 64 >= 7 * 7 beams: nothing is pruned early
+    params = BeamSearchParams(beam_width=width, max_tokens=max_tokens, length_penalty=length_penalty,
+                              include_stop_str_in_output=keep_eos)
+    with LLM(vocab8, **ENGINE) as llm:
+        out = llm.beam_search({"prompt_token_ids": prompt}, params)[0].sequences
+    ref = _exhaustive(vocab8, prompt, max_tokens, 3, length_penalty, keep_eos)
+    top = 12
+    assert min(a[0] - b[0] for a, b in zip(ref[:top], ref[1:top + 1])) > 1e-5  # no ties decide it
+    assert [s.tokens for s in out[:top]] == [r[1] for r in ref[:top]]
+    assert [s.cum_logprob for s in out[:top]] == pytest.approx([r[2] for r in ref[:top]], abs=1e-4)
+    assert len(out) == width
+    finished = [s for s in out[:top] if s.finish_reason == "stop"]
+    assert finished and all(s.stop_reason == 3 for s in finished)
+    assert any(s.finish_reason is None for s in out[:top]) or length_penalty != 0.0
+    assert all((s.tokens[-1] == 3) == keep_eos for s in finished)
+
+
+def test_text_and_stop_at_eos_with_a_tokenizer(tokenized_model):
+    with LLM(tokenized_model, **ENGINE) as llm:
+        tok = llm.get_tokenizer()
+        out = llm.beam_search(["The quick brown fox", "Once upon a time"],
+                              BeamSearchParams(beam_width=3, max_tokens=5))
+    for o in out:
+        assert len(o.sequences) == 3
+        scores = [s.cum_logprob / len(s.tokens) for s in o.sequences]
+        assert scores == sorted(scores, reverse=True)
+        for s in o.sequences:
+            assert s.text == tok.decode(s.tokens)  # vLLM's: the prompt's text too
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(beam_width=0, max_tokens=4), "beam_width must be an integer >= 1"),
+    (dict(beam_width=2, max_tokens=0), "max_tokens must be an integer >= 1"),
+    (dict(beam_width=2, max_tokens=4, temperature=-1.0), "temperature must be >= 0"),
+    (dict(beam_width=2, max_tokens=4, length_penalty=math.inf), "length_penalty must be a finite number"),
+])
+def test_bad_params(kw, message):
+    with pytest.raises(ValueError, match=message):
+        BeamSearchParams(**kw)
