@@ -44,6 +44,7 @@ from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler_config import ContextLengthError
 from tessellm.core.submit import submit
 from tessellm.metrics.stats import EngineStats, IterationStats, StatLogger
+from tessellm.pooling.front import check_generates
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +181,8 @@ class AsyncLLM:
         ``lora_request``: its adapter (``tessellm.lora.LoRARequest``, checked by the caller);
         ``pooling``: an embedding request's resolved PoolingParams (tessellm.pooling.front)."""
         self._check_alive()
+        if pooling is None:
+            check_generates(self.info)  # an embedding engine: the caller wants pooling=
         self._ensure_handler()
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         submit(self.inputs, self.outputs, request_id, processed, params, self.client.send_add,

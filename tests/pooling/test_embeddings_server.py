@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tessellm.config import EngineArgs
+from tessellm.core.sampling_params import SamplingParams
 from tests.pooling.conftest import hf_embeddings
 
 ATOL = 2e-5
@@ -38,7 +39,7 @@ async def _serve(args: EngineArgs, scenario):
         app = build_app(engine, ServerConfig(["m"]))
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
-            return await scenario(c, transport)
+            return await scenario(c, transport, engine)
     finally:
         await engine.shutdown()
 
@@ -57,7 +58,7 @@ def served(embedding_model_dir):
 
     long_ids = list(range(3, 303)) * 2  # 600 tokens: over max_model_len 512
 
-    async def scenario(c, transport):
+    async def scenario(c, transport, engine):
         post = lambda body: c.post("/v1/embeddings", json=body)  # noqa: E731
         r = {"one": await post({"model": "m", "input": TEXTS[0]}),
              "many": await post({"input": TEXTS}),
@@ -87,6 +88,10 @@ def served(embedding_model_dir):
                                  json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
         }
         r["after"] = await post({"input": TEXTS[0]})
+        try:  # the Python API: a generate request to an embedding engine is refused, not run
+            engine.add_request("gen", {"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=4))
+        except ValueError as exc:
+            r["api_generate"] = str(exc)
         sdk = openai.AsyncOpenAI(base_url="http://t/v1", api_key="none", max_retries=0,
                                  http_client=httpx.AsyncClient(transport=transport, base_url="http://t"))
         r["sdk"] = await sdk.embeddings.create(model="m", input=TEXTS)  # base64 on the wire
@@ -182,6 +187,10 @@ def test_unknown_model_is_404_and_server_keeps_serving(served):
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["m"]
 
 
+def test_generate_through_the_python_api_is_refused(served):
+    assert "does not generate text" in served.get("api_generate", "")
+
+
 def test_openai_sdk_embeddings(served):
     floats = _vectors(served["many"])
     got = torch.tensor([d.embedding for d in served["sdk"].data])
@@ -191,7 +200,7 @@ def test_openai_sdk_embeddings(served):
 
 
 def test_embeddings_on_a_generating_server_is_a_400(tiny_model_dir):
-    async def scenario(c, _transport):
+    async def scenario(c, _transport, _engine):
         return (await c.post("/v1/embeddings", json={"input": [5, 6, 7]}),
                 await c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2}))
 
