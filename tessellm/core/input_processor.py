@@ -48,11 +48,15 @@ class InputProcessor:
         return processed
 
     def _process(self, prompt: PromptType, truncate: Optional[int]) -> ProcessedPrompt:
-        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
-            if truncate is not None:
-                raise ValueError("truncate_prompt_tokens does not combine with images (it could "
-                                 "cut an image's placeholders); send a shorter prompt.")
-            return self._check(self._process_multimodal(prompt))
+        if isinstance(prompt, dict) and "multi_modal_data" in prompt:
+            from tessellm.multimodal.processor import has_images
+
+            if has_images(prompt["multi_modal_data"]):
+                if truncate is not None:
+                    raise ValueError("truncate_prompt_tokens does not combine with images (it could "
+                                     "cut an image's placeholders); send a shorter prompt.")
+                return self._check(self._process_multimodal(prompt))
+            prompt = {k: v for k, v in prompt.items() if k != "multi_modal_data"}  # no image: text
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return self._check(ProcessedPrompt(prompt.get("prompt"), list(prompt["prompt_token_ids"])),
@@ -75,9 +79,6 @@ class InputProcessor:
         from tessellm.multimodal.processor import get_processor
 
         data = prompt["multi_modal_data"]
-        if not isinstance(data, dict) or set(data) - {"image"}:
-            raise ValueError("multi_modal_data must be a dict with an 'image' entry (a PIL image "
-                             "or a list of them); other modalities are not supported.")
         processor = get_processor(self.info)
         text = prompt.get("prompt")
         source = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else text

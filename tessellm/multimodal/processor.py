@@ -26,6 +26,17 @@ def _image_types():
     return Image.Image
 
 
+def has_images(data) -> bool:
+    """Whether ``multi_modal_data`` holds an image (None or an empty list: a text prompt)."""
+    if data is None:
+        return False
+    if not isinstance(data, dict) or set(data) - {"image"}:
+        raise ValueError("multi_modal_data must be a dict with an 'image' entry (a PIL image "
+                         "or a list of them); other modalities are not supported.")
+    images = data.get("image")
+    return images is not None and not (isinstance(images, (list, tuple)) and not images)
+
+
 def as_image_list(images) -> list:
     """``multi_modal_data["image"]``: one PIL image or a list of them."""
     image_cls = _image_types()

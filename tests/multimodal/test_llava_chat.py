@@ -99,6 +99,11 @@ def test_prompt_errors_name_the_problem(llm):
     with pytest.raises(ValueError, match="does not place the 1 image"):  # a template that drops content
         llm.chat(_user({"type": "image_pil", "image_pil": img}, _text("hi")), GREEDY,
                  chat_template="{% for m in messages %}{{ m['role'] }}{% endfor %}")
+    with pytest.raises(ValueError, match="other modalities are not supported"):
+        llm.generate({"prompt": "hi", "multi_modal_data": {"video": [img]}}, GREEDY)
+    text = llm.generate("USER: hi ASSISTANT:", GREEDY)  # no image at all, or an empty list: text
+    empty = llm.generate({"prompt": "USER: hi ASSISTANT:", "multi_modal_data": {"image": []}}, GREEDY)
+    assert _tokens(text) == _tokens(empty)
     ok = llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": img}}, GREEDY)  # still serving
     assert len(ok[0].outputs[0].token_ids) == MAX_NEW
 
