@@ -196,6 +196,8 @@ class Scheduler(SchedulerUpdate):
     def _admit_waiting(self, budget: int, num_scheduled: dict[str, int],
                        new_reqs: list[NewRequestData]) -> int:
         skipped: list[Request] = []
+        if self.lora is not None:
+            self.lora.begin_admission()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
             if self._waits_for_sibling(req) or (req.grammar is not None and not req.grammar.ready):

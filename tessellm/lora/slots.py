@@ -8,6 +8,11 @@ Plain Python, no torch. Invariants:
   adapter is loaded by the runner before the step that first uses it (``take_loads``).
 * A request is admitted only once its adapter is in the host cache (``AdapterStore.ready``),
   read by a background thread: otherwise it waits, others go ahead.
+* No starvation: once a request in an admission pass waits for a slot (its adapter is ready,
+  every slot is held), later requests of that pass get no slot either, not even one holding
+  their adapter: the slots drain as their requests finish, and the oldest waiting adapter
+  gets the first one free. Requests without an adapter still go ahead. (vLLM lets requests
+  for adapters in slots overtake it, without bound.)
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ class LoRASlots:
         self._announced: set[int] = set()  # adapter ids sent to the workers for prefetching
         self._prefetch: list = []  # lora dicts to announce with the next step
         self._dropping: set[int] = set()  # removed while requests still used them (``drop``)
+        self.draining = False  # this admission pass: an older request waits for a free slot
 
     def acquire(self, lora: "LoRARequest") -> int:
         """A slot holding ``lora`` for one more request, or WAIT / FAILED."""
         key = lora.lora_int_id
         if key in self.slot_ids:
+            if self.draining:
+                return WAIT  # it would keep the slot busy that an older request waits for
             slot = self.slot_ids.index(key)
         else:
             if self.store.error(key) is not None:
@@ -48,6 +56,7 @@ class LoRASlots:
                 return WAIT
             free = [s for s, n in enumerate(self.users) if n == 0]
             if not free:
+                self.draining = True
                 return WAIT
             slot = min(free, key=lambda s: (self.slot_ids[s] is not None, self.last_used[s]))
             self.slot_ids[slot] = key
@@ -55,6 +64,10 @@ class LoRASlots:
         self.users[slot] += 1
         self.last_used[slot] = next(self._tick)
         return slot
+
+    def begin_admission(self) -> None:
+        """A new pass over the waiting queue (``Scheduler._admit_waiting``), oldest first."""
+        self.draining = False
 
     def release(self, slot: int) -> None:
         if slot >= 0:

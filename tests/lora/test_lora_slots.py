@@ -123,3 +123,30 @@ def test_dropped_adapter_leaves_its_slot_once_its_requests_finish():
     s.add_request(Request("rb", [1, 2, 3], SamplingParams(max_tokens=1), lora_request=b))
     _run(s)
     assert s.lora.drop(2) is True and 2 not in s.lora.slot_ids and 2 not in cache.loaded
+
+
+def test_waiting_adapter_is_not_overtaken_forever():
+    """One slot, held by adapter A, and a steady stream of new A requests; a B request arrives
+    after the first A: it gets the slot once the A requests admitted before it finish (A
+    requests arriving after it wait for it), and it completes. Base-model requests are not
+    held back by the drain. Without draining, new A requests kept the slot busy and B never ran."""
+    cache = HostCache()
+    cache.loaded |= {1, 2}
+    s = _scheduler(1, cache)
+    a, b = LoRARequest("a", 1, "/adapters/a"), LoRARequest("b", 2, "/adapters/b")
+    s.add_request(Request("a0", [1, 2, 3], SamplingParams(max_tokens=4), lora_request=a))
+    _run(s)
+    s.add_request(Request("b", [4, 5, 6], SamplingParams(max_tokens=2), lora_request=b))
+    b_steps, base_ran = None, []
+    for step in range(1, 40):  # a new A request and a base request every step
+        s.add_request(Request(f"a{step}", [1, 2, 3], SamplingParams(max_tokens=4), lora_request=a))
+        s.add_request(Request(f"base{step}", [7, 8], SamplingParams(max_tokens=1)))
+        out, _ = _run(s)
+        base_ran.append(f"base{step}" in out.num_scheduled_tokens)
+        if b_steps is None and "b" in out.num_scheduled_tokens:
+            b_steps = step
+    assert b_steps is not None and b_steps <= 4, b_steps  # a0's 3 remaining tokens, then b
+    assert all(base_ran[:b_steps]), base_ran  # never held back for the drain
+    while s.has_unfinished():
+        _run(s)
+    assert s.lora.users == [0]
