@@ -150,7 +150,7 @@ def test_unhandled_error_keeps_the_connection():
 # -- the sweep of vLLM's request fields ---------------------------------------------------------
 
 _REFUSED = [  # vLLM extras tessellm does not implement: (field, neutral value, a value that acts)
-    ("use_beam_search", False, True), ("length_penalty", 1.0, 0.5),
+    ("length_penalty", 1.0, 0.5),  # without use_beam_search (tests/server/test_beam_search_server.py)
     ("spaces_between_special_tokens", True, False), ("priority", 0, 1),
     ("logprob_token_ids", None, [1]), ("vllm_xargs", None, {"a": 1}),
 ]

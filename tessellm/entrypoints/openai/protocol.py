@@ -72,9 +72,9 @@ class _SamplingFields(_Request):
     cache_salt: Optional[str] = None  # prefix-cache blocks are shared only within one salt
     allowed_token_ids: Optional[list[int]] = None  # only these ids may be sampled
     bad_words: Optional[list[str]] = None  # words never generated (SamplingParams.bad_words)
+    use_beam_search: bool = False  # n is the beam width (openai/beam_search.py)
+    length_penalty: Optional[float] = None  # beam search only (None: 1.0)
     # vLLM extras accepted only at their neutral value (UNSUPPORTED)
-    use_beam_search: bool = False
-    length_penalty: Optional[float] = None
     spaces_between_special_tokens: bool = True
     logprob_token_ids: Optional[list[int]] = None
     priority: int = 0
@@ -209,8 +209,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "store": (None, False),
     "service_tier": (None, "auto", "default"),
     # vLLM extras
-    "use_beam_search": (False,),
-    "length_penalty": (None, 1.0),
     "spaces_between_special_tokens": (True,),
     "logprob_token_ids": (None,),
     "priority": (0,),

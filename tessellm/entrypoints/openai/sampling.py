@@ -46,6 +46,9 @@ def check_unsupported(req: BaseModel) -> None:
     if req.prompt_logprobs and req.stream:
         raise bad_request("prompt_logprobs are not available with stream=true (as in vLLM); ask for them "
                           "in a request that is not streamed.", "prompt_logprobs")
+    if not req.use_beam_search and req.length_penalty not in (None, 1.0):
+        raise bad_request("length_penalty applies only to beam search; send use_beam_search: true "
+                          "or leave length_penalty out.", "length_penalty", "unsupported_parameter")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
     if isinstance(req, CompletionRequest) and req.max_tokens == 0 and not req.echo:

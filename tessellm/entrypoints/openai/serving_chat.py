@@ -14,6 +14,7 @@ from fastapi import Request
 from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS, render_chat
+from tessellm.entrypoints.openai.beam_search import beam_params, beam_search
 from tessellm.entrypoints.openai.errors import bad_request, prompt_error
 from tessellm.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
 from tessellm.entrypoints.openai.protocol_responses import (ChatChoice, ChatChoiceLogProbs,
@@ -64,11 +65,16 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     if reasoning is not None:
         reasoning.adjust(params)
     request_id = random_id("chatcmpl")
-    sub = submit(engine, request_id, [processed], [params], lora, req.cache_salt)
     view = _ChatView(engine, req, lora.lora_name if lora else config.model_name,
                      response_id("chatcmpl", req, request_id), plan, reasoning)
     view.prompt_tokens = len(processed.prompt_token_ids)
     view.prompt_ids = processed.prompt_token_ids
+    if req.use_beam_search:  # n is the beam width (openai/beam_search.py)
+        beams = [beam_params(req, max_tokens, defaults, structured)]
+        outputs = await beam_search(engine, [processed], beams, lora, req.cache_salt, http_request,
+                                    config.sse_keepalive_s)
+        return view.response(outputs[0])
+    sub = submit(engine, request_id, [processed], [params], lora, req.cache_salt)
     if req.stream:
         return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s, req.stream_options)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)

@@ -13,6 +13,7 @@ from fastapi import Request
 
 from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
+from tessellm.entrypoints.openai.beam_search import beam_params, beam_search
 from tessellm.entrypoints.openai.errors import bad_request, prompt_error
 from tessellm.entrypoints.openai.protocol import CompletionRequest
 from tessellm.entrypoints.openai.protocol_responses import (CompletionChoice, CompletionLogProbs,
@@ -46,9 +47,13 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     params = [to_sampling_params(req, resolve_max_tokens(req, len(p.prompt_token_ids), max_len, config, defaults),
                                  engine.info.vocab_size, structured, defaults) for p in processed]
     request_id = random_id("cmpl")
-    sub = submit(engine, request_id, processed, params, lora, req.cache_salt)
     view = _CompletionView(engine, req, lora.lora_name if lora else config.model_name,
                            response_id("cmpl", req, request_id), [_prompt_text(engine, p) for p in processed])
+    if req.use_beam_search:  # n is the beam width (openai/beam_search.py)
+        beams = [beam_params(req, p.max_tokens, defaults, structured) for p in params]
+        return view.response(await beam_search(engine, processed, beams, lora, req.cache_salt, http_request,
+                                               config.sse_keepalive_s))
+    sub = submit(engine, request_id, processed, params, lora, req.cache_salt)
     if req.stream:
         return sse_response(engine, sub, _CompletionChunks(view, len(prompts)), config.sse_keepalive_s,
                             req.stream_options)
