@@ -52,6 +52,14 @@ class _RequestState:
         return all(s.finish_reason is not None for s in self.samples)
 
 
+def _stopped_on_token(out: EngineCoreOutput, params: SamplingParams) -> bool:
+    """The core stopped the sample on its last token (EOS, a stop token id, the grammar's end):
+    as in vLLM, that token is in ``token_ids`` but not in the text, unless
+    ``include_stop_str_in_output`` (with ``skip_special_tokens`` false, "</s>" would end it)."""
+    return (out.finish_reason == "stop" and bool(out.new_token_ids) and not params.include_stop_str_in_output
+            and (out.stop_reason is None or isinstance(out.stop_reason, int)))
+
+
 class OutputProcessor:
     def __init__(self, tokenizer, final_only: bool = False):
         self.tokenizer = tokenizer
@@ -139,8 +147,10 @@ class OutputProcessor:
         finished = out.finish_reason is not None
         new_ids, hit = out.new_token_ids, None
         if sample.detok is not None:
-            hit = sample.detok.add_tokens(new_ids, finished)
-            new_ids = new_ids[:sample.detok.num_kept]
+            text_ids = new_ids[:-1] if _stopped_on_token(out, state.params) else new_ids
+            hit = sample.detok.add_tokens(text_ids, finished)
+            if hit is not None:
+                new_ids = new_ids[:sample.detok.num_kept]
         sample.token_ids.extend(new_ids)
         if out.logprobs and sample.logprobs is not None:
             for entry in out.logprobs[:len(new_ids)]:

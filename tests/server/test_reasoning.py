@@ -25,7 +25,8 @@ ANSWER = " It is four."
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("thinking")
     return {"single": make_thinking_model(str(root / "single")),
-            "split": make_thinking_model(str(root / "split"), split_markers=True)}
+            "split": make_thinking_model(str(root / "split"), split_markers=True),
+            "special": make_thinking_model(str(root / "special"), special_markers=True)}
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def _check_stream_matches(srv, trigger, message, markers_split=True, **body):
     return deltas
 
 
-@pytest.mark.parametrize("markers", ["single", "split"])
+@pytest.mark.parametrize("markers", ["single", "split", "special"])
 def test_deepseek_r1_splits_thinking_from_the_answer(servers, markers):
     srv = servers("deepseek_r1", markers)
     r = _chat(srv, "[think]")

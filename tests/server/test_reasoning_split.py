@@ -18,11 +18,15 @@ CASES = {  # output text -> (reasoning, answer) under deepseek_r1 and under qwen
 }
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["single-token-markers", "split-markers"])
+@pytest.fixture(scope="module", params=["single", "split", "special"])
 def tokenizer(request, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(make_thinking_model(str(tmp_path_factory.mktemp("tok")), request.param))
+    path = make_thinking_model(str(tmp_path_factory.mktemp("tok")), split_markers=request.param == "split",
+                               special_markers=request.param == "special")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.markers_kind = request.param
+    return tok
 
 
 @pytest.mark.parametrize("text", sorted(CASES))
@@ -30,7 +34,9 @@ def tokenizer(request, tmp_path_factory):
 def test_token_by_token_stream_equals_the_whole_split(tokenizer, text, phase, parser):
     markers = ThinkMarkers.from_tokenizer(get_reasoning_parser(parser), tokenizer)
     ids = tokenizer.encode(text, add_special_tokens=False)
-    detok = IncrementalDetokenizer(tokenizer, [1])
+    # Special-token markers are kept in the text for the request (ReasoningPlan.adjust).
+    assert markers.keep_special_tokens == (tokenizer.markers_kind == "special")
+    detok = IncrementalDetokenizer(tokenizer, [1], skip_special_tokens=not markers.keep_special_tokens)
     split = ReasoningSplit(markers, phase)
     sent = ("", "")
     for i, token in enumerate(ids):

@@ -8,7 +8,8 @@ successor plus small fixed noise on every token (which decides among the tokens 
 allows). ``CHAINS`` lists, per trigger (the prompt's last token), the tokens that follow. The
 tokenizer is byte-level without merges plus the chains' pieces as added tokens, so the think
 markers are single tokens, or, with ``split_markers``, two tokens each (``"<thi" "nk>"``,
-``"</" "think>"``): then a marker reaches a stream in two deltas.
+``"</" "think>"``): then a marker reaches a stream in two deltas; or, with ``special_markers``,
+special tokens (which ``skip_special_tokens`` would hide).
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
             "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
 
 
-def _pieces(split_markers: bool) -> list[str]:
+def _pieces(split_markers: bool, special_markers: bool) -> list[str]:
     pieces = []
     for trigger, chain in CHAINS.items():
         for token in [trigger, *chain]:
+            if token in ("<think>", "</think>") and special_markers:
+                continue
             if token in ("<think>", "</think>") and split_markers:
                 pieces += ["<thi", "nk>"] if token == "<think>" else ["</", "think>"]
             elif token != "</s>" and token not in pieces:
@@ -58,7 +61,7 @@ def _chain_ids(tok, split_markers: bool) -> list[list[int]]:
     return out
 
 
-def make_thinking_model(path: str, split_markers: bool = False) -> str:
+def make_thinking_model(path: str, split_markers: bool = False, special_markers: bool = False) -> str:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -70,7 +73,9 @@ def make_thinking_model(path: str, split_markers: bool = False) -> str:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     raw.train_from_iterator(["abc"], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.add_tokens(_pieces(split_markers))
+    if special_markers:
+        tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    tok.add_tokens(_pieces(split_markers, special_markers))
     tok.chat_template = TEMPLATE
     vocab = -(-len(tok) // 8) * 8
     config = LlamaConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=16, num_hidden_layers=1,
