@@ -70,6 +70,7 @@ def served(embedding_model_dir):
              "chat": await post({"messages": [{"role": "user", "content": "the cat sat"},
                                               {"role": "assistant", "content": "on the mat"}]}),
              "truncated": await post({"input": long_ids, "truncate_prompt_tokens": 5}),
+             "hundred": await post({"input": [[5, 6, 7]] * 100}),  # over --max-prompts (64)
              "models": await c.get("/v1/models")}
         r["bad"] = {
             "dims_over": await post({"input": "x", "dimensions": 65}),
@@ -77,6 +78,7 @@ def served(embedding_model_dir):
             "too_long": await post({"input": long_ids}),
             "too_long_text": await post({"input": ["the cat", "the cat sat " * 400]}),
             "empty_list": await post({"input": []}),
+            "too_many": await post({"input": [[5]] * 2049}),
             "empty_text": await post({"input": ""}),
             "bad_id": await post({"input": [5, 100000]}),
             "format": await post({"input": "x", "encoding_format": "bytes"}),
@@ -126,6 +128,13 @@ def test_inputs_equal_hf(served, embedding_model_dir):
                                hf_embeddings(path, [[5, 6, 7, 8], [9, 10]], "LAST"), atol=ATOL, rtol=0)
 
 
+def test_a_hundred_inputs_in_one_request(served, embedding_model_dir):
+    got = _vectors(served["hundred"])
+    assert got.shape == (100, 64) and served["hundred"].json()["usage"]["prompt_tokens"] == 300
+    ref = hf_embeddings(embedding_model_dir, [[5, 6, 7]], "LAST")
+    torch.testing.assert_close(got, ref.expand(100, -1), atol=ATOL, rtol=0)
+
+
 def test_base64_decodes_to_the_float_list(served):
     floats = served["many"].json()["data"]
     for d, f in zip(served["b64"].json()["data"], floats):
@@ -162,6 +171,7 @@ def test_messages_and_truncation(served, embedding_model_dir):
     ("too_long", "input", "maximum context length"),
     ("too_long_text", "input", "input 1:"),
     ("empty_list", "input", "input is empty"),
+    ("too_many", "input", "2049 inputs, over the limit of 2048"),
     ("empty_text", "input", "empty"),
     ("bad_id", "input", "token ids must be integers"),
     ("format", "encoding_format", "encoding_format"),

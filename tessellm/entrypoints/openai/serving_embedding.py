@@ -31,6 +31,8 @@ from tessellm.entrypoints.openai.serving import (Submitted, collect, engine_erro
 from tessellm.pooling.front import POOLING_SAMPLING, resolve_pooling_params
 from tessellm.pooling.params import PoolingParams
 
+MAX_INPUTS = 2048  # inputs in one request at most: OpenAI's limit (--max-prompts is completions')
+
 
 async def create_embedding(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
     is_chat = isinstance(body, dict) and "messages" in body
@@ -45,7 +47,7 @@ async def create_embedding(engine: AsyncLLM, config: ServerConfig, body, http_re
         prompts = [await _chat_prompt(engine, config, req, params.truncate_prompt_tokens)]
     else:
         prompts = [await _input_prompt(engine, req, x, params.truncate_prompt_tokens, i, n)
-                   for i, x, n in _inputs(req.input, config.max_prompts)]
+                   for i, x, n in _inputs(req.input)]
     request_id = random_id("embd")
     sub = _submit(engine, request_id, prompts, params, lora)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
@@ -58,7 +60,7 @@ async def create_embedding(engine: AsyncLLM, config: ServerConfig, body, http_re
         usage=UsageInfo(prompt_tokens=num_tokens, total_tokens=num_tokens))
 
 
-def _inputs(value, max_prompts: int) -> list[tuple[int, Union[str, list[int]], int]]:
+def _inputs(value) -> list[tuple[int, Union[str, list[int]], int]]:
     """str | [str] | [int] | [[int]] -> (index, text or ids, count) per input."""
     if isinstance(value, str):
         items = [value]
@@ -68,9 +70,9 @@ def _inputs(value, max_prompts: int) -> list[tuple[int, Union[str, list[int]], i
         items = list(value)
     if not items:
         raise bad_request("input is empty; give a string, a list of strings or token ids.", "input")
-    if len(items) > max_prompts:
-        raise bad_request(f"The request has {len(items)} inputs, over this server's limit of "
-                          f"{max_prompts} (--max-prompts).", "input")
+    if len(items) > MAX_INPUTS:
+        raise bad_request(f"The request has {len(items)} inputs, over the limit of {MAX_INPUTS} "
+                          "per request; send them in several requests.", "input")
     return [(i, x, len(items)) for i, x in enumerate(items)]
 
 
