@@ -119,6 +119,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                    help="apply the chat template (default: when the tokenizer has one)")
     g.add_argument("--system", default=None, help="a system message (with --chat)")
     g.add_argument("--chat-template", default=None, metavar="FILE")
+    g.add_argument("--image", action="append", default=None, metavar="FILE",
+                   help="an image for a vision model (repeatable; without --chat, put <image> in the "
+                        "prompt where each goes; docs/multimodal.md)")
     g.add_argument("-v", "--verbose", action="store_true", help="show engine logs")
     return parser
 
@@ -252,6 +255,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from tessellm.core.llm_engine import LLMEngine
     from tessellm.core.sampling_params import SamplingParams
     from tessellm.entrypoints.chat_utils import render_chat
+    from tessellm.multimodal.chat import chat_prompt_with_images
+    from tessellm.multimodal.media import load_image_file
 
     try:
         engine = LLMEngine(engine_args_from(args, args.model))
@@ -260,11 +265,21 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt = args.prompt
         tokenizer = engine.tokenizer
         use_chat = args.chat if args.chat is not None else bool(tokenizer and tokenizer.chat_template)
+        images = [load_image_file(path) for path in args.image or ()]
         if use_chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            messages.append({"role": "user", "content": args.prompt})
-            ids = render_chat(tokenizer, messages, True, read_chat_template(args.chat_template))
-            prompt = {"prompt_token_ids": ids}
+            content = ([{"type": "image_pil", "image_pil": im} for im in images]
+                       + [{"type": "text", "text": args.prompt}]) if images else args.prompt
+            messages.append({"role": "user", "content": content})
+            template = read_chat_template(args.chat_template)
+
+            def render(conv):
+                return render_chat(tokenizer, conv, True, template)
+
+            prompt = (chat_prompt_with_images(messages, engine.core.info, tokenizer, render)
+                      or {"prompt_token_ids": render(messages)})
+        elif images:
+            prompt = {"prompt": prompt, "multi_modal_data": {"image": images}}
         engine.add_request("generate", prompt, params)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         if envs.debug():  # TESSELLM_DEBUG=1: the whole traceback

@@ -32,6 +32,16 @@ def load_image_url(url: str, allowed_local_media_path: Optional[str] = None):
                      "data:image/...;base64 URL (or file:// under --allowed-local-media-path).")
 
 
+def load_image_file(path: str):
+    """An image file the user names on the command line (``tessellm generate --image``)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"Image {path} could not be read: {exc.strerror}.") from None
+    return _open(data, f"Image {path}")
+
+
 def _data_url_bytes(url: str) -> bytes:
     header, sep, payload = url[len("data:"):].partition(",")
     if not sep:
