@@ -87,6 +87,7 @@ class BeamSearch:
         self.steps_left = min(params.max_tokens, max_model_len - self.prompt_len)
         self.beams = [BeamSearchSequence(list(prompt_token_ids))]
         self.completed: list[BeamSearchSequence] = []
+        self.cache_salt: Optional[str] = None  # the prompt's (vLLM's cache_salt), for every step
 
     def live(self) -> list[list[int]]:
         """The token lists to extend this step (none when done)."""
@@ -128,15 +129,19 @@ def step_params(params: BeamSearchParams, vocab_size: int) -> SamplingParams:
                           logprobs=min(2 * params.beam_width, vocab_size))
 
 
-def drive(searches: list[BeamSearch]) -> Generator[list[list[int]], list[Optional[dict[int, Logprob]]], None]:
-    """Runs the searches step by step: yields every live beam's tokens (one engine request
-    each) and takes back their next-token logprobs in that order; returns when all are done."""
+Step = list[tuple[BeamSearch, list[int]]]
+
+
+def drive(searches: list[BeamSearch]) -> Generator[Step, list[Optional[dict[int, Logprob]]], None]:
+    """Runs the searches step by step: yields every live beam (its search and tokens: one
+    engine request each) and takes back their next-token logprobs in that order; returns when
+    all are done."""
     while True:
         batch = [(s, s.live()) for s in searches]
         batch = [(s, beams) for s, beams in batch if beams]
         if not batch:
             return
-        entries = yield [tokens for _, beams in batch for tokens in beams]
+        entries = yield [(s, tokens) for s, beams in batch for tokens in beams]
         at = 0
         for search, beams in batch:
             search.advance(entries[at:at + len(beams)])
@@ -155,15 +160,20 @@ def run_offline(llm, prompts, params: BeamSearchParams, lora_request=None) -> li
         prompts = [prompts]
     engine = llm.engine
     tokenizer, info = engine.tokenizer, engine.core.info
-    searches = [BeamSearch(engine.inputs.process_prompt(p).prompt_token_ids, params, info.eos_token_ids,
-                           info.max_model_len) for p in prompts]
+    processed = [engine.inputs.process_prompt(p) for p in prompts]
+    if any(p.mm_features for p in processed):
+        raise ValueError("beam_search does not take images (multi_modal_data); use generate.")
+    searches = [BeamSearch(p.prompt_token_ids, params, info.eos_token_ids, info.max_model_len) for p in processed]
+    for search, p in zip(searches, processed):
+        search.cache_salt = p.cache_salt
     sampling = step_params(params, info.vocab_size)
     steps = drive(searches)
     try:
         batch = next(steps)
         while True:
-            outs = llm.generate([{"prompt_token_ids": t} for t in batch], sampling, use_tqdm=False,
-                                lora_request=lora_request)
+            beams = [{"prompt_token_ids": t, **({"cache_salt": s.cache_salt} if s.cache_salt else {})}
+                     for s, t in batch]
+            outs = llm.generate(beams, sampling, use_tqdm=False, lora_request=lora_request)
             batch = steps.send([step_logprobs(o) for o in outs])
     except StopIteration:
         pass

@@ -61,6 +61,39 @@ def test_beams_equal_hf_without_eos(tiny, width):
     assert computed < uncached / 3
 
 
+def _computed(llm, prompt, params):
+    kv = llm.engine.core.scheduler.kv.stats
+    queries, hits = kv.queries, kv.hits
+    out = llm.beam_search([prompt], params)[0].sequences
+    return out, (kv.queries - queries) - (kv.hits - hits)
+
+
+def test_sampled_candidates(tiny):
+    """temperature > 0: a sampled token joins each beam's candidates, as vLLM's."""
+    prompt, width, max_tokens = PROMPTS[0], 3, 5
+    params = BeamSearchParams(beam_width=width, max_tokens=max_tokens, temperature=1.0, ignore_eos=True)
+    with LLM(tiny, **ENGINE) as llm:
+        out, computed = _computed(llm, {"prompt_token_ids": prompt}, params)
+    assert len(out) == width and len({tuple(s.tokens) for s in out}) == width
+    assert all(len(s.tokens) == len(prompt) + max_tokens and s.tokens[:len(prompt)] == prompt for s in out)
+    assert [s.cum_logprob for s in out] == sorted((s.cum_logprob for s in out), reverse=True)
+    assert computed <= len(prompt) + (1 + width * (max_tokens - 1)) * ENGINE["block_size"]
+
+
+def test_cache_salt_is_kept_at_every_step(tiny):
+    """A salted prompt's steps share no block with an unsalted search of the same prompt (they
+    compute as much as on an empty cache), and hit their own blocks when searched again."""
+    params = BeamSearchParams(beam_width=3, max_tokens=5, ignore_eos=True)
+    with LLM(tiny, **ENGINE) as llm:
+        plain, fresh = _computed(llm, {"prompt_token_ids": PROMPTS[0]}, params)
+        salted_prompt = {"prompt_token_ids": PROMPTS[0], "cache_salt": "tenant-a"}
+        salted, computed = _computed(llm, salted_prompt, params)
+        again, recomputed = _computed(llm, salted_prompt, params)
+    assert [s.tokens for s in salted] == [s.tokens for s in again] == [s.tokens for s in plain]
+    assert computed == fresh
+    assert recomputed < computed
+
+
 @pytest.fixture(scope="module")
 def vocab8(tmp_path_factory):
     """A llama with 8 tokens, EOS = 3: small enough to enumerate every 3-token output."""

@@ -64,7 +64,7 @@ async def beam_search(engine, prompts: list[ProcessedPrompt], params: list[BeamS
     try:
         batch, step = next(steps), 0
         while True:
-            sub = submit(engine, f"{base}-{step}", [ProcessedPrompt(None, t) for t in batch],
+            sub = submit(engine, f"{base}-{step}", [ProcessedPrompt(None, t) for _, t in batch],
                          [sampling] * len(batch), lora, cache_salt)
             outs = await collect(engine, sub, http_request, heartbeat)
             batch, step = steps.send([step_logprobs(o) for o in outs]), step + 1
