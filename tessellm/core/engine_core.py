@@ -130,6 +130,7 @@ class EngineCore:
                                                    defer_grammar=self.async_scheduling
                                                    and self.executor.supports_deferred_sample
                                                    and args.speculative_config is None,
+                                                   pooling=self.pooling is not None,
                                                    **_speculation(args)), self.kv)
         # Steps in flight at most: one per pipeline stage, or two under async scheduling.
         self.max_in_flight = 2 if self.async_scheduling else self.executor.max_concurrent_batches

@@ -89,8 +89,9 @@ class InputProcessor:
         return ProcessedPrompt(text, ids, features or None)
 
     def _check(self, p: ProcessedPrompt, truncate: Optional[int] = None) -> ProcessedPrompt:
+        room = 0 if getattr(self.info, "runner", "") == "pooling" else 1  # pooling: may fill the context
         if truncate is not None:
-            keep = self.info.max_model_len - 1 if truncate == -1 else truncate
+            keep = self.info.max_model_len - room if truncate == -1 else truncate
             p.prompt_token_ids = p.prompt_token_ids[-keep:]
         ids = p.prompt_token_ids
         if not ids:
@@ -106,7 +107,7 @@ class InputProcessor:
         if not all(isinstance(t, int) and 0 <= t < self.info.vocab_size for t in ids):
             raise ValueError(f"Prompt token ids must be integers in [0, {self.info.vocab_size}).")
         check_prompt_fits(len(ids), self.info.max_model_len,
-                          self.info.num_kv_blocks * self.info.block_size)
+                          self.info.num_kv_blocks * self.info.block_size, room)
         return p
 
     def _check_structured(self, structured) -> None:

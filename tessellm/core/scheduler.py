@@ -83,7 +83,7 @@ class Scheduler(SchedulerUpdate):
     def check_fits(self, request: Request) -> None:
         """Refuse a request that could never run, before it is queued."""
         check_prompt_fits(request.num_prompt_tokens, self.config.max_model_len,
-                          self.kv.num_blocks * self.kv.block_size)
+                          self.kv.num_blocks * self.kv.block_size, 0 if self.config.pooling else 1)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
         """Finish requests as aborted and free their blocks. Unknown ids are ignored."""

@@ -30,6 +30,9 @@ class SchedulerConfig:
     # (SpeculativeConfig); under async scheduling steps ahead reserve them (spec_ahead.py).
     num_speculative_tokens: int = 0
     disable_by_batch_size: int = 0
+    # Pooling engine (tessellm.pooling): requests end with their prompt, which may then fill
+    # the whole context (nothing is generated after it).
+    pooling: bool = False
 
 
 @dataclass
@@ -56,15 +59,18 @@ class RequestParamError(ValueError):
         self.param = param
 
 
-def check_prompt_fits(num_tokens: int, max_model_len: int, kv_capacity_tokens: int) -> None:
-    """One clear ValueError for a prompt that can never run; shared by the front end and core."""
+def check_prompt_fits(num_tokens: int, max_model_len: int, kv_capacity_tokens: int,
+                      room: int = 1) -> None:
+    """One clear ValueError for a prompt that can never run; shared by the front end and core.
+    ``room``: positions the prompt must leave free (1: a token is generated after it; 0: a
+    pooling request, which ends with its prompt)."""
     if num_tokens == 0:
         raise ValueError("The prompt is empty; give at least one token.")
-    if num_tokens >= max_model_len:
+    if num_tokens + room > max_model_len:
         raise ContextLengthError(f"The prompt has {num_tokens} tokens but this model's maximum context "
                                  f"length is {max_model_len} tokens; shorten the prompt to at most "
-                                 f"{max_model_len - 1} tokens.")
-    if num_tokens + 1 > kv_capacity_tokens:
+                                 f"{max_model_len - room} tokens.")
+    if num_tokens + room > kv_capacity_tokens:
         raise ValueError(f"The prompt has {num_tokens} tokens but the KV cache holds only "
                          f"{kv_capacity_tokens} tokens; give the cache more blocks (num_kv_blocks) "
                          "or shorten the prompt.")

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tessellm.core.request import Request
 from tessellm.entrypoints.llm import LLM
+from tessellm.pooling.front import POOLING_SAMPLING
 from tessellm import PoolingParams
 from tests.pooling.conftest import hf_embeddings, random_prompts, with_sentence_transformers
 
@@ -149,13 +151,29 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny_model_dir):
     path = tiny_model_dir("qwen3")
     long = random_prompts(1, seed=11, lo=600, hi=600)[0]  # over max_position_embeddings (512)
     with _llm(path, max_model_len=512) as llm:
-        with pytest.raises(ValueError, match="maximum context length is 512"):
+        with pytest.raises(ValueError, match="maximum context length is 512 tokens; shorten the "
+                                             "prompt to at most 512 tokens"):
             llm.embed([long])
         out = llm.embed([long], truncate_prompt_tokens=40)[0]
         fitted = llm.embed([long], truncate_prompt_tokens=-1)[0]
-    assert out.prompt_token_ids == long[-40:] and len(fitted.prompt_token_ids) == 511
-    ref = hf_embeddings(path, [long[-40:]], "LAST")[0]
-    torch.testing.assert_close(torch.tensor(out.outputs.embedding), ref, atol=ATOL, rtol=0)
+    assert out.prompt_token_ids == long[-40:] and fitted.prompt_token_ids == long[-512:]
+    ref = hf_embeddings(path, [long[-40:], long[-512:]], "LAST")
+    torch.testing.assert_close(torch.tensor(out.outputs.embedding), ref[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.tensor(fitted.outputs.embedding), ref[1], atol=ATOL, rtol=0)
+
+
+def test_a_prompt_may_fill_the_whole_context(tiny_model_dir):
+    """Nothing is generated after a pooling prompt: max_model_len tokens fit (a generating
+    engine keeps one position free), in the front end's check and the scheduler's."""
+    path = tiny_model_dir("llama")
+    prompt = random_prompts(1, seed=13, lo=512, hi=512)[0]
+    with _llm(path, max_model_len=512, pooler_config={"pooling_type": "MEAN"}) as llm:
+        got = _embed(llm, [prompt])
+        llm.engine.core.scheduler.check_fits(Request("x", prompt, POOLING_SAMPLING))
+    torch.testing.assert_close(got, hf_embeddings(path, [prompt], "MEAN"), atol=ATOL, rtol=0)
+    with LLM(path, device="cpu", num_kv_blocks=64, max_model_len=512) as llm:
+        with pytest.raises(ValueError, match="at most 511 tokens"):
+            llm.generate([prompt])
 
 
 def test_sentence_transformers_config_and_override(tiny_model_dir, tmp_path):
