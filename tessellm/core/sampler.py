@@ -113,14 +113,10 @@ class Sampler:
     @staticmethod
     def _edit_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The logits with bias, bans and penalties applied; ``logits`` itself is not written."""
-        if batch.logit_bias or batch.banned or batch.allowed_rows:
-            logits = logits.clone()
-        if batch.allowed_rows:  # first, as vLLM: only the allowed ids keep their logits
-            if len(batch.allowed_rows) == 1:
-                logits[batch.allowed_rows[0]].masked_fill_(batch.allowed_masks[0], -float("inf"))
-            else:
-                rows = torch.tensor(batch.allowed_rows, device=logits.device)
-                logits[rows] = logits[rows].masked_fill(torch.stack(batch.allowed_masks), -float("inf"))
+        edited = _keep_allowed(logits, batch)  # first, as vLLM
+        if (batch.logit_bias or batch.banned) and edited is logits:
+            edited = logits.clone()
+        logits = edited
         for row, ids, values in batch.logit_bias or ():
             idx = torch.tensor(ids, device=logits.device)
             logits[row, idx] += torch.tensor(values, device=logits.device)
@@ -258,6 +254,20 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # u * total may round up to total (u = 1 - 2^-53): kept below it, so some token exceeds it.
     x = torch.minimum(u[:, None] * total, total * (1.0 - 2.0 ** -52))
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+
+
+def _keep_allowed(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """-inf outside each row's allowed_token_ids: a new tensor when some row has them, else
+    ``logits`` itself. Every row (a batch of one kind): one masked_fill; some: row by row."""
+    rows, masks = batch.allowed_rows, batch.allowed_masks
+    if not rows:
+        return logits
+    if len(rows) == logits.shape[0]:
+        return logits.masked_fill(torch.stack(masks), -float("inf"))
+    out = logits.clone()
+    for row, mask in zip(rows, masks):
+        out[row].masked_fill_(mask, -float("inf"))
+    return out
 
 
 def _has_edits(batch: SamplingBatch) -> bool:
