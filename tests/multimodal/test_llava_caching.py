@@ -88,3 +88,19 @@ def test_equal_images_in_one_batch_are_encoded_once(llava_dir):
     want = hf_greedy(llava_dir, prompts + [PROMPT], [image(60), image(60), image(61)], MAX_NEW)
     assert [list(o.outputs[0].token_ids) for o in outs] == want[:2]
     assert [list(c.token_ids) for c in two.outputs] == [want[2], want[2]]
+
+
+def test_abort_inside_an_image_span_frees_its_features(llava_dir):
+    """A request aborted after a chunk that ends inside its image: the runner forgets the
+    features (and the blocks are freed); the next request is unaffected."""
+    with LLM(llava_dir, dtype="float32", num_kv_blocks=64, block_size=BS, max_num_batched_tokens=8) as llm:
+        engine = llm.engine
+        engine.add_request("a", {"prompt": PROMPT, "multi_modal_data": {"image": image(80)}}, GREEDY)
+        cache = engine.core.runner.encoder_cache
+        while not cache.features:  # the chunk that reaches the image (8 tokens a step)
+            engine.step()
+        engine.abort_request("a")
+        assert engine.core.kv.num_free_blocks == engine.core.kv.num_blocks
+        got, _ = _run(llm, PROMPT, image(81))  # the abort reaches the runner with this step
+        assert not cache.features and "a" not in engine.core.runner.requests
+    assert got == hf_greedy(llava_dir, [PROMPT], [image(81)], MAX_NEW)[0]
