@@ -197,3 +197,22 @@ def test_unknown_reasoning_parser_is_refused_at_startup():
                           timeout=120)
     assert proc.returncode != 0
     assert "nope" in proc.stderr and "deepseek_r1" in proc.stderr and "qwen3" in proc.stderr
+
+
+def test_a_response_message_sent_back_keeps_its_thinking_for_the_template(servers):
+    """Clients append the assistant message as they got it (with reasoning and
+    reasoning_content) to the next request; the template sees the thinking as
+    reasoning_content (Qwen3's and DeepSeek's templates read it)."""
+    srv = servers("deepseek_r1")
+    first = _chat(srv, "[think]")["choices"][0]["message"]
+    history = [{"role": "user", "content": "[think]"}, first, {"role": "user", "content": "[bare]"}]
+    m = _chat(srv, "", messages=history)["choices"][0]["message"]
+    assert (m["reasoning"], m["content"]) == (" I recall", ANSWER)
+    for key in ("reasoning", "reasoning_content"):  # either name alone
+        turn = {"role": "assistant", "content": ANSWER, key: " Let me see."}
+        r = httpx.post(f"{srv.url}/tokenize", headers=srv.headers, timeout=60,
+                       json={"model": "m", "messages": [{"role": "user", "content": "[think]"}, turn]})
+        assert r.status_code == 200, r.text
+        text = httpx.post(f"{srv.url}/detokenize", headers=srv.headers, timeout=60,
+                          json={"model": "m", "tokens": r.json()["tokens"]}).json()["prompt"]
+        assert text == "[think]<think> Let me see.</think>" + ANSWER

@@ -31,7 +31,8 @@ CHAINS = {
     "[json]": [" Think:", " {not json", "</think>"],
     "[long]": [*FILLER, "</think>"],
 }
-TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+TEMPLATE = ("{% for m in messages %}{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>"
+            "{% endif %}{{ m['content'] }}{% endfor %}"
             "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
 
 

@@ -123,6 +123,9 @@ class ChatMessage(_Request):
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls
     tool_call_id: Optional[str] = None  # role "tool": the call this result answers
+    # an assistant's earlier thinking (a response's message sent back); the template sees both names
+    reasoning: Optional[str] = None
+    reasoning_content: Optional[str] = None
     # unsupported
     function_call: Optional[Any] = None
     refusal: Optional[str] = None

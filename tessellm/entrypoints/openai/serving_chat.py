@@ -173,6 +173,9 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
         message["name"] = m.name
     if m.tool_calls:
         message["tool_calls"] = tool_call_history(m.tool_calls)
+    thinking = m.reasoning if m.reasoning is not None else m.reasoning_content
+    if thinking is not None:  # Qwen3's and DeepSeek's templates read reasoning_content
+        message["reasoning"] = message["reasoning_content"] = thinking
     if m.role == "tool":
         if not m.tool_call_id:
             raise bad_request(f"messages[{i}] has role 'tool' but no tool_call_id; give the id of the "
