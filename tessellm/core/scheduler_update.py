@@ -63,12 +63,14 @@ class SchedulerUpdate:
         rid = req.request_id
         appended = []
         for tok in new_tokens:
-            req.append_token(tok)
-            appended.append(tok)
             if req.grammar is not None and not req.grammar.accept(tok):
-                req.stop_reason = "grammar"  # never with the mask applied; a safety net
+                # The mask allowed nothing the sampler could take (e.g. min_tokens held back the
+                # only token the grammar allowed, EOS): the token is arbitrary and never output.
+                req.stop_reason = "grammar"
                 self._finish(req, RequestStatus.FINISHED_STOPPED)
                 break
+            req.append_token(tok)
+            appended.append(tok)
             status = self._check_stop(req, tok)
             if status is not None:
                 self._finish(req, status)

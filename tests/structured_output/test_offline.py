@@ -99,6 +99,20 @@ def test_structural_tag_and_malformed_spec(llm):
     assert llm.generate("Hi", _params(S(choice=["a", "b"])), use_tqdm=False)[0].outputs[0].text in ("a", "b")
 
 
+def test_min_tokens_past_the_grammar_end_adds_no_stray_token(llm):
+    """min_tokens holds back EOS after the grammar has ended, so every token is masked and the
+    sampler's pick is arbitrary (token 0): the request ends there ("grammar") and that token is
+    never output (it was, as the last token, decoded into the text: a raw control character
+    with some vocabularies)."""
+    tok = llm.get_tokenizer()
+    for extra in ({}, {"temperature": 1.0, "seed": 3}):
+        params = SamplingParams(**{"temperature": 0, "max_tokens": 16, "min_tokens": 12, **extra},
+                                structured_outputs=S(choice=["yes", "no"]))
+        out = llm.generate("Is the sky blue?", params, use_tqdm=False)[0].outputs[0]
+        assert out.text in ("yes", "no") and out.finish_reason == "stop" and out.stop_reason == "grammar"
+        assert tok.decode(out.token_ids, skip_special_tokens=False) == out.text
+
+
 @pytest.mark.parametrize("executor", ["uni", pytest.param("mp", marks=pytest.mark.slow)])
 def test_async_scheduling_defers_masks_and_keeps_tokens(batch, executor):
     """Async scheduling (in process, and through a worker process): constrained requests go one

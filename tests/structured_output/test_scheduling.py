@@ -109,6 +109,7 @@ def test_token_outside_the_grammar_ends_the_request():
     s.add_request(req("g", RequestGrammar(future)))
     outs = update(s, s.schedule(), B)  # the mask would never allow it
     assert outs[0].finish_reason == "stop" and outs[0].stop_reason == "grammar"
+    assert outs[0].new_token_ids == []  # a token the grammar refused is never output
 
 
 def test_constrained_request_is_not_scheduled_ahead():
