@@ -29,9 +29,19 @@ def hold_back(text: str, marker: str) -> str:
 
 
 class ReasoningSplit:
+    """Kept per streamed choice: the end marker is searched for only in text not searched yet,
+    and the ids only among new ones (constant work per delta, not the whole output's)."""
+
     def __init__(self, markers: ThinkMarkers, phase: str):
         self.markers = markers
         self.phase = phase
+        self._reset()
+
+    def _reset(self) -> None:
+        self._end_at: Optional[int] = None  # where the end marker starts in the body, once found
+        self._search_from = 0  # the body before this holds no complete end marker
+        self._ids_seen = 0
+        self._has_end_id = False
 
     def split(self, text: str, token_ids: Sequence[int], final: bool) -> tuple[Optional[str], str]:
         """``(reasoning, answer)``; reasoning None when the output has none."""
@@ -51,10 +61,20 @@ class ReasoningSplit:
         return self._reasoning(text, token_ids, final)
 
     def _reasoning(self, body: str, token_ids: Sequence[int], final: bool) -> tuple[str, str]:
-        end = self.markers.parser.end
-        at = body.find(end)
-        end_id = self.markers.end_id
-        if at >= 0 and (end_id is None or end_id in token_ids):
-            return body[:at], body[at + len(end):]
+        end, end_id = self.markers.parser.end, self.markers.end_id
+        if len(body) < self._search_from or (self._end_at is not None and len(body) < self._end_at + len(end)):
+            self._reset()  # not the text seen before: start over
+        if self._end_at is None:
+            if end_id is not None and not self._has_end_id:
+                self._has_end_id = end_id in token_ids[self._ids_seen:]
+                self._ids_seen = len(token_ids)
+            if end_id is None or self._has_end_id:
+                at = body.find(end, self._search_from)
+                if at >= 0:
+                    self._end_at = at
+                else:
+                    self._search_from = max(0, len(body) - len(end) + 1)
+        if self._end_at is not None:
+            return body[:self._end_at], body[self._end_at + len(end):]
         return (body if final else hold_back(body, end)), ""
 

@@ -69,8 +69,10 @@ def test_every_character_cut_of_a_text_marker():
     text = "<think>a<b</thc</think>x</think>y"
     final = ReasoningSplit(markers, REASONING).split(text, [], final=True)
     assert final == ("a<b</thc", "x</think>y")
+    stream = ReasoningSplit(markers, REASONING)  # one object fed the growing text, as a stream's
     for cut in range(len(text) + 1):
         reasoning, answer = ReasoningSplit(markers, REASONING).split(text[:cut], [], final=False)
+        assert stream.split(text[:cut], [], final=False) == (reasoning, answer)
         assert final[0].startswith(reasoning) and final[1].startswith(answer)
         assert not reasoning.endswith("<") and "</think>" not in reasoning
 
