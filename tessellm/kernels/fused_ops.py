@@ -83,17 +83,20 @@ class TritonOps:
         return Fp8Activation(q, s, x.dtype)
 
     def rotary_embedding(self, positions, q, k, cos_sin_cache, head_size: int):
-        """NeoX rotation, in place on ``q`` ``[T, H*D]`` and ``k`` ``[T, KVH*D]`` (or 3-D)."""
-        if cos_sin_cache.shape[-1] != head_size:
-            raise ValueError(f"cos_sin_cache width {cos_sin_cache.shape[-1]} != head_size "
-                             f"{head_size}: partial rotary is not supported by TritonOps.")
+        """NeoX rotation, in place on ``q`` ``[T, H*D]`` and ``k`` ``[T, KVH*D]`` (or 3-D), of
+        the first ``R = cos_sin_cache.shape[-1]`` dims of each head (``R < D``: partial rotary;
+        the kernel touches only dims ``0..R`` through the head stride, the rest stay)."""
+        rotary_dim = cos_sin_cache.shape[-1]
+        if rotary_dim % 2 or rotary_dim > head_size:
+            raise ValueError(f"cos_sin_cache width {rotary_dim} must be even and at most "
+                             f"head_size {head_size}.")
         num_tokens = q.shape[0]
         if num_tokens == 0:
             return q, k
         q3 = q.view(num_tokens, -1, head_size)
         k3 = k.view(num_tokens, -1, head_size)
         assert q3.stride(-1) == 1 and k3.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1
-        half = head_size // 2
+        half = rotary_dim // 2
         hq, hk = q3.shape[1], k3.shape[1]
         _rotary_kernel[(num_tokens,)](
             positions.reshape(-1), q3, k3, cos_sin_cache, q3.stride(0), q3.stride(1),

@@ -84,12 +84,16 @@ def test_fused_add_rms_norm(dtype, hidden):
     assert torch.equal(new_res, residual), "residual is updated in place"
 
 
-@pytest.mark.parametrize("head_size,num_heads,num_kv_heads", [(64, 4, 2), (128, 8, 1), (80, 3, 3)])
+@pytest.mark.parametrize("head_size,num_heads,num_kv_heads,rotary_dim", [
+    (64, 4, 2, 64), (128, 8, 1, 128), (80, 3, 3, 80),
+    (64, 4, 2, 16), (80, 3, 1, 40), (128, 2, 2, 96)])  # partial rotary (Phi-2, GPT-NeoX, ...)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_embedding_neox_in_place(dtype, head_size, num_heads, num_kv_heads):
+def test_rotary_embedding_neox_in_place(dtype, head_size, num_heads, num_kv_heads, rotary_dim):
+    """Whole heads, and partial rotary: only the first rotary_dim dims of each head rotate (the
+    rest must stay as they were; TritonOps refused it at the first forward before)."""
     gen = _gen("rope", dtype, head_size, num_heads)
     num_tokens, max_pos = (300, 4096) if ON_GPU else (7, 64)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_size, 2).float() / head_size))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
     freqs = torch.arange(max_pos).float()[:, None] * inv_freq[None, :]
     cos_sin_cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(DEVICE)
     positions = torch.randint(0, max_pos, (num_tokens,), generator=gen).to(DEVICE)

@@ -55,12 +55,14 @@ def test_fused_add_rms_norm(target, rows, hidden):
         torch.testing.assert_close(out.cpu(), ref_out, **tolerance(dtype))
 
 
-@pytest.mark.parametrize("tokens,heads,kv_heads,head_size", [(1, 4, 2, 64), (11, 8, 8, 32), (5, 2, 1, 128)])
-def test_rotary_embedding(target, tokens, heads, kv_heads, head_size):
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_size,rotary_dim", [
+    (1, 4, 2, 64, 64), (11, 8, 8, 32, 32), (5, 2, 1, 128, 128),
+    (3, 4, 2, 64, 32), (5, 2, 1, 96, 72)])  # partial rotary: the dims past R stay unchanged
+def test_rotary_embedding(target, tokens, heads, kv_heads, head_size, rotary_dim):
     for dtype in _dtypes(target):
         ops = _ops(target, dtype)
         max_pos = 512
-        inv = 1.0 / (10000 ** (torch.arange(0, head_size, 2).float() / head_size))
+        inv = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
         freqs = torch.arange(max_pos).float()[:, None] * inv[None, :]
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(target.device)
         pos = torch.randint(0, max_pos, (tokens,), generator=torch.Generator().manual_seed(6))
