@@ -190,6 +190,13 @@ def test_json_schema_applies_after_the_thinking(servers, parser, trigger, thinki
     jsonschema.validate(json.loads(m["content"]), SCHEMA)
     assert r["choices"][0]["finish_reason"] == "stop"
     _check_stream_matches(srv, trigger, m, response_format=fmt, structured_outputs=compact, max_tokens=40)
+    # enable_thinking false: the prompt closed the block, so the engine constrains from the first
+    # token (deepseek_r1 would otherwise wait for a </think> that never comes: no JSON at all).
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    m = _chat(srv, trigger, response_format=fmt, structured_outputs=compact, max_tokens=40, **off)
+    m = m["choices"][0]["message"]
+    assert "reasoning" not in m
+    jsonschema.validate(json.loads(m["content"]), SCHEMA)
 
 
 def test_unknown_reasoning_parser_is_refused_at_startup():
