@@ -153,9 +153,14 @@ class KVDrafter(Proposer):
         return (self.to_tokens(states), hidden) if hidden is not None else (self.to_tokens(states),)
 
     def max_position(self) -> int:
-        """Positions the drafter may write: below its rotary table's length and the context
-        (a captured step's attention reads at most ``max_model_len`` keys)."""
-        limit = getattr(self.model_config(), "max_position_embeddings", None) or self.ctx.max_model_len
+        """Positions the drafter may write: below its rotary table's length (yarn's extended
+        length included: ``rope_max_positions``, as its ``RotaryEmbedding`` is built) and the
+        context (a captured step's attention reads at most ``max_model_len`` keys)."""
+        from tessellm.layers.rope_config import rope_max_positions
+
+        config = self.model_config()
+        limit = (rope_max_positions(config) if getattr(config, "max_position_embeddings", None)
+                 else self.ctx.max_model_len)
         return min(limit, self.ctx.max_model_len)
 
     def model_config(self):

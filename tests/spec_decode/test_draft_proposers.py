@@ -217,3 +217,25 @@ def test_loading_errors_are_one_sentence(models, tmp_path, method, breakage, mes
         _save_head(path, "eagle3", dict(TARGET, vocab_size=500), 5)
     with pytest.raises(ValueError, match=message):
         LLM(models["target"], speculative_config=_spec(method, path), **ENGINE)
+
+
+def test_draft_model_drafts_past_max_position_embeddings_under_yarn(tmp_path):
+    """A target and draft of max_position_embeddings 32 with yarn factor 4 serve 128 positions
+    (``rope_max_positions``); the drafter capped its positions at 32, so a request past
+    position 32 got no drafts at all. The target drafting for itself: every draft accepted,
+    tokens equal to the run without speculation."""
+    cfg = dict(TARGET, max_position_embeddings=32,
+               rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    target = _save_llama(str(tmp_path / "target"), cfg, 5)
+    same = str(tmp_path / "same")
+    shutil.copytree(target, same)
+    engine = dict(ENGINE, num_kv_blocks=64)
+    prompt = [(5 * j) % 383 + 1 for j in range(40)]  # every position drafted is past 32
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    with LLM(target, **engine) as llm:
+        want = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+    with LLM(target, speculative_config=_spec("draft_model", same), **engine) as llm:
+        got = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+        stats = llm.engine.core.scheduler.spec_stats
+    assert got == want
+    assert stats.num_draft_tokens >= 8 and stats.num_accepted_tokens == stats.num_draft_tokens
