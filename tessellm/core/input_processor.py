@@ -147,6 +147,7 @@ class InputProcessor:
             if bad:
                 raise RequestParamError(f"{field} has {bad[0]}, outside the vocabulary [0, {vocab}); "
                                         f"use this model's token ids.", field)
+        self._check_allowed_left(params)
         for token in params.stop_token_ids or ():
             if not (isinstance(token, int) and 0 <= token < vocab):
                 raise RequestParamError(f"stop_token_ids has {token}, outside the vocabulary "
@@ -172,6 +173,21 @@ class InputProcessor:
                 if ids not in words:
                     words.append(ids)
         return words
+
+    def _check_allowed_left(self, params: SamplingParams) -> None:
+        """Refuse allowed_token_ids that other bans empty from the start (the sampler would
+        have nothing to sample; it then takes token 0, sampler._point_rows)."""
+        if not params.allowed_token_ids:
+            return
+        allowed = set(params.allowed_token_ids)
+        if allowed <= {w[0] for w in params.bad_words_token_ids or () if len(w) == 1}:
+            raise RequestParamError("Every token in allowed_token_ids is also a one-token bad word, so "
+                                    "nothing could be generated; allow another token or drop that bad "
+                                    "word.", "allowed_token_ids")
+        if params.min_tokens and allowed <= set(params.stop_token_ids) | set(self.info.eos_token_ids):
+            raise RequestParamError("Every token in allowed_token_ids is an EOS or stop token, which "
+                                    "min_tokens bans, so nothing could be generated; allow another "
+                                    "token or drop min_tokens.", "allowed_token_ids")
 
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                       arrival_time: Optional[float] = None,

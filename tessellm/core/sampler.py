@@ -153,12 +153,27 @@ class Sampler:
         greedy = torch.nn.functional.one_hot(self.argmax(logits), logits.shape[-1]).float()
         if batch.all_greedy:
             return greedy
-        probs = self._probs(logits, batch).dense(logits.shape[-1], 0.0)
-        return torch.where((batch.temperature == 0)[:, None], greedy, probs)
+        point = self._point_rows(logits, batch)
+        probs = self._probs(logits, batch, point).dense(logits.shape[-1], 0.0)
+        return torch.where(point[:, None], greedy, probs)
 
-    def _probs(self, logits: torch.Tensor, batch: SamplingBatch) -> Candidates:
-        """Each row's sampling distribution over its candidates (0 where filtered out)."""
-        greedy_rows = batch.temperature == 0
+    @staticmethod
+    def _point_rows(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """bool [B]: rows that take their argmax: greedy ones, and, when masks apply, any whose
+        every token is masked (allowed_token_ids all banned by bad words, min_tokens or a
+        grammar): nothing is left to sample, so such a row takes the argmax (token 0) as a
+        greedy row does, rather than a NaN distribution failing the whole batch."""
+        rows = batch.temperature == 0
+        if batch.allowed_rows or batch.banned or batch.logit_bias:
+            rows = rows | torch.isneginf(logits.amax(dim=-1))
+        return rows
+
+    def _probs(self, logits: torch.Tensor, batch: SamplingBatch,
+               greedy_rows: Optional[torch.Tensor] = None) -> Candidates:
+        """Each row's sampling distribution over its candidates (0 where filtered out);
+        ``greedy_rows`` (``_point_rows``; default: temperature 0) take the argmax anyway."""
+        if greedy_rows is None:
+            greedy_rows = batch.temperature == 0
         temp = torch.where(greedy_rows, torch.ones_like(batch.temperature), batch.temperature)
         cand = self._filter(logits / temp[:, None], batch, greedy_rows)
         probs = torch.softmax(cand.values, dim=-1)
@@ -180,8 +195,8 @@ class Sampler:
         return Candidates(filter_dense(scaled, top_k, top_p))
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        greedy_rows = batch.temperature == 0
-        probs = self._probs(logits, batch)
+        greedy_rows = self._point_rows(logits, batch)
+        probs = self._probs(logits, batch, greedy_rows)
         if probs.ids is None and self.on_host:
             sampled = self._invert(probs.values, batch.seeds)
         else:

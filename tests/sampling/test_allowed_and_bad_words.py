@@ -138,6 +138,28 @@ def test_bad_words_need_a_tokenizer_and_valid_values(llm, tiny_model_dir):
     assert _run(llm, _greedy(4), PROMPTS[:1])[0].outputs[0].token_ids  # the engine still serves
 
 
+def test_a_row_with_nothing_left_to_sample_does_not_fail_the_batch(tiny_model_dir):
+    """allowed_token_ids [5] with the bad word [5, 5]: after a 5 every token is masked. The row
+    takes token 0 (the argmax of an all -inf row, as a greedy row would) instead of sampling a
+    NaN distribution, which failed the step for the whole batch (IndexError). Bans that empty
+    allowed_token_ids from the start are refused up front."""
+    with LLM(tiny_model_dir("llama"), **ENGINE) as llm:
+        def run(params):
+            return [o.outputs[0].token_ids for o in llm.generate(
+                [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4, 5, 6]}], params, use_tqdm=False)]
+
+        other = SamplingParams(temperature=1.0, seed=9, max_tokens=4, ignore_eos=True)
+        alone = run([_greedy(1), other])[1]
+        for extra in ({}, {"top_p": 0.5}, {"top_k": 3}, {"logprobs": 2}):
+            stuck = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, allowed_token_ids=[5],
+                                   bad_words_token_ids=[[5, 5]], **extra)
+            assert run([stuck, other]) == [[5, 0, 5, 0], alone]
+        for bans, message in (({"bad_words_token_ids": [[5], [6]]}, "also a one-token bad word"),
+                              ({"min_tokens": 2, "stop_token_ids": [5, 6]}, "EOS or stop token")):
+            with pytest.raises(ValueError, match=message):
+                run([_greedy(4, allowed_token_ids=[5, 6], **bans), other])
+
+
 @pytest.fixture(scope="module")
 def reference(llm):
     """A mixed batch whose bans change its output, and its tokens on the plain engine (no
