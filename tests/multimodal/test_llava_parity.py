@@ -49,3 +49,15 @@ def test_token_ids_with_one_placeholder_per_image(llm, llava_dir):
     assert len(expanded) == len(ids) + FEATURES - 1
     again = llm.generate({"prompt_token_ids": expanded, "multi_modal_data": {"image": image(4)}}, GREEDY)
     assert _tokens(again) == _tokens(out)
+
+
+def test_full_strategy_and_concatenated_layers_match_hf(tmp_path):
+    """vision_feature_select_strategy "full" (the class token kept: 17 placeholders) and
+    vision_feature_layer [-3, -1] (two layers' states concatenated into the projector)."""
+    from tests.multimodal.tiny_llava import make_tiny_llava
+
+    path = make_tiny_llava(str(tmp_path / "full"), seed=3, strategy="full", feature_layer=[-3, -1])
+    with LLM(path, dtype="float32", num_kv_blocks=32, block_size=4) as llm:
+        out = llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": image(5)}}, GREEDY)
+    assert out[0].prompt_token_ids.count(3) == FEATURES + 1
+    assert _tokens(out) == hf_greedy(path, [PROMPT], [image(5)], MAX_NEW)

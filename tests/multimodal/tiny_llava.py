@@ -34,8 +34,10 @@ def _tokenizer():
     return fast
 
 
-def make_tiny_llava(path: str, seed: int = 0) -> str:
-    """Saves config, float32 safetensors, tokenizer (``<image>`` = id 3) and processor."""
+def make_tiny_llava(path: str, seed: int = 0, strategy: str = "default", feature_layer=-2) -> str:
+    """Saves config, float32 safetensors, tokenizer (``<image>`` = id 3) and processor.
+    ``strategy`` "full" keeps the class token (17 placeholders an image); ``feature_layer``
+    may be a list (the layers' hidden states concatenated)."""
     import torch
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
@@ -47,7 +49,8 @@ def make_tiny_llava(path: str, seed: int = 0) -> str:
                        num_hidden_layers=2, intermediate_size=128, vocab_size=320,
                        max_position_embeddings=512, initializer_range=0.2, bos_token_id=1,
                        eos_token_id=2, pad_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=3)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=3,
+                         vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32)
     with torch.no_grad():  # larger projector weights: image content visibly moves the logits
@@ -58,7 +61,7 @@ def make_tiny_llava(path: str, seed: int = 0) -> str:
     images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                 crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
                    chat_template=CHAT_TEMPLATE).save_pretrained(path)
     return path
 
