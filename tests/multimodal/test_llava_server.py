@@ -60,12 +60,26 @@ async def _llava_requests(c):
     }
     after = await c.post("/v1/chat/completions", json=_body(_img(data_url(image(40))), TEXT,
                                                             return_token_ids=True))
-    return png, jpeg, bad, after
+    stream = await c.post("/v1/chat/completions", json=_body(_img(data_url(image(40))), TEXT, stream=True))
+    tokenized = await c.post("/tokenize", json={"model": "m", "messages": _body(_img(data_url(image(40))),
+                                                                                 TEXT)["messages"]})
+    return png, jpeg, bad, after, stream, tokenized
+
+
+def _streamed_text(r: httpx.Response) -> str:
+    import json
+
+    text = ""
+    for line in r.text.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            for choice in json.loads(line[len("data: "):])["choices"]:
+                text += choice["delta"].get("content") or ""
+    return text
 
 
 def test_chat_with_images_over_http(llava_dir):
     args = EngineArgs(model=llava_dir, dtype="float32", num_kv_blocks=64, block_size=4)
-    png, jpeg, bad, after = asyncio.run(_serve(args, _llava_requests))
+    png, jpeg, bad, after, stream, tokenized = asyncio.run(_serve(args, _llava_requests))
     assert png.status_code == 200, png.text
     choice = png.json()["choices"][0]
     want = hf_greedy(llava_dir, [hf_chat_prompt(llava_dir, "What is this?")], [image(40)], MAX_NEW)[0]
@@ -80,6 +94,8 @@ def test_chat_with_images_over_http(llava_dir):
         assert r.status_code == 400, (name, r.text)
         assert match in r.json()["error"]["message"], (name, r.json())
     assert after.status_code == 200 and after.json()["choices"][0]["token_ids"] == want  # prefix hit, same
+    assert stream.status_code == 200 and _streamed_text(stream) == choice["message"]["content"]
+    assert tokenized.json()["tokens"] == png.json()["prompt_token_ids"]  # placeholders expanded
 
 
 async def _text_model_request(c):
