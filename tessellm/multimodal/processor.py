@@ -11,7 +11,7 @@ the processor's output); any other count is refused, naming the expected one.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -161,7 +161,7 @@ def text_only_error(model_path: str) -> ValueError:
                       "the image inputs, or serve a vision-language model (LLaVA).")
 
 
-def get_processor(info) -> Optional[ImageProcessor]:
+def get_processor(info) -> ImageProcessor:
     """The front end's image processor for the engine described by ``info`` (EngineInfo);
     raises ``text_only_error`` for a model that takes no images."""
     limit = info.mm_limits.get("image")
