@@ -1,6 +1,7 @@
 """Seeded random request mixes on the real engine (tiny random llama, cpu backend): every
 completed request's tokens equal the same request run alone on a roomy engine, through shared
-prefixes, chunked prefill, preemption (a tiny KV cache), aborts at random steps, n>1 and seeds."""
+prefixes, chunked prefill, preemption (a tiny KV cache), aborts at random steps, n>1, seeds, and
+allowed_token_ids with bad words."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def random_mix(rng: random.Random, num: int):
         else:
             p = SamplingParams(max_tokens=rng.randint(1, 24), temperature=1.0, seed=rng.randrange(1 << 20),
                                n=rng.choice([1, 2]), ignore_eos=True)
+        if rng.random() < 0.35:  # a small allowed set with bad words among its pairs: bans bite
+            allowed = rng.sample(range(3, 380), 6)
+            p = p.clone(allowed_token_ids=allowed, bad_words_token_ids=[[rng.choice(allowed)] * 2,
+                                                                        rng.sample(allowed, 2)])
         prompts.append({"prompt_token_ids": prompt})
         params.append(p)
     return prompts, params
