@@ -3,9 +3,10 @@ the beam width, ``temperature`` (default 1.0, as vLLM), ``length_penalty`` (defa
 ``ignore_eos``, ``include_stop_str_in_output`` and ``max_tokens`` apply; the search is
 tessellm/entrypoints/beam_search.py's, each step's beams sent to the engine as requests.
 
-Unlike vLLM, which streams nothing for a beam search and ignores the sampling fields the
-search does not use, tessellm refuses those (``stream``, ``stop``, ``top_p``, ...) with a 400
-naming the field, so a request never silently means something else.
+vLLM answers a streamed beam search whole at /v1/completions (events only at chat, after the
+search) and ignores the sampling fields the search does not use; tessellm refuses those
+(``stream``, ``stop``, ``top_p``, ...) with a 400 naming the field, so a request never silently
+means something else.
 """
 
 from __future__ import annotations
