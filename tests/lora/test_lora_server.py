@@ -178,7 +178,7 @@ def test_adapter_resolved_when_the_request_arrives(lora_setup, monkeypatch, rout
         return ProcessedPrompt(None, prompt["prompt_token_ids"])
 
     info = EngineInfo(model, "dir", 256, 384, 64, 16, [2], "cpu", "float32")
-    engine = SimpleNamespace(info=info,
+    engine = SimpleNamespace(info=info, tokenizer=None, args=SimpleNamespace(reasoning_parser=None),
                              process_prompt_async=process_prompt_async, add_request=add_request,
                              process_prompt=lambda p: ProcessedPrompt(None, p["prompt_token_ids"]),
                              abort=lambda rid: None)
