@@ -25,7 +25,10 @@ def prompt():
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_salted_prompts_share_blocks_only_within_their_salt(server, http, prompt, path):
     body = {"model": MODEL, "max_tokens": 1, "temperature": 0}
-    body |= {"prompt": prompt} if path == "/v1/completions" else {"messages": [{"role": "user", "content": prompt}]}
+    # chat: the prompt as the system message, so the template's default system prompt (which the
+    # server's other unsalted chat requests share) is not the first block
+    body |= {"prompt": prompt} if path == "/v1/completions" else {
+        "messages": [{"role": "system", "content": prompt}, {"role": "user", "content": "Go on."}]}
 
     def hits_of(**extra) -> int:
         before = _hits(server)
