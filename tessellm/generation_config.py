@@ -26,6 +26,8 @@ import logging
 import os
 from typing import Optional
 
+from tessellm.config import json_object_arg
+
 logger = logging.getLogger(__name__)
 
 # generation_config.json key -> SamplingParams field
@@ -35,16 +37,7 @@ FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min
 
 def parse_override(value) -> dict:
     """``override_generation_config`` as a dict (ValueError naming the problem)."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"override_generation_config is not valid JSON ({exc.msg}); give an "
-                             "object such as '{\"temperature\": 0.5}'.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"override_generation_config must be a JSON object, got {type(value).__name__}.")
+    value = json_object_arg(value, "override_generation_config", '{"temperature": 0.5}')
     unknown = sorted(set(value) - set(FIELDS))
     if unknown:
         raise ValueError(f"override_generation_config has unknown keys {unknown}; the sampling "

@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from tessellm.config import json_object_arg
+
 logger = logging.getLogger(__name__)
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
@@ -102,16 +104,7 @@ def pooler_config_for(args, source) -> Optional[PoolerConfig]:
 
 def parse_pooler_override(value) -> dict:
     """``pooler_config`` as a dict (given as one or as its JSON); checked key by key."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"pooler_config is not valid JSON ({exc}); give e.g. "
-                             "'{\"pooling_type\": \"MEAN\", \"normalize\": true}'.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"pooler_config must be a JSON object, got {type(value).__name__}.")
+    value = json_object_arg(value, "pooler_config", '{"pooling_type": "MEAN", "normalize": true}')
     out = {}
     for key, v in value.items():
         if key == "pooling_type":

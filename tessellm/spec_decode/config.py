@@ -17,9 +17,10 @@ The scheduler further cuts drafts to the step's token budget, the context and ``
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from tessellm.config import json_object_arg
 
 METHODS = ("ngram", "draft_model", "eagle", "eagle3", "replay")
 MODEL_METHODS = ("draft_model", "eagle", "eagle3")  # need ``model``
@@ -119,16 +120,7 @@ def parse_speculative_config(value: Any) -> Optional[SpeculativeConfig]:
     """A ``SpeculativeConfig`` from a JSON string, a dict or a config (None stays None)."""
     if value is None or isinstance(value, SpeculativeConfig):
         return value
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"speculative_config is not valid JSON ({e.msg} at character {e.pos}); "
-                             "give an object such as '{\"method\": \"ngram\", "
-                             "\"num_speculative_tokens\": 3}'.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}; "
-                         "give e.g. {\"method\": \"ngram\", \"num_speculative_tokens\": 3}.")
+    value = json_object_arg(value, "speculative_config", '{"method": "ngram", "num_speculative_tokens": 3}')
     names = {f.name for f in dataclasses.fields(SpeculativeConfig)}
     unknown = sorted(set(value) - names)
     if unknown:
