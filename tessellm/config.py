@@ -142,23 +142,6 @@ class ModelSource:
     has_tokenizer: bool = True
 
 
-def json_object_arg(value, name: str, example: str) -> dict:
-    """An engine argument given as a dict or as its JSON text, as a dict; one ValueError naming
-    ``name`` and showing ``example`` otherwise. ``None`` is ``{}``."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{name} is not valid JSON ({exc.msg} at character {exc.pos}); "
-                             f"give an object such as '{example}'.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}; "
-                         f"give e.g. '{example}'.")
-    return value
-
-
 def text_config(hf_config):
     """The language model's config: ``text_config`` of a multimodal model (LLaVA), else the
     config itself. Vocabulary, heads and context length are read from it."""

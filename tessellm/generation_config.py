@@ -26,7 +26,7 @@ import logging
 import os
 from typing import Optional
 
-from tessellm.config import json_object_arg
+from tessellm.json_arg import json_object_arg
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from tessellm.config import json_object_arg
+from tessellm.json_arg import json_object_arg
 
 logger = logging.getLogger(__name__)
 

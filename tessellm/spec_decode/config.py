@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from tessellm.config import json_object_arg
+from tessellm.json_arg import json_object_arg
 
 METHODS = ("ngram", "draft_model", "eagle", "eagle3", "replay")
 MODEL_METHODS = ("draft_model", "eagle", "eagle3")  # need ``model``
