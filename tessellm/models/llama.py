@@ -30,8 +30,11 @@ from tessellm.models.layer_windows import window_by_layer_type, window_everywher
 
 class DecoderAttention(nn.Module):
     def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding, qkv_bias: bool,
-                 qk_norm: bool, o_bias: bool = False, window: Optional[int] = None):
-        """``window``: this layer's sliding window (None: full attention)."""
+                 qk_norm: bool, o_bias: bool = False, window: Optional[int] = None,
+                 scale: Optional[float] = None, reduce_output: bool = False):
+        """``window``: this layer's sliding window (None: full attention). ``scale``: of the
+        attention scores (None: ``head_size ** -0.5``). ``reduce_output``: o_proj sums its
+        output over the tensor ranks itself (it always does with a bias)."""
         super().__init__()
         hidden = config.hidden_size
         tp = ctx.tp
@@ -50,13 +53,14 @@ class DecoderAttention(nn.Module):
         # Without a bias the sum over ranks is left to post_attention_layernorm (DecoderLayer).
         self.o_proj = RowParallelLinear(total_heads * d, hidden, bias=o_bias,
                                         quant_method=ctx.quant_method, tp=tp,
-                                        reduce_results=o_bias)
+                                        reduce_results=o_bias or reduce_output)
         self.rotary = rotary  # shared by all layers
         eps = config.rms_norm_eps
         self.q_norm = RMSNorm(self.head_size, eps, ctx.ops) if qk_norm else None
         self.k_norm = RMSNorm(self.head_size, eps, ctx.ops) if qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size,
-                              self.head_size ** -0.5, ctx.make_attention_kernel(window))
+                              self.head_size ** -0.5 if scale is None else scale,
+                              ctx.make_attention_kernel(window))
         # A kernel that fuses rotary rotates q and k as it writes the KV cache (one launch
         # fewer per layer); it does NeoX over the whole head only.
         self.fuse_rotary = (self.attn.fuses_rotary and rotary.is_neox_style
@@ -66,9 +70,7 @@ class DecoderAttention(nn.Module):
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
-            t = q.shape[0]
-            q = self.q_norm(q.reshape(t, self.num_heads, self.head_size)).view(t, self.q_size)
-            k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_size)).view(t, self.kv_size)
+            q, k = self.norm_qk(q, k)
         if self.fuse_rotary:
             out = self.attn(q, k, v, metadata, positions, self.rotary.cos_sin_cache)
         else:
@@ -76,10 +78,19 @@ class DecoderAttention(nn.Module):
             out = self.attn(q, k, v, metadata)
         return self.o_proj(out)
 
+    def norm_qk(self, q, k):
+        """Qwen3: q and k RMS-normed per head."""
+        t = q.shape[0]
+        q = self.q_norm(q.reshape(t, self.num_heads, self.head_size)).view(t, self.q_size)
+        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_size)).view(t, self.kv_size)
+        return q, k
+
 
 class DecoderMLP(nn.Module):
     def __init__(self, config, ctx: ModelContext, intermediate_size: Optional[int] = None,
-                 bias: bool = False):
+                 bias: bool = False, reduce_output: bool = False):
+        """``reduce_output``: down_proj sums its output over the tensor ranks itself (it always
+        does with a bias)."""
         super().__init__()
         inter = intermediate_size or config.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias,
@@ -88,7 +99,7 @@ class DecoderMLP(nn.Module):
         # input_layernorm or the final norm; with one, here (the bias is added once, after).
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias,
                                            quant_method=ctx.quant_method, tp=ctx.tp,
-                                           reduce_results=bias)
+                                           reduce_results=bias or reduce_output)
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported by the llama family; only silu is.")
@@ -123,11 +134,17 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config, ctx: ModelContext, rotary, qkv_bias: bool, qk_norm: bool,
                  index: int, mlp: Optional[nn.Module] = None, o_bias: bool = False,
-                 window: Optional[int] = None, input_summed: bool = False):
+                 window: Optional[int] = None, input_summed: bool = False,
+                 scale: Optional[float] = None, residual_multiplier: float = 1.0):
         """``input_summed``: the previous layer's MLP output is summed over the ranks already
-        (an MLP with a bias), so ``input_layernorm`` does not reduce it."""
+        (an MLP with a bias), so ``input_layernorm`` does not reduce it. ``scale``: the
+        attention's (None: ``head_size ** -0.5``). ``residual_multiplier`` (Granite): the
+        attention and MLP outputs are scaled by it before they join the residual stream (a
+        partial sum under tensor parallelism scales alike)."""
         super().__init__()
-        self.self_attn = DecoderAttention(config, ctx, rotary, qkv_bias, qk_norm, o_bias, window)
+        self.self_attn = DecoderAttention(config, ctx, rotary, qkv_bias, qk_norm, o_bias, window,
+                                          scale=scale)
+        self.residual_multiplier = residual_multiplier
         self.mlp = mlp if mlp is not None else DecoderMLP(config, ctx)  # output: a partial sum
         eps, hidden = config.rms_norm_eps, config.hidden_size
         reduce = ctx.tp if index > 0 and not input_summed else None
@@ -147,9 +164,14 @@ class DecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual, consumer=qkv)
         hidden = self.self_attn(positions, hidden, metadata)
+        if self.residual_multiplier != 1.0:
+            hidden = hidden * self.residual_multiplier
         gate_up = self.mlp.gate_up_proj if self._plain_mlp else None
         hidden, residual = self.post_attention_layernorm(hidden, residual, consumer=gate_up)
-        return self.mlp(hidden), residual
+        out = self.mlp(hidden)
+        if self.residual_multiplier != 1.0:
+            out = out * self.residual_multiplier
+        return out, residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -157,6 +179,7 @@ class LlamaForCausalLM(nn.Module):
     methods below (each subclass states what its HF modeling file does)."""
 
     qk_norm = False
+    embedding_multiplier = 1.0  # Granite: the embeddings are scaled by it
 
     # checkpoint name fragment -> (our fused param fragment, shard index)
     stacked_params = (
@@ -181,19 +204,32 @@ class LlamaForCausalLM(nn.Module):
         heads = config.num_attention_heads
         head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
         rotary = RotaryEmbedding.from_config(config, head_size, ctx.ops)
-        qkv_bias, o_bias = self.attention_biases(config)
-        mlp_bias = self.mlp_bias(config)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, ctx, rotary, qkv_bias, self.qk_norm, i,
-                         self.make_mlp(config, ctx, i), o_bias=o_bias,
-                         window=self.layer_window(config, i), input_summed=mlp_bias)
+            self.make_layer(config, ctx, rotary, i)
             if self.start_layer <= i < self.end_layer else MissingLayer()
             for i in range(config.num_hidden_layers))
-        if ctx.pp.is_last:  # down_proj's sum, unless it has a bias (summed there)
+        if ctx.pp.is_last:  # the last layer's output summed, unless it is already
             self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.ops,
-                                reduce=None if mlp_bias else ctx.tp)
+                                reduce=None if self.output_summed(config) else ctx.tp)
             tied = self.embed_tokens.weight if self.tie_word_embeddings and ctx.pp.is_first else None
             self.lm_head = ParallelLMHead(vocab, hidden, ctx.tp, weight=tied)
+
+    def make_layer(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
+                   index: int) -> nn.Module:
+        """Decoder layer ``index``: returns ``(hidden, residual)`` whose sum is the residual
+        stream, ``hidden`` a partial sum under tensor parallelism unless ``output_summed``."""
+        qkv_bias, o_bias = self.attention_biases(config)
+        return DecoderLayer(config, ctx, rotary, qkv_bias, self.qk_norm, index,
+                            self.make_mlp(config, ctx, index), o_bias=o_bias,
+                            window=self.layer_window(config, index),
+                            input_summed=self.output_summed(config),
+                            scale=self.attention_scale(config),
+                            residual_multiplier=self.residual_multiplier(config))
+
+    def output_summed(self, config) -> bool:
+        """Whether a layer's output is summed over the tensor ranks already (down_proj with a
+        bias sums there), so the next norm must not sum it again."""
+        return self.mlp_bias(config)
 
     def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
         """Layer ``index``'s MLP (the MoE families override it); its output is a partial sum
@@ -214,6 +250,14 @@ class LlamaForCausalLM(nn.Module):
         """Layer ``index``'s sliding window; None: full attention. Llama has none."""
         return None
 
+    def attention_scale(self, config) -> Optional[float]:
+        """The attention scores' scale; None: ``head_dim ** -0.5``."""
+        return None
+
+    def residual_multiplier(self, config) -> float:
+        """What the attention and MLP outputs are scaled by before the residual add."""
+        return 1.0
+
     def check_config(self, config) -> None:
         """Refuses, at load, config values this family's code does not implement."""
 
@@ -230,6 +274,8 @@ class LlamaForCausalLM(nn.Module):
         the normed hidden states, the others ``(hidden, residual)``."""
         if self.pp.is_first:
             embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            if self.embedding_multiplier != 1.0:
+                embeds = embeds * self.embedding_multiplier
             hidden, residual = embeds, None
         else:
             hidden, residual = intermediate

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tessellm.models import gemma3, llama, llava, moe, phi3
+from tessellm.models import gemma3, granite, llama, llava, moe, phi3
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -11,6 +11,7 @@ _MODELS = {
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
     "Gemma3ForCausalLM": gemma3.Gemma3ForCausalLM,
     "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
+    "GraniteForCausalLM": granite.GraniteForCausalLM,
     "MixtralForCausalLM": moe.MixtralForCausalLM,
     "Qwen2MoeForCausalLM": moe.Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": moe.Qwen3MoeForCausalLM,
