@@ -12,12 +12,13 @@ parameter names stay those of the checkpoint). A stage that is not the last retu
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from tessellm import envs
+from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.attention import Attention
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import (ColumnParallelLinear, RowParallelLinear, fp8_input_dtype,
@@ -31,10 +32,12 @@ from tessellm.models.layer_windows import window_by_layer_type, window_everywher
 class DecoderAttention(nn.Module):
     def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding, qkv_bias: bool,
                  qk_norm: bool, o_bias: bool = False, window: Optional[int] = None,
-                 scale: Optional[float] = None, reduce_output: bool = False):
+                 scale: Optional[float] = None, reduce_output: bool = False,
+                 clip_qkv: Optional[float] = None):
         """``window``: this layer's sliding window (None: full attention). ``scale``: of the
         attention scores (None: ``head_size ** -0.5``). ``reduce_output``: o_proj sums its
-        output over the tensor ranks itself (it always does with a bias)."""
+        output over the tensor ranks itself (it always does with a bias). ``clip_qkv``
+        (OLMo): q, k and v are clamped to ``[-clip_qkv, clip_qkv]`` after the projection."""
         super().__init__()
         hidden = config.hidden_size
         tp = ctx.tp
@@ -55,9 +58,9 @@ class DecoderAttention(nn.Module):
                                         quant_method=ctx.quant_method, tp=tp,
                                         reduce_results=o_bias or reduce_output)
         self.rotary = rotary  # shared by all layers
-        eps = config.rms_norm_eps
-        self.q_norm = RMSNorm(self.head_size, eps, ctx.ops) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_size, eps, ctx.ops) if qk_norm else None
+        self.clip_qkv = clip_qkv
+        self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps, ctx.ops) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps, ctx.ops) if qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size,
                               self.head_size ** -0.5 if scale is None else scale,
                               ctx.make_attention_kernel(window))
@@ -68,6 +71,8 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions, hidden, metadata):
         qkv = self.qkv_proj(hidden)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             q, k = self.norm_qk(q, k)
@@ -135,23 +140,27 @@ class DecoderLayer(nn.Module):
     def __init__(self, config, ctx: ModelContext, rotary, qkv_bias: bool, qk_norm: bool,
                  index: int, mlp: Optional[nn.Module] = None, o_bias: bool = False,
                  window: Optional[int] = None, input_summed: bool = False,
-                 scale: Optional[float] = None, residual_multiplier: float = 1.0):
+                 scale: Optional[float] = None, residual_multiplier: float = 1.0,
+                 clip_qkv: Optional[float] = None,
+                 norm: Optional[Callable[[Optional[TensorParallel]], nn.Module]] = None):
         """``input_summed``: the previous layer's MLP output is summed over the ranks already
         (an MLP with a bias), so ``input_layernorm`` does not reduce it. ``scale``: the
         attention's (None: ``head_size ** -0.5``). ``residual_multiplier`` (Granite): the
         attention and MLP outputs are scaled by it before they join the residual stream (a
-        partial sum under tensor parallelism scales alike)."""
+        partial sum under tensor parallelism scales alike). ``clip_qkv``: ``DecoderAttention``'s.
+        ``norm(reduce)``: builds each of the two norms (None: ``RMSNorm`` with
+        ``config.rms_norm_eps``); ``reduce`` is the group to sum the input over, or None."""
         super().__init__()
         self.self_attn = DecoderAttention(config, ctx, rotary, qkv_bias, qk_norm, o_bias, window,
-                                          scale=scale)
+                                          scale=scale, clip_qkv=clip_qkv)
         self.residual_multiplier = residual_multiplier
         self.mlp = mlp if mlp is not None else DecoderMLP(config, ctx)  # output: a partial sum
-        eps, hidden = config.rms_norm_eps, config.hidden_size
-        reduce = ctx.tp if index > 0 and not input_summed else None
-        self.input_layernorm = RMSNorm(hidden, eps, ctx.ops, reduce=reduce)
+        if norm is None:
+            def norm(reduce):
+                return RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.ops, reduce=reduce)
+        self.input_layernorm = norm(ctx.tp if index > 0 and not input_summed else None)
         o_reduced = self.self_attn.o_proj.reduce_results
-        self.post_attention_layernorm = RMSNorm(hidden, eps, ctx.ops,
-                                                reduce=None if o_reduced else ctx.tp)
+        self.post_attention_layernorm = norm(None if o_reduced else ctx.tp)
         self._plain_mlp = isinstance(self.mlp, DecoderMLP)  # its gate_up_proj takes the norm
 
     def forward(self, positions, hidden, residual, metadata):
@@ -209,8 +218,7 @@ class LlamaForCausalLM(nn.Module):
             if self.start_layer <= i < self.end_layer else MissingLayer()
             for i in range(config.num_hidden_layers))
         if ctx.pp.is_last:  # the last layer's output summed, unless it is already
-            self.norm = RMSNorm(hidden, config.rms_norm_eps, ctx.ops,
-                                reduce=None if self.output_summed(config) else ctx.tp)
+            self.norm = self.make_norm(config, ctx, None if self.output_summed(config) else ctx.tp)
             tied = self.embed_tokens.weight if self.tie_word_embeddings and ctx.pp.is_first else None
             self.lm_head = ParallelLMHead(vocab, hidden, ctx.tp, weight=tied)
 
@@ -224,7 +232,14 @@ class LlamaForCausalLM(nn.Module):
                             window=self.layer_window(config, index),
                             input_summed=self.output_summed(config),
                             scale=self.attention_scale(config),
-                            residual_multiplier=self.residual_multiplier(config))
+                            residual_multiplier=self.residual_multiplier(config),
+                            clip_qkv=self.clip_qkv(config),
+                            norm=lambda reduce: self.make_norm(config, ctx, reduce))
+
+    def make_norm(self, config, ctx: ModelContext, reduce: Optional[TensorParallel]) -> nn.Module:
+        """A norm of the hidden states (each layer's two, the final one), summing its input
+        over ``reduce`` when set."""
+        return RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.ops, reduce=reduce)
 
     def output_summed(self, config) -> bool:
         """Whether a layer's output is summed over the tensor ranks already (down_proj with a
@@ -257,6 +272,10 @@ class LlamaForCausalLM(nn.Module):
     def residual_multiplier(self, config) -> float:
         """What the attention and MLP outputs are scaled by before the residual add."""
         return 1.0
+
+    def clip_qkv(self, config) -> Optional[float]:
+        """The clamp on q, k and v after the projection; None: none."""
+        return None
 
     def check_config(self, config) -> None:
         """Refuses, at load, config values this family's code does not implement."""

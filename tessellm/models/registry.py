@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tessellm.models import gemma3, granite, llama, llava, moe, olmo2, phi3
+from tessellm.models import gemma3, granite, llama, llava, moe, olmo, olmo2, phi3
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -12,6 +12,7 @@ _MODELS = {
     "Gemma3ForCausalLM": gemma3.Gemma3ForCausalLM,
     "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
     "GraniteForCausalLM": granite.GraniteForCausalLM,
+    "OlmoForCausalLM": olmo.OlmoForCausalLM,
     "Olmo2ForCausalLM": olmo2.Olmo2ForCausalLM,
     "MixtralForCausalLM": moe.MixtralForCausalLM,
     "Qwen2MoeForCausalLM": moe.Qwen2MoeForCausalLM,
