@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tessellm.models import gemma3, granite, llama, llava, moe, olmo, olmo2, phi3
+from tessellm.models import gemma3, granite, granite_moe, llama, llava, moe, olmo, olmo2, phi3
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -17,6 +17,7 @@ _MODELS = {
     "MixtralForCausalLM": moe.MixtralForCausalLM,
     "Qwen2MoeForCausalLM": moe.Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": moe.Qwen3MoeForCausalLM,
+    "GraniteMoeForCausalLM": granite_moe.GraniteMoeForCausalLM,
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
 }
 
