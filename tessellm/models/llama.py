@@ -74,8 +74,7 @@ class DecoderAttention(nn.Module):
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:
-            q, k = self.norm_qk(q, k)
+        q, k = self.norm_qk(q, k)
         if self.fuse_rotary:
             out = self.attn(q, k, v, metadata, positions, self.rotary.cos_sin_cache)
         else:
@@ -84,7 +83,9 @@ class DecoderAttention(nn.Module):
         return self.o_proj(out)
 
     def norm_qk(self, q, k):
-        """Qwen3: q and k RMS-normed per head."""
+        """Before rotary. Qwen3: q and k RMS-normed per head; without q/k norms: as they are."""
+        if self.q_norm is None:
+            return q, k
         t = q.shape[0]
         q = self.q_norm(q.reshape(t, self.num_heads, self.head_size)).view(t, self.q_size)
         k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_size)).view(t, self.kv_size)

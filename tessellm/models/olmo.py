@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.context import ModelContext
-from tessellm.layers.layer_norm import NonParametricLayerNorm
+from tessellm.layers.layer_norm import LayerNorm
 from tessellm.models.llama import LlamaForCausalLM
 
 _EPS = 1e-5  # fixed in HF's OlmoLayerNorm (the config has no eps)
@@ -20,7 +20,7 @@ _EPS = 1e-5  # fixed in HF's OlmoLayerNorm (the config has no eps)
 
 class OlmoForCausalLM(LlamaForCausalLM):
     def make_norm(self, config, ctx: ModelContext, reduce: Optional[TensorParallel]) -> nn.Module:
-        return NonParametricLayerNorm(config.hidden_size, _EPS, reduce=reduce)
+        return LayerNorm(config.hidden_size, _EPS, reduce=reduce)
 
     def clip_qkv(self, config) -> Optional[float]:
         clip = getattr(config, "clip_qkv", None)

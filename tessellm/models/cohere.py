@@ -1,0 +1,153 @@
+"""Cohere (``CohereForCausalLM``: Command-R, Command-R+, Aya 23): the llama decoder's attention
+and MLP in a parallel block, with what else differs from Llama:
+
+- one LayerNorm (mean-subtracted, a weight, no bias; ``layer_norm_eps``) feeds both sublayers,
+  whose outputs join the residual together::
+
+      h = h + attn(ln(h)) + mlp(ln(h))
+
+  Both outputs are partial sums under tensor parallelism, so their sum is one too, summed by
+  the next norm (the llama loop's convention); with ``attention_bias`` o_proj sums itself, so
+  down_proj does too and the norms do not.
+- rotary rotates interleaved pairs ``(x[2i], x[2i+1])`` (GPT-J style) where the backends rotate
+  halves ``(x[i], x[i + d/2])`` (NeoX). q and k are reordered per head, evens then odds, before
+  rotary; q.k is the same under one reordering of both, and v is left alone::
+
+      head dims  [ 0 1 2 3 4 5 6 7 ]  ->  [ 0 2 4 6 | 1 3 5 7 ]
+
+  Done on the projected q and k (not on the checkpoint's rows) so quantized layers and LoRA
+  adapters see the checkpoint's own layout.
+- ``use_qk_norm`` (Command-R+): q and k LayerNorm-ed per head, with a weight per head
+  (``[heads, head_dim]``: each rank loads its heads' rows), before the reordering.
+- ``logit_scale``: the logits are multiplied by it; embeddings are tied.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tessellm.distributed.parallel_state import TensorParallel
+from tessellm.layers.context import ModelContext
+from tessellm.layers.layer_norm import LayerNorm
+from tessellm.layers.linear import materialize
+from tessellm.layers.rotary import RotaryEmbedding
+from tessellm.models.llama import DecoderAttention, DecoderMLP, LlamaForCausalLM, shard_heads
+
+_QK_NORM = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.([qk])_norm\.weight$")
+
+
+class HeadLayerNorm(nn.Module):
+    """LayerNorm over each head's dims with a weight per head: ``[T, heads * d]`` in and out;
+    ``heads`` of the model's ``total_heads``, starting at ``first``, on this rank."""
+
+    def __init__(self, heads: int, head_size: int, eps: float, first: int, total_heads: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, head_size), requires_grad=False)
+        self.eps, self.first, self.total_heads = eps, first, total_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads, d = self.weight.shape
+        y = F.layer_norm(x.float().view(-1, heads, d), (d,), eps=self.eps) * self.weight.float()
+        return y.to(x.dtype).view(x.shape)
+
+    def local(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """This rank's rows of the checkpoint's ``[total_heads, d]`` weight."""
+        heads, d = self.weight.shape
+        if tuple(tensor.shape) != (self.total_heads, d):
+            raise ValueError(f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected "
+                             f"({self.total_heads}, {d}); the config does not match the weights.")
+        return tensor[self.first:self.first + heads]
+
+
+class CohereAttention(DecoderAttention):
+    def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding):
+        bias = bool(getattr(config, "attention_bias", False))
+        super().__init__(config, ctx, rotary, qkv_bias=bias, qk_norm=False, o_bias=bias)
+        if getattr(config, "use_qk_norm", False):
+            total = config.num_attention_heads
+            total_kv = getattr(config, "num_key_value_heads", None) or total
+            _, _, kv_first = shard_heads(total, total_kv, ctx.tp.rank, ctx.tp.size)
+            d, eps = self.head_size, config.layer_norm_eps
+            self.q_norm = HeadLayerNorm(self.num_heads, d, eps, ctx.tp.rank * self.num_heads, total)
+            self.k_norm = HeadLayerNorm(self.num_kv_heads, d, eps, kv_first, total_kv)
+
+    def norm_qk(self, q, k):
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return _halves(q, self.head_size), _halves(k, self.head_size)
+
+
+def _halves(x: torch.Tensor, d: int) -> torch.Tensor:
+    """Each head's dims reordered evens then odds (module docstring)."""
+    t = x.shape[0]
+    return x.view(t, -1, d // 2, 2).transpose(-1, -2).reshape(t, x.shape[1])
+
+
+class CohereDecoderLayer(nn.Module):
+    def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding, index: int,
+                 summed: bool):
+        """``summed``: the sublayers sum their outputs over the ranks (with attention_bias)."""
+        super().__init__()
+        self.self_attn = CohereAttention(config, ctx, rotary)
+        self.mlp = DecoderMLP(config, ctx, reduce_output=summed)
+        reduce = ctx.tp if index > 0 and not summed else None
+        self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, reduce=reduce,
+                                         has_weight=True)
+
+    def forward(self, positions, hidden, residual, metadata):
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        return self.self_attn(positions, hidden, metadata) + self.mlp(hidden), residual
+
+
+class CohereForCausalLM(LlamaForCausalLM):
+    def __init__(self, config, ctx: ModelContext):
+        scale = getattr(config, "logit_scale", None)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"Cohere config logit_scale={scale!r} is not supported: it must be a "
+                             "finite number (Command-R's is 0.0625).")
+        super().__init__(config, ctx)
+        self.logit_scale = float(scale)
+
+    def make_layer(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
+                   index: int) -> nn.Module:
+        return CohereDecoderLayer(config, ctx, rotary, index, self.output_summed(config))
+
+    def make_norm(self, config, ctx: ModelContext, reduce: Optional[TensorParallel]) -> nn.Module:
+        return LayerNorm(config.hidden_size, config.layer_norm_eps, reduce=reduce, has_weight=True)
+
+    def output_summed(self, config) -> bool:
+        return bool(getattr(config, "attention_bias", False))  # o_proj, then down_proj, sum
+
+    def mlp_bias(self, config) -> bool:
+        return False
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().compute_logits(hidden)
+        return logits if self.logit_scale == 1.0 else logits * self.logit_scale
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """HF names; each q/k norm weight is cut to this rank's heads."""
+        def sliced():
+            for name, tensor in weights:
+                match = _QK_NORM.match(name)
+                index = int(match.group(1)) if match else -1
+                if self.start_layer <= index < self.end_layer:
+                    attn = self.layers[index].self_attn
+                    norm = attn.q_norm if match.group(2) == "q" else attn.k_norm
+                    if norm is None:
+                        raise ValueError(f"Checkpoint tensor {name!r} has no place in "
+                                         "CohereForCausalLM as configured; does the config's "
+                                         "use_qk_norm match the weights?")
+                    tensor = norm.local(materialize(tensor), name)
+                yield name, tensor
+
+        return super().load_weights(sliced())
