@@ -25,7 +25,6 @@ and MLP in a parallel block, with what else differs from Llama:
 from __future__ import annotations
 
 import math
-import re
 from typing import Iterable, Optional
 
 import torch
@@ -35,12 +34,9 @@ import torch.nn.functional as F
 from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.context import ModelContext
 from tessellm.layers.layer_norm import LayerNorm
-from tessellm.layers.linear import materialize
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.llama import DecoderAttention, DecoderMLP, LlamaForCausalLM, shard_heads
-
-_QK_NORM = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.([qk])_norm\.weight$")
-
+from tessellm.models.qk_norm_weights import local_qk_norm_weights
 
 class HeadLayerNorm(nn.Module):
     """LayerNorm over each head's dims with a weight per head: ``[T, heads * d]`` in and out;
@@ -76,6 +72,13 @@ class CohereAttention(DecoderAttention):
             d, eps = self.head_size, config.layer_norm_eps
             self.q_norm = HeadLayerNorm(self.num_heads, d, eps, ctx.tp.rank * self.num_heads, total)
             self.k_norm = HeadLayerNorm(self.num_kv_heads, d, eps, kv_first, total_kv)
+
+    def local_norm_weight(self, which: str, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        norm = self.q_norm if which == "q" else self.k_norm
+        if norm is None:
+            raise ValueError(f"Checkpoint tensor {name!r} has no place in CohereForCausalLM as "
+                             "configured; does the config's use_qk_norm match the weights?")
+        return norm.local(tensor, name)
 
     def norm_qk(self, q, k):
         if self.q_norm is not None:
@@ -136,18 +139,4 @@ class CohereForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """HF names; each q/k norm weight is cut to this rank's heads."""
-        def sliced():
-            for name, tensor in weights:
-                match = _QK_NORM.match(name)
-                index = int(match.group(1)) if match else -1
-                if self.start_layer <= index < self.end_layer:
-                    attn = self.layers[index].self_attn
-                    norm = attn.q_norm if match.group(2) == "q" else attn.k_norm
-                    if norm is None:
-                        raise ValueError(f"Checkpoint tensor {name!r} has no place in "
-                                         "CohereForCausalLM as configured; does the config's "
-                                         "use_qk_norm match the weights?")
-                    tensor = norm.local(materialize(tensor), name)
-                yield name, tensor
-
-        return super().load_weights(sliced())
+        return super().load_weights(local_qk_norm_weights(self, weights))

@@ -21,20 +21,16 @@
 
 from __future__ import annotations
 
-import re
 from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
-from tessellm.layers.linear import materialize
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.llama import DecoderAttention, DecoderMLP, LlamaForCausalLM, shard_heads
-
-_QK_NORM = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.([qk])_norm\.weight$")
-
+from tessellm.models.qk_norm_weights import local_qk_norm_weights
 
 class Olmo2Attention(DecoderAttention):
     def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding):
@@ -67,12 +63,12 @@ class Olmo2Attention(DecoderAttention):
         k = (k.float() * torch.rsqrt(mean_k + self.eps)).to(k.dtype) * self.k_norm.weight
         return q, k
 
-    def norm_weight_slice(self, which: str, tensor: torch.Tensor) -> torch.Tensor:
+    def local_norm_weight(self, which: str, tensor: torch.Tensor, name: str) -> torch.Tensor:
         """This rank's part of the checkpoint's whole ``q_norm`` / ``k_norm`` weight."""
         start, size = self.q_range if which == "q" else self.k_range
         full = self.full_sizes[0 if which == "q" else 1]
         if tensor.shape != (full,):
-            raise ValueError(f"Checkpoint {which}_norm.weight has shape {tuple(tensor.shape)}, "
+            raise ValueError(f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
                              f"expected ({full},) (OLMo 2 norms the whole {which} across heads); "
                              "the config does not match the weights.")
         return tensor[start:start + size]
@@ -113,13 +109,4 @@ class Olmo2ForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """HF names; each ``q_norm`` / ``k_norm`` weight is cut to this rank's heads."""
-        def sliced():
-            for name, tensor in weights:
-                match = _QK_NORM.match(name)
-                index = int(match.group(1)) if match else -1
-                if self.start_layer <= index < self.end_layer:
-                    attn = self.layers[index].self_attn
-                    tensor = attn.norm_weight_slice(match.group(2), materialize(tensor))
-                yield name, tensor
-
-        return super().load_weights(sliced())
+        return super().load_weights(local_qk_norm_weights(self, weights))

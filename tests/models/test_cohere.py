@@ -48,3 +48,15 @@ def test_cohere_logit_scale_null_refused(tmp_path):
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="Cohere config logit_scale=None is not supported"):
         LLM(str(tmp_path), load_format="dummy", dtype="float32")
+
+
+def test_cohere_qk_norm_weights_without_use_qk_norm_refused(tmp_path):
+    import json
+
+    from tessellm import LLM
+
+    path = save_tiny(cohere_config(use_qk_norm=True), str(tmp_path / "cohere"))
+    fields = json.loads((tmp_path / "cohere" / "config.json").read_text())
+    (tmp_path / "cohere" / "config.json").write_text(json.dumps({**fields, "use_qk_norm": False}))
+    with pytest.raises(ValueError, match="q_norm.weight' has no place .*use_qk_norm"):
+        LLM(path, dtype="float32")
