@@ -213,7 +213,7 @@ class LlamaForCausalLM(nn.Module):
         self.check_config(config)
         heads = config.num_attention_heads
         head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
-        rotary = RotaryEmbedding.from_config(config, head_size, ctx.ops)
+        rotary = self.make_rotary(config, head_size, ctx)
         self.layers = nn.ModuleList(
             self.make_layer(config, ctx, rotary, i)
             if self.start_layer <= i < self.end_layer else MissingLayer()
@@ -236,6 +236,10 @@ class LlamaForCausalLM(nn.Module):
                             residual_multiplier=self.residual_multiplier(config),
                             clip_qkv=self.clip_qkv(config),
                             norm=lambda reduce: self.make_norm(config, ctx, reduce))
+
+    def make_rotary(self, config, head_size: int, ctx: ModelContext):
+        """The rotary embedding every ``make_layer`` call receives (built once, shared)."""
+        return RotaryEmbedding.from_config(config, head_size, ctx.ops)
 
     def make_norm(self, config, ctx: ModelContext, reduce: Optional[TensorParallel]) -> nn.Module:
         """A norm of the hidden states (each layer's two, the final one), summing its input

@@ -33,10 +33,11 @@ from tessellm.models.llama import DecoderAttention, DecoderMLP, LlamaForCausalLM
 from tessellm.models.qk_norm_weights import local_qk_norm_weights
 
 class Olmo2Attention(DecoderAttention):
-    def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding):
+    def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
+                 window: Optional[int] = None):
         bias = bool(getattr(config, "attention_bias", False))
         super().__init__(config, ctx, rotary, qkv_bias=bias, qk_norm=False, o_bias=bias,
-                         reduce_output=True)
+                         window=window, reduce_output=True)
         tp, d, eps = ctx.tp, self.head_size, config.rms_norm_eps
         total_heads = config.num_attention_heads
         total_kv = getattr(config, "num_key_value_heads", None) or total_heads
@@ -75,10 +76,11 @@ class Olmo2Attention(DecoderAttention):
 
 
 class Olmo2DecoderLayer(nn.Module):
-    def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding):
+    def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
+                 window: Optional[int] = None):
         super().__init__()
         eps, hidden = config.rms_norm_eps, config.hidden_size
-        self.self_attn = Olmo2Attention(config, ctx, rotary)
+        self.self_attn = Olmo2Attention(config, ctx, rotary, window)
         self.mlp = DecoderMLP(config, ctx, reduce_output=True)
         self.post_attention_layernorm = RMSNorm(hidden, eps, ctx.ops)
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, ctx.ops)
@@ -96,7 +98,7 @@ class Olmo2ForCausalLM(LlamaForCausalLM):
 
     def make_layer(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
                    index: int) -> nn.Module:
-        return Olmo2DecoderLayer(config, ctx, rotary)
+        return Olmo2DecoderLayer(config, ctx, rotary, self.layer_window(config, index))
 
     def output_summed(self, config) -> bool:
         return True  # down_proj sums (post_feedforward_layernorm needs whole rows)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tessellm.models import cohere, gemma3, granite, granite_moe, llama, llava, moe, olmo, olmo2, phi3
+from tessellm.models import (cohere, gemma3, granite, granite_moe, llama, llava, moe, olmo, olmo2,
+                             olmo3, phi3)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -14,6 +15,7 @@ _MODELS = {
     "GraniteForCausalLM": granite.GraniteForCausalLM,
     "OlmoForCausalLM": olmo.OlmoForCausalLM,
     "Olmo2ForCausalLM": olmo2.Olmo2ForCausalLM,
+    "Olmo3ForCausalLM": olmo3.Olmo3ForCausalLM,
     "CohereForCausalLM": cohere.CohereForCausalLM,
     "MixtralForCausalLM": moe.MixtralForCausalLM,
     "Qwen2MoeForCausalLM": moe.Qwen2MoeForCausalLM,
