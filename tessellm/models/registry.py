@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tessellm.models import (cohere, gemma3, granite, granite_moe, llama, llava, moe, olmo, olmo2,
-                             olmo3, phi3)
+                             olmo3, phi3, stablelm)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -17,6 +17,7 @@ _MODELS = {
     "Olmo2ForCausalLM": olmo2.Olmo2ForCausalLM,
     "Olmo3ForCausalLM": olmo3.Olmo3ForCausalLM,
     "CohereForCausalLM": cohere.CohereForCausalLM,
+    "StableLmForCausalLM": stablelm.StableLmForCausalLM,
     "MixtralForCausalLM": moe.MixtralForCausalLM,
     "Qwen2MoeForCausalLM": moe.Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": moe.Qwen3MoeForCausalLM,
