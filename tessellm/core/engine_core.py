@@ -26,6 +26,7 @@ from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.distributed.executor import make_executor
 from tessellm.distributed.worker import default_max_num_batched_tokens
 from tessellm.generation_config import default_sampling
+from tessellm.multimodal.encoder_budget import encoder_budget_args
 from tessellm.multimodal.limits import check_multimodal_args, model_mm_limits
 from tessellm.structured_output.manager import StructuredOutputManager
 
@@ -131,7 +132,9 @@ class EngineCore:
                                                    and self.executor.supports_deferred_sample
                                                    and args.speculative_config is None,
                                                    pooling=self.pooling is not None,
-                                                   **_speculation(args)), self.kv)
+                                                   **_speculation(args),
+                                                   **encoder_budget_args(config, max_batched)),
+                                   self.kv)
         # Steps in flight at most: one per pipeline stage, or two under async scheduling.
         self.max_in_flight = 2 if self.async_scheduling else self.executor.max_concurrent_batches
         self.info = EngineInfo(self.source.path, self.source.kind, self.max_model_len, self.vocab_size,

@@ -50,6 +50,7 @@ from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequest
                                 SchedulerOutput)
 from tessellm.spec_decode.metrics import SpecDecodeStats
 from tessellm.lora.scheduling import LORA_WAIT, acquire_slot, lora_step_fields, release_slot
+from tessellm.multimodal.encoder_budget import make_encoder_budget
 
 
 class Scheduler(SchedulerUpdate):
@@ -72,6 +73,7 @@ class Scheduler(SchedulerUpdate):
         self.lora = None  # tessellm.lora.slots.LoRASlots when LoRA is enabled (adapter slots)
         self.ahead = SpecAhead.of(config, self.in_flight)  # async scheduling with speculation
         self.kept_blocks: dict[str, int] = {}  # blocks cut since the last step (rejected drafts)
+        self.encoder = make_encoder_budget(config)  # image models: the vision encoder's budget
 
     # -- admission -------------------------------------------------------------------------
 
@@ -84,6 +86,8 @@ class Scheduler(SchedulerUpdate):
         """Refuse a request that could never run, before it is queued."""
         check_prompt_fits(request.num_prompt_tokens, self.config.max_model_len,
                           self.kv.num_blocks * self.kv.block_size, 0 if self.config.pooling else 1)
+        if self.encoder is not None:
+            self.encoder.check_fits(request.mm_features)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
         """Finish requests as aborted and free their blocks. Unknown ids are ignored."""
@@ -111,17 +115,20 @@ class Scheduler(SchedulerUpdate):
         if self.ahead is not None:
             self.ahead.reserved.clear()  # a request preempted after reserving left its entry
         preempted = 0
+        if self.encoder is not None:
+            self.encoder.begin(self.running, self._next_position)
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = self._num_new_running(req, budget)
+            ahead = self.in_flight.tokens_ahead(req.request_id)  # scheduled, after the computed ones
+            num_new, images = self._fit_images(req, req.num_computed_tokens + ahead,
+                                               self._num_new_running(req, budget), True)
             if num_new == 0:
                 i += 1
                 continue
             drafts = self._drafts(req, num_new, budget)
             num_new += len(drafts)
-            ahead = self.in_flight.tokens_ahead(req.request_id)  # scheduled, after the computed ones
             lookahead = self._lookahead(req.num_computed_tokens + ahead + num_new)
             new_block_ids = self.kv.allocate(req, ahead + num_new + lookahead)
             while new_block_ids is None:
@@ -145,6 +152,8 @@ class Scheduler(SchedulerUpdate):
                 tokens = req.all_token_ids[start:start + num_new]
             cached_reqs.append(CachedRequestData(req.request_id, new_block_ids, start, tokens))
             num_scheduled[req.request_id] = num_new
+            if images:
+                self.encoder.take(req, images)
             reserved = self.ahead.take(req.request_id) if self.ahead is not None else None
             if reserved is not None:
                 reserved_drafts[req.request_id] = reserved
@@ -162,7 +171,8 @@ class Scheduler(SchedulerUpdate):
                               self._num_sampled(num_scheduled, spec, reserved_drafts), spec,
                               spec_ahead=reserved_drafts, kept_blocks=self.kept_blocks,
                               finished_request_ids=self.finished_ids,
-                              preempted_request_ids=self.preempted_ids)
+                              preempted_request_ids=self.preempted_ids,
+                              encoder_inputs=self.encoder.encoded if self.encoder else {})
         if self.lora is not None:
             lora_step_fields(self, out)
         self.num_scheduled_tokens_total += out.total_num_scheduled_tokens
@@ -218,7 +228,9 @@ class Scheduler(SchedulerUpdate):
             use_cache = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
             prefix = self.kv.find_cached_prefix(req, count=False) if use_cache else []
             num_hit = len(prefix) * self.kv.block_size
-            num_new = self._num_new_tokens(req, budget, already=num_hit)
+            num_new, images = self._fit_images(req, req.num_computed_tokens + num_hit,
+                                               self._num_new_tokens(req, budget, already=num_hit),
+                                               False)
             block_ids = (self.kv.allocate(req, num_new + self._lookahead(num_hit + num_new), prefix)
                          if num_new else None)
             if block_ids is None:
@@ -244,6 +256,8 @@ class Scheduler(SchedulerUpdate):
                 req.request_id, req.prompt_token_ids, list(req.all_token_ids), req.sampling_params,
                 self.kv.block_ids(req.request_id), req.num_computed_tokens, req.mm_features))
             num_scheduled[req.request_id] = num_new
+            if images:
+                self.encoder.take(req, images)
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         return budget
@@ -306,6 +320,18 @@ class Scheduler(SchedulerUpdate):
         if num_new > budget and not self.config.enable_chunked_prefill:
             return 0
         return min(num_new, budget)
+
+    def _next_position(self, req: Request) -> int:
+        return req.num_computed_tokens + self.in_flight.tokens_ahead(req.request_id)
+
+    def _fit_images(self, req: Request, start: int, num_new: int,
+                    held_by_runner: bool) -> tuple[int, list]:
+        """``num_new`` cut where the chunk would reach an image over the encoder budget, and
+        the images it reaches first (tessellm.multimodal.encoder_budget)."""
+        if self.encoder is None or not req.mm_features or num_new == 0:
+            return num_new, []
+        whole = not held_by_runner and not self.config.enable_chunked_prefill
+        return self.encoder.fit(req, start, num_new, held_by_runner, whole)
 
     def _finish_outgrown(self, req: Request) -> None:
         self._finish(req, RequestStatus.FINISHED_LENGTH)

@@ -33,6 +33,11 @@ class SchedulerConfig:
     # Pooling engine (tessellm.pooling): requests end with their prompt, which may then fill
     # the whole context (nothing is generated after it).
     pooling: bool = False
+    # Image models (tessellm.multimodal.encoder_budget): placeholder tokens the vision encoder
+    # may take in one step, and image features the runner's encoder cache may hold at once
+    # (vLLM's ``max_num_encoder_input_tokens`` / ``encoder_cache_size``). 0: a text-only model.
+    max_num_encoder_input_tokens: int = 0
+    encoder_cache_size: int = 0
 
 
 @dataclass

@@ -100,6 +100,11 @@ class SchedulerOutput:
     # Multi-LoRA: adapters first named since the last step (``{"name", "id", "path"}`` each): a
     # worker process starts reading them into its own host cache now, off its step.
     lora_prefetch: list = field(default_factory=list)
+    # Image models: request id -> its images (indices into ``mm_features``) whose features the
+    # runner gets this step, from the vision encoder or an equal image it holds; within the
+    # scheduler's encoder budget (tessellm.multimodal.encoder_budget). The runner finds the same
+    # images from the positions it computes; this records the scheduler's decision.
+    encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
     # Since the last step: requests that ended (finished or aborted); the runner drops them.
     finished_request_ids: set[str] = field(default_factory=set)
     # Preempted while building this step: the runner drops their state; they come back later as

@@ -1,0 +1,135 @@
+"""The scheduler's encoder budget: how much vision-encoder work one step may start, and how
+many image features the runner's encoder cache may hold, in placeholder tokens (vLLM's
+``max_num_encoder_input_tokens`` and ``encoder_cache_size``; both default to the larger of
+``max_num_batched_tokens`` and the biggest image the model takes).
+
+Plain Python, no torch: the scheduler asks it, per request, how far the request's chunk may
+go this step.
+
+Invariants
+----------
+* The runner (``encoder_cache.py``) encodes an image in the step that first computes one of
+  its placeholders, and holds its features until the step that computes its last one. So at
+  the start of a step it holds exactly the images of running requests whose span contains
+  their next position ``p`` (``offset < p < end``); a request the runner does not hold yet
+  (new, or resumed after preemption) holds none. Nothing else needs tracking.
+* Per step: the placeholder tokens of the images encoded <= ``max_num_encoder_input_tokens``,
+  and held + encoded <= ``encoder_cache_size``. An image already held (by any request: equal
+  content hashes share one encoding) or encoded earlier in the same step costs nothing.
+* A chunk that reaches an image the budget cannot take stops just before that image's first
+  placeholder (possibly 0 tokens: the request waits for a later step). A chunk may end inside
+  an image's span: the features stay cached until the rest is computed.
+
+::
+
+    prompt:       text ... [ image 0 placeholders ] text [ image 1 placeholders ] text
+    p (next):                      ^ held (no cost)
+    chunk wanted:                  |---------------------------------|
+    image 1 over the budget:       |----------------------|            cut at image 1's offset
+
+Every image must fit both limits alone, or its request could never run: ``check_fits``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+
+def default_encoder_budget(max_num_batched_tokens: int, max_tokens_per_image: int) -> int:
+    """vLLM's default for both limits: a step's token budget, but at least one whole image."""
+    return max(max_num_batched_tokens, max_tokens_per_image)
+
+
+def max_tokens_per_image(hf_config) -> int:
+    """Placeholder tokens of the model's biggest image (0: a text-only model)."""
+    from tessellm.multimodal.limits import takes_images
+
+    if not takes_images(hf_config):
+        return 0
+    from tessellm.models.llava import image_feature_size
+
+    return image_feature_size(hf_config)
+
+
+def encoder_budget_args(hf_config, max_num_batched_tokens: int) -> dict:
+    """SchedulerConfig's encoder fields for the model (none for a text-only model)."""
+    biggest = max_tokens_per_image(hf_config)
+    if not biggest:
+        return {}
+    budget = default_encoder_budget(max_num_batched_tokens, biggest)
+    return {"max_num_encoder_input_tokens": budget, "encoder_cache_size": budget}
+
+
+class EncoderBudget:
+    """One step's encoder accounting (``begin``, then ``fit`` and ``take`` per request)."""
+
+    def __init__(self, max_num_encoder_input_tokens: int, encoder_cache_size: int):
+        self.max_input_tokens = max_num_encoder_input_tokens
+        self.cache_size = encoder_cache_size
+        self.compute_left = 0  # encoder input tokens this step may still start
+        self.held: dict[str, int] = {}  # content hash -> placeholder tokens, held or encoded this step
+        self.encoded: dict[str, list[int]] = {}  # this step: request id -> images it encodes
+
+    def check_fits(self, features: Iterable) -> None:
+        limit = min(self.max_input_tokens, self.cache_size)
+        for f in features:
+            if f.length > limit:
+                raise ValueError(f"An image of {f.length} placeholder tokens exceeds the encoder "
+                                 f"budget of {limit} tokens per step; raise "
+                                 "max_num_batched_tokens to at least the image's size.")
+
+    def begin(self, running: Iterable, position) -> None:
+        """A new step: ``running`` requests, ``position(req)`` their next token to compute
+        (computed plus scheduled in flight)."""
+        self.compute_left = self.max_input_tokens
+        self.encoded = {}
+        self.held = {}
+        for req in running:
+            p = position(req)
+            for f in req.mm_features:
+                if f.offset < p < f.end:
+                    self.held[f.identifier] = f.length
+
+    @property
+    def cache_used(self) -> int:
+        return sum(self.held.values())
+
+    def fit(self, req, start: int, num_new: int, held_by_runner: bool,
+            whole: bool = False) -> tuple[int, list]:
+        """(tokens the chunk ``[start, start + num_new)`` may compute, the images it encodes).
+        ``held_by_runner``: the runner has the request's state (its images before ``start``
+        are cached there). ``whole``: the chunk is all or nothing (chunked prefill off)."""
+        todo, cost = [], {}
+        for j, f in enumerate(req.mm_features):
+            if f.offset >= start + num_new:
+                break
+            if f.end <= start or (held_by_runner and f.offset < start):
+                continue  # computed already, or its features are in the runner's cache
+            if f.identifier in self.held or f.identifier in cost:
+                todo.append(j)
+                continue  # shared with an image held or encoded this step
+            if (sum(cost.values()) + f.length > self.compute_left
+                    or self.cache_used + sum(cost.values()) + f.length > self.cache_size):
+                cut = max(0, f.offset - start)
+                return (0, []) if whole else (cut, todo)
+            cost[f.identifier] = f.length
+            todo.append(j)
+        return num_new, todo
+
+    def take(self, req, images: list) -> None:
+        """``req`` is scheduled with the chunk ``fit`` allowed: its images count now."""
+        if not images:
+            return
+        for j in images:
+            f = req.mm_features[j]
+            if f.identifier not in self.held:
+                self.held[f.identifier] = f.length
+                self.compute_left -= f.length
+        self.encoded[req.request_id] = list(images)
+
+
+def make_encoder_budget(config) -> Optional[EncoderBudget]:
+    """The scheduler's budget from its config (None: a text-only engine)."""
+    if not config.encoder_cache_size:
+        return None
+    return EncoderBudget(config.max_num_encoder_input_tokens, config.encoder_cache_size)
