@@ -143,17 +143,21 @@ class DecoderLayer(nn.Module):
                  window: Optional[int] = None, input_summed: bool = False,
                  scale: Optional[float] = None, residual_multiplier: float = 1.0,
                  clip_qkv: Optional[float] = None,
-                 norm: Optional[Callable[[Optional[TensorParallel]], nn.Module]] = None):
+                 norm: Optional[Callable[[Optional[TensorParallel]], nn.Module]] = None,
+                 attention: Optional[nn.Module] = None):
         """``input_summed``: the previous layer's MLP output is summed over the ranks already
         (an MLP with a bias), so ``input_layernorm`` does not reduce it. ``scale``: the
         attention's (None: ``head_size ** -0.5``). ``residual_multiplier`` (Granite): the
         attention and MLP outputs are scaled by it before they join the residual stream (a
         partial sum under tensor parallelism scales alike). ``clip_qkv``: ``DecoderAttention``'s.
         ``norm(reduce)``: builds each of the two norms (None: ``RMSNorm`` with
-        ``config.rms_norm_eps``); ``reduce`` is the group to sum the input over, or None."""
+        ``config.rms_norm_eps``); ``reduce`` is the group to sum the input over, or None.
+        ``attention``: a ``DecoderAttention`` (subclass) built by the family (None: one is
+        built from the arguments above)."""
         super().__init__()
-        self.self_attn = DecoderAttention(config, ctx, rotary, qkv_bias, qk_norm, o_bias, window,
-                                          scale=scale, clip_qkv=clip_qkv)
+        self.self_attn = attention if attention is not None else DecoderAttention(
+            config, ctx, rotary, qkv_bias, qk_norm, o_bias, window, scale=scale,
+            clip_qkv=clip_qkv)
         self.residual_multiplier = residual_multiplier
         self.mlp = mlp if mlp is not None else DecoderMLP(config, ctx)  # output: a partial sum
         if norm is None:
@@ -235,7 +239,13 @@ class LlamaForCausalLM(nn.Module):
                             scale=self.attention_scale(config),
                             residual_multiplier=self.residual_multiplier(config),
                             clip_qkv=self.clip_qkv(config),
-                            norm=lambda reduce: self.make_norm(config, ctx, reduce))
+                            norm=lambda reduce: self.make_norm(config, ctx, reduce),
+                            attention=self.make_attention(config, ctx, rotary, index))
+
+    def make_attention(self, config, ctx: ModelContext, rotary, index: int) -> Optional[nn.Module]:
+        """Layer ``index``'s attention when the family builds its own; None: ``DecoderLayer``
+        builds a ``DecoderAttention`` from the switches below."""
+        return None
 
     def make_rotary(self, config, head_size: int, ctx: ModelContext):
         """The rotary embedding every ``make_layer`` call receives (built once, shared)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tessellm.models import (cohere, gemma3, granite, granite_moe, llama, llava, moe, olmo, olmo2,
-                             olmo3, phi3, stablelm)
+                             olmo3, olmoe, phi3, stablelm)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -22,6 +22,7 @@ _MODELS = {
     "Qwen2MoeForCausalLM": moe.Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": moe.Qwen3MoeForCausalLM,
     "GraniteMoeForCausalLM": granite_moe.GraniteMoeForCausalLM,
+    "OlmoeForCausalLM": olmoe.OlmoeForCausalLM,
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
 }
 

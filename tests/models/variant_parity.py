@@ -44,12 +44,15 @@ def hf_reference(path: str, prompt_list, max_new: int):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # As ignore_eos=True on our side: EOS may be chosen and does not stop (min_new_tokens
+    # would instead ban it, and differ from us wherever EOS is the greedy choice).
+    hf.generation_config.eos_token_id = None
     tokens, logprobs = [], []
     with torch.no_grad():
         for p in prompt_list:
             ids = torch.tensor([p])
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                              min_new_tokens=max_new, do_sample=False, pad_token_id=0)
+                              do_sample=False, pad_token_id=0)
             new = out[0, len(p):].tolist()
             full = torch.tensor([p + new])
             logits = hf(full).logits[0, :-1].float().log_softmax(-1)
