@@ -65,6 +65,9 @@ class EngineArgs:
     limit_mm_per_prompt: Optional[object] = None
     # file:// image URLs in chat messages are read only under this directory; None: refused.
     allowed_local_media_path: Optional[str] = None
+    # http(s) image URLs are fetched only from these hosts (a list, its JSON or "a.com,b.org";
+    # vLLM's --allowed-media-domains); None: from any host.
+    allowed_media_domains: Optional[object] = None
     # Reasoning models (tessellm/reasoning/): deepseek_r1 or qwen3 splits the thinking out of the
     # answer at the server, and structured output constrains only the answer; None: off.
     reasoning_parser: Optional[str] = None
@@ -121,6 +124,9 @@ class EngineArgs:
 
         parse_mm_limits(self.limit_mm_per_prompt)
         check_media_path(self.allowed_local_media_path)
+        from tessellm.multimodal.fetch import parse_media_domains
+
+        parse_media_domains(self.allowed_media_domains)
 
     def _validate_speculative(self) -> None:
         from tessellm.spec_decode.config import parse_speculative_config

@@ -144,6 +144,31 @@ def engine_process_env_defaults() -> dict[str, str]:
     return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def image_fetch_timeout_s() -> float:
+    """TESSELLM_IMAGE_FETCH_TIMEOUT: seconds an http(s) image URL may take to answer and to
+    arrive (vLLM's VLLM_IMAGE_FETCH_TIMEOUT; default 5)."""
+    return _positive_number("TESSELLM_IMAGE_FETCH_TIMEOUT", 5.0)
+
+
+def image_fetch_max_bytes() -> int:
+    """TESSELLM_IMAGE_FETCH_MAX_MB: the largest image an http(s) URL may serve, in MiB
+    (default 20)."""
+    return int(_positive_number("TESSELLM_IMAGE_FETCH_MAX_MB", 20.0) * (1 << 20))
+
+
+def _positive_number(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0:
+        raise ValueError(f"{name}={value!r} is not understood; give a number > 0.")
+    return number
+
+
 def _switch(name: str) -> Optional[bool]:
     """An on/off variable: None when unset or empty; a clear error for anything else."""
     value = os.environ.get(name, "").strip().lower()

@@ -65,6 +65,8 @@ HELP = {
                            "(default: 1 for a model that takes images; docs/multimodal.md)",
     "allowed_local_media_path": "a directory whose images chat messages may name as file:// URLs "
                                 "(default: none; file:// URLs are refused)",
+    "allowed_media_domains": "hosts that http(s) image URLs may name, e.g. 'example.com,cdn.example.org' "
+                             "(default: any; docs/multimodal.md)",
     "reasoning_parser": "split a thinking model's reasoning from its answer (reasoning_content) and "
                         "apply structured output to the answer only: deepseek_r1 or qwen3 (docs/reasoning.md)",
     "runner": "auto, generate or pooling (embedding models, /v1/embeddings; auto: a bare *Model "

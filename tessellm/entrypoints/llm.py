@@ -103,7 +103,8 @@ class LLM:
 
             # image_url / image_pil content parts (docs/multimodal.md): with multi_modal_data
             prompt = chat_prompt_with_images(conv, self.engine.core.info, tokenizer, render,
-                                             self.engine.args.allowed_local_media_path)
+                                             self.engine.args.allowed_local_media_path,
+                                             self.engine.args.allowed_media_domains)
             prompts.append(prompt or {"prompt_token_ids": render(conv)})
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 

@@ -89,7 +89,8 @@ def render_with_images(render: Callable[[list[dict]], list[int]], conversation: 
                      "that renders image parts.")
 
 
-def load_chat_images(conversation: list[dict], info, allowed_local_media_path: Optional[str]):
+def load_chat_images(conversation: list[dict], info, allowed_local_media_path: Optional[str],
+                     allowed_media_domains=None):
     """Check and load the conversation's images for the engine ``info`` describes: (the
     conversation with ``{"type": "image"}`` parts, the images, the image processor). A
     text-only model, too many images, or a bad URL: ValueError naming it."""
@@ -99,18 +100,21 @@ def load_chat_images(conversation: list[dict], info, allowed_local_media_path: O
     processor = get_processor(info)
     processor.check_count(count_images(conversation))
     conversation, images = collect_images(
-        conversation, lambda url: load_image_url(url, allowed_local_media_path))
+        conversation, lambda url: load_image_url(url, allowed_local_media_path, allowed_media_domains))
     return conversation, images, processor
 
 
 def chat_prompt_with_images(conversation: list[dict], info, tokenizer,
                             render: Callable[[list[dict]], list[int]],
-                            allowed_local_media_path: Optional[str] = None) -> Optional[dict]:
+                            allowed_local_media_path: Optional[str] = None,
+                            allowed_media_domains=None) -> Optional[dict]:
     """The prompt (``{"prompt_token_ids", "multi_modal_data"}``) of a conversation with
-    images; None when it has none (render it as text)."""
+    images; None when it has none (render it as text). Blocks while http(s) images arrive:
+    the server calls it off the event loop."""
     if not count_images(conversation):
         return None
-    conversation, images, processor = load_chat_images(conversation, info, allowed_local_media_path)
+    conversation, images, processor = load_chat_images(conversation, info, allowed_local_media_path,
+                                                       allowed_media_domains)
     token_id = processor.image_token_id
     ids = render_with_images(render, conversation, len(images),
                              tokenizer.convert_ids_to_tokens(token_id), token_id)

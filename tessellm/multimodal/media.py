@@ -3,7 +3,7 @@
 * ``data:image/...;base64,...`` : decoded here (malformed base64 or bytes Pillow cannot read
   are refused, naming which).
 * ``file://...`` : read only under ``allowed_local_media_path`` (vLLM's flag), else refused.
-* ``http(s)://`` : refused: tessellm does not fetch from the network (send the image inline).
+* ``http(s)://`` : fetched (``fetch.py``: timeout, size cap, ``allowed_media_domains``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Optional
 from urllib.parse import unquote, urlparse
 
 
-def load_image_url(url: str, allowed_local_media_path: Optional[str] = None):
+def load_image_url(url: str, allowed_local_media_path: Optional[str] = None,
+                   allowed_media_domains=None):
     if not isinstance(url, str) or not url:
         raise ValueError("image_url.url is missing; give a data: URL (base64) of the image.")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -25,11 +26,13 @@ def load_image_url(url: str, allowed_local_media_path: Optional[str] = None):
     if scheme == "file":
         return _open(_local_file(url, allowed_local_media_path), "The file:// image")
     if scheme in ("http", "https"):
-        raise ValueError("tessellm does not fetch http(s) image URLs (the server reaches no "
-                         "network); send the image inline as a data:image/...;base64 URL, or as a "
-                         "file:// URL under --allowed-local-media-path.")
-    raise ValueError(f"image_url scheme {scheme or url[:16]!r} is not supported; use a "
-                     "data:image/...;base64 URL (or file:// under --allowed-local-media-path).")
+        from tessellm.multimodal.fetch import FetchPolicy, fetch_url, shown_url
+
+        data, content_type = fetch_url(url, FetchPolicy.from_env(allowed_media_domains))
+        return _open(data, f"The image at {shown_url(url)}", content_type)
+    raise ValueError(f"image_url scheme {scheme or url[:16]!r} is not supported; use an "
+                     "http(s) URL, a data:image/...;base64 URL or file:// under "
+                     "--allowed-local-media-path.")
 
 
 def load_image_file(path: str):
@@ -77,7 +80,7 @@ def _local_file(url: str, allowed: Optional[str]) -> bytes:
         raise ValueError(f"The file:// image could not be read: {exc.strerror}.") from None
 
 
-def _open(data: bytes, what: str):
+def _open(data: bytes, what: str, served_as: Optional[str] = None):
     try:
         from PIL import Image
     except ImportError:
@@ -87,4 +90,5 @@ def _open(data: bytes, what: str):
             img.load()
             return img.convert("RGB")
     except Exception:  # noqa: BLE001 - whatever Pillow says, the bytes are not a usable image
-        raise ValueError(f"{what} is not an image Pillow can read (png, jpeg, ...).") from None
+        kind = f"; it was served as {served_as}" if served_as else ""
+        raise ValueError(f"{what} is not an image Pillow can read (png, jpeg, ...){kind}.") from None

@@ -74,7 +74,7 @@ def test_file_url_under_the_allowed_path(llm, llava_dir, tmp_path):
 
 
 @pytest.mark.parametrize("url,match", [
-    ("https://example.com/cat.png", "does not fetch http"),
+    ("ftp://example.com/cat.png", "scheme 'ftp' is not supported"),
     ("data:image/png;base64,@@not-base64@@", "not valid base64"),
     ("data:image/png;base64,aGVsbG8gd29ybGQ=", "not an image Pillow can read"),
     ("data:text/plain;base64,aGVsbG8=", "media type 'text/plain'"),

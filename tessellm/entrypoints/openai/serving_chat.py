@@ -136,7 +136,8 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
         try:
             prompt = await engine.run_off_loop(chat_prompt_with_images, conversation, engine.info,
                                                engine.tokenizer, render,
-                                               engine.args.allowed_local_media_path)
+                                               engine.args.allowed_local_media_path,
+                                               engine.args.allowed_media_domains)
         except ValueError as exc:
             raise prompt_error(exc, "messages") from None
         images.extend(prompt["multi_modal_data"]["image"])
