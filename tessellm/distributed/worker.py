@@ -211,7 +211,7 @@ def _pooler(config, model):
                          "support image models yet; serve it with runner='generate'.")
     from tessellm.pooling.pooler import Pooler
 
-    return Pooler(config)
+    return Pooler(config, model.classify if config.task == "classify" else None)
 
 
 def _verify_graph_factory(registry, backend, graphs, dtype):

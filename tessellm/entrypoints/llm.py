@@ -118,16 +118,39 @@ class LLM:
         from tessellm.pooling.outputs import EmbeddingRequestOutput
 
         return [EmbeddingRequestOutput.from_base(o)
-                for o in self.encode(prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request)]
+                for o in self.encode(prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request,
+                                    pooling_task="embed")]
+
+    def classify(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
+                 use_tqdm: bool = True, lora_request=None) -> list:
+        """Class probabilities of prompts on a sequence classifier (``*ForSequenceClassification``,
+        docs/pooling.md): one ``ClassificationRequestOutput`` each, ``.outputs.probs`` softmax over
+        the labels (sigmoid for one label; raw logits with ``PoolingParams(use_activation=False)``)."""
+        from tessellm.pooling.outputs import ClassificationRequestOutput
+
+        return [ClassificationRequestOutput.from_base(o) for o in self.encode(
+            prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request, pooling_task="classify")]
+
+    def score(self, data_1, data_2, truncate_prompt_tokens: Optional[int] = None, use_tqdm: bool = True,
+              pooling_params=None, lora_request=None) -> list:
+        """Scores of text pairs (one text against many, or two lists pairwise): a cross-encoder's
+        sigmoid relevance, or the cosine similarity of an embedding model's vectors
+        (``tessellm.pooling.score``). One ``ScoringRequestOutput`` per pair, in order."""
+        from tessellm.pooling.score import run_score
+
+        return run_score(self, data_1, data_2, truncate_prompt_tokens, use_tqdm, pooling_params, lora_request)
 
     def encode(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
-               use_tqdm: bool = True, lora_request=None, pooling_task: Optional[str] = "embed") -> list:
-        """As ``embed``, the vectors as tensors: ``PoolingRequestOutput.outputs.data``."""
+               use_tqdm: bool = True, lora_request=None, pooling_task: Optional[str] = None) -> list:
+        """As ``embed``, the vectors as tensors: ``PoolingRequestOutput.outputs.data``.
+        ``pooling_task``: ``embed`` or ``classify`` (None: what the model does)."""
         from dataclasses import replace
 
-        if pooling_task not in (None, "embed"):
+        from tessellm.pooling.params import PoolingParams
+
+        if pooling_task not in (None, "embed", "classify"):
             raise ValueError(f"pooling_task {pooling_task!r} is not supported; tessellm pools "
-                             "embeddings (pooling_task='embed').")
+                             "embeddings (pooling_task='embed') and class logits ('classify').")
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = pooling_params if isinstance(pooling_params, (list, tuple)) else [pooling_params] * len(prompts)
@@ -135,10 +158,10 @@ class LLM:
             raise ValueError(f"Got {len(params)} PoolingParams for {len(prompts)} prompts; give one, "
                              "or one per prompt.")
         if truncate_prompt_tokens is not None:
-            from tessellm.pooling.params import PoolingParams
-
             params = [replace(p or PoolingParams(), truncate_prompt_tokens=truncate_prompt_tokens)
                       for p in params]
+        if pooling_task is not None:
+            params = [replace(p or PoolingParams(), task=pooling_task) for p in params]
         ids = []
         try:
             for prompt, p, lora in zip(prompts, params, _per_prompt_lora(lora_request, len(prompts))):

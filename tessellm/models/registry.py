@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tessellm.models import (cohere, gemma3, granite, granite_moe, llama, llava, moe, olmo, olmo2,
-                             olmo3, olmoe, phi3, stablelm)
+                             olmo3, olmoe, phi3, seq_cls, stablelm)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -24,6 +24,11 @@ _MODELS = {
     "GraniteMoeForCausalLM": granite_moe.GraniteMoeForCausalLM,
     "OlmoeForCausalLM": olmoe.OlmoeForCausalLM,
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
+    # classifiers / cross-encoders: a pooling engine's classify and score (docs/pooling.md)
+    "LlamaForSequenceClassification": seq_cls.LlamaForSequenceClassification,
+    "MistralForSequenceClassification": seq_cls.MistralForSequenceClassification,
+    "Qwen2ForSequenceClassification": seq_cls.Qwen2ForSequenceClassification,
+    "Qwen3ForSequenceClassification": seq_cls.Qwen3ForSequenceClassification,
 }
 
 

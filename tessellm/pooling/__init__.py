@@ -3,13 +3,17 @@
 config.py   which runner the engine is; PoolerConfig (type, normalize) from the checkpoint/flags
 pooler.py   the runner side: hidden states of a step -> pooled vectors (LAST, MEAN, CLS)
 params.py   PoolingParams per request (dimensions, normalize, truncation), applied in the front end
-outputs.py  PoolingRequestOutput / EmbeddingRequestOutput (vLLM's shapes)
+outputs.py  PoolingRequestOutput / EmbeddingRequestOutput / ClassificationRequestOutput /
+            ScoringRequestOutput (vLLM's shapes)
+score.py    LLM.score / /score / /rerank: cross-encoder pairs, or cosine of two embeddings
 """
 
 from tessellm.pooling.config import PoolerConfig
-from tessellm.pooling.outputs import (EmbeddingOutput, EmbeddingRequestOutput, PoolingOutput,
-                                      PoolingRequestOutput)
+from tessellm.pooling.outputs import (ClassificationOutput, ClassificationRequestOutput,
+                                      EmbeddingOutput, EmbeddingRequestOutput, PoolingOutput,
+                                      PoolingRequestOutput, ScoringOutput, ScoringRequestOutput)
 from tessellm.pooling.params import PoolingParams
 
-__all__ = ["EmbeddingOutput", "EmbeddingRequestOutput", "PoolerConfig", "PoolingOutput",
-           "PoolingParams", "PoolingRequestOutput"]
+__all__ = ["ClassificationOutput", "ClassificationRequestOutput", "EmbeddingOutput",
+           "EmbeddingRequestOutput", "PoolerConfig", "PoolingOutput", "PoolingParams",
+           "PoolingRequestOutput", "ScoringOutput", "ScoringRequestOutput"]

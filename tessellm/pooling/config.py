@@ -5,14 +5,21 @@ its causal LM; the embedding is its final hidden states (after the last norm) po
 prompt. The runner is chosen as vLLM chooses it:
 
 * ``runner``: ``generate`` | ``pooling`` | ``auto`` (a bare ``*Model`` architecture, which has no
-  LM head, pools; anything else generates);
-* ``task="embed"`` (vLLM's older spelling) and ``convert="embed"`` both mean ``runner="pooling"``.
+  LM head, pools, and so does a ``*ForSequenceClassification``; anything else generates);
+* ``task="embed"`` / ``"classify"`` / ``"score"`` (vLLM's older spellings) and ``convert="embed"``
+  all mean ``runner="pooling"``.
+
+What a pooling engine does (``PoolerConfig.task``) follows from the architecture: a
+``*ForSequenceClassification`` classifies (its ``score`` head's logits, ``num_labels`` of them;
+with ``num_labels == 1`` it is a cross-encoder and also scores pairs); anything else embeds.
 
 How it pools, lowest precedence first: LAST with ``normalize=True`` (decoder embedding models);
 the checkpoint's sentence-transformers files (``modules.json`` naming a ``Pooling`` module whose
 ``config.json`` sets ``pooling_mode_*``, and a ``Normalize`` module or not); then
 ``pooler_config`` (a dict or its JSON, e.g. ``{"pooling_type": "MEAN"}``), over which
-``override_pooler_config`` (vLLM's older name) is laid.
+``override_pooler_config`` (vLLM's older name) is laid. A classifier's ``use_activation`` (vLLM's
+name; ``softmax`` and ``activation`` are its deprecated spellings) says whether its logits go
+through softmax (sigmoid when ``num_labels == 1``) by default.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ logger = logging.getLogger(__name__)
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 RUNNERS = ("auto", "generate", "pooling")
 _TASKS = {"auto": "auto", "generate": "generate", "embed": "pooling", "embedding": "pooling",
-          "encode": "pooling"}
+          "encode": "pooling", "classify": "pooling", "score": "pooling"}
+_ACTIVATION_KEYS = ("use_activation", "softmax", "activation")  # vLLM's name, then its deprecated ones
 _CONVERTS = ("auto", "none", "embed")
 # sentence-transformers' Pooling config key -> our pooling type
 _ST_MODES = {"pooling_mode_lasttoken": "LAST", "pooling_mode_mean_tokens": "MEAN",
@@ -44,6 +52,10 @@ class PoolerConfig:
     pooling_type: str = "LAST"  # LAST (the last prompt token), MEAN (over every token), CLS (the first)
     normalize: bool = True  # default for requests that leave PoolingParams.normalize unset
     hidden_size: int = 0  # the pooled vector's length (the model's hidden size)
+    task: str = "embed"  # "embed", or "classify": a *ForSequenceClassification's score head
+    num_labels: int = 0  # classify: the logits' length (1: a cross-encoder, which also scores)
+    labels: tuple[str, ...] = ()  # classify: config.json's id2label in id order ("LABEL_i" if absent)
+    use_activation: bool = True  # classify: softmax (sigmoid for one label) unless a request says
 
     @property
     def prefix_caching_ok(self) -> bool:
@@ -58,7 +70,8 @@ def check_runner_args(runner: str, task: Optional[str], convert: str) -> None:
     if runner not in RUNNERS:
         raise ValueError(f"runner {runner!r} is not supported; use auto, generate or pooling.")
     if task is not None and task not in _TASKS:
-        raise ValueError(f"task {task!r} is not supported; use embed (runner='pooling') or generate.")
+        raise ValueError(f"task {task!r} is not supported; use embed, classify or score "
+                         "(runner='pooling'), or generate.")
     if convert not in _CONVERTS:
         raise ValueError(f"convert {convert!r} is not supported; use auto, none or embed.")
     wanted = {v for v in (runner, _TASKS.get(task or "auto"), "pooling" if convert == "embed" else "auto")
@@ -74,13 +87,15 @@ def resolve_runner(args, hf_config) -> str:
     for asked in (args.runner, _TASKS.get(args.task or "auto"), "pooling" if args.convert == "embed" else "auto"):
         if asked != "auto":
             break
-    bare = is_bare_model(hf_config)
-    if asked == "generate" and bare:
+    bare, classifier = is_bare_model(hf_config), is_classifier(hf_config)
+    if asked == "generate" and (bare or classifier):
         archs = getattr(hf_config, "architectures", None)
-        raise ValueError(f"Architecture {archs} is a bare model without an LM head: it can embed but "
-                         "not generate; start it with runner='pooling' (--runner pooling).")
+        what = "a sequence classifier: it can classify and score" if classifier else \
+            "a bare model without an LM head: it can embed"
+        raise ValueError(f"Architecture {archs} is {what} but not generate; start it with "
+                         "runner='pooling' (--runner pooling).")
     if asked == "auto":
-        return "pooling" if bare else "generate"
+        return "pooling" if bare or classifier else "generate"
     return asked
 
 
@@ -90,15 +105,35 @@ def is_bare_model(hf_config) -> bool:
     return bool(archs) and all(a.endswith("Model") and "For" not in a for a in archs)
 
 
+def is_classifier(hf_config) -> bool:
+    """``LlamaForSequenceClassification``, ``Qwen3ForSequenceClassification``...: a score head."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def classifier_labels(hf_config) -> tuple[str, ...]:
+    """config.json's ``id2label`` in id order (HF fills in ``LABEL_i`` when it is absent)."""
+    n = int(getattr(hf_config, "num_labels", 0) or 0)
+    id2label = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
+    return tuple(id2label.get(i, f"LABEL_{i}") for i in range(n))
+
+
 def pooler_config_for(args, source) -> Optional[PoolerConfig]:
     """The engine's PoolerConfig in pooling mode, None when it generates."""
     if resolve_runner(args, source.hf_config) != "pooling":
         return None
     config = PoolerConfig(hidden_size=int(source.hf_config.hidden_size))
+    if is_classifier(source.hf_config):
+        labels = classifier_labels(source.hf_config)
+        config = replace(config, task="classify", num_labels=len(labels), labels=labels)
     if source.kind == "dir":
         config = replace(config, **sentence_transformers_pooling(source.path))
     for override in (args.pooler_config, args.override_pooler_config):
-        config = replace(config, **parse_pooler_override(override))
+        given = parse_pooler_override(override)
+        if "use_activation" in given and config.task != "classify":
+            raise ValueError("pooler_config use_activation (softmax, activation) applies to a sequence "
+                             "classifier (*ForSequenceClassification); this model embeds: use normalize.")
+        config = replace(config, **given)
     return config
 
 
@@ -113,13 +148,17 @@ def parse_pooler_override(value) -> dict:
                 raise ValueError(f"pooler_config pooling_type {v!r} is not supported; use "
                                  f"{', '.join(POOLING_TYPES)}.")
             out[key] = kind
-        elif key == "normalize":
+        elif key == "normalize" or key in _ACTIVATION_KEYS:
             if not isinstance(v, bool):
-                raise ValueError(f"pooler_config normalize must be true or false, got {v!r}.")
-            out[key] = v
+                raise ValueError(f"pooler_config {key} must be true or false, got {v!r}.")
+            name = "normalize" if key == "normalize" else "use_activation"
+            if out.get(name, v) != v:
+                raise ValueError(f"pooler_config gives {name} (or its older spelling) twice, as true and "
+                                 "as false; give use_activation once.")
+            out[name] = v
         else:
             raise ValueError(f"pooler_config key {key!r} is not supported; tessellm reads "
-                             "pooling_type and normalize.")
+                             "pooling_type, normalize and use_activation (softmax, activation).")
     return out
 
 

@@ -1,5 +1,6 @@
 """Results of a pooling engine, shaped like vLLM's ``PoolingRequestOutput`` /
-``EmbeddingRequestOutput`` (``LLM.encode`` / ``LLM.embed``)."""
+``EmbeddingRequestOutput`` / ``ClassificationRequestOutput`` / ``ScoringRequestOutput``
+(``LLM.encode`` / ``LLM.embed`` / ``LLM.classify`` / ``LLM.score``)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,42 @@ class EmbeddingRequestOutput:
     def from_base(cls, out: PoolingRequestOutput) -> "EmbeddingRequestOutput":
         return cls(out.request_id, EmbeddingOutput(out.outputs.data.tolist()), out.prompt_token_ids,
                    out.finished, out.prompt)
+
+
+@dataclass
+class ClassificationOutput:
+    probs: list[float]  # softmax over the labels (sigmoid for one), or logits without activation
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ClassificationRequestOutput:
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    prompt: Optional[str] = None
+
+    @classmethod
+    def from_base(cls, out: PoolingRequestOutput) -> "ClassificationRequestOutput":
+        return cls(out.request_id, ClassificationOutput(out.outputs.data.tolist()), out.prompt_token_ids,
+                   out.finished, out.prompt)
+
+
+@dataclass
+class ScoringOutput:
+    score: float  # a cross-encoder's sigmoid(logit), or the cosine similarity of two embeddings
+
+
+@dataclass
+class ScoringRequestOutput:
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]  # the pair's tokens (cross-encoder), or the two prompts' concatenated
+    finished: bool
 
 
 def pooling_output(state) -> PoolingRequestOutput:

@@ -7,6 +7,12 @@ request's ``dimensions`` and ``normalize`` to it, in that order, as vLLM's embed
 
 (Matryoshka: a model trained so a prefix of its embedding is itself an embedding; truncating,
 then normalizing, gives that smaller embedding.)
+
+A classifier's vector is its score head's logits; ``use_activation`` turns them into
+probabilities, as vLLM's classify head does: softmax over the labels, or sigmoid when there is
+one label (a cross-encoder's relevance score)::
+
+    logits [num_labels]  --use_activation-->  softmax(logits)  (num_labels > 1)  |  sigmoid(logit)  (1)
 """
 
 from __future__ import annotations
@@ -25,11 +31,15 @@ _EPS = 1e-12  # torch.nn.functional.normalize's floor on the norm
 class PoolingParams:
     """``dimensions``: keep the first d values (then normalize; 1 <= d <= hidden size).
     ``normalize``: L2-normalize (None: the engine's ``PoolerConfig.normalize``, true by default).
-    ``truncate_prompt_tokens``: keep only the last k prompt tokens (-1: as many as fit)."""
+    ``truncate_prompt_tokens``: keep only the last k prompt tokens (-1: as many as fit).
+    ``use_activation``: a classifier's softmax / sigmoid (None: the engine's pooler config, true
+    by default). ``task``: ``embed`` or ``classify`` (None: what the engine's model does)."""
 
     dimensions: Optional[int] = None
     normalize: Optional[bool] = None
     truncate_prompt_tokens: Optional[int] = None
+    use_activation: Optional[bool] = None
+    task: Optional[str] = None
 
     def verify(self, hidden_size: int, matryoshka: Optional[list[int]] = None) -> None:
         """RequestParamError (a 400 at the server) naming the bad field and the fix."""
@@ -45,6 +55,9 @@ class PoolingParams:
                                         f"use one of {sorted(matryoshka)}.", "dimensions")
         if self.normalize is not None and not isinstance(self.normalize, bool):
             raise RequestParamError(f"normalize must be true or false, got {self.normalize!r}.", "normalize")
+        if self.use_activation is not None and not isinstance(self.use_activation, bool):
+            raise RequestParamError(f"use_activation must be true or false, got {self.use_activation!r}.",
+                                    "use_activation")
         k = self.truncate_prompt_tokens
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1)):
             raise RequestParamError(f"truncate_prompt_tokens must be a positive integer or -1, got {k!r}.",
@@ -53,12 +66,25 @@ class PoolingParams:
     def apply(self, pooled, default_normalize: bool) -> np.ndarray:
         """The embedding (float32) from the engine's raw pooled vector."""
         v = np.asarray(pooled, dtype=np.float32)
+        if self.task == "classify":
+            return activate(v) if self.use_activation is not False else v
         if self.dimensions is not None:
             v = v[:self.dimensions]
         normalize = default_normalize if self.normalize is None else self.normalize
         if normalize:
             v = v / max(float(np.linalg.norm(v.astype(np.float64))), _EPS)
         return v.astype(np.float32)
+
+
+def activate(logits: np.ndarray) -> np.ndarray:
+    """A classifier's probabilities: softmax over its labels, sigmoid for a single one."""
+    x = logits.astype(np.float64)
+    if x.size == 1:
+        p = 1.0 / (1.0 + np.exp(-x))
+    else:
+        e = np.exp(x - x.max())
+        p = e / e.sum()
+    return p.astype(np.float32)
 
 
 def matryoshka_dimensions(hf_config) -> Optional[list[int]]:

@@ -13,12 +13,13 @@ Invariants: a request's partial state (a running float32 sum, or the first token
 here from its first chunk to its last, and goes when the scheduler drops the request
 (finished, aborted, preempted: a preempted one restarts from token 0, since MEAN and CLS run
 without prefix caching, ``PoolerConfig.prefix_caching_ok``). Plain torch on the hidden states'
-device: no backend op is needed.
+device: no backend op is needed. A classifier's ``head`` (the model's ``classify``: its score
+linear) maps the pooled rows of the finished requests to logits before they leave the device.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ from tessellm.pooling.config import PoolerConfig
 
 
 class Pooler:
-    def __init__(self, config: PoolerConfig):
+    def __init__(self, config: PoolerConfig, head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.config = config
+        self.head = head  # classify: pooled [B, H] -> logits [B, num_labels]; None: embeddings
         self.partial: dict[str, torch.Tensor] = {}  # request id -> MEAN's running sum / CLS's row
 
     def drop(self, request_ids: Iterable[str]) -> None:
@@ -74,9 +76,10 @@ class Pooler:
                                "prompt token computed (prefix caching must be off).")
         return value
 
-    @staticmethod
-    def _emit(states, final: list[int], vectors) -> dict[str, list[float]]:
+    def _emit(self, states, final: list[int], vectors) -> dict[str, list[float]]:
         if vectors is None:
             return {}
+        if self.head is not None:
+            vectors = self.head(vectors)
         host = vectors.cpu().tolist()  # the step's one host sync, for the finished requests
         return {states[i].request_id: v for i, v in zip(final, host)}

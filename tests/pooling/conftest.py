@@ -113,3 +113,46 @@ def embedding_model_dir(bare_model_dir, tmp_path_factory):
     shutil.copytree(bare_model_dir("qwen3"), path)
     save_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory):
+    """A function (arch, num_labels) -> directory of a tiny random HF ``*ForSequenceClassification``
+    (float32 safetensors, named labels, the tokenizer above)."""
+    import torch
+    from transformers import (LlamaConfig, LlamaForSequenceClassification, Qwen2Config,
+                              Qwen2ForSequenceClassification)
+
+    families = {"llama": (LlamaConfig, LlamaForSequenceClassification, {"tie_word_embeddings": False}),
+                "qwen2": (Qwen2Config, Qwen2ForSequenceClassification, {"use_sliding_window": False})}
+    root = tmp_path_factory.mktemp("tiny-cls")
+    made: dict = {}
+
+    def make(arch: str, num_labels: int) -> str:
+        if (arch, num_labels) not in made:
+            config_cls, model_cls, extra = families[arch]
+            labels = {i: f"class_{chr(97 + i)}" for i in range(num_labels)}
+            config = config_cls(**TINY_COMMON, **extra, num_labels=num_labels, id2label=labels,
+                                label2id={v: k for k, v in labels.items()})
+            torch.manual_seed(97 + num_labels)
+            model = model_cls(config).to(torch.float32)
+            with torch.no_grad():  # HF initialises score with std 0.02: make the logits differ visibly
+                model.score.weight.normal_(0, 1.0)
+            path = os.path.join(root, f"{arch}-{num_labels}")
+            model.save_pretrained(path)
+            save_tokenizer(path)
+            made[(arch, num_labels)] = path
+        return made[(arch, num_labels)]
+
+    return make
+
+
+def hf_logits(model_dir: str, prompts: list[list[int]]):
+    """The reference: HF ``*ForSequenceClassification`` in float32, one prompt at a time (no
+    padding: the pooled token is the last)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return torch.stack([model(torch.tensor([p])).logits[0] for p in prompts])

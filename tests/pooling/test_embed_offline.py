@@ -192,7 +192,8 @@ def test_sentence_transformers_config_and_override(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("config,message", [
     ({"pooling_type": "MAX"}, "pooling_type 'MAX' is not supported"),
-    ({"softmax": True}, "key 'softmax' is not supported"),
+    ({"softmax": True}, "use_activation .softmax, activation. applies to a sequence classifier"),
+    ({"dimensions": 8}, "key 'dimensions' is not supported"),
     ("{not json", "not valid JSON")])
 def test_bad_pooler_config_is_refused(config, message, tiny_model_dir):
     with pytest.raises(ValueError, match=message):

@@ -28,7 +28,9 @@ def _config(*archs):
     (["Qwen3ForCausalLM"], {"task": "embed"}, "pooling"),
     (["Qwen3ForCausalLM"], {"convert": "embed"}, "pooling"),
     (["Qwen3Model"], {"task": "embedding"}, "pooling"),
-    (["LlamaForSequenceClassification"], {}, "generate"),
+    (["LlamaForSequenceClassification"], {}, "pooling"),  # vLLM: a classifier pools under auto
+    (["Qwen3ForCausalLM"], {"task": "classify"}, "pooling"),
+    (["Qwen2ForSequenceClassification"], {"task": "score"}, "pooling"),
 ])
 def test_runner_resolution(archs, args, runner):
     assert resolve_runner(EngineArgs(**args), _config(*archs)) == runner
@@ -38,15 +40,19 @@ def test_bare_model_cannot_be_forced_to_generate():
     assert is_bare_model(_config("Qwen3Model")) and not is_bare_model(_config("Qwen3ForCausalLM"))
     with pytest.raises(ValueError, match="runner='pooling'"):
         resolve_runner(EngineArgs(runner="generate"), _config("Qwen3Model"))
+    with pytest.raises(ValueError, match="sequence classifier: it can classify and score but not generate"):
+        resolve_runner(EngineArgs(runner="generate"), _config("LlamaForSequenceClassification"))
 
 
 @pytest.mark.parametrize("args,message", [
     ({"runner": "embed"}, "runner 'embed' is not supported"),
-    ({"task": "classify"}, "task 'classify' is not supported"),
+    ({"task": "reward"}, "task 'reward' is not supported"),
     ({"convert": "classify"}, "convert 'classify' is not supported"),
     ({"runner": "generate", "convert": "embed"}, "disagree"),
     ({"pooler_config": '{"pooling_type": "mean", "dimensions": 4}'}, "key 'dimensions'"),
     ({"override_pooler_config": {"normalize": "yes"}}, "normalize must be true or false"),
+    ({"pooler_config": {"use_activation": 1}}, "use_activation must be true or false"),
+    ({"pooler_config": {"softmax": True, "use_activation": False}}, "use_activation .* twice"),
 ])
 def test_engine_args_refuse_bad_values(args, message):
     with pytest.raises(ValueError, match=message):
@@ -56,6 +62,8 @@ def test_engine_args_refuse_bad_values(args, message):
 def test_pooler_override_spellings():
     assert parse_pooler_override('{"pooling_type": "cls"}') == {"pooling_type": "CLS"}
     assert parse_pooler_override({"normalize": False}) == {"normalize": False}
+    for key in ("use_activation", "softmax", "activation"):  # vLLM's name and its deprecated ones
+        assert parse_pooler_override({key: False}) == {"use_activation": False}
     with pytest.raises(ValueError, match="must be a JSON object"):
         parse_pooler_override("[1]")
 
@@ -92,6 +100,15 @@ def test_pooling_params_apply_truncates_then_normalizes():
     np.testing.assert_allclose(PoolingParams(normalize=False).apply(v, True), v)
     np.testing.assert_allclose(PoolingParams().apply(v, True), v / 13.0, rtol=1e-6)
     assert PoolingParams().apply(np.zeros(3), True).tolist() == [0.0, 0.0, 0.0]  # no 0/0
+
+
+def test_classifier_activation_is_softmax_or_sigmoid():
+    logits = np.array([1.0, -2.0, 0.5], dtype=np.float32)
+    softmax = np.exp(logits) / np.exp(logits).sum()
+    np.testing.assert_allclose(PoolingParams(task="classify").apply(logits, True), softmax, rtol=1e-6)
+    np.testing.assert_allclose(PoolingParams(task="classify").apply(logits[:1], True), [1 / (1 + np.exp(-1.0))],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(PoolingParams(task="classify", use_activation=False).apply(logits, True), logits)
 
 
 @pytest.mark.parametrize("params,message", [

@@ -1,7 +1,9 @@
 """The OpenAI-compatible FastAPI app.
 
 Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings`` (an embedding
-engine, ``--runner pooling``: serving_embedding.py), ``/v1/models`` (and ``/v1/models/{id}``;
+engine, ``--runner pooling``: serving_embedding.py), ``/classify`` (a sequence classifier:
+serving_classify.py), ``/score``, ``/v1/score``, ``/rerank``, ``/v1/rerank``, ``/v2/rerank``
+(a cross-encoder or an embedding model: serving_score.py), ``/v1/models`` (and ``/v1/models/{id}``;
 LoRA adapters are listed with their ``parent``), ``/v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter`` (lora_routes.py),
 ``/tokenize``, ``/detokenize``, ``/health`` and ``/ping`` (liveness: the API process and the
@@ -40,8 +42,10 @@ from tessellm.entrypoints.openai.sampling import check_model
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.serving import parse_request
 from tessellm.entrypoints.openai.serving_chat import create_chat_completion, render_messages
+from tessellm.entrypoints.openai.serving_classify import create_classification
 from tessellm.entrypoints.openai.serving_completion import create_completion
 from tessellm.entrypoints.openai.serving_embedding import create_embedding
+from tessellm.entrypoints.openai.serving_score import create_rerank, create_score
 from tessellm.metrics.prometheus import EngineMetrics
 from tessellm.pooling.front import check_generates
 
@@ -183,6 +187,21 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         return await create_embedding(engine, config, await _json_body(request), request)
+
+    @app.post("/classify")
+    async def classify(request: Request):
+        return await create_classification(engine, config, await _json_body(request), request)
+
+    async def score(request: Request):
+        return await create_score(engine, config, await _json_body(request), request)
+
+    async def rerank(request: Request):
+        return await create_rerank(engine, config, await _json_body(request), request)
+
+    for path in ("/score", "/v1/score"):
+        app.add_api_route(path, score, methods=["POST"])
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.add_api_route(path, rerank, methods=["POST"])
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

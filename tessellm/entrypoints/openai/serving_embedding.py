@@ -39,8 +39,8 @@ async def create_embedding(engine: AsyncLLM, config: ServerConfig, body, http_re
     req = parse_request(EmbeddingChatRequest if is_chat else EmbeddingCompletionRequest, body)
     lora = check_model(req.model, config)
     try:
-        params = resolve_pooling_params(PoolingParams(req.dimensions, req.normalize, req.truncate_prompt_tokens),
-                                        engine.info)
+        params = resolve_pooling_params(PoolingParams(req.dimensions, req.normalize, req.truncate_prompt_tokens,
+                                                      task="embed"), engine.info)
     except ValueError as exc:
         raise bad_request(str(exc), getattr(exc, "param", None)) from None
     if is_chat:

@@ -1,0 +1,111 @@
+"""Scoring pairs of texts (``LLM.score``, ``/score``, ``/rerank``), the two ways vLLM does it.
+
+* A cross-encoder: a sequence classifier with ``num_labels == 1`` (a reranker such as
+  bge-reranker or a Qwen3 reranker converted to ``*ForSequenceClassification``). Each pair is
+  one prompt, the tokenizer's text pair (``tokenizer(text=q, text_pair=d)``: a decoder-only
+  tokenizer concatenates the two with its special tokens), and the score is the sigmoid of its
+  one logit (the classify path with ``use_activation``).
+* An embedding model: both sides are embedded, and the score is the cosine similarity of the
+  two vectors.
+
+A classifier with more than one label has no score (vLLM's rule too): refused by name.
+
+Pairs are formed as vLLM forms them::
+
+    text_1 = "q",        text_2 = ["d0", "d1"]  ->  (q, d0), (q, d1)
+    text_1 = ["q0","q1"], text_2 = ["d0", "d1"]  ->  (q0, d0), (q1, d1)
+    text_1 = ["q0","q1"], text_2 = ["d0"]        ->  error: lengths differ
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+
+from tessellm.core.scheduler_config import RequestParamError
+from tessellm.pooling.front import RunnerMismatchError
+
+Texts = Union[str, list[str]]
+
+
+def score_mode(info) -> str:
+    """``cross`` (a one-label classifier) or ``embed`` (cosine of embeddings) for this engine."""
+    if getattr(info, "runner", "generate") != "pooling":
+        raise RunnerMismatchError(
+            "This engine generates text (runner='generate'): it cannot score pairs. Start a "
+            "cross-encoder (*ForSequenceClassification with num_labels=1) or an embedding model "
+            "with runner='pooling'.")
+    if info.pooling.get("task") != "classify":
+        return "embed"
+    if info.pooling["num_labels"] != 1:
+        raise RunnerMismatchError(
+            f"This model is a classifier with {info.pooling['num_labels']} labels; scoring and "
+            "reranking need a cross-encoder (num_labels == 1) or an embedding model. Use "
+            "LLM.classify / POST /classify for its labels.")
+    return "cross"
+
+
+def form_pairs(text_1: Texts, text_2: Texts, names: tuple[str, str] = ("text_1", "text_2")) -> list[tuple[str, str]]:
+    """The (query, document) pairs to score, in output order; RequestParamError when the two
+    sides cannot pair up."""
+    side_1 = [text_1] if isinstance(text_1, str) else list(text_1)
+    side_2 = [text_2] if isinstance(text_2, str) else list(text_2)
+    for name, side in zip(names, (side_1, side_2)):
+        if not side:
+            raise RequestParamError(f"{name} is empty; give a string or a non-empty list of strings.", name)
+        for i, t in enumerate(side):
+            if not isinstance(t, str):
+                raise RequestParamError(f"{name}[{i}] is a {type(t).__name__}; give text.", name)
+            if not t:
+                raise RequestParamError(f"{name}[{i}] is an empty string; give at least one character.", name)
+    if len(side_1) == 1:
+        side_1 = side_1 * len(side_2)
+    if len(side_1) != len(side_2):
+        raise RequestParamError(
+            f"{names[0]} has {len(side_1)} texts and {names[1]} has {len(side_2)}; give one "
+            f"{names[0]} for any number of {names[1]}, or lists of the same length.", names[1])
+    return list(zip(side_1, side_2))
+
+
+def pair_prompt(tokenizer, query: str, document: str) -> dict:
+    """A cross-encoder's prompt for one pair: the tokenizer's text pair, special tokens included."""
+    if tokenizer is None:
+        raise ValueError("This model has no tokenizer files; scoring needs one to join the pair.")
+    ids = tokenizer(text=query, text_pair=document, add_special_tokens=True)["input_ids"]
+    return {"prompt_token_ids": list(ids)}
+
+
+def cosine(a, b) -> float:
+    """Cosine similarity of two vectors, in float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def run_score(llm, data_1: Texts, data_2: Texts, truncate_prompt_tokens, use_tqdm: bool,
+              pooling_params, lora_request) -> list:
+    """``LLM.score``: the pairs through the cross-encoder, or both sides through ``LLM.embed``."""
+    from dataclasses import replace
+
+    from tessellm.pooling.outputs import ScoringOutput, ScoringRequestOutput
+    from tessellm.pooling.params import PoolingParams
+
+    mode = score_mode(llm.engine.core.info)
+    pairs = form_pairs(data_1, data_2)
+    if mode == "cross":
+        tokenizer = llm.engine.tokenizer
+        prompts = [pair_prompt(tokenizer, q, d) for q, d in pairs]
+        outs = llm.classify(prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request)
+        return [ScoringRequestOutput(o.request_id, ScoringOutput(o.outputs.probs[0]), o.prompt_token_ids,
+                                     o.finished) for o in outs]
+    if pooling_params is not None and pooling_params.use_activation is not None:
+        pooling_params = replace(pooling_params, use_activation=None)  # cosine needs no activation
+    queries = list(dict.fromkeys(q for q, _ in pairs))  # each distinct text embedded once
+    docs = [d for _, d in pairs]
+    outs = llm.embed(queries + docs, pooling_params or PoolingParams(), truncate_prompt_tokens, use_tqdm,
+                     lora_request)
+    by_query = dict(zip(queries, outs[:len(queries)]))
+    return [ScoringRequestOutput(f"score-{d_out.request_id}",
+                                 ScoringOutput(cosine(by_query[q].outputs.embedding, d_out.outputs.embedding)),
+                                 by_query[q].prompt_token_ids + d_out.prompt_token_ids, True)
+            for (q, _), d_out in zip(pairs, outs[len(queries):])]
