@@ -89,8 +89,20 @@ def render_with_images(render: Callable[[list[dict]], list[int]], conversation: 
                      "that renders image parts.")
 
 
+def image_urls(conversation: list[dict]) -> list[str]:
+    """The ``image_url`` URLs of the conversation, in order (malformed parts left out)."""
+    urls = []
+    for m in conversation:
+        for p in m.get("content") if isinstance(m.get("content"), list) else ():
+            spec = p.get("image_url") if isinstance(p, dict) and p.get("type") == "image_url" else None
+            url = spec.get("url") if isinstance(spec, dict) else spec
+            if isinstance(url, str):
+                urls.append(url)
+    return urls
+
+
 def load_chat_images(conversation: list[dict], info, allowed_local_media_path: Optional[str],
-                     allowed_media_domains=None):
+                     allowed_media_domains=None, fetched: Optional[dict] = None):
     """Check and load the conversation's images for the engine ``info`` describes: (the
     conversation with ``{"type": "image"}`` parts, the images, the image processor). A
     text-only model, too many images, or a bad URL: ValueError naming it."""
@@ -100,22 +112,34 @@ def load_chat_images(conversation: list[dict], info, allowed_local_media_path: O
     processor = get_processor(info)
     processor.check_count(count_images(conversation))
     conversation, images = collect_images(
-        conversation, lambda url: load_image_url(url, allowed_local_media_path, allowed_media_domains))
+        conversation, lambda url: load_image_url(url, allowed_local_media_path, allowed_media_domains,
+                                                 fetched))
     return conversation, images, processor
 
 
 def chat_prompt_with_images(conversation: list[dict], info, tokenizer,
                             render: Callable[[list[dict]], list[int]],
                             allowed_local_media_path: Optional[str] = None,
-                            allowed_media_domains=None) -> Optional[dict]:
+                            allowed_media_domains=None, fetched: Optional[dict] = None) -> Optional[dict]:
     """The prompt (``{"prompt_token_ids", "multi_modal_data"}``) of a conversation with
-    images; None when it has none (render it as text). Blocks while http(s) images arrive:
-    the server calls it off the event loop."""
+    images; None when it has none (render it as text). ``fetched``: its http(s) images,
+    fetched already (``fetch.prefetch``); any other is fetched here, blocking."""
     if not count_images(conversation):
         return None
     conversation, images, processor = load_chat_images(conversation, info, allowed_local_media_path,
-                                                       allowed_media_domains)
+                                                       allowed_media_domains, fetched)
     token_id = processor.image_token_id
     ids = render_with_images(render, conversation, len(images),
                              tokenizer.convert_ids_to_tokens(token_id), token_id)
     return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
+
+
+async def fetch_chat_images(conversation: list[dict], engine) -> dict:
+    """The conversation's http(s) images, fetched concurrently off the event loop and off the
+    tokenizer threads (``fetch.prefetch``); none when the request will be refused for its
+    image count anyway (the count is checked again, with its message, when they load)."""
+    from tessellm.multimodal.fetch import FetchPolicy, prefetch
+
+    if count_images(conversation) > engine.info.mm_limits.get("image", 0):
+        return {}
+    return await prefetch(image_urls(conversation), FetchPolicy.from_env(engine.args.allowed_media_domains))

@@ -3,8 +3,10 @@
 (``TESSELLM_IMAGE_FETCH_MAX_MB``), and, when ``allowed_media_domains`` is given (vLLM's
 ``--allowed-media-domains``), only from those hosts, redirects included.
 
-Standard library only (``urllib.request``). It blocks its thread: the server calls it from
-its tokenizer threads (``AsyncLLM.run_off_loop``), never on the event loop. Every failure is a
+Standard library only (``urllib.request``); ``fetch_url`` blocks its thread. The server
+fetches a request's URLs before the chat template runs (``prefetch``): all at once, each on a
+thread of the event loop's default executor, so neither the event loop nor the tokenizer
+threads wait on a slow host. ``LLM.chat`` fetches in the calling thread. Every failure is a
 ValueError naming the URL and the problem (the server's 400).
 
     connect + headers: timeout_s        body: read in pieces, each within the socket timeout,
@@ -13,6 +15,7 @@ ValueError naming the URL and the problem (the server's 400).
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -84,6 +87,21 @@ def fetch_url(url: str, policy: FetchPolicy) -> tuple[bytes, Optional[str]]:
         raise _timed_out(shown, policy) from None
     except (OSError, http.client.HTTPException) as exc:
         raise ValueError(f"The image URL {shown} could not be fetched: {exc or type(exc).__name__}.") from None
+
+
+async def prefetch(urls, policy: FetchPolicy) -> dict:
+    """url -> (body, Content-Type) or the ValueError it gave, for each distinct http(s) URL,
+    fetched concurrently off the event loop."""
+    todo = list(dict.fromkeys(u for u in urls if urlparse(u).scheme.lower() in ("http", "https")))
+    results = await asyncio.gather(*(asyncio.to_thread(_fetch_or_error, u, policy) for u in todo))
+    return dict(zip(todo, results))
+
+
+def _fetch_or_error(url: str, policy: FetchPolicy):
+    try:
+        return fetch_url(url, policy)
+    except ValueError as exc:
+        return exc
 
 
 def _read(response, policy: FetchPolicy, deadline: float, shown: str) -> bytes:

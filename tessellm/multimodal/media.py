@@ -17,7 +17,9 @@ from urllib.parse import unquote, urlparse
 
 
 def load_image_url(url: str, allowed_local_media_path: Optional[str] = None,
-                   allowed_media_domains=None):
+                   allowed_media_domains=None, fetched: Optional[dict] = None):
+    """``fetched``: http(s) URLs already fetched (``fetch.prefetch``: url -> (body,
+    Content-Type) or the ValueError it gave); others are fetched here."""
     if not isinstance(url, str) or not url:
         raise ValueError("image_url.url is missing; give a data: URL (base64) of the image.")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -28,7 +30,10 @@ def load_image_url(url: str, allowed_local_media_path: Optional[str] = None,
     if scheme in ("http", "https"):
         from tessellm.multimodal.fetch import FetchPolicy, fetch_url, shown_url
 
-        data, content_type = fetch_url(url, FetchPolicy.from_env(allowed_media_domains))
+        got = (fetched or {}).get(url)
+        if isinstance(got, ValueError):
+            raise got
+        data, content_type = got or fetch_url(url, FetchPolicy.from_env(allowed_media_domains))
         return _open(data, f"The image at {shown_url(url)}", content_type)
     raise ValueError(f"image_url scheme {scheme or url[:16]!r} is not supported; use an "
                      "http(s) URL, a data:image/...;base64 URL or file:// under "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 
 import httpx
 
@@ -112,31 +113,42 @@ def test_text_only_model_answers_400_to_an_image():
     assert "text-only: it does not take images" in r.json()["error"]["message"]
 
 
-def test_chat_with_an_http_image_url(llava_dir):
-    """The image from a local http.server: the same greedy tokens as HF on that image; a URL
-    that answers 404 is a 400 naming it, and the server goes on serving."""
-    import base64
+@contextlib.contextmanager
+def _png_server(png: bytes, before=lambda path: 200):
+    """A local http.server in a thread: GET answers ``png`` when ``before(path)`` (which may
+    wait) gives 200, else that status; yields its base URL."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    png = base64.b64decode(data_url(image(45)).split(",", 1)[1])
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def do_GET(self):
-            found = self.path == "/img.png"
-            self.send_response(200 if found else 404)
-            body = png if found else b"missing"
-            self.send_header("Content-Type", "image/png" if found else "text/plain")
+            code = before(self.path)
+            body = png if code == 200 else b"missing"
+            self.send_response(code)
+            self.send_header("Content-Type", "image/png" if code == 200 else "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _png(img) -> bytes:
+    return base64.b64decode(data_url(img).split(",", 1)[1])
+
+
+def test_chat_with_an_http_image_url(llava_dir):
+    """The image from a local http.server: the same greedy tokens as HF on that image; a URL
+    that answers 404 is a 400 naming it, and the server goes on serving."""
 
     async def requests(c):
         missing = await c.post("/v1/chat/completions", json=_body(_img(f"{base}/gone.png"), TEXT))
@@ -144,15 +156,54 @@ def test_chat_with_an_http_image_url(llava_dir):
                                                              return_token_ids=True))
         return missing, ok
 
-    try:
+    with _png_server(_png(image(45)), lambda path: 200 if path == "/img.png" else 404) as base:
         args = EngineArgs(model=llava_dir, dtype="float32", num_kv_blocks=64, block_size=4)
         missing, ok = asyncio.run(_serve(args, requests))
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert missing.status_code == 400
     assert missing.json()["error"]["message"].endswith(f"The image URL {base}/gone.png answered HTTP "
                                                        "404 (Not Found).")
     assert ok.status_code == 200, ok.text
     want = hf_greedy(llava_dir, [hf_chat_prompt(llava_dir, "What is this?")], [image(45)], MAX_NEW)[0]
     assert ok.json()["choices"][0]["token_ids"] == want
+
+
+def test_http_images_are_fetched_concurrently_off_the_tokenizer_threads(llava_dir, monkeypatch):
+    """Two images of one request are fetched together: each handler waits (barrier) for the
+    other's request, which one-after-another fetching never sends. And while two requests'
+    images hang at the server, a text request is tokenized and answered (the fetches hold no
+    tokenizer thread; there are two). Nothing here is timed: the waits end by events."""
+    import threading
+
+    monkeypatch.setenv("TESSELLM_IMAGE_FETCH_TIMEOUT", "60")
+    pair = threading.Barrier(2, timeout=30)
+    held, release = threading.Semaphore(0), threading.Event()
+
+    def before(path):
+        if path.startswith("/pair"):
+            pair.wait()
+        elif path.startswith("/held"):
+            held.release()
+            release.wait(30)
+        return 200
+
+    async def requests(c):
+        both = await c.post("/v1/chat/completions", json=_body(
+            _img(f"{base}/pair/a.png"), _img(f"{base}/pair/b.png"), TEXT))
+        slow = [asyncio.create_task(c.post("/v1/chat/completions", json=_body(
+            _img(f"{base}/held/{i}.png"), TEXT))) for i in range(2)]
+        for _ in range(2):  # both fetches have reached the server and hang there
+            assert await asyncio.to_thread(held.acquire, True, 30)
+        text = await asyncio.wait_for(c.post("/v1/chat/completions", json=_body(TEXT)), 60)
+        release.set()
+        return both, text, [await t for t in slow]
+
+    try:
+        with _png_server(_png(image(46)), before) as base:
+            args = EngineArgs(model=llava_dir, dtype="float32", num_kv_blocks=64, block_size=4,
+                              limit_mm_per_prompt={"image": 2})
+            both, text, slow = asyncio.run(_serve(args, requests))
+    finally:
+        release.set()
+    assert both.status_code == 200, both.text
+    assert text.status_code == 200 and all(r.status_code == 200 for r in slow)
+    assert text.json()["usage"]["completion_tokens"] == MAX_NEW

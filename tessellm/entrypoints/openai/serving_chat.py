@@ -28,7 +28,7 @@ from tessellm.entrypoints.openai.sampling import (check_limits, check_model, che
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.tools import ToolPlan, tool_call_history
-from tessellm.multimodal.chat import chat_prompt_with_images, count_images
+from tessellm.multimodal.chat import chat_prompt_with_images, count_images, fetch_chat_images
 from tessellm.entrypoints.openai.prompts import truncate, truncation
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request,
                                                  json_logprob, prompt_logprobs, random_id, response_id,
@@ -134,10 +134,11 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
                                continue_final_message, template_kwargs)
 
         try:
+            fetched = await fetch_chat_images(conversation, engine)
             prompt = await engine.run_off_loop(chat_prompt_with_images, conversation, engine.info,
                                                engine.tokenizer, render,
                                                engine.args.allowed_local_media_path,
-                                               engine.args.allowed_media_domains)
+                                               engine.args.allowed_media_domains, fetched)
         except ValueError as exc:
             raise prompt_error(exc, "messages") from None
         images.extend(prompt["multi_modal_data"]["image"])
