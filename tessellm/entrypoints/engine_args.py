@@ -69,12 +69,14 @@ HELP = {
                              "(default: any; docs/multimodal.md)",
     "reasoning_parser": "split a thinking model's reasoning from its answer (reasoning_content) and "
                         "apply structured output to the answer only: deepseek_r1 or qwen3 (docs/reasoning.md)",
-    "runner": "auto, generate or pooling (embedding models, /v1/embeddings; auto: a bare *Model "
-              "architecture pools, others generate; docs/pooling.md)",
-    "task": "vLLM's older spelling: embed (= --runner pooling) or generate",
+    "runner": "auto, generate or pooling (embedding models, /v1/embeddings; *ForSequenceClassification: "
+              "/classify, /score, /rerank; auto: a bare *Model or a classifier pools, others generate; "
+              "docs/pooling.md)",
+    "task": "vLLM's older spelling: embed, classify or score (= --runner pooling), or generate",
     "convert": "embed: serve a *ForCausalLM checkpoint as an embedding model (= --runner pooling)",
     "pooler_config": "pooling as JSON, e.g. '{\"pooling_type\": \"MEAN\", \"normalize\": true}' "
-                     "(LAST, MEAN or CLS; default: the checkpoint's sentence-transformers config, else LAST)",
+                     "(LAST, MEAN or CLS; default: the checkpoint's sentence-transformers config, else LAST); "
+                     "a classifier's '{\"use_activation\": false}' gives logits instead of probabilities",
     "override_pooler_config": "vLLM's older name for --pooler-config (laid over it)",
 }
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}

@@ -56,6 +56,7 @@ class PoolerConfig:
     num_labels: int = 0  # classify: the logits' length (1: a cross-encoder, which also scores)
     labels: tuple[str, ...] = ()  # classify: config.json's id2label in id order ("LABEL_i" if absent)
     use_activation: bool = True  # classify: softmax (sigmoid for one label) unless a request says
+    use_sep_token: bool = True  # score: a pair is the tokenizer's text pair; False: one text, q + d
 
     @property
     def prefix_caching_ok(self) -> bool:
@@ -118,6 +119,16 @@ def classifier_labels(hf_config) -> tuple[str, ...]:
     return tuple(id2label.get(i, f"LABEL_{i}") for i in range(n))
 
 
+def use_sep_token(hf_config) -> bool:
+    """vLLM's ``use_sep_token`` (``use_pad_token``, its older name) from config.json: true (the
+    default, a cross-encoder's text pair) unless the checkpoint says it is an LLM reranker."""
+    for key in ("use_pad_token", "use_sep_token"):
+        value = getattr(hf_config, key, None)
+        if value is not None:
+            return bool(value)
+    return True
+
+
 def pooler_config_for(args, source) -> Optional[PoolerConfig]:
     """The engine's PoolerConfig in pooling mode, None when it generates."""
     if resolve_runner(args, source.hf_config) != "pooling":
@@ -125,7 +136,8 @@ def pooler_config_for(args, source) -> Optional[PoolerConfig]:
     config = PoolerConfig(hidden_size=int(source.hf_config.hidden_size))
     if is_classifier(source.hf_config):
         labels = classifier_labels(source.hf_config)
-        config = replace(config, task="classify", num_labels=len(labels), labels=labels)
+        config = replace(config, task="classify", num_labels=len(labels), labels=labels,
+                         use_sep_token=use_sep_token(source.hf_config))
     if source.kind == "dir":
         config = replace(config, **sentence_transformers_pooling(source.path))
     for override in (args.pooler_config, args.override_pooler_config):

@@ -3,8 +3,11 @@
 * A cross-encoder: a sequence classifier with ``num_labels == 1`` (a reranker such as
   bge-reranker or a Qwen3 reranker converted to ``*ForSequenceClassification``). Each pair is
   one prompt, the tokenizer's text pair (``tokenizer(text=q, text_pair=d)``: a decoder-only
-  tokenizer concatenates the two with its special tokens), and the score is the sigmoid of its
-  one logit (the classify path with ``use_activation``).
+  tokenizer joins the two with its special tokens), or, when config.json says
+  ``use_sep_token: false`` (vLLM's switch for an LLM used as a reranker), the one text ``q + d``;
+  ``truncate_prompt_tokens`` truncates as the tokenizer does (``truncation=True, max_length=k``:
+  the longer side loses tokens first). The score is the sigmoid of its one logit (the
+  classify path with ``use_activation``).
 * An embedding model: both sides are embedded, and the score is the cosine similarity of the
   two vectors.
 
@@ -68,12 +71,23 @@ def form_pairs(text_1: Texts, text_2: Texts, names: tuple[str, str] = ("text_1",
     return list(zip(side_1, side_2))
 
 
-def pair_prompt(tokenizer, query: str, document: str) -> dict:
-    """A cross-encoder's prompt for one pair: the tokenizer's text pair, special tokens included."""
+def pair_prompt(tokenizer, query: str, document: str, sep: bool = True, max_length=None) -> dict:
+    """A cross-encoder's prompt for one pair: the tokenizer's text pair (``sep``) or the text
+    ``query + document``, special tokens included, cut to ``max_length`` tokens if given."""
     if tokenizer is None:
         raise ValueError("This model has no tokenizer files; scoring needs one to join the pair.")
-    ids = tokenizer(text=query, text_pair=document, add_special_tokens=True)["input_ids"]
-    return {"prompt_token_ids": list(ids)}
+    kwargs = {"add_special_tokens": True}
+    if max_length is not None:
+        kwargs.update(truncation=True, max_length=max_length)
+    pair = {"text": query, "text_pair": document} if sep else {"text": query + document}
+    return {"prompt_token_ids": list(tokenizer(**pair, **kwargs)["input_ids"])}
+
+
+def pair_max_length(truncate_prompt_tokens, info):
+    """``truncate_prompt_tokens`` as the tokenizer's ``max_length`` (-1: the context length)."""
+    if truncate_prompt_tokens is None:
+        return None
+    return info.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
 
 
 def cosine(a, b) -> float:
@@ -90,12 +104,14 @@ def run_score(llm, data_1: Texts, data_2: Texts, truncate_prompt_tokens, use_tqd
     from tessellm.pooling.outputs import ScoringOutput, ScoringRequestOutput
     from tessellm.pooling.params import PoolingParams
 
-    mode = score_mode(llm.engine.core.info)
+    info = llm.engine.core.info
+    mode = score_mode(info)
     pairs = form_pairs(data_1, data_2)
     if mode == "cross":
-        tokenizer = llm.engine.tokenizer
-        prompts = [pair_prompt(tokenizer, q, d) for q, d in pairs]
-        outs = llm.classify(prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request)
+        tokenizer, sep = llm.engine.tokenizer, info.pooling["use_sep_token"]
+        length = pair_max_length(truncate_prompt_tokens, info)
+        prompts = [pair_prompt(tokenizer, q, d, sep, length) for q, d in pairs]
+        outs = llm.classify(prompts, pooling_params, None, use_tqdm, lora_request)
         return [ScoringRequestOutput(o.request_id, ScoringOutput(o.outputs.probs[0]), o.prompt_token_ids,
                                      o.finished) for o in outs]
     if pooling_params is not None and pooling_params.use_activation is not None:
@@ -105,7 +121,9 @@ def run_score(llm, data_1: Texts, data_2: Texts, truncate_prompt_tokens, use_tqd
     outs = llm.embed(queries + docs, pooling_params or PoolingParams(), truncate_prompt_tokens, use_tqdm,
                      lora_request)
     by_query = dict(zip(queries, outs[:len(queries)]))
+    pad = getattr(llm.engine.tokenizer, "pad_token_id", None)
+    between = [] if pad is None else [pad]  # vLLM's prompt_token_ids of an embedding score
     return [ScoringRequestOutput(f"score-{d_out.request_id}",
                                  ScoringOutput(cosine(by_query[q].outputs.embedding, d_out.outputs.embedding)),
-                                 by_query[q].prompt_token_ids + d_out.prompt_token_ids, True)
+                                 by_query[q].prompt_token_ids + between + d_out.prompt_token_ids, True)
             for (q, _), d_out in zip(pairs, outs[len(queries):])]

@@ -86,3 +86,39 @@ def test_embedding_model_scores_by_cosine(embedding_model_dir):
     torch.testing.assert_close(torch.tensor([o.outputs.score for o in outs]), want, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="embedding model: it does not classify"):
         llm.classify(["the cat"], use_tqdm=False)
+
+
+def test_cross_encoder_truncates_the_pair_as_the_tokenizer_does(classifier_dir):
+    from transformers import AutoTokenizer
+
+    path = classifier_dir("qwen2", 1)
+    tok = AutoTokenizer.from_pretrained(path)
+    query, doc = "a query", "the cat sat on the mat " * 30
+    want_ids = tok(text=query, text_pair=doc, truncation=True, max_length=12)["input_ids"]
+    assert len(want_ids) == 12 and want_ids[:len(tok.encode(query))] == tok.encode(query)  # the query stays
+    out = _llm(path).score(query, doc, truncate_prompt_tokens=12, use_tqdm=False)[0]
+    assert out.prompt_token_ids == want_ids
+    assert out.outputs.score == pytest.approx(float(torch.sigmoid(hf_logits(path, [want_ids])[0, 0])), abs=ATOL)
+
+
+def test_llm_reranker_without_sep_scores_the_joined_text(classifier_dir, tmp_path):
+    """config.json ``use_sep_token: false`` (vLLM's switch for an LLM as reranker): the pair is
+    the one text query + document, not the tokenizer's text pair."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = str(tmp_path / "no-sep")
+    shutil.copytree(classifier_dir("qwen2", 1), path)
+    with open(f"{path}/config.json") as f:
+        config = json.load(f)
+    with open(f"{path}/config.json", "w") as f:
+        json.dump({**config, "use_sep_token": False}, f)
+    tok = AutoTokenizer.from_pretrained(path)
+    query, doc = "a query about vec", "tors and the cat"
+    joined = tok.encode(query + doc)
+    assert joined != tok(text=query, text_pair=doc)["input_ids"]  # the two ways differ here
+    out = _llm(path).score(query, doc, use_tqdm=False)[0]
+    assert out.prompt_token_ids == joined
+    assert out.outputs.score == pytest.approx(float(torch.sigmoid(hf_logits(path, [joined])[0, 0])), abs=ATOL)

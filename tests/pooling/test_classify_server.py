@@ -32,7 +32,9 @@ def cross(classifier_dir):
              "rerank": await post("/rerank", json={"query": QUERY, "documents": DOCS}),
              "rerank_top": await post("/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 2,
                                                           "return_documents": False}),
-             "rerank_v2": await post("/v2/rerank", json={"query": QUERY, "documents": DOCS})}
+             "rerank_v2": await post("/v2/rerank", json={"query": QUERY, "documents": DOCS}),
+             "truncated": await post("/score", json={"text_1": QUERY, "text_2": "the cat sat " * 400,
+                                                     "truncate_prompt_tokens": 12})}
         r["bad"] = {
             "lengths": await post("/score", json={"text_1": [QUERY, QUERY], "text_2": DOCS}),
             "empty_docs": await post("/rerank", json={"query": QUERY, "documents": []}),
@@ -96,6 +98,17 @@ def test_score_and_rerank_match_hf(cross):
     top = _ok(r["rerank_top"])["results"]
     assert [x["index"] for x in top] == order[:2] and all(x["document"] is None for x in top)
     assert _ok(r["after"])["data"][0]["score"] == pytest.approx(float(want[0]), abs=ATOL)
+
+
+def test_score_truncates_the_pair_as_the_tokenizer_does(cross):
+    from transformers import AutoTokenizer
+
+    path, r = cross
+    ids = AutoTokenizer.from_pretrained(path)(text=QUERY, text_pair="the cat sat " * 400, truncation=True,
+                                              max_length=12)["input_ids"]
+    body = _ok(r["truncated"])
+    assert body["usage"]["prompt_tokens"] == 12
+    assert body["data"][0]["score"] == pytest.approx(float(torch.sigmoid(hf_logits(path, [ids])[0, 0])), abs=ATOL)
 
 
 @pytest.mark.parametrize("name, param, words", [

@@ -28,7 +28,7 @@ from tessellm.entrypoints.openai.serving_classify import classify_params
 from tessellm.entrypoints.openai.serving_embedding import MAX_INPUTS, _submit
 from tessellm.pooling.front import resolve_pooling_params
 from tessellm.pooling.params import PoolingParams
-from tessellm.pooling.score import cosine, form_pairs, pair_prompt, score_mode
+from tessellm.pooling.score import cosine, form_pairs, pair_max_length, pair_prompt, score_mode
 
 
 async def create_score(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
@@ -72,8 +72,10 @@ async def _score(engine: AsyncLLM, config: ServerConfig, req, side_1, side_2, na
     request_id = random_id("score")
     if mode == "cross":
         params = classify_params(engine, req)
-        prompts = [await _prompt(engine, lambda q=q, d=d: pair_prompt(engine.tokenizer, q, d),
-                                 params.truncate_prompt_tokens, names[1]) for q, d in pairs]
+        sep = engine.info.pooling["use_sep_token"]
+        length = pair_max_length(params.truncate_prompt_tokens, engine.info)
+        prompts = [await _prompt(engine, lambda q=q, d=d: pair_prompt(engine.tokenizer, q, d, sep, length),
+                                 None, names[1]) for q, d in pairs]
         outs = await collect(engine, _submit(engine, request_id, prompts, params, lora), http_request,
                              config.sse_keepalive_s)
         return [float(o.outputs.data[0]) for o in outs], sum(len(o.prompt_token_ids) for o in outs), request_id
