@@ -121,10 +121,12 @@ def classifier_dir(tmp_path_factory):
     (float32 safetensors, named labels, the tokenizer above)."""
     import torch
     from transformers import (LlamaConfig, LlamaForSequenceClassification, Qwen2Config,
-                              Qwen2ForSequenceClassification)
+                              Qwen2ForSequenceClassification, Qwen3Config, Qwen3ForSequenceClassification)
 
     families = {"llama": (LlamaConfig, LlamaForSequenceClassification, {"tie_word_embeddings": False}),
-                "qwen2": (Qwen2Config, Qwen2ForSequenceClassification, {"use_sliding_window": False})}
+                "qwen2": (Qwen2Config, Qwen2ForSequenceClassification, {"use_sliding_window": False}),
+                "qwen3": (Qwen3Config, Qwen3ForSequenceClassification,
+                          {"head_dim": 32, "use_sliding_window": False})}
     root = tmp_path_factory.mktemp("tiny-cls")
     made: dict = {}
 

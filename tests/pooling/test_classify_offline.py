@@ -1,4 +1,4 @@
-"""LLM.classify and LLM.score on tiny random HF sequence classifiers (Llama, Qwen2) and an
+"""LLM.classify and LLM.score on tiny random HF sequence classifiers (Llama, Qwen2, Qwen3) and an
 embedding model: probabilities equal HF ``*ForSequenceClassification``'s softmax (sigmoid for
 one label) in float32, raw logits with use_activation off (per request or by pooler_config),
 a cross-encoder's score is the sigmoid of HF's logit for the tokenizer's text pair, an
@@ -24,7 +24,7 @@ def _probs(outs):
     return torch.tensor([o.outputs.probs for o in outs])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_classify_equals_hf_softmax(classifier_dir, arch):
     path = classifier_dir(arch, 3)
     prompts = random_prompts(6, seed=3)  # mixed lengths, chunked over several steps
