@@ -17,6 +17,7 @@ from tests.pooling.test_embeddings_server import _args, _serve
 ATOL = 2e-5
 QUERY = "a query about vectors"
 DOCS = ["the cat sat on the mat", "embeddings and vectors", "The quick brown fox"]
+CHAT = [{"role": "user", "content": "the cat sat"}, {"role": "assistant", "content": "on the mat"}]
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,7 @@ def cross(classifier_dir):
     async def scenario(c, _transport, _engine):
         post = c.post
         r = {"classify": await post("/classify", json={"model": "m", "input": DOCS}),
+             "classify_chat": await post("/classify", json={"messages": CHAT}),
              "classify_raw": await post("/classify", json={"input": DOCS[0], "use_activation": False}),
              "score": await post("/score", json={"model": "m", "text_1": QUERY, "text_2": DOCS}),
              "score_v1": await post("/v1/score", json={"text_1": [QUERY] * 3, "text_2": DOCS}),
@@ -76,6 +78,18 @@ def test_classify_matches_hf(cross):
     assert body["usage"]["prompt_tokens"] == sum(map(len, singles))
     torch.testing.assert_close(torch.tensor(_ok(r["classify_raw"])["data"][0]["probs"]), logits[:1],
                                atol=ATOL, rtol=0)
+
+
+def test_classify_chat_messages_go_through_the_template(cross):
+    from transformers import AutoTokenizer
+
+    path, r = cross
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.encode(tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=False),
+                     add_special_tokens=False)
+    body = _ok(r["classify_chat"])
+    assert body["usage"]["prompt_tokens"] == len(ids)
+    assert body["data"][0]["probs"][0] == pytest.approx(float(torch.sigmoid(hf_logits(path, [ids])[0, 0])), abs=ATOL)
 
 
 def test_score_and_rerank_match_hf(cross):

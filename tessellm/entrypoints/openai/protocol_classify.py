@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field
 
-from tessellm.entrypoints.openai.protocol import _Request
+from tessellm.entrypoints.openai.protocol import ChatMessage, _Request
 from tessellm.entrypoints.openai.protocol_responses import UsageInfo
 
 
@@ -32,6 +32,16 @@ class _ActivationFields(_Request):
 class ClassificationRequest(_ActivationFields):
     input: Union[str, list[str], list[int], list[list[int]]]
     add_special_tokens: bool = True  # BOS etc. added to a text input
+
+
+class ClassificationChatRequest(_ActivationFields):
+    """vLLM's chat-style classification input: the messages through the chat template."""
+
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = False  # vLLM's default for pooling: no assistant turn opened
+    continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    add_special_tokens: bool = False  # the template places the special tokens
 
 
 class ClassificationData(BaseModel):

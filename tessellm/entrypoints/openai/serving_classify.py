@@ -1,6 +1,7 @@
 """POST /classify on a sequence classifier (``*ForSequenceClassification``, ``--runner pooling``;
 docs/pooling.md), vLLM's request and response: ``input`` as /v1/embeddings takes it (a text, a
-list of texts, token ids, a list of those), each one engine request; ``data[i]`` holds input i's
+list of texts, token ids, a list of those), each one engine request, or chat ``messages``
+rendered by the chat template (one request); ``data[i]`` holds input i's
 probabilities (softmax over the labels, sigmoid for one; logits with ``use_activation: false``),
 ``num_classes`` and ``label``, config.json's ``id2label`` of the most probable class.
 Bad input is a 400 naming the field; an embedding model's server answers /classify with a 400
@@ -16,13 +17,13 @@ from fastapi import Request
 
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.openai.errors import bad_request
-from tessellm.entrypoints.openai.protocol_classify import (ClassificationData, ClassificationRequest,
-                                                           ClassificationResponse)
+from tessellm.entrypoints.openai.protocol_classify import (ClassificationChatRequest, ClassificationData,
+                                                           ClassificationRequest, ClassificationResponse)
 from tessellm.entrypoints.openai.protocol_responses import UsageInfo
 from tessellm.entrypoints.openai.sampling import check_model
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.serving import collect, parse_request, random_id, response_id
-from tessellm.entrypoints.openai.serving_embedding import _input_prompt, _inputs, _submit
+from tessellm.entrypoints.openai.serving_embedding import _chat_prompt, _input_prompt, _inputs, _submit
 from tessellm.pooling.front import resolve_pooling_params
 from tessellm.pooling.params import PoolingParams
 
@@ -38,11 +39,15 @@ def classify_params(engine: AsyncLLM, req) -> PoolingParams:
 
 
 async def create_classification(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
-    req = parse_request(ClassificationRequest, body)
+    is_chat = isinstance(body, dict) and "messages" in body
+    req = parse_request(ClassificationChatRequest if is_chat else ClassificationRequest, body)
     lora = check_model(req.model, config)
     params = classify_params(engine, req)
-    prompts = [await _input_prompt(engine, req, x, params.truncate_prompt_tokens, i, n)
-               for i, x, n in _inputs(req.input)]
+    if is_chat:
+        prompts = [await _chat_prompt(engine, config, req, params.truncate_prompt_tokens)]
+    else:
+        prompts = [await _input_prompt(engine, req, x, params.truncate_prompt_tokens, i, n)
+                   for i, x, n in _inputs(req.input)]
     request_id = random_id("classify")
     outputs = await collect(engine, _submit(engine, request_id, prompts, params, lora), http_request,
                             config.sse_keepalive_s)
