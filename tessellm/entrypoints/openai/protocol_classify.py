@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field
 
-from tessellm.entrypoints.openai.protocol import ChatMessage, _Request
+from tessellm.entrypoints.openai.protocol import _Request
+from tessellm.entrypoints.openai.protocol_embedding import PoolingChatFields
 from tessellm.entrypoints.openai.protocol_responses import UsageInfo
 
 
@@ -34,14 +35,8 @@ class ClassificationRequest(_ActivationFields):
     add_special_tokens: bool = True  # BOS etc. added to a text input
 
 
-class ClassificationChatRequest(_ActivationFields):
-    """vLLM's chat-style classification input: the messages through the chat template."""
-
-    messages: list[ChatMessage]
-    add_generation_prompt: bool = False  # vLLM's default for pooling: no assistant turn opened
-    continue_final_message: bool = False
-    chat_template_kwargs: Optional[dict[str, Any]] = None
-    add_special_tokens: bool = False  # the template places the special tokens
+class ClassificationChatRequest(_ActivationFields, PoolingChatFields):
+    """vLLM's chat-style classification input."""
 
 
 class ClassificationData(BaseModel):

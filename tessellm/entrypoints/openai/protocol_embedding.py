@@ -28,14 +28,19 @@ class EmbeddingCompletionRequest(_EmbeddingFields):
     add_special_tokens: bool = True  # BOS etc. added to a text input
 
 
-class EmbeddingChatRequest(_EmbeddingFields):
-    """vLLM's chat-style embedding input: the messages through the chat template."""
+class PoolingChatFields(_Request):
+    """vLLM's chat-style input to a pooling endpoint (/v1/embeddings, /classify): the messages
+    through the chat template, as one prompt."""
 
     messages: list[ChatMessage]
     add_generation_prompt: bool = False  # vLLM's default for embeddings: no assistant turn opened
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
     add_special_tokens: bool = False  # the template places the special tokens
+
+
+class EmbeddingChatRequest(_EmbeddingFields, PoolingChatFields):
+    """vLLM's chat-style embedding input."""
 
 
 class EmbeddingData(BaseModel):
