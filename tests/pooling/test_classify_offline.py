@@ -122,3 +122,22 @@ def test_llm_reranker_without_sep_scores_the_joined_text(classifier_dir, tmp_pat
     out = _llm(path).score(query, doc, use_tqdm=False)[0]
     assert out.prompt_token_ids == joined
     assert out.outputs.score == pytest.approx(float(torch.sigmoid(hf_logits(path, [joined])[0, 0])), abs=ATOL)
+
+
+def test_lora_adapter_on_a_classifier_equals_merged_hf(classifier_dir, tmp_path):
+    """An adapter on the layers (the base score head kept) next to the base model in one batch."""
+    from tessellm.lora import LoRARequest
+    from tests.lora.adapters import make_adapters, merge_adapter
+
+    path = classifier_dir("llama", 3)
+    adapter = make_adapters(path, str(tmp_path / "adapters"), specs={"qv8": (8, ["q_proj", "v_proj"],
+                                                                            dict(lora_alpha=16))})["qv8"]
+    prompts = random_prompts(4, seed=41, lo=10, hi=40)
+    lora = LoRARequest("qv8", 1, adapter)
+    with _llm(path, enable_lora=True, max_lora_rank=8) as llm:
+        got = _probs(llm.classify([{"prompt_token_ids": p} for p in prompts], use_tqdm=False,
+                                  lora_request=[lora, None, lora, None]))
+    merged = merge_adapter(path, adapter, str(tmp_path / "merged"))
+    torch.testing.assert_close(got[0::2], torch.softmax(hf_logits(merged, prompts[0::2]), -1), atol=5e-5, rtol=0)
+    torch.testing.assert_close(got[1::2], torch.softmax(hf_logits(path, prompts[1::2]), -1), atol=ATOL, rtol=0)
+    assert not torch.allclose(got[0], torch.softmax(hf_logits(path, prompts[:1]), -1)[0], atol=1e-3)
