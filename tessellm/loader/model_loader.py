@@ -51,7 +51,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     check_tensor_parallel_quantization(quant_spec, tp.size)
     ops = registry.fused_ops(backend, OpsSpec(dtype)) or ReferenceOps()
     from tessellm.config import text_config
-    from tessellm.models.llama import shard_heads
+    from tessellm.models.decoder import shard_heads
 
     text = text_config(config)  # the paged attention layers are the language model's
     heads = text.num_attention_heads

@@ -35,7 +35,8 @@ from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.context import ModelContext
 from tessellm.layers.layer_norm import LayerNorm
 from tessellm.layers.rotary import RotaryEmbedding
-from tessellm.models.llama import DecoderAttention, DecoderMLP, LlamaForCausalLM, shard_heads
+from tessellm.models.decoder import DecoderAttention, DecoderMLP, shard_heads
+from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.qk_norm_weights import local_qk_norm_weights
 
 class HeadLayerNorm(nn.Module):

@@ -32,7 +32,8 @@ from tessellm.layers.linear import ColumnParallelLinear, Linear, RowParallelLine
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.layers.vocab import VocabParallelEmbedding
-from tessellm.models.llama import DecoderLayer, DecoderMLP, LlamaForCausalLM
+from tessellm.models.decoder import DecoderLayer, DecoderMLP
+from tessellm.models.llama import LlamaForCausalLM
 
 
 class EagleHead(nn.Module):

@@ -38,7 +38,8 @@ from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rope_config import complete_rope_parameters
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from tessellm.models.llama import LlamaForCausalLM, MissingLayer, shard_heads
+from tessellm.models.decoder import shard_heads
+from tessellm.models.llama import LlamaForCausalLM, MissingLayer
 
 SLIDING = "sliding_attention"
 

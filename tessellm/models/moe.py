@@ -19,7 +19,8 @@ import torch.nn as nn
 from tessellm.layers.context import ModelContext
 from tessellm.layers.moe import EXPERT_PARTS, FusedMoE, SparseMoeBlock
 from tessellm.models.layer_windows import window_by_layer_type, window_everywhere
-from tessellm.models.llama import DecoderMLP, LlamaForCausalLM, _strip_prefix
+from tessellm.models.decoder import DecoderMLP
+from tessellm.models.llama import LlamaForCausalLM, _strip_prefix
 
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 

@@ -29,7 +29,8 @@ import torch.nn as nn
 from tessellm.layers.context import ModelContext
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
-from tessellm.models.llama import DecoderAttention, DecoderMLP, LlamaForCausalLM, shard_heads
+from tessellm.models.decoder import DecoderAttention, DecoderMLP, shard_heads
+from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.qk_norm_weights import local_qk_norm_weights
 
 class Olmo2Attention(DecoderAttention):

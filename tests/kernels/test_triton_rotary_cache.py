@@ -29,7 +29,7 @@ from tessellm.backends.spec import AttentionSpec  # noqa: E402
 from tessellm.backends.spec import AttentionBatch  # noqa: E402
 from tessellm.layers.context import ModelContext  # noqa: E402
 from tessellm.layers.rotary import RotaryEmbedding  # noqa: E402
-from tessellm.models.llama import DecoderAttention  # noqa: E402
+from tessellm.models.decoder import DecoderAttention  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

@@ -1,0 +1,207 @@
+"""The llama decoder's building blocks, shared by the families built on it (``llama.py`` and
+the modules that subclass ``LlamaForCausalLM``): attention (fused q/k/v projection, optional
+q/k norms, rotary, paged attention, o_proj), the SwiGLU MLP (fused gate/up projection), the
+pre-norm layer that joins them through fused residual-add norms, and how attention heads
+split over tensor-parallel ranks.
+
+Tokens are flat (no batch dim): ``hidden`` is ``[num_tokens, hidden_size]``. Under tensor
+parallelism o_proj and down_proj leave their outputs unsummed unless told otherwise; the norm
+that takes each output sums it (``DecoderLayer``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch.nn as nn
+
+from tessellm import envs
+from tessellm.distributed.parallel_state import TensorParallel
+from tessellm.layers.attention import Attention
+from tessellm.layers.context import ModelContext
+from tessellm.layers.linear import (ColumnParallelLinear, RowParallelLinear, fp8_input_dtype,
+                                    fused_silu_and_mul)
+from tessellm.layers.norm import RMSNorm
+from tessellm.layers.rotary import RotaryEmbedding
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding, qkv_bias: bool,
+                 qk_norm: bool, o_bias: bool = False, window: Optional[int] = None,
+                 scale: Optional[float] = None, reduce_output: bool = False,
+                 clip_qkv: Optional[float] = None):
+        """``window``: this layer's sliding window (None: full attention). ``scale``: of the
+        attention scores (None: ``head_size ** -0.5``). ``reduce_output``: o_proj sums its
+        output over the tensor ranks itself (it always does with a bias). ``clip_qkv``
+        (OLMo): q, k and v are clamped to ``[-clip_qkv, clip_qkv]`` after the projection."""
+        super().__init__()
+        hidden = config.hidden_size
+        tp = ctx.tp
+        total_heads = config.num_attention_heads
+        total_kv = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_size = getattr(config, "head_dim", None) or hidden // total_heads
+        self.num_heads, self.num_kv_heads, kv_first = shard_heads(total_heads, total_kv, tp.rank, tp.size)
+        self.q_size = self.num_heads * self.head_size
+        self.kv_size = self.num_kv_heads * self.head_size
+        d = self.head_size
+        ranges = [(tp.rank * self.q_size, self.q_size), (kv_first * d, self.kv_size),
+                  (kv_first * d, self.kv_size)]
+        self.qkv_proj = ColumnParallelLinear(hidden, [total_heads * d, total_kv * d, total_kv * d],
+                                             bias=qkv_bias, quant_method=ctx.quant_method, tp=tp,
+                                             shard_ranges=ranges)
+        # Without a bias the sum over ranks is left to post_attention_layernorm (DecoderLayer).
+        self.o_proj = RowParallelLinear(total_heads * d, hidden, bias=o_bias,
+                                        quant_method=ctx.quant_method, tp=tp,
+                                        reduce_results=o_bias or reduce_output)
+        self.rotary = rotary  # shared by all layers
+        self.clip_qkv = clip_qkv
+        self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps, ctx.ops) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps, ctx.ops) if qk_norm else None
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size,
+                              self.head_size ** -0.5 if scale is None else scale,
+                              ctx.make_attention_kernel(window))
+        # A kernel that fuses rotary rotates q and k as it writes the KV cache (one launch
+        # fewer per layer); it does NeoX over the whole head only.
+        self.fuse_rotary = (self.attn.fuses_rotary and rotary.is_neox_style
+                            and rotary.rotary_dim == self.head_size)
+
+    def forward(self, positions, hidden, metadata):
+        qkv = self.qkv_proj(hidden)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.norm_qk(q, k)
+        if self.fuse_rotary:
+            out = self.attn(q, k, v, metadata, positions, self.rotary.cos_sin_cache)
+        else:
+            q, k = self.rotary(positions, q, k)
+            out = self.attn(q, k, v, metadata)
+        return self.o_proj(out)
+
+    def norm_qk(self, q, k):
+        """Before rotary. Qwen3: q and k RMS-normed per head; without q/k norms: as they are."""
+        if self.q_norm is None:
+            return q, k
+        t = q.shape[0]
+        q = self.q_norm(q.reshape(t, self.num_heads, self.head_size)).view(t, self.q_size)
+        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_size)).view(t, self.kv_size)
+        return q, k
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, config, ctx: ModelContext, intermediate_size: Optional[int] = None,
+                 bias: bool = False, reduce_output: bool = False):
+        """``reduce_output``: down_proj sums its output over the tensor ranks itself (it always
+        does with a bias)."""
+        super().__init__()
+        inter = intermediate_size or config.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias,
+                                                 quant_method=ctx.quant_method, tp=ctx.tp)
+        # Without a bias, summed over ranks by the next RMSNorm: the next layer's
+        # input_layernorm or the final norm; with one, here (the bias is added once, after).
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias,
+                                           quant_method=ctx.quant_method, tp=ctx.tp,
+                                           reduce_results=bias or reduce_output)
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported by the llama family; only silu is.")
+        self.ops = ctx.ops
+        # the fp8 activation fold (TESSELLM_FP8_ACT_FOLD=1): SiLU-and-mul quantizes for down_proj
+        self._fp8_fold = (envs.fp8_act_fold()
+                          and getattr(ctx.ops, "silu_and_mul_fp8", None) is not None)
+
+    def forward(self, x):
+        """``x``: the hidden states, or them quantized for gate_up_proj (an ``Fp8Activation``
+        from the norm before, ``DecoderLayer``)."""
+        # decode (1-2 rows): the backend's GEMV may run the activation in its epilogue
+        act = fused_silu_and_mul(self.gate_up_proj, x, max_rows=2)
+        if act is None:
+            act = self._silu_and_mul(self.gate_up_proj(x))
+        return self.down_proj(act)
+
+    def _silu_and_mul(self, y):
+        fp8 = fp8_input_dtype(self.down_proj, y.shape[0]) if self._fp8_fold else None
+        return self.ops.silu_and_mul(y) if fp8 is None else self.ops.silu_and_mul_fp8(y, fp8)
+
+
+class DecoderLayer(nn.Module):
+    """Under tensor parallelism o_proj (without a bias) and down_proj leave their outputs
+    unsummed; the RMSNorm that takes each output with the residual sums it over the ranks
+    (``RMSNorm(reduce=tp)``), so a backend can fuse all-reduce, residual add and norm::
+
+        layer i:  input_layernorm(h, res)  [sums h unless i == 0: the embedding is whole]
+                  -> attention -> o_proj (partial) -> post_attention_layernorm (sums)
+                  -> mlp -> down_proj (partial)  -> layer i+1's input_layernorm or the final norm
+    """
+
+    def __init__(self, config, ctx: ModelContext, rotary, qkv_bias: bool, qk_norm: bool,
+                 index: int, mlp: Optional[nn.Module] = None, o_bias: bool = False,
+                 window: Optional[int] = None, input_summed: bool = False,
+                 scale: Optional[float] = None, residual_multiplier: float = 1.0,
+                 clip_qkv: Optional[float] = None,
+                 norm: Optional[Callable[[Optional[TensorParallel]], nn.Module]] = None,
+                 attention: Optional[nn.Module] = None):
+        """``input_summed``: the previous layer's MLP output is summed over the ranks already
+        (an MLP with a bias), so ``input_layernorm`` does not reduce it. ``scale``: the
+        attention's (None: ``head_size ** -0.5``). ``residual_multiplier`` (Granite): the
+        attention and MLP outputs are scaled by it before they join the residual stream (a
+        partial sum under tensor parallelism scales alike). ``clip_qkv``: ``DecoderAttention``'s.
+        ``norm(reduce)``: builds each of the two norms (None: ``RMSNorm`` with
+        ``config.rms_norm_eps``); ``reduce`` is the group to sum the input over, or None.
+        ``attention``: a ``DecoderAttention`` (subclass) built by the family (None: one is
+        built from the arguments above)."""
+        super().__init__()
+        self.self_attn = attention if attention is not None else DecoderAttention(
+            config, ctx, rotary, qkv_bias, qk_norm, o_bias, window, scale=scale,
+            clip_qkv=clip_qkv)
+        self.residual_multiplier = residual_multiplier
+        self.mlp = mlp if mlp is not None else DecoderMLP(config, ctx)  # output: a partial sum
+        if norm is None:
+            def norm(reduce):
+                return RMSNorm(config.hidden_size, config.rms_norm_eps, ctx.ops, reduce=reduce)
+        self.input_layernorm = norm(ctx.tp if index > 0 and not input_summed else None)
+        o_reduced = self.self_attn.o_proj.reduce_results
+        self.post_attention_layernorm = norm(None if o_reduced else ctx.tp)
+        self._plain_mlp = isinstance(self.mlp, DecoderMLP)  # its gate_up_proj takes the norm
+
+    def forward(self, positions, hidden, residual, metadata):
+        # Each norm is told which layer takes its output (looked up per call: LoRA wraps
+        # layers after construction), so it can quantize for it (the fp8 fold, RMSNorm).
+        qkv = self.self_attn.qkv_proj
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden, consumer=qkv)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual, consumer=qkv)
+        hidden = self.self_attn(positions, hidden, metadata)
+        if self.residual_multiplier != 1.0:
+            hidden = hidden * self.residual_multiplier
+        gate_up = self.mlp.gate_up_proj if self._plain_mlp else None
+        hidden, residual = self.post_attention_layernorm(hidden, residual, consumer=gate_up)
+        out = self.mlp(hidden)
+        if self.residual_multiplier != 1.0:
+            out = out * self.residual_multiplier
+        return out, residual
+
+
+def shard_heads(num_heads: int, num_kv_heads: int, rank: int, size: int) -> tuple[int, int, int]:
+    """(query heads, KV heads, first KV head) on tensor rank ``rank`` of ``size``.
+
+    Query heads split evenly. KV heads split too when there are at least ``size`` of them;
+    with fewer, each is replicated on ``size // num_kv_heads`` consecutive ranks, which are
+    exactly the ranks whose query heads use it (GQA groups stay whole).
+    """
+    if num_heads % size:
+        raise ValueError(f"The model's {num_heads} attention heads do not split over "
+                         f"tensor_parallel_size {size}; use a size that divides {num_heads}.")
+    if num_kv_heads >= size:
+        if num_kv_heads % size:
+            raise ValueError(f"The model's {num_kv_heads} KV heads do not split over "
+                             f"tensor_parallel_size {size}; use a size that divides {num_kv_heads}.")
+        per_rank = num_kv_heads // size
+        return num_heads // size, per_rank, rank * per_rank
+    if size % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size {size} is not a multiple of the model's "
+                         f"{num_kv_heads} KV heads, so they cannot be replicated evenly; use a "
+                         f"size that is a divisor or a multiple of {num_kv_heads}.")
+    return num_heads // size, 1, rank // (size // num_kv_heads)
