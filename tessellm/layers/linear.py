@@ -205,7 +205,7 @@ def fused_silu_and_mul(layer: nn.Module, x: torch.Tensor, max_rows: int) -> Opti
 def fp8_input_dtype(layer: Optional[nn.Module], rows: int) -> Optional[torch.dtype]:
     """The fp8 activation fold's one decision: the fp8 dtype in which ``layer`` takes its
     input pre-quantized per token (an ``Fp8Activation`` from the op producing it: RMSNorm or
-    SiLU-and-mul, ``layers/norm.py``, ``models/llama.py``) at ``rows`` rows, else None (it
+    SiLU-and-mul, ``layers/norm.py``, ``models/decoder.py``) at ``rows`` rows, else None (it
     takes the model-dtype tensor). Yes only for a plain ``Linear`` (not a LoRA wrapper: its
     adapters read x in the model dtype) whose quant method holds one fp8 segment that its
     ``QuantOps`` multiplies as W8A8 at this M (``QuantMethod.prequantized_dtype``). M is fixed
