@@ -115,7 +115,8 @@ class CohereDecoderLayer(nn.Module):
 class CohereForCausalLM(LlamaForCausalLM):
     def __init__(self, config, ctx: ModelContext):
         scale = getattr(config, "logit_scale", None)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+        if not number or not math.isfinite(scale):
             raise ValueError(f"Cohere config logit_scale={scale!r} is not supported: it must be a "
                              "finite number (Command-R's is 0.0625).")
         super().__init__(config, ctx)

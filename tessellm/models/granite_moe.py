@@ -9,6 +9,10 @@ per-expert projections Mixtral's loader takes::
     block_sparse_moe.router.layer.weight   [E, H]                                -> the router
 
 Routing: softmax over the top-k router logits, i.e. softmax top-k renormalized, as Mixtral.
+
+``GraniteMoeSharedForCausalLM`` adds a dense SwiGLU MLP beside the experts, ungated
+(``moe(x) + shared_mlp(x)``; ``shared_intermediate_size`` 0: none), whose checkpoint tensors
+are fused too: ``shared_mlp.input_linear.weight [gate: S | up: S]`` and ``output_linear``.
 """
 
 from __future__ import annotations
@@ -16,8 +20,12 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
+import torch.nn as nn
 
+from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import materialize
+from tessellm.layers.moe import SparseMoeBlock
+from tessellm.models.decoder import DecoderMLP
 from tessellm.models.granite import GraniteForCausalLM
 from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.moe import MixtralForCausalLM
@@ -57,3 +65,38 @@ class GraniteMoeForCausalLM(GraniteForCausalLM, MixtralForCausalLM):
                     yield name.replace(_MOE + "router.layer.", ".mlp.gate."), tensor
 
         return super().load_weights(per_expert())
+
+
+class SharedMlpMoeBlock(nn.Module):
+    """A sparse block's router and experts (the same modules, same names) plus an ungated
+    dense ``shared_mlp``; both outputs are partial sums under tensor parallelism."""
+
+    def __init__(self, block: SparseMoeBlock, shared_mlp: DecoderMLP):
+        super().__init__()
+        self.gate, self.experts, self.shared_mlp = block.gate, block.experts, shared_mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x, self.gate(x)) + self.shared_mlp(x)
+
+
+class GraniteMoeSharedForCausalLM(GraniteMoeForCausalLM):
+    def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
+        block = super().make_mlp(config, ctx, index)
+        size = getattr(config, "shared_intermediate_size", 0) or 0
+        return SharedMlpMoeBlock(block, DecoderMLP(config, ctx, size)) if size else block
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        size = getattr(self.config, "shared_intermediate_size", 0) or 0
+
+        def split():
+            for name, tensor in weights:
+                if ".shared_mlp.input_linear.weight" in name:
+                    gate, up = materialize(tensor).split([size, size])
+                    prefix = name.replace(".shared_mlp.input_linear.weight", ".mlp.shared_mlp.")
+                    yield prefix + "gate_proj.weight", gate
+                    yield prefix + "up_proj.weight", up
+                else:
+                    down = ".mlp.shared_mlp.down_proj."
+                    yield name.replace(".shared_mlp.output_linear.", down), tensor
+
+        return super().load_weights(split())

@@ -22,6 +22,7 @@ _MODELS = {
     "Qwen2MoeForCausalLM": moe.Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": moe.Qwen3MoeForCausalLM,
     "GraniteMoeForCausalLM": granite_moe.GraniteMoeForCausalLM,
+    "GraniteMoeSharedForCausalLM": granite_moe.GraniteMoeSharedForCausalLM,
     "OlmoeForCausalLM": olmoe.OlmoeForCausalLM,
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
     # classifiers / cross-encoders: a pooling engine's classify and score (docs/pooling.md)

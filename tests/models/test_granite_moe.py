@@ -1,4 +1,5 @@
-"""Granite MoE (``GraniteMoeForCausalLM``) on tiny random models (4 experts, top 2): the
+"""Granite MoE (``GraniteMoeForCausalLM``, and ``GraniteMoeSharedForCausalLM`` with its shared
+MLP) on tiny random models (4 experts, top 2): the
 stacked expert tensors of its checkpoint and Granite's four scalars; greedy tokens and per-token
 log-probabilities equal HF transformers' in float32, under chunked prefill and at
 tensor_parallel_size=2 (gloo: each rank holds a slice of every expert)."""
@@ -31,3 +32,19 @@ def test_granite_moe_matches_hf(overrides, engine, tmp_path):
 def test_granite_moe_tensor_parallel(tmp_path):
     path = save_tiny(granite_moe_config(), str(tmp_path / "tp"))
     assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")
+
+
+def granite_moe_shared_config(**overrides):
+    from transformers import GraniteMoeSharedConfig
+
+    return GraniteMoeSharedConfig(**{**TINY, **SCALARS, "intermediate_size": 32,
+                                     "shared_intermediate_size": 48, "num_local_experts": 4,
+                                     "num_experts_per_tok": 2, **overrides})
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_granite_moe_shared_matches_hf(tp, tmp_path):
+    """GraniteMoeShared: the ungated shared MLP beside the experts (fused checkpoint tensors)."""
+    path = save_tiny(granite_moe_shared_config(), str(tmp_path / "shared"))
+    engine = dict(tensor_parallel_size=2, device="cpu") if tp == 2 else {}
+    assert_parity(path, prompts((5, 30)), max_new=8 if tp == 2 else 16, **engine)
