@@ -23,7 +23,7 @@ from tessellm.entrypoints.openai.protocol_responses import UsageInfo
 from tessellm.entrypoints.openai.sampling import check_model
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.serving import collect, parse_request, random_id, response_id
-from tessellm.entrypoints.openai.serving_embedding import _chat_prompt, _input_prompt, _inputs, _submit
+from tessellm.entrypoints.openai.serving_embedding import _submit, request_prompts
 from tessellm.pooling.front import resolve_pooling_params
 from tessellm.pooling.params import PoolingParams
 
@@ -43,11 +43,7 @@ async def create_classification(engine: AsyncLLM, config: ServerConfig, body, ht
     req = parse_request(ClassificationChatRequest if is_chat else ClassificationRequest, body)
     lora = check_model(req.model, config)
     params = classify_params(engine, req)
-    if is_chat:
-        prompts = [await _chat_prompt(engine, config, req, params.truncate_prompt_tokens)]
-    else:
-        prompts = [await _input_prompt(engine, req, x, params.truncate_prompt_tokens, i, n)
-                   for i, x, n in _inputs(req.input)]
+    prompts = await request_prompts(engine, config, req, is_chat, params.truncate_prompt_tokens)
     request_id = random_id("classify")
     outputs = await collect(engine, _submit(engine, request_id, prompts, params, lora), http_request,
                             config.sse_keepalive_s)

@@ -43,11 +43,7 @@ async def create_embedding(engine: AsyncLLM, config: ServerConfig, body, http_re
                                                       task="embed"), engine.info)
     except ValueError as exc:
         raise bad_request(str(exc), getattr(exc, "param", None)) from None
-    if is_chat:
-        prompts = [await _chat_prompt(engine, config, req, params.truncate_prompt_tokens)]
-    else:
-        prompts = [await _input_prompt(engine, req, x, params.truncate_prompt_tokens, i, n)
-                   for i, x, n in _inputs(req.input)]
+    prompts = await request_prompts(engine, config, req, is_chat, params.truncate_prompt_tokens)
     request_id = random_id("embd")
     sub = _submit(engine, request_id, prompts, params, lora)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
@@ -58,6 +54,15 @@ async def create_embedding(engine: AsyncLLM, config: ServerConfig, body, http_re
         data=[EmbeddingData(index=i, embedding=_encode(o.outputs.data.numpy(), req.encoding_format))
               for i, o in enumerate(outputs)],
         usage=UsageInfo(prompt_tokens=num_tokens, total_tokens=num_tokens))
+
+
+async def request_prompts(engine: AsyncLLM, config: ServerConfig, req, is_chat: bool,
+                          truncate: Optional[int]) -> list:
+    """A pooling request's prompts (``/v1/embeddings``, ``/classify``): its chat ``messages`` as
+    one prompt, else one per ``input`` item."""
+    if is_chat:
+        return [await _chat_prompt(engine, config, req, truncate)]
+    return [await _input_prompt(engine, req, x, truncate, i, n) for i, x, n in _inputs(req.input)]
 
 
 def _inputs(value) -> list[tuple[int, Union[str, list[int]], int]]:
