@@ -35,17 +35,26 @@ class PoolingRequestOutput:
 
 
 @dataclass
-class EmbeddingRequestOutput:
+class _TaskRequestOutput:
+    """A task's view of a ``PoolingRequestOutput`` (vLLM's ``EmbeddingRequestOutput``,
+    ``ClassificationRequestOutput``): the same request fields, ``outputs`` the pooled values
+    wrapped in the task's type (``_wrap``, a class attribute of each subclass)."""
     request_id: str
-    outputs: EmbeddingOutput
+    outputs: object
     prompt_token_ids: list[int]
     finished: bool
     prompt: Optional[str] = None
 
     @classmethod
-    def from_base(cls, out: PoolingRequestOutput) -> "EmbeddingRequestOutput":
-        return cls(out.request_id, EmbeddingOutput(out.outputs.data.tolist()), out.prompt_token_ids,
+    def from_base(cls, out: PoolingRequestOutput):
+        return cls(out.request_id, cls._wrap(out.outputs.data.tolist()), out.prompt_token_ids,
                    out.finished, out.prompt)
+
+
+@dataclass
+class EmbeddingRequestOutput(_TaskRequestOutput):
+    outputs: EmbeddingOutput
+    _wrap = EmbeddingOutput
 
 
 @dataclass
@@ -58,17 +67,9 @@ class ClassificationOutput:
 
 
 @dataclass
-class ClassificationRequestOutput:
-    request_id: str
+class ClassificationRequestOutput(_TaskRequestOutput):
     outputs: ClassificationOutput
-    prompt_token_ids: list[int]
-    finished: bool
-    prompt: Optional[str] = None
-
-    @classmethod
-    def from_base(cls, out: PoolingRequestOutput) -> "ClassificationRequestOutput":
-        return cls(out.request_id, ClassificationOutput(out.outputs.data.tolist()), out.prompt_token_ids,
-                   out.finished, out.prompt)
+    _wrap = ClassificationOutput
 
 
 @dataclass
