@@ -46,6 +46,9 @@ class EngineCoreRequest:
     lora_request: Optional[dict] = None  # LoRARequest.to_dict() of its adapter; None: base model
     # Images in the prompt (tessellm.multimodal.inputs.MultiModalFeature); None: text only.
     mm_features: Optional[list] = None
+    # A pooling request's task (tessellm.pooling.params.POOLING_TASKS); "token_*" keeps a row
+    # per prompt token. None: a generating request, or one pooled as the engine pools.
+    pooling_task: Optional[str] = None
 
 
 @dataclass
@@ -236,7 +239,7 @@ class EngineCore:
             self.lora_store.claim(lora)
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params,
                           self.eos_token_ids, req.arrival_time, req.cache_salt, req.wait_for, lora,
-                          req.mm_features)
+                          req.mm_features, req.pooling_task)
         if lora is not None:
             self.lora_store.ensure(lora)  # read off the step loop, before it is scheduled
             self.scheduler.lora.announce(lora)  # worker processes read it in their own thread

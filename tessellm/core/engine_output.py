@@ -27,5 +27,6 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     # time.time() when the request was first scheduled; on its first output only (queue time).
     first_scheduled_time: Optional[float] = None
-    # Pooling engine: the prompt's pooled hidden state (raw float32 values), with its finish.
-    pooled: Optional[list[float]] = None
+    # Pooling engine: the prompt's pooled hidden state (raw float32 values), with its finish;
+    # a per-token task's rows as ModelRunnerOutput.pooled describes them.
+    pooled: Optional[object] = None

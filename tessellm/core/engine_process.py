@@ -77,7 +77,8 @@ def encode_request(req: EngineCoreRequest) -> dict:
     return {"v": STEP_SCHEMA_VERSION, "request_id": req.request_id,
             "prompt_token_ids": list(req.prompt_token_ids), "sampling_params": params,
             "arrival_time": req.arrival_time, "cache_salt": req.cache_salt, "wait_for": req.wait_for,
-            "lora_request": req.lora_request, "mm_features": encode_features(req.mm_features)}
+            "lora_request": req.lora_request, "mm_features": encode_features(req.mm_features),
+            "pooling_task": req.pooling_task}
 
 
 def decode_request(d: dict) -> EngineCoreRequest:

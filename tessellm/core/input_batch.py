@@ -9,6 +9,7 @@ launched steps whose ids the host has not read yet).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from tessellm.core.block_table import PersistentBlockTable
 from tessellm.core.step import SchedulerOutput
@@ -32,6 +33,7 @@ class RunnerRequest:
     # bool [vocab] on the sampler's device, True where ``params.allowed_token_ids`` bans the
     # token; built at this request's first sampled step, kept while it runs.
     disallowed: object = None
+    pooling_task: Optional[str] = None  # a pooling request's task (NewRequestData.pooling_task)
 
     @property
     def num_tokens(self) -> int:
@@ -61,7 +63,8 @@ class InputBatch:
             self.requests[new.request_id] = RunnerRequest(
                 new.request_id, list(new.all_token_ids), len(new.prompt_token_ids),
                 new.sampling_params, list(new.block_ids), new.num_computed_tokens,
-                self.tables.add(new.block_ids), mm_features=list(new.mm_features))
+                self.tables.add(new.block_ids), mm_features=list(new.mm_features),
+                pooling_task=new.pooling_task)
         for cached in sched.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)

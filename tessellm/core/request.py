@@ -46,7 +46,7 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: Iterable[int] = (), arrival_time: Optional[float] = None,
                  cache_salt: Optional[str] = None, wait_for: Optional[str] = None,
-                 lora_request=None, mm_features=None):
+                 lora_request=None, mm_features=None, pooling_task: Optional[str] = None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -82,6 +82,15 @@ class Request:
         # Images (tessellm.multimodal.inputs.MultiModalFeature, plain data), in prompt order:
         # their placeholders' positions and content hashes; empty for a text prompt.
         self.mm_features = list(mm_features or ())
+        # A pooling request's task (tessellm.pooling); "token_embed" / "token_classify" read
+        # every prompt token's hidden state, so such a request never starts from a cache hit.
+        self.pooling_task = pooling_task
+
+    @property
+    def computes_every_prompt_token(self) -> bool:
+        """Prompt logprobs and per-token pooling read every prompt position: no prefix hit."""
+        return (self.sampling_params.prompt_logprobs is not None
+                or (self.pooling_task or "").startswith("token_"))
 
     @property
     def cache_key(self) -> object:

@@ -224,8 +224,8 @@ class Scheduler(SchedulerUpdate):
                 if lora == LORA_WAIT:
                     skipped.append(req)
                 continue
-            # Prompt logprobs need every prompt position computed: no prefix hit for those.
-            use_cache = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
+            # Prompt logprobs and per-token pooling need every prompt position computed.
+            use_cache = req.num_computed_tokens == 0 and not req.computes_every_prompt_token
             prefix = self.kv.find_cached_prefix(req, count=False) if use_cache else []
             num_hit = len(prefix) * self.kv.block_size
             num_new, images = self._fit_images(req, req.num_computed_tokens + num_hit,
@@ -254,7 +254,8 @@ class Scheduler(SchedulerUpdate):
             self.running.append(req)
             new_reqs.append(NewRequestData(
                 req.request_id, req.prompt_token_ids, list(req.all_token_ids), req.sampling_params,
-                self.kv.block_ids(req.request_id), req.num_computed_tokens, req.mm_features))
+                self.kv.block_ids(req.request_id), req.num_computed_tokens, req.mm_features,
+                req.pooling_task))
             num_scheduled[req.request_id] = num_new
             if images:
                 self.encoder.take(req, images)

@@ -44,6 +44,9 @@ class NewRequestData:
     # Images of the prompt (tessellm.multimodal.inputs.MultiModalFeature): pixels, placeholder
     # span, hash. Sent again on resume: the runner recomputes their features. Empty: text.
     mm_features: list = field(default_factory=list)
+    # A pooling request's task ("embed", "classify", "token_embed", "token_classify"); None:
+    # a generating request. The runner's pooler keeps every prompt row for a "token_*" one.
+    pooling_task: Optional[str] = None
 
 
 @dataclass
@@ -143,8 +146,10 @@ class ModelRunnerOutput:
     spec_ahead_drafts: dict[str, int] = field(default_factory=dict)
     # Pooling runner (tessellm.pooling): request id -> its pooled hidden state (float32 values,
     # before the request's dimensions / normalize), in the step that computed its last prompt
-    # token; the request is finished then. Absent: not pooled in this step.
-    pooled: dict[str, list[float]] = field(default_factory=dict)
+    # token; the request is finished then. Absent: not pooled in this step. A per-token task
+    # ("token_*") sends one row per prompt token as {"shape": [tokens, width], "data":
+    # little-endian float32 bytes} (tessellm.pooling.pooler.pack_rows).
+    pooled: dict[str, Any] = field(default_factory=dict)
 
 
 # -- field-by-name encoding helpers (the codecs: tessellm.distributed.codec, engine_process) --

@@ -29,6 +29,9 @@ def submit(inputs: InputProcessor, outputs: OutputProcessor, request_id: str,
     if in_use or outputs.has_request(request_id):
         raise ValueError(f"Request id {request_id!r} is already in use.")
     core_reqs = inputs.make_requests(request_id, processed, params, lora_request=lora_request)
+    if pooling is not None:  # the core pools it as its task says (tessellm.pooling.pooler)
+        for req in core_reqs:
+            req.pooling_task = pooling.task
     outputs.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
                         [r.request_id for r in core_reqs], core_reqs[0].arrival_time, pooling)
     sent: list[str] = []

@@ -143,14 +143,16 @@ class LLM:
     def encode(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
                use_tqdm: bool = True, lora_request=None, pooling_task: Optional[str] = None) -> list:
         """As ``embed``, the vectors as tensors: ``PoolingRequestOutput.outputs.data``.
-        ``pooling_task``: ``embed`` or ``classify`` (None: what the model does)."""
+        ``pooling_task``: ``embed`` or ``classify`` (None: what the model does), or
+        ``token_embed`` / ``token_classify``: a ``[prompt tokens, width]`` tensor, one row per
+        prompt token (docs/pooling.md)."""
         from dataclasses import replace
 
-        from tessellm.pooling.params import PoolingParams
+        from tessellm.pooling.params import POOLING_TASKS, PoolingParams
 
-        if pooling_task not in (None, "embed", "classify"):
-            raise ValueError(f"pooling_task {pooling_task!r} is not supported; tessellm pools "
-                             "embeddings (pooling_task='embed') and class logits ('classify').")
+        if pooling_task is not None and pooling_task not in POOLING_TASKS:
+            raise ValueError(f"pooling_task {pooling_task!r} is not supported; use one of "
+                             f"{', '.join(POOLING_TASKS)}.")
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = pooling_params if isinstance(pooling_params, (list, tuple)) else [pooling_params] * len(prompts)

@@ -12,7 +12,7 @@ from typing import Optional
 
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler_config import RequestParamError
-from tessellm.pooling.params import PoolingParams
+from tessellm.pooling.params import POOLING_TASKS, PoolingParams
 
 POOLING_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0)
 
@@ -24,12 +24,13 @@ class RunnerMismatchError(ValueError):
 def _wrong_task(task: str, info) -> str:
     if info.pooling.get("task", "embed") == "classify":
         return (f"This model is a sequence classifier ({info.pooling['num_labels']} labels): it does "
-                f"not {task}. Use LLM.classify / POST /classify"
+                f"not {task}. Use LLM.classify / POST /classify (per token: task token_classify)"
                 + (", or LLM.score / POST /score, /rerank (it is a cross-encoder)."
                    if info.pooling["num_labels"] == 1 else "."))
     return (f"This model is an embedding model: it does not {task}; {task} needs a "
             "*ForSequenceClassification checkpoint (a score head). Use LLM.embed / POST "
-            "/v1/embeddings, or LLM.score / POST /score, /rerank (cosine similarity).")
+            "/v1/embeddings (per token: task token_embed), or LLM.score / POST /score, /rerank "
+            "(cosine similarity).")
 
 
 def check_generates(info) -> None:
@@ -59,9 +60,12 @@ def resolve_pooling_params(params: Optional[PoolingParams], info,
         params = replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
     engine_task = info.pooling.get("task", "embed")
     task = params.task or engine_task
-    if task != engine_task:
+    if task not in POOLING_TASKS:
+        raise RequestParamError(f"task {task!r} is not a pooling task; use one of "
+                                f"{', '.join(POOLING_TASKS)}.", "task")
+    if task.removeprefix("token_") != engine_task:
         raise RunnerMismatchError(_wrong_task(task, info))
-    if task == "classify":
+    if engine_task == "classify":
         for name in ("dimensions", "normalize"):
             if getattr(params, name) is not None:
                 raise RequestParamError(f"{name} applies to embeddings; this model classifies "

@@ -7,12 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 
 @dataclass
 class PoolingOutput:
-    data: torch.Tensor  # float32 [dimensions]: the pooled vector after the request's params
+    data: torch.Tensor  # float32 [dimensions] (per-token tasks: [tokens, width]) after the request's params
 
 
 @dataclass
@@ -90,6 +91,9 @@ def pooling_output(state) -> PoolingRequestOutput:
     ended without one: aborted)."""
     data = torch.zeros(0)
     if state.pooled is not None:
-        data = torch.from_numpy(state.pooling.apply(state.pooled, True))
+        from tessellm.pooling.pooler import unpack_rows
+
+        raw = unpack_rows(state.pooled) if isinstance(state.pooled, dict) else state.pooled
+        data = torch.from_numpy(np.array(state.pooling.apply(raw, True)))
     return PoolingRequestOutput(state.request_id, PoolingOutput(data), state.prompt_token_ids,
                                 state.finished, state.prompt, state.num_cached_tokens)

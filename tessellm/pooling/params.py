@@ -13,6 +13,10 @@ probabilities, as vLLM's classify head does: softmax over the labels, or sigmoid
 one label (a cross-encoder's relevance score)::
 
     logits [num_labels]  --use_activation-->  softmax(logits)  (num_labels > 1)  |  sigmoid(logit)  (1)
+
+The per-token tasks do the same to each prompt token's row (vLLM's ``token_embed`` and
+``token_classify``): ``[tokens, hidden]`` -> ``[tokens, d]``, each row normalized; or
+``[tokens, num_labels]`` logits, each row through the activation.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import numpy as np
 from tessellm.core.scheduler_config import RequestParamError
 
 _EPS = 1e-12  # torch.nn.functional.normalize's floor on the norm
+# What a pooling request asks for (vLLM's PoolingTask names): one vector per prompt, or one row
+# per prompt token ("token_*"); an engine does the embed pair or the classify pair.
+POOLING_TASKS = ("embed", "classify", "token_embed", "token_classify")
 
 
 @dataclass
@@ -33,7 +40,8 @@ class PoolingParams:
     ``normalize``: L2-normalize (None: the engine's ``PoolerConfig.normalize``, true by default).
     ``truncate_prompt_tokens``: keep only the last k prompt tokens (-1: as many as fit).
     ``use_activation``: a classifier's softmax / sigmoid (None: the engine's pooler config, true
-    by default). ``task``: ``embed`` or ``classify`` (None: what the engine's model does)."""
+    by default). ``task``: one of ``POOLING_TASKS`` (None: ``embed`` or ``classify``, what the
+    engine's model does; ``token_embed`` / ``token_classify``: a row per prompt token)."""
 
     dimensions: Optional[int] = None
     normalize: Optional[bool] = None
@@ -64,26 +72,29 @@ class PoolingParams:
                                     "truncate_prompt_tokens")
 
     def apply(self, pooled, default_normalize: bool) -> np.ndarray:
-        """The embedding (float32) from the engine's raw pooled vector."""
+        """The embedding (float32) from the engine's raw pooled vector, or each row of a
+        per-token task's ``[tokens, width]`` array."""
         v = np.asarray(pooled, dtype=np.float32)
-        if self.task == "classify":
+        if self.task in ("classify", "token_classify"):
             return activate(v) if self.use_activation is not False else v
         if self.dimensions is not None:
-            v = v[:self.dimensions]
+            v = v[..., :self.dimensions]
         normalize = default_normalize if self.normalize is None else self.normalize
         if normalize:
-            v = v / max(float(np.linalg.norm(v.astype(np.float64))), _EPS)
+            norms = np.linalg.norm(v.astype(np.float64), axis=-1, keepdims=True)
+            v = v / np.maximum(norms, _EPS)
         return v.astype(np.float32)
 
 
 def activate(logits: np.ndarray) -> np.ndarray:
-    """A classifier's probabilities: softmax over its labels, sigmoid for a single one."""
+    """A classifier's probabilities over the last axis: softmax over its labels, sigmoid for
+    a single one."""
     x = logits.astype(np.float64)
-    if x.size == 1:
+    if x.shape[-1] == 1:
         p = 1.0 / (1.0 + np.exp(-x))
     else:
-        e = np.exp(x - x.max())
-        p = e / e.sum()
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        p = e / e.sum(axis=-1, keepdims=True)
     return p.astype(np.float32)
 
 

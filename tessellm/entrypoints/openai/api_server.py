@@ -2,8 +2,8 @@
 
 Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings`` (an embedding
 engine, ``--runner pooling``: serving_embedding.py), ``/classify`` (a sequence classifier:
-serving_classify.py), ``/score``, ``/v1/score``, ``/rerank``, ``/v1/rerank``, ``/v2/rerank``
-(a cross-encoder or an embedding model: serving_score.py), ``/v1/models`` (and ``/v1/models/{id}``;
+serving_classify.py), ``/pooling`` (either, per token too: serving_pooling.py), ``/score``,
+``/v1/score``, ``/rerank``, ``/v1/rerank``, ``/v2/rerank`` (a cross-encoder or an embedding model: serving_score.py), ``/v1/models`` (and ``/v1/models/{id}``;
 LoRA adapters are listed with their ``parent``), ``/v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter`` (lora_routes.py),
 ``/tokenize``, ``/detokenize``, ``/health`` and ``/ping`` (liveness: the API process and the
@@ -45,6 +45,7 @@ from tessellm.entrypoints.openai.serving_chat import create_chat_completion, ren
 from tessellm.entrypoints.openai.serving_classify import create_classification
 from tessellm.entrypoints.openai.serving_completion import create_completion
 from tessellm.entrypoints.openai.serving_embedding import create_embedding
+from tessellm.entrypoints.openai.serving_pooling import create_pooling
 from tessellm.entrypoints.openai.serving_score import create_rerank, create_score
 from tessellm.metrics.prometheus import EngineMetrics
 from tessellm.pooling.front import check_generates
@@ -187,6 +188,10 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         return await create_embedding(engine, config, await _json_body(request), request)
+
+    @app.post("/pooling")
+    async def pooling(request: Request):
+        return await create_pooling(engine, config, await _json_body(request), request)
 
     @app.post("/classify")
     async def classify(request: Request):
