@@ -38,13 +38,14 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """``logits = hidden @ W^T`` over the whole vocabulary, W split by rows like the embedding.
-    With ``weight`` given (tied embeddings on the same rank) it reads that tensor instead."""
+    """``logits = hidden @ W^T (+ b)`` over the whole vocabulary, W split by rows like the
+    embedding. With ``weight`` given (tied embeddings on the same rank) it reads that tensor
+    instead. ``bias`` (Phi): ``b`` is whole on every rank, added to the gathered logits."""
 
     dense_mm = staticmethod(F.linear)  # the backend's FusedOps.linear when it has one
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: Optional[TensorParallel] = None,
-                 weight: Optional[nn.Parameter] = None):
+                 weight: Optional[nn.Parameter] = None, bias: bool = False):
         super().__init__()
         self.tp = tp or TensorParallel()
         self.vocab_size = vocab_size
@@ -52,6 +53,7 @@ class ParallelLMHead(nn.Module):
         self.tied = weight
         if weight is None:
             self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(vocab_size), requires_grad=False) if bias else None
         # A quantized copy of the head (``quantization="gguf"``: the file's own blocks, set by
         # ``loader.model_loader``) and the QuantOps product that reads it; None: dense.
         self.quant_weight = None
@@ -67,9 +69,9 @@ class ParallelLMHead(nn.Module):
         else:
             weight = self.tied if self.tied is not None else self.weight
             logits = self.dense_mm(hidden, weight)
-        if self.tp.size == 1:
-            return logits
-        return self.tp.all_gather(logits)[..., :self.vocab_size]
+        if self.tp.size > 1:
+            logits = self.tp.all_gather(logits)[..., :self.vocab_size]
+        return logits if self.bias is None else logits + self.bias
 
     def load_weight(self, tensor) -> None:
         load_vocab_rows(self.weight, tensor, self.vocab_start, self.vocab_end, self.vocab_size)

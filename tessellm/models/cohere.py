@@ -2,13 +2,12 @@
 and MLP in a parallel block, with what else differs from Llama:
 
 - one LayerNorm (mean-subtracted, a weight, no bias; ``layer_norm_eps``) feeds both sublayers,
-  whose outputs join the residual together::
+  whose outputs join the residual together (``parallel_block.py``)::
 
       h = h + attn(ln(h)) + mlp(ln(h))
 
-  Both outputs are partial sums under tensor parallelism, so their sum is one too, summed by
-  the next norm (the llama loop's convention); with ``attention_bias`` o_proj sums itself, so
-  down_proj does too and the norms do not.
+  With ``attention_bias`` o_proj sums its output over the tensor ranks itself, so down_proj
+  does too and the norms do not.
 - rotary rotates interleaved pairs ``(x[2i], x[2i+1])`` (GPT-J style) where the backends rotate
   halves ``(x[i], x[i + d/2])`` (NeoX). q and k are reordered per head, evens then odds, before
   rotary; q.k is the same under one reordering of both, and v is left alone::
@@ -37,6 +36,7 @@ from tessellm.layers.layer_norm import LayerNorm
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.decoder import DecoderAttention, DecoderMLP, shard_heads
 from tessellm.models.llama import LlamaForCausalLM
+from tessellm.models.parallel_block import ParallelBlockLayer
 from tessellm.models.qk_norm_weights import local_qk_norm_weights
 
 class HeadLayerNorm(nn.Module):
@@ -93,25 +93,6 @@ def _halves(x: torch.Tensor, d: int) -> torch.Tensor:
     return x.view(t, -1, d // 2, 2).transpose(-1, -2).reshape(t, x.shape[1])
 
 
-class CohereDecoderLayer(nn.Module):
-    def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding, index: int,
-                 summed: bool):
-        """``summed``: the sublayers sum their outputs over the ranks (with attention_bias)."""
-        super().__init__()
-        self.self_attn = CohereAttention(config, ctx, rotary)
-        self.mlp = DecoderMLP(config, ctx, reduce_output=summed)
-        reduce = ctx.tp if index > 0 and not summed else None
-        self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, reduce=reduce,
-                                         has_weight=True)
-
-    def forward(self, positions, hidden, residual, metadata):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        return self.self_attn(positions, hidden, metadata) + self.mlp(hidden), residual
-
-
 class CohereForCausalLM(LlamaForCausalLM):
     def __init__(self, config, ctx: ModelContext):
         scale = getattr(config, "logit_scale", None)
@@ -124,7 +105,10 @@ class CohereForCausalLM(LlamaForCausalLM):
 
     def make_layer(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
                    index: int) -> nn.Module:
-        return CohereDecoderLayer(config, ctx, rotary, index, self.output_summed(config))
+        summed = self.output_summed(config)
+        return ParallelBlockLayer(ctx, index, CohereAttention(config, ctx, rotary),
+                                  DecoderMLP(config, ctx, reduce_output=summed),
+                                  lambda reduce: self.make_norm(config, ctx, reduce), summed)
 
     def make_norm(self, config, ctx: ModelContext, reduce: Optional[TensorParallel]) -> nn.Module:
         return LayerNorm(config.hidden_size, config.layer_norm_eps, reduce=reduce, has_weight=True)

@@ -35,6 +35,7 @@ class LlamaForCausalLM(nn.Module):
 
     qk_norm = False
     embedding_multiplier = 1.0  # Granite: the embeddings are scaled by it
+    lm_head_bias = False  # Phi: the LM head adds a bias (``lm_head.bias``)
 
     # checkpoint name fragment -> (our fused param fragment, shard index)
     stacked_params = (
@@ -66,7 +67,8 @@ class LlamaForCausalLM(nn.Module):
         if ctx.pp.is_last:  # the last layer's output summed, unless it is already
             self.norm = self.make_norm(config, ctx, None if self.output_summed(config) else ctx.tp)
             tied = self.embed_tokens.weight if self.tie_word_embeddings and ctx.pp.is_first else None
-            self.lm_head = ParallelLMHead(vocab, hidden, ctx.tp, weight=tied)
+            self.lm_head = ParallelLMHead(vocab, hidden, ctx.tp, weight=tied,
+                                          bias=self.lm_head_bias)
 
     def make_layer(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
                    index: int) -> nn.Module:

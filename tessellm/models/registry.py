@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tessellm.models import (cohere, gemma3, granite, granite_moe, llama, llava, moe, olmo, olmo2,
-                             olmo3, olmoe, phi3, seq_cls, stablelm)
+                             olmo3, olmoe, phi3, seq_cls, stablelm, starcoder2)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -18,6 +18,7 @@ _MODELS = {
     "Olmo3ForCausalLM": olmo3.Olmo3ForCausalLM,
     "CohereForCausalLM": cohere.CohereForCausalLM,
     "StableLmForCausalLM": stablelm.StableLmForCausalLM,
+    "Starcoder2ForCausalLM": starcoder2.Starcoder2ForCausalLM,
     "MixtralForCausalLM": moe.MixtralForCausalLM,
     "Qwen2MoeForCausalLM": moe.Qwen2MoeForCausalLM,
     "Qwen3MoeForCausalLM": moe.Qwen3MoeForCausalLM,
