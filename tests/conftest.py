@@ -55,15 +55,19 @@ def tiny_model_dir(tmp_path_factory):
 
 def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int,
               device: str = "cpu", dtype=None) -> list[list[int]]:
-    """Greedy tokens from HF transformers, one prompt at a time (no padding effects)."""
+    """Greedy tokens from HF transformers, one prompt at a time (no padding effects).
+
+    Compare with our ``ignore_eos=True``: EOS may be chosen and does not stop. (HF's
+    ``min_new_tokens`` would ban EOS instead, and differ wherever EOS is the greedy choice.)"""
     import torch
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32).to(device)
+    hf.generation_config.eos_token_id = None
     outs = []
     for p in prompts:
         prompt = torch.tensor([p], device=device)
-        ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
                           do_sample=False, pad_token_id=0)
         outs.append(ids[0, len(p):].tolist())
     return outs

@@ -36,6 +36,7 @@ def hf_reference():
     path = default_model_path()
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32)
+    hf.generation_config.eos_token_id = None  # as our ignore_eos: EOS may be chosen, never stops
     return hf
 
 
@@ -46,7 +47,7 @@ def hf_tokens(llm, hf_reference):
     for prompt in PROMPTS:
         ids = torch.tensor([tok.encode(prompt)])
         ref = hf_reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
-                                    min_new_tokens=MAX_NEW, do_sample=False, pad_token_id=2)
+                                    do_sample=False, pad_token_id=2)
         want.append(ref[0, ids.shape[1]:].tolist())
     return want
 

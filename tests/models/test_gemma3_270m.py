@@ -44,8 +44,9 @@ def test_gemma3_270m_greedy_matches_hf():
     path = resolve_model("gemma3-270m").path
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               dtype=torch.float32)
+    hf.generation_config.eos_token_id = None  # as our ignore_eos: EOS may be chosen, never stops
     for prompt, tokens in zip(ids, got):
         p = torch.tensor([prompt])
         out = hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=32,
-                          min_new_tokens=32, do_sample=False)
+                          do_sample=False)
         assert tokens == out[0, len(prompt):].tolist()
