@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tessellm.models import (cohere, gemma3, granite, granite_moe, llama, llava, moe, olmo, olmo2,
-                             olmo3, olmoe, phi3, seq_cls, stablelm, starcoder2)
+                             olmo3, olmoe, phi, phi3, seq_cls, stablelm, starcoder2)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -11,6 +11,7 @@ _MODELS = {
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
     "Gemma3ForCausalLM": gemma3.Gemma3ForCausalLM,
+    "PhiForCausalLM": phi.PhiForCausalLM,
     "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
     "GraniteForCausalLM": granite.GraniteForCausalLM,
     "OlmoForCausalLM": olmo.OlmoForCausalLM,
