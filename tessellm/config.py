@@ -73,7 +73,7 @@ class EngineArgs:
     reasoning_parser: Optional[str] = None
     # Embedding models (tessellm.pooling, docs/pooling.md): "generate", "pooling", or "auto"
     # (a bare *Model architecture pools); task="embed" and convert="embed" are vLLM's older
-    # spellings of runner="pooling".
+    # spellings of runner="pooling"; convert="classify" serves a *ForCausalLM as a classifier.
     runner: str = "auto"
     task: Optional[str] = None
     convert: str = "auto"
@@ -81,6 +81,10 @@ class EngineArgs:
     # "normalize": bool}, laid over the checkpoint's sentence-transformers config.
     pooler_config: Optional[object] = None
     override_pooler_config: Optional[object] = None  # vLLM's older name, laid over pooler_config
+    # config.json values laid over the checkpoint's, a dict or its JSON (vLLM's hf_overrides), e.g.
+    # {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
+    # "is_original_qwen3_reranker": true}: tessellm.pooling.convert.
+    hf_overrides: Optional[object] = None
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -116,6 +120,9 @@ class EngineArgs:
         check_runner_args(self.runner, self.task, self.convert)
         parse_pooler_override(self.pooler_config)
         parse_pooler_override(self.override_pooler_config)
+        from tessellm.pooling.convert import parse_hf_overrides
+
+        parse_hf_overrides(self.hf_overrides)
         from tessellm.generation_config import check_choice, parse_override
 
         check_choice(self.generation_config)

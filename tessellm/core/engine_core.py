@@ -17,7 +17,7 @@ import torch
 
 from tessellm.backends.registry import get_registry
 from tessellm.config import (EngineArgs, generation_eos_ids, resolve_async_scheduling, resolve_dtype,
-                             resolve_max_model_len, resolve_model, text_config)
+                             resolve_max_model_len, text_config)
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
@@ -82,7 +82,9 @@ class EngineCore:
             from tessellm.backends.emulation import mark_emulated
 
             mark_emulated(self.backend.name)
-        self.source = resolve_model(args.model)
+        from tessellm.pooling.convert import model_source
+
+        self.source = model_source(args)  # hf_overrides and convert applied
         config = self.source.hf_config
         check_multimodal_args(config, args)
         self.dtype = resolve_dtype(args.dtype, config, self.backend.device_type)

@@ -17,7 +17,7 @@ import torch
 
 from tessellm.backends.registry import get_registry
 from tessellm.backends.spec import GraphSpec, LogitsOpsSpec
-from tessellm.config import (EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len, resolve_model,
+from tessellm.config import (EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len,
                              text_config)
 from tessellm.core.model_runner import ModelRunner, StepHandle
 from tessellm.core.step import SchedulerOutput
@@ -65,7 +65,9 @@ class Worker:
                                                 init_method, self.device)
         else:
             self.tp, self.pp = TensorParallel(), PipelineStage()
-        source = resolve_model(args.model)
+        from tessellm.pooling.convert import model_source
+
+        source = model_source(args)  # hf_overrides and convert applied, as in the engine core
         self.dtype = resolve_dtype(args.dtype, source.hf_config, self.backend.device_type)
         config = text_config(source.hf_config)  # the language model's (LLaVA: text_config)
         self.max_model_len = resolve_max_model_len(args.max_model_len, config)

@@ -73,7 +73,12 @@ HELP = {
               "/classify, /score, /rerank; auto: a bare *Model or a classifier pools, others generate; "
               "docs/pooling.md)",
     "task": "vLLM's older spelling: embed, classify or score (= --runner pooling), or generate",
-    "convert": "embed: serve a *ForCausalLM checkpoint as an embedding model (= --runner pooling)",
+    "convert": "embed: serve a *ForCausalLM checkpoint as an embedding model; classify: as its family's "
+               "*ForSequenceClassification (the score head from the checkpoint's score.weight, or from "
+               "LM-head rows with --hf-overrides classifier_from_token); both mean --runner pooling",
+    "hf_overrides": "JSON laid over the checkpoint's config.json, e.g. '{\"architectures\": "
+                    "[\"Qwen3ForSequenceClassification\"], \"classifier_from_token\": [\"no\", \"yes\"], "
+                    "\"is_original_qwen3_reranker\": true}' (docs/pooling.md)",
     "pooler_config": "pooling as JSON, e.g. '{\"pooling_type\": \"MEAN\", \"normalize\": true}' "
                      "(LAST, MEAN or CLS; default: the checkpoint's sentence-transformers config, else LAST); "
                      "a classifier's '{\"use_activation\": false}' gives logits instead of probabilities",
@@ -81,7 +86,7 @@ HELP = {
 }
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
 CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"], "reasoning_parser": sorted(REASONING_PARSERS),
-           "runner": ["auto", "generate", "pooling"], "convert": ["auto", "none", "embed"]}
+           "runner": ["auto", "generate", "pooling"], "convert": ["auto", "none", "embed", "classify"]}
 
 
 def engine_fields() -> list[dataclasses.Field]:

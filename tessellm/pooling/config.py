@@ -7,7 +7,8 @@ prompt. The runner is chosen as vLLM chooses it:
 * ``runner``: ``generate`` | ``pooling`` | ``auto`` (a bare ``*Model`` architecture, which has no
   LM head, pools, and so does a ``*ForSequenceClassification``; anything else generates);
 * ``task="embed"`` / ``"classify"`` / ``"score"`` (vLLM's older spellings) and ``convert="embed"``
-  all mean ``runner="pooling"``.
+  / ``"classify"`` all mean ``runner="pooling"`` (``convert="classify"`` also turns a
+  ``*ForCausalLM`` into its family's classifier: ``tessellm.pooling.convert``).
 
 What a pooling engine does (``PoolerConfig.task``) follows from the architecture: a
 ``*ForSequenceClassification`` classifies (its ``score`` head's logits, ``num_labels`` of them;
@@ -39,7 +40,6 @@ RUNNERS = ("auto", "generate", "pooling")
 _TASKS = {"auto": "auto", "generate": "generate", "embed": "pooling", "embedding": "pooling",
           "encode": "pooling", "classify": "pooling", "score": "pooling"}
 _ACTIVATION_KEYS = ("use_activation", "softmax", "activation")  # vLLM's name, then its deprecated ones
-_CONVERTS = ("auto", "none", "embed")
 # sentence-transformers' Pooling config key -> our pooling type
 _ST_MODES = {"pooling_mode_lasttoken": "LAST", "pooling_mode_mean_tokens": "MEAN",
              "pooling_mode_cls_token": "CLS"}
@@ -73,10 +73,11 @@ def check_runner_args(runner: str, task: Optional[str], convert: str) -> None:
     if task is not None and task not in _TASKS:
         raise ValueError(f"task {task!r} is not supported; use embed, classify or score "
                          "(runner='pooling'), or generate.")
-    if convert not in _CONVERTS:
-        raise ValueError(f"convert {convert!r} is not supported; use auto, none or embed.")
-    wanted = {v for v in (runner, _TASKS.get(task or "auto"), "pooling" if convert == "embed" else "auto")
-              if v != "auto"}
+    from tessellm.pooling.convert import CONVERTS
+
+    if convert not in CONVERTS:
+        raise ValueError(f"convert {convert!r} is not supported; use {', '.join(CONVERTS)}.")
+    wanted = {v for v in (runner, _TASKS.get(task or "auto"), _convert_runner(convert)) if v != "auto"}
     if len(wanted) > 1:
         raise ValueError(f"runner={runner!r}, task={task!r} and convert={convert!r} disagree; "
                          "give runner='pooling' for an embedding model, or runner='generate'.")
@@ -85,7 +86,7 @@ def check_runner_args(runner: str, task: Optional[str], convert: str) -> None:
 def resolve_runner(args, hf_config) -> str:
     """``generate`` or ``pooling`` for this engine (EngineArgs ``runner`` / ``task`` / ``convert``)."""
     check_runner_args(args.runner, args.task, args.convert)
-    for asked in (args.runner, _TASKS.get(args.task or "auto"), "pooling" if args.convert == "embed" else "auto"):
+    for asked in (args.runner, _TASKS.get(args.task or "auto"), _convert_runner(args.convert)):
         if asked != "auto":
             break
     bare, classifier = is_bare_model(hf_config), is_classifier(hf_config)
@@ -98,6 +99,11 @@ def resolve_runner(args, hf_config) -> str:
     if asked == "auto":
         return "pooling" if bare or classifier else "generate"
     return asked
+
+
+def _convert_runner(convert: str) -> str:
+    """convert="embed" / "classify" (tessellm.pooling.convert) means runner="pooling"."""
+    return "pooling" if convert in ("embed", "classify") else "auto"
 
 
 def is_bare_model(hf_config) -> bool:

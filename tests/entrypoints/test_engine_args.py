@@ -28,6 +28,7 @@ NON_DEFAULT = {
     "reasoning_parser": "qwen3",
     "runner": "pooling", "task": "embed", "convert": "embed",
     "pooler_config": '{"pooling_type": "MEAN"}', "override_pooler_config": '{"normalize": false}',
+    "hf_overrides": '{"num_labels": 1}',
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],

@@ -47,7 +47,7 @@ def test_bare_model_cannot_be_forced_to_generate():
 @pytest.mark.parametrize("args,message", [
     ({"runner": "embed"}, "runner 'embed' is not supported"),
     ({"task": "reward"}, "task 'reward' is not supported"),
-    ({"convert": "classify"}, "convert 'classify' is not supported"),
+    ({"convert": "reward"}, "convert 'reward' is not supported"),
     ({"runner": "generate", "convert": "embed"}, "disagree"),
     ({"pooler_config": '{"pooling_type": "mean", "dimensions": 4}'}, "key 'dimensions'"),
     ({"override_pooler_config": {"normalize": "yes"}}, "normalize must be true or false"),
