@@ -23,6 +23,7 @@ import torch
 
 from tessellm import envs
 from tessellm.backends.plugin_checks import PluginError
+from tessellm.backends.reference.attention import softcap
 from tessellm.backends.reference.lora import ReferenceLoRAOps
 from tessellm.backends.reference.ops import ReferenceOps
 
@@ -127,7 +128,8 @@ class CheckedAttentionKernel(_Checked):
             if rotary:  # ``fuses_rotary``: the rows came unrotated; the reference rotates them
                 rows = _rotated(rows, rotary["positions"][first:first + rows[0].shape[0]],
                                 rotary["cos_sin_cache"])
-            ref = _reference_attention(*rows, scale, self._spec.sliding_window)
+            ref = _reference_attention(*rows, scale, self._spec.sliding_window,
+                                       getattr(self._spec, "logit_softcap", None))
             rel = 0.15 if self._spec.kv_cache_dtype != "auto" else _rel(q.dtype)
             got = out.reshape(t, h, d)[first:first + ref.shape[0]]
             self._close("forward", got, ref, rel, " (is the output laid out [num_tokens, "
@@ -159,13 +161,14 @@ def _rotated(rows, positions, cos_sin_cache):
     return q.reshape(r, h, d), k.reshape(r, kvh, d), v
 
 
-def _reference_attention(q, k, v, scale: float, window: Optional[int]) -> torch.Tensor:
+def _reference_attention(q, k, v, scale: float, window: Optional[int],
+                         logit_softcap: Optional[float] = None) -> torch.Tensor:
     """Causal attention of ``r`` rows over themselves: q ``[r, H, D]``, k/v ``[r, KVH, D]``."""
     r, h, _ = q.shape
     group = h // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)
     v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("ihd,jhd->hij", q.float(), k) * scale
+    scores = softcap(torch.einsum("ihd,jhd->hij", q.float(), k) * scale, logit_softcap)
     i = torch.arange(r, device=q.device)[:, None]
     j = torch.arange(r, device=q.device)[None, :]
     visible = (j <= i) & ((j > i - window) if window else True)

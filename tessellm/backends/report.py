@@ -99,7 +99,8 @@ def _flags(piece: str, result) -> list[str]:
         return ["graph capture"] if getattr(result, "supports_graph_capture", False) else []
     if piece == "attention":
         declared = {"graph capture": "supports_graph_capture",
-                    "sliding window": "supports_sliding_window", "fuses rotary": "fuses_rotary"}
+                    "sliding window": "supports_sliding_window", "fuses rotary": "fuses_rotary",
+                    "logit soft-cap": "supports_logit_softcap"}
         return [label for label, attr in declared.items() if getattr(result, attr, False)]
     if piece == "ops":
         optional = {"linear": "linear", "linear + SiLU": "linear_silu_and_mul",

@@ -23,7 +23,11 @@ checks what kernels and ops return (``TESSELLM_VALIDATE_PLUGINS``). A version-1 
 working unchanged unless it answered for another plugin's backend; then the registry refuses
 that answer with one sentence saying to add ``TESSELLM_OVERRIDES``. 3 = ``tessellm_lora_ops``
 (batched multi-LoRA shrink/expand, ``LoRAOps``); plugins of versions 1 and 2 keep working (the
-engine falls back to the pure-torch reference for LoRA).
+engine falls back to the pure-torch reference for LoRA). 4 = attention logit soft-capping
+(``AttentionSpec.logit_softcap``, the kernel's ``supports_logit_softcap``); plugins of versions
+1 to 3 keep working for every model without it, and a soft-capped model (Gemma 2) is refused on
+them at load with one sentence naming the option and the backend (their kernels do not declare
+the flag, so the spec field they never read is never silently ignored).
 
 Ownership
 ---------
@@ -60,7 +64,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 3
+TESSELLM_PLUGIN_API = 4
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -88,6 +92,8 @@ CAPABILITIES = {
                         "attention kernel's kv_cache_dtypes attribute"),
     "sliding_window": ("informative", "bool; the enforced flag is the kernel's "
                        "supports_sliding_window"),
+    "logit_softcap": ("informative", "bool; the enforced flag is the kernel's "
+                      "supports_logit_softcap"),
     "lora": ("informative", "bool: the backend has batched LoRA ops of its own (the engine asks "
              "tessellm_lora_ops; without them it runs the pure-torch reference)"),
 }
@@ -167,6 +173,10 @@ class AttentionSpec:
     block_size: int  # tokens per KV cache block
     kv_cache_dtype: str = "auto"  # "auto" (same as dtype) or "fp8"
     sliding_window: Optional[int] = None  # a query at position p sees keys at positions > p - w
+    # Attention logit soft-cap (Gemma 2: 50.0): every score becomes ``cap * tanh(score / cap)``
+    # after the scale, before the mask and softmax. None: no cap. Served only by a kernel that
+    # declares ``supports_logit_softcap`` (the engine refuses the model elsewhere).
+    logit_softcap: Optional[float] = None
     max_model_len: Optional[int] = None  # longest sequence the engine will run; None: unknown
     max_num_seqs: Optional[int] = None  # largest batch the scheduler can produce; None: unknown
 
@@ -281,6 +291,11 @@ class AttentionKernel(Protocol):
 
     - ``name``: shown in logs and ``tessellm backends --verbose``.
     - ``supports_sliding_window``: False means the hook returns None for a spec with a window.
+    - ``supports_logit_softcap`` (optional, default False): ``forward`` applies the spec's
+      ``logit_softcap`` (``cap * tanh(scale * q.k / cap)`` before the softmax; the oracle is
+      ``backends/reference/attention.paged_attention``). For a spec with a cap the engine refuses
+      the model at load, naming the option and the backend, unless the kernel it got declares
+      this; a kernel that does not know the field is therefore never given a soft-capped model.
     - ``supports_graph_capture`` (optional, default False): ``build_metadata`` output can be
       reused across graph replays and ``forward`` does no host-device synchronisation.
     - ``fuses_rotary`` (optional, default False): ``forward`` also accepts the keyword
@@ -605,7 +620,7 @@ class BackendHookSpec:
     def tessellm_attention_kernel(self, backend: Backend, spec: AttentionSpec) -> Optional[AttentionKernel]:
         """Return the paged-attention kernel for ``backend`` and ``spec``, or None.
 
-        When: once per model load (per distinct sliding window), in the process that runs the
+        When: once per model load (per distinct sliding window and soft-cap), in the process that runs the
         model (engine core or worker); also by ``tessellm backends --verbose`` and the
         conformance suite, possibly for a backend whose hardware is absent: constructing the
         kernel must not touch the device (allocate lazily in ``forward``).

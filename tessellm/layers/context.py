@@ -13,7 +13,8 @@ from tessellm.distributed.parallel_state import PipelineStage, TensorParallel
 @dataclass
 class ModelContext:
     ops: Any  # FusedOps from the backend (rms_norm, rotary, silu_and_mul)
-    make_attention_kernel: Callable[[Optional[int]], Any]  # sliding window -> AttentionKernel
+    # (sliding window, logit_softcap=None) -> AttentionKernel; one kernel per distinct pair
+    make_attention_kernel: Callable[..., Any]
     dtype: torch.dtype
     device: torch.device
     quant_method: Any = None  # QuantMethod for linear layers, or None (dense weights)

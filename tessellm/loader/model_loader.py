@@ -59,20 +59,22 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
         heads, getattr(text, "num_key_value_heads", None) or heads, tp.rank, tp.size)
     kernels = {}
 
-    def make_kernel(window):
-        if window not in kernels:
+    def make_kernel(window, logit_softcap=None):
+        key = (window, logit_softcap)
+        if key not in kernels:
             spec = AttentionSpec(
                 num_heads=local_heads, num_kv_heads=local_kv_heads,
                 head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,
                 dtype=dtype, block_size=block_size, kv_cache_dtype=kv_cache_dtype,
-                sliding_window=window)
+                sliding_window=window, logit_softcap=logit_softcap)
             kernel = registry.attention_kernel(backend, spec)
             if kernel is None:
                 raise RuntimeError(f"No plugin provides an attention kernel for backend "
                                    f"{backend.name!r} with {spec}.")
             check_kv_cache_dtype(registry, backend, kernel, spec)
-            kernels[window] = kernel
-        return kernels[window]
+            check_logit_softcap(registry, backend, kernel, spec)
+            kernels[key] = kernel
+        return kernels[key]
 
     ctx = ModelContext(ops=ops, make_attention_kernel=make_kernel, dtype=dtype, device=device,
                        quant_method=quant_method, tp=tp, pp=pp)
@@ -89,9 +91,26 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
         _drop_lm_head(model)
     use_backend_linear(model, ops)
     model.eval()
-    if len(kernels) > 1:  # layers with different sliding windows (Gemma 3)
+    if len(kernels) > 1:  # layers with different sliding windows (Gemma 2, 3)
         return model, PerWindowKernels(kernels.values())
     return model, next(iter(kernels.values()))
+
+
+def check_logit_softcap(registry, backend, kernel, spec: AttentionSpec) -> None:
+    """Refuse a model whose attention scores are soft-capped on a backend whose kernel does not
+    declare ``supports_logit_softcap`` (the contract's flag: a kernel that does not know the
+    spec field would silently ignore it)."""
+    cap = spec.logit_softcap
+    if cap is None or getattr(kernel, "supports_logit_softcap", False):
+        return
+    others = [name for name, b in sorted(registry.backends.items())
+              if name != backend.name and b.capabilities.get("logit_softcap")]
+    raise ValueError(f"The model soft-caps its attention logits (logit_softcap={cap}, the "
+                     f"config's attn_logit_softcapping), which backend {backend.name!r} cannot "
+                     f"do (its attention kernel {getattr(kernel, 'name', kernel)!r} does not "
+                     f"declare supports_logit_softcap); run it on "
+                     + (f"a backend that can: {', '.join(others)}." if others
+                        else "a backend whose kernel declares it."))
 
 
 def check_tensor_parallel_quantization(quant_spec, tp_size: int) -> None:

@@ -68,8 +68,8 @@ class EagleProposer(KVDrafter):
             raise RuntimeError(f"No plugin provides an attention kernel for backend "
                                f"{ctx.backend.name!r} with {spec} (the {self.method} head).")
         ops = ctx.registry.fused_ops(ctx.backend, OpsSpec(ctx.dtype)) or ReferenceOps()
-        return ModelContext(ops=ops, make_attention_kernel=lambda window: self.kernel,
-                            dtype=ctx.dtype, device=ctx.device)
+        return ModelContext(ops=ops, dtype=ctx.dtype, device=ctx.device,
+                            make_attention_kernel=lambda window, logit_softcap=None: self.kernel)
 
     def target_layers(self) -> tuple[int, ...]:
         return ()

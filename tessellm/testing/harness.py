@@ -85,12 +85,14 @@ class PagedStep:
 
 def make_paged_step(query_lens: list[int], ctx_lens: list[int], *, num_kv_heads: int, group: int,
                     head_size: int, block_size: int, dtype, device, window: Optional[int] = None,
-                    seed: int = 0) -> PagedStep:
+                    seed: int = 0, logit_softcap: Optional[float] = None,
+                    q_gain: float = 1.0) -> PagedStep:
     """A random step: decodes first (query length 1), then prefill chunks over cached context.
 
     Each sequence owns ``cdiv(seq_len, block_size)`` blocks drawn from a shuffled pool larger
     than needed, so neighbours are not adjacent and unused blocks exist (they must stay
-    untouched). The reference runs on the CPU in float32.
+    untouched). The reference runs on the CPU in float32. ``q_gain`` scales the queries (larger
+    scores: a soft-cap test's cap then changes every row).
     """
     gen = torch.Generator().manual_seed(seed)
     num_heads = num_kv_heads * group
@@ -112,7 +114,7 @@ def make_paged_step(query_lens: list[int], ctx_lens: list[int], *, num_kv_heads:
             slots.append(int(tables[s, p // block_size]) * block_size + p % block_size)
         starts.append(starts[-1] + n)
     T = starts[-1]
-    q = torch.randn(T, num_heads, head_size, generator=gen).to(dtype)
+    q = (torch.randn(T, num_heads, head_size, generator=gen) * q_gain).to(dtype)
     k = torch.randn(T, num_kv_heads, head_size, generator=gen).to(dtype)
     v = torch.randn(T, num_kv_heads, head_size, generator=gen).to(dtype)
     slot_mapping = torch.tensor(slots, dtype=torch.int64)
@@ -121,7 +123,8 @@ def make_paged_step(query_lens: list[int], ctx_lens: list[int], *, num_kv_heads:
     scale = head_size ** -0.5
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     write_kv_cache(k, v, ref_k, ref_v, slot_mapping)
-    ref_out = paged_attention(q.float(), ref_k.float(), ref_v.float(), qsl, sl, tables, scale, window)
+    ref_out = paged_attention(q.float(), ref_k.float(), ref_v.float(), qsl, sl, tables, scale, window,
+                              logit_softcap)
     num_decodes = 0
     for n in query_lens:
         if n != 1:

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from tessellm.backends.cpu import native
 from tessellm.backends.cpu.decode_step import decode_step, fusable
+from tessellm.backends.cpu.sdpa import sdpa
 from tessellm.backends.spec import AttentionSpec
 from tessellm.backends.spec import AttentionBatch
 
@@ -106,6 +106,7 @@ class ShortQueries:
 class CpuAttentionKernel:
     name = "cpu-sdpa"
     supports_sliding_window = True
+    supports_logit_softcap = True  # without the C kernel and through ``sdpa.py``'s explicit form
     supports_graph_capture = True  # no host syncs; decode metadata needs no host lists
     # forward takes the unrotated q, k with positions and the cos/sin cache: a step of float32
     # decodes runs rotary, cache write and attention in one C call (csrc/decode_step.c); any
@@ -115,16 +116,19 @@ class CpuAttentionKernel:
     def __init_subclass__(cls, **kwargs):
         # A plugin subclass with its own forward fuses rotary only if it says so (as the Triton
         # kernel's, kernels/attention/paged.py): its forward may not take or pass the rotary
-        # keyword arguments on.
+        # keyword arguments on; likewise the soft-cap.
         super().__init_subclass__(**kwargs)
         if "forward" in cls.__dict__ and "fuses_rotary" not in cls.__dict__:
             cls.fuses_rotary = False
+        if "forward" in cls.__dict__ and "supports_logit_softcap" not in cls.__dict__:
+            cls.supports_logit_softcap = False
 
     def __init__(self, spec: AttentionSpec):
         from tessellm.backends.cpu.ops import CpuOps
 
         self.spec = spec
         self.window = spec.sliding_window
+        self.softcap = spec.logit_softcap  # soft-capped layers: explicit SDPA (``sdpa.py``)
         self.native = native.load() if _native_shapes(spec) else None
         self.rope = CpuOps()
 
@@ -261,7 +265,7 @@ class CpuAttentionKernel:
         k = _gather(k_cache, blocks).view(nd, -1, kvh, head_size).transpose(1, 2)  # [B, KVH, L, D]
         v = _gather(v_cache, blocks).view(nd, -1, kvh, head_size).transpose(1, 2)
         qg = q.view(nd, kvh, group, head_size)  # the group's queries share a position
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=dg.mask, scale=scale)
+        o = sdpa(qg, k, v, attn_mask=dg.mask, scale=scale, logit_softcap=self.softcap)
         return o.reshape(nd, num_heads, head_size)
 
     def _native_decode(self, q, k_cache, v_cache, nat: NativeDecode, scale, out):
@@ -283,13 +287,15 @@ class CpuAttentionKernel:
             out.copy_(res)
 
     def _verify(self, q, k_cache, v_cache, md: CpuAttentionMetadata, scale):
-        return _batched_queries(q, k_cache, v_cache, md.verify_blocks, md.verify_mask, md.verify_q, scale)
+        return _batched_queries(q, k_cache, v_cache, md.verify_blocks, md.verify_mask, md.verify_q, scale,
+                                self.softcap)
 
     def _short(self, q, k_cache, v_cache, short: ShortQueries, scale):
         """The non-decode sequences' queries (``q`` from the first one on), one SDPA."""
         if short.rows is not None:
             q = q.index_select(0, short.rows)
-        o = _batched_queries(q, k_cache, v_cache, short.blocks, short.mask, short.n, scale)
+        o = _batched_queries(q, k_cache, v_cache, short.blocks, short.mask, short.n, scale,
+                             self.softcap)
         return o if short.keep is None else o.index_select(0, short.keep)
 
     def _prefill(self, q, k_cache, v_cache, block_table, seq_len, mask, scale):
@@ -304,11 +310,12 @@ class CpuAttentionKernel:
         kvh, group = k.shape[0], q.shape[1] // k.shape[0]
         qh = q.transpose(0, 1).unflatten(0, (kvh, group))
         k, v = (t[:, None].expand(kvh, group, *t.shape[1:]) for t in (k, v))
-        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        o = sdpa(qh, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                 logit_softcap=self.softcap)
         return o.flatten(0, 1).transpose(0, 1)
 
 
-def _batched_queries(q, k_cache, v_cache, blocks, mask, n: int, scale):
+def _batched_queries(q, k_cache, v_cache, blocks, mask, n: int, scale, logit_softcap=None):
     """``q`` [S * n, H, D], n queries per sequence, against each sequence's gathered blocks;
     ``mask`` [S, 1, n, L]. The group's queries share a mask row."""
     num_heads, head_size = q.shape[1], q.shape[2]
@@ -320,13 +327,13 @@ def _batched_queries(q, k_cache, v_cache, blocks, mask, n: int, scale):
     # [S, n, KVH, G, D] -> [S, KVH, G * n, D]: rows g * n + i, each group row i sees mask row i
     qg = q.view(s, n, kvh, group, head_size).permute(0, 2, 3, 1, 4).reshape(s, kvh, group * n, head_size)
     mask = mask.expand(s, group, n, mask.shape[-1]).reshape(s, 1, group * n, -1)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [S, KVH, G * n, D]
+    o = sdpa(qg, k, v, attn_mask=mask, scale=scale, logit_softcap=logit_softcap)  # [S, KVH, G * n, D]
     return o.view(s, kvh, group, n, head_size).permute(0, 3, 1, 2, 4).reshape(s * n, num_heads, head_size)
 
 
 def _native_shapes(spec: AttentionSpec) -> bool:
-    """Whether the C decode kernel handles this layer (it loads only then)."""
-    return (spec.kv_cache_dtype == "auto" and spec.dtype in (torch.float32, torch.bfloat16)
+    """Whether the C decode kernel handles this layer (it loads only then; it has no soft-cap)."""
+    return (spec.kv_cache_dtype == "auto" and spec.logit_softcap is None and spec.dtype in (torch.float32, torch.bfloat16)
             and spec.num_heads % spec.num_kv_heads == 0 and spec.num_heads <= 128
             and spec.head_size <= 256 and spec.num_heads * spec.head_size <= 8192)
 

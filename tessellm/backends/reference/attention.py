@@ -48,13 +48,21 @@ def causal_mask(query_len: int, seq_len: int, sliding_window: Optional[int], dev
     return mask
 
 
+def softcap(scores: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """Attention logit soft-capping (``AttentionSpec.logit_softcap``): ``cap * tanh(s / cap)``,
+    applied to the scaled scores before the mask and softmax; None: unchanged."""
+    return scores if cap is None else cap * torch.tanh(scores / cap)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float,
-                    sliding_window: Optional[int] = None) -> torch.Tensor:
+                    sliding_window: Optional[int] = None,
+                    logit_softcap: Optional[float] = None) -> torch.Tensor:
     """Attention of flat queries ``q`` ``[T, H, D]`` over paged K/V. Returns ``[T, H, D]``.
 
-    The new tokens' K/V must already be in the cache (see ``write_kv_cache``).
+    The new tokens' K/V must already be in the cache (see ``write_kv_cache``). Scores are
+    ``softcap(scale * q.k, logit_softcap)``, then masked and softmaxed.
     """
     num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
@@ -71,7 +79,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k = k.repeat_interleave(group, dim=1)  # [L, H, D]
         v = v.repeat_interleave(group, dim=1)
         qs = q[q0:q1].float()  # [Q, H, D]
-        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        scores = softcap(torch.einsum("qhd,khd->hqk", qs, k) * scale, logit_softcap)
         mask = causal_mask(q1 - q0, seq_len, sliding_window, q.device)
         scores = scores.masked_fill(~mask, -math.inf)
         probs = torch.softmax(scores, dim=-1)
@@ -84,9 +92,11 @@ class ReferenceAttentionKernel:
 
     name = "reference"
     supports_sliding_window = True
+    supports_logit_softcap = True
 
-    def __init__(self, sliding_window: Optional[int] = None):
+    def __init__(self, sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None):
         self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
 
     def build_metadata(self, batch):
         return batch
@@ -94,4 +104,5 @@ class ReferenceAttentionKernel:
     def forward(self, q, k, v, k_cache, v_cache, metadata, scale):
         write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
         return paged_attention(q, k_cache, v_cache, metadata.query_start_loc, metadata.seq_lens,
-                               metadata.block_tables, scale, self.sliding_window)
+                               metadata.block_tables, scale, self.sliding_window,
+                               self.logit_softcap)

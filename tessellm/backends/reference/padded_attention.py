@@ -25,6 +25,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from tessellm.backends.reference.attention import softcap
+
 
 @dataclass
 class PaddedMetadata:
@@ -55,6 +57,7 @@ class PaddedTorchAttentionKernel:
 
     name = "torch-padded"
     supports_sliding_window = True
+    supports_logit_softcap = True
     supports_graph_capture = False  # metadata shapes follow the batch
 
     def __init__(self, spec, bucket: Callable[[int], int] = identity_bucket):
@@ -66,6 +69,7 @@ class PaddedTorchAttentionKernel:
                                       f"only, got {spec.kv_cache_dtype!r}.")
         self.spec = spec
         self.window = spec.sliding_window
+        self.softcap = getattr(spec, "logit_softcap", None)
         self.bucket = bucket
 
     def build_metadata(self, batch) -> PaddedMetadata:
@@ -104,7 +108,7 @@ class PaddedTorchAttentionKernel:
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: PaddedMetadata, scale: float):
         self.write_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
-        return padded_attention(q, k_cache, v_cache, metadata, scale, self.window)
+        return padded_attention(q, k_cache, v_cache, metadata, scale, self.window, self.softcap)
 
     def write_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         keep = slot_mapping >= 0
@@ -115,9 +119,10 @@ class PaddedTorchAttentionKernel:
 
 
 def padded_attention(q, k_cache, v_cache, md: PaddedMetadata, scale: float,
-                     window: Optional[int]) -> torch.Tensor:
+                     window: Optional[int], logit_softcap: Optional[float] = None) -> torch.Tensor:
     """Attention of flat ``q`` ``[T, H, D]`` over the paged caches, in float32; returns
-    ``[T, H, D]`` in q's dtype. Every shape is fixed by the metadata's buckets."""
+    ``[T, H, D]`` in q's dtype. Every shape is fixed by the metadata's buckets. Scores are
+    soft-capped by ``logit_softcap`` (``reference.attention.softcap``) when set."""
     S, Q = md.q_rows.shape
     MB = md.block_tables.shape[1]
     bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
@@ -127,7 +132,8 @@ def padded_attention(q, k_cache, v_cache, md: PaddedMetadata, scale: float,
     qs = q[md.q_rows].float().view(S, Q, kvh, g, d)  # [S, Q, KVH, G, D]
     ks = k_cache[md.block_tables].view(S, L, kvh, d).float()  # [S, L, KVH, D]
     vs = v_cache[md.block_tables].view(S, L, kvh, d).float()
-    scores = torch.einsum("sqkgd,slkd->skgql", qs, ks) * scale  # [S, KVH, G, Q, L]
+    scores = softcap(torch.einsum("sqkgd,slkd->skgql", qs, ks) * scale,
+                     logit_softcap)  # [S, KVH, G, Q, L]
     key_pos = torch.arange(L, device=q.device)
     qp = md.q_pos[:, :, None]  # [S, Q, 1]
     visible = (key_pos[None, None, :] <= qp) & (key_pos[None, None, :] < md.seq_lens[:, None, None])

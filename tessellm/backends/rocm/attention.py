@@ -46,6 +46,7 @@ class RocmTritonAttentionKernel(TritonAttentionKernel):
     target_programs = 304 * 4  # about 4 decode programs per CU on MI300X
     min_partition = 256  # longer splits: fewer partial outputs through the smaller L2
     fuses_rotary = False  # forward below takes no rotary inputs (the model rotates first)
+    supports_logit_softcap = True  # forward below passes logit_softcap on
 
     def forward(self, q, k, v, k_cache, v_cache, metadata, scale: float, out=None):
         md = metadata
@@ -59,11 +60,13 @@ class RocmTritonAttentionKernel(TritonAttentionKernel):
                              num_splits=md.num_splits,
                              sliding_window=self.sliding_window, min_partition=self.min_partition,
                              tiles=amd_decode_tiles(q.dtype, head_size), query_len=md.query_len,
+                             logit_softcap=self.logit_softcap,
                              **self._decode_buffers(md.num_decodes, q.device, md.query_len))
         if md.num_prefills:
             prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
                               md.block_tables, scale, seq_offset=md.num_decodes,
                               num_seqs=md.num_prefills, max_query_len=md.max_query_len,
                               sliding_window=self.sliding_window,
-                              tiles=amd_prefill_tiles(q.dtype, head_size))
+                              tiles=amd_prefill_tiles(q.dtype, head_size),
+                              logit_softcap=self.logit_softcap)
         return out

@@ -15,6 +15,7 @@ Two paths behind one ``AttentionKernel``; ``path()`` says which one this process
   S = ``seq_bucket(num_seqs)``, Q = 1 for a pure-decode step else the padded token count
   (capped at the table's width in tokens), MB = the block table's full width (the runner pads
   it to ``max_model_len``), so a serving run compiles one XLA program per (T, S, decode).
+  Layers with a logit soft-cap (Gemma 2) take this path on a TPU too.
 
 Writing the cache must not use slot -1 (XLA has no data-dependent shapes, so rows cannot be
 dropped): padding rows get the slot and the values of the step's first real token, a duplicate
@@ -63,7 +64,8 @@ class XlaPagedAttentionKernel(PaddedTorchAttentionKernel):
 
     def __init__(self, spec, ragged=None):
         super().__init__(spec, bucket=pow2_bucket)
-        self.ragged = ragged
+        # A soft-capped layer takes the padded path: the Pallas kernel's cap has not been run.
+        self.ragged = ragged if self.softcap is None else None
         if ragged is not None:
             self.name = "xla-ragged-paged"
 
@@ -114,7 +116,7 @@ class XlaPagedAttentionKernel(PaddedTorchAttentionKernel):
         self.write_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
         if self.ragged is not None:
             return self._ragged(q, k_cache, v_cache, metadata, scale)
-        return padded_attention(q, k_cache, v_cache, metadata, scale, self.window)
+        return padded_attention(q, k_cache, v_cache, metadata, scale, self.window, self.softcap)
 
     def _ragged(self, q, k_cache, v_cache, md: XlaMetadata, scale: float):
         blocks, bs, kvh, d = k_cache.shape

@@ -16,6 +16,17 @@ _LOG2E = 1.4426950408889634
 
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so masked tiles never give inf - inf
+_TWO_LOG2E = tl.constexpr(2.0 * _LOG2E)
+
+
+@triton.jit
+def _softcap(s, cap):
+    """Attention logit soft-capping, ``cap * tanh(s / cap)``, on scores ``s`` in log2 units
+    (``cap`` too: the caller passes ``logit_softcap * log2(e)``, which commutes with the scale).
+    ``tanh(x) = 1 - 2 / (e^(2x) + 1)`` through exp2 (Triton has no portable tanh): +-cap at
+    +-inf, absolute error about ``cap * 1e-7`` near 0."""
+    e = tl.exp2(s * (_TWO_LOG2E / cap))
+    return cap - (2.0 * cap) / (e + 1.0)
 
 
 @triton.jit
@@ -67,14 +78,18 @@ def _widen(x, FP8_PTX: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, m_i, l_i, k, mask, scale_log2, DOT_PREC: tl.constexpr, APPLY_MASK: tl.constexpr,
-            FP8_PTX: tl.constexpr):
-    """First half of an online-softmax step: P, the rescale alpha, the new max and sum."""
+def _scores(q, m_i, l_i, k, mask, scale_log2, softcap, DOT_PREC: tl.constexpr,
+            APPLY_MASK: tl.constexpr, FP8_PTX: tl.constexpr, SOFTCAP: tl.constexpr):
+    """First half of an online-softmax step: P, the rescale alpha, the new max and sum.
+    SOFTCAP: the scaled scores are soft-capped (``_softcap``, ``softcap`` in log2 units) before
+    the mask; a constexpr branch, so kernels without a cap compile as before."""
     if FP8_PTX >= 3:  # K's reduction dim is contiguous: Triton widens it in the dot's operand
         k = k.to(tl.float16)
     else:
         k = _widen(k, FP8_PTX)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * scale_log2
+    if SOFTCAP:
+        s = _softcap(s, softcap)
     if APPLY_MASK:
         s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -84,10 +99,11 @@ def _scores(q, m_i, l_i, k, mask, scale_log2, DOT_PREC: tl.constexpr, APPLY_MASK
 
 
 @triton.jit
-def _attend_kv(q, acc, m_i, l_i, k, v, mask, scale_log2, DOT_PREC: tl.constexpr,
-               APPLY_MASK: tl.constexpr, FP8_PTX: tl.constexpr):
+def _attend_kv(q, acc, m_i, l_i, k, v, mask, scale_log2, softcap, DOT_PREC: tl.constexpr,
+               APPLY_MASK: tl.constexpr, FP8_PTX: tl.constexpr, SOFTCAP: tl.constexpr):
     """One online-softmax step over loaded K/V tiles ``[BLOCK_N, HEAD_SIZE]`` (cache dtype)."""
-    p, alpha, m_i, l_i = _scores(q, m_i, l_i, k, mask, scale_log2, DOT_PREC, APPLY_MASK, FP8_PTX)
+    p, alpha, m_i, l_i = _scores(q, m_i, l_i, k, mask, scale_log2, softcap, DOT_PREC, APPLY_MASK,
+                                 FP8_PTX, SOFTCAP)
     v = _widen(v, FP8_PTX)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
     return acc, m_i, l_i
@@ -95,16 +111,17 @@ def _attend_kv(q, acc, m_i, l_i, k, v, mask, scale_log2, DOT_PREC: tl.constexpr,
 
 @triton.jit
 def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok, mask, kvh,
-                 scale_log2, stride_cb, stride_ct, stride_ch,
+                 scale_log2, softcap, stride_cb, stride_ct, stride_ch,
                  HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
-                 APPLY_MASK: tl.constexpr, FP8_PTX: tl.constexpr):
+                 APPLY_MASK: tl.constexpr, FP8_PTX: tl.constexpr, SOFTCAP: tl.constexpr):
     """One online-softmax step over keys ``n`` (``[BLOCK_N]``). ``mask``: ``[BLOCK_M, BLOCK_N]``,
     applied only when APPLY_MASK (tiles every row sees whole skip the select). FP8_PTX: the
-    cache is e4m3 and ``q`` fp16, pre-scaled by the caller."""
+    cache is e4m3 and ``q`` fp16, pre-scaled by the caller. SOFTCAP: ``_scores``'."""
     d = tl.arange(0, HEAD_SIZE)
     kv_off = _kv_offsets(bt_ptr, n, n_ok, kvh, stride_cb, stride_ct, stride_ch, BLOCK_SIZE)
     k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-    p, alpha, m_i, l_i = _scores(q, m_i, l_i, k, mask, scale_log2, DOT_PREC, APPLY_MASK, FP8_PTX)
+    p, alpha, m_i, l_i = _scores(q, m_i, l_i, k, mask, scale_log2, softcap, DOT_PREC, APPLY_MASK,
+                                 FP8_PTX, SOFTCAP)
     v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
     v = _widen(v, FP8_PTX)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
@@ -176,3 +193,12 @@ def _k_factor(k_cache: torch.Tensor, k_scale: float) -> float:
 
 def _v_factor(v_cache: torch.Tensor, v_scale: float) -> float:
     return v_scale if _is_fp8(v_cache) else 1.0
+
+
+def _softcap_log2(logit_softcap) -> float:
+    """The kernels' ``softcap`` argument: the cap in the scores' log2 units (0.0: no cap)."""
+    if logit_softcap is None:
+        return 0.0
+    if not logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be a positive number or None, got {logit_softcap!r}.")
+    return float(logit_softcap) * _LOG2E

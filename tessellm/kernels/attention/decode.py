@@ -38,6 +38,8 @@ from tessellm.kernels.attention.common import (
     _kv_offsets,
     _load_q,
     _p2,
+    _softcap,
+    _softcap_log2,
     _v_factor,
 )
 from tessellm.kernels.attention.decode_table import cache_kind, lookup
@@ -49,7 +51,7 @@ from tessellm.kernels.rotary import rope_full
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr,
                          part_l_ptr, query_start_loc_ptr, seq_lens_ptr,
                          block_tables_ptr, pos_ptr, cos_sin_ptr, k_ptr, v_ptr, slot_ptr,
-                         scale_log2, v_scale, window,
+                         scale_log2, v_scale, window, softcap,
                          stride_qt, stride_qh, stride_ot, stride_oh,
                          stride_cb, stride_ct, stride_ch, stride_bt,
                          stride_cs, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -60,7 +62,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
                          BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr,
                          DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr,
                          REDUCE: tl.constexpr, PREFETCH: tl.constexpr, ROTARY: tl.constexpr,
-                         HEAD_MAJOR: tl.constexpr, USE_PDL: tl.constexpr):
+                         HEAD_MAJOR: tl.constexpr, USE_PDL: tl.constexpr,
+                         SOFTCAP: tl.constexpr):
     """Grid ``(num_decodes, KVH, NUM_SPLITS)``, or ``(KVH, num_decodes, NUM_SPLITS)`` with
     HEAD_MAJOR (a sequence's KV heads in consecutive programs: they read the same tokens' rows
     of the cache at about the same time). Each split's normalized partial output, running
@@ -68,7 +71,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
     workspace for ``_decode_reduce_kernel`` (SEPARATE), or straight to ``out`` (DIRECT, one
     split). QUERY_LEN query tokens per sequence (module docstring), rows ``tq * GROUP_P2 + g``.
     PREFETCH: the first K/V tile's cached keys are loaded before the PDL wait. ROTARY (decodes
-    only): q, k, v arrive unrotated; see ``_new_key``."""
+    only): q, k, v arrive unrotated; see ``_new_key``. SOFTCAP: scores soft-capped at
+    ``softcap`` (log2 units, ``common._softcap``)."""
     pdl_launch(USE_PDL)
     # Before the wait: only the step's inputs and keys of earlier steps (``pdl.py``).
     if HEAD_MAJOR:
@@ -125,9 +129,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
     if ROTARY:
         q, qk_scale, acc, m_i, l_i = _new_key(
             q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, tok, head, kvh, d, row_ok, cos, sin,
-            slot, (n_new >= start) & (n_new < end), acc, m_i, l_i, scale_log2,
+            slot, (n_new >= start) & (n_new < end), acc, m_i, l_i, scale_log2, softcap,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-            stride_cb, stride_ct, stride_ch, HEAD_SIZE, BLOCK_SIZE, DOT_FP32)
+            stride_cb, stride_ct, stride_ch, HEAD_SIZE, BLOCK_SIZE, DOT_FP32, SOFTCAP)
     else:
         q, qk_scale = _load_q(q_ptr, tok, head, d, row_ok, stride_qt, stride_qh, scale_log2,
                               DOT_FP32, FP8_PTX)
@@ -139,15 +143,15 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
             v0 = tl.where(new[:, None], tl.load(v_cache_ptr + off0[:, None] + d[None, :],
                                                 mask=new[:, None], other=0.0), v0)
         mask = _key_mask(rows, n0, n0_ok, q_pos, window, QUERY_LEN, USE_WINDOW)
-        acc, m_i, l_i = _attend_kv(q, acc, m_i, l_i, k0, v0, mask, qk_scale, DOT_PREC, True,
-                                   FP8_PTX)
+        acc, m_i, l_i = _attend_kv(q, acc, m_i, l_i, k0, v0, mask, qk_scale, softcap, DOT_PREC,
+                                   True, FP8_PTX, SOFTCAP)
     for n_start in range(first, end_cache, BLOCK_N):
         n = n_start + tl.arange(0, BLOCK_N)
         n_ok = n < end_cache
         mask = _key_mask(rows, n, n_ok, q_pos, window, QUERY_LEN, USE_WINDOW)
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
-                                     mask, kvh, qk_scale, stride_cb, stride_ct, stride_ch,
-                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True, FP8_PTX)
+                                     mask, kvh, qk_scale, softcap, stride_cb, stride_ct, stride_ch,
+                                     HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True, FP8_PTX, SOFTCAP)
     acc = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     if REDUCE == 1:  # _REDUCE_DIRECT: the only split's partial is the output
         tl.store(out_ptr + (tok * stride_ot + head * stride_oh)[:, None] + d[None, :],
@@ -171,9 +175,10 @@ def _key_mask(rows, n, n_ok, q_pos, window, QUERY_LEN: tl.constexpr, USE_WINDOW:
 
 @triton.jit
 def _new_key(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, tok, head, kvh, d, row_ok, cos, sin,
-             slot, own, acc, m_i, l_i, scale_log2, stride_qt, stride_qh, stride_kt, stride_kh,
-             stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
-             HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr):
+             slot, own, acc, m_i, l_i, scale_log2, softcap, stride_qt, stride_qh, stride_kt,
+             stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
+             HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+             SOFTCAP: tl.constexpr):
     """A decode's rotary and cache write, fused (ROTARY): every program NeoX-rotates its q rows
     (``rope_full``, ``rotary_and_cache``'s arithmetic); the program owning the new key
     (``own``: its split holds position seq_len - 1) rotates that key, writes it and v to the
@@ -198,6 +203,8 @@ def _new_key(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, tok, head, kvh, d, r
     tl.store(v_cache_ptr + c_off + d, v.to(v_cache_ptr.dtype.element_ty), mask=write_ok)
     # the tile path's rounding: a dot of q and k (fp32 sums), P in q's dtype times v
     s_new = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale_log2
+    if SOFTCAP:
+        s_new = _softcap(s_new, softcap)
     s_new = tl.where(row_ok & own, s_new, float("-inf"))
     m_new = tl.maximum(m_i, s_new)
     alpha = tl.exp2(m_i - m_new)
@@ -283,7 +290,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      k_scale: float = 1.0, v_scale: float = 1.0,
                      fp8_convert: str = "auto", fused_reduce: bool = True,
                      query_len: int = 1, prefetch: bool = False,
-                     rotary: Optional[tuple] = None, head_major: Optional[bool] = None) -> None:
+                     rotary: Optional[tuple] = None, head_major: Optional[bool] = None,
+                     logit_softcap: Optional[float] = None) -> None:
     """Split-KV attention of the first ``num_seqs`` sequences, ``query_len`` query tokens each
     (1: decodes; more: verify steps, the last ``query_len`` positions of each sequence, rows
     ``query_start_loc[s] ..`` consecutive).
@@ -304,6 +312,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ``rotary``: ``(k, v, slot_mapping, positions, cos_sin_cache)`` of a pure-decode step
     (``query_len`` 1, a 16-bit cache) whose q and k arrive unrotated: the kernel does
     ``rotary_and_cache``'s work itself (``_new_key``) and q stays unrotated in memory.
+    ``logit_softcap``: scores become ``cap * tanh(scale * q.k / cap)`` (None: no cap).
     """
     if num_seqs == 0:
         return
@@ -337,7 +346,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_split_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_m, part_l, query_start_loc, seq_lens, block_tables,
         *extra, scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
-        sliding_window or 0,
+        sliding_window or 0, _softcap_log2(logit_softcap),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         *extra_strides,
@@ -347,7 +356,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q), FP8_PTX=fp8_ptx,
         REDUCE=reduce, PREFETCH=prefetch, ROTARY=rotary is not None, HEAD_MAJOR=head_major,
-        num_warps=num_warps,
+        SOFTCAP=logit_softcap is not None, num_warps=num_warps,
         num_stages=num_stages, **pdl_args(q.device))
     if reduce == _REDUCE_SEPARATE:
         _decode_reduce_kernel[(num_seqs * query_len, num_heads)](

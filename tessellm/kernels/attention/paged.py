@@ -44,6 +44,7 @@ class TritonAttentionKernel:
 
     name = "triton"
     supports_sliding_window = True
+    supports_logit_softcap = True  # a constexpr branch of the kernels: no cost without a cap
     supports_graph_capture = True  # no host sync in forward; grid fixed per batch size
     kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3")  # fp8: e4m3 cache, needs sm89+ (Ada, Hopper)
     # forward takes positions/cos_sin_cache and applies NeoX rotary as it writes the cache
@@ -75,12 +76,14 @@ class TritonAttentionKernel:
     def __init_subclass__(cls, **kwargs):
         # A subclass serves an fp8 cache only if it says so: its forward must pass k_scale and
         # v_scale on (and its hardware may want another fp8 format, e.g. e4m3fnuz on MI300).
-        # Likewise a subclass with its own forward fuses rotary only if it says so.
+        # Likewise a subclass with its own forward fuses rotary, or soft-caps, only if it says so.
         super().__init_subclass__(**kwargs)
         if "kv_cache_dtypes" not in cls.__dict__:
             cls.kv_cache_dtypes = ("auto",)
         if "forward" in cls.__dict__ and "fuses_rotary" not in cls.__dict__:
             cls.fuses_rotary = False
+        if "forward" in cls.__dict__ and "supports_logit_softcap" not in cls.__dict__:
+            cls.supports_logit_softcap = False  # its forward must pass logit_softcap on
 
     def __init__(self, spec, max_model_len: int, max_num_seqs: int = 256):
         head_size = spec.head_size
@@ -105,6 +108,7 @@ class TritonAttentionKernel:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.sliding_window = spec.sliding_window
+        self.logit_softcap = getattr(spec, "logit_softcap", None)
         # ``decode_table``'s kind of this cache (an fp8 cache: as widened on CUDA sm89+)
         self._cache_kind = ("fp8" if spec.kv_cache_dtype != "auto"
                             else str(spec.dtype).removeprefix("torch."))
@@ -207,12 +211,13 @@ class TritonAttentionKernel:
                                             else self.min_partition),
                              k_scale=self.k_scale, v_scale=self.v_scale,
                              fp8_convert=self.fp8_convert, query_len=md.query_len,
-                             prefetch=small, rotary=rotary,
+                             prefetch=small, rotary=rotary, logit_softcap=self.logit_softcap,
                              **self._decode_buffers(md.num_decodes, q.device, md.query_len))
         if md.num_prefills:
             prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
                               md.block_tables, scale, seq_offset=md.num_decodes,
                               num_seqs=md.num_prefills, max_query_len=md.max_query_len,
                               sliding_window=self.sliding_window, k_scale=self.k_scale,
-                              v_scale=self.v_scale, fp8_convert=self.fp8_convert)
+                              v_scale=self.v_scale, fp8_convert=self.fp8_convert,
+                              logit_softcap=self.logit_softcap)
         return out

@@ -131,3 +131,28 @@ def test_fused_rotary_equals_rotating_first(target, batch):
     torch.testing.assert_close(got.cpu(), want.cpu(), **tol)
     torch.testing.assert_close(step.k_cache.cpu(), k_first.cpu(), **tol)
     assert torch.equal(step.v_cache.cpu(), v_first.cpu()), "v is written unrotated, as is"
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("batch", ["mixed", "verify"])
+def test_attention_logit_softcap(target, batch, window):
+    """``AttentionSpec.logit_softcap`` (Gemma 2): scores ``cap * tanh(scale * q.k / cap)``
+    before the mask and softmax. A kernel that serves a capped spec must declare
+    ``supports_logit_softcap``; one that does not is skipped (the engine refuses soft-capped
+    models on it), unless the backend's capabilities claim ``logit_softcap``."""
+    cap = 1.5  # scores here reach a few units: the cap changes every output row
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64, dtype=torch.float32,
+                         block_size=16, sliding_window=window, logit_softcap=cap,
+                         max_model_len=256, max_num_seqs=8)
+    kernel = target.registry.attention_kernel(target.backend, spec)
+    if kernel is None or not getattr(kernel, "supports_logit_softcap", False):
+        if target.backend.capabilities.get("logit_softcap"):
+            pytest.fail(f"{target.name} declares logit_softcap but its kernel for a capped spec "
+                        "does not declare supports_logit_softcap")
+        pytest.skip(f"{target.name} has no soft-capping attention kernel")
+    q_lens, ctx = BATCHES[batch]
+    step = make_paged_step(q_lens, ctx, num_kv_heads=2, group=2, head_size=64, block_size=16,
+                           dtype=torch.float32, device=target.device, window=window,
+                           seed=seed_of("softcap", batch, window), logit_softcap=cap,
+                           q_gain=3.0)  # larger scores: a kernel that ignores the cap fails
+    _check(target, kernel, step, torch.float32)
