@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tessellm.models import (cohere, gemma3, granite, granite_moe, llama, llava, moe, olmo, olmo2,
-                             olmo3, olmoe, phi, phi3, seq_cls, stablelm, starcoder2)
+from tessellm.models import (cohere, gemma3, gpt_neox, granite, granite_moe, llama, llava, moe,
+                             olmo, olmo2, olmo3, olmoe, phi, phi3, seq_cls, stablelm, starcoder2)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -18,6 +18,7 @@ _MODELS = {
     "Olmo2ForCausalLM": olmo2.Olmo2ForCausalLM,
     "Olmo3ForCausalLM": olmo3.Olmo3ForCausalLM,
     "CohereForCausalLM": cohere.CohereForCausalLM,
+    "GPTNeoXForCausalLM": gpt_neox.GPTNeoXForCausalLM,
     "StableLmForCausalLM": stablelm.StableLmForCausalLM,
     "Starcoder2ForCausalLM": starcoder2.Starcoder2ForCausalLM,
     "MixtralForCausalLM": moe.MixtralForCausalLM,

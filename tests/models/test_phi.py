@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models.variant_parity import TINY, assert_parity, prompts, save_tiny
+from tests.models.variant_parity import (TINY, assert_parity, assert_refused_at_load, prompts,
+                                         save_tiny)
 
 
 def phi_config(**overrides):
@@ -37,10 +38,5 @@ def test_phi_tensor_parallel(tmp_path):
 
 
 def test_phi_qk_layernorm_refused(tmp_path):
-    from tessellm import LLM
-
-    config = phi_config(qk_layernorm=True)
-    config.architectures = ["PhiForCausalLM"]
-    config.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="Phi config qk_layernorm=True is not supported"):
-        LLM(str(tmp_path), load_format="dummy", dtype="float32")
+    assert_refused_at_load(phi_config(qk_layernorm=True), "PhiForCausalLM", tmp_path,
+                           "Phi config qk_layernorm=True is not supported")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models.variant_parity import TINY, assert_parity, prompts, save_tiny
+from tests.models.variant_parity import (TINY, assert_parity, assert_refused_at_load, prompts,
+                                         save_tiny)
 
 
 def starcoder2_config(**overrides):
@@ -37,10 +38,5 @@ def test_starcoder2_tensor_parallel(use_bias, tmp_path):
 
 
 def test_starcoder2_unsupported_activation_refused(tmp_path):
-    from tessellm import LLM
-
-    config = starcoder2_config(hidden_act="gelu_10")
-    config.architectures = ["Starcoder2ForCausalLM"]
-    config.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="Starcoder2 config hidden_act='gelu_10' is not supported"):
-        LLM(str(tmp_path), load_format="dummy", dtype="float32")
+    assert_refused_at_load(starcoder2_config(hidden_act="gelu_10"), "Starcoder2ForCausalLM",
+                           tmp_path, "Starcoder2 config hidden_act='gelu_10' is not supported")

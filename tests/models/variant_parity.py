@@ -81,3 +81,14 @@ def assert_parity(path: str, prompt_list, max_new: int = 10, atol: float = 2e-4,
     assert got_tokens == want_tokens
     for got, want in zip(got_lp, want_lp):
         torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+def assert_refused_at_load(config, architecture: str, path, match: str) -> None:
+    """Loading ``config`` (dummy weights) as ``architecture`` raises a ValueError matching
+    ``match``: a config option the family does not implement is refused naming it."""
+    import pytest
+
+    config.architectures = [architecture]
+    config.save_pretrained(path)
+    with pytest.raises(ValueError, match=match):
+        LLM(str(path), load_format="dummy", dtype="float32")
