@@ -132,13 +132,16 @@ class LLM:
             prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request, pooling_task="classify")]
 
     def score(self, data_1, data_2, truncate_prompt_tokens: Optional[int] = None, use_tqdm: bool = True,
-              pooling_params=None, lora_request=None) -> list:
+              pooling_params=None, lora_request=None, chat_template: Optional[str] = None) -> list:
         """Scores of text pairs (one text against many, or two lists pairwise): a cross-encoder's
         sigmoid relevance, or the cosine similarity of an embedding model's vectors
-        (``tessellm.pooling.score``). One ``ScoringRequestOutput`` per pair, in order."""
+        (``tessellm.pooling.score``). One ``ScoringRequestOutput`` per pair, in order.
+        ``chat_template``: a score template (Jinja over the roles ``query`` and ``document``)
+        that formats a cross-encoder's pair, e.g. an LLM reranker's prompt."""
         from tessellm.pooling.score import run_score
 
-        return run_score(self, data_1, data_2, truncate_prompt_tokens, use_tqdm, pooling_params, lora_request)
+        return run_score(self, data_1, data_2, truncate_prompt_tokens, use_tqdm, pooling_params, lora_request,
+                         chat_template)
 
     def encode(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
                use_tqdm: bool = True, lora_request=None, pooling_task: Optional[str] = None) -> list:

@@ -13,6 +13,15 @@
 
 A classifier with more than one label has no score (vLLM's rule too): refused by name.
 
+A score template (vLLM's: ``LLM.score(..., chat_template=...)``, ``--chat-template`` at the
+server) formats a cross-encoder's pair instead: a chat template rendered over the messages
+``[{"role": "query", "content": q}, {"role": "document", "content": d}]`` (an LLM reranker's
+prompt, e.g. Qwen3-Reranker's, examples/score_templates/qwen3_reranker.jinja), tokenized without
+adding special tokens (the template places them)::
+
+    ("what is a cat?", "a small feline")  --template-->  "<|im_start|>system ... <Query>: what is
+    a cat?\n<Document>: a small feline<|im_end|>\n<|im_start|>assistant\n..."  -->  token ids
+
 Pairs are formed as vLLM forms them::
 
     text_1 = "q",        text_2 = ["d0", "d1"]  ->  (q, d0), (q, d1)
@@ -22,7 +31,7 @@ Pairs are formed as vLLM forms them::
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -71,16 +80,38 @@ def form_pairs(text_1: Texts, text_2: Texts, names: tuple[str, str] = ("text_1",
     return list(zip(side_1, side_2))
 
 
-def pair_prompt(tokenizer, query: str, document: str, sep: bool = True, max_length=None) -> dict:
-    """A cross-encoder's prompt for one pair: the tokenizer's text pair (``sep``) or the text
-    ``query + document``, special tokens included, cut to ``max_length`` tokens if given."""
+def pair_prompt(tokenizer, query: str, document: str, sep: bool = True, max_length=None,
+                template: Optional[str] = None) -> dict:
+    """A cross-encoder's prompt for one pair: the score ``template`` rendered (special tokens
+    as it places them), else the tokenizer's text pair (``sep``) or the text ``query +
+    document``, special tokens included; cut to ``max_length`` tokens if given (the tokenizer's
+    truncation: a rendered template loses its end, as in vLLM)."""
     if tokenizer is None:
         raise ValueError("This model has no tokenizer files; scoring needs one to join the pair.")
-    kwargs = {"add_special_tokens": True}
+    kwargs = {"add_special_tokens": template is None}
     if max_length is not None:
         kwargs.update(truncation=True, max_length=max_length)
-    pair = {"text": query, "text_pair": document} if sep else {"text": query + document}
+    if template is not None:
+        pair = {"text": render_score_template(tokenizer, template, query, document)}
+    else:
+        pair = {"text": query, "text_pair": document} if sep else {"text": query + document}
     return {"prompt_token_ids": list(tokenizer(**pair, **kwargs)["input_ids"])}
+
+
+def render_score_template(tokenizer, template: str, query: str, document: str) -> str:
+    """The pair's text through a score template (vLLM's roles ``query`` and ``document``)."""
+    import jinja2
+
+    messages = [{"role": "query", "content": query}, {"role": "document", "content": document}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=False)
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"The score template failed on this pair: {exc}") from None
+    if not text:
+        raise ValueError("The score template rendered an empty prompt; it should place the messages "
+                         "with roles query and document.")
+    return text
 
 
 def pair_max_length(truncate_prompt_tokens, info):
@@ -97,8 +128,9 @@ def cosine(a, b) -> float:
 
 
 def run_score(llm, data_1: Texts, data_2: Texts, truncate_prompt_tokens, use_tqdm: bool,
-              pooling_params, lora_request) -> list:
-    """``LLM.score``: the pairs through the cross-encoder, or both sides through ``LLM.embed``."""
+              pooling_params, lora_request, chat_template: Optional[str] = None) -> list:
+    """``LLM.score``: the pairs through the cross-encoder (formatted by ``chat_template``, a
+    score template, if given), or both sides through ``LLM.embed``."""
     from dataclasses import replace
 
     from tessellm.pooling.outputs import ScoringOutput, ScoringRequestOutput
@@ -110,10 +142,13 @@ def run_score(llm, data_1: Texts, data_2: Texts, truncate_prompt_tokens, use_tqd
     if mode == "cross":
         tokenizer, sep = llm.engine.tokenizer, info.pooling["use_sep_token"]
         length = pair_max_length(truncate_prompt_tokens, info)
-        prompts = [pair_prompt(tokenizer, q, d, sep, length) for q, d in pairs]
+        prompts = [pair_prompt(tokenizer, q, d, sep, length, chat_template) for q, d in pairs]
         outs = llm.classify(prompts, pooling_params, None, use_tqdm, lora_request)
         return [ScoringRequestOutput(o.request_id, ScoringOutput(o.outputs.probs[0]), o.prompt_token_ids,
                                      o.finished) for o in outs]
+    if chat_template is not None:
+        raise ValueError("chat_template (a score template) formats a cross-encoder's pair; this "
+                         "embedding model embeds each text alone and scores by cosine similarity.")
     if pooling_params is not None and pooling_params.use_activation is not None:
         pooling_params = replace(pooling_params, use_activation=None)  # cosine needs no activation
     queries = list(dict.fromkeys(q for q, _ in pairs))  # each distinct text embedded once

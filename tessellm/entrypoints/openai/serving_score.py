@@ -2,7 +2,8 @@
 
 Which path a server takes follows the model (``tessellm.pooling.score``): a cross-encoder
 (a one-label ``*ForSequenceClassification``) runs each (query, document) pair as one prompt and
-scores it by the sigmoid of its logit; an embedding model embeds each distinct text once and
+scores it by the sigmoid of its logit (the pair formatted by ``--chat-template``, the score
+template, when the server has one); an embedding model embeds each distinct text once and
 scores the cosine similarity. ``/score`` pairs ``text_1`` with ``text_2`` (one against many, or
 list against list); ``/rerank`` scores ``documents`` against ``query`` and returns them most
 relevant first (``top_n`` of them, 0: all). Bad input is a 400 naming the field: mismatched
@@ -74,7 +75,8 @@ async def _score(engine: AsyncLLM, config: ServerConfig, req, side_1, side_2, na
         params = classify_params(engine, req)
         sep = engine.info.pooling["use_sep_token"]
         length = pair_max_length(params.truncate_prompt_tokens, engine.info)
-        prompts = [await _prompt(engine, lambda q=q, d=d: pair_prompt(engine.tokenizer, q, d, sep, length),
+        template = config.chat_template  # --chat-template: the score template (vLLM's)
+        prompts = [await _prompt(engine, lambda q=q, d=d: pair_prompt(engine.tokenizer, q, d, sep, length, template),
                                  None, names[1]) for q, d in pairs]
         outs = await collect(engine, _submit(engine, request_id, prompts, params, lora), http_request,
                              config.sse_keepalive_s)
