@@ -3,25 +3,27 @@ the beam width, ``temperature`` (default 1.0, as vLLM), ``length_penalty`` (defa
 ``ignore_eos``, ``include_stop_str_in_output`` and ``max_tokens`` apply; the search is
 tessellm/entrypoints/beam_search.py's, each step's beams sent to the engine as requests.
 
-vLLM answers a streamed beam search whole at /v1/completions (events only at chat, after the
-search) and ignores the sampling fields the search does not use; tessellm refuses those
-(``stream``, ``stop``, ``top_p``, ...) with a 400 naming the field, so a request never silently
-means something else.
+``stream: true`` streams as vLLM does: beams are ranked only when the search ends, so the
+events come after it (keep-alive comments meanwhile), one chunk per beam with its whole text
+and finish_reason, then usage if ``stream_options`` asks, then ``[DONE]``. vLLM ignores the
+sampling fields the search does not use; tessellm refuses those (``stop``, ``top_p``, ...) with
+a 400 naming the field, so a request never silently means something else.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Optional
 
 from tessellm.core.input_processor import ProcessedPrompt
 from tessellm.core.outputs import CompletionOutput, RequestOutput
 from tessellm.entrypoints.beam_search import BeamSearch, BeamSearchParams, drive, step_logprobs, step_params
 from tessellm.entrypoints.openai.errors import bad_request
-from tessellm.entrypoints.openai.serving import collect, random_id, submit
+from tessellm.entrypoints.openai.serving import ChunkRenderer, collect, random_id, sse_stream, submit
 
 # request field -> the values a beam search accepts (it does not apply the field otherwise)
 _NOT_APPLIED = {
-    "stream": (False, None), "stop": (None, [], ""), "stop_token_ids": (None, []), "min_tokens": (0,),
+    "stop": (None, [], ""), "stop_token_ids": (None, []), "min_tokens": (0,),
     "top_p": (None, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0.0), "seed": (None,),
     "presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0), "repetition_penalty": (None, 1.0),
     "logit_bias": (None, {}), "allowed_token_ids": (None,), "bad_words": (None, []),
@@ -54,9 +56,7 @@ async def beam_search(engine, prompts: list[ProcessedPrompt], params: list[BeamS
                       cache_salt: Optional[str], http_request, heartbeat: float) -> list[RequestOutput]:
     """One RequestOutput per prompt whose ``outputs`` are its best beams (``index`` = rank);
     every step's beams go to the engine together, and a client that leaves aborts them."""
-    if any(p.mm_features for p in prompts):
-        raise bad_request("Beam search over images is not supported; send the request without "
-                          "use_beam_search.", "use_beam_search", "unsupported_parameter")
+    _check_prompts(prompts)
     info = engine.info
     searches = [BeamSearch(p.prompt_token_ids, bp, info.eos_token_ids, info.max_model_len)
                 for p, bp in zip(prompts, params)]
@@ -72,6 +72,33 @@ async def beam_search(engine, prompts: list[ProcessedPrompt], params: list[BeamS
     except StopIteration:
         pass
     return [_request_output(engine, f"{base}-{i}", p, s) for i, (p, s) in enumerate(zip(prompts, searches))]
+
+
+def beam_search_stream(engine, prompts: list[ProcessedPrompt], params: list[BeamSearchParams], lora,
+                       cache_salt: Optional[str], http_request, heartbeat: float,
+                       renderer: ChunkRenderer, stream_options):
+    """``stream: true``: the search runs as a task from now; the stream sends a keep-alive every
+    ``heartbeat`` seconds until it ends, then its beams through ``renderer``. A client that
+    leaves cancels the task, which aborts the step in flight."""
+    _check_prompts(prompts)  # a 400 before the stream starts
+    task = asyncio.ensure_future(beam_search(engine, prompts, params, lora, cache_salt, http_request,
+                                             heartbeat))
+    return sse_stream(_when_done(task, heartbeat), renderer, stream_options, task.cancel)
+
+
+async def _when_done(task: asyncio.Future, heartbeat: float):
+    """None (a keep-alive) every ``heartbeat`` seconds while ``task`` runs, then
+    ``(prompt index, output)`` for each of its outputs."""
+    while not (await asyncio.wait({task}, timeout=heartbeat))[0]:
+        yield None
+    for i, out in enumerate(task.result()):
+        yield i, out
+
+
+def _check_prompts(prompts: list[ProcessedPrompt]) -> None:
+    if any(p.mm_features for p in prompts):
+        raise bad_request("Beam search over images is not supported; send the request without "
+                          "use_beam_search.", "use_beam_search", "unsupported_parameter")
 
 
 def _request_output(engine, request_id: str, prompt: ProcessedPrompt, search: BeamSearch) -> RequestOutput:

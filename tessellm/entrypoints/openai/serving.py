@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Optional, Protocol
+from typing import AsyncIterator, Callable, Optional, Protocol
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -153,17 +153,25 @@ class ChunkRenderer(Protocol):
 
 def sse_response(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer, heartbeat: float,
                  stream_options) -> StreamingResponse:
+    return sse_stream(iterate_streams(sub.streams, sub.event, heartbeat), renderer, stream_options,
+                      lambda: sub.abort(engine))
+
+
+def sse_stream(items: AsyncIterator[Optional[tuple[int, RequestOutput]]], renderer: ChunkRenderer,
+               stream_options, close: Callable[[], None]) -> StreamingResponse:
+    """An SSE response of ``items`` (``(prompt index, output)``, or None for a keep-alive)
+    through ``renderer``; ``close`` runs when the stream ends or the client leaves (it must not
+    await: it may run while the stream is being cancelled)."""
     include_usage = bool(stream_options is not None and stream_options.include_usage)
-    return StreamingResponse(_sse_events(engine, sub, renderer, heartbeat, include_usage),
+    return StreamingResponse(_sse_events(items, renderer, include_usage, close),
                              media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _sse_events(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer, heartbeat: float,
-                      include_usage: bool):
+async def _sse_events(items, renderer: ChunkRenderer, include_usage: bool, close: Callable[[], None]):
     try:
         for chunk in renderer.start():
             yield _event(chunk, include_usage)
-        async for item in iterate_streams(sub.streams, sub.event, heartbeat):
+        async for item in items:
             if item is None:
                 yield ": keep-alive\n\n"
                 continue
@@ -176,7 +184,7 @@ async def _sse_events(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer,
         yield engine_error(exc).sse_event()
         yield "data: [DONE]\n\n"
     finally:
-        sub.abort(engine)  # never awaits: safe while being cancelled
+        close()  # never awaits: safe while being cancelled
 
 
 def usage(outputs: list[RequestOutput]) -> UsageInfo:

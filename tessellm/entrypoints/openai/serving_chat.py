@@ -14,7 +14,7 @@ from fastapi import Request
 from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS, render_chat
-from tessellm.entrypoints.openai.beam_search import beam_params, beam_search
+from tessellm.entrypoints.openai.beam_search import beam_params, beam_search, beam_search_stream
 from tessellm.entrypoints.openai.errors import bad_request, prompt_error
 from tessellm.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
 from tessellm.entrypoints.openai.protocol_responses import (ChatChoice, ChatChoiceLogProbs,
@@ -71,6 +71,9 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     view.prompt_ids = processed.prompt_token_ids
     if req.use_beam_search:  # n is the beam width (openai/beam_search.py)
         beams = [beam_params(req, max_tokens, defaults, structured)]
+        if req.stream:
+            return beam_search_stream(engine, [processed], beams, lora, req.cache_salt, http_request,
+                                      config.sse_keepalive_s, _ChatChunks(view), req.stream_options)
         outputs = await beam_search(engine, [processed], beams, lora, req.cache_salt, http_request,
                                     config.sse_keepalive_s)
         return view.response(outputs[0])

@@ -13,7 +13,7 @@ from fastapi import Request
 
 from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
-from tessellm.entrypoints.openai.beam_search import beam_params, beam_search
+from tessellm.entrypoints.openai.beam_search import beam_params, beam_search, beam_search_stream
 from tessellm.entrypoints.openai.errors import bad_request, prompt_error
 from tessellm.entrypoints.openai.protocol import CompletionRequest
 from tessellm.entrypoints.openai.protocol_responses import (CompletionChoice, CompletionLogProbs,
@@ -51,6 +51,10 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
                            response_id("cmpl", req, request_id), [_prompt_text(engine, p) for p in processed])
     if req.use_beam_search:  # n is the beam width (openai/beam_search.py)
         beams = [beam_params(req, p.max_tokens, defaults, structured) for p in params]
+        if req.stream:
+            return beam_search_stream(engine, processed, beams, lora, req.cache_salt, http_request,
+                                      config.sse_keepalive_s, _CompletionChunks(view, len(prompts)),
+                                      req.stream_options)
         return view.response(await beam_search(engine, processed, beams, lora, req.cache_salt, http_request,
                                                config.sse_keepalive_s))
     sub = submit(engine, request_id, processed, params, lora, req.cache_salt)
