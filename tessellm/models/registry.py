@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from tessellm.models import (cohere, gemma3, gpt_neox, granite, granite_moe, llama, llava, moe,
-                             olmo, olmo2, olmo3, olmoe, phi, phi3, seq_cls, stablelm, starcoder2)
+from tessellm.models import (cohere, exaone, gemma3, gpt_neox, granite, granite_moe, llama, llava,
+                             moe, olmo, olmo2, olmo3, olmoe, phi, phi3, seq_cls, stablelm,
+                             starcoder2)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -18,6 +19,7 @@ _MODELS = {
     "Olmo2ForCausalLM": olmo2.Olmo2ForCausalLM,
     "Olmo3ForCausalLM": olmo3.Olmo3ForCausalLM,
     "CohereForCausalLM": cohere.CohereForCausalLM,
+    "ExaoneForCausalLM": exaone.ExaoneForCausalLM,
     "GPTNeoXForCausalLM": gpt_neox.GPTNeoXForCausalLM,
     "StableLmForCausalLM": stablelm.StableLmForCausalLM,
     "Starcoder2ForCausalLM": starcoder2.Starcoder2ForCausalLM,
