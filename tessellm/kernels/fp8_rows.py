@@ -21,8 +21,10 @@ _FP8_MAX = {}  # dtype -> torch.finfo(dtype).max (finfo costs a microsecond a ca
 
 @triton.jit
 def fp8_row_scale(amax, FP8_MAX: tl.constexpr):
-    """The row's scale from its ``amax`` (a float32 scalar: max |x| over the row)."""
-    return tl.maximum(amax, 1e-12) / FP8_MAX
+    """The row's scale from its ``amax`` (a float32 scalar: max |x| over the row), the IEEE
+    quotient (``div_rn``: ``/`` by a constant is an approximate reciprocal times amax in some
+    Triton versions, a ``div.full`` in others; this is torch's ``amax / FP8_MAX``)."""
+    return tl.math.div_rn(tl.maximum(amax, 1e-12), FP8_MAX)
 
 
 @triton.jit

@@ -5,9 +5,13 @@ Matches ``backends/reference/ops.py`` including its rounding points: normalize i
 to x's dtype, then multiply by the weight. ``add_rms_norm_row`` is shared with the cuda
 backend's fused all-reduce + norm. Rows are ``[rows, hidden]`` with a contiguous last dimension.
 The fp8 variant rounds the normed row to the output dtype, then quantizes it as
-``gemm/fp8._fp8_quant_rows_kernel`` does, so it is bitwise RMSNorm then that kernel; it
-launches with the same block and warps as the plain one (the row's sum of squares reduces in
-the same order).
+``gemm/fp8._fp8_quant_rows_kernel`` does, so it is bitwise RMSNorm then that kernel.
+
+Every kernel that normalizes a row must get the same ``rstd`` bits from the same row (the fp8
+variant, the all-reduce + norm of ``backends/cuda/allreduce_norm.py``): the sum of squares is a
+``pairwise_sum`` (its order fixed by index, not by the layout each kernel's loads and stores
+lead the compiler to pick) and the kernels launch with FMA contraction off
+(``NORM_LAUNCH_OPTIONS``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ import triton.language as tl
 
 from tessellm.kernels.fp8_rows import (check_fp8_dtype, fp8_max, fp8_quantize, fp8_row_buffers,
                                        fp8_row_scale)
+from tessellm.kernels.pairwise_sum import pairwise_sum
 from tessellm.kernels.pdl import pdl_args, pdl_start
+
+# Launch options of every kernel that calls ``rms_norm_value``: no FMA contraction, so the
+# squares and the pairwise sum's adds stay separate roundings in every kernel (``pairwise_sum``).
+NORM_LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -26,8 +35,9 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 @triton.jit
 def rms_norm_value(xf, w_ptr, cols, mask, hidden, eps, dt: tl.constexpr):
     """``weight * round_dt(xf * rstd)`` in float32 for a row ``xf`` (float32 holding values
-    of ``dt``); the caller rounds it to its output dtype."""
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / hidden + eps)
+    of ``dt``); the caller rounds it to its output dtype. The kernel launches with
+    ``NORM_LAUNCH_OPTIONS``."""
+    rstd = 1.0 / tl.sqrt(pairwise_sum(xf * xf) / hidden + eps)
     xn = (xf * rstd).to(dt).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return w * xn
@@ -138,7 +148,8 @@ def _launch(kernel, x2, r2, weight, outs, new_res, eps, **consts):
         x2, r2 if has_res else x2, weight.contiguous(), *outs, new_res if has_res else first,
         hidden, eps, x2.stride(0), r2.stride(0) if has_res else 0, first.stride(0),
         new_res.stride(0) if has_res else 0, HAS_RESIDUAL=has_res, BLOCK=block,
-        num_warps=min(16, max(1, block // 512)), **consts, **pdl_args(x2.device))
+        num_warps=min(16, max(1, block // 512)), **consts, **NORM_LAUNCH_OPTIONS,
+        **pdl_args(x2.device))
 
 
 def launch_rms_norm(x2, r2, weight, out, new_res, eps) -> None:

@@ -19,7 +19,8 @@ pytest.importorskip("triton")
 from tessellm.backends.reference import ops as ref  # noqa: E402
 from tessellm.backends.reference.quant_ops import TorchQuantOps  # noqa: E402
 from tessellm.kernels.fused_ops import TritonOps  # noqa: E402
-from tessellm.kernels.gemm.fp8 import quantize_fp8_rows  # noqa: E402
+from tessellm.kernels.gemm.common import _tiles  # noqa: E402
+from tessellm.kernels.gemm.fp8 import fp8_gemm, quantize_fp8_rows  # noqa: E402
 from tessellm.kernels.gemm.quant_ops import TritonQuantOps  # noqa: E402
 from tessellm.quantization.packed import Fp8Activation, quantize_fp8  # noqa: E402
 
@@ -133,6 +134,26 @@ def test_prequantized_product_is_fp8_mm(ops):
         xa = Fp8Activation(*quantize_fp8_rows(x, FP8, keepdim=True), x.dtype)
     got = ops.fp8_mm_prequantized(xa, seg, b)
     assert got.dtype == x.dtype and torch.equal(got, ops.fp8_mm(x, seg, b))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="split-K is a GPU launch choice (the interpreter takes "
+                    "one K range)")
+def test_triton_fp8_gemm_gives_the_same_bits_every_call():
+    """The Triton fp8 GEMM with split-K: each K range's partial product summed in split order,
+    so repeated calls agree bit for bit (issue 22: fp32 atomics added the partials in whatever
+    order the programs finished, and ``[triton-gemm]`` above failed on an H100), and the sum is
+    the product (each partial counted once, the bias once)."""
+    n, k = 512, 1024
+    x = _randn(40, k, dtype=torch.bfloat16, seed=13)
+    b = _randn(n, dtype=torch.bfloat16, seed=14)
+    w = quantize_fp8(_randn(n, k, dtype=torch.float32, seed=15) * 0.05).to(DEV)
+    xq, sx = quantize_fp8_rows(x, FP8)
+    assert _tiles(xq, 40, n, k, k)["SPLIT_K"] > 1  # the shape splits K (132 SMs: 8 ranges)
+    first = fp8_gemm(xq, sx, w, torch.bfloat16, b)
+    for _ in range(20):
+        assert torch.equal(fp8_gemm(xq, sx, w, torch.bfloat16, b), first)
+    want = (xq.float() @ w.qweight.float().T) * sx[:, None] * w.scales[None, :] + b.float()
+    torch.testing.assert_close(first.float(), want, rtol=1e-2, atol=1e-2)
 
 
 def test_w8a8_rows():

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.pdl import pdl_args, pdl_start
-from tessellm.kernels.norm import add_norm_buffers, add_rms_norm_row
+from tessellm.kernels.norm import NORM_LAUNCH_OPTIONS, add_norm_buffers, add_rms_norm_row
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,8 @@ class PushAllReduceNorm:
                 x2, r2, weight.contiguous(), out, new_res, self.peer_ptrs, self.counts,
                 self.hidden, eps, x2.stride(0), r2.stride(0), out.stride(0), new_res.stride(0),
                 self.max_rows, RANK=self.rank, WORLD=self.world, BITS=self.bits, BLOCK=block,
-                num_warps=min(16, max(1, block // 512)), **pdl_args(x.device))
+                num_warps=min(16, max(1, block // 512)), **NORM_LAUNCH_OPTIONS,
+                **pdl_args(x.device))
         return result
 
 

@@ -1,5 +1,10 @@
 """W8A8 fp8 for prefill: x quantized per token by one Triton kernel, then ``torch._scaled_mm``
 (row-wise scales, sm89+) or, without it, ``_fp8_gemm_kernel`` (tiles widened to fp16, exact).
+
+The Triton GEMM is deterministic: with split-K each K range writes its own float32 partial
+product and ``torch.sum`` adds them in split order (fp32 atomics would add them in whatever order
+the programs finish, so two calls on the same inputs could differ in the last bit, and the fp8
+activation fold's pre-quantized product would not be bitwise ``fp8_mm``).
 """
 
 from __future__ import annotations
@@ -43,13 +48,15 @@ def _fp8_quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
 
 @triton.jit
 def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K,
-                     stride_xm, stride_wn, stride_om,
-                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K,
+                     stride_xm, stride_wn, stride_om, stride_split,
+                     HAS_BIAS: tl.constexpr, SPLIT_K,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      DOT_FP32: tl.constexpr):
     """x, w fp8 (``[M, K]``, ``[N, K]``); y = (x @ w.T) * sx[m] * sw[n]. The tiles are widened
     to fp16 (exact for e4m3) for the dot, or to float32 in the interpreter (DOT_FP32). This is
-    the fallback where ``torch._scaled_mm`` cannot run, so it favours portability over speed."""
+    the fallback where ``torch._scaled_mm`` cannot run, so it favours portability over speed.
+    Split ``pid_k`` stores its partial product at ``out_ptr + pid_k * stride_split`` (the bias
+    in split 0's)."""
     pid_k, rm, rn, k_lo, k_hi = _tile_ranges(K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xm
@@ -63,7 +70,8 @@ def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K,
     sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
     acc = acc * sx[:, None] * sw[None, :]
-    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, ATOMIC)
+    part_ptr = out_ptr + pid_k.to(tl.int64) * stride_split
+    _epilogue(acc, part_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, False)
 
 
 def quantize_fp8_rows(x: torch.Tensor, fp8_dtype: torch.dtype,
@@ -97,18 +105,19 @@ def scaled_mm_plan(x: torch.Tensor, w: Fp8Weight):
 
 def fp8_gemm(xq: torch.Tensor, sx: torch.Tensor, w: Fp8Weight, out_dtype: torch.dtype,
              bias=None) -> torch.Tensor:
-    """The Triton W8A8 GEMM: ``(xq @ w.qweight.T) * sx[:, None] * w.scales[None, :]``."""
+    """The Triton W8A8 GEMM: ``(xq @ w.qweight.T) * sx[:, None] * w.scales[None, :]``; the
+    same bits on every call (split-K partials summed in split order)."""
     m, k = xq.shape
     n = w.qweight.shape[0]
     t = _tiles(xq, m, n, k, k)
     grid, split = t.pop("grid"), t["SPLIT_K"]
-    out = torch.zeros(m, n, dtype=torch.float32, device=xq.device) if split > 1 else \
-        torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    out = torch.empty((split, m, n) if split > 1 else (m, n),
+                      dtype=torch.float32 if split > 1 else out_dtype, device=xq.device)
     _fp8_gemm_kernel[grid](
         xq, sx, w.qweight, w.scales, bias if bias is not None else sx, out, m, n, k,
-        xq.stride(0), w.qweight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        ATOMIC=split > 1, DOT_FP32=_interpreted(xq), **t)
-    return out if split == 1 else out.to(out_dtype)
+        xq.stride(0), w.qweight.stride(0), out.stride(-2), m * n if split > 1 else 0,
+        HAS_BIAS=bias is not None, DOT_FP32=_interpreted(xq), **t)
+    return out if split == 1 else out.sum(0).to(out_dtype)
 
 
 def _scaled_mm_ok(x: torch.Tensor, w: Fp8Weight) -> bool:
