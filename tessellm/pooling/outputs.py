@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 
@@ -94,6 +93,7 @@ def pooling_output(state) -> PoolingRequestOutput:
         from tessellm.pooling.pooler import unpack_rows
 
         raw = unpack_rows(state.pooled) if isinstance(state.pooled, dict) else state.pooled
-        data = torch.from_numpy(np.array(state.pooling.apply(raw, True)))
+        values = state.pooling.apply(raw, True)  # raw logits may still be the received bytes
+        data = torch.from_numpy(values if values.flags.writeable else values.copy())
     return PoolingRequestOutput(state.request_id, PoolingOutput(data), state.prompt_token_ids,
                                 state.finished, state.prompt, state.num_cached_tokens)

@@ -58,7 +58,7 @@ class Pooler:
         vector (float32 values) for each request whose prompt ends in this step, or its rows
         (``pack_rows``) for a per-token task."""
         starts = query_start_loc[:-1].tolist()
-        per_token = [i for i, st in enumerate(states) if is_token_task(getattr(st, "pooling_task", None))]
+        per_token = [i for i, st in enumerate(states) if is_token_task(st.pooling_task)]
         out = self._token_rows(hidden, starts, states, counts, per_token) if per_token else {}
         if len(per_token) == len(states):
             return out

@@ -173,3 +173,21 @@ def test_per_token_task_and_rows_cross_the_process_boundaries():
     back = decode_runner_output(unpack(pack(encode_runner_output(ModelRunnerOutput(pooled={"r": packed})))))
     for got in (out.pooled, back.pooled["r"]):
         assert np.array_equal(unpack_rows(got), rows.numpy())
+
+
+def test_tensor_parallel_token_outputs(bare_model_dir, classifier_dir):
+    """Real worker processes (gloo): the task reaches each rank and the rows come back through
+    the step codec; embeddings and a classifier's per-token logits equal HF's."""
+    prompts = random_prompts(3, seed=18, lo=20, hi=70)
+    path = bare_model_dir("qwen3")
+    with _llm(path, tensor_parallel_size=2) as llm:
+        rows = llm.encode([{"prompt_token_ids": p} for p in prompts], pooling_task="token_embed")
+    for out, p in zip(rows, prompts):
+        torch.testing.assert_close(out.outputs.data, torch.nn.functional.normalize(hf_token_hidden(path, p), dim=-1),
+                                   atol=ATOL, rtol=0)
+    path = classifier_dir("llama", 3)
+    with _llm(path, tensor_parallel_size=2) as llm:
+        logits = llm.encode([{"prompt_token_ids": p} for p in prompts], pooling_task="token_classify",
+                            pooling_params=PoolingParams(use_activation=False))
+    for out, p in zip(logits, prompts):
+        torch.testing.assert_close(out.outputs.data, hf_token_logits(path, p), atol=ATOL, rtol=0)
