@@ -4,12 +4,15 @@ activation fold) and the stand-alone per-token quantizer, bf16, at Llama-8B (409
 (5120) hidden sizes and 1 to 4096 rows.
 
 Written for issue 22's fix (the norm kernels sum the squares with ``kernels/pairwise_sum.py``:
-one shared-memory step per warp bit instead of one for all warps): run it at the commit before
-and after, on the same warm machine, and compare the columns::
+one shared-memory step per warp bit instead of one for all warps): run it as is, then with the
+norm kernels of the commit before the fix, on the same warm machine, and compare the columns::
 
-    python3 benchmarks/kernels/norm_bench.py [--out result.json]
+    python3 benchmarks/kernels/norm_bench.py --out after.json
+    git checkout 40e9149 -- tessellm/kernels/norm.py tessellm/backends/cuda/allreduce_norm.py
+    python3 benchmarks/kernels/norm_bench.py --out before.json
+    git checkout HEAD -- tessellm/kernels/norm.py tessellm/backends/cuda/allreduce_norm.py
 
-The same script runs at both commits (it calls only ``TritonOps``' public ops).
+(``before`` keeps the fix's ``fp8_rows.py``: its ``div_rn`` is one division a row.)
 """
 
 from __future__ import annotations
