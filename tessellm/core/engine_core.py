@@ -177,7 +177,7 @@ class EngineCore:
         self.scheduler.lora = LoRASlots(config.max_loras, store)
         worker = getattr(self.executor, "worker", None)
         if worker is not None:
-            worker.runner.lora.store = store
+            worker.runner.lora.share_store(store)
         return store
 
     def add_lora(self, lora) -> None:

@@ -202,7 +202,7 @@ class ModelRunner(RunnerGraphs):
             self.steps.resolve_all()
         if self.lora is not None:
             self._lora_slots = self.lora.begin_step(sched.lora_loads, sched.lora_slots, order, counts,
-                                                    sched.lora_prefetch)
+                                                    sched.lora_prefetch, sched.lora_unloads)
         self.staging.begin_launch()
         host = build_inputs(states, counts, num_sampled, self.batch.tables, self.block_size,
                             self.steps.input_token)

@@ -103,6 +103,10 @@ class SchedulerOutput:
     # Multi-LoRA: adapters first named since the last step (``{"name", "id", "path"}`` each): a
     # worker process starts reading them into its own host cache now, off its step.
     lora_prefetch: list = field(default_factory=list)
+    # Multi-LoRA: adapter ids unloaded since the last step (``EngineCore.remove_lora``, once no
+    # request uses them): a worker process drops its host copy before this step's prefetch and
+    # loads, so a later request reads the adapter's files again.
+    lora_unloads: list = field(default_factory=list)
     # Image models: request id -> its images (indices into ``mm_features``) whose features the
     # runner gets this step, from the vision encoder or an equal image it holds; within the
     # scheduler's encoder budget (tessellm.multimodal.encoder_budget). The runner finds the same

@@ -51,3 +51,4 @@ def lora_step_fields(scheduler, out) -> None:
                       if requests[rid].lora_slot >= 0}
     out.lora_loads = scheduler.lora.take_loads()
     out.lora_prefetch = scheduler.lora.take_prefetch()
+    out.lora_unloads = scheduler.lora.take_unloads()

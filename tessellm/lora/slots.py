@@ -39,6 +39,7 @@ class LoRASlots:
         self._announced: set[int] = set()  # adapter ids sent to the workers for prefetching
         self._prefetch: list = []  # lora dicts to announce with the next step
         self._dropping: set[int] = set()  # removed while requests still used them (``drop``)
+        self._unloads: list[int] = []  # dropped ids to send to the workers with the next step
         self.draining = False  # this admission pass: an older request waits for a free slot
 
     def acquire(self, lora: "LoRARequest") -> int:
@@ -90,12 +91,19 @@ class LoRASlots:
         loads, self._loads = self._loads, []
         return loads
 
+    def take_unloads(self) -> list:
+        """Adapter ids dropped since the last step: worker processes evict their own copies."""
+        unloads, self._unloads = self._unloads, []
+        return unloads
+
     def drop(self, lora_id: int) -> bool:
         """Forget an adapter (unloaded at the server: ``EngineCore.remove_lora``): its slot is
         free for any adapter and its host copy evicted, now, or, while requests still use it
-        (they finish with it), when the last of them lets go (False then). A request naming
-        it later reads it again."""
+        (they finish with it), when the last of them lets go (False then); worker processes
+        evict theirs with the next step (``take_unloads``). A request naming it later reads
+        it again."""
         self._announced.discard(lora_id)
+        self._prefetch = [p for p in self._prefetch if p["id"] != lora_id]
         if lora_id in self.slot_ids:
             slot = self.slot_ids.index(lora_id)
             if self.users[slot]:
@@ -104,4 +112,5 @@ class LoRASlots:
             self.slot_ids[slot] = None
         self._dropping.discard(lora_id)
         self.store.evict(lora_id)
+        self._unloads.append(lora_id)
         return True

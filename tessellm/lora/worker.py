@@ -31,9 +31,21 @@ class LoRAWorkerState:
         self.layers = wrap_model(model, self.batch, config.max_loras, config.max_lora_rank,
                                  shapes.layers)
         # Adapters are read from this cache; in one process it is the engine core's (already
-        # loaded off the step loop), a worker process keeps its own (EngineCore.__init__).
+        # loaded off the step loop: ``share_store``), a worker process keeps its own.
         self.store = AdapterStore(shapes, config.max_lora_rank, config.max_cpu_loras)
+        self.owns_store = True  # False: the core's store, which evicts unloaded adapters itself
         self.slot_ids: list[Optional[int]] = [None] * config.max_loras
+
+    def share_store(self, store: AdapterStore) -> None:
+        """Read adapters from the engine core's cache (one process: no second copy)."""
+        self.store, self.owns_store = store, False
+
+    def unload(self, lora_id: int) -> None:
+        """An adapter unloaded at the core: drop this process's host copy (the core's store
+        already did, when shared) and forget its slot (the next load overwrites it)."""
+        if self.owns_store:
+            self.store.evict(lora_id)
+        self.slot_ids = [None if s == lora_id else s for s in self.slot_ids]
 
     def load_slot(self, slot: int, lora: LoRARequest) -> None:
         adapter = self.store.get(lora)
@@ -48,10 +60,14 @@ class LoRAWorkerState:
         return bool(getattr(self.batch.ops, "supports_graph_capture", False))
 
     def begin_step(self, loads: list, lora_slots: dict, order: list[str], counts: list[int],
-                   prefetch: list = ()) -> Optional[np.ndarray]:
-        """Start reading announced adapters (``prefetch``: a worker process's own cache; a
-        no-op on the core's), fill new slots; the step's int32 slot per token row, or None
-        when no row uses an adapter (the runner hands it to ``batch.set``, or to a graph)."""
+                   prefetch: list = (), unloads: list = ()) -> Optional[np.ndarray]:
+        """Drop unloaded adapters, start reading announced ones (``prefetch``: a worker
+        process's own cache; a no-op on the core's), fill new slots; the step's int32 slot per
+        token row, or None when no row uses an adapter (the runner hands it to ``batch.set``,
+        or to a graph). Unloads come first: an adapter unloaded and named again since the
+        last step is read again."""
+        for lora_id in unloads:
+            self.unload(int(lora_id))
         for lora in prefetch:
             self.store.ensure(LoRARequest.from_dict(lora))
         for slot, lora in loads:

@@ -27,7 +27,7 @@ def _full_step() -> SchedulerOutput:
         grammar_bitmask_rows={"c": 1},
         grammar_bitmask=np.arange(10, dtype=np.int32).reshape(5, 2) - 3, grammar_deferred=True,
         lora_slots={"c": 2}, lora_loads=[[2, {"name": "a", "id": 3, "path": "/a"}]],
-        lora_prefetch=[{"name": "b", "id": 4, "path": "/b"}], spec_ahead={"c": 3}, kept_blocks={"c": 2},
+        lora_prefetch=[{"name": "b", "id": 4, "path": "/b"}], lora_unloads=[5], spec_ahead={"c": 3}, kept_blocks={"c": 2},
         encoder_inputs={"n": [0, 1]},
         finished_request_ids={"f1", "f2"}, preempted_request_ids={"p"})
 

@@ -125,6 +125,34 @@ def test_dropped_adapter_leaves_its_slot_once_its_requests_finish():
     assert s.lora.drop(2) is True and 2 not in s.lora.slot_ids and 2 not in cache.loaded
 
 
+def test_dropped_adapter_reaches_the_workers_with_the_next_step():
+    """A dropped adapter's id goes to the worker processes (``lora_unloads``) once its last
+    request lets go, with the next step only; an announcement not sent yet is withdrawn; an
+    adapter named again after the drop is announced again, in the same step as its unload."""
+    cache = HostCache()
+    cache.loaded |= {1, 2}
+    s = _scheduler(2, cache)
+    a, b = LoRARequest("a", 1, "/adapters/a"), LoRARequest("b", 2, "/adapters/b")
+    s.lora.announce(a)
+    s.add_request(Request("ra", [1, 2, 3], SamplingParams(max_tokens=2), lora_request=a))
+    out, _ = _run(s)
+    assert out.lora_prefetch == [a.to_dict()] and out.lora_unloads == []
+    s.lora.drop(1)  # ra still runs with it
+    out, _ = _run(s)
+    assert out.lora_unloads == [] and not s.has_unfinished()
+    s.add_request(Request("base", [4, 5], SamplingParams(max_tokens=1)))
+    out, _ = _run(s)
+    assert out.lora_unloads == [1]
+    s.lora.announce(b)
+    s.lora.drop(2)  # before any step announced it: the workers never read it
+    s.lora.announce(a)  # named again: read again after the unload
+    s.lora.drop(1)
+    s.lora.announce(a)
+    s.add_request(Request("base2", [4, 5], SamplingParams(max_tokens=1)))
+    out, _ = _run(s)
+    assert out.lora_unloads == [2, 1] and out.lora_prefetch == [a.to_dict()]
+
+
 def test_waiting_adapter_is_not_overtaken_forever():
     """One slot, held by adapter A, and a steady stream of new A requests; a B request arrives
     after the first A: it gets the slot once the A requests admitted before it finish (A
