@@ -33,7 +33,8 @@ class DecoderAttention(nn.Module):
         """``window``: this layer's sliding window (None: full attention). ``scale``: of the
         attention scores (None: ``head_size ** -0.5``). ``reduce_output``: o_proj sums its
         output over the tensor ranks itself (it always does with a bias). ``clip_qkv``
-        (OLMo): q, k and v are clamped to ``[-clip_qkv, clip_qkv]`` after the projection."""
+        (OLMo): q, k and v are clamped to ``[-clip_qkv, clip_qkv]`` after the projection.
+        ``rotary`` None: no rotation (GPT-BigCode's learned positions, SmolLM3's NoPE layers)."""
         super().__init__()
         hidden = config.hidden_size
         tp = ctx.tp
@@ -62,8 +63,8 @@ class DecoderAttention(nn.Module):
                               ctx.make_attention_kernel(window))
         # A kernel that fuses rotary rotates q and k as it writes the KV cache (one launch
         # fewer per layer); it does NeoX over the whole head only.
-        self.fuse_rotary = (self.attn.fuses_rotary and rotary.is_neox_style
-                            and rotary.rotary_dim == self.head_size)
+        self.fuse_rotary = (rotary is not None and self.attn.fuses_rotary
+                            and rotary.is_neox_style and rotary.rotary_dim == self.head_size)
 
     def forward(self, positions, hidden, metadata):
         qkv = self.qkv_proj(hidden)
@@ -74,7 +75,8 @@ class DecoderAttention(nn.Module):
         if self.fuse_rotary:
             out = self.attn(q, k, v, metadata, positions, self.rotary.cos_sin_cache)
         else:
-            q, k = self.rotary(positions, q, k)
+            if self.rotary is not None:
+                q, k = self.rotary(positions, q, k)
             out = self.attn(q, k, v, metadata)
         return self.o_proj(out)
 

@@ -20,10 +20,13 @@ from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear
 
 class DenseMLP(nn.Module):
     def __init__(self, config, ctx: ModelContext, bias: bool, family: str,
-                 reduce_output: bool = False, intermediate_size: Optional[int] = None):
+                 reduce_output: bool = False, intermediate_size: Optional[int] = None,
+                 act: Optional[str] = None):
+        """``act``: the activation's HF name (None: ``config.hidden_act``); ``family`` names
+        the model when it is refused."""
         super().__init__()
         inter = intermediate_size or config.intermediate_size
-        self.act = activation(config.hidden_act, family)
+        self.act = activation(act or config.hidden_act, family)
         self.fc_in = ColumnParallelLinear(config.hidden_size, [inter], bias=bias,
                                           quant_method=ctx.quant_method, tp=ctx.tp)
         self.fc_out = RowParallelLinear(inter, config.hidden_size, bias=bias,

@@ -11,10 +11,8 @@ llama decoder's attention and a gelu MLP (``dense_mlp.py``) with what else diffe
   and ``dense`` per ``attention_bias``, the MLP's always), so the MLP sums its output over the
   tensor ranks itself and the attention does too (the norms sum nothing);
 - partial rotary (``rotary_pct`` / ``partial_rotary_factor``, 0.25 by default) on NeoX halves;
-- q, k and v fused in ``query_key_value`` **per head**, which the loader cuts into q/k/v
-  (so each rank still takes its own heads' rows)::
-
-      rows   [ q0 k0 v0 | q1 k1 v1 | ... ]   (head_size rows each)  ->  [ q0 q1 .. | k.. | v.. ]
+- q, k and v fused in ``query_key_value`` per head, which the loader cuts into q/k/v
+  (``fused_qkv.py``);
 
 - HF names: ``gpt_neox.embed_in``, ``gpt_neox.layers.N.attention``, ``final_layer_norm``,
   ``embed_out`` (the LM head, never tied in released checkpoints).
@@ -30,11 +28,11 @@ import torch.nn as nn
 from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.context import ModelContext
 from tessellm.layers.layer_norm import LayerNorm
-from tessellm.layers.linear import materialize
 from tessellm.layers.rope_config import rope_parameters
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.decoder import DecoderAttention, DecoderLayer
 from tessellm.models.dense_mlp import DenseMLP
+from tessellm.models.fused_qkv import split_per_head
 from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.parallel_block import ParallelBlockLayer
 
@@ -103,10 +101,8 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
                 if ".query_key_value." not in name:
                     yield name, tensor
                     continue
-                # [heads * 3 * d, ...] -> three [heads * d, ...]: q, k, v
-                per_head = materialize(tensor).unflatten(0, (heads, 3, d))
-                for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
-                    yield (name.replace(".query_key_value.", f".{part}."),
-                           per_head[:, i].flatten(0, 1))
+                for part, piece in zip(("q_proj", "k_proj", "v_proj"),
+                                       split_per_head(tensor, heads, d)):
+                    yield name.replace(".query_key_value.", f".{part}."), piece
 
         return super().load_weights(renamed())

@@ -153,7 +153,7 @@ class LlamaForCausalLM(nn.Module):
             embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
             if self.embedding_multiplier != 1.0:
                 embeds = embeds * self.embedding_multiplier
-            hidden, residual = embeds, None
+            hidden, residual = self.embed_positions(embeds, positions), None
         else:
             hidden, residual = intermediate
         aux = self.aux_hidden_layers
@@ -167,6 +167,11 @@ class LlamaForCausalLM(nn.Module):
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def embed_positions(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The first layer's input from the token embeddings: GPT-BigCode adds its learned
+        position embeddings; the rotary families take them as they are."""
+        return embeds
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

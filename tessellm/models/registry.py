@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tessellm.models import (cohere, exaone, gemma3, gpt_neox, granite, granite_moe, llama, llava,
-                             moe, olmo, olmo2, olmo3, olmoe, phi, phi3, seq_cls, stablelm,
-                             starcoder2)
+from tessellm.models import (cohere, exaone, gemma3, gpt_bigcode, gpt_neox, granite, granite_moe,
+                             llama, llava, moe, olmo, olmo2, olmo3, olmoe, phi, phi3, seq_cls,
+                             stablelm, starcoder2)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -21,6 +21,7 @@ _MODELS = {
     "CohereForCausalLM": cohere.CohereForCausalLM,
     "ExaoneForCausalLM": exaone.ExaoneForCausalLM,
     "GPTNeoXForCausalLM": gpt_neox.GPTNeoXForCausalLM,
+    "GPTBigCodeForCausalLM": gpt_bigcode.GPTBigCodeForCausalLM,
     "StableLmForCausalLM": stablelm.StableLmForCausalLM,
     "Starcoder2ForCausalLM": starcoder2.Starcoder2ForCausalLM,
     "MixtralForCausalLM": moe.MixtralForCausalLM,

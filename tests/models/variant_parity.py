@@ -27,7 +27,7 @@ def save_tiny(config, path: str, dtype=torch.float32, seed: int = 0, **save_kwar
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.uniform_(-0.5, 0.5)
-            elif "norm" in name:
+            elif "norm" in name or ".ln_" in name:  # GPT-2 style: ln_1, ln_2, ln_f
                 p.add_(torch.rand_like(p) - 0.5)
     model.to(dtype).save_pretrained(path, **save_kwargs)
     return path
