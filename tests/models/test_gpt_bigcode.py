@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models.variant_parity import assert_parity, assert_refused_at_load, prompts, save_tiny
+from tests.models.variant_parity import (add_to_checkpoint, assert_parity, assert_refused_at_load,
+                                         prompts, save_tiny)
 
 TINY_GPT = dict(vocab_size=128, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=128,
                 initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -23,17 +24,11 @@ def bigcode_config(**overrides):
 
 
 def add_mask_buffers(path: str) -> None:
-    import os
-
     import torch
-    from safetensors.torch import load_file, save_file
 
-    file = os.path.join(path, "model.safetensors")
-    tensors = load_file(file)
-    for i in range(2):
-        tensors[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, 128, 128).tril().bool()
-        tensors[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    save_file(tensors, file, metadata={"format": "pt"})
+    add_to_checkpoint(path, {name: value for i in range(2) for name, value in (
+        (f"transformer.h.{i}.attn.bias", torch.ones(1, 1, 128, 128).tril().bool()),
+        (f"transformer.h.{i}.attn.masked_bias", torch.tensor(-1e4)))})
 
 
 @pytest.mark.parametrize("overrides, engine", [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models.variant_parity import TINY, assert_parity, prompts, save_tiny
+from tests.models.variant_parity import TINY, add_to_checkpoint, assert_parity, prompts, save_tiny
 
 
 def neox_config(**overrides):
@@ -22,18 +22,11 @@ def neox_config(**overrides):
 def add_mask_buffers(path: str) -> None:
     """As Pythia's checkpoints: each layer's ``attention.bias`` (the causal mask) and
     ``attention.masked_bias`` saved beside the weights."""
-    import os
-
     import torch
-    from safetensors.torch import load_file, save_file
 
-    file = os.path.join(path, "model.safetensors")
-    tensors = load_file(file)
-    layers = {k.split(".")[2] for k in tensors if k.startswith("gpt_neox.layers.")}
-    for i in layers:
-        tensors[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(1, 1, 128, 128).tril().bool()
-        tensors[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
-    save_file(tensors, file, metadata={"format": "pt"})
+    add_to_checkpoint(path, {name: value for i in range(2) for name, value in (
+        (f"gpt_neox.layers.{i}.attention.bias", torch.ones(1, 1, 128, 128).tril().bool()),
+        (f"gpt_neox.layers.{i}.attention.masked_bias", torch.tensor(-1e9)))})
 
 
 @pytest.mark.parametrize("overrides, engine", [

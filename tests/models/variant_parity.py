@@ -92,3 +92,14 @@ def assert_refused_at_load(config, architecture: str, path, match: str) -> None:
     config.save_pretrained(path)
     with pytest.raises(ValueError, match=match):
         LLM(str(path), load_format="dummy", dtype="float32")
+
+
+def add_to_checkpoint(path: str, extra: dict) -> None:
+    """Adds ``extra`` (name -> tensor) to the saved ``model.safetensors``, as tensors some
+    released checkpoints carry beside the weights (causal-mask buffers)."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    save_file({**load_file(file), **extra}, file, metadata={"format": "pt"})
