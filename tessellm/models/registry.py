@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from tessellm.models import (cohere, exaone, gemma3, gpt_bigcode, gpt_neox, granite, granite_moe,
                              llama, llava, moe, olmo, olmo2, olmo3, olmoe, phi, phi3, seq_cls,
-                             stablelm, starcoder2)
+                             smollm3, stablelm, starcoder2)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
     "MistralForCausalLM": llama.MistralForCausalLM,
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
+    "SmolLM3ForCausalLM": smollm3.SmolLM3ForCausalLM,
     "Gemma3ForCausalLM": gemma3.Gemma3ForCausalLM,
     "PhiForCausalLM": phi.PhiForCausalLM,
     "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
