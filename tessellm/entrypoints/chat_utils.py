@@ -18,7 +18,7 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 def render_chat(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,
                 chat_template: Optional[str] = None, tools: Optional[list[dict]] = None,
                 continue_final_message: bool = False,
-                template_kwargs: Optional[dict] = None) -> list[int]:
+                template_kwargs: Optional[dict] = None, add_special_tokens: bool = False) -> list[int]:
     """The conversation (``[{role, content}, ...]``) through the chat template, as token ids.
 
     ``chat_template`` (Jinja text) overrides the tokenizer's own; ValueError when neither exists.
@@ -26,6 +26,8 @@ def render_chat(tokenizer, conversation: list[dict], add_generation_prompt: bool
     ``continue_final_message``: the last message is left open (no end-of-turn) so the model
     continues it (vLLM's option, with ``add_generation_prompt`` false).
     ``template_kwargs``: extra variables for the template (e.g. ``enable_thinking``).
+    ``add_special_tokens``: the tokenizer's own special tokens (BOS, ...) added on top of the
+    rendered text, as vLLM's chat field of that name (off: the template places them).
     """
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("The tokenizer has no chat template; pass chat_template=...")
@@ -39,4 +41,4 @@ def render_chat(tokenizer, conversation: list[dict], add_generation_prompt: bool
         extra["continue_final_message"] = True
     text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
                                          add_generation_prompt=add_generation_prompt, **extra)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)

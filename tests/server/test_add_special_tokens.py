@@ -2,7 +2,9 @@
 adds none, so the flag could not show there): /v1/completions and /tokenize add the BOS to a
 text prompt by default and not with ``add_special_tokens: false``, exactly as the HF tokenizer
 does; token-id prompts are never changed; chat uses the template's tokens as they are (vLLM's
-default ``add_special_tokens: false``)."""
+default ``add_special_tokens: false``) and, with ``add_special_tokens: true``, the template's
+text encoded with the tokenizer's special tokens (BOS first), as vLLM does; likewise /tokenize
+with messages and chat-style /v1/embeddings."""
 
 from __future__ import annotations
 
@@ -81,3 +83,28 @@ def test_chat_adds_no_special_tokens_to_the_template(bos_server):
                                                   "return_token_ids": True, **extra})
         assert out["prompt_token_ids"] == want
     assert _post(srv, "/tokenize", {"messages": messages})["tokens"] == want
+
+
+def test_chat_add_special_tokens_true_adds_the_bos(bos_server):
+    srv, tok = bos_server
+    messages = [{"role": "user", "content": TEXT}]
+    want = tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=True)
+    assert want[0] == BOS and want[1:] == _post(srv, "/tokenize", {"messages": messages})["tokens"]
+    out = _post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 1,
+                                              "return_token_ids": True, "add_special_tokens": True})
+    assert out["prompt_token_ids"] == want
+    assert _post(srv, "/tokenize", {"messages": messages, "add_special_tokens": True})["tokens"] == want
+
+
+def test_chat_embeddings_follow_add_special_tokens(server_factory, bos_server):
+    _, tok = bos_server
+    srv = server_factory([tok.name_or_path, "--served-model-name", "m", "--runner", "pooling"])
+    messages = [{"role": "user", "content": TEXT}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    for flag in (False, True):
+        got = _post(srv, "/v1/embeddings", {"messages": messages, "add_special_tokens": flag})
+        ids = tok.encode(text, add_special_tokens=flag)
+        want = _post(srv, "/v1/embeddings", {"input": ids})
+        assert got["usage"]["prompt_tokens"] == len(ids)
+        assert got["data"][0]["embedding"] == want["data"][0]["embedding"]

@@ -154,7 +154,7 @@ _REFUSED = [  # vLLM extras tessellm does not implement: (field, neutral value, 
     ("spaces_between_special_tokens", True, False), ("priority", 0, 1),
     ("logprob_token_ids", None, [1]), ("vllm_xargs", None, {"a": 1}),
 ]
-_CHAT_REFUSED = [("echo", False, True), ("add_special_tokens", False, True),
+_CHAT_REFUSED = [("echo", False, True),
                  ("chat_template", None, "{{ messages }}"), ("documents", None, [{"text": "x"}])]
 
 

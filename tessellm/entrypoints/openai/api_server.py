@@ -221,7 +221,8 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
             images: list = []
             ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
                                         tools, continue_final_message=req.continue_final_message,
-                                        template_kwargs=req.chat_template_kwargs, images=images)
+                                        template_kwargs=req.chat_template_kwargs, images=images,
+                                        add_special_tokens=req.add_special_tokens)
             if images:  # the placeholders expanded, as the model sees them
                 try:
                     ids = (await engine.process_prompt_async(

@@ -175,8 +175,8 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False  # the last (assistant) message is continued, not closed
     chat_template_kwargs: Optional[dict[str, Any]] = None  # extra template variables
     include_reasoning: bool = True  # false: no reasoning in the response (--reasoning-parser)
+    add_special_tokens: bool = False  # true: the tokenizer's BOS etc. added to the template's text
     echo: bool = False  # vLLM extras accepted only at their neutral value (CHAT_UNSUPPORTED)
-    add_special_tokens: bool = False
     documents: Optional[Any] = None
     chat_template: Optional[str] = None
     media_io_kwargs: Optional[Any] = None
@@ -227,7 +227,6 @@ UNSUPPORTED: dict[str, tuple] = {
 # chat only (the same names mean something else, or are supported, at /v1/completions)
 CHAT_UNSUPPORTED: dict[str, tuple] = {
     "echo": (False,),
-    "add_special_tokens": (False,),
     "documents": (None,),
     "chat_template": (None,),  # vLLM too refuses it unless --trust-request-chat-template
     "media_io_kwargs": (None,),
@@ -250,6 +249,7 @@ class TokenizeChatRequest(_Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    add_special_tokens: bool = False  # as at /v1/chat/completions
     tools: Optional[list[ChatTool]] = None  # rendered by the template, as at /v1/chat/completions
     return_token_strs: bool = False
 

@@ -46,7 +46,8 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
                                 plan.template_tools(), continue_final_message=req.continue_final_message,
                                 template_kwargs=req.chat_template_kwargs,
-                                check_fits=req.truncate_prompt_tokens is None, images=images)
+                                check_fits=req.truncate_prompt_tokens is None, images=images,
+                                add_special_tokens=req.add_special_tokens)
     try:
         ids = truncate(ids, truncation(req, engine.info.max_model_len), req.truncation_side)
         if images:  # the image processor runs off the event loop
@@ -108,10 +109,11 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
                           chat_template: Optional[str], tools: Optional[list[dict]] = None,
                           continue_final_message: bool = False,
                           template_kwargs: Optional[dict] = None, check_fits: bool = True,
-                          images: Optional[list] = None) -> list[int]:
+                          images: Optional[list] = None, add_special_tokens: bool = False) -> list[int]:
     """The messages through the chat template (``chat_utils.render_chat``), off the event loop.
     ``images``: a list that receives the messages' images (``image_url`` parts, in order; the
-    ids hold one placeholder each); None refuses image parts."""
+    ids hold one placeholder each); None refuses image parts. ``add_special_tokens``: vLLM's
+    field, the tokenizer's BOS etc. added to the rendered text."""
     if engine.tokenizer is None:
         raise bad_request("This model has no tokenizer, so chat is unavailable; use /v1/completions "
                           "with token ids.", "messages")
@@ -134,7 +136,7 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
 
         def render(conv):
             return render_chat(engine.tokenizer, conv, add_generation_prompt, chat_template, tools,
-                               continue_final_message, template_kwargs)
+                               continue_final_message, template_kwargs, add_special_tokens)
 
         try:
             fetched = await fetch_chat_images(conversation, engine)
@@ -149,7 +151,7 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
     try:
         return await engine.run_off_loop(render_chat, engine.tokenizer, conversation,
                                          add_generation_prompt, chat_template, tools,
-                                         continue_final_message, template_kwargs)
+                                         continue_final_message, template_kwargs, add_special_tokens)
     except Exception as exc:  # noqa: BLE001 - a template error is the request's fault (roles, ...)
         raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
 
