@@ -78,10 +78,12 @@ class Olmo2Attention(DecoderAttention):
 
 class Olmo2DecoderLayer(nn.Module):
     def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
-                 window: Optional[int] = None):
+                 window: Optional[int] = None, attention: Optional[nn.Module] = None):
+        """``attention``: a ``DecoderAttention`` whose o_proj sums its output (EXAONE 4's, per-head
+        q/k norms); None: OLMo 2's."""
         super().__init__()
         eps, hidden = config.rms_norm_eps, config.hidden_size
-        self.self_attn = Olmo2Attention(config, ctx, rotary, window)
+        self.self_attn = attention or Olmo2Attention(config, ctx, rotary, window)
         self.mlp = DecoderMLP(config, ctx, reduce_output=True)
         self.post_attention_layernorm = RMSNorm(hidden, eps, ctx.ops)
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, ctx.ops)
