@@ -29,12 +29,14 @@ class DecoderAttention(nn.Module):
     def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding, qkv_bias: bool,
                  qk_norm: bool, o_bias: bool = False, window: Optional[int] = None,
                  scale: Optional[float] = None, reduce_output: bool = False,
-                 clip_qkv: Optional[float] = None):
+                 clip_qkv: Optional[float] = None, logit_softcap: Optional[float] = None):
         """``window``: this layer's sliding window (None: full attention). ``scale``: of the
         attention scores (None: ``head_size ** -0.5``). ``reduce_output``: o_proj sums its
         output over the tensor ranks itself (it always does with a bias). ``clip_qkv``
         (OLMo): q, k and v are clamped to ``[-clip_qkv, clip_qkv]`` after the projection.
-        ``rotary`` None: no rotation (GPT-BigCode's learned positions, SmolLM3's NoPE layers)."""
+        ``rotary`` None: no rotation (GPT-BigCode's learned positions, SmolLM3's NoPE layers).
+        ``logit_softcap`` (Gemma 2): the scaled scores are soft-capped, ``cap * tanh(s / cap)``,
+        by the attention kernel (``AttentionSpec.logit_softcap``); None: no cap."""
         super().__init__()
         hidden = config.hidden_size
         tp = ctx.tp
@@ -60,7 +62,7 @@ class DecoderAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps, ctx.ops) if qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size,
                               self.head_size ** -0.5 if scale is None else scale,
-                              ctx.make_attention_kernel(window))
+                              ctx.make_attention_kernel(window, logit_softcap=logit_softcap))
         # A kernel that fuses rotary rotates q and k as it writes the KV cache (one launch
         # fewer per layer); it does NeoX over the whole head only.
         self.fuse_rotary = (rotary is not None and self.attn.fuses_rotary

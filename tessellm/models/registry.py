@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tessellm.models import gemma, gemma2
 from tessellm.models import (cohere, exaone, exaone4, gemma3, gpt_bigcode, gpt_neox, granite,
                              granite_moe, llama, llava, moe, olmo, olmo2, olmo3, olmoe, phi, phi3,
                              seq_cls, smollm3, stablelm, starcoder2)
@@ -12,6 +13,8 @@ _MODELS = {
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
     "SmolLM3ForCausalLM": smollm3.SmolLM3ForCausalLM,
+    "GemmaForCausalLM": gemma.GemmaForCausalLM,
+    "Gemma2ForCausalLM": gemma2.Gemma2ForCausalLM,
     "Gemma3ForCausalLM": gemma3.Gemma3ForCausalLM,
     "PhiForCausalLM": phi.PhiForCausalLM,
     "Phi3ForCausalLM": phi3.Phi3ForCausalLM,

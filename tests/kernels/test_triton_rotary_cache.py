@@ -194,8 +194,8 @@ def test_decoder_attention_fuses_rotary_only_when_the_kernel_declares_it(qk_norm
     cache = torch.randn(num_blocks, block_size, kv_heads, head_size, generator=gen).to(DEVICE)
 
     def build(ops, kernel):
-        ctx = ModelContext(ops=ops, make_attention_kernel=lambda window: kernel, dtype=F32,
-                           device=DEVICE)
+        ctx = ModelContext(ops=ops, dtype=F32, device=DEVICE,
+                           make_attention_kernel=lambda window, logit_softcap=None: kernel)
         rotary = RotaryEmbedding(head_size, 64, 10000.0, None, ops).to(DEVICE)
         layer = DecoderAttention(config, ctx, rotary, qkv_bias=False, qk_norm=qk_norm).to(DEVICE)
         layer.attn.k_cache, layer.attn.v_cache = cache.clone(), cache.clone() + 1

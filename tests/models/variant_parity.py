@@ -5,6 +5,7 @@ greedy tokens, and the log-probability of every token of prompt + continuation."
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 import torch
 
@@ -38,12 +39,14 @@ def prompts(lengths, vocab: int = 128, seed: int = 3) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
 
 
-def hf_reference(path: str, prompt_list, max_new: int):
+def hf_reference(path: str, prompt_list, max_new: int, hf_attn: Optional[str] = None):
     """HF's greedy continuations (one prompt at a time) and, for each prompt + continuation,
-    the log-probability of each token after the first (one forward pass)."""
+    the log-probability of each token after the first (one forward pass). ``hf_attn``: HF's
+    ``attn_implementation`` (None: its default; "eager" where only eager soft-caps, Gemma 3)."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    extra = {"attn_implementation": hf_attn} if hf_attn else {}
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
     # As ignore_eos=True on our side: EOS may be chosen and does not stop (min_new_tokens
     # would instead ban it, and differ from us wherever EOS is the greedy choice).
     hf.generation_config.eos_token_id = None
@@ -75,8 +78,8 @@ def ours(path: str, prompt_list, max_new: int, **engine_kwargs):
 
 
 def assert_parity(path: str, prompt_list, max_new: int = 10, atol: float = 2e-4,
-                  **engine_kwargs) -> None:
-    want_tokens, want_lp = hf_reference(path, prompt_list, max_new)
+                  hf_attn: Optional[str] = None, **engine_kwargs) -> None:
+    want_tokens, want_lp = hf_reference(path, prompt_list, max_new, hf_attn)
     got_tokens, got_lp = ours(path, prompt_list, max_new, **engine_kwargs)
     assert got_tokens == want_tokens
     for got, want in zip(got_lp, want_lp):
