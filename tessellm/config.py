@@ -68,6 +68,9 @@ class EngineArgs:
     # http(s) image URLs are fetched only from these hosts (a list, its JSON or "a.com,b.org";
     # vLLM's --allowed-media-domains); None: from any host.
     allowed_media_domains: Optional[object] = None
+    # Never end a prefill chunk inside an image's placeholder tokens (vLLM's flag): a chunk
+    # that would stops before the image, which comes whole in a later step.
+    disable_chunked_mm_input: bool = False
     # Reasoning models (tessellm/reasoning/): deepseek_r1 or qwen3 splits the thinking out of the
     # answer at the server, and structured output constrains only the answer; None: off.
     reasoning_parser: Optional[str] = None

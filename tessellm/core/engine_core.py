@@ -108,6 +108,9 @@ class EngineCore:
         # ends with its prompt, so there is no step to schedule ahead of.
         self.async_scheduling = (resolve_async_scheduling(args, self.backend.device_type)
                                  and self.pooling is None)
+        max_batched = default_max_num_batched_tokens(args, self.backend.device_type)
+        # Image models: the encoder budget (refused here, before any worker starts).
+        encoder_budget = encoder_budget_args(config, max_batched, args.disable_chunked_mm_input)
         t0 = time.perf_counter()
         # One worker per device: in this process for one device, else processes or Ray actors
         # (tessellm.distributed.executor). Every rank sizes its KV cache; the smallest wins.
@@ -119,7 +122,6 @@ class EngineCore:
             self.executor.shutdown()
             raise
         self.parallel = self.executor.parallel
-        max_batched = default_max_num_batched_tokens(args, self.backend.device_type)
         logger.info("Loaded %s on %s (%d rank(s)) in %.1fs; KV cache: %d blocks x %d tokens = %d tokens",
                     self.source.path, self.backend.name, self.parallel.world_size,
                     time.perf_counter() - t0, num_blocks, args.block_size, num_blocks * args.block_size)
@@ -138,7 +140,7 @@ class EngineCore:
                                                    and args.speculative_config is None,
                                                    pooling=self.pooling is not None,
                                                    **_speculation(args),
-                                                   **encoder_budget_args(config, max_batched)),
+                                                   **encoder_budget),
                                    self.kv)
         # Steps in flight at most: one per pipeline stage, or two under async scheduling.
         self.max_in_flight = 2 if self.async_scheduling else self.executor.max_concurrent_batches

@@ -50,7 +50,7 @@ from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequest
                                 SchedulerOutput)
 from tessellm.spec_decode.metrics import SpecDecodeStats
 from tessellm.lora.scheduling import LORA_WAIT, acquire_slot, lora_step_fields, release_slot
-from tessellm.multimodal.encoder_budget import make_encoder_budget
+from tessellm.multimodal.encoder_budget import end_outside_images, make_encoder_budget
 
 
 class Scheduler(SchedulerUpdate):
@@ -331,6 +331,10 @@ class Scheduler(SchedulerUpdate):
         the images it reaches first (tessellm.multimodal.encoder_budget)."""
         if self.encoder is None or not req.mm_features or num_new == 0:
             return num_new, []
+        if self.config.disable_chunked_mm_input:
+            num_new = end_outside_images(req.mm_features, start, num_new)
+            if num_new == 0:
+                return 0, []
         whole = not held_by_runner and not self.config.enable_chunked_prefill
         return self.encoder.fit(req, start, num_new, held_by_runner, whole)
 

@@ -38,6 +38,9 @@ class SchedulerConfig:
     # (vLLM's ``max_num_encoder_input_tokens`` / ``encoder_cache_size``). 0: a text-only model.
     max_num_encoder_input_tokens: int = 0
     encoder_cache_size: int = 0
+    # Image models: no chunk ends inside an image's placeholders (vLLM's
+    # ``disable_chunked_mm_input``; tessellm.multimodal.encoder_budget.end_outside_images).
+    disable_chunked_mm_input: bool = False
 
 
 @dataclass

@@ -63,6 +63,9 @@ HELP = {
     "override_generation_config": "JSON laid over those defaults, e.g. '{\"temperature\": 0.5}'",
     "limit_mm_per_prompt": "images per prompt at most, as JSON, e.g. '{\"image\": 2}' "
                            "(default: 1 for a model that takes images; docs/multimodal.md)",
+    "disable_chunked_mm_input": "never end a prefill chunk inside an image's placeholder tokens: "
+                                "the chunk stops before the image, which comes whole in a later "
+                                "step (each image must fit --max-num-batched-tokens)",
     "allowed_local_media_path": "a directory whose images chat messages may name as file:// URLs "
                                 "(default: none; file:// URLs are refused)",
     "allowed_media_domains": "hosts that http(s) image URLs may name, e.g. 'example.com,cdn.example.org' "

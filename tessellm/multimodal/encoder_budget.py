@@ -18,7 +18,8 @@ Invariants
   content hashes share one encoding) or encoded earlier in the same step costs nothing.
 * A chunk that reaches an image the budget cannot take stops just before that image's first
   placeholder (possibly 0 tokens: the request waits for a later step). A chunk may end inside
-  an image's span: the features stay cached until the rest is computed.
+  an image's span: the features stay cached until the rest is computed; with
+  ``disable_chunked_mm_input`` it may not (``end_outside_images``).
 
 ::
 
@@ -51,13 +52,40 @@ def max_tokens_per_image(hf_config) -> int:
     return image_feature_size(hf_config)
 
 
-def encoder_budget_args(hf_config, max_num_batched_tokens: int) -> dict:
+def encoder_budget_args(hf_config, max_num_batched_tokens: int,
+                        disable_chunked_mm_input: bool = False) -> dict:
     """SchedulerConfig's encoder fields for the model (none for a text-only model)."""
     biggest = max_tokens_per_image(hf_config)
     if not biggest:
         return {}
+    if disable_chunked_mm_input and biggest > max_num_batched_tokens:
+        raise ValueError(f"disable_chunked_mm_input computes each image in one step, but an image "
+                         f"takes {biggest} placeholder tokens and max_num_batched_tokens is "
+                         f"{max_num_batched_tokens}; raise max_num_batched_tokens to at least "
+                         f"{biggest}.")
     budget = default_encoder_budget(max_num_batched_tokens, biggest)
-    return {"max_num_encoder_input_tokens": budget, "encoder_cache_size": budget}
+    return {"max_num_encoder_input_tokens": budget, "encoder_cache_size": budget,
+            "disable_chunked_mm_input": disable_chunked_mm_input}
+
+
+def end_outside_images(features, start: int, num_new: int) -> int:
+    """The chunk ``[start, start + num_new)`` cut so that it does not end inside an image
+    (vLLM's ``disable_chunked_mm_input``): it stops before the first image it would enter
+    without reaching its end (0 when it starts at or inside one: the request waits for a
+    step with room for the rest)::
+
+        prompt:        text [ image placeholders ] text
+        chunk wanted:  |-----------|                      ends inside the image
+        chunk taken:   |---|                              stops at the image's offset
+
+    vLLM lets a chunk that starts exactly at an image's first placeholder split it; this does
+    not. Each image fits ``max_num_batched_tokens`` (``encoder_budget_args``), so the step
+    with room comes once the requests ahead of this one leave it the budget."""
+    end = start + num_new
+    for f in features:
+        if f.offset < end < f.end:
+            return max(0, f.offset - start)
+    return num_new
 
 
 class EncoderBudget:

@@ -24,7 +24,7 @@ NON_DEFAULT = {
     "enable_lora": True, "max_loras": 3, "max_cpu_loras": 9, "max_lora_rank": 16,
     "generation_config": "vllm", "override_generation_config": '{"temperature": 0.5}',
     "limit_mm_per_prompt": '{"image": 2}', "allowed_local_media_path": "/tmp",
-    "allowed_media_domains": "example.com,cdn.example.org",
+    "allowed_media_domains": "example.com,cdn.example.org", "disable_chunked_mm_input": True,
     "reasoning_parser": "qwen3",
     "runner": "pooling", "task": "embed", "convert": "embed",
     "pooler_config": '{"pooling_type": "MEAN"}', "override_pooler_config": '{"normalize": false}',

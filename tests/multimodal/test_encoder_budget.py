@@ -20,10 +20,11 @@ from tessellm.multimodal.inputs import MultiModalFeature
 IMG = 16
 
 
-def make(budget, encoder=None, cache=None, chunked=True, blocks=256):
+def make(budget, encoder=None, cache=None, chunked=True, blocks=256, whole_images=False):
     encoder = encoder or max(budget, IMG)
     config = SchedulerConfig(16, budget, 512, chunked, max_num_encoder_input_tokens=encoder,
-                             encoder_cache_size=cache or encoder)
+                             encoder_cache_size=cache or encoder,
+                             disable_chunked_mm_input=whole_images)
     return Scheduler(config, BlockManager(blocks, 4, True))
 
 
@@ -86,6 +87,24 @@ def test_a_chunk_ending_inside_an_image_keeps_it_cached_until_its_span_is_done()
         assert out.num_scheduled_tokens["a"] <= 8
     assert reached == [[0], [], [], [1], [], []]  # 44 tokens: six chunks
     assert max(used) == IMG  # the encoder budget: max(8, 16) tokens a step
+
+
+def test_disable_chunked_mm_input_ends_no_chunk_inside_an_image():
+    """18 tokens a step: chunked, the first chunk ends at 18, inside image 0 (4..19); with
+    disable_chunked_mm_input the chunks are 0..3, 4..21, 22..39, 40..43: each image whole. A
+    second request waits at its image until a step has room for all of it."""
+    s = make(budget=18)
+    s.add_request(img_req("a"))
+    assert [step(s).num_scheduled_tokens["a"] for _ in range(4)] == [18, 6, 18, 2]
+    s = make(budget=18, whole_images=True)
+    s.add_request(img_req("a"))
+    assert [step(s).num_scheduled_tokens["a"] for _ in range(4)] == [4, 18, 18, 4]
+    s = make(budget=18, whole_images=True)
+    s.add_request(img_req("a", seeds=(1,)))
+    s.add_request(img_req("b", seeds=(2,)))
+    steps = [dict(step(s).num_scheduled_tokens) for _ in range(4)]
+    # step 2: a's image and 2 text tokens; b, at its image, waits for a step with 16 tokens free
+    assert steps == [{"a": 4, "b": 4}, {"a": 18}, {"a": 2, "b": 16}, {"a": 1, "b": 4}]
 
 
 def test_a_full_cache_defers_the_next_request_image():

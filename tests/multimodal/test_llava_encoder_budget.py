@@ -4,6 +4,8 @@ transformers and to an unchunked run; the vision tower's work per step bounded."
 
 from __future__ import annotations
 
+import pytest
+
 from tessellm import LLM, SamplingParams
 from tests.multimodal.tiny_llava import FEATURES, hf_greedy, image
 
@@ -24,10 +26,10 @@ def _images():
     return [[image(next(seed)) for _ in range(p.count("<image>"))] for p in PROMPTS]
 
 
-def _generate(path, images, max_batched, log=None):
+def _generate(path, images, max_batched, log=None, **engine_kwargs):
     with LLM(path, dtype="float32", num_kv_blocks=128, block_size=4, max_num_seqs=6,
              max_num_batched_tokens=max_batched, limit_mm_per_prompt={"image": 2},
-             enable_prefix_caching=False) as llm:
+             enable_prefix_caching=False, **engine_kwargs) as llm:
         core = llm.engine.core
         if log is not None:  # record each step's decision and the tower's runs before it
             schedule, cache = core.scheduler.schedule, core.runner.encoder_cache
@@ -94,3 +96,33 @@ def test_a_step_budget_of_two_and_a_half_images(llava_dir):
     assert all(sum(map(len, e[2].values())) * FEATURES <= 40 for e in log if e[0] == "step")
     assert all(e[2] * FEATURES <= 40 for e in log if e[0] == "encoded")
     assert tokens == hf_greedy(llava_dir, PROMPTS, images, MAX_NEW)
+
+
+def _chunk_ends_inside_images(steps, starts) -> list[tuple[str, int]]:
+    """(request, position) for each chunk that ended strictly inside one of its images."""
+    computed, inside = dict.fromkeys(starts, 0), []
+    for _, scheduled, _ in steps:
+        for rid, num in scheduled.items():
+            computed[rid] += num
+            if any(s < computed[rid] < s + FEATURES for s in starts[rid]):
+                inside.append((rid, computed[rid]))
+    return inside
+
+
+def test_disable_chunked_mm_input_keeps_each_image_in_one_chunk(llava_dir):
+    """20 tokens a step: chunked, some chunks end inside an image; with
+    disable_chunked_mm_input none does (a chunk stops before the image, which comes whole in
+    a later step), and the tokens equal HF's and the chunked run's."""
+    images = _images()
+    chunked_log, whole_log = [], []
+    chunked, _, starts = _generate(llava_dir, images, 20, chunked_log)
+    whole, _, _ = _generate(llava_dir, images, 20, whole_log, disable_chunked_mm_input=True)
+    assert _chunk_ends_inside_images([e for e in chunked_log if e[0] == "step"], starts)
+    assert not _chunk_ends_inside_images([e for e in whole_log if e[0] == "step"], starts)
+    assert whole == chunked == hf_greedy(llava_dir, PROMPTS, images, MAX_NEW)
+
+
+def test_disable_chunked_mm_input_needs_a_step_budget_of_one_image(llava_dir):
+    with pytest.raises(ValueError, match="disable_chunked_mm_input.*max_num_batched_tokens to at least 16"):
+        LLM(llava_dir, dtype="float32", num_kv_blocks=64, max_num_batched_tokens=8,
+            disable_chunked_mm_input=True)
