@@ -16,7 +16,7 @@ from tests.models.tiny_moe import save_tiny_moe
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "phi3"]
+FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "gemma2", "phi3"]
 
 
 def _save(arch: str, path: str) -> str:
@@ -28,6 +28,10 @@ def _save(arch: str, path: str) -> str:
         from tests.models.test_gemma3_parity import gemma3_config
 
         config = gemma3_config()
+    elif arch == "gemma2":  # window 8, attention cap 2, final cap 5 (HF: eager attention)
+        from tests.models.test_gemma2 import gemma2_config
+
+        config = gemma2_config(vocab_size=256, max_position_embeddings=512, initializer_range=0.1)
     else:
         from transformers import Phi3Config
 

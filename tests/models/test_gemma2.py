@@ -144,3 +144,13 @@ def test_gemma_legacy_gelu_is_tanh(tmp_path):
 def test_gemma_other_activation_refused(tmp_path):
     assert_refused_at_load(gemma_config(hidden_act="silu"), "GemmaForCausalLM", tmp_path,
                            "Gemma hidden_act 'silu' is not supported")
+
+
+@pytest.mark.parametrize("device", ["cuda", "rocm", "xpu", "tpu"])
+def test_gemma2_on_emulated_backends(device, tmp_path):
+    """Each in-tree backend's own soft-capping attention in the whole model, its device
+    emulated on host tensors (Triton kernels in the interpreter for cuda and rocm, the padded
+    torch kernel for xpu and tpu): HF's tokens and log-probabilities, chunked, past the window."""
+    path = save_tiny(gemma2_config(), str(tmp_path / "g"))
+    assert_parity(path, prompts((5, 20)), max_new=8, hf_attn="eager", device=device,
+                  emulate=True, max_num_batched_tokens=8)
