@@ -33,7 +33,9 @@ import gguf
 import numpy as np
 import torch
 from transformers import (Gemma3TextConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast,
-                          Qwen2Config)
+                          Qwen2Config, Qwen3Config, Starcoder2Config)
+
+from tessellm.loader.gguf_families import FAMILY_LAYER_NAMES, NORM_EPSILON, family_fields
 
 from tessellm.loader.gguf_gemma3 import GEMMA3_LAYER_NAMES, gemma3_config, gemma3_tokenizer_fixups
 from tessellm.loader.gguf_rope import gguf_rope_scaling
@@ -45,6 +47,8 @@ _ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", LlamaConfig, True),
     "qwen2": ("Qwen2ForCausalLM", Qwen2Config, False),
     "gemma3": ("Gemma3ForCausalLM", Gemma3TextConfig, False),
+    "qwen3": ("Qwen3ForCausalLM", Qwen3Config, False),  # gguf_families.py
+    "starcoder2": ("Starcoder2ForCausalLM", Starcoder2Config, False),
 }
 
 # GGUF tensor name (without `.weight`/`.bias`) -> HF module name
@@ -61,7 +65,8 @@ _LAYER_NAMES = {  # blk.{i}.KEY -> model.layers.{i}.VALUE
     "ffn_norm": "post_attention_layernorm",
 }
 
-_ARCH_LAYER_NAMES = {"gemma3": {**_LAYER_NAMES, **GEMMA3_LAYER_NAMES}}
+_ARCH_LAYER_NAMES = {"gemma3": {**_LAYER_NAMES, **GEMMA3_LAYER_NAMES},
+                     **{arch: {**_LAYER_NAMES, **names} for arch, names in FAMILY_LAYER_NAMES.items()}}
 
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
@@ -164,17 +169,19 @@ def _hparam(header: _Header, arch: str, key: str, default: Any = ...) -> Any:
     return value
 
 
-def _common_fields(hp, token_id: dict, embed_rows, tensor_names) -> dict:
-    """The HF config fields every supported GGUF architecture reads alike from its header."""
+def _common_fields(hp, token_id: dict, embed_rows, tensor_names,
+                   norm_epsilon=("attention.layer_norm_rms_epsilon", "rms_norm_eps")) -> dict:
+    """The HF config fields every supported GGUF architecture reads alike from its header;
+    ``norm_epsilon``: (metadata key, HF field) of the norms' epsilon."""
     heads = hp("attention.head_count")
     return dict(
+        **{norm_epsilon[1]: hp(norm_epsilon[0])},
         vocab_size=hp("vocab_size", embed_rows),
         hidden_size=hp("embedding_length"),
         intermediate_size=hp("feed_forward_length"),
         num_hidden_layers=hp("block_count"),
         num_attention_heads=heads,
         num_key_value_heads=hp("attention.head_count_kv", heads),
-        rms_norm_eps=hp("attention.layer_norm_rms_epsilon"),
         max_position_embeddings=hp("context_length"),
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=token_id["bos"],
@@ -183,7 +190,8 @@ def _common_fields(hp, token_id: dict, embed_rows, tensor_names) -> dict:
 
 
 def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
-    """HF config (LlamaConfig / Qwen2Config / Gemma3TextConfig) built from a GGUF file's metadata."""
+    """HF config (LlamaConfig / Qwen2Config / Gemma3TextConfig / ...: ``_ARCHITECTURES``) built
+    from a GGUF file's metadata."""
     header = _read_header(path)
     arch = _architecture(header)
     hf_arch, config_class, _ = _ARCHITECTURES[arch]
@@ -191,7 +199,9 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     tensor_names, extra = {t.name for t in header.tensors}, {}
     embed_rows = next((t.shape[0] for t in header.tensors if t.name == "token_embd.weight"), None)
     token_id = {k: header.metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
-    common = _common_fields(hp, token_id, embed_rows, tensor_names)
+    eps = NORM_EPSILON.get(arch)
+    common = _common_fields(hp, token_id, embed_rows, tensor_names, *([eps] if eps else []))
+    extra.update(family_fields(arch, tensor_names))
     if arch == "llama":  # Qwen2 always has q/k/v biases; a llama-arch file may have them or not
         extra["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     freqs = next((_dequantize(header, t) for t in header.tensors if t.name == ROPE_FREQS), None)

@@ -1,0 +1,62 @@
+"""Writes a tiny HF model (a directory saved by ``variant_parity.save_tiny``) as a GGUF file the
+way llama.cpp's convert_hf_to_gguf.py lays it out: tensor names from the ``gguf`` package's own
+HF -> GGUF name map for the architecture, float32 tensors (or Q8_0 for the ones named), the
+hyper-parameters under ``{arch}.*`` and a byte-level BPE tokenizer of single characters (so
+the engine can build a tokenizer from the file)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+
+def _tokenizer(writer: gguf.GGUFWriter, vocab: int) -> None:
+    alphabet = [chr(c) for c in range(ord("!"), ord("~") + 1)] + [chr(c) for c in range(0xA1, 0x17F)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(alphabet[:vocab])
+    writer.add_token_types([gguf.TokenType.NORMAL] * vocab)
+    writer.add_token_scores([0.0] * vocab)  # no merges: single characters
+    writer.add_bos_token_id(1), writer.add_eos_token_id(2), writer.add_pad_token_id(0)
+
+
+def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (),
+                metadata: dict | None = None) -> str:
+    """``metadata``: ``{arch}``-relative keys -> (value, writer method name) added as they are
+    (e.g. ``{"attention.layer_norm_epsilon": (1e-5, "add_float32")}``)."""
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    layers = config["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(arch_id, layers)
+    heads = config["num_attention_heads"]
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(layers), writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads), writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_vocab_size(config["vocab_size"])
+    rope = config.get("rope_parameters") or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_key_length(head_dim), writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    for key, (value, method) in (metadata or {}).items():
+        getattr(writer, method)(f"{arch}.{key}", value)
+    _tokenizer(writer, config["vocab_size"])
+    for name, tensor in load_file(os.path.join(hf_dir, "model.safetensors")).items():
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"no GGUF name for {name}")
+        tensor = tensor.astype(np.float32)
+        if gguf_name in quantize:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(gguf_name, gguf.quants.quantize(tensor, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(gguf_name, tensor)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    return path
