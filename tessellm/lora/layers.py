@@ -142,7 +142,7 @@ def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int,
     layers = getattr(model, "layers", None)
     if layers is None or not hasattr(model, "start_layer"):
         raise ValueError(f"LoRA is not supported for {type(model).__name__}; it supports the "
-                         "Llama, Gemma 3 and Phi-3 families and the attention of Mixtral, "
+                         "Llama, Gemma (1-3) and Phi-3 families and the attention of Mixtral, "
                          "Qwen2-MoE and Qwen3-MoE.")
     for index in range(model.start_layer, model.end_layer):
         for name in names:

@@ -10,7 +10,7 @@ model. Each logical module maps onto one of our (possibly fused) layers and its 
 
 The PEFT module names an adapter may use depend on the family (its HF modules)::
 
-    Llama, Mistral, Qwen2, Qwen3, Gemma 3   q/k/v/o_proj, gate/up/down_proj
+    Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 q/k/v/o_proj, gate/up/down_proj
     Phi-3                                   qkv_proj (fused: A shared, B's rows split q|k|v),
                                             o_proj, gate_up_proj (B split gate|up), down_proj
     Mixtral, Qwen2-MoE, Qwen3-MoE           q/k/v/o_proj (the expert MLPs are not supported)

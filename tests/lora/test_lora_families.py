@@ -1,5 +1,5 @@
 """Multi-LoRA beyond the Llama family: Qwen2 (q/k/v biases), Qwen3 (head_dim apart from the
-hidden size, q/k norms), Gemma 3, Phi-3 (fused ``qkv_proj`` / ``gate_up_proj``
+hidden size, q/k norms), Gemma, Gemma 2 and 3, Phi-3 (fused ``qkv_proj`` / ``gate_up_proj``
 adapters split onto our fused layers' slices) and the attention of the MoE families. Greedy
 tokens of a mixed batch (some requests without adapter) equal HF transformers + peft with each
 adapter applied alone, in float32; an adapter for a module the family's LoRA does not cover is
@@ -22,6 +22,9 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 SPECS = {
     "gemma3": {"qvdown8": (8, ["q_proj", "v_proj", "down_proj"], dict(lora_alpha=16)),
                "all16": (16, ALL, dict(lora_alpha=8, use_rslora=True))},
+    # Gemma 2: window 8 and both soft-caps (the adapted q/k/v feed the capped attention)
+    "gemma2": {"qko8": (8, ["q_proj", "k_proj", "o_proj", "up_proj"], dict(lora_alpha=16))},
+    "gemma": {"all8": (8, ALL, dict(lora_alpha=16))},
     "phi3": {"qkvo8": (8, ["qkv_proj", "o_proj"], dict(lora_alpha=16)),
              "fused16": (16, ["qkv_proj", "gate_up_proj", "down_proj"], dict(lora_alpha=32))},
     "mixtral": {"qv8": (8, ["q_proj", "v_proj"], dict(lora_alpha=16)),
@@ -52,6 +55,11 @@ def _save(family: str, path: str) -> str:
 
         config = gemma3_config(num_hidden_layers=2,
                                layer_types=["sliding_attention", "full_attention"])
+    elif family in ("gemma2", "gemma"):
+        from tests.models.test_gemma2 import gemma2_config, gemma_config
+
+        make = gemma2_config if family == "gemma2" else gemma_config
+        config = make(vocab_size=256, max_position_embeddings=512)
     else:
         config = Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -61,7 +69,7 @@ def _save(family: str, path: str) -> str:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # Gemma's (1 + w) norms start at w = 0: make them matter
         for name, p in model.named_parameters():
-            if "norm" in name and family == "gemma3":
+            if "norm" in name and family.startswith("gemma"):
                 p.uniform_(-0.5, 0.5)
     model.save_pretrained(path)
     return path
