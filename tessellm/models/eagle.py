@@ -51,7 +51,10 @@ class EagleHead(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, ctx, rotary, False, False, i)
                                     for i in range(config.num_hidden_layers))
         self.layers[0].input_layernorm = None  # EAGLE-1 skips it on the first layer
-        self.embed_tokens = target.embed_tokens  # shared, not loaded (unless the head has one)
+        # Shared, not loaded (unless the head has one). The raw table: a target's own scaling
+        # (Granite's embedding_multiplier) is not applied, as heads are trained (vLLM's
+        # speculators look the token up in the verifier's embedding weights).
+        self.embed_tokens = target.embed_tokens
         self.lm_head = target.lm_head
 
     def attention_layers(self) -> list[Attention]:
