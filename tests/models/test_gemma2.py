@@ -49,11 +49,13 @@ def test_gemma2_matches_hf(overrides, engine, tmp_path):
     assert_parity(path, prompts((5, 30)), max_new=16, hf_attn="eager", **engine)
 
 
-def test_gemma2_tensor_parallel(tmp_path):
-    """Heads split over two ranks (gloo); each rank's kernels cap their own heads' scores."""
-    path = save_tiny(gemma2_config(), str(tmp_path / "tp"))
-    assert_parity(path, prompts((5, 20)), max_new=8, hf_attn="eager", tensor_parallel_size=2,
-                  device="cpu")
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2),
+                                      dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_gemma2_parallel(parallel, tmp_path):
+    """TP: heads split over two ranks (gloo), each rank's kernels cap their own heads' scores.
+    PP: one layer a stage (a sliding one, then a global one); the last applies the final cap."""
+    path = save_tiny(gemma2_config(), str(tmp_path / "par"))
+    assert_parity(path, prompts((5, 20)), max_new=8, hf_attn="eager", device="cpu", **parallel)
 
 
 def _edit_config(path: str, **fields) -> None:

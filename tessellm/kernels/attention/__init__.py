@@ -77,6 +77,14 @@ by Triton). ``decode_table`` picks "kdot" for large decode batches: 150 -> 114 u
 256, Llama-8B heads, one layer: 236 us with "triton", 201 with "cvt", 210 with the bf16 cache
 (benchmarks/quantization/README.md).
 
+Logit soft-capping (``logit_softcap``, Gemma 2): each scaled score becomes ``cap * tanh(s / cap)``
+before the mask, in ``_scores`` (and ``decode._new_key``) behind the ``SOFTCAP`` constexpr, with
+the cap in the scores' log2 units (``common._softcap``: tanh through one exp2 and one fast
+division). Off, nothing is compiled in: PTX for sm90 compiled without a GPU (prefill 64 x 64,
+decode, decode with prefetch and fused rotary) has the same instructions as before the feature
+but for one reordered parameter load and register names; on, the prefill kernel's PTX grows from
+3,860 to 4,188 instruction lines (an ex2 and a div.full.f32 per score).
+
 Files: ``common.py`` (the shared tile, fp8 widening, checks), ``cache.py`` (the cache write),
 ``prefill.py``, ``decode.py``, ``paged.py`` (``TritonAttentionKernel``, the contract's protocol).
 """
