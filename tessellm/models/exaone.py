@@ -35,5 +35,6 @@ def llama_name(name: str) -> str:
 class ExaoneForCausalLM(LlamaForCausalLM):
     """Llama's switches (``attention_bias``, ``mlp_bias``, no window)."""
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights((llama_name(name), tensor) for name, tensor in weights)
+    def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]
+                         ) -> Iterable[tuple[str, torch.Tensor]]:
+        return ((llama_name(name), tensor) for name, tensor in weights)

@@ -75,7 +75,8 @@ class GPTBigCodeForCausalLM(LlamaForCausalLM):
             raise ValueError("GPT-BigCode config add_cross_attention=True is not supported: it "
                              "adds encoder-decoder cross-attention; decoder-only models load.")
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]
+                         ) -> Iterable[tuple[str, torch.Tensor]]:
         """HF names (``_PREFIXES``, ``_PARTS``); ``c_attn`` cut into q/k/v; the causal-mask
         buffers (``attn.bias``, ``attn.masked_bias``) some checkpoints carry skipped."""
         config = self.config
@@ -105,4 +106,4 @@ class GPTBigCodeForCausalLM(LlamaForCausalLM):
                 for part, piece in zip(("q_proj", "k_proj", "v_proj"), parts):
                     yield name.replace(".c_attn.", f".{part}."), piece
 
-        return super().load_weights(renamed())
+        return renamed()

@@ -82,7 +82,8 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
     def mlp_bias(self, config) -> bool:
         return True  # the layers' outputs are summed (output_summed)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]
+                         ) -> Iterable[tuple[str, torch.Tensor]]:
         """HF names (module docstring); ``query_key_value`` cut into q/k/v; the causal-mask
         buffers old checkpoints carry (``attention.bias``, ``attention.masked_bias``) skipped."""
         config = self.config
@@ -105,4 +106,4 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
                                        split_per_head(tensor, heads, d)):
                     yield name.replace(".query_key_value.", f".{part}."), piece
 
-        return super().load_weights(renamed())
+        return renamed()

@@ -178,13 +178,21 @@ class LlamaForCausalLM(nn.Module):
 
     # -- weights ---------------------------------------------------------------------------
 
+    def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]
+                         ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors under the llama names ``load_weights`` and the quantized
+        loader (``quantization/loading.py``) route by: a family whose checkpoint names differ
+        (GPT-NeoX, GPT-BigCode, EXAONE) renames them, and cuts fused tensors, here. Both
+        loaders call it, so names already in llama form must pass unchanged."""
+        return weights
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named tensors. Returns the names of the parameters that were filled."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         loaded: set[str] = set()
         shards: dict[str, set] = {}  # fused parameter -> the shards the checkpoint filled
-        for name, tensor in weights:
+        for name, tensor in self.checkpoint_names(weights):
             name = _strip_prefix(name)
             if name is None or not self._owns(name):
                 continue

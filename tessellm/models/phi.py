@@ -57,7 +57,8 @@ class PhiForCausalLM(LlamaForCausalLM):
             raise ValueError("Phi config qk_layernorm=True is not supported yet; Phi models with "
                              "it false (phi-1, phi-1.5, phi-2) load.")
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]
+                         ) -> Iterable[tuple[str, torch.Tensor]]:
         """HF names; ``final_layernorm`` is our ``norm``, the head's bias only on the last
         pipeline stage."""
         def renamed():
@@ -66,4 +67,4 @@ class PhiForCausalLM(LlamaForCausalLM):
                     continue
                 yield name.replace("model.final_layernorm.", "model.norm."), tensor
 
-        return super().load_weights(renamed())
+        return renamed()

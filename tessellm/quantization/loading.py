@@ -55,6 +55,9 @@ def load_quantized_weights(model: nn.Module, weights: Iterable[tuple[str, object
     """
     layers = quantized_linears(model)
     stacked = getattr(model, "stacked_params", ())
+    rename = getattr(model, "checkpoint_names", None)  # a family's own checkpoint names
+    if rename is not None:
+        weights = rename(weights)
     routed: set[str] = set()
     pending: dict[str, dict] = {}  # layer name -> shard -> dense rows (foreign methods only)
 
