@@ -35,7 +35,8 @@ def make_adapters(model_dir: str, root: str, seed: int = 0, specs=None) -> dict[
 
 
 def peft_greedy(model_dir: str, adapter_dir, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    """Greedy tokens of HF transformers with one adapter applied (None: the base model)."""
+    """Greedy tokens of HF transformers with one adapter applied (None: the base model), EOS
+    allowed and not stopping, as our ignore_eos (tests/models/test_hf_greedy_reference.py)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -44,12 +45,13 @@ def peft_greedy(model_dir: str, adapter_dir, prompts: list[list[int]], max_new: 
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
+    model.generation_config.eos_token_id = None  # as ignore_eos: EOS may be chosen, never stops
     outs = []
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p])
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                 max_new_tokens=max_new, do_sample=False,
                                  pad_token_id=0)
             outs.append(gen[0, len(p):].tolist())
     return outs
@@ -112,12 +114,13 @@ def merged_greedy(model_dir: str, adapter_dir, prompts, max_new: int, device: st
             name = key.replace("base_model.model.", "").replace(".lora_A.weight", ".weight")
             params[name].data += (config["lora_alpha"] / a.shape[0]) * (b.float() @ a.float())
     model = model.to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # as ignore_eos: EOS may be chosen, never stops
     outs = []
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p], device=device)
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                 max_new_tokens=max_new, do_sample=False,
                                  pad_token_id=0)
             outs.append(gen[0, len(p):].tolist())
     return outs

@@ -107,7 +107,7 @@ def test_family_mixed_batch_matches_peft(family_setup, family):
     random.Random(1).shuffle(jobs)
     llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=16, max_loras=2)
     outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs],
-                        SamplingParams(max_tokens=MAX_NEW, min_tokens=MAX_NEW, temperature=0),
+                        SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
                         use_tqdm=False, lora_request=[loras.get(n) for _, n in jobs])
     for (p, name), out in zip(jobs, outs):
         assert out.outputs[0].token_ids == want[name][p], (family, name, p)
@@ -164,7 +164,7 @@ def test_tensor_parallel_family_lora_matches_tp1(family_setup, family):
     loras = {n: LoRARequest(n, i + 1, paths[n]) for i, n in enumerate(names[:-1])}
     prompts = _prompts()
     jobs = [(p, n) for n in names for p in range(len(prompts))]
-    params = SamplingParams(max_tokens=MAX_NEW, min_tokens=MAX_NEW, temperature=0)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
     tokens = {}
     for tp in (1, 2):
         llm = LLM(model, device="cpu", dtype="float32", num_kv_blocks=64, tensor_parallel_size=tp,

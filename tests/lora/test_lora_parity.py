@@ -108,9 +108,8 @@ def test_rank_and_alpha_patterns_match_peft(lora_setup, tmp_path):
     jobs = [(p, n) for n in PATTERNS for p in range(len(prompts))]
     with LLM(model, dtype="float32", enable_lora=True, max_lora_rank=32) as llm:
         outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs],
-                            SamplingParams(max_tokens=MAX_NEW, min_tokens=MAX_NEW, temperature=0),
+                            SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
                             use_tqdm=False, lora_request=[loras[n] for _, n in jobs])
-    # (min_tokens: EOS is banned until the end, as peft_greedy's min_new_tokens does)
     assert [o.outputs[0].token_ids for o in outs] == [want[n][p] for p, n in jobs]
 
 
@@ -132,3 +131,23 @@ def test_removed_adapter_frees_its_slot_and_weights(lora_setup, expected):
     out = llm.generate(prompt, params, use_tqdm=False, lora_request=loras["all32"])[0]
     assert out.outputs[0].token_ids == want["all32"][1]
     assert core.scheduler.lora.slot_ids == [loras["all32"].lora_int_id]
+
+
+def test_peft_reference_keeps_eos_as_ignore_eos_does(lora_setup, tmp_path):
+    """peft_greedy means what ignore_eos=True means (EOS chosen, generation goes on): a copy of
+    the model whose EOS is the adapter's third greedy token gives the same tokens both ways."""
+    from tests.models.test_hf_greedy_reference import _with_eos
+
+    model, paths = lora_setup
+    prompt, lora = [5, 17, 42, 99, 3, 250], LoRARequest("qv8", 1, paths["qv8"])
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+
+    def ours(path):
+        with LLM(path, dtype="float32", enable_lora=True, max_lora_rank=32) as llm:
+            out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False, lora_request=lora)
+        return list(out[0].outputs[0].token_ids)
+
+    eos = ours(model)[2]
+    path = _with_eos(model, str(tmp_path / "eos"), eos)
+    got = ours(path)
+    assert eos in got and peft_greedy(path, paths["qv8"], [prompt], MAX_NEW) == [got]
