@@ -1,12 +1,18 @@
 """GGUF architectures that map onto a family tessellm serves from safetensors, beyond llama,
 qwen2 and gemma3 (``gguf_loader.py``), with no new quantized kernels: their tensors are the
-llama ones under other names, or fewer of them.
+llama ones under other names, fewer of them, or fused ones the family already cuts.
 
     qwen3       llama's tensors plus per-head q/k norms (``attn_q_norm`` / ``attn_k_norm``);
                 ``attention.key_length`` is the head size (128 in every Qwen3)
     starcoder2  LayerNorms with biases (``attention.layer_norm_epsilon``), biases on every
                 projection when the file has them, an MLP without a gate (``ffn_up`` is
                 ``c_fc``, ``ffn_down`` ``c_proj``)
+    phi2        Phi's parallel block: one LayerNorm with bias (``attn_norm``, no ``ffn_norm``),
+                ``ffn_up`` / ``ffn_down`` are ``fc1`` / ``fc2``, the head's bias ``output.bias``;
+                partial rotary from ``rope.dimension_count``
+    phi3        ``attn_qkv`` and ``ffn_up`` fused as Phi-3's own ``qkv_proj`` / ``gate_up_proj``
+                (which ``Phi3ForCausalLM`` cuts), ``attention.sliding_window``, partial rotary;
+                LongRoPE files (``rope_factors_long`` / ``rope_factors_short``) are refused
 
 llama.cpp's converters write no sliding window for starcoder2; HF's GGUF loading sets none
 either, so the model attends to the whole context (the safetensors config's 4096-token window
@@ -19,14 +25,31 @@ from __future__ import annotations
 FAMILY_LAYER_NAMES = {
     "qwen3": {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
     "starcoder2": {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+    "phi2": {"ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "attn_output": "self_attn.dense"},
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
 }
 
+# GGUF global tensor name -> HF module name (overrides of the llama names)
+FAMILY_GLOBAL_NAMES = {"phi2": {"output_norm": "model.final_layernorm"}}
+
 # the metadata key of the norms' epsilon and the HF config field it fills, where not llama's
-NORM_EPSILON = {"starcoder2": ("attention.layer_norm_epsilon", "norm_epsilon")}
+NORM_EPSILON = {"starcoder2": ("attention.layer_norm_epsilon", "norm_epsilon"),
+                "phi2": ("attention.layer_norm_epsilon", "layer_norm_eps")}
 
 
-def family_fields(arch: str, tensor_names: set) -> dict:
-    """HF config fields an architecture reads from which tensors the file holds."""
+def family_fields(arch: str, hp, common: dict, tensor_names: set) -> dict:
+    """HF config fields an architecture reads beyond the common ones: ``hp(key, default)``
+    reads ``{arch}.{key}``; ``head_dim`` here overrides the loader's own reading."""
     if arch == "starcoder2":
         return {"use_bias": "blk.0.attn_q.bias" in tensor_names}
-    return {}
+    if arch not in ("phi2", "phi3"):
+        return {}
+    if arch == "phi3" and {"rope_factors_long.weight", "rope_factors_short.weight"} & tensor_names:
+        raise ValueError("Phi-3 GGUF files with LongRoPE factors (rope_factors_long / "
+                         "rope_factors_short, the 128k models) are not supported; load a "
+                         "safetensors copy.")
+    head = common["hidden_size"] // common["num_attention_heads"]
+    fields = {"head_dim": head, "partial_rotary_factor": hp("rope.dimension_count", head) / head}
+    if arch == "phi3":
+        fields["sliding_window"] = hp("attention.sliding_window", None)
+    return fields

@@ -32,10 +32,11 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from transformers import (Gemma3TextConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen3Config, Starcoder2Config)
+from transformers import (Gemma3TextConfig, LlamaConfig, Phi3Config, PhiConfig, PretrainedConfig,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, Starcoder2Config)
 
-from tessellm.loader.gguf_families import FAMILY_LAYER_NAMES, NORM_EPSILON, family_fields
+from tessellm.loader.gguf_families import (FAMILY_GLOBAL_NAMES, FAMILY_LAYER_NAMES, NORM_EPSILON,
+                                           family_fields)
 
 from tessellm.loader.gguf_gemma3 import GEMMA3_LAYER_NAMES, gemma3_config, gemma3_tokenizer_fixups
 from tessellm.loader.gguf_rope import gguf_rope_scaling
@@ -49,6 +50,8 @@ _ARCHITECTURES = {
     "gemma3": ("Gemma3ForCausalLM", Gemma3TextConfig, False),
     "qwen3": ("Qwen3ForCausalLM", Qwen3Config, False),  # gguf_families.py
     "starcoder2": ("Starcoder2ForCausalLM", Starcoder2Config, False),
+    "phi2": ("PhiForCausalLM", PhiConfig, False),
+    "phi3": ("Phi3ForCausalLM", Phi3Config, False),
 }
 
 # GGUF tensor name (without `.weight`/`.bias`) -> HF module name
@@ -201,7 +204,7 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     token_id = {k: header.metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
     eps = NORM_EPSILON.get(arch)
     common = _common_fields(hp, token_id, embed_rows, tensor_names, *([eps] if eps else []))
-    extra.update(family_fields(arch, tensor_names))
+    extra.update(family_fields(arch, hp, common, tensor_names))
     if arch == "llama":  # Qwen2 always has q/k/v biases; a llama-arch file may have them or not
         extra["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     freqs = next((_dequantize(header, t) for t in header.tensors if t.name == ROPE_FREQS), None)
@@ -209,7 +212,8 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
         scaling = gguf_rope_scaling(header.metadata, arch, freqs, 0, 0.0, header.path)
         return gemma3_config(hp, common, token_id["eos"], embed_rows, scaling)
     hidden, heads = common["hidden_size"], common["num_attention_heads"]
-    head_dim = hp("attention.key_length", hp("rope.dimension_count", hidden // heads))
+    head_dim = extra.pop("head_dim", None) or hp("attention.key_length",
+                                                   hp("rope.dimension_count", hidden // heads))
     theta = hp("rope.freq_base", 10000.0)
     scaling = gguf_rope_scaling(header.metadata, arch, freqs, head_dim, theta, header.path)
     if scaling is not None:
@@ -238,9 +242,10 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
 def _hf_name(gguf_name: str, arch: str = "llama") -> str:
     """HF name of a GGUF tensor name: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
     layer_names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
+    global_names = {**_GLOBAL_NAMES, **FAMILY_GLOBAL_NAMES.get(arch, {})}
     stem, suffix = gguf_name.rsplit(".", 1)
-    if stem in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[stem]}.{suffix}"
+    if stem in global_names:
+        return f"{global_names[stem]}.{suffix}"
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
     if match and match[2] in layer_names:
         return f"model.layers.{match[1]}.{layer_names[match[2]]}.{suffix}"

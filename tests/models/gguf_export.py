@@ -25,9 +25,10 @@ def _tokenizer(writer: gguf.GGUFWriter, vocab: int) -> None:
 
 
 def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (),
-                metadata: dict | None = None) -> str:
+                metadata: dict | None = None, extra: dict | None = None) -> str:
     """``metadata``: ``{arch}``-relative keys -> (value, writer method name) added as they are
-    (e.g. ``{"attention.layer_norm_epsilon": (1e-5, "add_float32")}``)."""
+    (e.g. ``{"attention.layer_norm_epsilon": (1e-5, "add_float32")}``); ``quantize``: GGUF
+    tensor names written Q8_0; ``extra``: GGUF name -> float32 array, written as well."""
     config = json.load(open(os.path.join(hf_dir, "config.json")))
     arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     layers = config["num_hidden_layers"]
@@ -57,6 +58,8 @@ def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (
             writer.add_tensor(gguf_name, gguf.quants.quantize(tensor, q8), raw_dtype=q8)
         else:
             writer.add_tensor(gguf_name, tensor)
+    for gguf_name, array in (extra or {}).items():
+        writer.add_tensor(gguf_name, array)
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
     writer.close()
     return path

@@ -1,4 +1,4 @@
-"""GGUF files of the qwen3 and starcoder2 architectures, written from tiny random HF models the
+"""GGUF files of the qwen3, starcoder2, phi2 and phi3 architectures, written from tiny random HF models the
 way llama.cpp's converter lays them out (``gguf_export.py``: the ``gguf`` package's own HF ->
 GGUF tensor names): the config read from the file and every tensor equal the source model's,
 and the engine serving the file gives HF transformers' greedy tokens and per-token
@@ -30,11 +30,28 @@ def starcoder2(**overrides):
                                **overrides})
 
 
+def phi2():
+    from transformers import PhiConfig
+
+    return PhiConfig(**{**TINY, "num_key_value_heads": 4, "pad_token_id": 0, "bos_token_id": 1,
+                        "eos_token_id": 2})  # partial rotary 0.5, gelu_new, lm_head bias
+
+
+def phi3():
+    from transformers import Phi3Config
+
+    return Phi3Config(**{**TINY, "sliding_window": 8, "partial_rotary_factor": 0.5,
+                         "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
+
+
 CASES = {
     "qwen3": (qwen3, {"attention.layer_norm_rms_epsilon": (1e-6, "add_float32")}),
     "starcoder2": (starcoder2, {"attention.layer_norm_epsilon": (1e-5, "add_float32")}),
     "starcoder2-no-bias": (lambda: starcoder2(use_bias=False, tie_word_embeddings=False),
                            {"attention.layer_norm_epsilon": (1e-5, "add_float32")}),
+    "phi2": (phi2, {"attention.layer_norm_epsilon": (1e-5, "add_float32")}),
+    "phi3": (phi3, {"attention.layer_norm_rms_epsilon": (1e-5, "add_float32"),
+                    "attention.sliding_window": (8, "add_uint32")}),
 }
 
 
@@ -57,12 +74,14 @@ def test_gguf_family_config_and_weights_equal_the_source(case, tmp_path):
     assert got.architectures == want.architectures
     fields = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rms_norm_eps",
-              "norm_epsilon", "use_bias"]
+              "norm_epsilon", "layer_norm_eps", "use_bias", "sliding_window"]
     for field in fields:  # the epsilons are float32 in the file
         assert getattr(got, field, None) == pytest.approx(getattr(want, field, None)), field
     head_size = [getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
                  for c in (got, want)]
     assert head_size[0] == head_size[1]
+    rotary = [c.rope_parameters.get("partial_rotary_factor", 1.0) for c in (got, want)]
+    assert rotary[0] == rotary[1]
     theirs = load_file(os.path.join(source, "model.safetensors"))
     weights = dict(iter_gguf_weights(path, torch.float32))
     assert set(weights) == set(theirs)
@@ -70,12 +89,58 @@ def test_gguf_family_config_and_weights_equal_the_source(case, tmp_path):
         assert torch.equal(tensor, theirs[name]), name
 
 
-@pytest.mark.parametrize("case", ["qwen3", "starcoder2"])
+@pytest.mark.parametrize("case", ["qwen3", "starcoder2", "phi2", "phi3"])
 def test_gguf_family_serves_like_hf(case, tmp_path):
     source, path = _export(case, tmp_path)
     prompt_list = prompts((5, 30))
     want_tokens, want_lp = hf_reference(source, prompt_list, 16)
     got_tokens, got_lp = ours(path, prompt_list, 16, max_num_batched_tokens=8)
+    assert got_tokens == want_tokens
+    for got, want in zip(got_lp, want_lp):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+
+
+def test_gguf_phi3_longrope_refused(tmp_path):
+    import numpy as np
+
+    from tessellm.loader.gguf_loader import load_gguf_config
+
+    make_config, metadata = CASES["phi3"]
+    source = save_tiny(make_config(), str(tmp_path / "hf"))
+    factors = {f"rope_factors_{k}.weight": np.ones(4, dtype=np.float32) for k in ("long", "short")}
+    path = export_gguf(source, str(tmp_path / "phi3.gguf"), "phi3", metadata=metadata,
+                       extra=factors)
+    with pytest.raises(ValueError, match="Phi-3 GGUF files with LongRoPE factors .* not supported"):
+        load_gguf_config(path)
+
+
+def test_gguf_starcoder2_q8_0_kept_quantized_serves_like_hf(tmp_path, monkeypatch):
+    """``quantization="gguf"``: the Q8_0 projections stay in their blocks (c_fc / c_proj /
+    q / o among them) and the engine matches HF transformers loading the same file
+    (which dequantizes it). The cpu backend's float32 quantized product
+    (``TESSELLM_CPU_INT4PACK=0``; its default rounds activations to bfloat16)."""
+    monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "0")
+    from tessellm.loader.gguf_loader import load_gguf_config
+
+    make_config, metadata = CASES["starcoder2"]
+    source = save_tiny(make_config(), str(tmp_path / "hf"))
+    quantized = tuple(f"blk.{i}.{part}.weight" for i in range(2)
+                      for part in ("attn_q", "attn_output", "ffn_up", "ffn_down"))
+    path = export_gguf(source, str(tmp_path / "starcoder2.gguf"), "starcoder2",
+                       metadata=metadata, quantize=quantized)
+    assert load_gguf_config(path).use_bias
+    from tessellm import LLM
+    from tessellm.quantization.loading import quantized_linears
+    from tessellm.quantization.packed import Int8Weight
+
+    with LLM(path, dtype="float32", quantization="gguf") as llm:
+        layers = quantized_linears(llm.engine.core.runner.model)
+        for name in ("mlp.fc_in", "mlp.fc_out", "self_attn.o_proj"):
+            assert all(isinstance(s, Int8Weight) for s in layers[f"layers.1.{name}"].segments)
+    prompt_list = prompts((5, 30))
+    want_tokens, want_lp = hf_reference(str(tmp_path), prompt_list, 16,
+                                        gguf_file="starcoder2.gguf")
+    got_tokens, got_lp = ours(path, prompt_list, 16, quantization="gguf")
     assert got_tokens == want_tokens
     for got, want in zip(got_lp, want_lp):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=0)

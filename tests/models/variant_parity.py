@@ -39,14 +39,16 @@ def prompts(lengths, vocab: int = 128, seed: int = 3) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
 
 
-def hf_reference(path: str, prompt_list, max_new: int, hf_attn: Optional[str] = None):
+def hf_reference(path: str, prompt_list, max_new: int, hf_attn: Optional[str] = None,
+                 **load_kwargs):
     """HF's greedy continuations (one prompt at a time) and, for each prompt + continuation,
     the log-probability of each token after the first (one forward pass). ``hf_attn``: HF's
-    ``attn_implementation`` (None: its default; "eager" where only eager soft-caps, Gemma 3)."""
+    ``attn_implementation`` (None: its default; "eager" where only eager soft-caps, Gemma 3);
+    ``load_kwargs`` go to ``from_pretrained`` (``gguf_file``: HF reads that GGUF file)."""
     from transformers import AutoModelForCausalLM
 
     extra = {"attn_implementation": hf_attn} if hf_attn else {}
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra, **load_kwargs)
     # As ignore_eos=True on our side: EOS may be chosen and does not stop (min_new_tokens
     # would instead ban it, and differ from us wherever EOS is the greedy choice).
     hf.generation_config.eos_token_id = None
