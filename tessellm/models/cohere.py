@@ -9,13 +9,8 @@ and MLP in a parallel block, with what else differs from Llama:
   With ``attention_bias`` o_proj sums its output over the tensor ranks itself, so down_proj
   does too and the norms do not.
 - rotary rotates interleaved pairs ``(x[2i], x[2i+1])`` (GPT-J style) where the backends rotate
-  halves ``(x[i], x[i + d/2])`` (NeoX). q and k are reordered per head, evens then odds, before
-  rotary; q.k is the same under one reordering of both, and v is left alone::
-
-      head dims  [ 0 1 2 3 4 5 6 7 ]  ->  [ 0 2 4 6 | 1 3 5 7 ]
-
-  Done on the projected q and k (not on the checkpoint's rows) so quantized layers and LoRA
-  adapters see the checkpoint's own layout.
+  halves ``(x[i], x[i + d/2])`` (NeoX): q and k are reordered per head, evens then odds, before
+  rotary (``interleaved_rotary.py``).
 - ``use_qk_norm`` (Command-R+): q and k LayerNorm-ed per head, with a weight per head
   (``[heads, head_dim]``: each rank loads its heads' rows), before the reordering.
 - ``logit_scale``: the logits are multiplied by it; embeddings are tied.
@@ -35,6 +30,7 @@ from tessellm.layers.context import ModelContext
 from tessellm.layers.layer_norm import LayerNorm
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.decoder import DecoderAttention, DecoderMLP, shard_heads
+from tessellm.models.interleaved_rotary import evens_then_odds
 from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.parallel_block import ParallelBlockLayer
 from tessellm.models.qk_norm_weights import local_qk_norm_weights
@@ -84,13 +80,8 @@ class CohereAttention(DecoderAttention):
     def norm_qk(self, q, k):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return _halves(q, self.head_size), _halves(k, self.head_size)
-
-
-def _halves(x: torch.Tensor, d: int) -> torch.Tensor:
-    """Each head's dims reordered evens then odds (module docstring)."""
-    t = x.shape[0]
-    return x.view(t, -1, d // 2, 2).transpose(-1, -2).reshape(t, x.shape[1])
+        d = self.head_size
+        return evens_then_odds(q, d, d), evens_then_odds(k, d, d)
 
 
 class CohereForCausalLM(LlamaForCausalLM):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tessellm.models import gemma, gemma2
-from tessellm.models import (cohere, exaone, exaone4, gemma3, gpt_bigcode, gpt_neox, granite,
+from tessellm.models import (cohere, exaone, exaone4, gemma3, gpt_bigcode, gpt_neox, gptj, granite,
                              granite_moe, llama, llava, moe, olmo, olmo2, olmo3, olmoe, phi, phi3,
                              seq_cls, smollm3, stablelm, starcoder2)
 
@@ -27,6 +27,7 @@ _MODELS = {
     "Exaone4ForCausalLM": exaone4.Exaone4ForCausalLM,
     "GPTNeoXForCausalLM": gpt_neox.GPTNeoXForCausalLM,
     "GPTBigCodeForCausalLM": gpt_bigcode.GPTBigCodeForCausalLM,
+    "GPTJForCausalLM": gptj.GPTJForCausalLM,
     "StableLmForCausalLM": stablelm.StableLmForCausalLM,
     "Starcoder2ForCausalLM": starcoder2.Starcoder2ForCausalLM,
     "MixtralForCausalLM": moe.MixtralForCausalLM,
