@@ -24,6 +24,7 @@ from tessellm.layers.context import ModelContext
 from tessellm.layers.layer_norm import LayerNorm
 from tessellm.layers.linear import materialize
 from tessellm.layers.vocab import VocabParallelEmbedding
+from tessellm.models.checkpoint_rename import llama_form
 from tessellm.models.dense_mlp import DenseMLP
 from tessellm.models.fused_qkv import split_per_head
 from tessellm.models.llama import LlamaForCausalLM
@@ -90,12 +91,7 @@ class GPTBigCodeForCausalLM(LlamaForCausalLM):
                     continue
                 if name.startswith("transformer.wpe.") and not self.pp.is_first:
                     continue
-                for theirs, ours in _PREFIXES:
-                    if name.startswith(theirs):
-                        name = ours + name[len(theirs):]
-                        break
-                for theirs, ours in _PARTS:
-                    name = name.replace(theirs, ours)
+                name = llama_form(name, _PREFIXES, _PARTS)
                 if ".c_attn." not in name:
                     yield name, tensor
                     continue

@@ -31,6 +31,7 @@ from tessellm.layers.layer_norm import LayerNorm
 from tessellm.layers.rope_config import rope_parameters
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.decoder import DecoderAttention, DecoderLayer
+from tessellm.models.checkpoint_rename import llama_form
 from tessellm.models.dense_mlp import DenseMLP
 from tessellm.models.fused_qkv import split_per_head
 from tessellm.models.llama import LlamaForCausalLM
@@ -94,11 +95,7 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
             for name, tensor in weights:
                 if name.endswith((".attention.bias", ".attention.masked_bias")):
                     continue
-                for theirs, ours in _PREFIXES:
-                    if name.startswith(theirs):
-                        name = ours + name[len(theirs):]
-                        break
-                name = name.replace(".attention.", ".self_attn.")
+                name = llama_form(name, _PREFIXES, ((".attention.", ".self_attn."),))
                 if ".query_key_value." not in name:
                     yield name, tensor
                     continue

@@ -25,6 +25,7 @@ from tessellm.layers.layer_norm import LayerNorm
 from tessellm.layers.rope_config import rope_max_positions
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.decoder import DecoderAttention
+from tessellm.models.checkpoint_rename import llama_form
 from tessellm.models.dense_mlp import DenseMLP
 from tessellm.models.interleaved_rotary import evens_then_odds
 from tessellm.models.llama import LlamaForCausalLM
@@ -80,10 +81,4 @@ class GPTJForCausalLM(LlamaForCausalLM):
         for name, tensor in weights:
             if name.endswith(_BUFFERS) or (name == "lm_head.bias" and not self.pp.is_last):
                 continue
-            for theirs, ours in _PREFIXES:
-                if name.startswith(theirs):
-                    name = ours + name[len(theirs):]
-                    break
-            for theirs, ours in _PARTS:
-                name = name.replace(theirs, ours)
-            yield name, tensor
+            yield llama_form(name, _PREFIXES, _PARTS), tensor
