@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from tessellm.models import gemma, gemma2
-from tessellm.models import (cohere, exaone, exaone4, gemma3, gpt_bigcode, gpt_neox, gptj, granite,
-                             granite_moe, llama, llava, moe, olmo, olmo2, olmo3, olmoe, phi, phi3,
-                             seq_cls, smollm3, stablelm, starcoder2)
+from tessellm.models import (cohere, exaone, exaone4, gemma3, glm, gpt_bigcode, gpt_neox, gptj,
+                             granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3, olmoe,
+                             phi, phi3, seq_cls, smollm3, stablelm, starcoder2)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -16,6 +16,8 @@ _MODELS = {
     "GemmaForCausalLM": gemma.GemmaForCausalLM,
     "Gemma2ForCausalLM": gemma2.Gemma2ForCausalLM,
     "Gemma3ForCausalLM": gemma3.Gemma3ForCausalLM,
+    "GlmForCausalLM": glm.GlmForCausalLM,
+    "Glm4ForCausalLM": glm.Glm4ForCausalLM,
     "PhiForCausalLM": phi.PhiForCausalLM,
     "Phi3ForCausalLM": phi3.Phi3ForCausalLM,
     "GraniteForCausalLM": granite.GraniteForCausalLM,
