@@ -9,6 +9,7 @@ from tessellm.models import (cohere, exaone, exaone4, gemma3, glm, gpt_bigcode, 
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
+    "InternLM3ForCausalLM": llama.LlamaForCausalLM,  # transformers 5 serves it as Llama
     "MistralForCausalLM": llama.MistralForCausalLM,
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
