@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from tessellm.models import gemma, gemma2
-from tessellm.models import (cohere, exaone, exaone4, gemma3, glm, gpt_bigcode, gpt_neox, gptj,
-                             granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3, olmoe,
-                             phi, phi3, seq_cls, smollm3, stablelm, starcoder2)
+from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
+                             gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
+                             olmoe, phi, phi3, seq_cls, smollm3, stablelm, starcoder2)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -27,6 +27,7 @@ _MODELS = {
     "Olmo3ForCausalLM": olmo3.Olmo3ForCausalLM,
     "CohereForCausalLM": cohere.CohereForCausalLM,
     "ExaoneForCausalLM": exaone.ExaoneForCausalLM,
+    "FalconForCausalLM": falcon.FalconForCausalLM,
     "Exaone4ForCausalLM": exaone4.Exaone4ForCausalLM,
     "GPTNeoXForCausalLM": gpt_neox.GPTNeoXForCausalLM,
     "GPTBigCodeForCausalLM": gpt_bigcode.GPTBigCodeForCausalLM,
