@@ -42,10 +42,10 @@ def image_feature_size(config) -> int:
     feature select strategy ("default" drops it)."""
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if _select_strategy(config) == "full" else 0)
+    return patches + (1 if feature_select_strategy(config) == "full" else 0)
 
 
-def _select_strategy(config) -> str:
+def feature_select_strategy(config) -> str:
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported; "
@@ -85,7 +85,7 @@ class LlavaForConditionalGeneration(nn.Module):
                              "tensor parallelism.")
         self.image_token_id = image_token_id(config)
         self.feature_size = image_feature_size(config)
-        self.drop_cls = _select_strategy(config) == "default"
+        self.drop_cls = feature_select_strategy(config) == "default"
         layers = config.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else list(layers)
         self.vision_tower = CLIPVisionTower(vision, layers)
@@ -97,12 +97,22 @@ class LlavaForConditionalGeneration(nn.Module):
 
     # -- what the runner calls -------------------------------------------------------------
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, H, W]`` preprocessed images -> ``[N, feature_size, text hidden]``."""
+    def encode_images(self, pixels: torch.Tensor, image_sizes=None) -> torch.Tensor:
+        """``[N, 3, H, W]`` preprocessed images -> ``[N, feature_size, text hidden]``
+        (``image_sizes``: unused here; LLaVA-NeXT's tiles need them)."""
         feats = self.vision_tower(pixels)
         if self.drop_cls:
             feats = feats[:, 1:]
         return self.multi_modal_projector(feats)
+
+    def dummy_images(self, num_tokens: int, device) -> tuple[torch.Tensor, list]:
+        """Blank images covering ``num_tokens`` placeholders whole, and their sizes, for
+        ``encode_images`` in the memory profile (``EncoderCache.profile``)."""
+        tower = self.vision_tower.embeddings
+        n = max(1, -(-num_tokens // self.feature_size))
+        side = tower.image_size
+        pixels = torch.zeros(n, tower.patch_embedding.in_channels, side, side, device=device)
+        return pixels, [[side, side]] * n
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata,
                 intermediate=None, mm_embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
@@ -140,8 +150,11 @@ class LlavaForConditionalGeneration(nn.Module):
                 if part == "language_model":
                     yield rest, tensor
                     continue
-                target = f"{part}.{rest}"
+                target = f"{part}.{rest}" if rest else part
                 if target not in params:
+                    if part == "image_newline":
+                        raise ValueError("This checkpoint has an image_newline (LLaVA-NeXT); its "
+                                         "config.json should name LlavaNextForConditionalGeneration.")
                     if part == "vision_tower" and _unused_vision_weight(rest, len(self.vision_tower.encoder.layers)):
                         continue  # post_layernorm, layers past the selected one
                     raise ValueError(f"Checkpoint tensor {name!r} has no place in "
@@ -154,7 +167,8 @@ class LlavaForConditionalGeneration(nn.Module):
 
 
 def _route(name: str) -> Optional[tuple[str, str]]:
-    """(our submodule, the rest of the name in its own terms) for a checkpoint name."""
+    """(our submodule or parameter, the rest of the name in its own terms) for a checkpoint
+    name."""
     if name.startswith("model."):  # transformers 5 layout
         name = name[len("model."):]
         if name.startswith("language_model."):
@@ -167,9 +181,8 @@ def _route(name: str) -> Optional[tuple[str, str]]:
             if part == "vision_tower" and rest.startswith("vision_model."):
                 rest = rest[len("vision_model."):]
             return part, rest
-    if name.startswith("image_newline"):
-        raise ValueError("This checkpoint has an image_newline (LLaVA-NeXT); tessellm runs "
-                         "LLaVA-1.5 style models.")
+    if name == "image_newline":  # LLaVA-NeXT's row separator
+        return "image_newline", ""
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tessellm.models import gemma, gemma2
+from tessellm.models import llava_next
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
                              gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
                              olmoe, phi, phi3, seq_cls, smollm3, stablelm, starcoder2)
@@ -41,6 +42,7 @@ _MODELS = {
     "GraniteMoeSharedForCausalLM": granite_moe.GraniteMoeSharedForCausalLM,
     "OlmoeForCausalLM": olmoe.OlmoeForCausalLM,
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": llava_next.LlavaNextForConditionalGeneration,
     # classifiers / cross-encoders: a pooling engine's classify and score (docs/pooling.md)
     "LlamaForSequenceClassification": seq_cls.LlamaForSequenceClassification,
     "MistralForSequenceClassification": seq_cls.MistralForSequenceClassification,

@@ -47,6 +47,10 @@ def max_tokens_per_image(hf_config) -> int:
 
     if not takes_images(hf_config):
         return 0
+    if getattr(hf_config, "image_grid_pinpoints", None):  # LLaVA-NeXT: by image size
+        from tessellm.models.llava_next import max_image_feature_size
+
+        return max_image_feature_size(hf_config)
     from tessellm.models.llava import image_feature_size
 
     return image_feature_size(hf_config)

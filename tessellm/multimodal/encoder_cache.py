@@ -26,7 +26,7 @@ import torch
 
 class EncoderCache:
     def __init__(self, model, device: torch.device):
-        self.model = model  # has encode_images(pixels [N, C, H, W]) -> [N, tokens, hidden]
+        self.model = model  # encode_images(pixels [N, ...], sizes) -> per image [tokens, hidden]
         self.device = device
         self.features: dict[tuple[str, int], torch.Tensor] = {}  # (request id, image) -> [tokens, hidden]
         self.identifiers: dict[tuple[str, int], str] = {}  # the same keys -> content hash
@@ -69,11 +69,7 @@ class EncoderCache:
         """Run the vision tower on as many blank images as a step of ``num_tokens`` prompt
         tokens covers whole, so its activations count in the memory profile before the KV
         cache is sized (``ModelRunner.profile_run``)."""
-        tower = self.model.vision_tower.embeddings
-        n = max(1, -(-num_tokens // self.model.feature_size))
-        pixels = torch.zeros(n, tower.patch_embedding.in_channels, tower.image_size, tower.image_size,
-                             device=self.device)
-        self.model.encode_images(pixels)
+        self.model.encode_images(*self.model.dummy_images(num_tokens, self.device))
 
     def _hold(self, key: tuple[str, int], identifier: str, feats: torch.Tensor) -> None:
         self.features[key] = feats
@@ -85,8 +81,8 @@ class EncoderCache:
 
     def _encode(self, items: list) -> None:
         """Features for ``items`` (key, feature): taken from an entry with the same content
-        hash where one is held, else one vision-tower call per image shape (one for
-        LLaVA-1.5) over the distinct images."""
+        hash where one is held, else one vision-tower call per pixel shape (one for
+        LLaVA-1.5; per tile count for LLaVA-NeXT) over the distinct images."""
         held = {self.identifiers[k]: t for k, t in self.features.items()}
         todo: dict[str, list] = {}  # content hash -> the keys that want it
         firsts: dict[tuple, list] = {}  # image shape -> one feature per content hash
@@ -99,7 +95,7 @@ class EncoderCache:
             todo.setdefault(f.identifier, []).append(key)
         for group in firsts.values():
             pixels = torch.from_numpy(np.stack([f.pixels() for f in group])).to(self.device)
-            out = self.model.encode_images(pixels)
+            out = self.model.encode_images(pixels, [f.image_size for f in group])
             for f, feats in zip(group, out):
                 if feats.shape[0] != f.length:
                     raise ValueError(f"An image has {f.length} placeholder tokens but the vision "

@@ -4,7 +4,8 @@ placeholder tokens sit in the prompt, and a hash of its content.
 
     prompt:   USER: <img> <img> <img> <img> \\n What ... ASSISTANT:
                     ^offset                  ^offset + length
-    hash:     sha256 of the preprocessed pixels (dtype, shape, bytes): equal images hit the
+    hash:     sha256 of the preprocessed pixels (dtype, shape, bytes; and the original size
+              where the model's features depend on it): equal images hit the
               prefix cache, different ones never share a block that covers a placeholder.
 
 Plain data (ints, a string, bytes): no tensors, so the scheduler and the block manager stay
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -29,15 +30,21 @@ class MultiModalFeature:
     shape: list[int] = field(default_factory=list)  # e.g. [3, 336, 336]
     dtype: str = "float32"
     modality: str = "image"
+    # [height, width] of the image before preprocessing, for models whose features depend on
+    # it (LLaVA-NeXT unpads its tile grid to the aspect ratio); None for LLaVA-1.5
+    image_size: Optional[list[int]] = None
 
     @classmethod
-    def from_pixels(cls, pixels: np.ndarray, offset: int, length: int) -> "MultiModalFeature":
+    def from_pixels(cls, pixels: np.ndarray, offset: int, length: int,
+                    image_size: Optional[Sequence[int]] = None) -> "MultiModalFeature":
         pixels = np.ascontiguousarray(pixels)
         data = pixels.tobytes()
+        size = None if image_size is None else [int(v) for v in image_size]
         digest = hashlib.sha256()
-        digest.update(f"{pixels.dtype.str}{pixels.shape}".encode())
+        digest.update(f"{pixels.dtype.str}{pixels.shape}{size or ''}".encode())
         digest.update(data)
-        return cls(offset, length, digest.hexdigest(), data, list(pixels.shape), str(pixels.dtype))
+        return cls(offset, length, digest.hexdigest(), data, list(pixels.shape), str(pixels.dtype),
+                   image_size=size)
 
     @property
     def end(self) -> int:
@@ -49,7 +56,7 @@ class MultiModalFeature:
     def to_dict(self) -> dict:
         return {"offset": self.offset, "length": self.length, "identifier": self.identifier,
                 "data": self.data, "shape": list(self.shape), "dtype": self.dtype,
-                "modality": self.modality}
+                "modality": self.modality, "image_size": self.image_size}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MultiModalFeature":

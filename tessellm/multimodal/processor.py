@@ -3,9 +3,11 @@ expanded, and one ``MultiModalFeature`` per image (preprocessed pixels, span, ha
 
 The model's HF processor does the work (``AutoProcessor``: LlavaProcessor = a tokenizer that
 expands ``<image>`` to the image's feature count + CLIPImageProcessor: resize, crop, rescale,
-normalize), so the pixels are exactly what transformers would feed the model. A prompt given
-as token ids may carry the placeholder once per image (expanded here) or already expanded (as
-the processor's output); any other count is refused, naming the expected one.
+normalize; LlavaNextProcessor: the same over anyres tiles, a count that depends on the image's
+size), so the pixels and counts are exactly what transformers would feed the model. A prompt
+given as token ids may carry the placeholder once per image (expanded here, image k's to its
+own count) or already expanded (as the processor's output); any other count is refused,
+naming the expected one.
 """
 
 from __future__ import annotations
@@ -59,8 +61,11 @@ class ImageProcessor:
         config = AutoConfig.from_pretrained(model_path)
         self.model_path = model_path
         self.max_images = max_images
+        self.config = config
         self.image_token_id = image_token_id(config)
-        self.feature_size = image_feature_size(config)
+        # LLaVA-NeXT (anyres): the count depends on the image's size, the processor says it
+        self.anyres = bool(getattr(config, "image_grid_pinpoints", None))
+        self.feature_size = None if self.anyres else image_feature_size(config)
         self.image_size = config.vision_config.image_size
 
     @functools.cached_property
@@ -87,15 +92,37 @@ class ImageProcessor:
             ids = [int(t) for t in out["input_ids"][0]]
         else:
             out = self._run(lambda: self.hf.image_processor(images=images, return_tensors="np"))
-            ids = self._expand(list(prompt), len(images))
+            ids = None
+        pixels, sizes = self._pixels(out, len(images))
+        lengths = self._lengths(sizes, len(images))
+        if ids is None:
+            ids = self._expand(list(prompt), lengths)
+        spans = self._spans(ids, lengths)
+        return ids, [MultiModalFeature.from_pixels(p, start, n, size)
+                     for p, start, n, size in zip(pixels, spans, lengths, sizes)]
+
+    def _pixels(self, out, num_images: int) -> tuple[list[np.ndarray], list]:
+        """Each image's pixels (LLaVA-NeXT: its tiles, without the batch's padding tiles) and
+        its original (height, width) (None for LLaVA-1.5)."""
         pixels = np.asarray(out["pixel_values"], dtype=np.float32)
         if tuple(pixels.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"The model's image processor gives {tuple(pixels.shape[-2:])} images "
                              f"but its vision tower takes {self.image_size}x{self.image_size}; "
                              "the checkpoint's processor config does not match its config.json.")
-        spans = self._spans(ids, len(images))
-        return ids, [MultiModalFeature.from_pixels(p, start, self.feature_size)
-                     for p, start in zip(pixels, spans)]
+        if not self.anyres:
+            return list(pixels), [None] * num_images
+        from tessellm.models.llava_next import grid_shape
+
+        sizes = [[int(v) for v in size] for size in out["image_sizes"]]
+        tiles = [rows * cols + 1 for rows, cols in (grid_shape(s, self.config) for s in sizes)]
+        return [p[:n] for p, n in zip(pixels, tiles)], sizes
+
+    def _lengths(self, sizes: list, num_images: int) -> list[int]:
+        """Placeholder tokens of each image: the processor's own count for LLaVA-NeXT."""
+        if not self.anyres:
+            return [self.feature_size] * num_images
+        counts = self._run(lambda: self.hf._get_num_multimodal_tokens(image_sizes=sizes))
+        return [int(n) for n in counts.num_image_tokens]
 
     @staticmethod
     def _run(call):
@@ -106,36 +133,44 @@ class ImageProcessor:
         except Exception as exc:  # noqa: BLE001 - a bad image or prompt: the caller's error
             raise ValueError(f"The image processor could not process the input: {exc}") from None
 
-    def _expand(self, ids: list[int], num_images: int) -> list[int]:
-        """Token ids with one placeholder per image: each becomes ``feature_size`` of them."""
+    def _expand(self, ids: list[int], lengths: list[int]) -> list[int]:
+        """Token ids with one placeholder per image: image k's becomes ``lengths[k]`` of them."""
         count = ids.count(self.image_token_id)
-        if count == num_images * self.feature_size:
+        if count == sum(lengths):
             return ids
-        if count != num_images:
-            raise ValueError(self._count_error(count, num_images))
+        if count != len(lengths):
+            raise ValueError(self._count_error(count, lengths))
         out: list[int] = []
+        k = 0
         for t in ids:
-            out.extend([t] * self.feature_size if t == self.image_token_id else [t])
+            if t == self.image_token_id:
+                out.extend([t] * lengths[k])
+                k += 1
+            else:
+                out.append(t)
         return out
 
-    def _spans(self, ids: list[int], num_images: int) -> list[int]:
-        """The first index of each image's run of ``feature_size`` placeholders."""
+    def _spans(self, ids: list[int], lengths: list[int]) -> list[int]:
+        """The first index of each image's run of ``lengths[k]`` placeholders (in order)."""
         where = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        n = self.feature_size
-        if len(where) != num_images * n:
-            raise ValueError(self._count_error(len(where), num_images))
-        starts = where[::n]
-        for k, s in enumerate(starts):
-            if where[k * n + n - 1] != s + n - 1:
+        if len(where) != sum(lengths):
+            raise ValueError(self._count_error(len(where), lengths))
+        starts, first = [], 0
+        for k, n in enumerate(lengths):
+            s = where[first]
+            if where[first + n - 1] != s + n - 1:
                 raise ValueError(f"The placeholders of image {k} are not one run of {n} "
                                  "tokens; keep each image's placeholder tokens together.")
+            starts.append(s)
+            first += n
         return starts
 
-    def _count_error(self, count: int, num_images: int) -> str:
+    def _count_error(self, count: int, lengths: list[int]) -> str:
+        each = (f"the image's {lengths[0]} feature tokens" if len(set(lengths)) == 1
+                else f"its image's feature tokens: {', '.join(map(str, lengths))}")
         return (f"The prompt has {count} image placeholder tokens (id {self.image_token_id}) for "
-                f"{num_images} image(s); put one <image> per image in the prompt (each stands "
-                f"for the image's {self.feature_size} feature tokens), or "
-                f"{num_images * self.feature_size} when passing expanded token ids.")
+                f"{len(lengths)} image(s); put one <image> per image in the prompt (each stands "
+                f"for {each}), or {sum(lengths)} when passing expanded token ids.")
 
 
 @functools.lru_cache(maxsize=4)

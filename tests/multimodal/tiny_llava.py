@@ -34,21 +34,28 @@ def _tokenizer():
     return fast
 
 
-def make_tiny_llava(path: str, seed: int = 0, strategy: str = "default", feature_layer=-2) -> str:
-    """Saves config, float32 safetensors, tokenizer (``<image>`` = id 3) and processor.
-    ``strategy`` "full" keeps the class token (17 placeholders an image); ``feature_layer``
-    may be a list (the layers' hidden states concatenated)."""
-    import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+def tiny_configs(image_size: int):
+    """(CLIP vision config, Llama text config) of the tiny test models; patches of 7 px."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                              num_hidden_layers=3, image_size=IMAGE_SIZE, patch_size=PATCH,
+                              num_hidden_layers=3, image_size=image_size, patch_size=PATCH,
                               projection_dim=16)
     text = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                        num_hidden_layers=2, intermediate_size=128, vocab_size=320,
                        max_position_embeddings=512, initializer_range=0.2, bos_token_id=1,
                        eos_token_id=2, pad_token_id=0)
+    return vision, text
+
+
+def make_tiny_llava(path: str, seed: int = 0, strategy: str = "default", feature_layer=-2) -> str:
+    """Saves config, float32 safetensors, tokenizer (``<image>`` = id 3) and processor.
+    ``strategy`` "full" keeps the class token (17 placeholders an image); ``feature_layer``
+    may be a list (the layers' hidden states concatenated)."""
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    vision, text = tiny_configs(IMAGE_SIZE)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=3,
                          vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer)
     torch.manual_seed(seed)
@@ -74,14 +81,17 @@ def image(seed: int, size=(40, 52)):
     return Image.fromarray(rng.randint(0, 256, (*size, 3), dtype=np.uint8))
 
 
-def hf_greedy(path: str, prompts: list[str], images: list, max_new_tokens: int) -> list[list[int]]:
-    """HF LlavaForConditionalGeneration.generate, float32, one prompt at a time; ``images[i]``
-    is prompt i's image or list of images."""
+def hf_greedy(path: str, prompts: list[str], images: list, max_new_tokens: int,
+              architecture: str = "LlavaForConditionalGeneration") -> list[list[int]]:
+    """HF ``architecture``'s generate, float32, one prompt at a time; ``images[i]`` is prompt
+    i's image or list of images."""
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model_class = getattr(transformers, architecture)
+    model = model_class.from_pretrained(path, dtype=torch.float32).eval()
     outs = []
     for prompt, imgs in zip(prompts, images):
         inputs = processor(text=prompt, images=imgs if isinstance(imgs, list) else [imgs],
