@@ -100,3 +100,32 @@ def test_unsupported_variants_are_refused(tmp_path, llava_next_dir):
     (video / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="LlavaNextVideoForConditionalGeneration.*not supported"):
         LLM(str(video), dtype="float32", num_kv_blocks=32, block_size=4)
+
+
+def test_equal_tiles_of_different_image_sizes_are_different_images(llava_next_dir):
+    """Two black images, 20x70 and 30x70: the processor gives them the same tiles (black,
+    padded with black) but the grid unpads to 2 rows for one and 4 for the other. The original
+    size is part of the content hash, so neither the prefix cache nor the encoder cache takes
+    one for the other."""
+    from PIL import Image
+
+    from tessellm.multimodal.processor import ImageProcessor
+
+    images = [Image.new("RGB", (70, 20)), Image.new("RGB", (70, 30))]
+    proc = ImageProcessor(llava_next_dir, 1)
+    (_, (a,)), (_, (b,)) = (proc.process(PROMPT, [im]) for im in images)
+    assert a.data == b.data and a.length != b.length and a.identifier != b.identifier
+    with LLM(llava_next_dir, dtype="float32", num_kv_blocks=128, block_size=4) as llm:
+        out = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": im}} for im in images], GREEDY)
+    assert [list(o.outputs[0].token_ids) for o in out] == hf_greedy(
+        llava_next_dir, [PROMPT, PROMPT], images, MAX_NEW)
+
+
+def test_tensor_parallel_two_ranks(llava_next_dir):
+    """The images' original sizes reach every rank's runner through the step codec."""
+    images = [image(56, size=(30, 70)), image(57, size=(80, 30))]
+    with LLM(llava_next_dir, device="cpu", dtype="float32", num_kv_blocks=64, block_size=4,
+             tensor_parallel_size=2) as llm:
+        out = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": im}} for im in images], GREEDY)
+    assert [list(o.outputs[0].token_ids) for o in out] == hf_greedy(
+        llava_next_dir, [PROMPT, PROMPT], images, MAX_NEW)
