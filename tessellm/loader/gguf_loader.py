@@ -286,6 +286,12 @@ class GGUFQuantized:
         values = gguf.quants.dequantize(self.data.numpy(), self.qtype)
         return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape)
 
+    def split_rows(self, sizes: list[int]) -> list["GGUFQuantized"]:
+        """Consecutive runs of `sizes` rows (a fused tensor's parts, e.g. Phi-3's q, k, v), each
+        still in its blocks."""
+        return [GGUFQuantized(self.qtype, (rows, self.shape[1]), part)
+                for rows, part in zip(sizes, self.data.split(sizes, dim=0))]
+
 
 _DENSE_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
 

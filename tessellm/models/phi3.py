@@ -37,7 +37,11 @@ class Phi3ForCausalLM(MistralForCausalLM):
                 "factors from that position on and keep the short ones below it; HF transformers "
                 "re-rotates the whole sequence with the long factors, so past %d tokens outputs "
                 "differ from HF's.", original, original)
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]
+                         ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The fused tensors cut into their parts (module docstring), here rather than in
+        ``load_weights`` so that quantizing on load and GGUF blocks kept quantized see the
+        parts too (a quantized fused layer takes its logical shards one by one)."""
         config = self.config
         d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -47,14 +51,22 @@ class Phi3ForCausalLM(MistralForCausalLM):
         def split():
             for name, tensor in weights:
                 if name.endswith(".qkv_proj.weight"):
-                    parts = materialize(tensor).split(qkv_sizes, dim=0)
+                    parts = _split_rows(tensor, qkv_sizes)
                     for part, piece in zip(("q_proj", "k_proj", "v_proj"), parts):
                         yield name.replace(".qkv_proj.", f".{part}."), piece
                 elif name.endswith(".gate_up_proj.weight"):
-                    gate, up = materialize(tensor).split([inter, inter], dim=0)
+                    gate, up = _split_rows(tensor, [inter, inter])
                     yield name.replace(".gate_up_proj.", ".gate_proj."), gate
                     yield name.replace(".gate_up_proj.", ".up_proj."), up
                 else:
                     yield name, tensor
 
-        return super().load_weights(split())
+        return split()
+
+
+def _split_rows(tensor, sizes: list[int]):
+    """A checkpoint tensor (lazy or not), or GGUF blocks kept quantized (``split_rows``), cut
+    into consecutive runs of ``sizes`` output rows."""
+    if hasattr(tensor, "split_rows"):
+        return tensor.split_rows(sizes)
+    return materialize(tensor).split(sizes, dim=0)

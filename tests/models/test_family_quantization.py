@@ -1,5 +1,6 @@
 """Quantizing on load (``quantization="int8"``) the families whose checkpoint names differ from
-llama's (renamed and cut by ``checkpoint_names`` before the quantized loader routes them):
+llama's, or fuse what our layers take in shards (Phi-3's qkv_proj / gate_up_proj, GLM's
+gate_up_proj), renamed and cut by ``checkpoint_names`` before the quantized loader routes them:
 every projection is quantized, and greedy tokens and per-token log-probabilities equal HF
 transformers' running the same model with each projection's weight replaced by its int8
 round trip (per output row, ``quantization.packed.quantize_int8``), in float32."""
@@ -11,6 +12,7 @@ import torch
 
 from tests.models.test_exaone import save_exaone
 from tests.models.test_gpt_bigcode import bigcode_config
+from tests.models.test_glm import glm_config
 from tests.models.test_gpt_neox import neox_config
 from tests.models.test_phi import phi_config
 from tests.models.test_starcoder2 import starcoder2_config
@@ -22,7 +24,17 @@ FAMILIES = {
     "exaone": save_exaone,
     "phi": lambda path: save_tiny(phi_config(), path),
     "starcoder2": lambda path: save_tiny(starcoder2_config(), path),
+    "phi3": lambda path: save_tiny(phi3_config(), path),
+    "glm": lambda path: save_tiny(glm_config("glm"), path),
 }
+
+
+def phi3_config():
+    from transformers import Phi3Config
+
+    from tests.models.variant_parity import TINY
+
+    return Phi3Config(**{**TINY, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
 
 
 def int8_round_trip(source: str, path: str) -> str:
@@ -57,3 +69,4 @@ def test_family_int8_on_load(family, tmp_path):
     assert got_tokens == want_tokens
     for got, want in zip(got_lp, want_lp):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+

@@ -144,3 +144,30 @@ def test_gguf_starcoder2_q8_0_kept_quantized_serves_like_hf(tmp_path, monkeypatc
     assert got_tokens == want_tokens
     for got, want in zip(got_lp, want_lp):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+
+
+def test_gguf_phi3_q8_0_fused_kept_quantized(tmp_path, monkeypatch):
+    """``quantization="gguf"`` keeps Phi-3's fused Q8_0 ``attn_qkv`` / ``ffn_up`` in their blocks
+    (as our fused qkv_proj / gate_up_proj, uncut) and serves what the dequantized file serves
+    (whose parity with HF ``test_gguf_family_serves_like_hf`` checks); float32 products."""
+    from tessellm import LLM
+    from tessellm.quantization.loading import quantized_linears
+    from tessellm.quantization.packed import Int8Weight
+
+    monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "0")
+    make_config, metadata = CASES["phi3"]
+    source = save_tiny(make_config(), str(tmp_path / "hf"))
+    quantized = tuple(f"blk.{i}.{part}.weight" for i in range(2)
+                      for part in ("attn_qkv", "ffn_up", "ffn_down"))
+    path = export_gguf(source, str(tmp_path / "phi3.gguf"), "phi3", metadata=metadata,
+                       quantize=quantized)
+    with LLM(path, dtype="float32", quantization="gguf") as llm:
+        layers = quantized_linears(llm.engine.core.runner.model)
+        for name in ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            assert all(isinstance(s, Int8Weight) for s in layers[f"layers.0.{name}"].segments)
+    prompt_list = prompts((5, 30))
+    want_tokens, want_lp = ours(path, prompt_list, 16)
+    got_tokens, got_lp = ours(path, prompt_list, 16, quantization="gguf")
+    assert got_tokens == want_tokens
+    for got, want in zip(got_lp, want_lp):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
