@@ -11,7 +11,7 @@ import pytest
 
 from tessellm import LLM, SamplingParams
 from tessellm.config import EngineArgs
-from tests.multimodal.test_llava_server import _body, _img, _serve
+from tests.multimodal.serve_app import chat_body as _body, image_part as _img, serve as _serve
 from tests.multimodal.tiny_llava import data_url, hf_chat_prompt, image
 from tests.multimodal.tiny_llava_next import PINPOINTS, PROMPT, hf_greedy
 

@@ -12,37 +12,10 @@ import contextlib
 import httpx
 
 from tessellm.config import EngineArgs
+from tests.multimodal.serve_app import MAX_NEW, chat_body as _body, image_part as _img, serve as _serve
 from tests.multimodal.tiny_llava import FEATURES, data_url, hf_chat_prompt, hf_greedy, image
 
-MAX_NEW = 6
-
-
-def _body(*parts, **extra):
-    return {"model": "m", "messages": [{"role": "user", "content": list(parts)}], "temperature": 0,
-            "max_tokens": MAX_NEW, "min_tokens": MAX_NEW, "ignore_eos": True, **extra}
-
-
-def _img(url):
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
 TEXT = {"type": "text", "text": "What is this?"}
-
-
-async def _serve(args: EngineArgs, scenario):
-    from tessellm.entrypoints.async_llm import AsyncLLM
-    from tessellm.entrypoints.openai.api_server import build_app
-    from tessellm.entrypoints.openai.server_config import ServerConfig
-
-    engine = AsyncLLM(args)
-    try:
-        engine.start()
-        app = build_app(engine, ServerConfig(["m"]))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
-                                     timeout=120) as c:
-            return await scenario(c)
-    finally:
-        await engine.shutdown()
 
 
 async def _llava_requests(c):
