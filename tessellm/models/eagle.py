@@ -16,6 +16,12 @@ Checkpoints follow the public layouts (yuhuili/EAGLE-LLaMA3-Instruct-8B: ``fc.*`
 ``layers.0.*``; yuhuili/EAGLE3-LLaMA3.1-Instruct-8B: ``fc.weight``, ``midlayer.*``, ``norm``,
 ``lm_head``, ``d2t``, ``t2d``), as ``model.safetensors`` (or shards) or ``pytorch_model.bin``.
 The embedding (and EAGLE-1's LM head) are the target's unless the checkpoint carries its own.
+
+Under tensor parallelism (``ctx.tp``) the head shards like the target: q/k/v and gate/up
+column-parallel, o/down row-parallel (summed by the norm that takes them, or before the output),
+an own embedding and EAGLE-3's LM head vocab-parallel (logits gathered, so every rank drafts the
+same argmax). ``fc`` is replicated: it reads hidden states every rank holds whole (the target's,
+after its all-reduce). The shared embedding and LM head are the target's shards.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
-from tessellm.layers.vocab import VocabParallelEmbedding
-from tessellm.models.decoder import DecoderLayer, DecoderMLP
+from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from tessellm.models.decoder import DecoderLayer, DecoderMLP, shard_heads
 from tessellm.models.llama import LlamaForCausalLM
 
 
@@ -48,8 +54,13 @@ class EagleHead(nn.Module):
         hidden = config.hidden_size
         self.fc = Linear(2 * hidden, [hidden], bias=fc_bias)
         rotary = _rotary(config, ctx)
-        self.layers = nn.ModuleList(DecoderLayer(config, ctx, rotary, False, False, i)
-                                    for i in range(config.num_hidden_layers))
+        n = config.num_hidden_layers
+        # The last layer's down_proj sums its output over the ranks itself: nothing after it
+        # reduces (the output is ``x + residual``, not a norm).
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, ctx, rotary, False, False, i,
+                         mlp=DecoderMLP(config, ctx, reduce_output=True) if i == n - 1 else None)
+            for i in range(n))
         self.layers[0].input_layernorm = None  # EAGLE-1 skips it on the first layer
         # Shared, not loaded (unless the head has one). The raw table: a target's own scaling
         # (Granite's embedding_multiplier) is not applied, as heads are trained (vLLM's
@@ -97,18 +108,21 @@ class Eagle3Attention(nn.Module):
 
     def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding):
         super().__init__()
-        hidden, heads = config.hidden_size, config.num_attention_heads
+        hidden, heads, tp = config.hidden_size, config.num_attention_heads, ctx.tp
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         self.head_size = getattr(config, "head_dim", None) or hidden // heads
         d = self.head_size
-        self.num_heads, self.num_kv_heads = heads, kv_heads
-        self.q_size, self.kv_size = heads * d, kv_heads * d
+        self.num_heads, self.num_kv_heads, kv_first = shard_heads(heads, kv_heads, tp.rank, tp.size)
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        ranges = [(tp.rank * self.q_size, self.q_size), (kv_first * d, self.kv_size),
+                  (kv_first * d, self.kv_size)]
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = ColumnParallelLinear(2 * hidden, [heads * d, kv_heads * d, kv_heads * d],
-                                             bias=bias)
-        self.o_proj = RowParallelLinear(heads * d, hidden, bias=bias)
+                                             bias=bias, tp=tp, shard_ranges=ranges)
+        self.o_proj = RowParallelLinear(heads * d, hidden, bias=bias, tp=tp)  # summed here
         self.rotary = rotary
-        self.attn = Attention(heads, kv_heads, d, d ** -0.5, ctx.make_attention_kernel(None))
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d, d ** -0.5,
+                              ctx.make_attention_kernel(None))
 
     def forward(self, positions, x, metadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -134,13 +148,13 @@ class Eagle3Head(nn.Module):
         self.input_layernorm = RMSNorm(hidden, eps, ctx.ops)
         self.hidden_norm = RMSNorm(hidden, eps, ctx.ops)
         self.post_attention_layernorm = RMSNorm(hidden, eps, ctx.ops)
-        self.norm = RMSNorm(hidden, eps, ctx.ops)
+        self.norm = RMSNorm(hidden, eps, ctx.ops, reduce=ctx.tp)  # sums down_proj's partial output
         draft_vocab = getattr(config, "draft_vocab_size", None) or config.vocab_size
-        self.lm_head = Linear(hidden, [draft_vocab], bias=False)
+        self.lm_head = ParallelLMHead(draft_vocab, hidden, ctx.tp)
         self.d2t = nn.Parameter(torch.zeros(draft_vocab, dtype=torch.long), requires_grad=False)
         self.owns_embedding = own_embedding
         if own_embedding:
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden)
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden, ctx.tp)
         else:
             self.embed_tokens = target.embed_tokens
 
@@ -280,11 +294,18 @@ def _load(head: nn.Module, tensors: dict, path: str) -> None:
             if name not in params or name in shared:
                 raise ValueError(f"Checkpoint tensor {ckpt_name!r} at {path} has no place in "
                                  f"the {head.method} head; is this the right method?")
-            if tuple(tensor.shape) != tuple(params[name].shape):
+            module_name, _, attr = name.rpartition(".")
+            module = modules[module_name]
+            if isinstance(module, (VocabParallelEmbedding, ParallelLMHead)):
+                _checked(lambda: module.load_weight(tensor), path)  # this rank's rows
+            elif isinstance(module, Linear):
+                _checked(lambda: module.load_shard(attr, tensor, None), path)  # rows or columns
+            elif tuple(tensor.shape) != tuple(params[name].shape):
                 raise ValueError(f"Checkpoint tensor {ckpt_name!r} at {path} has shape "
                                  f"{tuple(tensor.shape)}, expected {tuple(params[name].shape)}; "
                                  "the head's config.json does not match its weights.")
-            params[name].data.copy_(tensor)
+            else:
+                params[name].data.copy_(tensor)
             loaded.add(name)
     missing = sorted(set(params) - shared - loaded - _optional(head))
     if missing:

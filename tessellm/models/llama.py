@@ -161,12 +161,21 @@ class LlamaForCausalLM(nn.Module):
             self.aux_hidden_states = []
         for i in range(self.start_layer, self.end_layer):
             if aux and i in aux:
-                self.aux_hidden_states.append(hidden if residual is None else hidden + residual)
+                self.aux_hidden_states.append(self._stream_into(i, hidden, residual))
             hidden, residual = self.layers[i](positions, hidden, residual, metadata)
         if not self.pp.is_last:
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def _stream_into(self, i: int, hidden: torch.Tensor, residual) -> torch.Tensor:
+        """The residual stream entering layer ``i`` (EAGLE-3 reads it), whole on every rank:
+        under tensor parallelism ``hidden`` is a partial sum that layer ``i``'s input norm
+        reduces, so it is summed here too, on a copy (the norm sums the original)."""
+        if residual is None:
+            return hidden
+        reduce = getattr(self.layers[i].input_layernorm, "reduce", None)
+        return (hidden if reduce is None else reduce.all_reduce(hidden.clone())) + residual
 
     def embed_positions(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The first layer's input from the token embeddings: GPT-BigCode adds its learned

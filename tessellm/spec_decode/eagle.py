@@ -38,10 +38,6 @@ class EagleProposer(KVDrafter):
         from tessellm.models.eagle import head_config, load_eagle_head
 
         ctx = self.ctx
-        if ctx.tp is not None and ctx.tp.size > 1:
-            raise ValueError(f"speculative_config method {self.method!r} does not run with "
-                             "tensor_parallel_size > 1 yet; use tensor_parallel_size=1 or method "
-                             "draft_model / ngram.")
         self.head_config = head_config(self.config.model, self.method)
         load_format = "dummy" if self.config.draft_load_format == "dummy" else "auto"
         self.model = load_eagle_head(self.config.model, self.method, ctx.target, self._model_context(),
@@ -50,15 +46,20 @@ class EagleProposer(KVDrafter):
         self.hidden_size = self.head_config.hidden_size
 
     def _model_context(self):
-        """The head's layers get the backend's fused ops and an attention kernel for its shape."""
+        """The head's layers get the backend's fused ops, an attention kernel for its shape
+        (this rank's heads) and the target's tensor-parallel group."""
         from tessellm.backends.reference.ops import ReferenceOps
         from tessellm.backends.spec import AttentionSpec, OpsSpec
+        from tessellm.distributed.parallel_state import TensorParallel
         from tessellm.layers.context import ModelContext
+        from tessellm.models.decoder import shard_heads
 
         ctx, cfg = self.ctx, self.head_config
+        tp = ctx.tp or TensorParallel()
         heads = cfg.num_attention_heads
-        spec = AttentionSpec(num_heads=heads,
-                             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        local_heads, local_kv_heads, _ = shard_heads(
+            heads, getattr(cfg, "num_key_value_heads", None) or heads, tp.rank, tp.size)
+        spec = AttentionSpec(num_heads=local_heads, num_kv_heads=local_kv_heads,
                              head_size=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
                              dtype=ctx.dtype, block_size=ctx.block_size,
                              kv_cache_dtype=getattr(ctx.engine_args, "kv_cache_dtype", "auto"),
@@ -69,7 +70,8 @@ class EagleProposer(KVDrafter):
                                f"{ctx.backend.name!r} with {spec} (the {self.method} head).")
         ops = ctx.registry.fused_ops(ctx.backend, OpsSpec(ctx.dtype)) or ReferenceOps()
         return ModelContext(ops=ops, dtype=ctx.dtype, device=ctx.device,
-                            make_attention_kernel=lambda window, logit_softcap=None: self.kernel)
+                            make_attention_kernel=lambda window, logit_softcap=None: self.kernel,
+                            tp=tp)
 
     def target_layers(self) -> tuple[int, ...]:
         return ()
