@@ -57,22 +57,33 @@ def _per_token_map(target: str) -> tuple[torch.Tensor, torch.Tensor]:
     return out.logits[:, -1].argmax(dim=-1), out.hidden_states[3][:, -1]
 
 
-def _half_agreeing_head(root: str, method: str, target: str) -> str:
+def _draft_vocab(f: torch.Tensor) -> torch.Tensor:
+    """EAGLE-3's reduced vocabulary (target ids, sorted): every token after next, padded to an
+    odd size (the LM head's rows then split unevenly over 2 ranks: the last one pads)."""
+    ids = torch.unique(f[f])
+    if len(ids) % 2 == 0:
+        ids = torch.unique(torch.cat([ids, torch.tensor([int(ids.max()) + 1 if ids.max() < len(f) - 1
+                                                        else int(ids.min()) - 1])]))
+    return ids
+
+
+def _half_agreeing_head(root: str, method: str, target: str, own: bool = False) -> str:
     """EAGLE-1: ``fc = [I | 0]`` reads the next token's embedding, the layer's MLP is the
     target's, the target's LM head scores its output. EAGLE-3 reads the residual stream of the
     current token ``t`` entering the target's last layer (``fc = [0 | 0 | I]``); its LM head
     scores ``f(f(t))``, the token after next, which is right for a first draft after a target
     token. Both: a noisy o_proj (and EAGLE-3 a noisy MLP) that makes some drafts wrong."""
-    path = _save_head(os.path.join(root, f"{method}-half"), method, TARGET, 11,
-                      draft_vocab=TARGET["vocab_size"])
+    f, stream = _per_token_map(target)
+    h, v = TARGET["hidden_size"], TARGET["vocab_size"]
+    vocab = _draft_vocab(f) if own else torch.arange(v)
+    path = _save_head(os.path.join(root, f"{method}-half{'-own' if own else ''}"), method, TARGET,
+                      11, draft_vocab=len(vocab))
     file = os.path.join(path, "model.safetensors")
     t = load_file(file)
-    h, v = TARGET["hidden_size"], TARGET["vocab_size"]
     pre = "layers.0." if method == "eagle" else "midlayer."
     gen = torch.Generator().manual_seed(12)
     for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
         t[pre + name] = torch.randn(t[pre + name].shape, generator=gen) * NOISE / t[pre + name].shape[1] ** 0.5
-    f, stream = _per_token_map(target)
     if method == "eagle":
         w = load_file(os.path.join(target, "model.safetensors"))
         for name in ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
@@ -85,8 +96,11 @@ def _half_agreeing_head(root: str, method: str, target: str) -> str:
         t["norm.weight"] = torch.ones(h)
         unit = stream / stream.norm(dim=-1, keepdim=True)
         # row j: the sum of the tokens whose token after next is j (scaled: sharp logits)
-        t["lm_head.weight"] = torch.zeros(v, h).index_add_(0, f[f], unit) * 4.0
-        t["d2t"] = torch.zeros(v, dtype=torch.int64)
+        t["lm_head.weight"] = (torch.zeros(v, h).index_add_(0, f[f], unit) * 4.0)[vocab]
+        t["d2t"] = vocab - torch.arange(len(vocab))
+        if own:  # its own embedding table (vocab-parallel under TP): the target's values
+            t["embed_tokens.weight"] = load_file(os.path.join(target, "model.safetensors"))[
+                "model.embed_tokens.weight"]
     save_file(t, file)
     return path
 
@@ -120,9 +134,10 @@ def _counts(stats) -> tuple:
             list(stats.accepted_per_pos))
 
 
-@pytest.mark.parametrize("method", ["eagle", "eagle3"])
-def test_tp2_head_drafts_as_one_process(targets, method):
-    head = _half_agreeing_head(targets["root"], method, targets["per_token"])
+@pytest.mark.parametrize("method,own", [("eagle", False), ("eagle3", False), ("eagle3", True)])
+def test_tp2_head_drafts_as_one_process(targets, method, own):
+    """``own``: EAGLE-3 with its own embedding and a reduced draft vocabulary of odd size."""
+    head = _half_agreeing_head(targets["root"], method, targets["per_token"], own)
     one_tokens, one = _run(targets["per_token"], head, method, 1)
     two_tokens, two = _run(targets["per_token"], head, method, 2)
     assert one_tokens == targets["per_token_plain"] and two_tokens == targets["per_token_plain"]
