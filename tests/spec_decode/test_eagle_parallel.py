@@ -118,9 +118,9 @@ def targets(tmp_path_factory):
             "per_token": per_token, "per_token_plain": per_token_plain}
 
 
-def _run(target: str, head: str, method: str, tp: int):
+def _run(target: str, head: str, method: str, tp: int, device: str = "cpu"):
     with LLM(target, speculative_config=_spec(method, head, 3), tensor_parallel_size=tp,
-             **ENGINE) as llm:
+             **dict(ENGINE, device=device)) as llm:
         core = llm.engine.core
         tokens = _greedy(llm)
         if tp > 1:
@@ -151,3 +151,17 @@ def test_tp2_exact_eagle_head_accepts_every_draft(targets):
     tokens, stats = _run(targets["target"], targets["exact"], "eagle", 2)
     assert tokens == targets["plain"]
     assert stats.num_drafts > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+def test_two_gpus_head_drafts_as_one_gpu(targets, method):
+    """NCCL, the fused all-reduce + norm, graph-captured draft steps: the same drafts on
+    two GPUs as on one, the target's tokens (float32)."""
+    head = _half_agreeing_head(targets["root"], method, targets["per_token"])
+    one_tokens, one = _run(targets["per_token"], head, method, 1, "cuda")
+    two_tokens, two = _run(targets["per_token"], head, method, 2, "cuda")
+    assert one_tokens == targets["per_token_plain"] and two_tokens == targets["per_token_plain"]
+    assert one.num_accepted_tokens > 0
+    assert _counts(two) == _counts(one)
