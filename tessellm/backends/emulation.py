@@ -5,7 +5,8 @@ conformance suite's ``--emulate`` all go through ``emulated_backend``: the same 
 (same name, so every hook of its plugin still answers) with tensors on the CPU, or on the device
 the plugin names in ``capabilities["emulation_device_type"]`` (the tpu plugin names "xla" when
 torch-xla is installed: XLA's PJRT CPU device, ``PJRT_DEVICE=CPU``); graph capture is off
-(device graphs need the device: the worker passes ``enforce_eager``). The result says
+(device graphs need the device: the worker passes ``enforce_eager``); ranks on host tensors
+communicate over gloo. The result says
 ``emulated=True``; while an emulated engine lives in a process, every log record it emits is
 prefixed ``[emulated <name>]`` and the server's ``/version`` says ``"emulated": "<name>"``.
 """
@@ -31,8 +32,12 @@ def emulated_backend(backend):
     device_type = backend.capabilities.get("emulation_device_type", "cpu")
     if device_type == "xla":
         os.environ.setdefault("PJRT_DEVICE", "CPU")  # read by torch-xla at its first use
+    # Host tensors talk over gloo (tensor parallelism of an emulated backend: its kernels on
+    # every rank, the ranks on CPU processes); torch-xla's CPU device keeps its own.
+    dist_backend = "gloo" if device_type == "cpu" else backend.dist_backend
     return dataclasses.replace(
-        backend, device_type=device_type, emulated=True, is_available=lambda: True,
+        backend, device_type=device_type, dist_backend=dist_backend, emulated=True,
+        is_available=lambda: True,
         memory_info=None, synchronize=backend.synchronize if device_type != "cpu" else _no_sync,
         description=f"[emulated on {device_type} tensors] {backend.description}")
 

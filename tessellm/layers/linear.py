@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from tessellm import envs
 from tessellm.distributed.parallel_state import TensorParallel
+from tessellm.quantization import sharding
 from tessellm.quantization.packed import Fp8Activation
+from tessellm.quantization.sharding import TPSplit, materialize
 
 
 class Linear(nn.Module):
@@ -54,12 +56,27 @@ class Linear(nn.Module):
             return self.quant_method.apply_prequantized(self, x, bias)
         return self.quant_method.apply(self, x, bias)
 
-    def local_slice(self, name: str, tensor, shard: Optional[int]) -> torch.Tensor:
-        """The part of a dense checkpoint tensor (``name``: "weight" or "bias" of logical shard
-        ``shard``) this layer holds, read from the file if it is lazy. The whole tensor here;
-        the tensor-parallel layers below narrow it to their rank's rows or columns. Quantized
-        loading (``quantization.loading``) calls it too, before a method quantizes the slice."""
-        return materialize(tensor)
+    def tp_split(self, shard: Optional[int]) -> Optional[TPSplit]:
+        """The part of logical weight ``shard`` this rank holds; None: all of it (here, and in
+        the tensor-parallel layers below at tensor_parallel_size 1)."""
+        return None
+
+    def local_slice(self, name: str, tensor, shard: Optional[int]):
+        """The part of a checkpoint tensor (``name``: "weight", "bias", or a quantized piece
+        such as "qweight" or "weight_scale" of logical shard ``shard``) this layer holds, read
+        from the file if it is lazy. The whole tensor here; the tensor-parallel layers below
+        narrow it to their rank's rows or columns (``tp_split``): a quant method with
+        ``shard_tensor`` (tessellm.quantization's) cuts its own layouts, a dense tensor is cut
+        by rows or columns. Quantized loading (``quantization.loading``) calls it too, before
+        a method quantizes or unpacks the slice."""
+        split = self.tp_split(shard)
+        if split is None:
+            return materialize(tensor)
+        shard_tensor = getattr(self.quant_method, "shard_tensor", None)
+        if shard_tensor is not None:
+            return shard_tensor(self, name, tensor, split)
+        _check_dense(self, name)
+        return sharding.dense(self, name, tensor, split)
 
     def load_shard(self, name: str, tensor, shard: Optional[int]) -> None:
         """Copy a checkpoint tensor (``name`` is "weight" or "bias") into its rows. A quant
@@ -105,12 +122,11 @@ class ColumnParallelLinear(Linear):
         self.shard_ranges = list(shard_ranges)
         super().__init__(input_size, [rows for _, rows in self.shard_ranges], bias, quant_method)
 
-    def local_slice(self, name: str, tensor, shard: Optional[int]) -> torch.Tensor:
-        if self.tp.size > 1:
-            _check_dense(self, name)
-            start, rows = self.shard_ranges[shard or 0]
-            tensor = tensor.narrow(0, start, rows)  # only these rows are read from the file
-        return materialize(tensor)
+    def tp_split(self, shard: Optional[int]) -> Optional[TPSplit]:
+        if self.tp.size == 1:
+            return None
+        start, rows = self.shard_ranges[shard or 0]
+        return TPSplit(0, start, rows, self.tp.size)
 
 
 class RowParallelLinear(Linear):
@@ -153,11 +169,9 @@ class RowParallelLinear(Linear):
         y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
-    def local_slice(self, name: str, tensor, shard: Optional[int]) -> torch.Tensor:
-        if self.tp.size > 1 and name != "bias":  # the bias is whole on every rank
-            _check_dense(self, name)
-            tensor = tensor.narrow(1, self.input_start, self.input_size)
-        return materialize(tensor)
+    def tp_split(self, shard: Optional[int]) -> Optional[TPSplit]:
+        return None if self.tp.size == 1 else TPSplit(1, self.input_start, self.input_size,
+                                                      self.tp.size)
 
 
 def use_backend_linear(model: nn.Module, ops) -> int:
@@ -218,17 +232,13 @@ def fp8_input_dtype(layer: Optional[nn.Module], rows: int) -> Optional[torch.dty
     return None if dtype_for is None else dtype_for(layer, rows)
 
 
-def materialize(tensor) -> torch.Tensor:
-    """A checkpoint tensor read lazily (``loader.safetensors_loader.LazyTensor``) or a tensor."""
-    return tensor if isinstance(tensor, torch.Tensor) else tensor.materialize()
-
-
 def _check_dense(layer: Linear, name: str) -> None:
+    """A quant method without ``shard_tensor`` (a third-party plugin's) gets dense slices only."""
     if name not in ("weight", "bias"):
         raise NotImplementedError(
-            f"Tensor parallelism splits dense (or quantized-on-load) checkpoints only; the "
-            f"checkpoint tensor {name!r} of a pre-quantized model cannot be split yet. Run it "
-            "with tensor_parallel_size=1, or use a bf16/fp16 checkpoint.")
+            f"The checkpoint tensor {name!r} of {type(layer.quant_method).__name__} layers "
+            "cannot be split over tensor-parallel ranks: the method has no shard_tensor; run it "
+            "with tensor_parallel_size=1.")
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:

@@ -114,15 +114,20 @@ def check_logit_softcap(registry, backend, kernel, spec: AttentionSpec) -> None:
 
 
 def check_tensor_parallel_quantization(quant_spec, tp_size: int) -> None:
-    """Each rank quantizes its slice of a dense checkpoint (int8, fp8); packed int4, GGUF blocks
-    and fp8 weights stored with their scales are not split yet: refused by name."""
+    """What tensor parallelism cannot split, refused before any weight is read (the engine
+    calls this before its workers start). Each rank quantizes its slice of a dense checkpoint
+    (int8, fp8), and cuts a pre-quantized one as stored (``quantization/sharding.py``: fp8
+    with its scales, AWQ/GPTQ int4, GGUF blocks). Left: GPTQ act-order, whose groups scatter
+    over every row-parallel rank's inputs. (A split off the int4 group or GGUF block
+    boundaries, which needs the layers' sizes, is refused as its layer loads.)"""
     if quant_spec is None or tp_size == 1:
         return
-    if quant_spec.scheme not in ("int8", "fp8") or quant_spec.config.get("prequantized"):
-        raise ValueError(f"A pre-quantized {quant_spec.scheme} model cannot run with "
-                         f"tensor_parallel_size={tp_size} yet; use tensor_parallel_size=1 (or "
-                         "pipeline_parallel_size), or load a bf16/fp16/fp32 checkpoint with "
-                         "quantization='int8' or 'fp8', which tensor parallelism supports.")
+    if quant_spec.scheme == "gptq" and quant_spec.config.get("desc_act"):
+        raise ValueError(f"A GPTQ act-order (desc_act) checkpoint cannot run with "
+                         f"tensor_parallel_size={tp_size} yet: each group's input rows are "
+                         "scattered over every rank's columns of the row-parallel layers; use "
+                         "tensor_parallel_size=1 (or pipeline_parallel_size), or a GPTQ "
+                         "checkpoint quantized without desc_act.")
 
 
 def _drop_lm_head(model) -> None:

@@ -62,5 +62,6 @@ class LazyTensor:
         return _cast(self._handle.get_tensor(self.name), self._dtype)
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+def _cast(tensor: torch.Tensor, dtype) -> torch.Tensor:
+    """Floats to ``dtype``; None keeps the stored dtype (quantization tensors)."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor

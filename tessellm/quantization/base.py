@@ -7,6 +7,7 @@ A scheme (int8, fp8, awq, gptq, gguf) decides how checkpoint tensors become pack
 Life of one quantized ``Linear`` (``layer``)::
 
     create_weights   layer.segments = []; staging dict for checkpoint pieces
+    shard_tensor     tensor_parallel_size > 1: cuts each checkpoint tensor to this rank's part
     load_weight      once per checkpoint tensor: ("weight" | "qweight" | "weight_scale" | ...,
                      tensor, shard) -> staged per shard (shard None: the whole layer)
     process_weights_after_loading
@@ -25,6 +26,7 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
+from tessellm.quantization import sharding
 from tessellm.quantization.packed import (DenseWeight, Fp8Activation, Fp8Weight, Int4Weight,
                                           Int8Weight, PackedWeight, cat_segments)
 
@@ -102,6 +104,14 @@ class QuantLinearMethod:
                              f"{self.name} layer (it takes {', '.join(self.accepts)}); is the "
                              "quantization config right for these weights?")
         self._load(layer, name, tensor, shard, layer.quant_staged.setdefault(shard, {}))
+
+    def shard_tensor(self, layer: nn.Module, name: str, tensor, split):
+        """This tensor-parallel rank's part (``split``: a ``sharding.TPSplit``) of checkpoint
+        tensor ``name`` (lazy, or read) of ``layer``, read now. Called before ``load_weight``
+        (``Linear.local_slice``), only with tensor_parallel_size > 1. Default: a dense
+        ``weight``/``bias`` by rows or columns; a scheme storing other tensors overrides it
+        (``sharding.py``: each layout's split)."""
+        return sharding.dense(layer, name, tensor, split)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         staged = layer.quant_staged

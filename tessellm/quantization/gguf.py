@@ -25,6 +25,7 @@ import gguf
 import numpy as np
 import torch
 
+from tessellm.quantization import sharding
 from tessellm.quantization.base import QuantLinearMethod, dense_segment
 from tessellm.quantization.packed import Int4Weight, Int8Weight, PackedWeight, pack_int4
 
@@ -103,6 +104,9 @@ class GgufMethod(QuantLinearMethod):
 
     name = "gguf"
     accepts = ("weight",)
+
+    def shard_tensor(self, layer, name, tensor, split):
+        return sharding.gguf_blocks(layer, name, tensor, split)
 
     def _load(self, layer, name, tensor, shard, pieces):
         seg = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from tessellm.quantization import sharding
 from tessellm.quantization.base import QuantLinearMethod
 from tessellm.quantization.packed import (Int4Weight, cat_segments, pack_int4, quantize_int4,
                                           unpack_int4)
@@ -86,6 +87,10 @@ class Int4Method(QuantLinearMethod):
         self.format = self.config["format"]
         self.name = self.format
         self.zero_offset = int(self.config.get("zero_offset", 0))
+
+    def shard_tensor(self, layer, name, tensor, split):
+        return sharding.int4(layer, name, tensor, split, self.format,
+                             int(self.config.get("group_size", 128)))
 
     def _load(self, layer, name, tensor, shard, pieces):
         pieces[name] = tensor.to(layer.quant_device)

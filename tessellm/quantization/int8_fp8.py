@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from tessellm.quantization import sharding
 from tessellm.quantization.base import QuantLinearMethod
 from tessellm.quantization.packed import Fp8Weight, quantize_fp8, quantize_int8
 
@@ -48,6 +49,9 @@ class Fp8Method(QuantLinearMethod):
     def __init__(self, ops, config=None, fp8_dtype: torch.dtype = torch.float8_e4m3fn):
         super().__init__(ops, config)
         self.fp8_dtype = fp8_dtype
+
+    def shard_tensor(self, layer, name, tensor, split):
+        return sharding.fp8(layer, name, tensor, split)
 
     def _load(self, layer, name, tensor, shard, pieces):
         tensor = tensor.to(layer.quant_device)

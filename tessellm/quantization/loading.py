@@ -20,8 +20,10 @@ per rank for row-parallel ones (each rank's ``K / T`` columns of a row get their
                                  rank 1: W[:, K/2:] -> q1, s1 = amax(W[:, K/2:]) / 127 per row
     y = all_reduce(x0 (q0 s0)^T + x1 (q1 s1)^T)       (T=1: one s = max(s0, s1) per row)
 
-Pre-quantized checkpoints (packed int4, fp8 with its scales, GGUF blocks) are not split:
-``model_loader.build_model`` refuses them with ``T > 1``.
+Pre-quantized checkpoints (packed int4, fp8 with its scales, GGUF blocks) are split as stored,
+never requantized: the method's ``shard_tensor`` (``sharding.py``) cuts the packed codes, zeros
+and scales to the rank's rows or whole groups of its columns, so every rank holds exactly its
+part of the one-device model's weights.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn as nn
 
 _DTYPE_KEPT = {"weight_scale", "input_scale", "input_scale_ub", "scales", "qweight", "qzeros",
                "g_idx"}
+_FLOATS_CAST = ("F64", "F32", "F16", "BF16")  # safetensors dtypes cast to the model dtype
 
 
 def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -71,11 +74,11 @@ def load_quantized_weights(model: nn.Module, weights: Iterable[tuple[str, object
             layer = layers[module_name]
             routed.add(f"{module_name}.{attr}")
             if hasattr(layer.quant_method, "load_weight"):
-                layer.quant_method.load_weight(layer, attr, _local(layer, attr, tensor, shard),
+                layer.quant_method.load_weight(layer, attr, layer.local_slice(attr, tensor, shard),
                                                shard)
                 continue
             if attr == "weight":
-                local = _local(layer, attr, tensor, shard)
+                local = layer.local_slice(attr, tensor, shard)
                 if _is_dense_float(local):
                     if _buffer_dense(layer, pending.setdefault(module_name, {}), local, shard,
                                      routed):
@@ -87,15 +90,6 @@ def load_quantized_weights(model: nn.Module, weights: Iterable[tuple[str, object
     if pending:
         raise ValueError(f"The checkpoint lacks shards of {sorted(pending)[:3]}; is it complete?")
     return loaded | routed
-
-
-def _local(layer, attr: str, tensor, shard):
-    """This rank's slice of a dense checkpoint tensor (a tensor, or a lazy one with
-    ``materialize``); anything else (GGUF blocks kept quantized) as it is: pre-quantized
-    checkpoints are refused with tensor_parallel_size > 1 (``model_loader.build_model``)."""
-    if isinstance(tensor, torch.Tensor) or hasattr(tensor, "materialize"):
-        return layer.local_slice(attr, tensor, shard)
-    return tensor
 
 
 def _is_dense_float(tensor) -> bool:
@@ -162,21 +156,20 @@ def init_dummy_quantized(model: nn.Module, seed: int = 0, scale: float = 0.02) -
             method.quantize_dense(layer, w.uniform_(-scale, scale, generator=gen))
 
 
-def iter_prequantized_safetensors(model_dir: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Like ``safetensors_loader.iter_safetensors_weights`` but quantization tensors (fp8
-    weights, int32 packs, scales) keep their stored dtype."""
+def iter_prequantized_safetensors(model_dir: str, dtype: torch.dtype) -> Iterator[tuple[str, object]]:
+    """Like ``safetensors_loader.iter_safetensors_weights(lazy=True)`` but quantization tensors
+    (fp8 weights, int32 packs, scales) keep their stored dtype: lazy handles, so a
+    tensor-parallel rank reads only its part of each (``Linear.local_slice``)."""
     from safetensors import safe_open
 
-    from tessellm.loader.safetensors_loader import safetensors_files
+    from tessellm.loader.safetensors_loader import LazyTensor, safetensors_files
 
     for path in safetensors_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                tensor = f.get_tensor(name)
-                keep = (name.rpartition(".")[2] in _DTYPE_KEPT or not tensor.is_floating_point()
-                        or tensor.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz,
-                                            torch.float8_e5m2))
-                yield name, tensor if keep else tensor.to(dtype)
+                stored = f.get_slice(name).get_dtype()
+                keep = name.rpartition(".")[2] in _DTYPE_KEPT or stored not in _FLOATS_CAST
+                yield name, LazyTensor(f, name, None if keep else dtype)
 
 
 def weight_bytes(model: nn.Module) -> int:

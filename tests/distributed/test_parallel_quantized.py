@@ -15,7 +15,6 @@ int8 at T=2 (the remaining difference is float32 summation order, as for dense T
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -35,7 +34,6 @@ QUANTIZE = {"int8": quantize_int8, "fp8": quantize_fp8}
 COLUMN = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
           "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 ROW = ("self_attn.o_proj", "mlp.down_proj")
-REFUSED = "cannot run with tensor_parallel_size=2 yet"
 
 
 def _build(path, quantization, tp=None, backend="cpu"):
@@ -151,46 +149,3 @@ def test_fp8_tp2_as_close_to_dense_as_one_device(tiny_model_dir):
     one = (_prompt_logprobs(path, quantization="fp8") - dense).abs().mean()
     two = (_prompt_logprobs(path, quantization="fp8", tensor_parallel_size=2) - dense).abs().mean()
     assert two < 1.25 * one, (two, one)
-
-
-@pytest.mark.parametrize("scheme,backend,config", [
-    ("awq", "cuda", {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
-                     "version": "gemm"}),
-    ("gptq", "cuda", {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
-                      "sym": True, "checkpoint_format": "gptq"}),
-    ("fp8", "cpu", {"quant_method": "fbgemm_fp8"}),
-])
-def test_prequantized_checkpoint_refused(tiny_model_dir, tmp_path, scheme, backend, config):
-    # Refused before any weight is read: a config.json is enough.
-    with open(os.path.join(tiny_model_dir("llama"), "config.json")) as f:
-        hf_config = json.load(f)
-    hf_config["quantization_config"] = config
-    (tmp_path / "config.json").write_text(json.dumps(hf_config))
-    with pytest.raises(ValueError, match=f"pre-quantized {scheme} model {REFUSED}") as err:
-        _build(str(tmp_path), None, TensorParallel(0, 2), backend)
-    assert "quantization='int8' or 'fp8'" in str(err.value)
-
-
-def test_gguf_blocks_refused():
-    from tessellm.loader.default_model import default_model_path
-
-    pytest.importorskip("gguf")
-    try:
-        path = default_model_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    with pytest.raises(ValueError, match=f"pre-quantized gguf model {REFUSED}"):
-        _build(path, "gguf", TensorParallel(0, 2))
-
-
-def test_unsplittable_scheme_is_refused_before_workers_start():
-    from tessellm.loader.default_model import default_model_path
-
-    try:
-        default_model_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    # The bundled GGUF kept quantized: the engine refuses at once, in this process, with the
-    # reason (no worker has to start and die first).
-    with pytest.raises(ValueError, match="cannot run with tensor_parallel_size=3"):
-        LLM(device="cpu", num_kv_blocks=16, quantization="gguf", tensor_parallel_size=3)
