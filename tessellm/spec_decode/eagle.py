@@ -57,8 +57,12 @@ class EagleProposer(KVDrafter):
         ctx, cfg = self.ctx, self.head_config
         tp = ctx.tp or TensorParallel()
         heads = cfg.num_attention_heads
-        local_heads, local_kv_heads, _ = shard_heads(
-            heads, getattr(cfg, "num_key_value_heads", None) or heads, tp.rank, tp.size)
+        try:
+            local_heads, local_kv_heads, _ = shard_heads(
+                heads, getattr(cfg, "num_key_value_heads", None) or heads, tp.rank, tp.size)
+        except ValueError as e:
+            raise ValueError(f"The {self.method} head at {self.config.model} cannot run with "
+                             f"this tensor_parallel_size: {e}") from None
         spec = AttentionSpec(num_heads=local_heads, num_kv_heads=local_kv_heads,
                              head_size=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
                              dtype=ctx.dtype, block_size=ctx.block_size,

@@ -153,6 +153,18 @@ def test_tp2_exact_eagle_head_accepts_every_draft(targets):
     assert stats.num_drafts > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
 
 
+def test_tp2_head_whose_heads_do_not_split_is_refused(targets):
+    path = _save_head(os.path.join(targets["root"], "one-head"), "eagle",
+                      dict(TARGET, num_attention_heads=1, num_key_value_heads=1), 5)
+    from tessellm.distributed.executor import WorkerDiedError
+
+    # raised in the workers (where the head is built), passed on with the rank that failed
+    with pytest.raises(WorkerDiedError, match=r"The eagle head at .*one-head cannot run with this "
+                                         r"tensor_parallel_size: .*1 attention heads do not split"):
+        LLM(targets["per_token"], speculative_config=_spec("eagle", path), tensor_parallel_size=2,
+            **ENGINE)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.parametrize("method", ["eagle", "eagle3"])
