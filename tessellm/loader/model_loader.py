@@ -166,14 +166,17 @@ def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dty
 
 def _quantize_lm_head(model, path) -> None:
     """``quantization="gguf"``: the LM head reads the file's own blocks (``output.weight``, or
-    the tied ``token_embd.weight``) through the quant method's ops, as llama.cpp does, when the
-    head is whole on this rank and its kind has a product. The embedding lookup stays dense."""
+    the tied ``token_embd.weight``) through the quant method's ops, as llama.cpp does, when its
+    kind has a product. Split over tensor-parallel ranks, each reads its vocabulary rows of the
+    blocks (where the vocabulary splits evenly: no padding rows). The embedding lookup stays
+    dense."""
     from tessellm.layers.vocab import ParallelLMHead
     from tessellm.loader.gguf_loader import read_quantized
     from tessellm.quantization.gguf import segment_from_blocks
     from tessellm.quantization.loading import quantized_linears
 
-    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead) and m.tp.size == 1]
+    heads = [m for m in model.modules()
+             if isinstance(m, ParallelLMHead) and m.vocab_size % m.tp.size == 0]
     methods = [layer.quant_method for layer in quantized_linears(model).values()]
     if not heads or not methods or not getattr(methods[0].ops, "quantized_lm_head", False):
         return
@@ -181,6 +184,9 @@ def _quantize_lm_head(model, path) -> None:
     raw = read_quantized(path, "output.weight") if head.tied is None else None
     if raw is None:
         raw = read_quantized(path, "token_embd.weight")
+    if raw is not None and head.tp.size > 1:
+        raw = raw.split_rows([head.vocab_start, head.vocab_end - head.vocab_start,
+                              head.vocab_size - head.vocab_end])[1]
     dense = head.tied if head.tied is not None else head.weight
     if raw is None or tuple(raw.shape) != tuple(dense.shape):
         return

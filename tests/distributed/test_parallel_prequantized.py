@@ -126,6 +126,20 @@ def test_gguf_ranks_hold_their_part(bundled):
     assert_ranks_hold_their_part(bundled, "cpu", 3, quantization="gguf")
 
 
+def test_gguf_lm_head_keeps_its_blocks_split(bundled):
+    """The tied LM head reads token_embd's Q8_0 blocks at T=1; at T=3 each rank its 16384
+    vocabulary rows of them."""
+    def head(tp=None):
+        model = _build(bundled, "cpu", tp, quantization="gguf")
+        return model.lm_head.quant_weight
+
+    whole = head().dequantize()
+    for rank in range(3):
+        part = head(TensorParallel(rank, 3))
+        assert part is not None and part.kind == "int8"  # Q8_0
+        assert torch.equal(part.dequantize(), whole[rank * 16384:(rank + 1) * 16384]), rank
+
+
 @pytest.fixture(scope="module")
 def bundled() -> str:
     from tessellm.loader.default_model import default_model_path
@@ -159,8 +173,8 @@ def test_int4_tp2_generates_like_one_device(sharp, tmp_path):
 def test_gguf_tp3_generates_like_one_device(bundled, monkeypatch):
     """The bundled SmolLM2 (9 heads, 3 KV heads: T=3) kept in its Q4_1 blocks, on the cpu's
     float32 path (``TESSELLM_CPU_INT4PACK=0``: the bf16 int4 kernel rounds each rank's partial
-    product, a difference of rounding, not of weights). Its LM head, whole at T=1, reads the
-    file's Q8_0 blocks; split at T=3 it reads the same values dequantized (the tied embedding)."""
+    product, a difference of rounding, not of weights). Its LM head reads the file's Q8_0
+    blocks at both sizes, each rank its vocabulary rows at T=3."""
     monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "0")  # inherited by the spawned workers
     prompts = [[504, 3458, 282, 4649, 314], [1206, 17, 42, 99, 3, 250, 7000, 12, 9]]
     run = lambda **kw: ours(bundled, prompts, 8, device="cpu", quantization="gguf",  # noqa: E731
