@@ -269,3 +269,17 @@ def test_gptq_act_order_refused_before_workers_start(sharp, tmp_path):
     with pytest.raises(ValueError, match="A GPTQ act-order \\(desc_act\\) checkpoint cannot run "
                        "with tensor_parallel_size=2 yet"):
         LLM(path, device="cuda", emulate=True, num_kv_blocks=16, tensor_parallel_size=2)
+
+
+def test_load_time_refusal_reaches_the_engine_caller(sharp, tmp_path):
+    """The refusal is raised while a worker loads its layers (it needs their sizes); the
+    engine fails at start-up with that sentence, naming the rank."""
+    from tessellm import LLM
+    from tessellm.distributed.executor import WorkerDiedError
+
+    pytest.importorskip("triton")
+    path = int4_checkpoint(sharp, str(tmp_path / "awq"), "awq", 32)
+    with pytest.raises(WorkerDiedError, match=r"Worker rank \d failed: ValueError: layers\.\d\."
+                       r"self_attn\.o_proj cannot be split over tensor_parallel_size=4: .* "
+                       r"int4 groups of 32 inputs"):
+        LLM(path, device="cuda", emulate=True, num_kv_blocks=16, tensor_parallel_size=4)
