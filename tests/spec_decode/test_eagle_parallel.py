@@ -118,9 +118,10 @@ def targets(tmp_path_factory):
             "per_token": per_token, "per_token_plain": per_token_plain}
 
 
-def _run(target: str, head: str, method: str, tp: int, device: str = "cpu"):
+def _run(target: str, head: str, method: str, tp: int, device: str = "cpu",
+         async_scheduling: bool = False):
     with LLM(target, speculative_config=_spec(method, head, 3), tensor_parallel_size=tp,
-             **dict(ENGINE, device=device)) as llm:
+             async_scheduling=async_scheduling, **dict(ENGINE, device=device)) as llm:
         core = llm.engine.core
         tokens = _greedy(llm)
         if tp > 1:
@@ -134,12 +135,15 @@ def _counts(stats) -> tuple:
             list(stats.accepted_per_pos))
 
 
-@pytest.mark.parametrize("method,own", [("eagle", False), ("eagle3", False), ("eagle3", True)])
-def test_tp2_head_drafts_as_one_process(targets, method, own):
-    """``own``: EAGLE-3 with its own embedding and a reduced draft vocabulary of odd size."""
+@pytest.mark.parametrize("method,own,async_scheduling", [
+    ("eagle", False, False), ("eagle3", False, False), ("eagle3", True, False),
+    ("eagle3", False, True)])
+def test_tp2_head_drafts_as_one_process(targets, method, own, async_scheduling):
+    """``own``: EAGLE-3 with its own embedding and a reduced draft vocabulary of odd size.
+    ``async_scheduling``: steps scheduled ahead with reserved drafts."""
     head = _half_agreeing_head(targets["root"], method, targets["per_token"], own)
-    one_tokens, one = _run(targets["per_token"], head, method, 1)
-    two_tokens, two = _run(targets["per_token"], head, method, 2)
+    one_tokens, one = _run(targets["per_token"], head, method, 1, async_scheduling=async_scheduling)
+    two_tokens, two = _run(targets["per_token"], head, method, 2, async_scheduling=async_scheduling)
     assert one_tokens == targets["per_token_plain"] and two_tokens == targets["per_token_plain"]
     assert 0 < one.num_accepted_tokens < one.num_draft_tokens  # the head half agrees
     # The same drafts: without the target's aux states summed over the ranks (EAGLE-3) or the
