@@ -6,7 +6,9 @@ SiLU-and-mul, and the fold's ``*_fp8`` producers) and its ``QuantOps`` with W8A1
 W8A8 above (``fp8_weight_only_max_m=1``, the Triton fp8 GEMM), so a batch-1 decode step keeps
 the model-dtype path and prefill and batch-2 decode take the fold. The unfused path is the op,
 then ``quantize_fp8_rows`` inside ``fp8_mm``; the fold must be the same bits. A fast test checks
-which layers ask for a pre-quantized input (``layers.linear.fp8_input_dtype``).
+which layers ask for a pre-quantized input (``layers.linear.fp8_input_dtype``). Both patch the cpu
+backend and run Triton on CPU tensors, so they need the interpreter; on a GPU the last test runs
+the cuda backend's own fold (its Triton kernels and ``torch._scaled_mm``) instead.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+
+import os  # noqa: E402
 
 from tessellm import LLM, SamplingParams  # noqa: E402
 from tessellm.backends.cpu import quant_ops as cpu_quant_ops  # noqa: E402
@@ -26,6 +30,9 @@ from tests.conftest import _tiny_configs  # noqa: E402
 
 PROMPTS = [[(5 * j + 3) % 384 for j in range(11)], [(7 * j + 1) % 384 for j in range(6)]]
 PRODUCERS = ("rms_norm_fp8", "fused_add_rms_norm_fp8", "silu_and_mul_fp8")
+interpreted = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs Triton on CPU tensors (TRITON_INTERPRET=1); a GPU runs the cuda variant below")
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +85,28 @@ def _logprobs(out):
     return [sorted((t, lp.logprob) for t, lp in step.items()) for step in out.outputs[0].logprobs]
 
 
-def test_greedy_tokens_unchanged_with_the_fold(tiny_llama, monkeypatch):
-    want, off_calls = _run(tiny_llama, monkeypatch, fold=False)
-    got, calls = _run(tiny_llama, monkeypatch, fold=True)
-    assert off_calls == [], "the fold ran with TESSELLM_FP8_ACT_FOLD=0"
-    assert got == want
-    layers = _tiny_configs()["llama-sharp"].num_hidden_layers
+def _assert_fold_calls(calls, layers: int, min_rows: int) -> None:
+    """Every forward above ``min_rows`` rows folded every layer (its two norms and its SiLU,
+    three pre-quantized products), and no forward at or below it did."""
     rows = {r for _, r in calls}
-    assert 1 not in rows and 2 in rows and max(rows) > 2, f"folded at rows {sorted(rows)}"
-    for m in rows:  # per forward: each layer's two norms and its SiLU, three products
+    assert rows and min(rows) > min_rows, f"folded at rows {sorted(rows)}"
+    for m in rows:
         names = [n for n, r in calls if r == m]
         forwards = names.count("rms_norm_fp8")  # layer 0's input norm: no residual yet
         assert forwards and names.count("fused_add_rms_norm_fp8") == (2 * layers - 1) * forwards
         assert names.count("silu_and_mul_fp8") == layers * forwards
         assert names.count("fp8_mm_prequantized") == 3 * layers * forwards
+
+
+@interpreted
+def test_greedy_tokens_unchanged_with_the_fold(tiny_llama, monkeypatch):
+    want, off_calls = _run(tiny_llama, monkeypatch, fold=False)
+    got, calls = _run(tiny_llama, monkeypatch, fold=True)
+    assert off_calls == [], "the fold ran with TESSELLM_FP8_ACT_FOLD=0"
+    assert got == want
+    rows = {r for _, r in calls}
+    assert 2 in rows and max(rows) > 2, f"folded at rows {sorted(rows)}"
+    _assert_fold_calls(calls, _tiny_configs()["llama-sharp"].num_hidden_layers, 1)
 
 
 def _fp8_layer(output_sizes, ops, scheme="fp8", bias=False):
@@ -108,6 +123,7 @@ def _fp8_layer(output_sizes, ops, scheme="fp8", bias=False):
     return layer
 
 
+@interpreted
 def test_which_layers_take_a_prequantized_input():
     """An fp8 linear on its W8A8 path asks for e4m3 input; not at the W8A16 rows, not under a
     LoRA wrapper, not for another scheme, not where the QuantOps lacks the pre-quantized product;
@@ -132,3 +148,42 @@ def test_which_layers_take_a_prequantized_input():
 
     assert fp8_input_dtype(_fp8_layer([16], NoPrequantized()), 33) is None
     assert fp8_input_dtype(_fp8_layer([16], TorchQuantOps()), 1) == torch.float8_e4m3fn
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend's fold needs a GPU")
+def test_greedy_tokens_unchanged_with_the_fold_on_cuda(tiny_llama, monkeypatch):
+    """The cuda backend as served (its Triton fold kernels, ``torch._scaled_mm`` where it runs):
+    prompts of 40 and 37 tokens put prefill above ``FP8_WEIGHT_ONLY_MAX_M`` (W8A8, folded) and
+    decode at two rows below it (W8A16, not folded); tokens and logprobs equal fold off."""
+    from tessellm.kernels.gemm.quant_ops import FP8_WEIGHT_ONLY_MAX_M
+
+    prompts = [[(5 * j + 3) % 384 for j in range(40)], [(7 * j + 1) % 384 for j in range(37)]]
+
+    def run(fold: bool):
+        monkeypatch.setenv("TESSELLM_FP8_ACT_FOLD", "1" if fold else "0")
+        calls = []
+        for name in PRODUCERS:
+            def producer(self, x, *a, _f=getattr(TritonOps, name), _n=name):
+                calls.append((_n, x.shape[0]))
+                return _f(self, x, *a)
+            monkeypatch.setattr(TritonOps, name, producer)
+
+        def prequantized(self, xa, w, bias=None, _f=TritonQuantOps.fp8_mm_prequantized):
+            calls.append(("fp8_mm_prequantized", xa.qx.shape[0]))
+            return _f(self, xa, w, bias)
+
+        monkeypatch.setattr(TritonQuantOps, "fp8_mm_prequantized", prequantized)
+        llm = LLM(tiny_llama, device="cuda", dtype="bfloat16", quantization="fp8",
+                  enable_prefix_caching=False, enforce_eager=True)
+        params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=3)
+                  for n in (4, 2)]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        del llm
+        return [(o.outputs[0].token_ids, _logprobs(o)) for o in outs], calls
+
+    want, off_calls = run(fold=False)
+    got, calls = run(fold=True)
+    assert off_calls == [], "the fold ran with TESSELLM_FP8_ACT_FOLD=0"
+    assert got == want
+    _assert_fold_calls(calls, _tiny_configs()["llama-sharp"].num_hidden_layers,
+                       FP8_WEIGHT_ONLY_MAX_M)
