@@ -22,8 +22,8 @@ from tessellm.entrypoints.openai.protocol_classify import (ClassificationChatReq
 from tessellm.entrypoints.openai.protocol_responses import UsageInfo
 from tessellm.entrypoints.openai.sampling import check_model
 from tessellm.entrypoints.openai.server_config import ServerConfig
-from tessellm.entrypoints.openai.serving import collect, parse_request, random_id, response_id
-from tessellm.entrypoints.openai.serving_embedding import _submit, request_prompts
+from tessellm.entrypoints.openai.serving import parse_request, response_id
+from tessellm.entrypoints.openai.serving_embedding import run_pooling
 from tessellm.pooling.front import resolve_pooling_params
 from tessellm.pooling.params import PoolingParams
 
@@ -43,12 +43,9 @@ async def create_classification(engine: AsyncLLM, config: ServerConfig, body, ht
     req = parse_request(ClassificationChatRequest if is_chat else ClassificationRequest, body)
     lora = check_model(req.model, config)
     params = classify_params(engine, req)
-    prompts = await request_prompts(engine, config, req, is_chat, params.truncate_prompt_tokens)
-    request_id = random_id("classify")
-    outputs = await collect(engine, _submit(engine, request_id, prompts, params, lora), http_request,
-                            config.sse_keepalive_s)
+    request_id, outputs, num_tokens = await run_pooling(engine, config, req, is_chat, params, lora,
+                                                        "classify", http_request)
     labels = engine.info.pooling["labels"]
-    num_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     return ClassificationResponse(
         id=response_id("classify", req, request_id), created=int(time.time()),
         model=lora.lora_name if lora else config.model_name,

@@ -43,17 +43,25 @@ async def create_embedding(engine: AsyncLLM, config: ServerConfig, body, http_re
                                                       task="embed"), engine.info)
     except ValueError as exc:
         raise bad_request(str(exc), getattr(exc, "param", None)) from None
-    prompts = await request_prompts(engine, config, req, is_chat, params.truncate_prompt_tokens)
-    request_id = random_id("embd")
-    sub = _submit(engine, request_id, prompts, params, lora)
-    outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
-    num_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    request_id, outputs, num_tokens = await run_pooling(engine, config, req, is_chat, params, lora,
+                                                        "embd", http_request)
     return EmbeddingResponse(
         id=response_id("embd", req, request_id), created=int(time.time()),
         model=lora.lora_name if lora else config.model_name,
         data=[EmbeddingData(index=i, embedding=_encode(o.outputs.data.numpy(), req.encoding_format))
               for i, o in enumerate(outputs)],
         usage=UsageInfo(prompt_tokens=num_tokens, total_tokens=num_tokens))
+
+
+async def run_pooling(engine: AsyncLLM, config: ServerConfig, req, is_chat: bool,
+                      params: PoolingParams, lora, prefix: str, http_request: Request):
+    """A pooling endpoint's request run to the end: ``(request_id, outputs, prompt tokens)``,
+    one output per prompt (``request_prompts``) in order."""
+    prompts = await request_prompts(engine, config, req, is_chat, params.truncate_prompt_tokens)
+    request_id = random_id(prefix)
+    outputs = await collect(engine, _submit(engine, request_id, prompts, params, lora), http_request,
+                            config.sse_keepalive_s)
+    return request_id, outputs, sum(len(o.prompt_token_ids) for o in outputs)
 
 
 async def request_prompts(engine: AsyncLLM, config: ServerConfig, req, is_chat: bool,

@@ -20,8 +20,8 @@ from tessellm.entrypoints.openai.protocol_pooling import (PoolingChatRequest, Po
 from tessellm.entrypoints.openai.protocol_responses import UsageInfo
 from tessellm.entrypoints.openai.sampling import check_model
 from tessellm.entrypoints.openai.server_config import ServerConfig
-from tessellm.entrypoints.openai.serving import collect, parse_request, random_id, response_id
-from tessellm.entrypoints.openai.serving_embedding import _encode, _submit, request_prompts
+from tessellm.entrypoints.openai.serving import parse_request, response_id
+from tessellm.entrypoints.openai.serving_embedding import _encode, run_pooling
 from tessellm.pooling.front import RunnerMismatchError, resolve_pooling_params
 from tessellm.pooling.params import PoolingParams
 
@@ -42,11 +42,8 @@ async def create_pooling(engine: AsyncLLM, config: ServerConfig, body, http_requ
     req = parse_request(PoolingChatRequest if is_chat else PoolingCompletionRequest, body)
     lora = check_model(req.model, config)
     params = pooling_params(engine, req)
-    prompts = await request_prompts(engine, config, req, is_chat, params.truncate_prompt_tokens)
-    request_id = random_id("pool")
-    outputs = await collect(engine, _submit(engine, request_id, prompts, params, lora), http_request,
-                            config.sse_keepalive_s)
-    num_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    request_id, outputs, num_tokens = await run_pooling(engine, config, req, is_chat, params, lora,
+                                                        "pool", http_request)
     return PoolingResponse(
         id=response_id("pool", req, request_id), created=int(time.time()),
         model=lora.lora_name if lora else config.model_name,
