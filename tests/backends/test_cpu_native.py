@@ -46,6 +46,30 @@ def test_native_decode_matches_reference(lib, dtype, bs, group, window, head):
     assert torch.equal(step.k_cache, step.ref_k_cache) and torch.equal(step.v_cache, step.ref_v_cache)
 
 
+@pytest.mark.parametrize("dtype,bs,window,head", [
+    (torch.float32, 16, None, 64), (torch.float32, 32, 45, 128),  # 16-token vector tiles
+    (torch.float32, 16, None, 40), (torch.bfloat16, 32, 19, 40),  # the plain-C tiles
+    (torch.bfloat16, 4, 7, 64)])
+def test_native_decode_soft_caps_like_the_reference(lib, dtype, bs, window, head):
+    """A soft-capped layer (Gemma 2) decodes in the C kernel, each scaled score ``cap * tanh(s /
+    cap)`` before the softmax, equal to ``paged_attention(..., logit_softcap=cap)``. Queries of
+    gain 4 (scores of std ~4) under cap 1.5: the cap changes every row."""
+    ctx = [1, bs - 1, bs, 2 * bs - 1, 37, 150, 3, 90, 12]  # 2 keys at least: a cap changes them
+    qlens = [1] * 7 + [5, 12]
+    mk = dict(num_kv_heads=2, group=3, head_size=head, block_size=bs, dtype=dtype, device="cpu",
+              window=window, seed=7, q_gain=4.0)
+    step = make_paged_step(qlens, ctx, logit_softcap=1.5, **mk)
+    uncapped = make_paged_step(qlens, ctx, **mk).ref_out
+    assert (step.ref_out - uncapped).abs().amax(dim=(1, 2)).min() > 0.05  # the cap matters everywhere
+    kernel = CpuAttentionKernel(AttentionSpec(6, 2, head, dtype, bs, "auto", window, logit_softcap=1.5))
+    assert kernel.native is lib
+    md = kernel.build_metadata(step.batch)
+    assert md.native_decode is not None and md.native_decode.n == 7 and not md.decode_groups
+    out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), step.ref_out.float(), rtol=tol, atol=tol)
+
+
 def test_zero_length_gives_zeros_and_one_openmp_runtime(lib):
     step = make_paged_step([1, 1, 1], [5, 30, 8], num_kv_heads=3, group=3, head_size=32,
                            block_size=8, dtype=torch.float32, device="cpu", seed=3)
@@ -89,20 +113,22 @@ def test_no_compiler_falls_back_with_the_reason(monkeypatch, tmp_path):
 
 
 # a bfloat16 cache under float32 q: only the fused decode takes it (the SDPA paths want one dtype)
-@pytest.mark.parametrize("cache_dtype,window,qlens", [
-    (torch.float32, None, [1, 1, 1, 1]), (torch.float32, 9, [1, 1, 1, 1]), (torch.bfloat16, None, [1, 1, 1, 1]),
-    (torch.float32, None, [1, 1, 3]), (torch.float32, 9, [1, 1, 3])])
-def test_fused_rotary_step_is_rotating_first_bitwise(lib, cache_dtype, window, qlens):
+@pytest.mark.parametrize("cache_dtype,window,qlens,cap", [
+    (torch.float32, None, [1, 1, 1, 1], None), (torch.float32, 9, [1, 1, 1, 1], None),
+    (torch.bfloat16, None, [1, 1, 1, 1], None), (torch.float32, None, [1, 1, 3], None),
+    (torch.float32, 9, [1, 1, 3], None), (torch.float32, 9, [1, 1, 1, 1], 1.5)])
+def test_fused_rotary_step_is_rotating_first_bitwise(lib, cache_dtype, window, qlens, cap):
     """``forward`` with the rotary inputs (``fuses_rotary``): a step of decodes only runs
     ``tl_decode_step`` (rotary, cache write, attention in one call), a mixed step rotates first;
     either way the output and both caches are bitwise those of rotating with ``CpuOps`` and
-    calling ``forward`` without them. q, k, v are views into one qkv row, as the model passes."""
+    calling ``forward`` without them. q, k, v are views into one qkv row, as the model passes.
+    With a soft-cap the fused call caps too (its output equals the separate path's)."""
     from tessellm.backends.cpu.ops import CpuOps
 
     ctx = [0, 15, 40, 7][:len(qlens)]
     step = make_paged_step(qlens, ctx, num_kv_heads=2, group=3, head_size=64, block_size=16,
-                           dtype=cache_dtype, device="cpu", window=window, seed=5)
-    kernel = _kernel(6, 2, 64, cache_dtype, 16, window)
+                           dtype=cache_dtype, device="cpu", window=window, seed=5, q_gain=4.0)
+    kernel = CpuAttentionKernel(AttentionSpec(6, 2, 64, cache_dtype, 16, "auto", window, logit_softcap=cap))
     t = step.q.shape[0]
     qkv = torch.cat([x.float().reshape(t, -1) for x in (step.q, step.k, step.v)], dim=1)
     positions = torch.cat([torch.arange(c, c + n) for c, n in zip(ctx, qlens)])

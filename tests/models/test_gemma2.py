@@ -114,6 +114,26 @@ def test_softcap_refused_on_a_kernel_without_it(tmp_path):
     assert model.layers[0].self_attn.attn.kernel.name == "old"
 
 
+def test_gemma2_decodes_in_the_cpu_c_kernel(tmp_path):
+    """On the cpu backend the soft-capped layers (sliding and global) get the C decode kernel,
+    which caps in place (``csrc/paged_decode.c``), so ``test_gemma2_matches_hf`` runs its
+    decodes there; before, they fell back to the explicit SDPA path."""
+    from tessellm.backends.cpu import native
+    from tessellm.backends.registry import BackendRegistry
+    from tessellm.config import resolve_model
+    from tessellm.loader.model_loader import build_model
+
+    if native.load() is None:
+        pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
+    registry = BackendRegistry()
+    path = save_tiny(gemma2_config(), str(tmp_path / "g"))
+    model, _ = build_model(resolve_model(path), "safetensors", registry, registry.backends["cpu"],
+                           torch.float32, torch.device("cpu"), block_size=16)
+    kernels = [layer.self_attn.attn.kernel for layer in model.layers]
+    assert [k.softcap for k in kernels] == [2.0, 2.0] and [k.window for k in kernels] == [8, None]
+    assert all(k.native is native.load() for k in kernels)
+
+
 def test_gemma2_unknown_layer_type_refused(tmp_path):
     config = gemma2_config(layer_types=["sliding_attention", "chunked_attention"])
     assert_refused_at_load(config, "Gemma2ForCausalLM", tmp_path,

@@ -106,7 +106,7 @@ class ShortQueries:
 class CpuAttentionKernel:
     name = "cpu-sdpa"
     supports_sliding_window = True
-    supports_logit_softcap = True  # without the C kernel and through ``sdpa.py``'s explicit form
+    supports_logit_softcap = True  # the C decode kernel caps; the torch path through ``sdpa.py``
     supports_graph_capture = True  # no host syncs; decode metadata needs no host lists
     # forward takes the unrotated q, k with positions and the cos/sin cache: a step of float32
     # decodes runs rotary, cache write and attention in one C call (csrc/decode_step.c); any
@@ -128,7 +128,7 @@ class CpuAttentionKernel:
 
         self.spec = spec
         self.window = spec.sliding_window
-        self.softcap = spec.logit_softcap  # soft-capped layers: explicit SDPA (``sdpa.py``)
+        self.softcap = spec.logit_softcap  # C decode kernel, else explicit SDPA (``sdpa.py``)
         self.native = native.load() if _native_shapes(spec) else None
         self.rope = CpuOps()
 
@@ -226,7 +226,7 @@ class CpuAttentionKernel:
             if (nat is not None and nat.slots is not None and nat.n == q.shape[0]
                     and not metadata.padded_slots and fusable(q, k, v, positions, cos_sin_cache)):
                 return decode_step(self.native, q, k, v, k_cache, v_cache, nat, positions,
-                                   cos_sin_cache, scale, self.window)
+                                   cos_sin_cache, scale, self.window, self.softcap)
             t, d = q.shape[0], q.shape[-1]
             q, k = self.rope.rotary_embedding(positions, q.view(t, -1), k.view(t, -1), cos_sin_cache, d)
             q, k = q.view(t, -1, d), k.view(t, -1, d)
@@ -279,7 +279,7 @@ class CpuAttentionKernel:
             q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
             int(k_cache.dtype == torch.bfloat16), nat.tables.data_ptr(), nat.tables.shape[1],
             nat.seq_lens.data_ptr(), n, num_heads, k_cache.shape[2], head_size, k_cache.shape[1],
-            self.window or 0, scale, res.data_ptr(), torch.get_num_threads())
+            self.window or 0, scale, self.softcap or 0.0, res.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"tl_paged_decode refused heads={num_heads} kv_heads={k_cache.shape[2]} "
                                f"head_size={head_size}")
@@ -332,8 +332,8 @@ def _batched_queries(q, k_cache, v_cache, blocks, mask, n: int, scale, logit_sof
 
 
 def _native_shapes(spec: AttentionSpec) -> bool:
-    """Whether the C decode kernel handles this layer (it loads only then; it has no soft-cap)."""
-    return (spec.kv_cache_dtype == "auto" and spec.logit_softcap is None and spec.dtype in (torch.float32, torch.bfloat16)
+    """Whether the C decode kernel handles this layer (it loads only then)."""
+    return (spec.kv_cache_dtype == "auto" and spec.dtype in (torch.float32, torch.bfloat16)
             and spec.num_heads % spec.num_kv_heads == 0 and spec.num_heads <= 128
             and spec.head_size <= 256 and spec.num_heads * spec.head_size <= 8192)
 

@@ -11,7 +11,9 @@
  * GQA: the G = H / KVH query heads of a KV head run in the same task, so each K/V row is read
  * once. Tasks are (sequence, range of KV heads), spread over the OpenMP threads of the
  * process's one runtime (torch's libgomp). A sliding window w (> 0) keeps keys at positions
- * >= len - w. With AVX-512 and D % 16 == 0 a tile is at most 16 tokens: its scores of one query
+ * >= len - w. A soft-cap c (> 0, Gemma 2's attn_logit_softcapping) turns each scaled score s
+ * into c * tanh(s / c) before the softmax (softcap_row). With AVX-512 and D % 16 == 0 a tile is
+ * at most 16 tokens: its scores of one query
  * are the lanes of one vector (a transpose-and-add tree, no horizontal sum per token), the
  * softmax runs on those vectors, and the next tile's K and V rows are prefetched a row at a time
  * inside the loops (a burst of a whole tile's prefetches stalls the core on its miss buffers:
@@ -61,6 +63,22 @@ static inline const float *row_f32(const void *base, int64_t idx, int D, float *
 #pragma omp simd
     for (int d = 0; d < D; d++) dst[d] = (uint32_t)src[d] << 16;
     return tmp;
+}
+
+/* s[t] = cap * tanh(s[t] / cap), t < n: Cephes' tanhf (an odd polynomial below |x| 0.625, else
+ * 1 - 2 / (exp(2|x|) + 1) through exp_nonpos(-2|x|)), both sides computed and one kept, so the
+ * loop vectorizes; within a few float32 ulp of libm's tanhf. */
+static inline void softcap_row(float *s, int n, float cap) {
+    const float inv = 1.0f / cap;
+#pragma omp simd
+    for (int t = 0; t < n; t++) {
+        float x = s[t] * inv, z = fabsf(x), z2 = x * x;
+        float e = exp_nonpos(-2.0f * z);
+        float big = (1.0f - e) / (1.0f + e);
+        float small = ((((-5.70498872745e-3f * z2 + 2.06390887954e-2f) * z2 - 5.37397155531e-2f) * z2
+                        + 1.33314422036e-1f) * z2 - 3.33332819422e-1f) * z2 * z + z;
+        s[t] = copysignf(z > 0.625f ? big : small, x) * cap;
+    }
 }
 
 #if defined(__AVX512F__)
@@ -257,7 +275,8 @@ static inline void prefetch_tile(const void *kc, const void *vc, int64_t base, i
  * are each one contiguous stretch of the block). */
 static inline __attribute__((always_inline)) void attend(
         const float *q, const void *kc, const void *vc, const int32_t *table, int start, int len,
-        int bs, int KVH, const int D, const int G, int h0, int h1, float scale, int bf16, float *out) {
+        int bs, int KVH, const int D, const int G, int h0, int h1, float scale, float softcap, int bf16,
+        float *out) {
     const int nkv = h1 - h0, nh = nkv * G;
     float qs[MAX_HD], acc[MAX_HD], s[MAX_H][TILE], m[MAX_H], l[MAX_H];
     const float *qh = q + (int64_t)h0 * G * D;
@@ -291,6 +310,8 @@ static inline __attribute__((always_inline)) void attend(
 #if defined(__AVX512F__)
         if (vec) {
             tile_scores16(qs, kc, base, tok_stride, nt, nkv, D, G, bf16, s, bp, np);
+            if (softcap > 0.0f)
+                for (int i = 0; i < nh; i++) softcap_row(s[i], 16, softcap);
             tile_softmax16(s, nt, nh, D, m, l, acc);
             tile_values(acc, vc, base, tok_stride, nt, nkv, D, G, bf16, s, bp, np);
             t0 = t1;
@@ -299,6 +320,8 @@ static inline __attribute__((always_inline)) void attend(
 #endif
         if (bp >= 0) prefetch_tile(kc, vc, bp, tok_stride, np, nkv * D, bf16);
         tile_scores(qs, kc, base, tok_stride, nt, nkv, D, G, bf16, s);
+        if (softcap > 0.0f)
+            for (int i = 0; i < nh; i++) softcap_row(s[i], nt, softcap);
         tile_softmax(s, nt, nh, D, m, l, acc);
         tile_values(acc, vc, base, tok_stride, nt, nkv, D, G, bf16, s, -1, 0);
         t0 = t1;
@@ -313,8 +336,8 @@ static inline __attribute__((always_inline)) void attend(
 /* attend() with D as a constant where it is common (the vector loops unroll). */
 static void attend_task(const float *q, const void *kc, const void *vc, const int32_t *table,
                         int start, int len, int bs, int KVH, int D, int G, int h0, int h1,
-                        float scale, int bf16, float *out) {
-#define ATTEND(DD, BF) attend(q, kc, vc, table, start, len, bs, KVH, DD, G, h0, h1, scale, BF, out)
+                        float scale, float softcap, int bf16, float *out) {
+#define ATTEND(DD, BF) attend(q, kc, vc, table, start, len, bs, KVH, DD, G, h0, h1, scale, softcap, BF, out)
     if (bf16) {
         if (D == 64) ATTEND(64, 1); else if (D == 128) ATTEND(128, 1); else ATTEND(D, 1);
     } else {
@@ -324,12 +347,13 @@ static void attend_task(const float *q, const void *kc, const void *vc, const in
 }
 
 /* Returns 0, or -1 when the shapes are outside what this kernel handles (nothing written).
+ * softcap: the logit soft-cap, 0 for none.
  * Tasks: each sequence's KV heads cut into `chunks` ranges, enough tasks for the threads when
  * the batch is small, all heads of a sequence in one task (contiguous reads) when it is not. */
 int tl_paged_decode(const float *q, int64_t q_row_stride, const void *k_cache, const void *v_cache,
                     int cache_bf16, const int32_t *tables, int64_t table_stride,
                     const int32_t *seq_lens, int n, int H, int KVH, int D, int bs, int window,
-                    float scale, float *out, int num_threads) {
+                    float scale, float softcap, float *out, int num_threads) {
     if (KVH <= 0 || H % KVH || H > MAX_H || D > MAX_D || D <= 0 || H * D > MAX_HD || bs <= 0) return -1;
     const int G = H / KVH;
     int chunks = n > 0 ? (4 * num_threads + n - 1) / n : 1;
@@ -347,7 +371,7 @@ int tl_paged_decode(const float *q, int64_t q_row_stride, const void *k_cache, c
             continue;
         }
         attend_task(q + (int64_t)seq * q_row_stride, k_cache, v_cache, tables + (int64_t)seq * table_stride,
-                    start, len, bs, KVH, D, G, h0, h1, scale, cache_bf16, o);
+                    start, len, bs, KVH, D, G, h0, h1, scale, softcap, cache_bf16, o);
     }
     return 0;
 }
