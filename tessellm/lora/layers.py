@@ -134,25 +134,35 @@ class LoRALinear(nn.Module):
 
 
 def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int,
-               names=tuple(LAYER_SLICES)) -> dict:
+               names=tuple(LAYER_SLICES), arch: str = "") -> dict:
     """Replace each decoder layer's linears named in ``names`` (our layers: ``BaseShapes.layers``,
     the family's) by a ``LoRALinear``. Returns ``{(layer index, our layer name): LoRALinear}``;
-    refuses a model without them."""
+    refuses a model without them, naming the layer, the module and the family (``arch``)."""
     wrapped = {}
+    arch = arch or type(model).__name__
     layers = getattr(model, "layers", None)
     if layers is None or not hasattr(model, "start_layer"):
-        raise ValueError(f"LoRA is not supported for {type(model).__name__}; it supports the "
-                         "Llama, Gemma (1-3) and Phi-3 families and the attention of Mixtral, "
-                         "Qwen2-MoE and Qwen3-MoE.")
+        raise ValueError(f"LoRA is not supported for {arch} ({type(model).__name__}): it has no "
+                         "decoder layer list to put adapters on.")
     for index in range(model.start_layer, model.end_layer):
         for name in names:
             parent_name, _, attr = name.rpartition(".")
             parent = layers[index].get_submodule(parent_name)
             base = getattr(parent, attr, None)
             if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
-                raise ValueError(f"LoRA is not supported for {type(model).__name__}: layer "
-                                 f"{index} has no dense {name} (a mixture-of-experts MLP?).")
+                raise ValueError(_no_linear(arch, index, name, parent))
             layer = LoRALinear(base, batch, num_slots, rank)
             setattr(parent, attr, layer)
             wrapped[(index, name)] = layer
     return wrapped
+
+
+def _no_linear(arch: str, index: int, name: str, parent: nn.Module) -> str:
+    from tessellm.layers.moe import FusedMoE
+
+    if any(isinstance(m, FusedMoE) for m in parent.modules()):
+        return (f"LoRA is not supported on {arch}'s {name} (layer {index}): that MLP is a "
+                "mixture of experts, which takes no LoRA yet; adapt the attention only.")
+    return (f"LoRA is not supported on {arch}'s {name} (layer {index}): it is a "
+            f"{type(parent).__name__} without a dense {name.rpartition('.')[2]} linear; serve "
+            "the model without --enable-lora.")

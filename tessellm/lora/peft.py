@@ -4,11 +4,14 @@
 ``torch.load(weights_only=True)``: tensors only, never arbitrary pickled objects). Every
 refusal is one ``ValueError`` sentence naming the adapter, the problem and the fix: DoRA,
 trained bias or extra saved modules, a module the family's LoRA does not cover (naming the
-ones it does, ``shapes.py``), a rank above ``max_lora_rank``, shapes that do not match the
+ones it does, ``families.py``), a rank above ``max_lora_rank``, shapes that do not match the
 base model, unreadable files.
 
-A fused PEFT module (Phi-3's ``qkv_proj``, ``gate_up_proj``) is split here into one logical
-module per part: the same A, and B's rows of that part (``y_part = s * x A^T B_part^T``).
+The adapter's tensors are keyed by HF module names, which are the family's (``families.py``:
+``model.layers.3.self_attn.q_proj``, ``gpt_neox.layers.3.attention.query_key_value``,
+``transformer.h.3.mlp.c_fc``). A fused module (Phi-3's ``qkv_proj``, GPT-NeoX's per-head
+``query_key_value``) is split here into one logical module per part: the same A, and B's rows
+of that part, cut as the family's loader cuts the weight (``y_part = s * x A^T B_part^T``).
 
 Scaling per module (PEFT's): ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with
 ``use_rslora``; ``rank_pattern`` / ``alpha_pattern`` override r / alpha per module.
@@ -25,10 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tessellm.lora.request import LoRARequest
-from tessellm.lora.shapes import ATTENTION, BaseShapes
-
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.([\w.]+?)"
-                  r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+from tessellm.lora.shapes import BaseShapes
 
 
 # PEFT module names of input embeddings and output heads (refused by name from the config).
@@ -48,7 +48,7 @@ class ModuleLoRA:
 class LoRAAdapter:
     request: LoRARequest
     rank: int  # the largest rank over its modules
-    modules: dict = field(default_factory=dict)  # (layer index, PEFT module name) -> ModuleLoRA
+    modules: dict = field(default_factory=dict)  # (layer index, logical module) -> ModuleLoRA
 
     @property
     def nbytes(self) -> int:
@@ -64,41 +64,44 @@ def load_adapter(lora: LoRARequest, base: BaseShapes, max_rank: int) -> LoRAAdap
     pairs = _pairs(tensors, base, where)
     adapter = LoRAAdapter(lora, 0)
     for (layer, module), ab in sorted(pairs.items()):
-        name = f"model.layers.{layer}.{module_path(base, module)}"
+        name = f"{base.layer_prefix}.{layer}.{module}"
         whole = _module(ab, name, module, config, base, max_rank, where)
         adapter.rank = max(adapter.rank, whole.a.shape[0])
-        parts = base.modules[module]
-        sizes = [base.shapes[p][1] for p in parts]
-        for part, b in zip(parts, whole.b.split(sizes, dim=0)):
+        for part, b in zip(base.modules[module], base.split(module, whole.b)):
             adapter.modules[(layer, part)] = ModuleLoRA(whole.a, b.contiguous(), whole.scaling)
     return adapter
 
 
-def module_path(base: BaseShapes, module: str) -> str:
-    """The module's path under the HF decoder layer (``self_attn.q_proj``, ``mlp.down_proj``)."""
-    return f"{'self_attn' if base.modules[module][0] in ATTENTION else 'mlp'}.{module}"
+def _key_pattern(base: BaseShapes) -> re.Pattern:
+    """A PEFT tensor key of a decoder layer's module: ``base_model.model.`` then the family's
+    layer list (its first part optional: a bare ``...Model`` has none), the layer, the module
+    path under it (group 2), ``lora_A|B`` (group 3), an optional adapter name."""
+    head, _, rest = base.layer_prefix.rpartition(".")
+    layers = rf"(?:{re.escape(head)}\.)?{re.escape(rest)}" if head else re.escape(rest)
+    return re.compile(rf"^(?:base_model\.model\.)?{layers}\.(\d+)\.([\w.]+?)"
+                      r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
 def _pairs(tensors: dict, base: BaseShapes, where: str) -> dict:
-    """``{(layer, PEFT module): {"A": tensor, "B": tensor}}``; refuses a tensor of a module
+    """``{(layer, HF module path under it): {"A": tensor, "B": tensor}}``; refuses a tensor of a module
     the family's LoRA does not cover, naming what it does."""
-    accepted = {module_path(base, m): m for m in base.modules}
+    pattern = _key_pattern(base)
     pairs: dict = {}
     for key, tensor in tensors.items():
-        m = _KEY.match(key)
+        m = pattern.match(key)
         if m is None:
             raise ValueError(f"{where} has tensor {key!r}, which is not a LoRA A/B matrix of a "
                              f"decoder layer's projection; LoRA on {base.arch} supports "
                              f"{base.supported()}.")
         layer, path, ab = int(m.group(1)), m.group(2), m.group(3)
-        if path not in accepted:
+        if path not in base.modules:
             raise ValueError(f"{where} adapts {path} (layer {layer}), which {base.arch} has no "
                              f"LoRA support for; it supports {base.supported()}; retrain the "
                              "adapter on those modules.")
         if layer >= base.num_layers:
             raise ValueError(f"{where} adapts layer {layer}, but the base model has "
                              f"{base.num_layers} layers; it was trained for another model.")
-        pairs.setdefault((layer, accepted[path]), {})[ab] = tensor
+        pairs.setdefault((layer, path), {})[ab] = tensor
     if not pairs:
         raise ValueError(f"{where} holds no LoRA weights.")
     return pairs

@@ -7,62 +7,56 @@ model. Each logical module maps onto one of our (possibly fused) layers and its 
     o_proj                -> self_attn.o_proj    slice 0      (row-parallel)
     gate_proj up_proj     -> mlp.gate_up_proj    slices 0 1
     down_proj             -> mlp.down_proj       slice 0      (row-parallel)
+    fc_in                 -> mlp.fc_in           slice 0      (an MLP without a gate:
+    fc_out                -> mlp.fc_out          slice 0       ``dense_mlp.py``; row-parallel)
 
-The PEFT module names an adapter may use depend on the family (its HF modules)::
-
-    Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 q/k/v/o_proj, gate/up/down_proj
-    Phi-3                                   qkv_proj (fused: A shared, B's rows split q|k|v),
-                                            o_proj, gate_up_proj (B split gate|up), down_proj
-    Mixtral, Qwen2-MoE, Qwen3-MoE           q/k/v/o_proj (the expert MLPs are not supported)
-
-A fused PEFT module becomes one logical module per part on load (``peft.py``), so the layers
+The HF modules an adapter may name, and the logical modules each covers, are the family's
+(``families.py``); a fused HF module (Phi-3's ``qkv_proj``, GPT-NeoX's per-head
+``query_key_value``) becomes one logical module per part on load (``peft.py``), so the layers
 only ever see the logical ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from tessellm.lora.families import Family, family_of, supported_architectures
 
 # Logical module name -> (our layer under the decoder layer, slice index in it)
 TARGETS = {
     "q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
     "v_proj": ("self_attn.qkv_proj", 2), "o_proj": ("self_attn.o_proj", 0),
     "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
-    "down_proj": ("mlp.down_proj", 0),
+    "down_proj": ("mlp.down_proj", 0), "fc_in": ("mlp.fc_in", 0), "fc_out": ("mlp.fc_out", 0),
 }
 # Our layer -> its logical modules in slice order.
 LAYER_SLICES = {
     "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
     "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",),
-}
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-_SEPARATE = {m: (m,) for m in ATTENTION + MLP}
-# PEFT module name -> the logical modules it covers (fused: B's rows in this order).
-_PHI3 = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
-         "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-_FAMILIES = {  # architecture -> (PEFT modules, what the refusal says about the rest)
-    "Phi3ForCausalLM": (_PHI3, ""),
-    **{arch: ({m: (m,) for m in ATTENTION},
-              " (attention only: LoRA on the mixture-of-experts MLPs is not supported)")
-       for arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")},
+    "mlp.fc_in": ("fc_in",), "mlp.fc_out": ("fc_out",),
 }
 
 
 @dataclass(frozen=True)
 class BaseShapes:
     """Per logical module ``(in_features, out_features)`` of the whole (unsharded) base layer,
-    and the PEFT modules this family's adapters may name."""
+    and the HF modules this family's adapters may name."""
 
     num_layers: int
     shapes: dict  # logical module name -> (in, out)
-    arch: str = "LlamaForCausalLM"
-    peft_modules: dict = None  # PEFT module name -> logical modules (None: one each, all seven)
-    note: str = ""  # appended to "supports ..." in refusals
+    arch: str
+    family: Family
+    config: object = field(compare=False, repr=False)  # the text config (fused splits read it)
 
     @property
     def modules(self) -> dict:
-        return self.peft_modules if self.peft_modules is not None else _SEPARATE
+        """HF module path under a decoder layer -> the logical modules it covers."""
+        return self.family.modules
+
+    @property
+    def layer_prefix(self) -> str:
+        """The HF path of the decoder layer list (``model.layers``)."""
+        return self.family.layers
 
     @property
     def layers(self) -> tuple:
@@ -71,26 +65,40 @@ class BaseShapes:
         return tuple(layer for layer, parts in LAYER_SLICES.items() if logical & set(parts))
 
     def supported(self) -> str:
-        return f"{', '.join(self.modules)}{self.note}"
+        """The modules an adapter may name, as PEFT's ``target_modules`` spells them."""
+        names = dict.fromkeys(path.rpartition(".")[2] for path in self.modules)
+        return f"{', '.join(names)}{self.family.note}"
 
     def peft_shape(self, module: str) -> tuple[int, int]:
-        """(in, out) of a PEFT module: a fused one's out is the sum of its parts'."""
+        """(in, out) of an HF module: a fused one's out is the sum of its parts'."""
         parts = self.modules[module]
         return self.shapes[parts[0]][0], sum(self.shapes[p][1] for p in parts)
 
+    def split(self, module: str, b) -> tuple:
+        """B ``[out, r]`` of an HF module -> one B per logical part (``families.py``)."""
+        parts = self.modules[module]
+        if len(parts) == 1:
+            return (b,)
+        return self.family.split(self.config, module, b, [self.shapes[p][1] for p in parts])
+
     @staticmethod
     def from_config(config) -> "BaseShapes":
+        """Refuses an architecture without a LoRA layout, naming those with one."""
+        arch, family = family_of(list(getattr(config, "architectures", None) or []))
+        if family is None:
+            raise ValueError(f"LoRA is not supported for {arch} yet; it is for "
+                             f"{supported_architectures()} (and their classifier and embedding "
+                             "heads); serve the model without --enable-lora, or merge the "
+                             "adapter into its weights.")
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         hidden = text.hidden_size
         heads = text.num_attention_heads
         kv = getattr(text, "num_key_value_heads", None) or heads
         head = getattr(text, "head_dim", None) or hidden // heads
-        inter = text.intermediate_size
+        inter = family.intermediate(text)
         q, kvs = heads * head, kv * head
         shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kvs), "v_proj": (hidden, kvs),
                   "o_proj": (q, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-                  "down_proj": (inter, hidden)}
-        archs = list(getattr(config, "architectures", None) or [])
-        arch = next((a for a in archs if a in _FAMILIES), archs[0] if archs else "LlamaForCausalLM")
-        modules, note = _FAMILIES.get(arch, (None, ""))
-        return BaseShapes(text.num_hidden_layers, shapes, arch, modules, note)
+                  "down_proj": (inter, hidden), "fc_in": (hidden, inter),
+                  "fc_out": (inter, hidden)}
+        return BaseShapes(text.num_hidden_layers, shapes, arch, family, text)

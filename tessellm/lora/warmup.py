@@ -21,13 +21,11 @@ def write_zero_adapter(path: str, base) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from tessellm.lora.peft import module_path
-
     tensors = {}
     for layer in range(base.num_layers):
         for module in base.modules:
             fan_in, fan_out = base.peft_shape(module)
-            key = f"base_model.model.model.layers.{layer}.{module_path(base, module)}"
+            key = f"base_model.model.{base.layer_prefix}.{layer}.{module}"
             tensors[f"{key}.lora_A.weight"] = torch.zeros(1, fan_in)
             tensors[f"{key}.lora_B.weight"] = torch.zeros(fan_out, 1)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))

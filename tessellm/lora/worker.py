@@ -29,7 +29,7 @@ class LoRAWorkerState:
         self.batch = LoRABatch(ops, config.max_loras)
         shapes = BaseShapes.from_config(hf_config)
         self.layers = wrap_model(model, self.batch, config.max_loras, config.max_lora_rank,
-                                 shapes.layers)
+                                 shapes.layers, shapes.arch)
         # Adapters are read from this cache; in one process it is the engine core's (already
         # loaded off the step loop: ``share_store``), a worker process keeps its own.
         self.store = AdapterStore(shapes, config.max_lora_rank, config.max_cpu_loras)

@@ -10,7 +10,7 @@ of three layer shapes::
 
 with LayerNorms with a weight and a bias (``layer_norm_epsilon``), biases on every projection
 per ``bias``, full NeoX rotary, and q/k/v fused in ``query_key_value`` in one of three layouts,
-cut on load (``_split_qkv``; each tensor-parallel rank then takes its own heads)::
+cut on load (``split_query_key_value``; each tensor-parallel rank then takes its own heads)::
 
     new_decoder_architecture  per KV group: [ q_g0 .. q_g(n-1) | k_g | v_g ]   (n = heads / KV)
     multi_query               [ q0 .. q(H-1) | k | v ]
@@ -47,6 +47,20 @@ def _layer_shape(config) -> str:
     if config.new_decoder_architecture:
         return "one_norm" if config.num_ln_in_parallel_attn == 1 else "two_norms"
     return "one_norm" if config.parallel_attn else "sequential"
+
+
+def split_query_key_value(config, tensor) -> tuple[torch.Tensor, ...]:
+    """q, k and v of a ``query_key_value`` weight or bias (rows first; the three layouts of
+    the module docstring), or of a LoRA adapter's B for it (``lora/families.py``)."""
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    d = config.hidden_size // heads
+    if config.new_decoder_architecture:
+        groups = materialize(tensor).unflatten(0, (kv, heads // kv + 2, d))
+        return (groups[:, :-2].flatten(0, 2), groups[:, -2].flatten(0, 1),
+                groups[:, -1].flatten(0, 1))
+    if config.multi_query:
+        return materialize(tensor).split([heads * d, d, d], dim=0)
+    return split_per_head(tensor, heads, d)
 
 
 class FalconForCausalLM(LlamaForCausalLM):
@@ -102,17 +116,6 @@ class FalconForCausalLM(LlamaForCausalLM):
             if ".query_key_value." not in name:
                 yield name, tensor
                 continue
-            for part, piece in zip(("q_proj", "k_proj", "v_proj"), self._split_qkv(tensor)):
+            for part, piece in zip(("q_proj", "k_proj", "v_proj"),
+                                   split_query_key_value(self.config, tensor)):
                 yield name.replace(".query_key_value.", f".{part}."), piece
-
-    def _split_qkv(self, tensor) -> tuple[torch.Tensor, ...]:
-        config = self.config
-        heads, kv = config.num_attention_heads, config.num_key_value_heads
-        d = config.hidden_size // heads
-        if config.new_decoder_architecture:
-            groups = materialize(tensor).unflatten(0, (kv, heads // kv + 2, d))
-            return (groups[:, :-2].flatten(0, 2), groups[:, -2].flatten(0, 1),
-                    groups[:, -1].flatten(0, 1))
-        if config.multi_query:
-            return materialize(tensor).split([heads * d, d, d], dim=0)
-        return split_per_head(tensor, heads, d)

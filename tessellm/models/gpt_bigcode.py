@@ -36,6 +36,16 @@ _PARTS = ((".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm
           (".attn.", ".self_attn."))
 
 
+def split_c_attn(config, tensor) -> tuple[torch.Tensor, ...]:
+    """q, k and v of a ``c_attn`` weight or bias (rows first), or of a LoRA adapter's B for it
+    (``lora/families.py``): ``[q | k | v]`` under ``multi_query``, per head without it."""
+    heads = config.num_attention_heads
+    d = config.hidden_size // heads
+    if getattr(config, "multi_query", True):
+        return materialize(tensor).split([heads * d, d, d], dim=0)
+    return split_per_head(tensor, heads, d)
+
+
 class GPTBigCodeForCausalLM(LlamaForCausalLM):
     stacked_params = LlamaForCausalLM.stacked_params + (
         (".self_attn.c_proj.", ".self_attn.o_proj.", 0),
@@ -80,11 +90,6 @@ class GPTBigCodeForCausalLM(LlamaForCausalLM):
                          ) -> Iterable[tuple[str, torch.Tensor]]:
         """HF names (``_PREFIXES``, ``_PARTS``); ``c_attn`` cut into q/k/v; the causal-mask
         buffers (``attn.bias``, ``attn.masked_bias``) some checkpoints carry skipped."""
-        config = self.config
-        heads = config.num_attention_heads
-        d = config.hidden_size // heads
-        multi_query = bool(getattr(config, "multi_query", True))
-
         def renamed():
             for name, tensor in weights:
                 if name.endswith((".attn.bias", ".attn.masked_bias")):
@@ -95,11 +100,8 @@ class GPTBigCodeForCausalLM(LlamaForCausalLM):
                 if ".c_attn." not in name:
                     yield name, tensor
                     continue
-                if multi_query:
-                    parts = materialize(tensor).split([heads * d, d, d], dim=0)
-                else:
-                    parts = split_per_head(tensor, heads, d)
-                for part, piece in zip(("q_proj", "k_proj", "v_proj"), parts):
+                for part, piece in zip(("q_proj", "k_proj", "v_proj"),
+                                       split_c_attn(self.config, tensor)):
                     yield name.replace(".c_attn.", f".{part}."), piece
 
         return renamed()

@@ -44,6 +44,14 @@ _PREFIXES = (("gpt_neox.embed_in.", "model.embed_tokens."),
              ("embed_out.", "lm_head."))
 
 
+def split_query_key_value(config, tensor) -> tuple[torch.Tensor, ...]:
+    """q, k and v of a ``query_key_value`` weight or bias (per head ``[q_h | k_h | v_h]``, rows
+    first), or of a LoRA adapter's B for it (``lora/families.py``)."""
+    heads = config.num_attention_heads
+    return split_per_head(tensor, heads, getattr(config, "head_dim", None) or
+                          config.hidden_size // heads)
+
+
 class GPTNeoXForCausalLM(LlamaForCausalLM):
     # the attention's ``dense`` is our o_proj; the MLP's two projections DenseMLP's
     stacked_params = LlamaForCausalLM.stacked_params + (
@@ -87,10 +95,6 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
                          ) -> Iterable[tuple[str, torch.Tensor]]:
         """HF names (module docstring); ``query_key_value`` cut into q/k/v; the causal-mask
         buffers old checkpoints carry (``attention.bias``, ``attention.masked_bias``) skipped."""
-        config = self.config
-        heads = config.num_attention_heads
-        d = getattr(config, "head_dim", None) or config.hidden_size // heads
-
         def renamed():
             for name, tensor in weights:
                 if name.endswith((".attention.bias", ".attention.masked_bias")):
@@ -100,7 +104,7 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
                     yield name, tensor
                     continue
                 for part, piece in zip(("q_proj", "k_proj", "v_proj"),
-                                       split_per_head(tensor, heads, d)):
+                                       split_query_key_value(self.config, tensor)):
                     yield name.replace(".query_key_value.", f".{part}."), piece
 
         return renamed()

@@ -1,0 +1,157 @@
+"""Each family's HF modules a PEFT LoRA adapter may adapt, and the logical modules they land in.
+
+An adapter names HF modules (``gpt_neox.layers.3.attention.query_key_value``); our layers are
+fused (``shapes.py``). Per family: where the decoder layers live, and each adaptable module's
+path under a layer -> its logical parts (B's rows, in that order)::
+
+    layout      HF module under the layer                  logical parts
+    llama       self_attn.{q,k,v,o}_proj                   q_proj, k_proj, v_proj, o_proj
+                mlp.{gate,up,down}_proj                    gate_proj, up_proj, down_proj
+    phi3        self_attn.qkv_proj  [q | k | v]            q_proj k_proj v_proj
+                mlp.gate_up_proj    [gate | up]            gate_proj up_proj
+    glm         llama's attention, phi3's gate_up_proj
+    phi         self_attn.{q,k,v}_proj, self_attn.dense    ..., o_proj
+                mlp.fc1, mlp.fc2                           fc_in, fc_out
+    starcoder2  llama's attention, mlp.c_fc, mlp.c_proj    ..., fc_in, fc_out
+    gptj        attn.{q,k,v,out}_proj, mlp.fc_in/fc_out    ..., o_proj, fc_in, fc_out
+    gpt_neox    attention.query_key_value (per head)       q_proj k_proj v_proj
+                attention.dense, mlp.dense_h_to_4h/4h_to_h o_proj, fc_in, fc_out
+    falcon      self_attention.query_key_value (3 layouts) q_proj k_proj v_proj
+                self_attention.dense, mlp.dense_h_to_4h/.. o_proj, fc_in, fc_out
+    gpt_bigcode attn.c_attn (MQA [q|k|v], else per head)   q_proj k_proj v_proj
+                attn.c_proj, mlp.c_fc, mlp.c_proj          o_proj, fc_in, fc_out
+    MoE         llama's attention only (experts: no LoRA)
+
+A fused module's B is cut into its parts by the same function that cuts the family's
+checkpoint weight on load (``split``; rows of ``lora_B [out, r]`` are rows of the weight's
+``[out, in]``), so each part lines up with our fused layer's slice as the base weight does,
+interleaved per-head and per-group layouts included; A is shared by the parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+Q, K, V = ("q_proj",), ("k_proj",), ("v_proj",)
+QKV = ("q_proj", "k_proj", "v_proj")
+O = ("o_proj",)
+FC_IN, FC_OUT = ("fc_in",), ("fc_out",)
+
+_LLAMA_ATTN = {"self_attn.q_proj": Q, "self_attn.k_proj": K, "self_attn.v_proj": V,
+               "self_attn.o_proj": O}
+_LLAMA_MLP = {"mlp.gate_proj": ("gate_proj",), "mlp.up_proj": ("up_proj",),
+              "mlp.down_proj": ("down_proj",)}
+_FUSED_GATE_UP = {"mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
+
+
+def _neox_split(config, tensor):
+    from tessellm.models.gpt_neox import split_query_key_value
+
+    return split_query_key_value(config, tensor)
+
+
+def _falcon_split(config, tensor):
+    from tessellm.models.falcon import split_query_key_value
+
+    return split_query_key_value(config, tensor)
+
+
+def _bigcode_split(config, tensor):
+    from tessellm.models.gpt_bigcode import split_c_attn
+
+    return split_c_attn(config, tensor)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One layout of the table above."""
+
+    layers: str  # the HF path of the decoder layer list ("model.layers", "transformer.h")
+    modules: dict  # HF module path under a layer -> logical parts (B's rows in that order)
+    # fused module path -> split(config, B) into its parts' rows, when they are not consecutive
+    # runs in the parts' order (a per-head or per-group layout); else split by the parts' sizes
+    splits: dict = field(default_factory=dict)
+    note: str = ""  # what the refusal of another module adds ("attention only: ...")
+    intermediate: Callable = lambda c: c.intermediate_size  # the MLP's width
+
+    def split(self, config, path: str, b, sizes: list[int]) -> tuple:
+        """B ``[sum(sizes), r]`` of the fused module at ``path`` -> one B per logical part."""
+        how = self.splits.get(path)
+        return tuple(how(config, b)) if how is not None else tuple(b.split(sizes, dim=0))
+
+
+def _gpt_width(config) -> int:  # GPT-J, GPT-BigCode: n_inner, else 4x hidden
+    return getattr(config, "n_inner", None) or 4 * config.hidden_size
+
+
+LLAMA = Family("model.layers", {**_LLAMA_ATTN, **_LLAMA_MLP})
+PHI3 = Family("model.layers", {"self_attn.qkv_proj": QKV, "self_attn.o_proj": O,
+                               **_FUSED_GATE_UP})
+GLM = Family("model.layers", {**_LLAMA_ATTN, **_FUSED_GATE_UP})
+PHI = Family("model.layers", {"self_attn.q_proj": Q, "self_attn.k_proj": K,
+                              "self_attn.v_proj": V, "self_attn.dense": O,
+                              "mlp.fc1": FC_IN, "mlp.fc2": FC_OUT})
+STARCODER2 = Family("model.layers", {**_LLAMA_ATTN, "mlp.c_fc": FC_IN, "mlp.c_proj": FC_OUT})
+GPTJ = Family("transformer.h", {"attn.q_proj": Q, "attn.k_proj": K, "attn.v_proj": V,
+                                "attn.out_proj": O, "mlp.fc_in": FC_IN, "mlp.fc_out": FC_OUT},
+              intermediate=_gpt_width)
+GPT_NEOX = Family("gpt_neox.layers",
+                  {"attention.query_key_value": QKV, "attention.dense": O,
+                   "mlp.dense_h_to_4h": FC_IN, "mlp.dense_4h_to_h": FC_OUT},
+                  splits={"attention.query_key_value": _neox_split})
+FALCON = Family("transformer.h",
+                {"self_attention.query_key_value": QKV, "self_attention.dense": O,
+                 "mlp.dense_h_to_4h": FC_IN, "mlp.dense_4h_to_h": FC_OUT},
+                splits={"self_attention.query_key_value": _falcon_split},
+                intermediate=lambda c: c.ffn_hidden_size)
+GPT_BIGCODE = Family("transformer.h",
+                     {"attn.c_attn": QKV, "attn.c_proj": O, "mlp.c_fc": FC_IN,
+                      "mlp.c_proj": FC_OUT},
+                     splits={"attn.c_attn": _bigcode_split}, intermediate=_gpt_width)
+MOE_ATTENTION = Family("model.layers", dict(_LLAMA_ATTN),
+                       note=" (attention only: LoRA on the mixture-of-experts MLPs is not "
+                            "supported)")
+
+# HF architecture -> layout. A head other than the LM head (``...ForSequenceClassification``,
+# a bare ``...Model``) has its ``...ForCausalLM``'s layout (``family_of``).
+FAMILIES = {
+    **{arch: LLAMA for arch in (
+        "LlamaForCausalLM", "InternLM3ForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
+        "Olmo3ForCausalLM", "CohereForCausalLM", "ExaoneForCausalLM", "Exaone4ForCausalLM",
+        "StableLmForCausalLM")},
+    "Phi3ForCausalLM": PHI3,
+    "GlmForCausalLM": GLM, "Glm4ForCausalLM": GLM,
+    "PhiForCausalLM": PHI,
+    "Starcoder2ForCausalLM": STARCODER2,
+    "GPTJForCausalLM": GPTJ,
+    "GPTNeoXForCausalLM": GPT_NEOX,
+    "FalconForCausalLM": FALCON,
+    "GPTBigCodeForCausalLM": GPT_BIGCODE,
+    **{arch: MOE_ATTENTION for arch in (
+        "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+        "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM", "OlmoeForCausalLM")},
+}
+
+
+def family_of(archs: list[str]) -> tuple[str, Optional[Family]]:
+    """The first of ``archs`` with a LoRA layout, and it; else (the first, None)."""
+    for arch in archs:
+        for causal in (arch, _causal_lm(arch)):
+            if causal in FAMILIES:
+                return arch, FAMILIES[causal]
+    return (archs[0] if archs else "(no architecture in config)"), None
+
+
+def _causal_lm(arch: str) -> str:
+    for head in ("ForSequenceClassification", "Model"):
+        if arch.endswith(head):
+            return arch[:-len(head)] + "ForCausalLM"
+    return arch
+
+
+def supported_architectures() -> str:
+    """The architectures with LoRA, for a refusal."""
+    return ", ".join(sorted(FAMILIES))

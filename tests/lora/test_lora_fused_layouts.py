@@ -1,0 +1,186 @@
+"""Multi-LoRA on the families whose HF modules are not Llama's (``lora/families.py``): fused
+q/k/v in per-head (GPT-NeoX ``query_key_value``), per-KV-group (Falcon 40B) and ``[q | k | v]``
+multi-query (GPT-BigCode ``c_attn``, Falcon 7B) layouts, whose adapter B is cut as the loader
+cuts the weight; MLPs without a gate (``fc1/fc2``, ``c_fc/c_proj``, ``dense_h_to_4h/4h_to_h``,
+``fc_in/fc_out``); GLM's fused ``gate_up_proj`` beside separate q/k/v; parallel blocks (Phi,
+GPT-J, GPT-NeoX, Falcon). Greedy tokens of a mixed batch (two adapters and rows without one)
+equal HF transformers + peft with each adapter applied alone, in float32."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tessellm.lora import LoRARequest
+from tests.lora.adapters import make_adapters, peft_greedy
+
+MAX_NEW = 5
+
+
+def _config(family: str):
+    from tests.models.test_falcon import falcon_config
+    from tests.models.test_glm import glm_config
+    from tests.models.test_gpt_bigcode import bigcode_config
+    from tests.models.test_gpt_neox import neox_config
+    from tests.models.test_gptj import gptj_config
+    from tests.models.test_phi import phi_config
+    from tests.models.test_starcoder2 import starcoder2_config
+
+    return {
+        "gpt-neox": lambda: neox_config(),  # per-head q/k/v, two-norm parallel block, biases
+        "gpt-bigcode": lambda: bigcode_config(),  # multi-query c_attn [q | k | v]
+        "falcon-40b": lambda: falcon_config(new_decoder_architecture=True, num_kv_heads=2,
+                                            tie_word_embeddings=False),  # per-KV-group q/k/v
+        "falcon-7b": lambda: falcon_config(),  # multi-query, one-norm parallel block
+        "phi": lambda: phi_config(num_key_value_heads=2),
+        "gptj": lambda: gptj_config(),
+        "starcoder2": lambda: starcoder2_config(),
+        "glm4": lambda: glm_config("glm4"),
+    }[family]()
+
+
+# family -> {adapter name: (rank, PEFT target modules, extra LoraConfig arguments)}
+SPECS = {
+    "gpt-neox": {"qkv8": (8, ["query_key_value", "dense"], dict(lora_alpha=16)),
+                 "mlp16": (16, ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"],
+                           dict(lora_alpha=8, use_rslora=True))},
+    # c_proj: the attention's output and the MLP's second projection, both adapted
+    "gpt-bigcode": {"attn8": (8, ["c_attn"], dict(lora_alpha=16)),
+                    "all16": (16, ["c_attn", "c_proj", "c_fc"], dict(lora_alpha=32))},
+    "falcon-40b": {"qkv8": (8, ["query_key_value"], dict(lora_alpha=16)),
+                   "all16": (16, ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+                             dict(lora_alpha=32))},
+    "falcon-7b": {"qkvo8": (8, ["query_key_value", "dense"], dict(lora_alpha=16)),
+                  "mlp8": (8, ["dense_h_to_4h", "dense_4h_to_h"], dict(lora_alpha=16))},
+    "phi": {"qvd8": (8, ["q_proj", "v_proj", "dense"], dict(lora_alpha=16)),
+            "kfc16": (16, ["k_proj", "fc1", "fc2"], dict(lora_alpha=32))},
+    "gptj": {"qko8": (8, ["q_proj", "k_proj", "out_proj"], dict(lora_alpha=16)),
+             "fc8": (8, ["v_proj", "fc_in", "fc_out"], dict(lora_alpha=16))},
+    "starcoder2": {"qv8": (8, ["q_proj", "v_proj"], dict(lora_alpha=16)),
+                   "mlp16": (16, ["o_proj", "c_fc", "c_proj"], dict(lora_alpha=32))},
+    "glm4": {"kv8": (8, ["k_proj", "v_proj", "o_proj"], dict(lora_alpha=16)),
+             "gate16": (16, ["q_proj", "gate_up_proj", "down_proj"], dict(lora_alpha=32))},
+}
+
+
+@pytest.fixture(scope="module")
+def layout_setup(tmp_path_factory):
+    from tests.models.variant_parity import save_tiny
+
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"lora-{family}")
+            model = save_tiny(_config(family), str(root / "model"))
+            made[family] = model, make_adapters(model, str(root), seed=3, specs=SPECS[family])
+        return made[family]
+
+    return get
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(8)
+    return [[rng.randrange(3, 128) for _ in range(n)] for n in (5, 23)]
+
+
+def _generate(model: str, paths: dict, names: list, **engine) -> tuple[list, list]:
+    """Every prompt with every adapter name (None: no adapter), shuffled into one batch."""
+    prompts = _prompts()
+    loras = {n: LoRARequest(n, i + 1, paths[n]) for i, n in enumerate(x for x in names if x)}
+    jobs = [(p, n) for n in names for p in range(len(prompts))]
+    random.Random(1).shuffle(jobs)
+    llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=16, max_loras=2,
+              **engine)
+    try:
+        outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs],
+                            SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
+                            use_tqdm=False, lora_request=[loras.get(n) for _, n in jobs])
+    finally:
+        llm.shutdown()
+    return jobs, [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("family", list(SPECS))
+def test_layout_mixed_batch_matches_peft(layout_setup, family):
+    model, paths = layout_setup(family)
+    names = [None, *SPECS[family]]
+    prompts = _prompts()
+    want = {n: peft_greedy(model, paths[n] if n else None, prompts, MAX_NEW) for n in names}
+    for name in names[1:]:  # the adapters matter: each changes some prompt's tokens
+        assert want[name] != want[None], name
+    jobs, got = _generate(model, paths, names)
+    for (p, name), tokens in zip(jobs, got):
+        assert tokens == want[name][p], (family, name, p)
+
+
+def _base(model: str):
+    from transformers import AutoConfig
+
+    from tessellm.lora.shapes import BaseShapes
+
+    return BaseShapes.from_config(AutoConfig.from_pretrained(model))
+
+
+def test_neox_fused_adapter_is_cut_per_head(layout_setup):
+    """B's rows of query_key_value are [q_h | k_h | v_h] per head: q_proj's B is every head's
+    first third, not the first third of the rows."""
+    from safetensors.torch import load_file
+
+    from tessellm.lora.peft import load_adapter
+
+    model, paths = layout_setup("gpt-neox")
+    base = _base(model)
+    assert base.layers == ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.fc_in", "mlp.fc_out")
+    adapter = load_adapter(LoRARequest("n", 1, paths["qkv8"]), base, 16)
+    raw = load_file(f"{paths['qkv8']}/adapter_model.safetensors")
+    b = raw["base_model.model.gpt_neox.layers.1.attention.query_key_value.lora_B.weight"]
+    per_head = b.unflatten(0, (4, 3, 16))
+    for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
+        assert adapter.modules[(1, part)].b.equal(per_head[:, i].flatten(0, 1))
+    assert adapter.modules[(1, "o_proj")].b.shape == (64, 8)
+
+
+@pytest.mark.parametrize("family,adapter_family,match", [
+    ("phi", "gpt-neox", r"has tensor 'base_model\.model\.gpt_neox\.layers\.0\..*PhiForCausalLM "
+                        r"supports q_proj, k_proj, v_proj, dense, fc1, fc2"),
+    ("gpt-neox", "falcon-40b", r"GPTNeoXForCausalLM supports query_key_value, dense, "
+                               r"dense_h_to_4h, dense_4h_to_h"),
+    ("starcoder2", "glm4", r"adapts mlp\.(gate_up|down)_proj .*Starcoder2ForCausalLM has no LoRA "
+                           r"support for; it supports q_proj, k_proj, v_proj, o_proj, c_fc, "
+                           r"c_proj"),
+])
+def test_another_family_adapter_is_refused(layout_setup, family, adapter_family, match):
+    from tessellm.lora.peft import load_adapter
+
+    model, _ = layout_setup(family)
+    path = list(layout_setup(adapter_family)[1].values())[-1]
+    with pytest.raises(ValueError, match=match) as err:
+        load_adapter(LoRARequest("x", 1, path), _base(model), 64)
+    assert "\n" not in str(err.value)
+
+
+def test_architecture_without_lora_layout_is_refused():
+    from transformers import LlavaConfig
+
+    from tessellm.lora.shapes import BaseShapes
+
+    config = LlavaConfig(architectures=["LlavaForConditionalGeneration"])
+    with pytest.raises(ValueError, match=r"LoRA is not supported for "
+                                         r"LlavaForConditionalGeneration yet; it is for .*"
+                                         r"GPTNeoXForCausalLM"):
+        BaseShapes.from_config(config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt-neox", "falcon-40b"])
+def test_tensor_parallel_layout_lora_matches_tp1(layout_setup, family):
+    """TP=2 (gloo worker processes): each rank takes its heads' rows of every q/k/v part of the
+    cut B, fc_in's B rows and fc_out's A columns (row-parallel); tokens equal TP=1's."""
+    model, paths = layout_setup(family)
+    names = [*SPECS[family], None]
+    tokens = {tp: _generate(model, paths, names, device="cpu", num_kv_blocks=64,
+                            tensor_parallel_size=tp)[1] for tp in (1, 2)}
+    assert tokens[2] == tokens[1]
