@@ -57,6 +57,30 @@ def peft_greedy(model_dir: str, adapter_dir, prompts: list[list[int]], max_new: 
     return outs
 
 
+def mixed_batch(model_dir: str, paths: dict, prompts: list[list[int]], names: list,
+                max_new: int, **engine) -> tuple[list, list]:
+    """Every prompt with every adapter of ``names`` (None: no adapter), shuffled into one
+    ``generate`` of one engine (float32, greedy, two slots of rank 16; ``engine`` overrides):
+    ``([(prompt index, name)], [token ids])``, one entry a request."""
+    import random
+
+    from tessellm import LLM, SamplingParams
+    from tessellm.lora import LoRARequest
+
+    loras = {n: LoRARequest(n, i + 1, paths[n]) for i, n in enumerate(n for n in names if n)}
+    jobs = [(p, n) for n in names for p in range(len(prompts))]
+    random.Random(1).shuffle(jobs)
+    llm = LLM(model_dir, dtype="float32", enable_lora=True,
+              **{"max_lora_rank": 16, "max_loras": 2, **engine})
+    try:
+        outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs],
+                            SamplingParams(max_tokens=max_new, temperature=0, ignore_eos=True),
+                            use_tqdm=False, lora_request=[loras.get(n) for _, n in jobs])
+    finally:
+        llm.shutdown()
+    return jobs, [o.outputs[0].token_ids for o in outs]
+
+
 MODULE_GROUPS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
                  "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 

@@ -12,9 +12,8 @@ import random
 import pytest
 import torch
 
-from tessellm import LLM, SamplingParams
 from tessellm.lora import LoRARequest
-from tests.lora.adapters import make_adapters, peft_greedy
+from tests.lora.adapters import make_adapters, mixed_batch, peft_greedy
 
 MAX_NEW = 6
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -102,15 +101,9 @@ def test_family_mixed_batch_matches_peft(family_setup, family):
     want = {n: peft_greedy(model, paths[n] if n else None, prompts, MAX_NEW) for n in names}
     for name in names[1:]:  # the adapters matter: each changes some prompt's tokens
         assert want[name] != want[None], name
-    loras = {n: LoRARequest(n, i + 1, paths[n]) for i, n in enumerate(names[1:])}
-    jobs = [(p, n) for n in names for p in range(len(prompts))]
-    random.Random(1).shuffle(jobs)
-    llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=16, max_loras=2)
-    outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs],
-                        SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
-                        use_tqdm=False, lora_request=[loras.get(n) for _, n in jobs])
-    for (p, name), out in zip(jobs, outs):
-        assert out.outputs[0].token_ids == want[name][p], (family, name, p)
+    jobs, got = mixed_batch(model, paths, prompts, names, MAX_NEW)
+    for (p, name), tokens in zip(jobs, got):
+        assert tokens == want[name][p], (family, name, p)
 
 
 def _base(model: str):
@@ -161,21 +154,11 @@ def test_tensor_parallel_family_lora_matches_tp1(family_setup, family):
     narrowed like the base weight's; row-parallel o/down A columns; the tokens equal TP=1's."""
     model, paths = family_setup(family)
     names = [*SPECS[family], None]
-    loras = {n: LoRARequest(n, i + 1, paths[n]) for i, n in enumerate(names[:-1])}
     prompts = _prompts()
-    jobs = [(p, n) for n in names for p in range(len(prompts))]
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
-    tokens = {}
-    for tp in (1, 2):
-        llm = LLM(model, device="cpu", dtype="float32", num_kv_blocks=64, tensor_parallel_size=tp,
-                  enable_lora=True, max_lora_rank=16, max_loras=2)
-        try:
-            outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs], params,
-                                use_tqdm=False, lora_request=[loras.get(n) for _, n in jobs])
-        finally:
-            llm.shutdown()
-        tokens[tp] = [o.outputs[0].token_ids for o in outs]
-    assert tokens[2] == tokens[1]
+    tokens = {tp: mixed_batch(model, paths, prompts, names, MAX_NEW, device="cpu",
+                              num_kv_blocks=64, tensor_parallel_size=tp) for tp in (1, 2)}
+    assert tokens[2][1] == tokens[1][1]
     name = names[0]  # and TP=1 is peft's (the fast test checks every adapter)
     want = peft_greedy(model, paths[name], prompts, MAX_NEW)
-    assert [t for t, (_, n) in zip(tokens[1], jobs) if n == name] == want
+    jobs, got = tokens[1]
+    assert [t for t, (_, n) in zip(got, jobs) if n == name] == want

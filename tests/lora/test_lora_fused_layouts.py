@@ -3,7 +3,7 @@ q/k/v in per-head (GPT-NeoX ``query_key_value``), per-KV-group (Falcon 40B) and 
 multi-query (GPT-BigCode ``c_attn``, Falcon 7B) layouts, whose adapter B is cut as the loader
 cuts the weight; MLPs without a gate (``fc1/fc2``, ``c_fc/c_proj``, ``dense_h_to_4h/4h_to_h``,
 ``fc_in/fc_out``); GLM's fused ``gate_up_proj`` beside separate q/k/v; parallel blocks (Phi,
-GPT-J, GPT-NeoX, Falcon). Greedy tokens of a mixed batch (two adapters and rows without one)
+GPT-J, GPT-NeoX, Falcon); OLMoE's attention (its experts take no LoRA). Greedy tokens of a mixed batch (two adapters and rows without one)
 equal HF transformers + peft with each adapter applied alone, in float32."""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import random
 
 import pytest
 
-from tessellm import LLM, SamplingParams
 from tessellm.lora import LoRARequest
-from tests.lora.adapters import make_adapters, peft_greedy
+from tests.lora.adapters import make_adapters, mixed_batch, peft_greedy
 
 MAX_NEW = 5
 
@@ -26,6 +25,7 @@ def _config(family: str):
     from tests.models.test_gpt_neox import neox_config
     from tests.models.test_gptj import gptj_config
     from tests.models.test_phi import phi_config
+    from tests.models.test_olmoe import olmoe_config
     from tests.models.test_starcoder2 import starcoder2_config
 
     return {
@@ -38,6 +38,7 @@ def _config(family: str):
         "gptj": lambda: gptj_config(),
         "starcoder2": lambda: starcoder2_config(),
         "glm4": lambda: glm_config("glm4"),
+        "olmoe": lambda: olmoe_config(),  # MoE: attention only, q/k normed over all heads
     }[family]()
 
 
@@ -62,6 +63,8 @@ SPECS = {
                    "mlp16": (16, ["o_proj", "c_fc", "c_proj"], dict(lora_alpha=32))},
     "glm4": {"kv8": (8, ["k_proj", "v_proj", "o_proj"], dict(lora_alpha=16)),
              "gate16": (16, ["q_proj", "gate_up_proj", "down_proj"], dict(lora_alpha=32))},
+    "olmoe": {"qk8": (8, ["q_proj", "k_proj"], dict(lora_alpha=16)),
+              "vo16": (16, ["v_proj", "o_proj"], dict(lora_alpha=32))},
 }
 
 
@@ -86,23 +89,6 @@ def _prompts() -> list[list[int]]:
     return [[rng.randrange(3, 128) for _ in range(n)] for n in (5, 23)]
 
 
-def _generate(model: str, paths: dict, names: list, **engine) -> tuple[list, list]:
-    """Every prompt with every adapter name (None: no adapter), shuffled into one batch."""
-    prompts = _prompts()
-    loras = {n: LoRARequest(n, i + 1, paths[n]) for i, n in enumerate(x for x in names if x)}
-    jobs = [(p, n) for n in names for p in range(len(prompts))]
-    random.Random(1).shuffle(jobs)
-    llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=16, max_loras=2,
-              **engine)
-    try:
-        outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs],
-                            SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
-                            use_tqdm=False, lora_request=[loras.get(n) for _, n in jobs])
-    finally:
-        llm.shutdown()
-    return jobs, [o.outputs[0].token_ids for o in outs]
-
-
 @pytest.mark.parametrize("family", list(SPECS))
 def test_layout_mixed_batch_matches_peft(layout_setup, family):
     model, paths = layout_setup(family)
@@ -111,7 +97,7 @@ def test_layout_mixed_batch_matches_peft(layout_setup, family):
     want = {n: peft_greedy(model, paths[n] if n else None, prompts, MAX_NEW) for n in names}
     for name in names[1:]:  # the adapters matter: each changes some prompt's tokens
         assert want[name] != want[None], name
-    jobs, got = _generate(model, paths, names)
+    jobs, got = mixed_batch(model, paths, prompts, names, MAX_NEW)
     for (p, name), tokens in zip(jobs, got):
         assert tokens == want[name][p], (family, name, p)
 
@@ -181,6 +167,6 @@ def test_tensor_parallel_layout_lora_matches_tp1(layout_setup, family):
     cut B, fc_in's B rows and fc_out's A columns (row-parallel); tokens equal TP=1's."""
     model, paths = layout_setup(family)
     names = [*SPECS[family], None]
-    tokens = {tp: _generate(model, paths, names, device="cpu", num_kv_blocks=64,
-                            tensor_parallel_size=tp)[1] for tp in (1, 2)}
+    tokens = {tp: mixed_batch(model, paths, _prompts(), names, MAX_NEW, device="cpu",
+                              num_kv_blocks=64, tensor_parallel_size=tp)[1] for tp in (1, 2)}
     assert tokens[2] == tokens[1]
