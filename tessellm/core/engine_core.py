@@ -110,7 +110,8 @@ class EngineCore:
                                  and self.pooling is None)
         max_batched = default_max_num_batched_tokens(args, self.backend.device_type)
         # Image models: the encoder budget (refused here, before any worker starts).
-        encoder_budget = encoder_budget_args(config, max_batched, args.disable_chunked_mm_input)
+        encoder_budget = encoder_budget_args(config, max_batched, args.disable_chunked_mm_input,
+                                             self.source.path)
         t0 = time.perf_counter()
         # One worker per device: in this process for one device, else processes or Ray actors
         # (tessellm.distributed.executor). Every rank sizes its KV cache; the smallest wins.

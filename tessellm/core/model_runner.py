@@ -101,6 +101,12 @@ class ModelRunner(RunnerGraphs):
             from tessellm.multimodal.encoder_cache import EncoderCache
 
             self.encoder_cache = EncoderCache(model, device)
+        # M-RoPE (Qwen2-VL): each request's 3-D prompt positions and rope delta; None otherwise.
+        self.mrope = None
+        if getattr(model, "uses_mrope", False):
+            from tessellm.multimodal.mrope import MRopePositions
+
+            self.mrope = MRopePositions(model.spatial_merge_size)
         # Pooling runner (tessellm.pooling.pooler.Pooler): steps pool hidden states instead of
         # sampling (``_pool``); None: the runner generates.
         self.pooler = pooler
@@ -182,6 +188,8 @@ class ModelRunner(RunnerGraphs):
         self.batch.apply(sched, samples_here=self.pp.is_last)
         if self.encoder_cache is not None:
             self.encoder_cache.drop(sched.dropped_request_ids)
+        if self.mrope is not None:
+            self.mrope.drop(sched.dropped_request_ids)
         if self.spec is not None:
             self.spec.drop(sched)
         out = ModelRunnerOutput()
@@ -206,6 +214,8 @@ class ModelRunner(RunnerGraphs):
         self.staging.begin_launch()
         host = build_inputs(states, counts, num_sampled, self.batch.tables, self.block_size,
                             self.steps.input_token)
+        if self.mrope is not None:  # rotary positions: delta added, [3, T] over image tokens
+            host.positions = self.mrope.positions(states, counts, host.positions, host.query_start_loc)
         if self.pooler is not None:  # an embedding model: pooled vectors, nothing sampled
             self._pool(host, sched, states, counts, out)
             for state, n in zip(states, counts):

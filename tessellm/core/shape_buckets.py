@@ -73,9 +73,9 @@ def pad_host_inputs(host, buckets: Buckets, num_seqs: int, table_width: int):
     rows = host.logits_indices
     num_rows = buckets.seq(max(num_seqs, rows.shape[0]))
 
-    def padded(array: np.ndarray, value: int) -> np.ndarray:
-        out = np.full(size, value, dtype=array.dtype)
-        out[:t] = array
+    def padded(array: np.ndarray, value: int) -> np.ndarray:  # along the last (token) axis
+        out = np.full((*array.shape[:-1], size), value, dtype=array.dtype)
+        out[..., :t] = array
         return out
 
     last = rows[-1] if rows.shape[0] else 0

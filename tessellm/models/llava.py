@@ -22,6 +22,7 @@ from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import materialize
 from tessellm.models import llama
 from tessellm.models.clip import CLIPVisionTower, activation
+from tessellm.models.image_embeds import ImageTextModel
 
 # text_config.model_type -> the tessellm class of the language model
 _LANGUAGE_MODELS = {"llama": llama.LlamaForCausalLM, "mistral": llama.MistralForCausalLM,
@@ -66,8 +67,9 @@ class LlavaProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(nn.Module):
-    supports_images = True  # the runner keeps an encoder cache for it
+class LlavaForConditionalGeneration(ImageTextModel):
+    """``forward`` (the image features at their placeholder rows), ``compute_logits`` and
+    ``attention_layers``: ``ImageTextModel``'s."""
 
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
@@ -113,23 +115,6 @@ class LlavaForConditionalGeneration(nn.Module):
         side = tower.image_size
         pixels = torch.zeros(n, tower.patch_embedding.in_channels, side, side, device=device)
         return pixels, [[side, side]] * n
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata,
-                intermediate=None, mm_embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-        """``mm_embeds``: (token rows, their image features ``[rows, hidden]``), or None for a
-        step with no image token in it."""
-        embeds = None
-        if mm_embeds is not None:
-            rows, feats = mm_embeds
-            embeds = self.language_model.embed_tokens(input_ids)
-            embeds[rows] = feats.to(embeds.dtype)
-        return self.language_model(input_ids, positions, metadata, intermediate, inputs_embeds=embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def attention_layers(self) -> list:
-        return self.language_model.attention_layers()
 
     # -- weights ---------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tessellm.models import gemma, gemma2
-from tessellm.models import llava_next
+from tessellm.models import llava_next, qwen2_vl
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
                              gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
                              olmoe, phi, phi3, seq_cls, smollm3, stablelm, starcoder2)
@@ -43,6 +43,8 @@ _MODELS = {
     "OlmoeForCausalLM": olmoe.OlmoeForCausalLM,
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": llava_next.LlavaNextForConditionalGeneration,
+    "Qwen2VLForConditionalGeneration": qwen2_vl.Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": qwen2_vl.Qwen2_5_VLForConditionalGeneration,
     # classifiers / cross-encoders: a pooling engine's classify and score (docs/pooling.md)
     "LlamaForSequenceClassification": seq_cls.LlamaForSequenceClassification,
     "MistralForSequenceClassification": seq_cls.MistralForSequenceClassification,

@@ -41,12 +41,19 @@ def default_encoder_budget(max_num_batched_tokens: int, max_tokens_per_image: in
     return max(max_num_batched_tokens, max_tokens_per_image)
 
 
-def max_tokens_per_image(hf_config) -> int:
-    """Placeholder tokens of the model's biggest image (0: a text-only model)."""
+def max_tokens_per_image(hf_config, model_path: Optional[str] = None) -> int:
+    """Placeholder tokens of the model's biggest image (0: a text-only model). Qwen2-VL's
+    depend on its image processor's ``max_pixels``, read from ``model_path``."""
     from tessellm.multimodal.limits import takes_images
+    from tessellm.multimodal.qwen2_vl_inputs import is_qwen2_vl, max_image_tokens
 
     if not takes_images(hf_config):
         return 0
+    if is_qwen2_vl(hf_config):
+        if model_path is None:
+            raise ValueError("Qwen2-VL's image size limit is in its preprocessor_config.json; "
+                             "give the model's path.")
+        return max_image_tokens(model_path, hf_config)
     if getattr(hf_config, "image_grid_pinpoints", None):  # LLaVA-NeXT: by image size
         from tessellm.models.llava_next import max_image_feature_size
 
@@ -57,9 +64,9 @@ def max_tokens_per_image(hf_config) -> int:
 
 
 def encoder_budget_args(hf_config, max_num_batched_tokens: int,
-                        disable_chunked_mm_input: bool = False) -> dict:
+                        disable_chunked_mm_input: bool = False, model_path: Optional[str] = None) -> dict:
     """SchedulerConfig's encoder fields for the model (none for a text-only model)."""
-    biggest = max_tokens_per_image(hf_config)
+    biggest = max_tokens_per_image(hf_config, model_path)
     if not biggest:
         return {}
     if disable_chunked_mm_input and biggest > max_num_batched_tokens:

@@ -82,8 +82,10 @@ class EncoderCache:
     def _encode(self, items: list) -> None:
         """Features for ``items`` (key, feature): taken from an entry with the same content
         hash where one is held, else one vision-tower call per pixel shape (one for
-        LLaVA-1.5; per tile count for LLaVA-NeXT) over the distinct images."""
+        LLaVA-1.5; per tile count for LLaVA-NeXT; one for all images of a
+        ``variable_resolution`` tower, their patches concatenated) over the distinct images."""
         held = {self.identifiers[k]: t for k, t in self.features.items()}
+        ragged = getattr(self.model, "variable_resolution", False)
         todo: dict[str, list] = {}  # content hash -> the keys that want it
         firsts: dict[tuple, list] = {}  # image shape -> one feature per content hash
         for key, f in items:
@@ -91,11 +93,15 @@ class EncoderCache:
                 self._hold(key, f.identifier, held[f.identifier])
                 continue
             if f.identifier not in todo:
-                firsts.setdefault(tuple(f.shape), []).append(f)
+                firsts.setdefault(() if ragged else tuple(f.shape), []).append(f)
             todo.setdefault(f.identifier, []).append(key)
         for group in firsts.values():
-            pixels = torch.from_numpy(np.stack([f.pixels() for f in group])).to(self.device)
-            out = self.model.encode_images(pixels, [f.image_size for f in group])
+            if ragged:  # [patches of all, values] and each image's (t, h, w) grid
+                pixels = torch.from_numpy(np.concatenate([f.pixels() for f in group])).to(self.device)
+                out = self.model.encode_images(pixels, [f.grid_thw for f in group])
+            else:
+                pixels = torch.from_numpy(np.stack([f.pixels() for f in group])).to(self.device)
+                out = self.model.encode_images(pixels, [f.image_size for f in group])
             for f, feats in zip(group, out):
                 if feats.shape[0] != f.length:
                     raise ValueError(f"An image has {f.length} placeholder tokens but the vision "

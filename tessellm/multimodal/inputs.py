@@ -33,18 +33,25 @@ class MultiModalFeature:
     # [height, width] of the image before preprocessing, for models whose features depend on
     # it (LLaVA-NeXT unpads its tile grid to the aspect ratio); None for LLaVA-1.5
     image_size: Optional[list[int]] = None
+    # (t, h, w) patch grid of a variable-resolution image (Qwen2-VL: ``pixels`` are its
+    # ``t*h*w`` flattened patches); None for fixed-size towers
+    grid_thw: Optional[list[int]] = None
 
     @classmethod
     def from_pixels(cls, pixels: np.ndarray, offset: int, length: int,
-                    image_size: Optional[Sequence[int]] = None) -> "MultiModalFeature":
+                    image_size: Optional[Sequence[int]] = None,
+                    grid_thw: Optional[Sequence[int]] = None) -> "MultiModalFeature":
         pixels = np.ascontiguousarray(pixels)
         data = pixels.tobytes()
         size = None if image_size is None else [int(v) for v in image_size]
+        grid = None if grid_thw is None else [int(v) for v in grid_thw]
         digest = hashlib.sha256()
         digest.update(f"{pixels.dtype.str}{pixels.shape}{size or ''}".encode())
+        if grid is not None:
+            digest.update(f"grid{grid}".encode())
         digest.update(data)
         return cls(offset, length, digest.hexdigest(), data, list(pixels.shape), str(pixels.dtype),
-                   image_size=size)
+                   image_size=size, grid_thw=grid)
 
     @property
     def end(self) -> int:
@@ -56,7 +63,7 @@ class MultiModalFeature:
     def to_dict(self) -> dict:
         return {"offset": self.offset, "length": self.length, "identifier": self.identifier,
                 "data": self.data, "shape": list(self.shape), "dtype": self.dtype,
-                "modality": self.modality, "image_size": self.image_size}
+                "modality": self.modality, "image_size": self.image_size, "grid_thw": self.grid_thw}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MultiModalFeature":

@@ -48,8 +48,9 @@ def check_media_path(path: Optional[str]) -> None:
 
 
 def takes_images(hf_config) -> bool:
-    return getattr(hf_config, "vision_config", None) is not None and "Llava" in "".join(
-        getattr(hf_config, "architectures", None) or ())
+    archs = "".join(getattr(hf_config, "architectures", None) or ())
+    return getattr(hf_config, "vision_config", None) is not None and any(
+        family in archs for family in ("Llava", "Qwen2VL", "Qwen2_5_VL"))
 
 
 def model_mm_limits(hf_config, args) -> dict[str, int]:

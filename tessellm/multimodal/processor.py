@@ -78,6 +78,11 @@ class ImageProcessor:
             raise ValueError(f"The model at {self.model_path} has no usable image processor "
                              f"(processor_config.json / preprocessor_config.json): {exc}") from None
 
+    @property
+    def chat_template(self):
+        """The processor's chat template (llava-hf keeps it there, not in the tokenizer)."""
+        return getattr(self.hf, "chat_template", None)
+
     def check_count(self, num_images: int) -> None:
         if num_images > self.max_images:
             raise ValueError(f"The prompt has {num_images} images, over the limit of "
@@ -175,6 +180,12 @@ class ImageProcessor:
 
 @functools.lru_cache(maxsize=4)
 def image_processor(model_path: str, max_images: int) -> ImageProcessor:
+    from transformers import AutoConfig
+
+    from tessellm.multimodal.qwen2_vl_inputs import Qwen2VLImageInputs, is_qwen2_vl
+
+    if is_qwen2_vl(AutoConfig.from_pretrained(model_path)):
+        return Qwen2VLImageInputs(model_path, max_images)
     return ImageProcessor(model_path, max_images)
 
 
@@ -184,7 +195,7 @@ def adopt_chat_template(tokenizer, info) -> None:
     if tokenizer is None or getattr(tokenizer, "chat_template", None) or not info.mm_limits:
         return
     try:
-        template = getattr(get_processor(info).hf, "chat_template", None)
+        template = get_processor(info).chat_template
     except ValueError:
         return
     if template:
@@ -193,7 +204,7 @@ def adopt_chat_template(tokenizer, info) -> None:
 
 def text_only_error(model_path: str) -> ValueError:
     return ValueError(f"The model {model_path} is text-only: it does not take images. Remove "
-                      "the image inputs, or serve a vision-language model (LLaVA).")
+                      "the image inputs, or serve a vision-language model (LLaVA, Qwen2-VL).")
 
 
 def get_processor(info) -> ImageProcessor:

@@ -13,3 +13,17 @@ def llava_next_dir(tmp_path_factory):
     from tests.multimodal.tiny_llava_next import make_tiny_llava_next
 
     return make_tiny_llava_next(str(tmp_path_factory.mktemp("tiny-llava-next")))
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_dir(tmp_path_factory):
+    from tests.multimodal.tiny_qwen2_vl import make_tiny_qwen2_vl
+
+    return make_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen2-vl")))
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl_dir(tmp_path_factory):
+    from tests.multimodal.tiny_qwen2_vl import make_tiny_qwen2_vl
+
+    return make_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen2.5-vl")), kind="qwen2_5_vl", seed=1)

@@ -1,0 +1,147 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration``): a variable-resolution ViT (``qwen2_vl_vision.py``)
+and a Qwen2 language model with multimodal rotary positions (M-RoPE, ``layers/mrotary.py``).
+
+The image tokens enter the language model as embeddings, as LLaVA's do (``models/llava.py``)::
+
+    prompt ids  [<|im_start|> user \\n <|vision_start|> <pad> x N <|vision_end|> What ...]
+    embeddings  [e ... e  f0 ... fN-1  e ...]          f = tower(patches, grid)
+    positions   text: one each, t = h = w; image: (start, start + row, start + col) over its
+                merged grid; text after it continues at max + 1 (``multimodal/mrope.py``)
+
+The runner keeps each request's prompt positions and the rope delta that every later token's
+position carries (``uses_mrope``); the image features come through its encoder cache, all the
+images a step reaches in one tower call (``variable_resolution``: patches concatenated, one
+grid each).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from tessellm.layers.context import ModelContext
+from tessellm.layers.linear import materialize
+from tessellm.layers.mrotary import MRotaryEmbedding
+from tessellm.models import llama
+from tessellm.models.decoder import DecoderAttention
+from tessellm.models.image_embeds import ImageTextModel
+from tessellm.models.qwen2_vl_vision import vision_tower
+
+
+class MRopeAttention(DecoderAttention):
+    """A kernel that fuses rotary looks cos/sin rows up by position; in a step with image
+    tokens (positions ``[3, T]``) it is handed each token's own row instead
+    (``MRotaryEmbedding.kernel_inputs``). Other steps, and unfused kernels (the rotary op
+    takes ``[3, T]`` itself), run ``DecoderAttention`` as it is."""
+
+    def forward(self, positions, hidden, metadata):
+        if positions.dim() == 1 or not self.fuse_rotary:
+            return super().forward(positions, hidden, metadata)
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.o_proj(self.attn(q, k, v, metadata, *self.rotary.kernel_inputs(positions)))
+
+
+class Qwen2VLTextModel(llama.Qwen2ForCausalLM):
+    """Qwen2 with M-RoPE: positions ``[T]`` (text only) or ``[3, T]`` (a step with image
+    tokens)."""
+
+    def make_attention(self, config, ctx: ModelContext, rotary, index: int) -> MRopeAttention:
+        qkv_bias, o_bias = self.attention_biases(config)
+        return MRopeAttention(config, ctx, rotary, qkv_bias, self.qk_norm, o_bias,
+                              self.layer_window(config, index))
+
+    def make_rotary(self, config, head_size: int, ctx: ModelContext):
+        from tessellm.layers.rope_config import rope_max_positions, rope_parameters
+
+        params = rope_parameters(config)
+        section = params.get("mrope_section")
+        if not section:
+            raise ValueError("The Qwen2-VL text config has no rope_parameters.mrope_section; "
+                             "is the config complete?")
+        if params["rope_type"] != "default":
+            raise ValueError(f"Qwen2-VL with rope_type {params['rope_type']!r} is not supported; "
+                             "M-RoPE runs the default rotary frequencies.")
+        return MRotaryEmbedding(head_size, rope_max_positions(config), params["rope_theta"], params,
+                                ctx.ops, section,
+                                rotary_dim=int(head_size * params.get("partial_rotary_factor", 1.0)))
+
+
+class Qwen2VLForConditionalGeneration(ImageTextModel):
+    """``forward`` takes positions ``[T]`` or ``[3, T]`` (M-RoPE) and the image features at
+    their placeholder rows (``ImageTextModel``)."""
+
+    uses_mrope = True  # ... and per-request 3-D positions (multimodal/mrope.py)
+    variable_resolution = True  # encode_images takes concatenated patches and their grids
+
+    def __init__(self, config, ctx: ModelContext):
+        super().__init__()
+        self.config = config
+        text, vision = config.get_text_config(), config.vision_config
+        if ctx.pp.num_stages > 1:
+            raise ValueError(f"{type(self).__name__} does not run with pipeline_parallel_size > 1 "
+                             "yet; use tensor parallelism.")
+        self.image_token_id = int(config.image_token_id)
+        self.spatial_merge_size = int(vision.spatial_merge_size)
+        self.visual = vision_tower(vision)
+        self.language_model = Qwen2VLTextModel(text, ctx)
+
+    # -- what the runner calls -------------------------------------------------------------
+
+    def encode_images(self, patches: torch.Tensor, grids) -> list[torch.Tensor]:
+        """``[P, values]`` patches of several images, their ``(t, h, w)`` grids -> per image
+        ``[t * h * w / merge^2, text hidden]``."""
+        feats = self.visual(patches, grids)
+        unit = self.spatial_merge_size ** 2
+        return list(feats.split([t * h * w // unit for t, h, w in grids]))
+
+    def dummy_images(self, num_tokens: int, device) -> tuple[torch.Tensor, list]:
+        """Blank square images covering ``num_tokens`` placeholders (at most 64 x 64 merge
+        blocks each), and their grids, for the memory profile."""
+        m = self.spatial_merge_size
+        side = max(1, min(64, int(num_tokens ** 0.5)))
+        n = max(1, -(-num_tokens // (side * side)))
+        grids = [[1, side * m, side * m]] * n
+        values = self.visual.patch_embed.proj.weight[0].numel()
+        return torch.zeros(n * (side * m) ** 2, values, device=device), grids
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """HF names in either layout: transformers 5's (``model.visual.*``,
+        ``model.language_model.*``, ``lm_head.*``) or the Qwen checkpoints' (``visual.*``,
+        ``model.*``, ``lm_head.*``)."""
+        params = dict(self.visual.named_parameters())
+        loaded: set[str] = set()
+
+        def text_weights():  # lazy: a file's tensors are read while it is open
+            for name, tensor in weights:
+                if name.startswith("model."):
+                    name = name[len("model."):]
+                if name.startswith("visual."):
+                    rest = name[len("visual."):]
+                    if rest not in params:
+                        raise ValueError(f"Checkpoint tensor {name!r} has no place in the "
+                                         f"{type(self).__name__} vision tower; does the config "
+                                         "match the weights?")
+                    llama._copy(params[rest], materialize(tensor), name)
+                    loaded.add("visual." + rest)
+                    continue
+                if name.startswith("language_model."):
+                    name = name[len("language_model."):]
+                yield name, tensor
+
+        loaded |= {f"language_model.{n}" for n in self.language_model.load_weights(text_weights())}
+        return loaded
+
+
+class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    """Qwen2.5-VL: the same language model and positions; the tower with window attention
+    (``qwen2_vl_vision.Qwen25VisionTower``), chosen by its vision config."""
+
+    def __init__(self, config, ctx: ModelContext):
+        if getattr(config.vision_config, "fullatt_block_indexes", None) is None:
+            raise ValueError("The Qwen2.5-VL vision config has no fullatt_block_indexes; is it "
+                             "complete?")
+        super().__init__(config, ctx)

@@ -1,0 +1,95 @@
+"""M-RoPE positions (Qwen2-VL): each token's (temporal, height, width) rotary positions, per
+request, for the runner of a model that declares ``uses_mrope``.
+
+A prompt's positions, computed once from its token count and its images' spans and grids::
+
+    tokens:    t0 t1 t2 [ image: 2 x 3 merged grid ] t9 t10
+    temporal:  0  1  2   3  3  3  3  3  3            6  7
+    height:    0  1  2   3  3  3  4  4  4            6  7
+    width:     0  1  2   3  4  5  3  4  5            6  7
+                                                     ^ max + 1 = 3 + max(t, h, w)
+
+    delta = (max position + 1) - prompt length   (here 8 - 11 = -3; <= 0)
+
+Every token after the prompt (generated ones, and prompt text past the last image) sits at
+``sequence position + delta`` on all three axes, so the runner keeps only the prompt's image
+region as a table and the delta as a number. The KV cache's slots stay those of the sequence
+position: only the rotation sees these.
+
+Invariant: for a fixed prompt (token ids and images) the positions are fixed, so prefix-cache
+hits, chunked prefill and preemption (recomputed on resume) see the same rotation HF's
+``get_rope_index`` gives the whole prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+def prompt_positions(num_tokens: int, features: Sequence, merge: int) -> tuple[np.ndarray, int]:
+    """(``[3, end of the last image]`` int64 positions of the prompt up to its last image's
+    end, the delta). ``features``: the prompt's images (offset, length, grid_thw)."""
+    end = max(f.end for f in features)
+    out = np.empty((3, end), dtype=np.int64)
+    nxt, i = 0, 0  # next free position; next prompt index
+    for f in sorted(features, key=lambda f: f.offset):
+        out[:, i:f.offset] = nxt + np.arange(f.offset - i)
+        nxt += f.offset - i
+        t, h, w = (int(v) for v in f.grid_thw)
+        h, w = h // merge, w // merge
+        if t * h * w != f.length:
+            raise ValueError(f"An image of grid {list(f.grid_thw)} has {t * h * w} merged patches "
+                             f"but {f.length} placeholder tokens; preprocess it with the model's "
+                             "image processor.")
+        grid = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"))
+        out[:, f.offset:f.end] = nxt + grid.reshape(3, -1)
+        nxt += max(t, h, w)
+        i = f.end
+    return out, nxt + (num_tokens - end) - num_tokens
+
+
+class MRopePositions:
+    """Per running request with images: its prompt table and delta (text-only requests need
+    neither: delta 0). The runner calls ``drop`` with the requests it forgets and
+    ``positions`` once per step."""
+
+    def __init__(self, merge: int):
+        self.merge = merge
+        self.prompts: dict[str, tuple[np.ndarray, int]] = {}  # request id -> (table, delta)
+
+    def drop(self, request_ids: Iterable[str]) -> None:
+        for rid in request_ids:
+            self.prompts.pop(rid, None)
+
+    def _entry(self, state):
+        entry = self.prompts.get(state.request_id)
+        if entry is None and state.mm_features:
+            entry = self.prompts[state.request_id] = prompt_positions(
+                state.num_prompt_tokens, state.mm_features, self.merge)
+        return entry
+
+    def positions(self, states: Sequence, counts: Sequence[int], seq_positions: np.ndarray,
+                  query_start_loc: np.ndarray) -> np.ndarray:
+        """The step's rotary positions: ``[3, T]`` when a row of the step is an image token
+        (exactly the steps the encoder cache gives image features to), else ``[T]``."""
+        entries = [self._entry(st) for st in states]
+        if not any(entries):
+            return seq_positions
+        deltas = np.fromiter((0 if e is None else e[1] for e in entries), dtype=np.int64,
+                             count=len(states))
+        flat = seq_positions + np.repeat(deltas, counts)
+        tables = [(i, e[0]) for i, e in enumerate(entries)
+                  if e is not None and states[i].num_computed_tokens < e[0].shape[1]]
+        if not tables:
+            return flat
+        out = np.repeat(flat[None], 3, axis=0)
+        images = False  # some row of the step is an image token (else t = h = w everywhere)
+        for i, table in tables:
+            c = states[i].num_computed_tokens
+            n = min(c + counts[i], table.shape[1]) - c
+            row = int(query_start_loc[i])
+            out[:, row:row + n] = table[:, c:c + n]
+            images = images or any(f.offset < c + n and c < f.end for f in states[i].mm_features)
+        return out if images else out[0].copy()

@@ -1,0 +1,132 @@
+"""Front end of Qwen2-VL / Qwen2.5-VL images: a prompt and its images -> token ids with each
+``<|image_pad|>`` expanded to its image's token count, and one ``MultiModalFeature`` per image
+(its flattened patches, span, ``(t, h, w)`` grid, hash).
+
+The HF image processor (``Qwen2VLImageProcessor``, from the checkpoint's
+``preprocessor_config.json``) resizes each image to a multiple of ``patch * merge`` pixels
+within ``min_pixels`` / ``max_pixels`` and flattens it into patches; an image of grid
+``(t, h, w)`` takes ``t * h * w / merge^2`` placeholder tokens (``Qwen2VLProcessor`` expands
+the same way). The expansion is done here over the tokenizer's ids, not by the HF processor
+object, which also needs a video processor (torchvision) that image inputs never use.
+Video (``<|video_pad|>``) is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from tessellm.multimodal.inputs import MultiModalFeature
+from tessellm.multimodal.processor import ImageProcessor, as_image_list
+
+ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+
+def is_qwen2_vl(hf_config) -> bool:
+    return any(a in ARCHITECTURES for a in getattr(hf_config, "architectures", None) or ())
+
+
+def video_refusal() -> ValueError:
+    return ValueError("Video inputs are not supported yet (Qwen2-VL takes images here); send "
+                      "images, or frames as separate images.")
+
+
+def max_image_tokens(model_path: str, hf_config) -> int:
+    """Placeholder tokens of the biggest image the processor makes (``max_pixels`` in patches
+    of ``patch * merge`` pixels a side)."""
+    processor = _image_processor(model_path)
+    factor = processor.patch_size * processor.merge_size
+    return _max_pixels(processor) // (factor * factor)
+
+
+def _max_pixels(processor) -> int:
+    size = getattr(processor, "size", None) or {}
+    value = size.get("longest_edge") or size.get("max_pixels") or getattr(processor, "max_pixels", None)
+    if not value:
+        raise ValueError("The model's image processor config has no max_pixels (size.longest_edge); "
+                         "is preprocessor_config.json complete?")
+    return int(value)
+
+
+@functools.lru_cache(maxsize=4)
+def _image_processor(model_path: str):
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model_path)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same: no usable processor
+        raise ValueError(f"The model at {model_path} has no usable image processor "
+                         f"(preprocessor_config.json): {exc}") from None
+
+
+class Qwen2VLImageInputs(ImageProcessor):
+    """``ImageProcessor``'s interface (``process``, ``check_count``, ``image_token_id``) for
+    Qwen2-VL; the placeholder expansion and span checks are the base class's."""
+
+    def __init__(self, model_path: str, max_images: int):  # noqa: D107 - base __init__ is LLaVA's
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path)
+        self.model_path = model_path
+        self.max_images = max_images
+        self.config = config
+        self.image_token_id = int(config.image_token_id)
+        self.video_token_id = getattr(config, "video_token_id", None)
+        self.merge = int(config.vision_config.spatial_merge_size)
+
+    @functools.cached_property
+    def images(self):
+        return _image_processor(self.model_path)
+
+    @functools.cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_path)
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The processor's chat template (``chat_template.jinja`` / ``.json``) for a tokenizer
+        that has none."""
+        for name in ("chat_template.jinja", "chat_template.json"):
+            path = os.path.join(self.model_path, name)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    text = f.read()
+                return json.loads(text).get("chat_template") if name.endswith(".json") else text
+        return None
+
+    def process(self, prompt: Union[str, Sequence[int]], images) -> tuple[list[int], list[MultiModalFeature]]:
+        images = as_image_list(images)
+        self.check_count(len(images))
+        if isinstance(prompt, str):
+            ids = [int(t) for t in self.tokenizer(prompt)["input_ids"]]
+        else:
+            ids = list(prompt)
+        if self.video_token_id is not None and self.video_token_id in ids:
+            raise video_refusal()
+        out = self._run(lambda: self.images(images=images, return_tensors="np"))
+        grids = [[int(v) for v in g] for g in out["image_grid_thw"]]
+        patches = np.asarray(out["pixel_values"], dtype=np.float32)
+        counts = [t * h * w for t, h, w in grids]
+        if sum(counts) != patches.shape[0]:
+            raise ValueError(f"The image processor gave {patches.shape[0]} patches for grids "
+                             f"{grids}; its config does not match the model.")
+        lengths = [n // (self.merge * self.merge) for n in counts]
+        ids = self._expand(ids, lengths)
+        spans = self._spans(ids, lengths)
+        bounds = np.cumsum([0] + counts)
+        return ids, [MultiModalFeature.from_pixels(patches[bounds[k]:bounds[k + 1]], start, n,
+                                                   grid_thw=grid)
+                     for k, (start, n, grid) in enumerate(zip(spans, lengths, grids))]
+
+    def _count_error(self, count: int, lengths: list[int]) -> str:
+        return (f"The prompt has {count} image placeholder tokens (<|image_pad|>, id "
+                f"{self.image_token_id}) for {len(lengths)} image(s); put one "
+                "<|vision_start|><|image_pad|><|vision_end|> per image in the prompt, or "
+                f"{sum(lengths)} (each image's own count: {', '.join(map(str, lengths))}) when "
+                "passing expanded token ids.")

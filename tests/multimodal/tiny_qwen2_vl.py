@@ -1,0 +1,130 @@
+"""A tiny random Qwen2-VL / Qwen2.5-VL (ViT with 4 px patches, 2x2 merge; Qwen2 language model
+with M-RoPE) with its tokenizer and image processor, built and saved offline, and HF
+transformers' greedy tokens on it: the reference for tests/multimodal/test_qwen2_vl*.py.
+
+Images are resized to multiples of 8 px (patch 4 x merge 2) within 64..4096 pixels, so a
+40x52 image is a 10x12 patch grid: 5x6 = 30 placeholder tokens.
+"""
+
+from __future__ import annotations
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>", "<|video_pad|>"]
+IMAGE_PAD = 5  # SPECIAL's ids are their indices
+VIDEO_PAD = 6
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+PROMPT = f"<|im_start|>user\n{IMAGE}What is this?<|im_end|>\n<|im_start|>assistant\n"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+    "{{ m['content'] }}{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+ARCHS = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["user What is this? assistant a cat on a mat", "Describe the image."] * 20,
+                            trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def config(kind: str = "qwen2_vl"):
+    """Two text layers (hidden 64, head 16: mrope_section [2, 3, 3]) and a depth-2 tower;
+    Qwen2.5-VL's windows are 2x2 merge blocks (16 px), block 1 attends over the whole image."""
+    import transformers
+
+    text = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                intermediate_size=128, vocab_size=320, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]},
+                eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+    common = dict(depth=2, num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    if kind == "qwen2_vl":
+        vision = dict(common, embed_dim=32, hidden_size=64, mlp_ratio=2)
+        cls = transformers.Qwen2VLConfig
+    else:
+        vision = dict(common, hidden_size=32, out_hidden_size=64, intermediate_size=48,
+                      window_size=16, fullatt_block_indexes=[1])
+        cls = transformers.Qwen2_5_VLConfig
+    return cls(text_config=text, vision_config=vision, image_token_id=IMAGE_PAD,
+               video_token_id=VIDEO_PAD, vision_start_token_id=3, vision_end_token_id=4,
+               eos_token_id=2, pad_token_id=0, bos_token_id=None, architectures=[ARCHS[kind]])
+
+
+def make_tiny_qwen2_vl(path: str, kind: str = "qwen2_vl", seed: int = 0) -> str:
+    """Saves config, float32 safetensors, tokenizer (with the chat template) and the image
+    processor (``preprocessor_config.json``)."""
+    import torch
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, ARCHS[kind])(config(kind)).to(torch.float32)
+    with torch.no_grad():  # larger merger weights: image content visibly moves the logits
+        for p in model.model.visual.merger.parameters():
+            p.mul_(4.0)
+    model.save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=4096, patch_size=4, merge_size=2,
+                             temporal_patch_size=2).save_pretrained(path)
+    return path
+
+
+def image(seed: int, size=(40, 52)):
+    """A random RGB PIL image of (height, width) ``size``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def hf_inputs(path: str, prompt: str, images: list):
+    """What ``Qwen2VLProcessor`` gives (it needs torchvision for its video processor, so its
+    two steps are done here): each ``<|image_pad|>`` of the text repeated for its image's
+    ``t*h*w / 4`` tokens, then tokenized; the image processor's patches and grids."""
+    import torch
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    pad = "<|image_pad|>"
+    inputs = {}
+    if images:
+        out = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt")
+        inputs = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        parts = prompt.split(pad)
+        assert len(parts) == len(images) + 1
+        prompt = parts[0] + "".join(pad * int(g.prod() // 4) + rest
+                                    for g, rest in zip(out["image_grid_thw"], parts[1:]))
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids),
+                  mm_token_type_ids=(ids == IMAGE_PAD).int())
+    return inputs
+
+
+def hf_greedy(path: str, prompts: list[str], images: list, max_new_tokens: int,
+              kind: str = "qwen2_vl") -> list[list[int]]:
+    """HF generate, float32, one prompt at a time; ``images[i]``: prompt i's list of images."""
+    import torch
+    import transformers
+
+    model = getattr(transformers, ARCHS[kind]).from_pretrained(path, dtype=torch.float32).eval()
+    outs = []
+    for prompt, imgs in zip(prompts, images):
+        inputs = hf_inputs(path, prompt, imgs)
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        outs.append(ids[0, inputs["input_ids"].shape[1]:].tolist())
+    return outs
