@@ -77,12 +77,13 @@ def silu_fold() -> bool:
 
 
 def fp8_act_fold() -> bool:
-    """TESSELLM_FP8_ACT_FOLD: "1" lets the decoder's RMSNorms and SiLU-and-mul quantize their
-    output to fp8 per token in their own kernel when the next linear takes the W8A8 path
-    (``layers.linear.fp8_input_dtype``), instead of a separate quantization launch before each
-    such GEMM. Default off: bitwise the unfused path, but not yet timed on a GPU when it landed
-    (2026-12-04); ``benchmarks/fp8fold_device.sh`` times it."""
-    return _switch("TESSELLM_FP8_ACT_FOLD") is True
+    """TESSELLM_FP8_ACT_FOLD: "0" keeps a separate per-token fp8 quantization launch before each
+    W8A8 GEMM (the path before 2026-12-05). Default on: where the backend's ``FusedOps`` offer
+    the producers, the decoder's RMSNorms and SiLU-and-mul quantize their own output when the
+    next linear takes the W8A8 path (``layers.linear.fp8_input_dtype``); bitwise the unfused
+    path (on an H100: ``tests/kernels/test_fp8_fold.py``, ``tests/models/test_fp8_act_fold.py``)
+    and F fp8 +3.7-10.6% there (``benchmarks/fp8fold_device.sh``)."""
+    return _switch("TESSELLM_FP8_ACT_FOLD") is not False
 
 
 def fp8_gemv_x2() -> Optional[bool]:

@@ -375,7 +375,7 @@ class FusedOps(Protocol):
     # ``backends/reference/ops.linear_silu_and_mul``. Quantized layers: ``QuantMethod``'s
     # optional ``apply_silu_and_mul``.
     #
-    # Optional, the fp8 activation fold (asked only under ``TESSELLM_FP8_ACT_FOLD=1``, for the
+    # Optional, the fp8 activation fold (asked unless ``TESSELLM_FP8_ACT_FOLD=0``, for the
     # input of an fp8 linear on its W8A8 path, ``layers.linear.fp8_input_dtype``):
     # ``rms_norm_fp8(x, weight, eps, fp8_dtype)``, ``fused_add_rms_norm_fp8(x, residual, weight,
     # eps, fp8_dtype)`` and ``silu_and_mul_fp8(x, fp8_dtype)``: the op's output (2-D, rounded to

@@ -223,8 +223,8 @@ def fp8_input_dtype(layer: Optional[nn.Module], rows: int) -> Optional[torch.dty
     takes the model-dtype tensor). Yes only for a plain ``Linear`` (not a LoRA wrapper: its
     adapters read x in the model dtype) whose quant method holds one fp8 segment that its
     ``QuantOps`` multiplies as W8A8 at this M (``QuantMethod.prequantized_dtype``). M is fixed
-    per captured graph, so a graph takes one side. Callers ask only under
-    ``TESSELLM_FP8_ACT_FOLD=1`` (``tessellm.envs.fp8_act_fold``) and where their backend's
+    per captured graph, so a graph takes one side. Callers ask only while the fold is on
+    (``tessellm.envs.fp8_act_fold``: unless ``TESSELLM_FP8_ACT_FOLD=0``) and where their backend's
     ``FusedOps`` offers the producing op, so the rows are never looked at otherwise."""
     if not isinstance(layer, Linear) or layer.quant_method is None:
         return None

@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
     ``all_reduce_add_rms_norm`` where it has one (one launch for the all-reduce, the residual
     add and the norm), else ``tp.all_reduce`` followed by ``fused_add_rms_norm``.
 
-    The fp8 activation fold (``TESSELLM_FP8_ACT_FOLD=1``, where the backend's ``FusedOps``
+    The fp8 activation fold (on unless ``TESSELLM_FP8_ACT_FOLD=0``; where the backend's ``FusedOps``
     offers ``rms_norm_fp8`` and ``fused_add_rms_norm_fp8``; not with the fused all-reduce):
     given the ``consumer`` of its output, the norm returns it quantized per token (an
     ``Fp8Activation``) where ``layers.linear.fp8_input_dtype`` says that layer wants it so."""

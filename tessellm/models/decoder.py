@@ -110,7 +110,7 @@ class DecoderMLP(nn.Module):
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported by the llama family; only silu is.")
         self.ops = ctx.ops
-        # the fp8 activation fold (TESSELLM_FP8_ACT_FOLD=1): SiLU-and-mul quantizes for down_proj
+        # the fp8 activation fold (on unless TESSELLM_FP8_ACT_FOLD=0): SiLU-and-mul quantizes for down_proj
         self._fp8_fold = (envs.fp8_act_fold()
                           and getattr(ctx.ops, "silu_and_mul_fp8", None) is not None)
 

@@ -158,19 +158,23 @@ def test_greedy_tokens_unchanged_with_the_fold_on_cuda(tiny_llama, monkeypatch):
     from tessellm.kernels.gemm.quant_ops import FP8_WEIGHT_ONLY_MAX_M
 
     prompts = [[(5 * j + 3) % 384 for j in range(40)], [(7 * j + 1) % 384 for j in range(37)]]
+    # The unpatched kernels, bound once: a second run wrapping the first run's wrappers would
+    # also record into the first run's list (the first GPU run of this test failed that way).
+    producers = {name: getattr(TritonOps, name) for name in PRODUCERS}
+    prequantized_mm = TritonQuantOps.fp8_mm_prequantized
 
     def run(fold: bool):
         monkeypatch.setenv("TESSELLM_FP8_ACT_FOLD", "1" if fold else "0")
         calls = []
-        for name in PRODUCERS:
-            def producer(self, x, *a, _f=getattr(TritonOps, name), _n=name):
+        for name, f in producers.items():
+            def producer(self, x, *a, _f=f, _n=name):
                 calls.append((_n, x.shape[0]))
                 return _f(self, x, *a)
             monkeypatch.setattr(TritonOps, name, producer)
 
-        def prequantized(self, xa, w, bias=None, _f=TritonQuantOps.fp8_mm_prequantized):
+        def prequantized(self, xa, w, bias=None):
             calls.append(("fp8_mm_prequantized", xa.qx.shape[0]))
-            return _f(self, xa, w, bias)
+            return prequantized_mm(self, xa, w, bias)
 
         monkeypatch.setattr(TritonQuantOps, "fp8_mm_prequantized", prequantized)
         llm = LLM(tiny_llama, device="cuda", dtype="bfloat16", quantization="fp8",
