@@ -23,7 +23,7 @@ import torch
 
 from tessellm import envs
 from tessellm.backends.plugin_checks import PluginError
-from tessellm.backends.reference.attention import softcap
+from tessellm.backends.reference.attention import softcap, softmax_with_sinks
 from tessellm.backends.reference.lora import ReferenceLoRAOps
 from tessellm.backends.reference.ops import ReferenceOps
 
@@ -115,12 +115,14 @@ class CheckedAttentionKernel(_Checked):
             self._batch = None
         return metadata
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata, scale, **rotary):
+    def forward(self, q, k, v, k_cache, v_cache, metadata, scale, **kwargs):
         if _compiling():
-            return self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **rotary)
+            return self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **kwargs)
         known = self._batch is not None and self._batch[0] is metadata
         probe = _attention_probe(self._batch[1], q, k, v) if known else None
-        out = self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **rotary)
+        out = self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **kwargs)
+        sinks = kwargs.get("sinks")
+        rotary = {key: val for key, val in kwargs.items() if key != "sinks"}
         t, h, d = q.shape
         self._tensor("forward", out, [(t, h, d), (t, h * d)], q.dtype, q.device)
         if probe is not None:
@@ -129,7 +131,7 @@ class CheckedAttentionKernel(_Checked):
                 rows = _rotated(rows, rotary["positions"][first:first + rows[0].shape[0]],
                                 rotary["cos_sin_cache"])
             ref = _reference_attention(*rows, scale, self._spec.sliding_window,
-                                       getattr(self._spec, "logit_softcap", None))
+                                       getattr(self._spec, "logit_softcap", None), sinks)
             rel = 0.15 if self._spec.kv_cache_dtype != "auto" else _rel(q.dtype)
             got = out.reshape(t, h, d)[first:first + ref.shape[0]]
             self._close("forward", got, ref, rel, " (is the output laid out [num_tokens, "
@@ -162,8 +164,10 @@ def _rotated(rows, positions, cos_sin_cache):
 
 
 def _reference_attention(q, k, v, scale: float, window: Optional[int],
-                         logit_softcap: Optional[float] = None) -> torch.Tensor:
-    """Causal attention of ``r`` rows over themselves: q ``[r, H, D]``, k/v ``[r, KVH, D]``."""
+                         logit_softcap: Optional[float] = None,
+                         sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention of ``r`` rows over themselves: q ``[r, H, D]``, k/v ``[r, KVH, D]``;
+    ``sinks`` ``[H]``: attention sinks (``softmax_with_sinks``)."""
     r, h, _ = q.shape
     group = h // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)
@@ -172,7 +176,8 @@ def _reference_attention(q, k, v, scale: float, window: Optional[int],
     i = torch.arange(r, device=q.device)[:, None]
     j = torch.arange(r, device=q.device)[None, :]
     visible = (j <= i) & ((j > i - window) if window else True)
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    probs = softmax_with_sinks(scores.masked_fill(~visible, float("-inf")),
+                               None if sinks is None else sinks.view(-1, 1, 1).to(q.device))
     return torch.einsum("hij,jhd->ihd", probs, v)
 
 

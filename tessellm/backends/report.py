@@ -100,7 +100,8 @@ def _flags(piece: str, result) -> list[str]:
     if piece == "attention":
         declared = {"graph capture": "supports_graph_capture",
                     "sliding window": "supports_sliding_window", "fuses rotary": "fuses_rotary",
-                    "logit soft-cap": "supports_logit_softcap"}
+                    "logit soft-cap": "supports_logit_softcap",
+                    "attention sinks": "supports_attention_sinks"}
         return [label for label, attr in declared.items() if getattr(result, attr, False)]
     if piece == "ops":
         optional = {"linear": "linear", "linear + SiLU": "linear_silu_and_mul",

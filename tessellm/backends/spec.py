@@ -27,7 +27,10 @@ engine falls back to the pure-torch reference for LoRA). 4 = attention logit sof
 (``AttentionSpec.logit_softcap``, the kernel's ``supports_logit_softcap``); plugins of versions
 1 to 3 keep working for every model without it, and a soft-capped model (Gemma 2) is refused on
 them at load with one sentence naming the option and the backend (their kernels do not declare
-the flag, so the spec field they never read is never silently ignored).
+the flag, so the spec field they never read is never silently ignored). 5 = attention sinks
+(``AttentionSpec.attention_sinks``, the kernel's ``supports_attention_sinks``, ``forward``'s
+``sinks`` keyword); plugins of versions 1 to 4 keep working for every model without them, and a
+model with sinks (gpt-oss) is refused on them at load in the same way.
 
 Ownership
 ---------
@@ -64,7 +67,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 4
+TESSELLM_PLUGIN_API = 5
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -94,6 +97,8 @@ CAPABILITIES = {
                        "supports_sliding_window"),
     "logit_softcap": ("informative", "bool; the enforced flag is the kernel's "
                       "supports_logit_softcap"),
+    "attention_sinks": ("informative", "bool; the enforced flag is the kernel's "
+                        "supports_attention_sinks"),
     "lora": ("informative", "bool: the backend has batched LoRA ops of its own (the engine asks "
              "tessellm_lora_ops; without them it runs the pure-torch reference)"),
 }
@@ -177,6 +182,12 @@ class AttentionSpec:
     # after the scale, before the mask and softmax. None: no cap. Served only by a kernel that
     # declares ``supports_logit_softcap`` (the engine refuses the model elsewhere).
     logit_softcap: Optional[float] = None
+    # Attention sinks (gpt-oss): every query head has a learned logit that joins its softmax
+    # denominator as a key with no value (``softmax(concat(scores, sink))`` without the sink's
+    # column). The values differ per layer, so they come with each call: ``forward``'s
+    # ``sinks`` keyword, float32 ``[num_heads]`` (this rank's heads). Served only by a kernel
+    # that declares ``supports_attention_sinks`` (the engine refuses the model elsewhere).
+    attention_sinks: bool = False
     max_model_len: Optional[int] = None  # longest sequence the engine will run; None: unknown
     max_num_seqs: Optional[int] = None  # largest batch the scheduler can produce; None: unknown
 
@@ -296,6 +307,14 @@ class AttentionKernel(Protocol):
       ``backends/reference/attention.paged_attention``). For a spec with a cap the engine refuses
       the model at load, naming the option and the backend, unless the kernel it got declares
       this; a kernel that does not know the field is therefore never given a soft-capped model.
+    - ``supports_attention_sinks`` (optional, default False): for a spec with
+      ``attention_sinks``, ``forward`` takes the keyword argument ``sinks`` (float32
+      ``[num_heads]``, one logit per query head, in natural-log units like ``scale * q.k``,
+      neither scaled nor soft-capped) and each row's softmax denominator gains ``exp(sink)``;
+      the output is ``sum_j p_j v_j`` with ``p = softmax(concat(scores, sink))[:-1]``
+      (oracle: ``backends/reference/attention.paged_attention``'s ``sinks``). Refused at load
+      like the soft-cap when the kernel does not declare it; ``sinks`` is passed only for such
+      a spec, so a kernel that does not know it never receives it.
     - ``supports_graph_capture`` (optional, default False): ``build_metadata`` output can be
       reused across graph replays and ``forward`` does no host-device synchronisation.
     - ``fuses_rotary`` (optional, default False): ``forward`` also accepts the keyword

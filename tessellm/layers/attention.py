@@ -24,11 +24,13 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata,
                 positions: Optional[torch.Tensor] = None,
-                cos_sin_cache: Optional[torch.Tensor] = None) -> torch.Tensor:
+                cos_sin_cache: Optional[torch.Tensor] = None,
+                sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """q ``[T, H*D]``, k and v ``[T, KVH*D]``: rotated already, or, when ``positions`` and
         ``cos_sin_cache`` (``[max_position, D]``, cos then sin) are given, unrotated for the
         kernel to rotate (NeoX over the whole head; only if ``fuses_rotary``). Either way q and
-        k are not to be read afterwards (the kernel may rotate them in place)."""
+        k are not to be read afterwards (the kernel may rotate them in place). ``sinks``: this
+        layer's attention sinks, float32 ``[H]`` (a kernel built for ``attention_sinks``)."""
         t = q.shape[0]
         if isinstance(metadata, PerKernelMetadata):
             metadata = metadata[id(self.kernel)]
@@ -39,6 +41,8 @@ class Attention(nn.Module):
                                  f"does not declare fuses_rotary; apply the rotary before "
                                  f"calling attention.")
             rotary = dict(positions=positions, cos_sin_cache=cos_sin_cache)
+        if sinks is not None:
+            rotary["sinks"] = sinks
         out = self.kernel.forward(q.view(t, self.num_heads, self.head_size),
                                   k.view(t, self.num_kv_heads, self.head_size),
                                   v.view(t, self.num_kv_heads, self.head_size),

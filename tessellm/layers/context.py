@@ -13,7 +13,8 @@ from tessellm.distributed.parallel_state import PipelineStage, TensorParallel
 @dataclass
 class ModelContext:
     ops: Any  # FusedOps from the backend (rms_norm, rotary, silu_and_mul)
-    # (sliding window, logit_softcap=None) -> AttentionKernel; one kernel per distinct pair
+    # (sliding window, logit_softcap=None, attention_sinks=False) -> AttentionKernel; one
+    # kernel per distinct triple (attention_sinks is passed only when True)
     make_attention_kernel: Callable[..., Any]
     dtype: torch.dtype
     device: torch.device

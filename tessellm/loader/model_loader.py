@@ -59,20 +59,22 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
         heads, getattr(text, "num_key_value_heads", None) or heads, tp.rank, tp.size)
     kernels = {}
 
-    def make_kernel(window, logit_softcap=None):
-        key = (window, logit_softcap)
+    def make_kernel(window, logit_softcap=None, attention_sinks=False):
+        key = (window, logit_softcap, attention_sinks)
         if key not in kernels:
             spec = AttentionSpec(
                 num_heads=local_heads, num_kv_heads=local_kv_heads,
                 head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,
                 dtype=dtype, block_size=block_size, kv_cache_dtype=kv_cache_dtype,
-                sliding_window=window, logit_softcap=logit_softcap)
+                sliding_window=window, logit_softcap=logit_softcap,
+                attention_sinks=attention_sinks)
             kernel = registry.attention_kernel(backend, spec)
             if kernel is None:
                 raise RuntimeError(f"No plugin provides an attention kernel for backend "
                                    f"{backend.name!r} with {spec}.")
             check_kv_cache_dtype(registry, backend, kernel, spec)
             check_logit_softcap(registry, backend, kernel, spec)
+            check_attention_sinks(registry, backend, kernel, spec)
             kernels[key] = kernel
         return kernels[key]
 
@@ -109,6 +111,22 @@ def check_logit_softcap(registry, backend, kernel, spec: AttentionSpec) -> None:
                      f"config's attn_logit_softcapping), which backend {backend.name!r} cannot "
                      f"do (its attention kernel {getattr(kernel, 'name', kernel)!r} does not "
                      f"declare supports_logit_softcap); run it on "
+                     + (f"a backend that can: {', '.join(others)}." if others
+                        else "a backend whose kernel declares it."))
+
+
+def check_attention_sinks(registry, backend, kernel, spec: AttentionSpec) -> None:
+    """Refuse a model with attention sinks on a backend whose kernel does not declare
+    ``supports_attention_sinks`` (it would never be given, or would drop, the ``sinks``)."""
+    if not spec.attention_sinks or getattr(kernel, "supports_attention_sinks", False):
+        return
+    others = [name for name, b in sorted(registry.backends.items())
+              if name != backend.name and b.capabilities.get("attention_sinks")]
+    raise ValueError(f"The model's attention has sinks (attention_sinks, a learned logit per "
+                     f"head in the softmax: gpt-oss's self_attn.sinks), which backend "
+                     f"{backend.name!r} cannot do (its attention kernel "
+                     f"{getattr(kernel, 'name', kernel)!r} does not declare "
+                     f"supports_attention_sinks); run it on "
                      + (f"a backend that can: {', '.join(others)}." if others
                         else "a backend whose kernel declares it."))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 import torch.nn as nn
 
 from tessellm import envs
@@ -20,7 +21,7 @@ from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.attention import Attention
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import (ColumnParallelLinear, RowParallelLinear, fp8_input_dtype,
-                                    fused_silu_and_mul)
+                                    fused_silu_and_mul, materialize)
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
 
@@ -29,14 +30,17 @@ class DecoderAttention(nn.Module):
     def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding, qkv_bias: bool,
                  qk_norm: bool, o_bias: bool = False, window: Optional[int] = None,
                  scale: Optional[float] = None, reduce_output: bool = False,
-                 clip_qkv: Optional[float] = None, logit_softcap: Optional[float] = None):
+                 clip_qkv: Optional[float] = None, logit_softcap: Optional[float] = None,
+                 attention_sinks: bool = False):
         """``window``: this layer's sliding window (None: full attention). ``scale``: of the
         attention scores (None: ``head_size ** -0.5``). ``reduce_output``: o_proj sums its
         output over the tensor ranks itself (it always does with a bias). ``clip_qkv``
         (OLMo): q, k and v are clamped to ``[-clip_qkv, clip_qkv]`` after the projection.
         ``rotary`` None: no rotation (GPT-BigCode's learned positions, SmolLM3's NoPE layers).
         ``logit_softcap`` (Gemma 2): the scaled scores are soft-capped, ``cap * tanh(s / cap)``,
-        by the attention kernel (``AttentionSpec.logit_softcap``); None: no cap."""
+        by the attention kernel (``AttentionSpec.logit_softcap``); None: no cap.
+        ``attention_sinks`` (gpt-oss): a learned logit per query head, ``sinks`` (this rank's
+        heads, float32), joins the softmax in the kernel (``AttentionSpec.attention_sinks``)."""
         super().__init__()
         hidden = config.hidden_size
         tp = ctx.tp
@@ -60,9 +64,14 @@ class DecoderAttention(nn.Module):
         self.clip_qkv = clip_qkv
         self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps, ctx.ops) if qk_norm else None
         self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps, ctx.ops) if qk_norm else None
+        sink_kw = {"attention_sinks": True} if attention_sinks else {}  # older callables: none
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size,
                               self.head_size ** -0.5 if scale is None else scale,
-                              ctx.make_attention_kernel(window, logit_softcap=logit_softcap))
+                              ctx.make_attention_kernel(window, logit_softcap=logit_softcap,
+                                                        **sink_kw))
+        self.sinks = (nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32),
+                                   requires_grad=False) if attention_sinks else None)
+        self._heads = (tp.rank * self.num_heads, total_heads)  # first of this rank's, all
         # A kernel that fuses rotary rotates q and k as it writes the KV cache (one launch
         # fewer per layer); it does NeoX over the whole head only.
         self.fuse_rotary = (rotary is not None and self.attn.fuses_rotary
@@ -75,12 +84,21 @@ class DecoderAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.norm_qk(q, k)
         if self.fuse_rotary:
-            out = self.attn(q, k, v, metadata, positions, self.rotary.cos_sin_cache)
+            out = self.attn(q, k, v, metadata, positions, self.rotary.cos_sin_cache,
+                            sinks=self.sinks)
         else:
             if self.rotary is not None:
                 q, k = self.rotary(positions, q, k)
-            out = self.attn(q, k, v, metadata)
+            out = self.attn(q, k, v, metadata, sinks=self.sinks)
         return self.o_proj(out)
+
+    def load_sinks(self, tensor) -> None:
+        """The checkpoint's ``sinks`` ``[total heads]``: this rank's heads' entries."""
+        first, total = self._heads
+        if tuple(tensor.shape) != (total,):
+            raise ValueError(f"Checkpoint sinks have shape {tuple(tensor.shape)}, expected "
+                             f"({total},); the config does not match the weights.")
+        self.sinks.data.copy_(materialize(tensor)[first:first + self.num_heads])
 
     def norm_qk(self, q, k):
         """Before rotary. Qwen3: q and k RMS-normed per head; without q/k norms: as they are."""

@@ -81,18 +81,20 @@ class PagedStep:
     ref_out: torch.Tensor  # reference attention output (CPU)
     ref_k_cache: torch.Tensor  # reference caches after this step's write (CPU)
     ref_v_cache: torch.Tensor
+    sinks: Optional[torch.Tensor] = None  # float32 [H] attention sinks on the device, or None
 
 
 def make_paged_step(query_lens: list[int], ctx_lens: list[int], *, num_kv_heads: int, group: int,
                     head_size: int, block_size: int, dtype, device, window: Optional[int] = None,
                     seed: int = 0, logit_softcap: Optional[float] = None,
-                    q_gain: float = 1.0) -> PagedStep:
+                    q_gain: float = 1.0, sinks: Optional[torch.Tensor] = None) -> PagedStep:
     """A random step: decodes first (query length 1), then prefill chunks over cached context.
 
     Each sequence owns ``cdiv(seq_len, block_size)`` blocks drawn from a shuffled pool larger
     than needed, so neighbours are not adjacent and unused blocks exist (they must stay
     untouched). The reference runs on the CPU in float32. ``q_gain`` scales the queries (larger
-    scores: a soft-cap test's cap then changes every row).
+    scores: a soft-cap test's cap then changes every row). ``sinks``: float32 ``[H]``
+    attention sinks for the reference and the kernel (``PagedStep.sinks``).
     """
     gen = torch.Generator().manual_seed(seed)
     num_heads = num_kv_heads * group
@@ -124,7 +126,7 @@ def make_paged_step(query_lens: list[int], ctx_lens: list[int], *, num_kv_heads:
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     write_kv_cache(k, v, ref_k, ref_v, slot_mapping)
     ref_out = paged_attention(q.float(), ref_k.float(), ref_v.float(), qsl, sl, tables, scale, window,
-                              logit_softcap)
+                              logit_softcap, sinks)
     num_decodes = 0
     for n in query_lens:
         if n != 1:
@@ -136,7 +138,8 @@ def make_paged_step(query_lens: list[int], ctx_lens: list[int], *, num_kv_heads:
         slot_mapping=slot_mapping.to(device), max_query_len=max(query_lens),
         max_seq_len=max(seq_lens), query_start_loc_host=starts, seq_lens_host=seq_lens)
     return PagedStep(q.to(device), k.to(device), v.to(device), k_cache.to(device),
-                     v_cache.to(device), batch, scale, ref_out, ref_k, ref_v)
+                     v_cache.to(device), batch, scale, ref_out, ref_k, ref_v,
+                     None if sinks is None else sinks.float().to(device))
 
 
 TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

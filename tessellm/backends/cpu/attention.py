@@ -107,6 +107,8 @@ class CpuAttentionKernel:
     name = "cpu-sdpa"
     supports_sliding_window = True
     supports_logit_softcap = True  # the C decode kernel caps; the torch path through ``sdpa.py``
+    # forward's ``sinks``: without the C kernel (it has none), through ``sdpa.py``'s explicit form
+    supports_attention_sinks = True
     supports_graph_capture = True  # no host syncs; decode metadata needs no host lists
     # forward takes the unrotated q, k with positions and the cos/sin cache: a step of float32
     # decodes runs rotary, cache write and attention in one C call (csrc/decode_step.c); any
@@ -122,6 +124,8 @@ class CpuAttentionKernel:
             cls.fuses_rotary = False
         if "forward" in cls.__dict__ and "supports_logit_softcap" not in cls.__dict__:
             cls.supports_logit_softcap = False
+        if "forward" in cls.__dict__ and "supports_attention_sinks" not in cls.__dict__:
+            cls.supports_attention_sinks = False
 
     def __init__(self, spec: AttentionSpec):
         from tessellm.backends.cpu.ops import CpuOps
@@ -219,8 +223,12 @@ class CpuAttentionKernel:
         return CpuAttentionMetadata(batch, [], [], True, q, valid[:, None], blocks)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: CpuAttentionMetadata, scale: float,
-                positions=None, cos_sin_cache=None):
+                positions=None, cos_sin_cache=None, *, sinks=None):
+        """``sinks``: float32 ``[H]`` for a spec with ``attention_sinks`` (its layers never
+        load the C kernel, ``_native_shapes``), joined by ``sdpa.py``'s explicit form."""
         batch = metadata.batch
+        if sinks is not None:
+            sinks = sinks.float()
         if positions is not None:
             nat = metadata.native_decode
             if (nat is not None and nat.slots is not None and nat.n == q.shape[0]
@@ -235,29 +243,31 @@ class CpuAttentionKernel:
         else:
             _write_cache(k, v, k_cache, v_cache, batch.slot_mapping)
         if metadata.verify_q:
-            return self._verify(q, k_cache, v_cache, metadata, scale)
+            return self._verify(q, k_cache, v_cache, metadata, scale, sinks)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = batch.num_decodes
         if metadata.native_decode is not None:
             self._native_decode(q[:nd], k_cache, v_cache, metadata.native_decode, scale, out[:nd])
         for group in metadata.decode_groups:
             if group.rows is None:
-                out[:nd] = self._decode(q[:nd], k_cache, v_cache, group, scale)
+                out[:nd] = self._decode(q[:nd], k_cache, v_cache, group, scale, sinks)
             else:
-                o = self._decode(q.index_select(0, group.rows), k_cache, v_cache, group, scale)
+                o = self._decode(q.index_select(0, group.rows), k_cache, v_cache, group, scale,
+                                 sinks)
                 out.index_copy_(0, group.rows, o)
         if metadata.short is not None:
             out[batch.query_start_loc_host[nd]:] = self._short(q[batch.query_start_loc_host[nd]:], k_cache,
-                                                               v_cache, metadata.short, scale)
+                                                               v_cache, metadata.short, scale, sinks)
             return out
         starts = batch.query_start_loc_host
         for i, s in enumerate(_prefill_seqs(batch)):
             q0, q1 = starts[s], starts[s + 1]
             out[q0:q1] = self._prefill(q[q0:q1], k_cache, v_cache, batch.block_tables[s],
-                                       batch.seq_lens_host[s], metadata.prefill_masks[i], scale)
+                                       batch.seq_lens_host[s], metadata.prefill_masks[i], scale,
+                                       sinks)
         return out
 
-    def _decode(self, q, k_cache, v_cache, dg: DecodeGroup, scale):
+    def _decode(self, q, k_cache, v_cache, dg: DecodeGroup, scale, sinks=None):
         nd, num_heads, head_size = q.shape
         kvh = k_cache.shape[2]
         group = num_heads // kvh
@@ -265,7 +275,8 @@ class CpuAttentionKernel:
         k = _gather(k_cache, blocks).view(nd, -1, kvh, head_size).transpose(1, 2)  # [B, KVH, L, D]
         v = _gather(v_cache, blocks).view(nd, -1, kvh, head_size).transpose(1, 2)
         qg = q.view(nd, kvh, group, head_size)  # the group's queries share a position
-        o = sdpa(qg, k, v, attn_mask=dg.mask, scale=scale, logit_softcap=self.softcap)
+        o = sdpa(qg, k, v, attn_mask=dg.mask, scale=scale, logit_softcap=self.softcap,
+                 sinks=None if sinks is None else sinks.view(kvh, group, 1))
         return o.reshape(nd, num_heads, head_size)
 
     def _native_decode(self, q, k_cache, v_cache, nat: NativeDecode, scale, out):
@@ -286,19 +297,19 @@ class CpuAttentionKernel:
         if res is not out:
             out.copy_(res)
 
-    def _verify(self, q, k_cache, v_cache, md: CpuAttentionMetadata, scale):
+    def _verify(self, q, k_cache, v_cache, md: CpuAttentionMetadata, scale, sinks=None):
         return _batched_queries(q, k_cache, v_cache, md.verify_blocks, md.verify_mask, md.verify_q, scale,
-                                self.softcap)
+                                self.softcap, sinks)
 
-    def _short(self, q, k_cache, v_cache, short: ShortQueries, scale):
+    def _short(self, q, k_cache, v_cache, short: ShortQueries, scale, sinks=None):
         """The non-decode sequences' queries (``q`` from the first one on), one SDPA."""
         if short.rows is not None:
             q = q.index_select(0, short.rows)
         o = _batched_queries(q, k_cache, v_cache, short.blocks, short.mask, short.n, scale,
-                             self.softcap)
+                             self.softcap, sinks)
         return o if short.keep is None else o.index_select(0, short.keep)
 
-    def _prefill(self, q, k_cache, v_cache, block_table, seq_len, mask, scale):
+    def _prefill(self, q, k_cache, v_cache, block_table, seq_len, mask, scale, sinks=None):
         bs = k_cache.shape[1]
         nblocks = -(-seq_len // bs)
         ids = block_table[:nblocks].long()
@@ -311,11 +322,13 @@ class CpuAttentionKernel:
         qh = q.transpose(0, 1).unflatten(0, (kvh, group))
         k, v = (t[:, None].expand(kvh, group, *t.shape[1:]) for t in (k, v))
         o = sdpa(qh, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                 logit_softcap=self.softcap)
+                 logit_softcap=self.softcap,
+                 sinks=None if sinks is None else sinks.view(kvh, group, 1, 1))
         return o.flatten(0, 1).transpose(0, 1)
 
 
-def _batched_queries(q, k_cache, v_cache, blocks, mask, n: int, scale, logit_softcap=None):
+def _batched_queries(q, k_cache, v_cache, blocks, mask, n: int, scale, logit_softcap=None,
+                     sinks=None):
     """``q`` [S * n, H, D], n queries per sequence, against each sequence's gathered blocks;
     ``mask`` [S, 1, n, L]. The group's queries share a mask row."""
     num_heads, head_size = q.shape[1], q.shape[2]
@@ -327,13 +340,18 @@ def _batched_queries(q, k_cache, v_cache, blocks, mask, n: int, scale, logit_sof
     # [S, n, KVH, G, D] -> [S, KVH, G * n, D]: rows g * n + i, each group row i sees mask row i
     qg = q.view(s, n, kvh, group, head_size).permute(0, 2, 3, 1, 4).reshape(s, kvh, group * n, head_size)
     mask = mask.expand(s, group, n, mask.shape[-1]).reshape(s, 1, group * n, -1)
-    o = sdpa(qg, k, v, attn_mask=mask, scale=scale, logit_softcap=logit_softcap)  # [S, KVH, G * n, D]
+    if sinks is not None:  # row g * n + i: head kvh * G + g's sink
+        sinks = sinks.view(kvh, group, 1).expand(kvh, group, n).reshape(kvh, group * n, 1)
+    o = sdpa(qg, k, v, attn_mask=mask, scale=scale, logit_softcap=logit_softcap,
+             sinks=sinks)  # [S, KVH, G * n, D]
     return o.view(s, kvh, group, n, head_size).permute(0, 3, 1, 2, 4).reshape(s * n, num_heads, head_size)
 
 
 def _native_shapes(spec: AttentionSpec) -> bool:
-    """Whether the C decode kernel handles this layer (it loads only then)."""
-    return (spec.kv_cache_dtype == "auto" and spec.dtype in (torch.float32, torch.bfloat16)
+    """Whether the C decode kernel handles this layer (it loads only then). It has no attention
+    sinks: those layers' decodes run ``sdpa.py``'s explicit form."""
+    return (spec.kv_cache_dtype == "auto" and not spec.attention_sinks
+            and spec.dtype in (torch.float32, torch.bfloat16)
             and spec.num_heads % spec.num_kv_heads == 0 and spec.num_heads <= 128
             and spec.head_size <= 256 and spec.num_heads * spec.head_size <= 8192)
 

@@ -39,7 +39,8 @@ def tessellm_register_backends(register):
                          "2 and 4 H200s of one host."),
         capabilities={"graph_capture": True,
                       "quantization": ["int8", "fp8", "awq", "gptq", "gguf"],
-                      "kv_cache_dtypes": ["auto", "fp8"], "lora": True, "logit_softcap": True},
+                      "kv_cache_dtypes": ["auto", "fp8"], "lora": True, "logit_softcap": True,
+                      "attention_sinks": True},
     ))
 
 

@@ -54,15 +54,29 @@ def softcap(scores: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
     return scores if cap is None else cap * torch.tanh(scores / cap)
 
 
+def softmax_with_sinks(scores: torch.Tensor, sinks: Optional[torch.Tensor]) -> torch.Tensor:
+    """Softmax over the last dim of masked ``scores``, with attention sinks
+    (``AttentionSpec.attention_sinks``, gpt-oss): each row's denominator also holds
+    ``exp(sink)``, a logit of a key with no value, so the probabilities sum to less than 1.
+    ``sinks`` broadcasts to ``scores.shape[:-1] + (1,)`` (one per query head); None: plain
+    softmax. The sink is not scaled or soft-capped. A row that sees no key gives zeros."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sinks.float().expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores.float(), sink], dim=-1), dim=-1)[..., :-1]
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float,
                     sliding_window: Optional[int] = None,
-                    logit_softcap: Optional[float] = None) -> torch.Tensor:
+                    logit_softcap: Optional[float] = None,
+                    sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of flat queries ``q`` ``[T, H, D]`` over paged K/V. Returns ``[T, H, D]``.
 
     The new tokens' K/V must already be in the cache (see ``write_kv_cache``). Scores are
-    ``softcap(scale * q.k, logit_softcap)``, then masked and softmaxed.
+    ``softcap(scale * q.k, logit_softcap)``, then masked and softmaxed; ``sinks`` ``[H]``
+    (attention sinks) join each head's softmax denominator (``softmax_with_sinks``).
     """
     num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
@@ -82,7 +96,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scores = softcap(torch.einsum("qhd,khd->hqk", qs, k) * scale, logit_softcap)
         mask = causal_mask(q1 - q0, seq_len, sliding_window, q.device)
         scores = scores.masked_fill(~mask, -math.inf)
-        probs = torch.softmax(scores, dim=-1)
+        probs = softmax_with_sinks(scores, None if sinks is None else sinks.view(-1, 1, 1))
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out
 
@@ -93,6 +107,7 @@ class ReferenceAttentionKernel:
     name = "reference"
     supports_sliding_window = True
     supports_logit_softcap = True
+    supports_attention_sinks = True
 
     def __init__(self, sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None):
         self.sliding_window = sliding_window
@@ -101,8 +116,8 @@ class ReferenceAttentionKernel:
     def build_metadata(self, batch):
         return batch
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata, scale):
+    def forward(self, q, k, v, k_cache, v_cache, metadata, scale, *, sinks=None):
         write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
         return paged_attention(q, k_cache, v_cache, metadata.query_start_loc, metadata.seq_lens,
                                metadata.block_tables, scale, self.sliding_window,
-                               self.logit_softcap)
+                               self.logit_softcap, sinks)

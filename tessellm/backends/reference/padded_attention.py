@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from tessellm.backends.reference.attention import softcap
+from tessellm.backends.reference.attention import softcap, softmax_with_sinks
 
 
 @dataclass
@@ -58,6 +58,7 @@ class PaddedTorchAttentionKernel:
     name = "torch-padded"
     supports_sliding_window = True
     supports_logit_softcap = True
+    supports_attention_sinks = True
     supports_graph_capture = False  # metadata shapes follow the batch
 
     def __init__(self, spec, bucket: Callable[[int], int] = identity_bucket):
@@ -106,9 +107,11 @@ class PaddedTorchAttentionKernel:
         """The padded grid: sequences S, queries per sequence Q, blocks per sequence MB."""
         return self.bucket(num_seqs), self.bucket(max_query_len), self.bucket(max_blocks)
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata: PaddedMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, metadata: PaddedMetadata, scale: float, *,
+                sinks=None):
         self.write_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
-        return padded_attention(q, k_cache, v_cache, metadata, scale, self.window, self.softcap)
+        return padded_attention(q, k_cache, v_cache, metadata, scale, self.window, self.softcap,
+                                sinks)
 
     def write_cache(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         keep = slot_mapping >= 0
@@ -119,10 +122,12 @@ class PaddedTorchAttentionKernel:
 
 
 def padded_attention(q, k_cache, v_cache, md: PaddedMetadata, scale: float,
-                     window: Optional[int], logit_softcap: Optional[float] = None) -> torch.Tensor:
+                     window: Optional[int], logit_softcap: Optional[float] = None,
+                     sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of flat ``q`` ``[T, H, D]`` over the paged caches, in float32; returns
     ``[T, H, D]`` in q's dtype. Every shape is fixed by the metadata's buckets. Scores are
-    soft-capped by ``logit_softcap`` (``reference.attention.softcap``) when set."""
+    soft-capped by ``logit_softcap`` (``reference.attention.softcap``) when set; ``sinks``
+    ``[H]`` join each head's softmax denominator (``softmax_with_sinks``)."""
     S, Q = md.q_rows.shape
     MB = md.block_tables.shape[1]
     bs, kvh, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
@@ -141,7 +146,7 @@ def padded_attention(q, k_cache, v_cache, md: PaddedMetadata, scale: float,
         visible &= key_pos[None, None, :] > qp - window
     visible = visible[:, None, None]  # [S, 1, 1, Q, L]
     scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    probs = softmax_with_sinks(scores, None if sinks is None else sinks.view(1, kvh, g, 1, 1))
     probs = torch.where(visible, probs, torch.zeros((), device=q.device))  # padding rows: 0
     out = torch.einsum("skgql,slkd->sqkgd", probs, vs).reshape(S, Q, h, d)
     return out[md.tok_seq, md.tok_q].to(q.dtype)

@@ -47,8 +47,10 @@ class RocmTritonAttentionKernel(TritonAttentionKernel):
     min_partition = 256  # longer splits: fewer partial outputs through the smaller L2
     fuses_rotary = False  # forward below takes no rotary inputs (the model rotates first)
     supports_logit_softcap = True  # forward below passes logit_softcap on
+    supports_attention_sinks = True  # and sinks
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata, scale: float, out=None):
+    def forward(self, q, k, v, k_cache, v_cache, metadata, scale: float, out=None, *,
+                sinks=None):
         md = metadata
         reshape_and_cache(k, v, k_cache, v_cache, md.slot_mapping)
         if out is None:
@@ -60,7 +62,7 @@ class RocmTritonAttentionKernel(TritonAttentionKernel):
                              num_splits=md.num_splits,
                              sliding_window=self.sliding_window, min_partition=self.min_partition,
                              tiles=amd_decode_tiles(q.dtype, head_size), query_len=md.query_len,
-                             logit_softcap=self.logit_softcap,
+                             logit_softcap=self.logit_softcap, sinks=sinks,
                              **self._decode_buffers(md.num_decodes, q.device, md.query_len))
         if md.num_prefills:
             prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
@@ -68,5 +70,5 @@ class RocmTritonAttentionKernel(TritonAttentionKernel):
                               num_seqs=md.num_prefills, max_query_len=md.max_query_len,
                               sliding_window=self.sliding_window,
                               tiles=amd_prefill_tiles(q.dtype, head_size),
-                              logit_softcap=self.logit_softcap)
+                              logit_softcap=self.logit_softcap, sinks=sinks)
         return out

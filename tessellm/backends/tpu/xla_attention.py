@@ -64,8 +64,9 @@ class XlaPagedAttentionKernel(PaddedTorchAttentionKernel):
 
     def __init__(self, spec, ragged=None):
         super().__init__(spec, bucket=pow2_bucket)
-        # A soft-capped layer takes the padded path: the Pallas kernel's cap has not been run.
-        self.ragged = ragged if self.softcap is None else None
+        # A soft-capped layer takes the padded path: the Pallas kernel's cap has not been run;
+        # likewise a layer with attention sinks (the Pallas kernel has none).
+        self.ragged = ragged if self.softcap is None and not getattr(spec, "attention_sinks", False) else None
         if ragged is not None:
             self.name = "xla-ragged-paged"
 
@@ -112,11 +113,13 @@ class XlaPagedAttentionKernel(PaddedTorchAttentionKernel):
         k_cache.view(-1, kvh, d).index_copy_(0, slots, k_new)
         v_cache.view(-1, kvh, d).index_copy_(0, slots, v_new)
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata: XlaMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, metadata: XlaMetadata, scale: float, *,
+                sinks=None):
         self.write_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
         if self.ragged is not None:
             return self._ragged(q, k_cache, v_cache, metadata, scale)
-        return padded_attention(q, k_cache, v_cache, metadata, scale, self.window, self.softcap)
+        return padded_attention(q, k_cache, v_cache, metadata, scale, self.window, self.softcap,
+                                sinks)
 
     def _ragged(self, q, k_cache, v_cache, md: XlaMetadata, scale: float):
         blocks, bs, kvh, d = k_cache.shape

@@ -73,7 +73,7 @@ def tessellm_register_backends(register):
         validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
         capabilities={"graph_capture": True, "quantization": _quant_schemes(),
                       "kv_cache_dtypes": ["auto"],
-                      "sliding_window": True, "logit_softcap": True, "ipex": "optional",
+                      "sliding_window": True, "logit_softcap": True, "attention_sinks": True, "ipex": "optional",
                       "lane": "xpu-ipex-cpu: IPEX attention + fused ops on CPU tensors",
                       "paths": _paths()},
     ))
@@ -88,9 +88,10 @@ def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
     ops = ipex_paged_attention_ops()
     # IPEX's CPU varlen kernel gets sliding windows wrong (the xpu lane, IPEX 2.8.0): windowed
     # models take the pure-torch path unless an Intel GPU runs IPEX's XPU kernel. Soft-capped
-    # layers take it everywhere (IPEX's cap has not been run here).
-    if ops is not None and spec.logit_softcap is None and (spec.sliding_window is None
-                                                           or _is_available()):
+    # layers take it everywhere (IPEX's cap has not been run here), and so do layers with
+    # attention sinks (IPEX's kernel has none).
+    if (ops is not None and spec.logit_softcap is None and not spec.attention_sinks
+            and (spec.sliding_window is None or _is_available())):
         return IpexAttentionKernel(spec, ops)
     from tessellm.backends.reference.padded_attention import PaddedTorchAttentionKernel
 

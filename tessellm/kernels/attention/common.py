@@ -30,6 +30,19 @@ def _softcap(s, cap):
 
 
 @triton.jit
+def _join_sinks(acc, m_i, l_i, sinks_ptr, head, row_ok):
+    """Attention sinks (``AttentionSpec.attention_sinks``): each row's head's sink logit joins
+    the online softmax as one more key with no value, once per row after its keys: the max
+    may rise (acc and the sum rescale) and the sum gains ``2^(sink - max)``. ``sinks_ptr``:
+    float ``[H]`` in natural-log units; the scores here are in log2 units, so the sink is
+    multiplied by log2(e) (never by the softmax scale: it is a logit already)."""
+    sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_new = tl.maximum(m_i, sink)
+    alpha = tl.exp2(m_i - m_new)
+    return acc * alpha[:, None], m_new, l_i * alpha + tl.exp2(sink - m_new)
+
+
+@triton.jit
 def _e4m3_to_f16(x):
     """e4m3 -> fp16 in registers, 4 values per 32-bit word (exact). Inline PTX, not marked pure:
     Triton keeps it where it stands instead of moving it into the dot's operand loads."""

@@ -34,6 +34,7 @@ from tessellm.kernels.attention.common import (
     _FP8_CONVERT,
     _fp8_ptx,
     _is_fp8,
+    _join_sinks,
     _k_factor,
     _kv_offsets,
     _load_q,
@@ -51,7 +52,7 @@ from tessellm.kernels.rotary import rope_full
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr,
                          part_l_ptr, query_start_loc_ptr, seq_lens_ptr,
                          block_tables_ptr, pos_ptr, cos_sin_ptr, k_ptr, v_ptr, slot_ptr,
-                         scale_log2, v_scale, window, softcap,
+                         sinks_ptr, scale_log2, v_scale, window, softcap,
                          stride_qt, stride_qh, stride_ot, stride_oh,
                          stride_cb, stride_ct, stride_ch, stride_bt,
                          stride_cs, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -63,7 +64,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
                          DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr,
                          REDUCE: tl.constexpr, PREFETCH: tl.constexpr, ROTARY: tl.constexpr,
                          HEAD_MAJOR: tl.constexpr, USE_PDL: tl.constexpr,
-                         SOFTCAP: tl.constexpr):
+                         SOFTCAP: tl.constexpr, SINKS: tl.constexpr):
     """Grid ``(num_decodes, KVH, NUM_SPLITS)``, or ``(KVH, num_decodes, NUM_SPLITS)`` with
     HEAD_MAJOR (a sequence's KV heads in consecutive programs: they read the same tokens' rows
     of the cache at about the same time). Each split's normalized partial output, running
@@ -72,7 +73,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
     split). QUERY_LEN query tokens per sequence (module docstring), rows ``tq * GROUP_P2 + g``.
     PREFETCH: the first K/V tile's cached keys are loaded before the PDL wait. ROTARY (decodes
     only): q, k, v arrive unrotated; see ``_new_key``. SOFTCAP: scores soft-capped at
-    ``softcap`` (log2 units, ``common._softcap``)."""
+    ``softcap`` (log2 units, ``common._softcap``). SINKS: the heads' ``sinks_ptr`` logits join
+    the softmax once per row: here when this split is the only one (DIRECT), else in
+    ``_decode_reduce_kernel`` (a split's partial never holds the sink)."""
     pdl_launch(USE_PDL)
     # Before the wait: only the step's inputs and keys of earlier steps (``pdl.py``).
     if HEAD_MAJOR:
@@ -152,6 +155,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
                                      mask, kvh, qk_scale, softcap, stride_cb, stride_ct, stride_ch,
                                      HEAD_SIZE, BLOCK_SIZE, DOT_PREC, True, FP8_PTX, SOFTCAP)
+    if SINKS and REDUCE == 1:
+        acc, m_i, l_i = _join_sinks(acc, m_i, l_i, sinks_ptr, head, row_ok)
     acc = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     if REDUCE == 1:  # _REDUCE_DIRECT: the only split's partial is the output
         tl.store(out_ptr + (tok * stride_ot + head * stride_oh)[:, None] + d[None, :],
@@ -217,12 +222,13 @@ def _new_key(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, tok, head, kvh, d, r
 
 @triton.jit
 def _decode_reduce_kernel(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, query_start_loc_ptr,
-                          stride_ot, stride_oh,
+                          sinks_ptr, stride_ot, stride_oh,
                           NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
                           HEAD_SIZE: tl.constexpr, QUERY_LEN: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+                          USE_PDL: tl.constexpr, SINKS: tl.constexpr):
     """Grid ``(num_decodes * QUERY_LEN, H)``: out = sum_i w_i o_i / sum_i w_i,
-    w_i = 2^(m_i - M) l_i."""
+    w_i = 2^(m_i - M) l_i. SINKS: head h's sink s (log2 units) joins once, as a split with no
+    value: M = max(M, s), the denominator gains 2^(s - M)."""
     pdl_launch(USE_PDL)
     sq = tl.program_id(0)  # sequence * QUERY_LEN + query
     h = tl.program_id(1)
@@ -233,8 +239,14 @@ def _decode_reduce_kernel(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, query_s
     idx = (sq.to(tl.int64) * NUM_HEADS + h) * NUM_SPLITS + sp
     m = tl.load(part_m_ptr + idx)
     l = tl.load(part_l_ptr + idx)
-    w = tl.exp2(m - tl.max(m, 0)) * l
+    m_max = tl.max(m, 0)
+    if SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_max = tl.maximum(m_max, sink)
+    w = tl.exp2(m - m_max) * l
     denom = tl.sum(w, 0)
+    if SINKS:
+        denom += tl.exp2(sink - m_max)
     o = tl.load(part_out_ptr + idx[:, None] * HEAD_SIZE + d[None, :])
     out = tl.sum(w[:, None] * o, 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + tok * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
@@ -291,7 +303,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      fp8_convert: str = "auto", fused_reduce: bool = True,
                      query_len: int = 1, prefetch: bool = False,
                      rotary: Optional[tuple] = None, head_major: Optional[bool] = None,
-                     logit_softcap: Optional[float] = None) -> None:
+                     logit_softcap: Optional[float] = None,
+                     sinks: Optional[torch.Tensor] = None) -> None:
     """Split-KV attention of the first ``num_seqs`` sequences, ``query_len`` query tokens each
     (1: decodes; more: verify steps, the last ``query_len`` positions of each sequence, rows
     ``query_start_loc[s] ..`` consecutive).
@@ -313,6 +326,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     (``query_len`` 1, a 16-bit cache) whose q and k arrive unrotated: the kernel does
     ``rotary_and_cache``'s work itself (``_new_key``) and q stays unrotated in memory.
     ``logit_softcap``: scores become ``cap * tanh(scale * q.k / cap)`` (None: no cap).
+    ``sinks``: float ``[H]`` attention sinks, joined once per row (by the only split, or by
+    the reduce kernel); None: none.
     """
     if num_seqs == 0:
         return
@@ -345,7 +360,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                                                    num_splits)
     _decode_split_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_m, part_l, query_start_loc, seq_lens, block_tables,
-        *extra, scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
+        *extra, q if sinks is None else sinks,
+        scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
         sliding_window or 0, _softcap_log2(logit_softcap),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -356,11 +372,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q), FP8_PTX=fp8_ptx,
         REDUCE=reduce, PREFETCH=prefetch, ROTARY=rotary is not None, HEAD_MAJOR=head_major,
-        SOFTCAP=logit_softcap is not None, num_warps=num_warps,
+        SOFTCAP=logit_softcap is not None, SINKS=sinks is not None, num_warps=num_warps,
         num_stages=num_stages, **pdl_args(q.device))
     if reduce == _REDUCE_SEPARATE:
         _decode_reduce_kernel[(num_seqs * query_len, num_heads)](
-            out, part_out, part_m, part_l, query_start_loc, out.stride(0), out.stride(1),
+            out, part_out, part_m, part_l, query_start_loc, q if sinks is None else sinks,
+            out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_SIZE=head_size,
-            QUERY_LEN=query_len, num_warps=4,
+            QUERY_LEN=query_len, SINKS=sinks is not None, num_warps=4,
             **pdl_args(q.device))

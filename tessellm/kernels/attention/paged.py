@@ -45,6 +45,7 @@ class TritonAttentionKernel:
     name = "triton"
     supports_sliding_window = True
     supports_logit_softcap = True  # a constexpr branch of the kernels: no cost without a cap
+    supports_attention_sinks = True  # likewise (forward's ``sinks``; ``common._join_sinks``)
     supports_graph_capture = True  # no host sync in forward; grid fixed per batch size
     kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3")  # fp8: e4m3 cache, needs sm89+ (Ada, Hopper)
     # forward takes positions/cos_sin_cache and applies NeoX rotary as it writes the cache
@@ -84,6 +85,8 @@ class TritonAttentionKernel:
             cls.fuses_rotary = False
         if "forward" in cls.__dict__ and "supports_logit_softcap" not in cls.__dict__:
             cls.supports_logit_softcap = False  # its forward must pass logit_softcap on
+        if "forward" in cls.__dict__ and "supports_attention_sinks" not in cls.__dict__:
+            cls.supports_attention_sinks = False  # its forward must pass sinks on
 
     def __init__(self, spec, max_model_len: int, max_num_seqs: int = 256):
         head_size = spec.head_size
@@ -187,9 +190,11 @@ class TritonAttentionKernel:
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: TritonAttentionMetadata, scale: float,
                 out: Optional[torch.Tensor] = None, *, positions: Optional[torch.Tensor] = None,
-                cos_sin_cache: Optional[torch.Tensor] = None):
+                cos_sin_cache: Optional[torch.Tensor] = None,
+                sinks: Optional[torch.Tensor] = None):
         """``AttentionKernel.forward``; with ``positions`` and ``cos_sin_cache`` (``fuses_rotary``)
-        q and k arrive unrotated: q is NeoX-rotated in place, k as it is written to the cache."""
+        q and k arrive unrotated: q is NeoX-rotated in place, k as it is written to the cache.
+        ``sinks``: float ``[H]`` attention sinks (a spec with ``attention_sinks``)."""
         md = metadata
         small = 0 < md.num_decodes <= self.prefetch_max_decodes
         rotary = None
@@ -212,6 +217,7 @@ class TritonAttentionKernel:
                              k_scale=self.k_scale, v_scale=self.v_scale,
                              fp8_convert=self.fp8_convert, query_len=md.query_len,
                              prefetch=small, rotary=rotary, logit_softcap=self.logit_softcap,
+                             sinks=sinks,
                              **self._decode_buffers(md.num_decodes, q.device, md.query_len))
         if md.num_prefills:
             prefill_attention(q, k_cache, v_cache, out, md.query_start_loc, md.seq_lens,
@@ -219,5 +225,5 @@ class TritonAttentionKernel:
                               num_seqs=md.num_prefills, max_query_len=md.max_query_len,
                               sliding_window=self.sliding_window, k_scale=self.k_scale,
                               v_scale=self.v_scale, fp8_convert=self.fp8_convert,
-                              logit_softcap=self.logit_softcap)
+                              logit_softcap=self.logit_softcap, sinks=sinks)
         return out

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from tessellm.kernels.attention.common import (
     _LOG2E, _NEG_BIG, _attend_tile, _check_cache, _dot_fp32, _dot_precision,
-    _fp8_ptx, _k_factor, _load_q, _p2, _softcap_log2, _v_factor)
+    _fp8_ptx, _join_sinks, _k_factor, _load_q, _p2, _softcap_log2, _v_factor)
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _attend_keys(q, acc, m_i, l_i, lo, hi, k_cache_ptr, v_cache_ptr, bt_ptr, kvh
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, sinks_ptr,
                     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
                     seq_offset, scale_log2, v_scale, window, softcap,
                     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -46,9 +46,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                    DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr, SOFTCAP: tl.constexpr):
+                    DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr, SOFTCAP: tl.constexpr,
+                    SINKS: tl.constexpr):
     """Grid ``(num_prefills, cdiv(max_query_len, BLOCK_Q), KVH)``; BLOCK_M = BLOCK_Q * GROUP_P2.
-    SOFTCAP: scores soft-capped at ``softcap`` (log2 units, ``common._softcap``)."""
+    SOFTCAP: scores soft-capped at ``softcap`` (log2 units, ``common._softcap``). SINKS: each
+    head's ``sinks_ptr`` logit joins its rows' softmax after the keys (``common._join_sinks``)."""
     s = seq_offset + tl.program_id(0)
     qb = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -90,6 +92,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                                  qk_scale, q_pos, window, softcap, stride_cb, stride_ct, stride_ch,
                                  HEAD_SIZE, BLOCK_SIZE, BLOCK_N, DOT_PREC, USE_WINDOW, True, True,
                                  FP8_PTX, SOFTCAP)
+    if SINKS:
+        acc, m_i, l_i = _join_sinks(acc, m_i, l_i, sinks_ptr, head, row_ok)
     acc = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
     tl.store(out_ptr + (tok * stride_ot + head * stride_oh)[:, None] + d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -115,10 +119,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       sliding_window: Optional[int] = None,
                       tiles: Optional[tuple[int, int, int, int]] = None,
                       k_scale: float = 1.0, v_scale: float = 1.0,
-                      fp8_convert: str = "auto", logit_softcap: Optional[float] = None) -> None:
+                      fp8_convert: str = "auto", logit_softcap: Optional[float] = None,
+                      sinks: Optional[torch.Tensor] = None) -> None:
     """Causal attention of sequences ``seq_offset .. seq_offset + num_seqs - 1`` of the flat
     batch over their paged context; writes their rows of ``out`` ``[T, H, D]``.
     ``logit_softcap``: scores become ``cap * tanh(scale * q.k / cap)`` (None: no cap).
+    ``sinks``: float ``[H]`` attention sinks, one logit per head in each row's softmax
+    denominator (None: none).
     ``k_scale``/``v_scale``: an fp8 cache's per-tensor scales (ignored for other caches);
     ``fp8_convert``: how its tiles are widened (``_fp8_ptx``; "auto" unless benchmarking).
 
@@ -137,8 +144,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_q = block_m // group_p2
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
-        seq_offset, scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
+        q, k_cache, v_cache, out, q if sinks is None else sinks, query_start_loc, seq_lens,
+        block_tables, seq_offset, scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
         sliding_window or 0, _softcap_log2(logit_softcap),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -146,4 +153,4 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         HEAD_SIZE=head_size, BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q),
         FP8_PTX=_fp8_ptx(q, k_cache, fp8_convert), SOFTCAP=logit_softcap is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        SINKS=sinks is not None, num_warps=num_warps, num_stages=num_stages)

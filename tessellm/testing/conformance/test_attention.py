@@ -37,7 +37,9 @@ def _kernel(target, spec):
 
 def _check(target, kernel, step, dtype):
     md = kernel.build_metadata(step.batch)
-    out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale)
+    extra = {} if step.sinks is None else {"sinks": step.sinks}
+    out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale,
+                         **extra)
     assert out.shape == step.q.shape and out.dtype == step.q.dtype
     torch.testing.assert_close(out.float().cpu(), step.ref_out.float(), **tolerance(dtype))
     # Cache writes are copies: exact, and nothing else changes.
@@ -155,4 +157,30 @@ def test_attention_logit_softcap(target, batch, window):
                            dtype=torch.float32, device=target.device, window=window,
                            seed=seed_of("softcap", batch, window), logit_softcap=cap,
                            q_gain=3.0)  # larger scores: a kernel that ignores the cap fails
+    _check(target, kernel, step, torch.float32)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("batch", ["decode", "mixed", "verify"])
+def test_attention_sinks(target, batch, window):
+    """``AttentionSpec.attention_sinks`` (gpt-oss): forward's ``sinks`` ``[H]`` join each
+    head's softmax denominator as keys with no value. A kernel that serves such a spec must
+    declare ``supports_attention_sinks``; one that does not is skipped (the engine refuses
+    models with sinks on it), unless the backend's capabilities claim ``attention_sinks``."""
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64, dtype=torch.float32,
+                         block_size=16, sliding_window=window, attention_sinks=True,
+                         max_model_len=256, max_num_seqs=8)
+    kernel = target.registry.attention_kernel(target.backend, spec)
+    if kernel is None or not getattr(kernel, "supports_attention_sinks", False):
+        if target.backend.capabilities.get("attention_sinks"):
+            pytest.fail(f"{target.name} declares attention_sinks but its kernel for such a spec "
+                        "does not declare supports_attention_sinks")
+        pytest.skip(f"{target.name} has no attention kernel with sinks")
+    q_lens, ctx = BATCHES[batch]
+    # Sinks from well below to well above the scores: a kernel that drops them, or joins one
+    # per split or tile instead of once per row, or takes another head's, is off everywhere.
+    sinks = torch.tensor([-1.0, 3.0, 0.5, 5.0])
+    step = make_paged_step(q_lens, ctx, num_kv_heads=2, group=2, head_size=64, block_size=16,
+                           dtype=torch.float32, device=target.device, window=window,
+                           seed=seed_of("sinks", batch, window), sinks=sinks)
     _check(target, kernel, step, torch.float32)
