@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tessellm.models import gemma, gemma2
+from tessellm.models import gpt_oss
 from tessellm.models import llava_next, qwen2_vl
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
                              gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
@@ -41,6 +42,7 @@ _MODELS = {
     "GraniteMoeForCausalLM": granite_moe.GraniteMoeForCausalLM,
     "GraniteMoeSharedForCausalLM": granite_moe.GraniteMoeSharedForCausalLM,
     "OlmoeForCausalLM": olmoe.OlmoeForCausalLM,
+    "GptOssForCausalLM": gpt_oss.GptOssForCausalLM,
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": llava_next.LlavaNextForConditionalGeneration,
     "Qwen2VLForConditionalGeneration": qwen2_vl.Qwen2VLForConditionalGeneration,

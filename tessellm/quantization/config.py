@@ -92,6 +92,11 @@ def parse_checkpoint_config(qc: dict) -> QuantSpec:
                              "per-tensor FP8 checkpoint (compressed-tensors), or quantize a bf16 "
                              "checkpoint with quantization='fp8'.")
         return QuantSpec("fp8", {"prequantized": True, "format": "fp8", "checkpoint": qc})
+    if method == "mxfp4":  # gpt-oss's released checkpoints: MoE experts in MXFP4 blocks
+        raise ValueError("MXFP4 checkpoints (quant_method 'mxfp4', gpt-oss's released expert "
+                         "weights) are not supported yet; save a dequantized copy first (HF "
+                         "transformers: from_pretrained(..., quantization_config=Mxfp4Config("
+                         "dequantize=True)), then save_pretrained) and load that.")
     raise ValueError(f"Checkpoint quantization {method!r} is not supported; tessellm loads awq, "
                      "gptq, compressed-tensors FP8 and fbgemm_fp8 checkpoints.")
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tessellm.backends.reference.moe import dequantize_experts, route
+from tessellm.backends.reference.moe import SILU, dequantize_experts, route
 
 
 def fused_moe_grouped(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
-                      renormalize: bool = True, w13_scale=None, w2_scale=None) -> torch.Tensor:
+                      renormalize: bool = True, w13_scale=None, w2_scale=None, *,
+                      activation=SILU, w13_bias=None, w2_bias=None) -> torch.Tensor:
+    """``FusedOps.fused_moe`` with the reference's variants (``reference/moe.py``: an
+    ``ExpertActivation``, per-expert biases)."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
     dtype = hidden.dtype
     flat = ids.flatten()
@@ -22,15 +25,14 @@ def fused_moe_grouped(hidden, router_logits, w13, w2, top_k: int, scoring: str =
     counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
     token_of = order // top_k
     x = hidden[token_of]
-    inter = w2.shape[-1]
     pieces, start = [], 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         up13 = dequantize_experts(w13[e], None if w13_scale is None else w13_scale[e], dtype)
         down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype)
-        gate_up = F.linear(x[start:start + n], up13)
-        pieces.append(F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], down))
+        gate_up = F.linear(x[start:start + n], up13, None if w13_bias is None else w13_bias[e])
+        pieces.append(F.linear(activation(gate_up), down, None if w2_bias is None else w2_bias[e]))
         start += n
     y = torch.cat(pieces) * weights.flatten()[order, None].to(dtype)
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)

@@ -93,6 +93,7 @@ def silu_block(lib, d: int) -> int:
 
 class CpuOps(ReferenceOps):
     fused_moe = staticmethod(fused_moe_grouped)  # the sort-and-group MoE (cpu/moe.py)
+    fused_moe_activations = ("silu", "swiglu_oai")  # and expert biases (reference/moe.py)
 
     def __init__(self):
         # id(weight) -> (weight, its version counter when packed, the packed weight)

@@ -12,6 +12,12 @@ Layout (the contract's, ``backends/spec.py``)::
     out[t] = sum over the top-k experts e of t:  weight[t, e] * w2[e] @ (silu(g) * u),
              [g | u] = w13[e] @ hidden[t]
 
+Variant (gpt-oss): ``activation`` an ``ExpertActivation`` other than SiLU-and-mul, and
+per-expert biases ``w13_bias [E, 2I]`` / ``w2_bias [E, H]`` added after each product (the
+down bias inside the routing weight). Keyword-only; an ops object serves them only where it
+lists the activation's ``kind`` in its ``fused_moe_activations`` attribute (default: SiLU
+only, no biases), and the model falls back to this reference otherwise.
+
 Routing: ``scoring`` "softmax" (Mixtral, Qwen-MoE) takes softmax over all E logits, then the
 top k; "sigmoid" (DeepSeek-V3 style) takes sigmoid of each logit, then the top k. With
 ``renormalize`` the k weights are divided by their sum. Routing runs in float32.
@@ -19,12 +25,43 @@ top k; "sigmoid" (DeepSeek-V3 style) takes sigmoid of each logit, then the top k
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 SCORINGS = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """What an expert applies to ``[gate | up]`` (``[n, 2I]``, gate first) to get ``[n, I]``.
+
+    - "silu": ``silu(gate) * up`` (Mixtral, Qwen-MoE, every SwiGLU MLP);
+    - "swiglu_oai" (gpt-oss's clamped SwiGLU; HF ``GptOssExperts._apply_gate``): gate clamped
+      above at ``limit``, up to ``[-limit, limit]``, then ``(up + 1) * gate * sigmoid(alpha *
+      gate)``.
+    """
+
+    kind: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        inter = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :inter], gate_up[..., inter:]
+        if self.kind == "silu":
+            return F.silu(gate) * up
+        if self.kind == "swiglu_oai":
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        raise ValueError(f"Expert activation {self.kind!r} is not supported; use 'silu' or "
+                         "'swiglu_oai'.")
+
+
+SILU = ExpertActivation()
 
 
 def route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
@@ -52,7 +89,10 @@ def dequantize_experts(w: torch.Tensor, scale: Optional[torch.Tensor], dtype) ->
 def fused_moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor,
                         w2: torch.Tensor, top_k: int, scoring: str = "softmax",
                         renormalize: bool = True, w13_scale: Optional[torch.Tensor] = None,
-                        w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        w2_scale: Optional[torch.Tensor] = None, *,
+                        activation: ExpertActivation = SILU,
+                        w13_bias: Optional[torch.Tensor] = None,
+                        w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loop over experts; returns ``[T, H]`` in hidden's dtype. Experts run in hidden's
     dtype (as HF transformers does), their weighted outputs are summed in float32."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
@@ -65,8 +105,9 @@ def fused_moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, w13: 
             continue
         up13 = dequantize_experts(w13[e], None if w13_scale is None else w13_scale[e], dtype)
         down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype)
-        gate_up = F.linear(hidden[token_idx], up13)
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = F.linear(act, down) * weights[token_idx, slot, None].to(dtype)
+        gate_up = F.linear(hidden[token_idx], up13, None if w13_bias is None else w13_bias[e])
+        act = activation(gate_up)
+        y = F.linear(act, down, None if w2_bias is None else w2_bias[e])
+        y = y * weights[token_idx, slot, None].to(dtype)
         out.index_add_(0, token_idx, y.float())
     return out.to(dtype)

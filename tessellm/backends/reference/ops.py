@@ -33,11 +33,21 @@ class ReferenceOps:
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 
+    # ``ExpertActivation.kind``s (and expert biases) ``fused_moe`` takes (reference/moe.py);
+    # a subclass with its own fused_moe serves SiLU only unless it says so.
+    fused_moe_activations = ("silu", "swiglu_oai")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "fused_moe" in cls.__dict__ and "fused_moe_activations" not in cls.__dict__:
+            cls.fused_moe_activations = ("silu",)
+
     def fused_moe(self, hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
-                  renormalize: bool = True, w13_scale=None, w2_scale=None):
-        """``FusedOps.fused_moe``: the loop over experts (``reference/moe.py``)."""
+                  renormalize: bool = True, w13_scale=None, w2_scale=None, **variant):
+        """``FusedOps.fused_moe``: the loop over experts (``reference/moe.py``); ``variant``:
+        its keyword-only ``activation``, ``w13_bias``, ``w2_bias``."""
         return fused_moe_reference(hidden, router_logits, w13, w2, top_k, scoring, renormalize,
-                                   w13_scale, w2_scale)
+                                   w13_scale, w2_scale, **variant)
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:

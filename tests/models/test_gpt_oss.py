@@ -1,0 +1,151 @@
+"""gpt-oss (``GptOssForCausalLM``) on tiny random models: greedy tokens and per-token
+log-probabilities equal HF transformers' (eager attention: the one HF path with sinks on the
+CPU) in float32, with sliding windows smaller than the prompts, chunked prefill, prefix caching
+(the scoring pass re-reads each prompt's cached blocks), a batch of different lengths, and
+tensor parallelism over two CPU ranks; a model with sinks refused at load on a kernel without
+them; and the features the parity cases rely on change HF's own output (so a tessellm that
+dropped one would fail them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.models.variant_parity import assert_parity, hf_reference, prompts, save_tiny
+
+GPT_OSS = dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+               max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.2,
+               rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                "beta_slow": 1.0, "truncate": False,
+                                "original_max_position_embeddings": 64, "rope_theta": 150000.0},
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def gpt_oss_config(**overrides):
+    from transformers import GptOssConfig
+
+    return GptOssConfig(**{**GPT_OSS, **overrides})
+
+
+def save_gpt_oss(path: str, **overrides) -> str:
+    """A tiny gpt-oss; sinks from N(0, 2) (HF initialises them at std 0.2: too small to
+    matter) and the expert biases set by ``save_tiny``'s ``.bias`` rule are not named so:
+    they get uniform(-0.5, 0.5) here."""
+    save_tiny(gpt_oss_config(**overrides), path)
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    gen = torch.Generator().manual_seed(5)
+    for name, t in tensors.items():
+        if name.endswith(".sinks"):
+            tensors[name] = torch.randn(t.shape, generator=gen) * 2.0
+        elif name.endswith(("_proj_bias", "router.bias")):
+            tensors[name] = torch.rand(t.shape, generator=gen) - 0.5
+        elif name.endswith("experts.gate_up_proj"):  # gates past the clamp (+-7) sometimes
+            tensors[name] = t * 8.0
+    save_file(tensors, file, metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt_oss(tmp_path_factory):
+    return save_gpt_oss(str(tmp_path_factory.mktemp("gpt_oss") / "m"))
+
+
+def test_gpt_oss_matches_hf(tiny_gpt_oss):
+    """Prompts 5..30 against a window of 6 (sliding layer 0, full layer 1), a batch of four
+    lengths, chunked prefill in 8-token steps, prefix caching on."""
+    assert_parity(tiny_gpt_oss, prompts((5, 30, 11, 17)), max_new=12, hf_attn="eager",
+                  max_num_batched_tokens=8, enable_prefix_caching=True)
+
+
+def test_gpt_oss_tensor_parallel(tiny_gpt_oss):
+    """Two CPU ranks (gloo): each holds two query heads and their sinks, one KV head, every
+    expert's half of I; the down bias joins once."""
+    assert_parity(tiny_gpt_oss, prompts((5, 20)), max_new=8, hf_attn="eager", device="cpu",
+                  tensor_parallel_size=2)
+
+
+def _edit(path: str, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def hf_base(tiny_gpt_oss):
+    ps = prompts((30,))
+    return ps, hf_reference(tiny_gpt_oss, ps, 4, "eager")
+
+
+@pytest.mark.parametrize("feature", ["sinks", "window", "clamp"])
+def test_features_change_hf(feature, tiny_gpt_oss, hf_base, tmp_path):
+    """Each feature changes HF's own output on the parity model's longest prompt: the sinks
+    (set to -1e9: none), the window (made larger than the prompt), the SwiGLU clamp (raised out
+    of reach)."""
+    import shutil
+
+    path = shutil.copytree(tiny_gpt_oss, str(tmp_path / "g"))
+    ps, (want_tokens, want_lp) = hf_base
+    if feature == "sinks":
+        _edit(path, lambda t: t.update({n: torch.full_like(v, -1e9) for n, v in t.items()
+                                        if n.endswith(".sinks")}))
+    else:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        config.update({"window": {"sliding_window": 4096}, "clamp": {"swiglu_limit": 1e6}}[feature])
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f)
+    tokens, lp = hf_reference(path, ps, 4, "eager")
+    assert tokens != want_tokens or not all(torch.allclose(a, b, atol=1e-3)
+                                            for a, b in zip(lp, want_lp))
+
+
+def test_sinks_refused_on_a_kernel_without_them(tiny_gpt_oss):
+    """A plugin kernel of API 4 (no ``supports_attention_sinks``) serving the cpu backend: the
+    model is refused at load, naming the option and the backend."""
+    from tessellm.backends.registry import BackendRegistry
+    from tessellm.config import resolve_model
+    from tessellm.loader.model_loader import build_model
+    from tests.backends.backend_plugins import make_plugin
+
+    old = make_plugin("oldattn_sinks", """
+        TESSELLM_OVERRIDES = ("cpu",)
+        from tessellm.backends.reference.attention import ReferenceAttentionKernel
+        class Old(ReferenceAttentionKernel):
+            name = "old"
+            supports_attention_sinks = False   # what a plugin written before API 5 declares
+        @hookimpl(tryfirst=True)
+        def tessellm_attention_kernel(backend, spec):
+            return Old(spec.sliding_window) if backend.name == "cpu" else None
+    """)
+    registry = BackendRegistry(plugins=[("oldattn_sinks", old)])
+    with pytest.raises(ValueError, match=r"attention has sinks .*backend 'cpu' cannot do .*"
+                                         r"'old'.*supports_attention_sinks.*run it on a backend "
+                                         r"that can: cuda"):
+        build_model(resolve_model(tiny_gpt_oss), "safetensors", registry,
+                    registry.backends["cpu"], torch.float32, torch.device("cpu"), block_size=16)
+
+
+def test_mxfp4_checkpoint_refused(tmp_path):
+    """The released checkpoints' MXFP4 experts: one sentence saying so and what to do."""
+    from tessellm import LLM
+
+    path = save_gpt_oss(str(tmp_path / "q"))
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": None}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=r"MXFP4 checkpoints .*not supported yet.*dequantize"):
+        LLM(path, dtype="float32")
