@@ -103,30 +103,31 @@ def check_logit_softcap(registry, backend, kernel, spec: AttentionSpec) -> None:
     declare ``supports_logit_softcap`` (the contract's flag: a kernel that does not know the
     spec field would silently ignore it)."""
     cap = spec.logit_softcap
-    if cap is None or getattr(kernel, "supports_logit_softcap", False):
-        return
-    others = [name for name, b in sorted(registry.backends.items())
-              if name != backend.name and b.capabilities.get("logit_softcap")]
-    raise ValueError(f"The model soft-caps its attention logits (logit_softcap={cap}, the "
-                     f"config's attn_logit_softcapping), which backend {backend.name!r} cannot "
-                     f"do (its attention kernel {getattr(kernel, 'name', kernel)!r} does not "
-                     f"declare supports_logit_softcap); run it on "
-                     + (f"a backend that can: {', '.join(others)}." if others
-                        else "a backend whose kernel declares it."))
+    if cap is not None:
+        _require_kernel_flag(registry, backend, kernel, "logit_softcap",
+                             f"soft-caps its attention logits (logit_softcap={cap}, the config's "
+                             "attn_logit_softcapping)")
 
 
 def check_attention_sinks(registry, backend, kernel, spec: AttentionSpec) -> None:
     """Refuse a model with attention sinks on a backend whose kernel does not declare
     ``supports_attention_sinks`` (it would never be given, or would drop, the ``sinks``)."""
-    if not spec.attention_sinks or getattr(kernel, "supports_attention_sinks", False):
+    if spec.attention_sinks:
+        _require_kernel_flag(registry, backend, kernel, "attention_sinks",
+                             "has attention sinks (attention_sinks, a learned logit per head in "
+                             "the softmax: gpt-oss's self_attn.sinks)")
+
+
+def _require_kernel_flag(registry, backend, kernel, feature: str, what: str) -> None:
+    """One sentence naming the feature, the backend, its kernel and the backends that declare
+    ``feature`` in their capabilities, unless the kernel declares ``supports_<feature>``."""
+    if getattr(kernel, f"supports_{feature}", False):
         return
     others = [name for name, b in sorted(registry.backends.items())
-              if name != backend.name and b.capabilities.get("attention_sinks")]
-    raise ValueError(f"The model's attention has sinks (attention_sinks, a learned logit per "
-                     f"head in the softmax: gpt-oss's self_attn.sinks), which backend "
-                     f"{backend.name!r} cannot do (its attention kernel "
-                     f"{getattr(kernel, 'name', kernel)!r} does not declare "
-                     f"supports_attention_sinks); run it on "
+              if name != backend.name and b.capabilities.get(feature)]
+    raise ValueError(f"The model {what}, which backend {backend.name!r} cannot do (its "
+                     f"attention kernel {getattr(kernel, 'name', kernel)!r} does not declare "
+                     f"supports_{feature}); run it on "
                      + (f"a backend that can: {', '.join(others)}." if others
                         else "a backend whose kernel declares it."))
 

@@ -130,7 +130,7 @@ def test_sinks_refused_on_a_kernel_without_them(tiny_gpt_oss):
             return Old(spec.sliding_window) if backend.name == "cpu" else None
     """)
     registry = BackendRegistry(plugins=[("oldattn_sinks", old)])
-    with pytest.raises(ValueError, match=r"attention has sinks .*backend 'cpu' cannot do .*"
+    with pytest.raises(ValueError, match=r"has attention sinks .*backend 'cpu' cannot do .*"
                                          r"'old'.*supports_attention_sinks.*run it on a backend "
                                          r"that can: cuda"):
         build_model(resolve_model(tiny_gpt_oss), "safetensors", registry,
