@@ -63,16 +63,18 @@ def test_shrink_and_expand_match_reference(t, k, dtype):
 
 
 def test_split_k_shrink_sums_every_k_chunk():
-    """A decode row with K = 8 x the interpreter's K tile: the launch splits K and adds the
-    parts atomically into a pre-zeroed out."""
+    """A decode row with K = 8 x the interpreter's K tile: the launch splits K, each part into
+    its own plane, summed into out (a strided column slice here, as the stacked q/k/v buffer)."""
     slots, x, a, _, _ = _case(2, 3, 16, 512, 16, torch.float32, seed=7)
     slots = torch.tensor([1, -1], dtype=torch.int32, device=DEV)
     meta = prepare(slots, 3)
     assert _split_k(meta, 512, 1, 32 if DEV == "cpu" else 64) > 1
-    out = torch.full((2, 16), float("nan"), device=DEV)
+    stacked = torch.full((2, 48), float("nan"), device=DEV)
+    out = stacked[:, 16:32]
     lora_shrink(x, a, meta, out)
     torch.testing.assert_close(out[0], a[1] @ x[0], atol=1e-4, rtol=1e-4)
     assert torch.equal(out[1], torch.zeros(16, device=DEV))
+    assert stacked[:, :16].isnan().all() and stacked[:, 32:].isnan().all()
 
 
 def test_expand_reads_a_strided_column_slice_of_the_shrink_output():

@@ -1,4 +1,14 @@
 """What the GEMM kernels share: the split-K epilogue, tile selection and device queries.
+
+Split-K is deterministic in every GEMM here: each K range stores its float32 partial product in
+its own plane of a ``[split, M, N]`` buffer (``_split_out``) and ``_split_sum`` adds the planes
+with ``torch.sum`` over the split dimension, a reduction with a fixed order for a given shape
+(float32 atomics would add the ranges in whatever order the programs finish, so two calls on
+the same input could differ in the last bit)::
+
+    K ranges    k0 ──────────── k1 ──────────── k2 ...
+    programs    pid_k = 0        pid_k = 1
+    planes      out[0, rm, rn]   out[1, rm, rn]   ->  y = out.sum(0).to(dtype)   (bias: plane 0)
 """
 
 from __future__ import annotations
@@ -35,17 +45,17 @@ def _xw_tiles(x_row, w_col, rm, rn, k0, k_hi, M, N, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k,
-              HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_split, pid_k,
+              HAS_BIAS: tl.constexpr):
+    """acc (+ bias in split 0) to rows rm, columns rn of split ``pid_k``'s plane of out
+    (``stride_split`` elements apart; 0 without split-K): a plain store, no atomics."""
     ok = (rm[:, None] < M) & (rn[None, :] < N)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
-    ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=ok)
-    else:
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    ptrs = (out_ptr + pid_k.to(tl.int64) * stride_split + rm[:, None].to(tl.int64) * stride_om
+            + rn[None, :])
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,7 +105,22 @@ def _tiles(x: torch.Tensor, m: int, n: int, k: int, group: int,
                 num_stages=stages, grid=(triton.cdiv(m, bm), triton.cdiv(n, bn), split))
 
 
-def _out(x: torch.Tensor, m: int, n: int, split: int) -> torch.Tensor:
-    if split > 1:  # partial sums from several K ranges meet by fp32 atomics
-        return torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    return torch.empty(m, n, dtype=x.dtype, device=x.device)
+def _split_out(x: torch.Tensor, m: int, n: int, split: int,
+               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Where an ``[m, n]`` product is stored: ``[split, m, n]`` float32, a plane per K range,
+    when ``split`` > 1 (every element written: no memset), else ``[m, n]`` in ``dtype``
+    (default x's). Pass the kernel ``out.stride(-2)`` and ``_split_stride(out)``."""
+    if split > 1:
+        return torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    return torch.empty(m, n, dtype=dtype or x.dtype, device=x.device)
+
+
+def _split_stride(out: torch.Tensor) -> int:
+    """Elements between two split planes of ``_split_out``'s buffer (0: one plane)."""
+    return out.stride(0) if out.dim() == 3 else 0
+
+
+def _split_sum(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The product from ``_split_out``'s buffer: the planes summed over the split dimension
+    (same order every call), cast to ``dtype``; a single plane as it is."""
+    return out if out.dim() == 2 else out.sum(0).to(dtype)

@@ -19,6 +19,9 @@ from tessellm.kernels.gemm.common import (
     _capability,
     _epilogue,
     _interpreted,
+    _split_out,
+    _split_stride,
+    _split_sum,
     _tile_ranges,
     _tiles,
     _xw_tiles,
@@ -70,8 +73,7 @@ def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K,
     sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)
     sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
     acc = acc * sx[:, None] * sw[None, :]
-    part_ptr = out_ptr + pid_k.to(tl.int64) * stride_split
-    _epilogue(acc, part_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, False)
+    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_split, pid_k, HAS_BIAS)
 
 
 def quantize_fp8_rows(x: torch.Tensor, fp8_dtype: torch.dtype,
@@ -111,13 +113,12 @@ def fp8_gemm(xq: torch.Tensor, sx: torch.Tensor, w: Fp8Weight, out_dtype: torch.
     n = w.qweight.shape[0]
     t = _tiles(xq, m, n, k, k)
     grid, split = t.pop("grid"), t["SPLIT_K"]
-    out = torch.empty((split, m, n) if split > 1 else (m, n),
-                      dtype=torch.float32 if split > 1 else out_dtype, device=xq.device)
+    out = _split_out(xq, m, n, split, out_dtype)
     _fp8_gemm_kernel[grid](
         xq, sx, w.qweight, w.scales, bias if bias is not None else sx, out, m, n, k,
-        xq.stride(0), w.qweight.stride(0), out.stride(-2), m * n if split > 1 else 0,
+        xq.stride(0), w.qweight.stride(0), out.stride(-2), _split_stride(out),
         HAS_BIAS=bias is not None, DOT_FP32=_interpreted(xq), **t)
-    return out if split == 1 else out.sum(0).to(out_dtype)
+    return _split_sum(out, out_dtype)
 
 
 def _scaled_mm_ok(x: torch.Tensor, w: Fp8Weight) -> bool:

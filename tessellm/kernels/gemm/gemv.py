@@ -32,8 +32,10 @@ e4m3 kernel the same way.
 Invariant: every program reads whole weight rows of its ``BLOCK_N`` outputs over its K range.
 Rows past N are clamped to row N-1 (read again, never stored), so weight loads carry no N mask;
 K needs a mask only when ``BLOCK_K * SPLIT_K`` does not divide K (``EVEN_K``). With
-``SPLIT_K`` > 1 the K ranges meet by float32 atomics into a zeroed buffer that is cast after:
-two extra kernels, so the tables split only where N alone cannot give every SM a program.
+``SPLIT_K`` > 1 each K range stores its float32 partial sums in its own plane of a
+``[split, M, N]`` buffer, summed over the planes and cast after (``common._split_sum``: the
+same bits every call, where float32 atomics would add in the order the programs finish): two
+extra kernels, so the tables split only where N alone cannot give every SM a program.
 
 No host-device sync, no autotuning: configs are a pure function of (M, N, K, weight kind), so
 the launch is safe inside CUDA graph capture. On the CPU the kernels run in Triton's
@@ -57,7 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.kernels.gemm.common import _interpreted, _num_sms
+from tessellm.kernels.gemm.common import (_interpreted, _num_sms, _split_out, _split_stride,
+                                          _split_sum)
 from tessellm.kernels.activation import silu_mul
 from tessellm.kernels.gemm.fp8_codes import e4m3_to_16bit
 from tessellm.kernels.pdl import pdl_args, pdl_start
@@ -73,7 +76,7 @@ class GemvConfig:
     block_k: int  # K elements per loop step and program (a power of two)
     num_warps: int
     stages: int  # software-pipelining depth of the K loop (1: plain loads)
-    split_k: int = 1  # programs along K; > 1: fp32 atomics into a zeroed buffer, then a cast
+    split_k: int = 1  # programs along K; > 1: a float32 plane each, summed, then a cast
     dot: bool = False  # tensor-core dot (BLOCK_M >= 16 rows of x) instead of FMAs
     chunk: int = 0  # FMA: sum each thread's 16-byte run of K every step (0: at the end)
     f32_bits: bool = False  # FMA, e4m3 on NVIDIA: decode to float32 by bit moves (x 2^-120)
@@ -221,7 +224,8 @@ def store_silu_mul(y, out_row, col, limit):
 @triton.jit
 def _store_row(acc, r, s_ptr, bias_ptr, out_ptr, rn, w_rn, M, N, stride_om, pid_k,
                W_FP8: tl.constexpr, F32_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-               ATOMIC: tl.constexpr, SILU_FOLD: tl.constexpr):
+               SILU_FOLD: tl.constexpr):
+    """Row r's sums to out (``out_ptr``: this split's plane, ``_split_plane``)."""
     if SILU_FOLD:  # w_rn: weight rows in [0, 2N) (gate, up pairs), rn: output columns
         y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, w_rn, 2 * N, pid_k, W_FP8, F32_BITS,
                     HAS_BIAS)
@@ -231,17 +235,20 @@ def _store_row(acc, r, s_ptr, bias_ptr, out_ptr, rn, w_rn, M, N, stride_om, pid_
                     HAS_BIAS)
         ptrs = out_ptr + r * stride_om + rn
         ok = (rn < N) & (tl.zeros_like(rn) + r < M)
-        if ATOMIC:
-            tl.atomic_add(ptrs, y, mask=ok)
-        else:
-            tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _split_plane(out_ptr, pid_k, stride_split):
+    """Split ``pid_k``'s plane of the output (``common._split_out``; stride 0: one plane)."""
+    return out_ptr + pid_k.to(tl.int64) * stride_split
 
 
 @triton.jit
 def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
-                     stride_om, k_per_split,
+                     stride_om, stride_split, k_per_split,
                      W_FP8: tl.constexpr, W_PTX: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                      CHUNK: tl.constexpr, F32_BITS: tl.constexpr, PTX: tl.constexpr,
                      SILU_FOLD: tl.constexpr, USE_PDL: tl.constexpr):
@@ -280,8 +287,8 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
         if BLOCK_M > 2:
             acc2 = _fma_row(acc2, wf, x2, koff, K, EVEN_K, PTX, CHUNK)
             acc3 = _fma_row(acc3, wf, x3, koff, K, EVEN_K, PTX, CHUNK)
-    args = (s_ptr, bias_ptr, out_ptr, rn, w_rn, M, N, stride_om, pid_k, W_FP8, F32_BITS,
-            HAS_BIAS, ATOMIC, SILU_FOLD)
+    args = (s_ptr, bias_ptr, _split_plane(out_ptr, pid_k, stride_split), rn, w_rn, M, N,
+            stride_om, pid_k, W_FP8, F32_BITS, HAS_BIAS, SILU_FOLD)
     _store_row(acc0, 0, *args)
     if BLOCK_M > 1:
         _store_row(acc1, 1, *args)
@@ -292,9 +299,9 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
 
 @triton.jit
 def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
-                     stride_om, k_per_split,
+                     stride_om, stride_split, k_per_split,
                      W_FP8: tl.constexpr, W_PTX: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                      DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr):
     """``acc[BN, BM] += dot(W tile, x tile.T)``: BLOCK_M >= 16 rows, tensor cores.
@@ -317,18 +324,15 @@ def _gemv_dot_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
         else:
             acc += tl.dot(_widen(w, x.dtype, W_FP8, W_PTX, False, False), tl.trans(x))
     y = _finish(tl.trans(acc), s_ptr, bias_ptr, rn, N, pid_k, W_FP8, False, HAS_BIAS)
-    _store_tile(y, out_ptr, rm, rn, M, N, stride_om, ATOMIC)
+    _store_tile(y, _split_plane(out_ptr, pid_k, stride_split), rm, rn, M, N, stride_om)
 
 
 @triton.jit
-def _store_tile(y, out_ptr, rm, rn, M, N, stride_om, ATOMIC: tl.constexpr):
-    """y [BM, BN] to rows rm, columns rn of out (float32 atomics into a split-K buffer)."""
+def _store_tile(y, out_ptr, rm, rn, M, N, stride_om):
+    """y [BM, BN] to rows rm, columns rn of out (a split's plane: ``_split_plane``)."""
     ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
     ok = (rm[:, None] < M) & (rn[None, :] < N)
-    if ATOMIC:
-        tl.atomic_add(ptrs, y, mask=ok)
-    else:
-        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def gemv_config(m: int, n: int, k: int, w_fp8: bool, num_sms: int = 132) -> GemvConfig:
@@ -357,7 +361,8 @@ def gemv_config(m: int, n: int, k: int, w_fp8: bool, num_sms: int = 132) -> Gemv
 
 
 def _with_split(cfg: GemvConfig, n: int, k: int, num_sms: int) -> GemvConfig:
-    """Split K only when the N tiles alone leave SMs idle (the atomics cost two kernels)."""
+    """Split K only when the N tiles alone leave SMs idle (the planes' sum and cast cost two
+    kernels)."""
     split = 1
     tiles = triton.cdiv(n, cfg.block_n)
     while tiles * split < num_sms and k >= cfg.block_k * split * 4 and split < 16:
@@ -429,14 +434,11 @@ def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False) ->
         raise ValueError(f"gemv: the FMA kernel takes at most 4 rows, got {m}; use dot=True")
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
-    if split > 1:  # partial sums of several K ranges meet by fp32 atomics
-        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    else:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = _split_out(x, m, n, split)  # split > 1: a float32 plane per K range
     args = (x, w, scales if scales is not None else x, bias if bias is not None else x, out,
-            m, n, k, x.stride(0), w.stride(0), out.stride(0), k_per_split)
+            m, n, k, x.stride(0), w.stride(0), out.stride(-2), _split_stride(out), k_per_split)
     meta = dict(W_FP8=scales is not None, W_PTX=w_ptx, HAS_BIAS=bias is not None,
-                ATOMIC=split > 1, EVEN_K=k % k_per_split == 0, BLOCK_N=cfg.block_n,
+                EVEN_K=k % k_per_split == 0, BLOCK_N=cfg.block_n,
                 BLOCK_K=cfg.block_k, STAGES=cfg.stages, num_warps=cfg.num_warps,
                 num_stages=cfg.stages)
     grid = (triton.cdiv(n, cfg.block_n // 2 if silu_fold else cfg.block_n), split)
@@ -448,4 +450,4 @@ def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False) ->
         _gemv_fma_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), CHUNK=cfg.chunk,
                                F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x),
                                SILU_FOLD=silu_fold, **meta, **pdl_args(x.device))
-    return out if split == 1 else out.to(x.dtype)
+    return _split_sum(out, x.dtype)

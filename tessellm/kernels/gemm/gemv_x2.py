@@ -11,7 +11,8 @@ kernels; the LM head 121.5 against 133.0 (4.3 TB/s). Engine B1 (fp8 weights) 2.7
 3.203 ms per token, bf16 4.138 in the same run (0.66x).
 
 Two kernels share that arithmetic: ``_gemv_e4m3_x2_kernel`` (one program a tile of BLOCK_N rows,
-split K by float32 atomics where the tiles cannot fill the GPU) and
+split K where the tiles cannot fill the GPU, each K range into its own float32 plane, summed
+after: ``common._split_sum``) and
 ``_gemv_e4m3_x2_stream_kernel`` (a persistent grid of a few programs an SM streaming tile after
 tile, each as a flat loop over K steps with the next step's words loaded before this step's
 arithmetic). Only the order of the float32 sum differs between them. Which one and which tiles
@@ -38,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.kernels.gemm.common import _interpreted, _num_sms
+from tessellm.kernels.gemm.common import (_interpreted, _num_sms, _split_out, _split_stride,
+                                          _split_sum)
 from tessellm.kernels.gemm.gemv import (GemvConfig, _finish, _program_rows, _ptx, _with_split,
                                         store_silu_mul)
 from tessellm.kernels.gemm.gemv_x2_table import X2_TABLE
@@ -83,8 +85,8 @@ def _dot4_e4m3_bf16_ref(acc, w, x):
 
 @triton.jit
 def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_wn_words,
-                         words_per_split,
-                         HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+                         words_per_split, stride_split,
+                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PTX: tl.constexpr,
                          SILU_FOLD: tl.constexpr, USE_PDL: tl.constexpr):
     """One row of bf16 x against e4m3 weights, 4 codes a 32-bit word (``_dot4_e4m3_bf16x2``).
@@ -120,11 +122,8 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
         store_silu_mul(y, out_ptr, rn, N)
     else:
         y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, rn, N, pid_k, True, True, HAS_BIAS)
-        ok = rn < N
-        if ATOMIC:
-            tl.atomic_add(out_ptr + rn, y, mask=ok)
-        else:
-            tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + pid_k.to(tl.int64) * stride_split + rn,
+                 y.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
@@ -233,14 +232,13 @@ def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                               1 if _interpreted(x) else _num_sms(x.device.index or 0)).split_k
     words_per_split = triton.cdiv(triton.cdiv(kw, block_kw), split_k) * block_kw
     split = triton.cdiv(kw, words_per_split)
-    out = (torch.zeros(1, n, dtype=torch.float32, device=x.device) if split > 1
-           else torch.empty(1, n, dtype=x.dtype, device=x.device))
+    out = _split_out(x, 1, n, split)
     _gemv_e4m3_x2_kernel[(triton.cdiv(n, block_n), split)](
         x, qweight, scales, bias if bias is not None else scales, out, n, kw,
-        qweight.stride(0) // 4, words_per_split, HAS_BIAS=bias is not None, ATOMIC=split > 1,
+        qweight.stride(0) // 4, words_per_split, _split_stride(out), HAS_BIAS=bias is not None,
         EVEN_K=kw % words_per_split == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
         SILU_FOLD=False, num_warps=num_warps, **pdl_args(x.device))
-    return out if split == 1 else out.to(x.dtype)
+    return _split_sum(out, x.dtype)
 
 
 def gemv_fp8_x2_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -261,7 +259,7 @@ def gemv_fp8_x2_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: tor
     out = torch.empty(1, n // 2, dtype=x.dtype, device=x.device)
     _gemv_e4m3_x2_kernel[(triton.cdiv(n // 2, block_n // 2), 1)](
         x, qweight, scales, bias if bias is not None else scales, out, n // 2, kw,
-        qweight.stride(0) // 4, kw, HAS_BIAS=bias is not None, ATOMIC=False,
+        qweight.stride(0) // 4, kw, 0, HAS_BIAS=bias is not None,
         EVEN_K=kw % block_kw == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
         SILU_FOLD=True, num_warps=num_warps, **pdl_args(x.device))
     return out

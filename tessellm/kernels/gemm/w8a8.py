@@ -16,13 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.kernels.gemm.common import _interpreted, _num_sms
+from tessellm.kernels.gemm.common import (_interpreted, _num_sms, _split_out, _split_stride,
+                                          _split_sum)
 from tessellm.kernels.gemm.gemv import (
     GemvConfig,
     _finish,
     _k_split,
     _load_k,
     _ptx,
+    _split_plane,
     _store_tile,
     _with_split,
 )
@@ -61,9 +63,9 @@ def _row_scales(x_ptr, M, K, stride_xm, FP8_MAX: tl.constexpr, BLOCK_M: tl.const
 
 @triton.jit
 def _gemv_w8a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
-                      stride_wn, stride_om, k_per_split,
+                      stride_wn, stride_om, stride_split, k_per_split,
                       FP8_MAX: tl.constexpr, X_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                      EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                       NATIVE: tl.constexpr, SCALE_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """W8A8 on the fp8 tensor cores: ``acc[BN, BM] += dot(W codes, xq.T)``, then
@@ -99,7 +101,7 @@ def _gemv_w8a8_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, s
             acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
     y = tl.trans(acc) * sx[:, None]
     y = _finish(y, s_ptr, bias_ptr, rn, N, pid_k, True, False, HAS_BIAS)
-    _store_tile(y, out_ptr, rm, rn, M, N, stride_om, ATOMIC)
+    _store_tile(y, _split_plane(out_ptr, pid_k, stride_split), rm, rn, M, N, stride_om)
 
 
 def w8a8_native(x: torch.Tensor, qweight: torch.Tensor) -> bool:
@@ -139,15 +141,14 @@ def gemv_w8a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     cfg = config or w8a8_config(m, n, k, 1 if _interpreted(x) else _num_sms(x.device.index or 0))
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
-    out = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1
-           else torch.empty(m, n, dtype=out_dtype, device=x.device))
+    out = _split_out(x, m, n, split, out_dtype)
     _gemv_w8a8_kernel[(triton.cdiv(n, cfg.block_n), split)](
         x, x_scales if x_scales is not None else scales, qweight, scales,
         bias if bias is not None else scales, out, m, n, k, x.stride(0), qweight.stride(0),
-        out.stride(0), k_per_split, FP8_MAX=torch.finfo(qweight.dtype).max, X_QUANT=x_quant,
-        HAS_BIAS=bias is not None, ATOMIC=split > 1, EVEN_K=k % k_per_split == 0,
+        out.stride(-2), _split_stride(out), k_per_split, FP8_MAX=torch.finfo(qweight.dtype).max,
+        X_QUANT=x_quant, HAS_BIAS=bias is not None, EVEN_K=k % k_per_split == 0,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         STAGES=cfg.stages, NATIVE=w8a8_native(x, qweight),
         SCALE_BLOCK=2048 if not _interpreted(x) else 64, num_warps=cfg.num_warps,
         num_stages=cfg.stages, **pdl_args(x.device))
-    return out if split == 1 else out.to(out_dtype)
+    return _split_sum(out, out_dtype)

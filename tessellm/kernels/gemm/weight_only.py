@@ -9,7 +9,8 @@ tile, so a tile never straddles a group (``BLOCK_K`` divides the group size)::
         acc += part * scale[g, :]  (+ rowsum(x[:, k0:k0+BK]) * offset[g, :] for int4 offsets)
 
 Small M (decode) is memory-bound: tiles are 16 rows and K is split over ``SPLIT_K`` programs
-(fp32 atomics) until the grid fills the GPU. Large M (prefill) is compute-bound: the weight is
+(each range's partial product in its own plane, summed after: deterministic, ``common.py``)
+until the grid fills the GPU. Large M (prefill) is compute-bound: the weight is
 dequantized once to x's dtype and cuBLAS does the GEMM (``DEQUANT_MIN_M``).
 
 fp8: up to ``FP8_WEIGHT_ONLY_MAX_M`` rows (decode), W8A16: ``_w8a16_gemm_kernel`` (W_FP8) reads
@@ -44,7 +45,9 @@ from tessellm.kernels.gemm.common import (
     _dot_args,
     _epilogue,
     _interpreted,
-    _out,
+    _split_out,
+    _split_stride,
+    _split_sum,
     _tile_ranges,
     _tiles,
 )
@@ -54,9 +57,9 @@ from tessellm.quantization.packed import Fp8Weight, Int4Weight, Int8Weight
 
 @triton.jit
 def _w8a16_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
-                       stride_xm, stride_wn, stride_sg, stride_om,
+                       stride_xm, stride_wn, stride_sg, stride_om, stride_split,
                        GROUP_SIZE: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_K,
+                       HAS_BIAS: tl.constexpr, SPLIT_K,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        W_FP8: tl.constexpr, W_PTX: tl.constexpr, DOT_FP32: tl.constexpr,
                        DOT_PREC: tl.constexpr):
@@ -92,14 +95,14 @@ def _w8a16_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
             acc += part * s.to(tl.float32)[None, :]
     if PER_CHANNEL:
         acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, ATOMIC)
+    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_split, pid_k, HAS_BIAS)
 
 
 @triton.jit
 def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K,
-                      stride_xm, stride_qk, stride_sg, stride_og, stride_om,
+                      stride_xm, stride_qk, stride_sg, stride_og, stride_om, stride_split,
                       GROUP_SIZE: tl.constexpr, ZERO_POINT: tl.constexpr,
-                      HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                      HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
     """q int32 ``[K/8, N]`` (8 codes per word along K); scales/offsets ``[G, N]``."""
@@ -122,7 +125,7 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K,
         if HAS_OFFSETS:
             off = tl.load(o_ptr + g * stride_og + rn, mask=rn < N, other=0.0).to(tl.float32)
             acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * off[None, :]
-    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, pid_k, HAS_BIAS, ATOMIC)
+    _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_split, pid_k, HAS_BIAS)
 
 
 @triton.jit
@@ -170,14 +173,13 @@ def int8_gemm(x: torch.Tensor, w: Int8Weight, bias=None) -> torch.Tensor:
     per_channel = w.scales.shape[0] == 1
     t = _tiles(x, m, n, k, k if per_channel else w.group_size)
     grid, split = t.pop("grid"), t["SPLIT_K"]
-    out = _out(x, m, n, split)
+    out = _split_out(x, m, n, split)
     _w8a16_gemm_kernel[grid](
         x, w.qweight, w.scales, bias if bias is not None else x, out, m, n, k,
-        x.stride(0), w.qweight.stride(0), w.scales.stride(0), out.stride(0),
+        x.stride(0), w.qweight.stride(0), w.scales.stride(0), out.stride(-2), _split_stride(out),
         GROUP_SIZE=1 if per_channel else w.group_size, PER_CHANNEL=per_channel,
-        HAS_BIAS=bias is not None, ATOMIC=split > 1, W_FP8=False, W_PTX=False,
-        **_dot_args(x), **t)
-    return out if split == 1 else out.to(x.dtype)
+        HAS_BIAS=bias is not None, W_FP8=False, W_PTX=False, **_dot_args(x), **t)
+    return _split_sum(out, x.dtype)
 
 
 def int4_gemm(x: torch.Tensor, w: Int4Weight, bias=None) -> torch.Tensor:
@@ -189,14 +191,14 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight, bias=None) -> torch.Tensor:
     n = w.qweight.shape[1]
     t = _tiles(x, m, n, k, w.group_size)
     grid, split = t.pop("grid"), t["SPLIT_K"]
-    out = _out(x, m, n, split)
+    out = _split_out(x, m, n, split)
     offsets = w.offsets if w.offsets is not None else w.scales
     _int4_gemm_kernel[grid](
         x, w.qweight, w.scales, offsets, bias if bias is not None else x, out, m, n, k,
-        x.stride(0), w.qweight.stride(0), w.scales.stride(0), offsets.stride(0), out.stride(0),
-        GROUP_SIZE=w.group_size, ZERO_POINT=w.zero_point, HAS_OFFSETS=w.offsets is not None,
-        HAS_BIAS=bias is not None, ATOMIC=split > 1, **_dot_args(x), **t)
-    return out if split == 1 else out.to(x.dtype)
+        x.stride(0), w.qweight.stride(0), w.scales.stride(0), offsets.stride(0), out.stride(-2),
+        _split_stride(out), GROUP_SIZE=w.group_size, ZERO_POINT=w.zero_point,
+        HAS_OFFSETS=w.offsets is not None, HAS_BIAS=bias is not None, **_dot_args(x), **t)
+    return _split_sum(out, x.dtype)
 
 
 def int4_dequantize(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -252,7 +254,7 @@ def _gemv_fp8_faster(m: int, n: int, k: int) -> bool:
     """Where ``gemv.gemv_fp8`` beats ``fp8_w8a16_tiled`` (H200, CUDA graph, Llama-3.1-8B shapes
     at TP 1 and 2, benchmarks/kernels/gemv_bench.py): at one row wherever N < 8192, where the
     tiled kernel's 64-row tiles cannot fill the GPU and it splits K (zeroed fp32 buffer,
-    atomics, a cast); at two rows only while K <= 4096 too. Elsewhere, large N (gate_up, the LM
+    partial planes, a sum); at two rows only while K <= 4096 too. Elsewhere, large N (gate_up, the LM
     head) and M >= 3, the tiled kernel streams the weight faster. M=1 layer (qkv, o, gate_up,
     down): 74.5 us against 81.9 with the tiled kernel alone."""
     return n < 8192 and (m == 1 or (m == 2 and k <= 4096))
@@ -291,17 +293,17 @@ def fp8_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias
 
 def fp8_w8a16_tiled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias=None,
                     config: Optional[tuple] = None) -> torch.Tensor:
-    """``fp8_w8a16`` by ``_w8a16_gemm_kernel`` (W_FP8) (tiles, split-K by atomics); ``config``: its
+    """``fp8_w8a16`` by ``_w8a16_gemm_kernel`` (W_FP8) (tiles, split-K partial planes); ``config``: its
     tiles instead of ``_fp8_w8a16_config``'s (benchmarks)."""
     x = x.contiguous()
     m, k = x.shape
     n = qweight.shape[0]
     t = _tiles(x, m, n, k, k, config or _fp8_w8a16_config(m))
     grid, split = t.pop("grid"), t["SPLIT_K"]
-    out = _out(x, m, n, split)
+    out = _split_out(x, m, n, split)
     _w8a16_gemm_kernel[grid](
         x, qweight, scales, bias if bias is not None else x, out, m, n, k,
-        x.stride(0), qweight.stride(0), 0, out.stride(0), GROUP_SIZE=1, PER_CHANNEL=True,
-        HAS_BIAS=bias is not None, ATOMIC=split > 1, W_FP8=True, W_PTX=_w_ptx(x, qweight),
+        x.stride(0), qweight.stride(0), 0, out.stride(-2), _split_stride(out), GROUP_SIZE=1,
+        PER_CHANNEL=True, HAS_BIAS=bias is not None, W_FP8=True, W_PTX=_w_ptx(x, qweight),
         **_dot_args(x), **t)
-    return out if split == 1 else out.to(x.dtype)
+    return _split_sum(out, x.dtype)

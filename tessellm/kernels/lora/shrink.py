@@ -6,11 +6,13 @@ Grid: (row blocks, rank tiles, SPLIT_K). A program loads its block's slot, gathe
 ``x`` and multiplies them by ``lora_a[slot]``'s ``[BLOCK_N, K]`` tile, over its share of K::
 
     x rows (gathered)  [BLOCK_M, K]  ──┐
-    lora_a[slot]       [R, K]        ──┴─> out rows [BLOCK_M, R]  (split-K: atomically added)
+    lora_a[slot]       [R, K]        ──┴─> out rows [BLOCK_M, R]  (split-K: plane pid_k)
 
 K is large (the hidden size) and R small (the rank): split-K spreads a decode batch's few blocks
-over the GPU. Rows without an adapter are written 0 (by their blocks, or by ``out.zero_()``
-before a split-K launch). Tensors in, tensors out: imports neither tessellm.core nor backends.
+over the GPU. With split-K each K range writes its own float32 plane of a ``[split, T, R]``
+buffer and ``torch.sum`` adds the planes into ``out``: the same bits every call (float32 atomics
+would add in the order the programs finish). Rows without an adapter are written 0 by their
+blocks (in every plane). Tensors in, tensors out: imports neither tessellm.core nor backends.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ _SMS = 132  # programs to fill an H100/H200; a smaller GPU is just oversubscribe
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_ids_ptr, block_slot_ptr, num_padded_ptr,
                    T, R, K, num_slots, stride_xm, stride_as, stride_ar, stride_om, stride_on,
-                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   stride_split, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -39,11 +41,11 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_ids_ptr, block_slot_ptr, num_pa
     rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
     row_ok = rows < T
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o = out_ptr + rows.to(tl.int64)[:, None] * stride_om + rn[None, :] * stride_on
+    o = (out_ptr + pid_k.to(tl.int64) * stride_split + rows.to(tl.int64)[:, None] * stride_om
+         + rn[None, :] * stride_on)
     o_mask = row_ok[:, None] & (rn[None, :] < R)
     if slot >= num_slots:  # rows without an adapter
-        if SPLIT_K == 1:
-            tl.store(o, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=o_mask)
+        tl.store(o, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=o_mask)
         return
     x_row = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     a_col = a_ptr + slot.to(tl.int64) * stride_as + rn[None, :].to(tl.int64) * stride_ar
@@ -57,10 +59,7 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, sorted_ids_ptr, block_slot_ptr, num_pa
         if DOT_FP32:  # the interpreter's bf16 dot is wrong: widen the tiles there
             xt = xt.to(tl.float32)
         acc += tl.dot(xt, at.to(xt.dtype), input_precision=DOT_PREC)
-    if SPLIT_K == 1:
-        tl.store(o, acc, mask=o_mask)
-    else:
-        tl.atomic_add(o, acc, mask=o_mask)
+    tl.store(o, acc, mask=o_mask)
 
 
 def _split_k(meta: LoRABatchMeta, k: int, rank_tiles: int, block_k: int) -> int:
@@ -83,7 +82,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta,
                 out: torch.Tensor, split_k: Optional[int] = None) -> None:
     """``x [T, K]``, ``lora_a [S, R, K]`` (x's dtype, last dim contiguous), ``out`` float32
     ``[T, R]``: ``out[t] = lora_a[slot[t]] @ x[t]``, 0 for rows of slot -1. ``split_k``: K
-    splits (default: by the batch size; > 1 costs a memset of ``out``)."""
+    splits (default: by the batch size; > 1 costs a ``[split, T, R]`` float32 buffer and its sum
+    into ``out``)."""
     t, k = x.shape
     r = lora_a.shape[1]
     if lora_a.shape[2] != k or out.shape != (t, r) or out.dtype != torch.float32:
@@ -98,12 +98,13 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRABatchMeta,
     block_n = min(64, max(16, triton.next_power_of_2(r)))
     rank_tiles = triton.cdiv(r, block_n)
     split_k = split_k or _split_k(meta, k, rank_tiles, tiles["BLOCK_K"])
-    if split_k > 1:
-        out.zero_()
+    dst = torch.empty(split_k, t, r, dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (meta.block_slot.numel(), rank_tiles, split_k)
     _shrink_kernel[grid](
-        x, lora_a, out, meta.sorted_ids, meta.block_slot, meta.num_padded, t, r, k,
-        meta.num_slots, x.stride(0), lora_a.stride(0), lora_a.stride(1), out.stride(0),
-        out.stride(1), SPLIT_K=split_k, BLOCK_M=meta.block_m, BLOCK_N=block_n,
+        x, lora_a, dst, meta.sorted_ids, meta.block_slot, meta.num_padded, t, r, k,
+        meta.num_slots, x.stride(0), lora_a.stride(0), lora_a.stride(1), dst.stride(-2),
+        dst.stride(-1), dst.stride(0) if split_k > 1 else 0, SPLIT_K=split_k, BLOCK_M=meta.block_m, BLOCK_N=block_n,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         DOT_FP32=x.dtype == torch.bfloat16 and x.device.type == "cpu", **tiles)
+    if split_k > 1:
+        torch.sum(dst, 0, out=out)  # the planes, in a fixed order
