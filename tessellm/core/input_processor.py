@@ -99,11 +99,7 @@ class InputProcessor:
         if self.info.mm_limits and not p.mm_features:
             from tessellm.multimodal.processor import get_processor
 
-            token = get_processor(self.info).image_token_id
-            if token in ids:
-                raise ValueError(f"The prompt has image placeholder tokens (id {token}) but no "
-                                 "image; pass the images in multi_modal_data (or image_url "
-                                 "parts), or drop the placeholders.")
+            get_processor(self.info).check_without_images(ids)
         if not all(isinstance(t, int) and 0 <= t < self.info.vocab_size for t in ids):
             raise ValueError(f"Prompt token ids must be integers in [0, {self.info.vocab_size}).")
         check_prompt_fits(len(ids), self.info.max_model_len,

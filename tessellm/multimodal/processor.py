@@ -83,6 +83,13 @@ class ImageProcessor:
         """The processor's chat template (llava-hf keeps it there, not in the tokenizer)."""
         return getattr(self.hf, "chat_template", None)
 
+    def check_without_images(self, ids: Sequence[int]) -> None:
+        """A prompt that comes without images must not hold image placeholders."""
+        if self.image_token_id in ids:
+            raise ValueError(f"The prompt has image placeholder tokens (id {self.image_token_id}) "
+                             "but no image; pass the images in multi_modal_data (or image_url "
+                             "parts), or drop the placeholders.")
+
     def check_count(self, num_images: int) -> None:
         if num_images > self.max_images:
             raise ValueError(f"The prompt has {num_images} images, over the limit of "

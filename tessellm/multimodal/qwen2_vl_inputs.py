@@ -100,6 +100,11 @@ class Qwen2VLImageInputs(ImageProcessor):
                 return json.loads(text).get("chat_template") if name.endswith(".json") else text
         return None
 
+    def check_without_images(self, ids: Sequence[int]) -> None:
+        super().check_without_images(ids)
+        if self.video_token_id is not None and self.video_token_id in ids:
+            raise video_refusal()
+
     def process(self, prompt: Union[str, Sequence[int]], images) -> tuple[list[int], list[MultiModalFeature]]:
         images = as_image_list(images)
         self.check_count(len(images))

@@ -122,3 +122,11 @@ def test_prefix_cache_same_image_hits_other_image_misses(qwen2_vl_dir):
     want = hf_greedy(qwen2_vl_dir, [PROMPT, PROMPT], [[image(12)], [image(13)]], MAX_NEW)
     assert [first[0], again[0], other[0]] == [want[0], want[0], want[1]]
     assert want[0] != want[1]
+
+
+def test_chat_with_an_image_matches_hf(llm, qwen2_vl_dir):
+    """``LLM.chat`` renders the template's image parts (one <|image_pad|> each), expands them."""
+    message = {"role": "user", "content": [{"type": "image_pil", "image_pil": image(14)},
+                                           {"type": "text", "text": "What is this?"}]}
+    out = llm.chat([message], GREEDY, use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == hf_greedy(qwen2_vl_dir, [PROMPT], [[image(14)]], MAX_NEW)[0]
