@@ -124,16 +124,19 @@ class CheckedAttentionKernel(_Checked):
         sinks = kwargs.get("sinks")
         rotary = {key: val for key, val in kwargs.items() if key != "sinks"}
         t, h, d = q.shape
-        self._tensor("forward", out, [(t, h, d), (t, h * d)], q.dtype, q.device)
+        dv = getattr(self._spec, "mla_value_size", None) or d  # MLA: values are k's first dv
+        self._tensor("forward", out, [(t, h, dv), (t, h * dv)], q.dtype, q.device)
         if probe is not None:
             first, rows = probe
             if rotary:  # ``fuses_rotary``: the rows came unrotated; the reference rotates them
                 rows = _rotated(rows, rotary["positions"][first:first + rows[0].shape[0]],
                                 rotary["cos_sin_cache"])
+            if rows[2] is None:
+                rows = (rows[0], rows[1], rows[1][..., :dv])
             ref = _reference_attention(*rows, scale, self._spec.sliding_window,
                                        getattr(self._spec, "logit_softcap", None), sinks)
             rel = 0.15 if self._spec.kv_cache_dtype != "auto" else _rel(q.dtype)
-            got = out.reshape(t, h, d)[first:first + ref.shape[0]]
+            got = out.reshape(t, h, dv)[first:first + ref.shape[0]]
             self._close("forward", got, ref, rel, " (is the output laid out [num_tokens, "
                                                   "num_heads, head_size]?)")
         return out
@@ -149,7 +152,7 @@ def _attention_probe(batch, q, k, v):
         n = starts[s + 1] - starts[s]
         if n >= 1 and lens[s] == n:
             a, r = starts[s], min(PROBE_ROWS, n)
-            return a, tuple(x[a:a + r].detach().clone() for x in (q, k, v))
+            return a, tuple(None if x is None else x[a:a + r].detach().clone() for x in (q, k, v))
     return None
 
 

@@ -101,12 +101,13 @@ def _flags(piece: str, result) -> list[str]:
         declared = {"graph capture": "supports_graph_capture",
                     "sliding window": "supports_sliding_window", "fuses rotary": "fuses_rotary",
                     "logit soft-cap": "supports_logit_softcap",
-                    "attention sinks": "supports_attention_sinks"}
+                    "attention sinks": "supports_attention_sinks", "MLA": "supports_mla"}
         return [label for label, attr in declared.items() if getattr(result, attr, False)]
     if piece == "ops":
         optional = {"linear": "linear", "linear + SiLU": "linear_silu_and_mul",
                     "all-reduce + norm": "all_reduce_add_rms_norm",
-                    "fused MoE": "fused_moe", "fp8 act fold": "silu_and_mul_fp8"}
+                    "fused MoE": "fused_moe", "fused experts": "fused_experts",
+                    "fp8 act fold": "silu_and_mul_fp8"}
         return [label for label, attr in optional.items()
                 if callable(getattr(result, attr, None))]
     return []

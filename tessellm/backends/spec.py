@@ -30,7 +30,10 @@ them at load with one sentence naming the option and the backend (their kernels 
 the flag, so the spec field they never read is never silently ignored). 5 = attention sinks
 (``AttentionSpec.attention_sinks``, the kernel's ``supports_attention_sinks``, ``forward``'s
 ``sinks`` keyword); plugins of versions 1 to 4 keep working for every model without them, and a
-model with sinks (gpt-oss) is refused on them at load in the same way.
+model with sinks (gpt-oss) is refused on them at load in the same way. 6 = multi-head latent
+attention (``AttentionSpec.mla_value_size``, the kernel's ``supports_mla``: DeepSeek-V2/V3 cache
+one latent row per token, values are its leading dims); plugins of versions 1 to 5 keep working
+for every model without it, and an MLA model is refused on them at load in the same way.
 
 Ownership
 ---------
@@ -67,7 +70,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 5
+TESSELLM_PLUGIN_API = 6
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -99,6 +102,8 @@ CAPABILITIES = {
                       "supports_logit_softcap"),
     "attention_sinks": ("informative", "bool; the enforced flag is the kernel's "
                         "supports_attention_sinks"),
+    "mla": ("informative", "bool: multi-head latent attention (AttentionSpec.mla_value_size); "
+            "the enforced flag is the kernel's supports_mla"),
     "lora": ("informative", "bool: the backend has batched LoRA ops of its own (the engine asks "
              "tessellm_lora_ops; without them it runs the pure-torch reference)"),
 }
@@ -190,6 +195,13 @@ class AttentionSpec:
     attention_sinks: bool = False
     max_model_len: Optional[int] = None  # longest sequence the engine will run; None: unknown
     max_num_seqs: Optional[int] = None  # largest batch the scheduler can produce; None: unknown
+    # Multi-head latent attention (DeepSeek-V2/V3 MLA, absorbed form): the layer caches one
+    # row per token, its latent ``[c_kv | k_pe]`` (``head_size`` wide, ``num_kv_heads`` 1), and
+    # each value is the first ``mla_value_size`` dims of that row. ``forward`` then gets
+    # ``v=None`` and ``v_cache=None`` (no value cache is allocated) and returns ``[num_tokens,
+    # num_heads, mla_value_size]``. None: separate K and V caches. Served only by a kernel that
+    # declares ``supports_mla`` (the engine refuses the model elsewhere).
+    mla_value_size: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -315,6 +327,13 @@ class AttentionKernel(Protocol):
       (oracle: ``backends/reference/attention.paged_attention``'s ``sinks``). Refused at load
       like the soft-cap when the kernel does not declare it; ``sinks`` is passed only for such
       a spec, so a kernel that does not know it never receives it.
+    - ``supports_mla`` (optional, default False): ``forward`` serves a spec with
+      ``mla_value_size`` (multi-head latent attention): it writes ``k`` (the latent row) into
+      ``k_cache`` only, attends with values = the first ``mla_value_size`` dims of each cached
+      row, and returns ``[num_tokens, num_heads, mla_value_size]`` (the oracle is
+      ``backends/reference/mla_attention.paged_mla_attention``). For an MLA spec the engine
+      refuses the model at load, naming the option and the backend, unless the kernel it got
+      declares this.
     - ``supports_graph_capture`` (optional, default False): ``build_metadata`` output can be
       reused across graph replays and ``forward`` does no host-device synchronisation.
     - ``fuses_rotary`` (optional, default False): ``forward`` also accepts the keyword
@@ -425,6 +444,13 @@ class FusedOps(Protocol):
     # sums it, as for a row-parallel layer). The oracle is ``backends/reference/moe.py``; the
     # conformance suite's ``test_moe.py`` checks an implementation against it. Without it the
     # model runs the reference loop; ``tessellm backends`` reports which backends provide it.
+    #
+    # Optional: ``fused_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
+    # w2_scale=None)``, ``fused_moe`` with the routing done by the model (DeepSeek's grouped
+    # top-k, ``models/moe_routing.py``): ``topk_weights`` float32 and ``topk_ids`` int ``[T, k]``,
+    # each weight multiplying its expert's output as given (no renormalization). Oracle:
+    # ``backends/reference/moe.fused_experts_reference``; conformance ``test_moe.py``. Without it
+    # the model runs that reference loop.
 
 
 @runtime_checkable

@@ -128,14 +128,17 @@ class ModelRunner(RunnerGraphs):
             if heads_major:
                 shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_size)
             attn.k_cache = _zeros(shape, dtype, self.device)
-            attn.v_cache = _zeros(shape, dtype, self.device)
+            # A latent cache (MLA, ``layers/mla_attention.py``) has no values of its own.
+            values = _caches_values(attn)
+            attn.v_cache = _zeros(shape, dtype, self.device) if values else None
             if heads_major:
-                attn.k_cache, attn.v_cache = attn.k_cache.transpose(1, 2), attn.v_cache.transpose(1, 2)
+                attn.k_cache = attn.k_cache.transpose(1, 2)
+                attn.v_cache = attn.v_cache.transpose(1, 2) if values else None
 
     def kv_bytes_per_block(self, dtype: torch.dtype) -> int:
         elem = torch.empty(0, dtype=dtype).element_size()
-        return sum(2 * self.block_size * a.num_kv_heads * a.head_size * elem
-                   for a in self.kv_layers())
+        return sum((2 if _caches_values(a) else 1) * self.block_size * a.num_kv_heads
+                   * a.head_size * elem for a in self.kv_layers())
 
     def kv_layers(self) -> list:
         """Every attention layer holding KV cache: the target's, then a proposer's (a draft
@@ -409,3 +412,9 @@ def _host_zeros(nbytes: int) -> torch.Tensor:
         except OSError:
             pass  # THP off: 4 KiB pages, as calloc's
     return torch.frombuffer(buf, dtype=torch.uint8)  # the tensor keeps the mapping alive
+
+
+def _caches_values(attn) -> bool:
+    """Whether an attention layer has a value cache beside its key cache (False: MLA's latent
+    rows serve as both, ``layers/mla_attention.py``)."""
+    return getattr(attn, "caches_values", True)

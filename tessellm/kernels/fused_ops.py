@@ -34,6 +34,13 @@ class TritonOps:
         return fused_moe(hidden, router_logits, w13, w2, top_k, scoring, renormalize,
                          w13_scale, w2_scale)
 
+    def fused_experts(self, hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
+                      w2_scale=None):
+        """``fused_moe`` with the routing given: the same grouped GEMMs (``fused_moe_triton``)."""
+        from tessellm.kernels.moe import fused_moe_triton
+
+        return fused_moe_triton(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = _rows(x)
         out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype),

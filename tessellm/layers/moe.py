@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from tessellm.backends.reference.moe import fused_moe_reference
+from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
 from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.linear import Linear, materialize
 
@@ -45,11 +45,18 @@ class FusedMoE(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.local, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.local), requires_grad=False)
         self._moe = getattr(ops, "fused_moe", None) or fused_moe_reference
+        self._experts = getattr(ops, "fused_experts", None) or fused_experts_reference
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's partial ``[T, H]`` (the whole result when not tensor-parallel)."""
         return self._moe(hidden, router_logits, self.w13, self.w2, self.top_k, self.scoring,
                          self.renormalize)
+
+    def forward_routed(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor) -> torch.Tensor:
+        """As ``forward`` with the routing done by the caller (``[T, k]`` weights, as given,
+        and expert ids): a router the contract's scorings do not describe (DeepSeek's)."""
+        return self._experts(hidden, topk_weights, topk_ids, self.w13, self.w2)
 
     def load_expert(self, expert: int, part: str, tensor) -> str:
         """Copy one checkpoint projection (a key of ``EXPERT_PARTS``) of ``expert``; returns the

@@ -59,16 +59,18 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
         heads, getattr(text, "num_key_value_heads", None) or heads, tp.rank, tp.size)
     kernels = {}
 
-    def make_kernel(window, logit_softcap=None, attention_sinks=False):
-        key = (window, logit_softcap, attention_sinks)
+    def make_kernel(window, logit_softcap=None, attention_sinks=False, **shape):
+        """``shape``: AttentionSpec fields a family sets itself (MLA: ``num_kv_heads``,
+        ``head_size``, ``mla_value_size``, ``models/deepseek_mla.py``)."""
+        key = (window, logit_softcap, attention_sinks, tuple(sorted(shape.items())))
         if key not in kernels:
-            spec = AttentionSpec(
-                num_heads=local_heads, num_kv_heads=local_kv_heads,
-                head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,
-                dtype=dtype, block_size=block_size, kv_cache_dtype=kv_cache_dtype,
-                sliding_window=window, logit_softcap=logit_softcap,
-                attention_sinks=attention_sinks)
-            kernel = registry.attention_kernel(backend, spec)
+            spec = AttentionSpec(**{
+                "num_heads": local_heads, "num_kv_heads": local_kv_heads,
+                "head_size": getattr(text, "head_dim", None) or text.hidden_size // heads,
+                "dtype": dtype, "block_size": block_size, "kv_cache_dtype": kv_cache_dtype,
+                "sliding_window": window, "logit_softcap": logit_softcap,
+                "attention_sinks": attention_sinks, **shape})
+            kernel = mla_kernel_or_refuse(registry, backend, spec)
             if kernel is None:
                 raise RuntimeError(f"No plugin provides an attention kernel for backend "
                                    f"{backend.name!r} with {spec}.")
@@ -98,6 +100,23 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     return model, next(iter(kernels.values()))
 
 
+def mla_kernel_or_refuse(registry, backend, spec: AttentionSpec):
+    """The backend's kernel for ``spec``; for multi-head latent attention (``mla_value_size``)
+    one that declares ``supports_mla``, else one sentence naming the backend, the option and the
+    backends that can (a kernel that does not know the field would read the latent cache as
+    K/V heads, or fail in its own words on the latent row's width: that error is chained)."""
+    if spec.mla_value_size is None:
+        return registry.attention_kernel(backend, spec)
+    what = (f"uses multi-head latent attention (MLA: a latent KV cache of {spec.head_size} "
+            f"values a token, AttentionSpec.mla_value_size={spec.mla_value_size})")
+    try:
+        kernel = registry.attention_kernel(backend, spec)
+    except Exception as exc:
+        _require_kernel_flag(registry, backend, None, "mla", what, cause=exc)
+    _require_kernel_flag(registry, backend, kernel, "mla", what)
+    return kernel
+
+
 def check_logit_softcap(registry, backend, kernel, spec: AttentionSpec) -> None:
     """Refuse a model whose attention scores are soft-capped on a backend whose kernel does not
     declare ``supports_logit_softcap`` (the contract's flag: a kernel that does not know the
@@ -118,10 +137,12 @@ def check_attention_sinks(registry, backend, kernel, spec: AttentionSpec) -> Non
                              "the softmax: gpt-oss's self_attn.sinks)")
 
 
-def _require_kernel_flag(registry, backend, kernel, feature: str, what: str) -> None:
+def _require_kernel_flag(registry, backend, kernel, feature: str, what: str,
+                         cause: Optional[Exception] = None) -> None:
     """One sentence naming the feature, the backend, its kernel and the backends that declare
-    ``feature`` in their capabilities, unless the kernel declares ``supports_<feature>``."""
-    if getattr(kernel, f"supports_{feature}", False):
+    ``feature`` in their capabilities, unless the kernel declares ``supports_<feature>``
+    (``cause``: the kernel could not even be built for the spec; chained)."""
+    if kernel is not None and getattr(kernel, f"supports_{feature}", False):
         return
     others = [name for name, b in sorted(registry.backends.items())
               if name != backend.name and b.capabilities.get(feature)]
@@ -129,7 +150,7 @@ def _require_kernel_flag(registry, backend, kernel, feature: str, what: str) -> 
                      f"attention kernel {getattr(kernel, 'name', kernel)!r} does not declare "
                      f"supports_{feature}); run it on "
                      + (f"a backend that can: {', '.join(others)}." if others
-                        else "a backend whose kernel declares it."))
+                        else "a backend whose kernel declares it.")) from cause
 
 
 def check_tensor_parallel_quantization(quant_spec, tp_size: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tessellm.models import gemma, gemma2
 from tessellm.models import gpt_oss
 from tessellm.models import llava_next, qwen2_vl
+from tessellm.models import deepseek_v2
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
                              gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
                              olmoe, phi, phi3, seq_cls, smollm3, stablelm, starcoder2)
@@ -43,6 +44,8 @@ _MODELS = {
     "GraniteMoeSharedForCausalLM": granite_moe.GraniteMoeSharedForCausalLM,
     "OlmoeForCausalLM": olmoe.OlmoeForCausalLM,
     "GptOssForCausalLM": gpt_oss.GptOssForCausalLM,
+    "DeepseekV2ForCausalLM": deepseek_v2.DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": deepseek_v2.DeepseekV3ForCausalLM,
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": llava_next.LlavaNextForConditionalGeneration,
     "Qwen2VLForConditionalGeneration": qwen2_vl.Qwen2VLForConditionalGeneration,

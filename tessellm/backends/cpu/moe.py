@@ -19,6 +19,14 @@ def fused_moe_grouped(hidden, router_logits, w13, w2, top_k: int, scoring: str =
     """``FusedOps.fused_moe`` with the reference's variants (``reference/moe.py``: an
     ``ExpertActivation``, per-expert biases)."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
+    return grouped_experts(hidden, weights, ids, w13, w2, w13_scale, w2_scale)
+
+
+def grouped_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
+                    w2_scale=None) -> torch.Tensor:
+    """``FusedOps.fused_experts``: the grouped product with the routing given (``[T, k]``)."""
+    weights, ids = topk_weights, topk_ids
+    top_k = ids.shape[1]
     dtype = hidden.dtype
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)

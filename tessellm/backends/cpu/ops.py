@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tessellm.backends.cpu import native
-from tessellm.backends.cpu.moe import fused_moe_grouped
+from tessellm.backends.cpu.moe import fused_moe_grouped, grouped_experts
 from tessellm.backends.reference.logits import ReferenceLogitsOps
 from tessellm.backends.reference.ops import ReferenceOps
 
@@ -94,6 +94,7 @@ def silu_block(lib, d: int) -> int:
 class CpuOps(ReferenceOps):
     fused_moe = staticmethod(fused_moe_grouped)  # the sort-and-group MoE (cpu/moe.py)
     fused_moe_activations = ("silu", "swiglu_oai")  # and expert biases (reference/moe.py)
+    fused_experts = staticmethod(grouped_experts)  # the same with the routing given
 
     def __init__(self):
         # id(weight) -> (weight, its version counter when packed, the packed weight)

@@ -32,7 +32,7 @@ def tessellm_register_backends(register):
                         "compiled decode step passes the graph tests and greedy parity with eager.",
         capabilities={"graph_capture": "opt-in: TESSELLM_CPU_COMPILE=1 (torch.compile)",
                       "quantization": ["int8", "fp8", "gguf"], "logit_softcap": True,
-                      "attention_sinks": True},
+                      "attention_sinks": True, "mla": True},
     ))
 
 
@@ -40,6 +40,10 @@ def tessellm_register_backends(register):
 def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
     if backend.name != NAME:
         return None
+    if getattr(spec, "mla_value_size", None) is not None:  # DeepSeek's latent cache
+        from tessellm.backends.cpu.mla_attention import CpuMLAAttentionKernel
+
+        return CpuMLAAttentionKernel(spec)
     from tessellm.backends.cpu.attention import CpuAttentionKernel
 
     return CpuAttentionKernel(spec)

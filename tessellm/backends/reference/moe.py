@@ -21,6 +21,8 @@ only, no biases), and the model falls back to this reference otherwise.
 Routing: ``scoring`` "softmax" (Mixtral, Qwen-MoE) takes softmax over all E logits, then the
 top k; "sigmoid" (DeepSeek-V3 style) takes sigmoid of each logit, then the top k. With
 ``renormalize`` the k weights are divided by their sum. Routing runs in float32.
+``fused_experts_reference`` is the same product with the routing given (``topk_weights``,
+``topk_ids``), for routers the contract's two scorings do not describe (DeepSeek's).
 """
 
 from __future__ import annotations
@@ -96,6 +98,18 @@ def fused_moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, w13: 
     """The loop over experts; returns ``[T, H]`` in hidden's dtype. Experts run in hidden's
     dtype (as HF transformers does), their weighted outputs are summed in float32."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
+    return fused_experts_reference(hidden, weights, ids, w13, w2, w13_scale, w2_scale)
+
+
+def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
+                            topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                            w13_scale: Optional[torch.Tensor] = None,
+                            w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The oracle of the optional ``FusedOps.fused_experts``: ``fused_moe_reference`` with the
+    routing done by the caller (``topk_weights`` float32 and ``topk_ids`` ``[T, k]``: DeepSeek's
+    grouped top-k, ``models/moe_routing.py``). Each weight multiplies its expert's output as
+    given (no renormalization here)."""
+    weights, ids = topk_weights, topk_ids
     dtype = hidden.dtype
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     inter = w2.shape[-1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tessellm.backends.reference.moe import fused_moe_reference
+from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
 from tessellm.quantization.packed import Fp8Activation
 
 
@@ -48,6 +48,12 @@ class ReferenceOps:
         its keyword-only ``activation``, ``w13_bias``, ``w2_bias``."""
         return fused_moe_reference(hidden, router_logits, w13, w2, top_k, scoring, renormalize,
                                    w13_scale, w2_scale, **variant)
+
+    def fused_experts(self, hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
+                      w2_scale=None):
+        """``FusedOps.fused_experts``: the loop over experts with the routing given."""
+        return fused_experts_reference(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
+                                       w2_scale)
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:

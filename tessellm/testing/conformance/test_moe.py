@@ -1,12 +1,13 @@
 """``FusedOps.fused_moe`` (optional) against the reference loop over experts: softmax and
-sigmoid routing, top-k 1/2/8, experts that receive no token, and fp8 per-channel experts."""
+sigmoid routing, top-k 1/2/8, experts that receive no token, and fp8 per-channel experts; and
+``fused_experts`` (optional: the same with the routing given)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tessellm.backends.reference.moe import fused_moe_reference
+from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
 from tessellm.backends.spec import OpsSpec
 from tessellm.testing.harness import tolerance
 
@@ -36,6 +37,29 @@ def test_fused_moe(target, tokens, top_k, scoring, renormalize):
         args = [t.to(dtype) for t in (x, logits, w13, w2)]
         want = fused_moe_reference(*args, top_k, scoring, renormalize)
         got = ops.fused_moe(*[t.to(target.device) for t in args], top_k, scoring, renormalize)
+        assert got.dtype == dtype and got.shape == x.shape
+        torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+
+
+@pytest.mark.parametrize("tokens,top_k", [(1, 2), (7, 3), (40, 8)])
+def test_fused_experts(target, tokens, top_k):
+    """The optional ``fused_experts``: the routing given (weights as they are, not summing to
+    1, as DeepSeek's scaled grouped top-k gives them)."""
+    e, h, i = 16, 64, 32
+    w13, w2 = _experts(e, h, i, seed=50 + tokens)
+    g = torch.Generator().manual_seed(60 + tokens)
+    x = torch.randn(tokens, h, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g) * 2.5
+    for dtype in (torch.float32, target.low_precision_dtype):
+        ops = target.registry.fused_ops(target.backend, OpsSpec(dtype))
+        if ops is None or getattr(ops, "fused_experts", None) is None:
+            pytest.skip(f"{target.name} provides no fused_experts (DeepSeek runs the reference)")
+        args = [t.to(dtype) for t in (x, w13, w2)]
+        want = fused_experts_reference(args[0], weights, ids, *args[1:])
+        dev = target.device
+        got = ops.fused_experts(args[0].to(dev), weights.to(dev), ids.to(dev), args[1].to(dev),
+                                args[2].to(dev))
         assert got.dtype == dtype and got.shape == x.shape
         torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
 

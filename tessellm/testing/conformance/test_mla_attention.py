@@ -1,0 +1,49 @@
+"""Multi-head latent attention (``AttentionSpec.mla_value_size``, DeepSeek-V2/V3) against the
+pure-torch oracle (``backends/reference/mla_attention.py``): one cached latent row per token,
+values its first ``mla_value_size`` dims, no value cache. A backend whose kernel does not
+declare ``supports_mla`` is skipped (the engine refuses MLA models on it), unless its
+capabilities claim ``mla``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessellm.backends.reference.mla_attention import paged_mla_attention
+from tessellm.backends.spec import AttentionSpec
+from tessellm.testing.conformance.test_attention import BATCHES
+from tessellm.testing.harness import make_paged_step, seed_of, tolerance
+
+# (heads, latent row D, value width Dv, block size); the last is the released models' 576 / 512
+SHAPES = [(8, 48, 32, 16), (4, 40, 32, 8), (2, 576, 512, 16)]
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "h{}-d{}-dv{}-bs{}".format(*s))
+def test_mla_attention_matches_reference(target, shape, batch):
+    heads, d, dv, block_size = shape
+    spec = AttentionSpec(num_heads=heads, num_kv_heads=1, head_size=d, dtype=torch.float32,
+                         block_size=block_size, max_model_len=256, max_num_seqs=8,
+                         mla_value_size=dv)
+    try:
+        kernel = target.registry.attention_kernel(target.backend, spec)
+    except Exception:  # a kernel that does not know the field may refuse the latent width
+        kernel = None
+    if kernel is None or not getattr(kernel, "supports_mla", False):
+        if target.backend.capabilities.get("mla"):
+            pytest.fail(f"{target.name} declares mla but its kernel for an MLA spec does not "
+                        "declare supports_mla")
+        pytest.skip(f"{target.name} has no MLA attention kernel")
+    q_lens, ctx = BATCHES[batch]
+    step = make_paged_step(q_lens, ctx, num_kv_heads=1, group=heads, head_size=d,
+                           block_size=block_size, dtype=torch.float32, device=target.device,
+                           seed=seed_of("mla", shape, batch))
+    b = step.batch
+    want = paged_mla_attention(step.q.cpu(), step.ref_k_cache, dv, b.query_start_loc.cpu(),
+                               b.seq_lens.cpu(), b.block_tables.cpu(), step.scale)
+    md = kernel.build_metadata(b)
+    out = kernel.forward(step.q, step.k, None, step.k_cache, None, md, step.scale)
+    assert out.shape == (step.q.shape[0], heads, dv) and out.dtype == step.q.dtype
+    torch.testing.assert_close(out.float().cpu(), want, **tolerance(torch.float32))
+    # The latent rows land in exactly their slots; nothing else changes.
+    assert torch.equal(step.k_cache.cpu(), step.ref_k_cache), "k_cache differs from reference"
