@@ -19,11 +19,12 @@ def fused_moe_grouped(hidden, router_logits, w13, w2, top_k: int, scoring: str =
     """``FusedOps.fused_moe`` with the reference's variants (``reference/moe.py``: an
     ``ExpertActivation``, per-expert biases)."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
-    return grouped_experts(hidden, weights, ids, w13, w2, w13_scale, w2_scale)
+    return grouped_experts(hidden, weights, ids, w13, w2, w13_scale, w2_scale,
+                           activation=activation, w13_bias=w13_bias, w2_bias=w2_bias)
 
 
-def grouped_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
-                    w2_scale=None) -> torch.Tensor:
+def grouped_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None, w2_scale=None, *,
+                    activation=SILU, w13_bias=None, w2_bias=None) -> torch.Tensor:
     """``FusedOps.fused_experts``: the grouped product with the routing given (``[T, k]``)."""
     weights, ids = topk_weights, topk_ids
     top_k = ids.shape[1]

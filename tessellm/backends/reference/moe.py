@@ -98,13 +98,17 @@ def fused_moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, w13: 
     """The loop over experts; returns ``[T, H]`` in hidden's dtype. Experts run in hidden's
     dtype (as HF transformers does), their weighted outputs are summed in float32."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
-    return fused_experts_reference(hidden, weights, ids, w13, w2, w13_scale, w2_scale)
+    return fused_experts_reference(hidden, weights, ids, w13, w2, w13_scale, w2_scale,
+                                   activation=activation, w13_bias=w13_bias, w2_bias=w2_bias)
 
 
 def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
                             topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                             w13_scale: Optional[torch.Tensor] = None,
-                            w2_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            w2_scale: Optional[torch.Tensor] = None, *,
+                            activation: ExpertActivation = SILU,
+                            w13_bias: Optional[torch.Tensor] = None,
+                            w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The oracle of the optional ``FusedOps.fused_experts``: ``fused_moe_reference`` with the
     routing done by the caller (``topk_weights`` float32 and ``topk_ids`` ``[T, k]``: DeepSeek's
     grouped top-k, ``models/moe_routing.py``). Each weight multiplies its expert's output as
