@@ -130,3 +130,44 @@ def test_chat_with_an_image_matches_hf(llm, qwen2_vl_dir):
                                            {"type": "text", "text": "What is this?"}]}
     out = llm.chat([message], GREEDY, use_tqdm=False)
     assert list(out[0].outputs[0].token_ids) == hf_greedy(qwen2_vl_dir, [PROMPT], [[image(14)]], MAX_NEW)[0]
+
+
+@pytest.mark.slow  # two worker processes: ~20 s on 2 shared cores
+def test_tensor_parallel_two_ranks_with_chunked_prefill(qwen2_vl_dir):
+    """Each rank's runner gets the images' grids through the step codec and keeps the same
+    M-RoPE positions (16-token chunks through the images)."""
+    prompts = [TWO, PROMPT]
+    images = [[image(15, (24, 32)), image(16)], [image(17)]]
+    with LLM(qwen2_vl_dir, device="cpu", dtype="float32", num_kv_blocks=64, block_size=BS,
+             tensor_parallel_size=2, max_num_batched_tokens=16, limit_mm_per_prompt={"image": 2}) as llm:
+        got, _ = _generate(llm, prompts, images)
+    assert got == hf_greedy(qwen2_vl_dir, prompts, images, MAX_NEW)
+
+
+def test_flat_config_and_transformers5_weight_names(qwen2_vl_dir, tmp_path):
+    """The hub's older config.json (text fields at the top, ``rope_scaling`` of type ``mrope``)
+    and weights named as transformers 5 holds them in memory (``model.visual.*``,
+    ``model.language_model.*``) load to the same model."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "flat"
+    shutil.copytree(qwen2_vl_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    config.update({k: v for k, v in text.items() if k not in ("model_type", "layer_types")})
+    config["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    config["rope_theta"] = rope["rope_theta"]
+    (path / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(path / "model.safetensors"))
+    renamed = {("model." + k if k.startswith("visual.") else
+                k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k): v
+               for k, v in weights.items()}
+    assert any(k.startswith("model.language_model.layers.") for k in renamed)
+    save_file(renamed, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with LLM(str(path), dtype="float32", num_kv_blocks=32, block_size=BS) as flat:
+        got, _ = _generate(flat, [PROMPT], [[image(18)]])
+    assert got == hf_greedy(qwen2_vl_dir, [PROMPT], [[image(18)]], MAX_NEW)
