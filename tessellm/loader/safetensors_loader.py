@@ -61,6 +61,11 @@ class LazyTensor:
     def materialize(self) -> torch.Tensor:
         return _cast(self._handle.get_tensor(self.name), self._dtype)
 
+    def stored(self) -> torch.Tensor:
+        """The whole tensor in its stored dtype, uncast: a tensor the model keeps in float32
+        whatever it runs in (DeepSeek-V3's router bias, ``models/deepseek_v2.py``)."""
+        return self._handle.get_tensor(self.name)
+
 
 def _cast(tensor: torch.Tensor, dtype) -> torch.Tensor:
     """Floats to ``dtype``; None keeps the stored dtype (quantization tensors)."""

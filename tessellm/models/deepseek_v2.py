@@ -147,13 +147,23 @@ class DeepseekV2ForCausalLM(_MoeForCausalLM):
                 short = _strip_prefix(name)
                 match = _MLA_LINEAR.match(short) if short else None
                 if match is None:
-                    yield name, tensor
+                    yield name, _router_float32(name, tensor)
                 elif self._owns(short):
                     modules[match.group(1)].load_shard(match.group(2), tensor, None)
                     loaded.add(short)
 
         loaded |= super().load_weights(others())
         return loaded
+
+
+def _router_float32(name: str, tensor):
+    """The router's weight and V3's correction bias as stored, not cast to the model's dtype:
+    they stay float32 (as HF keeps them), and V3's checkpoints store the bias in float32, where
+    bfloat16 would move it by up to 2**-9 of its size and change which experts some tokens pick."""
+    if name.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")) and hasattr(
+            tensor, "stored"):
+        return tensor.stored().float()
+    return tensor
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

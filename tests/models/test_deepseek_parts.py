@@ -97,3 +97,26 @@ def test_mla_refused_on_a_backend_without_it(tmp_path):
                                          r"do .* supports_mla.*: cpu"):
         LLM(str(tmp_path / "ds"), load_format="dummy", dtype="float32", device="cuda",
             emulate=True)
+
+
+def test_router_stays_float32_in_a_bfloat16_model(tmp_path):
+    """V3's checkpoints keep the router bias in float32 beside bfloat16 weights; a bfloat16
+    engine keeps it (and the router weight) exactly, as HF does (rounded, some tokens would pick
+    other experts)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.models.test_deepseek import save_deepseek
+
+    path = save_deepseek(deepseek_config(True), str(tmp_path / "ds"))
+    file = tmp_path / "ds" / "model.safetensors"
+    stored = load_file(str(file))
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    stored[bias] = stored[bias] + 1e-3  # off the bfloat16 grid
+    save_file({k: v if k == bias else v.to(torch.bfloat16) for k, v in stored.items()},
+              str(file), metadata={"format": "pt"})
+    with LLM(path, dtype="bfloat16") as llm:
+        gate = llm.engine.core.runner.model.layers[1].mlp.gate
+        assert gate.e_score_correction_bias.dtype == torch.float32
+        assert torch.equal(gate.e_score_correction_bias, stored[bias])
+        weight = stored["model.layers.1.mlp.gate.weight"].to(torch.bfloat16).float()
+        assert torch.equal(gate.weight, weight)
