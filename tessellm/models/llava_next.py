@@ -14,7 +14,8 @@ grid has the image's aspect ratio, and ``image_newline`` appended to each row::
                       x x x x x x                          ...
                       . . . . . .
 
-    placeholder tokens = s*s + rows * (cols + 1)       (the HF processor's count)
+    placeholder tokens = s*s + rows * (cols + 1)       (``image_feature_size``; the HF
+                                                        processor's count too)
 
 HF's ``LlavaNextModel.pack_image_features`` and vLLM's ``llava_next.py`` do the same.
 """
@@ -28,16 +29,41 @@ from tessellm.layers.context import ModelContext
 from tessellm.models.llava import LlavaForConditionalGeneration, feature_select_strategy
 
 
+def best_pinpoint(image_size, pinpoints) -> tuple[int, int]:
+    """The (height, width) of ``pinpoints`` an image of ``image_size`` (height, width) is
+    resized and padded to, as the image processor picks it (transformers'
+    ``select_best_resolution``): the most of the image's pixels kept at the pinpoint's scale
+    (never more than it has), ties to the pinpoint with the least padding; first wins a full tie."""
+    orig_h, orig_w = (int(v) for v in image_size)
+    best, kept_best, waste_best = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / orig_w, h / orig_h)
+        kept = min(int(orig_w * scale) * int(orig_h * scale), orig_w * orig_h)
+        waste = w * h - kept
+        if kept > kept_best or (kept == kept_best and waste < waste_best):
+            best, kept_best, waste_best = (int(h), int(w)), kept, waste
+    return best
+
+
 def grid_shape(image_size, config) -> tuple[int, int]:
     """(tile rows, tile columns) of an image of ``image_size`` (height, width): the pinpoint
-    the image processor picks (transformers' ``select_best_resolution``, which it uses too),
-    in tiles of the tower's size."""
-    from transformers.image_processing_utils import select_best_resolution
-
+    the image processor picks (``best_pinpoint``) in tiles of the tower's size."""
     tile = config.vision_config.image_size
-    height, width = select_best_resolution(tuple(int(v) for v in image_size),
-                                           [tuple(p) for p in config.image_grid_pinpoints])
+    height, width = best_pinpoint(image_size, config.image_grid_pinpoints)
     return height // tile, width // tile
+
+
+def image_feature_size(image_size, config) -> int:
+    """Placeholder tokens of an image of ``image_size`` (height, width): the base tile's
+    ``s*s`` features, then the grid's patch rows and columns left after ``unpadded_window``,
+    each row plus its ``image_newline``; exactly the rows ``_pack`` gives the image, and what
+    HF's LlavaNextProcessor expands ``<image>`` to (tests/multimodal/test_llava_next_counts.py)."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    rows, cols = grid_shape(image_size, config)
+    keep_rows, keep_cols = unpadded_window(rows * side, cols * side, *(int(v) for v in image_size))
+    height = keep_rows.stop - keep_rows.start
+    width = keep_cols.stop - keep_cols.start
+    return side * side + height * (width + 1)
 
 
 def unpadded_window(height: int, width: int, orig_height: int, orig_width: int) -> tuple[slice, slice]:

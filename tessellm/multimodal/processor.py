@@ -4,7 +4,10 @@ expanded, and one ``MultiModalFeature`` per image (preprocessed pixels, span, ha
 The model's HF processor does the work (``AutoProcessor``: LlavaProcessor = a tokenizer that
 expands ``<image>`` to the image's feature count + CLIPImageProcessor: resize, crop, rescale,
 normalize; LlavaNextProcessor: the same over anyres tiles, a count that depends on the image's
-size), so the pixels and counts are exactly what transformers would feed the model. A prompt
+size), so the pixels and counts are exactly what transformers would feed the model. LLaVA-NeXT's
+per-image count is tessellm's own (``llava_next.image_feature_size``, the rows the model packs),
+checked at first use against the processor's settings; a checkpoint whose processor is another
+class keeps that class's own count. A prompt
 given as token ids may carry the placeholder once per image (expanded here, image k's to its
 own count) or already expanded (as the processor's output); any other count is refused,
 naming the expected one.
@@ -63,7 +66,7 @@ class ImageProcessor:
         self.max_images = max_images
         self.config = config
         self.image_token_id = image_token_id(config)
-        # LLaVA-NeXT (anyres): the count depends on the image's size, the processor says it
+        # LLaVA-NeXT (anyres): the count depends on the image's size (``_lengths``)
         self.anyres = bool(getattr(config, "image_grid_pinpoints", None))
         self.feature_size = None if self.anyres else image_feature_size(config)
         self.image_size = config.vision_config.image_size
@@ -130,11 +133,34 @@ class ImageProcessor:
         return [p[:n] for p, n in zip(pixels, tiles)], sizes
 
     def _lengths(self, sizes: list, num_images: int) -> list[int]:
-        """Placeholder tokens of each image: the processor's own count for LLaVA-NeXT."""
+        """Placeholder tokens of each image (LLaVA-NeXT: by its size, ``_anyres_count``)."""
         if not self.anyres:
             return [self.feature_size] * num_images
+        if self._anyres_count == "own":
+            from tessellm.models.llava_next import image_feature_size
+
+            return [image_feature_size(size, self.config) for size in sizes]
         counts = self._run(lambda: self.hf._get_num_multimodal_tokens(image_sizes=sizes))
         return [int(n) for n in counts.num_image_tokens]
+
+    @functools.cached_property
+    def _anyres_count(self) -> str:
+        """Who counts a LLaVA-NeXT image's placeholders: "own" (``image_feature_size``) for
+        transformers' LlavaNextProcessor, once its settings are checked to be the config's
+        (else the processor would expand ``<image>`` to a count the model does not produce);
+        "processor" for another processor class that says it can count (its own rule, through
+        its ``_get_num_multimodal_tokens``). Any other processor is refused."""
+        from transformers import LlavaNextProcessor
+
+        hf = self.hf
+        if type(hf) is LlavaNextProcessor:
+            _check_llava_next_processor(hf, self.config)
+            return "own"
+        if callable(getattr(hf, "_get_num_multimodal_tokens", None)):
+            return "processor"
+        raise ValueError(f"The model's processor is a {type(hf).__name__}, which tessellm cannot "
+                         "count LLaVA-NeXT image tokens for; save the checkpoint with "
+                         "transformers' LlavaNextProcessor.")
 
     @staticmethod
     def _run(call):
@@ -183,6 +209,23 @@ class ImageProcessor:
         return (f"The prompt has {count} image placeholder tokens (id {self.image_token_id}) for "
                 f"{len(lengths)} image(s); put one <image> per image in the prompt (each stands "
                 f"for {each}), or {sum(lengths)} when passing expanded token ids.")
+
+
+def _check_llava_next_processor(hf, config) -> None:
+    """Refuses a LlavaNextProcessor whose count would differ from the model's features: other
+    grid pinpoints, patch size or class-token bookkeeping than config.json's (the tile size is
+    checked on the pixels, ``ImageProcessor._pixels``)."""
+    found = {"image_grid_pinpoints": [list(p) for p in hf.image_processor.image_grid_pinpoints],
+             "patch_size": hf.patch_size,
+             "vision_feature_select_strategy": hf.vision_feature_select_strategy,
+             "num_additional_image_tokens": hf.num_additional_image_tokens}
+    want = {"image_grid_pinpoints": [list(p) for p in config.image_grid_pinpoints],
+            "patch_size": config.vision_config.patch_size,
+            "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    wrong = [f"{k} {found[k]!r} (the model's: {want[k]!r})" for k in want if found[k] != want[k]]
+    if wrong:
+        raise ValueError("The checkpoint's LlavaNextProcessor does not match its config.json: "
+                         + "; ".join(wrong) + ". Save the processor with the model's settings.")
 
 
 @functools.lru_cache(maxsize=4)
