@@ -22,19 +22,15 @@ from dataclasses import dataclass, field
 
 from tessellm.lora.families import Family, family_of, supported_architectures
 
-# Logical module name -> (our layer under the decoder layer, slice index in it)
-TARGETS = {
-    "q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1),
-    "v_proj": ("self_attn.qkv_proj", 2), "o_proj": ("self_attn.o_proj", 0),
-    "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
-    "down_proj": ("mlp.down_proj", 0), "fc_in": ("mlp.fc_in", 0), "fc_out": ("mlp.fc_out", 0),
-}
-# Our layer -> its logical modules in slice order.
+# Our layer under the decoder layer -> its logical modules in slice order.
 LAYER_SLICES = {
     "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
     "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",),
     "mlp.fc_in": ("fc_in",), "mlp.fc_out": ("fc_out",),
 }
+# Logical module name -> (our layer, slice index in it)
+TARGETS = {part: (layer, i)
+           for layer, parts in LAYER_SLICES.items() for i, part in enumerate(parts)}
 
 
 @dataclass(frozen=True)

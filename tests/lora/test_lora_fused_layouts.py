@@ -3,8 +3,9 @@ q/k/v in per-head (GPT-NeoX ``query_key_value``), per-KV-group (Falcon 40B) and 
 multi-query (GPT-BigCode ``c_attn``, Falcon 7B) layouts, whose adapter B is cut as the loader
 cuts the weight; MLPs without a gate (``fc1/fc2``, ``c_fc/c_proj``, ``dense_h_to_4h/4h_to_h``,
 ``fc_in/fc_out``); GLM's fused ``gate_up_proj`` beside separate q/k/v; parallel blocks (Phi,
-GPT-J, GPT-NeoX, Falcon); OLMoE's attention (its experts take no LoRA). Greedy tokens of a mixed batch (two adapters and rows without one)
-equal HF transformers + peft with each adapter applied alone, in float32."""
+GPT-J, GPT-NeoX, Falcon); OLMoE's attention (its experts take no LoRA). Greedy tokens of a
+mixed batch (two adapters and rows without one) equal HF transformers + peft with each adapter
+applied alone, in float32."""
 
 from __future__ import annotations
 
@@ -89,7 +90,13 @@ def _prompts() -> list[list[int]]:
     return [[rng.randrange(3, 128) for _ in range(n)] for n in (5, 23)]
 
 
-@pytest.mark.parametrize("family", list(SPECS))
+# one family per distinct layout in the default suite; those whose layout another shares
+# (renames only, or MoE attention as Mixtral's in test_lora_families.py) in the slow lane
+_SHARED_LAYOUT = ("falcon-7b", "gptj", "starcoder2", "olmoe")
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=pytest.mark.slow) if f in _SHARED_LAYOUT else f for f in SPECS])
 def test_layout_mixed_batch_matches_peft(layout_setup, family):
     model, paths = layout_setup(family)
     names = [None, *SPECS[family]]
@@ -127,6 +134,17 @@ def test_neox_fused_adapter_is_cut_per_head(layout_setup):
     for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
         assert adapter.modules[(1, part)].b.equal(per_head[:, i].flatten(0, 1))
     assert adapter.modules[(1, "o_proj")].b.shape == (64, 8)
+
+
+def test_every_layout_lands_in_wrapped_slices():
+    """Each logical part of each family's modules is a slice of a layer the family wraps: a
+    part without one would be loaded and then silently dropped."""
+    from tessellm.lora.families import FAMILIES
+    from tessellm.lora.shapes import TARGETS
+
+    for arch, family in FAMILIES.items():
+        for path, parts in family.modules.items():
+            assert all(part in TARGETS for part in parts), (arch, path, parts)
 
 
 @pytest.mark.parametrize("family,adapter_family,match", [
@@ -170,3 +188,27 @@ def test_tensor_parallel_layout_lora_matches_tp1(layout_setup, family):
     tokens = {tp: mixed_batch(model, paths, _prompts(), names, MAX_NEW, device="cpu",
                               num_kv_blocks=64, tensor_parallel_size=tp)[1] for tp in (1, 2)}
     assert tokens[2] == tokens[1]
+
+
+@pytest.mark.parametrize("family,arch,match", [
+    ("olmoe", "OlmoeForCausalLM", r"LoRA is not supported on OlmoeForCausalLM's mlp\.gate_up_proj "
+                                  r"\(layer 0\): that MLP is a mixture of experts"),
+    ("phi", "PhiForCausalLM", r"LoRA is not supported on PhiForCausalLM's mlp\.gate_up_proj "
+                              r"\(layer 0\): it is a DenseMLP without a dense gate_up_proj"),
+])
+def test_layer_without_the_linear_is_refused_naming_it(layout_setup, family, arch, match):
+    """The wrap's last line of defence (the table keeps it from happening): the MoE message
+    only where the MLP is a mixture of experts."""
+    import torch
+
+    from tessellm.backends.registry import BackendRegistry
+    from tessellm.config import resolve_model
+    from tessellm.loader.model_loader import build_model
+    from tessellm.lora.layers import LoRABatch, wrap_model
+
+    registry = BackendRegistry()
+    model, _ = build_model(resolve_model(layout_setup(family)[0]), "dummy", registry,
+                           registry.backends["cpu"], torch.float32, torch.device("cpu"), 16)
+    with pytest.raises(ValueError, match=match):
+        wrap_model(model, LoRABatch(None, 1), 1, 8, ("self_attn.o_proj", "mlp.gate_up_proj"),
+                   arch)
