@@ -26,8 +26,10 @@ loaded into the fused MoE's ``w13 [E, 2I, H]`` (gate rows, then up rows) and ``w
 Under tensor parallelism each rank holds every expert's slice of I (``layers/moe.py``); the down
 bias is added on rank 0 only, since the ranks' outputs are partial sums.
 
-MXFP4 checkpoints (the released weights' experts) are refused at load
-(``quantization/config.py``); the harmony chat format is not handled here.
+MXFP4 checkpoints (the released weights: experts as ``<proj>_blocks`` / ``<proj>_scales``,
+``quantization/mxfp4.py``) are dequantized to the model's dtype as they are read, then loaded
+like dense ones (no MXFP4 kernel: the experts take their dense size in memory). The harmony
+chat format is not handled here.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ from tessellm.layers.linear import Linear, materialize
 from tessellm.models.decoder import DecoderAttention
 from tessellm.models.layer_windows import window_by_layer_type
 from tessellm.models.llama import LlamaForCausalLM, _strip_prefix
+from tessellm.quantization.mxfp4 import dequantize_mxfp4
 
 _EXPERTS = re.compile(r"^(layers\.\d+\.mlp)\.experts\.(gate_up_proj|gate_up_proj_bias|down_proj|"
                       r"down_proj_bias)$")
+_MXFP4 = re.compile(r"^(layers\.\d+\.mlp)\.experts\.(gate_up_proj|down_proj)_(blocks|scales)$")
 _SINKS = re.compile(r"^(layers\.\d+\.self_attn)\.sinks$")
 
 
@@ -134,25 +138,40 @@ class GptOssForCausalLM(LlamaForCausalLM):
         loaded: set[str] = set()
         modules = dict(self.named_modules())
         experts_seen: dict[str, set[str]] = {}
+        packed: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # MXFP4 halves seen
+
+        def load_experts(prefix: str, part: str, tensor) -> None:
+            loaded.add(f"{prefix}.{modules[prefix].load(part, tensor)}")
+            experts_seen.setdefault(prefix, set()).add(part)
 
         def others():
             for name, tensor in weights:
                 short = _strip_prefix(name)
                 sinks = _SINKS.match(short) if short else None
                 experts = _EXPERTS.match(short) if short else None
-                if sinks is None and experts is None:
+                mxfp4 = _MXFP4.match(short) if short else None
+                if sinks is None and experts is None and mxfp4 is None:
                     yield name, tensor
                 elif not self._owns(short):
                     continue
                 elif sinks is not None:
                     modules[sinks.group(1)].load_sinks(tensor)
                     loaded.add(short)
-                else:
-                    prefix, part = experts.groups()
-                    loaded.add(f"{prefix}.{modules[prefix].load(part, tensor)}")
-                    experts_seen.setdefault(prefix, set()).add(part)
+                elif experts is not None:
+                    load_experts(*experts.groups(), tensor)
+                else:  # [E, out, in] once both halves are read; HF's parameter is [E, in, out]
+                    prefix, part, half = mxfp4.groups()
+                    pair = packed.setdefault((prefix, part), {})
+                    pair[half] = materialize(tensor)
+                    if len(pair) == 2:
+                        dense = dequantize_mxfp4(pair["blocks"], pair["scales"], torch.float32)
+                        load_experts(prefix, part, dense.transpose(1, 2))
+                        del packed[(prefix, part)]
 
         loaded |= super().load_weights(others())
+        for prefix, part in packed:
+            raise ValueError(f"The checkpoint has only one of {prefix}.experts.{part}_blocks and "
+                             f"{part}_scales (MXFP4); is it complete?")
         for prefix, seen in experts_seen.items():
             missing = {"gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"} - seen
             if missing:

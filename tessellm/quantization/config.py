@@ -66,12 +66,25 @@ def resolve_quant_spec(requested: Optional[str], source) -> Optional[QuantSpec]:
         raise ValueError(f"quantization={req!r} needs a checkpoint quantized with {req.upper()} "
                          f"(a quantization_config in config.json), but {source.path} has none; "
                          "use int8 or fp8 to quantize it on load.")
+    if _gpt_oss_mxfp4(source.hf_config, ckpt):
+        if req not in (None, "compressed-tensors"):
+            raise ValueError(f"The checkpoint at {source.path} stores its experts in MXFP4, "
+                             "which tessellm dequantizes at load (no kernel runs MXFP4); leave "
+                             "quantization unset.")
+        return None  # dense: models/gpt_oss.py widens the MXFP4 experts as it reads them
     spec = parse_checkpoint_config(ckpt)
     if req not in (None, "compressed-tensors", spec.scheme):
         raise ValueError(f"The checkpoint at {source.path} is quantized with "
                          f"{ckpt.get('quant_method')} ({spec.scheme}); leave quantization unset "
                          f"or pass {spec.scheme!r}.")
     return spec
+
+
+def _gpt_oss_mxfp4(hf_config, ckpt: dict) -> bool:
+    """gpt-oss's released format: MoE experts as MXFP4 blocks, the rest dense."""
+    archs = getattr(hf_config, "architectures", None) or []
+    return (str(ckpt.get("quant_method", "")).lower() == "mxfp4"
+            and "GptOssForCausalLM" in archs)
 
 
 def parse_checkpoint_config(qc: dict) -> QuantSpec:
@@ -93,10 +106,11 @@ def parse_checkpoint_config(qc: dict) -> QuantSpec:
                              "checkpoint with quantization='fp8'.")
         return QuantSpec("fp8", {"prequantized": True, "format": "fp8", "checkpoint": qc})
     if method == "mxfp4":  # gpt-oss's released checkpoints: MoE experts in MXFP4 blocks
-        raise ValueError("MXFP4 checkpoints (quant_method 'mxfp4', gpt-oss's released expert "
-                         "weights) are not supported yet; save a dequantized copy first (HF "
-                         "transformers: from_pretrained(..., quantization_config=Mxfp4Config("
-                         "dequantize=True)), then save_pretrained) and load that.")
+        raise ValueError("MXFP4 checkpoints (quant_method 'mxfp4') are supported for gpt-oss "
+                         "only (GptOssForCausalLM: its experts are dequantized at load); for "
+                         "another model save a dequantized copy first (HF transformers: "
+                         "from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True)),"
+                         " then save_pretrained) and load that.")
     raise ValueError(f"Checkpoint quantization {method!r} is not supported; tessellm loads awq, "
                      "gptq, compressed-tensors FP8 and fbgemm_fp8 checkpoints.")
 

@@ -85,6 +85,16 @@ decode, decode with prefetch and fused rotary) has the same instructions as befo
 but for one reordered parameter load and register names; on, the prefill kernel's PTX grows from
 3,860 to 4,188 instruction lines (an ex2 and a div.full.f32 per score).
 
+Attention sinks (``sinks``, gpt-oss): each head's learned logit joins its rows' softmax as a key
+with no value, once per row after the keys (``common._join_sinks``: the max may rise, the sum
+gains ``2^(sink - max)``), behind the ``SINKS`` constexpr: in the prefill kernel, in the
+split-KV decode when its one split writes the output, else only in the reduce kernel (a split's
+partial never holds it, so it is not counted once per split). Off, sm90 PTX compiled without a
+GPU (bf16, head 128: prefill with and without a window, decode one-split, several splits,
+prefetch with fused rotary, the reduce) has the same multiset of instructions as before the
+feature, only a few parameter loads and address computations reordered; on, prefill grows from
+4,168 to 4,268 PTX lines, the one-split decode 2,004 -> 2,057, the reduce 231 -> 244.
+
 Files: ``common.py`` (the shared tile, fp8 widening, checks), ``cache.py`` (the cache write),
 ``prefill.py``, ``decode.py``, ``paged.py`` (``TritonAttentionKernel``, the contract's protocol).
 """
