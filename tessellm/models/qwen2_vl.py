@@ -17,6 +17,7 @@ grid each).
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 import torch
@@ -78,7 +79,7 @@ class Qwen2VLForConditionalGeneration(ImageTextModel):
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
         self.config = config
-        text, vision = config.get_text_config(), config.vision_config
+        text, vision = _text_config(config), config.vision_config
         if ctx.pp.num_stages > 1:
             raise ValueError(f"{type(self).__name__} does not run with pipeline_parallel_size > 1 "
                              "yet; use tensor parallelism.")
@@ -134,6 +135,16 @@ class Qwen2VLForConditionalGeneration(ImageTextModel):
 
         loaded |= {f"language_model.{n}" for n in self.language_model.load_weights(text_weights())}
         return loaded
+
+
+def _text_config(config):
+    """The language model's config, with the top-level ``tie_word_embeddings`` (transformers 5
+    keeps it there only: Qwen2-VL-2B's and Qwen2.5-VL-3B's heads are tied) on a copy."""
+    text = config.get_text_config()
+    if getattr(text, "tie_word_embeddings", None) is None:
+        text = copy.copy(text)
+        text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+    return text
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):

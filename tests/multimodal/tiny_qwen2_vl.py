@@ -41,7 +41,8 @@ def _tokenizer():
 
 def config(kind: str = "qwen2_vl"):
     """Two text layers (hidden 64, head 16: mrope_section [2, 3, 3]) and a depth-2 tower;
-    Qwen2.5-VL's windows are 2x2 merge blocks (16 px), block 1 attends over the whole image."""
+    Qwen2.5-VL's windows are 2x2 merge blocks (16 px), block 1 attends over the whole image,
+    and its LM head is tied to the embeddings."""
     import transformers
 
     text = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -57,9 +58,12 @@ def config(kind: str = "qwen2_vl"):
         vision = dict(common, hidden_size=32, out_hidden_size=64, intermediate_size=48,
                       window_size=16, fullatt_block_indexes=[1])
         cls = transformers.Qwen2_5_VLConfig
+    # Qwen2.5-VL's tied, as Qwen2.5-VL-3B's (and Qwen2-VL-2B's): the flag is on the top-level
+    # config only, its text config has none
     return cls(text_config=text, vision_config=vision, image_token_id=IMAGE_PAD,
                video_token_id=VIDEO_PAD, vision_start_token_id=3, vision_end_token_id=4,
-               eos_token_id=2, pad_token_id=0, bos_token_id=None, architectures=[ARCHS[kind]])
+               eos_token_id=2, pad_token_id=0, bos_token_id=None, architectures=[ARCHS[kind]],
+               tie_word_embeddings=kind == "qwen2_5_vl")
 
 
 def make_tiny_qwen2_vl(path: str, kind: str = "qwen2_vl", seed: int = 0) -> str:
