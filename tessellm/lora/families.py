@@ -132,7 +132,8 @@ FAMILIES = {
     "GPTBigCodeForCausalLM": GPT_BIGCODE,
     **{arch: MOE_ATTENTION for arch in (
         "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-        "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM", "OlmoeForCausalLM")},
+        "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM", "OlmoeForCausalLM",
+        "GptOssForCausalLM")},
 }
 
 

@@ -3,13 +3,14 @@ q/k/v in per-head (GPT-NeoX ``query_key_value``), per-KV-group (Falcon 40B) and 
 multi-query (GPT-BigCode ``c_attn``, Falcon 7B) layouts, whose adapter B is cut as the loader
 cuts the weight; MLPs without a gate (``fc1/fc2``, ``c_fc/c_proj``, ``dense_h_to_4h/4h_to_h``,
 ``fc_in/fc_out``); GLM's fused ``gate_up_proj`` beside separate q/k/v; parallel blocks (Phi,
-GPT-J, GPT-NeoX, Falcon); OLMoE's attention (its experts take no LoRA). Greedy tokens of a
-mixed batch (two adapters and rows without one) equal HF transformers + peft with each adapter
-applied alone, in float32."""
+GPT-J, GPT-NeoX, Falcon); OLMoE's and gpt-oss's attention (their experts take no LoRA).
+Greedy tokens of a mixed batch (two adapters and rows without one) equal HF transformers + peft
+with each adapter applied alone, in float32."""
 
 from __future__ import annotations
 
 import random
+from functools import partial
 
 import pytest
 
@@ -26,6 +27,7 @@ def _config(family: str):
     from tests.models.test_gpt_neox import neox_config
     from tests.models.test_gptj import gptj_config
     from tests.models.test_phi import phi_config
+    from tests.models.test_gpt_oss import save_gpt_oss
     from tests.models.test_olmoe import olmoe_config
     from tests.models.test_starcoder2 import starcoder2_config
 
@@ -40,6 +42,7 @@ def _config(family: str):
         "starcoder2": lambda: starcoder2_config(),
         "glm4": lambda: glm_config("glm4"),
         "olmoe": lambda: olmoe_config(),  # MoE: attention only, q/k normed over all heads
+        "gpt-oss": lambda: save_gpt_oss,  # MoE, attention with biases and sinks
     }[family]()
 
 
@@ -66,6 +69,8 @@ SPECS = {
              "gate16": (16, ["q_proj", "gate_up_proj", "down_proj"], dict(lora_alpha=32))},
     "olmoe": {"qk8": (8, ["q_proj", "k_proj"], dict(lora_alpha=16)),
               "vo16": (16, ["v_proj", "o_proj"], dict(lora_alpha=32))},
+    "gpt-oss": {"qv8": (8, ["q_proj", "v_proj"], dict(lora_alpha=16)),
+                "ko16": (16, ["k_proj", "o_proj"], dict(lora_alpha=32))},
 }
 
 
@@ -78,7 +83,9 @@ def layout_setup(tmp_path_factory):
     def get(family: str):
         if family not in made:
             root = tmp_path_factory.mktemp(f"lora-{family}")
-            model = save_tiny(_config(family), str(root / "model"))
+            config = _config(family)  # or the family's own saving function
+            save = config if callable(config) else partial(save_tiny, config)
+            model = save(str(root / "model"))
             made[family] = model, make_adapters(model, str(root), seed=3, specs=SPECS[family])
         return made[family]
 
@@ -92,7 +99,7 @@ def _prompts() -> list[list[int]]:
 
 # one family per distinct layout in the default suite; those whose layout another shares
 # (renames only, or MoE attention as Mixtral's in test_lora_families.py) in the slow lane
-_SHARED_LAYOUT = ("falcon-7b", "gptj", "starcoder2", "olmoe")
+_SHARED_LAYOUT = ("falcon-7b", "gptj", "starcoder2", "olmoe", "gpt-oss")
 
 
 @pytest.mark.parametrize("family", [
