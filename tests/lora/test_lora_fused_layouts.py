@@ -173,15 +173,17 @@ def test_another_family_adapter_is_refused(layout_setup, family, adapter_family,
     assert "\n" not in str(err.value)
 
 
-def test_architecture_without_lora_layout_is_refused():
-    from transformers import LlavaConfig
+@pytest.mark.parametrize("config_class,arch", [("LlavaConfig", "LlavaForConditionalGeneration"),
+                                               ("DeepseekV3Config", "DeepseekV3ForCausalLM")])
+def test_architecture_without_lora_layout_is_refused(config_class, arch):
+    import transformers
 
     from tessellm.lora.shapes import BaseShapes
 
-    config = LlavaConfig(architectures=["LlavaForConditionalGeneration"])
-    with pytest.raises(ValueError, match=r"LoRA is not supported for "
-                                         r"LlavaForConditionalGeneration yet; it is for .*"
-                                         r"GPTNeoXForCausalLM"):
+    config = getattr(transformers, config_class)(architectures=[arch])
+    with pytest.raises(ValueError, match=rf"LoRA is not supported for {arch} yet; it is for .*"
+                                         r"GPTNeoXForCausalLM.*; serve the model without "
+                                         r"--enable-lora"):
         BaseShapes.from_config(config)
 
 
