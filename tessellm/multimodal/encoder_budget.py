@@ -53,7 +53,7 @@ def max_tokens_per_image(hf_config, model_path: Optional[str] = None) -> int:
         if model_path is None:
             raise ValueError("Qwen2-VL's image size limit is in its preprocessor_config.json; "
                              "give the model's path.")
-        return max_image_tokens(model_path, hf_config)
+        return max_image_tokens(model_path)
     if getattr(hf_config, "image_grid_pinpoints", None):  # LLaVA-NeXT: by image size
         from tessellm.models.llava_next import max_image_feature_size
 

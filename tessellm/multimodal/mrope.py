@@ -51,43 +51,47 @@ def prompt_positions(num_tokens: int, features: Sequence, merge: int) -> tuple[n
 
 
 class MRopePositions:
-    """Per running request with images: its prompt table and delta (text-only requests need
-    neither: delta 0). The runner calls ``drop`` with the requests it forgets and
-    ``positions`` once per step."""
+    """Per running request: its prompt table (None without images), delta (0 without) and the
+    table's end. The runner calls ``drop`` with the requests it forgets (finished, preempted)
+    and ``positions`` once per step."""
 
     def __init__(self, merge: int):
         self.merge = merge
-        self.prompts: dict[str, tuple[np.ndarray, int]] = {}  # request id -> (table, delta)
+        self.prompts: dict[str, tuple] = {}  # request id -> (table or None, delta, table end)
 
     def drop(self, request_ids: Iterable[str]) -> None:
         for rid in request_ids:
             self.prompts.pop(rid, None)
 
-    def _entry(self, state):
-        entry = self.prompts.get(state.request_id)
-        if entry is None and state.mm_features:
-            entry = self.prompts[state.request_id] = prompt_positions(
-                state.num_prompt_tokens, state.mm_features, self.merge)
+    def _add(self, state) -> tuple:
+        entry = (None, 0, 0)
+        if state.mm_features:
+            table, delta = prompt_positions(state.num_prompt_tokens, state.mm_features, self.merge)
+            entry = (table, delta, table.shape[1])
+        self.prompts[state.request_id] = entry
         return entry
 
     def positions(self, states: Sequence, counts: Sequence[int], seq_positions: np.ndarray,
                   query_start_loc: np.ndarray) -> np.ndarray:
         """The step's rotary positions: ``[3, T]`` when a row of the step is an image token
         (exactly the steps the encoder cache gives image features to), else ``[T]``."""
-        entries = [self._entry(st) for st in states]
-        if not any(entries):
-            return seq_positions
-        deltas = np.fromiter((0 if e is None else e[1] for e in entries), dtype=np.int64,
-                             count=len(states))
-        flat = seq_positions + np.repeat(deltas, counts)
-        tables = [(i, e[0]) for i, e in enumerate(entries)
-                  if e is not None and states[i].num_computed_tokens < e[0].shape[1]]
-        if not tables:
+        get = self.prompts.get
+        entries = [get(st.request_id) or self._add(st) for st in states]
+        s = len(states)
+        deltas = np.fromiter((e[1] for e in entries), dtype=np.int64, count=s)
+        if not deltas.any():  # text only, or images whose delta is 0 (still table rows below)
+            flat = seq_positions
+        else:
+            flat = seq_positions + (deltas if len(seq_positions) == s else np.repeat(deltas, counts))
+        ends = np.fromiter((e[2] for e in entries), dtype=np.int64, count=s)
+        firsts = seq_positions[query_start_loc[:-1]]  # each request's first position this step
+        inside = np.flatnonzero(firsts < ends)  # requests computing rows of their prompt table
+        if not len(inside):
             return flat
         out = np.repeat(flat[None], 3, axis=0)
         images = False  # some row of the step is an image token (else t = h = w everywhere)
-        for i, table in tables:
-            c = states[i].num_computed_tokens
+        for i in inside.tolist():
+            table, c = entries[i][0], int(firsts[i])
             n = min(c + counts[i], table.shape[1]) - c
             row = int(query_start_loc[i])
             out[:, row:row + n] = table[:, c:c + n]

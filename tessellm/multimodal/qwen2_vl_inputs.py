@@ -35,7 +35,7 @@ def video_refusal() -> ValueError:
                       "images, or frames as separate images.")
 
 
-def max_image_tokens(model_path: str, hf_config) -> int:
+def max_image_tokens(model_path: str) -> int:
     """Placeholder tokens of the biggest image the processor makes (``max_pixels`` in patches
     of ``patch * merge`` pixels a side)."""
     processor = _image_processor(model_path)

@@ -67,5 +67,5 @@ def test_step_positions_follow_the_table_then_the_delta():
     assert got.tolist() == [6, 7]
     a.num_computed_tokens = 11
     assert provider.positions([a], [1], np.array([11]), np.array([0, 1])).tolist() == [8]
-    provider.drop(["a"])
+    provider.drop(["a", "b"])  # finished or preempted: forgotten
     assert not provider.prompts
