@@ -84,7 +84,10 @@ def image(seed: int, size=(40, 52)):
 def hf_greedy(path: str, prompts: list[str], images: list, max_new_tokens: int,
               architecture: str = "LlavaForConditionalGeneration") -> list[list[int]]:
     """HF ``architecture``'s generate, float32, one prompt at a time; ``images[i]`` is prompt
-    i's image or list of images."""
+    i's image or list of images. EOS is banned for all ``max_new_tokens`` (``min_new_tokens``),
+    so every caller compares with ``min_tokens=max_tokens`` (and ``ignore_eos``), which bans the
+    same id on our side; ``tests/conftest.py::hf_greedy`` instead allows EOS, for callers that
+    pass ``ignore_eos`` alone. Either pairing is exact; mixing them is not."""
     import torch
     import transformers
     from transformers import AutoProcessor
