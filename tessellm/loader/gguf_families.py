@@ -13,6 +13,11 @@ llama ones under other names, fewer of them, or fused ones the family already cu
     phi3        ``attn_qkv`` and ``ffn_up`` fused as Phi-3's own ``qkv_proj`` / ``gate_up_proj``
                 (which ``Phi3ForCausalLM`` cuts), ``attention.sliding_window``, partial rotary;
                 LongRoPE files (``rope_factors_long`` / ``rope_factors_short``) are refused
+    gptneox     LayerNorms with biases, biases on every projection, a gelu MLP without a gate
+                (``ffn_up`` / ``ffn_down``), ``use_parallel_residual``, partial NeoX rotary from
+                ``rope.dimension_count``; ``attn_qkv`` holds rows ``[q | k | v]`` (llama.cpp's
+                converter regroups HF's per-head ``query_key_value``), cut into q, k and v here
+                (``FUSED_ROWS``), so GGUF blocks kept quantized stay whole rows
 
 llama.cpp's converters write no sliding window for starcoder2; HF's GGUF loading sets none
 either, so the model attends to the whole context (the safetensors config's 4096-token window
@@ -27,14 +32,21 @@ FAMILY_LAYER_NAMES = {
     "starcoder2": {"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
     "phi2": {"ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "attn_output": "self_attn.dense"},
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "gptneox": {"attn_output": "self_attn.dense", "ffn_up": "mlp.dense_h_to_4h",
+                "ffn_down": "mlp.dense_4h_to_h"},
 }
+
+# fused GGUF tensors the loader cuts by rows into equal parts, read as the tensors named
+# (blk.{i}.KEY -> blk.{i}.PART for each part, then FAMILY_LAYER_NAMES / the llama names)
+FUSED_ROWS = {"gptneox": {"attn_qkv": ("attn_q", "attn_k", "attn_v")}}
 
 # GGUF global tensor name -> HF module name (overrides of the llama names)
 FAMILY_GLOBAL_NAMES = {"phi2": {"output_norm": "model.final_layernorm"}}
 
 # the metadata key of the norms' epsilon and the HF config field it fills, where not llama's
 NORM_EPSILON = {"starcoder2": ("attention.layer_norm_epsilon", "norm_epsilon"),
-                "phi2": ("attention.layer_norm_epsilon", "layer_norm_eps")}
+                "phi2": ("attention.layer_norm_epsilon", "layer_norm_eps"),
+                "gptneox": ("attention.layer_norm_epsilon", "layer_norm_eps")}
 
 
 def family_fields(arch: str, hp, common: dict, tensor_names: set) -> dict:
@@ -42,6 +54,13 @@ def family_fields(arch: str, hp, common: dict, tensor_names: set) -> dict:
     reads ``{arch}.{key}``; ``head_dim`` here overrides the loader's own reading."""
     if arch == "starcoder2":
         return {"use_bias": "blk.0.attn_q.bias" in tensor_names}
+    if arch == "gptneox":  # GPTNeoXConfig reads the rotary from rope_parameters only
+        head = common["hidden_size"] // common["num_attention_heads"]
+        rotary = {"rope_type": "default", "rope_theta": float(hp("rope.freq_base", 10000.0)),
+                  "partial_rotary_factor": hp("rope.dimension_count", head) / head}
+        return {"head_dim": head, "rope_parameters": rotary,
+                "use_parallel_residual": bool(hp("use_parallel_residual", True)),
+                "attention_bias": "blk.0.attn_qkv.bias" in tensor_names}
     if arch not in ("phi2", "phi3"):
         return {}
     if arch == "phi3" and {"rope_factors_long.weight", "rope_factors_short.weight"} & tensor_names:

@@ -32,11 +32,12 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from transformers import (Gemma3TextConfig, LlamaConfig, Phi3Config, PhiConfig, PretrainedConfig,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, Starcoder2Config)
+from transformers import (Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, Phi3Config, PhiConfig,
+                          PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config,
+                          Starcoder2Config)
 
-from tessellm.loader.gguf_families import (FAMILY_GLOBAL_NAMES, FAMILY_LAYER_NAMES, NORM_EPSILON,
-                                           family_fields)
+from tessellm.loader.gguf_families import (FAMILY_GLOBAL_NAMES, FAMILY_LAYER_NAMES, FUSED_ROWS,
+                                           NORM_EPSILON, family_fields)
 
 from tessellm.loader.gguf_gemma3 import GEMMA3_LAYER_NAMES, gemma3_config, gemma3_tokenizer_fixups
 from tessellm.loader.gguf_rope import gguf_rope_scaling
@@ -52,6 +53,7 @@ _ARCHITECTURES = {
     "starcoder2": ("Starcoder2ForCausalLM", Starcoder2Config, False),
     "phi2": ("PhiForCausalLM", PhiConfig, False),
     "phi3": ("Phi3ForCausalLM", Phi3Config, False),
+    "gptneox": ("GPTNeoXForCausalLM", GPTNeoXConfig, False),
 }
 
 # GGUF tensor name (without `.weight`/`.bias`) -> HF module name
@@ -330,15 +332,21 @@ def iter_gguf_weights(
         for info in header.tensors:
             if info.name == ROPE_FREQS:
                 continue  # read into the config's rope_scaling (load_gguf_config)
-            name = _hf_name(info.name, arch)
-            raw = (keep_quantized is not None and info.qtype not in _DENSE_TYPES
-                   and len(info.shape) == 2 and keep_quantized(name))
-            weight = _raw_rows(header, info) if raw else _dequantize(header, info)
             kind = info.name.split(".")[-2]
+            parts = FUSED_ROWS.get(arch, {}).get(kind)  # e.g. gptneox's attn_qkv: q, k, v rows
+            names = [_hf_name(info.name.replace(f".{kind}.", f".{p}."), arch) for p in parts or (kind,)]
+            raw = (keep_quantized is not None and info.qtype not in _DENSE_TYPES
+                   and len(info.shape) == 2 and keep_quantized(names[0]))
+            weight = _raw_rows(header, info) if raw else _dequantize(header, info)
             if permuted and kind in rotary_heads:
                 weight = _unpermute_rotary(weight, rotary_heads[kind])
-            if arch == "gemma3" and name.endswith("norm.weight"):
+            if arch == "gemma3" and names[0].endswith("norm.weight"):
                 weight = weight - 1  # llama.cpp stores Gemma's 1 + w; HF names hold w (as HF does)
-            yield name, GGUFQuantized(info.qtype, info.shape, weight) if raw else weight.to(dtype)
+            tensor = GGUFQuantized(info.qtype, info.shape, weight) if raw else weight.to(dtype)
+            if parts is None:
+                yield names[0], tensor
+                continue
+            rows = [info.shape[0] // len(parts)] * len(parts)
+            yield from zip(names, tensor.split_rows(rows) if raw else tensor.split(rows))
 
     return stream()

@@ -2,7 +2,8 @@
 way llama.cpp's convert_hf_to_gguf.py lays it out: tensor names from the ``gguf`` package's own
 HF -> GGUF name map for the architecture, float32 tensors (or Q8_0 for the ones named), the
 hyper-parameters under ``{arch}.*`` and a byte-level BPE tokenizer of single characters (so
-the engine can build a tokenizer from the file)."""
+the engine can build a tokenizer from the file). GPT-NeoX's ``query_key_value`` is regrouped from
+per-head ``[q_h | k_h | v_h]`` rows to ``[q | k | v]`` as that converter does."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ def _tokenizer(writer: gguf.GGUFWriter, vocab: int) -> None:
     writer.add_bos_token_id(1), writer.add_eos_token_id(2), writer.add_pad_token_id(0)
 
 
+def _qkv_rows(tensor: np.ndarray, heads: int) -> np.ndarray:
+    """``query_key_value`` rows per head ``[q_h | k_h | v_h]`` -> ``[q | k | v]``."""
+    shape = tensor.shape
+    per_head = tensor.reshape(heads, 3, shape[0] // heads // 3, *shape[1:])
+    return np.ascontiguousarray(per_head.swapaxes(0, 1)).reshape(shape)
+
+
 def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (),
                 metadata: dict | None = None, extra: dict | None = None) -> str:
     """``metadata``: ``{arch}``-relative keys -> (value, writer method name) added as they are
@@ -38,7 +46,7 @@ def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (
     writer.add_block_count(layers), writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads), writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_head_count(heads), writer.add_head_count_kv(config.get("num_key_value_heads", heads))
     writer.add_vocab_size(config["vocab_size"])
     rope = config.get("rope_parameters") or {}
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
@@ -53,6 +61,8 @@ def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (
         if gguf_name is None:
             raise ValueError(f"no GGUF name for {name}")
         tensor = tensor.astype(np.float32)
+        if arch == "gptneox" and ".query_key_value." in name:
+            tensor = _qkv_rows(tensor, heads)
         if gguf_name in quantize:
             q8 = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(gguf_name, gguf.quants.quantize(tensor, q8), raw_dtype=q8)

@@ -1,4 +1,4 @@
-"""GGUF files of the qwen3, starcoder2, phi2 and phi3 architectures, written from tiny random HF models the
+"""GGUF files of the qwen3, starcoder2, phi2, phi3 and gptneox architectures, written from tiny random HF models the
 way llama.cpp's converter lays them out (``gguf_export.py``: the ``gguf`` package's own HF ->
 GGUF tensor names): the config read from the file and every tensor equal the source model's,
 and the engine serving the file gives HF transformers' greedy tokens and per-token
@@ -44,6 +44,16 @@ def phi3():
                          "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2})
 
 
+def gptneox(**overrides):
+    from transformers import GPTNeoXConfig
+
+    config = {k: v for k, v in TINY.items() if k != "num_key_value_heads"}
+    return GPTNeoXConfig(**{**config, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5}, **overrides})
+
+
+_NEOX_META = {"attention.layer_norm_epsilon": (1e-5, "add_float32")}
 CASES = {
     "qwen3": (qwen3, {"attention.layer_norm_rms_epsilon": (1e-6, "add_float32")}),
     "starcoder2": (starcoder2, {"attention.layer_norm_epsilon": (1e-5, "add_float32")}),
@@ -52,7 +62,24 @@ CASES = {
     "phi2": (phi2, {"attention.layer_norm_epsilon": (1e-5, "add_float32")}),
     "phi3": (phi3, {"attention.layer_norm_rms_epsilon": (1e-5, "add_float32"),
                     "attention.sliding_window": (8, "add_uint32")}),
+    # llama.cpp's converter writes use_parallel_residual and layer_norm_eps; the q/k/v rows
+    # regrouped [q | k | v] (gguf_export.py)
+    "gptneox": (gptneox, {**_NEOX_META, "use_parallel_residual": (True, "add_bool")}),
+    "gptneox-sequential": (lambda: gptneox(use_parallel_residual=False),
+                           {**_NEOX_META, "use_parallel_residual": (False, "add_bool")}),
 }
+
+
+def _checkpoint_names(config, tensors: dict) -> dict:
+    """The source's tensors under the names the GGUF loader yields: HF's, except GPT-NeoX's,
+    which the model renames and cuts (``GPTNeoXForCausalLM.checkpoint_names``)."""
+    if config.architectures != ["GPTNeoXForCausalLM"]:
+        return tensors
+    from types import SimpleNamespace
+
+    from tessellm.models.gpt_neox import GPTNeoXForCausalLM
+
+    return dict(GPTNeoXForCausalLM.checkpoint_names(SimpleNamespace(config=config), tensors.items()))
 
 
 def _export(case: str, tmp_path) -> tuple[str, str]:
@@ -74,22 +101,27 @@ def test_gguf_family_config_and_weights_equal_the_source(case, tmp_path):
     assert got.architectures == want.architectures
     fields = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rms_norm_eps",
-              "norm_epsilon", "layer_norm_eps", "use_bias", "sliding_window"]
+              "norm_epsilon", "layer_norm_eps", "use_bias", "sliding_window",
+              "use_parallel_residual", "attention_bias"]
     for field in fields:  # the epsilons are float32 in the file
-        assert getattr(got, field, None) == pytest.approx(getattr(want, field, None)), field
+        expected = getattr(want, field, None)
+        if field == "num_key_value_heads":  # GPT-NeoX's config has none: every head its own
+            expected = expected or want.num_attention_heads
+        assert getattr(got, field, None) == pytest.approx(expected), field
     head_size = [getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
                  for c in (got, want)]
     assert head_size[0] == head_size[1]
     rotary = [c.rope_parameters.get("partial_rotary_factor", 1.0) for c in (got, want)]
     assert rotary[0] == rotary[1]
-    theirs = load_file(os.path.join(source, "model.safetensors"))
+    theirs = _checkpoint_names(want, load_file(os.path.join(source, "model.safetensors")))
     weights = dict(iter_gguf_weights(path, torch.float32))
     assert set(weights) == set(theirs)
     for name, tensor in weights.items():
         assert torch.equal(tensor, theirs[name]), name
 
 
-@pytest.mark.parametrize("case", ["qwen3", "starcoder2", "phi2", "phi3"])
+@pytest.mark.parametrize("case", ["qwen3", "starcoder2", "phi2", "phi3", "gptneox",
+                                  "gptneox-sequential"])
 def test_gguf_family_serves_like_hf(case, tmp_path):
     source, path = _export(case, tmp_path)
     prompt_list = prompts((5, 30))
@@ -165,6 +197,33 @@ def test_gguf_phi3_q8_0_fused_kept_quantized(tmp_path, monkeypatch):
         layers = quantized_linears(llm.engine.core.runner.model)
         for name in ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"):
             assert all(isinstance(s, Int8Weight) for s in layers[f"layers.0.{name}"].segments)
+    prompt_list = prompts((5, 30))
+    want_tokens, want_lp = ours(path, prompt_list, 16)
+    got_tokens, got_lp = ours(path, prompt_list, 16, quantization="gguf")
+    assert got_tokens == want_tokens
+    for got, want in zip(got_lp, want_lp):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+
+
+def test_gguf_gptneox_q8_0_fused_qkv_kept_quantized(tmp_path, monkeypatch):
+    """``quantization="gguf"``: GPT-NeoX's Q8_0 ``attn_qkv`` is cut into q, k and v by rows
+    (whole blocks) and stays quantized, as do ``attn_output`` and the MLP's two projections;
+    the engine serves what the dequantized file serves (float32 products)."""
+    from tessellm import LLM
+    from tessellm.quantization.loading import quantized_linears
+    from tessellm.quantization.packed import Int8Weight
+
+    monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "0")
+    make_config, metadata = CASES["gptneox"]
+    source = save_tiny(make_config(), str(tmp_path / "hf"))
+    quantized = tuple(f"blk.{i}.{part}.weight" for i in range(2)
+                      for part in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"))
+    path = export_gguf(source, str(tmp_path / "gptneox.gguf"), "gptneox", metadata=metadata,
+                       quantize=quantized)
+    with LLM(path, dtype="float32", quantization="gguf") as llm:
+        layers = quantized_linears(llm.engine.core.runner.model)
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.fc_in", "mlp.fc_out"):
+            assert all(isinstance(s, Int8Weight) for s in layers[f"layers.1.{name}"].segments), name
     prompt_list = prompts((5, 30))
     want_tokens, want_lp = ours(path, prompt_list, 16)
     got_tokens, got_lp = ours(path, prompt_list, 16, quantization="gguf")
