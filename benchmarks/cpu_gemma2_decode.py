@@ -1,16 +1,17 @@
 """Per-token decode time of a Gemma 2-shaped tiny model on the cpu backend (float32, greedy).
 
     PYTHONPATH=. python benchmarks/cpu_gemma2_decode.py [--batch 1 8] [--prompt-len 512]
-        [--output-len 64] [--rounds 3] [--output-json F]
+        [--output-len 64] [--rounds 3] [--threads N] [--output-json F]
 
 Gemma 2 2B's attention shape (8 query heads, 4 KV heads, head size 256, attention logit cap 50,
 final cap 30, sliding window 4096 on every other layer, ``query_pre_attn_scalar`` 256) on a
 narrow, shallow body (hidden 512, 4 layers, vocabulary 4096) with random weights, so that
 attention is a visible part of a step. Each batch size runs ``--rounds`` times; a round submits
 ``batch`` prompts of ``--prompt-len`` random tokens and decodes ``--output-len`` tokens each
-(ignore_eos), timing each step after every request has its first token: the figure is ms per
-decode step (one token for each sequence), the median step of a round, the least over rounds
-(on a shared machine other work only ever adds time).
+(ignore_eos), timing each step after every request has its first token: the figures are ms per
+decode step (one token for each sequence), wall and process CPU time, the median step of a
+round, the least over rounds (on a shared machine other work only ever adds time). With
+``--threads 1`` the CPU time is the step's work alone, the figure to compare on a loaded machine.
 
 Run it against two trees to compare them (the script only imports ``tessellm``), e.g. the
 soft-capped layers' decode on the C kernel against the explicit-SDPA path of the tree before::
@@ -45,9 +46,9 @@ def save_model(path: str) -> str:
     return path
 
 
-def decode_ms(llm, batch: int, prompt_len: int, out_len: int, seed: int) -> list[float]:
-    """The wall time (ms) of each decode step of ``batch`` requests decoding together (the steps
-    after every request has its first token)."""
+def decode_ms(llm, batch: int, prompt_len: int, out_len: int, seed: int) -> list[tuple[float, float]]:
+    """(wall ms, process CPU ms) of each decode step of ``batch`` requests decoding together (the
+    steps after every request has its first token)."""
     from tessellm import SamplingParams
 
     rng = random.Random(seed)
@@ -60,10 +61,10 @@ def decode_ms(llm, batch: int, prompt_len: int, out_len: int, seed: int) -> list
             engine.add_request(f"r{seed}-{i}", {"prompt_token_ids": ids}, params)
         started, steps = set(), []
         while engine.has_unfinished_requests():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             outs = engine.step()
             if len(started) == batch:
-                steps.append((time.perf_counter() - t) * 1e3)
+                steps.append(((time.perf_counter() - t) * 1e3, (time.process_time() - c) * 1e3))
             for out in outs:
                 if out.outputs[0].token_ids:
                     started.add(out.request_id)
@@ -78,9 +79,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--output-json")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import tessellm
     from tessellm import LLM
     from tessellm.backends.cpu import native
@@ -96,9 +100,11 @@ def main() -> None:
             for b in args.batch:
                 steps = [decode_ms(llm, b, args.prompt_len, args.output_len, seed=r)
                          for r in range(args.rounds)]
-                medians = [statistics.median(s) for s in steps]
-                result["ms_per_step"][b] = round(min(medians), 3)
-                result.setdefault("round_medians_ms", {})[b] = [round(m, 2) for m in medians]
+                wall = [statistics.median(w for w, _ in s) for s in steps]
+                cpu = [statistics.median(c for _, c in s) for s in steps]
+                result["ms_per_step"][b] = round(min(wall), 3)
+                result.setdefault("cpu_ms_per_step", {})[b] = round(min(cpu), 3)
+                result.setdefault("round_medians_ms", {})[b] = [round(m, 2) for m in wall]
     print(json.dumps(result, indent=1))
     if args.output_json:
         with open(args.output_json, "w") as f:
