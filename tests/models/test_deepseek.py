@@ -79,3 +79,13 @@ def test_deepseek_prefix_cache_hits(tmp_path):
 def test_deepseek_tensor_parallel(tmp_path):
     path = save_deepseek(deepseek_config(True, q_lora_rank=24), str(tmp_path / "tp"))
     assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")
+
+
+@pytest.mark.slow
+def test_deepseek_on_emulated_cuda(tmp_path):
+    """The cuda backend's own MLA kernel (``kernels/attention/mla.py``), fused experts and ops in
+    the whole model, Triton in the interpreter on host tensors: HF's tokens and log-probabilities,
+    chunked prefill and decode."""
+    path = save_deepseek(deepseek_config(True, q_lora_rank=24), str(tmp_path / "ds"))
+    assert_parity(path, prompts((5, 20)), max_new=8, device="cuda", emulate=True,
+                  max_num_batched_tokens=8)

@@ -88,14 +88,14 @@ def test_refused_configs(v3, overrides, match, tmp_path):
 
 
 def test_mla_refused_on_a_backend_without_it(tmp_path):
-    """The cuda backend's Triton kernel does not declare supports_mla (emulated on the host):
-    one sentence naming the backend, the option and where it runs."""
+    """The xpu backend's kernel does not declare supports_mla (emulated on the host): one
+    sentence naming the backend, the option and the backends that serve it."""
     config = deepseek_config(True)
     config.architectures = ["DeepseekV3ForCausalLM"]
     config.save_pretrained(tmp_path / "ds")
-    with pytest.raises(ValueError, match=r"multi-head latent attention .* backend 'cuda' cannot "
-                                         r"do .* supports_mla.*: cpu"):
-        LLM(str(tmp_path / "ds"), load_format="dummy", dtype="float32", device="cuda",
+    with pytest.raises(ValueError, match=r"multi-head latent attention .* backend 'xpu' cannot "
+                                         r"do .* supports_mla.*: cpu, cuda, rocm"):
+        LLM(str(tmp_path / "ds"), load_format="dummy", dtype="float32", device="xpu",
             emulate=True)
 
 

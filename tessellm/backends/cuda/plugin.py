@@ -40,7 +40,7 @@ def tessellm_register_backends(register):
         capabilities={"graph_capture": True,
                       "quantization": ["int8", "fp8", "awq", "gptq", "gguf"],
                       "kv_cache_dtypes": ["auto", "fp8"], "lora": True, "logit_softcap": True,
-                      "attention_sinks": True},
+                      "attention_sinks": True, "mla": True},
     ))
 
 
@@ -48,6 +48,10 @@ def tessellm_register_backends(register):
 def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
     if backend.name != NAME:
         return None
+    if getattr(spec, "mla_value_size", None) is not None:  # DeepSeek's latent cache
+        from tessellm.kernels.attention.mla import TritonMLAAttentionKernel
+
+        return TritonMLAAttentionKernel(spec)
     from tessellm.kernels.attention import TritonAttentionKernel
 
     return TritonAttentionKernel(spec, max_model_len=131072, max_num_seqs=1024)

@@ -47,7 +47,7 @@ def tessellm_register_backends(register):
         capabilities={"graph_capture": True,
                       "quantization": ["fp8", "int8", "awq", "gptq", "gguf"],
                       "kv_cache_dtypes": ["auto"], "sliding_window": True, "lora": True,
-                      "logit_softcap": True, "attention_sinks": True,
+                      "logit_softcap": True, "attention_sinks": True, "mla": True,
                       "communicator": "rccl (torch 'nccl')"},
     ))
 
@@ -56,6 +56,10 @@ def tessellm_register_backends(register):
 def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
     if backend.name != NAME:
         return None
+    if getattr(spec, "mla_value_size", None) is not None:  # DeepSeek's latent cache
+        from tessellm.kernels.attention.mla import TritonMLAAttentionKernel
+
+        return TritonMLAAttentionKernel(spec)
     from tessellm.backends.rocm.attention import RocmTritonAttentionKernel
 
     return RocmTritonAttentionKernel(spec, max_model_len=spec.max_model_len or 131072,

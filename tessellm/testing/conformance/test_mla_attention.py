@@ -21,8 +21,17 @@ SHAPES = [(8, 48, 32, 16), (4, 40, 32, 8), (2, 576, 512, 16)]
 @pytest.mark.parametrize("batch", list(BATCHES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "h{}-d{}-dv{}-bs{}".format(*s))
 def test_mla_attention_matches_reference(target, shape, batch):
+    _check_mla(target, shape, batch, torch.float32)
+
+
+@pytest.mark.parametrize("batch", ["decode", "mixed"])
+def test_mla_attention_low_precision(target, batch):
+    _check_mla(target, (16, 576, 512, 16), batch, target.low_precision_dtype)
+
+
+def _check_mla(target, shape, batch, dtype):
     heads, d, dv, block_size = shape
-    spec = AttentionSpec(num_heads=heads, num_kv_heads=1, head_size=d, dtype=torch.float32,
+    spec = AttentionSpec(num_heads=heads, num_kv_heads=1, head_size=d, dtype=dtype,
                          block_size=block_size, max_model_len=256, max_num_seqs=8,
                          mla_value_size=dv)
     try:
@@ -36,14 +45,15 @@ def test_mla_attention_matches_reference(target, shape, batch):
         pytest.skip(f"{target.name} has no MLA attention kernel")
     q_lens, ctx = BATCHES[batch]
     step = make_paged_step(q_lens, ctx, num_kv_heads=1, group=heads, head_size=d,
-                           block_size=block_size, dtype=torch.float32, device=target.device,
-                           seed=seed_of("mla", shape, batch))
+                           block_size=block_size, dtype=dtype, device=target.device,
+                           seed=seed_of("mla", shape, batch, str(dtype)))
     b = step.batch
-    want = paged_mla_attention(step.q.cpu(), step.ref_k_cache, dv, b.query_start_loc.cpu(),
-                               b.seq_lens.cpu(), b.block_tables.cpu(), step.scale)
+    want = paged_mla_attention(step.q.cpu().float(), step.ref_k_cache.float(), dv,
+                               b.query_start_loc.cpu(), b.seq_lens.cpu(), b.block_tables.cpu(),
+                               step.scale)
     md = kernel.build_metadata(b)
     out = kernel.forward(step.q, step.k, None, step.k_cache, None, md, step.scale)
     assert out.shape == (step.q.shape[0], heads, dv) and out.dtype == step.q.dtype
-    torch.testing.assert_close(out.float().cpu(), want, **tolerance(torch.float32))
+    torch.testing.assert_close(out.float().cpu(), want, **tolerance(dtype))
     # The latent rows land in exactly their slots; nothing else changes.
     assert torch.equal(step.k_cache.cpu(), step.ref_k_cache), "k_cache differs from reference"
