@@ -171,3 +171,19 @@ def test_flat_config_and_transformers5_weight_names(qwen2_vl_dir, tmp_path):
     with LLM(str(path), dtype="float32", num_kv_blocks=32, block_size=BS) as flat:
         got, _ = _generate(flat, [PROMPT], [[image(18)]])
     assert got == hf_greedy(qwen2_vl_dir, [PROMPT], [[image(18)]], MAX_NEW)
+
+
+def test_preemption_recomputes_positions_and_features(qwen2_vl_dir):
+    """A KV cache too small for all three: requests are preempted and resume (their M-RoPE
+    entries dropped and made again, the tower rerun), some from the prefix cache inside an
+    image; tokens equal HF."""
+    prompts = [PROMPT, TWO, PROMPT]
+    images = [[image(19)], [image(20, (24, 32)), image(21)], [image(22)]]
+    params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12, ignore_eos=True)
+    with LLM(qwen2_vl_dir, dtype="float32", num_kv_blocks=34, block_size=BS, max_num_batched_tokens=16,
+             limit_mm_per_prompt={"image": 2}) as llm:
+        out = llm.generate([_request(p, im) for p, im in zip(prompts, images)], params, use_tqdm=False)
+        core = llm.engine.core
+        assert core.scheduler.num_preemptions_total > 0
+        assert core.runner.encoder_cache.num_encoded > 4  # recomputed after preemption
+    assert [list(o.outputs[0].token_ids) for o in out] == hf_greedy(qwen2_vl_dir, prompts, images, 12)
