@@ -36,14 +36,18 @@ def test_native_decode_matches_reference(lib, dtype, bs, group, window, head):
     qlens = [1] * 7 + [5, 12]  # seven decodes, then two prefill chunks over cached context
     step = make_paged_step(qlens, ctx, num_kv_heads=2, group=group, head_size=head, block_size=bs,
                            dtype=dtype, device="cpu", window=window, seed=11)
-    kernel = _kernel(2 * group, 2, head, dtype, bs, window)
+    _assert_native_decodes_match(lib, _kernel(2 * group, 2, head, dtype, bs, window), step, dtype)
+    assert torch.equal(step.k_cache, step.ref_k_cache) and torch.equal(step.v_cache, step.ref_v_cache)
+
+
+def _assert_native_decodes_match(lib, kernel, step, dtype):
+    """``step``'s seven decodes run in the C kernel and the whole step equals the reference."""
     assert kernel.native is lib
     md = kernel.build_metadata(step.batch)
     assert md.native_decode is not None and md.native_decode.n == 7 and not md.decode_groups
     out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), step.ref_out.float(), rtol=tol, atol=tol)
-    assert torch.equal(step.k_cache, step.ref_k_cache) and torch.equal(step.v_cache, step.ref_v_cache)
 
 
 @pytest.mark.parametrize("dtype,bs,window,head", [
@@ -62,12 +66,7 @@ def test_native_decode_soft_caps_like_the_reference(lib, dtype, bs, window, head
     uncapped = make_paged_step(qlens, ctx, **mk).ref_out
     assert (step.ref_out - uncapped).abs().amax(dim=(1, 2)).min() > 0.05  # the cap matters everywhere
     kernel = CpuAttentionKernel(AttentionSpec(6, 2, head, dtype, bs, "auto", window, logit_softcap=1.5))
-    assert kernel.native is lib
-    md = kernel.build_metadata(step.batch)
-    assert md.native_decode is not None and md.native_decode.n == 7 and not md.decode_groups
-    out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out.float(), step.ref_out.float(), rtol=tol, atol=tol)
+    _assert_native_decodes_match(lib, kernel, step, dtype)
 
 
 def test_zero_length_gives_zeros_and_one_openmp_runtime(lib):
