@@ -9,8 +9,8 @@ with each adapter applied alone, in float32."""
 
 from __future__ import annotations
 
+import importlib
 import random
-from functools import partial
 
 import pytest
 
@@ -20,32 +20,40 @@ from tests.lora.adapters import make_adapters, mixed_batch, peft_greedy
 MAX_NEW = 5
 
 
-def _config(family: str):
-    from tests.models.test_falcon import falcon_config
-    from tests.models.test_glm import glm_config
-    from tests.models.test_gpt_bigcode import bigcode_config
-    from tests.models.test_gpt_neox import neox_config
-    from tests.models.test_gptj import gptj_config
-    from tests.models.test_phi import phi_config
-    from tests.models.test_gpt_oss import save_gpt_oss
-    from tests.models.test_olmoe import olmoe_config
-    from tests.models.test_starcoder2 import starcoder2_config
-
-    return {
-        "gpt-neox": lambda: neox_config(),  # per-head q/k/v, two-norm parallel block, biases
-        "gpt-bigcode": lambda: bigcode_config(),  # multi-query c_attn [q | k | v]
-        "falcon-40b": lambda: falcon_config(new_decoder_architecture=True, num_kv_heads=2,
-                                            tie_word_embeddings=False),  # per-KV-group q/k/v
-        "falcon-7b": lambda: falcon_config(),  # multi-query, one-norm parallel block
-        "phi": lambda: phi_config(num_key_value_heads=2),
-        "gptj": lambda: gptj_config(),
-        "starcoder2": lambda: starcoder2_config(),
-        "glm4": lambda: glm_config("glm4"),
-        "olmoe": lambda: olmoe_config(),  # MoE: attention only, q/k normed over all heads
-        "gpt-oss": lambda: save_gpt_oss,  # MoE, attention with biases and sinks
-    }[family]()
+# family -> (its module in tests/models, the config (or save) function there, arguments)
+_MODELS = {
+    "gpt-neox": ("test_gpt_neox", "neox_config", {}),  # per-head q/k/v, two-norm parallel block
+    "gpt-bigcode": ("test_gpt_bigcode", "bigcode_config", {}),  # multi-query c_attn [q | k | v]
+    "falcon-40b": ("test_falcon", "falcon_config",  # per-KV-group q/k/v, two norms
+                   dict(new_decoder_architecture=True, num_kv_heads=2, tie_word_embeddings=False)),
+    "falcon-7b": ("test_falcon", "falcon_config", {}),  # multi-query, one-norm parallel block
+    "phi": ("test_phi", "phi_config", dict(num_key_value_heads=2)),
+    "gptj": ("test_gptj", "gptj_config", {}),
+    "starcoder2": ("test_starcoder2", "starcoder2_config", {}),
+    "glm4": ("test_glm", "glm_config", dict(version="glm4")),
+    "olmoe": ("test_olmoe", "olmoe_config", {}),  # MoE: attention only, q/k normed over all heads
+    "gpt-oss": ("test_gpt_oss", "save_gpt_oss", {}),  # MoE; attention with biases and sinks
+    # Llama's modules on other layers (parallel block, post norms, multipliers, NoPE, names)
+    **{f: (f"test_{f.replace('-', '_')}", f"{f.replace('-', '_')}_config", {}) for f in (
+        "cohere", "olmo", "olmo2", "olmo3", "stablelm", "granite", "smollm3", "exaone4",
+        "granite-moe")},
+    "internlm3": ("test_internlm3", "save_internlm3", {}),
+    "exaone": ("test_exaone", "save_exaone", {}),  # transformers 5's names (Llama's)
+}
 
 
+def _save(family: str, path: str) -> str:
+    from tests.models.variant_parity import save_tiny
+
+    module, function, kwargs = _MODELS[family]
+    make = getattr(importlib.import_module(f"tests.models.{module}"), function)
+    if function.startswith("save_"):
+        return make(path, **kwargs)
+    return save_tiny(make(**kwargs), path)
+
+
+_LLAMA = {"qkvo8": (8, ["q_proj", "k_proj", "v_proj", "o_proj"], dict(lora_alpha=16)),
+          "mlp16": (16, ["gate_proj", "up_proj", "down_proj"], dict(lora_alpha=32))}
 # family -> {adapter name: (rank, PEFT target modules, extra LoraConfig arguments)}
 SPECS = {
     "gpt-neox": {"qkv8": (8, ["query_key_value", "dense"], dict(lora_alpha=16)),
@@ -71,21 +79,20 @@ SPECS = {
               "vo16": (16, ["v_proj", "o_proj"], dict(lora_alpha=32))},
     "gpt-oss": {"qv8": (8, ["q_proj", "v_proj"], dict(lora_alpha=16)),
                 "ko16": (16, ["k_proj", "o_proj"], dict(lora_alpha=32))},
+    **{f: _LLAMA for f in ("cohere", "olmo", "olmo2", "olmo3", "stablelm", "granite", "smollm3",
+                           "exaone4", "internlm3", "exaone")},
+    "granite-moe": {"qkvo8": _LLAMA["qkvo8"]},
 }
 
 
 @pytest.fixture(scope="module")
 def layout_setup(tmp_path_factory):
-    from tests.models.variant_parity import save_tiny
-
     made = {}
 
     def get(family: str):
         if family not in made:
             root = tmp_path_factory.mktemp(f"lora-{family}")
-            config = _config(family)  # or the family's own saving function
-            save = config if callable(config) else partial(save_tiny, config)
-            model = save(str(root / "model"))
+            model = _save(family, str(root / "model"))
             made[family] = model, make_adapters(model, str(root), seed=3, specs=SPECS[family])
         return made[family]
 
@@ -98,12 +105,12 @@ def _prompts() -> list[list[int]]:
 
 
 # one family per distinct layout in the default suite; those whose layout another shares
-# (renames only, or MoE attention as Mixtral's in test_lora_families.py) in the slow lane
-_SHARED_LAYOUT = ("falcon-7b", "gptj", "starcoder2", "olmoe", "gpt-oss")
+# (renames only, Llama's, or MoE attention as Mixtral's in test_lora_families.py) slow
+_DISTINCT = ("gpt-neox", "gpt-bigcode", "falcon-40b", "phi", "glm4")
 
 
 @pytest.mark.parametrize("family", [
-    pytest.param(f, marks=pytest.mark.slow) if f in _SHARED_LAYOUT else f for f in SPECS])
+    f if f in _DISTINCT else pytest.param(f, marks=pytest.mark.slow) for f in SPECS])
 def test_layout_mixed_batch_matches_peft(layout_setup, family):
     model, paths = layout_setup(family)
     names = [None, *SPECS[family]]
@@ -188,10 +195,12 @@ def test_architecture_without_lora_layout_is_refused(config_class, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gpt-neox", "falcon-40b"])
+@pytest.mark.parametrize("family", ["gpt-neox", "falcon-40b", "gpt-bigcode"])
 def test_tensor_parallel_layout_lora_matches_tp1(layout_setup, family):
     """TP=2 (gloo worker processes): each rank takes its heads' rows of every q/k/v part of the
-    cut B, fc_in's B rows and fc_out's A columns (row-parallel); tokens equal TP=1's."""
+    cut B (GPT-BigCode's one KV head: all of k's and v's, on both), fc_in's B rows and fc_out's
+    A columns (row-parallel; with biases, GPT-NeoX's, or summed by the next norm, Falcon's);
+    tokens equal TP=1's."""
     model, paths = layout_setup(family)
     names = [*SPECS[family], None]
     tokens = {tp: mixed_batch(model, paths, _prompts(), names, MAX_NEW, device="cpu",
