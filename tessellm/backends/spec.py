@@ -444,6 +444,12 @@ class FusedOps(Protocol):
     # sums it, as for a row-parallel layer). The oracle is ``backends/reference/moe.py``; the
     # conformance suite's ``test_moe.py`` checks an implementation against it. Without it the
     # model runs the reference loop; ``tessellm backends`` reports which backends provide it.
+    # Variant (gpt-oss), only where the ops object lists the activation's kind in its
+    # ``fused_moe_activations`` attribute (default ("silu",): never passed these): keyword-only
+    # ``activation`` (``reference.moe.ExpertActivation``, "swiglu_oai": the clamped SwiGLU with
+    # its ``alpha`` and ``limit``), ``w13_bias [E, 2I]`` and ``w2_bias [E, H]`` added after each
+    # product (the down bias before the routing weight); conformance case
+    # ``test_fused_moe_clamped_swiglu_with_biases``.
     #
     # Optional: ``fused_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
     # w2_scale=None)``, ``fused_moe`` with the routing done by the model (DeepSeek's grouped

@@ -25,21 +25,26 @@ class TritonOps:
     """``FusedOps`` through Triton kernels (see module docstring for the rounding contract)."""
 
     max_hidden = 65536  # one program holds a whole row
+    # ``ExpertActivation.kind``s (and expert biases) fused_moe / fused_experts take
+    # (``reference/moe.py``): the grouped GEMMs' epilogue (``kernels/moe/fused_moe.py``)
+    fused_moe_activations = ("silu", "swiglu_oai")
 
     def fused_moe(self, hidden, router_logits, w13, w2, top_k, scoring="softmax",
-                  renormalize=True, w13_scale=None, w2_scale=None):
-        """Grouped GEMMs over expert-sorted token blocks (``tessellm/kernels/moe``)."""
+                  renormalize=True, w13_scale=None, w2_scale=None, **variant):
+        """Grouped GEMMs over expert-sorted token blocks (``tessellm/kernels/moe``);
+        ``variant``: keyword-only ``activation``, ``w13_bias``, ``w2_bias``."""
         from tessellm.kernels.moe import fused_moe
 
         return fused_moe(hidden, router_logits, w13, w2, top_k, scoring, renormalize,
-                         w13_scale, w2_scale)
+                         w13_scale, w2_scale, **variant)
 
     def fused_experts(self, hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
-                      w2_scale=None):
+                      w2_scale=None, **variant):
         """``fused_moe`` with the routing given: the same grouped GEMMs (``fused_moe_triton``)."""
         from tessellm.kernels.moe import fused_moe_triton
 
-        return fused_moe_triton(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale)
+        return fused_moe_triton(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale,
+                                **variant)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = _rows(x)

@@ -42,14 +42,18 @@ from tessellm.kernels.pdl import pdl_args, pdl_start
 
 
 @triton.jit
-def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, sorted_ids_ptr, block_expert_ptr,
-                        num_padded_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn,
-                        stride_cm, stride_se, A_ROW_DIV: tl.constexpr, HAS_SCALE: tl.constexpr,
+def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, sorted_ids_ptr,
+                        block_expert_ptr, num_padded_ptr, N, K, num_pairs, stride_am, stride_be,
+                        stride_bn, stride_cm, stride_se, stride_bias, alpha, limit,
+                        A_ROW_DIV: tl.constexpr, HAS_SCALE: tl.constexpr,
                         MUL_WEIGHT: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
-                        DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr):
-    """C[p, n] = sum_k A[p // A_ROW_DIV, k] * B[e, n, k] (* scale[e, n]) (* weight[p]); with
-    SILU_MUL, C[p, n] = silu(that of column n) * that of column n + N (gate and up halves)."""
+                        DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
+                        HAS_BIAS: tl.constexpr = False, ACT: tl.constexpr = 0):
+    """C[p, n] = (sum_k A[p // A_ROW_DIV, k] * B[e, n, k] (* scale[e, n]) (+ bias[e, n]))
+    (* weight[p]); with SILU_MUL, C[p, n] = act(that of column n, that of column n + N) (gate
+    and up halves): ACT 0 ``silu(g) * u``, 1 gpt-oss's clamped SwiGLU (``alpha``, ``limit``;
+    ``reference.moe.ExpertActivation``). HAS_BIAS, ACT: constexpr, no code when off."""
     pdl_start(USE_PDL)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -79,7 +83,16 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, sorted_ids_p
         if SILU_MUL:
             acc_up *= tl.load(scale_ptr + expert * stride_se + N + rn, mask=rn < N,
                               other=0.0)[None, :]
-    if SILU_MUL:  # the reference's rounding points: gate/up, SiLU and product each in C's dtype
+    if HAS_BIAS:
+        b_row = bias_ptr + expert * stride_bias
+        acc += tl.load(b_row + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if SILU_MUL:
+            acc_up += tl.load(b_row + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if SILU_MUL and ACT == 1:  # clamped SwiGLU, rounded to C's dtype like the reference's inputs
+        g = tl.minimum(acc.to(dt).to(tl.float32), limit)
+        u = tl.minimum(tl.maximum(acc_up.to(dt).to(tl.float32), -limit), limit)
+        acc = (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))
+    elif SILU_MUL:  # the reference's rounding points: gate/up, SiLU and product each in C's dtype
         g = acc.to(dt).to(tl.float32)
         acc = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * acc_up.to(dt).to(tl.float32)
     if MUL_WEIGHT:
@@ -147,19 +160,27 @@ def _silu_and_mul(c1: torch.Tensor, inter: int) -> torch.Tensor:
 
 
 def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out, row_div, tiles,
-                 silu_mul: bool = False):
+                 silu_mul: bool = False, bias=None, activation=None):
     """One grouped GEMM over the ``sorted_ids.numel() // BLOCK_M`` blocks (``align.py``: the
     host's bound on the blocks that can hold pairs). ``silu_mul``: ``w``'s rows are [gate | up]
-    and ``out`` gets SiLU-and-mul of the two halves (``out``'s width: half of ``w``'s rows)."""
+    and ``out`` gets the activation of the two halves (``out``'s width: half of ``w``'s rows):
+    SiLU-and-mul, or ``activation``'s (an ``ExpertActivation``). ``bias`` ``[E, rows of w]``:
+    added to each product (before the activation and the routing weight)."""
     n, k = out.shape[1], w.shape[2]
+    clamped = activation is not None and activation.kind == "swiglu_oai"
     grid = (sorted_ids.numel() // tiles["BLOCK_M"], triton.cdiv(n, tiles["BLOCK_N"]))
+    variant = {}
+    if bias is not None or clamped:  # constexprs off by default: the kernels compile as before
+        variant = dict(HAS_BIAS=bias is not None, ACT=1 if clamped else 0)
     _expert_gemm_kernel[grid](
         a, w, out, scale if scale is not None else w, weights if weights is not None else out,
-        sorted_ids, block_expert, num_padded, n, k, out.shape[0], a.stride(0), w.stride(0),
-        w.stride(1), out.stride(0), scale.stride(0) if scale is not None else 0,
+        bias if bias is not None else w, sorted_ids, block_expert, num_padded, n, k,
+        out.shape[0], a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        scale.stride(0) if scale is not None else 0, bias.stride(0) if bias is not None else 0,
+        activation.alpha if clamped else 0.0, activation.limit if clamped else 0.0,
         A_ROW_DIV=row_div, HAS_SCALE=scale is not None, MUL_WEIGHT=weights is not None,
         SILU_MUL=silu_mul, DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32",
-        DOT_FP32=a.dtype == torch.bfloat16 and a.device.type == "cpu", **tiles,
+        DOT_FP32=a.dtype == torch.bfloat16 and a.device.type == "cpu", **variant, **tiles,
         **pdl_args(a.device))
 
 
@@ -178,7 +199,9 @@ def _sum_topk(c2: torch.Tensor, t: int, k: int, dtype: torch.dtype) -> torch.Ten
 def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      w13: torch.Tensor, w2: torch.Tensor, w13_scale: Optional[torch.Tensor] = None,
                      w2_scale: Optional[torch.Tensor] = None,
-                     tiles: Optional[dict] = None) -> torch.Tensor:
+                     tiles: Optional[dict] = None, *, activation=None,
+                     w13_bias: Optional[torch.Tensor] = None,
+                     w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``hidden [T, H]``, routing ``topk_weights`` / ``topk_ids`` ``[T, k]``, experts ``w13
     [E, 2I, H]`` and ``w2 [E, H, I]`` (fp8 with ``*_scale [E, N]``, or hidden's dtype);
     returns ``[T, H]`` in hidden's dtype. ``tiles``: the grouped GEMMs' launch parameters
@@ -186,9 +209,15 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     32) computes SiLU-and-mul in the first GEMM's epilogue, with ``BLOCK_N`` columns of the
     gate and of the up half each (so ``BLOCK_N / 2`` of the unfused tile's). Up to
     ``decode.DECODE_MAX_TOKENS`` tokens (and no ``tiles``) the two-launch decode path runs
-    instead (``decode.py``: no alignment, no sum kernel)."""
+    instead (``decode.py``: no alignment, no sum kernel), unless a variant is asked for:
+    ``activation`` (an ``ExpertActivation`` other than SiLU: gpt-oss's clamped SwiGLU),
+    ``w13_bias [E, 2I]`` / ``w2_bias [E, H]`` added after each product (``reference/moe.py``);
+    those run the grouped GEMMs at every size."""
     t, k = topk_ids.shape
-    if tiles is None and 0 < t <= decode_max_tokens():
+    if activation is not None and activation.kind == "silu":
+        activation = None
+    variant = activation is not None or w13_bias is not None or w2_bias is not None
+    if tiles is None and 0 < t <= decode_max_tokens() and not variant:
         return fused_moe_decode(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale)
     num_experts, inter = w13.shape[0], w2.shape[2]
     tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device,
@@ -202,14 +231,15 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     if fuse:
         act = torch.empty(t * k, inter, dtype=dtype, device=dev)
         tiles1 = dict(tiles, BLOCK_N=max(16, tiles["BLOCK_N"] // 2))
-        _expert_gemm(hidden, w13, w13_scale, None, *align, act, k, tiles1, silu_mul=True)
+        _expert_gemm(hidden, w13, w13_scale, None, *align, act, k, tiles1, silu_mul=True,
+                     bias=w13_bias, activation=activation)
     else:
         c1 = torch.empty(t * k, 2 * inter, dtype=dtype, device=dev)
-        _expert_gemm(hidden, w13, w13_scale, None, *align, c1, k, tiles)
-        act = _silu_and_mul(c1, inter)
+        _expert_gemm(hidden, w13, w13_scale, None, *align, c1, k, tiles, bias=w13_bias)
+        act = _silu_and_mul(c1, inter) if activation is None else activation(c1)
     c2 = torch.empty(t * k, w2.shape[1], dtype=dtype, device=dev)
     weights = topk_weights.to(torch.float32).contiguous().view(-1)
-    _expert_gemm(act, w2, w2_scale, weights, *align, c2, 1, tiles)
+    _expert_gemm(act, w2, w2_scale, weights, *align, c2, 1, tiles, bias=w2_bias)
     return _sum_topk(c2, t, k, dtype)
 
 
@@ -220,10 +250,14 @@ def topk_routing(router_logits: torch.Tensor, top_k: int, scoring: str, renormal
 
 
 def fused_moe(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
-              renormalize: bool = True, w13_scale=None, w2_scale=None) -> torch.Tensor:
+              renormalize: bool = True, w13_scale=None, w2_scale=None, **variant) -> torch.Tensor:
     """The contract's ``FusedOps.fused_moe``: routing (one launch), then ``fused_moe_triton``;
     up to ``decode.DECODE_MAX_TOKENS`` tokens, with ``decode.DECODE_ROUTE``, the decode path
-    with the routing inside its first kernel (two launches in all)."""
+    with the routing inside its first kernel (two launches in all). ``variant``: the keyword-only
+    ``activation``, ``w13_bias``, ``w2_bias`` of ``fused_moe_triton`` (they skip the decode path)."""
+    if variant:
+        weights, ids = route_triton(router_logits, top_k, scoring, renormalize)
+        return fused_moe_triton(hidden, weights, ids, w13, w2, w13_scale, w2_scale, **variant)
     if 0 < hidden.shape[0] <= decode_max_tokens() and decode_route():
         return fused_moe_decode_routed(hidden, router_logits, w13, w2, top_k, scoring,
                                        renormalize, w13_scale, w2_scale)

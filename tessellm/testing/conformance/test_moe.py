@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
+from tessellm.backends.reference.moe import (ExpertActivation, fused_experts_reference,
+                                             fused_moe_reference)
 from tessellm.backends.spec import OpsSpec
 from tessellm.testing.harness import tolerance
 
@@ -80,6 +81,33 @@ def test_fused_moe_fp8_experts(target):
     got = ops.fused_moe(x.to(dev), logits.to(dev), q13.to(dev), q2.to(dev), 2, "softmax", True,
                         s13.to(dev), s2.to(dev))
     torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_fused_moe_clamped_swiglu_with_biases(target, tokens):
+    """gpt-oss's experts (optional, declared in ``fused_moe_activations``): the clamped SwiGLU
+    (``ExpertActivation("swiglu_oai")``) and per-expert biases on both projections. Gates and
+    ups reach past the clamp, so an op that ignores it, or either bias, fails."""
+    e, h, i = 8, 64, 32
+    w13, w2 = _experts(e, h, i, seed=70 + tokens)
+    g = torch.Generator().manual_seed(80 + tokens)
+    w13 = w13 * 6.0  # gate/up of several units: past the clamp at 3
+    b13, b2 = torch.randn(e, 2 * i, generator=g), torch.randn(e, h, generator=g)
+    x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
+    act = ExpertActivation("swiglu_oai", alpha=1.702, limit=3.0)
+    for dtype in (torch.float32, target.low_precision_dtype):
+        ops = _moe_ops(target, dtype)
+        if "swiglu_oai" not in getattr(ops, "fused_moe_activations", ("silu",)):
+            pytest.skip(f"{target.name}'s fused_moe does not declare swiglu_oai (gpt-oss runs "
+                        "the reference loop)")
+        args = [t.to(dtype) for t in (x, logits, w13, w2)]
+        bias = dict(w13_bias=b13.to(dtype), w2_bias=b2.to(dtype))
+        want = fused_moe_reference(*args, 2, "softmax", True, activation=act, **bias)
+        dev = target.device
+        got = ops.fused_moe(*[t.to(dev) for t in args], 2, "softmax", True, None, None,
+                            activation=act, **{k: v.to(dev) for k, v in bias.items()})
+        assert got.dtype == dtype and got.shape == x.shape
+        torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
 
 
 def _moe_tolerance(dtype):
