@@ -1,5 +1,5 @@
-"""On a CUDA GPU, the wave-2 families through the cuda backend (Triton attention, fused MoE, CUDA
-graphs): greedy tokens equal HF transformers' on the same GPU in float32; in bfloat16 the first
+"""On a CUDA GPU, the wave-2 families through the cuda backend (Triton attention with soft-caps,
+sinks and latent attention, fused MoE, CUDA graphs): greedy tokens equal HF transformers' on the same GPU in float32; in bfloat16 the first
 tokens agree and their log-probabilities are close."""
 
 from __future__ import annotations
@@ -16,12 +16,23 @@ from tests.models.tiny_moe import save_tiny_moe
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "gemma2", "phi3"]
+FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "gemma2", "phi3", "gpt-oss",
+            "deepseek-v2-lite", "deepseek-v3"]
 
 
 def _save(arch: str, path: str) -> str:
     if arch in ("mixtral", "qwen2-moe", "qwen3-moe"):
         return save_tiny_moe(arch, path)
+    big = dict(vocab_size=256, max_position_embeddings=512)
+    if arch == "gpt-oss":  # attention sinks, window 6, MoE with the clamped SwiGLU
+        from tests.models.test_gpt_oss import GPT_OSS, save_gpt_oss
+
+        rope = {**GPT_OSS["rope_parameters"], "original_max_position_embeddings": 128}
+        return save_gpt_oss(path, **big, rope_parameters=rope)  # YaRN factor 4 of 128 = 512
+    if arch.startswith("deepseek"):  # multi-head latent attention (Triton MLA), grouped routing
+        from tests.models.test_deepseek import deepseek_config, save_deepseek
+
+        return save_deepseek(deepseek_config(arch == "deepseek-v3", **big), path)
     from transformers import AutoModelForCausalLM
 
     if arch == "gemma3":
