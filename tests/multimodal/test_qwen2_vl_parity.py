@@ -173,6 +173,7 @@ def test_flat_config_and_transformers5_weight_names(qwen2_vl_dir, tmp_path):
     assert got == hf_greedy(qwen2_vl_dir, [PROMPT], [[image(18)]], MAX_NEW)
 
 
+@pytest.mark.slow  # ~12 s; LLaVA's preemption test covers the shared path in the default lane
 def test_preemption_recomputes_positions_and_features(qwen2_vl_dir):
     """A KV cache too small for all three: requests are preempted and resume (their M-RoPE
     entries dropped and made again, the tower rerun), some from the prefix cache inside an
