@@ -35,15 +35,16 @@ TOL = dict(atol=2e-4, rtol=2e-4)
 SINKS = torch.tensor([-1.0, 2.0, 0.5, 5.0])  # one per query head, KVH * GROUP
 
 
-def _kernel(window=None, sinks=True) -> TritonAttentionKernel:
-    spec = AttentionSpec(num_heads=KVH * GROUP, num_kv_heads=KVH, head_size=HEAD, dtype=F32,
-                         block_size=BS, sliding_window=window, attention_sinks=sinks)
+def _kernel(window=None, sinks=True, kv_cache_dtype="auto", dtype=F32) -> TritonAttentionKernel:
+    spec = AttentionSpec(num_heads=KVH * GROUP, num_kv_heads=KVH, head_size=HEAD, dtype=dtype,
+                         block_size=BS, kv_cache_dtype=kv_cache_dtype, sliding_window=window,
+                         attention_sinks=sinks)
     return TritonAttentionKernel(spec, max_model_len=256, max_num_seqs=16)
 
 
-def _step(q_lens, ctx, window=None, seed=0):
+def _step(q_lens, ctx, window=None, seed=0, dtype=F32):
     return make_paged_step(q_lens, ctx, num_kv_heads=KVH, group=GROUP, head_size=HEAD,
-                           block_size=BS, dtype=F32, device=DEVICE, window=window, seed=seed,
+                           block_size=BS, dtype=dtype, device=DEVICE, window=window, seed=seed,
                            sinks=SINKS)
 
 
@@ -151,6 +152,42 @@ def test_verify_step_through_split_kv(window):
     out = _forward(kernel, step, batch)
     torch.testing.assert_close(out.cpu(), step.ref_out, **TOL)
     _sinks_matter(step, window, out)
+
+
+def test_bfloat16_prefill_and_split_decode():
+    """bf16 q/k/v and cache (float32 sinks): prefill chunks and several decode splits."""
+    step = _step([1, 1, 9, 5], [150, 3, 0, 20], seed=12, dtype=torch.bfloat16)
+    kernel = _kernel(dtype=torch.bfloat16)
+    kernel.small_batch_min_partition = kernel.min_partition = 32
+    md = kernel.build_metadata(step.batch)
+    assert md.num_splits > 1
+    out = kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, md, step.scale,
+                         sinks=step.sinks)
+    torch.testing.assert_close(out.float().cpu(), step.ref_out.float(), atol=2e-2, rtol=2e-2)
+    _sinks_matter(step, None, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's interpreter writes e4m3 "
+                    "wrongly (see test_attention_softcap.test_fp8_cache); fp8 caches are tested on "
+                    "a GPU")
+def test_fp8_cache():
+    """An e4m3 cache with scales: the sink joins scores that carry the cache's k scale, in the
+    same log2 units (bf16 q, so the fp16 dots on widened tiles where the GPU has them)."""
+    fp8 = torch.float8_e4m3fn
+    step = _step([1, 1, 6], [20, 3, 9], seed=9, dtype=torch.bfloat16)
+    k8, v8 = step.k_cache.to(fp8), step.v_cache.to(fp8)
+    kernel = _kernel(kv_cache_dtype="fp8", dtype=torch.bfloat16)
+    kernel.k_scale, kernel.v_scale = 0.5, 2.0
+    ref_k, ref_v = k8.float().cpu() * 0.5, v8.float().cpu() * 2.0
+    new_k = (step.k.float().cpu() / 0.5).to(fp8).float() * 0.5
+    new_v = (step.v.float().cpu() / 2.0).to(fp8).float() * 2.0
+    write_kv_cache(new_k, new_v, ref_k, ref_v, step.batch.slot_mapping.cpu())
+    out = kernel.forward(step.q, step.k, step.v, k8, v8, kernel.build_metadata(step.batch),
+                         step.scale, sinks=step.sinks)
+    b = step.batch
+    want = paged_attention(step.q.float().cpu(), ref_k, ref_v, b.query_start_loc.cpu(),
+                           b.seq_lens.cpu(), b.block_tables.cpu(), step.scale, None, None, SINKS)
+    torch.testing.assert_close(out.float().cpu(), want, atol=3e-2, rtol=3e-2)
 
 
 def test_subclass_with_its_own_forward_does_not_claim_sinks():
