@@ -17,7 +17,7 @@ Each patch carries a 2-D rotary position (its row and column in the patch grid; 
 rotary frequencies turn with the row, half with the column). Attention is bidirectional
 within one image (one frame), so the images of a batch go through the tower together, their
 patches concatenated, with variable-length attention over per-image blocks
-(``varlen_attention``).
+(``varlen_attention`` over ``VarlenBlocks``).
 
 Qwen2.5-VL differs: RMSNorm and a SwiGLU MLP (with biases) in the blocks, an RMSNorm in the
 merger, and window attention: the merge blocks are reordered window by window (windows of
@@ -93,28 +93,37 @@ def window_order(grids: Sequence[Grid], merge: int, window: int) -> tuple[np.nda
     return np.concatenate(order), bounds
 
 
+class VarlenBlocks:
+    """The attention blocks ``[cu_seqlens[i], cu_seqlens[i+1])`` of one tower forward, grouped
+    by length once (row indices on the device) and used by every layer: blocks of equal length
+    run as one batched SDPA call (images of one size, a tower's equal windows), so a batch of
+    many windows costs a few calls a layer, not one each, and no host work per layer."""
+
+    def __init__(self, cu_seqlens: Sequence[int], device):
+        bounds = np.asarray(cu_seqlens, dtype=np.int64)
+        lengths = np.diff(bounds)
+        total = int(bounds[-1])
+        self.groups = []  # (block length, blocks, their rows: a slice when they are all rows)
+        for length in np.unique(lengths[lengths > 0]).tolist():
+            starts = bounds[:-1][lengths == length]
+            if len(starts) * length == total:
+                rows = slice(None)
+            else:
+                rows = torch.from_numpy((starts[:, None] + np.arange(length)).reshape(-1)).to(device)
+            self.groups.append((length, len(starts), rows))
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     cu_seqlens: Sequence[int]) -> torch.Tensor:
-    """Bidirectional attention within each block ``[cu_seqlens[i], cu_seqlens[i+1])`` of the
-    rows; ``q``, ``k``, ``v``: ``[N, heads, head]``. Blocks of equal length run as one batched
-    SDPA call (images of one size, a tower's equal windows), so a batch of many windows costs a
-    few calls, not one each."""
-    bounds = np.asarray(cu_seqlens, dtype=np.int64)
-    lengths = np.diff(bounds)
+                     blocks: VarlenBlocks) -> torch.Tensor:
+    """Bidirectional attention within each of ``blocks``; ``q``, ``k``, ``v``: ``[N, heads,
+    head]``."""
     out = torch.empty_like(q)
-    for length in np.unique(lengths[lengths > 0]):
-        starts = bounds[:-1][lengths == length]
-        n = len(starts)
-        if n * length == q.shape[0]:  # every block this long: the rows as they are
-            rows = slice(None)
-        else:
-            rows = torch.from_numpy((starts[:, None] + np.arange(length)).reshape(-1)).to(q.device)
+    for length, n, rows in blocks.groups:
+        def split(x):
+            return x[rows].view(n, length, *x.shape[1:]).transpose(1, 2)
 
-        def blocks(x):
-            return x[rows].view(n, int(length), *x.shape[1:]).transpose(1, 2)
-
-        o = F.scaled_dot_product_attention(blocks(q), blocks(k), blocks(v))
-        out[rows] = o.transpose(1, 2).reshape(n * int(length), *q.shape[1:])
+        o = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        out[rows] = o.transpose(1, 2).reshape(n * length, *q.shape[1:])
     return out
 
 
@@ -149,11 +158,11 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rotary: tuple, cu_seqlens: Sequence[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple, blocks: VarlenBlocks) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)
         q, k = _rotate(q, *rotary), _rotate(k, *rotary)
-        return self.proj(varlen_attention(q, k, v, cu_seqlens).reshape(n, -1))
+        return self.proj(varlen_attention(q, k, v, blocks).reshape(n, -1))
 
 
 class VisionMLP(nn.Module):
@@ -206,8 +215,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads)
         self.mlp = mlp
 
-    def forward(self, x, rotary, cu_seqlens):
-        x = x + self.attn(self.norm1(x), rotary, cu_seqlens)
+    def forward(self, x, rotary, blocks: VarlenBlocks):
+        x = x + self.attn(self.norm1(x), rotary, blocks)
         return x + self.mlp(self.norm2(x))
 
 
@@ -268,9 +277,9 @@ class Qwen2VisionTower(nn.Module):
         LLM hidden]``: the images' tokens, image after image."""
         x = self.patch_embed(patches)
         rotary = self.rotary(torch.from_numpy(patch_positions(grids, self.merge)).to(x.device))
-        cu = frame_seqlens(grids)
+        images = VarlenBlocks(frame_seqlens(grids), x.device)
         for block in self.blocks:
-            x = block(x, rotary, cu)
+            x = block(x, rotary, images)
         return self.merger(x)
 
 
@@ -299,7 +308,7 @@ class Qwen25VisionTower(nn.Module):
     def forward(self, patches: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
         x = self.patch_embed(patches)
         unit = self.merge * self.merge
-        order, cu_window = window_order(grids, self.merge, self.window)
+        order, window_bounds = window_order(grids, self.merge, self.window)
         order_t = torch.from_numpy(order).to(x.device)
 
         def windowed(t):  # merge blocks in window order (each block's patches stay together)
@@ -308,9 +317,10 @@ class Qwen25VisionTower(nn.Module):
         x = windowed(x)
         positions = torch.from_numpy(patch_positions(grids, self.merge)).to(x.device)
         rotary = tuple(windowed(r) for r in self.rotary(positions))
-        cu_full = frame_seqlens(grids)
+        images = VarlenBlocks(frame_seqlens(grids), x.device)
+        windows = VarlenBlocks(window_bounds, x.device)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, cu_full if i in self.full_attention else cu_window)
+            x = block(x, rotary, images if i in self.full_attention else windows)
         out = self.merger(x)
         return out[torch.argsort(order_t)]
 
