@@ -57,6 +57,12 @@ def _falcon_split(config, tensor):
     return split_query_key_value(config, tensor)
 
 
+def _exaone_names(name: str) -> str:
+    from tessellm.models.exaone import llama_name
+
+    return llama_name(name)
+
+
 def _bigcode_split(config, tensor):
     from tessellm.models.gpt_bigcode import split_c_attn
 
@@ -74,6 +80,9 @@ class Family:
     splits: dict = field(default_factory=dict)
     note: str = ""  # what the refusal of another module adds ("attention only: ...")
     intermediate: Callable = lambda c: c.intermediate_size  # the MLP's width
+    # another naming of the same modules -> ours (``transformer.h.3.attn.attention.q_proj`` ->
+    # ``model.layers.3.self_attn.q_proj``), as the family's loader renames its checkpoints
+    rename: Optional[Callable[[str], str]] = None
 
     def split(self, config, path: str, b, sizes: list[int]) -> tuple:
         """B ``[sum(sizes), r]`` of the fused module at ``path`` -> one B per logical part."""
@@ -113,6 +122,10 @@ MOE_ATTENTION = Family("model.layers", dict(_LLAMA_ATTN),
                        note=" (attention only: LoRA on the mixture-of-experts MLPs is not "
                             "supported)")
 
+# EXAONE 3: adapters trained on transformers 5 (its Llama model) name Llama's modules; those
+# trained on the original remote code theirs (``attn.attention.out_proj``, ``mlp.c_fc_0``)
+EXAONE = Family("model.layers", LLAMA.modules, rename=_exaone_names)
+
 # HF architecture -> layout. A head other than the LM head (``...ForSequenceClassification``,
 # a bare ``...Model``) has its ``...ForCausalLM``'s layout (``family_of``).
 FAMILIES = {
@@ -120,8 +133,8 @@ FAMILIES = {
         "LlamaForCausalLM", "InternLM3ForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
         "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
         "Gemma3ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
-        "Olmo3ForCausalLM", "CohereForCausalLM", "ExaoneForCausalLM", "Exaone4ForCausalLM",
-        "StableLmForCausalLM")},
+        "Olmo3ForCausalLM", "CohereForCausalLM", "Exaone4ForCausalLM", "StableLmForCausalLM")},
+    "ExaoneForCausalLM": EXAONE,
     "Phi3ForCausalLM": PHI3,
     "GlmForCausalLM": GLM, "Glm4ForCausalLM": GLM,
     "PhiForCausalLM": PHI,

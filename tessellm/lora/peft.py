@@ -31,6 +31,9 @@ from tessellm.lora.request import LoRARequest
 from tessellm.lora.shapes import BaseShapes
 
 
+# ``<module name>.lora_A[.adapter].weight`` -> the module name
+_MODULE_NAME = re.compile(r"\.lora_[AB](?:\.[\w-]+)?\.weight$")
+
 # PEFT module names of input embeddings and output heads (refused by name from the config).
 _EMBEDDINGS = frozenset({"embed_tokens", "lm_head", "wte", "wpe", "embed_out", "word_embeddings"})
 
@@ -64,8 +67,7 @@ def load_adapter(lora: LoRARequest, base: BaseShapes, max_rank: int) -> LoRAAdap
     pairs = _pairs(tensors, base, where)
     adapter = LoRAAdapter(lora, 0)
     for (layer, module), ab in sorted(pairs.items()):
-        name = f"{base.layer_prefix}.{layer}.{module}"
-        whole = _module(ab, name, module, config, base, max_rank, where)
+        whole = _module(ab, module, config, base, max_rank, where)
         adapter.rank = max(adapter.rank, whole.a.shape[0])
         for part, b in zip(base.modules[module], base.split(module, whole.b)):
             adapter.modules[(layer, part)] = ModuleLoRA(whole.a, b.contiguous(), whole.scaling)
@@ -83,12 +85,17 @@ def _key_pattern(base: BaseShapes) -> re.Pattern:
 
 
 def _pairs(tensors: dict, base: BaseShapes, where: str) -> dict:
-    """``{(layer, HF module path under it): {"A": tensor, "B": tensor}}``; refuses a tensor of a module
-    the family's LoRA does not cover, naming what it does."""
+    """``{(layer, HF module path under it): {"A": tensor, "B": tensor, "name": the module's
+    name in the adapter}}``; refuses a tensor of a module the family's LoRA does not cover,
+    naming what it does."""
     pattern = _key_pattern(base)
+    rename = base.family.rename
     pairs: dict = {}
     for key, tensor in tensors.items():
-        m = pattern.match(key)
+        ours = key
+        if rename is not None:  # the family's other naming (EXAONE's remote code) -> ours
+            ours = rename(key.removeprefix("base_model.model."))
+        m = pattern.match(ours)
         if m is None:
             raise ValueError(f"{where} has tensor {key!r}, which is not a LoRA A/B matrix of a "
                              f"decoder layer's projection; LoRA on {base.arch} supports "
@@ -101,7 +108,9 @@ def _pairs(tensors: dict, base: BaseShapes, where: str) -> dict:
         if layer >= base.num_layers:
             raise ValueError(f"{where} adapts layer {layer}, but the base model has "
                              f"{base.num_layers} layers; it was trained for another model.")
-        pairs.setdefault((layer, path), {})[ab] = tensor
+        pair = pairs.setdefault((layer, path), {})
+        pair[ab] = tensor
+        pair["name"] = _MODULE_NAME.sub("", key.removeprefix("base_model.model."))
     if not pairs:
         raise ValueError(f"{where} holds no LoRA weights.")
     return pairs
@@ -172,8 +181,9 @@ def _read_tensors(path: str, where: str) -> dict:
     raise ValueError(f"{where} has no adapter_model.safetensors (nor adapter_model.bin).")
 
 
-def _module(ab: dict, name: str, module: str, config: dict, base: BaseShapes, max_rank: int,
+def _module(ab: dict, module: str, config: dict, base: BaseShapes, max_rank: int,
             where: str) -> ModuleLoRA:
+    name = ab.pop("name")  # as the adapter names it (alpha_pattern matches that)
     if set(ab) != {"A", "B"}:
         raise ValueError(f"{where} has lora_{''.join(ab)} but not both A and B for {name}.")
     a, b = ab["A"].float(), ab["B"].float()

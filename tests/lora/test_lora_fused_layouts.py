@@ -150,6 +150,41 @@ def test_neox_fused_adapter_is_cut_per_head(layout_setup):
     assert adapter.modules[(1, "o_proj")].b.shape == (64, 8)
 
 
+# transformers 5's EXAONE 3 names (Llama's) -> the original remote code's, in order
+_EXAONE_REMOTE = (("model.layers.", "transformer.h."),
+                  (".self_attn.o_proj.", ".attn.attention.out_proj."),
+                  (".self_attn.", ".attn.attention."), (".mlp.gate_proj.", ".mlp.c_fc_0."),
+                  (".mlp.up_proj.", ".mlp.c_fc_1."), (".mlp.down_proj.", ".mlp.c_proj."))
+
+
+@pytest.mark.parametrize("adapter", ["qkvo8", "mlp16"])
+def test_exaone_remote_code_names_load_as_transformers_names(layout_setup, tmp_path, adapter):
+    """An EXAONE 3 adapter trained on the original remote code (``transformer.h.N.attn.attention
+    .out_proj``, ``mlp.c_fc_0``) is the same adapter as one on transformers 5's Llama names."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tessellm.lora.peft import load_adapter
+
+    model, paths = layout_setup("exaone")
+    remote = tmp_path / "remote"
+    shutil.copytree(paths[adapter], remote)
+    tensors = {}
+    for key, tensor in load_file(remote / "adapter_model.safetensors").items():
+        for ours, theirs in _EXAONE_REMOTE:
+            key = key.replace(ours, theirs)
+        tensors[key] = tensor
+    assert all(".h." in k and ".layers." not in k for k in tensors)
+    save_file(tensors, remote / "adapter_model.safetensors")
+    base = _base(model)
+    want = load_adapter(LoRARequest("t5", 1, paths[adapter]), base, 16).modules
+    got = load_adapter(LoRARequest("remote", 2, str(remote)), base, 16).modules
+    assert set(got) == set(want) and len(want) == 2 * (4 if adapter == "qkvo8" else 3)
+    for key, m in want.items():
+        assert got[key].a.equal(m.a) and got[key].b.equal(m.b) and got[key].scaling == m.scaling
+
+
 def test_every_layout_lands_in_wrapped_slices():
     """Each logical part of each family's modules is a slice of a layer the family wraps: a
     part without one would be loaded and then silently dropped."""
