@@ -10,6 +10,11 @@ index at a time, all tokens together, keeping a running max ``m``, sum ``l`` and
         l   = l * exp(m - m') + sum(p);  acc = acc * exp(m - m') + p @ v_j;  m = m'
     out = acc / l
 
+Attention sinks (plugin API 5, gpt-oss): a spec with ``attention_sinks`` gets each layer's
+``sinks`` (a logit per query head) with every ``forward``; after the last block each row's
+sink joins the recurrence once, as a key with no value: ``m' = max(m, sink)``, ``l = l *
+exp(m - m') + exp(sink - m')``, ``acc = acc * exp(m - m')``.
+
 Metadata comes from device tensors only (``seq_lens``, ``query_start_loc``) plus one host int,
 an upper bound on blocks per sequence, so a captured step stays correct on replay.
 """
@@ -33,6 +38,7 @@ class ToyMetadata:
 class ToyAttentionKernel:
     name = "toy-online-softmax"
     supports_sliding_window = True
+    supports_attention_sinks = True  # forward's ``sinks`` (module docstring)
     supports_graph_capture = True
 
     def __init__(self, spec):
@@ -53,7 +59,8 @@ class ToyAttentionKernel:
         return ToyMetadata(tok_seq, tok_pos, batch.block_tables.long(), batch.slot_mapping.long(),
                            min(-(-batch.max_seq_len // bs), batch.block_tables.shape[1]))
 
-    def forward(self, q, k, v, k_cache, v_cache, metadata: ToyMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, metadata: ToyMetadata, scale: float, *,
+                sinks=None):
         md = metadata
         _write(k, v, k_cache, v_cache, md.slot_mapping)
         T, H, D = q.shape
@@ -81,6 +88,12 @@ class ToyAttentionKernel:
             l = l * alpha + p.sum(-1)
             acc = acc * alpha[..., None] + torch.einsum("tkgb,tbkd->tkgd", p, vj)
             m = m_new
+        if sinks is not None:  # one more key per row, with no value
+            sink = sinks.float().view(1, kvh, H // kvh).expand_as(m)
+            m_new = torch.maximum(m, sink)
+            alpha = torch.exp(m - m_new)
+            l = l * alpha + torch.exp(sink - m_new)
+            acc = acc * alpha[..., None]
         out = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
         return out.reshape(T, H, D).to(q.dtype)
 

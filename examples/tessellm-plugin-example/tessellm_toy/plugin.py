@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from tessellm.backends.spec import AttentionSpec, Backend, GraphSpec, QuantSpec, hookimpl
 
-TESSELLM_PLUGIN_API_REQUIRED = 1  # the plugin API version this plugin was written against
+# The plugin API version this plugin needs: 5 for attention sinks (an older tessellm would never
+# pass ``sinks``, and would refuse a model with them only if the kernel did not declare them).
+TESSELLM_PLUGIN_API_REQUIRED = 5
 NAME = "toy"
 
 
@@ -19,7 +21,8 @@ def tessellm_register_backends(register):
         validated_on="hardware",
         validation_note="Runs on the host CPU; passes the tessellm conformance suite.",
         capabilities={"graph_capture": True, "quantization": ["int8"],
-                      "kv_cache_dtypes": ["auto"], "sliding_window": True},
+                      "kv_cache_dtypes": ["auto"], "sliding_window": True,
+                      "attention_sinks": True},
     ))
 
 
