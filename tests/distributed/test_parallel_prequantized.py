@@ -84,13 +84,14 @@ def _dequantized(layer) -> torch.Tensor:
     return torch.cat([seg.dequantize() for seg in layer.segments])
 
 
-def assert_ranks_hold_their_part(path: str, backend: str, tp_size: int, quantization=None):
+def assert_ranks_hold_their_part(path: str, backend: str, tp_size: int, quantization=None,
+                                 build=_build):
     """Column-parallel: each logical shard's rows of the T=1 layer (KV heads replicated where
     fewer than ranks); row-parallel: its K / T columns; compared bit for bit."""
-    one = quantized_linears(_build(path, backend, quantization=quantization))
+    one = quantized_linears(build(path, backend, quantization=quantization))
     for rank in range(tp_size):
-        layers = quantized_linears(_build(path, backend, TensorParallel(rank, tp_size),
-                                          quantization))
+        layers = quantized_linears(build(path, backend, TensorParallel(rank, tp_size),
+                                         quantization))
         assert layers.keys() == one.keys()
         for name, layer in layers.items():
             full = _dequantized(one[name])
@@ -121,16 +122,33 @@ def test_int4_ranks_hold_their_part(sharp, tmp_path, fmt):
     assert_ranks_hold_their_part(int4_checkpoint(sharp, str(tmp_path / fmt), fmt, 32), "cuda", 2)
 
 
-def test_gguf_ranks_hold_their_part(bundled):
+@pytest.fixture(scope="module")
+def build_once():
+    """``_build``, each (path, backend, rank, size, quantization) built once for this module:
+    the two bundled-GGUF tests below read the same four SmolLM2 builds (T=1, and T=3's three
+    ranks); they only read the models."""
+    built = {}
+
+    def build(path, backend, tp=None, quantization=None):
+        key = (path, backend, tp and (tp.rank, tp.size), quantization)
+        if key not in built:
+            built[key] = _build(path, backend, tp, quantization)
+        return built[key]
+
+    yield build
+    built.clear()
+
+
+def test_gguf_ranks_hold_their_part(bundled, build_once):
     """SmolLM2's Q4_1 blocks (32 weights) over 3 ranks: 576 / 3 and 1536 / 3 inputs per rank."""
-    assert_ranks_hold_their_part(bundled, "cpu", 3, quantization="gguf")
+    assert_ranks_hold_their_part(bundled, "cpu", 3, quantization="gguf", build=build_once)
 
 
-def test_gguf_lm_head_keeps_its_blocks_split(bundled):
+def test_gguf_lm_head_keeps_its_blocks_split(bundled, build_once):
     """The tied LM head reads token_embd's Q8_0 blocks at T=1; at T=3 each rank its 16384
     vocabulary rows of them."""
     def head(tp=None):
-        model = _build(bundled, "cpu", tp, quantization="gguf")
+        model = build_once(bundled, "cpu", tp, quantization="gguf")
         return model.lm_head.quant_weight
 
     whole = head().dequantize()
