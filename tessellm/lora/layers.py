@@ -9,10 +9,10 @@ the slot rank ``R`` (an absent module is all zeros, so it adds nothing)::
       scaling [S] fp32            one per slot (a slice whose module scales differently has the
                                   ratio folded into its B when the slot is filled)
 
-Column-parallel layers (qkv, gate_up) hold A whole and B's rows of this rank (the same
-``shard_ranges`` as the base weight). Row-parallel layers (o, down) hold A's columns of this
-rank and B whole: each rank adds ``x_r A_r^T B^T`` to its partial product, and the base
-layer's sum over ranks (its all-reduce, or the next RMSNorm's) sums the LoRA terms too, since
+Column-parallel layers (qkv, gate_up, fc_in) hold A whole and B's rows of this rank (the same
+``shard_ranges`` as the base weight). Row-parallel layers (o, down, fc_out) hold A's columns of
+this rank and B whole: each rank adds ``x_r A_r^T B^T`` to its partial product, and the base
+layer's sum over ranks (its all-reduce, or the next norm's) sums the LoRA terms too, since
 ``sum_r (x_r A_r^T) B^T = (x A^T) B^T``.
 
 Which slot each token row uses is the step's ``LoRABatch`` (set by the model runner before a
@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear
-from tessellm.lora.shapes import LAYER_SLICES
 
 
 class LoRABatch:
@@ -133,8 +132,8 @@ class LoRALinear(nn.Module):
         self.set_slot(slot, [None] * len(self.lora_b))
 
 
-def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int,
-               names=tuple(LAYER_SLICES), arch: str = "") -> dict:
+def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int, names: tuple,
+               arch: str = "") -> dict:
     """Replace each decoder layer's linears named in ``names`` (our layers: ``BaseShapes.layers``,
     the family's) by a ``LoRALinear``. Returns ``{(layer index, our layer name): LoRALinear}``;
     refuses a model without them, naming the layer, the module and the family (``arch``)."""
