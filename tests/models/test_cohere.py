@@ -29,7 +29,11 @@ def test_cohere_matches_hf(overrides, engine, tmp_path):
     assert_parity(path, prompts((5, 30)), max_new=16, **engine)
 
 
-@pytest.mark.parametrize("overrides", [dict(use_qk_norm=True), dict(attention_bias=True)],
+# bias: a parallel block whose biased projections sum themselves, test_phi.py's TP case in the
+# default suite; it runs in the slow lane (ci/matrix.yaml's cpu lane).
+@pytest.mark.parametrize("overrides", [dict(use_qk_norm=True),
+                                       pytest.param(dict(attention_bias=True),
+                                                    marks=pytest.mark.slow)],
                          ids=["qk-norm", "bias"])
 def test_cohere_tensor_parallel(overrides, tmp_path):
     """Each rank norms its own heads with its rows of the per-head weights; the parallel

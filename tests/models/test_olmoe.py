@@ -28,6 +28,9 @@ def test_olmoe_matches_hf(overrides, engine, tmp_path):
     assert_parity(path, prompts((5, 30)), max_new=16, **engine)
 
 
+# Slow lane (ci/matrix.yaml's cpu lane): OLMo 2's whole-projection q/k norms with replicated KV
+# heads under TP are test_olmo2.py's, experts under TP tests/distributed/test_moe_parallel.py's.
+@pytest.mark.slow
 def test_olmoe_tensor_parallel(tmp_path):
     path = save_tiny(olmoe_config(num_key_value_heads=1), str(tmp_path / "tp"))
     assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")
