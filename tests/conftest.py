@@ -6,6 +6,15 @@ import os
 
 import pytest
 
+# As .ci/run does: without a GPU, Triton kernels run in the interpreter on CPU tensors. Set here,
+# before any test module imports a kernel (TRITON_INTERPRET is read when @triton.jit decorates
+# it), so a plain `pytest` (ci/matrix.yaml's cpu lane: the slow tests too) runs them as CI does.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 TINY_COMMON = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
