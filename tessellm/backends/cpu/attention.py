@@ -107,7 +107,7 @@ class CpuAttentionKernel:
     name = "cpu-sdpa"
     supports_sliding_window = True
     supports_logit_softcap = True  # the C decode kernel caps; the torch path through ``sdpa.py``
-    # forward's ``sinks``: without the C kernel (it has none), through ``sdpa.py``'s explicit form
+    # forward's ``sinks``: the C decode kernel joins them; the torch paths through ``sdpa.py``
     supports_attention_sinks = True
     supports_graph_capture = True  # no host syncs; decode metadata needs no host lists
     # forward takes the unrotated q, k with positions and the cos/sin cache: a step of float32
@@ -224,17 +224,17 @@ class CpuAttentionKernel:
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: CpuAttentionMetadata, scale: float,
                 positions=None, cos_sin_cache=None, *, sinks=None):
-        """``sinks``: float32 ``[H]`` for a spec with ``attention_sinks`` (its layers never
-        load the C kernel, ``_native_shapes``), joined by ``sdpa.py``'s explicit form."""
+        """``sinks``: float32 ``[H]`` for a spec with ``attention_sinks``: joined by the C decode
+        kernel, and by ``sdpa.py``'s explicit form on the torch paths."""
         batch = metadata.batch
         if sinks is not None:
-            sinks = sinks.float()
+            sinks = sinks.float().contiguous()
         if positions is not None:
             nat = metadata.native_decode
             if (nat is not None and nat.slots is not None and nat.n == q.shape[0]
                     and not metadata.padded_slots and fusable(q, k, v, positions, cos_sin_cache)):
                 return decode_step(self.native, q, k, v, k_cache, v_cache, nat, positions,
-                                   cos_sin_cache, scale, self.window, self.softcap)
+                                   cos_sin_cache, scale, self.window, self.softcap, sinks)
             t, d = q.shape[0], q.shape[-1]
             q, k = self.rope.rotary_embedding(positions, q.view(t, -1), k.view(t, -1), cos_sin_cache, d)
             q, k = q.view(t, -1, d), k.view(t, -1, d)
@@ -247,7 +247,8 @@ class CpuAttentionKernel:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = batch.num_decodes
         if metadata.native_decode is not None:
-            self._native_decode(q[:nd], k_cache, v_cache, metadata.native_decode, scale, out[:nd])
+            self._native_decode(q[:nd], k_cache, v_cache, metadata.native_decode, scale, out[:nd],
+                                sinks)
         for group in metadata.decode_groups:
             if group.rows is None:
                 out[:nd] = self._decode(q[:nd], k_cache, v_cache, group, scale, sinks)
@@ -279,7 +280,7 @@ class CpuAttentionKernel:
                  sinks=None if sinks is None else sinks.view(kvh, group, 1))
         return o.reshape(nd, num_heads, head_size)
 
-    def _native_decode(self, q, k_cache, v_cache, nat: NativeDecode, scale, out):
+    def _native_decode(self, q, k_cache, v_cache, nat: NativeDecode, scale, out, sinks=None):
         """``out`` [n, H, D] (contiguous) = the decodes' attention, by the C kernel."""
         n, num_heads, head_size = q.shape
         if q.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != head_size:
@@ -290,7 +291,8 @@ class CpuAttentionKernel:
             q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
             int(k_cache.dtype == torch.bfloat16), nat.tables.data_ptr(), nat.tables.shape[1],
             nat.seq_lens.data_ptr(), n, num_heads, k_cache.shape[2], head_size, k_cache.shape[1],
-            self.window or 0, scale, self.softcap or 0.0, res.data_ptr(), torch.get_num_threads())
+            self.window or 0, scale, self.softcap or 0.0,
+            None if sinks is None else sinks.data_ptr(), res.data_ptr(), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"tl_paged_decode refused heads={num_heads} kv_heads={k_cache.shape[2]} "
                                f"head_size={head_size}")
@@ -348,10 +350,8 @@ def _batched_queries(q, k_cache, v_cache, blocks, mask, n: int, scale, logit_sof
 
 
 def _native_shapes(spec: AttentionSpec) -> bool:
-    """Whether the C decode kernel handles this layer (it loads only then). It has no attention
-    sinks: those layers' decodes run ``sdpa.py``'s explicit form."""
-    return (spec.kv_cache_dtype == "auto" and not spec.attention_sinks
-            and spec.dtype in (torch.float32, torch.bfloat16)
+    """Whether the C decode kernel handles this layer (it loads only then)."""
+    return (spec.kv_cache_dtype == "auto" and spec.dtype in (torch.float32, torch.bfloat16)
             and spec.num_heads % spec.num_kv_heads == 0 and spec.num_heads <= 128
             and spec.head_size <= 256 and spec.num_heads * spec.head_size <= 8192)
 

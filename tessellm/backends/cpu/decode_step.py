@@ -22,10 +22,11 @@ def fusable(q, k, v, positions, cos_sin) -> bool:
 
 
 def decode_step(lib, q, k, v, k_cache, v_cache, nat, positions, cos_sin, scale: float, window,
-                softcap=None):
+                softcap=None, sinks=None):
     """The attention output ``[n, H, D]`` float32 of ``nat.n`` decodes (``attention.NativeDecode``:
     int32 tables and lengths, int64 slots); q and k are rotated in place. ``softcap``: the
-    layer's logit soft-cap, or None."""
+    layer's logit soft-cap, or None; ``sinks``: its attention sinks, float32 contiguous ``[H]``,
+    or None."""
     n, num_heads, head_size = q.shape
     out = torch.empty(q.shape, dtype=torch.float32)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype
@@ -34,8 +35,8 @@ def decode_step(lib, q, k, v, k_cache, v_cache, nat, positions, cos_sin, scale: 
         positions.data_ptr(), cos_sin.data_ptr(), cos_sin.stride(0), nat.slots.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
         nat.tables.data_ptr(), nat.tables.shape[1], nat.seq_lens.data_ptr(), n, num_heads,
-        k_cache.shape[2], head_size, k_cache.shape[1], window or 0, scale, softcap or 0.0, out.data_ptr(),
-        torch.get_num_threads())
+        k_cache.shape[2], head_size, k_cache.shape[1], window or 0, scale, softcap or 0.0,
+        None if sinks is None else sinks.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"tl_decode_step refused heads={num_heads} kv_heads={k_cache.shape[2]} "
                            f"head_size={head_size}")

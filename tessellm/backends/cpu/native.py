@@ -85,12 +85,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.tl_paged_decode.restype = i32
     lib.tl_paged_decode.argtypes = [p, i64, p, p, i32, p, i64, p, i32, i32, i32, i32, i32, i32,
-                                    ctypes.c_float, ctypes.c_float, p, i32]
+                                    ctypes.c_float, ctypes.c_float, p, p, i32]
     lib.tl_rotary_neox.restype = i32
     lib.tl_rotary_neox.argtypes = [p, i64, i32, p, i64, i32, p, p, i64, i32, i32, i32, i32]
     lib.tl_decode_step.restype = i32
     lib.tl_decode_step.argtypes = [p, i64, p, i64, p, i64, p, p, i64, p, p, p, i32, p, i64, p, i32,
-                                   i32, i32, i32, i32, i32, ctypes.c_float, ctypes.c_float, p, i32]
+                                   i32, i32, i32, i32, i32, ctypes.c_float, ctypes.c_float, p, p,
+                                   i32]
     lib.tl_add_rms_norm.restype = i32
     lib.tl_add_rms_norm.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float, i32]
     lib.tl_silu_and_mul.restype = i32

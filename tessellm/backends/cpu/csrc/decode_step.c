@@ -21,7 +21,7 @@ int tl_rotary_neox(float *q, int64_t q_stride, int qh, float *k, int64_t k_strid
 int tl_paged_decode(const float *q, int64_t q_row_stride, const void *k_cache, const void *v_cache,
                     int cache_bf16, const int32_t *tables, int64_t table_stride,
                     const int32_t *seq_lens, int n, int H, int KVH, int D, int bs, int window,
-                    float scale, float softcap, float *out, int num_threads);
+                    float scale, float softcap, const float *sinks, float *out, int num_threads);
 
 /* torch's float -> bfloat16 (c10::BFloat16): round to nearest even, NaN to the quiet NaN. */
 static inline uint16_t to_bf16(float f) {
@@ -45,7 +45,7 @@ int tl_decode_step(float *q, int64_t q_stride, float *k, int64_t k_stride, const
                    const int64_t *slots, void *k_cache, void *v_cache, int cache_bf16,
                    const int32_t *tables, int64_t table_stride, const int32_t *seq_lens, int n,
                    int H, int KVH, int D, int bs, int window, float scale, float softcap,
-                   float *out, int num_threads) {
+                   const float *sinks, float *out, int num_threads) {
     int rc = tl_rotary_neox(q, q_stride, H, k, k_stride, KVH, pos, cos_sin, cs_stride, n, D, D,
                             num_threads);
     if (rc) return rc;
@@ -56,5 +56,6 @@ int tl_decode_step(float *q, int64_t q_stride, float *k, int64_t k_stride, const
         write_row(v_cache, slots[t], v + t * v_stride, width, cache_bf16);
     }
     return tl_paged_decode(q, q_stride, k_cache, v_cache, cache_bf16, tables, table_stride,
-                           seq_lens, n, H, KVH, D, bs, window, scale, softcap, out, num_threads);
+                           seq_lens, n, H, KVH, D, bs, window, scale, softcap, sinks, out,
+                           num_threads);
 }

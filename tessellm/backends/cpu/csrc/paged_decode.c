@@ -12,7 +12,9 @@
  * once. Tasks are (sequence, range of KV heads), spread over the OpenMP threads of the
  * process's one runtime (torch's libgomp). A sliding window w (> 0) keeps keys at positions
  * >= len - w. A soft-cap c (> 0, Gemma 2's attn_logit_softcapping) turns each scaled score s
- * into c * tanh(s / c) before the softmax (softcap_row). With AVX-512 and D % 16 == 0 a tile is
+ * into c * tanh(s / c) before the softmax (softcap_row). Attention sinks (gpt-oss; `sinks`, one
+ * logit per query head, NULL for none) join each head's softmax once, after its last tile, as a
+ * key with no value (join_sinks). With AVX-512 and D % 16 == 0 a tile is
  * at most 16 tokens: its scores of one query
  * are the lanes of one vector (a transpose-and-add tree, no horizontal sum per token), the
  * softmax runs on those vectors, and the next tile's K and V rows are prefetched a row at a time
@@ -273,10 +275,23 @@ static inline void prefetch_tile(const void *kc, const void *vc, int64_t base, i
 /* KV heads [h0, h1) of one sequence: their G queries each against keys [start, len), tile by
  * tile (at most 16 tokens on the vector path, TILE otherwise, of one block; with all KV heads in the task a tile's K and its V
  * are each one contiguous stretch of the block). */
+/* Attention sinks: head i's logit sinks[i] joins its online softmax (max m, sum l, unnormalized
+ * acc) as one more key whose value is zero: the max may rise, the sum gains exp(sink - max). */
+static inline void join_sinks(const float *sinks, int nh, int D, float *m, float *l, float *acc) {
+    for (int i = 0; i < nh; i++) {
+        float sk = sinks[i], mx = m[i] > sk ? m[i] : sk;
+        float corr = m[i] == -INFINITY ? 0.0f : expf(m[i] - mx);
+        l[i] = l[i] * corr + expf(sk - mx);
+        float *a = acc + (int64_t)i * D;
+        for (int d = 0; d < D; d++) a[d] *= corr;
+        m[i] = mx;
+    }
+}
+
 static inline __attribute__((always_inline)) void attend(
         const float *q, const void *kc, const void *vc, const int32_t *table, int start, int len,
-        int bs, int KVH, const int D, const int G, int h0, int h1, float scale, float softcap, int bf16,
-        float *out) {
+        int bs, int KVH, const int D, const int G, int h0, int h1, float scale, float softcap,
+        const float *sinks, int bf16, float *out) {
     const int nkv = h1 - h0, nh = nkv * G;
     float qs[MAX_HD], acc[MAX_HD], s[MAX_H][TILE], m[MAX_H], l[MAX_H];
     const float *qh = q + (int64_t)h0 * G * D;
@@ -326,6 +341,7 @@ static inline __attribute__((always_inline)) void attend(
         tile_values(acc, vc, base, tok_stride, nt, nkv, D, G, bf16, s, -1, 0);
         t0 = t1;
     }
+    if (sinks) join_sinks(sinks + (int64_t)h0 * G, nh, D, m, l, acc);
     float *o = out + (int64_t)h0 * G * D;
     for (int i = 0; i < nh; i++) {
         float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
@@ -336,8 +352,8 @@ static inline __attribute__((always_inline)) void attend(
 /* attend() with D as a constant where it is common (the vector loops unroll). */
 static void attend_task(const float *q, const void *kc, const void *vc, const int32_t *table,
                         int start, int len, int bs, int KVH, int D, int G, int h0, int h1,
-                        float scale, float softcap, int bf16, float *out) {
-#define ATTEND(DD, BF) attend(q, kc, vc, table, start, len, bs, KVH, DD, G, h0, h1, scale, softcap, BF, out)
+                        float scale, float softcap, const float *sinks, int bf16, float *out) {
+#define ATTEND(DD, BF) attend(q, kc, vc, table, start, len, bs, KVH, DD, G, h0, h1, scale, softcap, sinks, BF, out)
     if (bf16) {
         if (D == 64) ATTEND(64, 1); else if (D == 128) ATTEND(128, 1); else ATTEND(D, 1);
     } else {
@@ -347,13 +363,13 @@ static void attend_task(const float *q, const void *kc, const void *vc, const in
 }
 
 /* Returns 0, or -1 when the shapes are outside what this kernel handles (nothing written).
- * softcap: the logit soft-cap, 0 for none.
+ * softcap: the logit soft-cap, 0 for none. sinks: float32 [H] attention sinks, or NULL.
  * Tasks: each sequence's KV heads cut into `chunks` ranges, enough tasks for the threads when
  * the batch is small, all heads of a sequence in one task (contiguous reads) when it is not. */
 int tl_paged_decode(const float *q, int64_t q_row_stride, const void *k_cache, const void *v_cache,
                     int cache_bf16, const int32_t *tables, int64_t table_stride,
                     const int32_t *seq_lens, int n, int H, int KVH, int D, int bs, int window,
-                    float scale, float softcap, float *out, int num_threads) {
+                    float scale, float softcap, const float *sinks, float *out, int num_threads) {
     if (KVH <= 0 || H % KVH || H > MAX_H || D > MAX_D || D <= 0 || H * D > MAX_HD || bs <= 0) return -1;
     const int G = H / KVH;
     int chunks = n > 0 ? (4 * num_threads + n - 1) / n : 1;
@@ -371,7 +387,7 @@ int tl_paged_decode(const float *q, int64_t q_row_stride, const void *k_cache, c
             continue;
         }
         attend_task(q + (int64_t)seq * q_row_stride, k_cache, v_cache, tables + (int64_t)seq * table_stride,
-                    start, len, bs, KVH, D, G, h0, h1, scale, softcap, cache_bf16, o);
+                    start, len, bs, KVH, D, G, h0, h1, scale, softcap, sinks, cache_bf16, o);
     }
     return 0;
 }
