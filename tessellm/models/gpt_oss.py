@@ -75,7 +75,8 @@ class GptOssMoE(nn.Module):
         self.w13_bias = nn.Parameter(torch.empty(experts, 2 * self.local), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(experts, hidden, self.local), requires_grad=False)
         self.w2_bias = nn.Parameter(torch.zeros(experts, hidden), requires_grad=False)
-        self.activation = ExpertActivation("swiglu_oai", float(config.swiglu_alpha),
+        # released configs and transformers before 5.2x carry no swiglu_alpha: 1.702 is fixed
+        self.activation = ExpertActivation("swiglu_oai", float(getattr(config, "swiglu_alpha", 1.702)),
                                            float(config.swiglu_limit))
         ops_moe = getattr(ctx.ops, "fused_moe", None)
         served = "swiglu_oai" in getattr(ctx.ops, "fused_moe_activations", ("silu",))

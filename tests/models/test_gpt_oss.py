@@ -84,6 +84,37 @@ def test_gpt_oss_on_emulated_backends(device, tiny_gpt_oss):
                   emulate=True, max_num_batched_tokens=8)
 
 
+def test_config_without_swiglu_alpha_loads(tiny_gpt_oss, monkeypatch):
+    """Released configs carry no ``swiglu_alpha`` and transformers before 5.2x has no such
+    field, so the model takes gpt-oss's fixed 1.702: the same tokens as with the field. (On a
+    GPU host with transformers 5.17 loading raised AttributeError.) The field is taken off the
+    config class and the loaded config as the older transformers has it."""
+    import transformers
+    from transformers import GptOssConfig
+
+    from tessellm import LLM, SamplingParams
+
+    def greedy():
+        with LLM(tiny_gpt_oss, device="cpu", dtype="float32") as llm:
+            out = llm.generate([{"prompt_token_ids": prompts((9,))[0]}],
+                               SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                               use_tqdm=False)
+        return out[0].outputs[0].token_ids
+
+    want = greedy()
+    load = transformers.AutoConfig.from_pretrained
+
+    def old_transformers(*a, **k):
+        config = load(*a, **k)
+        config.__dict__.pop("swiglu_alpha", None)
+        return config
+
+    monkeypatch.delattr(GptOssConfig, "swiglu_alpha")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", old_transformers)
+    assert not hasattr(transformers.AutoConfig.from_pretrained(tiny_gpt_oss), "swiglu_alpha")
+    assert greedy() == want
+
+
 def _edit(path: str, change) -> None:
     from safetensors.torch import load_file, save_file
 
