@@ -88,10 +88,14 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
         acc += tl.load(b_row + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if SILU_MUL:
             acc_up += tl.load(b_row + N + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if SILU_MUL and ACT == 1:  # clamped SwiGLU, rounded to C's dtype like the reference's inputs
+    if SILU_MUL and ACT == 1:  # clamped SwiGLU at the reference's rounding points (each op
+        # of ``ExpertActivation`` in C's dtype: gate * alpha, sigmoid, gate * sigmoid, up + 1)
         g = tl.minimum(acc.to(dt).to(tl.float32), limit)
         u = tl.minimum(tl.maximum(acc_up.to(dt).to(tl.float32), -limit), limit)
-        acc = (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))
+        ga = (g * alpha).to(dt).to(tl.float32)
+        sg = (1.0 / (1.0 + tl.exp(-ga))).to(dt).to(tl.float32)
+        glu = (g * sg).to(dt).to(tl.float32)
+        acc = (u + 1.0).to(dt).to(tl.float32) * glu
     elif SILU_MUL:  # the reference's rounding points: gate/up, SiLU and product each in C's dtype
         g = acc.to(dt).to(tl.float32)
         acc = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * acc_up.to(dt).to(tl.float32)
