@@ -35,6 +35,19 @@ def _kernel(target, spec):
     return kernel
 
 
+def _kernel_declaring(target, spec, flag: str, capability: str, missing: str):
+    """The kernel ``target`` serves ``spec`` with, when it declares the optional feature
+    ``flag``; skipped with ``missing`` when it does not (the engine refuses such models there),
+    failed when the backend's capabilities claim ``capability`` all the same."""
+    kernel = target.registry.attention_kernel(target.backend, spec)
+    if kernel is None or not getattr(kernel, flag, False):
+        if target.backend.capabilities.get(capability):
+            pytest.fail(f"{target.name} declares {capability} but its kernel for such a spec "
+                        f"does not declare {flag}")
+        pytest.skip(f"{target.name} has no {missing}")
+    return kernel
+
+
 def _check(target, kernel, step, dtype):
     md = kernel.build_metadata(step.batch)
     extra = {} if step.sinks is None else {"sinks": step.sinks}
@@ -146,12 +159,8 @@ def test_attention_logit_softcap(target, batch, window):
     spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64, dtype=torch.float32,
                          block_size=16, sliding_window=window, logit_softcap=cap,
                          max_model_len=256, max_num_seqs=8)
-    kernel = target.registry.attention_kernel(target.backend, spec)
-    if kernel is None or not getattr(kernel, "supports_logit_softcap", False):
-        if target.backend.capabilities.get("logit_softcap"):
-            pytest.fail(f"{target.name} declares logit_softcap but its kernel for a capped spec "
-                        "does not declare supports_logit_softcap")
-        pytest.skip(f"{target.name} has no soft-capping attention kernel")
+    kernel = _kernel_declaring(target, spec, "supports_logit_softcap", "logit_softcap",
+                               "soft-capping attention kernel")
     q_lens, ctx = BATCHES[batch]
     step = make_paged_step(q_lens, ctx, num_kv_heads=2, group=2, head_size=64, block_size=16,
                            dtype=torch.float32, device=target.device, window=window,
@@ -170,12 +179,8 @@ def test_attention_sinks(target, batch, window):
     spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64, dtype=torch.float32,
                          block_size=16, sliding_window=window, attention_sinks=True,
                          max_model_len=256, max_num_seqs=8)
-    kernel = target.registry.attention_kernel(target.backend, spec)
-    if kernel is None or not getattr(kernel, "supports_attention_sinks", False):
-        if target.backend.capabilities.get("attention_sinks"):
-            pytest.fail(f"{target.name} declares attention_sinks but its kernel for such a spec "
-                        "does not declare supports_attention_sinks")
-        pytest.skip(f"{target.name} has no attention kernel with sinks")
+    kernel = _kernel_declaring(target, spec, "supports_attention_sinks", "attention_sinks",
+                               "attention kernel with sinks")
     q_lens, ctx = BATCHES[batch]
     # Sinks from well below to well above the scores: a kernel that drops them, or joins one
     # per split or tile instead of once per row, or takes another head's, is off everywhere.
