@@ -142,6 +142,22 @@ def make_paged_step(query_lens: list[int], ctx_lens: list[int], *, num_kv_heads:
                      None if sinks is None else sinks.float().to(device))
 
 
+def rotate_step(step: PagedStep, positions: torch.Tensor, cos_sin: torch.Tensor):
+    """What a kernel fusing rotary and the cache write (``fuses_rotary``) must match on ``step``:
+    q and k rotated at ``positions`` by the reference's NeoX rotation, the rotated k and v written
+    into copies of the step's caches: ``(q_rot [T, H, D], k_cache, v_cache)``, on the CPU."""
+    from tessellm.backends.reference.ops import ReferenceOps
+
+    t, _, head_size = step.q.shape
+    q_rot, k_rot = ReferenceOps().rotary_embedding(positions, step.q.cpu().reshape(t, -1).clone(),
+                                                   step.k.cpu().reshape(t, -1).clone(), cos_sin,
+                                                   head_size)
+    k_cache, v_cache = step.k_cache.cpu().clone(), step.v_cache.cpu().clone()
+    write_kv_cache(k_rot.view_as(step.k.cpu()), step.v.cpu(), k_cache, v_cache,
+                   step.batch.slot_mapping.cpu())
+    return q_rot.view(t, -1, head_size), k_cache, v_cache
+
+
 TINY_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=False)

@@ -22,11 +22,10 @@ pytest.importorskip("triton")
 
 from tessellm.backends.reference.attention import (paged_attention, softmax_with_sinks,  # noqa: E402
                                                    write_kv_cache)
-from tessellm.backends.reference.ops import ReferenceOps  # noqa: E402
 from tessellm.backends.spec import AttentionSpec  # noqa: E402
 from tessellm.kernels.attention import TritonAttentionKernel  # noqa: E402
-from tessellm.layers.rotary import inverse_frequencies  # noqa: E402
-from tessellm.testing.harness import make_paged_step  # noqa: E402
+from tessellm.layers.rotary import cos_sin_cache  # noqa: E402
+from tessellm.testing.harness import make_paged_step, rotate_step  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F32 = torch.float32
@@ -121,15 +120,10 @@ def test_decode_with_fused_rotary_and_cache_write():
     q_lens, ctx = [1, 1, 1, 1], [0, 9, 30, 64]
     step = _step(q_lens, ctx, seed=11)
     positions = torch.tensor(ctx, dtype=torch.int64)
-    freqs = torch.outer(torch.arange(128, dtype=F32), inverse_frequencies(HEAD, 10000.0, None))
-    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-    t = len(q_lens)
-    q_rot, k_rot = ReferenceOps().rotary_embedding(positions, step.q.cpu().reshape(t, -1).clone(),
-                                                   step.k.cpu().reshape(t, -1).clone(), cos_sin, HEAD)
-    ref_k, ref_v = step.k_cache.cpu().clone(), step.v_cache.cpu().clone()
-    write_kv_cache(k_rot.view(t, KVH, HEAD), step.v.cpu(), ref_k, ref_v, step.batch.slot_mapping.cpu())
+    cos_sin = cos_sin_cache(HEAD, 128, 10000.0, None)
+    q_rot, ref_k, ref_v = rotate_step(step, positions, cos_sin)
     b = step.batch
-    want = paged_attention(q_rot.view(t, -1, HEAD), ref_k, ref_v, b.query_start_loc.cpu(),
+    want = paged_attention(q_rot, ref_k, ref_v, b.query_start_loc.cpu(),
                            b.seq_lens.cpu(), b.block_tables.cpu(), step.scale, None, None, SINKS)
     kernel = _kernel()
     md = kernel.build_metadata(step.batch)

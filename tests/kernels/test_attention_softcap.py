@@ -19,11 +19,10 @@ import torch
 pytest.importorskip("triton")
 
 from tessellm.backends.reference.attention import paged_attention, softcap, write_kv_cache  # noqa: E402
-from tessellm.backends.reference.ops import ReferenceOps  # noqa: E402
 from tessellm.backends.spec import AttentionSpec  # noqa: E402
 from tessellm.kernels.attention import TritonAttentionKernel  # noqa: E402
-from tessellm.layers.rotary import inverse_frequencies  # noqa: E402
-from tessellm.testing.harness import make_paged_step  # noqa: E402
+from tessellm.layers.rotary import cos_sin_cache  # noqa: E402
+from tessellm.testing.harness import make_paged_step, rotate_step  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F32 = torch.float32
@@ -101,14 +100,9 @@ def test_decode_with_fused_rotary_and_cache_write():
     q_lens, ctx = [1, 1, 1, 1], [0, 9, 30, 64]
     step = _step(q_lens, ctx, cap, seed=11)
     positions = torch.tensor(ctx, dtype=torch.int64)
-    freqs = torch.outer(torch.arange(128, dtype=F32), inverse_frequencies(HEAD, 10000.0, None))
-    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-    t = len(q_lens)
-    q_rot, k_rot = ReferenceOps().rotary_embedding(positions, step.q.cpu().reshape(t, -1).clone(),
-                                                   step.k.cpu().reshape(t, -1).clone(), cos_sin, HEAD)
-    ref_k, ref_v = step.k_cache.cpu().clone(), step.v_cache.cpu().clone()
-    write_kv_cache(k_rot.view(t, KVH, HEAD), step.v.cpu(), ref_k, ref_v, step.batch.slot_mapping.cpu())
-    want = _reference(dataclasses.replace(step, q=q_rot.view(t, -1, HEAD)), cap, None, ref_k, ref_v)
+    cos_sin = cos_sin_cache(HEAD, 128, 10000.0, None)
+    q_rot, ref_k, ref_v = rotate_step(step, positions, cos_sin)
+    want = _reference(dataclasses.replace(step, q=q_rot), cap, None, ref_k, ref_v)
     kernel = _kernel(cap)
     md = kernel.build_metadata(step.batch)
     assert kernel._fuses_decode_rotary(step.q, step.k_cache, md, cos_sin)
