@@ -81,6 +81,33 @@ def mixed_batch(model_dir: str, paths: dict, prompts: list[list[int]], names: li
     return jobs, [o.outputs[0].token_ids for o in outs]
 
 
+def adapter_models(tmp_path_factory, save, specs: dict, seed: int):
+    """A getter ``family -> (model dir, {adapter name: dir})``, each family built once: the tiny
+    model ``save(family, path)`` writes and its adapters ``specs[family]`` (``make_adapters``)."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"lora-{family}")
+            model = save(family, str(root / "model"))
+            made[family] = model, make_adapters(model, str(root), seed=seed, specs=specs[family])
+        return made[family]
+
+    return get
+
+
+def assert_mixed_batch_matches_peft(model_dir: str, paths: dict, prompts: list[list[int]],
+                                    names: list, max_new: int, family: str) -> None:
+    """``mixed_batch``'s tokens equal HF+peft's with each adapter of ``names`` applied alone
+    (None: the base model), and each adapter changes some prompt's tokens (the case can fail)."""
+    want = {n: peft_greedy(model_dir, paths[n] if n else None, prompts, max_new) for n in names}
+    for name in names[1:]:
+        assert want[name] != want[None], name
+    jobs, got = mixed_batch(model_dir, paths, prompts, names, max_new)
+    for (p, name), tokens in zip(jobs, got):
+        assert tokens == want[name][p], (family, name, p)
+
+
 MODULE_GROUPS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
                  "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lora.adapters import make_adapters
+pytest.register_assert_rewrite("tests.lora.adapters")  # its shared checks report as a test's do
+
+from tests.lora.adapters import make_adapters  # noqa: E402
 from tests.server.conftest import server_factory  # noqa: F401 (a fixture)
 
 

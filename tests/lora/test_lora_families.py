@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tessellm.lora import LoRARequest
-from tests.lora.adapters import make_adapters, mixed_batch, peft_greedy
+from tests.lora.adapters import (adapter_models, assert_mixed_batch_matches_peft, make_adapters,
+                                 mixed_batch, peft_greedy)
 
 MAX_NEW = 6
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,16 +77,7 @@ def _save(family: str, path: str) -> str:
 
 @pytest.fixture(scope="module")
 def family_setup(tmp_path_factory):
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            root = tmp_path_factory.mktemp(f"lora-{family}")
-            model = _save(family, str(root / "model"))
-            made[family] = model, make_adapters(model, str(root), seed=5, specs=SPECS[family])
-        return made[family]
-
-    return get
+    return adapter_models(tmp_path_factory, _save, SPECS, seed=5)
 
 
 def _prompts() -> list[list[int]]:
@@ -96,14 +88,8 @@ def _prompts() -> list[list[int]]:
 @pytest.mark.parametrize("family", list(SPECS))
 def test_family_mixed_batch_matches_peft(family_setup, family):
     model, paths = family_setup(family)
-    prompts = _prompts()
-    names = [None, *SPECS[family]]
-    want = {n: peft_greedy(model, paths[n] if n else None, prompts, MAX_NEW) for n in names}
-    for name in names[1:]:  # the adapters matter: each changes some prompt's tokens
-        assert want[name] != want[None], name
-    jobs, got = mixed_batch(model, paths, prompts, names, MAX_NEW)
-    for (p, name), tokens in zip(jobs, got):
-        assert tokens == want[name][p], (family, name, p)
+    assert_mixed_batch_matches_peft(model, paths, _prompts(), [None, *SPECS[family]], MAX_NEW,
+                                    family)
 
 
 def _base(model: str):

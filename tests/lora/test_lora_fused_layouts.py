@@ -15,7 +15,7 @@ import random
 import pytest
 
 from tessellm.lora import LoRARequest
-from tests.lora.adapters import make_adapters, mixed_batch, peft_greedy
+from tests.lora.adapters import adapter_models, assert_mixed_batch_matches_peft, mixed_batch
 
 MAX_NEW = 5
 
@@ -87,16 +87,7 @@ SPECS = {
 
 @pytest.fixture(scope="module")
 def layout_setup(tmp_path_factory):
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            root = tmp_path_factory.mktemp(f"lora-{family}")
-            model = _save(family, str(root / "model"))
-            made[family] = model, make_adapters(model, str(root), seed=3, specs=SPECS[family])
-        return made[family]
-
-    return get
+    return adapter_models(tmp_path_factory, _save, SPECS, seed=3)
 
 
 def _prompts() -> list[list[int]]:
@@ -113,14 +104,8 @@ _DISTINCT = ("gpt-neox", "gpt-bigcode", "falcon-40b", "phi", "glm4")
     f if f in _DISTINCT else pytest.param(f, marks=pytest.mark.slow) for f in SPECS])
 def test_layout_mixed_batch_matches_peft(layout_setup, family):
     model, paths = layout_setup(family)
-    names = [None, *SPECS[family]]
-    prompts = _prompts()
-    want = {n: peft_greedy(model, paths[n] if n else None, prompts, MAX_NEW) for n in names}
-    for name in names[1:]:  # the adapters matter: each changes some prompt's tokens
-        assert want[name] != want[None], name
-    jobs, got = mixed_batch(model, paths, prompts, names, MAX_NEW)
-    for (p, name), tokens in zip(jobs, got):
-        assert tokens == want[name][p], (family, name, p)
+    assert_mixed_batch_matches_peft(model, paths, _prompts(), [None, *SPECS[family]], MAX_NEW,
+                                    family)
 
 
 def _base(model: str):
