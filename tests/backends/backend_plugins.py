@@ -12,3 +12,23 @@ def make_plugin(name: str, source: str) -> types.ModuleType:
     header = "from tessellm.backends.spec import *\nfrom tessellm.backends.spec import hookimpl\n"
     exec(compile(header + textwrap.dedent(source), f"<plugin {name}>", "exec"), module.__dict__)
     return module
+
+
+def registry_with_old_cpu_kernel(flag: str):
+    """A registry whose cpu attention kernel is a plugin's written before the API that added
+    ``flag``: the reference kernel, named ``old``, declaring ``flag`` False (a model that needs
+    the feature is refused at load, naming ``flag``)."""
+    from tessellm.backends.registry import BackendRegistry
+
+    name = f"oldattn_{flag}"
+    old = make_plugin(name, f"""
+        TESSELLM_OVERRIDES = ("cpu",)
+        from tessellm.backends.reference.attention import ReferenceAttentionKernel
+        class Old(ReferenceAttentionKernel):
+            name = "old"
+            {flag} = False
+        @hookimpl(tryfirst=True)
+        def tessellm_attention_kernel(backend, spec):
+            return Old(spec.sliding_window) if backend.name == "cpu" else None
+    """)
+    return BackendRegistry(plugins=[(name, old)])

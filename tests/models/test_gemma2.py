@@ -85,22 +85,11 @@ def test_window_and_caps_change_hf(field, value, tmp_path):
 def test_softcap_refused_on_a_kernel_without_it(tmp_path):
     """A plugin kernel of API 3 (no ``supports_logit_softcap``) serving the cpu backend: the
     soft-capped model is refused at load, naming the option and the backend."""
-    from tessellm.backends.registry import BackendRegistry
     from tessellm.config import resolve_model
     from tessellm.loader.model_loader import build_model
-    from tests.backends.backend_plugins import make_plugin
+    from tests.backends.backend_plugins import registry_with_old_cpu_kernel
 
-    old = make_plugin("oldattn", """
-        TESSELLM_OVERRIDES = ("cpu",)
-        from tessellm.backends.reference.attention import ReferenceAttentionKernel
-        class Old(ReferenceAttentionKernel):
-            name = "old"
-            supports_logit_softcap = False   # what a plugin written before API 4 declares
-        @hookimpl(tryfirst=True)
-        def tessellm_attention_kernel(backend, spec):
-            return Old(spec.sliding_window) if backend.name == "cpu" else None
-    """)
-    registry = BackendRegistry(plugins=[("oldattn", old)])
+    registry = registry_with_old_cpu_kernel("supports_logit_softcap")
     path = save_tiny(gemma2_config(), str(tmp_path / "g"))
     with pytest.raises(ValueError, match=r"soft-caps its attention logits \(logit_softcap=2.0.*"
                                          r"backend 'cpu' cannot do .*'old'.*supports_logit_"

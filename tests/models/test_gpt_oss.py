@@ -156,22 +156,11 @@ def test_features_change_hf(feature, tiny_gpt_oss, hf_base, tmp_path):
 def test_sinks_refused_on_a_kernel_without_them(tiny_gpt_oss):
     """A plugin kernel of API 4 (no ``supports_attention_sinks``) serving the cpu backend: the
     model is refused at load, naming the option and the backend."""
-    from tessellm.backends.registry import BackendRegistry
     from tessellm.config import resolve_model
     from tessellm.loader.model_loader import build_model
-    from tests.backends.backend_plugins import make_plugin
+    from tests.backends.backend_plugins import registry_with_old_cpu_kernel
 
-    old = make_plugin("oldattn_sinks", """
-        TESSELLM_OVERRIDES = ("cpu",)
-        from tessellm.backends.reference.attention import ReferenceAttentionKernel
-        class Old(ReferenceAttentionKernel):
-            name = "old"
-            supports_attention_sinks = False   # what a plugin written before API 5 declares
-        @hookimpl(tryfirst=True)
-        def tessellm_attention_kernel(backend, spec):
-            return Old(spec.sliding_window) if backend.name == "cpu" else None
-    """)
-    registry = BackendRegistry(plugins=[("oldattn_sinks", old)])
+    registry = registry_with_old_cpu_kernel("supports_attention_sinks")
     with pytest.raises(ValueError, match=r"has attention sinks .*backend 'cpu' cannot do .*"
                                          r"'old'.*supports_attention_sinks.*run it on a backend "
                                          r"that can: cuda"):
