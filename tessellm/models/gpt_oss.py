@@ -112,8 +112,8 @@ class GptOssMoE(nn.Module):
 
 class GptOssForCausalLM(LlamaForCausalLM):
     def make_attention(self, config, ctx: ModelContext, rotary, index: int) -> nn.Module:
-        bias = bool(getattr(config, "attention_bias", True))
-        return DecoderAttention(config, ctx, rotary, bias, False, o_bias=bias,
+        qkv_bias, o_bias = self.attention_biases(config)
+        return DecoderAttention(config, ctx, rotary, qkv_bias, False, o_bias=o_bias,
                                 window=self.layer_window(config, index), attention_sinks=True)
 
     def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
