@@ -14,13 +14,13 @@
  * >= len - w. A soft-cap c (> 0, Gemma 2's attn_logit_softcapping) turns each scaled score s
  * into c * tanh(s / c) before the softmax (softcap_row). Attention sinks (gpt-oss; `sinks`, one
  * logit per query head, NULL for none) join each head's softmax once, after its last tile, as a
- * key with no value (join_sinks). With AVX-512 and D % 16 == 0 a tile is
- * at most 16 tokens: its scores of one query
- * are the lanes of one vector (a transpose-and-add tree, no horizontal sum per token), the
- * softmax runs on those vectors, and the next tile's K and V rows are prefetched a row at a time
- * inside the loops (a burst of a whole tile's prefetches stalls the core on its miss buffers:
- * 64 decodes of SmolLM2's shapes, 2 threads, 2.0 -> 1.3 ms). Otherwise plain C that the compiler
- * vectorizes, tiles of up to TILE tokens prefetched a tile ahead.
+ * key with no value (join_sinks). With AVX-512 and D % 16 == 0 a tile is at most 16 tokens:
+ * its scores of one query are the lanes of one vector (a transpose-and-add tree, no horizontal
+ * sum per token), the softmax runs on those vectors, and the next tile's K and V rows are
+ * prefetched a row at a time inside the loops (a burst of a whole tile's prefetches stalls the
+ * core on its miss buffers: 64 decodes of SmolLM2's shapes, 2 threads, 2.0 -> 1.3 ms).
+ * Otherwise plain C that the compiler vectorizes, tiles of up to TILE tokens prefetched a tile
+ * ahead.
  */
 #include <math.h>
 #include <stdint.h>
@@ -272,9 +272,6 @@ static inline void prefetch_tile(const void *kc, const void *vc, int64_t base, i
     }
 }
 
-/* KV heads [h0, h1) of one sequence: their G queries each against keys [start, len), tile by
- * tile (at most 16 tokens on the vector path, TILE otherwise, of one block; with all KV heads in the task a tile's K and its V
- * are each one contiguous stretch of the block). */
 /* Attention sinks: head i's logit sinks[i] joins its online softmax (max m, sum l, unnormalized
  * acc) as one more key whose value is zero: the max may rise, the sum gains exp(sink - max). */
 static inline void join_sinks(const float *sinks, int nh, int D, float *m, float *l, float *acc) {
@@ -288,6 +285,9 @@ static inline void join_sinks(const float *sinks, int nh, int D, float *m, float
     }
 }
 
+/* KV heads [h0, h1) of one sequence: their G queries each against keys [start, len), tile by
+ * tile (at most 16 tokens on the vector path, TILE otherwise, of one block; with all KV heads in the task a tile's K and its V
+ * are each one contiguous stretch of the block). */
 static inline __attribute__((always_inline)) void attend(
         const float *q, const void *kc, const void *vc, const int32_t *table, int start, int len,
         int bs, int KVH, const int D, const int G, int h0, int h1, float scale, float softcap,
