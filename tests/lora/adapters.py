@@ -81,6 +81,15 @@ def mixed_batch(model_dir: str, paths: dict, prompts: list[list[int]], names: li
     return jobs, [o.outputs[0].token_ids for o in outs]
 
 
+def base_shapes(model_dir: str):
+    """The LoRA layout (``tessellm.lora.shapes.BaseShapes``) of the model saved in ``model_dir``."""
+    from transformers import AutoConfig
+
+    from tessellm.lora.shapes import BaseShapes
+
+    return BaseShapes.from_config(AutoConfig.from_pretrained(model_dir))
+
+
 def adapter_models(tmp_path_factory, save, specs: dict, seed: int):
     """A getter ``family -> (model dir, {adapter name: dir})``, each family built once: the tiny
     model ``save(family, path)`` writes and its adapters ``specs[family]`` (``make_adapters``)."""

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tessellm.lora import LoRARequest
-from tests.lora.adapters import (adapter_models, assert_mixed_batch_matches_peft, make_adapters,
-                                 mixed_batch, peft_greedy)
+from tests.lora.adapters import (adapter_models, assert_mixed_batch_matches_peft, base_shapes,
+                                 make_adapters, mixed_batch, peft_greedy)
 
 MAX_NEW = 6
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -92,19 +92,11 @@ def test_family_mixed_batch_matches_peft(family_setup, family):
                                     family)
 
 
-def _base(model: str):
-    from transformers import AutoConfig
-
-    from tessellm.lora.shapes import BaseShapes
-
-    return BaseShapes.from_config(AutoConfig.from_pretrained(model))
-
-
 def test_fused_phi3_adapter_splits_onto_slices(family_setup):
     from tessellm.lora.peft import load_adapter
 
     model, paths = family_setup("phi3")
-    base = _base(model)
+    base = base_shapes(model)
     assert base.layers == ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                            "mlp.down_proj")
     adapter = load_adapter(LoRARequest("f", 1, paths["fused16"]), base, 16)
@@ -129,7 +121,7 @@ def test_module_the_family_lacks_is_refused(family_setup, tmp_path, family, adap
     else:
         path = next(iter(family_setup(adapter_family)[1].values()))
     with pytest.raises(ValueError, match=match) as err:
-        load_adapter(LoRARequest("x", 1, path), _base(model), 64)
+        load_adapter(LoRARequest("x", 1, path), base_shapes(model), 64)
     assert "\n" not in str(err.value)
 
 

@@ -15,7 +15,8 @@ import random
 import pytest
 
 from tessellm.lora import LoRARequest
-from tests.lora.adapters import adapter_models, assert_mixed_batch_matches_peft, mixed_batch
+from tests.lora.adapters import (adapter_models, assert_mixed_batch_matches_peft, base_shapes,
+                                 mixed_batch)
 
 MAX_NEW = 5
 
@@ -108,14 +109,6 @@ def test_layout_mixed_batch_matches_peft(layout_setup, family):
                                     family)
 
 
-def _base(model: str):
-    from transformers import AutoConfig
-
-    from tessellm.lora.shapes import BaseShapes
-
-    return BaseShapes.from_config(AutoConfig.from_pretrained(model))
-
-
 def test_neox_fused_adapter_is_cut_per_head(layout_setup):
     """B's rows of query_key_value are [q_h | k_h | v_h] per head: q_proj's B is every head's
     first third, not the first third of the rows."""
@@ -124,7 +117,7 @@ def test_neox_fused_adapter_is_cut_per_head(layout_setup):
     from tessellm.lora.peft import load_adapter
 
     model, paths = layout_setup("gpt-neox")
-    base = _base(model)
+    base = base_shapes(model)
     assert base.layers == ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.fc_in", "mlp.fc_out")
     adapter = load_adapter(LoRARequest("n", 1, paths["qkv8"]), base, 16)
     raw = load_file(f"{paths['qkv8']}/adapter_model.safetensors")
@@ -162,7 +155,7 @@ def test_exaone_remote_code_names_load_as_transformers_names(layout_setup, tmp_p
         tensors[key] = tensor
     assert all(".h." in k and ".layers." not in k for k in tensors)
     save_file(tensors, remote / "adapter_model.safetensors")
-    base = _base(model)
+    base = base_shapes(model)
     want = load_adapter(LoRARequest("t5", 1, paths[adapter]), base, 16).modules
     got = load_adapter(LoRARequest("remote", 2, str(remote)), base, 16).modules
     assert set(got) == set(want) and len(want) == 2 * (4 if adapter == "qkvo8" else 3)
@@ -196,7 +189,7 @@ def test_another_family_adapter_is_refused(layout_setup, family, adapter_family,
     model, _ = layout_setup(family)
     path = list(layout_setup(adapter_family)[1].values())[-1]
     with pytest.raises(ValueError, match=match) as err:
-        load_adapter(LoRARequest("x", 1, path), _base(model), 64)
+        load_adapter(LoRARequest("x", 1, path), base_shapes(model), 64)
     assert "\n" not in str(err.value)
 
 
