@@ -62,14 +62,13 @@ def test_greedy_matches_hf_on_bundled_model(llm, hf_tokens):
         assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
 
 
-# Chunked prefill stays in the default suite: the bundled model's real head size through the
-# chunked attention path. Prefix caching off and preemption are scheduling paths that
-# tests/models/test_parity.py checks on five tiny architectures by default; on this 135M model
-# they run in the slow lane (ci/matrix.yaml's cpu lane runs every test not marked gpu).
-@pytest.mark.parametrize("variant", [
-    pytest.param(dict(enable_prefix_caching=False), marks=pytest.mark.slow),
-    dict(max_num_batched_tokens=16),
-    pytest.param(dict(num_kv_blocks=12, block_size=8), marks=pytest.mark.slow)])
+# Prefix caching off, chunked prefill and preemption are scheduling paths that
+# tests/models/test_parity.py checks on five tiny architectures by default (and chunked prefill
+# of GGUF blocks test_gguf_families.py); on this 135M model they run in the slow lane
+# (ci/matrix.yaml's cpu lane runs every test not marked gpu).
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [dict(enable_prefix_caching=False), dict(max_num_batched_tokens=16),
+                                     dict(num_kv_blocks=12, block_size=8)])
 def test_bundled_model_parity_through_scheduling_paths(hf_tokens, variant):
     llm = LLM(dtype="float32", max_model_len=1024, **variant)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
