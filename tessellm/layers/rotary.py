@@ -78,19 +78,21 @@ def _yarn_factor(s: dict) -> float:
     return float(factor)
 
 
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's magnitude scale (HF's ``yarn_get_mscale``): ``0.1 m ln(factor) + 1``, 1 when
+    ``factor`` <= 1."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
 def yarn_attention_factor(s: dict) -> float:
     """cos/sin multiplier: ``attention_factor``, else ``mscale(factor, mscale) /
     mscale(factor, mscale_all_dim)`` when both are set, else ``0.1 ln(factor) + 1``."""
     if s.get("attention_factor") is not None:
         return float(s["attention_factor"])
     factor = _yarn_factor(s)
-
-    def mscale(m=1.0):
-        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
-
     if s.get("mscale") and s.get("mscale_all_dim"):
-        return float(mscale(s["mscale"]) / mscale(s["mscale_all_dim"]))
-    return mscale()
+        return float(yarn_mscale(factor, s["mscale"]) / yarn_mscale(factor, s["mscale_all_dim"]))
+    return yarn_mscale(factor)
 
 
 def _yarn_inverse_frequencies(dim: int, base: float, s: dict) -> torch.Tensor:

@@ -33,8 +33,6 @@ whole latent row of every token (as vLLM does).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
@@ -43,7 +41,7 @@ from tessellm.layers.linear import ColumnParallelLinear, Linear, RowParallelLine
 from tessellm.layers.mla_attention import LatentAttention
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rope_config import rope_parameters
-from tessellm.layers.rotary import RotaryEmbedding
+from tessellm.layers.rotary import RotaryEmbedding, yarn_mscale
 from tessellm.models.interleaved_rotary import evens_then_odds
 
 # HF's DeepseekV2RMSNorm default: q_a_layernorm and kv_a_layernorm do not take rms_norm_eps.
@@ -56,8 +54,7 @@ def mla_softmax_scale(config) -> float:
     params = rope_parameters(config)
     all_dim = params.get("mscale_all_dim")
     if params["rope_type"] != "default" and all_dim:
-        factor = float(params["factor"])
-        mscale = 1.0 if factor <= 1 else 0.1 * all_dim * math.log(factor) + 1.0
+        mscale = yarn_mscale(float(params["factor"]), all_dim)
         scale *= mscale * mscale
     return scale
 
