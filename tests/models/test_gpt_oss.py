@@ -9,13 +9,13 @@ dropped one would fail them).
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 
-from tests.models.variant_parity import assert_parity, hf_reference, prompts, save_tiny
+from tests.models.variant_parity import (assert_hf_changed, assert_parity, edit_config,
+                                         hf_reference, prompts, save_tiny)
 
 GPT_OSS = dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -138,19 +138,14 @@ def test_features_change_hf(feature, tiny_gpt_oss, hf_base, tmp_path):
     import shutil
 
     path = shutil.copytree(tiny_gpt_oss, str(tmp_path / "g"))
-    ps, (want_tokens, want_lp) = hf_base
+    ps, want = hf_base
     if feature == "sinks":
         _edit(path, lambda t: t.update({n: torch.full_like(v, -1e9) for n, v in t.items()
                                         if n.endswith(".sinks")}))
     else:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-        config.update({"window": {"sliding_window": 4096}, "clamp": {"swiglu_limit": 1e6}}[feature])
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config, f)
-    tokens, lp = hf_reference(path, ps, 4, "eager")
-    assert tokens != want_tokens or not all(torch.allclose(a, b, atol=1e-3)
-                                            for a, b in zip(lp, want_lp))
+        edit_config(path, **{"window": {"sliding_window": 4096},
+                             "clamp": {"swiglu_limit": 1e6}}[feature])
+    assert_hf_changed(path, ps, 4, want)
 
 
 def test_sinks_refused_on_a_kernel_without_them(tiny_gpt_oss):

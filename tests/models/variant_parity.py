@@ -88,6 +88,29 @@ def assert_parity(path: str, prompt_list, max_new: int = 10, atol: float = 2e-4,
         torch.testing.assert_close(got, want, atol=atol, rtol=0)
 
 
+def assert_hf_changed(path: str, prompt_list, max_new: int, want) -> None:
+    """HF's eager output on the (edited) model at ``path`` differs from ``want``, the
+    ``hf_reference(..., "eager")`` of the model before the edit: in a token or in a
+    log-probability by more than 1e-3. So the edited feature matters to the parity cases."""
+    tokens, lp = hf_reference(path, prompt_list, max_new, "eager")
+    want_tokens, want_lp = want
+    assert tokens != want_tokens or not all(torch.allclose(a, b, atol=1e-3)
+                                            for a, b in zip(lp, want_lp)), \
+        f"the edit of {path} leaves HF's output as it was"
+
+
+def edit_config(path: str, **fields) -> None:
+    """Sets ``fields`` in the saved model's ``config.json``."""
+    import json
+    import os
+
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.update(fields)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
 def assert_refused_at_load(config, architecture: str, path, match: str) -> None:
     """Loading ``config`` (dummy weights) as ``architecture`` raises a ValueError matching
     ``match``: a config option the family does not implement is refused naming it."""
