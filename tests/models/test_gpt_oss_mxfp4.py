@@ -13,7 +13,7 @@ import torch
 
 from tessellm.quantization.mxfp4 import dequantize_mxfp4
 from tests.models.test_gpt_oss import save_gpt_oss
-from tests.models.variant_parity import hf_reference, ours, prompts
+from tests.models.variant_parity import edit_config, hf_reference, ours, prompts
 
 
 def _e2m1(code: int) -> float:
@@ -111,11 +111,7 @@ def test_mxfp4_on_another_architecture_refused(tmp_path):
     from transformers import LlamaConfig
 
     path = save_tiny(LlamaConfig(**TINY), str(tmp_path / "llama"))
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "mxfp4"}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
+    edit_config(path, quantization_config={"quant_method": "mxfp4"})
     with pytest.raises(ValueError, match=r"MXFP4 checkpoints .*supported for gpt-oss only.*"
                                          r"Mxfp4Config\(dequantize=True\)"):
         LLM(path, dtype="float32")
