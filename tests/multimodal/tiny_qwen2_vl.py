@@ -8,6 +8,8 @@ Images are resized to multiples of 8 px (patch 4 x merge 2) within 64..4096 pixe
 
 from __future__ import annotations
 
+from tests.multimodal.tiny_llava import image  # noqa: F401 (the tests' random RGB images)
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|image_pad|>", "<|video_pad|>"]
 IMAGE_PAD = 5  # SPECIAL's ids are their indices
@@ -83,15 +85,6 @@ def make_tiny_qwen2_vl(path: str, kind: str = "qwen2_vl", seed: int = 0) -> str:
     Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=4096, patch_size=4, merge_size=2,
                              temporal_patch_size=2).save_pretrained(path)
     return path
-
-
-def image(seed: int, size=(40, 52)):
-    """A random RGB PIL image of (height, width) ``size``."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.RandomState(seed)
-    return Image.fromarray(rng.randint(0, 256, (*size, 3), dtype=np.uint8))
 
 
 def hf_inputs(path: str, prompt: str, images: list):
