@@ -20,7 +20,8 @@ from tessellm.quantization.config import resolve_quant_spec
 from tessellm.quantization.loading import (init_dummy_quantized, iter_prequantized_safetensors,
                                            load_quantized_weights, process_quantized,
                                            quantized_weight_filter)
-from tessellm.quantization.support import check_kv_cache_dtype, quant_method_or_refuse
+from tessellm.quantization.support import (check_kv_cache_dtype, check_mla_kv_cache_dtype,
+                                           quant_method_or_refuse)
 
 
 def build_model(source: ModelSource, load_format: str, registry, backend, dtype: torch.dtype,
@@ -107,6 +108,7 @@ def mla_kernel_or_refuse(registry, backend, spec: AttentionSpec):
     K/V heads, or fail in its own words on the latent row's width: that error is chained)."""
     if spec.mla_value_size is None:
         return registry.attention_kernel(backend, spec)
+    check_mla_kv_cache_dtype(registry, backend, spec)
     what = (f"uses multi-head latent attention (MLA: a latent KV cache of {spec.head_size} "
             f"values a token, AttentionSpec.mla_value_size={spec.mla_value_size})")
     try:

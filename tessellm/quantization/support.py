@@ -52,6 +52,31 @@ def check_kv_cache_dtype(registry, backend, kernel, attn_spec) -> None:
            else "no installed backend supports it."))
 
 
+def check_mla_kv_cache_dtype(registry, backend, attn_spec) -> None:
+    """Refuse a quantized kv_cache_dtype for multi-head latent attention (``mla_value_size``:
+    DeepSeek's latent KV cache) unless the backend's MLA kernel declares it. Asked before the
+    kernel is built: a kernel that cannot store latent rows in that dtype may fail in its own
+    words (or another plugin answer for the spec), which would read as "no MLA kernel"."""
+    wanted = attn_spec.kv_cache_dtype
+    if attn_spec.mla_value_size is None or wanted == "auto" or wanted not in KV_CACHE_DTYPES:
+        return
+
+    def serves(b):
+        kernel = registry.attention_kernel(b, attn_spec)
+        return (kernel is not None and getattr(kernel, "supports_mla", False)
+                and wanted in kernel_kv_cache_dtypes(kernel))
+
+    names = _backends_where(registry, serves)
+    if backend.name in names:
+        return
+    raise UnsupportedQuantizationError(
+        f"kv_cache_dtype={wanted!r} is not supported with multi-head latent attention (this "
+        f"model caches one latent row a token, AttentionSpec.mla_value_size="
+        f"{attn_spec.mla_value_size}) on backend {backend.name!r}: its MLA attention kernel "
+        "keeps the latent cache in the model's dtype; use kv_cache_dtype='auto'"
+        + (f", or a backend that supports it: {', '.join(names)}." if names else "."))
+
+
 def kernel_kv_cache_dtypes(kernel) -> tuple[str, ...]:
     return tuple(getattr(kernel, "kv_cache_dtypes", ("auto",)))
 
