@@ -13,6 +13,7 @@ A backend plugin answers ``tessellm_quant_method`` with ``make_quant_method(spec
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -21,8 +22,24 @@ from tessellm.backends.spec import QuantSpec
 from tessellm.quantization.base import QuantLinearMethod, QuantOps
 from tessellm.quantization.config import SCHEMES, normalize_scheme, resolve_quant_spec
 
-__all__ = ["SCHEMES", "QuantLinearMethod", "QuantOps", "make_quant_method", "normalize_scheme",
-           "resolve_quant_spec"]
+__all__ = ["SCHEMES", "QuantLinearMethod", "QuantOps", "make_quant_method", "missing_package",
+           "normalize_scheme", "resolve_quant_spec"]
+
+# Schemes whose method needs an optional package (not a dependency of tessellm): its import name.
+SCHEME_PACKAGES = {"gguf": "gguf"}
+
+
+def missing_package(scheme: str) -> Optional[str]:
+    """The optional package ``scheme`` needs when it cannot be imported here, else None (the
+    conformance suite skips such a scheme, naming the package; the engine refuses it)."""
+    package = SCHEME_PACKAGES.get(scheme)
+    if package is None:
+        return None
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        return package
+    return None
 
 
 def make_quant_method(spec: QuantSpec, ops: QuantOps,
