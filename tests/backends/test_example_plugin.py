@@ -41,41 +41,37 @@ def test_tessellm_backends_cli_lists_the_example(example_plugin):
     assert "toy" in out and "toy-online-softmax" in out
 
 
-def test_generation_through_the_example_backend(example_plugin, tiny_llama):
+def _assert_toy_gives_cpu_tokens(path: str, prompts: str, setup: str = "") -> None:
+    """In a fresh interpreter: the model at ``path`` (a Python expression; ``setup`` runs
+    first) gives the same greedy tokens for ``prompts`` on the toy backend as on cpu."""
     out = run_python(f"""
 from tessellm import LLM
 from tessellm.testing.harness import greedy_tokens
+{setup}
 kw = dict(dtype="float32", num_kv_blocks=32, max_model_len=128, max_num_seqs=4)
-prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
-toy = LLM({tiny_llama!r}, device="toy", **kw)
+prompts = {prompts}
+toy = LLM({path}, device="toy", **kw)
 assert toy.engine.core.backend.plugin_name == "toy"
-cpu = LLM({tiny_llama!r}, device="cpu", **kw)
+cpu = LLM({path}, device="cpu", **kw)
 a, b = greedy_tokens(toy, prompts, 6), greedy_tokens(cpu, prompts, 6)
 assert a == b, (a, b)
 print("OK", a)
 """)
     assert out.startswith("OK")
+
+
+def test_generation_through_the_example_backend(example_plugin, tiny_llama):
+    _assert_toy_gives_cpu_tokens(repr(tiny_llama), "[[1, 2, 3, 4, 5], list(range(10, 40))]")
 
 
 def test_gpt_oss_through_the_example_backend(example_plugin, tmp_path):
     """Attention sinks served by a third-party kernel written against the contract alone
     (``supports_attention_sinks``, forward's ``sinks``): gpt-oss on the toy backend gives the
     cpu backend's tokens (which equal HF's, tests/models/test_gpt_oss.py)."""
-    out = run_python(f"""
-from tessellm import LLM
-from tessellm.testing.harness import greedy_tokens
-from tests.models.test_gpt_oss import save_gpt_oss
-path = save_gpt_oss({str(tmp_path / "gpt-oss")!r})
-kw = dict(dtype="float32", num_kv_blocks=32, max_model_len=128, max_num_seqs=4)
-prompts = [[5, 6, 7, 8, 9], list(range(10, 30))]
-toy = LLM(path, device="toy", **kw)
-assert toy.engine.core.backend.plugin_name == "toy"
-cpu = LLM(path, device="cpu", **kw)
-a, b = greedy_tokens(toy, prompts, 6), greedy_tokens(cpu, prompts, 6)
-assert a == b, (a, b)
-print("OK", a)
-""")
-    assert out.startswith("OK")
+    _assert_toy_gives_cpu_tokens(
+        "path", "[[5, 6, 7, 8, 9], list(range(10, 30))]",
+        setup="from tests.models.test_gpt_oss import save_gpt_oss\n"
+              f"path = save_gpt_oss({str(tmp_path / 'gpt-oss')!r})")
 
 
 def test_example_passes_the_conformance_suite(example_plugin):
