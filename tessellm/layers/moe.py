@@ -27,6 +27,19 @@ EXPERT_PARTS = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up
                 "w2": ("w2", None), "down_proj": ("w2", None)}
 
 
+def local_intermediate(num_experts: int, intermediate: int, top_k: int,
+                       tp: TensorParallel) -> int:
+    """This rank's slice of each expert's intermediate size (module docstring), once
+    ``intermediate`` is known to split over the ranks and ``top_k`` to be within
+    ``1..num_experts``."""
+    if intermediate % tp.size:
+        raise ValueError(f"The experts' intermediate size {intermediate} does not split over "
+                         f"tensor_parallel_size {tp.size}; use a size that divides it.")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok {top_k} must be within 1..{num_experts}.")
+    return intermediate // tp.size
+
+
 class FusedMoE(nn.Module):
     """``num_experts`` SwiGLU experts of intermediate size ``intermediate`` (whole model)."""
 
@@ -35,12 +48,7 @@ class FusedMoE(nn.Module):
                  tp: Optional[TensorParallel] = None):
         super().__init__()
         self.tp = tp or TensorParallel()
-        if intermediate % self.tp.size:
-            raise ValueError(f"The experts' intermediate size {intermediate} does not split over "
-                             f"tensor_parallel_size {self.tp.size}; use a size that divides it.")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"num_experts_per_tok {top_k} must be within 1..{num_experts}.")
-        self.local = intermediate // self.tp.size
+        self.local = local_intermediate(num_experts, intermediate, top_k, self.tp)
         self.top_k, self.scoring, self.renormalize = top_k, scoring, renormalize
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.local, hidden), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.local), requires_grad=False)

@@ -43,6 +43,7 @@ import torch.nn as nn
 from tessellm.backends.reference.moe import ExpertActivation, fused_moe_reference
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import Linear, materialize
+from tessellm.layers.moe import local_intermediate
 from tessellm.models.decoder import DecoderAttention
 from tessellm.models.layer_windows import window_by_layer_type
 from tessellm.models.llama import LlamaForCausalLM, _strip_prefix
@@ -62,14 +63,8 @@ class GptOssMoE(nn.Module):
         super().__init__()
         self.tp = ctx.tp
         experts, hidden = config.num_local_experts, config.hidden_size
-        inter = config.intermediate_size
-        if inter % self.tp.size:
-            raise ValueError(f"The experts' intermediate size {inter} does not split over "
-                             f"tensor_parallel_size {self.tp.size}; use a size that divides it.")
         self.top_k = config.num_experts_per_tok
-        if not 1 <= self.top_k <= experts:
-            raise ValueError(f"num_experts_per_tok {self.top_k} must be within 1..{experts}.")
-        self.local = inter // self.tp.size
+        self.local = local_intermediate(experts, config.intermediate_size, self.top_k, self.tp)
         self.router = Linear(hidden, [experts], bias=True)  # replicated, never quantized
         self.w13 = nn.Parameter(torch.empty(experts, 2 * self.local, hidden), requires_grad=False)
         self.w13_bias = nn.Parameter(torch.empty(experts, 2 * self.local), requires_grad=False)
