@@ -18,6 +18,11 @@ llama ones under other names, fewer of them, or fused ones the family already cu
                 ``rope.dimension_count``; ``attn_qkv`` holds rows ``[q | k | v]`` (llama.cpp's
                 converter regroups HF's per-head ``query_key_value``), cut into q, k and v here
                 (``FUSED_ROWS``), so GGUF blocks kept quantized stay whole rows
+    falcon      Falcon's parallel block (llama.cpp runs every Falcon file as one), LayerNorms with
+                biases, ``attn_qkv`` rows ``[q | k | v]`` (the converter regroups the KV groups;
+                cut by head counts); the layer shape from the tensors: with ``attn_norm_2`` two
+                norms (40B / 180B: the ``gguf`` name map writes ``ln_attn`` as ``attn_norm_2``
+                and ``ln_mlp`` as ``attn_norm``), else one (7B's ``input_layernorm``)
 
 llama.cpp's converters write no sliding window for starcoder2; HF's GGUF loading sets none
 either, so the model attends to the whole context (the safetensors config's 4096-token window
@@ -34,11 +39,15 @@ FAMILY_LAYER_NAMES = {
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
     "gptneox": {"attn_output": "self_attn.dense", "ffn_up": "mlp.dense_h_to_4h",
                 "ffn_down": "mlp.dense_4h_to_h"},
+    "falcon": {"attn_output": "self_attn.dense", "ffn_up": "mlp.dense_h_to_4h",
+               "ffn_down": "mlp.dense_4h_to_h", "attn_norm_2": "input_layernorm"},
 }
 
-# fused GGUF tensors the loader cuts by rows into equal parts, read as the tensors named
-# (blk.{i}.KEY -> blk.{i}.PART for each part, then FAMILY_LAYER_NAMES / the llama names)
-FUSED_ROWS = {"gptneox": {"attn_qkv": ("attn_q", "attn_k", "attn_v")}}
+# fused GGUF tensors the loader cuts by rows, read as the tensors named (blk.{i}.KEY ->
+# blk.{i}.PART for each part, then FAMILY_LAYER_NAMES / the llama names); q, k, v rows in
+# proportion to their head counts (heads : kv heads : kv heads)
+FUSED_ROWS = {"gptneox": {"attn_qkv": ("attn_q", "attn_k", "attn_v")},
+              "falcon": {"attn_qkv": ("attn_q", "attn_k", "attn_v")}}
 
 # GGUF global tensor name -> HF module name (overrides of the llama names)
 FAMILY_GLOBAL_NAMES = {"phi2": {"output_norm": "model.final_layernorm"}}
@@ -46,7 +55,41 @@ FAMILY_GLOBAL_NAMES = {"phi2": {"output_norm": "model.final_layernorm"}}
 # the metadata key of the norms' epsilon and the HF config field it fills, where not llama's
 NORM_EPSILON = {"starcoder2": ("attention.layer_norm_epsilon", "norm_epsilon"),
                 "phi2": ("attention.layer_norm_epsilon", "layer_norm_eps"),
-                "gptneox": ("attention.layer_norm_epsilon", "layer_norm_eps")}
+                "gptneox": ("attention.layer_norm_epsilon", "layer_norm_eps"),
+                "falcon": ("attention.layer_norm_epsilon", "layer_norm_epsilon")}
+
+
+def file_layer_names(arch: str, tensor_names: set) -> dict:
+    """Layer names that depend on which tensors the file has (overrides of FAMILY_LAYER_NAMES):
+    a two-norm Falcon's ``attn_norm`` is its ``ln_mlp``."""
+    if arch == "falcon" and "blk.0.attn_norm_2.weight" in tensor_names:
+        return {"attn_norm": "post_attention_layernorm"}
+    return {}
+
+
+def falcon_config(hp, common: dict, tensor_names: set, eos_token_id):
+    """``FalconConfig`` of a Falcon file (which takes no ``head_dim`` nor llama's field names):
+    two norms (``attn_norm_2``) or KV groups are the new decoder architecture, one KV head
+    without them 7B's multi-query block; always parallel (as llama.cpp runs it)."""
+    from transformers import FalconConfig
+
+    two_norms = "blk.0.attn_norm_2.weight" in tensor_names
+    kv = common["num_key_value_heads"]
+    grouped = two_norms or kv > 1
+    return FalconConfig(
+        architectures=["FalconForCausalLM"], vocab_size=common["vocab_size"],
+        hidden_size=common["hidden_size"], ffn_hidden_size=common["intermediate_size"],
+        num_hidden_layers=common["num_hidden_layers"],
+        num_attention_heads=common["num_attention_heads"], num_kv_heads=kv,
+        new_decoder_architecture=grouped, num_ln_in_parallel_attn=2 if two_norms else 1,
+        multi_query=True, parallel_attn=True,  # multi_query: one KV head unless grouped
+        bias="blk.0.attn_qkv.bias" in tensor_names, alibi=False,
+        layer_norm_epsilon=common["layer_norm_epsilon"],
+        max_position_embeddings=common["max_position_embeddings"],
+        rope_parameters={"rope_type": "default",
+                         "rope_theta": float(hp("rope.freq_base", 10000.0))},
+        tie_word_embeddings=common["tie_word_embeddings"], bos_token_id=common["bos_token_id"],
+        eos_token_id=eos_token_id, pad_token_id=common["pad_token_id"])
 
 
 def family_fields(arch: str, hp, common: dict, tensor_names: set) -> dict:

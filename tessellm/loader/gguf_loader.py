@@ -37,7 +37,8 @@ from transformers import (Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, Phi3Conf
                           Starcoder2Config)
 
 from tessellm.loader.gguf_families import (FAMILY_GLOBAL_NAMES, FAMILY_LAYER_NAMES, FUSED_ROWS,
-                                           NORM_EPSILON, family_fields)
+                                           NORM_EPSILON, falcon_config, family_fields,
+                                           file_layer_names)
 
 from tessellm.loader.gguf_gemma3 import GEMMA3_LAYER_NAMES, gemma3_config, gemma3_tokenizer_fixups
 from tessellm.loader.gguf_rope import gguf_rope_scaling
@@ -54,6 +55,7 @@ _ARCHITECTURES = {
     "phi2": ("PhiForCausalLM", PhiConfig, False),
     "phi3": ("Phi3ForCausalLM", Phi3Config, False),
     "gptneox": ("GPTNeoXForCausalLM", GPTNeoXConfig, False),
+    "falcon": ("FalconForCausalLM", None, False),  # gguf_families.falcon_config
 }
 
 # GGUF tensor name (without `.weight`/`.bias`) -> HF module name
@@ -206,6 +208,8 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     token_id = {k: header.metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
     eps = NORM_EPSILON.get(arch)
     common = _common_fields(hp, token_id, embed_rows, tensor_names, *([eps] if eps else []))
+    if arch == "falcon":
+        return falcon_config(hp, common, tensor_names, token_id["eos"])
     extra.update(family_fields(arch, hp, common, tensor_names))
     if arch == "llama":  # Qwen2 always has q/k/v biases; a llama-arch file may have them or not
         extra["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
@@ -241,9 +245,10 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _hf_name(gguf_name: str, arch: str = "llama") -> str:
-    """HF name of a GGUF tensor name: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
-    layer_names = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES)
+def _hf_name(gguf_name: str, arch: str = "llama", file_names: dict | None = None) -> str:
+    """HF name of a GGUF tensor name: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`
+    (``file_names``: this file's overrides, ``gguf_families.file_layer_names``)."""
+    layer_names = {**_ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES), **(file_names or {})}
     global_names = {**_GLOBAL_NAMES, **FAMILY_GLOBAL_NAMES.get(arch, {})}
     stem, suffix = gguf_name.rsplit(".", 1)
     if stem in global_names:
@@ -327,6 +332,8 @@ def iter_gguf_weights(
     heads = _hparam(header, arch, "attention.head_count")
     rotary_heads = {"attn_q": heads, "attn_k": _hparam(header, arch, "attention.head_count_kv", heads)}
     permuted = _ARCHITECTURES[arch][2]
+    file_names = file_layer_names(arch, {t.name for t in header.tensors})
+    part_heads = {**rotary_heads, "attn_v": rotary_heads["attn_k"]}  # FUSED_ROWS parts' heads
 
     def stream() -> Iterator[tuple[str, Any]]:
         for info in header.tensors:
@@ -334,7 +341,8 @@ def iter_gguf_weights(
                 continue  # read into the config's rope_scaling (load_gguf_config)
             kind = info.name.split(".")[-2]
             parts = FUSED_ROWS.get(arch, {}).get(kind)  # e.g. gptneox's attn_qkv: q, k, v rows
-            names = [_hf_name(info.name.replace(f".{kind}.", f".{p}."), arch) for p in parts or (kind,)]
+            names = [_hf_name(info.name.replace(f".{kind}.", f".{p}."), arch, file_names)
+                     for p in parts or (kind,)]
             raw = (keep_quantized is not None and info.qtype not in _DENSE_TYPES
                    and len(info.shape) == 2 and keep_quantized(names[0]))
             weight = _raw_rows(header, info) if raw else _dequantize(header, info)
@@ -346,7 +354,9 @@ def iter_gguf_weights(
             if parts is None:
                 yield names[0], tensor
                 continue
-            rows = [info.shape[0] // len(parts)] * len(parts)
+            # q, k, v rows in proportion heads : kv : kv (equal parts where every head has its own)
+            per_head = info.shape[0] // sum(part_heads[p] for p in parts)
+            rows = [part_heads[p] * per_head for p in parts]
             yield from zip(names, tensor.split_rows(rows) if raw else tensor.split(rows))
 
     return stream()

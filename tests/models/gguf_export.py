@@ -2,8 +2,8 @@
 way llama.cpp's convert_hf_to_gguf.py lays it out: tensor names from the ``gguf`` package's own
 HF -> GGUF name map for the architecture, float32 tensors (or Q8_0 for the ones named), the
 hyper-parameters under ``{arch}.*`` and a byte-level BPE tokenizer of single characters (so
-the engine can build a tokenizer from the file). GPT-NeoX's ``query_key_value`` is regrouped from
-per-head ``[q_h | k_h | v_h]`` rows to ``[q | k | v]`` as that converter does."""
+the engine can build a tokenizer from the file). GPT-NeoX's and Falcon's ``query_key_value`` are
+regrouped from per-head (per KV group) rows to ``[q | k | v]`` as that converter does."""
 
 from __future__ import annotations
 
@@ -32,6 +32,22 @@ def _qkv_rows(tensor: np.ndarray, heads: int) -> np.ndarray:
     return np.ascontiguousarray(per_head.swapaxes(0, 1)).reshape(shape)
 
 
+def _falcon_qkv_rows(tensor: np.ndarray, heads: int, kv: int) -> np.ndarray:
+    """Falcon's ``query_key_value`` rows per KV group ``[q_g0 .. q_g(n-1) | k_g | v_g]`` (one
+    group: multi-query; a group a head: per-head) -> ``[q | k | v]``, as the converter does."""
+    groups = tensor.reshape(kv, heads // kv + 2, -1, *tensor.shape[1:])
+    parts = (groups[:, :-2], groups[:, -2:-1], groups[:, -1:])
+    return np.concatenate([p.reshape(-1, *tensor.shape[1:]) for p in parts])
+
+
+def _kv_heads(config: dict, arch: str, heads: int) -> int:
+    if arch != "falcon":
+        return config.get("num_key_value_heads", heads)
+    if config.get("new_decoder_architecture"):
+        return config["num_kv_heads"]
+    return 1 if config.get("multi_query", True) else heads
+
+
 def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (),
                 metadata: dict | None = None, extra: dict | None = None) -> str:
     """``metadata``: ``{arch}``-relative keys -> (value, writer method name) added as they are
@@ -45,8 +61,9 @@ def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(layers), writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads), writer.add_head_count_kv(config.get("num_key_value_heads", heads))
+    writer.add_feed_forward_length(config.get("intermediate_size") or config["ffn_hidden_size"])
+    kv = _kv_heads(config, arch, heads)
+    writer.add_head_count(heads), writer.add_head_count_kv(kv)
     writer.add_vocab_size(config["vocab_size"])
     rope = config.get("rope_parameters") or {}
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
@@ -63,6 +80,8 @@ def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (
         tensor = tensor.astype(np.float32)
         if arch == "gptneox" and ".query_key_value." in name:
             tensor = _qkv_rows(tensor, heads)
+        if arch == "falcon" and ".query_key_value." in name:
+            tensor = _falcon_qkv_rows(tensor, heads, kv)
         if gguf_name in quantize:
             q8 = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(gguf_name, gguf.quants.quantize(tensor, q8), raw_dtype=q8)

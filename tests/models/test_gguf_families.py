@@ -1,4 +1,4 @@
-"""GGUF files of the qwen3, starcoder2, phi2, phi3 and gptneox architectures, written from tiny random HF models the
+"""GGUF files of the qwen3, starcoder2, phi2, phi3, gptneox and falcon architectures, written from tiny random HF models the
 way llama.cpp's converter lays them out (``gguf_export.py``: the ``gguf`` package's own HF ->
 GGUF tensor names): the config read from the file and every tensor equal the source model's,
 and the engine serving the file gives HF transformers' greedy tokens and per-token
@@ -53,6 +53,12 @@ def gptneox(**overrides):
                                                 "partial_rotary_factor": 0.5}, **overrides})
 
 
+def falcon(**overrides):
+    from tests.models.test_falcon import falcon_config
+
+    return falcon_config(**overrides)
+
+
 _NEOX_META = {"attention.layer_norm_epsilon": (1e-5, "add_float32")}
 CASES = {
     "qwen3": (qwen3, {"attention.layer_norm_rms_epsilon": (1e-6, "add_float32")}),
@@ -67,19 +73,27 @@ CASES = {
     "gptneox": (gptneox, {**_NEOX_META, "use_parallel_residual": (True, "add_bool")}),
     "gptneox-sequential": (lambda: gptneox(use_parallel_residual=False),
                            {**_NEOX_META, "use_parallel_residual": (False, "add_bool")}),
+    # 7B's multi-query block on one norm (tied head); 40B's KV groups and two norms, whose
+    # ln_attn / ln_mlp the gguf name map writes as attn_norm_2 / attn_norm
+    "falcon": (falcon, _NEOX_META),
+    "falcon-40b": (lambda: falcon(new_decoder_architecture=True, num_kv_heads=2,
+                                  tie_word_embeddings=False), _NEOX_META),
 }
 
 
 def _checkpoint_names(config, tensors: dict) -> dict:
     """The source's tensors under the names the GGUF loader yields: HF's, except GPT-NeoX's,
     which the model renames and cuts (``GPTNeoXForCausalLM.checkpoint_names``)."""
-    if config.architectures != ["GPTNeoXForCausalLM"]:
-        return tensors
     from types import SimpleNamespace
 
+    from tessellm.models.falcon import FalconForCausalLM
     from tessellm.models.gpt_neox import GPTNeoXForCausalLM
 
-    return dict(GPTNeoXForCausalLM.checkpoint_names(SimpleNamespace(config=config), tensors.items()))
+    model = {"GPTNeoXForCausalLM": GPTNeoXForCausalLM,
+             "FalconForCausalLM": FalconForCausalLM}.get(config.architectures[0])
+    if model is None:
+        return tensors
+    return dict(model.checkpoint_names(SimpleNamespace(config=config), tensors.items()))
 
 
 def _export(case: str, tmp_path) -> tuple[str, str]:
@@ -102,7 +116,8 @@ def test_gguf_family_config_and_weights_equal_the_source(case, tmp_path):
     fields = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rms_norm_eps",
               "norm_epsilon", "layer_norm_eps", "use_bias", "sliding_window",
-              "use_parallel_residual", "attention_bias"]
+              "use_parallel_residual", "attention_bias", "layer_norm_epsilon", "ffn_hidden_size",
+              "new_decoder_architecture", "multi_query", "parallel_attn", "bias"]
     for field in fields:  # the epsilons are float32 in the file
         expected = getattr(want, field, None)
         if field == "num_key_value_heads":  # GPT-NeoX's config has none: every head its own
@@ -121,7 +136,7 @@ def test_gguf_family_config_and_weights_equal_the_source(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["qwen3", "starcoder2", "phi2", "phi3", "gptneox",
-                                  "gptneox-sequential"])
+                                  "gptneox-sequential", "falcon", "falcon-40b"])
 def test_gguf_family_serves_like_hf(case, tmp_path):
     source, path = _export(case, tmp_path)
     prompt_list = prompts((5, 30))
