@@ -215,20 +215,23 @@ def test_gguf_phi3_q8_0_fused_kept_quantized(tmp_path, monkeypatch):
     _assert_serves_like_dequantized(path)
 
 
-def test_gguf_gptneox_q8_0_fused_qkv_kept_quantized(tmp_path, monkeypatch):
-    """``quantization="gguf"``: GPT-NeoX's Q8_0 ``attn_qkv`` is cut into q, k and v by rows
-    (whole blocks) and stays quantized, as do ``attn_output`` and the MLP's two projections;
-    the engine serves what the dequantized file serves (float32 products)."""
+@pytest.mark.parametrize("case", ["gptneox", "falcon-40b"])
+def test_gguf_fused_qkv_q8_0_kept_quantized(case, tmp_path, monkeypatch):
+    """``quantization="gguf"``: GPT-NeoX's and Falcon's Q8_0 ``attn_qkv`` is cut into q, k and
+    v by rows (whole blocks; Falcon's k and v have fewer heads than q) and stays quantized, as
+    do ``attn_output`` and the MLP's two projections; the engine serves what the dequantized
+    file serves (float32 products)."""
     from tessellm import LLM
     from tessellm.quantization.loading import quantized_linears
     from tessellm.quantization.packed import Int8Weight
 
     monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "0")
-    make_config, metadata = CASES["gptneox"]
+    make_config, metadata = CASES[case]
+    arch = case.split("-")[0]
     source = save_tiny(make_config(), str(tmp_path / "hf"))
     quantized = tuple(f"blk.{i}.{part}.weight" for i in range(2)
                       for part in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"))
-    path = export_gguf(source, str(tmp_path / "gptneox.gguf"), "gptneox", metadata=metadata,
+    path = export_gguf(source, str(tmp_path / f"{arch}.gguf"), arch, metadata=metadata,
                        quantize=quantized)
     with LLM(path, dtype="float32", quantization="gguf") as llm:
         layers = quantized_linears(llm.engine.core.runner.model)
