@@ -15,7 +15,8 @@ come as one flat dict (``layers.rope_config.rope_parameters`` reads them from an
     yarn        interpolated (/ factor) below the correction range, extrapolated above it,
                 linear ramp within; cos/sin times attention_factor (0.1 ln(factor) + 1)
     longrope    theta ** (-i / d) / short_factor[i] at positions < original_max_position_embeddings,
-    (su)        / long_factor[i] from there on; cos/sin times attention_factor
+    (su)        / long_factor[i] from there on; cos/sin times attention_factor, or times
+                short_mscale / long_mscale where the config sets them (Phi-3.5-MoE)
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ def _longrope_cache(rotary_dim: int, max_position: int, base: float, s: dict) ->
             continue
         inv_freq = 1.0 / (torch.tensor(s[key], dtype=torch.float32) * base ** shape)
         freqs = torch.outer(torch.arange(lo, hi, dtype=torch.float32), inv_freq)
-        parts.append(torch.cat((freqs.cos() * scale, freqs.sin() * scale), dim=-1))
+        mscale = s.get(key.replace("_factor", "_mscale"))  # Phi-3.5-MoE: its own per range
+        part_scale = scale if mscale is None else float(mscale)
+        parts.append(torch.cat((freqs.cos() * part_scale, freqs.sin() * part_scale), dim=-1))
     return torch.cat(parts)
 
 

@@ -8,7 +8,7 @@ from tessellm.models import llava_next, qwen2_vl
 from tessellm.models import deepseek_v2
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
                              gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
-                             olmoe, phi, phi3, seq_cls, smollm3, stablelm, starcoder2)
+                             olmoe, phi, phi3, phimoe, seq_cls, smollm3, stablelm, starcoder2)
 
 _MODELS = {
     "LlamaForCausalLM": llama.LlamaForCausalLM,
@@ -43,6 +43,7 @@ _MODELS = {
     "GraniteMoeForCausalLM": granite_moe.GraniteMoeForCausalLM,
     "GraniteMoeSharedForCausalLM": granite_moe.GraniteMoeSharedForCausalLM,
     "OlmoeForCausalLM": olmoe.OlmoeForCausalLM,
+    "PhimoeForCausalLM": phimoe.PhimoeForCausalLM,
     "GptOssForCausalLM": gpt_oss.GptOssForCausalLM,
     "DeepseekV2ForCausalLM": deepseek_v2.DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": deepseek_v2.DeepseekV3ForCausalLM,
