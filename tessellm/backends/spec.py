@@ -33,7 +33,11 @@ the flag, so the spec field they never read is never silently ignored). 5 = atte
 model with sinks (gpt-oss) is refused on them at load in the same way. 6 = multi-head latent
 attention (``AttentionSpec.mla_value_size``, the kernel's ``supports_mla``: DeepSeek-V2/V3 cache
 one latent row per token, values are its leading dims); plugins of versions 1 to 5 keep working
-for every model without it, and an MLA model is refused on them at load in the same way.
+for every model without it, and an MLA model is refused on them at load in the same way. 7 =
+Mamba2 mixer ops (``FusedOps.mamba_conv1d`` / ``mamba_chunk_scan`` / ``mamba_state_update`` over
+a ``MambaBatch``, declared by the ops' ``supports_mamba2``: Mamba2, Granite 4.0-H); plugins of
+versions 1 to 6 keep working for every model without Mamba layers, and such a model is refused
+on an ops object that does not declare the flag, at load, naming the backend.
 
 Ownership
 ---------
@@ -70,7 +74,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 6
+TESSELLM_PLUGIN_API = 7
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -104,6 +108,8 @@ CAPABILITIES = {
                         "supports_attention_sinks"),
     "mla": ("informative", "bool: multi-head latent attention (AttentionSpec.mla_value_size); "
             "the enforced flag is the kernel's supports_mla"),
+    "mamba2": ("informative", "bool: Mamba2 mixer ops (state-space models: Mamba2, Granite "
+               "4.0-H); the enforced flag is the fused ops' supports_mamba2"),
     "lora": ("informative", "bool: the backend has batched LoRA ops of its own (the engine asks "
              "tessellm_lora_ops; without them it runs the pure-torch reference)"),
 }
@@ -294,6 +300,34 @@ class AttentionBatch:
     seq_lens_host: list[int]
 
 
+@dataclass
+class MambaBatch:
+    """One step's sequences as a Mamba layer's ops see them (``FusedOps.mamba_*``): the same
+    sequences and order as the step's ``AttentionBatch`` (decodes first), and per sequence the
+    slot of the per-request recurrent state (conv and SSM state) it reads and writes::
+
+        tokens (flat):   | d0 | d1 | p2 p2 p2 p2 | p3 p3 |
+        query_start_loc:  0    1    2             6       8
+        state_indices:    5    0    3             1         (slots of the state cache)
+        num_decodes = 2: d0, d1 go through mamba_state_update, the rest through mamba_chunk_scan
+
+    A slot holds the state after the sequence's computed tokens: zeros before a request's
+    first token (the engine zeroes it), the state after chunk k when chunk k + 1 runs."""
+
+    # int32 [num_seqs + 1], on the device: sequence s's rows are [qsl[s], qsl[s + 1]).
+    query_start_loc: torch.Tensor
+    # int32 [num_seqs], on the device: sequence s's state slot (distinct within a step).
+    state_indices: torch.Tensor
+    # The first num_decodes sequences have exactly one token (and their rows come first).
+    num_decodes: int
+    # Host copies (lists of ints) of the two tensors above.
+    query_start_loc_host: list[int]
+    state_indices_host: list[int]
+    # The prefill sequences alone (query_start_loc from their first row, 0-based), or None
+    # when every sequence is a decode; what a layer passes to mamba_chunk_scan.
+    prefills: Optional["MambaBatch"] = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Protocols of what the hooks return. The registry checks results against these with
 # ``isinstance`` and refuses (naming the plugin) an object that lacks a member.
@@ -450,6 +484,19 @@ class FusedOps(Protocol):
     # its ``alpha`` and ``limit``), ``w13_bias [E, 2I]`` and ``w2_bias [E, H]`` added after each
     # product (the down bias before the routing weight); conformance case
     # ``test_fused_moe_clamped_swiglu_with_biases``.
+    #
+    # Mamba2 mixer ops, all three together where the ops object declares ``supports_mamba2 =
+    # True`` (a model with Mamba layers is refused at load otherwise). Oracles and exact
+    # semantics: ``backends/reference/mamba.py``; conformance ``test_mamba.py``. ``batch`` is a
+    # ``MambaBatch``; states live in slots (``conv_state [slots, C, K-1]``, ``ssm_state [slots,
+    # H, P, N]``), read and written in place at ``batch.state_indices``:
+    # ``mamba_conv1d(x [T, C], weight [C, K], bias [C] | None, conv_state, batch, activation)``:
+    # each sequence's depthwise causal conv continuing from its state (SiLU when activation is
+    # "silu"), ``[T, C]`` out. ``mamba_chunk_scan(x [T, H, P], dt [T, H], A [H], B [T, G, N],
+    # C [T, G, N], D [H], dt_bias [H], ssm_state, batch, chunk_size, dt_limit)``: the SSD scan
+    # of each sequence (``dt`` raw: ``clamp(softplus(dt + dt_bias), *dt_limit)`` is the step),
+    # ``[T, H, P]`` out. ``mamba_state_update(x [S, H, P], dt [S, H], A, B [S, G, N], C, D,
+    # dt_bias, ssm_state, state_indices [S], dt_limit)``: one token per sequence.
     #
     # Optional: ``fused_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
     # w2_scale=None)``, ``fused_moe`` with the routing done by the model (DeepSeek's grouped

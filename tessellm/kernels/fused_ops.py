@@ -46,6 +46,26 @@ class TritonOps:
         return fused_moe_triton(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale,
                                 **variant)
 
+    # Mamba2 mixer ops (``FusedOps``' ``mamba_*``): ``kernels/mamba`` says which run in Triton.
+    supports_mamba2 = True
+
+    def mamba_conv1d(self, x, weight, bias, conv_state, batch, activation="silu"):
+        from tessellm.kernels.mamba import mamba_conv1d
+
+        return mamba_conv1d(x, weight, bias, conv_state, batch, activation)
+
+    def mamba_chunk_scan(self, x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size,
+                         dt_limit=(0.0, float("inf"))):
+        from tessellm.kernels.mamba import mamba_chunk_scan
+
+        return mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size, dt_limit)
+
+    def mamba_state_update(self, x, dt, A, B, C, D, dt_bias, ssm_state, state_indices,
+                           dt_limit=(0.0, float("inf"))):
+        from tessellm.kernels.mamba import mamba_state_update
+
+        return mamba_state_update(x, dt, A, B, C, D, dt_bias, ssm_state, state_indices, dt_limit)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = _rows(x)
         out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype),

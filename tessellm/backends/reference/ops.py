@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tessellm.backends.reference import mamba
 from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
 from tessellm.quantization.packed import Fp8Activation
 
@@ -54,6 +55,12 @@ class ReferenceOps:
         """``FusedOps.fused_experts``: the loop over experts with the routing given."""
         return fused_experts_reference(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
                                        w2_scale)
+
+    # ``FusedOps``' Mamba2 mixer ops (``reference/mamba.py``): loops over the step's sequences.
+    supports_mamba2 = True
+    mamba_conv1d = staticmethod(mamba.causal_conv1d)
+    mamba_chunk_scan = staticmethod(mamba.ssd_chunk_scan)
+    mamba_state_update = staticmethod(mamba.selective_state_update)
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:

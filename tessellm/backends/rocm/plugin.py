@@ -47,7 +47,7 @@ def tessellm_register_backends(register):
         capabilities={"graph_capture": True,
                       "quantization": ["fp8", "int8", "awq", "gptq", "gguf"],
                       "kv_cache_dtypes": ["auto"], "sliding_window": True, "lora": True,
-                      "logit_softcap": True, "attention_sinks": True, "mla": True,
+                      "logit_softcap": True, "attention_sinks": True, "mla": True, "mamba2": True,
                       "communicator": "rccl (torch 'nccl')"},
     ))
 

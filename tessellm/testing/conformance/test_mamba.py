@@ -1,0 +1,123 @@
+"""``FusedOps``' Mamba2 mixer ops (``mamba_conv1d``, ``mamba_chunk_scan``,
+``mamba_state_update``; declared by ``supports_mamba2``) against the token-by-token recurrence:
+a mixed step of decodes and prefill chunks of uneven lengths (shorter than the conv kernel,
+longer than a scan chunk) in non-consecutive state slots, continued over a second step so the
+states written by the first are read back; slots the step does not name stay untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessellm.backends.reference.mamba import sequential_scan
+from tessellm.backends.spec import MambaBatch, OpsSpec
+from tessellm.testing.harness import tolerance
+
+H, P, G, N, K, CHUNK = 4, 8, 2, 16, 4, 8  # heads, head dim, groups, state, conv width, scan chunk
+
+
+def _mamba_ops(target, dtype):
+    ops = target.registry.fused_ops(target.backend, OpsSpec(dtype))
+    if ops is None or not getattr(ops, "supports_mamba2", False):
+        pytest.skip(f"{target.name} does not declare supports_mamba2 (Mamba models are refused)")
+    return ops
+
+
+def _batch(lengths, slots, device) -> MambaBatch:
+    qsl = [0]
+    for n in lengths:
+        qsl.append(qsl[-1] + n)
+    decodes = 0
+    while decodes < len(lengths) and lengths[decodes] == 1:
+        decodes += 1
+    prefills = None
+    if decodes < len(lengths):
+        pq = [q - qsl[decodes] for q in qsl[decodes:]]
+        prefills = MambaBatch(torch.tensor(pq, dtype=torch.int32, device=device),
+                              torch.tensor(slots[decodes:], dtype=torch.int32, device=device),
+                              0, pq, list(slots[decodes:]))
+    return MambaBatch(torch.tensor(qsl, dtype=torch.int32, device=device),
+                      torch.tensor(slots, dtype=torch.int32, device=device), decodes, qsl,
+                      list(slots), prefills)
+
+
+def _conv_oracle(x_all, weight, bias):
+    """The whole history of one sequence at once: ``[L, C]`` -> ``[L, C]``."""
+    y = F.conv1d(F.pad(x_all.t()[None], (K - 1, 0)), weight[:, None, :], bias, groups=x_all.shape[1])
+    return F.silu(y[0]).t()
+
+
+def test_mamba_conv1d_continues_each_sequence(target):
+    dtype = torch.float32
+    ops = _mamba_ops(target, dtype)
+    g = torch.Generator().manual_seed(0)
+    c, slots = 24, [5, 0, 3, 1]
+    weight, bias = torch.randn(c, K, generator=g), torch.randn(c, generator=g)
+    steps = [[1, 1, 2, 11], [1, 1, 1, 7]]  # step 2 continues every sequence of step 1
+    history = [torch.randn(1 + sum(s[i] for s in steps), c, generator=g) for i in range(4)]
+    state = torch.zeros(7, c, K - 1)
+    state[[5, 0]] = torch.randn(2, c, K - 1, generator=g)  # two sequences with earlier tokens
+    # their "earlier tokens" are the state: prepend them to the oracle's history
+    full = [torch.cat([state[s].t(), h[1:]]) if s in (5, 0) else torch.cat([torch.zeros(K - 1, c), h[1:]])
+            for s, h in zip(slots, history)]
+    untouched = state[[2, 4, 6]].clone()
+    dev_state = state.to(target.device)
+    start = [0] * 4
+    for lengths in steps:
+        batch = _batch(lengths, slots, target.device)
+        x = torch.cat([h[1 + start[i]:1 + start[i] + n] for i, (h, n) in enumerate(zip(history, lengths))])
+        got = ops.mamba_conv1d(x.to(target.device), weight.to(target.device), bias.to(target.device),
+                               dev_state, batch, "silu").cpu()
+        row = 0
+        for i, n in enumerate(lengths):
+            want = _conv_oracle(full[i], weight, bias)[K - 1 + start[i]:K - 1 + start[i] + n]
+            torch.testing.assert_close(got[row:row + n], want, **tolerance(dtype))
+            row += n
+            start[i] += n
+    torch.testing.assert_close(dev_state.cpu()[[2, 4, 6]], untouched)
+
+
+def _ssm_inputs(t, g):
+    return (torch.randn(t, H, P, generator=g), torch.randn(t, H, generator=g) - 1.0,
+            torch.randn(t, G, N, generator=g), torch.randn(t, G, N, generator=g))
+
+
+@pytest.mark.parametrize("dt_limit", [(0.0, float("inf")), (0.01, 0.5)])
+def test_mamba_scan_and_state_update_match_the_recurrence(target, dt_limit):
+    dtype = torch.float32
+    ops = _mamba_ops(target, dtype)
+    g = torch.Generator().manual_seed(1)
+    A = -torch.rand(H, generator=g) * 2 - 0.1
+    D, dt_bias = torch.randn(H, generator=g), torch.randn(H, generator=g) * 0.5
+    slots = [2, 6, 0, 4]
+    steps = [[1, 1, 5, 19], [1, 1, 1, 8]]  # decodes first; prefill chunks around the scan chunk
+    total = [sum(s[i] for s in steps) for i in range(4)]
+    seqs = [_ssm_inputs(n, g) for n in total]
+    init = torch.randn(8, H, P, N, generator=g) * 0.3  # every sequence has an earlier state
+    untouched = init[[1, 3, 5, 7]].clone()
+    state = init.clone().to(target.device)
+    dev = target.device
+    params = [t.to(dev) for t in (A, D, dt_bias)]
+    start = [0] * 4
+    for lengths in steps:
+        batch = _batch(lengths, slots, dev)
+        parts = [[t[start[i]:start[i] + n] for t in seqs[i]] for i, n in enumerate(lengths)]
+        x, dt, B, C = (torch.cat([p[j] for p in parts]).to(dev) for j in range(4))
+        nd, rows = batch.num_decodes, batch.query_start_loc_host[batch.num_decodes]
+        y_dec = ops.mamba_state_update(x[:rows], dt[:rows], params[0], B[:rows], C[:rows], params[1],
+                                       params[2], state, batch.state_indices[:nd], dt_limit)
+        y_pre = ops.mamba_chunk_scan(x[rows:], dt[rows:], params[0], B[rows:], C[rows:], params[1],
+                                     params[2], state, batch.prefills, CHUNK, dt_limit)
+        got = torch.cat([y_dec, y_pre]).cpu()
+        assert got.shape == x.shape and got.dtype == dtype
+        row = 0
+        for i, n in enumerate(lengths):
+            end = start[i] + n
+            xs, dts, Bs, Cs = (t[:end] for t in seqs[i])
+            want, final = sequential_scan(xs, dts, A, Bs, Cs, D, dt_bias, init[slots[i]], dt_limit)
+            torch.testing.assert_close(got[row:row + n], want[start[i]:end], atol=2e-4, rtol=2e-4)
+            torch.testing.assert_close(state[slots[i]].cpu(), final, atol=2e-4, rtol=2e-4)
+            row += n
+            start[i] = end
+    torch.testing.assert_close(state.cpu()[[1, 3, 5, 7]], untouched)
