@@ -127,14 +127,14 @@ class CheckedAttentionKernel(_Checked):
         dv = getattr(self._spec, "mla_value_size", None) or d  # MLA: values are k's first dv
         self._tensor("forward", out, [(t, h, dv), (t, h * dv)], q.dtype, q.device)
         if probe is not None:
-            first, rows = probe
+            first, rows, limits = probe
             if rotary:  # ``fuses_rotary``: the rows came unrotated; the reference rotates them
                 rows = _rotated(rows, rotary["positions"][first:first + rows[0].shape[0]],
                                 rotary["cos_sin_cache"])
             if rows[2] is None:
                 rows = (rows[0], rows[1], rows[1][..., :dv])
             ref = _reference_attention(*rows, scale, self._spec.sliding_window,
-                                       getattr(self._spec, "logit_softcap", None), sinks)
+                                       getattr(self._spec, "logit_softcap", None), sinks, limits)
             rel = 0.15 if self._spec.kv_cache_dtype != "auto" else _rel(q.dtype)
             got = out.reshape(t, h, dv)[first:first + ref.shape[0]]
             self._close("forward", got, ref, rel, " (is the output laid out [num_tokens, "
@@ -143,16 +143,28 @@ class CheckedAttentionKernel(_Checked):
 
 
 def _attention_probe(batch, q, k, v):
-    """``(first row, (q, k, v) rows)`` of a sequence with no cached context, copied before
-    the kernel may change them in place; None when this step has none or cannot be probed."""
+    """``(first row, (q, k, v) rows, their key limits or None)`` of a sequence with no cached
+    context, copied before the kernel may change them in place; None when this step has none
+    or cannot be probed. With ``key_limits`` the rows stop before the first whose limit lies
+    past them (the probe holds only its own rows' keys)."""
     if batch is None or not batch.seq_lens_host or not _probing(q):
         return None
     starts, lens = batch.query_start_loc_host, batch.seq_lens_host
+    limits = getattr(batch, "key_limits_host", None)
     for s in range(batch.num_seqs):
         n = starts[s + 1] - starts[s]
         if n >= 1 and lens[s] == n:
             a, r = starts[s], min(PROBE_ROWS, n)
-            return a, tuple(None if x is None else x[a:a + r].detach().clone() for x in (q, k, v))
+            lim = None
+            if limits is not None:
+                lim = limits[a:a + r]
+                while any(x >= r for x in lim[:r]):
+                    r = next(i for i, x in enumerate(lim) if x >= r)
+                lim = lim[:r]
+            if r == 0:
+                continue
+            rows = tuple(None if x is None else x[a:a + r].detach().clone() for x in (q, k, v))
+            return a, rows, lim
     return None
 
 
@@ -168,9 +180,11 @@ def _rotated(rows, positions, cos_sin_cache):
 
 def _reference_attention(q, k, v, scale: float, window: Optional[int],
                          logit_softcap: Optional[float] = None,
-                         sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         sinks: Optional[torch.Tensor] = None,
+                         key_limits: Optional[list] = None) -> torch.Tensor:
     """Causal attention of ``r`` rows over themselves: q ``[r, H, D]``, k/v ``[r, KVH, D]``;
-    ``sinks`` ``[H]``: attention sinks (``softmax_with_sinks``)."""
+    ``sinks`` ``[H]``: attention sinks (``softmax_with_sinks``); ``key_limits``: the last
+    key each row sees (< r), None: its own."""
     r, h, _ = q.shape
     group = h // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)
@@ -178,7 +192,8 @@ def _reference_attention(q, k, v, scale: float, window: Optional[int],
     scores = softcap(torch.einsum("ihd,jhd->hij", q.float(), k) * scale, logit_softcap)
     i = torch.arange(r, device=q.device)[:, None]
     j = torch.arange(r, device=q.device)[None, :]
-    visible = (j <= i) & ((j > i - window) if window else True)
+    limit = i if key_limits is None else torch.tensor(key_limits, device=q.device)[:, None]
+    visible = (j <= limit) & ((j > i - window) if window else True)
     probs = softmax_with_sinks(scores.masked_fill(~visible, float("-inf")),
                                None if sinks is None else sinks.view(-1, 1, 1).to(q.device))
     return torch.einsum("hij,jhd->ihd", probs, v)

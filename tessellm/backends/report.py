@@ -101,7 +101,8 @@ def _flags(piece: str, result) -> list[str]:
         declared = {"graph capture": "supports_graph_capture",
                     "sliding window": "supports_sliding_window", "fuses rotary": "fuses_rotary",
                     "logit soft-cap": "supports_logit_softcap",
-                    "attention sinks": "supports_attention_sinks", "MLA": "supports_mla"}
+                    "attention sinks": "supports_attention_sinks", "MLA": "supports_mla",
+                    "key limits": "supports_key_limits"}
         return [label for label, attr in declared.items() if getattr(result, attr, False)]
     if piece == "ops":
         optional = {"linear": "linear", "linear + SiLU": "linear_silu_and_mul",

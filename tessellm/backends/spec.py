@@ -38,6 +38,11 @@ Mamba2 mixer ops (``FusedOps.mamba_conv1d`` / ``mamba_chunk_scan`` / ``mamba_sta
 a ``MambaBatch``, declared by the ops' ``supports_mamba2``: Mamba2, Granite 4.0-H); plugins of
 versions 1 to 6 keep working for every model without Mamba layers, and such a model is refused
 on an ops object that does not declare the flag, at load, naming the backend.
+8 = key limits (``AttentionSpec.prefill_key_limits``, the kernel's ``supports_key_limits``,
+``AttentionBatch.key_limits``: a prefill row may see keys past its own position, up to a limit
+of its own; Gemma 3's image tokens see their whole image); plugins of versions 1 to 7 keep
+working for every model without it, and a model that needs it is refused on them at load in the
+same way.
 
 Ownership
 ---------
@@ -74,7 +79,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 7
+TESSELLM_PLUGIN_API = 8
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -110,6 +115,9 @@ CAPABILITIES = {
             "the enforced flag is the kernel's supports_mla"),
     "mamba2": ("informative", "bool: Mamba2 mixer ops (state-space models: Mamba2, Granite "
                "4.0-H); the enforced flag is the fused ops' supports_mamba2"),
+    "key_limits": ("informative", "bool: prefill rows that see keys past their position "
+                   "(AttentionBatch.key_limits); the enforced flag is the kernel's "
+                   "supports_key_limits"),
     "lora": ("informative", "bool: the backend has batched LoRA ops of its own (the engine asks "
              "tessellm_lora_ops; without them it runs the pure-torch reference)"),
 }
@@ -208,6 +216,11 @@ class AttentionSpec:
     # num_heads, mla_value_size]``. None: separate K and V caches. Served only by a kernel that
     # declares ``supports_mla`` (the engine refuses the model elsewhere).
     mla_value_size: Optional[int] = None
+    # Key limits (Gemma 3's images): some prefill rows of a step may see keys past their own
+    # position, up to ``AttentionBatch.key_limits`` (an image's tokens see the whole image;
+    # every other row stays causal). Served only by a kernel that declares
+    # ``supports_key_limits`` (the engine refuses the model elsewhere).
+    prefill_key_limits: bool = False
 
 
 @dataclass(frozen=True)
@@ -298,6 +311,17 @@ class AttentionBatch:
     # over sequences on the CPU without a device sync. Empty lists in graph-captured steps.
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
+    # Only for a spec with ``prefill_key_limits``, only in eager steps that compute such rows
+    # (else None, and every row is causal): int32 [num_tokens], the last key position row i
+    # may see, in place of its own position. Always >= the row's position and < its
+    # sequence's seq_len; equal to the position for decode rows (and for every row outside an
+    # image), so a kernel may read it for prefill rows only. The sliding window stays relative
+    # to the row's position (keys > position - window). Picture, one chunk of 7 rows at
+    # positions 0..6 whose rows 2..4 are one image::
+    #
+    #     key_limits  [0 1 4 4 4 5 6]      row 2 sees keys 0..4 (causal would stop at 2)
+    key_limits: Optional[torch.Tensor] = None
+    key_limits_host: Optional[list[int]] = None  # the same values, a host list (or None)
 
 
 @dataclass
@@ -368,6 +392,11 @@ class AttentionKernel(Protocol):
       ``backends/reference/mla_attention.paged_mla_attention``). For an MLA spec the engine
       refuses the model at load, naming the option and the backend, unless the kernel it got
       declares this.
+    - ``supports_key_limits`` (optional, default False): for a spec with
+      ``prefill_key_limits``, a batch whose ``key_limits`` is set is attended with row i seeing
+      keys ``<= key_limits[i]`` instead of ``<=`` its position (the oracle is
+      ``backends/reference/attention.paged_attention``'s ``key_limits``). Refused at load like
+      the soft-cap when the kernel does not declare it.
     - ``supports_graph_capture`` (optional, default False): ``build_metadata`` output can be
       reused across graph replays and ``forward`` does no host-device synchronisation.
     - ``fuses_rotary`` (optional, default False): ``forward`` also accepts the keyword

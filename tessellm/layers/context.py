@@ -13,8 +13,9 @@ from tessellm.distributed.parallel_state import PipelineStage, TensorParallel
 @dataclass
 class ModelContext:
     ops: Any  # FusedOps from the backend (rms_norm, rotary, silu_and_mul)
-    # (sliding window, logit_softcap=None, attention_sinks=False) -> AttentionKernel; one
-    # kernel per distinct triple (attention_sinks is passed only when True)
+    # (sliding window, logit_softcap=None, attention_sinks=False, **spec fields) ->
+    # AttentionKernel; one kernel per distinct combination (attention_sinks is passed only
+    # when True; a family may add AttentionSpec fields such as prefill_key_limits)
     make_attention_kernel: Callable[..., Any]
     dtype: torch.dtype
     device: torch.device

@@ -62,7 +62,8 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
 
     def make_kernel(window, logit_softcap=None, attention_sinks=False, **shape):
         """``shape``: AttentionSpec fields a family sets itself (MLA: ``num_kv_heads``,
-        ``head_size``, ``mla_value_size``, ``models/deepseek_mla.py``)."""
+        ``head_size``, ``mla_value_size``, ``models/deepseek_mla.py``; Gemma 3 with images:
+        ``prefill_key_limits``)."""
         key = (window, logit_softcap, attention_sinks, tuple(sorted(shape.items())))
         if key not in kernels:
             spec = AttentionSpec(**{
@@ -78,6 +79,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
             check_kv_cache_dtype(registry, backend, kernel, spec)
             check_logit_softcap(registry, backend, kernel, spec)
             check_attention_sinks(registry, backend, kernel, spec)
+            check_key_limits(registry, backend, kernel, spec)
             kernels[key] = kernel
         return kernels[key]
 
@@ -153,6 +155,17 @@ def _require_kernel_flag(registry, backend, kernel, feature: str, what: str,
                      f"supports_{feature}); run it on "
                      + (f"a backend that can: {', '.join(others)}." if others
                         else "a backend whose kernel declares it.")) from cause
+
+
+def check_key_limits(registry, backend, kernel, spec: AttentionSpec) -> None:
+    """Refuse a model whose prefill rows see keys past their position (Gemma 3's image
+    tokens see their whole image) on a backend whose kernel does not declare
+    ``supports_key_limits`` (it would attend causally: tokens unlike HF's)."""
+    if spec.prefill_key_limits:
+        _require_kernel_flag(registry, backend, kernel, "key_limits",
+                             "lets image tokens attend to the whole image, later tokens "
+                             "included (AttentionSpec.prefill_key_limits: Gemma 3's "
+                             "bidirectional attention within an image)")
 
 
 def check_tensor_parallel_quantization(quant_spec, tp_size: int) -> None:

@@ -87,14 +87,16 @@ class PagedStep:
 def make_paged_step(query_lens: list[int], ctx_lens: list[int], *, num_kv_heads: int, group: int,
                     head_size: int, block_size: int, dtype, device, window: Optional[int] = None,
                     seed: int = 0, logit_softcap: Optional[float] = None,
-                    q_gain: float = 1.0, sinks: Optional[torch.Tensor] = None) -> PagedStep:
+                    q_gain: float = 1.0, sinks: Optional[torch.Tensor] = None,
+                    key_limits: Optional[list[int]] = None) -> PagedStep:
     """A random step: decodes first (query length 1), then prefill chunks over cached context.
 
     Each sequence owns ``cdiv(seq_len, block_size)`` blocks drawn from a shuffled pool larger
     than needed, so neighbours are not adjacent and unused blocks exist (they must stay
     untouched). The reference runs on the CPU in float32. ``q_gain`` scales the queries (larger
     scores: a soft-cap test's cap then changes every row). ``sinks``: float32 ``[H]``
-    attention sinks for the reference and the kernel (``PagedStep.sinks``).
+    attention sinks for the reference and the kernel (``PagedStep.sinks``). ``key_limits``:
+    per query row, the last key position it sees (``AttentionBatch.key_limits``).
     """
     gen = torch.Generator().manual_seed(seed)
     num_heads = num_kv_heads * group
@@ -125,8 +127,9 @@ def make_paged_step(query_lens: list[int], ctx_lens: list[int], *, num_kv_heads:
     scale = head_size ** -0.5
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     write_kv_cache(k, v, ref_k, ref_v, slot_mapping)
+    limits = None if key_limits is None else torch.tensor(key_limits, dtype=torch.int32)
     ref_out = paged_attention(q.float(), ref_k.float(), ref_v.float(), qsl, sl, tables, scale, window,
-                              logit_softcap, sinks)
+                              logit_softcap, sinks, limits)
     num_decodes = 0
     for n in query_lens:
         if n != 1:
@@ -136,7 +139,9 @@ def make_paged_step(query_lens: list[int], ctx_lens: list[int], *, num_kv_heads:
         num_tokens=T, num_seqs=len(seq_lens), num_decodes=num_decodes,
         query_start_loc=qsl.to(device), seq_lens=sl.to(device), block_tables=tables.to(device),
         slot_mapping=slot_mapping.to(device), max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens), query_start_loc_host=starts, seq_lens_host=seq_lens)
+        max_seq_len=max(seq_lens), query_start_loc_host=starts, seq_lens_host=seq_lens,
+        key_limits=None if limits is None else limits.to(device),
+        key_limits_host=None if key_limits is None else list(key_limits))
     return PagedStep(q.to(device), k.to(device), v.to(device), k_cache.to(device),
                      v_cache.to(device), batch, scale, ref_out, ref_k, ref_v,
                      None if sinks is None else sinks.float().to(device))

@@ -109,6 +109,8 @@ class CpuAttentionKernel:
     supports_logit_softcap = True  # the C decode kernel caps; the torch path through ``sdpa.py``
     # forward's ``sinks``: the C decode kernel joins them; the torch paths through ``sdpa.py``
     supports_attention_sinks = True
+    # AttentionBatch.key_limits: in the prefill masks (decode rows never carry a limit)
+    supports_key_limits = True
     supports_graph_capture = True  # no host syncs; decode metadata needs no host lists
     # forward takes the unrotated q, k with positions and the cos/sin cache: a step of float32
     # decodes runs rotary, cache write and attention in one C call (csrc/decode_step.c); any
@@ -126,6 +128,8 @@ class CpuAttentionKernel:
             cls.supports_logit_softcap = False
         if "forward" in cls.__dict__ and "supports_attention_sinks" not in cls.__dict__:
             cls.supports_attention_sinks = False
+        if "build_metadata" in cls.__dict__ and "supports_key_limits" not in cls.__dict__:
+            cls.supports_key_limits = False
 
     def __init__(self, spec: AttentionSpec):
         from tessellm.backends.cpu.ops import CpuOps
@@ -153,15 +157,16 @@ class CpuAttentionKernel:
             groups.append(self._decode_group(batch, None, batch.block_tables.shape[1]))
         short = self._short_queries(batch)
         prefill_masks = []
+        limits = getattr(batch, "key_limits", None)
         for s in _prefill_seqs(batch) if short is None else ():
-            q_len = batch.query_start_loc_host[s + 1] - batch.query_start_loc_host[s]
-            seq_len = batch.seq_lens_host[s]
-            if q_len == seq_len and self.window is None:
+            q0, q1 = batch.query_start_loc_host[s], batch.query_start_loc_host[s + 1]
+            q_len, seq_len = q1 - q0, batch.seq_lens_host[s]
+            if q_len == seq_len and self.window is None and limits is None:
                 prefill_masks.append(None)
                 continue
             q_pos = torch.arange(seq_len - q_len, seq_len)[:, None]
             k_pos = torch.arange(seq_len)[None, :]
-            mask = k_pos <= q_pos
+            mask = k_pos <= (q_pos if limits is None else limits[q0:q1].long()[:, None])
             if self.window is not None:
                 mask &= k_pos > q_pos - self.window
             prefill_masks.append(mask)
@@ -200,8 +205,11 @@ class CpuAttentionKernel:
         ql = torch.tensor(q_lens)
         i = torch.minimum(torch.arange(n)[None, :], (ql - 1)[:, None])  # [S', n]
         q_pos = (torch.tensor(seq_lens) - ql)[:, None] + i
+        q_lim = q_pos  # the last key each query sees: its position, or its key limit
+        if getattr(batch, "key_limits", None) is not None:
+            q_lim = batch.key_limits.long()[torch.tensor(starts[:-1])[:, None] + i]
         k_pos = torch.arange(nblocks * bs)
-        valid = k_pos[None, None, :] <= q_pos[:, :, None]
+        valid = k_pos[None, None, :] <= q_lim[:, :, None]
         if self.window is not None:
             valid &= k_pos[None, None, :] > q_pos[:, :, None] - self.window
         rows = keep = None

@@ -40,7 +40,8 @@ def tessellm_register_backends(register):
         capabilities={"graph_capture": True,
                       "quantization": ["int8", "fp8", "awq", "gptq", "gguf"],
                       "kv_cache_dtypes": ["auto", "fp8"], "lora": True, "logit_softcap": True,
-                      "attention_sinks": True, "mla": True, "mamba2": True},
+                      "attention_sinks": True, "mla": True, "mamba2": True,
+                      "key_limits": True},
     ))
 
 

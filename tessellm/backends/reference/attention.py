@@ -35,14 +35,18 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
 
 
-def causal_mask(query_len: int, seq_len: int, sliding_window: Optional[int], device) -> torch.Tensor:
+def causal_mask(query_len: int, seq_len: int, sliding_window: Optional[int], device,
+                key_limits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Boolean ``[query_len, seq_len]``: True where query i may attend key j.
 
-    Query i sits at absolute position ``seq_len - query_len + i``.
+    Query i sits at absolute position ``seq_len - query_len + i`` and sees keys up to it, or up
+    to ``key_limits[i]`` when given (``AttentionBatch.key_limits``: >= its position); the
+    sliding window stays relative to its position.
     """
     q_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
     k_pos = torch.arange(seq_len, device=device)[None, :]
-    mask = k_pos <= q_pos
+    limit = q_pos if key_limits is None else key_limits.to(device).long()[:, None]
+    mask = k_pos <= limit
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
     return mask
@@ -71,12 +75,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, scale: float,
                     sliding_window: Optional[int] = None,
                     logit_softcap: Optional[float] = None,
-                    sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    sinks: Optional[torch.Tensor] = None,
+                    key_limits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of flat queries ``q`` ``[T, H, D]`` over paged K/V. Returns ``[T, H, D]``.
 
     The new tokens' K/V must already be in the cache (see ``write_kv_cache``). Scores are
     ``softcap(scale * q.k, logit_softcap)``, then masked and softmaxed; ``sinks`` ``[H]``
     (attention sinks) join each head's softmax denominator (``softmax_with_sinks``).
+    ``key_limits`` ``[T]``: the last key each row sees (``AttentionBatch.key_limits``);
+    None: causal.
     """
     num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
@@ -94,7 +101,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v = v.repeat_interleave(group, dim=1)
         qs = q[q0:q1].float()  # [Q, H, D]
         scores = softcap(torch.einsum("qhd,khd->hqk", qs, k) * scale, logit_softcap)
-        mask = causal_mask(q1 - q0, seq_len, sliding_window, q.device)
+        mask = causal_mask(q1 - q0, seq_len, sliding_window, q.device,
+                           None if key_limits is None else key_limits[q0:q1])
         scores = scores.masked_fill(~mask, -math.inf)
         probs = softmax_with_sinks(scores, None if sinks is None else sinks.view(-1, 1, 1))
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
@@ -108,6 +116,7 @@ class ReferenceAttentionKernel:
     supports_sliding_window = True
     supports_logit_softcap = True
     supports_attention_sinks = True
+    supports_key_limits = True
 
     def __init__(self, sliding_window: Optional[int] = None, logit_softcap: Optional[float] = None):
         self.sliding_window = sliding_window
@@ -120,4 +129,4 @@ class ReferenceAttentionKernel:
         write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
         return paged_attention(q, k_cache, v_cache, metadata.query_start_loc, metadata.seq_lens,
                                metadata.block_tables, scale, self.sliding_window,
-                               self.logit_softcap, sinks)
+                               self.logit_softcap, sinks, getattr(metadata, "key_limits", None))

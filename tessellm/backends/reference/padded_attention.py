@@ -15,6 +15,8 @@ through its block table into ``[S, L]`` (L = blocks x block_size)::
     tok_seq[T], tok_q[T]:  where each flat row sits in the grid (to gather the output back)
     q_pos[S, Q] = seq_len - query_len + i;  key j of sequence s is visible to query i when
                   j <= q_pos and j < seq_len (and j > q_pos - window)
+    q_lim[S, Q] = the key limit of that query (``AttentionBatch.key_limits``), when the step
+                  has them: j <= q_lim replaces j <= q_pos
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class PaddedMetadata:
     tok_q: torch.Tensor  # int64 [T]: grid column of flat query row t
     slot_mapping: torch.Tensor  # int64 [T]: cache slot per new k/v; -1 = skip
     is_pure_decode: bool = False  # every sequence has exactly one query this step
+    # int64 [S, Q]: the last key each query sees (``AttentionBatch.key_limits``); None: q_pos
+    q_lim: Optional[torch.Tensor] = None
 
 
 def pow2(n: int, minimum: int = 1) -> int:
@@ -59,6 +63,7 @@ class PaddedTorchAttentionKernel:
     supports_sliding_window = True
     supports_logit_softcap = True
     supports_attention_sinks = True
+    supports_key_limits = True
     supports_graph_capture = False  # metadata shapes follow the batch
 
     def __init__(self, spec, bucket: Callable[[int], int] = identity_bucket):
@@ -83,12 +88,19 @@ class PaddedTorchAttentionKernel:
         q_pos = np.full((S, Q), -1, dtype=np.int64)
         tok_seq = np.zeros(batch.num_tokens, dtype=np.int64)
         tok_q = np.zeros(batch.num_tokens, dtype=np.int64)
+        limits = getattr(batch, "key_limits_host", None)
+        # A spec with key limits always has q_lim (q_pos where the step has none): one program
+        # per bucket under XLA, whatever the step holds.
+        with_limits = limits is not None or getattr(self.spec, "prefill_key_limits", False)
+        q_lim = np.full((S, Q), -1, dtype=np.int64) if with_limits else None
         for s in range(n_seqs):
             n, start = q_lens[s], starts[s]
             q_rows[s, :n] = np.arange(start, start + n)
             q_pos[s, :n] = np.arange(lens[s] - n, lens[s])
             tok_seq[start:start + n] = s
             tok_q[start:start + n] = np.arange(n)
+            if q_lim is not None:
+                q_lim[s, :n] = q_pos[s, :n] if limits is None else limits[start:start + n]
         seq_lens = np.zeros(S, dtype=np.int64)
         seq_lens[:n_seqs] = lens
         tables = batch.block_tables.long()
@@ -101,7 +113,8 @@ class PaddedTorchAttentionKernel:
             seq_lens=torch.from_numpy(seq_lens).to(dev), block_tables=block_tables,
             tok_seq=torch.from_numpy(tok_seq).to(dev), tok_q=torch.from_numpy(tok_q).to(dev),
             slot_mapping=batch.slot_mapping.long(),
-            is_pure_decode=batch.num_decodes == batch.num_seqs)
+            is_pure_decode=batch.num_decodes == batch.num_seqs,
+            q_lim=None if q_lim is None else torch.from_numpy(q_lim).to(dev))
 
     def grid(self, batch, num_seqs: int, max_query_len: int, max_blocks: int) -> tuple[int, int, int]:
         """The padded grid: sequences S, queries per sequence Q, blocks per sequence MB."""
@@ -141,7 +154,8 @@ def padded_attention(q, k_cache, v_cache, md: PaddedMetadata, scale: float,
                      logit_softcap)  # [S, KVH, G, Q, L]
     key_pos = torch.arange(L, device=q.device)
     qp = md.q_pos[:, :, None]  # [S, Q, 1]
-    visible = (key_pos[None, None, :] <= qp) & (key_pos[None, None, :] < md.seq_lens[:, None, None])
+    limit = qp if md.q_lim is None else md.q_lim[:, :, None]
+    visible = (key_pos[None, None, :] <= limit) & (key_pos[None, None, :] < md.seq_lens[:, None, None])
     if window is not None:
         visible &= key_pos[None, None, :] > qp - window
     visible = visible[:, None, None]  # [S, 1, 1, Q, L]

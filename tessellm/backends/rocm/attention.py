@@ -48,6 +48,7 @@ class RocmTritonAttentionKernel(TritonAttentionKernel):
     fuses_rotary = False  # forward below takes no rotary inputs (the model rotates first)
     supports_logit_softcap = True  # forward below passes logit_softcap on
     supports_attention_sinks = True  # and sinks
+    supports_key_limits = True  # and key_limits
 
     def forward(self, q, k, v, k_cache, v_cache, metadata, scale: float, out=None, *,
                 sinks=None):
@@ -70,5 +71,6 @@ class RocmTritonAttentionKernel(TritonAttentionKernel):
                               num_seqs=md.num_prefills, max_query_len=md.max_query_len,
                               sliding_window=self.sliding_window,
                               tiles=amd_prefill_tiles(q.dtype, head_size),
-                              logit_softcap=self.logit_softcap, sinks=sinks)
+                              logit_softcap=self.logit_softcap, sinks=sinks,
+                              key_limits=md.key_limits)
         return out

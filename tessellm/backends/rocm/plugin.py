@@ -48,6 +48,7 @@ def tessellm_register_backends(register):
                       "quantization": ["fp8", "int8", "awq", "gptq", "gguf"],
                       "kv_cache_dtypes": ["auto"], "sliding_window": True, "lora": True,
                       "logit_softcap": True, "attention_sinks": True, "mla": True, "mamba2": True,
+                      "key_limits": True,
                       "communicator": "rccl (torch 'nccl')"},
     ))
 

@@ -99,7 +99,7 @@ def tessellm_register_backends(register):
         validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
         capabilities={"graph_capture": True, "quantization": ["int8", "fp8", "gguf"],
                       "kv_cache_dtypes": ["auto"],
-                      "sliding_window": True, "logit_softcap": True, "attention_sinks": True,
+                      "sliding_window": True, "logit_softcap": True, "attention_sinks": True, "key_limits": True,
                       "shape_buckets": "powers of two (tokens from 8, sequences)",
                       "emulation_device_type": _emulation_device_type(),
                       "lane": "tpu-xla-cpu: XLA programs on PJRT CPU", "paths": _paths()},

@@ -65,8 +65,9 @@ class XlaPagedAttentionKernel(PaddedTorchAttentionKernel):
     def __init__(self, spec, ragged=None):
         super().__init__(spec, bucket=pow2_bucket)
         # A soft-capped layer takes the padded path: the Pallas kernel's cap has not been run;
-        # likewise a layer with attention sinks (the Pallas kernel has none).
-        self.ragged = ragged if self.softcap is None and not getattr(spec, "attention_sinks", False) else None
+        # likewise a layer with attention sinks or key limits (the Pallas kernel has neither).
+        self.ragged = ragged if (self.softcap is None and not getattr(spec, "attention_sinks", False)
+                                 and not getattr(spec, "prefill_key_limits", False)) else None
         if ragged is not None:
             self.name = "xla-ragged-paged"
 

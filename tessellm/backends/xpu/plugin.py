@@ -73,7 +73,8 @@ def tessellm_register_backends(register):
         validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
         capabilities={"graph_capture": True, "quantization": _quant_schemes(),
                       "kv_cache_dtypes": ["auto"],
-                      "sliding_window": True, "logit_softcap": True, "attention_sinks": True, "ipex": "optional",
+                      "sliding_window": True, "logit_softcap": True, "attention_sinks": True,
+                      "key_limits": True, "ipex": "optional",
                       "lane": "xpu-ipex-cpu: IPEX attention + fused ops on CPU tensors",
                       "paths": _paths()},
     ))
@@ -89,8 +90,9 @@ def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
     # IPEX's CPU varlen kernel gets sliding windows wrong (the xpu lane, IPEX 2.8.0): windowed
     # models take the pure-torch path unless an Intel GPU runs IPEX's XPU kernel. Soft-capped
     # layers take it everywhere (IPEX's cap has not been run here), and so do layers with
-    # attention sinks (IPEX's kernel has none).
+    # attention sinks or key limits (IPEX's kernel has neither).
     if (ops is not None and spec.logit_softcap is None and not spec.attention_sinks
+            and not getattr(spec, "prefill_key_limits", False)
             and (spec.sliding_window is None or _is_available())):
         return IpexAttentionKernel(spec, ops)
     from tessellm.backends.reference.padded_attention import PaddedTorchAttentionKernel

@@ -32,6 +32,9 @@ class TritonAttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [num_tokens]; -1 = skip
     # Queries per split-KV sequence: 1 (decodes), or q for a verify step (``verify_query_len``).
     query_len: int = 1
+    # int32 [num_tokens]: the last key each row sees (``AttentionBatch.key_limits``), read by
+    # the prefill kernel only; None: causal.
+    key_limits: Optional[torch.Tensor] = None
 
 
 class TritonAttentionKernel:
@@ -46,6 +49,7 @@ class TritonAttentionKernel:
     supports_sliding_window = True
     supports_logit_softcap = True  # a constexpr branch of the kernels: no cost without a cap
     supports_attention_sinks = True  # likewise (forward's ``sinks``; ``common._join_sinks``)
+    supports_key_limits = True  # likewise (the prefill kernel's KEY_LIMITS)
     supports_graph_capture = True  # no host sync in forward; grid fixed per batch size
     kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3")  # fp8: e4m3 cache, needs sm89+ (Ada, Hopper)
     # forward takes positions/cos_sin_cache and applies NeoX rotary as it writes the cache
@@ -87,6 +91,8 @@ class TritonAttentionKernel:
             cls.supports_logit_softcap = False  # its forward must pass logit_softcap on
         if "forward" in cls.__dict__ and "supports_attention_sinks" not in cls.__dict__:
             cls.supports_attention_sinks = False  # its forward must pass sinks on
+        if "forward" in cls.__dict__ and "supports_key_limits" not in cls.__dict__:
+            cls.supports_key_limits = False  # its forward must pass key_limits on
 
     def __init__(self, spec, max_model_len: int, max_num_seqs: int = 256):
         head_size = spec.head_size
@@ -161,7 +167,8 @@ class TritonAttentionKernel:
             num_decodes=batch.num_decodes, num_prefills=batch.num_seqs - batch.num_decodes,
             num_splits=self.num_splits(batch.num_decodes), max_query_len=batch.max_query_len,
             query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
-            block_tables=batch.block_tables, slot_mapping=batch.slot_mapping)
+            block_tables=batch.block_tables, slot_mapping=batch.slot_mapping,
+            key_limits=getattr(batch, "key_limits", None))
 
     def _get_workspace(self, num_decodes: int, device, query_len: int = 1) -> torch.Tensor:
         need = self.workspace_numel(num_decodes, query_len)
@@ -225,5 +232,6 @@ class TritonAttentionKernel:
                               num_seqs=md.num_prefills, max_query_len=md.max_query_len,
                               sliding_window=self.sliding_window, k_scale=self.k_scale,
                               v_scale=self.v_scale, fp8_convert=self.fp8_convert,
-                              logit_softcap=self.logit_softcap, sinks=sinks)
+                              logit_softcap=self.logit_softcap, sinks=sinks,
+                              key_limits=md.key_limits)
         return out

@@ -17,18 +17,19 @@ from tessellm.kernels.attention.common import (
 
 @triton.jit
 def _attend_keys(q, acc, m_i, l_i, lo, hi, k_cache_ptr, v_cache_ptr, bt_ptr, kvh, qk_scale, q_pos,
-                 window, softcap, stride_cb, stride_ct, stride_ch, HEAD_SIZE: tl.constexpr,
+                 q_lim, window, softcap, stride_cb, stride_ct, stride_ch, HEAD_SIZE: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                  USE_WINDOW: tl.constexpr, CAUSAL: tl.constexpr, APPLY_MASK: tl.constexpr,
                  FP8_PTX: tl.constexpr, SOFTCAP: tl.constexpr):
-    """Keys ``lo .. hi - 1`` in BLOCK_N tiles; CAUSAL masks keys past each row's position (the
-    diagonal tiles), USE_WINDOW keys before its sliding window; APPLY_MASK when either is set."""
+    """Keys ``lo .. hi - 1`` in BLOCK_N tiles; CAUSAL masks keys past each row's limit ``q_lim``
+    (its position, or its key limit: the diagonal tiles), USE_WINDOW keys before its sliding
+    window (relative to ``q_pos``); APPLY_MASK when either is set."""
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < hi
         mask = n_ok[None, :]
         if CAUSAL:
-            mask = mask & (n[None, :] <= q_pos[:, None])
+            mask = mask & (n[None, :] <= q_lim[:, None])
         if USE_WINDOW:
             mask = mask & (n[None, :] > q_pos[:, None] - window)
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, n, n_ok,
@@ -38,7 +39,7 @@ def _attend_keys(q, acc, m_i, l_i, lo, hi, k_cache_ptr, v_cache_ptr, bt_ptr, kvh
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, sinks_ptr,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, sinks_ptr, key_limits_ptr,
                     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
                     seq_offset, scale_log2, v_scale, window, softcap,
                     stride_qt, stride_qh, stride_ot, stride_oh,
@@ -47,10 +48,15 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, sinks_ptr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
                     DOT_FP32: tl.constexpr, FP8_PTX: tl.constexpr, SOFTCAP: tl.constexpr,
-                    SINKS: tl.constexpr):
+                    SINKS: tl.constexpr, KEY_LIMITS: tl.constexpr):
     """Grid ``(num_prefills, cdiv(max_query_len, BLOCK_Q), KVH)``; BLOCK_M = BLOCK_Q * GROUP_P2.
     SOFTCAP: scores soft-capped at ``softcap`` (log2 units, ``common._softcap``). SINKS: each
-    head's ``sinks_ptr`` logit joins its rows' softmax after the keys (``common._join_sinks``)."""
+    head's ``sinks_ptr`` logit joins its rows' softmax after the keys (``common._join_sinks``).
+    KEY_LIMITS: row i sees keys up to ``key_limits_ptr[token]`` (>= its position) instead of
+    its position, and the tile's keys run to its rows' largest limit::
+
+        rows of the tile:   q_pos 8 9 10 11        key limits 8 12 12 12   (an image 9..12)
+        keys:  lo ........ mid ......... hi = 13   (causal alone: hi = 12)"""
     s = seq_offset + tl.program_id(0)
     qb = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -73,6 +79,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, sinks_ptr,
     q_pos = ctx_len + tq
 
     hi = tl.minimum(seq_len, ctx_len + (qb + 1) * BLOCK_Q)
+    q_lim = q_pos
+    if KEY_LIMITS:
+        lim = tl.load(key_limits_ptr + tok, mask=row_ok, other=0)
+        q_lim = tl.maximum(lim, q_pos)
+        hi = tl.minimum(seq_len, tl.maximum(hi, tl.max(tl.where(row_ok, q_lim, 0), 0) + 1))
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(ctx_len + qb * BLOCK_Q - window + 1, 0)
@@ -85,13 +96,13 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, sinks_ptr,
     #          no mask   | causal mask
     mid = lo + (ctx_len + qb * BLOCK_Q + 1 - lo) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, lo, mid, k_cache_ptr, v_cache_ptr, bt_ptr, kvh,
-                                 qk_scale, q_pos, window, softcap, stride_cb, stride_ct, stride_ch,
-                                 HEAD_SIZE, BLOCK_SIZE, BLOCK_N, DOT_PREC, USE_WINDOW, False,
-                                 USE_WINDOW, FP8_PTX, SOFTCAP)
+                                 qk_scale, q_pos, q_lim, window, softcap, stride_cb, stride_ct,
+                                 stride_ch, HEAD_SIZE, BLOCK_SIZE, BLOCK_N, DOT_PREC, USE_WINDOW,
+                                 False, USE_WINDOW, FP8_PTX, SOFTCAP)
     acc, m_i, l_i = _attend_keys(q, acc, m_i, l_i, mid, hi, k_cache_ptr, v_cache_ptr, bt_ptr, kvh,
-                                 qk_scale, q_pos, window, softcap, stride_cb, stride_ct, stride_ch,
-                                 HEAD_SIZE, BLOCK_SIZE, BLOCK_N, DOT_PREC, USE_WINDOW, True, True,
-                                 FP8_PTX, SOFTCAP)
+                                 qk_scale, q_pos, q_lim, window, softcap, stride_cb, stride_ct,
+                                 stride_ch, HEAD_SIZE, BLOCK_SIZE, BLOCK_N, DOT_PREC, USE_WINDOW,
+                                 True, True, FP8_PTX, SOFTCAP)
     if SINKS:
         acc, m_i, l_i = _join_sinks(acc, m_i, l_i, sinks_ptr, head, row_ok)
     acc = acc * (v_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
@@ -120,12 +131,14 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       tiles: Optional[tuple[int, int, int, int]] = None,
                       k_scale: float = 1.0, v_scale: float = 1.0,
                       fp8_convert: str = "auto", logit_softcap: Optional[float] = None,
-                      sinks: Optional[torch.Tensor] = None) -> None:
+                      sinks: Optional[torch.Tensor] = None,
+                      key_limits: Optional[torch.Tensor] = None) -> None:
     """Causal attention of sequences ``seq_offset .. seq_offset + num_seqs - 1`` of the flat
     batch over their paged context; writes their rows of ``out`` ``[T, H, D]``.
     ``logit_softcap``: scores become ``cap * tanh(scale * q.k / cap)`` (None: no cap).
     ``sinks``: float ``[H]`` attention sinks, one logit per head in each row's softmax
-    denominator (None: none).
+    denominator (None: none). ``key_limits``: int ``[T]``, the last key each row sees
+    (``AttentionBatch.key_limits``; None: causal).
     ``k_scale``/``v_scale``: an fp8 cache's per-tensor scales (ignored for other caches);
     ``fp8_convert``: how its tiles are widened (``_fp8_ptx``; "auto" unless benchmarking).
 
@@ -144,7 +157,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_q = block_m // group_p2
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, q if sinks is None else sinks, query_start_loc, seq_lens,
+        q, k_cache, v_cache, out, q if sinks is None else sinks,
+        query_start_loc if key_limits is None else key_limits, query_start_loc, seq_lens,
         block_tables, seq_offset, scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
         sliding_window or 0, _softcap_log2(logit_softcap),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -153,4 +167,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         HEAD_SIZE=head_size, BLOCK_SIZE=k_cache.shape[1], USE_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), DOT_FP32=_dot_fp32(q),
         FP8_PTX=_fp8_ptx(q, k_cache, fp8_convert), SOFTCAP=logit_softcap is not None,
-        SINKS=sinks is not None, num_warps=num_warps, num_stages=num_stages)
+        SINKS=sinks is not None, KEY_LIMITS=key_limits is not None, num_warps=num_warps,
+        num_stages=num_stages)

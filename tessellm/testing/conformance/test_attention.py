@@ -189,3 +189,44 @@ def test_attention_sinks(target, batch, window):
                            dtype=torch.float32, device=target.device, window=window,
                            seed=seed_of("sinks", batch, window), sinks=sinks)
     _check(target, kernel, step, torch.float32)
+
+
+# name -> (query_lens, ctx_lens, per sequence: its image spans as (first, last) query rows)
+KEY_LIMIT_BATCHES = {
+    # a chunk that is one image; an image crossing blocks and the kernels' query tiles; two
+    # images in one chunk, the second ending the chunk
+    "prefill": ([9, 40, 23], [0, 3, 0], [[(0, 8)], [(2, 35)], [(1, 6), (10, 22)]]),
+    "mixed": ([1, 1, 12, 20], [12, 40, 5, 17], [[], [], [(3, 9)], [(0, 0), (4, 19)]]),
+}
+
+
+def image_key_limits(q_lens: list[int], ctx: list[int], spans: list[list]) -> list[int]:
+    """Per query row, the last key it sees: its position, or its image's last position."""
+    limits = []
+    for n, c, seq_spans in zip(q_lens, ctx, spans):
+        rows = list(range(c, c + n))
+        for first, last in seq_spans:
+            rows[first:last + 1] = [c + last] * (last + 1 - first)
+        limits += rows
+    return limits
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("batch", list(KEY_LIMIT_BATCHES))
+def test_attention_key_limits(target, batch, window):
+    """``AttentionSpec.prefill_key_limits`` (Gemma 3's images): a row of an image sees the
+    image's later keys too (``AttentionBatch.key_limits``), the sliding window still relative
+    to its position. A kernel that serves such a spec must declare ``supports_key_limits``;
+    one that does not is skipped (the engine refuses such models on it), unless the backend's
+    capabilities claim ``key_limits``."""
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64, dtype=torch.float32,
+                         block_size=16, sliding_window=window, prefill_key_limits=True,
+                         max_model_len=256, max_num_seqs=8)
+    kernel = _kernel_declaring(target, spec, "supports_key_limits", "key_limits",
+                               "attention kernel with key limits")
+    q_lens, ctx, spans = KEY_LIMIT_BATCHES[batch]
+    step = make_paged_step(q_lens, ctx, num_kv_heads=2, group=2, head_size=64, block_size=16,
+                           dtype=torch.float32, device=target.device, window=window,
+                           seed=seed_of("key_limits", batch, window),
+                           key_limits=image_key_limits(q_lens, ctx, spans))
+    _check(target, kernel, step, torch.float32)
