@@ -87,6 +87,9 @@ class EngineCore:
         self.source = model_source(args)  # hf_overrides and convert applied
         config = self.source.hf_config
         check_multimodal_args(config, args)
+        from tessellm.models import state_space
+
+        state_space.check_engine_args(args, config)  # Mamba layers: what they cannot do yet
         self.dtype = resolve_dtype(args.dtype, config, self.backend.device_type)
         self.max_model_len = resolve_max_model_len(args.max_model_len, text_config(config))
         self.eos_token_ids = generation_eos_ids(self.source)
@@ -131,6 +134,7 @@ class EngineCore:
             logger.info("%s pooling reads every prompt token's hidden state: prefix caching is off.",
                         self.pooling.pooling_type)
             prefix_caching = False
+        prefix_caching = state_space.prefix_caching(prefix_caching, config)
         self.kv = BlockManager(num_blocks, args.block_size, prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, max_batched, self.max_model_len,
                                                    args.enable_chunked_prefill,

@@ -110,6 +110,9 @@ class ModelRunner(RunnerGraphs):
         # Pooling runner (tessellm.pooling.pooler.Pooler): steps pool hidden states instead of
         # sampling (``_pool``); None: the runner generates.
         self.pooler = pooler
+        # Per-request recurrent states of Mamba layers (core/mamba_state.py), set by the worker
+        # for a model that has them; None otherwise.
+        self.mamba = None
 
     @property
     def requests(self) -> dict[str, RunnerRequest]:
@@ -168,6 +171,8 @@ class ModelRunner(RunnerGraphs):
         self.allocate_kv_cache(first_block, self.dtype)
         host = build_inputs(states, counts, [0] * len(counts), tables, bs, self.steps.input_token)
         ids, positions, attn, _ = self._eager_tensors(host, counts)
+        if self.mamba is not None:
+            self.mamba.begin_step(states, counts, profile=True)
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.dummy(num_tokens))
         if self.pp.is_last and self.pooler is None:
             self.model.compute_logits(hidden[-min(num_tokens, 256):])
@@ -193,6 +198,8 @@ class ModelRunner(RunnerGraphs):
             self.encoder_cache.drop(sched.dropped_request_ids)
         if self.mrope is not None:
             self.mrope.drop(sched.dropped_request_ids)
+        if self.mamba is not None:
+            self.mamba.drop(sched.dropped_request_ids)
         if self.spec is not None:
             self.spec.drop(sched)
         out = ModelRunnerOutput()
@@ -217,6 +224,8 @@ class ModelRunner(RunnerGraphs):
         self.staging.begin_launch()
         host = build_inputs(states, counts, num_sampled, self.batch.tables, self.block_size,
                             self.steps.input_token)
+        if self.mamba is not None:  # state slots of this step's requests, in row order
+            self.mamba.begin_step(states, counts)
         if self.mrope is not None:  # rotary positions: delta added, [3, T] over image tokens
             host.positions = self.mrope.positions(states, counts, host.positions, host.query_start_loc)
         if self.pooler is not None:  # an embedding model: pooled vectors, nothing sampled

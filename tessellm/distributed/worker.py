@@ -91,6 +91,7 @@ class Worker:
         if self.pp.num_stages == 1 and pooling is None:  # stages exchange tensors: eager only;
             # pooling steps are prefills (eager) only
             eager = args.enforce_eager or self.backend.emulated  # no device graphs on the host
+            eager = eager or hasattr(model, "mamba_layers")  # state slots: eager steps (state_space.py)
             graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, eager,
                                                                    dtype=self.dtype))
         from tessellm.spec_decode.runner_part import build_spec_decode
@@ -105,6 +106,11 @@ class Worker:
                                   spec=spec, verify_graph_factory=_verify_graph_factory(
                                       registry, self.backend, graphs, self.dtype),
                                   lora=lora, pooler=_pooler(pooling, model))
+        if hasattr(model, "mamba_layers"):  # one recurrent-state slot per running request
+            from tessellm.core.mamba_state import MambaStateCache
+
+            self.runner.mamba = MambaStateCache(model.mamba_layers(), args.max_num_seqs,
+                                                self.device, self.dtype)
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
         if hasattr(graphs, "max_num_tokens"):  # a plan of step shapes to compile (tpu)
             graphs.max_num_tokens = self.max_num_batched_tokens
@@ -140,6 +146,8 @@ class Worker:
         if self.backend.device_type == "cpu":
             # The cpu budget is for the whole engine: split it over the ranks on this host.
             budget = (cpu_kv_cache_bytes() or _CPU_KV_CACHE_DEFAULT) // self.parallel.world_size
+            if self.runner.mamba is not None:  # the recurrent states share the budget
+                budget -= self.runner.mamba.nbytes
         else:
             self.runner.profile_run(self.max_num_batched_tokens)
             free, total = self.backend.memory_info()

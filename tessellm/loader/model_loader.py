@@ -55,7 +55,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     from tessellm.models.decoder import shard_heads
 
     text = text_config(config)  # the paged attention layers are the language model's
-    heads = text.num_attention_heads
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads")  # Mamba2: num_heads
     local_heads, local_kv_heads, _ = shard_heads(
         heads, getattr(text, "num_key_value_heads", None) or heads, tp.rank, tp.size)
     kernels = {}

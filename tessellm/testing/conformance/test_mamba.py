@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from tessellm.backends.reference.mamba import sequential_scan
 from tessellm.backends.spec import MambaBatch, OpsSpec
+from tessellm.core.mamba_state import make_batch
 from tessellm.testing.harness import tolerance
 
 H, P, G, N, K, CHUNK = 4, 8, 2, 16, 4, 8  # heads, head dim, groups, state, conv width, scan chunk
@@ -25,21 +26,7 @@ def _mamba_ops(target, dtype):
 
 
 def _batch(lengths, slots, device) -> MambaBatch:
-    qsl = [0]
-    for n in lengths:
-        qsl.append(qsl[-1] + n)
-    decodes = 0
-    while decodes < len(lengths) and lengths[decodes] == 1:
-        decodes += 1
-    prefills = None
-    if decodes < len(lengths):
-        pq = [q - qsl[decodes] for q in qsl[decodes:]]
-        prefills = MambaBatch(torch.tensor(pq, dtype=torch.int32, device=device),
-                              torch.tensor(slots[decodes:], dtype=torch.int32, device=device),
-                              0, pq, list(slots[decodes:]))
-    return MambaBatch(torch.tensor(qsl, dtype=torch.int32, device=device),
-                      torch.tensor(slots, dtype=torch.int32, device=device), decodes, qsl,
-                      list(slots), prefills)
+    return make_batch(lengths, slots, device)
 
 
 def _conv_oracle(x_all, weight, bias):

@@ -1,0 +1,115 @@
+"""Mamba2 (``Mamba2ForCausalLM``: Mamba-Codestral-7B, mamba2-130m ... 2.7b): attention-free,
+every layer a Mamba2 mixer (``layers/mamba_mixer.py``) behind an RMSNorm::
+
+    h = embeddings(ids)
+    per layer:  h = h + mixer(norm(h))
+    logits = lm_head(norm_f(h))
+
+Checkpoint names are HF's: ``backbone.embeddings``, ``backbone.layers.{i}.norm``,
+``backbone.layers.{i}.mixer.{in_proj, conv1d, dt_bias, A_log, D, norm, out_proj}``,
+``backbone.norm_f``, ``lm_head``. The model has no attention layer: it keeps no KV cache
+(block ids are bookkeeping only), only the per-request state cache.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from tessellm.layers.context import ModelContext
+from tessellm.layers.linear import materialize
+from tessellm.layers.mamba_mixer import MambaMixer2, MambaShape
+from tessellm.layers.norm import RMSNorm
+from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from tessellm.models.state_space import check_single_device, check_time_step_limit
+
+
+def mamba2_shape(config) -> MambaShape:
+    return MambaShape(hidden_size=config.hidden_size, num_heads=config.num_heads,
+                      head_dim=config.head_dim, n_groups=config.n_groups, d_state=config.state_size,
+                      d_conv=config.conv_kernel, chunk_size=config.chunk_size,
+                      proj_bias=bool(config.use_bias), conv_bias=bool(config.use_conv_bias),
+                      eps=config.layer_norm_epsilon,
+                      dt_limit=check_time_step_limit(getattr(config, "time_step_limit", None)))
+
+
+class Mamba2Block(nn.Module):
+    def __init__(self, config, ctx: ModelContext):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, ctx.ops)
+        self.mixer = MambaMixer2(mamba2_shape(config), ctx)
+
+    def forward(self, hidden, residual):
+        if residual is None:
+            residual, hidden = hidden, self.norm(hidden)
+        else:
+            hidden, residual = self.norm(hidden, residual)
+        return self.mixer(hidden), residual
+
+
+class Mamba2ForCausalLM(nn.Module):
+    def __init__(self, config, ctx: ModelContext):
+        super().__init__()
+        check_single_device(ctx)
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"Mamba2 hidden_act {config.hidden_act!r} is not supported; only silu is.")
+        if config.num_heads * config.head_dim != int(config.expand * config.hidden_size):
+            raise ValueError("Mamba2 config num_heads * head_dim must equal expand * hidden_size "
+                             f"({config.num_heads} * {config.head_dim} vs {config.expand} * "
+                             f"{config.hidden_size}); the config does not describe a Mamba2 mixer.")
+        self.config = config
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp)
+        self.layers = nn.ModuleList(Mamba2Block(config, ctx) for _ in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, ctx.ops)
+        tied = self.embeddings.weight if self.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp, weight=tied)
+        ctx.make_attention_kernel(None)  # the runner's step metadata; no layer attends
+
+    def attention_layers(self) -> list:
+        return []
+
+    def mamba_layers(self) -> list[MambaMixer2]:
+        return [layer.mixer for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata,
+                intermediate=None, inputs_embeds: Optional[torch.Tensor] = None):
+        hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        hidden, _ = self.norm_f(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name[len("backbone."):] if name.startswith("backbone.") else name
+            if name == "embeddings.weight":
+                self.embeddings.load_weight(tensor)
+                if self.tie_word_embeddings:
+                    loaded.add("lm_head.weight")
+            elif name == "lm_head.weight":
+                if not self.tie_word_embeddings:
+                    self.lm_head.load_weight(tensor)
+            elif name in params:
+                load_param(params[name], tensor, name)
+            else:
+                raise ValueError(f"Checkpoint tensor {name!r} has no place in Mamba2ForCausalLM; "
+                                 "is this the right architecture?")
+            loaded.add(name)
+        return loaded
+
+
+def load_param(param: torch.Tensor, tensor, name: str) -> None:
+    tensor = materialize(tensor)
+    if param.shape != tensor.shape:
+        raise ValueError(f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected "
+                         f"{tuple(param.shape)}; the config does not match the weights.")
+    param.data.copy_(tensor)

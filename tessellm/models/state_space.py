@@ -1,0 +1,77 @@
+"""What the engine does differently for models with Mamba (state-space) layers, in one place.
+
+Such a model keeps, besides any paged KV cache of its attention layers, one recurrent state
+per running request and Mamba layer (``core/mamba_state.py``). That state summarizes every
+token before it and cannot be rebuilt from a block hash, so:
+
+- prefix caching is off (a hit would skip tokens whose state nobody has): ``prefix_caching``;
+- speculative decoding is refused (a rejected draft token would have to be taken back out of
+  the state); LoRA, tensor and pipeline parallelism are refused until they are built and tested;
+- steps run eagerly (no captured decode graphs: the state slots are step inputs the graphs
+  do not take).
+
+Preemption needs nothing special: a preempted request's slot is freed and the request is
+recomputed from its first token, which rebuilds its state exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+STATE_SPACE_ARCHITECTURES = frozenset({"Mamba2ForCausalLM", "GraniteMoeHybridForCausalLM",
+                                       "BambaForCausalLM"})
+
+
+def has_recurrent_state(config) -> bool:
+    return bool(STATE_SPACE_ARCHITECTURES & set(getattr(config, "architectures", None) or ()))
+
+
+def check_engine_args(args, config) -> None:
+    """Refuse, before any worker starts, what these models cannot do yet (one sentence each)."""
+    if not has_recurrent_state(config):
+        return
+    arch = next(a for a in config.architectures if a in STATE_SPACE_ARCHITECTURES)
+    refused = [
+        (getattr(args, "speculative_config", None) is not None, "speculative decoding",
+         "a rejected draft token cannot be taken back out of the recurrent state; drop "
+         "speculative_config"),
+        (getattr(args, "enable_lora", False), "LoRA", "drop enable_lora"),
+        (getattr(args, "tensor_parallel_size", 1) > 1, "tensor parallelism",
+         "use tensor_parallel_size=1"),
+        (getattr(args, "pipeline_parallel_size", 1) > 1, "pipeline parallelism",
+         "use pipeline_parallel_size=1"),
+    ]
+    for bad, what, fix in refused:
+        if bad:
+            raise ValueError(f"{arch} (Mamba layers with a per-request recurrent state) does not "
+                             f"support {what} yet; {fix}.")
+
+
+def prefix_caching(enabled: bool, config) -> bool:
+    """Whether the engine may cache prefixes for this model; logs why not."""
+    if enabled and has_recurrent_state(config):
+        logger.info("Prefix caching is off for %s: a Mamba layer's recurrent state cannot be "
+                    "recovered from cached KV blocks.", ", ".join(config.architectures))
+        return False
+    return enabled
+
+
+def check_time_step_limit(limit) -> tuple[float, float]:
+    """The config's ``time_step_limit`` (dt clamp) as a tuple; only the default (0, inf) is
+    served: HF transformers clamps dt in its chunked (prefill) path but not in its single-step
+    (decode) path, so a clamp that bites has no one meaning to match."""
+    lo, hi = (float(v) for v in (limit or (0.0, float("inf"))))
+    if lo > 0.0 or hi != float("inf"):
+        raise ValueError(f"time_step_limit={list(limit)} is not supported; only the default "
+                         "[0.0, inf] is (HF transformers applies the clamp to prefill but not to "
+                         "decode steps).")
+    return lo, hi
+
+
+def check_single_device(ctx) -> None:
+    """At model build (a rank that got here anyway, e.g. a test building the model directly)."""
+    if ctx.tp.size > 1 or ctx.pp.num_stages > 1:
+        raise ValueError("Models with Mamba layers run on one device for now; use "
+                         "tensor_parallel_size=1 and pipeline_parallel_size=1.")

@@ -1,0 +1,73 @@
+"""Mamba2 (``Mamba2ForCausalLM``) on tiny random models: greedy tokens and per-token
+log-probabilities equal HF transformers' in float32 (its torch path), for several concurrent
+requests of different lengths (scan chunks of 8 tokens: prompts span several), under chunked
+prefill (chunk boundaries inside prompts: the states carry over), and under preemption (the
+recomputed request rebuilds its state). The engine runs the real model and ops; nothing is
+mocked."""
+
+from __future__ import annotations
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tests.models.variant_parity import (assert_parity, assert_refused_at_load, hf_reference,
+                                         prompts, save_tiny)
+
+
+def mamba2_config(**overrides):
+    from transformers import Mamba2Config
+
+    return Mamba2Config(**{"vocab_size": 128, "hidden_size": 64, "num_heads": 8, "head_dim": 16,
+                           "expand": 2, "n_groups": 2, "state_size": 16, "conv_kernel": 4,
+                           "chunk_size": 8, "num_hidden_layers": 2, "initializer_range": 0.2,
+                           "tie_word_embeddings": False, **overrides})
+
+
+@pytest.fixture(scope="module")
+def mamba2_dir(tmp_path_factory):
+    return save_tiny(mamba2_config(), str(tmp_path_factory.mktemp("mamba2")))
+
+
+@pytest.mark.parametrize("engine", [dict(), dict(max_num_batched_tokens=8)],
+                         ids=["whole-prompts", "chunked-prefill"])
+def test_mamba2_matches_hf(mamba2_dir, engine):
+    assert_parity(mamba2_dir, prompts((1, 5, 21, 30)), max_new=12, **engine)
+
+
+def test_mamba2_tied_without_conv_bias(tmp_path):
+    """The config switches: tied embeddings, no conv bias."""
+    path = save_tiny(mamba2_config(tie_word_embeddings=True, use_conv_bias=False), str(tmp_path / "m"))
+    assert_parity(path, prompts((9, 17)), max_new=8)
+
+
+def test_mamba2_refuses_a_dt_clamp(tmp_path):
+    """HF clamps dt to time_step_limit in prefill but not in decode: refused, not guessed."""
+    assert_refused_at_load(mamba2_config(time_step_limit=(0.05, 0.6)), "Mamba2ForCausalLM",
+                           tmp_path, "time_step_limit=.*not supported")
+
+
+def test_mamba2_preemption_recomputes_the_state(mamba2_dir):
+    """A KV cache too small for every request at once: the scheduler preempts, the preempted
+    request's slot is freed and its state rebuilt from its first token."""
+    prompt_list = prompts((20, 24, 28, 30), seed=5)
+    want, _ = hf_reference(mamba2_dir, prompt_list, 16)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    with LLM(mamba2_dir, dtype="float32", num_kv_blocks=24, block_size=4) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
+        core = llm.engine.core
+        assert core.scheduler.num_preemptions_total > 0, "the tiny cache should force preemption"
+        assert not core.kv.enable_prefix_caching  # turned off for a recurrent state
+        runner = core.executor.worker.runner
+        cache = runner.mamba  # a slot per request the runner still holds (it hears of the last
+        # finished ones with the next step), none lost
+        assert set(cache.slot_of) == set(runner.requests)
+        assert len(cache.free) + len(cache.slot_of) == cache.num_slots
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
+
+
+def test_mamba2_refuses_what_a_recurrent_state_cannot_do(mamba2_dir):
+    with pytest.raises(ValueError, match="does not support tensor parallelism yet"):
+        LLM(mamba2_dir, dtype="float32", tensor_parallel_size=2, device="cpu")
+    with pytest.raises(ValueError, match="does not support speculative decoding yet"):
+        LLM(mamba2_dir, dtype="float32",
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
