@@ -71,3 +71,28 @@ def test_mamba2_refuses_what_a_recurrent_state_cannot_do(mamba2_dir):
     with pytest.raises(ValueError, match="does not support speculative decoding yet"):
         LLM(mamba2_dir, dtype="float32",
             speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def test_mamba2_refused_on_ops_without_the_flag(mamba2_dir):
+    """A plugin's fused ops written before API 7 (no ``supports_mamba2``): the model is refused
+    at load naming the flag, instead of failing inside its first step."""
+    import torch
+
+    from tessellm.backends.registry import BackendRegistry
+    from tessellm.config import resolve_model
+    from tessellm.loader.model_loader import build_model
+    from tests.backends.backend_plugins import make_plugin
+
+    old = make_plugin("oldops_mamba", """
+        TESSELLM_OVERRIDES = ("cpu",)
+        from tessellm.backends.reference.ops import ReferenceOps
+        class OldOps(ReferenceOps):
+            supports_mamba2 = False
+        @hookimpl(tryfirst=True)
+        def tessellm_fused_ops(backend, spec):
+            return OldOps() if backend.name == "cpu" else None
+    """)
+    registry = BackendRegistry(plugins=[("oldops_mamba", old)])
+    with pytest.raises(ValueError, match="Mamba2 layers.*do not declare supports_mamba2"):
+        build_model(resolve_model(mamba2_dir), "safetensors", registry, registry.backends["cpu"],
+                    torch.float32, torch.device("cpu"), block_size=16)
