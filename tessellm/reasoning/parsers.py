@@ -7,6 +7,11 @@
 - ``qwen3``: reasoning only inside ``<think>`` ... ``</think>`` that opens the output; an
   output that does not open with ``<think>`` is all answer (Qwen3 with ``enable_thinking:
   false``, whose template closes an empty think block in the prompt).
+- ``openai_gptoss``: gpt-oss's harmony format (``harmony.py``): the output is messages on
+  channels, the analysis channel is reasoning, the final channel the answer, and messages to
+  ``functions.NAME`` are tool calls. Chosen by itself for a gpt-oss checkpoint
+  (``resolve_reasoning_parser``). For the grammar gate its "markers" are the analysis and
+  final channels' headers: structured output constrains the final channel.
 
 The prompt decides where the output starts (``initial_phase``): a template that ends the prompt
 inside an open think block starts the output in reasoning, one that closes an (empty) block
@@ -33,6 +38,7 @@ class ReasoningParser:
     implicit_start: bool  # the output is reasoning from its first token, with or without ``start``
     start: str = "<think>"
     end: str = "</think>"
+    harmony: bool = False  # the output is harmony messages: the server parses it as such
 
     def initial_phase(self, prompt_tail: str) -> str:
         """Where the output starts, from the end of the prompt's text (special tokens kept)."""
@@ -47,7 +53,20 @@ class ReasoningParser:
 REASONING_PARSERS: dict[str, ReasoningParser] = {
     "deepseek_r1": ReasoningParser("deepseek_r1", implicit_start=True),
     "qwen3": ReasoningParser("qwen3", implicit_start=False),
+    "openai_gptoss": ReasoningParser("openai_gptoss", implicit_start=True,
+                                     start="<|channel|>analysis<|message|>",
+                                     end="<|channel|>final<|message|>", harmony=True),
 }
+HARMONY_MODEL_TYPES = ("gpt_oss",)  # checkpoints whose chat format is harmony
+
+
+def resolve_reasoning_parser(name: Optional[str], hf_config) -> Optional[str]:
+    """The parser in force: ``name`` (the flag), else ``openai_gptoss`` for a gpt-oss
+    checkpoint (its output is unreadable without it), else None."""
+    if name is not None:
+        return name
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    return "openai_gptoss" if getattr(text_config, "model_type", None) in HARMONY_MODEL_TYPES else None
 
 
 def check_reasoning_parser(name: Optional[str]) -> None:

@@ -246,9 +246,42 @@ class NamedParser(ToolParser):
         return ParseResult("", [ParsedToolCall(self.function_name, text)])
 
 
+class HarmonyToolParser(ToolParser):
+    """gpt-oss's harmony format (``tessellm/reasoning/harmony.py``): calls are messages to
+    ``functions.NAME`` (arguments streamed as written), content the final channel; the
+    analysis channel lands in ``reasoning`` (read after each ``parse``). ``forced``: the
+    parser of a forced tool_choice (required / named), whose constraint applies to the final
+    channel (the grammar starts after ``<|channel|>final<|message|>``): its calls come from
+    that channel's text."""
+
+    name = "openai"
+    needs_special_tokens = True
+    partial_arguments = True
+
+    def __init__(self, calls: bool = True, forced: Optional[ToolParser] = None):
+        from tessellm.reasoning.harmony import HarmonyParser
+
+        self.harmony = HarmonyParser()
+        self.calls = calls
+        self.forced = forced
+        self.reasoning: Optional[str] = None  # of the last parse; None: the output has none
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        from tessellm.reasoning.harmony import join, to_openai
+
+        out = to_openai(self.harmony.parse(text, final), self.calls)
+        self.reasoning = join(out.reasoning) if out.reasoning else None
+        calls = [ParsedToolCall(name, args or ("{}" if final else "")) for name, args in out.calls]
+        content = join(out.content)
+        if self.forced is not None and out.content:
+            forced = self.forced.parse(content, final)
+            content, calls = forced.content, calls + forced.calls
+        return ParseResult(content, calls[:MAX_CALLS])
+
+
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser, "qwen": HermesParser, "llama3_json": Llama3JsonParser,
-    "mistral": MistralParser,
+    "mistral": MistralParser, "openai": HarmonyToolParser,
 }
 
 
