@@ -28,6 +28,7 @@ from tessellm.distributed.worker import default_max_num_batched_tokens
 from tessellm.generation_config import default_sampling
 from tessellm.multimodal.encoder_budget import encoder_budget_args
 from tessellm.multimodal.limits import check_multimodal_args, model_mm_limits
+from tessellm.reasoning.parsers import resolve_reasoning_parser
 from tessellm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class EngineInfo:
     runner: str = "generate"  # or "pooling": an embedding model (tessellm.pooling)
     # Pooling engine: PoolerConfig's fields and "matryoshka_dimensions" (None: any size).
     pooling: dict = field(default_factory=dict)
+    # The reasoning parser in force: --reasoning-parser, or openai_gptoss for a gpt-oss model.
+    reasoning_parser: Optional[str] = None
 
 
 class EngineCore:
@@ -156,11 +159,13 @@ class EngineCore:
                                                 getattr(args, "generation_config", "auto"),
                                                 getattr(args, "override_generation_config", None)),
                                model_mm_limits(config, args),
-                               *_pooling_info(self.pooling, config))
+                               *_pooling_info(self.pooling, config),
+                               reasoning_parser=resolve_reasoning_parser(
+                                   getattr(args, "reasoning_parser", None), config))
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids,
-            getattr(args, "reasoning_parser", None))
+            self.info.reasoning_parser)
         upload = getattr(getattr(getattr(self.executor, "worker", None), "runner", None), "mask_upload", None)
         if upload is not None and upload.pinned:  # fill masks straight into the runner's pinned buffers
             self.structured.host_buffer = upload.host_buffer

@@ -71,7 +71,8 @@ HELP = {
     "allowed_media_domains": "hosts that http(s) image URLs may name, e.g. 'example.com,cdn.example.org' "
                              "(default: any; docs/multimodal.md)",
     "reasoning_parser": "split a thinking model's reasoning from its answer (reasoning_content) and "
-                        "apply structured output to the answer only: deepseek_r1 or qwen3 (docs/reasoning.md)",
+                        "apply structured output to the answer only: deepseek_r1, qwen3 or openai_gptoss (gpt-oss's "
+                        "harmony channels; the default for a gpt-oss model) (docs/reasoning.md)",
     "runner": "auto, generate or pooling (embedding models, /v1/embeddings; *ForSequenceClassification: "
               "/classify, /score, /rerank; auto: a bare *Model or a classifier pools, others generate; "
               "docs/pooling.md)",

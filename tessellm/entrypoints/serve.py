@@ -40,7 +40,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="a Jinja chat template file overriding the tokenizer's")
     g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
                    help="parses tool calls out of the model's text for tool_choice 'auto' "
-                        "(docs/structured_output.md)")
+                        "(docs/structured_output.md); openai: gpt-oss's harmony format, chosen by "
+                        "itself for a gpt-oss model")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM compatibility: --tool-call-parser alone enables it")
     g.add_argument("--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -175,6 +175,8 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False  # the last (assistant) message is continued, not closed
     chat_template_kwargs: Optional[dict[str, Any]] = None  # extra template variables
     include_reasoning: bool = True  # false: no reasoning in the response (--reasoning-parser)
+    # for the chat template (gpt-oss's writes "Reasoning: high" into its system message)
+    reasoning_effort: Optional[Literal["low", "medium", "high"]] = None
     add_special_tokens: bool = False  # true: the tokenizer's BOS etc. added to the template's text
     echo: bool = False  # vLLM extras accepted only at their neutral value (CHAT_UNSUPPORTED)
     documents: Optional[Any] = None
@@ -193,7 +195,6 @@ class ChatCompletionRequest(_SamplingFields):
     audio: Optional[Any] = None
     modalities: Optional[Any] = None
     prediction: Optional[Any] = None
-    reasoning_effort: Optional[Any] = None
     verbosity: Optional[Any] = None
     web_search_options: Optional[Any] = None
 
@@ -206,7 +207,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
-    "reasoning_effort": (None,),
     "verbosity": (None,),
     "web_search_options": (None,),
     "store": (None, False),

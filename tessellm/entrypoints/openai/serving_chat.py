@@ -16,6 +16,7 @@ from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS, render_chat
 from tessellm.entrypoints.openai.beam_search import beam_params, beam_search, beam_search_stream
 from tessellm.entrypoints.openai.errors import bad_request, prompt_error
+from tessellm.entrypoints.openai.harmony import TOOL_PARSER, HarmonyPlan, HarmonyStream, harmony_on
 from tessellm.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
 from tessellm.entrypoints.openai.protocol_responses import (ChatChoice, ChatChoiceLogProbs,
                                                             ChatCompletionChunk, ChatCompletionResponse,
@@ -40,12 +41,16 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     lora = check_model(req.model, config)  # the adapter as served now
     check_unsupported(req)
     check_limits(req, config)
-    plan = ToolPlan(req, config.tool_call_parser)
+    harmony = harmony_on(engine, config.tool_call_parser)  # gpt-oss (openai/harmony.py)
+    plan = ToolPlan(req, TOOL_PARSER if harmony else config.tool_call_parser)
     structured = structured_from_request(req, plan.forced_schema())
     images: list = []  # image_url parts, loaded (docs/multimodal.md)
+    template_kwargs = req.chat_template_kwargs
+    if req.reasoning_effort is not None:  # gpt-oss's template reads it (others ignore it)
+        template_kwargs = {**(template_kwargs or {}), "reasoning_effort": req.reasoning_effort}
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
                                 plan.template_tools(), continue_final_message=req.continue_final_message,
-                                template_kwargs=req.chat_template_kwargs,
+                                template_kwargs=template_kwargs,
                                 check_fits=req.truncate_prompt_tokens is None, images=images,
                                 add_special_tokens=req.add_special_tokens)
     try:
@@ -62,12 +67,16 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     params = to_sampling_params(req, max_tokens, engine.info.vocab_size, structured, defaults)
     if plan.parser is not None and plan.parser.needs_special_tokens:
         params.skip_special_tokens = False  # the parser's markers are special tokens
-    reasoning = ReasoningPlan.for_request(engine, req, processed.prompt_token_ids)
+    reasoning = None if harmony else ReasoningPlan.for_request(engine, req, processed.prompt_token_ids)
     if reasoning is not None:
         reasoning.adjust(params)
+    harmony_plan = HarmonyPlan(plan, req.include_reasoning) if harmony else None
+    if harmony_plan is not None:
+        harmony_plan.adjust(params, engine.tokenizer)
     request_id = random_id("chatcmpl")
     view = _ChatView(engine, req, lora.lora_name if lora else config.model_name,
                      response_id("chatcmpl", req, request_id), plan, reasoning)
+    view.harmony = harmony_plan
     view.prompt_tokens = len(processed.prompt_token_ids)
     view.prompt_ids = processed.prompt_token_ids
     if req.use_beam_search:  # n is the beam width (openai/beam_search.py)
@@ -181,8 +190,8 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
     if m.tool_calls:
         message["tool_calls"] = tool_call_history(m.tool_calls)
     thinking = m.reasoning if m.reasoning is not None else m.reasoning_content
-    if thinking is not None:  # Qwen3's and DeepSeek's templates read reasoning_content
-        message["reasoning"] = message["reasoning_content"] = thinking
+    if thinking is not None:  # Qwen3's and DeepSeek's templates read reasoning_content, gpt-oss's thinking
+        message["reasoning"] = message["reasoning_content"] = message["thinking"] = thinking
     if m.role == "tool":
         if not m.tool_call_id:
             raise bad_request(f"messages[{i}] has role 'tool' but no tool_call_id; give the id of the "
@@ -196,6 +205,7 @@ class _ChatView:
                  plan: Optional[ToolPlan] = None, reasoning: Optional[ReasoningPlan] = None):
         self.plan = plan
         self.reasoning = reasoning  # --reasoning-parser: the thinking apart from the answer
+        self.harmony: Optional[HarmonyPlan] = None  # gpt-oss: the output is harmony messages
         self.engine = engine
         self.req = req
         self.model = model
@@ -224,6 +234,14 @@ class _ChatView:
                 token_ids=()) -> tuple[ChatResponseMessage, Optional[str]]:
         """The assistant message (reasoning, content and tool_calls) and the finish reason for
         ``text``; tool calls come from the answer after the reasoning only."""
+        if self.harmony is not None:
+            tools = self.harmony.view()
+            content, calls = tools.final(text)
+            thinking = tools.parser.reasoning
+            if thinking is not None and not content and not calls:
+                content = None  # as vLLM: the output ended with its reasoning
+            return (ChatResponseMessage(content=content, tool_calls=calls, **self.harmony.fields(thinking)),
+                    self.tool_reason(bool(calls), reason))
         extra, content = {}, text
         if self.reasoning is not None:
             thinking, content = self.reasoning.split().split(text, token_ids, final=True)
@@ -278,6 +296,8 @@ class _ChatChunks:
         self.tools = [plan.view() if plan is not None else None for _ in range(self.n)]
         thinking = view.reasoning
         self.thinking = [ReasoningStream(thinking) if thinking is not None else None for _ in range(self.n)]
+        harmony = view.harmony
+        self.harmony = [HarmonyStream(harmony) if harmony is not None else None for _ in range(self.n)]
 
     def _chunk(self, choices, usage_info=None, prompt_ids=None) -> ChatCompletionChunk:
         v = self.view
@@ -313,7 +333,13 @@ class _ChatChunks:
             self.sent_text[i], self.sent_tokens[i] = len(co.text), len(co.token_ids)
             self.done[i] = reason is not None
             delta = DeltaMessage(content=text) if text else DeltaMessage()
-            if self.thinking[i] is not None:
+            if self.harmony[i] is not None:
+                fields, content, pieces = self.harmony[i].delta(co.text, reason is not None)
+                delta = DeltaMessage(content=content or None, tool_calls=pieces or None, **fields)
+                reason = self.view.tool_reason(self.harmony[i].view.num_calls > 0, reason)
+                if not (delta.content or delta.reasoning or delta.tool_calls or reason or logprobs):
+                    continue  # held back (a marker may be starting)
+            elif self.thinking[i] is not None:
                 delta, reason = self._reasoning_delta(i, co, reason)
                 if not (delta.content or delta.reasoning or delta.tool_calls or reason or logprobs):
                     continue  # held back (a marker may be starting), or reasoning not asked for

@@ -1,0 +1,97 @@
+"""A tiny gpt-oss that writes harmony: a real ``GptOssForCausalLM`` checkpoint (one layer,
+float32) whose weights make it a bigram table, so its greedy output is known token for token
+(as ``thinking_model.py`` does for Llama).
+
+The embedding is the identity (hidden size = vocabulary size), attention and the experts write
+nothing to the residual stream (``o_proj``, ``down_proj`` and their biases zero), so the last
+hidden state is the RMS-normalised one-hot of the current token and ``lm_head`` maps it to
+``STRONG`` on its successor. The harmony markers are the tokenizer's special tokens, as in
+gpt-oss's; a bigram table needs one successor per token, so a marker met twice is spelled once
+as a special token and once inside a longer added token (the text is the same).
+``CHAINS`` lists, per trigger (the prompt's last token), what follows. The chat template writes
+a harmony-shaped prompt (``Reasoning:``, the tools' names, earlier thinking, calls and results)
+and ends with the last message's text, the trigger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+STRONG = 30.0
+SPECIAL = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>", "<|return|>", "<|constrain|>"]
+CALL_HEADER = "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+CHAINS = {
+    # analysis, then the final answer; each marker its own special token
+    "[final]": ["<|channel|>", "analysis", "<|message|>", " Two and two.", "<|end|>", "<|start|>",
+                "assistant", "<|channel|>final<|message|>", "It is", " four.", "<|return|>"],
+    # analysis, then a call: <|call|> stops generation
+    "[tool]": ["<|channel|>analysis<|message|>", " Need the weather.", "<|end|><|start|>assistant",
+               CALL_HEADER, '{"city":', ' "Paris"}', "<|call|>"],
+    "[after_tool]": ["<|channel|>final<|message|>"],  # then as [final]: "It is four."
+    "[plain]": ["Just text", " without channels.", "<|return|>"],  # a model that ignores the format
+}
+TEMPLATE = (
+    "{{- '<|start|>system<|message|>Reasoning: ' + (reasoning_effort or 'medium') + '<|end|>' }}"
+    "{%- if tools %}{{- '<|start|>developer<|message|># Tools' }}{% for t in tools %}"
+    "{{ ' ' + t.function.name }}{% endfor %}{{ '<|end|>' }}{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}"
+    "{%- if m.thinking %}{{ '<|start|>assistant<|channel|>analysis<|message|>' + m.thinking + '<|end|>' }}{% endif %}"
+    "{%- for c in m.tool_calls %}{{ '<|start|>assistant to=functions.' + c.function.name"
+    " + '<|channel|>commentary json<|message|>' + c.function.arguments|tojson + '<|call|>' }}{% endfor %}"
+    "{%- elif m.role == 'tool' %}{{ '<|start|>functions.get_weather to=assistant<|channel|>commentary"
+    "<|message|>' + m.content + '<|end|>' }}"
+    "{%- else %}{{ '<|start|>' + m.role + '<|message|>' + m.content + '<|end|>' }}{% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|start|>assistant' + messages[-1].content }}{% endif %}")
+
+
+def make_harmony_model(path: str) -> str:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GptOssConfig, GptOssForCausalLM, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=257, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    raw.train_from_iterator(["abc"], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|return|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=SPECIAL)
+    pieces = [t for trigger, chain in CHAINS.items() for t in [trigger, *chain] if t not in SPECIAL]
+    tok.add_tokens(list(dict.fromkeys(pieces)))
+    tok.chat_template = TEMPLATE
+    vocab = -(-len(tok) // 8) * 8
+    config = GptOssConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2,
+                          num_experts_per_tok=1, sliding_window=128, layer_types=["full_attention"],
+                          max_position_embeddings=1024, tie_word_embeddings=False,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config).float()
+    succ = {}
+    for trigger, chain in CHAINS.items():
+        ids = tok.convert_tokens_to_ids([trigger, *chain])
+        for a, b in zip(ids, ids[1:]):
+            assert succ.setdefault(a, b) == b, f"token {a} has two successors"
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab))
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.self_attn.o_proj.bias.zero_()
+        layer.mlp.experts.down_proj.zero_()
+        layer.mlp.experts.down_proj_bias.zero_()
+        model.model.norm.weight.fill_(1.0)
+        head = torch.rand(vocab, vocab) / math.sqrt(vocab)  # noise below 1
+        for a, b in succ.items():
+            head[b, a] = STRONG / math.sqrt(vocab)
+        model.lm_head.weight.copy_(head)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:  # <|call|> is the server's to add
+        json.dump({"eos_token_id": [tok.eos_token_id], "pad_token_id": tok.pad_token_id}, f)
+    return path
