@@ -23,13 +23,14 @@ STRONG = 30.0
 SPECIAL = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>", "<|return|>", "<|constrain|>"]
 CALL_HEADER = "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
 CHAINS = {
-    # analysis, then the final answer; each marker its own special token
-    "[final]": ["<|channel|>", "analysis", "<|message|>", " Two and two.", "<|end|>", "<|start|>",
-                "assistant", "<|channel|>final<|message|>", "It is", " four.", "<|return|>"],
+    # analysis, then the final answer, whose header is the three tokens gpt-oss writes
+    # (<|channel|> final <|message|>): the structured-output gate starts the grammar after them
+    "[final]": ["<|channel|>analysis<|message|>", " Two and two.", "<|end|>", "<|start|>", "assistant",
+                "<|channel|>", "final", "<|message|>", "It is", " four.", "<|return|>"],
     # analysis, then a call: <|call|> stops generation
-    "[tool]": ["<|channel|>analysis<|message|>", " Need the weather.", "<|end|><|start|>assistant",
+    "[tool]": ["<|channel|>analysis<|message|> Need the weather.", "<|end|><|start|>assistant",
                CALL_HEADER, '{"city":', ' "Paris"}', "<|call|>"],
-    "[after_tool]": ["<|channel|>final<|message|>"],  # then as [final]: "It is four."
+    "[after_tool]": ["<|channel|>final<|message|>", "It is"],  # then as [final]: "It is four."
     "[plain]": ["Just text", " without channels.", "<|return|>"],  # a model that ignores the format
 }
 TEMPLATE = (

@@ -96,17 +96,28 @@ def test_commentary_call_is_a_tool_call_and_ends_the_turn(srv):
     assert [c["function"] for c in m["tool_calls"]] == [CALL]
     assert m["tool_calls"][0]["id"].startswith("call_") and m["tool_calls"][0]["type"] == "function"
     assert choice["finish_reason"] == "tool_calls"
-    assert r["usage"]["completion_tokens"] == 7  # <|call|> stopped it (the model would go on)
+    assert r["usage"]["completion_tokens"] == 6  # <|call|> stopped it (the model would go on)
     _same_stream(srv, "[tool]", m, "tool_calls", tools=TOOLS)
 
 
 def test_call_cut_by_max_tokens(srv):
-    r = _chat(srv, "[tool]", tools=TOOLS, max_tokens=5)
+    r = _chat(srv, "[tool]", tools=TOOLS, max_tokens=4)
     choice = r["choices"][0]
     assert [c["function"] for c in choice["message"]["tool_calls"]] == [{"name": "get_weather",
                                                                           "arguments": '{"city":'}]
     assert choice["finish_reason"] == "length"
-    _same_stream(srv, "[tool]", choice["message"], "length", tools=TOOLS, max_tokens=5)
+    _same_stream(srv, "[tool]", choice["message"], "length", tools=TOOLS, max_tokens=4)
+
+
+def test_structured_output_constrains_the_final_channel(srv):
+    """The analysis is free; the grammar starts after <|channel|>final<|message|>, so the
+    answer is the schema's, not the model's own "It is four."."""
+    pytest.importorskip("xgrammar")
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "string", "enum": ["yes", "no"]}}}
+    r = _chat(srv, "[final]", response_format=fmt)
+    m = r["choices"][0]["message"]
+    assert m["reasoning"] == " Two and two." and json.loads(m["content"]) in ("yes", "no")
+    assert r["choices"][0]["finish_reason"] == "stop"
 
 
 def test_tool_choice_none_returns_no_call(srv):
