@@ -4,6 +4,8 @@ backend's ``QuantOps`` (how packed weights are multiplied) by ``make_quant_metho
     int8  weight-only, per-channel scales, quantized on load         (W8A16)
     fp8   e4m3 weights per channel + dynamic per-token activations   (W8A8)
           quantized on load, or compressed-tensors / fbgemm FP8 checkpoints
+    fp8_block  e4m3 weights with a scale per 128x128 block (Qwen3-FP8, DeepSeek-V3), activations
+          per token and group of 128 (W8A8) or dequantized slabs (W8A16, cpu)
     awq   4-bit AWQ (GEMM) checkpoints
     gptq  4-bit GPTQ checkpoints, with or without act-order
     gguf  a .gguf file's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks kept quantized in memory
@@ -55,6 +57,10 @@ def make_quant_method(spec: QuantSpec, ops: QuantOps,
         from tessellm.quantization.int8_fp8 import Fp8Method
 
         return Fp8Method(ops, spec.config, fp8_dtype)
+    if spec.scheme == "fp8_block":
+        from tessellm.quantization.fp8_block_method import Fp8BlockMethod
+
+        return Fp8BlockMethod(ops, spec.config, fp8_dtype)
     if spec.scheme in ("awq", "gptq"):
         from tessellm.quantization.int4 import Int4Method
 

@@ -4,6 +4,8 @@
     None        unquantized / .gguf             None (dense weights; a GGUF is dequantized)
     None        quantization_config (awq, ...)   that scheme, pre-quantized
     int8, fp8   unquantized or .gguf            quantized on load
+    fp8_block   unquantized                     quantized on load, 128x128 blocks
+    None, fp8   fp8 with weight_block_size      fp8_block, pre-quantized (Qwen3-FP8, DeepSeek-V3)
     gguf        .gguf                           GGUF blocks kept quantized in memory
     X           quantization_config of Y != X   refused: one sentence naming Y
     awq, gptq   no quantization_config          refused: they need such a checkpoint
@@ -18,7 +20,7 @@ from typing import Optional
 
 from tessellm.backends.spec import QuantSpec
 
-SCHEMES = ("int8", "fp8", "awq", "gptq", "gguf")
+SCHEMES = ("int8", "fp8", "fp8_block", "awq", "gptq", "gguf")
 _ALIASES = {"fp8_e4m3": "fp8", "fbgemm_fp8": "fp8", "w8a16": "int8", "int8_weight_only": "int8"}
 _OFF = (None, "", "none", "auto")
 
@@ -60,6 +62,8 @@ def resolve_quant_spec(requested: Optional[str], source) -> Optional[QuantSpec]:
             return None
         if req in ("int8", "fp8"):
             return QuantSpec(req, {"prequantized": False})
+        if req == "fp8_block":
+            return QuantSpec(req, {"prequantized": False, "weight_block_size": (128, 128)})
         if req == "gguf":
             raise ValueError(f"quantization='gguf' needs a .gguf model file; {source.path} is a "
                              "directory (use int8 or fp8 to quantize it on load).")
@@ -73,6 +77,8 @@ def resolve_quant_spec(requested: Optional[str], source) -> Optional[QuantSpec]:
                              "quantization unset.")
         return None  # dense: models/gpt_oss.py widens the MXFP4 experts as it reads them
     spec = parse_checkpoint_config(ckpt)
+    if req == "fp8" and spec.scheme == "fp8_block":
+        return spec  # the user asked for fp8, the checkpoint is fp8 in blocks
     if req not in (None, "compressed-tensors", spec.scheme):
         raise ValueError(f"The checkpoint at {source.path} is quantized with "
                          f"{ckpt.get('quant_method')} ({spec.scheme}); leave quantization unset "
@@ -100,11 +106,9 @@ def parse_checkpoint_config(qc: dict) -> QuantSpec:
         return QuantSpec("fp8", {"prequantized": True, "format": "fbgemm_fp8", "checkpoint": qc})
     if method == "fp8":
         if qc.get("weight_block_size"):
-            raise ValueError("Block-wise fp8 checkpoints (weight_block_size "
-                             f"{qc['weight_block_size']}) are not supported; use a per-channel or "
-                             "per-tensor FP8 checkpoint (compressed-tensors), or quantize a bf16 "
-                             "checkpoint with quantization='fp8'.")
-        return QuantSpec("fp8", {"prequantized": True, "format": "fp8", "checkpoint": qc})
+            return _block_fp8(qc)
+        return QuantSpec("fp8", {"prequantized": True, "format": "fp8", "checkpoint": qc,
+                                 "activation_scheme": _activation_scheme(qc)})
     if method == "mxfp4":  # gpt-oss's released checkpoints: MoE experts in MXFP4 blocks
         raise ValueError("MXFP4 checkpoints (quant_method 'mxfp4') are supported for gpt-oss "
                          "only (GptOssForCausalLM: its experts are dequantized at load); for "
@@ -112,7 +116,38 @@ def parse_checkpoint_config(qc: dict) -> QuantSpec:
                          "from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True)),"
                          " then save_pretrained) and load that.")
     raise ValueError(f"Checkpoint quantization {method!r} is not supported; tessellm loads awq, "
-                     "gptq, compressed-tensors FP8 and fbgemm_fp8 checkpoints.")
+                     "gptq, fp8 (per-tensor, per-channel or block-wise), compressed-tensors FP8 "
+                     "and fbgemm_fp8 checkpoints.")
+
+
+def _activation_scheme(qc: dict) -> str:
+    scheme = str(qc.get("activation_scheme", "dynamic")).lower()
+    if scheme not in ("dynamic", "static"):
+        raise ValueError(f"fp8 activation_scheme {scheme!r} is not known; the checkpoint's "
+                         "quantization_config should say 'dynamic' or 'static'.")
+    return scheme
+
+
+def _block_fp8(qc: dict) -> QuantSpec:
+    """Block-wise ("fine-grained") fp8: Qwen3-*-FP8, DeepSeek-V3/R1 (``quantization/fp8_block.py``)."""
+    from tessellm.quantization.fp8_block import check_block_size
+
+    block = check_block_size(qc["weight_block_size"])
+    fmt = str(qc.get("fmt", "e4m3")).lower()
+    if fmt != "e4m3":
+        raise ValueError(f"Block-wise fp8 checkpoints in {fmt!r} are not supported; only e4m3 "
+                         "(the fmt of Qwen3-FP8 and DeepSeek-V3).")
+    if _activation_scheme(qc) == "static":
+        raise ValueError("This block-wise fp8 checkpoint says activation_scheme 'static', which "
+                         "needs per-tensor input scales that block-wise checkpoints do not "
+                         "carry; tessellm (as vLLM) quantizes block-wise activations per token "
+                         "and group at run time: set \"activation_scheme\": \"dynamic\" in "
+                         "config.json's quantization_config.")
+    if str(qc.get("scale_fmt", "float")).lower() not in ("float", "none"):
+        raise ValueError(f"Block-wise fp8 scale_fmt {qc.get('scale_fmt')!r} is not supported; "
+                         "only float32 scales (weight_scale_inv).")
+    return QuantSpec("fp8_block", {"prequantized": True, "format": "fp8", "checkpoint": qc,
+                                   "weight_block_size": block})
 
 
 def _int4_common(qc: dict, name: str) -> int:

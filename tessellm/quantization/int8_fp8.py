@@ -53,6 +53,12 @@ class Fp8Method(QuantLinearMethod):
     def shard_tensor(self, layer, name, tensor, split):
         return sharding.fp8(layer, name, tensor, split)
 
+    def load_weight(self, layer, name, tensor, shard):
+        if name == "input_scale":  # unused (per token), but a static checkpoint must have it
+            layer.quant_staged.setdefault(shard, {})["input_scale"] = True
+            return
+        super().load_weight(layer, name, tensor, shard)
+
     def _load(self, layer, name, tensor, shard, pieces):
         tensor = tensor.to(layer.quant_device)
         if name == "weight_scale":
@@ -81,6 +87,11 @@ class Fp8Method(QuantLinearMethod):
             if "weight_scale" in pieces:
                 raise ValueError(f"{layer.quant_name} has a weight_scale but an unquantized weight.")
             return weight
+        if self.config.get("activation_scheme") == "static" and "input_scale" not in pieces:
+            raise ValueError(f"The checkpoint's quantization_config says activation_scheme "
+                             f"'static', but {layer.quant_name} has no input_scale; set "
+                             "\"activation_scheme\": \"dynamic\" in config.json (tessellm "
+                             "quantizes activations per token at run time either way).")
         n = weight.shape[0]
         scale = pieces["weight_scale"]
         if scale.numel() == 1:

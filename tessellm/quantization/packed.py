@@ -242,6 +242,8 @@ def cat_segments(segments: list[PackedWeight]) -> list[PackedWeight]:
 
 
 def _same_layout(a: PackedWeight, b: PackedWeight) -> bool:
+    if hasattr(a, "can_cat"):  # a format that says itself when it stacks (fp8_block.py)
+        return a.can_cat(b)
     if a.kind != b.kind:
         return False
     bufs_a, bufs_b = dict(a.named_buffers()), dict(b.named_buffers())
@@ -253,6 +255,8 @@ def _same_layout(a: PackedWeight, b: PackedWeight) -> bool:
 
 
 def _cat2(a: PackedWeight, b: PackedWeight) -> PackedWeight:
+    if hasattr(a, "cat_with"):
+        return a.cat_with(b)
     if a.kind == "int8":
         return Int8Weight(torch.cat([a.qweight, b.qweight]), torch.cat([a.scales, b.scales], 1),
                           a.group_size)

@@ -19,6 +19,7 @@ so a rank's segments are exactly the matching rows or columns of the one-device 
          qzeros, scales                  as AWQ                        as AWQ
          g_idx            [K]            whole                         k0.., minus k0/group
     GGUF blocks           [N, K/B words] rows n0..                     whole blocks k0/B..
+    fp8_block weight_scale_inv [N/bn, K/bk] block rows n0/bn.. (bn | n0)  block columns k0/bk..
 
 A row-parallel split must fall on group (int4) or block (GGUF: 32 weights, 256 for the K-quants)
 boundaries: otherwise one group's scale would straddle two ranks. Such a split, an int4 split
@@ -75,6 +76,34 @@ def fp8(layer, name: str, tensor, split: TPSplit):
     if split.dim == 1 or math.prod(tensor.shape) == 1:  # per output row, or one per tensor
         return materialize(tensor)
     return narrow(tensor, 0, split.start, split.size)  # per channel: [N] or [N, 1]
+
+
+def fp8_block(layer, name: str, tensor, split: TPSplit, block: tuple[int, int]):
+    """Block-wise fp8: the weight as dense, its ``weight_scale_inv`` by whole blocks. The rank's
+    rows (column-parallel) or inputs (row-parallel) must start on a block boundary and end on
+    one, or at the weight's end: a block's scale cannot be shared by two ranks' parts."""
+    unit = block[split.dim]
+    end = split.start + split.size
+    if name == "weight":
+        _check_blocks(layer, split, block, end == tensor.shape[split.dim])
+    if name != "weight_scale_inv":
+        return dense(layer, name, tensor, split)
+    covered = tensor.shape[split.dim] * unit  # rows or inputs the scales cover (>= the weight's)
+    _check_blocks(layer, split, block, end > covered - unit)  # the end lies in the last block
+    first = split.start // unit
+    return narrow(tensor, split.dim, first, -(-min(end, covered) // unit) - first)
+
+
+def _check_blocks(layer, split: TPSplit, block: tuple[int, int], at_end: bool) -> None:
+    unit = block[split.dim]
+    if split.start % unit == 0 and ((split.start + split.size) % unit == 0 or at_end):
+        return
+    what = "output rows" if split.dim == 0 else "inputs"
+    raise ValueError(f"{_where(layer, split)}: each rank would take {split.size} of its "
+                     f"{what} (from {split.start}), which does not fall on the fp8 blocks of "
+                     f"{block[0]}x{block[1]} (weight_block_size); use a tensor_parallel_size "
+                     f"that leaves a multiple of {unit} {what} per rank (or "
+                     "pipeline_parallel_size).")
 
 
 def int4(layer, name: str, tensor, split: TPSplit, fmt: str, group_size: int):

@@ -105,7 +105,7 @@ def test_gguf_source_schemes(bundled_model):
 
 
 @pytest.mark.parametrize("config, match", [
-    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "Block-wise fp8"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 100]}, r"\[128, 100\] is not supported"),
     ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "8-bit weights are not supported"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "only GEMM"),
     ({"quant_method": "bitsandbytes"}, "'bitsandbytes' is not supported"),
@@ -124,6 +124,8 @@ def test_checkpoint_configs_parse():
                               "dynamic": True}}}}
     assert parse_checkpoint_config(ct).scheme == "fp8"
     assert parse_checkpoint_config({"quant_method": "fbgemm_fp8"}).scheme == "fp8"
+    block = parse_checkpoint_config({"quant_method": "fp8", "weight_block_size": [128, 128]})
+    assert block.scheme == "fp8_block" and block.config["weight_block_size"] == (128, 128)
     gptq = parse_checkpoint_config({"quant_method": "gptq", "bits": 4, "group_size": 128,
                                     "desc_act": True, "checkpoint_format": "gptq"})
     assert gptq.scheme == "gptq" and gptq.config["zero_offset"] == 1

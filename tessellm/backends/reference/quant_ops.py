@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tessellm.backends.reference.ops import ReferenceOps
+from tessellm.quantization.fp8_block import Fp8BlockWeight, dequantize_block
 from tessellm.quantization.packed import Fp8Activation, Fp8Weight, Int4Weight, Int8Weight
 
 _SLAB_ELEMS = 1 << 19  # weights dequantized per slab
@@ -35,7 +36,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class TorchQuantOps:
     name = "torch"
-    schemes = frozenset({"int8", "fp8", "gguf"})
+    schemes = frozenset({"int8", "fp8", "fp8_block", "gguf"})
 
     def int8_mm(self, x: torch.Tensor, w: Int8Weight, bias=None) -> torch.Tensor:
         n, k = w.qweight.shape
@@ -90,6 +91,23 @@ class TorchQuantOps:
             torch.matmul(xf, w.qweight[n0:n1].float().t(), out=out[:, n0:n1])
         out.mul_(xa.scales).mul_(w.scales[None, :])
         return _finish(out, xa.dtype, bias)
+
+    def fp8_block_mm(self, x: torch.Tensor, w: Fp8BlockWeight, bias=None) -> torch.Tensor:
+        """Block-wise fp8, weight-only (W8A16): each slab of whole row blocks dequantized
+        (``q * s`` in float32, then the compute dtype) and multiplied; x is not quantized, so
+        the product is the dequantized checkpoint's. The Triton kernels' W8A8 form has its own
+        oracle, ``quantization.fp8_block.w8a8_block_reference``."""
+        n, k = w.qweight.shape
+        bn = w.block[0]
+        ct = _compute_dtype(x)
+        xc = x.to(ct)
+        out = torch.empty(x.shape[0], n, dtype=ct, device=x.device)
+        step = max(bn, (_SLAB_ELEMS // max(k, 1)) // bn * bn)  # whole row blocks per slab
+        for n0 in range(0, n, step):
+            n1 = min(n, n0 + step)
+            wd = dequantize_block(w.qweight[n0:n1], w.scales[n0 // bn:-(-n1 // bn)], w.block, ct)
+            torch.matmul(xc, wd.t(), out=out[:, n0:n1])
+        return _finish(out, x.dtype, bias)
 
     def fp8_w8a8_rows(self, rows: int) -> bool:
         """The optional ``QuantOps`` member: ``fp8_mm`` quantizes x per token at every M."""

@@ -45,7 +45,7 @@ def tessellm_register_backends(register):
                     "graphs, fp8 e4m3fnuz weights, rccl.",
         validated_on=VALIDATED_EMULATION, validation_note=VALIDATION_NOTE,
         capabilities={"graph_capture": True,
-                      "quantization": ["fp8", "int8", "awq", "gptq", "gguf"],
+                      "quantization": ["fp8", "fp8_block", "int8", "awq", "gptq", "gguf"],
                       "kv_cache_dtypes": ["auto"], "sliding_window": True, "lora": True,
                       "logit_softcap": True, "attention_sinks": True, "mla": True, "mamba2": True,
                       "key_limits": True,

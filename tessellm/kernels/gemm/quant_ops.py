@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tessellm import envs
 from tessellm.kernels.fused_ops import TritonOps
 from tessellm.kernels.gemm.common import _interpreted
+from tessellm.kernels.gemm.fp8_block import fp8_block_mm
 from tessellm.kernels.gemm.fp8 import _scaled_mm_ok, fp8_gemm, quantize_fp8_rows, scaled_mm_plan
 from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2_silu_and_mul
 from tessellm.kernels.gemm.w8a8 import gemv_w8a8, w8a8_native
@@ -50,7 +51,7 @@ class TritonQuantOps:
     """
 
     name = "triton"
-    schemes = frozenset({"int8", "fp8", "awq", "gptq", "gguf"})
+    schemes = frozenset({"int8", "fp8", "fp8_block", "awq", "gptq", "gguf"})
 
     def __init__(self, use_scaled_mm: bool = True, dequant_min_m: int = DEQUANT_MIN_M,
                  fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M,
@@ -74,6 +75,12 @@ class TritonQuantOps:
                 x = x.index_select(-1, w.perm)
             return F.linear(x, int4_dequantize(w, x.dtype), bias)
         return int4_gemm(x, w, bias)
+
+    def fp8_block_mm(self, x, w, bias=None):
+        """Block-wise fp8 (``quantization/fp8_block.py``): W8A8 at every M, x quantized per
+        token and group of the weight's ``bk`` (``gemm/fp8_block.py``). Not measured on a GPU
+        yet; at decode a W8A16 kernel (as ``fp8_mm`` takes) may beat it."""
+        return fp8_block_mm(x, w, bias)
 
     def fp8_mm_silu_and_mul(self, x, w: Fp8Weight, bias=None):
         """``silu_and_mul(fp8_mm(x, w, bias))`` for a stacked ``[gate; up]`` weight (the

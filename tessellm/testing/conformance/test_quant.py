@@ -9,7 +9,7 @@ import torch
 from tessellm.backends.spec import QuantMethod, QuantSpec
 
 # Relative error of x @ W.T allowed per scheme (weights quantized from dense).
-REL_TOL = {"fp8": 0.08, "int8": 0.02, "awq": 0.2, "gptq": 0.2, "gguf": 0.2}
+REL_TOL = {"fp8": 0.08, "fp8_block": 0.08, "int8": 0.02, "awq": 0.2, "gptq": 0.2, "gguf": 0.2}
 
 
 def _schemes(target, missing: list):
@@ -143,3 +143,38 @@ def test_apply_prequantized(target):
         assert rel < 1e-2, f"rows {rows}: relative error {rel:.2e} against the reference"
     if not tried:
         pytest.skip(f"{target.name}'s fp8 method asks for no pre-quantized input at 1-100 rows")
+
+
+def test_fp8_block_checkpoint_layer(target):
+    """A block-wise fp8 checkpoint's layer (``fp8_block``: Qwen3-FP8 / DeepSeek-V3, e4m3
+    ``weight`` with ``weight_scale_inv`` per 128x128 block, ``quantization/fp8_block.py``) of
+    two fused shards, the second's rows ending inside a block: its product is the dequantized
+    weight's (W8A16) or within e4m3 activation error of it (W8A8 per token and group of 128)."""
+    from tessellm.quantization.fp8_block import dequantize_block, quantize_block_tensors
+
+    if "fp8_block" not in _schemes(target, []):
+        pytest.skip(f"{target.name} does not declare fp8_block")
+    spec = QuantSpec("fp8_block", {"prequantized": True, "weight_block_size": (128, 128)},
+                     dtype=torch.float32)
+    method = target.registry.quant_method(target.backend, spec)
+    assert method is not None, f"{target.name} declares 'fp8_block' but returns no method"
+    g = torch.Generator().manual_seed(5)
+    sizes, k = [128, 72], 200  # K: one whole block and a short one
+    layer = torch.nn.Module()
+    layer.input_size, layer.output_size, layer.output_sizes = k, sum(sizes), sizes
+    with torch.device(target.device):
+        method.create_weights(layer, k, sum(sizes), torch.float32)
+    dense = []
+    for shard, n in enumerate(sizes):
+        q, s = quantize_block_tensors(torch.randn(n, k, generator=g), (128, 128))
+        method.load_weight(layer, "weight", q.to(target.device), shard)
+        method.load_weight(layer, "weight_scale_inv", s.to(target.device), shard)
+        dense.append(dequantize_block(q, s, (128, 128)))
+    method.process_weights_after_loading(layer)
+    for rows in (1, 9):
+        x = torch.randn(rows, k, generator=g)
+        out = method.apply(layer, x.to(target.device))
+        want = x @ torch.cat(dense).t()
+        assert out.shape == want.shape and out.dtype == torch.float32
+        rel = ((out.cpu() - want).norm() / want.norm()).item()
+        assert rel < 0.05, f"rows {rows}: relative error {rel:.3f} against the dequantized weight"
