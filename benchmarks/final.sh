@@ -3,14 +3,14 @@
 # device calls made back to back (PART=1, 2, 3; the machine stays warm between them, so its
 # Triton cache does too). Every step is time-boxed (seconds, env; 0 skips it):
 #   PART=1  prefill attention 1x512 / 16x512 / 2k / 8k against SDPA flash and cuDNN (ATTN_S 70,
-#           gpuperf_probe.py attn_quick); B1 bf16 and fp8, each also with TESSELLM_SILU_FOLD=1
-#           and fp8 with TESSELLM_FP8_ACT_FOLD=1 (B1_S 50 each; the fp8 runs' TTFT is the fp8
-#           512-token TTFT goal, which the act fold reaches); an 8k-token single prefill, bf16
+#           gpuperf_probe.py attn_quick); B1 bf16 and fp8, each also with TESSELLM_SILU_FOLD=0
+#           and fp8 with TESSELLM_FP8_ACT_FOLD=0: both folds are on by default (B1_S 50 each;
+#           the fp8 runs' TTFT is the fp8 512-token TTFT goal); an 8k-token single prefill, bf16
 #           and fp8 (TTFT8K_S 60 each); the B1 kernel chain, full against 'silu fold' (CHAIN_S
 #           60)                                                           ~ 490 s warm
 #   PART=2  F bf16 (F_S 70); HF F static batch 256, cuDNN SDPA off, the ratio's baseline (HF_S
-#           70); F fp8 = fp8 weights + fp8 KV (F8_S 80); F fp8 with TESSELLM_FP8_ACT_FOLD=1, the
-#           per-token fp8 quantisation folded into the RMSNorm / SiLU before each GEMM (F8F_S 80);
+#           70); F fp8 = fp8 weights + fp8 KV (F8_S 80); F fp8 with TESSELLM_FP8_ACT_FOLD=0 (the
+#           default folds the per-token fp8 quantisation into the RMSNorm / SiLU before each GEMM; F8F_S 80);
 #           a batch-256 fp8 decode step's kernels with and without the fold (PROF_S 60 each)
 #                                                                         ~ 480 s warm
 #   PART=3  L bf16 (L_S 150); L with an fp8 KV cache, for the record (L8_S 150) ~ 300 s warm
@@ -38,21 +38,21 @@ throughput() { for f in "$@"; do [ -f "$OUT/$f.json" ] && python3 -c "import jso
     TAIL=30 box "prefill attention" ${ATTN_S:-70} python3 benchmarks/kernels/gpuperf_probe.py --out "$OUT" --sections attn_quick
     box "B1 bf16" ${B1_S:-50} $LAT --output-json "$OUT/b1.json"
     box "B1 fp8" ${B1_S:-50} $LAT --quantization fp8 --output-json "$OUT/b1_fp8.json"
-    box "B1 bf16 silu fold" ${B1_S:-50} env TESSELLM_SILU_FOLD=1 $LAT --output-json "$OUT/b1_fold.json"
-    box "B1 fp8 silu fold" ${B1_S:-50} env TESSELLM_SILU_FOLD=1 $LAT --quantization fp8 --output-json "$OUT/b1_fp8_fold.json"
-    box "B1 fp8 act fold" ${B1_S:-50} env TESSELLM_FP8_ACT_FOLD=1 $LAT --quantization fp8 --output-json "$OUT/b1_fp8_actfold.json"
+    box "B1 bf16 silu fold off" ${B1_S:-50} env TESSELLM_SILU_FOLD=0 $LAT --output-json "$OUT/b1_nofold.json"
+    box "B1 fp8 silu fold off" ${B1_S:-50} env TESSELLM_SILU_FOLD=0 $LAT --quantization fp8 --output-json "$OUT/b1_fp8_nofold.json"
+    box "B1 fp8 act fold off" ${B1_S:-50} env TESSELLM_FP8_ACT_FOLD=0 $LAT --quantization fp8 --output-json "$OUT/b1_fp8_noactfold.json"
     box "8k prefill bf16" ${TTFT8K_S:-60} $LAT8K --output-json "$OUT/ttft8k.json"
     box "8k prefill fp8" ${TTFT8K_S:-60} $LAT8K --quantization fp8 --output-json "$OUT/ttft8k_fp8.json"
     TAIL=20 box "chain: full vs silu fold" ${CHAIN_S:-60} python3 benchmarks/kernels/decode_chain.py --out "$OUT" --sections chain --quick
-    latency b1 b1_fp8 b1_fold b1_fp8_fold b1_fp8_actfold ttft8k ttft8k_fp8 ;;
+    latency b1 b1_fp8 b1_nofold b1_fp8_nofold b1_fp8_noactfold ttft8k ttft8k_fp8 ;;
   2)
     box F ${F_S:-70} $B $F --max-model-len 4096 --output-json "$OUT/f.json"
     box "F hf nocudnn" ${HF_S:-70} $B $F --backend hf --hf-batch-size 256 --hf-disable-cudnn-sdpa --output-json "$OUT/f_hf_nocudnn.json"
     box "F fp8" ${F8_S:-80} $B $F --max-model-len 4096 --quantization fp8 --kv-cache-dtype fp8 --output-json "$OUT/f_fp8.json"
-    box "F fp8 act fold" ${F8F_S:-80} env TESSELLM_FP8_ACT_FOLD=1 $B $F --max-model-len 4096 --quantization fp8 --kv-cache-dtype fp8 --output-json "$OUT/f_fp8_fold.json"
+    box "F fp8 act fold off" ${F8F_S:-80} env TESSELLM_FP8_ACT_FOLD=0 $B $F --max-model-len 4096 --quantization fp8 --kv-cache-dtype fp8 --output-json "$OUT/f_fp8_nofold.json"
     TAIL=14 box "step fp8" ${PROF_S:-60} $PROF --output-json "$OUT/step_fp8.json"
-    TAIL=14 box "step fp8 act fold" ${PROF_S:-60} env TESSELLM_FP8_ACT_FOLD=1 $PROF --output-json "$OUT/step_fp8_fold.json"
-    throughput f f_hf_nocudnn f_fp8 f_fp8_fold ;;
+    TAIL=14 box "step fp8 act fold off" ${PROF_S:-60} env TESSELLM_FP8_ACT_FOLD=0 $PROF --output-json "$OUT/step_fp8_nofold.json"
+    throughput f f_hf_nocudnn f_fp8 f_fp8_nofold ;;
   3)
     box L ${L_S:-150} $B $L --output-json "$OUT/l.json"
     box "L fp8 KV" ${L8_S:-150} $B $L --kv-cache-dtype fp8 --output-json "$OUT/l_kvfp8.json"

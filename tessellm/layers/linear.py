@@ -177,8 +177,8 @@ class RowParallelLinear(Linear):
 def use_backend_linear(model: nn.Module, ops) -> int:
     """Route the model's dense (unquantized) linears and LM head through ``ops.linear`` when the
     backend's ``FusedOps`` provides it (an optional member), and give them
-    ``ops.linear_silu_and_mul`` (optional too; ``fused_silu_and_mul`` uses it; only under
-    ``TESSELLM_SILU_FOLD=1``, ``tessellm.envs.silu_fold``). Returns how many
+    ``ops.linear_silu_and_mul`` (optional too; ``fused_silu_and_mul`` uses it; unless
+    ``TESSELLM_SILU_FOLD=0``, ``tessellm.envs.silu_fold``). Returns how many
     modules took ``ops.linear``."""
     linear = getattr(ops, "linear", None)
     silu_mm = getattr(ops, "linear_silu_and_mul", None) if envs.silu_fold() else None
@@ -201,7 +201,7 @@ def fused_silu_and_mul(layer: nn.Module, x: torch.Tensor, max_rows: int) -> Opti
     adapters add to gate and up before the activation), whose type is not a ``Linear``. x is
     ``[M, K]``. The rows are looked at only where the op is offered: a branch on them is a
     shape guard under ``torch.compile`` (the cpu backend's decode graph serves any batch).
-    Off unless ``TESSELLM_SILU_FOLD=1`` (``tessellm.envs.silu_fold``: not yet timed on a GPU)."""
+    On unless ``TESSELLM_SILU_FOLD=0`` (``tessellm.envs.silu_fold``)."""
     if (not isinstance(layer, Linear) or len(layer.output_sizes) != 2
             or layer.output_sizes[0] != layer.output_sizes[1] or isinstance(x, Fp8Activation)):
         return None

@@ -89,7 +89,34 @@ def test_fp32_greedy_matches_hf_on_cuda(family_dir, arch):
     path = family_dir(arch)
     want = hf_greedy(path, _prompts(), 32, device="cuda")
     outs = _generate(path, "float32", 32)
-    assert [o.outputs[0].token_ids for o in outs] == want
+    got = [o.outputs[0].token_ids for o in outs]
+    if got != want:
+        _assert_parted_at_near_tie(path, got, want)
+
+
+# Two float32 runs on a GPU reduce in different orders (HF's cached `generate` and a full
+# forward differ too): where HF's own top two logits are closer than this, either token is
+# HF's answer. A real defect moves logits by far more (and the runs part at a wide gap).
+NEAR_TIE = 0.01
+
+
+def _assert_parted_at_near_tie(path: str, got: list[list[int]], want: list[list[int]]) -> None:
+    """Each prompt whose tokens part from HF's parts at a step where HF's logits of the two
+    tokens are within ``NEAR_TIE`` (the rest of such a sequence is not compared: it continues
+    from another token)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to("cuda")
+    for prompt, ours, theirs in zip(_prompts(), got, want):
+        step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        if step is None:
+            assert len(ours) == len(theirs)
+            continue
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + theirs[:step]], device="cuda")).logits[0, -1].float()
+        gap = float(logits[theirs[step]] - logits[ours[step]])
+        assert abs(gap) < NEAR_TIE, (f"parted from HF at token {step}: ours {ours[step]}, HF "
+                                     f"{theirs[step]}, HF's logit gap {gap:.4f} (not a near-tie)")
 
 
 @pytest.mark.parametrize("arch", FAMILIES)

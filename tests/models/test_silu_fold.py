@@ -59,7 +59,7 @@ def _logprobs(out):
 
 
 def test_greedy_tokens_unchanged_with_the_fused_path(narrow_llama, monkeypatch):
-    monkeypatch.setenv("TESSELLM_SILU_FOLD", "1")
+    monkeypatch.delenv("TESSELLM_SILU_FOLD", raising=False)  # the default: on
     want, calls_two = _run(narrow_llama, monkeypatch, fused=False)
     got, calls = _run(narrow_llama, monkeypatch, fused=True)
     assert calls == calls_two and 1 in calls and 2 in calls and max(calls) <= 2, \
@@ -94,10 +94,10 @@ def test_fused_only_for_a_plain_gate_up_layer():
     assert fused_silu_and_mul(qkv, x, max_rows=2) is None
 
 
-def test_the_fold_is_off_unless_asked(narrow_llama, monkeypatch):
-    """Without TESSELLM_SILU_FOLD=1 the engine never asks for the fused product (default off
-    until timed on a GPU), for the dense layer and the quantized one alike."""
-    monkeypatch.delenv("TESSELLM_SILU_FOLD", raising=False)
+def test_the_fold_is_off_when_asked(narrow_llama, monkeypatch):
+    """With TESSELLM_SILU_FOLD=0 the engine never asks for the fused product, for the dense
+    layer and the quantized one alike."""
+    monkeypatch.setenv("TESSELLM_SILU_FOLD", "0")
     _, calls = _run(narrow_llama, monkeypatch, fused=True)
     assert calls == []
     layer = _gate_up(TritonOps())
