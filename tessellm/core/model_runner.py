@@ -107,6 +107,9 @@ class ModelRunner(RunnerGraphs):
             from tessellm.multimodal.mrope import MRopePositions
 
             self.mrope = MRopePositions(model.spatial_merge_size)
+        # Gemma 3: an image's tokens attend to the whole image (AttentionBatch.key_limits over
+        # the image spans a step computes, tessellm.multimodal.image_spans).
+        self.image_key_limits = bool(getattr(model, "bidirectional_images", False))
         # Pooling runner (tessellm.pooling.pooler.Pooler): steps pool hidden states instead of
         # sampling (``_pool``); None: the runner generates.
         self.pooler = pooler
@@ -325,7 +328,8 @@ class ModelRunner(RunnerGraphs):
         if bucket is not None:  # every request verifies k drafts: a captured verify step
             return graphs.run(host, *bucket, self.staging.to_device, self.staging.inputs_queued,
                               self._lora_slots)
-        ids, positions, attn, rows = self._eager_tensors(host, counts, self._lora_slots)
+        ids, positions, attn, rows = self._eager_tensors(host, counts, self._lora_slots,
+                                                         self._key_limits(host, states, counts, mm))
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens),
                             **({} if mm is None else {"mm_embeds": mm}))
         if self.io.send(hidden):
@@ -343,12 +347,13 @@ class ModelRunner(RunnerGraphs):
                           mm=None) -> Optional[torch.Tensor]:
         """The step padded to the kernel's buckets, run as one program (XLA: the graph is cut
         after the logits), its logits on the host; see shape_buckets.py."""
+        limits = self._key_limits(host, states, counts, mm)
         host = pad_host_inputs(host, self.buckets, len(states), self.batch.tables.width)
         lora_slots = self._lora_slots
         if lora_slots is not None:  # padding rows: no adapter (-1)
             lora_slots = np.concatenate([lora_slots, np.full(host.num_tokens - len(lora_slots), -1,
                                                              dtype=lora_slots.dtype)])
-        ids, positions, attn, rows = self._eager_tensors(host, counts, lora_slots)
+        ids, positions, attn, rows = self._eager_tensors(host, counts, lora_slots, limits)
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens),
                             **({} if mm is None else {"mm_embeds": mm}))
         logits = self.model.compute_logits(hidden[rows])  # always: one program per bucket
@@ -359,9 +364,20 @@ class ModelRunner(RunnerGraphs):
             return None
         return logits.cpu()[:num_rows] if self.host_sampling else logits[:num_rows]
 
-    def _eager_tensors(self, host: HostInputs, counts: list[int], lora_slots=None):
+    def _key_limits(self, host: HostInputs, states, counts, mm) -> Optional[np.ndarray]:
+        """The step's ``AttentionBatch.key_limits`` (a model whose image tokens see the whole
+        image, in a step that computes image tokens), else None."""
+        if not self.image_key_limits or mm is None:
+            return None
+        from tessellm.multimodal.image_spans import image_key_limits
+
+        return image_key_limits(states, counts, host.positions, host.query_start_loc)
+
+    def _eager_tensors(self, host: HostInputs, counts: list[int], lora_slots=None,
+                       key_limits: Optional[np.ndarray] = None):
         """The step's inputs on the device, through pinned staging, and its AttentionBatch
-        (``lora_slots``: the LoRA slot per token row, set on the layers' ``LoRABatch``)."""
+        (``lora_slots``: the LoRA slot per token row, set on the layers' ``LoRABatch``;
+        ``key_limits``: per row, the last key it sees, padded rows causal)."""
         put = self.staging.to_device
         ids = self.steps.apply_feed(put(0, host.input_ids), host.feed, self.staging)
         positions, slots, seq_lens = put(1, host.positions), put(2, host.slot_mapping), put(3, host.seq_lens)
@@ -374,6 +390,11 @@ class ModelRunner(RunnerGraphs):
             query_start_loc=qsl, seq_lens=seq_lens, block_tables=table, slot_mapping=slots,
             max_query_len=max(counts), max_seq_len=int(host.seq_lens.max()),
             query_start_loc_host=host.query_start_loc.tolist(), seq_lens_host=host.seq_lens.tolist())
+        if key_limits is not None:
+            full = host.positions.astype(np.int32)
+            full[:len(key_limits)] = key_limits
+            attn.key_limits = torch.from_numpy(full).to(ids.device)
+            attn.key_limits_host = full.tolist()
         return ids, positions, attn, rows
 
 

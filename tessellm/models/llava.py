@@ -128,7 +128,7 @@ class LlavaForConditionalGeneration(ImageTextModel):
 
         def text_weights():  # the stream stays lazy: a file's tensors are read while it is open
             for name, tensor in weights:
-                routed = _route(name)
+                routed = route_weight(name)
                 if routed is None:
                     continue
                 part, rest = routed
@@ -151,9 +151,10 @@ class LlavaForConditionalGeneration(ImageTextModel):
         return loaded
 
 
-def _route(name: str) -> Optional[tuple[str, str]]:
+def route_weight(name: str) -> Optional[tuple[str, str]]:
     """(our submodule or parameter, the rest of the name in its own terms) for a checkpoint
-    name."""
+    name of the layouts LLaVA and Gemma 3 share (``vision_tower.vision_model.*``,
+    ``multi_modal_projector.*``, ``language_model.*``, or transformers 5's ``model.*`` ones)."""
     if name.startswith("model."):  # transformers 5 layout
         name = name[len("model."):]
         if name.startswith("language_model."):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tessellm.models import gemma, gemma2
 from tessellm.models import gpt_oss
-from tessellm.models import llava_next, qwen2_vl
+from tessellm.models import gemma3_mm, llava_next, qwen2_vl
 from tessellm.models import deepseek_v2
 from tessellm.models import granite_moe_hybrid, mamba2
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
@@ -54,6 +54,7 @@ _MODELS = {
     "LlavaNextForConditionalGeneration": llava_next.LlavaNextForConditionalGeneration,
     "Qwen2VLForConditionalGeneration": qwen2_vl.Qwen2VLForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": qwen2_vl.Qwen2_5_VLForConditionalGeneration,
+    "Gemma3ForConditionalGeneration": gemma3_mm.Gemma3ForConditionalGeneration,
     # classifiers / cross-encoders: a pooling engine's classify and score (docs/pooling.md)
     "LlamaForSequenceClassification": seq_cls.LlamaForSequenceClassification,
     "MistralForSequenceClassification": seq_cls.MistralForSequenceClassification,

@@ -54,6 +54,10 @@ def max_tokens_per_image(hf_config, model_path: Optional[str] = None) -> int:
             raise ValueError("Qwen2-VL's image size limit is in its preprocessor_config.json; "
                              "give the model's path.")
         return max_image_tokens(model_path)
+    from tessellm.multimodal.gemma3_inputs import image_feature_size as gemma3_size, is_gemma3_mm
+
+    if is_gemma3_mm(hf_config):
+        return gemma3_size(hf_config)
     if getattr(hf_config, "image_grid_pinpoints", None):  # LLaVA-NeXT: by image size
         from tessellm.models.llava_next import max_image_feature_size
 
@@ -65,18 +69,32 @@ def max_tokens_per_image(hf_config, model_path: Optional[str] = None) -> int:
 
 def encoder_budget_args(hf_config, max_num_batched_tokens: int,
                         disable_chunked_mm_input: bool = False, model_path: Optional[str] = None) -> dict:
-    """SchedulerConfig's encoder fields for the model (none for a text-only model)."""
+    """SchedulerConfig's encoder fields for the model (none for a text-only model). A model
+    whose image tokens attend to the whole image (Gemma 3: ``whole_images``) always keeps
+    each image in one prefill chunk, as ``disable_chunked_mm_input`` does."""
     biggest = max_tokens_per_image(hf_config, model_path)
     if not biggest:
         return {}
+    whole = whole_images(hf_config)
+    disable_chunked_mm_input = disable_chunked_mm_input or whole
     if disable_chunked_mm_input and biggest > max_num_batched_tokens:
-        raise ValueError(f"disable_chunked_mm_input computes each image in one step, but an image "
-                         f"takes {biggest} placeholder tokens and max_num_batched_tokens is "
-                         f"{max_num_batched_tokens}; raise max_num_batched_tokens to at least "
-                         f"{biggest}.")
+        why = ("its image tokens attend to the whole image, so each image is computed in one "
+               f"step ({hf_config.architectures[0]})" if whole
+               else "disable_chunked_mm_input computes each image in one step")
+        raise ValueError(f"The model takes images of {biggest} placeholder tokens and "
+                         f"max_num_batched_tokens is {max_num_batched_tokens}, but {why}; raise "
+                         f"max_num_batched_tokens to at least {biggest}.")
     budget = default_encoder_budget(max_num_batched_tokens, biggest)
     return {"max_num_encoder_input_tokens": budget, "encoder_cache_size": budget,
             "disable_chunked_mm_input": disable_chunked_mm_input}
+
+
+def whole_images(hf_config) -> bool:
+    """Whether the model's image tokens see their whole image in the attention (Gemma 3): a
+    prefill chunk may then never end inside an image (a token would miss later keys)."""
+    from tessellm.multimodal.gemma3_inputs import is_gemma3_mm
+
+    return is_gemma3_mm(hf_config)
 
 
 def end_outside_images(features, start: int, num_new: int) -> int:

@@ -232,10 +232,14 @@ def _check_llava_next_processor(hf, config) -> None:
 def image_processor(model_path: str, max_images: int) -> ImageProcessor:
     from transformers import AutoConfig
 
+    from tessellm.multimodal.gemma3_inputs import Gemma3ImageInputs, is_gemma3_mm
     from tessellm.multimodal.qwen2_vl_inputs import Qwen2VLImageInputs, is_qwen2_vl
 
-    if is_qwen2_vl(AutoConfig.from_pretrained(model_path)):
+    config = AutoConfig.from_pretrained(model_path)
+    if is_qwen2_vl(config):
         return Qwen2VLImageInputs(model_path, max_images)
+    if is_gemma3_mm(config):
+        return Gemma3ImageInputs(model_path, max_images)
     return ImageProcessor(model_path, max_images)
 
 

@@ -27,3 +27,10 @@ def qwen2_5_vl_dir(tmp_path_factory):
     from tests.multimodal.tiny_qwen2_vl import make_tiny_qwen2_vl
 
     return make_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen2.5-vl")), kind="qwen2_5_vl", seed=1)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory):
+    from tests.multimodal.tiny_gemma3 import make_tiny_gemma3
+
+    return make_tiny_gemma3(str(tmp_path_factory.mktemp("tiny-gemma3")))
