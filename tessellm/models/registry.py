@@ -6,7 +6,7 @@ from tessellm.models import gemma, gemma2
 from tessellm.models import gpt_oss
 from tessellm.models import gemma3_mm, llava_next, qwen2_vl
 from tessellm.models import deepseek_v2
-from tessellm.models import granite_moe_hybrid, mamba2
+from tessellm.models import bamba, granite_moe_hybrid, mamba2
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
                              gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
                              olmoe, phi, phi3, phimoe, seq_cls, smollm3, stablelm, starcoder2)
@@ -50,6 +50,7 @@ _MODELS = {
     "DeepseekV3ForCausalLM": deepseek_v2.DeepseekV3ForCausalLM,
     "Mamba2ForCausalLM": mamba2.Mamba2ForCausalLM,
     "GraniteMoeHybridForCausalLM": granite_moe_hybrid.GraniteMoeHybridForCausalLM,
+    "BambaForCausalLM": bamba.BambaForCausalLM,
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": llava_next.LlavaNextForConditionalGeneration,
     "Qwen2VLForConditionalGeneration": qwen2_vl.Qwen2VLForConditionalGeneration,
