@@ -128,9 +128,12 @@ def chat_prompt_with_images(conversation: list[dict], info, tokenizer,
         return None
     conversation, images, processor = load_chat_images(conversation, info, allowed_local_media_path,
                                                        allowed_media_domains, fetched)
-    token_id = processor.image_token_id
+    token_id = processor.placeholder_token_id
     ids = render_with_images(render, conversation, len(images),
                              tokenizer.convert_ids_to_tokens(token_id), token_id)
+    expand = getattr(processor, "expand_chat_ids", None)  # Gemma 3: as HF expands the text
+    if expand is not None:
+        ids = expand(ids, tokenizer)
     return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
 
 

@@ -12,7 +12,8 @@ would feed the model::
                                          token_type_ids == 1, the block that attends both ways)
 
 A prompt of token ids may hold ``<start_of_image>`` once per image (each becomes the
-processor's full image sequence) or come expanded. Pan & Scan (``do_pan_and_scan``: extra crops
+processor's full image sequence, tokenized alone) or come expanded. A chat prompt is expanded
+as HF expands its text (``expand_chat_ids``), so its tokens are the processor's. Pan & Scan (``do_pan_and_scan``: extra crops
 of an image, each with its own soft tokens) is refused: each image is one 896 px view.
 """
 
@@ -54,6 +55,10 @@ class Gemma3ImageInputs(ImageProcessor):
         self.feature_size = image_feature_size(config)
         self.image_size = config.vision_config.image_size
 
+    @property
+    def placeholder_token_id(self) -> int:
+        return self.boi_token_id
+
     @functools.cached_property
     def _image_sequence(self) -> list[int]:
         """The ids a ``<start_of_image>`` of a token-id prompt becomes (the processor's
@@ -91,6 +96,17 @@ class Gemma3ImageInputs(ImageProcessor):
         spans = self._spans(ids, lengths)
         return ids, [MultiModalFeature.from_pixels(p, start, n)
                      for p, start, n in zip(pixels, spans, lengths)]
+
+    def expand_chat_ids(self, ids: list[int], tokenizer) -> list[int]:
+        """A chat prompt's ids (the template's ``<start_of_image>`` once per image) expanded as
+        HF's processor expands the rendered text: each ``<start_of_image>`` replaced by the
+        full image sequence in the text, which is then tokenized whole (its newlines may merge
+        with the text's), without special tokens when the text starts with BOS."""
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+        text = text.replace(self.hf.boi_token, self.hf.full_image_sequence)
+        bos = getattr(self.hf.tokenizer, "bos_token", None)
+        out = self.hf.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))
+        return [int(t) for t in out["input_ids"]]
 
     def _expand_boi(self, ids: list[int], num_images: int) -> list[int]:
         """Token ids with one ``<start_of_image>`` per image and no soft tokens -> each one

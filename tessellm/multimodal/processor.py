@@ -82,6 +82,12 @@ class ImageProcessor:
                              f"(processor_config.json / preprocessor_config.json): {exc}") from None
 
     @property
+    def placeholder_token_id(self) -> int:
+        """The token a prompt (and the chat template) writes once per image: the image token
+        itself here; Gemma 3's ``<start_of_image>``, which the processor expands."""
+        return self.image_token_id
+
+    @property
     def chat_template(self):
         """The processor's chat template (llava-hf keeps it there, not in the tokenizer)."""
         return getattr(self.hf, "chat_template", None)
