@@ -43,6 +43,28 @@ def cpu_native() -> bool:
     return _switch("TESSELLM_CPU_NATIVE") is not False
 
 
+def cpu_packed_weights_bytes() -> int:
+    """TESSELLM_CPU_PACKED_WEIGHTS_MB: how many MiB of oneDNN-packed weight copies the cpu
+    backend keeps (default 2048; 0 turns packing off; ``backends/cpu/ops.py``)."""
+    value = os.environ.get("TESSELLM_CPU_PACKED_WEIGHTS_MB", "").strip()
+    if not value:
+        return 2048 << 20
+    try:
+        mib = int(value)
+    except ValueError:
+        mib = -1
+    if mib < 0:
+        raise ValueError(f"TESSELLM_CPU_PACKED_WEIGHTS_MB={value!r} is not understood; "
+                         "use a whole number of MiB (0 turns packing off).")
+    return mib << 20
+
+
+def cpu_int4pack() -> bool:
+    """TESSELLM_CPU_INT4PACK: "0" keeps the cpu backend's GGUF / int4 layers off torch's CPU
+    int4 kernel (``backends/cpu/quant_ops.py``); default on."""
+    return _switch("TESSELLM_CPU_INT4PACK") is not False
+
+
 def cpu_compile() -> Optional[bool]:
     """TESSELLM_CPU_COMPILE: "1" compiles the cpu backend's decode step with ``torch.compile``,
     "0" keeps it eager. Unset: None, the cpu plugin's default (eager; docs/plugins.md)."""

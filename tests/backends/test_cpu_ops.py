@@ -13,7 +13,7 @@ from tessellm.backends.cpu import ops as cpu_ops
 
 @pytest.mark.parametrize("m", [1, 8, 13, 64])
 def test_blocked_product_is_bitwise_one_product(m, monkeypatch):
-    monkeypatch.setenv(cpu_ops.PACK_LIMIT_ENV, "0")  # no packed copies: the blocked path
+    monkeypatch.setenv("TESSELLM_CPU_PACKED_WEIGHTS_MB", "0")  # no packed copies: the blocked path
     g = torch.Generator().manual_seed(m)
     n = cpu_ops.MIN_N + 3 * cpu_ops.BLOCK_N + 77  # a last block that is partial
     w = torch.randn(n, 96, generator=g) * 0.05
@@ -24,7 +24,7 @@ def test_blocked_product_is_bitwise_one_product(m, monkeypatch):
 
 
 def test_blocks_only_where_they_pay(monkeypatch):
-    monkeypatch.setenv(cpu_ops.PACK_LIMIT_ENV, "0")
+    monkeypatch.setenv("TESSELLM_CPU_PACKED_WEIGHTS_MB", "0")
     calls = []
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
@@ -110,7 +110,7 @@ def test_the_lm_head_runs_on_its_packed_copy(m):
 def test_packed_copies_stop_at_the_memory_cap(monkeypatch):
     """Past TESSELLM_CPU_PACKED_WEIGHTS_MB the weights stay on F.linear (no second copy); a
     repack of a weight already held does not count twice."""
-    monkeypatch.setenv(cpu_ops.PACK_LIMIT_ENV, "1")  # 1 MiB: one 512x256 float32 weight (0.5 MiB) fits
+    monkeypatch.setenv("TESSELLM_CPU_PACKED_WEIGHTS_MB", "1")  # 1 MiB: one 512x256 float32 weight (0.5 MiB) fits
     ops = cpu_ops.CpuOps()
     if not ops.onednn:
         pytest.skip("no oneDNN in this torch build")
@@ -125,7 +125,7 @@ def test_packed_copies_stop_at_the_memory_cap(monkeypatch):
     torch.testing.assert_close(ops.linear(x, w1), F.linear(x, w1), rtol=1e-5, atol=1e-5)
     ops.linear(x, w3)
     assert ops._packed_bytes == 2 * w1.numel() * 4 and id(w3) not in ops._packed
-    monkeypatch.setenv(cpu_ops.PACK_LIMIT_ENV, "0")
+    monkeypatch.setenv("TESSELLM_CPU_PACKED_WEIGHTS_MB", "0")
     assert cpu_ops.CpuOps()._pack(w1) is None  # 0 turns packing off
 
 

@@ -4,12 +4,12 @@ one-call float32 RMSNorm and a native or one-allocation SiLU-and-mul) and
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from tessellm import envs
 from tessellm.backends.cpu import native
 from tessellm.backends.cpu.moe import fused_moe_grouped, grouped_experts
 from tessellm.backends.reference.logits import ReferenceLogitsOps
@@ -33,7 +33,6 @@ MIN_M = 8
 # so they are capped: past ``TESSELLM_CPU_PACKED_WEIGHTS_MB`` (default 2048 MiB; 0 turns packing
 # off) the remaining linears stay on ``F.linear``, and a large model does not double its memory.
 PACK_HINT = 64
-PACK_LIMIT_ENV = "TESSELLM_CPU_PACKED_WEIGHTS_MB"
 
 # The native RMSNorm (csrc/norm.c) takes at most this many values: below torch's reduction grain
 # (32768) torch sums each row on one thread, in the order the kernel reproduces.
@@ -100,7 +99,7 @@ class CpuOps(ReferenceOps):
         # id(weight) -> (weight, its version counter when packed, the packed weight)
         self._packed: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
         self._packed_bytes = 0
-        self._pack_limit = int(os.environ.get(PACK_LIMIT_ENV, "2048")) << 20
+        self._pack_limit = envs.cpu_packed_weights_bytes()
         self.onednn = torch.backends.mkldnn.is_available()
         self._native = False  # the native kernels (native.load()), looked up on first use
         self._norm_lanes: dict[int, int] = {}  # row width -> norm_lanes() (0: torch's path)

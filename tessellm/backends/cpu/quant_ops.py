@@ -26,10 +26,10 @@ segment keeps the int4 kernel.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
+from tessellm import envs
 from tessellm.backends.reference.quant_ops import TorchQuantOps, _finish
 from tessellm.quantization.packed import (Int4Weight, Int8Weight, PackedWeight, pack_int4,
                                           unpack_int4)
@@ -40,7 +40,7 @@ _ATTR = "_cpu_int4pack"  # the repacked (codes, scale_and_zero) cached on the se
 
 
 def enabled() -> bool:
-    return os.environ.get("TESSELLM_CPU_INT4PACK", "1") not in ("0", "false", "no")
+    return envs.cpu_int4pack()
 
 
 def _pack(codes_nk: torch.Tensor, scale_kn: torch.Tensor, zero_kn: torch.Tensor):
