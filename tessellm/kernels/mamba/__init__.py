@@ -1,13 +1,14 @@
 """Mamba2 mixer ops for the Triton backends (cuda, rocm): what ``TritonOps.mamba_*`` run.
 
-The single-token state update (every decode step, every Mamba layer) is a Triton kernel
-(``state_update.py``). The causal conv1d and the chunked SSD scan of prefill chunks run the
-pure-torch reference (``backends/reference/mamba.py``) on the device for now: correct, a
-host loop over the step's prefill sequences, not fast.
+In Triton: the causal conv1d with its per-request state (``conv1d.py``, decodes and prefill
+chunks) and the single-token state update of decoding requests (``state_update.py``). The
+chunked SSD scan of prefill chunks runs the pure-torch reference
+(``backends/reference/mamba.ssd_chunk_scan``) on the device: correct, a host loop over the
+step's prefill sequences, not fast.
 """
 
-from tessellm.backends.reference.mamba import causal_conv1d as mamba_conv1d
 from tessellm.backends.reference.mamba import ssd_chunk_scan as mamba_chunk_scan
-from tessellm.backends.reference.mamba import selective_state_update as mamba_state_update
+from tessellm.kernels.mamba.conv1d import mamba_conv1d
+from tessellm.kernels.mamba.state_update import mamba_state_update
 
 __all__ = ["mamba_conv1d", "mamba_chunk_scan", "mamba_state_update"]

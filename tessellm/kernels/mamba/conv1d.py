@@ -1,0 +1,96 @@
+"""The Mamba2 causal conv1d with per-request state in Triton (``FusedOps.mamba_conv1d``; the
+oracle is ``backends/reference/mamba.causal_conv1d``), for decodes and prefill chunks alike.
+
+Token ``t`` of a sequence (0-based in this step) reads the K inputs ending at it; those before
+the step's first token come from the sequence's conv state (the K - 1 inputs before it)::
+
+    window of t:   in[t - K + 1] ... in[t]       in[j] = x[start + j]           j >= 0
+                                                 in[j] = conv_state[slot, :, K - 1 + j]   j < 0
+    out[t] = silu(sum_k w[:, k] * in[t - K + 1 + k] + bias)
+
+Two launches: the outputs (one program per sequence, block of tokens, block of channels:
+every token is independent), then the new states (one program per sequence and block of
+channels: the last K - 1 inputs, read whole before any is written), so no output reads a
+state the step already overwrote.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_out_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, qsl_ptr, idx_ptr, out_ptr, C,
+                     sx_t, sw_c, ss_slot, ss_c, so_t, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    s = tl.program_id(0)
+    start = tl.load(qsl_ptr + s).to(tl.int64)
+    length = tl.load(qsl_ptr + s + 1).to(tl.int64) - start
+    ts = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tm, cm = ts < length, cs < C
+    slot = tl.load(idx_ptr + s).to(tl.int64)
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for k in tl.static_range(K):
+        j = ts - (K - 1) + k  # the input this tap reads
+        from_x = tl.load(x_ptr + (start + j)[:, None] * sx_t + cs[None, :],
+                         mask=(tm & (j >= 0))[:, None] & cm[None, :], other=0.0)
+        from_state = tl.load(state_ptr + slot * ss_slot + cs[None, :] * ss_c + (K - 1 + j)[:, None],
+                             mask=(tm & (j < 0))[:, None] & cm[None, :], other=0.0)
+        w = tl.load(w_ptr + cs * sw_c + k, mask=cm, other=0.0).to(tl.float32)
+        acc += (from_x.to(tl.float32) + from_state.to(tl.float32)) * w[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cs, mask=cm, other=0.0).to(tl.float32)[None, :]
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc))
+    tl.store(out_ptr + (start + ts)[:, None] * so_t + cs[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=tm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _conv_state_kernel(x_ptr, state_ptr, qsl_ptr, idx_ptr, C, sx_t, ss_slot, ss_c,
+                       KM1: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    s = tl.program_id(0)
+    start = tl.load(qsl_ptr + s).to(tl.int64)
+    length = tl.load(qsl_ptr + s + 1).to(tl.int64) - start
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ks = tl.arange(0, BLOCK_K)
+    km, cm = ks < KM1, cs < C
+    slot = tl.load(idx_ptr + s).to(tl.int64)
+    j = length - KM1 + ks  # the input that becomes state column k
+    base = state_ptr + slot * ss_slot + cs[None, :] * ss_c
+    from_x = tl.load(x_ptr + (start + j)[:, None] * sx_t + cs[None, :],
+                     mask=(km & (j >= 0))[:, None] & cm[None, :], other=0.0)
+    from_state = tl.load(base + (KM1 + j)[:, None], mask=(km & (j < 0))[:, None] & cm[None, :],
+                         other=0.0)
+    new = from_x.to(state_ptr.dtype.element_ty) + from_state  # read whole before the store
+    tl.store(base + ks[:, None], new, mask=km[:, None] & cm[None, :])
+
+
+def mamba_conv1d(x, weight, bias, conv_state, batch, activation="silu") -> torch.Tensor:
+    """``x [T, C]`` (rows contiguous), ``weight [C, K]``, ``bias [C]`` or None, ``conv_state
+    [slots, C, K - 1]`` (last dim contiguous); ``batch`` a ``MambaBatch``. Returns ``[T, C]``."""
+    T, C = x.shape
+    K = weight.shape[1]
+    out = torch.empty_like(x)
+    seqs = len(batch.state_indices_host)
+    if T == 0 or seqs == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    qsl = batch.query_start_loc_host
+    longest = max(b - a for a, b in zip(qsl, qsl[1:]))
+    block_t = min(triton.next_power_of_2(longest), 16)
+    block_c = min(triton.next_power_of_2(C), 64)
+    _conv_out_kernel[(seqs, triton.cdiv(longest, block_t), triton.cdiv(C, block_c))](
+        x, weight, bias if bias is not None else weight, conv_state, batch.query_start_loc,
+        batch.state_indices, out, C, x.stride(0), weight.stride(0), conv_state.stride(0),
+        conv_state.stride(1), out.stride(0), K=K, HAS_BIAS=bias is not None,
+        SILU=activation == "silu", BLOCK_T=block_t, BLOCK_C=block_c)
+    _conv_state_kernel[(seqs, triton.cdiv(C, block_c))](
+        x, conv_state, batch.query_start_loc, batch.state_indices, C, x.stride(0),
+        conv_state.stride(0), conv_state.stride(1), KM1=K - 1,
+        BLOCK_K=triton.next_power_of_2(K - 1), BLOCK_C=block_c)
+    return out
