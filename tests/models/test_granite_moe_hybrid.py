@@ -57,3 +57,16 @@ def test_granite_hybrid_preemption(hybrid_dir):
         assert llm.engine.core.scheduler.num_preemptions_total > 0
     assert [list(o.outputs[0].token_ids) for o in outs] == want
 
+
+
+@pytest.mark.slow
+def test_granite_hybrid_on_emulated_cuda(hybrid_dir):
+    """The cuda backend's pieces (Triton attention, fused MoE, the Triton conv1d and state
+    update, the scan on the device) under the Triton interpreter, with chunked prefill."""
+    prompt_list = prompts((5, 21))
+    want, _ = hf_reference(hybrid_dir, prompt_list, 6)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with LLM(hybrid_dir, dtype="float32", device="cuda", emulate=True,
+             max_num_batched_tokens=8) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
