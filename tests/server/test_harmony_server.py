@@ -120,6 +120,30 @@ def test_structured_output_constrains_the_final_channel(srv):
     assert r["choices"][0]["finish_reason"] == "stop"
 
 
+PARIS_ONLY = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris"]}}, "required": ["city"],
+    "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("tool_choice, arguments, finish_reason", [
+    ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Paris"}', "stop"),
+    ("required", '{"city": "Paris"}', "tool_calls")])
+def test_forced_tool_choice_constrains_the_final_channel(srv, tool_choice, arguments, finish_reason):
+    """A named function or "required": the grammar starts after the final channel's header
+    and that channel's text is read as the forced call (the model alone would answer "It is
+    four."); the analysis before it stays free."""
+    pytest.importorskip("xgrammar")
+    body = dict(tools=PARIS_ONLY, tool_choice=tool_choice, parallel_tool_calls=False, max_tokens=90,
+                structured_outputs={"disable_any_whitespace": True})  # no free-whitespace loop
+    r = _chat(srv, "[final]", **body)
+    choice = r["choices"][0]
+    m = choice["message"]
+    assert m["reasoning"] == " Two and two." and m.get("content") is None
+    assert [c["function"] for c in m["tool_calls"]] == [{"name": "get_weather", "arguments": arguments}]
+    assert choice["finish_reason"] == finish_reason
+    _same_stream(srv, "[final]", m, finish_reason, **body)
+
+
 def test_tool_choice_none_returns_no_call(srv):
     r = _chat(srv, "[tool]", tools=TOOLS, tool_choice="none")
     m = r["choices"][0]["message"]
