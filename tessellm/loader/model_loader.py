@@ -13,6 +13,7 @@ from tessellm.backends.spec import AttentionSpec, OpsSpec
 from tessellm.config import ModelSource
 from tessellm.distributed.parallel_state import PipelineStage, TensorParallel
 from tessellm.layers.attention import PerWindowKernels
+from tessellm.layers.chunked_attention import ChunkedLocalKernel
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import use_backend_linear
 from tessellm.models.registry import model_class
@@ -60,11 +61,14 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
         heads, getattr(text, "num_key_value_heads", None) or heads, tp.rank, tp.size)
     kernels = {}
 
-    def make_kernel(window, logit_softcap=None, attention_sinks=False, **shape):
+    def make_kernel(window, logit_softcap=None, attention_sinks=False,
+                    attention_chunk_size=None, **shape):
         """``shape``: AttentionSpec fields a family sets itself (MLA: ``num_kv_heads``,
         ``head_size``, ``mla_value_size``, ``models/deepseek_mla.py``; Gemma 3 with images:
-        ``prefill_key_limits``)."""
-        key = (window, logit_softcap, attention_sinks, tuple(sorted(shape.items())))
+        ``prefill_key_limits``). ``attention_chunk_size`` (Llama 4): the backend's kernel
+        behind ``ChunkedLocalKernel``."""
+        key = (window, logit_softcap, attention_sinks, attention_chunk_size,
+               tuple(sorted(shape.items())))
         if key not in kernels:
             spec = AttentionSpec(**{
                 "num_heads": local_heads, "num_kv_heads": local_kv_heads,
@@ -80,6 +84,8 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
             check_logit_softcap(registry, backend, kernel, spec)
             check_attention_sinks(registry, backend, kernel, spec)
             check_key_limits(registry, backend, kernel, spec)
+            if attention_chunk_size is not None:
+                kernel = ChunkedLocalKernel(kernel, attention_chunk_size, block_size)
             kernels[key] = kernel
         return kernels[key]
 
@@ -98,7 +104,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
         _drop_lm_head(model)
     use_backend_linear(model, ops)
     model.eval()
-    if len(kernels) > 1:  # layers with different sliding windows (Gemma 2, 3)
+    if len(kernels) > 1:  # layers with different sliding windows (Gemma 2, 3) or chunks (Llama 4)
         return model, PerWindowKernels(kernels.values())
     return model, next(iter(kernels.values()))
 

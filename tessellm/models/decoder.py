@@ -31,7 +31,7 @@ class DecoderAttention(nn.Module):
                  qk_norm: bool, o_bias: bool = False, window: Optional[int] = None,
                  scale: Optional[float] = None, reduce_output: bool = False,
                  clip_qkv: Optional[float] = None, logit_softcap: Optional[float] = None,
-                 attention_sinks: bool = False):
+                 attention_sinks: bool = False, attention_chunk_size: Optional[int] = None):
         """``window``: this layer's sliding window (None: full attention). ``scale``: of the
         attention scores (None: ``head_size ** -0.5``). ``reduce_output``: o_proj sums its
         output over the tensor ranks itself (it always does with a bias). ``clip_qkv``
@@ -40,7 +40,9 @@ class DecoderAttention(nn.Module):
         ``logit_softcap`` (Gemma 2): the scaled scores are soft-capped, ``cap * tanh(s / cap)``,
         by the attention kernel (``AttentionSpec.logit_softcap``); None: no cap.
         ``attention_sinks`` (gpt-oss): a learned logit per query head, ``sinks`` (this rank's
-        heads, float32), joins the softmax in the kernel (``AttentionSpec.attention_sinks``)."""
+        heads, float32), joins the softmax in the kernel (``AttentionSpec.attention_sinks``).
+        ``attention_chunk_size`` (Llama 4): chunked local attention, each query sees the keys
+        of its own chunk of that many positions (``layers/chunked_attention.py``)."""
         super().__init__()
         hidden = config.hidden_size
         tp = ctx.tp
@@ -64,11 +66,13 @@ class DecoderAttention(nn.Module):
         self.clip_qkv = clip_qkv
         self.q_norm = RMSNorm(self.head_size, config.rms_norm_eps, ctx.ops) if qk_norm else None
         self.k_norm = RMSNorm(self.head_size, config.rms_norm_eps, ctx.ops) if qk_norm else None
-        sink_kw = {"attention_sinks": True} if attention_sinks else {}  # older callables: none
+        kernel_kw = {"attention_sinks": True} if attention_sinks else {}  # older callables: none
+        if attention_chunk_size is not None:
+            kernel_kw["attention_chunk_size"] = attention_chunk_size
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_size,
                               self.head_size ** -0.5 if scale is None else scale,
                               ctx.make_attention_kernel(window, logit_softcap=logit_softcap,
-                                                        **sink_kw))
+                                                        **kernel_kw))
         self.sinks = (nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32),
                                    requires_grad=False) if attention_sinks else None)
         self._heads = (tp.rank * self.num_heads, total_heads)  # first of this rank's, all
