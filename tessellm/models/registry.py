@@ -7,6 +7,7 @@ from tessellm.models import gpt_oss
 from tessellm.models import gemma3_mm, llava_next, qwen2_vl
 from tessellm.models import deepseek_v2
 from tessellm.models import bamba, granite_moe_hybrid, mamba2
+from tessellm.models import llama4
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
                              gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
                              olmoe, phi, phi3, phimoe, seq_cls, smollm3, stablelm, starcoder2)
@@ -18,6 +19,8 @@ _MODELS = {
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
     "SmolLM3ForCausalLM": smollm3.SmolLM3ForCausalLM,
+    "Llama4ForCausalLM": llama4.Llama4ForCausalLM,
+    "Llama4ForConditionalGeneration": llama4.Llama4ForConditionalGeneration,
     "GemmaForCausalLM": gemma.GemmaForCausalLM,
     "Gemma2ForCausalLM": gemma2.Gemma2ForCausalLM,
     "Gemma3ForCausalLM": gemma3.Gemma3ForCausalLM,
