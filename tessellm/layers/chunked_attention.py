@@ -60,6 +60,9 @@ class ChunkedLocalKernel:
 def local_batch(batch, chunk: int, block_size: int):
     """``batch`` (an ``AttentionBatch``) as virtual sequences, one per (sequence, chunk) its
     queries touch; ``batch`` itself when no sequence reaches past its first chunk."""
+    if getattr(batch, "key_limits", None) is not None:  # absolute positions: not shifted here
+        raise ValueError("Chunked local attention (attention_chunk_size) does not combine with "
+                         "prefill key limits (AttentionBatch.key_limits) in one layer.")
     if not batch.seq_lens_host:  # a graph-captured step: host lists are empty
         if batch.num_decodes != batch.num_seqs:
             raise ValueError("Chunked local attention (attention_chunk_size) cannot split the "
