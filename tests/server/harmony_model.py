@@ -9,7 +9,9 @@ hidden state is the RMS-normalised one-hot of the current token and ``lm_head`` 
 gpt-oss's; a bigram table needs one successor per token, so a marker met twice is spelled once
 as a special token and once inside a longer added token (the text is the same).
 ``CHAINS`` lists, per trigger (the prompt's last token), what follows. The chat template writes
-a harmony-shaped prompt (``Reasoning:``, the tools' names, earlier thinking, calls and results)
+a harmony-shaped prompt (``Reasoning:``, the tools' names and descriptions, the latter
+read as gpt-oss's template reads them (``"// " + description``: an error when absent), earlier
+thinking, calls and results)
 and ends with the last message's text, the trigger.
 """
 
@@ -36,7 +38,7 @@ CHAINS = {
 TEMPLATE = (
     "{{- '<|start|>system<|message|>Reasoning: ' + (reasoning_effort or 'medium') + '<|end|>' }}"
     "{%- if tools %}{{- '<|start|>developer<|message|># Tools' }}{% for t in tools %}"
-    "{{ ' ' + t.function.name }}{% endfor %}{{ '<|end|>' }}{% endif %}"
+    "{{ ' ' + t.function.name + ' // ' + t.function.description }}{% endfor %}{{ '<|end|>' }}{% endif %}"
     "{%- for m in messages %}"
     "{%- if m.role == 'assistant' and m.tool_calls %}"
     "{%- if m.thinking %}{{ '<|start|>assistant<|channel|>analysis<|message|>' + m.thinking + '<|end|>' }}{% endif %}"

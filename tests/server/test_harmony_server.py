@@ -144,6 +144,16 @@ def test_forced_tool_choice_constrains_the_final_channel(srv, tool_choice, argum
     _same_stream(srv, "[final]", m, finish_reason, **body)
 
 
+def test_a_tool_without_description_renders(srv):
+    """gpt-oss's template writes "// " + description for each tool, which fails on a tool that
+    has none (OpenAI makes it optional): the server gives it an empty one."""
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=_body("[tool]", tools=tools, return_token_ids=True),
+                   headers=srv.headers, timeout=120)
+    assert r.status_code == 200, r.text
+    assert [c["function"] for c in r.json()["choices"][0]["message"]["tool_calls"]] == [CALL]
+
+
 def test_tool_choice_none_returns_no_call(srv):
     r = _chat(srv, "[tool]", tools=TOOLS, tool_choice="none")
     m = r["choices"][0]["message"]
@@ -179,7 +189,7 @@ def test_effort_tools_and_an_earlier_call_reach_the_prompt(srv):
     tok = AutoTokenizer.from_pretrained(srv_model_path(srv))
     prompt = tok.decode(r["prompt_token_ids"])
     assert prompt.startswith("<|start|>system<|message|>Reasoning: high<|end|>"
-                             "<|start|>developer<|message|># Tools get_weather<|end|>")
+                             "<|start|>developer<|message|># Tools get_weather // Weather in a city.<|end|>")
     assert ("<|start|>assistant<|channel|>analysis<|message|>Need the weather.<|end|>"
             '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>'
             '{"city": "Paris"}<|call|>') in prompt

@@ -37,6 +37,14 @@ def stop_ids(tokenizer) -> list[int]:
     return ids
 
 
+def template_tools(tools: Optional[list[dict]]) -> Optional[list[dict]]:
+    """The tools for gpt-oss's template, which writes ``"// " + description`` for each and
+    fails on one without (OpenAI's description is optional): an empty one where absent."""
+    if not tools:
+        return tools
+    return [{**t, "function": {"description": "", **t["function"]}} for t in tools]
+
+
 class HarmonyPlan:
     """What one request's harmony output means: calls parsed unless tool_choice is none (or no
     tools), the reasoning kept unless ``include_reasoning`` is false."""

@@ -17,6 +17,7 @@ from tessellm.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS, render_cha
 from tessellm.entrypoints.openai.beam_search import beam_params, beam_search, beam_search_stream
 from tessellm.entrypoints.openai.errors import bad_request, prompt_error
 from tessellm.entrypoints.openai.harmony import TOOL_PARSER, HarmonyPlan, HarmonyStream, harmony_on
+from tessellm.entrypoints.openai.harmony import template_tools as harmony_template_tools
 from tessellm.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
 from tessellm.entrypoints.openai.protocol_responses import (ChatChoice, ChatChoiceLogProbs,
                                                             ChatCompletionChunk, ChatCompletionResponse,
@@ -48,8 +49,9 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     template_kwargs = req.chat_template_kwargs
     if req.reasoning_effort is not None:  # gpt-oss's template reads it (others ignore it)
         template_kwargs = {**(template_kwargs or {}), "reasoning_effort": req.reasoning_effort}
+    tools = harmony_template_tools(plan.template_tools()) if harmony else plan.template_tools()
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
-                                plan.template_tools(), continue_final_message=req.continue_final_message,
+                                tools, continue_final_message=req.continue_final_message,
                                 template_kwargs=template_kwargs,
                                 check_fits=req.truncate_prompt_tokens is None, images=images,
                                 add_special_tokens=req.add_special_tokens)
