@@ -164,17 +164,21 @@ class HarmonyOutput:
     reasoning: list[str]  # analysis (and messages to recipients that are not functions)
     content: list[str]  # final, commentary preambles, text outside the format
     calls: list[tuple[str, str]]  # (function name, arguments so far)
+    final: list[str]  # with ``split_final``: the final channel's texts (then not in content)
 
 
-def to_openai(messages: list[HarmonyMessage], calls: bool = True) -> HarmonyOutput:
+def to_openai(messages: list[HarmonyMessage], calls: bool = True, split_final: bool = False) -> HarmonyOutput:
     """Where each message goes. ``calls`` False (no tools, or tool_choice none): a message to a
-    function is reasoning, not a call."""
-    out = HarmonyOutput([], [], [])
+    function is reasoning, not a call. ``split_final``: the final channel apart (a forced
+    tool_choice reads its calls there)."""
+    out = HarmonyOutput([], [], [], [])
     for m in messages:
         if m.recipient is not None and m.recipient.startswith(FUNCTIONS) and calls:
             out.calls.append((m.recipient[len(FUNCTIONS):], m.content))
         elif m.channel == "analysis" or m.recipient is not None:
             out.reasoning.append(m.content)
+        elif split_final and m.channel == "final":
+            out.final.append(m.content)
         elif m.channel is not None or m.content.strip():
             out.content.append(m.content)
     return out

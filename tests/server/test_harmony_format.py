@@ -246,3 +246,16 @@ def test_gpt_oss_checkpoints_select_harmony():
     assert resolve_reasoning_parser(None, LlamaConfig()) is None
     assert resolve_reasoning_parser("qwen3", GptOssConfig()) == "qwen3"  # the flag wins
     assert get_reasoning_parser("openai_gptoss").harmony
+
+
+def test_forced_tool_choice_reads_the_final_channel_only():
+    """With tool_choice required, a commentary preamble stays content and the final channel's
+    JSON array is the call (joined with the preamble it would not parse)."""
+    from tessellm.entrypoints.openai.tool_parsers import RequiredParser
+
+    text = ('<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>final<|message|>'
+            '[{"name": "get_weather", "parameters": {"city": "Paris"}}]')
+    view = ToolCallView(HarmonyToolParser(forced=RequiredParser()))
+    content, calls = view.final(text)
+    assert content == "Checking." and [(c.function.name, c.function.arguments) for c in calls] == [
+        ("get_weather", '{"city": "Paris"}')]

@@ -269,13 +269,13 @@ class HarmonyToolParser(ToolParser):
     def parse(self, text: str, final: bool) -> ParseResult:
         from tessellm.reasoning.harmony import join, to_openai
 
-        out = to_openai(self.harmony.parse(text, final), self.calls)
+        out = to_openai(self.harmony.parse(text, final), self.calls, split_final=self.forced is not None)
         self.reasoning = join(out.reasoning) if out.reasoning else None
         calls = [ParsedToolCall(name, args or ("{}" if final else "")) for name, args in out.calls]
         content = join(out.content)
-        if self.forced is not None and out.content:
-            forced = self.forced.parse(content, final)
-            content, calls = forced.content, calls + forced.calls
+        if out.final:  # a forced tool_choice: its calls are the final channel's text
+            forced = self.forced.parse(join(out.final), final)
+            content, calls = join([content, forced.content]), calls + forced.calls
         return ParseResult(content, calls[:MAX_CALLS])
 
 
