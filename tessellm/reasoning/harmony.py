@@ -148,8 +148,9 @@ class HarmonyParser:
             message.content, message.done = text[self._body:], True
             self._next = len(text)
             return message
-        keep = len(text) - held_back(text[self._body:])
-        self._search = max(self._body, len(text) - max(len(m) for m in ENDS) + 1)
+        longest = max(len(m) for m in ENDS)
+        keep = len(text) - held_back(text[max(self._body, len(text) - longest):])
+        self._search = max(self._body, len(text) - longest + 1)
         message.content = text[self._body:keep]
         return message
 
