@@ -15,13 +15,14 @@ The device ops come from the backend (``FusedOps.mamba_*``, declared by ``suppor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tessellm.layers.context import ModelContext
-from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,16 @@ class MambaShape:
 
 
 class MambaMixer2(nn.Module):
+    """Under tensor parallelism each rank holds ``H / T`` heads (their z, x, dt rows and conv
+    channels) and the groups of B and C they read: ``G / T`` groups when T divides G, else
+    (``G == 1``) the one group, replicated. ``out_proj`` sums the ranks' outputs::
+
+        in_proj rows:  [ z: I | x: I | B: G*N | C: G*N | dt: H ]
+        rank r holds:  [ z_r  | x_r  | B_r     | C_r     | dt_r ]   (each logical part cut alone)
+    """
+
     def __init__(self, shape: MambaShape, ctx: ModelContext):
         super().__init__()
-        if ctx.tp.size > 1:
-            raise ValueError("Mamba layers do not run with tensor parallelism yet; use "
-                             "tensor_parallel_size=1.")
         if not getattr(ctx.ops, "supports_mamba2", False):
             raise ValueError(f"This model has Mamba2 layers, whose ops the backend's fused ops "
                              f"{type(ctx.ops).__name__} do not provide (they do not declare "
@@ -62,36 +68,72 @@ class MambaMixer2(nn.Module):
                              "does (cpu, cuda, rocm).")
         self.shape = s = shape
         self.ops = ctx.ops
-        self.in_proj = ColumnParallelLinear(s.hidden_size, [s.intermediate + s.conv_dim + s.num_heads],
-                                            bias=s.proj_bias, quant_method=ctx.quant_method, tp=ctx.tp)
-        self.conv1d = _Conv1dWeights(s.conv_dim, s.d_conv, s.conv_bias)
-        self.dt_bias = nn.Parameter(torch.ones(s.num_heads), requires_grad=False)
-        self.A_log = nn.Parameter(torch.zeros(s.num_heads), requires_grad=False)
-        self.D = nn.Parameter(torch.ones(s.num_heads), requires_grad=False)
-        self.norm = _GatedNormWeight(s.intermediate)
-        self.out_proj = RowParallelLinear(s.intermediate, s.hidden_size, bias=s.proj_bias,
-                                          quant_method=ctx.quant_method, tp=ctx.tp)
+        self.tp = tp = ctx.tp
+        self.local = local = _local_sizes(s, tp.rank, tp.size)
+        inter, gn = s.intermediate, s.n_groups * s.d_state
+        ranges = [(tp.rank * local.intermediate, local.intermediate)] * 2
+        ranges += [(local.first_group * s.d_state, local.n_groups * s.d_state)] * 2
+        ranges += [(tp.rank * local.num_heads, local.num_heads)]
+        self.in_proj = ColumnParallelLinear(s.hidden_size, [inter, inter, gn, gn, s.num_heads],
+                                            bias=s.proj_bias, quant_method=ctx.quant_method, tp=tp,
+                                            shard_ranges=ranges)
+        self._in_parts = [inter, inter, gn, gn, s.num_heads]
+        self.conv1d = _Conv1dWeights(local.conv_dim, s.d_conv, s.conv_bias)
+        self._conv_rows = [ranges[1], ranges[2], ranges[3]]  # x, B, C channels of the checkpoint
+        self.dt_bias = nn.Parameter(torch.ones(local.num_heads), requires_grad=False)
+        self.A_log = nn.Parameter(torch.zeros(local.num_heads), requires_grad=False)
+        self.D = nn.Parameter(torch.ones(local.num_heads), requires_grad=False)
+        self.norm = _GatedNormWeight(local.intermediate)
+        self.out_proj = RowParallelLinear(inter, s.hidden_size, bias=s.proj_bias,
+                                          quant_method=ctx.quant_method, tp=tp)
         self.conv_state = self.ssm_state = None  # bound by the state cache
         self.step = None
 
+    def load_checkpoint_tensor(self, attr: str, tensor) -> None:
+        """``attr``: the name under the mixer (``in_proj.weight``, ``conv1d.weight``, ``A_log``,
+        ...); this rank's slice of the whole checkpoint tensor goes in."""
+        tensor = materialize(tensor)
+        if attr.startswith("in_proj."):
+            for i, part in enumerate(tensor.split(self._in_parts)):
+                self.in_proj.load_shard(attr.split(".", 1)[1], part, i)
+            return
+        if attr.startswith("out_proj."):
+            self.out_proj.load_shard(attr.split(".", 1)[1], tensor, None)
+            return
+        if attr.startswith("conv1d."):
+            s = self.shape
+            parts = tensor.split([s.intermediate, s.n_groups * s.d_state, s.n_groups * s.d_state])
+            tensor = torch.cat([p[a:a + n] for p, (a, n) in zip(parts, self._conv_rows)])
+        elif attr in ("A_log", "D", "dt_bias"):
+            tensor = tensor[self.tp.rank * self.local.num_heads:][:self.local.num_heads]
+        elif attr == "norm.weight":
+            tensor = tensor[self.tp.rank * self.local.intermediate:][:self.local.intermediate]
+        param = dict(self.named_parameters())[attr]
+        if param.shape != tensor.shape:
+            raise ValueError(f"Checkpoint tensor mamba {attr} has shape {tuple(tensor.shape)}, "
+                             f"this rank expects {tuple(param.shape)}; the config does not match "
+                             "the weights.")
+        param.data.copy_(tensor)
+
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Per slot: (conv state, SSM state) shapes."""
-        s = self.shape
-        return (s.conv_dim, s.d_conv - 1), (s.num_heads, s.head_dim, s.d_state)
+        """Per slot: (conv state, SSM state) shapes of this rank's heads."""
+        s, local = self.shape, self.local
+        return (local.conv_dim, s.d_conv - 1), (local.num_heads, s.head_dim, s.d_state)
 
     def bind(self, conv_state: torch.Tensor, ssm_state: torch.Tensor, step) -> None:
         """The state cache's tensors for this layer and the step holder it sets each step."""
         self.conv_state, self.ssm_state, self.step = conv_state, ssm_state, step
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        s, batch, t = self.shape, self.step.batch, hidden.shape[0]
-        z, xbc, dt = self.in_proj(hidden).split([s.intermediate, s.conv_dim, s.num_heads], dim=-1)
+        s, n, batch, t = self.shape, self.local, self.step.batch, hidden.shape[0]
+        gn = n.n_groups * s.d_state
+        z, xbc, dt = self.in_proj(hidden).split([n.intermediate, n.conv_dim, n.num_heads], dim=-1)
         xbc = self.ops.mamba_conv1d(xbc.contiguous(), self.conv1d.weight[:, 0], self.conv1d.bias,
                                     self.conv_state, batch, "silu")
-        x, B, C = xbc.split([s.intermediate, s.n_groups * s.d_state, s.n_groups * s.d_state], dim=-1)
-        x = x.reshape(t, s.num_heads, s.head_dim)
-        B = B.reshape(t, s.n_groups, s.d_state)
-        C = C.reshape(t, s.n_groups, s.d_state)
+        x, B, C = xbc.split([n.intermediate, gn, gn], dim=-1)
+        x = x.reshape(t, n.num_heads, s.head_dim)
+        B = B.reshape(t, n.n_groups, s.d_state)
+        C = C.reshape(t, n.n_groups, s.d_state)
         dt = dt.contiguous()
         A = -torch.exp(self.A_log.float())
         nd = batch.num_decodes
@@ -105,19 +147,52 @@ class MambaMixer2(nn.Module):
                 x[nd:], dt[nd:], A, B[nd:], C[nd:], self.D, self.dt_bias, self.ssm_state,
                 batch.prefills, s.chunk_size, s.dt_limit))
         y = parts[0] if len(parts) == 1 else torch.cat(parts)
-        y = gated_rms_norm(y.reshape(t, s.intermediate), z, self.norm.weight, s.n_groups, s.eps)
+        # G == 1 split over ranks: the norm's one group spans them all (sum of squares summed)
+        reduce = self.tp if (s.n_groups == 1 and self.tp.size > 1) else None
+        y = gated_rms_norm(y.reshape(t, n.intermediate), z, self.norm.weight, n.n_groups, s.eps,
+                           reduce, s.intermediate)
         return self.out_proj(y)
 
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int,
-                   eps: float) -> torch.Tensor:
+                   eps: float, reduce=None, group_size: Optional[int] = None) -> torch.Tensor:
     """HF's ``MambaRMSNormGated`` (norm after the gate): in float32 ``h = y * silu(z)``,
     RMS-normed over each of ``groups`` equal slices of the channels, rounded to y's dtype, times
-    ``weight``."""
+    ``weight``. ``reduce``: a tensor-parallel group holding the rest of the one group's channels
+    (``group_size`` in all): the sum of squares is summed over it."""
     h = y.float() * F.silu(z.float())
     g = h.reshape(*h.shape[:-1], groups, -1)
-    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    if reduce is None:
+        var = g.pow(2).mean(-1, keepdim=True)
+    else:
+        var = reduce.all_reduce(g.pow(2).sum(-1, keepdim=True)) / group_size
+    g = g * torch.rsqrt(var + eps)
     return weight * g.reshape(h.shape).to(y.dtype)
+
+
+@dataclass(frozen=True)
+class _LocalSizes:
+    """One rank's part of a mixer (see ``MambaMixer2``)."""
+
+    num_heads: int
+    n_groups: int
+    first_group: int
+    intermediate: int
+    conv_dim: int
+
+
+def _local_sizes(s: MambaShape, rank: int, size: int) -> _LocalSizes:
+    if s.num_heads % size:
+        raise ValueError(f"The model's {s.num_heads} Mamba heads do not split over "
+                         f"tensor_parallel_size {size}; use a size that divides {s.num_heads}.")
+    if s.n_groups % size and s.n_groups != 1:
+        raise ValueError(f"The model's {s.n_groups} Mamba groups (n_groups) do not split over "
+                         f"tensor_parallel_size {size}; use a size that divides {s.n_groups}.")
+    groups = s.n_groups // size if s.n_groups % size == 0 else 1
+    first = rank * groups if s.n_groups % size == 0 else 0
+    heads = s.num_heads // size
+    inter = heads * s.head_dim
+    return _LocalSizes(heads, groups, first, inter, inter + 2 * groups * s.d_state)
 
 
 class _Conv1dWeights(nn.Module):

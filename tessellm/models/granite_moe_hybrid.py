@@ -59,4 +59,6 @@ class GraniteMoeHybridForCausalLM(HybridLayers, GraniteMoeSharedForCausalLM):
                 else:
                     yield name.replace(".shared_mlp.output_linear.", ".mlp.down_proj."), tensor
 
-        return GraniteMoeForCausalLM.load_weights(self, dense_mlp())
+        loaded: set[str] = set()
+        loaded |= GraniteMoeForCausalLM.load_weights(self, self.load_mamba_tensors(dense_mlp(), loaded))
+        return loaded

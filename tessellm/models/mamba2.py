@@ -23,7 +23,7 @@ from tessellm.layers.linear import materialize
 from tessellm.layers.mamba_mixer import MambaMixer2, MambaShape
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from tessellm.models.state_space import check_single_device, check_time_step_limit
+from tessellm.models.state_space import check_single_stage, check_time_step_limit
 
 
 def mamba2_shape(config) -> MambaShape:
@@ -52,7 +52,7 @@ class Mamba2Block(nn.Module):
 class Mamba2ForCausalLM(nn.Module):
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
-        check_single_device(ctx)
+        check_single_stage(ctx)
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"Mamba2 hidden_act {config.hidden_act!r} is not supported; only silu is.")
         if config.num_heads * config.head_dim != int(config.expand * config.hidden_size):
@@ -98,6 +98,9 @@ class Mamba2ForCausalLM(nn.Module):
             elif name == "lm_head.weight":
                 if not self.tie_word_embeddings:
                     self.lm_head.load_weight(tensor)
+            elif name.startswith("layers.") and ".mixer." in name:  # this rank's slices
+                index, attr = name[len("layers."):].split(".mixer.")
+                self.layers[int(index)].mixer.load_checkpoint_tensor(attr, tensor)
             elif name in params:
                 load_param(params[name], tensor, name)
             else:

@@ -4,8 +4,8 @@ Mamba2 mixer where the attention was, so the layers of one model chain the same 
     layer i:  input_layernorm(h, res) -> mamba -> (* residual_multiplier)
               -> post_attention_layernorm(h, res) -> mlp -> (* residual_multiplier)
 
-Returns ``(hidden, residual)`` like ``DecoderLayer``: the next layer's input norm adds them.
-One device only (``models/state_space.py``), so no norm sums over tensor ranks.
+Returns ``(hidden, residual)`` like ``DecoderLayer``: the next layer's input norm adds them
+(and, under tensor parallelism, sums the MLP's partial output over the ranks, as there).
 
 ``HybridLayers`` is what a llama-family model class adds to become a hybrid: the config's
 ``mamba_*`` sizes (Granite 4.0-H and Bamba name them alike), each layer's kind from
@@ -15,28 +15,34 @@ asks for (attention layers hold KV cache, Mamba layers hold recurrent state).
 
 from __future__ import annotations
 
-from typing import Callable
+import re
+from typing import Callable, Iterable
+
+import torch
 
 import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
 from tessellm.layers.mamba_mixer import MambaMixer2, MambaShape
 from tessellm.models.decoder import DecoderLayer
-from tessellm.models.state_space import check_single_device, check_time_step_limit
+from tessellm.models.state_space import check_single_stage, check_time_step_limit
 
 _MAMBA_TYPES = ("mamba", "linear_attention")
 _ATTENTION_TYPES = ("attention", "full_attention")
+_MAMBA_TENSOR = re.compile(r"(?:model\.)?layers\.(\d+)\.mamba\.(.+)$")
 
 
 class MambaDecoderLayer(nn.Module):
-    def __init__(self, mamba: MambaMixer2, mlp: nn.Module, norm: Callable[[], nn.Module],
-                 residual_multiplier: float = 1.0):
-        """``norm()`` builds each of the two RMSNorms."""
+    def __init__(self, mamba: MambaMixer2, mlp: nn.Module, norm: Callable[..., nn.Module],
+                 residual_multiplier: float = 1.0, input_reduce=None):
+        """``norm(reduce)`` builds each of the two RMSNorms; ``input_reduce``: the tensor group
+        the input norm sums its input over (the previous layer's MLP output is a partial sum
+        under tensor parallelism; the mixer's ``out_proj`` sums its own)."""
         super().__init__()
         self.mamba = mamba
         self.mlp = mlp
-        self.input_layernorm = norm()
-        self.post_attention_layernorm = norm()
+        self.input_layernorm = norm(input_reduce)
+        self.post_attention_layernorm = norm(None)
         self.residual_multiplier = residual_multiplier
 
     def forward(self, positions, hidden, residual, metadata):
@@ -87,7 +93,7 @@ class HybridLayers:
     llama constructor builds the layers, and ``finish_hybrid`` after it."""
 
     def init_hybrid(self, config, ctx: ModelContext) -> None:
-        check_single_device(ctx)
+        check_single_stage(ctx)
         self.kinds = layer_kinds(config)
 
     def finish_hybrid(self, ctx: ModelContext) -> None:
@@ -97,13 +103,30 @@ class HybridLayers:
     def make_layer(self, config, ctx: ModelContext, rotary, index: int) -> nn.Module:
         if self.kinds[index] == "attention":
             return super().make_layer(config, ctx, rotary, index)
+        summed = index == 0 or self.output_summed(config)
         return MambaDecoderLayer(MambaMixer2(hybrid_mamba_shape(config), ctx),
                                  self.make_mlp(config, ctx, index),
-                                 lambda: self.make_norm(config, ctx, None),
-                                 self.residual_multiplier(config))
+                                 lambda reduce: self.make_norm(config, ctx, reduce),
+                                 self.residual_multiplier(config), None if summed else ctx.tp)
 
     def attention_layers(self) -> list:
         return [layer.self_attn.attn for layer in self.layers if isinstance(layer, DecoderLayer)]
 
     def mamba_layers(self) -> list[MambaMixer2]:
         return [layer.mamba for layer in self.layers if isinstance(layer, MambaDecoderLayer)]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded: set[str] = set()
+        loaded |= super().load_weights(self.load_mamba_tensors(weights, loaded))
+        return loaded
+
+    def load_mamba_tensors(self, weights, loaded: set[str]):
+        """Loads the Mamba mixers' tensors (``layers.{i}.mamba.*``: each mixer takes its rank's
+        slices), adding their names to ``loaded``; yields every other tensor."""
+        for name, tensor in weights:
+            match = _MAMBA_TENSOR.match(name)
+            if match is None:
+                yield name, tensor
+                continue
+            self.layers[int(match[1])].mamba.load_checkpoint_tensor(match[2], tensor)
+            loaded.add(f"layers.{match[1]}.mamba.{match[2]}")

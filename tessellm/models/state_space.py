@@ -6,7 +6,8 @@ token before it and cannot be rebuilt from a block hash, so:
 
 - prefix caching is off (a hit would skip tokens whose state nobody has): ``prefix_caching``;
 - speculative decoding is refused (a rejected draft token would have to be taken back out of
-  the state); LoRA, tensor and pipeline parallelism are refused until they are built and tested;
+  the state); LoRA and pipeline parallelism are refused until they are built and tested (tensor
+  parallelism splits the Mamba heads: ``layers/mamba_mixer.py``);
 - steps run eagerly (no captured decode graphs: the state slots are step inputs the graphs
   do not take).
 
@@ -38,8 +39,6 @@ def check_engine_args(args, config) -> None:
          "a rejected draft token cannot be taken back out of the recurrent state; drop "
          "speculative_config"),
         (getattr(args, "enable_lora", False), "LoRA", "drop enable_lora"),
-        (getattr(args, "tensor_parallel_size", 1) > 1, "tensor parallelism",
-         "use tensor_parallel_size=1"),
         (getattr(args, "pipeline_parallel_size", 1) > 1, "pipeline parallelism",
          "use pipeline_parallel_size=1"),
     ]
@@ -70,8 +69,8 @@ def check_time_step_limit(limit) -> tuple[float, float]:
     return lo, hi
 
 
-def check_single_device(ctx) -> None:
+def check_single_stage(ctx) -> None:
     """At model build (a rank that got here anyway, e.g. a test building the model directly)."""
-    if ctx.tp.size > 1 or ctx.pp.num_stages > 1:
-        raise ValueError("Models with Mamba layers run on one device for now; use "
-                         "tensor_parallel_size=1 and pipeline_parallel_size=1.")
+    if ctx.pp.num_stages > 1:
+        raise ValueError("Models with Mamba layers run on one pipeline stage for now; use "
+                         "pipeline_parallel_size=1.")

@@ -48,6 +48,13 @@ def test_granite_hybrid_dense_nope(tmp_path):
     assert_parity(path, prompts((7, 19)), max_new=10, max_num_batched_tokens=8)
 
 
+def test_granite_hybrid_tensor_parallel(hybrid_dir):
+    """tensor_parallel_size=2 (gloo): Mamba heads and groups, attention heads and experts split
+    over the ranks; the partial sums meet in the norms as in the other families."""
+    assert_parity(hybrid_dir, prompts((5, 21)), max_new=8, tensor_parallel_size=2, device="cpu",
+                  max_num_batched_tokens=16)
+
+
 def test_granite_hybrid_preemption(hybrid_dir):
     prompt_list = prompts((20, 24, 28, 30), seed=7)
     want, _ = hf_reference(hybrid_dir, prompt_list, 16)

@@ -65,9 +65,19 @@ def test_mamba2_preemption_recomputes_the_state(mamba2_dir):
     assert [list(o.outputs[0].token_ids) for o in outs] == want
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_mamba2_tensor_parallel(groups, tmp_path):
+    """tensor_parallel_size=2 (gloo): each rank holds half the heads; with n_groups 2 half the
+    groups, with n_groups 1 the group replicated and the gated norm's sum of squares summed
+    over the ranks."""
+    path = save_tiny(mamba2_config(n_groups=groups), str(tmp_path / f"g{groups}"))
+    assert_parity(path, prompts((5, 21)), max_new=8, tensor_parallel_size=2, device="cpu",
+                  max_num_batched_tokens=16)
+
+
 def test_mamba2_refuses_what_a_recurrent_state_cannot_do(mamba2_dir):
-    with pytest.raises(ValueError, match="does not support tensor parallelism yet"):
-        LLM(mamba2_dir, dtype="float32", tensor_parallel_size=2, device="cpu")
+    with pytest.raises(ValueError, match="does not support pipeline parallelism yet"):
+        LLM(mamba2_dir, dtype="float32", pipeline_parallel_size=2, device="cpu")
     with pytest.raises(ValueError, match="does not support speculative decoding yet"):
         LLM(mamba2_dir, dtype="float32",
             speculative_config={"method": "ngram", "num_speculative_tokens": 2})
