@@ -186,6 +186,6 @@ def to_openai(messages: list[HarmonyMessage], calls: bool = True, split_final: b
 
 
 def join(parts: list[str]) -> str:
-    """Messages' texts joined by a blank line; an empty one adds nothing (so a stream's text
-    only grows as an open message fills)."""
-    return "\n\n".join(p for p in parts if p)
+    """Messages' texts joined by a newline (as vLLM joins reasoning messages); an empty one adds
+    nothing (so a stream's text only grows as an open message fills)."""
+    return "\n".join(p for p in parts if p)

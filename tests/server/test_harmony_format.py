@@ -207,7 +207,7 @@ def test_malformed_outputs(text, expected):
 
 
 def test_join_skips_empty_messages():
-    assert join(["a", "", "b"]) == "a\n\nb"
+    assert join(["a", "", "b"]) == "a\nb"
 
 
 PIECES = ["<|start|>", "assistant", "<|channel|>", "analysis", "final", "commentary", "<|message|>", "<|end|>",

@@ -158,7 +158,7 @@ def test_tool_choice_none_returns_no_call(srv):
     r = _chat(srv, "[tool]", tools=TOOLS, tool_choice="none")
     m = r["choices"][0]["message"]
     assert not m.get("tool_calls") and m.get("content") is None
-    assert m["reasoning"] == ' Need the weather.\n\n{"city": "Paris"}'
+    assert m["reasoning"] == ' Need the weather.\n{"city": "Paris"}'
     assert r["choices"][0]["finish_reason"] == "stop"
 
 
