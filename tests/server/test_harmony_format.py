@@ -259,3 +259,15 @@ def test_forced_tool_choice_reads_the_final_channel_only():
     content, calls = view.final(text)
     assert content == "Checking." and [(c.function.name, c.function.arguments) for c in calls] == [
         ("get_weather", '{"city": "Paris"}')]
+
+
+def test_grammar_gate_markers_are_the_headers_gpt_oss_writes(enc):
+    """The engine core starts a constrained request's grammar after the openai_gptoss parser's
+    end marker, matched on its token ids: those must be the final channel's header exactly as
+    the model writes it (and the start marker the analysis channel's)."""
+    from tessellm.reasoning.parsers import get_reasoning_parser
+
+    parser = get_reasoning_parser("openai_gptoss")
+    for channel, marker in (("final", parser.end), ("analysis", parser.start)):
+        rendered = enc.render(_msg(channel, "x"))  # <|start|> assistant <|channel|> NAME <|message|> x <|end|>
+        assert enc.encode(marker, allowed_special="all") == rendered[2:5]
