@@ -391,7 +391,10 @@ class AttentionKernel(Protocol):
       row, and returns ``[num_tokens, num_heads, mla_value_size]`` (the oracle is
       ``backends/reference/mla_attention.paged_mla_attention``). For an MLA spec the engine
       refuses the model at load, naming the option and the backend, unless the kernel it got
-      declares this.
+      declares this. An MLA kernel listing ``fp8`` in ``kv_cache_dtypes`` keeps float8 e4m3
+      latent rows (its ``kv_cache_torch_dtype``) of ``row / k_scale`` saturated at the format's
+      largest value, ``k_scale`` its float attribute (one scale for the cache, default 1.0);
+      rows read back as ``fp8 * k_scale``, keys and values alike (the oracle's ``k_scale``).
     - ``supports_key_limits`` (optional, default False): for a spec with
       ``prefill_key_limits``, a batch whose ``key_limits`` is set is attended with row i seeing
       keys ``<= key_limits[i]`` instead of ``<=`` its position (the oracle is

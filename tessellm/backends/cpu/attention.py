@@ -416,13 +416,18 @@ def _write_cache_padded(k, v, k_cache, v_cache, slot_mapping):
         slots  [ 7, 12, -1, -1]        values [k0, k1, kx, kx]
         write  [ 7, 12,  7,  7]               [k0, k1, k0, k0]
     """
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        write_rows_padded(new.to(cache.dtype), cache, slot_mapping)
+
+
+def write_rows_padded(new, cache, slot_mapping):
+    """One cache's part of ``_write_cache_padded``: ``new`` ``[T, KVH, D]`` in the cache's
+    dtype scattered by slot, rows with slot -1 changing nothing (MLA's latent cache, which has
+    no value cache, writes through this alone)."""
     valid = slot_mapping >= 0
     first = torch.argmax(valid.to(torch.int32), dim=0, keepdim=True)  # [1]: first real row or 0
     any_valid = valid.index_select(0, first)  # [1]; index_select, not a host scalar
     slots = torch.where(valid, slot_mapping, slot_mapping.index_select(0, first).clamp(min=0))
-    keep = valid[:, None, None]
-    for new, cache in ((k, k_cache), (v, v_cache)):
-        flat = cache.view(-1, *cache.shape[2:])
-        new = new.to(cache.dtype)
-        fill = torch.where(any_valid[:, None, None], new.index_select(0, first), flat[:1])
-        flat.index_copy_(0, slots, torch.where(keep, new, fill))
+    flat = cache.view(-1, *cache.shape[2:])
+    fill = torch.where(any_valid[:, None, None], new.index_select(0, first), flat[:1])
+    flat.index_copy_(0, slots, torch.where(valid[:, None, None], new, fill))
