@@ -215,3 +215,19 @@ def test_bad_requests_are_400(srv, body, param):
     error = r.json()["error"]
     assert error["message"] and error["type"] and param in (error["param"] or "")
     assert _chat(srv, "[final]")["choices"][0]["message"]["content"] == "It is four."  # still serving
+
+
+def test_n_choices_each_parsed_whole_and_streamed(srv):
+    r = _chat(srv, "[tool]", tools=TOOLS, n=2, logprobs=True)
+    assert [[c["function"] for c in ch["message"]["tool_calls"]] for ch in r["choices"]] == [[CALL], [CALL]]
+    assert all(len(ch["logprobs"]["content"]) == 6 for ch in r["choices"])
+    args, finish = {0: "", 1: ""}, {}
+    with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=_body("[tool]", stream=True, tools=TOOLS, n=2),
+                      headers=srv.headers, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for c in json.loads(line[6:])["choices"]:
+                    for piece in c["delta"].get("tool_calls") or []:
+                        args[c["index"]] += piece["function"].get("arguments") or ""
+                    finish[c["index"]] = c.get("finish_reason") or finish.get(c["index"])
+    assert args == {0: CALL["arguments"], 1: CALL["arguments"]} and finish == {0: "tool_calls", 1: "tool_calls"}
