@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "gemma2", "phi3", "gpt-oss",
-            "deepseek-v2-lite", "deepseek-v3"]
+            "deepseek-v2-lite", "deepseek-v3", "llama4", "phimoe"]
 
 
 def _save(arch: str, path: str) -> str:
@@ -39,6 +39,15 @@ def _save(arch: str, path: str) -> str:
         from tests.models.test_gemma3_parity import gemma3_config
 
         config = gemma3_config()
+    elif arch == "llama4":  # chunked local attention (16 = the block size), NoPE, MoE top-2
+        from tests.models.test_llama4 import llama4_config
+
+        config = llama4_config(vocab_size=256, max_position_embeddings=512, num_experts_per_tok=2)
+    elif arch == "phimoe":  # sparsemixer routing, biases, LayerNorms (default rope)
+        from tests.models.test_phimoe import phimoe_config
+
+        config = phimoe_config(vocab_size=256, max_position_embeddings=512,
+                               rope_parameters={"rope_type": "default", "rope_theta": 1e4})
     elif arch == "gemma2":  # window 8, attention cap 2, final cap 5 (HF: eager attention)
         from tests.models.test_gemma2 import gemma2_config
 

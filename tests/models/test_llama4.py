@@ -111,3 +111,35 @@ def test_llama4_conditional_generation_serves_text(tmp_path):
 ], ids=["chunk-not-block-multiple", "bad-no-rope", "gelu", "bad-layer-type"])
 def test_llama4_unsupported_config_refused(overrides, match, tmp_path):
     assert_refused_at_load(llama4_config(**overrides), "Llama4ForCausalLM", tmp_path, match)
+
+
+def test_llama4_ngram_speculation_across_chunks(tmp_path):
+    """Speculative decoding's verify steps put several queries of one sequence in a step; with
+    repetitive prompts the n-gram drafts are accepted, and verify steps straddle the chunk
+    boundaries (chunk 8): HF's greedy tokens still."""
+    from tests.models.variant_parity import hf_reference
+
+    from tessellm import LLM, SamplingParams
+
+    path = save_tiny(llama4_config(attention_chunk_size=8), str(tmp_path / "spec"))
+    prompt_list = [[5, 6, 7, 8] * 4 + [9], [10, 11, 12] * 5, [20, 21] * 3]
+    want, _ = hf_reference(path, prompt_list, 20)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+            "prompt_lookup_max": 3}
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    with LLM(path, dtype="float32", block_size=8, speculative_config=spec) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params,
+                            use_tqdm=False)
+        assert llm.engine.core.scheduler.spec_stats.num_accepted_tokens > 0
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
+
+
+@pytest.mark.slow
+def test_llama4_on_emulated_cuda(tmp_path):
+    """The cuda backend's Triton attention (behind the chunk split) and fused MoE (top-2, the
+    inputs pre-scaled) under the Triton interpreter, with chunked prefill across a chunk
+    boundary (90 s here)."""
+    path = save_tiny(llama4_config(attention_chunk_size=8, num_experts_per_tok=2),
+                     str(tmp_path / "emulated"))
+    assert_parity(path, prompts((13,)), max_new=6, device="cuda", emulate=True,
+                  max_num_batched_tokens=8, block_size=8)
