@@ -72,16 +72,33 @@ def held_back(text: str, markers=ENDS) -> int:
     return 0
 
 
-class HarmonyParser:
-    """One output's messages, parsed as it grows (``parse`` with the whole text each time)."""
+def prompt_header(prompt_tail: str) -> Optional[tuple[Optional[str], Optional[str], Optional[str]]]:
+    """The header a prompt opened the first message with, when it ends inside one (a template
+    whose generation prompt is ``<|start|>assistant<|channel|>final<|message|>``); None when
+    it ends before the header (``<|start|>assistant``, gpt-oss's own template)."""
+    at = prompt_tail.rfind(START)
+    segment = prompt_tail[at + len(START):] if at >= 0 else ""
+    if at < 0 or not segment.endswith(MESSAGE) or any(m in segment for m in (END, CALL, RETURN)):
+        return None
+    header = segment[:-len(MESSAGE)]
+    cut = [i for i in (header.find(o) for o in HEADER_OPENERS) if i >= 0]
+    return parse_header(header[min(cut, default=len(header)):])
 
-    def __init__(self):
+
+class HarmonyParser:
+    """One output's messages, parsed as it grows (``parse`` with the whole text each time).
+    ``opened``: the first message's header when the prompt wrote it (``prompt_header``)."""
+
+    def __init__(self, opened: Optional[tuple] = None):
+        self.opened = opened
         self._reset()
 
     def _reset(self) -> None:
         self._done: list[HarmonyMessage] = []  # complete messages
         self._next = 0  # where the text after them starts
         self._open: Optional[HarmonyMessage] = None  # the open message's header, once read
+        if self.opened is not None:
+            self._open = HarmonyMessage(*self.opened, content="", done=False)
         self._body = 0  # where the open message's content starts
         self._search = 0  # its content before this holds no end marker
 

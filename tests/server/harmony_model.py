@@ -12,7 +12,8 @@ as a special token and once inside a longer added token (the text is the same).
 a harmony-shaped prompt (``Reasoning:``, the tools' names and descriptions, the latter
 read as gpt-oss's template reads them (``"// " + description``: an error when absent), earlier
 thinking, calls and results)
-and ends with the last message's text, the trigger.
+and ends with the last message's text, the trigger (or, with the template variable
+``open_header``, with a header it opens: then the prompt's last token picks the chain).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ TEMPLATE = (
     "<|message|>' + m.content + '<|end|>' }}"
     "{%- else %}{{ '<|start|>' + m.role + '<|message|>' + m.content + '<|end|>' }}{% endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|start|>assistant' + messages[-1].content }}{% endif %}")
+    "{%- if add_generation_prompt %}{{ '<|start|>assistant' + (open_header if open_header is defined"
+    " else messages[-1].content) }}{% endif %}")
 
 
 def make_harmony_model(path: str) -> str:

@@ -271,3 +271,17 @@ def test_grammar_gate_markers_are_the_headers_gpt_oss_writes(enc):
     for channel, marker in (("final", parser.end), ("analysis", parser.start)):
         rendered = enc.render(_msg(channel, "x"))  # <|start|> assistant <|channel|> NAME <|message|> x <|end|>
         assert enc.encode(marker, allowed_special="all") == rendered[2:5]
+
+
+def test_a_prompt_that_opens_the_first_header():
+    from tessellm.reasoning.harmony import prompt_header
+
+    assert prompt_header("<|start|>user<|message|>hi<|end|><|start|>assistant") is None
+    assert prompt_header("<|end|><|start|>assistant<|channel|>final<|message|>") == ("final", None, None)
+    assert prompt_header("<|start|>assistant<|channel|>final<|message|>Hi<|end|>") is None
+    opened = prompt_header("<|start|>assistant<|channel|>analysis<|message|>")
+    text = "Thinking.<|end|><|start|>assistant<|channel|>final<|message|>Done."
+    steps = [text[:k] for k in range(1, len(text) + 1)]
+    view = ToolCallView(HarmonyToolParser(opened=opened))
+    streamed = "".join(view.delta(step, final=k == len(steps) - 1)[0] for k, step in enumerate(steps))
+    assert (view.parser.reasoning, streamed) == ("Thinking.", "Done.")

@@ -231,3 +231,25 @@ def test_n_choices_each_parsed_whole_and_streamed(srv):
                         args[c["index"]] += piece["function"].get("arguments") or ""
                     finish[c["index"]] = c.get("finish_reason") or finish.get(c["index"])
     assert args == {0: CALL["arguments"], 1: CALL["arguments"]} and finish == {0: "tool_calls", 1: "tool_calls"}
+
+
+def test_a_prompt_that_opens_the_first_header(srv):
+    """A template whose generation prompt writes the first message's header
+    (``<|start|>assistant<|channel|>final<|message|>``, as some gpt-oss templates do): the
+    output starts inside that message. The model writes "It is four." either way; opened on
+    analysis it is reasoning, on final it is content, and a constraint applies from the first
+    token (the engine's gate sees the final header closed in the prompt)."""
+    def opened(channel, **body):
+        kwargs = {"open_header": f"<|channel|>{channel}<|message|>"}
+        return _chat(srv, "[final]", chat_template_kwargs=kwargs, **body)["choices"][0]["message"], kwargs
+
+    m, kwargs = opened("analysis")
+    assert m["reasoning"] == "It is four." and m.get("content") is None
+    _same_stream(srv, "[final]", m, "stop", chat_template_kwargs=kwargs)
+    m, kwargs = opened("final")
+    assert m["content"] == "It is four." and "reasoning" not in m
+    _same_stream(srv, "[final]", m, "stop", chat_template_kwargs=kwargs)
+    pytest.importorskip("xgrammar")
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "string", "enum": ["yes", "no"]}}}
+    m, _ = opened("final", response_format=fmt)
+    assert json.loads(m["content"]) in ("yes", "no")

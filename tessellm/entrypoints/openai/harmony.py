@@ -16,8 +16,8 @@ from typing import Optional
 
 from tessellm.entrypoints.openai.tool_parsers import HarmonyToolParser
 from tessellm.entrypoints.openai.tools import ToolCallView, ToolPlan
-from tessellm.reasoning.harmony import CALL, RETURN
-from tessellm.reasoning.parsers import get_reasoning_parser
+from tessellm.reasoning.harmony import CALL, RETURN, prompt_header
+from tessellm.reasoning.parsers import PROMPT_TAIL_TOKENS, get_reasoning_parser
 
 TOOL_PARSER = "openai"  # --tool-call-parser's name for it (vLLM's)
 
@@ -49,9 +49,11 @@ class HarmonyPlan:
     """What one request's harmony output means: calls parsed unless tool_choice is none (or no
     tools), the reasoning kept unless ``include_reasoning`` is false."""
 
-    def __init__(self, tools: ToolPlan, include_reasoning: bool):
+    def __init__(self, tools: ToolPlan, include_reasoning: bool, tokenizer, prompt_token_ids):
         self.tools = tools
         self.include = include_reasoning
+        tail = tokenizer.decode(list(prompt_token_ids[-PROMPT_TAIL_TOKENS:]), skip_special_tokens=False)
+        self.opened = prompt_header(tail)  # a template that opens the first message's header
 
     def adjust(self, params, tokenizer) -> None:
         params.skip_special_tokens = False  # the markers are special tokens
@@ -59,7 +61,7 @@ class HarmonyPlan:
 
     def view(self) -> ToolCallView:
         forced = self.tools.parser if self.tools.mode in ("required", "named") else None
-        return ToolCallView(HarmonyToolParser(calls=self.tools.mode != "none", forced=forced))
+        return ToolCallView(HarmonyToolParser(calls=self.tools.mode != "none", forced=forced, opened=self.opened))
 
     def fields(self, reasoning: Optional[str]) -> dict:
         if reasoning is None or not self.include:

@@ -72,8 +72,9 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     reasoning = None if harmony else ReasoningPlan.for_request(engine, req, processed.prompt_token_ids)
     if reasoning is not None:
         reasoning.adjust(params)
-    harmony_plan = HarmonyPlan(plan, req.include_reasoning) if harmony else None
-    if harmony_plan is not None:
+    harmony_plan = None
+    if harmony:
+        harmony_plan = HarmonyPlan(plan, req.include_reasoning, engine.tokenizer, processed.prompt_token_ids)
         harmony_plan.adjust(params, engine.tokenizer)
     request_id = random_id("chatcmpl")
     view = _ChatView(engine, req, lora.lora_name if lora else config.model_name,

@@ -258,10 +258,10 @@ class HarmonyToolParser(ToolParser):
     needs_special_tokens = True
     partial_arguments = True
 
-    def __init__(self, calls: bool = True, forced: Optional[ToolParser] = None):
+    def __init__(self, calls: bool = True, forced: Optional[ToolParser] = None, opened: Optional[tuple] = None):
         from tessellm.reasoning.harmony import HarmonyParser
 
-        self.harmony = HarmonyParser()
+        self.harmony = HarmonyParser(opened)  # opened: the header the prompt ended with
         self.calls = calls
         self.forced = forced
         self.reasoning: Optional[str] = None  # of the last parse; None: the output has none
