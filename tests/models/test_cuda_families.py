@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "gemma2", "phi3", "gpt-oss",
-            "deepseek-v2-lite", "deepseek-v3", "llama4", "phimoe"]
+            "deepseek-v2-lite", "deepseek-v3", "llama4", "phimoe", "granite-4h", "mamba2"]
 
 
 def _save(arch: str, path: str) -> str:
@@ -48,6 +48,14 @@ def _save(arch: str, path: str) -> str:
 
         config = phimoe_config(vocab_size=256, max_position_embeddings=512,
                                rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    elif arch == "granite-4h":  # Mamba2 layers (Triton conv1d, SSD scan, state update) + attention + MoE
+        from tests.models.test_granite_moe_hybrid import granite_hybrid_config
+
+        config = granite_hybrid_config(vocab_size=256, max_position_embeddings=512)
+    elif arch == "mamba2":  # Mamba2 layers only: the recurrent-state cache alone
+        from tests.models.test_mamba2 import mamba2_config
+
+        config = mamba2_config(vocab_size=256)
     elif arch == "gemma2":  # window 8, attention cap 2, final cap 5 (HF: eager attention)
         from tests.models.test_gemma2 import gemma2_config
 
