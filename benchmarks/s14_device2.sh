@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Session 14's closing call: this session's new Triton kernels on a GPU for the first time (key
+# limits, Triton MLA split-KV decode + fp8 latent rows, Mamba2 conv1d / SSD scan / state update,
+# block-wise fp8 W8A8, chunked local attention: KT_S), the conformance suite on cuda (CONF_S),
+# the families on cuda against HF on the GPU (session 14's added, gpt-oss and Gemma 2 again:
+# FAM_S), and the MLA kernel micro-benchmark (MLA_S).
+#   bash benchmarks/s14_device2.sh   (repo root; carry .whl and tessellm.egg-info)
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source benchmarks/device_env.sh
+t() { local name=$1 secs=$2; shift 2; echo "=== $name (limit $secs s) $(date -u +%T)"
+      timeout "$secs" "$@" > "$OUT/$name.txt" 2>&1; echo "rc=$?"; grep -E "passed|failed|FAILED|Error|^(FAIL|ERROR)" "$OUT/$name.txt" | tail -25; }
+{
+  nvidia-smi --query-gpu=name --format=csv,noheader; echo "commit ${COMMIT:-unknown}"; date -u
+  t kernels ${KT_S:-150} python3 -m pytest -q -p no:cacheprovider -rs tests/kernels/test_attention_key_limits.py \
+    tests/kernels/test_triton_mla.py tests/kernels/test_chunked_attention.py tests/quantization/test_block_fp8.py \
+    ${KT_EXTRA:-}
+  t conformance ${CONF_S:-170} python3 -m tessellm.testing --backend cuda -q -rs
+  t families ${FAM_S:-240} python3 -m pytest -q -p no:cacheprovider -rs tests/models/test_cuda_families.py \
+    -k "${FAM_K:-gpt-oss or gemma2 or llama4 or phimoe or granite or mamba2}"
+  t mla_bench ${MLA_S:-0} python3 ${MLA_BENCH:-benchmarks/kernels/bench_mla.py}; tail -20 "$OUT/mla_bench.txt"
+} 2>&1 | tee "$OUT/log.txt"
