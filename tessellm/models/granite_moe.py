@@ -87,16 +87,18 @@ class GraniteMoeSharedForCausalLM(GraniteMoeForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         size = getattr(self.config, "shared_intermediate_size", 0) or 0
+        return super().load_weights(shared_mlp_names(weights, size, ".mlp.shared_mlp."))
 
-        def split():
-            for name, tensor in weights:
-                if ".shared_mlp.input_linear.weight" in name:
-                    gate, up = materialize(tensor).split([size, size])
-                    prefix = name.replace(".shared_mlp.input_linear.weight", ".mlp.shared_mlp.")
-                    yield prefix + "gate_proj.weight", gate
-                    yield prefix + "up_proj.weight", up
-                else:
-                    down = ".mlp.shared_mlp.down_proj."
-                    yield name.replace(".shared_mlp.output_linear.", down), tensor
 
-        return super().load_weights(split())
+def shared_mlp_names(weights, size: int, into: str):
+    """The fused ``shared_mlp.input_linear`` cut into ``{into}gate_proj`` / ``up_proj`` (``size``
+    rows each) and ``shared_mlp.output_linear`` renamed ``{into}down_proj``; others as they are.
+    ``into``: ".mlp.shared_mlp." beside experts, ".mlp." where it is the layer's only MLP."""
+    for name, tensor in weights:
+        if ".shared_mlp.input_linear.weight" in name:
+            gate, up = materialize(tensor).split([size, size])
+            prefix = name.replace(".shared_mlp.input_linear.weight", into)
+            yield prefix + "gate_proj.weight", gate
+            yield prefix + "up_proj.weight", up
+        else:
+            yield name.replace(".shared_mlp.output_linear.", into + "down_proj."), tensor

@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
-from tessellm.layers.linear import materialize
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.decoder import DecoderMLP
-from tessellm.models.granite_moe import GraniteMoeForCausalLM, GraniteMoeSharedForCausalLM
+from tessellm.models.granite_moe import (GraniteMoeForCausalLM, GraniteMoeSharedForCausalLM,
+                                         shared_mlp_names)
 from tessellm.models.mamba_decoder_layer import HybridLayers
 
 
@@ -47,18 +47,7 @@ class GraniteMoeHybridForCausalLM(HybridLayers, GraniteMoeSharedForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if not self.dense:
             return super().load_weights(weights)
-        size = self.config.shared_intermediate_size
-
-        def dense_mlp():  # shared_mlp.* -> the plain MLP's gate/up and down projections
-            for name, tensor in weights:
-                if ".shared_mlp.input_linear.weight" in name:
-                    gate, up = materialize(tensor).split([size, size])
-                    prefix = name.replace(".shared_mlp.input_linear.weight", ".mlp.")
-                    yield prefix + "gate_proj.weight", gate
-                    yield prefix + "up_proj.weight", up
-                else:
-                    yield name.replace(".shared_mlp.output_linear.", ".mlp.down_proj."), tensor
-
         loaded: set[str] = set()
-        loaded |= GraniteMoeForCausalLM.load_weights(self, self.load_mamba_tensors(dense_mlp(), loaded))
+        loaded |= GraniteMoeForCausalLM.load_weights(self, self.load_mamba_tensors(
+            shared_mlp_names(weights, self.config.shared_intermediate_size, ".mlp."), loaded))
         return loaded
