@@ -75,6 +75,21 @@ def test_mamba2_tensor_parallel(groups, tmp_path):
                   max_num_batched_tokens=16)
 
 
+def test_mamba2_async_scheduling_with_preemption(mamba2_dir):
+    """Async scheduling (the GPU default): a request's next chunk or decode is launched before
+    its last step's tokens are read, and a request preempted while its step runs is recomputed;
+    the state slots follow the runner's launches, so the tokens are HF's."""
+    prompt_list = prompts((20, 24, 28, 30), seed=5)
+    want, _ = hf_reference(mamba2_dir, prompt_list, 16)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    with LLM(mamba2_dir, device="cpu", dtype="float32", num_kv_blocks=24, block_size=4,
+             max_num_batched_tokens=16, async_scheduling=True) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
+        assert llm.engine.core.async_scheduling
+        assert llm.engine.core.scheduler.num_preemptions_total > 0
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
+
+
 def test_mamba2_refuses_what_a_recurrent_state_cannot_do(mamba2_dir):
     with pytest.raises(ValueError, match="does not support pipeline parallelism yet"):
         LLM(mamba2_dir, dtype="float32", pipeline_parallel_size=2, device="cpu")
