@@ -28,6 +28,8 @@ class TritonOps:
     # ``ExpertActivation.kind``s (and expert biases) fused_moe / fused_experts take
     # (``reference/moe.py``): the grouped GEMMs' epilogue (``kernels/moe/fused_moe.py``)
     fused_moe_activations = ("silu", "swiglu_oai")
+    # block-wise fp8 experts (``block_shape``): dequantized tile by tile in the grouped GEMMs
+    fused_moe_block_fp8 = True
 
     def fused_moe(self, hidden, router_logits, w13, w2, top_k, scoring="softmax",
                   renormalize=True, w13_scale=None, w2_scale=None, **variant):

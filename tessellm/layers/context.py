@@ -22,3 +22,5 @@ class ModelContext:
     quant_method: Any = None  # QuantMethod for linear layers, or None (dense weights)
     tp: TensorParallel = field(default_factory=TensorParallel)  # this rank's tensor-parallel group
     pp: PipelineStage = field(default_factory=PipelineStage)  # this rank's pipeline stage
+    # the QuantSpec quant_method was made for (None: dense): how MoE experts are stored
+    quant_spec: Any = None

@@ -9,6 +9,10 @@ and of the up projection, the same columns of the down projection)::
 
 so each rank's output is a partial sum over I, summed by the next RMSNorm like a row-parallel
 layer's (``layers/norm.py``). The router is replicated.
+
+fp8 experts (``quant``: ``moe_fp8.ExpertQuant``) keep e4m3 codes with a scale per row or per
+block (``moe_fp8.py``) and hand them to ``fused_moe`` / ``fused_experts``; block scales go with
+``block_shape`` only to ops declaring ``fused_moe_block_fp8``, else the reference loop runs them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn as nn
 
 from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
 from tessellm.distributed.parallel_state import TensorParallel
+from tessellm.layers import moe_fp8
 from tessellm.layers.linear import Linear, materialize
 
 # Checkpoint names of an expert's three projections -> (our tensor, shard in it).
@@ -45,44 +50,72 @@ class FusedMoE(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, top_k: int, ops,
                  scoring: str = "softmax", renormalize: bool = True,
-                 tp: Optional[TensorParallel] = None):
+                 tp: Optional[TensorParallel] = None,
+                 quant: Optional[moe_fp8.ExpertQuant] = None):
         super().__init__()
         self.tp = tp or TensorParallel()
         self.local = local_intermediate(num_experts, intermediate, top_k, self.tp)
         self.top_k, self.scoring, self.renormalize = top_k, scoring, renormalize
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.local, hidden), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.local), requires_grad=False)
+        self.quant = quant
+        self.awaiting_scale: set = set()  # fp8 codes loaded whose scale has not come yet
+        self._quant_args: tuple = ()
+        self._quant_kwargs: dict = {}
+        if quant is None:
+            self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.local, hidden),
+                                    requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.local),
+                                   requires_grad=False)
+        else:
+            moe_fp8.allocate(self, quant, num_experts, hidden)
+            if quant.kind == "fp8_block":
+                self._quant_kwargs = {"block_shape": quant.block}
         self._moe = getattr(ops, "fused_moe", None) or fused_moe_reference
         self._experts = getattr(ops, "fused_experts", None) or fused_experts_reference
+        if self._quant_kwargs and not getattr(ops, "fused_moe_block_fp8", False):
+            self._moe, self._experts = fused_moe_reference, fused_experts_reference
+
+    def _scales(self) -> tuple:
+        return () if self.quant is None else (self.w13_scale, self.w2_scale)
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's partial ``[T, H]`` (the whole result when not tensor-parallel)."""
         return self._moe(hidden, router_logits, self.w13, self.w2, self.top_k, self.scoring,
-                         self.renormalize)
+                         self.renormalize, *self._scales(), **self._quant_kwargs)
 
     def forward_routed(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                        topk_ids: torch.Tensor) -> torch.Tensor:
         """As ``forward`` with the routing done by the caller (``[T, k]`` weights, as given,
         and expert ids): a router the contract's scorings do not describe (DeepSeek's)."""
-        return self._experts(hidden, topk_weights, topk_ids, self.w13, self.w2)
+        return self._experts(hidden, topk_weights, topk_ids, self.w13, self.w2, *self._scales(),
+                             **self._quant_kwargs)
 
-    def load_expert(self, expert: int, part: str, tensor) -> str:
-        """Copy one checkpoint projection (a key of ``EXPERT_PARTS``) of ``expert``; returns the
-        parameter's name."""
+    def load_expert(self, expert: int, part: str, tensor, attr: str = "weight") -> list[str]:
+        """Copy one checkpoint tensor (``attr`` of projection ``part``, a key of
+        ``EXPERT_PARTS``) of ``expert``; returns the parameters it filled."""
         name, shard = EXPERT_PARTS[part]
         start = self.tp.rank * self.local
+        if attr != "weight":
+            if self.quant is None:
+                raise ValueError(f"Expert {expert} {part} has a {attr} in the checkpoint, but "
+                                 "the model is loaded unquantized; leave quantization unset so "
+                                 "the checkpoint's quantization_config applies.")
+            return moe_fp8.load(self, expert, name, shard, attr, materialize(tensor), start,
+                                f"expert {expert} {part}")
+        dim = 1 if name == "w2" else 0
+        src = materialize(tensor.narrow(dim, start, self.local) if self.tp.size > 1 else tensor)
+        if self.quant is not None:
+            return moe_fp8.load(self, expert, name, shard, attr, src, start,
+                                f"expert {expert} {part}")
         if name == "w2":
-            src = materialize(tensor.narrow(1, start, self.local) if self.tp.size > 1 else tensor)
             dst = self.w2.data[expert]
         else:
-            src = materialize(tensor.narrow(0, start, self.local) if self.tp.size > 1 else tensor)
             dst = self.w13.data[expert, shard * self.local:(shard + 1) * self.local]
         if dst.shape != src.shape:
             raise ValueError(f"Expert {expert} {part} has shape {tuple(tensor.shape)} in the "
                              f"checkpoint, which does not fit {tuple(dst.shape)} on this rank; "
                              "the config does not match the weights.")
         dst.copy_(src)
-        return name
+        return [name]
 
 
 class SparseMoeBlock(nn.Module):

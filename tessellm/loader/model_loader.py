@@ -90,7 +90,8 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
         return kernels[key]
 
     ctx = ModelContext(ops=ops, make_attention_kernel=make_kernel, dtype=dtype, device=device,
-                       quant_method=quant_method, tp=tp, pp=pp)
+                       quant_method=quant_method, tp=tp, pp=pp,
+                       quant_spec=quant_spec if quant_method is not None else None)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -14,6 +14,11 @@ q_b_proj}``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj
 ``mlp.gate.weight`` (+ ``e_score_correction_bias`` in V3), ``mlp.experts.<e>.gate_proj|up_proj|
 down_proj``, ``mlp.shared_experts.*``. V3's multi-token-prediction layers (``layers.<L>`` past
 ``num_hidden_layers``) are skipped.
+
+fp8 checkpoints (DeepSeek-V3/R1's block-wise ``weight_scale_inv``): the MLPs, shared experts and
+routed experts keep fp8 (``layers/moe_fp8.py``); MLA's projections are dequantized to the model
+dtype as they load (``quantization.fp8_block.dequantized_stream``): the MLA layers have no
+quantized path (their ``kv_b_proj`` is absorbed into the attention).
 """
 
 from __future__ import annotations
@@ -27,13 +32,16 @@ import torch.nn.functional as F
 
 from tessellm.layers.context import ModelContext
 from tessellm.layers.moe import FusedMoE
+from tessellm.layers.moe_fp8 import expert_quant
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.decoder import DecoderMLP
 from tessellm.models.deepseek_mla import MLAttention
 from tessellm.models.llama import _strip_prefix
 from tessellm.models.moe import _MoeForCausalLM
 from tessellm.models.moe_routing import V2_METHODS, check_grouping, route_v2, route_v3
+from tessellm.quantization.fp8_block import dequantized_stream
 
+_ATTN_WEIGHT = re.compile(r"^layers\.\d+\.self_attn\.\w+\.weight$")
 # MLA's projections: whole tensors, cut by each layer's own tensor-parallel split.
 _MLA_LINEAR = re.compile(r"^(layers\.\d+\.self_attn\."
                          r"(?:q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj))\.(weight|bias)$")
@@ -81,8 +89,9 @@ class DeepseekMoE(nn.Module):
         super().__init__()
         inter = config.moe_intermediate_size
         self.gate = DeepseekRouter(config, v3)
+        quant = expert_quant(ctx.quant_spec) if ctx.quant_method is not None else None
         self.experts = FusedMoE(config.n_routed_experts, config.hidden_size, inter,
-                                config.num_experts_per_tok, ctx.ops, tp=ctx.tp)
+                                config.num_experts_per_tok, ctx.ops, tp=ctx.tp, quant=quant)
         shared = getattr(config, "n_shared_experts", None) or 0
         self.shared_experts = DecoderMLP(config, ctx, inter * shared) if shared else None
 
@@ -141,6 +150,8 @@ class DeepseekV2ForCausalLM(_MoeForCausalLM):
         the rest as for the MoE families (experts stacked, shared experts' gate/up fused)."""
         modules = dict(self.named_modules())
         loaded: set[str] = set()
+        if self.expert_quant is not None:  # an fp8 checkpoint: MLA's projections made dense
+            weights = dequantized_stream(weights, self.expert_quant.block, _is_mla_weight)
 
         def others():
             for name, tensor in weights:
@@ -154,6 +165,12 @@ class DeepseekV2ForCausalLM(_MoeForCausalLM):
 
         loaded |= super().load_weights(others())
         return loaded
+
+
+def _is_mla_weight(name: str) -> bool:
+    """Every attention projection (``o_proj`` too) of an MLA layer."""
+    short = _strip_prefix(name)
+    return short is not None and _ATTN_WEIGHT.match(short) is not None
 
 
 def _router_float32(name: str, tensor):

@@ -6,6 +6,9 @@ Qwen3-MoE (q/k norm). Attention, norms and rotary are the llama family's; each l
 Checkpoint names: the experts come one tensor per projection and expert
 (``...experts.<e>.w1|w3|w2`` for Mixtral, ``...experts.<e>.gate_proj|up_proj|down_proj`` for
 Qwen) and load into the stacked ``w13`` / ``w2``; Mixtral's ``block_sparse_moe`` is our ``mlp``.
+fp8 checkpoints add each expert projection's ``weight_scale`` (per tensor or channel) or
+``weight_scale_inv`` (per block) beside it (``layers/moe_fp8.py``); the attention and dense MLP
+linears take the model's quant method.
 """
 
 from __future__ import annotations
@@ -18,21 +21,20 @@ import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
 from tessellm.layers.moe import EXPERT_PARTS, FusedMoE, SparseMoeBlock
+from tessellm.layers.moe_fp8 import expert_quant, missing_scales
 from tessellm.models.layer_windows import window_by_layer_type, window_everywhere
 from tessellm.models.decoder import DecoderMLP
 from tessellm.models.llama import LlamaForCausalLM, _strip_prefix
 
-_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
+_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\."
+                     r"(weight|weight_scale|weight_scale_inv|input_scale)$")
 
 
 class _MoeForCausalLM(LlamaForCausalLM):
     shared_expert = False
 
     def __init__(self, config, ctx: ModelContext):
-        if ctx.quant_method is not None:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not run quantized linears yet; load it unquantized "
-                "(fp8 experts are supported by the fused_moe op, not yet by the loader).")
+        self.expert_quant = expert_quant(ctx.quant_spec) if ctx.quant_method is not None else None
         super().__init__(config, ctx)
 
     # -- per-family config -----------------------------------------------------------------
@@ -61,7 +63,8 @@ class _MoeForCausalLM(LlamaForCausalLM):
             return DecoderMLP(config, ctx)
         experts = FusedMoE(self.num_experts(config), config.hidden_size, self.expert_size(config),
                            config.num_experts_per_tok, ctx.ops,
-                           renormalize=self.renormalize(config), tp=ctx.tp)
+                           renormalize=self.renormalize(config), tp=ctx.tp,
+                           quant=self.expert_quant)
         shared = None
         if self.shared_expert and getattr(config, "shared_expert_intermediate_size", 0):
             shared = DecoderMLP(config, ctx, config.shared_expert_intermediate_size)
@@ -83,10 +86,11 @@ class _MoeForCausalLM(LlamaForCausalLM):
                 if match is None:
                     yield name, tensor
                 elif self._owns(match.group(1)):
-                    prefix, expert, part = match.groups()
-                    param = modules[prefix].load_expert(int(expert), part, tensor)
-                    loaded.add(f"{prefix}.{param}")
-                    filled.setdefault(prefix, set()).add((int(expert), EXPERT_PARTS[part]))
+                    prefix, expert, part, attr = match.groups()
+                    params = modules[prefix].load_expert(int(expert), part, tensor, attr)
+                    loaded.update(f"{prefix}.{param}" for param in params)
+                    if attr == "weight":
+                        filled.setdefault(prefix, set()).add((int(expert), EXPERT_PARTS[part]))
 
         loaded |= super().load_weights((self.rename_full(n), t) for n, t in others())
         for prefix, seen in filled.items():
@@ -96,6 +100,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
                         part = {0: "gate (w1)", 1: "up (w3)", None: "down (w2)"}[shard]
                         raise ValueError(f"The checkpoint has no {part} projection of expert "
                                          f"{expert} in {prefix}; is it complete?")
+            missing_scales(modules[prefix], prefix)
         return loaded
 
     def rename_full(self, name: str) -> str:

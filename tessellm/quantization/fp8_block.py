@@ -163,37 +163,36 @@ def w8a8_block_reference(x: torch.Tensor, w: Fp8BlockWeight, bias=None) -> torch
     return out if bias is None else out + bias
 
 
-def dequantized_stream(weights: Iterable[tuple[str, object]], block: tuple[int, int],
+def dequantized_stream(weights: Iterable[tuple[str, object]], block: Optional[tuple[int, int]],
                        wanted) -> Iterator[tuple[str, object]]:
-    """Checkpoint tensors with each ``<p>.weight`` (fp8) / ``<p>.weight_scale_inv`` pair for which
-    ``wanted(<p>.weight)`` holds turned into one dense float32 ``<p>.weight``: for layers that
-    keep dense weights (DeepSeek's MLA projections). Each half waits for the other, which
-    checkpoints store next to it; everything else passes through."""
+    """Checkpoint tensors with each fp8 ``<p>.weight`` for which ``wanted(<p>.weight)`` holds
+    and its scale turned into one dense float32 ``<p>.weight``: for layers that keep dense
+    weights (DeepSeek's MLA projections). The scale is ``weight_scale_inv`` per block
+    (``block``), or with ``block`` None ``weight_scale`` per row or per tensor. Each half waits
+    for the other, which checkpoints store next to it; everything else passes through."""
+    scale_attr = "weight_scale" if block is None else "weight_scale_inv"
     waiting: dict[str, dict] = {}
     for name, tensor in weights:
         prefix, _, attr = name.rpartition(".")
-        if attr not in ("weight", "weight_scale_inv") or not wanted(f"{prefix}.weight"):
+        if attr not in ("weight", scale_attr) or not wanted(f"{prefix}.weight"):
             yield name, tensor
             continue
-        if attr == "weight" and not _is_fp8(tensor):
+        tensor = _read(tensor)
+        if attr == "weight" and tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
             yield name, tensor  # stored dense (a layer the checkpoint left unquantized)
             continue
         pair = waiting.setdefault(prefix, {})
-        pair[attr] = _read(tensor)
+        pair[attr] = tensor
         if len(pair) == 2:
             del waiting[prefix]
-            yield f"{prefix}.weight", dequantize_block(pair["weight"], pair["weight_scale_inv"],
-                                                       block)
+            q, s = pair["weight"], pair[scale_attr]
+            yield f"{prefix}.weight", (dequantize_block(q, s, block) if block is not None else
+                                       q.float() * s.float().reshape(-1, 1))
     if waiting:
         prefix, pair = next(iter(waiting.items()))
-        missing = "weight_scale_inv" if "weight" in pair else "weight"
-        raise ValueError(f"The checkpoint has no {prefix}.{missing} for its block-wise fp8 "
-                         f"{prefix}; is it complete?")
-
-
-def _is_fp8(tensor) -> bool:
-    dtype = tensor.stored_dtype() if hasattr(tensor, "stored_dtype") else tensor.dtype
-    return dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+        missing = scale_attr if "weight" in pair else "weight"
+        raise ValueError(f"The checkpoint has no {prefix}.{missing} for its fp8 {prefix}; is it "
+                         "complete?")
 
 
 def _read(tensor) -> torch.Tensor:

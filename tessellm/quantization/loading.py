@@ -138,8 +138,12 @@ def init_dummy_quantized(model: nn.Module, seed: int = 0, scale: float = 0.02) -
     layers = quantized_linears(model)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
+    experts = {name: m for name, m in model.named_modules()
+               if getattr(m, "quant", None) is not None and hasattr(m, "awaiting_scale")}
     for name, param in model.named_parameters():
         owner, _, attr = name.rpartition(".")
+        if owner in experts:
+            continue  # fp8 MoE experts and their scales (layers/moe_fp8.py): below
         if owner in layers:
             if attr == "bias":
                 param.data.zero_()
@@ -147,6 +151,11 @@ def init_dummy_quantized(model: nn.Module, seed: int = 0, scale: float = 0.02) -
             param.data.uniform_(0.9, 1.1, generator=gen)
         elif param.is_floating_point():
             param.data.uniform_(-scale, scale, generator=gen)
+    if experts:
+        from tessellm.layers.moe_fp8 import init_dummy
+
+        for moe in experts.values():
+            init_dummy(moe, gen, scale)
     for layer in layers.values():
         method = layer.quant_method
         if hasattr(method, "init_dummy"):

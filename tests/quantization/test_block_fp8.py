@@ -25,8 +25,8 @@ from tessellm import LLM, SamplingParams
 from tessellm.backends.reference.quant_ops import TorchQuantOps
 from tessellm.quantization.fp8_block import (Fp8BlockWeight, quantize_fp8_block,
                                              quantize_per_token_group, w8a8_block_reference)
-from tests.conftest import hf_greedy
-from tests.quantization.block_fp8_checkpoint import write_block_fp8
+from tests.quantization.block_fp8_checkpoint import (assert_serves_dequantized, build,
+                                                     checkpoint_maker, generate)
 
 PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 7, 7], list(range(40, 80)), [200, 12]]
 MAX_NEW = 12
@@ -94,36 +94,12 @@ def _configs():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("block-fp8")
-    made = {}
-
-    def make(arch):
-        if arch not in made:
-            torch.manual_seed(7)
-            dense = str(root / f"{arch}-dense")
-            AutoModelForCausalLM.from_config(_configs()[arch], dtype=torch.float32).save_pretrained(dense)
-            made[arch] = write_block_fp8(dense, str(root / f"{arch}-fp8"),
-                                         str(root / f"{arch}-dequantized"))
-        return made[arch]
-
-    return make
-
-
-def _generate(path, **kwargs):
-    with LLM(path, dtype="float32", num_kv_blocks=64, **kwargs) as llm:
-        params = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+    return checkpoint_maker(tmp_path_factory.mktemp("block-fp8"), _configs(), seed=7)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_checkpoint_serves_the_dequantized_model(checkpoints, arch):
-    fp8_dir, dequant_dir = checkpoints(arch)
-    got = _generate(fp8_dir)
-    assert got == _generate(dequant_dir)
-    assert got == hf_greedy(dequant_dir, PROMPTS, MAX_NEW)
+    assert_serves_dequantized(*checkpoints(arch), PROMPTS, MAX_NEW)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -136,7 +112,7 @@ def test_layers_keep_fp8_codes_and_block_scales(checkpoints, arch):
 
     fp8_dir, _ = checkpoints(arch)
     stored = load_file(os.path.join(fp8_dir, "model.safetensors"))
-    model = _build(fp8_dir)
+    model = build(fp8_dir)
     layers = quantized_linears(model)
     assert layers
     for name, layer in layers.items():
@@ -151,25 +127,13 @@ def test_layers_keep_fp8_codes_and_block_scales(checkpoints, arch):
     assert torch.equal(down.scales, stored["model.layers.1.mlp.down_proj.weight_scale_inv"])
 
 
-def _build(path, tp=None, backend="cpu", quantization=None, load_format="safetensors"):
-    from tessellm.backends.registry import BackendRegistry
-    from tessellm.config import resolve_model
-    from tessellm.loader.model_loader import build_model
-
-    registry = BackendRegistry()
-    model, _ = build_model(resolve_model(path), load_format, registry,
-                           registry.backends[backend], torch.float32, torch.device("cpu"), 16,
-                           tp=tp, quantization=quantization)
-    return model
-
-
 def test_cuda_backend_kernels_serve_a_layer_close_to_the_dequantized_model(checkpoints):
     """The cuda backend's method (Triton W8A8, interpreted here) on the Qwen3 checkpoint's
     layers: each layer's product within e4m3 activation error of the dequantized weight's."""
     from tessellm.quantization.loading import quantized_linears
 
     fp8_dir, _ = checkpoints("qwen3")
-    layers = quantized_linears(_build(fp8_dir, backend="cuda"))
+    layers = quantized_linears(build(fp8_dir, backend="cuda"))
     g = torch.Generator().manual_seed(3)
     for name in ("layers.0.self_attn.qkv_proj", "layers.1.mlp.down_proj"):
         layer = layers[name]
@@ -187,12 +151,13 @@ def test_ranks_hold_their_part_of_weights_and_scales(checkpoints):
 
     fp8_dir, _ = checkpoints("llama")
     assert_ranks_hold_their_part(fp8_dir, "cpu", 2, build=lambda p, b, tp=None, quantization=None:
-                                 _build(p, tp, b))
+                                 build(p, tp, b))
 
 
 def test_tp2_serves_the_one_device_tokens(checkpoints):
     fp8_dir, _ = checkpoints("llama")
-    assert _generate(fp8_dir, tensor_parallel_size=2) == _generate(fp8_dir)
+    assert (generate(fp8_dir, PROMPTS, MAX_NEW, tensor_parallel_size=2)
+            == generate(fp8_dir, PROMPTS, MAX_NEW))
 
 
 def test_split_off_a_block_boundary_is_refused(checkpoints):
@@ -203,7 +168,7 @@ def test_split_off_a_block_boundary_is_refused(checkpoints):
     fp8_dir, _ = checkpoints("qwen3")
     with pytest.raises(ValueError, match=r"layers\.0\.\S+ cannot be split over "
                        r"tensor_parallel_size=2.*fp8 blocks of 128x128.*multiple of 128"):
-        _build(fp8_dir, TensorParallel(0, 2))
+        build(fp8_dir, TensorParallel(0, 2))
 
 
 # -- refusals ----------------------------------------------------------------------------------
@@ -254,7 +219,7 @@ def test_static_per_channel_checkpoint_without_input_scales_is_refused(checkpoin
     with pytest.raises(ValueError, match=r"activation_scheme 'static', but layers\.\d+\.\S+ "
                                          r"has no input_scale; set \"activation_scheme\": "
                                          r"\"dynamic\""):
-        _build(path)
+        build(path)
 
 
 def test_scales_of_another_block_size_are_refused(checkpoints, tmp_path):
@@ -263,7 +228,7 @@ def test_scales_of_another_block_size_are_refused(checkpoints, tmp_path):
     path = _edit_config(fp8_dir, tmp_path / "edited", weight_block_size=[64, 64])
     with pytest.raises(ValueError, match=r"weight_scale_inv has shape .* needs .*does "
                                          r"weight_block_size in config.json match"):
-        _build(path)
+        build(path)
 
 
 def test_another_scheme_is_refused_and_fp8_accepted(checkpoints):
@@ -285,12 +250,11 @@ def test_quantize_on_load_and_dummy(checkpoints):
 
     fp8_dir, _ = checkpoints("llama")
     dense_dir = os.path.join(os.path.dirname(fp8_dir), "llama-dense")
-    registry_build = _build(dense_dir, quantization="fp8_block")
-    stored = _build(fp8_dir)
-    a, b = quantized_linears(registry_build), quantized_linears(stored)
+    a = quantized_linears(build(dense_dir, quantization="fp8_block"))
+    b = quantized_linears(build(fp8_dir))
     for name in a:
         for sa, sb in zip(a[name].segments, b[name].segments):
             assert torch.equal(sa.qweight.view(torch.uint8), sb.qweight.view(torch.uint8))
             assert torch.equal(sa.scales, sb.scales)
-    dummy = quantized_linears(_build(dense_dir, quantization="fp8_block", load_format="dummy"))
+    dummy = quantized_linears(build(dense_dir, quantization="fp8_block", load_format="dummy"))
     assert all(isinstance(s, Fp8BlockWeight) for layer in dummy.values() for s in layer.segments)

@@ -15,17 +15,22 @@ from tessellm.backends.reference.moe import SILU, dequantize_experts, route
 
 def fused_moe_grouped(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
                       renormalize: bool = True, w13_scale=None, w2_scale=None, *,
-                      activation=SILU, w13_bias=None, w2_bias=None) -> torch.Tensor:
+                      activation=SILU, w13_bias=None, w2_bias=None,
+                      block_shape=None) -> torch.Tensor:
     """``FusedOps.fused_moe`` with the reference's variants (``reference/moe.py``: an
-    ``ExpertActivation``, per-expert biases)."""
+    ``ExpertActivation``, per-expert biases, block-wise fp8 scales)."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
     return grouped_experts(hidden, weights, ids, w13, w2, w13_scale, w2_scale,
-                           activation=activation, w13_bias=w13_bias, w2_bias=w2_bias)
+                           activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
+                           block_shape=block_shape)
 
 
 def grouped_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None, w2_scale=None, *,
-                    activation=SILU, w13_bias=None, w2_bias=None) -> torch.Tensor:
-    """``FusedOps.fused_experts``: the grouped product with the routing given (``[T, k]``)."""
+                    activation=SILU, w13_bias=None, w2_bias=None,
+                    block_shape=None) -> torch.Tensor:
+    """``FusedOps.fused_experts``: the grouped product with the routing given (``[T, k]``).
+    fp8 experts (per channel, or per block with ``block_shape``) are dequantized one touched
+    expert at a time (W8A16): the weights stay fp8 in memory."""
     weights, ids = topk_weights, topk_ids
     top_k = ids.shape[1]
     dtype = hidden.dtype
@@ -38,8 +43,10 @@ def grouped_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None, w2_
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        up13 = dequantize_experts(w13[e], None if w13_scale is None else w13_scale[e], dtype)
-        down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype)
+        up13 = dequantize_experts(w13[e], None if w13_scale is None else w13_scale[e], dtype,
+                                  block_shape)
+        down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype,
+                                  block_shape)
         gate_up = F.linear(x[start:start + n], up13, None if w13_bias is None else w13_bias[e])
         pieces.append(F.linear(activation(gate_up), down, None if w2_bias is None else w2_bias[e]))
         start += n

@@ -94,6 +94,7 @@ class CpuOps(ReferenceOps):
     fused_moe = staticmethod(fused_moe_grouped)  # the sort-and-group MoE (cpu/moe.py)
     fused_moe_activations = ("silu", "swiglu_oai")  # and expert biases (reference/moe.py)
     fused_experts = staticmethod(grouped_experts)  # the same with the routing given
+    fused_moe_block_fp8 = True  # block-wise fp8 experts dequantized per touched expert
 
     def __init__(self):
         # id(weight) -> (weight, its version counter when packed, the packed weight)

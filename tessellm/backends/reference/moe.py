@@ -8,6 +8,10 @@ Layout (the contract's, ``backends/spec.py``)::
     w2            [E, H, I]                per expert: the down projection
     w13_scale     [E, 2I] float32 or None  fp8 per-output-channel scales of w13 (w13 is fp8)
     w2_scale      [E, H]  float32 or None  likewise for w2
+    block_shape   (bn, bk) or None         block-wise fp8 experts (``quantization/fp8_block.py``):
+                  the scales are then ``w13_scale [E, 2I/bn, ceil(H/bk)]`` and
+                  ``w2_scale [E, ceil(H/bn), ceil(I/bk)]`` (one per block; 2I/bn whole:
+                  the gate's rows end on a block boundary); keyword-only
 
     out[t] = sum over the top-k experts e of t:  weight[t, e] * w2[e] @ (silu(g) * u),
              [g | u] = w13[e] @ hidden[t]
@@ -81,10 +85,16 @@ def route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
     return weights, ids
 
 
-def dequantize_experts(w: torch.Tensor, scale: Optional[torch.Tensor], dtype) -> torch.Tensor:
-    """``w`` as ``dtype``: fp8 weights times their per-output-channel ``scale`` ``[E, N]``."""
+def dequantize_experts(w: torch.Tensor, scale: Optional[torch.Tensor], dtype,
+                       block_shape=None) -> torch.Tensor:
+    """``w`` as ``dtype``: fp8 weights times their per-output-channel ``scale`` ``[E, N]``, or
+    with ``block_shape`` their block scales ``[E, Nb, Kb]`` (float32 products, then cast)."""
     if scale is None:
         return w.to(dtype)
+    if block_shape is not None:
+        from tessellm.quantization.fp8_block import dequantize_block
+
+        return dequantize_block(w, scale, block_shape, dtype)
     return (w.float() * scale.float()[..., None]).to(dtype)
 
 
@@ -94,12 +104,14 @@ def fused_moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, w13: 
                         w2_scale: Optional[torch.Tensor] = None, *,
                         activation: ExpertActivation = SILU,
                         w13_bias: Optional[torch.Tensor] = None,
-                        w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        w2_bias: Optional[torch.Tensor] = None,
+                        block_shape=None) -> torch.Tensor:
     """The loop over experts; returns ``[T, H]`` in hidden's dtype. Experts run in hidden's
     dtype (as HF transformers does), their weighted outputs are summed in float32."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
     return fused_experts_reference(hidden, weights, ids, w13, w2, w13_scale, w2_scale,
-                                   activation=activation, w13_bias=w13_bias, w2_bias=w2_bias)
+                                   activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
+                                   block_shape=block_shape)
 
 
 def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
@@ -108,7 +120,8 @@ def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
                             w2_scale: Optional[torch.Tensor] = None, *,
                             activation: ExpertActivation = SILU,
                             w13_bias: Optional[torch.Tensor] = None,
-                            w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            w2_bias: Optional[torch.Tensor] = None,
+                            block_shape=None) -> torch.Tensor:
     """The oracle of the optional ``FusedOps.fused_experts``: ``fused_moe_reference`` with the
     routing done by the caller (``topk_weights`` float32 and ``topk_ids`` ``[T, k]``: DeepSeek's
     grouped top-k, ``models/moe_routing.py``). Each weight multiplies its expert's output as
@@ -121,8 +134,10 @@ def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
         token_idx, slot = torch.where(ids == e)
         if token_idx.numel() == 0:
             continue
-        up13 = dequantize_experts(w13[e], None if w13_scale is None else w13_scale[e], dtype)
-        down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype)
+        up13 = dequantize_experts(w13[e], None if w13_scale is None else w13_scale[e], dtype,
+                                  block_shape)
+        down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype,
+                                  block_shape)
         gate_up = F.linear(hidden[token_idx], up13, None if w13_bias is None else w13_bias[e])
         act = activation(gate_up)
         y = F.linear(act, down, None if w2_bias is None else w2_bias[e])

@@ -42,6 +42,8 @@ class ReferenceOps:
         super().__init_subclass__(**kwargs)
         if "fused_moe" in cls.__dict__ and "fused_moe_activations" not in cls.__dict__:
             cls.fused_moe_activations = ("silu",)
+        if "fused_moe" in cls.__dict__ and "fused_moe_block_fp8" not in cls.__dict__:
+            cls.fused_moe_block_fp8 = False
 
     def fused_moe(self, hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
                   renormalize: bool = True, w13_scale=None, w2_scale=None, **variant):
@@ -50,11 +52,15 @@ class ReferenceOps:
         return fused_moe_reference(hidden, router_logits, w13, w2, top_k, scoring, renormalize,
                                    w13_scale, w2_scale, **variant)
 
+    # Block-wise fp8 experts (keyword ``block_shape``, reference/moe.py) are taken.
+    fused_moe_block_fp8 = True
+
     def fused_experts(self, hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
-                      w2_scale=None):
-        """``FusedOps.fused_experts``: the loop over experts with the routing given."""
+                      w2_scale=None, **variant):
+        """``FusedOps.fused_experts``: the loop over experts with the routing given;
+        ``variant``: ``block_shape``."""
         return fused_experts_reference(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
-                                       w2_scale)
+                                       w2_scale, **variant)
 
     # ``FusedOps``' Mamba2 mixer ops (``reference/mamba.py``): loops over the step's sequences.
     supports_mamba2 = True

@@ -20,7 +20,12 @@ of a token are summed by a small kernel rather than by atomics (deterministic, a
 the same one launch as a zeroed buffer's cast would be).
 
 fp8 experts (``float8_e4m3fn`` weights with per-output-channel float32 scales ``[E, N]``) are
-widened in the tile and the accumulator is scaled per column (W8A16).
+widened in the tile and the accumulator is scaled per column (W8A16). Block-wise fp8 experts
+(``block_shape (bn, bk)``, scales ``[E, N/bn, K/bk]``: Qwen3-MoE-FP8, DeepSeek-V3) are
+dequantized tile by tile instead: each K step lies in one block column (``BLOCK_K`` <= bk), its
+weight tile times the block scales of its rows, rounded to the activations' dtype as the
+reference's ``dequantize_experts`` rounds it, then the same dot (W8A16); the decode path
+(``decode.py``) does not take block scales, so they always run the grouped GEMMs.
 """
 
 from __future__ import annotations
@@ -49,11 +54,15 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
                         MUL_WEIGHT: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
                         DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
-                        HAS_BIAS: tl.constexpr = False, ACT: tl.constexpr = 0):
+                        HAS_BIAS: tl.constexpr = False, ACT: tl.constexpr = 0,
+                        GROUP_N: tl.constexpr = 0, GROUP_K: tl.constexpr = 0,
+                        SCALE_ROW: tl.constexpr = 0):
     """C[p, n] = (sum_k A[p // A_ROW_DIV, k] * B[e, n, k] (* scale[e, n]) (+ bias[e, n]))
     (* weight[p]); with SILU_MUL, C[p, n] = act(that of column n, that of column n + N) (gate
     and up halves): ACT 0 ``silu(g) * u``, 1 gpt-oss's clamped SwiGLU (``alpha``, ``limit``;
-    ``reference.moe.ExpertActivation``). HAS_BIAS, ACT: constexpr, no code when off."""
+    ``reference.moe.ExpertActivation``). HAS_BIAS, ACT: constexpr, no code when off.
+    GROUP_K > 0: block scales ``scale[e, n // GROUP_N, k // GROUP_K]`` (``SCALE_ROW``: elements
+    between two block rows) multiply each weight tile before its dot."""
     pdl_start(USE_PDL)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -66,19 +75,26 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
     b_col = b_ptr + expert * stride_be + rn[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused (and dropped) unless SILU_MUL
+    dt = c_ptr.dtype.element_ty
+    if GROUP_K > 0:  # the block row of each column (and of its up column), clamped past N
+        s_col = scale_ptr + expert * stride_se + (tl.minimum(rn, N - 1) // GROUP_N) * SCALE_ROW
+        s_up = scale_ptr + expert * stride_se + ((tl.minimum(rn, N - 1) + N) // GROUP_N) * SCALE_ROW
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_row + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K), other=0.0)
         b_mask = (rk[:, None] < K) & (rn[None, :] < N)
         b = tl.load(b_col + rk[:, None], mask=b_mask, other=0.0)
+        if GROUP_K > 0:
+            b = (b.to(tl.float32) * tl.load(s_col + k0 // GROUP_K)[None, :]).to(dt)
         if DOT_FP32:  # the interpreter's bf16 dot is wrong: widen the tiles there
             a = a.to(tl.float32)
         acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PREC)
         if SILU_MUL:
             b_up = tl.load(b_col + N * stride_bn + rk[:, None], mask=b_mask, other=0.0)
+            if GROUP_K > 0:
+                b_up = (b_up.to(tl.float32) * tl.load(s_up + k0 // GROUP_K)[None, :]).to(dt)
             acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PREC)
-    dt = c_ptr.dtype.element_ty
-    if HAS_SCALE:
+    if HAS_SCALE and GROUP_K == 0:
         acc *= tl.load(scale_ptr + expert * stride_se + rn, mask=rn < N, other=0.0)[None, :]
         if SILU_MUL:
             acc_up *= tl.load(scale_ptr + expert * stride_se + N + rn, mask=rn < N,
@@ -164,18 +180,21 @@ def _silu_and_mul(c1: torch.Tensor, inter: int) -> torch.Tensor:
 
 
 def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out, row_div, tiles,
-                 silu_mul: bool = False, bias=None, activation=None):
+                 silu_mul: bool = False, bias=None, activation=None, block_shape=None):
     """One grouped GEMM over the ``sorted_ids.numel() // BLOCK_M`` blocks (``align.py``: the
     host's bound on the blocks that can hold pairs). ``silu_mul``: ``w``'s rows are [gate | up]
     and ``out`` gets the activation of the two halves (``out``'s width: half of ``w``'s rows):
     SiLU-and-mul, or ``activation``'s (an ``ExpertActivation``). ``bias`` ``[E, rows of w]``:
-    added to each product (before the activation and the routing weight)."""
+    added to each product (before the activation and the routing weight). ``block_shape``:
+    ``scale`` holds block scales ``[E, Nb, Kb]`` (``tiles``' BLOCK_K must divide bk)."""
     n, k = out.shape[1], w.shape[2]
     clamped = activation is not None and activation.kind == "swiglu_oai"
     grid = (sorted_ids.numel() // tiles["BLOCK_M"], triton.cdiv(n, tiles["BLOCK_N"]))
     variant = {}
     if bias is not None or clamped:  # constexprs off by default: the kernels compile as before
         variant = dict(HAS_BIAS=bias is not None, ACT=1 if clamped else 0)
+    if block_shape is not None:
+        variant.update(GROUP_N=block_shape[0], GROUP_K=block_shape[1], SCALE_ROW=scale.stride(1))
     _expert_gemm_kernel[grid](
         a, w, out, scale if scale is not None else w, weights if weights is not None else out,
         bias if bias is not None else w, sorted_ids, block_expert, num_padded, n, k,
@@ -205,7 +224,7 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
                      w2_scale: Optional[torch.Tensor] = None,
                      tiles: Optional[dict] = None, *, activation=None,
                      w13_bias: Optional[torch.Tensor] = None,
-                     w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     w2_bias: Optional[torch.Tensor] = None, block_shape=None) -> torch.Tensor:
     """``hidden [T, H]``, routing ``topk_weights`` / ``topk_ids`` ``[T, k]``, experts ``w13
     [E, 2I, H]`` and ``w2 [E, H, I]`` (fp8 with ``*_scale [E, N]``, or hidden's dtype);
     returns ``[T, H]`` in hidden's dtype. ``tiles``: the grouped GEMMs' launch parameters
@@ -216,17 +235,22 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     instead (``decode.py``: no alignment, no sum kernel), unless a variant is asked for:
     ``activation`` (an ``ExpertActivation`` other than SiLU: gpt-oss's clamped SwiGLU),
     ``w13_bias [E, 2I]`` / ``w2_bias [E, H]`` added after each product (``reference/moe.py``);
-    those run the grouped GEMMs at every size."""
+    those run the grouped GEMMs at every size, as block-wise fp8 experts (``block_shape``, the
+    scales ``[E, N/bn, K/bk]``) do."""
     t, k = topk_ids.shape
     if activation is not None and activation.kind == "silu":
         activation = None
-    variant = activation is not None or w13_bias is not None or w2_bias is not None
+    variant = (activation is not None or w13_bias is not None or w2_bias is not None
+               or block_shape is not None)
     if tiles is None and 0 < t <= decode_max_tokens() and not variant:
         return fused_moe_decode(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale)
     num_experts, inter = w13.shape[0], w2.shape[2]
     tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device,
                                                                    hidden.element_size())
     fuse = tiles.pop("SILU_MUL", tiles["BLOCK_M"] <= 32)
+    if block_shape is not None:  # a K step must lie inside one block column
+        tiles["BLOCK_K"] = min(tiles["BLOCK_K"], block_shape[1])
+    blocks = {"block_shape": block_shape} if block_shape is not None else {}
     sorted_ids, block_expert, num_padded = align_by_expert_triton(topk_ids, num_experts,
                                                                   tiles["BLOCK_M"])
     hidden = hidden.contiguous()
@@ -236,14 +260,14 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         act = torch.empty(t * k, inter, dtype=dtype, device=dev)
         tiles1 = dict(tiles, BLOCK_N=max(16, tiles["BLOCK_N"] // 2))
         _expert_gemm(hidden, w13, w13_scale, None, *align, act, k, tiles1, silu_mul=True,
-                     bias=w13_bias, activation=activation)
+                     bias=w13_bias, activation=activation, **blocks)
     else:
         c1 = torch.empty(t * k, 2 * inter, dtype=dtype, device=dev)
-        _expert_gemm(hidden, w13, w13_scale, None, *align, c1, k, tiles, bias=w13_bias)
+        _expert_gemm(hidden, w13, w13_scale, None, *align, c1, k, tiles, bias=w13_bias, **blocks)
         act = _silu_and_mul(c1, inter) if activation is None else activation(c1)
     c2 = torch.empty(t * k, w2.shape[1], dtype=dtype, device=dev)
     weights = topk_weights.to(torch.float32).contiguous().view(-1)
-    _expert_gemm(act, w2, w2_scale, weights, *align, c2, 1, tiles, bias=w2_bias)
+    _expert_gemm(act, w2, w2_scale, weights, *align, c2, 1, tiles, bias=w2_bias, **blocks)
     return _sum_topk(c2, t, k, dtype)
 
 
@@ -258,7 +282,8 @@ def fused_moe(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softma
     """The contract's ``FusedOps.fused_moe``: routing (one launch), then ``fused_moe_triton``;
     up to ``decode.DECODE_MAX_TOKENS`` tokens, with ``decode.DECODE_ROUTE``, the decode path
     with the routing inside its first kernel (two launches in all). ``variant``: the keyword-only
-    ``activation``, ``w13_bias``, ``w2_bias`` of ``fused_moe_triton`` (they skip the decode path)."""
+    ``activation``, ``w13_bias``, ``w2_bias``, ``block_shape`` of ``fused_moe_triton`` (they skip
+    the decode path)."""
     if variant:
         weights, ids = route_triton(router_logits, top_k, scoring, renormalize)
         return fused_moe_triton(hidden, weights, ids, w13, w2, w13_scale, w2_scale, **variant)

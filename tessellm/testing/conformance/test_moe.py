@@ -116,3 +116,38 @@ def _moe_tolerance(dtype):
     tol = tolerance(dtype)
     # Two chained products plus a weighted sum: a few roundings more than one GEMM.
     return {k: v * 4 for k, v in tol.items()} if dtype != torch.float32 else tol
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_fused_moe_block_fp8_experts(target, tokens):
+    """Block-wise fp8 experts (optional, declared by ``fused_moe_block_fp8``): e4m3 weights with
+    a float32 scale per 128x128 block (``w13_scale [E, 2I/128, ceil(H/128)]``, ``w2_scale [E,
+    ceil(H/128), ceil(I/128)]``, keyword ``block_shape=(128, 128)``; Qwen3-MoE-FP8 and
+    DeepSeek-V3), H = 200 (a short last block), through ``fused_moe`` and ``fused_experts``."""
+    from tessellm.quantization.fp8_block import quantize_block_tensors
+
+    dtype = target.low_precision_dtype
+    ops = _moe_ops(target, dtype)
+    if not getattr(ops, "fused_moe_block_fp8", False):
+        pytest.skip(f"{target.name}'s fused_moe does not declare fused_moe_block_fp8 (block fp8 "
+                    "experts run the reference loop)")
+    w13, w2 = _experts(6, 200, 128, seed=90 + tokens)
+    q13, s13 = quantize_block_tensors(w13, (128, 128))
+    q2, s2 = quantize_block_tensors(w2, (128, 128))
+    g = torch.Generator().manual_seed(91 + tokens)
+    x, logits = torch.randn(tokens, 200, generator=g).to(dtype), torch.randn(tokens, 6, generator=g)
+    block = dict(block_shape=(128, 128))
+    want = fused_moe_reference(x, logits, q13, q2, 2, "softmax", True, s13, s2, **block)
+    dev = target.device
+    args = [t.to(dev) for t in (q13, q2, s13, s2)]
+    got = ops.fused_moe(x.to(dev), logits.to(dev), args[0], args[1], 2, "softmax", True,
+                        args[2], args[3], **block)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+    if getattr(ops, "fused_experts", None) is not None:
+        from tessellm.backends.reference.moe import route
+
+        weights, ids = route(logits, 2)
+        got = ops.fused_experts(x.to(dev), weights.to(dev), ids.to(dev), args[0], args[1],
+                                args[2], args[3], **block)
+        torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
