@@ -1,6 +1,6 @@
 """The OpenAI-compatible FastAPI app.
 
-Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/embeddings`` (an embedding
+Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` (responses/serving.py), ``/v1/embeddings`` (an embedding
 engine, ``--runner pooling``: serving_embedding.py), ``/classify`` (a sequence classifier:
 serving_classify.py), ``/pooling`` (either, per token too: serving_pooling.py), ``/score``,
 ``/v1/score``, ``/rerank``, ``/v1/rerank``, ``/v2/rerank`` (a cross-encoder or an embedding model: serving_score.py), ``/v1/models`` (and ``/v1/models/{id}``;
@@ -40,6 +40,7 @@ from tessellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeR
 from tessellm.entrypoints.openai.protocol_responses import ModelCard, ModelList
 from tessellm.entrypoints.openai.sampling import check_model
 from tessellm.entrypoints.openai.server_config import ServerConfig
+from tessellm.entrypoints.openai.responses.serving import create_response
 from tessellm.entrypoints.openai.serving import parse_request
 from tessellm.entrypoints.openai.serving_chat import create_chat_completion, render_messages
 from tessellm.entrypoints.openai.serving_classify import create_classification
@@ -184,6 +185,11 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
     async def chat_completions(request: Request):
         _check_generates(engine)
         return await create_chat_completion(engine, config, await _json_body(request), request)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        _check_generates(engine)
+        return await create_response(engine, config, await _json_body(request), request)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

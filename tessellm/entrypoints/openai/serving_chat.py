@@ -7,11 +7,14 @@ output here equals ``LLM.chat``'s for the same messages.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import Request
 
+from tessellm.core.input_processor import ProcessedPrompt
 from tessellm.core.outputs import Logprob, RequestOutput
+from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS, render_chat
 from tessellm.entrypoints.openai.beam_search import beam_params, beam_search, beam_search_stream
@@ -30,6 +33,7 @@ from tessellm.entrypoints.openai.sampling import (check_limits, check_model, che
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.tools import ToolPlan, tool_call_history
+from tessellm.structured_output.params import StructuredOutputsParams
 from tessellm.multimodal.chat import chat_prompt_with_images, count_images, fetch_chat_images
 from tessellm.entrypoints.openai.prompts import truncate, truncation
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request,
@@ -39,6 +43,44 @@ from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_r
 
 async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
     req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
+    job = await prepare_chat(engine, config, req)
+    view, processed, lora = job.view, job.processed, job.lora
+    if req.use_beam_search:  # n is the beam width (openai/beam_search.py)
+        beams = [beam_params(req, job.max_tokens, engine.info.default_sampling, job.structured)]
+        if req.stream:
+            return beam_search_stream(engine, [processed], beams, lora, req.cache_salt, http_request,
+                                      config.sse_keepalive_s, _ChatChunks(view), req.stream_options)
+        outputs = await beam_search(engine, [processed], beams, lora, req.cache_salt, http_request,
+                                    config.sse_keepalive_s)
+        return view.response(outputs[0])
+    sub = submit(engine, job.request_id, [processed], [job.params], lora, req.cache_salt)
+    if req.stream:
+        return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s, req.stream_options)
+    outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
+    return view.response(outputs[0])
+
+
+@dataclass
+class ChatJob:
+    """A chat request ready to submit (what /v1/responses shares with /v1/chat/completions)."""
+
+    req: ChatCompletionRequest
+    lora: object  # the LoRA adapter the model name selects (None: the base model)
+    processed: ProcessedPrompt  # the rendered, truncated prompt
+    params: SamplingParams
+    max_tokens: int
+    structured: Optional[StructuredOutputsParams]
+    request_id: str  # the engine's id
+    view: "_ChatView"  # renders outputs as a message (``response``) or stream chunks (``chunks``)
+
+    def chunks(self) -> "_ChatChunks":
+        return _ChatChunks(self.view)
+
+
+async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompletionRequest,
+                       id_prefix: str = "chatcmpl") -> ChatJob:
+    """Validate, render and tokenize ``req``; its sampling params, tool, reasoning and harmony
+    plans. A 400 (OpenAIError) names the chat field at fault."""
     lora = check_model(req.model, config)  # the adapter as served now
     check_unsupported(req)
     check_limits(req, config)
@@ -76,25 +118,13 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
     if harmony:
         harmony_plan = HarmonyPlan(plan, req.include_reasoning, engine.tokenizer, processed.prompt_token_ids)
         harmony_plan.adjust(params, engine.tokenizer)
-    request_id = random_id("chatcmpl")
+    request_id = random_id(id_prefix)
     view = _ChatView(engine, req, lora.lora_name if lora else config.model_name,
-                     response_id("chatcmpl", req, request_id), plan, reasoning)
+                     response_id(id_prefix, req, request_id), plan, reasoning)
     view.harmony = harmony_plan
     view.prompt_tokens = len(processed.prompt_token_ids)
     view.prompt_ids = processed.prompt_token_ids
-    if req.use_beam_search:  # n is the beam width (openai/beam_search.py)
-        beams = [beam_params(req, max_tokens, defaults, structured)]
-        if req.stream:
-            return beam_search_stream(engine, [processed], beams, lora, req.cache_salt, http_request,
-                                      config.sse_keepalive_s, _ChatChunks(view), req.stream_options)
-        outputs = await beam_search(engine, [processed], beams, lora, req.cache_salt, http_request,
-                                    config.sse_keepalive_s)
-        return view.response(outputs[0])
-    sub = submit(engine, request_id, [processed], [params], lora, req.cache_salt)
-    if req.stream:
-        return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s, req.stream_options)
-    outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
-    return view.response(outputs[0])
+    return ChatJob(req, lora, processed, params, max_tokens, structured, request_id, view)
 
 
 def _image_or_text_part(i: int, j: int, part) -> dict:

@@ -1,0 +1,160 @@
+"""POST /v1/responses (OpenAI's Responses API) on the chat path.
+
+The request becomes the chat request it means (``input.py``) and runs through
+``serving_chat.prepare_chat``: the same template, validation, sampling, structured output,
+tool-call parser, reasoning parser and harmony parsing as /v1/chat/completions. The chat
+path's message (whole) or deltas (streamed) become output items (``items.py``): a
+``reasoning`` item, a ``message`` with ``output_text``, ``function_call`` items.
+
+Status "incomplete" with ``incomplete_details.reason`` "max_output_tokens" when the output was
+cut by its token budget. Nothing is stored: ``store`` is answered false and
+``previous_response_id`` is refused (send the earlier output items back in ``input``).
+
+A stream is server-sent events, ``event: <type>`` then ``data: <json>``, each with a
+``sequence_number``: response.created, response.in_progress, the items' events (items.py),
+then response.completed (or response.incomplete). An error mid-stream is an ``error`` event,
+the last one. No ``[DONE]`` (OpenAI sends none here).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from tessellm.core.outputs import RequestOutput
+from tessellm.entrypoints.async_llm import AsyncLLM, iterate_streams
+from tessellm.entrypoints.openai.errors import OpenAIError
+from tessellm.entrypoints.openai.responses.input import check_unsupported, rename_error, to_chat_request
+from tessellm.entrypoints.openai.responses.items import Event, ItemBuilder
+from tessellm.entrypoints.openai.responses.protocol import (IncompleteDetails, InputTokensDetails,
+                                                            OutputTokensDetails, ResponseObject,
+                                                            ResponsesRequest, ResponseUsage)
+from tessellm.entrypoints.openai.serving import (SSE_HEADERS, Submitted, collect, engine_error, parse_request,
+                                                 submit)
+from tessellm.entrypoints.openai.serving_chat import ChatJob, prepare_chat
+from tessellm.entrypoints.openai.server_config import ServerConfig
+
+
+async def create_response(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
+    req: ResponsesRequest = parse_request(ResponsesRequest, body)
+    check_unsupported(req)
+    try:
+        job = await prepare_chat(engine, config, to_chat_request(req), id_prefix="resp")
+    except OpenAIError as exc:
+        raise rename_error(exc) from None
+    sub = submit(engine, job.request_id, [job.processed], [job.params], job.lora)
+    result = _Result(engine, req, job)
+    if req.stream:
+        return StreamingResponse(_events(engine, sub, result, config.sse_keepalive_s),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    out = (await collect(engine, sub, http_request, config.sse_keepalive_s))[0]
+    message = job.view.response(out).choices[0].message
+    builder = ItemBuilder()
+    if message.reasoning is not None:
+        builder.reasoning(message.reasoning)
+    if message.content:
+        builder.text(message.content)
+    for i, call in enumerate(message.tool_calls):
+        builder.call(i, call.id, call.function.name, call.function.arguments)
+    builder.finish(result.item_status(out))
+    return result.response(builder, out)
+
+
+class _Result:
+    """The response object around the items: the request's settings echoed, status, usage."""
+
+    def __init__(self, engine: AsyncLLM, req: ResponsesRequest, job: ChatJob):
+        self.engine = engine
+        self.req = req
+        self.job = job
+        self.id = job.view.id.replace("resp-", "resp_", 1)  # OpenAI's shape: resp_<hex>
+        self.created = int(time.time())
+
+    @staticmethod
+    def cut(out: Optional[RequestOutput]) -> bool:
+        return out is not None and out.outputs[0].finish_reason == "length"
+
+    def item_status(self, out: Optional[RequestOutput]) -> str:
+        return "incomplete" if self.cut(out) else "completed"
+
+    def response(self, builder: Optional[ItemBuilder], out: Optional[RequestOutput],
+                 status: Optional[str] = None) -> ResponseObject:
+        req, params = self.req, self.job.params
+        status = status or ("incomplete" if self.cut(out) else "completed")
+        text_format = req.text.format.model_dump(by_alias=True, exclude_none=True) \
+            if req.text is not None and req.text.format is not None else {"type": "text"}
+        return ResponseObject(
+            id=self.id, created_at=self.created, status=status, model=self.job.view.model,
+            incomplete_details=IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
+            instructions=req.instructions, max_output_tokens=req.max_output_tokens,
+            output=builder.items if builder is not None else [],
+            parallel_tool_calls=req.parallel_tool_calls is not False,
+            reasoning=req.reasoning.model_dump() if req.reasoning is not None else None,
+            temperature=params.temperature, top_p=params.top_p, text={"format": text_format},
+            tool_choice=req.tool_choice or ("auto" if req.tools else "none"),
+            tools=[{"description": None, "parameters": None, "strict": None, **t} for t in req.tools or []],
+            usage=self.usage(builder, out) if out is not None else None, user=req.user,
+            metadata=req.metadata or {})
+
+    def usage(self, builder: Optional[ItemBuilder], out: RequestOutput) -> ResponseUsage:
+        prompt, output = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+        return ResponseUsage(input_tokens=prompt, output_tokens=output, total_tokens=prompt + output,
+                             input_tokens_details=InputTokensDetails(cached_tokens=out.num_cached_tokens),
+                             output_tokens_details=OutputTokensDetails(
+                                 reasoning_tokens=self._reasoning_tokens(builder)))
+
+    def _reasoning_tokens(self, builder: Optional[ItemBuilder]) -> int:
+        """The reasoning items' text, re-tokenized (the engine counts tokens, not channels)."""
+        text = "".join(part.text for item in (builder.items if builder else []) if item.type == "reasoning"
+                       for part in item.content)
+        tok = self.engine.tokenizer
+        return len(tok.encode(text, add_special_tokens=False)) if text and tok is not None else 0
+
+
+async def _events(engine: AsyncLLM, sub: Submitted, result: _Result, heartbeat: float):
+    """The stream: chat chunks (the chat path's own stream renderer) turned into item events."""
+    chunks, builder, seq = result.job.chunks(), ItemBuilder(), 0
+
+    def sse(event: Event) -> str:
+        nonlocal seq
+        event["sequence_number"], seq = seq, seq + 1
+        return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+    try:
+        for kind in ("response.created", "response.in_progress"):
+            yield sse({"type": kind, "response": result.response(None, None, "in_progress").model_dump()})
+        async for item in iterate_streams(sub.streams, sub.event, heartbeat):
+            if item is None:
+                yield ": keep-alive\n\n"
+                continue
+            for chunk in chunks.update(*item):
+                for event in _chunk_events(builder, chunk):
+                    yield sse(event)
+        out = chunks.final
+        for event in builder.finish(result.item_status(out)):
+            yield sse(event)
+        final = result.response(builder, out)
+        yield sse({"type": f"response.{final.status}", "response": final.model_dump()})
+    except Exception as exc:  # noqa: BLE001 - becomes the stream's last event
+        err = engine_error(exc)
+        yield sse({"type": "error", "code": err.code, "message": err.message, "param": err.param})
+    finally:
+        sub.abort(engine)  # never awaits: safe while being cancelled
+
+
+def _chunk_events(builder: ItemBuilder, chunk) -> list[Event]:
+    events: list[Event] = []
+    for choice in chunk.choices:
+        delta = choice.delta
+        if delta.reasoning:
+            events += builder.reasoning(delta.reasoning)
+        if delta.content:
+            events += builder.text(delta.content)
+        for piece in delta.tool_calls or []:
+            events += builder.call(piece.index, piece.id, piece.function.name if piece.function else None,
+                                   (piece.function.arguments or "") if piece.function else "")
+    return events

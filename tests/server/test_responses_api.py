@@ -1,0 +1,218 @@
+"""POST /v1/responses end to end: a real server (the bundled SmolLM2), the official openai SDK,
+and every body and stream event parsed strictly with the SDK's own ``openai.types.responses``
+models. Greedy output equals /v1/chat/completions' for the same conversation (one engine path);
+a stream's deltas concatenate to the final text; bad requests are 400s naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from pydantic import TypeAdapter
+
+from openai.types.responses import Response, ResponseStreamEvent
+
+jsonschema = pytest.importorskip("jsonschema")
+
+MODEL = "SmolLM2-135M-Instruct"
+EVENTS = TypeAdapter(ResponseStreamEvent)
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city.",
+           "parameters": {"type": "object", "properties": {
+               "city": {"type": "string", "minLength": 1, "maxLength": 12},
+               "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"],
+               "additionalProperties": False}}
+ASK = "What is the weather in Paris?"
+
+
+def _post(http, **body) -> dict:
+    r = http.post("/v1/responses", json={"model": MODEL, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    Response.model_validate(r.json(), strict=False)  # the SDK's model reads it (required keys, types)
+    return r.json()
+
+
+def _chat(http, messages, **body) -> dict:
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def _text(resp: dict) -> str:
+    return "".join(p["text"] for item in resp["output"] if item["type"] == "message" for p in item["content"])
+
+
+def _stream(http, **body) -> list:
+    """The stream's events, each parsed strictly by the SDK's union of event types."""
+    events = []
+    with http.stream("POST", "/v1/responses", json={"model": MODEL, "temperature": 0, "stream": True, **body}) as r:
+        assert r.status_code == 200
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                assert data["type"] == kind, (kind, data)
+                events.append(EVENTS.validate_python(data))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    return events
+
+
+def test_text_input_equals_chat(http):
+    resp = _post(http, input="What is the capital of France?", max_output_tokens=12)
+    chat = _chat(http, [{"role": "user", "content": "What is the capital of France?"}], max_tokens=12)
+    assert resp["object"] == "response" and resp["id"].startswith("resp_") and resp["model"] == MODEL
+    assert [i["type"] for i in resp["output"]] == ["message"]
+    assert resp["output"][0]["role"] == "assistant" and resp["output"][0]["id"].startswith("msg_")
+    assert _text(resp) == chat["message"]["content"] and _text(resp)
+    usage = resp["usage"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] and usage["output_tokens"] <= 12
+    assert resp["store"] is False and resp["metadata"] == {}
+
+
+def test_instructions_and_message_list_equal_chat(http):
+    items = [{"role": "user", "content": "Name a fruit."},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Apple."}]},
+             {"role": "user", "content": [{"type": "input_text", "text": "Another one?"}]}]
+    resp = _post(http, input=items, instructions="Answer in one word.", max_output_tokens=8,
+                 metadata={"run": "7"}, user="u1", store=False)
+    chat = _chat(http, [{"role": "system", "content": "Answer in one word."},
+                        {"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."},
+                        {"role": "user", "content": "Another one?"}], max_tokens=8)
+    assert _text(resp) == chat["message"]["content"]
+    assert resp["instructions"] == "Answer in one word." and resp["metadata"] == {"run": "7"}
+    tokens = http.post("/tokenize", json={"model": MODEL, "messages": [
+        {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": "Apple."}, {"role": "user", "content": "Another one?"}]}).json()
+    assert resp["usage"]["input_tokens"] == tokens["count"]  # the same prompt, token for token
+
+
+def test_max_output_tokens_is_incomplete(http):
+    resp = _post(http, input="Write a long story about a dragon.", max_output_tokens=3)
+    assert resp["status"] == "incomplete"
+    assert resp["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert resp["usage"]["output_tokens"] == 3 and resp["output"][-1]["status"] == "incomplete"
+
+
+def test_json_schema_output(http):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    resp = _post(http, input="Give a person as JSON.", max_output_tokens=60,
+                 text={"format": {"type": "json_schema", "name": "person", "schema": schema, "strict": True}})
+    assert resp["status"] == "completed", resp
+    jsonschema.validate(json.loads(_text(resp)), schema)
+    assert resp["text"]["format"]["type"] == "json_schema" and resp["text"]["format"]["schema"] == schema
+    obj = _post(http, input="Give a person as JSON.", max_output_tokens=60, text={"format": {"type": "json_object"}})
+    assert obj["status"] != "completed" or isinstance(json.loads(_text(obj)), dict)
+
+
+def test_forced_function_call_and_follow_up_turn(http):
+    resp = _post(http, input=ASK, max_output_tokens=60, tools=[WEATHER],
+                 tool_choice={"type": "function", "name": "get_weather"})
+    assert resp["status"] == "completed", resp
+    calls = [i for i in resp["output"] if i["type"] == "function_call"]
+    assert len(calls) == 1 and [i["type"] for i in resp["output"]] == ["function_call"]
+    call = calls[0]
+    assert call["name"] == "get_weather" and call["call_id"].startswith("call_") and call["id"].startswith("fc_")
+    jsonschema.validate(json.loads(call["arguments"]), WEATHER["parameters"])
+    assert resp["tool_choice"] == {"type": "function", "name": "get_weather"}
+    assert resp["tools"][0]["name"] == "get_weather"
+    # the next turn: the call and its output sent back as items; the chat path sees the same history
+    turn = [{"role": "user", "content": ASK}, call,
+            {"type": "function_call_output", "call_id": call["call_id"], "output": '{"temperature": 21}'}]
+    follow = _post(http, input=turn, max_output_tokens=10, tools=[WEATHER], tool_choice="none")
+    chat = _chat(http, [{"role": "user", "content": ASK},
+                        {"role": "assistant", "content": "", "tool_calls": [
+                            {"id": call["call_id"], "type": "function",
+                             "function": {"name": "get_weather", "arguments": call["arguments"]}}]},
+                        {"role": "tool", "tool_call_id": call["call_id"], "content": '{"temperature": 21}'}],
+                 max_tokens=10, tools=[{"type": "function", "function": {k: WEATHER[k] for k in
+                                                                         ("name", "description", "parameters")}}],
+                 tool_choice="none")
+    assert [i["type"] for i in follow["output"]] == ["message"]
+    assert _text(follow) == chat["message"]["content"] and _text(follow)
+
+
+def test_stream_events_in_order_and_deltas_make_the_text(http):
+    whole = _post(http, input="What is the capital of France?", max_output_tokens=12)
+    events = _stream(http, input="What is the capital of France?", max_output_tokens=12)
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          f"response.{whole['status']}"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == _text(whole)
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert done.text == text
+    final = events[-1].response
+    assert final.output_text == text and final.status == whole["status"]
+    assert final.usage.output_tokens == whole["usage"]["output_tokens"]
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+
+
+def test_stream_function_call_arguments(http):
+    body = dict(input=ASK, max_output_tokens=60, tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"})
+    whole = _post(http, **body)
+    events = _stream(http, **body)
+    kinds = [e.type for e in events]
+    added = next(e for e in events if e.type == "response.output_item.added")
+    assert added.item.type == "function_call" and added.item.name == "get_weather"
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert args == whole["output"][0]["arguments"]
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert done.arguments == args and done.item_id == added.item.id
+    assert kinds[-2:] == ["response.output_item.done", "response.completed"]
+    assert events[-1].response.output[0].arguments == args
+
+
+def test_sdk_client_reads_responses(client):
+    r = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=6, temperature=0)
+    assert r.output_text and r.usage.output_tokens <= 6
+    events = list(client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=6, temperature=0,
+                                          stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[-1].type == f"response.{r.status}" and events[-1].response.output_text == r.output_text
+    # the SDK's stream helper (it waits for response.completed: a forced call completes)
+    tool = {**WEATHER, "strict": True}
+    with client.responses.stream(model=MODEL, input=ASK, max_output_tokens=60, temperature=0, tools=[tool],
+                                 tool_choice={"type": "function", "name": "get_weather"}) as s:
+        args = "".join(e.delta for e in s if e.type == "response.function_call_arguments.delta")
+        final = s.get_final_response()
+    assert final.output[0].type == "function_call" and final.output[0].arguments == args
+    jsonschema.validate(json.loads(args), WEATHER["parameters"])
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": "hi", "foo": 1}, "foo"),
+    ({"input": []}, "input"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": [{"role": "robot", "content": "hi"}]}, "input.0.role"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0.type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input.0.content.0.type"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input.0.call_id"),
+    ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"input": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools.0.function"),
+    ({"input": "hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"input": "hi", "reasoning": {"effort": "minimal"}}, "reasoning.effort"),
+    ({"input": "hi", "max_output_tokens": 5000}, "max_output_tokens"),
+    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objectx"}}}},
+     "text.format"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ({"input": "hi", "tools": [{**WEATHER, "parameters": {"type": "objectx"}}], "tool_choice": "required"},
+     "tool_choice"),  # as at /v1/chat/completions: the forced call's schema
+    ({"input": "hi", "tools": [WEATHER]}, "tool_choice"),  # auto needs --tool-call-parser
+    ({"input": "hi", "model": "nope"}, "model"),
+])
+def test_bad_requests_are_400_naming_the_field(http, body, param):
+    r = http.post("/v1/responses", json=body)
+    assert r.status_code in (400, 404), r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    assert err["message"]
+    # the engine keeps serving
+    assert _post(http, input="hi", max_output_tokens=2)["status"] in ("completed", "incomplete")
