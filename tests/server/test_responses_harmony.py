@@ -1,0 +1,134 @@
+"""/v1/responses on gpt-oss's harmony format: a real server on the tiny bigram gpt-oss of
+``harmony_model.py`` (greedy output known token for token). The analysis channel is a
+``reasoning`` item, the final channel a ``message``, a commentary call a ``function_call`` item,
+whole and streamed (the stream's events, parsed strictly by the openai package's types, build
+the same items); a cut call is ``incomplete``; an earlier reasoning item, call and output reach
+the prompt as at /v1/chat/completions."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from pydantic import TypeAdapter
+
+from openai.types.responses import Response, ResponseStreamEvent
+from tests.server.harmony_model import make_harmony_model
+
+EVENTS = TypeAdapter(ResponseStreamEvent)
+TOOL = {"type": "function", "name": "get_weather", "description": "Weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+@pytest.fixture(scope="module")
+def srv(server_factory, tmp_path_factory):
+    path = make_harmony_model(str(tmp_path_factory.mktemp("harmony_responses") / "m"))
+    return server_factory([path, "--served-model-name", "m", "--max-model-len", "512"])
+
+
+def _body(input, **body):
+    return {"model": "m", "input": input, "max_output_tokens": 16, "temperature": 0, **body}
+
+
+def _post(srv, input, **body) -> dict:
+    r = httpx.post(f"{srv.url}/v1/responses", json=_body(input, **body), headers=srv.headers, timeout=120)
+    assert r.status_code == 200, r.text
+    Response.model_validate(r.json())
+    return r.json()
+
+
+def _stream(srv, input, **body) -> list:
+    events = []
+    with httpx.stream("POST", f"{srv.url}/v1/responses", json=_body(input, stream=True, **body),
+                      headers=srv.headers, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(EVENTS.validate_python(json.loads(line[6:])))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    return events
+
+
+def _shape(items: list) -> list:
+    """Items without their random ids."""
+    drop = {"id", "call_id"}
+    return [{k: v for k, v in (i if isinstance(i, dict) else i.model_dump(exclude_none=True)).items()
+             if k not in drop and v is not None} for i in items]
+
+
+def _same_when_streamed(srv, whole: dict, input, **body):
+    events = _stream(srv, input, **body)
+    final = events[-1]
+    assert final.type == f"response.{whole['status']}"
+    assert _shape(final.response.output) == _shape(whole["output"])
+    # the item events rebuild every item: added (empty) -> deltas -> done (= the final item)
+    for i, item in enumerate(final.response.output):
+        mine = [e for e in events if getattr(e, "output_index", None) == i]
+        assert mine[0].type == "response.output_item.added" and mine[-1].type == "response.output_item.done"
+        assert mine[-1].item == item
+        deltas = "".join(e.delta for e in mine if e.type.endswith(".delta"))
+        text = item.arguments if item.type == "function_call" else item.content[0].text
+        assert deltas == text
+        assert "<|" not in deltas  # no harmony marker leaks
+    return events
+
+
+def test_analysis_is_a_reasoning_item_and_final_a_message(srv):
+    r = _post(srv, "[final]")
+    assert [i["type"] for i in r["output"]] == ["reasoning", "message"]
+    reasoning, message = r["output"]
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": " Two and two."}]
+    assert reasoning["summary"] == [] and reasoning["id"].startswith("rs_")
+    assert message["content"][0]["text"] == "It is four." and message["status"] == "completed"
+    assert r["status"] == "completed" and r["usage"]["output_tokens"] == 11
+    assert 0 < r["usage"]["output_tokens_details"]["reasoning_tokens"] < 11
+    events = _same_when_streamed(srv, r, "[final]")
+    kinds = [e.type for e in events]
+    assert kinds[:5] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added", "response.reasoning_text.delta"]
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+
+
+def test_commentary_call_is_a_function_call_item(srv):
+    r = _post(srv, "[tool]", tools=[TOOL])
+    assert [i["type"] for i in r["output"]] == ["reasoning", "function_call"]
+    call = r["output"][1]
+    assert call["name"] == "get_weather" and call["arguments"] == '{"city": "Paris"}'
+    assert call["call_id"].startswith("call_") and call["status"] == "completed"
+    assert r["status"] == "completed" and r["tool_choice"] == "auto"
+    events = _same_when_streamed(srv, r, "[tool]", tools=[TOOL])
+    assert "response.function_call_arguments.done" in [e.type for e in events]
+
+
+def test_call_cut_by_max_output_tokens_is_incomplete(srv):
+    r = _post(srv, "[tool]", tools=[TOOL], max_output_tokens=4)
+    assert r["status"] == "incomplete" and r["incomplete_details"] == {"reason": "max_output_tokens"}
+    call = r["output"][-1]
+    assert call["type"] == "function_call" and call["arguments"] == '{"city":' and call["status"] == "incomplete"
+    assert r["output"][0]["status"] == "completed"
+    _same_when_streamed(srv, r, "[tool]", tools=[TOOL], max_output_tokens=4)
+
+
+def test_earlier_reasoning_call_and_output_reach_the_prompt(srv):
+    """The items a response returned, sent back with the call's output, render the prompt the
+    chat path renders for the same turn (the same token count), and the model answers."""
+    first = _post(srv, "[tool]", tools=[TOOL])
+    turn = [{"role": "user", "content": "Weather in Paris?"}, *first["output"],
+            {"type": "function_call_output", "call_id": first["output"][1]["call_id"], "output": "[after_tool]"}]
+    r = _post(srv, turn, tools=[TOOL], reasoning={"effort": "high"}, max_output_tokens=8)
+    assert [i["type"] for i in r["output"]] == ["message"]
+    assert r["output"][0]["content"][0]["text"] == "It is four."
+    assert r["reasoning"]["effort"] == "high"
+    call_id = first["output"][1]["call_id"]
+    chat = httpx.post(f"{srv.url}/v1/chat/completions", headers=srv.headers, timeout=120, json={
+        "model": "m", "temperature": 0, "max_tokens": 8, "reasoning_effort": "high",
+        "tools": [{"type": "function", "function": {k: TOOL[k] for k in ("name", "description", "parameters")}}],
+        "messages": [{"role": "user", "content": "Weather in Paris?"},
+                     {"role": "assistant", "content": "", "reasoning": " Need the weather.",
+                      "tool_calls": [{"id": call_id, "type": "function",
+                                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                     {"role": "tool", "tool_call_id": call_id, "content": "[after_tool]"}]}).json()
+    assert r["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+    without = _post(srv, [turn[0], turn[2], turn[3]], tools=[TOOL], reasoning={"effort": "high"}, max_output_tokens=8)
+    assert without["usage"]["input_tokens"] < r["usage"]["input_tokens"]  # the thinking was rendered
