@@ -42,26 +42,23 @@ class ItemBuilder:
     # -- pieces in -------------------------------------------------------------------------
 
     def reasoning(self, text: str) -> list[Event]:
-        events = self._switch(ReasoningItem)
-        if not self._open:
-            item = ReasoningItem(id=item_id("rs"), status="in_progress")
-            events += self._add(item, ReasoningText(text=""))
-            item.content.append(ReasoningText(text=""))
-        pos = self._open[0]
-        self.items[pos].content[0].text += text
-        return events + [self._ev("response.reasoning_text.delta", pos, content_index=0, delta=text)]
+        return self._content(ReasoningItem, "rs", ReasoningText, "response.reasoning_text.delta", text)
 
     def text(self, text: str) -> list[Event]:
-        events = self._switch(MessageItem)
+        return self._content(MessageItem, "msg", OutputText, "response.output_text.delta", text, logprobs=[])
+
+    def _content(self, kind: type, prefix: str, part: type, delta: str, text: str, **extra) -> list[Event]:
+        """``text`` appended to the open item of ``kind`` (one content part), opened if need be."""
+        events = self._switch(kind)
         if not self._open:
-            item = MessageItem(id=item_id("msg"), status="in_progress")
-            events += self._add(item, OutputText(text=""))
-            item.content.append(OutputText(text=""))
-        pos = self._open[0]
+            item = kind(id=item_id(prefix), status="in_progress")
+            events += self._add(item, part(text=""))
+            item.content.append(part(text=""))
         if not text:  # opened only (an empty answer)
             return events
+        pos = self._open[0]
         self.items[pos].content[0].text += text
-        return events + [self._ev("response.output_text.delta", pos, content_index=0, delta=text, logprobs=[])]
+        return events + [self._ev(delta, pos, content_index=0, delta=text, **extra)]
 
     def call(self, index: int, call_id: Optional[str], name: Optional[str], arguments: str) -> list[Event]:
         """A tool-call piece of the chat path: the first of call ``index`` has its id and name."""
