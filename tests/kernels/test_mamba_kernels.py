@@ -51,3 +51,28 @@ def test_state_update_matches_reference(dtype, dt_limit):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(got_state, want_state, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dt_limit", [(0.0, float("inf")), (0.05, 0.5)])
+def test_chunk_scan_matches_reference(dtype, dt_limit):
+    """Sequences shorter than the kernel's chunk, across several of its chunks and across the
+    reference's (8 tokens), each from an earlier state in its slot."""
+    from tessellm.kernels.mamba.chunk_scan import mamba_chunk_scan
+
+    g = torch.Generator().manual_seed(11)
+    lengths, slots = [1, 5, 33, 70], [3, 0, 5, 1]
+    T, H, P, G, N = sum(lengths), 4, 12, 2, 10
+    x = torch.randn(T, H, P, generator=g).to(dtype)
+    dt = (torch.randn(T, H, generator=g) - 1.0).to(dtype)
+    B, C = (torch.randn(T, G, N, generator=g).to(dtype) for _ in range(2))
+    A = -torch.rand(H, generator=g) - 0.1
+    D, dt_bias = torch.randn(H, generator=g), torch.randn(H, generator=g) * 0.5
+    state = (torch.randn(6, H, P, N, generator=g) * 0.3).to(dtype)
+    batch = make_batch(lengths, slots, torch.device("cpu"))
+    want_state, got_state = state.clone(), state.clone()
+    want = ref.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, want_state, batch, 8, dt_limit)
+    got = mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, got_state, batch, 8, dt_limit)
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_state, want_state, **tol)

@@ -1,0 +1,100 @@
+"""The Mamba2 chunked SSD scan of prefill chunks in Triton (``FusedOps.mamba_chunk_scan``; the
+oracle is ``backends/reference/mamba.ssd_chunk_scan``).
+
+One program per (sequence, head, block of head dims) walks its sequence a chunk of ``Q`` tokens
+at a time, carrying that block of the state ``h [BLOCK_P, N]`` in registers from the slot's
+initial state to the final one, which it writes back. Per chunk, with ``a = cumsum(dt * A)``
+over its tokens (a token past the sequence's end has ``dt = 0``: no decay, no input)::
+
+    y   = ((C B^T) * [s <= l] exp(a_l - a_s)) @ (dt x)  +  exp(a_l) * (C @ h^T)  +  D x
+    h   = exp(a_Q) h  +  (dt x * exp(a_Q - a_s))^T @ B
+
+``Q`` (32) is the kernel's own (16 or more, for ``tl.dot``); the model's ``chunk_size`` only
+fixes where the reference cuts, and the result is the same function of the inputs. Products
+are float32 (``tf32x3`` on tensor cores: float32-level accuracy).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dt_bias_ptr, state_ptr,
+                       qsl_ptr, idx_ptr, y_ptr, heads_per_group, P, N, dt_lo, dt_hi,
+                       sx_t, sx_h, sdt_t, sb_t, sb_g, sc_t, sc_g, ss_slot, ss_h, ss_p, sy_t, sy_h,
+                       CLAMP: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    start = tl.load(qsl_ptr + s).to(tl.int64)
+    length = tl.load(qsl_ptr + s + 1).to(tl.int64) - start
+    slot = tl.load(idx_ptr + s).to(tl.int64)
+    g = h // heads_per_group
+    ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ns = tl.arange(0, BLOCK_N)
+    ls = tl.arange(0, Q)
+    pm, nm = ps < P, ns < N
+    A = tl.load(a_ptr + h).to(tl.float32)
+    D = tl.load(d_ptr + h).to(tl.float32)
+    bias = tl.load(dt_bias_ptr + h).to(tl.float32)
+    sptrs = state_ptr + slot * ss_slot + h * ss_h + ps[:, None] * ss_p + ns[None, :]
+    smask = pm[:, None] & nm[None, :]
+    state = tl.load(sptrs, mask=smask, other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_N]
+    causal = ls[:, None] >= ls[None, :]
+    for c0 in range(0, length, Q):
+        rows = c0 + ls
+        rm = rows < length
+        tok = start + rows
+        dt = tl.load(dt_ptr + tok * sdt_t + h, mask=rm, other=0.0).to(tl.float32) + bias
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))
+        if CLAMP:
+            dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+        dt = tl.where(rm, dt, 0.0)
+        a = tl.cumsum(dt * A, axis=0)  # [Q]
+        a_end = tl.sum(dt * A, axis=0)
+        x = tl.load(x_ptr + tok[:, None] * sx_t + h * sx_h + ps[None, :],
+                    mask=rm[:, None] & pm[None, :], other=0.0).to(tl.float32)  # [Q, BLOCK_P]
+        B = tl.load(b_ptr + tok[:, None] * sb_t + g * sb_g + ns[None, :],
+                    mask=rm[:, None] & nm[None, :], other=0.0).to(tl.float32)  # [Q, BLOCK_N]
+        C = tl.load(c_ptr + tok[:, None] * sc_t + g * sc_g + ns[None, :],
+                    mask=rm[:, None] & nm[None, :], other=0.0).to(tl.float32)
+        xdt = x * dt[:, None]
+        decay = tl.where(causal, tl.exp(a[:, None] - a[None, :]), 0.0)
+        scores = tl.dot(C, tl.trans(B), input_precision="tf32x3") * decay  # [Q, Q]
+        y = tl.dot(scores, xdt, input_precision="tf32x3")
+        y += tl.exp(a)[:, None] * tl.dot(C, tl.trans(state), input_precision="tf32x3")
+        y += D * x
+        tl.store(y_ptr + tok[:, None] * sy_t + h * sy_h + ps[None, :],
+                 y.to(y_ptr.dtype.element_ty), mask=rm[:, None] & pm[None, :])
+        to_end = xdt * tl.exp(a_end - a)[:, None]  # [Q, BLOCK_P]
+        state = tl.exp(a_end) * state + tl.dot(tl.trans(to_end), B, input_precision="tf32x3")
+    tl.store(sptrs, state.to(state_ptr.dtype.element_ty), mask=smask)
+
+
+def mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size: int,
+                     dt_limit=(0.0, float("inf"))) -> torch.Tensor:
+    """``x [T, H, P]``, ``dt [T, H]``, ``B, C [T, G, N]``, ``ssm_state [slots, H, P, N]``
+    (contiguous); ``batch`` a ``MambaBatch``. Returns ``y [T, H, P]``."""
+    T, H, P = x.shape
+    N = ssm_state.shape[-1]
+    y = torch.empty_like(x)
+    seqs = len(batch.state_indices_host)
+    if T == 0 or seqs == 0:
+        return y
+    x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
+    if not ssm_state.is_contiguous():
+        raise ValueError("mamba_chunk_scan needs a contiguous ssm_state.")
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    block_p = max(16, min(triton.next_power_of_2(P), 64))
+    grid = (seqs, H, triton.cdiv(P, block_p))
+    _chunk_scan_kernel[grid](
+        x, dt, A, B, C, D, dt_bias, ssm_state, batch.query_start_loc, batch.state_indices, y,
+        H // B.shape[1], P, N, lo, hi if hi != float("inf") else 3.0e38,
+        x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0),
+        C.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0),
+        y.stride(1), CLAMP=lo > 0.0 or hi != float("inf"), Q=32,
+        BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(N)))
+    return y
