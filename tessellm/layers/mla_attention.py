@@ -1,7 +1,15 @@
 """The attention layer of multi-head latent attention (MLA): one latent row per token cached,
-no value cache (``AttentionSpec.mla_value_size``; the model side is ``models/deepseek_mla.py``)."""
+no value cache (``AttentionSpec.mla_value_size``; the model side is ``models/deepseek_mla.py``).
+
+A kernel may also offer the expanded form for long prefill chunks (the Triton kernel,
+``kernels/attention/mla_prefill.py``): its metadata's ``expanded`` is set for such a step, and
+the model then hands ``forward`` only the decodes' absorbed queries, decompresses
+``context_rows`` itself (``kv_b_proj``) and calls ``forward_expanded`` for the rest. A kernel
+without it (the contract's ``supports_mla`` alone) gets every query absorbed."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -20,11 +28,33 @@ class LatentAttention(Attention):
         self.value_size = value_size
         self.v_cache = None
 
-    def forward(self, q: torch.Tensor, latent: torch.Tensor, metadata) -> torch.Tensor:
-        """q ``[T, H, head_size]`` (absorbed: ``[q_nope W_UK | q_pe]``), latent ``[T,
-        head_size]`` (``[c_kv | k_pe]``, rotated) -> ``[T, H, value_size]``."""
+    def _metadata(self, metadata):
         if isinstance(metadata, PerKernelMetadata):
-            metadata = metadata[id(self.kernel)]
-        t = q.shape[0]
+            return metadata[id(self.kernel)]
+        return metadata
+
+    def forward(self, q: torch.Tensor, latent: torch.Tensor, metadata) -> torch.Tensor:
+        """q ``[Tq, H, head_size]`` (absorbed: ``[q_nope W_UK | q_pe]``), latent ``[T,
+        head_size]`` (``[c_kv | k_pe]``, rotated; every row is cached) -> ``[Tq, H,
+        value_size]``. Tq is T, or the decodes' rows of an expanded step."""
+        t = latent.shape[0]
         return self.kernel.forward(q, latent.view(t, 1, self.head_size), None, self.k_cache,
-                                   None, metadata, self.scale)
+                                   None, self._metadata(metadata), self.scale)
+
+    def expanded_rows(self, metadata) -> Optional[int]:
+        """Where this step's expanded queries start (they run to the end), or None: the whole
+        step is absorbed."""
+        expanded = getattr(self._metadata(metadata), "expanded", None)
+        return None if expanded is None else expanded.num_decode_tokens
+
+    def context_rows(self, metadata, dtype: torch.dtype) -> torch.Tensor:
+        """The expanded sequences' cached latent rows ``[K, head_size]`` (after ``forward``
+        wrote this step's)."""
+        return self.kernel.context_rows(self.k_cache, self._metadata(metadata), dtype)
+
+    def forward_expanded(self, q, k_nope, k_pe, v, metadata) -> torch.Tensor:
+        """Multi-head attention of the expanded queries ``q`` ``[T_p, H, n + r]`` over the
+        decompressed context (``k_nope`` ``[K, H, n]``, ``k_pe`` ``[K, r]``, ``v`` ``[K, H,
+        v]``): ``[T_p, H, v]``."""
+        return self.kernel.forward_expanded(q, k_nope, k_pe, v, self._metadata(metadata),
+                                            self.scale)

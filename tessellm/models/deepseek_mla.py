@@ -19,8 +19,12 @@ token and an absorbed query, and ``softmax @ (W_UV c_kv) = W_UV (softmax @ c_kv)
 
 This is multi-query attention with one KV head whose values are the first ``c`` dims of the key
 (the kernel's ``supports_mla``); prefill and decode both run it, so chunked prefill and prefix
-caching read the same rows. ``scale`` is ``(n + r) ** -0.5``, times ``mscale(factor,
-mscale_all_dim) ** 2`` under YaRN with ``mscale_all_dim`` (HF's ``yarn_apply_mscale``).
+caching read the same rows. Where the kernel offers it (``layers/mla_attention.py``), long
+prefill chunks take HF's expanded form instead, over the same cached rows: ``kv_b_proj`` of
+each chunk's whole context, then multi-head attention with 192-wide keys and 128-wide values
+(``kernels/attention/mla_prefill.py`` says why: 2.4x less work at 2k queries). ``scale`` is
+``(n + r) ** -0.5``, times ``mscale(factor, mscale_all_dim) ** 2`` under YaRN with
+``mscale_all_dim`` (HF's ``yarn_apply_mscale``).
 
 Rotary: DeepSeek's checkpoints rotate interleaved pairs ``(x[2i], x[2i+1])`` of the rope dims
 (V2 always; V3 unless ``rope_interleave`` is false); they are reordered evens-then-odds on the
@@ -105,13 +109,30 @@ class MLAttention(nn.Module):
         latent = self.kv_a_proj_with_mqa(hidden)
         c_kv = self.kv_a_layernorm(latent[:, :self.latent].contiguous())
         q_pe, k_pe = self._rotate(positions, q[..., self.nope:], latent[:, self.latent:])
+        q_pe = q_pe.view(t, h, self.rope)
         w_uk, w_uv = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.latent).split(
             [self.nope, self.v_dim], dim=1)
-        q_latent = torch.bmm(q[..., :self.nope].transpose(0, 1), w_uk)  # [H, T, c]
-        q_row = torch.cat((q_latent.transpose(0, 1), q_pe.view(t, h, self.rope)), dim=-1)
-        out = self.attn(q_row, torch.cat((c_kv, k_pe), dim=-1), metadata)  # [T, H, c]
-        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2))  # [H, T, v]
-        return self.o_proj(out.transpose(0, 1).reshape(t, h * self.v_dim))
+        expanded = self.attn.expanded_rows(metadata)  # None: every query absorbed
+        n = t if expanded is None else expanded
+        q_latent = torch.bmm(q[:n, :, :self.nope].transpose(0, 1), w_uk)  # [H, n, c]
+        q_row = torch.cat((q_latent.transpose(0, 1), q_pe[:n]), dim=-1)
+        out = self.attn(q_row, torch.cat((c_kv, k_pe), dim=-1), metadata)  # [n, H, c]
+        out = torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [n, H, v]
+        if expanded is not None:
+            out = torch.cat((out, self._expanded(q[n:], q_pe[n:], metadata)))
+        return self.o_proj(out.reshape(t, h * self.v_dim))
+
+    def _expanded(self, q, q_pe, metadata):
+        """The step's long prefill chunks in the expanded form (``kernels/attention/
+        mla_prefill.py``): their contexts' cached rows decompressed by ``kv_b_proj`` into
+        per-head keys ``[W_UK c_kv | k_pe]`` and values ``W_UV c_kv``, as HF computes them;
+        ``[T_p, H, v]``."""
+        h = self.num_heads
+        rows = self.attn.context_rows(metadata, q.dtype)  # [K, c + r]
+        kv = self.kv_b_proj(rows[:, :self.latent]).view(-1, h, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat((q[..., :self.nope], q_pe), dim=-1)
+        return self.attn.forward_expanded(q, k_nope, rows[:, self.latent:], v, metadata)
 
     def _rotate(self, positions, q_pe, k_pe):
         """q_pe ``[T, H, r]``, k_pe ``[T, r]`` rotated: ``([T, H * r], [T, r])``."""

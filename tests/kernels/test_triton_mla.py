@@ -97,3 +97,53 @@ def test_mla_bfloat16():
     kernel = _kernel(RELEASED, torch.bfloat16)
     _, out, want = _run(kernel, RELEASED, [1, 1, 9], [20, 60, 7], torch.bfloat16, seed=3)
     torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_expanded_prefill_equals_absorbed(kv_cache_dtype):
+    """Long chunks in the expanded form (``mla_prefill.py``: keys ``[W_UK c | k_pe]`` and
+    values ``W_UV c`` per head, decompressed from the cached rows) give the absorbed oracle's
+    output times W_UV; the decodes of the same step stay absorbed. Chunks over prefixes whose
+    boundaries fall mid-block, and one fresh prompt."""
+    heads, nope, rope, v_dim, c, bs = 4, 16, 8, 16, 32, 8
+    shape = (heads, c + rope, c, bs)
+    kernel = _kernel(shape, torch.float32, kv_cache_dtype)
+    kernel.expanded_min_query = 6
+    q_lens, ctx = [1, 1, 7, 12, 3], [9, 30, 0, 21, 13]
+    step = make_paged_step(q_lens, ctx, num_kv_heads=1, group=heads, head_size=c + rope,
+                           block_size=bs, dtype=torch.float32, device=DEVICE, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    w_uk = torch.randn(heads, nope, c, generator=gen) / c ** 0.5
+    w_uv = torch.randn(heads, v_dim, c, generator=gen) / c ** 0.5
+    t = step.q.shape[0]
+    q_nope = torch.randn(t, heads, nope, generator=gen)
+    q_pe = torch.randn(t, heads, rope, generator=gen)
+    q_abs = torch.cat((torch.einsum("thn,hnc->thc", q_nope, w_uk), q_pe), dim=-1)
+    b, cache, ref = step.batch, step.k_cache, step.ref_k_cache.float()
+    if kv_cache_dtype == "fp8":
+        context = quantize_latent(step.k_cache.cpu().float(), torch.float8_e4m3fn)
+        cache, ref = context.to(DEVICE, copy=True), context
+        write_latent_cache(step.k.cpu(), ref, b.slot_mapping.cpu())
+    want = paged_mla_attention(q_abs, ref, c, b.query_start_loc.cpu(), b.seq_lens.cpu(),
+                               b.block_tables.cpu(), step.scale)
+    want = torch.einsum("thc,hvc->thv", want, w_uv)
+
+    md = kernel.build_metadata(b)
+    assert md.expanded is not None and md.expanded.num_decode_tokens == 2
+    dev = lambda x: x.to(DEVICE)  # noqa: E731
+    out_d = kernel.forward(dev(q_abs[:2]), step.k, None, cache, None, md, step.scale)
+    rows = kernel.context_rows(cache, md, torch.float32)
+    assert rows.shape == (sum(c0 + q for c0, q in zip(ctx[2:], q_lens[2:])), c + rope)
+    k_nope = torch.einsum("kc,hnc->khn", rows[:, :c], dev(w_uk))
+    values = torch.einsum("kc,hvc->khv", rows[:, :c], dev(w_uv))
+    q_exp = dev(torch.cat((q_nope, q_pe), dim=-1)[2:])
+    out_p = kernel.forward_expanded(q_exp, k_nope, rows[:, c:], values, md, step.scale)
+    got = torch.cat((torch.einsum("thc,hvc->thv", out_d.cpu(), w_uv), out_p.cpu()))
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_short_chunks_stay_absorbed():
+    kernel = _kernel(TINY, torch.float32)
+    step = make_paged_step([1, 5], [4, 9], num_kv_heads=1, group=TINY[0], head_size=TINY[1],
+                           block_size=TINY[3], dtype=torch.float32, device=DEVICE)
+    assert kernel.build_metadata(step.batch).expanded is None  # 5 < expanded_min_query

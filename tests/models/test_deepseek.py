@@ -82,10 +82,25 @@ def test_deepseek_tensor_parallel(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepseek_on_emulated_cuda(tmp_path):
-    """The cuda backend's own MLA kernel (``kernels/attention/mla.py``), fused experts and ops in
-    the whole model, Triton in the interpreter on host tensors: HF's tokens and log-probabilities,
-    chunked prefill and decode."""
+@pytest.mark.parametrize("expanded_min_query", [None, 6], ids=["absorbed", "expanded-prefill"])
+def test_deepseek_on_emulated_cuda(expanded_min_query, tmp_path, monkeypatch):
+    """The cuda backend's own MLA kernels (``kernels/attention/mla.py``: split-KV decode, and
+    chunks absorbed or, with the threshold lowered to 6 queries, in the expanded form through
+    ``kv_b_proj``), fused experts and ops in the whole model, Triton in the interpreter on host
+    tensors: HF's tokens and log-probabilities, chunked prefill and decode."""
+    from tessellm.kernels.attention.mla import TritonMLAAttentionKernel
+
+    calls = []
+    if expanded_min_query is not None:
+        monkeypatch.setattr(TritonMLAAttentionKernel, "expanded_min_query", expanded_min_query)
+        expanded = TritonMLAAttentionKernel.forward_expanded
+
+        def counted(self, q, *args):
+            calls.append(q.shape[0])
+            return expanded(self, q, *args)
+
+        monkeypatch.setattr(TritonMLAAttentionKernel, "forward_expanded", counted)
     path = save_deepseek(deepseek_config(True, q_lora_rank=24), str(tmp_path / "ds"))
     assert_parity(path, prompts((5, 20)), max_new=8, device="cuda", emulate=True,
                   max_num_batched_tokens=8)
+    assert bool(calls) == (expanded_min_query is not None)

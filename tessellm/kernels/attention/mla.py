@@ -1,6 +1,6 @@
 """Multi-head latent attention (``AttentionSpec.mla_value_size``, DeepSeek-V2/V3) in Triton:
-the cache write of the latent rows, the split-KV decode (``mla_decode.py``) and one kernel for
-the prefill chunks and verify steps (several queries a sequence).
+the cache write of the latent rows, the split-KV decode (``mla_decode.py``), the expanded
+prefill (``mla_prefill.py``) and one kernel for short chunks and verify steps.
 
 The cache holds one row a token, ``[c_kv (DV) | k_pe (DR)]`` (``[num_blocks, block_size, 1,
 DV + DR]``, 512 + 64 for the released models); every query head attends over those rows and
@@ -13,11 +13,13 @@ kernels load them as two tiles, each padded to a power of two and masked::
 
 Decodes (the batch's first ``num_decodes`` sequences, one query each) take ``mla_decode``:
 ``BLOCK_H`` heads a program share each latent tile, the keys split over ``num_splits`` programs
-a sequence (flash-decoding) so that a small batch fills the GPU. The rest (prefill chunks,
-verify steps) take ``_mla_kernel``: grid ``(num_seqs, cdiv(max_query_len, BLOCK_Q),
-cdiv(H, BLOCK_H))``, a chunk's queries ``BLOCK_Q`` at a time, each row masked to the keys at or
-before its position. No host sync (graph-capture safe): a sequence of length 0 (graph padding)
-writes zeros.
+a sequence (flash-decoding) so that a small batch fills the GPU. A step whose prefill chunks
+reach ``expanded_min_query`` queries runs them in the expanded form (``mla_prefill.py`` gives
+the arithmetic; the model decompresses ``context_rows`` with ``kv_b_proj`` and calls
+``forward_expanded``). Other chunks and verify steps take ``_mla_kernel``: grid ``(num_seqs,
+cdiv(max_query_len, BLOCK_Q), cdiv(H, BLOCK_H))``, a chunk's queries ``BLOCK_Q`` at a time, each
+row masked to the keys at or before its position. No host sync in decode steps (graph-capture
+safe): a sequence of length 0 (graph padding) writes zeros.
 
 fp8 latent rows (``kv_cache_dtype='fp8'``): the cache write stores ``row / k_scale`` saturated
 at +-448 in e4m3 (one scale per cache, ``k_scale``, 1.0 unless set); the kernels widen each tile
@@ -31,6 +33,7 @@ e4m3's normal range (2^-6 .. 448: 3 mantissa bits whatever the scale); ``c_kv`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -39,6 +42,7 @@ import triton.language as tl
 from tessellm.kernels.attention.common import (_LOG2E, _NEG_BIG, _dot_fp32, _dot_precision,
                                                _fp8_max, _is_fp8, _p2)
 from tessellm.kernels.attention.mla_decode import attend_latent_tile, mla_decode
+from tessellm.kernels.attention.mla_prefill import mla_prefill_expanded
 
 
 @triton.jit
@@ -78,8 +82,8 @@ def _mla_cache_kernel(k_ptr, cache_ptr, slot_ptr, stride_kt, stride_cb, stride_c
 
 @triton.jit
 def _mla_kernel(q_ptr, cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-                seq_offset, scale_log2, v_factor, num_heads, stride_qt, stride_qh, stride_ot, stride_oh,
-                stride_cb, stride_ct, stride_bt,
+                seq_offset, scale_log2, v_factor, num_heads, stride_qt, stride_qh, stride_ot,
+                stride_oh, stride_cb, stride_ct, stride_bt,
                 DV: tl.constexpr, DV_P2: tl.constexpr, DR: tl.constexpr, DR_P2: tl.constexpr,
                 BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -138,6 +142,21 @@ class TritonMLAMetadata:
     seq_lens: torch.Tensor  # int32 [num_seqs]
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
     slot_mapping: torch.Tensor  # int64 [num_tokens]; -1: not written
+    # The prefill sequences in the expanded form this step (``mla_prefill.py``), or None: all
+    # absorbed (no prefill, or none with ``expanded_min_query`` queries).
+    expanded: Optional["ExpandedPrefill"] = None
+
+
+@dataclass
+class ExpandedPrefill:
+    """Sequences ``num_decodes ..`` of the step, decompressed and attended as multi-head
+    attention; their queries are the step's rows ``num_decode_tokens ..``."""
+
+    num_decode_tokens: int  # rows of q before the first expanded query
+    max_query_len: int
+    cu_q: torch.Tensor  # int32 [P + 1]: query starts, relative to num_decode_tokens
+    cu_k: torch.Tensor  # int32 [P + 1]: key starts in the flat context list
+    context_slots: torch.Tensor  # int64 [K]: each sequence's keys' cache slots, in order
 
 
 class TritonMLAAttentionKernel:
@@ -155,6 +174,10 @@ class TritonMLAAttentionKernel:
     target_programs = 264
     min_partition = 256
     max_splits = 32
+    # A step whose prefill chunks reach this many queries runs them in the expanded form
+    # (``mla_prefill.py``: decompressing a key costs what ~170 absorbed queries save on it).
+    # The model asks ``expanded_prefill`` and does the decompression (``kv_b_proj``).
+    expanded_min_query = 128
 
     def __init__(self, spec):
         if spec.mla_value_size is None or spec.num_kv_heads != 1:
@@ -182,12 +205,54 @@ class TritonMLAAttentionKernel:
         return TritonMLAMetadata(batch.num_seqs, batch.num_decodes,
                                  self.num_splits(batch.num_decodes), batch.max_query_len,
                                  batch.query_start_loc, batch.seq_lens, batch.block_tables,
-                                 batch.slot_mapping)
+                                 batch.slot_mapping, self._expanded(batch))
+
+    def _expanded(self, batch) -> Optional[ExpandedPrefill]:
+        """The step's prefill sequences in the expanded form, when one has at least
+        ``expanded_min_query`` queries (eager steps only: graph steps are all decodes)::
+
+            seq_lens_host[nd:] = [5, 3]   block_size 4, tables [[7, 2], [9]]
+            context_slots = [28 29 30 31 8 | 36 37 38]    cu_k = [0, 5, 8]
+        """
+        nd, starts = batch.num_decodes, batch.query_start_loc_host
+        if batch.num_seqs == nd or not starts or batch.max_query_len < self.expanded_min_query:
+            return None
+        lens = torch.tensor(batch.seq_lens_host[nd:], dtype=torch.int64)
+        cu_k = torch.zeros(len(lens) + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=cu_k[1:])
+        seq = torch.repeat_interleave(torch.arange(len(lens)), lens)
+        pos = torch.arange(int(cu_k[-1])) - cu_k[:-1].repeat_interleave(lens)
+        device, bs = batch.block_tables.device, self.spec.block_size
+        seq, pos = seq.to(device), pos.to(device)
+        blocks = batch.block_tables[nd:][seq, pos // bs].long()
+        cu_q = torch.tensor(starts[nd:], dtype=torch.int32) - starts[nd]
+        return ExpandedPrefill(starts[nd], batch.max_query_len, cu_q.to(device),
+                               cu_k.to(torch.int32).to(device), blocks * bs + pos % bs)
+
+    def context_rows(self, k_cache: torch.Tensor, metadata: TritonMLAMetadata,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """The expanded sequences' cached rows (this step's written by ``forward``), ``[K, D]``
+        in ``dtype`` (fp8: times ``k_scale``), for the model to decompress."""
+        rows = k_cache.view(-1, k_cache.shape[-1]).index_select(0,
+                                                                metadata.expanded.context_slots)
+        if _is_fp8(k_cache):
+            return (rows.to(torch.float32) * self.k_scale).to(dtype)
+        return rows.to(dtype)
+
+    def forward_expanded(self, q, k_nope, k_pe, v, metadata: TritonMLAMetadata, scale):
+        """``mla_prefill.mla_prefill_expanded`` over the step's expanded sequences: ``q``
+        ``[T_p, H, n + r]`` their queries, keys and values from ``context_rows``."""
+        ex = metadata.expanded
+        return mla_prefill_expanded(q, k_nope, k_pe, v, ex.cu_q, ex.cu_k, ex.max_query_len,
+                                    scale)
 
     def forward(self, q, k, v, k_cache, v_cache, metadata: TritonMLAMetadata, scale):
-        t, h, d = q.shape
+        """Writes every row of ``k``; attends the rows of ``q``: every query (absorbed), or
+        only the decodes' (``q`` of ``num_decodes`` rows: the model runs the rest through
+        ``context_rows`` and ``forward_expanded``)."""
         md = metadata
-        out = torch.empty(t, h, self.value_size, dtype=q.dtype, device=q.device)
+        t, h, d = k.shape[0], q.shape[1], q.shape[2]
+        out = torch.empty(q.shape[0], h, self.value_size, dtype=q.dtype, device=q.device)
         if t == 0:
             return out
         write_latent_rows(k.reshape(t, d), k_cache, md.slot_mapping, self.k_scale)
@@ -200,7 +265,7 @@ class TritonMLAAttentionKernel:
                        value_size=self.value_size, block_h=self.block_h, block_n=self.block_n,
                        dot_precision=_dot_precision(q.dtype),
                        widen=q.dtype == torch.float32 or _dot_fp32(q))
-        if md.num_seqs > md.num_decodes:
+        if md.num_seqs > md.num_decodes and q.shape[0] > md.num_decodes:  # not expanded
             mla_chunks(q, k_cache, out, md.query_start_loc, md.seq_lens, md.block_tables,
                        scale_log2, v_factor, seq_offset=md.num_decodes,
                        num_seqs=md.num_seqs - md.num_decodes, max_query_len=md.max_query_len,
