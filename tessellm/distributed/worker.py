@@ -109,6 +109,11 @@ class Worker:
         if hasattr(model, "mamba_layers"):  # one recurrent-state slot per running request
             from tessellm.core.mamba_state import MambaStateCache
 
+            if self.runner.buckets is not None:
+                raise ValueError(f"Models with Mamba layers do not run on backend "
+                                 f"{self.backend.name!r} yet: its steps are padded to shape "
+                                 "buckets (XLA), which the Mamba ops do not take; use cpu, cuda "
+                                 "or rocm.")
             self.runner.mamba = MambaStateCache(model.mamba_layers(), args.max_num_seqs,
                                                 self.device, self.dtype)
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
