@@ -61,6 +61,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--max-header-bytes", type=int, default=32 << 10, help="largest request headers")
     g.add_argument("--sse-keepalive", type=float, default=10.0, metavar="SECONDS",
                    help="send an SSE comment after this much silence on a stream")
+    g.add_argument("--responses-store-size", type=int, default=0, metavar="N",
+                   help="keep the last N /v1/responses responses in memory for previous_response_id and "
+                   "GET /v1/responses/{id} (default 0: none kept)")
     g = parser.add_argument_group("LoRA (with --enable-lora; docs/lora.md)")
     g.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="PEFT adapters to serve (NAME=PATH, or vLLM's JSON '{\"name\": NAME, "
@@ -210,6 +213,8 @@ def _server_config(args: argparse.Namespace):
         raise ValueError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}.")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}.")
+    if args.responses_store_size < 0:
+        raise ValueError(f"--responses-store-size must be >= 0, got {args.responses_store_size}.")
     if args.sse_keepalive <= 0:
         raise ValueError(f"--sse-keepalive must be > 0 seconds, got {args.sse_keepalive}.")
     return ServerConfig(
@@ -218,6 +223,7 @@ def _server_config(args: argparse.Namespace):
         max_logprobs=args.max_logprobs, max_tokens=args.max_tokens_limit, max_prompts=args.max_prompts,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
         sse_keepalive_s=args.sse_keepalive, tool_call_parser=args.tool_call_parser,
+        responses_store_size=args.responses_store_size,
         lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
         allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False))
 

@@ -186,6 +186,13 @@ def test_sdk_client_reads_responses(client):
     jsonschema.validate(json.loads(args), WEATHER["parameters"])
 
 
+def test_nothing_stored_by_default(http):
+    resp = _post(http, input="hi", max_output_tokens=2)
+    assert resp["store"] is False
+    r = http.get(f"/v1/responses/{resp['id']}")
+    assert r.status_code == 404 and "--responses-store-size" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("body,param", [
     ({"input": "hi", "foo": 1}, "foo"),
     ({"input": []}, "input"),

@@ -17,6 +17,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from tests.server.harmony_model import make_harmony_model
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
+STORE_SIZE = 4
 TOOL = {"type": "function", "name": "get_weather", "description": "Weather in a city.",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 
@@ -24,7 +25,8 @@ TOOL = {"type": "function", "name": "get_weather", "description": "Weather in a 
 @pytest.fixture(scope="module")
 def srv(server_factory, tmp_path_factory):
     path = make_harmony_model(str(tmp_path_factory.mktemp("harmony_responses") / "m"))
-    return server_factory([path, "--served-model-name", "m", "--max-model-len", "512"])
+    return server_factory([path, "--served-model-name", "m", "--max-model-len", "512",
+                           "--responses-store-size", str(STORE_SIZE)])
 
 
 def _body(input, **body):
@@ -132,3 +134,42 @@ def test_earlier_reasoning_call_and_output_reach_the_prompt(srv):
     assert r["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
     without = _post(srv, [turn[0], turn[2], turn[3]], tools=[TOOL], reasoning={"effort": "high"}, max_output_tokens=8)
     assert without["usage"]["input_tokens"] < r["usage"]["input_tokens"]  # the thinking was rendered
+
+
+def test_previous_response_id_continues_a_stored_turn(srv):
+    """Turn 1 calls the tool (streamed: kept at its end); turn 2 sends only the call's output
+    with previous_response_id: the same prompt as sending every item, and the same answer."""
+    events = _stream(srv, "[tool]", tools=[TOOL])
+    first = events[-1].response
+    assert first.store is True
+    call_id = first.output[1].call_id
+    out = {"type": "function_call_output", "call_id": call_id, "output": "[after_tool]"}
+    r = _post(srv, [out], previous_response_id=first.id, tools=[TOOL], reasoning={"effort": "high"},
+              max_output_tokens=8)
+    assert r["previous_response_id"] == first.id and r["output"][0]["content"][0]["text"] == "It is four."
+    items = [{"role": "user", "content": "[tool]"}, *[i.model_dump(exclude_none=True) for i in first.output], out]
+    explicit = _post(srv, items, tools=[TOOL], reasoning={"effort": "high"}, max_output_tokens=8, store=False)
+    assert explicit["store"] is False and r["usage"]["input_tokens"] == explicit["usage"]["input_tokens"]
+    # a chain of three: the second turn's own output and the first's both reach the prompt
+    third = _post(srv, "[final]", previous_response_id=r["id"], tools=[TOOL])
+    assert third["usage"]["input_tokens"] > r["usage"]["input_tokens"]
+    got = httpx.get(f"{srv.url}/v1/responses/{r['id']}", headers=srv.headers, timeout=30)
+    assert got.status_code == 200 and got.json() == r
+    Response.model_validate(got.json())
+
+
+def test_store_false_delete_and_eviction(srv):
+    kept = _post(srv, "[final]")
+    gone = _post(srv, "[final]", store=False)
+    assert httpx.get(f"{srv.url}/v1/responses/{gone['id']}", headers=srv.headers).status_code == 404
+    r = httpx.post(f"{srv.url}/v1/responses", headers=srv.headers, json=_body("[final]", previous_response_id=gone["id"]))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found"
+    d = httpx.delete(f"{srv.url}/v1/responses/{kept['id']}", headers=srv.headers)
+    assert d.status_code == 200 and d.json() == {"id": kept["id"], "object": "response", "deleted": True}
+    assert httpx.get(f"{srv.url}/v1/responses/{kept['id']}", headers=srv.headers).status_code == 404
+    oldest = _post(srv, "[final]")
+    for _ in range(STORE_SIZE):  # the store keeps the last STORE_SIZE responses
+        _post(srv, "[plain]")
+    r = httpx.post(f"{srv.url}/v1/responses", headers=srv.headers, json=_body("[final]", previous_response_id=oldest["id"]))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+    assert f"last {STORE_SIZE} responses" in r.json()["error"]["message"]

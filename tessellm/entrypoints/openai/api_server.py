@@ -41,6 +41,7 @@ from tessellm.entrypoints.openai.protocol_responses import ModelCard, ModelList
 from tessellm.entrypoints.openai.sampling import check_model
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.responses.serving import create_response
+from tessellm.entrypoints.openai.responses.store import ResponseStore
 from tessellm.entrypoints.openai.serving import parse_request
 from tessellm.entrypoints.openai.serving_chat import create_chat_completion, render_messages
 from tessellm.entrypoints.openai.serving_classify import create_classification
@@ -159,6 +160,11 @@ def _check_generates(engine: AsyncLLM) -> None:
         raise bad_request(str(exc), None, "wrong_runner") from None
 
 
+def _no_response(response_id: str, store: ResponseStore) -> OpenAIError:
+    why = "" if store.enabled else " (this server keeps none: start it with --responses-store-size N)"
+    return OpenAIError(f"No response with id {response_id!r} is stored{why}.", 404, "response_id", "not_found")
+
+
 def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
     def card(name: str) -> ModelCard:
         lora = config.lora_for(name)
@@ -186,10 +192,25 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
         _check_generates(engine)
         return await create_chat_completion(engine, config, await _json_body(request), request)
 
+    responses_store = ResponseStore(config.responses_store_size)  # --responses-store-size (store.py)
+
     @app.post("/v1/responses")
     async def responses(request: Request):
         _check_generates(engine)
-        return await create_response(engine, config, await _json_body(request), request)
+        return await create_response(engine, config, responses_store, await _json_body(request), request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        stored = responses_store.get(response_id)
+        if stored is None:
+            raise _no_response(response_id, responses_store)
+        return stored.response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        if not responses_store.delete(response_id):
+            raise _no_response(response_id, responses_store)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

@@ -23,6 +23,7 @@ class ServerConfig:
         {"/health", "/ping", "/ready", "/version", "/metrics"}))  # no API key needed
     lora_modules: list = field(default_factory=list)  # --lora-modules: [(name, path)] at start
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and unload allowed
+    responses_store_size: int = 0  # --responses-store-size: responses kept for previous_response_id
     lora: Any = None  # the served adapters (openai.lora_modules.LoRAModules) with --enable-lora
 
     def lora_for(self, name: Optional[str]):

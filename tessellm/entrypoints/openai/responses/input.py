@@ -54,14 +54,20 @@ def check_unsupported(req: ResponsesRequest) -> None:
                           "reasoning.effort", "unsupported_parameter")
 
 
-def to_chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
-    messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
+def input_items(req: ResponsesRequest) -> list[dict]:
+    """This turn's input as items (a string is one user message)."""
     if isinstance(req.input, str):
-        messages.append(ChatMessage(role="user", content=req.input))
-    else:
-        if not req.input:
-            raise bad_request("input is an empty list; give a string or at least one item.", "input")
-        messages += _messages(req.input)
+        return [{"role": "user", "content": req.input}]
+    if not req.input:
+        raise bad_request("input is an empty list; give a string or at least one item.", "input")
+    return req.input
+
+
+def to_chat_request(req: ResponsesRequest, history: list[dict] = ()) -> ChatCompletionRequest:
+    """``history``: the earlier turns' items (a stored ``previous_response_id`` chain), before
+    this turn's input; ``instructions`` are this request's only (as OpenAI's)."""
+    messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
+    messages += _messages([*history, *input_items(req)], -len(history))
     tools = [_tool(i, t) for i, t in enumerate(req.tools or [])] or None
     fmt = req.text.format if req.text is not None else None
     effort = req.reasoning.effort if req.reasoning is not None else None
@@ -114,10 +120,11 @@ def _response_format(fmt) -> Optional[ResponseFormat]:
     return ResponseFormat(type="json_schema", json_schema=schema)
 
 
-def _messages(items: list) -> list[ChatMessage]:
+def _messages(items: list, first: int = 0) -> list[ChatMessage]:
+    """``first``: the first item's index in error messages (earlier turns' items count below 0)."""
     messages: list[ChatMessage] = []
     thinking: Optional[str] = None  # a reasoning item's text, for the next assistant message
-    for i, item in enumerate(items):
+    for i, item in enumerate(items, first):
         if not isinstance(item, dict):
             raise bad_request(f"input[{i}] must be an object (a message or an item).", f"input.{i}")
         kind = item.get("type", "message" if "role" in item else None)

@@ -65,7 +65,7 @@ class ResponsesRequest(_Strict):
     reasoning: Optional[ReasoningConfig] = None
     stream: Optional[bool] = False
     stream_options: Optional[dict[str, Any]] = None  # include_obfuscation: accepted; no effect
-    store: Optional[bool] = None  # accepted; nothing is stored (the response says store: false)
+    store: Optional[bool] = None  # false: not kept; else kept with --responses-store-size (store.py)
     metadata: Optional[dict[str, str]] = None  # echoed in the response
     user: Optional[str] = None  # accepted; no effect
     safety_identifier: Optional[str] = None  # accepted; no effect
@@ -73,8 +73,8 @@ class ResponsesRequest(_Strict):
     include: Optional[list[str]] = None  # see INCLUDE_ACCEPTED
     truncation: Optional[Literal["auto", "disabled"]] = None  # "disabled" only
     service_tier: Optional[str] = None  # "auto" / "default" only
+    previous_response_id: Optional[str] = None  # the stored response this one continues (store.py)
     # unsupported (refused unless neutral)
-    previous_response_id: Optional[str] = None
     conversation: Optional[Any] = None
     background: Optional[bool] = None
     max_tool_calls: Optional[int] = None
@@ -85,9 +85,8 @@ class ResponsesRequest(_Strict):
 
 # field -> (values that mean "not used", how to do without it)
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
-    "previous_response_id": ((None,), "nothing is stored between requests; send the earlier turn's "
-                             "output items (and your function_call_output items) in input instead"),
-    "conversation": ((None,), "nothing is stored between requests; send the whole conversation in input"),
+    "conversation": ((None,), "conversation objects are not kept; use previous_response_id "
+                     "(--responses-store-size) or send the whole conversation in input"),
     "background": ((None, False), "responses run in the foreground; use stream: true for long ones"),
     "max_tool_calls": ((None,), "remove it"),
     "top_logprobs": ((None, 0), "use /v1/chat/completions with logprobs"),

@@ -7,8 +7,9 @@ path's message (whole) or deltas (streamed) become output items (``items.py``): 
 ``reasoning`` item, a ``message`` with ``output_text``, ``function_call`` items.
 
 Status "incomplete" with ``incomplete_details.reason`` "max_output_tokens" when the output was
-cut by its token budget. Nothing is stored: ``store`` is answered false and
-``previous_response_id`` is refused (send the earlier output items back in ``input``).
+cut by its token budget. With ``--responses-store-size N`` responses are kept (unless
+``store: false``) for ``previous_response_id`` and ``GET /v1/responses/{id}`` (store.py);
+without it ``store`` is answered false and ``previous_response_id`` is a 400.
 
 A stream is server-sent events, ``event: <type>`` then ``data: <json>``, each with a
 ``sequence_number``: response.created, response.in_progress, the items' events (items.py),
@@ -28,26 +29,30 @@ from fastapi.responses import StreamingResponse
 from tessellm.core.outputs import RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM, iterate_streams
 from tessellm.entrypoints.openai.errors import OpenAIError
-from tessellm.entrypoints.openai.responses.input import check_unsupported, rename_error, to_chat_request
+from tessellm.entrypoints.openai.responses.input import (check_unsupported, input_items, rename_error,
+                                                         to_chat_request)
 from tessellm.entrypoints.openai.responses.items import Event, ItemBuilder
 from tessellm.entrypoints.openai.responses.protocol import (IncompleteDetails, InputTokensDetails,
                                                             OutputTokensDetails, ResponseObject,
                                                             ResponsesRequest, ResponseUsage)
+from tessellm.entrypoints.openai.responses.store import ResponseStore, StoredResponse
 from tessellm.entrypoints.openai.serving import (SSE_HEADERS, Submitted, collect, engine_error, parse_request,
                                                  submit)
 from tessellm.entrypoints.openai.serving_chat import ChatJob, prepare_chat
 from tessellm.entrypoints.openai.server_config import ServerConfig
 
 
-async def create_response(engine: AsyncLLM, config: ServerConfig, body, http_request: Request):
+async def create_response(engine: AsyncLLM, config: ServerConfig, store: ResponseStore, body,
+                          http_request: Request):
     req: ResponsesRequest = parse_request(ResponsesRequest, body)
     check_unsupported(req)
+    history = store.history(req.previous_response_id) if req.previous_response_id is not None else []
     try:
-        job = await prepare_chat(engine, config, to_chat_request(req), id_prefix="resp")
+        job = await prepare_chat(engine, config, to_chat_request(req, history), id_prefix="resp")
     except OpenAIError as exc:
         raise rename_error(exc) from None
     sub = submit(engine, job.request_id, [job.processed], [job.params], job.lora)
-    result = _Result(engine, req, job)
+    result = _Result(engine, req, job, store)
     if req.stream:
         return StreamingResponse(_events(engine, sub, result, config.sse_keepalive_s),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
@@ -61,16 +66,17 @@ async def create_response(engine: AsyncLLM, config: ServerConfig, body, http_req
     for i, call in enumerate(message.tool_calls):
         builder.call(i, call.id, call.function.name, call.function.arguments)
     builder.finish(result.item_status(out))
-    return result.response(builder, out)
+    return result.keep(result.response(builder, out))
 
 
 class _Result:
     """The response object around the items: the request's settings echoed, status, usage."""
 
-    def __init__(self, engine: AsyncLLM, req: ResponsesRequest, job: ChatJob):
+    def __init__(self, engine: AsyncLLM, req: ResponsesRequest, job: ChatJob, store: ResponseStore):
         self.engine = engine
         self.req = req
         self.job = job
+        self.store = store if store.enabled and req.store is not False else None
         self.id = job.view.id.replace("resp-", "resp_", 1)  # OpenAI's shape: resp_<hex>
         self.created = int(time.time())
 
@@ -98,7 +104,15 @@ class _Result:
             tool_choice=req.tool_choice or ("auto" if req.tools else "none"),
             tools=[{"description": None, "parameters": None, "strict": None, **t} for t in req.tools or []],
             usage=self.usage(builder, out) if out is not None else None, user=req.user,
-            metadata=req.metadata or {})
+            metadata=req.metadata or {}, store=self.store is not None,
+            previous_response_id=req.previous_response_id)
+
+    def keep(self, response: ResponseObject) -> ResponseObject:
+        """The finished response, stored when it is to be kept."""
+        if self.store is not None:
+            self.store.put(response.id, StoredResponse(input_items(self.req), response.model_dump(),
+                                                       self.req.previous_response_id))
+        return response
 
     def usage(self, builder: Optional[ItemBuilder], out: RequestOutput) -> ResponseUsage:
         prompt, output = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
@@ -137,7 +151,7 @@ async def _events(engine: AsyncLLM, sub: Submitted, result: _Result, heartbeat: 
         out = chunks.final
         for event in builder.finish(result.item_status(out)):
             yield sse(event)
-        final = result.response(builder, out)
+        final = result.keep(result.response(builder, out))
         yield sse({"type": f"response.{final.status}", "response": final.model_dump()})
     except Exception as exc:  # noqa: BLE001 - becomes the stream's last event
         err = engine_error(exc)

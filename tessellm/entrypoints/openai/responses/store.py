@@ -1,0 +1,76 @@
+"""Responses kept in memory for ``previous_response_id`` and ``GET /v1/responses/{id}``
+(``--responses-store-size N``; 0, the default, keeps none).
+
+Each stored response keeps only its own turn: the input items it was sent, the response body,
+and the id of the response it continued. A conversation is rebuilt by walking those links back
+(so a chain of n turns costs n turns of memory, not n^2). The store holds at most ``capacity``
+responses; the least recently used one is dropped first, and a chain whose earlier turn was
+dropped is answered with a 400 that says so. Lives in the API process, per server: lost on
+restart, not shared between replicas.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+from tessellm.entrypoints.openai.errors import bad_request
+
+
+@dataclass
+class StoredResponse:
+    input_items: list[dict]  # this turn's input items (a string input as one user message)
+    response: dict  # the response body as sent
+    previous_id: Optional[str]  # the response this one continued
+
+
+class ResponseStore:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    def put(self, response_id: str, stored: StoredResponse) -> None:
+        if not self.enabled:
+            return
+        self._items[response_id] = stored
+        self._items.move_to_end(response_id)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, response_id: str) -> Optional[StoredResponse]:
+        stored = self._items.get(response_id)
+        if stored is not None:
+            self._items.move_to_end(response_id)
+        return stored
+
+    def delete(self, response_id: str) -> bool:
+        return self._items.pop(response_id, None) is not None
+
+    def history(self, previous_id: str) -> list[dict]:
+        """The conversation up to and including ``previous_id``'s output, as input items."""
+        if not self.enabled:
+            raise bad_request("previous_response_id needs stored responses, and this server keeps none: "
+                              "start it with --responses-store-size N, or send the earlier turn's output "
+                              "items (and your function_call_output items) in input.", "previous_response_id",
+                              "unsupported_parameter")
+        turns, seen, rid = [], set(), previous_id
+        while rid is not None:
+            stored = self.get(rid)
+            if stored is None or rid in seen:
+                which = "was" if rid == previous_id else f"continues {rid!r}, which was"
+                raise bad_request(f"Previous response {previous_id!r} {which} not found (never stored, "
+                                  "deleted, or dropped: this server keeps the last "
+                                  f"{self.capacity} responses); send the conversation in input instead.",
+                                  "previous_response_id", "previous_response_not_found")
+            seen.add(rid)
+            turns.append(stored)
+            rid = stored.previous_id
+        items: list[dict] = []
+        for stored in reversed(turns):
+            items += stored.input_items + stored.response.get("output", [])
+        return items
