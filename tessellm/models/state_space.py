@@ -6,7 +6,7 @@ token before it and cannot be rebuilt from a block hash, so:
 
 - prefix caching is off (a hit would skip tokens whose state nobody has): ``prefix_caching``;
 - speculative decoding is refused (a rejected draft token would have to be taken back out of
-  the state); LoRA and pipeline parallelism are refused until they are built and tested (tensor
+  the state); LoRA, quantization and pipeline parallelism are refused until they are built and tested (tensor
   parallelism splits the Mamba heads: ``layers/mamba_mixer.py``);
 - steps run eagerly (no captured decode graphs: the state slots are step inputs the graphs
   do not take).
@@ -39,6 +39,9 @@ def check_engine_args(args, config) -> None:
          "a rejected draft token cannot be taken back out of the recurrent state; drop "
          "speculative_config"),
         (getattr(args, "enable_lora", False), "LoRA", "drop enable_lora"),
+        (getattr(args, "quantization", None) is not None
+         or getattr(config, "quantization_config", None) is not None, "quantization",
+         "load an unquantized checkpoint without quantization="),
         (getattr(args, "pipeline_parallel_size", 1) > 1, "pipeline parallelism",
          "use pipeline_parallel_size=1"),
     ]
