@@ -49,10 +49,14 @@ def test_llama4_matches_hf(overrides, engine, tmp_path):
     assert_parity(path, prompts(LENGTHS), max_new=16, **engine)
 
 
-def test_llama4_tensor_parallel(tmp_path):
-    path = save_tiny(llama4_config(num_experts_per_tok=2), str(tmp_path / "tp"))
-    assert_parity(path, prompts((5, 40)), max_new=8, tensor_parallel_size=2, device="cpu",
-                  block_size=8)
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2),
+                                      dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_llama4_parallel(parallel, tmp_path):
+    """TP: heads, the experts' and the MLPs' intermediate rows split over two ranks (gloo).
+    PP: two layers a stage, each a dense chunked-rope layer then a MoE layer (chunked rope on
+    the first stage, NoPE on the second)."""
+    path = save_tiny(llama4_config(num_experts_per_tok=2), str(tmp_path / "par"))
+    assert_parity(path, prompts((5, 40)), max_new=8, device="cpu", block_size=8, **parallel)
 
 
 def test_chunked_attention_changes_hf_output(tmp_path):

@@ -39,9 +39,13 @@ def test_phimoe_matches_hf(overrides, engine, tmp_path):
     assert_parity(path, prompts((5, 30, 17, 44)), max_new=16, **engine)
 
 
-def test_phimoe_tensor_parallel(tmp_path):
-    path = save_tiny(phimoe_config(router_jitter_noise=0.4), str(tmp_path / "tp"))
-    assert_parity(path, prompts((5, 30)), max_new=8, tensor_parallel_size=2, device="cpu")
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2),
+                                      dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_phimoe_parallel(parallel, tmp_path):
+    """TP: heads and every expert's intermediate rows split over two ranks (gloo), the biased
+    o_proj summing itself. PP: a layer a stage, the LM head and its bias on the second."""
+    path = save_tiny(phimoe_config(router_jitter_noise=0.4), str(tmp_path / "par"))
+    assert_parity(path, prompts((5, 30)), max_new=8, device="cpu", **parallel)
 
 
 def test_sparsemixer_matches_hf():
