@@ -66,6 +66,21 @@ def test_reference_forms_agree_with_the_dequantized_product():
     assert 0 < rel < 0.05
 
 
+def test_cpu_caches_the_dequantized_weight_and_releases_the_codes():
+    """The cpu backend dequantizes a segment once: the same product as the reference's slabs,
+    ``dequantize`` unchanged, the e4m3 codes' storage gone."""
+    from tessellm.backends.cpu.quant_ops import CpuQuantOps
+
+    g = torch.Generator().manual_seed(1)
+    w = quantize_fp8_block(torch.randn(200, 300, generator=g), (128, 128))
+    before = w.dequantize()
+    x = torch.randn(3, 300, generator=g)
+    want = TorchQuantOps().fp8_block_mm(x, w)
+    assert torch.equal(CpuQuantOps().fp8_block_mm(x, w), want)
+    assert w.qweight.untyped_storage().nbytes() == 1 and torch.equal(w.dequantize(), before)
+    assert torch.equal(CpuQuantOps().fp8_block_mm(x, w), want)
+
+
 def test_block_scales_are_per_block():
     """A block of large values does not coarsen its neighbours (per-channel scales would)."""
     w = torch.full((256, 256), 0.01)

@@ -47,6 +47,10 @@ def _configs():
                                         v_head_dim=16, n_group=4, topk_group=2,
                                         routed_scaling_factor=2.5, initializer_range=0.1),
         "mixtral": MixtralConfig(**common, intermediate_size=96, num_local_experts=8),
+        # for tensor parallelism: k/v of 256 rows and experts of 256, 128 a rank at T=2
+        "qwen3-moe-tp": Qwen3MoeConfig(**dict(common, num_key_value_heads=4), head_dim=64,
+                                       intermediate_size=192, moe_intermediate_size=256,
+                                       num_experts=8, norm_topk_prob=True),
     }
 
 
@@ -160,6 +164,28 @@ def test_a_missing_expert_scale_is_refused(checkpoints, tmp_path):
     with pytest.raises(ValueError, match=r"fp8 up weights of expert 3 in layers\.1\.mlp\.experts "
                                          r"but no weight_scale_inv"):
         build(str(path))
+
+
+def test_block_fp8_moe_tp2_serves_the_one_device_tokens(checkpoints):
+    """Each rank holds its 128 rows of every expert's gate and up (and their block scales) and
+    128 input columns of its down; T=2 gives T=1's greedy tokens (cpu, gloo)."""
+    from tessellm.distributed.parallel_state import TensorParallel
+    from tessellm.quantization.fp8_block import dequantize_block
+
+    fp8_dir, _ = checkpoints("qwen3-moe-tp")
+    one = _experts(build(fp8_dir))["layers.1.mlp.experts"]
+    for rank in range(2):
+        part = _experts(build(fp8_dir, tp=TensorParallel(rank, 2)))["layers.1.mlp.experts"]
+        rows = slice(rank * 128, (rank + 1) * 128)
+        for e in (0, 7):
+            w13 = dequantize_block(one.w13.data[e], one.w13_scale.data[e], (128, 128))
+            got = dequantize_block(part.w13.data[e], part.w13_scale.data[e], (128, 128))
+            assert torch.equal(got, torch.cat([w13[:256][rows], w13[256:][rows]]))
+            w2 = dequantize_block(one.w2.data[e], one.w2_scale.data[e], (128, 128))
+            got = dequantize_block(part.w2.data[e], part.w2_scale.data[e], (128, 128))
+            assert torch.equal(got, w2[:, rows])
+    assert (generate(fp8_dir, PROMPTS, MAX_NEW, tensor_parallel_size=2)
+            == generate(fp8_dir, PROMPTS, MAX_NEW))
 
 
 def test_block_experts_split_off_a_block_are_refused(checkpoints):

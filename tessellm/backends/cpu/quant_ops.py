@@ -16,6 +16,14 @@ the float32 path after some steps (``tests/quantization/test_cpu_quant_ops.py`` 
 against the dequantized weight). ``TESSELLM_CPU_INT4PACK=0`` keeps the float32 reference path.
 Groups of 16 (Q6_K), per-channel int8 and fp8 go through the reference ops.
 
+Block-wise fp8 (``fp8_block``: Qwen3-FP8, DeepSeek-V3) is dequantized once, on a segment's first
+product, to float32 (this backend's compute dtype) and kept, its e4m3 codes released as above
+(``dequantize`` returns the cached weight, bit for bit what it computed before): widening e4m3
+on this CPU costs far more than the product it feeds (2 cores, 2026-12-05, loaded machine:
+4096x4096, one row: 1,792 ms dequantizing a slab at a time against 8.9 ms for the float32
+GEMV), so the layer costs what the dequantized checkpoint costs, in time and in memory (4 bytes
+a weight instead of 1).
+
 Memory: once repacked, a segment's own codes (``qweight``, as large as the repack) are released
 (``release_codes``): the buffer becomes a one-element view of its shape, and ``dequantize``
 recovers the exact codes from the repack (the kernel with scale 1, zero 8 times the identity
@@ -30,6 +38,8 @@ from __future__ import annotations
 import torch
 
 from tessellm import envs
+import torch.nn.functional as F
+
 from tessellm.backends.reference.quant_ops import TorchQuantOps, _finish
 from tessellm.quantization.packed import (Int4Weight, Int8Weight, PackedWeight, pack_int4,
                                           unpack_int4)
@@ -37,6 +47,7 @@ from tessellm.quantization.packed import (Int4Weight, Int8Weight, PackedWeight, 
 GROUPS = (32, 64, 128, 256)
 REFINE = 16  # LM-head logits recomputed in float32 per row (lm_head_mm)  # what the CPU kernel accepts
 _ATTR = "_cpu_int4pack"  # the repacked (codes, scale_and_zero) cached on the segment
+_DENSE = "_cpu_fp8_dense"  # a block-fp8 segment's float32 weight, cached on the segment
 
 
 def enabled() -> bool:
@@ -153,6 +164,18 @@ class CpuQuantOps(TorchQuantOps):
         if packed is None:
             return super().int8_mm(x, w, bias)
         return _finish(int4pack_mm(x, packed), x.dtype, bias)
+
+    def fp8_block_mm(self, x: torch.Tensor, w: PackedWeight, bias=None) -> torch.Tensor:
+        """Block-wise fp8 through its float32 weight, dequantized once (module docstring)."""
+        dense = getattr(w, _DENSE, None)
+        if dense is None:
+            dense = w.dequantize(torch.float32)
+            object.__setattr__(w, _DENSE, dense)  # a plain attribute: not a buffer, not saved
+            q = w.qweight
+            w.qweight = torch.zeros((), dtype=q.dtype, device=q.device).expand(q.shape)
+            object.__setattr__(w, "dequantize",
+                               lambda dtype=torch.float32: dense.to(dtype))
+        return _finish(F.linear(x.float(), dense), x.dtype, bias)
 
     def lm_head_mm(self, x: torch.Tensor, w: PackedWeight, dense: torch.Tensor) -> torch.Tensor:
         """Logits from the quantized head, then the ``REFINE`` largest of each row recomputed in
