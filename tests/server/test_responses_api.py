@@ -214,6 +214,10 @@ def test_nothing_stored_by_default(http):
      "tool_choice"),  # as at /v1/chat/completions: the forced call's schema
     ({"input": "hi", "tools": [WEATHER]}, "tool_choice"),  # auto needs --tool-call-parser
     ({"input": "hi", "model": "nope"}, "model"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]},
+     "input"),  # a text-only model
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]}]},
+     "input.0.content.0.image_url"),
 ])
 def test_bad_requests_are_400_naming_the_field(http, body, param):
     r = http.post("/v1/responses", json=body)
