@@ -88,7 +88,8 @@ def mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size: i
     if not ssm_state.is_contiguous():
         raise ValueError("mamba_chunk_scan needs a contiguous ssm_state.")
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    block_p = max(16, min(triton.next_power_of_2(P), 64))
+    # the state block [BLOCK_P, N] lives in registers: fewer head dims a program for large N
+    block_p = max(16, min(triton.next_power_of_2(P), 32 if N > 128 else 64))
     grid = (seqs, H, triton.cdiv(P, block_p))
     _chunk_scan_kernel[grid](
         x, dt, A, B, C, D, dt_bias, ssm_state, batch.query_start_loc, batch.state_indices, y,
