@@ -516,6 +516,12 @@ class FusedOps(Protocol):
     # its ``alpha`` and ``limit``), ``w13_bias [E, 2I]`` and ``w2_bias [E, H]`` added after each
     # product (the down bias before the routing weight); conformance case
     # ``test_fused_moe_clamped_swiglu_with_biases``.
+    # Variant (block-wise fp8 experts: Qwen3-MoE-FP8, DeepSeek-V3), only where the ops object
+    # sets ``fused_moe_block_fp8 = True`` (else the model runs the reference loop for them):
+    # keyword-only ``block_shape=(bn, bk)`` with e4m3 ``w13`` / ``w2`` and float32 block scales
+    # ``w13_scale [E, 2I/bn, ceil(H/bk)]`` / ``w2_scale [E, ceil(H/bn), ceil(I/bk)]``
+    # (``W ~= w * scale[n // bn, k // bk]``; ``quantization/fp8_block.py``), for ``fused_moe``
+    # and ``fused_experts`` alike; conformance ``test_fused_moe_block_fp8_experts``.
     #
     # Mamba2 mixer ops, all three together where the ops object declares ``supports_mamba2 =
     # True`` (a model with Mamba layers is refused at load otherwise). Oracles and exact

@@ -47,6 +47,11 @@ class QuantOps(Protocol):
     def fp8_mm(self, x: torch.Tensor, w: Fp8Weight, bias=None) -> torch.Tensor:
         """W8A8: quantizes each row of x to fp8 (dynamic per-token scale) first."""
 
+    # For the ``fp8_block`` scheme (listed in ``schemes``): ``fp8_block_mm(x, w, bias=None)``,
+    # ``w`` a ``fp8_block.Fp8BlockWeight`` (e4m3 ``[N, K]``, a float32 scale per ``bn x bk``
+    # block): the dequantized weight's product (W8A16, the reference) or W8A8 with x quantized
+    # per token and group of ``bk`` (``fp8_block.w8a8_block_reference``, the Triton kernels).
+    #
     # Optional: ``fp8_mm_silu_and_mul(x, w, bias=None)``, ``silu_and_mul(fp8_mm(x, w, bias))``
     # for a stacked ``[gate; up]`` weight (``[M, 2I]`` -> ``[M, I]``, SiLU rounded to x's dtype
     # before the multiply), so a backend can put the activation in its GEMM's epilogue at

@@ -46,6 +46,15 @@ def _configs():
                                         q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                         v_head_dim=16, n_group=4, topk_group=2,
                                         routed_scaling_factor=2.5, initializer_range=0.1),
+        # for tensor parallelism: dense MLP, shared and routed experts of 256 (128 a rank)
+        "deepseek-v3-tp": DeepseekV3Config(**dict(common, num_key_value_heads=4),
+                                           intermediate_size=256, moe_intermediate_size=256,
+                                           n_routed_experts=8, n_shared_experts=1,
+                                           first_k_dense_replace=1, kv_lora_rank=32,
+                                           q_lora_rank=48, qk_nope_head_dim=16,
+                                           qk_rope_head_dim=8, v_head_dim=16, n_group=4,
+                                           topk_group=2, routed_scaling_factor=2.5,
+                                           initializer_range=0.1),
         "mixtral": MixtralConfig(**common, intermediate_size=96, num_local_experts=8),
         # for tensor parallelism: k/v of 256 rows and experts of 256, 128 a rank at T=2
         "qwen3-moe-tp": Qwen3MoeConfig(**dict(common, num_key_value_heads=4), head_dim=64,
@@ -184,6 +193,13 @@ def test_block_fp8_moe_tp2_serves_the_one_device_tokens(checkpoints):
             w2 = dequantize_block(one.w2.data[e], one.w2_scale.data[e], (128, 128))
             got = dequantize_block(part.w2.data[e], part.w2_scale.data[e], (128, 128))
             assert torch.equal(got, w2[:, rows])
+    assert (generate(fp8_dir, PROMPTS, MAX_NEW, tensor_parallel_size=2)
+            == generate(fp8_dir, PROMPTS, MAX_NEW))
+
+
+def test_deepseek_v3_fp8_tp2_serves_the_one_device_tokens(checkpoints):
+    """MLA dequantized at load and cut by each layer; fp8 MLPs and experts split by blocks."""
+    fp8_dir, _ = checkpoints("deepseek-v3-tp")
     assert (generate(fp8_dir, PROMPTS, MAX_NEW, tensor_parallel_size=2)
             == generate(fp8_dir, PROMPTS, MAX_NEW))
 
