@@ -109,8 +109,12 @@ def _flags(piece: str, result) -> list[str]:
                     "all-reduce + norm": "all_reduce_add_rms_norm",
                     "fused MoE": "fused_moe", "fused experts": "fused_experts",
                     "fp8 act fold": "silu_and_mul_fp8"}
-        return [label for label, attr in optional.items()
-                if callable(getattr(result, attr, None))]
+        flags = [label for label, attr in optional.items()
+                 if callable(getattr(result, attr, None))]
+        if callable(getattr(result, "fused_moe", None)) and getattr(result, "fused_moe_block_fp8",
+                                                                    False):
+            flags.insert(flags.index("fused MoE") + 1, "block-fp8 experts")
+        return flags
     return []
 
 
