@@ -201,7 +201,8 @@ class Llama4ForCausalLM(LlamaForCausalLM):
                 if not self._owns(prefix):
                     continue
                 for expert, part, piece in _per_expert(kind, materialize(tensor)):
-                    loaded.add(f"{prefix}.{modules[prefix].load_expert(expert, part, piece)}")
+                    params = modules[prefix].load_expert(expert, part, piece)
+                    loaded.update(f"{prefix}.{param}" for param in params)
                     filled.setdefault(prefix, set()).add((expert, EXPERT_PARTS[part]))
 
         loaded |= super().load_weights(others())
