@@ -6,6 +6,7 @@ a stream's deltas concatenate to the final text; bad requests are 400s naming th
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -167,6 +168,20 @@ def test_stream_function_call_arguments(http):
     assert done.arguments == args and done.item_id == added.item.id
     assert kinds[-2:] == ["response.output_item.done", "response.completed"]
     assert events[-1].response.output[0].arguments == args
+
+
+def test_client_leaving_a_stream_aborts_its_request(server, http):
+    with http.stream("POST", "/v1/responses", json={"model": MODEL, "input": "Tell a very long story.",
+                                                     "max_output_tokens": 900, "stream": True}) as r:
+        deltas = 0
+        for line in r.iter_lines():
+            deltas += line.startswith("event: response.output_text.delta")
+            if deltas == 3:
+                break  # leave mid-stream
+    deadline = time.monotonic() + 5  # 900 tokens take far longer
+    while server.stats()["num_requests"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.stats()["num_requests"] == 0  # aborted, not left running to 900 tokens
 
 
 def test_sdk_client_reads_responses(client):
