@@ -86,7 +86,7 @@ class PhimoeForCausalLM(MixtralForCausalLM):
 
     def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
         experts = FusedMoE(config.num_local_experts, config.hidden_size, config.intermediate_size,
-                           2, ctx.ops, tp=ctx.tp)
+                           2, ctx.ops, tp=ctx.tp, quant=self.expert_quant)
         return SparsemixerMoeBlock(experts, config.hidden_size, config.num_local_experts,
                                    float(getattr(config, "router_jitter_noise", 0.0) or 0.0))
 

@@ -73,3 +73,16 @@ def test_sparsemixer_matches_hf():
 ], ids=["top1", "one-expert", "gelu"])
 def test_phimoe_unsupported_config_refused(overrides, match, tmp_path):
     assert_refused_at_load(phimoe_config(**overrides), "PhimoeForCausalLM", tmp_path, match)
+
+
+def test_phimoe_block_fp8_checkpoint(tmp_path_factory):
+    """A block-wise fp8 checkpoint (experts and attention linears fp8 with 128x128 scales, the
+    router dense) serves the greedy tokens of its dequantized model, ours and HF's."""
+    from tests.quantization.block_fp8_checkpoint import (assert_serves_dequantized,
+                                                         checkpoint_maker)
+
+    config = phimoe_config(hidden_size=128, intermediate_size=128, max_position_embeddings=256,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                           initializer_range=0.02)
+    make = checkpoint_maker(tmp_path_factory.mktemp("phimoe-fp8"), {"phimoe": config}, seed=3)
+    assert_serves_dequantized(*make("phimoe"), prompts((6, 30, 3)), 12)
