@@ -142,8 +142,14 @@ def test_expanded_prefill_equals_absorbed(kv_cache_dtype):
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
-def test_short_chunks_stay_absorbed():
+def test_short_chunks_and_long_contexts_stay_absorbed():
+    """Chunks under ``expanded_min_query`` queries, and contexts whose decompressed keys would
+    pass ``expanded_max_key_heads``, run absorbed."""
     kernel = _kernel(TINY, torch.float32)
     step = make_paged_step([1, 5], [4, 9], num_kv_heads=1, group=TINY[0], head_size=TINY[1],
                            block_size=TINY[3], dtype=torch.float32, device=DEVICE)
     assert kernel.build_metadata(step.batch).expanded is None  # 5 < expanded_min_query
+    kernel.expanded_min_query = 5
+    assert kernel.build_metadata(step.batch).expanded is not None
+    kernel.expanded_max_key_heads = 14 * TINY[0] - 1  # 14 context keys x 20 heads
+    assert kernel.build_metadata(step.batch).expanded is None

@@ -178,6 +178,11 @@ class TritonMLAAttentionKernel:
     # (``mla_prefill.py``: decompressing a key costs what ~170 absorbed queries save on it).
     # The model asks ``expanded_prefill`` and does the decompression (``kv_b_proj``).
     expanded_min_query = 128
+    # ... and when their contexts' decompressed keys and values (K keys x H heads x (n + v),
+    # a transient the start-up memory profile saw only for K up to the token budget) stay
+    # within K x H <= this (512 MiB at n + v = 256 in bf16); longer contexts stay absorbed.
+    # (vLLM instead walks long contexts in pieces, merging by log-sum-exp: not done here.)
+    expanded_max_key_heads = 1 << 20
 
     def __init__(self, spec):
         if spec.mla_value_size is None or spec.num_kv_heads != 1:
@@ -217,6 +222,8 @@ class TritonMLAAttentionKernel:
         nd, starts = batch.num_decodes, batch.query_start_loc_host
         if batch.num_seqs == nd or not starts or batch.max_query_len < self.expanded_min_query:
             return None
+        if sum(batch.seq_lens_host[nd:]) * self.spec.num_heads > self.expanded_max_key_heads:
+            return None
         lens = torch.tensor(batch.seq_lens_host[nd:], dtype=torch.int64)
         cu_k = torch.zeros(len(lens) + 1, dtype=torch.int64)
         torch.cumsum(lens, 0, out=cu_k[1:])
@@ -233,11 +240,12 @@ class TritonMLAAttentionKernel:
                      dtype: torch.dtype) -> torch.Tensor:
         """The expanded sequences' cached rows (this step's written by ``forward``), ``[K, D]``
         in ``dtype`` (fp8: times ``k_scale``), for the model to decompress."""
-        rows = k_cache.view(-1, k_cache.shape[-1]).index_select(0,
-                                                                metadata.expanded.context_slots)
-        if _is_fp8(k_cache):
-            return (rows.to(torch.float32) * self.k_scale).to(dtype)
-        return rows.to(dtype)
+        flat = k_cache.view(-1, k_cache.shape[-1])
+        if not _is_fp8(k_cache):
+            return flat.index_select(0, metadata.expanded.context_slots).to(dtype)
+        # The bytes gathered (index_select has no float8 kernel everywhere), then widened.
+        rows = flat.view(torch.uint8).index_select(0, metadata.expanded.context_slots)
+        return (rows.view(k_cache.dtype).to(torch.float32) * self.k_scale).to(dtype)
 
     def forward_expanded(self, q, k_nope, k_pe, v, metadata: TritonMLAMetadata, scale):
         """``mla_prefill.mla_prefill_expanded`` over the step's expanded sequences: ``q``
