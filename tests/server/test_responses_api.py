@@ -170,6 +170,19 @@ def test_stream_function_call_arguments(http):
     assert events[-1].response.output[0].arguments == args
 
 
+def test_vllm_sampling_extras(http):
+    """vLLM's extras pass to the chat path: top_k 1 samples greedily, a seed repeats a sample,
+    a stop string ends the text before it, request_id names the response."""
+    ask = "Describe the sea."
+    greedy = _text(_post(http, input=ask, max_output_tokens=12))
+    assert _text(_post(http, input=ask, max_output_tokens=12, temperature=1.0, top_k=1)) == greedy
+    seeded = [_post(http, input=ask, max_output_tokens=12, temperature=1.0, seed=7) for _ in range(2)]
+    assert _text(seeded[0]) == _text(seeded[1])
+    word = greedy.split()[2]
+    stopped = _post(http, input=ask, max_output_tokens=12, stop=[word], request_id="abc")
+    assert _text(stopped) == greedy[:greedy.index(word)] and stopped["id"] == "resp_abc"
+
+
 def test_client_leaving_a_stream_aborts_its_request(server, http):
     with http.stream("POST", "/v1/responses", json={"model": MODEL, "input": "Tell a very long story.",
                                                      "max_output_tokens": 900, "stream": True}) as r:
@@ -229,6 +242,7 @@ def test_nothing_stored_by_default(http):
      "tool_choice"),  # as at /v1/chat/completions: the forced call's schema
     ({"input": "hi", "tools": [WEATHER]}, "tool_choice"),  # auto needs --tool-call-parser
     ({"input": "hi", "model": "nope"}, "model"),
+    ({"input": "hi", "min_p": 3}, "min_p"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]},
      "input"),  # a text-only model
     ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]}]},

@@ -26,8 +26,8 @@ from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_va
 from tessellm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, ChatTool, ContentPart,
                                                   FunctionDefinition, JsonSchemaFormat, ResponseFormat)
 from tessellm.entrypoints.openai.protocol_responses import FunctionCall, ToolCall
-from tessellm.entrypoints.openai.responses.protocol import (INCLUDE_ACCEPTED, UNSUPPORTED, FunctionTool,
-                                                            ResponsesRequest)
+from tessellm.entrypoints.openai.responses.protocol import (INCLUDE_ACCEPTED, UNSUPPORTED, VLLM_EXTRAS,
+                                                            FunctionTool, ResponsesRequest)
 
 _ROLES = ("user", "assistant", "system", "developer")
 _TEXT_PARTS = ("input_text", "output_text")
@@ -71,11 +71,15 @@ def to_chat_request(req: ResponsesRequest, history: list[dict] = ()) -> ChatComp
     tools = [_tool(i, t) for i, t in enumerate(req.tools or [])] or None
     fmt = req.text.format if req.text is not None else None
     effort = req.reasoning.effort if req.reasoning is not None else None
-    return ChatCompletionRequest(
-        model=req.model, messages=messages, max_completion_tokens=req.max_output_tokens,
-        temperature=req.temperature, top_p=req.top_p, tools=tools, tool_choice=_tool_choice(req.tool_choice),
-        parallel_tool_calls=req.parallel_tool_calls, response_format=_response_format(fmt),
-        reasoning_effort=effort, stream=bool(req.stream), user=req.user)
+    extras = {name: getattr(req, name) for name in VLLM_EXTRAS if name in req.model_fields_set}
+    try:
+        return ChatCompletionRequest(
+            model=req.model, messages=messages, max_completion_tokens=req.max_output_tokens,
+            temperature=req.temperature, top_p=req.top_p, tools=tools, tool_choice=_tool_choice(req.tool_choice),
+            parallel_tool_calls=req.parallel_tool_calls, response_format=_response_format(fmt),
+            reasoning_effort=effort, stream=bool(req.stream), user=req.user, **extras)
+    except ValidationError as exc:  # a vLLM extra out of range: the chat request's check, same name
+        raise from_validation_error(exc) from None
 
 
 def _parse(cls: type[BaseModel], data: Any, where: tuple) -> BaseModel:

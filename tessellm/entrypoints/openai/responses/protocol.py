@@ -74,6 +74,18 @@ class ResponsesRequest(_Strict):
     truncation: Optional[Literal["auto", "disabled"]] = None  # "disabled" only
     service_tier: Optional[str] = None  # "auto" / "default" only
     previous_response_id: Optional[str] = None  # the stored response this one continues (store.py)
+    # vLLM's extras, as at /v1/chat/completions (checked there: VLLM_EXTRAS)
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    ignore_eos: bool = False
+    request_id: Optional[str] = None
+    cache_salt: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None  # e.g. {"disable_any_whitespace": true}
     # unsupported (refused unless neutral)
     conversation: Optional[Any] = None
     background: Optional[bool] = None
@@ -82,6 +94,10 @@ class ResponsesRequest(_Strict):
     prompt: Optional[Any] = None
     prompt_cache_retention: Optional[str] = None
 
+
+# passed as they are to the chat request, whose validation and messages name them the same way
+VLLM_EXTRAS = ("top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "seed", "stop",
+               "ignore_eos", "request_id", "cache_salt", "structured_outputs")
 
 # field -> (values that mean "not used", how to do without it)
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
