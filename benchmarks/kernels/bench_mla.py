@@ -16,7 +16,9 @@ nope 128, v 128, bf16, block size 16, blocks scattered over the cache.
     512 -> 16 x 256), ``mla_prefill_expanded`` (192-wide scores, 128-wide values).
     Both are timed whole (what the layer runs) and attention kernel alone.
 Each time is the median of ``triton.testing.do_bench`` (eager) and, for decode, a CUDA graph
-replay (what the engine runs). Outputs of old and new are compared before timing.
+replay (what the engine runs). Outputs of old and new are compared before timing. Decode is
+also timed with 32 and 64 heads a program where there are that many (``--heads 128``: V3 at
+TP 1, where 16 heads a program read every latent tile 8 times).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from tessellm.kernels.attention.mla import (TritonMLAAttentionKernel, mla_chunks
 from tessellm.kernels.attention.mla_decode import mla_decode  # noqa: E402
 from tessellm.kernels.attention.mla_prefill import mla_prefill_expanded  # noqa: E402
 
-H, C, R, NOPE, V, BS, DTYPE = 16, 512, 64, 128, 128, 16, torch.bfloat16
+H, C, R, NOPE, V, BS, DTYPE = 16, 512, 64, 128, 128, 16, torch.bfloat16  # --heads sets H
 D = C + R
 SCALE = (NOPE + R) ** -0.5
 
@@ -112,10 +114,20 @@ def decode_case(dev, results, n: int = 64, ctx: int = 2048):
         mla_decode(q, fp8_cache, fp8_out, b.seq_lens, b.block_tables, s2, 1.0, num_decodes=n,
                    num_splits=splits, value_size=C, dot_precision="tf32")
 
+    def heads_of(block_h):  # the split kernel with another head block (``block_h``)
+        return lambda: mla_decode(q, cache, new_out, b.seq_lens, b.block_tables, s2, 1.0,
+                                  num_decodes=n, num_splits=splits, value_size=C,
+                                  dot_precision="tf32", block_h=block_h)
+
     nbytes = n * ctx * D * 2
-    for name, fn, size in (("old one-pass", old, nbytes), (f"new split-KV ({splits} splits)", new,
-                                                           nbytes),
-                           ("new split-KV, fp8 rows", new_fp8, nbytes // 2)):
+    cases = [("old one-pass", old, nbytes), (f"new split-KV ({splits} splits)", new, nbytes),
+             ("new split-KV, fp8 rows", new_fp8, nbytes // 2)]
+    cases += [(f"new split-KV, {bh} heads a program", heads_of(bh), nbytes)
+              for bh in (32, 64) if bh <= H]
+    for _, fn, _ in cases[3:]:
+        fn()
+        torch.testing.assert_close(new_out.float(), old_out.float(), atol=2e-2, rtol=2e-2)
+    for name, fn, size in cases:
         eager, g = bench(fn), graph(fn)
         results[f"decode b{n} ctx{ctx}: {name}"] = dict(eager_ms=eager, graph_ms=g,
                                                       gb_per_s=size / g / 1e6)
@@ -182,7 +194,11 @@ def main():
     ap.add_argument("--decode-batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=2048, help="decode context length")
     ap.add_argument("--prefill-len", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16,
+                    help="query heads a GPU (16: V2-Lite, or V3 at TP 8; 128: V3 at TP 1)")
     args = ap.parse_args()
+    global H
+    H = args.heads
     dev = torch.device("cuda")
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")

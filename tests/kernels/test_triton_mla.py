@@ -68,6 +68,14 @@ def test_mla_matches_reference(shape, q_lens, ctx, decodes):
     torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
 
 
+def test_split_decode_with_32_heads_a_program():
+    """A head block wider than the heads (20 of 32 rows real): the masked rows stay out."""
+    kernel = _kernel(TINY, torch.float32)
+    kernel.block_h = 32
+    _, out, want = _run(kernel, TINY, [1, 1, 1], [70, 8, 31], torch.float32, seed=6)
+    torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
+
+
 def test_split_decode_uses_several_splits_and_one():
     """The split count follows the batch: several at a small batch (the reduce kernel), one at
     a large one (the split kernel writes the output); both give the oracle's output."""
