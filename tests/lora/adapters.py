@@ -193,22 +193,12 @@ def add_byte_tokenizer(model_dir: str) -> None:
     """Save a small byte-level BPE tokenizer (ids 0-2: pad, bos, eos, as the tiny Llama's
     config; a one-line chat template) into ``model_dir``, trained here on JSON-like text, so
     structured output and chat (which need a tokenizer) run on the tiny models."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tests.tiny_tokenizer import bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
     corpus = ['{"name": "abc", "age": 12, "tags": ["x", "y"], "ok": true}',
               "The answer is yes or no.", "hello world 0123456789"]
-    tok.train_from_iterator(corpus * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(model_dir)
+    bpe_tokenizer(corpus * 20, ["<pad>", "<s>", "</s>"], 384, CHAT_TEMPLATE, bos_token="<s>",
+                  eos_token="</s>", pad_token="<pad>").save_pretrained(model_dir)
 
 
 def merge_adapter(model_dir: str, adapter_dir: str, out_dir: str) -> str:

@@ -7,6 +7,7 @@ with ``architecture="Gemma3ForConditionalGeneration"``)."""
 from __future__ import annotations
 
 from tests.multimodal.tiny_llava import image  # noqa: F401 (the tests' random RGB images)
+from tests.tiny_tokenizer import bpe_tokenizer
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<start_of_image>", "<image_soft_token>", "<end_of_image>",
            "<start_of_turn>", "<end_of_turn>"]
@@ -21,22 +22,11 @@ CHAT_TEMPLATE = (
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["user What is this? model a cat on a mat", "Describe the image.\n\n"] * 20,
-                            trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+    return bpe_tokenizer(
+        ["user What is this? model a cat on a mat", "Describe the image.\n\n"] * 20, SPECIAL, 300,
+        CHAT_TEMPLATE, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
         extra_special_tokens={"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
                               "eoi_token": "<end_of_image>"})
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def config(sliding_window: int = 24):

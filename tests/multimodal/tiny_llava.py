@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.tiny_tokenizer import bpe_tokenizer
+
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE, PATCH = 28, 7  # 16 patches: 16 placeholder tokens per image ("default" drops CLS)
 FEATURES = (IMAGE_SIZE // PATCH) ** 2
@@ -17,21 +19,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | upper }}: "
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", IMAGE_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(["USER: What is this? ASSISTANT: a cat on a mat", "Describe the image."] * 20,
-                            trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return bpe_tokenizer(["USER: What is this? ASSISTANT: a cat on a mat", "Describe the image."] * 20,
+                         ["<pad>", "<s>", "</s>", IMAGE_TOKEN], 300, CHAT_TEMPLATE, bos_token="<s>",
+                         eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN})
 
 
 def tiny_configs(image_size: int):

@@ -9,6 +9,7 @@ Images are resized to multiples of 8 px (patch 4 x merge 2) within 64..4096 pixe
 from __future__ import annotations
 
 from tests.multimodal.tiny_llava import image  # noqa: F401 (the tests' random RGB images)
+from tests.tiny_tokenizer import bpe_tokenizer
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|image_pad|>", "<|video_pad|>"]
@@ -26,19 +27,8 @@ ARCHS = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["user What is this? assistant a cat on a mat", "Describe the image."] * 20,
-                            trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return bpe_tokenizer(["user What is this? assistant a cat on a mat", "Describe the image."] * 20,
+                         SPECIAL, 300, CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
 def config(kind: str = "qwen2_vl"):

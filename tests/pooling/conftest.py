@@ -91,19 +91,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
 def save_tokenizer(path: str) -> None:
     """A small byte-level BPE tokenizer (ids < 300, inside the tiny vocabulary of 384) with a
     chat template, saved next to a tiny model so the server takes text and messages."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tests.tiny_tokenizer import bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["the cat sat on the mat", "a query about embeddings and vectors",
-                             "The quick brown fox jumps over the lazy dog."] * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
+    corpus = ["the cat sat on the mat", "a query about embeddings and vectors",
+              "The quick brown fox jumps over the lazy dog."]
+    bpe_tokenizer(corpus * 20, ["<pad>", "<s>", "</s>"], 300, CHAT_TEMPLATE, bos_token="<s>",
+                  eos_token="</s>", pad_token="<pad>").save_pretrained(path)
 
 
 @pytest.fixture(scope="session")

@@ -55,17 +55,12 @@ TEMPLATE = (
 
 def make_harmony_model(path: str) -> str:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GptOssConfig, GptOssForCausalLM, PreTrainedTokenizerFast
+    from transformers import GptOssConfig, GptOssForCausalLM
 
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=257, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    raw.train_from_iterator(["abc"], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|return|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=SPECIAL)
+    from tests.tiny_tokenizer import bpe_tokenizer
+
+    tok = bpe_tokenizer(["abc"], ["<|endoftext|>"], 257, eos_token="<|return|>", pad_token="<|endoftext|>",
+                        additional_special_tokens=SPECIAL)
     pieces = [t for trigger, chain in CHAINS.items() for t in [trigger, *chain] if t not in SPECIAL]
     tok.add_tokens(list(dict.fromkeys(pieces)))
     tok.chat_template = TEMPLATE

@@ -20,15 +20,12 @@ TEXT = "abc cab"
 def _make_bos_model(path: str) -> str:
     """A tiny random Llama whose tokenizer prepends <s> (id 1) to every encoded text."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=259, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    raw.train_from_iterator(["abc"], trainer)
+    from tests.tiny_tokenizer import train_bpe
+
+    raw = train_bpe(["abc"], ["<pad>", "<s>", "</s>"], 259)
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"

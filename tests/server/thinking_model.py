@@ -64,16 +64,11 @@ def _chain_ids(tok, split_markers: bool) -> list[list[int]]:
 
 def make_thinking_model(path: str, split_markers: bool = False, special_markers: bool = False) -> str:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=259, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    raw.train_from_iterator(["abc"], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    from tests.tiny_tokenizer import bpe_tokenizer
+
+    tok = bpe_tokenizer(["abc"], ["<pad>", "<s>", "</s>"], 259, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     if special_markers:
         tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
     tok.add_tokens(_pieces(split_markers, special_markers))
