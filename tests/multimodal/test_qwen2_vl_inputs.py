@@ -37,5 +37,5 @@ def test_encoder_budget_from_max_pixels(qwen2_vl_dir):
     config = AutoConfig.from_pretrained(qwen2_vl_dir)
     assert max_tokens_per_image(config, qwen2_vl_dir) == 4096 // 8 // 8  # max_pixels / (4 * 2)^2
     assert encoder_budget_args(config, 16, model_path=qwen2_vl_dir)["encoder_cache_size"] == 64
-    with pytest.raises(ValueError, match="an image takes 64 placeholder tokens"):
+    with pytest.raises(ValueError, match="takes images of 64 placeholder tokens"):
         encoder_budget_args(config, 32, disable_chunked_mm_input=True, model_path=qwen2_vl_dir)
