@@ -43,13 +43,7 @@ class Gemma3ImageInputs(ImageProcessor):
     """``ImageProcessor``'s interface (``process``, ``check_count``, ``check_without_images``,
     ``image_token_id``: the soft token) for Gemma 3; span checks are the base class's."""
 
-    def __init__(self, model_path: str, max_images: int):  # noqa: D107 - base __init__ is LLaVA's
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_path)
-        self.model_path = model_path
-        self.max_images = max_images
-        self.config = config
+    def _read_config(self, config) -> None:
         self.image_token_id = int(config.image_token_id)
         self.boi_token_id = int(config.boi_token_id)
         self.feature_size = image_feature_size(config)

@@ -54,17 +54,21 @@ def as_image_list(images) -> list:
 
 
 class ImageProcessor:
-    """One per front end; the HF processor is loaded on first use."""
+    """One per front end; the HF processor is loaded on first use. LLaVA's here; another
+    family's front end subclasses it and reads its own fields in ``_read_config``."""
 
     def __init__(self, model_path: str, max_images: int):
         from transformers import AutoConfig
 
-        from tessellm.models.llava import image_feature_size, image_token_id
-
-        config = AutoConfig.from_pretrained(model_path)
         self.model_path = model_path
         self.max_images = max_images
-        self.config = config
+        self.config = AutoConfig.from_pretrained(model_path)
+        self._read_config(self.config)
+
+    def _read_config(self, config) -> None:
+        """The model's image token and per-image sizes from its ``config.json``."""
+        from tessellm.models.llava import image_feature_size, image_token_id
+
         self.image_token_id = image_token_id(config)
         # LLaVA-NeXT (anyres): the count depends on the image's size (``_lengths``)
         self.anyres = bool(getattr(config, "image_grid_pinpoints", None))

@@ -67,13 +67,7 @@ class Qwen2VLImageInputs(ImageProcessor):
     """``ImageProcessor``'s interface (``process``, ``check_count``, ``image_token_id``) for
     Qwen2-VL; the placeholder expansion and span checks are the base class's."""
 
-    def __init__(self, model_path: str, max_images: int):  # noqa: D107 - base __init__ is LLaVA's
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_path)
-        self.model_path = model_path
-        self.max_images = max_images
-        self.config = config
+    def _read_config(self, config) -> None:
         self.image_token_id = int(config.image_token_id)
         self.video_token_id = getattr(config, "video_token_id", None)
         self.merge = int(config.vision_config.spatial_merge_size)
