@@ -31,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from tessellm.reasoning.holdback import held_back
+
 START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
 END, CALL, RETURN = "<|end|>", "<|call|>", "<|return|>"
 ENDS = (END, CALL, RETURN, START)  # what ends a message's content (START: a malformed one)
@@ -61,15 +63,6 @@ def parse_header(header: str) -> tuple[Optional[str], Optional[str], Optional[st
         elif content_type is None:
             content_type = word
     return channel, recipient, content_type
-
-
-def held_back(text: str, markers=ENDS) -> int:
-    """How many trailing characters of ``text`` could be the start of one of ``markers``."""
-    for k in range(min(max(len(m) for m in markers) - 1, len(text)), 0, -1):
-        tail = text[-k:]
-        if any(m.startswith(tail) for m in markers):
-            return k
-    return 0
 
 
 def prompt_header(prompt_tail: str) -> Optional[tuple[Optional[str], Optional[str], Optional[str]]]:
@@ -166,7 +159,7 @@ class HarmonyParser:
             self._next = len(text)
             return message
         longest = max(len(m) for m in ENDS)
-        keep = len(text) - held_back(text[max(self._body, len(text) - longest):])
+        keep = len(text) - held_back(text[max(self._body, len(text) - longest):], ENDS)
         self._search = max(self._body, len(text) - longest + 1)
         message.content = text[self._body:keep]
         return message

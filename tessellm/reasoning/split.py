@@ -17,15 +17,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from tessellm.reasoning.holdback import hold_back
 from tessellm.reasoning.parsers import ANSWER, UNDECIDED, ThinkMarkers
-
-
-def hold_back(text: str, marker: str) -> str:
-    """``text`` without a trailing piece that could be the start of ``marker``."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return text[:-k]
-    return text
 
 
 class ReasoningSplit:

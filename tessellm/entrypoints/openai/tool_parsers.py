@@ -24,6 +24,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tessellm.reasoning.holdback import hold_back
+
 _DECODER = json.JSONDecoder()
 _WS = " \t\r\n"
 MAX_CALLS = 64  # more calls in one output: it is not a tool call (bounds the work per parse)
@@ -92,14 +94,6 @@ def partial_name(text: str) -> Optional[str]:
         return None
     value, end = decode_at(text, i)
     return value if isinstance(value, str) and end > 0 else None
-
-
-def hold_back(text: str, marker: str) -> str:
-    """``text`` without a trailing piece that could be the start of ``marker``."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return text[:-k]
-    return text
 
 
 def skip_ws(text: str, pos: int) -> int:
