@@ -1,11 +1,7 @@
 """A tiny gpt-oss that writes harmony: a real ``GptOssForCausalLM`` checkpoint (one layer,
-float32) whose weights make it a bigram table, so its greedy output is known token for token
-(as ``thinking_model.py`` does for Llama).
-
-The embedding is the identity (hidden size = vocabulary size), attention and the experts write
-nothing to the residual stream (``o_proj``, ``down_proj`` and their biases zero), so the last
-hidden state is the RMS-normalised one-hot of the current token and ``lm_head`` maps it to
-``STRONG`` on its successor. The harmony markers are the tokenizer's special tokens, as in
+float32) whose weights make it a bigram table (``bigram.py``: attention's ``o_proj`` and the
+experts' ``down_proj`` and their biases zero), so its greedy output is known token for token.
+The harmony markers are the tokenizer's special tokens, as in
 gpt-oss's; a bigram table needs one successor per token, so a marker met twice is spelled once
 as a special token and once inside a longer added token (the text is the same).
 ``CHAINS`` lists, per trigger (the prompt's last token), what follows. The chat template writes
@@ -19,10 +15,9 @@ and ends with the last message's text, the trigger (or, with the template variab
 from __future__ import annotations
 
 import json
-import math
 import os
 
-STRONG = 30.0
+from tests.server.bigram import make_bigram, successors
 SPECIAL = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>", "<|return|>", "<|constrain|>"]
 CALL_HEADER = "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
 CHAINS = {
@@ -72,23 +67,10 @@ def make_harmony_model(path: str) -> str:
                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     model = GptOssForCausalLM(config).float()
-    succ = {}
-    for trigger, chain in CHAINS.items():
-        ids = tok.convert_tokens_to_ids([trigger, *chain])
-        for a, b in zip(ids, ids[1:]):
-            assert succ.setdefault(a, b) == b, f"token {a} has two successors"
-    with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(torch.eye(vocab))
-        layer = model.model.layers[0]
-        layer.self_attn.o_proj.weight.zero_()
-        layer.self_attn.o_proj.bias.zero_()
-        layer.mlp.experts.down_proj.zero_()
-        layer.mlp.experts.down_proj_bias.zero_()
-        model.model.norm.weight.fill_(1.0)
-        head = torch.rand(vocab, vocab) / math.sqrt(vocab)  # noise below 1
-        for a, b in succ.items():
-            head[b, a] = STRONG / math.sqrt(vocab)
-        model.lm_head.weight.copy_(head)
+    succ = successors(tok.convert_tokens_to_ids([trigger, *chain]) for trigger, chain in CHAINS.items())
+    layer = model.model.layers[0]
+    make_bigram(model, succ, [layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias,
+                              layer.mlp.experts.down_proj, layer.mlp.experts.down_proj_bias])
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -1,11 +1,6 @@
 """A tiny "thinking" model for the reasoning tests: a real Llama checkpoint (one layer, float32)
-whose weights make it a bigram table, so its greedy output is known token for token.
-
-The embedding is the identity (hidden size = vocabulary size), attention and MLP write nothing
-to the residual stream (``o_proj`` and ``down_proj`` are zero), so the last hidden state is the
-RMS-normalised one-hot of the current token and ``lm_head`` maps it to ``STRONG`` on the chosen
-successor plus small fixed noise on every token (which decides among the tokens a grammar
-allows). ``CHAINS`` lists, per trigger (the prompt's last token), the tokens that follow. The
+whose weights make it a bigram table (``bigram.py``: ``o_proj`` and ``down_proj`` zero), so its
+greedy output is known token for token. ``CHAINS`` lists, per trigger (the prompt's last token), the tokens that follow. The
 tokenizer is byte-level without merges plus the chains' pieces as added tokens, so the think
 markers are single tokens, or, with ``split_markers``, two tokens each (``"<thi" "nk>"``,
 ``"</" "think>"``): then a marker reaches a stream in two deltas; or, with ``special_markers``,
@@ -15,10 +10,9 @@ special tokens (which ``skip_special_tokens`` would hide).
 from __future__ import annotations
 
 import json
-import math
 import os
 
-STRONG = 30.0  # the successor's logit; the noise is below 1
+from tests.server.bigram import make_bigram, successors
 TOOL_IN_THOUGHT = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
 FILLER = [f" r{i}" for i in range(40)]  # a long chain of distinct thinking tokens
 
@@ -79,20 +73,9 @@ def make_thinking_model(path: str, split_markers: bool = False, special_markers:
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float()
-    succ = {}
-    for ids in _chain_ids(tok, split_markers):
-        for a, b in zip(ids, ids[1:]):
-            assert succ.setdefault(a, b) == b, f"token {a} has two successors"
-    with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(torch.eye(vocab))
-        layer = model.model.layers[0]
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
-        model.model.norm.weight.fill_(1.0)
-        head = torch.rand(vocab, vocab) / math.sqrt(vocab)  # noise: logits in [0, 1)
-        for a, b in succ.items():
-            head[b, a] = STRONG / math.sqrt(vocab)
-        model.lm_head.weight.copy_(head)
+    layer = model.model.layers[0]
+    make_bigram(model, successors(_chain_ids(tok, split_markers)),
+                [layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight])
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
