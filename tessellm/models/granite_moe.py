@@ -85,9 +85,13 @@ class GraniteMoeSharedForCausalLM(GraniteMoeForCausalLM):
         size = getattr(config, "shared_intermediate_size", 0) or 0
         return SharedMlpMoeBlock(block, DecoderMLP(config, ctx, size)) if size else block
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]
+                         ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The shared MLP's fused tensors cut here, where the quantized loader sees them too
+        (cut in ``load_weights`` they reached a quantized model's loader as names it had no
+        place for)."""
         size = getattr(self.config, "shared_intermediate_size", 0) or 0
-        return super().load_weights(shared_mlp_names(weights, size, ".mlp.shared_mlp."))
+        return shared_mlp_names(super().checkpoint_names(weights), size, ".mlp.shared_mlp.")
 
 
 def shared_mlp_names(weights, size: int, into: str):
