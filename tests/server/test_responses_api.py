@@ -183,6 +183,32 @@ def test_vllm_sampling_extras(http):
     assert _text(stopped) == greedy[:greedy.index(word)] and stopped["id"] == "resp_abc"
 
 
+def test_output_text_logprobs_whole_and_streamed(http):
+    body = dict(input="Name a color.", max_output_tokens=8, include=["message.output_text.logprobs"], top_logprobs=2)
+    resp = _post(http, **body)
+    chat = _chat(http, [{"role": "user", "content": "Name a color."}], max_tokens=8, logprobs=True, top_logprobs=2)
+    part = resp["output"][0]["content"][0]
+
+    def tokens(entries):
+        return [(lp["token"], lp["bytes"], [t["token"] for t in lp["top_logprobs"]]) for lp in entries]
+
+    assert tokens(part["logprobs"]) == tokens(chat["logprobs"]["content"])
+    # logprobs to float noise (batch shapes differ between requests)
+    assert [lp["logprob"] for lp in part["logprobs"]] == \
+        pytest.approx([lp["logprob"] for lp in chat["logprobs"]["content"]], abs=1e-3)
+    assert len(part["logprobs"]) == resp["usage"]["output_tokens"]
+    assert all(len(lp["top_logprobs"]) == 2 for lp in part["logprobs"]) and resp["top_logprobs"] == 2
+    events = _stream(http, **body)
+    streamed = [lp.model_dump() for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [lp["token"] for lp in streamed] == [lp["token"] for lp in part["logprobs"]]
+    assert [lp["logprob"] for lp in streamed] == pytest.approx([lp["logprob"] for lp in part["logprobs"]], abs=1e-3)
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [lp.token for lp in done.logprobs] == [lp["token"] for lp in part["logprobs"]]
+    assert events[-1].response.output[0].content[0].logprobs[0].top_logprobs[0].token == \
+        part["logprobs"][0]["top_logprobs"][0]["token"]
+    assert _post(http, input="Name a color.", max_output_tokens=8)["output"][0]["content"][0]["logprobs"] == []
+
+
 def test_client_leaving_a_stream_aborts_its_request(server, http):
     with http.stream("POST", "/v1/responses", json={"model": MODEL, "input": "Tell a very long story.",
                                                      "max_output_tokens": 900, "stream": True}) as r:
@@ -242,6 +268,10 @@ def test_nothing_stored_by_default(http):
      "tool_choice"),  # as at /v1/chat/completions: the forced call's schema
     ({"input": "hi", "tools": [WEATHER]}, "tool_choice"),  # auto needs --tool-call-parser
     ({"input": "hi", "model": "nope"}, "model"),
+    ({"input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": 6}, "top_logprobs"),
+    ({"input": "hi", "include": ["message.output_text.logprobs"], "tools": [WEATHER], "tool_choice": "required"},
+     "include"),
+    ({"input": "hi", "include": ["file_search_call.results"]}, "include"),
     ({"input": "hi", "min_p": 3}, "min_p"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]},
      "input"),  # a text-only model

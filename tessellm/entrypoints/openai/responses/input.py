@@ -26,8 +26,8 @@ from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_va
 from tessellm.entrypoints.openai.protocol import (ChatCompletionRequest, ChatMessage, ChatTool, ContentPart,
                                                   FunctionDefinition, JsonSchemaFormat, ResponseFormat)
 from tessellm.entrypoints.openai.protocol_responses import FunctionCall, ToolCall
-from tessellm.entrypoints.openai.responses.protocol import (INCLUDE_ACCEPTED, UNSUPPORTED, VLLM_EXTRAS,
-                                                            FunctionTool, ResponsesRequest)
+from tessellm.entrypoints.openai.responses.protocol import (INCLUDE_ACCEPTED, LOGPROBS, UNSUPPORTED,
+                                                            VLLM_EXTRAS, FunctionTool, ResponsesRequest)
 
 _ROLES = ("user", "assistant", "system", "developer")
 _TEXT_PARTS = ("input_text", "output_text")
@@ -72,12 +72,14 @@ def to_chat_request(req: ResponsesRequest, history: list[dict] = ()) -> ChatComp
     fmt = req.text.format if req.text is not None else None
     effort = req.reasoning.effort if req.reasoning is not None else None
     extras = {name: getattr(req, name) for name in VLLM_EXTRAS if name in req.model_fields_set}
+    logprobs = LOGPROBS in (req.include or ())  # the message's tokens (a single message: serving.py)
     try:
         return ChatCompletionRequest(
             model=req.model, messages=messages, max_completion_tokens=req.max_output_tokens,
             temperature=req.temperature, top_p=req.top_p, tools=tools, tool_choice=_tool_choice(req.tool_choice),
             parallel_tool_calls=req.parallel_tool_calls, response_format=_response_format(fmt),
-            reasoning_effort=effort, stream=bool(req.stream), user=req.user, **extras)
+            reasoning_effort=effort, stream=bool(req.stream), user=req.user, logprobs=logprobs,
+            top_logprobs=(req.top_logprobs or 0) if logprobs else None, **extras)
     except ValidationError as exc:  # a vLLM extra out of range: the chat request's check, same name
         raise from_validation_error(exc) from None
 

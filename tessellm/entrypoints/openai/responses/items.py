@@ -44,8 +44,14 @@ class ItemBuilder:
     def reasoning(self, text: str) -> list[Event]:
         return self._content(ReasoningItem, "rs", ReasoningText, "response.reasoning_text.delta", text)
 
-    def text(self, text: str) -> list[Event]:
-        return self._content(MessageItem, "msg", OutputText, "response.output_text.delta", text, logprobs=[])
+    def text(self, text: str, logprobs: list = ()) -> list[Event]:
+        """``logprobs``: the tokens' entries (include message.output_text.logprobs); a piece with
+        logprobs and no text yet (held back: a stop string may be starting) is a delta of ""."""
+        events = self._content(MessageItem, "msg", OutputText, "response.output_text.delta", text,
+                               logprobs=list(logprobs))
+        if logprobs:
+            self.items[self._open[0]].content[0].logprobs += logprobs
+        return events
 
     def _content(self, kind: type, prefix: str, part: type, delta: str, text: str, **extra) -> list[Event]:
         """``text`` appended to the open item of ``kind`` (one content part), opened if need be."""
@@ -54,7 +60,7 @@ class ItemBuilder:
             item = kind(id=item_id(prefix), status="in_progress")
             events += self._add(item, part(text=""))
             item.content.append(part(text=""))
-        if not text:  # opened only (an empty answer)
+        if not text and not extra.get("logprobs"):  # opened only (an empty answer)
             return events
         pos = self._open[0]
         self.items[pos].content[0].text += text
@@ -87,7 +93,7 @@ class ItemBuilder:
                 part = item.content[0]
                 if isinstance(item, MessageItem):
                     events.append(self._ev("response.output_text.done", pos, content_index=0, text=part.text,
-                                           logprobs=[]))
+                                           logprobs=part.logprobs))
                 else:
                     events.append(self._ev("response.reasoning_text.done", pos, content_index=0, text=part.text))
                 events.append(self._ev("response.content_part.done", pos, content_index=0,

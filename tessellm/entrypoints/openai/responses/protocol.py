@@ -71,6 +71,7 @@ class ResponsesRequest(_Strict):
     safety_identifier: Optional[str] = None  # accepted; no effect
     prompt_cache_key: Optional[str] = None  # accepted; no effect (the prefix cache is automatic)
     include: Optional[list[str]] = None  # see INCLUDE_ACCEPTED
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)  # with include message.output_text.logprobs
     truncation: Optional[Literal["auto", "disabled"]] = None  # "disabled" only
     service_tier: Optional[str] = None  # "auto" / "default" only
     previous_response_id: Optional[str] = None  # the stored response this one continues (store.py)
@@ -90,7 +91,6 @@ class ResponsesRequest(_Strict):
     conversation: Optional[Any] = None
     background: Optional[bool] = None
     max_tool_calls: Optional[int] = None
-    top_logprobs: Optional[int] = None
     prompt: Optional[Any] = None
     prompt_cache_retention: Optional[str] = None
 
@@ -105,15 +105,16 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
                      "(--responses-store-size) or send the whole conversation in input"),
     "background": ((None, False), "responses run in the foreground; use stream: true for long ones"),
     "max_tool_calls": ((None,), "remove it"),
-    "top_logprobs": ((None, 0), "use /v1/chat/completions with logprobs"),
     "prompt": ((None,), "stored prompt templates do not exist here; send instructions and input"),
     "prompt_cache_retention": ((None, "in_memory"), "the prefix cache lives in memory; remove it"),
     "truncation": ((None, "disabled"), "send an input that fits the model's context"),
     "service_tier": ((None, "auto", "default"), "remove it"),
 }
 
-# include values accepted with no effect (reasoning is returned as text, never encrypted)
-INCLUDE_ACCEPTED = {"reasoning.encrypted_content"}
+# include values: logprobs of the message's tokens; reasoning.encrypted_content has no effect
+# (reasoning is returned as text, never encrypted)
+LOGPROBS = "message.output_text.logprobs"
+INCLUDE_ACCEPTED = {"reasoning.encrypted_content", LOGPROBS}
 
 
 # -- the response --------------------------------------------------------------------------
@@ -199,6 +200,7 @@ class ResponseObject(BaseModel):
     tool_choice: Union[str, dict] = "auto"
     tools: list[dict] = Field(default_factory=list)
     top_p: Optional[float] = None
+    top_logprobs: Optional[int] = None
     truncation: Literal["disabled"] = "disabled"
     usage: Optional[ResponseUsage] = None
     user: Optional[str] = None

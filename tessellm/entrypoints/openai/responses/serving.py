@@ -28,7 +28,7 @@ from fastapi.responses import StreamingResponse
 
 from tessellm.core.outputs import RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM, iterate_streams
-from tessellm.entrypoints.openai.errors import OpenAIError
+from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.responses.input import (check_unsupported, input_items, rename_error,
                                                          to_chat_request)
 from tessellm.entrypoints.openai.responses.items import Event, ItemBuilder
@@ -51,22 +51,39 @@ async def create_response(engine: AsyncLLM, config: ServerConfig, store: Respons
         job = await prepare_chat(engine, config, to_chat_request(req, history), id_prefix="resp")
     except OpenAIError as exc:
         raise rename_error(exc) from None
+    _check_logprobs(job)
     sub = submit(engine, job.request_id, [job.processed], [job.params], job.lora)
     result = _Result(engine, req, job, store)
     if req.stream:
         return StreamingResponse(_events(engine, sub, result, config.sse_keepalive_s),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     out = (await collect(engine, sub, http_request, config.sse_keepalive_s))[0]
-    message = job.view.response(out).choices[0].message
+    choice = job.view.response(out).choices[0]
+    message = choice.message
     builder = ItemBuilder()
     if message.reasoning is not None:
         builder.reasoning(message.reasoning)
     if message.content:
-        builder.text(message.content)
+        builder.text(message.content, _logprobs(choice))
     for i, call in enumerate(message.tool_calls):
         builder.call(i, call.id, call.function.name, call.function.arguments)
     builder.finish(result.item_status(out))
     return result.keep(result.response(builder, out))
+
+
+def _check_logprobs(job: ChatJob) -> None:
+    """Token logprobs go with the message's text only when the output is that message alone."""
+    view = job.view
+    if job.req.logprobs and (view.reasoning is not None or view.harmony is not None
+                             or (view.plan is not None and view.plan.parser is not None)):
+        raise bad_request("include message.output_text.logprobs is not supported when the output may hold "
+                          "reasoning or tool calls (a reasoning parser, gpt-oss, or tools with tool_choice "
+                          "other than 'none'); leave it out, or use /v1/chat/completions with logprobs.",
+                          "include", "unsupported_parameter")
+
+
+def _logprobs(choice) -> list:
+    return [lp.model_dump() for lp in choice.logprobs.content] if choice.logprobs is not None else []
 
 
 class _Result:
@@ -101,6 +118,7 @@ class _Result:
             parallel_tool_calls=req.parallel_tool_calls is not False,
             reasoning=req.reasoning.model_dump() if req.reasoning is not None else None,
             temperature=params.temperature, top_p=params.top_p, text={"format": text_format},
+            top_logprobs=req.top_logprobs,
             tool_choice=req.tool_choice or ("auto" if req.tools else "none"),
             tools=[{"description": None, "parameters": None, "strict": None, **t} for t in req.tools or []],
             usage=self.usage(builder, out) if out is not None else None, user=req.user,
@@ -166,8 +184,9 @@ def _chunk_events(builder: ItemBuilder, chunk) -> list[Event]:
         delta = choice.delta
         if delta.reasoning:
             events += builder.reasoning(delta.reasoning)
-        if delta.content:
-            events += builder.text(delta.content)
+        logprobs = _logprobs(choice)
+        if delta.content or logprobs:
+            events += builder.text(delta.content or "", logprobs)
         for piece in delta.tool_calls or []:
             events += builder.call(piece.index, piece.id, piece.function.name if piece.function else None,
                                    (piece.function.arguments or "") if piece.function else "")
