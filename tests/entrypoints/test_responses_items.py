@@ -4,6 +4,8 @@ package's types) for interleaved pieces. End to end: tests/server/test_responses
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from pydantic import TypeAdapter
 
@@ -60,6 +62,31 @@ def test_chat_errors_say_this_apis_fields():
     assert exc.param == "text.format.schema"
     assert rename_error(OpenAIError("x", 400, "tools.2.function.parameters")).param == "tools.2.parameters"
     assert rename_error(OpenAIError("x", 400, "messages.3.content")).param == "input.content"
+
+
+@pytest.mark.parametrize("item,param", [
+    ({"type": "reasoning", "content": True}, "input.0.content"),  # was a TypeError (a 500)
+    ({"type": "reasoning", "summary": 2.5}, "input.0.summary"),
+    ({"type": "reasoning", "content": [{"type": "reasoning_text"}]}, "input.0.content")])
+def test_a_malformed_reasoning_item_is_a_400(item, param):
+    with pytest.raises(OpenAIError) as exc:
+        _chat(input=[item])
+    assert exc.value.status == 400 and exc.value.param == param
+
+
+def test_random_items_are_400s_never_another_error():
+    """Random item shapes: each is a chat request or an OpenAIError 400, nothing else."""
+    rng = random.Random(0)
+    values = [None, 1, "x", [], {}, [1], ["a"], [{}], True, 2.5, {"type": "input_text", "text": 3},
+              {"type": "input_image"}, [{"type": "input_text", "text": "a"}], [{"text": "r"}], "message",
+              "function_call", "function_call_output", "reasoning", "user", "assistant"]
+    keys = ["type", "role", "content", "call_id", "name", "arguments", "output", "summary", "id", "text"]
+    for _ in range(3000):
+        items = [{k: rng.choice(values) for k in rng.sample(keys, rng.randint(0, 6))} for _ in range(rng.randint(1, 3))]
+        try:
+            _chat(input=items)
+        except OpenAIError as exc:
+            assert exc.status == 400 and exc.param, items
 
 
 def _check(events: list[dict]) -> list:

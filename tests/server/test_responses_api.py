@@ -268,6 +268,7 @@ def test_nothing_stored_by_default(http):
      "tool_choice"),  # as at /v1/chat/completions: the forced call's schema
     ({"input": "hi", "tools": [WEATHER]}, "tool_choice"),  # auto needs --tool-call-parser
     ({"input": "hi", "model": "nope"}, "model"),
+    ({"input": [{"type": "reasoning", "content": True}]}, "input.0.content"),  # was a 500
     ({"input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": 6}, "top_logprobs"),
     ({"input": "hi", "include": ["message.output_text.logprobs"], "tools": [WEATHER], "tool_choice": "required"},
      "include"),

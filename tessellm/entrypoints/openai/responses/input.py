@@ -217,11 +217,15 @@ def _call_output(i: int, item: dict) -> ChatMessage:
 
 
 def _reasoning(i: int, item: dict) -> str:
-    texts = [p.get("text") for p in (item.get("content") or []) if isinstance(p, dict)]
-    if not texts:  # only a summary was kept
-        texts = [p.get("text") for p in (item.get("summary") or []) if isinstance(p, dict)]
-    if not all(isinstance(t, str) for t in texts):
-        raise bad_request(f"input[{i}] is a reasoning item whose content parts have no text.", f"input.{i}.content")
+    texts = []
+    for name in ("content", "summary"):  # the reasoning text, else (only a summary was kept) the summary
+        parts = item.get(name) or []
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                                  for p in parts):
+            raise bad_request(f"input[{i}].{name} must be a list of parts with text (a reasoning item's "
+                              f"{'reasoning_text' if name == 'content' else 'summary_text'} parts).",
+                              f"input.{i}.{name}")
+        texts = texts or [p["text"] for p in parts]
     return "\n".join(texts)
 
 
