@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from tessellm.entrypoints.openai.reasoning import reasoning_fields
 from tessellm.entrypoints.openai.tool_parsers import HarmonyToolParser
 from tessellm.entrypoints.openai.tools import ToolCallView, ToolPlan
 from tessellm.reasoning.harmony import CALL, RETURN, prompt_header
@@ -64,9 +65,7 @@ class HarmonyPlan:
         return ToolCallView(HarmonyToolParser(calls=self.tools.mode != "none", forced=forced, opened=self.opened))
 
     def fields(self, reasoning: Optional[str]) -> dict:
-        if reasoning is None or not self.include:
-            return {}
-        return {"reasoning": reasoning, "reasoning_content": reasoning}
+        return reasoning_fields(reasoning, self.include)
 
 
 class HarmonyStream:

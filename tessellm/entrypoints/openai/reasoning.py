@@ -16,6 +16,14 @@ from typing import Optional, Sequence
 from tessellm.reasoning import ReasoningSplit, ThinkMarkers, get_reasoning_parser
 
 
+def reasoning_fields(reasoning: Optional[str], include: bool) -> dict:
+    """A message's (or delta's) reasoning keys: both names, the same text; none when there is
+    no reasoning or the client asked for none (``include_reasoning: false``)."""
+    if reasoning is None or not include:
+        return {}
+    return {"reasoning": reasoning, "reasoning_content": reasoning}
+
+
 class ReasoningPlan:
     def __init__(self, name: str, tokenizer, prompt_token_ids: Sequence[int], include: bool):
         self.markers = ThinkMarkers.from_tokenizer(get_reasoning_parser(name), tokenizer)
@@ -38,10 +46,7 @@ class ReasoningPlan:
         return ReasoningSplit(self.markers, self.phase)
 
     def fields(self, reasoning: Optional[str]) -> dict:
-        """The message's (or delta's) reasoning keys: both names, the same text."""
-        if reasoning is None or not self.include:
-            return {}
-        return {"reasoning": reasoning, "reasoning_content": reasoning}
+        return reasoning_fields(reasoning, self.include)
 
 
 class ReasoningStream:
