@@ -131,9 +131,7 @@ def chat_prompt_with_images(conversation: list[dict], info, tokenizer,
     token_id = processor.placeholder_token_id
     ids = render_with_images(render, conversation, len(images),
                              tokenizer.convert_ids_to_tokens(token_id), token_id)
-    expand = getattr(processor, "expand_chat_ids", None)  # Gemma 3: as HF expands the text
-    if expand is not None:
-        ids = expand(ids, tokenizer)
+    ids = processor.expand_chat_ids(ids, tokenizer)
     return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
 
 

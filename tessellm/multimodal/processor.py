@@ -91,6 +91,12 @@ class ImageProcessor:
         itself here; Gemma 3's ``<start_of_image>``, which the processor expands."""
         return self.image_token_id
 
+    def expand_chat_ids(self, ids: list[int], tokenizer) -> list[int]:
+        """A rendered chat prompt's ids (the placeholder once per image) as ``process`` takes
+        them: unchanged here (``process`` expands the placeholders); Gemma 3 expands the
+        decoded text as HF's processor does."""
+        return ids
+
     @property
     def chat_template(self):
         """The processor's chat template (llava-hf keeps it there, not in the tokenizer)."""
