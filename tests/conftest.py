@@ -83,6 +83,25 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def bundled_hf_model():
+    """HF transformers' own load of the bundled SmolLM2 GGUF (dequantized by the ``gguf``
+    package), float32: the oracle of tests/loader/test_gguf_loader.py (config, bit-identical
+    weights) and tests/models/test_default_model.py (greedy tokens). Loaded once a session
+    (~10 s on 2 cores; 0.5 GB held). Its generation config has no EOS, as our ``ignore_eos``:
+    EOS may be chosen and never stops a generation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tessellm.loader.default_model import default_model_path
+
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              dtype=torch.float32)
+    hf.generation_config.eos_token_id = None
+    return hf
+
+
 def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int,
               device: str = "cpu", dtype=None) -> list[list[int]]:
     """Greedy tokens from HF transformers, one prompt at a time (no padding effects).

@@ -50,9 +50,8 @@ def path() -> str:
 
 
 @pytest.fixture(scope="module")
-def hf_model(path):
-    folder, name = _hf_args(path)
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+def hf_model(bundled_hf_model):
+    return bundled_hf_model  # transformers' own GGUF load, float32 (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tessellm import LLM, SamplingParams
-from tessellm.loader.default_model import default_model_path
 
 PROMPTS = [
     "The capital of France is",
@@ -28,25 +27,13 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def hf_reference():
-    import os
-
-    from transformers import AutoModelForCausalLM
-
-    path = default_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32)
-    hf.generation_config.eos_token_id = None  # as our ignore_eos: EOS may be chosen, never stops
-    return hf
-
-
-@pytest.fixture(scope="module")
-def hf_tokens(llm, hf_reference):
+def hf_tokens(llm, bundled_hf_model):
+    """HF's greedy tokens (its generation config has no EOS: tests/conftest.py)."""
     tok = llm.get_tokenizer()
     want = []
     for prompt in PROMPTS:
         ids = torch.tensor([tok.encode(prompt)])
-        ref = hf_reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
+        ref = bundled_hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
                                     do_sample=False, pad_token_id=2)
         want.append(ref[0, ids.shape[1]:].tolist())
     return want
