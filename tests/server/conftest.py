@@ -123,6 +123,23 @@ def server():
     stop_server(srv)
 
 
+# A chat template that shows the request's tools (the bundled model's does not).
+TOOLS_TEMPLATE = ("{% if tools %}Tools: {% for t in tools %}{{ t.function.name }} {% endfor %}\n{% endif %}"
+                  "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tools_server(server_factory, tmp_path_factory):
+    """A server for tool use: ``TOOLS_TEMPLATE`` and ``--enable-auto-tool-choice
+    --tool-call-parser hermes``. One server for test_auto_tool_choice's hermes case and
+    test_vllm_compat's /tokenize with tools (a server start saved: ~8 s on 2 cores)."""
+    template = tmp_path_factory.mktemp("tools-template") / "tools.jinja"
+    template.write_text(TOOLS_TEMPLATE)
+    return server_factory(["--chat-template", str(template), "--enable-auto-tool-choice",
+                           "--tool-call-parser", "hermes"])
+
+
 @pytest.fixture(scope="session")
 def client(server):
     import openai

@@ -46,8 +46,10 @@ def _forced(parser: str) -> str:
 
 @pytest.mark.parametrize("parser", ["hermes", pytest.param("llama3_json", marks=pytest.mark.slow),
                                     pytest.param("mistral", marks=pytest.mark.slow)])
-def test_auto_tool_choice_through_the_server(server_factory, parser):
-    srv = server_factory(["--enable-auto-tool-choice", "--tool-call-parser", parser])
+def test_auto_tool_choice_through_the_server(request, server_factory, parser):
+    # hermes: conftest's tools_server (its parser; a template that shows the tools), shared
+    srv = request.getfixturevalue("tools_server") if parser == "hermes" else \
+        server_factory(["--enable-auto-tool-choice", "--tool-call-parser", parser])
     with openai.OpenAI(base_url=f"{srv.url}/v1", api_key=srv.api_key, max_retries=0, timeout=300) as client:
         kw = dict(model=MODEL, messages=ASK, max_tokens=160, temperature=0, tools=[WEATHER], tool_choice="auto",
                   extra_body={"structured_outputs": {"grammar": _forced(parser)}})

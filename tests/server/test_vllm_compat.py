@@ -308,18 +308,11 @@ def test_temperature_over_two(http):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
 
 
-_TOOLS_TEMPLATE = ("{% if tools %}Tools: {% for t in tools %}{{ t.function.name }} {% endfor %}\n{% endif %}"
-                   "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-                   "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def test_tokenize_chat_with_tools(server_factory, tmp_path):
+def test_tokenize_chat_with_tools(tools_server):
     """vLLM's /tokenize takes tools (chat form), rendered by the template as a chat request's are,
     so a client can count a tool-using prompt's tokens (was a 400 'unrecognized'). A server whose
-    chat template shows the tools (the bundled model's does not)."""
-    template = tmp_path / "tools.jinja"
-    template.write_text(_TOOLS_TEMPLATE)
-    srv = server_factory(["--chat-template", str(template)])
+    chat template shows the tools (conftest's ``tools_server``; the bundled model's does not)."""
+    srv = tools_server
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                                "parameters": {"type": "object",
                                                               "properties": {"city": {"type": "string"}}}}}]
