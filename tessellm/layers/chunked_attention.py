@@ -62,7 +62,9 @@ def local_batch(batch, chunk: int, block_size: int):
     queries touch; ``batch`` itself when no sequence reaches past its first chunk."""
     if getattr(batch, "key_limits", None) is not None:  # absolute positions: not shifted here
         raise ValueError("Chunked local attention (attention_chunk_size) does not combine with "
-                         "prefill key limits (AttentionBatch.key_limits) in one layer.")
+                         "prefill key limits (AttentionBatch.key_limits) in one layer: a model "
+                         "declares one or the other per attention layer (its AttentionSpec's "
+                         "prefill_key_limits off where the layer is chunked).")
     if not batch.seq_lens_host:  # a graph-captured step: host lists are empty
         if batch.num_decodes != batch.num_seqs:
             raise ValueError("Chunked local attention (attention_chunk_size) cannot split the "

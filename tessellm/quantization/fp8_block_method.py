@@ -55,7 +55,10 @@ class Fp8BlockMethod(QuantLinearMethod):
                                 else quantize_fp8_block(tensor, self.block, self.fp8_dtype))
         else:
             raise ValueError(f"fp8_block cannot use {layer.quant_name}.weight stored as "
-                             f"{tensor.dtype}.")
+                             f"{tensor.dtype}: a block-wise fp8 checkpoint holds e4m3 codes (or "
+                             "float weights for layers it left unquantized); load the dense "
+                             "checkpoint with quantization='fp8_block', or pass the scheme its "
+                             "quantization_config names.")
 
     def _missing(self, pieces):
         weight = pieces.get("weight")
