@@ -65,6 +65,12 @@ def cpu_int4pack() -> bool:
     return _switch("TESSELLM_CPU_INT4PACK") is not False
 
 
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET (Triton's own): "1" runs Triton kernels in its interpreter on the CPU;
+    the kernels that pick smaller tiles or skip hardware-only paths there ask here."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def cpu_compile() -> Optional[bool]:
     """TESSELLM_CPU_COMPILE: "1" compiles the cpu backend's decode step with ``torch.compile``,
     "0" keeps it eager. Unset: None, the cpu plugin's default (eager; docs/plugins.md)."""

@@ -16,13 +16,13 @@ never touched. Tensors in, tensors out: imports neither tessellm.core nor backen
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from tessellm import envs
 from tessellm.kernels.lora.meta import LoRABatchMeta
 
 MAX_SLICES = 3
@@ -78,7 +78,7 @@ def _expand_kernel(buf_ptr, b0_ptr, b1_ptr, b2_ptr, scaling_ptr, out_ptr, sorted
 
 
 def _block_n(widths: Sequence[int]) -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if envs.triton_interpret():
         return 32
     return 128 if max(widths) >= 2048 else 64
 

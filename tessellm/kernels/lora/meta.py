@@ -16,11 +16,11 @@ every layer of the step.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from tessellm import envs
 from tessellm.kernels.moe.align import align_by_expert_triton
 
 
@@ -41,7 +41,7 @@ class LoRABatchMeta:
 def block_rows(num_tokens: int) -> int:
     """Rows per block: short blocks for decode-sized batches (a few rows per adapter), longer
     ones for prefill so each adapter's weights are read once per 64 rows."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if envs.triton_interpret():
         return 4 if num_tokens <= 16 else 16
     return 16 if num_tokens <= 256 else 64
 

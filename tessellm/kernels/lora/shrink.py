@@ -17,13 +17,13 @@ blocks (in every plane). Tensors in, tensors out: imports neither tessellm.core 
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from tessellm import envs
 from tessellm.kernels.lora.meta import LoRABatchMeta
 
 _SMS = 132  # programs to fill an H100/H200; a smaller GPU is just oversubscribed
@@ -71,7 +71,7 @@ def _split_k(meta: LoRABatchMeta, k: int, rank_tiles: int, block_k: int) -> int:
 
 
 def _tiles(dtype: torch.dtype) -> dict:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if envs.triton_interpret():
         return dict(BLOCK_K=32)
     if getattr(torch.version, "hip", None):  # 64 KiB of LDS on MI300: smaller K tiles
         return dict(BLOCK_K=64, num_warps=4, num_stages=2)

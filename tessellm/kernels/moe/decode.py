@@ -26,7 +26,6 @@ scales) are widened in the tile and the row sums scaled (W8A16).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -204,7 +203,7 @@ def _launch(hidden, weights, ids, route, w13, w2, w13_scale, w2_scale, rows) -> 
     out = torch.empty(t, h, dtype=dtype, device=dev)
     if t == 0:
         return out
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    interp = envs.triton_interpret()
     act = torch.empty(t * k, inter, dtype=dtype, device=dev)
     up = _tiles(h, interp, up_rows)
     logits = route["logits"] if route else hidden

@@ -31,13 +31,13 @@ reference's ``dequantize_experts`` rounds it, then the same dot (W8A16); the dec
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from tessellm import envs
 from tessellm.kernels.activation import _silu_and_mul_kernel
 from tessellm.kernels.moe.align import align_by_expert_triton
 from tessellm.kernels.moe.decode import (decode_max_tokens, decode_route, fused_moe_decode,
@@ -143,7 +143,7 @@ def _tiles(pairs: int, num_experts: int, device: Optional[torch.device] = None,
     16x128x128 against 418 with 32x64x64; 256 rows (4096 tokens) 1,061 against 1,255 with
     128x256x64 / 8 warps / 4 stages (192 KB of shared memory in 16-bit: sm90 NVIDIA only;
     float32 operands would need 288 KB, so they keep the default tile)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if envs.triton_interpret():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
     if pairs <= 2 * num_experts:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
