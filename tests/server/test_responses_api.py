@@ -247,6 +247,20 @@ def test_nothing_stored_by_default(http):
     assert r.status_code == 404 and "--responses-store-size" in r.json()["error"]["message"]
 
 
+def test_sdk_parse_with_a_pydantic_model(client):
+    """The SDK's responses.parse: its strict json_schema constrains the output, which it parses."""
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=10)
+        age: int = Field(ge=0, le=120)
+
+    r = client.responses.parse(model=MODEL, input="Give a person.", text_format=Person, max_output_tokens=60,
+                               temperature=0, extra_body={"structured_outputs": {"disable_any_whitespace": True}})
+    assert r.status == "completed" and isinstance(r.output_parsed, Person)
+    assert r.output_parsed == Person.model_validate_json(r.output_text)
+
+
 @pytest.mark.parametrize("body,param", [
     ({"input": "hi", "foo": 1}, "foo"),
     ({"input": []}, "input"),
