@@ -21,6 +21,18 @@ def _hashes(path: str, body: dict) -> list[int]:
     return prefix_hashes(path, json.dumps(body).encode(), **CHUNK)
 
 
+def test_a_responses_request_hashes_as_the_chat_request_it_means():
+    long = "You are a careful assistant who answers briefly. " * 3
+    chat = _hashes("/v1/chat/completions", {"messages": [{"role": "system", "content": long},
+                                                         {"role": "user", "content": "Hello there, how are you?"}]})
+    resp = _hashes("/v1/responses", {"instructions": long, "input": "Hello there, how are you?"})
+    items = _hashes("/v1/responses", {"instructions": long, "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "Hello there, how are you?"}]},
+        {"type": "function_call_output", "call_id": "c", "output": "x"}]})
+    assert chat and resp == chat == items
+    assert _hashes("/v1/responses", {"input": 3}) == []
+
+
 # -- config --------------------------------------------------------------------------------
 
 def test_config_flat_dotted_strings_become_typed_fields():

@@ -31,7 +31,7 @@ import hashlib
 import json
 from typing import Optional
 
-_ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+_ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 
 
 def prefix_hashes(path: str, body: bytes, chunk_chars: int, chunk_tokens: int,
@@ -72,8 +72,8 @@ def _json_request(path: str, body: bytes):
 def _prompt_chain(request: dict, chunk_chars: int, chunk_tokens: int, max_chunks: int,
                   parent) -> list[int]:
     """The prompt's chunk chain; ``parent``: the digest it continues (an adapter's link)."""
-    if "messages" in request:
-        text = _chat_text(request["messages"])
+    if "messages" in request or "input" in request:  # chat, or /v1/responses as the chat it means
+        text = _chat_text(request["messages"] if "messages" in request else _responses_messages(request))
         return _chain_text(text, chunk_chars, max_chunks, parent) if text else []
     prompt = _first_prompt(request.get("prompt"))
     if isinstance(prompt, str):
@@ -88,6 +88,19 @@ def _first_prompt(prompt):
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         return prompt[0]
     return prompt
+
+
+def _responses_messages(request: dict) -> Optional[list]:
+    """A /v1/responses body's conversation as chat messages: instructions (a system message),
+    then input (a string is a user message; items without a role, such as function calls, are
+    left out), so it hashes as the equivalent chat request does."""
+    items = request.get("input")
+    items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+    if not isinstance(items, list):
+        return None
+    instructions = request.get("instructions")
+    head = [{"role": "system", "content": instructions}] if isinstance(instructions, str) and instructions else []
+    return head + [i for i in items if isinstance(i, dict) and "role" in i]
 
 
 def _chat_text(messages) -> Optional[str]:
