@@ -83,7 +83,8 @@ class Worker:
         model, kernel = build_model(source, load_format, registry, self.backend, self.dtype,
                                     self.device, args.block_size, args.kv_cache_dtype, args.seed,
                                     quantization=args.quantization, tp=self.tp, pp=self.pp,
-                                    pooling=pooling is not None)
+                                    pooling=pooling is not None,
+                                    max_positions=rope_positions(args, self.max_model_len))
         self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
         lora = _lora_state(args, model, registry, self.backend, config, self.device, self.dtype)
         self.fast_all_reduce = self.tp.enable_fast_all_reduce(self.device, self.dtype)
@@ -272,3 +273,13 @@ def set_worker_threads(device_type: str, world_size: int) -> None:
         torch.set_num_threads(1)
     elif world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+def rope_positions(args, max_model_len: int) -> int:
+    """Rows the rotary tables keep: the scheduler rotates positions below ``max_model_len``
+    only (drafts verified included); a drafter's lookahead (its block tables are ``k`` slots
+    wider) is kept as a margin of ``num_speculative_tokens`` rows."""
+    from tessellm.spec_decode.config import parse_speculative_config
+
+    spec = parse_speculative_config(args.speculative_config)
+    return max_model_len + (spec.num_speculative_tokens if spec is not None else 0)

@@ -24,3 +24,6 @@ class ModelContext:
     pp: PipelineStage = field(default_factory=PipelineStage)  # this rank's pipeline stage
     # the QuantSpec quant_method was made for (None: dense): how MoE experts are stored
     quant_spec: Any = None
+    # positions the engine can rotate (max_model_len plus a drafter's lookahead): the rotary
+    # tables hold no more rows; None: the model's own length (rope_max_positions)
+    max_positions: Optional[int] = None

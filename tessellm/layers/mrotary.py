@@ -29,8 +29,9 @@ from tessellm.layers.rotary import RotaryEmbedding
 
 class MRotaryEmbedding(RotaryEmbedding):
     def __init__(self, head_size: int, max_position: int, base: float, scaling, ops,
-                 mrope_section: Sequence[int], rotary_dim=None):
-        super().__init__(head_size, max_position, base, scaling, ops, rotary_dim=rotary_dim)
+                 mrope_section: Sequence[int], rotary_dim=None, max_positions=None):
+        super().__init__(head_size, max_position, base, scaling, ops, rotary_dim=rotary_dim,
+                         max_positions=max_positions)
         section = [int(s) for s in mrope_section]
         if len(section) != 3 or sum(section) != self.rotary_dim // 2:
             raise ValueError(f"mrope_section {list(mrope_section)} must be three sizes summing to "

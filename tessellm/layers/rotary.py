@@ -1,9 +1,13 @@
 """Rotary position embedding (NeoX style): the cos/sin cache of every scaling type HF
 transformers defines for the families we serve, built once per model.
 
-``RotaryEmbedding`` holds ``cos_sin_cache`` ``[max_position, rotary_dim]`` (cos of the
+``RotaryEmbedding`` holds ``cos_sin_cache`` ``[rows, rotary_dim]`` (cos of the
 ``rotary_dim / 2`` frequencies, then sin), already multiplied by the type's attention factor
-(yarn, longrope), so the backend's ``rotary_embedding`` op only looks rows up. The settings
+(yarn, longrope), so the backend's ``rotary_embedding`` op only looks rows up. ``rows`` is the
+model's length (``rope_max_positions``) cut to the positions the engine can rotate
+(``ModelContext.max_positions``: Llama 4 Scout's 10M positions would be 5 GB of float32); a
+kept row is the same as in the uncut table (the type's settings still see the model's
+length, e.g. longrope's default factor). The settings
 come as one flat dict (``layers.rope_config.rope_parameters`` reads them from an HF config)::
 
     rope_type   inverse frequencies (d = rotary_dim, i = 0, 2, .., d - 2)
@@ -118,7 +122,8 @@ def _yarn_inverse_frequencies(dim: int, base: float, s: dict) -> torch.Tensor:
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
 
 
-def _longrope_cache(rotary_dim: int, max_position: int, base: float, s: dict) -> torch.Tensor:
+def _longrope_cache(rotary_dim: int, max_position: int, base: float, s: dict,
+                    rows: int) -> torch.Tensor:
     """LongRoPE (Phi-3 "su"/"longrope"): per-frequency divisors, ``short_factor`` for positions
     below ``original_max_position_embeddings`` and ``long_factor`` from there on, cos and sin
     scaled by ``attention_factor`` (default sqrt(1 + ln(max / original) / ln(original))).
@@ -139,8 +144,8 @@ def _longrope_cache(rotary_dim: int, max_position: int, base: float, s: dict) ->
                              f"dimension {rotary_dim} needs {rotary_dim // 2}.")
     shape = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
     parts = []
-    for key, lo, hi in (("short_factor", 0, min(original, max_position)),
-                        ("long_factor", original, max_position)):
+    for key, lo, hi in (("short_factor", 0, min(original, rows)),
+                        ("long_factor", original, rows)):
         if hi <= lo:
             continue
         inv_freq = 1.0 / (torch.tensor(s[key], dtype=torch.float32) * base ** shape)
@@ -151,30 +156,34 @@ def _longrope_cache(rotary_dim: int, max_position: int, base: float, s: dict) ->
     return torch.cat(parts)
 
 
-def cos_sin_cache(rotary_dim: int, max_position: int, base: float,
-                  scaling: Optional[dict]) -> torch.Tensor:
-    """float32 ``[max_position, rotary_dim]``: cos then sin, times the attention factor."""
+def cos_sin_cache(rotary_dim: int, max_position: int, base: float, scaling: Optional[dict],
+                  rows: Optional[int] = None) -> torch.Tensor:
+    """float32 ``[rows, rotary_dim]``: cos then sin, times the attention factor, for the first
+    ``rows`` (default ``max_position``) positions of a model of ``max_position`` positions."""
     check_rope_type(scaling)
     kind = rope_type(scaling)
+    rows = max_position if rows is None else min(rows, max_position)
     if kind in ("longrope", "su"):
-        return _longrope_cache(rotary_dim, max_position, base, scaling)
+        return _longrope_cache(rotary_dim, max_position, base, scaling, rows)
     inv_freq = inverse_frequencies(rotary_dim, base, scaling)
-    freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+    freqs = torch.outer(torch.arange(rows, dtype=torch.float32), inv_freq)
     scale = yarn_attention_factor(scaling) if kind == "yarn" else 1.0
     cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
     return cache if scale == 1.0 else cache * scale
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds a ``[max_position, rotary_dim]`` float32 cache: cos in the first half, sin after.
-    ``rotary_dim`` < ``head_size`` (partial rotary): the rest of each head passes unrotated."""
+    """Holds a ``[rows, rotary_dim]`` float32 cache: cos in the first half, sin after.
+    ``rotary_dim`` < ``head_size`` (partial rotary): the rest of each head passes unrotated.
+    ``max_positions`` (``ModelContext.max_positions``; None: no cut): the positions the engine
+    can rotate; ``rows`` is the smaller of it and the model's ``max_position``."""
 
     # NeoX style (rotate the two halves of the rotated part): the rotation an attention kernel
     # that declares ``fuses_rotary`` can apply from ``cos_sin_cache`` (whole heads only).
     is_neox_style = True
 
     def __init__(self, head_size: int, max_position: int, base: float, scaling: Optional[dict],
-                 ops, rotary_dim: Optional[int] = None):
+                 ops, rotary_dim: Optional[int] = None, max_positions: Optional[int] = None):
         super().__init__()
         self.head_size = head_size
         self.rotary_dim = rotary_dim or head_size
@@ -182,19 +191,21 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"Rotary dimension {self.rotary_dim} must be even and at most the "
                              f"head size {head_size} (check partial_rotary_factor).")
         self.ops = ops
-        cache = cos_sin_cache(self.rotary_dim, max_position, base, scaling)
+        cache = cos_sin_cache(self.rotary_dim, max_position, base, scaling, rows=max_positions)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     @classmethod
     def from_config(cls, config, head_size: int, ops, layer_type: Optional[str] = None,
-                    params: Optional[dict] = None) -> "RotaryEmbedding":
-        """From an HF config (``params``: settings read already, e.g. Gemma 3's per layer)."""
+                    params: Optional[dict] = None,
+                    max_positions: Optional[int] = None) -> "RotaryEmbedding":
+        """From an HF config (``params``: settings read already, e.g. Gemma 3's per layer;
+        ``max_positions``: ``ModelContext.max_positions``)."""
         from tessellm.layers.rope_config import rope_max_positions, rope_parameters
 
         params = params if params is not None else rope_parameters(config, layer_type)
         rotary_dim = int(head_size * params.get("partial_rotary_factor", 1.0))
         return cls(head_size, rope_max_positions(config), params["rope_theta"], params, ops,
-                   rotary_dim=rotary_dim)
+                   rotary_dim=rotary_dim, max_positions=max_positions)
 
     def forward(self, positions, q, k):
         return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_size)

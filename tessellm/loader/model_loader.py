@@ -28,7 +28,8 @@ from tessellm.quantization.support import (check_kv_cache_dtype, check_mla_kv_ca
 def build_model(source: ModelSource, load_format: str, registry, backend, dtype: torch.dtype,
                 device: torch.device, block_size: int, kv_cache_dtype: str = "auto", seed: int = 0,
                 quantization: Optional[str] = None, tp: Optional[TensorParallel] = None,
-                pp: Optional[PipelineStage] = None, pooling: bool = False):
+                pp: Optional[PipelineStage] = None, pooling: bool = False,
+                max_positions: Optional[int] = None):
     """Returns ``(model, attention_kernel)``; the kernel is shared by every layer.
 
     ``pooling``: an embedding model (tessellm.pooling): its LM head is never used, so a
@@ -40,6 +41,10 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     ``quantization``: EngineArgs.quantization. It is merged with the checkpoint's own
     quantization_config into a QuantSpec, and the backend's ``tessellm_quant_method`` answer
     becomes every Linear's method; no answer refuses start-up naming the backends that have one.
+
+    ``max_positions``: the positions the engine can rotate (``max_model_len`` plus a drafter's
+    lookahead); rotary tables hold no more rows (``ModelContext.max_positions``). None: the
+    model's own length, which for Llama 4 Scout (10M positions) is gigabytes per device.
     """
     config = source.hf_config
     cls = model_class(config, pooling)  # raises for unsupported architectures before any allocation
@@ -91,7 +96,8 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
 
     ctx = ModelContext(ops=ops, make_attention_kernel=make_kernel, dtype=dtype, device=device,
                        quant_method=quant_method, tp=tp, pp=pp,
-                       quant_spec=quant_spec if quant_method is not None else None)
+                       quant_spec=quant_spec if quant_method is not None else None,
+                       max_positions=max_positions)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -127,7 +127,8 @@ class DeepseekV2ForCausalLM(_MoeForCausalLM):
                              "transformers ignores the flag; no released V2 checkpoint sets it.")
 
     def make_rotary(self, config, head_size: int, ctx: ModelContext):
-        return RotaryEmbedding.from_config(config, config.qk_rope_head_dim, ctx.ops)
+        return RotaryEmbedding.from_config(config, config.qk_rope_head_dim, ctx.ops,
+                                           max_positions=ctx.max_positions)
 
     def make_attention(self, config, ctx: ModelContext, rotary, index: int) -> Optional[nn.Module]:
         return MLAttention(config, ctx, rotary, self.rope_interleaved(config))

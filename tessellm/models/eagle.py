@@ -191,7 +191,8 @@ class Eagle3Head(nn.Module):
 def _rotary(config, ctx: ModelContext) -> RotaryEmbedding:
     heads = config.num_attention_heads
     head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return RotaryEmbedding.from_config(config, head_size, ctx.ops)
+    return RotaryEmbedding.from_config(config, head_size, ctx.ops,
+                                       max_positions=ctx.max_positions)
 
 
 # -- loading ---------------------------------------------------------------------------------

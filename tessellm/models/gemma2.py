@@ -15,6 +15,7 @@ norms per layer, GeGLU, ``query_pre_attn_scalar``) with, per HF's modeling_gemma
 
 from __future__ import annotations
 
+from tessellm.layers.context import ModelContext
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.gemma_decoder import GemmaSandwichForCausalLM, kinds_from_pattern
 
@@ -26,6 +27,7 @@ class Gemma2ForCausalLM(GemmaSandwichForCausalLM):
     def layer_kinds(self, config) -> list[str]:
         return kinds_from_pattern(config, lambda i: i % 2 == 0)
 
-    def make_rotaries(self, config, kinds: set[str], ops) -> dict:
-        rotary = RotaryEmbedding.from_config(config, config.head_dim, ops)
+    def make_rotaries(self, config, kinds: set[str], ctx: ModelContext) -> dict:
+        rotary = RotaryEmbedding.from_config(config, config.head_dim, ctx.ops,
+                                             max_positions=ctx.max_positions)
         return dict.fromkeys(kinds, rotary)

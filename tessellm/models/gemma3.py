@@ -13,6 +13,7 @@ norms per layer, GeGLU, ``query_pre_attn_scalar``, sliding and full layers, soft
 from __future__ import annotations
 
 from tessellm.layers.rope_config import complete_rope_parameters
+from tessellm.layers.context import ModelContext
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.gemma_decoder import SLIDING, GemmaSandwichForCausalLM, kinds_from_pattern
 
@@ -24,8 +25,8 @@ class Gemma3ForCausalLM(GemmaSandwichForCausalLM):
     def layer_kinds(self, config) -> list[str]:
         return layer_types(config)
 
-    def make_rotaries(self, config, kinds: set[str], ops) -> dict:
-        return {kind: _rotary(config, kind, ops) for kind in kinds}
+    def make_rotaries(self, config, kinds: set[str], ctx: ModelContext) -> dict:
+        return {kind: _rotary(config, kind, ctx) for kind in kinds}
 
     def check_config(self, config) -> None:
         cap = getattr(config, "attn_logit_softcapping", None)
@@ -36,7 +37,7 @@ class Gemma3ForCausalLM(GemmaSandwichForCausalLM):
         super().check_config(config)
 
 
-def _rotary(config, kind: str, ops) -> RotaryEmbedding:
+def _rotary(config, kind: str, ctx: ModelContext) -> RotaryEmbedding:
     """transformers 5: ``rope_parameters[kind]``; 4: the local layers' ``rope_local_base_freq``
     (no scaling), the global layers' ``rope_theta`` and ``rope_scaling``."""
     nested = (getattr(config, "rope_parameters", None) or {}).get(kind)
@@ -50,7 +51,8 @@ def _rotary(config, kind: str, ops) -> RotaryEmbedding:
                   "rope_theta": getattr(config, "rope_theta", None) or 1_000_000.0}
     default_theta = 10_000.0 if kind == SLIDING else 1_000_000.0
     params = complete_rope_parameters(params, config, default_theta)
-    return RotaryEmbedding.from_config(config, config.head_dim, ops, params=params)
+    return RotaryEmbedding.from_config(config, config.head_dim, ctx.ops, params=params,
+                                       max_positions=ctx.max_positions)
 
 
 def layer_types(config) -> list[str]:

@@ -132,7 +132,7 @@ class GemmaSandwichForCausalLM(LlamaForCausalLM):
         if ctx.pp.is_first:
             self.embed_tokens = VocabParallelEmbedding(vocab, hidden, ctx.tp)
         kinds = self.layer_kinds(config)
-        rotaries = self.make_rotaries(config, set(kinds), ctx.ops)
+        rotaries = self.make_rotaries(config, set(kinds), ctx)
         self.layers = nn.ModuleList(
             SandwichDecoderLayer(config, ctx, self.make_kind_attention(config, ctx, rotaries, kind))
             if self.start_layer <= i < self.end_layer else MissingLayer()
@@ -157,7 +157,7 @@ class GemmaSandwichForCausalLM(LlamaForCausalLM):
         """Each layer's kind, ``SLIDING`` or ``FULL``."""
         raise NotImplementedError
 
-    def make_rotaries(self, config, kinds: set[str], ops) -> dict:
+    def make_rotaries(self, config, kinds: set[str], ctx: ModelContext) -> dict:
         """kind -> the rotary embedding of that kind's layers."""
         raise NotImplementedError
 

@@ -82,7 +82,8 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
             params["partial_rotary_factor"] = float(config.rotary_pct)
         if getattr(config, "rotary_emb_base", None) is not None:
             params["rope_theta"] = float(config.rotary_emb_base)
-        return RotaryEmbedding.from_config(config, head_size, ctx.ops, params=params)
+        return RotaryEmbedding.from_config(config, head_size, ctx.ops, params=params,
+                                           max_positions=ctx.max_positions)
 
     def make_norm(self, config, ctx: ModelContext, reduce: Optional[TensorParallel]) -> nn.Module:
         return LayerNorm(config.hidden_size, config.layer_norm_eps, reduce=reduce,

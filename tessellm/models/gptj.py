@@ -65,7 +65,8 @@ class GPTJForCausalLM(LlamaForCausalLM):
 
     def make_rotary(self, config, head_size: int, ctx: ModelContext):
         return RotaryEmbedding(head_size, rope_max_positions(config), 10000.0, None, ctx.ops,
-                               rotary_dim=getattr(config, "rotary_dim", None) or head_size)
+                               rotary_dim=getattr(config, "rotary_dim", None) or head_size,
+                               max_positions=ctx.max_positions)
 
     def make_norm(self, config, ctx: ModelContext, reduce: Optional[TensorParallel]) -> nn.Module:
         return LayerNorm(config.hidden_size, config.layer_norm_epsilon, reduce=reduce,

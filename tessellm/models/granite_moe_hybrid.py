@@ -37,7 +37,8 @@ class GraniteMoeHybridForCausalLM(HybridLayers, GraniteMoeSharedForCausalLM):
     def make_rotary(self, config, head_size: int, ctx: ModelContext):
         if getattr(config, "position_embedding_type", None) != "rope":
             return None  # "nope": the attention layers see no positions but the Mamba layers'
-        return RotaryEmbedding.from_config(config, head_size, ctx.ops)
+        return RotaryEmbedding.from_config(config, head_size, ctx.ops,
+                                           max_positions=ctx.max_positions)
 
     def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
         if self.dense:  # the shared MLP is the layer's MLP

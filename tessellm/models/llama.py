@@ -92,7 +92,8 @@ class LlamaForCausalLM(nn.Module):
 
     def make_rotary(self, config, head_size: int, ctx: ModelContext):
         """The rotary embedding every ``make_layer`` call receives (built once, shared)."""
-        return RotaryEmbedding.from_config(config, head_size, ctx.ops)
+        return RotaryEmbedding.from_config(config, head_size, ctx.ops,
+                                           max_positions=ctx.max_positions)
 
     def make_norm(self, config, ctx: ModelContext, reduce: Optional[TensorParallel]) -> nn.Module:
         """A norm of the hidden states (each layer's two, the final one), summing its input

@@ -25,7 +25,8 @@ class Olmo3ForCausalLM(Olmo2ForCausalLM):
 
     def make_rotary(self, config, head_size: int, ctx: ModelContext) -> dict:
         """One rotary embedding per layer type."""
-        return {kind: RotaryEmbedding.from_config(config, head_size, ctx.ops, layer_type=kind)
+        return {kind: RotaryEmbedding.from_config(config, head_size, ctx.ops, layer_type=kind,
+                                                 max_positions=ctx.max_positions)
                 for kind in sorted(set(config.layer_types))}
 
     def make_layer(self, config, ctx: ModelContext, rotary: dict, index: int) -> nn.Module:

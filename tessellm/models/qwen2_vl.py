@@ -66,7 +66,8 @@ class Qwen2VLTextModel(llama.Qwen2ForCausalLM):
                              "M-RoPE runs the default rotary frequencies.")
         return MRotaryEmbedding(head_size, rope_max_positions(config), params["rope_theta"], params,
                                 ctx.ops, section,
-                                rotary_dim=int(head_size * params.get("partial_rotary_factor", 1.0)))
+                                rotary_dim=int(head_size * params.get("partial_rotary_factor", 1.0)),
+                                max_positions=ctx.max_positions)
 
 
 class Qwen2VLForConditionalGeneration(ImageTextModel):

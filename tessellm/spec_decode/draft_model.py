@@ -52,7 +52,8 @@ class DraftModelProposer(KVDrafter):
             load_format = source.kind
         self.model, self.kernel = build_model(
             source, load_format, ctx.registry, ctx.backend, ctx.dtype, ctx.device, ctx.block_size,
-            getattr(args, "kv_cache_dtype", "auto"), getattr(args, "seed", 0), tp=ctx.tp)
+            getattr(args, "kv_cache_dtype", "auto"), getattr(args, "seed", 0), tp=ctx.tp,
+            max_positions=ctx.max_model_len + self.k)
 
     @torch.inference_mode()
     def propose(self, inp: ProposeInput) -> Proposal:

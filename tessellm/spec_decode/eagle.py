@@ -75,7 +75,7 @@ class EagleProposer(KVDrafter):
         ops = ctx.registry.fused_ops(ctx.backend, OpsSpec(ctx.dtype)) or ReferenceOps()
         return ModelContext(ops=ops, dtype=ctx.dtype, device=ctx.device,
                             make_attention_kernel=lambda window, logit_softcap=None: self.kernel,
-                            tp=tp)
+                            tp=tp, max_positions=ctx.max_model_len + self.k)
 
     def target_layers(self) -> tuple[int, ...]:
         return ()
