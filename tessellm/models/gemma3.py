@@ -12,8 +12,10 @@ norms per layer, GeGLU, ``query_pre_attn_scalar``, sliding and full layers, soft
 
 from __future__ import annotations
 
-from tessellm.layers.rope_config import complete_rope_parameters
+from typing import Optional
+
 from tessellm.layers.context import ModelContext
+from tessellm.layers.rope_config import complete_rope_parameters
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.gemma_decoder import SLIDING, GemmaSandwichForCausalLM, kinds_from_pattern
 
@@ -26,7 +28,7 @@ class Gemma3ForCausalLM(GemmaSandwichForCausalLM):
         return layer_types(config)
 
     def make_rotaries(self, config, kinds: set[str], ctx: ModelContext) -> dict:
-        return {kind: _rotary(config, kind, ctx) for kind in kinds}
+        return {kind: _rotary(config, kind, ctx.ops, ctx.max_positions) for kind in kinds}
 
     def check_config(self, config) -> None:
         cap = getattr(config, "attn_logit_softcapping", None)
@@ -37,7 +39,7 @@ class Gemma3ForCausalLM(GemmaSandwichForCausalLM):
         super().check_config(config)
 
 
-def _rotary(config, kind: str, ctx: ModelContext) -> RotaryEmbedding:
+def _rotary(config, kind: str, ops, max_positions: Optional[int] = None) -> RotaryEmbedding:
     """transformers 5: ``rope_parameters[kind]``; 4: the local layers' ``rope_local_base_freq``
     (no scaling), the global layers' ``rope_theta`` and ``rope_scaling``."""
     nested = (getattr(config, "rope_parameters", None) or {}).get(kind)
@@ -51,8 +53,8 @@ def _rotary(config, kind: str, ctx: ModelContext) -> RotaryEmbedding:
                   "rope_theta": getattr(config, "rope_theta", None) or 1_000_000.0}
     default_theta = 10_000.0 if kind == SLIDING else 1_000_000.0
     params = complete_rope_parameters(params, config, default_theta)
-    return RotaryEmbedding.from_config(config, config.head_dim, ctx.ops, params=params,
-                                       max_positions=ctx.max_positions)
+    return RotaryEmbedding.from_config(config, config.head_dim, ops, params=params,
+                                       max_positions=max_positions)
 
 
 def layer_types(config) -> list[str]:
