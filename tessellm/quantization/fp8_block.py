@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from tessellm.quantization.packed import PackedWeight
+from tessellm.quantization.packed import PackedWeight, cat_rows
 
 FP8_E4M3_MAX = 448.0
 BLOCK_K_RANGE = (16, 1024)  # the input block must be a power of two in this range (kernels' tile)
@@ -83,7 +83,7 @@ class Fp8BlockWeight(PackedWeight):
                 and self.qweight.shape[0] % self.block[0] == 0)
 
     def cat_with(self, other: "Fp8BlockWeight") -> "Fp8BlockWeight":
-        return Fp8BlockWeight(torch.cat([self.qweight, other.qweight]),
+        return Fp8BlockWeight(cat_rows([self.qweight, other.qweight]),
                               torch.cat([self.scales, other.scales]), self.block)
 
     def extra_repr(self) -> str:

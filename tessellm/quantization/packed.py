@@ -229,6 +229,14 @@ def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = False):
     return q.reshape(k, n).to(torch.int32), scales, zeros.to(torch.int32)
 
 
+def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors)`` along dim 0, fp8 codes through their bytes: older torch builds
+    (2.8, the xpu lane's) have no CPU copy kernel for float8 dtypes."""
+    if tensors[0].dtype.itemsize == 1 and tensors[0].is_floating_point():
+        return torch.cat([t.view(torch.uint8) for t in tensors]).view(tensors[0].dtype)
+    return torch.cat(tensors)
+
+
 def cat_segments(segments: list[PackedWeight]) -> list[PackedWeight]:
     """Merge adjacent segments of the same kind and layout into one along the output dim."""
     out: list[PackedWeight] = []
@@ -265,5 +273,5 @@ def _cat2(a: PackedWeight, b: PackedWeight) -> PackedWeight:
         return Int4Weight(torch.cat([a.qweight, b.qweight], 1), torch.cat([a.scales, b.scales], 1),
                           offsets, a.zero_point, a.group_size)
     if a.kind == "fp8":
-        return Fp8Weight(torch.cat([a.qweight, b.qweight]), torch.cat([a.scales, b.scales]))
+        return Fp8Weight(cat_rows([a.qweight, b.qweight]), torch.cat([a.scales, b.scales]))
     return DenseWeight(torch.cat([a.weight, b.weight]))
