@@ -9,8 +9,6 @@ set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 source benchmarks/device_env.sh
 LAT="$B latency --load-format dummy --max-model-len 4096 --model $L8 --num-iters 3"
-t() { local name=$1 secs=$2; shift 2; echo "=== $name (limit $secs s) $(date -u +%T)"
-      timeout "$secs" "$@" > "$OUT/$name.txt" 2>&1; echo "rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/$name.txt" | tail -15; }
 {
   nvidia-smi --query-gpu=name --format=csv,noheader; echo "commit ${COMMIT:-unknown}"; date -u
   t kernels ${KT_S:-240} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_sinks.py \

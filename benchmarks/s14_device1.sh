@@ -9,8 +9,6 @@
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 source benchmarks/device_env.sh
-t() { local name=$1 secs=$2; shift 2; echo "=== $name (limit $secs s) $(date -u +%T)"
-      timeout "$secs" "$@" > "$OUT/$name.txt" 2>&1; echo "rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/$name.txt" | tail -15; }
 {
   nvidia-smi --query-gpu=name --format=csv,noheader; echo "commit ${COMMIT:-unknown}"; date -u
   t kernels ${KT_S:-150} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_split_k.py \
@@ -18,6 +16,6 @@ t() { local name=$1 secs=$2; shift 2; echo "=== $name (limit $secs s) $(date -u 
   t conformance ${CONF_S:-150} python3 -m tessellm.testing --backend cuda -q -rs
   t families ${FAM_S:-200} python3 -m pytest -q -p no:cacheprovider tests/models/test_cuda_families.py -rs
   t gemma2_gap 60 python3 benchmarks/gemma2_gap.py cuda; tail -22 "$OUT/gemma2_gap.txt"
-  t sweep ${SWEEP_S:-0} python3 benchmarks/quantization/decode_sweep.py --kinds bfloat16 --batches 256 \
+  t sweep ${SWEEP_S:-120} python3 benchmarks/quantization/decode_sweep.py --kinds bfloat16 --batches 256 \
     --table-kinds bfloat16 --split-factors 2 --out "$OUT/sweep.json"; tail -25 "$OUT/sweep.txt"
 } 2>&1 | tee "$OUT/log.txt"
