@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "gemma2", "phi3", "gpt-oss",
-            "deepseek-v2-lite", "deepseek-v3", "llama4", "phimoe", "granite-4h", "mamba2"]
+            "deepseek-v2-lite", "deepseek-v3", "llama4", "phimoe", "granite-4h", "mamba2",
+            "glm4-moe"]
 
 
 def _save(arch: str, path: str) -> str:
@@ -33,6 +34,12 @@ def _save(arch: str, path: str) -> str:
         from tests.models.test_deepseek import deepseek_config, save_deepseek
 
         return save_deepseek(deepseek_config(arch == "deepseek-v3", **big), path)
+    if arch == "glm4-moe":  # half rotary, q/k norm, V3's grouped sigmoid routing, shared experts
+        from tests.models.test_deepseek import save_deepseek
+        from tests.models.test_glm4_moe import glm4_moe_config
+
+        return save_deepseek(glm4_moe_config(**big, use_qk_norm=True, n_group=4, topk_group=2),
+                             path)
     from transformers import AutoModelForCausalLM
 
     if arch == "gemma3":
