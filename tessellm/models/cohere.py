@@ -59,9 +59,13 @@ class HeadLayerNorm(nn.Module):
 
 
 class CohereAttention(DecoderAttention):
-    def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding):
+    def __init__(self, config, ctx: ModelContext, rotary: Optional[RotaryEmbedding],
+                 window: Optional[int] = None):
+        """``rotary`` None: no rotation (Cohere 2's global layers); ``window``: the layer's
+        sliding window (None: full attention)."""
         bias = bool(getattr(config, "attention_bias", False))
-        super().__init__(config, ctx, rotary, qkv_bias=bias, qk_norm=False, o_bias=bias)
+        super().__init__(config, ctx, rotary, qkv_bias=bias, qk_norm=False, o_bias=bias,
+                         window=window)
         if getattr(config, "use_qk_norm", False):
             total = config.num_attention_heads
             total_kv = getattr(config, "num_key_value_heads", None) or total
@@ -80,6 +84,8 @@ class CohereAttention(DecoderAttention):
     def norm_qk(self, q, k):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is None:  # nothing to rotate, so nothing to reorder
+            return q, k
         d = self.head_size
         return evens_then_odds(q, d, d), evens_then_odds(k, d, d)
 
@@ -97,9 +103,15 @@ class CohereForCausalLM(LlamaForCausalLM):
     def make_layer(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
                    index: int) -> nn.Module:
         summed = self.output_summed(config)
-        return ParallelBlockLayer(ctx, index, CohereAttention(config, ctx, rotary),
+        attention = CohereAttention(config, ctx, rotary if self.rotates(config, index) else None,
+                                    self.layer_window(config, index))
+        return ParallelBlockLayer(ctx, index, attention,
                                   DecoderMLP(config, ctx, reduce_output=summed),
                                   lambda reduce: self.make_norm(config, ctx, reduce), summed)
+
+    def rotates(self, config, index: int) -> bool:
+        """Whether layer ``index`` rotates q and k (Cohere: every layer)."""
+        return True
 
     def make_norm(self, config, ctx: ModelContext, reduce: Optional[TensorParallel]) -> nn.Module:
         return LayerNorm(config.hidden_size, config.layer_norm_eps, reduce=reduce, has_weight=True)

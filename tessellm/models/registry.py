@@ -5,7 +5,7 @@ from __future__ import annotations
 from tessellm.models import gemma, gemma2
 from tessellm.models import gpt_oss
 from tessellm.models import gemma3_mm, llava_next, qwen2_vl
-from tessellm.models import deepseek_v2, glm4_moe
+from tessellm.models import cohere2, deepseek_v2, glm4_moe
 from tessellm.models import bamba, granite_moe_hybrid, mamba2
 from tessellm.models import llama4
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
@@ -33,6 +33,7 @@ _MODELS = {
     "Olmo2ForCausalLM": olmo2.Olmo2ForCausalLM,
     "Olmo3ForCausalLM": olmo3.Olmo3ForCausalLM,
     "CohereForCausalLM": cohere.CohereForCausalLM,
+    "Cohere2ForCausalLM": cohere2.Cohere2ForCausalLM,
     "ExaoneForCausalLM": exaone.ExaoneForCausalLM,
     "FalconForCausalLM": falcon.FalconForCausalLM,
     "Exaone4ForCausalLM": exaone4.Exaone4ForCausalLM,

@@ -4,6 +4,7 @@ tokens agree and their log-probabilities are close."""
 
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
@@ -18,7 +19,11 @@ pytestmark = [pytest.mark.gpu,
 
 FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "gemma2", "phi3", "gpt-oss",
             "deepseek-v2-lite", "deepseek-v3", "llama4", "phimoe", "granite-4h", "mamba2",
-            "glm4-moe"]
+            "glm4-moe", "cohere2"]
+
+# families whose tiny model is variant_parity.save_tiny's (random norms and biases) of a config
+# from their own test module: arch -> (tests.models module, config function)
+_SAVE_TINY = {"cohere2": ("test_cohere2", "cohere2_config")}
 
 
 def _save(arch: str, path: str) -> str:
@@ -40,6 +45,12 @@ def _save(arch: str, path: str) -> str:
 
         return save_deepseek(glm4_moe_config(**big, use_qk_norm=True, n_group=4, topk_group=2),
                              path)
+    if arch in _SAVE_TINY:
+        from tests.models.variant_parity import save_tiny
+
+        module, factory = _SAVE_TINY[arch]
+        config = getattr(importlib.import_module(f"tests.models.{module}"), factory)(**big)
+        return save_tiny(config, path)
     from transformers import AutoModelForCausalLM
 
     if arch == "gemma3":
