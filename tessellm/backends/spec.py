@@ -43,6 +43,11 @@ on an ops object that does not declare the flag, at load, naming the backend.
 of its own; Gemma 3's image tokens see their whole image); plugins of versions 1 to 7 keep
 working for every model without it, and a model that needs it is refused on them at load in the
 same way.
+9 = the gated delta rule (``FusedOps.gated_delta_chunk`` / ``gated_delta_step`` over a
+``MambaBatch``, with ``mamba_conv1d`` for the causal conv before them, declared by the ops'
+``supports_gated_delta``: Qwen3-Next's gated DeltaNet layers); plugins of versions 1 to 8 keep
+working for every model without such layers, and such a model is refused on an ops object that
+does not declare the flag, at load, naming the backend.
 
 Ownership
 ---------
@@ -79,7 +84,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 8
+TESSELLM_PLUGIN_API = 9
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -115,6 +120,8 @@ CAPABILITIES = {
             "the enforced flag is the kernel's supports_mla"),
     "mamba2": ("informative", "bool: Mamba2 mixer ops (state-space models: Mamba2, Granite "
                "4.0-H); the enforced flag is the fused ops' supports_mamba2"),
+    "gated_delta": ("informative", "bool: gated delta rule ops (gated DeltaNet linear attention: "
+                    "Qwen3-Next); the enforced flag is the fused ops' supports_gated_delta"),
     "key_limits": ("informative", "bool: prefill rows that see keys past their position "
                    "(AttentionBatch.key_limits); the enforced flag is the kernel's "
                    "supports_key_limits"),
@@ -535,6 +542,19 @@ class FusedOps(Protocol):
     # of each sequence (``dt`` raw: ``clamp(softplus(dt + dt_bias), *dt_limit)`` is the step),
     # ``[T, H, P]`` out. ``mamba_state_update(x [S, H, P], dt [S, H], A, B [S, G, N], C, D,
     # dt_bias, ssm_state, state_indices [S], dt_limit)``: one token per sequence.
+    #
+    # Gated delta rule ops (gated DeltaNet linear attention: Qwen3-Next), both together where
+    # the ops object declares ``supports_gated_delta = True``, beside ``mamba_conv1d`` (the
+    # causal conv before them; a model with such layers is refused at load otherwise). Oracles
+    # and exact semantics: ``backends/reference/gated_delta.py``; conformance
+    # ``test_gated_delta.py``. States live in slots (``state [slots, Hv, K, V]``), read and
+    # written in place: ``gated_delta_chunk(q [T, Hk, K], k [T, Hk, K], v [T, Hv, V], g [T, Hv],
+    # beta [T, Hv], state, batch, scale)``: each prefill sequence of ``batch`` (a
+    # ``MambaBatch``) continuing from its state; ``gated_delta_step(q [S, Hk, K], k, v [S, Hv,
+    # V], g [S, Hv], beta, state, state_indices [S], scale)``: one token per sequence. Both
+    # L2-normalize q and k per head (``x * rsqrt(sum(x^2) + 1e-6)``) and scale q by ``scale``;
+    # ``g`` is the float32 log decay (<= 0), ``beta`` the write strength; value head h reads key
+    # head ``h // (Hv / Hk)``; ``[*, Hv, V]`` out in v's dtype.
     #
     # Optional: ``fused_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
     # w2_scale=None)``, ``fused_moe`` with the routing done by the model (DeepSeek's grouped

@@ -68,6 +68,19 @@ class TritonOps:
 
         return mamba_state_update(x, dt, A, B, C, D, dt_bias, ssm_state, state_indices, dt_limit)
 
+    # The gated delta rule ops (``FusedOps``' ``gated_delta_*``, ``kernels/gated_delta``).
+    supports_gated_delta = True
+
+    def gated_delta_chunk(self, q, k, v, g, beta, state, batch, scale):
+        from tessellm.kernels.gated_delta import gated_delta_chunk
+
+        return gated_delta_chunk(q, k, v, g, beta, state, batch, scale)
+
+    def gated_delta_step(self, q, k, v, g, beta, state, state_indices, scale):
+        from tessellm.kernels.gated_delta import gated_delta_step
+
+        return gated_delta_step(q, k, v, g, beta, state, state_indices, scale)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = _rows(x)
         out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype),

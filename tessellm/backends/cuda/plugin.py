@@ -40,7 +40,7 @@ def tessellm_register_backends(register):
         capabilities={"graph_capture": True,
                       "quantization": ["int8", "fp8", "fp8_block", "awq", "gptq", "gguf"],
                       "kv_cache_dtypes": ["auto", "fp8"], "lora": True, "logit_softcap": True,
-                      "attention_sinks": True, "mla": True, "mamba2": True,
+                      "attention_sinks": True, "mla": True, "mamba2": True, "gated_delta": True,
                       "key_limits": True},
     ))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tessellm.backends.reference import mamba
+from tessellm.backends.reference import gated_delta, mamba
 from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
 from tessellm.quantization.packed import Fp8Activation
 
@@ -67,6 +67,12 @@ class ReferenceOps:
     mamba_conv1d = staticmethod(mamba.causal_conv1d)
     mamba_chunk_scan = staticmethod(mamba.ssd_chunk_scan)
     mamba_state_update = staticmethod(mamba.selective_state_update)
+
+    # ``FusedOps``' gated delta rule ops (``reference/gated_delta.py``): the chunked WY form
+    # for prefill chunks, one sequence at a time; the recurrence for decodes.
+    supports_gated_delta = True
+    gated_delta_chunk = staticmethod(gated_delta.gated_delta_chunk)
+    gated_delta_step = staticmethod(gated_delta.gated_delta_step)
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:

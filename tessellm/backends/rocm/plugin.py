@@ -48,7 +48,7 @@ def tessellm_register_backends(register):
                       "quantization": ["fp8", "fp8_block", "int8", "awq", "gptq", "gguf"],
                       "kv_cache_dtypes": ["auto"], "sliding_window": True, "lora": True,
                       "logit_softcap": True, "attention_sinks": True, "mla": True, "mamba2": True,
-                      "key_limits": True,
+                      "gated_delta": True, "key_limits": True,
                       "communicator": "rccl (torch 'nccl')"},
     ))
 

@@ -1,0 +1,11 @@
+"""The gated delta rule (gated DeltaNet: Qwen3-Next's linear attention) in Triton for the Triton
+backends (cuda, rocm): what ``TritonOps.gated_delta_*`` run. ``step.py``: one token per
+decoding request; ``chunk.py``: prefill chunks, a chunk of tokens at a time in the WY form.
+The causal conv1d before them is the Mamba one (``kernels/mamba/conv1d.py``). Oracles:
+``backends/reference/gated_delta.py``.
+"""
+
+from tessellm.kernels.gated_delta.chunk import gated_delta_chunk
+from tessellm.kernels.gated_delta.step import gated_delta_step
+
+__all__ = ["gated_delta_chunk", "gated_delta_step"]
