@@ -178,7 +178,7 @@ def _router_float32(name: str, tensor):
     """The router's weight and V3's correction bias as stored, not cast to the model's dtype:
     they stay float32 (as HF keeps them), and V3's checkpoints store the bias in float32, where
     bfloat16 would move it by up to 2**-9 of its size and change which experts some tokens pick."""
-    if name.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")) and hasattr(
+    if name.endswith((".mlp.gate.weight", "e_score_correction_bias")) and hasattr(
             tensor, "stored"):
         return tensor.stored().float()
     return tensor

@@ -23,21 +23,17 @@ import torch.nn as nn
 from tessellm.layers.context import ModelContext
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
-from tessellm.models.decoder import DecoderAttention, DecoderMLP
-from tessellm.models.interleaved_rotary import evens_then_odds
+from tessellm.models.decoder import DecoderMLP
+from tessellm.models.interleaved_rotary import InterleavedRotaryAttention
 from tessellm.models.phi3 import Phi3ForCausalLM
 
 
-class GlmAttention(DecoderAttention):
+class GlmAttention(InterleavedRotaryAttention):
     def __init__(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
                  reduce_output: bool = False):
         super().__init__(config, ctx, rotary, qkv_bias=bool(getattr(config, "attention_bias",
                                                                       False)),
                          qk_norm=False, o_bias=False, reduce_output=reduce_output)
-
-    def norm_qk(self, q, k):
-        d, r = self.head_size, self.rotary.rotary_dim
-        return evens_then_odds(q, d, r), evens_then_odds(k, d, r)
 
 
 class GlmForCausalLM(Phi3ForCausalLM):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from tessellm.models.decoder import DecoderAttention
+
 
 def evens_then_odds(x: torch.Tensor, head_size: int, rotary_dim: int) -> torch.Tensor:
     """``x``: ``[T, heads * head_size]``; each head's first ``rotary_dim`` dims reordered."""
@@ -22,3 +24,13 @@ def evens_then_odds(x: torch.Tensor, head_size: int, rotary_dim: int) -> torch.T
     if rotary_dim == head_size:
         return rot.reshape(t, x.shape[1])
     return torch.cat((rot.flatten(-2), heads[..., rotary_dim:]), dim=-1).view(t, x.shape[1])
+
+
+class InterleavedRotaryAttention(DecoderAttention):
+    """``DecoderAttention`` whose rotary takes interleaved pairs (GLM, ERNIE 4.5): q and k are
+    reordered after the projection (and q/k norms), before the NeoX rotary."""
+
+    def norm_qk(self, q, k):
+        q, k = super().norm_qk(q, k)
+        d, r = self.head_size, self.rotary.rotary_dim
+        return evens_then_odds(q, d, r), evens_then_odds(k, d, r)

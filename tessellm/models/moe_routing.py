@@ -87,3 +87,15 @@ def check_grouping(num_experts: int, top_k: int, n_group: Optional[int],
         raise ValueError(f"num_experts_per_tok {top_k} is more than the {topk_group} groups of "
                          f"{num_experts // n_group} experts a token may use.")
     return n_group, topk_group
+
+
+def route_biased_softmax(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int,
+                         norm_min: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ERNIE 4.5 MoE (HF ``Ernie4_5_MoeTopKRouter``): softmax scores; the experts are chosen by
+    score + ``bias`` (``e_score_correction_bias``, the load-balancing bias), weighted by their
+    unbiased scores divided by their sum (at least ``norm_min``). ``(weights [T, k] float32,
+    ids [T, k] int64)``."""
+    scores = router_logits.float().softmax(dim=-1)
+    ids = torch.topk(scores + bias.float(), top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, ids)
+    return weights / weights.sum(dim=-1, keepdim=True).clamp(min=norm_min), ids

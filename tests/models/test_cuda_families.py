@@ -19,11 +19,12 @@ pytestmark = [pytest.mark.gpu,
 
 FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "gemma2", "phi3", "gpt-oss",
             "deepseek-v2-lite", "deepseek-v3", "llama4", "phimoe", "granite-4h", "mamba2",
-            "glm4-moe", "cohere2"]
+            "glm4-moe", "cohere2", "ernie4_5", "ernie4_5-moe"]
 
 # families whose tiny model is variant_parity.save_tiny's (random norms and biases) of a config
 # from their own test module: arch -> (tests.models module, config function)
-_SAVE_TINY = {"cohere2": ("test_cohere2", "cohere2_config")}
+_SAVE_TINY = {"cohere2": ("test_cohere2", "cohere2_config"),
+              "ernie4_5": ("test_ernie4_5", "ernie4_5_config")}
 
 
 def _save(arch: str, path: str) -> str:
@@ -45,6 +46,11 @@ def _save(arch: str, path: str) -> str:
 
         return save_deepseek(glm4_moe_config(**big, use_qk_norm=True, n_group=4, topk_group=2),
                              path)
+    if arch == "ernie4_5-moe":  # interleaved rotary, softmax routing with a selection bias
+        from tests.models.test_deepseek import save_deepseek
+        from tests.models.test_ernie4_5 import ernie4_5_moe_config
+
+        return save_deepseek(ernie4_5_moe_config(**big), path)
     if arch in _SAVE_TINY:
         from tests.models.variant_parity import save_tiny
 
