@@ -28,13 +28,10 @@ import torch
 import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
-from tessellm.layers.linear import materialize
-from tessellm.models import llama
 from tessellm.models.gemma3 import Gemma3ForCausalLM
 from tessellm.models.image_embeds import ImageTextModel
-from tessellm.models.llava import route_weight
 from tessellm.models.siglip import SiglipVisionTower, unused_siglip_weight
-from tessellm.multimodal.gemma3_inputs import ARCHITECTURE, image_feature_size
+from tessellm.multimodal.gemma3_inputs import image_feature_size
 
 
 class Gemma3MultiModalProjector(nn.Module):
@@ -130,27 +127,4 @@ class Gemma3ForConditionalGeneration(ImageTextModel):
         ``multi_modal_projector.*``, ``language_model.model.*``, ``language_model.lm_head.*``)
         or transformers 5's (``model.vision_tower.vision_model.*``,
         ``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head.*``)."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-
-        def text_weights():  # lazy: a file's tensors are read while it is open
-            for name, tensor in weights:
-                routed = route_weight(name)
-                if routed is None:
-                    raise ValueError(f"Checkpoint tensor {name!r} has no place in "
-                                     f"{ARCHITECTURE}; is this the right architecture?")
-                part, rest = routed
-                if part == "language_model":
-                    yield rest, tensor
-                    continue
-                if part == "vision_tower" and unused_siglip_weight(rest):
-                    continue
-                target = f"{part}.{rest}"
-                if target not in params:
-                    raise ValueError(f"Checkpoint tensor {name!r} has no place in "
-                                     f"{ARCHITECTURE}; is this the right architecture?")
-                llama._copy(params[target], materialize(tensor), name)
-                loaded.add(target)
-
-        loaded |= {f"language_model.{n}" for n in self.language_model.load_weights(text_weights())}
-        return loaded
+        return self.load_routed_weights(weights, unused_siglip_weight)

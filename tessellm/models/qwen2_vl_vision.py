@@ -135,14 +135,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class VisionRotary(nn.Module):
-    """2-D rotary: ``head/4`` frequencies, turned by the row for the first quarter of the head
-    and by the column for the second; the halves repeat (NeoX)."""
+    """2-D rotary: ``head/4`` frequencies turned by the row for the first quarter of the head
+    and ``head/4`` by the column for the second; the halves repeat (NeoX). Qwen2-VL gives rows
+    and columns the same ``theta^(-4j/head)``; Pixtral (``interleaved``) splits the ``head/2``
+    frequencies ``theta^(-2k/head)``: the even ``k`` turn with the row, the odd with the column."""
 
-    def __init__(self, head_size: int, theta: float = 10000.0):
+    def __init__(self, head_size: int, theta: float = 10000.0, interleaved: bool = False):
         super().__init__()
-        dim = head_size // 2
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if interleaved:
+            inv = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+            freqs = torch.stack([inv[0::2], inv[1::2]])
+        else:
+            dim = head_size // 2
+            inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            freqs = torch.stack([inv, inv])
+        self.register_buffer("inv_freq", freqs, persistent=False)  # [2 (row, column), head/4]
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[N, 2]`` (row, column) -> cos, sin ``[N, 1, head]`` float32."""
@@ -179,13 +186,13 @@ class VisionMLP(nn.Module):
 
 
 class VisionGatedMLP(nn.Module):
-    """Qwen2.5-VL: ``down(act(gate(x)) * up(x))``, with biases."""
+    """``down(act(gate(x)) * up(x))``: Qwen2.5-VL's with biases, Pixtral's without."""
 
-    def __init__(self, dim: int, hidden: int, act: str):
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = True):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden)
-        self.up_proj = nn.Linear(dim, hidden)
-        self.down_proj = nn.Linear(hidden, dim)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = _act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

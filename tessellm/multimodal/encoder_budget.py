@@ -54,6 +54,13 @@ def max_tokens_per_image(hf_config, model_path: Optional[str] = None) -> int:
             raise ValueError("Qwen2-VL's image size limit is in its preprocessor_config.json; "
                              "give the model's path.")
         return max_image_tokens(model_path)
+    from tessellm.multimodal.mistral3_inputs import is_mistral3, max_image_tokens as mistral3_size
+
+    if is_mistral3(hf_config):
+        if model_path is None:
+            raise ValueError("Mistral 3's image size limit is in its preprocessor_config.json; "
+                             "give the model's path.")
+        return mistral3_size(model_path, hf_config)
     from tessellm.multimodal.gemma3_inputs import image_feature_size as gemma3_size, is_gemma3_mm
 
     if is_gemma3_mm(hf_config):

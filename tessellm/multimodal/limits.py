@@ -50,7 +50,8 @@ def check_media_path(path: Optional[str]) -> None:
 def takes_images(hf_config) -> bool:
     archs = "".join(getattr(hf_config, "architectures", None) or ())
     return getattr(hf_config, "vision_config", None) is not None and any(
-        family in archs for family in ("Llava", "Qwen2VL", "Qwen2_5_VL", "Gemma3ForConditional"))
+        family in archs for family in ("Llava", "Qwen2VL", "Qwen2_5_VL", "Gemma3ForConditional",
+                                          "Mistral3ForConditional"))
 
 
 def model_mm_limits(hf_config, args) -> dict[str, int]:

@@ -16,7 +16,9 @@ naming the expected one.
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Union
+import json
+import os
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -84,6 +86,18 @@ class ImageProcessor:
         except Exception as exc:  # noqa: BLE001 - any failure means the same: no usable processor
             raise ValueError(f"The model at {self.model_path} has no usable image processor "
                              f"(processor_config.json / preprocessor_config.json): {exc}") from None
+
+    @functools.cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_path)
+
+    @functools.cached_property
+    def images(self):
+        """The HF image processor alone, for a front end that does the processor object's
+        token expansion itself (Qwen2-VL's and Pixtral's processors need torchvision)."""
+        return auto_image_processor(self.model_path)
 
     @property
     def placeholder_token_id(self) -> int:
@@ -249,14 +263,40 @@ def image_processor(model_path: str, max_images: int) -> ImageProcessor:
     from transformers import AutoConfig
 
     from tessellm.multimodal.gemma3_inputs import Gemma3ImageInputs, is_gemma3_mm
+    from tessellm.multimodal.mistral3_inputs import Mistral3ImageInputs, is_mistral3
     from tessellm.multimodal.qwen2_vl_inputs import Qwen2VLImageInputs, is_qwen2_vl
 
     config = AutoConfig.from_pretrained(model_path)
     if is_qwen2_vl(config):
         return Qwen2VLImageInputs(model_path, max_images)
+    if is_mistral3(config):
+        return Mistral3ImageInputs(model_path, max_images)
     if is_gemma3_mm(config):
         return Gemma3ImageInputs(model_path, max_images)
     return ImageProcessor(model_path, max_images)
+
+
+@functools.lru_cache(maxsize=4)
+def auto_image_processor(model_path: str):
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model_path)
+    except Exception as exc:  # noqa: BLE001 - any failure means the same: no usable processor
+        raise ValueError(f"The model at {model_path} has no usable image processor "
+                         f"(preprocessor_config.json): {exc}") from None
+
+
+def saved_chat_template(model_path: str) -> Optional[str]:
+    """The processor's chat template saved beside the model (``chat_template.jinja`` or
+    ``chat_template.json``), for a front end that does not load the HF processor object."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = os.path.join(model_path, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                text = f.read()
+            return json.loads(text).get("chat_template") if name.endswith(".json") else text
+    return None
 
 
 def adopt_chat_template(tokenizer, info) -> None:

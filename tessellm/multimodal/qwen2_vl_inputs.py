@@ -13,15 +13,13 @@ Video (``<|video_pad|>``) is refused.
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from tessellm.multimodal.inputs import MultiModalFeature
-from tessellm.multimodal.processor import ImageProcessor, as_image_list
+from tessellm.multimodal.processor import (ImageProcessor, as_image_list, auto_image_processor,
+                                           saved_chat_template)
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
@@ -38,7 +36,7 @@ def video_refusal() -> ValueError:
 def max_image_tokens(model_path: str) -> int:
     """Placeholder tokens of the biggest image the processor makes (``max_pixels`` in patches
     of ``patch * merge`` pixels a side)."""
-    processor = _image_processor(model_path)
+    processor = auto_image_processor(model_path)
     factor = processor.patch_size * processor.merge_size
     return _max_pixels(processor) // (factor * factor)
 
@@ -52,17 +50,6 @@ def _max_pixels(processor) -> int:
     return int(value)
 
 
-@functools.lru_cache(maxsize=4)
-def _image_processor(model_path: str):
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(model_path)
-    except Exception as exc:  # noqa: BLE001 - any failure means the same: no usable processor
-        raise ValueError(f"The model at {model_path} has no usable image processor "
-                         f"(preprocessor_config.json): {exc}") from None
-
-
 class Qwen2VLImageInputs(ImageProcessor):
     """``ImageProcessor``'s interface (``process``, ``check_count``, ``image_token_id``) for
     Qwen2-VL; the placeholder expansion and span checks are the base class's."""
@@ -72,27 +59,11 @@ class Qwen2VLImageInputs(ImageProcessor):
         self.video_token_id = getattr(config, "video_token_id", None)
         self.merge = int(config.vision_config.spatial_merge_size)
 
-    @functools.cached_property
-    def images(self):
-        return _image_processor(self.model_path)
-
-    @functools.cached_property
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.model_path)
-
     @property
     def chat_template(self) -> Optional[str]:
         """The processor's chat template (``chat_template.jinja`` / ``.json``) for a tokenizer
         that has none."""
-        for name in ("chat_template.jinja", "chat_template.json"):
-            path = os.path.join(self.model_path, name)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    text = f.read()
-                return json.loads(text).get("chat_template") if name.endswith(".json") else text
-        return None
+        return saved_chat_template(self.model_path)
 
     def check_without_images(self, ids: Sequence[int]) -> None:
         super().check_without_images(ids)

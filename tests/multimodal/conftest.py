@@ -34,3 +34,10 @@ def gemma3_dir(tmp_path_factory):
     from tests.multimodal.tiny_gemma3 import make_tiny_gemma3
 
     return make_tiny_gemma3(str(tmp_path_factory.mktemp("tiny-gemma3")))
+
+
+@pytest.fixture(scope="session")
+def mistral3_dir(tmp_path_factory):
+    from tests.multimodal.tiny_mistral3 import make_tiny_mistral3
+
+    return make_tiny_mistral3(str(tmp_path_factory.mktemp("tiny-mistral3")))
