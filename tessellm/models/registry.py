@@ -7,6 +7,7 @@ from tessellm.models import gpt_oss
 from tessellm.models import gemma3_mm, llava_next, qwen2_vl
 from tessellm.models import mistral3  # noqa: I001 (vision models)
 from tessellm.models import cohere2, deepseek_v2, ernie4_5, ernie4_5_moe, glm4_moe
+from tessellm.models import hunyuan, seed_oss
 from tessellm.models import bamba, granite_moe_hybrid, mamba2
 from tessellm.models import llama4
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
@@ -20,6 +21,8 @@ _MODELS = {
     "Qwen2ForCausalLM": llama.Qwen2ForCausalLM,
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
     "SmolLM3ForCausalLM": smollm3.SmolLM3ForCausalLM,
+    "SeedOssForCausalLM": seed_oss.SeedOssForCausalLM,
+    "HunYuanDenseV1ForCausalLM": hunyuan.HunYuanDenseV1ForCausalLM,
     "Llama4ForCausalLM": llama4.Llama4ForCausalLM,
     "Llama4ForConditionalGeneration": llama4.Llama4ForConditionalGeneration,
     "GemmaForCausalLM": gemma.GemmaForCausalLM,

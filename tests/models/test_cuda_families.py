@@ -19,12 +19,15 @@ pytestmark = [pytest.mark.gpu,
 
 FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "gemma2", "phi3", "gpt-oss",
             "deepseek-v2-lite", "deepseek-v3", "llama4", "phimoe", "granite-4h", "mamba2",
-            "glm4-moe", "cohere2", "ernie4_5", "ernie4_5-moe"]
+            "glm4-moe", "cohere2", "ernie4_5", "ernie4_5-moe",
+            "seed-oss", "hunyuan-dense"]
 
 # families whose tiny model is variant_parity.save_tiny's (random norms and biases) of a config
 # from their own test module: arch -> (tests.models module, config function)
 _SAVE_TINY = {"cohere2": ("test_cohere2", "cohere2_config"),
-              "ernie4_5": ("test_ernie4_5", "ernie4_5_config")}
+              "ernie4_5": ("test_ernie4_5", "ernie4_5_config"),
+              "seed-oss": ("test_seed_oss_hunyuan", "seed_oss_config"),
+              "hunyuan-dense": ("test_seed_oss_hunyuan", "hunyuan_config")}
 
 
 def _save(arch: str, path: str) -> str:
