@@ -115,6 +115,22 @@ def fp8_act_fold() -> bool:
     return _switch("TESSELLM_FP8_ACT_FOLD") is not False
 
 
+def decode_overlap_min_rows() -> Optional[int]:
+    """TESSELLM_DECODE_OVERLAP: "1" splits large pure-decode steps into two micro-batches whose
+    attention (on a second stream) overlaps the other's GEMMs (``core/decode_overlap.py``);
+    default off until measured. TESSELLM_DECODE_OVERLAP_MIN_ROWS: the fewest rows (padded graph
+    size) a step must have to be split (default 128). None: off; else that minimum."""
+    if _switch("TESSELLM_DECODE_OVERLAP") is not True:
+        return None
+    value = os.environ.get("TESSELLM_DECODE_OVERLAP_MIN_ROWS", "").strip()
+    if not value:
+        return 128
+    if not value.isdigit() or int(value) < 2:
+        raise ValueError(f"TESSELLM_DECODE_OVERLAP_MIN_ROWS={value!r} is not understood; give a "
+                         "whole number of rows >= 2.")
+    return int(value)
+
+
 def fp8_gemv_x2() -> Optional[bool]:
     """TESSELLM_FP8_GEMV_X2: "1" runs one-row e4m3 W8A16 products through the cuda backend's
     bf16x2 GEMV (``gemv.gemv_fp8_x2``), "0" never; unset: the backend's default."""

@@ -179,6 +179,11 @@ class Backend:
     # True for a copy made by ``tessellm.backends.emulation.emulated_backend``: this backend's
     # kernels on host tensors (``LLM(emulate=True)``, ``--emulate``); plugins never set it.
     emulated: bool = False
+    # Optional: ``() -> OverlapStreams`` (below), a second stream of the device and events
+    # between the two, for the decode micro-batch overlap (``TESSELLM_DECODE_OVERLAP``,
+    # ``core/decode_overlap.py``). Called once per model runner, in the worker process, after
+    # the device is current. None: such steps run their micro-batches one after another.
+    overlap_streams: Optional[Callable[[], Any]] = field(default=None, hash=False, compare=False)
 
     def torch_device(self, index: int = 0):
         import torch
@@ -591,6 +596,33 @@ class GraphRunner(Protocol):
     def padded_size(self, num_tokens: int) -> Optional[int]: ...
 
     def run(self, inputs: Sequence[Any]) -> Any: ...
+
+
+class OverlapStreams(Protocol):
+    """Two streams of one device, for work the engine wants to overlap (the decode micro-batch
+    overlap: one micro-batch's attention beside the other's GEMMs, ``models/micro_batches.py``).
+
+    "The current stream" is whatever stream the engine is queuing on (a graph runner's capture
+    stream while it captures); the side stream is the object's own. Every use is a fork and a
+    join, so a CUDA graph capture on the current stream records the side work in the graph::
+
+        ready = streams.record()          # event after the work queued so far
+        with streams.side(ready):         # side stream: waits for ready, then this work
+            out = attention(...)
+            done = streams.record()       # event after the side work
+        ...                               # current stream: other work, overlapping
+        streams.wait(done)                # current stream waits before it reads ``out``
+
+    Nothing ever blocks the host. A tensor one stream made and the other reads must be kept
+    referenced until the reader's work has been waited for by the maker's stream (the caller's
+    job). ``backends/reference/streams.py`` is the one-stream version (events are None).
+    """
+
+    def record(self) -> Any: ...
+
+    def side(self, after: Any) -> Any: ...
+
+    def wait(self, event: Any) -> None: ...
 
 
 @runtime_checkable

@@ -30,6 +30,7 @@ import torch
 
 from tessellm.core.attention_batch import AttentionBatch
 from tessellm.core.block_table import PersistentBlockTable
+from tessellm.core.decode_overlap import DecodeOverlap
 from tessellm.backends.reference.logits import ReferenceLogitsOps
 from tessellm.core.input_batch import InputBatch, RunnerRequest  # noqa: F401 (re-exported)
 from tessellm.core.input_builder import HostInputs, build_inputs
@@ -116,6 +117,8 @@ class ModelRunner(RunnerGraphs):
         # Per-request recurrent states of Mamba layers (core/mamba_state.py), set by the worker
         # for a model that has them; None otherwise.
         self.mamba = None
+        # Decode micro-batch overlap (TESSELLM_DECODE_OVERLAP, core/decode_overlap.py); None: off.
+        self.overlap = DecodeOverlap.build(self)
 
     @property
     def requests(self) -> dict[str, RunnerRequest]:
@@ -330,7 +333,7 @@ class ModelRunner(RunnerGraphs):
                               self._lora_slots)
         ids, positions, attn, rows = self._eager_tensors(host, counts, self._lora_slots,
                                                          self._key_limits(host, states, counts, mm))
-        hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens),
+        hidden = self.model(ids, positions, self._metadata(attn), self.io.receive(host.num_tokens),
                             **({} if mm is None else {"mm_embeds": mm}))
         if self.io.send(hidden):
             return None

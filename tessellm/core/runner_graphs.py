@@ -2,9 +2,10 @@
 
 A mixin of ``ModelRunner`` (tessellm/core/model_runner.py), which owns the state used here:
 ``graph_runner`` (the backend's, None: eager), ``buckets`` (a compiling device's shapes),
-``kernel``, ``model``, ``lora``, ``spec``, ``verify_graph_factory`` / ``verify_graphs``, and
-the flags ``_graphs_ready`` / ``_lora_graphs``. Captured steps are pure decode: one query token
-per row, padded to the graph runner's capture sizes.
+``kernel``, ``model``, ``lora``, ``spec``, ``overlap`` (the decode micro-batch split, or
+None), ``verify_graph_factory`` / ``verify_graphs``, and the flags ``_graphs_ready`` /
+``_lora_graphs``. Captured steps are pure decode: one query token per row, padded to the graph
+runner's capture sizes.
 """
 
 from __future__ import annotations
@@ -100,8 +101,14 @@ class RunnerGraphs:
                                block_tables=block_tables, slot_mapping=slot_mapping,
                                max_query_len=1, max_seq_len=self.max_model_len,
                                query_start_loc_host=[], seq_lens_host=[])
-        hidden = self.model(input_ids, positions, self.kernel.build_metadata(batch))
+        hidden = self.model(input_ids, positions, self._metadata(batch))
         return self.model.compute_logits(hidden)
+
+    def _metadata(self, batch: AttentionBatch):
+        """The kernel's metadata for the step, or its micro-batches where the decode overlap
+        splits it (``core/decode_overlap.py``)."""
+        split = self.overlap.split(batch, self.model) if self.overlap is not None else None
+        return split if split is not None else self.kernel.build_metadata(batch)
 
     def _graph_size(self, host: HostInputs, states: list[RunnerRequest]) -> Optional[int]:
         if not self._graphs_ready or not host.all_decode:

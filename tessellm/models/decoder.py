@@ -82,19 +82,28 @@ class DecoderAttention(nn.Module):
                             and rotary.is_neox_style and rotary.rotary_dim == self.head_size)
 
     def forward(self, positions, hidden, metadata):
+        q, k, v = self.project(positions, hidden)
+        return self.o_proj(self.attend(positions, q, k, v, metadata))
+
+    def project(self, positions, hidden):
+        """q, k, v of ``hidden``: the projection, clamp and q/k norms, and the rotary unless
+        the kernel does it (``attend``). The first of ``forward``'s three parts, which the
+        decode micro-batch overlap runs apart (``models/micro_batches.py``)."""
         qkv = self.qkv_proj(hidden)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.norm_qk(q, k)
+        if not self.fuse_rotary and self.rotary is not None:
+            q, k = self.rotary(positions, q, k)
+        return q, k, v
+
+    def attend(self, positions, q, k, v, metadata):
+        """The paged attention of ``project``'s q, k, v (before o_proj)."""
         if self.fuse_rotary:
-            out = self.attn(q, k, v, metadata, positions, self.rotary.cos_sin_cache,
-                            sinks=self.sinks)
-        else:
-            if self.rotary is not None:
-                q, k = self.rotary(positions, q, k)
-            out = self.attn(q, k, v, metadata, sinks=self.sinks)
-        return self.o_proj(out)
+            return self.attn(q, k, v, metadata, positions, self.rotary.cos_sin_cache,
+                             sinks=self.sinks)
+        return self.attn(q, k, v, metadata, sinks=self.sinks)
 
     def load_sinks(self, tensor) -> None:
         """The checkpoint's ``sinks`` ``[total heads]``: this rank's heads' entries."""
@@ -191,15 +200,21 @@ class DecoderLayer(nn.Module):
         self._plain_mlp = isinstance(self.mlp, DecoderMLP)  # its gate_up_proj takes the norm
 
     def forward(self, positions, hidden, residual, metadata):
+        hidden, residual = self.input_norm(hidden, residual)
+        return self.after_attention(self.self_attn(positions, hidden, metadata), residual)
+
+    def input_norm(self, hidden, residual):
+        """``input_layernorm`` (the residual stream starts at the first layer's input)."""
         # Each norm is told which layer takes its output (looked up per call: LoRA wraps
         # layers after construction), so it can quantize for it (the fp8 fold, RMSNorm).
         qkv = self.self_attn.qkv_proj
         if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden, consumer=qkv)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual, consumer=qkv)
-        hidden = self.self_attn(positions, hidden, metadata)
+            return self.input_layernorm(hidden, consumer=qkv), hidden
+        return self.input_layernorm(hidden, residual, consumer=qkv)
+
+    def after_attention(self, hidden, residual):
+        """From the attention's output (after o_proj) to the layer's ``(hidden, residual)``:
+        the post-attention norm and the MLP."""
         if self.residual_multiplier != 1.0:
             hidden = hidden * self.residual_multiplier
         gate_up = self.mlp.gate_up_proj if self._plain_mlp else None

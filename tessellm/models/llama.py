@@ -27,6 +27,7 @@ from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from tessellm.models.decoder import DecoderLayer, DecoderMLP
 from tessellm.models.layer_windows import window_by_layer_type, window_everywhere
+from tessellm.models.micro_batches import MicroBatches
 
 
 class LlamaForCausalLM(nn.Module):
@@ -160,10 +161,14 @@ class LlamaForCausalLM(nn.Module):
         aux = self.aux_hidden_layers
         if aux:  # EAGLE-3: the residual stream entering these layers (tessellm.spec_decode)
             self.aux_hidden_states = []
-        for i in range(self.start_layer, self.end_layer):
-            if aux and i in aux:
-                self.aux_hidden_states.append(self._stream_into(i, hidden, residual))
-            hidden, residual = self.layers[i](positions, hidden, residual, metadata)
+        if isinstance(metadata, MicroBatches):  # a split decode step (core/decode_overlap.py)
+            hidden, residual = metadata.run_layers(self.layers[self.start_layer:self.end_layer],
+                                                   positions, hidden, residual)
+        else:
+            for i in range(self.start_layer, self.end_layer):
+                if aux and i in aux:
+                    self.aux_hidden_states.append(self._stream_into(i, hidden, residual))
+                hidden, residual = self.layers[i](positions, hidden, residual, metadata)
         if not self.pp.is_last:
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)

@@ -27,11 +27,18 @@ def _synchronize() -> None:
     torch.cuda.synchronize()
 
 
+def _overlap_streams():
+    from tessellm.backends.cuda.streams import overlap_streams
+
+    return overlap_streams()
+
+
 @hookimpl
 def tessellm_register_backends(register):
     register(Backend(
         name=NAME, device_type="cuda", dist_backend="nccl", priority=100,
         is_available=_is_available, memory_info=_memory_info, synchronize=_synchronize,
+        overlap_streams=_overlap_streams,
         description="NVIDIA GPUs: Triton paged attention and fused ops, CUDA graphs.",
         validated_on="hardware",
         validation_note=("Conformance, kernel and parity tests on an NVIDIA H200 (2026-11-21); "
