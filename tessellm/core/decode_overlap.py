@@ -60,7 +60,9 @@ class DecodeOverlap:
             return None
         backend = runner.backend
         make = getattr(backend, "overlap_streams", None)
-        streams = make() if make is not None and not backend.emulated else SequentialStreams()
+        if make is None or getattr(backend, "emulated", False):  # one stream: the same schedule
+            make = SequentialStreams
+        streams = make()
         logger.info("Decode micro-batch overlap on: pure-decode steps of >= %d rows split in two "
                     "(%s).", min_rows, type(streams).__name__)
         return cls(runner.kernel, streams, min_rows)
