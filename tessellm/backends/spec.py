@@ -48,6 +48,9 @@ same way.
 ``supports_gated_delta``: Qwen3-Next's gated DeltaNet layers); plugins of versions 1 to 8 keep
 working for every model without such layers, and such a model is refused on an ops object that
 does not declare the flag, at load, naming the backend.
+10 = ``Backend.overlap_streams`` (optional: a second stream and events, ``OverlapStreams``, for
+the decode micro-batch overlap, ``TESSELLM_DECODE_OVERLAP``); plugins of versions 1 to 9 keep
+working (their backends run such steps' micro-batches on one stream).
 
 Ownership
 ---------
@@ -84,7 +87,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 9
+TESSELLM_PLUGIN_API = 10
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
