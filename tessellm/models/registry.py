@@ -7,7 +7,7 @@ from tessellm.models import gpt_oss
 from tessellm.models import gemma3_mm, llava_next, qwen2_vl
 from tessellm.models import mistral3  # noqa: I001 (vision models)
 from tessellm.models import cohere2, deepseek_v2, ernie4_5, ernie4_5_moe, glm4_moe
-from tessellm.models import hunyuan, seed_oss
+from tessellm.models import dots1, hunyuan, seed_oss
 from tessellm.models import bamba, granite_moe_hybrid, mamba2
 from tessellm.models import llama4
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
@@ -57,6 +57,7 @@ _MODELS = {
     "DeepseekV2ForCausalLM": deepseek_v2.DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": deepseek_v2.DeepseekV3ForCausalLM,
     "Glm4MoeForCausalLM": glm4_moe.Glm4MoeForCausalLM,
+    "Dots1ForCausalLM": dots1.Dots1ForCausalLM,
     "Ernie4_5ForCausalLM": ernie4_5.Ernie4_5ForCausalLM,
     "Ernie4_5_MoeForCausalLM": ernie4_5_moe.Ernie4_5_MoeForCausalLM,
     "Mamba2ForCausalLM": mamba2.Mamba2ForCausalLM,

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu,
 FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "gemma2", "phi3", "gpt-oss",
             "deepseek-v2-lite", "deepseek-v3", "llama4", "phimoe", "granite-4h", "mamba2",
             "glm4-moe", "cohere2", "ernie4_5", "ernie4_5-moe",
-            "seed-oss", "hunyuan-dense"]
+            "seed-oss", "hunyuan-dense", "dots1"]
 
 # families whose tiny model is variant_parity.save_tiny's (random norms and biases) of a config
 # from their own test module: arch -> (tests.models module, config function)
@@ -49,6 +49,11 @@ def _save(arch: str, path: str) -> str:
 
         return save_deepseek(glm4_moe_config(**big, use_qk_norm=True, n_group=4, topk_group=2),
                              path)
+    if arch == "dots1":  # Qwen3 attention with window 8 on layers 1-2, V3's grouped routing
+        from tests.models.test_deepseek import save_deepseek
+        from tests.models.test_dots1 import dots1_config
+
+        return save_deepseek(dots1_config(**big, sliding_window=8, max_window_layers=1), path)
     if arch == "ernie4_5-moe":  # interleaved rotary, softmax routing with a selection bias
         from tests.models.test_deepseek import save_deepseek
         from tests.models.test_ernie4_5 import ernie4_5_moe_config
