@@ -5,7 +5,9 @@
 # skips it). One device call:
 #   PART=main (default)  the GPU tests of the split (fp32 greedy tokens = HF's, graphs and eager,
 #                        two streams: TEST_S 75); F off, F on (F_S 80 each); L off, L on
-#                        (L_S 130 each)                          ~ 6 min warm, 8.3 at the boxes
+#                        (L_S 130 each); F on with TESSELLM_PDL=0 (FP_S, default 0: skipped;
+#                        the split's streams with programmatic dependent launch off)
+#                                                                ~ 6 min warm, 8.3 at the boxes
 #   PART=step            a batch-256 captured decode step, GPU ms, off and on, at context 512
 #                        (F's) and 1536 (L's middle), and the first decode step's bf16 logits of
 #                        on against off (argmax agreement, max |diff|) (STEP_S 70 each, 4 runs)
@@ -33,9 +35,10 @@ ratio() { [ -f "$OUT/$1.json" ] && [ -f "$OUT/$2.json" ] && python3 -c "import j
     t tests ${TEST_S:-75} python3 -m pytest -q -p no:cacheprovider -rs tests/models/test_cuda_decode_overlap.py
     box "F off" ${F_S:-80} $B $F --output-json "$OUT/f_off.json"
     box "F on" ${F_S:-80} $ON $B $F --output-json "$OUT/f_on.json"
+    box "F on, PDL off" ${FP_S:-0} $ON TESSELLM_PDL=0 $B $F --output-json "$OUT/f_on_nopdl.json"
     box "L off" ${L_S:-130} $B $L --output-json "$OUT/l_off.json"
     box "L on" ${L_S:-130} $ON $B $L --output-json "$OUT/l_on.json"
-    tput f_off f_on l_off l_on; ratio f_off f_on F; ratio l_off l_on L ;;
+    tput f_off f_on f_on_nopdl l_off l_on; ratio f_off f_on F; ratio l_off l_on L ;;
   step)
     for ctx in 512 1536; do
       for o in 0 1; do

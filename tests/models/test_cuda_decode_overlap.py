@@ -23,17 +23,29 @@ def _on(monkeypatch) -> None:
     monkeypatch.setenv("TESSELLM_DECODE_OVERLAP_MIN_ROWS", "2")
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True])
-def test_fp32_split_decode_matches_hf(tiny_model_dir, monkeypatch, enforce_eager):
-    _on(monkeypatch)
-    path = tiny_model_dir("llama-sharp")
-    want = hf_greedy(path, PROMPTS, MAX_NEW, device="cuda")
-    llm = LLM(path, device="cuda", dtype="float32", enforce_eager=enforce_eager)
+def _generate(path: str, enforce_eager: bool, overlap: bool):
+    """Greedy tokens of one engine (its KV cache kept small: two engines in turn) and the
+    name of its overlap streams (None: off)."""
+    llm = LLM(path, device="cuda", dtype="float32", enforce_eager=enforce_eager, num_kv_blocks=1024)
     runner = llm.engine.core.runner
-    assert type(runner.overlap.streams).__name__ == "CudaOverlapStreams"
     assert (runner.graph_runner is None) == enforce_eager
+    assert (runner.overlap is not None) == overlap
+    streams = type(runner.overlap.streams).__name__ if overlap else None
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                         SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
                         use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == want
+    llm.shutdown()
+    return [o.outputs[0].token_ids for o in outs], streams
 
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_fp32_split_decode_matches_hf(tiny_model_dir, monkeypatch, enforce_eager):
+    path = tiny_model_dir("llama-sharp")
+    want = hf_greedy(path, PROMPTS, MAX_NEW, device="cuda")
+    off, _ = _generate(path, enforce_eager, overlap=False)
+    _on(monkeypatch)
+    on, streams = _generate(path, enforce_eager, overlap=True)
+    assert streams == "CudaOverlapStreams"
+    assert on == want, ("the split path parts from HF; the unsplit path "
+                        + ("does not" if off == want else "does too (a near-tie?)"))
+    assert on == off
