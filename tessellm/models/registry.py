@@ -9,6 +9,7 @@ from tessellm.models import mistral3  # noqa: I001 (vision models)
 from tessellm.models import cohere2, deepseek_v2, ernie4_5, ernie4_5_moe, glm4_moe
 from tessellm.models import dots1, hunyuan, seed_oss
 from tessellm.models import bamba, granite_moe_hybrid, mamba2
+from tessellm.models import qwen3_next
 from tessellm.models import llama4
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
                              gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
@@ -63,6 +64,7 @@ _MODELS = {
     "Mamba2ForCausalLM": mamba2.Mamba2ForCausalLM,
     "GraniteMoeHybridForCausalLM": granite_moe_hybrid.GraniteMoeHybridForCausalLM,
     "BambaForCausalLM": bamba.BambaForCausalLM,
+    "Qwen3NextForCausalLM": qwen3_next.Qwen3NextForCausalLM,
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": llava_next.LlavaNextForConditionalGeneration,
     "Qwen2VLForConditionalGeneration": qwen2_vl.Qwen2VLForConditionalGeneration,

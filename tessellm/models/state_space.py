@@ -1,4 +1,6 @@
-"""What the engine does differently for models with Mamba (state-space) layers, in one place.
+"""What the engine does differently for models with Mamba (state-space) layers, in one place;
+gated DeltaNet layers (Qwen3-Next's linear attention) hold the same kind of state and follow
+the same rules.
 
 Such a model keeps, besides any paged KV cache of its attention layers, one recurrent state
 per running request and Mamba layer (``core/mamba_state.py``). That state summarizes every
@@ -7,7 +9,8 @@ token before it and cannot be rebuilt from a block hash, so:
 - prefix caching is off (a hit would skip tokens whose state nobody has): ``prefix_caching``;
 - speculative decoding is refused (a rejected draft token would have to be taken back out of
   the state); LoRA, quantization and pipeline parallelism are refused until they are built and tested (tensor
-  parallelism splits the Mamba heads: ``layers/mamba_mixer.py``);
+  parallelism splits the Mamba heads: ``layers/mamba_mixer.py``; gated DeltaNet layers are not
+  split yet, so tensor parallelism is refused for them);
 - steps run eagerly (no captured decode graphs: the state slots are step inputs the graphs
   do not take).
 
@@ -23,17 +26,21 @@ logger = logging.getLogger(__name__)
 
 STATE_SPACE_ARCHITECTURES = frozenset({"Mamba2ForCausalLM", "GraniteMoeHybridForCausalLM",
                                        "BambaForCausalLM"})
+# Not Mamba, the same engine rules: gated DeltaNet layers keep a per-request recurrent state too
+LINEAR_ATTENTION_ARCHITECTURES = frozenset({"Qwen3NextForCausalLM"})
+_RECURRENT = STATE_SPACE_ARCHITECTURES | LINEAR_ATTENTION_ARCHITECTURES
 
 
 def has_recurrent_state(config) -> bool:
-    return bool(STATE_SPACE_ARCHITECTURES & set(getattr(config, "architectures", None) or ()))
+    return bool(_RECURRENT & set(getattr(config, "architectures", None) or ()))
 
 
 def check_engine_args(args, config) -> None:
     """Refuse, before any worker starts, what these models cannot do yet (one sentence each)."""
     if not has_recurrent_state(config):
         return
-    arch = next(a for a in config.architectures if a in STATE_SPACE_ARCHITECTURES)
+    arch = next(a for a in config.architectures if a in _RECURRENT)
+    layers = ("gated DeltaNet" if arch in LINEAR_ATTENTION_ARCHITECTURES else "Mamba") + " layers"
     refused = [
         (getattr(args, "speculative_config", None) is not None, "speculative decoding",
          "a rejected draft token cannot be taken back out of the recurrent state; drop "
@@ -44,10 +51,12 @@ def check_engine_args(args, config) -> None:
          "load an unquantized checkpoint without quantization="),
         (getattr(args, "pipeline_parallel_size", 1) > 1, "pipeline parallelism",
          "use pipeline_parallel_size=1"),
+        (arch in LINEAR_ATTENTION_ARCHITECTURES and getattr(args, "tensor_parallel_size", 1) > 1,
+         "tensor parallelism", "use tensor_parallel_size=1"),
     ]
     for bad, what, fix in refused:
         if bad:
-            raise ValueError(f"{arch} (Mamba layers with a per-request recurrent state) does not "
+            raise ValueError(f"{arch} ({layers} with a per-request recurrent state) does not "
                              f"support {what} yet; {fix}.")
 
 

@@ -1,0 +1,183 @@
+"""The gated DeltaNet linear-attention mixer (HF's ``Qwen3NextGatedDeltaNet``), over flat
+tokens and the per-request state cache (``core/mamba_state.py``)::
+
+    in_proj_qkvz(h) -> [ q: Hk*dk | k: Hk*dk | v: Hv*dv | z: Hv*dv ]      (rows reordered at load)
+    in_proj_ba(h)   -> [ b: Hv | a: Hv ]
+    q, k, v = silu(causal_conv1d([q | k | v]))          continues each request's conv state
+    beta = sigmoid(b);  g = -exp(A_log) * softplus(a + dt_bias)             (float32)
+    o = gated_delta_rule(q, k, v, g, beta)   decodes: one step; prefill chunks: the chunked form;
+                                             both continue the recurrent state [Hv, dk, dv]
+    out_proj(rmsnorm(o) * weight * silu(z))  per value head (norm before the gate)
+
+The checkpoint groups ``in_proj_qkvz`` and ``in_proj_ba`` rows by key head (``[q_j k_j v_j z_j]``
+for key head j, its ``Hv / Hk`` value heads' v and z together); loading regroups them by kind,
+so the conv's input is one contiguous slice in the order of ``conv1d.weight``'s channels. The
+device ops come from the backend: ``mamba_conv1d`` and ``gated_delta_chunk`` /
+``gated_delta_step`` (``FusedOps``, declared by ``supports_gated_delta``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tessellm.layers.context import ModelContext
+from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
+
+
+@dataclass(frozen=True)
+class DeltaNetShape:
+    """A gated DeltaNet mixer's sizes (the config's ``linear_*`` fields)."""
+
+    hidden_size: int
+    key_heads: int  # Hk
+    value_heads: int  # Hv, a multiple of Hk
+    key_dim: int  # dk, of each head
+    value_dim: int  # dv
+    conv_width: int
+    eps: float  # of the gated RMSNorm
+
+    @property
+    def keys(self) -> int:
+        return self.key_heads * self.key_dim
+
+    @property
+    def values(self) -> int:
+        return self.value_heads * self.value_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.keys + self.values
+
+
+class GatedDeltaNet(nn.Module):
+    """The recurrent state cache binds ``conv_state [slots, conv_dim, width - 1]`` and
+    ``ssm_state [slots, Hv, dk, dv]`` (the delta rule's state, under the cache's name)."""
+
+    def __init__(self, shape: DeltaNetShape, ctx: ModelContext):
+        super().__init__()
+        ops = ctx.ops
+        if not getattr(ops, "supports_gated_delta", False):
+            raise ValueError(f"This model has gated DeltaNet layers, whose ops the backend's fused "
+                             f"ops {type(ops).__name__} do not provide (they do not declare "
+                             "supports_gated_delta, FusedOps' gated_delta_* ops); run it on a "
+                             "backend that does (cpu, cuda, rocm).")
+        if shape.value_heads % shape.key_heads:
+            raise ValueError(f"linear_num_value_heads {shape.value_heads} must be a multiple of "
+                             f"linear_num_key_heads {shape.key_heads}.")
+        self.shape = s = shape
+        self.ops = ops
+        parts = [s.keys, s.keys, s.values, s.values]
+        self.in_proj_qkvz = ColumnParallelLinear(s.hidden_size, parts, bias=False,
+                                                 quant_method=ctx.quant_method, tp=ctx.tp)
+        self.in_proj_ba = ColumnParallelLinear(s.hidden_size, [s.value_heads, s.value_heads],
+                                               bias=False, quant_method=ctx.quant_method,
+                                               tp=ctx.tp)
+        self.conv1d = _ConvWeight(s.conv_dim, s.conv_width)
+        self.dt_bias = nn.Parameter(torch.ones(s.value_heads), requires_grad=False)
+        self.A_log = nn.Parameter(torch.zeros(s.value_heads), requires_grad=False)
+        self.norm = _NormWeight(s.value_dim)
+        self.out_proj = RowParallelLinear(s.values, s.hidden_size, bias=False,
+                                          quant_method=ctx.quant_method, tp=ctx.tp)
+        self.conv_state = self.ssm_state = None  # bound by the state cache
+        self.step = None
+
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per slot: (conv state, recurrent state) shapes."""
+        s = self.shape
+        return (s.conv_dim, s.conv_width - 1), (s.value_heads, s.key_dim, s.value_dim)
+
+    def bind(self, conv_state: torch.Tensor, ssm_state: torch.Tensor, step) -> None:
+        """The state cache's tensors for this layer and the step holder it sets each step."""
+        self.conv_state, self.ssm_state, self.step = conv_state, ssm_state, step
+
+    def load_checkpoint_tensor(self, attr: str, tensor) -> None:
+        """``attr``: the name under ``linear_attn`` (``in_proj_qkvz.weight``, ``A_log``, ...)."""
+        s, tensor = self.shape, materialize(tensor)
+        per_key = s.value_heads // s.key_heads
+        if attr == "in_proj_qkvz.weight":
+            sizes = [s.key_dim, s.key_dim, per_key * s.value_dim, per_key * s.value_dim]
+            for i, part in enumerate(_regroup(tensor, s.key_heads, sizes)):
+                self.in_proj_qkvz.load_shard("weight", part, i)
+            return
+        if attr == "in_proj_ba.weight":
+            for i, part in enumerate(_regroup(tensor, s.key_heads, [per_key, per_key])):
+                self.in_proj_ba.load_shard("weight", part, i)
+            return
+        if attr == "out_proj.weight":
+            self.out_proj.load_shard("weight", tensor, None)
+            return
+        params = dict(self.named_parameters())
+        if attr not in params:
+            raise ValueError(f"Checkpoint tensor linear_attn.{attr} has no place in a gated "
+                             "DeltaNet layer; is this the right architecture?")
+        param = params[attr]
+        if param.shape != tensor.shape:
+            raise ValueError(f"Checkpoint tensor linear_attn.{attr} has shape "
+                             f"{tuple(tensor.shape)}, expected {tuple(param.shape)}; the config "
+                             "does not match the weights.")
+        param.data.copy_(tensor)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        s, batch, t = self.shape, self.step.batch, hidden.shape[0]
+        qkvz = self.in_proj_qkvz(hidden)
+        b, a = self.in_proj_ba(hidden).split([s.value_heads, s.value_heads], dim=-1)
+        qkv = self.ops.mamba_conv1d(qkvz[:, :s.conv_dim], self.conv1d.weight[:, 0], None,
+                                    self.conv_state, batch, "silu")
+        q, k, v = qkv.split([s.keys, s.keys, s.values], dim=-1)
+        q = q.reshape(t, s.key_heads, s.key_dim)
+        k = k.reshape(t, s.key_heads, s.key_dim)
+        v = v.reshape(t, s.value_heads, s.value_dim)
+        beta = torch.sigmoid(b)
+        g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
+        scale = s.key_dim ** -0.5
+        nd = batch.num_decodes
+        parts = []
+        if nd:
+            parts.append(self.ops.gated_delta_step(q[:nd], k[:nd], v[:nd], g[:nd], beta[:nd],
+                                                   self.ssm_state, batch.state_indices[:nd],
+                                                   scale))
+        if batch.prefills is not None:
+            parts.append(self.ops.gated_delta_chunk(q[nd:], k[nd:], v[nd:], g[nd:], beta[nd:],
+                                                    self.ssm_state, batch.prefills, scale))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts)
+        z = qkvz[:, s.conv_dim:].reshape(t, s.value_heads, s.value_dim)
+        o = norm_then_gate(o, z, self.norm.weight, s.eps)
+        return self.out_proj(o.reshape(t, s.values))
+
+
+def norm_then_gate(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """HF's ``Qwen3NextRMSNormGated``: ``o`` RMS-normed over its last dim in float32, rounded to
+    its dtype, times ``weight``, times ``silu(z)`` in float32, rounded to o's dtype (the norm
+    before the gate, unlike Mamba2's ``gated_rms_norm``)."""
+    h = o.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = weight * h.to(o.dtype)
+    return (h * F.silu(z.float())).to(o.dtype)
+
+
+def _regroup(tensor: torch.Tensor, groups: int, sizes: list[int]) -> list[torch.Tensor]:
+    """Rows ``[g0: s0 s1 .. | g1: s0 s1 .. | ..]`` (``groups`` groups of parts of ``sizes``) ->
+    one tensor per part, its rows of every group in group order."""
+    rows = tensor.reshape(groups, sum(sizes), *tensor.shape[1:])
+    return [p.reshape(-1, *tensor.shape[1:]) for p in rows.split(sizes, dim=1)]
+
+
+class _ConvWeight(nn.Module):
+    """The checkpoint's depthwise ``conv1d.weight [C, 1, K]`` (no bias)."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(channels, 1, width), requires_grad=False)
+
+
+class _NormWeight(nn.Module):
+    """The checkpoint's ``norm.weight [dv]`` of the gated RMSNorm, shared by the value heads."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)

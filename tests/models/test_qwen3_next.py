@@ -1,0 +1,124 @@
+"""Qwen3-Next (``Qwen3NextForCausalLM``) on tiny random models: gated DeltaNet layers (causal
+conv, per-request recurrent state, grouped value heads) and gated attention layers (output gate,
+q/k norms with 1 + w weights, partial rotary) interleaved, each with sparse experts and a gated
+shared expert (or a dense MLP where mlp_only_layers says so). Greedy tokens and per-token
+log-probabilities equal HF transformers' in float32 for concurrent requests of different
+lengths (prompts longer than the kernels' chunks), under chunked prefill (chunk boundaries
+inside prompts: the recurrent states, conv states and KV cache all carry over) and under
+preemption (the recomputed request rebuilds its states). Nothing is mocked."""
+
+from __future__ import annotations
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tests.models.variant_parity import TINY, assert_parity, hf_reference, prompts, save_tiny
+
+
+def qwen3_next_config(**overrides):
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(**{
+        **TINY, "num_hidden_layers": 4, "head_dim": 16, "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 8,
+        "linear_conv_kernel_dim": 4, "num_experts": 4, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention",
+                        "linear_attention"], **overrides})
+
+
+@pytest.fixture(scope="module")
+def qwen3_next_dir(tmp_path_factory):
+    return save_tiny(qwen3_next_config(), str(tmp_path_factory.mktemp("qwen3next")))
+
+
+@pytest.mark.parametrize("engine", [dict(), dict(max_num_batched_tokens=8)],
+                         ids=["whole-prompts", "chunked-prefill"])
+def test_qwen3_next_matches_hf(qwen3_next_dir, engine):
+    assert_parity(qwen3_next_dir, prompts((1, 6, 23, 70)), max_new=12, **engine)
+
+
+def test_qwen3_next_dense_layers_and_one_value_head_per_key(tmp_path):
+    """The config switches: a dense MLP on the layers mlp_only_layers names, as many value heads
+    as key heads, tied embeddings, q/k/v/o biases (attention_bias), full attention first."""
+    config = qwen3_next_config(mlp_only_layers=[0, 2], linear_num_value_heads=2,
+                               tie_word_embeddings=True, attention_bias=True,
+                               layer_types=["full_attention", "linear_attention",
+                                            "linear_attention", "full_attention"])
+    path = save_tiny(config, str(tmp_path / "dense"))
+    assert_parity(path, prompts((9, 40)), max_new=8, max_num_batched_tokens=16)
+
+
+def test_qwen3_next_preemption_recomputes_the_states(qwen3_next_dir):
+    """A KV cache too small for every request at once: the scheduler preempts, the preempted
+    request's state slot is freed and its states rebuilt from its first token."""
+    prompt_list = prompts((20, 24, 28, 30), seed=5)
+    want, _ = hf_reference(qwen3_next_dir, prompt_list, 16)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    with LLM(qwen3_next_dir, dtype="float32", num_kv_blocks=24, block_size=4) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
+        core = llm.engine.core
+        assert core.scheduler.num_preemptions_total > 0, "the tiny cache should force preemption"
+        assert not core.kv.enable_prefix_caching  # turned off for a recurrent state
+        runner = core.executor.worker.runner
+        cache = runner.mamba  # one slot per request the runner still holds, none lost
+        assert len(cache.layers) == 3  # the DeltaNet layers, not the attention one
+        assert set(cache.slot_of) == set(runner.requests)
+        assert len(cache.free) + len(cache.slot_of) == cache.num_slots
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
+
+
+def test_qwen3_next_refuses_what_a_recurrent_state_cannot_do(qwen3_next_dir):
+    with pytest.raises(ValueError, match="gated DeltaNet layers.*does not support pipeline "
+                                         "parallelism yet"):
+        LLM(qwen3_next_dir, dtype="float32", pipeline_parallel_size=2, device="cpu")
+    with pytest.raises(ValueError, match="does not support LoRA yet"):
+        LLM(qwen3_next_dir, dtype="float32", enable_lora=True)
+    with pytest.raises(ValueError, match="does not support speculative decoding yet"):
+        LLM(qwen3_next_dir, dtype="float32",
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="does not support quantization yet"):
+        LLM(qwen3_next_dir, dtype="float32", quantization="fp8")
+    with pytest.raises(ValueError, match="do not run on backend 'tpu' yet"):
+        LLM(qwen3_next_dir, dtype="float32", device="tpu", emulate=True)
+    with pytest.raises(ValueError, match="does not support tensor parallelism yet"):
+        LLM(qwen3_next_dir, dtype="float32", tensor_parallel_size=2, device="cpu")
+
+
+def test_qwen3_next_refused_on_ops_without_the_flag(qwen3_next_dir):
+    """A plugin's fused ops written before API 9 (no ``supports_gated_delta``): the model is
+    refused at load naming the flag, instead of failing inside its first step."""
+    import torch
+
+    from tessellm.backends.registry import BackendRegistry
+    from tessellm.config import resolve_model
+    from tessellm.loader.model_loader import build_model
+    from tests.backends.backend_plugins import make_plugin
+
+    old = make_plugin("oldops_gdn", """
+        TESSELLM_OVERRIDES = ("cpu",)
+        from tessellm.backends.reference.ops import ReferenceOps
+        class OldOps(ReferenceOps):
+            supports_gated_delta = False
+        @hookimpl(tryfirst=True)
+        def tessellm_fused_ops(backend, spec):
+            return OldOps() if backend.name == "cpu" else None
+    """)
+    registry = BackendRegistry(plugins=[("oldops_gdn", old)])
+    with pytest.raises(ValueError, match="gated DeltaNet layers.*do not declare "
+                                         "supports_gated_delta"):
+        build_model(resolve_model(qwen3_next_dir), "safetensors", registry,
+                    registry.backends["cpu"], torch.float32, torch.device("cpu"), block_size=16)
+
+
+@pytest.mark.slow
+def test_qwen3_next_on_emulated_cuda(qwen3_next_dir):
+    """The cuda backend's pieces (Triton attention, fused MoE, the Triton conv1d, the gated
+    delta step and chunk kernels) under the Triton interpreter, with chunked prefill."""
+    prompt_list = prompts((5, 37))
+    want, _ = hf_reference(qwen3_next_dir, prompt_list, 6)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with LLM(qwen3_next_dir, dtype="float32", device="cuda", emulate=True,
+             max_num_batched_tokens=16) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
