@@ -2,16 +2,16 @@
 # Issue 22 (GPU): the decode micro-batch overlap (TESSELLM_DECODE_OVERLAP=1, off by default;
 # tessellm/core/decode_overlap.py) against the default, side by side on one machine, random
 # Llama-3.1-8B shapes (--load-format dummy), bf16. Every step is time-boxed (seconds, env; 0
-# skips it). One device call:
-#   PART=main (default)  the GPU tests of the split (fp32 greedy tokens = HF's, graphs and eager,
-#                        two streams: TEST_S 75); F off, F on (F_S 80 each); L off, L on
-#                        (L_S 130 each); F on with TESSELLM_PDL=0 (FP_S, default 0: skipped;
-#                        the split's streams with programmatic dependent launch off)
-#                                                                ~ 6 min warm, 8.3 at the boxes
-#   PART=step            a batch-256 captured decode step, GPU ms, off and on, at context 512
-#                        (F's) and 1536 (L's middle), and the first decode step's bf16 logits of
-#                        on against off (argmax agreement, max |diff|) (STEP_S 70 each, 4 runs)
-#                                                                ~ 4 min
+# skips it). The bench harness runs each workload twice (a full warm-up, then the timed run), as
+# benchmarks/final.sh does, so its figures compare with session 14's (F 10,403, L 9,740):
+#   PART=main (default)  F off, F on (F_S 80 each); L off, L on (L_S 150 each); F on with
+#                        TESSELLM_PDL=0 (FP_S, default 0: skipped)  ~ 6.5 min warm, 7.7 at the boxes
+#   PART=check           the GPU tests of the split (fp32 greedy tokens = HF's and the unsplit
+#                        engine's, graphs and eager, two streams: TEST_S 90); a batch-256 captured
+#                        decode step, GPU ms off and on at context 512 (F's) and 1536 (L's
+#                        middle), and the first decode step's bf16 logits on against off (argmax
+#                        agreement, max |diff|) (STEP_S 70 each, 4 runs)   ~ 5 min
+# Run PART=check first on a cold machine: it compiles the split's kernels before F and L time.
 # MIN_ROWS (default 128): the smallest step (graph size) that splits. F and L run 256
 # sequences, so their decode steps split into 128 + 128.
 #   bash benchmarks/overlap_device.sh    (repo root; carry .whl and tessellm.egg-info)
@@ -32,14 +32,14 @@ ratio() { [ -f "$OUT/$1.json" ] && [ -f "$OUT/$2.json" ] && python3 -c "import j
   echo "commit ${COMMIT:-unknown}, part $PART, min rows $MIN_ROWS"; date -u
   case $PART in
   main)
-    t tests ${TEST_S:-75} python3 -m pytest -q -p no:cacheprovider -rs tests/models/test_cuda_decode_overlap.py
     box "F off" ${F_S:-80} $B $F --output-json "$OUT/f_off.json"
     box "F on" ${F_S:-80} $ON $B $F --output-json "$OUT/f_on.json"
+    box "L off" ${L_S:-150} $B $L --output-json "$OUT/l_off.json"
+    box "L on" ${L_S:-150} $ON $B $L --output-json "$OUT/l_on.json"
     box "F on, PDL off" ${FP_S:-0} $ON TESSELLM_PDL=0 $B $F --output-json "$OUT/f_on_nopdl.json"
-    box "L off" ${L_S:-130} $B $L --output-json "$OUT/l_off.json"
-    box "L on" ${L_S:-130} $ON $B $L --output-json "$OUT/l_on.json"
     tput f_off f_on f_on_nopdl l_off l_on; ratio f_off f_on F; ratio l_off l_on L ;;
-  step)
+  check)
+    t tests ${TEST_S:-90} python3 -m pytest -q -p no:cacheprovider -rs tests/models/test_cuda_decode_overlap.py
     for ctx in 512 1536; do
       for o in 0 1; do
         TAIL=2 box "step ctx $ctx overlap $o" ${STEP_S:-70} $STEP --input-len $ctx --overlap $o \
