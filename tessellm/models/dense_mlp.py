@@ -9,7 +9,7 @@ tensor parallelism fc_out leaves its output unsummed unless it has a bias or is 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch.nn as nn
 
@@ -21,12 +21,14 @@ from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear
 class DenseMLP(nn.Module):
     def __init__(self, config, ctx: ModelContext, bias: bool, family: str,
                  reduce_output: bool = False, intermediate_size: Optional[int] = None,
-                 act: Optional[str] = None):
-        """``act``: the activation's HF name (None: ``config.hidden_act``); ``family`` names
-        the model when it is refused."""
+                 act: Optional[Union[str, nn.Module]] = None):
+        """``act``: the activation's HF name (None: ``config.hidden_act``), or a module with
+        parameters of its own (Apertus's xIELU: ``mlp.act.*``); ``family`` names the model
+        when it is refused."""
         super().__init__()
         inter = intermediate_size or config.intermediate_size
-        self.act = activation(act or config.hidden_act, family)
+        self.act = act if isinstance(act, nn.Module) else activation(act or config.hidden_act,
+                                                                     family)
         self.fc_in = ColumnParallelLinear(config.hidden_size, [inter], bias=bias,
                                           quant_method=ctx.quant_method, tp=ctx.tp)
         self.fc_out = RowParallelLinear(inter, config.hidden_size, bias=bias,

@@ -7,7 +7,7 @@ from tessellm.models import gpt_oss
 from tessellm.models import gemma3_mm, llava_next, qwen2_vl
 from tessellm.models import mistral3  # noqa: I001 (vision models)
 from tessellm.models import cohere2, deepseek_v2, ernie4_5, ernie4_5_moe, glm4_moe
-from tessellm.models import dots1, hunyuan, seed_oss
+from tessellm.models import apertus, dots1, hunyuan, seed_oss
 from tessellm.models import bamba, granite_moe_hybrid, mamba2
 from tessellm.models import qwen3_next
 from tessellm.models import llama4
@@ -23,6 +23,7 @@ _MODELS = {
     "Qwen3ForCausalLM": llama.Qwen3ForCausalLM,
     "SmolLM3ForCausalLM": smollm3.SmolLM3ForCausalLM,
     "SeedOssForCausalLM": seed_oss.SeedOssForCausalLM,
+    "ApertusForCausalLM": apertus.ApertusForCausalLM,
     "HunYuanDenseV1ForCausalLM": hunyuan.HunYuanDenseV1ForCausalLM,
     "Llama4ForCausalLM": llama4.Llama4ForCausalLM,
     "Llama4ForConditionalGeneration": llama4.Llama4ForConditionalGeneration,
