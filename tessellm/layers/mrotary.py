@@ -9,6 +9,13 @@
     an image token:    t = start, h = start + row, w = start + column   (rows and columns of
                        the merged patch grid; ``multimodal/mrope.py`` computes them)
 
+Qwen3-VL interleaves the sections instead (``interleaved``): frequency ``j`` turns with the
+height when ``j % 3 == 1`` and ``j < 3 * s1``, with the width when ``j % 3 == 2`` and
+``j < 3 * s2``, else with the temporal position::
+
+    frequency index:   0 1 2 3 4 5 ... 3*s1 ...
+    turned by:         t h w t h w ... t t t ...   (HF's ``Qwen3VLTextRotaryEmbedding``)
+
 So a step without image tokens (every decode step, text-only prompts) is plain RoPE at one
 position per token: ``forward`` takes positions ``[T]`` then, through the backend's rotary op
 and the kernels that fuse it, as any model. A step with image tokens passes ``[3, T]``; the
@@ -29,7 +36,8 @@ from tessellm.layers.rotary import RotaryEmbedding
 
 class MRotaryEmbedding(RotaryEmbedding):
     def __init__(self, head_size: int, max_position: int, base: float, scaling, ops,
-                 mrope_section: Sequence[int], rotary_dim=None, max_positions=None):
+                 mrope_section: Sequence[int], rotary_dim=None, max_positions=None,
+                 interleaved: bool = False):
         super().__init__(head_size, max_position, base, scaling, ops, rotary_dim=rotary_dim,
                          max_positions=max_positions)
         section = [int(s) for s in mrope_section]
@@ -38,7 +46,13 @@ class MRotaryEmbedding(RotaryEmbedding):
                              f"half the rotary dimension ({self.rotary_dim // 2}); the config's "
                              "rope_parameters do not match its head size.")
         # which of (t, h, w) turns each frequency, for the cos half and the sin half alike
-        axis = torch.repeat_interleave(torch.arange(3), torch.tensor(section))
+        if interleaved:
+            j = torch.arange(self.rotary_dim // 2)
+            axis = torch.zeros_like(j)
+            axis[(j % 3 == 1) & (j < 3 * section[1])] = 1
+            axis[(j % 3 == 2) & (j < 3 * section[2])] = 2
+        else:
+            axis = torch.repeat_interleave(torch.arange(3), torch.tensor(section))
         self.register_buffer("axis", torch.cat([axis, axis]).to(self.cos_sin_cache.device),
                              persistent=False)
 

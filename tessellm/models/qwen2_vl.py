@@ -21,6 +21,7 @@ import copy
 from typing import Iterable
 
 import torch
+import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import materialize
@@ -41,12 +42,16 @@ class MRopeAttention(DecoderAttention):
         if positions.dim() == 1 or not self.fuse_rotary:
             return super().forward(positions, hidden, metadata)
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.norm_qk(q, k)  # Qwen3-VL's per-head q/k norms, before the rotation
         return self.o_proj(self.attn(q, k, v, metadata, *self.rotary.kernel_inputs(positions)))
 
 
-class Qwen2VLTextModel(llama.Qwen2ForCausalLM):
-    """Qwen2 with M-RoPE: positions ``[T]`` (text only) or ``[3, T]`` (a step with image
-    tokens)."""
+class MRopeText:
+    """A decoder family with M-RoPE: positions ``[T]`` (text only) or ``[3, T]`` (a step with
+    image tokens). Mixed in before the family's ``*ForCausalLM``; ``interleaved_mrope``:
+    Qwen3-VL's frequency layout (``MRotaryEmbedding``)."""
+
+    interleaved_mrope = False
 
     def make_attention(self, config, ctx: ModelContext, rotary, index: int) -> MRopeAttention:
         qkv_bias, o_bias = self.attention_biases(config)
@@ -59,15 +64,19 @@ class Qwen2VLTextModel(llama.Qwen2ForCausalLM):
         params = rope_parameters(config)
         section = params.get("mrope_section")
         if not section:
-            raise ValueError("The Qwen2-VL text config has no rope_parameters.mrope_section; "
+            raise ValueError("The vision-language text config has no rope_parameters.mrope_section; "
                              "is the config complete?")
         if params["rope_type"] != "default":
-            raise ValueError(f"Qwen2-VL with rope_type {params['rope_type']!r} is not supported; "
-                             "M-RoPE runs the default rotary frequencies.")
+            raise ValueError(f"M-RoPE with rope_type {params['rope_type']!r} is not supported; "
+                             "it runs the default rotary frequencies.")
         return MRotaryEmbedding(head_size, rope_max_positions(config), params["rope_theta"], params,
                                 ctx.ops, section,
                                 rotary_dim=int(head_size * params.get("partial_rotary_factor", 1.0)),
-                                max_positions=ctx.max_positions)
+                                max_positions=ctx.max_positions, interleaved=self.interleaved_mrope)
+
+
+class Qwen2VLTextModel(MRopeText, llama.Qwen2ForCausalLM):
+    """Qwen2 with M-RoPE."""
 
 
 class Qwen2VLForConditionalGeneration(ImageTextModel):
@@ -86,8 +95,13 @@ class Qwen2VLForConditionalGeneration(ImageTextModel):
                              "yet; use tensor parallelism.")
         self.image_token_id = int(config.image_token_id)
         self.spatial_merge_size = int(vision.spatial_merge_size)
-        self.visual = vision_tower(vision)
-        self.language_model = Qwen2VLTextModel(text, ctx)
+        self.visual = self.make_visual(vision)
+        self.language_model = self.text_model(text, ctx)
+
+    text_model = Qwen2VLTextModel  # the language model's class
+
+    def make_visual(self, vision) -> nn.Module:
+        return vision_tower(vision)
 
     # -- what the runner calls -------------------------------------------------------------
 

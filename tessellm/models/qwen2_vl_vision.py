@@ -229,12 +229,12 @@ class VisionBlock(nn.Module):
 
 class PatchEmbed(nn.Module):
     """The Conv3d whose kernel is the whole patch (stride = kernel): one matrix product over
-    the flattened patches (its weight keeps the checkpoint's 5-D shape)."""
+    the flattened patches (its weight keeps the checkpoint's 5-D shape); Qwen3-VL's has a bias."""
 
-    def __init__(self, in_channels: int, temporal: int, patch: int, dim: int):
+    def __init__(self, in_channels: int, temporal: int, patch: int, dim: int, bias: bool = False):
         super().__init__()
         self.proj = nn.Conv3d(in_channels, dim, kernel_size=(temporal, patch, patch),
-                              stride=(temporal, patch, patch), bias=False)
+                              stride=(temporal, patch, patch), bias=bias)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight
@@ -242,7 +242,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"Image patches have {patches.shape[-1]} values; the vision tower "
                              f"takes {weight[0].numel()} (3 x temporal x patch x patch). Preprocess "
                              "with the model's image processor.")
-        return F.linear(patches.to(weight.dtype), weight.view(weight.shape[0], -1))
+        return F.linear(patches.to(weight.dtype), weight.view(weight.shape[0], -1), self.proj.bias)
 
 
 class PatchMerger(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tessellm.models import gemma, gemma2
 from tessellm.models import gpt_oss
 from tessellm.models import gemma3_mm, llava_next, qwen2_vl
-from tessellm.models import mistral3  # noqa: I001 (vision models)
+from tessellm.models import mistral3, qwen3_vl
 from tessellm.models import cohere2, deepseek_v2, ernie4_5, ernie4_5_moe, glm4_moe
 from tessellm.models import apertus, dots1, hunyuan, seed_oss
 from tessellm.models import bamba, granite_moe_hybrid, mamba2
@@ -72,6 +72,7 @@ _MODELS = {
     "Qwen2_5_VLForConditionalGeneration": qwen2_vl.Qwen2_5_VLForConditionalGeneration,
     "Gemma3ForConditionalGeneration": gemma3_mm.Gemma3ForConditionalGeneration,
     "Mistral3ForConditionalGeneration": mistral3.Mistral3ForConditionalGeneration,
+    "Qwen3VLForConditionalGeneration": qwen3_vl.Qwen3VLForConditionalGeneration,
     # classifiers / cross-encoders: a pooling engine's classify and score (docs/pooling.md)
     "LlamaForSequenceClassification": seq_cls.LlamaForSequenceClassification,
     "MistralForSequenceClassification": seq_cls.MistralForSequenceClassification,

@@ -21,7 +21,8 @@ from tessellm.multimodal.inputs import MultiModalFeature
 from tessellm.multimodal.processor import (ImageProcessor, as_image_list, auto_image_processor,
                                            saved_chat_template)
 
-ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                 "Qwen3VLForConditionalGeneration")
 
 
 def is_qwen2_vl(hf_config) -> bool:

@@ -41,3 +41,10 @@ def mistral3_dir(tmp_path_factory):
     from tests.multimodal.tiny_mistral3 import make_tiny_mistral3
 
     return make_tiny_mistral3(str(tmp_path_factory.mktemp("tiny-mistral3")))
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_dir(tmp_path_factory):
+    from tests.multimodal.tiny_qwen2_vl import make_tiny_qwen2_vl
+
+    return make_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen3-vl")), kind="qwen3_vl", seed=2)

@@ -23,7 +23,8 @@ CHAT_TEMPLATE = (
     "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
     "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 ARCHS = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
-         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+         "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 
 def _tokenizer():
@@ -34,7 +35,9 @@ def _tokenizer():
 def config(kind: str = "qwen2_vl"):
     """Two text layers (hidden 64, head 16: mrope_section [2, 3, 3]) and a depth-2 tower;
     Qwen2.5-VL's windows are 2x2 merge blocks (16 px), block 1 attends over the whole image,
-    and its LM head is tied to the embeddings."""
+    and its LM head is tied to the embeddings. Qwen3-VL: a Qwen3 text model (q/k norms) with
+    interleaved M-RoPE, a 3-block tower with a 4 x 4 position table and DeepStack mergers after
+    blocks 0 and 1 (added after text layers 0 and 1)."""
     import transformers
 
     text = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -46,6 +49,12 @@ def config(kind: str = "qwen2_vl"):
     if kind == "qwen2_vl":
         vision = dict(common, embed_dim=32, hidden_size=64, mlp_ratio=2)
         cls = transformers.Qwen2VLConfig
+    elif kind == "qwen3_vl":
+        text.update(head_dim=16, rope_parameters={**text["rope_parameters"], "mrope_interleaved": True})
+        vision = dict(common, depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48,
+                      num_position_embeddings=16, deepstack_visual_indexes=[0, 1],
+                      initializer_range=0.2)
+        cls = transformers.Qwen3VLConfig
     else:
         vision = dict(common, hidden_size=32, out_hidden_size=64, intermediate_size=48,
                       window_size=16, fullatt_block_indexes=[1])
@@ -55,20 +64,24 @@ def config(kind: str = "qwen2_vl"):
     return cls(text_config=text, vision_config=vision, image_token_id=IMAGE_PAD,
                video_token_id=VIDEO_PAD, vision_start_token_id=3, vision_end_token_id=4,
                eos_token_id=2, pad_token_id=0, bos_token_id=None, architectures=[ARCHS[kind]],
-               tie_word_embeddings=kind == "qwen2_5_vl")
+               tie_word_embeddings=kind != "qwen2_vl")
 
 
 def make_tiny_qwen2_vl(path: str, kind: str = "qwen2_vl", seed: int = 0) -> str:
     """Saves config, float32 safetensors, tokenizer (with the chat template) and the image
     processor (``preprocessor_config.json``)."""
     import torch
+    import torch.nn as nn
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(seed)
     model = getattr(transformers, ARCHS[kind])(config(kind)).to(torch.float32)
     with torch.no_grad():  # larger merger weights: image content visibly moves the logits
-        for p in model.model.visual.merger.parameters():
+        visual = model.model.visual
+        for p in visual.merger.parameters():
+            p.mul_(4.0)
+        for p in getattr(visual, "deepstack_merger_list", nn.ModuleList()).parameters():
             p.mul_(4.0)
     model.save_pretrained(path)
     _tokenizer().save_pretrained(path)

@@ -1,0 +1,77 @@
+"""Qwen3-VL dense (``Qwen3VLForConditionalGeneration``): Qwen2-VL's shape (image tokens as
+embeddings, M-RoPE positions from ``multimodal/mrope.py``, the Qwen2-VL front end and image
+processor) with its own tower (``qwen3_vl_vision.py``), a Qwen3 language model (q/k RMSNorm)
+whose M-RoPE interleaves the three axes' frequencies, and DeepStack::
+
+    tower -> [tokens, (1 + k) * hidden]: f (the embeddings) | d_0 | ... | d_k-1
+    language model:  h = embed(ids), f at the image rows
+                     after layer i < k:  h[image rows] += d_i      (HF's _deepstack_process)
+
+The runner's encoder cache holds the concatenation, so chunked prefill and the prefix cache
+hand every step its image rows of all of them. The addition goes into the residual stream,
+which is whole on every tensor-parallel rank (the layer's MLP output is the partial sum).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from tessellm.layers.context import ModelContext
+from tessellm.models import llama
+from tessellm.models.qwen2_vl import MRopeText, Qwen2VLForConditionalGeneration
+from tessellm.models.qwen3_vl_vision import Qwen3VisionTower
+
+
+class Qwen3VLTextModel(MRopeText, llama.Qwen3ForCausalLM):
+    """Qwen3 with interleaved M-RoPE; ``forward`` adds the DeepStack features after the first
+    layers when a step has image rows."""
+
+    interleaved_mrope = True
+
+    def forward(self, input_ids, positions, metadata, intermediate=None, inputs_embeds=None,
+                deepstack: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None):
+        """``deepstack``: (the step's image rows, per early layer their features) or None."""
+        if deepstack is None:
+            return super().forward(input_ids, positions, metadata, intermediate, inputs_embeds)
+        rows, features = deepstack
+        hidden, residual = inputs_embeds, None
+        for i in range(self.start_layer, self.end_layer):
+            hidden, residual = self.layers[i](positions, hidden, residual, metadata)
+            if i < len(features):
+                residual = residual.index_add(0, rows, features[i].to(residual.dtype))
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    """``encode_images`` gives each image's rows of the embeddings and the DeepStack features
+    side by side (``Qwen3VisionTower``); ``forward`` splits them."""
+
+    text_model = Qwen3VLTextModel
+
+    def __init__(self, config, ctx: ModelContext):
+        super().__init__(config, ctx)
+        self.hidden_size = int(config.vision_config.out_hidden_size)
+        if self.hidden_size != self.language_model.config.hidden_size:
+            raise ValueError(f"vision_config.out_hidden_size {self.hidden_size} is not the "
+                             f"language model's hidden_size {self.language_model.config.hidden_size}.")
+        if len(self.visual.deepstack_indexes) > len(self.language_model.layers):
+            raise ValueError("Qwen3-VL has more deepstack_visual_indexes than decoder layers to "
+                             "add them to; the config does not match the model.")
+
+    def make_visual(self, vision) -> nn.Module:
+        return Qwen3VisionTower(vision)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata,
+                intermediate=None, mm_embeds=None):
+        if mm_embeds is None:
+            return self.language_model(input_ids, positions, metadata, intermediate)
+        rows, feats = mm_embeds
+        first, *deep = feats.split(self.hidden_size, dim=-1)
+        embeds = self.language_model.embed_tokens(input_ids)
+        embeds[rows] = first.to(embeds.dtype)
+        return self.language_model(input_ids, positions, metadata, intermediate,
+                                   inputs_embeds=embeds, deepstack=(rows, deep))
