@@ -230,6 +230,9 @@ def resolve_dtype(requested: str, hf_config, device_type: str) -> torch.dtype:
     return torch.bfloat16
 
 
+_PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta")  # learned positions start past padding_idx
+
+
 def resolve_max_model_len(requested: Optional[int], hf_config) -> int:
     """Default and limit: max_position_embeddings (2048 without one), extended by a yarn
     rope scaling (``layers.rope_config.rope_max_positions``)."""
@@ -238,6 +241,9 @@ def resolve_max_model_len(requested: Optional[int], hf_config) -> int:
     limit = 2048
     if getattr(hf_config, "max_position_embeddings", None):
         limit = rope_max_positions(hf_config)
+    if getattr(hf_config, "model_type", None) in _PADDING_OFFSET_POSITIONS:
+        # RoBERTa counts positions from padding_idx + 1 (models/bert.py): 514 rows hold 512.
+        limit -= int(getattr(hf_config, "pad_token_id", None) or 0) + 1
     if requested is None:
         return int(limit)
     if requested > limit:

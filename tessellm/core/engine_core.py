@@ -110,6 +110,11 @@ class EngineCore:
         self.pooling = pooler_config_for(args, self.source)  # None: the engine generates
         if self.pooling is not None:
             _check_pooling_args(args)
+        if self.pooling is not None and self.pooling.bidirectional:  # a prompt runs whole
+            from tessellm.pooling.encoder import encoder_args
+
+            args = encoder_args(args, self.max_model_len,
+                                default_max_num_batched_tokens(args, self.backend.device_type))
         # Schedule step N+1 while step N runs (scheduler module docstring); a pooling request
         # ends with its prompt, so there is no step to schedule ahead of.
         self.async_scheduling = (resolve_async_scheduling(args, self.backend.device_type)

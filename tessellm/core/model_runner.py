@@ -111,6 +111,8 @@ class ModelRunner(RunnerGraphs):
         # Gemma 3: an image's tokens attend to the whole image (AttentionBatch.key_limits over
         # the image spans a step computes, tessellm.multimodal.image_spans).
         self.image_key_limits = bool(getattr(model, "bidirectional_images", False))
+        # Encoder-only models (BERT): key limits over each whole sequence (pooling/encoder.py).
+        self.bidirectional = bool(getattr(model, "bidirectional", False))
         # Pooling runner (tessellm.pooling.pooler.Pooler): steps pool hidden states instead of
         # sampling (``_pool``); None: the runner generates.
         self.pooler = pooler
@@ -296,7 +298,12 @@ class ModelRunner(RunnerGraphs):
         run, lora_slots = host, self._lora_slots
         if self.buckets is not None:  # padded rows go after the real ones: rows stay aligned
             run, lora_slots = pad_host_inputs(host, self.buckets, len(states), self.batch.tables.width), None
-        ids, positions, attn, _ = self._eager_tensors(run, counts, lora_slots)
+        limits = None
+        if self.bidirectional:  # an encoder: every row sees its whole sequence
+            from tessellm.pooling.encoder import encoder_key_limits
+
+            limits = encoder_key_limits(states, counts)
+        ids, positions, attn, _ = self._eager_tensors(run, counts, lora_slots, limits)
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(run.num_tokens))
         if not self.io.send(hidden):
             out.pooled = self.pooler(hidden, host.query_start_loc, states, counts)

@@ -176,9 +176,9 @@ def check_key_limits(registry, backend, kernel, spec: AttentionSpec) -> None:
     ``supports_key_limits`` (it would attend causally: tokens unlike HF's)."""
     if spec.prefill_key_limits:
         _require_kernel_flag(registry, backend, kernel, "key_limits",
-                             "lets image tokens attend to the whole image, later tokens "
-                             "included (AttentionSpec.prefill_key_limits: Gemma 3's "
-                             "bidirectional attention within an image)")
+                             "lets prompt tokens attend to later tokens (AttentionSpec."
+                             "prefill_key_limits: Gemma 3's image tokens see the whole image, an "
+                             "encoder's tokens the whole prompt)")
 
 
 def check_tensor_parallel_quantization(quant_spec, tp_size: int) -> None:

@@ -11,6 +11,7 @@ from tessellm.models import apertus, dots1, hunyuan, seed_oss
 from tessellm.models import bamba, granite_moe_hybrid, mamba2
 from tessellm.models import qwen3_next
 from tessellm.models import llama4
+from tessellm.models import bert
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
                              gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
                              olmoe, phi, phi3, phimoe, seq_cls, smollm3, stablelm, starcoder2)
@@ -78,6 +79,13 @@ _MODELS = {
     "MistralForSequenceClassification": seq_cls.MistralForSequenceClassification,
     "Qwen2ForSequenceClassification": seq_cls.Qwen2ForSequenceClassification,
     "Qwen3ForSequenceClassification": seq_cls.Qwen3ForSequenceClassification,
+    # encoder-only (bidirectional): embeddings and cross-encoders (models/bert.py)
+    "BertModel": bert.BertModel,
+    "RobertaModel": bert.RobertaModel,
+    "XLMRobertaModel": bert.RobertaModel,
+    "BertForSequenceClassification": bert.BertForSequenceClassification,
+    "RobertaForSequenceClassification": bert.RobertaForSequenceClassification,
+    "XLMRobertaForSequenceClassification": bert.RobertaForSequenceClassification,
 }
 
 

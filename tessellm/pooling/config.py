@@ -14,7 +14,8 @@ What a pooling engine does (``PoolerConfig.task``) follows from the architecture
 ``*ForSequenceClassification`` classifies (its ``score`` head's logits, ``num_labels`` of them;
 with ``num_labels == 1`` it is a cross-encoder and also scores pairs); anything else embeds.
 
-How it pools, lowest precedence first: LAST with ``normalize=True`` (decoder embedding models);
+How it pools, lowest precedence first: LAST with ``normalize=True`` (decoder embedding models;
+CLS for an encoder-only model, ``tessellm.pooling.encoder``);
 the checkpoint's sentence-transformers files (``modules.json`` naming a ``Pooling`` module whose
 ``config.json`` sets ``pooling_mode_*``, and a ``Normalize`` module or not); then
 ``pooler_config`` (a dict or its JSON, e.g. ``{"pooling_type": "MEAN"}``), over which
@@ -57,13 +58,17 @@ class PoolerConfig:
     labels: tuple[str, ...] = ()  # classify: config.json's id2label in id order ("LABEL_i" if absent)
     use_activation: bool = True  # classify: softmax (sigmoid for one label) unless a request says
     use_sep_token: bool = True  # score: a pair is the tokenizer's text pair; False: one text, q + d
+    # An encoder-only model (BERT, XLM-R): attention both ways over each whole prompt, which
+    # then runs in one step, without prefix caching (tessellm.pooling.encoder).
+    bidirectional: bool = False
 
     @property
     def prefix_caching_ok(self) -> bool:
         """A prefix-cache hit skips the hidden states of the cached tokens: LAST never reads
         them (the last prompt token is always computed, and causal attention makes its state
-        the same with or without the hit); MEAN and CLS do, so they run without the cache."""
-        return self.pooling_type == "LAST"
+        the same with or without the hit); MEAN and CLS do, so they run without the cache.
+        Under bidirectional attention a cached key depends on the tokens after it: never."""
+        return self.pooling_type == "LAST" and not self.bidirectional
 
 
 def check_runner_args(runner: str, task: Optional[str], convert: str) -> None:
@@ -139,7 +144,7 @@ def pooler_config_for(args, source) -> Optional[PoolerConfig]:
     """The engine's PoolerConfig in pooling mode, None when it generates."""
     if resolve_runner(args, source.hf_config) != "pooling":
         return None
-    config = PoolerConfig(hidden_size=int(source.hf_config.hidden_size))
+    config = PoolerConfig(hidden_size=int(source.hf_config.hidden_size), **_model_defaults(source.hf_config))
     if is_classifier(source.hf_config):
         labels = classifier_labels(source.hf_config)
         config = replace(config, task="classify", num_labels=len(labels), labels=labels,
@@ -153,6 +158,19 @@ def pooler_config_for(args, source) -> Optional[PoolerConfig]:
                              "classifier (*ForSequenceClassification); this model embeds: use normalize.")
         config = replace(config, **given)
     return config
+
+
+def _model_defaults(hf_config) -> dict:
+    """What the model class says: an encoder (``bidirectional``) pools its first token unless
+    told otherwise (``default_pooling_type``, vLLM's default for BERT-family models)."""
+    from tessellm.pooling.encoder import is_encoder
+
+    if not is_encoder(hf_config):
+        return {}
+    from tessellm.models.registry import model_class
+
+    return {"bidirectional": True,
+            "pooling_type": getattr(model_class(hf_config, pooling=True), "default_pooling_type", "LAST")}
 
 
 def parse_pooler_override(value) -> dict:

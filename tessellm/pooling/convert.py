@@ -46,6 +46,9 @@ def model_source(args) -> ModelSource:
         _as_classifier(config)
     if _from_token_method(config) is not None:
         _from_token_config(config, source, getattr(args, "tokenizer", None))
+    from tessellm.pooling.encoder import pair_separator_config
+
+    pair_separator_config(config, source, getattr(args, "tokenizer", None))  # BERT pairs' token types
     return source
 
 
