@@ -24,8 +24,8 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tiny-encoders"))
 
 
-def _llm(path, **kwargs):
-    return LLM(path, device="cpu", num_kv_blocks=64, **kwargs)
+def _llm(path, device="cpu", **kwargs):
+    return LLM(path, device=device, num_kv_blocks=64, **kwargs)
 
 
 def _vectors(outs):
@@ -126,3 +126,14 @@ def test_generation_is_refused(root):
     path = make_encoder(root, "bert")
     with pytest.raises(ValueError, match="runner='pooling'"):
         _llm(path, runner="generate")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.slow), "tpu"])
+def test_embeddings_on_emulated_backends(root, device):
+    """The same through the cuda backend's Triton kernel (interpreted on the CPU) and the tpu
+    backend's bucketed, padded steps (padding rows keep causal limits)."""
+    path = make_encoder(root, "bert")
+    prompts = random_prompts(4, seed=12, lo=1, hi=70)
+    llm = _llm(path, device=device, emulate=True, dtype="float32")
+    got = _vectors(llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False))
+    torch.testing.assert_close(got, _reference(path, prompts, "CLS"), atol=ATOL, rtol=0)

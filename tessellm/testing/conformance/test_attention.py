@@ -197,6 +197,9 @@ KEY_LIMIT_BATCHES = {
     # images in one chunk, the second ending the chunk
     "prefill": ([9, 40, 23], [0, 3, 0], [[(0, 8)], [(2, 35)], [(1, 6), (10, 22)]]),
     "mixed": ([1, 1, 12, 20], [12, 40, 5, 17], [[], [], [(3, 9)], [(0, 0), (4, 19)]]),
+    # an encoder's step (BERT: bidirectional attention): whole sequences, each row seeing its
+    # sequence's last key; one sequence crosses blocks and the kernels' query tiles
+    "whole-sequences": ([9, 70, 1, 33], [0, 0, 0, 0], [[(0, 8)], [(0, 69)], [(0, 0)], [(0, 32)]]),
 }
 
 
@@ -214,9 +217,9 @@ def image_key_limits(q_lens: list[int], ctx: list[int], spans: list[list]) -> li
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("batch", list(KEY_LIMIT_BATCHES))
 def test_attention_key_limits(target, batch, window):
-    """``AttentionSpec.prefill_key_limits`` (Gemma 3's images): a row of an image sees the
-    image's later keys too (``AttentionBatch.key_limits``), the sliding window still relative
-    to its position. A kernel that serves such a spec must declare ``supports_key_limits``;
+    """``AttentionSpec.prefill_key_limits`` (Gemma 3's images, encoders' whole sequences): a
+    row of an image sees the image's later keys too (``AttentionBatch.key_limits``), the
+    sliding window still relative to its position. A kernel that serves such a spec must declare ``supports_key_limits``;
     one that does not is skipped (the engine refuses such models on it), unless the backend's
     capabilities claim ``key_limits``."""
     spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64, dtype=torch.float32,
