@@ -41,6 +41,7 @@ from tessellm.layers.context import ModelContext
 from tessellm.layers.layer_norm import LayerNorm
 from tessellm.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, materialize
 from tessellm.layers.vocab import VocabParallelEmbedding
+from tessellm.models.llama import _copy
 
 _PREFIXES = ("bert.", "roberta.", "model.")  # a classifier's (or a wrapper's) base-model prefix
 # Tensors HF saves that are not parameters here: buffers and heads this engine never runs.
@@ -247,13 +248,6 @@ class BertModel(nn.Module):
         return name
 
     keeps_pooler = False
-
-
-def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-    if param.shape != tensor.shape:
-        raise ValueError(f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected "
-                         f"{tuple(param.shape)}; the config does not match the weights.")
-    param.data.copy_(tensor)
 
 
 class RobertaModel(BertModel):
