@@ -40,3 +40,11 @@ def save_apertus(config, path: str) -> str:
 def test_apertus_matches_hf(overrides, engine, tmp_path):
     path = save_apertus(apertus_config(**overrides), str(tmp_path / "apertus"))
     assert_parity(path, prompts((5, 30)), max_new=16, **engine)
+
+
+# Slow lane (ci/matrix.yaml's cpu lane): xIELU runs on each rank's columns of up_proj, its
+# parameters replicated; down_proj's partial sums are summed by the next norm.
+@pytest.mark.slow
+def test_apertus_tensor_parallel(tmp_path):
+    path = save_apertus(apertus_config(), str(tmp_path / "tp"))
+    assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")

@@ -29,3 +29,10 @@ def cohere2_config(**overrides):
 def test_cohere2_matches_hf(overrides, engine, tmp_path):
     path = save_tiny(cohere2_config(**overrides), str(tmp_path / "cohere2"))
     assert_parity(path, prompts((5, 30)), max_new=16, **engine)
+
+
+# Slow lane (ci/matrix.yaml's cpu lane): Cohere's parallel block under TP is test_cohere.py's.
+@pytest.mark.slow
+def test_cohere2_tensor_parallel(tmp_path):
+    path = save_tiny(cohere2_config(), str(tmp_path / "tp"))
+    assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")

@@ -45,3 +45,12 @@ def test_ernie4_5_matches_hf(overrides, engine, tmp_path):
 def test_ernie4_5_moe_matches_hf(overrides, engine, tmp_path):
     path = save_deepseek(ernie4_5_moe_config(**overrides), str(tmp_path / "ernie-moe"))
     assert_parity(path, prompts((5, 30)), max_new=16, **engine)
+
+
+# Slow lane (ci/matrix.yaml's cpu lane): experts under TP are tests/distributed/test_moe_parallel.py's.
+@pytest.mark.slow
+def test_ernie4_5_moe_tensor_parallel_with_bias(tmp_path):
+    """``use_bias``: the shared experts' down_proj sums its own output (its bias added once), so
+    the routed experts' partial sums are summed in the MoE block too, before they join it."""
+    path = save_deepseek(ernie4_5_moe_config(use_bias=True), str(tmp_path / "tp"))
+    assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")

@@ -30,3 +30,12 @@ def glm4_moe_config(**overrides):
 def test_glm4_moe_matches_hf(overrides, engine, tmp_path):
     path = save_deepseek(glm4_moe_config(**overrides), str(tmp_path / "glm4moe"))
     assert_parity(path, prompts((5, 30)), max_new=16, **engine)
+
+
+# Slow lane (ci/matrix.yaml's cpu lane): per-head q/k norms under TP are qwen3's and V3's MoE
+# under TP test_deepseek.py's, by default.
+@pytest.mark.slow
+def test_glm4_moe_tensor_parallel(tmp_path):
+    path = save_deepseek(glm4_moe_config(use_qk_norm=True, n_group=4, topk_group=2),
+                         str(tmp_path / "tp"))
+    assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")

@@ -43,3 +43,10 @@ def test_seed_oss_matches_hf(overrides, engine, tmp_path):
 def test_hunyuan_dense_matches_hf(overrides, engine, tmp_path):
     path = save_tiny(hunyuan_config(**overrides), str(tmp_path / "hunyuan"))
     assert_parity(path, prompts((5, 30)), max_new=16, **engine)
+
+
+# Slow lane (ci/matrix.yaml's cpu lane): each rank norms its own heads after rotary.
+@pytest.mark.slow
+def test_hunyuan_dense_tensor_parallel(tmp_path):
+    path = save_tiny(hunyuan_config(attention_bias=True), str(tmp_path / "tp"))
+    assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")
