@@ -18,7 +18,7 @@ device ops come from the backend: ``mamba_conv1d`` and ``gated_delta_chunk`` /
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -55,7 +55,16 @@ class DeltaNetShape:
 
 class GatedDeltaNet(nn.Module):
     """The recurrent state cache binds ``conv_state [slots, conv_dim, width - 1]`` and
-    ``ssm_state [slots, Hv, dk, dv]`` (the delta rule's state, under the cache's name)."""
+    ``ssm_state [slots, Hv, dk, dv]`` (the delta rule's state, under the cache's name).
+
+    Under tensor parallelism each rank holds ``Hk / T`` key heads and their ``Hv / T`` value
+    heads (``local``): its rows of each part of the (regrouped) projections, its conv channels
+    of q, k and v, its heads' ``A_log`` and ``dt_bias``; ``out_proj`` leaves its output a partial
+    sum for the next norm to reduce, as attention's ``o_proj`` does::
+
+        in_proj_qkvz rows:  [ q: Hk*dk | k: Hk*dk | v: Hv*dv | z: Hv*dv ]   each part cut alone
+        rank r holds:       [ q_r      | k_r      | v_r      | z_r      ]
+    """
 
     def __init__(self, shape: DeltaNetShape, ctx: ModelContext):
         super().__init__()
@@ -68,7 +77,15 @@ class GatedDeltaNet(nn.Module):
         if shape.value_heads % shape.key_heads:
             raise ValueError(f"linear_num_value_heads {shape.value_heads} must be a multiple of "
                              f"linear_num_key_heads {shape.key_heads}.")
+        tp = ctx.tp
+        if shape.key_heads % tp.size:
+            raise ValueError(f"The model's {shape.key_heads} linear-attention key heads do not "
+                             f"split over tensor_parallel_size {tp.size}; use a size that "
+                             f"divides {shape.key_heads}.")
         self.shape = s = shape
+        self.tp = tp
+        self.local = n = replace(s, key_heads=s.key_heads // tp.size,
+                                 value_heads=s.value_heads // tp.size)
         self.ops = ops
         parts = [s.keys, s.keys, s.values, s.values]
         self.in_proj_qkvz = ColumnParallelLinear(s.hidden_size, parts, bias=False,
@@ -76,19 +93,20 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_ba = ColumnParallelLinear(s.hidden_size, [s.value_heads, s.value_heads],
                                                bias=False, quant_method=ctx.quant_method,
                                                tp=ctx.tp)
-        self.conv1d = _ConvWeight(s.conv_dim, s.conv_width)
-        self.dt_bias = nn.Parameter(torch.ones(s.value_heads), requires_grad=False)
-        self.A_log = nn.Parameter(torch.zeros(s.value_heads), requires_grad=False)
-        self.norm = _NormWeight(s.value_dim)
+        self.conv1d = _ConvWeight(n.conv_dim, s.conv_width)
+        self.dt_bias = nn.Parameter(torch.ones(n.value_heads), requires_grad=False)
+        self.A_log = nn.Parameter(torch.zeros(n.value_heads), requires_grad=False)
+        self.norm = _NormWeight(s.value_dim)  # one per value head dim: every rank's whole
         self.out_proj = RowParallelLinear(s.values, s.hidden_size, bias=False,
-                                          quant_method=ctx.quant_method, tp=ctx.tp)
+                                          quant_method=ctx.quant_method, tp=tp,
+                                          reduce_results=False)
         self.conv_state = self.ssm_state = None  # bound by the state cache
         self.step = None
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Per slot: (conv state, recurrent state) shapes."""
-        s = self.shape
-        return (s.conv_dim, s.conv_width - 1), (s.value_heads, s.key_dim, s.value_dim)
+        """Per slot: (conv state, recurrent state) shapes of this rank's heads."""
+        n = self.local
+        return (n.conv_dim, n.conv_width - 1), (n.value_heads, n.key_dim, n.value_dim)
 
     def bind(self, conv_state: torch.Tensor, ssm_state: torch.Tensor, step) -> None:
         """The state cache's tensors for this layer and the step holder it sets each step."""
@@ -110,6 +128,11 @@ class GatedDeltaNet(nn.Module):
         if attr == "out_proj.weight":
             self.out_proj.load_shard("weight", tensor, None)
             return
+        if attr == "conv1d.weight":  # channels [q | k | v]: this rank's of each
+            tensor = torch.cat([self._mine(part) for part in tensor.split([s.keys, s.keys,
+                                                                            s.values])])
+        elif attr in ("A_log", "dt_bias"):
+            tensor = self._mine(tensor)
         params = dict(self.named_parameters())
         if attr not in params:
             raise ValueError(f"Checkpoint tensor linear_attn.{attr} has no place in a gated "
@@ -121,8 +144,14 @@ class GatedDeltaNet(nn.Module):
                              "does not match the weights.")
         param.data.copy_(tensor)
 
+    def _mine(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's equal share of ``rows`` (its heads' rows of a part)."""
+        size = rows.shape[0] // self.tp.size
+        return rows[self.tp.rank * size:(self.tp.rank + 1) * size]
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        s, batch, t = self.shape, self.step.batch, hidden.shape[0]
+        """This rank's partial sum of the layer's output (``out_proj`` is not reduced)."""
+        s, batch, t = self.local, self.step.batch, hidden.shape[0]
         qkvz = self.in_proj_qkvz(hidden)
         b, a = self.in_proj_ba(hidden).split([s.value_heads, s.value_heads], dim=-1)
         qkv = self.ops.mamba_conv1d(qkvz[:, :s.conv_dim], self.conv1d.weight[:, 0], None,

@@ -14,7 +14,8 @@ gated DeltaNet linear attention and gated full attention, each layer with Qwen-M
 Every RMSNorm but the DeltaNet's gated one scales by ``1 + weight`` (HF's ``Qwen3NextRMSNorm``):
 the loader adds the 1 (as Gemma's). Checkpoint names are HF's; ``mtp.*`` (the multi-token
 prediction head, unused by HF too) is skipped. What a recurrent state cannot do yet is refused
-as for the Mamba models (``models/state_space.py``); tensor parallelism too, for now.
+as for the Mamba models (``models/state_space.py``). Tensor parallelism splits the DeltaNet
+heads by key head (``GatedDeltaNet``), attention heads, and the experts' intermediate size.
 """
 
 from __future__ import annotations
@@ -75,12 +76,15 @@ class LinearAttentionLayer(nn.Module):
         input_layernorm(h, res) -> linear_attn -> post_attention_layernorm(h, res) -> mlp
     """
 
-    def __init__(self, mixer: GatedDeltaNet, mlp: nn.Module, norm):
+    def __init__(self, mixer: GatedDeltaNet, mlp: nn.Module, norm, tp, first: bool):
+        """``norm(reduce)`` builds a norm summing its input over ``reduce``: under tensor
+        parallelism the previous layer's MLP and the mixer's ``out_proj`` leave partial sums
+        (the first layer's input, the embedding, is whole)."""
         super().__init__()
         self.linear_attn = mixer
         self.mlp = mlp
-        self.input_layernorm = norm(None)
-        self.post_attention_layernorm = norm(None)
+        self.input_layernorm = norm(None if first else tp)
+        self.post_attention_layernorm = norm(tp)
 
     def forward(self, positions, hidden, residual, metadata):
         if residual is None:
@@ -105,10 +109,6 @@ class Qwen3NextForCausalLM(Qwen2MoeForCausalLM):
 
     def __init__(self, config, ctx: ModelContext):
         check_single_stage(ctx)
-        if ctx.tp.size > 1:
-            raise ValueError("Qwen3NextForCausalLM runs with tensor_parallel_size=1 for now (its "
-                             "gated DeltaNet layers are not split over ranks yet); use "
-                             "tensor_parallel_size=1.")
         self.kinds = list(config.layer_types)
         if len(self.kinds) != config.num_hidden_layers or set(self.kinds) - set(_KINDS):
             raise ValueError(f"config.layer_types must name {config.num_hidden_layers} layers, "
@@ -137,7 +137,8 @@ class Qwen3NextForCausalLM(Qwen2MoeForCausalLM):
             return super().make_layer(config, ctx, rotary, index)
         return LinearAttentionLayer(GatedDeltaNet(deltanet_shape(config), ctx),
                                     self.make_mlp(config, ctx, index),
-                                    lambda reduce: self.make_norm(config, ctx, reduce))
+                                    lambda reduce: self.make_norm(config, ctx, reduce), ctx.tp,
+                                    first=index == 0)
 
     def attention_layers(self) -> list:
         return [layer.self_attn.attn for layer in self.layers if isinstance(layer, DecoderLayer)]

@@ -9,8 +9,8 @@ token before it and cannot be rebuilt from a block hash, so:
 - prefix caching is off (a hit would skip tokens whose state nobody has): ``prefix_caching``;
 - speculative decoding is refused (a rejected draft token would have to be taken back out of
   the state); LoRA, quantization and pipeline parallelism are refused until they are built and tested (tensor
-  parallelism splits the Mamba heads: ``layers/mamba_mixer.py``; gated DeltaNet layers are not
-  split yet, so tensor parallelism is refused for them);
+  parallelism splits the Mamba heads: ``layers/mamba_mixer.py``, and the gated DeltaNet heads:
+  ``layers/gated_deltanet.py``);
 - steps run eagerly (no captured decode graphs: the state slots are step inputs the graphs
   do not take).
 
@@ -51,8 +51,6 @@ def check_engine_args(args, config) -> None:
          "load an unquantized checkpoint without quantization="),
         (getattr(args, "pipeline_parallel_size", 1) > 1, "pipeline parallelism",
          "use pipeline_parallel_size=1"),
-        (arch in LINEAR_ATTENTION_ARCHITECTURES and getattr(args, "tensor_parallel_size", 1) > 1,
-         "tensor parallelism", "use tensor_parallel_size=1"),
     ]
     for bad, what, fix in refused:
         if bad:

@@ -49,6 +49,14 @@ def test_qwen3_next_dense_layers_and_one_value_head_per_key(tmp_path):
     assert_parity(path, prompts((9, 40)), max_new=8, max_num_batched_tokens=16)
 
 
+def test_qwen3_next_tensor_parallel(qwen3_next_dir):
+    """tensor_parallel_size=2 (gloo): each rank holds one of the two DeltaNet key heads and its
+    two value heads (their conv channels, states, A_log, dt_bias), half the attention heads and
+    half of each expert; the partial sums meet in the norms."""
+    assert_parity(qwen3_next_dir, prompts((5, 37)), max_new=8, tensor_parallel_size=2,
+                  device="cpu", max_num_batched_tokens=16)
+
+
 def test_qwen3_next_preemption_recomputes_the_states(qwen3_next_dir):
     """A KV cache too small for every request at once: the scheduler preempts, the preempted
     request's state slot is freed and its states rebuilt from its first token."""
@@ -81,8 +89,6 @@ def test_qwen3_next_refuses_what_a_recurrent_state_cannot_do(qwen3_next_dir):
         LLM(qwen3_next_dir, dtype="float32", quantization="fp8")
     with pytest.raises(ValueError, match="do not run on backend 'tpu' yet"):
         LLM(qwen3_next_dir, dtype="float32", device="tpu", emulate=True)
-    with pytest.raises(ValueError, match="does not support tensor parallelism yet"):
-        LLM(qwen3_next_dir, dtype="float32", tensor_parallel_size=2, device="cpu")
 
 
 def test_qwen3_next_refused_on_ops_without_the_flag(qwen3_next_dir):
