@@ -85,3 +85,41 @@ def test_chunked_prefill_through_an_images_rows(mistral3_dir):
              enable_chunked_prefill=True, limit_mm_per_prompt={"image": 2}) as llm:
         got, _ = _generate(llm, prompts, images)
     assert got == hf_greedy(mistral3_dir, prompts, images, MAX_NEW)
+
+
+def test_transformers5_in_memory_weight_names(mistral3_dir, tmp_path):
+    """Weights named as transformers 5 holds them in memory (``model.vision_tower.*``,
+    ``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head.*``) load to the
+    same model as the hub's layout (``language_model.model.*``, ``vision_tower.*``), which
+    ``save_pretrained`` writes and the other tests load."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "in-memory"
+    shutil.copytree(mistral3_dir, path)
+    weights = load_file(str(path / "model.safetensors"))
+    assert any(k.startswith("language_model.model.") for k in weights)
+
+    def rename(k):
+        if k.startswith("language_model.model."):
+            return "model.language_model." + k[len("language_model.model."):]
+        if k.startswith("language_model.lm_head."):
+            return k[len("language_model."):]
+        return "model." + k
+
+    save_file({rename(k): v for k, v in weights.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    with LLM(str(path), dtype="float32", num_kv_blocks=32, block_size=4) as llm:
+        got, _ = _generate(llm, [PROMPT], [[image(12)]])
+    assert got == hf_greedy(mistral3_dir, [PROMPT], [[image(12)]], MAX_NEW)
+
+
+@pytest.mark.slow  # two worker processes: ~20 s on 2 shared cores
+def test_tensor_parallel_two_ranks_with_chunked_prefill(mistral3_dir):
+    """The tower replicated on both ranks, the language model split; 16-token chunks."""
+    prompts, images = [TWO, PROMPT], [[image(13, (24, 32)), image(14)], [image(15)]]
+    with LLM(mistral3_dir, device="cpu", dtype="float32", num_kv_blocks=64, block_size=4,
+             tensor_parallel_size=2, max_num_batched_tokens=16, limit_mm_per_prompt={"image": 2}) as llm:
+        got, _ = _generate(llm, prompts, images)
+    assert got == hf_greedy(mistral3_dir, prompts, images, MAX_NEW)

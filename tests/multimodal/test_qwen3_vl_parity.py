@@ -59,3 +59,14 @@ def test_chat_with_an_image_matches_hf(llm, qwen3_vl_dir):
                                            {"type": "text", "text": "What is this?"}]}
     out = llm.chat([message], GREEDY, use_tqdm=False)
     assert list(out[0].outputs[0].token_ids) == hf_greedy(qwen3_vl_dir, [PROMPT], [[image(8)]], MAX_NEW, kind=KIND)[0]
+
+
+@pytest.mark.slow  # two worker processes: ~20 s on 2 shared cores
+def test_tensor_parallel_two_ranks_with_chunked_prefill(qwen3_vl_dir):
+    """DeepStack features go into the residual stream, whole on both ranks (the MLP outputs
+    are the partial sums); 16-token chunks through the images."""
+    prompts, images = [TWO, PROMPT], [[image(9, (24, 32)), image(10)], [image(11)]]
+    with LLM(qwen3_vl_dir, device="cpu", dtype="float32", num_kv_blocks=64, block_size=4,
+             tensor_parallel_size=2, max_num_batched_tokens=16, limit_mm_per_prompt={"image": 2}) as llm:
+        got, _ = _generate(llm, prompts, images)
+    assert got == hf_greedy(qwen3_vl_dir, prompts, images, MAX_NEW, kind=KIND)
