@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
 from tessellm.layers.xielu import XIELU
+from tessellm.models.checkpoint_rename import llama_form
 from tessellm.models.dense_mlp import DenseMLP
 from tessellm.models.llama import LlamaForCausalLM
 
@@ -39,7 +40,4 @@ class ApertusForCausalLM(LlamaForCausalLM):
 
     def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]
                          ) -> Iterable[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            for old, new in _RENAMES:
-                name = name.replace(old, new)
-            yield name, tensor
+        return ((llama_form(name, (), _RENAMES), tensor) for name, tensor in weights)

@@ -14,6 +14,7 @@ import torch.nn as nn
 from tessellm.layers.context import ModelContext
 from tessellm.layers.rope_config import rope_parameters
 from tessellm.layers.rotary import RotaryEmbedding
+from tessellm.models.checkpoint_rename import llama_form
 from tessellm.models.decoder import DecoderAttention
 from tessellm.models.llama import LlamaForCausalLM
 
@@ -51,7 +52,4 @@ class HunYuanDenseV1ForCausalLM(LlamaForCausalLM):
 
     def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]
                          ) -> Iterable[tuple[str, torch.Tensor]]:
-        for name, tensor in weights:
-            for old, new in _RENAMES:
-                name = name.replace(old, new)
-            yield name, tensor
+        return ((llama_form(name, (), _RENAMES), tensor) for name, tensor in weights)
