@@ -1,5 +1,5 @@
 """Llama 4 text (``Llama4ForCausalLM``; the language model of ``Llama4ForConditionalGeneration``,
-Scout and Maverick, whose vision tower is not served): the llama decoder with
+Scout and Maverick, ``llama4_mm.py``): the llama decoder with
 
 - rope layers and NoPE layers: ``no_rope_layers[i]`` 1 rotates layer ``i``'s q and k (every
   fourth layer is NoPE by default). Rope layers rotate interleaved pairs (HF multiplies complex
@@ -25,8 +25,7 @@ Scout and Maverick, whose vision tower is not served): the llama decoder with
 Checkpoint names: ``feed_forward`` is our ``mlp``; the experts come stacked and transposed
 against a linear's weight (``experts.gate_up_proj [E, H, 2I]``, gate columns first, and
 ``experts.down_proj [E, I, H]``) and load as per-expert ``w1`` / ``w3`` / ``w2``; the router is
-``feed_forward.router``. ``Llama4ForConditionalGeneration`` keeps the language model under
-``language_model.``; its ``vision_model`` and ``multi_modal_projector`` tensors are skipped.
+``feed_forward.router``.
 """
 
 from __future__ import annotations
@@ -223,21 +222,3 @@ def _per_expert(kind: str, stacked: torch.Tensor):
     else:  # down_proj [E, I, H]
         for e, w in enumerate(stacked):
             yield e, "w2", w.t()
-
-
-class Llama4ForConditionalGeneration(Llama4ForCausalLM):
-    """The language model of a Llama 4 vision-language checkpoint (``text_config``), serving
-    text: the ``vision_model`` and ``multi_modal_projector`` tensors are skipped, and image
-    inputs are refused at the edge as for any text-only model (``multimodal/limits.py``)."""
-
-    def __init__(self, config, ctx: ModelContext):
-        super().__init__(config.get_text_config(), ctx)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        def language_model():
-            for name, tensor in weights:
-                if name.startswith(("vision_model.", "multi_modal_projector.")):
-                    continue
-                yield name.removeprefix("language_model."), tensor
-
-        return super().load_weights(language_model())

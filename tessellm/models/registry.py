@@ -10,7 +10,7 @@ from tessellm.models import cohere2, deepseek_v2, ernie4_5, ernie4_5_moe, glm4_m
 from tessellm.models import apertus, dots1, hunyuan, seed_oss
 from tessellm.models import bamba, granite_moe_hybrid, mamba2
 from tessellm.models import qwen3_next
-from tessellm.models import llama4
+from tessellm.models import llama4, llama4_mm
 from tessellm.models import bert
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
                              gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
@@ -27,7 +27,7 @@ _MODELS = {
     "ApertusForCausalLM": apertus.ApertusForCausalLM,
     "HunYuanDenseV1ForCausalLM": hunyuan.HunYuanDenseV1ForCausalLM,
     "Llama4ForCausalLM": llama4.Llama4ForCausalLM,
-    "Llama4ForConditionalGeneration": llama4.Llama4ForConditionalGeneration,
+    "Llama4ForConditionalGeneration": llama4_mm.Llama4ForConditionalGeneration,
     "GemmaForCausalLM": gemma.GemmaForCausalLM,
     "Gemma2ForCausalLM": gemma2.Gemma2ForCausalLM,
     "Gemma3ForCausalLM": gemma3.Gemma3ForCausalLM,

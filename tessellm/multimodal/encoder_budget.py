@@ -65,6 +65,13 @@ def max_tokens_per_image(hf_config, model_path: Optional[str] = None) -> int:
 
     if is_gemma3_mm(hf_config):
         return gemma3_size(hf_config)
+    from tessellm.multimodal.llama4_inputs import is_llama4_mm, max_image_tokens as llama4_size
+
+    if is_llama4_mm(hf_config):
+        if model_path is None:
+            raise ValueError("Llama 4's image size limit (max_patches) is in its processor "
+                             "config; give the model's path.")
+        return llama4_size(hf_config, model_path)
     if getattr(hf_config, "image_grid_pinpoints", None):  # LLaVA-NeXT: by image size
         from tessellm.models.llava_next import max_image_feature_size
 

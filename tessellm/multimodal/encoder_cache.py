@@ -83,9 +83,11 @@ class EncoderCache:
         """Features for ``items`` (key, feature): taken from an entry with the same content
         hash where one is held, else one vision-tower call per pixel shape (one for
         LLaVA-1.5; per tile count for LLaVA-NeXT; one for all images of a
-        ``variable_resolution`` tower, their patches concatenated) over the distinct images."""
+        ``variable_resolution`` tower, their patches concatenated, or of a ``tiled_images``
+        one, their tiles concatenated) over the distinct images."""
         held = {self.identifiers[k]: t for k, t in self.features.items()}
         ragged = getattr(self.model, "variable_resolution", False)
+        tiled = getattr(self.model, "tiled_images", False)  # Llama 4: [tiles, 3, S, S] each
         todo: dict[str, list] = {}  # content hash -> the keys that want it
         firsts: dict[tuple, list] = {}  # image shape -> one feature per content hash
         for key, f in items:
@@ -93,12 +95,15 @@ class EncoderCache:
                 self._hold(key, f.identifier, held[f.identifier])
                 continue
             if f.identifier not in todo:
-                firsts.setdefault(() if ragged else tuple(f.shape), []).append(f)
+                firsts.setdefault(() if ragged or tiled else tuple(f.shape), []).append(f)
             todo.setdefault(f.identifier, []).append(key)
         for group in firsts.values():
             if ragged:  # [patches of all, values] and each image's (t, h, w) grid
                 pixels = torch.from_numpy(np.concatenate([f.pixels() for f in group])).to(self.device)
                 out = self.model.encode_images(pixels, [f.grid_thw for f in group])
+            elif tiled:  # [tiles of all, 3, S, S] and each image's (rows, cols)
+                pixels = torch.from_numpy(np.concatenate([f.pixels() for f in group])).to(self.device)
+                out = self.model.encode_images(pixels, [f.tile_grid for f in group])
             else:
                 pixels = torch.from_numpy(np.stack([f.pixels() for f in group])).to(self.device)
                 out = self.model.encode_images(pixels, [f.image_size for f in group])

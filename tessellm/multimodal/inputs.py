@@ -36,22 +36,29 @@ class MultiModalFeature:
     # (t, h, w) patch grid of a variable-resolution image (Qwen2-VL: ``pixels`` are its
     # ``t*h*w`` flattened patches); None for fixed-size towers
     grid_thw: Optional[list[int]] = None
+    # [rows, cols] of the tiles an image is cut into (Llama 4: ``pixels`` are its tiles, the
+    # grid's and a global view); None for other models
+    tile_grid: Optional[list[int]] = None
 
     @classmethod
     def from_pixels(cls, pixels: np.ndarray, offset: int, length: int,
                     image_size: Optional[Sequence[int]] = None,
-                    grid_thw: Optional[Sequence[int]] = None) -> "MultiModalFeature":
+                    grid_thw: Optional[Sequence[int]] = None,
+                    tile_grid: Optional[Sequence[int]] = None) -> "MultiModalFeature":
         pixels = np.ascontiguousarray(pixels)
         data = pixels.tobytes()
         size = None if image_size is None else [int(v) for v in image_size]
         grid = None if grid_thw is None else [int(v) for v in grid_thw]
+        tiles = None if tile_grid is None else [int(v) for v in tile_grid]
         digest = hashlib.sha256()
         digest.update(f"{pixels.dtype.str}{pixels.shape}{size or ''}".encode())
         if grid is not None:
             digest.update(f"grid{grid}".encode())
+        if tiles is not None:
+            digest.update(f"tiles{tiles}".encode())
         digest.update(data)
         return cls(offset, length, digest.hexdigest(), data, list(pixels.shape), str(pixels.dtype),
-                   image_size=size, grid_thw=grid)
+                   image_size=size, grid_thw=grid, tile_grid=tiles)
 
     @property
     def end(self) -> int:
@@ -63,7 +70,8 @@ class MultiModalFeature:
     def to_dict(self) -> dict:
         return {"offset": self.offset, "length": self.length, "identifier": self.identifier,
                 "data": self.data, "shape": list(self.shape), "dtype": self.dtype,
-                "modality": self.modality, "image_size": self.image_size, "grid_thw": self.grid_thw}
+                "modality": self.modality, "image_size": self.image_size, "grid_thw": self.grid_thw,
+                "tile_grid": self.tile_grid}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MultiModalFeature":

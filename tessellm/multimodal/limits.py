@@ -51,7 +51,8 @@ def takes_images(hf_config) -> bool:
     archs = "".join(getattr(hf_config, "architectures", None) or ())
     return getattr(hf_config, "vision_config", None) is not None and any(
         family in archs for family in ("Llava", "Qwen2VL", "Qwen2_5_VL", "Gemma3ForConditional",
-                                          "Mistral3ForConditional", "Qwen3VLForConditional"))
+                                          "Mistral3ForConditional", "Qwen3VLForConditional",
+                                          "Llama4ForConditional"))
 
 
 def model_mm_limits(hf_config, args) -> dict[str, int]:

@@ -263,6 +263,7 @@ def image_processor(model_path: str, max_images: int) -> ImageProcessor:
     from transformers import AutoConfig
 
     from tessellm.multimodal.gemma3_inputs import Gemma3ImageInputs, is_gemma3_mm
+    from tessellm.multimodal.llama4_inputs import Llama4ImageInputs, is_llama4_mm
     from tessellm.multimodal.mistral3_inputs import Mistral3ImageInputs, is_mistral3
     from tessellm.multimodal.qwen2_vl_inputs import Qwen2VLImageInputs, is_qwen2_vl
 
@@ -273,6 +274,8 @@ def image_processor(model_path: str, max_images: int) -> ImageProcessor:
         return Mistral3ImageInputs(model_path, max_images)
     if is_gemma3_mm(config):
         return Gemma3ImageInputs(model_path, max_images)
+    if is_llama4_mm(config):
+        return Llama4ImageInputs(model_path, max_images)
     return ImageProcessor(model_path, max_images)
 
 

@@ -1,0 +1,145 @@
+"""Llama 4 with images (``Llama4ForConditionalGeneration``: Scout, Maverick): the vision model
+(``llama4_vision.py``), the multi-modal projector (one linear, no bias) and tessellm's Llama 4
+language model (``llama4.py``).
+
+The image processor cuts an image into tiles (a grid of rows x cols, plus a global view of the
+whole image when there are several); each tile gives ``n`` tokens. The prompt holds them
+between separator tokens (``multimodal/llama4_inputs.py``), and the image's span, the
+placeholder range the runner caches features for, runs from its first ``<|patch|>`` to its
+last, separators included::
+
+    prompt  <|image_start|> P..P X P..P Y P..P X P..P Y <|image|> P..P <|image_end|>
+                            \\______ span of a 2 x 2 image: 5 tiles of n P, 4 separators, 1 ____/
+    feats   (encode_images) f..f 0 f..f 0 f..f 0 f..f 0 0 f..f     (0: a separator's row)
+    embeds  text rows: embed_tokens; <|patch|> rows: the tile's projected features
+
+``forward`` writes the features only at ``<|patch|>`` rows, so the separators keep their own
+token embeddings, as HF's ``masked_scatter`` over ``image_token_id`` does. Attention over the
+image is causal, as in HF (no bidirectional block): chunked prefill may split an image.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tessellm.layers.context import ModelContext
+from tessellm.layers.linear import materialize
+from tessellm.models import llama
+from tessellm.models.image_embeds import ImageTextModel
+from tessellm.models.llama4 import Llama4ForCausalLM
+from tessellm.models.llama4_vision import Llama4VisionModel, tokens_per_tile
+from tessellm.multimodal.llama4_inputs import ARCHITECTURE, patch_flags, tiles_of
+
+_PARTS = ("vision_model", "multi_modal_projector", "language_model")
+
+
+class Llama4MultiModalProjector(nn.Module):
+    """The vision adapter's output -> the text hidden size (``linear_1``, no bias)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.vision_output_dim,
+                                  config.get_text_config().hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_1(x)
+
+
+class Llama4ForConditionalGeneration(ImageTextModel):
+    """``compute_logits`` and ``attention_layers``: ``ImageTextModel``'s."""
+
+    # The encoder cache hands every image of a call over at once: their tiles concatenated
+    # ([tiles, 3, S, S]) and each image's tile grid (``MultiModalFeature.tile_grid``).
+    tiled_images = True
+
+    def __init__(self, config, ctx: ModelContext):
+        super().__init__()
+        self.config = config
+        vision = config.vision_config
+        if ctx.pp.num_stages > 1:
+            raise ValueError("Llama 4 with images does not run with pipeline_parallel_size > 1 "
+                             "yet; use tensor parallelism.")
+        if vision.vision_output_dim != vision.projector_output_dim:
+            raise ValueError(f"Llama 4 vision config vision_output_dim="
+                             f"{vision.vision_output_dim} must equal projector_output_dim="
+                             f"{vision.projector_output_dim} (the projector's input).")
+        self.image_token_id = int(config.image_token_id)
+        self.tokens_per_tile = tokens_per_tile(vision)
+        self.vision_model = Llama4VisionModel(vision)
+        self.multi_modal_projector = Llama4MultiModalProjector(config)
+        self.language_model = Llama4ForCausalLM(config.get_text_config(), ctx)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata,
+                intermediate=None, mm_embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """``mm_embeds``: (the span rows of the step, their features ``[rows, hidden]``); only
+        the ``<|patch|>`` rows among them take the features."""
+        embeds = None
+        if mm_embeds is not None:
+            rows, feats = mm_embeds
+            embeds = self.language_model.embed_tokens(input_ids)
+            patch = (input_ids[rows] == self.image_token_id)[:, None]
+            embeds[rows] = torch.where(patch, feats.to(embeds.dtype), embeds[rows])
+        return self.language_model(input_ids, positions, metadata, intermediate,
+                                   inputs_embeds=embeds)
+
+    # -- what the runner calls -------------------------------------------------------------
+
+    def encode_images(self, tiles: torch.Tensor, grids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """``[T, 3, S, S]``: the tiles of several images in order, ``grids``: each image's
+        ``(rows, cols)`` -> per image its span's rows ``[span, text hidden]`` (zeros at the
+        separators)."""
+        feats = self.multi_modal_projector(self.vision_model(tiles))
+        hidden = feats.shape[-1]
+        out, first = [], 0
+        for grid in grids:
+            count = tiles_of(grid)
+            image = feats[first:first + count].reshape(-1, hidden)
+            first += count
+            flags = patch_flags(grid, self.tokens_per_tile)
+            if all(flags):
+                out.append(image)
+                continue
+            span = image.new_zeros(len(flags), hidden)
+            span[torch.from_numpy(np.flatnonzero(flags)).to(span.device)] = image
+            out.append(span)
+        if first != tiles.shape[0]:
+            raise ValueError(f"{tiles.shape[0]} tiles were given for tile grids {list(grids)}, "
+                             f"which take {first}; the image inputs do not match.")
+        return out
+
+    def dummy_images(self, num_tokens: int, device) -> tuple[torch.Tensor, list]:
+        """Single-tile images covering ``num_tokens`` placeholders (the memory profile)."""
+        n = max(1, -(-num_tokens // self.tokens_per_tile))
+        side = self.vision_model.image_size
+        return (torch.zeros(n, self.vision_model.num_channels, side, side, device=device),
+                [[1, 1]] * n)
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """HF names: ``vision_model.*``, ``multi_modal_projector.*``, ``language_model.*``
+        (``language_model.model.*``, ``language_model.lm_head.*``), with or without a leading
+        ``model.``."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+
+        def text_weights():  # lazy: a file's tensors are read while it is open
+            for name, tensor in weights:
+                short = name[len("model."):] if name.startswith("model.") and \
+                    name[len("model."):].startswith(_PARTS) else name
+                part, _, rest = short.partition(".")
+                if part == "language_model":
+                    yield rest, tensor
+                    continue
+                if part not in _PARTS or short not in params:
+                    raise ValueError(f"Checkpoint tensor {name!r} has no place in {ARCHITECTURE}; "
+                                     "does the config match the weights?")
+                llama._copy(params[short], materialize(tensor), name)
+                loaded.add(short)
+
+        loaded |= {f"language_model.{n}" for n in self.language_model.load_weights(text_weights())}
+        return loaded
