@@ -53,6 +53,10 @@ def check_vision_config(config) -> None:
                          f"must be hidden_size / pixel_shuffle_ratio^2 = "
                          f"{config.hidden_size * inv * inv} (the adapter's input after pixel "
                          "shuffle).")
+    if config.projector_input_dim != config.projector_output_dim:
+        raise ValueError(f"Llama 4 vision config projector_input_dim={config.projector_input_dim} "
+                         f"must equal projector_output_dim={config.projector_output_dim} (the "
+                         "adapter's fc1 output is its fc2 input).")
     act = getattr(config, "hidden_act", "gelu")
     if act != "gelu":
         raise ValueError(f"Llama 4 vision hidden_act {act!r} is not supported; HF's tower runs "

@@ -70,12 +70,13 @@ def test_chunked_attention_changes_hf_output(tmp_path):
 
 
 def test_llama4_conditional_generation_serves_text(tmp_path):
-    """A vision-language checkpoint: its language model's tokens equal HF's
-    ``Llama4ForConditionalGeneration`` on text prompts; the vision tensors are skipped."""
+    """A vision-language checkpoint: its tokens equal HF's ``Llama4ForConditionalGeneration``
+    on text prompts (the vision model loads and stays idle; images:
+    tests/multimodal/test_llama4*.py)."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=64, image_size=28, patch_size=14, vision_output_dim=32,
+                  intermediate_size=128, image_size=28, patch_size=14, vision_output_dim=32,
                   projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5)
     config = Llama4Config(text_config=llama4_config().to_dict(), vision_config=vision)
     torch.manual_seed(0)
@@ -97,9 +98,9 @@ def test_llama4_conditional_generation_serves_text(tmp_path):
     from tessellm import LLM, SamplingParams
 
     greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    with LLM(path, dtype="float32", block_size=8) as llm:  # image inputs: one clear refusal
+    with LLM(path, dtype="float32", block_size=8) as llm:  # no processor saved: one clear refusal
         image = Image.new("RGB", (28, 28))
-        with pytest.raises(ValueError, match="text-only: it does not take images"):
+        with pytest.raises(ValueError, match="no usable image processor"):
             llm.generate({"prompt_token_ids": prompt_list[0], "multi_modal_data": {"image": image}},
                          greedy)
         out = llm.generate([{"prompt_token_ids": prompt_list[0]}], greedy, use_tqdm=False)

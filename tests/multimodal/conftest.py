@@ -48,3 +48,10 @@ def qwen3_vl_dir(tmp_path_factory):
     from tests.multimodal.tiny_qwen2_vl import make_tiny_qwen2_vl
 
     return make_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen3-vl")), kind="qwen3_vl", seed=2)
+
+
+@pytest.fixture(scope="session")
+def llama4_dir(tmp_path_factory):
+    from tests.multimodal.tiny_llama4 import make_tiny_llama4
+
+    return make_tiny_llama4(str(tmp_path_factory.mktemp("tiny-llama4")))
