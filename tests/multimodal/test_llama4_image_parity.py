@@ -108,3 +108,13 @@ def test_bad_image_inputs_are_refused_and_the_engine_goes_on(llm, want):
                      GREEDY, use_tqdm=False)
     got, _ = _generate(llm, [_request(PROMPT, [image(1, SMALL)])])
     assert got == [want[0]]
+
+
+@pytest.mark.slow  # two worker processes: ~30 s on 2 shared cores
+def test_tensor_parallel_two_ranks_with_chunked_prefill(llama4_dir, want):
+    """Each rank's runner gets the images' tiles and tile grids through the step codec (the
+    tower replicated, the language model's heads and experts split; 8-token chunks)."""
+    with _llm(llama4_dir, device="cpu", tensor_parallel_size=2, max_num_batched_tokens=8) as llm:
+        got, _ = _generate(llm, [_request(PROMPT, [image(2)]),
+                                 _request(TWO, [image(3, WIDE), image(4)])])
+    assert got == want[1:]
