@@ -13,14 +13,15 @@ last, separators included::
     feats   (encode_images) f..f 0 f..f 0 f..f 0 f..f 0 0 f..f     (0: a separator's row)
     embeds  text rows: embed_tokens; <|patch|> rows: the tile's projected features
 
-``forward`` writes the features only at ``<|patch|>`` rows, so the separators keep their own
-token embeddings, as HF's ``masked_scatter`` over ``image_token_id`` does. Attention over the
+``forward`` (``ImageTextModel``'s, ``sparse_image_rows``) writes the features only at
+``<|patch|>`` rows, so the separators keep their own token embeddings, as HF's
+``masked_scatter`` over ``image_token_id`` does. Attention over the
 image is causal, as in HF (no bidirectional block): chunked prefill may split an image.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -50,11 +51,13 @@ class Llama4MultiModalProjector(nn.Module):
 
 
 class Llama4ForConditionalGeneration(ImageTextModel):
-    """``compute_logits`` and ``attention_layers``: ``ImageTextModel``'s."""
+    """``forward``, ``compute_logits`` and ``attention_layers``: ``ImageTextModel``'s."""
 
     # The encoder cache hands every image of a call over at once: their tiles concatenated
     # ([tiles, 3, S, S]) and each image's tile grid (``MultiModalFeature.tile_grid``).
     tiled_images = True
+    # Only the span's <|patch|> rows take features; the separators keep their embeddings.
+    sparse_image_rows = True
 
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
@@ -72,19 +75,6 @@ class Llama4ForConditionalGeneration(ImageTextModel):
         self.vision_model = Llama4VisionModel(vision)
         self.multi_modal_projector = Llama4MultiModalProjector(config)
         self.language_model = Llama4ForCausalLM(config.get_text_config(), ctx)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata,
-                intermediate=None, mm_embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
-        """``mm_embeds``: (the span rows of the step, their features ``[rows, hidden]``); only
-        the ``<|patch|>`` rows among them take the features."""
-        embeds = None
-        if mm_embeds is not None:
-            rows, feats = mm_embeds
-            embeds = self.language_model.embed_tokens(input_ids)
-            patch = (input_ids[rows] == self.image_token_id)[:, None]
-            embeds[rows] = torch.where(patch, feats.to(embeds.dtype), embeds[rows])
-        return self.language_model(input_ids, positions, metadata, intermediate,
-                                   inputs_embeds=embeds)
 
     # -- what the runner calls -------------------------------------------------------------
 
