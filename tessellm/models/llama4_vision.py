@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tessellm.models.clip import CLIPMLP
+
 
 def _int_size(config, name: str) -> int:
     value = getattr(config, name)
@@ -116,23 +118,13 @@ class Llama4VisionAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
-class Llama4VisionMLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class Llama4VisionEncoderLayer(nn.Module):
     """``x + attn(ln(x))``, then ``x + mlp(ln(x))`` (LayerNorm eps 1e-5, as HF's default)."""
 
     def __init__(self, config):
         super().__init__()
         self.self_attn = Llama4VisionAttention(config)
-        self.mlp = Llama4VisionMLP(config)
+        self.mlp = CLIPMLP(config)  # fc1, GELU, fc2, with biases: the same as CLIP's
         self.input_layernorm = nn.LayerNorm(config.hidden_size)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size)
 

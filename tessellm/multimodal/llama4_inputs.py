@@ -155,9 +155,8 @@ class Llama4ImageInputs(ImageProcessor):
             start = offset + length
         in_spans = sum(span_kinds(g, self.per_tile).count("P") for g in grids)
         if ids.count(tokens["P"]) != in_spans:
-            raise ValueError(f"The prompt has {ids.count(tokens['P'])} <|patch|> tokens, "
-                             f"{in_spans} of them in its images; do not write <|patch|> in the "
-                             "text.")
+            raise ValueError(f"The prompt has {ids.count(tokens['P'])} <|patch|> tokens where "
+                             f"its images take {in_spans}; do not write <|patch|> in the text.")
         return ids, features
 
     def _expand(self, ids: list[int], out) -> list[int]:

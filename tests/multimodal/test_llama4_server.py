@@ -2,8 +2,9 @@
 process, in process) and ``LLM.chat``: an image_url data URL gives HF transformers' greedy
 tokens on the chat template's prompt (HF's Llama 4 template, ``<|image|>`` per image part);
 an image that does not decode and too many images are each a 400 naming the problem, and the
-server goes on serving. Also: a checkpoint saved without a processor serves text and refuses
-images with one clear error."""
+server goes on serving. Also: a checkpoint saved without a processor, and (without torchvision)
+one saved with transformers' Llama4ImageProcessor, serve text and refuse images with one clear
+error."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 from tessellm import LLM, SamplingParams
 from tessellm.config import EngineArgs
 from tests.multimodal.serve_app import MAX_NEW, chat_body, image_part, serve
-from tests.multimodal.tiny_llama4 import IMAGE_START, hf_greedy, image
+from tests.multimodal.tiny_llama4 import IMAGE_START, PROMPT, has_torchvision, hf_greedy, image
+from tests.multimodal.tiny_llama4 import TEXT as TEXT_PROMPT
 from tests.multimodal.tiny_llava import data_url, hf_chat_prompt
 
 TEXT = {"type": "text", "text": "What is this?"}
@@ -74,4 +76,26 @@ def test_checkpoint_without_a_processor_serves_text_and_refuses_images(llama4_di
         with pytest.raises(ValueError, match="no usable image processor"):
             llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": image(1)}}, greedy)
         out = llm.generate([{"prompt_token_ids": ids}], greedy, use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.skipif(has_torchvision(), reason="torchvision is installed: the real processor loads")
+def test_without_torchvision_images_get_one_error_and_text_is_served(llama4_dir, tmp_path):
+    """A checkpoint saved with transformers' Llama4ImageProcessor, on a machine without
+    torchvision: an image request is refused naming torchvision; text prompts still run."""
+    import json
+    import shutil
+
+    real = str(tmp_path / "real")
+    shutil.copytree(llama4_dir, real)
+    with open(f"{real}/processor_config.json") as f:
+        config = json.load(f)
+    config["image_processor"]["image_processor_type"] = "Llama4ImageProcessor"
+    with open(f"{real}/processor_config.json", "w") as f:
+        json.dump(config, f)
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with LLM(real, dtype="float32", num_kv_blocks=64, block_size=4) as llm:
+        with pytest.raises(ValueError, match="need torchvision"):
+            llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": image(1)}}, greedy)
+        out = llm.generate([TEXT_PROMPT], greedy, use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 4
