@@ -76,6 +76,21 @@ def test_qwen3_next_preemption_recomputes_the_states(qwen3_next_dir):
     assert [list(o.outputs[0].token_ids) for o in outs] == want
 
 
+def test_qwen3_next_async_scheduling_with_preemption(qwen3_next_dir):
+    """Async scheduling (the GPU default): a request's next chunk or decode is launched before
+    its last step's tokens are read, and a request preempted while its step runs is recomputed;
+    the state slots follow the runner's launches, so the tokens are HF's."""
+    prompt_list = prompts((20, 24, 28, 30), seed=5)
+    want, _ = hf_reference(qwen3_next_dir, prompt_list, 16)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    with LLM(qwen3_next_dir, device="cpu", dtype="float32", num_kv_blocks=24, block_size=4,
+             max_num_batched_tokens=16, async_scheduling=True) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
+        assert llm.engine.core.async_scheduling
+        assert llm.engine.core.scheduler.num_preemptions_total > 0
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
+
+
 def test_qwen3_next_refuses_what_a_recurrent_state_cannot_do(qwen3_next_dir):
     with pytest.raises(ValueError, match="gated DeltaNet layers.*does not support pipeline "
                                          "parallelism yet"):
