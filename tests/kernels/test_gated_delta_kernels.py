@@ -74,3 +74,9 @@ def test_chunk_kernel_matches_reference(dtype, lengths, K, V):
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(got_state, want_state, **tol)
+
+
+def test_kernels_normalize_q_and_k_with_the_reference_epsilon():
+    from tessellm.kernels.gated_delta import chunk, step
+
+    assert chunk.L2_EPS == step.L2_EPS == ref.L2_EPS

@@ -26,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.backends.reference.gated_delta import L2_EPS
+# The in-op L2 normalization's epsilon of q and k: the contract's (the reference's
+# ``backends.reference.gated_delta.L2_EPS``; kernels import no backend, and
+# tests/kernels/test_gated_delta_kernels.py checks the two agree).
+L2_EPS = 1e-6
 
 Q = 32
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.backends.reference.gated_delta import L2_EPS
+from tessellm.kernels.gated_delta.chunk import L2_EPS
 
 
 @triton.jit
