@@ -7,6 +7,8 @@ over flat tokens and the per-request state cache (``core/mamba_state.py``)::
     y = SSM(x, dt, A = -exp(A_log), B, C, D)   decodes: one state update; prefill chunks: the
                                               chunked SSD scan; both continue the SSM state
     out_proj(rmsnorm_gated(y, z))             per group of I / G channels: norm(y * silu(z))
+                                              (``gate_norm``: Falcon-H1 may norm before the
+                                              gate, norm(y) * silu(z), or not at all)
 
 The device ops come from the backend (``FusedOps.mamba_*``, declared by ``supports_mamba2``);
 ``I = expand * hidden`` (``H * P``), ``G`` groups share B and C, ``N`` is the state size.
@@ -40,6 +42,9 @@ class MambaShape:
     conv_bias: bool
     eps: float  # of the gated RMSNorm
     dt_limit: tuple[float, float]
+    out_bias: Optional[bool] = None  # out_proj's bias (None: as proj_bias); Falcon-H1 sets it apart
+    gate_norm: str = "after_gate"  # "after_gate": norm(y * silu(z)); "before_gate": norm(y) *
+    # silu(z); "none": y * silu(z), no norm weight (both Falcon-H1's, by its config)
 
     @property
     def intermediate(self) -> int:
@@ -59,8 +64,12 @@ class MambaMixer2(nn.Module):
         rank r holds:  [ z_r  | x_r  | B_r     | C_r     | dt_r ]   (each logical part cut alone)
     """
 
-    def __init__(self, shape: MambaShape, ctx: ModelContext):
+    def __init__(self, shape: MambaShape, ctx: ModelContext, reduce_output: bool = True):
+        """``reduce_output`` False: ``out_proj`` leaves its output a partial sum under tensor
+        parallelism, for the caller to sum (Falcon-H1 adds it to its attention's first)."""
         super().__init__()
+        if shape.gate_norm not in GATE_NORMS:
+            raise ValueError(f"Mamba gate_norm {shape.gate_norm!r} is not one of {GATE_NORMS}.")
         if not getattr(ctx.ops, "supports_mamba2", False):
             raise ValueError(f"This model has Mamba2 layers, whose ops the backend's fused ops "
                              f"{type(ctx.ops).__name__} do not provide (they do not declare "
@@ -83,9 +92,11 @@ class MambaMixer2(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(local.num_heads), requires_grad=False)
         self.A_log = nn.Parameter(torch.zeros(local.num_heads), requires_grad=False)
         self.D = nn.Parameter(torch.ones(local.num_heads), requires_grad=False)
-        self.norm = _GatedNormWeight(local.intermediate)
-        self.out_proj = RowParallelLinear(inter, s.hidden_size, bias=s.proj_bias,
-                                          quant_method=ctx.quant_method, tp=tp)
+        self.norm = _GatedNormWeight(local.intermediate) if s.gate_norm != "none" else None
+        out_bias = s.proj_bias if s.out_bias is None else s.out_bias
+        self.out_proj = RowParallelLinear(inter, s.hidden_size, bias=out_bias,
+                                          quant_method=ctx.quant_method, tp=tp,
+                                          reduce_results=reduce_output or out_bias)
         self.conv_state = self.ssm_state = None  # bound by the state cache
         self.step = None
 
@@ -147,27 +158,39 @@ class MambaMixer2(nn.Module):
                 x[nd:], dt[nd:], A, B[nd:], C[nd:], self.D, self.dt_bias, self.ssm_state,
                 batch.prefills, s.chunk_size, s.dt_limit))
         y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        y = y.reshape(t, n.intermediate)
+        if self.norm is None:
+            return self.out_proj((y.float() * F.silu(z.float())).to(y.dtype))
         # G == 1 split over ranks: the norm's one group spans them all (sum of squares summed)
         reduce = self.tp if (s.n_groups == 1 and self.tp.size > 1) else None
-        y = gated_rms_norm(y.reshape(t, n.intermediate), z, self.norm.weight, n.n_groups, s.eps,
-                           reduce, s.intermediate)
+        y = gated_rms_norm(y, z, self.norm.weight, n.n_groups, s.eps, reduce, s.intermediate,
+                           before_gate=s.gate_norm == "before_gate")
         return self.out_proj(y)
 
 
+GATE_NORMS = ("after_gate", "before_gate", "none")
+
+
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int,
-                   eps: float, reduce=None, group_size: Optional[int] = None) -> torch.Tensor:
+                   eps: float, reduce=None, group_size: Optional[int] = None,
+                   before_gate: bool = False) -> torch.Tensor:
     """HF's ``MambaRMSNormGated`` (norm after the gate): in float32 ``h = y * silu(z)``,
     RMS-normed over each of ``groups`` equal slices of the channels, rounded to y's dtype, times
     ``weight``. ``reduce``: a tensor-parallel group holding the rest of the one group's channels
-    (``group_size`` in all): the sum of squares is summed over it."""
-    h = y.float() * F.silu(z.float())
+    (``group_size`` in all): the sum of squares is summed over it.
+
+    ``before_gate`` (HF's ``FalconH1RMSNormGated`` with ``norm_before_gate``): ``y`` is normed
+    (float32), times ``weight``, then times ``silu(z)``, then rounded to y's dtype."""
+    h = y.float() if before_gate else y.float() * F.silu(z.float())
     g = h.reshape(*h.shape[:-1], groups, -1)
     if reduce is None:
         var = g.pow(2).mean(-1, keepdim=True)
     else:
         var = reduce.all_reduce(g.pow(2).sum(-1, keepdim=True)) / group_size
-    g = g * torch.rsqrt(var + eps)
-    return weight * g.reshape(h.shape).to(y.dtype)
+    g = (g * torch.rsqrt(var + eps)).reshape(h.shape)
+    if before_gate:
+        return (weight.float() * g * F.silu(z.float())).to(y.dtype)
+    return weight * g.to(y.dtype)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
+from tessellm.backends.reference.moe import (SILU, ExpertActivation, fused_experts_reference,
+                                             fused_moe_reference)
 from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers import moe_fp8
 from tessellm.layers.linear import Linear, materialize
@@ -46,33 +47,46 @@ def local_intermediate(num_experts: int, intermediate: int, top_k: int,
 
 
 class FusedMoE(nn.Module):
-    """``num_experts`` SwiGLU experts of intermediate size ``intermediate`` (whole model)."""
+    """``num_experts`` SwiGLU experts of intermediate size ``intermediate`` (whole model).
+    ``activation`` another kind (``reference.moe.ExpertActivation``): run by the backend's op
+    where its ``fused_moe_activations`` lists the kind, else by the reference loop; an ungated
+    one ("relu2") has only up rows in ``w13``."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, top_k: int, ops,
                  scoring: str = "softmax", renormalize: bool = True,
                  tp: Optional[TensorParallel] = None,
-                 quant: Optional[moe_fp8.ExpertQuant] = None):
+                 quant: Optional[moe_fp8.ExpertQuant] = None,
+                 activation: ExpertActivation = SILU):
         super().__init__()
+        if quant is not None and activation != SILU:
+            raise ValueError(f"Quantized experts with the {activation.kind!r} activation are not "
+                             "supported; load an unquantized checkpoint.")
         self.tp = tp or TensorParallel()
         self.local = local_intermediate(num_experts, intermediate, top_k, self.tp)
         self.top_k, self.scoring, self.renormalize = top_k, scoring, renormalize
         self.quant = quant
         self.awaiting_scale: set = set()  # fp8 codes loaded whose scale has not come yet
         self._quant_args: tuple = ()
-        self._quant_kwargs: dict = {}
+        self._op_kwargs: dict = {}  # block_shape (fp8 blocks) or activation (not SiLU)
+        self.activation = activation
         if quant is None:
-            self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.local, hidden),
+            rows = (2 if activation.gated else 1) * self.local
+            self.w13 = nn.Parameter(torch.empty(num_experts, rows, hidden),
                                     requires_grad=False)
             self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.local),
                                    requires_grad=False)
         else:
             moe_fp8.allocate(self, quant, num_experts, hidden)
             if quant.kind == "fp8_block":
-                self._quant_kwargs = {"block_shape": quant.block}
+                self._op_kwargs = {"block_shape": quant.block}
         self._moe = getattr(ops, "fused_moe", None) or fused_moe_reference
         self._experts = getattr(ops, "fused_experts", None) or fused_experts_reference
-        if self._quant_kwargs and not getattr(ops, "fused_moe_block_fp8", False):
+        if self._op_kwargs and not getattr(ops, "fused_moe_block_fp8", False):
             self._moe, self._experts = fused_moe_reference, fused_experts_reference
+        if activation != SILU:
+            self._op_kwargs = {"activation": activation}
+            if activation.kind not in getattr(ops, "fused_moe_activations", ("silu",)):
+                self._moe, self._experts = fused_moe_reference, fused_experts_reference
 
     def _scales(self) -> tuple:
         return () if self.quant is None else (self.w13_scale, self.w2_scale)
@@ -80,19 +94,25 @@ class FusedMoE(nn.Module):
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's partial ``[T, H]`` (the whole result when not tensor-parallel)."""
         return self._moe(hidden, router_logits, self.w13, self.w2, self.top_k, self.scoring,
-                         self.renormalize, *self._scales(), **self._quant_kwargs)
+                         self.renormalize, *self._scales(), **self._op_kwargs)
 
     def forward_routed(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                        topk_ids: torch.Tensor) -> torch.Tensor:
         """As ``forward`` with the routing done by the caller (``[T, k]`` weights, as given,
         and expert ids): a router the contract's scorings do not describe (DeepSeek's)."""
         return self._experts(hidden, topk_weights, topk_ids, self.w13, self.w2, *self._scales(),
-                             **self._quant_kwargs)
+                             **self._op_kwargs)
 
     def load_expert(self, expert: int, part: str, tensor, attr: str = "weight") -> list[str]:
         """Copy one checkpoint tensor (``attr`` of projection ``part``, a key of
         ``EXPERT_PARTS``) of ``expert``; returns the parameters it filled."""
         name, shard = EXPERT_PARTS[part]
+        if not self.activation.gated:  # up rows only
+            if shard == 0:
+                raise ValueError(f"Expert {expert} has a {part} in the checkpoint, but its "
+                                 f"{self.activation.kind!r} experts have no gate; is this the "
+                                 "right architecture?")
+            shard = 0 if shard == 1 else shard
         start = self.tp.rank * self.local
         if attr != "weight":
             if self.quant is None:

@@ -39,7 +39,13 @@ class BambaForCausalLM(HybridLayers, LlamaForCausalLM):
             raise ValueError(f"Bamba hidden_act {act!r} is not supported; only silu is.")
 
     def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]):
-        for name, tensor in weights:
-            yield (name.replace(".feed_forward.", ".mlp.")
-                   .replace(".pre_ff_layernorm.", ".post_attention_layernorm.")
-                   .replace("model.final_layernorm.", "model.norm.")), tensor
+        return bamba_names(weights)
+
+
+def bamba_names(weights: Iterable[tuple[str, torch.Tensor]]):
+    """Bamba's (and Falcon-H1's) MLP and norm names as llama's (module docstring); llama names
+    pass unchanged."""
+    for name, tensor in weights:
+        yield (name.replace(".feed_forward.", ".mlp.")
+               .replace(".pre_ff_layernorm.", ".post_attention_layernorm.")
+               .replace("model.final_layernorm.", "model.norm.")), tensor

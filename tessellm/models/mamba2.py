@@ -8,7 +8,8 @@ every layer a Mamba2 mixer (``layers/mamba_mixer.py``) behind an RMSNorm::
 Checkpoint names are HF's: ``backbone.embeddings``, ``backbone.layers.{i}.norm``,
 ``backbone.layers.{i}.mixer.{in_proj, conv1d, dt_bias, A_log, D, norm, out_proj}``,
 ``backbone.norm_f``, ``lm_head``. The model has no attention layer: it keeps no KV cache
-(block ids are bookkeeping only), only the per-request state cache.
+(block ids are bookkeeping only), only the per-request state cache. Nemotron-H
+(``nemotron_h.py``) is the same stack with other mixers in some layers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tessellm.layers.linear import materialize
 from tessellm.layers.mamba_mixer import MambaMixer2, MambaShape
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from tessellm.models.decoder import DecoderAttention
 from tessellm.models.state_space import check_single_stage, check_time_step_limit
 
 
@@ -35,56 +37,86 @@ def mamba2_shape(config) -> MambaShape:
                       dt_limit=check_time_step_limit(getattr(config, "time_step_limit", None)))
 
 
-class Mamba2Block(nn.Module):
-    def __init__(self, config, ctx: ModelContext):
-        super().__init__()
-        self.norm = RMSNorm(config.hidden_size, config.layer_norm_epsilon, ctx.ops)
-        self.mixer = MambaMixer2(mamba2_shape(config), ctx)
+class MixerBlock(nn.Module):
+    """One pre-norm residual block around one mixer: ``h = h + mixer(norm(h))`` (the add fused
+    into the next block's norm). The mixer is a Mamba2 mixer, or in Nemotron-H also attention
+    (a ``DecoderAttention``), an MLP or an MoE; each sums its own output under tensor
+    parallelism, so the norms never reduce."""
 
-    def forward(self, hidden, residual):
+    def __init__(self, norm: nn.Module, mixer: nn.Module):
+        super().__init__()
+        self.norm = norm
+        self.mixer = mixer
+        self.attends = isinstance(mixer, DecoderAttention)
+
+    def forward(self, positions, hidden, residual, metadata):
         if residual is None:
             residual, hidden = hidden, self.norm(hidden)
         else:
             hidden, residual = self.norm(hidden, residual)
+        if self.attends:
+            return self.mixer(positions, hidden, metadata), residual
         return self.mixer(hidden), residual
 
 
 class Mamba2ForCausalLM(nn.Module):
+    """A stack of ``MixerBlock``s over ``backbone.*`` names; ``make_mixer`` says what each
+    layer mixes with (here always Mamba2) and ``load_mixer_tensor`` where its tensors go."""
+
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
         check_single_stage(ctx)
+        self.check_config(config)
+        self.config = config
+        self.tie_word_embeddings = self.ties_embeddings(config)
+        self.embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp)
+        self.layers = nn.ModuleList(
+            MixerBlock(RMSNorm(config.hidden_size, config.layer_norm_epsilon, ctx.ops),
+                       self.make_mixer(config, ctx, i))
+            for i in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, ctx.ops)
+        tied = self.embeddings.weight if self.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp, weight=tied)
+        if not self.attention_layers():
+            ctx.make_attention_kernel(None)  # the runner's step metadata; no layer attends
+
+    def check_config(self, config) -> None:
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"Mamba2 hidden_act {config.hidden_act!r} is not supported; only silu is.")
         if config.num_heads * config.head_dim != int(config.expand * config.hidden_size):
             raise ValueError("Mamba2 config num_heads * head_dim must equal expand * hidden_size "
                              f"({config.num_heads} * {config.head_dim} vs {config.expand} * "
                              f"{config.hidden_size}); the config does not describe a Mamba2 mixer.")
-        self.config = config
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp)
-        self.layers = nn.ModuleList(Mamba2Block(config, ctx) for _ in range(config.num_hidden_layers))
-        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, ctx.ops)
-        tied = self.embeddings.weight if self.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp, weight=tied)
-        ctx.make_attention_kernel(None)  # the runner's step metadata; no layer attends
+
+    def ties_embeddings(self, config) -> bool:
+        return bool(getattr(config, "tie_word_embeddings", False))
+
+    def make_mixer(self, config, ctx: ModelContext, index: int) -> nn.Module:
+        return MambaMixer2(mamba2_shape(config), ctx)
 
     def attention_layers(self) -> list:
-        return []
+        return [layer.mixer.attn for layer in self.layers if layer.attends]
 
     def mamba_layers(self) -> list[MambaMixer2]:
-        return [layer.mixer for layer in self.layers]
+        return [layer.mixer for layer in self.layers if isinstance(layer.mixer, MambaMixer2)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata,
                 intermediate=None, inputs_embeds: Optional[torch.Tensor] = None):
         hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
+            hidden, residual = layer(positions, hidden, residual, metadata)
         hidden, _ = self.norm_f(hidden, residual)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def load_mixer_tensor(self, index: int, attr: str, tensor) -> str:
+        """Layer ``index``'s checkpoint tensor ``mixer.<attr>`` (whole: the mixer takes this
+        rank's slice); returns the name it reports as loaded."""
+        self.layers[index].mixer.load_checkpoint_tensor(attr, tensor)
+        return f"layers.{index}.mixer.{attr}"
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
@@ -99,13 +131,13 @@ class Mamba2ForCausalLM(nn.Module):
                 if not self.tie_word_embeddings:
                     self.lm_head.load_weight(tensor)
             elif name.startswith("layers.") and ".mixer." in name:  # this rank's slices
-                index, attr = name[len("layers."):].split(".mixer.")
-                self.layers[int(index)].mixer.load_checkpoint_tensor(attr, tensor)
+                index, attr = name[len("layers."):].split(".mixer.", 1)
+                name = self.load_mixer_tensor(int(index), attr, tensor)
             elif name in params:
                 load_param(params[name], tensor, name)
             else:
-                raise ValueError(f"Checkpoint tensor {name!r} has no place in Mamba2ForCausalLM; "
-                                 "is this the right architecture?")
+                raise ValueError(f"Checkpoint tensor {name!r} has no place in "
+                                 f"{type(self).__name__}; is this the right architecture?")
             loaded.add(name)
         return loaded
 

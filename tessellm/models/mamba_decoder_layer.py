@@ -61,12 +61,15 @@ class MambaDecoderLayer(nn.Module):
 
 
 def hybrid_mamba_shape(config) -> MambaShape:
-    """The Mamba layers' sizes from a hybrid config's ``mamba_*`` fields."""
+    """The Mamba layers' sizes from a hybrid config's ``mamba_*`` fields (Falcon-H1's
+    ``mamba_d_ssm``, when set, is the mixer's width in place of ``mamba_expand * hidden``)."""
     heads, head_dim = config.mamba_n_heads, config.mamba_d_head
-    if heads * head_dim != int(config.mamba_expand * config.hidden_size):
+    d_ssm = getattr(config, "mamba_d_ssm", None)
+    width = d_ssm or int(config.mamba_expand * config.hidden_size)
+    if heads * head_dim != width:
+        what = "mamba_d_ssm" if d_ssm else "mamba_expand * hidden_size"
         raise ValueError(f"The config's mamba_n_heads * mamba_d_head ({heads} * {head_dim}) must "
-                         f"equal mamba_expand * hidden_size ({config.mamba_expand} * "
-                         f"{config.hidden_size}); it does not describe its Mamba layers.")
+                         f"equal {what} ({width}); it does not describe its Mamba layers.")
     return MambaShape(hidden_size=config.hidden_size, num_heads=heads, head_dim=head_dim,
                       n_groups=config.mamba_n_groups, d_state=config.mamba_d_state,
                       d_conv=config.mamba_d_conv, chunk_size=config.mamba_chunk_size,
@@ -121,12 +124,17 @@ class HybridLayers:
         return loaded
 
     def load_mamba_tensors(self, weights, loaded: set[str]):
-        """Loads the Mamba mixers' tensors (``layers.{i}.mamba.*``: each mixer takes its rank's
-        slices), adding their names to ``loaded``; yields every other tensor."""
-        for name, tensor in weights:
-            match = _MAMBA_TENSOR.match(name)
-            if match is None:
-                yield name, tensor
-                continue
-            self.layers[int(match[1])].mamba.load_checkpoint_tensor(match[2], tensor)
-            loaded.add(f"layers.{match[1]}.mamba.{match[2]}")
+        return load_mamba_tensors(self.layers, weights, loaded)
+
+
+def load_mamba_tensors(layers, weights, loaded: set[str]):
+    """Loads the Mamba mixers' tensors (``layers.{i}.mamba.*`` into ``layers[i].mamba``: each
+    mixer takes its rank's slices), adding their names to ``loaded``; yields every other
+    tensor."""
+    for name, tensor in weights:
+        match = _MAMBA_TENSOR.match(name)
+        if match is None:
+            yield name, tensor
+            continue
+        layers[int(match[1])].mamba.load_checkpoint_tensor(match[2], tensor)
+        loaded.add(f"layers.{match[1]}.mamba.{match[2]}")

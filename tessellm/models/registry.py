@@ -8,7 +8,7 @@ from tessellm.models import gemma3_mm, llava_next, qwen2_vl
 from tessellm.models import mistral3, qwen3_vl
 from tessellm.models import cohere2, deepseek_v2, ernie4_5, ernie4_5_moe, glm4_moe
 from tessellm.models import apertus, dots1, hunyuan, seed_oss
-from tessellm.models import bamba, granite_moe_hybrid, mamba2
+from tessellm.models import bamba, falcon_h1, granite_moe_hybrid, mamba2, nemotron_h
 from tessellm.models import qwen3_next
 from tessellm.models import llama4, llama4_mm
 from tessellm.models import bert
@@ -67,6 +67,8 @@ _MODELS = {
     "GraniteMoeHybridForCausalLM": granite_moe_hybrid.GraniteMoeHybridForCausalLM,
     "BambaForCausalLM": bamba.BambaForCausalLM,
     "Qwen3NextForCausalLM": qwen3_next.Qwen3NextForCausalLM,
+    "NemotronHForCausalLM": nemotron_h.NemotronHForCausalLM,
+    "FalconH1ForCausalLM": falcon_h1.FalconH1ForCausalLM,
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": llava_next.LlavaNextForConditionalGeneration,
     "Qwen2VLForConditionalGeneration": qwen2_vl.Qwen2VLForConditionalGeneration,

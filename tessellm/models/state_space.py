@@ -25,7 +25,8 @@ import logging
 logger = logging.getLogger(__name__)
 
 STATE_SPACE_ARCHITECTURES = frozenset({"Mamba2ForCausalLM", "GraniteMoeHybridForCausalLM",
-                                       "BambaForCausalLM"})
+                                       "BambaForCausalLM", "NemotronHForCausalLM",
+                                       "FalconH1ForCausalLM"})
 # Not Mamba, the same engine rules: gated DeltaNet layers keep a per-request recurrent state too
 LINEAR_ATTENTION_ARCHITECTURES = frozenset({"Qwen3NextForCausalLM"})
 _RECURRENT = STATE_SPACE_ARCHITECTURES | LINEAR_ATTENTION_ARCHITECTURES

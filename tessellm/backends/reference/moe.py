@@ -47,14 +47,23 @@ class ExpertActivation:
     - "silu": ``silu(gate) * up`` (Mixtral, Qwen-MoE, every SwiGLU MLP);
     - "swiglu_oai" (gpt-oss's clamped SwiGLU; HF ``GptOssExperts._apply_gate``): gate clamped
       above at ``limit``, up to ``[-limit, limit]``, then ``(up + 1) * gate * sigmoid(alpha *
-      gate)``.
+      gate)``;
+    - "relu2" (Nemotron-H's experts, which have no gate: ``w13`` is ``[E, I, H]``, the up rows
+      alone): ``relu(up) ** 2``.
     """
 
     kind: str = "silu"
     alpha: float = 1.702
     limit: float = 7.0
 
+    @property
+    def gated(self) -> bool:
+        """Whether ``w13`` holds gate and up rows (else up rows only)."""
+        return self.kind != "relu2"
+
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.kind == "relu2":
+            return torch.square(F.relu(gate_up))
         inter = gate_up.shape[-1] // 2
         gate, up = gate_up[..., :inter], gate_up[..., inter:]
         if self.kind == "silu":
@@ -63,8 +72,8 @@ class ExpertActivation:
             gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
             return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-        raise ValueError(f"Expert activation {self.kind!r} is not supported; use 'silu' or "
-                         "'swiglu_oai'.")
+        raise ValueError(f"Expert activation {self.kind!r} is not supported; use 'silu', "
+                         "'swiglu_oai' or 'relu2'.")
 
 
 SILU = ExpertActivation()

@@ -1,0 +1,158 @@
+"""TII Falcon-H1 (``FalconH1ForCausalLM``: Falcon-H1 0.5B ... 34B): every layer runs attention and
+a Mamba2 mixer side by side on the same normed input, then an MLP::
+
+    layer i:  x = input_layernorm(h, res)
+              h = mamba(x) * ssm_out + attention(x * attention_in) * attention_out
+              -> pre_ff_layernorm(h, res) -> mlp (SwiGLU: gate scaled before the activation,
+                 down scaled after) -> the next layer's input_layernorm
+
+with the model's muP multipliers: the embeddings times ``embedding_multiplier``, the logits
+times ``lm_head_multiplier``, k times ``key_multiplier``, and the mixer's projected
+``[z | x | B | C | dt]`` sections times ``ssm_multipliers`` (its input times
+``ssm_in_multiplier``). Every multiplier inside a layer scales a linear map's input or output,
+so it is folded into that projection's weight (and bias, where it scales the output) as the
+checkpoint loads: no step pays for it. (Quantization is refused for these models,
+``state_space.py``; a quantized checkpoint would need the fold in its scales instead.)
+
+The Mamba mixer's gated norm follows ``mamba_rms_norm`` / ``mamba_norm_before_gate``
+(``layers/mamba_mixer.py``: none, before or after the gate); ``mamba_d_ssm`` sets its width.
+Under tensor parallelism the attention's and the mixer's partial sums are added, then summed
+over the ranks once, by ``pre_ff_layernorm`` (unless a bias makes them sum themselves).
+
+Checkpoint names: llama's with Bamba's renames (``feed_forward``, ``pre_ff_layernorm``,
+``final_layernorm``) plus ``layers.{i}.mamba.*``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from tessellm.layers.context import ModelContext
+from tessellm.layers.linear import materialize
+from tessellm.layers.mamba_mixer import MambaMixer2
+from tessellm.models.bamba import bamba_names
+from tessellm.models.decoder import DecoderAttention
+from tessellm.models.llama import LlamaForCausalLM
+from tessellm.models.mamba_decoder_layer import hybrid_mamba_shape, load_mamba_tensors
+from tessellm.models.state_space import check_single_stage
+
+
+class FalconH1DecoderLayer(nn.Module):
+    def __init__(self, attention: DecoderAttention, mamba: MambaMixer2, mlp: nn.Module,
+                 norm: Callable[..., nn.Module], input_reduce, mixed_reduce):
+        """``norm(reduce)`` builds each norm; ``input_reduce`` / ``mixed_reduce``: the tensor
+        group the input norm / pre_ff_layernorm sums its input over (None: it is whole)."""
+        super().__init__()
+        self.self_attn = attention
+        self.mamba = mamba
+        self.mlp = mlp
+        self.input_layernorm = norm(input_reduce)
+        self.post_attention_layernorm = norm(mixed_reduce)  # the checkpoint's pre_ff_layernorm
+
+    def forward(self, positions, hidden, residual, metadata):
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        mixed = self.mamba(hidden) + self.self_attn(positions, hidden, metadata)
+        hidden, residual = self.post_attention_layernorm(mixed, residual)
+        return self.mlp(hidden), residual
+
+
+class FalconH1ForCausalLM(LlamaForCausalLM):
+    def __init__(self, config, ctx: ModelContext):
+        check_single_stage(ctx)
+        super().__init__(config, ctx)
+        self.embedding_multiplier = float(config.embedding_multiplier)
+        self.lm_head_multiplier = float(config.lm_head_multiplier)
+        self._folds = _multiplier_folds(config)
+
+    def check_config(self, config) -> None:
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"Falcon-H1 hidden_act {act!r} is not supported; only silu is.")
+
+    def mixers_summed(self, config) -> bool:
+        """Whether the attention and the mixer sum their outputs themselves (a bias on either
+        output projection makes that one do it, so both must)."""
+        return bool(config.attention_bias) or bool(config.projectors_bias)
+
+    def make_layer(self, config, ctx: ModelContext, rotary, index: int) -> nn.Module:
+        summed = self.mixers_summed(config)
+        bias = bool(config.attention_bias)
+        attention = DecoderAttention(config, ctx, rotary, bias, False, o_bias=bias,
+                                     reduce_output=summed)
+        mamba = MambaMixer2(falcon_mamba_shape(config), ctx, reduce_output=summed)
+        input_summed = index == 0 or self.output_summed(config)
+        return FalconH1DecoderLayer(attention, mamba, self.make_mlp(config, ctx, index),
+                                    lambda reduce: self.make_norm(config, ctx, reduce),
+                                    None if input_summed else ctx.tp, None if summed else ctx.tp)
+
+    def mamba_layers(self) -> list[MambaMixer2]:
+        return [layer.mamba for layer in self.layers]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().compute_logits(hidden) * self.lm_head_multiplier
+
+    def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]):
+        return bamba_names(weights)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded: set[str] = set()
+        folded = self._fold(self.checkpoint_names(weights))
+        loaded |= super().load_weights(load_mamba_tensors(self.layers, folded, loaded))
+        return loaded
+
+    def _fold(self, weights):
+        """Each tensor of a projection a multiplier scales, scaled (module docstring)."""
+        for name, tensor in weights:
+            suffix = ".".join(name.split(".")[-3:])  # e.g. "self_attn.k_proj.weight"
+            scale = self._folds.get(suffix)
+            if scale is not None:
+                tensor = materialize(tensor)
+                tensor = (tensor.float() * (scale if isinstance(scale, float) else
+                                            scale.view(-1, *[1] * (tensor.dim() - 1)))
+                          ).to(tensor.dtype)
+            yield name, tensor
+
+
+def falcon_mamba_shape(config):
+    if not config.mamba_rms_norm:
+        gate_norm = "none"
+    else:
+        gate_norm = "before_gate" if config.mamba_norm_before_gate else "after_gate"
+    return dataclasses.replace(hybrid_mamba_shape(config), out_bias=bool(config.projectors_bias),
+                               gate_norm=gate_norm)
+
+
+def _multiplier_folds(config) -> dict[str, object]:
+    """Checkpoint name suffix -> the float (or per-row tensor) its tensor is scaled by."""
+    attn_in, key = float(config.attention_in_multiplier), float(config.key_multiplier)
+    attn_out, ssm_out = float(config.attention_out_multiplier), float(config.ssm_out_multiplier)
+    gate, down = (float(m) for m in config.mlp_multipliers)
+    mup = _mup_vector(config)
+    folds = {"self_attn.q_proj.weight": attn_in, "self_attn.k_proj.weight": attn_in * key,
+             "self_attn.v_proj.weight": attn_in, "self_attn.k_proj.bias": key,
+             "self_attn.o_proj.weight": attn_out, "self_attn.o_proj.bias": attn_out,
+             "mamba.out_proj.weight": ssm_out, "mamba.out_proj.bias": ssm_out,
+             "mlp.gate_proj.weight": gate, "mlp.gate_proj.bias": gate,
+             "mlp.down_proj.weight": down, "mlp.down_proj.bias": down,
+             "mamba.in_proj.weight": mup * float(config.ssm_in_multiplier),
+             "mamba.in_proj.bias": mup}
+    return {k: v for k, v in folds.items() if not (isinstance(v, float) and v == 1.0)}
+
+
+def _mup_vector(config) -> torch.Tensor:
+    """The mixer's per-row multipliers of ``in_proj``: ``ssm_multipliers`` over its
+    ``[z: I | x: I | B: G*N | C: G*N | dt: H]`` rows (HF's ``compute_mup_vector``)."""
+    shape = hybrid_mamba_shape(config)
+    sizes = [shape.intermediate] * 2 + [shape.n_groups * shape.d_state] * 2 + [shape.num_heads]
+    multipliers = [float(m) for m in config.ssm_multipliers]
+    if len(multipliers) != 5:
+        raise ValueError(f"Falcon-H1 ssm_multipliers has {len(multipliers)} entries; it needs 5 "
+                         "(z, x, B, C, dt).")
+    return torch.cat([torch.full((n,), m) for n, m in zip(sizes, multipliers)])
