@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tessellm import LLM, SamplingParams
+from tests.models.preemption_parity import assert_parity_under_preemption
 from tests.models.variant_parity import (TINY, assert_hf_changed, assert_parity, edit_config,
                                          hf_reference, prompts, save_tiny)
 
@@ -75,10 +75,4 @@ def test_falcon_h1_tensor_parallel(falcon_dir):
 
 
 def test_falcon_h1_preemption(falcon_dir):
-    prompt_list = prompts((20, 24, 28, 30), seed=7)
-    want, _ = hf_reference(falcon_dir, prompt_list, 16)
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    with LLM(falcon_dir, dtype="float32", num_kv_blocks=24, block_size=4) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
-        assert llm.engine.core.scheduler.num_preemptions_total > 0
-    assert [list(o.outputs[0].token_ids) for o in outs] == want
+    assert_parity_under_preemption(falcon_dir)

@@ -11,6 +11,7 @@ import pytest
 
 from tessellm import LLM, SamplingParams
 from tests.models.test_granite import SCALARS
+from tests.models.preemption_parity import assert_parity_under_preemption
 from tests.models.variant_parity import TINY, assert_parity, hf_reference, prompts, save_tiny
 
 
@@ -56,13 +57,7 @@ def test_granite_hybrid_tensor_parallel(hybrid_dir):
 
 
 def test_granite_hybrid_preemption(hybrid_dir):
-    prompt_list = prompts((20, 24, 28, 30), seed=7)
-    want, _ = hf_reference(hybrid_dir, prompt_list, 16)
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    with LLM(hybrid_dir, dtype="float32", num_kv_blocks=24, block_size=4) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
-        assert llm.engine.core.scheduler.num_preemptions_total > 0
-    assert [list(o.outputs[0].token_ids) for o in outs] == want
+    assert_parity_under_preemption(hybrid_dir)
 
 
 

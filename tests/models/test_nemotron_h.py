@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tessellm import LLM, SamplingParams
-from tests.models.variant_parity import (assert_parity, assert_refused_at_load, edit_config,
-                                         hf_reference, prompts, save_tiny)
+from tests.models.preemption_parity import assert_parity_under_preemption
+from tests.models.variant_parity import assert_parity, assert_refused_at_load, prompts, save_tiny
 
 
 def nemotron_config(**overrides):
@@ -76,13 +75,7 @@ def test_nemotron_h_tensor_parallel(nemotron_dir):
 
 
 def test_nemotron_h_preemption(nemotron_dir):
-    prompt_list = prompts((20, 24, 28, 30), seed=7)
-    want, _ = hf_reference(nemotron_dir, prompt_list, 16)
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    with LLM(nemotron_dir, dtype="float32", num_kv_blocks=24, block_size=4) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
-        assert llm.engine.core.scheduler.num_preemptions_total > 0
-    assert [list(o.outputs[0].token_ids) for o in outs] == want
+    assert_parity_under_preemption(nemotron_dir)
 
 
 def test_nemotron_h_refusals(tmp_path):
