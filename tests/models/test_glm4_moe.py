@@ -39,3 +39,18 @@ def test_glm4_moe_tensor_parallel(tmp_path):
     path = save_deepseek(glm4_moe_config(use_qk_norm=True, n_group=4, topk_group=2),
                          str(tmp_path / "tp"))
     assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")
+
+
+def test_glm4_moe_block_fp8_serves_the_dequantized_model(tmp_path):
+    """As GLM-4.5-FP8 is published (block-wise fp8, 128x128): attention, dense MLP, shared and
+    routed experts keep fp8 codes; the router and the q/k norms stay dense. Greedy tokens equal
+    the dequantized checkpoint's, served by tessellm and by HF."""
+    from tests.quantization.block_fp8_checkpoint import (assert_serves_dequantized,
+                                                         checkpoint_maker)
+
+    config = glm4_moe_config(hidden_size=128, head_dim=32, intermediate_size=192,
+                             moe_intermediate_size=128, use_qk_norm=True, n_group=4,
+                             topk_group=2, routed_scaling_factor=2.5, initializer_range=0.1,
+                             num_hidden_layers=2)
+    make = checkpoint_maker(tmp_path, {"glm4-moe": config}, seed=11)
+    assert_serves_dequantized(*make("glm4-moe"), prompts((6, 3, 40)), 12)
