@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from tessellm import LLM, SamplingParams
-from tests.models.variant_parity import (assert_parity, assert_refused_at_load, hf_reference,
-                                         prompts, save_tiny)
+from tessellm import LLM
+from tests.models.recurrent_state import (assert_preemption_rebuilds_states,
+                                          assert_refused_on_ops_without)
+from tests.models.variant_parity import assert_parity, assert_refused_at_load, prompts, save_tiny
 
 
 def mamba2_config(**overrides):
@@ -47,22 +48,8 @@ def test_mamba2_refuses_a_dt_clamp(tmp_path):
 
 
 def test_mamba2_preemption_recomputes_the_state(mamba2_dir):
-    """A KV cache too small for every request at once: the scheduler preempts, the preempted
-    request's slot is freed and its state rebuilt from its first token."""
-    prompt_list = prompts((20, 24, 28, 30), seed=5)
-    want, _ = hf_reference(mamba2_dir, prompt_list, 16)
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    with LLM(mamba2_dir, dtype="float32", num_kv_blocks=24, block_size=4) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
-        core = llm.engine.core
-        assert core.scheduler.num_preemptions_total > 0, "the tiny cache should force preemption"
-        assert not core.kv.enable_prefix_caching  # turned off for a recurrent state
-        runner = core.executor.worker.runner
-        cache = runner.mamba  # a slot per request the runner still holds (it hears of the last
-        # finished ones with the next step), none lost
-        assert set(cache.slot_of) == set(runner.requests)
-        assert len(cache.free) + len(cache.slot_of) == cache.num_slots
-    assert [list(o.outputs[0].token_ids) for o in outs] == want
+    """The preempted request's slot is freed and its state rebuilt from its first token."""
+    assert_preemption_rebuilds_states(mamba2_dir, stateful_layers=2)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -79,15 +66,8 @@ def test_mamba2_async_scheduling_with_preemption(mamba2_dir):
     """Async scheduling (the GPU default): a request's next chunk or decode is launched before
     its last step's tokens are read, and a request preempted while its step runs is recomputed;
     the state slots follow the runner's launches, so the tokens are HF's."""
-    prompt_list = prompts((20, 24, 28, 30), seed=5)
-    want, _ = hf_reference(mamba2_dir, prompt_list, 16)
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    with LLM(mamba2_dir, device="cpu", dtype="float32", num_kv_blocks=24, block_size=4,
-             max_num_batched_tokens=16, async_scheduling=True) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
-        assert llm.engine.core.async_scheduling
-        assert llm.engine.core.scheduler.num_preemptions_total > 0
-    assert [list(o.outputs[0].token_ids) for o in outs] == want
+    assert_preemption_rebuilds_states(mamba2_dir, 2, device="cpu", max_num_batched_tokens=16,
+                                      async_scheduling=True)
 
 
 def test_mamba2_refuses_what_a_recurrent_state_cannot_do(mamba2_dir):
@@ -105,23 +85,5 @@ def test_mamba2_refuses_what_a_recurrent_state_cannot_do(mamba2_dir):
 def test_mamba2_refused_on_ops_without_the_flag(mamba2_dir):
     """A plugin's fused ops written before API 7 (no ``supports_mamba2``): the model is refused
     at load naming the flag, instead of failing inside its first step."""
-    import torch
-
-    from tessellm.backends.registry import BackendRegistry
-    from tessellm.config import resolve_model
-    from tessellm.loader.model_loader import build_model
-    from tests.backends.backend_plugins import make_plugin
-
-    old = make_plugin("oldops_mamba", """
-        TESSELLM_OVERRIDES = ("cpu",)
-        from tessellm.backends.reference.ops import ReferenceOps
-        class OldOps(ReferenceOps):
-            supports_mamba2 = False
-        @hookimpl(tryfirst=True)
-        def tessellm_fused_ops(backend, spec):
-            return OldOps() if backend.name == "cpu" else None
-    """)
-    registry = BackendRegistry(plugins=[("oldops_mamba", old)])
-    with pytest.raises(ValueError, match="Mamba2 layers.*do not declare supports_mamba2"):
-        build_model(resolve_model(mamba2_dir), "safetensors", registry, registry.backends["cpu"],
-                    torch.float32, torch.device("cpu"), block_size=16)
+    assert_refused_on_ops_without(mamba2_dir, "supports_mamba2",
+                                  "Mamba2 layers.*do not declare supports_mamba2")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import pytest
 
 from tessellm import LLM, SamplingParams
+from tests.models.recurrent_state import (assert_preemption_rebuilds_states,
+                                          assert_refused_on_ops_without)
 from tests.models.variant_parity import TINY, assert_parity, hf_reference, prompts, save_tiny
 
 
@@ -58,37 +60,16 @@ def test_qwen3_next_tensor_parallel(qwen3_next_dir):
 
 
 def test_qwen3_next_preemption_recomputes_the_states(qwen3_next_dir):
-    """A KV cache too small for every request at once: the scheduler preempts, the preempted
-    request's state slot is freed and its states rebuilt from its first token."""
-    prompt_list = prompts((20, 24, 28, 30), seed=5)
-    want, _ = hf_reference(qwen3_next_dir, prompt_list, 16)
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    with LLM(qwen3_next_dir, dtype="float32", num_kv_blocks=24, block_size=4) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
-        core = llm.engine.core
-        assert core.scheduler.num_preemptions_total > 0, "the tiny cache should force preemption"
-        assert not core.kv.enable_prefix_caching  # turned off for a recurrent state
-        runner = core.executor.worker.runner
-        cache = runner.mamba  # one slot per request the runner still holds, none lost
-        assert len(cache.layers) == 3  # the DeltaNet layers, not the attention one
-        assert set(cache.slot_of) == set(runner.requests)
-        assert len(cache.free) + len(cache.slot_of) == cache.num_slots
-    assert [list(o.outputs[0].token_ids) for o in outs] == want
+    """The preempted request's slot is freed and its states (conv and delta rule, in the three
+    DeltaNet layers, not the attention one) rebuilt from its first token."""
+    assert_preemption_rebuilds_states(qwen3_next_dir, stateful_layers=3)
 
 
 def test_qwen3_next_async_scheduling_with_preemption(qwen3_next_dir):
-    """Async scheduling (the GPU default): a request's next chunk or decode is launched before
-    its last step's tokens are read, and a request preempted while its step runs is recomputed;
-    the state slots follow the runner's launches, so the tokens are HF's."""
-    prompt_list = prompts((20, 24, 28, 30), seed=5)
-    want, _ = hf_reference(qwen3_next_dir, prompt_list, 16)
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    with LLM(qwen3_next_dir, device="cpu", dtype="float32", num_kv_blocks=24, block_size=4,
-             max_num_batched_tokens=16, async_scheduling=True) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
-        assert llm.engine.core.async_scheduling
-        assert llm.engine.core.scheduler.num_preemptions_total > 0
-    assert [list(o.outputs[0].token_ids) for o in outs] == want
+    """Async scheduling (the GPU default), a request preempted while its step runs: the state
+    slots follow the runner's launches, so the tokens are HF's."""
+    assert_preemption_rebuilds_states(qwen3_next_dir, 3, device="cpu", max_num_batched_tokens=16,
+                                      async_scheduling=True)
 
 
 def test_qwen3_next_refuses_what_a_recurrent_state_cannot_do(qwen3_next_dir):
@@ -109,27 +90,8 @@ def test_qwen3_next_refuses_what_a_recurrent_state_cannot_do(qwen3_next_dir):
 def test_qwen3_next_refused_on_ops_without_the_flag(qwen3_next_dir):
     """A plugin's fused ops written before API 9 (no ``supports_gated_delta``): the model is
     refused at load naming the flag, instead of failing inside its first step."""
-    import torch
-
-    from tessellm.backends.registry import BackendRegistry
-    from tessellm.config import resolve_model
-    from tessellm.loader.model_loader import build_model
-    from tests.backends.backend_plugins import make_plugin
-
-    old = make_plugin("oldops_gdn", """
-        TESSELLM_OVERRIDES = ("cpu",)
-        from tessellm.backends.reference.ops import ReferenceOps
-        class OldOps(ReferenceOps):
-            supports_gated_delta = False
-        @hookimpl(tryfirst=True)
-        def tessellm_fused_ops(backend, spec):
-            return OldOps() if backend.name == "cpu" else None
-    """)
-    registry = BackendRegistry(plugins=[("oldops_gdn", old)])
-    with pytest.raises(ValueError, match="gated DeltaNet layers.*do not declare "
-                                         "supports_gated_delta"):
-        build_model(resolve_model(qwen3_next_dir), "safetensors", registry,
-                    registry.backends["cpu"], torch.float32, torch.device("cpu"), block_size=16)
+    assert_refused_on_ops_without(qwen3_next_dir, "supports_gated_delta",
+                                  "gated DeltaNet layers.*do not declare supports_gated_delta")
 
 
 @pytest.mark.slow
