@@ -70,9 +70,10 @@ class GptOssMoE(nn.Module):
         self.w13_bias = nn.Parameter(torch.empty(experts, 2 * self.local), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(experts, hidden, self.local), requires_grad=False)
         self.w2_bias = nn.Parameter(torch.zeros(experts, hidden), requires_grad=False)
-        # released configs and transformers before 5.2x carry no swiglu_alpha: 1.702 is fixed
+        # transformers before 5.2x know neither (their GptOssExperts fix alpha 1.702 and limit
+        # 7.0, and the config they build lacks both); released configs carry swiglu_limit 7.0
         self.activation = ExpertActivation("swiglu_oai", float(getattr(config, "swiglu_alpha", 1.702)),
-                                           float(config.swiglu_limit))
+                                           float(getattr(config, "swiglu_limit", 7.0)))
         ops_moe = getattr(ctx.ops, "fused_moe", None)
         served = "swiglu_oai" in getattr(ctx.ops, "fused_moe_activations", ("silu",))
         self._moe = ops_moe if ops_moe is not None and served else fused_moe_reference

@@ -64,6 +64,28 @@ def test_moe_block_matches_hf(ops):
     torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5)
 
 
+class _ConfigOfOlderTransformers:
+    """The config as transformers before 5.2x builds it (5.17 on the GPU machine): no
+    ``swiglu_limit`` nor ``swiglu_alpha`` attribute (its experts fix 7.0 and 1.702)."""
+
+    def __init__(self, config):
+        self._config = config
+
+    def __getattr__(self, name):
+        if name in ("swiglu_limit", "swiglu_alpha"):
+            raise AttributeError(name)
+        return getattr(self._config, name)
+
+
+def test_moe_block_of_a_config_without_swiglu_limit_matches_hf():
+    config, mlp = _hf_mlp()
+    assert float(config.swiglu_limit) == 7.0  # HF's own clamp on this config: the default
+    x = torch.randn(9, 32)
+    want, _ = mlp(x[None])
+    got = _ours(_ConfigOfOlderTransformers(config), mlp, CpuOps())(x)
+    torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5)
+
+
 def test_moe_block_split_over_two_ranks_sums_to_whole():
     config, mlp = _hf_mlp(seed=1)
     x = torch.randn(7, 32)
