@@ -24,6 +24,27 @@ def mamba2_config(**overrides):
                            "tie_word_embeddings": False, **overrides})
 
 
+def hf_norms_each_group(config) -> bool:
+    """Whether the installed transformers' gated RMSNorm of this Mamba config normalizes each
+    of its ``n_groups`` channel groups alone, as mamba_ssm's ``RMSNormGated(group_size=I / G)``
+    and tessellm do (transformers 5.2x), or all ``I`` channels at once (5.17 and before: a
+    reference that differs from the real model wherever ``n_groups > 1``). Checked on the
+    model's own norm: halves of the channels at scales 10 and 1 come out all ones only when
+    each group is normed alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    norm = next(m for m in model.modules() if type(m).__name__.endswith("RMSNormGated"))
+    width = norm.weight.shape[0]
+    y = torch.ones(1, width)
+    y[:, :width // 2] = 10.0
+    with torch.no_grad():
+        norm.weight.fill_(1.0)
+        out = norm(y)
+    return torch.allclose(out, torch.ones_like(out), atol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def mamba2_dir(tmp_path_factory):
     return save_tiny(mamba2_config(), str(tmp_path_factory.mktemp("mamba2")))
