@@ -261,9 +261,9 @@ class LlamaForCausalLM(nn.Module):
         """Whether this pipeline stage holds the checkpoint tensor ``name``."""
         if name.startswith("layers."):
             return self.start_layer <= int(name.split(".", 2)[1]) < self.end_layer
-        if name.startswith("norm."):
+        if name.startswith("norm.") or name == "lm_head.bias":
             return self.pp.is_last
-        return True  # embed_tokens / lm_head: sorted out by the caller
+        return True  # embed_tokens / lm_head.weight (tied or not): sorted out by the caller
 
 
 class MissingLayer(nn.Module):

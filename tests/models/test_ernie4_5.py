@@ -49,8 +49,11 @@ def test_ernie4_5_moe_matches_hf(overrides, engine, tmp_path):
 
 # Slow lane (ci/matrix.yaml's cpu lane): experts under TP are tests/distributed/test_moe_parallel.py's.
 @pytest.mark.slow
-def test_ernie4_5_moe_tensor_parallel_with_bias(tmp_path):
-    """``use_bias``: the shared experts' down_proj sums its own output (its bias added once), so
-    the routed experts' partial sums are summed in the MoE block too, before they join it."""
-    path = save_deepseek(ernie4_5_moe_config(use_bias=True), str(tmp_path / "tp"))
-    assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2),
+                                      dict(pipeline_parallel_size=2)], ids=["tp2", "pp2"])
+def test_ernie4_5_moe_parallel_with_bias(parallel, tmp_path):
+    """``use_bias``. TP: the shared experts' down_proj sums its own output (its bias added
+    once), so the routed experts' partial sums are summed in the MoE block too, before they
+    join it. PP: the LM head and its bias on the last stage only."""
+    path = save_deepseek(ernie4_5_moe_config(use_bias=True), str(tmp_path / "par"))
+    assert_parity(path, prompts((5, 20)), max_new=8, device="cpu", **parallel)
