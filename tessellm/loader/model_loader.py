@@ -67,12 +67,13 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     kernels = {}
 
     def make_kernel(window, logit_softcap=None, attention_sinks=False,
-                    attention_chunk_size=None, **shape):
+                    attention_chunk_size=None, key_window=None, **shape):
         """``shape``: AttentionSpec fields a family sets itself (MLA: ``num_kv_heads``,
         ``head_size``, ``mla_value_size``, ``models/deepseek_mla.py``; Gemma 3 with images:
         ``prefill_key_limits``). ``attention_chunk_size`` (Llama 4): the backend's kernel
-        behind ``ChunkedLocalKernel``."""
-        key = (window, logit_softcap, attention_sinks, attention_chunk_size,
+        behind ``ChunkedLocalKernel``. ``key_window`` (ModernBERT's local layers): behind
+        ``SymmetricWindowKernel``, each row's key limit cut to its position + key_window."""
+        key = (window, logit_softcap, attention_sinks, attention_chunk_size, key_window,
                tuple(sorted(shape.items())))
         if key not in kernels:
             spec = AttentionSpec(**{
@@ -91,6 +92,10 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
             check_key_limits(registry, backend, kernel, spec)
             if attention_chunk_size is not None:
                 kernel = ChunkedLocalKernel(kernel, attention_chunk_size, block_size)
+            if key_window is not None:
+                from tessellm.layers.symmetric_window import SymmetricWindowKernel
+
+                kernel = SymmetricWindowKernel(kernel, key_window)
             kernels[key] = kernel
         return kernels[key]
 

@@ -170,6 +170,12 @@ class BertModel(nn.Module):
         # The tokenizer's [SEP] id when token types follow it (a BERT pair; bert_token_types).
         self.sep_token_id = self.pair_separator(config)
 
+    @classmethod
+    def pooling_type(cls, config) -> str:
+        """The pooling without sentence-transformers files or a pooler config (the classifiers'
+        heads read the first token)."""
+        return cls.default_pooling_type
+
     def check_config(self, config) -> None:
         kind = getattr(config, "position_embedding_type", "absolute") or "absolute"
         if kind != "absolute":

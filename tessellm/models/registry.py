@@ -11,7 +11,7 @@ from tessellm.models import apertus, dots1, hunyuan, seed_oss
 from tessellm.models import bamba, falcon_h1, granite_moe_hybrid, mamba2, nemotron_h
 from tessellm.models import qwen3_next
 from tessellm.models import llama4, llama4_mm
-from tessellm.models import bert
+from tessellm.models import bert, modernbert
 from tessellm.models import (cohere, exaone, exaone4, falcon, gemma3, glm, gpt_bigcode, gpt_neox,
                              gptj, granite, granite_moe, llama, llava, moe, olmo, olmo2, olmo3,
                              olmoe, phi, phi3, phimoe, seq_cls, smollm3, stablelm, starcoder2)
@@ -88,6 +88,8 @@ _MODELS = {
     "BertForSequenceClassification": bert.BertForSequenceClassification,
     "RobertaForSequenceClassification": bert.RobertaForSequenceClassification,
     "XLMRobertaForSequenceClassification": bert.RobertaForSequenceClassification,
+    "ModernBertModel": modernbert.ModernBertModel,
+    "ModernBertForSequenceClassification": modernbert.ModernBertForSequenceClassification,
 }
 
 

@@ -162,15 +162,15 @@ def pooler_config_for(args, source) -> Optional[PoolerConfig]:
 
 def _model_defaults(hf_config) -> dict:
     """What the model class says: an encoder (``bidirectional``) pools its first token unless
-    told otherwise (``default_pooling_type``, vLLM's default for BERT-family models)."""
+    told otherwise (its ``pooling_type(config)``: CLS, vLLM's default for BERT-family models;
+    a ModernBERT classifier's ``classifier_pooling``)."""
     from tessellm.pooling.encoder import is_encoder
 
     if not is_encoder(hf_config):
         return {}
     from tessellm.models.registry import model_class
 
-    return {"bidirectional": True,
-            "pooling_type": getattr(model_class(hf_config, pooling=True), "default_pooling_type", "LAST")}
+    return {"bidirectional": True, "pooling_type": model_class(hf_config, pooling=True).pooling_type(hf_config)}
 
 
 def parse_pooler_override(value) -> dict:

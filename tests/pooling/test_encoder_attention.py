@@ -76,3 +76,46 @@ def test_runner_limits_and_split_prompt_refused():
     with pytest.raises(RuntimeError, match="tokens 0..2 of encoder request r's 5; bidirectional"):
         encoder_key_limits(split, [3])
     assert encoder_key_limits([], []).dtype == np.int32
+
+
+@pytest.mark.parametrize("kernel", ["reference", "cpu", "triton"])
+def test_symmetric_window_is_a_band(kernel):
+    """ModernBERT's local layers (``layers/symmetric_window.py``): window half + 1 and limits cut
+    to position + half give the band |q - k| <= half of torch's SDPA."""
+    from tessellm.layers.symmetric_window import windowed_batch
+
+    half = 5
+    limits = encoder_key_limits([SimpleNamespace(num_computed_tokens=0, num_prompt_tokens=n, request_id=str(i))
+                                 for i, n in enumerate(Q_LENS)], Q_LENS)
+    step = make_paged_step(Q_LENS, [0] * len(Q_LENS), num_kv_heads=KVH, group=GROUP, head_size=HEAD,
+                           block_size=BS, dtype=torch.float32, device=torch.device("cpu"), seed=6,
+                           window=half + 1, key_limits=limits.tolist())
+    batch = windowed_batch(step.batch, half)
+    assert batch.key_limits_host[:9] == [5, 6, 7, 8, 8, 8, 8, 8, 8]  # the first sequence's 9 rows
+    spec = AttentionSpec(num_heads=KVH * GROUP, num_kv_heads=KVH, head_size=HEAD, dtype=torch.float32,
+                         block_size=BS, sliding_window=half + 1, prefill_key_limits=True,
+                         max_model_len=256, max_num_seqs=8)
+    if kernel == "reference":
+        from tessellm.backends.reference.attention import ReferenceAttentionKernel
+
+        impl = ReferenceAttentionKernel(sliding_window=half + 1)
+    elif kernel == "cpu":
+        from tessellm.backends.cpu.attention import CpuAttentionKernel
+
+        impl = CpuAttentionKernel(spec)
+    else:
+        pytest.importorskip("triton")
+        from tessellm.kernels.attention import TritonAttentionKernel
+
+        impl = TritonAttentionKernel(spec, max_model_len=256, max_num_seqs=8)
+    got = impl.forward(step.q, step.k, step.v, step.k_cache, step.v_cache, impl.build_metadata(batch), step.scale)
+    out, start = [], 0
+    for n in Q_LENS:
+        pos = torch.arange(n)
+        band = (pos[:, None] - pos[None, :]).abs() <= half
+        q = step.q[start:start + n].transpose(0, 1)
+        k = step.k[start:start + n].repeat_interleave(GROUP, 1).transpose(0, 1)
+        v = step.v[start:start + n].repeat_interleave(GROUP, 1).transpose(0, 1)
+        out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=band).transpose(0, 1))
+        start += n
+    torch.testing.assert_close(got, torch.cat(out), atol=1e-5, rtol=0)
