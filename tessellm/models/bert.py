@@ -225,18 +225,7 @@ class BertModel(nn.Module):
                 module.load_shard(parts[-1], tensor, _QKV[parts[-2]])
                 loaded.add(".".join(parts[:-3]) + ".qkv." + parts[-1])
                 continue
-            module_name, leaf = name.rsplit(".", 1)
-            try:
-                module = self.get_submodule(module_name)
-            except AttributeError:
-                raise ValueError(f"Checkpoint tensor {name} has no place in {type(self).__name__}; "
-                                 "is this the right architecture?") from None
-            if isinstance(module, Linear):
-                module.load_shard(leaf, tensor, None)
-            elif isinstance(module, VocabParallelEmbedding):
-                module.load_weight(tensor)
-            else:
-                _copy(getattr(module, leaf), materialize(tensor), name)
+            load_named(self, name, tensor)
             loaded.add(name)
         return loaded
 
@@ -254,6 +243,27 @@ class BertModel(nn.Module):
         return name
 
     keeps_pooler = False
+
+
+def load_named(model: nn.Module, name: str, tensor, shards: int = 1) -> None:
+    """Copy a checkpoint tensor into ``model``'s parameter of that name: a linear layer's (a
+    fused one's ``shards`` logical weights stacked by rows, each loaded as its shard, so every
+    tensor-parallel rank keeps its part of each), an embedding's, or any other's as it is."""
+    module_name, leaf = name.rsplit(".", 1)
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise ValueError(f"Checkpoint tensor {name} has no place in {type(model).__name__}; "
+                         "is this the right architecture?") from None
+    if isinstance(module, Linear) and shards > 1:
+        for shard, piece in enumerate(materialize(tensor).chunk(shards, dim=0)):
+            module.load_shard(leaf, piece, shard)
+    elif isinstance(module, Linear):
+        module.load_shard(leaf, tensor, None)
+    elif isinstance(module, VocabParallelEmbedding):
+        module.load_weight(tensor)
+    else:
+        _copy(getattr(module, leaf), materialize(tensor), name)
 
 
 class RobertaModel(BertModel):

@@ -28,11 +28,11 @@ from tessellm.layers.activation import activation
 from tessellm.layers.attention import Attention
 from tessellm.layers.context import ModelContext
 from tessellm.layers.layer_norm import LayerNorm
-from tessellm.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear, materialize
+from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tessellm.layers.rope_config import rope_parameters
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.layers.vocab import VocabParallelEmbedding
-from tessellm.models.llama import _copy
+from tessellm.models.bert import load_named
 
 _SKIP = ("head.", "decoder.")  # the masked-LM head (ModernBertForMaskedLM), never run here
 
@@ -141,28 +141,14 @@ class ModernBertModel(nn.Module):
         """HF names (the ``model.`` prefix of a classifier's base dropped; ``Wi`` is [in | gate]
         rows, loaded as two shards so each rank holds its part of both)."""
         loaded: set[str] = set()
+        modules = dict(self.named_modules())
         for name, tensor in weights:
             name = name[len("model."):] if name.startswith("model.") else name
             if name.startswith(_SKIP) and not hasattr(self, name.split(".")[0]):
                 continue
-            module_name, leaf = name.rsplit(".", 1)
-            try:
-                module = self.get_submodule(module_name)
-            except AttributeError:
-                raise ValueError(f"Checkpoint tensor {name} has no place in {type(self).__name__}; "
-                                 "is this the right architecture?") from None
-            if isinstance(module, ColumnParallelLinear) and len(module.output_sizes) == 2:
-                for shard, piece in enumerate(materialize(tensor).chunk(2, dim=0)):
-                    module.load_shard(leaf, piece, shard)
-            elif isinstance(module, ColumnParallelLinear):  # Wqkv: [q | k | v] rows
-                for shard, piece in enumerate(materialize(tensor).chunk(3, dim=0)):
-                    module.load_shard(leaf, piece, shard)
-            elif isinstance(module, Linear):
-                module.load_shard(leaf, tensor, None)
-            elif isinstance(module, VocabParallelEmbedding):
-                module.load_weight(tensor)
-            else:
-                _copy(getattr(module, leaf), materialize(tensor), name)
+            module = modules.get(name.rsplit(".", 1)[0])
+            fused = len(module.output_sizes) if isinstance(module, ColumnParallelLinear) else 1
+            load_named(self, name, tensor, shards=fused)  # Wqkv: [q | k | v], Wi: [in | gate]
             loaded.add(name)
         return loaded
 
