@@ -29,6 +29,7 @@ from tessellm.layers.context import ModelContext
 from tessellm.models.clip import activation
 from tessellm.models.image_embeds import ImageTextModel
 from tessellm.models.llava import _LANGUAGE_MODELS, image_token_id
+from tessellm.models.ministral3 import Ministral3ForCausalLM
 from tessellm.models.pixtral_vision import PixtralVisionTower, unused_pixtral_weight
 from tessellm.models.qwen2_vl_vision import VisionRMSNorm
 
@@ -92,10 +93,11 @@ class Mistral3ForConditionalGeneration(ImageTextModel):
         if getattr(vision, "model_type", "pixtral") != "pixtral":
             raise ValueError(f"Mistral 3 with a {vision.model_type!r} vision tower is not "
                              "supported; tessellm runs its Pixtral tower.")
-        lm_class = _LANGUAGE_MODELS.get(getattr(text, "model_type", "mistral"))
+        language_models = {**_LANGUAGE_MODELS, "ministral3": Ministral3ForCausalLM}
+        lm_class = language_models.get(getattr(text, "model_type", "mistral"))
         if lm_class is None:
             raise ValueError(f"Mistral 3 with a {text.model_type!r} language model is not "
-                             f"supported; supported: {', '.join(sorted(_LANGUAGE_MODELS))}.")
+                             f"supported; supported: {', '.join(sorted(language_models))}.")
         if ctx.pp.num_stages > 1:
             raise ValueError("Mistral 3 does not run with pipeline_parallel_size > 1 yet; use "
                              "tensor parallelism.")

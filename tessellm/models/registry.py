@@ -5,7 +5,7 @@ from __future__ import annotations
 from tessellm.models import gemma, gemma2
 from tessellm.models import gpt_oss
 from tessellm.models import gemma3_mm, llava_next, qwen2_vl
-from tessellm.models import mistral3, qwen3_vl
+from tessellm.models import ministral3, mistral3, qwen3_vl
 from tessellm.models import cohere2, deepseek_v2, ernie4_5, ernie4_5_moe, glm4_moe
 from tessellm.models import apertus, dots1, hunyuan, seed_oss
 from tessellm.models import bamba, falcon_h1, granite_moe_hybrid, mamba2, nemotron_h
@@ -75,6 +75,7 @@ _MODELS = {
     "Qwen2_5_VLForConditionalGeneration": qwen2_vl.Qwen2_5_VLForConditionalGeneration,
     "Gemma3ForConditionalGeneration": gemma3_mm.Gemma3ForConditionalGeneration,
     "Mistral3ForConditionalGeneration": mistral3.Mistral3ForConditionalGeneration,
+    "Ministral3ForCausalLM": ministral3.Ministral3ForCausalLM,
     "Qwen3VLForConditionalGeneration": qwen3_vl.Qwen3VLForConditionalGeneration,
     # classifiers / cross-encoders: a pooling engine's classify and score (docs/pooling.md)
     "LlamaForSequenceClassification": seq_cls.LlamaForSequenceClassification,

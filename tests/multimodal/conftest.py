@@ -55,3 +55,11 @@ def llama4_dir(tmp_path_factory):
     from tests.multimodal.tiny_llama4 import make_tiny_llama4
 
     return make_tiny_llama4(str(tmp_path_factory.mktemp("tiny-llama4")))
+
+
+@pytest.fixture(scope="session")
+def ministral3_dir(tmp_path_factory):
+    from tests.multimodal.tiny_mistral3 import make_tiny_mistral3
+
+    return make_tiny_mistral3(str(tmp_path_factory.mktemp("tiny-ministral3")), seed=3,
+                              text_type="ministral3")

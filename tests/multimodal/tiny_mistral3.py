@@ -32,16 +32,24 @@ def _tokenizer():
                          unk_token="<unk>")
 
 
-def config():
+def config(text_type: str = "mistral"):
     """Two text layers (hidden 64, head_dim 16), a two-layer Pixtral tower (hidden 32, 4 heads)
-    whose last layer's states feed the projector."""
+    whose last layer's states feed the projector. ``ministral3``: Ministral 3's text model, YaRN
+    over an original 8 positions and Llama 4's attention temperature (beta 0.1), so the
+    prompts' later positions are scaled."""
     import transformers
 
-    text = transformers.MistralConfig(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-        intermediate_size=128, vocab_size=320, max_position_embeddings=512, head_dim=16,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2,
-        sliding_window=None)
+    fields = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                  intermediate_size=128, vocab_size=320, max_position_embeddings=512, head_dim=16,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2,
+                  sliding_window=None)
+    if text_type == "ministral3":
+        text = transformers.Ministral3Config(**fields, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 64.0,
+            "original_max_position_embeddings": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1})
+    else:
+        text = transformers.MistralConfig(**fields)
     vision = transformers.PixtralVisionConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         patch_size=4, image_size=LONGEST_EDGE, hidden_act="silu", initializer_range=0.2,
@@ -52,7 +60,7 @@ def config():
         architectures=["Mistral3ForConditionalGeneration"], tie_word_embeddings=False)
 
 
-def make_tiny_mistral3(path: str, seed: int = 0) -> str:
+def make_tiny_mistral3(path: str, seed: int = 0, text_type: str = "mistral") -> str:
     """Saves config, float32 safetensors, tokenizer (with the chat template) and the image
     processor (``preprocessor_config.json``)."""
     import torch
@@ -60,7 +68,7 @@ def make_tiny_mistral3(path: str, seed: int = 0) -> str:
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     torch.manual_seed(seed)
-    model = transformers.Mistral3ForConditionalGeneration(config()).to(torch.float32)
+    model = transformers.Mistral3ForConditionalGeneration(config(text_type)).to(torch.float32)
     with torch.no_grad():  # larger projector weights: image content visibly moves the logits
         for p in model.model.multi_modal_projector.parameters():
             p.mul_(4.0)
