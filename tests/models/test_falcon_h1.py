@@ -76,3 +76,11 @@ def test_falcon_h1_tensor_parallel(falcon_dir):
 
 def test_falcon_h1_preemption(falcon_dir):
     assert_parity_under_preemption(falcon_dir)
+
+
+@pytest.mark.slow
+def test_falcon_h1_on_emulated_cuda(falcon_dir):
+    """The cuda backend's pieces (Triton attention, the Triton conv1d, state update and scan)
+    side by side in each layer under the Triton interpreter, with chunked prefill."""
+    assert_parity(falcon_dir, prompts((5, 21)), max_new=6, device="cuda", emulate=True,
+                  max_num_batched_tokens=8)
