@@ -2,8 +2,8 @@
 each query attends only the keys of its own ``attention_chunk_size`` chunk, up to itself.
 Checked against dense attention with that mask on steps whose decodes and prefill chunks
 (with cached context) cross chunk boundaries, for the reference, cpu and Triton kernels
-(Triton through its interpreter on the CPU); and a captured decode step (no host lists)
-against the same step run eagerly."""
+(Triton on the GPU where there is one, else through its interpreter on the CPU); and a
+captured decode step (no host lists) against the same step run eagerly."""
 
 from __future__ import annotations
 
@@ -61,6 +61,12 @@ def _kernels():
 KERNELS = dict(_kernels())
 
 
+def _device(name: str) -> torch.device:
+    """Where a kernel's inputs live: Triton's on the GPU when there is one (the interpreter
+    takes CPU tensors), the reference and cpu kernels' on the CPU."""
+    return torch.device("cuda" if name == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def _run(kernel, step, batch=None):
     k_cache, v_cache = step.k_cache.clone(), step.v_cache.clone()
     md = kernel.build_metadata(batch or step.batch)
@@ -71,8 +77,8 @@ def _run(kernel, step, batch=None):
 def test_chunked_attention_matches_masked_dense(name):
     step = make_paged_step(QUERY_LENS, CTX_LENS, num_kv_heads=KV_HEADS, group=GROUP,
                            head_size=HEAD, block_size=BLOCK, dtype=torch.float32,
-                           device=torch.device("cpu"), seed=5)
-    got = _run(ChunkedLocalKernel(KERNELS[name], CHUNK, BLOCK), step)
+                           device=_device(name), seed=5)
+    got = _run(ChunkedLocalKernel(KERNELS[name], CHUNK, BLOCK), step).cpu()
     want = chunked_oracle(step, CHUNK)
     torch.testing.assert_close(got.float(), want, atol=2e-4, rtol=2e-4)
     assert not torch.allclose(step.ref_out, want, atol=1e-2)  # the chunk limit mattered
@@ -97,13 +103,13 @@ def test_captured_decode_step_matches_eager(name):
     step's output."""
     step = make_paged_step([1] * 5, [0, 7, 8, 15, 22], num_kv_heads=KV_HEADS, group=GROUP,
                            head_size=HEAD, block_size=BLOCK, dtype=torch.float32,
-                           device=torch.device("cpu"), seed=7)
+                           device=_device(name), seed=7)
     kernel = ChunkedLocalKernel(KERNELS[name], CHUNK, BLOCK)
     captured = dataclasses.replace(step.batch, query_start_loc_host=[], seq_lens_host=[],
                                    max_seq_len=64)
     torch.testing.assert_close(_run(kernel, step, captured), _run(kernel, step), atol=2e-5,
                                rtol=2e-5)
-    torch.testing.assert_close(_run(kernel, step).float(), chunked_oracle(step, CHUNK),
+    torch.testing.assert_close(_run(kernel, step).float().cpu(), chunked_oracle(step, CHUNK),
                                atol=2e-4, rtol=2e-4)
 
 

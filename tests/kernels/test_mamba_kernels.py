@@ -1,7 +1,9 @@
 """The Triton Mamba2 kernels (``kernels/mamba``: the causal conv1d with per-request state, the
-single-token state update) against the pure-torch reference ops, at tiny sizes (the Triton
-interpreter on CPU): mixed steps of decodes and prefill chunks shorter and longer than the conv
-window, non-consecutive state slots, sizes that are not powers of two, float32 and float16."""
+single-token state update, the chunked SSD scan) against the pure-torch reference ops on the
+CPU, at tiny sizes (the kernels on the GPU where there is one, else through the Triton
+interpreter on the CPU): mixed steps of decodes and prefill chunks shorter and longer than the
+conv window, non-consecutive state slots, sizes that are not powers of two, float32 and float16,
+and the strided views the mixer passes (x, B and C column slices of the conv's output)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,12 @@ import torch
 from tessellm.backends.reference import mamba as ref
 from tessellm.core.mamba_state import make_batch
 from tessellm.kernels.mamba import mamba_conv1d, mamba_state_update
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -23,13 +31,15 @@ def test_conv1d_matches_reference(dtype, lengths, width):
     bias = torch.randn(channels, generator=g).to(dtype)
     state = torch.randn(6, channels, width - 1, generator=g).to(dtype)
     batch = make_batch(lengths, slots, torch.device("cpu"))
+    dev_batch = make_batch(lengths, slots, DEVICE)
     for b in (bias, None):
-        want_state, got_state = state.clone(), state.clone()
+        want_state, got_state = state.clone(), state.clone().to(DEVICE)
         want = ref.causal_conv1d(x, weight, b, want_state, batch)
-        got = mamba_conv1d(x, weight, b, got_state, batch)
+        got = mamba_conv1d(*_on_device(x, weight), b if b is None else b.to(DEVICE), got_state,
+                           dev_batch)
         tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-3, rtol=5e-3)
-        torch.testing.assert_close(got, want, **tol)
-        torch.testing.assert_close(got_state, want_state, atol=0, rtol=0)
+        torch.testing.assert_close(got.cpu(), want, **tol)
+        torch.testing.assert_close(got_state.cpu(), want_state, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -45,12 +55,13 @@ def test_state_update_matches_reference(dtype, dt_limit):
     D, dt_bias = torch.randn(H, generator=g), torch.randn(H, generator=g)
     state = torch.randn(5, H, P, N, generator=g).to(dtype)
     idx = torch.tensor([3, 0, 4], dtype=torch.int32)
-    want_state, got_state = state.clone(), state.clone()
+    want_state, got_state = state.clone(), state.clone().to(DEVICE)
     want = ref.selective_state_update(x, dt, A, B, C, D, dt_bias, want_state, idx, dt_limit)
-    got = mamba_state_update(x, dt, A, B, C, D, dt_bias, got_state, idx, dt_limit)
+    got = mamba_state_update(*_on_device(x, dt, A, B, C, D, dt_bias), got_state, idx.to(DEVICE),
+                             dt_limit)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(got, want, **tol)
-    torch.testing.assert_close(got_state, want_state, **tol)
+    torch.testing.assert_close(got.cpu(), want, **tol)
+    torch.testing.assert_close(got_state.cpu(), want_state, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -70,9 +81,52 @@ def test_chunk_scan_matches_reference(dtype, dt_limit):
     D, dt_bias = torch.randn(H, generator=g), torch.randn(H, generator=g) * 0.5
     state = (torch.randn(6, H, P, N, generator=g) * 0.3).to(dtype)
     batch = make_batch(lengths, slots, torch.device("cpu"))
-    want_state, got_state = state.clone(), state.clone()
+    want_state, got_state = state.clone(), state.clone().to(DEVICE)
     want = ref.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, want_state, batch, 8, dt_limit)
-    got = mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, got_state, batch, 8, dt_limit)
+    got = mamba_chunk_scan(*_on_device(x, dt, A, B, C, D, dt_bias), got_state,
+                           make_batch(lengths, slots, DEVICE), 8, dt_limit)
     tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(got, want, **tol)
-    torch.testing.assert_close(got_state, want_state, **tol)
+    torch.testing.assert_close(got.cpu(), want, **tol)
+    torch.testing.assert_close(got_state.cpu(), want_state, **tol)
+
+
+def test_mixer_step_on_strided_views_matches_reference():
+    """One step as ``MambaMixer2.forward`` runs it, at the tiny families' sizes (H 8, P 16,
+    G 2, N 16, conv width 4): the conv over ``xbc`` (rows of I + 2GN channels), then the state
+    update of the decodes and the scan of the prefill chunks on x, B and C as column views of
+    the conv's output (row stride I + 2GN, not contiguous) from states left by earlier tokens.
+    float32 to 1e-4: a kernel whose products drop to TF32 on a GPU fails it."""
+    from tessellm.kernels.mamba.chunk_scan import mamba_chunk_scan
+
+    g = torch.Generator().manual_seed(3)
+    lengths, slots = [1, 1, 4, 21, 40, 70], [6, 2, 0, 5, 1, 3]
+    H, P, G, N, K = 8, 16, 2, 16, 4
+    T, inner, conv_dim = sum(lengths), H * P, H * P + 2 * G * N
+    xbc = torch.randn(T, conv_dim, generator=g)
+    weight, bias = torch.randn(conv_dim, K, generator=g) * 0.5, torch.randn(conv_dim, generator=g)
+    dt = torch.randn(T, H, generator=g) - 1.0
+    A = -torch.rand(H, generator=g) * 4 - 0.5
+    D, dt_bias = torch.randn(H, generator=g), torch.randn(H, generator=g) * 0.5
+    conv_state = torch.randn(7, conv_dim, K - 1, generator=g)
+    ssm_state = torch.randn(7, H, P, N, generator=g) * 0.5
+
+    def step(conv, scan, update, device, conv_state, ssm_state):
+        batch = make_batch(lengths, slots, device)
+        out = conv(xbc.to(device), weight.to(device), bias.to(device), conv_state, batch)
+        x, B, C = out.split([inner, G * N, G * N], dim=-1)
+        x, B, C = x.reshape(T, H, P), B.reshape(T, G, N), C.reshape(T, G, N)
+        assert not x.is_contiguous()
+        params = [t.to(device) for t in (A, D, dt_bias)]
+        nd, dtd = batch.num_decodes, dt.to(device)
+        y_dec = update(x[:nd], dtd[:nd], params[0], B[:nd], C[:nd], *params[1:], ssm_state,
+                       batch.state_indices[:nd])
+        y_pre = scan(x[nd:], dtd[nd:], params[0], B[nd:], C[nd:], *params[1:], ssm_state,
+                     batch.prefills, 8)
+        return torch.cat([y_dec, y_pre]).cpu(), conv_state.cpu(), ssm_state.cpu()
+
+    want = step(ref.causal_conv1d, ref.ssd_chunk_scan, ref.selective_state_update,
+                torch.device("cpu"), conv_state.clone(), ssm_state.clone())
+    got = step(mamba_conv1d, mamba_chunk_scan, mamba_state_update, DEVICE,
+               conv_state.clone().to(DEVICE), ssm_state.clone().to(DEVICE))
+    for name, a, b in zip(("y", "conv_state", "ssm_state"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

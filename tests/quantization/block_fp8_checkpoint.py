@@ -99,15 +99,15 @@ def checkpoint_maker(root, configs: dict, seed: int, per_tensor=()):
 
 
 def build(path: str, tp=None, backend: str = "cpu", quantization=None,
-          load_format: str = "safetensors"):
-    """The model ``build_model`` makes of ``path`` (float32, on the CPU) for ``backend``."""
+          load_format: str = "safetensors", device=torch.device("cpu")):
+    """The model ``build_model`` makes of ``path`` (float32, on ``device``) for ``backend``."""
     from tessellm.backends.registry import BackendRegistry
     from tessellm.config import resolve_model
     from tessellm.loader.model_loader import build_model
 
     registry = BackendRegistry()
     model, _ = build_model(resolve_model(path), load_format, registry,
-                           registry.backends[backend], torch.float32, torch.device("cpu"), 16,
+                           registry.backends[backend], torch.float32, device, 16,
                            tp=tp, quantization=quantization)
     return model
 

@@ -2,7 +2,8 @@
 ``weight_scale_inv`` per block), dense layers:
 
 * the Triton kernels (per-token-group activation quantization, block-scaled W8A8 GEMM) against
-  the pure-torch reference at tiny shapes, through Triton's interpreter on the CPU;
+  the pure-torch reference at tiny shapes (on the GPU where there is one, else through
+  Triton's interpreter on the CPU);
 * tiny random Llama and Qwen3 models written as block-fp8 checkpoints (``block_fp8_checkpoint``)
   served on the cpu backend (weights kept fp8, dequantized a slab at a time: W8A16) give the
   greedy tokens of the same models served from the dequantized checkpoint, and HF transformers
@@ -28,6 +29,8 @@ from tessellm.quantization.fp8_block import (Fp8BlockWeight, quantize_fp8_block,
 from tests.quantization.block_fp8_checkpoint import (assert_serves_dequantized, build,
                                                      checkpoint_maker, generate)
 
+# the Triton kernels' inputs: on the GPU where there is one (the interpreter takes CPU tensors)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 7, 7], list(range(40, 80)), [200, 12]]
 MAX_NEW = 12
 
@@ -45,13 +48,14 @@ def test_triton_block_gemm_matches_reference(m, n, k, block):
     w = quantize_fp8_block(torch.randn(n, k, generator=g), block)
     x = torch.randn(m, k, generator=g) * 3
     bias = torch.randn(n, generator=g)
-    qx, sx = quantize_fp8_groups(x, block[1])
     rqx, rsx = quantize_per_token_group(x, block[1])
-    assert torch.equal(qx.float(), rqx.float()) and torch.equal(sx, rsx)
-    want = w8a8_block_reference(x, w, bias)
-    torch.testing.assert_close(fp8_block_gemm(qx, sx, w, torch.float32, bias), want,
+    want = w8a8_block_reference(x, w, bias)  # on the CPU, before the kernels' inputs move
+    x, bias, w = x.to(DEVICE), bias.to(DEVICE), w.to(DEVICE)
+    qx, sx = quantize_fp8_groups(x, block[1])
+    assert torch.equal(qx.float().cpu(), rqx.float()) and torch.equal(sx.cpu(), rsx)
+    torch.testing.assert_close(fp8_block_gemm(qx, sx, w, torch.float32, bias).cpu(), want,
                                rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(fp8_block_mm(x, w, bias), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fp8_block_mm(x, w, bias).cpu(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_reference_forms_agree_with_the_dequantized_product():
@@ -143,18 +147,19 @@ def test_layers_keep_fp8_codes_and_block_scales(checkpoints, arch):
 
 
 def test_cuda_backend_kernels_serve_a_layer_close_to_the_dequantized_model(checkpoints):
-    """The cuda backend's method (Triton W8A8, interpreted here) on the Qwen3 checkpoint's
-    layers: each layer's product within e4m3 activation error of the dequantized weight's."""
+    """The cuda backend's method (Triton W8A8; interpreted on the CPU without a GPU) on the
+    Qwen3 checkpoint's layers: each layer's product within e4m3 activation error of the
+    dequantized weight's."""
     from tessellm.quantization.loading import quantized_linears
 
     fp8_dir, _ = checkpoints("qwen3")
-    layers = quantized_linears(build(fp8_dir, backend="cuda"))
+    layers = quantized_linears(build(fp8_dir, backend="cuda", device=DEVICE))
     g = torch.Generator().manual_seed(3)
     for name in ("layers.0.self_attn.qkv_proj", "layers.1.mlp.down_proj"):
         layer = layers[name]
         x = torch.randn(3, layer.input_size, generator=g)
-        dense = x @ torch.cat([s.dequantize() for s in layer.segments]).t()
-        rel = ((layer(x) - dense).norm() / dense.norm()).item()
+        dense = x @ torch.cat([s.dequantize().cpu() for s in layer.segments]).t()
+        rel = ((layer(x.to(DEVICE)).cpu() - dense).norm() / dense.norm()).item()
         assert rel < 0.05, (name, rel)
 
 

@@ -239,8 +239,9 @@ def test_fp8_on_load_and_dummy_for_moe(checkpoints):
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_triton_fused_moe_block_scales_match_reference(fuse):
-    """The grouped GEMMs with block scales (interpreted), SiLU-and-mul in GEMM 1's epilogue or
-    apart, float32: the reference's numbers; the decode path is never taken for them."""
+    """The grouped GEMMs with block scales (on the GPU where there is one, else interpreted),
+    SiLU-and-mul in GEMM 1's epilogue or apart, float32: the reference's numbers; the decode
+    path is never taken for them."""
     from tessellm.backends.reference.moe import fused_experts_reference, route
     from tessellm.kernels.moe.fused_moe import fused_moe_triton
     from tessellm.quantization.fp8_block import quantize_block_tensors
@@ -253,6 +254,7 @@ def test_triton_fused_moe_block_scales_match_reference(fuse):
     weights, ids = route(logits, 2)
     want = fused_experts_reference(x, weights, ids, q13, q2, s13, s2, block_shape=(128, 128))
     tiles = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SILU_MUL=fuse)
-    got = fused_moe_triton(x, weights, ids.to(torch.int32), q13, q2, s13, s2, tiles,
-                           block_shape=(128, 128))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the kernels' inputs
+    got = fused_moe_triton(*(t.to(dev) for t in (x, weights, ids.to(torch.int32), q13, q2, s13,
+                                                 s2)), tiles, block_shape=(128, 128))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)

@@ -10,8 +10,8 @@ the step's first token come from the sequence's conv state (the K - 1 inputs bef
 
 Two launches: the outputs (one program per sequence, block of tokens, block of channels:
 every token is independent), then the new states (one program per sequence and block of
-channels: the last K - 1 inputs, read whole before any is written), so no output reads a
-state the step already overwrote.
+channels: the last K - 1 inputs, read whole, then a barrier, then written), so no output reads
+a state the step already overwrote.
 """
 
 from __future__ import annotations
@@ -65,7 +65,13 @@ def _conv_state_kernel(x_ptr, state_ptr, qsl_ptr, idx_ptr, C, sx_t, ss_slot, ss_
                      mask=(km & (j >= 0))[:, None] & cm[None, :], other=0.0)
     from_state = tl.load(base + (KM1 + j)[:, None], mask=(km & (j < 0))[:, None] & cm[None, :],
                          other=0.0)
-    new = from_x.to(state_ptr.dtype.element_ty) + from_state  # read whole before the store
+    new = from_x.to(state_ptr.dtype.element_ty) + from_state
+    # Shorter than K - 1 (decodes), column k takes the old column k + length: another thread's,
+    # maybe another warp's, which could store its own new column before this one read it. The
+    # barrier orders every read of the program before any write. (Compiled for sm90 today the
+    # state tile's layout conversion through shared memory already puts a barrier there, and
+    # the compiler merges the two; this one does not depend on the layouts it picks.)
+    tl.debug_barrier()
     tl.store(base + ks[:, None], new, mask=km[:, None] & cm[None, :])
 
 
