@@ -34,10 +34,10 @@ from tessellm.models.pixtral_vision import PixtralVisionTower, unused_pixtral_we
 from tessellm.models.qwen2_vl_vision import VisionRMSNorm
 
 
-def image_rows_cols(size, config) -> tuple[int, int]:
-    """Merged-patch rows and columns of a preprocessed image of ``size`` = (height, width)."""
-    unit = int(config.vision_config.patch_size) * int(config.spatial_merge_size)
-    return int(size[0]) // unit, int(size[1]) // unit
+def merge_size(config) -> int:
+    """Patches merged a side into one ``[IMG]``: Mistral 3's ``spatial_merge_size``; 1 for
+    Pixtral 12B (LLaVA's config has none)."""
+    return int(getattr(config, "spatial_merge_size", None) or 1)
 
 
 def span_length(rows: int, cols: int) -> int:
@@ -102,23 +102,32 @@ class Mistral3ForConditionalGeneration(ImageTextModel):
             raise ValueError("Mistral 3 does not run with pipeline_parallel_size > 1 yet; use "
                              "tensor parallelism.")
         self.image_token_id = image_token_id(config)
+        self.merge = merge_size(config)
         self.vision_tower = PixtralVisionTower(vision, getattr(config, "vision_feature_layer", -1))
         width = vision.hidden_size * len(self.vision_tower.feature_layers)
-        if width != vision.hidden_size:
+        self.multi_modal_projector = self.make_projector(config, text, width)
+        self.language_model = lm_class(text, ctx)
+
+    def make_projector(self, config, text, width: int) -> nn.Module:
+        if width != config.vision_config.hidden_size:
             raise ValueError("Mistral 3 with several vision_feature_layer is not supported: its "
                              "projector norms the tower's width; give one layer.")
-        self.multi_modal_projector = Mistral3Projector(config, width)
-        self.language_model = lm_class(text, ctx)
+        return Mistral3Projector(config, width)
+
+    def project(self, feats: torch.Tensor, grids) -> torch.Tensor:
+        """The tower's patch states of images of ``grids`` (patches) -> one token per merged
+        patch, image after image, row by row."""
+        return self.multi_modal_projector(feats, grids)
 
     # -- what the runner calls -------------------------------------------------------------
 
     def encode_images(self, pixels: torch.Tensor, image_sizes) -> list[torch.Tensor]:
         """``[N, 3, H, W]`` preprocessed images and their (height, width) -> per image its
         span's rows ``[rows * (cols + 1), text hidden]`` (zeros at the break and end rows)."""
-        merge = self.multi_modal_projector.patch_merger.merge
+        merge = self.merge
         patch = self.vision_tower.patch_size
         grids = [(int(h) // patch, int(w) // patch) for h, w in image_sizes]
-        feats = self.multi_modal_projector(self.vision_tower(pixels, image_sizes), grids)
+        feats = self.project(self.vision_tower(pixels, image_sizes), grids)
         out = []
         for part, (h, w) in zip(feats.split([h * w // merge ** 2 for h, w in grids]), grids):
             rows, cols = h // merge, w // merge
@@ -131,7 +140,7 @@ class Mistral3ForConditionalGeneration(ImageTextModel):
         """Blank square images covering ``num_tokens`` placeholders (at most the tower's
         ``image_size`` a side), and their sizes, for the memory profile."""
         vision = self.config.vision_config
-        unit = int(vision.patch_size) * int(self.config.spatial_merge_size)
+        unit = int(vision.patch_size) * self.merge
         side = max(1, min(int(vision.image_size) // unit, int(num_tokens ** 0.5)))
         n = max(1, -(-num_tokens // span_length(side, side)))
         pixels = torch.zeros(n, int(vision.num_channels), side * unit, side * unit, device=device)
@@ -156,3 +165,21 @@ def _text_config(config):
         text = copy.copy(text)
         text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
     return text
+
+
+class PixtralLlavaForConditionalGeneration(Mistral3ForConditionalGeneration):
+    """Pixtral 12B (``LlavaForConditionalGeneration`` whose ``vision_config`` is Pixtral): the
+    same tower, prompt layout and front end, one ``[IMG]`` per patch (no merger) and LLaVA's
+    projector (linear_1 -> act -> linear_2, biases per ``multimodal_projector_bias``)."""
+
+    def make_projector(self, config, text, width: int) -> nn.Module:
+        from tessellm.models.llava import LlavaProjector, feature_select_strategy
+
+        if feature_select_strategy(config) != "full":
+            raise ValueError("LLaVA with a Pixtral tower needs vision_feature_select_strategy "
+                             "'full' (Pixtral has no class token to drop).")
+        return LlavaProjector(width, text.hidden_size, getattr(config, "projector_hidden_act", "gelu"),
+                              bool(getattr(config, "multimodal_projector_bias", True)))
+
+    def project(self, feats: torch.Tensor, grids) -> torch.Tensor:
+        return self.multi_modal_projector(feats)

@@ -93,6 +93,11 @@ _MODELS = {
     "ModernBertForSequenceClassification": modernbert.ModernBertForSequenceClassification,
 }
 
+# an architecture whose class depends on its vision tower: (architecture, vision model_type)
+_BY_VISION_TOWER = {
+    ("LlavaForConditionalGeneration", "pixtral"): mistral3.PixtralLlavaForConditionalGeneration,
+}
+
 
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
@@ -102,7 +107,10 @@ def model_class(config, pooling: bool = False):
     """``pooling``: an embedding model, whose checkpoint may be a bare ``LlamaModel`` /
     ``Qwen3Model`` / ... (no LM head): served by the family's ``*ForCausalLM`` class."""
     archs = list(getattr(config, "architectures", None) or [])
+    tower = getattr(getattr(config, "vision_config", None), "model_type", None)
     for arch in archs:
+        if (arch, tower) in _BY_VISION_TOWER:
+            return _BY_VISION_TOWER[arch, tower]
         if arch in _MODELS:
             return _MODELS[arch]
         causal = arch[:-len("Model")] + "ForCausalLM" if arch.endswith("Model") else None

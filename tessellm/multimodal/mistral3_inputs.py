@@ -34,12 +34,17 @@ ARCHITECTURE = "Mistral3ForConditionalGeneration"
 
 
 def is_mistral3(hf_config) -> bool:
-    return ARCHITECTURE in (getattr(hf_config, "architectures", None) or ())
+    """Mistral 3, or Pixtral 12B (LLaVA with a Pixtral tower): the same prompt layout."""
+    archs = getattr(hf_config, "architectures", None) or ()
+    return ARCHITECTURE in archs or ("LlavaForConditionalGeneration" in archs and getattr(
+        getattr(hf_config, "vision_config", None), "model_type", None) == "pixtral")
 
 
 def _unit(config) -> int:
     """Pixels a side of one merged patch (one ``[IMG]``)."""
-    return int(config.vision_config.patch_size) * int(config.spatial_merge_size)
+    from tessellm.models.mistral3 import merge_size
+
+    return int(config.vision_config.patch_size) * merge_size(config)
 
 
 def max_image_tokens(model_path: str, config) -> int:

@@ -63,3 +63,11 @@ def ministral3_dir(tmp_path_factory):
 
     return make_tiny_mistral3(str(tmp_path_factory.mktemp("tiny-ministral3")), seed=3,
                               text_type="ministral3")
+
+
+@pytest.fixture(scope="session")
+def pixtral_llava_dir(tmp_path_factory):
+    from tests.multimodal.tiny_mistral3 import make_tiny_mistral3
+
+    return make_tiny_mistral3(str(tmp_path_factory.mktemp("tiny-pixtral-llava")), seed=4,
+                              text_type="pixtral_llava")

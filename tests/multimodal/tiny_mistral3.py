@@ -54,6 +54,12 @@ def config(text_type: str = "mistral"):
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         patch_size=4, image_size=LONGEST_EDGE, hidden_act="silu", initializer_range=0.2,
         rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    if text_type == "pixtral_llava":  # Pixtral 12B: LLaVA over the Pixtral tower, no merger
+        return transformers.LlavaConfig(
+            text_config=text, vision_config=vision, image_token_id=IMG, vision_feature_layer=-1,
+            vision_feature_select_strategy="full", projector_hidden_act="gelu",
+            multimodal_projector_bias=True, architectures=["LlavaForConditionalGeneration"],
+            tie_word_embeddings=False)
     return transformers.Mistral3Config(
         text_config=text, vision_config=vision, image_token_id=IMG, spatial_merge_size=2,
         vision_feature_layer=-1, projector_hidden_act="gelu", multimodal_projector_bias=False,
@@ -68,7 +74,8 @@ def make_tiny_mistral3(path: str, seed: int = 0, text_type: str = "mistral") -> 
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     torch.manual_seed(seed)
-    model = transformers.Mistral3ForConditionalGeneration(config(text_type)).to(torch.float32)
+    cfg = config(text_type)
+    model = getattr(transformers, cfg.architectures[0])(cfg).to(torch.float32)
     with torch.no_grad():  # larger projector weights: image content visibly moves the logits
         for p in model.model.multi_modal_projector.parameters():
             p.mul_(4.0)
@@ -80,21 +87,24 @@ def make_tiny_mistral3(path: str, seed: int = 0, text_type: str = "mistral") -> 
 
 def hf_inputs(path: str, prompt: str, images: list):
     """What ``PixtralProcessor`` gives (it needs torchvision, so its steps are done here as it
-    does them): the image processor at patch * merge = 8 px, each ``[IMG]`` of the text replaced
-    by its image's rows (``replace_image_token``), then tokenized."""
+    does them): the image processor at patch * merge = 8 px (4 px for Pixtral 12B's LLaVA, which
+    merges none), each ``[IMG]`` of the text replaced by its image's rows
+    (``replace_image_token``), then tokenized."""
     import torch
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
+    cfg = AutoConfig.from_pretrained(path)
+    unit = cfg.vision_config.patch_size * (getattr(cfg, "spatial_merge_size", None) or 1)
     inputs = {}
     if images:
-        out = AutoImageProcessor.from_pretrained(path)(images=images, patch_size=8, return_tensors="pt")
+        out = AutoImageProcessor.from_pretrained(path)(images=images, patch_size=unit, return_tensors="pt")
         inputs = {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
         parts = prompt.split("[IMG]")
         assert len(parts) == len(images) + 1
         rows = []
         for h, w in out["image_sizes"].tolist():
-            seq = (["[IMG]"] * (w // 8) + ["[IMG_BREAK]"]) * (h // 8)
+            seq = (["[IMG]"] * (w // unit) + ["[IMG_BREAK]"]) * (h // unit)
             seq[-1] = "[IMG_END]"
             rows.append("".join(seq))
         prompt = parts[0] + "".join(r + rest for r, rest in zip(rows, parts[1:]))
@@ -108,7 +118,8 @@ def hf_greedy(path: str, prompts: list[str], images: list, max_new_tokens: int) 
     import torch
     import transformers
 
-    model = transformers.Mistral3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    arch = transformers.AutoConfig.from_pretrained(path).architectures[0]
+    model = getattr(transformers, arch).from_pretrained(path, dtype=torch.float32).eval()
     outs = []
     for prompt, imgs in zip(prompts, images):
         inputs = hf_inputs(path, prompt, imgs)
