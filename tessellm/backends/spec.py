@@ -532,7 +532,7 @@ class FusedOps(Protocol):
     # product (the down bias before the routing weight); conformance case
     # ``test_fused_moe_clamped_swiglu_with_biases``. Kind "relu2" (Nemotron-H's ungated
     # experts): ``w13 [E, I, H]`` holds the up rows alone and the expert is
-    # ``w2[e] @ relu(w13[e] @ x) ** 2``; no in-tree op lists it yet (the reference loop runs it).
+    # ``w2[e] @ relu(w13[e] @ x) ** 2``; conformance case ``test_fused_moe_ungated_relu2``.
     # Variant (block-wise fp8 experts: Qwen3-MoE-FP8, DeepSeek-V3), only where the ops object
     # sets ``fused_moe_block_fp8 = True`` (else the model runs the reference loop for them):
     # keyword-only ``block_shape=(bn, bk)`` with e4m3 ``w13`` / ``w2`` and float32 block scales

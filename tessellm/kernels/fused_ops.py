@@ -27,7 +27,7 @@ class TritonOps:
     max_hidden = 65536  # one program holds a whole row
     # ``ExpertActivation.kind``s (and expert biases) fused_moe / fused_experts take
     # (``reference/moe.py``): the grouped GEMMs' epilogue (``kernels/moe/fused_moe.py``)
-    fused_moe_activations = ("silu", "swiglu_oai")
+    fused_moe_activations = ("silu", "swiglu_oai", "relu2")
     # block-wise fp8 experts (``block_shape``): dequantized tile by tile in the grouped GEMMs
     fused_moe_block_fp8 = True
 

@@ -87,7 +87,8 @@ def test_nemotron_h_refusals(tmp_path):
 
 @pytest.mark.slow
 def test_nemotron_h_on_emulated_cuda(nemotron_dir):
-    """The cuda backend's pieces (Triton attention, the Triton conv1d, state update and scan;
-    the relu2 experts on the reference loop) under the Triton interpreter, chunked prefill."""
+    """The cuda backend's pieces (Triton attention, the Triton conv1d, state update and scan,
+    the relu2 experts in the grouped MoE GEMMs) under the Triton interpreter, chunked
+    prefill."""
     assert_parity(nemotron_dir, prompts((5, 21)), max_new=6, device="cuda", emulate=True,
                   max_num_batched_tokens=8)

@@ -92,7 +92,7 @@ def silu_block(lib, d: int) -> int:
 
 class CpuOps(ReferenceOps):
     fused_moe = staticmethod(fused_moe_grouped)  # the sort-and-group MoE (cpu/moe.py)
-    fused_moe_activations = ("silu", "swiglu_oai")  # and expert biases (reference/moe.py)
+    fused_moe_activations = ("silu", "swiglu_oai", "relu2")  # and expert biases (reference/moe.py)
     fused_experts = staticmethod(grouped_experts)  # the same with the routing given
     fused_moe_block_fp8 = True  # block-wise fp8 experts dequantized per touched expert
 

@@ -36,7 +36,7 @@ class ReferenceOps:
 
     # ``ExpertActivation.kind``s (and expert biases) ``fused_moe`` takes (reference/moe.py);
     # a subclass with its own fused_moe serves SiLU only unless it says so.
-    fused_moe_activations = ("silu", "swiglu_oai")
+    fused_moe_activations = ("silu", "swiglu_oai", "relu2")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

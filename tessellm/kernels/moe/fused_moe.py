@@ -233,7 +233,9 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     gate and of the up half each (so ``BLOCK_N / 2`` of the unfused tile's). Up to
     ``decode.DECODE_MAX_TOKENS`` tokens (and no ``tiles``) the two-launch decode path runs
     instead (``decode.py``: no alignment, no sum kernel), unless a variant is asked for:
-    ``activation`` (an ``ExpertActivation`` other than SiLU: gpt-oss's clamped SwiGLU),
+    ``activation`` (an ``ExpertActivation`` other than SiLU: gpt-oss's clamped SwiGLU, or
+    Nemotron-H's ungated "relu2", ``w13 [E, I, H]``, whose activation runs in torch between
+    the GEMMs),
     ``w13_bias [E, 2I]`` / ``w2_bias [E, H]`` added after each product (``reference/moe.py``);
     those run the grouped GEMMs at every size, as block-wise fp8 experts (``block_shape``, the
     scales ``[E, N/bn, K/bk]``) do."""
@@ -256,13 +258,14 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     hidden = hidden.contiguous()
     dev, dtype = hidden.device, hidden.dtype
     align = (sorted_ids, block_expert, num_padded)
-    if fuse:
+    gated = activation is None or activation.gated
+    if fuse and gated:
         act = torch.empty(t * k, inter, dtype=dtype, device=dev)
         tiles1 = dict(tiles, BLOCK_N=max(16, tiles["BLOCK_N"] // 2))
         _expert_gemm(hidden, w13, w13_scale, None, *align, act, k, tiles1, silu_mul=True,
                      bias=w13_bias, activation=activation, **blocks)
     else:
-        c1 = torch.empty(t * k, 2 * inter, dtype=dtype, device=dev)
+        c1 = torch.empty(t * k, w13.shape[1], dtype=dtype, device=dev)  # 2I, or I ungated
         _expert_gemm(hidden, w13, w13_scale, None, *align, c1, k, tiles, bias=w13_bias, **blocks)
         act = _silu_and_mul(c1, inter) if activation is None else activation(c1)
     c2 = torch.empty(t * k, w2.shape[1], dtype=dtype, device=dev)

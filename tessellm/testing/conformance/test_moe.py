@@ -1,6 +1,7 @@
 """``FusedOps.fused_moe`` (optional) against the reference loop over experts: softmax and
 sigmoid routing, top-k 1/2/8, experts that receive no token, and fp8 per-channel experts; and
-``fused_experts`` (optional: the same with the routing given)."""
+``fused_experts`` (optional: the same with the routing given); the declared variants (gpt-oss's
+clamped SwiGLU with biases, Nemotron-H's ungated relu2, block-wise fp8)."""
 
 from __future__ import annotations
 
@@ -110,6 +111,40 @@ def test_fused_moe_clamped_swiglu_with_biases(target, tokens):
                             activation=act, **{k: v.to(dev) for k, v in bias.items()})
         assert got.dtype == dtype and got.shape == x.shape
         torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_fused_moe_ungated_relu2(target, tokens):
+    """Nemotron-H's experts (optional, declared in ``fused_moe_activations``): no gate, ``w13
+    [E, I, H]`` the up rows alone, ``relu(up) ** 2`` (``ExpertActivation("relu2")``), through
+    ``fused_moe`` and ``fused_experts``; an op reading ``w13`` as gate and up halves fails."""
+    e, h, i = 8, 64, 32
+    w13, w2 = _experts(e, h, i, seed=90 + tokens)
+    w13 = w13[:, :i].contiguous()
+    g = torch.Generator().manual_seed(95 + tokens)
+    x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
+    act = ExpertActivation("relu2")
+    for dtype in (torch.float32, target.low_precision_dtype):
+        ops = _moe_ops(target, dtype)
+        if "relu2" not in getattr(ops, "fused_moe_activations", ("silu",)):
+            pytest.skip(f"{target.name}'s fused_moe does not declare relu2 (Nemotron-H's "
+                        "experts run the reference loop)")
+        args = [t.to(dtype) for t in (x, logits, w13, w2)]
+        want = fused_moe_reference(*args, 2, "sigmoid", True, activation=act)
+        dev = target.device
+        got = ops.fused_moe(*[t.to(dev) for t in args], 2, "sigmoid", True, None, None,
+                            activation=act)
+        assert got.dtype == dtype and got.shape == x.shape
+        torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+        experts = getattr(ops, "fused_experts", None)
+        if experts is not None:
+            weights = torch.rand(tokens, 2, generator=g)
+            ids = torch.stack([torch.randperm(e, generator=g)[:2] for _ in range(tokens)])
+            want = fused_experts_reference(args[0], weights, ids, args[2], args[3],
+                                           activation=act)
+            got = experts(args[0].to(dev), weights.to(dev), ids.to(dev), args[2].to(dev),
+                          args[3].to(dev), activation=act)
+            torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
 
 
 def _moe_tolerance(dtype):
