@@ -62,7 +62,9 @@ HELP = {
                          "generation_config.json, as vLLM), vllm (none) or a directory holding one",
     "override_generation_config": "JSON laid over those defaults, e.g. '{\"temperature\": 0.5}'",
     "limit_mm_per_prompt": "images per prompt at most, as JSON, e.g. '{\"image\": 2}' "
-                           "(default: 1 for a model that takes images; docs/multimodal.md)",
+                           "(default: 1 for a model that takes images; '{\"image\": 0}' serves "
+                           "an image-text checkpoint text-only, without its vision tower; "
+                           "docs/multimodal.md)",
     "disable_chunked_mm_input": "never end a prefill chunk inside an image's placeholder tokens: "
                                 "the chunk stops before the image, which comes whole in a later "
                                 "step (each image must fit --max-num-batched-tokens)",

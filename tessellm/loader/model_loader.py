@@ -225,6 +225,10 @@ def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dty
             process_quantized(model)
         return
     weights = _weight_stream(model, source, dtype, quant_spec)
+    from tessellm.multimodal.text_only import image_text_architecture, text_weights
+
+    if image_text_architecture(source.hf_config) is not None:  # images off: the vision tensors skipped
+        weights = text_weights(weights)
     loaded = load_quantized_weights(model, weights) if quant_spec else model.load_weights(weights)
     expected = {n for n, _ in model.named_parameters()}
     missing = sorted(expected - loaded - set(optional))

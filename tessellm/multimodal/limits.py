@@ -56,7 +56,12 @@ def takes_images(hf_config) -> bool:
 
 
 def model_mm_limits(hf_config, args) -> dict[str, int]:
-    """What the model takes per prompt: ``{"image": n}`` (default 1) or {} for text only."""
+    """What the model takes per prompt: ``{"image": n}`` (default 1) or {} for text only;
+    ``{"image": 0}`` for an image-text checkpoint served text-only (``text_only.py``)."""
+    from tessellm.multimodal.text_only import image_text_architecture
+
+    if image_text_architecture(hf_config) is not None:
+        return {"image": 0}
     if not takes_images(hf_config):
         return {}
     return {"image": 1, **parse_mm_limits(getattr(args, "limit_mm_per_prompt", None))}
@@ -74,4 +79,7 @@ def check_multimodal_args(hf_config, args) -> None:
                               ("runner='pooling'", resolve_runner(args, hf_config) == "pooling")):
         if unsupported:
             raise ValueError(f"{name} does not combine with an image model "
-                             f"({hf_config.architectures[0]}) yet; run it without.")
+                             f"({hf_config.architectures[0]}) yet; run it without, or serve "
+                             "the model text-only with limit_mm_per_prompt {\"image\": 0} "
+                             "(--limit-mm-per-prompt '{\"image\": 0}'): its language model "
+                             "alone, with that model's features.")

@@ -124,6 +124,10 @@ class ImageProcessor:
                              "parts), or drop the placeholders.")
 
     def check_count(self, num_images: int) -> None:
+        if num_images and self.max_images == 0:
+            from tessellm.multimodal.text_only import refuse_images
+
+            raise refuse_images(self.model_path)
         if num_images > self.max_images:
             raise ValueError(f"The prompt has {num_images} images, over the limit of "
                              f"{self.max_images} per prompt; raise it with "

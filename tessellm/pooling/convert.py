@@ -25,6 +25,7 @@ one text ``query + document`` (``use_sep_token`` false), unless config.json says
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from tessellm.config import ModelSource, resolve_model
@@ -42,6 +43,11 @@ def model_source(args) -> ModelSource:
     config = source.hf_config
     for key, value in parse_hf_overrides(getattr(args, "hf_overrides", None)).items():
         setattr(config, key, value)  # a PretrainedConfig's num_labels setter redoes id2label
+    from tessellm.multimodal.text_only import images_off, text_only_config
+
+    if images_off(config, getattr(args, "limit_mm_per_prompt", None)):  # the language model alone
+        source = dataclasses.replace(source, hf_config=text_only_config(config))
+        config = source.hf_config
     if getattr(args, "convert", "auto") == "classify":
         _as_classifier(config)
     if _from_token_method(config) is not None:
