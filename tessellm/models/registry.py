@@ -7,7 +7,7 @@ from tessellm.models import gpt_oss
 from tessellm.models import gemma3_mm, llava_next, qwen2_vl
 from tessellm.models import ministral3, mistral3, qwen3_vl
 from tessellm.models import cohere2, deepseek_v2, ernie4_5, ernie4_5_moe, glm4_moe
-from tessellm.models import apertus, dots1, hunyuan, seed_oss
+from tessellm.models import apertus, dots1, hunyuan, hunyuan_moe, seed_oss
 from tessellm.models import bamba, falcon_h1, granite_moe_hybrid, mamba2, nemotron_h
 from tessellm.models import qwen3_next
 from tessellm.models import llama4, llama4_mm
@@ -26,6 +26,7 @@ _MODELS = {
     "SeedOssForCausalLM": seed_oss.SeedOssForCausalLM,
     "ApertusForCausalLM": apertus.ApertusForCausalLM,
     "HunYuanDenseV1ForCausalLM": hunyuan.HunYuanDenseV1ForCausalLM,
+    "HunYuanMoEV1ForCausalLM": hunyuan_moe.HunYuanMoEV1ForCausalLM,
     "Llama4ForCausalLM": llama4.Llama4ForCausalLM,
     "Llama4ForConditionalGeneration": llama4_mm.Llama4ForConditionalGeneration,
     "GemmaForCausalLM": gemma.GemmaForCausalLM,

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu,
 FAMILIES = ["mixtral", "qwen2-moe", "qwen3-moe", "gemma3", "gemma2", "phi3", "gpt-oss",
             "deepseek-v2-lite", "deepseek-v3", "llama4", "phimoe", "granite-4h", "mamba2",
             "glm4-moe", "cohere2", "ernie4_5", "ernie4_5-moe",
-            "seed-oss", "hunyuan-dense", "dots1", "apertus"]
+            "seed-oss", "hunyuan-dense", "hunyuan-moe", "dots1", "apertus"]
 
 # families whose tiny model is variant_parity.save_tiny's (random norms and biases) of a config
 # from their own test module: arch -> (tests.models module, config function)
@@ -58,6 +58,11 @@ def _save(arch: str, path: str) -> str:
         from tests.models.test_apertus import apertus_config, save_apertus
 
         return save_apertus(apertus_config(**big), path)
+    if arch == "hunyuan-moe":  # q/k norms after rotary, float32 softmax router, shared MLP
+        from tests.models.test_deepseek import save_deepseek
+        from tests.models.test_seed_oss_hunyuan import hunyuan_moe_config
+
+        return save_deepseek(hunyuan_moe_config(**big), path)
     if arch == "ernie4_5-moe":  # interleaved rotary, softmax routing with a selection bias
         from tests.models.test_deepseek import save_deepseek
         from tests.models.test_ernie4_5 import ernie4_5_moe_config

@@ -50,3 +50,23 @@ def test_hunyuan_dense_matches_hf(overrides, engine, tmp_path):
 def test_hunyuan_dense_tensor_parallel(tmp_path):
     path = save_tiny(hunyuan_config(attention_bias=True), str(tmp_path / "tp"))
     assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")
+
+
+def hunyuan_moe_config(**overrides):
+    from transformers import HunYuanMoEV1Config
+
+    return HunYuanMoEV1Config(**{**TINY, **IDS, "head_dim": 16, "intermediate_size": 32,
+                                 "num_experts": 8, "moe_topk": 2, **overrides})
+
+
+@pytest.mark.parametrize("overrides, engine", [
+    (dict(), dict(max_num_batched_tokens=8)),
+    (dict(attention_bias=True, moe_topk=[1, 3], tie_word_embeddings=True,
+          rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0,
+                           "factor": 1.0}), dict()),
+], ids=["top-2-chunked", "per-layer-top-k-ntk-alpha-bias-tied"])
+def test_hunyuan_moe_matches_hf(overrides, engine, tmp_path):
+    from tests.models.test_deepseek import save_deepseek
+
+    path = save_deepseek(hunyuan_moe_config(**overrides), str(tmp_path / "hunyuan-moe"))
+    assert_parity(path, prompts((5, 30)), max_new=16, **engine)
