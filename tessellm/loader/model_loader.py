@@ -182,8 +182,8 @@ def check_key_limits(registry, backend, kernel, spec: AttentionSpec) -> None:
     if spec.prefill_key_limits:
         _require_kernel_flag(registry, backend, kernel, "key_limits",
                              "lets prompt tokens attend to later tokens (AttentionSpec."
-                             "prefill_key_limits: Gemma 3's image tokens see the whole image, an "
-                             "encoder's tokens the whole prompt)")
+                             "prefill_key_limits: Gemma 3's image tokens attend to the whole "
+                             "image, an encoder's tokens to the whole prompt)")
 
 
 def check_tensor_parallel_quantization(quant_spec, tp_size: int) -> None:

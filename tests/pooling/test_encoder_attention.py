@@ -119,3 +119,15 @@ def test_symmetric_window_is_a_band(kernel):
         out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=band).transpose(0, 1))
         start += n
     torch.testing.assert_close(got, torch.cat(out), atol=1e-5, rtol=0)
+
+
+def test_encoder_refused_on_a_kernel_without_key_limits():
+    """A kernel that does not declare supports_key_limits would attend causally: refused at
+    load, by name (``model_loader.check_key_limits``)."""
+    from tessellm.backends.registry import get_registry
+    from tessellm.loader.model_loader import check_key_limits
+
+    registry = get_registry()
+    old = SimpleNamespace(name="old")  # a plugin kernel of API 7
+    with pytest.raises(ValueError, match=r"an encoder's tokens to the whole prompt.*backend 'cpu' cannot do"):
+        check_key_limits(registry, registry.backends["cpu"], old, _spec())
