@@ -70,3 +70,13 @@ def test_hunyuan_moe_matches_hf(overrides, engine, tmp_path):
 
     path = save_deepseek(hunyuan_moe_config(**overrides), str(tmp_path / "hunyuan-moe"))
     assert_parity(path, prompts((5, 30)), max_new=16, **engine)
+
+
+# Slow lane (ci/matrix.yaml's cpu lane): experts and the shared MLP split over the ranks, the
+# float32 router replicated.
+@pytest.mark.slow
+def test_hunyuan_moe_tensor_parallel(tmp_path):
+    from tests.models.test_deepseek import save_deepseek
+
+    path = save_deepseek(hunyuan_moe_config(), str(tmp_path / "tp"))
+    assert_parity(path, prompts((5, 20)), max_new=8, tensor_parallel_size=2, device="cpu")
