@@ -9,6 +9,7 @@ One concept a file, the runner only orchestrates them::
     runner_output.py      draft acceptance, logprobs, prompt logprobs
     pp_io.py              pipeline-parallel receive / send
     runner_graphs.py      captured decode / verify graphs, precompiled buckets (a mixin)
+    runner_kv_cache.py    the KV cache tensors per attention layer, their bytes (a mixin)
 
 A step: apply the scheduler's deltas -> build host inputs -> copy (pinned) -> forward (eager,
 or a captured graph for a pure-decode step) -> logits of the sampled rows -> grammar mask ->
@@ -22,7 +23,6 @@ each keeps its own copy of the tokens.
 
 from __future__ import annotations
 
-import mmap
 from typing import Optional
 
 import numpy as np
@@ -36,6 +36,7 @@ from tessellm.core.input_batch import InputBatch, RunnerRequest  # noqa: F401 (r
 from tessellm.core.input_builder import HostInputs, build_inputs
 from tessellm.core.pp_io import StageIO
 from tessellm.core.runner_graphs import RunnerGraphs
+from tessellm.core.runner_kv_cache import RunnerKVCache
 from tessellm.core.runner_output import collect, prompt_logprobs
 from tessellm.core.sampler import Sampler
 from tessellm.core.sampling_metadata import build_sampling_batch
@@ -49,8 +50,9 @@ from tessellm.structured_output.apply import MaskUpload, apply_grammar_bitmask
 __all__ = ["ModelRunner", "ModelRunnerOutput", "RunnerRequest", "StepHandle"]
 
 
-class ModelRunner(RunnerGraphs):
-    """Steps in, sampled tokens out (see above); graph capture is in runner_graphs.py."""
+class ModelRunner(RunnerGraphs, RunnerKVCache):
+    """Steps in, sampled tokens out (see above); graph capture is in runner_graphs.py, the
+    KV cache's allocation in runner_kv_cache.py."""
 
     def __init__(self, model, kernel, backend, device: torch.device, block_size: int,
                  vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
@@ -125,37 +127,6 @@ class ModelRunner(RunnerGraphs):
     @property
     def requests(self) -> dict[str, RunnerRequest]:
         return self.batch.requests
-
-    # -- KV cache --------------------------------------------------------------------------
-
-    def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
-        """Zero-filled so padded reads are finite. One (k, v) pair of tensors per layer, shaped
-        ``[blocks, block_size, kv_heads, head_size]``; a kernel declaring ``kv_cache_heads_major``
-        gets that as a ``transpose(1, 2)`` view of ``[blocks, kv_heads, block_size, head]``
-        storage (IPEX's CPU paged attention reads it without a copy)."""
-        heads_major = getattr(self.kernel, "kv_cache_heads_major", False)
-        for attn in self.kv_layers():
-            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_size)
-            if heads_major:
-                shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_size)
-            attn.k_cache = _zeros(shape, dtype, self.device)
-            # A latent cache (MLA, ``layers/mla_attention.py``) has no values of its own.
-            values = _caches_values(attn)
-            attn.v_cache = _zeros(shape, dtype, self.device) if values else None
-            if heads_major:
-                attn.k_cache = attn.k_cache.transpose(1, 2)
-                attn.v_cache = attn.v_cache.transpose(1, 2) if values else None
-
-    def kv_bytes_per_block(self, dtype: torch.dtype) -> int:
-        elem = torch.empty(0, dtype=dtype).element_size()
-        return sum((2 if _caches_values(a) else 1) * self.block_size * a.num_kv_heads
-                   * a.head_size * elem for a in self.kv_layers())
-
-    def kv_layers(self) -> list:
-        """Every attention layer holding KV cache: the target's, then a proposer's (a draft
-        model's layers use the same block ids as the target's)."""
-        extra = self.spec.attention_layers() if self.spec is not None else []
-        return list(self.model.attention_layers()) + list(extra)
 
     @runner_grad_mode
     def profile_run(self, num_tokens: int) -> None:
@@ -426,35 +397,3 @@ def _sampled_rows(states: list[RunnerRequest], counts: list[int], num_sampled: O
         sampling.append(st)
         starts.append(starts[-1] + s)
     return rows, out_pos.__getitem__, sampling, starts
-
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros; in host memory an anonymous mapping, so the OS zeroes pages lazily as they are
-    used (filling a multi-GiB CPU cache eagerly costs seconds at start-up), with transparent
-    huge pages asked for: a first write then faults in 2 MiB at a time instead of 4 KiB.
-    Measured on 2 cores, workload C (benchmarks/README.md, "cpurest"): with 4 KiB pages the
-    cache writes of a decode step took ~25x their warm time in page faults."""
-    if device.type != "cpu" or 0 in shape:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-    return _host_zeros(nbytes).view(dtype).view(shape)
-
-
-def _host_zeros(nbytes: int) -> torch.Tensor:
-    """``nbytes`` zero bytes (uint8), lazily backed; huge pages where the OS offers them."""
-    try:
-        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except (AttributeError, OSError, ValueError):  # no anonymous mmap here: calloc
-        return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8))
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass  # THP off: 4 KiB pages, as calloc's
-    return torch.frombuffer(buf, dtype=torch.uint8)  # the tensor keeps the mapping alive
-
-
-def _caches_values(attn) -> bool:
-    """Whether an attention layer has a value cache beside its key cache (False: MLA's latent
-    rows serve as both, ``layers/mla_attention.py``)."""
-    return getattr(attn, "caches_values", True)

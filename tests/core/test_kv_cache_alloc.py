@@ -1,4 +1,4 @@
-"""The host KV cache allocation (``model_runner._zeros``): zeros, lazily backed, huge pages."""
+"""The host KV cache allocation (``runner_kv_cache._zeros``): zeros, lazily backed, huge pages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tessellm.core.model_runner import _zeros
+from tessellm.core.runner_kv_cache import _zeros
 
 
 def test_host_cache_is_zeroed_independent_and_outlives_its_mapping():

@@ -1,0 +1,80 @@
+"""The model runner's KV cache: one (k, v) pair of tensors per attention layer, and its size.
+
+A mixin of ``ModelRunner`` (tessellm/core/model_runner.py), which owns the state used here:
+``kernel`` (whether it wants the cache heads-major), ``model`` and ``spec`` (whose attention
+layers hold cache), ``block_size`` and ``device``. The worker sizes the cache from
+``kv_bytes_per_block`` and then calls ``allocate_kv_cache`` once (``distributed/worker.py``);
+``profile_run`` allocates a small one for its forward and frees it.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import torch
+
+
+class RunnerKVCache:
+    """Allocation of the attention layers' ``k_cache`` / ``v_cache`` and their bytes per block."""
+
+    def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
+        """Zero-filled so padded reads are finite. One (k, v) pair of tensors per layer, shaped
+        ``[blocks, block_size, kv_heads, head_size]``; a kernel declaring ``kv_cache_heads_major``
+        gets that as a ``transpose(1, 2)`` view of ``[blocks, kv_heads, block_size, head]``
+        storage (IPEX's CPU paged attention reads it without a copy)."""
+        heads_major = getattr(self.kernel, "kv_cache_heads_major", False)
+        for attn in self.kv_layers():
+            shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_size)
+            if heads_major:
+                shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_size)
+            attn.k_cache = _zeros(shape, dtype, self.device)
+            # A latent cache (MLA, ``layers/mla_attention.py``) has no values of its own.
+            values = _caches_values(attn)
+            attn.v_cache = _zeros(shape, dtype, self.device) if values else None
+            if heads_major:
+                attn.k_cache = attn.k_cache.transpose(1, 2)
+                attn.v_cache = attn.v_cache.transpose(1, 2) if values else None
+
+    def kv_bytes_per_block(self, dtype: torch.dtype) -> int:
+        elem = torch.empty(0, dtype=dtype).element_size()
+        return sum((2 if _caches_values(a) else 1) * self.block_size * a.num_kv_heads
+                   * a.head_size * elem for a in self.kv_layers())
+
+    def kv_layers(self) -> list:
+        """Every attention layer holding KV cache: the target's, then a proposer's (a draft
+        model's layers use the same block ids as the target's)."""
+        extra = self.spec.attention_layers() if self.spec is not None else []
+        return list(self.model.attention_layers()) + list(extra)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; in host memory an anonymous mapping, so the OS zeroes pages lazily as they are
+    used (filling a multi-GiB CPU cache eagerly costs seconds at start-up), with transparent
+    huge pages asked for: a first write then faults in 2 MiB at a time instead of 4 KiB.
+    Measured on 2 cores, workload C (benchmarks/README.md, "cpurest"): with 4 KiB pages the
+    cache writes of a decode step took ~25x their warm time in page faults."""
+    if device.type != "cpu" or 0 in shape:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    return _host_zeros(nbytes).view(dtype).view(shape)
+
+
+def _host_zeros(nbytes: int) -> torch.Tensor:
+    """``nbytes`` zero bytes (uint8), lazily backed; huge pages where the OS offers them."""
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, OSError, ValueError):  # no anonymous mmap here: calloc
+        return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # THP off: 4 KiB pages, as calloc's
+    return torch.frombuffer(buf, dtype=torch.uint8)  # the tensor keeps the mapping alive
+
+
+def _caches_values(attn) -> bool:
+    """Whether an attention layer has a value cache beside its key cache (False: MLA's latent
+    rows serve as both, ``layers/mla_attention.py``)."""
+    return getattr(attn, "caches_values", True)
