@@ -45,10 +45,11 @@ def test_falcon_h1_matches_hf(falcon_dir, engine):
                          ids=["no-norm", "norm-before-gate"])
 def test_falcon_h1_gated_norms_and_biases(norm, tmp_path):
     """The mixer's other two norm settings (no norm: Falcon-H1's released one), with every
-    bias on (q/k/v/o, the MLP, the mixer's in/out projections), tied embeddings, MQA."""
+    bias on (q/k/v/o, the MLP, the mixer's in/out projections), tied embeddings, MQA, and a
+    ``head_dim`` other than hidden_size / heads (as Falcon-H1-0.5B's)."""
     config = falcon_h1_config(attention_bias=True, mlp_bias=True, projectors_bias=True,
                               mamba_proj_bias=True, tie_word_embeddings=True,
-                              num_key_value_heads=1, **norm)
+                              num_key_value_heads=1, head_dim=8, **norm)
     path = save_tiny(config, str(tmp_path / "variant"))
     assert_parity(path, prompts((7, 19)), max_new=10, max_num_batched_tokens=8)
 
@@ -71,6 +72,16 @@ def test_falcon_h1_tensor_parallel(falcon_dir):
     """tensor_parallel_size=2 (gloo): attention heads, Mamba heads and groups, MLP rows split;
     the attention's and the mixer's partial sums are summed once, by pre_ff_layernorm."""
     assert_parity(falcon_dir, prompts((5, 21)), max_new=8, tensor_parallel_size=2, device="cpu",
+                  max_num_batched_tokens=16)
+
+
+def test_falcon_h1_tensor_parallel_with_biases(tmp_path):
+    """An attention bias without a mixer bias: o_proj must sum its output itself (the bias is
+    added once, after the sum), so the mixer's out_proj sums too and pre_ff_layernorm does not;
+    the MLP's bias likewise moves the sum into down_proj. One group of B/C, replicated."""
+    config = falcon_h1_config(attention_bias=True, mlp_bias=True, mamba_n_groups=1)
+    path = save_tiny(config, str(tmp_path / "biases"))
+    assert_parity(path, prompts((5, 21)), max_new=8, tensor_parallel_size=2, device="cpu",
                   max_num_batched_tokens=16)
 
 

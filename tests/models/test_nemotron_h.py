@@ -58,10 +58,11 @@ def test_nemotron_h_matches_hf(nemotron_dir, engine):
 
 def test_nemotron_h_pattern_latent_tied(tmp_path):
     """The released configs' ``hybrid_override_pattern`` string (read by transformers into the
-    layer list), MoE latent projections with MLP biases, MQA, and ``tie_word_embeddings`` set,
-    which HF's Nemotron-H ignores (its checkpoint keeps its own ``lm_head``)."""
+    layer list), MoE latent projections with MLP biases, MQA, a ``head_dim`` other than
+    hidden_size / heads (as Nemotron Nano 2's), and ``tie_word_embeddings`` set, which HF's
+    Nemotron-H ignores (its checkpoint keeps its own ``lm_head``)."""
     config = nemotron_config(layers_block_type=None, tie_word_embeddings=True, mlp_bias=True,
-                             moe_latent_size=24, num_key_value_heads=1, n_group=1,
+                             moe_latent_size=24, num_key_value_heads=1, n_group=1, head_dim=24,
                              hybrid_override_pattern="M*EM-")
     path = save_tiny(config, str(tmp_path / "latent"))
     assert_parity(path, prompts((7, 19)), max_new=10, max_num_batched_tokens=8)
