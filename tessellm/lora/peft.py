@@ -88,13 +88,18 @@ def _pairs(tensors: dict, base: BaseShapes, where: str) -> dict:
     """``{(layer, HF module path under it): {"A": tensor, "B": tensor, "name": the module's
     name in the adapter}}``; refuses a tensor of a module the family's LoRA does not cover,
     naming what it does."""
+    from tessellm.multimodal.text_only import image_text_architecture, lora_key
+
     pattern = _key_pattern(base)
     rename = base.family.rename
+    text_only = image_text_architecture(base.config) is not None  # images off: the LM's paths
     pairs: dict = {}
     for key, tensor in tensors.items():
-        ours = key
+        ours = lora_key(key) if text_only else key
+        if ours is None:  # the vision tower's: not built with images off
+            continue
         if rename is not None:  # the family's other naming (EXAONE's remote code) -> ours
-            ours = rename(key.removeprefix("base_model.model."))
+            ours = rename(ours.removeprefix("base_model.model."))
         m = pattern.match(ours)
         if m is None:
             raise ValueError(f"{where} has tensor {key!r}, which is not a LoRA A/B matrix of a "

@@ -98,14 +98,31 @@ def text_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[
     (module docstring); the vision tower's and projector's are skipped, unread where the
     stream is lazy."""
     for name, tensor in weights:
-        short = name[len("model."):] if name.startswith("model.") and \
-            name[len("model."):].startswith(_PARTS) else name
-        part, _, rest = short.partition(".")
-        if part in _VISION_PARTS:
-            continue
-        if part == "language_model":
-            short = rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
-        yield short, tensor
+        ours = text_name(name)
+        if ours is not None:
+            yield ours, tensor
+
+
+def text_name(name: str) -> Optional[str]:
+    """A checkpoint (or adapter) name of the image-text model -> the text family's; None for
+    the vision tower's and the projector's."""
+    short = name[len("model."):] if name.startswith("model.") and \
+        name[len("model."):].startswith(_PARTS) else name
+    part, _, rest = short.partition(".")
+    if part in _VISION_PARTS:
+        return None
+    if part == "language_model":
+        return rest if rest.startswith(("model.", "lm_head.")) else "model." + rest
+    return short
+
+
+def lora_key(key: str) -> Optional[str]:
+    """A PEFT adapter tensor trained on the image-text model (``base_model.model.`` then its
+    module path, e.g. ``model.language_model.layers.0.self_attn.q_proj.lora_A.weight``) under
+    the text family's path; None for one of the vision tower (not built with images off)."""
+    prefix = "base_model.model."
+    ours = text_name(key[len(prefix):] if key.startswith(prefix) else key)
+    return None if ours is None else prefix + ours
 
 
 def refuse_images(model_path: str) -> ValueError:

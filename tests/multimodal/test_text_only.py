@@ -132,3 +132,62 @@ def test_server_answers_an_image_with_a_400_and_goes_on_serving(llava_dir):
     assert ok.status_code == 200, ok.text
     prompt = ok.json()["prompt_token_ids"]
     assert ok.json()["choices"][0]["token_ids"] == hf_text_greedy(llava_dir, [prompt], MAX_NEW)[0][0]
+
+
+def _image_text_adapter(path: str, out: str) -> str:
+    """A random PEFT LoRA adapter trained on the image-text model: q_proj and v_proj of the
+    language model and of the vision tower (whose tensors are skipped with images off)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(3)
+    base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False, lora_dropout=0.0)
+    get_peft_model(base, config).save_pretrained(out)
+    return out
+
+
+def _peft_text_greedy(path: str, adapter: str, prompts: list[list[int]], max_new: int):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32), adapter).eval()
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                 pad_token_id=0)
+            outs.append(out[0, len(p):].tolist())
+    return outs
+
+
+def test_gemma3_images_off_lora_adapter_of_the_image_text_model(gemma3_dir, tmp_path):
+    """LoRA, which an image model refuses: an adapter trained on Gemma3ForConditionalGeneration
+    (its language model's modules under ``language_model``, its tower's too) gives HF PEFT's
+    tokens, next to the base model in one batch; the server's adapter check reads it as the
+    engine serves the model."""
+    from safetensors import safe_open
+
+    from tessellm.entrypoints.openai.lora_modules import LoRAModules
+    from tessellm.lora import LoRARequest
+
+    adapter = _image_text_adapter(gemma3_dir, str(tmp_path / "lora"))
+    with safe_open(f"{adapter}/adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert any("language_model" in k for k in keys) and any("vision_tower" in k for k in keys)
+    prompts = [[2, 40, 41, 42, 43], [2, 50, 60, 70]]
+    want = _peft_text_greedy(gemma3_dir, adapter, prompts, MAX_NEW)
+    base_want, _ = hf_text_greedy(gemma3_dir, prompts[:1], MAX_NEW)
+    assert want[0] != base_want[0]  # the adapter changes the tokens
+    lora = LoRARequest("mm", 1, adapter)
+    with LLM(gemma3_dir, dtype="float32", num_kv_blocks=64, block_size=4, enable_lora=True,
+             max_lora_rank=8, limit_mm_per_prompt=OFF) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts + prompts[:1]], GREEDY,
+                            use_tqdm=False, lora_request=[lora, lora, None])
+    assert _tokens(outs) == want + base_want
+    args = EngineArgs(model=gemma3_dir, enable_lora=True, limit_mm_per_prompt=OFF)
+    LoRAModules("base", gemma3_dir, 8, engine_args=args).add("mm", adapter)

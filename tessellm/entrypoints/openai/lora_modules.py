@@ -17,9 +17,10 @@ from tessellm.lora.request import LoRARequest
 
 class LoRAModules:
     def __init__(self, base_name: str, model_path: str, max_rank: int,
-                 allow_runtime_updating: bool = False):
+                 allow_runtime_updating: bool = False, engine_args=None):
         self.base_name = base_name
         self.model_path = model_path
+        self.engine_args = engine_args  # the model as the engine serves it (e.g. images off)
         self.max_rank = max_rank
         self.allow_runtime_updating = allow_runtime_updating
         self.adapters: dict[str, LoRARequest] = {}
@@ -58,9 +59,14 @@ class LoRAModules:
         if self._shapes is None:
             from tessellm.config import resolve_model
             from tessellm.lora.shapes import BaseShapes
+            from tessellm.pooling.convert import model_source
 
-            # The engine's own config reader: a model directory or a .gguf file.
-            self._shapes = BaseShapes.from_config(resolve_model(self.model_path).hf_config)
+            # The engine's own config reader: a model directory or a .gguf file; with the
+            # engine's arguments, as it serves it (an image-text checkpoint with images off:
+            # its language model).
+            source = resolve_model(self.model_path) if self.engine_args is None else \
+                model_source(self.engine_args)
+            self._shapes = BaseShapes.from_config(source.hf_config)
         return self._shapes
 
 

@@ -70,7 +70,7 @@ def serve_lora(engine, config) -> None:
     from tessellm.entrypoints.openai.lora_modules import LoRAModules
 
     config.lora = LoRAModules(config.model_name, engine.info.model_path, engine.args.max_lora_rank,
-                              config.allow_runtime_lora_updating)
+                              config.allow_runtime_lora_updating, engine.args)
     from tessellm.entrypoints.openai.lora_modules import parse_lora_modules
 
     for name, path in parse_lora_modules(config.lora_modules):
