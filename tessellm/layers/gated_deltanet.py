@@ -115,6 +115,11 @@ class GatedDeltaNet(nn.Module):
     def load_checkpoint_tensor(self, attr: str, tensor) -> None:
         """``attr``: the name under ``linear_attn`` (``in_proj_qkvz.weight``, ``A_log``, ...)."""
         s, tensor = self.shape, materialize(tensor)
+        want = self._checkpoint_shape(attr)
+        if want is not None and tuple(tensor.shape) != want:  # before it is cut or regrouped
+            raise ValueError(f"Checkpoint tensor linear_attn.{attr} has shape "
+                             f"{tuple(tensor.shape)}, expected {want} from the config's "
+                             "linear_* sizes; the config does not match the weights.")
         per_key = s.value_heads // s.key_heads
         if attr == "in_proj_qkvz.weight":
             sizes = [s.key_dim, s.key_dim, per_key * s.value_dim, per_key * s.value_dim]
@@ -143,6 +148,15 @@ class GatedDeltaNet(nn.Module):
                              f"{tuple(tensor.shape)}, expected {tuple(param.shape)}; the config "
                              "does not match the weights.")
         param.data.copy_(tensor)
+
+    def _checkpoint_shape(self, attr: str):
+        """The whole (unsharded) checkpoint shape of a tensor this layer cuts or regroups on
+        load; None for the others (their parameter's shape is checked as they are copied)."""
+        s = self.shape
+        return {"in_proj_qkvz.weight": (2 * s.keys + 2 * s.values, s.hidden_size),
+                "in_proj_ba.weight": (2 * s.value_heads, s.hidden_size),
+                "conv1d.weight": (s.conv_dim, 1, s.conv_width),
+                "A_log": (s.value_heads,), "dt_bias": (s.value_heads,)}.get(attr)
 
     def _mine(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's equal share of ``rows`` (its heads' rows of a part)."""

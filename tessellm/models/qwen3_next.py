@@ -161,9 +161,20 @@ class Qwen3NextForCausalLM(Qwen2MoeForCausalLM):
                 continue
             match = _LINEAR_ATTN.match(name)
             if match is not None:
-                self.layers[int(match[1])].linear_attn.load_checkpoint_tensor(match[2], tensor)
+                self._linear_layer(int(match[1]), name).load_checkpoint_tensor(match[2], tensor)
                 loaded.add(f"layers.{match[1]}.linear_attn.{match[2]}")
                 continue
             if _SHIFTED_NORM.match(name):
                 tensor = materialize(tensor) + 1
             yield name, tensor
+
+    def _linear_layer(self, index: int, name: str) -> GatedDeltaNet:
+        """Layer ``index``'s DeltaNet, for the checkpoint tensor ``name``; refused when the
+        config builds no such layer (its ``layer_types`` do not match the weights)."""
+        kind = self.kinds[index] if index < len(self.kinds) else None
+        if kind != "linear_attention":
+            built = f"makes layer {index} {kind}" if kind else f"has {len(self.kinds)} layers"
+            raise ValueError(f"Checkpoint tensor {name!r} belongs to a linear-attention layer, "
+                             f"but config.layer_types {built}; the config does not match the "
+                             "weights.")
+        return self.layers[index].linear_attn

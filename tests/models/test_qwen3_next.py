@@ -94,6 +94,31 @@ def test_qwen3_next_refused_on_ops_without_the_flag(qwen3_next_dir):
                                   "gated DeltaNet layers.*do not declare supports_gated_delta")
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"layer_types": ["full_attention", "linear_attention", "linear_attention",
+                      "linear_attention"]},
+     r"'model.layers.0.linear_attn.\S+' belongs to a linear-attention layer, but "
+     r"config.layer_types makes layer 0 full_attention; the config does not match"),
+    ({"linear_key_head_dim": 8},
+     r"linear_attn.\S+ has shape \(\d+, \d+(, \d+)?\), expected \(\d+, \d+(, \d+)?\) from the "
+     r"config's linear_\* sizes; the config does not match the weights"),
+], ids=["layer-types", "key-head-dim"])
+def test_qwen3_next_config_that_does_not_match_the_weights(qwen3_next_dir, tmp_path, edit,
+                                                           message):
+    """A config.json whose DeltaNet layers or sizes differ from the checkpoint's is refused at
+    load naming the tensor and the config (it failed with AttributeError / a split's
+    RuntimeError)."""
+    import json
+    import shutil
+
+    path = tmp_path / "edited"
+    shutil.copytree(qwen3_next_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError, match=message):
+        LLM(str(path), dtype="float32", device="cpu")
+
+
 @pytest.mark.slow
 def test_qwen3_next_on_emulated_cuda(qwen3_next_dir):
     """The cuda backend's pieces (Triton attention, fused MoE, the Triton conv1d, the gated
