@@ -41,22 +41,27 @@ class ImageTextModel(nn.Module):
         return self.language_model.attention_layers()
 
     def load_routed_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
-                            unused: Callable[[str], bool] = lambda rest: False) -> set[str]:
+                            unused: Callable[[str], bool] = lambda rest: False,
+                            route: Optional[Callable[[str], Optional[tuple[str, str]]]] = None
+                            ) -> set[str]:
         """HF names in the layout LLaVA, Gemma 3 and Mistral 3 share (``llava.route_weight``):
         ``vision_tower.*`` and ``multi_modal_projector.*`` copied here, the language model's
         streamed to its own ``load_weights``. ``unused(rest)``: a vision tower weight the model
-        does not build (skipped); any other unknown name is refused."""
+        does not build (skipped); any other unknown name is refused. ``route(name)``: a model
+        whose checkpoint parts are named otherwise (Llama 4's ``vision_model``) maps a name to
+        ``(part, rest)`` (None: no place) itself."""
         from tessellm.layers.linear import materialize
         from tessellm.models.llama import _copy
         from tessellm.models.llava import route_weight
 
+        route = route or route_weight
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         arch = type(self).__name__
 
         def text_weights():  # lazy: a file's tensors are read while it is open
             for name, tensor in weights:
-                routed = route_weight(name)
+                routed = route(name)
                 part, rest = routed or (None, None)
                 if part == "language_model":
                     yield rest, tensor

@@ -21,19 +21,17 @@ image is causal, as in HF (no bidirectional block): chunked prefill may split an
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
-from tessellm.layers.linear import materialize
-from tessellm.models import llama
 from tessellm.models.image_embeds import ImageTextModel
 from tessellm.models.llama4 import Llama4ForCausalLM
 from tessellm.models.llama4_vision import Llama4VisionModel, tokens_per_tile
-from tessellm.multimodal.llama4_inputs import ARCHITECTURE, patch_flags, tiles_of
+from tessellm.multimodal.llama4_inputs import patch_flags, tiles_of
 
 _PARTS = ("vision_model", "multi_modal_projector", "language_model")
 
@@ -114,22 +112,12 @@ class Llama4ForConditionalGeneration(ImageTextModel):
         """HF names: ``vision_model.*``, ``multi_modal_projector.*``, ``language_model.*``
         (``language_model.model.*``, ``language_model.lm_head.*``), with or without a leading
         ``model.``."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        return self.load_routed_weights(weights, route=route_weight)
 
-        def text_weights():  # lazy: a file's tensors are read while it is open
-            for name, tensor in weights:
-                short = name[len("model."):] if name.startswith("model.") and \
-                    name[len("model."):].startswith(_PARTS) else name
-                part, _, rest = short.partition(".")
-                if part == "language_model":
-                    yield rest, tensor
-                    continue
-                if part not in _PARTS or short not in params:
-                    raise ValueError(f"Checkpoint tensor {name!r} has no place in {ARCHITECTURE}; "
-                                     "does the config match the weights?")
-                llama._copy(params[short], materialize(tensor), name)
-                loaded.add(short)
 
-        loaded |= {f"language_model.{n}" for n in self.language_model.load_weights(text_weights())}
-        return loaded
+def route_weight(name: str) -> Optional[tuple[str, str]]:
+    """(part, the rest of the name) of a Llama 4 checkpoint name; None: not one of ours."""
+    if name.startswith("model.") and name[len("model."):].startswith(_PARTS):
+        name = name[len("model."):]
+    part, _, rest = name.partition(".")
+    return (part, rest) if part in _PARTS else None
