@@ -146,7 +146,7 @@ FAMILIES = {
     **{arch: MOE_ATTENTION for arch in (
         "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
         "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM", "OlmoeForCausalLM",
-        "GptOssForCausalLM")},
+        "GptOssForCausalLM", "Llama4ForCausalLM")},
 }
 
 
