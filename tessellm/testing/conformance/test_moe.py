@@ -21,6 +21,15 @@ def _moe_ops(target, dtype):
     return ops
 
 
+def _moe_ops_with(target, dtype, kind: str, family: str):
+    """``_moe_ops`` whose ``fused_moe_activations`` declare ``kind`` (else the case skips)."""
+    ops = _moe_ops(target, dtype)
+    if kind not in getattr(ops, "fused_moe_activations", ("silu",)):
+        pytest.skip(f"{target.name}'s fused_moe does not declare {kind} ({family}'s experts run "
+                    "the reference loop)")
+    return ops
+
+
 def _experts(e, h, i, seed):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(e, 2 * i, h, generator=g) / h ** 0.5,
@@ -99,10 +108,7 @@ def test_fused_moe_clamped_swiglu_with_biases(target, tokens):
     x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
     act = ExpertActivation("swiglu_oai", alpha=1.702, limit=3.0)
     for dtype in (torch.float32, target.low_precision_dtype):
-        ops = _moe_ops(target, dtype)
-        if "swiglu_oai" not in getattr(ops, "fused_moe_activations", ("silu",)):
-            pytest.skip(f"{target.name}'s fused_moe does not declare swiglu_oai (gpt-oss runs "
-                        "the reference loop)")
+        ops = _moe_ops_with(target, dtype, "swiglu_oai", "gpt-oss")
         args = [t.to(dtype) for t in (x, logits, w13, w2)]
         bias = dict(w13_bias=b13.to(dtype), w2_bias=b2.to(dtype))
         want = fused_moe_reference(*args, 2, "softmax", True, activation=act, **bias)
@@ -125,10 +131,7 @@ def test_fused_moe_ungated_relu2(target, tokens):
     x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
     act = ExpertActivation("relu2")
     for dtype in (torch.float32, target.low_precision_dtype):
-        ops = _moe_ops(target, dtype)
-        if "relu2" not in getattr(ops, "fused_moe_activations", ("silu",)):
-            pytest.skip(f"{target.name}'s fused_moe does not declare relu2 (Nemotron-H's "
-                        "experts run the reference loop)")
+        ops = _moe_ops_with(target, dtype, "relu2", "Nemotron-H")
         args = [t.to(dtype) for t in (x, logits, w13, w2)]
         want = fused_moe_reference(*args, 2, "sigmoid", True, activation=act)
         dev = target.device
