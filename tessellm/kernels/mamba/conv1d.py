@@ -88,7 +88,10 @@ def mamba_conv1d(x, weight, bias, conv_state, batch, activation="silu") -> torch
         x = x.contiguous()
     qsl = batch.query_start_loc_host
     longest = max(b - a for a, b in zip(qsl, qsl[1:]))
-    block_t = min(triton.next_power_of_2(longest), 16)
+    # two variants only, both met by the serving warm-up (core/warmup.py): steps of decodes
+    # alone, and any step with a longer sequence (a block per length would compile 2, 4, 8 on
+    # the first prompts of those lengths after ready)
+    block_t = 1 if longest == 1 else 16
     block_c = min(triton.next_power_of_2(C), 64)
     _conv_out_kernel[(seqs, triton.cdiv(longest, block_t), triton.cdiv(C, block_c))](
         x, weight, bias if bias is not None else weight, conv_state, batch.query_start_loc,

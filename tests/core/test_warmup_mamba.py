@@ -1,0 +1,81 @@
+"""The warm-up of a model with Mamba layers leaves no Mamba kernel variant to compile: every
+Triton specialisation of the conv1d, conv state, chunked scan and state update launches that
+real requests of other lengths then hit was launched during the warm-up already.
+
+The cuda backend runs emulated (Triton's interpreter on the CPU), so nothing compiles here;
+each launch's specialisation key is computed the way Triton's JIT forms it (constexprs, each
+int argument as 1 / a multiple of 16 / other, each tensor's dtype and 16-byte alignment) by a
+spy that forwards every launch to the real kernel."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tessellm import LLM, SamplingParams
+from tessellm.core import warmup
+from tessellm.kernels.mamba import chunk_scan, conv1d, state_update
+from tests.models.test_mamba2 import mamba2_config
+from tests.models.variant_parity import save_tiny
+
+KERNELS = [(conv1d, "_conv_out_kernel"), (conv1d, "_conv_state_kernel"),
+           (chunk_scan, "_chunk_scan_kernel"), (state_update, "_state_update_kernel")]
+
+
+def _spec(value):
+    if isinstance(value, torch.Tensor):
+        return (str(value.dtype), value.data_ptr() % 16 == 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return type(value).__name__
+    return ("int", value == 1, value % 16 == 0)
+
+
+class _Spy:
+    """Stands in for ``kernel`` at its module's name: ``spy[grid](...)`` records the launch's
+    specialisation key in ``seen`` and launches the real kernel."""
+
+    def __init__(self, name, kernel, seen):
+        self.name, self.kernel, self.seen = name, kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **constexprs):
+            self.seen.add((self.name, tuple(map(_spec, args)), tuple(sorted(constexprs.items()))))
+            return self.kernel[grid](*args, **constexprs)
+        return launch
+
+
+def _as_gpu(core):
+    """The core as ``warmup.plan_for`` sees it, on a GPU: emulated, the backend's device type
+    is the CPU's, whose plan is one short request."""
+    return SimpleNamespace(scheduler=core.scheduler, info=core.info, vocab_size=core.vocab_size,
+                           max_model_len=core.max_model_len,
+                           backend=SimpleNamespace(device_type="cuda"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_warmup_launches_every_mamba_kernel_variant_requests_hit(tmp_path, monkeypatch):
+    seen: set = set()
+    for module, name in KERNELS:
+        monkeypatch.setattr(module, name, _Spy(name, getattr(module, name), seen))
+    path = save_tiny(mamba2_config(), str(tmp_path / "mamba2"))
+    with LLM(path, device="cuda", emulate=True, dtype="float32", max_num_batched_tokens=64,
+             max_num_seqs=4, max_model_len=96) as llm:
+        core = llm.engine.core
+        seen.clear()
+        assert warmup.run(core, warmup.plan_for(_as_gpu(core))).requests > 0
+        warm = set(seen)
+        assert {key[0] for key in warm} == {name for _, name in KERNELS}
+        seen.clear()
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        lengths = [2, 3, 5, 7, 12, 26, 40]  # prompts the warm-up's lengths do not name
+        for n in lengths:  # each alone, then all at once (mixed steps, chunked prefill)
+            llm.generate([{"prompt_token_ids": list(range(3, 3 + n))}], params, use_tqdm=False)
+        llm.generate([{"prompt_token_ids": list(range(5, 5 + n))} for n in lengths], params,
+                     use_tqdm=False)
+    assert seen, "the requests ran no Mamba kernel"
+    missed = sorted((key[0], key[2]) for key in seen - warm)
+    assert not missed, f"variants first launched after the warm-up (constexprs): {missed}"
