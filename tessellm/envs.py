@@ -117,8 +117,10 @@ def fp8_act_fold() -> bool:
 
 def decode_overlap_min_rows() -> Optional[int]:
     """TESSELLM_DECODE_OVERLAP: "1" splits large pure-decode steps into two micro-batches whose
-    attention (on a second stream) overlaps the other's GEMMs (``core/decode_overlap.py``);
-    default off until measured. TESSELLM_DECODE_OVERLAP_MIN_ROWS: the fewest rows (padded graph
+    attention (on a second stream) overlaps the other's GEMMs (``core/decode_overlap.py``).
+    Default off: measured slower on an H100 at batch 256 of Llama-3.1-8B shapes (+32% a step at
+    512 context, +18% at 1536; benchmarks/results/h100-2026-12-05-s15), the halves' GEMMs being
+    memory-bound there. TESSELLM_DECODE_OVERLAP_MIN_ROWS: the fewest rows (padded graph
     size) a step must have to be split (default 128). None: off; else that minimum."""
     if _switch("TESSELLM_DECODE_OVERLAP") is not True:
         return None

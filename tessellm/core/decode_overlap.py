@@ -10,6 +10,10 @@ Llama-3.1-8B on an H200, 256 rows (F, L): the layers' weights are 14.0 GB a step
 when split, +3.3 ms of HBM time at 4.25 TB/s, against the attention's 5.4 ms (F, ~640 keys) or
 ~12 ms (L, ~1.5k keys) that can hide under the GEMMs; the step's HBM traffic then bounds it at
 ~11.9 ms (F, now ~13.3) and ~19 ms (L, now ~21): at most ~10% either way, before contention.
+Measured on an H100 (benchmarks/results/h100-2026-12-05-s15), contention won: a captured step
+of 256 rows took +32% (512 context) and +18% (1536) split, the halves' GEMMs memory-bound and
+competing with the attention for HBM; hence off by default (NanoFlow's gains come at ~2k-row
+batches, where the halves stay compute-bound).
 
 Which steps: pure decode (one query row per sequence), at least ``min_rows`` rows (graph
 steps: the padded size), of a model whose forward and layers are the llama decoder's
