@@ -3,7 +3,9 @@ decoding requests, the chunked pass over prefill chunks) against the pure-torch 
 (``backends/reference/gated_delta.py``), which is itself checked against the token-by-token
 recurrence, at tiny sizes (the Triton interpreter on CPU): prefill chunks shorter than, equal
 to and longer than the kernel's chunk, grouped value heads (Hv = 2 Hk), head sizes that are not
-powers of two, non-consecutive state slots (the others stay untouched), float32 and float16."""
+powers of two, non-consecutive state slots (the others stay untouched), float32 and float16.
+On a GPU the kernels' inputs are on cuda (the compiled launch refuses CPU tensors), the
+reference's stay on the CPU."""
 
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ from tessellm.core.mamba_state import make_batch
 from tessellm.kernels.gated_delta import gated_delta_chunk, gated_delta_step
 
 HK, HV = 2, 4
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
 
 
 def _inputs(t, K, V, g):
@@ -52,10 +59,12 @@ def test_step_kernel_matches_reference(dtype):
     idx = torch.tensor([4, 0, 2], dtype=torch.int32)
     want_state, got_state = state.clone(), state.clone()
     want = ref.gated_delta_step(q, k, v, gate, beta, want_state, idx, K ** -0.5)
-    got = gated_delta_step(q, k, v, gate, beta, got_state, idx, K ** -0.5)
+    got_state = got_state.to(DEVICE)
+    got = gated_delta_step(*_on_device(q, k, v, gate, beta), got_state, idx.to(DEVICE),
+                           K ** -0.5)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-3, rtol=5e-3)
-    torch.testing.assert_close(got, want, **tol)
-    torch.testing.assert_close(got_state, want_state, **tol)
+    torch.testing.assert_close(got.cpu(), want, **tol)
+    torch.testing.assert_close(got_state.cpu(), want_state, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -70,10 +79,12 @@ def test_chunk_kernel_matches_reference(dtype, lengths, K, V):
     batch = make_batch(lengths, slots, torch.device("cpu"))
     want_state, got_state = state.clone(), state.clone()
     want = ref.gated_delta_chunk(q, k, v, gate, beta, want_state, batch, K ** -0.5)
-    got = gated_delta_chunk(q, k, v, gate, beta, got_state, batch, K ** -0.5)
+    got_state = got_state.to(DEVICE)
+    got = gated_delta_chunk(*_on_device(q, k, v, gate, beta), got_state,
+                            make_batch(lengths, slots, DEVICE), K ** -0.5)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(got, want, **tol)
-    torch.testing.assert_close(got_state, want_state, **tol)
+    torch.testing.assert_close(got.cpu(), want, **tol)
+    torch.testing.assert_close(got_state.cpu(), want_state, **tol)
 
 
 def test_kernels_normalize_q_and_k_with_the_reference_epsilon():
