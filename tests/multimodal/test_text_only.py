@@ -16,6 +16,7 @@ import torch
 
 from tessellm import LLM, SamplingParams
 from tessellm.config import EngineArgs
+from tessellm.lora import LoRARequest
 from tests.multimodal.serve_app import MAX_NEW, chat_body, image_part, serve
 from tests.multimodal.tiny_llava import data_url, image
 
@@ -134,15 +135,15 @@ def test_server_answers_an_image_with_a_400_and_goes_on_serving(llava_dir):
     assert ok.json()["choices"][0]["token_ids"] == hf_text_greedy(llava_dir, [prompt], MAX_NEW)[0][0]
 
 
-def _image_text_adapter(path: str, out: str) -> str:
-    """A random PEFT LoRA adapter trained on the image-text model: q_proj and v_proj of the
-    language model and of the vision tower (whose tensors are skipped with images off)."""
+def _image_text_adapter(path: str, out: str, targets=("q_proj", "v_proj")) -> str:
+    """A random PEFT LoRA adapter trained on the image-text model: ``targets`` of the language
+    model and of the vision tower (whose tensors are skipped with images off)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(3)
     base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(targets),
                         init_lora_weights=False, lora_dropout=0.0)
     get_peft_model(base, config).save_pretrained(out)
     return out
@@ -173,7 +174,6 @@ def test_gemma3_images_off_lora_adapter_of_the_image_text_model(gemma3_dir, tmp_
     from safetensors import safe_open
 
     from tessellm.entrypoints.openai.lora_modules import LoRAModules
-    from tessellm.lora import LoRARequest
 
     adapter = _image_text_adapter(gemma3_dir, str(tmp_path / "lora"))
     with safe_open(f"{adapter}/adapter_model.safetensors", "pt") as f:
@@ -191,3 +191,21 @@ def test_gemma3_images_off_lora_adapter_of_the_image_text_model(gemma3_dir, tmp_
     assert _tokens(outs) == want + base_want
     args = EngineArgs(model=gemma3_dir, enable_lora=True, limit_mm_per_prompt=OFF)
     LoRAModules("base", gemma3_dir, 8, engine_args=args).add("mm", adapter)
+
+
+def test_llama4_conditional_images_off_attention_lora(llama4_dir, tmp_path):
+    """Llama 4 (attention-only LoRA, as the other mixture-of-experts families): an adapter of
+    Llama4ForConditionalGeneration's q/k/v/o projections (language model and vision model)
+    gives HF PEFT's tokens, next to the base model in one batch."""
+    adapter = _image_text_adapter(llama4_dir, str(tmp_path / "lora"),
+                                  ["q_proj", "k_proj", "v_proj", "o_proj"])
+    prompts = [[1, 40, 41, 42, 43], [1, 50, 60, 70]]
+    want = _peft_text_greedy(llama4_dir, adapter, prompts, MAX_NEW)
+    base_want, _ = hf_text_greedy(llama4_dir, prompts[:1], MAX_NEW)
+    assert want[0] != base_want[0]
+    lora = LoRARequest("mm", 1, adapter)
+    with LLM(llama4_dir, dtype="float32", num_kv_blocks=64, block_size=4, enable_lora=True,
+             max_lora_rank=8, limit_mm_per_prompt=OFF) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts + prompts[:1]], GREEDY,
+                            use_tqdm=False, lora_request=[lora, lora, None])
+    assert _tokens(outs) == want + base_want
