@@ -18,7 +18,7 @@ source benchmarks/device_env.sh
   t mamba_ops ${MOPS_S:-40} python3 benchmarks/kernels/check_mamba_ops.py; tail -30 "$OUT/mamba_ops.txt"
   t conformance ${CONF_S:-90} python3 -m tessellm.testing --backend cuda -q -rs \
     -k "${CONF_K:-gated_delta or mamba or relu2 or key_limits or whole}"
-  t families ${FAM_S:-200} python3 -m pytest -q -p no:cacheprovider -rs tests/models/test_cuda_families.py \
+  t families ${FAM_S:-200} python3 -m pytest -v -p no:cacheprovider -rs tests/models/test_cuda_families.py \
     -k "${FAM_K:-gpt-oss or granite or mamba2 or glm4-moe or cohere2 or ernie or seed-oss or hunyuan or dots1 or apertus}"
   ${EXTRA_CMD:-true}
 } 2>&1 | tee "$OUT/log.txt"
