@@ -42,6 +42,8 @@ def expert_quant(spec) -> Optional[ExpertQuant]:
     """How experts are kept for a model quantized with ``spec`` (a ``QuantSpec`` or None)."""
     if spec is None:
         return None
+    if spec.scheme == "gguf":  # GGUF experts are dequantized at load (loader/gguf_moe.py)
+        return None
     if spec.scheme == "fp8":
         return ExpertQuant("fp8")
     if spec.scheme == "fp8_block":

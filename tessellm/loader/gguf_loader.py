@@ -33,14 +33,16 @@ import gguf
 import numpy as np
 import torch
 from transformers import (Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, Phi3Config, PhiConfig,
-                          PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config,
-                          Starcoder2Config)
+                          PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig,
+                          Qwen3Config, Qwen3MoeConfig, Starcoder2Config)
 
 from tessellm.loader.gguf_families import (FAMILY_GLOBAL_NAMES, FAMILY_LAYER_NAMES, FUSED_ROWS,
                                            NORM_EPSILON, falcon_config, family_fields,
                                            file_layer_names)
 
 from tessellm.loader.gguf_gemma3 import GEMMA3_LAYER_NAMES, gemma3_config, gemma3_tokenizer_fixups
+from tessellm.loader.gguf_moe import (MOE_ARCHS, MOE_LAYER_NAMES, expert_kind, moe_fields,
+                                      split_experts)
 from tessellm.loader.gguf_rope import gguf_rope_scaling
 
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (gguf_rope.py)
@@ -56,6 +58,8 @@ _ARCHITECTURES = {
     "phi3": ("Phi3ForCausalLM", Phi3Config, False),
     "gptneox": ("GPTNeoXForCausalLM", GPTNeoXConfig, False),
     "falcon": ("FalconForCausalLM", None, False),  # gguf_families.falcon_config
+    "qwen2moe": ("Qwen2MoeForCausalLM", Qwen2MoeConfig, False),  # gguf_moe.py
+    "qwen3moe": ("Qwen3MoeForCausalLM", Qwen3MoeConfig, False),
 }
 
 # GGUF tensor name (without `.weight`/`.bias`) -> HF module name
@@ -73,7 +77,8 @@ _LAYER_NAMES = {  # blk.{i}.KEY -> model.layers.{i}.VALUE
 }
 
 _ARCH_LAYER_NAMES = {"gemma3": {**_LAYER_NAMES, **GEMMA3_LAYER_NAMES},
-                     **{arch: {**_LAYER_NAMES, **names} for arch, names in FAMILY_LAYER_NAMES.items()}}
+                     **{arch: {**_LAYER_NAMES, **names}
+                        for arch, names in {**FAMILY_LAYER_NAMES, **MOE_LAYER_NAMES}.items()}}
 
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
@@ -163,7 +168,7 @@ def _architecture(header: _Header) -> str:
             f"GGUF architecture {arch!r} in {header.path} is not supported; tessellm loads GGUF files "
             f"of architecture {', '.join(map(repr, _ARCHITECTURES))} (use a safetensors checkpoint otherwise)."
         )
-    if header.metadata.get(f"{arch}.expert_count", 0):
+    if header.metadata.get(f"{arch}.expert_count", 0) and arch not in MOE_ARCHS:
         raise ValueError(f"{header.path} is a mixture-of-experts GGUF, unsupported yet; load a safetensors copy.")
     return arch
 
@@ -211,6 +216,8 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     if arch == "falcon":
         return falcon_config(hp, common, tensor_names, token_id["eos"])
     extra.update(family_fields(arch, hp, common, tensor_names))
+    if arch in MOE_ARCHS:
+        extra.update(moe_fields(arch, hp, tensor_names))
     if arch == "llama":  # Qwen2 always has q/k/v biases; a llama-arch file may have them or not
         extra["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     freqs = next((_dequantize(header, t) for t in header.tensors if t.name == ROPE_FREQS), None)
@@ -340,6 +347,9 @@ def iter_gguf_weights(
             if info.name == ROPE_FREQS:
                 continue  # read into the config's rope_scaling (load_gguf_config)
             kind = info.name.split(".")[-2]
+            if (stacked := expert_kind(info.name)) is not None:  # gguf_moe.py
+                yield from split_experts(*stacked, _dequantize(header, info), dtype)
+                continue
             parts = FUSED_ROWS.get(arch, {}).get(kind)  # e.g. gptneox's attn_qkv: q, k, v rows
             names = [_hf_name(info.name.replace(f".{kind}.", f".{p}."), arch, file_names)
                      for p in parts or (kind,)]
@@ -350,6 +360,8 @@ def iter_gguf_weights(
                 weight = _unpermute_rotary(weight, rotary_heads[kind])
             if arch == "gemma3" and names[0].endswith("norm.weight"):
                 weight = weight - 1  # llama.cpp stores Gemma's 1 + w; HF names hold w (as HF does)
+            if kind == "ffn_gate_inp_shexp" and weight.dim() == 1:
+                weight = weight[None]  # llama.cpp's [hidden] vector; HF's [1, hidden]
             tensor = GGUFQuantized(info.qtype, info.shape, weight) if raw else weight.to(dtype)
             if parts is None:
                 yield names[0], tensor

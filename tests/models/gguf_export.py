@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import gguf
 import numpy as np
@@ -48,6 +49,22 @@ def _kv_heads(config: dict, arch: str, heads: int) -> int:
     return 1 if config.get("multi_query", True) else heads
 
 
+def _stack_experts(tensors: dict) -> dict:
+    """HF's per-expert ``mlp.experts.<e>.<proj>.weight`` stacked into one
+    ``mlp.experts.<proj>.weight`` [experts, ...] per layer and projection, as llama.cpp's
+    converter writes ``ffn_*_exps``."""
+    out, stacks = {}, {}
+    for name, tensor in tensors.items():
+        match = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(\w+\.weight)", name)
+        if match is None:
+            out[name] = tensor
+        else:
+            stacks.setdefault(f"{match[1]}.{match[3]}", {})[int(match[2])] = tensor
+    for name, experts in stacks.items():
+        out[name] = np.stack([experts[e] for e in range(len(experts))])
+    return out
+
+
 def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (),
                 metadata: dict | None = None, extra: dict | None = None) -> str:
     """``metadata``: ``{arch}``-relative keys -> (value, writer method name) added as they are
@@ -73,7 +90,7 @@ def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (
     for key, (value, method) in (metadata or {}).items():
         getattr(writer, method)(f"{arch}.{key}", value)
     _tokenizer(writer, config["vocab_size"])
-    for name, tensor in load_file(os.path.join(hf_dir, "model.safetensors")).items():
+    for name, tensor in _stack_experts(load_file(os.path.join(hf_dir, "model.safetensors"))).items():
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ValueError(f"no GGUF name for {name}")

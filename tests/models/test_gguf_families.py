@@ -1,4 +1,5 @@
-"""GGUF files of the qwen3, starcoder2, phi2, phi3, gptneox and falcon architectures, written from tiny random HF models the
+"""GGUF files of the qwen3, starcoder2, phi2, phi3, gptneox, falcon, qwen2moe and qwen3moe
+architectures, written from tiny random HF models the
 way llama.cpp's converter lays them out (``gguf_export.py``: the ``gguf`` package's own HF ->
 GGUF tensor names): the config read from the file and every tensor equal the source model's,
 and the engine serving the file gives HF transformers' greedy tokens and per-token
@@ -59,6 +60,34 @@ def falcon(**overrides):
     return falcon_config(**overrides)
 
 
+def moe(name: str):
+    """A tiny Qwen MoE config with every layer sparse (llama.cpp's qwen2moe has no dense
+    layers)."""
+    from tests.models.tiny_moe import moe_configs
+
+    def make():
+        config = moe_configs()[name]
+        config.mlp_only_layers = []
+        return config
+
+    return make
+
+
+def _moe_meta(config_name: str) -> dict:
+    """What llama.cpp's converter writes for a Qwen MoE config (expert sizes and counts)."""
+    from tests.models.tiny_moe import moe_configs
+
+    config = moe_configs()[config_name]
+    meta = {"attention.layer_norm_rms_epsilon": (config.rms_norm_eps, "add_float32"),
+            "expert_count": (config.num_experts, "add_uint32"),
+            "expert_used_count": (config.num_experts_per_tok, "add_uint32"),
+            "expert_feed_forward_length": (config.moe_intermediate_size, "add_uint32")}
+    if getattr(config, "shared_expert_intermediate_size", 0):
+        meta["expert_shared_feed_forward_length"] = (config.shared_expert_intermediate_size,
+                                                     "add_uint32")
+    return meta
+
+
 _NEOX_META = {"attention.layer_norm_epsilon": (1e-5, "add_float32")}
 CASES = {
     "qwen3": (qwen3, {"attention.layer_norm_rms_epsilon": (1e-6, "add_float32")}),
@@ -78,6 +107,10 @@ CASES = {
     "falcon": (falcon, _NEOX_META),
     "falcon-40b": (lambda: falcon(new_decoder_architecture=True, num_kv_heads=2,
                                   tie_word_embeddings=False), _NEOX_META),
+    # stacked ffn_*_exps experts; qwen2moe with a shared expert, qwen3moe with q/k norms
+    # and renormalized top-k
+    "qwen2moe": (moe("qwen2-moe"), _moe_meta("qwen2-moe")),
+    "qwen3moe": (moe("qwen3-moe"), _moe_meta("qwen3-moe")),
 }
 
 
@@ -117,7 +150,9 @@ def test_gguf_family_config_and_weights_equal_the_source(case, tmp_path):
               "num_key_value_heads", "vocab_size", "tie_word_embeddings", "rms_norm_eps",
               "norm_epsilon", "layer_norm_eps", "use_bias", "sliding_window",
               "use_parallel_residual", "attention_bias", "layer_norm_epsilon", "ffn_hidden_size",
-              "new_decoder_architecture", "multi_query", "parallel_attn", "bias"]
+              "new_decoder_architecture", "multi_query", "parallel_attn", "bias",
+              "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+              "shared_expert_intermediate_size", "norm_topk_prob", "mlp_only_layers"]
     for field in fields:  # the epsilons are float32 in the file
         expected = getattr(want, field, None)
         if field == "num_key_value_heads":  # GPT-NeoX's config has none: every head its own
@@ -136,7 +171,8 @@ def test_gguf_family_config_and_weights_equal_the_source(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["qwen3", "starcoder2", "phi2", "phi3", "gptneox",
-                                  "gptneox-sequential", "falcon", "falcon-40b"])
+                                  "gptneox-sequential", "falcon", "falcon-40b", "qwen2moe",
+                                  "qwen3moe"])
 def test_gguf_family_serves_like_hf(case, tmp_path):
     source, path = _export(case, tmp_path)
     prompt_list = prompts((5, 30))
@@ -249,3 +285,25 @@ def _assert_serves_like_dequantized(path: str) -> None:
     assert got_tokens == want_tokens
     for got, want in zip(got_lp, want_lp):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+
+
+def test_gguf_qwen3moe_q8_0_attention_kept_quantized(tmp_path, monkeypatch):
+    """``quantization="gguf"`` on a MoE file: the Q8_0 attention projections stay in their
+    blocks, the stacked Q8_0 experts (``ffn_gate_exps`` / ``ffn_up_exps``) are dequantized into
+    the fused experts, and the engine serves what the dequantized file serves (float32)."""
+    from tessellm import LLM
+    from tessellm.quantization.loading import quantized_linears
+    from tessellm.quantization.packed import Int8Weight
+
+    monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "0")
+    make_config, metadata = CASES["qwen3moe"]
+    source = save_tiny(make_config(), str(tmp_path / "hf"))
+    quantized = tuple(f"blk.{i}.{part}.weight" for i in range(2)
+                      for part in ("attn_q", "attn_output", "ffn_gate_exps", "ffn_up_exps"))
+    path = export_gguf(source, str(tmp_path / "qwen3moe.gguf"), "qwen3moe", metadata=metadata,
+                       quantize=quantized)
+    with LLM(path, dtype="float32", quantization="gguf") as llm:
+        layers = quantized_linears(llm.engine.core.runner.model)
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj"):
+            assert any(isinstance(s, Int8Weight) for s in layers[f"layers.1.{name}"].segments), name
+    _assert_serves_like_dequantized(path)
