@@ -14,6 +14,17 @@ if TYPE_CHECKING:
     from tessellm.distributed.parallel_state import TensorParallel
 
 
+def add_and_norm(norm, hidden: torch.Tensor, residual: Optional[torch.Tensor], **kw):
+    """A layer's opening norm on the residual stream: ``(norm(hidden + residual), hidden +
+    residual)`` through the norm's fused add; at the first layer (``residual`` None) the stream
+    starts at ``hidden``. ``norm``: a norm module taking ``(x)`` and ``(x, residual)``, as
+    ``RMSNorm`` does; ``kw`` goes to it (``consumer``). One helper for the decoder layers'
+    first norms, which all begin the stream this way."""
+    if residual is None:
+        return norm(hidden, **kw), hidden
+    return norm(hidden, residual, **kw)
+
+
 class RMSNorm(nn.Module):
     """``reduce``: a tensor-parallel group whose ranks each hold a partial sum of ``x`` (the
     unreduced output of a ``RowParallelLinear(reduce_results=False)``). With a residual, the

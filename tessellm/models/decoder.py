@@ -22,7 +22,7 @@ from tessellm.layers.attention import Attention
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import (ColumnParallelLinear, RowParallelLinear, fp8_input_dtype,
                                     fused_silu_and_mul, materialize)
-from tessellm.layers.norm import RMSNorm
+from tessellm.layers.norm import RMSNorm, add_and_norm
 from tessellm.layers.rotary import RotaryEmbedding
 
 
@@ -207,10 +207,8 @@ class DecoderLayer(nn.Module):
         """``input_layernorm`` (the residual stream starts at the first layer's input)."""
         # Each norm is told which layer takes its output (looked up per call: LoRA wraps
         # layers after construction), so it can quantize for it (the fp8 fold, RMSNorm).
-        qkv = self.self_attn.qkv_proj
-        if residual is None:
-            return self.input_layernorm(hidden, consumer=qkv), hidden
-        return self.input_layernorm(hidden, residual, consumer=qkv)
+        return add_and_norm(self.input_layernorm, hidden, residual,
+                            consumer=self.self_attn.qkv_proj)
 
     def after_attention(self, hidden, residual):
         """From the attention's output (after o_proj) to the layer's ``(hidden, residual)``:

@@ -34,6 +34,7 @@ import torch.nn as nn
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import materialize
 from tessellm.layers.mamba_mixer import MambaMixer2
+from tessellm.layers.norm import add_and_norm
 from tessellm.models.bamba import bamba_names
 from tessellm.models.decoder import DecoderAttention
 from tessellm.models.llama import LlamaForCausalLM
@@ -54,10 +55,7 @@ class FalconH1DecoderLayer(nn.Module):
         self.post_attention_layernorm = norm(mixed_reduce)  # the checkpoint's pre_ff_layernorm
 
     def forward(self, positions, hidden, residual, metadata):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = add_and_norm(self.input_layernorm, hidden, residual)
         mixed = self.mamba(hidden) + self.self_attn(positions, hidden, metadata)
         hidden, residual = self.post_attention_layernorm(mixed, residual)
         return self.mlp(hidden), residual

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
-from tessellm.layers.norm import RMSNorm
+from tessellm.layers.norm import RMSNorm, add_and_norm
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from tessellm.models.decoder import DecoderAttention
 from tessellm.models.llama import LlamaForCausalLM, MissingLayer
@@ -100,10 +100,7 @@ class SandwichDecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, ctx.ops)
 
     def forward(self, positions, hidden, residual, metadata):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = add_and_norm(self.input_layernorm, hidden, residual)
         hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, metadata))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual

@@ -21,7 +21,7 @@ from typing import Optional
 import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
-from tessellm.layers.norm import RMSNorm
+from tessellm.layers.norm import RMSNorm, add_and_norm
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.decoder import DecoderMLP
 from tessellm.models.interleaved_rotary import InterleavedRotaryAttention
@@ -61,10 +61,7 @@ class Glm4DecoderLayer(nn.Module):
         self.post_mlp_layernorm = RMSNorm(hidden, eps, ctx.ops)
 
     def forward(self, positions, hidden, residual, metadata):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = add_and_norm(self.input_layernorm, hidden, residual)
         hidden = self.post_self_attn_layernorm(self.self_attn(positions, hidden, metadata))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.post_mlp_layernorm(self.mlp(hidden)), residual

@@ -22,7 +22,7 @@ import torch.nn as nn
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import materialize
 from tessellm.layers.mamba_mixer import MambaMixer2, MambaShape
-from tessellm.layers.norm import RMSNorm
+from tessellm.layers.norm import RMSNorm, add_and_norm
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from tessellm.models.decoder import DecoderAttention
 from tessellm.models.state_space import check_single_stage, check_time_step_limit
@@ -50,10 +50,7 @@ class MixerBlock(nn.Module):
         self.attends = isinstance(mixer, DecoderAttention)
 
     def forward(self, positions, hidden, residual, metadata):
-        if residual is None:
-            residual, hidden = hidden, self.norm(hidden)
-        else:
-            hidden, residual = self.norm(hidden, residual)
+        hidden, residual = add_and_norm(self.norm, hidden, residual)
         if self.attends:
             return self.mixer(positions, hidden, metadata), residual
         return self.mixer(hidden), residual

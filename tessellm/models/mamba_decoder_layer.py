@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
 from tessellm.layers.mamba_mixer import MambaMixer2, MambaShape
+from tessellm.layers.norm import add_and_norm
 from tessellm.models.decoder import DecoderLayer
 from tessellm.models.state_space import check_single_stage, check_time_step_limit
 
@@ -46,10 +47,7 @@ class MambaDecoderLayer(nn.Module):
         self.residual_multiplier = residual_multiplier
 
     def forward(self, positions, hidden, residual, metadata):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = add_and_norm(self.input_layernorm, hidden, residual)
         hidden = self.mamba(hidden)
         if self.residual_multiplier != 1.0:
             hidden = hidden * self.residual_multiplier

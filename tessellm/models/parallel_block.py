@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.context import ModelContext
+from tessellm.layers.norm import add_and_norm
 
 
 class ParallelBlockLayer(nn.Module):
@@ -36,10 +37,7 @@ class ParallelBlockLayer(nn.Module):
         self.post_attention_layernorm = norm(None) if mlp_norm else None
 
     def forward(self, positions, hidden, residual, metadata):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = add_and_norm(self.input_layernorm, hidden, residual)
         mlp_in = hidden if self.post_attention_layernorm is None else \
             self.post_attention_layernorm(residual)
         return self.self_attn(positions, hidden, metadata) + self.mlp(mlp_in), residual

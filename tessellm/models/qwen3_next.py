@@ -29,6 +29,7 @@ import torch.nn as nn
 from tessellm.layers.context import ModelContext
 from tessellm.layers.gated_deltanet import DeltaNetShape, GatedDeltaNet
 from tessellm.layers.linear import ColumnParallelLinear, materialize
+from tessellm.layers.norm import add_and_norm
 from tessellm.models.decoder import DecoderAttention, DecoderLayer, shard_heads
 from tessellm.models.moe import Qwen2MoeForCausalLM
 from tessellm.models.state_space import check_single_stage
@@ -87,10 +88,7 @@ class LinearAttentionLayer(nn.Module):
         self.post_attention_layernorm = norm(tp)
 
     def forward(self, positions, hidden, residual, metadata):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = add_and_norm(self.input_layernorm, hidden, residual)
         hidden = self.linear_attn(hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
