@@ -209,3 +209,19 @@ def test_llama4_conditional_images_off_attention_lora(llama4_dir, tmp_path):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts + prompts[:1]], GREEDY,
                             use_tqdm=False, lora_request=[lora, lora, None])
     assert _tokens(outs) == want + base_want
+
+
+def test_the_flag_forms_and_the_served_config(llama4_dir):
+    """The CLI's JSON, vLLM's older ``image=0`` and a dict all turn images off; the served
+    config is the language model's, a copy (the image-text config is left as it is)."""
+    from transformers import AutoConfig
+
+    from tessellm.multimodal.text_only import images_off, text_only_config
+
+    config = AutoConfig.from_pretrained(llama4_dir)
+    assert all(images_off(config, v) for v in ('{"image": 0}', "image=0", {"image": 0}))
+    assert not any(images_off(config, v) for v in (None, {"image": 1}, '{"image": 2}'))
+    text = text_only_config(config)
+    assert text.architectures == ["Llama4ForCausalLM"] and text.tie_word_embeddings is False
+    assert config.architectures == ["Llama4ForConditionalGeneration"]
+    assert config.get_text_config().architectures != ["Llama4ForCausalLM"]
