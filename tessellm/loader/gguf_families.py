@@ -24,6 +24,18 @@ llama ones under other names, fewer of them, or fused ones the family already cu
                 norms (40B / 180B: the ``gguf`` name map writes ``ln_attn`` as ``attn_norm_2``
                 and ``ln_mlp`` as ``attn_norm``), else one (7B's ``input_layernorm``)
 
+    gemma       llama's tensors; every norm stored as ``1 + w`` (``GEMMA_NORM_PLUS_ONE``: the
+                loader yields HF's ``w``); ``attention.key_length`` the head size (256 in 7B,
+                not hidden / heads); the head tied to the embedding
+    gemma2      gemma's plus four norms a layer (``ffn_norm`` is ``pre_feedforward_layernorm``,
+                ``post_attention_norm`` / ``post_ffw_norm`` the sandwich's), soft-caps from
+                ``attn_logit_softcapping`` / ``final_logit_softcapping``, the window from
+                ``attention.sliding_window`` on alternating layers (HF's default layer types);
+                the query scale is not stored: llama.cpp takes 1/sqrt(hidden / heads) for the
+                46-layer 27B and 1/sqrt(head size) otherwise, so ``query_pre_attn_scalar`` is that
+    olmo2       no pre-norms: ``post_attention_norm`` / ``post_ffw_norm`` after attention and the
+                MLP, ``attn_q_norm`` / ``attn_k_norm`` over all heads' rows
+
 llama.cpp's converters write no sliding window for starcoder2; HF's GGUF loading sets none
 either, so the model attends to the whole context (the safetensors config's 4096-token window
 differs only past 4096 tokens).
@@ -41,7 +53,16 @@ FAMILY_LAYER_NAMES = {
                 "ffn_down": "mlp.dense_4h_to_h"},
     "falcon": {"attn_output": "self_attn.dense", "ffn_up": "mlp.dense_h_to_4h",
                "ffn_down": "mlp.dense_4h_to_h", "attn_norm_2": "input_layernorm"},
+    "gemma2": {"ffn_norm": "pre_feedforward_layernorm",
+               "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    "olmo2": {"post_attention_norm": "post_attention_layernorm",
+              "post_ffw_norm": "post_feedforward_layernorm",
+              "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
 }
+
+# architectures whose norms llama.cpp's converter stores as 1 + w (HF's Gemma norms scale by it)
+GEMMA_NORM_PLUS_ONE = ("gemma", "gemma2", "gemma3")
 
 # fused GGUF tensors the loader cuts by rows, read as the tensors named (blk.{i}.KEY ->
 # blk.{i}.PART for each part, then FAMILY_LAYER_NAMES / the llama names); q, k, v rows in
@@ -97,6 +118,13 @@ def family_fields(arch: str, hp, common: dict, tensor_names: set) -> dict:
     reads ``{arch}.{key}``; ``head_dim`` here overrides the loader's own reading."""
     if arch == "starcoder2":
         return {"use_bias": "blk.0.attn_q.bias" in tensor_names}
+    if arch == "gemma2":
+        heads, layers = common["num_attention_heads"], common["num_hidden_layers"]
+        head = hp("attention.key_length", common["hidden_size"] // heads)
+        return {"head_dim": head, "sliding_window": hp("attention.sliding_window", 4096),
+                "attn_logit_softcapping": hp("attn_logit_softcapping", None),
+                "final_logit_softcapping": hp("final_logit_softcapping", None),
+                "query_pre_attn_scalar": common["hidden_size"] // heads if layers == 46 else head}
     if arch == "gptneox":  # GPTNeoXConfig reads the rotary from rope_parameters only
         head = common["hidden_size"] // common["num_attention_heads"]
         rotary = {"rope_type": "default", "rope_theta": float(hp("rope.freq_base", 10000.0)),

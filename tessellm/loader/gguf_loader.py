@@ -32,13 +32,14 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from transformers import (Gemma3TextConfig, GPTNeoXConfig, LlamaConfig, Phi3Config, PhiConfig,
+from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPTNeoXConfig, LlamaConfig,
+                          Olmo2Config, Phi3Config, PhiConfig,
                           PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig,
                           Qwen3Config, Qwen3MoeConfig, Starcoder2Config)
 
 from tessellm.loader.gguf_families import (FAMILY_GLOBAL_NAMES, FAMILY_LAYER_NAMES, FUSED_ROWS,
-                                           NORM_EPSILON, falcon_config, family_fields,
-                                           file_layer_names)
+                                           GEMMA_NORM_PLUS_ONE, NORM_EPSILON, falcon_config,
+                                           family_fields, file_layer_names)
 
 from tessellm.loader.gguf_gemma3 import GEMMA3_LAYER_NAMES, gemma3_config, gemma3_tokenizer_fixups
 from tessellm.loader.gguf_moe import (MOE_ARCHS, MOE_LAYER_NAMES, expert_kind, moe_fields,
@@ -58,6 +59,9 @@ _ARCHITECTURES = {
     "phi3": ("Phi3ForCausalLM", Phi3Config, False),
     "gptneox": ("GPTNeoXForCausalLM", GPTNeoXConfig, False),
     "falcon": ("FalconForCausalLM", None, False),  # gguf_families.falcon_config
+    "gemma": ("GemmaForCausalLM", GemmaConfig, False),
+    "gemma2": ("Gemma2ForCausalLM", Gemma2Config, False),
+    "olmo2": ("Olmo2ForCausalLM", Olmo2Config, False),
     "qwen2moe": ("Qwen2MoeForCausalLM", Qwen2MoeConfig, False),  # gguf_moe.py
     "qwen3moe": ("Qwen3MoeForCausalLM", Qwen3MoeConfig, False),
 }
@@ -358,7 +362,7 @@ def iter_gguf_weights(
             weight = _raw_rows(header, info) if raw else _dequantize(header, info)
             if permuted and kind in rotary_heads:
                 weight = _unpermute_rotary(weight, rotary_heads[kind])
-            if arch == "gemma3" and names[0].endswith("norm.weight"):
+            if arch in GEMMA_NORM_PLUS_ONE and names[0].endswith("norm.weight"):
                 weight = weight - 1  # llama.cpp stores Gemma's 1 + w; HF names hold w (as HF does)
             if kind == "ffn_gate_inp_shexp" and weight.dim() == 1:
                 weight = weight[None]  # llama.cpp's [hidden] vector; HF's [1, hidden]

@@ -2,7 +2,8 @@
 way llama.cpp's convert_hf_to_gguf.py lays it out: tensor names from the ``gguf`` package's own
 HF -> GGUF name map for the architecture, float32 tensors (or Q8_0 for the ones named), the
 hyper-parameters under ``{arch}.*`` and a byte-level BPE tokenizer of single characters (so
-the engine can build a tokenizer from the file). GPT-NeoX's and Falcon's ``query_key_value`` are
+the engine can build a tokenizer from the file). Gemma norms are written as ``1 + w``, as the
+converter writes them. GPT-NeoX's and Falcon's ``query_key_value`` are
 regrouped from per-head (per KV group) rows to ``[q | k | v]`` as that converter does."""
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (
             tensor = _qkv_rows(tensor, heads)
         if arch == "falcon" and ".query_key_value." in name:
             tensor = _falcon_qkv_rows(tensor, heads, kv)
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            tensor = tensor + 1  # the converter stores Gemma's norms as 1 + w
         if gguf_name in quantize:
             q8 = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(gguf_name, gguf.quants.quantize(tensor, q8), raw_dtype=q8)

@@ -88,6 +88,33 @@ def _moe_meta(config_name: str) -> dict:
     return meta
 
 
+_GEMMA = {**TINY, "tie_word_embeddings": True, "head_dim": 32, "rms_norm_eps": 1e-6,
+          "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # head_dim != hidden / heads
+
+
+def gemma():
+    from transformers import GemmaConfig
+
+    return GemmaConfig(**_GEMMA)
+
+
+def gemma2():
+    from transformers import Gemma2Config
+
+    # llama.cpp scales queries by 1/sqrt(head_dim) (but the 27B's); soft-caps sharper than the
+    # defaults so that they matter at this size
+    return Gemma2Config(**_GEMMA, query_pre_attn_scalar=32, sliding_window=8,
+                        attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+
+
+def olmo2():
+    from transformers import Olmo2Config
+
+    return Olmo2Config(**{**TINY, "rms_norm_eps": 1e-6, "pad_token_id": 0, "bos_token_id": 1,
+                          "eos_token_id": 2})
+
+
+_RMS_META = {"attention.layer_norm_rms_epsilon": (1e-6, "add_float32")}
 _NEOX_META = {"attention.layer_norm_epsilon": (1e-5, "add_float32")}
 CASES = {
     "qwen3": (qwen3, {"attention.layer_norm_rms_epsilon": (1e-6, "add_float32")}),
@@ -110,6 +137,12 @@ CASES = {
     # stacked ffn_*_exps experts; qwen2moe with a shared expert, qwen3moe with q/k norms
     # and renormalized top-k
     "qwen2moe": (moe("qwen2-moe"), _moe_meta("qwen2-moe")),
+    # norms stored 1 + w; gemma2's soft-caps and window as its converter writes them
+    "gemma": (gemma, _RMS_META),
+    "gemma2": (gemma2, {**_RMS_META, "attn_logit_softcapping": (5.0, "add_float32"),
+                        "final_logit_softcapping": (3.0, "add_float32"),
+                        "attention.sliding_window": (8, "add_uint32")}),
+    "olmo2": (olmo2, _RMS_META),
     "qwen3moe": (moe("qwen3-moe"), _moe_meta("qwen3-moe")),
 }
 
@@ -152,7 +185,9 @@ def test_gguf_family_config_and_weights_equal_the_source(case, tmp_path):
               "use_parallel_residual", "attention_bias", "layer_norm_epsilon", "ffn_hidden_size",
               "new_decoder_architecture", "multi_query", "parallel_attn", "bias",
               "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-              "shared_expert_intermediate_size", "norm_topk_prob", "mlp_only_layers"]
+              "shared_expert_intermediate_size", "norm_topk_prob", "mlp_only_layers",
+              "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+              "layer_types"]
     for field in fields:  # the epsilons are float32 in the file
         expected = getattr(want, field, None)
         if field == "num_key_value_heads":  # GPT-NeoX's config has none: every head its own
@@ -167,10 +202,13 @@ def test_gguf_family_config_and_weights_equal_the_source(case, tmp_path):
     weights = dict(iter_gguf_weights(path, torch.float32))
     assert set(weights) == set(theirs)
     for name, tensor in weights.items():
-        assert torch.equal(tensor, theirs[name]), name
+        if case.startswith("gemma") and name.endswith("norm.weight"):  # (1 + w) - 1 rounds
+            torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(tensor, theirs[name]), name
 
 
-@pytest.mark.parametrize("case", ["qwen3", "starcoder2", "phi2", "phi3", "gptneox",
+@pytest.mark.parametrize("case", ["gemma", "gemma2", "olmo2", "qwen3", "starcoder2", "phi2", "phi3", "gptneox",
                                   "gptneox-sequential", "falcon", "falcon-40b", "qwen2moe",
                                   "qwen3moe"])
 def test_gguf_family_serves_like_hf(case, tmp_path):
