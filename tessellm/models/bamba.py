@@ -29,10 +29,6 @@ class BambaForCausalLM(HybridLayers, LlamaForCausalLM):
         super().__init__(config, ctx)
         self.finish_hybrid(ctx)
 
-    def attention_biases(self, config) -> tuple[bool, bool]:
-        bias = bool(getattr(config, "attention_bias", False))
-        return bias, bias
-
     def check_config(self, config) -> None:
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":

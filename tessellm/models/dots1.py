@@ -9,6 +9,7 @@ from typing import Optional
 
 from tessellm.models.glm4_moe import Glm4MoeForCausalLM
 from tessellm.models.layer_windows import window_by_layer_type
+from tessellm.models.llama import LlamaForCausalLM
 
 
 class Dots1ForCausalLM(Glm4MoeForCausalLM):
@@ -16,8 +17,7 @@ class Dots1ForCausalLM(Glm4MoeForCausalLM):
         return True
 
     def attention_biases(self, config) -> tuple[bool, bool]:
-        bias = bool(getattr(config, "attention_bias", False))
-        return bias, bias
+        return LlamaForCausalLM.attention_biases(self, config)  # llama's, not GLM-4.5's
 
     def layer_window(self, config, index: int) -> Optional[int]:
         return window_by_layer_type(config, index)

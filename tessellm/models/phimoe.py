@@ -30,6 +30,7 @@ from tessellm.layers.layer_norm import LayerNorm
 from tessellm.layers.linear import Linear
 from tessellm.layers.moe import FusedMoE
 from tessellm.layers.rope_config import rope_parameters
+from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.moe import MixtralForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,7 @@ class PhimoeForCausalLM(MixtralForCausalLM):
         super().__init__(config, ctx)
 
     def attention_biases(self, config) -> tuple[bool, bool]:
-        bias = bool(getattr(config, "attention_bias", False))
-        return bias, bias
+        return LlamaForCausalLM.attention_biases(self, config)  # llama's, not Mixtral's
 
     def make_norm(self, config, ctx: ModelContext, reduce: Optional[TensorParallel]) -> nn.Module:
         return LayerNorm(config.hidden_size, config.rms_norm_eps, reduce=reduce,

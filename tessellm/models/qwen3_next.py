@@ -31,6 +31,7 @@ from tessellm.layers.gated_deltanet import DeltaNetShape, GatedDeltaNet
 from tessellm.layers.linear import ColumnParallelLinear, materialize
 from tessellm.layers.norm import add_and_norm
 from tessellm.models.decoder import DecoderAttention, DecoderLayer, shard_heads
+from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.moe import Qwen2MoeForCausalLM
 from tessellm.models.state_space import check_single_stage
 
@@ -121,8 +122,7 @@ class Qwen3NextForCausalLM(Qwen2MoeForCausalLM):
                              "only silu is.")
 
     def attention_biases(self, config) -> tuple[bool, bool]:
-        bias = bool(getattr(config, "attention_bias", False))
-        return bias, bias
+        return LlamaForCausalLM.attention_biases(self, config)  # llama's (Qwen2-MoE's are fixed)
 
     def layer_window(self, config, index: int) -> Optional[int]:
         return None
