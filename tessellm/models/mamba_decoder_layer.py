@@ -134,5 +134,12 @@ def load_mamba_tensors(layers, weights, loaded: set[str]):
         if match is None:
             yield name, tensor
             continue
-        layers[int(match[1])].mamba.load_checkpoint_tensor(match[2], tensor)
+        index = int(match[1])
+        mixer = getattr(layers[index], "mamba", None) if index < len(layers) else None
+        if mixer is None:
+            built = (f"builds layer {index} as {type(layers[index]).__name__}"
+                     if index < len(layers) else f"has {len(layers)} layers")
+            raise ValueError(f"Checkpoint tensor {name!r} belongs to a Mamba layer, but the "
+                             f"config {built}; its layer types do not match the weights.")
+        mixer.load_checkpoint_tensor(match[2], tensor)
         loaded.add(f"layers.{match[1]}.mamba.{match[2]}")

@@ -72,3 +72,23 @@ def test_granite_hybrid_on_emulated_cuda(hybrid_dir):
              max_num_batched_tokens=8) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outs] == want
+
+
+def test_granite_hybrid_layer_types_that_do_not_match_the_weights(hybrid_dir, tmp_path):
+    """A config.json whose layer types put attention where the checkpoint has a Mamba layer is
+    refused at load naming the tensor and the config (it failed with AttributeError:
+    'DecoderLayer' object has no attribute 'mamba')."""
+    import json
+    import shutil
+
+    path = tmp_path / "edited"
+    shutil.copytree(hybrid_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    kinds = ["attention", "attention", "mamba", "mamba"]
+    config.update({k: kinds for k in ("layer_types", "layers_block_type") if k in config})
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'model.layers.0.mamba.\S+' belongs to a Mamba layer, "
+                                         r"but the config builds layer 0 as DecoderLayer; its "
+                                         r"layer types do not match the weights"):
+        LLM(str(path), dtype="float32", device="cpu")
+
