@@ -13,6 +13,7 @@ path under a layer -> its logical parts (B's rows, in that order)::
     phi         self_attn.{q,k,v}_proj, self_attn.dense    ..., o_proj
                 mlp.fc1, mlp.fc2                           fc_in, fc_out
     starcoder2  llama's attention, mlp.c_fc, mlp.c_proj    ..., fc_in, fc_out
+    apertus     llama's attention, mlp.up_proj, down_proj  ..., fc_in, fc_out  (no gate: xIELU)
     gptj        attn.{q,k,v,out}_proj, mlp.fc_in/fc_out    ..., o_proj, fc_in, fc_out
     gpt_neox    attention.query_key_value (per head)       q_proj k_proj v_proj
                 attention.dense, mlp.dense_h_to_4h/4h_to_h o_proj, fc_in, fc_out
@@ -102,6 +103,7 @@ PHI = Family("model.layers", {"self_attn.q_proj": Q, "self_attn.k_proj": K,
                               "self_attn.v_proj": V, "self_attn.dense": O,
                               "mlp.fc1": FC_IN, "mlp.fc2": FC_OUT})
 STARCODER2 = Family("model.layers", {**_LLAMA_ATTN, "mlp.c_fc": FC_IN, "mlp.c_proj": FC_OUT})
+APERTUS = Family("model.layers", {**_LLAMA_ATTN, "mlp.up_proj": FC_IN, "mlp.down_proj": FC_OUT})
 GPTJ = Family("transformer.h", {"attn.q_proj": Q, "attn.k_proj": K, "attn.v_proj": V,
                                 "attn.out_proj": O, "mlp.fc_in": FC_IN, "mlp.fc_out": FC_OUT},
               intermediate=_gpt_width)
@@ -133,7 +135,10 @@ FAMILIES = {
         "LlamaForCausalLM", "InternLM3ForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
         "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
         "Gemma3ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM",
-        "Olmo3ForCausalLM", "CohereForCausalLM", "Exaone4ForCausalLM", "StableLmForCausalLM")},
+        "Olmo3ForCausalLM", "CohereForCausalLM", "Exaone4ForCausalLM", "StableLmForCausalLM",
+        "SeedOssForCausalLM", "Ernie4_5ForCausalLM", "HunYuanDenseV1ForCausalLM",
+        "Cohere2ForCausalLM", "Ministral3ForCausalLM")},
+    "ApertusForCausalLM": APERTUS,
     "ExaoneForCausalLM": EXAONE,
     "Phi3ForCausalLM": PHI3,
     "GlmForCausalLM": GLM, "Glm4ForCausalLM": GLM,
@@ -146,7 +151,8 @@ FAMILIES = {
     **{arch: MOE_ATTENTION for arch in (
         "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
         "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM", "OlmoeForCausalLM",
-        "GptOssForCausalLM", "Llama4ForCausalLM")},
+        "GptOssForCausalLM", "Llama4ForCausalLM", "Glm4MoeForCausalLM",
+        "Ernie4_5_MoeForCausalLM", "HunYuanMoEV1ForCausalLM", "Dots1ForCausalLM")},
 }
 
 
