@@ -16,6 +16,19 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+# The first engine-core process of the session sets these in this process's environment for
+# good (``os.environ.setdefault``, core/engine_process.py), so every child started after it,
+# worker ranks included, inherits them. Set from the start instead: every child of the session
+# starts with the same environment, so all of them are forked from one forkserver
+# (distributed/spawn.py: one whose environment differs from the caller's is not used).
+# torch first: its OpenMP runtime reads OMP_* once, when loaded; this process keeps its own.
+import torch  # noqa: E402, F401
+
+from tessellm import envs as _envs  # noqa: E402
+
+for _key, _value in _envs.engine_process_env_defaults().items():
+    os.environ.setdefault(_key, _value)
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _gc_skips_what_is_already_alive():

@@ -46,7 +46,7 @@ from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.step import STEP_SCHEMA_VERSION, build_dataclass, check_version
-from tessellm.distributed.spawn import spawn_process
+from tessellm.distributed.spawn import parent_gone, spawn_process
 from tessellm.metrics.compile_counter import COUNTER as COMPILE_COUNTER
 from tessellm.metrics.device_memory import DeviceMemoryProbe
 from tessellm.multimodal.inputs import decode_features, encode_features
@@ -171,7 +171,7 @@ class _CoreLoop:
     def run(self) -> None:
         self._send_outputs([])  # the stats before any request (device memory after loading)
         while not self.shutdown:
-            if os.getppid() != self.parent_pid:  # re-parented: the API process died
+            if parent_gone(self.parent_pid):  # the API process died
                 logger.info("The API process is gone; the engine core exits.")
                 return
             busy = self.core.has_unfinished_requests()

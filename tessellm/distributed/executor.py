@@ -36,7 +36,7 @@ from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 from tessellm.distributed.codec import (decode_runner_output, decode_scheduler_output,
                                         encode_runner_output, encode_scheduler_output, pack, unpack)
 from tessellm.distributed.parallel_state import ParallelConfig
-from tessellm.distributed.spawn import spawn_process
+from tessellm.distributed.spawn import parent_gone, spawn_process
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class MultiprocExecutor(Executor):
                 msg = unpack(self._results.recv())
                 if msg[0] == "error":
                     # A peer's collective fails when a rank dies: name the dead rank, the cause.
-                    self._check_processes()
+                    self._check_processes(reporter=msg[1])
                     self._fail(f"Worker rank {msg[1]} failed: {msg[2]}")
                 if msg[0] == "compiled":  # unsolicited: a rank compiled after ready
                     self._worker_compilations[msg[1]] = msg[2]
@@ -235,11 +235,17 @@ class MultiprocExecutor(Executor):
                 return msg
             self._check_processes()
 
-    def _check_processes(self) -> None:
-        for rank, proc in enumerate(self._procs):
-            if proc.exitcode is not None:
-                self._fail(f"Worker rank {rank} (pid {proc.pid}) exited with code "
-                           f"{proc.exitcode}; the engine cannot continue without it.")
+    def _check_processes(self, reporter: Optional[int] = None) -> None:
+        """Fail naming a rank that exited, other than ``reporter`` (a rank that just sent its
+        error and exits by itself). A rank killed by a signal goes first: its peers then fail in
+        their next collective and exit with code 1 themselves, as effects, not the cause."""
+        exited = [rank for rank, proc in enumerate(self._procs)
+                  if proc.exitcode is not None and rank != reporter]
+        if exited:
+            rank = min(exited, key=lambda r: (self._procs[r].exitcode >= 0, r))
+            proc = self._procs[rank]
+            self._fail(f"Worker rank {rank} (pid {proc.pid}) exited with code "
+                       f"{proc.exitcode}; the engine cannot continue without it.")
 
     def _check(self) -> None:
         if self._dead is not None:
@@ -326,7 +332,7 @@ def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> No
 
     while True:
         if not cmds.poll(_POLL_MS * 2):
-            if os.getppid() != parent_pid:  # the engine core is gone: do not hold the device
+            if parent_gone(parent_pid):  # the engine core is gone: do not hold the device
                 logger.info("The engine core is gone; worker %d exits.", worker.rank)
                 return
             continue

@@ -64,12 +64,10 @@ def test_server_engine_answers_in_flight_requests_with_an_error(tiny_model_dir):
             stream = engine.generate({"prompt_token_ids": [1, 2, 3]}, params, request_id="r1")
             first = await stream.__anext__()  # the request is running
             assert first.outputs[0].token_ids
-            # The core's worker processes are its children; kill one of them.
-            pid = engine.client.proc.pid
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                children = [int(c) for c in f.read().split()]
-            assert len(children) >= 2  # the two ranks (and multiprocessing's resource tracker)
-            os.kill(children[-1], signal.SIGKILL)
+            # The core's two worker processes (forked by its forkserver); kill one of them.
+            workers = _worker_processes(engine.client.proc.pid)
+            assert len(workers) == 2, workers
+            os.kill(workers[-1], signal.SIGKILL)
             with pytest.raises(Exception, match="(?i)rank|worker|engine"):
                 async for _ in stream:
                     pass
@@ -77,3 +75,26 @@ def test_server_engine_answers_in_flight_requests_with_an_error(tiny_model_dir):
             await engine.shutdown()
 
     asyncio.run(asyncio.wait_for(main(), timeout=120))
+
+
+def _worker_processes(core_pid: int) -> list[int]:
+    """The processes below the engine core that run no children of their own (the forkserver
+    that forks the workers does), other than multiprocessing's resource tracker."""
+    def children(pid: int) -> list[int]:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                return [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            return []
+
+    leaves, todo = [], children(core_pid)
+    while todo:
+        pid = todo.pop(0)
+        below = children(pid)
+        if below:
+            todo += below
+            continue
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"resource_tracker" not in f.read():
+                leaves.append(pid)
+    return leaves
