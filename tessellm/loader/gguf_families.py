@@ -35,6 +35,17 @@ llama ones under other names, fewer of them, or fused ones the family already cu
                 46-layer 27B and 1/sqrt(head size) otherwise, so ``query_pre_attn_scalar`` is that
     olmo2       no pre-norms: ``post_attention_norm`` / ``post_ffw_norm`` after attention and the
                 MLP, ``attn_q_norm`` / ``attn_k_norm`` over all heads' rows
+    command-r   Cohere: one LayerNorm without bias (``attn_norm``, ``attention.layer_norm_epsilon``)
+                feeding the parallel attention and MLP, per-head ``attn_q_norm`` /
+                ``attn_k_norm`` when the file has them (Command-R+: ``use_qk_norm``),
+                ``logit_scale``; interleaved rotary, which the converter leaves as HF has it
+    exaone      EXAONE 3.0 / 3.5: llama's tensors and rotary, not permuted (NeoX in llama.cpp);
+                the loader yields llama's names (``ExaoneForCausalLM`` takes them as its renames
+                give them); Llama 3 ``rope_freqs`` as for llama (gguf_rope.py)
+    glm4        GLM-4-0414: ``ffn_up`` is the fused ``gate_up_proj``, four norms a layer
+                (``post_attention_norm`` after attention, ``ffn_norm`` before the MLP,
+                ``post_ffw_norm`` after it), partial interleaved rotary from
+                ``rope.dimension_count``, q/k/v biases
 
 llama.cpp's converters write no sliding window for starcoder2; HF's GGUF loading sets none
 either, so the model attends to the whole context (the safetensors config's 4096-token window
@@ -59,6 +70,9 @@ FAMILY_LAYER_NAMES = {
     "olmo2": {"post_attention_norm": "post_attention_layernorm",
               "post_ffw_norm": "post_feedforward_layernorm",
               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "command-r": {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+    "glm4": {"ffn_up": "mlp.gate_up_proj", "post_attention_norm": "post_self_attn_layernorm",
+             "ffn_norm": "post_attention_layernorm", "post_ffw_norm": "post_mlp_layernorm"},
 }
 
 # architectures whose norms llama.cpp's converter stores as 1 + w (HF's Gemma norms scale by it)
@@ -77,7 +91,8 @@ FAMILY_GLOBAL_NAMES = {"phi2": {"output_norm": "model.final_layernorm"}}
 NORM_EPSILON = {"starcoder2": ("attention.layer_norm_epsilon", "norm_epsilon"),
                 "phi2": ("attention.layer_norm_epsilon", "layer_norm_eps"),
                 "gptneox": ("attention.layer_norm_epsilon", "layer_norm_eps"),
-                "falcon": ("attention.layer_norm_epsilon", "layer_norm_epsilon")}
+                "falcon": ("attention.layer_norm_epsilon", "layer_norm_epsilon"),
+                "command-r": ("attention.layer_norm_epsilon", "layer_norm_eps")}
 
 
 def file_layer_names(arch: str, tensor_names: set) -> dict:
@@ -118,6 +133,13 @@ def family_fields(arch: str, hp, common: dict, tensor_names: set) -> dict:
     reads ``{arch}.{key}``; ``head_dim`` here overrides the loader's own reading."""
     if arch == "starcoder2":
         return {"use_bias": "blk.0.attn_q.bias" in tensor_names}
+    if arch == "command-r":
+        return {"logit_scale": hp("logit_scale", 1.0),
+                "use_qk_norm": "blk.0.attn_q_norm.weight" in tensor_names}
+    if arch == "glm4":
+        head = hp("attention.key_length", common["hidden_size"] // common["num_attention_heads"])
+        return {"head_dim": head, "partial_rotary_factor": hp("rope.dimension_count", head) / head,
+                "attention_bias": "blk.0.attn_q.bias" in tensor_names}
     if arch == "gemma2":
         heads, layers = common["num_attention_heads"], common["num_hidden_layers"]
         head = hp("attention.key_length", common["hidden_size"] // heads)

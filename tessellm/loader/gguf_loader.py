@@ -32,8 +32,9 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPTNeoXConfig, LlamaConfig,
-                          Olmo2Config, Phi3Config, PhiConfig,
+from transformers import (CohereConfig, ExaoneConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig,
+                          Glm4Config, GPTNeoXConfig, LlamaConfig, Olmo2Config, Phi3Config,
+                          PhiConfig,
                           PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig,
                           Qwen3Config, Qwen3MoeConfig, Starcoder2Config)
 
@@ -62,6 +63,9 @@ _ARCHITECTURES = {
     "gemma": ("GemmaForCausalLM", GemmaConfig, False),
     "gemma2": ("Gemma2ForCausalLM", Gemma2Config, False),
     "olmo2": ("Olmo2ForCausalLM", Olmo2Config, False),
+    "command-r": ("CohereForCausalLM", CohereConfig, False),
+    "exaone": ("ExaoneForCausalLM", ExaoneConfig, False),
+    "glm4": ("Glm4ForCausalLM", Glm4Config, False),
     "qwen2moe": ("Qwen2MoeForCausalLM", Qwen2MoeConfig, False),  # gguf_moe.py
     "qwen3moe": ("Qwen3MoeForCausalLM", Qwen3MoeConfig, False),
 }

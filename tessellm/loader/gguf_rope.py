@@ -26,7 +26,7 @@ def gguf_rope_scaling(metadata: dict, arch: str, freq_factors: Optional[torch.Te
     kind = metadata.get(f"{arch}.rope.scaling.type", "none")
     if kind == "linear" and freq_factors is None:  # Gemma 3: its global layers
         return {"rope_type": "linear", "factor": float(metadata[f"{arch}.rope.scaling.factor"])}
-    if kind != "none" or (freq_factors is not None and arch != "llama"):
+    if kind != "none" or (freq_factors is not None and arch not in ("llama", "exaone")):
         what = f"rope.scaling.type {kind!r}" if kind != "none" else "rope_freqs.weight"
         raise ValueError(f"{path}: GGUF {what} in a {arch!r} file is not supported (llama's "
                          "rope_freqs.weight and linear scaling are); load a safetensors copy.")

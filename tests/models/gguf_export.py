@@ -73,7 +73,7 @@ def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (
     tensor names written Q8_0; ``extra``: GGUF name -> float32 array, written as well."""
     config = json.load(open(os.path.join(hf_dir, "config.json")))
     arch_id = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
-    layers = config["num_hidden_layers"]
+    layers = config.get("num_hidden_layers") or config["num_layers"]  # EXAONE's own field name
     names = gguf.get_tensor_name_map(arch_id, layers)
     heads = config["num_attention_heads"]
     writer = gguf.GGUFWriter(path, arch)
