@@ -377,3 +377,27 @@ def test_gguf_qwen3moe_q8_0_attention_kept_quantized(tmp_path, monkeypatch):
         for name in ("self_attn.qkv_proj", "self_attn.o_proj"):
             assert any(isinstance(s, Int8Weight) for s in layers[f"layers.1.{name}"].segments), name
     _assert_serves_like_dequantized(path)
+
+
+@pytest.mark.parametrize("case", ["gemma2", "olmo2", "command-r-plus", "exaone", "glm4"])
+def test_gguf_new_families_q8_0_kept_quantized(case, tmp_path, monkeypatch):
+    """``quantization="gguf"``: Q8_0 q, o, up (GLM-4's fused gate_up) and down projections
+    stay in their blocks and the engine serves what the dequantized file serves (float32)."""
+    from tessellm import LLM
+    from tessellm.quantization.loading import quantized_linears
+    from tessellm.quantization.packed import Int8Weight
+
+    monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "0")
+    make_config, metadata = CASES[case]
+    arch = "command-r" if case.startswith("command-r") else case
+    source = save_tiny(make_config(), str(tmp_path / "hf"))
+    quantized = tuple(f"blk.{i}.{part}.weight" for i in range(2)
+                      for part in ("attn_q", "attn_output", "ffn_up", "ffn_down"))
+    path = export_gguf(source, str(tmp_path / f"{arch}.gguf"), arch, metadata=metadata,
+                       quantize=quantized)
+    with LLM(path, dtype="float32", quantization="gguf") as llm:
+        layers = quantized_linears(llm.engine.core.runner.model)
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            assert all(isinstance(s, Int8Weight) for s in layers[f"layers.1.{name}"].segments), name
+        assert any(isinstance(s, Int8Weight) for s in layers["layers.1.self_attn.qkv_proj"].segments)
+    _assert_serves_like_dequantized(path)
