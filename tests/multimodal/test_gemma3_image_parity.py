@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tessellm import LLM, SamplingParams
+from tests.multimodal.image_requests import generate, image_request as _request
 from tests.multimodal.tiny_gemma3 import BOI, PROMPT, SOFT, TOKENS, hf_first_logprobs, image
 from tests.multimodal.tiny_llava import hf_greedy
 
@@ -25,13 +26,8 @@ TEXT = "<start_of_turn>user\nDescribe a cat.<end_of_turn>\n<start_of_turn>model\
 BS = 4
 
 
-def _request(prompt, images):
-    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
-
-
 def _generate(llm, prompts, images, params=GREEDY):
-    out = llm.generate([_request(p, im) for p, im in zip(prompts, images)], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in out], out
+    return generate(llm, prompts, images, params)
 
 
 def _llm(path, **kw):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tessellm import LLM, SamplingParams
+from tests.multimodal.image_requests import generate
 from tests.multimodal.tiny_mistral3 import (IMG, IMG_BREAK, IMG_END, PROMPT, TEXT, TWO, hf_greedy,
                                             hf_inputs, image)
 
@@ -15,13 +16,8 @@ MAX_NEW = 6
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, min_tokens=MAX_NEW, ignore_eos=True)
 
 
-def _request(prompt, images):
-    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
-
-
-def _generate(llm, prompts, images):
-    out = llm.generate([_request(p, im) for p, im in zip(prompts, images)], GREEDY, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in out], out
+def _generate(llm, prompts, images, params=GREEDY):
+    return generate(llm, prompts, images, params)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tessellm import LLM, SamplingParams
+from tests.multimodal.image_requests import generate
 from tests.multimodal.tiny_qwen2_vl import IMAGE, IMAGE_PAD, PROMPT, hf_greedy, image
 
 MAX_NEW = 6
@@ -18,13 +19,8 @@ TEXT = "<|im_start|>user\nDescribe a cat.<|im_end|>\n<|im_start|>assistant\n"
 KIND = "qwen3_vl"
 
 
-def _request(prompt, images):
-    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
-
-
-def _generate(llm, prompts, images):
-    out = llm.generate([_request(p, im) for p, im in zip(prompts, images)], GREEDY, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in out], out
+def _generate(llm, prompts, images, params=GREEDY):
+    return generate(llm, prompts, images, params)
 
 
 @pytest.fixture(scope="module")
