@@ -45,6 +45,10 @@ def span_length(rows: int, cols: int) -> int:
     return rows * (cols + 1)
 
 
+# text config model_type -> Mistral 3's language model (LLaVA's and Ministral 3's)
+LANGUAGE_MODELS = {**_LANGUAGE_MODELS, "ministral3": Ministral3ForCausalLM}
+
+
 class PatchMerger(nn.Module):
     """Each ``m x m`` block of an image's patch states, concatenated channel-major (as
     ``F.unfold`` lays them out: ``[c0 at (0,0), c0 at (0,1), ..., c1 at (0,0), ...]``) -> one
@@ -93,11 +97,10 @@ class Mistral3ForConditionalGeneration(ImageTextModel):
         if getattr(vision, "model_type", "pixtral") != "pixtral":
             raise ValueError(f"Mistral 3 with a {vision.model_type!r} vision tower is not "
                              "supported; tessellm runs its Pixtral tower.")
-        language_models = {**_LANGUAGE_MODELS, "ministral3": Ministral3ForCausalLM}
-        lm_class = language_models.get(getattr(text, "model_type", "mistral"))
+        lm_class = LANGUAGE_MODELS.get(getattr(text, "model_type", "mistral"))
         if lm_class is None:
             raise ValueError(f"Mistral 3 with a {text.model_type!r} language model is not "
-                             f"supported; supported: {', '.join(sorted(language_models))}.")
+                             f"supported; supported: {', '.join(sorted(LANGUAGE_MODELS))}.")
         if ctx.pp.num_stages > 1:
             raise ValueError("Mistral 3 does not run with pipeline_parallel_size > 1 yet; use "
                              "tensor parallelism.")

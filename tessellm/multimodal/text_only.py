@@ -83,12 +83,14 @@ def _text_family(arch: str, text) -> str:
         return _TEXT_FAMILIES[arch]
     if arch in _BY_TEXT_MODEL_TYPE:
         from tessellm.models.llava import _LANGUAGE_MODELS
+        from tessellm.models.mistral3 import LANGUAGE_MODELS
 
+        models = LANGUAGE_MODELS if arch == "Mistral3ForConditionalGeneration" else _LANGUAGE_MODELS
         model_type = getattr(text, "model_type", None)
-        if model_type in _LANGUAGE_MODELS:
-            return _LANGUAGE_MODELS[model_type].__name__
+        if model_type in models:
+            return models[model_type].__name__
         raise ValueError(f"{arch} with a {model_type!r} language model is not supported; "
-                         f"supported: {', '.join(sorted(_LANGUAGE_MODELS))}.")
+                         f"supported: {', '.join(sorted(models))}.")
     raise ValueError(f"{arch} has no text-only mode in tessellm; serve it with images "
                      "(limit_mm_per_prompt image >= 1).")
 
