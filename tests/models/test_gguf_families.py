@@ -192,11 +192,12 @@ def _checkpoint_names(config, tensors: dict) -> dict:
     return dict(model.checkpoint_names(SimpleNamespace(config=config), tensors.items()))
 
 
-def _export(case: str, tmp_path) -> tuple[str, str]:
+def _export(case: str, tmp_path, quantize=()) -> tuple[str, str]:
     make_config, metadata = CASES[case]
     source = save_tiny(make_config(), str(tmp_path / "hf"))
     arch = "command-r" if case.startswith("command-r") else case.split("-")[0]
-    return source, export_gguf(source, str(tmp_path / f"{arch}.gguf"), arch, metadata=metadata)
+    return source, export_gguf(source, str(tmp_path / f"{arch}.gguf"), arch, metadata=metadata,
+                               quantize=tuple(quantize))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -357,47 +358,31 @@ def _assert_serves_like_dequantized(path: str) -> None:
         torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
 
 
-def test_gguf_qwen3moe_q8_0_attention_kept_quantized(tmp_path, monkeypatch):
-    """``quantization="gguf"`` on a MoE file: the Q8_0 attention projections stay in their
-    blocks, the stacked Q8_0 experts (``ffn_gate_exps`` / ``ffn_up_exps``) are dequantized into
-    the fused experts, and the engine serves what the dequantized file serves (float32)."""
+_QODU = ("attn_q", "attn_output", "ffn_up", "ffn_down")
+# case: (GGUF tensors written Q8_0 in each layer, our linears wholly in blocks, partly in blocks)
+KEPT = {
+    # MoE: the attention keeps its blocks, the stacked Q8_0 experts are dequantized at load
+    "qwen3moe": (("attn_q", "attn_output", "ffn_gate_exps", "ffn_up_exps"),
+                 ("self_attn.o_proj",), ("self_attn.qkv_proj",)),
+    **{case: (_QODU, ("self_attn.o_proj", "mlp.down_proj"), ("self_attn.qkv_proj",))
+       for case in ("gemma2", "olmo2", "command-r-plus", "exaone", "glm4")},  # glm4: gate_up
+}
+
+
+@pytest.mark.parametrize("case", list(KEPT))
+def test_gguf_q8_0_kept_quantized(case, tmp_path, monkeypatch):
+    """``quantization="gguf"``: the Q8_0 projections stay in their blocks (q among q/k/v, so
+    ``qkv_proj`` partly) and the engine serves what the dequantized file serves (float32)."""
     from tessellm import LLM
     from tessellm.quantization.loading import quantized_linears
     from tessellm.quantization.packed import Int8Weight
 
     monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "0")
-    make_config, metadata = CASES["qwen3moe"]
-    source = save_tiny(make_config(), str(tmp_path / "hf"))
-    quantized = tuple(f"blk.{i}.{part}.weight" for i in range(2)
-                      for part in ("attn_q", "attn_output", "ffn_gate_exps", "ffn_up_exps"))
-    path = export_gguf(source, str(tmp_path / "qwen3moe.gguf"), "qwen3moe", metadata=metadata,
-                       quantize=quantized)
+    parts, whole, partly = KEPT[case]
+    _, path = _export(case, tmp_path, [f"blk.{i}.{p}.weight" for i in range(2) for p in parts])
     with LLM(path, dtype="float32", quantization="gguf") as llm:
         layers = quantized_linears(llm.engine.core.runner.model)
-        for name in ("self_attn.qkv_proj", "self_attn.o_proj"):
-            assert any(isinstance(s, Int8Weight) for s in layers[f"layers.1.{name}"].segments), name
-    _assert_serves_like_dequantized(path)
-
-
-@pytest.mark.parametrize("case", ["gemma2", "olmo2", "command-r-plus", "exaone", "glm4"])
-def test_gguf_new_families_q8_0_kept_quantized(case, tmp_path, monkeypatch):
-    """``quantization="gguf"``: Q8_0 q, o, up (GLM-4's fused gate_up) and down projections
-    stay in their blocks and the engine serves what the dequantized file serves (float32)."""
-    from tessellm import LLM
-    from tessellm.quantization.loading import quantized_linears
-    from tessellm.quantization.packed import Int8Weight
-
-    monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "0")
-    make_config, metadata = CASES[case]
-    arch = "command-r" if case.startswith("command-r") else case
-    source = save_tiny(make_config(), str(tmp_path / "hf"))
-    quantized = tuple(f"blk.{i}.{part}.weight" for i in range(2)
-                      for part in ("attn_q", "attn_output", "ffn_up", "ffn_down"))
-    path = export_gguf(source, str(tmp_path / f"{arch}.gguf"), arch, metadata=metadata,
-                       quantize=quantized)
-    with LLM(path, dtype="float32", quantization="gguf") as llm:
-        layers = quantized_linears(llm.engine.core.runner.model)
-        for name in ("self_attn.o_proj", "mlp.down_proj"):
-            assert all(isinstance(s, Int8Weight) for s in layers[f"layers.1.{name}"].segments), name
-        assert any(isinstance(s, Int8Weight) for s in layers["layers.1.self_attn.qkv_proj"].segments)
+        kept = {n: [isinstance(s, Int8Weight) for s in layers[f"layers.1.{n}"].segments]
+                for n in whole + partly}
+    assert all(all(kept[n]) for n in whole) and all(any(kept[n]) for n in partly), kept
     _assert_serves_like_dequantized(path)
