@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.lora.adapters import (adapter_models, assert_mixed_batch_matches_peft, base_shapes,
-                                 make_adapters)
+                                 make_adapters, mixed_batch, peft_greedy)
 from tests.models.variant_parity import prompts
 
 MAX_NEW = 6
@@ -106,6 +106,22 @@ def test_new_family_mixed_batch_matches_peft(new_family_setup, family):
     model, paths = new_family_setup(family)
     assert_mixed_batch_matches_peft(model, paths, prompts((5, 29)), [None, *SPECS[family]],
                                     MAX_NEW, family)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["apertus", "hunyuan-moe"])
+def test_tensor_parallel_new_family_lora_matches_peft(new_family_setup, family):
+    """TP=2 (gloo worker processes): Apertus's ungated MLP (fc_in B rows and fc_out A columns
+    of each rank), Hunyuan MoE's attention with q/k norms after rotary; the tokens equal TP=1's
+    and peft's."""
+    model, paths = new_family_setup(family)
+    names = [*SPECS[family], None]
+    tokens = {tp: mixed_batch(model, paths, prompts((5, 29)), names, MAX_NEW, device="cpu",
+                              num_kv_blocks=64, tensor_parallel_size=tp) for tp in (1, 2)}
+    assert tokens[2][1] == tokens[1][1]
+    jobs, got = tokens[2]
+    want = peft_greedy(model, paths[names[0]], prompts((5, 29)), MAX_NEW)
+    assert [t for t, (_, n) in zip(got, jobs) if n == names[0]] == want
 
 
 def test_glm4_moe_mlp_adapter_is_refused(new_family_setup, tmp_path):
