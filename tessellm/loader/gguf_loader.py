@@ -209,6 +209,13 @@ def _common_fields(hp, token_id: dict, embed_rows, tensor_names,
     )
 
 
+def _stop_ids(metadata: dict, eos):
+    """eos, or [eos, eot] when the file names an end-of-turn token apart from it (Gemma's
+    ``<end_of_turn>``, Llama 3's ``<|eot_id|>``): llama.cpp ends generation at either."""
+    eot = metadata.get("tokenizer.ggml.eot_token_id")
+    return [eos, eot] if eos is not None and eot is not None and eot != eos else eos
+
+
 def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     """HF config (LlamaConfig / Qwen2Config / Gemma3TextConfig / ...: ``_ARCHITECTURES``) built
     from a GGUF file's metadata."""
@@ -244,7 +251,7 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
         **common,
         head_dim=head_dim,
         rope_theta=theta,
-        eos_token_id=token_id["eos"],
+        eos_token_id=_stop_ids(header.metadata, token_id["eos"]),
         **extra,
     )
 

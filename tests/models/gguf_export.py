@@ -88,8 +88,8 @@ def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     writer.add_key_length(head_dim), writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
-    for key, (value, method) in (metadata or {}).items():
-        getattr(writer, method)(f"{arch}.{key}", value)
+    for key, (value, method) in (metadata or {}).items():  # tokenizer.* keys as they are
+        getattr(writer, method)(key if key.startswith("tokenizer.") else f"{arch}.{key}", value)
     _tokenizer(writer, config["vocab_size"])
     for name, tensor in _stack_experts(load_file(os.path.join(hf_dir, "model.safetensors"))).items():
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))

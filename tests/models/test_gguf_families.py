@@ -386,3 +386,22 @@ def test_gguf_q8_0_kept_quantized(case, tmp_path, monkeypatch):
                 for n in whole + partly}
     assert all(all(kept[n]) for n in whole) and all(any(kept[n]) for n in partly), kept
     _assert_serves_like_dequantized(path)
+
+
+@pytest.mark.parametrize("case", ["gemma2", "exaone"])
+def test_gguf_end_of_turn_token_is_a_stop_id(case, tmp_path):
+    """A file naming an end-of-turn token apart from eos (``tokenizer.ggml.eot_token_id``:
+    Gemma's ``<end_of_turn>``, Llama 3's ``<|eot_id|>``) stops at either, as llama.cpp does
+    (the engine's stop ids, ``generation_eos_ids``)."""
+    from tessellm.config import generation_eos_ids, resolve_model
+    from tessellm.loader.gguf_loader import load_gguf_config
+
+    make_config, metadata = CASES[case]
+    arch = case.split("-")[0]
+    source = save_tiny(make_config(), str(tmp_path / "hf"))
+    meta = {**metadata, "tokenizer.ggml.eot_token_id": (7, "add_uint32")}
+    path = export_gguf(source, str(tmp_path / f"{arch}.gguf"), arch, metadata=meta)
+    assert load_gguf_config(path).eos_token_id == [2, 7]
+    assert generation_eos_ids(resolve_model(path)) == [2, 7]
+    _, plain = _export(case, tmp_path / "plain")
+    assert load_gguf_config(plain).eos_token_id == 2
