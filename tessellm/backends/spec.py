@@ -359,7 +359,9 @@ class MambaBatch:
     state_indices: torch.Tensor
     # The first num_decodes sequences have exactly one token (and their rows come first).
     num_decodes: int
-    # Host copies (lists of ints) of the two tensors above.
+    # Host copies (lists of ints) of the two tensors above. In a captured decode step
+    # (``MambaStateCache.decode_batch``) the slots are not on the host: state_indices_host is
+    # empty there, and an op's decode path (one token per sequence) must use state_indices.
     query_start_loc_host: list[int]
     state_indices_host: list[int]
     # The prefill sequences alone (query_start_loc from their first row, 0-based), or None

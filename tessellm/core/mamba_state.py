@@ -8,8 +8,12 @@ holds both for every slot::
     layer.conv_state  [num_slots, conv_dim, d_conv - 1]
     layer.ssm_state   [num_slots, heads, head_dim, d_state]
 
-    slots:   0      1      2      3   ...  num_slots - 1     (num_slots = max_num_seqs)
-    owner:   req7   -      req2   req9                       free slots: a list, reused
+    slots:   0      1      2      3   ...  num_slots - 1  num_slots   (num_slots = max_num_seqs)
+    owner:   req7   -      req2   req9                       scratch     free slots: a list, reused
+
+The last state (``scratch``) belongs to no request: the padded rows of a captured decode graph
+(``core/runner_graphs.py``) read and write it, so replaying a graph larger than the step
+touches no request's state.
 
 Invariants:
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from tessellm.backends.spec import MambaBatch
@@ -55,10 +60,11 @@ class MambaStateCache:
         self.step = MambaStep()
         self.slot_of: dict[str, int] = {}
         self.free = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest first
+        self.scratch = num_slots  # padded graph rows' slot: never handed out, never read back
         for layer in layers:
             conv_shape, ssm_shape = layer.state_shapes()
-            layer.bind(torch.zeros((num_slots, *conv_shape), dtype=dtype, device=device),
-                       torch.zeros((num_slots, *ssm_shape), dtype=dtype, device=device), self.step)
+            layer.bind(torch.zeros((num_slots + 1, *conv_shape), dtype=dtype, device=device),
+                       torch.zeros((num_slots + 1, *ssm_shape), dtype=dtype, device=device), self.step)
 
     @staticmethod
     def bytes_per_slot(layers: list, dtype: torch.dtype) -> int:
@@ -114,6 +120,22 @@ class MambaStateCache:
                 layer.conv_state.index_fill_(0, idx, 0)
                 layer.ssm_state.index_fill_(0, idx, 0)
         self.step.batch = make_batch(counts, slots, self.device)
+        return self.step.batch
+
+    def graph_slots(self, size: int) -> np.ndarray:
+        """The slots of the current (all-decode) step's rows, padded to ``size`` rows with the
+        scratch slot: a captured decode graph's state-slot input."""
+        slots = np.full(size, self.scratch, dtype=np.int32)
+        host = self.step.batch.state_indices_host
+        slots[:len(host)] = host
+        return slots
+
+    def decode_batch(self, slots: torch.Tensor, query_start_loc: torch.Tensor) -> MambaBatch:
+        """Set the step's batch inside a captured decode step: one token per row, the rows'
+        slots a device tensor (``graph_slots``). The host slot list is empty: nothing in a
+        captured step may read slots on the host (the ops' decode paths use the device ones)."""
+        n = slots.shape[0]
+        self.step.batch = MambaBatch(query_start_loc, slots, n, list(range(n + 1)), [])
         return self.step.batch
 
 

@@ -295,6 +295,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
                 if self._lora_slots is not None:
                     slots[:host.num_tokens] = self._lora_slots
                 inputs.insert(4, self.staging.to_device(10, slots))  # the table stays last
+            if self.mamba is not None:  # each row's state slot; padded rows the scratch slot
+                inputs.insert(-1, self.staging.to_device(11, self.mamba.graph_slots(padded)))
             inputs[0] = self.steps.apply_feed(inputs[0], host.feed, self.staging)
             rows = None if num_rows == host.num_tokens else self.staging.to_device(8, host.logits_indices)
             self.staging.inputs_queued()

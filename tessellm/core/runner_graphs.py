@@ -2,7 +2,7 @@
 
 A mixin of ``ModelRunner`` (tessellm/core/model_runner.py), which owns the state used here:
 ``graph_runner`` (the backend's, None: eager), ``buckets`` (a compiling device's shapes),
-``kernel``, ``model``, ``lora``, ``spec``, ``overlap`` (the decode micro-batch split, or
+``kernel``, ``model``, ``lora``, ``mamba`` (recurrent-state slots), ``spec``, ``overlap`` (the decode micro-batch split, or
 None), ``verify_graph_factory`` / ``verify_graphs``, and the flags ``_graphs_ready`` /
 ``_lora_graphs``. Captured steps are pure decode: one query token per row, padded to the graph
 runner's capture sizes.
@@ -48,11 +48,14 @@ class RunnerGraphs:
 
         def make_inputs(n: int):
             lora = (torch.full((n,), -1, dtype=torch.int32, device=self.device),) if self._lora_graphs else ()
+            states = () if self.mamba is None else (  # recurrent-state slot per row
+                torch.full((n,), self.mamba.scratch, dtype=torch.int32, device=self.device),)
             return (torch.zeros(n, dtype=torch.int64, device=self.device),  # input ids
                     torch.zeros(n, dtype=torch.int64, device=self.device),  # positions
                     torch.full((n,), -1, dtype=torch.int64, device=self.device),  # slots
                     torch.ones(n, dtype=torch.int32, device=self.device),  # seq lens
                     *lora,  # LoRA slot per row (-1: none)
+                    *states,  # Mamba / DeltaNet state slot per row (padded rows: scratch)
                     torch.zeros((n, width), dtype=torch.int32, device=self.device))  # tables (last)
 
         with torch.inference_mode():
@@ -91,11 +94,15 @@ class RunnerGraphs:
     def _decode_step(self, input_ids, positions, slot_mapping, seq_lens, *rest):
         """The captured step: the graph's static buffers are its AttentionBatch (one query
         token per row; padded rows have slot -1 and length 0), the block table last, and
-        before it, with LoRA graphs, each row's adapter slot (prepared inside the graph)."""
+        before it, with LoRA graphs, each row's adapter slot (prepared inside the graph), then,
+        for a model with recurrent states, each row's state slot (padded rows: the cache's
+        scratch slot), from which the step's ``MambaBatch`` is set inside the graph."""
         n = input_ids.shape[0]
         block_tables = rest[-1]
         if self.lora is not None:
-            self.lora.batch.set(rest[0] if len(rest) == 2 else None)
+            self.lora.batch.set(rest[0] if self._lora_graphs else None)
+        if self.mamba is not None:
+            self.mamba.decode_batch(rest[-2], self._arange[:n + 1])
         batch = AttentionBatch(num_tokens=n, num_seqs=n, num_decodes=n,
                                query_start_loc=self._arange[:n + 1], seq_lens=seq_lens,
                                block_tables=block_tables, slot_mapping=slot_mapping,

@@ -92,7 +92,6 @@ class Worker:
         if self.pp.num_stages == 1 and pooling is None:  # stages exchange tensors: eager only;
             # pooling steps are prefills (eager) only
             eager = args.enforce_eager or self.backend.emulated  # no device graphs on the host
-            eager = eager or hasattr(model, "mamba_layers")  # state slots: eager steps (state_space.py)
             graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, eager,
                                                                    dtype=self.dtype))
         from tessellm.spec_decode.runner_part import build_spec_decode

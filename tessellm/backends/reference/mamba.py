@@ -39,16 +39,34 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     ``x [T, C]``, ``weight [C, K]``, ``bias [C]`` or None, ``conv_state [slots, C, K - 1]``:
     the K - 1 inputs before each sequence's first token (zeros for a fresh one). Returns
     ``[T, C]`` in x's dtype (``silu`` applied when ``activation`` is "silu"); each sequence's
-    last K - 1 inputs (older state first when it is shorter) are written back to its slot."""
+    last K - 1 inputs (older state first when it is shorter) are written back to its slot.
+    The decodes (one token each) are gathered and scattered by the device ``state_indices``,
+    as a captured decode step needs (its host slot list is empty); prefills loop on the host."""
     out = torch.empty_like(x)
+    nd = batch.num_decodes
+    if nd:
+        out[:nd] = _conv1d_decodes(x[:nd], weight, bias, conv_state, batch.state_indices[:nd], activation)
     qsl, slots = batch.query_start_loc_host, batch.state_indices_host
-    for i, slot in enumerate(slots):
+    for i in range(nd, len(slots)):
+        slot = slots[i]
         lo, hi = qsl[i], qsl[i + 1]
         full = torch.cat([conv_state[slot].to(x.dtype), x[lo:hi].t()], dim=1)  # [C, K-1+L]
         y = F.conv1d(full[None], weight[:, None, :], bias, groups=x.shape[1])[0]  # [C, L]
         conv_state[slot] = full[:, full.shape[1] - conv_state.shape[2]:]
         out[lo:hi] = (F.silu(y) if activation == "silu" else y).t()
     return out
+
+
+def _conv1d_decodes(x, weight, bias, conv_state, state_indices, activation) -> torch.Tensor:
+    """One token per sequence: ``x [S, C]``, the window of each its slot's K - 1 inputs and
+    its token; the window's last K - 1 inputs go back to the slot."""
+    idx = state_indices.long()
+    window = torch.cat([conv_state[idx].to(x.dtype), x[:, :, None]], dim=2)  # [S, C, K]
+    y = (window * weight[None].to(x.dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias
+    conv_state[idx] = window[:, :, 1:].to(conv_state.dtype)
+    return F.silu(y) if activation == "silu" else y
 
 
 def _discretized_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit) -> torch.Tensor:

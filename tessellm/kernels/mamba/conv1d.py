@@ -81,7 +81,7 @@ def mamba_conv1d(x, weight, bias, conv_state, batch, activation="silu") -> torch
     T, C = x.shape
     K = weight.shape[1]
     out = torch.empty_like(x)
-    seqs = len(batch.state_indices_host)
+    seqs = batch.state_indices.shape[0]  # a shape: a captured decode step has no host slots
     if T == 0 or seqs == 0:
         return out
     if x.stride(1) != 1:
