@@ -58,7 +58,8 @@ def test_padded_decode_graphs_match_hf(model_dir, bucketed_compile):
 def test_decode_graphs_after_preemption(model_dir, bucketed_compile):
     """Preempted requests are recomputed eagerly, then decode in the graphs again."""
     stateful = 2 if "mamba2" in model_dir else 3
-    assert_preemption_rebuilds_states(model_dir, stateful_layers=stateful, **ENGINE)
+    assert_preemption_rebuilds_states(model_dir, stateful_layers=stateful, max_num_seqs=4,
+                                      max_model_len=128)
 
 
 def test_reference_conv1d_decodes_by_device_slots():
