@@ -14,6 +14,7 @@ from tessellm import LLM, SamplingParams
 from tests.models.recurrent_state import assert_preemption_rebuilds_states
 from tests.models.test_granite_moe_hybrid import granite_hybrid_config
 from tests.models.test_mamba2 import mamba2_config
+from tests.models.test_qwen3_next import qwen3_next_config
 from tests.models.variant_parity import hf_reference, prompts, save_tiny
 
 ENGINE = dict(max_num_seqs=4, max_model_len=128, block_size=16)
@@ -28,13 +29,19 @@ def bucketed_compile(monkeypatch):
     monkeypatch.setattr(CompiledDecodeRunner, "_reuses_graph", staticmethod(lambda *a: False))
 
 
-@pytest.fixture(scope="module", params=["mamba2", "granite4h"])
-def model_dir(request, tmp_path_factory):
-    config = mamba2_config() if request.param == "mamba2" else granite_hybrid_config()
-    return save_tiny(config, str(tmp_path_factory.mktemp(request.param)))
+CONFIGS = {"mamba2": mamba2_config, "granite4h": granite_hybrid_config,
+           "qwen3next": qwen3_next_config}  # Mamba2 mixers; gated DeltaNet (gated_delta_step)
+STATEFUL_LAYERS = {"mamba2": 2, "granite4h": 3, "qwen3next": 3}
 
 
-def test_padded_decode_graphs_match_hf(model_dir, bucketed_compile):
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def model(request, tmp_path_factory):
+    name = request.param
+    return name, save_tiny(CONFIGS[name](), str(tmp_path_factory.mktemp(name)))
+
+
+def test_padded_decode_graphs_match_hf(model, bucketed_compile):
+    _, model_dir = model
     prompt_list = prompts((5, 13, 22), seed=11)  # 3 running requests: the graph of 4
     want, _ = hf_reference(model_dir, prompt_list, 10)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -55,10 +62,10 @@ def test_padded_decode_graphs_match_hf(model_dir, bucketed_compile):
         assert cache.scratch not in cache.free and cache.scratch not in cache.slot_of.values()
 
 
-def test_decode_graphs_after_preemption(model_dir, bucketed_compile):
+def test_decode_graphs_after_preemption(model, bucketed_compile):
     """Preempted requests are recomputed eagerly, then decode in the graphs again."""
-    stateful = 2 if "mamba2" in model_dir else 3
-    assert_preemption_rebuilds_states(model_dir, stateful_layers=stateful, max_num_seqs=4,
+    name, model_dir = model
+    assert_preemption_rebuilds_states(model_dir, STATEFUL_LAYERS[name], max_num_seqs=4,
                                       max_model_len=128)
 
 
