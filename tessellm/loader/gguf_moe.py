@@ -6,8 +6,8 @@ llama.cpp's converter stacks each layer's experts into one tensor per projection
 ``ffn_down_exps`` ([experts, hidden, expert size]); the loader cuts them back into HF's
 ``mlp.experts.<e>.gate_proj|up_proj|down_proj`` (always dequantized: the fused experts keep no
 GGUF blocks). ``ffn_gate_inp`` is the router (``mlp.gate``); qwen2moe adds the shared expert
-(``ffn_*_shexp``) and its sigmoid gate ``ffn_gate_inp_shexp``, which llama.cpp may store as a
-vector of ``hidden`` (HF's is [1, hidden]).
+(``ffn_*_shexp``) and its sigmoid gate ``ffn_gate_inp_shexp``, which the files hold as a vector
+of ``hidden`` (HF's is [1, hidden]; a [1, hidden] one loads as well).
 
 Config: ``expert_count``, ``expert_used_count``, ``expert_feed_forward_length`` (HF's
 ``moe_intermediate_size``), ``expert_shared_feed_forward_length``; llama.cpp renormalizes the

@@ -100,6 +100,8 @@ def export_gguf(hf_dir: str, path: str, arch: str, quantize: tuple[str, ...] = (
             tensor = _qkv_rows(tensor, heads)
         if arch == "falcon" and ".query_key_value." in name:
             tensor = _falcon_qkv_rows(tensor, heads, kv)
+        if name.endswith(".shared_expert_gate.weight"):
+            tensor = tensor.reshape(-1)  # qwen2moe files hold a [hidden] vector (HF: [1, hidden])
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             tensor = tensor + 1  # the converter stores Gemma's norms as 1 + w
         if gguf_name in quantize:
