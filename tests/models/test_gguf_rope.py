@@ -61,10 +61,11 @@ def write_gguf(path, arch: str, rope_freqs=None, metadata=None) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("factor", [8.0, 32.0])  # Llama 3.1, Llama 3.2
-def test_llama3_rope_freqs_become_llama3_scaling(tmp_path, factor):
+@pytest.mark.parametrize("arch, factor", [("llama", 8.0), ("llama", 32.0),  # Llama 3.1, 3.2
+                                          ("exaone", 8.0)])  # EXAONE 3.5: its converter's too
+def test_llama3_rope_freqs_become_llama3_scaling(tmp_path, arch, factor):
     divisors = converter_factors(factor)
-    path = write_gguf(tmp_path / "llama3.gguf", "llama", rope_freqs=divisors)
+    path = write_gguf(tmp_path / "llama3.gguf", arch, rope_freqs=divisors)
     config = load_gguf_config(path)
     params = config.rope_parameters
     assert (params["rope_type"], params["factor"], params["original_max_position_embeddings"]) == (
