@@ -2,7 +2,8 @@
 ``mamba_state_update``; declared by ``supports_mamba2``) against the token-by-token recurrence:
 a mixed step of decodes and prefill chunks of uneven lengths (shorter than the conv kernel,
 longer than a scan chunk) in non-consecutive state slots, continued over a second step so the
-states written by the first are read back; slots the step does not name stay untouched."""
+states written by the first are read back; slots the step does not name stay untouched. And the
+conv1d of a captured decode step, whose slots are on the device only."""
 
 from __future__ import annotations
 
@@ -108,3 +109,26 @@ def test_mamba_scan_and_state_update_match_the_recurrence(target, dt_limit):
             row += n
             start[i] = end
     torch.testing.assert_close(state.cpu()[[1, 3, 5, 7]], untouched)
+
+
+def test_mamba_conv1d_decodes_without_host_slots(target):
+    """A captured decode step's batch (``MambaStateCache.decode_batch``): one token per row,
+    the slots on the device only (``state_indices_host`` empty), padded rows sharing a scratch
+    slot. The conv1d reads and writes the device slots: the same outputs and states as the
+    batch with host slots, and the slots the step does not name stay untouched."""
+    ops = _mamba_ops(target, torch.float32)
+    g = torch.Generator().manual_seed(2)
+    c, slots = 24, [5, 0, 3, 6, 6]  # rows 3 and 4: padded rows in scratch slot 6
+    weight, bias = torch.randn(c, K, generator=g), torch.randn(c, generator=g)
+    x = torch.randn(len(slots), c, generator=g).to(target.device)
+    init = torch.randn(7, c, K - 1, generator=g).to(target.device)
+    full = make_batch([1] * len(slots), slots, target.device)
+    captured = MambaBatch(full.query_start_loc, full.state_indices, len(slots),
+                          list(range(len(slots) + 1)), [])
+    args = weight.to(target.device), bias.to(target.device)
+    got_state, want_state = init.clone(), init.clone()
+    got = ops.mamba_conv1d(x, *args, got_state, captured, "silu").cpu()
+    want = ops.mamba_conv1d(x, *args, want_state, full, "silu").cpu()
+    torch.testing.assert_close(got[:3], want[:3])
+    torch.testing.assert_close(got_state[:6].cpu(), want_state[:6].cpu())
+    torch.testing.assert_close(got_state[[1, 2, 4]].cpu(), init[[1, 2, 4]].cpu())
