@@ -177,7 +177,9 @@ def _architecture(header: _Header) -> str:
             f"of architecture {', '.join(map(repr, _ARCHITECTURES))} (use a safetensors checkpoint otherwise)."
         )
     if header.metadata.get(f"{arch}.expert_count", 0) and arch not in MOE_ARCHS:
-        raise ValueError(f"{header.path} is a mixture-of-experts GGUF, unsupported yet; load a safetensors copy.")
+        raise ValueError(f"{header.path} is a mixture-of-experts {arch!r} GGUF (e.g. Mixtral); "
+                         f"tessellm loads MoE GGUF files of architecture "
+                         f"{', '.join(map(repr, MOE_ARCHS))} only; load a safetensors copy.")
     return arch
 
 

@@ -189,3 +189,18 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     for load in (load_gguf_config, lambda p: iter_gguf_weights(p, torch.float32)):
         with pytest.raises(ValueError, match=r"architecture 'mamba'.*not supported.*'llama'"):
             load(path)
+
+
+def test_moe_gguf_of_other_architectures_is_a_clear_error(tmp_path):
+    """A llama-architecture file with experts (Mixtral's GGUF) is refused naming the MoE
+    architectures tessellm loads (qwen2moe / qwen3moe), not misread as a dense llama."""
+    path = tmp_path / "mixtral.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1), writer.add_expert_count(8)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    for load in (load_gguf_config, lambda p: iter_gguf_weights(p, torch.float32)):
+        with pytest.raises(ValueError, match=r"mixture-of-experts 'llama' GGUF.*'qwen2moe', "
+                                             r"'qwen3moe' only"):
+            load(path)

@@ -1,5 +1,5 @@
-"""GGUF files of the qwen3, starcoder2, phi2, phi3, gptneox, falcon, qwen2moe and qwen3moe
-architectures, written from tiny random HF models the
+"""GGUF files of the qwen3, qwen2moe, qwen3moe, gemma, gemma2, olmo2, command-r, exaone, glm4,
+starcoder2, phi2, phi3, gptneox and falcon architectures, written from tiny random HF models the
 way llama.cpp's converter lays them out (``gguf_export.py``: the ``gguf`` package's own HF ->
 GGUF tensor names): the config read from the file and every tensor equal the source model's,
 and the engine serving the file gives HF transformers' greedy tokens and per-token
