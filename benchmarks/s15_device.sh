@@ -2,7 +2,8 @@
 # Session 15's device call: session 14's kernel tests with their inputs on the GPU, the Mamba
 # families against HF on the device's transformers (gpufix), the op-by-op Mamba check, this
 # session's new families on cuda (FAM_S), and the conformance cases of the new ops (gated delta
-# rule, relu2 experts, whole-sequence key limits, Mamba: CONF_S).
+# rule, relu2 experts, whole-sequence key limits, Mamba: CONF_S), the recurrent-state models'
+# captured decode graphs against HF and eager (GR_S) and their decode-step timing (GRB_S).
 #   bash benchmarks/s15_device.sh   (repo root; carry .whl and tessellm.egg-info)
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -20,5 +21,8 @@ source benchmarks/device_env.sh
     -k "${CONF_K:-gated_delta or mamba or relu2 or key_limits or whole}"
   t families ${FAM_S:-200} python3 -m pytest -v -p no:cacheprovider -rs tests/models/test_cuda_families.py \
     -k "${FAM_K:-gpt-oss or granite or mamba2 or glm4-moe or cohere2 or ernie or seed-oss or hunyuan or dots1 or apertus}"
+  t graphs ${GR_S:-120} python3 -m pytest -v -p no:cacheprovider -rs tests/models/test_cuda_recurrent_state_graphs.py
+  t graphs_bench ${GRB_S:-90} python3 benchmarks/recurrent_state_graphs.py --models ${GRB_MODELS:-granite4h mamba2} --batches 1 16 --steps 48
+  grep "^{" "$OUT/graphs_bench.txt"
   ${EXTRA_CMD:-true}
 } 2>&1 | tee "$OUT/log.txt"
