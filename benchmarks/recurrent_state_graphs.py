@@ -27,6 +27,8 @@ import os
 import tempfile
 import time
 
+os.environ.setdefault("TESSELLM_RECURRENT_STATE_GRAPHS", "1")  # the graphs are off by default on a GPU
+
 
 def write_config(name: str, layers: int, root: str) -> str:
     from transformers import GraniteMoeHybridConfig, Mamba2Config

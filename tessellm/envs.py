@@ -115,6 +115,15 @@ def fp8_act_fold() -> bool:
     return _switch("TESSELLM_FP8_ACT_FOLD") is not False
 
 
+def recurrent_state_device_graphs() -> bool:
+    """TESSELLM_RECURRENT_STATE_GRAPHS: "1" lets the recurrent-state models (Mamba2, Bamba,
+    Granite 4.0-H, Nemotron-H, Falcon-H1, Qwen3-Next) replay captured decode graphs on a GPU
+    (state slots a graph input, padded rows in a scratch slot: docs/state_space.md). Default
+    off there until the GPU test (tests/models/test_cuda_recurrent_state_graphs.py) has run: the
+    path is checked only through the cpu backend's compiled graphs, which always use it."""
+    return _switch("TESSELLM_RECURRENT_STATE_GRAPHS") is True
+
+
 def decode_overlap_min_rows() -> Optional[int]:
     """TESSELLM_DECODE_OVERLAP: "1" splits large pure-decode steps into two micro-batches whose
     attention (on a second stream) overlaps the other's GEMMs (``core/decode_overlap.py``).

@@ -23,7 +23,7 @@ from tessellm.core.model_runner import ModelRunner, StepHandle
 from tessellm.core.step import SchedulerOutput
 from tessellm.distributed.parallel_state import ParallelConfig, PipelineStage, TensorParallel, init_distributed
 from tessellm import envs
-from tessellm.envs import cpu_kv_cache_bytes
+from tessellm.envs import cpu_kv_cache_bytes, recurrent_state_device_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,9 @@ class Worker:
         if self.pp.num_stages == 1 and pooling is None:  # stages exchange tensors: eager only;
             # pooling steps are prefills (eager) only
             eager = args.enforce_eager or self.backend.emulated  # no device graphs on the host
+            if (hasattr(model, "mamba_layers") and self.backend.device_type != "cpu"
+                    and not recurrent_state_device_graphs()):
+                eager = True  # captured state-slot graphs not yet run on a GPU (envs.py)
             graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, eager,
                                                                    dtype=self.dtype))
         from tessellm.spec_decode.runner_part import build_spec_decode

@@ -15,11 +15,24 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from spawn_targets import report
 
 from tessellm.distributed.spawn import spawn_process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _forkserver_fits_this_process(monkeypatch):
+    """The forkserver forks only for the environment, sys.path and cwd it started with; earlier
+    tests in the same session may have changed them (the full suite did), which makes every
+    later child a plain spawn. These tests are about the forked path, so they take the
+    process as it is now as the forkserver's start state, as a fresh process would have it."""
+    from tessellm.distributed import spawn
+
+    monkeypatch.setattr(spawn, "_forkserver_key", spawn._key(dict(os.environ)))
 
 
 def _run(target, *args):

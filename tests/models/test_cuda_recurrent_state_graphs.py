@@ -27,6 +27,11 @@ def model(request, tmp_path_factory):
     return request.param, save_tiny(config, str(tmp_path_factory.mktemp(request.param)))
 
 
+@pytest.fixture(autouse=True)
+def _device_graphs_on(monkeypatch):
+    monkeypatch.setenv("TESSELLM_RECURRENT_STATE_GRAPHS", "1")  # off by default on a GPU (envs.py)
+
+
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])
 def test_fp32_greedy_matches_hf(model, enforce_eager):
     _, path = model
