@@ -27,6 +27,10 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: Optional[int] = None
     enable_prefix_caching: bool = True
+    # The host tier of the prefix cache (docs/kv_offload.md): GiB of host memory, over all
+    # ranks, that keeps KV blocks evicted from the device for later prefix hits; None: off.
+    kv_offloading_size: Optional[float] = None
+    kv_offloading_backend: Optional[str] = None  # "native" (the only one); None: native
     enable_chunked_prefill: bool = True
     seed: int = 0
     load_format: str = "auto"  # auto, safetensors, gguf, dummy
@@ -115,6 +119,13 @@ class EngineArgs:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         self._validate_speculative()
+        from tessellm.core.kv_offload import check_kv_offloading_args
+
+        check_kv_offloading_args(self.kv_offloading_size, self.kv_offloading_backend)
+        if self.kv_offloading_size is not None and not self.enable_prefix_caching:
+            raise ValueError("kv_offloading_size keeps evicted prefix-cache blocks in host memory, "
+                             "but enable_prefix_caching is off; turn prefix caching on or drop "
+                             "kv_offloading_size.")
         from tessellm.reasoning.parsers import check_reasoning_parser
 
         check_reasoning_parser(self.reasoning_parser)

@@ -14,6 +14,9 @@ Invariants
   a cache salt, a LoRA adapter id, the images whose placeholders the block covers:
   ``Request.block_key``): ``h_i = hash((h_{i-1}, tokens_i, extra))``. Equal prefixes share blocks.
 * A prefix hit never covers a request's last prompt token: that token's logits are needed.
+* With a host tier (``host``, ``core/kv_offload.py``), a cached block evicted here is stored
+  there first, and a prefix that misses here but hits there is loaded into fresh blocks, which
+  take the hash here at once (so a later request of the same step shares them).
 
 Picture of one request (block_size 4, 10 tokens, 9 computed)::
 
@@ -28,6 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
+from tessellm.core.kv_offload import HostKVTier
 from tessellm.core.request import Request
 
 
@@ -71,6 +75,7 @@ class BlockManager:
         self.cached: dict[int, Block] = {}  # block hash -> block holding that prefix
         self.req_blocks: dict[str, list[Block]] = {}
         self.stats = PrefixCacheStats()
+        self.host: Optional[HostKVTier] = None  # the host tier (--kv-offloading-size), or None
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -123,6 +128,14 @@ class BlockManager:
             self.stats.record(request.num_tokens, len(hit) * self.block_size)
         return hit
 
+    def find_offloaded(self, request: Request, num_hit_blocks: int) -> list[int]:
+        """The hashes that continue a device hit of ``num_hit_blocks`` blocks from the host
+        tier (same limit: the last prompt token is never a hit). Empty without a host tier."""
+        if self.host is None or not self.enable_prefix_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        return self.host.match(request.block_hashes[num_hit_blocks:max_blocks])
+
     def publish_full_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Register the request's blocks that are full and computed in the prefix cache.
 
@@ -149,23 +162,27 @@ class BlockManager:
 
     # -- allocation ------------------------------------------------------------------------
 
-    def can_allocate(self, request: Request, num_new_tokens: int, prefix: list[Block]) -> bool:
+    def can_allocate(self, request: Request, num_new_tokens: int, prefix: list[Block],
+                     offloaded: list[int] = ()) -> bool:
         held = len(self.req_blocks.get(request.request_id, ())) + len(prefix)
-        needed = self.blocks_needed(request.num_computed_tokens + len(prefix) * self.block_size
-                                    + num_new_tokens) - held
+        cached = (len(prefix) + len(offloaded)) * self.block_size
+        needed = self.blocks_needed(request.num_computed_tokens + cached + num_new_tokens) - held
         revived = sum(1 for b in prefix if b.ref_cnt == 0)  # leave the free queue when taken
         return needed + revived <= self.num_free_blocks
 
     def allocate(self, request: Request, num_new_tokens: int,
-                 prefix: Optional[list[Block]] = None) -> Optional[list[int]]:
+                 prefix: Optional[list[Block]] = None,
+                 offloaded: Optional[list[int]] = None) -> Optional[list[int]]:
         """Give ``request`` blocks for ``num_new_tokens`` more tokens after its computed ones.
 
-        ``prefix``: cached blocks from ``find_cached_prefix`` to take first (new requests only).
+        ``prefix``: cached blocks from ``find_cached_prefix`` to take first (new requests only);
+        ``offloaded``: the hashes after them that ``find_offloaded`` found in the host tier,
+        loaded into fresh blocks that come next. The tokens of both count as computed.
         Returns the ids of the blocks added (prefix included), or None when there are not enough
         free blocks (nothing is changed then).
         """
-        prefix = prefix or []
-        if not self.can_allocate(request, num_new_tokens, prefix):
+        prefix, offloaded = prefix or [], offloaded or []
+        if not self.can_allocate(request, num_new_tokens, prefix, offloaded):
             return None
         held = self.req_blocks.setdefault(request.request_id, [])
         for block in prefix:
@@ -173,16 +190,35 @@ class BlockManager:
                 del self.free_queue[block.block_id]
             block.ref_cnt += 1
             held.append(block)
-        total = request.num_computed_tokens + len(prefix) * self.block_size + num_new_tokens
+        loaded = self._load_offloaded(offloaded) if offloaded else []
+        held.extend(loaded)
+        total = (request.num_computed_tokens + (len(prefix) + len(loaded)) * self.block_size
+                 + num_new_tokens)
         new = [self._take_free_block() for _ in range(self.blocks_needed(total) - len(held))]
         held.extend(new)
-        return [b.block_id for b in prefix] + [b.block_id for b in new]
+        return [b.block_id for b in prefix] + [b.block_id for b in loaded] + [b.block_id for b in new]
+
+    def _load_offloaded(self, hashes: list[int]) -> list[Block]:
+        """Fresh blocks for ``hashes`` with their contents loaded from the host tier; each
+        takes its hash in the device cache now (its tokens count as computed)."""
+        self.host.hold(hashes)  # evictions below store into the tier: never over these
+        blocks = []
+        for block_hash in hashes:
+            block = self._take_free_block()
+            self.host.load(block_hash, block.block_id)
+            block.block_hash = block_hash
+            self.cached[block_hash] = block
+            blocks.append(block)
+        self.host.release()
+        return blocks
 
     def _take_free_block(self) -> Block:
         _, block = self.free_queue.popitem(last=False)
-        if block.block_hash is not None:  # evict its cached prefix
+        if block.block_hash is not None:  # evict its cached prefix (to the host tier, if any)
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
+                if self.host is not None:
+                    self.host.store(block.block_hash, block.block_id)
             block.block_hash = None
         block.ref_cnt = 1
         return block

@@ -19,6 +19,7 @@ from tessellm.backends.registry import get_registry
 from tessellm.config import (EngineArgs, generation_eos_ids, resolve_async_scheduling, resolve_dtype,
                              resolve_max_model_len, text_config)
 from tessellm.core.block_manager import BlockManager
+from tessellm.core.kv_offload import GIB, HostKVTier, host_tier_blocks
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
@@ -144,6 +145,8 @@ class EngineCore:
             prefix_caching = False
         prefix_caching = state_space.prefix_caching(prefix_caching, config)
         self.kv = BlockManager(num_blocks, args.block_size, prefix_caching)
+        if args.kv_offloading_size is not None:
+            self.kv.host = self._host_kv_tier(args)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, max_batched, self.max_model_len,
                                                    args.enable_chunked_prefill,
                                                    self.parallel.pipeline_parallel_size,
@@ -176,6 +179,23 @@ class EngineCore:
             self.structured.host_buffer = upload.host_buffer
         self._deferred_sample = None  # (step, its background mask fill): launched, not yet sampled
         self.lora_store = self._lora_slots(args)  # None without enable_lora
+
+    def _host_kv_tier(self, args: EngineArgs) -> HostKVTier:
+        """The prefix cache's host tier: its blocks from ``kv_offloading_size`` over the bytes
+        of a block on every rank; each rank allocates its own part (docs/kv_offload.md)."""
+        try:
+            if not self.kv.enable_prefix_caching:  # a pooling model that reads every position
+                raise ValueError("kv_offloading_size keeps evicted prefix-cache blocks, but prefix "
+                                 "caching is off for this model; drop kv_offloading_size.")
+            per_block = sum(self.executor.collective_rpc("kv_block_bytes"))
+            num_blocks = host_tier_blocks(args.kv_offloading_size, per_block)
+            self.executor.collective_rpc("initialize_host_cache", num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        logger.info("KV offloading: a host tier of %d blocks (%.2f GiB over %d rank(s))", num_blocks,
+                    num_blocks * per_block / GIB, self.parallel.world_size)
+        return HostKVTier(num_blocks, per_block)
 
     def _lora_slots(self, args: EngineArgs):
         """Adapter slots in the scheduler over a host cache read by a background thread; a

@@ -173,6 +173,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
         """Launch one step; its ``StepHandle.result()`` waits for the sampled tokens."""
         self.batch.apply(sched, samples_here=self.pp.is_last)
+        if sched.kv_transfers:  # the host KV tier: before anything reads or writes the cache
+            self.apply_kv_transfers(sched.kv_transfers)
         if self.encoder_cache is not None:
             self.encoder_cache.drop(sched.dropped_request_ids)
         if self.mrope is not None:

@@ -5,6 +5,12 @@ A mixin of ``ModelRunner`` (tessellm/core/model_runner.py), which owns the state
 layers hold cache), ``block_size`` and ``device``. The worker sizes the cache from
 ``kv_bytes_per_block`` and then calls ``allocate_kv_cache`` once (``distributed/worker.py``);
 ``profile_run`` allocates a small one for its forward and frees it.
+
+With ``--kv-offloading-size`` the worker also calls ``allocate_host_kv_cache``: a host buffer
+per cache tensor, block-major like the cache's storage, pinned where the device can pin; the
+step's ``kv_transfers`` copy whole blocks between the two (``apply_kv_transfers``) through the
+backend's ``swap_blocks`` (``FusedOps``, optional; the reference is
+``backends/reference/kv_transfer.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ import mmap
 
 import numpy as np
 import torch
+
+from tessellm.backends.reference.kv_transfer import swap_blocks as reference_swap_blocks
+from tessellm.core.kv_offload import LOAD, STORE
 
 
 class RunnerKVCache:
@@ -41,6 +50,44 @@ class RunnerKVCache:
         return sum((2 if _caches_values(a) else 1) * self.block_size * a.num_kv_heads
                    * a.head_size * elem for a in self.kv_layers())
 
+    def allocate_host_kv_cache(self, num_blocks: int) -> None:
+        """The host tier's buffers: for each cache tensor (in ``kv_layers`` order, keys then
+        values) ``num_blocks`` blocks of the same storage shape and dtype, in host memory."""
+        pin = self.device.type not in ("cpu", "xla")
+        self.host_kv = [_host_buffer((num_blocks, *t.shape[1:]), t.dtype, pin)
+                        for t in self._block_major_caches()]
+        if not hasattr(self, "swap_blocks"):
+            self.swap_blocks = reference_swap_blocks
+
+    def apply_kv_transfers(self, transfers: list) -> None:
+        """The step's copies between the device cache and the host tier, in their order (runs
+        of stores, then of loads, ... each run one ``swap_blocks`` per cache tensor)."""
+        caches = self._block_major_caches()
+        i = 0
+        while i < len(transfers):
+            kind = transfers[i][0]
+            j = i
+            while j < len(transfers) and transfers[j][0] == kind:
+                j += 1
+            mapping = [(int(t[1]), int(t[2])) for t in transfers[i:j]]
+            for dev, host in zip(caches, self.host_kv):
+                if kind == STORE:
+                    self.swap_blocks(dev, host, mapping)
+                elif kind == LOAD:
+                    self.swap_blocks(host, dev, mapping)
+            i = j
+
+    def _block_major_caches(self) -> list[torch.Tensor]:
+        """Every cache tensor as its block-major storage (a heads-major cache's transposed view
+        undone): the tensors whose dim 0 is the block."""
+        out = []
+        for attn in self.kv_layers():
+            for t in (attn.k_cache, attn.v_cache):
+                if t is None:
+                    continue
+                out.append(t if t.is_contiguous() else t.transpose(1, 2))
+        return out
+
     def kv_layers(self) -> list:
         """Every attention layer holding KV cache: the target's, then a proposer's (a draft
         model's layers use the same block ids as the target's)."""
@@ -58,6 +105,17 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
     return _host_zeros(nbytes).view(dtype).view(shape)
+
+
+def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """A host buffer for the KV tier: pinned when asked and the runtime can (device copies
+    then run asynchronously), else lazily backed zeros (the cpu backend's "host" tier)."""
+    if pin:
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:
+            pass
+    return _zeros(shape, dtype, torch.device("cpu"))
 
 
 def _host_zeros(nbytes: int) -> torch.Tensor:

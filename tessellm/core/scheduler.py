@@ -173,6 +173,8 @@ class Scheduler(SchedulerUpdate):
                               finished_request_ids=self.finished_ids,
                               preempted_request_ids=self.preempted_ids,
                               encoder_inputs=self.encoder.encoded if self.encoder else {})
+        if self.kv.host is not None and self.kv.host.transfers and not out.is_empty:
+            out.kv_transfers = self.kv.host.take_transfers()  # before this step's forward
         if self.lora is not None:
             lora_step_fields(self, out)
         self.num_scheduled_tokens_total += out.total_num_scheduled_tokens
@@ -227,11 +229,13 @@ class Scheduler(SchedulerUpdate):
             # Prompt logprobs and per-token pooling need every prompt position computed.
             use_cache = req.num_computed_tokens == 0 and not req.computes_every_prompt_token
             prefix = self.kv.find_cached_prefix(req, count=False) if use_cache else []
-            num_hit = len(prefix) * self.kv.block_size
+            offloaded = self.kv.find_offloaded(req, len(prefix)) if use_cache else []
+            num_hit = (len(prefix) + len(offloaded)) * self.kv.block_size
             num_new, images = self._fit_images(req, req.num_computed_tokens + num_hit,
                                                self._num_new_tokens(req, budget, already=num_hit),
                                                False)
-            block_ids = (self.kv.allocate(req, num_new + self._lookahead(num_hit + num_new), prefix)
+            block_ids = (self.kv.allocate(req, num_new + self._lookahead(num_hit + num_new), prefix,
+                                          offloaded)
                          if num_new else None)
             if block_ids is None:
                 release_slot(self, req)
@@ -244,8 +248,11 @@ class Scheduler(SchedulerUpdate):
             if block_ids is None:
                 skipped.append(req)
                 break
-            if use_cache and self.kv.enable_prefix_caching:
-                self.kv.stats.record(req.num_tokens, num_hit)  # once per admission, not per retry
+            if use_cache and self.kv.enable_prefix_caching:  # once per admission, not per retry
+                self.kv.stats.record(req.num_tokens, len(prefix) * self.kv.block_size)
+                if self.kv.host is not None:  # vLLM's external prefix cache: the host tier
+                    self.kv.host.stats.queries += req.num_tokens
+                    self.kv.host.stats.hits += len(offloaded) * self.kv.block_size
             req.num_computed_tokens += num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit

@@ -112,6 +112,11 @@ class SchedulerOutput:
     # scheduler's encoder budget (tessellm.multimodal.encoder_budget). The runner finds the same
     # images from the positions it computes; this records the scheduler's decision.
     encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
+    # The host KV tier (--kv-offloading-size, tessellm/core/kv_offload.py): copies every rank
+    # makes on its own cache before this step's forward, in this order: ``[0, device_block,
+    # host_slot]`` stores an evicted prefix block in the host buffer, ``[1, host_slot,
+    # device_block]`` loads one back into a block this step's requests read. Empty: none.
+    kv_transfers: list = field(default_factory=list)
     # Since the last step: requests that ended (finished or aborted); the runner drops them.
     finished_request_ids: set[str] = field(default_factory=set)
     # Preempted while building this step: the runner drops their state; they come back later as

@@ -173,6 +173,20 @@ class Worker:
         self.runner.capture_graphs()
         return self.runner.graph_runner is not None
 
+    def kv_block_bytes(self) -> int:
+        """One KV block's bytes on this rank (its shard, its stage's layers)."""
+        return self.runner.kv_bytes_per_block(self.kv_dtype)
+
+    def initialize_host_cache(self, num_blocks: int) -> None:
+        """The host tier of the prefix cache (``--kv-offloading-size``): ``num_blocks`` blocks
+        of this rank's cache in host memory, copied through the backend's ``swap_blocks``."""
+        from tessellm.backends.reference.kv_transfer import swap_blocks
+        from tessellm.backends.spec import OpsSpec
+
+        ops = get_registry().fused_ops(self.backend, OpsSpec(self.dtype))
+        self.runner.swap_blocks = getattr(ops, "swap_blocks", None) or swap_blocks
+        self.runner.allocate_host_kv_cache(num_blocks)
+
     def release(self) -> None:
         """Drop the model, its KV cache and graphs, and give the device memory back to the device
         (``LLM.shutdown``: a second engine in this process can size its cache from it again)."""

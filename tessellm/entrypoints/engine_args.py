@@ -35,6 +35,11 @@ HELP = {
     "max_num_seqs": "running requests at most",
     "max_num_batched_tokens": "tokens per step at most (default: 2048 on the cpu, else 16384)",
     "enable_prefix_caching": "share KV blocks of equal prompt prefixes",
+    "kv_offloading_size": "GiB of host memory (over all ranks) that keeps KV blocks evicted from "
+                          "the device cache for later prefix-cache hits, copied back instead of "
+                          "recomputed (default: off; docs/kv_offload.md)",
+    "kv_offloading_backend": "native: tessellm's own host tier (the only one; needs "
+                             "--kv-offloading-size)",
     "enable_chunked_prefill": "split long prompts over several steps",
     "seed": "random seed (sampling without a per-request seed)",
     "load_format": "auto, safetensors, gguf or dummy (random weights)",

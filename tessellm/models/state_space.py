@@ -47,6 +47,9 @@ def check_engine_args(args, config) -> None:
          "a rejected draft token cannot be taken back out of the recurrent state; drop "
          "speculative_config"),
         (getattr(args, "enable_lora", False), "LoRA", "drop enable_lora"),
+        (getattr(args, "kv_offloading_size", None) is not None, "KV offloading",
+         "prefix caching is off for them (the recurrent state of a cached prefix is not kept), "
+         "so there is nothing to offload; drop kv_offloading_size"),
         (getattr(args, "quantization", None) is not None
          or getattr(config, "quantization_config", None) is not None, "quantization",
          "load an unquantized checkpoint without quantization="),
