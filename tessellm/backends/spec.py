@@ -51,6 +51,9 @@ does not declare the flag, at load, naming the backend.
 10 = ``Backend.overlap_streams`` (optional: a second stream and events, ``OverlapStreams``, for
 the decode micro-batch overlap, ``TESSELLM_DECODE_OVERLAP``); plugins of versions 1 to 9 keep
 working (their backends run such steps' micro-batches on one stream).
+11 = ``FusedOps.swap_blocks`` (optional: whole-block copies between the device KV cache and
+the host tier of the prefix cache, ``--kv-offloading-size``); plugins of versions 1 to 10 keep
+working (the engine copies with the pure-torch reference, ``backends/reference/kv_transfer.py``).
 
 Ownership
 ---------
@@ -87,7 +90,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 10
+TESSELLM_PLUGIN_API = 11
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -567,6 +570,19 @@ class FusedOps(Protocol):
     # L2-normalize q and k per head (``x * rsqrt(sum(x^2) + 1e-6)``) and scale q by ``scale``;
     # ``g`` is the float32 log decay (<= 0), ``beta`` the write strength; value head h reads key
     # head ``h // (Hv / Hk)``; ``[*, Hv, V]`` out in v's dtype.
+    #
+    # Optional: ``swap_blocks(src, dst, block_mapping)``, the host KV tier's copies
+    # (``--kv-offloading-size``, ``core/kv_offload.py``): ``dst[d] = src[s]`` for each ``(s, d)``
+    # int pair of ``block_mapping``, in order. ``src`` and ``dst`` are block-major caches (dim 0
+    # the block; the same trailing shape and dtype, fp8 included): one is the device's cache of
+    # one layer, the other a host buffer of the same layout (pinned where the device's runtime
+    # pins), either way round. Called in the worker before a step's forward, once per cache
+    # tensor and run of stores or loads. The copies must be ordered on the current stream
+    # before any work queued after the call (a later step's forward reads what a load wrote;
+    # a later store may reuse a host block a load read); the host may go on before they finish
+    # (the engine never reads the host buffer on the host). Returns None. Oracle and default:
+    # ``backends/reference/kv_transfer.swap_blocks`` (a slice copy per run of consecutive ids);
+    # conformance ``test_kv_transfer.py``.
     #
     # Optional: ``fused_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
     # w2_scale=None)``, ``fused_moe`` with the routing done by the model (DeepSeek's grouped

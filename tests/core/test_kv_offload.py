@@ -1,0 +1,183 @@
+"""The host tier of the prefix cache (``kv_offloading_size``, tessellm/core/kv_offload.py):
+blocks evicted from a tiny device cache come back from host memory, counted as hits, not
+recomputed, with HF transformers' greedy tokens; the tier's LRU order and size; preemption;
+the MLA latent cache (fp8 too); one clear error for each bad setting."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tessellm.config import EngineArgs
+from tessellm.core.block_manager import BlockManager
+from tessellm.core.kv_offload import GIB, LOAD, STORE, HostKVTier
+from tessellm.core.request import Request
+from tests.conftest import hf_greedy
+
+BS = 4  # tokens per block: a 42-token prompt fills 10 blocks (the 11th is partial)
+
+
+def _prompts(n: int, length: int = 42, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 384) for _ in range(length)] for _ in range(n)]
+
+
+# -- the tier alone (plain Python) ---------------------------------------------------------
+
+def test_host_tier_lru_order_and_size():
+    tier = HostKVTier(2)
+    tier.store(101, device_block=7)
+    tier.store(102, device_block=8)
+    tier.store(101, device_block=9)  # held already: most recent now, no second copy
+    assert tier.take_transfers() == [(STORE, 7, 0), (STORE, 8, 1)]
+    tier.store(103, device_block=5)  # full: evicts the least recently used (102)
+    assert 102 not in tier and 101 in tier and 103 in tier and tier.num_used == 2
+    assert tier.take_transfers() == [(STORE, 5, 1)]
+    tier.load(101, device_block=3)  # a load makes 101 the most recent: 103 goes next
+    tier.store(104, device_block=6)
+    assert 103 not in tier and list(tier.lru) == [101, 104]
+    assert tier.take_transfers() == [(LOAD, 0, 3), (STORE, 6, 1)]
+    tier.hold([101, 104])  # both being loaded by the allocation under way: nothing to evict
+    tier.store(105, device_block=2)
+    assert 105 not in tier and tier.transfers == []
+    tier.release()
+    assert tier.stats.blocks_stored == 4 and tier.stats.blocks_loaded == 1
+
+
+def test_block_manager_stores_on_eviction_and_loads_back():
+    kv = BlockManager(num_blocks=4, block_size=BS)
+    kv.host = HostKVTier(8)
+    a = Request("a", list(range(13)), SamplingParams())  # 3 full blocks, 1 partial
+    kv.allocate(a, 13)
+    a.num_computed_tokens = 13
+    kv.publish_full_blocks(a, 13)
+    kv.free(a)
+    b = Request("b", list(range(100, 116)), SamplingParams())
+    kv.allocate(b, 16)  # all four blocks: a's three cached ones are evicted into the tier
+    assert [t[0] for t in kv.host.transfers] == [STORE] * 3 and kv.cached.keys().isdisjoint(
+        a.block_hashes)
+    kv.free(b)
+    again = Request("a2", list(range(13)), SamplingParams())
+    assert kv.find_cached_prefix(again) == []
+    offloaded = kv.find_offloaded(again, 0)
+    assert offloaded == again.block_hashes[:3]
+    ids = kv.allocate(again, 1, [], offloaded)
+    loads = [t for t in kv.host.take_transfers() if t[0] == LOAD]
+    assert [t[2] for t in loads] == ids[:3]  # loaded into the request's first three blocks
+    assert all(kv.cached[h].block_id == i for h, i in zip(offloaded, ids))  # device-cached now
+
+
+# -- the engine ----------------------------------------------------------------------------
+
+def _run(model: str, order: list[list[int]], max_tokens: int = 6, **engine):
+    """Each prompt alone, in order, on a 16-block device cache; per prompt its tokens, its
+    cached tokens and the tokens the scheduler computed for it; and the engine's kv."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    rows = []
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=16,
+             max_model_len=128, **engine) as llm:
+        sched = llm.engine.core.scheduler
+        for p in order:
+            before = sched.num_scheduled_tokens_total
+            out = llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0]
+            rows.append((list(out.outputs[0].token_ids), out.num_cached_tokens,
+                         sched.num_scheduled_tokens_total - before))
+        return rows, llm.engine.core.kv
+
+
+def test_evicted_prompt_comes_back_from_the_host_tier(tiny_model_dir):
+    """P, then two prompts that evict all of P's blocks from the 16-block cache, then P again:
+    its first 40 tokens are host hits (10 blocks loaded, none computed), and every output is
+    HF's and the same as without the tier."""
+    model = tiny_model_dir("llama")
+    p, q, r = _prompts(3)
+    order = [p, q, r, p]
+    plain, plain_kv = _run(model, order)
+    rows, kv = _run(model, order, kv_offloading_size=0.01)
+    assert [t for t, _, _ in rows] == [t for t, _, _ in plain] == hf_greedy(model, order, 6)
+    assert plain[3][1] == 0 and plain_kv.host is None  # without the tier: recomputed
+    assert rows[3][1] == 40  # cached tokens of the last request: all from the host
+    assert rows[3][2] == 42 - 40 + 5  # computed: 2 prompt tokens, then 5 decodes
+    stats = kv.host.stats
+    assert stats.hits == 40 and stats.blocks_loaded == 10 and kv.stats.hits == 0
+    assert stats.queries == 4 * 42 and stats.blocks_stored >= 10
+    assert stats.bytes_loaded == 10 * stats.bytes_per_block
+    assert stats.bytes_per_block == 2 * 2 * BS * 2 * 16 * 4  # layers, K+V, tokens, kv heads, head, fp32
+
+
+def test_host_tier_size_limit_and_lru(tiny_model_dir):
+    """A tier of exactly 12 blocks (its size in GiB) never holds more and keeps the most
+    recently evicted blocks. P's blocks leave the device tail first (its first blocks, the most
+    shared, last), so its head is still in the tier after q's and r's evictions and its tail is
+    not: P comes back in part, less than the 40 tokens a big tier serves."""
+    model = tiny_model_dir("llama")
+    p, q, r = _prompts(3)
+    per_block = 2 * 2 * BS * 2 * 16 * 4
+    rows, kv = _run(model, [p, q, r, p], kv_offloading_size=12 * per_block / GIB)
+    assert kv.host.num_blocks == 12 and kv.host.num_used == 12
+    assert kv.host.stats.blocks_stored > 12  # it evicted its own least recently used
+    assert 0 < rows[3][1] < 40 and kv.host.stats.hits == rows[3][1]
+    assert rows[3][2] == 42 - rows[3][1] + 5  # the rest of the prompt is recomputed
+
+
+def test_preemption_with_the_host_tier(tiny_model_dir):
+    """Two requests that outgrow a 16-block cache together preempt each other; the preempted
+    one's evicted blocks come back from the host tier when it resumes, and both give HF's
+    tokens."""
+    model = tiny_model_dir("llama")
+    batch = _prompts(2, length=30, seed=1)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=16,
+             max_model_len=128, kv_offloading_size=0.01) as llm:
+        outs = llm.generate([{"prompt_token_ids": t} for t in batch], params, use_tqdm=False)
+        core = llm.engine.core
+        assert core.scheduler.num_preemptions_total > 0
+        assert core.kv.host.stats.blocks_loaded > 0
+    assert [list(o.outputs[0].token_ids) for o in outs] == hf_greedy(model, batch, 24)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_mla_latent_cache_offloads(kv_cache_dtype, tmp_path):
+    """DeepSeek-V3's latent cache (one row a token, no value cache), in float32 and fp8: the
+    evicted prompt comes back from the host tier with the tokens of a run without the tier
+    (and HF's in float32)."""
+    from tests.models.test_deepseek import deepseek_config, save_deepseek
+    from tests.models.variant_parity import hf_reference
+
+    path = save_deepseek(deepseek_config(True, q_lora_rank=24), str(tmp_path / "ds"))
+    p, q, r = [[t % 128 for t in x] for x in _prompts(3)]
+    order = [p, q, r, p]
+    engine = dict(kv_cache_dtype=kv_cache_dtype)
+    plain, _ = _run(path, order, 4, **engine)
+    rows, kv = _run(path, order, 4, kv_offloading_size=0.01, **engine)
+    assert [t for t, _, _ in rows] == [t for t, _, _ in plain]
+    if kv_cache_dtype == "auto":
+        assert [t for t, _, _ in rows] == hf_reference(path, order, 4)[0]
+    assert rows[3][1] == 40 and kv.host.stats.blocks_loaded == 10
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(kv_offloading_size=0), "positive number of GiB"),
+    (dict(kv_offloading_size=-2.0), "positive number of GiB"),
+    (dict(kv_offloading_size=float("nan")), "positive number of GiB"),
+    (dict(kv_offloading_size="4"), "positive number of GiB"),
+    (dict(kv_offloading_size=4, kv_offloading_backend="lmcache"), "use 'native'"),
+    (dict(kv_offloading_backend="native"), "kv_offloading_size is not"),
+    (dict(kv_offloading_size=4, enable_prefix_caching=False), "enable_prefix_caching is off"),
+])
+def test_bad_settings_are_one_clear_error(settings, match):
+    with pytest.raises(ValueError, match=match):
+        EngineArgs(**settings).validate()
+
+
+def test_too_small_a_tier_and_recurrent_models_are_refused(tiny_model_dir):
+    from tessellm.models.state_space import check_engine_args
+
+    with pytest.raises(ValueError, match="holds no KV block"):
+        LLM(tiny_model_dir("llama"), device="cpu", num_kv_blocks=16, kv_offloading_size=1e-9)
+    mamba = SimpleNamespace(architectures=["Mamba2ForCausalLM"])
+    with pytest.raises(ValueError, match="does not support KV offloading"):
+        check_engine_args(EngineArgs(kv_offloading_size=1.0), mamba)
