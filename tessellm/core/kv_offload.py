@@ -82,6 +82,12 @@ class HostKVTier:
     def usage(self) -> float:
         return len(self.lru) / self.num_blocks
 
+    def stats_dict(self) -> dict:
+        """The totals the metrics export (``EngineStats.kv_offload``)."""
+        st = self.stats
+        return {"queries": st.queries, "hits": st.hits, "bytes_stored": st.bytes_stored,
+                "bytes_loaded": st.bytes_loaded, "usage": self.usage}
+
     def __contains__(self, block_hash: int) -> bool:
         return block_hash in self.lru
 

@@ -388,4 +388,5 @@ class Scheduler(SchedulerUpdate):
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
                               self.num_preemptions_total, self.kv.stats.queries, self.kv.stats.hits,
-                              self.spec_stats.copy() if self.spec_stats.num_drafts else None)
+                              self.spec_stats.copy() if self.spec_stats.num_drafts else None,
+                              None if self.kv.host is None else self.kv.host.stats_dict())

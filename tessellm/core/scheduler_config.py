@@ -52,6 +52,8 @@ class SchedulerStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     spec_decode: Optional[SpecDecodeStats] = None  # totals since start; None: no speculation
+    # The host KV tier's totals since start (HostKVTier.stats_dict); None: no tier.
+    kv_offload: Optional[dict] = None
 
 
 class ContextLengthError(ValueError):

@@ -104,6 +104,7 @@ class EngineMetrics:
                                         "compilations in the engine core since warm-up ended "
                                         "(should stay 0; tessellm.metrics.compile_counter).")
         self._add_spec_decode_metrics()
+        self._kv_offload = None  # created when the core first reports a host tier
         self.iteration_tokens = self._child(Histogram, "iteration_tokens_total", "Tokens computed "
                                             "per engine step (prefill chunks plus decodes).",
                                             buckets=ITERATION_TOKEN_BUCKETS)
@@ -122,6 +123,35 @@ class EngineMetrics:
                                     "accepted.", ["model_name", "position"], registry=self.registry)
         self._spec_per_pos: dict[int, _CumulativeCounter] = {}
         self._spec_position(0)  # exported at zero from the start, as the other counters
+
+    def _observe_kv_offload(self, offload: Optional[dict]) -> None:
+        """The host KV tier, with vLLM's names: its hits are ``external_prefix_cache_*``, its
+        copies ``kv_offload_total_bytes`` by ``transfer_type`` (GPU: the device, whatever it is)."""
+        if not offload:
+            return
+        if self._kv_offload is None:
+            by_type = Counter(PREFIX + "kv_offload_total_bytes", "Bytes copied between the device "
+                              "KV cache and the host tier, over all ranks.",
+                              ["model_name", "transfer_type"], registry=self.registry)
+            self._kv_offload = {
+                "queries": _CumulativeCounter(self._child(
+                    Counter, "external_prefix_cache_queries", "Prompt tokens looked up in the host "
+                    "KV tier (--kv-offloading-size), once per admitted request.")),
+                "hits": _CumulativeCounter(self._child(
+                    Counter, "external_prefix_cache_hits", "Prompt tokens served from the host KV "
+                    "tier (loaded back, not recomputed).")),
+                "bytes_stored": _CumulativeCounter(by_type.labels(model_name=self.model_name,
+                                                                  transfer_type="GPU_to_CPU")),
+                "bytes_loaded": _CumulativeCounter(by_type.labels(model_name=self.model_name,
+                                                                  transfer_type="CPU_to_GPU")),
+                "usage": self._child(Gauge, "kv_offload_cpu_cache_usage_perc", "Host KV tier "
+                                     "usage: fraction of its blocks holding a prefix, 1 = full."),
+            }
+        for key, metric in self._kv_offload.items():
+            if key == "usage":
+                metric.set(offload[key])
+            else:
+                metric.update(offload[key])
 
     def _spec_position(self, pos: int) -> _CumulativeCounter:
         if pos not in self._spec_per_pos:
@@ -176,6 +206,7 @@ class EngineMetrics:
         self.prefix_hits.update(stats.prefix_cache_hits)
         self.compilations.set(stats.triton_compilations_after_ready)
         self._observe_spec_decode(stats.spec_decode)
+        self._observe_kv_offload(stats.kv_offload)
         for n in stats.step_num_tokens:
             self.iteration_tokens.observe(n)
         if stats.device_memory_used_bytes is not None:

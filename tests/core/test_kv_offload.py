@@ -5,6 +5,7 @@ the MLA latent cache (fp8 too); one clear error for each bad setting."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from types import SimpleNamespace
 
@@ -74,7 +75,7 @@ def test_block_manager_stores_on_eviction_and_loads_back():
 
 def _run(model: str, order: list[list[int]], max_tokens: int = 6, **engine):
     """Each prompt alone, in order, on a 16-block device cache; per prompt its tokens, its
-    cached tokens and the tokens the scheduler computed for it; and the engine's kv."""
+    cached tokens and the tokens the scheduler computed for it; and the engine core."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     rows = []
     with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=16,
@@ -85,7 +86,7 @@ def _run(model: str, order: list[list[int]], max_tokens: int = 6, **engine):
             out = llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0]
             rows.append((list(out.outputs[0].token_ids), out.num_cached_tokens,
                          sched.num_scheduled_tokens_total - before))
-        return rows, llm.engine.core.kv
+        return rows, llm.engine.core
 
 
 def test_evicted_prompt_comes_back_from_the_host_tier(tiny_model_dir):
@@ -95,10 +96,11 @@ def test_evicted_prompt_comes_back_from_the_host_tier(tiny_model_dir):
     model = tiny_model_dir("llama")
     p, q, r = _prompts(3)
     order = [p, q, r, p]
-    plain, plain_kv = _run(model, order)
-    rows, kv = _run(model, order, kv_offloading_size=0.01)
+    plain, plain_core = _run(model, order)
+    rows, core = _run(model, order, kv_offloading_size=0.01)
+    kv = core.kv
     assert [t for t, _, _ in rows] == [t for t, _, _ in plain] == hf_greedy(model, order, 6)
-    assert plain[3][1] == 0 and plain_kv.host is None  # without the tier: recomputed
+    assert plain[3][1] == 0 and plain_core.kv.host is None  # without the tier: recomputed
     assert rows[3][1] == 40  # cached tokens of the last request: all from the host
     assert rows[3][2] == 42 - 40 + 5  # computed: 2 prompt tokens, then 5 decodes
     stats = kv.host.stats
@@ -106,6 +108,33 @@ def test_evicted_prompt_comes_back_from_the_host_tier(tiny_model_dir):
     assert stats.queries == 4 * 42 and stats.blocks_stored >= 10
     assert stats.bytes_loaded == 10 * stats.bytes_per_block
     assert stats.bytes_per_block == 2 * 2 * BS * 2 * 16 * 4  # layers, K+V, tokens, kv heads, head, fp32
+    # The metrics, from the scheduler's stats as the engine process sends them (vLLM's names).
+    from prometheus_client import CollectorRegistry
+
+    from tessellm.metrics.prometheus import EngineMetrics
+    from tessellm.metrics.stats import EngineStats
+
+    metrics = EngineMetrics("m", CollectorRegistry())
+    metrics.observe_stats(EngineStats.from_dict(dataclasses.asdict(core.scheduler.stats())))
+    text = metrics.render().decode()
+    assert 'tessellm:external_prefix_cache_hits_total{model_name="m"} 40.0' in text
+    assert 'tessellm:external_prefix_cache_queries_total{model_name="m"} 168.0' in text
+    assert (f'tessellm:kv_offload_total_bytes_total{{model_name="m",transfer_type="CPU_to_GPU"}} '
+            f'{float(stats.bytes_loaded)}') in text
+    assert (f'tessellm:kv_offload_total_bytes_total{{model_name="m",transfer_type="GPU_to_CPU"}} '
+            f'{float(stats.bytes_stored)}') in text
+    assert "tessellm:external_prefix_cache_hits_total" not in _render_without_tier()
+
+
+def _render_without_tier() -> str:
+    from prometheus_client import CollectorRegistry
+
+    from tessellm.metrics.prometheus import EngineMetrics
+    from tessellm.metrics.stats import EngineStats
+
+    metrics = EngineMetrics("m", CollectorRegistry())
+    metrics.observe_stats(EngineStats())
+    return metrics.render().decode()
 
 
 def test_host_tier_size_limit_and_lru(tiny_model_dir):
@@ -116,7 +145,8 @@ def test_host_tier_size_limit_and_lru(tiny_model_dir):
     model = tiny_model_dir("llama")
     p, q, r = _prompts(3)
     per_block = 2 * 2 * BS * 2 * 16 * 4
-    rows, kv = _run(model, [p, q, r, p], kv_offloading_size=12 * per_block / GIB)
+    rows, core = _run(model, [p, q, r, p], kv_offloading_size=12 * per_block / GIB)
+    kv = core.kv
     assert kv.host.num_blocks == 12 and kv.host.num_used == 12
     assert kv.host.stats.blocks_stored > 12  # it evicted its own least recently used
     assert 0 < rows[3][1] < 40 and kv.host.stats.hits == rows[3][1]
@@ -152,7 +182,8 @@ def test_mla_latent_cache_offloads(kv_cache_dtype, tmp_path):
     order = [p, q, r, p]
     engine = dict(kv_cache_dtype=kv_cache_dtype)
     plain, _ = _run(path, order, 4, **engine)
-    rows, kv = _run(path, order, 4, kv_offloading_size=0.01, **engine)
+    rows, core = _run(path, order, 4, kv_offloading_size=0.01, **engine)
+    kv = core.kv
     assert [t for t, _, _ in rows] == [t for t, _, _ in plain]
     if kv_cache_dtype == "auto":
         assert [t for t, _, _ in rows] == hf_reference(path, order, 4)[0]

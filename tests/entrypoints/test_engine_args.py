@@ -29,6 +29,7 @@ NON_DEFAULT = {
     "runner": "pooling", "task": "embed", "convert": "embed",
     "pooler_config": '{"pooling_type": "MEAN"}', "override_pooler_config": '{"normalize": false}',
     "hf_overrides": '{"num_labels": 1}',
+    "kv_offloading_size": 2.5, "kv_offloading_backend": "native",
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],
