@@ -137,6 +137,24 @@ def _render_without_tier() -> str:
     return metrics.render().decode()
 
 
+@pytest.mark.parametrize("engine", [
+    # ~30 s on 2 cores (two worker processes); the one-rank variants cover the rest
+    pytest.param(dict(tensor_parallel_size=2), marks=pytest.mark.slow, id="tp2"),
+    pytest.param(dict(async_scheduling=True), id="async"),
+])
+def test_host_tier_under_tensor_parallelism_and_async_scheduling(engine, tiny_model_dir):
+    """Two ranks (gloo), each storing and loading its own shard (one KV head of two), the tier
+    sized over both; or async scheduling, the next step's copies queued behind the step in
+    flight: the evicted prompt comes back from the host tier with HF's tokens."""
+    model = tiny_model_dir("llama")
+    p, q, r = _prompts(3)
+    order = [p, q, r, p]
+    rows, core = _run(model, order, kv_offloading_size=0.01, **engine)
+    assert [t for t, _, _ in rows] == hf_greedy(model, order, 6)
+    assert rows[3][1] == 40 and rows[3][2] == 7 and core.kv.host.stats.blocks_loaded == 10
+    assert core.kv.host.stats.bytes_per_block == 2 * 2 * BS * 2 * 16 * 4  # both ranks' halves
+
+
 def test_host_tier_size_limit_and_lru(tiny_model_dir):
     """A tier of exactly 12 blocks (its size in GiB) never holds more and keeps the most
     recently evicted blocks. P's blocks leave the device tail first (its first blocks, the most
