@@ -92,6 +92,9 @@ class EngineArgs:
     # {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
     # "is_original_qwen3_reranker": true}: tessellm.pooling.convert.
     hf_overrides: Optional[object] = None
+    # Sleep mode (docs/sleep_mode.md): LLM.sleep / wake_up free and restore the device memory of
+    # the weights and the KV cache between generation phases (RLHF).
+    enable_sleep_mode: bool = False
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):

@@ -31,6 +31,13 @@ def api_key() -> Optional[str]:
     return os.environ.get("TESSELLM_API_KEY") or None
 
 
+def server_dev_mode() -> bool:
+    """TESSELLM_SERVER_DEV_MODE: "1" adds the server's development routes (vLLM's
+    VLLM_SERVER_DEV_MODE): /sleep, /wake_up, /is_sleeping, /reset_prefix_cache, /load_weights
+    (docs/sleep_mode.md). Off by default: they let any client empty the device."""
+    return _switch("TESSELLM_SERVER_DEV_MODE") is True
+
+
 def cpu_kv_cache_bytes() -> Optional[int]:
     """TESSELLM_CPU_KV_CACHE_GB: KV cache size for the cpu backend, in GiB."""
     value = os.environ.get("TESSELLM_CPU_KV_CACHE_GB")

@@ -609,6 +609,11 @@ class GraphRunner(Protocol):
     ``run`` returns what ``step`` would return for those inputs; a runner that keeps static
     buffers copies the inputs in and may return a view of its static output, valid until the
     next ``run``.
+
+    Optional: ``release()`` drops what ``capture`` made (graphs, their memory pool); sleep mode
+    calls it before the weights and KV cache move (``core/runner_sleep.py``) and calls
+    ``capture`` again after they are back. Without it the old graphs are kept until the new
+    capture replaces them (never replayed in between).
     """
 
     name: str

@@ -212,6 +212,16 @@ class BlockManager:
         self.host.release()
         return blocks
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (the KV contents are gone or stale: sleep mode, new
+        weights). Only while no request holds a block; False (nothing done) otherwise."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block in self.cached.values():
+            block.block_hash = None
+        self.cached.clear()
+        return True
+
     def _take_free_block(self) -> Block:
         _, block = self.free_queue.popitem(last=False)
         if block.block_hash is not None:  # evict its cached prefix (to the host tier, if any)

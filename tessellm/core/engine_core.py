@@ -23,6 +23,7 @@ from tessellm.core.kv_offload import GIB, HostKVTier, host_tier_blocks
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
+from tessellm.core.engine_sleep import EngineSleep
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.distributed.executor import make_executor
 from tessellm.distributed.worker import default_max_num_batched_tokens
@@ -77,7 +78,7 @@ class EngineInfo:
     reasoning_parser: Optional[str] = None
 
 
-class EngineCore:
+class EngineCore(EngineSleep):
     def __init__(self, args: EngineArgs):
         args.validate()
         registry = get_registry()
@@ -179,6 +180,8 @@ class EngineCore:
             self.structured.host_buffer = upload.host_buffer
         self._deferred_sample = None  # (step, its background mask fill): launched, not yet sampled
         self.lora_store = self._lora_slots(args)  # None without enable_lora
+        self.enable_sleep_mode = args.enable_sleep_mode
+        self.asleep: dict[str, int] = {}  # sleep mode: tag ("weights", "kv_cache") -> level
 
     def _host_kv_tier(self, args: EngineArgs) -> HostKVTier:
         """The prefix cache's host tier: its blocks from ``kv_offloading_size`` over the bytes
@@ -267,6 +270,11 @@ class EngineCore:
     # -- the engine loop -------------------------------------------------------------------
 
     def add_request(self, req: EngineCoreRequest) -> None:
+        if self.asleep:
+            from tessellm.core.runner_sleep import EngineAsleepError
+
+            raise EngineAsleepError(f"The engine is asleep ({', '.join(sorted(self.asleep))}); call "
+                                    "wake_up() before sending requests.")
         lora = None
         if req.lora_request is not None:
             from tessellm.lora.request import LoRARequest

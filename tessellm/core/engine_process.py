@@ -6,7 +6,7 @@ sockets in a private temp dir. Every message is **msgpack** (never pickle on a s
 
     API process (EngineCoreClient)                    core process (run_engine_core)
       input  PUSH  --["add", req] ["abort", ids]-->   PULL
-                    ["remove_lora", id] ["call", id, method] ["shutdown"]
+                    ["remove_lora", id] ["call", id, method(, args)] ["shutdown"]
       output PULL  <--["ready", info] ["startup_failed", msg]--  PUSH
                     ["warm", WarmupReport] (after warm-up, before any step)
                     ["outputs", [out...], EngineStats] ["rejected", rid, msg]
@@ -54,6 +54,8 @@ from tessellm.multimodal.inputs import decode_features, encode_features
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 1000  # how often an idle core checks that its parent is still alive
+# EngineCore methods the API process may call (its dev routes): answered {"result"} or {"error"}.
+_CORE_CALLS = frozenset({"sleep", "wake_up", "is_sleeping", "reset_prefix_cache", "load_weights_from_path"})
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -214,16 +216,22 @@ class _CoreLoop:
             self.core.remove_lora(int(msg[1]))
             return False
         if kind == "call":
-            self.out_sock.send(pack(["call_result", msg[1], self._call(msg[2])]))
+            self.out_sock.send(pack(["call_result", msg[1], self._call(msg[2], *msg[3:])]))
             return False
         if kind == "shutdown":
             self.shutdown = True
             return False
         raise ValueError(f"Unknown message {kind!r} from the API process.")
 
-    def _call(self, method: str):
+    def _call(self, method: str, args: Optional[list] = None):
         if method in ("stats", "ping"):
             return self._stats()
+        if method in _CORE_CALLS:  # sleep mode and weight updates (docs/sleep_mode.md)
+            try:
+                result = getattr(self.core, method)(*(args or []))
+            except ValueError as exc:  # e.g. requests still running, a bad level or path
+                return {"error": str(exc), "sleeping": self.core.is_sleeping()}
+            return {"result": result, "sleeping": self.core.is_sleeping()}
         return {"error": f"unknown method {method!r}"}
 
     def _step(self) -> list[EngineCoreOutput]:
@@ -314,8 +322,8 @@ class EngineCoreClient:
     def send_remove_lora(self, lora_id: int) -> None:
         self.input.send(pack(["remove_lora", int(lora_id)]))
 
-    def send_call(self, call_id: int, method: str) -> None:
-        self.input.send(pack(["call", call_id, method]))
+    def send_call(self, call_id: int, method: str, args: Optional[list] = None) -> None:
+        self.input.send(pack(["call", call_id, method] + ([list(args)] if args else [])))
 
     def is_alive(self) -> bool:
         return self.proc.is_alive()

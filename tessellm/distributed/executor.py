@@ -189,12 +189,18 @@ class MultiprocExecutor(Executor):
         if self._in_flight:
             raise RuntimeError("collective_rpc while steps are in flight; collect them first.")
         self._broadcast(["call", method, list(args)])
-        results = {}
-        while len(results) < self.parallel.world_size:
+        results, refused = {}, {}
+        while len(results) + len(refused) < self.parallel.world_size:
             msg = self._recv()
+            if msg[0] == "call_refused":  # the call raised on that rank, which serves on
+                refused[msg[1]] = msg[2]
+                continue
             if msg[0] != "result":
                 raise WorkerDiedError(f"Unexpected message {msg[0]!r} while waiting for {method}.")
             results[msg[1]] = msg[2]
+        if refused:
+            rank = min(refused)
+            raise ValueError(f"{method} failed on rank {rank}: {refused[rank]}")
         return [results[r] for r in range(self.parallel.world_size)]
 
     def submit(self, sched: SchedulerOutput) -> None:
@@ -356,7 +362,12 @@ def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> No
                 send(held)
                 held = None
         elif kind == "call":
-            results.send(pack(["result", worker.rank, getattr(worker, msg[1])(*msg[2])]))
+            try:
+                value = getattr(worker, msg[1])(*msg[2])
+            except (ValueError, TypeError, KeyError) as exc:  # bad input (a weight's shape): serve on
+                results.send(pack(["call_refused", worker.rank, f"{type(exc).__name__}: {exc}"]))
+                continue
+            results.send(pack(["result", worker.rank, value]))
         elif kind == "shutdown":
             return
         else:

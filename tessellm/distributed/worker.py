@@ -6,6 +6,7 @@ executors start one per rank in their own processes (``mp``) or Ray actors (``ra
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -68,6 +69,7 @@ class Worker:
         from tessellm.pooling.convert import model_source
 
         source = model_source(args)  # hf_overrides and convert applied, as in the engine core
+        self.source = source
         self.dtype = resolve_dtype(args.dtype, source.hf_config, self.backend.device_type)
         config = text_config(source.hf_config)  # the language model's (LLaVA: text_config)
         self.max_model_len = resolve_max_model_len(args.max_model_len, config)
@@ -198,6 +200,52 @@ class Worker:
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
         """Launch the step; ``.result()`` on the handle waits for its tokens."""
         return self.runner.execute_async(sched)
+
+    # -- sleep mode and weight updates (core/runner_sleep.py; every rank via collective_rpc) --
+
+    def sleep(self, level: int) -> dict:
+        """Free this rank's weights (level 1: to host memory; 2: discarded) and KV cache."""
+        from tessellm.core.runner_sleep import RunnerSleep
+
+        if getattr(self, "sleep_state", None) is None:
+            self.sleep_state = RunnerSleep(self.runner)
+        report = self.sleep_state.sleep(level, self.kv_dtype)
+        gc.collect()  # released graphs hold reference cycles
+        if self.device.type != "cpu" and hasattr(torch, "accelerator"):
+            torch.accelerator.empty_cache()  # the freed blocks back to the device
+        return dataclasses.asdict(report)
+
+    def wake_up(self, tags: Optional[list] = None) -> None:
+        state = getattr(self, "sleep_state", None)
+        if state is not None:
+            state.wake_up(tags)
+
+    def load_weights(self, weights) -> int:
+        """Copy new values into the model's weights, in place (HF-named ``(name, tensor)``
+        pairs, full tensors: each rank takes its slices). Returns how many weights were filled."""
+        from tessellm.core.runner_sleep import check_weights_awake
+        from tessellm.multimodal.text_only import image_text_architecture, text_weights
+        from tessellm.quantization.config import resolve_quant_spec
+
+        check_weights_awake(getattr(self, "sleep_state", None))
+        if resolve_quant_spec(self.args.quantization, self.source) is not None:
+            raise ValueError("load_weights does not update a quantized model yet (its weights are "
+                             "repacked at load); serve the unquantized checkpoint to update weights.")
+        if image_text_architecture(self.source.hf_config) is not None:
+            weights = text_weights(weights)
+        from tessellm.core.runner_sleep import mark_weights_changed
+
+        with torch.inference_mode():
+            loaded = self.runner.model.load_weights(iter(weights))
+            mark_weights_changed([self.runner.model])
+        self.backend.synchronize()
+        return len(loaded)
+
+    def load_weights_from_path(self, path: str) -> int:
+        """``load_weights`` from a directory of safetensors files (each rank reads its slices)."""
+        from tessellm.loader.safetensors_loader import iter_safetensors_weights
+
+        return self.load_weights(iter_safetensors_weights(path, self.dtype, lazy=True))
 
     # -- diagnostics (benchmarks/profile_tp.py; every rank at once through collective_rpc) ----
 

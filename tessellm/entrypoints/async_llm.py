@@ -125,6 +125,7 @@ class AsyncLLM:
         self.dead_reason: Optional[str] = None
         self.warm = False  # the core finished its warm-up ("warm" message): /ready may say 200
         self.warmup_report: dict = {}
+        self.sleeping = False  # sleep mode: the core refuses requests until wake_up (core_call)
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
         self._handler: Optional[asyncio.Task] = None
@@ -238,18 +239,27 @@ class AsyncLLM:
 
     # -- queries to the core ----------------------------------------------------------------
 
-    async def call(self, method: str, timeout: float = 10.0):
+    async def call(self, method: str, timeout: float = 10.0, args: Optional[list] = None):
         """Ask the core process something ("stats", "ping") and wait for its answer."""
         self._check_alive()
         self._ensure_handler()
         call_id = next(self._call_ids)
         future = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
-        self.client.send_call(call_id, method)
+        self.client.send_call(call_id, method, args)
         try:
             return await asyncio.wait_for(future, timeout)
         finally:
             self._calls.pop(call_id, None)
+
+    async def core_call(self, method: str, *args, timeout: float = 600.0):
+        """An ``EngineCore`` method in the core process (sleep mode's, engine_process._CORE_CALLS);
+        its result, or ValueError with the core's refusal. ``sleeping`` follows the core's state."""
+        answer = await self.call(method, timeout, list(args))
+        self.sleeping = bool(answer.get("sleeping"))
+        if "error" in answer:
+            raise ValueError(answer["error"])
+        return answer["result"]
 
     async def is_ready(self, timeout: float = 10.0) -> bool:
         """The core is alive, warmed up and answers (recent outputs count as an answer)."""

@@ -50,6 +50,40 @@ class LLM:
         stopped when the program exits."""
         self.engine.shutdown()
 
+    # -- sleep mode and weight updates (docs/sleep_mode.md; vLLM's names) --------------------
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the device memory of the weights and the KV cache (needs
+        ``enable_sleep_mode=True``). Level 1 offloads the weights to host memory (``wake_up``
+        brings them back as they were); level 2 discards them (load new ones with
+        ``load_weights`` after ``wake_up(tags=["weights"])``). The KV cache and the prefix
+        cache are emptied either way. Requests are refused until ``wake_up``."""
+        self.engine.core.sleep(level)
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Bring back ``"weights"`` and/or ``"kv_cache"`` (None: both); a partial wake lets
+        new weights load before the KV cache takes its memory again."""
+        self.engine.core.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.engine.core.is_sleeping()
+
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache; False (nothing done) while requests hold blocks."""
+        return self.engine.core.reset_prefix_cache()
+
+    def load_weights(self, weights=None, path: Optional[str] = None) -> int:
+        """New weights, copied in place on every rank: ``weights`` an iterable of Hugging
+        Face-named ``(name, tensor)`` pairs (full, unsharded tensors; any subset of the model's),
+        or ``path`` a directory of safetensors files. Captured graphs stay valid; the prefix
+        cache is emptied. Returns how many of the model's weights were filled."""
+        return self.engine.core.load_weights(weights, path)
+
+    def collective_rpc(self, method: str, args: tuple = ()) -> list:
+        """Call ``method`` of every rank's worker (``tessellm.distributed.worker.Worker``) with
+        ``args`` (msgpack-able values across processes); one result per rank, in rank order."""
+        return self.engine.core.executor.collective_rpc(method, *args)
+
     def __enter__(self) -> "LLM":
         return self
 

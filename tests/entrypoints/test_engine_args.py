@@ -30,6 +30,7 @@ NON_DEFAULT = {
     "pooler_config": '{"pooling_type": "MEAN"}', "override_pooler_config": '{"normalize": false}',
     "hf_overrides": '{"num_labels": 1}',
     "kv_offloading_size": 2.5, "kv_offloading_backend": "native",
+    "enable_sleep_mode": True,
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],

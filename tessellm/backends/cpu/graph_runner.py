@@ -77,6 +77,10 @@ class CompiledDecodeRunner:
                     "one graph for batch 1, one for any batch >= 2" if self.exact_sizes else
                     f"one graph per bucket {self.capture_sizes}")
 
+    def release(self) -> None:
+        """Drop the compiled step (sleep mode); ``capture`` compiles it again."""
+        self._compiled = None
+
     def padded_size(self, num_tokens: int) -> Optional[int]:
         if self.exact_sizes and self.capture_sizes[0] <= num_tokens <= self.capture_sizes[-1]:
             return num_tokens

@@ -60,6 +60,11 @@ class CudaGraphRunner:
         logger.info("Captured CUDA graphs for %d batch sizes (%d..%d)", len(self._graphs),
                     self.capture_sizes[0], self.capture_sizes[-1])
 
+    def release(self) -> None:
+        """Drop the graphs and their pool (sleep mode); ``capture`` may run again."""
+        self._graphs.clear()
+        self._pool = None
+
     def padded_size(self, num_tokens: int) -> Optional[int]:
         i = bisect.bisect_left(self.capture_sizes, num_tokens)
         return self.capture_sizes[i] if i < len(self.capture_sizes) else None

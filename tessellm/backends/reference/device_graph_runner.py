@@ -62,6 +62,10 @@ class TorchDeviceGraphRunner:
             self._graphs[size] = (graph, inputs, output)
         api.synchronize()
 
+    def release(self) -> None:
+        """Drop the graphs and their pool (sleep mode); ``capture`` may run again."""
+        self._graphs.clear()
+
     def padded_size(self, num_tokens: int) -> Optional[int]:
         i = bisect.bisect_left(self.capture_sizes, num_tokens)
         return self.capture_sizes[i] if i < len(self.capture_sizes) else None

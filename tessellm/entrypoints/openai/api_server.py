@@ -10,7 +10,9 @@ LoRA adapters are listed with their ``parent``), ``/v1/load_lora_adapter`` and
 engine core process are up), ``/ready`` (the engine has loaded, finished its warm-up and answers; 503 with
 ``Retry-After`` while warming up or draining, see lifecycle.py), ``/version``, ``/metrics``
 (Prometheus text, ``tessellm.metrics.prometheus``; one private registry per app) and
-``/debug/stats`` (the core's scheduler stats, fresh).
+``/debug/stats`` (the core's scheduler stats, fresh); with TESSELLM_SERVER_DEV_MODE=1 sleep
+mode's ``/sleep``, ``/wake_up``, ``/is_sleeping``, ``/reset_prefix_cache`` and ``/load_weights``
+(sleep_routes.py; inference routes answer 503 while the engine sleeps).
 
 Every error is ``{"error": {"message", "type", "param", "code"}}``; validation errors are 400,
 never FastAPI's 422. The API key (when set) guards every route except /health, /ping,
@@ -29,10 +31,12 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import tessellm
+from tessellm import envs
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error, prompt_error
 from tessellm.entrypoints.openai.lifecycle import Lifecycle
 from tessellm.entrypoints.openai.lora_routes import add_lora_routes, serve_lora
+from tessellm.entrypoints.openai.sleep_routes import add_sleep_routes, check_awake
 from tessellm.entrypoints.openai.middleware import EdgeMiddleware
 from tessellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse,
                                                   TokenizeChatRequest, TokenizeCompletionRequest,
@@ -72,6 +76,8 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     serve_lora(engine, config)  # --enable-lora: reads --lora-modules (ValueError if one is bad)
     _add_inference_routes(app, engine, config)
     add_lora_routes(app, engine, config, _json_body)
+    if envs.server_dev_mode():
+        add_sleep_routes(app, engine, _json_body)
     add_error_handling(app, config, app.state.lifecycle)
     return app
 
@@ -153,7 +159,9 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
 
 
 def _check_generates(engine: AsyncLLM) -> None:
-    """A 400 for text generation on an embedding engine (``--runner pooling``)."""
+    """A 400 for text generation on an embedding engine (``--runner pooling``); a 503 while
+    the engine sleeps."""
+    check_awake(engine)
     try:
         check_generates(engine.info)
     except ValueError as exc:
@@ -214,20 +222,25 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
+        check_awake(engine)
         return await create_embedding(engine, config, await _json_body(request), request)
 
     @app.post("/pooling")
     async def pooling(request: Request):
+        check_awake(engine)
         return await create_pooling(engine, config, await _json_body(request), request)
 
     @app.post("/classify")
     async def classify(request: Request):
+        check_awake(engine)
         return await create_classification(engine, config, await _json_body(request), request)
 
     async def score(request: Request):
+        check_awake(engine)
         return await create_score(engine, config, await _json_body(request), request)
 
     async def rerank(request: Request):
+        check_awake(engine)
         return await create_rerank(engine, config, await _json_body(request), request)
 
     for path in ("/score", "/v1/score"):

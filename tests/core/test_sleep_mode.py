@@ -1,0 +1,170 @@
+"""Sleep mode (core/runner_sleep.py, docs/sleep_mode.md) on the cpu backend, on a tiny Llama
+against HF transformers: sleep(1) + wake_up gives the same greedy tokens, sleep(2) discards the
+weights (all-zero model) until load_weights refills them, new weights give HF's tokens on those
+weights, the memory really goes (storages of 0 bytes, a 0-block KV cache), the prefix cache is
+empty after a sleep, requests and weight loads are refused while the parts they need sleep, and
+bad calls raise one clear error without breaking the engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tessellm import LLM, SamplingParams
+from tessellm.core.runner_sleep import EngineAsleepError
+from tests.conftest import hf_greedy
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+PROMPTS = [[1, 5, 9, 22, 33, 44, 55, 66, 77, 88, 99, 100, 120, 130, 140, 150, 160, 170], [3, 4, 5, 6]]
+
+
+def _tokens(llm) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def other_dir(model_dir, tmp_path_factory):
+    """The same architecture with other weights (every tensor perturbed): an RL update."""
+    out = tmp_path_factory.mktemp("updated")
+    torch.manual_seed(7)
+    weights = {k: v + 0.05 * torch.randn_like(v) for k, v in load_file(os.path.join(model_dir, "model.safetensors")).items()}
+    save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    for name in os.listdir(model_dir):
+        if name.endswith(".json"):
+            shutil.copy(os.path.join(model_dir, name), out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    with LLM(model_dir, device="cpu", num_kv_blocks=64, enable_sleep_mode=True) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return hf_greedy(model_dir, PROMPTS, GREEDY.max_tokens)
+
+
+def _model_bytes(llm) -> int:
+    model = llm.engine.core.runner.model
+    return sum(p.untyped_storage().nbytes() for p in model.parameters())
+
+
+def test_level1_round_trip_frees_memory_and_keeps_outputs(llm, reference):
+    assert _tokens(llm) == reference
+    core = llm.engine.core
+    assert core.kv.cached  # the prompts' full blocks are in the prefix cache
+    resident = _model_bytes(llm)
+    llm.sleep(level=1)
+    assert llm.is_sleeping()
+    assert _model_bytes(llm) == 0
+    assert all(layer.k_cache.numel() == 0 for layer in core.runner.kv_layers())
+    assert not core.kv.cached  # the KV contents are gone: so is the prefix cache
+    with pytest.raises(EngineAsleepError, match="asleep"):
+        llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, use_tqdm=False)
+    llm.wake_up()
+    assert not llm.is_sleeping()
+    assert _model_bytes(llm) == resident
+    assert core.kv.stats.hits == 0 or not core.kv.cached
+    hits = core.kv.stats.hits
+    assert _tokens(llm) == reference
+    assert core.kv.stats.hits == hits  # nothing was served from a cache that no longer holds KV
+
+
+def test_level2_discards_weights_until_loaded(llm, model_dir, reference):
+    llm.sleep(level=2)
+    llm.wake_up(tags=["weights"])
+    assert llm.is_sleeping()  # the KV cache still sleeps: requests still refused
+    with pytest.raises(EngineAsleepError, match="kv_cache"):
+        llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, use_tqdm=False)
+    llm.wake_up(tags=["kv_cache"])
+    assert _tokens(llm) == [[0] * GREEDY.max_tokens] * len(PROMPTS)  # zero weights: logits all 0
+    llm.sleep(level=2)
+    with pytest.raises(EngineAsleepError, match="wake_up"):  # nowhere to copy them yet
+        llm.load_weights(path=model_dir)
+    llm.wake_up(tags=["weights"])
+    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    assert llm.load_weights(weights.items()) > 0
+    llm.wake_up(tags=["kv_cache"])
+    assert _tokens(llm) == reference
+
+
+def test_new_weights_give_hf_outputs_on_them(llm, model_dir, other_dir, reference):
+    _tokens(llm)
+    assert llm.engine.core.kv.cached
+    llm.load_weights(path=other_dir)
+    assert not llm.engine.core.kv.cached  # KV computed by the old weights is not reused
+    assert _tokens(llm) == hf_greedy(other_dir, PROMPTS, GREEDY.max_tokens)
+    llm.load_weights(path=model_dir)
+    assert _tokens(llm) == reference
+
+
+def test_bad_calls_are_refused_and_the_engine_serves_on(llm, reference):
+    with pytest.raises(ValueError, match="level must be 1"):
+        llm.sleep(level=3)
+    with pytest.raises(ValueError, match="Unknown wake_up tag"):
+        llm.wake_up(tags=["kv"])
+    with pytest.raises(ValueError, match="no place"):
+        llm.load_weights([("not.a.weight", torch.zeros(3))])
+    with pytest.raises(ValueError, match="None of the given tensors"):
+        llm.load_weights([])
+    with pytest.raises(ValueError, match="shape"):
+        llm.load_weights([("model.layers.0.mlp.down_proj.weight", torch.zeros(3, 3))])
+    with pytest.raises(ValueError, match="no safetensors checkpoint"):
+        llm.load_weights(path="/nonexistent/checkpoint")
+    with pytest.raises(ValueError, match="one of weights"):
+        llm.load_weights()
+    llm.wake_up()  # awake: a no-op
+    assert not llm.is_sleeping()
+    assert _tokens(llm) == reference
+
+
+def test_sleep_needs_sleep_mode(model_dir):
+    with LLM(model_dir, device="cpu", num_kv_blocks=16) as plain:
+        with pytest.raises(ValueError, match="enable_sleep_mode=True"):
+            plain.sleep()
+        assert not plain.is_sleeping()
+
+
+@pytest.mark.slow
+def test_compiled_decode_graphs_are_captured_again(model_dir, reference, monkeypatch):
+    """The cpu backend's compiled decode step (its graphs): released at sleep, compiled again at
+    wake over the new storages; the decode steps then replay it (~50 s on 2 cores)."""
+    monkeypatch.setenv("TESSELLM_CPU_COMPILE", "1")
+    with LLM(model_dir, device="cpu", num_kv_blocks=64, enable_sleep_mode=True, max_num_seqs=4) as llm:
+        runner = llm.engine.core.runner
+        assert runner._graphs_ready
+        assert _tokens(llm) == reference
+        llm.sleep(level=1)
+        assert runner.graph_runner._compiled is None and not runner._graphs_ready
+        llm.wake_up()
+        assert runner._graphs_ready and runner.graph_runner._compiled is not None
+        assert _tokens(llm) == reference
+
+
+def test_reset_prefix_cache_waits_for_free_blocks():
+    from tessellm.core.block_manager import BlockManager
+    from tessellm.core.request import Request
+
+    kv = BlockManager(num_blocks=8, block_size=4)
+    r = Request("a", list(range(10)), SamplingParams())
+    kv.allocate(r, 10)
+    kv.publish_full_blocks(r, 10)
+    assert len(kv.cached) == 2
+    assert not kv.reset_prefix_cache() and len(kv.cached) == 2  # a request holds its blocks
+    kv.free(r)
+    assert kv.reset_prefix_cache()
+    assert not kv.cached and all(b.block_hash is None for b in kv.blocks)
+    assert kv.find_cached_prefix(Request("b", list(range(10)), SamplingParams())) == []

@@ -1,0 +1,82 @@
+"""Sleep mode's dev routes in process (the app over a real AsyncLLM and engine core process, a
+tiny Llama): off without TESSELLM_SERVER_DEV_MODE=1; /sleep, /is_sleeping, /wake_up (with tags)
+and /load_weights; completions answer 503 with an OpenAI error object while the engine sleeps
+and the same tokens after it wakes; bad levels, tags and paths are 400s naming the problem."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tessellm.config import EngineArgs
+
+BODY = {"model": "m", "prompt": [1, 5, 9, 22, 33, 44, 55, 66, 77, 88, 99, 100, 120, 130, 140, 150, 160, 170],
+        "max_tokens": 6, "temperature": 0, "return_token_ids": True}
+
+
+async def _serve(args: EngineArgs, scenario):
+    from tessellm.entrypoints.async_llm import AsyncLLM
+    from tessellm.entrypoints.openai.api_server import build_app
+    from tessellm.entrypoints.openai.server_config import ServerConfig
+
+    engine = AsyncLLM(args)
+    try:
+        engine.start()
+        app = build_app(engine, ServerConfig(["m"]))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     timeout=120) as c:
+            return await scenario(c)
+    finally:
+        await engine.shutdown()
+
+
+def _ids(r) -> list[int]:
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def test_sleep_routes(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("TESSELLM_SERVER_DEV_MODE", "1")
+    path = tiny_model_dir("llama")
+
+    async def scenario(c):
+        before = _ids(await c.post("/v1/completions", json=BODY))
+        assert (await c.get("/is_sleeping")).json() == {"is_sleeping": False}
+        assert (await c.post("/sleep", params={"level": 1})).status_code == 200
+        assert (await c.get("/is_sleeping")).json() == {"is_sleeping": True}
+        r = await c.post("/v1/completions", json=BODY)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "engine_asleep" and "wake_up" in r.json()["error"]["message"]
+        assert (await c.post("/wake_up", params={"tags": "weights"})).status_code == 200
+        assert (await c.get("/is_sleeping")).json() == {"is_sleeping": True}
+        assert (await c.post("/wake_up", params={"tags": "kv_cache"})).status_code == 200
+        assert (await c.get("/is_sleeping")).json() == {"is_sleeping": False}
+        assert _ids(await c.post("/v1/completions", json=BODY)) == before
+        r = await c.post("/sleep", params={"level": 5})
+        assert r.status_code == 400 and "level must be 1" in r.json()["error"]["message"]
+        r = await c.post("/wake_up", params={"tags": "gpu"})
+        assert r.status_code == 400 and "Unknown wake_up tag" in r.json()["error"]["message"]
+        r = await c.post("/load_weights", json={"path": "/nonexistent"})
+        assert r.status_code == 400, r.text
+        assert (await c.post("/sleep", params={"level": 2})).status_code == 200
+        assert (await c.post("/wake_up", params={"tags": "weights"})).status_code == 200
+        r = await c.post("/load_weights", json={"path": path})
+        assert r.status_code == 200 and r.json()["loaded"] > 0
+        assert (await c.post("/wake_up")).status_code == 200
+        assert (await c.post("/reset_prefix_cache")).status_code == 200
+        assert _ids(await c.post("/v1/completions", json=BODY)) == before
+
+    asyncio.run(_serve(EngineArgs(model=path, device="cpu", num_kv_blocks=64, enable_sleep_mode=True),
+                       scenario))
+
+
+def test_sleep_routes_off_without_dev_mode(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("TESSELLM_SERVER_DEV_MODE", raising=False)
+
+    async def scenario(c):
+        assert (await c.post("/sleep")).status_code == 404
+        assert (await c.get("/is_sleeping")).status_code == 404
+
+    asyncio.run(_serve(EngineArgs(model=tiny_model_dir("llama"), device="cpu", num_kv_blocks=16), scenario))
