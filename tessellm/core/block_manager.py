@@ -214,12 +214,15 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (the KV contents are gone or stale: sleep mode, new
-        weights). Only while no request holds a block; False (nothing done) otherwise."""
+        weights), the host tier's too. Only while no request holds a block; False (nothing
+        done) otherwise."""
         if self.num_free_blocks != self.num_blocks:
             return False
         for block in self.cached.values():
             block.block_hash = None
         self.cached.clear()
+        if self.host is not None:
+            self.host.clear()
         return True
 
     def _take_free_block(self) -> Block:

@@ -127,6 +127,14 @@ class HostKVTier:
     def release(self) -> None:
         self.held.clear()
 
+    def clear(self) -> None:
+        """Forget every stored hash (the prefix cache was reset: new weights, sleep mode); the
+        buffer's contents are left to be overwritten."""
+        self.lru.clear()
+        self.free_slots = list(range(self.num_blocks - 1, -1, -1))
+        self.held.clear()
+        self.transfers = []
+
     def take_transfers(self) -> list[tuple[int, int, int]]:
         transfers, self.transfers = self.transfers, []
         return transfers

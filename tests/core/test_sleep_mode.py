@@ -168,3 +168,24 @@ def test_reset_prefix_cache_waits_for_free_blocks():
     assert kv.reset_prefix_cache()
     assert not kv.cached and all(b.block_hash is None for b in kv.blocks)
     assert kv.find_cached_prefix(Request("b", list(range(10)), SamplingParams())) == []
+
+
+def test_new_weights_empty_the_host_kv_tier(model_dir, other_dir):
+    """With a host tier behind the prefix cache (kv_offloading_size), blocks evicted there hold
+    the old weights' KV too: load_weights empties it, and a prompt that was in it is computed
+    again (HF's tokens on the new weights)."""
+    prompts = [list(range(3, 43)), list(range(50, 90)), list(range(100, 140))]
+    with LLM(model_dir, device="cpu", block_size=4, num_kv_blocks=16, max_model_len=128,
+             kv_offloading_size=0.01, enable_sleep_mode=True) as llm:
+        host = llm.engine.core.kv.host
+        for p in prompts:  # each evicts the one before into the host tier
+            llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)
+        assert host.num_used > 0
+        llm.load_weights(path=other_dir)
+        assert host.num_used == 0
+        out = llm.generate({"prompt_token_ids": prompts[0]}, GREEDY, use_tqdm=False)[0]
+        assert out.num_cached_tokens == 0
+        assert [out.outputs[0].token_ids] == hf_greedy(other_dir, prompts[:1], GREEDY.max_tokens)
+        llm.sleep(level=1)
+        llm.wake_up()
+        assert host.num_used == 0
