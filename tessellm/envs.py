@@ -122,6 +122,28 @@ def fp8_act_fold() -> bool:
     return _switch("TESSELLM_FP8_ACT_FOLD") is not False
 
 
+def decode_gemm() -> tuple[bool, bool, int]:
+    """TESSELLM_DECODE_GEMM: the Triton tile GEMM for decode-sized row counts
+    (``tessellm/kernels/gemm/decode_gemm.py``) in the Triton backends' ``FusedOps``: "1" or
+    "all" for the dense linears (not the LM head: up to 32768 outputs) and the decoder MLP's
+    gate_up with SiLU-and-mul in its epilogue, "linear" the first only, "silu" the second only;
+    unset or "0": off (cuBLAS and a separate SiLU-and-mul), the default until its GPU timing
+    (``benchmarks/perf22_device.sh``) decides. TESSELLM_DECODE_GEMM_MAX_ROWS: the most rows it
+    takes (default 512; 3 at least: 1-2 rows take the GEMV). Returns (linear, silu, max rows)."""
+    value = os.environ.get("TESSELLM_DECODE_GEMM", "").strip().lower()
+    choices = {"": (False, False), "0": (False, False), "off": (False, False),
+               "1": (True, True), "all": (True, True), "on": (True, True),
+               "linear": (True, False), "silu": (False, True)}
+    if value not in choices:
+        raise ValueError(f"TESSELLM_DECODE_GEMM={value!r} is not understood; use 1 (or all), "
+                         "linear, silu or 0.")
+    rows = os.environ.get("TESSELLM_DECODE_GEMM_MAX_ROWS", "").strip()
+    if rows and (not rows.isdigit() or int(rows) < 3):
+        raise ValueError(f"TESSELLM_DECODE_GEMM_MAX_ROWS={rows!r} is not understood; give a "
+                         "whole number of rows, 3 or more.")
+    return (*choices[value], int(rows) if rows else 512)
+
+
 def recurrent_state_device_graphs() -> bool:
     """TESSELLM_RECURRENT_STATE_GRAPHS: "1" lets the recurrent-state models (Mamba2, Bamba,
     Granite 4.0-H, Nemotron-H, Falcon-H1, Qwen3-Next) replay captured decode graphs on a GPU

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from tessellm import envs
 from tessellm.kernels.activation import _silu_and_mul_kernel, launch_silu_and_mul_fp8
+from tessellm.kernels.gemm.decode_gemm import decode_gemm, decode_gemm_silu_and_mul
 from tessellm.kernels.gemm.gemv import GEMV_FOLD_MAX_M, gemv, gemv_silu_and_mul
 from tessellm.kernels.norm import (_rows, add_norm_buffers, launch_rms_norm, launch_rms_norm_fp8,
                                    residual_buffers)
@@ -157,11 +159,40 @@ class TritonOps:
     # below this many outputs (H200, Llama-8B shapes, benchmarks/kernels/gemv_bench.py).
     gemv_two_rows_max_n = 8192
 
+    # TESSELLM_DECODE_GEMM's plain product stays off the LM head (more outputs than this).
+    decode_gemm_max_n = 32768
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
-        """``x @ weight.T + bias``: the GEMV at decode's 1-2 rows in bf16/fp16, else torch's."""
+        """``x @ weight.T + bias``: the GEMV at decode's 1-2 rows in bf16/fp16; under
+        ``TESSELLM_DECODE_GEMM`` the Triton tile GEMM at 3 to its most rows (``decode_gemm``);
+        else torch's."""
         if self._gemv_applies(x, weight):
             return gemv(x, weight, bias)
+        if self._decode_gemm_applies(x, weight, silu=False):
+            return decode_gemm(x, weight, bias)
         return F.linear(x, weight, bias)
+
+    def decode_gemm_rows(self) -> int:
+        """The most rows ``linear_silu_and_mul`` runs as one product: the GEMV's 2, or
+        TESSELLM_DECODE_GEMM's row limit where its SiLU epilogue is on (``tessellm.envs``,
+        read once per ops object)."""
+        _, silu, rows = self._decode_gemm_setting()
+        return rows if silu else GEMV_FOLD_MAX_M
+
+    def _decode_gemm_setting(self) -> tuple[bool, bool, int]:
+        setting = self.__dict__.get("_decode_gemm")
+        if setting is None:
+            setting = self.__dict__["_decode_gemm"] = envs.decode_gemm()
+        return setting
+
+    def _decode_gemm_applies(self, x: torch.Tensor, weight: torch.Tensor, silu: bool) -> bool:
+        plain, fold, rows = self._decode_gemm_setting()
+        if not (fold if silu else plain):
+            return False
+        return (x.dim() == 2 and 2 < x.shape[0] <= rows and weight.dtype == x.dtype
+                and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                and weight.dim() == 2 and weight.stride(1) == 1
+                and (silu or weight.shape[0] <= self.decode_gemm_max_n))
 
     def _gemv_applies(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)
@@ -177,6 +208,8 @@ class TritonOps:
         if (x.dim() == 2 and x.shape[0] <= GEMV_FOLD_MAX_M and weight.shape[0] % 2 == 0
                 and self._gemv_applies(x, weight)):
             return gemv_silu_and_mul(x, weight, bias)
+        if weight.shape[0] % 2 == 0 and self._decode_gemm_applies(x, weight, silu=True):
+            return decode_gemm_silu_and_mul(x, weight, bias)
         return self.silu_and_mul(self.linear(x, weight, bias))
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:

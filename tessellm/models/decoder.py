@@ -144,12 +144,18 @@ class DecoderMLP(nn.Module):
         # the fp8 activation fold (on unless TESSELLM_FP8_ACT_FOLD=0): SiLU-and-mul quantizes for down_proj
         self._fp8_fold = (envs.fp8_act_fold()
                           and getattr(ctx.ops, "silu_and_mul_fp8", None) is not None)
+        # rows up to which gate_up and the activation may run as one product: the one-row
+        # GEMV's 2, or more where the backend's tile GEMM takes them (TESSELLM_DECODE_GEMM)
+        rows_for = getattr(ctx.ops, "decode_gemm_rows", None)
+        self._silu_rows = (rows_for() if rows_for is not None and ctx.quant_method is None
+                           else 2)
 
     def forward(self, x):
         """``x``: the hidden states, or them quantized for gate_up_proj (an ``Fp8Activation``
         from the norm before, ``DecoderLayer``)."""
-        # decode (1-2 rows): the backend's GEMV may run the activation in its epilogue
-        act = fused_silu_and_mul(self.gate_up_proj, x, max_rows=2)
+        # decode (1-2 rows, or more: _silu_rows): the backend's product may run the
+        # activation in its epilogue
+        act = fused_silu_and_mul(self.gate_up_proj, x, max_rows=self._silu_rows)
         if act is None:
             act = self._silu_and_mul(self.gate_up_proj(x))
         return self.down_proj(act)
