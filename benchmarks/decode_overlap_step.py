@@ -72,7 +72,8 @@ def main() -> None:
     gpu_ms = start.elapsed_time(end) / args.iters
     result = {"batch": args.batch, "context": args.input_len, "overlap": args.overlap,
               "min_rows": args.min_rows, "graph_gpu_ms_per_step": round(gpu_ms, 3),
-              "engine_start_s": round(start_s, 1), "device": torch.cuda.get_device_name()}
+              "engine_start_s": round(start_s, 1), "device": torch.cuda.get_device_name(),
+              "decode_gemm": os.environ.get("TESSELLM_DECODE_GEMM", "")}
     print(json.dumps(result))
     if args.output_json:
         with open(args.output_json, "w") as f:

@@ -144,6 +144,23 @@ def decode_gemm() -> tuple[bool, bool, int]:
     return (*choices[value], int(rows) if rows else 512)
 
 
+def decode_gemm_silu_tiles() -> Optional[tuple[int, int, int, int, int]]:
+    """TESSELLM_DECODE_GEMM_SILU_TILES: the launch shape of TESSELLM_DECODE_GEMM's gate_up +
+    SiLU-and-mul kernel, "BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGES" (e.g. "128x64x64x4x4", as
+    ``benchmarks/kernels/decode_gemm_bench.py`` names its sweep's winners) instead of
+    ``decode_gemm.decode_gemm_config``'s; unset: that default."""
+    value = os.environ.get("TESSELLM_DECODE_GEMM_SILU_TILES", "").strip().lower()
+    if not value:
+        return None
+    parts = value.split("x")
+    if (len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts)
+            or any(int(p) & (int(p) - 1) for p in parts[:4])):
+        raise ValueError(f"TESSELLM_DECODE_GEMM_SILU_TILES={value!r} is not understood; give "
+                         "BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGES, powers of two but the stages, "
+                         "e.g. 128x64x64x4x4.")
+    return tuple(int(p) for p in parts)
+
+
 def recurrent_state_device_graphs() -> bool:
     """TESSELLM_RECURRENT_STATE_GRAPHS: "1" lets the recurrent-state models (Mamba2, Bamba,
     Granite 4.0-H, Nemotron-H, Falcon-H1, Qwen3-Next) replay captured decode graphs on a GPU

@@ -14,7 +14,8 @@ import triton
 
 from tessellm import envs
 from tessellm.kernels.activation import _silu_and_mul_kernel, launch_silu_and_mul_fp8
-from tessellm.kernels.gemm.decode_gemm import decode_gemm, decode_gemm_silu_and_mul
+from tessellm.kernels.gemm.decode_gemm import (DecodeGemmConfig, decode_gemm,
+                                                decode_gemm_silu_and_mul)
 from tessellm.kernels.gemm.gemv import GEMV_FOLD_MAX_M, gemv, gemv_silu_and_mul
 from tessellm.kernels.norm import (_rows, add_norm_buffers, launch_rms_norm, launch_rms_norm_fp8,
                                    residual_buffers)
@@ -183,6 +184,9 @@ class TritonOps:
         setting = self.__dict__.get("_decode_gemm")
         if setting is None:
             setting = self.__dict__["_decode_gemm"] = envs.decode_gemm()
+            tiles = envs.decode_gemm_silu_tiles()
+            self.__dict__["_decode_gemm_silu_config"] = (
+                None if tiles is None else DecodeGemmConfig(*tiles))
         return setting
 
     def _decode_gemm_applies(self, x: torch.Tensor, weight: torch.Tensor, silu: bool) -> bool:
@@ -209,7 +213,8 @@ class TritonOps:
                 and self._gemv_applies(x, weight)):
             return gemv_silu_and_mul(x, weight, bias)
         if weight.shape[0] % 2 == 0 and self._decode_gemm_applies(x, weight, silu=True):
-            return decode_gemm_silu_and_mul(x, weight, bias)
+            return decode_gemm_silu_and_mul(x, weight, bias,
+                                            self.__dict__["_decode_gemm_silu_config"])
         return self.silu_and_mul(self.linear(x, weight, bias))
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
