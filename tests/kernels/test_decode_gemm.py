@@ -193,3 +193,52 @@ def test_silu_tiles_override(monkeypatch):
         monkeypatch.setenv("TESSELLM_DECODE_GEMM_SILU_TILES", bad)
         with pytest.raises(ValueError, match="BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGES"):
             envs.decode_gemm_silu_tiles()
+
+
+_COMPILE = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tessellm.kernels.gemm import decode_gemm as dg
+
+def compile_sm90(consts, num_warps, num_stages):
+    fn = dg._decode_gemm_kernel
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
+        else:
+            sig[name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    return dict(wgmma=k.asm["ttgir"].count("warp_group_dot"), shared=k.metadata.shared,
+                gdc=k.asm["ptx"].count("griddepcontrol"))
+
+out = {}
+for silu in (False, True):
+    cfg = dg.decode_gemm_config(256, 14336 if silu else 4096, 4096, silu, 132)
+    out[str(silu)] = compile_sm90(dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                       BLOCK_K=cfg.block_k, EVEN_K=True, HAS_BIAS=False,
+                                       SILU=silu, DOT_FP32=False, DOT_PREC="tf32", USE_PDL=True),
+                                  cfg.num_warps, cfg.num_stages)
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_default_launch_shapes_compile_to_hopper_mma():
+    """The 256-row default launch shapes (plain and SiLU) compiled for sm_90: the dots become
+    warp-group MMAs (wgmma, not the older mma or FMA loops), shared memory fits an H100/H200
+    SM (228 KB), and the PDL wait and trigger are in the PTX."""
+    from tests.kernels.offline_compile import run_compile_script
+
+    proc = run_compile_script(_COMPILE)
+    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-3000:]
+    found = __import__("json").loads(proc.stdout.split("RESULT", 1)[1])
+    for silu, k in found.items():
+        assert k["wgmma"] >= (2 if silu == "True" else 1), (silu, k)
+        assert 0 < k["shared"] <= 228 * 1024, (silu, k)
+        assert k["gdc"] >= 2, (silu, k)

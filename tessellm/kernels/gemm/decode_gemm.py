@@ -67,8 +67,8 @@ def decode_gemm_config(m: int, n: int, k: int, silu: bool, num_sms: int,
 def _decode_gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
                         stride_om, up_offset,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, SILU: tl.constexpr, DOT_FP32: tl.constexpr,
-                        DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr):
+                        EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                        DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr):
     """out[M, N] = x[M, K] @ w[N, K]^T (+ bias); with SILU, out[M, N] = silu_and_mul of the
     product with w's rows [0, N) (gate) and [up_offset, up_offset + N) (up). The M tiles of one
     N tile are neighbouring programs, so the weight tile they share is read from DRAM once."""
@@ -89,7 +89,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, str
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        k_ok = kk < K
+        k_ok = (kk < K) | EVEN_K  # K a multiple of BLOCK_K: no K mask to evaluate
         x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if DOT_FP32:  # bf16 under the interpreter (numpy has no bf16 dot): exact in float32
@@ -145,7 +145,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     _decode_gemm_kernel[(cfg.tiles(m, n),)](
         x, weight, bias if bias is not None else x, out, m, n, k, x.stride(0), weight.stride(0),
         out.stride(0), n, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        HAS_BIAS=bias is not None, SILU=silu, DOT_FP32=dot["DOT_FP32"],
+        EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, SILU=silu, DOT_FP32=dot["DOT_FP32"],
         DOT_PREC=dot["DOT_PREC"], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl_args(x.device))
     return out
