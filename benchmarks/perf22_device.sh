@@ -10,17 +10,17 @@
 #   2. decode_gemm_bench.py (BENCH_S 90): the four decoder products at 256 and 512 rows,
 #      cuBLAS vs the default launch shape vs 10 others -> $OUT/decode_gemm.json.
 #   3. A batch-256 captured decode step at context 512 (STEP_S 55 each): GPU ms off / $DG,
-#      and the first decode step's logits on against off. From here on, the gate_up + SiLU
-#      kernel takes step 2's best launch shape at 256 rows where it beats the default by >= 3%
-#      (TESSELLM_DECODE_GEMM_SILU_TILES, printed).
-#   4. F (256 x 512 in / 256 out) off and with TESSELLM_DECODE_GEMM=$DG (F_S 70 each; DG default
-#      silu, the dual epilogue only: set DG=1 where step 2 shows the plain products win too).
+#      and the first decode step's logits on against off. "On" is what step 2's 256-row figures
+#      favour (decode_gemm_bench.py --choose, printed): TESSELLM_DECODE_GEMM=silu / linear / 1,
+#      _MAX_N (4096: o and down only; 6144: qkv too), _SILU_TILES (the dual kernel's winner at
+#      >= 3% over its default); silu when nothing wins. DG=<value> forces the first.
+#   4. F (256 x 512 in / 256 out) off and on (F_S 70 each).
 #   5. L off / on (L_S, default 0: skipped; 150 each when run alone in a second call).
 #   COMMIT=<hash> bash benchmarks/perf22_device.sh    (repo root; carry .whl, tessellm.egg-info)
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 source benchmarks/device_env.sh
-DG=${DG:-silu}
+DG=${DG:-}  # empty: the sweep chooses (step 2)
 F="throughput --model $L8 --load-format dummy --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 4096"
 L="throughput --model $L8 --load-format dummy --num-prompts 512 --input-len 1024 --output-len 1024 --max-model-len 4096"
 STEP="python3 benchmarks/decode_overlap_step.py --model $L8 --batch 256 --overlap 0"
@@ -29,14 +29,17 @@ ratio() { [ -f "$OUT/$1.json" ] && [ -f "$OUT/$2.json" ] && python3 -c "import j
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  echo "commit ${COMMIT:-unknown}, DG=$DG"; date -u
+  echo "commit ${COMMIT:-unknown}, DG=${DG:-from the sweep}"; date -u
   t tests ${TEST_S:-110} python3 -m pytest -q -p no:cacheprovider -x tests/kernels/test_decode_gemm.py tests/models/test_decode_gemm_engine.py
   t conformance ${CONF_S:-40} env TESSELLM_DECODE_GEMM=1 python3 -m tessellm.testing --backend cuda -q -k linear
   TAIL=14 box "decode_gemm_bench" ${BENCH_S:-90} python3 benchmarks/kernels/decode_gemm_bench.py --rows 256 512 --out "$OUT/decode_gemm.json"
-  # the sweep's gate_up winner at 256 rows where it beats the default launch shape by >= 3%
-  TILES=$(python3 -c "import json,sys; e=json.load(open(sys.argv[1]))['rows']['256']['gate_up']; b=e.get('best'); print(b if b and b != 'default' and e[b]['us'] < 0.97 * e['default']['us'] else '')" "$OUT/decode_gemm.json" 2>/dev/null)
-  echo "gate_up + SiLU launch shape for the runs with the path on: ${TILES:-default}"
-  export TESSELLM_DECODE_GEMM_SILU_TILES=$TILES
+  # the setting the sweep's 256-row figures favour (decode_gemm_bench.py --choose): which
+  # products, the plain products' bound, the dual kernel's launch shape; DG given: that instead
+  read -r DGC MAXN TILES < <(python3 benchmarks/kernels/decode_gemm_bench.py --choose --out "$OUT/decode_gemm.json" 2>/dev/null || echo "silu - -")
+  DG=${DG:-$DGC}
+  [ "$MAXN" = "-" ] && MAXN=""; [ "$TILES" = "-" ] && TILES=""
+  echo "path on = TESSELLM_DECODE_GEMM=$DG (sweep's choice $DGC), _MAX_N=${MAXN:-default}, _SILU_TILES=${TILES:-default}"
+  export TESSELLM_DECODE_GEMM_MAX_N=$MAXN TESSELLM_DECODE_GEMM_SILU_TILES=$TILES
   for mode in 0 $DG; do
     TAIL=2 box "step ctx 512 DECODE_GEMM=$mode" ${STEP_S:-55} env TESSELLM_DECODE_GEMM=$mode $STEP --input-len 512 \
       --output-json "$OUT/step_512_$mode.json" --logits-out "$OUT/logits_512_$mode.pt"

@@ -144,6 +144,20 @@ def decode_gemm() -> tuple[bool, bool, int]:
     return (*choices[value], int(rows) if rows else 512)
 
 
+def decode_gemm_max_n() -> Optional[int]:
+    """TESSELLM_DECODE_GEMM_MAX_N: the most outputs a plain product may have to take
+    TESSELLM_DECODE_GEMM's tile GEMM (e.g. 4096 on Llama-3.1-8B: the o and down projections,
+    not qkv's 6144); unset: the ops' default (``TritonOps.decode_gemm_max_n``, 32768: not the
+    LM head)."""
+    value = os.environ.get("TESSELLM_DECODE_GEMM_MAX_N", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"TESSELLM_DECODE_GEMM_MAX_N={value!r} is not understood; give a whole "
+                         "number of outputs.")
+    return int(value)
+
+
 def decode_gemm_silu_tiles() -> Optional[tuple[int, int, int, int, int]]:
     """TESSELLM_DECODE_GEMM_SILU_TILES: the launch shape of TESSELLM_DECODE_GEMM's gate_up +
     SiLU-and-mul kernel, "BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGES" (e.g. "128x64x64x4x4", as

@@ -118,6 +118,33 @@ def bench(rows: list[int], sweep: bool, out: Path, dtype=torch.bfloat16) -> dict
     return res
 
 
+def choose(path: str, rows: str = "256") -> tuple[str, str, str]:
+    """From a written JSON, the engine setting its ``rows``-row figures favour: the
+    TESSELLM_DECODE_GEMM value (the SiLU product where the dual kernel's best beats cuBLAS +
+    SiLU-and-mul; the plain products where the default launch shape's sum over o + down, or
+    qkv + o + down, beats cuBLAS's), TESSELLM_DECODE_GEMM_MAX_N (4096 or 6144 on Llama-8B) and
+    TESSELLM_DECODE_GEMM_SILU_TILES (the dual kernel's winner where it beats the default by
+    >= 3%). With nothing winning: "silu" (still measured in the engine), no bound, no tiles."""
+    per = json.loads(Path(path).read_text())["rows"][rows]
+
+    def us(name, label):
+        return per[name].get(label, {}).get("us")
+
+    gu = per["gate_up"]
+    best = gu.get("best")
+    silu = bool(best) and us("gate_up", best) < us("gate_up", "cublas")
+    tiles = best if silu and best != "default" and us("gate_up", best) < 0.97 * us(
+        "gate_up", "default") else ""
+    gains = {}
+    for max_n, names in ((4096, ("o", "down")), (6144, ("qkv", "o", "down"))):
+        vals = [(us(n, "cublas"), us(n, "default")) for n in names]
+        if all(c is not None and t is not None for c, t in vals):
+            gains[max_n] = sum(c - t for c, t in vals)
+    max_n = max(gains, key=gains.get) if gains and max(gains.values()) > 0 else None
+    dg_value = "1" if silu and max_n else "silu" if silu else "linear" if max_n else "silu"
+    return dg_value, str(max_n or ""), tiles
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file to write")
@@ -125,7 +152,13 @@ def main() -> None:
     p.add_argument("--no-sweep", action="store_true", help="cuBLAS and the default shape only")
     p.add_argument("--dry-run", action="store_true",
                    help="on the CPU (TRITON_INTERPRET=1): tiny products, untimed (a script check)")
+    p.add_argument("--choose", action="store_true",
+                   help="read --out (written before) and print the setting its 256-row figures "
+                        "favour: TESSELLM_DECODE_GEMM, _MAX_N and _SILU_TILES values ('-': unset)")
     args = p.parse_args()
+    if args.choose:
+        print(" ".join(v or "-" for v in choose(args.out)))
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.dry_run:

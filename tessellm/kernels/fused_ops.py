@@ -160,7 +160,8 @@ class TritonOps:
     # below this many outputs (H200, Llama-8B shapes, benchmarks/kernels/gemv_bench.py).
     gemv_two_rows_max_n = 8192
 
-    # TESSELLM_DECODE_GEMM's plain product stays off the LM head (more outputs than this).
+    # TESSELLM_DECODE_GEMM's plain product stays off the LM head (more outputs than this;
+    # TESSELLM_DECODE_GEMM_MAX_N sets another bound).
     decode_gemm_max_n = 32768
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
@@ -187,6 +188,9 @@ class TritonOps:
             tiles = envs.decode_gemm_silu_tiles()
             self.__dict__["_decode_gemm_silu_config"] = (
                 None if tiles is None else DecodeGemmConfig(*tiles))
+            max_n = envs.decode_gemm_max_n()
+            if max_n is not None:
+                self.decode_gemm_max_n = max_n
         return setting
 
     def _decode_gemm_applies(self, x: torch.Tensor, weight: torch.Tensor, silu: bool) -> bool:

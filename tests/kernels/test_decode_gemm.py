@@ -173,6 +173,23 @@ def test_triton_ops_routing(monkeypatch, value):
     assert calls == []
 
 
+def test_max_n_variable(monkeypatch):
+    """TESSELLM_DECODE_GEMM_MAX_N bounds the plain products' outputs (the SiLU product is not
+    bounded by it); a malformed value is one clear error."""
+    monkeypatch.setenv("TESSELLM_DECODE_GEMM", "1")
+    monkeypatch.setenv("TESSELLM_DECODE_GEMM_MAX_N", "16")
+    calls = _counting(monkeypatch)
+    ops = TritonOps()
+    x, w, _ = _data(5, 24, 32, F32, False)
+    ops.linear(x, w)
+    ops.linear(x, w[:16])
+    ops.linear_silu_and_mul(x, w)
+    assert calls == ["plain", "silu"] and ops.decode_gemm_max_n == 16
+    monkeypatch.setenv("TESSELLM_DECODE_GEMM_MAX_N", "lots")
+    with pytest.raises(ValueError, match="TESSELLM_DECODE_GEMM_MAX_N='lots'"):
+        envs.decode_gemm_max_n()
+
+
 def test_silu_tiles_override(monkeypatch):
     """TESSELLM_DECODE_GEMM_SILU_TILES sets the dual kernel's launch shape (same result as the
     kernel called with that shape); a malformed value is one clear error."""
