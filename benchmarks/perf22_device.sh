@@ -13,7 +13,9 @@
 #      and the first decode step's logits on against off. "On" is what step 2's 256-row figures
 #      favour (decode_gemm_bench.py --choose, printed): TESSELLM_DECODE_GEMM=silu / linear / 1,
 #      _MAX_N (4096: o and down only; 6144: qkv too), _SILU_TILES (the dual kernel's winner at
-#      >= 3% over its default); silu when nothing wins. DG=<value> forces the first.
+#      >= 3% over its default); silu when nothing wins. DG=<value> forces the first and keeps
+#      the caller's TESSELLM_DECODE_GEMM_MAX_N / _SILU_TILES (a second call for L: e.g.
+#      DG=1 TESSELLM_DECODE_GEMM_MAX_N=4096 L_S=150 TEST_S=0 CONF_S=0 BENCH_S=0 STEP_S=0 F_S=0).
 #   4. F (256 x 512 in / 256 out) off and on (F_S 70 each).
 #   5. L off / on (L_S, default 0: skipped; 150 each when run alone in a second call).
 #   COMMIT=<hash> bash benchmarks/perf22_device.sh    (repo root; carry .whl, tessellm.egg-info)
@@ -36,10 +38,11 @@ ratio() { [ -f "$OUT/$1.json" ] && [ -f "$OUT/$2.json" ] && python3 -c "import j
   # the setting the sweep's 256-row figures favour (decode_gemm_bench.py --choose): which
   # products, the plain products' bound, the dual kernel's launch shape; DG given: that instead
   read -r DGC MAXN TILES < <(python3 benchmarks/kernels/decode_gemm_bench.py --choose --out "$OUT/decode_gemm.json" 2>/dev/null || echo "silu - -")
-  DG=${DG:-$DGC}
   [ "$MAXN" = "-" ] && MAXN=""; [ "$TILES" = "-" ] && TILES=""
-  echo "path on = TESSELLM_DECODE_GEMM=$DG (sweep's choice $DGC), _MAX_N=${MAXN:-default}, _SILU_TILES=${TILES:-default}"
-  export TESSELLM_DECODE_GEMM_MAX_N=$MAXN TESSELLM_DECODE_GEMM_SILU_TILES=$TILES
+  if [ -z "$DG" ]; then  # else the caller's DG, TESSELLM_DECODE_GEMM_MAX_N and _SILU_TILES stay
+    DG=$DGC; export TESSELLM_DECODE_GEMM_MAX_N=$MAXN TESSELLM_DECODE_GEMM_SILU_TILES=$TILES
+  fi
+  echo "path on = TESSELLM_DECODE_GEMM=$DG, _MAX_N=${TESSELLM_DECODE_GEMM_MAX_N:-default}, _SILU_TILES=${TESSELLM_DECODE_GEMM_SILU_TILES:-default} (the sweep's choice: $DGC ${MAXN:-default} ${TILES:-default})"
   for mode in 0 $DG; do
     TAIL=2 box "step ctx 512 DECODE_GEMM=$mode" ${STEP_S:-55} env TESSELLM_DECODE_GEMM=$mode $STEP --input-len 512 \
       --output-json "$OUT/step_512_$mode.json" --logits-out "$OUT/logits_512_$mode.pt"
