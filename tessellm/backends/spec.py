@@ -581,7 +581,8 @@ class FusedOps(Protocol):
     # before any work queued after the call (a later step's forward reads what a load wrote;
     # a later store may reuse a host block a load read); the host may go on before they finish
     # (the engine never reads the host buffer on the host). Returns None. Oracle and default:
-    # ``backends/reference/kv_transfer.swap_blocks`` (a slice copy per run of consecutive ids);
+    # ``backends/reference/kv_transfer.swap_blocks`` (a gather or scatter by index on the
+    # device, a slice copy per run of consecutive host slots);
     # conformance ``test_kv_transfer.py``.
     #
     # Optional: ``fused_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,

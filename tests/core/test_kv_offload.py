@@ -71,6 +71,33 @@ def test_block_manager_stores_on_eviction_and_loads_back():
     assert all(kv.cached[h].block_id == i for h, i in zip(offloaded, ids))  # device-cached now
 
 
+def test_reference_copies_match_pair_by_pair():
+    """The reference swap_blocks' three batched paths (one memory; a gather then host runs; host
+    runs then a scatter: the last two are the GPU's, run here on host tensors) and its pair-by-pair
+    path for a block written twice, against copying pair by pair in order."""
+    import torch
+
+    from tessellm.backends.reference.kv_transfer import load_scattered, store_gathered, swap_blocks
+
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(32, BS, 2, 8, generator=g)
+    ids, slots = torch.randperm(32, generator=g)[:12].tolist(), torch.randperm(20, generator=g)[:12].tolist()
+
+    def oracle(src, n, mapping):
+        out = torch.zeros((n, *src.shape[1:]))
+        for s, d in mapping:
+            out[d] = src[s]
+        return out
+
+    stores, loads = list(zip(ids, slots)), list(zip(slots[::-1], ids))
+    for copy, src, n, mapping in ((swap_blocks, cache, 20, stores), (store_gathered, cache, 20, stores),
+                                  (load_scattered, oracle(cache, 20, stores), 32, loads),
+                                  (swap_blocks, cache, 20, stores + [(5, slots[0])])):
+        out = torch.zeros((n, *src.shape[1:]))
+        copy(src, out, mapping)
+        assert torch.equal(out, oracle(src, n, mapping))
+
+
 # -- the engine ----------------------------------------------------------------------------
 
 def _run(model: str, order: list[list[int]], max_tokens: int = 6, **engine):

@@ -41,14 +41,43 @@ def test_swap_blocks_round_trip(target, dtype):
     loads = [(0, 10), (1, 11), (2, 0), (4, 6), (5, 3)]
     swap(host, back, loads)
     target.backend.synchronize()
-    want = torch.zeros_like(back.cpu())
-    ref_host = torch.zeros(6, 4, 2, 16, dtype=dtype)
-    reference_swap_blocks(cache.cpu(), ref_host, stores)
-    reference_swap_blocks(ref_host, want, loads)
-    assert torch.equal(host.cpu().view(torch.uint8), ref_host.view(torch.uint8))
+    want_host = _oracle(cache.cpu(), 6, stores)
+    want = _oracle(want_host, 12, loads)
+    assert torch.equal(host.cpu().view(torch.uint8), want_host.view(torch.uint8))
     assert torch.equal(back.cpu().view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(want[10].view(torch.uint8), cache[3].cpu().view(torch.uint8))
     assert torch.equal(want[3].view(torch.uint8), cache[8].cpu().view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_swap_blocks_scattered(target, dtype):
+    """Many scattered blocks each way (the batched paths: a gather or scatter on the device,
+    runs of host slots), against pair-by-pair copies."""
+    target.skip_if_emulated("device memory copies")
+    swap, dev = _swap(target), target.device
+    g = torch.Generator().manual_seed(11)
+    cache = torch.randn(64, 4, 2, 16, generator=g).to(dtype).to(dev)
+    host = _host((40, 4, 2, 16), dtype, dev)
+    device_ids = torch.randperm(64, generator=g)[:30].tolist()
+    slots = torch.randperm(40, generator=g)[:30].tolist()
+    stores = list(zip(device_ids, slots))
+    swap(cache, host, stores)
+    back = torch.zeros_like(cache)
+    loads = list(zip(slots[::2], device_ids[1::2]))  # other device blocks than they came from
+    swap(host, back, loads)
+    target.backend.synchronize()
+    want_host = _oracle(cache.cpu(), 40, stores)
+    assert torch.equal(host.cpu().view(torch.uint8), want_host.view(torch.uint8))
+    want = _oracle(want_host, 64, loads)
+    assert torch.equal(back.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+def _oracle(src: torch.Tensor, num_blocks: int, mapping) -> torch.Tensor:
+    """Pair by pair, in order, into zeros (host tensors)."""
+    out = torch.zeros((num_blocks, *src.shape[1:]), dtype=src.dtype)
+    for s, d in mapping:
+        out[d] = src[s]
+    return out
 
 
 def test_generation_with_host_tier_equals_without(target, tiny_llama_dir):
