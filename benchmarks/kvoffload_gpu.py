@@ -50,7 +50,7 @@ def check() -> None:
             outs = [llm.generate({"prompt_token_ids": x}, params, use_tqdm=False)[0] for x in order]
             got[size] = [list(o.outputs[0].token_ids) for o in outs]
             host = llm.engine.core.kv.host
-            pinned = (llm.engine.core.executor.worker.runner.host_kv[0].is_pinned()
+            pinned = (llm.engine.core.executor.worker.runner.host_kv.pinned
                       if host is not None else None)
             print(f"kv_offloading_size={size}: cached tokens {[o.num_cached_tokens for o in outs]}, "
                   f"tier {None if host is None else host.stats}, pinned {pinned}")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tessellm.backends.reference.kv_transfer import swap_blocks as reference_swap_blocks
-from tessellm.core.kv_offload import LOAD, STORE
+from tessellm.core.host_kv_buffer import HostKVBuffer
 
 
 class RunnerKVCache:
@@ -51,31 +51,16 @@ class RunnerKVCache:
                    * a.head_size * elem for a in self.kv_layers())
 
     def allocate_host_kv_cache(self, num_blocks: int) -> None:
-        """The host tier's buffers: for each cache tensor (in ``kv_layers`` order, keys then
-        values) ``num_blocks`` blocks of the same storage shape and dtype, in host memory."""
+        """The host tier's buffer: ``num_blocks`` blocks of every cache tensor in host memory,
+        pinned where the device pins (``core/host_kv_buffer.py``)."""
         pin = self.device.type not in ("cpu", "xla")
-        self.host_kv = [_host_buffer((num_blocks, *t.shape[1:]), t.dtype, pin)
-                        for t in self._block_major_caches()]
+        self.host_kv = HostKVBuffer(self._block_major_caches(), num_blocks, pin, _host_zeros)
         if not hasattr(self, "swap_blocks"):
             self.swap_blocks = reference_swap_blocks
 
     def apply_kv_transfers(self, transfers: list) -> None:
-        """The step's copies between the device cache and the host tier, in their order (runs
-        of stores, then of loads, ... each run one ``swap_blocks`` per cache tensor)."""
-        caches = self._block_major_caches()
-        i = 0
-        while i < len(transfers):
-            kind = transfers[i][0]
-            j = i
-            while j < len(transfers) and transfers[j][0] == kind:
-                j += 1
-            mapping = [(int(t[1]), int(t[2])) for t in transfers[i:j]]
-            for dev, host in zip(caches, self.host_kv):
-                if kind == STORE:
-                    self.swap_blocks(dev, host, mapping)
-                elif kind == LOAD:
-                    self.swap_blocks(host, dev, mapping)
-            i = j
+        """The step's copies between the device cache and the host tier, in their order."""
+        self.host_kv.apply(transfers, self._block_major_caches(), self.swap_blocks)
 
     def _block_major_caches(self) -> list[torch.Tensor]:
         """Every cache tensor as its block-major storage (a heads-major cache's transposed view
@@ -105,17 +90,6 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
     return _host_zeros(nbytes).view(dtype).view(shape)
-
-
-def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """A host buffer for the KV tier: pinned when asked and the runtime can (device copies
-    then run asynchronously), else lazily backed zeros (the cpu backend's "host" tier)."""
-    if pin:
-        try:
-            return torch.empty(shape, dtype=dtype, pin_memory=True)
-        except RuntimeError:
-            pass
-    return _zeros(shape, dtype, torch.device("cpu"))
 
 
 def _host_zeros(nbytes: int) -> torch.Tensor:

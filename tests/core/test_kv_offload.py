@@ -98,6 +98,46 @@ def test_reference_copies_match_pair_by_pair():
         assert torch.equal(out, oracle(src, n, mapping))
 
 
+def test_pinned_host_buffer_comes_in_power_of_two_chunks(monkeypatch):
+    """Pinned memory is rounded up to a power of two by torch's allocator, so the buffer asks
+    for chunks of exactly a power of two (here at most 4 KiB): what it pins stays within a slot
+    a chunk of what it holds; slots map across chunks, and a step's stores and loads through
+    them land where copying pair by pair puts them. Host bytes stand in for pinned ones."""
+    import torch
+
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+    from tessellm.core import host_kv_buffer
+    from tessellm.core.host_kv_buffer import HostKVBuffer
+
+    asked = []
+
+    def fake_pinned(nbytes):
+        asked.append(nbytes)
+        return torch.zeros(nbytes, dtype=torch.uint8)
+
+    monkeypatch.setattr(host_kv_buffer, "MAX_CHUNK", 4096)
+    monkeypatch.setattr(host_kv_buffer, "_pinned", fake_pinned)
+    g = torch.Generator().manual_seed(0)
+    caches = [torch.randn(40, BS, 1, 9, generator=g), torch.randn(40, BS, 2, 8, generator=g)]
+    per_slot = 192 + 256  # 4 x 9 floats (144 B) aligned to 64, and 4 x 2 x 8 floats
+    buf = HostKVBuffer(caches, 25, pin=True, zeros=None)
+    assert all(n & (n - 1) == 0 for n in asked) and len(buf.chunks) > 2
+    assert sum(c.num_slots for c in buf.chunks) == 25
+    assert sum(asked) < 25 * per_slot + len(asked) * per_slot + 2 * per_slot
+    stores = [(i, (7 * i) % 25) for i in range(25)]  # every slot, across every chunk
+    loads = [((3 * i) % 25, 39 - i) for i in range(20)]
+    transfers = [(STORE, d, s) for d, s in stores] + [(LOAD, s, d) for s, d in loads]
+    back = [torch.zeros_like(c) for c in caches]
+    buf.apply([t for t in transfers if t[0] == STORE], caches, swap_blocks)
+    buf.apply([t for t in transfers if t[0] == LOAD], back, swap_blocks)
+    for cache, got in zip(caches, back):
+        want = torch.zeros_like(cache)
+        host = {s: cache[d] for d, s in stores}
+        for s, d in loads:
+            want[d] = host[s]
+        assert torch.equal(got, want)
+
+
 # -- the engine ----------------------------------------------------------------------------
 
 def _run(model: str, order: list[list[int]], max_tokens: int = 6, **engine):
