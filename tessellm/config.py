@@ -42,6 +42,13 @@ class EngineArgs:
     quantization: Optional[str] = None
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Data parallelism on one host (tessellm/core/core_group.py): this many engine cores, each a
+    # whole engine on its own tensor_parallel_size x pipeline_parallel_size devices, behind one
+    # front end that balances requests over them.
+    data_parallel_size: int = 1
+    # Which of them this engine is (set by the front end for each core it starts; the core of
+    # rank r runs on devices r*world .. r*world+world-1, world = tensor x pipeline parallel size).
+    data_parallel_rank: int = 0
     distributed_executor_backend: Optional[str] = None  # uni, mp, ray; None: uni for one device, else mp
     # Schedule step N+1 while step N runs on the device (its sampled ids fed on the device).
     # None: on for GPU backends without pipeline stages.
@@ -108,11 +115,18 @@ class EngineArgs:
             raise ValueError(f"distributed_executor_backend {self.distributed_executor_backend!r} is "
                              "not supported; use mp (processes on this host) or ray.")
         for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len",
-                     "tensor_parallel_size", "pipeline_parallel_size", "max_loras",
+                     "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "max_loras",
                      "max_cpu_loras", "max_lora_rank"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.data_parallel_rank, int) or not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(f"data_parallel_rank must be in 0..{self.data_parallel_size - 1}, got "
+                             f"{self.data_parallel_rank!r}; leave it unset (the front end sets it).")
+        if self.data_parallel_size > 1 and self.distributed_executor_backend == "ray":
+            raise ValueError("data_parallel_size > 1 runs its engine cores on this host; with "
+                             "distributed_executor_backend='ray' scale out with Ray Serve replicas "
+                             "instead (tessellm serve --ray --num-replicas N, docs/ray_serve.md).")
         if self.async_scheduling and self.pipeline_parallel_size > 1:
             raise ValueError("async_scheduling does not combine with pipeline_parallel_size > 1 "
                              "(stages already overlap batches); leave it unset.")

@@ -117,9 +117,13 @@ def engine_args_to_dict(args: EngineArgs) -> dict:
 
 # -- the core process ----------------------------------------------------------------------
 
-def run_engine_core(args: dict, input_addr: str, output_addr: str, parent_pid: int) -> None:
-    """Entry point of the core process: build the EngineCore, handshake, then serve."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [core] %(message)s")
+def run_engine_core(args: dict, input_addr: str, output_addr: str, parent_pid: int,
+                    serving: bool = True) -> None:
+    """Entry point of the core process: build the EngineCore, handshake, then serve.
+    ``serving``: warm up as a server does (False: as ``LLM(...)`` does, off by default)."""
+    rank, size = args.get("data_parallel_rank", 0), args.get("data_parallel_size", 1)
+    tag = f"core {rank}" if size > 1 else "core"
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [{tag}] %(message)s")
     ctx = zmq.Context()
     out_sock = ctx.socket(zmq.PUSH)
     out_sock.connect(output_addr)
@@ -140,7 +144,7 @@ def run_engine_core(args: dict, input_addr: str, output_addr: str, parent_pid: i
         # Loaded: the API process starts serving /health now; /ready waits for "warm".
         from tessellm.core.warmup import warm_up
 
-        report = warm_up(core, core_args, serving=True)
+        report = warm_up(core, core_args, serving=serving)
         out_sock.send(pack(["warm", dataclasses.asdict(report) if report else {}]))
         _CoreLoop(core, in_sock, out_sock, parent_pid).run()
     except BaseException as exc:  # noqa: BLE001
@@ -273,8 +277,13 @@ class EngineCoreClient:
     (``AsyncLLM``) through ``output_socket``.
     """
 
-    def __init__(self, args: EngineArgs, startup_timeout: float = 1800.0):
+    def __init__(self, args: EngineArgs, startup_timeout: float = 1800.0, wait: bool = True,
+                 serving: bool = True):
+        """``wait=False``: return once the process is started; ``wait_ready`` does the handshake
+        (a data-parallel group starts every core before waiting for any). ``serving``: the
+        core's warm-up default (``run_engine_core``)."""
         self.closed = False
+        self.info: Optional[EngineInfo] = None
         self.tmpdir = tempfile.mkdtemp(prefix="tessellm-")
         input_addr = f"ipc://{os.path.join(self.tmpdir, 'input')}"
         output_addr = f"ipc://{os.path.join(self.tmpdir, 'output')}"
@@ -288,29 +297,47 @@ class EngineCoreClient:
         # workers; it exits by itself once this process is gone either way (see _CoreLoop.run).
         daemon = args.tensor_parallel_size * args.pipeline_parallel_size == 1
         # From a clean main: the user's script is never re-run in the core (distributed/spawn.py).
-        self.proc = spawn_process(run_engine_core, "tessellm-engine-core",
-                                  (engine_args_to_dict(args), input_addr, output_addr, os.getpid()), daemon)
+        name = "tessellm-engine-core" + (f"-{args.data_parallel_rank}" if args.data_parallel_size > 1 else "")
+        self.proc = spawn_process(run_engine_core, name, (engine_args_to_dict(args), input_addr, output_addr,
+                                                          os.getpid(), serving), daemon)
         self._ipc.adopt(self.proc)
+        if wait:
+            self.wait_ready(startup_timeout)
+
+    def wait_ready(self, timeout: float = 1800.0) -> EngineInfo:
+        """The handshake: the core's ``EngineInfo`` once it has loaded; EngineStartupError (the
+        process stopped) if it failed."""
         try:
-            self.info = self._handshake(startup_timeout)
+            self.info = self._handshake(timeout)
         except BaseException:
             self.close()
             raise
+        return self.info
 
     def _handshake(self, timeout: float) -> EngineInfo:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.output.poll(500):
-                msg = unpack(self.output.recv())
-                if msg[0] == "ready":
-                    return EngineInfo(**msg[1])
-                if msg[0] == "startup_failed":
-                    raise EngineStartupError(f"The engine failed to start: {msg[1]}")
-                raise EngineStartupError(f"Unexpected first message {msg[0]!r} from the engine core.")
-            if not self.proc.is_alive():
-                raise EngineStartupError(f"The engine core process exited with code {self.proc.exitcode} "
-                                         "while starting; see its log above.")
+            if self.poll_ready(500):
+                return self.info
         raise EngineStartupError(f"The engine core did not start within {timeout:.0f}s.")
+
+    def poll_ready(self, timeout_ms: int) -> bool:
+        """Wait up to ``timeout_ms`` for the core's first message: True once it said ``ready``
+        (``self.info`` is set); EngineStartupError if it failed or exited."""
+        if self.info is not None:
+            return True
+        if self.output.poll(timeout_ms):
+            msg = unpack(self.output.recv())
+            if msg[0] == "ready":
+                self.info = EngineInfo(**msg[1])
+                return True
+            if msg[0] == "startup_failed":
+                raise EngineStartupError(f"The engine failed to start: {msg[1]}")
+            raise EngineStartupError(f"Unexpected first message {msg[0]!r} from the engine core.")
+        if not self.proc.is_alive():
+            raise EngineStartupError(f"The engine core process exited with code {self.proc.exitcode} "
+                                     "while starting; see its log above.")
+        return False
 
     def send_add(self, req: EngineCoreRequest) -> None:
         self.input.send(pack(["add", encode_request(req)]))

@@ -17,6 +17,10 @@ from tessellm.pooling.front import POOLING_SAMPLING, check_generates, resolve_po
 
 class LLMEngine:
     def __init__(self, args: EngineArgs, final_only: bool = False):
+        if args.data_parallel_size > 1:
+            raise ValueError("LLMEngine runs one engine core in this process; for "
+                             "data_parallel_size > 1 use LLM(data_parallel_size=N) or "
+                             "tessellm serve --data-parallel-size N.")
         self.args = args
         from tessellm.core.warmup import warm_up
         from tessellm.metrics.compile_counter import COUNTER
@@ -35,6 +39,11 @@ class LLMEngine:
         self.inputs = InputProcessor(self.core.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, final_only)
         self.failure: Optional[Exception] = None  # what broke a step: raised again by every call
+
+    @property
+    def info(self):
+        """The engine's ``EngineInfo`` (model, context length, KV blocks, default sampling)."""
+        return self.core.info
 
     def add_request(self, request_id: str, prompt: PromptType,
                     params: Optional[SamplingParams] = None, lora_request=None) -> None:

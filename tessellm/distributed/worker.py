@@ -56,9 +56,13 @@ class Worker:
         self.rank = rank
         self.parallel = parallel
         self.backend = registry.select(args.device, getattr(args, "emulate", False))
-        if parallel.world_size > 1:
-            set_worker_threads(self.backend.device_type, parallel.world_size)
-        self.device = self.backend.torch_device(rank if local_rank is None else local_rank)
+        dp_size = getattr(args, "data_parallel_size", 1)
+        if parallel.world_size * dp_size > 1:
+            set_worker_threads(self.backend.device_type, parallel.world_size * dp_size)
+        if local_rank is None:  # this host's devices: the data-parallel rank's group, then the rank
+            local_rank = device_index(args, parallel, rank)
+            check_device_index(self.backend, local_rank, args, parallel)
+        self.device = self.backend.torch_device(local_rank)
         if self.device.type != "cpu":  # this rank's device becomes the process's current one
             _set_current_device(self.device)
         if parallel.world_size > 1:
@@ -326,9 +330,37 @@ def _set_current_device(device: torch.device) -> None:
         module.set_device(device)
 
 
+def device_index(args: EngineArgs, parallel: ParallelConfig, rank: int) -> int:
+    """The device of ``rank`` on this host. Data-parallel engine cores take consecutive groups
+    of ``world_size`` devices::
+
+        data_parallel_size 2, tensor_parallel_size 2:   devices 0 1 | 2 3
+                                                        core 0      | core 1
+    """
+    return getattr(args, "data_parallel_rank", 0) * parallel.world_size + rank
+
+
+def check_device_index(backend, index: int, args: EngineArgs, parallel: ParallelConfig) -> None:
+    """One clear error when this host has too few devices for every core and rank (the
+    backend's device module's ``device_count``; not checked where there is none, e.g. cpu)."""
+    if backend.device_type == "cpu" or backend.emulated:
+        return
+    try:
+        count = torch.get_device_module(backend.device_type).device_count()
+    except (RuntimeError, AttributeError):
+        return
+    dp_size = getattr(args, "data_parallel_size", 1)
+    if index >= count:
+        raise ValueError(f"data_parallel_size {dp_size} x tensor_parallel_size "
+                         f"{parallel.tensor_parallel_size} x pipeline_parallel_size "
+                         f"{parallel.pipeline_parallel_size} needs {dp_size * parallel.world_size} "
+                         f"{backend.name} devices, but {count} are visible; lower one of them "
+                         "(or make more devices visible).")
+
+
 def set_worker_threads(device_type: str, world_size: int) -> None:
     """Host threads of a worker process, unless the user set OMP_NUM_THREADS. CPU ranks share
-    the host's cores evenly. An accelerator's worker needs none for its model (its host work is
+    the host's cores evenly (``world_size``: every rank of every data-parallel engine core). An accelerator's worker needs none for its model (its host work is
     numpy and copies), and idle OpenMP threads spinning in every rank's process steal the cores
     that prepare and launch the next step."""
     if envs.omp_threads_set():

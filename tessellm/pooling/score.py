@@ -136,7 +136,7 @@ def run_score(llm, data_1: Texts, data_2: Texts, truncate_prompt_tokens, use_tqd
     from tessellm.pooling.outputs import ScoringOutput, ScoringRequestOutput
     from tessellm.pooling.params import PoolingParams
 
-    info = llm.engine.core.info
+    info = llm.engine.info
     mode = score_mode(info)
     pairs = form_pairs(data_1, data_2)
     if mode == "cross":

@@ -65,7 +65,7 @@ def test_server_engine_answers_in_flight_requests_with_an_error(tiny_model_dir):
             first = await stream.__anext__()  # the request is running
             assert first.outputs[0].token_ids
             # The core's two worker processes (forked by its forkserver); kill one of them.
-            workers = _worker_processes(engine.client.proc.pid)
+            workers = _worker_processes(engine.cores.pids()[0])
             assert len(workers) == 2, workers
             os.kill(workers[-1], signal.SIGKILL)
             with pytest.raises(Exception, match="(?i)rank|worker|engine"):

@@ -21,6 +21,7 @@ never FastAPI's 422. The API key (when set) guards every route except /health, /
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import asynccontextmanager
 
@@ -54,6 +55,7 @@ from tessellm.entrypoints.openai.serving_embedding import create_embedding
 from tessellm.entrypoints.openai.serving_pooling import create_pooling
 from tessellm.entrypoints.openai.serving_score import create_rerank, create_score
 from tessellm.metrics.prometheus import EngineMetrics
+from tessellm.metrics.stats import EngineStats, merge_engine_stats
 from tessellm.pooling.front import check_generates
 
 
@@ -70,7 +72,8 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     app.state.engine = engine
     app.state.config = config
     app.state.lifecycle = Lifecycle()  # draining on SIGTERM (lifecycle.py)
-    app.state.metrics = EngineMetrics(config.model_name, CollectorRegistry(), engine.info.max_model_len)
+    app.state.metrics = EngineMetrics(config.model_name, CollectorRegistry(), engine.info.max_model_len,
+                                      num_engines=engine.cores.size)
     engine.add_stat_logger(app.state.metrics)
     _add_status_routes(app, engine, app.state.metrics)
     serve_lora(engine, config)  # --enable-lora: reads --lora-modules (ValueError if one is bad)
@@ -117,8 +120,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -> None:
     @app.get("/health")
     async def health():
-        if engine.is_dead or not engine.client.is_alive():
-            raise OpenAIError(f"The engine core is not running ({engine.dead_reason or 'exited'}).", 503)
+        if engine.is_dead or not engine.cores.is_alive():
+            reason = engine.dead_reason or engine.cores.dead_core() or "exited"
+            raise OpenAIError(f"The engine core is not running ({reason}).", 503)
         return JSONResponse({})
 
     app.add_api_route("/ping", health, methods=["GET", "POST"])  # vLLM's (SageMaker's) name for it
@@ -146,12 +150,21 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
     @app.get("/debug/stats")
     async def debug_stats():
         try:
-            stats = await engine.call("stats")
+            per_core = await engine.call_all("stats")
         except Exception as exc:  # noqa: BLE001
             raise OpenAIError(f"The engine core did not answer: {exc}", 503) from None
-        return {"stats": stats, "num_requests": len(engine.streams), "engine_pid": engine.client.proc.pid,
+        stats = per_core[0] if len(per_core) == 1 else dataclasses.asdict(
+            merge_engine_stats([EngineStats.from_dict(d) for d in per_core]))
+        pids, loads = engine.cores.pids(), engine.cores.loads()
+        # One entry per engine core (data parallelism): its stats, pid, and the requests the
+        # front end has sent it that are not finished (what the load balancer weighs).
+        engines = [{"index": i, "pid": pids[i], "num_requests": loads[i],
+                    "requests_sent_total": engine.cores.balancer.sent[i], "stats": per_core[i]}
+                   for i in range(len(per_core))]
+        return {"stats": stats, "num_requests": len(engine.streams), "engine_pid": pids[0],
                 "num_kv_blocks": engine.info.num_kv_blocks, "block_size": engine.info.block_size,
-                "warmup": engine.warmup_report}
+                "warmup": engine.warmup_report, "data_parallel_size": engine.cores.size,
+                "engines": engines}
 
     @app.get("/metrics")
     async def prometheus_metrics():

@@ -76,7 +76,7 @@ class EngineReplica:
             except Exception:  # noqa: BLE001 - the last known counters will do
                 pass
         return {"replica_id": self.replica_id, "pid": os.getpid(),
-                "engine_pid": self.engine.client.proc.pid, "engine_alive": self.engine_alive(),
+                "engine_pid": self.engine.cores.pids()[0], "engine_alive": self.engine_alive(),
                 "in_flight": self.in_flight, "stats": dict(stats),
                 "lora_adapters": sorted(self.held_adapters)}
 
@@ -91,7 +91,7 @@ class EngineReplica:
             await self._hold(model_id)
 
     def engine_alive(self) -> bool:
-        return not self.engine.is_dead and self.engine.client.is_alive()
+        return not self.engine.is_dead and self.engine.cores.is_alive()
 
     def check_health(self) -> None:
         if not self.engine_alive():

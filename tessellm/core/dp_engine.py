@@ -1,0 +1,162 @@
+"""DPLLMEngine: ``LLM(data_parallel_size=N)``'s engine, N engine cores behind one front end.
+
+The same interface as ``LLMEngine`` (what ``LLM`` calls), but the cores run in their own
+processes (``core_group.EngineCoreGroup``, as the server's): this process tokenizes, sends each
+core request to the least-loaded core (``load_balance``), and ``step`` returns what the cores
+have produced since the last call, waiting for at least one message. Outputs go through one
+``OutputProcessor``, so ``LLM.generate`` keeps its input order whichever core ran a prompt.
+
+A core that dies, or a core error, fails the engine: every later call raises the same
+``EngineDeadError`` (the other cores are stopped), as ``LLMEngine`` does after a failed step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import zmq
+
+from tessellm.config import EngineArgs
+from tessellm.core.core_group import EngineCoreGroup, core_refusal, load_front_tokenizer
+from tessellm.core.engine_process import EngineDeadError, decode_output, unpack
+from tessellm.core.input_processor import InputProcessor, PromptType
+from tessellm.core.output_processor import OutputProcessor
+from tessellm.core.outputs import RequestOutput
+from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.submit import submit
+from tessellm.pooling.front import POOLING_SAMPLING, check_generates, resolve_pooling_params
+
+_POLL_MS = 500  # the cores' liveness is checked this often (their messages never say a core died)
+
+
+class DPLLMEngine:
+    def __init__(self, args: EngineArgs, final_only: bool = False):
+        self.args = args
+        # serving=False: the cores warm up as LLM(...) does (off unless kernel_warmup=True).
+        self.cores = EngineCoreGroup(args, serving=False)
+        self.info = self.cores.info
+        try:
+            self.tokenizer = load_front_tokenizer(self.info, args)
+        except BaseException:
+            self.cores.close()
+            raise
+        self.inputs = InputProcessor(self.info, self.tokenizer)
+        self.outputs = OutputProcessor(self.tokenizer, final_only)
+        self.failure: Optional[Exception] = None
+        self._poller = zmq.Poller()
+        for client in self.cores.clients:
+            self._poller.register(client.output, zmq.POLLIN)
+        self._core_of = {client.output: i for i, client in enumerate(self.cores.clients)}
+        self._checked = time.monotonic()  # when the cores' liveness was last checked
+
+    # -- requests (as LLMEngine) --------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
+                    lora_request=None) -> None:
+        self._check_alive()
+        check_generates(self.info)
+        self._check_lora(lora_request)
+        submit(self.inputs, self.outputs, request_id, prompt, params or self.default_sampling_params(),
+               self.cores.send_add, lora_request=lora_request, abort=self.cores.send_abort)
+
+    def add_pooling_request(self, request_id: str, prompt: PromptType, params=None, lora_request=None) -> None:
+        self._check_alive()
+        params = resolve_pooling_params(params, self.info)
+        self._check_lora(lora_request)
+        processed = self.inputs.process_prompt(prompt, params.truncate_prompt_tokens)
+        submit(self.inputs, self.outputs, request_id, processed, POOLING_SAMPLING, self.cores.send_add,
+               lora_request=lora_request, abort=self.cores.send_abort, pooling=params)
+
+    def _check_lora(self, lora_request) -> None:
+        if lora_request is not None and not self.args.enable_lora:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} was given but the engine runs "
+                             "without LoRA; pass enable_lora=True (--enable-lora).")
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Every core frees the adapter's slot and cached weights."""
+        self.cores.send_remove_lora(lora_id)
+
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self.info.default_sampling)
+
+    def abort_request(self, request_id: str) -> None:
+        ids = self.outputs.core_ids(request_id)
+        self.outputs.abort(request_id)
+        if self.failure is None:
+            self.cores.send_abort(ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.cores.balancer.owner)
+
+    def shutdown(self) -> None:
+        self.cores.close()
+
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """What the cores produced since the last call (at least one message's worth, unless
+        nothing is in flight)."""
+        self._check_alive()
+        results: list[RequestOutput] = []
+        while self.has_unfinished_requests() and not results:
+            ready = dict(self._poller.poll(_POLL_MS))
+            now = time.monotonic()
+            if not ready or now - self._checked > _POLL_MS / 1000:  # a silent core may be dead
+                self._checked = now
+                dead = self.cores.dead_core()
+                if dead is not None:
+                    self._fail(dead)
+            for sock in ready:
+                core = self._core_of[sock]
+                while True:
+                    try:
+                        raw = sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    results.extend(self._handle(core, unpack(raw)))
+        return results
+
+    def _handle(self, core: int, msg: list) -> list[RequestOutput]:
+        kind = msg[0]
+        if kind == "outputs":
+            self.cores.stats[core] = msg[2]
+            outputs = [decode_output(v) for v in msg[1]]
+            self.cores.note_outputs(outputs)
+            results, to_abort = self.outputs.process(outputs)
+            if to_abort:
+                self.cores.send_abort(to_abort)
+            for result in results:
+                refusal = core_refusal(result)
+                if refusal is not None:  # e.g. its LoRA adapter failed to load in the core
+                    self.abort_request(result.request_id)
+                    raise ValueError(refusal)
+            return results
+        if kind == "rejected":
+            self.cores.release(msg[1])
+            parent = self.outputs.core_to_parent.get(msg[1])
+            if parent is not None:
+                self.abort_request(parent[0])
+            raise ValueError(msg[2])
+        if kind == "dead":
+            self._fail(f"{self.cores.name(core)}: {msg[1]}")
+        if kind == "warm":
+            self.cores.warm[core], self.cores.warmup_reports[core] = True, msg[1]
+        return []
+
+    def _fail(self, reason: str) -> None:
+        self.failure = EngineDeadError(f"The engine is dead ({reason}); create a new LLM.")
+        self.cores.close()
+        raise self.failure
+
+    def core_stats(self) -> list[dict]:
+        """Each core's last ``EngineStats`` (as a dict), in core order."""
+        return [dict(s) for s in self.cores.stats]
+
+    def requests_sent(self) -> list[int]:
+        """Core requests (one per sample) sent to each core so far."""
+        return list(self.cores.balancer.sent)

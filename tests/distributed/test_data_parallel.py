@@ -1,0 +1,160 @@
+"""Data parallelism on one host (``data_parallel_size``): N engine cores behind one front end.
+
+Offline (``LLM(data_parallel_size=2)``) and the serving front end (``AsyncLLM``): greedy outputs
+equal to one engine's, requests spread over both cores, aborts reaching the core that holds the
+request, and a killed core failing the engine clearly. The load balancer's policy is checked
+on its own (plain Python). The HTTP server with ``-dp 2``: tests/server/test_data_parallel_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tessellm.config import EngineArgs
+from tessellm.core.engine_process import EngineDeadError
+from tessellm.core.load_balance import LoadBalancer
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 90 + 3 for j in range(5 + i)]} for i in range(8)]
+
+
+def _kwargs(**extra) -> dict:
+    return dict(device="cpu", dtype="float32", num_kv_blocks=64, max_model_len=128, **extra)
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+# -- the balancer ------------------------------------------------------------------------------
+
+def test_balancer_spreads_and_releases():
+    lb = LoadBalancer(2, block_size=4)
+    picks = []
+    for i in range(6):  # prompts shorter than a block: no affinity, least loaded, round-robin
+        core = lb.pick([i, i + 1])
+        lb.assign(f"r{i}", core)
+        picks.append(core)
+    assert picks == [0, 1, 0, 1, 0, 1] and lb.load == [3, 3]
+    assert lb.release("r0") == 0 and lb.release("r0") is None
+    assert lb.pick([9]) == 0  # now the least loaded
+
+
+def test_balancer_prefers_the_prefix_holder_while_loads_are_close():
+    lb = LoadBalancer(2, block_size=4)
+    shared = list(range(100, 108))  # two full blocks
+    first = lb.pick(shared + [1])
+    lb.assign("a", first)
+    # Same two leading blocks: the same core while it is at most 2 requests above the other.
+    for rid in ("b", "c"):
+        assert lb.pick(shared + [2]) == first
+        lb.assign(rid, first)
+    other = lb.pick(shared + [3])  # 3 in flight there, 0 here: load wins
+    assert other != first
+    # A LoRA adapter is a link of its own: its requests gather where it went first.
+    lora_core = lb.pick(list(range(50, 58)), lora_id=7)
+    lb.assign("l1", lora_core)
+    assert lb.pick(list(range(60, 68)), lora_id=7) == lora_core
+
+
+def test_data_parallel_rank_is_checked():
+    with pytest.raises(ValueError, match="data_parallel_rank"):
+        EngineArgs(data_parallel_size=2, data_parallel_rank=2).validate()
+    with pytest.raises(ValueError, match="Ray Serve replicas"):
+        EngineArgs(data_parallel_size=2, distributed_executor_backend="ray").validate()
+
+
+# -- offline -----------------------------------------------------------------------------------
+
+def test_offline_dp2(tiny_model_dir):
+    """Greedy tokens equal dp=1's in input order, both cores ran prompts, and a killed core fails
+    the engine with an error naming it (never a hang), then every later call too."""
+    path = tiny_model_dir("llama")
+    with LLM(path, **_kwargs()) as one:
+        expected = _tokens(one.generate(PROMPTS, GREEDY, use_tqdm=False))
+    with LLM(path, **_kwargs(data_parallel_size=2)) as two:
+        got = two.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert [o.request_id for o in got] == [str(i) for i in range(len(PROMPTS))]  # input order
+        assert _tokens(got) == expected
+        sent = two.engine.requests_sent()
+        assert sent == [4, 4], sent
+        # Each core really ran its share: its prefix-cache lookups count its prompts' tokens.
+        queried = [s["prefix_cache_queries"] for s in two.engine.core_stats()]
+        assert all(q > 0 for q in queried) and sum(queried) == sum(len(p["prompt_token_ids"]) for p in PROMPTS)
+        # The engine goes on after a batch.
+        assert _tokens(two.generate(PROMPTS[:2], GREEDY, use_tqdm=False)) == expected[:2]
+        os.kill(two.engine.cores.pids()[1], signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match="engine core 1 of 2"):
+            two.generate(PROMPTS, SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)
+        with pytest.raises(EngineDeadError):  # and stays dead
+            two.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+
+
+# -- the serving front end ---------------------------------------------------------------------
+
+def test_async_llm_dp2(tiny_model_dir):
+    """Greedy streams equal dp=1's, both cores take requests, an abort frees the request in the
+    core that holds it, and a killed core fails the in-flight requests and the health check."""
+    from tessellm.entrypoints.async_llm import AsyncLLM
+
+    path = tiny_model_dir("llama")
+    with LLM(path, **_kwargs()) as one:
+        expected = _tokens(one.generate(PROMPTS[:4], GREEDY, use_tqdm=False))
+    engine = AsyncLLM(EngineArgs(model=path, data_parallel_size=2, kernel_warmup=False, **_kwargs()))
+
+    async def collect(i):
+        last = None
+        async for out in engine.generate(PROMPTS[i], GREEDY, request_id=f"g{i}"):
+            last = out
+        return list(last.outputs[0].token_ids)
+
+    async def scenario():
+        engine.start()
+        await engine.wait_until_warm(120)
+        assert await engine.is_ready()
+        assert await asyncio.gather(*(collect(i) for i in range(4))) == expected
+        per_core = await engine.call_all("stats")
+        assert all(s["prefix_cache_queries"] > 0 for s in per_core), per_core
+        assert engine.cores.balancer.sent == [2, 2]
+        # Abort: a long request on each core, then cancel the first; only its core frees it.
+        long = SamplingParams(max_tokens=100, ignore_eos=True, temperature=0.0)
+        streams = [engine.add_request(f"long{i}", PROMPTS[i], long) for i in range(2)]
+        owners = [engine.cores.owner(f"long{i}") for i in range(2)]
+        assert sorted(owners) == [0, 1]
+        started = [False, False]
+        while not all(started):  # both are running
+            started = [seen or s.get_nowait() is not None for seen, s in zip(started, streams)]
+            await asyncio.sleep(0.02)
+        engine.abort("long0")
+        for _ in range(100):
+            running = [s["num_running"] for s in await engine.call_all("stats")]
+            if running[owners[0]] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert running[owners[0]] == 0 and running[owners[1]] == 1, running
+        assert engine.cores.loads()[owners[0]] == 0
+        # Kill the core running long1: its stream errors, the engine reports dead.
+        os.kill(engine.cores.pids()[owners[1]], signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match=f"engine core {owners[1]} of 2"):
+            async for _ in _drain(streams[1]):
+                pass
+        assert engine.is_dead and not await engine.is_ready()
+        with pytest.raises(EngineDeadError):
+            engine.add_request("late", PROMPTS[0], GREEDY)
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 180))
+    finally:
+        engine.close()
+
+
+async def _drain(stream):
+    from tessellm.entrypoints.async_llm import iterate_streams
+
+    async for item in iterate_streams([stream], stream.event):
+        yield item
