@@ -50,6 +50,15 @@ class DPLLMEngine:
         self._core_of = {client.output: i for i, client in enumerate(self.cores.clients)}
         self._checked = time.monotonic()  # when the cores' liveness was last checked
 
+    @property
+    def core(self):
+        """``LLMEngine.core`` is the in-process ``EngineCore``; here the cores are in other
+        processes, so what reaches into one (sleep mode, ``load_weights``, ``collective_rpc``)
+        is refused with this error."""
+        raise NotImplementedError("LLM(data_parallel_size=N) runs its engine cores in their own "
+                                  "processes: sleep mode, load_weights and collective_rpc are not "
+                                  "offered there yet (tessellm serve -dp N's routes reach every core).")
+
     # -- requests (as LLMEngine) --------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
