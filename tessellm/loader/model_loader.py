@@ -57,6 +57,38 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     pp = pp or PipelineStage()
     check_tensor_parallel_quantization(quant_spec, tp.size)
     ops = registry.fused_ops(backend, OpsSpec(dtype)) or ReferenceOps()
+    make_kernel, kernels = attention_kernel_factory(registry, backend, config, dtype, block_size,
+                                                    kv_cache_dtype, tp)
+    ctx = ModelContext(ops=ops, make_attention_kernel=make_kernel, dtype=dtype, device=device,
+                       quant_method=quant_method, tp=tp, pp=pp,
+                       quant_spec=quant_spec if quant_method is not None else None,
+                       max_positions=max_positions)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config, ctx)
+    finally:
+        torch.set_default_dtype(previous)
+    _load_weights(model, source, load_format, dtype, seed, quant_spec if quant_method else None,
+                  optional=("lm_head.weight",) if pooling else ())
+    if pooling:
+        _drop_lm_head(model)
+    use_backend_linear(model, ops)
+    model.eval()
+    model.model_context = ctx  # a drafter built from the target's own checkpoint (MTP) reuses it
+    if len(kernels) > 1:  # layers with different sliding windows (Gemma 2, 3) or chunks (Llama 4)
+        return model, PerWindowKernels(kernels.values())
+    return model, next(iter(kernels.values()))
+
+
+def attention_kernel_factory(registry, backend, config, dtype: torch.dtype, block_size: int,
+                             kv_cache_dtype: str = "auto", tp: Optional[TensorParallel] = None):
+    """``(make_kernel, kernels)``: the ``ModelContext.make_attention_kernel`` of a model of
+    ``config`` on this rank (one kernel per distinct argument combination, kept in the
+    ``kernels`` dict as built). A drafter with layers of the target's shape (MTP) makes its own
+    factory, so its kernels never see the target's batches."""
+    tp = tp or TensorParallel()
     from tessellm.config import text_config
     from tessellm.models.decoder import shard_heads
 
@@ -99,26 +131,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
             kernels[key] = kernel
         return kernels[key]
 
-    ctx = ModelContext(ops=ops, make_attention_kernel=make_kernel, dtype=dtype, device=device,
-                       quant_method=quant_method, tp=tp, pp=pp,
-                       quant_spec=quant_spec if quant_method is not None else None,
-                       max_positions=max_positions)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(config, ctx)
-    finally:
-        torch.set_default_dtype(previous)
-    _load_weights(model, source, load_format, dtype, seed, quant_spec if quant_method else None,
-                  optional=("lm_head.weight",) if pooling else ())
-    if pooling:
-        _drop_lm_head(model)
-    use_backend_linear(model, ops)
-    model.eval()
-    if len(kernels) > 1:  # layers with different sliding windows (Gemma 2, 3) or chunks (Llama 4)
-        return model, PerWindowKernels(kernels.values())
-    return model, next(iter(kernels.values()))
+    return make_kernel, kernels
 
 
 def mla_kernel_or_refuse(registry, backend, spec: AttentionSpec):

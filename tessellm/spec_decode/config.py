@@ -22,8 +22,10 @@ from typing import Any, Optional
 
 from tessellm.json_arg import json_object_arg
 
-METHODS = ("ngram", "draft_model", "eagle", "eagle3", "replay")
+METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp", "replay")
 MODEL_METHODS = ("draft_model", "eagle", "eagle3")  # need ``model``
+# vLLM's per-family names of the MTP method: the same drafter (the target's own MTP layers)
+MTP_ALIASES = ("deepseek_mtp", "glm4_moe_mtp", "qwen3_next_mtp", "ernie_mtp", "mimo_mtp")
 DEFAULT_DISABLE_BY_BATCH_SIZE = 16
 MAX_SPECULATIVE_TOKENS = 16
 
@@ -36,7 +38,8 @@ class SpeculativeConfig:
     # in the request's prompt + output is matched; the tokens that followed it are the drafts.
     prompt_lookup_min: Optional[int] = None
     prompt_lookup_max: Optional[int] = None
-    # draft_model / eagle / eagle3: the draft model's or EAGLE head's directory.
+    # draft_model / eagle / eagle3: the draft model's or EAGLE head's directory. mtp: none (the
+    # target's own checkpoint holds the MTP layers); if given, the target's directory.
     model: Optional[str] = None
     # Load policy: no drafts in a step whose batch has at least this many requests (0: never
     # off). None: DEFAULT_DISABLE_BY_BATCH_SIZE.
@@ -56,6 +59,8 @@ class SpeculativeConfig:
     force_accept: bool = False
 
     def __post_init__(self) -> None:
+        if self.method in MTP_ALIASES:
+            self.method = "mtp"
         self._validate()
         if self.method == "ngram":
             if self.prompt_lookup_min is None and self.prompt_lookup_max is None:
@@ -103,7 +108,7 @@ class SpeculativeConfig:
     def num_lookahead_tokens(self) -> int:
         """KV slots the scheduler keeps past a request's computed tokens: a draft model writes
         the K/V of its own drafts there (n-gram and replay write none)."""
-        return self.num_speculative_tokens if self.method in MODEL_METHODS else 0
+        return self.num_speculative_tokens if self.method in MODEL_METHODS + ("mtp",) else 0
 
     def num_drafts(self, batch_size: int) -> int:
         """Drafts per decoding request for a step with ``batch_size`` running requests."""

@@ -129,6 +129,7 @@ _METHODS = {
     "draft_model": "tessellm.spec_decode.draft_model:DraftModelProposer",
     "eagle": "tessellm.spec_decode.eagle:EagleProposer",
     "eagle3": "tessellm.spec_decode.eagle:Eagle3Proposer",
+    "mtp": "tessellm.spec_decode.mtp:MTPProposer",
 }
 
 

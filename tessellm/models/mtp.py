@@ -1,0 +1,328 @@
+"""Multi-token-prediction (MTP) layers of a target's own checkpoint, as a draft head.
+
+DeepSeek-V3 / R1 and GLM-4.5 / 4.6 ship, past their ``num_hidden_layers`` decoder layers,
+``num_nextn_predict_layers`` MTP modules trained to predict one token further. Module ``k``
+at position ``p`` reads the previous depth's hidden state ``h[p]`` (depth 0: the target's
+final, normed hidden state) and the embedding of the token at ``p + 1``::
+
+    x    = eh_proj([enorm(embed(t[p+1])) ; hnorm(h[p])])         eh_proj: [H, 2H], no bias
+    x, r = decoder layer (the family's own: MLA + MoE for DeepSeek-V3, GQA + MoE for GLM)
+    out  = x + r                                  (hidden state for the next depth)
+    logits = head(shared_head.norm(out))          head: shared_head.head, else the target's
+
+(the V3 report writes the concatenation hidden-first; the released weights, and vLLM and
+SGLang, put the embedding first). Checkpoint names: ``model.layers.<N>.{enorm, hnorm,
+eh_proj, shared_head.norm, shared_head.head, embed_tokens}`` beside the decoder layer's own
+tensors under ``model.layers.<N>.*``, ``N = num_hidden_layers``.
+
+As a drafter this is an EAGLE-1 head (``spec_decode/eagle.py`` feeds it): the first draft
+step reads the target's hidden states, later steps the head's own ``out``. Only the first
+MTP module is used, for every draft step (vLLM does the same); the released checkpoints
+have one.
+
+The decoder layer is built by the target's own class (``make_layer`` of layer ``N``: MoE or
+dense as the config says, the same attention kernel family, tensor-parallel split, routers
+kept float32) in a second instance that holds that layer alone (``MTPStage``: no embedding,
+no final norm, no LM head), and loaded by the target's own ``load_weights``. Its K/V lives
+in its own cache over the target's block ids. The embedding is the target's, and so is the
+LM head unless the checkpoint's ``shared_head.head`` differs from it (they are equal in the
+released checkpoints: the copy is then dropped).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from tessellm.distributed.parallel_state import PipelineStage
+from tessellm.layers.linear import Linear, materialize
+from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+
+
+@dataclass(frozen=True)
+class MTPLayout:
+    """How a family's checkpoint names its first MTP module."""
+
+    name: str
+    parts: dict  # name after the module's prefix -> our part (enorm, hnorm, eh_proj, final_norm, head, embed)
+    required: tuple[str, ...]  # parts the module cannot do without
+
+    def prefix(self, n: int) -> str:
+        return f"model.layers.{n}."
+
+    def classify(self, name: str, n: int) -> Optional[tuple[str, str]]:
+        """``("part", part)``, ``("block", name as the target's layer N)`` or None (not the
+        first MTP module's)."""
+        prefix = self.prefix(n)
+        if not name.startswith(prefix):
+            return None
+        rest = name[len(prefix):]
+        for ckpt, part in self.parts.items():
+            if rest.startswith(ckpt + "."):
+                return "part", part + rest[len(ckpt):]
+        return "block", name
+
+
+DEEPSEEK = MTPLayout(
+    "deepseek", {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj",
+                 "shared_head.norm": "final_norm", "shared_head.head": "head",
+                 "embed_tokens": "embed"},
+    ("enorm", "hnorm", "eh_proj", "final_norm"))
+
+LAYOUTS = {"DeepseekV3ForCausalLM": DEEPSEEK, "DeepseekV2ForCausalLM": DEEPSEEK,
+           "Glm4MoeForCausalLM": DEEPSEEK}
+FAMILIES = "DeepSeek-V3/R1, GLM-4.5/4.6"
+
+
+class MTPStage(PipelineStage):
+    """A pipeline stage that builds only decoder layer ``index`` of the target's class: not
+    the first stage (no embedding) nor the last (no final norm, no LM head)."""
+
+    def __init__(self, index: int):
+        super().__init__(stage=1, num_stages=3)
+        self.index = index
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        return self.index, self.index + 1
+
+
+class MTPHead(nn.Module):
+    """The first MTP module over ``target`` (module docstring); ``body`` is the target's
+    class holding decoder layer ``N`` alone."""
+
+    method = "mtp"
+
+    def __init__(self, body: nn.Module, layout: MTPLayout, target: nn.Module, ctx):
+        super().__init__()
+        config = body.config
+        self.config = config
+        self.layout = layout
+        self.index = config.num_hidden_layers - 1
+        self.body = body
+        hidden = config.hidden_size
+        # The layer's input (eh_proj's output) is whole on every rank: its input norm must not
+        # sum it over the tensor ranks as a later layer's would.
+        self.layer.input_layernorm = body.make_norm(config, ctx, None)
+        self.enorm = body.make_norm(config, ctx, None)
+        self.hnorm = body.make_norm(config, ctx, None)
+        self.eh_proj = Linear(2 * hidden, [hidden], bias=False)  # replicated: reads whole inputs
+        # sums the layer's partial output over the ranks (unless the family's MLP already did)
+        self.final_norm = body.make_norm(config, ctx,
+                                         None if body.output_summed(config) else ctx.tp)
+        # The target's embedding and LM head, not registered (never loaded nor re-initialised
+        # here); a checkpoint copy that differs from the target's replaces them (``own``).
+        self._shared = {"embed": target.embed_tokens, "head": target.lm_head}
+        self.own_embed: Optional[VocabParallelEmbedding] = None
+        self.own_head: Optional[ParallelLMHead] = None
+
+    @property
+    def layer(self) -> nn.Module:
+        return self.body.layers[self.index]
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.own_embed if self.own_embed is not None else self._shared["embed"]
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.own_head if self.own_head is not None else self._shared["head"]
+
+    def attention_layers(self) -> list:
+        return [self.layer.self_attn.attn]
+
+    def combine(self, target_hidden: torch.Tensor) -> torch.Tensor:
+        """The target's final hidden states, as the first draft step reads them."""
+        return target_hidden
+
+    def forward(self, input_ids, positions, metadata, hidden):
+        """``hidden``: [T, H], the target's (first step) or the previous step's ``out``.
+        Returns ``(normed states for logits, out for the next draft step)``."""
+        embeds = self.enorm(self.embed_tokens(input_ids))
+        x = self.eh_proj(torch.cat([embeds, self.hnorm(hidden)], dim=-1))
+        x, residual = self.layer(positions, x, None, metadata)
+        normed, out = self.final_norm(x, residual)
+        return normed, out
+
+    def draft_tokens(self, states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(states).argmax(dim=-1)
+
+
+# -- building and loading --------------------------------------------------------------------
+
+def mtp_layout(config) -> Optional[MTPLayout]:
+    for arch in getattr(config, "architectures", None) or ():
+        if arch in LAYOUTS:
+            return LAYOUTS[arch]
+    return None
+
+
+def checkpoint_tensor_names(path: str) -> list[str]:
+    """Every tensor name of a safetensors checkpoint directory (from the index, else the
+    files' headers)."""
+    import json
+
+    from safetensors import safe_open
+
+    from tessellm.loader.safetensors_loader import safetensors_files
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return list(json.load(f)["weight_map"])
+    names = []
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            names.extend(f.keys())
+    return names
+
+
+def check_mtp_checkpoint(source, layout: Optional[MTPLayout], load_format: str) -> None:
+    """One sentence for a target that has no MTP module to draft with."""
+    config = source.hf_config
+    arch = ", ".join(getattr(config, "architectures", None) or ["?"])
+    if layout is None:
+        raise ValueError(f"speculative_config method 'mtp' drafts with a checkpoint's own "
+                         f"multi-token-prediction layers, which tessellm reads for {FAMILIES}; "
+                         f"{arch} has none: use method ngram, draft_model or eagle instead.")
+    n = config.num_hidden_layers
+    declared = getattr(config, "num_nextn_predict_layers", None)
+    if load_format == "dummy":
+        if not declared:
+            raise ValueError(f"The model's config sets no num_nextn_predict_layers, so it has no "
+                             f"multi-token-prediction layers for speculative_config method "
+                             f"'mtp'; use method ngram, draft_model or eagle instead.")
+        return
+    if source.kind != "dir":
+        raise ValueError("speculative_config method 'mtp' reads the MTP layers from a "
+                         "safetensors checkpoint directory; a GGUF file carries none: serve the "
+                         "original checkpoint or use method ngram.")
+    prefix = layout.prefix(n)
+    if not any(name.startswith(prefix) for name in checkpoint_tensor_names(source.path)):
+        raise ValueError(f"The checkpoint at {source.path} has no multi-token-prediction layer "
+                         f"(no {prefix}* tensors; num_nextn_predict_layers={declared}), which "
+                         f"speculative_config method 'mtp' drafts with: serve a checkpoint that "
+                         f"ships them (e.g. the original {arch} weights) or use method ngram.")
+
+
+def build_mtp_head(target: nn.Module, source, registry, backend, block_size: int,
+                   kv_cache_dtype: str = "auto", load_format: str = "auto", seed: int = 0):
+    """``(head, attention kernel)``: the first MTP module of ``source`` (the target's own
+    checkpoint) over ``target`` (built by ``build_model``: its ``model_context`` is reused),
+    its weights filled (``load_format="dummy"``: random, for benchmarks)."""
+    from tessellm.config import text_config
+    from tessellm.layers.attention import PerWindowKernels
+    from tessellm.layers.linear import use_backend_linear
+    from tessellm.loader.model_loader import attention_kernel_factory
+
+    target_ctx = target.model_context
+    layout = mtp_layout(source.hf_config)
+    check_mtp_checkpoint(source, layout, load_format)
+    if target_ctx.quant_method is not None:
+        raise ValueError("speculative_config method 'mtp' does not load the MTP layers of a "
+                         "quantized checkpoint yet; serve an unquantized (bf16) checkpoint or "
+                         "use method ngram.")
+    config = copy.deepcopy(text_config(source.hf_config))
+    n = config.num_hidden_layers
+    config.num_hidden_layers = n + 1
+    make_kernel, kernels = attention_kernel_factory(registry, backend, config, target_ctx.dtype,
+                                                    block_size, kv_cache_dtype, target_ctx.tp)
+    ctx = dataclasses.replace(target_ctx, make_attention_kernel=make_kernel, pp=MTPStage(n))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(ctx.dtype)
+    try:
+        with torch.device(ctx.device):
+            body = type(target)(config, ctx)
+            head = MTPHead(body, layout, target, ctx)
+    finally:
+        torch.set_default_dtype(previous)
+    if load_format == "dummy":
+        from tessellm.loader.dummy import init_dummy_weights
+
+        init_dummy_weights(head, seed)
+    else:
+        _load(head, source.path, n)
+    use_backend_linear(head, ctx.ops)
+    head.eval()
+    kernel = (PerWindowKernels(kernels.values()) if len(kernels) > 1
+              else next(iter(kernels.values())))
+    return head, kernel
+
+
+def _load(head: MTPHead, path: str, n: int) -> None:
+    from tessellm.loader.safetensors_loader import iter_safetensors_weights
+
+    dtype = head.eh_proj.weight.dtype
+    parts: dict[str, torch.Tensor] = {}
+    loaded_parts: set[str] = set()
+
+    def block_tensors():
+        for name, tensor in iter_safetensors_weights(path, dtype, lazy=True):
+            kind = head.layout.classify(name, n)
+            if kind is None:
+                continue
+            if kind[0] == "block":
+                yield kind[1], tensor
+            else:
+                _load_part(head, kind[1], tensor, parts, path)
+                loaded_parts.add(kind[1].split(".")[0])
+
+    loaded = head.body.load_weights(block_tensors())
+    missing = sorted(set(n for n, _ in head.body.named_parameters()) - loaded)
+    missing += [p for p in head.layout.required if p not in loaded_parts]
+    if missing:
+        raise ValueError(f"The multi-token-prediction layer of the checkpoint at {path} lacks "
+                         f"{len(missing)} weights, e.g. {missing[:3]}; is the checkpoint complete?")
+    _share_copies(head, parts)
+
+
+def _load_part(head: MTPHead, name: str, tensor, parts: dict, path: str) -> None:
+    part, _, attr = name.partition(".")
+    if part in ("enorm", "hnorm", "final_norm"):
+        param = getattr(head, part).weight
+        value = materialize(tensor)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"The MTP layer's {part} at {path} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(param.shape)}; the config does not match the weights.")
+        param.data.copy_(value)
+    elif part == "eh_proj":
+        if attr != "weight":
+            raise ValueError(f"The MTP layer's eh_proj at {path} has a {attr!r}, which the "
+                             "DeepSeek layout does not; is this the right architecture?")
+        try:
+            head.eh_proj.load_shard("weight", tensor, None)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"The MTP layer's eh_proj at {path} does not fit the config: {e}") from None
+    elif part in ("head", "embed"):
+        shared = head._shared[part]
+        cfg = head.config
+        cls = ParallelLMHead if part == "head" else VocabParallelEmbedding
+        with torch.device(head.eh_proj.weight.device):
+            own = cls(cfg.vocab_size, cfg.hidden_size, shared.tp)
+        own.weight.data = own.weight.data.to(head.eh_proj.weight.dtype)
+        own.load_weight(tensor)
+        parts[part] = own
+    else:  # never: the layout names only these parts
+        raise ValueError(f"Unexpected MTP tensor {name!r} at {path}.")
+
+
+def _share_copies(head: MTPHead, parts: dict) -> None:
+    """The checkpoint's copies of the embedding and LM head: dropped where they equal the
+    target's (the released checkpoints: the memory of one vocab x hidden table each), kept as
+    the head's own otherwise."""
+    for part, own in parts.items():
+        shared = head._shared[part]
+        weight = getattr(shared, "tied", None)
+        weight = shared.weight if weight is None else weight
+        if weight.shape == own.weight.shape and torch.equal(weight, own.weight):
+            continue
+        if part == "head":
+            head.own_head = own
+        else:
+            head.own_embed = own
+
