@@ -5,7 +5,9 @@ configs: HF's model with one layer more (whose tensors become the MTP module's d
 shared_head.norm / head, embed_tokens) added, random. ``predictable``: every attention and
 MLP output projection zero (target and MTP layer), ``eh_proj = [I | 0]``, enorm ones and
 shared_head.norm the target's final norm: the target is a bigram model and the MTP module
-predicts its next token exactly (its logits are the target's times a positive scale)."""
+predicts its next token exactly (its logits are the target's times a positive scale):
+the MTP layer's output is ``enorm(embed(t[p+1]))``, the target's residual stream at ``p + 1``
+up to a positive scale."""
 
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from tests.models.test_deepseek import save_deepseek
 
 
 def save_with_mtp(config, path: str, seed: int = 0, predictable: bool = False,
-                  shared_copies: bool = True) -> str:
+                  noise: float = 0.0, shared_copies: bool = True) -> str:
+    """``noise`` (with ``predictable``): the MTP layer's shared experts' down_proj random at
+    that scale, so its drafts only partly agree with the target."""
     n = config.num_hidden_layers
     big = copy.deepcopy(config)
     big.num_hidden_layers = n + 1
@@ -50,5 +54,8 @@ def save_with_mtp(config, path: str, seed: int = 0, predictable: bool = False,
         t[pre + "eh_proj.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1)
         t[pre + "enorm.weight"] = torch.ones(h)
         t[pre + "shared_head.norm.weight"] = t["model.norm.weight"].clone()
+        if noise:
+            name = pre + "mlp.shared_experts.down_proj.weight"
+            t[name] = torch.randn(t[name].shape, generator=gen) * noise
     save_file({k: v.contiguous() for k, v in t.items()}, file, metadata={"format": "pt"})
     return path
