@@ -3,7 +3,8 @@
 Field names follow vLLM's ``--speculative-config`` where vLLM has them (``method``,
 ``num_speculative_tokens``, ``prompt_lookup_min/max``, ``model``, ``disable_by_batch_size``);
 ``replay_path`` / ``replay_records`` / ``force_accept`` are tessellm's benchmark-only replay
-method. Given as a JSON string (``--speculative-config '{"method": "ngram",
+method. ``mtp`` drafts with the target checkpoint's own multi-token-prediction layer; vLLM's
+per-family names for it (``MTP_ALIASES``) are taken as ``mtp``. Given as a JSON string (``--speculative-config '{"method": "ngram",
 "num_speculative_tokens": 3}'``) or a dict (``LLM(speculative_config={...})``);
 ``parse_speculative_config`` turns either into this dataclass or raises one ``ValueError``
 naming the problem and the fix.

@@ -24,7 +24,7 @@ from tests.models.test_deepseek import deepseek_config, save_deepseek
 from tests.models.test_glm4_moe import glm4_moe_config
 from tests.spec_decode.mtp_checkpoints import save_with_mtp
 
-ENGINE = dict(dtype="float32", block_size=4, max_num_batched_tokens=16)
+ENGINE = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=16)
 PROMPTS = [[5, 17, 42, 99, 3, 50, 11], [7, 7, 7, 12, 30, 7, 7, 12], list(range(10, 40))]
 MTP = {"method": "mtp", "num_speculative_tokens": 3, "disable_by_batch_size": 0}
 CONFIGS = {
@@ -198,12 +198,11 @@ def test_tp2_drafts_as_one_process(tmp_path):
     accepted and rejected alike, as one process, and the target's tokens."""
     path = save_with_mtp(CONFIGS["deepseek-v3"](), str(tmp_path / "ds"), predictable=True,
                          noise=0.05)
-    with LLM(path, device="cpu", **ENGINE) as llm:
+    with LLM(path, **ENGINE) as llm:
         plain = _greedy(llm)
     counts = []
     for tp in (1, 2):
-        with LLM(path, speculative_config=MTP, tensor_parallel_size=tp, device="cpu",
-                 **ENGINE) as llm:
+        with LLM(path, speculative_config=MTP, tensor_parallel_size=tp, **ENGINE) as llm:
             assert _greedy(llm) == plain
             s = llm.engine.core.scheduler.spec_stats
             counts.append((s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens,
@@ -242,4 +241,4 @@ def test_other_model_directory_and_pipeline_parallel_are_refused(checkpoints, tm
     with pytest.raises(ValueError, match="drop \"model\""):
         LLM(path, speculative_config={**MTP, "model": str(tmp_path)}, **ENGINE)
     with pytest.raises(ValueError, match="does not combine with pipeline_parallel_size"):
-        LLM(path, speculative_config=MTP, pipeline_parallel_size=2, device="cpu", **ENGINE)
+        LLM(path, speculative_config=MTP, pipeline_parallel_size=2, **ENGINE)
