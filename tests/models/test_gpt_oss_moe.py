@@ -79,7 +79,8 @@ class _ConfigOfOlderTransformers:
 
 def test_moe_block_of_a_config_without_swiglu_limit_matches_hf():
     config, mlp = _hf_mlp()
-    assert float(config.swiglu_limit) == 7.0  # HF's own clamp on this config: the default
+    # HF's own clamp on this config: the default (transformers 5.17 has no field: 7.0 built in)
+    assert float(getattr(config, "swiglu_limit", 7.0)) == 7.0
     x = torch.randn(9, 32)
     want, _ = mlp(x[None])
     got = _ours(_ConfigOfOlderTransformers(config), mlp, CpuOps())(x)

@@ -90,10 +90,12 @@ def quantize_fp8_groups(x: torch.Tensor, group: int, fp8_dtype: torch.dtype = to
     return q, s
 
 
-def _dot_mode(x: torch.Tensor, fp8_dtype: torch.dtype) -> int:
+def _dot_mode(x: torch.Tensor, fp8_dtype: torch.dtype, block_k: int) -> int:
+    """fp8 tensor cores take K tiles of 32 or more: a checkpoint's K blocks below that (never
+    in a published one; 128 is the norm) widen to fp16, which takes 16."""
     if _interpreted(x):
         return DOT_FP32
-    native = (torch.version.hip is None and fp8_dtype == torch.float8_e4m3fn
+    native = (torch.version.hip is None and fp8_dtype == torch.float8_e4m3fn and block_k >= 32
               and _capability(x.device.index or 0) >= (8, 9))
     return DOT_NATIVE if native else DOT_FP16
 
@@ -117,7 +119,7 @@ def fp8_block_gemm(qx: torch.Tensor, sx: torch.Tensor, w: Fp8BlockWeight,
         qx, sx, w.qweight, w.scales, bias if bias is not None else sx, out, m, n, k,
         qx.stride(0), sx.stride(0), w.qweight.stride(0), w.scales.stride(0), out.stride(-2),
         _split_stride(out), HAS_BIAS=bias is not None, ROW_BLOCK=bn, GROUP_K=bk,
-        DOT=_dot_mode(qx, w.qweight.dtype), **t)
+        DOT=_dot_mode(qx, w.qweight.dtype, t["BLOCK_K"]), **t)
     return _split_sum(out, out_dtype)
 
 
