@@ -242,3 +242,44 @@ def test_other_model_directory_and_pipeline_parallel_are_refused(checkpoints, tm
         LLM(path, speculative_config={**MTP, "model": str(tmp_path)}, **ENGINE)
     with pytest.raises(ValueError, match="does not combine with pipeline_parallel_size"):
         LLM(path, speculative_config=MTP, pipeline_parallel_size=2, **ENGINE)
+
+
+# -- other backends ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_mtp_on_mla_target_emulated_cuda(checkpoints):
+    """The cuda backend in emulation: target and MTP layer on the Triton MLA kernel (each with
+    its own kernel and metadata), Triton in the interpreter on host tensors."""
+    emulated = dict(ENGINE, device="cuda", emulate=True)
+    path = checkpoints["deepseek-v3"]
+    with LLM(path, **emulated) as llm:
+        want = _greedy(llm, 6)
+    with LLM(path, speculative_config=MTP, **emulated) as llm:
+        assert _greedy(llm, 6) == want
+        assert llm.engine.core.scheduler.spec_stats.num_drafts > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", [*CONFIGS, "predictable"])
+def test_mtp_greedy_equals_plain_on_cuda(checkpoints, family, tmp_path):
+    """A CUDA GPU, float32: Triton MLA / paged attention, fused experts, the verify and the MTP
+    draft steps replayed from CUDA graphs (capture sizes up to 8 sequences); the tokens of the
+    run without speculation, every KV block back, and every draft of the predictable MTP
+    module accepted."""
+    if family == "predictable":
+        path = save_with_mtp(CONFIGS["deepseek-v3"](), str(tmp_path / "p"), predictable=True)
+    else:
+        path = checkpoints[family]
+    cuda = dict(device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=32,
+                max_num_seqs=8)
+    with LLM(path, **cuda) as llm:
+        plain = _greedy(llm, 14)
+    with LLM(path, speculative_config=MTP, **cuda) as llm:
+        assert _greedy(llm, 14) == plain
+        core = llm.engine.core
+        stats = core.scheduler.spec_stats
+        assert stats.num_drafts > 0
+        assert core.kv.num_free_blocks == core.kv.num_blocks
+        if family == "predictable":
+            assert stats.num_accepted_tokens == stats.num_draft_tokens
