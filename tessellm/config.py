@@ -102,6 +102,9 @@ class EngineArgs:
     # Sleep mode (docs/sleep_mode.md): LLM.sleep / wake_up free and restore the device memory of
     # the weights and the KV cache between generation phases (RLHF).
     enable_sleep_mode: bool = False
+    # Prompts given as embeddings ({"prompt_embeds": tensor[tokens, hidden]}; the completions
+    # API's base64 torch.save bytes), vLLM's flag (tessellm/core/prompt_embeds.py).
+    enable_prompt_embeds: bool = False
 
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -136,6 +139,9 @@ class EngineArgs:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         self._validate_speculative()
+        if self.enable_prompt_embeds and self.speculative_config is not None:
+            raise ValueError("enable_prompt_embeds does not combine with speculative decoding yet "
+                             "(a drafter reads token ids); drop one of them.")
         from tessellm.core.kv_offload import check_kv_offloading_args
 
         check_kv_offloading_args(self.kv_offloading_size, self.kv_offloading_backend)

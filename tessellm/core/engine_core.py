@@ -52,6 +52,9 @@ class EngineCoreRequest:
     # A pooling request's task (tessellm.pooling.params.POOLING_TASKS); "token_*" keeps a row
     # per prompt token. None: a generating request, or one pooled as the engine pools.
     pooling_task: Optional[str] = None
+    # A prompt given as embeddings (tessellm.core.prompt_embeds.PromptEmbeds); its
+    # prompt_token_ids are placeholders. None: a token prompt.
+    prompt_embeds: Optional[object] = None
 
 
 @dataclass
@@ -76,6 +79,8 @@ class EngineInfo:
     pooling: dict = field(default_factory=dict)
     # The reasoning parser in force: --reasoning-parser, or openai_gptoss for a gpt-oss model.
     reasoning_parser: Optional[str] = None
+    # enable_prompt_embeds: the hidden size prompt embeddings must have; 0: they are refused.
+    prompt_embeds_hidden_size: int = 0
 
 
 class EngineCore(EngineSleep):
@@ -112,6 +117,9 @@ class EngineCore(EngineSleep):
         self.pooling = pooler_config_for(args, self.source)  # None: the engine generates
         if self.pooling is not None:
             _check_pooling_args(args)
+            if args.enable_prompt_embeds:
+                raise ValueError("enable_prompt_embeds applies to generating models; this engine "
+                                 "pools (embeddings); drop enable_prompt_embeds.")
         if self.pooling is not None and self.pooling.bidirectional:  # a prompt runs whole
             from tessellm.pooling.encoder import encoder_args
 
@@ -170,7 +178,9 @@ class EngineCore(EngineSleep):
                                model_mm_limits(config, args),
                                *_pooling_info(self.pooling, config),
                                reasoning_parser=resolve_reasoning_parser(
-                                   getattr(args, "reasoning_parser", None), config))
+                                   getattr(args, "reasoning_parser", None), config),
+                               prompt_embeds_hidden_size=(text_config(config).hidden_size
+                                                          if args.enable_prompt_embeds else 0))
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids,
@@ -286,7 +296,7 @@ class EngineCore(EngineSleep):
             self.lora_store.claim(lora)
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params,
                           self.eos_token_ids, req.arrival_time, req.cache_salt, req.wait_for, lora,
-                          req.mm_features, req.pooling_task)
+                          req.mm_features, req.pooling_task, req.prompt_embeds)
         if lora is not None:
             self.lora_store.ensure(lora)  # read off the step loop, before it is scheduled
             self.scheduler.lora.announce(lora)  # worker processes read it in their own thread

@@ -42,6 +42,7 @@ import zmq
 from tessellm import envs
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
+from tessellm.core.prompt_embeds import PromptEmbeds, encode_prompt_embeds
 from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
@@ -80,7 +81,7 @@ def encode_request(req: EngineCoreRequest) -> dict:
             "prompt_token_ids": list(req.prompt_token_ids), "sampling_params": params,
             "arrival_time": req.arrival_time, "cache_salt": req.cache_salt, "wait_for": req.wait_for,
             "lora_request": req.lora_request, "mm_features": encode_features(req.mm_features),
-            "pooling_task": req.pooling_task}
+            "pooling_task": req.pooling_task, "prompt_embeds": encode_prompt_embeds(req.prompt_embeds)}
 
 
 def decode_request(d: dict) -> EngineCoreRequest:
@@ -88,6 +89,7 @@ def decode_request(d: dict) -> EngineCoreRequest:
     check_version(d, "An EngineCoreRequest")
     d["sampling_params"] = SamplingParams(**d["sampling_params"])
     d["mm_features"] = decode_features(d.get("mm_features")) or None
+    d["prompt_embeds"] = PromptEmbeds.from_dict(d.get("prompt_embeds"))
     return build_dataclass(EngineCoreRequest, d, "An EngineCoreRequest")
 
 

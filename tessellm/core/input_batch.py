@@ -34,6 +34,7 @@ class RunnerRequest:
     # token; built at this request's first sampled step, kept while it runs.
     disallowed: object = None
     pooling_task: Optional[str] = None  # a pooling request's task (NewRequestData.pooling_task)
+    prompt_embeds: object = None  # PromptEmbeds (NewRequestData.prompt_embeds); None: token ids
 
     @property
     def num_tokens(self) -> int:
@@ -64,7 +65,7 @@ class InputBatch:
                 new.request_id, list(new.all_token_ids), len(new.prompt_token_ids),
                 new.sampling_params, list(new.block_ids), new.num_computed_tokens,
                 self.tables.add(new.block_ids), mm_features=list(new.mm_features),
-                pooling_task=new.pooling_task)
+                pooling_task=new.pooling_task, prompt_embeds=new.prompt_embeds)
         for cached in sched.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)

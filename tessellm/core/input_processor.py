@@ -25,6 +25,9 @@ class ProcessedPrompt:
     # vLLM's cache_salt: mixed into its first prefix-cache block hash, so only requests with
     # the same salt share its cached blocks (isolates tenants). None: unsalted.
     cache_salt: Optional[str] = None
+    # A prompt given as embeddings (tessellm.core.prompt_embeds.PromptEmbeds); its
+    # prompt_token_ids are placeholders (0), one per row. None: a token prompt.
+    prompt_embeds: Optional[object] = None
 
 
 class InputProcessor:
@@ -48,6 +51,8 @@ class InputProcessor:
         return processed
 
     def _process(self, prompt: PromptType, truncate: Optional[int]) -> ProcessedPrompt:
+        if isinstance(prompt, dict) and "prompt_embeds" in prompt:
+            return self._process_embeds(prompt, truncate)
         if isinstance(prompt, dict) and "multi_modal_data" in prompt:
             from tessellm.multimodal.processor import has_images
 
@@ -73,6 +78,23 @@ class InputProcessor:
             raise ValueError("This model has no tokenizer files; pass prompts as token ids "
                              "({'prompt_token_ids': [...]}).")
         return self._check(ProcessedPrompt(prompt, self.tokenizer.encode(prompt)), truncate)
+
+    def _process_embeds(self, prompt: dict, truncate: Optional[int]) -> ProcessedPrompt:
+        """``{"prompt_embeds": tensor[tokens, hidden]}`` (vLLM's EmbedsPrompt)."""
+        from tessellm.core.prompt_embeds import PromptEmbeds
+
+        hidden = getattr(self.info, "prompt_embeds_hidden_size", 0)
+        if not hidden:
+            raise ValueError("prompt_embeds needs an engine started with enable_prompt_embeds=True "
+                             "(--enable-prompt-embeds).")
+        extra = sorted(set(prompt) - {"prompt_embeds", "cache_salt"})
+        if extra:
+            raise ValueError(f"A prompt_embeds prompt takes no {', '.join(map(repr, extra))}; give "
+                             "the embeddings alone (or a token / text prompt instead).")
+        if truncate is not None:
+            raise ValueError("truncate_prompt_tokens does not apply to prompt_embeds; send fewer rows.")
+        embeds = PromptEmbeds.from_tensor(prompt["prompt_embeds"], hidden, self.info.dtype)
+        return self._check(ProcessedPrompt(None, [0] * embeds.num_tokens, prompt_embeds=embeds))
 
     def _process_multimodal(self, prompt: dict) -> ProcessedPrompt:
         """``{"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ...}}`` (vLLM's form)."""
@@ -199,17 +221,21 @@ class InputProcessor:
             self._check_structured(params.structured_outputs)
         if params.max_tokens is None:
             params = params.clone(max_tokens=self.info.max_model_len - len(prompt.prompt_token_ids))
-        mm, salt = prompt.mm_features, prompt.cache_salt
+        mm, salt, embeds = prompt.mm_features, prompt.cache_salt, prompt.prompt_embeds
+        if embeds is not None and params.prompt_logprobs is not None:
+            raise RequestParamError("prompt_logprobs need prompt tokens; a prompt_embeds prompt has "
+                                    "none. Drop prompt_logprobs.", "prompt_logprobs")
         if params.n == 1:
             return [EngineCoreRequest(request_id, prompt.prompt_token_ids, params, arrival,
-                                      cache_salt=salt, lora_request=lora, mm_features=mm)]
+                                      cache_salt=salt, lora_request=lora, mm_features=mm,
+                                      prompt_embeds=embeds)]
         child_ids = [child_request_id(request_id, i) for i in range(params.n)]
         reqs = []
         for i, cid in enumerate(child_ids):
             child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
             reqs.append(EngineCoreRequest(cid, prompt.prompt_token_ids, child_params, arrival,
                                           cache_salt=salt, wait_for=child_ids[0] if i else None,
-                                          lora_request=lora, mm_features=mm))
+                                          lora_request=lora, mm_features=mm, prompt_embeds=embeds))
         return reqs
 
 

@@ -35,6 +35,7 @@ from tessellm.backends.reference.logits import ReferenceLogitsOps
 from tessellm.core.input_batch import InputBatch, RunnerRequest  # noqa: F401 (re-exported)
 from tessellm.core.input_builder import HostInputs, build_inputs
 from tessellm.core.pp_io import StageIO
+from tessellm.core.prompt_embeds import embed_step, step_embed_rows
 from tessellm.core.runner_graphs import RunnerGraphs
 from tessellm.core.runner_kv_cache import RunnerKVCache
 from tessellm.core.runner_output import collect, prompt_logprobs
@@ -123,6 +124,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.mamba = None
         # Decode micro-batch overlap (TESSELLM_DECODE_OVERLAP, core/decode_overlap.py); None: off.
         self.overlap = DecodeOverlap.build(self)
+        # enable_prompt_embeds: steps may embed prompt rows from given embeddings (set by the worker).
+        self.prompt_embeds = False
 
     @property
     def requests(self) -> dict[str, RunnerRequest]:
@@ -287,9 +290,12 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         mm = None  # image placeholders in this step: (rows, features); eager only
         if self.encoder_cache is not None:
             mm = self.encoder_cache.step_embeds(states, counts, host.query_start_loc)
+        given = None  # prompt rows given as embeddings (core/prompt_embeds.py); eager only
+        if self.prompt_embeds and self.pp.is_first:
+            given = step_embed_rows(states, counts, host.query_start_loc, self.device)
         if self.buckets is not None:
-            return self._forward_bucketed(host, states, counts, num_rows, mm)
-        padded = None if mm is not None else self._graph_size(host, states)
+            return self._forward_bucketed(host, states, counts, num_rows, mm, given)
+        padded = None if mm is not None or given is not None else self._graph_size(host, states)
         if padded is not None:
             inputs = [self.staging.to_device(i, a) for i, a in enumerate(host.pad(padded))]
             if self._lora_graphs:  # the LoRA slot of each row; padded rows use none
@@ -316,7 +322,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         ids, positions, attn, rows = self._eager_tensors(host, counts, self._lora_slots,
                                                          self._key_limits(host, states, counts, mm))
         hidden = self.model(ids, positions, self._metadata(attn), self.io.receive(host.num_tokens),
-                            **({} if mm is None else {"mm_embeds": mm}))
+                            **_embeds_kwargs(self.model, ids, mm, given))
         if self.io.send(hidden):
             return None
         if self.spec is not None and self.spec.wants_tensors:
@@ -329,7 +335,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         return self.model.compute_logits(hidden[rows])
 
     def _forward_bucketed(self, host: HostInputs, states, counts, num_rows: int,
-                          mm=None) -> Optional[torch.Tensor]:
+                          mm=None, given=None) -> Optional[torch.Tensor]:
         """The step padded to the kernel's buckets, run as one program (XLA: the graph is cut
         after the logits), its logits on the host; see shape_buckets.py."""
         limits = self._key_limits(host, states, counts, mm)
@@ -340,7 +346,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
                                                              dtype=lora_slots.dtype)])
         ids, positions, attn, rows = self._eager_tensors(host, counts, lora_slots, limits)
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.receive(host.num_tokens),
-                            **({} if mm is None else {"mm_embeds": mm}))
+                            **_embeds_kwargs(self.model, ids, mm, given))
         logits = self.model.compute_logits(hidden[rows])  # always: one program per bucket
         if host.prompt_lp_rows:
             prompt_logprobs(self.model, hidden, host.prompt_lp_rows)
@@ -381,6 +387,16 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             attn.key_limits = torch.from_numpy(full).to(ids.device)
             attn.key_limits_host = full.tolist()
         return ids, positions, attn, rows
+
+
+def _embeds_kwargs(model, ids, mm, given) -> dict:
+    """The forward's image features (``mm_embeds``) or given prompt embeddings
+    (``inputs_embeds``, core/prompt_embeds.py) for this step; {} for a plain token step."""
+    if mm is not None:
+        return {"mm_embeds": mm}
+    if given is not None:
+        return {"inputs_embeds": embed_step(model, ids, given)}
+    return {}
 
 
 def _sampled_rows(states: list[RunnerRequest], counts: list[int], num_sampled: Optional[list[int]]):

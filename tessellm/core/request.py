@@ -46,7 +46,8 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: Iterable[int] = (), arrival_time: Optional[float] = None,
                  cache_salt: Optional[str] = None, wait_for: Optional[str] = None,
-                 lora_request=None, mm_features=None, pooling_task: Optional[str] = None):
+                 lora_request=None, mm_features=None, pooling_task: Optional[str] = None,
+                 prompt_embeds=None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -85,6 +86,9 @@ class Request:
         # A pooling request's task (tessellm.pooling); "token_embed" / "token_classify" read
         # every prompt token's hidden state, so such a request never starts from a cache hit.
         self.pooling_task = pooling_task
+        # A prompt given as embeddings (tessellm.core.prompt_embeds.PromptEmbeds, plain data):
+        # its token ids are placeholders, its content hash keys the prefix cache. None: tokens.
+        self.prompt_embeds = prompt_embeds
 
     @property
     def computes_every_prompt_token(self) -> bool:
@@ -95,10 +99,13 @@ class Request:
     @property
     def cache_key(self) -> object:
         """The extra key of its prefix hashes: KV computed under another adapter or another
-        cache salt is never shared."""
-        if self.lora_request is None:
-            return self.cache_salt
-        return (self.cache_salt, "lora", self.lora_request.lora_int_id)
+        cache salt, or from other prompt embeddings, is never shared."""
+        key = self.cache_salt
+        if self.lora_request is not None:
+            key = (key, "lora", self.lora_request.lora_int_id)
+        if self.prompt_embeds is not None:
+            key = (key, "embeds", self.prompt_embeds.identifier)
+        return key
 
     def block_key(self, start: int, end: int) -> object:
         """The extra key of the prefix hash of the block over tokens ``[start, end)``:

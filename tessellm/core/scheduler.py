@@ -262,7 +262,7 @@ class Scheduler(SchedulerUpdate):
             new_reqs.append(NewRequestData(
                 req.request_id, req.prompt_token_ids, list(req.all_token_ids), req.sampling_params,
                 self.kv.block_ids(req.request_id), req.num_computed_tokens, req.mm_features,
-                req.pooling_task))
+                req.pooling_task, req.prompt_embeds))
             num_scheduled[req.request_id] = num_new
             if images:
                 self.encoder.take(req, images)

@@ -47,6 +47,9 @@ class NewRequestData:
     # A pooling request's task ("embed", "classify", "token_embed", "token_classify"); None:
     # a generating request. The runner's pooler keeps every prompt row for a "token_*" one.
     pooling_task: Optional[str] = None
+    # A prompt given as embeddings (tessellm.core.prompt_embeds.PromptEmbeds): the runner
+    # embeds its prompt positions with these rows. Sent again on resume. None: token ids.
+    prompt_embeds: Any = None
 
 
 @dataclass

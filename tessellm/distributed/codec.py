@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 
 from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.prompt_embeds import PromptEmbeds, encode_prompt_embeds
 from tessellm.multimodal.inputs import decode_features, encode_features
 from tessellm.core.step import (STEP_SCHEMA_VERSION, CachedRequestData, ModelRunnerOutput,
                                 NewRequestData, SchedulerOutput, StepSchemaError,  # noqa: F401
@@ -54,7 +55,8 @@ def decode_bitmask(d) -> Any:
 def encode_scheduler_output(s: SchedulerOutput) -> dict:
     d = dataclass_fields(s)
     d["new_requests"] = [{**dataclass_fields(r), "sampling_params": _params(r.sampling_params),
-                          "mm_features": encode_features(r.mm_features) or []}
+                          "mm_features": encode_features(r.mm_features) or [],
+                          "prompt_embeds": encode_prompt_embeds(r.prompt_embeds)}
                          for r in s.new_requests]
     d["cached_requests"] = [dataclass_fields(c) for c in s.cached_requests]
     d["finished_request_ids"] = sorted(s.finished_request_ids)
@@ -69,7 +71,8 @@ def decode_scheduler_output(d: dict) -> SchedulerOutput:
     check_version(d, "A SchedulerOutput")
     d["new_requests"] = [
         build_dataclass(NewRequestData, {**r, "sampling_params": SamplingParams(**r["sampling_params"]),
-                                         "mm_features": decode_features(r.get("mm_features"))},
+                                         "mm_features": decode_features(r.get("mm_features")),
+                                         "prompt_embeds": PromptEmbeds.from_dict(r.get("prompt_embeds"))},
                "A NewRequestData") for r in d.get("new_requests", [])]
     d["cached_requests"] = [build_dataclass(CachedRequestData, c, "A CachedRequestData")
                             for c in d.get("cached_requests", [])]

@@ -125,6 +125,11 @@ class Worker:
                                  "or rocm.")
             self.runner.mamba = MambaStateCache(model.mamba_layers(), args.max_num_seqs,
                                                 self.device, self.dtype)
+        if getattr(args, "enable_prompt_embeds", False):
+            from tessellm.core.prompt_embeds import check_model_takes_embeds
+
+            check_model_takes_embeds(model)
+            self.runner.prompt_embeds = True
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
         if hasattr(graphs, "max_num_tokens"):  # a plan of step shapes to compile (tpu)
             graphs.max_num_tokens = self.max_num_batched_tokens

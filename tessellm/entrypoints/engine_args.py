@@ -98,6 +98,8 @@ HELP = {
                      "(LAST, MEAN or CLS; default: the checkpoint's sentence-transformers config, else LAST); "
                      "a classifier's '{\"use_activation\": false}' gives logits instead of probabilities",
     "override_pooler_config": "vLLM's older name for --pooler-config (laid over it)",
+    "enable_prompt_embeds": "accept prompts given as embeddings: {\"prompt_embeds\": tensor[tokens, hidden]} "
+                            "offline, base64 torch.save bytes in /v1/completions' prompt_embeds",
     "enable_sleep_mode": "allow sleep / wake_up: free the device memory of the weights and KV cache "
                          "between generation phases (RLHF; server: /sleep, /wake_up and /is_sleeping "
                          "with TESSELLM_SERVER_DEV_MODE=1; docs/sleep_mode.md)",

@@ -32,6 +32,7 @@ NON_DEFAULT = {
     "hf_overrides": '{"num_labels": 1}',
     "kv_offloading_size": 2.5, "kv_offloading_backend": "native",
     "enable_sleep_mode": True,
+    "enable_prompt_embeds": True,
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],
