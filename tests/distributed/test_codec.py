@@ -7,7 +7,9 @@ import dataclasses
 import msgpack
 import numpy as np
 import pytest
+import torch
 
+from tessellm.core.prompt_embeds import PromptEmbeds
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.step import (STEP_SCHEMA_VERSION, CachedRequestData, ModelRunnerOutput,
                                 NewRequestData, SchedulerOutput, StepSchemaError)
@@ -20,7 +22,8 @@ def _full_step() -> SchedulerOutput:
     params = SamplingParams(temperature=0.5, top_k=3, seed=7, max_tokens=12, logit_bias={9: -1.5},
                             logprobs=2)
     return SchedulerOutput(
-        new_requests=[NewRequestData("n", [1, 2, 3], [1, 2, 3, 4], params, [5, 6], 2)],
+        new_requests=[NewRequestData("n", [1, 2, 3], [1, 2, 3, 4], params, [5, 6], 2,
+                                     prompt_embeds=PromptEmbeds.from_tensor(torch.ones(3, 4), 4, "float32"))],
         cached_requests=[CachedRequestData("c", [8], 17, [40, 41])],
         num_scheduled_tokens={"n": 2, "c": 4}, total_num_scheduled_tokens=6,
         num_sampled_tokens={"n": 1, "c": 4}, spec_token_ids={"c": [41, 42, 43]},
@@ -28,7 +31,7 @@ def _full_step() -> SchedulerOutput:
         grammar_bitmask=np.arange(10, dtype=np.int32).reshape(5, 2) - 3, grammar_deferred=True,
         lora_slots={"c": 2}, lora_loads=[[2, {"name": "a", "id": 3, "path": "/a"}]],
         lora_prefetch=[{"name": "b", "id": 4, "path": "/b"}], lora_unloads=[5], spec_ahead={"c": 3}, kept_blocks={"c": 2},
-        encoder_inputs={"n": [0, 1]},
+        encoder_inputs={"n": [0, 1]}, kv_transfers=[[0, 7, 1], [1, 2, 9]],
         finished_request_ids={"f1", "f2"}, preempted_request_ids={"p"})
 
 

@@ -94,7 +94,8 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    # Optional only where prompt_embeds is given instead (serving_completion checks).
+    prompt: Optional[Union[str, list[str], list[int], list[list[int]]]] = None
     max_tokens: Optional[int] = Field(None, ge=0)  # 0 only with echo: score the prompt (OpenAI, vLLM)
     best_of: Optional[int] = Field(None, ge=1)  # only best_of == n (no ranking) is accepted
     echo: bool = False
@@ -102,7 +103,9 @@ class CompletionRequest(_SamplingFields):
     add_special_tokens: bool = True  # vLLM: BOS etc. added to a text prompt
     suffix: Optional[str] = None  # unsupported
     response_format: Optional[ResponseFormat] = None  # vLLM extra here (as at chat)
-    prompt_embeds: Optional[Any] = None  # unsupported
+    # vLLM's: base64 of torch.save(tensor [tokens, hidden]), or a list of them (one prompt
+    # each); needs --enable-prompt-embeds (tessellm/core/prompt_embeds.py)
+    prompt_embeds: Optional[Union[str, list[str]]] = None
 
     @property
     def echo_only(self) -> bool:
@@ -221,7 +224,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "kv_transfer_params": (None,),
     "ec_transfer_params": (None,),
     "vllm_xargs": (None,),
-    "prompt_embeds": (None,),
 }
 
 # chat only (the same names mean something else, or are supported, at /v1/completions)

@@ -33,10 +33,12 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     lora = check_model(req.model, config)  # the adapter as served now
     check_unsupported(req)
     check_limits(req, config)
-    prompts = _prompt_list(req.prompt, config.max_prompts)
     keep = truncation(req, engine.info.max_model_len)
-    processed = []
-    for i, prompt in enumerate(prompts):
+    if req.prompt_embeds is not None:
+        prompts, processed = await _embeds_prompts(engine, req, keep, config.max_prompts)
+    else:
+        prompts, processed = _prompt_list(req.prompt, config.max_prompts), []
+    for i, prompt in enumerate(prompts[len(processed):]):
         try:
             processed.append(await process_completion_prompt(engine, prompt, req, keep))
         except ValueError as exc:
@@ -65,8 +67,40 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     return view.response([view.visible(o) for o in outputs])
 
 
+async def _embeds_prompts(engine: AsyncLLM, req: CompletionRequest, keep, max_prompts: int):
+    """``prompt_embeds`` (one base64 string or a list): each decoded and checked as a prompt."""
+    from tessellm.core.prompt_embeds import decode_base64_tensor
+
+    if req.prompt not in (None, "", []):
+        raise bad_request("Give prompt or prompt_embeds, not both.", "prompt_embeds")
+    if req.echo:
+        raise bad_request("echo needs prompt text; a prompt_embeds prompt has none.", "echo")
+    if req.use_beam_search:
+        raise bad_request("Beam search extends prompts by token ids; it does not take prompt_embeds.",
+                          "use_beam_search")
+    if keep is not None:
+        raise bad_request("truncate_prompt_tokens does not apply to prompt_embeds; send fewer rows.",
+                          "truncate_prompt_tokens")
+    items = [req.prompt_embeds] if isinstance(req.prompt_embeds, str) else list(req.prompt_embeds)
+    if not items:
+        raise bad_request("prompt_embeds is empty; give base64 torch.save(tensor) bytes.", "prompt_embeds")
+    if len(items) > max_prompts:
+        raise bad_request(f"The request has {len(items)} prompts, over this server's limit of "
+                          f"{max_prompts} (--max-prompts).", "prompt_embeds")
+    processed = []
+    for i, item in enumerate(items):
+        try:
+            tensor = await engine.run_off_loop(decode_base64_tensor, item)
+            processed.append(await engine.process_prompt_async({"prompt_embeds": tensor}))
+        except ValueError as exc:
+            raise prompt_error(exc, "prompt_embeds", None if len(items) == 1 else f"prompt_embeds {i}: {exc}") from None
+    return [None] * len(processed), processed
+
+
 def _prompt_list(prompt, max_prompts: int) -> list:
     """str | [str] | [int] | [[int]] -> a list of prompts (str or token-id list)."""
+    if prompt is None:
+        raise bad_request("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
     if isinstance(prompt, str):
         prompts = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -91,7 +125,7 @@ def _without_generation(out: RequestOutput) -> RequestOutput:
 def _prompt_text(engine: AsyncLLM, processed) -> str:
     if processed.prompt is not None:
         return processed.prompt
-    if engine.tokenizer is None:
+    if engine.tokenizer is None or processed.prompt_embeds is not None:
         return ""
     return engine.tokenizer.decode(processed.prompt_token_ids)
 
