@@ -81,6 +81,8 @@ class EngineInfo:
     reasoning_parser: Optional[str] = None
     # enable_prompt_embeds: the hidden size prompt embeddings must have; 0: they are refused.
     prompt_embeds_hidden_size: int = 0
+    # Each rank's device ("cuda:2"), in rank order (data parallelism: /debug/stats shows them).
+    devices: list = field(default_factory=list)
 
 
 class EngineCore(EngineSleep):
@@ -180,7 +182,8 @@ class EngineCore(EngineSleep):
                                reasoning_parser=resolve_reasoning_parser(
                                    getattr(args, "reasoning_parser", None), config),
                                prompt_embeds_hidden_size=(text_config(config).hidden_size
-                                                          if args.enable_prompt_embeds else 0))
+                                                          if args.enable_prompt_embeds else 0),
+                               devices=[str(w.get("device")) for w in self.executor.worker_info])
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids,

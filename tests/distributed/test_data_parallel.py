@@ -158,3 +158,36 @@ async def _drain(stream):
 
     async for item in iterate_streams([stream], stream.event):
         yield item
+
+
+# -- on GPUs -------------------------------------------------------------------------------------
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("tp", [1, 2])
+def test_cuda_cores_take_their_own_devices(tiny_model_dir, tp):
+    """Core r on devices r*tp .. r*tp+tp-1, greedy tokens equal one GPU's; more cores than the
+    visible devices hold is refused with one sentence."""
+    from tessellm.core.engine_process import EngineStartupError
+
+    count = _cuda_count()
+    if 2 * tp > count:
+        pytest.skip(f"needs {2 * tp} CUDA GPUs")
+    path = tiny_model_dir("llama-sharp")
+    kw = dict(device="cuda", dtype="float32", num_kv_blocks=64, seed=0, max_model_len=128)
+    with LLM(path, **kw) as one:
+        expected = _tokens(one.generate(PROMPTS, GREEDY, use_tqdm=False))
+    with LLM(path, data_parallel_size=2, tensor_parallel_size=tp, **kw) as two:
+        devices = [client.info.devices for client in two.engine.cores.clients]
+        assert devices == [[f"cuda:{r * tp + i}" for i in range(tp)] for r in range(2)], devices
+        assert _tokens(two.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+        assert min(two.engine.requests_sent()) > 0
+    cores = count // tp + 1
+    with pytest.raises(EngineStartupError, match=f"needs {cores * tp} cuda devices, but {count} are visible"):
+        LLM(path, data_parallel_size=cores, tensor_parallel_size=tp, **kw)

@@ -158,7 +158,8 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
         pids, loads = engine.cores.pids(), engine.cores.loads()
         # One entry per engine core (data parallelism): its stats, pid, and the requests the
         # front end has sent it that are not finished (what the load balancer weighs).
-        engines = [{"index": i, "pid": pids[i], "num_requests": loads[i],
+        engines = [{"index": i, "pid": pids[i], "devices": engine.cores.clients[i].info.devices,
+                    "num_requests": loads[i],
                     "requests_sent_total": engine.cores.balancer.sent[i], "stats": per_core[i]}
                    for i in range(len(per_core))]
         return {"stats": stats, "num_requests": len(engine.streams), "engine_pid": pids[0],
