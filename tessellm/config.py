@@ -123,7 +123,8 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.data_parallel_rank, int) or not 0 <= self.data_parallel_rank < self.data_parallel_size:
+        rank = self.data_parallel_rank
+        if not isinstance(rank, int) or not 0 <= rank < self.data_parallel_size:
             raise ValueError(f"data_parallel_rank must be in 0..{self.data_parallel_size - 1}, got "
                              f"{self.data_parallel_rank!r}; leave it unset (the front end sets it).")
         if self.data_parallel_size > 1 and self.distributed_executor_backend == "ray":

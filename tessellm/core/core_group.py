@@ -76,8 +76,7 @@ class EngineCoreGroup:
     # -- requests ----------------------------------------------------------------------------
 
     def send_add(self, req: EngineCoreRequest) -> None:
-        lora = req.lora_request
-        lora_id = lora.get("lora_int_id") if isinstance(lora, dict) else getattr(lora, "lora_int_id", None)
+        lora_id = req.lora_request["id"] if req.lora_request else None  # LoRARequest.to_dict()
         core = self.balancer.pick(req.prompt_token_ids, lora_id, req.cache_salt)
         self.clients[core].send_add(req)
         self.balancer.assign(req.request_id, core)

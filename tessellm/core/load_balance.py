@@ -77,10 +77,9 @@ class LoadBalancer:
         return choice
 
     def chain(self, token_ids, lora_id: Optional[int], cache_salt: Optional[str]) -> list[int]:
-        """The request's affinity chain (module docstring); [] when it has no full block."""
+        """The request's affinity chain (module docstring); [] for a prompt with no full block
+        and no adapter or salt."""
         n = min(len(token_ids) // self.block_size, self.max_blocks)
-        if n == 0:
-            return []
         chain = []
         h = hash(("tessellm-dp", lora_id, cache_salt))
         if lora_id is not None or cache_salt is not None:

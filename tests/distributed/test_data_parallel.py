@@ -56,10 +56,14 @@ def test_balancer_prefers_the_prefix_holder_while_loads_are_close():
         lb.assign(rid, first)
     other = lb.pick(shared + [3])  # 3 in flight there, 0 here: load wins
     assert other != first
-    # A LoRA adapter is a link of its own: its requests gather where it went first.
+    # A LoRA adapter is a link of its own: its requests gather where it went first, short
+    # prompts too; another adapter's go to the least loaded core.
+    lb = LoadBalancer(2, block_size=4)
     lora_core = lb.pick(list(range(50, 58)), lora_id=7)
     lb.assign("l1", lora_core)
     assert lb.pick(list(range(60, 68)), lora_id=7) == lora_core
+    assert lb.pick([1, 2], lora_id=7) == lora_core
+    assert lb.pick([3, 4], lora_id=8) != lora_core
 
 
 def test_data_parallel_rank_is_checked():
