@@ -138,6 +138,38 @@ def test_pinned_host_buffer_comes_in_power_of_two_chunks(monkeypatch):
         assert torch.equal(got, want)
 
 
+def test_runner_round_trip_heads_major_and_latent_caches():
+    """The runner's copies over a heads-major cache (IPEX's layout: a transposed view of
+    ``[blocks, kv_heads, block_size, head]`` storage) and a latent cache without values (MLA):
+    blocks stored, the device cache wiped, loaded back into other blocks, equal."""
+    import torch
+
+    from tessellm.core.runner_kv_cache import RunnerKVCache
+
+    g = torch.Generator().manual_seed(0)
+    heads_major = SimpleNamespace(k_cache=torch.randn(10, 2, BS, 8, generator=g).transpose(1, 2),
+                                  v_cache=torch.randn(10, 2, BS, 8, generator=g).transpose(1, 2))
+    latent = SimpleNamespace(k_cache=torch.randn(10, BS, 1, 12, generator=g), v_cache=None)
+
+    class Runner(RunnerKVCache):
+        device = torch.device("cpu")
+
+        def kv_layers(self):
+            return [heads_major, latent]
+
+    runner = Runner()
+    runner.allocate_host_kv_cache(6)
+    before = [t.clone() for t in (heads_major.k_cache, heads_major.v_cache, latent.k_cache)]
+    runner.apply_kv_transfers([(STORE, 7, 0), (STORE, 2, 5), (STORE, 3, 1)])
+    for t in (heads_major.k_cache, heads_major.v_cache, latent.k_cache):
+        t.zero_()
+    runner.apply_kv_transfers([(LOAD, 0, 9), (LOAD, 5, 0), (LOAD, 1, 4)])
+    for old, new in zip(before, (heads_major.k_cache, heads_major.v_cache, latent.k_cache)):
+        for src, dst in ((7, 9), (2, 0), (3, 4)):
+            assert torch.equal(new[dst], old[src])
+        assert not new[7].any()  # only the loaded blocks came back
+
+
 # -- the engine ----------------------------------------------------------------------------
 
 def _run(model: str, order: list[list[int]], max_tokens: int = 6, **engine):
@@ -205,21 +237,23 @@ def _render_without_tier() -> str:
 
 
 @pytest.mark.parametrize("engine", [
-    # ~30 s on 2 cores (two worker processes); the one-rank variants cover the rest
+    # ~30 s each on 2 cores (two worker processes); the one-rank variants cover the rest
     pytest.param(dict(tensor_parallel_size=2), marks=pytest.mark.slow, id="tp2"),
+    pytest.param(dict(pipeline_parallel_size=2), marks=pytest.mark.slow, id="pp2"),
     pytest.param(dict(async_scheduling=True), id="async"),
 ])
-def test_host_tier_under_tensor_parallelism_and_async_scheduling(engine, tiny_model_dir):
-    """Two ranks (gloo), each storing and loading its own shard (one KV head of two), the tier
-    sized over both; or async scheduling, the next step's copies queued behind the step in
-    flight: the evicted prompt comes back from the host tier with HF's tokens."""
+def test_host_tier_under_parallelism_and_async_scheduling(engine, tiny_model_dir):
+    """Two tensor-parallel ranks (gloo), each storing and loading its own shard (one KV head of
+    two); two pipeline stages, each its own layer; the tier sized over both ranks. Or async
+    scheduling, the next step's copies queued behind the step in flight. The evicted prompt
+    comes back from the host tier with HF's tokens."""
     model = tiny_model_dir("llama")
     p, q, r = _prompts(3)
     order = [p, q, r, p]
     rows, core = _run(model, order, kv_offloading_size=0.01, **engine)
     assert [t for t, _, _ in rows] == hf_greedy(model, order, 6)
     assert rows[3][1] == 40 and rows[3][2] == 7 and core.kv.host.stats.blocks_loaded == 10
-    assert core.kv.host.stats.bytes_per_block == 2 * 2 * BS * 2 * 16 * 4  # both ranks' halves
+    assert core.kv.host.stats.bytes_per_block == 2 * 2 * BS * 2 * 16 * 4  # both ranks' parts
 
 
 def test_host_tier_size_limit_and_lru(tiny_model_dir):
