@@ -13,7 +13,8 @@ What each call does to the two kinds of memory (vLLM's tags, ``weights`` and ``k
 
 "Other model tensors" are the buffers and tensor attributes of the model's modules (rotary
 tables, quantization scales, LoRA slots): derived from the config, not the checkpoint, so a
-level-2 sleep keeps them, as vLLM keeps the model's buffers.
+level-2 sleep keeps them, as vLLM keeps the model's buffers. A draft model's own weights
+(speculative decoding) are kept at level 2 too: ``load_weights`` refills only the target's.
 
 How memory is freed: each storage that a model tensor lives in is resized to 0 bytes and later
 back (``UntypedStorage.resize_``). Every tensor and view sharing that storage (a tied LM head, a
@@ -174,6 +175,13 @@ class RunnerSleep:
         runner._graphs_ready = False
         runner.verify_graphs = None
         runner._step_tensors = None
+        drafter = getattr(runner.spec, "proposer", None)
+        if getattr(drafter, "graph_runner", None) is not None:  # a draft model's own graphs
+            release = getattr(drafter.graph_runner, "release", None)
+            if release is not None:
+                release()
+            drafter.graph_runner = None
+            drafter._capture_tried = False  # captured again at its first draft after wake
 
 
 def mark_weights_changed(modules: list[torch.nn.Module]) -> None:
@@ -189,10 +197,11 @@ def mark_weights_changed(modules: list[torch.nn.Module]) -> None:
 def _model_storages(modules: list[torch.nn.Module]) -> list[_Stored]:
     """Every non-empty storage a tensor of these modules lives in, once each: parameters,
     buffers and tensor attributes (the KV cache is zero-sized by then). A storage shared by a
-    parameter counts as a parameter's."""
+    parameter of the first module (the target model: ``load_weights`` refills those) counts as
+    a parameter's; a draft model's own weights are always kept (nothing would refill them)."""
     found: dict[tuple, _Stored] = {}
     seen: set[int] = set()
-    for root in modules:
+    for index, root in enumerate(modules):
         for module in root.modules():
             if id(module) in seen:
                 continue
@@ -200,7 +209,8 @@ def _model_storages(modules: list[torch.nn.Module]) -> list[_Stored]:
             params = [p for p in module._parameters.values() if p is not None]
             others = [b for b in module._buffers.values() if b is not None]
             others += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
-            for tensor, is_param in [(p, True) for p in params] + [(t, False) for t in others]:
+            target = index == 0
+            for tensor, is_param in [(p, target) for p in params] + [(t, False) for t in others]:
                 storage = tensor.untyped_storage()
                 if storage.nbytes() == 0:
                     continue

@@ -131,3 +131,19 @@ def test_prompt_embeds_refuse_speculative_decoding(model_dir):
     with pytest.raises(ValueError, match="speculative decoding"):
         LLM(model_dir, device="cpu", enable_prompt_embeds=True,
             speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def test_preempted_embeddings_prompt_resumes_with_hf_tokens(model_dir, hf):
+    """Two 40-row prompts, 30 tokens each, in a 96-token KV cache: one is preempted and
+    recomputed from its embeddings (sent again to the runner) and still gives HF's tokens."""
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    embeds = [_perturbed(hf, LONG, 7), _perturbed(hf, LONG, 8)]
+    with LLM(model_dir, device="cpu", num_kv_blocks=6, max_num_batched_tokens=16,
+             enable_prompt_embeds=True) as small:
+        outs = _gen(small, [{"prompt_embeds": e} for e in embeds], params)
+        assert small.engine.core.scheduler.num_preemptions_total > 0
+    for out, e in zip(outs, embeds):
+        with torch.no_grad():
+            ref = hf.generate(inputs_embeds=e[None], attention_mask=torch.ones(1, len(e), dtype=torch.long),
+                              max_new_tokens=30, do_sample=False, pad_token_id=0)[0].tolist()
+        assert out.outputs[0].token_ids == ref

@@ -189,3 +189,25 @@ def test_new_weights_empty_the_host_kv_tier(model_dir, other_dir):
         llm.sleep(level=1)
         llm.wake_up()
         assert host.num_used == 0
+
+
+def test_draft_model_sleeps_and_keeps_its_weights_at_level_2(model_dir, other_dir, reference):
+    """Speculative decoding with a draft model: sleep frees its weights and KV cache too; at
+    level 2 only the target's parameters are discarded (load_weights refills those), the
+    draft's come back from the host, so drafts stay useful and greedy tokens stay HF's."""
+    spec = {"method": "draft_model", "model": other_dir, "num_speculative_tokens": 2}
+    with LLM(model_dir, device="cpu", num_kv_blocks=64, enable_sleep_mode=True,
+             speculative_config=spec) as llm:
+        assert _tokens(llm) == reference
+        draft = llm.engine.core.runner.spec.proposer.model
+        draft_bytes = sum(p.untyped_storage().nbytes() for p in draft.parameters())
+        llm.sleep(level=2)
+        assert sum(p.untyped_storage().nbytes() for p in draft.parameters()) == 0
+        llm.wake_up(tags=["weights"])
+        llm.load_weights(path=model_dir)
+        llm.wake_up(tags=["kv_cache"])
+        assert sum(p.untyped_storage().nbytes() for p in draft.parameters()) == draft_bytes
+        assert _tokens(llm) == reference
+        with torch.inference_mode():
+            ref_draft = load_file(os.path.join(other_dir, "model.safetensors"))["model.embed_tokens.weight"]
+        assert torch.equal(draft.embed_tokens.weight, ref_draft)  # the draft's own weights, not zeros
