@@ -93,27 +93,32 @@ def run_tessellm(args) -> dict:
     from tessellm import LLM, SamplingParams
 
     llm = LLM(**dataclasses.asdict(engine_args_from(args, args.model)))
-    core = llm.engine.core
+    info = llm.engine.info
+    # -dp N: the engine cores are in their own processes (tessellm.core.dp_engine), and what
+    # is read below from the in-process core comes from their EngineInfo and stats instead.
+    dp = getattr(args, "data_parallel_size", 1) > 1
+    core = None if dp else llm.engine.core
     reqs = make_requests(args.num_prompts, args.input_len, args.output_len, args.random_range_ratio,
-                         core.vocab_size, args.seed)
+                         info.vocab_size, args.seed)
     params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     loras = lora_requests(args.lora_dir, len(reqs))
     # Warm-up: JIT compilation and allocator growth stay out of the timed region. Triton
     # compiles a kernel variant per shape class the first time a step meets it (measured on an
     # H200: ~1.7 s of a cold 6.9 s F run), so on accelerators the whole workload runs once first.
-    warmup = args.warmup if args.warmup != "auto" else ("tiny" if core.backend.device_type == "cpu" else "full")
+    on_cpu = info.backend == "cpu" if dp else core.backend.device_type == "cpu"
+    warmup = args.warmup if args.warmup != "auto" else ("tiny" if on_cpu else "full")
     if warmup == "full":  # same lengths, other tokens: no prefix-cache hits carry over
         warm = make_requests(args.num_prompts, args.input_len, args.output_len,
-                             args.random_range_ratio, core.vocab_size, args.seed + 1)
+                             args.random_range_ratio, info.vocab_size, args.seed + 1)
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
                      [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
                       for r in warm], use_tqdm=False, lora_request=loras)
     else:
-        warm = make_requests(2, 16, 4, 0.0, core.vocab_size, args.seed + 1)
+        warm = make_requests(2, 16, 4, 0.0, info.vocab_size, args.seed + 1)
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
                      SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-    sync = core.backend.synchronize if core.parallel.world_size == 1 else (lambda: None)
+    sync = core.backend.synchronize if core is not None and core.parallel.world_size == 1 else (lambda: None)
     sync()  # (with workers, each step's results come back only once the step is done)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
@@ -121,15 +126,18 @@ def run_tessellm(args) -> dict:
     elapsed = time.perf_counter() - start
     produced = [len(o.outputs[0].token_ids) for o in outs]
     assert produced == [r.output_len for r in reqs], "a request stopped early despite ignore_eos"
-    return _summary(args, reqs, elapsed, {"device": core.backend.name, "dtype": core.info.dtype,
+    return _summary(args, reqs, elapsed, {"device": info.backend, "dtype": info.dtype,
                                           "warmup": warmup,
-                                          "async_scheduling": core.async_scheduling,
+                                          "async_scheduling": None if dp else core.async_scheduling,
+                                          "data_parallel_size": getattr(args, "data_parallel_size", 1),
                                           "tensor_parallel_size": args.tensor_parallel_size,
                                           "pipeline_parallel_size": args.pipeline_parallel_size,
-                                          "num_kv_blocks": core.info.num_kv_blocks,
+                                          "num_kv_blocks": info.num_kv_blocks,
                                           "num_loras": len({lr.lora_int_id for lr in loras if lr}),
-                                          "preemptions": core.scheduler.num_preemptions_total,
-                                          "spec_decode": _spec_decode(core)})
+                                          "preemptions": (sum(s.get("num_preemptions_total", 0)
+                                                              for s in llm.engine.core_stats()) if dp
+                                                          else core.scheduler.num_preemptions_total),
+                                          "spec_decode": None if dp else _spec_decode(core)})
 
 
 def _spec_decode(core):
