@@ -13,7 +13,8 @@ Checkpoint names are HF's (= DeepSeek's): ``self_attn.{q_proj | q_a_proj, q_a_la
 q_b_proj}``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``;
 ``mlp.gate.weight`` (+ ``e_score_correction_bias`` in V3), ``mlp.experts.<e>.gate_proj|up_proj|
 down_proj``, ``mlp.shared_experts.*``. V3's multi-token-prediction layers (``layers.<L>`` past
-``num_hidden_layers``) are skipped.
+``num_hidden_layers``) are skipped here; they draft with ``speculative_config`` method ``mtp``
+(``models/mtp.py``).
 
 fp8 checkpoints (DeepSeek-V3/R1's block-wise ``weight_scale_inv``): the MLPs, shared experts and
 routed experts keep fp8 (``layers/moe_fp8.py``); MLA's projections are dequantized to the model

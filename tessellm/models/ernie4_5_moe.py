@@ -7,7 +7,8 @@ A MoE MLP: ``moe_num_experts`` experts of ``moe_intermediate_size`` picked ``moe
 by the softmax router with a selection bias (``moe_routing.route_biased_softmax``: the
 checkpoint's ``mlp.moe_statics.e_score_correction_bias``), plus ``moe_num_shared_experts``
 shared experts as one dense MLP of that many times ``moe_intermediate_size``, added unweighted.
-The LM head has a bias when ``use_bias``. The MTP layers (``mtp_*``) are skipped.
+The LM head has a bias when ``use_bias``. The MTP layers (``mtp_*``) are skipped here; they
+draft with ``speculative_config`` method ``mtp`` (``models/mtp.py``).
 """
 
 from __future__ import annotations

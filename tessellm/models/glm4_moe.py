@@ -11,7 +11,8 @@ MoE (``deepseek_v2.py``). What differs from each:
 
 Checkpoint names are HF's: llama's attention and dense MLP, DeepSeek's ``mlp.gate``,
 ``mlp.experts.<e>.*`` and ``mlp.shared_experts.*``. The multi-token-prediction layers
-(``layers.<num_hidden_layers>...``) are skipped as DeepSeek-V3's are.
+(``layers.<num_hidden_layers>...``) are skipped as DeepSeek-V3's are (they draft with
+``speculative_config`` method ``mtp``, ``models/mtp.py``).
 """
 
 from __future__ import annotations

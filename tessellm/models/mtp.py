@@ -1,6 +1,7 @@
 """Multi-token-prediction (MTP) layers of a target's own checkpoint, as a draft head.
 
-DeepSeek-V3 / R1 and GLM-4.5 / 4.6 ship, past their ``num_hidden_layers`` decoder layers,
+DeepSeek-V3 / R1, GLM-4.5 / 4.6 and ERNIE 4.5 MoE (``ERNIE``: its own names, no shared head:
+the target's final norm and LM head) ship, past their ``num_hidden_layers`` decoder layers,
 ``num_nextn_predict_layers`` MTP modules trained to predict one token further. Module ``k``
 at position ``p`` reads the previous depth's hidden state ``h[p]`` (depth 0: the target's
 final, normed hidden state) and the embedding of the token at ``p + 1``::
@@ -47,37 +48,51 @@ from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 @dataclass(frozen=True)
 class MTPLayout:
-    """How a family's checkpoint names its first MTP module."""
+    """How a family's checkpoint names its first MTP module: ``parts`` maps a checkpoint name
+    prefix to our part (enorm, hnorm, eh_proj, final_norm, head, embed); ``block`` is the
+    prefix of its decoder layer's tensors (``{n}``: ``num_hidden_layers``), which load as the
+    target's layer N (``model.layers.<N>.*``)."""
 
     name: str
-    parts: dict  # name after the module's prefix -> our part (enorm, hnorm, eh_proj, final_norm, head, embed)
+    parts: dict
+    block: str
     required: tuple[str, ...]  # parts the module cannot do without
+    # the module's output norm is the target's final norm (ERNIE), not a tensor of its own
+    target_final_norm: bool = False
 
     def prefix(self, n: int) -> str:
-        return f"model.layers.{n}."
+        return self.block.format(n=n)
 
     def classify(self, name: str, n: int) -> Optional[tuple[str, str]]:
         """``("part", part)``, ``("block", name as the target's layer N)`` or None (not the
         first MTP module's)."""
-        prefix = self.prefix(n)
-        if not name.startswith(prefix):
-            return None
-        rest = name[len(prefix):]
         for ckpt, part in self.parts.items():
-            if rest.startswith(ckpt + "."):
-                return "part", part + rest[len(ckpt):]
-        return "block", name
+            ckpt = ckpt.format(n=n)
+            if name.startswith(ckpt + "."):
+                return "part", part + name[len(ckpt):]
+        prefix = self.prefix(n)
+        if name.startswith(prefix):
+            return "block", f"model.layers.{n}." + name[len(prefix):]
+        return None
 
 
 DEEPSEEK = MTPLayout(
-    "deepseek", {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj",
-                 "shared_head.norm": "final_norm", "shared_head.head": "head",
-                 "embed_tokens": "embed"},
-    ("enorm", "hnorm", "eh_proj", "final_norm"))
+    "deepseek", {f"model.layers.{{n}}.{k}": v for k, v in (
+        ("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+        ("shared_head.norm", "final_norm"), ("shared_head.head", "head"),
+        ("embed_tokens", "embed"))},
+    "model.layers.{n}.", ("enorm", "hnorm", "eh_proj", "final_norm"))
+# ERNIE 4.5 (PaddleFormers' names): one module per depth, ``.0`` the first; its output goes
+# through the target's own final norm before the LM head (PaddleFormers' ``self.norm`` over the
+# MTP outputs).
+ERNIE = MTPLayout(
+    "ernie", {"model.mtp_emb_norm.0": "enorm", "model.mtp_hidden_norm.0": "hnorm",
+              "model.mtp_linear_proj.0": "eh_proj"},
+    "model.mtp_block.0.", ("enorm", "hnorm", "eh_proj"), target_final_norm=True)
 
 LAYOUTS = {"DeepseekV3ForCausalLM": DEEPSEEK, "DeepseekV2ForCausalLM": DEEPSEEK,
-           "Glm4MoeForCausalLM": DEEPSEEK}
-FAMILIES = "DeepSeek-V3/R1, GLM-4.5/4.6"
+           "Glm4MoeForCausalLM": DEEPSEEK, "Ernie4_5_MoeForCausalLM": ERNIE}
+FAMILIES = "DeepSeek-V3/R1, GLM-4.5/4.6, ERNIE 4.5 MoE"
 
 
 class MTPStage(PipelineStage):
@@ -112,7 +127,8 @@ class MTPHead(nn.Module):
         self.enorm = body.make_norm(config, ctx, None)
         self.hnorm = body.make_norm(config, ctx, None)
         self.eh_proj = Linear(2 * hidden, [hidden], bias=False)  # replicated: reads whole inputs
-        # sums the layer's partial output over the ranks (unless the family's MLP already did)
+        # sums the layer's partial output over the ranks (unless the family's MLP already did);
+        # ERNIE: a copy of the target's final norm, filled from it
         self.final_norm = body.make_norm(config, ctx,
                                          None if body.output_summed(config) else ctx.tp)
         # The target's embedding and LM head, not registered (never loaded nor re-initialised
@@ -230,6 +246,8 @@ def build_mtp_head(target: nn.Module, source, registry, backend, block_size: int
     config = copy.deepcopy(text_config(source.hf_config))
     n = config.num_hidden_layers
     config.num_hidden_layers = n + 1
+    if layout is ERNIE:
+        _ernie_block_mlp(config, n, source, load_format)
     make_kernel, kernels = attention_kernel_factory(registry, backend, config, target_ctx.dtype,
                                                     block_size, kv_cache_dtype, target_ctx.tp)
     ctx = dataclasses.replace(target_ctx, make_attention_kernel=make_kernel, pp=MTPStage(n))
@@ -247,11 +265,26 @@ def build_mtp_head(target: nn.Module, source, registry, backend, block_size: int
         init_dummy_weights(head, seed)
     else:
         _load(head, source.path, n)
+    if layout.target_final_norm:
+        head.final_norm.weight.data.copy_(target.norm.weight.data)
     use_backend_linear(head, ctx.ops)
     head.eval()
     kernel = (PerWindowKernels(kernels.values()) if len(kernels) > 1
               else next(iter(kernels.values())))
     return head, kernel
+
+
+def _ernie_block_mlp(config, n: int, source, load_format: str) -> None:
+    """ERNIE's MTP decoder layer is dense in vLLM's reading (a Llama layer) and MoE where the
+    checkpoint has experts for it: the copied config's MoE layer range is set to say which."""
+    moe = False
+    if load_format != "dummy" and source.kind == "dir":
+        prefix = ERNIE.prefix(n) + "mlp."
+        moe = any(name.startswith(prefix + "experts.") or name.startswith(prefix + "gate.")
+                  for name in checkpoint_tensor_names(source.path))
+    end = getattr(config, "moe_layer_end_index", None)
+    end = n - 1 if end is None or end < 0 else end
+    config.moe_layer_end_index = max(end, n) if moe else min(end, n - 1)
 
 
 def _load(head: MTPHead, path: str, n: int) -> None:
@@ -293,7 +326,7 @@ def _load_part(head: MTPHead, name: str, tensor, parts: dict, path: str) -> None
     elif part == "eh_proj":
         if attr != "weight":
             raise ValueError(f"The MTP layer's eh_proj at {path} has a {attr!r}, which the "
-                             "DeepSeek layout does not; is this the right architecture?")
+                             f"{head.layout.name} layout does not; is this the right architecture?")
         try:
             head.eh_proj.load_shard("weight", tensor, None)
         except (RuntimeError, ValueError) as e:

@@ -1,5 +1,5 @@
-"""Tiny DeepSeek-V3 / GLM-4.5 checkpoints with a multi-token-prediction module, built from HF
-configs: HF's model with one layer more (whose tensors become the MTP module's decoder layer,
+"""Tiny DeepSeek-V3 / GLM-4.5 / ERNIE 4.5 MoE checkpoints with a multi-token-prediction module,
+built from HF configs (ERNIE's in its own names, ``ernie_name``, and with its decoder layer dense): HF's model with one layer more (whose tensors become the MTP module's decoder layer,
 ``model.layers.<N>.*``) saved, then the config cut back to ``N`` layers with
 ``num_nextn_predict_layers = 1`` and the MTP module's own tensors (enorm, hnorm, eh_proj,
 shared_head.norm / head, embed_tokens) added, random. ``predictable``: every attention and
@@ -28,6 +28,10 @@ def save_with_mtp(config, path: str, seed: int = 0, predictable: bool = False,
     n = config.num_hidden_layers
     big = copy.deepcopy(config)
     big.num_hidden_layers = n + 1
+    ernie = is_ernie(config)
+    if ernie:  # the MTP layer dense (vLLM's reading of ERNIE's MTP block)
+        end = config.moe_layer_end_index
+        big.moe_layer_end_index = n - 1 if end is None or end < 0 else min(end, n - 1)
     save_deepseek(big, path, seed)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
@@ -57,5 +61,28 @@ def save_with_mtp(config, path: str, seed: int = 0, predictable: bool = False,
         if noise:
             name = pre + "mlp.shared_experts.down_proj.weight"
             t[name] = torch.randn(t[name].shape, generator=gen) * noise
+    if ernie:  # PaddleFormers' names: mtp_block.0 and the parts as mtp_*.0, no shared head
+        t = {ernie_name(k, n): v for k, v in t.items()
+             if not k.startswith((pre + "shared_head.", pre + "embed_tokens."))}
     save_file({k: v.contiguous() for k, v in t.items()}, file, metadata={"format": "pt"})
     return path
+
+
+def is_ernie(config) -> bool:
+    return type(config).__name__.startswith("Ernie4_5")
+
+
+ERNIE_PARTS = {"enorm": "model.mtp_emb_norm.0", "hnorm": "model.mtp_hidden_norm.0",
+               "eh_proj": "model.mtp_linear_proj.0"}
+
+
+def ernie_name(name: str, n: int) -> str:
+    """A DeepSeek-layout MTP name as ERNIE 4.5's checkpoints spell it."""
+    pre = f"model.layers.{n}."
+    if not name.startswith(pre):
+        return name
+    rest = name[len(pre):]
+    part, _, attr = rest.partition(".")
+    if part in ERNIE_PARTS:
+        return f"{ERNIE_PARTS[part]}.{attr}"
+    return "model.mtp_block.0." + rest

@@ -21,8 +21,9 @@ import torch
 
 from tessellm import LLM, SamplingParams
 from tests.models.test_deepseek import deepseek_config, save_deepseek
+from tests.models.test_ernie4_5 import ernie4_5_moe_config
 from tests.models.test_glm4_moe import glm4_moe_config
-from tests.spec_decode.mtp_checkpoints import save_with_mtp
+from tests.spec_decode.mtp_checkpoints import ernie_name, is_ernie, save_with_mtp
 
 ENGINE = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=16)
 PROMPTS = [[5, 17, 42, 99, 3, 50, 11], [7, 7, 7, 12, 30, 7, 7, 12], list(range(10, 40))]
@@ -30,6 +31,7 @@ MTP = {"method": "mtp", "num_speculative_tokens": 3, "disable_by_batch_size": 0}
 CONFIGS = {
     "deepseek-v3": lambda: deepseek_config(True, q_lora_rank=24),
     "glm4.5": lambda: glm4_moe_config(use_qk_norm=True, n_group=4, topk_group=2),
+    "ernie4.5": lambda: ernie4_5_moe_config(use_bias=True),
 }
 
 
@@ -62,7 +64,8 @@ def _reference(config, path: str, ids: list[int], layer_dir: str):
     """The MTP module at positions 0 .. L-2 of ``ids`` from the DeepSeek-V3 report's formula:
     ``h' = M [RMSNorm(Emb(t[i+1])) ; RMSNorm(h[i])]`` (embedding first, as the released weights
     are laid out), ``h = TRM(h')`` (HF's own decoder layer of index N), ``P = OutHead(h)`` (the
-    shared head: RMSNorm, then the LM head). ``h[i]``: HF's target, final norm included.
+    shared head: RMSNorm, then the LM head; ERNIE: the target's final norm and LM head).
+    ``h[i]``: HF's target, final norm included.
     Returns (target hidden [L-1, H], MTP output h [L-1, H], logits [L-1, V])."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
@@ -70,10 +73,20 @@ def _reference(config, path: str, ids: list[int], layer_dir: str):
     n, eps = config.num_hidden_layers, config.rms_norm_eps
     t = load_file(f"{path}/model.safetensors")
     pre = f"model.layers.{n}."
+    if is_ernie(config):  # back to DeepSeek's names; ERNIE's output norm is the target's own
+        ours = {ernie_name(pre + p + ".weight", n): pre + p + ".weight"
+                for p in ("enorm", "hnorm", "eh_proj")}
+        t = {ours.get(k, k): v for k, v in t.items()}
+        t = {pre + k[len("model.mtp_block.0."):] if k.startswith("model.mtp_block.0.") else k: v
+             for k, v in t.items()}
+        t[pre + "shared_head.norm.weight"] = t["model.norm.weight"]
+        t[pre + "shared_head.head.weight"] = t.get("lm_head.weight", t["model.embed_tokens.weight"])
     target = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     # HF with the MTP module's decoder layer as its layer N (HF reads the tensors its own way)
     big = copy.deepcopy(config)
     big.num_hidden_layers = n + 1
+    if is_ernie(config):
+        big.moe_layer_end_index = n - 1  # the MTP layer dense, as built
     big.save_pretrained(layer_dir)
     mtp_only = [pre + p for p in ("enorm", "hnorm", "eh_proj", "shared_head", "embed_tokens")]
     save_file({k: v for k, v in t.items() if not k.startswith(tuple(mtp_only))},
@@ -94,6 +107,8 @@ def _reference(config, path: str, ids: list[int], layer_dir: str):
                                          position_embeddings=rope)
         out = (out[0] if isinstance(out, tuple) else out)[0]
         logits = _rms(out, t[pre + "shared_head.norm.weight"], eps) @ t[pre + "shared_head.head.weight"].T
+        if "lm_head.bias" in t:  # ERNIE with use_bias: the LM head's bias
+            logits = logits + t["lm_head.bias"]
     return hidden, out, logits
 
 
@@ -130,7 +145,8 @@ def test_mtp_forward_matches_the_formula(checkpoints, family, tmp_path):
 
 # -- the engine --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family, method", [("deepseek-v3", "mtp"), ("glm4.5", "glm4_moe_mtp")])
+@pytest.mark.parametrize("family, method", [("deepseek-v3", "mtp"), ("glm4.5", "glm4_moe_mtp"),
+                                            ("ernie4.5", "ernie_mtp")])
 def test_mtp_keeps_greedy_tokens(checkpoints, family, method):
     """Chunked prefills (16-token budget) and decodes share steps; k = 3 reuses the one MTP
     module for the later drafts."""
