@@ -51,14 +51,11 @@ class LoadBalancer:
         self._index = PrefixIndex(_MAX_ENTRIES)
         self._next = 0  # where the round-robin among equally loaded cores starts
 
-    def pick(self, prompt_token_ids, lora_id: Optional[int] = None, cache_salt: Optional[str] = None,
-             exclude: frozenset = frozenset()) -> int:
-        """The core for a request (module docstring); ``exclude``: cores not to use (dead)."""
-        cores = [i for i in range(self.num_cores) if i not in exclude]
-        if not cores:
-            raise RuntimeError("No engine core is left to take the request.")
-        if len(cores) == 1:
-            return cores[0]
+    def pick(self, prompt_token_ids, lora_id: Optional[int] = None, cache_salt: Optional[str] = None) -> int:
+        """The core for a request (module docstring)."""
+        if self.num_cores == 1:
+            return 0
+        cores = range(self.num_cores)
         chain = self.chain(prompt_token_ids, lora_id, cache_salt) if self.affinity else []
         least = min(self.load[i] for i in cores)
         slack = max(_MIN_SLACK, least // _SLACK_FRACTION)
