@@ -23,14 +23,21 @@ What a spawned child would get from the caller at the moment it starts, a forked
 explicitly, so the two are the same process but for the imports already done:
 
 * the environment: the caller's ``os.environ`` now, applied before the target runs (the
-  forkserver keeps the one it started with). A module imported in the forkserver may have read
-  a variable at import time, so the forkserver is used only while the caller's environment,
-  ``sys.path`` and working directory equal those it was started with, except ``TESSELLM_*``
-  (``envs.py`` reads them when used, never at import) and ``PYTEST_*`` (pytest's bookkeeping);
-  otherwise the child is spawned, as before.
+  forkserver keeps the one it started with).
 * standard output and error: the caller's current file descriptors 1 and 2 (the forkserver
   holds the ones of when it started), so a rank's log and traceback land where the caller's do.
 * ``sys.path`` and the working directory: ``multiprocessing`` sends them with every child.
+
+The imports themselves must be those a spawn would do now. They depend on the *import state*:
+``sys.path`` (a relative entry is relative to the working directory) and the
+variables that a module may read at import (``_IMPORT_TIME_ENV``: torch's, Triton's, the HF
+libraries', OpenMP's and the BLAS', the loader's, Python's; a test's or a user's own variables,
+``TESSELLM_*`` (``envs.py`` reads them when used, never at import) and the shell's bookkeeping
+are passed to the child, not imported with). A forkserver serves only the import state it was
+started with; when the caller's changes, a new forkserver is started for the new one (as long
+as a spawn takes, once) and the previous one is kept for a change back (``_KEEP``). A
+forkserver that is let go is stopped once its last child has exited (a running engine's
+processes and their exit codes are not disturbed).
 
 A child's parent is the forkserver, not the caller: a child that must exit with the caller asks
 ``parent_gone()``, not ``os.getppid()``.
@@ -38,6 +45,7 @@ A child's parent is the forkserver, not the caller: a child that must exit with 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing
 import multiprocessing.forkserver
@@ -45,10 +53,11 @@ import os
 import sys
 import threading
 import types
+import weakref
 from multiprocessing import reduction
 from typing import Optional
 
-_LOCK = threading.Lock()  # the swap of sys.modules["__main__"] and the forkserver's start
+_LOCK = threading.Lock()  # the swap of sys.modules["__main__"], the forkservers
 
 # What the forkserver imports before forking: everything an engine core or a worker imports to
 # start (torch, transformers, the models, the backends' modules). Imports only, no device call.
@@ -56,12 +65,27 @@ _PRELOAD = ["tessellm.distributed.worker", "tessellm.distributed.executor",
             "tessellm.core.engine_process", "tessellm.core.engine_core", "tessellm.models.registry",
             "tessellm.backends.cpu.plugin"]
 
-# Read when used, never at import: they may differ between the forkserver and the caller.
-_CALL_TIME_ENV = ("TESSELLM_", "PYTEST_")
+# Variables a module imported by a child may read at import (by prefix; module docstring):
+# found by recording every read of os.environ while _PRELOAD imports (torch, its compiler and
+# profiler settings, numpy, tqdm, pyzmq, msgpack, certificates), widened to the families that
+# the native libraries (CUDA/ROCm/XPU/XLA runtimes, OpenMP, BLAS, the allocator) read when
+# loaded and to the HF libraries' and Triton's settings.
+_IMPORT_TIME_ENV = (
+    "TORCH", "PYTORCH", "TRITON", "CUDA", "NV", "NCCL", "CUBLAS", "CUDNN", "HIP", "ROC", "HSA",
+    "AMD", "ZE_", "SYCL", "ONEAPI", "IPEX", "CCL", "XLA", "PJRT", "TPU", "OMP", "KMP", "GOMP",
+    "MKL", "OPENBLAS", "BLIS", "NPY", "NUMPY", "HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS",
+    "SAFETENSORS", "TQDM", "FX_", "COMPILE_", "KINETO", "MSGPACK", "PYZMQ", "ZMQ", "PYTHON",
+    "LD_", "MALLOC", "GLIBC", "LC_", "LANG", "XDG_", "SSL_", "RUST_",
+    "HOME", "PATH", "TMPDIR", "TEMP", "TMP")
 
-# (environment, sys.path, cwd) the forkserver of this process was started with; None: not yet.
-# Process-wide because the forkserver is (one per process, ``multiprocessing.forkserver``).
-_forkserver_key: Optional[tuple] = None
+_KEEP = 2  # forkservers kept running, the most recently used first (each holds its imports)
+
+# Import state -> its running forkserver. Process-wide: a child of a forkserver starts its own.
+_servers: "collections.OrderedDict[tuple, _Forkserver]" = collections.OrderedDict()
+_let_go: list["_Forkserver"] = []  # forkservers let go: stopped once their children have exited
+# How this process's children were started, for tests and diagnostics: "forked" (by a
+# forkserver already running), "forked_new" (by a forkserver started for it), "spawned".
+counts: collections.Counter = collections.Counter()
 
 
 @contextlib.contextmanager
@@ -78,15 +102,21 @@ def clean_main():
 
 
 def spawn_process(target, name: str, args: tuple, daemon: bool = True):
-    """A started process running ``target(*args)``: forked from the forkserver, or spawned
-    where the caller's environment has changed since the forkserver started (module
-    docstring); from a clean main either way."""
+    """A started process running ``target(*args)``, forked from the forkserver of the caller's
+    import state (started now if there is none; module docstring), from a clean main."""
     env = dict(os.environ)
     proc_args = (target, args, env, _CallerStdio())
     with clean_main():  # holds _LOCK
-        ctx = multiprocessing.get_context("forkserver" if _forkserver_fits(env) else "spawn")
-        proc = ctx.Process(target=_run, name=name, args=proc_args, daemon=daemon)
-        proc.start()
+        server = _forkserver(import_state(env))
+        if server is None:  # no forkserver here (multiprocessing has none on this platform)
+            counts["spawned"] += 1
+            proc = multiprocessing.get_context("spawn").Process(
+                target=_run, name=name, args=proc_args, daemon=daemon)
+            proc.start()
+            return proc
+        proc = multiprocessing.get_context("forkserver").Process(
+            target=_run, name=name, args=proc_args, daemon=daemon)
+        server.start(proc)
     return proc
 
 
@@ -99,21 +129,93 @@ def parent_gone(parent_pid: int) -> bool:
     return os.getppid() != parent_pid
 
 
-def _key(env: dict) -> tuple:
-    kept = sorted((k, v) for k, v in env.items() if not k.startswith(_CALL_TIME_ENV))
-    return tuple(kept), tuple(sys.path), os.getcwd()
+def import_state(env: dict) -> tuple:
+    """What the imports of a child started now depend on: the import-time variables of ``env``
+    and the absolute ``sys.path``."""
+    kept = sorted((k, v) for k, v in env.items() if k.startswith(_IMPORT_TIME_ENV)
+                  and not k.startswith("TESSELLM_"))
+    return tuple(kept), tuple(_resolved(p) for p in sys.path)
 
 
-def _forkserver_fits(env: dict) -> bool:
-    """Start this process's forkserver on first use; whether it can fork for ``env``. Called
+def _resolved(entry) -> str:
+    """A sys.path entry as imports see it: a relative one that exists is relative to the
+    working directory; one that does not (a path hook's marker) is a name."""
+    if not isinstance(entry, str) or os.path.isabs(entry):
+        return entry
+    return os.path.abspath(entry) if entry == "" or os.path.exists(entry) else entry
+
+
+def _forkserver(state: tuple) -> Optional["_Forkserver"]:
+    """The running forkserver for ``state``, started now (with this process's environment,
+    sys.path and working directory, whose import state is ``state``) if there is none. Called
     under _LOCK, with a clean main (the forkserver then imports no user script)."""
-    global _forkserver_key
-    key = _key(env)
-    if _forkserver_key is None:
-        multiprocessing.forkserver.set_forkserver_preload(_PRELOAD)
-        multiprocessing.forkserver.ensure_running()
-        _forkserver_key = key
-    return key == _forkserver_key
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    _reap()
+    server = _servers.pop(state, None)
+    if server is not None and server.running():
+        counts["forked"] += 1
+    else:
+        if server is not None:
+            _let_go.append(server)
+        server = _Forkserver()
+        counts["forked_new"] += 1
+    _servers[state] = server
+    _servers.move_to_end(state, last=False)
+    while len(_servers) > _KEEP:
+        _let_go.append(_servers.popitem()[1])
+    return server
+
+
+class _Forkserver(multiprocessing.forkserver.ForkServer):
+    """One forkserver (``multiprocessing``'s), started now, and the children it forked."""
+
+    def __init__(self):
+        super().__init__()
+        self.set_forkserver_preload(_PRELOAD)
+        self.ensure_running()
+        self.owner = os.getpid()  # a process forked from this one (os.fork) starts its own
+        self.children: weakref.WeakSet = weakref.WeakSet()
+
+    def start(self, proc) -> None:
+        """``proc.start()`` from this forkserver (``multiprocessing`` asks its module-level
+        one)."""
+        module = multiprocessing.forkserver
+        connect = module.connect_to_new_process
+        module.connect_to_new_process = self.connect_to_new_process
+        try:
+            proc.start()
+        finally:
+            module.connect_to_new_process = connect
+        self.children.add(proc)
+
+    def running(self) -> bool:
+        pid = self._forkserver_pid
+        if pid is None or os.getpid() != self.owner:
+            return False
+        try:
+            return os.waitpid(pid, os.WNOHANG)[0] == 0
+        except ChildProcessError:
+            return False
+
+    def stop_when_idle(self) -> bool:
+        """Stop once none of its children runs; whether it has stopped. (A forkserver asked to
+        stop while a child runs exits with that child, before it reports the child's exit code:
+        ``multiprocessing``'s forkserver checks its "alive" pipe first.)"""
+        if os.getpid() != self.owner:
+            return True
+        if any(proc.is_alive() for proc in list(self.children)):
+            return False
+        with self._lock:
+            if self._forkserver_alive_fd is not None:
+                os.close(self._forkserver_alive_fd)  # the forkserver exits at this end-of-file
+                self._forkserver_alive_fd = None
+        return not self.running()  # then reaped, else asked again next time
+
+
+def _reap() -> None:
+    """Stop the forkservers let go of whose children have all exited."""
+    _let_go[:] = [server for server in _let_go if not server.stop_when_idle()]
 
 
 class _CallerStdio:

@@ -18,7 +18,17 @@ def report(path: str, caller_pid: int) -> None:
     with open(path, "w") as f:
         json.dump({"mark": os.environ.get("TESSELLM_TEST_MARK"),
                    "other": os.environ.get("CITIME_TEST_OTHER_VAR"),
+                   "import_time": os.environ.get("TRITON_TESSELLM_TEST_MARK"),
+                   "parent_import_time": _parent_environ().get("TRITON_TESSELLM_TEST_MARK"),
+                   "sys_path": sys.path, "cwd": os.getcwd(),
                    "ppid": os.getppid(), "gone": parent_gone(caller_pid)}, f)
+
+
+def _parent_environ() -> dict:
+    """The environment the parent process (a forkserver, or the caller) was started with."""
+    with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+        items = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in items}
 
 
 def wait_for_caller(path: str, caller_pid: int) -> None:
@@ -34,3 +44,15 @@ def wait_for_caller(path: str, caller_pid: int) -> None:
 
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+def wait_for_file(path: str) -> None:
+    """Wait (up to 120 s) until ``path`` exists, then write ``path + ".done"``: a child that is
+    still running while its caller changes things."""
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.05)
+    with open(path + ".done", "w") as f:
+        f.write("done")

@@ -1,7 +1,8 @@
 """spawn_process forks tessellm's children from a forkserver that imported torch and tessellm
 once (distributed/spawn.py). A forked child gets the caller's environment and standard streams
 as they are when it starts (not the forkserver's, from when it started); a caller whose
-environment changed in a variable that a module may read at import gets a spawned child; a child
+import state (sys.path, a variable that a module may read at import) changed gets a child of a
+forkserver started with the new state; a child
 sees its caller exit (``parent_gone``; its parent process is the forkserver, so ``os.getppid()``
 no longer tells); the forkserver's imports touch no device (its children must initialise CUDA
 afresh)."""
@@ -22,17 +23,6 @@ from spawn_targets import report
 from tessellm.distributed.spawn import spawn_process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(autouse=True)
-def _forkserver_fits_this_process(monkeypatch):
-    """The forkserver forks only for the environment, sys.path and cwd it started with; earlier
-    tests in the same session may have changed them (the full suite did), which makes every
-    later child a plain spawn. These tests are about the forked path, so they take the
-    process as it is now as the forkserver's start state, as a fresh process would have it."""
-    from tessellm.distributed import spawn
-
-    monkeypatch.setattr(spawn, "_forkserver_key", spawn._key(dict(os.environ)))
 
 
 def _run(target, *args):
@@ -57,14 +47,59 @@ def test_a_forked_child_gets_the_callers_environment_and_streams(tmp_path, monke
     assert err.count("says hello on stderr") == 2, err
 
 
-def test_a_changed_variable_that_imports_may_read_gets_a_spawned_child(tmp_path, monkeypatch):
-    _run(report, str(tmp_path / "forked.json"), os.getpid())
+def test_a_changed_variable_that_no_import_reads_is_given_to_a_child_of_the_same_forkserver(
+        tmp_path, monkeypatch):
+    _run(report, str(tmp_path / "before.json"), os.getpid())
     monkeypatch.setenv("CITIME_TEST_OTHER_VAR", "set after the forkserver started")
-    _run(report, str(tmp_path / "spawned.json"), os.getpid())
-    forked, spawned = (json.loads((tmp_path / n).read_text()) for n in ("forked.json", "spawned.json"))
-    assert forked["ppid"] != os.getpid() and forked["other"] is None
-    assert spawned["ppid"] == os.getpid()  # spawned by this process, with the new value
-    assert spawned["other"] == "set after the forkserver started"
+    monkeypatch.chdir(tmp_path)  # no relative entry on sys.path: the imports do not change
+    _run(report, str(tmp_path / "after.json"), os.getpid())
+    before, after = (json.loads((tmp_path / n).read_text()) for n in ("before.json", "after.json"))
+    assert before["other"] is None and after["other"] == "set after the forkserver started"
+    assert after["cwd"] == str(tmp_path)
+    assert before["ppid"] == after["ppid"] != os.getpid()  # one forkserver forked both
+
+
+def test_a_changed_import_state_gets_a_forkserver_started_with_it(tmp_path, monkeypatch):
+    """A variable that imports may read, or sys.path, changed since the forkserver started: the
+    child is forked by a new forkserver started with the new values (as a spawned child would
+    import them) and sees them; the previous forkserver serves a change back; one that is let
+    go (the third import state) still sees its running child through to its exit code."""
+    from spawn_targets import wait_for_file
+
+    from tessellm.distributed import spawn
+
+    flag = tmp_path / "flag"
+    first = spawn_process(wait_for_file, "tessellm-test-child", (str(flag),))  # runs throughout
+    _run(report, str(tmp_path / "a.json"), os.getpid())
+    extra = tmp_path / "on_sys_path"
+    extra.mkdir()
+    monkeypatch.syspath_prepend(str(extra))
+    monkeypatch.setenv("TRITON_TESSELLM_TEST_MARK", "new")
+    started = spawn.counts["forked_new"]
+    _run(report, str(tmp_path / "b.json"), os.getpid())
+    assert spawn.counts["forked_new"] == started + 1
+    monkeypatch.undo()  # back to the first state: its forkserver was kept
+    _run(report, str(tmp_path / "c.json"), os.getpid())
+    monkeypatch.syspath_prepend(str(extra))  # and to the second: kept too
+    monkeypatch.setenv("TRITON_TESSELLM_TEST_MARK", "new")
+    _run(report, str(tmp_path / "e.json"), os.getpid())
+    monkeypatch.setenv("TRITON_TESSELLM_TEST_MARK", "third")  # the first state's is let go
+    _run(report, str(tmp_path / "d.json"), os.getpid())
+    monkeypatch.undo()
+    assert spawn.counts["forked_new"] == started + 2
+    a, b, c, d, e = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "abcde")
+    assert b["ppid"] not in (a["ppid"], os.getpid())  # forked, by another forkserver
+    assert (b["import_time"], b["parent_import_time"]) == ("new", "new")
+    assert b["sys_path"][0] == str(extra) and str(extra) not in a["sys_path"] + c["sys_path"]
+    assert (a["import_time"], a["parent_import_time"]) == (None, None)
+    assert c["ppid"] == a["ppid"] and c["import_time"] is None
+    assert e["ppid"] == b["ppid"] and e["parent_import_time"] == "new"
+    assert d["parent_import_time"] == "third" and d["ppid"] not in (a["ppid"], b["ppid"])
+    assert a["ppid"] not in [server._forkserver_pid for server in spawn._servers.values()]
+    assert first.is_alive()  # its forkserver was let go, not stopped under it
+    flag.write_text("go")
+    first.join(timeout=120)
+    assert first.exitcode == 0 and (tmp_path / "flag.done").exists()
 
 
 def test_an_error_in_a_child_is_reported_by_its_exit_code_and_traceback(capfd):
