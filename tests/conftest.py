@@ -19,8 +19,8 @@ if "TRITON_INTERPRET" not in os.environ:
 # The first engine-core process of the session sets these in this process's environment for
 # good (``os.environ.setdefault``, core/engine_process.py), so every child started after it,
 # worker ranks included, inherits them. Set from the start instead: every child of the session
-# starts with the same environment, so all of them are forked from one forkserver
-# (distributed/spawn.py: one whose environment differs from the caller's is not used).
+# starts with the same import-time variables (OMP_* is one), so all of them are forked from one
+# forkserver (distributed/spawn.py: a changed import state gets a new forkserver, seconds).
 # torch first: its OpenMP runtime reads OMP_* once, when loaded; this process keeps its own.
 import torch  # noqa: E402, F401
 
@@ -43,6 +43,20 @@ def _gc_skips_what_is_already_alive():
     gc.collect()
     gc.freeze()
     yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How this session's engine cores and workers were started (distributed/spawn.py): a
+    plain spawn imports torch and tessellm again (seconds each), a new forkserver once per
+    import state; the rest are forks."""
+    import sys
+
+    spawn = sys.modules.get("tessellm.distributed.spawn")
+    if spawn is not None and spawn.counts:
+        counts = spawn.counts
+        terminalreporter.write_line(
+            f"tessellm children of this process: {counts['forked']} forked, "
+            f"{counts['forked_new']} by a new forkserver, {counts['spawned']} spawned")
 
 
 def pytest_unconfigure(config):

@@ -39,6 +39,9 @@ as a spawn takes, once) and the previous one is kept for a change back (``_KEEP`
 forkserver that is let go is stopped once its last child has exited (a running engine's
 processes and their exit codes are not disturbed).
 
+A forked child's own children (an engine core's workers) are forked by the forkserver that
+forked it, while its import state is the one that forkserver was started with.
+
 A child's parent is the forkserver, not the caller: a child that must exit with the caller asks
 ``parent_gone()``, not ``os.getppid()``.
 """
@@ -105,17 +108,19 @@ def spawn_process(target, name: str, args: tuple, daemon: bool = True):
     """A started process running ``target(*args)``, forked from the forkserver of the caller's
     import state (started now if there is none; module docstring), from a clean main."""
     env = dict(os.environ)
-    proc_args = (target, args, env, _CallerStdio())
     with clean_main():  # holds _LOCK
-        server = _forkserver(import_state(env))
+        state = import_state(env)
+        server = _forkserver(state)
         if server is None:  # no forkserver here (multiprocessing has none on this platform)
             counts["spawned"] += 1
             proc = multiprocessing.get_context("spawn").Process(
-                target=_run, name=name, args=proc_args, daemon=daemon)
+                target=_run, name=name, args=(target, args, env, _CallerStdio()), daemon=daemon)
             proc.start()
             return proc
+        # The child's own children (an engine core's workers) are forked by the same
+        # forkserver while the child's import state is this one.
         proc = multiprocessing.get_context("forkserver").Process(
-            target=_run, name=name, args=proc_args, daemon=daemon)
+            target=_run, name=name, args=(target, args, env, _CallerStdio(), state), daemon=daemon)
         server.start(proc)
     return proc
 
@@ -213,6 +218,29 @@ class _Forkserver(multiprocessing.forkserver.ForkServer):
         return not self.running()  # then reaped, else asked again next time
 
 
+class _Inherited(_Forkserver):
+    """In a forked child: the forkserver that forked it, started by the caller (which stops
+    it; it runs at least as long as this child, which holds its "alive" pipe)."""
+
+    def __init__(self):
+        multiprocessing.forkserver.ForkServer.__init__(self)
+        inherited = multiprocessing.forkserver._forkserver  # set up by the forkserver's fork
+        for name in ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_authkey"):
+            if hasattr(inherited, name):
+                setattr(self, name, getattr(inherited, name))
+        self.owner = os.getpid()
+        self.children = weakref.WeakSet()
+
+    def ensure_running(self) -> None:
+        pass  # its caller's
+
+    def running(self) -> bool:
+        return os.getpid() == self.owner and self._forkserver_address is not None
+
+    def stop_when_idle(self) -> bool:
+        return True  # not this process's to stop
+
+
 def _reap() -> None:
     """Stop the forkservers let go of whose children have all exited."""
     _let_go[:] = [server for server in _let_go if not server.stop_when_idle()]
@@ -239,10 +267,13 @@ def _received_stdio(*dupfds) -> tuple:
     return tuple(d.detach() if d is not None else None for d in dupfds)
 
 
-def _run(target, args: tuple, env: dict, stdio: tuple) -> None:
-    """The child: the caller's environment and standard streams, then ``target(*args)``."""
+def _run(target, args: tuple, env: dict, stdio: tuple, state: Optional[tuple] = None) -> None:
+    """The child: the caller's environment and standard streams, then ``target(*args)``.
+    ``state``: forked, by the forkserver of this import state."""
     os.environ.clear()
     os.environ.update(env)
+    if state is not None:
+        _servers[state] = _Inherited()
     for fd, std, stream in zip(stdio, (1, 2), (sys.stdout, sys.stderr)):
         if fd is not None and fd != std:  # forked: the caller's, not the forkserver's
             if stream is not None:

@@ -56,3 +56,16 @@ def wait_for_file(path: str) -> None:
         time.sleep(0.05)
     with open(path + ".done", "w") as f:
         f.write("done")
+
+
+def start_one(path: str) -> None:
+    """A child that starts its own child (as an engine core starts its workers), which reports
+    to ``path``; this one writes its parent to ``path + ".starter"``."""
+    from tessellm.distributed.spawn import spawn_process
+
+    with open(path + ".starter", "w") as f:
+        json.dump({"ppid": os.getppid()}, f)
+    proc = spawn_process(report, "tessellm-test-grandchild", (path, os.getpid()))
+    proc.join(timeout=120)
+    if proc.exitcode != 0:
+        raise RuntimeError(f"the grandchild exited with {proc.exitcode}")

@@ -102,6 +102,21 @@ def test_a_changed_import_state_gets_a_forkserver_started_with_it(tmp_path, monk
     assert first.exitcode == 0 and (tmp_path / "flag.done").exists()
 
 
+def test_a_forked_childs_own_children_come_from_the_same_forkserver(tmp_path):
+    """An engine core's workers: forked by the forkserver that forked the core (no forkserver
+    of its own to start), with the core as their parent for ``parent_gone``."""
+    from spawn_targets import start_one
+
+    path = tmp_path / "grandchild.json"
+    proc = spawn_process(start_one, "tessellm-test-child", (str(path),), daemon=False)
+    proc.join(timeout=120)
+    assert proc.exitcode == 0
+    starter = json.loads((tmp_path / "grandchild.json.starter").read_text())
+    grandchild = json.loads(path.read_text())
+    assert starter["ppid"] == grandchild["ppid"] != os.getpid()
+    assert not grandchild["gone"]  # its caller (the child) was alive when it asked
+
+
 def test_an_error_in_a_child_is_reported_by_its_exit_code_and_traceback(capfd):
     from spawn_targets import fail
 

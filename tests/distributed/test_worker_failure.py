@@ -57,6 +57,7 @@ def test_server_engine_answers_in_flight_requests_with_an_error(tiny_model_dir):
     from tessellm.entrypoints.async_llm import AsyncLLM
 
     async def main():
+        before = _descendants(os.getpid())
         engine = AsyncLLM(EngineArgs(model=tiny_model_dir("llama"), device="cpu", num_kv_blocks=64,
                                      tensor_parallel_size=2))
         try:
@@ -64,8 +65,8 @@ def test_server_engine_answers_in_flight_requests_with_an_error(tiny_model_dir):
             stream = engine.generate({"prompt_token_ids": [1, 2, 3]}, params, request_id="r1")
             first = await stream.__anext__()  # the request is running
             assert first.outputs[0].token_ids
-            # The core's two worker processes (forked by its forkserver); kill one of them.
-            workers = _worker_processes(engine.cores.pids()[0])
+            # The core's two worker processes; kill one of them.
+            workers = _worker_processes(engine.cores.pids()[0], before)
             assert len(workers) == 2, workers
             os.kill(workers[-1], signal.SIGKILL)
             with pytest.raises(Exception, match="(?i)rank|worker|engine"):
@@ -77,24 +78,35 @@ def test_server_engine_answers_in_flight_requests_with_an_error(tiny_model_dir):
     asyncio.run(asyncio.wait_for(main(), timeout=120))
 
 
-def _worker_processes(core_pid: int) -> list[int]:
-    """The processes below the engine core that run no children of their own (the forkserver
-    that forks the workers does), other than multiprocessing's resource tracker."""
-    def children(pid: int) -> list[int]:
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                return [int(c) for c in f.read().split()]
-        except FileNotFoundError:
-            return []
+def _worker_processes(core_pid: int, before: set[int]) -> list[int]:
+    """The processes started since ``before`` (the descendants of this process then) that run
+    no children of their own (a forkserver does), other than the engine core and
+    multiprocessing's resource tracker: the core's workers, forked by the forkserver that
+    forked the core (distributed/spawn.py) or by one of the core's own."""
+    return [pid for pid in _descendants(os.getpid()) - before - {core_pid}
+            if not _children(pid) and not _is_resource_tracker(pid)]
 
-    leaves, todo = [], children(core_pid)
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), _children(pid)
     while todo:
-        pid = todo.pop(0)
-        below = children(pid)
-        if below:
-            todo += below
-            continue
+        child = todo.pop()
+        found.add(child)
+        todo += _children(child)
+    return found
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"resource_tracker" not in f.read():
-                leaves.append(pid)
-    return leaves
+            return b"resource_tracker" in f.read()
+    except FileNotFoundError:
+        return False
