@@ -295,6 +295,20 @@ class AsyncLLM:
             raise ValueError(answer["error"])
         return answer["result"]
 
+    # vLLM's AsyncLLM names for sleep mode (docs/sleep_mode.md); ValueError on a refusal.
+
+    async def sleep(self, level: int = 1) -> None:
+        await self.core_call("sleep", level)
+
+    async def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        await self.core_call("wake_up", tags)
+
+    async def is_sleeping(self) -> bool:
+        return bool(await self.core_call("is_sleeping"))
+
+    async def reset_prefix_cache(self) -> bool:
+        return bool(await self.core_call("reset_prefix_cache"))
+
     async def is_ready(self, timeout: float = 10.0) -> bool:
         """Every core is alive, warmed up and answers (recent outputs count as an answer)."""
         if self.is_dead or not self.cores.is_alive() or not self.warm:

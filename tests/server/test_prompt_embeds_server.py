@@ -1,7 +1,8 @@
 """/v1/completions ``prompt_embeds`` in process (the app over a real AsyncLLM and engine core
 process, a tiny Llama): base64 ``torch.save`` bytes, one or a list, give HF
-``generate(inputs_embeds=...)``'s greedy tokens; bad payloads, a wrong hidden size, prompt and
-prompt_embeds together, and a server without --enable-prompt-embeds are 400s naming the field."""
+``generate(inputs_embeds=...)``'s greedy tokens, also mixed with token prompts (the embeddings'
+prompts first, as vLLM); bad payloads, a wrong hidden size, no prompt at all, and a server
+without --enable-prompt-embeds are 400s naming the field."""
 
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def test_completions_prompt_embeds(tiny_model_dir):
                     for e in (a, b)]
 
     async def scenario(c):
+        r = await c.post("/v1/completions", json={**_body(None), "prompt": IDS, "prompt_embeds": None})
+        token_ids = r.json()["choices"][0]["token_ids"]
         r = await c.post("/v1/completions", json=_body(_b64(a)))
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["token_ids"] == expected[0]
@@ -76,7 +79,9 @@ def test_completions_prompt_embeds(tiny_model_dir):
                "hidden size is 64")
         _error(await c.post("/v1/completions", json=_body(_b64({"x": torch.zeros(2)}))), "prompt_embeds",
                "one tensor")
-        _error(await c.post("/v1/completions", json=_body(_b64(a), prompt="hi")), "prompt_embeds", "not both")
+        r = await c.post("/v1/completions", json=_body(_b64(b), prompt=[IDS]))  # vLLM: embeds first
+        assert [ch["token_ids"] for ch in sorted(r.json()["choices"], key=lambda ch: ch["index"])] == [
+            expected[1], token_ids]
         _error(await c.post("/v1/completions", json={"model": "m", "max_tokens": 2}), "prompt", "prompt")
         r = await c.post("/v1/completions", json=_body(_b64(a)))
         assert r.json()["choices"][0]["token_ids"] == expected[0]  # serves on

@@ -27,7 +27,7 @@ async def _serve(args: EngineArgs, scenario):
         app = build_app(engine, ServerConfig(["m"]))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
                                      timeout=120) as c:
-            return await scenario(c)
+            return await scenario(c, engine)
     finally:
         await engine.shutdown()
 
@@ -41,7 +41,7 @@ def test_sleep_routes(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("TESSELLM_SERVER_DEV_MODE", "1")
     path = tiny_model_dir("llama")
 
-    async def scenario(c):
+    async def scenario(c, engine):
         before = _ids(await c.post("/v1/completions", json=BODY))
         assert (await c.get("/is_sleeping")).json() == {"is_sleeping": False}
         assert (await c.post("/sleep", params={"level": 1})).status_code == 200
@@ -67,6 +67,11 @@ def test_sleep_routes(tiny_model_dir, monkeypatch):
         assert (await c.post("/wake_up")).status_code == 200
         assert (await c.post("/reset_prefix_cache")).status_code == 200
         assert _ids(await c.post("/v1/completions", json=BODY)) == before
+        await engine.sleep(1)  # vLLM's AsyncLLM methods, as the routes call them
+        assert await engine.is_sleeping()
+        await engine.wake_up()
+        assert not await engine.is_sleeping() and await engine.reset_prefix_cache()
+        assert _ids(await c.post("/v1/completions", json=BODY)) == before
 
     asyncio.run(_serve(EngineArgs(model=path, device="cpu", num_kv_blocks=64, enable_sleep_mode=True),
                        scenario))
@@ -75,7 +80,7 @@ def test_sleep_routes(tiny_model_dir, monkeypatch):
 def test_sleep_routes_off_without_dev_mode(tiny_model_dir, monkeypatch):
     monkeypatch.delenv("TESSELLM_SERVER_DEV_MODE", raising=False)
 
-    async def scenario(c):
+    async def scenario(c, engine):
         assert (await c.post("/sleep")).status_code == 404
         assert (await c.get("/is_sleeping")).status_code == 404
 

@@ -34,8 +34,13 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     check_unsupported(req)
     check_limits(req, config)
     keep = truncation(req, engine.info.max_model_len)
-    if req.prompt_embeds is not None:
+    if req.prompt_embeds is not None:  # as vLLM: the embeddings' prompts first, then prompt's
         prompts, processed = await _embeds_prompts(engine, req, keep, config.max_prompts)
+        if req.prompt not in (None, "", []):
+            prompts += _prompt_list(req.prompt, config.max_prompts)
+        if len(prompts) > config.max_prompts:
+            raise bad_request(f"The request has {len(prompts)} prompts, over this server's limit of "
+                              f"{config.max_prompts} (--max-prompts).", "prompt")
     else:
         prompts, processed = _prompt_list(req.prompt, config.max_prompts), []
     for i, prompt in enumerate(prompts[len(processed):]):
@@ -68,11 +73,10 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
 
 
 async def _embeds_prompts(engine: AsyncLLM, req: CompletionRequest, keep, max_prompts: int):
-    """``prompt_embeds`` (one base64 string or a list): each decoded and checked as a prompt."""
+    """``prompt_embeds`` (one base64 string or a list): each decoded and checked as a prompt
+    (placeholders ``None`` in the prompt list: they are processed already)."""
     from tessellm.core.prompt_embeds import decode_base64_tensor
 
-    if req.prompt not in (None, "", []):
-        raise bad_request("Give prompt or prompt_embeds, not both.", "prompt_embeds")
     if req.echo:
         raise bad_request("echo needs prompt text; a prompt_embeds prompt has none.", "echo")
     if req.use_beam_search:
