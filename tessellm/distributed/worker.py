@@ -163,8 +163,10 @@ class Worker:
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks
         if self.backend.device_type == "cpu":
-            # The cpu budget is for the whole engine: split it over the ranks on this host.
-            budget = (cpu_kv_cache_bytes() or _CPU_KV_CACHE_DEFAULT) // self.parallel.world_size
+            # The cpu budget is for the whole engine: split it over the ranks on this host
+            # (every rank of every data-parallel core).
+            ranks = self.parallel.world_size * getattr(args, "data_parallel_size", 1)
+            budget = (cpu_kv_cache_bytes() or _CPU_KV_CACHE_DEFAULT) // ranks
             if self.runner.mamba is not None:  # the recurrent states share the budget
                 budget -= self.runner.mamba.nbytes
         else:
