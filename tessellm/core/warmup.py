@@ -197,6 +197,10 @@ def _forget(core) -> None:
     from tessellm.core.block_manager import PrefixCacheStats
 
     core.kv.stats = PrefixCacheStats()
+    if core.kv.host is not None:  # the host KV tier's too (kv_offload.py)
+        from tessellm.core.kv_offload import OffloadStats
+
+        core.kv.host.stats = OffloadStats(bytes_per_block=core.kv.host.stats.bytes_per_block)
 
 
 def enabled(args, serving: bool) -> bool:

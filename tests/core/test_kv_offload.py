@@ -256,6 +256,17 @@ def test_host_tier_under_parallelism_and_async_scheduling(engine, tiny_model_dir
     assert core.kv.host.stats.bytes_per_block == 2 * 2 * BS * 2 * 16 * 4  # both ranks' parts
 
 
+def test_warm_up_leaves_no_host_tier_counts(tiny_model_dir):
+    """Kernel warm-up's synthetic prompts are looked up in the tier (8 queried tokens here),
+    but its counters start at zero for the user, as the prefix cache's do."""
+    with LLM(tiny_model_dir("llama"), device="cpu", block_size=BS, num_kv_blocks=24,
+             max_model_len=64, kernel_warmup=True, kv_offloading_size=0.01) as llm:
+        stats = llm.engine.core.scheduler.stats()
+        assert llm.engine.warmup.requests >= 1
+        assert stats.kv_offload == {"queries": 0, "hits": 0, "bytes_stored": 0, "bytes_loaded": 0,
+                                    "usage": stats.kv_offload["usage"]}
+
+
 def test_host_tier_size_limit_and_lru(tiny_model_dir):
     """A tier of exactly 12 blocks (its size in GiB) never holds more and keeps the most
     recently evicted blocks. P's blocks leave the device tail first (its first blocks, the most
