@@ -153,7 +153,18 @@ def merge_engine_stats(parts: list[EngineStats]) -> EngineStats:
         device_memory_used_bytes=sum(used) if used else None,
         device_memory_total_bytes=sum(total) if total else None,
         triton_compilations_after_ready=sum(p.triton_compilations_after_ready for p in parts),
-        spec_decode=_merge_spec_decode([p.spec_decode for p in parts if p.spec_decode]))
+        spec_decode=_merge_spec_decode([p.spec_decode for p in parts if p.spec_decode]),
+        kv_offload=_merge_kv_offload([p.kv_offload for p in parts if p.kv_offload]))
+
+
+def _merge_kv_offload(parts: list[dict]) -> Optional[dict]:
+    """The cores' host KV tiers as one: totals add up, usage is the mean."""
+    if not parts:
+        return None
+    merged = {k: sum(p.get(k, 0) for p in parts) for k in ("queries", "hits", "bytes_stored",
+                                                           "bytes_loaded")}
+    merged["usage"] = sum(p.get("usage", 0.0) for p in parts) / len(parts)
+    return merged
 
 
 def _merge_spec_decode(parts: list[dict]) -> Optional[dict]:

@@ -225,6 +225,17 @@ def test_evicted_prompt_comes_back_from_the_host_tier(tiny_model_dir):
     assert "tessellm:external_prefix_cache_hits_total" not in _render_without_tier()
 
 
+def test_data_parallel_cores_merge_their_tiers_counts():
+    from tessellm.metrics.stats import EngineStats, merge_engine_stats
+
+    a = dict(queries=10, hits=4, bytes_stored=100, bytes_loaded=40, usage=0.5)
+    b = dict(queries=6, hits=0, bytes_stored=50, bytes_loaded=0, usage=0.25)
+    merged = merge_engine_stats([EngineStats(kv_offload=a), EngineStats(kv_offload=b)])
+    assert merged.kv_offload == dict(queries=16, hits=4, bytes_stored=150, bytes_loaded=40,
+                                     usage=0.375)
+    assert merge_engine_stats([EngineStats(), EngineStats()]).kv_offload is None
+
+
 def _render_without_tier() -> str:
     from prometheus_client import CollectorRegistry
 
