@@ -101,19 +101,28 @@ class EngineSleep:
 def _load_weights_on_ranks(executor, weights, dtype: torch.dtype) -> int:
     """In this process: straight into the model. Worker processes: through a safetensors file
     in shared memory that every rank reads its slices of (tensors never cross a socket)."""
+    pairs = list(weights.items() if isinstance(weights, dict) else weights)
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], torch.Tensor)):
+            raise ValueError("load_weights takes (name, torch.Tensor) pairs (or a dict of them), "
+                             f"got {type(pair).__name__} {str(pair)[:60]!r}.")
     worker = getattr(executor, "worker", None)
     if worker is not None:
-        return worker.load_weights(weights)
+        return worker.load_weights(pairs)
     import shutil
     import tempfile
 
     from safetensors.torch import save_file
 
-    tensors = {}
-    for name, tensor in weights:
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"Weight {name!r} is a {type(tensor).__name__}, not a torch.Tensor.")
-        tensors[name] = tensor.detach().to("cpu").contiguous()
+    tensors, seen = {}, set()
+    for name, tensor in pairs:
+        host = tensor.detach().to("cpu").contiguous()
+        if host.numel() and host.data_ptr() in seen:  # a tied weight given twice: one file entry each
+            host = host.clone()
+        seen.add(host.data_ptr())
+        tensors[name] = host
+    del pairs
     root = "/dev/shm" if os.path.isdir("/dev/shm") else None
     tmp = tempfile.mkdtemp(prefix="tessellm-weights-", dir=root)
     try:

@@ -99,7 +99,8 @@ class LLM:
 
     def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
-        """Prompts: a str, a list of str, token-id dicts, or a list of those. Outputs keep input order.
+        """Prompts: a str, a list of str, token-id dicts, ``{"prompt_embeds": tensor[tokens,
+        hidden]}`` (with ``enable_prompt_embeds=True``), or a list of those. Outputs keep input order.
 
         ``lora_request``: a ``tessellm.lora.LoRARequest`` for every prompt, or a list with one
         (or None: the base model) per prompt; needs ``LLM(enable_lora=True)``."""

@@ -211,3 +211,13 @@ def test_draft_model_sleeps_and_keeps_its_weights_at_level_2(model_dir, other_di
         with torch.inference_mode():
             ref_draft = load_file(os.path.join(other_dir, "model.safetensors"))["model.embed_tokens.weight"]
         assert torch.equal(draft.embed_tokens.weight, ref_draft)  # the draft's own weights, not zeros
+
+
+def test_load_weights_takes_a_dict_and_refuses_other_things(llm, model_dir, reference):
+    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    assert llm.load_weights(weights) > 0  # a state dict as it is
+    with pytest.raises(ValueError, match="pairs"):
+        llm.load_weights([("model.norm.weight", [1.0] * 64)])
+    with pytest.raises(ValueError, match="pairs"):
+        llm.load_weights(["model.norm.weight"])
+    assert _tokens(llm) == reference

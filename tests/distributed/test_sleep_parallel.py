@@ -46,6 +46,9 @@ def test_tp2_sleep_wake_and_new_weights(tiny_model_dir, tmp_path):
         assert _tokens(llm) == expected
         llm.sleep(level=2)
         llm.wake_up(tags=["weights"])
+        tied = {**updated, "extra.alias": updated["model.norm.weight"]}  # shared storage: cloned
+        with pytest.raises(ValueError, match="no place"):
+            llm.load_weights(tied)
         assert llm.load_weights(updated.items()) > 0
         llm.wake_up(tags=["kv_cache"])
         assert _tokens(llm) == hf_greedy(str(updated_dir), PROMPTS, GREEDY.max_tokens)
