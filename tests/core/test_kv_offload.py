@@ -310,6 +310,27 @@ def test_preemption_with_the_host_tier(tiny_model_dir):
     assert [list(o.outputs[0].token_ids) for o in outs] == hf_greedy(model, batch, 24)
 
 
+def test_shared_prefixes_under_pressure(tiny_model_dir):
+    """Eight prompts over three shared heads, four running at once in 8-token chunks on a
+    20-block cache, twice: steps mix evictions, stores and loads (a head loaded once and shared
+    by the requests after it in the step; a preemption too, at the time of writing). HF's
+    tokens every time."""
+    model = tiny_model_dir("llama")
+    heads = _prompts(3, length=24, seed=4)
+    tails = _prompts(8, length=5, seed=5)
+    batch = [heads[i % 3] + tails[i] for i in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = hf_greedy(model, batch, 8)
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=20,
+             max_model_len=64, max_num_seqs=4, max_num_batched_tokens=8,
+             kv_offloading_size=0.01) as llm:
+        for _ in range(2):
+            outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+            assert [list(o.outputs[0].token_ids) for o in outs] == want
+        host = llm.engine.core.kv.host
+        assert host.stats.blocks_loaded > 0 and host.stats.hits > 0
+
+
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
 def test_mla_latent_cache_offloads(kv_cache_dtype, tmp_path):
     """DeepSeek-V3's latent cache (one row a token, no value cache), in float32 and fp8: the
