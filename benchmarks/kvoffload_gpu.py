@@ -76,6 +76,12 @@ def bandwidth(blocks: int = 512, layers: int = 32) -> None:
                 for s, d in zip(a, b):
                     swap_blocks(s, d, pairs)
             torch.cuda.synchronize()
+            torch.cuda._sleep(int(2e8))  # ~0.1 s of queued work: a host sync in the copies would wait it out
+            t0 = time.perf_counter()
+            for s, d in zip(a, b):
+                swap_blocks(s, d, pairs)
+            host = time.perf_counter() - t0
+            torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(5):
                 for s, d in zip(a, b):
@@ -83,7 +89,9 @@ def bandwidth(blocks: int = 512, layers: int = 32) -> None:
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / 5
             print(f"BANDWIDTH {name} {label}: {blocks} blocks x {layers} layers "
-                  f"({nbytes / 2**20:.0f} MiB) in {dt * 1e3:.1f} ms = {nbytes / dt / 1e9:.1f} GB/s")
+                  f"({nbytes / 2**20:.0f} MiB) in {dt * 1e3:.1f} ms = {nbytes / dt / 1e9:.1f} GB/s; "
+                  f"the host queued them in {host * 1e3:.1f} ms behind ~100 ms of device work "
+                  f"(near 100 ms or more: a host sync)")
 
 
 def ttft(tokens: int = 8000) -> None:

@@ -80,7 +80,16 @@ def load_scattered(src: torch.Tensor, dst: torch.Tensor, mapping: list[tuple[int
 
 
 def _index(ids: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True)
+    """The block ids on ``device``, sent from pinned memory: a copy from pageable memory would
+    make the host wait for the stream's queued work (CUDA syncs the stream first)."""
+    index = torch.tensor(ids, dtype=torch.int64)
+    if device.type == "cpu":
+        return index
+    try:
+        index = index.pin_memory()  # the pinned cache keeps it until the copy is done
+    except RuntimeError:
+        pass
+    return index.to(device, non_blocking=True)
 
 
 def _host_runs(mapping: list[tuple[int, int]], copy, key: int) -> None:
