@@ -187,6 +187,32 @@ def test_mtp_that_predicts_the_target_is_always_accepted(tmp_path):
             f'{float(after.num_accepted_tokens)}') in text
 
 
+def test_async_scheduling_with_reserved_drafts(tmp_path):
+    """Async scheduling (steps scheduled ahead verify reserved drafts, core/spec_ahead.py) with
+    the always-agreeing MTP module: the tokens without speculation, every draft accepted,
+    steps ahead really scheduled, every KV block back."""
+    path = save_with_mtp(CONFIGS["glm4.5"](), str(tmp_path / "glm"), predictable=True)
+    with LLM(path, **ENGINE) as llm:
+        plain = _greedy(llm)
+    with LLM(path, speculative_config=MTP, async_scheduling=True, **ENGINE) as llm:
+        core = llm.engine.core
+        assert core.async_scheduling and core.scheduler.ahead is not None
+        sched, ahead = core.scheduler, []
+        schedule = sched.schedule
+
+        def counting():
+            out = schedule()
+            ahead.append(sum(out.spec_ahead.values()) if out.spec_ahead else 0)
+            return out
+
+        sched.schedule = counting
+        assert _greedy(llm) == plain
+        stats = sched.spec_stats
+        assert stats.num_drafts > 0 and stats.num_accepted_tokens == stats.num_draft_tokens
+        assert sum(ahead) > 0
+        assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
 def test_own_lm_head_copy_that_differs_is_kept(tmp_path):
     """A ``shared_head.head`` unlike the target's LM head drafts with its own weights (and the
     tokens stay the target's)."""
