@@ -27,7 +27,8 @@ kept float32) in a second instance that holds that layer alone (``MTPStage``: no
 no final norm, no LM head), and loaded by the target's own ``load_weights``. Its K/V lives
 in its own cache over the target's block ids. The embedding is the target's, and so is the
 LM head unless the checkpoint's ``shared_head.head`` differs from it (they are equal in the
-released checkpoints: the copy is then dropped).
+released checkpoints: the copy is then dropped). A quantized target's MTP layer takes the
+target's quant method (block-fp8 codes kept); the module's own parts stay dense.
 """
 
 from __future__ import annotations
@@ -239,10 +240,7 @@ def build_mtp_head(target: nn.Module, source, registry, backend, block_size: int
     target_ctx = target.model_context
     layout = mtp_layout(source.hf_config)
     check_mtp_checkpoint(source, layout, load_format)
-    if target_ctx.quant_method is not None:
-        raise ValueError("speculative_config method 'mtp' does not load the MTP layers of a "
-                         "quantized checkpoint yet; serve an unquantized (bf16) checkpoint or "
-                         "use method ngram.")
+    quant_spec = target_ctx.quant_spec if target_ctx.quant_method is not None else None
     config = copy.deepcopy(text_config(source.hf_config))
     n = config.num_hidden_layers
     config.num_hidden_layers = n + 1
@@ -259,12 +257,20 @@ def build_mtp_head(target: nn.Module, source, registry, backend, block_size: int
             head = MTPHead(body, layout, target, ctx)
     finally:
         torch.set_default_dtype(previous)
-    if load_format == "dummy":
+    if load_format == "dummy" and quant_spec is None:
         from tessellm.loader.dummy import init_dummy_weights
 
         init_dummy_weights(head, seed)
+    elif load_format == "dummy":
+        from tessellm.quantization.loading import init_dummy_quantized
+
+        init_dummy_quantized(head, seed)
     else:
-        _load(head, source.path, n)
+        _load(head, source.path, n, quant_spec)
+    if quant_spec is not None:
+        from tessellm.quantization.loading import process_quantized
+
+        process_quantized(head)
     if layout.target_final_norm:
         head.final_norm.weight.data.copy_(target.norm.weight.data)
     use_backend_linear(head, ctx.ops)
@@ -287,15 +293,30 @@ def _ernie_block_mlp(config, n: int, source, load_format: str) -> None:
     config.moe_layer_end_index = max(end, n) if moe else min(end, n - 1)
 
 
-def _load(head: MTPHead, path: str, n: int) -> None:
+def _load(head: MTPHead, path: str, n: int, quant_spec=None) -> None:
+    """The first MTP module's tensors: its decoder layer through the target class's loader
+    (the quantized loader for a quantized target: fp8 codes and scales kept, or quantized as
+    they load), its own parts dense (a pre-quantized checkpoint's fp8 ``eh_proj`` or head copy
+    dequantized as DeepSeek's MLA projections are)."""
     from tessellm.loader.safetensors_loader import iter_safetensors_weights
 
     dtype = head.eh_proj.weight.dtype
     parts: dict[str, torch.Tensor] = {}
     loaded_parts: set[str] = set()
+    prequantized = quant_spec is not None and quant_spec.config.get("prequantized")
+    if prequantized:
+        from tessellm.quantization.fp8_block import dequantized_stream
+        from tessellm.quantization.loading import iter_prequantized_safetensors
+
+        block = quant_spec.config.get("weight_block_size")
+        stream = dequantized_stream(
+            iter_prequantized_safetensors(path, dtype), tuple(block) if block else None,
+            lambda name: (head.layout.classify(name, n) or ("",))[0] == "part")
+    else:
+        stream = iter_safetensors_weights(path, dtype, lazy=True)
 
     def block_tensors():
-        for name, tensor in iter_safetensors_weights(path, dtype, lazy=True):
+        for name, tensor in stream:
             kind = head.layout.classify(name, n)
             if kind is None:
                 continue
@@ -305,7 +326,12 @@ def _load(head: MTPHead, path: str, n: int) -> None:
                 _load_part(head, kind[1], tensor, parts, path)
                 loaded_parts.add(kind[1].split(".")[0])
 
-    loaded = head.body.load_weights(block_tensors())
+    if quant_spec is not None:
+        from tessellm.quantization.loading import load_quantized_weights
+
+        loaded = load_quantized_weights(head.body, block_tensors())
+    else:
+        loaded = head.body.load_weights(block_tensors())
     missing = sorted(set(n for n, _ in head.body.named_parameters()) - loaded)
     missing += [p for p in head.layout.required if p not in loaded_parts]
     if missing:

@@ -253,6 +253,35 @@ def test_tp2_drafts_as_one_process(tmp_path):
     assert counts[1] == counts[0]
 
 
+@pytest.mark.parametrize("family", ["deepseek-v3", "glm4.5"])
+def test_block_fp8_checkpoint(family, tmp_path):
+    """DeepSeek-V3 / GLM-4.5-FP8-style checkpoints (block-wise fp8, 128x128, every linear of the
+    MTP layer too, its eh_proj and head copy included): the MTP layer's experts keep fp8 codes
+    (the target's quant method; DeepSeek's MLA projections dequantized as the target's are), its
+    own parts load dequantized; greedy tokens equal the fp8 target's alone."""
+    from tests.quantization.block_fp8_checkpoint import write_block_fp8
+
+    if family == "glm4.5":
+        config = glm4_moe_config(hidden_size=128, head_dim=32, intermediate_size=192,
+                                 moe_intermediate_size=128, use_qk_norm=True, n_group=4,
+                                 topk_group=2, routed_scaling_factor=2.5, initializer_range=0.1,
+                                 num_hidden_layers=2)
+    else:
+        config = deepseek_config(True, hidden_size=128, intermediate_size=192,
+                                 moe_intermediate_size=128, q_lora_rank=48, n_group=4,
+                                 topk_group=2, routed_scaling_factor=2.5, initializer_range=0.1)
+    dense = save_with_mtp(config, str(tmp_path / "dense"), seed=11)
+    fp8, _ = write_block_fp8(dense, str(tmp_path / "fp8"), str(tmp_path / "deq"))
+    with LLM(fp8, **ENGINE) as llm:
+        plain = _greedy(llm, 8)
+    with LLM(fp8, speculative_config=MTP, **ENGINE) as llm:
+        head = llm.engine.core.executor.worker.runner.spec.proposer.model
+        assert head.layer.mlp.experts.w13.dtype == torch.float8_e4m3fn
+        assert head.eh_proj.weight.dtype == torch.float32
+        assert _greedy(llm, 8) == plain
+        assert llm.engine.core.scheduler.spec_stats.num_drafts > 0
+
+
 # -- refusals ---------------------------------------------------------------------------------
 
 def test_aliases_are_the_mtp_method():
