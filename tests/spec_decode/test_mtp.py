@@ -187,6 +187,7 @@ def test_mtp_that_predicts_the_target_is_always_accepted(tmp_path):
             f'{float(after.num_accepted_tokens)}') in text
 
 
+@pytest.mark.slow  # ~11 s; MTP rides on the EAGLE proposer, whose async path the default lane tests
 def test_async_scheduling_with_reserved_drafts(tmp_path):
     """Async scheduling (steps scheduled ahead verify reserved drafts, core/spec_ahead.py) with
     the always-agreeing MTP module: the tokens without speculation, every draft accepted,
@@ -253,7 +254,7 @@ def test_tp2_drafts_as_one_process(tmp_path):
     assert counts[1] == counts[0]
 
 
-@pytest.mark.parametrize("family", ["deepseek-v3", "glm4.5"])
+@pytest.mark.parametrize("family", [pytest.param("deepseek-v3", marks=pytest.mark.slow), "glm4.5"])
 def test_block_fp8_checkpoint(family, tmp_path):
     """DeepSeek-V3 / GLM-4.5-FP8-style checkpoints (block-wise fp8, 128x128, every linear of the
     MTP layer too, its eh_proj and head copy included): the MTP layer's experts keep fp8 codes
