@@ -366,11 +366,14 @@ def test_bad_settings_are_one_clear_error(settings, match):
         EngineArgs(**settings).validate()
 
 
-def test_too_small_a_tier_and_recurrent_models_are_refused(tiny_model_dir):
+def test_too_small_a_tier_mean_pooling_and_recurrent_models_are_refused(tiny_model_dir):
     from tessellm.models.state_space import check_engine_args
 
     with pytest.raises(ValueError, match="holds no KV block"):
         LLM(tiny_model_dir("llama"), device="cpu", num_kv_blocks=16, kv_offloading_size=1e-9)
+    with pytest.raises(ValueError, match="prefix caching is off for this model"):
+        LLM(tiny_model_dir("llama"), device="cpu", num_kv_blocks=16, runner="pooling",
+            pooler_config={"pooling_type": "MEAN"}, kv_offloading_size=1)  # reads every position
     mamba = SimpleNamespace(architectures=["Mamba2ForCausalLM"])
     with pytest.raises(ValueError, match="does not support KV offloading"):
         check_engine_args(EngineArgs(kv_offloading_size=1.0), mamba)
