@@ -44,14 +44,14 @@ class HostKVBuffer:
         self.chunks: list[Chunk] = []
         first = 0
         while first < num_blocks:
-            n, nbytes = self._chunk_size(num_blocks - first) if pin else (num_blocks - first, None)
-            if nbytes is None:
-                arena = zeros(max(1, n * sum(self.block_bytes)))
-            else:
-                arena = _pinned(nbytes) if pin else zeros(nbytes)
+            n, arena = num_blocks - first, None
+            if pin:
+                n, nbytes = self._chunk_size(n)
+                arena = _pinned(nbytes)
                 if arena is None:  # the runtime cannot pin: one lazily backed chunk for the rest
                     pin, n = False, num_blocks - first
-                    arena = zeros(n * sum(self.block_bytes))
+            if arena is None:
+                arena = zeros(max(1, n * sum(self.block_bytes)))
             self.chunks.append(Chunk(first, n, self._carve(arena, caches, n)))
             first += n
 
