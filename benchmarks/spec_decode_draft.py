@@ -1,7 +1,8 @@
 """Cost of the model-based proposers on Llama-3.1-8B shapes with random weights (B1 shape).
 
 For each method (``plain``: no speculation; ``draft_model``: a Llama-3.2-1B-shaped draft;
-``eagle`` / ``eagle3``: one-layer heads of 8B shapes), one engine in this process runs one
+``eagle`` / ``eagle3``: one-layer heads of 8B shapes; ``mtp``: the target's own MTP layer, with
+``--target glm-4.5-air-4l``), one engine in this process runs one
 request (``--prompt-len`` random prompt tokens, ``--output-len`` greedy tokens, EOS ignored)
 and reports:
 
@@ -30,12 +31,12 @@ HEADS = {"draft_model": "llama-3.2-1b", "eagle": "eagle-llama-3.1-8b", "eagle3":
 
 def run(methods: str = "plain draft_model eagle eagle3", k: int = 3, prompt_len: int = 512,
         output_len: int = 256, device: str = "auto", configs: str = CONFIGS,
-        output_json: str | None = None) -> dict:
+        output_json: str | None = None, target: str = "llama-3.1-8b") -> dict:
     """Every method in turn (``benchmarks/spec_decode.py draft`` calls this with defaults)."""
     results = []
     for method in methods.split():
         t0 = time.perf_counter()
-        r = run_method(method, k, prompt_len, output_len, device, configs)
+        r = run_method(method, k, prompt_len, output_len, device, configs, target)
         r["wall_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps(r), flush=True)
         results.append(r)
@@ -46,15 +47,18 @@ def run(methods: str = "plain draft_model eagle eagle3", k: int = 3, prompt_len:
 
 
 def run_method(method: str, k: int, prompt_len: int, output_len: int, device: str,
-               configs: str = CONFIGS) -> dict:
+               configs: str = CONFIGS, target: str = "llama-3.1-8b") -> dict:
     from tessellm import LLM
     from tessellm.core.sampling_params import SamplingParams
 
     spec = None
-    if method != "plain":
+    if method == "mtp":  # the target's own MTP layer (a target config with num_nextn_predict_layers)
+        spec = {"method": "mtp", "num_speculative_tokens": k, "draft_load_format": "dummy",
+                "disable_by_batch_size": 0}
+    elif method != "plain":
         spec = {"method": method, "model": os.path.join(configs, HEADS[method]),
                 "num_speculative_tokens": k, "draft_load_format": "dummy", "disable_by_batch_size": 0}
-    llm = LLM(os.path.join(configs, "llama-3.1-8b"), device=device, load_format="dummy",
+    llm = LLM(os.path.join(configs, target), device=device, load_format="dummy",
               max_model_len=2048, max_num_seqs=8, enable_prefix_caching=False, speculative_config=spec)
     try:
         times = _time_proposals(llm) if spec else []
@@ -116,9 +120,11 @@ def main() -> None:
     ap.add_argument("--output-json", default=None)
     ap.add_argument("--configs", default=CONFIGS, help="a folder with llama-3.1-8b/ and the heads' "
                     "folders (a cpu smoke run points it at tiny configs)")
+    ap.add_argument("--target", default="llama-3.1-8b", help="the target's folder under --configs "
+                    "(method mtp: one whose config has num_nextn_predict_layers, e.g. glm-4.5-air-4l)")
     args = ap.parse_args()
     run(args.methods, args.k, args.prompt_len, args.output_len, args.device, args.configs,
-        args.output_json)
+        args.output_json, args.target)
 
 
 if __name__ == "__main__":
