@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -45,6 +46,8 @@ import torch.nn as nn
 from tessellm.distributed.parallel_state import PipelineStage
 from tessellm.layers.linear import Linear, materialize
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,10 @@ def build_mtp_head(target: nn.Module, source, registry, backend, block_size: int
     layout = mtp_layout(source.hf_config)
     check_mtp_checkpoint(source, layout, load_format)
     quant_spec = target_ctx.quant_spec if target_ctx.quant_method is not None else None
+    declared = getattr(source.hf_config, "num_nextn_predict_layers", None) or 1
+    if declared > 1:
+        logger.info("Speculative decoding (mtp): the checkpoint has %d MTP modules; the first "
+                    "drafts every step (as vLLM does)", declared)
     config = copy.deepcopy(text_config(source.hf_config))
     n = config.num_hidden_layers
     config.num_hidden_layers = n + 1

@@ -1,5 +1,6 @@
 """Tiny DeepSeek-V3 / GLM-4.5 / ERNIE 4.5 MoE checkpoints with a multi-token-prediction module,
-built from HF configs (ERNIE's in its own names, ``ernie_name``, and with its decoder layer dense): HF's model with one layer more (whose tensors become the MTP module's decoder layer,
+built from HF configs (ERNIE's in its own names, ``ernie_name``, and with its decoder layer
+dense): HF's model with one layer more (whose tensors become the MTP module's decoder layer,
 ``model.layers.<N>.*``) saved, then the config cut back to ``N`` layers with
 ``num_nextn_predict_layers = 1`` and the MTP module's own tensors (enorm, hnorm, eh_proj,
 shared_head.norm / head, embed_tokens) added, random. ``predictable``: every attention and
