@@ -33,6 +33,38 @@ EXPERT_PARTS = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up
                 "w2": ("w2", None), "down_proj": ("w2", None)}
 
 
+def stacked_expert_weights(kind: str, stacked, hidden: int, intermediate: int):
+    """``(expert, part, [out, in] weight)`` from all experts' projections stacked in one tensor,
+    one expert read at a time (a lazy checkpoint tensor reads just that expert's bytes)::
+
+        gate_up_proj  [E, H, 2I]  columns [gate | up]     (Llama 4's, Qwen3-VL-MoE's checkpoints)
+                      [E, 2I, H]  rows [gate | up]        (transformers 5's modules, as saved raw)
+        down_proj     [E, I, H]  or  [E, H, I]            likewise
+
+    Both orientations are told apart by ``hidden`` and ``intermediate`` (the whole model's);
+    where they coincide (H == 2I, or I == H) the checkpoints' is taken, which is what
+    ``save_pretrained`` writes."""
+    gate_up = kind == "gate_up_proj"
+    # each expert's [in, out] as stored, [out, in] (a linear's weight) as transformers holds it
+    stored = (hidden, 2 * intermediate) if gate_up else (intermediate, hidden)
+    loaded = stored[::-1]
+    shape = tuple(stacked.shape[1:])
+    if len(stacked.shape) != 3 or shape not in (stored, loaded):
+        raise ValueError(f"experts.{kind} has shape {tuple(stacked.shape)} in the checkpoint; "
+                         f"expected [experts, {stored[0]}, {stored[1]}] (or [experts, "
+                         f"{loaded[0]}, {loaded[1]}]) from hidden_size {hidden} and the experts' "
+                         f"intermediate size {intermediate}: the config does not match the weights.")
+    transposed = shape == stored
+    for e in range(stacked.shape[0]):
+        w = materialize(stacked.narrow(0, e, 1))[0]
+        w = w.t() if transposed else w
+        if gate_up:
+            yield e, "gate_proj", w[:intermediate]
+            yield e, "up_proj", w[intermediate:]
+        else:
+            yield e, "down_proj", w
+
+
 def local_intermediate(num_experts: int, intermediate: int, top_k: int,
                        tp: TensorParallel) -> int:
     """This rank's slice of each expert's intermediate size (module docstring), once

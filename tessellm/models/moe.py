@@ -5,7 +5,9 @@ Qwen3-MoE (q/k norm). Attention, norms and rotary are the llama family's; each l
 
 Checkpoint names: the experts come one tensor per projection and expert
 (``...experts.<e>.w1|w3|w2`` for Mixtral, ``...experts.<e>.gate_proj|up_proj|down_proj`` for
-Qwen) and load into the stacked ``w13`` / ``w2``; Mixtral's ``block_sparse_moe`` is our ``mlp``.
+Qwen), or all experts' in two stacked tensors (``...experts.gate_up_proj`` / ``down_proj``, as
+Qwen3-VL-MoE ships its language model; ``layers.moe.stacked_expert_weights``), and load into
+our stacked ``w13`` / ``w2``; Mixtral's ``block_sparse_moe`` is our ``mlp``.
 fp8 checkpoints add each expert projection's ``weight_scale`` (per tensor or channel) or
 ``weight_scale_inv`` (per block) beside it (``layers/moe_fp8.py``); the attention and dense MLP
 linears take the model's quant method.
@@ -20,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
-from tessellm.layers.moe import EXPERT_PARTS, FusedMoE, SparseMoeBlock
+from tessellm.layers.moe import EXPERT_PARTS, FusedMoE, SparseMoeBlock, stacked_expert_weights
 from tessellm.layers.moe_fp8 import expert_quant, missing_scales
 from tessellm.models.layer_windows import window_by_layer_type, window_everywhere
 from tessellm.models.decoder import DecoderMLP
@@ -28,6 +30,7 @@ from tessellm.models.llama import LlamaForCausalLM, _strip_prefix
 
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\."
                      r"(weight|weight_scale|weight_scale_inv|input_scale)$")
+_STACKED = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
 class _MoeForCausalLM(LlamaForCausalLM):
@@ -83,7 +86,11 @@ class _MoeForCausalLM(LlamaForCausalLM):
             for name, tensor in weights:
                 short = _strip_prefix(name)
                 match = _EXPERT.match(self.rename(short)) if short else None
-                if match is None:
+                stacked = _STACKED.match(self.rename(short)) if short and not match else None
+                if stacked is not None:
+                    if self._owns(stacked.group(1)):
+                        self._load_stacked(modules, *stacked.groups(), tensor, filled, loaded)
+                elif match is None:
                     yield name, tensor
                 elif self._owns(match.group(1)):
                     prefix, expert, part, attr = match.groups()
@@ -102,6 +109,19 @@ class _MoeForCausalLM(LlamaForCausalLM):
                                          f"{expert} in {prefix}; is it complete?")
             missing_scales(modules[prefix], prefix)
         return loaded
+
+    def _load_stacked(self, modules, prefix: str, kind: str, tensor, filled: dict,
+                      loaded: set) -> None:
+        """All experts' ``gate_up_proj`` or ``down_proj`` in one tensor, expert by expert."""
+        experts, count = modules[prefix], self.num_experts(self.config)
+        if tensor.shape[0] != count:
+            raise ValueError(f"{prefix}.{kind} holds {tensor.shape[0]} experts in the checkpoint, "
+                             f"the config {count}; the config does not match the weights.")
+        for expert, part, weight in stacked_expert_weights(
+                kind, tensor, self.config.hidden_size, self.expert_size(self.config)):
+            params = experts.load_expert(expert, part, weight)
+            loaded.update(f"{prefix}.{param}" for param in params)
+            filled.setdefault(prefix, set()).add((expert, EXPERT_PARTS[part]))
 
     def rename_full(self, name: str) -> str:
         short = _strip_prefix(name)

@@ -153,12 +153,17 @@ class Qwen2VLForConditionalGeneration(ImageTextModel):
 
 
 def _text_config(config):
-    """The language model's config, with the top-level ``tie_word_embeddings`` (transformers 5
-    keeps it there only: Qwen2-VL-2B's and Qwen2.5-VL-3B's heads are tied) on a copy."""
+    """The language model's config, with the top-level ``tie_word_embeddings`` on a copy: HF
+    ties the head as the top-level config says (transformers 5 keeps the flag there only for
+    Qwen2-VL-2B's and Qwen2.5-VL-3B's tied heads; Qwen3-VL-MoE's text config defaults to True
+    where the model's is False)."""
     text = config.get_text_config()
-    if getattr(text, "tie_word_embeddings", None) is None:
+    tied = getattr(config, "tie_word_embeddings", None)
+    if tied is None:
+        tied = getattr(text, "tie_word_embeddings", None)
+    if getattr(text, "tie_word_embeddings", None) != bool(tied):
         text = copy.copy(text)
-        text.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        text.tie_word_embeddings = bool(tied)
     return text
 
 

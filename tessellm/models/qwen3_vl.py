@@ -10,6 +10,13 @@ whose M-RoPE interleaves the three axes' frequencies, and DeepStack::
 The runner's encoder cache holds the concatenation, so chunked prefill and the prefix cache
 hand every step its image rows of all of them. The addition goes into the residual stream,
 which is whole on every tensor-parallel rank (the layer's MLP output is the partial sum).
+
+Qwen3-VL-MoE (``Qwen3VLMoeForConditionalGeneration``: Qwen3-VL-30B-A3B, 235B-A22B) is the same
+model with a Qwen3-MoE language model (``models/moe.py``): the same tower, DeepStack and
+M-RoPE, and the MoE layers' router and experts. Its checkpoints stack each layer's experts in
+two tensors (``mlp.experts.gate_up_proj [E, H, 2I]``, ``mlp.experts.down_proj [E, I, H]``),
+loaded by the MoE loader as are per-expert ones; the router always renormalizes its top-k
+weights (HF's has no ``norm_topk_prob``), and the LM head is tied as the top-level config says.
 """
 
 from __future__ import annotations
@@ -20,14 +27,15 @@ import torch
 import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
-from tessellm.models import llama
+from tessellm.models import llama, moe
 from tessellm.models.qwen2_vl import MRopeText, Qwen2VLForConditionalGeneration
 from tessellm.models.qwen3_vl_vision import Qwen3VisionTower
 
 
-class Qwen3VLTextModel(MRopeText, llama.Qwen3ForCausalLM):
-    """Qwen3 with interleaved M-RoPE; ``forward`` adds the DeepStack features after the first
-    layers when a step has image rows."""
+class DeepStackText(MRopeText):
+    """A Qwen3 language model (dense or MoE) with interleaved M-RoPE; mixed in before the
+    family's ``*ForCausalLM``. ``forward`` adds the DeepStack features after the first layers
+    when a step has image rows."""
 
     interleaved_mrope = True
 
@@ -44,6 +52,17 @@ class Qwen3VLTextModel(MRopeText, llama.Qwen3ForCausalLM):
                 residual = residual.index_add(0, rows, features[i].to(residual.dtype))
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+
+class Qwen3VLTextModel(DeepStackText, llama.Qwen3ForCausalLM):
+    """Qwen3 with interleaved M-RoPE and DeepStack."""
+
+
+class Qwen3VLMoeTextModel(DeepStackText, moe.Qwen3MoeForCausalLM):
+    """Qwen3-MoE with interleaved M-RoPE and DeepStack."""
+
+    def renormalize(self, config) -> bool:
+        return True  # HF's Qwen3VLMoeTextTopKRouter always does
 
 
 class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
@@ -75,3 +94,9 @@ class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         embeds[rows] = first.to(embeds.dtype)
         return self.language_model(input_ids, positions, metadata, intermediate,
                                    inputs_embeds=embeds, deepstack=(rows, deep))
+
+
+class Qwen3VLMoeForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """Qwen3-VL with the Qwen3-MoE language model (module docstring)."""
+
+    text_model = Qwen3VLMoeTextModel

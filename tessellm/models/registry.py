@@ -78,6 +78,7 @@ _MODELS = {
     "Mistral3ForConditionalGeneration": mistral3.Mistral3ForConditionalGeneration,
     "Ministral3ForCausalLM": ministral3.Ministral3ForCausalLM,
     "Qwen3VLForConditionalGeneration": qwen3_vl.Qwen3VLForConditionalGeneration,
+    "Qwen3VLMoeForConditionalGeneration": qwen3_vl.Qwen3VLMoeForConditionalGeneration,
     # classifiers / cross-encoders: a pooling engine's classify and score (docs/pooling.md)
     "LlamaForSequenceClassification": seq_cls.LlamaForSequenceClassification,
     "MistralForSequenceClassification": seq_cls.MistralForSequenceClassification,

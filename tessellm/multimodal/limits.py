@@ -52,6 +52,7 @@ def takes_images(hf_config) -> bool:
     return getattr(hf_config, "vision_config", None) is not None and any(
         family in archs for family in ("Llava", "Qwen2VL", "Qwen2_5_VL", "Gemma3ForConditional",
                                           "Mistral3ForConditional", "Qwen3VLForConditional",
+                                          "Qwen3VLMoeForConditional",
                                           "Llama4ForConditional"))
 
 

@@ -22,7 +22,7 @@ from tessellm.multimodal.processor import (ImageProcessor, as_image_list, auto_i
                                            saved_chat_template)
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                 "Qwen3VLForConditionalGeneration")
+                 "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 
 
 def is_qwen2_vl(hf_config) -> bool:

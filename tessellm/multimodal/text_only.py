@@ -11,7 +11,8 @@ speculative decoding) works as it does for the text model::
     Gemma3ForConditionalGeneration  ->  Gemma3ForCausalLM
     Qwen2VL / Qwen2_5_VL            ->  Qwen2ForCausalLM     (M-RoPE of a text prompt: every
     Qwen3VL                         ->  Qwen3ForCausalLM      axis holds the 1-D position, so
-                                                              it is the plain rotary)
+    Qwen3VLMoe                      ->  Qwen3MoeForCausalLM   it is the plain rotary; the MoE
+                                                              router renormalizes, as HF's)
     Llava / LlavaNext / Mistral3    ->  their language model's family (text_config.model_type)
 
 Checkpoint names, as the image-text classes read them, and what the text family reads::
@@ -43,6 +44,11 @@ _TEXT_FAMILIES = {
     "Qwen2VLForConditionalGeneration": "Qwen2ForCausalLM",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2ForCausalLM",
     "Qwen3VLForConditionalGeneration": "Qwen3ForCausalLM",
+    "Qwen3VLMoeForConditionalGeneration": "Qwen3MoeForCausalLM",
+}
+# Values the text family reads that the image-text model has built in.
+_TEXT_FAMILY_VALUES = {
+    "Qwen3VLMoeForConditionalGeneration": {"norm_topk_prob": True},  # HF's router always does
 }
 _BY_TEXT_MODEL_TYPE = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                        "Mistral3ForConditionalGeneration")
@@ -69,6 +75,10 @@ def text_only_config(hf_config):
     for name in _INHERITED:
         if getattr(text, name, None) is None and getattr(hf_config, name, None) is not None:
             setattr(text, name, getattr(hf_config, name))
+    if getattr(hf_config, "tie_word_embeddings", None) is not None:  # HF ties as the top says
+        text.tie_word_embeddings = hf_config.tie_word_embeddings
+    for name, value in _TEXT_FAMILY_VALUES.get(arch, {}).items():
+        setattr(text, name, value)
     setattr(text, IMAGE_TEXT_ARCHITECTURE, arch)
     return text
 

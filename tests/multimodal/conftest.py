@@ -71,3 +71,11 @@ def pixtral_llava_dir(tmp_path_factory):
 
     return make_tiny_mistral3(str(tmp_path_factory.mktemp("tiny-pixtral-llava")), seed=4,
                               text_type="pixtral_llava")
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_moe_dir(tmp_path_factory):
+    from tests.multimodal.tiny_qwen2_vl import make_tiny_qwen2_vl
+
+    return make_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen3-vl-moe")), kind="qwen3_vl_moe",
+                              seed=5)

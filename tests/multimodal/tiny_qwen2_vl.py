@@ -24,7 +24,8 @@ CHAT_TEMPLATE = (
     "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 ARCHS = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
          "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-         "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+         "qwen3_vl": "Qwen3VLForConditionalGeneration",
+         "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 
 
 def _tokenizer():
@@ -37,7 +38,10 @@ def config(kind: str = "qwen2_vl"):
     Qwen2.5-VL's windows are 2x2 merge blocks (16 px), block 1 attends over the whole image,
     and its LM head is tied to the embeddings. Qwen3-VL: a Qwen3 text model (q/k norms) with
     interleaved M-RoPE, a 3-block tower with a 4 x 4 position table and DeepStack mergers after
-    blocks 0 and 1 (added after text layers 0 and 1)."""
+    blocks 0 and 1 (added after text layers 0 and 1). Qwen3-VL-MoE: that tower and a Qwen3-MoE
+    text model of three layers, the middle one dense (``mlp_only_layers``), 4 experts of
+    intermediate size 48 (H 64 and 2I 96 tell the stacked tensors' orientations apart), top 2,
+    its head untied (the top-level flag; its text config's says tied)."""
     import transformers
 
     text = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -49,12 +53,16 @@ def config(kind: str = "qwen2_vl"):
     if kind == "qwen2_vl":
         vision = dict(common, embed_dim=32, hidden_size=64, mlp_ratio=2)
         cls = transformers.Qwen2VLConfig
-    elif kind == "qwen3_vl":
+    elif kind in ("qwen3_vl", "qwen3_vl_moe"):
         text.update(head_dim=16, rope_parameters={**text["rope_parameters"], "mrope_interleaved": True})
         vision = dict(common, depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48,
                       num_position_embeddings=16, deepstack_visual_indexes=[0, 1],
                       initializer_range=0.2)
         cls = transformers.Qwen3VLConfig
+        if kind == "qwen3_vl_moe":
+            text.update(num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=48, mlp_only_layers=[1])
+            cls = transformers.Qwen3VLMoeConfig
     else:
         vision = dict(common, hidden_size=32, out_hidden_size=64, intermediate_size=48,
                       window_size=16, fullatt_block_indexes=[1])
@@ -64,7 +72,7 @@ def config(kind: str = "qwen2_vl"):
     return cls(text_config=text, vision_config=vision, image_token_id=IMAGE_PAD,
                video_token_id=VIDEO_PAD, vision_start_token_id=3, vision_end_token_id=4,
                eos_token_id=2, pad_token_id=0, bos_token_id=None, architectures=[ARCHS[kind]],
-               tie_word_embeddings=kind != "qwen2_vl")
+               tie_word_embeddings=kind not in ("qwen2_vl", "qwen3_vl_moe"))
 
 
 def make_tiny_qwen2_vl(path: str, kind: str = "qwen2_vl", seed: int = 0) -> str:
@@ -84,10 +92,28 @@ def make_tiny_qwen2_vl(path: str, kind: str = "qwen2_vl", seed: int = 0) -> str:
         for p in getattr(visual, "deepstack_merger_list", nn.ModuleList()).parameters():
             p.mul_(4.0)
     model.save_pretrained(path)
+    if kind == "qwen3_vl_moe":
+        published_expert_layout(path)
     _tokenizer().save_pretrained(path)
     Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=4096, patch_size=4, merge_size=2,
                              temporal_patch_size=2).save_pretrained(path)
     return path
+
+
+def published_expert_layout(path: str) -> None:
+    """Qwen3-VL-MoE's stacked experts as the Qwen checkpoints hold them, ``gate_up_proj
+    [E, H, 2I]`` and ``down_proj [E, I, H]`` (transformers 5 saves its modules' ``[E, 2I, H]``
+    / ``[E, H, I]`` and reads either)."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    for name, tensor in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = tensor.transpose(1, 2).contiguous()
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def hf_inputs(path: str, prompt: str, images: list):
