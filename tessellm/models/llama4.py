@@ -24,8 +24,8 @@ Scout and Maverick, ``llama4_mm.py``): the llama decoder with
 
 Checkpoint names: ``feed_forward`` is our ``mlp``; the experts come stacked and transposed
 against a linear's weight (``experts.gate_up_proj [E, H, 2I]``, gate columns first, and
-``experts.down_proj [E, I, H]``) and load as per-expert ``w1`` / ``w3`` / ``w2``; the router is
-``feed_forward.router``.
+``experts.down_proj [E, I, H]``) and load expert by expert (``layers.moe.stacked_expert_weights``);
+the router is ``feed_forward.router``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 
 from tessellm.layers.context import ModelContext
-from tessellm.layers.linear import Linear, materialize
-from tessellm.layers.moe import EXPERT_PARTS, FusedMoE
+from tessellm.layers.linear import Linear
+from tessellm.layers.moe import EXPERT_PARTS, FusedMoE, stacked_expert_weights
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.decoder import DecoderAttention, DecoderMLP
 from tessellm.models.interleaved_rotary import evens_then_odds
@@ -199,7 +199,8 @@ class Llama4ForCausalLM(LlamaForCausalLM):
                 prefix, _, kind = short.rpartition(".")
                 if not self._owns(prefix):
                     continue
-                for expert, part, piece in _per_expert(kind, materialize(tensor)):
+                for expert, part, piece in stacked_expert_weights(
+                        kind, tensor, self.config.hidden_size, self.config.intermediate_size):
                     params = modules[prefix].load_expert(expert, part, piece)
                     loaded.update(f"{prefix}.{param}" for param in params)
                     filled.setdefault(prefix, set()).add((expert, EXPERT_PARTS[part]))
@@ -211,14 +212,3 @@ class Llama4ForCausalLM(LlamaForCausalLM):
                                  f"experts.down_proj of {prefix}; is it complete?")
         return loaded
 
-
-def _per_expert(kind: str, stacked: torch.Tensor):
-    """``(expert, part, [out, in] weight)`` from HF's stacked, transposed expert tensors."""
-    if kind == "gate_up_proj":  # [E, H, 2I]: columns [gate | up]
-        inter = stacked.shape[-1] // 2
-        for e, w in enumerate(stacked):
-            yield e, "w1", w[:, :inter].t()
-            yield e, "w3", w[:, inter:].t()
-    else:  # down_proj [E, I, H]
-        for e, w in enumerate(stacked):
-            yield e, "w2", w.t()
