@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -59,6 +60,8 @@ import types
 import weakref
 from multiprocessing import reduction
 from typing import Optional
+
+logger = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()  # the swap of sys.modules["__main__"], the forkservers
 
@@ -163,6 +166,9 @@ def _forkserver(state: tuple) -> Optional["_Forkserver"]:
     else:
         if server is not None:
             _let_go.append(server)
+        if _servers:
+            logger.debug("A forkserver for a changed import state (%s); started in %s.",
+                         _changes(next(iter(_servers)), state), os.getpid())
         server = _Forkserver()
         counts["forked_new"] += 1
     _servers[state] = server
@@ -170,6 +176,13 @@ def _forkserver(state: tuple) -> Optional["_Forkserver"]:
     while len(_servers) > _KEEP:
         _let_go.append(_servers.popitem()[1])
     return server
+
+
+def _changes(old: tuple, new: tuple) -> str:
+    """What differs between two import states, in words (for the log)."""
+    old_env, new_env = dict(old[0]), dict(new[0])
+    names = sorted(k for k in old_env.keys() | new_env.keys() if old_env.get(k) != new_env.get(k))
+    return ", ".join(names + (["sys.path"] if old[1] != new[1] else [])) or "none"
 
 
 class _Forkserver(multiprocessing.forkserver.ForkServer):

@@ -91,29 +91,53 @@ def start_server(extra_args: list[str] = (), env: dict | None = None, api_key_fl
 
 
 def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
+    stop_servers([server])
+
+
+def stop_servers(servers: list[Server]) -> None:
+    """SIGTERM to all of them at once (each drains in ~1.5 s), then wait for each."""
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM)
+    for server in servers:
         try:
             server.proc.wait(20)
         except subprocess.TimeoutExpired:
             server.proc.kill()
             server.proc.wait(10)
-    os.unlink(server.log_path)
+        os.unlink(server.log_path)
+
+
+# The factory's servers (all of the session's), and those kept to the session's end (a
+# session fixture's); the others are stopped when the module that started them ends.
+_STARTED: list[Server] = []
+_SESSION_WIDE: list[Server] = []
 
 
 @pytest.fixture(scope="session")
 def server_factory():
-    """Start extra servers (e.g. one a test may break); each is stopped at the end."""
-    started: list[Server] = []
-
+    """Start extra servers (e.g. one a test may break); each is stopped at the end of the
+    module that started it (``_stop_the_modules_servers``), or of the session."""
     def start(extra_args=(), env=None, api_key_flag=True) -> Server:
         srv = start_server(list(extra_args), env, api_key_flag)
-        started.append(srv)
+        _STARTED.append(srv)
         return srv
 
     yield start
-    for srv in started:
-        stop_server(srv)
+    stop_servers(_STARTED)
+    _STARTED.clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_the_modules_servers():
+    """Memory, and time: a server holds ~1.9 GB (its API process, forkserver and engine core
+    with the bundled model and 512 KV blocks), and a session of them all alive at once
+    outgrows a CI machine's memory. A module's own servers stop when it ends."""
+    before = list(_STARTED)
+    yield
+    done = [srv for srv in _STARTED if srv not in before and srv not in _SESSION_WIDE]
+    stop_servers(done)
+    _STARTED[:] = [srv for srv in _STARTED if srv not in done]
 
 
 @pytest.fixture(scope="session")
@@ -136,8 +160,10 @@ def tools_server(server_factory, tmp_path_factory):
     test_vllm_compat's /tokenize with tools (a server start saved: ~8 s on 2 cores)."""
     template = tmp_path_factory.mktemp("tools-template") / "tools.jinja"
     template.write_text(TOOLS_TEMPLATE)
-    return server_factory(["--chat-template", str(template), "--enable-auto-tool-choice",
-                           "--tool-call-parser", "hermes"])
+    srv = server_factory(["--chat-template", str(template), "--enable-auto-tool-choice",
+                          "--tool-call-parser", "hermes"])
+    _SESSION_WIDE.append(srv)
+    return srv
 
 
 @pytest.fixture(scope="session")
