@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tessellm.entrypoints.ray_serve.prefix_index import PrefixIndex
+from tessellm.core.prefix_index import PrefixIndex
 
 _MIN_SLACK = 2  # requests a core may be above the least loaded one and still win on affinity
 _SLACK_FRACTION = 8  # ... or this fraction (1/8) of the least load, when larger

@@ -28,7 +28,7 @@ import hashlib
 import random
 from typing import Hashable, Optional
 
-from tessellm.entrypoints.ray_serve.prefix_index import PrefixIndex
+from tessellm.core.prefix_index import PrefixIndex
 
 
 def rank_replicas(chain: list[int], loads: dict[Hashable, int], index: PrefixIndex,

@@ -24,7 +24,7 @@ from typing import Optional
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from tessellm.entrypoints.ray_serve.affinity_policy import rank_replicas
-from tessellm.entrypoints.ray_serve.prefix_index import PrefixIndex
+from tessellm.core.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
 
