@@ -77,7 +77,7 @@ class EngineCoreGroup:
 
     def send_add(self, req: EngineCoreRequest) -> None:
         lora_id = req.lora_request["id"] if req.lora_request else None  # LoRARequest.to_dict()
-        core = self.balancer.pick(req.prompt_token_ids, lora_id, req.cache_salt)
+        core = self.balancer.pick(req.prompt_token_ids, lora_id, affinity_key(req))
         self.clients[core].send_add(req)
         self.balancer.assign(req.request_id, core)
 
@@ -141,6 +141,19 @@ class EngineCoreGroup:
         """Stop every core (idempotent)."""
         for client in self.clients:
             client.close()
+
+
+def affinity_key(req: EngineCoreRequest):
+    """What besides the prompt's token ids keys its KV in a core's prefix cache, for the
+    balancer's chain: the cache salt, and the content hashes of given embeddings or images,
+    whose placeholder token ids are alike for any content (without them every prompt_embeds
+    prompt of one length would look like one shared prefix)."""
+    key = req.cache_salt
+    if req.prompt_embeds is not None:
+        key = (key, "embeds", req.prompt_embeds.identifier)
+    if req.mm_features:
+        key = (key, "images", tuple(f.identifier for f in req.mm_features))
+    return key
 
 
 # -- front-end helpers shared by AsyncLLM and DPLLMEngine -------------------------------------

@@ -51,8 +51,10 @@ class LoadBalancer:
         self._index = PrefixIndex(_MAX_ENTRIES)
         self._next = 0  # where the round-robin among equally loaded cores starts
 
-    def pick(self, prompt_token_ids, lora_id: Optional[int] = None, cache_salt: Optional[str] = None) -> int:
-        """The core for a request (module docstring)."""
+    def pick(self, prompt_token_ids, lora_id: Optional[int] = None, cache_salt: Optional[object] = None) -> int:
+        """The core for a request (module docstring). ``cache_salt``: any hashable that keys the
+        prompt's KV besides its token ids (the front end passes ``core_group.affinity_key``: the
+        salt, and the hashes of given embeddings or images)."""
         if self.num_cores == 1:
             return 0
         cores = range(self.num_cores)
@@ -73,7 +75,7 @@ class LoadBalancer:
             self._index.record(choice, chain)
         return choice
 
-    def chain(self, token_ids, lora_id: Optional[int], cache_salt: Optional[str]) -> list[int]:
+    def chain(self, token_ids, lora_id: Optional[int], cache_salt: Optional[object]) -> list[int]:
         """The request's affinity chain (module docstring); [] for a prompt with no full block
         and no adapter or salt."""
         n = min(len(token_ids) // self.block_size, self.max_blocks)

@@ -66,6 +66,32 @@ def test_balancer_prefers_the_prefix_holder_while_loads_are_close():
     assert lb.pick([3, 4], lora_id=8) != lora_core
 
 
+def test_balancer_tells_prompt_embeds_apart():
+    """Prompts given as embeddings carry placeholder token ids (all 0): their affinity chain is
+    keyed on the embeddings' hash, so different embeddings are not one shared prefix, and equal
+    ones are."""
+    import torch
+
+    from tessellm.core.core_group import affinity_key
+    from tessellm.core.engine_core import EngineCoreRequest
+    from tessellm.core.prompt_embeds import PromptEmbeds
+
+    def request(seed: int) -> EngineCoreRequest:
+        embeds = PromptEmbeds.from_tensor(torch.randn(8, 4, generator=torch.Generator().manual_seed(seed)),
+                                          4, "float32")
+        return EngineCoreRequest(f"r{seed}", [0] * 8, GREEDY, 0.0, prompt_embeds=embeds)
+
+    lb = LoadBalancer(2, block_size=4)
+    a, b, a2 = request(1), request(2), request(1)
+    chain = lambda r: lb.chain(r.prompt_token_ids, None, affinity_key(r))  # noqa: E731
+    assert chain(a) == chain(a2)
+    assert not set(chain(a)) & set(chain(b))
+    first = lb.pick(a.prompt_token_ids, None, affinity_key(a))
+    lb.assign("a", first)
+    assert lb.pick(b.prompt_token_ids, None, affinity_key(b)) != first  # no shared prefix: least loaded
+    assert lb.pick(a2.prompt_token_ids, None, affinity_key(a2)) == first
+
+
 def test_data_parallel_rank_is_checked():
     with pytest.raises(ValueError, match="data_parallel_rank"):
         EngineArgs(data_parallel_size=2, data_parallel_rank=2).validate()
