@@ -287,13 +287,23 @@ class AsyncLLM:
                 self._calls.pop(call_id, None)
 
     async def core_call(self, method: str, *args, timeout: float = 600.0):
-        """An ``EngineCore`` method in the core process (sleep mode's, engine_process._CORE_CALLS);
-        its result, or ValueError with the core's refusal. ``sleeping`` follows the core's state."""
-        answer = await self.call(method, timeout, list(args))
-        self.sleeping = bool(answer.get("sleeping"))
-        if "error" in answer:
-            raise ValueError(answer["error"])
-        return answer["result"]
+        """An ``EngineCore`` method in every core process (sleep mode's, engine_process._CORE_CALLS);
+        its result, or ValueError with a core's refusal. ``sleeping`` is true while any core
+        sleeps (a sleep that one core refused leaves the others asleep: requests are refused
+        until ``wake_up``). Several cores: ``reset_prefix_cache`` is true if every core reset,
+        ``is_sleeping`` if any sleeps, otherwise the first core's result."""
+        answers = await self.call_all(method, timeout, list(args))
+        self.sleeping = any(a.get("sleeping") for a in answers)
+        for core, answer in enumerate(answers):
+            if "error" in answer:
+                prefix = f"{self.cores.name(core)}: " if self.cores.size > 1 else ""
+                raise ValueError(prefix + answer["error"])
+        results = [a["result"] for a in answers]
+        if method == "reset_prefix_cache":
+            return all(results)
+        if method == "is_sleeping":
+            return any(results)
+        return results[0]
 
     # vLLM's AsyncLLM names for sleep mode (docs/sleep_mode.md); ValueError on a refusal.
 

@@ -129,13 +129,15 @@ def test_offline_dp2(tiny_model_dir):
 
 def test_async_llm_dp2(tiny_model_dir):
     """Greedy streams equal dp=1's, both cores take requests, an abort frees the request in the
-    core that holds it, and a killed core fails the in-flight requests and the health check."""
+    core that holds it, sleep mode's calls answer for every core, and a killed core fails the
+    in-flight requests and the health check."""
     from tessellm.entrypoints.async_llm import AsyncLLM
 
     path = tiny_model_dir("llama")
     with LLM(path, **_kwargs()) as one:
         expected = _tokens(one.generate(PROMPTS[:4], GREEDY, use_tqdm=False))
-    engine = AsyncLLM(EngineArgs(model=path, data_parallel_size=2, kernel_warmup=False, **_kwargs()))
+    engine = AsyncLLM(EngineArgs(model=path, data_parallel_size=2, kernel_warmup=False,
+                                 enable_sleep_mode=True, **_kwargs()))
 
     async def collect(i):
         last = None
@@ -168,10 +170,22 @@ def test_async_llm_dp2(tiny_model_dir):
             await asyncio.sleep(0.05)
         assert running[owners[0]] == 0 and running[owners[1]] == 1, running
         assert engine.cores.loads()[owners[0]] == 0
-        # Kill the core running long1: its stream errors, the engine reports dead.
-        os.kill(engine.cores.pids()[owners[1]], signal.SIGKILL)
-        with pytest.raises(EngineDeadError, match=f"engine core {owners[1]} of 2"):
-            async for _ in _drain(streams[1]):
+        # Sleep mode reaches every core: the busy core refuses, the idle one sleeps, and the
+        # front end refuses requests until wake_up; a reset is done only if every core did it.
+        assert not await engine.reset_prefix_cache()
+        with pytest.raises(ValueError, match=f"engine core {owners[1]} of 2: sleep: 1 request"):
+            await engine.sleep(1)
+        assert engine.sleeping and await engine.is_sleeping()
+        await engine.wake_up()
+        assert not engine.sleeping and not await engine.is_sleeping()
+        # Kill the core running a long request: its stream errors, the engine reports dead.
+        stream = engine.add_request("long2", PROMPTS[1], long)
+        owner = engine.cores.owner("long2")
+        while stream.get_nowait() is None:
+            await asyncio.sleep(0.02)
+        os.kill(engine.cores.pids()[owner], signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match=f"engine core {owner} of 2"):
+            async for _ in _drain(stream):
                 pass
         assert engine.is_dead and not await engine.is_ready()
         with pytest.raises(EngineDeadError):
