@@ -69,13 +69,7 @@ class EngineSleep:
             raise ValueError("load_weights takes one of weights (an iterable of (name, tensor)) "
                              "or path (a directory of .safetensors files).")
         if path is not None:
-            from tessellm.loader.safetensors_loader import safetensors_files
-
-            try:  # refused here, not in a worker: no files, no such directory
-                safetensors_files(path)
-            except OSError as exc:
-                raise ValueError(f"load_weights: no safetensors checkpoint at {path!r} ({exc}); "
-                                 "give a directory holding .safetensors files.") from None
+            _check_checkpoint(path)
             loaded = self.executor.collective_rpc("load_weights_from_path", path)[0]
         else:
             loaded = _load_weights_on_ranks(self.executor, weights, self.dtype)
@@ -96,6 +90,28 @@ class EngineSleep:
         if self.has_unfinished_requests():
             raise ValueError(f"{what}: {len(self.scheduler.requests)} request(s) are still running; "
                              "call it once they finish (or abort them).")
+
+
+def _check_checkpoint(path: str) -> None:
+    """Refused here, before any rank copies a weight (a file that fails half-way would leave
+    the model half updated, and an error in a worker would end the engine): no such directory,
+    no safetensors files, or a file whose header does not read (not safetensors, truncated)."""
+    from safetensors import safe_open
+
+    from tessellm.loader.safetensors_loader import safetensors_files
+
+    try:
+        files = safetensors_files(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"load_weights: no safetensors checkpoint at {path!r} ({exc}); "
+                         "give a directory holding .safetensors files.") from None
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: the file's fault
+            raise ValueError(f"load_weights: {file!r} does not read as safetensors "
+                             f"({type(exc).__name__}: {exc}); nothing was loaded.") from None
 
 
 def _load_weights_on_ranks(executor, weights, dtype: torch.dtype) -> int:

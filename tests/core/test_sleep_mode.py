@@ -111,7 +111,7 @@ def test_new_weights_give_hf_outputs_on_them(llm, model_dir, other_dir, referenc
     assert _tokens(llm) == reference
 
 
-def test_bad_calls_are_refused_and_the_engine_serves_on(llm, reference):
+def test_bad_calls_are_refused_and_the_engine_serves_on(llm, reference, tmp_path):
     with pytest.raises(ValueError, match="level must be 1"):
         llm.sleep(level=3)
     with pytest.raises(ValueError, match="Unknown wake_up tag"):
@@ -124,11 +124,19 @@ def test_bad_calls_are_refused_and_the_engine_serves_on(llm, reference):
         llm.load_weights([("model.layers.0.mlp.down_proj.weight", torch.zeros(3, 3))])
     with pytest.raises(ValueError, match="no safetensors checkpoint"):
         llm.load_weights(path="/nonexistent/checkpoint")
+    with pytest.raises(ValueError, match="does not read as safetensors"):
+        llm.load_weights(path=_corrupt_checkpoint(tmp_path))
     with pytest.raises(ValueError, match="one of weights"):
         llm.load_weights()
     llm.wake_up()  # awake: a no-op
     assert not llm.is_sleeping()
     assert _tokens(llm) == reference
+
+
+def _corrupt_checkpoint(root) -> str:
+    """A directory whose model.safetensors is not safetensors (a truncated or wrong file)."""
+    (root / "model.safetensors").write_bytes(b"\xff" * 64)
+    return str(root)
 
 
 def test_sleep_needs_sleep_mode(model_dir):

@@ -37,7 +37,7 @@ def _ids(r) -> list[int]:
     return r.json()["choices"][0]["token_ids"]
 
 
-def test_sleep_routes(tiny_model_dir, monkeypatch):
+def test_sleep_routes(tiny_model_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("TESSELLM_SERVER_DEV_MODE", "1")
     path = tiny_model_dir("llama")
 
@@ -60,6 +60,9 @@ def test_sleep_routes(tiny_model_dir, monkeypatch):
         assert r.status_code == 400 and "Unknown wake_up tag" in r.json()["error"]["message"]
         r = await c.post("/load_weights", json={"path": "/nonexistent"})
         assert r.status_code == 400, r.text
+        (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)  # not safetensors: a 400, the engine lives
+        r = await c.post("/load_weights", json={"path": str(tmp_path)})
+        assert r.status_code == 400 and "does not read as safetensors" in r.text, r.text
         assert (await c.post("/sleep", params={"level": 2})).status_code == 200
         assert (await c.post("/wake_up", params={"tags": "weights"})).status_code == 200
         r = await c.post("/load_weights", json={"path": path})
