@@ -25,6 +25,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from tessellm import LLM
 
+    if args.data_parallel_size > 1:  # refused before N engine cores start
+        raise SystemExit("tessellm bench latency times one request at a time on one engine core; "
+                         "--data-parallel-size does not apply. Time -dp N with `tessellm bench "
+                         "throughput -dp N` or `tessellm bench serve` against `tessellm serve -dp N`.")
     llm = LLM(**dataclasses.asdict(engine_args_from(args, args.model)))
     lora = None
     if args.lora_path:

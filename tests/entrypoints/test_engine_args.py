@@ -59,6 +59,14 @@ def test_bench_latency_takes_quantization_and_kv_cache_dtype():
     assert (ea.quantization, ea.kv_cache_dtype, ea.enable_prefix_caching) == ("fp8", "fp8", False)
 
 
+def test_bench_latency_refuses_data_parallel_before_starting_cores():
+    from tessellm.entrypoints.bench_latency import run
+
+    args = build_parser().parse_args(["bench", "latency", "--model", "/nonexistent", "-dp", "2"])
+    with pytest.raises(SystemExit, match="bench throughput -dp N"):
+        run(args)
+
+
 def test_ray_serve_does_not_import_the_serve_module():
     code = ("import sys, tessellm.entrypoints.ray_serve.config, tessellm.entrypoints.ray_serve.launch;"
             "print('tessellm.entrypoints.serve' in sys.modules)")
