@@ -3,7 +3,7 @@ and the chat request bodies the image serving tests send."""
 
 from __future__ import annotations
 
-from tessellm.config import EngineArgs
+from tests.server.in_process import serve  # noqa: F401 (the image serving tests' entry)
 
 MAX_NEW = 6
 
@@ -16,22 +16,3 @@ def chat_body(*parts, **extra) -> dict:
 
 def image_part(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
-
-
-async def serve(args: EngineArgs, scenario):
-    """Starts the engine, runs ``scenario(client)`` against the app, shuts the engine down."""
-    import httpx
-
-    from tessellm.entrypoints.async_llm import AsyncLLM
-    from tessellm.entrypoints.openai.api_server import build_app
-    from tessellm.entrypoints.openai.server_config import ServerConfig
-
-    engine = AsyncLLM(args)
-    try:
-        engine.start()
-        app = build_app(engine, ServerConfig(["m"]))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
-                                     timeout=120) as c:
-            return await scenario(c)
-    finally:
-        await engine.shutdown()

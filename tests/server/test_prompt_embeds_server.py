@@ -10,28 +10,12 @@ import asyncio
 import base64
 import io
 
-import httpx
 import torch
 
 from tessellm.config import EngineArgs
+from tests.server.in_process import serve as _serve
 
 IDS = [1, 5, 9, 22, 33, 44, 55, 66, 77]
-
-
-async def _serve(args: EngineArgs, scenario):
-    from tessellm.entrypoints.async_llm import AsyncLLM
-    from tessellm.entrypoints.openai.api_server import build_app
-    from tessellm.entrypoints.openai.server_config import ServerConfig
-
-    engine = AsyncLLM(args)
-    try:
-        engine.start()
-        app = build_app(engine, ServerConfig(["m"]))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
-                                     timeout=120) as c:
-            return await scenario(c)
-    finally:
-        await engine.shutdown()
 
 
 def _b64(tensor: torch.Tensor) -> str:

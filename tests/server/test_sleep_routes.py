@@ -7,29 +7,11 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
-import pytest
-
 from tessellm.config import EngineArgs
+from tests.server.in_process import serve
 
 BODY = {"model": "m", "prompt": [1, 5, 9, 22, 33, 44, 55, 66, 77, 88, 99, 100, 120, 130, 140, 150, 160, 170],
         "max_tokens": 6, "temperature": 0, "return_token_ids": True}
-
-
-async def _serve(args: EngineArgs, scenario):
-    from tessellm.entrypoints.async_llm import AsyncLLM
-    from tessellm.entrypoints.openai.api_server import build_app
-    from tessellm.entrypoints.openai.server_config import ServerConfig
-
-    engine = AsyncLLM(args)
-    try:
-        engine.start()
-        app = build_app(engine, ServerConfig(["m"]))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
-                                     timeout=120) as c:
-            return await scenario(c, engine)
-    finally:
-        await engine.shutdown()
 
 
 def _ids(r) -> list[int]:
@@ -76,8 +58,8 @@ def test_sleep_routes(tiny_model_dir, monkeypatch, tmp_path):
         assert not await engine.is_sleeping() and await engine.reset_prefix_cache()
         assert _ids(await c.post("/v1/completions", json=BODY)) == before
 
-    asyncio.run(_serve(EngineArgs(model=path, device="cpu", num_kv_blocks=64, enable_sleep_mode=True),
-                       scenario))
+    asyncio.run(serve(EngineArgs(model=path, device="cpu", num_kv_blocks=64, enable_sleep_mode=True),
+                      scenario, with_engine=True))
 
 
 def test_sleep_routes_off_without_dev_mode(tiny_model_dir, monkeypatch):
@@ -87,4 +69,5 @@ def test_sleep_routes_off_without_dev_mode(tiny_model_dir, monkeypatch):
         assert (await c.post("/sleep")).status_code == 404
         assert (await c.get("/is_sleeping")).status_code == 404
 
-    asyncio.run(_serve(EngineArgs(model=tiny_model_dir("llama"), device="cpu", num_kv_blocks=16), scenario))
+    asyncio.run(serve(EngineArgs(model=tiny_model_dir("llama"), device="cpu", num_kv_blocks=16), scenario,
+                      with_engine=True))
