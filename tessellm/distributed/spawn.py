@@ -182,7 +182,12 @@ def _changes(old: tuple, new: tuple) -> str:
     """What differs between two import states, in words (for the log)."""
     old_env, new_env = dict(old[0]), dict(new[0])
     names = sorted(k for k in old_env.keys() | new_env.keys() if old_env.get(k) != new_env.get(k))
-    return ", ".join(names + (["sys.path"] if old[1] != new[1] else [])) or "none"
+    if old[1] != new[1]:
+        added = [p for p in new[1] if p not in old[1]]
+        removed = [p for p in old[1] if p not in new[1]]
+        names.append(f"sys.path (added {added}, removed {removed})" if added or removed
+                     else "sys.path's order")
+    return ", ".join(names) or "none"
 
 
 class _Forkserver(multiprocessing.forkserver.ForkServer):
