@@ -89,8 +89,8 @@ _KEEP = 2  # forkservers kept running, the most recently used first (each holds 
 # Import state -> its running forkserver. Process-wide: a child of a forkserver starts its own.
 _servers: "collections.OrderedDict[tuple, _Forkserver]" = collections.OrderedDict()
 _let_go: list["_Forkserver"] = []  # forkservers let go: stopped once their children have exited
-# How this process's children were started, for tests and diagnostics: "forked" (by a
-# forkserver already running), "forked_new" (by a forkserver started for it), "spawned".
+# How this process's children were started, for tests and diagnostics: "forked_new" (the first
+# child of a forkserver: its start was waited for), "forked" (the others), "spawned".
 counts: collections.Counter = collections.Counter()
 
 
@@ -124,8 +124,31 @@ def spawn_process(target, name: str, args: tuple, daemon: bool = True):
         # forkserver while the child's import state is this one.
         proc = multiprocessing.get_context("forkserver").Process(
             target=_run, name=name, args=(target, args, env, _CallerStdio(), state), daemon=daemon)
+        counts["forked_new" if server.forked == 0 else "forked"] += 1
         server.start(proc)
     return proc
+
+
+def prestart(env_defaults: Optional[dict] = None) -> None:
+    """Start now the forkserver that a child started later (a server's engine core) will be
+    forked by, so that its imports run while the caller goes on with its own; returns at once.
+    ``env_defaults``: the variables the caller will have set by then if unset
+    (``os.environ.setdefault``); the environment is left as it was. A forkserver whose import
+    state no longer fits when the child starts is only a start wasted."""
+    with clean_main():  # holds _LOCK
+        env = dict(os.environ)
+        for key, value in (env_defaults or {}).items():
+            env.setdefault(key, value)
+        if env == os.environ:
+            _forkserver(import_state(env))
+            return
+        saved = dict(os.environ)
+        os.environ.update(env)  # the forkserver starts with the caller's environment
+        try:
+            _forkserver(import_state(env))
+        finally:
+            for key in env.keys() - saved.keys():
+                del os.environ[key]
 
 
 def parent_gone(parent_pid: int) -> bool:
@@ -161,16 +184,13 @@ def _forkserver(state: tuple) -> Optional["_Forkserver"]:
         return None
     _reap()
     server = _servers.pop(state, None)
-    if server is not None and server.running():
-        counts["forked"] += 1
-    else:
+    if server is None or not server.running():
         if server is not None:
             _let_go.append(server)
         if _servers:
             logger.debug("A forkserver for a changed import state (%s); started in %s.",
                          _changes(next(iter(_servers)), state), os.getpid())
         server = _Forkserver()
-        counts["forked_new"] += 1
     _servers[state] = server
     _servers.move_to_end(state, last=False)
     while len(_servers) > _KEEP:
@@ -199,6 +219,7 @@ class _Forkserver(multiprocessing.forkserver.ForkServer):
         self.ensure_running()
         self.owner = os.getpid()  # a process forked from this one (os.fork) starts its own
         self.children: weakref.WeakSet = weakref.WeakSet()
+        self.forked = 0  # children started
 
     def start(self, proc) -> None:
         """``proc.start()`` from this forkserver (``multiprocessing`` asks its module-level
@@ -211,6 +232,7 @@ class _Forkserver(multiprocessing.forkserver.ForkServer):
         finally:
             module.connect_to_new_process = connect
         self.children.add(proc)
+        self.forked += 1
 
     def running(self) -> bool:
         pid = self._forkserver_pid
@@ -248,6 +270,7 @@ class _Inherited(_Forkserver):
                 setattr(self, name, getattr(inherited, name))
         self.owner = os.getpid()
         self.children = weakref.WeakSet()
+        self.forked = 1  # its first child is this process
 
     def ensure_running(self) -> None:
         pass  # its caller's

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    _prestart_engine_forkserver(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from tessellm import envs
@@ -42,6 +43,20 @@ def main(argv=None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _prestart_engine_forkserver(argv: list) -> None:
+    """``serve``: the engine core is forked from a forkserver that imports torch and tessellm
+    (distributed/spawn.py); started first thing, its imports run beside this process's own
+    (a server ready ~3 s sooner on 2 cores)."""
+    command = next((a for a, before in zip(argv, [None, *argv])
+                    if not a.startswith("-") and before != "--log-level"), None)
+    if command != "serve" or "-h" in argv or "--help" in argv:
+        return
+    from tessellm import envs
+    from tessellm.distributed.spawn import prestart
+
+    prestart(envs.engine_process_env_defaults())  # as EngineCoreClient sets them
 
 
 def _dispatch(args) -> int:

@@ -117,6 +117,23 @@ def test_a_forked_childs_own_children_come_from_the_same_forkserver(tmp_path):
     assert not grandchild["gone"]  # its caller (the child) was alive when it asked
 
 
+def test_a_prestarted_forkserver_forks_the_child_started_later(tmp_path, monkeypatch):
+    """``prestart`` (``tessellm serve`` calls it first thing): the forkserver starts now, for
+    the environment the caller will have by then, which it leaves as it was."""
+    from tessellm.distributed import spawn
+
+    monkeypatch.delenv("TRITON_TESSELLM_TEST_MARK", raising=False)
+    before = dict(os.environ)
+    spawn.prestart({"TRITON_TESSELLM_TEST_MARK": "prestarted"})
+    assert dict(os.environ) == before
+    monkeypatch.setenv("TRITON_TESSELLM_TEST_MARK", "prestarted")  # as the engine client does
+    server = spawn._servers[spawn.import_state(dict(os.environ))]
+    _run(report, str(tmp_path / "child.json"), os.getpid())
+    child = json.loads((tmp_path / "child.json").read_text())
+    assert child["ppid"] == server._forkserver_pid
+    assert child["parent_import_time"] == child["import_time"] == "prestarted"
+
+
 def test_an_error_in_a_child_is_reported_by_its_exit_code_and_traceback(capfd):
     from spawn_targets import fail
 
