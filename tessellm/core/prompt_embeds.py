@@ -10,7 +10,9 @@ How such a request travels::
                      requests with the same embeddings share cached blocks
     model runner     at prompt positions the step's input embeddings are these rows instead of
                      ``embed_tokens(id)``; generated tokens are embedded as usual. A step with such
-                     rows runs eagerly (captured decode graphs take token ids).
+                     rows runs eagerly (captured decode graphs take token ids). The rows' device
+                     copy is dropped once the prompt's last rows are in a step (decoding does not
+                     hold prompt x hidden bytes of device memory the KV sizing never counted).
 
 Plain data (bytes, ints, strings) across processes: never pickle. The server reads vLLM's
 base64 ``torch.save`` bytes with ``torch.load(weights_only=True)`` (tensors only, no code).
@@ -153,6 +155,8 @@ def step_embed_rows(states, counts: list[int], query_start_loc, device):
         first = int(query_start_loc[i])
         rows.append(torch.arange(first, first + end - start, dtype=torch.int64))
         feats.append(st.prompt_embeds[start:end])
+        if end == st.num_prompt_tokens:  # the prompt's last rows: the device copy can go (a
+            st.prompt_embeds = None      # preempted request comes back with them: NewRequestData)
     if not rows:
         return None
     return torch.cat(rows).to(device), torch.cat(feats)

@@ -87,6 +87,21 @@ def test_prefix_cache_keys_on_the_embeddings(llm, hf):
     assert zeros.num_cached_tokens == 0  # token prompts never hit embeddings' blocks
 
 
+def test_device_rows_are_dropped_once_the_prompt_is_computed(llm, hf):
+    """The runner's copy of the rows goes with the prompt's last chunk, not with the request."""
+    engine, rid = llm.engine, "held-rows"
+    engine.add_request(rid, {"prompt_embeds": _perturbed(hf, LONG, 5)},
+                       SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    held = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        state = engine.core.runner.requests.get(rid)
+        if state is not None:
+            held.append((state.num_computed_tokens, state.prompt_embeds is not None))
+    assert held[0] == (16, True)  # mid-prompt (16 of 40 rows): still needed
+    assert all(not has for computed, has in held if computed >= len(LONG)), held
+
+
 def test_n_samples_share_the_prompt(llm, hf):
     a = _perturbed(hf, SHORT, 5)
     out = _gen(llm, {"prompt_embeds": a}, SamplingParams(n=2, max_tokens=8, temperature=0.0, ignore_eos=True))[0]
