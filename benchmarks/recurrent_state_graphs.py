@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault("TESSELLM_RECURRENT_STATE_GRAPHS", "1")  # the graphs are off by default on a GPU
+os.environ.setdefault("TESSELLM_RECURRENT_STATE_GRAPHS", "1")  # Qwen3-Next's are off by default
 
 
 def write_config(name: str, layers: int, root: str) -> str:

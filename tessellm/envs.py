@@ -175,13 +175,15 @@ def decode_gemm_silu_tiles() -> Optional[tuple[int, int, int, int, int]]:
     return tuple(int(p) for p in parts)
 
 
-def recurrent_state_device_graphs() -> bool:
-    """TESSELLM_RECURRENT_STATE_GRAPHS: "1" lets the recurrent-state models (Mamba2, Bamba,
-    Granite 4.0-H, Nemotron-H, Falcon-H1, Qwen3-Next) replay captured decode graphs on a GPU
-    (state slots a graph input, padded rows in a scratch slot: docs/state_space.md). Default
-    off there until the GPU test (tests/models/test_cuda_recurrent_state_graphs.py) has run: the
-    path is checked only through the cpu backend's compiled graphs, which always use it."""
-    return _switch("TESSELLM_RECURRENT_STATE_GRAPHS") is True
+def recurrent_state_device_graphs(gated_delta: bool = False) -> bool:
+    """TESSELLM_RECURRENT_STATE_GRAPHS: whether the recurrent-state models replay captured
+    decode graphs on a GPU (state slots a graph input, padded rows in a scratch slot:
+    docs/state_space.md). Default on for the Mamba2-mixer models (Mamba2, Bamba, Granite 4.0-H,
+    Nemotron-H, Falcon-H1: on an H100 their graphs gave eager's tokens, 4.9-7.5x faster decode
+    steps, benchmarks/results/h100-2026-12-06-s16); off for Qwen3-Next's gated DeltaNet
+    (``gated_delta``) until its graphs have run on a GPU. "0" turns both off, "1" both on."""
+    value = _switch("TESSELLM_RECURRENT_STATE_GRAPHS")
+    return (not gated_delta) if value is None else value
 
 
 def decode_overlap_min_rows() -> Optional[int]:

@@ -32,7 +32,7 @@ def model(request, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _device_graphs_on(monkeypatch):
-    monkeypatch.setenv("TESSELLM_RECURRENT_STATE_GRAPHS", "1")  # off by default on a GPU (envs.py)
+    monkeypatch.delenv("TESSELLM_RECURRENT_STATE_GRAPHS", raising=False)  # on by default (envs.py)
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])

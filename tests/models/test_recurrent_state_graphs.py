@@ -88,3 +88,18 @@ def test_reference_conv1d_decodes_by_device_slots():
     want = causal_conv1d(x, weight, bias, want_state, looped)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_state, want_state)
+
+
+@pytest.mark.parametrize("value,mamba2,gated_delta", [(None, True, False), ("0", False, False),
+                                                      ("1", True, True)])
+def test_device_graphs_switch(monkeypatch, value, mamba2, gated_delta):
+    """On a GPU the Mamba2-mixer models replay graphs by default (run on an H100); Qwen3-Next's
+    gated DeltaNet only when asked, until its graphs have run on one (envs.py)."""
+    from tessellm.envs import recurrent_state_device_graphs
+
+    if value is None:
+        monkeypatch.delenv("TESSELLM_RECURRENT_STATE_GRAPHS", raising=False)
+    else:
+        monkeypatch.setenv("TESSELLM_RECURRENT_STATE_GRAPHS", value)
+    assert recurrent_state_device_graphs() is mamba2
+    assert recurrent_state_device_graphs(gated_delta=True) is gated_delta
