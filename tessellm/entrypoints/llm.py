@@ -88,8 +88,15 @@ class LLM:
 
     def collective_rpc(self, method: str, args: tuple = ()) -> list:
         """Call ``method`` of every rank's worker (``tessellm.distributed.worker.Worker``) with
-        ``args`` (msgpack-able values across processes); one result per rank, in rank order."""
-        return self.engine.core.executor.collective_rpc(method, *args)
+        ``args`` (msgpack-able values across processes); one result per rank, in rank order.
+        A name that is not a public method of ``Worker`` is refused here, before any rank sees it."""
+        from tessellm.distributed.worker import Worker
+
+        core = self.engine.core
+        if not isinstance(method, str) or method.startswith("_") or not callable(getattr(Worker, method, None)):
+            raise ValueError(f"collective_rpc: {method!r} is not a method of the workers "
+                             "(tessellm.distributed.worker.Worker), e.g. 'kv_block_bytes'.")
+        return core.executor.collective_rpc(method, *args)
 
     def __enter__(self) -> "LLM":
         return self

@@ -55,4 +55,7 @@ def test_tp2_sleep_wake_and_new_weights(tiny_model_dir, tmp_path):
         with pytest.raises(ValueError, match="rank 0.*shape"):
             llm.load_weights([("model.layers.0.mlp.down_proj.weight", torch.zeros(3, 3))])
         llm.load_weights(path=path)  # the ranks serve on
+        with pytest.raises(ValueError, match="not a method of the workers"):  # no rank dies of it
+            llm.collective_rpc("no_such_method")
+        assert llm.collective_rpc("kv_block_bytes")[0] > 0
         assert _tokens(llm) == expected
