@@ -54,6 +54,10 @@ working (their backends run such steps' micro-batches on one stream).
 11 = ``FusedOps.swap_blocks`` (optional: whole-block copies between the device KV cache and
 the host tier of the prefix cache, ``--kv-offloading-size``); plugins of versions 1 to 10 keep
 working (the engine copies with the pure-torch reference, ``backends/reference/kv_transfer.py``).
+12 = expert parallelism: ``FusedOps.fused_moe`` / ``fused_experts`` take a keyword-only
+``expert_map`` where the ops object declares ``fused_moe_expert_map = True``; plugins of
+versions 1 to 11 keep working for everything else, and ``enable_expert_parallel`` is refused
+on an ops object with its own ``fused_moe`` that does not declare the flag, at load, naming it.
 
 Ownership
 ---------
@@ -90,7 +94,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 11
+TESSELLM_PLUGIN_API = 12
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -544,6 +548,15 @@ class FusedOps(Protocol):
     # ``w13_scale [E, 2I/bn, ceil(H/bk)]`` / ``w2_scale [E, ceil(H/bn), ceil(I/bk)]``
     # (``W ~= w * scale[n // bn, k // bk]``; ``quantization/fp8_block.py``), for ``fused_moe``
     # and ``fused_experts`` alike; conformance ``test_fused_moe_block_fp8_experts``.
+    # Variant (expert parallelism, ``enable_expert_parallel``), only where the ops object sets
+    # ``fused_moe_expert_map = True`` (else the engine refuses expert parallelism at load):
+    # keyword-only ``expert_map``, an int32 tensor ``[E_global]`` mapping each global expert id
+    # to this rank's local index or -1. ``router_logits`` (or ``topk_ids``) cover all E_global
+    # experts; ``w13`` / ``w2`` and their scales hold only this rank's experts, whole (I not
+    # sliced). Routing runs over all experts as before; a (token, slot) pair whose expert maps
+    # to -1 contributes nothing, so the result is this rank's partial sum over its experts (the
+    # model sums the ranks'). For ``fused_moe`` and ``fused_experts`` alike, combined with any
+    # variant above; conformance ``test_fused_moe_expert_map``.
     #
     # Mamba2 mixer ops, all three together where the ops object declares ``supports_mamba2 =
     # True`` (a model with Mamba layers is refused at load otherwise). Oracles and exact

@@ -10,33 +10,36 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tessellm.backends.reference.moe import SILU, dequantize_experts, route
+from tessellm.backends.reference.moe import SILU, dequantize_experts, local_expert_ids, route
 
 
 def fused_moe_grouped(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
                       renormalize: bool = True, w13_scale=None, w2_scale=None, *,
                       activation=SILU, w13_bias=None, w2_bias=None,
-                      block_shape=None) -> torch.Tensor:
+                      block_shape=None, expert_map=None) -> torch.Tensor:
     """``FusedOps.fused_moe`` with the reference's variants (``reference/moe.py``: an
-    ``ExpertActivation``, per-expert biases, block-wise fp8 scales)."""
+    ``ExpertActivation``, per-expert biases, block-wise fp8 scales, an ``expert_map``)."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
     return grouped_experts(hidden, weights, ids, w13, w2, w13_scale, w2_scale,
                            activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
-                           block_shape=block_shape)
+                           block_shape=block_shape, expert_map=expert_map)
 
 
 def grouped_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None, w2_scale=None, *,
                     activation=SILU, w13_bias=None, w2_bias=None,
-                    block_shape=None) -> torch.Tensor:
+                    block_shape=None, expert_map=None) -> torch.Tensor:
     """``FusedOps.fused_experts``: the grouped product with the routing given (``[T, k]``).
     fp8 experts (per channel, or per block with ``block_shape``) are dequantized one touched
-    expert at a time (W8A16): the weights stay fp8 in memory."""
-    weights, ids = topk_weights, topk_ids
+    expert at a time (W8A16): the weights stay fp8 in memory. ``expert_map`` (global id ->
+    local id or -1): pairs of experts held elsewhere sort first, as -1, and are skipped."""
+    weights, ids = topk_weights, local_expert_ids(topk_ids, expert_map)
     top_k = ids.shape[1]
     dtype = hidden.dtype
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat + 1, minlength=w13.shape[0] + 1).tolist()
+    skipped = counts.pop(0)  # pairs of experts held by other ranks (-1): sorted first
+    order = order[skipped:]
     token_of = order // top_k
     x = hidden[token_of]
     pieces, start = [], 0
@@ -50,7 +53,9 @@ def grouped_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None, w2_
         gate_up = F.linear(x[start:start + n], up13, None if w13_bias is None else w13_bias[e])
         pieces.append(F.linear(activation(gate_up), down, None if w2_bias is None else w2_bias[e]))
         start += n
-    y = torch.cat(pieces) * weights.flatten()[order, None].to(dtype)
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    if not pieces:  # no pair of this rank's experts
+        return out.to(dtype)
+    y = torch.cat(pieces) * weights.flatten()[order, None].to(dtype)
     out.index_add_(0, token_of, y.float())
     return out.to(dtype)

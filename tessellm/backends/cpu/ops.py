@@ -95,6 +95,7 @@ class CpuOps(ReferenceOps):
     fused_moe_activations = ("silu", "swiglu_oai", "relu2")  # and expert biases (reference/moe.py)
     fused_experts = staticmethod(grouped_experts)  # the same with the routing given
     fused_moe_block_fp8 = True  # block-wise fp8 experts dequantized per touched expert
+    fused_moe_expert_map = True  # expert parallelism: other ranks' experts' pairs skipped
 
     def __init__(self):
         # id(weight) -> (weight, its version counter when packed, the packed weight)

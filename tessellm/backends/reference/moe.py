@@ -27,6 +27,16 @@ top k; "sigmoid" (DeepSeek-V3 style) takes sigmoid of each logit, then the top k
 ``renormalize`` the k weights are divided by their sum. Routing runs in float32.
 ``fused_experts_reference`` is the same product with the routing given (``topk_weights``,
 ``topk_ids``), for routers the contract's two scorings do not describe (DeepSeek's).
+
+Expert parallelism (keyword-only ``expert_map``, an int tensor ``[E_global]``: global expert
+id -> this rank's local index into ``w13`` / ``w2``, or -1 where another rank holds it): the
+routing runs over all ``E_global`` logits as before, then each (token, slot) pair whose expert
+maps to -1 contributes nothing; the others run their local expert. ``w13`` / ``w2`` (and their
+scales and biases) hold the local experts only. Each rank's output is then the partial sum
+over its experts, which the model's all-reduce adds up (``layers/moe.py``)::
+
+    E_global = 4, 2 ranks     rank 0: expert_map [0, 1, -1, -1]   w13 [2, 2I, H] (experts 0, 1)
+                              rank 1: expert_map [-1, -1, 0, 1]   w13 [2, 2I, H] (experts 2, 3)
 """
 
 from __future__ import annotations
@@ -107,6 +117,14 @@ def dequantize_experts(w: torch.Tensor, scale: Optional[torch.Tensor], dtype,
     return (w.float() * scale.float()[..., None]).to(dtype)
 
 
+def local_expert_ids(ids: torch.Tensor, expert_map: Optional[torch.Tensor]) -> torch.Tensor:
+    """Global expert ids ``[T, k]`` -> this rank's local ids, -1 for experts held elsewhere
+    (``ids`` unchanged without an ``expert_map``)."""
+    if expert_map is None:
+        return ids
+    return expert_map.to(ids.device)[ids.long()]
+
+
 def fused_moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor,
                         w2: torch.Tensor, top_k: int, scoring: str = "softmax",
                         renormalize: bool = True, w13_scale: Optional[torch.Tensor] = None,
@@ -114,13 +132,14 @@ def fused_moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, w13: 
                         activation: ExpertActivation = SILU,
                         w13_bias: Optional[torch.Tensor] = None,
                         w2_bias: Optional[torch.Tensor] = None,
-                        block_shape=None) -> torch.Tensor:
+                        block_shape=None,
+                        expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loop over experts; returns ``[T, H]`` in hidden's dtype. Experts run in hidden's
     dtype (as HF transformers does), their weighted outputs are summed in float32."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
     return fused_experts_reference(hidden, weights, ids, w13, w2, w13_scale, w2_scale,
                                    activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
-                                   block_shape=block_shape)
+                                   block_shape=block_shape, expert_map=expert_map)
 
 
 def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
@@ -130,12 +149,13 @@ def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
                             activation: ExpertActivation = SILU,
                             w13_bias: Optional[torch.Tensor] = None,
                             w2_bias: Optional[torch.Tensor] = None,
-                            block_shape=None) -> torch.Tensor:
+                            block_shape=None,
+                            expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The oracle of the optional ``FusedOps.fused_experts``: ``fused_moe_reference`` with the
     routing done by the caller (``topk_weights`` float32 and ``topk_ids`` ``[T, k]``: DeepSeek's
     grouped top-k, ``models/moe_routing.py``). Each weight multiplies its expert's output as
-    given (no renormalization here)."""
-    weights, ids = topk_weights, topk_ids
+    given (no renormalization here). ``expert_map``: module docstring (ids are global)."""
+    weights, ids = topk_weights, local_expert_ids(topk_ids, expert_map)
     dtype = hidden.dtype
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     inter = w2.shape[-1]

@@ -44,6 +44,8 @@ class ReferenceOps:
             cls.fused_moe_activations = ("silu",)
         if "fused_moe" in cls.__dict__ and "fused_moe_block_fp8" not in cls.__dict__:
             cls.fused_moe_block_fp8 = False
+        if "fused_moe" in cls.__dict__ and "fused_moe_expert_map" not in cls.__dict__:
+            cls.fused_moe_expert_map = False
 
     def fused_moe(self, hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
                   renormalize: bool = True, w13_scale=None, w2_scale=None, **variant):
@@ -54,6 +56,8 @@ class ReferenceOps:
 
     # Block-wise fp8 experts (keyword ``block_shape``, reference/moe.py) are taken.
     fused_moe_block_fp8 = True
+    # Expert parallelism (keyword ``expert_map``, reference/moe.py) is taken.
+    fused_moe_expert_map = True
 
     def fused_experts(self, hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
                       w2_scale=None, **variant):

@@ -92,12 +92,13 @@ def _align_plan_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, block_expert_ptr, nu
 
 
 @triton.jit
-def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, P, BLOCK: tl.constexpr,
+def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, P, E, BLOCK: tl.constexpr,
                           USE_PDL: tl.constexpr):
+    """A pair of id E (or above: an expert another rank holds) takes no row."""
     pdl_start(USE_PDL)
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = p < P
-    e = tl.load(ids_ptr + p, mask=ok, other=0).to(tl.int32)
+    e = tl.load(ids_ptr + p, mask=p < P, other=0).to(tl.int32)
+    ok = (p < P) & (e < E)
     row = tl.atomic_add(cursor_ptr + e, tl.full([BLOCK], 1, tl.int32), mask=ok)
     tl.store(sorted_ids_ptr + row, p.to(tl.int32), mask=ok)
 
@@ -105,7 +106,8 @@ def _align_scatter_kernel(ids_ptr, cursor_ptr, sorted_ids_ptr, P, BLOCK: tl.cons
 def align_by_expert_triton(ids: torch.Tensor, num_experts: int, block_m: int):
     """``align_by_expert``'s layout in two Triton launches (module docstring: rows inside an
     expert in atomic order). ``ids [T, k]`` integer, on a Triton device (or the CPU under
-    TRITON_INTERPRET=1)."""
+    TRITON_INTERPRET=1). An id of ``num_experts`` marks a pair to skip (expert parallelism:
+    its expert is another rank's): it is counted nowhere and takes no row."""
     flat = ids.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
@@ -123,5 +125,5 @@ def align_by_expert_triton(ids: torch.Tensor, num_experts: int, block_m: int):
                              **pdl_args(dev))
     block = 256
     _align_scatter_kernel[(triton.cdiv(max(pairs, 1), block),)](
-        flat, cursor, sorted_ids, pairs, BLOCK=block, num_warps=4, **pdl_args(dev))
+        flat, cursor, sorted_ids, pairs, num_experts, BLOCK=block, num_warps=4, **pdl_args(dev))
     return sorted_ids, block_expert, num_padded

@@ -224,7 +224,8 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
                      w2_scale: Optional[torch.Tensor] = None,
                      tiles: Optional[dict] = None, *, activation=None,
                      w13_bias: Optional[torch.Tensor] = None,
-                     w2_bias: Optional[torch.Tensor] = None, block_shape=None) -> torch.Tensor:
+                     w2_bias: Optional[torch.Tensor] = None, block_shape=None,
+                     expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``hidden [T, H]``, routing ``topk_weights`` / ``topk_ids`` ``[T, k]``, experts ``w13
     [E, 2I, H]`` and ``w2 [E, H, I]`` (fp8 with ``*_scale [E, N]``, or hidden's dtype);
     returns ``[T, H]`` in hidden's dtype. ``tiles``: the grouped GEMMs' launch parameters
@@ -238,15 +239,29 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     the GEMMs),
     ``w13_bias [E, 2I]`` / ``w2_bias [E, H]`` added after each product (``reference/moe.py``);
     those run the grouped GEMMs at every size, as block-wise fp8 experts (``block_shape``, the
-    scales ``[E, N/bn, K/bk]``) do."""
+    scales ``[E, N/bn, K/bk]``) do.
+
+    ``expert_map`` (expert parallelism, ``reference/moe.py``: global id -> local id or -1;
+    ``topk_ids`` global, ``w13`` / ``w2`` the local experts): the grouped GEMMs give the pairs of
+    other ranks' experts no row (they align as id E, ``align.py``) and their slots of the sum
+    stay zero; the decode path sends them to local expert 0 with weight 0 instead (one more
+    read of an expert it likely reads anyway, no extra launch)."""
     t, k = topk_ids.shape
     if activation is not None and activation.kind == "silu":
         activation = None
     variant = (activation is not None or w13_bias is not None or w2_bias is not None
                or block_shape is not None)
-    if tiles is None and 0 < t <= decode_max_tokens() and not variant:
-        return fused_moe_decode(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale)
     num_experts, inter = w13.shape[0], w2.shape[2]
+    if expert_map is not None:
+        local = expert_map[topk_ids.long()]
+        held = local >= 0
+    if tiles is None and 0 < t <= decode_max_tokens() and not variant:
+        if expert_map is not None:
+            topk_weights = torch.where(held, topk_weights.float(), 0.0)
+            topk_ids = torch.where(held, local, 0)
+        return fused_moe_decode(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale)
+    if expert_map is not None:
+        topk_ids = torch.where(held, local, num_experts).to(torch.int32)
     tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device,
                                                                    hidden.element_size())
     fuse = tiles.pop("SILU_MUL", tiles["BLOCK_M"] <= 32)
@@ -268,7 +283,9 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         c1 = torch.empty(t * k, w13.shape[1], dtype=dtype, device=dev)  # 2I, or I ungated
         _expert_gemm(hidden, w13, w13_scale, None, *align, c1, k, tiles, bias=w13_bias, **blocks)
         act = _silu_and_mul(c1, inter) if activation is None else activation(c1)
-    c2 = torch.empty(t * k, w2.shape[1], dtype=dtype, device=dev)
+    # pairs of other ranks' experts (expert_map) are never written: their slots sum as zeros
+    c2 = (torch.empty if expert_map is None else torch.zeros)(t * k, w2.shape[1], dtype=dtype,
+                                                              device=dev)
     weights = topk_weights.to(torch.float32).contiguous().view(-1)
     _expert_gemm(act, w2, w2_scale, weights, *align, c2, 1, tiles, bias=w2_bias, **blocks)
     return _sum_topk(c2, t, k, dtype)
@@ -285,8 +302,8 @@ def fused_moe(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softma
     """The contract's ``FusedOps.fused_moe``: routing (one launch), then ``fused_moe_triton``;
     up to ``decode.DECODE_MAX_TOKENS`` tokens, with ``decode.DECODE_ROUTE``, the decode path
     with the routing inside its first kernel (two launches in all). ``variant``: the keyword-only
-    ``activation``, ``w13_bias``, ``w2_bias``, ``block_shape`` of ``fused_moe_triton`` (they skip
-    the decode path)."""
+    ``activation``, ``w13_bias``, ``w2_bias``, ``block_shape``, ``expert_map`` of
+    ``fused_moe_triton`` (they skip the routing inside the decode kernel)."""
     if variant:
         weights, ids = route_triton(router_logits, top_k, scoring, renormalize)
         return fused_moe_triton(hidden, weights, ids, w13, w2, w13_scale, w2_scale, **variant)

@@ -1,7 +1,8 @@
 """``FusedOps.fused_moe`` (optional) against the reference loop over experts: softmax and
 sigmoid routing, top-k 1/2/8, experts that receive no token, and fp8 per-channel experts; and
 ``fused_experts`` (optional: the same with the routing given); the declared variants (gpt-oss's
-clamped SwiGLU with biases, Nemotron-H's ungated relu2, block-wise fp8)."""
+clamped SwiGLU with biases, Nemotron-H's ungated relu2, block-wise fp8, expert parallelism's
+``expert_map``)."""
 
 from __future__ import annotations
 
@@ -189,3 +190,47 @@ def test_fused_moe_block_fp8_experts(target, tokens):
         got = ops.fused_experts(x.to(dev), weights.to(dev), ids.to(dev), args[0], args[1],
                                 args[2], args[3], **block)
         torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+
+
+@pytest.mark.parametrize("tokens,top_k", [(1, 2), (3, 4), (40, 4)])
+def test_fused_moe_expert_map(target, tokens, top_k):
+    """Expert parallelism (optional, declared by ``fused_moe_expert_map``): keyword
+    ``expert_map`` (global id -> local index or -1), ``w13`` / ``w2`` holding the local
+    experts only, through ``fused_moe`` and ``fused_experts``. Each of two ranks (one holding
+    experts 0..7, another an unordered set of 5) returns the reference's partial sum over its
+    experts, and the partial sums of experts 0..7 and 8..15 add up to the whole MoE. 1 and 3
+    tokens take the decode-sized paths, 40 the grouped ones."""
+    e, h, i = 16, 64, 32
+    w13, w2 = _experts(e, h, i, seed=120 + tokens)
+    g = torch.Generator().manual_seed(130 + tokens)
+    x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
+    held_sets = [list(range(8)), [13, 2, 9, 15, 6], list(range(8, 16))]
+    for dtype in (torch.float32, target.low_precision_dtype):
+        ops = _moe_ops(target, dtype)
+        if not getattr(ops, "fused_moe_expert_map", False):
+            pytest.skip(f"{target.name}'s fused_moe does not declare fused_moe_expert_map "
+                        "(expert parallelism is refused on it)")
+        dev = target.device
+        xd, ld = x.to(dtype), logits  # float32 logits: 40 tokens of bf16 ones tie
+        whole = fused_moe_reference(xd, ld, w13.to(dtype), w2.to(dtype), top_k)
+        parts = []
+        for held in held_sets:
+            expert_map = torch.full((e,), -1, dtype=torch.int32)
+            expert_map[held] = torch.arange(len(held), dtype=torch.int32)
+            local13, local2 = w13[held].to(dtype), w2[held].to(dtype)
+            want = fused_moe_reference(xd, ld, local13, local2, top_k, expert_map=expert_map)
+            local = [t.to(dev) for t in (local13, local2)]
+            got = ops.fused_moe(xd.to(dev), ld.to(dev), *local, top_k,
+                                expert_map=expert_map.to(dev))
+            assert got.dtype == dtype and got.shape == x.shape
+            torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+            if getattr(ops, "fused_experts", None) is not None:
+                from tessellm.backends.reference.moe import route
+
+                weights, ids = route(ld, top_k)
+                got = ops.fused_experts(xd.to(dev), weights.to(dev), ids.to(dev), *local,
+                                        expert_map=expert_map.to(dev))
+                torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+            parts.append(want.float())
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else _moe_tolerance(dtype)
+        torch.testing.assert_close(parts[0] + parts[2], whole.float(), **tol)
