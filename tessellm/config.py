@@ -49,6 +49,10 @@ class EngineArgs:
     # Which of them this engine is (set by the front end for each core it starts; the core of
     # rank r runs on devices r*world .. r*world+world-1, world = tensor x pipeline parallel size).
     data_parallel_rank: int = 0
+    # Expert parallelism for MoE models (docs/parallelism.md): the routed experts are split by
+    # expert over the tensor-parallel group (rank r holds experts [r*E/T, (r+1)*E/T) whole)
+    # instead of each rank holding a slice of every expert; attention stays tensor-parallel.
+    enable_expert_parallel: bool = False
     distributed_executor_backend: Optional[str] = None  # uni, mp, ray; None: uni for one device, else mp
     # Schedule step N+1 while step N runs on the device (its sampled ids fed on the device).
     # None: on for GPU backends without pipeline stages.
@@ -131,6 +135,10 @@ class EngineArgs:
             raise ValueError("data_parallel_size > 1 runs its engine cores on this host; with "
                              "distributed_executor_backend='ray' scale out with Ray Serve replicas "
                              "instead (tessellm serve --ray --num-replicas N, docs/ray_serve.md).")
+        if self.enable_expert_parallel and self.tensor_parallel_size == 1:
+            raise ValueError("enable_expert_parallel splits the experts over the tensor-parallel "
+                             "group, but tensor_parallel_size is 1; set tensor_parallel_size > 1 "
+                             "or drop enable_expert_parallel.")
         if self.async_scheduling and self.pipeline_parallel_size > 1:
             raise ValueError("async_scheduling does not combine with pipeline_parallel_size > 1 "
                              "(stages already overlap batches); leave it unset.")

@@ -90,7 +90,8 @@ class Worker:
                                     self.device, args.block_size, args.kv_cache_dtype, args.seed,
                                     quantization=args.quantization, tp=self.tp, pp=self.pp,
                                     pooling=pooling is not None,
-                                    max_positions=rope_positions(args, self.max_model_len))
+                                    max_positions=rope_positions(args, self.max_model_len),
+                                    expert_parallel=args.enable_expert_parallel)
         self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
         lora = _lora_state(args, model, registry, self.backend, config, self.device, self.dtype)
         self.fast_all_reduce = self.tp.enable_fast_all_reduce(self.device, self.dtype)

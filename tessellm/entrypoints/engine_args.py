@@ -53,6 +53,9 @@ HELP = {
     "data_parallel_size": "run this many engine cores on this host, each on its own "
                           "tensor x pipeline parallel devices, requests balanced over them "
                           "(docs/parallelism.md)",
+    "enable_expert_parallel": "MoE: split the routed experts by expert over the tensor-parallel "
+                              "ranks (each holds E/T whole experts) instead of slicing every "
+                              "expert (docs/parallelism.md)",
     "distributed_executor_backend": "mp: worker processes on this host (default); ray: Ray actors, across nodes",
     "async_scheduling": "schedule step N+1 while step N runs (default: on for GPUs, off on the cpu and with a speculative_config)",
     "kernel_warmup": "run every kernel variant serving can hit before ready "

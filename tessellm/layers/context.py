@@ -27,3 +27,6 @@ class ModelContext:
     # positions the engine can rotate (max_model_len plus a drafter's lookahead): the rotary
     # tables hold no more rows; None: the model's own length (rope_max_positions)
     max_positions: Optional[int] = None
+    # routed experts split by expert over ``tp`` rather than sliced (``layers/moe.py``); only
+    # model families that pass it to their ``FusedMoE`` take it (``loader/model_loader.py``)
+    expert_parallel: bool = False

@@ -10,6 +10,18 @@ and of the up projection, the same columns of the down projection)::
 so each rank's output is a partial sum over I, summed by the next RMSNorm like a row-parallel
 layer's (``layers/norm.py``). The router is replicated.
 
+With expert parallelism (``expert_parallel``, ``--enable-expert-parallel``) the same group
+splits the experts instead: rank r of R holds experts ``[r*E/R, (r+1)*E/R)`` whole, and an
+``expert_map`` (global id -> local index, or -1) tells the op which routed pairs are its own::
+
+    E = 4, R = 2     rank 0: w13 [2, 2I, H] = experts 0, 1    expert_map [0, 1, -1, -1]
+                     rank 1: w13 [2, 2I, H] = experts 2, 3    expert_map [-1, -1, 0, 1]
+
+Every rank routes every token over all E experts and runs the pairs of its experts; the
+others' contribute zero, so its output is again a partial sum, added up by the same
+all-reduce (no all-to-all: tokens are already on every rank of the group). Shared experts and
+attention stay sliced as above. Each rank reads only its experts' checkpoint tensors.
+
 fp8 experts (``quant``: ``moe_fp8.ExpertQuant``) keep e4m3 codes with a scale per row or per
 block (``moe_fp8.py``) and hand them to ``fused_moe`` / ``fused_experts``; block scales go with
 ``block_shape`` only to ops declaring ``fused_moe_block_fp8``, else the reference loop runs them.
@@ -33,7 +45,8 @@ EXPERT_PARTS = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1), "up
                 "w2": ("w2", None), "down_proj": ("w2", None)}
 
 
-def stacked_expert_weights(kind: str, stacked, hidden: int, intermediate: int):
+def stacked_expert_weights(kind: str, stacked, hidden: int, intermediate: int,
+                           experts: Optional[range] = None):
     """``(expert, part, [out, in] weight)`` from all experts' projections stacked in one tensor,
     one expert read at a time (a lazy checkpoint tensor reads just that expert's bytes)::
 
@@ -43,7 +56,8 @@ def stacked_expert_weights(kind: str, stacked, hidden: int, intermediate: int):
 
     Both orientations are told apart by ``hidden`` and ``intermediate`` (the whole model's);
     where they coincide (H == 2I, or I == H) the checkpoints' is taken, which is what
-    ``save_pretrained`` writes."""
+    ``save_pretrained`` writes. ``experts``: the ids to read (default: all; expert
+    parallelism reads the rank's own)."""
     gate_up = kind == "gate_up_proj"
     # each expert's [in, out] as stored, [out, in] (a linear's weight) as transformers holds it
     stored = (hidden, 2 * intermediate) if gate_up else (intermediate, hidden)
@@ -55,7 +69,7 @@ def stacked_expert_weights(kind: str, stacked, hidden: int, intermediate: int):
                          f"{loaded[0]}, {loaded[1]}]) from hidden_size {hidden} and the experts' "
                          f"intermediate size {intermediate}: the config does not match the weights.")
     transposed = shape == stored
-    for e in range(stacked.shape[0]):
+    for e in range(stacked.shape[0]) if experts is None else experts:
         w = materialize(stacked.narrow(0, e, 1))[0]
         w = w.t() if transposed else w
         if gate_up:
@@ -78,23 +92,60 @@ def local_intermediate(num_experts: int, intermediate: int, top_k: int,
     return intermediate // tp.size
 
 
+def local_experts(num_experts: int, tp: TensorParallel, ops) -> range:
+    """The global ids of this rank's experts under expert parallelism (module docstring),
+    once the group, the count and the backend's op are known to allow it."""
+    if tp.size == 1:
+        raise ValueError("enable_expert_parallel splits the experts over the tensor-parallel "
+                         "group, but tensor_parallel_size is 1; set tensor_parallel_size > 1 "
+                         "or drop enable_expert_parallel.")
+    if num_experts % tp.size:
+        raise ValueError(f"enable_expert_parallel needs the {num_experts} routed experts to "
+                         f"split evenly over tensor_parallel_size {tp.size}; use a size that "
+                         "divides the expert count or drop enable_expert_parallel.")
+    if getattr(ops, "fused_moe", None) is not None and not getattr(ops, "fused_moe_expert_map",
+                                                                     False):
+        raise ValueError(f"The backend's fused MoE ({type(ops).__name__}) does not declare "
+                         "fused_moe_expert_map (plugin API 12), so it cannot run a rank's share "
+                         "of the experts; drop enable_expert_parallel or upgrade the plugin.")
+    per = num_experts // tp.size
+    return range(tp.rank * per, (tp.rank + 1) * per)
+
+
 class FusedMoE(nn.Module):
     """``num_experts`` SwiGLU experts of intermediate size ``intermediate`` (whole model).
     ``activation`` another kind (``reference.moe.ExpertActivation``): run by the backend's op
     where its ``fused_moe_activations`` lists the kind, else by the reference loop; an ungated
-    one ("relu2") has only up rows in ``w13``."""
+    one ("relu2") has only up rows in ``w13``. ``expert_parallel``: this rank holds its share
+    of the experts whole (module docstring); ``expert_ids`` are the global ids it holds, in
+    the order of ``w13``'s rows."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, top_k: int, ops,
                  scoring: str = "softmax", renormalize: bool = True,
                  tp: Optional[TensorParallel] = None,
                  quant: Optional[moe_fp8.ExpertQuant] = None,
-                 activation: ExpertActivation = SILU):
+                 activation: ExpertActivation = SILU, expert_parallel: bool = False):
         super().__init__()
         if quant is not None and activation != SILU:
             raise ValueError(f"Quantized experts with the {activation.kind!r} activation are not "
                              "supported; load an unquantized checkpoint.")
         self.tp = tp or TensorParallel()
-        self.local = local_intermediate(num_experts, intermediate, top_k, self.tp)
+        self.expert_parallel = expert_parallel
+        if expert_parallel:
+            local_intermediate(num_experts, intermediate, top_k, TensorParallel())  # top_k check
+            self.expert_ids = local_experts(num_experts, self.tp, ops)
+            self.local = intermediate
+            expert_map = torch.full((num_experts,), -1, dtype=torch.int32)
+            expert_map[self.expert_ids.start:self.expert_ids.stop] = torch.arange(
+                len(self.expert_ids), dtype=torch.int32)
+            self.register_buffer("expert_map", expert_map, persistent=False)
+            num_experts = len(self.expert_ids)
+        else:
+            self.expert_map: Optional[torch.Tensor] = None
+            self.expert_ids = range(num_experts)
+            self.local = local_intermediate(num_experts, intermediate, top_k, self.tp)
+        # each expert's I cut over the group (else whole: one rank, or expert parallelism)
+        self.sliced = self.tp.size > 1 and not expert_parallel
         self.top_k, self.scoring, self.renormalize = top_k, scoring, renormalize
         self.quant = quant
         self.awaiting_scale: set = set()  # fp8 codes loaded whose scale has not come yet
@@ -123,21 +174,34 @@ class FusedMoE(nn.Module):
     def _scales(self) -> tuple:
         return () if self.quant is None else (self.w13_scale, self.w2_scale)
 
+    def _kwargs(self) -> dict:
+        if self.expert_map is not None:  # the buffer as it is now (moved, or re-made on wake)
+            return dict(self._op_kwargs, expert_map=self.expert_map)
+        return self._op_kwargs
+
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's partial ``[T, H]`` (the whole result when not tensor-parallel)."""
         return self._moe(hidden, router_logits, self.w13, self.w2, self.top_k, self.scoring,
-                         self.renormalize, *self._scales(), **self._op_kwargs)
+                         self.renormalize, *self._scales(), **self._kwargs())
 
     def forward_routed(self, hidden: torch.Tensor, topk_weights: torch.Tensor,
                        topk_ids: torch.Tensor) -> torch.Tensor:
         """As ``forward`` with the routing done by the caller (``[T, k]`` weights, as given,
-        and expert ids): a router the contract's scorings do not describe (DeepSeek's)."""
+        and global expert ids): a router the contract's scorings do not describe (DeepSeek's)."""
         return self._experts(hidden, topk_weights, topk_ids, self.w13, self.w2, *self._scales(),
-                             **self._op_kwargs)
+                             **self._kwargs())
 
     def load_expert(self, expert: int, part: str, tensor, attr: str = "weight") -> list[str]:
         """Copy one checkpoint tensor (``attr`` of projection ``part``, a key of
-        ``EXPERT_PARTS``) of ``expert``; returns the parameters it filled."""
+        ``EXPERT_PARTS``) of ``expert`` (a global id); returns the parameters it filled (none
+        for another rank's expert under expert parallelism: its tensor is never read)."""
+        if expert not in self.expert_ids:
+            if self.expert_parallel and 0 <= expert < len(self.expert_map):
+                return []
+            raise ValueError(f"The checkpoint has expert {expert} in a layer of "
+                             f"{len(self.expert_ids)} experts; the config does not match the "
+                             "weights.")
+        expert -= self.expert_ids.start  # its row in w13 / w2
         name, shard = EXPERT_PARTS[part]
         if not self.activation.gated:  # up rows only
             if shard == 0:
@@ -145,7 +209,7 @@ class FusedMoE(nn.Module):
                                  f"{self.activation.kind!r} experts have no gate; is this the "
                                  "right architecture?")
             shard = 0 if shard == 1 else shard
-        start = self.tp.rank * self.local
+        start = self.tp.rank * self.local if self.sliced else 0
         if attr != "weight":
             if self.quant is None:
                 raise ValueError(f"Expert {expert} {part} has a {attr} in the checkpoint, but "
@@ -154,7 +218,7 @@ class FusedMoE(nn.Module):
             return moe_fp8.load(self, expert, name, shard, attr, materialize(tensor), start,
                                 f"expert {expert} {part}")
         dim = 1 if name == "w2" else 0
-        src = materialize(tensor.narrow(dim, start, self.local) if self.tp.size > 1 else tensor)
+        src = materialize(tensor.narrow(dim, start, self.local) if self.sliced else tensor)
         if self.quant is not None:
             return moe_fp8.load(self, expert, name, shard, attr, src, start,
                                 f"expert {expert} {part}")

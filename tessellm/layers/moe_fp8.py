@@ -59,7 +59,7 @@ def allocate(moe, quant: ExpertQuant, num_experts: int, hidden: int) -> None:
     local = moe.local
     if quant.kind == "fp8_block":
         bn, bk = quant.block
-        if local % bn or (moe.tp.size > 1 and local % bk):
+        if local % bn or (moe.sliced and local % bk):
             raise ValueError(f"Block-wise fp8 experts need each rank's intermediate size "
                              f"({local} at tensor_parallel_size={moe.tp.size}) to be a multiple "
                              f"of the {bn}x{bk} blocks (weight_block_size); use a "
@@ -131,6 +131,7 @@ def missing_scales(moe, prefix: str) -> None:
     """Refuse fp8 codes whose scale the checkpoint never gave (they would read as scale 1)."""
     if moe.awaiting_scale:
         expert, name, shard = sorted(moe.awaiting_scale, key=str)[0]
+        expert = moe.expert_ids[expert]  # the global id (expert parallelism: rows are local)
         part = {("w13", 0): "gate", ("w13", 1): "up", ("w2", None): "down"}[(name, shard)]
         attr = "weight_scale_inv" if moe.quant.kind == "fp8_block" else "weight_scale"
         raise ValueError(f"The checkpoint has fp8 {part} weights of expert {expert} in "

@@ -29,7 +29,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
                 device: torch.device, block_size: int, kv_cache_dtype: str = "auto", seed: int = 0,
                 quantization: Optional[str] = None, tp: Optional[TensorParallel] = None,
                 pp: Optional[PipelineStage] = None, pooling: bool = False,
-                max_positions: Optional[int] = None):
+                max_positions: Optional[int] = None, expert_parallel: bool = False):
     """Returns ``(model, attention_kernel)``; the kernel is shared by every layer.
 
     ``pooling``: an embedding model (tessellm.pooling): its LM head is never used, so a
@@ -45,6 +45,10 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     ``max_positions``: the positions the engine can rotate (``max_model_len`` plus a drafter's
     lookahead); rotary tables hold no more rows (``ModelContext.max_positions``). None: the
     model's own length, which for Llama 4 Scout (10M positions) is gigabytes per device.
+
+    ``expert_parallel``: EngineArgs.enable_expert_parallel: the routed experts split by expert
+    over ``tp`` (``layers/moe.py``); refused for a model without routed experts or a family
+    whose experts do not take it (``check_expert_parallel``).
     """
     config = source.hf_config
     cls = model_class(config, pooling)  # raises for unsupported architectures before any allocation
@@ -62,7 +66,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     ctx = ModelContext(ops=ops, make_attention_kernel=make_kernel, dtype=dtype, device=device,
                        quant_method=quant_method, tp=tp, pp=pp,
                        quant_spec=quant_spec if quant_method is not None else None,
-                       max_positions=max_positions)
+                       max_positions=max_positions, expert_parallel=expert_parallel)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -70,6 +74,8 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
             model = cls(config, ctx)
     finally:
         torch.set_default_dtype(previous)
+    if expert_parallel:
+        check_expert_parallel(model, config)
     _load_weights(model, source, load_format, dtype, seed, quant_spec if quant_method else None,
                   optional=("lm_head.weight",) if pooling else ())
     if pooling:
@@ -80,6 +86,23 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     if len(kernels) > 1:  # layers with different sliding windows (Gemma 2, 3) or chunks (Llama 4)
         return model, PerWindowKernels(kernels.values())
     return model, next(iter(kernels.values()))
+
+
+def check_expert_parallel(model, config) -> None:
+    """Refuse ``enable_expert_parallel`` (before any weight is read) where this stage of the
+    model has no routed experts, or experts of a family that keeps them sliced."""
+    from tessellm.layers.moe import FusedMoE
+
+    arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    experts = [m for m in model.modules() if isinstance(getattr(m, "w13", None), torch.Tensor)]
+    if not experts:
+        raise ValueError(f"enable_expert_parallel is set, but {arch} has no routed experts (on "
+                         "this pipeline stage); drop enable_expert_parallel.")
+    if not all(isinstance(m, FusedMoE) and m.expert_parallel for m in experts):
+        raise ValueError(f"Expert parallelism is not supported for {arch} yet (its experts are "
+                         "only sliced over the tensor-parallel group); drop "
+                         "enable_expert_parallel. Supported: Mixtral, Qwen2-MoE, Qwen3-MoE, "
+                         "OLMoE, Qwen3-Next, DeepSeek-V2/V3, GLM-4-MoE, dots1.")
 
 
 def attention_kernel_factory(registry, backend, config, dtype: torch.dtype, block_size: int,

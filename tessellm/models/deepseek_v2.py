@@ -92,7 +92,8 @@ class DeepseekMoE(nn.Module):
         self.gate = DeepseekRouter(config, v3)
         quant = expert_quant(ctx.quant_spec) if ctx.quant_method is not None else None
         self.experts = FusedMoE(config.n_routed_experts, config.hidden_size, inter,
-                                config.num_experts_per_tok, ctx.ops, tp=ctx.tp, quant=quant)
+                                config.num_experts_per_tok, ctx.ops, tp=ctx.tp, quant=quant,
+                                expert_parallel=ctx.expert_parallel)
         shared = getattr(config, "n_shared_experts", None) or 0
         self.shared_experts = DecoderMLP(config, ctx, inter * shared) if shared else None
 

@@ -67,7 +67,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
         experts = FusedMoE(self.num_experts(config), config.hidden_size, self.expert_size(config),
                            config.num_experts_per_tok, ctx.ops,
                            renormalize=self.renormalize(config), tp=ctx.tp,
-                           quant=self.expert_quant)
+                           quant=self.expert_quant, expert_parallel=ctx.expert_parallel)
         shared = None
         if self.shared_expert and getattr(config, "shared_expert_intermediate_size", 0):
             shared = DecoderMLP(config, ctx, config.shared_expert_intermediate_size)
@@ -101,7 +101,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
 
         loaded |= super().load_weights((self.rename_full(n), t) for n, t in others())
         for prefix, seen in filled.items():
-            for expert in range(modules[prefix].w13.shape[0]):
+            for expert in modules[prefix].expert_ids:  # this rank's (expert parallelism)
                 for param, shard in (("w13", 0), ("w13", 1), ("w2", None)):
                     if (expert, (param, shard)) not in seen:
                         part = {0: "gate (w1)", 1: "up (w3)", None: "down (w2)"}[shard]
@@ -118,7 +118,8 @@ class _MoeForCausalLM(LlamaForCausalLM):
             raise ValueError(f"{prefix}.{kind} holds {tensor.shape[0]} experts in the checkpoint, "
                              f"the config {count}; the config does not match the weights.")
         for expert, part, weight in stacked_expert_weights(
-                kind, tensor, self.config.hidden_size, self.expert_size(self.config)):
+                kind, tensor, self.config.hidden_size, self.expert_size(self.config),
+                experts.expert_ids):  # this rank's experts only (expert parallelism)
             params = experts.load_expert(expert, part, weight)
             loaded.update(f"{prefix}.{param}" for param in params)
             filled.setdefault(prefix, set()).add((expert, EXPERT_PARTS[part]))
