@@ -102,7 +102,7 @@ def check_expert_parallel(model, config) -> None:
         raise ValueError(f"Expert parallelism is not supported for {arch} yet (its experts are "
                          "only sliced over the tensor-parallel group); drop "
                          "enable_expert_parallel. Supported: Mixtral, Qwen2-MoE, Qwen3-MoE, "
-                         "OLMoE, Qwen3-Next, DeepSeek-V2/V3, GLM-4-MoE, dots1.")
+                         "OLMoE, Granite MoE, Qwen3-Next, DeepSeek-V2/V3, GLM-4-MoE, dots1.")
 
 
 def attention_kernel_factory(registry, backend, config, dtype: torch.dtype, block_size: int,
