@@ -33,6 +33,7 @@ NON_DEFAULT = {
     "kv_offloading_size": 2.5, "kv_offloading_backend": "native",
     "enable_sleep_mode": True,
     "enable_prompt_embeds": True,
+    "enable_expert_parallel": True,
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],
