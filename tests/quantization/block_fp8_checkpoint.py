@@ -99,7 +99,8 @@ def checkpoint_maker(root, configs: dict, seed: int, per_tensor=()):
 
 
 def build(path: str, tp=None, backend: str = "cpu", quantization=None,
-          load_format: str = "safetensors", device=torch.device("cpu")):
+          load_format: str = "safetensors", device=torch.device("cpu"),
+          expert_parallel: bool = False):
     """The model ``build_model`` makes of ``path`` (float32, on ``device``) for ``backend``."""
     from tessellm.backends.registry import BackendRegistry
     from tessellm.config import resolve_model
@@ -108,7 +109,7 @@ def build(path: str, tp=None, backend: str = "cpu", quantization=None,
     registry = BackendRegistry()
     model, _ = build_model(resolve_model(path), load_format, registry,
                            registry.backends[backend], torch.float32, device, 16,
-                           tp=tp, quantization=quantization)
+                           tp=tp, quantization=quantization, expert_parallel=expert_parallel)
     return model
 
 

@@ -214,6 +214,28 @@ def test_block_experts_split_off_a_block_are_refused(checkpoints):
         build(fp8_dir, tp=TensorParallel(0, 2))
 
 
+def test_block_fp8_experts_split_by_expert(checkpoints):
+    """Expert parallelism: each of 2 ranks holds its 4 experts' codes and block scales whole,
+    as one device holds them, and the ranks' MoE outputs add up to the one device's."""
+    from tessellm.distributed.parallel_state import TensorParallel
+
+    fp8_dir, _ = checkpoints("qwen3-moe-tp")
+    one = build(fp8_dir).layers[1].mlp
+    x = torch.randn(6, one.gate.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    parts = []
+    for rank in range(2):
+        moe = build(fp8_dir, tp=TensorParallel(rank, 2), expert_parallel=True).layers[1].mlp
+        held = slice(4 * rank, 4 * rank + 4)
+        for name in ("w13", "w2", "w13_scale", "w2_scale"):
+            got, want = getattr(moe.experts, name).data, getattr(one.experts, name).data[held]
+            assert torch.equal(got.view(torch.uint8) if got.element_size() == 1 else got,
+                               want.view(torch.uint8) if want.element_size() == 1 else want), name
+        with torch.no_grad():
+            parts.append(moe(x))
+    with torch.no_grad():
+        torch.testing.assert_close(parts[0] + parts[1], one(x), rtol=1e-5, atol=1e-5)
+
+
 def test_moe_with_int8_is_refused(checkpoints):
     _, deq_dir = checkpoints("qwen3-moe")
     with pytest.raises(ValueError, match="keeps MoE experts in fp8 only"):
