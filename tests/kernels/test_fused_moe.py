@@ -267,3 +267,36 @@ def test_decode_path_fp8_experts():
     weights, ids = route(logits, k, "softmax", True)
     got = fused_moe_decode(*[v.to(DEV) for v in (x, weights, ids, w13_q, w2_q, s13, s2)])
     torch.testing.assert_close(got.cpu(), ref, **_tol(torch.bfloat16))
+
+
+@pytest.mark.parametrize("tokens", [2, 9])  # the decode path, the grouped GEMMs
+def test_expert_map_skips_other_ranks_experts(tokens):
+    """Expert parallelism: with ``expert_map`` (global id -> local row, or -1), the Triton op
+    (routing given and routing inside) and the cpu grouped op give the reference's partial sum
+    over the held experts; the alignment gives other ranks' pairs no row."""
+    from tessellm.backends.cpu.moe import grouped_experts
+    from tessellm.backends.reference.moe import fused_experts_reference
+    from tessellm.kernels.moe import fused_moe
+
+    x, logits, w13, w2 = _case(tokens, 64, 32, 8, torch.float32, seed=tokens)
+    held = [5, 0, 3]
+    expert_map = torch.full((8,), -1, dtype=torch.int32)
+    expert_map[held] = torch.arange(3, dtype=torch.int32)
+    local13, local2 = w13[held], w2[held]
+    weights, ids = route(logits, 2)
+    want = fused_experts_reference(x, weights, ids, local13, local2, expert_map=expert_map)
+    full = fused_experts_reference(x, torch.where((ids[..., None] == torch.tensor(held)).any(-1),
+                                                  weights, 0.0), ids, w13, w2)
+    torch.testing.assert_close(want, full, **_tol(torch.float32))  # the held experts' share
+    dev = lambda *ts: [t.to(DEV) for t in ts]  # noqa: E731
+    got = fused_moe_triton(*dev(x, weights, ids, local13, local2), expert_map=expert_map.to(DEV))
+    torch.testing.assert_close(got.cpu(), want, **_tol(torch.float32))
+    got = fused_moe(*dev(x, logits, local13, local2), 2, expert_map=expert_map.to(DEV))
+    torch.testing.assert_close(got.cpu(), want, **_tol(torch.float32))
+    got = grouped_experts(x, weights, ids, local13, local2, expert_map=expert_map)
+    torch.testing.assert_close(got, want, **_tol(torch.float32))
+    sentinel = torch.where(expert_map[ids] >= 0, expert_map[ids], 3).to(torch.int32)
+    sorted_ids, _, num_padded = align_by_expert_triton(sentinel.to(DEV), 3, 16)
+    rows = sorted_ids.cpu()[:num_padded.item()]
+    assert sorted(rows[rows < ids.numel()].tolist()) == (
+        (sentinel.flatten() < 3).nonzero().flatten().tolist())
