@@ -77,7 +77,6 @@ def test_level1_round_trip_frees_memory_and_keeps_outputs(llm, reference):
     llm.wake_up()
     assert not llm.is_sleeping()
     assert _model_bytes(llm) == resident
-    assert core.kv.stats.hits == 0 or not core.kv.cached
     hits = core.kv.stats.hits
     assert _tokens(llm) == reference
     assert core.kv.stats.hits == hits  # nothing was served from a cache that no longer holds KV
