@@ -46,6 +46,9 @@ class PromptEmbeds:
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"prompt_embeds must be a torch.Tensor of shape [tokens, {hidden_size}], "
                              f"got {type(tensor).__name__}.")
+        if tensor.layout != torch.strided:
+            raise ValueError(f"prompt_embeds must be a dense tensor, got layout "
+                             f"{str(tensor.layout).replace('torch.', '')}; call .to_dense() first.")
         if tensor.dim() == 3 and tensor.shape[0] == 1:
             tensor = tensor[0]
         if tensor.dim() != 2:

@@ -116,6 +116,7 @@ def test_n_samples_share_the_prompt(llm, hf):
     (torch.zeros(4, 64, dtype=torch.int64), "floating point"),
     (torch.full((4, 64), float("nan")), "NaN"),
     ([[0.0] * 64], "torch.Tensor"),
+    (torch.zeros(4, 64).to_sparse(), "dense tensor"),
 ])
 def test_bad_embeddings_are_refused(llm, bad, message):
     with pytest.raises(ValueError, match=message):
