@@ -205,9 +205,11 @@ class Worker:
         """Drop the model, its KV cache and graphs, and give the device memory back to the device
         (``LLM.shutdown``: a second engine in this process can size its cache from it again)."""
         self.runner = None
+        self.sleep_state = None
         gc.collect()  # graphs and compiled steps hold reference cycles
         if self.device.type != "cpu" and hasattr(torch, "accelerator"):
             torch.accelerator.empty_cache()  # the caching allocator's blocks: free for others
+            _empty_host_cache()  # the host KV tier's pinned chunks: back to the OS
 
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
         """Launch the step; ``.result()`` on the handle waits for its tokens."""
@@ -231,6 +233,8 @@ class Worker:
         state = getattr(self, "sleep_state", None)
         if state is not None:
             state.wake_up(tags)
+            if self.device.type != "cpu":
+                _empty_host_cache()  # the weights' pinned host copies: back to the OS
 
     def load_weights(self, weights) -> int:
         """Copy new values into the model's weights, in place (HF-named ``(name, tensor)``
@@ -344,6 +348,15 @@ def _set_current_device(device: torch.device) -> None:
         return
     if hasattr(module, "set_device"):
         module.set_device(device)
+
+
+def _empty_host_cache() -> None:
+    """Give the pinned host memory torch's caching host allocator keeps after its tensors are
+    gone back to the OS (``torch.accelerator.empty_host_cache``, where this torch has it): the
+    host KV tier's chunks after shutdown, sleep mode's weight copies after a wake."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if empty is not None:
+        empty()
 
 
 def device_index(args: EngineArgs, parallel: ParallelConfig, rank: int) -> int:

@@ -10,6 +10,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tessellm import LLM, SamplingParams
 from tessellm.config import EngineArgs
@@ -377,3 +378,18 @@ def test_too_small_a_tier_mean_pooling_and_recurrent_models_are_refused(tiny_mod
     mamba = SimpleNamespace(architectures=["Mamba2ForCausalLM"])
     with pytest.raises(ValueError, match="does not support KV offloading"):
         check_engine_args(EngineArgs(kv_offloading_size=1.0), mamba)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned host memory)")
+def test_shutdown_gives_the_pinned_host_tier_back(tiny_model_dir):
+    """The tier's pinned chunks leave torch's caching host allocator at shutdown (it keeps
+    freed pinned blocks for reuse otherwise: an engine made and shut down in one process)."""
+    def pinned() -> int:
+        return torch.cuda.memory.host_memory_stats().get("allocated_bytes.current", 0)
+
+    before = pinned()
+    llm = LLM(tiny_model_dir("llama"), device="cuda", num_kv_blocks=16, kv_offloading_size=0.25)
+    assert pinned() - before >= 0.2 * (1 << 30)
+    llm.shutdown()
+    assert pinned() - before < 0.05 * (1 << 30)

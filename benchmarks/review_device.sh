@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The review's GPU checks (~1 min): pinned host memory given back to the OS after an engine
+# with the host KV tier shuts down (worker.release: torch.accelerator.empty_host_cache).
+#   bash benchmarks/review_device.sh   (repo root; carry .whl and tessellm.egg-info)
+# Expect: review_pinned rc=0 and "1 passed".
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+source benchmarks/device_env.sh
+{
+  nvidia-smi --query-gpu=name --format=csv,noheader; echo "commit ${COMMIT:-unknown}"; date -u
+  t review_pinned ${REVIEW_S:-90} python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/core/test_kv_offload.py -k pinned_host_tier
+} 2>&1 | tee "$OUT/review_log.txt"
