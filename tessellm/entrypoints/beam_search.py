@@ -163,6 +163,9 @@ def run_offline(llm, prompts, params: BeamSearchParams, lora_request=None) -> li
     processed = [engine.inputs.process_prompt(p) for p in prompts]
     if any(p.mm_features for p in processed):
         raise ValueError("beam_search does not take images (multi_modal_data); use generate.")
+    if any(p.prompt_embeds is not None for p in processed):  # its token ids are placeholders
+        raise ValueError("beam_search extends prompts by token ids; it does not take prompt_embeds. "
+                         "Use generate.")
     searches = [BeamSearch(p.prompt_token_ids, params, info.eos_token_ids, info.max_model_len) for p in processed]
     for search, p in zip(searches, processed):
         search.cache_salt = p.cache_salt

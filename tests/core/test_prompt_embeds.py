@@ -131,6 +131,15 @@ def test_prompt_logprobs_and_extra_keys_are_refused(llm, hf):
         _gen(llm, {"prompt_embeds": _embed(hf, SHORT), "prompt_token_ids": SHORT})
 
 
+def test_beam_search_refuses_prompt_embeds(llm, hf):
+    """Beam search extends token ids: an embeddings prompt (placeholder ids) is refused, not
+    searched from the placeholders."""
+    from tessellm.entrypoints.beam_search import BeamSearchParams
+
+    with pytest.raises(ValueError, match="does not take prompt_embeds"):
+        llm.beam_search([{"prompt_embeds": _embed(hf, SHORT)}], BeamSearchParams(beam_width=2, max_tokens=2))
+
+
 def test_bfloat16_embeddings_are_cast_to_the_model_dtype(llm, hf):
     a = _perturbed(hf, SHORT, 6).to(torch.bfloat16)
     out = _gen(llm, {"prompt_embeds": a})[0]
