@@ -144,7 +144,7 @@ def test_deepseek_v2_lite_tp2_expert_parallel_matches_hf(tmp_path):
                    max_num_batched_tokens=16) == hf_greedy(path, batch, MAX_NEW)
 
 
-def test_expert_parallel_refusals(qwen3_moe, tiny_model_dir):
+def test_expert_parallel_refusals(qwen3_moe, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="tensor_parallel_size is 1"):
         EngineArgs(model=qwen3_moe, enable_expert_parallel=True).validate()
     with pytest.raises(ValueError, match="6 routed experts to split evenly over "
@@ -159,3 +159,25 @@ def test_expert_parallel_refusals(qwen3_moe, tiny_model_dir):
         FusedMoE(8, 16, 8, 2, OldPluginOps(), tp=TensorParallel(0, 2), expert_parallel=True)
     with pytest.raises(ValueError, match="has no routed experts"):
         _build(tiny_model_dir("llama"), TensorParallel(0, 2), True)
+    from tests.models.test_phimoe import phimoe_config
+    from tests.models.variant_parity import save_tiny
+
+    phimoe = save_tiny(phimoe_config(), str(tmp_path / "phimoe"))  # its experts only slice
+    with pytest.raises(ValueError, match="Expert parallelism is not supported for "
+                                         "PhimoeForCausalLM yet"):
+        _build(phimoe, TensorParallel(0, 2), True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_cuda_tp2_expert_parallel_matches_hf(qwen3_moe):
+    """Two GPUs (NCCL, CUDA graphs per rank, the Triton fused MoE with its expert_map):
+    float32 greedy tokens equal HF's."""
+    want = hf_greedy(qwen3_moe, prompts(), MAX_NEW)
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+    with LLM(qwen3_moe, device="cuda", dtype="float32", num_kv_blocks=64, seed=0,
+             tensor_parallel_size=2, enable_expert_parallel=True,
+             max_num_batched_tokens=24) as llm:
+        assert llm.engine.core.executor.worker_info[0]["graphs"]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
