@@ -35,6 +35,9 @@ class RunnerRequest:
     disallowed: object = None
     pooling_task: Optional[str] = None  # a pooling request's task (NewRequestData.pooling_task)
     prompt_embeds: object = None  # PromptEmbeds (NewRequestData.prompt_embeds); None: token ids
+    # The prompt was given as embeddings (its token ids are placeholders: penalties skip them);
+    # stays True after ``prompt_embeds`` is dropped once the prompt is computed.
+    embeds_prompt: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -65,7 +68,8 @@ class InputBatch:
                 new.request_id, list(new.all_token_ids), len(new.prompt_token_ids),
                 new.sampling_params, list(new.block_ids), new.num_computed_tokens,
                 self.tables.add(new.block_ids), mm_features=list(new.mm_features),
-                pooling_task=new.pooling_task, prompt_embeds=new.prompt_embeds)
+                pooling_task=new.pooling_task, prompt_embeds=new.prompt_embeds,
+                embeds_prompt=new.prompt_embeds is not None)
         for cached in sched.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)

@@ -65,7 +65,8 @@ def _add_penalties(batch: SamplingBatch, rows: Sequence[RunnerRequest], device: 
         if out:
             idx = torch.tensor(out, device=device)
             counts[i].scatter_add_(0, idx, torch.ones(len(out), device=device))
-        prompt[i, torch.tensor(r.token_ids[:r.num_prompt_tokens], device=device)] = True
+        if not r.embeds_prompt:  # an embeddings prompt has no tokens (HF: inputs_embeds)
+            prompt[i, torch.tensor(r.token_ids[:r.num_prompt_tokens], device=device)] = True
     ps = [r.params for r in rows]
     batch.presence = torch.tensor([p.presence_penalty for p in ps], device=device)
     batch.frequency = torch.tensor([p.frequency_penalty for p in ps], device=device)

@@ -131,6 +131,21 @@ def test_prompt_logprobs_and_extra_keys_are_refused(llm, hf):
         _gen(llm, {"prompt_embeds": _embed(hf, SHORT), "prompt_token_ids": SHORT})
 
 
+def test_penalties_see_no_placeholder_prompt_tokens():
+    """repetition_penalty reaches prompt tokens; an embeddings prompt has none (its ids are
+    placeholders, 0), as HF's generate(inputs_embeds=...) penalizes only generated tokens."""
+    from tessellm.core.input_batch import RunnerRequest
+    from tessellm.core.sampling_metadata import build_sampling_batch
+
+    params = SamplingParams(repetition_penalty=1.5, temperature=0.0)
+    tokens = RunnerRequest("t", [3, 4, 7], 2, params, [], 2)
+    embeds = RunnerRequest("e", [0, 0, 7], 2, params, [], 2, embeds_prompt=True)
+    batch = build_sampling_batch([tokens, embeds], lambda i: 1, torch.device("cpu"), 16, ())
+    assert batch.prompt_mask[0].nonzero().flatten().tolist() == [3, 4]
+    assert not batch.prompt_mask[1].any()
+    assert batch.output_counts[1].nonzero().flatten().tolist() == [7]
+
+
 def test_beam_search_refuses_prompt_embeds(llm, hf):
     """Beam search extends token ids: an embeddings prompt (placeholder ids) is refused, not
     searched from the placeholders."""
