@@ -111,9 +111,12 @@ def _flags(piece: str, result) -> list[str]:
                     "fp8 act fold": "silu_and_mul_fp8", "KV block swap": "swap_blocks"}
         flags = [label for label, attr in optional.items()
                  if callable(getattr(result, attr, None))]
-        if callable(getattr(result, "fused_moe", None)) and getattr(result, "fused_moe_block_fp8",
-                                                                    False):
-            flags.insert(flags.index("fused MoE") + 1, "block-fp8 experts")
+        if callable(getattr(result, "fused_moe", None)):  # its declared variants after it
+            variants = [label for label, attr in (("block-fp8 experts", "fused_moe_block_fp8"),
+                                                  ("expert map", "fused_moe_expert_map"))
+                        if getattr(result, attr, False)]
+            at = flags.index("fused MoE") + 1
+            flags[at:at] = variants
         return flags
     return []
 
