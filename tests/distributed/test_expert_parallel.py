@@ -80,7 +80,8 @@ def test_each_rank_holds_its_experts_whole(qwen3_moe, tmp_path, layout):
     attention are as without expert parallelism. Both ranks' MoE outputs sum to the
     single-device layer's."""
     full = _checkpoint(qwen3_moe)
-    path = qwen3_moe if layout == "per-expert" else _stack_experts(qwen3_moe, str(tmp_path / "s"), 8)
+    path = (qwen3_moe if layout == "per-expert"
+            else _stack_experts(qwen3_moe, str(tmp_path / "stacked"), 8))
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
     one = _build(path, TensorParallel(), False).layers[0].mlp
     parts = []
