@@ -191,6 +191,8 @@ def _forkserver(state: tuple) -> Optional["_Forkserver"]:
             logger.debug("A forkserver for a changed import state (%s); started in %s.",
                          _changes(next(iter(_servers)), state), os.getpid())
         server = _Forkserver()
+    for other in [k for k, v in _servers.items() if v.forked == 0]:
+        _let_go.append(_servers.pop(other))  # prestarted for a state that did not come
     _servers[state] = server
     _servers.move_to_end(state, last=False)
     while len(_servers) > _KEEP:

@@ -132,6 +132,12 @@ def test_a_prestarted_forkserver_forks_the_child_started_later(tmp_path, monkeyp
     child = json.loads((tmp_path / "child.json").read_text())
     assert child["ppid"] == server._forkserver_pid
     assert child["parent_import_time"] == child["import_time"] == "prestarted"
+    # One prestarted for a state that never comes is let go when another is started.
+    spawn.prestart({"TRITON_TESSELLM_TEST_UNUSED": "never"})
+    unused = spawn._servers[spawn.import_state({**os.environ, "TRITON_TESSELLM_TEST_UNUSED": "never"})]
+    monkeypatch.setenv("TRITON_TESSELLM_TEST_MARK", "after")
+    _run(report, str(tmp_path / "after.json"), os.getpid())
+    assert unused not in spawn._servers.values()
 
 
 def test_an_error_in_a_child_is_reported_by_its_exit_code_and_traceback(capfd):
