@@ -46,7 +46,7 @@ class OffloadStats:
     """Totals since start (vLLM's names in the metrics: ``external_prefix_cache_*`` and
     ``kv_offload_total_bytes{transfer_type}``)."""
 
-    queries: int = 0  # prompt tokens of admitted requests looked up past the device cache's hits
+    queries: int = 0  # prompt tokens of admitted requests (each whole prompt, as vLLM counts them)
     hits: int = 0  # of which served from the host tier
     blocks_stored: int = 0  # device -> host copies
     blocks_loaded: int = 0  # host -> device copies

@@ -41,8 +41,8 @@ class EngineStats:
     # Speculative decoding totals since start (tessellm.spec_decode.metrics.SpecDecodeStats as a
     # dict: num_drafts, num_draft_tokens, num_accepted_tokens, accepted_per_pos); None: off.
     spec_decode: Optional[dict] = None
-    # The host KV tier (--kv-offloading-size) since start: queries and hits (prompt tokens looked
-    # up past the device cache's hits, and served from host memory), bytes_stored (device ->
+    # The host KV tier (--kv-offloading-size) since start: queries and hits (admitted requests'
+    # prompt tokens, and those served from host memory), bytes_stored (device ->
     # host) and bytes_loaded (host -> device) over all ranks, usage (fraction of its blocks
     # holding a prefix, 0..1); None: no tier.
     kv_offload: Optional[dict] = None
