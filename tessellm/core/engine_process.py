@@ -360,15 +360,23 @@ class EngineCoreClient:
     def exit_code(self) -> Optional[int]:
         return self.proc.exitcode
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Ask the core to stop, then make sure it has; remove the socket files. Idempotent."""
-        if self.closed:
+    def request_stop(self) -> None:
+        """Ask the core to stop, without waiting (``close`` waits); once."""
+        if self.closed or getattr(self, "_stop_sent", False):
             return
-        self.closed = True
+        self._stop_sent = True
         if self.proc.is_alive():
             try:
                 self.input.send(pack(["shutdown"]), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask the core to stop, then make sure it has; remove the socket files. Idempotent."""
+        if self.closed:
+            return
+        self.request_stop()
+        self.closed = True
+        if self.proc.is_alive():
             self.proc.join(timeout)
         self._ipc.release()  # terminates, then kills, a core that did not stop by itself
