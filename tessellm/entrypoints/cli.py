@@ -51,7 +51,7 @@ def _prestart_engine_forkserver(argv: list) -> None:
     (a server ready ~3 s sooner on 2 cores)."""
     command = next((a for a, before in zip(argv, [None, *argv])
                     if not a.startswith("-") and before != "--log-level"), None)
-    if command != "serve" or "-h" in argv or "--help" in argv:
+    if command != "serve" or {"-h", "--help", "--ray"} & set(argv):  # --ray: engines on Ray
         return
     from tessellm import envs
     from tessellm.distributed.spawn import prestart
