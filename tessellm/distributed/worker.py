@@ -304,7 +304,7 @@ def _gated_delta(model) -> bool:
     captured decode graphs have not run on a GPU yet (``envs.recurrent_state_device_graphs``)."""
     from tessellm.layers.gated_deltanet import GatedDeltaNet
 
-    return any(isinstance(layer, GatedDeltaNet) for layer in model.mamba_layers)
+    return any(isinstance(layer, GatedDeltaNet) for layer in model.mamba_layers())
 
 
 def _pooler(config, model):

@@ -103,3 +103,20 @@ def test_device_graphs_switch(monkeypatch, value, mamba2, gated_delta):
         monkeypatch.setenv("TESSELLM_RECURRENT_STATE_GRAPHS", value)
     assert recurrent_state_device_graphs() is mamba2
     assert recurrent_state_device_graphs(gated_delta=True) is gated_delta
+
+
+def test_worker_tells_gated_deltanet_models(model):
+    """The worker's choice of the switch above: Qwen3-Next's layers are gated DeltaNets, the
+    others' Mamba2 mixers (session 16's first GPU run of it crashed at every Mamba model's
+    start, reading ``mamba_layers`` as a list: a CPU engine never takes that branch)."""
+    from tessellm.backends.registry import BackendRegistry
+    from tessellm.config import resolve_model
+    from tessellm.distributed.worker import _gated_delta
+    from tessellm.loader.model_loader import build_model
+
+    name, path = model
+    registry = BackendRegistry()
+    built, *_ = build_model(resolve_model(path), "safetensors", registry,
+                            registry.backends["cpu"], torch.float32, torch.device("cpu"),
+                            block_size=16)
+    assert _gated_delta(built) is (name == "qwen3next")
