@@ -5,7 +5,9 @@ import pytest
 pytest.register_assert_rewrite("tests.lora.adapters")  # its shared checks report as a test's do
 
 from tests.lora.adapters import make_adapters  # noqa: E402
-from tests.server.conftest import server_factory  # noqa: F401 (a fixture)
+# The factory, and its autouse fixture that stops a module's servers when the module ends
+# (without it here, the factory's servers of tests/lora would live to the session's end).
+from tests.server.conftest import _stop_the_modules_servers, server_factory  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="session")
