@@ -83,6 +83,8 @@ def test_a_tensor_parallel_replica_holds_all_its_devices():
     ({"engine": {"device": "mynpu"}}, "plugin backend"),
     ({"engine": {"device": "cpu"}, "num_replicas": "two"}, "cannot read 'two' as int"),
     ({"engine": {"device": "cpu"}, "autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
+    ({"engine": {"device": "cpu", "data_parallel_size": 2}}, "scale out with num_replicas (--num-replicas)"),
+    ({"engine.device": "cpu", "engine.data_parallel_size": "2"}, "engine.data_parallel_size 2 runs"),
 ])
 def test_bad_config_fails_loudly_naming_the_option(args, needle):
     with pytest.raises(ValueError) as info:

@@ -159,6 +159,10 @@ class RayServeConfig:
             raise ValueError("engine.distributed_executor_backend 'ray' inside a Ray Serve replica "
                              "is not supported: leave it unset (mp), and the replica holds all "
                              "tensor_parallel_size x pipeline_parallel_size devices of its engine.")
+        if int(self.engine.get("data_parallel_size", 1)) > 1:
+            raise ValueError(f"engine.data_parallel_size {self.engine['data_parallel_size']} runs "
+                             "engine cores on one host, inside one replica; on Ray Serve scale out "
+                             "with num_replicas (--num-replicas) instead (docs/ray_serve.md).")
         self.engine_args().validate()
         self.server_config()
         if self.num_replicas < 1:
