@@ -114,7 +114,9 @@ def main() -> None:
         t = time.perf_counter()
         with LLM(model, device=args.device, num_kv_blocks=64, seed=0, tensor_parallel_size=args.tp):
             times.append(round(time.perf_counter() - t, 2))
-    print(f"LLM(tensor_parallel_size={args.tp}) starts, the first with the forkserver's: {times}")
+    where = ("the first with the forkserver's" if args.tp > 1
+             else "in this process, nothing forked")
+    print(f"LLM(tensor_parallel_size={args.tp}) starts ({where}): {times}")
 
 
 if __name__ == "__main__":
