@@ -146,21 +146,11 @@ def test_ministral3_images_off_lora_adapter_of_the_image_text_model(tmp_path):
     projection of the language model and the tower) gives HF PEFT's tokens, next to the base
     model in one batch. Before, images off refused the checkpoint ('with a 'ministral3'
     language model is not supported')."""
-    from tessellm import LLM
-    from tessellm.lora import LoRARequest
-    from tests.multimodal.test_text_only import (GREEDY, MAX_NEW, OFF, _image_text_adapter,
-                                                 _peft_text_greedy, _tokens, hf_text_greedy)
+    from tests.multimodal.test_text_only import (_image_text_adapter,
+                                                 assert_text_lora_matches_peft)
     from tests.multimodal.tiny_mistral3 import make_tiny_mistral3
 
     model = make_tiny_mistral3(str(tmp_path / "model"), seed=3, text_type="ministral3")
     adapter = _image_text_adapter(model, str(tmp_path / "lora"), ALL)
     prompts = [[1, 40, 41, 42, 43], [1, 50, 60, 70, 80, 90, 100, 110, 120, 130]]
-    want = _peft_text_greedy(model, adapter, prompts, MAX_NEW)
-    base_want, _ = hf_text_greedy(model, prompts[:1], MAX_NEW)
-    assert want[0] != base_want[0]  # the adapter changes the tokens
-    lora = LoRARequest("mm", 1, adapter)
-    with LLM(model, dtype="float32", num_kv_blocks=64, block_size=4, enable_lora=True,
-             max_lora_rank=8, limit_mm_per_prompt=OFF) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts + prompts[:1]], GREEDY,
-                            use_tqdm=False, lora_request=[lora, lora, None])
-    assert _tokens(outs) == want + base_want
+    assert_text_lora_matches_peft(model, adapter, prompts)

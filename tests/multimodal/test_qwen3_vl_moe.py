@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from tessellm import LLM, SamplingParams
-from tessellm.lora import LoRARequest
 from tests.multimodal.image_requests import generate
 from tests.multimodal.test_text_only import (OFF, VISION_PARTS, _image_text_adapter,
-                                             _peft_text_greedy, hf_text_greedy)
+                                             assert_text_lora_matches_peft, hf_text_greedy)
 from tests.multimodal.tiny_qwen2_vl import IMAGE, IMAGE_PAD, PROMPT, hf_greedy, image
 
 MAX_NEW = 6
@@ -132,15 +131,7 @@ def test_images_off_attention_lora(qwen3_vl_moe_dir, tmp_path):
     adapter = _image_text_adapter(qwen3_vl_moe_dir, str(tmp_path / "lora"),
                                   ["q_proj", "k_proj", "v_proj", "o_proj"])
     prompts = [[40, 41, 42, 43, 44], [50, 60, 70]]
-    want = _peft_text_greedy(qwen3_vl_moe_dir, adapter, prompts, MAX_NEW)
-    base_want, _ = hf_text_greedy(qwen3_vl_moe_dir, prompts[:1], MAX_NEW)
-    assert want[0] != base_want[0]  # the adapter changes the tokens
-    lora = LoRARequest("mm", 1, adapter)
-    with LLM(qwen3_vl_moe_dir, dtype="float32", num_kv_blocks=64, block_size=4, enable_lora=True,
-             max_lora_rank=8, limit_mm_per_prompt=OFF) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts + prompts[:1]], GREEDY,
-                            use_tqdm=False, lora_request=[lora, lora, None])
-    assert _tokens(outs) == want + base_want
+    assert_text_lora_matches_peft(qwen3_vl_moe_dir, adapter, prompts)
 
 
 def test_tensor_parallel_two_ranks_with_chunked_prefill(qwen3_vl_moe_dir):

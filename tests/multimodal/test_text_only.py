@@ -166,6 +166,24 @@ def _peft_text_greedy(path: str, adapter: str, prompts: list[list[int]], max_new
     return outs
 
 
+def assert_text_lora_matches_peft(path: str, adapter: str, prompts: list[list[int]],
+                                  max_new: int = MAX_NEW) -> None:
+    """An adapter of the image-text model at ``path``, served with images off: HF PEFT's greedy
+    tokens for every prompt, next to the base model (HF's tokens, which the adapter changes)
+    for the first prompt again, in one batch."""
+    want = _peft_text_greedy(path, adapter, prompts, max_new)
+    base_want, _ = hf_text_greedy(path, prompts[:1], max_new)
+    assert want[0] != base_want[0]  # the adapter changes the tokens
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_new, min_tokens=max_new,
+                            ignore_eos=True)
+    lora = LoRARequest("mm", 1, adapter)
+    with LLM(path, dtype="float32", num_kv_blocks=64, block_size=4, enable_lora=True,
+             max_lora_rank=8, limit_mm_per_prompt=OFF) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts + prompts[:1]], greedy,
+                            use_tqdm=False, lora_request=[lora, lora, None])
+    assert _tokens(outs) == want + base_want
+
+
 def test_gemma3_images_off_lora_adapter_of_the_image_text_model(gemma3_dir, tmp_path):
     """LoRA, which an image model refuses: an adapter trained on Gemma3ForConditionalGeneration
     (its language model's modules under ``language_model``, its tower's too) gives HF PEFT's
@@ -180,15 +198,7 @@ def test_gemma3_images_off_lora_adapter_of_the_image_text_model(gemma3_dir, tmp_
         keys = list(f.keys())
     assert any("language_model" in k for k in keys) and any("vision_tower" in k for k in keys)
     prompts = [[2, 40, 41, 42, 43], [2, 50, 60, 70]]
-    want = _peft_text_greedy(gemma3_dir, adapter, prompts, MAX_NEW)
-    base_want, _ = hf_text_greedy(gemma3_dir, prompts[:1], MAX_NEW)
-    assert want[0] != base_want[0]  # the adapter changes the tokens
-    lora = LoRARequest("mm", 1, adapter)
-    with LLM(gemma3_dir, dtype="float32", num_kv_blocks=64, block_size=4, enable_lora=True,
-             max_lora_rank=8, limit_mm_per_prompt=OFF) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts + prompts[:1]], GREEDY,
-                            use_tqdm=False, lora_request=[lora, lora, None])
-    assert _tokens(outs) == want + base_want
+    assert_text_lora_matches_peft(gemma3_dir, adapter, prompts)
     args = EngineArgs(model=gemma3_dir, enable_lora=True, limit_mm_per_prompt=OFF)
     LoRAModules("base", gemma3_dir, 8, engine_args=args).add("mm", adapter)
 
@@ -200,15 +210,7 @@ def test_llama4_conditional_images_off_attention_lora(llama4_dir, tmp_path):
     adapter = _image_text_adapter(llama4_dir, str(tmp_path / "lora"),
                                   ["q_proj", "k_proj", "v_proj", "o_proj"])
     prompts = [[1, 40, 41, 42, 43], [1, 50, 60, 70]]
-    want = _peft_text_greedy(llama4_dir, adapter, prompts, MAX_NEW)
-    base_want, _ = hf_text_greedy(llama4_dir, prompts[:1], MAX_NEW)
-    assert want[0] != base_want[0]
-    lora = LoRARequest("mm", 1, adapter)
-    with LLM(llama4_dir, dtype="float32", num_kv_blocks=64, block_size=4, enable_lora=True,
-             max_lora_rank=8, limit_mm_per_prompt=OFF) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts + prompts[:1]], GREEDY,
-                            use_tqdm=False, lora_request=[lora, lora, None])
-    assert _tokens(outs) == want + base_want
+    assert_text_lora_matches_peft(llama4_dir, adapter, prompts)
 
 
 def test_the_flag_forms_and_the_served_config(llama4_dir):
