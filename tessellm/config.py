@@ -31,6 +31,10 @@ class EngineArgs:
     # ranks, that keeps KV blocks evicted from the device for later prefix hits; None: off.
     kv_offloading_size: Optional[float] = None
     kv_offloading_backend: Optional[str] = None  # "native" (the only one); None: native
+    # A KV connector (docs/kv_transfer.md, vLLM's flag): a dict or its JSON, e.g.
+    # {"kv_connector": "SharedStorageConnector", "kv_role": "kv_both",
+    #  "kv_connector_extra_config": {"shared_storage_path": "/tmp/kv"}}; None: off.
+    kv_transfer_config: Optional[object] = None
     enable_chunked_prefill: bool = True
     seed: int = 0
     load_format: str = "auto"  # auto, safetensors, gguf, dummy
@@ -158,6 +162,7 @@ class EngineArgs:
             raise ValueError("kv_offloading_size keeps evicted prefix-cache blocks in host memory, "
                              "but enable_prefix_caching is off; turn prefix caching on or drop "
                              "kv_offloading_size.")
+        self._validate_kv_transfer()
         from tessellm.reasoning.parsers import check_reasoning_parser
 
         check_reasoning_parser(self.reasoning_parser)
@@ -180,6 +185,19 @@ class EngineArgs:
         from tessellm.multimodal.fetch import parse_media_domains
 
         parse_media_domains(self.allowed_media_domains)
+
+    def _validate_kv_transfer(self) -> None:
+        from tessellm.kv_transfer.config import parse_kv_transfer_config
+
+        if parse_kv_transfer_config(self.kv_transfer_config) is None:
+            return
+        if not self.enable_prefix_caching:
+            raise ValueError("kv_transfer_config keys KV blocks by their prefix hashes, but "
+                             "enable_prefix_caching is off; turn prefix caching on or drop "
+                             "kv_transfer_config.")
+        if self.pipeline_parallel_size > 1:
+            raise ValueError("kv_transfer_config does not combine with pipeline_parallel_size > 1 "
+                             "yet; use tensor parallelism.")
 
     def _validate_speculative(self) -> None:
         from tessellm.spec_decode.config import parse_speculative_config

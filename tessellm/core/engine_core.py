@@ -169,6 +169,8 @@ class EngineCore(EngineSleep):
                                                    **_speculation(args),
                                                    **encoder_budget),
                                    self.kv)
+        if args.kv_transfer_config is not None:
+            self.scheduler.connector = self._kv_connector(args)
         # Steps in flight at most: one per pipeline stage, or two under async scheduling.
         self.max_in_flight = 2 if self.async_scheduling else self.executor.max_concurrent_batches
         self.info = EngineInfo(self.source.path, self.source.kind, self.max_model_len, self.vocab_size,
@@ -212,6 +214,43 @@ class EngineCore(EngineSleep):
         logger.info("KV offloading: a host tier of %d blocks (%.2f GiB over %d rank(s))", num_blocks,
                     num_blocks * per_block / GIB, self.parallel.world_size)
         return HostKVTier(num_blocks, per_block)
+
+    def _kv_connector(self, args: EngineArgs):
+        """The KV connector's scheduler half here, its worker half on every rank
+        (docs/kv_transfer.md); keyed by a namespace of what makes blocks interchangeable."""
+        from tessellm.kv_transfer import KVConnectorContext, KVConnectorRole, make_connector
+        from tessellm.kv_transfer.config import parse_kv_transfer_config
+
+        try:
+            if not self.kv.enable_prefix_caching:  # recurrent state, or a pooling model
+                raise ValueError("kv_transfer_config keys KV blocks by their prefix hashes, but "
+                                 "prefix caching is off for this model; drop kv_transfer_config.")
+            config = parse_kv_transfer_config(args.kv_transfer_config)
+            rank_bytes = self.executor.collective_rpc("kv_block_bytes")
+            context = KVConnectorContext(args.block_size, self._kv_namespace(args, rank_bytes),
+                                         self.parallel.world_size, 0, rank_bytes)
+            connector = make_connector(config, KVConnectorRole.SCHEDULER, context)
+            self.executor.collective_rpc("initialize_kv_connector", config.to_dict(),
+                                         context.to_dict())
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        logger.info("KV connector %s (%s) over namespace %s", config.kv_connector, config.kv_role,
+                    context.namespace)
+        return connector
+
+    def _kv_namespace(self, args: EngineArgs, rank_bytes: list) -> str:
+        """A digest of the model's config (its path left out), the dtypes, the block size, the
+        parallel layout, the drafter and each rank's block bytes."""
+        import hashlib
+        import json
+
+        config = self.source.hf_config.to_dict()
+        config.pop("_name_or_path", None)
+        what = [config, str(self.dtype), args.kv_cache_dtype, args.block_size,
+                self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size,
+                args.speculative_config, rank_bytes]
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def _lora_slots(self, args: EngineArgs):
         """Adapter slots in the scheduler over a host cache read by a background thread; a

@@ -178,6 +178,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.batch.apply(sched, samples_here=self.pp.is_last)
         if sched.kv_transfers:  # the host KV tier: before anything reads or writes the cache
             self.apply_kv_transfers(sched.kv_transfers)
+        failed_loads = self.load_external_kv(sched.kv_connector_meta)  # a KV connector's, after
         if self.encoder_cache is not None:
             self.encoder_cache.drop(sched.dropped_request_ids)
         if self.mrope is not None:
@@ -186,7 +187,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             self.mamba.drop(sched.dropped_request_ids)
         if self.spec is not None:
             self.spec.drop(sched)
-        out = ModelRunnerOutput()
+        out = ModelRunnerOutput(kv_load_failed=failed_loads)
         scheduled, ns = sched.num_scheduled_tokens, sched.num_sampled_tokens
         if sched.spec_ahead:  # where they start and what they verify: after the steps in flight
             self.steps.resolve_all()
@@ -216,6 +217,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             self._pool(host, sched, states, counts, out)
             for state, n in zip(states, counts):
                 state.num_computed_tokens += n
+            self.save_external_kv(sched.kv_connector_meta)
             return StepHandle.done(out)
         logits = self._forward(host, states, counts, out)
         handle = StepHandle.done(out)
@@ -239,6 +241,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
                 handle = sample(sched.grammar_bitmask, sched.grammar_bitmask_rows)
         for state, n in zip(states, counts):  # the one place the runner's states advance
             state.num_computed_tokens += n
+        self.save_external_kv(sched.kv_connector_meta)  # blocks this step filled, queued after it
         if self.spec is not None:
             self.spec.record(handle, order, states, counts, sched, self._step_tensors)
             self._step_tensors = None

@@ -73,6 +73,9 @@ class Request:
         self.block_hashes: list[int] = []  # prefix hashes of this request's full blocks
         # Leading blocks this request has published into the prefix cache (BlockManager).
         self.num_published_blocks = 0
+        # A KV connector's load for it failed once (kv_transfer/base.py): it is recomputed,
+        # never offered to the connector again.
+        self.kv_load_failed = False
         # Draft tokens proposed for the next step (speculative decoding); the scheduler moves
         # them into the step it schedules (SchedulerOutput.spec_token_ids). Never in
         # all_token_ids until the model accepts them.

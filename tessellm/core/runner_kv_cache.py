@@ -27,6 +27,11 @@ from tessellm.core.host_kv_buffer import HostKVBuffer
 class RunnerKVCache:
     """Allocation of the attention layers' ``k_cache`` / ``v_cache`` and their bytes per block."""
 
+    # A KV connector's worker half (tessellm/kv_transfer), set by the worker; None: none.
+    kv_connector = None
+    # Under tensor parallelism: (request ids, failed here) -> failed on any rank (the worker's).
+    kv_load_agree = None
+
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
         """Zero-filled so padded reads are finite. One (k, v) pair of tensors per layer, shaped
         ``[blocks, block_size, kv_heads, head_size]``; a kernel declaring ``kv_cache_heads_major``
@@ -61,6 +66,21 @@ class RunnerKVCache:
     def apply_kv_transfers(self, transfers: list) -> None:
         """The step's copies between the device cache and the host tier, in their order."""
         self.host_kv.apply(transfers, self._block_major_caches(), self.swap_blocks)
+
+    def load_external_kv(self, meta) -> list:
+        """A KV connector's loads of the step, before its forward; the requests whose load
+        failed on this rank (or any tensor-parallel rank)."""
+        if meta is None or self.kv_connector is None:
+            return []
+        failed = self.kv_connector.start_load_kv(meta)
+        if self.kv_load_agree is not None and meta.get("loads"):
+            failed = self.kv_load_agree([rid for rid, _ in meta["loads"]], failed)
+        return failed
+
+    def save_external_kv(self, meta) -> None:
+        """A KV connector's saves of the blocks the step filled, after its forward was queued."""
+        if meta is not None and self.kv_connector is not None:
+            self.kv_connector.save_kv(meta)
 
     def _block_major_caches(self) -> list[torch.Tensor]:
         """Every cache tensor as its block-major storage (a heads-major cache's transposed view

@@ -74,6 +74,7 @@ class Scheduler(SchedulerUpdate):
         self.ahead = SpecAhead.of(config, self.in_flight)  # async scheduling with speculation
         self.kept_blocks: dict[str, int] = {}  # blocks cut since the last step (rejected drafts)
         self.encoder = make_encoder_budget(config)  # image models: the vision encoder's budget
+        self.connector = None  # a KV connector's scheduler half (--kv-transfer-config), or None
 
     # -- admission -------------------------------------------------------------------------
 
@@ -175,6 +176,9 @@ class Scheduler(SchedulerUpdate):
                               encoder_inputs=self.encoder.encoded if self.encoder else {})
         if self.kv.host is not None and self.kv.host.transfers and not out.is_empty:
             out.kv_transfers = self.kv.host.take_transfers()  # before this step's forward
+        if self.connector is not None and not out.is_empty:
+            out.kv_connector_meta = self.connector.build_connector_meta(out, self.requests,
+                                                                        self.kv.block_ids)
         if self.lora is not None:
             lora_step_fields(self, out)
         self.num_scheduled_tokens_total += out.total_num_scheduled_tokens
@@ -231,11 +235,13 @@ class Scheduler(SchedulerUpdate):
             prefix = self.kv.find_cached_prefix(req, count=False) if use_cache else []
             offloaded = self.kv.find_offloaded(req, len(prefix)) if use_cache else []
             num_hit = (len(prefix) + len(offloaded)) * self.kv.block_size
+            num_ext = self._num_external(req, num_hit) if use_cache else 0
+            num_hit += num_ext
             num_new, images = self._fit_images(req, req.num_computed_tokens + num_hit,
                                                self._num_new_tokens(req, budget, already=num_hit),
                                                False)
-            block_ids = (self.kv.allocate(req, num_new + self._lookahead(num_hit + num_new), prefix,
-                                          offloaded)
+            block_ids = (self.kv.allocate(req, num_ext + num_new + self._lookahead(num_hit + num_new),
+                                          prefix, offloaded)
                          if num_new else None)
             if block_ids is None:
                 release_slot(self, req)
@@ -253,6 +259,13 @@ class Scheduler(SchedulerUpdate):
                 if self.kv.host is not None:  # vLLM's external prefix cache: the host tier
                     self.kv.host.stats.queries += req.num_tokens
                     self.kv.host.stats.hits += len(offloaded) * self.kv.block_size
+                if self.connector is not None:
+                    self.connector.stats.queries += req.num_tokens
+                    self.connector.stats.hits += num_ext
+            if self.connector is not None:  # its blocks after the device and host-tier hit
+                first = (num_hit - num_ext) // self.kv.block_size
+                self.connector.update_state_after_alloc(req, self.kv.block_ids(req.request_id), first,
+                                                        num_ext // self.kv.block_size)
             req.num_computed_tokens += num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
@@ -269,6 +282,15 @@ class Scheduler(SchedulerUpdate):
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         return budget
+
+    def _num_external(self, req: Request, num_hit: int) -> int:
+        """Tokens the KV connector loads after a hit of ``num_hit`` (whole blocks, never the
+        last prompt token; none for a request whose earlier load failed)."""
+        if self.connector is None or req.kv_load_failed or not self.kv.enable_prefix_caching:
+            return 0
+        num = self.connector.get_num_new_matched_tokens(req, num_hit)
+        limit = ((req.num_tokens - 1) // self.kv.block_size) * self.kv.block_size - num_hit
+        return max(0, min(num - num % self.kv.block_size, limit))
 
     def _victim_index(self, i: int) -> int:
         """Index of the request to preempt for ``running[i]``: the newest one after it (under
@@ -384,9 +406,12 @@ class Scheduler(SchedulerUpdate):
         self.kept_blocks.pop(req.request_id, None)
         self.finished_ids.add(req.request_id)
         del self.requests[req.request_id]
+        if self.connector is not None:
+            self.connector.request_finished(req)
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
                               self.num_preemptions_total, self.kv.stats.queries, self.kv.stats.hits,
                               self.spec_stats.copy() if self.spec_stats.num_drafts else None,
-                              None if self.kv.host is None else self.kv.host.stats_dict())
+                              None if self.kv.host is None else self.kv.host.stats_dict(),
+                              None if self.connector is None else self.connector.stats.as_dict())

@@ -54,6 +54,8 @@ class SchedulerStats:
     spec_decode: Optional[SpecDecodeStats] = None  # totals since start; None: no speculation
     # The host KV tier's totals since start (HostKVTier.stats_dict); None: no tier.
     kv_offload: Optional[dict] = None
+    # A KV connector's totals since start (KVConnectorStats.as_dict); None: no connector.
+    kv_connector: Optional[dict] = None
 
 
 class ContextLengthError(ValueError):

@@ -37,6 +37,9 @@ class SchedulerUpdate:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue  # aborted, or stopped by an earlier step, while this one ran
+            if rid in result.kv_load_failed:
+                self._recompute_failed_load(req)
+                continue
             new_tokens = result.sampled.get(rid)
             rejected = 0
             computed, num_drafts = computed_and_drafts(sched, result, rid, num)
@@ -58,6 +61,18 @@ class SchedulerUpdate:
             req.spec_token_ids = result.spec_token_ids.get(rid, [])
             outputs.append(self._append(req, new_tokens, result))
         return outputs
+
+    def _recompute_failed_load(self, req: Request) -> None:
+        """A KV connector's load for ``req`` failed on some rank: its blocks hold anything, so
+        this step's result is dropped and it starts over from its tokens, without the
+        connector (as a preemption: blocks freed, back at the front of ``waiting``)."""
+        req.kv_load_failed = True
+        req.num_cached_tokens = -1  # counted again when it is admitted again
+        self.connector.request_failed_load(req)
+        self.connector.stats.load_failures += 1
+        if req in self.running:
+            self.running.remove(req)
+        self._preempt(req)
 
     def _append(self, req: Request, new_tokens: list[int], result: ModelRunnerOutput) -> EngineCoreOutput:
         rid = req.request_id

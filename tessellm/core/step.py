@@ -120,6 +120,11 @@ class SchedulerOutput:
     # host_slot]`` stores an evicted prefix block in the host buffer, ``[1, host_slot,
     # device_block]`` loads one back into a block this step's requests read. Empty: none.
     kv_transfers: list = field(default_factory=list)
+    # A KV connector (--kv-transfer-config, tessellm/kv_transfer): what its worker half loads
+    # before this step's forward and saves after it, as its scheduler half built it (plain
+    # data; SharedStorageConnector: {"loads": [[request id, [[key, block], ...]], ...],
+    # "saves": [[key, block], ...]}). None: nothing this step.
+    kv_connector_meta: Optional[dict] = None
     # Since the last step: requests that ended (finished or aborted); the runner drops them.
     finished_request_ids: set[str] = field(default_factory=set)
     # Preempted while building this step: the runner drops their state; they come back later as
@@ -162,6 +167,9 @@ class ModelRunnerOutput:
     # ("token_*") sends one row per prompt token as {"shape": [tokens, width], "data":
     # little-endian float32 bytes} (tessellm.pooling.pooler.pack_rows).
     pooled: dict[str, Any] = field(default_factory=dict)
+    # A KV connector's loads that failed on some rank (missing, corrupt, another layout): these
+    # requests' results of the step are dropped and they are recomputed without the connector.
+    kv_load_failed: list[str] = field(default_factory=list)
 
 
 # -- field-by-name encoding helpers (the codecs: tessellm.distributed.codec, engine_process) --

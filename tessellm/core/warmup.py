@@ -134,6 +134,15 @@ def run(core, plan: Optional[WarmupPlan] = None) -> WarmupReport:
     if core.has_unfinished_requests():
         raise RuntimeError("warm-up needs an idle engine core")
     plan = plan or plan_for(core)
+    # A KV connector sits it out: synthetic prompts are neither loaded nor saved.
+    connector, core.scheduler.connector = core.scheduler.connector, None
+    try:
+        return _run(core, plan)
+    finally:
+        core.scheduler.connector = connector
+
+
+def _run(core, plan: WarmupPlan) -> WarmupReport:
     d = _Driver(core)
     t0 = time.perf_counter()
     greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)

@@ -201,6 +201,32 @@ class Worker:
         self.runner.swap_blocks = getattr(ops, "swap_blocks", None) or swap_blocks
         self.runner.allocate_host_kv_cache(num_blocks)
 
+    def initialize_kv_connector(self, config: dict, context: dict) -> None:
+        """A KV connector's worker half on this rank (``--kv-transfer-config``,
+        tessellm/kv_transfer): this rank's block-major caches, copied through the backend's
+        ``swap_blocks``; a load that fails on any tensor-parallel rank fails on all."""
+        from tessellm.backends.reference.kv_transfer import swap_blocks
+        from tessellm.backends.spec import OpsSpec
+        from tessellm.kv_transfer import KVConnectorContext, KVConnectorRole, make_connector
+        from tessellm.kv_transfer.config import parse_kv_transfer_config
+
+        ctx = KVConnectorContext(**{**context, "rank": self.rank})
+        connector = make_connector(parse_kv_transfer_config(config), KVConnectorRole.WORKER, ctx)
+        ops = get_registry().fused_ops(self.backend, OpsSpec(self.dtype))
+        connector.register_kv_caches(self.runner._block_major_caches(),
+                                     getattr(ops, "swap_blocks", None) or swap_blocks,
+                                     self.backend.synchronize, self.device)
+        self.runner.kv_connector = connector
+        if self.tp.size > 1:
+            self.runner.kv_load_agree = self._agree_on_failed_loads
+
+    def _agree_on_failed_loads(self, request_ids: list, failed: list) -> list:
+        """The requests whose load failed on any tensor-parallel rank (one small all-reduce,
+        in steps that load)."""
+        flags = torch.tensor([float(r in failed) for r in request_ids], device=self.device)
+        flags = self.tp.all_reduce(flags)
+        return [r for r, f in zip(request_ids, flags.tolist()) if f > 0]
+
     def release(self) -> None:
         """Drop the model, its KV cache and graphs, and give the device memory back to the device
         (``LLM.shutdown``: a second engine in this process can size its cache from it again)."""

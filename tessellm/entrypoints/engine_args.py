@@ -39,6 +39,9 @@ HELP = {
     "kv_offloading_size": "GiB of host memory (over all ranks) that keeps KV blocks evicted from "
                           "the device cache for later prefix-cache hits, copied back instead of "
                           "recomputed (default: off; docs/kv_offload.md)",
+    "kv_transfer_config": "a KV connector as JSON (docs/kv_transfer.md), e.g. '{\"kv_connector\": "
+                          "\"SharedStorageConnector\", \"kv_role\": \"kv_both\", "
+                          "\"kv_connector_extra_config\": {\"shared_storage_path\": \"/tmp/kv\"}}'",
     "kv_offloading_backend": "native: tessellm's own host tier (the only one; needs "
                              "--kv-offloading-size)",
     "enable_chunked_prefill": "split long prompts over several steps",

@@ -1,0 +1,144 @@
+"""The KV connector contract: moving KV blocks between an engine's cache and somewhere else
+(disk, another engine, an external store), in the spirit of vLLM's ``KVConnectorBase_V1``.
+
+A connector class is built twice per engine: once in the engine core's process with
+``KVConnectorRole.SCHEDULER`` (plain Python, no torch: it decides), and once in every worker
+with ``KVConnectorRole.WORKER`` (it copies, each rank its own shard of the cache). The two
+halves talk only through the per-step metadata the scheduler half builds, which travels inside
+``SchedulerOutput.kv_connector_meta`` (plain lists, dicts, strings and ints: it crosses
+process boundaries), and through ``ModelRunnerOutput.kv_load_failed`` coming back.
+
+One step (the scheduler, then every worker)::
+
+    scheduler half                                  worker half (every rank)
+    admission: device prefix hit, host tier hit,
+      get_num_new_matched_tokens -> n external
+    allocate blocks (n external count as computed)
+    update_state_after_alloc(req, blocks, ...)
+    build_connector_meta(step) ------ meta ----->   start_load_kv(meta): files -> blocks
+                                                    forward pass
+                                                    save_kv(meta): newly full blocks -> files
+    update(): a failed load  <-- kv_load_failed --  (request ids whose load failed)
+      means the request is recomputed (never wrong tokens)
+
+Invariants
+----------
+* External tokens are whole blocks that continue the request's device and host-tier hit, and
+  never cover its last prompt token (its logits are needed). They count as computed from
+  admission on: the blocks are filled before the forward pass of the step that admits it.
+* A load that fails on any rank (missing, corrupt, a mismatched layout) is reported for the
+  request; the scheduler then recomputes the request from scratch, without the connector.
+  The step's result for it is dropped. A connector never raises into the engine for a cache miss.
+* ``save_kv`` sees blocks that are full, computed by this step's forward pass (or earlier), and
+  whose tokens are all known; each block of a request is offered once.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from tessellm.kv_transfer.config import KVTransferConfig
+
+
+class KVConnectorRole(enum.Enum):
+    SCHEDULER = 0
+    WORKER = 1
+
+
+@dataclass
+class KVConnectorContext:
+    """What the engine tells a connector about its cache; the same for both halves except
+    ``rank``."""
+
+    block_size: int  # tokens per KV block
+    # Identifies the KV layout: engines with equal namespaces (same model config, dtypes, block
+    # size, parallel layout, drafter) hold interchangeable blocks.
+    namespace: str
+    world_size: int = 1  # ranks, each holding its own part of every block
+    rank: int = 0  # this worker's rank (the scheduler half: 0)
+    rank_block_bytes: list = field(default_factory=list)  # one block's bytes on each rank
+
+    def to_dict(self) -> dict:
+        return {"block_size": self.block_size, "namespace": self.namespace,
+                "world_size": self.world_size, "rank": self.rank,
+                "rank_block_bytes": list(self.rank_block_bytes)}
+
+
+@dataclass
+class KVConnectorStats:
+    """Totals since start (``SchedulerStats.kv_connector``; vLLM's
+    ``external_prefix_cache_*`` count these beside the host tier's)."""
+
+    queries: int = 0  # prompt tokens of admitted requests looked up
+    hits: int = 0  # of which loaded through the connector
+    blocks_loaded: int = 0
+    blocks_saved: int = 0  # offered to the worker half for saving
+    load_failures: int = 0  # requests recomputed because a load failed
+
+    def as_dict(self) -> dict:
+        return dict(queries=self.queries, hits=self.hits, blocks_loaded=self.blocks_loaded,
+                    blocks_saved=self.blocks_saved, load_failures=self.load_failures)
+
+
+class KVConnectorBase:
+    """Subclass this and register it (``tessellm.kv_transfer.registry``). Every method has a
+    do-nothing default, so a connector implements only what it uses."""
+
+    def __init__(self, config: KVTransferConfig, role: KVConnectorRole, context: KVConnectorContext):
+        self.config = config
+        self.role = role
+        self.context = context
+        self.stats = KVConnectorStats()
+
+    # -- scheduler half (the engine core's process; plain Python) --------------------------
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
+        """Tokens after the first ``num_computed_tokens`` (the device and host-tier hit, a
+        multiple of the block size) that this connector can load for a request being admitted:
+        a multiple of the block size, leaving the last prompt token out. Called at every
+        admission attempt (a request may wait for blocks and be asked again); must not change
+        state a later call depends on."""
+        return 0
+
+    def update_state_after_alloc(self, request, block_ids: list, first_block: int,
+                                 num_blocks: int) -> None:
+        """The request got its blocks (``block_ids``: all it holds); its blocks
+        ``first_block .. first_block + num_blocks - 1`` are to be loaded externally before the
+        next step's forward (``num_blocks`` may be 0: nothing to load, but the request runs)."""
+
+    def build_connector_meta(self, scheduler_output, requests: dict,
+                             block_ids: Callable[[str], list]) -> Optional[dict]:
+        """The metadata of the step about to be sent (``SchedulerOutput``, not empty), for the
+        worker half; ``requests``: request id -> ``Request`` of the scheduler; ``block_ids(rid)``:
+        the blocks a request holds, in order. None: nothing for the workers this step."""
+        return None
+
+    def request_failed_load(self, request) -> None:
+        """A worker reported the request's load failed; it is being recomputed."""
+
+    def request_finished(self, request) -> None:
+        """The request ended (finished or aborted): drop its state."""
+
+    # -- worker half (each rank's process) -------------------------------------------------
+
+    def register_kv_caches(self, caches: list, swap_blocks: Callable, synchronize: Callable,
+                           device) -> None:
+        """This rank's cache tensors (block-major: dim 0 the block; keys and values of every
+        attention layer in order), the backend's ``swap_blocks(src, dst, mapping)`` and
+        ``synchronize()`` (waits for the device's queued work), and the device."""
+
+    def start_load_kv(self, meta: dict) -> list:
+        """Fill the step's loaded blocks before its forward pass. Returns the ids of the
+        requests whose load failed on this rank (their blocks may hold anything)."""
+        return []
+
+    def save_kv(self, meta: dict) -> None:
+        """After the step's forward pass was queued: save the blocks the metadata names."""
+
+    def wait_for_save(self) -> None:
+        """Return once every save handed to ``save_kv`` so far is durable (visible to a reader)."""
+
+    def shutdown(self) -> None:
+        """The engine stops."""

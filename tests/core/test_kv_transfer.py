@@ -1,0 +1,266 @@
+"""KV connectors (``kv_transfer_config``, tessellm/kv_transfer): the shared-storage connector
+gives disaggregated prefill in one process: a producer engine prefills and saves its blocks as
+files, a consumer engine loads them and decodes, with HF transformers' greedy tokens and the
+tokens of a run without a connector; partial hits, corrupt and missing files (a miss or a
+recompute, never a crash or a wrong token), every cache layout, and one clear error for each
+bad setting."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tessellm import LLM, SamplingParams
+from tessellm.config import EngineArgs
+from tessellm.kv_transfer import (KVConnectorBase, KVConnectorContext, KVConnectorRole,
+                                  KVTransferConfig, make_connector, parse_kv_transfer_config,
+                                  register_kv_connector)
+from tessellm.kv_transfer.shared_storage import SharedStorageConnector
+from tests.conftest import hf_greedy
+
+BS = 4  # tokens per block: a 42-token prompt fills 10 blocks; 40 tokens can be loaded
+
+
+def _prompts(n: int, length: int = 42, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 384) for _ in range(length)] for _ in range(n)]
+
+
+def _kv(path, role: str) -> dict:
+    return {"kv_connector": "SharedStorageConnector", "kv_role": role,
+            "kv_connector_extra_config": {"shared_storage_path": str(path)}}
+
+
+def _run(model: str, prompts: list[list[int]], max_tokens: int = 6, **engine):
+    """Each prompt alone, in order; per prompt its tokens, cached tokens and the tokens the
+    scheduler computed for it; and the scheduler's stats."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    rows = []
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+             max_model_len=128, **engine) as llm:
+        sched = llm.engine.core.scheduler
+        for p in prompts:
+            before = sched.num_scheduled_tokens_total
+            out = llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0]
+            rows.append((list(out.outputs[0].token_ids), out.num_cached_tokens,
+                         sched.num_scheduled_tokens_total - before))
+        return rows, sched.stats()
+
+
+def _files(path) -> list[str]:
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_producer_saves_and_consumer_loads(tiny_model_dir, tmp_path):
+    """Disaggregated prefill: the producer computes two prompts (one block file each per full
+    block); the consumer loads their 40 tokens (10 blocks), computes 2 prompt tokens and 5
+    decodes each, and gives HF's tokens, the producer's and a plain run's."""
+    model = tiny_model_dir("llama")
+    prompts = _prompts(2)
+    want = hf_greedy(model, prompts, 6)
+    made, made_stats = _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    # Full blocks of known tokens: the 10 prompt blocks and, once 6 tokens are out, block 11
+    # (tokens 44..47; 47 is the last output, never fed back: not computed, not saved).
+    assert len(_files(tmp_path)) == 2 * 11
+    assert made_stats.kv_connector["blocks_saved"] == 2 * 11 and made_stats.kv_connector["hits"] == 0
+    used, stats = _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_consumer"))
+    assert [t for t, _, _ in used] == [t for t, _, _ in made] == want
+    assert [(c, n) for _, c, n in used] == [(40, 2 + 5)] * 2
+    assert stats.kv_connector == dict(queries=2 * 42, hits=2 * 40, blocks_loaded=20, blocks_saved=0,
+                                      load_failures=0)
+    assert len(_files(tmp_path)) == 2 * 11  # a consumer writes nothing
+
+
+def test_partial_hit_and_kv_both(tiny_model_dir, tmp_path):
+    """A prompt sharing its first 6 blocks with a saved one loads those 24 tokens and computes
+    the rest; with kv_both the second engine saves the blocks it computed, so a third engine
+    loads all of it."""
+    model = tiny_model_dir("llama")
+    p, q = _prompts(2)
+    mixed = p[:24] + q[24:]
+    want = hf_greedy(model, [mixed], 6)
+    _run(model, [p], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    rows, stats = _run(model, [mixed], kv_transfer_config=_kv(tmp_path, "kv_both"))
+    assert rows == [(want[0], 24, 42 - 24 + 5)] and stats.kv_connector["hits"] == 24
+    rows, _ = _run(model, [mixed], kv_transfer_config=_kv(tmp_path, "kv_consumer"))
+    assert rows == [(want[0], 40, 2 + 5)]
+
+
+def test_corrupt_truncated_and_missing_files(tiny_model_dir, tmp_path):
+    """A truncated file is a miss at lookup (the blocks before it load); a file whose bytes
+    were flipped passes lookup, fails its checksum on the worker, and the request is
+    recomputed from scratch; a missing directory is an empty store. HF's tokens every time."""
+    model = tiny_model_dir("llama")
+    p, q = _prompts(2)
+    want = hf_greedy(model, [p, q], 6)
+    _run(model, [p, q], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    (ns,) = os.listdir(tmp_path)
+    conn = _connector(tmp_path, ns)
+    keys_p = conn.block_keys(SimpleNamespace(request_id="p", all_token_ids=p,
+                                             block_key=lambda a, b: None))
+    keys_q = conn.block_keys(SimpleNamespace(request_id="q", all_token_ids=q,
+                                             block_key=lambda a, b: None))
+    with open(conn.path(keys_p[4], 0), "r+b") as f:  # block 4 of p: cut short
+        f.truncate(os.path.getsize(f.name) - 8)
+    with open(conn.path(keys_q[7], 0), "r+b") as f:  # block 7 of q: one payload byte flipped
+        f.seek(-5, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    rows, stats = _run(model, [p, q], kv_transfer_config=_kv(tmp_path, "kv_consumer"))
+    assert [t for t, _, _ in rows] == want
+    assert rows[0][1:] == (16, 42 - 16 + 5)  # blocks 0..3 loaded
+    assert rows[1][1:] == (0, 2 + 42 + 5)  # the step over garbage (2 tokens) dropped; all recomputed
+    assert stats.kv_connector["load_failures"] == 1 and stats.kv_connector["hits"] == 16 + 40
+    rows, _ = _run(model, [p], kv_transfer_config=_kv(tmp_path / "absent", "kv_consumer"))
+    assert rows == [(want[0], 0, 42 + 5)]
+
+
+def _connector(path, namespace: str, role=KVConnectorRole.SCHEDULER) -> SharedStorageConnector:
+    config = parse_kv_transfer_config(_kv(path, "kv_both"))
+    return SharedStorageConnector(config, role, KVConnectorContext(BS, namespace))
+
+
+def test_worker_half_round_trip_over_every_cache_layout(tmp_path):
+    """The worker half over a heads-major cache (IPEX's: a transposed view), a latent cache
+    without values (MLA) and an fp8 cache: blocks saved, the caches wiped, loaded into other
+    blocks, equal byte for byte; a block of another layout is refused (a failed load)."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+
+    g = torch.Generator().manual_seed(0)
+    heads_major = torch.randn(10, 2, BS, 8, generator=g).transpose(1, 2)
+    latent = torch.randn(10, BS, 1, 12, generator=g)
+    fp8 = torch.randn(10, BS, 2, 8, generator=g).to(torch.float8_e4m3fn)
+    caches = [heads_major.transpose(1, 2), latent, fp8]  # block-major storage, as the runner's
+    before = [c.clone() for c in caches]
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER)
+    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    conn.save_kv({"saves": [["a", 7], ["b", 2], ["c", 3]]})
+    for c in caches:
+        c.view(torch.uint8).zero_()
+    assert conn.start_load_kv({"loads": [["r1", [["a", 9], ["b", 0]]], ["r2", [["c", 4]]]]}) == []
+    for old, new in zip(before, caches):
+        for src, dst in ((7, 9), (2, 0), (3, 4)):
+            assert torch.equal(new[dst].view(torch.uint8), old[src].view(torch.uint8))
+        assert not new[7].view(torch.uint8).any()
+    other = _connector(tmp_path, "ns", KVConnectorRole.WORKER)  # one tensor fewer: another layout
+    other.register_kv_caches(caches[:2], swap_blocks, lambda: None, torch.device("cpu"))
+    assert other.start_load_kv({"loads": [["r3", [["a", 1]]]]}) == ["r3"]
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_mla_latent_cache_through_shared_storage(kv_cache_dtype, tmp_path):
+    """DeepSeek-V3's latent cache, float32 and fp8: the consumer loads the producer's blocks
+    and gives the tokens of a plain run (and HF's in float32)."""
+    from tests.models.test_deepseek import deepseek_config, save_deepseek
+    from tests.models.variant_parity import hf_reference
+
+    path = save_deepseek(deepseek_config(True, q_lora_rank=24), str(tmp_path / "ds"))
+    prompts = [[t % 128 for t in x] for x in _prompts(1)]
+    engine = dict(kv_cache_dtype=kv_cache_dtype)
+    plain, _ = _run(path, prompts, 4, **engine)
+    _run(path, prompts, 4, kv_transfer_config=_kv(tmp_path / "kv", "kv_producer"), **engine)
+    rows, stats = _run(path, prompts, 4, kv_transfer_config=_kv(tmp_path / "kv", "kv_consumer"),
+                       **engine)
+    assert [t for t, _, _ in rows] == [t for t, _, _ in plain]
+    if kv_cache_dtype == "auto":
+        assert [t for t, _, _ in rows] == hf_reference(path, prompts, 4)[0]
+    assert rows[0][1] == 40 and stats.kv_connector["blocks_loaded"] == 10
+
+
+@pytest.mark.parametrize("engine", [
+    pytest.param(dict(tensor_parallel_size=2), marks=pytest.mark.slow, id="tp2"),
+    pytest.param(dict(async_scheduling=True), id="async"),
+])
+def test_parallel_ranks_and_async_scheduling(engine, tiny_model_dir, tmp_path):
+    """Two tensor-parallel ranks (gloo) each save and load their own shard (file names carry
+    the rank); or async scheduling. HF's tokens; the consumer loads 40 tokens."""
+    model = tiny_model_dir("llama")
+    prompts = _prompts(1)
+    _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_producer"), **engine)
+    files = _files(tmp_path)
+    ranks = engine.get("tensor_parallel_size", 1)
+    assert len(files) == 11 * ranks and {f.rsplit(".r", 1)[1] for f in files} == {
+        f"{r}.kv" for r in range(ranks)}
+    rows, _ = _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_consumer"), **engine)
+    assert rows == [(hf_greedy(model, prompts, 6)[0], 40, 7)]
+
+
+def test_engines_of_another_layout_do_not_share(tiny_model_dir, tmp_path):
+    """Another block size (or dtype, model, parallel layout) is another namespace: a miss."""
+    model = tiny_model_dir("llama")
+    prompts = _prompts(1)
+    _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    with LLM(model, device="cpu", dtype="float32", block_size=8, num_kv_blocks=16,
+             max_model_len=128, kv_transfer_config=_kv(tmp_path, "kv_consumer")) as llm:
+        out = llm.generate({"prompt_token_ids": prompts[0]}, params, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0 and len(os.listdir(tmp_path)) == 2
+
+
+class RecordingConnector(KVConnectorBase):
+    """A third-party connector: loads nothing, records what the engine asked of it."""
+
+    calls: list = []
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        RecordingConnector.calls.append(("match", request.num_tokens, num_computed_tokens))
+        return 0
+
+    def request_finished(self, request):
+        RecordingConnector.calls.append(("finished", request.request_id))
+
+
+def test_third_party_connector_registers_by_name(tiny_model_dir):
+    register_kv_connector("Recording", f"{__name__}:RecordingConnector")
+    RecordingConnector.calls.clear()
+    with LLM(tiny_model_dir("llama"), device="cpu", block_size=BS, num_kv_blocks=16,
+             max_model_len=64, kv_transfer_config={"kv_connector": "Recording"}) as llm:
+        llm.generate({"prompt_token_ids": [5, 6, 7, 8, 9]},
+                     SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert [c[0] for c in RecordingConnector.calls] == ["match", "finished"]
+    assert RecordingConnector.calls[0][1:] == (5, 0)
+
+
+@pytest.mark.parametrize("value, match", [
+    ("{not json", "kv_transfer_config is not valid JSON"),
+    ([1], "must be a JSON object"),
+    ({"kv_role": "kv_both"}, 'needs "kv_connector"'),
+    ({"kv_connector": "SharedStorageConnector", "kv_role": "prefill"}, "kv_role must be one of"),
+    ({"kv_connector": "SharedStorageConnector", "kv_ip": "1.2.3.4"}, r"unknown key\(s\) \['kv_ip'\]"),
+    ({"kv_connector": "X", "kv_connector_extra_config": [1]}, "must be a JSON object"),
+])
+def test_bad_configs_are_one_clear_error(value, match):
+    with pytest.raises(ValueError, match=match):
+        EngineArgs(kv_transfer_config=value).validate()
+
+
+def test_bad_connector_settings_are_one_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="enable_prefix_caching is off"):
+        EngineArgs(kv_transfer_config=_kv(tmp_path, "kv_both"), enable_prefix_caching=False).validate()
+    with pytest.raises(ValueError, match="pipeline_parallel_size > 1"):
+        EngineArgs(kv_transfer_config=_kv(tmp_path, "kv_both"), pipeline_parallel_size=2).validate()
+    ctx = KVConnectorContext(BS, "ns")
+    with pytest.raises(ValueError, match="not registered; known connectors: .*SharedStorageConnector"):
+        make_connector(KVTransferConfig("Nope"), KVConnectorRole.SCHEDULER, ctx)
+    with pytest.raises(ValueError, match="needs kv_connector_extra_config.shared_storage_path"):
+        make_connector(KVTransferConfig("SharedStorageConnector"), KVConnectorRole.SCHEDULER, ctx)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['path'\]"):
+        make_connector(KVTransferConfig("SharedStorageConnector", kv_connector_extra_config={"path": "x"}),
+                       KVConnectorRole.SCHEDULER, ctx)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="cannot use shared_storage_path"):
+        make_connector(parse_kv_transfer_config(_kv(blocker, "kv_both")), KVConnectorRole.SCHEDULER, ctx)
+    with pytest.raises(ValueError, match="kv_connector_module_path 'no_such_mod' cannot be imported"):
+        make_connector(KVTransferConfig("X", kv_connector_module_path="no_such_mod"),
+                       KVConnectorRole.SCHEDULER, ctx)
+    with pytest.raises(ValueError, match="prefix caching is off for this model"):
+        LLM(tiny_model_dir("llama"), device="cpu", num_kv_blocks=16, runner="pooling",
+            pooler_config={"pooling_type": "MEAN"}, kv_transfer_config=_kv(tmp_path, "kv_both"))
+    assert json.loads(json.dumps(parse_kv_transfer_config(_kv(tmp_path, "kv_both")).to_dict()))
