@@ -32,6 +32,7 @@ def _full_step() -> SchedulerOutput:
         lora_slots={"c": 2}, lora_loads=[[2, {"name": "a", "id": 3, "path": "/a"}]],
         lora_prefetch=[{"name": "b", "id": 4, "path": "/b"}], lora_unloads=[5], spec_ahead={"c": 3}, kept_blocks={"c": 2},
         encoder_inputs={"n": [0, 1]}, kv_transfers=[[0, 7, 1], [1, 2, 9]],
+        kv_connector_meta={"loads": [["n", [["k0", 5]]]], "saves": [["k1", 8]]},
         finished_request_ids={"f1", "f2"}, preempted_request_ids={"p"})
 
 
@@ -61,9 +62,9 @@ def test_scheduler_output_round_trips_every_field():
 
 def test_runner_output_round_trips():
     out = ModelRunnerOutput({"a": [1, 2, 3]}, {"a": [(1, -0.5, 1, [(1, -0.5)])] * 3},
-                            {"b": [None, (4, -1.0, 2, [])]})
+                            {"b": [None, (4, -1.0, 2, [])]}, kv_load_failed=["b"])
     back = decode_runner_output(unpack(pack(encode_runner_output(out))))
-    assert back.sampled == out.sampled
+    assert back.sampled == out.sampled and back.kv_load_failed == ["b"]
     assert [tuple(x[:3]) for x in back.logprobs["a"]] == [(1, -0.5, 1)] * 3
     assert back.prompt_logprobs["b"][0] is None
 
