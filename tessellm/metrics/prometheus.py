@@ -127,6 +127,7 @@ class EngineMetrics:
                                         "(should stay 0; tessellm.metrics.compile_counter).")
         self._add_spec_decode_metrics()
         self._kv_offload = None  # created when the core first reports a host tier
+        self._kv_connector = None  # created when the core first reports a KV connector
         self.iteration_tokens = self._child(Histogram, "iteration_tokens_total", "Tokens computed "
                                             "per engine step (prefill chunks plus decodes).",
                                             buckets=ITERATION_TOKEN_BUCKETS)
@@ -174,6 +175,23 @@ class EngineMetrics:
                 metric.set(offload[key])
             else:
                 metric.update(offload[key])
+
+    def _observe_kv_connector(self, totals: Optional[dict]) -> None:
+        """A KV connector (--kv-transfer-config): ``kv_connector_{queries,hits}_total`` in
+        prompt tokens, ``kv_connector_blocks_{loaded,saved}_total``,
+        ``kv_connector_load_failures_total`` (requests recomputed)."""
+        if not totals:
+            return
+        if self._kv_connector is None:
+            docs = {"queries": "Prompt tokens of admitted requests looked up through the KV connector.",
+                    "hits": "Prompt tokens loaded through the KV connector (not recomputed).",
+                    "blocks_loaded": "KV blocks loaded through the KV connector.",
+                    "blocks_saved": "KV blocks handed to the KV connector to save.",
+                    "load_failures": "Requests recomputed because a KV connector load failed."}
+            self._kv_connector = {k: _CumulativeCounter(self._child(Counter, f"kv_connector_{k}", doc))
+                                  for k, doc in docs.items()}
+        for key, metric in self._kv_connector.items():
+            metric.update(totals.get(key, 0))
 
     def _spec_position(self, pos: int) -> _CumulativeCounter:
         if pos not in self._spec_per_pos:
@@ -229,6 +247,7 @@ class EngineMetrics:
         self.compilations.set(stats.triton_compilations_after_ready)
         self._observe_spec_decode(stats.spec_decode)
         self._observe_kv_offload(stats.kv_offload)
+        self._observe_kv_connector(stats.kv_connector)
         for n in stats.step_num_tokens:
             self.iteration_tokens.observe(n)
         if stats.device_memory_used_bytes is not None:

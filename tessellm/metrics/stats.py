@@ -46,6 +46,10 @@ class EngineStats:
     # host) and bytes_loaded (host -> device) over all ranks, usage (fraction of its blocks
     # holding a prefix, 0..1); None: no tier.
     kv_offload: Optional[dict] = None
+    # A KV connector (--kv-transfer-config) since start: queries and hits (admitted requests'
+    # prompt tokens, and those loaded through it), blocks_loaded, blocks_saved (offered to the
+    # workers), load_failures (requests recomputed); None: no connector.
+    kv_connector: Optional[dict] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineStats":
@@ -154,7 +158,15 @@ def merge_engine_stats(parts: list[EngineStats]) -> EngineStats:
         device_memory_total_bytes=sum(total) if total else None,
         triton_compilations_after_ready=sum(p.triton_compilations_after_ready for p in parts),
         spec_decode=_merge_spec_decode([p.spec_decode for p in parts if p.spec_decode]),
-        kv_offload=_merge_kv_offload([p.kv_offload for p in parts if p.kv_offload]))
+        kv_offload=_merge_kv_offload([p.kv_offload for p in parts if p.kv_offload]),
+        kv_connector=_merge_totals([p.kv_connector for p in parts if p.kv_connector]))
+
+
+def _merge_totals(parts: list[dict]) -> Optional[dict]:
+    """Running totals of the cores, added up key by key; None when no core has any."""
+    if not parts:
+        return None
+    return {k: sum(p.get(k, 0) for p in parts) for k in parts[0]}
 
 
 def _merge_kv_offload(parts: list[dict]) -> Optional[dict]:

@@ -7,6 +7,7 @@ bad setting."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -74,6 +75,19 @@ def test_producer_saves_and_consumer_loads(tiny_model_dir, tmp_path):
     assert stats.kv_connector == dict(queries=2 * 42, hits=2 * 40, blocks_loaded=20, blocks_saved=0,
                                       load_failures=0)
     assert len(_files(tmp_path)) == 2 * 11  # a consumer writes nothing
+    # The metrics, from the scheduler's stats as the engine process sends them.
+    from prometheus_client import CollectorRegistry
+
+    from tessellm.metrics.prometheus import EngineMetrics
+    from tessellm.metrics.stats import EngineStats, merge_engine_stats
+
+    metrics = EngineMetrics("m", CollectorRegistry())
+    metrics.observe_stats(EngineStats.from_dict(dataclasses.asdict(stats)))
+    text = metrics.render().decode()
+    assert 'tessellm:kv_connector_hits_total{model_name="m"} 80.0' in text
+    assert 'tessellm:kv_connector_blocks_loaded_total{model_name="m"} 20.0' in text
+    two = merge_engine_stats([EngineStats(kv_connector=stats.kv_connector)] * 2)  # -dp 2
+    assert two.kv_connector["hits"] == 160
 
 
 def test_partial_hit_and_kv_both(tiny_model_dir, tmp_path):
