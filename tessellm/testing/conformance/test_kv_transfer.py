@@ -98,3 +98,45 @@ def test_generation_with_host_tier_equals_without(target, tiny_llama_dir):
             if size is not None:
                 assert host.stats.hits == 36 and host.stats.blocks_loaded == 9
     assert outs[None] == outs[0.01]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_swap_blocks_through_pageable_host_memory(target, dtype):
+    """A KV connector's copies (``--kv-transfer-config``): scattered blocks into and out of a
+    pageable (not pinned) host buffer, read on the host after ``backend.synchronize()``."""
+    target.skip_if_emulated("device memory copies")
+    swap, dev = _swap(target), target.device
+    g = torch.Generator().manual_seed(5)
+    cache = torch.randn(32, 4, 2, 16, generator=g).to(dtype).to(dev)
+    host = torch.zeros((5, 4, 2, 16), dtype=dtype)
+    stores = [(30, 0), (2, 1), (17, 2), (3, 3), (9, 4)]
+    swap(cache, host, stores)
+    target.backend.synchronize()
+    want_host = _oracle(cache.cpu(), 5, stores)
+    assert torch.equal(host.view(torch.uint8), want_host.view(torch.uint8))
+    back = torch.zeros_like(cache)
+    loads = [(4, 1), (0, 20), (3, 5), (1, 6), (2, 7)]
+    swap(host, back, loads)
+    target.backend.synchronize()
+    assert torch.equal(back.cpu().view(torch.uint8), _oracle(want_host, 32, loads).view(torch.uint8))
+
+
+def test_generation_through_a_kv_connector_equals_without(target, tiny_llama_dir, tmp_path):
+    """Disaggregated prefill on the backend: a producer engine saves a prompt's blocks to
+    files, a consumer engine loads 36 of its 40 tokens and generates the same greedy tokens."""
+    target.skip_if_emulated("allocating the KV cache")
+    from tessellm import LLM
+
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 256, (40,), generator=g).tolist()
+    outs = {}
+    for role in (None, "kv_producer", "kv_consumer"):
+        kv = None if role is None else {
+            "kv_connector": "SharedStorageConnector", "kv_role": role,
+            "kv_connector_extra_config": {"shared_storage_path": str(tmp_path)}}
+        with LLM(tiny_llama_dir, device=target.name, dtype="float32", block_size=4,
+                 num_kv_blocks=32, max_model_len=128, kv_transfer_config=kv) as llm:
+            outs[role] = greedy_tokens(llm, [prompt], 4)[0]
+            if role == "kv_consumer":
+                assert llm.engine.core.scheduler.stats().kv_connector["hits"] == 36
+    assert outs[None] == outs["kv_producer"] == outs["kv_consumer"]
