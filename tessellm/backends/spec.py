@@ -58,6 +58,11 @@ working (the engine copies with the pure-torch reference, ``backends/reference/k
 ``expert_map`` where the ops object declares ``fused_moe_expert_map = True``; plugins of
 versions 1 to 11 keep working for everything else, and ``enable_expert_parallel`` is refused
 on an ops object with its own ``fused_moe`` that does not declare the flag, at load, naming it.
+13 = speculative decoding on models with recurrent states: ``MambaBatch.verifies`` (the
+sequences that verify drafts, last in the step's rows) and the optional ``FusedOps`` ops
+``mamba_conv1d_verify`` / ``mamba_state_update_verify`` / ``gated_delta_verify``, which keep the
+state after each verified token in a slot of its own; plugins of versions 1 to 12 keep working
+(the engine composes those ops from their one-token ops, ``reference/recurrent_verify.py``).
 
 Ownership
 ---------
@@ -94,7 +99,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 12
+TESSELLM_PLUGIN_API = 13
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -374,6 +379,26 @@ class MambaBatch:
     # The prefill sequences alone (query_start_loc from their first row, 0-based), or None
     # when every sequence is a decode; what a layer passes to mamba_chunk_scan.
     prefills: Optional["MambaBatch"] = None
+    # Speculative decoding: the sequences that verify drafts (1 + k tokens each), or None. Their
+    # rows come last, after every row this batch describes (``query_start_loc`` ends before
+    # them); the verify batch's own ``query_start_loc`` counts from their first row. What a
+    # layer passes to the ``*_verify`` ops, which leave the state after each token in a slot
+    # of its own (``token_slots``) so the engine can keep the state after the accepted prefix::
+    #
+    #     rows:          | d0 | p1 p1 p1 | v2 v2 v2 v2 | v3 v3 |     (decodes, prefills, verifies)
+    #     verifies:                        qsl [0, 4, 6], state_indices [7, 2]
+    #     token_slots:                     [h h h 7 | h 2]          (the last token: its own slot)
+    verifies: Optional["MambaBatch"] = None
+    # Verify batches only: int32 [tokens] on the device, the slot that receives the state after
+    # each token (a sequence's last token: its own slot, ``state_indices``; the others: spare
+    # slots no other sequence of the step reads or writes), and the same as a host list.
+    token_slots: Optional["torch.Tensor"] = None
+    token_slots_host: list = field(default_factory=list)
+    # Verify batches only, optional: per token position j, ``(rows, src, dst)`` int64 device
+    # tensors over the sequences longer than j (the state before, from slot src; after, to
+    # dst); built once per step for ops that run the recurrence one position at a time
+    # (``reference/recurrent_verify.positions``).
+    positions: Optional[list] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,6 +608,19 @@ class FusedOps(Protocol):
     # L2-normalize q and k per head (``x * rsqrt(sum(x^2) + 1e-6)``) and scale q by ``scale``;
     # ``g`` is the float32 log decay (<= 0), ``beta`` the write strength; value head h reads key
     # head ``h // (Hv / Hk)``; ``[*, Hv, V]`` out in v's dtype.
+    #
+    # Optional, speculative decoding on these models: ``mamba_conv1d_verify(x, weight, bias,
+    # conv_state, batch, activation)``, ``mamba_state_update_verify(x, dt, A, B, C, D, dt_bias,
+    # ssm_state, batch, dt_limit)`` and ``gated_delta_verify(q, k, v, g, beta, state, batch,
+    # scale)``: the same functions as ``mamba_conv1d`` / ``mamba_state_update`` /
+    # ``gated_delta_step`` over the sequences of a verify batch (``MambaBatch.verifies``: each
+    # sequence a sampled token and its drafts), each sequence starting from the state in its
+    # slot (``state_indices``) and leaving the state after its token ``t`` in slot
+    # ``token_slots[t]`` (its last token's: its own slot; read the start state before writing
+    # any). Oracles: ``backends/reference/recurrent_verify.py``; conformance
+    # ``test_recurrent_verify.py``. Without them the engine composes each from the ops object's
+    # own one-token op (``mamba_state_update``, ``gated_delta_step``; the conv in pure torch),
+    # one token position at a time.
     #
     # Optional: ``swap_blocks(src, dst, block_mapping)``, the host KV tier's copies
     # (``--kv-offloading-size``, ``core/kv_offload.py``): ``dst[d] = src[s]`` for each ``(s, d)``

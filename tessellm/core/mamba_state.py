@@ -30,6 +30,20 @@ Invariants:
 
 Per step the runner calls ``drop`` (after the scheduler's deltas) and ``begin_step`` (with the
 step's requests in row order); the layers read the ``MambaBatch`` from ``step.batch``.
+
+Speculative decoding (``spec_tokens = k > 0``): a state cannot give a rejected draft back, so
+each slot ``m`` has ``k`` spare slots, and a step that verifies ``L = 1 + d`` tokens (a sampled
+token and ``d <= k`` drafts; its rows come last in the step, ``MambaBatch.verifies``) leaves the
+state after each of its tokens in a slot of its own (the ``*_verify`` ops)::
+
+    slots:  0 .. num_slots - 1 | scratch | spares of slot 0 (k) | spares of slot 1 (k) | ...
+    verify of slot m, L = 4:     token  t0          t1          t2          t3
+                                 state  spare(m,0)  spare(m,1)  spare(m,2)  m
+
+The request's next step learns from the scheduler how many tokens stayed computed (``a``, the
+sampled token and the accepted drafts: ``1 <= a <= L``) and, before its forward, copies
+``spare(m, a - 1)`` to ``m`` when ``a < L`` (vLLM selects the same way, by the accepted count).
+So the invariant above holds again before any op reads slot ``m``.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from tessellm.backends.reference.recurrent_verify import verify_positions
 from tessellm.backends.spec import MambaBatch
 
 
@@ -52,19 +67,35 @@ class MambaStep:
 
 
 class MambaStateCache:
-    def __init__(self, layers: list, num_slots: int, device: torch.device, dtype: torch.dtype):
-        """``layers``: the model's Mamba mixers (each has ``state_shapes()`` and ``bind``)."""
+    def __init__(self, layers: list, num_slots: int, device: torch.device, dtype: torch.dtype,
+                 spec_tokens: int = 0):
+        """``layers``: the model's Mamba mixers (each has ``state_shapes()`` and ``bind``).
+        ``spec_tokens``: drafts a verify step may carry (0: no speculative decoding)."""
         self.layers = layers
         self.num_slots = num_slots
         self.device = device
+        self.spec_tokens = spec_tokens
         self.step = MambaStep()
         self.slot_of: dict[str, int] = {}
         self.free = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest first
         self.scratch = num_slots  # padded graph rows' slot: never handed out, never read back
+        # request id -> (tokens computed before its verify step, tokens it verified, its slot):
+        # the verify steps whose accepted length the request's next step learns
+        self.verifying: dict[str, tuple[int, int, int]] = {}
+        total = (num_slots + 1) + num_slots * spec_tokens
         for layer in layers:
             conv_shape, ssm_shape = layer.state_shapes()
-            layer.bind(torch.zeros((num_slots + 1, *conv_shape), dtype=dtype, device=device),
-                       torch.zeros((num_slots + 1, *ssm_shape), dtype=dtype, device=device), self.step)
+            layer.bind(torch.zeros((total, *conv_shape), dtype=dtype, device=device),
+                       torch.zeros((total, *ssm_shape), dtype=dtype, device=device), self.step)
+
+    def spare(self, slot: int, j: int) -> int:
+        """Slot ``slot``'s spare for the state after token ``j`` of a verify step."""
+        return self.num_slots + 1 + slot * self.spec_tokens + j
+
+    def is_verify(self, state, count: int) -> bool:
+        """Whether a request's step verifies drafts (its rows then go last: ``verifies``)."""
+        return (self.spec_tokens > 0 and count > 1 and state.num_computed_tokens > 0
+                and len(state.spec_token_ids) == count - 1)
 
     @staticmethod
     def bytes_per_slot(layers: list, dtype: torch.dtype) -> int:
@@ -87,6 +118,7 @@ class MambaStateCache:
         """Free the slots of finished, aborted and preempted requests."""
         for rid in request_ids:
             slot = self.slot_of.pop(rid, None)
+            self.verifying.pop(rid, None)
             if slot is not None:
                 self.free.append(slot)
 
@@ -95,7 +127,7 @@ class MambaStateCache:
         their ``num_computed_tokens`` advance; ``counts``: tokens each computes). New requests
         get a slot; slots of requests at their first token are zeroed. ``profile``: the
         memory-profile forward (slots assigned round-robin and not kept)."""
-        slots, fresh = [], []
+        slots, fresh, keep = [], [], ([], [])
         for i, st in enumerate(states):
             if profile:
                 slot = i % self.num_slots
@@ -113,14 +145,48 @@ class MambaStateCache:
                     slot = self.slot_of[st.request_id] = self.free.pop()
             if st.num_computed_tokens == 0:
                 fresh.append(slot)
+            if not profile:
+                self._accepted(st, slot, keep)
             slots.append(slot)
         if fresh:
             idx = torch.tensor(fresh, dtype=torch.long, device=self.device)
             for layer in self.layers:
                 layer.conv_state.index_fill_(0, idx, 0)
                 layer.ssm_state.index_fill_(0, idx, 0)
-        self.step.batch = make_batch(counts, slots, self.device)
+        if keep[0]:  # the state after each accepted prefix into its request's slot
+            src, dst = (torch.tensor(v, dtype=torch.long).to(self.device, non_blocking=True)
+                        for v in keep)
+            for layer in self.layers:
+                for t in (layer.conv_state, layer.ssm_state):
+                    t.index_copy_(0, dst, t.index_select(0, src))
+        verify = 0
+        if self.spec_tokens and not profile:
+            while (verify < len(states)
+                   and self.is_verify(states[-1 - verify], counts[-1 - verify])):
+                verify += 1
+        token_slots = []
+        for st, n, slot in zip(states[len(states) - verify:], counts[len(counts) - verify:],
+                               slots[len(slots) - verify:]):
+            token_slots += [self.spare(slot, j) for j in range(n - 1)] + [slot]
+            self.verifying[st.request_id] = (st.num_computed_tokens, n, slot)
+        self.step.batch = make_batch(counts, slots, self.device, verify, token_slots)
         return self.step.batch
+
+    def _accepted(self, st, slot: int, keep: tuple[list, list]) -> None:
+        """A request whose last step verified drafts: the spare holding the state after its
+        accepted prefix, to copy into its slot (``keep``: sources, destinations)."""
+        done = self.verifying.pop(st.request_id, None)
+        if done is None:
+            return
+        before, verified, _ = done
+        kept = st.num_computed_tokens - before  # the sampled token and the accepted drafts
+        if not 1 <= kept <= verified:
+            raise RuntimeError(f"Request {st.request_id!r} verified {verified} tokens from "
+                               f"{before}, but the scheduler says {st.num_computed_tokens} are "
+                               "computed; its recurrent state has no such point.")
+        if kept < verified:
+            keep[0].append(self.spare(slot, kept - 1))
+            keep[1].append(slot)
 
     def graph_slots(self, size: int) -> np.ndarray:
         """The slots of the current (all-decode) step's rows, padded to ``size`` rows with the
@@ -139,9 +205,24 @@ class MambaStateCache:
         return self.step.batch
 
 
-def make_batch(counts: list[int], slots: list[int], device: torch.device) -> MambaBatch:
+def make_batch(counts: list[int], slots: list[int], device: torch.device, verify: int = 0,
+               token_slots: Optional[list[int]] = None) -> MambaBatch:
     """The ``MambaBatch`` of sequences of ``counts`` tokens in ``slots`` (decodes first: the
-    leading sequences of one token)."""
+    leading sequences of one token). ``verify``: the last so many sequences verify drafts
+    (``MambaBatch.verifies``; ``token_slots``: the slot for the state after each of their
+    tokens)."""
+    if verify:
+        cut = len(counts) - verify
+        vq = [0]
+        for n in counts[cut:]:
+            vq.append(vq[-1] + n)
+        verifies = MambaBatch(_ints(vq, device), _ints(slots[cut:], device), 0, vq,
+                              list(slots[cut:]), token_slots=_ints(token_slots, device),
+                              token_slots_host=list(token_slots))
+        verifies.positions = verify_positions(vq, list(slots[cut:]), list(token_slots), device)
+        batch = make_batch(counts[:cut], slots[:cut], device)
+        batch.verifies = verifies
+        return batch
     qsl = [0]
     for n in counts:
         qsl.append(qsl[-1] + n)

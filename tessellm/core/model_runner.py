@@ -193,6 +193,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             self.steps.resolve_all()
             scheduled, ns = self.spec.start_ahead(sched, self.batch.requests, out)
         order = sorted(scheduled, key=lambda r: scheduled[r] != 1)
+        if self.mamba is not None and self.mamba.spec_tokens:  # recurrent states: verifies last
+            order.sort(key=lambda r: self.mamba.is_verify(self.batch.requests[r], scheduled[r]))
         states = [self.batch.requests[r] for r in order]
         counts = [scheduled[r] for r in order]
         # ns values >= 1: all ones exactly when they sum to the count

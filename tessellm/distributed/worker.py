@@ -124,8 +124,9 @@ class Worker:
                                  f"{self.backend.name!r} yet: its steps are padded to shape "
                                  "buckets (XLA), which the Mamba ops do not take; use cpu, cuda "
                                  "or rocm.")
-            self.runner.mamba = MambaStateCache(model.mamba_layers(), args.max_num_seqs,
-                                                self.device, self.dtype)
+            self.runner.mamba = MambaStateCache(  # spec: spare slots for each verified token
+                model.mamba_layers(), args.max_num_seqs, self.device, self.dtype,
+                spec.config.num_speculative_tokens if spec is not None else 0)
         if getattr(args, "enable_prompt_embeds", False):
             from tessellm.core.prompt_embeds import check_model_takes_embeds
 

@@ -24,8 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tessellm.backends.reference.recurrent_verify import verify_ops
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
+from tessellm.layers.mamba_mixer import causal_conv
 
 
 @dataclass(frozen=True)
@@ -168,8 +170,8 @@ class GatedDeltaNet(nn.Module):
         s, batch, t = self.local, self.step.batch, hidden.shape[0]
         qkvz = self.in_proj_qkvz(hidden)
         b, a = self.in_proj_ba(hidden).split([s.value_heads, s.value_heads], dim=-1)
-        qkv = self.ops.mamba_conv1d(qkvz[:, :s.conv_dim], self.conv1d.weight[:, 0], None,
-                                    self.conv_state, batch, "silu")
+        qkv, m = causal_conv(self.ops, qkvz[:, :s.conv_dim], self.conv1d.weight[:, 0], None,
+                             self.conv_state, batch)
         q, k, v = qkv.split([s.keys, s.keys, s.values], dim=-1)
         q = q.reshape(t, s.key_heads, s.key_dim)
         k = k.reshape(t, s.key_heads, s.key_dim)
@@ -184,8 +186,12 @@ class GatedDeltaNet(nn.Module):
                                                    self.ssm_state, batch.state_indices[:nd],
                                                    scale))
         if batch.prefills is not None:
-            parts.append(self.ops.gated_delta_chunk(q[nd:], k[nd:], v[nd:], g[nd:], beta[nd:],
-                                                    self.ssm_state, batch.prefills, scale))
+            parts.append(self.ops.gated_delta_chunk(q[nd:m], k[nd:m], v[nd:m], g[nd:m],
+                                                    beta[nd:m], self.ssm_state, batch.prefills,
+                                                    scale))
+        if batch.verifies is not None:  # speculative decoding: the state after each token kept
+            parts.append(verify_ops(self.ops)[2](q[m:], k[m:], v[m:], g[m:], beta[m:],
+                                                 self.ssm_state, batch.verifies, scale))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
         z = qkvz[:, s.conv_dim:].reshape(t, s.value_heads, s.value_dim)
         o = norm_then_gate(o, z, self.norm.weight, s.eps)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tessellm.backends.reference.recurrent_verify import verify_ops
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
 
@@ -139,8 +140,8 @@ class MambaMixer2(nn.Module):
         s, n, batch, t = self.shape, self.local, self.step.batch, hidden.shape[0]
         gn = n.n_groups * s.d_state
         z, xbc, dt = self.in_proj(hidden).split([n.intermediate, n.conv_dim, n.num_heads], dim=-1)
-        xbc = self.ops.mamba_conv1d(xbc.contiguous(), self.conv1d.weight[:, 0], self.conv1d.bias,
-                                    self.conv_state, batch, "silu")
+        xbc, m = causal_conv(self.ops, xbc.contiguous(), self.conv1d.weight[:, 0],
+                             self.conv1d.bias, self.conv_state, batch)
         x, B, C = xbc.split([n.intermediate, gn, gn], dim=-1)
         x = x.reshape(t, n.num_heads, s.head_dim)
         B = B.reshape(t, n.n_groups, s.d_state)
@@ -155,8 +156,12 @@ class MambaMixer2(nn.Module):
                 batch.state_indices[:nd], s.dt_limit))
         if batch.prefills is not None:
             parts.append(self.ops.mamba_chunk_scan(
-                x[nd:], dt[nd:], A, B[nd:], C[nd:], self.D, self.dt_bias, self.ssm_state,
+                x[nd:m], dt[nd:m], A, B[nd:m], C[nd:m], self.D, self.dt_bias, self.ssm_state,
                 batch.prefills, s.chunk_size, s.dt_limit))
+        if batch.verifies is not None:  # speculative decoding: the state after each token kept
+            parts.append(verify_ops(self.ops)[1](
+                x[m:], dt[m:], A, B[m:], C[m:], self.D, self.dt_bias, self.ssm_state,
+                batch.verifies, s.dt_limit))
         y = parts[0] if len(parts) == 1 else torch.cat(parts)
         y = y.reshape(t, n.intermediate)
         if self.norm is None:
@@ -169,6 +174,20 @@ class MambaMixer2(nn.Module):
 
 
 GATE_NORMS = ("after_gate", "before_gate", "none")
+
+
+def causal_conv(ops, x: torch.Tensor, weight: torch.Tensor, bias, conv_state: torch.Tensor,
+                batch) -> tuple[torch.Tensor, int]:
+    """``silu(causal conv)`` of the step's rows, continuing each sequence's conv state, and the
+    number of rows before the verify rows (``MambaBatch.verifies``: run through the backend's
+    ``mamba_conv1d_verify``, which keeps the conv state after each of their tokens)."""
+    if batch.verifies is None:
+        return ops.mamba_conv1d(x, weight, bias, conv_state, batch, "silu"), x.shape[0]
+    m = x.shape[0] - batch.verifies.query_start_loc_host[-1]
+    out = verify_ops(ops)[0](x[m:], weight, bias, conv_state, batch.verifies, "silu")
+    if m:
+        out = torch.cat([ops.mamba_conv1d(x[:m], weight, bias, conv_state, batch, "silu"), out])
+    return out, m
 
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int,

@@ -7,12 +7,16 @@ per running request and Mamba layer (``core/mamba_state.py``). That state summar
 token before it and cannot be rebuilt from a block hash, so:
 
 - prefix caching is off (a hit would skip tokens whose state nobody has): ``prefix_caching``;
-- speculative decoding is refused (a rejected draft token would have to be taken back out of
-  the state); LoRA, quantization and pipeline parallelism are refused until they are built and tested (tensor
+- speculative decoding keeps the state after each verified token in a spare slot and, once
+  the drafts are checked, the one after the accepted prefix (``core/mamba_state.py``,
+  ``backends/reference/recurrent_verify.py``); n-gram, replay and MTP drafts (Qwen3-Next's
+  ``mtp.*`` layer, ``models/mtp.py``) are served, draft models and EAGLE heads not yet; verify
+  steps run eagerly (no verify graphs);
+- LoRA, quantization and pipeline parallelism are refused until they are built and tested (tensor
   parallelism splits the Mamba heads: ``layers/mamba_mixer.py``, and the gated DeltaNet heads:
   ``layers/gated_deltanet.py``);
-- steps run eagerly (no captured decode graphs: the state slots are step inputs the graphs
-  do not take).
+- decode steps run eagerly unless ``TESSELLM_RECURRENT_STATE_GRAPHS`` says otherwise
+  (``envs.recurrent_state_device_graphs``: the state slots are a graph input of their own).
 
 Preemption needs nothing special: a preempted request's slot is freed and the request is
 recomputed from its first token, which rebuilds its state exactly.
@@ -42,10 +46,12 @@ def check_engine_args(args, config) -> None:
         return
     arch = next(a for a in config.architectures if a in _RECURRENT)
     layers = ("gated DeltaNet" if arch in LINEAR_ATTENTION_ARCHITECTURES else "Mamba") + " layers"
+    method = _spec_method(getattr(args, "speculative_config", None))
     refused = [
-        (getattr(args, "speculative_config", None) is not None, "speculative decoding",
-         "a rejected draft token cannot be taken back out of the recurrent state; drop "
-         "speculative_config"),
+        (method is not None and method not in SPEC_METHODS,
+         f"speculative decoding with method {method!r}",
+         f"use method {', '.join(SPEC_METHODS)} (a draft model or EAGLE head over a recurrent "
+         "target is not built yet)"),
         (getattr(args, "enable_lora", False), "LoRA", "drop enable_lora"),
         (getattr(args, "kv_offloading_size", None) is not None, "KV offloading",
          "prefix caching is off for them (the recurrent state of a cached prefix is not kept), "
@@ -60,6 +66,18 @@ def check_engine_args(args, config) -> None:
         if bad:
             raise ValueError(f"{arch} ({layers} with a per-request recurrent state) does not "
                              f"support {what} yet; {fix}.")
+
+
+# speculative decoding methods served over a recurrent target (the others are refused)
+SPEC_METHODS = ("ngram", "mtp", "replay")
+
+
+def _spec_method(value):
+    """The speculative_config's method (MTP aliases folded), or None without one."""
+    from tessellm.spec_decode.config import parse_speculative_config
+
+    config = parse_speculative_config(value)
+    return None if config is None else config.method
 
 
 def prefix_caching(enabled: bool, config) -> bool:

@@ -98,9 +98,10 @@ def test_mamba2_refuses_what_a_recurrent_state_cannot_do(mamba2_dir):
         LLM(mamba2_dir, dtype="float32", device="tpu", emulate=True)
     with pytest.raises(ValueError, match="does not support quantization yet"):
         LLM(mamba2_dir, dtype="float32", quantization="fp8")
-    with pytest.raises(ValueError, match="does not support speculative decoding yet"):
-        LLM(mamba2_dir, dtype="float32",
-            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="does not support speculative decoding with method "
+                                         "'eagle' yet"):
+        LLM(mamba2_dir, dtype="float32", speculative_config={
+            "method": "eagle", "model": mamba2_dir, "num_speculative_tokens": 2})
 
 
 def test_mamba2_refused_on_ops_without_the_flag(mamba2_dir):

@@ -78,9 +78,10 @@ def test_qwen3_next_refuses_what_a_recurrent_state_cannot_do(qwen3_next_dir):
         LLM(qwen3_next_dir, dtype="float32", pipeline_parallel_size=2, device="cpu")
     with pytest.raises(ValueError, match="does not support LoRA yet"):
         LLM(qwen3_next_dir, dtype="float32", enable_lora=True)
-    with pytest.raises(ValueError, match="does not support speculative decoding yet"):
-        LLM(qwen3_next_dir, dtype="float32",
-            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="does not support speculative decoding with method "
+                                         "'eagle' yet"):
+        LLM(qwen3_next_dir, dtype="float32", speculative_config={
+            "method": "eagle", "model": qwen3_next_dir, "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="does not support quantization yet"):
         LLM(qwen3_next_dir, dtype="float32", quantization="fp8")
     with pytest.raises(ValueError, match="do not run on backend 'tpu' yet"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tessellm.backends.reference import gated_delta, mamba
+from tessellm.backends.reference import gated_delta, mamba, recurrent_verify
 from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
 from tessellm.quantization.packed import Fp8Activation
 
@@ -77,6 +77,12 @@ class ReferenceOps:
     supports_gated_delta = True
     gated_delta_chunk = staticmethod(gated_delta.gated_delta_chunk)
     gated_delta_step = staticmethod(gated_delta.gated_delta_step)
+
+    # ``FusedOps``' optional verify ops (``reference/recurrent_verify.py``): a verify step of
+    # speculative decoding keeps the recurrent state after each of its tokens.
+    mamba_conv1d_verify = staticmethod(recurrent_verify.mamba_conv1d_verify)
+    mamba_state_update_verify = staticmethod(recurrent_verify.mamba_state_update_verify)
+    gated_delta_verify = staticmethod(recurrent_verify.gated_delta_verify)
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:

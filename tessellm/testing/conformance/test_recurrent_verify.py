@@ -1,0 +1,133 @@
+"""The verify ops of speculative decoding on recurrent layers (``FusedOps``' optional
+``mamba_conv1d_verify``, ``mamba_state_update_verify``, ``gated_delta_verify``; without them the
+engine composes each from the ops object's one-token op, and that composition is what runs
+here) against the token-by-token recurrence: verify sequences of uneven lengths (a sampled token
+and 1..3 drafts) in non-consecutive slots, their per-token states in spare slots. Each token's
+output and the state after each token (in its ``token_slots`` slot; the last one in the
+sequence's own slot) equal the recurrence's; slots the step does not name stay untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessellm.backends.reference.gated_delta import sequential_gated_delta
+from tessellm.backends.reference.mamba import sequential_scan
+from tessellm.backends.reference.recurrent_verify import verify_ops
+from tessellm.backends.spec import OpsSpec
+from tessellm.core.mamba_state import make_batch
+
+SLOTS = [6, 1, 3]  # the sequences' own slots
+LENGTHS = [4, 2, 3]  # 1 + drafts each
+SPARES = [[8, 9, 10], [11], [12, 13]]  # the slots of each sequence's tokens but its last
+TOTAL = 14
+ATOL = 2e-4
+
+
+def _verify_batch(device):
+    """A step of one prefill sequence (slot 4, 3 tokens) then the verify sequences."""
+    token_slots = [s for spares, own in zip(SPARES, SLOTS) for s in spares + [own]]
+    return make_batch([3] + LENGTHS, [4] + SLOTS, device, len(SLOTS), token_slots)
+
+
+def _ops(target, flag):
+    ops = target.registry.fused_ops(target.backend, OpsSpec(torch.float32))
+    if ops is None or not getattr(ops, flag, False):
+        pytest.skip(f"{target.name} does not declare {flag}")
+    return ops
+
+
+def _check_states(state, init, want_after, named):
+    """``want_after[i][j]``: sequence i's state after token j; every other slot as it was."""
+    for i, spares in enumerate(SPARES):
+        for j, slot in enumerate(spares + [SLOTS[i]]):
+            torch.testing.assert_close(state[slot], want_after[i][j], atol=ATOL, rtol=ATOL)
+    others = [s for s in range(TOTAL) if s not in named]
+    torch.testing.assert_close(state[others], init[others])
+
+
+def _named():
+    return set(SLOTS) | {s for spares in SPARES for s in spares}
+
+
+def test_mamba_verify_ops_keep_each_tokens_state(target):
+    ops = _ops(target, "supports_mamba2")
+    conv_op, ssm_op, _ = verify_ops(ops)
+    dev = target.device
+    g = torch.Generator().manual_seed(7)
+    h, p, groups, n, width, c = 4, 8, 2, 16, 4, 24
+    batch = _verify_batch(dev).verifies
+    t = sum(LENGTHS)
+    # the conv: each token's window of the K - 1 inputs before it
+    weight, bias = torch.randn(c, width, generator=g), torch.randn(c, generator=g)
+    conv_init = torch.randn(TOTAL, c, width - 1, generator=g)
+    x = torch.randn(t, c, generator=g)
+    conv_state = conv_init.clone().to(dev)
+    got = conv_op(x.to(dev), weight.to(dev), bias.to(dev), conv_state, batch, "silu").cpu()
+    row, after = 0, []
+    for i, length in enumerate(LENGTHS):
+        full = torch.cat([conv_init[SLOTS[i]].t(), x[row:row + length]])  # [K-1+L, C]
+        y = F.conv1d(full.t()[None], weight[:, None, :], bias, groups=c)[0].t()
+        torch.testing.assert_close(got[row:row + length], F.silu(y), atol=ATOL, rtol=ATOL)
+        after.append([full[j + 1:j + width].t() for j in range(length)])
+        row += length
+    _check_states(conv_state.cpu(), conv_init, after, _named())
+    # the SSM
+    A, D, dt_bias = -torch.rand(h, generator=g) - 0.5, torch.randn(h, generator=g), torch.randn(h, generator=g)
+    xs, dt = torch.randn(t, h, p, generator=g), torch.randn(t, h, generator=g)
+    B, C = torch.randn(t, groups, n, generator=g), torch.randn(t, groups, n, generator=g)
+    ssm_init = torch.randn(TOTAL, h, p, n, generator=g) * 0.3
+    ssm_state = ssm_init.clone().to(dev)
+    got = ssm_op(*(v.to(dev) for v in (xs, dt, A, B, C, D, dt_bias)), ssm_state, batch,
+                 (0.0, float("inf"))).cpu()
+    assert got.shape == xs.shape and got.dtype == xs.dtype
+    row, after = 0, []
+    for i, length in enumerate(LENGTHS):
+        states, state = [], ssm_init[SLOTS[i]]
+        for j in range(row, row + length):
+            y, state = sequential_scan(xs[j:j + 1], dt[j:j + 1], A, B[j:j + 1], C[j:j + 1], D,
+                                       dt_bias, state)
+            torch.testing.assert_close(got[j], y[0], atol=ATOL, rtol=ATOL)
+            states.append(state)
+        after.append(states)
+        row += length
+    _check_states(ssm_state.cpu(), ssm_init, after, _named())
+
+
+def test_gated_delta_verify_keeps_each_tokens_state(target):
+    ops = _ops(target, "supports_gated_delta")
+    delta_op = verify_ops(ops)[2]
+    dev = target.device
+    g = torch.Generator().manual_seed(8)
+    hk, hv, k, v = 2, 4, 16, 12
+    t = sum(LENGTHS)
+    q, key = torch.randn(t, hk, k, generator=g), torch.randn(t, hk, k, generator=g)
+    val, gate, beta = torch.randn(t, hv, v, generator=g), -torch.rand(t, hv, generator=g), torch.rand(t, hv, generator=g)
+    init = torch.randn(TOTAL, hv, k, v, generator=g) * 0.3
+    state = init.clone().to(dev)
+    scale = k ** -0.5
+    got = delta_op(*(a.to(dev) for a in (q, key, val, gate, beta)), state,
+                   _verify_batch(dev).verifies, scale).cpu()
+    assert got.shape == val.shape and got.dtype == val.dtype
+    row, after = 0, []
+    for i, length in enumerate(LENGTHS):
+        states, s = [], init[SLOTS[i]]
+        for j in range(row, row + length):
+            o, s = sequential_gated_delta(q[j:j + 1], key[j:j + 1], val[j:j + 1], gate[j:j + 1],
+                                          beta[j:j + 1], s, scale)
+            torch.testing.assert_close(got[j], o[0], atol=ATOL, rtol=ATOL)
+            states.append(s)
+        after.append(states)
+        row += length
+    _check_states(state.cpu(), init, after, _named())
+
+
+def test_verify_batch_layout(target):
+    """``make_batch``'s verify part: rows after the others, 0-based, the token slots given."""
+    batch = _verify_batch(target.device)
+    assert batch.query_start_loc_host == [0, 3] and batch.state_indices_host == [4]
+    ver = batch.verifies
+    assert ver.query_start_loc_host == [0, 4, 6, 9] and ver.state_indices_host == SLOTS
+    assert ver.token_slots_host == [8, 9, 10, 6, 11, 1, 12, 13, 3]
+    assert ver.token_slots.cpu().tolist() == ver.token_slots_host
