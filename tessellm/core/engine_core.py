@@ -240,14 +240,18 @@ class EngineCore(EngineSleep):
         return connector
 
     def _kv_namespace(self, args: EngineArgs, rank_bytes: list) -> str:
-        """A digest of the model's config (its path left out), the dtypes, the block size, the
-        parallel layout, the drafter and each rank's block bytes."""
+        """A digest of the model (its config, and its weight files: path, size, modification
+        time; equal configs of other weights must never share KV), how it is loaded and
+        quantized, the dtypes, the block size, the parallel layout, the drafter and each rank's
+        block bytes."""
         import hashlib
         import json
 
         config = self.source.hf_config.to_dict()
         config.pop("_name_or_path", None)
-        what = [config, str(self.dtype), args.kv_cache_dtype, args.block_size,
+        what = [config, _weight_files(self.source.path), args.load_format, args.quantization,
+                args.hf_overrides, args.seed if args.load_format == "dummy" else None,
+                str(self.dtype), args.kv_cache_dtype, args.block_size,
                 self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size,
                 args.speculative_config, rank_bytes]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -446,3 +450,19 @@ def _load_tokenizer(source, tokenizer_dir: Optional[str]):
     from tessellm.loader.model_loader import load_tokenizer
 
     return load_tokenizer(source.path, source.kind, tokenizer_dir)
+
+
+def _weight_files(path: str) -> list:
+    """(real path, bytes, modification time) of a model's weight files: the KV connector's
+    namespace tells other weights under an equal config apart."""
+    import os
+
+    path = os.path.realpath(path)
+    names = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, n) for n in os.listdir(path)
+        if n.endswith((".safetensors", ".bin", ".pt", ".gguf")))
+    out = []
+    for name in names:
+        st = os.stat(name)
+        out.append([name, st.st_size, st.st_mtime_ns])
+    return out

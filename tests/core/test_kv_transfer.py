@@ -205,16 +205,22 @@ def test_parallel_ranks_and_async_scheduling(engine, tiny_model_dir, tmp_path):
     assert rows == [(hf_greedy(model, prompts, 6)[0], 40, 7)]
 
 
-def test_engines_of_another_layout_do_not_share(tiny_model_dir, tmp_path):
-    """Another block size (or dtype, model, parallel layout) is another namespace: a miss."""
+def test_engines_of_another_layout_or_weights_do_not_share(tiny_model_dir, tmp_path):
+    """Another block size (or dtype, parallel layout) is another namespace: a miss; so are
+    other weights under an equal config (here: the same files in another directory)."""
+    import shutil
+
     model = tiny_model_dir("llama")
+    other = shutil.copytree(model, tmp_path / "other-weights")
     prompts = _prompts(1)
-    _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    _run(model, prompts, kv_transfer_config=_kv(tmp_path / "kv", "kv_producer"))
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-    with LLM(model, device="cpu", dtype="float32", block_size=8, num_kv_blocks=16,
-             max_model_len=128, kv_transfer_config=_kv(tmp_path, "kv_consumer")) as llm:
-        out = llm.generate({"prompt_token_ids": prompts[0]}, params, use_tqdm=False)[0]
-    assert out.num_cached_tokens == 0 and len(os.listdir(tmp_path)) == 2
+    for path, block_size in ((model, 8), (other, BS)):
+        with LLM(str(path), device="cpu", dtype="float32", block_size=block_size, num_kv_blocks=32,
+                 max_model_len=128, kv_transfer_config=_kv(tmp_path / "kv", "kv_consumer")) as llm:
+            out = llm.generate({"prompt_token_ids": prompts[0]}, params, use_tqdm=False)[0]
+        assert out.num_cached_tokens == 0
+    assert len(os.listdir(tmp_path / "kv")) == 3
 
 
 class RecordingConnector(KVConnectorBase):
