@@ -97,8 +97,9 @@ class InputProcessor:
         return self._check(ProcessedPrompt(None, [0] * embeds.num_tokens, prompt_embeds=embeds))
 
     def _process_multimodal(self, prompt: dict) -> ProcessedPrompt:
-        """``{"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ...}}`` (vLLM's form)."""
-        from tessellm.multimodal.processor import get_processor
+        """``{"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ..., "video": ...}}``
+        (vLLM's form)."""
+        from tessellm.multimodal.processor import get_processor, given
 
         data = prompt["multi_modal_data"]
         processor = get_processor(self.info)
@@ -107,7 +108,12 @@ class InputProcessor:
         if not source:
             raise ValueError("The prompt is empty; give 'prompt' text (with <image> where each "
                              "image goes) or 'prompt_token_ids'.")
-        ids, features = processor.process(source, data.get("image", []))
+        videos = data.get("video")
+        if given(videos):
+            processor.check_video_count(1)  # a model without videos: refused by name
+            ids, features = processor.process(source, data.get("image", []), videos)
+        else:
+            ids, features = processor.process(source, data.get("image", []))
         return ProcessedPrompt(text, ids, features or None)
 
     def _check(self, p: ProcessedPrompt, truncate: Optional[int] = None) -> ProcessedPrompt:

@@ -1,6 +1,7 @@
-"""Chat messages with images: OpenAI content parts (``image_url``; offline also
-``image_pil``) -> the chat-template prompt with one image placeholder per image, and the
-images in order, for ``multi_modal_data``.
+"""Chat messages with images and videos: OpenAI content parts (``image_url``; offline also
+``image_pil``; ``video_url``, vLLM's, for the models that take videos) -> the chat-template
+prompt with one placeholder per image / video, and the images and videos in order, for
+``multi_modal_data``.
 
 Templates take images in one of two ways (as vLLM's "content formats"):
 * parts: ``content`` is a list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}``
@@ -15,34 +16,59 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 IMAGE_PARTS = ("image_url", "image_pil")
+VIDEO_PARTS = ("video_url",)
 
 
 def is_image_part(part) -> bool:
     return isinstance(part, dict) and part.get("type") in IMAGE_PARTS
 
 
-def count_images(conversation: list[dict]) -> int:
+def is_video_part(part) -> bool:
+    return isinstance(part, dict) and part.get("type") in VIDEO_PARTS
+
+
+def _count(conversation: list[dict], test) -> int:
     return sum(1 for m in conversation if isinstance(m.get("content"), list)
-               for p in m["content"] if is_image_part(p))
+               for p in m["content"] if test(p))
 
 
-def collect_images(conversation: list[dict], load_url: Callable[[str], object]):
-    """(conversation with each image part as ``{"type": "image"}``, the images in order)."""
-    images, out = [], []
+def count_images(conversation: list[dict]) -> int:
+    """Image and video parts: whether the conversation needs the multimodal path."""
+    return _count(conversation, lambda p: is_image_part(p) or is_video_part(p))
+
+
+def collect_images(conversation: list[dict], load_url: Callable[[str], object],
+                   load_video_url: Optional[Callable[[str], object]] = None):
+    """(conversation with each image part as ``{"type": "image"}`` and each video part as
+    ``{"type": "video"}``, the images in order, the videos in order)."""
+    images, videos, out = [], [], []
     for i, message in enumerate(conversation):
         content = message.get("content")
-        if not isinstance(content, list) or not any(is_image_part(p) for p in content):
+        if not isinstance(content, list) or not any(is_image_part(p) or is_video_part(p)
+                                                    for p in content):
             out.append(message)
             continue
         parts = []
         for j, part in enumerate(content):
-            if not is_image_part(part):
+            if is_image_part(part):
+                images.append(_image_of(part, load_url, i, j))
+                parts.append({"type": "image"})
+            elif is_video_part(part):
+                videos.append(_video_of(part, load_video_url, i, j))
+                parts.append({"type": "video"})
+            else:
                 parts.append(part)
-                continue
-            images.append(_image_of(part, load_url, i, j))
-            parts.append({"type": "image"})
         out.append({**message, "content": parts})
-    return out, images
+    return out, images, videos
+
+
+def _video_of(part: dict, load_video_url, i: int, j: int):
+    try:
+        spec = part.get("video_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        return load_video_url(url)
+    except ValueError as exc:
+        raise ValueError(f"messages[{i}].content[{j}]: {exc}") from None
 
 
 def _image_of(part: dict, load_url, i: int, j: int):
@@ -56,45 +82,56 @@ def _image_of(part: dict, load_url, i: int, j: int):
         raise ValueError(f"messages[{i}].content[{j}]: {exc}") from None
 
 
-def _as_string_content(conversation: list[dict], image_token: str) -> list[dict]:
+def _as_string_content(conversation: list[dict], image_token: str,
+                       video_token: Optional[str] = None) -> list[dict]:
     out = []
     for m in conversation:
         content = m.get("content")
         if isinstance(content, list):
-            n = sum(1 for p in content if isinstance(p, dict) and p.get("type") == "image")
+            def n(kind):
+                return sum(1 for p in content if isinstance(p, dict) and p.get("type") == kind)
+
             text = "\n".join(p.get("text") or "" for p in content
                              if isinstance(p, dict) and p.get("type") == "text")
-            m = {**m, "content": f"{image_token}\n" * n + text}
+            m = {**m, "content": f"{image_token}\n" * n("image")
+                 + f"{video_token}\n" * (n("video") if video_token else 0) + text}
         out.append(m)
     return out
 
 
 def render_with_images(render: Callable[[list[dict]], list[int]], conversation: list[dict],
-                       num_images: int, image_token: str, image_token_id: int) -> list[int]:
-    """Token ids of the conversation (image parts already ``{"type": "image"}``) with one
-    placeholder per image; ``render``: the conversation through the chat template."""
+                       num_images: int, image_token: str, image_token_id: int,
+                       num_videos: int = 0, video_token: Optional[str] = None,
+                       video_token_id: Optional[int] = None) -> list[int]:
+    """Token ids of the conversation (image parts already ``{"type": "image"}``, video parts
+    ``{"type": "video"}``) with one placeholder per image and per video; ``render``: the
+    conversation through the chat template."""
     errors: list[Exception] = []
-    for form in (conversation, _as_string_content(conversation, image_token)):
+    for form in (conversation, _as_string_content(conversation, image_token, video_token)):
         try:
             ids = render(form)
         except Exception as exc:  # noqa: BLE001 - the other form may render
             errors.append(exc)
             continue
-        if ids.count(image_token_id) == num_images:
+        if ids.count(image_token_id) == num_images and (
+                not num_videos or ids.count(video_token_id) == num_videos):
             return ids
     if len(errors) == 2:  # neither form rendered: the template's own error (or none at all)
         raise ValueError(f"The chat template could not render these messages: {errors[-1]}")
-    raise ValueError(f"The chat template does not place the {num_images} image(s) of these "
-                     f"messages (one {image_token} each in the prompt); pass a chat template "
-                     "that renders image parts.")
+    videos = f" and {num_videos} video(s) ({video_token})" if num_videos else ""
+    raise ValueError(f"The chat template does not place the {num_images} image(s) ({image_token})"
+                     f"{videos} of these messages, one placeholder each in the prompt; pass a "
+                     "chat template that renders image and video parts.")
 
 
-def image_urls(conversation: list[dict]) -> list[str]:
-    """The ``image_url`` URLs of the conversation, in order (malformed parts left out)."""
+def image_urls(conversation: list[dict], kinds: tuple = ("image_url",)) -> list[str]:
+    """The ``image_url`` (``kinds``) URLs of the conversation, in order (malformed parts left
+    out)."""
     urls = []
     for m in conversation:
         for p in m.get("content") if isinstance(m.get("content"), list) else ():
-            spec = p.get("image_url") if isinstance(p, dict) and p.get("type") == "image_url" else None
+            kind = p.get("type") if isinstance(p, dict) else None
+            spec = p.get(kind) if kind in kinds else None
             url = spec.get("url") if isinstance(spec, dict) else spec
             if isinstance(url, str):
                 urls.append(url)
@@ -103,18 +140,22 @@ def image_urls(conversation: list[dict]) -> list[str]:
 
 def load_chat_images(conversation: list[dict], info, allowed_local_media_path: Optional[str],
                      allowed_media_domains=None, fetched: Optional[dict] = None):
-    """Check and load the conversation's images for the engine ``info`` describes: (the
-    conversation with ``{"type": "image"}`` parts, the images, the image processor). A
-    text-only model, too many images, or a bad URL: ValueError naming it."""
+    """Check and load the conversation's images and videos for the engine ``info`` describes:
+    (the conversation with ``{"type": "image"}`` / ``{"type": "video"}`` parts, the images,
+    the videos, the image processor). A text-only model, too many images or videos, a model
+    without videos, no video decoder, or a bad URL: ValueError naming it."""
     from tessellm.multimodal.media import load_image_url
     from tessellm.multimodal.processor import get_processor
+    from tessellm.multimodal.video import load_video_url
 
     processor = get_processor(info)
-    processor.check_count(count_images(conversation))
-    conversation, images = collect_images(
-        conversation, lambda url: load_image_url(url, allowed_local_media_path, allowed_media_domains,
-                                                 fetched))
-    return conversation, images, processor
+    processor.check_count(_count(conversation, is_image_part))
+    processor.check_video_count(_count(conversation, is_video_part))
+    conversation, images, videos = collect_images(
+        conversation,
+        lambda url: load_image_url(url, allowed_local_media_path, allowed_media_domains, fetched),
+        lambda url: load_video_url(url, allowed_local_media_path, allowed_media_domains, fetched))
+    return conversation, images, videos, processor
 
 
 def chat_prompt_with_images(conversation: list[dict], info, tokenizer,
@@ -126,13 +167,35 @@ def chat_prompt_with_images(conversation: list[dict], info, tokenizer,
     fetched already (``fetch.prefetch``); any other is fetched here, blocking."""
     if not count_images(conversation):
         return None
-    conversation, images, processor = load_chat_images(conversation, info, allowed_local_media_path,
-                                                       allowed_media_domains, fetched)
+    conversation, images, videos, processor = load_chat_images(
+        conversation, info, allowed_local_media_path, allowed_media_domains, fetched)
     token_id = processor.placeholder_token_id
+    video_id = getattr(processor, "video_token_id", None) if videos else None
     ids = render_with_images(render, conversation, len(images),
-                             tokenizer.convert_ids_to_tokens(token_id), token_id)
+                             tokenizer.convert_ids_to_tokens(token_id), token_id, len(videos),
+                             None if video_id is None else tokenizer.convert_ids_to_tokens(video_id),
+                             video_id)
     ids = processor.expand_chat_ids(ids, tokenizer)
-    return {"prompt_token_ids": ids, "multi_modal_data": {"image": images}}
+    data = {"image": images}
+    if videos:
+        data["video"] = videos
+    return {"prompt_token_ids": ids, "multi_modal_data": data}
+
+
+def media_items(data: dict) -> list:
+    """A ``multi_modal_data`` dict's images and videos as one list (``media_data`` splits it
+    again: a video is a ``video.Video``)."""
+    return list(data.get("image") or ()) + list(data.get("video") or ())
+
+
+def media_data(items: list) -> dict:
+    from tessellm.multimodal.video import Video
+
+    videos = [x for x in items if isinstance(x, Video)]
+    data = {"image": [x for x in items if not isinstance(x, Video)]}
+    if videos:
+        data["video"] = videos
+    return data
 
 
 async def fetch_chat_images(conversation: list[dict], engine) -> dict:
@@ -140,7 +203,12 @@ async def fetch_chat_images(conversation: list[dict], engine) -> dict:
     tokenizer threads (``fetch.prefetch``); none when the request will be refused for its
     image count anyway (the count is checked again, with its message, when they load)."""
     from tessellm.multimodal.fetch import FetchPolicy, prefetch
+    from tessellm.multimodal.video import decoder_name
 
-    if count_images(conversation) > engine.info.mm_limits.get("image", 0):
+    limits = engine.info.mm_limits
+    if (_count(conversation, is_image_part) > limits.get("image", 0)
+            or _count(conversation, is_video_part) > limits.get("video", 0)):
         return {}
-    return await prefetch(image_urls(conversation), FetchPolicy.from_env(engine.args.allowed_media_domains))
+    kinds = ("image_url", "video_url") if decoder_name() else ("image_url",)
+    return await prefetch(image_urls(conversation, kinds),
+                          FetchPolicy.from_env(engine.args.allowed_media_domains))

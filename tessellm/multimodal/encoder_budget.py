@@ -145,9 +145,12 @@ class EncoderBudget:
         limit = min(self.max_input_tokens, self.cache_size)
         for f in features:
             if f.length > limit:
-                raise ValueError(f"An image of {f.length} placeholder tokens exceeds the encoder "
-                                 f"budget of {limit} tokens per step; raise "
-                                 "max_num_batched_tokens to at least the image's size.")
+                what = getattr(f, "modality", "image")
+                fewer = "; or send fewer or smaller frames" if what == "video" else ""
+                raise ValueError(f"A{'n' if what == 'image' else ''} {what} of {f.length} "
+                                 f"placeholder tokens exceeds the encoder budget of {limit} "
+                                 "tokens per step; raise max_num_batched_tokens to at least "
+                                 f"the {what}'s size{fewer}.")
 
     def begin(self, running: Iterable, position) -> None:
         """A new step: ``running`` requests, ``position(req)`` their next token to compute

@@ -8,7 +8,7 @@ import json
 import os
 from typing import Optional
 
-MODALITIES = ("image",)
+MODALITIES = ("image", "video")
 
 
 def parse_mm_limits(value) -> dict[str, int]:
@@ -57,15 +57,25 @@ def takes_images(hf_config) -> bool:
 
 
 def model_mm_limits(hf_config, args) -> dict[str, int]:
-    """What the model takes per prompt: ``{"image": n}`` (default 1) or {} for text only;
-    ``{"image": 0}`` for an image-text checkpoint served text-only (``text_only.py``)."""
+    """What the model takes per prompt: ``{"image": n}`` (default 1; Qwen2-VL / Qwen2.5-VL
+    also ``"video"``, default 1) or {} for text only; ``{"image": 0}`` for an image-text
+    checkpoint served text-only (``text_only.py``). A video limit for a model that takes no
+    videos is refused."""
+    from tessellm.multimodal.qwen2_vl_inputs import takes_videos
     from tessellm.multimodal.text_only import image_text_architecture
 
     if image_text_architecture(hf_config) is not None:
         return {"image": 0}
     if not takes_images(hf_config):
         return {}
-    return {"image": 1, **parse_mm_limits(getattr(args, "limit_mm_per_prompt", None))}
+    given = parse_mm_limits(getattr(args, "limit_mm_per_prompt", None))
+    if not takes_videos(hf_config):
+        if given.get("video"):
+            raise ValueError(f"limit_mm_per_prompt names 'video' but {hf_config.architectures[0]} "
+                             "takes no videos in tessellm (Qwen2-VL and Qwen2.5-VL do); drop it.")
+        given.pop("video", None)
+        return {"image": 1, **given}
+    return {"image": 1, "video": 1, **given}
 
 
 def check_multimodal_args(hf_config, args) -> None:

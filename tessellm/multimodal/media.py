@@ -24,9 +24,9 @@ def load_image_url(url: str, allowed_local_media_path: Optional[str] = None,
         raise ValueError("image_url.url is missing; give a data: URL (base64) of the image.")
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
-        return _open(_data_url_bytes(url), "The data: URL")
+        return _open(data_url_bytes(url), "The data: URL")
     if scheme == "file":
-        return _open(_local_file(url, allowed_local_media_path), "The file:// image")
+        return _open(local_file(url, allowed_local_media_path), "The file:// image")
     if scheme in ("http", "https"):
         from tessellm.multimodal.fetch import FetchPolicy, fetch_url, shown_url
 
@@ -50,26 +50,28 @@ def load_image_file(path: str):
     return _open(data, f"Image {path}")
 
 
-def _data_url_bytes(url: str) -> bytes:
+def data_url_bytes(url: str, kind: str = "image") -> bytes:
+    """A ``data:<kind>/...;base64,`` URL's bytes (``kind``: image or video)."""
+    example = "image/png" if kind == "image" else "video/mp4"
     header, sep, payload = url[len("data:"):].partition(",")
     if not sep:
         raise ValueError("The data: URL has no ',' before its payload; use "
-                         "data:image/png;base64,<base64 bytes>.")
+                         f"data:{example};base64,<base64 bytes>.")
     media_type, *params = header.split(";")
-    if media_type and not media_type.lower().startswith("image/"):
-        raise ValueError(f"The data: URL has media type {media_type!r}; an image_url needs an "
-                         "image (image/png, image/jpeg, ...).")
+    if media_type and not media_type.lower().startswith(f"{kind}/"):
+        raise ValueError(f"The data: URL has media type {media_type!r}; an {kind}_url needs "
+                         f"a{'n' if kind == 'image' else ''} {kind} ({example}, ...).")
     if "base64" not in (p.strip().lower() for p in params):
-        raise ValueError("The data: URL is not base64-encoded; use data:image/png;base64,<...>.")
+        raise ValueError(f"The data: URL is not base64-encoded; use data:{example};base64,<...>.")
     try:
         return base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("The data: URL's payload is not valid base64.") from None
 
 
-def _local_file(url: str, allowed: Optional[str]) -> bytes:
+def local_file(url: str, allowed: Optional[str], kind: str = "image") -> bytes:
     if allowed is None:
-        raise ValueError("file:// image URLs are refused; start the server with "
+        raise ValueError(f"file:// {kind} URLs are refused; start the server with "
                          "--allowed-local-media-path DIR to allow files under DIR.")
     parsed = urlparse(url)
     if parsed.netloc not in ("", "localhost"):
@@ -77,12 +79,12 @@ def _local_file(url: str, allowed: Optional[str]) -> bytes:
     path = os.path.realpath(unquote(parsed.path))
     root = os.path.realpath(allowed)
     if os.path.commonpath([path, root]) != root:
-        raise ValueError(f"The file:// image is outside --allowed-local-media-path ({allowed}).")
+        raise ValueError(f"The file:// {kind} is outside --allowed-local-media-path ({allowed}).")
     try:
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise ValueError(f"The file:// image could not be read: {exc.strerror}.") from None
+        raise ValueError(f"The file:// {kind} could not be read: {exc.strerror}.") from None
 
 
 def _open(data: bytes, what: str, served_as: Optional[str] = None):

@@ -16,6 +16,13 @@ Every token after the prompt (generated ones, and prompt text past the last imag
 region as a table and the delta as a number. The KV cache's slots stay those of the sequence
 position: only the rotation sees these.
 
+A video (Qwen2-VL family) is a grid of ``t`` temporal steps (two frames each): its temporal
+axis counts the steps (Qwen2-VL) or the steps times ``time_interval`` (Qwen2.5-VL: 2 per second
+at 2 fps, ``tokens_per_second * seconds per step``); the text after a video continues at its
+largest position + 1, as Qwen's reference and vLLM do. (transformers 5 continues at the
+video's start + max(h, w) instead, which differs only when the temporal positions run past
+the spatial ones.)
+
 Invariant: for a fixed prompt (token ids and images) the positions are fixed, so prefix-cache
 hits, chunked prefill and preemption (recomputed on resume) see the same rotation HF's
 ``get_rope_index`` gives the whole prompt.
@@ -43,11 +50,21 @@ def prompt_positions(num_tokens: int, features: Sequence, merge: int) -> tuple[n
             raise ValueError(f"An image of grid {list(f.grid_thw)} has {t * h * w} merged patches "
                              f"but {f.length} placeholder tokens; preprocess it with the model's "
                              "image processor.")
-        grid = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"))
+        times = _temporal(t, getattr(f, "time_interval", None))
+        grid = np.stack(np.meshgrid(times, np.arange(h), np.arange(w), indexing="ij"))
         out[:, f.offset:f.end] = nxt + grid.reshape(3, -1)
-        nxt += max(t, h, w)
+        nxt += max(int(times[-1]) + 1, h, w)  # the text after it: its largest position + 1
         i = f.end
     return out, nxt + (num_tokens - end) - num_tokens
+
+
+def _temporal(t: int, interval) -> np.ndarray:
+    """A grid's temporal positions: 0..t-1 (an image; Qwen2-VL's video), or a video's grid
+    steps times its ``time_interval`` rounded down (Qwen2.5-VL: tokens_per_second * seconds
+    per grid step, e.g. 2 * 1.0 -> 0 2 4 ...), as HF's ``get_vision_position_ids``."""
+    if interval is None:
+        return np.arange(t)
+    return (np.arange(t, dtype=np.float64) * interval).astype(np.int64)
 
 
 class MRopePositions:

@@ -34,14 +34,23 @@ def _image_types():
 
 
 def has_images(data) -> bool:
-    """Whether ``multi_modal_data`` holds an image (None or an empty list: a text prompt)."""
+    """Whether ``multi_modal_data`` holds an image or a video (None or empty lists: a text
+    prompt)."""
     if data is None:
         return False
-    if not isinstance(data, dict) or set(data) - {"image"}:
+    if not isinstance(data, dict) or set(data) - {"image", "video"}:
         raise ValueError("multi_modal_data must be a dict with an 'image' entry (a PIL image "
-                         "or a list of them); other modalities are not supported.")
-    images = data.get("image")
-    return images is not None and not (isinstance(images, (list, tuple)) and not images)
+                         "or a list of them) and/or a 'video' entry (frames, or a list of "
+                         "videos); other modalities are not supported.")
+    return any(given(data.get(k)) for k in ("image", "video"))
+
+
+def given(items) -> bool:
+    if items is None:
+        return False
+    if isinstance(items, (list, tuple)) and not items:
+        return False
+    return True
 
 
 def as_image_list(images) -> list:
@@ -59,11 +68,14 @@ class ImageProcessor:
     """One per front end; the HF processor is loaded on first use. LLaVA's here; another
     family's front end subclasses it and reads its own fields in ``_read_config``."""
 
-    def __init__(self, model_path: str, max_images: int):
+    takes_videos = False  # the Qwen2-VL family's front end takes videos too
+
+    def __init__(self, model_path: str, max_images: int, max_videos: int = 0):
         from transformers import AutoConfig
 
         self.model_path = model_path
         self.max_images = max_images
+        self.max_videos = max_videos
         self.config = AutoConfig.from_pretrained(model_path)
         self._read_config(self.config)
 
@@ -132,6 +144,18 @@ class ImageProcessor:
             raise ValueError(f"The prompt has {num_images} images, over the limit of "
                              f"{self.max_images} per prompt; raise it with "
                              f"--limit-mm-per-prompt '{{\"image\": {num_images}}}'.")
+
+    def check_video_count(self, num_videos: int) -> None:
+        if not num_videos:
+            return
+        if not self.takes_videos:
+            raise ValueError(f"The model at {self.model_path} takes no video inputs (video_url "
+                             "parts, multi_modal_data['video']); Qwen2-VL and Qwen2.5-VL do. "
+                             "Send images (frames as separate images) instead.")
+        if num_videos > self.max_videos:
+            raise ValueError(f"The prompt has {num_videos} video(s), over the limit of "
+                             f"{self.max_videos} per prompt; raise it with "
+                             f"--limit-mm-per-prompt '{{\"video\": {num_videos}}}'.")
 
     def process(self, prompt: Union[str, Sequence[int]], images) -> tuple[list[int], list[MultiModalFeature]]:
         images = as_image_list(images)
@@ -205,37 +229,49 @@ class ImageProcessor:
         except Exception as exc:  # noqa: BLE001 - a bad image or prompt: the caller's error
             raise ValueError(f"The image processor could not process the input: {exc}") from None
 
-    def _expand(self, ids: list[int], lengths: list[int]) -> list[int]:
-        """Token ids with one placeholder per image: image k's becomes ``lengths[k]`` of them."""
-        count = ids.count(self.image_token_id)
+    def _expand(self, ids: list[int], lengths: list[int], token_id: Optional[int] = None) -> list[int]:
+        """Token ids with one placeholder per image: image k's becomes ``lengths[k]`` of them.
+        ``token_id``: another placeholder than the image token (Qwen2-VL's video pad)."""
+        token = self.image_token_id if token_id is None else token_id
+        count = ids.count(token)
         if count == sum(lengths):
             return ids
         if count != len(lengths):
-            raise ValueError(self._count_error(count, lengths))
+            raise ValueError(self._token_count_error(count, lengths, token))
         out: list[int] = []
         k = 0
         for t in ids:
-            if t == self.image_token_id:
+            if t == token:
                 out.extend([t] * lengths[k])
                 k += 1
             else:
                 out.append(t)
         return out
 
-    def _spans(self, ids: list[int], lengths: list[int]) -> list[int]:
+    def _spans(self, ids: list[int], lengths: list[int], token_id: Optional[int] = None) -> list[int]:
         """The first index of each image's run of ``lengths[k]`` placeholders (in order)."""
-        where = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        token = self.image_token_id if token_id is None else token_id
+        where = [i for i, t in enumerate(ids) if t == token]
         if len(where) != sum(lengths):
-            raise ValueError(self._count_error(len(where), lengths))
+            raise ValueError(self._token_count_error(len(where), lengths, token))
         starts, first = [], 0
         for k, n in enumerate(lengths):
             s = where[first]
             if where[first + n - 1] != s + n - 1:
-                raise ValueError(f"The placeholders of image {k} are not one run of {n} "
-                                 "tokens; keep each image's placeholder tokens together.")
+                what = "image" if token == self.image_token_id else "video"
+                raise ValueError(f"The placeholders of {what} {k} are not one run of {n} "
+                                 f"tokens; keep each {what}'s placeholder tokens together.")
             starts.append(s)
             first += n
         return starts
+
+    def _token_count_error(self, count: int, lengths: list[int], token: int) -> str:
+        if token == self.image_token_id:
+            return self._count_error(count, lengths)
+        return self._video_count_error(count, lengths)
+
+    def _video_count_error(self, count: int, lengths: list[int]) -> str:
+        raise NotImplementedError  # only a front end that takes videos passes another token
 
     def _count_error(self, count: int, lengths: list[int]) -> str:
         each = (f"the image's {lengths[0]} feature tokens" if len(set(lengths)) == 1
@@ -263,7 +299,7 @@ def _check_llava_next_processor(hf, config) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def image_processor(model_path: str, max_images: int) -> ImageProcessor:
+def image_processor(model_path: str, max_images: int, max_videos: int = 0) -> ImageProcessor:
     from transformers import AutoConfig
 
     from tessellm.multimodal.gemma3_inputs import Gemma3ImageInputs, is_gemma3_mm
@@ -273,7 +309,7 @@ def image_processor(model_path: str, max_images: int) -> ImageProcessor:
 
     config = AutoConfig.from_pretrained(model_path)
     if is_qwen2_vl(config):
-        return Qwen2VLImageInputs(model_path, max_images)
+        return Qwen2VLImageInputs(model_path, max_images, max_videos)
     if is_mistral3(config):
         return Mistral3ImageInputs(model_path, max_images)
     if is_gemma3_mm(config):
@@ -330,4 +366,4 @@ def get_processor(info) -> ImageProcessor:
     limit = info.mm_limits.get("image")
     if limit is None:
         raise text_only_error(info.model_path)
-    return image_processor(info.model_path, limit)
+    return image_processor(info.model_path, limit, info.mm_limits.get("video", 0))

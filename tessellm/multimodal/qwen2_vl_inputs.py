@@ -8,18 +8,37 @@ within ``min_pixels`` / ``max_pixels`` and flattens it into patches; an image of
 ``(t, h, w)`` takes ``t * h * w / merge^2`` placeholder tokens (``Qwen2VLProcessor`` expands
 the same way). The expansion is done here over the tokenizer's ids, not by the HF processor
 object, which also needs a video processor (torchvision) that image inputs never use.
-Video (``<|video_pad|>``) is refused.
+
+Videos (Qwen2-VL, Qwen2.5-VL): each ``<|video_pad|>`` expands to its video's
+``t * h * w / merge^2`` tokens. transformers' ``Qwen2VLVideoProcessor`` needs torchvision, so
+its steps are done here over the image processor (``_video_patches``)::
+
+    frames [T, H, W, 3]  --image processor, frame by frame-->  each resized (Pillow, bicubic,
+                         within the video config's min / max pixels), rescaled, normalized
+    pad T to a multiple of temporal_patch_size (repeat the last frame), pair the frames:
+    patches [T / 2 * h * w, 3 * 2 * p * p]   (grid step, merge block, row, col; channel, frame,
+                                               y, x: the video processor's layout)
+    grid (T / 2, h, w)
+
+A still image is a 2-frame video of itself to the tower (the image processor repeats it), so
+a video of two equal frames has the image's exact patches (tested). Qwen2.5-VL's temporal
+positions step by ``tokens_per_second * temporal_patch_size / fps`` per grid step
+(``MultiModalFeature.time_interval``); Qwen2-VL's by 1. Qwen3-VL's videos (frames apart, with
+text timestamps) are refused.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from tessellm.multimodal.inputs import MultiModalFeature
-from tessellm.multimodal.processor import (ImageProcessor, as_image_list, auto_image_processor,
-                                           saved_chat_template)
+from tessellm.multimodal.processor import (ImageProcessor, given, as_image_list,
+                                           auto_image_processor, saved_chat_template)
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                  "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
@@ -29,9 +48,16 @@ def is_qwen2_vl(hf_config) -> bool:
     return any(a in ARCHITECTURES for a in getattr(hf_config, "architectures", None) or ())
 
 
+VIDEO_ARCHITECTURES = ARCHITECTURES[:2]  # Qwen3-VL's timestamped frames: not yet
+
+
+def takes_videos(hf_config) -> bool:
+    return any(a in VIDEO_ARCHITECTURES for a in getattr(hf_config, "architectures", None) or ())
+
+
 def video_refusal() -> ValueError:
-    return ValueError("Video inputs are not supported yet (Qwen2-VL takes images here); send "
-                      "images, or frames as separate images.")
+    return ValueError("Video inputs are not supported for Qwen3-VL yet (Qwen2-VL and "
+                      "Qwen2.5-VL take them); send images, or frames as separate images.")
 
 
 def max_image_tokens(model_path: str) -> int:
@@ -59,6 +85,11 @@ class Qwen2VLImageInputs(ImageProcessor):
         self.image_token_id = int(config.image_token_id)
         self.video_token_id = getattr(config, "video_token_id", None)
         self.merge = int(config.vision_config.spatial_merge_size)
+        self.takes_videos = takes_videos(config) and self.video_token_id is not None
+        # Qwen2.5-VL: temporal positions per second of video (None: Qwen2-VL, one per step)
+        self.tokens_per_second = getattr(config.vision_config, "tokens_per_second", None)
+        if "Qwen2VL" in config.architectures[0]:
+            self.tokens_per_second = None
 
     @property
     def chat_template(self) -> Optional[str]:
@@ -68,18 +99,35 @@ class Qwen2VLImageInputs(ImageProcessor):
 
     def check_without_images(self, ids: Sequence[int]) -> None:
         super().check_without_images(ids)
-        if self.video_token_id is not None and self.video_token_id in ids:
-            raise video_refusal()
+        self._check_no_video_pads(ids)
 
-    def process(self, prompt: Union[str, Sequence[int]], images) -> tuple[list[int], list[MultiModalFeature]]:
-        images = as_image_list(images)
+    def _check_no_video_pads(self, ids: Sequence[int]) -> None:
+        if self.video_token_id is None or self.video_token_id not in ids:
+            return
+        if not self.takes_videos:
+            raise video_refusal()
+        raise ValueError(f"The prompt has video placeholder tokens (<|video_pad|>, id "
+                         f"{self.video_token_id}) but no video; pass the video in "
+                         "multi_modal_data['video'] (or a video_url part), or drop the "
+                         "placeholders.")
+
+    def process(self, prompt: Union[str, Sequence[int]], images,
+                videos=None) -> tuple[list[int], list[MultiModalFeature]]:
+        images = as_image_list(images) if images else []
         self.check_count(len(images))
         if isinstance(prompt, str):
             ids = [int(t) for t in self.tokenizer(prompt)["input_ids"]]
         else:
             ids = list(prompt)
-        if self.video_token_id is not None and self.video_token_id in ids:
-            raise video_refusal()
+        features: list[MultiModalFeature] = []
+        if given(videos):
+            ids, features = self._process_videos(ids, videos)
+        else:
+            self._check_no_video_pads(ids)
+        if not images:
+            if self.image_token_id in ids:
+                super().check_without_images(ids)
+            return ids, features
         out = self._run(lambda: self.images(images=images, return_tensors="np"))
         grids = [[int(v) for v in g] for g in out["image_grid_thw"]]
         patches = np.asarray(out["pixel_values"], dtype=np.float32)
@@ -90,10 +138,80 @@ class Qwen2VLImageInputs(ImageProcessor):
         lengths = [n // (self.merge * self.merge) for n in counts]
         ids = self._expand(ids, lengths)
         spans = self._spans(ids, lengths)
+        if features:  # the videos' placeholders moved with the images' expansion
+            starts = self._spans(ids, [f.length for f in features], self.video_token_id)
+            for f, start in zip(features, starts):
+                f.offset = start
         bounds = np.cumsum([0] + counts)
-        return ids, [MultiModalFeature.from_pixels(patches[bounds[k]:bounds[k + 1]], start, n,
-                                                   grid_thw=grid)
-                     for k, (start, n, grid) in enumerate(zip(spans, lengths, grids))]
+        ours = [MultiModalFeature.from_pixels(patches[bounds[k]:bounds[k + 1]], start, n,
+                                              grid_thw=grid)
+                for k, (start, n, grid) in enumerate(zip(spans, lengths, grids))]
+        return ids, sorted(ours + features, key=lambda f: f.offset)
+
+    # -- videos ----------------------------------------------------------------------------
+
+    def _process_videos(self, ids: list[int], videos) -> tuple[list[int], list[MultiModalFeature]]:
+        """The prompt's video pads expanded (before any image's: expansion keeps their
+        order) and one feature per video."""
+        from tessellm.multimodal.video import as_video_list
+
+        if not self.takes_videos:
+            raise video_refusal()
+        videos = as_video_list(videos)
+        self.check_video_count(len(videos))
+        done = [self._video_patches(v.frames) for v in videos]
+        lengths = [t * h * w // (self.merge * self.merge) for _, (t, h, w) in done]
+        ids = self._expand(ids, lengths, self.video_token_id)
+        spans = self._spans(ids, lengths, self.video_token_id)
+        tp = self.images.temporal_patch_size
+        return ids, [MultiModalFeature.from_pixels(
+            patches, start, n, grid_thw=grid, modality="video",
+            time_interval=(1.0 if self.tokens_per_second is None
+                           else self.tokens_per_second * tp / v.fps))
+            for v, (patches, grid), start, n in zip(videos, done, spans, lengths)]
+
+    def _video_patches(self, frames: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """``[T, H, W, 3]`` uint8 frames -> (patches ``[t * h * w, 3 * tp * p * p]``, grid
+        ``[t, h, w]``) in the video processor's layout (module docstring)."""
+        from PIL import Image
+
+        proc = self.images
+        tp, p = int(proc.temporal_patch_size), int(proc.patch_size)
+        pil = [Image.fromarray(f) for f in frames]
+        out = self._run(lambda: proc(images=pil, return_tensors="np", **self._video_size))
+        grid = [int(v) for v in out["image_grid_thw"][0]]
+        n = grid[1] * grid[2]  # patches of one frame
+        per_frame = np.asarray(out["pixel_values"], dtype=np.float32)
+        per_frame = per_frame.reshape(len(pil), n, -1, tp, p, p)
+        per_frame = per_frame[:, :, :, 0]  # the processor repeats a still image tp times
+        if len(pil) % tp:
+            pad = np.repeat(per_frame[-1:], tp - len(pil) % tp, axis=0)
+            per_frame = np.concatenate([per_frame, pad])
+        t = per_frame.shape[0] // tp
+        steps = per_frame.reshape(t, tp, n, -1, p, p).transpose(0, 2, 3, 1, 4, 5)
+        return np.ascontiguousarray(steps.reshape(t * n, -1)), [t, grid[1], grid[2]]
+
+    @functools.cached_property
+    def _video_size(self) -> dict:
+        """The video processor's pixel range (``video_preprocessor_config.json``: its
+        ``size`` or min / max_pixels); none saved: the image processor's, as transformers
+        builds a Qwen2-VL video processor from ``preprocessor_config.json``."""
+        path = os.path.join(self.model_path, "video_preprocessor_config.json")
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            cfg = json.load(f)
+        size = dict(cfg.get("size") or {})
+        lo = cfg.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels")
+        hi = cfg.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
+        return {"size": {"shortest_edge": int(lo), "longest_edge": int(hi)}} if lo and hi else {}
+
+    def _video_count_error(self, count: int, lengths: list[int]) -> str:
+        return (f"The prompt has {count} video placeholder tokens (<|video_pad|>, id "
+                f"{self.video_token_id}) for {len(lengths)} video(s); put one "
+                "<|vision_start|><|video_pad|><|vision_end|> per video in the prompt, or "
+                f"{sum(lengths)} (each video's own count: {', '.join(map(str, lengths))}) when "
+                "passing expanded token ids.")
 
     def _count_error(self, count: int, lengths: list[int]) -> str:
         return (f"The prompt has {count} image placeholder tokens (<|image_pad|>, id "

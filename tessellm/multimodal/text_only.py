@@ -60,10 +60,11 @@ _INHERITED = ("tie_word_embeddings", "dtype", "quantization_config")
 
 
 def images_off(hf_config, limit_mm_per_prompt) -> bool:
-    """An image-text checkpoint with ``limit_mm_per_prompt`` image 0."""
+    """An image-text checkpoint with ``limit_mm_per_prompt`` image 0 (and no videos)."""
     from tessellm.multimodal.limits import parse_mm_limits, takes_images
 
-    return takes_images(hf_config) and parse_mm_limits(limit_mm_per_prompt).get("image") == 0
+    limits = parse_mm_limits(limit_mm_per_prompt)
+    return takes_images(hf_config) and limits.get("image") == 0 and not limits.get("video")
 
 
 def text_only_config(hf_config):

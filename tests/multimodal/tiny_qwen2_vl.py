@@ -20,7 +20,8 @@ PROMPT = f"<|im_start|>user\n{IMAGE}What is this?<|im_end|>\n<|im_start|>assista
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
     "{{ m['content'] }}{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif p['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
     "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 ARCHS = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
          "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -36,9 +37,9 @@ def _tokenizer():
 def config(kind: str = "qwen2_vl"):
     """Two text layers (hidden 64, head 16: mrope_section [2, 3, 3]) and a depth-2 tower;
     Qwen2.5-VL's windows are 2x2 merge blocks (16 px), block 1 attends over the whole image,
-    and its LM head is tied to the embeddings. Qwen3-VL: a Qwen3 text model (q/k norms) with
-    interleaved M-RoPE, a 3-block tower with a 4 x 4 position table and DeepStack mergers after
-    blocks 0 and 1 (added after text layers 0 and 1). Qwen3-VL-MoE: that tower and a Qwen3-MoE
+    its videos' temporal positions step 2 a second, and its LM head is tied to the embeddings.
+    Qwen3-VL: a Qwen3 text model (q/k norms) with interleaved M-RoPE, a 3-block tower with a
+    4 x 4 position table and DeepStack mergers after blocks 0 and 1 (added after text layers 0 and 1). Qwen3-VL-MoE: that tower and a Qwen3-MoE
     text model of three layers, the middle one dense (``mlp_only_layers``), 4 experts of
     intermediate size 48 (H 64 and 2I 96 tell the stacked tensors' orientations apart), top 2,
     its head untied (the top-level flag; its text config's says tied)."""
@@ -65,7 +66,7 @@ def config(kind: str = "qwen2_vl"):
             cls = transformers.Qwen3VLMoeConfig
     else:
         vision = dict(common, hidden_size=32, out_hidden_size=64, intermediate_size=48,
-                      window_size=16, fullatt_block_indexes=[1])
+                      window_size=16, fullatt_block_indexes=[1], tokens_per_second=2)
         cls = transformers.Qwen2_5_VLConfig
     # Qwen2.5-VL's tied, as Qwen2.5-VL-3B's (and Qwen2-VL-2B's): the flag is on the top-level
     # config only, its text config has none

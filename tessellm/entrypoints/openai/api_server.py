@@ -49,6 +49,7 @@ from tessellm.entrypoints.openai.responses.serving import create_response
 from tessellm.entrypoints.openai.responses.store import ResponseStore
 from tessellm.entrypoints.openai.serving import parse_request
 from tessellm.entrypoints.openai.serving_chat import create_chat_completion, render_messages
+from tessellm.multimodal.chat import media_data
 from tessellm.entrypoints.openai.serving_classify import create_classification
 from tessellm.entrypoints.openai.serving_completion import create_completion
 from tessellm.entrypoints.openai.serving_embedding import create_embedding
@@ -280,7 +281,7 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
             if images:  # the placeholders expanded, as the model sees them
                 try:
                     ids = (await engine.process_prompt_async(
-                        {"prompt_token_ids": ids, "multi_modal_data": {"image": images}})).prompt_token_ids
+                        {"prompt_token_ids": ids, "multi_modal_data": media_data(images)})).prompt_token_ids
                 except ValueError as exc:
                     raise prompt_error(exc, "messages") from None
         else:

@@ -34,7 +34,8 @@ from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.tools import ToolPlan, tool_call_history
 from tessellm.structured_output.params import StructuredOutputsParams
-from tessellm.multimodal.chat import chat_prompt_with_images, count_images, fetch_chat_images
+from tessellm.multimodal.chat import (chat_prompt_with_images, count_images, fetch_chat_images,
+                                      media_data, media_items)
 from tessellm.entrypoints.openai.prompts import truncate, truncation
 from tessellm.entrypoints.openai.serving import (collect, finish_reason, parse_request,
                                                  json_logprob, prompt_logprobs, random_id, response_id,
@@ -101,7 +102,7 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
         ids = truncate(ids, truncation(req, engine.info.max_model_len), req.truncation_side)
         if images:  # the image processor runs off the event loop
             processed = await engine.process_prompt_async({"prompt_token_ids": ids,
-                                                           "multi_modal_data": {"image": images}})
+                                                           "multi_modal_data": media_data(images)})
         else:
             processed = engine.process_prompt({"prompt_token_ids": ids})
     except ValueError as exc:
@@ -132,13 +133,14 @@ def _image_or_text_part(i: int, j: int, part) -> dict:
     takes it."""
     if part.type == "text" and part.text is not None:
         return {"type": "text", "text": part.text}
-    image_url = (part.model_extra or {}).get("image_url")
-    if part.type == "image_url" and image_url is not None:
-        return {"type": "image_url", "image_url": image_url}
+    media = part.type in ("image_url", "video_url")
+    spec = (part.model_extra or {}).get(part.type) if media else None
+    if spec is not None:
+        return {"type": part.type, part.type: spec}
     raise bad_request(f"messages[{i}].content[{j}] has type '{part.type}'"
-                      + (" but no image_url" if part.type == "image_url" else "")
-                      + "; give text or image_url parts.", f"messages.{i}.content.{j}",
-                      "invalid_value" if part.type == "image_url" else "unsupported_parameter")
+                      + (f" but no {part.type}" if media else "")
+                      + "; give text, image_url or video_url parts.", f"messages.{i}.content.{j}",
+                      "invalid_value" if media else "unsupported_parameter")
 
 
 def _text_len(content) -> int:
@@ -153,7 +155,8 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
                           template_kwargs: Optional[dict] = None, check_fits: bool = True,
                           images: Optional[list] = None, add_special_tokens: bool = False) -> list[int]:
     """The messages through the chat template (``chat_utils.render_chat``), off the event loop.
-    ``images``: a list that receives the messages' images (``image_url`` parts, in order; the
+    ``images``: a list that receives the messages' images (``image_url`` parts, in order, then
+    the videos of ``video_url`` parts: ``media_data`` splits them; the
     ids hold one placeholder each); None refuses image parts. ``add_special_tokens``: vLLM's
     field, the tokenizer's BOS etc. added to the rendered text."""
     if engine.tokenizer is None:
@@ -188,7 +191,7 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
                                                engine.args.allowed_media_domains, fetched)
         except ValueError as exc:
             raise prompt_error(exc, "messages") from None
-        images.extend(prompt["multi_modal_data"]["image"])
+        images.extend(media_items(prompt["multi_modal_data"]))  # videos too (media_data)
         return prompt["prompt_token_ids"]
     try:
         return await engine.run_off_loop(render_chat, engine.tokenizer, conversation,
@@ -203,7 +206,7 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
         if getattr(m, name) not in (None, []):
             raise bad_request(f"messages[{i}].{name} is not supported by tessellm yet.",
                               f"messages.{i}.{name}", "unsupported_parameter")
-    if isinstance(m.content, list) and any(p.type == "image_url" for p in m.content):
+    if isinstance(m.content, list) and any(p.type in ("image_url", "video_url") for p in m.content):
         content = [_image_or_text_part(i, j, p) for j, p in enumerate(m.content)]
     elif isinstance(m.content, list):
         texts = []
