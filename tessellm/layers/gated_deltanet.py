@@ -28,6 +28,7 @@ from tessellm.backends.reference.recurrent_verify import verify_ops
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
 from tessellm.layers.mamba_mixer import causal_conv
+from tessellm.quantization.stored_parts import split_stored
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,8 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_ba = ColumnParallelLinear(s.hidden_size, [s.value_heads, s.value_heads],
                                                bias=False, quant_method=ctx.quant_method,
                                                tp=ctx.tp)
+        # one checkpoint tensor each, its rows grouped by key head: regrouped here on load
+        self.in_proj_qkvz.stored_whole = self.in_proj_ba.stored_whole = True
         self.conv1d = _ConvWeight(n.conv_dim, s.conv_width)
         self.dt_bias = nn.Parameter(torch.ones(n.value_heads), requires_grad=False)
         self.A_log = nn.Parameter(torch.zeros(n.value_heads), requires_grad=False)
@@ -123,17 +126,16 @@ class GatedDeltaNet(nn.Module):
                              f"{tuple(tensor.shape)}, expected {want} from the config's "
                              "linear_* sizes; the config does not match the weights.")
         per_key = s.value_heads // s.key_heads
-        if attr == "in_proj_qkvz.weight":
-            sizes = [s.key_dim, s.key_dim, per_key * s.value_dim, per_key * s.value_dim]
-            for i, part in enumerate(_regroup(tensor, s.key_heads, sizes)):
-                self.in_proj_qkvz.load_shard("weight", part, i)
+        proj, _, piece = attr.partition(".")
+        if proj in ("in_proj_qkvz", "in_proj_ba"):  # the weight or its fp8 scales, by key head
+            layer = getattr(self, proj)
+            sizes = ([s.key_dim, s.key_dim, per_key * s.value_dim, per_key * s.value_dim]
+                     if proj == "in_proj_qkvz" else [per_key, per_key])
+            for i, part in enumerate(split_stored(layer, piece, tensor, sizes, s.key_heads)):
+                layer.load_shard(piece, part, i)
             return
-        if attr == "in_proj_ba.weight":
-            for i, part in enumerate(_regroup(tensor, s.key_heads, [per_key, per_key])):
-                self.in_proj_ba.load_shard("weight", part, i)
-            return
-        if attr == "out_proj.weight":
-            self.out_proj.load_shard("weight", tensor, None)
+        if proj == "out_proj":
+            self.out_proj.load_shard(piece, tensor, None)
             return
         if attr == "conv1d.weight":  # channels [q | k | v]: this rank's of each
             tensor = torch.cat([self._mine(part) for part in tensor.split([s.keys, s.keys,
@@ -207,13 +209,6 @@ def norm_then_gate(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     h = weight * h.to(o.dtype)
     return (h * F.silu(z.float())).to(o.dtype)
-
-
-def _regroup(tensor: torch.Tensor, groups: int, sizes: list[int]) -> list[torch.Tensor]:
-    """Rows ``[g0: s0 s1 .. | g1: s0 s1 .. | ..]`` (``groups`` groups of parts of ``sizes``) ->
-    one tensor per part, its rows of every group in group order."""
-    rows = tensor.reshape(groups, sum(sizes), *tensor.shape[1:])
-    return [p.reshape(-1, *tensor.shape[1:]) for p in rows.split(sizes, dim=1)]
 
 
 class _ConvWeight(nn.Module):

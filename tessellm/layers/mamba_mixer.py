@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tessellm.backends.reference.recurrent_verify import verify_ops
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
+from tessellm.quantization.stored_parts import split_stored
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class MambaMixer2(nn.Module):
         self.in_proj = ColumnParallelLinear(s.hidden_size, [inter, inter, gn, gn, s.num_heads],
                                             bias=s.proj_bias, quant_method=ctx.quant_method, tp=tp,
                                             shard_ranges=ranges)
+        self.in_proj.stored_whole = True  # one checkpoint tensor for its five parts: cut here
         self._in_parts = [inter, inter, gn, gn, s.num_heads]
         self.conv1d = _Conv1dWeights(local.conv_dim, s.d_conv, s.conv_bias)
         self._conv_rows = [ranges[1], ranges[2], ranges[3]]  # x, B, C channels of the checkpoint
@@ -104,11 +106,12 @@ class MambaMixer2(nn.Module):
     def load_checkpoint_tensor(self, attr: str, tensor) -> None:
         """``attr``: the name under the mixer (``in_proj.weight``, ``conv1d.weight``, ``A_log``,
         ...); this rank's slice of the whole checkpoint tensor goes in."""
-        tensor = materialize(tensor)
-        if attr.startswith("in_proj."):
-            for i, part in enumerate(tensor.split(self._in_parts)):
-                self.in_proj.load_shard(attr.split(".", 1)[1], part, i)
+        if attr.startswith("in_proj."):  # the weight, its bias or its fp8 scales
+            piece = attr.split(".", 1)[1]
+            for i, part in enumerate(split_stored(self.in_proj, piece, tensor, self._in_parts)):
+                self.in_proj.load_shard(piece, part, i)
             return
+        tensor = materialize(tensor)
         if attr.startswith("out_proj."):
             self.out_proj.load_shard(attr.split(".", 1)[1], tensor, None)
             return

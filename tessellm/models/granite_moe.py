@@ -29,6 +29,7 @@ from tessellm.models.decoder import DecoderMLP
 from tessellm.models.granite import GraniteForCausalLM
 from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.moe import MixtralForCausalLM
+from tessellm.quantization.stored_parts import checkpoint_block_rows, split_rows
 
 _MOE = ".block_sparse_moe."
 
@@ -91,18 +92,21 @@ class GraniteMoeSharedForCausalLM(GraniteMoeForCausalLM):
         (cut in ``load_weights`` they reached a quantized model's loader as names it had no
         place for)."""
         size = getattr(self.config, "shared_intermediate_size", 0) or 0
-        return shared_mlp_names(super().checkpoint_names(weights), size, ".mlp.shared_mlp.")
+        return shared_mlp_names(super().checkpoint_names(weights), size, ".mlp.shared_mlp.",
+                                checkpoint_block_rows(self.config))
 
 
-def shared_mlp_names(weights, size: int, into: str):
+def shared_mlp_names(weights, size: int, into: str, block_rows: Optional[int] = None):
     """The fused ``shared_mlp.input_linear`` cut into ``{into}gate_proj`` / ``up_proj`` (``size``
     rows each) and ``shared_mlp.output_linear`` renamed ``{into}down_proj``; others as they are.
-    ``into``: ".mlp.shared_mlp." beside experts, ".mlp." where it is the layer's only MLP."""
+    ``into``: ".mlp.shared_mlp." beside experts, ".mlp." where it is the layer's only MLP;
+    ``block_rows``: a block-wise fp8 checkpoint's block rows (its scales are cut by blocks)."""
     for name, tensor in weights:
-        if ".shared_mlp.input_linear.weight" in name:
-            gate, up = materialize(tensor).split([size, size])
-            prefix = name.replace(".shared_mlp.input_linear.weight", into)
-            yield prefix + "gate_proj.weight", gate
-            yield prefix + "up_proj.weight", up
+        if ".shared_mlp.input_linear." in name:  # the weight, or its fp8 scales
+            head, _, piece = name.partition(".shared_mlp.input_linear.")
+            gate, up = split_rows(piece, tensor, [size, size], block_rows=block_rows,
+                                  where=head + ".shared_mlp.input_linear")
+            yield f"{head}{into}gate_proj.{piece}", gate
+            yield f"{head}{into}up_proj.{piece}", up
         else:
             yield name.replace(".shared_mlp.output_linear.", into + "down_proj."), tensor

@@ -22,9 +22,10 @@ import torch.nn as nn
 from tessellm.layers.context import ModelContext
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.decoder import DecoderMLP
-from tessellm.models.granite_moe import (GraniteMoeForCausalLM, GraniteMoeSharedForCausalLM,
-                                         shared_mlp_names)
+from tessellm.models.granite_moe import GraniteMoeSharedForCausalLM, shared_mlp_names
+from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.mamba_decoder_layer import HybridLayers
+from tessellm.quantization.stored_parts import checkpoint_block_rows
 
 
 class GraniteMoeHybridForCausalLM(HybridLayers, GraniteMoeSharedForCausalLM):
@@ -45,10 +46,12 @@ class GraniteMoeHybridForCausalLM(HybridLayers, GraniteMoeSharedForCausalLM):
             return DecoderMLP(config, ctx, config.shared_intermediate_size)
         return super().make_mlp(config, ctx, index)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]
+                         ) -> Iterable[tuple[str, torch.Tensor]]:
         if not self.dense:
-            return super().load_weights(weights)
-        loaded: set[str] = set()
-        loaded |= GraniteMoeForCausalLM.load_weights(self, self.load_mamba_tensors(
-            shared_mlp_names(weights, self.config.shared_intermediate_size, ".mlp."), loaded))
-        return loaded
+            return super().checkpoint_names(weights)
+        # the shared MLP is the layer's MLP: its fused tensors cut into ``.mlp.*`` (here, where
+        # the quantized loader sees them too)
+        return shared_mlp_names(LlamaForCausalLM.checkpoint_names(self, weights),
+                                self.config.shared_intermediate_size, ".mlp.",
+                                checkpoint_block_rows(self.config))

@@ -12,7 +12,9 @@ token before it and cannot be rebuilt from a block hash, so:
   ``backends/reference/recurrent_verify.py``); n-gram, replay and MTP drafts (Qwen3-Next's
   ``mtp.*`` layer, ``models/mtp.py``) are served, draft models and EAGLE heads not yet; verify
   steps run eagerly (no verify graphs);
-- LoRA, quantization and pipeline parallelism are refused until they are built and tested (tensor
+- int8 / fp8 quantization runs on the linear projections only (``_quantization_refused``: the
+  conv, A_log, D, dt_bias and norms stay in the model dtype, as vLLM keeps them);
+- LoRA and pipeline parallelism are refused until they are built and tested (tensor
   parallelism splits the Mamba heads: ``layers/mamba_mixer.py``, and the gated DeltaNet heads:
   ``layers/gated_deltanet.py``);
 - decode steps run eagerly unless ``TESSELLM_RECURRENT_STATE_GRAPHS`` says otherwise
@@ -56,9 +58,7 @@ def check_engine_args(args, config) -> None:
         (getattr(args, "kv_offloading_size", None) is not None, "KV offloading",
          "prefix caching is off for them (the recurrent state of a cached prefix is not kept), "
          "so there is nothing to offload; drop kv_offloading_size"),
-        (getattr(args, "quantization", None) is not None
-         or getattr(config, "quantization_config", None) is not None, "quantization",
-         "load an unquantized checkpoint without quantization="),
+        _quantization_refused(args, config, arch),
         (getattr(args, "pipeline_parallel_size", 1) > 1, "pipeline parallelism",
          "use pipeline_parallel_size=1"),
     ]
@@ -78,6 +78,30 @@ def _spec_method(value):
 
     config = parse_speculative_config(value)
     return None if config is None else config.method
+
+
+# served: the linear projections in int8 / fp8 (per tensor, channel or block; quantized on load
+# or from such a checkpoint), the recurrent kernels' small parameters kept in the model dtype
+_QUANT_SERVED = {"int8", "fp8", "fp8_e4m3", "fbgemm_fp8", "fp8_block", "w8a16",
+                 "int8_weight_only", "compressed-tensors"}
+
+
+def _quantization_refused(args, config, arch: str) -> tuple[bool, str, str]:
+    """The quantization entry of ``check_engine_args``' table: refused unless every scheme asked
+    for (by the user or the checkpoint) is one the hybrid layers are built for."""
+    from tessellm.quantization.config import checkpoint_quant_config
+
+    asked = getattr(args, "quantization", None)
+    ckpt = checkpoint_quant_config(config) or {}
+    schemes = {str(s).lower() for s in (asked, ckpt.get("quant_method")) if s not in (None, "")}
+    schemes -= {"none", "auto"}
+    if arch == "FalconH1ForCausalLM" and schemes:
+        return (True, "quantization", "its muP multipliers are folded into the dense weights at "
+                "load; load an unquantized checkpoint without quantization=")
+    bad = sorted(schemes - _QUANT_SERVED)
+    return (bool(bad), f"quantization {', '.join(bad)}",
+            "they serve int8 and fp8 (quantization='fp8', 'fp8_block' or 'int8', or an fp8 "
+            "checkpoint); load one of those or an unquantized checkpoint")
 
 
 def prefix_caching(enabled: bool, config) -> bool:

@@ -112,6 +112,16 @@ def _buffer_dense(layer, buffered: dict, tensor: torch.Tensor, shard, routed: se
 
 
 def _route(name: str, layers: dict, stacked) -> Optional[tuple[str, str, Optional[int]]]:
+    """The quantized layer ``name`` fills: (module, attr, shard), or None for the model's own
+    ``load_weights`` (and for a layer marked ``stored_whole``: its shards come in one stored
+    tensor that its owner cuts, ``quantization/stored_parts.py``)."""
+    target = _match(name, layers, stacked)
+    if target is None or getattr(layers[target[0]], "stored_whole", False):
+        return None
+    return target
+
+
+def _match(name: str, layers: dict, stacked) -> Optional[tuple[str, str, Optional[int]]]:
     for candidate in (name, name[len("model."):] if name.startswith("model.") else None):
         if candidate is None:
             continue

@@ -96,8 +96,8 @@ def test_mamba2_refuses_what_a_recurrent_state_cannot_do(mamba2_dir):
         LLM(mamba2_dir, dtype="float32", pipeline_parallel_size=2, device="cpu")
     with pytest.raises(ValueError, match="Mamba layers do not run on backend 'tpu' yet"):
         LLM(mamba2_dir, dtype="float32", device="tpu", emulate=True)
-    with pytest.raises(ValueError, match="does not support quantization yet"):
-        LLM(mamba2_dir, dtype="float32", quantization="fp8")
+    with pytest.raises(ValueError, match="does not support quantization gptq yet"):
+        LLM(mamba2_dir, dtype="float32", quantization="gptq")
     with pytest.raises(ValueError, match="does not support speculative decoding with method "
                                          "'eagle' yet"):
         LLM(mamba2_dir, dtype="float32", speculative_config={

@@ -82,8 +82,8 @@ def test_qwen3_next_refuses_what_a_recurrent_state_cannot_do(qwen3_next_dir):
                                          "'eagle' yet"):
         LLM(qwen3_next_dir, dtype="float32", speculative_config={
             "method": "eagle", "model": qwen3_next_dir, "num_speculative_tokens": 2})
-    with pytest.raises(ValueError, match="does not support quantization yet"):
-        LLM(qwen3_next_dir, dtype="float32", quantization="fp8")
+    with pytest.raises(ValueError, match="does not support quantization awq yet"):
+        LLM(qwen3_next_dir, dtype="float32", quantization="awq")
     with pytest.raises(ValueError, match="do not run on backend 'tpu' yet"):
         LLM(qwen3_next_dir, dtype="float32", device="tpu", emulate=True)
 

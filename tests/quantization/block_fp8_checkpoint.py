@@ -27,9 +27,11 @@ from tessellm.quantization.fp8_block import dequantize_block, quantize_block_ten
 BLOCK = [128, 128]
 CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
           "weight_block_size": BLOCK}
-# never quantized: embeddings, LM head, norms, MoE routers (Qwen/DeepSeek mlp.gate, Mixtral
-# block_sparse_moe.gate), Qwen2-MoE's shared-expert gate
-_DENSE = re.compile(r"(embed_tokens|lm_head|norm|layernorm|\.gate\.weight$|shared_expert_gate)")
+# never quantized: embeddings (Nemotron-H's backbone.embeddings too), LM head, norms, MoE routers
+# (Qwen/DeepSeek mlp.gate, Mixtral block_sparse_moe.gate, Granite's block_sparse_moe.router),
+# Qwen2-MoE's shared-expert gate, Qwen3-Next's in_proj_ba (Qwen3-Next-80B-A3B-*-FP8 keep it bf16)
+_DENSE = re.compile(r"(embed_tokens|embeddings|lm_head|norm|layernorm|\.gate\.weight$"
+                    r"|shared_expert_gate|\.router\.|linear_attn\.in_proj_ba\.)")
 
 
 def quantized_names(state: dict) -> list[str]:
