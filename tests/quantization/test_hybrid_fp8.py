@@ -137,7 +137,7 @@ def test_fp8_on_load_quantizes_each_stored_part_in_place(checkpoints, arch):
 
 def _top1_agreement(path, continuations, **kwargs) -> float:
     score = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
-    with LLM(path, dtype="float32", num_kv_blocks=64, **kwargs) as llm:
+    with LLM(path, **{"dtype": "float32", "num_kv_blocks": 64, **kwargs}) as llm:
         outs = llm.generate([{"prompt_token_ids": p + c} for p, c in continuations], score,
                             use_tqdm=False)
     hits = [o.prompt_logprobs[len(p) + j][tok].rank == 1
@@ -176,3 +176,59 @@ def test_falcon_h1_quantization_is_refused():
                                          "yet; its muP multipliers"):
         check_engine_args(SimpleNamespace(quantization="fp8"), config)
     check_engine_args(SimpleNamespace(quantization=None), config)  # unquantized: served
+
+
+# -- on a GPU (benchmarks/hybq_device.sh) -------------------------------------------------------
+
+ON_GPU = torch.cuda.is_available()
+# (N, K) of the hybrid layers' projections in the released models: Qwen3-Next-80B-A3B's DeltaNet
+# in_proj_qkvz and out_proj, Granite 4.0-H small's Mamba in_proj ([z | x | B | C | dt]: the dt
+# part ends mid-block) and out_proj
+HYBRID_SHAPES = [(12288, 2048), (2048, 4096), (16768, 4096), (4096, 8192)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,k", HYBRID_SHAPES)
+def test_cuda_fp8_gemms_at_hybrid_shapes(n, k):
+    """The cuda backend's fp8 GEMMs (``TritonQuantOps``: per-channel fp8, W8A16 at decode sizes,
+    W8A8 above; block fp8, W8A8 at every size) at the hybrid layers' shapes: the block GEMM
+    against its W8A8 oracle, both within e4m3 activation error of the dequantized weight's
+    product (bfloat16 activations, as served)."""
+    from tessellm.kernels.gemm.quant_ops import TritonQuantOps
+    from tessellm.quantization.fp8_block import quantize_fp8_block, w8a8_block_reference
+
+    ops, dev = TritonQuantOps(), torch.device("cuda")
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g) * 0.02
+    block_cpu = quantize_fp8_block(w, (128, 128))
+    channel, block = quantize_fp8(w).to(dev), quantize_fp8_block(w, (128, 128)).to(dev)
+    for m in (1, 8, 64, 300):
+        x = (torch.randn(m, k, generator=g)).to(dev, torch.bfloat16)
+        for name, seg, got in (("fp8", channel, ops.fp8_mm(x, channel)),
+                               ("fp8_block", block, ops.fp8_block_mm(x, block))):
+            dense = x.float() @ seg.dequantize().float().t()
+            rel = ((got.float() - dense).norm() / dense.norm()).item()
+            assert got.shape == (m, n) and rel < 0.05, (name, m, rel)
+        want = w8a8_block_reference(x.float().cpu(), block_cpu)
+        got = ops.fp8_block_mm(x.float(), block).cpu()
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=5e-3 * want.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_cuda_fp8_hybrids_greedy(checkpoints, granite_moe_dir):
+    """Tiny hybrids served on cuda in bfloat16 (the Triton recurrent kernels, fp8 GEMMs, fp8 MoE
+    experts): Granite 4.0-H with experts under quantization="fp8" and the block-fp8 Qwen3-Next
+    checkpoint agree with their dense model's teacher-forced greedy continuation on cuda."""
+    kw = dict(device="cuda", dtype="bfloat16")
+    for path, dense, quant in ((granite_moe_dir, granite_moe_dir, "fp8"),
+                               (*checkpoints("qwen3-next"), None)):
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        with LLM(dense, num_kv_blocks=64, **kw) as llm:
+            outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                                use_tqdm=False)
+        continuations = [(p, list(o.outputs[0].token_ids)) for p, o in zip(PROMPTS, outs)]
+        agreement = _top1_agreement(path, continuations, quantization=quant, **kw)
+        print(f"{path}: top-1 agreement {agreement:.3f}")
+        assert agreement >= 0.6, (path, agreement)
