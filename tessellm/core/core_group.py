@@ -79,7 +79,7 @@ class EngineCoreGroup:
         lora_id = req.lora_request["id"] if req.lora_request else None  # LoRARequest.to_dict()
         core = self.balancer.pick(req.prompt_token_ids, lora_id, affinity_key(req))
         self.clients[core].send_add(req)
-        self.balancer.assign(req.request_id, core)
+        self.balancer.assign(req.request_id, core, len(req.prompt_token_ids))
 
     def send_abort(self, core_request_ids: list[str]) -> None:
         """Each id to the core that has it; ids already finished are dropped."""
@@ -96,10 +96,13 @@ class EngineCoreGroup:
         self.balancer.release(core_request_id)
 
     def note_outputs(self, outputs) -> None:
-        """The cores' outputs have reached the front end: the finished ones leave their core."""
+        """The cores' outputs have reached the front end: their tokens add to their core's
+        load; the finished ones leave it."""
         for out in outputs:
             if out.finish_reason is not None:
                 self.balancer.release(out.request_id)
+            else:
+                self.balancer.generated(out.request_id, len(out.new_token_ids))
 
     def send_remove_lora(self, lora_id: int) -> None:
         for client in self.clients:
@@ -115,6 +118,10 @@ class EngineCoreGroup:
 
     def loads(self) -> list[int]:
         """Core requests in each core now (queued or running), as the front end counts them."""
+        return list(self.balancer.num_requests)
+
+    def token_loads(self) -> list[int]:
+        """Tokens of those requests in each core (prompt + generated): what the balancer weighs."""
         return list(self.balancer.load)
 
     def merged_stats(self) -> EngineStats:

@@ -1,17 +1,22 @@
 """Which data-parallel engine core gets a request: plain Python, in the front end.
 
-The front end sees every request go in and every one finish, so it knows each core's load
-exactly: the core requests (one per sample) it sent there that have not finished or been
-aborted, queued or running. (vLLM's data-parallel client learns the cores' waiting and running
+The front end sees every request go in, every token come out and every request finish, so it
+knows each core's load exactly, in tokens: over the core requests (one per sample) it sent
+there that have not finished or been aborted, queued or running, their prompt tokens plus the
+tokens they generated so far (the KV they hold, and what each decode step reads; a queued
+prompt is that much prefill still to do). A core with one 30k-token request is busier than one
+with three short chats. (vLLM's data-parallel client learns the cores' waiting and running
 counts from a coordinator process, a few milliseconds late, and adds what it sent since; in one
 process the exact count costs nothing.)
 
 Invariants:
 
+* ``load[c]`` is the sum of ``weight`` over the requests ``owner`` gives to core ``c``;
+  ``num_requests[c]`` counts them.
 * Load first: a request goes to a core whose load is at most ``slack`` above the least
-  loaded one's (``slack = max(2, least // 8)``: two requests, or an eighth more), so prefix
-  affinity costs at most that much queueing, and a hot prefix spills onto the other cores
-  instead of piling up on one.
+  loaded one's (``slack = max(2 * its prompt tokens, 16 blocks, least // 8)``: two requests
+  like it, a few short chats, or an eighth more), so prefix affinity costs at most that much
+  queueing, and a hot prefix spills onto the other cores instead of piling up on one.
 * Among those, the core that was sent the longest leading run of the request's prefix chain
   wins (its prefix cache probably holds those KV blocks); ties, and requests whose prefix no
   eligible core holds, go to the least loaded, then round-robin (an idle server spreads its
@@ -32,7 +37,8 @@ from typing import Optional
 
 from tessellm.core.prefix_index import PrefixIndex
 
-_MIN_SLACK = 2  # requests a core may be above the least loaded one and still win on affinity
+_MIN_SLACK = 2  # requests like this one a core may be above the least loaded and win on affinity
+_MIN_SLACK_BLOCKS = 16  # ... or this many blocks of tokens (noise: a few short chats)
 _SLACK_FRACTION = 8  # ... or this fraction (1/8) of the least load, when larger
 _MAX_BLOCKS = 32  # leading KV blocks of a prompt hashed for affinity
 _MAX_ENTRIES = 50_000  # chain hashes remembered per core (LRU)
@@ -45,9 +51,11 @@ class LoadBalancer:
         self.block_size = block_size
         self.affinity = affinity and num_cores > 1
         self.max_blocks = max_blocks
-        self.load = [0] * num_cores  # core requests sent to each core, not finished or aborted
+        self.load = [0] * num_cores  # tokens of the core requests of each core (module docstring)
+        self.num_requests = [0] * num_cores  # core requests of each core, not finished or aborted
         self.sent = [0] * num_cores  # core requests ever sent to each core
         self.owner: dict[str, int] = {}  # core request id -> its core
+        self.weight: dict[str, int] = {}  # core request id -> its prompt + generated tokens
         self._index = PrefixIndex(_MAX_ENTRIES)
         self._next = 0  # where the round-robin among equally loaded cores starts
 
@@ -60,7 +68,8 @@ class LoadBalancer:
         cores = range(self.num_cores)
         chain = self.chain(prompt_token_ids, lora_id, cache_salt) if self.affinity else []
         least = min(self.load[i] for i in cores)
-        slack = max(_MIN_SLACK, least // _SLACK_FRACTION)
+        slack = max(_MIN_SLACK * len(prompt_token_ids), _MIN_SLACK_BLOCKS * self.block_size,
+                    least // _SLACK_FRACTION)
         eligible = [i for i in cores if self.load[i] <= least + slack]
         if chain:
             depth = self._index.match(chain, eligible)
@@ -89,15 +98,25 @@ class LoadBalancer:
             chain.append(h)
         return chain
 
-    def assign(self, core_request_id: str, core: int) -> None:
-        """``core_request_id`` went to ``core``."""
+    def assign(self, core_request_id: str, core: int, num_prompt_tokens: int) -> None:
+        """``core_request_id`` (a prompt of ``num_prompt_tokens``) went to ``core``."""
         self.owner[core_request_id] = core
-        self.load[core] += 1
+        self.weight[core_request_id] = num_prompt_tokens
+        self.load[core] += num_prompt_tokens
+        self.num_requests[core] += 1
         self.sent[core] += 1
+
+    def generated(self, core_request_id: str, num_tokens: int) -> None:
+        """It generated ``num_tokens`` more (ignored once it is released)."""
+        core = self.owner.get(core_request_id)
+        if core is not None and num_tokens:
+            self.weight[core_request_id] += num_tokens
+            self.load[core] += num_tokens
 
     def release(self, core_request_id: str) -> Optional[int]:
         """It finished or was aborted: its core (None if unknown, e.g. finished already)."""
         core = self.owner.pop(core_request_id, None)
         if core is not None:
-            self.load[core] -= 1
+            self.load[core] -= self.weight.pop(core_request_id)
+            self.num_requests[core] -= 1
         return core

@@ -38,29 +38,52 @@ def test_balancer_spreads_and_releases():
     picks = []
     for i in range(6):  # prompts shorter than a block: no affinity, least loaded, round-robin
         core = lb.pick([i, i + 1])
-        lb.assign(f"r{i}", core)
+        lb.assign(f"r{i}", core, 2)
         picks.append(core)
-    assert picks == [0, 1, 0, 1, 0, 1] and lb.load == [3, 3]
+    assert picks == [0, 1, 0, 1, 0, 1] and lb.num_requests == [3, 3] and lb.load == [6, 6]
     assert lb.release("r0") == 0 and lb.release("r0") is None
     assert lb.pick([9]) == 0  # now the least loaded
+    assert lb.load == [4, 6] and lb.num_requests == [2, 3]
+
+
+def test_balancer_weighs_tokens_not_requests():
+    """One long request is more load than three short ones, and a request's generated tokens
+    add to its core's load until it is released."""
+    lb = LoadBalancer(2, block_size=4)
+    lb.assign("long", 0, 3000)
+    for i in range(3):
+        lb.assign(f"short{i}", 1, 20)
+    assert lb.pick(list(range(20))) == 1  # fewer tokens, though more requests
+    lb.generated("short0", 5)
+    lb.generated("long", 7)
+    assert lb.load == [3007, 65]
+    for _ in range(200):  # a long decode on core 1 makes it the busier one
+        lb.generated("short1", 20)
+    assert lb.load[1] > lb.load[0] and lb.pick(list(range(20))) == 0
+    lb.release("short1")
+    lb.generated("short1", 5)  # a late output of a released request: ignored
+    assert lb.load == [3007, 45] and lb.num_requests == [1, 2]
 
 
 def test_balancer_prefers_the_prefix_holder_while_loads_are_close():
     lb = LoadBalancer(2, block_size=4)
     shared = list(range(100, 108))  # two full blocks
     first = lb.pick(shared + [1])
-    lb.assign("a", first)
-    # Same two leading blocks: the same core while it is at most 2 requests above the other.
-    for rid in ("b", "c"):
+    lb.assign("a", first, 9)
+    # Same two leading blocks: the same core while it is at most 16 blocks of tokens (64 here:
+    # more than two 9-token requests) above the other.
+    for i in range(6):
         assert lb.pick(shared + [2]) == first
-        lb.assign(rid, first)
-    other = lb.pick(shared + [3])  # 3 in flight there, 0 here: load wins
+        lb.assign(f"b{i}", first, 9)
+    assert lb.load[first] == 63
+    lb.assign("c", first, 9)
+    other = lb.pick(shared + [3])  # 72 tokens in flight there, 0 here: load wins
     assert other != first
     # A LoRA adapter is a link of its own: its requests gather where it went first, short
     # prompts too; another adapter's go to the least loaded core.
     lb = LoadBalancer(2, block_size=4)
     lora_core = lb.pick(list(range(50, 58)), lora_id=7)
-    lb.assign("l1", lora_core)
+    lb.assign("l1", lora_core, 8)
     assert lb.pick(list(range(60, 68)), lora_id=7) == lora_core
     assert lb.pick([1, 2], lora_id=7) == lora_core
     assert lb.pick([3, 4], lora_id=8) != lora_core
@@ -87,7 +110,7 @@ def test_balancer_tells_prompt_embeds_apart():
     assert chain(a) == chain(a2)
     assert not set(chain(a)) & set(chain(b))
     first = lb.pick(a.prompt_token_ids, None, affinity_key(a))
-    lb.assign("a", first)
+    lb.assign("a", first, 8)
     assert lb.pick(b.prompt_token_ids, None, affinity_key(b)) != first  # no shared prefix: least loaded
     assert lb.pick(a2.prompt_token_ids, None, affinity_key(a2)) == first
 

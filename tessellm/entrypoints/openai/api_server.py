@@ -156,11 +156,11 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
             raise OpenAIError(f"The engine core did not answer: {exc}", 503) from None
         stats = per_core[0] if len(per_core) == 1 else dataclasses.asdict(
             merge_engine_stats([EngineStats.from_dict(d) for d in per_core]))
-        pids, loads = engine.cores.pids(), engine.cores.loads()
-        # One entry per engine core (data parallelism): its stats, pid, and the requests the
-        # front end has sent it that are not finished (what the load balancer weighs).
+        pids, loads, tokens = engine.cores.pids(), engine.cores.loads(), engine.cores.token_loads()
+        # One entry per engine core (data parallelism): its stats, pid, the requests the front
+        # end has sent it that are not finished and their tokens (what the load balancer weighs).
         engines = [{"index": i, "pid": pids[i], "devices": engine.cores.clients[i].info.devices,
-                    "num_requests": loads[i],
+                    "num_requests": loads[i], "num_tokens": tokens[i],
                     "requests_sent_total": engine.cores.balancer.sent[i], "stats": per_core[i]}
                    for i in range(len(per_core))]
         return {"stats": stats, "num_requests": len(engine.streams), "engine_pid": pids[0],
