@@ -21,8 +21,9 @@ Layout::
 Files are written to a temporary name and renamed: a reader sees a whole file or none. A file
 that is missing, truncated, of another layout or whose checksum fails is a miss: the scheduler
 checks each rank's header and size before it counts a block as loadable; the worker checks the
-rest when it loads, and a failure there makes the request recompute (``base.py``). Nothing is
-ever deleted: the directory grows until someone clears it.
+rest when it loads, and a failure there makes the request recompute (``base.py``) and removes
+the file (a producer's next save of that block writes it afresh). Nothing else is ever
+deleted: the directory grows until someone clears it.
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ class SharedStorageConnector(KVConnectorBase):
         self._keys: dict[str, list[str]] = {}
         self._saved: dict[str, int] = {}  # leading blocks already saved or offered to the workers
         self._loads: list = []  # [request id, [[key, block], ...]] for the next step
-        self._bad: set[str] = set()  # keys whose load failed on some worker: never again
         self._warned = False
 
     def path(self, key: str, rank: int) -> str:
@@ -101,8 +101,7 @@ class SharedStorageConnector(KVConnectorBase):
         keys = self.block_keys(request)
         n = 0
         for key in keys[num_computed_tokens // bs:(request.num_tokens - 1) // bs]:
-            if key in self._bad or not all(self._loadable(key, r)
-                                           for r in range(self.context.world_size)):
+            if not all(self._loadable(key, r) for r in range(self.context.world_size)):
                 break
             n += 1
         return n * bs
@@ -158,8 +157,8 @@ class SharedStorageConnector(KVConnectorBase):
         return {"loads": loads, "saves": saves}
 
     def request_failed_load(self, request) -> None:
-        keys = self._keys.get(request.request_id, [])
-        self._bad.update(keys)  # which one failed is the worker's to know: none of them again
+        # The worker removed the bad file: later lookups miss it. The request itself is
+        # recomputed without the connector; it saves what it computes afresh.
         self._saved.pop(request.request_id, None)
 
     def request_finished(self, request) -> None:
@@ -210,8 +209,15 @@ class SharedStorageConnector(KVConnectorBase):
             if zlib.crc32(row) != header.get("crc32"):
                 raise ValueError("checksum mismatch")
             return True
+        except FileNotFoundError:
+            logger.warning("KV file %s is gone: the request is recomputed.", path)
+            return False
         except (OSError, ValueError) as exc:
-            logger.warning("KV file %s not loaded (%s): the request is recomputed.", path, exc)
+            logger.warning("KV file %s not loaded (%s): removed; the request is recomputed.", path, exc)
+            try:
+                os.unlink(path)  # nobody loads it again; a producer's next save writes it afresh
+            except OSError:
+                pass
             return False
 
     def _copy_in(self, rows, blocks: list[int]) -> None:

@@ -131,8 +131,32 @@ def test_corrupt_truncated_and_missing_files(tiny_model_dir, tmp_path):
     assert rows[0][1:] == (16, 42 - 16 + 5)  # blocks 0..3 loaded
     assert rows[1][1:] == (0, 2 + 42 + 5)  # the step over garbage (2 tokens) dropped; all recomputed
     assert stats.kv_connector["load_failures"] == 1 and stats.kv_connector["hits"] == 16 + 40
+    assert not os.path.exists(conn.path(keys_q[7], 0))  # the corrupt file is gone
+    _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_producer"))  # ... and saved afresh
+    rows, _ = _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_consumer"))
+    assert rows == [(want[1], 40, 2 + 5)]
     rows, _ = _run(model, [p], kv_transfer_config=_kv(tmp_path / "absent", "kv_consumer"))
     assert rows == [(want[0], 0, 42 + 5)]
+
+
+def test_with_the_host_tier(tiny_model_dir, tmp_path):
+    """The connector behind the host tier (--kv-offloading-size) on a 16-block device cache:
+    P is loaded from files first; evicted by Q and R, it comes back from the host tier, not
+    from the files; HF's tokens."""
+    model = tiny_model_dir("llama")
+    p, q, r = _prompts(3)
+    order = [p, q, r, p]
+    _run(model, [p], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=16,
+             max_model_len=128, kv_offloading_size=0.01,
+             kv_transfer_config=_kv(tmp_path, "kv_consumer")) as llm:
+        outs = [llm.generate({"prompt_token_ids": x}, params, use_tqdm=False)[0] for x in order]
+        core = llm.engine.core
+        host, conn = core.kv.host.stats, core.scheduler.stats().kv_connector
+    assert [list(o.outputs[0].token_ids) for o in outs] == hf_greedy(model, order, 6)
+    assert [o.num_cached_tokens for o in outs] == [40, 0, 0, 40]
+    assert conn["hits"] == 40 and host.hits == 40 and host.blocks_loaded == 10
 
 
 def _connector(path, namespace: str, role=KVConnectorRole.SCHEDULER) -> SharedStorageConnector:
