@@ -63,6 +63,9 @@ sequences that verify drafts, last in the step's rows) and the optional ``FusedO
 ``mamba_conv1d_verify`` / ``mamba_state_update_verify`` / ``gated_delta_verify``, which keep the
 state after each verified token in a slot of its own; plugins of versions 1 to 12 keep working
 (the engine composes those ops from their one-token ops, ``reference/recurrent_verify.py``).
+14 = ``LoRAOps.fused_experts_lora`` (optional: the experts of a MoE layer with each token's
+adapter on every expert's gate/up/down projections, ``ExpertLoRA``); plugins of versions 1 to 13
+keep working (the engine runs the pure-torch reference, ``backends/reference/moe_lora.py``).
 
 Ownership
 ---------
@@ -99,7 +102,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 13
+TESSELLM_PLUGIN_API = 14
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -847,6 +850,43 @@ class LoRAOps(Protocol):
     def expand(self, buf, lora_b, meta: Any, scaling, out, out_offset: int = 0) -> None: ...
 
     def expand_slices(self, buf, lora_bs, meta: Any, scaling, out, offsets) -> None: ...
+
+    # Optional (plugin API 14): ``fused_experts_lora(hidden, topk_weights, topk_ids, w13, w2,
+    # token_slots, lora: ExpertLoRA, *, activation=None, w13_bias=None, w2_bias=None,
+    # expert_map=None) -> [T, H]``: ``FusedOps.fused_experts`` (same arguments and layouts,
+    # ``backends/reference/moe.py``) with every token's adapter ``token_slots[t]`` (int32 [T], -1:
+    # none) applied to each of its experts' projections (``ExpertLoRA``'s docstring: exact
+    # semantics). Oracle ``backends/reference/moe_lora.fused_experts_lora_reference``; conformance
+    # ``test_lora_ops.py::test_fused_experts_lora*``. Without it the engine runs the oracle.
+
+
+@dataclass
+class ExpertLoRA:
+    """Adapter slots of one MoE layer's experts (``LoRAOps.fused_experts_lora``). ``S`` slots,
+    ``E`` experts (this rank's under expert parallelism, in ``w13``'s order), rank ``R`` (zero
+    padded), ``n`` parts of ``w13`` (2: gate and up; 1 for an ungated activation)::
+
+        w13_a [S, E, n*R, H]   part i's A in rows [i*R, (i+1)*R)
+        w13_b [S, E, N13, R]   N13 = w13's rows; row block i (N13/n rows) is part i's B
+        w2_a  [S, E, R, I]     I = w2's columns
+        w2_b  [S, E, H, R]
+        scaling [S] float32
+
+    For each routed pair (token t, expert e) with slot ``s = token_slots[t] >= 0``::
+
+        c13 = x_t w13[e]^T (+ bias);  c13[part i rows] += scaling[s] * B13_i (A13_i x_t)
+        a   = activation(c13)
+        y   = a w2[e]^T (+ bias);     y += scaling[s] * w2_b[s, e] (w2_a[s, e] a)
+        out[t] += topk_weight * y
+
+    each LoRA term formed in float32 and added to the base product (in the activations' dtype)
+    before it is rounded again. Rows with slot -1 get the base experts only."""
+
+    w13_a: Any
+    w13_b: Any
+    w2_a: Any
+    w2_b: Any
+    scaling: Any
 
 
 # The protocol each firstresult hook's return value must satisfy.

@@ -40,6 +40,14 @@ class ReferenceLoRAOps:
     name = "reference"
     supports_graph_capture = False
 
+    def fused_experts_lora(self, hidden, topk_weights, topk_ids, w13, w2, token_slots, lora,
+                           **variant):
+        """MoE experts with each token's adapter (``moe_lora.py``)."""
+        from tessellm.backends.reference.moe_lora import fused_experts_lora_reference
+
+        return fused_experts_lora_reference(hidden, topk_weights, topk_ids, w13, w2, token_slots,
+                                            lora, **variant)
+
     def prepare(self, token_slots: torch.Tensor, num_slots: int) -> ReferenceLoRAMeta:
         check_slots(token_slots, num_slots)
         slots = token_slots.to(torch.int64)

@@ -8,6 +8,7 @@ import torch
 
 from tessellm.kernels.lora.expand import lora_expand, lora_expand_slices
 from tessellm.kernels.lora.meta import LoRABatchMeta, prepare
+from tessellm.kernels.lora.moe import fused_experts_lora_triton
 from tessellm.kernels.lora.shrink import lora_shrink
 
 __all__ = ["LoRABatchMeta", "TritonLoRAOps", "lora_expand", "lora_expand_slices", "lora_shrink",
@@ -33,3 +34,8 @@ class TritonLoRAOps:
 
     def expand_slices(self, buf, lora_bs, meta: LoRABatchMeta, scaling, out, offsets) -> None:
         lora_expand_slices(buf, lora_bs, meta, scaling, out, offsets)
+
+    def fused_experts_lora(self, hidden, topk_weights, topk_ids, w13, w2, token_slots, lora,
+                           **variant):
+        return fused_experts_lora_triton(hidden, topk_weights, topk_ids, w13, w2, token_slots,
+                                         lora, **variant)
