@@ -22,6 +22,10 @@ path under a layer -> its logical parts (B's rows, in that order)::
     gpt_bigcode attn.c_attn (MQA [q|k|v], else per head)   q_proj k_proj v_proj
                 attn.c_proj, mlp.c_fc, mlp.c_proj          o_proj, fc_in, fc_out
     MoE         llama's attention only (experts: no LoRA)
+    Mixtral, Qwen3-MoE   llama's attention and every expert's gate/up/down (``experts.py``:
+                per-expert modules ``block_sparse_moe.experts.<e>.w1|w3|w2`` or
+                ``mlp.experts.<e>.gate_proj|up_proj|down_proj``, or the fused ``mlp.experts``
+                parameters ``gate_up_proj`` / ``down_proj`` of transformers 5)
 
 A fused module's B is cut into its parts by the same function that cuts the family's
 checkpoint weight on load (``split``; rows of ``lora_B [out, r]`` are rows of the weight's
@@ -33,6 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+from tessellm.lora.experts import ExpertNames
 
 Q, K, V = ("q_proj",), ("k_proj",), ("v_proj",)
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -84,6 +90,10 @@ class Family:
     # another naming of the same modules -> ours (``transformer.h.3.attn.attention.q_proj`` ->
     # ``model.layers.3.self_attn.q_proj``), as the family's loader renames its checkpoints
     rename: Optional[Callable[[str], str]] = None
+    # the experts' LoRA naming (None: the experts take no LoRA), their count and width
+    experts: Optional[ExpertNames] = None
+    num_experts: Callable = lambda c: c.num_experts
+    expert_size: Callable = lambda c: c.moe_intermediate_size
 
     def split(self, config, path: str, b, sizes: list[int]) -> tuple:
         """B ``[sum(sizes), r]`` of the fused module at ``path`` -> one B per logical part."""
@@ -123,6 +133,15 @@ GPT_BIGCODE = Family("transformer.h",
 MOE_ATTENTION = Family("model.layers", dict(_LLAMA_ATTN),
                        note=" (attention only: LoRA on the mixture-of-experts MLPs is not "
                             "supported)")
+_EXPERTS_NOTE = " (and the experts' gate/up/down projections: w1, w3, w2 for Mixtral)"
+MIXTRAL = Family("model.layers", dict(_LLAMA_ATTN), note=_EXPERTS_NOTE,
+                 experts=ExpertNames(("block_sparse_moe.experts", "mlp.experts"),
+                                     {"w1": "gate", "w3": "up", "w2": "down"}),
+                 num_experts=lambda c: c.num_local_experts,
+                 expert_size=lambda c: c.intermediate_size)
+QWEN_MOE = Family("model.layers", dict(_LLAMA_ATTN), note=_EXPERTS_NOTE,
+                  experts=ExpertNames(("mlp.experts",), {"gate_proj": "gate", "up_proj": "up",
+                                                         "down_proj": "down"}))
 
 # EXAONE 3: adapters trained on transformers 5 (its Llama model) name Llama's modules; those
 # trained on the original remote code theirs (``attn.attention.out_proj``, ``mlp.c_fc_0``)
@@ -148,8 +167,9 @@ FAMILIES = {
     "GPTNeoXForCausalLM": GPT_NEOX,
     "FalconForCausalLM": FALCON,
     "GPTBigCodeForCausalLM": GPT_BIGCODE,
+    "MixtralForCausalLM": MIXTRAL, "Qwen3MoeForCausalLM": QWEN_MOE,
     **{arch: MOE_ATTENTION for arch in (
-        "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+        "Qwen2MoeForCausalLM",
         "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM", "OlmoeForCausalLM",
         "GptOssForCausalLM", "Llama4ForCausalLM", "Glm4MoeForCausalLM",
         "Ernie4_5_MoeForCausalLM", "HunYuanMoEV1ForCausalLM", "Dots1ForCausalLM")},

@@ -37,9 +37,11 @@ class LoRABatch:
         self.ops = ops
         self.num_slots = num_slots
         self.meta = None  # ops.prepare's result; None: no row uses an adapter this step
+        self.token_slots: Optional[torch.Tensor] = None  # the step's slot per row (MoE experts)
 
     def set(self, token_slots: Optional[torch.Tensor]) -> None:
         """``token_slots``: int32 [T] on the device (-1: the base model), or None."""
+        self.token_slots = token_slots
         self.meta = None if token_slots is None else self.ops.prepare(token_slots, self.num_slots)
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tessellm.lora.experts import match as expert_match
+from tessellm.lora.experts import stack_layer
 from tessellm.lora.request import LoRARequest
 from tessellm.lora.shapes import BaseShapes
 
@@ -55,7 +57,8 @@ class LoRAAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.a.numel() * 4 + m.b.numel() * 4 for m in self.modules.values())
+        return sum(m.nbytes if hasattr(m, "nbytes") else m.a.numel() * 4 + m.b.numel() * 4
+                   for m in self.modules.values())
 
 
 def load_adapter(lora: LoRARequest, base: BaseShapes, max_rank: int) -> LoRAAdapter:
@@ -64,8 +67,14 @@ def load_adapter(lora: LoRARequest, base: BaseShapes, max_rank: int) -> LoRAAdap
     config = _read_config(lora.lora_path, where)
     _check_config(config, where)
     tensors = _read_tensors(lora.lora_path, where)
-    pairs = _pairs(tensors, base, where)
+    pairs, experts = _pairs(tensors, base, where)
     adapter = LoRAAdapter(lora, 0)
+    for layer, found in sorted(experts.items()):
+        stacked = stack_layer(found, config, base.expert_shapes, base.num_experts, max_rank,
+                              where, lambda a, b, fan_in, fan_out, name: _check_pair(
+                                  a, b, fan_in, fan_out, name, max_rank, where, "expert " + name))
+        adapter.rank = max(adapter.rank, stacked.rank)
+        adapter.modules[(layer, "experts")] = stacked
     for (layer, module), ab in sorted(pairs.items()):
         whole = _module(ab, module, config, base, max_rank, where)
         adapter.rank = max(adapter.rank, whole.a.shape[0])
@@ -86,14 +95,16 @@ def _key_pattern(base: BaseShapes) -> re.Pattern:
 
 def _pairs(tensors: dict, base: BaseShapes, where: str) -> dict:
     """``{(layer, HF module path under it): {"A": tensor, "B": tensor, "name": the module's
-    name in the adapter}}``; refuses a tensor of a module the family's LoRA does not cover,
-    naming what it does."""
+    name in the adapter}}`` and, for a family whose experts take LoRA, ``{layer: [(expert,
+    part, A, B, name)]}`` (``experts.py``); refuses a tensor of a module the family's LoRA does
+    not cover, naming what it does."""
     from tessellm.multimodal.text_only import image_text_architecture, lora_key
 
     pattern = _key_pattern(base)
     rename = base.family.rename
     text_only = image_text_architecture(base.config) is not None  # images off: the LM's paths
     pairs: dict = {}
+    expert_pairs: dict = {}  # (layer, path) -> {"A", "B", "name", "hit"}
     for key, tensor in tensors.items():
         ours = lora_key(key) if text_only else key
         if ours is None:  # the vision tower's: not built with images off
@@ -106,6 +117,12 @@ def _pairs(tensors: dict, base: BaseShapes, where: str) -> dict:
                              f"decoder layer's projection; LoRA on {base.arch} supports "
                              f"{base.supported()}.")
         layer, path, ab = int(m.group(1)), m.group(2), m.group(3)
+        hit = expert_match(base.family.experts, path) if base.family.experts else None
+        if hit is not None and layer < base.num_layers:
+            pair = expert_pairs.setdefault((layer, path), {"hit": hit})
+            pair[ab] = tensor
+            pair["name"] = _MODULE_NAME.sub("", key.removeprefix("base_model.model."))
+            continue
         if path not in base.modules:
             raise ValueError(f"{where} adapts {path} (layer {layer}), which {base.arch} has no "
                              f"LoRA support for; it supports {base.supported()}; retrain the "
@@ -116,9 +133,15 @@ def _pairs(tensors: dict, base: BaseShapes, where: str) -> dict:
         pair = pairs.setdefault((layer, path), {})
         pair[ab] = tensor
         pair["name"] = _MODULE_NAME.sub("", key.removeprefix("base_model.model."))
-    if not pairs:
+    if not pairs and not expert_pairs:
         raise ValueError(f"{where} holds no LoRA weights.")
-    return pairs
+    experts: dict = {}
+    for (layer, path), pair in sorted(expert_pairs.items()):
+        if "A" not in pair or "B" not in pair:
+            raise ValueError(f"{where} has lora_{'A' if 'A' in pair else 'B'} but not both A and "
+                             f"B for {pair['name']}.")
+        experts.setdefault(layer, []).append((*pair["hit"], pair["A"], pair["B"], pair["name"]))
+    return pairs, experts
 
 
 def _read_config(path: str, where: str) -> dict:
@@ -194,6 +217,21 @@ def _module(ab: dict, module: str, config: dict, base: BaseShapes, max_rank: int
     a, b = ab["A"].float(), ab["B"].float()
     rank = a.shape[0]
     fan_in, fan_out = base.peft_shape(module)
+    _check_pair(a, b, fan_in, fan_out, name, max_rank, where, module)
+    alpha = float(_pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
+    if config.get("use_rslora"):
+        scaling = alpha / math.sqrt(rank)
+    else:
+        scaling = alpha / rank
+    if not math.isfinite(scaling) or not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError(f"{where}: {name} has non-finite weights or scaling; the file is corrupt.")
+    return ModuleLoRA(a.contiguous(), b.contiguous(), scaling)
+
+
+def _check_pair(a, b, fan_in: int, fan_out: int, name: str, max_rank: int, where: str,
+                module: str) -> None:
+    """One module's A and B chain, fit the base module's (in, out) and the rank."""
+    rank = a.shape[0]
     if a.dim() != 2 or b.dim() != 2 or b.shape[1] != rank:
         raise ValueError(f"{where}: {name} has lora_A {tuple(a.shape)} and lora_B "
                          f"{tuple(b.shape)}, which do not chain; the file is corrupt.")
@@ -204,14 +242,6 @@ def _module(ab: dict, module: str, config: dict, base: BaseShapes, max_rank: int
         raise ValueError(f"{where}: {name} maps {a.shape[1]} -> {b.shape[0]} features but the "
                          f"base model's {module} maps {fan_in} -> {fan_out}; the adapter was "
                          "trained for another base model.")
-    alpha = float(_pattern(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
-    if config.get("use_rslora"):
-        scaling = alpha / math.sqrt(rank)
-    else:
-        scaling = alpha / rank
-    if not math.isfinite(scaling) or not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise ValueError(f"{where}: {name} has non-finite weights or scaling; the file is corrupt.")
-    return ModuleLoRA(a.contiguous(), b.contiguous(), scaling)
 
 
 def _pattern(patterns, name: str, default):

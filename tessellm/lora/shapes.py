@@ -43,6 +43,8 @@ class BaseShapes:
     arch: str
     family: Family
     config: object = field(compare=False, repr=False)  # the text config (fused splits read it)
+    num_experts: int = 0  # routed experts of each MoE layer, when the family's experts take LoRA
+    expert_shapes: dict = field(default_factory=dict)  # "gate" | "up" | "down" -> (in, out)
 
     @property
     def modules(self) -> dict:
@@ -97,4 +99,9 @@ class BaseShapes:
                   "o_proj": (q, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
                   "down_proj": (inter, hidden), "fc_in": (hidden, inter),
                   "fc_out": (inter, hidden)}
-        return BaseShapes(text.num_hidden_layers, shapes, arch, family, text)
+        experts, expert_shapes = 0, {}
+        if family.experts is not None:
+            experts, width = family.num_experts(text), family.expert_size(text)
+            expert_shapes = {"gate": (hidden, width), "up": (hidden, width), "down": (width, hidden)}
+        return BaseShapes(text.num_hidden_layers, shapes, arch, family, text, experts,
+                          expert_shapes)

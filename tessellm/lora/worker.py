@@ -17,6 +17,7 @@ import torch
 
 from tessellm.lora.config import LoRAConfig
 from tessellm.lora.layers import LoRABatch, wrap_model
+from tessellm.lora.moe_layers import wrap_experts
 from tessellm.lora.request import LoRARequest
 from tessellm.lora.shapes import LAYER_SLICES, BaseShapes
 from tessellm.lora.store import AdapterStore
@@ -30,6 +31,11 @@ class LoRAWorkerState:
         shapes = BaseShapes.from_config(hf_config)
         self.layers = wrap_model(model, self.batch, config.max_loras, config.max_lora_rank,
                                  shapes.layers, shapes.arch)
+        self.arch = shapes.arch
+        self.own_layers = range(model.start_layer, model.end_layer)  # pipeline parallelism
+        # each MoE layer's experts (families whose experts take LoRA: ``families.py``)
+        self.experts = (wrap_experts(model, self.batch, config.max_loras, config.max_lora_rank)
+                        if shapes.num_experts else {})
         # Adapters are read from this cache; in one process it is the engine core's (already
         # loaded off the step loop: ``share_store``), a worker process keeps its own.
         self.store = AdapterStore(shapes, config.max_lora_rank, config.max_cpu_loras)
@@ -51,6 +57,14 @@ class LoRAWorkerState:
         adapter = self.store.get(lora)
         for (index, name), layer in self.layers.items():
             layer.set_slot(slot, [adapter.modules.get((index, m)) for m in LAYER_SLICES[name]])
+        for (index, name), module in adapter.modules.items():
+            if name == "experts" and index not in self.experts and index in self.own_layers:
+                raise ValueError(f"LoRA adapter {lora.lora_name!r} adapts the experts of layer "
+                                 f"{index}, but {self.arch}'s experts there are quantized or not "
+                                 "a gated MoE, which take no LoRA; serve the model unquantized or "
+                                 "an adapter without expert modules.")
+        for index, layer in self.experts.items():
+            layer.set_slot(slot, adapter.modules.get((index, "experts")))
         self.slot_ids[slot] = lora.lora_int_id
 
     @property
