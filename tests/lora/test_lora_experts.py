@@ -1,0 +1,157 @@
+"""LoRA on the MoE experts (Mixtral, Qwen3-MoE): adapters on every expert's gate/up/down,
+named as transformers 5 holds the experts (fused parameters, made with peft's
+``target_parameters``) or per expert as transformers 4's ModuleList (``experts.<e>.w1`` /
+``gate_proj``, written here and read by peft's own conversion), in one batch with an
+attention-only adapter and the base model: greedy tokens and logprobs equal HF + peft's
+(float32, tiny random models)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tessellm.lora import LoRARequest
+from tests.lora.adapters import adapter_models, assert_mixed_batch_matches_peft, base_shapes
+from tests.models.tiny_moe import prompts
+
+FUSED = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+SPECS = {
+    family: {
+        "fused8": (8, ["q_proj", "o_proj"], dict(lora_alpha=16, target_parameters=FUSED)),
+        "attn4": (4, ["k_proj", "v_proj"], dict(lora_alpha=8)),
+    } for family in ("mixtral", "qwen3-moe")
+}
+# transformers 4 naming of one expert's projections (family -> (experts path, gate, up, down))
+PER_EXPERT = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2"),
+              "qwen3-moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj")}
+
+
+def _save(family: str, path: str) -> str:
+    from tests.models.tiny_moe import save_tiny_moe
+
+    return save_tiny_moe(family, path)
+
+
+@pytest.fixture(scope="module")
+def moe_setup(tmp_path_factory):
+    get = adapter_models(tmp_path_factory, _save, SPECS, seed=5)
+
+    def with_per_expert(family):
+        model, paths = get(family)
+        if "expert6" not in paths:
+            paths["expert6"] = write_per_expert_adapter(
+                os.path.join(os.path.dirname(model), "expert6"), model, family, rank=6, alpha=12)
+        return model, paths
+
+    return with_per_expert
+
+
+def write_per_expert_adapter(path: str, model_dir: str, family: str, rank: int, alpha: float,
+                             seed: int = 3, experts=None) -> str:
+    """A random adapter on each expert's three projections as transformers 4's PEFT names them
+    (peft 0.18+ converts it onto transformers 5's fused experts on load); ``experts``: which
+    experts (default all)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    hidden = config.hidden_size
+    count = getattr(config, "num_local_experts", None) or config.num_experts
+    inter = config.intermediate_size if family == "mixtral" else config.moe_intermediate_size
+    where, gate, up, down = PER_EXPERT[family]
+    shapes = {gate: (hidden, inter), up: (hidden, inter), down: (inter, hidden)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for e in range(count) if experts is None else experts:
+            for part, (fan_in, fan_out) in shapes.items():
+                key = f"base_model.model.model.layers.{layer}.{where}.{e}.{part}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in ** 0.5
+                tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.3
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "bias": "none",
+                   "target_modules": [gate, up, down]}, f)
+    return path
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+def test_expert_lora_mixed_batch_matches_peft(moe_setup, family):
+    """Fused-parameter and per-expert adapters, an attention-only one and the base model, in
+    one batch of two slots (three adapters: they take turns)."""
+    model, paths = moe_setup(family)
+    assert_mixed_batch_matches_peft(model, paths, prompts(), [None, "fused8", "expert6", "attn4"],
+                                    6, family)
+
+
+def test_expert_lora_logprobs_match_peft(moe_setup):
+    from tessellm import LLM, SamplingParams
+    from tests.lora.test_lora_combos import _peft_logprobs
+
+    model, paths = moe_setup("qwen3-moe")
+    prompt = prompts()[1]
+    llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=8, max_loras=2)
+    try:
+        out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
+            max_tokens=5, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=1),
+            use_tqdm=False, lora_request=LoRARequest("e", 1, paths["expert6"]))[0]
+    finally:
+        llm.shutdown()
+    tokens = out.outputs[0].token_ids
+    ref = _peft_logprobs(model, paths["expert6"], prompt, tokens)
+    for j, (tok, entry) in enumerate(zip(tokens, out.outputs[0].logprobs)):
+        row = ref[len(prompt) - 1 + j]
+        assert entry[tok].rank == 1 and int(row.argmax()) == tok
+        for t, lp in entry.items():
+            assert abs(lp.logprob - row[t].item()) < 1e-4, (j, t)
+    for j in range(1, len(prompt)):
+        assert abs(out.prompt_logprobs[j][prompt[j]].logprob - ref[j - 1][prompt[j]].item()) < 1e-4
+
+
+def test_adapters_read_into_stacked_experts(moe_setup, tmp_path):
+    """Both namings land in one stacked module per layer; experts an adapter leaves alone
+    are zeros; a fused adapter's one A serves gate and up."""
+    from tessellm.lora.peft import load_adapter
+
+    model, paths = moe_setup("mixtral")
+    base = base_shapes(model)
+    fused = load_adapter(LoRARequest("f", 1, paths["fused8"]), base, 8)
+    stacked = fused.modules[(1, "experts")]
+    assert tuple(stacked.a["gate"].shape) == (8, 8, 64) and tuple(stacked.b["down"].shape) == (8, 64, 8)
+    assert torch.equal(stacked.a["gate"], stacked.a["up"])
+    assert stacked.scaling == 2.0 and (0, "q_proj") in fused.modules
+    some = write_per_expert_adapter(str(tmp_path / "some"), model, "mixtral", 4, 4, experts=[2, 5])
+    partial = load_adapter(LoRARequest("p", 2, some), base, 8).modules[(0, "experts")]
+    assert partial.rank == 4 and partial.scaling == 1.0
+    norms = partial.b["up"].flatten(1).norm(dim=1)
+    assert (norms[[2, 5]] > 0).all() and (norms[[0, 1, 3, 4, 6, 7]] == 0).all()
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("expert9", r"adapts expert 9 .*the base model's layers have 8 experts"),
+    ("rank", r"rank 6 at model\.layers\.0\.block_sparse_moe\.experts\.0\.w1, above "
+             r"max_lora_rank 4; start the engine with --max-lora-rank 8"),
+    ("shape", r"maps 64 -> 50 features but the base model's expert .*w1 maps 64 -> 96"),
+])
+def test_bad_expert_adapters_are_refused(moe_setup, tmp_path, bad, match):
+    from safetensors.torch import load_file, save_file
+
+    from tessellm.lora.peft import load_adapter
+
+    model, paths = moe_setup("mixtral")
+    max_rank = 4 if bad == "rank" else 8
+    path = write_per_expert_adapter(str(tmp_path / bad), model, "mixtral", 6, 12,
+                                    experts=[9] if bad == "expert9" else [0])
+    if bad == "shape":
+        file = os.path.join(path, "adapter_model.safetensors")
+        tensors = load_file(file)
+        key = "base_model.model.model.layers.0.block_sparse_moe.experts.0.w1.lora_B.weight"
+        tensors[key] = tensors[key][:50]
+        save_file(tensors, file)
+    with pytest.raises(ValueError, match=match) as err:
+        load_adapter(LoRARequest("x", 1, path), base_shapes(model), max_rank)
+    assert "\n" not in str(err.value)
