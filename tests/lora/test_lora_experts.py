@@ -155,3 +155,30 @@ def test_bad_expert_adapters_are_refused(moe_setup, tmp_path, bad, match):
     with pytest.raises(ValueError, match=match) as err:
         load_adapter(LoRARequest("x", 1, path), base_shapes(model), max_rank)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_triton_expert_lora_mixed_batch(moe_setup):
+    """The cuda backend's Triton ops (fused MoE and its expert LoRA kernels) emulated on the
+    CPU: a mixed batch's greedy tokens equal HF + peft's (float32)."""
+    from tessellm import LLM, SamplingParams
+    from tests.lora.adapters import peft_greedy
+
+    model, paths = moe_setup("mixtral")
+    names, prompt_ids = ["fused8", None, "expert6"], prompts()[:3]
+    llm = LLM(model, device="cuda", emulate=True, dtype="float32", enable_lora=True,
+              max_lora_rank=8, max_loras=2)
+    try:
+        ops = llm.engine.core.runner.lora.batch.ops
+        assert ops.supports_graph_capture and type(ops._inner).__name__ == "TritonLoRAOps"
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids],
+                            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                            use_tqdm=False,
+                            lora_request=[LoRARequest(n, i + 1, paths[n]) if n else None
+                                          for i, n in enumerate(names)])
+    finally:
+        llm.shutdown()
+    for out, prompt, name in zip(outs, prompt_ids, names):
+        want = peft_greedy(model, paths[name] if name else None, [prompt], 4)[0]
+        assert out.outputs[0].token_ids == want, name
