@@ -182,3 +182,20 @@ def test_triton_expert_lora_mixed_batch(moe_setup):
     for out, prompt, name in zip(outs, prompt_ids, names):
         want = peft_greedy(model, paths[name] if name else None, [prompt], 4)[0]
         assert out.outputs[0].token_ids == want, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2),
+                                      dict(tensor_parallel_size=2, enable_expert_parallel=True)])
+def test_parallel_expert_lora_matches_peft(moe_setup, parallel):
+    """TP=2 (each rank's slice of every expert: gate/up B rows and down A columns cut like the
+    weights) and expert parallelism (each rank's experts' slots): HF + peft's tokens."""
+    from tests.lora.adapters import mixed_batch, peft_greedy
+
+    model, paths = moe_setup("mixtral")
+    names = ["fused8", "expert6", None]
+    jobs, got = mixed_batch(model, paths, prompts()[:2], names, 4, device="cpu",
+                            num_kv_blocks=64, **parallel)
+    want = {n: peft_greedy(model, paths[n] if n else None, prompts()[:2], 4) for n in names}
+    for (p, name), tokens in zip(jobs, got):
+        assert tokens == want[name][p], (name, p)
