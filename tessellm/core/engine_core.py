@@ -268,8 +268,8 @@ class EngineCore(EngineSleep):
         from tessellm.lora.slots import LoRASlots
         from tessellm.lora.store import AdapterStore
 
-        store = AdapterStore(BaseShapes.from_config(self.source.hf_config), config.max_lora_rank,
-                             config.max_cpu_loras)
+        shapes = BaseShapes.from_config(self.source.hf_config, args.quantization)
+        store = AdapterStore(shapes, config.max_lora_rank, config.max_cpu_loras)
         self.scheduler.lora = LoRASlots(config.max_loras, store)
         worker = getattr(self.executor, "worker", None)
         if worker is not None:

@@ -18,7 +18,8 @@ only ever see the logical ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 from tessellm.lora.families import Family, family_of, supported_architectures
 
@@ -80,8 +81,10 @@ class BaseShapes:
         return self.family.split(self.config, module, b, [self.shapes[p][1] for p in parts])
 
     @staticmethod
-    def from_config(config) -> "BaseShapes":
-        """Refuses an architecture without a LoRA layout, naming those with one."""
+    def from_config(config, quantization: Optional[str] = None) -> "BaseShapes":
+        """Refuses an architecture without a LoRA layout, naming those with one. A quantized
+        model (``quantization``, or the checkpoint's ``quantization_config``) takes no expert
+        LoRA: its fp8 experts have no slots, so such adapters are refused when read."""
         arch, family = family_of(list(getattr(config, "architectures", None) or []))
         if family is None:
             raise ValueError(f"LoRA is not supported for {arch} yet; it is for "
@@ -100,6 +103,11 @@ class BaseShapes:
                   "down_proj": (inter, hidden), "fc_in": (hidden, inter),
                   "fc_out": (inter, hidden)}
         experts, expert_shapes = 0, {}
+        quantized = quantization or getattr(config, "quantization_config", None) or getattr(
+            text, "quantization_config", None)
+        if family.experts is not None and quantized:
+            family = replace(family, experts=None, note=" (attention only: the experts of a "
+                             "quantized model take no LoRA; serve it unquantized for expert LoRA)")
         if family.experts is not None:
             experts, width = family.num_experts(text), family.expert_size(text)
             expert_shapes = {"gate": (hidden, width), "up": (hidden, width), "down": (width, hidden)}

@@ -199,3 +199,20 @@ def test_parallel_expert_lora_matches_peft(moe_setup, parallel):
     want = {n: peft_greedy(model, paths[n] if n else None, prompts()[:2], 4) for n in names}
     for (p, name), tokens in zip(jobs, got):
         assert tokens == want[name][p], (name, p)
+
+
+def test_quantized_model_refuses_expert_adapters(moe_setup):
+    """fp8 experts have no LoRA slots: an adapter with expert weights is refused when read,
+    one for the attention still loads."""
+    from transformers import AutoConfig
+
+    from tessellm.lora.peft import load_adapter
+    from tessellm.lora.shapes import BaseShapes
+
+    model, paths = moe_setup("qwen3-moe")
+    base = BaseShapes.from_config(AutoConfig.from_pretrained(model), "fp8")
+    with pytest.raises(ValueError, match=r"adapts mlp\.experts\.0\.\w+_proj \(layer 0\), which "
+                                         r"Qwen3MoeForCausalLM has no LoRA support for; .*the "
+                                         r"experts of a quantized model take no LoRA"):
+        load_adapter(LoRARequest("x", 1, paths["expert6"]), base, 8)
+    assert (0, "k_proj") in load_adapter(LoRARequest("a", 2, paths["attn4"]), base, 8).modules
