@@ -62,6 +62,10 @@ class EngineSleep:
         from tessellm.core.runner_sleep import EngineAsleepError
 
         self._check_idle("load_weights")
+        if self.scheduler.connector is not None:
+            raise ValueError("load_weights would change the weights while a KV connector "
+                             "(kv_transfer_config) shares KV computed with the current ones; "
+                             "start an engine on the new weights instead.")
         if self.asleep.get("weights"):
             raise EngineAsleepError("The weights are asleep; call wake_up(tags=['weights']) before "
                                     "load_weights (the KV cache may stay asleep until generation).")

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import zlib
+from collections import OrderedDict
 from typing import Optional
 
 from tessellm.kv_transfer.base import KVConnectorBase, KVConnectorRole
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 MAGIC = b"TSLKV\x00\x01\n"
 _PREFIX = len(MAGIC) + 4
 _EXTRA_KEYS = {"shared_storage_path"}
+_MAX_CHECKED = 1 << 17  # keys remembered as present (~20 MB of strings)
 
 
 def chain_key(parent: Optional[str], tokens, extra) -> str:
@@ -77,6 +79,10 @@ class SharedStorageConnector(KVConnectorBase):
         self._keys: dict[str, list[str]] = {}
         self._saved: dict[str, int] = {}  # leading blocks already saved or offered to the workers
         self._loads: list = []  # [request id, [[key, block], ...]] for the next step
+        # Keys whose files every rank has, checked (LRU): a request retried while the cache is
+        # full, or a hot prefix, is not checked file by file again. A file that goes away
+        # after the check fails its load on the worker: a recompute, never a wrong token.
+        self._checked: OrderedDict[str, None] = OrderedDict()
         self._warned = False
 
     def path(self, key: str, rank: int) -> str:
@@ -101,7 +107,13 @@ class SharedStorageConnector(KVConnectorBase):
         keys = self.block_keys(request)
         n = 0
         for key in keys[num_computed_tokens // bs:(request.num_tokens - 1) // bs]:
-            if not all(self._loadable(key, r) for r in range(self.context.world_size)):
+            if key in self._checked:
+                self._checked.move_to_end(key)
+            elif all(self._loadable(key, r) for r in range(self.context.world_size)):
+                self._checked[key] = None
+                if len(self._checked) > _MAX_CHECKED:
+                    self._checked.popitem(last=False)
+            else:
                 break
             n += 1
         return n * bs
@@ -159,6 +171,8 @@ class SharedStorageConnector(KVConnectorBase):
     def request_failed_load(self, request) -> None:
         # The worker removed the bad file: later lookups miss it. The request itself is
         # recomputed without the connector; it saves what it computes afresh.
+        for key in self._keys.get(request.request_id, ()):
+            self._checked.pop(key, None)
         self._saved.pop(request.request_id, None)
 
     def request_finished(self, request) -> None:

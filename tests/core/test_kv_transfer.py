@@ -307,4 +307,8 @@ def test_bad_connector_settings_are_one_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="prefix caching is off for this model"):
         LLM(tiny_model_dir("llama"), device="cpu", num_kv_blocks=16, runner="pooling",
             pooler_config={"pooling_type": "MEAN"}, kv_transfer_config=_kv(tmp_path, "kv_both"))
+    with LLM(tiny_model_dir("llama"), device="cpu", num_kv_blocks=16,
+             kv_transfer_config=_kv(tmp_path, "kv_both")) as llm:  # new weights, old shared KV
+        with pytest.raises(ValueError, match="load_weights would change the weights while a KV connector"):
+            llm.load_weights(path=tiny_model_dir("llama"))
     assert json.loads(json.dumps(parse_kv_transfer_config(_kv(tmp_path, "kv_both")).to_dict()))
