@@ -35,6 +35,10 @@ class EngineArgs:
     # {"kv_connector": "SharedStorageConnector", "kv_role": "kv_both",
     #  "kv_connector_extra_config": {"shared_storage_path": "/tmp/kv"}}; None: off.
     kv_transfer_config: Optional[object] = None
+    # Prefix caching for models with Mamba / gated DeltaNet layers (core/state_prefix.py): how
+    # many recurrent-state snapshots (one per cached block boundary) the cache keeps; their
+    # memory comes out of the KV cache budget. None: those fitting in a quarter of it.
+    recurrent_state_snapshots: Optional[int] = None
     enable_chunked_prefill: bool = True
     seed: int = 0
     load_format: str = "auto"  # auto, safetensors, gguf, dummy
@@ -131,6 +135,9 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        snaps = self.recurrent_state_snapshots
+        if snaps is not None and (not isinstance(snaps, int) or snaps < 0):
+            raise ValueError(f"recurrent_state_snapshots must be an integer >= 0, got {snaps!r}.")
         rank = self.data_parallel_rank
         if not isinstance(rank, int) or not 0 <= rank < self.data_parallel_size:
             raise ValueError(f"data_parallel_rank must be in 0..{self.data_parallel_size - 1}, got "

@@ -17,6 +17,10 @@ Invariants
 * With a host tier (``host``, ``core/kv_offload.py``), a cached block evicted here is stored
   there first, and a prefix that misses here but hits there is loaded into fresh blocks, which
   take the hash here at once (so a later request of the same step shares them).
+* With recurrent-state snapshots (``states``, models with Mamba / gated DeltaNet layers:
+  ``core/state_prefix.py``), a block may carry the snapshot of the state after its last token
+  (``Block.state_slot``); a hit is cut back to the last block that carries one, and a snapshot
+  leaves with its block.
 
 Picture of one request (block_size 4, 10 tokens, 9 computed)::
 
@@ -33,6 +37,7 @@ from typing import Optional
 
 from tessellm.core.kv_offload import HostKVTier
 from tessellm.core.request import Request
+from tessellm.core.state_prefix import StateSnapshots
 
 
 @dataclass
@@ -40,6 +45,9 @@ class Block:
     block_id: int
     ref_cnt: int = 0
     block_hash: Optional[int] = None  # set once full and registered in the prefix cache
+    # Recurrent-state models: the snapshot slot holding the state after this block's last
+    # token (core/state_prefix.py); None: no snapshot.
+    state_slot: Optional[int] = None
 
 
 @dataclass
@@ -76,6 +84,8 @@ class BlockManager:
         self.req_blocks: dict[str, list[Block]] = {}
         self.stats = PrefixCacheStats()
         self.host: Optional[HostKVTier] = None  # the host tier (--kv-offloading-size), or None
+        # Recurrent-state snapshots at block boundaries (core/state_prefix.py), or None.
+        self.states: Optional[StateSnapshots] = None
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -124,6 +134,9 @@ class BlockManager:
             if block is None:
                 break
             hit.append(block)
+        if self.states is not None:  # a hit ends where a recurrent-state snapshot is kept
+            while hit and hit[-1].state_slot is None:
+                hit.pop()
         if count:
             self.stats.record(request.num_tokens, len(hit) * self.block_size)
         return hit
@@ -155,10 +168,36 @@ class BlockManager:
                 continue
             block_hash = request.block_hashes[i]
             if block_hash in self.cached:
-                continue  # another block already holds this prefix; keep ours private
+                # another block already holds this prefix; keep ours private (its snapshot
+                # goes to that block when it has none)
+                self._hand_over_state(block, self.cached[block_hash])
+                continue
             block.block_hash = block_hash
             self.cached[block_hash] = block
+            if block.state_slot is not None:
+                self.states.publish(block)
         request.num_published_blocks = max(request.num_published_blocks, num_full)
+
+    def _hand_over_state(self, ours: Block, cached: Block) -> None:
+        if ours.state_slot is None:
+            return
+        if cached.state_slot is None:
+            cached.state_slot, ours.state_slot = ours.state_slot, None
+            self.states.publish(cached)
+        else:
+            self.states.release(ours)
+
+    def reserve_state_save(self, request: Request, block_index: int) -> Optional[int]:
+        """A snapshot slot for the state after block ``block_index`` of ``request`` (the step
+        being scheduled ends there); None when the pool has none to give or the block has one."""
+        blocks = self.req_blocks.get(request.request_id, [])
+        if self.states is None or block_index >= len(blocks):
+            return None
+        block = blocks[block_index]
+        if block.state_slot is not None or block.block_hash is not None:
+            return None
+        block.state_slot = self.states.take()
+        return block.state_slot
 
     # -- allocation ------------------------------------------------------------------------
 
@@ -220,6 +259,8 @@ class BlockManager:
             return False
         for block in self.cached.values():
             block.block_hash = None
+        if self.states is not None:
+            self.states.clear(self.blocks)
         self.cached.clear()
         if self.host is not None:
             self.host.clear()
@@ -227,6 +268,8 @@ class BlockManager:
 
     def _take_free_block(self) -> Block:
         _, block = self.free_queue.popitem(last=False)
+        if self.states is not None:
+            self.states.release(block)  # a snapshot leaves with its block
         if block.block_hash is not None:  # evict its cached prefix (to the host tier, if any)
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
@@ -272,3 +315,5 @@ class BlockManager:
         block.ref_cnt -= 1
         if block.ref_cnt == 0:
             self.free_queue[block.block_id] = block
+            if block.block_hash is None and self.states is not None:
+                self.states.release(block)  # never published: its snapshot serves no hit

@@ -154,8 +154,15 @@ class EngineCore(EngineSleep):
             logger.info("%s pooling reads every prompt token's hidden state: prefix caching is off.",
                         self.pooling.pooling_type)
             prefix_caching = False
-        prefix_caching = state_space.prefix_caching(prefix_caching, config)
+        try:  # recurrent layers: prefix hits start from state snapshots (core/state_prefix.py)
+            states = state_space.state_snapshots(prefix_caching, config, self.executor)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        if state_space.has_recurrent_state(config):
+            prefix_caching = states is not None
         self.kv = BlockManager(num_blocks, args.block_size, prefix_caching)
+        self.kv.states = states
         if args.kv_offloading_size is not None:
             self.kv.host = self._host_kv_tier(args)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, max_batched, self.max_model_len,

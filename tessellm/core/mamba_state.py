@@ -23,10 +23,18 @@ Invariants:
 - A slot holds the state after the request's ``num_computed_tokens`` tokens. It is zeroed in the
   step that computes the request's first token, and each step's ops leave the state after the
   step's tokens in it, so prefill chunks continue one another (chunked prefill).
-- A state cannot be rebuilt from a block hash: a request that arrives with computed tokens the
-  cache has no state for (a prefix-cache hit) is an error; the engine turns prefix caching off
-  for these models (``models/state_space.py``). A preempted request is recomputed from its
-  first token (its slot was freed; a new one is zeroed), which rebuilds its state exactly.
+- A state cannot be rebuilt from a block hash: a request that arrives with computed tokens (a
+  prefix-cache hit) starts from a snapshot the step names (``SchedulerOutput.state_restores``):
+  the state after the hit's last block, kept in the snapshot pool (``snapshots``, allocated by
+  ``allocate_snapshots``; which boundaries are kept: ``core/state_prefix.py``); one without
+  a snapshot is an error. A preempted request is recomputed from its first token (its slot was
+  freed; a new one is zeroed, or it hits its own prefix), which rebuilds its state exactly.
+- Per step: restores (in ``begin_step``) come before the forward, saves (``save``) after it::
+
+      snapshot pool, per layer:  conv [S, conv_dim, d_conv - 1]   ssm [S, ...state]
+      begin_step:  state[slot of r] <- pool[state_restores[r]]      (a hit's start)
+      forward
+      save:        pool[state_saves[r]] <- state[slot of r]          (chunk ends on a boundary)
 
 Per step the runner calls ``drop`` (after the scheduler's deltas) and ``begin_step`` (with the
 step's requests in row order); the layers read the ``MambaBatch`` from ``step.batch``.
@@ -87,6 +95,29 @@ class MambaStateCache:
             conv_shape, ssm_shape = layer.state_shapes()
             layer.bind(torch.zeros((total, *conv_shape), dtype=dtype, device=device),
                        torch.zeros((total, *ssm_shape), dtype=dtype, device=device), self.step)
+        self.snapshots: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (conv, ssm) pools
+
+    def allocate_snapshots(self, num: int) -> None:
+        """The prefix cache's snapshot pool: ``num`` states of every layer (core/state_prefix.py)."""
+        from tessellm.core.runner_kv_cache import _zeros  # lazily backed on the host
+
+        self.snapshots = [tuple(_zeros((num, *t.shape[1:]), t.dtype, self.device)
+                                for t in (layer.conv_state, layer.ssm_state)) for layer in self.layers]
+
+    def save(self, saves: dict[str, int]) -> None:
+        """Copy the states of ``saves``' requests (after the step) into their snapshot slots."""
+        src = [self.slot_of[rid] for rid in saves]
+        self._copy(src, list(saves.values()), to_pool=True)
+
+    def _copy(self, slots: list[int], pool_slots: list[int], to_pool: bool) -> None:
+        slot_idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        pool_idx = torch.tensor(pool_slots, dtype=torch.long, device=self.device)
+        for layer, pools in zip(self.layers, self.snapshots):
+            for state, pool in zip((layer.conv_state, layer.ssm_state), pools):
+                if to_pool:
+                    pool.index_copy_(0, pool_idx, state.index_select(0, slot_idx))
+                else:
+                    state.index_copy_(0, slot_idx, pool.index_select(0, pool_idx))
 
     def spare(self, slot: int, j: int) -> int:
         """Slot ``slot``'s spare for the state after token ``j`` of a verify step."""
@@ -122,11 +153,14 @@ class MambaStateCache:
             if slot is not None:
                 self.free.append(slot)
 
-    def begin_step(self, states, counts: list[int], profile: bool = False) -> MambaBatch:
+    def begin_step(self, states, counts: list[int], profile: bool = False,
+                   restores: Optional[dict[str, int]] = None) -> MambaBatch:
         """The step's ``MambaBatch`` (``states``: the runner's requests in row order, before
         their ``num_computed_tokens`` advance; ``counts``: tokens each computes). New requests
-        get a slot; slots of requests at their first token are zeroed. ``profile``: the
+        get a slot; slots of requests at their first token are zeroed, those of ``restores``
+        (request id -> snapshot slot: a prefix hit) copied from the snapshot. ``profile``: the
         memory-profile forward (slots assigned round-robin and not kept)."""
+        restores = restores or {}
         slots, fresh, keep = [], [], ([], [])
         for i, st in enumerate(states):
             if profile:
@@ -134,11 +168,11 @@ class MambaStateCache:
             else:
                 slot = self.slot_of.get(st.request_id)
                 if slot is None:
-                    if st.num_computed_tokens:
+                    if st.num_computed_tokens and st.request_id not in restores:
                         raise RuntimeError(
                             f"Request {st.request_id!r} has {st.num_computed_tokens} computed "
-                            "tokens but no recurrent state; a Mamba state cannot be rebuilt "
-                            "from cached KV blocks (prefix caching must be off for this model).")
+                            "tokens but no recurrent state to start from (a prefix-cache hit "
+                            "must name its snapshot in SchedulerOutput.state_restores).")
                     if not self.free:
                         raise RuntimeError(f"All {self.num_slots} Mamba state slots are in use; "
                                            "the scheduler ran more requests than max_num_seqs.")
@@ -153,6 +187,8 @@ class MambaStateCache:
             for layer in self.layers:
                 layer.conv_state.index_fill_(0, idx, 0)
                 layer.ssm_state.index_fill_(0, idx, 0)
+        if restores:
+            self._copy([self.slot_of[r] for r in restores], list(restores.values()), to_pool=False)
         if keep[0]:  # the state after each accepted prefix into its request's slot
             src, dst = (torch.tensor(v, dtype=torch.long).to(self.device, non_blocking=True)
                         for v in keep)

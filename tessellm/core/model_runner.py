@@ -212,7 +212,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         host = build_inputs(states, counts, num_sampled, self.batch.tables, self.block_size,
                             self.steps.input_token)
         if self.mamba is not None:  # state slots of this step's requests, in row order
-            self.mamba.begin_step(states, counts)
+            self.mamba.begin_step(states, counts, restores=sched.state_restores)
         if self.mrope is not None:  # rotary positions: delta added, [3, T] over image tokens
             host.positions = self.mrope.positions(states, counts, host.positions, host.query_start_loc)
         if self.pooler is not None:  # an embedding model: pooled vectors, nothing sampled
@@ -222,6 +222,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             self.save_external_kv(sched.kv_connector_meta)
             return StepHandle.done(out)
         logits = self._forward(host, states, counts, out)
+        if sched.state_saves:  # prefix caching: states at block boundaries (core/state_prefix.py)
+            self.mamba.save(sched.state_saves)
         handle = StepHandle.done(out)
         if logits is not None:
             rows, out_pos, sampling_states, starts = _sampled_rows(states, counts, num_sampled)

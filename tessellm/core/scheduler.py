@@ -31,6 +31,9 @@ Invariants
   from its known tokens, exactly as a preemption in a synchronous step. With speculation, a
   request whose step in flight samples goes ahead with drafts reserved, not a placeholder
   (``spec_ahead.py``: the runner fills in where it starts and what it verifies).
+* Recurrent-state models with prefix caching (``kv.states``, ``core/state_prefix.py``): prefill
+  chunks end on block boundaries where they can, a chunk ending on one saves the state there
+  (``state_saves``) and a prefix hit starts from the snapshot it ends at (``state_restores``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from tessellm.core.request import Request, RequestStatus
 from tessellm.core.scheduler_config import SchedulerConfig, SchedulerStats, check_prompt_fits  # noqa: F401
 from tessellm.core.scheduler_update import SchedulerUpdate
 from tessellm.core.spec_ahead import SpecAhead
+from tessellm.core.state_prefix import align_chunk, saves_at
 from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,  # noqa: F401
                                 SchedulerOutput)
 from tessellm.spec_decode.metrics import SpecDecodeStats
@@ -118,13 +122,16 @@ class Scheduler(SchedulerUpdate):
         preempted = 0
         if self.encoder is not None:
             self.encoder.begin(self.running, self._next_position)
+        saves: dict[str, int] = {}  # recurrent-state snapshots (state_prefix.py)
+        restores: dict[str, int] = {}
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             ahead = self.in_flight.tokens_ahead(req.request_id)  # scheduled, after the computed ones
             num_new, images = self._fit_images(req, req.num_computed_tokens + ahead,
-                                               self._num_new_running(req, budget), True)
+                                               self._align(req, req.num_computed_tokens + ahead,
+                                                           self._num_new_running(req, budget)), True)
             if num_new == 0:
                 i += 1
                 continue
@@ -153,6 +160,7 @@ class Scheduler(SchedulerUpdate):
                 tokens = req.all_token_ids[start:start + num_new]
             cached_reqs.append(CachedRequestData(req.request_id, new_block_ids, start, tokens))
             num_scheduled[req.request_id] = num_new
+            self._save_state(req, start, num_new, saves)
             if images:
                 self.encoder.take(req, images)
             reserved = self.ahead.take(req.request_id) if self.ahead is not None else None
@@ -165,7 +173,7 @@ class Scheduler(SchedulerUpdate):
             i += 1
 
         if not preempted:
-            budget = self._admit_waiting(budget, num_scheduled, new_reqs)
+            budget = self._admit_waiting(budget, num_scheduled, new_reqs, saves, restores)
 
         self.num_preemptions_total += preempted
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
@@ -173,7 +181,8 @@ class Scheduler(SchedulerUpdate):
                               spec_ahead=reserved_drafts, kept_blocks=self.kept_blocks,
                               finished_request_ids=self.finished_ids,
                               preempted_request_ids=self.preempted_ids,
-                              encoder_inputs=self.encoder.encoded if self.encoder else {})
+                              encoder_inputs=self.encoder.encoded if self.encoder else {},
+                              state_saves=saves, state_restores=restores)
         if self.kv.host is not None and self.kv.host.transfers and not out.is_empty:
             out.kv_transfers = self.kv.host.take_transfers()  # before this step's forward
         if self.connector is not None and not out.is_empty:
@@ -210,7 +219,8 @@ class Scheduler(SchedulerUpdate):
         return num_sampled
 
     def _admit_waiting(self, budget: int, num_scheduled: dict[str, int],
-                       new_reqs: list[NewRequestData]) -> int:
+                       new_reqs: list[NewRequestData], saves: dict[str, int],
+                       restores: dict[str, int]) -> int:
         skipped: list[Request] = []
         if self.lora is not None:
             self.lora.begin_admission()
@@ -238,7 +248,9 @@ class Scheduler(SchedulerUpdate):
             num_ext = self._num_external(req, num_hit) if use_cache else 0
             num_hit += num_ext
             num_new, images = self._fit_images(req, req.num_computed_tokens + num_hit,
-                                               self._num_new_tokens(req, budget, already=num_hit),
+                                               self._align(req, req.num_computed_tokens + num_hit,
+                                                           self._num_new_tokens(req, budget,
+                                                                                already=num_hit)),
                                                False)
             block_ids = (self.kv.allocate(req, num_ext + num_new + self._lookahead(num_hit + num_new),
                                           prefix, offloaded)
@@ -266,6 +278,9 @@ class Scheduler(SchedulerUpdate):
                 first = (num_hit - num_ext) // self.kv.block_size
                 self.connector.update_state_after_alloc(req, self.kv.block_ids(req.request_id), first,
                                                         num_ext // self.kv.block_size)
+            if prefix and self.kv.states is not None:  # its state starts from the hit's snapshot
+                restores[req.request_id] = prefix[-1].state_slot
+                self.kv.states.touch(prefix[-1])
             req.num_computed_tokens += num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
@@ -277,6 +292,7 @@ class Scheduler(SchedulerUpdate):
                 self.kv.block_ids(req.request_id), req.num_computed_tokens, req.mm_features,
                 req.pooling_task, req.prompt_embeds))
             num_scheduled[req.request_id] = num_new
+            self._save_state(req, req.num_computed_tokens, num_new, saves)
             if images:
                 self.encoder.take(req, images)
             budget -= num_new
@@ -291,6 +307,22 @@ class Scheduler(SchedulerUpdate):
         num = self.connector.get_num_new_matched_tokens(req, num_hit)
         limit = ((req.num_tokens - 1) // self.kv.block_size) * self.kv.block_size - num_hit
         return max(0, min(num - num % self.kv.block_size, limit))
+    def _align(self, req: Request, start: int, num_new: int) -> int:
+        """A prefill chunk cut to end on a block boundary where it can (recurrent-state
+        snapshots, ``state_prefix.align_chunk``); unchanged without them."""
+        if self.kv.states is None or num_new == 0:
+            return num_new
+        return align_chunk(start, num_new, req.num_tokens, self.kv.block_size)
+
+    def _save_state(self, req: Request, start: int, num_new: int, saves: dict[str, int]) -> None:
+        """Reserve a snapshot of the request's state after this chunk when it ends on a
+        boundary a later hit may end at (``state_prefix.saves_at``)."""
+        if self.kv.states is None:
+            return
+        index = saves_at(start, num_new, req.num_tokens, self.kv.block_size)
+        slot = None if index is None else self.kv.reserve_state_save(req, index)
+        if slot is not None:
+            saves[req.request_id] = slot
 
     def _victim_index(self, i: int) -> int:
         """Index of the request to preempt for ``running[i]``: the newest one after it (under

@@ -125,6 +125,13 @@ class SchedulerOutput:
     # data; SharedStorageConnector: {"loads": [[request id, [[key, block], ...]], ...],
     # "saves": [[key, block], ...]}). None: nothing this step.
     kv_connector_meta: Optional[dict] = None
+    # Recurrent-state models with prefix caching (tessellm/core/state_prefix.py): request id ->
+    # the snapshot slot its state starts from (a new request whose prefix hit ends at that
+    # snapshot's block), copied into its state slot before this step's forward.
+    state_restores: dict[str, int] = field(default_factory=dict)
+    # Request id -> the snapshot slot that receives its state after this step's forward (its
+    # chunk ends on a block boundary a later prefix hit may end at).
+    state_saves: dict[str, int] = field(default_factory=dict)
     # Since the last step: requests that ended (finished or aborted); the runner drops them.
     finished_request_ids: set[str] = field(default_factory=set)
     # Preempted while building this step: the runner drops their state; they come back later as

@@ -29,6 +29,9 @@ from tessellm.envs import cpu_kv_cache_bytes, recurrent_state_device_graphs
 logger = logging.getLogger(__name__)
 
 _CPU_KV_CACHE_DEFAULT = 4 << 30
+# Prefix caching for recurrent-state models: the share of the KV budget its state snapshots
+# may take when recurrent_state_snapshots is unset (core/state_prefix.py).
+STATE_SNAPSHOT_SHARE = 0.25
 
 
 def default_max_num_batched_tokens(args: EngineArgs, device_type: str) -> int:
@@ -163,6 +166,7 @@ class Worker:
         per_block = self.runner.kv_bytes_per_block(self.kv_dtype)
         cap = args.max_num_seqs * -(-self.max_model_len // args.block_size)  # never need more
         if args.num_kv_blocks is not None:
+            self.num_state_snapshots = self._state_snapshots(None, args.num_kv_blocks)
             return args.num_kv_blocks
         if self.backend.device_type == "cpu":
             # The cpu budget is for the whole engine: split it over the ranks on this host
@@ -175,12 +179,43 @@ class Worker:
             self.runner.profile_run(self.max_num_batched_tokens)
             free, total = self.backend.memory_info()
             budget = int(free - total * (1 - args.gpu_memory_utilization))
+        self.num_state_snapshots = self._state_snapshots(budget, cap)
+        if self.num_state_snapshots:  # prefix caching's recurrent-state snapshots share it
+            budget -= self.num_state_snapshots * self._state_bytes()
         blocks = min(cap, budget // per_block) if per_block else cap
         if blocks < 1:
             raise RuntimeError(f"No memory is left for the KV cache on {self.backend.name} "
                                f"(rank {self.rank}) after loading the model; raise "
                                "gpu_memory_utilization or use a smaller model.")
         return int(blocks)
+
+    def _state_bytes(self) -> int:
+        from tessellm.core.mamba_state import MambaStateCache
+
+        return MambaStateCache.bytes_per_slot(self.runner.mamba.layers, self.dtype)
+
+    def _state_snapshots(self, budget: Optional[int], cap: int) -> int:
+        """How many recurrent-state snapshots prefix caching keeps on this rank
+        (core/state_prefix.py): ``recurrent_state_snapshots``, else those fitting in
+        ``STATE_SNAPSHOT_SHARE`` of the KV budget (one per KV block with an explicit
+        ``num_kv_blocks``), at most ``cap`` (one per block the cache could ever need). 0 without
+        recurrent layers or prefix caching."""
+        args = self.args
+        if self.runner.mamba is None or not args.enable_prefix_caching:
+            return 0
+        if args.recurrent_state_snapshots is not None:
+            return args.recurrent_state_snapshots
+        if budget is None:
+            return cap
+        return max(0, min(cap, int(budget * STATE_SNAPSHOT_SHARE) // self._state_bytes()))
+
+    def state_snapshot_slots(self) -> int:
+        """The snapshots ``num_kv_blocks`` set aside memory for on this rank."""
+        return getattr(self, "num_state_snapshots", 0)
+
+    def initialize_state_snapshots(self, num: int) -> None:
+        """The snapshot pool of prefix caching for a recurrent-state model: ``num`` states."""
+        self.runner.mamba.allocate_snapshots(num)
 
     def initialize_cache(self, num_blocks: int) -> bool:
         """Allocate the cache and capture graphs; True when graphs were captured."""

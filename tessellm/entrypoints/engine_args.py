@@ -44,6 +44,10 @@ HELP = {
                           "\"kv_connector_extra_config\": {\"shared_storage_path\": \"/tmp/kv\"}}'",
     "kv_offloading_backend": "native: tessellm's own host tier (the only one; needs "
                              "--kv-offloading-size)",
+    "recurrent_state_snapshots": "models with Mamba / gated DeltaNet layers: recurrent states kept "
+                                 "at cached block boundaries for prefix-cache hits, out of the KV "
+                                 "cache memory (default: a quarter of it; 0: no prefix caching "
+                                 "for them; docs/state_space.md)",
     "enable_chunked_prefill": "split long prompts over several steps",
     "seed": "random seed (sampling without a per-request seed)",
     "load_format": "auto, safetensors, gguf or dummy (random weights)",

@@ -6,7 +6,10 @@ Such a model keeps, besides any paged KV cache of its attention layers, one recu
 per running request and Mamba layer (``core/mamba_state.py``). That state summarizes every
 token before it and cannot be rebuilt from a block hash, so:
 
-- prefix caching is off (a hit would skip tokens whose state nobody has): ``prefix_caching``;
+- prefix caching keeps copies of the state at block boundaries beside the cached KV blocks, and
+  a hit ends where a copy is kept (``core/state_prefix.py``; the pool: ``state_snapshots``);
+  the host KV tier (``kv_offloading_size``) and a KV connector (``kv_transfer_config``) do not
+  carry those copies and are refused;
 - speculative decoding keeps the state after each verified token in a spare slot and, once
   the drafts are checked, the one after the accepted prefix (``core/mamba_state.py``,
   ``backends/reference/recurrent_verify.py``); n-gram, replay and MTP drafts (Qwen3-Next's
@@ -56,8 +59,11 @@ def check_engine_args(args, config) -> None:
          "target is not built yet)"),
         (getattr(args, "enable_lora", False), "LoRA", "drop enable_lora"),
         (getattr(args, "kv_offloading_size", None) is not None, "KV offloading",
-         "prefix caching is off for them (the recurrent state of a cached prefix is not kept), "
-         "so there is nothing to offload; drop kv_offloading_size"),
+         "the host tier keeps evicted KV blocks but not the recurrent-state snapshots a prefix "
+         "hit of these layers starts from; drop kv_offloading_size"),
+        (getattr(args, "kv_transfer_config", None) is not None, "a KV connector",
+         "it moves KV blocks but not the recurrent-state snapshots a prefix hit of these layers "
+         "starts from; drop kv_transfer_config"),
         _quantization_refused(args, config, arch),
         (getattr(args, "pipeline_parallel_size", 1) > 1, "pipeline parallelism",
          "use pipeline_parallel_size=1"),
@@ -104,13 +110,23 @@ def _quantization_refused(args, config, arch: str) -> tuple[bool, str, str]:
             "checkpoint); load one of those or an unquantized checkpoint")
 
 
-def prefix_caching(enabled: bool, config) -> bool:
-    """Whether the engine may cache prefixes for this model; logs why not."""
-    if enabled and has_recurrent_state(config):
-        logger.info("Prefix caching is off for %s: a Mamba layer's recurrent state cannot be "
-                    "recovered from cached KV blocks.", ", ".join(config.architectures))
-        return False
-    return enabled
+def state_snapshots(enabled: bool, config, executor):
+    """Prefix caching for a recurrent-state model: the snapshot pool's bookkeeping
+    (``StateSnapshots``, ``core/state_prefix.py``) with the workers' pools allocated, or None
+    (prefix caching off: not asked for, not such a model, or no memory for a snapshot)."""
+    if not enabled or not has_recurrent_state(config):
+        return None
+    num = min(executor.collective_rpc("state_snapshot_slots"))  # each rank set memory aside
+    if num < 1:
+        logger.info("Prefix caching is off for %s: no memory is set aside for recurrent-state "
+                    "snapshots (recurrent_state_snapshots=0, or a KV budget too small).",
+                    ", ".join(config.architectures))
+        return None
+    from tessellm.core.state_prefix import StateSnapshots
+
+    executor.collective_rpc("initialize_state_snapshots", num)
+    logger.info("Prefix caching keeps up to %d recurrent-state snapshots at block boundaries.", num)
+    return StateSnapshots(num)
 
 
 def check_time_step_limit(limit) -> tuple[float, float]:

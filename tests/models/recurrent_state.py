@@ -14,7 +14,8 @@ def assert_preemption_rebuilds_states(path: str, stateful_layers: int, **engine)
     """A KV cache too small for every request at once: the scheduler preempts, the preempted
     request's slot is freed and its states rebuilt from its first token; HF's tokens. The
     cache serves ``stateful_layers`` layers, holds a slot per request the runner still holds
-    (it hears of the last finished ones with the next step) and loses none."""
+    (it hears of the last finished ones with the next step) and loses none. Prefix caching is
+    on (state snapshots at block boundaries, core/state_prefix.py)."""
     prompt_list = prompts((20, 24, 28, 30), seed=5)
     want, _ = hf_reference(path, prompt_list, 16)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -22,7 +23,8 @@ def assert_preemption_rebuilds_states(path: str, stateful_layers: int, **engine)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompt_list], params, use_tqdm=False)
         core = llm.engine.core
         assert core.scheduler.num_preemptions_total > 0, "the tiny cache should force preemption"
-        assert not core.kv.enable_prefix_caching  # turned off for a recurrent state
+        # prefix caching on: a preempted request may start again from its own snapshots
+        assert core.kv.enable_prefix_caching and core.kv.states is not None
         if engine.get("async_scheduling"):
             assert core.async_scheduling
         else:

@@ -1,0 +1,120 @@
+"""Prefix caching for models with a per-request recurrent state (Mamba2 mixers, gated DeltaNet):
+state snapshots at block boundaries, kept beside the cached KV blocks. Plain Python, no torch.
+
+Such a model's recurrent state after ``n`` tokens summarizes all ``n``; it cannot be rebuilt
+from KV blocks. So, as vLLM's "align" mode, the engine keeps copies of the state at block
+boundaries and a prefix hit may only end where a copy exists::
+
+    block_size 4, prompt of 11 tokens (the last full boundary a hit may end at: 8)
+    tokens:    t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9 t10
+    chunks:    [ step 1: t0 .. t7        ] [ step 2: t8 .. t10 ]     (cut at 8: ``align_chunk``)
+    blocks:    [   b3 (h0)  ] [   b9 (h1) ] [ b4 ]
+    snapshots:                 s2 = state after t7, kept on b9 (``Block.state_slot``)
+
+    a later prompt t0 .. t7 u8 ..: KV hit on b3, b9 and its state copied from s2 into the
+    request's own state slot; prefill resumes at u8.
+
+Invariants
+----------
+* A prefill chunk of a request ends on a block boundary whenever it can (``align_chunk``): a
+  chunk that stops before the request's known tokens end is rounded down to a boundary, and
+  the chunk that would reach the end stops first at the last boundary a hit may end at
+  (``(num_tokens - 1) // block_size * block_size``; a hit never covers the last prompt
+  token); that tail then runs in the next step. A chunk ending on a boundary saves the state
+  there: the scheduler takes a snapshot slot (``StateSnapshots.take``) for the block that ends
+  there and names it in ``SchedulerOutput.state_saves``; the runner copies the request's
+  state into it after the step's forward.
+* A snapshot belongs to one block (``Block.state_slot``): pending until the block is
+  published in the prefix cache (its step came back), then in the pool's LRU. It leaves with
+  its block (the block is evicted, or freed unpublished) or, when the pool is full, the least
+  recently used published snapshot is taken for a new save (its block stays cached: a later
+  block of the chain may still carry a snapshot).
+* A prefix hit is cut back to the last hit block that carries a snapshot
+  (``BlockManager.find_cached_prefix``); ``SchedulerOutput.state_restores`` names it, and the
+  runner copies it into the request's state slot before the step's forward. Restores of a
+  step come before its saves on the device, and a snapshot is only read in a step scheduled
+  after the step that wrote it came back, so a slot taken over for a new save is never read
+  half-written.
+* Decode steps save nothing (a decode step never ends at or before the last hit boundary).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+
+class StateSnapshots:
+    """``num_slots`` snapshot slots of the runner's snapshot pool (``MambaStateCache``'s
+    ``snapshots``): which block holds each, least recently used first."""
+
+    def __init__(self, num_slots: int):
+        if num_slots < 1:
+            raise ValueError(f"A recurrent-state snapshot pool needs >= 1 slot, got {num_slots}.")
+        self.num_slots = num_slots
+        self.free = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest first
+        self.published: OrderedDict[int, object] = OrderedDict()  # slot -> Block, LRU first
+        self.num_saved = 0  # snapshots taken (for stats and tests)
+        self.num_restored = 0  # prefix hits that started from a snapshot
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def take(self) -> Optional[int]:
+        """A slot for a new save: a free one, else the least recently used published snapshot's
+        (taken off its block); None when every slot is pending (the save is skipped)."""
+        if self.free:
+            slot = self.free.pop()
+        elif self.published:
+            slot, block = self.published.popitem(last=False)
+            block.state_slot = None
+        else:
+            return None
+        self.num_saved += 1
+        return slot
+
+    def publish(self, block) -> None:
+        """``block`` was published in the prefix cache: its pending snapshot may serve hits."""
+        self.published[block.state_slot] = block
+
+    def touch(self, block) -> None:
+        """A hit restored ``block``'s snapshot: most recently used now."""
+        self.published.move_to_end(block.state_slot)
+        self.num_restored += 1
+
+    def release(self, block) -> None:
+        """``block`` leaves the cache (evicted, or freed before it was published): its slot is free."""
+        slot = block.state_slot
+        if slot is None:
+            return
+        block.state_slot = None
+        self.published.pop(slot, None)
+        self.free.append(slot)
+
+    def clear(self, blocks) -> None:
+        for block in blocks:
+            block.state_slot = None
+        self.published.clear()
+        self.free = list(range(self.num_slots - 1, -1, -1))
+
+
+def align_chunk(start: int, num_new: int, num_tokens: int, block_size: int) -> int:
+    """``num_new`` tokens from ``start`` cut so the chunk ends on a block boundary where it can
+    (module docstring): before the known tokens' end, rounded down to a boundary (unless that
+    leaves nothing); reaching the end, first up to the last boundary a hit may end at."""
+    end = start + num_new
+    if end >= num_tokens:
+        last = (num_tokens - 1) // block_size * block_size
+        return last - start if start < last else num_new
+    aligned = end // block_size * block_size
+    return aligned - start if aligned > start else num_new
+
+
+def saves_at(start: int, num_new: int, num_tokens: int, block_size: int) -> Optional[int]:
+    """The index of the block whose end this chunk reaches, when its state there is worth a
+    snapshot (a boundary a later hit may end at); else None."""
+    end = start + num_new
+    if end % block_size or end > (num_tokens - 1) // block_size * block_size or end <= start:
+        return None
+    return end // block_size - 1

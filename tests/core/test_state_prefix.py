@@ -1,0 +1,139 @@
+"""Prefix caching for recurrent-state models, without torch (core/state_prefix.py): prefill
+chunks end on block boundaries, snapshots are reserved there and published with their blocks,
+hits end at a snapshot, and snapshots leave with their blocks or to the pool's LRU."""
+
+from __future__ import annotations
+
+import pytest
+
+from tessellm.core.block_manager import BlockManager
+from tessellm.core.scheduler import Scheduler, SchedulerConfig
+from tessellm.core.state_prefix import StateSnapshots, align_chunk, saves_at
+from tests.core.test_scheduler import req, run_step
+
+
+def make(num_blocks=64, budget=64, snapshots=8, block_size=4):
+    kv = BlockManager(num_blocks, block_size, True)
+    kv.states = StateSnapshots(snapshots)
+    return Scheduler(SchedulerConfig(8, budget, 256), kv)
+
+
+def finish(s: Scheduler, rid: str):
+    while rid in s.requests:
+        run_step(s)
+
+
+def check_pool(kv: BlockManager) -> None:
+    """Every slot is free, pending on a block, or published on a cached block; none twice."""
+    states = kv.states
+    held = [b for b in kv.blocks if b.state_slot is not None]
+    slots = [b.state_slot for b in held] + states.free
+    assert sorted(slots) == list(range(states.num_slots))
+    for slot, block in states.published.items():
+        assert block.state_slot == slot and kv.cached.get(block.block_hash) is block
+    for block in held:
+        assert block.state_slot in states.published or block.block_hash is None
+
+
+@pytest.mark.parametrize("start,num_new,num_tokens,want", [
+    (0, 11, 11, 8),  # the whole prompt: first up to the last boundary a hit may end at
+    (8, 3, 11, 3),  # then the tail
+    (0, 12, 12, 8),  # a prompt of whole blocks: the last token is never a hit
+    (0, 3, 3, 3),  # shorter than a block: nothing to cut
+    (0, 6, 20, 4),  # a chunk before the end: rounded down to a boundary
+    (5, 2, 20, 2),  # ... unless that leaves nothing
+    (10, 1, 11, 1),  # a decode
+])
+def test_align_chunk(start, num_new, num_tokens, want):
+    assert align_chunk(start, num_new, num_tokens, 4) == want
+
+
+def test_saves_only_at_boundaries_a_hit_may_end_at():
+    assert saves_at(0, 8, 11, 4) == 1
+    assert saves_at(8, 3, 11, 4) is None  # the tail ends off a boundary
+    assert saves_at(0, 12, 12, 4) is None  # past the last boundary a hit may end at (8)
+    assert saves_at(4, 4, 20, 4) == 1
+
+
+def test_prompt_saves_at_its_last_boundary_and_a_longer_prompt_starts_there():
+    s = make()
+    s.add_request(req("a", 11))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 8}  # cut at the last boundary (8 of 11)
+    assert out.state_saves == {"a": 0} and not out.state_restores
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 3} and not out.state_saves
+    finish(s, "a")
+    check_pool(s.kv)
+    assert list(s.kv.states.published) == [0]
+
+    s.add_request(req("b", 15))  # a's 11 prompt tokens, then more: hit up to a's snapshot
+    out, _ = run_step(s)
+    assert out.state_restores == {"b": 0}
+    assert out.new_requests[0].num_computed_tokens == 8
+    assert out.num_scheduled_tokens == {"b": 4}  # 8 .. 12, the last boundary of 15 tokens
+    assert out.state_saves == {"b": 1}
+    assert s.kv.stats.hits == 8 and s.kv.states.num_restored == 1
+    check_pool(s.kv)
+
+
+def test_a_hit_is_cut_back_to_the_last_block_with_a_snapshot():
+    s = make(budget=4)  # chunks of one block: a snapshot after each
+    s.add_request(req("a", 14))
+    chunks = []
+    while s.requests["a"].num_output_tokens == 0:
+        out, _ = run_step(s)
+        chunks.append((out.num_scheduled_tokens["a"], out.state_saves.get("a")))
+    assert chunks == [(4, 0), (4, 1), (4, 2), (2, None)]
+    finish(s, "a")
+    # Drop the snapshot of block 1 (ends at 8): a hit covering blocks 0 .. 1 ends at block 0.
+    block1 = s.kv.cached[_hash_of(s, 14, 1)]
+    s.kv.states.release(block1)
+    s.add_request(req("b", 10))  # shares a's first 10 tokens: KV hit of 2 blocks (8 tokens)
+    out, _ = run_step(s)
+    assert out.new_requests[0].num_computed_tokens == 4 and out.state_restores == {"b": 0}
+    check_pool(s.kv)
+
+
+def _hash_of(s: Scheduler, n: int, index: int) -> int:
+    """The hash of block ``index`` of the prompt ``req(_, n)``."""
+    probe = req("probe", n)
+    s.kv.update_block_hashes(probe)
+    return probe.block_hashes[index]
+
+
+def test_a_full_pool_gives_the_least_recently_used_snapshot_and_never_a_pending_one():
+    s = make(snapshots=2)
+    for i, rid in enumerate("abc"):
+        s.add_request(req(rid, 9, start=100 * (i + 1)))
+        finish(s, rid)
+    # a's snapshot (slot 0) went to c; b's stays
+    assert s.kv.find_cached_prefix(req("x", 9, start=100), count=False) == []
+    assert len(s.kv.find_cached_prefix(req("y", 9, start=200), count=False)) == 2
+    check_pool(s.kv)
+    # Two prompts in one step reserve both slots: a third finds none free, none published.
+    s2 = make(snapshots=2)
+    for i, rid in enumerate("def"):
+        s2.add_request(req(rid, 9, start=100 * (i + 1)))
+    out, _ = run_step(s2)
+    assert sorted(out.state_saves) == ["d", "e"] and len(set(out.state_saves.values())) == 2
+    check_pool(s2.kv)
+
+
+def test_a_snapshot_leaves_with_its_evicted_block_and_with_a_preempted_request():
+    s = make(num_blocks=4, snapshots=4)
+    s.add_request(req("a", 9))
+    finish(s, "a")
+    assert len(s.kv.states.published) == 1
+    s.add_request(req("b", 13, start=100))  # needs every block: a's cached ones are evicted
+    run_step(s)
+    assert s.kv.find_cached_prefix(req("x", 9), count=False) == []
+    check_pool(s.kv)
+    # b's pending snapshot (its step never came back) is freed with its blocks.
+    s2 = make(snapshots=4)
+    s2.add_request(req("c", 9))
+    out = s2.schedule()
+    assert out.state_saves == {"c": 0}
+    s2._preempt(s2.running.pop())
+    assert s2.kv.states.num_free == 4
+    check_pool(s2.kv)
