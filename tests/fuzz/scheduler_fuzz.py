@@ -17,7 +17,9 @@ from tessellm.core.block_manager import BlockManager, hash_block
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
+from tessellm.core.state_prefix import StateSnapshots
 from tessellm.core.step import ModelRunnerOutput
+from tests.core.test_state_prefix import check_pool
 
 STOP = 3  # a stop token id the fake model emits now and then
 EOS = 0
@@ -64,6 +66,17 @@ def check_invariants(s: Scheduler, budget: int, out=None) -> None:
             if blocks[i].block_hash is not None:
                 assert blocks[i].block_hash == h, (req.request_id, i)
             parent = h
+    if kv.states is not None:
+        check_pool(kv)
+    if out is not None and kv.states is not None:
+        for rid, slot in out.state_restores.items():  # a hit starts from its last block's state
+            # (or already taken over by a save later in the step, which the device runs after)
+            assert (any(b.state_slot == slot for b in kv.req_blocks[rid])
+                    or slot in out.state_saves.values()), (rid, slot)
+        for rid, slot in out.state_saves.items():  # the block its chunk ends in waits for it
+            start = s.requests[rid].num_computed_tokens + s.in_flight.tokens_ahead(rid)
+            assert start % kv.block_size == 0, (rid, start)
+            assert kv.req_blocks[rid][start // kv.block_size - 1].state_slot == slot
     if out is not None:
         assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens.values()) <= budget
         for rid, n in out.num_scheduled_tokens.items():
@@ -114,6 +127,9 @@ def random_config(rng: random.Random):
                           pipeline_parallel_size=rng.randint(2, 3) if mode == "pp" else 1,
                           num_lookahead_tokens=rng.choice([0, 0, 0, 2, 3]))
     kv = BlockManager(num_blocks, bs, enable_prefix_caching=rng.random() < 0.7)
+    snapshots = random.Random(rng.random()).randint(0, 6)  # its own stream: the draws above stay
+    if kv.enable_prefix_caching and snapshots:  # a recurrent-state model (core/state_prefix.py)
+        kv.states = StateSnapshots(snapshots)
     return Scheduler(cfg, kv)
 
 
@@ -185,8 +201,21 @@ class RunnerTables:
 
     def __init__(self):
         self.tables: dict[str, list[int]] = {}
+        # Recurrent-state snapshots: slot -> the tokens whose state it holds, written in device
+        # order (a step's restores read before its saves write).
+        self.pool: dict[int, tuple] = {}
 
     def apply(self, s: Scheduler, out) -> None:
+        for new in out.new_requests:
+            slot = out.state_restores.get(new.request_id)
+            if slot is not None:  # the snapshot holds the state of exactly the hit's tokens
+                assert self.pool.get(slot) == tuple(new.all_token_ids[:new.num_computed_tokens])
+            elif s.kv.states is not None:
+                assert new.num_computed_tokens == 0, "a hit without a state to start from"
+        for rid, slot in out.state_saves.items():
+            req = s.requests[rid]
+            end = req.num_computed_tokens + s.in_flight.tokens_ahead(rid)
+            self.pool[slot] = tuple(req.all_token_ids[:end])
         for rid in out.dropped_request_ids:
             self.tables.pop(rid, None)
         for rid, num_blocks in out.kept_blocks.items():

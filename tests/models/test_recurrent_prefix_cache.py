@@ -10,6 +10,7 @@ pressure. Nothing is mocked."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tessellm import LLM, SamplingParams
 from tests.core.test_state_prefix import check_pool
@@ -30,13 +31,39 @@ PROMPTS = {
 CONFIGS = {"mamba2": mamba2_config, "qwen3_next": qwen3_next_config}
 
 
+_HF: dict = {}
+
+
+def hf(path: str, *names: str) -> dict:
+    """HF's greedy tokens for the named prompts (each computed once per model)."""
+    todo = [n for n in names if (path, n) not in _HF]
+    if todo:
+        for n, t in zip(todo, hf_reference(path, [PROMPTS[n] for n in todo], MAX_NEW)[0]):
+            _HF[path, n] = t
+    return {n: _HF[path, n] for n in names}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> the tiny model's directory, written once."""
+    paths: dict = {}
+
+    def get(name: str) -> str:
+        if name not in paths:
+            paths[name] = save_tiny(CONFIGS[name](), str(tmp_path_factory.mktemp(name)))
+        return paths[name]
+    return get
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
-def model(request, tmp_path_factory):
-    """(path, HF's greedy tokens per prompt name)."""
-    path = save_tiny(CONFIGS[request.param](), str(tmp_path_factory.mktemp(request.param)))
-    names = sorted(PROMPTS)
-    tokens, _ = hf_reference(path, [PROMPTS[n] for n in names], MAX_NEW)
-    return path, dict(zip(names, tokens))
+def model(request, saved):
+    return saved(request.param)
+
+
+@pytest.fixture(scope="module")
+def mamba2(saved):
+    """Eviction is the block manager's, whatever the layers: checked on the faster model."""
+    return saved("mamba2")
 
 
 def run(llm: LLM, *names: str):
@@ -47,7 +74,7 @@ def run(llm: LLM, *names: str):
 
 
 def test_a_longer_prompt_starts_from_the_snapshot(model):
-    path, want = model
+    path, want = model, hf(model, "a", "longer")
     with LLM(path, dtype="float32", block_size=4) as llm:
         tokens, cached = run(llm, "a", "longer", "a")
         kv = llm.engine.core.kv
@@ -63,7 +90,7 @@ def test_a_longer_prompt_starts_from_the_snapshot(model):
 def test_chunked_prefill_keeps_a_snapshot_at_each_block_boundary_chunk_end(model):
     """Chunks of 16 tokens: a's states after 16, 32 and 44 are kept; a prompt sharing a's first
     42 tokens hits 10 KV blocks (40 tokens), cut back to the snapshot after 32."""
-    path, want = model
+    path, want = model, hf(model, "a", "inside")
     with LLM(path, dtype="float32", block_size=4, max_num_batched_tokens=16) as llm:
         tokens, cached = run(llm, "a", "inside")
         check_pool(llm.engine.core.kv)
@@ -71,11 +98,11 @@ def test_chunked_prefill_keeps_a_snapshot_at_each_block_boundary_chunk_end(model
     assert tokens == [want["a"], want["inside"]]
 
 
-def test_snapshots_leave_with_their_evicted_blocks(model):
+def test_snapshots_leave_with_their_evicted_blocks(mamba2):
     """A cache of 16 blocks (64 tokens): other1 evicts a's blocks past its first 3, and a's
     snapshot (after 44) with them; the longer prompt misses and is computed whole, and evicts
     other1's snapshot the same way (only its own stays)."""
-    path, want = model
+    path, want = mamba2, hf(mamba2, "a", "other1", "longer")
     with LLM(path, dtype="float32", block_size=4, num_kv_blocks=16, recurrent_state_snapshots=4) as llm:
         tokens, cached = run(llm, "a", "other1", "longer")
         kv = llm.engine.core.kv
@@ -85,14 +112,53 @@ def test_snapshots_leave_with_their_evicted_blocks(model):
     assert tokens == [want[n] for n in ("a", "other1", "longer")]
 
 
-def test_a_full_snapshot_pool_gives_up_the_least_recently_used(model):
+def test_a_full_snapshot_pool_gives_up_the_least_recently_used(mamba2):
     """2 snapshots, blocks to spare: other2's save takes a's snapshot (the least recently used),
     so the longer prompt's KV hit of 44 tokens has no state to start from and is computed
     whole; its own save takes other1's, and other2 then hits its own (after 40)."""
-    path, want = model
     names = ("a", "other1", "other2", "longer", "other2")
+    path, want = mamba2, hf(mamba2, *names)
     with LLM(path, dtype="float32", block_size=4, recurrent_state_snapshots=2) as llm:
         tokens, cached = run(llm, *names)
         check_pool(llm.engine.core.kv)
     assert cached == [0, 0, 0, 0, 40]
     assert tokens == [want[n] for n in names]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["mamba2", "granite4h"])
+def test_cuda_hits_with_decode_graphs_and_async_scheduling(name, tmp_path):
+    """On a CUDA GPU, where Mamba2-mixer models decode through captured graphs and the engine
+    schedules one step ahead by default (block size 16): a 70-token prompt keeps its state
+    after 64; a longer one and the same one again start there, one sharing only 40 tokens
+    misses; then, in chunks of 16 (a snapshot after 16, 32, 48, 64), the longer one and the
+    40-token sharer run together and hit 64 and 32. HF's tokens throughout; restores and saves
+    run eagerly around the graphs."""
+    from tests.models.test_granite_moe_hybrid import granite_hybrid_config
+    from tests.models.test_mamba2 import hf_norms_each_group
+
+    make = mamba2_config if name == "mamba2" else granite_hybrid_config
+    config = make()
+    if not hf_norms_each_group(config):  # older HF norms all groups at once
+        config = make(**({"n_groups": 1} if name == "mamba2" else {"mamba_n_groups": 1}))
+    path = save_tiny(config, str(tmp_path / name))
+    a = prompts((70,), seed=12)[0]
+    longer, inside = a + prompts((6,), seed=13)[0], a[:40] + prompts((5,), seed=14)[0]
+    want = dict(zip(("a", "longer", "inside"), hf_reference(path, [a, longer, inside], MAX_NEW)[0]))
+
+    def go(llm, *ps):
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps], GREEDY, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens for o in outs]
+
+    with LLM(path, device="cuda", dtype="float32", max_num_seqs=4) as llm:
+        core = llm.engine.core
+        assert core.async_scheduling and core.runner.graph_runner is not None
+        got = [go(llm, p) for p in (a, longer, a, inside)]
+    assert [c for _, (c,) in got] == [0, 64, 64, 0]
+    assert [t for (t,), _ in got] == [want["a"], want["longer"], want["a"], want["inside"]]
+    with LLM(path, device="cuda", dtype="float32", max_num_seqs=4, max_num_batched_tokens=16) as llm:
+        go(llm, a)
+        tokens, cached = go(llm, longer, inside)
+    assert cached == [64, 32]
+    assert tokens == [want["longer"], want["inside"]]

@@ -1,0 +1,72 @@
+"""Time to first token of a prompt whose prefix a recurrent-state model has cached
+(core/state_prefix.py), against the same prompt with prefix caching off: random weights, token
+ids fed, one GPU (the models of ``recurrent_state_graphs.py``).
+
+Per model: an engine starts; a warm-up prompt runs; then prompt A (``--input-len`` tokens) is
+prefilled and answered with one token; then prompt B = A + ``--suffix`` tokens is sent and its
+first token timed (the engine's own steps, synchronously). With prefix caching on, B starts from
+the state snapshot after A's last full block; off, it is computed whole. One JSON line per
+model: both TTFTs, B's cached tokens, the snapshots kept::
+
+    python benchmarks/mprefix_ttft.py --models granite4h --input-len 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from recurrent_state_graphs import write_config  # noqa: E402
+
+
+def ttft(path: str, input_len: int, suffix: int, cache: bool, dtype: str) -> dict:
+    import torch
+
+    from tessellm import LLM, SamplingParams
+
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    a = [(7 * j) % 1000 + 10 for j in range(input_len)]
+    b = a + [(11 * j) % 1000 + 10 for j in range(suffix)]
+    with LLM(path, load_format="dummy", dtype=dtype, max_model_len=input_len + suffix + 64,
+             max_num_seqs=8, enable_prefix_caching=cache) as llm:
+        llm.generate([{"prompt_token_ids": [5] * 256}], one, use_tqdm=False)  # warm
+        llm.generate([{"prompt_token_ids": a}], one, use_tqdm=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = llm.generate([{"prompt_token_ids": b}], one, use_tqdm=False)[0]
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t) * 1e3
+        states = llm.engine.core.kv.states
+        return {"ttft_ms": round(ms, 1), "cached_tokens": out.num_cached_tokens,
+                "snapshots": states.num_slots if states is not None else 0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["granite4h"])
+    p.add_argument("--input-len", type=int, default=3000)  # granite4h: 4096 positions
+    p.add_argument("--suffix", type=int, default=32)
+    p.add_argument("--layers", type=int, default=0, help="0: the model's own layer count")
+    p.add_argument("--dtype", default="bfloat16")
+    args = p.parse_args()
+    import torch
+
+    with tempfile.TemporaryDirectory() as root:
+        for name in args.models:
+            path = write_config(name, args.layers, root)
+            row = {"model": name, "device": torch.cuda.get_device_name(), "input_len": args.input_len,
+                   "suffix": args.suffix}
+            for cache in (True, False):
+                row["cache_on" if cache else "cache_off"] = ttft(path, args.input_len, args.suffix,
+                                                                 cache, args.dtype)
+            row["speedup"] = round(row["cache_off"]["ttft_ms"] / row["cache_on"]["ttft_ms"], 2)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
