@@ -137,3 +137,19 @@ def test_a_snapshot_leaves_with_its_evicted_block_and_with_a_preempted_request()
     s2._preempt(s2.running.pop())
     assert s2.kv.states.num_free == 4
     check_pool(s2.kv)
+
+
+@pytest.mark.parametrize("setting,match", [
+    (dict(kv_offloading_size=1.0), "KV offloading"),
+    (dict(kv_transfer_config={"kv_connector": "SharedStorageConnector"}), "a KV connector"),
+])
+def test_tiers_without_snapshots_are_refused(setting, match):
+    """The host tier and KV connectors move KV blocks, not state snapshots: refused."""
+    from types import SimpleNamespace
+
+    from tessellm.config import EngineArgs
+    from tessellm.models.state_space import check_engine_args
+
+    config = SimpleNamespace(architectures=["Qwen3NextForCausalLM"])
+    with pytest.raises(ValueError, match=f"support {match} yet.*recurrent-state snapshots"):
+        check_engine_args(EngineArgs(**setting), config)
