@@ -26,6 +26,11 @@ path under a layer -> its logical parts (B's rows, in that order)::
                 per-expert modules ``block_sparse_moe.experts.<e>.w1|w3|w2`` or
                 ``mlp.experts.<e>.gate_proj|up_proj|down_proj``, or the fused ``mlp.experts``
                 parameters ``gate_up_proj`` / ``down_proj`` of transformers 5)
+    Bamba       llama's attention and MLP (``feed_forward`` -> ``mlp``), on its attention /
+                every layer; mamba.in_proj [z|x|B|C|dt] mamba_z mamba_x mamba_B mamba_C mamba_dt
+                mamba.out_proj                             mamba_out   (on its Mamba layers)
+    Granite 4.0-H  llama's attention and Bamba's Mamba projections (experts and the shared MLP:
+                no LoRA)
 
 A fused module's B is cut into its parts by the same function that cuts the family's
 checkpoint weight on load (``split``; rows of ``lora_B [out, r]`` are rows of the weight's
@@ -143,6 +148,17 @@ QWEN_MOE = Family("model.layers", dict(_LLAMA_ATTN), note=_EXPERTS_NOTE,
                   experts=ExpertNames(("mlp.experts",), {"gate_proj": "gate", "up_proj": "up",
                                                          "down_proj": "down"}))
 
+# Mamba2 mixers' projections (``layers/mamba_mixer.py``): in_proj's five parts in the checkpoint's
+# row order, out_proj whole; a hybrid's attention layers take the attention modules, its Mamba
+# layers these (``lora/layers.py`` wraps what a layer has)
+_MAMBA = {"mamba.in_proj": ("mamba_z", "mamba_x", "mamba_B", "mamba_C", "mamba_dt"),
+          "mamba.out_proj": ("mamba_out",)}
+BAMBA = Family("model.layers", {**_LLAMA_ATTN, **_LLAMA_MLP, **_MAMBA},
+               rename=lambda name: name.replace(".feed_forward.", ".mlp."))
+GRANITE_HYBRID = Family("model.layers", {**_LLAMA_ATTN, **_MAMBA},
+                        note=" (attention and Mamba projections: LoRA on the experts and the "
+                             "shared MLP is not supported)")
+
 # EXAONE 3: adapters trained on transformers 5 (its Llama model) name Llama's modules; those
 # trained on the original remote code theirs (``attn.attention.out_proj``, ``mlp.c_fc_0``)
 EXAONE = Family("model.layers", LLAMA.modules, rename=_exaone_names)
@@ -168,6 +184,8 @@ FAMILIES = {
     "FalconForCausalLM": FALCON,
     "GPTBigCodeForCausalLM": GPT_BIGCODE,
     "MixtralForCausalLM": MIXTRAL, "Qwen3MoeForCausalLM": QWEN_MOE,
+    "BambaForCausalLM": BAMBA,
+    "GraniteMoeHybridForCausalLM": GRANITE_HYBRID,
     **{arch: MOE_ATTENTION for arch in (
         "Qwen2MoeForCausalLM",
         "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM", "OlmoeForCausalLM",

@@ -145,9 +145,12 @@ def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int, na
     if layers is None or not hasattr(model, "start_layer"):
         raise ValueError(f"LoRA is not supported for {arch} ({type(model).__name__}): it has no "
                          "decoder layer list to put adapters on.")
+    hybrid = hasattr(model, "mamba_layers")  # attention layers and Mamba layers: each its own
     for index in range(model.start_layer, model.end_layer):
         for name in names:
             parent_name, _, attr = name.rpartition(".")
+            if hybrid and not hasattr(layers[index], parent_name.partition(".")[0]):
+                continue  # a Mamba layer's attention, an attention layer's mamba: none to adapt
             parent = layers[index].get_submodule(parent_name)
             base = getattr(parent, attr, None)
             if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):

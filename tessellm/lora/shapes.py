@@ -9,6 +9,8 @@ model. Each logical module maps onto one of our (possibly fused) layers and its 
     down_proj             -> mlp.down_proj       slice 0      (row-parallel)
     fc_in                 -> mlp.fc_in           slice 0      (an MLP without a gate:
     fc_out                -> mlp.fc_out          slice 0       ``dense_mlp.py``; row-parallel)
+    mamba_z .. mamba_dt   -> mamba.in_proj       slices 0-4   (a hybrid's Mamba2 mixer)
+    mamba_out             -> mamba.out_proj      slice 0      (row-parallel)
 
 The HF modules an adapter may name, and the logical modules each covers, are the family's
 (``families.py``); a fused HF module (Phi-3's ``qkv_proj``, GPT-NeoX's per-head
@@ -28,6 +30,8 @@ LAYER_SLICES = {
     "self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
     "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",),
     "mlp.fc_in": ("fc_in",), "mlp.fc_out": ("fc_out",),
+    "mamba.in_proj": ("mamba_z", "mamba_x", "mamba_B", "mamba_C", "mamba_dt"),
+    "mamba.out_proj": ("mamba_out",),
 }
 # Logical module name -> (our layer, slice index in it)
 TARGETS = {part: (layer, i)
@@ -102,6 +106,12 @@ class BaseShapes:
                   "o_proj": (q, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
                   "down_proj": (inter, hidden), "fc_in": (hidden, inter),
                   "fc_out": (inter, hidden)}
+        if getattr(text, "mamba_n_heads", None):  # a hybrid's Mamba2 mixers (Bamba, Granite 4.0-H)
+            inner = text.mamba_n_heads * text.mamba_d_head
+            gn = text.mamba_n_groups * text.mamba_d_state
+            shapes.update({"mamba_z": (hidden, inner), "mamba_x": (hidden, inner),
+                           "mamba_B": (hidden, gn), "mamba_C": (hidden, gn),
+                           "mamba_dt": (hidden, text.mamba_n_heads), "mamba_out": (inner, hidden)})
         experts, expert_shapes = 0, {}
         quantized = quantization or getattr(config, "quantization_config", None) or getattr(
             text, "quantization_config", None)

@@ -17,7 +17,9 @@ token before it and cannot be rebuilt from a block hash, so:
   steps run eagerly (no verify graphs);
 - int8 / fp8 quantization runs on the linear projections only (``_quantization_refused``: the
   conv, A_log, D, dt_bias and norms stay in the model dtype, as vLLM keeps them);
-- LoRA and pipeline parallelism are refused until they are built and tested (tensor
+- LoRA runs on Bamba's and Granite 4.0-H's attention, MLP (Bamba) and Mamba in/out
+  projections (``lora/families.py``), is refused for the others; pipeline parallelism is
+  refused until it is built and tested (tensor
   parallelism splits the Mamba heads: ``layers/mamba_mixer.py``, and the gated DeltaNet heads:
   ``layers/gated_deltanet.py``);
 - decode steps run eagerly unless ``TESSELLM_RECURRENT_STATE_GRAPHS`` says otherwise
@@ -47,6 +49,8 @@ def has_recurrent_state(config) -> bool:
 
 def check_engine_args(args, config) -> None:
     """Refuse, before any worker starts, what these models cannot do yet (one sentence each)."""
+    from tessellm.lora.families import family_of
+
     if not has_recurrent_state(config):
         return
     arch = next(a for a in config.architectures if a in _RECURRENT)
@@ -57,7 +61,8 @@ def check_engine_args(args, config) -> None:
          f"speculative decoding with method {method!r}",
          f"use method {', '.join(SPEC_METHODS)} (a draft model or EAGLE head over a recurrent "
          "target is not built yet)"),
-        (getattr(args, "enable_lora", False), "LoRA", "drop enable_lora"),
+        (getattr(args, "enable_lora", False) and family_of([arch])[1] is None, "LoRA",
+         "drop enable_lora (Bamba and Granite 4.0-H take adapters)"),
         (getattr(args, "kv_offloading_size", None) is not None, "KV offloading",
          "the host tier keeps evicted KV blocks but not the recurrent-state snapshots a prefix "
          "hit of these layers starts from; drop kv_offloading_size"),
