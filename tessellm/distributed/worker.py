@@ -205,7 +205,7 @@ class Worker:
             return 0
         if args.recurrent_state_snapshots is not None:
             return args.recurrent_state_snapshots
-        if budget is None:
+        if budget is None or not self._state_bytes():  # (a pipeline stage without such layers)
             return cap
         return max(0, min(cap, int(budget * STATE_SNAPSHOT_SHARE) // self._state_bytes()))
 

@@ -10,7 +10,9 @@ Returns ``(hidden, residual)`` like ``DecoderLayer``: the next layer's input nor
 ``HybridLayers`` is what a llama-family model class adds to become a hybrid: the config's
 ``mamba_*`` sizes (Granite 4.0-H and Bamba name them alike), each layer's kind from
 ``layers_block_type``, Mamba layers where it says so, and the two lists of layers the runner
-asks for (attention layers hold KV cache, Mamba layers hold recurrent state).
+asks for (attention layers hold KV cache, Mamba layers hold recurrent state). Under pipeline
+parallelism a stage builds, loads and keeps state for its own layers only (llama's
+``MissingLayer`` stands in for the others').
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from tessellm.layers.context import ModelContext
 from tessellm.layers.mamba_mixer import MambaMixer2, MambaShape
 from tessellm.layers.norm import add_and_norm
 from tessellm.models.decoder import DecoderLayer
-from tessellm.models.state_space import check_single_stage, check_time_step_limit
+from tessellm.models.llama import MissingLayer
+from tessellm.models.state_space import check_time_step_limit
 
 _MAMBA_TYPES = ("mamba", "linear_attention")
 _ATTENTION_TYPES = ("attention", "full_attention")
@@ -94,11 +97,10 @@ class HybridLayers:
     llama constructor builds the layers, and ``finish_hybrid`` after it."""
 
     def init_hybrid(self, config, ctx: ModelContext) -> None:
-        check_single_stage(ctx)
         self.kinds = layer_kinds(config)
 
     def finish_hybrid(self, ctx: ModelContext) -> None:
-        if "attention" not in self.kinds:
+        if not self.attention_layers():  # none in the model, or in this pipeline stage
             ctx.make_attention_kernel(None)  # the runner's step metadata; no layer attends
 
     def make_layer(self, config, ctx: ModelContext, rotary, index: int) -> nn.Module:
@@ -135,6 +137,8 @@ def load_mamba_tensors(layers, weights, loaded: set[str]):
             yield name, tensor
             continue
         index = int(match[1])
+        if index < len(layers) and isinstance(layers[index], MissingLayer):
+            continue  # another pipeline stage's layer
         mixer = getattr(layers[index], "mamba", None) if index < len(layers) else None
         if mixer is None:
             built = (f"builds layer {index} as {type(layers[index]).__name__}"

@@ -33,7 +33,6 @@ from tessellm.layers.norm import add_and_norm
 from tessellm.models.decoder import DecoderAttention, DecoderLayer, shard_heads
 from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.moe import Qwen2MoeForCausalLM
-from tessellm.models.state_space import check_single_stage
 
 _LINEAR_ATTN = re.compile(r"(?:model\.)?layers\.(\d+)\.linear_attn\.(.+)$")
 # the (1 + w) norms: the layers' two, the final one, attention's q/k norms (not linear_attn.norm)
@@ -107,13 +106,12 @@ class Qwen3NextForCausalLM(Qwen2MoeForCausalLM):
     qk_norm = True
 
     def __init__(self, config, ctx: ModelContext):
-        check_single_stage(ctx)
         self.kinds = list(config.layer_types)
         if len(self.kinds) != config.num_hidden_layers or set(self.kinds) - set(_KINDS):
             raise ValueError(f"config.layer_types must name {config.num_hidden_layers} layers, "
                              f"each one of {_KINDS}; it is {self.kinds}.")
         super().__init__(config, ctx)
-        if "full_attention" not in self.kinds:
+        if not self.attention_layers():  # none in the model, or in this pipeline stage
             ctx.make_attention_kernel(None)  # the runner's step metadata; no layer attends
 
     def check_config(self, config) -> None:
@@ -158,6 +156,9 @@ class Qwen3NextForCausalLM(Qwen2MoeForCausalLM):
             if name.startswith("mtp."):
                 continue
             match = _LINEAR_ATTN.match(name)
+            if (match is not None and int(match[1]) < len(self.kinds)
+                    and not self.start_layer <= int(match[1]) < self.end_layer):
+                continue  # another pipeline stage's layer
             if match is not None:
                 self._linear_layer(int(match[1]), name).load_checkpoint_tensor(match[2], tensor)
                 loaded.add(f"layers.{match[1]}.linear_attn.{match[2]}")

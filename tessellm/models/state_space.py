@@ -18,8 +18,9 @@ token before it and cannot be rebuilt from a block hash, so:
 - int8 / fp8 quantization runs on the linear projections only (``_quantization_refused``: the
   conv, A_log, D, dt_bias and norms stay in the model dtype, as vLLM keeps them);
 - LoRA runs on Bamba's and Granite 4.0-H's attention, MLP (Bamba) and Mamba in/out
-  projections (``lora/families.py``), is refused for the others; pipeline parallelism is
-  refused until it is built and tested (tensor
+  projections (``lora/families.py``), is refused for the others; pipeline parallelism runs
+  the llama-decoder hybrids (``PIPELINE_ARCHITECTURES``: each stage holds the states of its
+  layers), is refused for Mamba2, Nemotron-H and Falcon-H1 (tensor
   parallelism splits the Mamba heads: ``layers/mamba_mixer.py``, and the gated DeltaNet heads:
   ``layers/gated_deltanet.py``);
 - decode steps run eagerly unless ``TESSELLM_RECURRENT_STATE_GRAPHS`` says otherwise
@@ -70,13 +71,20 @@ def check_engine_args(args, config) -> None:
          "it moves KV blocks but not the recurrent-state snapshots a prefix hit of these layers "
          "starts from; drop kv_transfer_config"),
         _quantization_refused(args, config, arch),
-        (getattr(args, "pipeline_parallel_size", 1) > 1, "pipeline parallelism",
-         "use pipeline_parallel_size=1"),
+        (getattr(args, "pipeline_parallel_size", 1) > 1 and arch not in PIPELINE_ARCHITECTURES,
+         "pipeline parallelism", "use pipeline_parallel_size=1 (Granite 4.0-H, Bamba and "
+         "Qwen3-Next run in stages)"),
     ]
     for bad, what, fix in refused:
         if bad:
             raise ValueError(f"{arch} ({layers} with a per-request recurrent state) does not "
                              f"support {what} yet; {fix}.")
+
+
+# hybrids built on the llama decoder's stages: each stage builds, loads and keeps the recurrent
+# state of its own layers (the others' are ``MissingLayer``s)
+PIPELINE_ARCHITECTURES = frozenset({"GraniteMoeHybridForCausalLM", "BambaForCausalLM",
+                                    "Qwen3NextForCausalLM"})
 
 
 # speculative decoding methods served over a recurrent target (the others are refused)

@@ -1,0 +1,48 @@
+"""Pipeline parallelism for the hybrid recurrent-state models built on the llama decoder
+(Granite 4.0-H, Bamba, Qwen3-Next): two stages (gloo, 2 CPU ranks), each building, loading and
+keeping the recurrent state of its own layers only (Granite's and Qwen3-Next's second stage
+holds no attention layer: Mamba / DeltaNet layers alone). Greedy tokens and per-token
+log-probabilities equal HF transformers' in float32, as the single-stage engine's do
+(``test_granite_moe_hybrid.py``, ``test_qwen3_next.py``, ``test_bamba.py``), for concurrent
+prompts under chunked prefill (the states carry across chunks on each stage). Mamba2,
+Nemotron-H and Falcon-H1 (not on the llama decoder) stay refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.models.variant_parity import assert_parity, prompts, save_tiny
+
+
+def _config(family: str):
+    if family == "granite-4.0-h":  # stages [mamba, attention] [mamba, mamba]
+        from tests.models.test_granite_moe_hybrid import granite_hybrid_config
+
+        return granite_hybrid_config()
+    if family == "qwen3-next":  # stages [linear, full] [linear, linear]
+        from tests.models.test_qwen3_next import qwen3_next_config
+
+        return qwen3_next_config()
+    from tests.models.test_bamba import bamba_config  # stages [mamba] [attention, mamba]
+
+    return bamba_config()
+
+
+@pytest.mark.parametrize("family", ["granite-4.0-h", "qwen3-next", "bamba"])
+def test_hybrid_two_stages_match_hf(family, tmp_path):
+    path = save_tiny(_config(family), str(tmp_path / family))
+    assert_parity(path, prompts((5, 23)), max_new=8, pipeline_parallel_size=2, device="cpu",
+                  max_num_batched_tokens=16)
+
+
+def test_pipeline_refused_for_hybrids_off_the_llama_decoder():
+    from types import SimpleNamespace
+
+    from transformers import NemotronHConfig
+
+    from tessellm.models.state_space import check_engine_args
+
+    with pytest.raises(ValueError, match=r"NemotronHForCausalLM .* does not support pipeline "
+                                         r"parallelism yet; use pipeline_parallel_size=1"):
+        check_engine_args(SimpleNamespace(pipeline_parallel_size=2),
+                          NemotronHConfig(architectures=["NemotronHForCausalLM"]))
