@@ -271,6 +271,29 @@ def test_third_party_connector_registers_by_name(tiny_model_dir):
     assert RecordingConnector.calls[0][1:] == (5, 0)
 
 
+def test_connector_from_an_installed_packages_entry_point(tmp_path, monkeypatch):
+    """A package declaring ``[tessellm.kv_connectors] FromEP = module:Class`` (a distribution
+    on sys.path, as pip installs one) is found by name; a built-in name is never replaced."""
+    import importlib
+
+    from tessellm.kv_transfer.registry import KVConnectorRegistry
+
+    info = tmp_path / "kvconn_fake-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kvconn_fake\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[tessellm.kv_connectors]\n"
+                                           "FromEP = kvconn_fake_mod:Conn\n"
+                                           "SharedStorageConnector = kvconn_fake_mod:Conn\n")
+    (tmp_path / "kvconn_fake_mod.py").write_text(
+        "from tessellm.kv_transfer import KVConnectorBase\n\nclass Conn(KVConnectorBase):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    registry = KVConnectorRegistry()
+    assert "FromEP" in registry.names()
+    assert registry.resolve(KVTransferConfig("FromEP")).__module__ == "kvconn_fake_mod"
+    assert registry.resolve(KVTransferConfig("SharedStorageConnector")) is SharedStorageConnector
+
+
 @pytest.mark.parametrize("value, match", [
     ("{not json", "kv_transfer_config is not valid JSON"),
     ([1], "must be a JSON object"),
