@@ -250,7 +250,7 @@ class EngineCore(EngineSleep):
         """A digest of the model (its config, and its weight files: path, size, modification
         time; equal configs of other weights must never share KV), how it is loaded and
         quantized, the dtypes, the block size, the parallel layout, the drafter and each rank's
-        block bytes."""
+        block bytes and cache tensors' layout (a heads-major cache is another namespace)."""
         import hashlib
         import json
 
@@ -260,7 +260,7 @@ class EngineCore(EngineSleep):
                 args.hf_overrides, args.seed if args.load_format == "dummy" else None,
                 str(self.dtype), args.kv_cache_dtype, args.block_size,
                 self.parallel.tensor_parallel_size, self.parallel.pipeline_parallel_size,
-                args.speculative_config, rank_bytes]
+                args.speculative_config, rank_bytes, self.executor.collective_rpc("kv_cache_layout")]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def _lora_slots(self, args: EngineArgs):

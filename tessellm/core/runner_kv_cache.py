@@ -31,6 +31,8 @@ class RunnerKVCache:
     kv_connector = None
     # Under tensor parallelism: (request ids, failed here) -> failed on any rank (the worker's).
     kv_load_agree = None
+    # The last step's saves under way (a future), for the worker to wait on; None: none.
+    pending_save = None
 
     def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
         """Zero-filled so padded reads are finite. One (k, v) pair of tensors per layer, shaped
@@ -80,7 +82,7 @@ class RunnerKVCache:
     def save_external_kv(self, meta) -> None:
         """A KV connector's saves of the blocks the step filled, after its forward was queued."""
         if meta is not None and self.kv_connector is not None:
-            self.kv_connector.save_kv(meta)
+            self.pending_save = self.kv_connector.save_kv(meta)
 
     def _block_major_caches(self) -> list[torch.Tensor]:
         """Every cache tensor as its block-major storage (a heads-major cache's transposed view

@@ -237,6 +237,12 @@ class Worker:
         self.runner.swap_blocks = getattr(ops, "swap_blocks", None) or swap_blocks
         self.runner.allocate_host_kv_cache(num_blocks)
 
+    def kv_cache_layout(self) -> list:
+        """Each cache tensor's dtype and block shape on this rank, as stored (a heads-major
+        cache's storage): what a KV connector's blocks must match."""
+        return [[str(t.dtype).replace("torch.", ""), list(t.shape[1:])]
+                for t in self.runner._block_major_caches()]
+
     def initialize_kv_connector(self, config: dict, context: dict) -> None:
         """A KV connector's worker half on this rank (``--kv-transfer-config``,
         tessellm/kv_transfer): this rank's block-major caches, copied through the backend's
@@ -266,6 +272,8 @@ class Worker:
     def release(self) -> None:
         """Drop the model, its KV cache and graphs, and give the device memory back to the device
         (``LLM.shutdown``: a second engine in this process can size its cache from it again)."""
+        if self.runner is not None and self.runner.kv_connector is not None:
+            self.runner.kv_connector.shutdown()  # its saves under way are written first
         self.runner = None
         self.sleep_state = None
         gc.collect()  # graphs and compiled steps hold reference cycles
@@ -274,8 +282,11 @@ class Worker:
             _empty_host_cache()  # the host KV tier's pinned chunks: back to the OS
 
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
-        """Launch the step; ``.result()`` on the handle waits for its tokens."""
-        return self.runner.execute_async(sched)
+        """Launch the step; ``.result()`` on the handle waits for its tokens (and for the KV
+        connector's saves of the step, when it has any)."""
+        handle = self.runner.execute_async(sched)
+        saving, self.runner.pending_save = self.runner.pending_save, None
+        return handle if saving is None else SavingStep(handle, saving)
 
     # -- sleep mode and weight updates (core/runner_sleep.py; every rank via collective_rpc) --
 
@@ -359,6 +370,21 @@ class Worker:
         table = self._profiler.key_averages().table(sort_by=key, row_limit=row_limit)
         self._profiler = None
         return table
+
+
+class SavingStep:
+    """A launched step whose KV connector saves are under way: ``result()`` waits for its
+    tokens, then for the saves (written by the connector's thread while the device runs the
+    next step), so no output leaves before its blocks are saved."""
+
+    def __init__(self, handle, saving):
+        self.handle = handle
+        self.saving = saving
+
+    def result(self):
+        out = self.handle.result()
+        self.saving.result()
+        return out
 
 
 def _gated_delta(model) -> bool:

@@ -134,8 +134,13 @@ class KVConnectorBase:
         requests whose load failed on this rank (their blocks may hold anything)."""
         return []
 
-    def save_kv(self, meta: dict) -> None:
-        """After the step's forward pass was queued: save the blocks the metadata names."""
+    def save_kv(self, meta: dict):
+        """After the step's forward pass was queued: save the blocks the metadata names.
+        Returns None (done) or a future whose ``result()`` returns once the saves are durable:
+        the worker waits for it before the step's outputs leave it, so a request's blocks are
+        saved by the time its output reaches the client; the host launches the next step
+        meanwhile."""
+        return None
 
     def wait_for_save(self) -> None:
         """Return once every save handed to ``save_kv`` so far is durable (visible to a reader)."""

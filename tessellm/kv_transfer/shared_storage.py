@@ -187,6 +187,9 @@ class SharedStorageConnector(KVConnectorBase):
         self.synchronize = synchronize
         self.tensors = [[str(t.dtype).replace("torch.", ""), list(t.shape[1:])] for t in caches]
         self.nbytes = [t[0].numel() * t.element_size() for t in caches]
+        self.device = device
+        self._writer = None  # the thread that writes saved blocks' files, made on the first save
+        self._last_save = None
 
     def start_load_kv(self, meta: dict) -> list:
         import numpy as np
@@ -247,25 +250,60 @@ class SharedStorageConnector(KVConnectorBase):
             off += nb
         self.synchronize()  # the host rows go away when this returns
 
-    def save_kv(self, meta: dict) -> None:
-        import numpy as np
+    def save_kv(self, meta: dict):
+        """Queue the copies of the blocks to save behind the step's forward (into pinned host
+        memory where the device pins), then hand the rest to a writer thread: it waits for the
+        copies (an event, not a stream sync: the host goes on launching the next step) and
+        writes the files. Returns the thread's future (the worker waits for it before the
+        step's outputs leave it), or None when there is nothing to save."""
         import torch
 
         rank = self.context.rank
         saves = [(k, b) for k, b in (meta.get("saves") or ())
                  if not os.path.exists(self.path(k, rank))]
         if not saves:
-            return
+            return None
         n, mapping = len(saves), [(b, i) for i, (_, b) in enumerate(saves)]
+        pin = self.device.type not in ("cpu", "xla")
         hosts = []
         for cache in self.caches:
-            host = torch.empty((n, *cache.shape[1:]), dtype=cache.dtype)
+            host = _host_empty((n, *cache.shape[1:]), cache.dtype, pin)
+            pin = pin and host.is_pinned()
             self.swap_blocks(cache, host, mapping)
             hosts.append(host)
-        self.synchronize()  # the copies are done: the host reads them now
+        if pin and all(h.is_pinned() for h in hosts):
+            event = torch.Event(device=self.device)
+            event.record()
+            ready = event.synchronize
+        else:
+            self.synchronize()  # pageable copies (or the cpu backend): done when this returns
+            ready = None
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="tessellm-kv-save")
+        self._last_save = self._writer.submit(self._write_all, saves, hosts, ready)
+        return self._last_save
+
+    def _write_all(self, saves, hosts, ready) -> None:
+        import numpy as np
+        import torch
+
+        if ready is not None:
+            ready()  # the step's copies into ``hosts`` are done
+        n = len(saves)
         rows = np.concatenate([h.view(torch.uint8).reshape(n, -1).numpy() for h in hosts], axis=1)
         for (key, _), row in zip(saves, rows):
             self._write(key, row)
+
+    def wait_for_save(self) -> None:
+        if self._last_save is not None:  # one writer thread, in order: the last is the latest
+            self._last_save.result()
+
+    def shutdown(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def _write(self, key: str, row) -> None:
         header = json.dumps({"key": key, "rank": self.context.rank, "tensors": self.tensors,
@@ -285,6 +323,18 @@ class SharedStorageConnector(KVConnectorBase):
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _host_empty(shape, dtype, pin: bool):
+    """A host buffer, pinned when asked and the runtime can (else pageable)."""
+    import torch
+
+    if pin:
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.empty(shape, dtype=dtype)
 
 
 def _read_header(f) -> dict:

@@ -178,7 +178,8 @@ def test_worker_half_round_trip_over_every_cache_layout(tmp_path):
     before = [c.clone() for c in caches]
     conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER)
     conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
-    conn.save_kv({"saves": [["a", 7], ["b", 2], ["c", 3]]})
+    conn.save_kv({"saves": [["a", 7], ["b", 2], ["c", 3]]}).result()  # written by its thread
+    assert conn.save_kv({"saves": [["a", 7]]}) is None  # there already: nothing to write
     for c in caches:
         c.view(torch.uint8).zero_()
     assert conn.start_load_kv({"loads": [["r1", [["a", 9], ["b", 0]]], ["r2", [["c", 4]]]]}) == []
@@ -189,6 +190,7 @@ def test_worker_half_round_trip_over_every_cache_layout(tmp_path):
     other = _connector(tmp_path, "ns", KVConnectorRole.WORKER)  # one tensor fewer: another layout
     other.register_kv_caches(caches[:2], swap_blocks, lambda: None, torch.device("cpu"))
     assert other.start_load_kv({"loads": [["r3", [["a", 1]]]]}) == ["r3"]
+    conn.shutdown()
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
