@@ -231,6 +231,27 @@ def test_parallel_ranks_and_async_scheduling(engine, tiny_model_dir, tmp_path):
     assert rows == [(hf_greedy(model, prompts, 6)[0], 40, 7)]
 
 
+@pytest.mark.slow  # ~30 s on 2 cores (two worker processes, twice)
+def test_a_load_failing_on_one_tensor_parallel_rank_fails_on_all(tiny_model_dir, tmp_path):
+    """Rank 1's file of one block is corrupt, rank 0's is fine: the ranks agree the load failed
+    (one all-reduce), the request is recomputed on both, and its tokens are HF's."""
+    model = tiny_model_dir("llama")
+    prompts = _prompts(1)
+    _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_producer"), tensor_parallel_size=2)
+    (ns,) = os.listdir(tmp_path)
+    keys = _connector(tmp_path, ns).block_keys(SimpleNamespace(
+        request_id="p", all_token_ids=prompts[0], block_key=lambda a, b: None))
+    with open(_connector(tmp_path, ns).path(keys[3], 1), "r+b") as f:  # block 3, rank 1
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x55]))
+    rows, stats = _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_consumer"),
+                       tensor_parallel_size=2)
+    assert rows == [(hf_greedy(model, prompts, 6)[0], 0, 2 + 42 + 5)]
+    assert stats.kv_connector["load_failures"] == 1
+
+
 def test_engines_of_another_layout_or_weights_do_not_share(tiny_model_dir, tmp_path):
     """Another block size (or dtype, parallel layout) is another namespace: a miss; so are
     other weights under an equal config (here: the same files in another directory)."""
