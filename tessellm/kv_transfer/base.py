@@ -131,7 +131,9 @@ class KVConnectorBase:
 
     def start_load_kv(self, meta: dict) -> list:
         """Fill the step's loaded blocks before its forward pass. Returns the ids of the
-        requests whose load failed on this rank (their blocks may hold anything)."""
+        requests whose load failed on this rank (their blocks may hold anything). Under tensor
+        parallelism the ranks agree on the failures when ``meta["loads"]`` lists the step's
+        loads, each item starting with its request id (one all-reduce in such steps)."""
         return []
 
     def save_kv(self, meta: dict):

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import zlib
 from collections import OrderedDict
 from typing import Optional
@@ -309,7 +310,7 @@ class SharedStorageConnector(KVConnectorBase):
         header = json.dumps({"key": key, "rank": self.context.rank, "tensors": self.tensors,
                              "nbytes": int(row.size), "crc32": zlib.crc32(row)}).encode()
         path = self.path(key, self.context.rank)
-        tmp = f"{path}.tmp{os.getpid()}"
+        tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"  # one per writer thread
         try:
             with open(tmp, "wb") as f:
                 f.write(MAGIC + len(header).to_bytes(4, "little") + header)
