@@ -24,22 +24,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recurrent_state_graphs import write_config  # noqa: E402
 
 
-def ttft(path: str, input_len: int, suffix: int, cache: bool, dtype: str) -> dict:
+def ttft(path: str, input_len: int, suffix: int, cache: bool, dtype: str, device: str) -> dict:
     import torch
 
     from tessellm import LLM, SamplingParams
+
+    def sync():
+        if device == "cuda":
+            sync()
 
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     a = [(7 * j) % 1000 + 10 for j in range(input_len)]
     b = a + [(11 * j) % 1000 + 10 for j in range(suffix)]
     with LLM(path, load_format="dummy", dtype=dtype, max_model_len=input_len + suffix + 64,
-             max_num_seqs=8, enable_prefix_caching=cache) as llm:
+             max_num_seqs=8, enable_prefix_caching=cache, device=device) as llm:
         llm.generate([{"prompt_token_ids": [5] * 256}], one, use_tqdm=False)  # warm
         llm.generate([{"prompt_token_ids": a}], one, use_tqdm=False)
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": b}], one, use_tqdm=False)[0]
-        torch.cuda.synchronize()
+        sync()
         ms = (time.perf_counter() - t) * 1e3
         states = llm.engine.core.kv.states
         return {"ttft_ms": round(ms, 1), "cached_tokens": out.num_cached_tokens,
@@ -53,17 +57,19 @@ def main() -> None:
     p.add_argument("--suffix", type=int, default=32)
     p.add_argument("--layers", type=int, default=0, help="0: the model's own layer count")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu (a small --layers)")
     args = p.parse_args()
     import torch
 
     with tempfile.TemporaryDirectory() as root:
         for name in args.models:
             path = write_config(name, args.layers, root)
-            row = {"model": name, "device": torch.cuda.get_device_name(), "input_len": args.input_len,
+            where = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+            row = {"model": name, "device": where, "layers": args.layers, "input_len": args.input_len,
                    "suffix": args.suffix}
             for cache in (True, False):
                 row["cache_on" if cache else "cache_off"] = ttft(path, args.input_len, args.suffix,
-                                                                 cache, args.dtype)
+                                                                 cache, args.dtype, args.device)
             row["speedup"] = round(row["cache_off"]["ttft_ms"] / row["cache_on"]["ttft_ms"], 2)
             print(json.dumps(row), flush=True)
 

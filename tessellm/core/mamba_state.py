@@ -110,8 +110,8 @@ class MambaStateCache:
         self._copy(src, list(saves.values()), to_pool=True)
 
     def _copy(self, slots: list[int], pool_slots: list[int], to_pool: bool) -> None:
-        slot_idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-        pool_idx = torch.tensor(pool_slots, dtype=torch.long, device=self.device)
+        slot_idx, pool_idx = (torch.tensor(v, dtype=torch.long).to(self.device, non_blocking=True)
+                              for v in (slots, pool_slots))
         for layer, pools in zip(self.layers, self.snapshots):
             for state, pool in zip((layer.conv_state, layer.ssm_state), pools):
                 if to_pool:
