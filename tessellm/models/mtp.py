@@ -1,7 +1,8 @@
 """Multi-token-prediction (MTP) layers of a target's own checkpoint, as a draft head.
 
-DeepSeek-V3 / R1, GLM-4.5 / 4.6 and ERNIE 4.5 MoE (``ERNIE``: its own names, no shared head:
-the target's final norm and LM head) ship, past their ``num_hidden_layers`` decoder layers,
+DeepSeek-V3 / R1, GLM-4.5 / 4.6, ERNIE 4.5 MoE (``ERNIE``: its own names, no shared head:
+the target's final norm and LM head) and Qwen3-Next (``QWEN3_NEXT``: ``mtp.*`` names, (1 + w)
+norms, a gated full-attention layer with the model's MoE, the target's embedding and head) ship, past their ``num_hidden_layers`` decoder layers,
 ``num_nextn_predict_layers`` MTP modules trained to predict one token further. Module ``k``
 at position ``p`` reads the previous depth's hidden state ``h[p]`` (depth 0: the target's
 final, normed hidden state) and the embedding of the token at ``p + 1``::
@@ -63,6 +64,8 @@ class MTPLayout:
     required: tuple[str, ...]  # parts the module cannot do without
     # the module's output norm is the target's final norm (ERNIE), not a tensor of its own
     target_final_norm: bool = False
+    # the module's own norms scale by ``1 + weight`` (Qwen3-Next's): the loader adds the 1
+    shifted_norms: bool = False
 
     def prefix(self, n: int) -> str:
         return self.block.format(n=n)
@@ -94,14 +97,35 @@ ERNIE = MTPLayout(
               "model.mtp_linear_proj.0": "eh_proj"},
     "model.mtp_block.0.", ("enorm", "hnorm", "eh_proj"), target_final_norm=True)
 
+# Qwen3-Next: ``mtp.*`` beside the model; ``fc`` is eh_proj (embedding first), the
+# ``pre_fc_norm_*`` are enorm / hnorm, ``mtp.norm`` the output norm, all (1 + w) norms; the
+# decoder layer ``mtp.layers.0`` is a gated full-attention layer with the model's MoE; no copy
+# of the embedding or LM head (the target's). vLLM's ``qwen3_next_mtp`` reads the same names.
+QWEN3_NEXT = MTPLayout(
+    "qwen3_next", {"mtp.fc": "eh_proj", "mtp.pre_fc_norm_embedding": "enorm",
+                   "mtp.pre_fc_norm_hidden": "hnorm", "mtp.norm": "final_norm"},
+    "mtp.layers.0.", ("enorm", "hnorm", "eh_proj", "final_norm"), shifted_norms=True)
+
 LAYOUTS = {"DeepseekV3ForCausalLM": DEEPSEEK, "DeepseekV2ForCausalLM": DEEPSEEK,
-           "Glm4MoeForCausalLM": DEEPSEEK, "Ernie4_5_MoeForCausalLM": ERNIE}
-FAMILIES = "DeepSeek-V3/R1, GLM-4.5/4.6, ERNIE 4.5 MoE"
+           "Glm4MoeForCausalLM": DEEPSEEK, "Ernie4_5_MoeForCausalLM": ERNIE,
+           "Qwen3NextForCausalLM": QWEN3_NEXT}
+FAMILIES = "DeepSeek-V3/R1, GLM-4.5/4.6, ERNIE 4.5 MoE, Qwen3-Next"
+
+
+def declared_mtp_layers(config) -> Optional[int]:
+    """How many MTP modules the config says the checkpoint ships (Qwen3-Next's config names
+    them ``mtp_num_hidden_layers``)."""
+    return (getattr(config, "num_nextn_predict_layers", None)
+            or getattr(config, "mtp_num_hidden_layers", None))
 
 
 class MTPStage(PipelineStage):
     """A pipeline stage that builds only decoder layer ``index`` of the target's class: not
     the first stage (no embedding) nor the last (no final norm, no LM head)."""
+
+    # not a pipeline stage of a served model: a model that runs on one stage only (the
+    # recurrent-state models, ``state_space.check_single_stage``) builds its MTP layer so
+    draft_layer_only = True
 
     def __init__(self, index: int):
         super().__init__(stage=1, num_stages=3)
@@ -211,10 +235,11 @@ def check_mtp_checkpoint(source, layout: Optional[MTPLayout], load_format: str) 
                          f"multi-token-prediction layers, which tessellm reads for {FAMILIES}; "
                          f"{arch} has none: use method ngram, draft_model or eagle instead.")
     n = config.num_hidden_layers
-    declared = getattr(config, "num_nextn_predict_layers", None)
+    declared = declared_mtp_layers(config)
     if load_format == "dummy":
         if not declared:
-            raise ValueError(f"The model's config sets no num_nextn_predict_layers, so it has no "
+            raise ValueError(f"The model's config sets no num_nextn_predict_layers (Qwen3-Next: "
+                             f"mtp_num_hidden_layers), so it has no "
                              f"multi-token-prediction layers for speculative_config method "
                              f"'mtp'; use method ngram, draft_model or eagle instead.")
         return
@@ -244,7 +269,7 @@ def build_mtp_head(target: nn.Module, source, registry, backend, block_size: int
     layout = mtp_layout(source.hf_config)
     check_mtp_checkpoint(source, layout, load_format)
     quant_spec = target_ctx.quant_spec if target_ctx.quant_method is not None else None
-    declared = getattr(source.hf_config, "num_nextn_predict_layers", None) or 1
+    declared = declared_mtp_layers(source.hf_config) or 1
     if declared > 1:
         logger.info("Speculative decoding (mtp): the checkpoint has %d MTP modules; the first "
                     "drafts every step (as vLLM does)", declared)
@@ -253,6 +278,8 @@ def build_mtp_head(target: nn.Module, source, registry, backend, block_size: int
     config.num_hidden_layers = n + 1
     if layout is ERNIE:
         _ernie_block_mlp(config, n, source, load_format)
+    if layout is QWEN3_NEXT:  # the MTP layer attends in full (no recurrent state of its own)
+        config.layer_types = list(config.layer_types[:n]) + ["full_attention"]
     make_kernel, kernels = attention_kernel_factory(registry, backend, config, target_ctx.dtype,
                                                     block_size, kv_cache_dtype, target_ctx.tp)
     ctx = dataclasses.replace(target_ctx, make_attention_kernel=make_kernel, pp=MTPStage(n))
@@ -352,6 +379,8 @@ def _load_part(head: MTPHead, name: str, tensor, parts: dict, path: str) -> None
     if part in ("enorm", "hnorm", "final_norm"):
         param = getattr(head, part).weight
         value = materialize(tensor)
+        if head.layout.shifted_norms:
+            value = value + 1
         if tuple(value.shape) != tuple(param.shape):
             raise ValueError(f"The MTP layer's {part} at {path} has shape {tuple(value.shape)}, "
                              f"expected {tuple(param.shape)}; the config does not match the weights.")

@@ -76,6 +76,7 @@ def test_ngram_on_mamba2_with_chunked_prefill_and_async_scheduling(mamba2_dir):
     assert_spec_matches_plain(mamba2_dir, max_num_batched_tokens=12, async_scheduling=True)
 
 
+@pytest.mark.slow  # ~20 s; the Mamba2 and Qwen3-Next cases cover the same verify paths
 def test_ngram_on_granite_hybrid_equals_plain_greedy(tmp_path):
     from tests.models.test_granite_moe_hybrid import granite_hybrid_config
 
@@ -93,3 +94,83 @@ def test_unserved_methods_are_refused(mamba2_dir, tmp_path):
         LLM(mamba2_dir, dtype="float32",
             speculative_config={"method": "draft_model", "model": str(tmp_path),
                                 "num_speculative_tokens": 2})
+
+
+# -- Qwen3-Next's own MTP layer ---------------------------------------------------------------
+
+def save_qwen3_next_with_mtp(path: str, predictable: bool = False, seed: int = 0,
+                             state_scale: float = 0.0) -> str:
+    """A tiny Qwen3-Next checkpoint with the ``mtp.*`` tensors of its released layout added
+    (``mtp_num_hidden_layers = 1``): ``fc [H, 2H]``, the two ``pre_fc_norm_*`` and ``norm``
+    ((1 + w) norms, stored as w), and ``mtp.layers.0.*``, a gated full-attention MoE layer
+    (random: a copy of layer 1's tensor shapes). ``predictable``: every mixer's and MLP's
+    output projection zero (target and MTP layer: the target is a bigram model),
+    ``fc = [I | 0]``, the embedding norm 1 and the MTP norm the target's final norm, so the
+    MTP layer's normed output is the target's at the next position up to a positive scale:
+    every draft is the target's own next token. ``state_scale`` (with ``predictable``): the
+    target's DeltaNet output projections kept at that scale, so its tokens depend on the
+    recurrent states and the drafts are only mostly right."""
+    import json
+    import os
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.models.test_qwen3_next import qwen3_next_config
+
+    save_tiny(qwen3_next_config(vocab_size=VOCAB), path, seed=seed)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["mtp_num_hidden_layers"] = 1
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    file = os.path.join(path, "model.safetensors")
+    t = load_file(file)
+    gen = torch.Generator().manual_seed(seed + 1)
+    h = t["model.embed_tokens.weight"].shape[1]
+    for name in [n for n in t if n.startswith("model.layers.1.")]:  # layer 1: full attention
+        t["mtp.layers.0." + name[len("model.layers.1."):]] = (
+            torch.randn(t[name].shape, generator=gen) * 0.2)
+    t["mtp.fc.weight"] = torch.randn(h, 2 * h, generator=gen) * 0.2
+    for part in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        t[f"mtp.{part}.weight"] = torch.rand(h, generator=gen) - 0.5
+    if predictable:
+        for name in t:
+            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight")):
+                keep = state_scale if name.endswith("linear_attn.out_proj.weight") else 0.0
+                t[name] = t[name] * keep
+        t["mtp.fc.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1)
+        t["mtp.pre_fc_norm_embedding.weight"] = torch.zeros(h)  # 1 + w = 1
+        t["mtp.norm.weight"] = t["model.norm.weight"].clone()
+    save_file({k: v.contiguous() for k, v in t.items()}, file, metadata={"format": "pt"})
+    return path
+
+
+def test_qwen3_next_mtp_keeps_greedy_tokens(tmp_path):
+    """Random MTP weights (its drafts rejected), vLLM's method name: the tokens without
+    speculation; every verified draft counted."""
+    path = save_qwen3_next_with_mtp(str(tmp_path / "q3n"))
+    want, _ = generate(path, max_tokens=8)
+    got, stats = generate(path, {"method": "qwen3_next_mtp", "num_speculative_tokens": 2},
+                          max_tokens=8)
+    assert got == want
+    assert stats.num_drafts > 0 and stats.num_draft_tokens >= stats.num_drafts
+    assert stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+@pytest.mark.parametrize("state_scale", [0.0, 0.05], ids=["bigram-target", "state-matters"])
+def test_qwen3_next_mtp_that_predicts_the_target(tmp_path, state_scale):
+    """The layout read right (fc's halves, the (1 + w) norms, the MTP layer's place): a target
+    whose recurrent layers are off (a bigram model) gets every draft accepted; with them at a
+    small scale the tokens depend on the states and drafts are accepted and rejected, so the
+    states roll back to accepted prefixes of MTP drafts. The tokens are those without."""
+    path = save_qwen3_next_with_mtp(str(tmp_path / "q3n"), predictable=True,
+                                    state_scale=state_scale)
+    want, _ = generate(path, max_tokens=12)
+    got, stats = generate(path, {"method": "mtp", "num_speculative_tokens": 3}, max_tokens=12)
+    assert got == want
+    assert stats.num_drafts > 0 and stats.num_accepted_tokens > 0
+    if state_scale:
+        assert stats.num_accepted_tokens < stats.num_draft_tokens
+    else:
+        assert stats.num_accepted_tokens == stats.num_draft_tokens
