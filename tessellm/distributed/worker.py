@@ -96,7 +96,11 @@ class Worker:
                                     max_positions=rope_positions(args, self.max_model_len),
                                     expert_parallel=args.enable_expert_parallel)
         self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
-        lora = _lora_state(args, model, registry, self.backend, config, self.device, self.dtype)
+        if getattr(model, "supports_images", False):  # LoRA on the language model's layers
+            lora = _lora_state(args, model.language_model, registry, self.backend,
+                               source.hf_config, self.device, self.dtype)  # (lora/shapes.py)
+        else:
+            lora = _lora_state(args, model, registry, self.backend, config, self.device, self.dtype)
         self.fast_all_reduce = self.tp.enable_fast_all_reduce(self.device, self.dtype)
         graphs = None
         if self.pp.num_stages == 1 and pooling is None:  # stages exchange tensors: eager only;

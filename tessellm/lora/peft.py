@@ -106,7 +106,12 @@ def _pairs(tensors: dict, base: BaseShapes, where: str) -> dict:
     pairs: dict = {}
     expert_pairs: dict = {}  # (layer, path) -> {"A", "B", "name", "hit"}
     for key, tensor in tensors.items():
-        ours = lora_key(key) if text_only else key
+        ours = lora_key(key) if text_only or base.image_text else key
+        if ours is None and base.image_text:  # images on: the tower runs without the adapter
+            raise ValueError(f"{where} has tensor {key!r} of the vision tower or projector; "
+                             f"LoRA on {base.arch} adapts its language model only. Retrain "
+                             "with target_modules limited to the language model, or serve "
+                             "text-only (--limit-mm-per-prompt '{\"image\": 0}').")
         if ours is None:  # the vision tower's: not built with images off
             continue
         if rename is not None:  # the family's other naming (EXAONE's remote code) -> ours

@@ -50,6 +50,9 @@ class BaseShapes:
     config: object = field(compare=False, repr=False)  # the text config (fused splits read it)
     num_experts: int = 0  # routed experts of each MoE layer, when the family's experts take LoRA
     expert_shapes: dict = field(default_factory=dict)  # "gate" | "up" | "down" -> (in, out)
+    # an image-text model served with images: adapters name its language model's modules
+    # (``model.language_model.layers...``), and the vision tower takes no LoRA
+    image_text: bool = False
 
     @property
     def modules(self) -> dict:
@@ -90,6 +93,11 @@ class BaseShapes:
         model (``quantization``, or the checkpoint's ``quantization_config``) takes no expert
         LoRA: its fp8 experts have no slots, so such adapters are refused when read."""
         arch, family = family_of(list(getattr(config, "architectures", None) or []))
+        image_text = family is None and _takes_images(config)
+        if image_text:  # LoRA on the language model, as its text family's (vLLM's too)
+            from tessellm.multimodal.text_only import text_family
+
+            family = family_of([text_family(config)])[1]
         if family is None:
             raise ValueError(f"LoRA is not supported for {arch} yet; it is for "
                              f"{supported_architectures()} (and their classifier and embedding "
@@ -122,4 +130,10 @@ class BaseShapes:
             experts, width = family.num_experts(text), family.expert_size(text)
             expert_shapes = {"gate": (hidden, width), "up": (hidden, width), "down": (width, hidden)}
         return BaseShapes(text.num_hidden_layers, shapes, arch, family, text, experts,
-                          expert_shapes)
+                          expert_shapes, image_text)
+
+
+def _takes_images(config) -> bool:
+    from tessellm.multimodal.limits import takes_images
+
+    return takes_images(config)

@@ -78,14 +78,29 @@ def model_mm_limits(hf_config, args) -> dict[str, int]:
     return {"image": 1, "video": 1, **given}
 
 
+# Proposers that read token ids only: with images they propose as for text (the target's
+# verify pass sees the image features, which reached the KV cache in prefill). A draft model,
+# EAGLE and MTP would need the image features (or the target's hidden states over them).
+TOKEN_ONLY_SPEC_METHODS = ("ngram", "replay")
+
+
+def _spec_method(value) -> Optional[str]:
+    from tessellm.spec_decode.config import parse_speculative_config
+
+    config = parse_speculative_config(value)
+    return None if config is None else config.method
+
+
 def check_multimodal_args(hf_config, args) -> None:
-    """Refuse, at start-up, what does not combine with an image model yet."""
+    """Refuse, at start-up, what does not combine with an image model yet (LoRA does: on the
+    language model, ``lora/shapes.py``; speculative decoding with a token-only proposer)."""
     if not takes_images(hf_config):
         return
     from tessellm.pooling.config import resolve_runner
 
-    for name, unsupported in (("speculative_config", args.speculative_config is not None),
-                              ("enable_lora", args.enable_lora),
+    method = _spec_method(args.speculative_config)
+    for name, unsupported in ((f"speculative_config method {method!r}",
+                               method is not None and method not in TOKEN_ONLY_SPEC_METHODS),
                               ("pipeline_parallel_size > 1", args.pipeline_parallel_size > 1),
                               ("runner='pooling'", resolve_runner(args, hf_config) == "pooling")):
         if unsupported:

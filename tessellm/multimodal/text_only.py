@@ -89,6 +89,12 @@ def image_text_architecture(hf_config) -> Optional[str]:
     return getattr(hf_config, IMAGE_TEXT_ARCHITECTURE, None)
 
 
+def text_family(hf_config) -> str:
+    """The text family's architecture of an image-text config (``Qwen2ForCausalLM`` for
+    Qwen2-VL): LoRA with images on adapts that family's modules of the language model."""
+    return _text_family(hf_config.architectures[0], hf_config.get_text_config())
+
+
 def _text_family(arch: str, text) -> str:
     if arch in _TEXT_FAMILIES:
         return _TEXT_FAMILIES[arch]

@@ -27,8 +27,6 @@ def test_bad_arguments_are_refused(kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs,name", [
-    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}, "speculative_config"),
-    ({"enable_lora": True}, "enable_lora"),
     ({"runner": "pooling"}, "runner='pooling'"),
 ])
 def test_image_model_refuses_what_it_does_not_support_yet(llava_dir, kwargs, name):
