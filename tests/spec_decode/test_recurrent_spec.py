@@ -88,6 +88,51 @@ def test_ngram_on_qwen3_next_equals_plain_greedy(qwen3_next_dir):
     assert_spec_matches_plain(qwen3_next_dir)
 
 
+def test_verify_ops_composed_from_one_token_ops():
+    """An ops object without the optional ``*_verify`` ops (a plugin written before API 13, or
+    cuda's Triton ops): the engine composes them from its one-token ops, position by position;
+    outputs and every per-token state equal the reference's."""
+    import torch
+
+    from tessellm.backends.reference import gated_delta, mamba, recurrent_verify
+    from tessellm.core.mamba_state import make_batch
+
+    class OneTokenOps:
+        mamba_state_update = staticmethod(mamba.selective_state_update)
+        gated_delta_step = staticmethod(gated_delta.gated_delta_step)
+
+    conv, ssm, delta = recurrent_verify.verify_ops(OneTokenOps())
+    assert conv is recurrent_verify.mamba_conv1d_verify
+    batch = make_batch([2, 3, 4], [0, 5, 2], torch.device("cpu"), 2,
+                       [9, 10, 5, 11, 12, 13, 2]).verifies
+    g = torch.Generator().manual_seed(0)
+    x, dt = torch.randn(7, 2, 4, generator=g), torch.randn(7, 2, generator=g)
+    B, C = torch.randn(7, 1, 8, generator=g), torch.randn(7, 1, 8, generator=g)
+    A, D, bias = -torch.rand(2, generator=g), torch.randn(2, generator=g), torch.randn(2, generator=g)
+    init = torch.randn(14, 2, 4, 8, generator=g)
+    got_state, want_state = init.clone(), init.clone()
+    got = ssm(x, dt, A, B, C, D, bias, got_state, batch, (0.0, float("inf")))
+    want = recurrent_verify.mamba_state_update_verify(x, dt, A, B, C, D, bias, want_state, batch)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_state, want_state)
+    assert not torch.equal(got_state[[9, 10, 5, 11, 12, 13, 2]], init[[9, 10, 5, 11, 12, 13, 2]])
+    q, k = torch.randn(7, 1, 4, generator=g), torch.randn(7, 1, 4, generator=g)
+    v, gate, beta = torch.randn(7, 2, 3, generator=g), -torch.rand(7, 2, generator=g), torch.rand(7, 2, generator=g)
+    init = torch.randn(14, 2, 4, 3, generator=g)
+    got_state, want_state = init.clone(), init.clone()
+    got = delta(q, k, v, gate, beta, got_state, batch, 0.5)
+    want = recurrent_verify.gated_delta_verify(q, k, v, gate, beta, want_state, batch, 0.5)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_state, want_state)
+
+
+@pytest.mark.slow  # ~80 s: the Triton kernels in the interpreter
+def test_ngram_on_mamba2_on_emulated_cuda(mamba2_dir):
+    """The cuda backend's path (Triton one-token kernels composed per position, eager verify
+    steps beside captured decode graphs) under the Triton interpreter."""
+    assert_spec_matches_plain(mamba2_dir, device="cuda", emulate=True)
+
+
 def test_unserved_methods_are_refused(mamba2_dir, tmp_path):
     with pytest.raises(ValueError, match="does not support speculative decoding with method "
                                          "'draft_model' yet; use method ngram, mtp, replay"):
