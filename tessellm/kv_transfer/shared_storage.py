@@ -191,6 +191,7 @@ class SharedStorageConnector(KVConnectorBase):
         self.device = device
         self._writer = None  # the thread that writes saved blocks' files, made on the first save
         self._last_save = None
+        self._loading: list = []  # (event, pinned buffers) of loads the device may still read
 
     def start_load_kv(self, meta: dict) -> list:
         import numpy as np
@@ -239,17 +240,26 @@ class SharedStorageConnector(KVConnectorBase):
             return False
 
     def _copy_in(self, rows, blocks: list[int]) -> None:
-        import numpy as np
+        """Each cache tensor's part of ``rows`` into the device blocks. Where the device pins,
+        through pinned buffers kept until an event behind the copies completes (no host
+        sync: the step in flight keeps running); else a sync before the rows go away."""
         import torch
 
-        mapping = list(enumerate(blocks))
-        off = 0
+        mapping, n = list(enumerate(blocks)), len(blocks)
+        pin = self.device.type not in ("cpu", "xla")
+        src, off, hosts = torch.from_numpy(rows), 0, []
         for cache, nb in zip(self.caches, self.nbytes):
-            host = torch.from_numpy(np.ascontiguousarray(rows[:, off:off + nb]))
-            self.swap_blocks(host.view(cache.dtype).view(len(blocks), *cache.shape[1:]), cache,
-                             mapping)
+            host = _host_empty((n, nb), torch.uint8, pin)
+            host.copy_(src[:, off:off + nb])
+            self.swap_blocks(host.view(cache.dtype).view(n, *cache.shape[1:]), cache, mapping)
+            hosts.append(host)
             off += nb
-        self.synchronize()  # the host rows go away when this returns
+        if pin and all(h.is_pinned() for h in hosts):
+            event = torch.Event(device=self.device)
+            event.record()
+            self._loading = [(e, h) for e, h in self._loading if not e.query()] + [(event, hosts)]
+        else:
+            self.synchronize()  # pageable buffers (or the cpu backend): done before they go
 
     def save_kv(self, meta: dict):
         """Queue the copies of the blocks to save behind the step's forward (into pinned host
