@@ -22,7 +22,7 @@ path under a layer -> its logical parts (B's rows, in that order)::
     gpt_bigcode attn.c_attn (MQA [q|k|v], else per head)   q_proj k_proj v_proj
                 attn.c_proj, mlp.c_fc, mlp.c_proj          o_proj, fc_in, fc_out
     MoE         llama's attention only (experts: no LoRA)
-    Mixtral, Qwen3-MoE   llama's attention and every expert's gate/up/down (``experts.py``:
+    Mixtral, Qwen3-MoE, OLMoE   llama's attention and every expert's gate/up/down (``experts.py``:
                 per-expert modules ``block_sparse_moe.experts.<e>.w1|w3|w2`` or
                 ``mlp.experts.<e>.gate_proj|up_proj|down_proj``, or the fused ``mlp.experts``
                 parameters ``gate_up_proj`` / ``down_proj`` of transformers 5)
@@ -40,7 +40,7 @@ interleaved per-head and per-group layouts included; A is shared by the parts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from tessellm.lora.experts import ExpertNames
@@ -147,6 +147,7 @@ MIXTRAL = Family("model.layers", dict(_LLAMA_ATTN), note=_EXPERTS_NOTE,
 QWEN_MOE = Family("model.layers", dict(_LLAMA_ATTN), note=_EXPERTS_NOTE,
                   experts=ExpertNames(("mlp.experts",), {"gate_proj": "gate", "up_proj": "up",
                                                          "down_proj": "down"}))
+OLMOE = replace(QWEN_MOE, expert_size=lambda c: c.intermediate_size)
 
 # Mamba2 mixers' projections (``layers/mamba_mixer.py``): in_proj's five parts in the checkpoint's
 # row order, out_proj whole; a hybrid's attention layers take the attention modules, its Mamba
@@ -183,12 +184,12 @@ FAMILIES = {
     "GPTNeoXForCausalLM": GPT_NEOX,
     "FalconForCausalLM": FALCON,
     "GPTBigCodeForCausalLM": GPT_BIGCODE,
-    "MixtralForCausalLM": MIXTRAL, "Qwen3MoeForCausalLM": QWEN_MOE,
+    "MixtralForCausalLM": MIXTRAL, "Qwen3MoeForCausalLM": QWEN_MOE, "OlmoeForCausalLM": OLMOE,
     "BambaForCausalLM": BAMBA,
     "GraniteMoeHybridForCausalLM": GRANITE_HYBRID,
     **{arch: MOE_ATTENTION for arch in (
         "Qwen2MoeForCausalLM",
-        "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM", "OlmoeForCausalLM",
+        "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM",
         "GptOssForCausalLM", "Llama4ForCausalLM", "Glm4MoeForCausalLM",
         "Ernie4_5_MoeForCausalLM", "HunYuanMoEV1ForCausalLM", "Dots1ForCausalLM")},
 }

@@ -1,4 +1,4 @@
-"""LoRA on the MoE experts (Mixtral, Qwen3-MoE): adapters on every expert's gate/up/down,
+"""LoRA on the MoE experts (Mixtral, Qwen3-MoE, OLMoE): adapters on every expert's gate/up/down,
 named as transformers 5 holds the experts (fused parameters, made with peft's
 ``target_parameters``) or per expert as transformers 4's ModuleList (``experts.<e>.w1`` /
 ``gate_proj``, written here and read by peft's own conversion), in one batch with an
@@ -22,16 +22,22 @@ SPECS = {
     family: {
         "fused8": (8, ["q_proj", "o_proj"], dict(lora_alpha=16, target_parameters=FUSED)),
         "attn4": (4, ["k_proj", "v_proj"], dict(lora_alpha=8)),
-    } for family in ("mixtral", "qwen3-moe")
+    } for family in ("mixtral", "qwen3-moe", "olmoe")
 }
 # transformers 4 naming of one expert's projections (family -> (experts path, gate, up, down))
 PER_EXPERT = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2"),
-              "qwen3-moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj")}
+              "qwen3-moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj"),
+              "olmoe": ("mlp.experts", "gate_proj", "up_proj", "down_proj")}
 
 
 def _save(family: str, path: str) -> str:
     from tests.models.tiny_moe import save_tiny_moe
 
+    if family == "olmoe":  # 4 experts, q/k normed over all heads
+        from tests.models.test_olmoe import olmoe_config
+        from tests.models.variant_parity import save_tiny
+
+        return save_tiny(olmoe_config(num_experts=6), path)
     return save_tiny_moe(family, path)
 
 
@@ -60,7 +66,7 @@ def write_per_expert_adapter(path: str, model_dir: str, family: str, rank: int, 
     config = AutoConfig.from_pretrained(model_dir)
     hidden = config.hidden_size
     count = getattr(config, "num_local_experts", None) or config.num_experts
-    inter = config.intermediate_size if family == "mixtral" else config.moe_intermediate_size
+    inter = config.moe_intermediate_size if family == "qwen3-moe" else config.intermediate_size
     where, gate, up, down = PER_EXPERT[family]
     shapes = {gate: (hidden, inter), up: (hidden, inter), down: (inter, hidden)}
     g = torch.Generator().manual_seed(seed)
@@ -79,13 +85,16 @@ def write_per_expert_adapter(path: str, model_dir: str, family: str, rank: int, 
     return path
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "olmoe"])
 def test_expert_lora_mixed_batch_matches_peft(moe_setup, family):
     """Fused-parameter and per-expert adapters, an attention-only one and the base model, in
     one batch of two slots (three adapters: they take turns)."""
+    from transformers import AutoConfig
+
     model, paths = moe_setup(family)
-    assert_mixed_batch_matches_peft(model, paths, prompts(), [None, "fused8", "expert6", "attn4"],
-                                    6, family)
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    assert_mixed_batch_matches_peft(model, paths, prompts(vocab), [None, "fused8", "expert6",
+                                                                   "attn4"], 6, family)
 
 
 def test_expert_lora_logprobs_match_peft(moe_setup):
