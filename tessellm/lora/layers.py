@@ -166,7 +166,8 @@ def _no_linear(arch: str, index: int, name: str, parent: nn.Module) -> str:
 
     if any(isinstance(m, FusedMoE) for m in parent.modules()):
         return (f"LoRA is not supported on {arch}'s {name} (layer {index}): that MLP is a "
-                "mixture of experts, which takes no LoRA yet; adapt the attention only.")
+                "mixture of experts, with no dense linear of that name; adapt the attention "
+                "(and, for Mixtral, Qwen3-MoE and OLMoE, the experts' own modules).")
     return (f"LoRA is not supported on {arch}'s {name} (layer {index}): it is a "
             f"{type(parent).__name__} without a dense {name.rpartition('.')[2]} linear; serve "
             "the model without --enable-lora.")

@@ -3,7 +3,7 @@ q/k/v in per-head (GPT-NeoX ``query_key_value``), per-KV-group (Falcon 40B) and 
 multi-query (GPT-BigCode ``c_attn``, Falcon 7B) layouts, whose adapter B is cut as the loader
 cuts the weight; MLPs without a gate (``fc1/fc2``, ``c_fc/c_proj``, ``dense_h_to_4h/4h_to_h``,
 ``fc_in/fc_out``); GLM's fused ``gate_up_proj`` beside separate q/k/v; parallel blocks (Phi,
-GPT-J, GPT-NeoX, Falcon); OLMoE's and gpt-oss's attention (their experts take no LoRA).
+GPT-J, GPT-NeoX, Falcon); OLMoE's and gpt-oss's attention (OLMoE's experts: test_lora_experts.py).
 Greedy tokens of a mixed batch (two adapters and rows without one) equal HF transformers + peft
 with each adapter applied alone, in float32."""
 
@@ -32,7 +32,7 @@ _MODELS = {
     "gptj": ("test_gptj", "gptj_config", {}),
     "starcoder2": ("test_starcoder2", "starcoder2_config", {}),
     "glm4": ("test_glm", "glm_config", dict(version="glm4")),
-    "olmoe": ("test_olmoe", "olmoe_config", {}),  # MoE: attention only, q/k normed over all heads
+    "olmoe": ("test_olmoe", "olmoe_config", {}),  # MoE attention, q/k normed over all heads
     "gpt-oss": ("test_gpt_oss", "save_gpt_oss", {}),  # MoE; attention with biases and sinks
     # Llama's modules on other layers (parallel block, post norms, multipliers, NoPE, names)
     **{f: (f"test_{f.replace('-', '_')}", f"{f.replace('-', '_')}_config", {}) for f in (
