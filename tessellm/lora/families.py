@@ -22,6 +22,8 @@ path under a layer -> its logical parts (B's rows, in that order)::
     gpt_bigcode attn.c_attn (MQA [q|k|v], else per head)   q_proj k_proj v_proj
                 attn.c_proj, mlp.c_fc, mlp.c_proj          o_proj, fc_in, fc_out
     MoE         llama's attention only (experts: no LoRA)
+    Qwen2-MoE   as Qwen3-MoE, plus mlp.shared_expert.{gate,up,down}_proj and the dense layers'
+                mlp.{gate,up,down}_proj (each where the layer has it)
     Mixtral, Qwen3-MoE, OLMoE   llama's attention and every expert's gate/up/down (``experts.py``:
                 per-expert modules ``block_sparse_moe.experts.<e>.w1|w3|w2`` or
                 ``mlp.experts.<e>.gate_proj|up_proj|down_proj``, or the fused ``mlp.experts``
@@ -99,6 +101,8 @@ class Family:
     experts: Optional[ExpertNames] = None
     num_experts: Callable = lambda c: c.num_experts
     expert_size: Callable = lambda c: c.moe_intermediate_size
+    # the MLP's linears are absent from some layers (MoE and dense layers mixed): skipped there
+    optional: bool = False
 
     def split(self, config, path: str, b, sizes: list[int]) -> tuple:
         """B ``[sum(sizes), r]`` of the fused module at ``path`` -> one B per logical part."""
@@ -148,6 +152,14 @@ QWEN_MOE = Family("model.layers", dict(_LLAMA_ATTN), note=_EXPERTS_NOTE,
                   experts=ExpertNames(("mlp.experts",), {"gate_proj": "gate", "up_proj": "up",
                                                          "down_proj": "down"}))
 OLMOE = replace(QWEN_MOE, expert_size=lambda c: c.intermediate_size)
+# Qwen2-MoE: the routed experts, the shared expert (a dense SwiGLU beside them) and the dense
+# MLPs of ``mlp_only_layers``, each present in some layers only (``optional``)
+_SHARED = {"mlp.shared_expert.gate_proj": ("shared_gate_proj",),
+           "mlp.shared_expert.up_proj": ("shared_up_proj",),
+           "mlp.shared_expert.down_proj": ("shared_down_proj",)}
+QWEN2_MOE = replace(QWEN_MOE, modules={**_LLAMA_ATTN, **_SHARED, **_LLAMA_MLP},
+                    note=" (gate/up/down: the shared expert's and the dense layers'; and "
+                         "the experts' gate/up/down projections)", optional=True)
 
 # Mamba2 mixers' projections (``layers/mamba_mixer.py``): in_proj's five parts in the checkpoint's
 # row order, out_proj whole; a hybrid's attention layers take the attention modules, its Mamba
@@ -185,10 +197,10 @@ FAMILIES = {
     "FalconForCausalLM": FALCON,
     "GPTBigCodeForCausalLM": GPT_BIGCODE,
     "MixtralForCausalLM": MIXTRAL, "Qwen3MoeForCausalLM": QWEN_MOE, "OlmoeForCausalLM": OLMOE,
+    "Qwen2MoeForCausalLM": QWEN2_MOE,
     "BambaForCausalLM": BAMBA,
     "GraniteMoeHybridForCausalLM": GRANITE_HYBRID,
     **{arch: MOE_ATTENTION for arch in (
-        "Qwen2MoeForCausalLM",
         "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM",
         "GptOssForCausalLM", "Llama4ForCausalLM", "Glm4MoeForCausalLM",
         "Ernie4_5_MoeForCausalLM", "HunYuanMoEV1ForCausalLM", "Dots1ForCausalLM")},

@@ -135,7 +135,7 @@ class LoRALinear(nn.Module):
 
 
 def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int, names: tuple,
-               arch: str = "") -> dict:
+               arch: str = "", optional: tuple = ()) -> dict:
     """Replace each decoder layer's linears named in ``names`` (our layers: ``BaseShapes.layers``,
     the family's) by a ``LoRALinear``. Returns ``{(layer index, our layer name): LoRALinear}``;
     refuses a model without them, naming the layer, the module and the family (``arch``)."""
@@ -151,8 +151,11 @@ def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int, na
             parent_name, _, attr = name.rpartition(".")
             if hybrid and not hasattr(layers[index], parent_name.partition(".")[0]):
                 continue  # a Mamba layer's attention, an attention layer's mamba: none to adapt
-            parent = layers[index].get_submodule(parent_name)
-            base = getattr(parent, attr, None)
+            parent = _submodule(layers[index], parent_name)
+            base = getattr(parent, attr, None) if parent is not None else None
+            if name in optional and not isinstance(base, (ColumnParallelLinear,
+                                                          RowParallelLinear)):
+                continue  # this layer has no such MLP (a MoE layer's dense one, or the reverse)
             if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
                 raise ValueError(_no_linear(arch, index, name, parent))
             layer = LoRALinear(base, batch, num_slots, rank)
@@ -161,9 +164,19 @@ def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int, na
     return wrapped
 
 
+def _submodule(layer: nn.Module, path: str):
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _no_linear(arch: str, index: int, name: str, parent: nn.Module) -> str:
     from tessellm.layers.moe import FusedMoE
 
+    if parent is None:
+        return (f"LoRA is not supported on {arch}'s {name} (layer {index}): the layer has no "
+                f"{name.rpartition('.')[0]}; serve the model without --enable-lora.")
     if any(isinstance(m, FusedMoE) for m in parent.modules()):
         return (f"LoRA is not supported on {arch}'s {name} (layer {index}): that MLP is a "
                 "mixture of experts, with no dense linear of that name; adapt the attention "

@@ -32,6 +32,8 @@ LAYER_SLICES = {
     "mlp.fc_in": ("fc_in",), "mlp.fc_out": ("fc_out",),
     "mamba.in_proj": ("mamba_z", "mamba_x", "mamba_B", "mamba_C", "mamba_dt"),
     "mamba.out_proj": ("mamba_out",),
+    "mlp.shared_expert.gate_up_proj": ("shared_gate_proj", "shared_up_proj"),
+    "mlp.shared_expert.down_proj": ("shared_down_proj",),
 }
 # Logical module name -> (our layer, slice index in it)
 TARGETS = {part: (layer, i)
@@ -120,6 +122,9 @@ class BaseShapes:
             shapes.update({"mamba_z": (hidden, inner), "mamba_x": (hidden, inner),
                            "mamba_B": (hidden, gn), "mamba_C": (hidden, gn),
                            "mamba_dt": (hidden, text.mamba_n_heads), "mamba_out": (inner, hidden)})
+        shared = getattr(text, "shared_expert_intermediate_size", 0) or 0
+        shapes.update({"shared_gate_proj": (hidden, shared), "shared_up_proj": (hidden, shared),
+                       "shared_down_proj": (shared, hidden)})
         experts, expert_shapes = 0, {}
         quantized = quantization or getattr(config, "quantization_config", None) or getattr(
             text, "quantization_config", None)

@@ -29,8 +29,10 @@ class LoRAWorkerState:
         self.device = device
         self.batch = LoRABatch(ops, config.max_loras)
         shapes = BaseShapes.from_config(hf_config)
+        optional = tuple(n for n in shapes.layers if n.startswith("mlp.")) if (
+            shapes.family.optional) else ()
         self.layers = wrap_model(model, self.batch, config.max_loras, config.max_lora_rank,
-                                 shapes.layers, shapes.arch)
+                                 shapes.layers, shapes.arch, optional)
         self.arch = shapes.arch
         self.own_layers = range(model.start_layer, model.end_layer)  # pipeline parallelism
         # each MoE layer's experts (families whose experts take LoRA: ``families.py``)

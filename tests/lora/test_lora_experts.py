@@ -1,4 +1,5 @@
-"""LoRA on the MoE experts (Mixtral, Qwen3-MoE, OLMoE): adapters on every expert's gate/up/down,
+"""LoRA on the MoE experts (Mixtral, Qwen2-MoE with its shared expert and dense layer,
+Qwen3-MoE, OLMoE): adapters on every expert's gate/up/down,
 named as transformers 5 holds the experts (fused parameters, made with peft's
 ``target_parameters``) or per expert as transformers 4's ModuleList (``experts.<e>.w1`` /
 ``gate_proj``, written here and read by peft's own conversion), in one batch with an
@@ -22,10 +23,14 @@ SPECS = {
     family: {
         "fused8": (8, ["q_proj", "o_proj"], dict(lora_alpha=16, target_parameters=FUSED)),
         "attn4": (4, ["k_proj", "v_proj"], dict(lora_alpha=8)),
-    } for family in ("mixtral", "qwen3-moe", "olmoe")
+    } for family in ("mixtral", "qwen2-moe", "qwen3-moe", "olmoe")
 }
+# Qwen2-MoE: gate/up/down name the shared expert (layer 0) and the dense MLP (layer 1)
+SPECS["qwen2-moe"]["mlp8"] = (8, ["gate_proj", "up_proj", "down_proj", "v_proj"],
+                              dict(lora_alpha=16, target_parameters=FUSED))
 # transformers 4 naming of one expert's projections (family -> (experts path, gate, up, down))
 PER_EXPERT = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2"),
+              "qwen2-moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj"),
               "qwen3-moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj"),
               "olmoe": ("mlp.experts", "gate_proj", "up_proj", "down_proj")}
 
@@ -66,12 +71,16 @@ def write_per_expert_adapter(path: str, model_dir: str, family: str, rank: int, 
     config = AutoConfig.from_pretrained(model_dir)
     hidden = config.hidden_size
     count = getattr(config, "num_local_experts", None) or config.num_experts
-    inter = config.moe_intermediate_size if family == "qwen3-moe" else config.intermediate_size
+    qwen = family in ("qwen2-moe", "qwen3-moe")
+    inter = config.moe_intermediate_size if qwen else config.intermediate_size
     where, gate, up, down = PER_EXPERT[family]
     shapes = {gate: (hidden, inter), up: (hidden, inter), down: (inter, hidden)}
     g = torch.Generator().manual_seed(seed)
     tensors = {}
+    dense = getattr(config, "mlp_only_layers", None) or []
     for layer in range(config.num_hidden_layers):
+        if layer in dense:  # no experts there
+            continue
         for e in range(count) if experts is None else experts:
             for part, (fan_in, fan_out) in shapes.items():
                 key = f"base_model.model.model.layers.{layer}.{where}.{e}.{part}"
@@ -85,16 +94,19 @@ def write_per_expert_adapter(path: str, model_dir: str, family: str, rank: int, 
     return path
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe"])
 def test_expert_lora_mixed_batch_matches_peft(moe_setup, family):
     """Fused-parameter and per-expert adapters, an attention-only one and the base model, in
-    one batch of two slots (three adapters: they take turns)."""
+    one batch of two slots (three adapters: they take turns); Qwen2-MoE adds one on the shared
+    expert, the dense layer's MLP and the experts."""
     from transformers import AutoConfig
 
     model, paths = moe_setup(family)
     vocab = AutoConfig.from_pretrained(model).vocab_size
-    assert_mixed_batch_matches_peft(model, paths, prompts(vocab), [None, "fused8", "expert6",
-                                                                   "attn4"], 6, family)
+    names = [None, "fused8", "expert6", "attn4"]
+    if family == "qwen2-moe":  # peft does not convert per-expert Qwen2-MoE adapters (it warns and
+        names[2] = "mlp8"  # leaves them out): the same naming as Qwen3-MoE's, tested there
+    assert_mixed_batch_matches_peft(model, paths, prompts(vocab), names, 6, family)
 
 
 def test_expert_lora_logprobs_match_peft(moe_setup):

@@ -109,15 +109,15 @@ def test_fused_phi3_adapter_splits_onto_slices(family_setup):
     ("phi3", "gemma3", r"adapts self_attn\.q_proj .*Phi3ForCausalLM.*supports qkv_proj, o_proj, "
                        r"gate_up_proj, down_proj"),
     ("qwen3-moe", "phi3", r"adapts self_attn\.qkv_proj .*supports q_proj, k_proj, v_proj, o_proj"),
-    ("qwen2-moe", "qwen2-moe-mlp", r"adapts mlp\.shared_expert\.gate_proj .*Qwen2MoeForCausalLM"
-                                   r".*\(attention only: LoRA on the mixture-of-experts MLPs"),
+    ("qwen2-moe", "qwen2-moe-gate", r"adapts mlp\.shared_expert_gate .*Qwen2MoeForCausalLM"
+                                    r".*up_proj, down_proj \(gate/up/down: the shared expert's"),
 ])
 def test_module_the_family_lacks_is_refused(family_setup, tmp_path, family, adapter_family, match):
     from tessellm.lora.peft import load_adapter
 
     model, _ = family_setup(family)
-    if adapter_family == "qwen2-moe-mlp":  # peft puts gate_proj on the shared expert
-        path = make_adapters(model, str(tmp_path), specs={"mlp": (4, ["gate_proj"], {})})["mlp"]
+    if adapter_family == "qwen2-moe-gate":  # the shared expert's sigmoid gate: no LoRA
+        path = make_adapters(model, str(tmp_path), specs={"g": (4, ["shared_expert_gate"], {})})["g"]
     else:
         path = next(iter(family_setup(adapter_family)[1].values()))
     with pytest.raises(ValueError, match=match) as err:
