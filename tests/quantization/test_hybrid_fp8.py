@@ -210,9 +210,12 @@ def test_cuda_fp8_gemms_at_hybrid_shapes(n, k):
             dense = x.float() @ seg.dequantize().float().t()
             rel = ((got.float() - dense).norm() / dense.norm()).item()
             assert got.shape == (m, n) and rel < 0.05, (name, m, rel)
+        # against the W8A8 oracle: fp8 tensor cores sum a K tile in less than float32, and an
+        # activation on a rounding edge may take the other e4m3 code (on an H100: 4 of 98304
+        # outputs off by 1.1% of the largest), so the whole product is compared by its norm
         want = w8a8_block_reference(x.float().cpu(), block_cpu)
         got = ops.fp8_block_mm(x.float(), block).cpu()
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=5e-3 * want.abs().max().item())
+        assert ((got - want).norm() / want.norm()).item() < 2e-3, m
 
 
 @pytest.mark.gpu
