@@ -31,6 +31,9 @@ path under a layer -> its logical parts (B's rows, in that order)::
     Bamba       llama's attention and MLP (``feed_forward`` -> ``mlp``), on its attention /
                 every layer; mamba.in_proj [z|x|B|C|dt] mamba_z mamba_x mamba_B mamba_C mamba_dt
                 mamba.out_proj                             mamba_out   (on its Mamba layers)
+    Qwen3-Next  llama's attention names (q_proj: query and gate per head); linear_attn
+                .in_proj_qkvz (per key head [q k v z]) dn_q dn_k dn_v dn_z, .in_proj_ba
+                dn_b dn_a, .out_proj dn_out (experts: no LoRA)
     Granite 4.0-H  llama's attention and Bamba's Mamba projections (experts and the shared MLP:
                 no LoRA)
 
@@ -168,6 +171,30 @@ _MAMBA = {"mamba.in_proj": ("mamba_z", "mamba_x", "mamba_B", "mamba_C", "mamba_d
           "mamba.out_proj": ("mamba_out",)}
 BAMBA = Family("model.layers", {**_LLAMA_ATTN, **_LLAMA_MLP, **_MAMBA},
                rename=lambda name: name.replace(".feed_forward.", ".mlp."))
+# Qwen3-Next: gated attention (q_proj's rows hold each head's query and output gate, as our
+# qkv_proj's first slice does) and the gated DeltaNet's projections, whose fused B rows are
+# grouped by key head as the checkpoint's weights (cut as they are on load)
+_DELTANET = {"linear_attn.in_proj_qkvz": ("dn_q", "dn_k", "dn_v", "dn_z"),
+             "linear_attn.in_proj_ba": ("dn_b", "dn_a"), "linear_attn.out_proj": ("dn_out",)}
+
+
+def _deltanet_split(sizes_of):
+    def split(config, tensor):
+        from tessellm.quantization.stored_parts import split_rows
+
+        return split_rows("weight", tensor, sizes_of(config, config.linear_num_value_heads
+                                                     // config.linear_num_key_heads),
+                          config.linear_num_key_heads)
+    return split
+
+
+QWEN3_NEXT = Family(
+    "model.layers", {**_LLAMA_ATTN, **_DELTANET},
+    splits={"linear_attn.in_proj_qkvz": _deltanet_split(lambda c, per: [
+        c.linear_key_head_dim, c.linear_key_head_dim, per * c.linear_value_head_dim,
+        per * c.linear_value_head_dim]),
+            "linear_attn.in_proj_ba": _deltanet_split(lambda c, per: [per, per])},
+    note=" (attention and gated DeltaNet projections: LoRA on the experts is not supported)")
 GRANITE_HYBRID = Family("model.layers", {**_LLAMA_ATTN, **_MAMBA},
                         note=" (attention and Mamba projections: LoRA on the experts and the "
                              "shared MLP is not supported)")
@@ -200,6 +227,7 @@ FAMILIES = {
     "Qwen2MoeForCausalLM": QWEN2_MOE,
     "BambaForCausalLM": BAMBA,
     "GraniteMoeHybridForCausalLM": GRANITE_HYBRID,
+    "Qwen3NextForCausalLM": QWEN3_NEXT,
     **{arch: MOE_ATTENTION for arch in (
         "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM",
         "GptOssForCausalLM", "Llama4ForCausalLM", "Glm4MoeForCausalLM",

@@ -11,6 +11,8 @@ model. Each logical module maps onto one of our (possibly fused) layers and its 
     fc_out                -> mlp.fc_out          slice 0       ``dense_mlp.py``; row-parallel)
     mamba_z .. mamba_dt   -> mamba.in_proj       slices 0-4   (a hybrid's Mamba2 mixer)
     mamba_out             -> mamba.out_proj      slice 0      (row-parallel)
+    dn_q dn_k dn_v dn_z   -> linear_attn.in_proj_qkvz  slices 0-3 (Qwen3-Next's gated DeltaNet)
+    dn_b dn_a, dn_out     -> linear_attn.in_proj_ba 0-1, linear_attn.out_proj 0 (row-parallel)
 
 The HF modules an adapter may name, and the logical modules each covers, are the family's
 (``families.py``); a fused HF module (Phi-3's ``qkv_proj``, GPT-NeoX's per-head
@@ -34,6 +36,8 @@ LAYER_SLICES = {
     "mamba.out_proj": ("mamba_out",),
     "mlp.shared_expert.gate_up_proj": ("shared_gate_proj", "shared_up_proj"),
     "mlp.shared_expert.down_proj": ("shared_down_proj",),
+    "linear_attn.in_proj_qkvz": ("dn_q", "dn_k", "dn_v", "dn_z"),
+    "linear_attn.in_proj_ba": ("dn_b", "dn_a"), "linear_attn.out_proj": ("dn_out",),
 }
 # Logical module name -> (our layer, slice index in it)
 TARGETS = {part: (layer, i)
@@ -125,6 +129,14 @@ class BaseShapes:
         shared = getattr(text, "shared_expert_intermediate_size", 0) or 0
         shapes.update({"shared_gate_proj": (hidden, shared), "shared_up_proj": (hidden, shared),
                        "shared_down_proj": (shared, hidden)})
+        if getattr(text, "linear_num_key_heads", None):  # Qwen3-Next: gated DeltaNet layers
+            keys = text.linear_num_key_heads * text.linear_key_head_dim
+            values = text.linear_num_value_heads * text.linear_value_head_dim
+            vh = text.linear_num_value_heads
+            shapes.update({"q_proj": (hidden, 2 * q),  # each head's query and output gate
+                           "dn_q": (hidden, keys), "dn_k": (hidden, keys),
+                           "dn_v": (hidden, values), "dn_z": (hidden, values),
+                           "dn_b": (hidden, vh), "dn_a": (hidden, vh), "dn_out": (values, hidden)})
         experts, expert_shapes = 0, {}
         quantized = quantization or getattr(config, "quantization_config", None) or getattr(
             text, "quantization_config", None)

@@ -18,7 +18,8 @@ token before it and cannot be rebuilt from a block hash, so:
 - int8 / fp8 quantization runs on the linear projections only (``_quantization_refused``: the
   conv, A_log, D, dt_bias and norms stay in the model dtype, as vLLM keeps them);
 - LoRA runs on Bamba's and Granite 4.0-H's attention, MLP (Bamba) and Mamba in/out
-  projections (``lora/families.py``), is refused for the others; pipeline parallelism runs
+  projections, and Qwen3-Next's attention and DeltaNet projections (``lora/families.py``), is
+  refused for the others; pipeline parallelism runs
   the llama-decoder hybrids (``PIPELINE_ARCHITECTURES``: each stage holds the states of its
   layers), is refused for Mamba2, Nemotron-H and Falcon-H1 (tensor
   parallelism splits the Mamba heads: ``layers/mamba_mixer.py``, and the gated DeltaNet heads:
@@ -63,7 +64,7 @@ def check_engine_args(args, config) -> None:
          f"use method {', '.join(SPEC_METHODS)} (a draft model or EAGLE head over a recurrent "
          "target is not built yet)"),
         (getattr(args, "enable_lora", False) and family_of([arch])[1] is None, "LoRA",
-         "drop enable_lora (Bamba and Granite 4.0-H take adapters)"),
+         "drop enable_lora (Bamba, Granite 4.0-H and Qwen3-Next take adapters)"),
         (getattr(args, "kv_offloading_size", None) is not None, "KV offloading",
          "the host tier keeps evicted KV blocks but not the recurrent-state snapshots a prefix "
          "hit of these layers starts from; drop kv_offloading_size"),

@@ -1,4 +1,6 @@
-"""Multi-LoRA on the hybrid Mamba models: Bamba (llama's attention and MLP, the MLP under HF's
+"""Multi-LoRA on the hybrid recurrent-state models: Qwen3-Next (gated attention, whose q_proj
+rows hold each head's query and gate, and the gated DeltaNet's ``in_proj_qkvz`` / ``in_proj_ba``,
+B cut by key head as the checkpoint's weights, and ``out_proj``), Bamba (llama's attention and MLP, the MLP under HF's
 ``feed_forward`` name) and Granite 4.0-H (attention; experts and the shared MLP take none),
 each also on its Mamba layers' ``in_proj`` (B cut into the mixer's five parts ``[z | x | B | C
 | dt]``, A shared) and ``out_proj``. Greedy tokens of a mixed batch (some requests without
@@ -23,6 +25,9 @@ SPECS = {
     "granite-4.0-h": {"qvo-mamba8": (8, ["q_proj", "v_proj", "o_proj", "in_proj", "out_proj"],
                                      dict(lora_alpha=16)),
                       "in16": (16, ["k_proj", "in_proj"], dict(lora_alpha=32))},
+    "qwen3-next": {"all8": (8, ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz",
+                                "in_proj_ba", "out_proj"], dict(lora_alpha=16)),
+                   "qkvz16": (16, ["q_proj", "in_proj_qkvz"], dict(lora_alpha=8))},
 }
 
 
@@ -33,6 +38,10 @@ def _save(family: str, path: str) -> str:
         from tests.models.test_bamba import bamba_config
 
         return save_tiny(bamba_config(), path)
+    if family == "qwen3-next":  # two value heads a key head: v and z rows grouped by key head
+        from tests.models.test_qwen3_next import qwen3_next_config
+
+        return save_tiny(qwen3_next_config(), path)
     from tests.models.test_granite_moe_hybrid import granite_hybrid_config
 
     return save_tiny(granite_hybrid_config(), path)
@@ -51,10 +60,14 @@ def test_hybrid_mixed_batch_matches_peft(hybrid_setup, family):
 
 
 @pytest.mark.slow
-def test_hybrid_lora_tensor_parallel_matches_peft(hybrid_setup):
-    """TP=2 (gloo worker processes): Granite 4.0-H's two Mamba groups split over the ranks."""
-    model, paths = hybrid_setup("granite-4.0-h")
-    names = ["qvo-mamba8", None]
+@pytest.mark.parametrize("family,adapter", [("granite-4.0-h", "qvo-mamba8"),
+                                            ("qwen3-next", "all8")])
+def test_hybrid_lora_tensor_parallel_matches_peft(hybrid_setup, family, adapter):
+    """TP=2 (gloo worker processes): Granite 4.0-H's two Mamba groups split over the ranks;
+    Qwen3-Next's two DeltaNet key heads (each rank its key head's q, k and value heads' v, z
+    rows of B)."""
+    model, paths = hybrid_setup(family)
+    names = [adapter, None]
     tokens = {tp: mixed_batch(model, paths, PROMPTS, names, MAX_NEW, device="cpu",
                               num_kv_blocks=64, tensor_parallel_size=tp) for tp in (1, 2)}
     assert tokens[2][1] == tokens[1][1]
@@ -64,8 +77,8 @@ def test_hybrid_lora_tensor_parallel_matches_peft(hybrid_setup):
 
 
 def test_lora_refused_for_hybrids_without_a_layout(tmp_path):
-    """Qwen3-Next, Nemotron-H, Mamba2 and Falcon-H1 have no LoRA layout yet: refused at start,
-    naming the two that take adapters."""
+    """Nemotron-H, Mamba2 and Falcon-H1 have no LoRA layout yet: refused at start, naming the
+    hybrids that take adapters."""
     from types import SimpleNamespace
 
     from transformers import NemotronHConfig
@@ -73,6 +86,6 @@ def test_lora_refused_for_hybrids_without_a_layout(tmp_path):
     from tessellm.models.state_space import check_engine_args
 
     with pytest.raises(ValueError, match=r"NemotronHForCausalLM .* does not support LoRA yet; "
-                                         r"drop enable_lora \(Bamba and Granite 4.0-H"):
+                                         r"drop enable_lora \(Bamba, Granite 4.0-H and Qwen3-Next"):
         check_engine_args(SimpleNamespace(enable_lora=True),
                           NemotronHConfig(architectures=["NemotronHForCausalLM"]))
