@@ -635,9 +635,10 @@ class FusedOps(Protocol):
     # before any work queued after the call (a later step's forward reads what a load wrote;
     # a later store may reuse a host block a load read); the host may go on before they finish
     # (the host tier never reads its buffer on the host). A KV connector (``--kv-transfer-config``,
-    # ``tessellm/kv_transfer``) also calls it with a pageable (unpinned) host buffer: before the
-    # forward to load, after it to save, then ``synchronize()`` before the host reads or frees
-    # that buffer. Returns None. Oracle and default:
+    # ``tessellm/kv_transfer``) also calls it with short-lived host buffers (pinned where the
+    # device pins, else pageable): before the forward to load, after it to save; it then waits
+    # for an event recorded on the current stream after the call (or ``synchronize()``)
+    # before the host reads or frees such a buffer. Returns None. Oracle and default:
     # ``backends/reference/kv_transfer.swap_blocks`` (a gather or scatter by index on the
     # device, a slice copy per run of consecutive host slots);
     # conformance ``test_kv_transfer.py``.
