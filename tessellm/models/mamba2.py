@@ -106,6 +106,11 @@ class Mamba2ForCausalLM(nn.Module):
         hidden, _ = self.norm_f(hidden, residual)
         return hidden
 
+    @property
+    def embed_tokens(self) -> nn.Module:
+        """The embedding under the name draft heads read (EAGLE shares the target's)."""
+        return self.embeddings
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 

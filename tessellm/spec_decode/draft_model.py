@@ -46,6 +46,13 @@ class DraftModelProposer(KVDrafter):
         if draft_vocab != ctx.vocab_size:
             raise ValueError(f"The draft model {path} has vocab_size {draft_vocab} but the target "
                              f"has {ctx.vocab_size}; use a draft model with the target's tokenizer.")
+        from tessellm.models.state_space import has_recurrent_state
+
+        if has_recurrent_state(source.hf_config):
+            raise ValueError(f"The draft model {path} keeps a per-request recurrent state "
+                             f"({', '.join(source.hf_config.architectures)}), which a draft "
+                             "model may not yet (its rejected guesses would stay in it); use "
+                             "an attention-only draft model, or method ngram.")
         args = ctx.engine_args
         load_format = self.config.draft_load_format
         if load_format == "auto":

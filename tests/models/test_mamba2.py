@@ -99,9 +99,9 @@ def test_mamba2_refuses_what_a_recurrent_state_cannot_do(mamba2_dir):
     with pytest.raises(ValueError, match="does not support quantization gptq yet"):
         LLM(mamba2_dir, dtype="float32", quantization="gptq")
     with pytest.raises(ValueError, match="does not support speculative decoding with method "
-                                         "'eagle' yet"):
+                                         "'eagle3' yet"):
         LLM(mamba2_dir, dtype="float32", speculative_config={
-            "method": "eagle", "model": mamba2_dir, "num_speculative_tokens": 2})
+            "method": "eagle3", "model": mamba2_dir, "num_speculative_tokens": 2})
 
 
 def test_mamba2_refused_on_ops_without_the_flag(mamba2_dir):

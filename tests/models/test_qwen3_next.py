@@ -76,9 +76,9 @@ def test_qwen3_next_refuses_what_a_recurrent_state_cannot_do(qwen3_next_dir):
     with pytest.raises(ValueError, match="does not support LoRA yet"):
         LLM(qwen3_next_dir, dtype="float32", enable_lora=True)
     with pytest.raises(ValueError, match="does not support speculative decoding with method "
-                                         "'eagle' yet"):
+                                         "'eagle3' yet"):
         LLM(qwen3_next_dir, dtype="float32", speculative_config={
-            "method": "eagle", "model": qwen3_next_dir, "num_speculative_tokens": 2})
+            "method": "eagle3", "model": qwen3_next_dir, "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="does not support quantization awq yet"):
         LLM(qwen3_next_dir, dtype="float32", quantization="awq")
     with pytest.raises(ValueError, match="do not run on backend 'tpu' yet"):

@@ -133,11 +133,41 @@ def test_ngram_on_mamba2_on_emulated_cuda(mamba2_dir):
     assert_spec_matches_plain(mamba2_dir, device="cuda", emulate=True)
 
 
+def test_draft_model_over_mamba2_equals_plain_greedy(mamba2_dir, tmp_path):
+    """An attention-only draft model (a tiny random Llama of the same vocabulary) over a Mamba2
+    target: its guesses are verified and the target's states roll back as for n-gram drafts."""
+    from transformers import LlamaConfig
+
+    from tests.models.variant_parity import TINY
+
+    draft = save_tiny(LlamaConfig(**{**TINY, "vocab_size": VOCAB, "num_hidden_layers": 1}),
+                      str(tmp_path / "draft"), seed=4)
+    assert_spec_matches_plain(mamba2_dir, {"method": "draft_model", "model": draft,
+                                           "num_speculative_tokens": 2})
+
+
+def test_eagle_over_mamba2_equals_plain_greedy(mamba2_dir, tmp_path):
+    """A random EAGLE-1 head (public layout) over a Mamba2 target: it reads the target's final
+    hidden states and embedding; its drafts are accepted and rejected, the tokens unchanged."""
+    from tests.models.variant_parity import TINY
+    from tests.spec_decode.test_draft_proposers import _save_head
+
+    head = _save_head(str(tmp_path / "eagle"), "eagle", {**TINY, "vocab_size": VOCAB}, 3)
+    assert_spec_matches_plain(mamba2_dir, {"method": "eagle", "model": head,
+                                           "num_speculative_tokens": 2})
+
+
 def test_unserved_methods_are_refused(mamba2_dir, tmp_path):
     with pytest.raises(ValueError, match="does not support speculative decoding with method "
-                                         "'draft_model' yet; use method ngram, mtp, replay"):
+                                         "'eagle3' yet; use method ngram, mtp, draft_model, "
+                                         "eagle"):
         LLM(mamba2_dir, dtype="float32",
-            speculative_config={"method": "draft_model", "model": str(tmp_path),
+            speculative_config={"method": "eagle3", "model": str(tmp_path),
+                                "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="keeps a per-request recurrent state .*Mamba2ForCausalLM"
+                                         ".* use an attention-only draft model"):
+        LLM(mamba2_dir, dtype="float32", device="cpu",
+            speculative_config={"method": "draft_model", "model": mamba2_dir,
                                 "num_speculative_tokens": 2})
 
 
