@@ -101,7 +101,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         # Image features between the step that reaches an image and the one that ends its
         # placeholders (tessellm.multimodal.encoder_cache); None for a text-only model.
         self.encoder_cache = None
-        if getattr(model, "supports_images", False):
+        if getattr(model, "supports_images", False) and self.pp.is_first:  # the tower's stage
             from tessellm.multimodal.encoder_cache import EncoderCache
 
             self.encoder_cache = EncoderCache(model, device)

@@ -23,7 +23,9 @@ class StageIO:
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+        config = self.model.config  # an image-text model's: its language model's width
+        return config.get_text_config().hidden_size if hasattr(config, "get_text_config") \
+            else config.hidden_size
 
     def receive(self, num_tokens: int) -> Optional[tuple]:
         """The previous stage's ``(hidden, residual)`` for ``num_tokens`` rows; None on the first."""

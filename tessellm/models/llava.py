@@ -82,19 +82,20 @@ class LlavaForConditionalGeneration(ImageTextModel):
         if lm_class is None:
             raise ValueError(f"LLaVA with a {text.model_type!r} language model is not supported; "
                              f"supported: {', '.join(sorted(_LANGUAGE_MODELS))}.")
-        if ctx.pp.num_stages > 1:
-            raise ValueError("LLaVA does not run with pipeline_parallel_size > 1 yet; use "
-                             "tensor parallelism.")
+        # pipeline parallelism: the tower and projector on the first stage (which embeds the
+        # prompt), none on the others; the runner keeps its encoder cache there only
+        self.tower_here = ctx.pp.is_first
         self.image_token_id = image_token_id(config)
         self.feature_size = image_feature_size(config)
         self.drop_cls = feature_select_strategy(config) == "default"
         layers = config.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else list(layers)
-        self.vision_tower = CLIPVisionTower(vision, layers)
-        self.multi_modal_projector = LlavaProjector(
-            vision.hidden_size * len(layers), text.hidden_size,
-            getattr(config, "projector_hidden_act", "gelu"),
-            bool(getattr(config, "multimodal_projector_bias", True)))
+        if self.tower_here:
+            self.vision_tower = CLIPVisionTower(vision, layers)
+            self.multi_modal_projector = LlavaProjector(
+                vision.hidden_size * len(layers), text.hidden_size,
+                getattr(config, "projector_hidden_act", "gelu"),
+                bool(getattr(config, "multimodal_projector_bias", True)))
         self.language_model = lm_class(text, ctx)
 
     # -- what the runner calls -------------------------------------------------------------
@@ -134,6 +135,8 @@ class LlavaForConditionalGeneration(ImageTextModel):
                 part, rest = routed
                 if part == "language_model":
                     yield rest, tensor
+                    continue
+                if not self.tower_here:  # a later pipeline stage: the first one's
                     continue
                 target = f"{part}.{rest}" if rest else part
                 if target not in params:

@@ -98,7 +98,8 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
         super().__init__(config, ctx)
         self.feature_size = max_image_feature_size(config)
         self.side = config.vision_config.image_size // config.vision_config.patch_size
-        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+        if self.tower_here:  # the row-end feature: the tower's stage only (pipeline)
+            self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
 
     def encode_images(self, pixels: torch.Tensor, image_sizes=None) -> list[torch.Tensor]:
         """``[N, tiles, 3, S, S]`` (base tile first) and each image's original (height, width)

@@ -90,12 +90,12 @@ class Qwen2VLForConditionalGeneration(ImageTextModel):
         super().__init__()
         self.config = config
         text, vision = _text_config(config), config.vision_config
-        if ctx.pp.num_stages > 1:
-            raise ValueError(f"{type(self).__name__} does not run with pipeline_parallel_size > 1 "
-                             "yet; use tensor parallelism.")
         self.image_token_id = int(config.image_token_id)
         self.spatial_merge_size = int(vision.spatial_merge_size)
-        self.visual = self.make_visual(vision)
+        # pipeline parallelism: the tower on the first stage (which embeds the prompt) only
+        self.tower_here = ctx.pp.is_first
+        if self.tower_here:
+            self.visual = self.make_visual(vision)
         self.language_model = self.text_model(text, ctx)
 
     text_model = Qwen2VLTextModel  # the language model's class
@@ -128,7 +128,7 @@ class Qwen2VLForConditionalGeneration(ImageTextModel):
         """HF names in either layout: transformers 5's (``model.visual.*``,
         ``model.language_model.*``, ``lm_head.*``) or the Qwen checkpoints' (``visual.*``,
         ``model.*``, ``lm_head.*``)."""
-        params = dict(self.visual.named_parameters())
+        params = dict(self.visual.named_parameters()) if self.tower_here else {}
         loaded: set[str] = set()
 
         def text_weights():  # lazy: a file's tensors are read while it is open
@@ -137,6 +137,8 @@ class Qwen2VLForConditionalGeneration(ImageTextModel):
                     name = name[len("model."):]
                 if name.startswith("visual."):
                     rest = name[len("visual."):]
+                    if not self.tower_here:  # a later pipeline stage: the first one's
+                        continue
                     if rest not in params:
                         raise ValueError(f"Checkpoint tensor {name!r} has no place in the "
                                          f"{type(self).__name__} vision tower; does the config "

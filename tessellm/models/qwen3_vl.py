@@ -72,6 +72,10 @@ class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     text_model = Qwen3VLTextModel
 
     def __init__(self, config, ctx: ModelContext):
+        if ctx.pp.num_stages > 1:
+            raise ValueError(f"{type(self).__name__} with images does not run with "
+                             "pipeline_parallel_size > 1 yet (its DeepStack features feed the "
+                             "first decoder layers); use tensor parallelism.")
         super().__init__(config, ctx)
         self.hidden_size = int(config.vision_config.out_hidden_size)
         if self.hidden_size != self.language_model.config.hidden_size:

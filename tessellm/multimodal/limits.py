@@ -91,6 +91,17 @@ def _spec_method(value) -> Optional[str]:
     return None if config is None else config.method
 
 
+# Image models whose tower runs on the first pipeline stage (the others get hidden states).
+# Gemma 3's whole-image attention, Qwen3-VL's DeepStack and the rest: not yet.
+PIPELINE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                          "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+
+def _pipelines_images(hf_config) -> bool:
+    archs = getattr(hf_config, "architectures", None) or ()
+    return any(a in PIPELINE_ARCHITECTURES for a in archs)
+
+
 def check_multimodal_args(hf_config, args) -> None:
     """Refuse, at start-up, what does not combine with an image model yet (LoRA does: on the
     language model, ``lora/shapes.py``; speculative decoding with a token-only proposer)."""
@@ -101,7 +112,8 @@ def check_multimodal_args(hf_config, args) -> None:
     method = _spec_method(args.speculative_config)
     for name, unsupported in ((f"speculative_config method {method!r}",
                                method is not None and method not in TOKEN_ONLY_SPEC_METHODS),
-                              ("pipeline_parallel_size > 1", args.pipeline_parallel_size > 1),
+                              ("pipeline_parallel_size > 1", args.pipeline_parallel_size > 1
+                               and not _pipelines_images(hf_config)),
                               ("runner='pooling'", resolve_runner(args, hf_config) == "pooling")):
         if unsupported:
             raise ValueError(f"{name} does not combine with an image model "
