@@ -211,11 +211,12 @@ def test_cuda_fp8_gemms_at_hybrid_shapes(n, k):
             rel = ((got.float() - dense).norm() / dense.norm()).item()
             assert got.shape == (m, n) and rel < 0.05, (name, m, rel)
         # against the W8A8 oracle: fp8 tensor cores sum a K tile in less than float32, and an
-        # activation on a rounding edge may take the other e4m3 code (on an H100: 4 of 98304
-        # outputs off by 1.1% of the largest), so the whole product is compared by its norm
+        # activation on a rounding edge may take the other e4m3 code, so the whole product is
+        # compared by its norm (on an H100: up to 3.1e-3 at 8 rows, 2.2e-3 at 64; a wrong
+        # block or scale layout is off by order 1)
         want = w8a8_block_reference(x.float().cpu(), block_cpu)
         got = ops.fp8_block_mm(x.float(), block).cpu()
-        assert ((got - want).norm() / want.norm()).item() < 2e-3, m
+        assert ((got - want).norm() / want.norm()).item() < 1e-2, m
 
 
 @pytest.mark.gpu
