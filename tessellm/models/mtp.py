@@ -123,10 +123,6 @@ class MTPStage(PipelineStage):
     """A pipeline stage that builds only decoder layer ``index`` of the target's class: not
     the first stage (no embedding) nor the last (no final norm, no LM head)."""
 
-    # not a pipeline stage of a served model: a model that runs on one stage only (the
-    # recurrent-state models, ``state_space.check_single_stage``) builds its MTP layer so
-    draft_layer_only = True
-
     def __init__(self, index: int):
         super().__init__(stage=1, num_stages=3)
         self.index = index

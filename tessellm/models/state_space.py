@@ -158,6 +158,6 @@ def check_time_step_limit(limit) -> tuple[float, float]:
 
 def check_single_stage(ctx) -> None:
     """At model build (a rank that got here anyway, e.g. a test building the model directly)."""
-    if ctx.pp.num_stages > 1 and not getattr(ctx.pp, "draft_layer_only", False):
+    if ctx.pp.num_stages > 1:
         raise ValueError("Models with Mamba layers run on one pipeline stage for now; use "
                          "pipeline_parallel_size=1.")
