@@ -141,6 +141,19 @@ class BlockManager:
             self.stats.record(request.num_tokens, len(hit) * self.block_size)
         return hit
 
+    def state_cut(self, request: Request, num_hit_blocks: int) -> int:
+        """With state snapshots: where the request's cached KV blocks end (in tokens) when
+        they run past its hit of ``num_hit_blocks`` (cut back to a snapshot), else 0. Its
+        first chunk should end there, so that prefix (another prompt's, as far as this one
+        shares it) gains a snapshot for the next request sharing it (core/state_prefix.py)."""
+        if self.states is None or not self.enable_prefix_caching:
+            return 0
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        n = num_hit_blocks
+        while n < max_blocks and request.block_hashes[n] in self.cached:
+            n += 1
+        return n * self.block_size if n > num_hit_blocks else 0
+
     def find_offloaded(self, request: Request, num_hit_blocks: int) -> list[int]:
         """The hashes that continue a device hit of ``num_hit_blocks`` blocks from the host
         tier (same limit: the last prompt token is never a hit). Empty without a host tier."""

@@ -247,10 +247,12 @@ class Scheduler(SchedulerUpdate):
             num_hit = (len(prefix) + len(offloaded)) * self.kv.block_size
             num_ext = self._num_external(req, num_hit) if use_cache else 0
             num_hit += num_ext
+            cut = self.kv.state_cut(req, len(prefix)) if use_cache else 0
             num_new, images = self._fit_images(req, req.num_computed_tokens + num_hit,
                                                self._align(req, req.num_computed_tokens + num_hit,
                                                            self._num_new_tokens(req, budget,
-                                                                                already=num_hit)),
+                                                                                already=num_hit),
+                                                           cut),
                                                False)
             block_ids = (self.kv.allocate(req, num_ext + num_new + self._lookahead(num_hit + num_new),
                                           prefix, offloaded)
@@ -307,11 +309,15 @@ class Scheduler(SchedulerUpdate):
         num = self.connector.get_num_new_matched_tokens(req, num_hit)
         limit = ((req.num_tokens - 1) // self.kv.block_size) * self.kv.block_size - num_hit
         return max(0, min(num - num % self.kv.block_size, limit))
-    def _align(self, req: Request, start: int, num_new: int) -> int:
+    def _align(self, req: Request, start: int, num_new: int, cut: int = 0) -> int:
         """A prefill chunk cut to end on a block boundary where it can (recurrent-state
-        snapshots, ``state_prefix.align_chunk``); unchanged without them."""
+        snapshots, ``state_prefix.align_chunk``), and at ``cut`` when it passes it (where its
+        cached KV blocks end past its snapshot hit: ``BlockManager.state_cut``); unchanged
+        without snapshots."""
         if self.kv.states is None or num_new == 0:
             return num_new
+        if start < cut < start + num_new:
+            num_new = cut - start
         return align_chunk(start, num_new, req.num_tokens, self.kv.block_size)
 
     def _save_state(self, req: Request, start: int, num_new: int, saves: dict[str, int]) -> None:

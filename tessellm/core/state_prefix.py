@@ -35,6 +35,15 @@ Invariants
   step come before its saves on the device, and a snapshot is only read in a step scheduled
   after the step that wrote it came back, so a slot taken over for a new save is never read
   half-written.
+* A new request whose cached KV blocks run past its snapshot hit (another prompt shares more
+  of its prefix than that prompt kept a state for, e.g. a common system prompt) ends its first
+  chunk where those blocks end (``BlockManager.state_cut``) and saves the state there: the
+  next request sharing that prefix hits all of it::
+
+      A = S + a (no hit; its state kept after its last full block, past S)
+      B = S + b: KV hit on S's blocks, no snapshot in them -> chunk 1 ends at S's last full
+          block and saves there (the snapshot goes to A's cached block)
+      C = S + c: hit on S's blocks, starting from B's snapshot
 * Decode steps save nothing (a decode step never ends at or before the last hit boundary).
 """
 

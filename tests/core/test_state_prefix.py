@@ -153,3 +153,30 @@ def test_tiers_without_snapshots_are_refused(setting, match):
     config = SimpleNamespace(architectures=["Qwen3NextForCausalLM"])
     with pytest.raises(ValueError, match=f"support {match} yet.*recurrent-state snapshots"):
         check_engine_args(EngineArgs(**setting), config)
+
+
+def test_a_shared_prefix_gains_a_snapshot_where_a_second_prompt_leaves_it():
+    """A = S + a keeps its state after 12 (past S's 2 full blocks); B = S + b hits S's blocks
+    with no snapshot in them, so its first chunk ends where they end (8) and saves there; C =
+    S + c then hits all 8 tokens, starting from B's snapshot (held by A's cached block)."""
+    from tessellm.core.request import Request
+    from tessellm.core.sampling_params import SamplingParams
+
+    def prompt(rid, tail):
+        return Request(rid, list(range(1, 11)) + tail, SamplingParams(max_tokens=2), eos_token_ids=[0])
+
+    s = make()
+    s.add_request(prompt("a", [50, 51, 52, 53, 54]))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 12} and out.state_saves == {"a": 0}
+    finish(s, "a")
+    s.add_request(prompt("b", [60, 61, 62, 63, 64]))
+    out, _ = run_step(s)
+    assert out.new_requests[0].num_computed_tokens == 0 and not out.state_restores
+    assert out.num_scheduled_tokens == {"b": 8} and out.state_saves == {"b": 1}
+    finish(s, "b")
+    check_pool(s.kv)
+    s.add_request(prompt("c", [70, 71, 72, 73, 74]))
+    out, _ = run_step(s)
+    assert out.new_requests[0].num_computed_tokens == 8 and out.state_restores == {"c": 1}
+    check_pool(s.kv)

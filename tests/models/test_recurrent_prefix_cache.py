@@ -25,6 +25,7 @@ PROMPTS = {
     "a": A,
     "longer": A + prompts((6,), seed=8)[0],  # a's prompt, then more
     "inside": A[:42] + prompts((5,), seed=9)[0],  # shares 42 tokens: ends inside a block
+    "inside2": A[:42] + prompts((5,), seed=15)[0],  # the same 42, another continuation
     "other1": prompts((44,), seed=10)[0],
     "other2": prompts((44,), seed=11)[0],
 }
@@ -100,28 +101,41 @@ def test_chunked_prefill_keeps_a_snapshot_at_each_block_boundary_chunk_end(model
 
 def test_snapshots_leave_with_their_evicted_blocks(mamba2):
     """A cache of 16 blocks (64 tokens): other1 evicts a's blocks past its first 3, and a's
-    snapshot (after 44) with them; the longer prompt misses and is computed whole, and evicts
-    other1's snapshot the same way (only its own stays)."""
-    path, want = mamba2, hf(mamba2, "a", "other1", "longer")
+    snapshot (after 44) with them; the longer prompt hits those 3 blocks with no snapshot in
+    them, so it is computed whole, its first chunk ending after them (a snapshot at 12); a again
+    then hits 12 tokens (its blocks past 12 are the longer prompt's, which kept no state at 44)."""
+    names = ("a", "other1", "longer", "a")
+    path, want = mamba2, hf(mamba2, *names)
     with LLM(path, dtype="float32", block_size=4, num_kv_blocks=16, recurrent_state_snapshots=4) as llm:
-        tokens, cached = run(llm, "a", "other1", "longer")
-        kv = llm.engine.core.kv
-        check_pool(kv)
-        assert len(kv.states.published) == 1 and kv.states.num_free == 3
-    assert cached == [0, 0, 0]
-    assert tokens == [want[n] for n in ("a", "other1", "longer")]
+        tokens, cached = run(llm, *names)
+        check_pool(llm.engine.core.kv)
+    assert cached == [0, 0, 0, 12]
+    assert tokens == [want[n] for n in names]
 
 
 def test_a_full_snapshot_pool_gives_up_the_least_recently_used(mamba2):
     """2 snapshots, blocks to spare: other2's save takes a's snapshot (the least recently used),
-    so the longer prompt's KV hit of 44 tokens has no state to start from and is computed
-    whole; its own save takes other1's, and other2 then hits its own (after 40)."""
-    names = ("a", "other1", "other2", "longer", "other2")
+    so a again has a KV hit of 44 tokens but no state to start from and is computed whole (its
+    save takes other1's snapshot), and other2 then hits its own (after 40)."""
+    names = ("a", "other1", "other2", "a", "other2")
     path, want = mamba2, hf(mamba2, *names)
     with LLM(path, dtype="float32", block_size=4, recurrent_state_snapshots=2) as llm:
         tokens, cached = run(llm, *names)
         check_pool(llm.engine.core.kv)
     assert cached == [0, 0, 0, 0, 40]
+    assert tokens == [want[n] for n in names]
+
+
+def test_a_shared_prefix_gains_a_snapshot_where_a_second_prompt_leaves_it(model):
+    """a keeps its state after 44; inside shares a's first 42 tokens: its KV hit (40) has no
+    snapshot, so it is computed whole, its first chunk ending at 40 (a snapshot there); a third
+    prompt sharing those 42 tokens (inside2) hits 40."""
+    names = ("a", "inside", "inside2")
+    path, want = model, hf(model, *names)
+    with LLM(path, dtype="float32", block_size=4) as llm:
+        tokens, cached = run(llm, *names)
+        check_pool(llm.engine.core.kv)
+    assert cached == [0, 0, 40]
     assert tokens == [want[n] for n in names]
 
 
