@@ -72,8 +72,11 @@ class RunnerGraphs:
             spec.proposer.capture_graphs()  # a draft model's own graphs (the target's are done)
         if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
             return
-        if self.mamba is not None:  # recurrent states: verify steps run eagerly (the verify
-            return  # ops' per-token slots are host-built step inputs the graphs do not take)
+        if self.mamba is not None:  # the verify ops' per-token slots are host-built step
+            # inputs the graphs do not take (decode steps keep their graphs)
+            logger.info("Speculative decoding: verify steps of a model with recurrent states "
+                        "run eagerly (no verify graphs); decode steps replay their graphs.")
+            return
         from tessellm.spec_decode.verify_graphs import VerifyGraphs, capture_sizes
 
         sizes = capture_sizes(spec.max_num_seqs, spec.config.disable_by_batch_size)
