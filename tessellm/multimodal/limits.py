@@ -57,8 +57,8 @@ def takes_images(hf_config) -> bool:
 
 
 def model_mm_limits(hf_config, args) -> dict[str, int]:
-    """What the model takes per prompt: ``{"image": n}`` (default 1; Qwen2-VL / Qwen2.5-VL
-    also ``"video"``, default 1) or {} for text only; ``{"image": 0}`` for an image-text
+    """What the model takes per prompt: ``{"image": n}`` (default 1; the Qwen2/2.5/3-VL
+    families also ``"video"``, default 1) or {} for text only; ``{"image": 0}`` for an image-text
     checkpoint served text-only (``text_only.py``). A video limit for a model that takes no
     videos is refused."""
     from tessellm.multimodal.qwen2_vl_inputs import takes_videos
@@ -72,7 +72,7 @@ def model_mm_limits(hf_config, args) -> dict[str, int]:
     if not takes_videos(hf_config):
         if given.get("video"):
             raise ValueError(f"limit_mm_per_prompt names 'video' but {hf_config.architectures[0]} "
-                             "takes no videos in tessellm (Qwen2-VL and Qwen2.5-VL do); drop it.")
+                             "takes no videos in tessellm (the Qwen2/2.5/3-VL families do); drop it.")
         given.pop("video", None)
         return {"image": 1, **given}
     return {"image": 1, "video": 1, **given}

@@ -150,7 +150,7 @@ class ImageProcessor:
             return
         if not self.takes_videos:
             raise ValueError(f"The model at {self.model_path} takes no video inputs (video_url "
-                             "parts, multi_modal_data['video']); Qwen2-VL and Qwen2.5-VL do. "
+                             "parts, multi_modal_data['video']); the Qwen2/2.5/3-VL families do. "
                              "Send images (frames as separate images) instead.")
         if num_videos > self.max_videos:
             raise ValueError(f"The prompt has {num_videos} video(s), over the limit of "

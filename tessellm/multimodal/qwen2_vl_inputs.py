@@ -23,8 +23,8 @@ its steps are done here over the image processor (``_video_patches``)::
 A still image is a 2-frame video of itself to the tower (the image processor repeats it), so
 a video of two equal frames has the image's exact patches (tested). Qwen2.5-VL's temporal
 positions step by ``tokens_per_second * temporal_patch_size / fps`` per grid step
-(``MultiModalFeature.time_interval``); Qwen2-VL's by 1. Qwen3-VL's videos (frames apart, with
-text timestamps) are refused.
+(``MultiModalFeature.time_interval``); Qwen2-VL's by 1. Qwen3-VL writes each frame pair after
+its time, each its own span (``_timestamped``).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def is_qwen2_vl(hf_config) -> bool:
     return any(a in ARCHITECTURES for a in getattr(hf_config, "architectures", None) or ())
 
 
-VIDEO_ARCHITECTURES = ARCHITECTURES[:2]  # Qwen3-VL's timestamped frames: not yet
+VIDEO_ARCHITECTURES = ARCHITECTURES
+TIMESTAMPED = ARCHITECTURES[2:]  # Qwen3-VL: a video is its frame pairs, each after its time
 
 
 def takes_videos(hf_config) -> bool:
@@ -56,8 +57,8 @@ def takes_videos(hf_config) -> bool:
 
 
 def video_refusal() -> ValueError:
-    return ValueError("Video inputs are not supported for Qwen3-VL yet (Qwen2-VL and "
-                      "Qwen2.5-VL take them); send images, or frames as separate images.")
+    return ValueError("This checkpoint's config has no video_token_id, so it takes no videos; "
+                      "send images, or frames as separate images.")
 
 
 def max_image_tokens(model_path: str) -> int:
@@ -86,6 +87,9 @@ class Qwen2VLImageInputs(ImageProcessor):
         self.video_token_id = getattr(config, "video_token_id", None)
         self.merge = int(config.vision_config.spatial_merge_size)
         self.takes_videos = takes_videos(config) and self.video_token_id is not None
+        self.timestamped = config.architectures[0] in TIMESTAMPED
+        self.vision_start = getattr(config, "vision_start_token_id", None)
+        self.vision_end = getattr(config, "vision_end_token_id", None)
         # Qwen2.5-VL: temporal positions per second of video (None: Qwen2-VL, one per step)
         self.tokens_per_second = getattr(config.vision_config, "tokens_per_second", None)
         if "Qwen2VL" in config.architectures[0]:
@@ -160,6 +164,8 @@ class Qwen2VLImageInputs(ImageProcessor):
         videos = as_video_list(videos)
         self.check_video_count(len(videos))
         done = [self._video_patches(v.frames) for v in videos]
+        if self.timestamped:
+            return self._timestamped(ids, videos, done)
         lengths = [t * h * w // (self.merge * self.merge) for _, (t, h, w) in done]
         ids = self._expand(ids, lengths, self.video_token_id)
         spans = self._spans(ids, lengths, self.video_token_id)
@@ -169,6 +175,62 @@ class Qwen2VLImageInputs(ImageProcessor):
             time_interval=(1.0 if self.tokens_per_second is None
                            else self.tokens_per_second * tp / v.fps))
             for v, (patches, grid), start, n in zip(videos, done, spans, lengths)]
+
+    def _timestamped(self, ids: list[int], videos, done) -> tuple[list[int], list[MultiModalFeature]]:
+        """Qwen3-VL: each video's ``<|vision_start|><|video_pad|><|vision_end|>`` (or a bare
+        pad) becomes, per temporal step (frame pair), its time and its own span::
+
+            <0.2 seconds><|vision_start|><|video_pad|> x h*w/m^2<|vision_end|><1.2 seconds>...
+
+        (HF's ``Qwen3VLProcessor``: the time is the mean of the pair's frame times, index /
+        fps). Each step is its own feature of grid ``(1, h, w)``: the tower attends within a
+        frame pair and HF's ``get_rope_index`` splits a video's grid per step, so a step is
+        encoded and positioned as an image. The times are tokenized apart from the prompt
+        (equal to HF's text-level expansion where a special token or whitespace precedes the
+        video, as chat templates write it)."""
+        if ids.count(self.video_token_id) != len(videos):
+            raise ValueError(self._video_count_error(ids.count(self.video_token_id),
+                                                     [t * h * w // self.merge ** 2
+                                                      for _, (t, h, w) in done]))
+        tp = int(self.images.temporal_patch_size)
+        out: list[int] = []
+        k = 0
+        i = 0
+        while i < len(ids):
+            if ids[i] != self.video_token_id:
+                out.append(ids[i])
+                i += 1
+                continue
+            wrapped = (out and out[-1] == self.vision_start and i + 1 < len(ids)
+                       and ids[i + 1] == self.vision_end)
+            if wrapped:  # the template's wrapper: each step brings its own
+                out.pop()
+            out.extend(self._step_ids(videos[k], done[k][1], tp))
+            k += 1
+            i += 2 if wrapped else 1
+        features = []
+        for (patches, (t, h, w)) in done:
+            n = h * w
+            for step in range(t):
+                features.append(MultiModalFeature.from_pixels(
+                    patches[step * n:(step + 1) * n], 0, n // self.merge ** 2,
+                    grid_thw=[1, h, w], modality="video"))
+        starts = self._spans(out, [f.length for f in features], self.video_token_id)
+        for f, start in zip(features, starts):
+            f.offset = start
+        return out, features
+
+    def _step_ids(self, video, grid, tp: int) -> list[int]:
+        t, h, w = grid
+        count = len(video.frames)
+        times = [i / video.fps for i in range(count)] + [(count - 1) / video.fps] * (t * tp - count)
+        ids: list[int] = []
+        for step in range(t):
+            when = (times[step * tp] + times[step * tp + tp - 1]) / 2
+            ids += self.tokenizer(f"<{when:.1f} seconds>", add_special_tokens=False)["input_ids"]
+            ids += [self.vision_start] + [self.video_token_id] * (h * w // self.merge ** 2)
+            ids.append(self.vision_end)
+        return ids
 
     def _video_patches(self, frames: np.ndarray) -> tuple[np.ndarray, list[int]]:
         """``[T, H, W, 3]`` uint8 frames -> (patches ``[t * h * w, 3 * tp * p * p]``, grid

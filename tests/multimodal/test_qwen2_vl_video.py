@@ -127,7 +127,7 @@ def test_video_positions_equal_hf_rope_index(qwen2_5_vl_dir):
     assert int(want_delta) == delta
 
 
-def test_bad_video_inputs_are_refused_by_name(qwen2_vl_dir, qwen3_vl_dir):
+def test_bad_video_inputs_are_refused_by_name(qwen2_vl_dir, llava_dir):
     from tessellm.multimodal.limits import model_mm_limits
     from tessellm.multimodal.processor import image_processor
 
@@ -144,8 +144,7 @@ def test_bad_video_inputs_are_refused_by_name(qwen2_vl_dir, qwen3_vl_dir):
         (lambda: front.process(ASK.format(VIDEO), None, np.full((2, 8, 8, 3), 300.0)),
          "values in 0..255"),
         (lambda: front.process(ASK.format(VIDEO), None, (frames(1), {"fps": 0})), "fps must be"),
-        (lambda: image_processor(qwen3_vl_dir, 1, 1).process(ASK.format(VIDEO), None, frames(1)),
-         "not supported for Qwen3-VL yet"),
+        (lambda: image_processor(llava_dir, 1, 1).check_video_count(1), "takes no video inputs"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError) as err:
@@ -158,7 +157,7 @@ def test_bad_video_inputs_are_refused_by_name(qwen2_vl_dir, qwen3_vl_dir):
     from transformers import AutoConfig
 
     with pytest.raises(ValueError, match="takes no videos"):
-        model_mm_limits(AutoConfig.from_pretrained(qwen3_vl_dir), Args())
+        model_mm_limits(AutoConfig.from_pretrained(llava_dir), Args())
     assert model_mm_limits(AutoConfig.from_pretrained(qwen2_vl_dir), Args()) == {"image": 1, "video": 1}
 
 
@@ -251,3 +250,55 @@ def serve(args, requests):
     from tests.multimodal.serve_app import serve as run
 
     return run(args, requests)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_vl"])
+def test_qwen3_vl_timestamped_videos_match_hf(kind, qwen3_vl_dir):
+    """Qwen3-VL: each frame pair after its time (``<0.2 seconds>`` at 5 fps: frames 0 and 1),
+    its own span, encoded and positioned as an image (DeepStack included); a 5-frame video
+    (3 steps, the last pair padded) and one of 4 PIL frames after an image, as HF's generate
+    on the same ids and ``pixel_values_videos``."""
+    from tests.multimodal.tiny_qwen2_vl import VIDEO_PAD
+
+    path = qwen3_vl_dir
+    prompts = [ASK.format(VIDEO), ASK.format(f"{IMAGE} then {VIDEO}")]
+    data = [{"video": (frames(8, 5), {"fps": 5.0})},
+            {"image": [image(9, (24, 32))], "video": pil_frames(10, 4)}]
+    with LLM(path, dtype="float32", num_kv_blocks=128, block_size=4,
+             limit_mm_per_prompt={"image": 1, "video": 1}) as llm:
+        out = llm.generate([{"prompt": p, "multi_modal_data": d} for p, d in zip(prompts, data)],
+                           GREEDY, use_tqdm=False)
+    front = _front_end(path)
+    ids, feats = front.process(prompts[0], None, data[0]["video"])
+    text = front.tokenizer.decode(ids)
+    assert "<0.1 seconds><|vision_start|><|video_pad|>" in text and "<0.8 seconds>" in text
+    assert ids.count(VIDEO_PAD) == 75 and [f.grid_thw for f in feats] == [[1, 10, 10]] * 3
+    want = []
+    for prompt, d in zip(prompts, data):
+        ids, feats = front.process(prompt, d.get("image"), d["video"])
+        want.append(_hf_qwen3_video(path, ids, feats))
+    assert [list(o.outputs[0].token_ids) for o in out] == want
+
+
+def _hf_qwen3_video(path: str, ids: list[int], features) -> list[int]:
+    """HF generate with each video's steps as one ``pixel_values_videos`` entry of grid
+    ``(t, h, w)`` (HF splits it per step itself)."""
+    import torch
+    import transformers
+
+    model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32).eval()
+    t = torch.tensor([ids])
+    inputs = {"input_ids": t, "attention_mask": torch.ones_like(t),
+              "mm_token_type_ids": (t == IMAGE_PAD).int() + 2 * (t == VIDEO_PAD).int()}
+    images = [f for f in features if f.modality == "image"]
+    steps = [f for f in features if f.modality == "video"]
+    if images:
+        inputs["pixel_values"] = torch.from_numpy(np.concatenate([f.pixels() for f in images]))
+        inputs["image_grid_thw"] = torch.tensor([f.grid_thw for f in images])
+    inputs["pixel_values_videos"] = torch.from_numpy(np.concatenate([f.pixels() for f in steps]))
+    inputs["video_grid_thw"] = torch.tensor([[len(steps), *steps[0].grid_thw[1:]]])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                             do_sample=False, pad_token_id=0)
+    return out[0, t.shape[1]:].tolist()
