@@ -139,6 +139,19 @@ def test_a_shared_prefix_gains_a_snapshot_where_a_second_prompt_leaves_it(model)
     assert tokens == [want[n] for n in names]
 
 
+@pytest.mark.slow
+def test_tensor_parallel_hit(mamba2):
+    """tensor_parallel_size=2 (gloo, worker processes): each rank keeps its heads' snapshots in
+    its own pool, sized alike; the hit restores them on both. (The default suite's TP parity
+    tests allocate the pools through the same calls.)"""
+    names = ("a", "longer")
+    path, want = mamba2, hf(mamba2, *names)
+    with LLM(path, dtype="float32", block_size=4, device="cpu", tensor_parallel_size=2) as llm:
+        tokens, cached = run(llm, *names)
+    assert cached == [0, 44]
+    assert tokens == [want[n] for n in names]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["mamba2", "granite4h"])
