@@ -79,9 +79,10 @@ def model_mm_limits(hf_config, args) -> dict[str, int]:
 
 
 # Proposers that read token ids only: with images they propose as for text (the target's
-# verify pass sees the image features, which reached the KV cache in prefill). A draft model,
-# EAGLE and MTP would need the image features (or the target's hidden states over them).
-TOKEN_ONLY_SPEC_METHODS = ("ngram", "replay")
+# verify pass sees the image features, which reached the KV cache in prefill); a draft model
+# is a text model over the same ids (placeholders as plain tokens, its own 1-D positions), as
+# vLLM's. EAGLE and MTP would need the target's hidden states over the image features.
+TOKEN_ONLY_SPEC_METHODS = ("ngram", "replay", "draft_model")
 
 
 def _spec_method(value) -> Optional[str]:
