@@ -25,7 +25,8 @@ from tessellm.layers.mamba_mixer import MambaMixer2, MambaShape
 from tessellm.layers.norm import RMSNorm, add_and_norm
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from tessellm.models.decoder import DecoderAttention
-from tessellm.models.state_space import check_single_stage, check_time_step_limit
+from tessellm.models.llama import MissingLayer
+from tessellm.models.state_space import check_time_step_limit
 
 
 def mamba2_shape(config) -> MambaShape:
@@ -62,18 +63,24 @@ class Mamba2ForCausalLM(nn.Module):
 
     def __init__(self, config, ctx: ModelContext):
         super().__init__()
-        check_single_stage(ctx)
         self.check_config(config)
         self.config = config
+        self.pp = ctx.pp  # a stage builds its layers [start_layer, end_layer) (the others:
+        self.start_layer, self.end_layer = ctx.pp.layer_range(config.num_hidden_layers)  # Missing)
         self.tie_word_embeddings = self.ties_embeddings(config)
-        self.embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp)
+        if ctx.pp.is_first:
+            self.embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp)
         self.layers = nn.ModuleList(
             MixerBlock(RMSNorm(config.hidden_size, config.layer_norm_epsilon, ctx.ops),
                        self.make_mixer(config, ctx, i))
+            if self.start_layer <= i < self.end_layer else MissingLayer()
             for i in range(config.num_hidden_layers))
-        self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, ctx.ops)
-        tied = self.embeddings.weight if self.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp, weight=tied)
+        if ctx.pp.is_last:
+            self.norm_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon, ctx.ops)
+            tied = (self.embeddings.weight if self.tie_word_embeddings and ctx.pp.is_first
+                    else None)  # tied on another stage: the last loads the embeddings' tensor
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.tp,
+                                          weight=tied)
         if not self.attention_layers():
             ctx.make_attention_kernel(None)  # the runner's step metadata; no layer attends
 
@@ -92,17 +99,36 @@ class Mamba2ForCausalLM(nn.Module):
         return MambaMixer2(mamba2_shape(config), ctx)
 
     def attention_layers(self) -> list:
-        return [layer.mixer.attn for layer in self.layers if layer.attends]
+        return [layer.mixer.attn for layer in self._blocks() if layer.attends]
 
     def mamba_layers(self) -> list[MambaMixer2]:
-        return [layer.mixer for layer in self.layers if isinstance(layer.mixer, MambaMixer2)]
+        return [layer.mixer for layer in self._blocks() if isinstance(layer.mixer, MambaMixer2)]
+
+    def _owns_layer(self, name: str) -> bool:
+        """Whether ``layers.{i}...`` is this stage's (an index past the layers is, so that it is
+        refused naming the tensor)."""
+        index = name.split(".", 2)[1]
+        return not (index.isdigit() and int(index) < len(self.layers)
+                    and isinstance(self.layers[int(index)], MissingLayer))
+
+    def _blocks(self) -> list[MixerBlock]:
+        """This pipeline stage's blocks."""
+        return [layer for layer in self.layers if isinstance(layer, MixerBlock)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata,
                 intermediate=None, inputs_embeds: Optional[torch.Tensor] = None):
-        hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        residual = None
-        for layer in self.layers:
+        """The first stage embeds; later ones continue from ``intermediate`` (the previous
+        stage's ``(hidden, residual)``); the last returns the normed hidden states, the others
+        ``(hidden, residual)``."""
+        if self.pp.is_first:
+            hidden = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+            residual = None
+        else:
+            hidden, residual = intermediate
+        for layer in self.layers[self.start_layer:self.end_layer]:
             hidden, residual = layer(positions, hidden, residual, metadata)
+        if not self.pp.is_last:
+            return hidden, residual
         hidden, _ = self.norm_f(hidden, residual)
         return hidden
 
@@ -126,12 +152,19 @@ class Mamba2ForCausalLM(nn.Module):
         for name, tensor in weights:
             name = name[len("backbone."):] if name.startswith("backbone.") else name
             if name == "embeddings.weight":
-                self.embeddings.load_weight(tensor)
-                if self.tie_word_embeddings:
+                if self.pp.is_first:
+                    self.embeddings.load_weight(tensor)
+                if self.tie_word_embeddings and self.pp.is_last:
+                    if not self.pp.is_first:  # the head's own copy on the last stage
+                        self.lm_head.load_weight(tensor)
                     loaded.add("lm_head.weight")
             elif name == "lm_head.weight":
-                if not self.tie_word_embeddings:
+                if not self.tie_word_embeddings and self.pp.is_last:
                     self.lm_head.load_weight(tensor)
+            elif name.startswith("norm_f.") and not self.pp.is_last:
+                continue
+            elif name.startswith("layers.") and not self._owns_layer(name):
+                continue  # another pipeline stage's layer
             elif name.startswith("layers.") and ".mixer." in name:  # this rank's slices
                 index, attr = name[len("layers."):].split(".mixer.", 1)
                 name = self.load_mixer_tensor(int(index), attr, tensor)

@@ -21,8 +21,8 @@ token before it and cannot be rebuilt from a block hash, so:
 - LoRA runs on Bamba's and Granite 4.0-H's attention, MLP (Bamba) and Mamba in/out
   projections, and Qwen3-Next's attention and DeltaNet projections (``lora/families.py``), is
   refused for the others; pipeline parallelism runs
-  the llama-decoder hybrids (``PIPELINE_ARCHITECTURES``: each stage holds the states of its
-  layers), is refused for Mamba2, Nemotron-H and Falcon-H1 (tensor
+  every hybrid but Falcon-H1 (``PIPELINE_ARCHITECTURES``: each stage holds the states of its
+  layers) (tensor
   parallelism splits the Mamba heads: ``layers/mamba_mixer.py``, and the gated DeltaNet heads:
   ``layers/gated_deltanet.py``);
 - decode steps run eagerly unless ``TESSELLM_RECURRENT_STATE_GRAPHS`` says otherwise
@@ -74,8 +74,8 @@ def check_engine_args(args, config) -> None:
          "starts from; drop kv_transfer_config"),
         _quantization_refused(args, config, arch),
         (getattr(args, "pipeline_parallel_size", 1) > 1 and arch not in PIPELINE_ARCHITECTURES,
-         "pipeline parallelism", "use pipeline_parallel_size=1 (Granite 4.0-H, Bamba and "
-         "Qwen3-Next run in stages)"),
+         "pipeline parallelism", "use pipeline_parallel_size=1 (the other hybrids run in "
+         "stages)"),
     ]
     for bad, what, fix in refused:
         if bad:
@@ -83,10 +83,12 @@ def check_engine_args(args, config) -> None:
                              f"support {what} yet; {fix}.")
 
 
-# hybrids built on the llama decoder's stages: each stage builds, loads and keeps the recurrent
-# state of its own layers (the others' are ``MissingLayer``s)
+# hybrids whose layers split into pipeline stages (the llama decoder's, and Mamba2's stack of
+# mixer blocks): each stage builds, loads and keeps the recurrent state of its own layers (the
+# others' are ``MissingLayer``s); Falcon-H1 not yet
 PIPELINE_ARCHITECTURES = frozenset({"GraniteMoeHybridForCausalLM", "BambaForCausalLM",
-                                    "Qwen3NextForCausalLM"})
+                                    "Qwen3NextForCausalLM", "Mamba2ForCausalLM",
+                                    "NemotronHForCausalLM"})
 
 
 # speculative decoding methods served over a recurrent target (the others are refused)
