@@ -80,11 +80,14 @@ def stack_layer(found: list, config: dict, shapes: dict, num_experts: int, max_r
     for expert, part, a, b, name in found:
         a, b = a.float(), b.float()
         if expert is None:  # fused parameter: which one by shape
-            fused = _fused_parts(a, b, shapes, num_experts, where, name)
+            fused, kind = _fused_parts(a, b, shapes, num_experts, where, name)
             rank = a.shape[0] // num_experts
+            # the parameter's name, which rank_pattern / alpha_pattern match (peft's conversion of
+            # transformers 4 targets writes ``.*\.gate_up_proj``: twice the rank and alpha)
+            param = f"{name.removesuffix('.base_layer')}.{kind}"
             for part_name, (e_a, e_b) in fused.items():
                 for e in range(num_experts):
-                    per_part.setdefault(part_name, {})[e] = (e_a[e], e_b[e], name, rank)
+                    per_part.setdefault(part_name, {})[e] = (e_a[e], e_b[e], param, rank)
             continue
         if expert >= num_experts:
             raise ValueError(f"{where} adapts expert {expert} ({name}), but the base model's "
@@ -118,9 +121,9 @@ def stack_layer(found: list, config: dict, shapes: dict, num_experts: int, max_r
     return out
 
 
-def _fused_parts(a, b, shapes: dict, num_experts: int, where: str, name: str) -> dict:
-    """A fused parameter's A ``[E*r, in]`` and B ``[out, E*r]`` -> part -> (A_e [E, r, in],
-    B_e [E, out_part, r]) (module docstring)."""
+def _fused_parts(a, b, shapes: dict, num_experts: int, where: str, name: str) -> tuple:
+    """A fused parameter's A ``[E*r, in]`` and B ``[out, E*r]`` -> (part -> (A_e [E, r, in],
+    B_e [E, out_part, r]), the parameter's name) (module docstring)."""
     hidden, inter = shapes["gate"][0], shapes["gate"][1]
     rows = a.shape[0]
     if a.dim() != 2 or b.dim() != 2 or b.shape[1] != rows or rows % num_experts:
@@ -132,9 +135,9 @@ def _fused_parts(a, b, shapes: dict, num_experts: int, where: str, name: str) ->
     a_e = a.reshape(num_experts, r, a.shape[1])
     b_e = b.reshape(b.shape[0], r, num_experts).permute(2, 0, 1)  # column j*E + e -> [e, :, j]
     if (a.shape[1], b.shape[0]) == (hidden, 2 * inter):
-        return {"gate": (a_e, b_e[:, :inter]), "up": (a_e, b_e[:, inter:])}
+        return {"gate": (a_e, b_e[:, :inter]), "up": (a_e, b_e[:, inter:])}, "gate_up_proj"
     if (a.shape[1], b.shape[0]) == (inter, hidden):
-        return {"down": (a_e, b_e)}
+        return {"down": (a_e, b_e)}, "down_proj"
     raise ValueError(f"{where}: {name} maps {a.shape[1]} -> {b.shape[0]} features, but the base "
                      f"model's experts map {hidden} -> {2 * inter} (gate_up_proj) and {inter} -> "
                      f"{hidden} (down_proj); the adapter was trained for another base model.")

@@ -22,6 +22,7 @@ path under a layer -> its logical parts (B's rows, in that order)::
     gpt_bigcode attn.c_attn (MQA [q|k|v], else per head)   q_proj k_proj v_proj
                 attn.c_proj, mlp.c_fc, mlp.c_proj          o_proj, fc_in, fc_out
     MoE         llama's attention only (experts: no LoRA)
+    DeepSeek    the MLPs: mlp.{gate,up,down}_proj (dense layers), mlp.shared_experts.*, experts
     Qwen2-MoE   as Qwen3-MoE, plus mlp.shared_expert.{gate,up,down}_proj and the dense layers'
                 mlp.{gate,up,down}_proj (each where the layer has it)
     Mixtral, Qwen3-MoE, OLMoE   llama's attention and every expert's gate/up/down (``experts.py``:
@@ -163,6 +164,15 @@ _SHARED = {"mlp.shared_expert.gate_proj": ("shared_gate_proj",),
 QWEN2_MOE = replace(QWEN_MOE, modules={**_LLAMA_ATTN, **_SHARED, **_LLAMA_MLP},
                     note=" (gate/up/down: the shared expert's and the dense layers'; and "
                          "the experts' gate/up/down projections)", optional=True)
+# DeepSeek V2/V3: the MLPs only (the dense layers', the shared experts', the routed experts');
+# the multi-head latent attention's projections take no LoRA
+DEEPSEEK = replace(QWEN_MOE, modules={
+    "mlp.shared_experts.gate_proj": ("shared_gate_proj",),
+    "mlp.shared_experts.up_proj": ("shared_up_proj",),
+    "mlp.shared_experts.down_proj": ("shared_down_proj",), **_LLAMA_MLP},
+    num_experts=lambda c: c.n_routed_experts, optional=True,
+    note=" (the dense layers' and the shared experts' MLPs, and the experts' gate/up/down "
+         "projections; LoRA on the multi-head latent attention is not supported)")
 
 # Mamba2 mixers' projections (``layers/mamba_mixer.py``): in_proj's five parts in the checkpoint's
 # row order, out_proj whole; a hybrid's attention layers take the attention modules, its Mamba
@@ -225,6 +235,7 @@ FAMILIES = {
     "GPTBigCodeForCausalLM": GPT_BIGCODE,
     "MixtralForCausalLM": MIXTRAL, "Qwen3MoeForCausalLM": QWEN_MOE, "OlmoeForCausalLM": OLMOE,
     "Qwen2MoeForCausalLM": QWEN2_MOE,
+    "DeepseekV2ForCausalLM": DEEPSEEK, "DeepseekV3ForCausalLM": DEEPSEEK,
     "BambaForCausalLM": BAMBA,
     "GraniteMoeHybridForCausalLM": GRANITE_HYBRID,
     "Qwen3NextForCausalLM": QWEN3_NEXT,

@@ -38,6 +38,9 @@ LAYER_SLICES = {
     "mlp.shared_expert.down_proj": ("shared_down_proj",),
     "linear_attn.in_proj_qkvz": ("dn_q", "dn_k", "dn_v", "dn_z"),
     "linear_attn.in_proj_ba": ("dn_b", "dn_a"), "linear_attn.out_proj": ("dn_out",),
+    # DeepSeek's (a model has one of the two shared MLPs)
+    "mlp.shared_experts.gate_up_proj": ("shared_gate_proj", "shared_up_proj"),
+    "mlp.shared_experts.down_proj": ("shared_down_proj",),
 }
 # Logical module name -> (our layer, slice index in it)
 TARGETS = {part: (layer, i)
@@ -126,7 +129,9 @@ class BaseShapes:
             shapes.update({"mamba_z": (hidden, inner), "mamba_x": (hidden, inner),
                            "mamba_B": (hidden, gn), "mamba_C": (hidden, gn),
                            "mamba_dt": (hidden, text.mamba_n_heads), "mamba_out": (inner, hidden)})
-        shared = getattr(text, "shared_expert_intermediate_size", 0) or 0
+        shared = (getattr(text, "shared_expert_intermediate_size", 0)  # Qwen2-MoE's, or DeepSeek's
+                  or (getattr(text, "n_shared_experts", 0) or 0) * getattr(
+                      text, "moe_intermediate_size", 0))
         shapes.update({"shared_gate_proj": (hidden, shared), "shared_up_proj": (hidden, shared),
                        "shared_down_proj": (shared, hidden)})
         if getattr(text, "linear_num_key_heads", None):  # Qwen3-Next: gated DeltaNet layers

@@ -28,6 +28,11 @@ SPECS = {
 # Qwen2-MoE: gate/up/down name the shared expert (layer 0) and the dense MLP (layer 1)
 SPECS["qwen2-moe"]["mlp8"] = (8, ["gate_proj", "up_proj", "down_proj", "v_proj"],
                               dict(lora_alpha=16, target_parameters=FUSED))
+# DeepSeek: the MLPs (dense layer 0, shared experts, routed experts); its attention takes none
+for _ds in ("deepseek-v2", "deepseek-v3"):
+    SPECS[_ds] = {"mlp8": (8, ["gate_proj", "up_proj", "down_proj"],  # strong: MLA dominates
+                           dict(lora_alpha=128, target_parameters=FUSED)),
+                  "experts4": (4, [], dict(lora_alpha=64, target_parameters=FUSED))}
 # transformers 4 naming of one expert's projections (family -> (experts path, gate, up, down))
 PER_EXPERT = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2"),
               "qwen2-moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj"),
@@ -38,6 +43,10 @@ PER_EXPERT = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2"),
 def _save(family: str, path: str) -> str:
     from tests.models.tiny_moe import save_tiny_moe
 
+    if family.startswith("deepseek"):  # MLA; layer 0 dense, 8 experts + a shared one
+        from tests.models.test_deepseek import deepseek_config, save_deepseek
+
+        return save_deepseek(deepseek_config(v3=family.endswith("v3"), q_lora_rank=24), path)
     if family == "olmoe":  # 4 experts, q/k normed over all heads
         from tests.models.test_olmoe import olmoe_config
         from tests.models.variant_parity import save_tiny
@@ -52,7 +61,7 @@ def moe_setup(tmp_path_factory):
 
     def with_per_expert(family):
         model, paths = get(family)
-        if "expert6" not in paths:
+        if "expert6" not in paths and family in PER_EXPERT:
             paths["expert6"] = write_per_expert_adapter(
                 os.path.join(os.path.dirname(model), "expert6"), model, family, rank=6, alpha=12)
         return model, paths
@@ -237,3 +246,65 @@ def test_quantized_model_refuses_expert_adapters(moe_setup):
                                          r"experts of a quantized model take no LoRA"):
         load_adapter(LoRARequest("x", 1, paths["expert6"]), base, 8)
     assert (0, "k_proj") in load_adapter(LoRARequest("a", 2, paths["attn4"]), base, 8).modules
+
+
+@pytest.mark.parametrize("family", ["deepseek-v2", "deepseek-v3"])
+def test_deepseek_mlp_and_expert_lora_matches_peft(moe_setup, family):
+    """DeepSeek's MLPs: the dense layer's, the shared experts' and the routed experts' (routed
+    by DeepSeek's own grouped top-k, ``FusedMoE.forward_routed``), two adapters and the base
+    model in one batch; an adapter on the latent attention is refused naming what is served."""
+    from transformers import AutoConfig
+
+    from tessellm import LLM, SamplingParams
+    from tessellm.lora.peft import load_adapter
+    from tests.lora.adapters import make_adapters, merged_greedy
+
+    model, paths = moe_setup(family)
+    config = AutoConfig.from_pretrained(model)
+    # peft on transformers 5 turns gate/up/down targets into the fused experts' parameters
+    # (gate_up_proj at twice the rank and alpha: rank_pattern / alpha_pattern)
+    assert_mixed_batch_matches_peft(model, {n: paths[n] for n in ("mlp8", "experts4")},
+                                    prompts(config.vocab_size), [None, "mlp8", "experts4"], 6,
+                                    family)
+    # the dense layer's MLP and the shared experts, written by hand: HF with them merged
+    shared = _write_dense_and_shared(os.path.dirname(paths["mlp8"]) + "/shared", config)
+    llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=8, max_loras=1)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts(config.vocab_size)],
+                            SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                            use_tqdm=False, lora_request=LoRARequest("s", 9, shared))
+    finally:
+        llm.shutdown()
+    want = merged_greedy(model, shared, prompts(config.vocab_size), 6, "cpu", torch.float32)
+    assert want != merged_greedy(model, None, prompts(config.vocab_size), 6, "cpu", torch.float32)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    if family.endswith("v3"):
+        return
+    mla = make_adapters(model, os.path.dirname(paths["mlp8"]) + "/mla",
+                        specs={"q": (4, ["q_a_proj", "kv_b_proj"], {})})["q"]
+    with pytest.raises(ValueError, match=r"adapts self_attn\.\w+_proj \(layer 0\), which "
+                                         r"DeepseekV2ForCausalLM has no LoRA support for; it "
+                                         r"supports .*multi-head latent attention"):
+        load_adapter(LoRARequest("m", 1, mla), base_shapes(model), 8)
+
+
+def _write_dense_and_shared(path: str, config) -> str:
+    """Layer 0's dense MLP and layer 1's shared experts, rank 8 (DeepSeek's tiny model)."""
+    from safetensors.torch import save_file
+
+    hidden, dense = config.hidden_size, config.intermediate_size
+    shared = config.n_shared_experts * config.moe_intermediate_size
+    g = torch.Generator().manual_seed(7)
+    tensors = {}
+    for layer, where, inter in ((0, "mlp", dense), (1, "mlp.shared_experts", shared)):
+        for part, (fan_in, fan_out) in {"gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+                                        "down_proj": (inter, hidden)}.items():
+            key = f"base_model.model.model.layers.{layer}.{where}.{part}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(8, fan_in, generator=g) / fan_in ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, 8, generator=g) * 0.5
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": 8, "lora_alpha": 32, "bias": "none",
+                   "target_modules": ["gate_proj", "up_proj", "down_proj"]}, f)
+    return path
