@@ -284,6 +284,31 @@ class CheckedLoRAOps(_Checked):
         super().__init__(ops, plugin, backend, "tessellm_lora_ops", always)
         self._calls = {"shrink": 0, "expand": 0}
         self._step = None  # (the plugin's meta, the reference meta of its first rows)
+        self._moe_calls = 0
+        if callable(getattr(ops, "fused_experts_lora", None)):  # optional (plugin API 14)
+            self.fused_experts_lora = self._checked_fused_experts_lora
+
+    def _checked_fused_experts_lora(self, hidden, topk_weights, topk_ids, w13, w2, token_slots,
+                                    lora, **variant):
+        """The plugin's MoE experts with LoRA: its result's shape, dtype and device, and its
+        first tokens against the reference on the same tokens (each token's output depends on
+        that token alone), for the first calls."""
+        from tessellm.backends.reference.moe_lora import fused_experts_lora_reference
+
+        probe = not _compiling() and _probing(token_slots)
+        got = self._inner.fused_experts_lora(hidden, topk_weights, topk_ids, w13, w2,
+                                             token_slots, lora, **variant)
+        self._tensor("fused_experts_lora", got, tuple(hidden.shape), hidden.dtype, hidden.device)
+        if probe:
+            n = PROBE_ROWS
+            want = fused_experts_lora_reference(hidden[:n], topk_weights[:n], topk_ids[:n], w13,
+                                                w2, token_slots[:n], lora, **variant)
+            self._close("fused_experts_lora", got[:n], want, _rel(hidden.dtype),
+                        " (each routed expert's products plus its token's adapter, ExpertLoRA)")
+        self._moe_calls += 1
+        if self._moe_calls >= CHECKED_OP_CALLS and not self._always:
+            self.fused_experts_lora = self._inner.fused_experts_lora
+        return got
 
     def prepare(self, token_slots, num_slots):
         meta = self._inner.prepare(token_slots, num_slots)

@@ -124,3 +124,50 @@ def test_lora_ops_from_a_plugin_are_checked_and_the_reference_serves_without_one
     with pytest.raises(PluginError, match=r"^Backend plugin 'unscaled' \(tessellm_lora_ops for "
                                           r"backend 'cpu'\): expand returned values off by"):
         ops.expand(buf, torch.randn(2, 8, 4), meta, torch.tensor([3.0, 0.5]), out, 0)
+
+
+def test_plugin_expert_lora_is_checked_against_the_reference(monkeypatch):
+    """A plugin's ``fused_experts_lora`` that drops the adapters is caught on its first call,
+    naming the plugin; ops without the method keep it absent (the engine runs the reference)."""
+    from backend_plugins import make_plugin
+
+    from tessellm.backends.reference.moe import route
+    from tessellm.backends.registry import BackendRegistry
+    from tessellm.backends.spec import ExpertLoRA, LoRAOpsSpec
+
+    monkeypatch.delenv("TESSELLM_VALIDATE_PLUGINS", raising=False)
+    plugin = make_plugin("nolora", """
+        TESSELLM_OVERRIDES = ("cpu",)
+        from tessellm.backends.reference.lora import ReferenceLoRAOps
+        from tessellm.backends.reference.moe import fused_experts_reference
+        class NoExpertLoRA(ReferenceLoRAOps):
+            name = "nolora"
+            def fused_experts_lora(self, hidden, w, ids, w13, w2, slots, lora, **variant):
+                return fused_experts_reference(hidden, w, ids, w13, w2, **variant)
+        class Plain:
+            name = "plain"
+            def prepare(self, token_slots, num_slots): return None
+            def shrink(self, x, lora_a, meta, out): return None
+            def expand(self, buf, lora_b, meta, scaling, out, out_offset=0): return None
+            def expand_slices(self, buf, lora_bs, meta, scaling, out, offsets): return None
+        @hookimpl(tryfirst=True)
+        def tessellm_lora_ops(backend, spec):
+            if backend.name != "cpu":
+                return None
+            return Plain() if spec.max_rank == 2 else NoExpertLoRA()
+    """)
+    registry = BackendRegistry(plugins=[("nolora", plugin)])
+    cpu = registry.select("cpu")
+    assert not hasattr(registry.lora_ops(cpu, LoRAOpsSpec(torch.float32, 2, 2)),
+                       "fused_experts_lora")
+    ops = registry.lora_ops(cpu, LoRAOpsSpec(torch.float32, max_loras=2, max_rank=4))
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    weights, ids = route(r(3, 4), 2)
+    lora = ExpertLoRA(r(2, 4, 8, 16), r(2, 4, 16, 4), r(2, 4, 4, 8), r(2, 4, 16, 4),
+                      torch.tensor([2.0, 1.0]))
+    with pytest.raises(PluginError, match=r"^Backend plugin 'nolora' \(tessellm_lora_ops for "
+                                          r"backend 'cpu'\): fused_experts_lora returned values "
+                                          r"off by"):
+        ops.fused_experts_lora(r(3, 16), weights, ids, r(4, 16, 16), r(4, 16, 8),
+                               torch.tensor([0, -1, 1], dtype=torch.int32), lora)
