@@ -39,7 +39,6 @@ from tessellm.models.bamba import bamba_names
 from tessellm.models.decoder import DecoderAttention
 from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.mamba_decoder_layer import hybrid_mamba_shape, load_mamba_tensors
-from tessellm.models.state_space import check_single_stage
 
 
 class FalconH1DecoderLayer(nn.Module):
@@ -63,7 +62,6 @@ class FalconH1DecoderLayer(nn.Module):
 
 class FalconH1ForCausalLM(LlamaForCausalLM):
     def __init__(self, config, ctx: ModelContext):
-        check_single_stage(ctx)
         super().__init__(config, ctx)
         self.embedding_multiplier = float(config.embedding_multiplier)
         self.lm_head_multiplier = float(config.lm_head_multiplier)
@@ -91,7 +89,8 @@ class FalconH1ForCausalLM(LlamaForCausalLM):
                                     None if input_summed else ctx.tp, None if summed else ctx.tp)
 
     def mamba_layers(self) -> list[MambaMixer2]:
-        return [layer.mamba for layer in self.layers]
+        """This pipeline stage's mixers."""
+        return [layer.mamba for layer in self.layers if isinstance(layer, FalconH1DecoderLayer)]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return super().compute_logits(hidden) * self.lm_head_multiplier

@@ -20,9 +20,8 @@ token before it and cannot be rebuilt from a block hash, so:
   conv, A_log, D, dt_bias and norms stay in the model dtype, as vLLM keeps them);
 - LoRA runs on Bamba's and Granite 4.0-H's attention, MLP (Bamba) and Mamba in/out
   projections, and Qwen3-Next's attention and DeltaNet projections (``lora/families.py``), is
-  refused for the others; pipeline parallelism runs
-  every hybrid but Falcon-H1 (``PIPELINE_ARCHITECTURES``: each stage holds the states of its
-  layers) (tensor
+  refused for the others; pipeline parallelism
+  splits the layers into stages, each holding the states of its own layers (tensor
   parallelism splits the Mamba heads: ``layers/mamba_mixer.py``, and the gated DeltaNet heads:
   ``layers/gated_deltanet.py``);
 - decode steps run eagerly unless ``TESSELLM_RECURRENT_STATE_GRAPHS`` says otherwise
@@ -73,9 +72,6 @@ def check_engine_args(args, config) -> None:
          "it moves KV blocks but not the recurrent-state snapshots a prefix hit of these layers "
          "starts from; drop kv_transfer_config"),
         _quantization_refused(args, config, arch),
-        (getattr(args, "pipeline_parallel_size", 1) > 1 and arch not in PIPELINE_ARCHITECTURES,
-         "pipeline parallelism", "use pipeline_parallel_size=1 (the other hybrids run in "
-         "stages)"),
     ]
     for bad, what, fix in refused:
         if bad:
@@ -83,12 +79,6 @@ def check_engine_args(args, config) -> None:
                              f"support {what} yet; {fix}.")
 
 
-# hybrids whose layers split into pipeline stages (the llama decoder's, and Mamba2's stack of
-# mixer blocks): each stage builds, loads and keeps the recurrent state of its own layers (the
-# others' are ``MissingLayer``s); Falcon-H1 not yet
-PIPELINE_ARCHITECTURES = frozenset({"GraniteMoeHybridForCausalLM", "BambaForCausalLM",
-                                    "Qwen3NextForCausalLM", "Mamba2ForCausalLM",
-                                    "NemotronHForCausalLM"})
 
 
 # speculative decoding methods served over a recurrent target (the others are refused)
@@ -156,10 +146,3 @@ def check_time_step_limit(limit) -> tuple[float, float]:
                          "[0.0, inf] is (HF transformers applies the clamp to prefill but not to "
                          "decode steps).")
     return lo, hi
-
-
-def check_single_stage(ctx) -> None:
-    """At model build (a rank that got here anyway, e.g. a test building the model directly)."""
-    if ctx.pp.num_stages > 1:
-        raise ValueError("Models with Mamba layers run on one pipeline stage for now; use "
-                         "pipeline_parallel_size=1.")

@@ -1,11 +1,10 @@
 """Pipeline parallelism for the hybrid recurrent-state models (Granite 4.0-H, Bamba, Qwen3-Next
-on the llama decoder; Mamba2 and Nemotron-H on Mamba2's block stack): two stages (gloo, 2 CPU ranks), each building, loading and
+and Falcon-H1 on the llama decoder; Mamba2 and Nemotron-H on Mamba2's block stack): two stages (gloo, 2 CPU ranks), each building, loading and
 keeping the recurrent state of its own layers only (Granite's and Qwen3-Next's second stage
 holds no attention layer: Mamba / DeltaNet layers alone). Greedy tokens and per-token
 log-probabilities equal HF transformers' in float32, as the single-stage engine's do
 (``test_granite_moe_hybrid.py``, ``test_qwen3_next.py``, ``test_bamba.py``), for concurrent
-prompts under chunked prefill (the states carry across chunks on each stage). Falcon-H1 stays
-refused."""
+prompts under chunked prefill (the states carry across chunks on each stage)."""
 
 from __future__ import annotations
 
@@ -27,6 +26,10 @@ def _config(family: str):
         from tests.models.test_nemotron_h import nemotron_config
 
         return nemotron_config()
+    if family == "falcon-h1":  # attention and Mamba in every layer, muP multipliers folded
+        from tests.models.test_falcon_h1 import falcon_h1_config
+
+        return falcon_h1_config()
     if family == "mamba2":  # tied embeddings: the last stage's LM head loads its own copy
         from tests.models.test_mamba2 import mamba2_config
 
@@ -37,21 +40,8 @@ def _config(family: str):
 
 
 @pytest.mark.parametrize("family", ["granite-4.0-h", "qwen3-next", "bamba", "nemotron-h",
-                                    "mamba2"])
+                                    "mamba2", "falcon-h1"])
 def test_hybrid_two_stages_match_hf(family, tmp_path):
     path = save_tiny(_config(family), str(tmp_path / family))
     assert_parity(path, prompts((5, 23)), max_new=8, pipeline_parallel_size=2, device="cpu",
                   max_num_batched_tokens=16)
-
-
-def test_pipeline_refused_for_falcon_h1():
-    from types import SimpleNamespace
-
-    from transformers import FalconH1Config
-
-    from tessellm.models.state_space import check_engine_args
-
-    with pytest.raises(ValueError, match=r"FalconH1ForCausalLM .* does not support pipeline "
-                                         r"parallelism yet; use pipeline_parallel_size=1"):
-        check_engine_args(SimpleNamespace(pipeline_parallel_size=2),
-                          FalconH1Config(architectures=["FalconH1ForCausalLM"]))
