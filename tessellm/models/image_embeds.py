@@ -15,6 +15,9 @@ class ImageTextModel(nn.Module):
     features as embeddings."""
 
     supports_images = True  # the runner keeps an encoder cache for it
+    # pipeline parallelism: the tower and projector are built and loaded on the first stage
+    # (which embeds the prompt) only; a model sets it False on the other stages
+    tower_here = True
     # an image's span also holds other tokens (Pixtral's [IMG_BREAK] / [IMG_END]): only the
     # rows whose token is ``image_token_id`` take its feature, the rest keep their embedding
     sparse_image_rows = False
@@ -65,6 +68,8 @@ class ImageTextModel(nn.Module):
                 part, rest = routed or (None, None)
                 if part == "language_model":
                     yield rest, tensor
+                    continue
+                if not self.tower_here:  # a later pipeline stage: the first one's
                     continue
                 if part == "vision_tower" and unused(rest):
                     continue

@@ -61,17 +61,16 @@ class Llama4ForConditionalGeneration(ImageTextModel):
         super().__init__()
         self.config = config
         vision = config.vision_config
-        if ctx.pp.num_stages > 1:
-            raise ValueError("Llama 4 with images does not run with pipeline_parallel_size > 1 "
-                             "yet; use tensor parallelism.")
         if vision.vision_output_dim != vision.projector_output_dim:
             raise ValueError(f"Llama 4 vision config vision_output_dim="
                              f"{vision.vision_output_dim} must equal projector_output_dim="
                              f"{vision.projector_output_dim} (the projector's input).")
         self.image_token_id = int(config.image_token_id)
         self.tokens_per_tile = tokens_per_tile(vision)
-        self.vision_model = Llama4VisionModel(vision)
-        self.multi_modal_projector = Llama4MultiModalProjector(config)
+        self.tower_here = ctx.pp.is_first  # pipeline: the tower on the first stage only
+        if self.tower_here:
+            self.vision_model = Llama4VisionModel(vision)
+            self.multi_modal_projector = Llama4MultiModalProjector(config)
         self.language_model = Llama4ForCausalLM(config.get_text_config(), ctx)
 
     # -- what the runner calls -------------------------------------------------------------

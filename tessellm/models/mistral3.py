@@ -101,14 +101,13 @@ class Mistral3ForConditionalGeneration(ImageTextModel):
         if lm_class is None:
             raise ValueError(f"Mistral 3 with a {text.model_type!r} language model is not "
                              f"supported; supported: {', '.join(sorted(LANGUAGE_MODELS))}.")
-        if ctx.pp.num_stages > 1:
-            raise ValueError("Mistral 3 does not run with pipeline_parallel_size > 1 yet; use "
-                             "tensor parallelism.")
         self.image_token_id = image_token_id(config)
         self.merge = merge_size(config)
-        self.vision_tower = PixtralVisionTower(vision, getattr(config, "vision_feature_layer", -1))
-        width = vision.hidden_size * len(self.vision_tower.feature_layers)
-        self.multi_modal_projector = self.make_projector(config, text, width)
+        self.tower_here = ctx.pp.is_first  # pipeline: the tower on the first stage only
+        if self.tower_here:
+            self.vision_tower = PixtralVisionTower(vision, getattr(config, "vision_feature_layer", -1))
+            width = vision.hidden_size * len(self.vision_tower.feature_layers)
+            self.multi_modal_projector = self.make_projector(config, text, width)
         self.language_model = lm_class(text, ctx)
 
     def make_projector(self, config, text, width: int) -> nn.Module:
@@ -156,7 +155,7 @@ class Mistral3ForConditionalGeneration(ImageTextModel):
         ``multi_modal_projector.*``, ``language_model.model.*``, ``language_model.lm_head.*``)
         or transformers 5's (``model.vision_tower.*``, ``model.multi_modal_projector.*``,
         ``model.language_model.*``, ``lm_head.*``)."""
-        built = len(self.vision_tower.transformer.layers)
+        built = len(self.vision_tower.transformer.layers) if self.tower_here else 0
         return self.load_routed_weights(weights, lambda rest: unused_pixtral_weight(rest, built))
 
 

@@ -93,9 +93,10 @@ def _spec_method(value) -> Optional[str]:
 
 
 # Image models whose tower runs on the first pipeline stage (the others get hidden states).
-# Gemma 3's whole-image attention, Qwen3-VL's DeepStack and the rest: not yet.
+# Gemma 3's whole-image attention and Qwen3-VL's DeepStack: not yet.
 PIPELINE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                          "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+                          "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                          "Mistral3ForConditionalGeneration", "Llama4ForConditionalGeneration")
 
 
 def _pipelines_images(hf_config) -> bool:

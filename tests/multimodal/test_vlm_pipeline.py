@@ -17,9 +17,18 @@ def _requests(prompt, images, text):
     return [{"prompt": prompt, "multi_modal_data": {"image": im}} for im in images] + [text]
 
 
-@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2_vl", "mistral3", "llama4"])
 def test_two_stages_with_images_match_hf(kind, request):
-    if kind == "llava_next":
+    if kind in ("mistral3", "llama4"):
+        import importlib
+
+        tiny = importlib.import_module(f"tests.multimodal.tiny_{kind}")
+        path = request.getfixturevalue(f"{kind}_dir")
+        text = getattr(tiny, "TEXT", "<s>[INST]Describe a cat.[/INST]")
+        images = [tiny.image(51, (12, 14) if kind == "llama4" else (40, 52)),
+                  tiny.image(52, (14, 40) if kind == "llama4" else (24, 32))]
+        want = tiny.hf_greedy(path, [tiny.PROMPT] * 2, [[im] for im in images], MAX_NEW)
+    elif kind == "llava_next":
         from tests.multimodal import tiny_llava_next as tiny
         from tests.multimodal.tiny_llava import image
 
@@ -49,6 +58,7 @@ def test_two_stages_with_images_match_hf(kind, request):
 
 
 def test_models_whose_images_do_not_pipeline_are_refused(gemma3_dir):
+    """Gemma 3 (its image rows' whole-image attention is set up on the first stage only)."""
     with pytest.raises(ValueError, match="pipeline_parallel_size > 1 does not combine with an "
                                          "image model .*--limit-mm-per-prompt"):
         LLM(gemma3_dir, dtype="float32", num_kv_blocks=16, pipeline_parallel_size=2)
