@@ -86,6 +86,7 @@ class BlockManager:
         self.host: Optional[HostKVTier] = None  # the host tier (--kv-offloading-size), or None
         # Recurrent-state snapshots at block boundaries (core/state_prefix.py), or None.
         self.states: Optional[StateSnapshots] = None
+        self.rolling: dict[str, Block] = {}  # request id -> the block of its latest decode save
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -188,7 +189,7 @@ class BlockManager:
             block.block_hash = block_hash
             self.cached[block_hash] = block
             if block.state_slot is not None:
-                self.states.publish(block)
+                self.states.publish(block, self.rolling.get(request.request_id) is block)
         request.num_published_blocks = max(request.num_published_blocks, num_full)
 
     def _hand_over_state(self, ours: Block, cached: Block) -> None:
@@ -200,16 +201,25 @@ class BlockManager:
         else:
             self.states.release(ours)
 
-    def reserve_state_save(self, request: Request, block_index: int) -> Optional[int]:
+    def reserve_state_save(self, request: Request, block_index: int,
+                           rolling: bool = False) -> Optional[int]:
         """A snapshot slot for the state after block ``block_index`` of ``request`` (the step
-        being scheduled ends there); None when the pool has none to give or the block has one."""
+        being scheduled ends there); None when the pool has none to give or the block has one.
+        ``rolling``: a decode step's save, which replaces the request's previous decode save
+        (a request keeps one: its latest boundary, for the next chat turn)."""
         blocks = self.req_blocks.get(request.request_id, [])
         if self.states is None or block_index >= len(blocks):
             return None
         block = blocks[block_index]
         if block.state_slot is not None or block.block_hash is not None:
             return None
-        block.state_slot = self.states.take()
+        if rolling:
+            previous = self.rolling.pop(request.request_id, None)
+            if previous is not None:
+                self.states.release(previous)
+        block.state_slot = self.states.take(evict=not rolling)
+        if rolling and block.state_slot is not None:
+            self.rolling[request.request_id] = block
         return block.state_slot
 
     # -- allocation ------------------------------------------------------------------------
@@ -297,6 +307,7 @@ class BlockManager:
         published stay in the prefix cache until evicted; the request publishes afresh if it
         comes back (after a preemption)."""
         request.num_published_blocks = 0
+        self.rolling.pop(request.request_id, None)  # its last decode save stays with its block
         for block in reversed(self.req_blocks.pop(request.request_id, [])):
             self._release(block)
 

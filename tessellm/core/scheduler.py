@@ -322,11 +322,21 @@ class Scheduler(SchedulerUpdate):
 
     def _save_state(self, req: Request, start: int, num_new: int, saves: dict[str, int]) -> None:
         """Reserve a snapshot of the request's state after this chunk when it ends on a
-        boundary a later hit may end at (``state_prefix.saves_at``)."""
+        boundary a later hit may end at (``state_prefix.saves_at``), or after a decode token
+        that fills a block (the request's one rolling decode snapshot: a next chat turn, its
+        prompt this request's tokens and more, hits up to there). Not under speculation (a
+        verify step's state may hold rejected drafts)."""
         if self.kv.states is None:
             return
-        index = saves_at(start, num_new, req.num_tokens, self.kv.block_size)
-        slot = None if index is None else self.kv.reserve_state_save(req, index)
+        bs = self.kv.block_size
+        index = saves_at(start, num_new, req.num_tokens, bs)
+        end = start + num_new
+        decode = (index is None and num_new == 1 and end % bs == 0
+                  and end == req.num_tokens + self.in_flight.samples_ahead(req.request_id)
+                  and not self.config.num_speculative_tokens)
+        if decode:
+            index = end // bs - 1
+        slot = None if index is None else self.kv.reserve_state_save(req, index, rolling=decode)
         if slot is not None:
             saves[req.request_id] = slot
 

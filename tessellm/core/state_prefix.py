@@ -44,7 +44,11 @@ Invariants
       B = S + b: KV hit on S's blocks, no snapshot in them -> chunk 1 ends at S's last full
           block and saves there (the snapshot goes to A's cached block)
       C = S + c: hit on S's blocks, starting from B's snapshot
-* Decode steps save nothing (a decode step never ends at or before the last hit boundary).
+* A decode step that fills a block saves the state there too, replacing the request's previous
+  decode snapshot (a request keeps one: its latest boundary), so a next chat turn (this
+  request's tokens, then more) hits through the answer. Such a save only takes a free slot,
+  and its snapshot is the first given up until a hit uses it; none under speculative decoding
+  (a verify step's state may include rejected drafts).
 """
 
 from __future__ import annotations
@@ -70,12 +74,12 @@ class StateSnapshots:
     def num_free(self) -> int:
         return len(self.free)
 
-    def take(self) -> Optional[int]:
-        """A slot for a new save: a free one, else the least recently used published snapshot's
-        (taken off its block); None when every slot is pending (the save is skipped)."""
+    def take(self, evict: bool = True) -> Optional[int]:
+        """A slot for a new save: a free one, else (``evict``) the least recently used published
+        snapshot's (taken off its block); None when there is none (the save is skipped)."""
         if self.free:
             slot = self.free.pop()
-        elif self.published:
+        elif self.published and evict:
             slot, block = self.published.popitem(last=False)
             block.state_slot = None
         else:
@@ -83,9 +87,12 @@ class StateSnapshots:
         self.num_saved += 1
         return slot
 
-    def publish(self, block) -> None:
-        """``block`` was published in the prefix cache: its pending snapshot may serve hits."""
+    def publish(self, block, first_to_go: bool = False) -> None:
+        """``block`` was published in the prefix cache: its pending snapshot may serve hits.
+        ``first_to_go``: a decode step's snapshot, given up before any other until a hit uses it."""
         self.published[block.state_slot] = block
+        if first_to_go:
+            self.published.move_to_end(block.state_slot, last=False)
 
     def touch(self, block) -> None:
         """A hit restored ``block``'s snapshot: most recently used now."""

@@ -65,14 +65,15 @@ def test_prompt_saves_at_its_last_boundary_and_a_longer_prompt_starts_there():
     assert out.num_scheduled_tokens == {"a": 3} and not out.state_saves
     finish(s, "a")
     check_pool(s.kv)
-    assert list(s.kv.states.published) == [0]
+    # and its decode step that filled block 2 (tokens 8 .. 11) saved there: the first to go
+    assert list(s.kv.states.published) == [1, 0]
 
     s.add_request(req("b", 15))  # a's 11 prompt tokens, then more: hit up to a's snapshot
     out, _ = run_step(s)
     assert out.state_restores == {"b": 0}
     assert out.new_requests[0].num_computed_tokens == 8
     assert out.num_scheduled_tokens == {"b": 4}  # 8 .. 12, the last boundary of 15 tokens
-    assert out.state_saves == {"b": 1}
+    assert out.state_saves == {"b": 2}
     assert s.kv.stats.hits == 8 and s.kv.states.num_restored == 1
     check_pool(s.kv)
 
@@ -107,7 +108,8 @@ def test_a_full_pool_gives_the_least_recently_used_snapshot_and_never_a_pending_
     for i, rid in enumerate("abc"):
         s.add_request(req(rid, 9, start=100 * (i + 1)))
         finish(s, rid)
-    # a's snapshot (slot 0) went to c; b's stays
+    # a's decode snapshot (after 12) went first, to b's prompt; b's decode found no free slot
+    # (a decode save takes none from others); then a's prompt snapshot went to c; b's stays
     assert s.kv.find_cached_prefix(req("x", 9, start=100), count=False) == []
     assert len(s.kv.find_cached_prefix(req("y", 9, start=200), count=False)) == 2
     check_pool(s.kv)
@@ -124,7 +126,7 @@ def test_a_snapshot_leaves_with_its_evicted_block_and_with_a_preempted_request()
     s = make(num_blocks=4, snapshots=4)
     s.add_request(req("a", 9))
     finish(s, "a")
-    assert len(s.kv.states.published) == 1
+    assert len(s.kv.states.published) == 2  # after its prompt's 8 tokens and its decode's 12
     s.add_request(req("b", 13, start=100))  # needs every block: a's cached ones are evicted
     run_step(s)
     assert s.kv.find_cached_prefix(req("x", 9), count=False) == []
@@ -173,10 +175,10 @@ def test_a_shared_prefix_gains_a_snapshot_where_a_second_prompt_leaves_it():
     s.add_request(prompt("b", [60, 61, 62, 63, 64]))
     out, _ = run_step(s)
     assert out.new_requests[0].num_computed_tokens == 0 and not out.state_restores
-    assert out.num_scheduled_tokens == {"b": 8} and out.state_saves == {"b": 1}
+    assert out.num_scheduled_tokens == {"b": 8} and out.state_saves == {"b": 2}  # 1: a's decode
     finish(s, "b")
     check_pool(s.kv)
     s.add_request(prompt("c", [70, 71, 72, 73, 74]))
     out, _ = run_step(s)
-    assert out.new_requests[0].num_computed_tokens == 8 and out.state_restores == {"c": 1}
+    assert out.new_requests[0].num_computed_tokens == 8 and out.state_restores == {"c": 2}
     check_pool(s.kv)

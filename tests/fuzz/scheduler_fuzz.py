@@ -201,21 +201,23 @@ class RunnerTables:
 
     def __init__(self):
         self.tables: dict[str, list[int]] = {}
-        # Recurrent-state snapshots: slot -> the tokens whose state it holds, written in device
-        # order (a step's restores read before its saves write).
+        # Recurrent-state snapshots: slot -> (the request, how many of its tokens) whose state
+        # it holds, written in device order (a step's restores read before its saves write).
         self.pool: dict[int, tuple] = {}
 
     def apply(self, s: Scheduler, out) -> None:
         for new in out.new_requests:
             slot = out.state_restores.get(new.request_id)
             if slot is not None:  # the snapshot holds the state of exactly the hit's tokens
-                assert self.pool.get(slot) == tuple(new.all_token_ids[:new.num_computed_tokens])
+                saver, end = self.pool[slot]
+                assert end == new.num_computed_tokens
+                assert saver.all_token_ids[:end] == new.all_token_ids[:end]
             elif s.kv.states is not None:
                 assert new.num_computed_tokens == 0, "a hit without a state to start from"
         for rid, slot in out.state_saves.items():
             req = s.requests[rid]
             end = req.num_computed_tokens + s.in_flight.tokens_ahead(rid)
-            self.pool[slot] = tuple(req.all_token_ids[:end])
+            self.pool[slot] = (req, end)  # a decode step ahead: its last token known later
         for rid in out.dropped_request_ids:
             self.tables.pop(rid, None)
         for rid, num_blocks in out.kept_blocks.items():

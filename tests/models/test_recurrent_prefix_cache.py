@@ -139,6 +139,20 @@ def test_a_shared_prefix_gains_a_snapshot_where_a_second_prompt_leaves_it(model)
     assert tokens == [want[n] for n in names]
 
 
+def test_a_next_chat_turn_hits_through_the_answer(model):
+    """A request keeps its state after the last block its decode steps fill (48 of a's 45 + 6
+    tokens); the next turn (a, its answer, then more) hits 48: the prompt and the answer."""
+    path = model
+    first = hf(path, "a")["a"]
+    turn = A + first + prompts((5,), seed=16)[0]
+    want = hf_reference(path, [turn], MAX_NEW)[0][0]
+    with LLM(path, dtype="float32", block_size=4) as llm:
+        outs = [llm.generate([{"prompt_token_ids": p}], GREEDY, use_tqdm=False)[0] for p in (A, turn)]
+        check_pool(llm.engine.core.kv)
+    assert [o.num_cached_tokens for o in outs] == [0, 48]
+    assert [list(o.outputs[0].token_ids) for o in outs] == [first, want]
+
+
 @pytest.mark.slow
 def test_tensor_parallel_hit(mamba2):
     """tensor_parallel_size=2 (gloo, worker processes): each rank keeps its heads' snapshots in
