@@ -19,7 +19,7 @@ class EngineArgs:
 
     model: Optional[str] = None  # directory, .gguf file, HF cache repo id; None: bundled SmolLM2
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "auto"  # also a torch.dtype (torch.bfloat16), kept as its name (__post_init__)
     max_model_len: Optional[int] = None
     block_size: int = 16
     num_kv_blocks: Optional[int] = None  # overrides sizing from free memory
@@ -118,9 +118,14 @@ class EngineArgs:
     # API's base64 torch.save bytes), vLLM's flag (tessellm/core/prompt_embeds.py).
     enable_prompt_embeds: bool = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, torch.dtype):  # vLLM's LLM(dtype=torch.bfloat16)
+            self.dtype = str(self.dtype).removeprefix("torch.")
+
     def validate(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
-            raise ValueError(f"dtype {self.dtype!r} is not supported; use auto, float32, bfloat16 or float16.")
+            raise ValueError(f"dtype {self.dtype!r} is not supported; use auto, float32, bfloat16 or "
+                             "float16 (or torch.float32, torch.bfloat16, torch.float16).")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ValueError(f"load_format {self.load_format!r} is not supported; "
                              "use auto, safetensors, gguf or dummy.")

@@ -131,3 +131,15 @@ def test_invalid_engine_args(tiny_model_dir):
         LLM(tiny_model_dir("llama"), dtype="int3")
     with pytest.raises(ValueError, match="max_model_len 4096 exceeds"):
         LLM(tiny_model_dir("llama"), max_model_len=4096)
+
+
+def test_dtype_given_as_torch_dtype():
+    """vLLM's LLM(dtype=torch.bfloat16): a torch.dtype is accepted as its name; others refused."""
+    import torch
+    from tessellm.config import EngineArgs
+    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        args = EngineArgs(dtype=dtype)
+        args.validate()
+        assert args.dtype == name
+    with pytest.raises(ValueError, match="dtype 'float64' is not supported.*torch.bfloat16"):
+        EngineArgs(dtype=torch.float64).validate()
