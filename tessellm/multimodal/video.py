@@ -136,9 +136,8 @@ def decode_video(data: bytes, what: str) -> Video:
         raise no_decoder_error()
     try:
         frames, fps = _decode_av(data) if name == "av" else _decode_cv2(data)
-    except ValueError:
-        raise
-    except Exception:  # noqa: BLE001 - whatever the decoder says, the bytes are not a video
+    except Exception:  # noqa: BLE001 - whatever the decoder says (PyAV's are ValueErrors too),
+        # the bytes are not a video it can read
         raise ValueError(f"{what} is not a video the decoder ({name}) can read (mp4, webm, "
                          "...).") from None
     if not frames:

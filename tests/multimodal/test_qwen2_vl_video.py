@@ -302,3 +302,18 @@ def _hf_qwen3_video(path: str, ids: list[int], features) -> list[int]:
         out = model.generate(**inputs, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
                              do_sample=False, pad_token_id=0)
     return out[0, t.shape[1]:].tolist()
+
+
+def test_decoding_keeps_at_most_32_evenly_spread_frames_and_their_rate():
+    """(PyAV only.) 40 frames at 8 fps decode to 32 frames at 6.4 fps (40/32 apart); bytes
+    that are no video are refused by name."""
+    pytest.importorskip("av")
+    from tessellm.multimodal.media import data_url_bytes
+    from tessellm.multimodal.video import decode_video
+
+    video = decode_video(data_url_bytes(_mp4_data_url(frames(11, 40, (32, 32)), fps=8), "video"),
+                         "clip")
+    assert video.frames.shape == (32, 32, 32, 3) and video.frames.dtype == np.uint8
+    assert video.fps == pytest.approx(6.4)
+    with pytest.raises(ValueError, match="clip is not a video the decoder"):
+        decode_video(b"not a video", "clip")
