@@ -31,7 +31,7 @@ def ttft(path: str, input_len: int, suffix: int, cache: bool, dtype: str, device
 
     def sync():
         if device == "cuda":
-            sync()
+            torch.cuda.synchronize()
 
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     a = [(7 * j) % 1000 + 10 for j in range(input_len)]
@@ -50,6 +50,18 @@ def ttft(path: str, input_len: int, suffix: int, cache: bool, dtype: str, device
                 "snapshots": states.num_slots if states is not None else 0}
 
 
+def check_length(path: str, need: int) -> None:
+    """The prompts (and 64 spare positions) fit the written model's length, or a clear exit."""
+    from transformers import AutoConfig
+
+    from tessellm.config import resolve_max_model_len
+
+    limit = resolve_max_model_len(None, AutoConfig.from_pretrained(path))
+    if need > limit:
+        raise SystemExit(f"{os.path.basename(path)}: --input-len + --suffix + 64 = {need} exceeds its "
+                         f"{limit} positions; use a shorter --input-len.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["granite4h"])
@@ -64,6 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for name in args.models:
             path = write_config(name, args.layers, root)
+            check_length(path, args.input_len + args.suffix + 64)
             where = torch.cuda.get_device_name() if args.device == "cuda" else args.device
             row = {"model": name, "device": where, "layers": args.layers, "input_len": args.input_len,
                    "suffix": args.suffix}

@@ -38,6 +38,9 @@ def write_config(name: str, layers: int, root: str) -> str:
                               num_heads=24, head_dim=64, expand=2, n_groups=1, state_size=128,
                               conv_kernel=4, chunk_size=256, tie_word_embeddings=True,
                               architectures=["Mamba2ForCausalLM"])
+        # Mamba2 has no position limit; without this the engine's limit is 2048, short of the
+        # 3000-token prompts of mprefix_ttft.py.
+        config.max_position_embeddings = 4096
     elif name == "granite4h":
         n = layers or 40
         config = GraniteMoeHybridConfig(
