@@ -19,7 +19,8 @@ so a rank's segments are exactly the matching rows or columns of the one-device 
          qzeros, scales                  as AWQ                        as AWQ
          g_idx            [K]            whole                         k0.., minus k0/group
     GGUF blocks           [N, K/B words] rows n0..                     whole blocks k0/B..
-    fp8_block weight_scale_inv [N/bn, K/bk] block rows n0/bn.. (bn | n0)  block columns k0/bk..
+    fp8_block weight_scale_inv [N/bn, K/bk] block rows n0/bn.. (bn | n0,  block columns k0/bk..
+                                         or the rows in one block)
 
 A row-parallel split must fall on group (int4) or block (GGUF: 32 weights, 256 for the K-quants)
 boundaries: otherwise one group's scale would straddle two ranks. Such a split, an int4 split
@@ -81,15 +82,19 @@ def fp8(layer, name: str, tensor, split: TPSplit):
 def fp8_block(layer, name: str, tensor, split: TPSplit, block: tuple[int, int]):
     """Block-wise fp8: the weight as dense, its ``weight_scale_inv`` by whole blocks. The rank's
     rows (column-parallel) or inputs (row-parallel) must start on a block boundary and end on
-    one, or at the weight's end: a block's scale cannot be shared by two ranks' parts."""
+    one, or at the weight's end: a block's scale cannot be shared by two ranks' parts. Except
+    rows that all lie inside one row block (a Mamba mixer's dt part: H / T rows of an H-row
+    block): the rank keeps that block's scale row, which serves each of its rows as it did."""
     unit = block[split.dim]
     end = split.start + split.size
-    if name == "weight":
+    inside = split.dim == 0 and split.start // unit == (end - 1) // unit
+    if name == "weight" and not inside:
         _check_blocks(layer, split, block, end == tensor.shape[split.dim])
     if name != "weight_scale_inv":
         return dense(layer, name, tensor, split)
     covered = tensor.shape[split.dim] * unit  # rows or inputs the scales cover (>= the weight's)
-    _check_blocks(layer, split, block, end > covered - unit)  # the end lies in the last block
+    if not inside:
+        _check_blocks(layer, split, block, end > covered - unit)  # the end in the last block
     first = split.start // unit
     return narrow(tensor, split.dim, first, -(-min(end, covered) // unit) - first)
 

@@ -24,7 +24,7 @@ import torch
 from tessellm import LLM, SamplingParams
 from tessellm.quantization.packed import quantize_fp8
 from tests.quantization.block_fp8_checkpoint import (assert_serves_dequantized, build,
-                                                     checkpoint_maker)
+                                                     checkpoint_maker, generate)
 
 PROMPTS = [[5, 17, 42, 99, 3, 120], [7, 7, 7], list(range(40, 80)), [100, 12]]
 MAX_NEW = 10
@@ -61,6 +61,20 @@ def _configs():
                                                 mamba_d_conv=4, mamba_expand=1,
                                                 mamba_chunk_size=8,
                                                 position_embedding_type="rope"),
+        # for tensor parallelism: 128 rows a rank of every part (two 128-dim heads, q, k and v;
+        # z, x, B and C of the in_proj: two Mamba groups of 128; the MLP) and 128 inputs a rank
+        # of each row-parallel layer
+        "granite-4.0-h-tp": GraniteMoeHybridConfig(**dict(common, hidden_size=256,
+                                                          num_attention_heads=2),
+                                                   num_hidden_layers=3, intermediate_size=256,
+                                                   shared_intermediate_size=256,
+                                                   num_local_experts=0,
+                                                   layer_types=["mamba", "attention", "mamba"],
+                                                   mamba_n_heads=8, mamba_d_head=32,
+                                                   mamba_n_groups=2, mamba_d_state=128,
+                                                   mamba_d_conv=4, mamba_expand=1,
+                                                   mamba_chunk_size=8,
+                                                   position_embedding_type="rope"),
         "nemotron-h": NemotronHConfig(**common, head_dim=32, intermediate_size=192,
                                       layers_block_type=["linear_attention", "full_attention",
                                                          "mlp", "linear_attention"],
@@ -77,6 +91,16 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("arch", ["qwen3-next", "granite-4.0-h", "nemotron-h"])
 def test_block_fp8_hybrid_serves_the_dequantized_model(checkpoints, arch):
     assert_serves_dequantized(*checkpoints(arch), PROMPTS, MAX_NEW)
+
+
+def test_block_fp8_hybrid_tensor_parallel(checkpoints):
+    """tensor_parallel_size=2 (gloo): each rank cuts its rows of each stored in_proj part, with
+    their block scales, after the mixer cut the parts (and its columns of out_proj): the tokens
+    are the one-device model's, which are the dequantized checkpoint's."""
+    fp8_dir, deq_dir = checkpoints("granite-4.0-h-tp")
+    want = generate(deq_dir, PROMPTS, MAX_NEW)
+    assert generate(fp8_dir, PROMPTS, MAX_NEW) == want
+    assert generate(fp8_dir, PROMPTS, MAX_NEW, tensor_parallel_size=2, device="cpu") == want
 
 
 def test_block_fp8_hybrid_keeps_the_recurrent_parameters_dense(checkpoints):
