@@ -22,7 +22,8 @@ path under a layer -> its logical parts (B's rows, in that order)::
     gpt_bigcode attn.c_attn (MQA [q|k|v], else per head)   q_proj k_proj v_proj
                 attn.c_proj, mlp.c_fc, mlp.c_proj          o_proj, fc_in, fc_out
     MoE         llama's attention only (experts: no LoRA)
-    DeepSeek    the MLPs: mlp.{gate,up,down}_proj (dense layers), mlp.shared_experts.*, experts
+    DeepSeek    self_attn.{q,q_a,q_b,kv_a_proj_with_mqa,o}_proj (not kv_b_proj); the MLPs:
+                mlp.{gate,up,down}_proj (dense layers), mlp.shared_experts.*, experts
     Qwen2-MoE   as Qwen3-MoE, plus mlp.shared_expert.{gate,up,down}_proj and the dense layers'
                 mlp.{gate,up,down}_proj (each where the layer has it)
     Mixtral, Qwen3-MoE, OLMoE   llama's attention and every expert's gate/up/down (``experts.py``:
@@ -105,7 +106,8 @@ class Family:
     experts: Optional[ExpertNames] = None
     num_experts: Callable = lambda c: c.num_experts
     expert_size: Callable = lambda c: c.moe_intermediate_size
-    # the MLP's linears are absent from some layers (MoE and dense layers mixed): skipped there
+    # some of its linears are absent from some layers (MoE and dense layers mixed, DeepSeek's
+    # q_proj or q_a/q_b): each is wrapped where a layer has it
     optional: bool = False
 
     def split(self, config, path: str, b, sizes: list[int]) -> tuple:
@@ -164,15 +166,18 @@ _SHARED = {"mlp.shared_expert.gate_proj": ("shared_gate_proj",),
 QWEN2_MOE = replace(QWEN_MOE, modules={**_LLAMA_ATTN, **_SHARED, **_LLAMA_MLP},
                     note=" (gate/up/down: the shared expert's and the dense layers'; and "
                          "the experts' gate/up/down projections)", optional=True)
-# DeepSeek V2/V3: the MLPs only (the dense layers', the shared experts', the routed experts');
-# the multi-head latent attention's projections take no LoRA
+# DeepSeek V2/V3: the latent attention's projections but kv_b_proj (absorbed into the query and
+# output products), the MLPs (the dense layers', the shared experts', the routed experts')
 DEEPSEEK = replace(QWEN_MOE, modules={
+    "self_attn.q_proj": ("mla_q",), "self_attn.q_a_proj": ("mla_q_a",),
+    "self_attn.q_b_proj": ("mla_q_b",), "self_attn.kv_a_proj_with_mqa": ("mla_kv_a",),
+    "self_attn.o_proj": O,
     "mlp.shared_experts.gate_proj": ("shared_gate_proj",),
     "mlp.shared_experts.up_proj": ("shared_up_proj",),
     "mlp.shared_experts.down_proj": ("shared_down_proj",), **_LLAMA_MLP},
     num_experts=lambda c: c.n_routed_experts, optional=True,
-    note=" (the dense layers' and the shared experts' MLPs, and the experts' gate/up/down "
-         "projections; LoRA on the multi-head latent attention is not supported)")
+    note=" (and the experts' gate/up/down projections; not kv_b_proj, which the latent "
+         "attention folds into its query and output products)")
 
 # Mamba2 mixers' projections (``layers/mamba_mixer.py``): in_proj's five parts in the checkpoint's
 # row order, out_proj whole; a hybrid's attention layers take the attention modules, its Mamba

@@ -27,7 +27,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from tessellm.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
+
+# our layers that are replicated ``Linear``s (not split over tensor-parallel ranks)
+REPLICATED = ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")
 
 
 class LoRABatch:
@@ -125,7 +128,8 @@ class LoRALinear(nn.Module):
             if self.row_parallel:
                 a = a.narrow(1, self.base.input_start, self.base.input_size)
             else:
-                start, rows = self.base.shard_ranges[i]
+                ranges = getattr(self.base, "shard_ranges", None)  # a replicated Linear: whole
+                start, rows = ranges[i] if ranges is not None else (0, b.shape[0])
                 b = b.narrow(0, start, rows)
             self.lora_a[slot, i * r:i * r + k].copy_(a)
             self.lora_b[i][slot, :, :k].copy_(b)
@@ -153,10 +157,11 @@ def wrap_model(model: nn.Module, batch: LoRABatch, num_slots: int, rank: int, na
                 continue  # a Mamba layer's attention, an attention layer's mamba: none to adapt
             parent = _submodule(layers[index], parent_name)
             base = getattr(parent, attr, None) if parent is not None else None
-            if name in optional and not isinstance(base, (ColumnParallelLinear,
-                                                          RowParallelLinear)):
+            if name in optional and not isinstance(base, Linear):
                 continue  # this layer has no such MLP (a MoE layer's dense one, or the reverse)
-            if not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
+            if name in REPLICATED and type(base) is Linear:
+                pass  # a replicated projection (MLA's q_a / kv_a): every rank holds it whole
+            elif not isinstance(base, (ColumnParallelLinear, RowParallelLinear)):
                 raise ValueError(_no_linear(arch, index, name, parent))
             layer = LoRALinear(base, batch, num_slots, rank)
             setattr(parent, attr, layer)

@@ -38,6 +38,9 @@ LAYER_SLICES = {
     "mlp.shared_expert.down_proj": ("shared_down_proj",),
     "linear_attn.in_proj_qkvz": ("dn_q", "dn_k", "dn_v", "dn_z"),
     "linear_attn.in_proj_ba": ("dn_b", "dn_a"), "linear_attn.out_proj": ("dn_out",),
+    # DeepSeek's multi-head latent attention (q_proj without q_lora, else q_a + q_b)
+    "self_attn.q_proj": ("mla_q",), "self_attn.q_a_proj": ("mla_q_a",),
+    "self_attn.q_b_proj": ("mla_q_b",), "self_attn.kv_a_proj_with_mqa": ("mla_kv_a",),
     # DeepSeek's (a model has one of the two shared MLPs)
     "mlp.shared_experts.gate_up_proj": ("shared_gate_proj", "shared_up_proj"),
     "mlp.shared_experts.down_proj": ("shared_down_proj",),
@@ -142,6 +145,13 @@ class BaseShapes:
                            "dn_q": (hidden, keys), "dn_k": (hidden, keys),
                            "dn_v": (hidden, values), "dn_z": (hidden, values),
                            "dn_b": (hidden, vh), "dn_a": (hidden, vh), "dn_out": (values, hidden)})
+        if getattr(text, "kv_lora_rank", None):  # DeepSeek's MLA
+            qk = text.qk_nope_head_dim + text.qk_rope_head_dim
+            q_rank = getattr(text, "q_lora_rank", None) or 0
+            shapes.update({"mla_q": (hidden, heads * qk), "mla_q_a": (hidden, q_rank),
+                           "mla_q_b": (q_rank, heads * qk),
+                           "mla_kv_a": (hidden, text.kv_lora_rank + text.qk_rope_head_dim),
+                           "o_proj": (heads * text.v_head_dim, hidden)})
         experts, expert_shapes = 0, {}
         quantized = quantization or getattr(config, "quantization_config", None) or getattr(
             text, "quantization_config", None)

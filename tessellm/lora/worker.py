@@ -29,8 +29,7 @@ class LoRAWorkerState:
         self.device = device
         self.batch = LoRABatch(ops, config.max_loras)
         shapes = BaseShapes.from_config(hf_config)
-        optional = tuple(n for n in shapes.layers if n.startswith("mlp.")) if (
-            shapes.family.optional) else ()
+        optional = shapes.layers if shapes.family.optional else ()  # where the layer has it
         self.layers = wrap_model(model, self.batch, config.max_loras, config.max_lora_rank,
                                  shapes.layers, shapes.arch, optional)
         self.arch = shapes.arch

@@ -28,11 +28,13 @@ SPECS = {
 # Qwen2-MoE: gate/up/down name the shared expert (layer 0) and the dense MLP (layer 1)
 SPECS["qwen2-moe"]["mlp8"] = (8, ["gate_proj", "up_proj", "down_proj", "v_proj"],
                               dict(lora_alpha=16, target_parameters=FUSED))
-# DeepSeek: the MLPs (dense layer 0, shared experts, routed experts); its attention takes none
+# DeepSeek: the MLPs (dense layer 0, shared experts, routed experts) and MLA but kv_b_proj
 for _ds in ("deepseek-v2", "deepseek-v3"):
     SPECS[_ds] = {"mlp8": (8, ["gate_proj", "up_proj", "down_proj"],  # strong: MLA dominates
                            dict(lora_alpha=128, target_parameters=FUSED)),
-                  "experts4": (4, [], dict(lora_alpha=64, target_parameters=FUSED))}
+                  "experts4": (4, [], dict(lora_alpha=64, target_parameters=FUSED)),
+                  "mla8": (8, ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"],
+                           dict(lora_alpha=64))}
 # transformers 4 naming of one expert's projections (family -> (experts path, gate, up, down))
 PER_EXPERT = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2"),
               "qwen2-moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj"),
@@ -215,18 +217,21 @@ def test_triton_expert_lora_mixed_batch(moe_setup):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2),
-                                      dict(tensor_parallel_size=2, enable_expert_parallel=True)])
-def test_parallel_expert_lora_matches_peft(moe_setup, parallel):
+@pytest.mark.parametrize("family,parallel", [
+    ("mixtral", dict(tensor_parallel_size=2)),
+    ("mixtral", dict(tensor_parallel_size=2, enable_expert_parallel=True)),
+    ("deepseek-v2", dict(tensor_parallel_size=2))])
+def test_parallel_expert_lora_matches_peft(moe_setup, family, parallel):
     """TP=2 (each rank's slice of every expert: gate/up B rows and down A columns cut like the
-    weights) and expert parallelism (each rank's experts' slots): HF + peft's tokens."""
+    weights; DeepSeek's replicated q_a / kv_a whole, q_b per head) and expert parallelism
+    (each rank's experts' slots): HF + peft's tokens."""
     from tests.lora.adapters import mixed_batch, peft_greedy
 
-    model, paths = moe_setup("mixtral")
-    names = ["fused8", "expert6", None]
-    jobs, got = mixed_batch(model, paths, prompts()[:2], names, 4, device="cpu",
+    model, paths = moe_setup(family)
+    names = ["fused8", "expert6", None] if family == "mixtral" else ["mla8", "mlp8", None]
+    jobs, got = mixed_batch(model, paths, prompts(128)[:2], names, 4, device="cpu",
                             num_kv_blocks=64, **parallel)
-    want = {n: peft_greedy(model, paths[n] if n else None, prompts()[:2], 4) for n in names}
+    want = {n: peft_greedy(model, paths[n] if n else None, prompts(128)[:2], 4) for n in names}
     for (p, name), tokens in zip(jobs, got):
         assert tokens == want[name][p], (name, p)
 
@@ -250,9 +255,10 @@ def test_quantized_model_refuses_expert_adapters(moe_setup):
 
 @pytest.mark.parametrize("family", ["deepseek-v2", "deepseek-v3"])
 def test_deepseek_mlp_and_expert_lora_matches_peft(moe_setup, family):
-    """DeepSeek's MLPs: the dense layer's, the shared experts' and the routed experts' (routed
-    by DeepSeek's own grouped top-k, ``FusedMoE.forward_routed``), two adapters and the base
-    model in one batch; an adapter on the latent attention is refused naming what is served."""
+    """DeepSeek: the latent attention's q_a / q_b / kv_a / o projections, the dense layer's MLP,
+    the shared experts and the routed experts (routed by DeepSeek's own grouped top-k,
+    ``FusedMoE.forward_routed``), adapters and the base model in one batch; an adapter on
+    kv_b_proj is refused naming what is served."""
     from transformers import AutoConfig
 
     from tessellm import LLM, SamplingParams
@@ -263,9 +269,9 @@ def test_deepseek_mlp_and_expert_lora_matches_peft(moe_setup, family):
     config = AutoConfig.from_pretrained(model)
     # peft on transformers 5 turns gate/up/down targets into the fused experts' parameters
     # (gate_up_proj at twice the rank and alpha: rank_pattern / alpha_pattern)
-    assert_mixed_batch_matches_peft(model, {n: paths[n] for n in ("mlp8", "experts4")},
-                                    prompts(config.vocab_size), [None, "mlp8", "experts4"], 6,
-                                    family)
+    assert_mixed_batch_matches_peft(model, {n: paths[n] for n in ("mlp8", "experts4", "mla8")},
+                                    prompts(config.vocab_size), [None, "mlp8", "experts4",
+                                                                 "mla8"], 6, family)
     # the dense layer's MLP and the shared experts, written by hand: HF with them merged
     shared = _write_dense_and_shared(os.path.dirname(paths["mlp8"]) + "/shared", config)
     llm = LLM(model, dtype="float32", enable_lora=True, max_lora_rank=8, max_loras=1)
@@ -282,9 +288,9 @@ def test_deepseek_mlp_and_expert_lora_matches_peft(moe_setup, family):
         return
     mla = make_adapters(model, os.path.dirname(paths["mlp8"]) + "/mla",
                         specs={"q": (4, ["q_a_proj", "kv_b_proj"], {})})["q"]
-    with pytest.raises(ValueError, match=r"adapts self_attn\.\w+_proj \(layer 0\), which "
+    with pytest.raises(ValueError, match=r"adapts self_attn\.kv_b_proj \(layer 0\), which "
                                          r"DeepseekV2ForCausalLM has no LoRA support for; it "
-                                         r"supports .*multi-head latent attention"):
+                                         r"supports q_proj, q_a_proj, .*not kv_b_proj"):
         load_adapter(LoRARequest("m", 1, mla), base_shapes(model), 8)
 
 
