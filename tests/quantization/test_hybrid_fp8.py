@@ -93,6 +93,23 @@ def test_block_fp8_hybrid_serves_the_dequantized_model(checkpoints, arch):
     assert_serves_dequantized(*checkpoints(arch), PROMPTS, MAX_NEW)
 
 
+def test_rows_inside_one_block_keep_its_scale():
+    """A rank's rows inside one 128-row block (a Mamba dt part: H / T rows) keep that block's
+    scale row; rows crossing a block boundary off it are still refused."""
+    from types import SimpleNamespace
+
+    from tessellm.quantization.sharding import TPSplit, fp8_block
+
+    layer = SimpleNamespace(quant_name="layers.0.mamba.in_proj", quant_method=None)
+    w, s = torch.randn(8, 256), torch.tensor([[1.0, 2.0], [3.0, 4.0]])[:1]
+    split = TPSplit(0, 4, 4, 2)
+    assert torch.equal(fp8_block(layer, "weight", w, split, (128, 128)), w[4:8])
+    assert torch.equal(fp8_block(layer, "weight_scale_inv", s, split, (128, 128)), s)
+    with pytest.raises(ValueError, match="does not fall on the fp8 blocks"):
+        fp8_block(layer, "weight", torch.randn(256, 256), TPSplit(0, 64, 128, 2), (128, 128))
+
+
+@pytest.mark.slow
 def test_block_fp8_hybrid_tensor_parallel(checkpoints):
     """tensor_parallel_size=2 (gloo): each rank cuts its rows of each stored in_proj part, with
     their block scales, after the mixer cut the parts (and its columns of out_proj): the tokens
