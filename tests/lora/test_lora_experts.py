@@ -35,6 +35,9 @@ for _ds in ("deepseek-v2", "deepseek-v3"):
                   "experts4": (4, [], dict(lora_alpha=64, target_parameters=FUSED)),
                   "mla8": (8, ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"],
                            dict(lora_alpha=64))}
+# V2-Lite: no q_lora, MLA's q_proj
+SPECS["deepseek-v2-lite"] = {"mla8": (8, ["q_proj", "kv_a_proj_with_mqa", "o_proj"],
+                                      dict(lora_alpha=64))}
 # transformers 4 naming of one expert's projections (family -> (experts path, gate, up, down))
 PER_EXPERT = {"mixtral": ("block_sparse_moe.experts", "w1", "w3", "w2"),
               "qwen2-moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj"),
@@ -48,7 +51,8 @@ def _save(family: str, path: str) -> str:
     if family.startswith("deepseek"):  # MLA; layer 0 dense, 8 experts + a shared one
         from tests.models.test_deepseek import deepseek_config, save_deepseek
 
-        return save_deepseek(deepseek_config(v3=family.endswith("v3"), q_lora_rank=24), path)
+        q_lora = None if family.endswith("lite") else 24
+        return save_deepseek(deepseek_config(v3=family.endswith("v3"), q_lora_rank=q_lora), path)
     if family == "olmoe":  # 4 experts, q/k normed over all heads
         from tests.models.test_olmoe import olmoe_config
         from tests.models.variant_parity import save_tiny
@@ -251,6 +255,12 @@ def test_quantized_model_refuses_expert_adapters(moe_setup):
                                          r"experts of a quantized model take no LoRA"):
         load_adapter(LoRARequest("x", 1, paths["expert6"]), base, 8)
     assert (0, "k_proj") in load_adapter(LoRARequest("a", 2, paths["attn4"]), base, 8).modules
+
+
+def test_deepseek_v2_lite_q_proj_lora_matches_peft(moe_setup):
+    """V2-Lite's MLA has q_proj (no q_lora): an adapter on it, kv_a and o."""
+    model, paths = moe_setup("deepseek-v2-lite")
+    assert_mixed_batch_matches_peft(model, paths, prompts(128), [None, "mla8"], 6, "v2-lite")
 
 
 @pytest.mark.parametrize("family", ["deepseek-v2", "deepseek-v3"])
