@@ -109,7 +109,8 @@ def write_per_expert_adapter(path: str, model_dir: str, family: str, rank: int, 
     return path
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2-moe", "qwen3-moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2-moe", "qwen3-moe",
+                                    pytest.param("olmoe", marks=pytest.mark.slow)])  # Qwen's names
 def test_expert_lora_mixed_batch_matches_peft(moe_setup, family):
     """Fused-parameter and per-expert adapters, an attention-only one and the base model, in
     one batch of two slots (three adapters: they take turns); Qwen2-MoE adds one on the shared
@@ -263,7 +264,8 @@ def test_deepseek_v2_lite_q_proj_lora_matches_peft(moe_setup):
     assert_mixed_batch_matches_peft(model, paths, prompts(128), [None, "mla8"], 6, "v2-lite")
 
 
-@pytest.mark.parametrize("family", ["deepseek-v2", "deepseek-v3"])
+@pytest.mark.parametrize("family", ["deepseek-v2",
+                                    pytest.param("deepseek-v3", marks=pytest.mark.slow)])
 def test_deepseek_mlp_and_expert_lora_matches_peft(moe_setup, family):
     """DeepSeek: the latent attention's q_a / q_b / kv_a / o projections, the dense layer's MLP,
     the shared experts and the routed experts (routed by DeepSeek's own grouped top-k,
