@@ -54,3 +54,16 @@ def test_tutorial_plugin_passes_conformance_in_a_fresh_venv(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
     assert sys.prefix not in python  # it ran in the venv, not in this interpreter
+
+
+def test_versioning_section_names_the_current_api():
+    """docs/plugins.md section 2.1 states the contract's version and what each one added, up
+    to the one spec.py declares (it said "now 6" at API 14)."""
+    from tessellm.backends import spec
+
+    text = open(DOC).read()
+    n = spec.TESSELLM_PLUGIN_API
+    assert f"`TESSELLM_PLUGIN_API` (now {n})" in text
+    for version in range(2, n + 1):
+        assert f"API {version} added" in text, version
+    assert f"\n{n} = " in spec.__doc__ or f" {n} = " in spec.__doc__
