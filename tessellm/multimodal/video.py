@@ -14,7 +14,8 @@ given frames are (default 2.0, Qwen's); Qwen2.5-VL's temporal positions depend o
 A ``video_url`` (data:video/...;base64, file:// under ``--allowed-local-media-path``, http(s))
 needs a decoder: PyAV (``pip install av``) or OpenCV (``pip install opencv-python-headless``);
 without one it is refused with one sentence naming them. Every frame of the file is decoded
-(at most ``MAX_DECODED_FRAMES``, evenly spread over the clip beyond that).
+and at most ``MAX_DECODED_FRAMES`` kept, evenly spread over the clip beyond that; decoding holds
+at most twice that many (``keep_spread``), however long the clip (a 20 MiB file may hold hours).
 """
 
 from __future__ import annotations
@@ -102,9 +103,10 @@ def _frame(frame, name: str) -> np.ndarray:
 def _uint8(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
-    if not np.issubdtype(arr.dtype, np.number) or arr.min() < 0 or arr.max() > 255:
+    if (not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all() or arr.min() < 0
+            or arr.max() > 255):
         raise ValueError(f"{name} must hold RGB values in 0..255 (uint8), got {arr.dtype} "
-                         "values outside that range.")
+                         "values outside that range (or not finite).")
     return np.round(arr).astype(np.uint8)
 
 
@@ -135,7 +137,9 @@ def decode_video(data: bytes, what: str) -> Video:
     if name is None:
         raise no_decoder_error()
     try:
-        frames, fps = _decode_av(data) if name == "av" else _decode_cv2(data)
+        decoded = _decode_av(data) if name == "av" else _decode_cv2(data)
+        frames, stride = keep_spread(decoded, MAX_DECODED_FRAMES)
+        fps = decoded.fps
     except Exception:  # noqa: BLE001 - whatever the decoder says (PyAV's are ValueErrors too),
         # the bytes are not a video it can read
         raise ValueError(f"{what} is not a video the decoder ({name}) can read (mp4, webm, "
@@ -143,7 +147,7 @@ def decode_video(data: bytes, what: str) -> Video:
     if not frames:
         raise ValueError(f"{what} has no frames.")
     keep = _spread(len(frames), MAX_DECODED_FRAMES)
-    step = len(frames) / len(keep)
+    step = stride * len(frames) / len(keep)  # decoded frames between two kept ones
     return Video(np.stack([frames[i] for i in keep]), float(fps) / step if fps else DEFAULT_FPS)
 
 
@@ -153,34 +157,72 @@ def _spread(n: int, most: int) -> list[int]:
     return [int(i * n / most) for i in range(most)]
 
 
-def _decode_av(data: bytes):
+def keep_spread(frames, most: int) -> tuple[list, int]:
+    """Frames of a stream of unknown length, evenly spaced, holding at most ``2 * most`` at a
+    time: every ``stride``-th frame is kept; when ``2 * most`` are held, every other one is
+    dropped and the stride doubles. Returns the kept frames (``most`` to ``2 * most - 1`` of
+    them once the stream is longer than that; all of a shorter one) and their stride::
+
+        most 2, 9 frames:  f0 f1 f2 f3 -> f0 f2 (stride 2) -> f0 f2 f4 f6 -> f0 f4 (stride 4) -> f0 f4 f8
+    """
+    kept, stride = [], 1
+    for i, frame in enumerate(frames):
+        if i % stride:
+            continue
+        kept.append(frame)
+        if len(kept) == 2 * most:
+            kept, stride = kept[::2], stride * 2
+    return kept, stride
+
+
+class _Frames:
+    """A decoder's frames, one at a time, with the stream's frame rate (``fps``, None unknown)."""
+
+    def __init__(self, fps: Optional[float], frames):
+        self.fps, self._frames = fps, frames
+
+    def __iter__(self):
+        return self._frames
+
+
+def _decode_av(data: bytes) -> _Frames:
     import av
 
-    with av.open(io.BytesIO(data)) as container:
+    def frames():
+        with container:
+            for f in container.decode(stream):
+                yield f.to_ndarray(format="rgb24")
+
+    container = av.open(io.BytesIO(data))
+    try:
         stream = container.streams.video[0]
         fps = float(stream.average_rate) if stream.average_rate else None
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    return frames, fps
+    except Exception:
+        container.close()
+        raise
+    return _Frames(fps, frames())
 
 
-def _decode_cv2(data: bytes):
+def _decode_cv2(data: bytes) -> _Frames:
     import cv2
 
-    with tempfile.NamedTemporaryFile(suffix=".video") as f:  # OpenCV reads files, not bytes
-        f.write(data)
-        f.flush()
-        cap = cv2.VideoCapture(f.name)
-        try:
-            fps = cap.get(cv2.CAP_PROP_FPS) or None
-            frames = []
-            while True:
-                ok, frame = cap.read()
-                if not ok:
-                    break
-                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-        finally:
-            cap.release()
-    return frames, fps
+    f = tempfile.NamedTemporaryFile(suffix=".video")  # OpenCV reads files, not bytes
+    f.write(data)
+    f.flush()
+    cap = cv2.VideoCapture(f.name)
+
+    def frames():
+        with f:
+            try:
+                while True:
+                    ok, frame = cap.read()
+                    if not ok:
+                        break
+                    yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            finally:
+                cap.release()
+
+    return _Frames(cap.get(cv2.CAP_PROP_FPS) or None, frames())
 
 
 def load_video_url(url: str, allowed_local_media_path: Optional[str] = None,

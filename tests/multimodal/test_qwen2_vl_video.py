@@ -317,3 +317,38 @@ def test_decoding_keeps_at_most_32_evenly_spread_frames_and_their_rate():
     assert video.fps == pytest.approx(6.4)
     with pytest.raises(ValueError, match="clip is not a video the decoder"):
         decode_video(b"not a video", "clip")
+
+
+def test_decoding_holds_a_bounded_number_of_frames_of_a_long_clip():
+    """A video_url's frames are thinned while decoding (``keep_spread``): of 5000 decoded
+    frames at most 2 x 32 are alive at once, and those kept are evenly spaced from the first."""
+    import weakref
+
+    from tessellm.multimodal.video import MAX_DECODED_FRAMES, keep_spread
+
+    alive, peak = weakref.WeakSet(), [0]
+
+    class Frame:  # a decoded frame, as far as keep_spread sees one
+        def __init__(self, index):
+            self.index = index
+
+    def tracked(n):
+        for i in range(n):
+            frame = Frame(i)
+            alive.add(frame)
+            peak[0] = max(peak[0], len(alive))
+            yield frame
+
+    kept, stride = keep_spread(tracked(5000), MAX_DECODED_FRAMES)
+    assert peak[0] <= 2 * MAX_DECODED_FRAMES + 1, peak[0]
+    indices = [f.index for f in kept]
+    assert indices == list(range(0, 5000, stride)) and MAX_DECODED_FRAMES <= len(kept) < 2 * MAX_DECODED_FRAMES
+    short, one = keep_spread(iter(range(40)), MAX_DECODED_FRAMES)
+    assert short == list(range(40)) and one == 1
+
+
+def test_frames_that_are_not_finite_are_refused():
+    from tessellm.multimodal.video import as_video_list
+
+    with pytest.raises(ValueError, match="values in 0..255.*not finite"):
+        as_video_list(np.full((2, 8, 8, 3), np.nan))
