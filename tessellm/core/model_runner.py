@@ -365,8 +365,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
     def _key_limits(self, host: HostInputs, states, counts, mm) -> Optional[np.ndarray]:
         """The step's ``AttentionBatch.key_limits`` (a model whose image tokens see the whole
         image, in a step that computes image tokens), else None."""
-        if not self.image_key_limits or mm is None:
-            return None
+        if not self.image_key_limits or (mm is None and self.encoder_cache is not None):
+            return None  # (a later pipeline stage has no encoder cache: limits from the spans)
         from tessellm.multimodal.image_spans import image_key_limits
 
         return image_key_limits(states, counts, host.positions, host.query_start_loc)

@@ -80,13 +80,15 @@ class Gemma3ForConditionalGeneration(ImageTextModel):
         if getattr(vision, "model_type", "siglip_vision_model") != "siglip_vision_model":
             raise ValueError(f"Gemma 3 with a {vision.model_type!r} vision tower is not "
                              "supported; tessellm runs its SigLIP tower.")
-        if ctx.pp.num_stages > 1:
-            raise ValueError("Gemma 3 with images does not run with pipeline_parallel_size > 1 "
-                             "yet; use tensor parallelism.")
         self.image_token_id = int(config.image_token_id)
         self.feature_size = image_feature_size(config)
-        self.vision_tower = SiglipVisionTower(vision)
-        self.multi_modal_projector = Gemma3MultiModalProjector(config)
+        # pipeline parallelism: the tower on the first stage only; every stage's kernels let
+        # image rows see their whole image (the runner's key limits come from the requests'
+        # image spans on each stage)
+        self.tower_here = ctx.pp.is_first
+        if self.tower_here:
+            self.vision_tower = SiglipVisionTower(vision)
+            self.multi_modal_projector = Gemma3MultiModalProjector(config)
         # Every attention kernel of the language model lets image rows see their whole image.
         lm_ctx = dataclasses.replace(ctx, make_attention_kernel=functools.partial(
             ctx.make_attention_kernel, prefill_key_limits=True))
@@ -99,6 +101,8 @@ class Gemma3ForConditionalGeneration(ImageTextModel):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata,
                 intermediate=None, mm_embeds=None):
         """``mm_embeds``: (token rows, their image features ``[rows, hidden]``) or None."""
+        if not self.tower_here:  # a later pipeline stage: the previous one's hidden states
+            return self.language_model(input_ids, positions, metadata, intermediate)
         embeds = self.language_model.embed_tokens(input_ids) * self.embed_scale
         if mm_embeds is not None:
             rows, feats = mm_embeds

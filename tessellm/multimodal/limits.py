@@ -93,10 +93,11 @@ def _spec_method(value) -> Optional[str]:
 
 
 # Image models whose tower runs on the first pipeline stage (the others get hidden states).
-# Gemma 3's whole-image attention and Qwen3-VL's DeepStack: not yet.
+# Qwen3-VL's DeepStack (features added after the first decoder layers): not yet.
 PIPELINE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                           "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                          "Mistral3ForConditionalGeneration", "Llama4ForConditionalGeneration")
+                          "Mistral3ForConditionalGeneration", "Llama4ForConditionalGeneration",
+                          "Gemma3ForConditionalGeneration")
 
 
 def _pipelines_images(hf_config) -> bool:

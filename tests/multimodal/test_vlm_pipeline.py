@@ -17,17 +17,29 @@ def _requests(prompt, images, text):
     return [{"prompt": prompt, "multi_modal_data": {"image": im}} for im in images] + [text]
 
 
-@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2_vl", "mistral3", "llama4"])
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2_vl", "mistral3", "llama4",
+                                  "gemma3"])
 def test_two_stages_with_images_match_hf(kind, request):
-    if kind in ("mistral3", "llama4"):
+    """Gemma 3 (four layers: the second stage's first layer feeds image rows to its second):
+    the second stage's image rows see their whole image too (key limits from the requests'
+    image spans, without an encoder cache there)."""
+    if kind in ("mistral3", "llama4", "gemma3"):
         import importlib
 
         tiny = importlib.import_module(f"tests.multimodal.tiny_{kind}")
-        path = request.getfixturevalue(f"{kind}_dir")
+        path = request.getfixturevalue(f"{kind}_dir") if kind != "gemma3" else \
+            tiny.make_tiny_gemma3(str(request.getfixturevalue("tmp_path") / "g4"), num_layers=4)
         text = getattr(tiny, "TEXT", "<s>[INST]Describe a cat.[/INST]")
         images = [tiny.image(51, (12, 14) if kind == "llama4" else (40, 52)),
                   tiny.image(52, (14, 40) if kind == "llama4" else (24, 32))]
-        want = tiny.hf_greedy(path, [tiny.PROMPT] * 2, [[im] for im in images], MAX_NEW)
+        if kind == "gemma3":
+            from tests.multimodal.tiny_llava import hf_greedy
+
+            text = "<start_of_turn>user\nDescribe a cat.<end_of_turn>\n<start_of_turn>model\n"
+            want = hf_greedy(path, [tiny.PROMPT] * 2, [[im] for im in images], MAX_NEW,
+                             architecture="Gemma3ForConditionalGeneration")
+        else:
+            want = tiny.hf_greedy(path, [tiny.PROMPT] * 2, [[im] for im in images], MAX_NEW)
     elif kind == "llava_next":
         from tests.multimodal import tiny_llava_next as tiny
         from tests.multimodal.tiny_llava import image
@@ -57,8 +69,8 @@ def test_two_stages_with_images_match_hf(kind, request):
     assert len(got[2]) == MAX_NEW
 
 
-def test_models_whose_images_do_not_pipeline_are_refused(gemma3_dir):
-    """Gemma 3 (its image rows' whole-image attention is set up on the first stage only)."""
+def test_models_whose_images_do_not_pipeline_are_refused(qwen3_vl_dir):
+    """Qwen3-VL (its DeepStack features go into the first decoder layers)."""
     with pytest.raises(ValueError, match="pipeline_parallel_size > 1 does not combine with an "
                                          "image model .*--limit-mm-per-prompt"):
-        LLM(gemma3_dir, dtype="float32", num_kv_blocks=16, pipeline_parallel_size=2)
+        LLM(qwen3_vl_dir, dtype="float32", num_kv_blocks=16, pipeline_parallel_size=2)

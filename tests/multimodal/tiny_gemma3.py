@@ -29,12 +29,14 @@ def _tokenizer():
                               "eoi_token": "<end_of_image>"})
 
 
-def config(sliding_window: int = 24):
+def config(sliding_window: int = 24, num_layers: int = 2):
+    """``num_layers`` text layers, sliding and full alternating."""
     from transformers import Gemma3Config
 
     text = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                num_hidden_layers=2, intermediate_size=128, vocab_size=320,
-                max_position_embeddings=512, layer_types=["sliding_attention", "full_attention"],
+                num_hidden_layers=num_layers, intermediate_size=128, vocab_size=320,
+                max_position_embeddings=512,
+                layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
                 sliding_window=sliding_window, query_pre_attn_scalar=16, initializer_range=0.2,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
     vision = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
@@ -47,13 +49,13 @@ def config(sliding_window: int = 24):
                         pad_token_id=0, bos_token_id=1, tie_word_embeddings=False)
 
 
-def make_tiny_gemma3(path: str, seed: int = 0, sliding_window: int = 24) -> str:
+def make_tiny_gemma3(path: str, seed: int = 0, sliding_window: int = 24, num_layers: int = 2) -> str:
     """Saves config, float32 safetensors, tokenizer (with the chat template) and processor."""
     import torch
     from transformers import Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
     torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config(sliding_window)).to(torch.float32)
+    model = Gemma3ForConditionalGeneration(config(sliding_window, num_layers)).to(torch.float32)
     with torch.no_grad():  # random projector weights (HF zero-initializes them)
         proj = model.model.multi_modal_projector
         proj.mm_input_projection_weight.normal_(0.0, 1.0)
