@@ -14,36 +14,52 @@ Layout::
                across processes: key_i = sha256(key_{i-1}, tokens_i, extra_i), where extra is
                the prefix cache's extra key: cache salt, LoRA adapter, images)
 
-    file:  b"TSLKV\\x00\\x01\\n" | u32 header length (little-endian) | header (JSON) | payload
-    header: {"key", "rank", "tensors": [[dtype, block shape], ...], "nbytes", "crc32"}
-    payload: the block of every cache tensor of the rank, in order, raw bytes
+    file:  a 128-byte header | payload (the block of every cache tensor of the rank, in order)
+    header: b"TSLKV\x00\x02\n", the key (64 bytes), rank (u32), checksum kind (u32: 0 none,
+            1 sum64, 2 crc32), payload bytes (u64), checksum (u64), a digest of the rank's
+            cache layout (16 bytes); little-endian, zero padded
 
-Files are written to a temporary name and renamed: a reader sees a whole file or none. A file
-that is missing, truncated, of another layout or whose checksum fails is a miss: the scheduler
-checks each rank's header and size before it counts a block as loadable; the worker checks the
-rest when it loads, and a failure there makes the request recompute (``base.py``) and removes
-the file (a producer's next save of that block writes it afresh). Nothing else is ever
-deleted: the directory grows until someone clears it.
+A file is exactly header + payload bytes long, so the scheduler checks a block with one
+``stat``. The default checksum, ``sum64``, is the sum of the payload's 64-bit words modulo 2**64
+(numpy, at memory speed, over all the step's blocks at once: it catches any changed word, not
+swapped ones); ``"checksum": "crc32"`` (zlib, ~1 GB/s a core) or ``"none"`` in
+``kv_connector_extra_config``. Files are written to a temporary name and renamed: a reader sees
+a whole file or none. A file that is missing, of another length, layout or key, or whose
+checksum fails is a miss: the scheduler checks each rank's size before it counts a block as
+loadable; the worker checks the rest when it loads, and a failure there makes the request
+recompute (``base.py``) and removes the file (a producer's next save of that block writes it
+afresh). Nothing else is ever deleted: the directory grows until someone clears it.
+
+The worker half moves a step's blocks through one host buffer (pinned where the device pins),
+tensor-major so each cache tensor's part is one ``swap_blocks``; a pool of threads reads the
+files straight into it (``preadv``, one call per file) and writes them from it (``writev``):
+no intermediate copies, the file I/O outside the GIL. Saves are written behind the step: the
+step's outputs wait for them only where the role needs it (``wait_for_save``, default on for
+``kv_producer``: a client that got the producer's response finds the files) and only in a
+step that samples a token for a request with saves in flight.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
+import struct
 import threading
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Optional
 
 from tessellm.kv_transfer.base import KVConnectorBase, KVConnectorRole
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"TSLKV\x00\x01\n"
-_PREFIX = len(MAGIC) + 4
-_EXTRA_KEYS = {"shared_storage_path"}
+MAGIC = b"TSLKV\x00\x02\n"
+_HEADER = struct.Struct("<8s64sIIQQ16s")
+HEADER_BYTES = 128  # the header, zero padded: the payload starts here
+CHECKSUMS = ("none", "sum64", "crc32")
+_EXTRA_KEYS = {"shared_storage_path", "checksum", "wait_for_save", "io_threads"}
+_MAX_PENDING = 4 << 30  # host bytes of saves not yet written before a save waits for the oldest
 _MAX_CHECKED = 1 << 17  # keys remembered as present (~20 MB of strings)
 
 
@@ -64,12 +80,22 @@ class SharedStorageConnector(KVConnectorBase):
         unknown = sorted(set(extra) - _EXTRA_KEYS)
         if unknown:
             raise ValueError(f"SharedStorageConnector's kv_connector_extra_config has unknown "
-                             f"key(s) {unknown}; it reads only 'shared_storage_path'.")
+                             f"key(s) {unknown}; it reads {', '.join(sorted(_EXTRA_KEYS))}.")
         path = extra.get("shared_storage_path")
         if not isinstance(path, str) or not path:
             raise ValueError("SharedStorageConnector needs kv_connector_extra_config."
                              "shared_storage_path, the directory its KV files go in, e.g. "
                              "'{\"shared_storage_path\": \"/tmp/kv\"}'.")
+        self.checksum = extra.get("checksum", "sum64")
+        if self.checksum not in CHECKSUMS:
+            raise ValueError(f"SharedStorageConnector's checksum must be one of {', '.join(CHECKSUMS)}, "
+                             f"got {self.checksum!r}.")
+        wait = extra.get("wait_for_save", config.kv_role == "kv_producer")
+        threads = extra.get("io_threads", min(8, os.cpu_count() or 1))
+        if not isinstance(wait, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError("SharedStorageConnector's wait_for_save is true or false and its "
+                             f"io_threads a positive integer, got {wait!r} and {threads!r}.")
+        self.wait_for_saves, self.io_threads = wait, threads
         self.root = os.path.join(path, context.namespace)
         try:
             os.makedirs(self.root, exist_ok=True)
@@ -80,6 +106,7 @@ class SharedStorageConnector(KVConnectorBase):
         self._keys: dict[str, list[str]] = {}
         self._saved: dict[str, int] = {}  # leading blocks already saved or offered to the workers
         self._loads: list = []  # [request id, [[key, block], ...]] for the next step
+        self._unsynced: set = set()  # requests with saves that no output of theirs waited for
         # Keys whose files every rank has, checked (LRU): a request retried while the cache is
         # full, or a hot prefix, is not checked file by file again. A file that goes away
         # after the check fails its load on the worker: a recompute, never a wrong token.
@@ -120,19 +147,21 @@ class SharedStorageConnector(KVConnectorBase):
         return n * bs
 
     def _loadable(self, key: str, rank: int) -> bool:
-        """The rank's file is there, of this key and rank, and exactly as long as its header
-        and this engine's block say (the checksum is the worker's to check)."""
+        """The rank's file is there and exactly as long as a header and this engine's block
+        (one ``stat``; the header and checksum are the worker's to check)."""
         path = self.path(key, rank)
         try:
+            size = os.stat(path).st_size
+        except OSError:
+            return False
+        if self.context.rank_block_bytes:
+            return size == HEADER_BYTES + self.context.rank_block_bytes[rank]
+        try:
             with open(path, "rb") as f:
-                header = _read_header(f)
-                size = os.fstat(f.fileno()).st_size
+                header = _parse_header(f.read(HEADER_BYTES))
         except (OSError, ValueError):
             return False
-        want = self.context.rank_block_bytes[rank] if self.context.rank_block_bytes else None
-        return (header.get("key") == key and header.get("rank") == rank
-                and (want is None or header.get("nbytes") == want)
-                and size == _PREFIX + header["_len"] + header.get("nbytes", -1))
+        return size == HEADER_BYTES + header[3]
 
     def update_state_after_alloc(self, request, block_ids, first_block, num_blocks):
         rid = request.request_id
@@ -164,10 +193,21 @@ class SharedStorageConnector(KVConnectorBase):
                 keys, ids = self.block_keys(req), block_ids(rid)
                 saves += [[keys[i], int(ids[i])] for i in range(done, min(full, len(keys), len(ids)))]
                 self._saved[rid] = full
+                self._unsynced.add(rid)
             self.stats.blocks_saved += len(saves)
-        if not loads and not saves:
+        # The step's outputs wait for the saves in flight when it samples a token for a request
+        # that has any (its prompt's last chunk, or a decode): its response means its files.
+        wait = False
+        if self.wait_for_saves and self._unsynced:
+            num = scheduler_output.num_scheduled_tokens
+            for rid in [r for r in self._unsynced if r in num]:
+                req = requests.get(rid)
+                if req is None or starts.get(rid, 0) + num[rid] >= req.num_tokens:
+                    self._unsynced.discard(rid)
+                    wait = True
+        if not loads and not saves and not wait:
             return None
-        return {"loads": loads, "saves": saves}
+        return {"loads": loads, "saves": saves, "wait": wait}
 
     def request_failed_load(self, request) -> None:
         # The worker removed the bad file: later lookups miss it. The request itself is
@@ -175,10 +215,12 @@ class SharedStorageConnector(KVConnectorBase):
         for key in self._keys.get(request.request_id, ()):
             self._checked.pop(key, None)
         self._saved.pop(request.request_id, None)
+        self._unsynced.discard(request.request_id)
 
     def request_finished(self, request) -> None:
         self._keys.pop(request.request_id, None)
         self._saved.pop(request.request_id, None)
+        self._unsynced.discard(request.request_id)
 
     # -- worker half -----------------------------------------------------------------------
 
@@ -186,145 +228,212 @@ class SharedStorageConnector(KVConnectorBase):
         self.caches = caches
         self.swap_blocks = swap_blocks
         self.synchronize = synchronize
-        self.tensors = [[str(t.dtype).replace("torch.", ""), list(t.shape[1:])] for t in caches]
         self.nbytes = [t[0].numel() * t.element_size() for t in caches]
+        self.block_bytes = sum(self.nbytes)
+        self.offsets = [sum(self.nbytes[:i]) for i in range(len(caches))]
+        layout = repr([[str(t.dtype), list(t.shape[1:])] for t in caches]).encode()
+        self.layout = hashlib.blake2b(layout, digest_size=16).digest()
         self.device = device
-        self._writer = None  # the thread that writes saved blocks' files, made on the first save
-        self._last_save = None
-        self._loading: list = []  # (event, pinned buffers) of loads the device may still read
+        self.pin = device.type not in ("cpu", "xla")
+        self._readers = None  # thread pools for the files, made on first use
+        self._writers = None
+        self._writer = None  # runs each step's saves in order (its writes fan out to _writers)
+        self._pending: deque = deque()  # (future, host bytes) of saves not known written yet
+        self._loading: list = []  # (event, pinned buffer) of loads the device may still read
+        self._spares: deque = deque(maxlen=2)  # pageable buffers done with, reused (no page faults)
+
+    def _buffer(self, n: int):
+        """A host buffer of ``n`` blocks, tensor-major (pinned where the device pins; else a
+        spare when one is big enough): the flat uint8 tensor and each cache tensor's contiguous
+        ``[n, block bytes]`` part."""
+        need = n * self.block_bytes
+        flat = None
+        if not self.pin:
+            for spare in list(self._spares):
+                if spare.numel() >= need:
+                    self._spares.remove(spare)
+                    flat = spare
+                    break
+        if flat is None:
+            flat = _host_empty((need,), _torch().uint8, self.pin)
+        view = flat[:need]
+        return flat, [view[n * o:n * (o + nb)].view(n, nb) for o, nb in zip(self.offsets, self.nbytes)]
+
+    def _release(self, flat) -> None:
+        """A pageable buffer whose copies are done: kept for the next step (pinned ones go back
+        to torch's caching host allocator)."""
+        if not flat.is_pinned():
+            self._spares.append(flat)
+
+    def _views(self, mv, n: int, i: int) -> list:
+        """Block ``i``'s part of every cache tensor in a buffer of ``n`` blocks: the payload of
+        its file, in order."""
+        return [mv[n * o + i * nb:n * o + (i + 1) * nb] for o, nb in zip(self.offsets, self.nbytes)]
+
+    def _map(self, which: str, fn, n: int) -> list:
+        """``[fn(i) for i in range(n)]``, split into contiguous runs over a pool of threads."""
+        if n < 4 or self.io_threads == 1:
+            return [fn(i) for i in range(n)]
+        pool = getattr(self, which)
+        if pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix=f"tessellm-kv{which}")
+            setattr(self, which, pool)
+        k = min(self.io_threads, n)
+        runs = [range(n * j // k, n * (j + 1) // k) for j in range(k)]
+        return [x for part in pool.map(lambda r: [fn(i) for i in r], runs) for x in part]
 
     def start_load_kv(self, meta: dict) -> list:
-        import numpy as np
-
         loads = meta.get("loads") or []
         if not loads:
             return []
-        total = sum(self.nbytes)
-        rows = np.empty((sum(len(b) for _, b in loads), total), dtype=np.uint8)
-        blocks, failed, n = [], [], 0
+        items = [(key, block) for _, pairs in loads for key, block in pairs]
+        n = len(items)
+        flat, parts = self._buffer(n)
+        mv = memoryview(flat.numpy())
+        got = self._map("_readers", lambda i: self._read(items[i][0], self._views(mv, n, i)), n)
+        sums = _sum_parts(parts) if any(g is not None and g[0] == 1 for g in got) else None
+        bad = set()
+        for i, g in enumerate(got):
+            if g is not None and g[0] == 1 and int(sums[i]) != g[1]:
+                self._drop(self.path(items[i][0], self.context.rank), "checksum mismatch")
+                g = None
+            if g is None:
+                bad.add(i)
+        failed, mapping, start = [], [], 0
         for rid, pairs in loads:
-            ok = all(self._read(key, rows[n + i]) for i, (key, _) in enumerate(pairs))
-            if not ok:
+            idx = range(start, start + len(pairs))
+            start += len(pairs)
+            if bad.intersection(idx):
                 failed.append(rid)
-                continue
-            blocks += [block for _, block in pairs]
-            n += len(pairs)
-        if n:
-            self._copy_in(rows[:n], blocks)
+            else:
+                mapping += [(i, items[i][1]) for i in idx]
+        if mapping:
+            self._copy_in(flat, parts, mapping)
         return failed
 
-    def _read(self, key: str, row) -> bool:
-        """The rank's file of ``key`` into ``row`` (uint8, this rank's block bytes); False for
-        anything but a whole, matching, intact file."""
+    def _read(self, key: str, views: list) -> Optional[tuple]:
+        """The rank's file of ``key`` into ``views``: (checksum kind, checksum) for a whole file
+        of this key, rank and layout (a crc32 checked here; a sum64 by the caller, over all
+        blocks at once), else None (the file removed unless it was missing)."""
         path = self.path(key, self.context.rank)
         try:
-            with open(path, "rb") as f:
-                header = _read_header(f)
-                if (header.get("key") != key or header.get("rank") != self.context.rank
-                        or header.get("tensors") != self.tensors or header.get("nbytes") != row.size):
-                    raise ValueError("another layout")
-                if f.readinto(memoryview(row)) != row.size or f.read(1):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                key_raw, rank, kind, nbytes, checksum, layout = _parse_header(os.pread(fd, HEADER_BYTES, 0))
+                if (key_raw.rstrip(b"\0") != _key_bytes(key) or rank != self.context.rank
+                        or layout != self.layout or nbytes != self.block_bytes or kind >= len(CHECKSUMS)):
+                    raise ValueError("another key or layout")
+                if os.fstat(fd).st_size != HEADER_BYTES + nbytes or _preadv(fd, views, HEADER_BYTES) != nbytes:
                     raise ValueError("wrong length")
-            if zlib.crc32(row) != header.get("crc32"):
+            finally:
+                os.close(fd)
+            if kind == 2 and _crc32(views) != checksum:
                 raise ValueError("checksum mismatch")
-            return True
+            return kind, checksum
         except FileNotFoundError:
             logger.warning("KV file %s is gone: the request is recomputed.", path)
-            return False
         except (OSError, ValueError) as exc:
-            logger.warning("KV file %s not loaded (%s): removed; the request is recomputed.", path, exc)
-            try:
-                os.unlink(path)  # nobody loads it again; a producer's next save writes it afresh
-            except OSError:
-                pass
-            return False
+            self._drop(path, exc)
+        return None
 
-    def _copy_in(self, rows, blocks: list[int]) -> None:
-        """Each cache tensor's part of ``rows`` into the device blocks. Where the device pins,
-        through pinned buffers kept until an event behind the copies completes (no host
-        sync: the step in flight keeps running); else a sync before the rows go away."""
-        import torch
+    @staticmethod
+    def _drop(path: str, why) -> None:
+        logger.warning("KV file %s not loaded (%s): removed; the request is recomputed.", path, why)
+        try:
+            os.unlink(path)  # nobody loads it again; a producer's next save writes it afresh
+        except OSError:
+            pass
 
-        mapping, n = list(enumerate(blocks)), len(blocks)
-        pin = self.device.type not in ("cpu", "xla")
-        src, off, hosts = torch.from_numpy(rows), 0, []
-        for cache, nb in zip(self.caches, self.nbytes):
-            host = _host_empty((n, nb), torch.uint8, pin)
-            host.copy_(src[:, off:off + nb])
-            self.swap_blocks(host.view(cache.dtype).view(n, *cache.shape[1:]), cache, mapping)
-            hosts.append(host)
-            off += nb
-        if pin and all(h.is_pinned() for h in hosts):
+    def _copy_in(self, flat, parts, mapping) -> None:
+        """Each cache tensor's part of the buffer into the device blocks. Where the device pins,
+        the buffer is kept until an event behind the copies completes (no host sync: the step
+        in flight keeps running); else a sync before it goes away."""
+        torch = _torch()
+        for cache, part in zip(self.caches, parts):
+            src = part.view(cache.dtype).view(part.shape[0], *cache.shape[1:])
+            self.swap_blocks(src, cache, mapping)
+        if self.pin and flat.is_pinned():
             event = torch.Event(device=self.device)
             event.record()
-            self._loading = [(e, h) for e, h in self._loading if not e.query()] + [(event, hosts)]
+            self._loading = [(e, h) for e, h in self._loading if not e.query()] + [(event, flat)]
         else:
             self.synchronize()  # pageable buffers (or the cpu backend): done before they go
+            self._release(flat)
 
     def save_kv(self, meta: dict):
-        """Queue the copies of the blocks to save behind the step's forward (into pinned host
-        memory where the device pins), then hand the rest to a writer thread: it waits for the
-        copies (an event, not a stream sync: the host goes on launching the next step) and
-        writes the files. Returns the thread's future (the worker waits for it before the
-        step's outputs leave it), or None when there is nothing to save."""
-        import torch
-
+        """Queue the copies of the blocks to save behind the step's forward (into one host
+        buffer, pinned where the device pins) and hand the files to the writer thread: it waits
+        for the copies (an event, not a stream sync: the host goes on launching the next step)
+        and writes them over its pool. Returns a future of every save so far when the metadata
+        says the step's outputs wait (``wait``: it samples for a request with saves in flight),
+        else None (the writes go on behind later steps)."""
+        torch = _torch()
         rank = self.context.rank
         saves = [(k, b) for k, b in (meta.get("saves") or ())
                  if not os.path.exists(self.path(k, rank))]
-        if not saves:
-            return None
-        n, mapping = len(saves), [(b, i) for i, (_, b) in enumerate(saves)]
-        pin = self.device.type not in ("cpu", "xla")
-        hosts = []
-        for cache in self.caches:
-            host = _host_empty((n, *cache.shape[1:]), cache.dtype, pin)
-            pin = pin and host.is_pinned()
-            self.swap_blocks(cache, host, mapping)
-            hosts.append(host)
-        if pin and all(h.is_pinned() for h in hosts):
-            event = torch.Event(device=self.device)
-            event.record()
-            ready = event.synchronize
-        else:
-            self.synchronize()  # pageable copies (or the cpu backend): done when this returns
-            ready = None
-        if self._writer is None:
-            from concurrent.futures import ThreadPoolExecutor
+        if saves:
+            n, mapping = len(saves), [(b, i) for i, (_, b) in enumerate(saves)]
+            flat, parts = self._buffer(n)
+            for cache, part in zip(self.caches, parts):
+                self.swap_blocks(cache, part.view(cache.dtype).view(n, *cache.shape[1:]), mapping)
+            if self.pin and flat.is_pinned():
+                event = torch.Event(device=self.device)
+                event.record()
+                ready = event.synchronize
+            else:
+                self.synchronize()  # pageable copies (or the cpu backend): done when this returns
+                ready = None
+            while self._pending and sum(b for _, b in self._pending) + flat.numel() > _MAX_PENDING:
+                self._pending.popleft()[0].result()  # the disk is behind: hold the host memory
+            if self._writer is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="tessellm-kv-save")
-        self._last_save = self._writer.submit(self._write_all, saves, hosts, ready)
-        return self._last_save
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="tessellm-kv-save")
+            self._pending.append((self._writer.submit(self._write_step, saves, flat, parts, ready),
+                                  flat.numel()))
+        while self._pending and self._pending[0][0].done():
+            self._pending.popleft()
+        if meta.get("wait") and self._pending:
+            return self._pending[-1][0]  # one writer thread, in order: the last is the latest
+        return None
 
-    def _write_all(self, saves, hosts, ready) -> None:
-        import numpy as np
-        import torch
-
+    def _write_step(self, saves, flat, parts, ready) -> None:
         if ready is not None:
-            ready()  # the step's copies into ``hosts`` are done
+            ready()  # the step's copies into the buffer are done
         n = len(saves)
-        rows = np.concatenate([h.view(torch.uint8).reshape(n, -1).numpy() for h in hosts], axis=1)
-        for (key, _), row in zip(saves, rows):
-            self._write(key, row)
+        sums = _sum_parts(parts) if self.checksum == "sum64" else None
+        mv = memoryview(flat.numpy())
+        self._map("_writers", lambda i: self._write(saves[i][0], self._views(mv, n, i),
+                                                   None if sums is None else int(sums[i])), n)
+        del mv
+        self._release(flat)
 
     def wait_for_save(self) -> None:
-        if self._last_save is not None:  # one writer thread, in order: the last is the latest
-            self._last_save.result()
+        if self._pending:
+            self._pending[-1][0].result()
 
     def shutdown(self) -> None:
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
+        for name in ("_writer", "_writers", "_readers"):  # the saves under way are written first
+            pool = getattr(self, name, None)
+            if pool is not None:
+                pool.shutdown(wait=True)
+                setattr(self, name, None)
 
-    def _write(self, key: str, row) -> None:
-        header = json.dumps({"key": key, "rank": self.context.rank, "tensors": self.tensors,
-                             "nbytes": int(row.size), "crc32": zlib.crc32(row)}).encode()
+    def _write(self, key: str, views: list, sum64: Optional[int]) -> None:
+        kind = CHECKSUMS.index(self.checksum)
+        value = sum64 if kind == 1 else _crc32(views) if kind == 2 else 0
+        header = _HEADER.pack(MAGIC, _key_bytes(key), self.context.rank, kind, self.block_bytes,
+                              value, self.layout).ljust(HEADER_BYTES, b"\0")
         path = self.path(key, self.context.rank)
         tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"  # one per writer thread
         try:
-            with open(tmp, "wb") as f:
-                f.write(MAGIC + len(header).to_bytes(4, "little") + header)
-                f.write(memoryview(row))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _writev(fd, [memoryview(header)] + views)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
             if not self._warned:  # a full disk: every later save would say the same
@@ -334,6 +443,49 @@ class SharedStorageConnector(KVConnectorBase):
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _sum_parts(parts):
+    """Each block's sum64 over every cache tensor's part (uint8 ``[n, bytes]`` tensors)."""
+    total = None
+    for part in parts:
+        s = _sum64(part.numpy())
+        total = s if total is None else total + s  # uint64: modulo 2**64
+    return total
+
+
+def _preadv(fd: int, views: list, offset: int) -> int:
+    """Bytes read from ``offset`` into ``views`` in order (fewer only at the end of the file)."""
+    total = 0
+    for g in range(0, len(views), 512):  # under IOV_MAX
+        group = views[g:g + 512]
+        got = os.preadv(fd, group, offset + total)
+        total += got
+        if got != sum(len(v) for v in group):
+            break
+    return total
+
+
+def _writev(fd: int, views: list) -> None:
+    """All of ``views`` written in order (a short write continues where it stopped)."""
+    while views:
+        group = views[:512]
+        done = os.writev(fd, group)
+        if done <= 0:
+            raise OSError("writev wrote nothing")
+        k = 0
+        while k < len(group) and done >= len(group[k]):
+            done -= len(group[k])
+            k += 1
+        views = views[k:]
+        if done:
+            views[0] = views[0][done:]
 
 
 def _host_empty(shape, dtype, pin: bool):
@@ -348,21 +500,35 @@ def _host_empty(shape, dtype, pin: bool):
     return torch.empty(shape, dtype=dtype)
 
 
-def _read_header(f) -> dict:
-    head = f.read(_PREFIX)
-    if len(head) != _PREFIX or head[:len(MAGIC)] != MAGIC:
-        raise ValueError("not a tessellm KV file")
-    n = int.from_bytes(head[len(MAGIC):], "little")
-    if n > 1 << 20:
-        raise ValueError("header too long")
-    raw = f.read(n)
-    if len(raw) != n:
-        raise ValueError("truncated header")
-    header = json.loads(raw)
-    if not isinstance(header, dict):
-        raise ValueError("bad header")
-    header["_len"] = n
-    return header
+def _parse_header(raw: bytes) -> tuple:
+    """(key bytes, rank, checksum kind, payload bytes, checksum, layout digest)."""
+    if len(raw) != HEADER_BYTES or raw[:len(MAGIC)] != MAGIC:
+        raise ValueError("not a tessellm KV file of this version")
+    return _HEADER.unpack_from(raw)[1:]
+
+
+def _key_bytes(key: str) -> bytes:
+    raw = key.encode()
+    return raw if len(raw) <= 64 else hashlib.sha256(raw).hexdigest().encode()
+
+
+def _crc32(parts) -> int:
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return crc
+
+
+def _sum64(rows):
+    """Each row's (uint8 ``[n, bytes]`` numpy) sum of 64-bit words modulo 2**64 (bytes past a
+    multiple of 8 add one by one)."""
+    import numpy as np
+
+    whole = rows.shape[1] // 8 * 8
+    out = rows[:, :whole].view(np.uint64).sum(axis=1, dtype=np.uint64)
+    if whole < rows.shape[1]:
+        out += rows[:, whole:].sum(axis=1, dtype=np.uint64)
+    return out
 
 
 __all__ = ["SharedStorageConnector", "KVConnectorRole", "chain_key"]

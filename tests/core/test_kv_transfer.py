@@ -21,7 +21,7 @@ from tessellm.config import EngineArgs
 from tessellm.kv_transfer import (KVConnectorBase, KVConnectorContext, KVConnectorRole,
                                   KVTransferConfig, make_connector, parse_kv_transfer_config,
                                   register_kv_connector)
-from tessellm.kv_transfer.shared_storage import SharedStorageConnector
+from tessellm.kv_transfer.shared_storage import HEADER_BYTES, SharedStorageConnector
 from tests.conftest import hf_greedy
 
 BS = 4  # tokens per block: a 42-token prompt fills 10 blocks; 40 tokens can be loaded
@@ -159,15 +159,18 @@ def test_with_the_host_tier(tiny_model_dir, tmp_path):
     assert conn["hits"] == 40 and host.hits == 40 and host.blocks_loaded == 10
 
 
-def _connector(path, namespace: str, role=KVConnectorRole.SCHEDULER) -> SharedStorageConnector:
+def _connector(path, namespace: str, role=KVConnectorRole.SCHEDULER, **extra) -> SharedStorageConnector:
     config = parse_kv_transfer_config(_kv(path, "kv_both"))
+    config.kv_connector_extra_config.update(extra)
     return SharedStorageConnector(config, role, KVConnectorContext(BS, namespace))
 
 
-def test_worker_half_round_trip_over_every_cache_layout(tmp_path):
+@pytest.mark.parametrize("checksum", ["sum64", "crc32", "none"])
+def test_worker_half_round_trip_over_every_cache_layout(checksum, tmp_path):
     """The worker half over a heads-major cache (IPEX's: a transposed view), a latent cache
-    without values (MLA) and an fp8 cache: blocks saved, the caches wiped, loaded into other
-    blocks, equal byte for byte; a block of another layout is refused (a failed load)."""
+    without values (MLA) and an fp8 cache, with each checksum: blocks saved (over the writer
+    pool), the caches wiped, loaded into other blocks, equal byte for byte; a block of another
+    layout is refused (a failed load); a flipped payload byte fails the load unless unchecked."""
     from tessellm.backends.reference.kv_transfer import swap_blocks
 
     g = torch.Generator().manual_seed(0)
@@ -176,10 +179,12 @@ def test_worker_half_round_trip_over_every_cache_layout(tmp_path):
     fp8 = torch.randn(10, BS, 2, 8, generator=g).to(torch.float8_e4m3fn)
     caches = [heads_major.transpose(1, 2), latent, fp8]  # block-major storage, as the runner's
     before = [c.clone() for c in caches]
-    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER)
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER, checksum=checksum, io_threads=2)
     conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
-    conn.save_kv({"saves": [["a", 7], ["b", 2], ["c", 3]]}).result()  # written by its thread
-    assert conn.save_kv({"saves": [["a", 7]]}) is None  # there already: nothing to write
+    keys = ["a", "b", "c", "d", "e"]
+    assert conn.save_kv({"saves": [[k, b] for k, b in zip(keys, (7, 2, 3, 5, 6))]}) is None
+    conn.wait_for_save()  # written behind the step (kv_both: nothing waits for them)
+    assert conn.save_kv({"saves": [["a", 7]], "wait": True}) is None  # there; none in flight
     for c in caches:
         c.view(torch.uint8).zero_()
     assert conn.start_load_kv({"loads": [["r1", [["a", 9], ["b", 0]]], ["r2", [["c", 4]]]]}) == []
@@ -190,7 +195,38 @@ def test_worker_half_round_trip_over_every_cache_layout(tmp_path):
     other = _connector(tmp_path, "ns", KVConnectorRole.WORKER)  # one tensor fewer: another layout
     other.register_kv_caches(caches[:2], swap_blocks, lambda: None, torch.device("cpu"))
     assert other.start_load_kv({"loads": [["r3", [["a", 1]]]]}) == ["r3"]
+    with open(conn.path("d", 0), "r+b") as f:  # a byte of the latent cache's part flipped
+        f.seek(HEADER_BYTES + conn.nbytes[0] + 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    loads = {"loads": [["r4", [["e", 1]]], ["r5", [["d", 8], ["b", 5]]]]}
+    assert conn.start_load_kv(loads) == ([] if checksum == "none" else ["r5"])
+    assert os.path.exists(conn.path("d", 0)) == (checksum == "none")  # a bad file is removed
+    assert torch.equal(caches[1][1].view(torch.uint8), before[1][6].view(torch.uint8))
     conn.shutdown()
+
+
+def test_producer_outputs_wait_only_in_steps_that_sample(tmp_path):
+    """A producer's step carries "wait" (its outputs wait for the saves in flight) only when it
+    samples a token for a request with saves: its prompt's last chunk, not the chunks before;
+    a kv_both engine (a disk tier) never waits."""
+    tokens = list(range(3, 23))  # 5 blocks
+    req = SimpleNamespace(request_id="r", all_token_ids=tokens, num_tokens=20,
+                          block_key=lambda a, b: None)
+    for role, want in (("kv_producer", [False, True]), ("kv_both", [False, False])):
+        conn = SharedStorageConnector(parse_kv_transfer_config(_kv(tmp_path, role)),
+                                      KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
+        waits, saved = [], []
+        for start, num in ((0, 12), (12, 8)):  # a chunked prefill: 12 tokens, then 8
+            seen = [SimpleNamespace(request_id="r", num_computed_tokens=start)]
+            out = SimpleNamespace(new_requests=seen if start == 0 else [],
+                                  cached_requests=[] if start == 0 else seen,
+                                  num_scheduled_tokens={"r": num})
+            meta = conn.build_connector_meta(out, {"r": req}, lambda rid: list(range(5)))
+            waits.append(meta["wait"])
+            saved.append([b for _, b in meta["saves"]])
+        assert waits == want and saved == [[0, 1, 2], [3, 4]]
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
@@ -343,6 +379,13 @@ def test_bad_connector_settings_are_one_clear_error(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['path'\]"):
         make_connector(KVTransferConfig("SharedStorageConnector", kv_connector_extra_config={"path": "x"}),
                        KVConnectorRole.SCHEDULER, ctx)
+    for extra, match in (({"checksum": "md5"}, "checksum must be one of none, sum64, crc32"),
+                         ({"io_threads": 0}, "io_threads a positive integer"),
+                         ({"wait_for_save": "yes"}, "wait_for_save is true or false")):
+        config = parse_kv_transfer_config(_kv(tmp_path, "kv_both"))
+        config.kv_connector_extra_config.update(extra)
+        with pytest.raises(ValueError, match=match):
+            make_connector(config, KVConnectorRole.SCHEDULER, ctx)
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="cannot use shared_storage_path"):
