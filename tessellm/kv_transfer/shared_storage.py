@@ -175,7 +175,7 @@ class SharedStorageConnector(KVConnectorBase):
 
     def build_connector_meta(self, scheduler_output, requests, block_ids) -> Optional[dict]:
         loads, self._loads = self._loads, []
-        saves = []
+        saves, starts = [], {}
         if self.config.is_producer:
             starts = {r.request_id: r.num_computed_tokens for r in scheduler_output.new_requests}
             starts.update((c.request_id, c.num_computed_tokens)
@@ -241,6 +241,7 @@ class SharedStorageConnector(KVConnectorBase):
         self._pending: deque = deque()  # (future, host bytes) of saves not known written yet
         self._loading: list = []  # (event, pinned buffer) of loads the device may still read
         self._spares: deque = deque(maxlen=2)  # pageable buffers done with, reused (no page faults)
+        self._spare_lock = threading.Lock()
 
     def _buffer(self, n: int):
         """A host buffer of ``n`` blocks, tensor-major (pinned where the device pins; else a
@@ -249,11 +250,12 @@ class SharedStorageConnector(KVConnectorBase):
         need = n * self.block_bytes
         flat = None
         if not self.pin:
-            for spare in list(self._spares):
-                if spare.numel() >= need:
-                    self._spares.remove(spare)
-                    flat = spare
-                    break
+            with self._spare_lock:  # the writer thread gives buffers back
+                for i, spare in enumerate(self._spares):
+                    if spare.numel() >= need:
+                        del self._spares[i]
+                        flat = spare
+                        break
         if flat is None:
             flat = _host_empty((need,), _torch().uint8, self.pin)
         view = flat[:need]
@@ -263,7 +265,8 @@ class SharedStorageConnector(KVConnectorBase):
         """A pageable buffer whose copies are done: kept for the next step (pinned ones go back
         to torch's caching host allocator)."""
         if not flat.is_pinned():
-            self._spares.append(flat)
+            with self._spare_lock:
+                self._spares.append(flat)
 
     def _views(self, mv, n: int, i: int) -> list:
         """Block ``i``'s part of every cache tensor in a buffer of ``n`` blocks: the payload of
