@@ -138,10 +138,12 @@ class KVConnectorBase:
 
     def save_kv(self, meta: dict):
         """After the step's forward pass was queued: save the blocks the metadata names.
-        Returns None (done) or a future whose ``result()`` returns once the saves are durable:
-        the worker waits for it before the step's outputs leave it, so a request's blocks are
-        saved by the time its output reaches the client; the host launches the next step
-        meanwhile."""
+        Returns None (nothing for the step's outputs to wait for: saved, or written behind
+        later steps) or a future whose ``result()`` returns once the saves are durable: the
+        worker waits for it before the step's outputs leave it (a connector returns one where a
+        response must mean saved blocks, e.g. a disaggregated-prefill producer); the host
+        launches the next step meanwhile. Blocks not copied out by the time this returns
+        must be copied by work queued behind the forward pass (the scheduler may reuse them)."""
         return None
 
     def wait_for_save(self) -> None:
