@@ -36,6 +36,9 @@ path under a layer -> its logical parts (B's rows, in that order)::
     Qwen3-Next  llama's attention names (q_proj: query and gate per head); linear_attn
                 .in_proj_qkvz (per key head [q k v z]) dn_q dn_k dn_v dn_z, .in_proj_ba
                 dn_b dn_a, .out_proj dn_out (experts: no LoRA)
+    Nemotron-H  (backbone|model).layers.{i}.mixer.{q,k,v,o}_proj mixer_q .. mixer_o, .{up,down}_proj
+                mixer_up mixer_down, .in_proj mixer_z .. mixer_dt (each layer has one kind
+                of mixer; MoE layers and the Mamba out_proj: no LoRA)
     Granite 4.0-H  llama's attention and Bamba's Mamba projections (experts and the shared MLP:
                 no LoRA)
 
@@ -210,6 +213,17 @@ QWEN3_NEXT = Family(
         per * c.linear_value_head_dim]),
             "linear_attn.in_proj_ba": _deltanet_split(lambda c, per: [per, per])},
     note=" (attention and gated DeltaNet projections: LoRA on the experts is not supported)")
+# Nemotron-H: one mixer a layer (``backbone.layers.{i}.mixer``: attention, relu2 MLP, Mamba2 or
+# MoE), each layer slotted for the kind it has (``optional``); MoE layers take none, nor the
+# Mamba out_proj (peft refuses it for Nemotron-H: HF's fused path reads its weight directly)
+NEMOTRON_H = Family(
+    "model.layers",  # transformers 5's in-memory names; adapters of older ones say "backbone"
+    {"mixer.q_proj": ("mixer_q",), "mixer.k_proj": ("mixer_k",), "mixer.v_proj": ("mixer_v",),
+     "mixer.o_proj": ("mixer_o",), "mixer.up_proj": ("mixer_up",),
+     "mixer.down_proj": ("mixer_down",),
+     "mixer.in_proj": ("mixer_z", "mixer_x", "mixer_B", "mixer_C", "mixer_dt")},
+    optional=True, rename=lambda name: name.replace("backbone.layers.", "model.layers."),
+    note=" (attention, MLP and Mamba mixers: LoRA on the MoE layers is not supported)")
 GRANITE_HYBRID = Family("model.layers", {**_LLAMA_ATTN, **_MAMBA},
                         note=" (attention and Mamba projections: LoRA on the experts and the "
                              "shared MLP is not supported)")
@@ -244,6 +258,7 @@ FAMILIES = {
     "BambaForCausalLM": BAMBA,
     "GraniteMoeHybridForCausalLM": GRANITE_HYBRID,
     "Qwen3NextForCausalLM": QWEN3_NEXT,
+    "NemotronHForCausalLM": NEMOTRON_H,
     **{arch: MOE_ATTENTION for arch in (
         "GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM",
         "GptOssForCausalLM", "Llama4ForCausalLM", "Glm4MoeForCausalLM",

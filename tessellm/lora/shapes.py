@@ -11,6 +11,8 @@ model. Each logical module maps onto one of our (possibly fused) layers and its 
     fc_out                -> mlp.fc_out          slice 0       ``dense_mlp.py``; row-parallel)
     mamba_z .. mamba_dt   -> mamba.in_proj       slices 0-4   (a hybrid's Mamba2 mixer)
     mamba_out             -> mamba.out_proj      slice 0      (row-parallel)
+    mixer_q .. mixer_dt   -> mixer.{qkv_proj, o_proj, fc_in, fc_out, in_proj}
+                             (Nemotron-H: one mixer a layer)
     dn_q dn_k dn_v dn_z   -> linear_attn.in_proj_qkvz  slices 0-3 (Qwen3-Next's gated DeltaNet)
     dn_b dn_a, dn_out     -> linear_attn.in_proj_ba 0-1, linear_attn.out_proj 0 (row-parallel)
 
@@ -36,6 +38,9 @@ LAYER_SLICES = {
     "mamba.out_proj": ("mamba_out",),
     "mlp.shared_expert.gate_up_proj": ("shared_gate_proj", "shared_up_proj"),
     "mlp.shared_expert.down_proj": ("shared_down_proj",),
+    "mixer.qkv_proj": ("mixer_q", "mixer_k", "mixer_v"), "mixer.o_proj": ("mixer_o",),
+    "mixer.fc_in": ("mixer_up",), "mixer.fc_out": ("mixer_down",),
+    "mixer.in_proj": ("mixer_z", "mixer_x", "mixer_B", "mixer_C", "mixer_dt"),
     "linear_attn.in_proj_qkvz": ("dn_q", "dn_k", "dn_v", "dn_z"),
     "linear_attn.in_proj_ba": ("dn_b", "dn_a"), "linear_attn.out_proj": ("dn_out",),
     # DeepSeek's multi-head latent attention (q_proj without q_lora, else q_a + q_b)
@@ -137,6 +142,15 @@ class BaseShapes:
                       text, "moe_intermediate_size", 0))
         shapes.update({"shared_gate_proj": (hidden, shared), "shared_up_proj": (hidden, shared),
                        "shared_down_proj": (shared, hidden)})
+        if getattr(text, "mamba_num_heads", None):  # Nemotron-H: one mixer a layer
+            inner = text.mamba_num_heads * text.mamba_head_dim
+            gn = text.n_groups * text.ssm_state_size
+            shapes.update({"mixer_q": shapes["q_proj"], "mixer_k": shapes["k_proj"],
+                           "mixer_v": shapes["v_proj"], "mixer_o": shapes["o_proj"],
+                           "mixer_up": shapes["fc_in"], "mixer_down": shapes["fc_out"],
+                           "mixer_z": (hidden, inner), "mixer_x": (hidden, inner),
+                           "mixer_B": (hidden, gn), "mixer_C": (hidden, gn),
+                           "mixer_dt": (hidden, text.mamba_num_heads)})
         if getattr(text, "linear_num_key_heads", None):  # Qwen3-Next: gated DeltaNet layers
             keys = text.linear_num_key_heads * text.linear_key_head_dim
             values = text.linear_num_value_heads * text.linear_value_head_dim

@@ -19,8 +19,8 @@ token before it and cannot be rebuilt from a block hash, so:
 - int8 / fp8 quantization runs on the linear projections only (``_quantization_refused``: the
   conv, A_log, D, dt_bias and norms stay in the model dtype, as vLLM keeps them);
 - LoRA runs on Bamba's and Granite 4.0-H's attention, MLP (Bamba) and Mamba in/out
-  projections, and Qwen3-Next's attention and DeltaNet projections (``lora/families.py``), is
-  refused for the others; pipeline parallelism
+  projections, Nemotron-H's attention, MLP and Mamba in_proj, and Qwen3-Next's attention and
+  DeltaNet projections (``lora/families.py``), is refused for Mamba2 and Falcon-H1; pipeline parallelism
   splits the layers into stages, each holding the states of its own layers (tensor
   parallelism splits the Mamba heads: ``layers/mamba_mixer.py``, and the gated DeltaNet heads:
   ``layers/gated_deltanet.py``);
@@ -64,7 +64,7 @@ def check_engine_args(args, config) -> None:
          f"use method {', '.join(SPEC_METHODS)} (EAGLE-3 reads hidden states of inner layers, "
          "which these models do not keep yet)"),
         (getattr(args, "enable_lora", False) and family_of([arch])[1] is None, "LoRA",
-         "drop enable_lora (Bamba, Granite 4.0-H and Qwen3-Next take adapters)"),
+         "drop enable_lora (Bamba, Granite 4.0-H, Nemotron-H and Qwen3-Next take adapters)"),
         (getattr(args, "kv_offloading_size", None) is not None, "KV offloading",
          "the host tier keeps evicted KV blocks but not the recurrent-state snapshots a prefix "
          "hit of these layers starts from; drop kv_offloading_size"),

@@ -25,6 +25,10 @@ SPECS = {
     "granite-4.0-h": {"qvo-mamba8": (8, ["q_proj", "v_proj", "o_proj", "in_proj", "out_proj"],
                                      dict(lora_alpha=16)),
                       "in16": (16, ["k_proj", "in_proj"], dict(lora_alpha=32))},
+    # (peft refuses the Mamba out_proj of Nemotron-H)
+    "nemotron-h": {"all8": (8, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj",
+                                "in_proj"], dict(lora_alpha=16)),
+                   "mamba16": (16, ["in_proj"], dict(lora_alpha=32))},
     "qwen3-next": {"all8": (8, ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz",
                                 "in_proj_ba", "out_proj"], dict(lora_alpha=16)),
                    "qkvz16": (16, ["q_proj", "in_proj_qkvz"], dict(lora_alpha=8))},
@@ -38,6 +42,11 @@ def _save(family: str, path: str) -> str:
         from tests.models.test_bamba import bamba_config
 
         return save_tiny(bamba_config(), path)
+    if family == "nemotron-h":  # Mamba, attention, relu2 MLP mixers (no MoE layer: its experts
+        from tests.models.test_nemotron_h import nemotron_config  # take no LoRA)
+
+        return save_tiny(nemotron_config(layers_block_type=[
+            "linear_attention", "full_attention", "mlp", "linear_attention"]), path)
     if family == "qwen3-next":  # two value heads a key head: v and z rows grouped by key head
         from tests.models.test_qwen3_next import qwen3_next_config
 
@@ -77,15 +86,15 @@ def test_hybrid_lora_tensor_parallel_matches_peft(hybrid_setup, family, adapter)
 
 
 def test_lora_refused_for_hybrids_without_a_layout(tmp_path):
-    """Nemotron-H, Mamba2 and Falcon-H1 have no LoRA layout yet: refused at start, naming the
-    hybrids that take adapters."""
+    """Mamba2 and Falcon-H1 have no LoRA layout yet: refused at start, naming the hybrids that
+    take adapters."""
     from types import SimpleNamespace
 
-    from transformers import NemotronHConfig
+    from transformers import FalconH1Config
 
     from tessellm.models.state_space import check_engine_args
 
-    with pytest.raises(ValueError, match=r"NemotronHForCausalLM .* does not support LoRA yet; "
-                                         r"drop enable_lora \(Bamba, Granite 4.0-H and Qwen3-Next"):
+    with pytest.raises(ValueError, match=r"FalconH1ForCausalLM .* does not support LoRA yet; "
+                                         r"drop enable_lora \(Bamba, Granite 4.0-H, Nemotron-H"):
         check_engine_args(SimpleNamespace(enable_lora=True),
-                          NemotronHConfig(architectures=["NemotronHForCausalLM"]))
+                          FalconH1Config(architectures=["FalconH1ForCausalLM"]))
