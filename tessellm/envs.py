@@ -210,6 +210,23 @@ def fp8_gemv_x2() -> Optional[bool]:
     return _switch("TESSELLM_FP8_GEMV_X2")
 
 
+def fp8_lm_head() -> bool:
+    """TESSELLM_FP8_LM_HEAD: "1" quantizes the LM head of a ``quantization="fp8"`` model too
+    (e4m3, one scale per vocabulary row, as its linears; ``loader.model_loader._fp8_lm_head``):
+    decode reads 0.5 GB instead of 1.05 GB a token on Llama-3.1-8B. Off by default, as vLLM
+    keeps the head unquantized: a numerics change (SmolLM2 perplexity in docs/quantization.md).
+    Other schemes ignore it (a warning)."""
+    return _switch("TESSELLM_FP8_LM_HEAD") is True
+
+
+def attn_last_split_reduce() -> Optional[bool]:
+    """TESSELLM_ATTN_LAST_REDUCE: "1" lets the last-finishing split of a small decode batch's
+    split-KV attention combine its head group's partials itself (no reduce launch:
+    ``kernels/attention/decode.py``'s _REDUCE_LAST), "0" keeps the separate reduce kernel;
+    unset: ``TritonAttentionKernel.last_reduce_max_decodes``'s default."""
+    return _switch("TESSELLM_ATTN_LAST_REDUCE")
+
+
 def fp8_lean_w8a8() -> Optional[bool]:
     """TESSELLM_FP8_LEAN_W8A8: "0" takes the fp8 W8A8 prefill GEMM's checks and views again
     every call (the path before 2026-12-04; benchmarks), "1" caches them per weight (default)."""

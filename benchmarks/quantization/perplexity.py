@@ -17,6 +17,8 @@ Usage (CPU, bundled SmolLM2 Q4_1 GGUF)::
 
     python benchmarks/quantization/perplexity.py --schemes none,int8,fp8,gguf \
         --out benchmarks/quantization/results/cpu-smollm2.json
+
+``fp8+lm_head`` is fp8 with the LM head quantized too (``TESSELLM_FP8_LM_HEAD=1``).
 """
 
 from __future__ import annotations
@@ -68,8 +70,12 @@ def evaluate(scheme: str, args, ids: list[int], prompts: list[list[int]], refere
     from tessellm.quantization.loading import weight_bytes
 
     t0 = time.perf_counter()
+    base, _, extra = scheme.partition("+")  # "fp8+lm_head": TESSELLM_FP8_LM_HEAD=1 as well
+    if extra not in ("", "lm_head") or (extra and base != "fp8"):
+        raise ValueError(f"scheme {scheme!r}: only fp8 takes a suffix, '+lm_head'")
+    os.environ["TESSELLM_FP8_LM_HEAD"] = "1" if extra else "0"
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.window + 64,
-              quantization=None if scheme == "none" else scheme, enable_prefix_caching=False,
+              quantization=None if base == "none" else base, enable_prefix_caching=False,
               max_num_batched_tokens=max(2048, args.window), seed=0)
     load_s = time.perf_counter() - t0
     core = llm.engine.core

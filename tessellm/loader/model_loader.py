@@ -259,6 +259,7 @@ def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dty
         else:
             init_dummy_quantized(model, seed)
             process_quantized(model)
+            _fp8_lm_head(model, quant_spec)
         return
     weights = _weight_stream(model, source, dtype, quant_spec)
     from tessellm.multimodal.text_only import image_text_architecture, text_weights
@@ -275,6 +276,48 @@ def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dty
         process_quantized(model)
         if source.kind == "gguf" and quant_spec.scheme == "gguf":
             _quantize_lm_head(model, source.path)
+        _fp8_lm_head(model, quant_spec)
+
+
+@torch.no_grad()
+def _fp8_lm_head(model, quant_spec) -> None:
+    """TESSELLM_FP8_LM_HEAD=1 (``envs.fp8_lm_head``) with ``quantization="fp8"``: the LM head
+    computes the logits from an e4m3 copy of its weight (one scale per vocabulary row,
+    ``packed.quantize_fp8``, as the fp8 linears quantize on load) through the linears' own
+    ``QuantOps.fp8_mm``: W8A16 at decode rows (the one-row GEMV on cuda), W8A8 above. Each
+    tensor-parallel rank quantizes its vocabulary rows (per-row scales: the one-device values).
+    The dense weight stays (a tied head is the embedding; an untied one is kept for weight
+    reloads), so this saves read bandwidth, not memory. Off: nothing changes."""
+    from tessellm import envs
+
+    if not envs.fp8_lm_head():
+        return
+    import logging
+
+    from tessellm.layers.vocab import ParallelLMHead
+    from tessellm.quantization.loading import quantized_linears
+    from tessellm.quantization.packed import Fp8Weight, quantize_fp8
+
+    log = logging.getLogger(__name__)
+    fp8 = [layer for layer in quantized_linears(model).values()
+           if getattr(layer.quant_method, "name", None) == "fp8"
+           and getattr(layer, "segments", None) and layer.segments[0].kind == "fp8"]
+    if quant_spec is None or quant_spec.scheme != "fp8" or not fp8:
+        log.warning("TESSELLM_FP8_LM_HEAD=1 applies to quantization='fp8' models only (this one: "
+                    "%s); the LM head stays in the model dtype.",
+                    quant_spec.scheme if quant_spec is not None else "unquantized")
+        return
+    ops = fp8[0].quant_method.ops
+    fp8_dtype = fp8[0].segments[0].qweight.dtype
+    for head in (m for m in model.modules() if isinstance(m, ParallelLMHead)):
+        dense = head.tied if head.tied is not None else head.weight
+        if dense.numel() == 0 or head.quant_mm is not None:
+            continue  # no logits here (pooling), or already quantized (GGUF blocks)
+        # By slabs of rows: quantize_fp8 widens to float32 (2 GB for Llama-3's whole head).
+        parts = [quantize_fp8(rows, fp8_dtype) for rows in dense.data.split(16384)]
+        seg = parts[0] if len(parts) == 1 else Fp8Weight(
+            torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
+        head.set_quantized(seg, ops.fp8_mm)
 
 
 def _quantize_lm_head(model, path) -> None:

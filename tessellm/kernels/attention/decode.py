@@ -52,7 +52,7 @@ from tessellm.kernels.rotary import rope_full
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_m_ptr,
                          part_l_ptr, query_start_loc_ptr, seq_lens_ptr,
                          block_tables_ptr, pos_ptr, cos_sin_ptr, k_ptr, v_ptr, slot_ptr,
-                         sinks_ptr, scale_log2, v_scale, window, softcap,
+                         sinks_ptr, counter_ptr, scale_log2, v_scale, window, softcap,
                          stride_qt, stride_qh, stride_ot, stride_oh,
                          stride_cb, stride_ct, stride_ch, stride_bt,
                          stride_cs, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -70,7 +70,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
     of the cache at about the same time). Each split's normalized partial output, running
     max (log2 units) and sum of exponentials go where ``REDUCE`` says (``_REDUCE_*``): to the
     workspace for ``_decode_reduce_kernel`` (SEPARATE), or straight to ``out`` (DIRECT, one
-    split). QUERY_LEN query tokens per sequence (module docstring), rows ``tq * GROUP_P2 + g``.
+    split), or to the workspace and then, by the last of a (sequence, KV head)'s splits to
+    finish, combined into ``out`` (LAST, decodes without sinks: ``_combine_last``). QUERY_LEN query tokens per sequence (module docstring), rows ``tq * GROUP_P2 + g``.
     PREFETCH: the first K/V tile's cached keys are loaded before the PDL wait. ROTARY (decodes
     only): q, k, v arrive unrotated; see ``_new_key``. SOFTCAP: scores soft-capped at
     ``softcap`` (log2 units, ``common._softcap``). SINKS: the heads' ``sinks_ptr`` logits join
@@ -166,6 +167,44 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
         tl.store(part_out_ptr + idx[:, None] * HEAD_SIZE + d[None, :], acc, mask=row_ok[:, None])
         tl.store(part_m_ptr + idx, m_i, mask=row_ok)
         tl.store(part_l_ptr + idx, l_i, mask=row_ok)
+        if REDUCE == 2:  # _REDUCE_LAST
+            # Every thread's partial stores come before the counter's release (the barrier),
+            # and the program that takes the count to NUM_SPLITS reads them all after its
+            # acquire (CUTLASS's semaphore pattern: bar.sync, then one thread's acq_rel RMW).
+            tl.debug_barrier()
+            counter = counter_ptr + s * (NUM_HEADS // GROUP) + kvh
+            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if done == NUM_SPLITS - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch
+                _combine_last(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, tok, s, kvh,
+                              stride_ot, stride_oh, NUM_HEADS, GROUP, GROUP_P2, NUM_SPLITS,
+                              HEAD_SIZE)
+
+
+@triton.jit
+def _combine_last(out_ptr, part_out_ptr, part_m_ptr, part_l_ptr, tok, s, kvh, stride_ot,
+                  stride_oh, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                  GROUP_P2: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_SIZE: tl.constexpr):
+    """``_decode_reduce_kernel``'s arithmetic for the GROUP heads of one (decode, KV head), by
+    the split program that finished last: the partials of all its heads and splits in one
+    ``[GROUP_P2, NUM_SPLITS, HEAD_SIZE]`` tile (one round of L2 reads, not one per head). The
+    loads bypass L1 (``.cg``): the other programs' stores went to L2."""
+    g = tl.arange(0, GROUP_P2)
+    sp = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_SIZE)
+    head = kvh * GROUP + g
+    ok = g < GROUP
+    idx = (s.to(tl.int64) * NUM_HEADS + head)[:, None] * NUM_SPLITS + sp[None, :]
+    m = tl.load(part_m_ptr + idx, mask=ok[:, None], other=_NEG_BIG, cache_modifier=".cg")
+    l = tl.load(part_l_ptr + idx, mask=ok[:, None], other=0.0, cache_modifier=".cg")
+    o = tl.load(part_out_ptr + idx[:, :, None] * HEAD_SIZE + d[None, None, :],
+                mask=ok[:, None, None], other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, 1)
+    w = tl.exp2(m - m_max[:, None]) * l
+    denom = tl.sum(w, 1)
+    out = tl.sum(w[:, :, None] * o, 1) / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(out_ptr + (tok * stride_ot + head * stride_oh)[:, None] + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -280,6 +319,11 @@ def _decode_block_n(dtype, head_size: int) -> int:
     return 64 if head_size <= 128 else 32
 
 
+def decode_counters_numel(num_seqs: int, num_kv_heads: int) -> int:
+    """int32 counters ``decode_attention``'s last-split reduce needs (zeroed once)."""
+    return num_seqs * num_kv_heads
+
+
 def decode_workspace_numel(num_seqs: int, num_heads: int, num_splits: int, head_size: int,
                            query_len: int = 1) -> int:
     """float32 elements of workspace ``decode_attention`` needs: partial outs, maxes, sums."""
@@ -291,6 +335,7 @@ _REDUCE_SEPARATE = 0  # partials to the workspace, then ``_decode_reduce_kernel`
 
 
 _REDUCE_DIRECT = 1  # one split: it writes the output itself
+_REDUCE_LAST = 2  # partials to the workspace; the last split to finish combines them
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -304,7 +349,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      query_len: int = 1, prefetch: bool = False,
                      rotary: Optional[tuple] = None, head_major: Optional[bool] = None,
                      logit_softcap: Optional[float] = None,
-                     sinks: Optional[torch.Tensor] = None) -> None:
+                     sinks: Optional[torch.Tensor] = None,
+                     counters: Optional[torch.Tensor] = None) -> None:
     """Split-KV attention of the first ``num_seqs`` sequences, ``query_len`` query tokens each
     (1: decodes; more: verify steps, the last ``query_len`` positions of each sequence, rows
     ``query_start_loc[s] ..`` consecutive).
@@ -328,6 +374,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ``logit_softcap``: scores become ``cap * tanh(scale * q.k / cap)`` (None: no cap).
     ``sinks``: float ``[H]`` attention sinks, joined once per row (by the only split, or by
     the reduce kernel); None: none.
+    ``counters``: int32 zeros, at least ``num_seqs * KVH`` (``decode_counters_numel``), kept
+    between calls (every launch leaves them zero): with more than one split, decodes
+    (``query_len`` 1) and no sinks, the last split of each (sequence, KV head) to finish
+    combines the partials itself (no ``_decode_reduce_kernel`` launch); None: the reduce
+    kernel. Same arithmetic as the reduce kernel up to the order of its float32 sums.
     """
     if num_seqs == 0:
         return
@@ -342,6 +393,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_m = workspace[n_part * head_size:n_part * (head_size + 1)]
     part_l = workspace[n_part * (head_size + 1):n_part * (head_size + 2)]
     reduce = _REDUCE_DIRECT if fused_reduce and num_splits == 1 else _REDUCE_SEPARATE
+    if (reduce == _REDUCE_SEPARATE and counters is not None and query_len == 1
+            and sinks is None):
+        assert counters.dtype == torch.int32 and counters.numel() >= num_seqs * num_kv_heads
+        reduce = _REDUCE_LAST
     fp8_ptx = _fp8_ptx(q, k_cache, fp8_convert)
     plain = q.is_cuda and query_len == 1 and not prefetch and rotary is None
     block_n, num_warps, num_stages, head_major, fp8_ptx = _launch_shape(
@@ -360,7 +415,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                                                    num_splits)
     _decode_split_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_m, part_l, query_start_loc, seq_lens, block_tables,
-        *extra, q if sinks is None else sinks,
+        *extra, q if sinks is None else sinks, seq_lens if counters is None else counters,
         scale * _LOG2E * _k_factor(k_cache, k_scale), _v_factor(v_cache, v_scale),
         sliding_window or 0, _softcap_log2(logit_softcap),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),

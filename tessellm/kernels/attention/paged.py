@@ -13,7 +13,9 @@ import torch
 
 from tessellm.kernels.attention.cache import reshape_and_cache, rotary_and_cache
 from tessellm.kernels.attention.common import _is_fp8, _p2
-from tessellm.kernels.attention.decode import decode_attention, decode_workspace_numel
+from tessellm import envs
+from tessellm.kernels.attention.decode import (decode_attention, decode_counters_numel,
+                                               decode_workspace_numel)
 from tessellm.kernels.attention.decode_table import lookup
 from tessellm.kernels.attention.prefill import prefill_attention
 
@@ -77,6 +79,12 @@ class TritonAttentionKernel:
     # keys; results/h200-2026-12-04-b1)
     small_batch_min_partition = 64
     small_batch_max_splits = 16
+    # Up to this many plain decodes (no sinks) the last split of each (sequence, KV head) to
+    # finish combines the partials (``decode_attention``'s counters): no reduce launch, one
+    # launch less a layer at batch 1. 0: off, the default until timed on a GPU
+    # (``benchmarks/b1fp8_device.sh``); TESSELLM_ATTN_LAST_REDUCE=1 sets it to
+    # ``prefetch_max_decodes``, =0 to 0.
+    last_reduce_max_decodes = 0
 
     def __init_subclass__(cls, **kwargs):
         # A subclass serves an fp8 cache only if it says so: its forward must pass k_scale and
@@ -124,6 +132,10 @@ class TritonAttentionKernel:
         self._splits_cap = max(1, min(self.max_splits, _p2(math.ceil(max_model_len
                                                                      / self.min_partition))))
         self._workspace: Optional[torch.Tensor] = None
+        self._counters: Optional[torch.Tensor] = None
+        last = envs.attn_last_split_reduce()
+        if last is not None:
+            self.last_reduce_max_decodes = self.prefetch_max_decodes if last else 0
 
     def num_splits(self, num_decodes: int) -> int:
         """Decode splits for a batch of ``num_decodes``: enough programs to fill the GPU."""
@@ -182,10 +194,24 @@ class TritonAttentionKernel:
                                                device=device)
         return ws
 
+    def _get_counters(self, num_decodes: int, device) -> Optional[torch.Tensor]:
+        """The last-split reduce's counters (zeros, left zero by every launch), or None where
+        ``last_reduce_max_decodes`` does not cover ``num_decodes``. Allocated once, for that
+        many decodes, on the first (eager) forward that wants them."""
+        if not 0 < num_decodes <= self.last_reduce_max_decodes or not self.fused_reduce:
+            return None
+        need = decode_counters_numel(self.last_reduce_max_decodes, self.spec.num_kv_heads)
+        ctr = self._counters
+        if ctr is None or ctr.numel() < need or ctr.device != device:
+            self._counters = ctr = torch.zeros(need, dtype=torch.int32, device=device)
+        return ctr
+
     def _decode_buffers(self, num_decodes: int, device, query_len: int = 1) -> dict:
         """``decode_attention``'s workspace and reduce mode."""
         return dict(workspace=self._get_workspace(num_decodes, device, query_len),
-                    fused_reduce=self.fused_reduce)
+                    fused_reduce=self.fused_reduce,
+                    counters=(self._get_counters(num_decodes, device) if query_len == 1
+                              else None))
 
     def _fuses_decode_rotary(self, q, k_cache, md, cos_sin_cache) -> bool:
         """A pure-decode step of at most ``fuse_rotary_max_decodes`` on a 16-bit cache: the

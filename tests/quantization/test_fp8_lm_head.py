@@ -1,0 +1,97 @@
+"""The fp8 LM head (``TESSELLM_FP8_LM_HEAD=1`` with ``quantization="fp8"``,
+``loader.model_loader._fp8_lm_head``): the logits are the fp8 product of the head's per-row
+e4m3 copy, checked against a pure-torch W8A8 oracle on the hidden states the head received
+during generation, for an untied and a tied (embedding-shared) tiny Llama; off by default, and
+other schemes keep a dense head with a warning. Perplexity on SmolLM2: docs/quantization.md."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tessellm import LLM, SamplingParams
+from tessellm.layers.vocab import ParallelLMHead
+from tessellm.quantization.packed import Fp8Weight
+
+ON_GPU = torch.cuda.is_available()
+# On a GPU the cuda backend in bf16 (its one-row e4m3 GEMV takes bf16); on the CPU float32.
+# Eager: the forward hook below must see every decode step (a graph replay runs no hook).
+KW = dict(dtype="bfloat16" if ON_GPU else "float32", max_model_len=128, num_kv_blocks=32,
+          max_num_seqs=2, enforce_eager=True)
+PROMPT = [[(5 * j + 3) % 384 for j in range(9)]]
+W8A16_MAX_ROWS = 32 if ON_GPU else 0  # the cuda QuantOps' fp8_weight_only_max_m; the cpu: W8A8
+
+
+def _head(llm) -> ParallelLMHead:
+    return next(m for m in llm.engine.core.runner.model.modules()
+                if isinstance(m, ParallelLMHead))
+
+
+def _oracle(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Per-row e4m3 weight; the activation per-token e4m3 (W8A8) above W8A16_MAX_ROWS rows,
+    else as it is (W8A16); the sums in float64."""
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    x, dense = x.double().cpu(), dense.double().cpu()
+    ws = dense.abs().amax(1) / fmax
+    wq = (dense / ws[:, None]).float().clamp(-fmax, fmax).to(torch.float8_e4m3fn)
+    if x.shape[0] <= W8A16_MAX_ROWS:
+        return (x @ wq.double().t()) * ws[None, :]
+    xs = x.abs().amax(1).clamp(min=1e-12) / fmax
+    xq = (x / xs[:, None]).float().clamp(-fmax, fmax).to(torch.float8_e4m3fn)
+    return (xq.double() @ wq.double().t()) * xs[:, None] * ws[None, :]
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-tied"])
+def test_fp8_lm_head_logits(tiny_model_dir, monkeypatch, arch):
+    monkeypatch.setenv("TESSELLM_FP8_LM_HEAD", "1")
+    llm = LLM(tiny_model_dir(arch), quantization="fp8", **KW)
+    head = _head(llm)
+    dense = head.tied if head.tied is not None else head.weight
+    assert (head.tied is not None) == (arch == "llama-tied")
+    seg = head.quant_weight
+    assert isinstance(seg, Fp8Weight) and seg.qweight.dtype == torch.float8_e4m3fn
+    assert seg.qweight.shape == dense.shape
+    # e4m3 keeps 3 mantissa bits: each weight within 1/16 of itself (or of the row scale's
+    # subnormal step near zero)
+    err = (seg.dequantize() - dense.float()).abs()
+    assert (err <= dense.float().abs() / 16 + seg.scales[:, None] / 8).all()
+    assert dense.abs().sum() > 0  # the dense copy stays (tied: it is the embedding)
+
+    seen = []
+    hook = head.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(),
+                                                                        out.clone())))
+    out = llm.generate([{"prompt_token_ids": p} for p in PROMPT],
+                       SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=1),
+                       use_tqdm=False)[0]
+    hook.remove()
+    assert len(out.outputs[0].token_ids) == 4 and len(seen) >= 4
+    # float32 on the CPU: the oracle's own rounding; bf16 on a GPU: the logits' rounding and
+    # the one-row GEMV's bf16 pair products (relative 2.6e-3, docs/quantization.md)
+    tol = dict(rtol=2e-2, atol=2e-3) if ON_GPU else dict(rtol=1e-4, atol=1e-5)
+    for hidden, logits in seen:
+        ref = _oracle(hidden, dense.detach())
+        assert logits.shape == ref.shape
+        torch.testing.assert_close(logits.double().cpu(), ref, **tol)
+        if not ON_GPU:  # not the dense head's product (the quantized path was taken)
+            assert not torch.allclose(logits.double(), hidden.double() @ dense.double().t(),
+                                      **tol)
+    # the sampled greedy tokens are the argmax of those logits
+    last = [lg[-1].argmax().item() for _, lg in seen[:4]]
+    assert out.outputs[0].token_ids == last
+
+
+def test_fp8_lm_head_off_by_default(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("TESSELLM_FP8_LM_HEAD", raising=False)
+    llm = LLM(tiny_model_dir("llama"), quantization="fp8", **KW)
+    assert _head(llm).quant_mm is None
+
+
+def test_fp8_lm_head_other_scheme_warns(tiny_model_dir, monkeypatch, caplog):
+    monkeypatch.setenv("TESSELLM_FP8_LM_HEAD", "1")
+    with caplog.at_level(logging.WARNING, logger="tessellm.loader.model_loader"):
+        llm = LLM(tiny_model_dir("llama"), quantization="int8", **KW)
+    assert _head(llm).quant_mm is None
+    assert any("TESSELLM_FP8_LM_HEAD=1 applies to quantization='fp8'" in r.getMessage()
+               for r in caplog.records)
