@@ -24,7 +24,12 @@ With one split (large batches) the split kernel writes the output itself (``fuse
 with more, ``_decode_reduce_kernel`` combines the partials in a second launch. (Reducing in the
 last split program to finish, through per-(sequence, KV head) atomic counters, was tried and
 measured slower at batch 1 on an H200: 4.54 against 4.34 ms per token for Llama-8B shapes; the
-counters' registers and the serial tail cost more than the launch they save.)
+counters' registers and the serial tail cost more than the launch they save. That was before
+PDL, the prefetch and the fused rotary, with 32 splits. It is back as an opt-in for small decode
+batches, ``TritonAttentionKernel.last_reduce_max_decodes`` / TESSELLM_ATTN_LAST_REDUCE=1, off by
+default: the counter after the main loop, the last program reading all its group's partials
+in one ``[G, splits, D]`` tile; ``benchmarks/b1fp8_device.sh`` times it against the reduce
+kernel.)
 No host-device sync anywhere in ``forward``.
 
 Small decode batches (at most ``prefetch_max_decodes`` = 16, latency-bound: at batch 1 the

@@ -1,6 +1,8 @@
 """Split-KV paged decode attention: grid ``(num_decodes, KVH, num_splits)``; with one split
 the split kernel writes the output itself, with more ``_decode_reduce_kernel`` combines the
-partials. See ``tessellm.kernels.attention`` for the split arithmetic.
+partials, or (``counters`` given: small decode batches, ``TESSELLM_ATTN_LAST_REDUCE``) the last
+split of each (sequence, KV head) to finish does, counting the finished splits in an int32
+counter. See ``tessellm.kernels.attention`` for the split arithmetic.
 
 ``query_len`` > 1 (speculative decoding's verify steps: every sequence has the same few query
 tokens, the last ``query_len`` of its ``seq_len``): each program packs the ``query_len x GROUP``
