@@ -16,6 +16,8 @@ whole chain with SiLU-and-mul in the gate_up GEMV's epilogue (``gemv_silu_and_mu
 The bf16 chain also runs with the two add-RMSNorms folded into the qkv and gate_up GEMVs
 (``fold ...``: ``gemv_norm.py`` at several launch shapes; ``--fold``: bf16 only, these and the
 kinds above; the engine keeps the norms unfused: the fold measured slower).
+b1fp8: the chain with the SiLU fold (the engine's default) against the same with the decode
+attention's last-split reduce, the LM head in e4m3 (fp8 only) and both (session 17).
 attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
 256 and 512 and workload F's (512-768) at 256, in GB/s of K/V read, by splits.
 """
@@ -57,9 +59,10 @@ def _weights(fp8: bool):
 
 
 def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs=None,
-             fold=None):
+             fold=None, head8=None):
     """``fold``: a ``GemvConfig``; the two add-RMSNorms of a layer folded into the qkv and
-    gate_up GEMVs at that launch shape (``gemv_norm.py``, bf16 only), as the engine runs them."""
+    gate_up GEMVs at that launch shape (``gemv_norm.py``, bf16 only), as the engine runs them.
+    ``head8``: the LM head as an ``Fp8Weight`` (TESSELLM_FP8_LM_HEAD), through ``gemv_fp8_x2``."""
     from bench_attention import BS, DTYPE, KVH, MAX_MODEL_LEN, D, H, make_batch
 
     from tessellm.backends.spec import AttentionSpec
@@ -120,6 +123,8 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
                 gu = norm_lin(h, w["gate_up"])
                 act = ops.silu_and_mul(gu) if "silu" in parts else gu[:, :INTER]
             h = lin(act, w["down"])
+        if head8 is not None:
+            return gemv_fp8_x2(norm(h), head8.qweight, head8.scales)
         return gemv(norm(h), head)
 
     return step
@@ -217,6 +222,36 @@ def chain_section(out: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def b1fp8_section(out: dict) -> None:
+    """Session 17's two opt-in paths on the engine's chain (SiLU fold on, as the engine's
+    default): fp8 with the last-split reduce (``last_reduce_max_decodes``), with the LM head in
+    e4m3, both; bf16 with the reduce; each base timed again last (the spread)."""
+    from tessellm.kernels.pdl import graph_scope
+    from tessellm.quantization.packed import quantize_fp8
+
+    last = {"last_reduce_max_decodes": 16}
+    parts = VARIANTS["silu fold"]
+    for fp8 in (True, False):
+        layers, head, nbytes = _weights(fp8)
+        head8 = quantize_fp8(head) if fp8 else None
+        res = {"weight_gb": round(nbytes / 1e9, 3),
+               "floor_ms_4.25TBs": round(nbytes / 4.25e9, 3)}
+        runs = {"base (silu fold)": {}, "last reduce": dict(attn_attrs=last)}
+        if fp8:
+            res["floor_ms_fp8_head"] = round((nbytes - head.numel()) / 4.25e9, 3)
+            runs.update({"fp8 head": dict(head8=head8),
+                         "fp8 head + last reduce": dict(head8=head8, attn_attrs=last)})
+        runs["base again"] = {}
+        for name, kw in runs.items():
+            step = _step_fn(layers, head, fp8, parts, **kw)
+            with graph_scope():
+                res[name] = round(graph_ms(step, 3), 4)
+        out["fp8" if fp8 else "bf16"] = res
+        print("b1fp8", "fp8" if fp8 else "bf16", json.dumps(res), flush=True)
+        del layers, head, head8
+        torch.cuda.empty_cache()
+
+
 def _decode_us(batch, q, kc, vc, splits, tiles, ws) -> float:
     from bench_attention import D
 
@@ -270,7 +305,8 @@ def main() -> None:
     global QUICK, FOLD_ONLY, WRITE_DEFAULT
     QUICK, FOLD_ONLY, WRITE_DEFAULT = args.quick, args.fold, args.write_default
     args.out.mkdir(parents=True, exist_ok=True)
-    run_sections(args.out, args.sections, {"chain": chain_section, "attn_long": attn_long_section})
+    run_sections(args.out, args.sections, {"chain": chain_section, "attn_long": attn_long_section,
+                                           "b1fp8": b1fp8_section})
 
 
 if __name__ == "__main__":
