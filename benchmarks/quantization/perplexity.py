@@ -18,7 +18,8 @@ Usage (CPU, bundled SmolLM2 Q4_1 GGUF)::
     python benchmarks/quantization/perplexity.py --schemes none,int8,fp8,gguf \
         --out benchmarks/quantization/results/cpu-smollm2.json
 
-``fp8+lm_head`` is fp8 with the LM head quantized too (``TESSELLM_FP8_LM_HEAD=1``).
+``fp8+lm_head`` is fp8 with the LM head quantized too (``TESSELLM_FP8_LM_HEAD=1``), its W8A16
+product run at every position (``_head_w8a16_everywhere``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,21 @@ def _linear_bytes(model) -> int:
     return total
 
 
+def _head_w8a16_everywhere(llm) -> None:
+    """``+lm_head``: the engine takes the fp8 head only where the backend's fp8 product is
+    weight-only (cuda: decode, up to 32 rows) and the dense head elsewhere, prompt logprobs
+    included, so perplexity would not see it. Here its W8A16 product (the e4m3 copy, x as it
+    is, float32 sums) runs at every position, as a decode step computes each token's logits."""
+    import torch.nn.functional as F
+
+    from tessellm.layers.vocab import ParallelLMHead
+
+    for head in llm.engine.core.runner.model.modules():
+        if isinstance(head, ParallelLMHead):
+            assert head.quant_weight is not None, "TESSELLM_FP8_LM_HEAD=1 set no fp8 head"
+            head.quant_mm = lambda x, w: F.linear(x, w.dequantize(x.dtype))
+
+
 def evaluate(scheme: str, args, ids: list[int], prompts: list[list[int]], reference) -> dict:
     from tessellm.core.sampling_params import SamplingParams
     from tessellm.entrypoints.llm import LLM
@@ -77,6 +93,8 @@ def evaluate(scheme: str, args, ids: list[int], prompts: list[list[int]], refere
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.window + 64,
               quantization=None if base == "none" else base, enable_prefix_caching=False,
               max_num_batched_tokens=max(2048, args.window), seed=0)
+    if extra:
+        _head_w8a16_everywhere(llm)
     load_s = time.perf_counter() - t0
     core = llm.engine.core
     model = core.runner.model

@@ -282,12 +282,16 @@ def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dty
 @torch.no_grad()
 def _fp8_lm_head(model, quant_spec) -> None:
     """TESSELLM_FP8_LM_HEAD=1 (``envs.fp8_lm_head``) with ``quantization="fp8"``: the LM head
-    computes the logits from an e4m3 copy of its weight (one scale per vocabulary row,
-    ``packed.quantize_fp8``, as the fp8 linears quantize on load) through the linears' own
-    ``QuantOps.fp8_mm``: W8A16 at decode rows (the one-row GEMV on cuda), W8A8 above. Each
-    tensor-parallel rank quantizes its vocabulary rows (per-row scales: the one-device values).
-    The dense weight stays (a tied head is the embedding; an untied one is kept for weight
-    reloads), so this saves read bandwidth, not memory. Off: nothing changes."""
+    keeps an e4m3 copy of its weight (one scale per vocabulary row, ``packed.quantize_fp8``,
+    as the fp8 linears quantize on load) and computes the logits from it where the linears'
+    ``QuantOps.fp8_mm`` is weight-only at that row count (``fp8_w8a8_rows(rows)`` False: on
+    cuda up to 32 rows, i.e. decode, through the one-row GEMV at batch 1), from the dense
+    weight elsewhere (prefill, prompt logprobs, large batches, and every row count of a
+    backend whose fp8 is W8A8 throughout, as the cpu's): the activation is never quantized
+    for the head, and perplexity from prompt logprobs is the fp8 model's. Each tensor-parallel
+    rank quantizes its vocabulary rows (per-row scales: the one-device values). The dense
+    weight stays (it serves those rows; a tied one is the embedding), so this saves read
+    bandwidth at decode, not memory. Off: nothing changes."""
     from tessellm import envs
 
     if not envs.fp8_lm_head():
@@ -317,7 +321,22 @@ def _fp8_lm_head(model, quant_spec) -> None:
         parts = [quantize_fp8(rows, fp8_dtype) for rows in dense.data.split(16384)]
         seg = parts[0] if len(parts) == 1 else Fp8Weight(
             torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]))
-        head.set_quantized(seg, ops.fp8_mm)
+        # the head's dense product as it is at call time (use_backend_linear sets it later)
+        head.set_quantized(seg, fp8_head_mm(ops, dense, lambda x, d, h=head: h.dense_mm(x, d)))
+
+
+def fp8_head_mm(ops, dense: torch.Tensor, dense_mm):
+    """The fp8 LM head's product (``_fp8_lm_head``): ``ops.fp8_mm`` where it is weight-only at
+    ``x``'s row count (the ops' ``fp8_w8a8_rows`` says False; an ops without that member:
+    never), else ``dense_mm(x, dense)``. The row count is fixed per captured graph."""
+    w8a8_rows = getattr(ops, "fp8_w8a8_rows", None)
+
+    def mm(x: torch.Tensor, w) -> torch.Tensor:
+        if w8a8_rows is not None and not w8a8_rows(x.shape[0]):
+            return ops.fp8_mm(x, w)
+        return dense_mm(x, dense)
+
+    return mm
 
 
 def _quantize_lm_head(model, path) -> None:

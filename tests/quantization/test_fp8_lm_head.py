@@ -1,15 +1,20 @@
 """The fp8 LM head (``TESSELLM_FP8_LM_HEAD=1`` with ``quantization="fp8"``,
-``loader.model_loader._fp8_lm_head``): the logits are the fp8 product of the head's per-row
-e4m3 copy, checked against a pure-torch W8A8 oracle on the hidden states the head received
-during generation, for an untied and a tied (embedding-shared) tiny Llama; off by default, and
-other schemes keep a dense head with a warning. Perplexity on SmolLM2: docs/quantization.md."""
+``loader.model_loader._fp8_lm_head``): the head keeps a per-row e4m3 copy and takes it where the
+backend's fp8 product is weight-only at that row count (cuda: decode, up to 32 rows), the dense
+weight elsewhere (the cpu: everywhere, its fp8 being W8A8). Checked on the hidden states the head
+received during generation against a float64 oracle (W8A16 of the e4m3 copy, or the dense
+product), untied and tied; the product itself with the Triton QuantOps (in the interpreter on
+the CPU: W8A16 at 1-2 rows, dense above); off by default; other schemes warn. Perplexity on
+SmolLM2: docs/quantization.md."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tessellm import LLM, SamplingParams
 from tessellm.layers.vocab import ParallelLMHead
@@ -21,7 +26,7 @@ ON_GPU = torch.cuda.is_available()
 KW = dict(dtype="bfloat16" if ON_GPU else "float32", max_model_len=128, num_kv_blocks=32,
           max_num_seqs=2, enforce_eager=True)
 PROMPT = [[(5 * j + 3) % 384 for j in range(9)]]
-W8A16_MAX_ROWS = 32 if ON_GPU else 0  # the cuda QuantOps' fp8_weight_only_max_m; the cpu: W8A8
+W8A16_MAX_ROWS = 32 if ON_GPU else 0  # where the backend's fp8_mm is weight-only (cpu: never)
 
 
 def _head(llm) -> ParallelLMHead:
@@ -29,18 +34,16 @@ def _head(llm) -> ParallelLMHead:
                 if isinstance(m, ParallelLMHead))
 
 
-def _oracle(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """Per-row e4m3 weight; the activation per-token e4m3 (W8A8) above W8A16_MAX_ROWS rows,
-    else as it is (W8A16); the sums in float64."""
-    fmax = torch.finfo(torch.float8_e4m3fn).max
+def _oracle(x: torch.Tensor, dense: torch.Tensor, w8a16_max_rows: int) -> torch.Tensor:
+    """W8A16 of the per-row e4m3 copy up to ``w8a16_max_rows`` rows (x as it is), else the
+    dense product; float64 sums."""
     x, dense = x.double().cpu(), dense.double().cpu()
+    if x.shape[0] > w8a16_max_rows:
+        return x @ dense.t()
+    fmax = torch.finfo(torch.float8_e4m3fn).max
     ws = dense.abs().amax(1) / fmax
     wq = (dense / ws[:, None]).float().clamp(-fmax, fmax).to(torch.float8_e4m3fn)
-    if x.shape[0] <= W8A16_MAX_ROWS:
-        return (x @ wq.double().t()) * ws[None, :]
-    xs = x.abs().amax(1).clamp(min=1e-12) / fmax
-    xq = (x / xs[:, None]).float().clamp(-fmax, fmax).to(torch.float8_e4m3fn)
-    return (xq.double() @ wq.double().t()) * xs[:, None] * ws[None, :]
+    return (x @ wq.double().t()) * ws[None, :]
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied"])
@@ -71,15 +74,43 @@ def test_fp8_lm_head_logits(tiny_model_dir, monkeypatch, arch):
     # the one-row GEMV's bf16 pair products (relative 2.6e-3, docs/quantization.md)
     tol = dict(rtol=2e-2, atol=2e-3) if ON_GPU else dict(rtol=1e-4, atol=1e-5)
     for hidden, logits in seen:
-        ref = _oracle(hidden, dense.detach())
+        ref = _oracle(hidden, dense.detach(), W8A16_MAX_ROWS)
         assert logits.shape == ref.shape
         torch.testing.assert_close(logits.double().cpu(), ref, **tol)
-        if not ON_GPU:  # not the dense head's product (the quantized path was taken)
-            assert not torch.allclose(logits.double(), hidden.double() @ dense.double().t(),
-                                      **tol)
+    if ON_GPU:  # decode rows took the e4m3 copy: not the dense head's product
+        hidden, logits = seen[-1]
+        assert hidden.shape[0] == 1
+        assert not torch.allclose(logits.double().cpu(), _oracle(hidden, dense.detach(), 0),
+                                  rtol=1e-3, atol=1e-4)
     # the sampled greedy tokens are the argmax of those logits
     last = [lg[-1].argmax().item() for _, lg in seen[:4]]
     assert out.outputs[0].token_ids == last
+
+
+def test_fp8_head_product_w8a16_rows_then_dense():
+    """``fp8_head_mm`` with the Triton QuantOps: its W8A16 kernels up to
+    ``fp8_weight_only_max_m`` rows, the dense product above (CPU tensors: the interpreter)."""
+    if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    from tessellm.kernels.gemm.quant_ops import TritonQuantOps
+    from tessellm.loader.model_loader import fp8_head_mm
+    from tessellm.quantization.packed import quantize_fp8
+
+    dev = "cuda" if ON_GPU else "cpu"
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    gen = torch.Generator().manual_seed(5)
+    dense = (torch.randn(200, 64, generator=gen) * 0.05).to(dtype).to(dev)
+    seg = quantize_fp8(dense)
+    mm = fp8_head_mm(TritonQuantOps(use_scaled_mm=False, fp8_weight_only_max_m=2), dense,
+                     F.linear)
+    tol = dict(rtol=2e-2, atol=2e-3) if ON_GPU else dict(rtol=1e-5, atol=1e-6)
+    for rows in (1, 2, 3, 5):
+        x = torch.randn(rows, 64, generator=gen).to(dtype).to(dev)
+        out = mm(x, seg)
+        torch.testing.assert_close(out.double().cpu(), _oracle(x, dense, 2), **tol)
+        if rows > 2:
+            assert torch.equal(out, F.linear(x, dense))
 
 
 def test_fp8_lm_head_off_by_default(tiny_model_dir, monkeypatch):
