@@ -211,11 +211,12 @@ def fp8_gemv_x2() -> Optional[bool]:
 
 
 def fp8_lm_head() -> bool:
-    """TESSELLM_FP8_LM_HEAD: "1" quantizes the LM head of a ``quantization="fp8"`` model too
-    (e4m3, one scale per vocabulary row, as its linears; ``loader.model_loader._fp8_lm_head``):
-    decode reads 0.5 GB instead of 1.05 GB a token on Llama-3.1-8B. Off by default, as vLLM
-    keeps the head unquantized: a numerics change (SmolLM2 perplexity in docs/quantization.md).
-    Other schemes ignore it (a warning)."""
+    """TESSELLM_FP8_LM_HEAD: "1" gives the LM head of a ``quantization="fp8"`` model an e4m3
+    copy (one scale per vocabulary row, as its linears; ``loader.model_loader._fp8_lm_head``),
+    taken where the backend's fp8 product is weight-only (cuda: decode, up to 32 rows): batch-1
+    decode reads 0.53 GB instead of 1.05 GB of head a token on Llama-3.1-8B. Off by default, as
+    vLLM keeps the head unquantized: a numerics change (SmolLM2 perplexity in
+    docs/quantization.md). Other schemes ignore it (a warning)."""
     return _switch("TESSELLM_FP8_LM_HEAD") is True
 
 

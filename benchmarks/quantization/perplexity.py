@@ -18,8 +18,9 @@ Usage (CPU, bundled SmolLM2 Q4_1 GGUF)::
     python benchmarks/quantization/perplexity.py --schemes none,int8,fp8,gguf \
         --out benchmarks/quantization/results/cpu-smollm2.json
 
-``fp8+lm_head`` is fp8 with the LM head quantized too (``TESSELLM_FP8_LM_HEAD=1``), its W8A16
-product run at every position (``_head_w8a16_everywhere``).
+``fp8+lm_head`` is fp8 with the LM head quantized too (``TESSELLM_FP8_LM_HEAD=1``), its product
+run at every position (``_head_w8a16_everywhere``); ``fp8+lm_head_norefine`` without the
+dense refinement of the top 16 logits.
 """
 
 from __future__ import annotations
@@ -65,19 +66,27 @@ def _linear_bytes(model) -> int:
     return total
 
 
-def _head_w8a16_everywhere(llm) -> None:
+def _head_w8a16_everywhere(llm, refine: bool) -> None:
     """``+lm_head``: the engine takes the fp8 head only where the backend's fp8 product is
     weight-only (cuda: decode, up to 32 rows) and the dense head elsewhere, prompt logprobs
-    included, so perplexity would not see it. Here its W8A16 product (the e4m3 copy, x as it
-    is, float32 sums) runs at every position, as a decode step computes each token's logits."""
+    included, so perplexity would not see it. Here its product runs at every position, as a
+    decode step computes each token's logits: W8A16 of the e4m3 copy (x as it is, float32
+    sums), the 16 largest logits recomputed from the dense weight (``fp8_head_mm``), or not
+    (``+lm_head_norefine``)."""
     import torch.nn.functional as F
 
     from tessellm.layers.vocab import ParallelLMHead
+    from tessellm.loader.model_loader import fp8_head_mm
+
+    class W8A16:  # a QuantOps whose fp8 product is weight-only at every row count
+        fp8_w8a8_rows = staticmethod(lambda rows: False)
+        fp8_mm = staticmethod(lambda x, w: F.linear(x, w.dequantize(x.dtype)))
 
     for head in llm.engine.core.runner.model.modules():
         if isinstance(head, ParallelLMHead):
             assert head.quant_weight is not None, "TESSELLM_FP8_LM_HEAD=1 set no fp8 head"
-            head.quant_mm = lambda x, w: F.linear(x, w.dequantize(x.dtype))
+            dense = head.tied if head.tied is not None else head.weight
+            head.quant_mm = fp8_head_mm(W8A16(), dense, F.linear, 16 if refine else 0)
 
 
 def evaluate(scheme: str, args, ids: list[int], prompts: list[list[int]], reference) -> dict:
@@ -87,14 +96,15 @@ def evaluate(scheme: str, args, ids: list[int], prompts: list[list[int]], refere
 
     t0 = time.perf_counter()
     base, _, extra = scheme.partition("+")  # "fp8+lm_head": TESSELLM_FP8_LM_HEAD=1 as well
-    if extra not in ("", "lm_head") or (extra and base != "fp8"):
-        raise ValueError(f"scheme {scheme!r}: only fp8 takes a suffix, '+lm_head'")
+    if extra not in ("", "lm_head", "lm_head_norefine") or (extra and base != "fp8"):
+        raise ValueError(f"scheme {scheme!r}: only fp8 takes a suffix, '+lm_head' or "
+                         "'+lm_head_norefine'")
     os.environ["TESSELLM_FP8_LM_HEAD"] = "1" if extra else "0"
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.window + 64,
               quantization=None if base == "none" else base, enable_prefix_caching=False,
               max_num_batched_tokens=max(2048, args.window), seed=0)
     if extra:
-        _head_w8a16_everywhere(llm)
+        _head_w8a16_everywhere(llm, refine=extra == "lm_head")
     load_s = time.perf_counter() - t0
     core = llm.engine.core
     model = core.runner.model

@@ -325,16 +325,28 @@ def _fp8_lm_head(model, quant_spec) -> None:
         head.set_quantized(seg, fp8_head_mm(ops, dense, lambda x, d, h=head: h.dense_mm(x, d)))
 
 
-def fp8_head_mm(ops, dense: torch.Tensor, dense_mm):
-    """The fp8 LM head's product (``_fp8_lm_head``): ``ops.fp8_mm`` where it is weight-only at
+FP8_HEAD_REFINE = 16  # logits of each row recomputed from the dense head (fp8_head_mm)
+
+
+def fp8_head_mm(ops, dense: torch.Tensor, dense_mm, refine: int = FP8_HEAD_REFINE):
+    """The fp8 LM head's product (``_fp8_lm_head``): where ``ops.fp8_mm`` is weight-only at
     ``x``'s row count (the ops' ``fp8_w8a8_rows`` says False; an ops without that member:
-    never), else ``dense_mm(x, dense)``. The row count is fixed per captured graph."""
+    never), the logits of the e4m3 copy with each row's ``refine`` largest recomputed from the
+    dense weight (a gather of ``refine`` rows, 128 KB at Llama-8B's hidden size), so greedy
+    picks and the top logprobs are the dense head's wherever the dense top token is among the
+    fp8 top ``refine`` (as the cpu's GGUF head does, ``CpuQuantOps.lm_head_mm``); elsewhere
+    ``dense_mm(x, dense)``. The row count is fixed per captured graph."""
     w8a8_rows = getattr(ops, "fp8_w8a8_rows", None)
 
     def mm(x: torch.Tensor, w) -> torch.Tensor:
-        if w8a8_rows is not None and not w8a8_rows(x.shape[0]):
-            return ops.fp8_mm(x, w)
-        return dense_mm(x, dense)
+        if w8a8_rows is None or w8a8_rows(x.shape[0]):
+            return dense_mm(x, dense)
+        logits = ops.fp8_mm(x, w)
+        if refine <= 0:
+            return logits
+        top = logits.topk(min(refine, logits.shape[-1]), dim=-1).indices  # [M, R]
+        exact = torch.bmm(dense[top], x[:, :, None].to(dense.dtype))[..., 0]  # [M, R]
+        return logits.scatter_(-1, top, exact.to(logits.dtype))
 
     return mm
 
