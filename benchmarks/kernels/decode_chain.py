@@ -62,7 +62,8 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
              fold=None, head8=None):
     """``fold``: a ``GemvConfig``; the two add-RMSNorms of a layer folded into the qkv and
     gate_up GEMVs at that launch shape (``gemv_norm.py``, bf16 only), as the engine runs them.
-    ``head8``: the LM head as an ``Fp8Weight`` (TESSELLM_FP8_LM_HEAD), through ``gemv_fp8_x2``."""
+    ``head8``: the LM head as an ``Fp8Weight`` (TESSELLM_FP8_LM_HEAD), as the engine runs it
+    (``fp8_head_mm``: ``gemv_fp8_x2``, then the 16 largest logits recomputed from ``head``)."""
     from bench_attention import BS, DTYPE, KVH, MAX_MODEL_LEN, D, H, make_batch
 
     from tessellm.backends.spec import AttentionSpec
@@ -73,6 +74,13 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
     from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2, gemv_fp8_x2_silu_and_mul
 
     ops = TritonOps()
+    if head8 is not None:
+        import torch.nn.functional as F
+
+        from tessellm.kernels.gemm.quant_ops import TritonQuantOps
+        from tessellm.loader.model_loader import fp8_head_mm
+
+        head8_mm = fp8_head_mm(TritonQuantOps(), head, F.linear)
     gen = torch.Generator().manual_seed(0)
     _, _, _, kc, vc, batch = make_batch([1], [768], gen)
     kernel = TritonAttentionKernel(AttentionSpec(H, KVH, D, DTYPE, BS), MAX_MODEL_LEN,
@@ -123,8 +131,8 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
                 gu = norm_lin(h, w["gate_up"])
                 act = ops.silu_and_mul(gu) if "silu" in parts else gu[:, :INTER]
             h = lin(act, w["down"])
-        if head8 is not None:
-            return gemv_fp8_x2(norm(h), head8.qweight, head8.scales)
+        if head8 is not None:  # the engine's form: the e4m3 GEMV, its top 16 refined
+            return head8_mm(norm(h), head8)
         return gemv(norm(h), head)
 
     return step
