@@ -14,7 +14,8 @@
 #      through the cuda engine against a float64 oracle; fp32 greedy parity with HF on cuda
 #      with the reduce on (tests/models/test_cuda_parity.py).
 #   2. The B1 kernel chain (decode_chain.py --sections b1fp8, CHAIN_S 120): 32 layers + LM head
-#      in one CUDA graph with PDL, SiLU fold on, fp8: base / last reduce / fp8 head / both /
+#      in one CUDA graph with PDL, SiLU fold on, fp8: base / last reduce / fp8 head / fp8 head
+#      without its top-16 refinement (what the refinement costs) / both /
 #      base again; bf16: base / last reduce / base again. Kernel-level, ~0.3% spread: the
 #      reduce's share (<= ~1%) is below the engine B1's run-to-run spread.
 #   3. B1 (bench latency: Llama-3.1-8B shapes, dummy weights, 512-token prompt, 256 greedy

@@ -59,11 +59,12 @@ def _weights(fp8: bool):
 
 
 def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs=None,
-             fold=None, head8=None):
+             fold=None, head8=None, refine=16):
     """``fold``: a ``GemvConfig``; the two add-RMSNorms of a layer folded into the qkv and
     gate_up GEMVs at that launch shape (``gemv_norm.py``, bf16 only), as the engine runs them.
     ``head8``: the LM head as an ``Fp8Weight`` (TESSELLM_FP8_LM_HEAD), as the engine runs it
-    (``fp8_head_mm``: ``gemv_fp8_x2``, then the 16 largest logits recomputed from ``head``)."""
+    (``fp8_head_mm``: ``gemv_fp8_x2``, then the ``refine`` largest logits recomputed from
+    ``head``; 0: not)."""
     from bench_attention import BS, DTYPE, KVH, MAX_MODEL_LEN, D, H, make_batch
 
     from tessellm.backends.spec import AttentionSpec
@@ -80,7 +81,7 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
         from tessellm.kernels.gemm.quant_ops import TritonQuantOps
         from tessellm.loader.model_loader import fp8_head_mm
 
-        head8_mm = fp8_head_mm(TritonQuantOps(), head, F.linear)
+        head8_mm = fp8_head_mm(TritonQuantOps(), head, F.linear, refine)
     gen = torch.Generator().manual_seed(0)
     _, _, _, kc, vc, batch = make_batch([1], [768], gen)
     kernel = TritonAttentionKernel(AttentionSpec(H, KVH, D, DTYPE, BS), MAX_MODEL_LEN,
@@ -248,6 +249,7 @@ def b1fp8_section(out: dict) -> None:
         if fp8:
             res["floor_ms_fp8_head"] = round((nbytes - head.numel()) / 4.25e9, 3)
             runs.update({"fp8 head": dict(head8=head8),
+                         "fp8 head, no top-16 refinement": dict(head8=head8, refine=0),
                          "fp8 head + last reduce": dict(head8=head8, attn_attrs=last)})
         runs["base again"] = {}
         for name, kw in runs.items():
