@@ -41,7 +41,8 @@ class DeepStackText(MRopeText):
 
     def forward(self, input_ids, positions, metadata, intermediate=None, inputs_embeds=None,
                 deepstack: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None):
-        """``deepstack``: (the step's image rows, per early layer their features) or None."""
+        """``deepstack``: (the step's image rows, per early layer their features) or None; only
+        on the first pipeline stage, which holds every layer they are added after."""
         if deepstack is None:
             return super().forward(input_ids, positions, metadata, intermediate, inputs_embeds)
         rows, features = deepstack
@@ -50,6 +51,8 @@ class DeepStackText(MRopeText):
             hidden, residual = self.layers[i](positions, hidden, residual, metadata)
             if i < len(features):
                 residual = residual.index_add(0, rows, features[i].to(residual.dtype))
+        if not self.pp.is_last:  # the next stage continues from (hidden, residual)
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -72,11 +75,16 @@ class Qwen3VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     text_model = Qwen3VLTextModel
 
     def __init__(self, config, ctx: ModelContext):
-        if ctx.pp.num_stages > 1:
-            raise ValueError(f"{type(self).__name__} with images does not run with "
-                             "pipeline_parallel_size > 1 yet (its DeepStack features feed the "
-                             "first decoder layers); use tensor parallelism.")
         super().__init__(config, ctx)
+        deep = len(getattr(config.vision_config, "deepstack_visual_indexes", None) or ())
+        lm = self.language_model
+        if ctx.pp.num_stages > 1 and ctx.pp.is_first and deep > lm.end_layer - lm.start_layer:
+            raise ValueError(f"{type(self).__name__} with images and pipeline parallelism needs "
+                             f"its {deep} DeepStack layers on the first stage, which holds "
+                             f"{lm.end_layer - lm.start_layer}; use fewer pipeline stages or "
+                             "tensor parallelism.")
+        if not self.tower_here:
+            return
         self.hidden_size = int(config.vision_config.out_hidden_size)
         if self.hidden_size != self.language_model.config.hidden_size:
             raise ValueError(f"vision_config.out_hidden_size {self.hidden_size} is not the "

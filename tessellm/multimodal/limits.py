@@ -93,11 +93,12 @@ def _spec_method(value) -> Optional[str]:
 
 
 # Image models whose tower runs on the first pipeline stage (the others get hidden states).
-# Qwen3-VL's DeepStack (features added after the first decoder layers): not yet.
+# (Qwen3-VL: its DeepStack layers, the first few, must all be on the first stage.)
 PIPELINE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                           "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                           "Mistral3ForConditionalGeneration", "Llama4ForConditionalGeneration",
-                          "Gemma3ForConditionalGeneration")
+                          "Gemma3ForConditionalGeneration", "Qwen3VLForConditionalGeneration",
+                          "Qwen3VLMoeForConditionalGeneration")
 
 
 def _pipelines_images(hf_config) -> bool:

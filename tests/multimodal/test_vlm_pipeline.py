@@ -18,12 +18,21 @@ def _requests(prompt, images, text):
 
 
 @pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2_vl", "mistral3", "llama4",
-                                  "gemma3"])
+                                  "gemma3", "qwen3_vl"])
 def test_two_stages_with_images_match_hf(kind, request):
     """Gemma 3 (four layers: the second stage's first layer feeds image rows to its second):
     the second stage's image rows see their whole image too (key limits from the requests'
     image spans, without an encoder cache there)."""
-    if kind in ("mistral3", "llama4", "gemma3"):
+    if kind == "qwen3_vl":  # four layers: both DeepStack layers on the first stage
+        from tests.multimodal import tiny_qwen2_vl as tiny
+
+        path = tiny.make_tiny_qwen2_vl(str(request.getfixturevalue("tmp_path") / "q4"),
+                                       kind="qwen3_vl", seed=2, num_layers=4)
+        text = "<|im_start|>user\nDescribe a cat.<|im_end|>\n<|im_start|>assistant\n"
+        images = [tiny.image(51), tiny.image(52, (24, 32))]
+        want = tiny.hf_greedy(path, [tiny.PROMPT] * 2, [[im] for im in images], MAX_NEW,
+                              kind="qwen3_vl")
+    elif kind in ("mistral3", "llama4", "gemma3"):
         import importlib
 
         tiny = importlib.import_module(f"tests.multimodal.tiny_{kind}")
@@ -69,8 +78,9 @@ def test_two_stages_with_images_match_hf(kind, request):
     assert len(got[2]) == MAX_NEW
 
 
-def test_models_whose_images_do_not_pipeline_are_refused(qwen3_vl_dir):
-    """Qwen3-VL (its DeepStack features go into the first decoder layers)."""
-    with pytest.raises(ValueError, match="pipeline_parallel_size > 1 does not combine with an "
-                                         "image model .*--limit-mm-per-prompt"):
-        LLM(qwen3_vl_dir, dtype="float32", num_kv_blocks=16, pipeline_parallel_size=2)
+def test_deepstack_layers_off_the_first_stage_are_refused(qwen3_vl_dir):
+    """Qwen3-VL of two layers: its two DeepStack layers would span both stages."""
+    with pytest.raises(Exception, match="needs its 2 DeepStack layers on the first stage, which "
+                                        "holds 1"):
+        LLM(qwen3_vl_dir, dtype="float32", num_kv_blocks=16, device="cpu",
+            pipeline_parallel_size=2)

@@ -34,7 +34,7 @@ def _tokenizer():
                          SPECIAL, 300, CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
-def config(kind: str = "qwen2_vl"):
+def config(kind: str = "qwen2_vl", num_layers: int = 2):
     """Two text layers (hidden 64, head 16: mrope_section [2, 3, 3]) and a depth-2 tower;
     Qwen2.5-VL's windows are 2x2 merge blocks (16 px), block 1 attends over the whole image,
     its videos' temporal positions step 2 a second, and its LM head is tied to the embeddings.
@@ -45,7 +45,8 @@ def config(kind: str = "qwen2_vl"):
     its head untied (the top-level flag; its text config's says tied)."""
     import transformers
 
-    text = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+    text = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                num_hidden_layers=num_layers,
                 intermediate_size=128, vocab_size=320, max_position_embeddings=512,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                  "mrope_section": [2, 3, 3]},
@@ -76,7 +77,7 @@ def config(kind: str = "qwen2_vl"):
                tie_word_embeddings=kind not in ("qwen2_vl", "qwen3_vl_moe"))
 
 
-def make_tiny_qwen2_vl(path: str, kind: str = "qwen2_vl", seed: int = 0) -> str:
+def make_tiny_qwen2_vl(path: str, kind: str = "qwen2_vl", seed: int = 0, num_layers: int = 2) -> str:
     """Saves config, float32 safetensors, tokenizer (with the chat template) and the image
     processor (``preprocessor_config.json``)."""
     import torch
@@ -85,7 +86,7 @@ def make_tiny_qwen2_vl(path: str, kind: str = "qwen2_vl", seed: int = 0) -> str:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(seed)
-    model = getattr(transformers, ARCHS[kind])(config(kind)).to(torch.float32)
+    model = getattr(transformers, ARCHS[kind])(config(kind, num_layers)).to(torch.float32)
     with torch.no_grad():  # larger merger weights: image content visibly moves the logits
         visual = model.model.visual
         for p in visual.merger.parameters():
