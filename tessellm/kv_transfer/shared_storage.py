@@ -274,9 +274,10 @@ class SharedStorageConnector(KVConnectorBase):
         return [mv[n * o + i * nb:n * o + (i + 1) * nb] for o, nb in zip(self.offsets, self.nbytes)]
 
     def _map(self, which: str, fn, n: int) -> list:
-        """``[fn(i) for i in range(n)]``, split into contiguous runs over a pool of threads."""
+        """``fn(run)`` over contiguous runs of ``range(n)``, one a thread of the pool (one run
+        for few blocks), concatenated: each returns a list, one item a block."""
         if n < 4 or self.io_threads == 1:
-            return [fn(i) for i in range(n)]
+            return fn(range(n))
         pool = getattr(self, which)
         if pool is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -285,7 +286,7 @@ class SharedStorageConnector(KVConnectorBase):
             setattr(self, which, pool)
         k = min(self.io_threads, n)
         runs = [range(n * j // k, n * (j + 1) // k) for j in range(k)]
-        return [x for part in pool.map(lambda r: [fn(i) for i in r], runs) for x in part]
+        return [x for part in pool.map(fn, runs) for x in part]
 
     def start_load_kv(self, meta: dict) -> list:
         loads = meta.get("loads") or []
@@ -295,15 +296,18 @@ class SharedStorageConnector(KVConnectorBase):
         n = len(items)
         flat, parts = self._buffer(n)
         mv = memoryview(flat.numpy())
-        got = self._map("_readers", lambda i: self._read(items[i][0], self._views(mv, n, i)), n)
-        sums = _sum_parts(parts) if any(g is not None and g[0] == 1 for g in got) else None
-        bad = set()
-        for i, g in enumerate(got):
-            if g is not None and g[0] == 1 and int(sums[i]) != g[1]:
-                self._drop(self.path(items[i][0], self.context.rank), "checksum mismatch")
-                g = None
-            if g is None:
-                bad.add(i)
+
+        def read(run) -> list:  # on a pool thread: the files, then their sum64s in one pass
+            got = [self._read(items[i][0], self._views(mv, n, i)) for i in run]
+            if any(g is not None and g[0] == 1 for g in got):
+                sums = _sum_parts(parts, run)
+                for j, g in enumerate(got):
+                    if g is not None and g[0] == 1 and int(sums[j]) != g[1]:
+                        self._drop(self.path(items[run[j]][0], self.context.rank), "checksum mismatch")
+                        got[j] = None
+            return [g is not None for g in got]
+
+        bad = {i for i, ok in enumerate(self._map("_readers", read, n)) if not ok}
         failed, mapping, start = [], [], 0
         for rid, pairs in loads:
             idx = range(start, start + len(pairs))
@@ -406,10 +410,15 @@ class SharedStorageConnector(KVConnectorBase):
         if ready is not None:
             ready()  # the step's copies into the buffer are done
         n = len(saves)
-        sums = _sum_parts(parts) if self.checksum == "sum64" else None
         mv = memoryview(flat.numpy())
-        self._map("_writers", lambda i: self._write(saves[i][0], self._views(mv, n, i),
-                                                   None if sums is None else int(sums[i])), n)
+
+        def write(run) -> list:  # on a pool thread: the run's sum64s in one pass, then the files
+            sums = _sum_parts(parts, run) if self.checksum == "sum64" else None
+            for j, i in enumerate(run):
+                self._write(saves[i][0], self._views(mv, n, i), None if sums is None else int(sums[j]))
+            return []
+
+        self._map("_writers", write, n)
         del mv
         self._release(flat)
 
@@ -454,11 +463,12 @@ def _torch():
     return torch
 
 
-def _sum_parts(parts):
-    """Each block's sum64 over every cache tensor's part (uint8 ``[n, bytes]`` tensors)."""
+def _sum_parts(parts, run: range):
+    """The sum64 of each block of ``run`` over every cache tensor's part (uint8 ``[n, bytes]``
+    tensors; numpy lets the GIL go, so the pool's threads sum in parallel)."""
     total = None
     for part in parts:
-        s = _sum64(part.numpy())
+        s = _sum64(part.numpy()[run.start:run.stop])
         total = s if total is None else total + s  # uint64: modulo 2**64
     return total
 
