@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# KV connectors (--kv-transfer-config, docs/kv_transfer.md) on one GPU, ~6 minutes:
+# KV connectors (--kv-transfer-config, docs/kv_transfer.md) on one GPU, ~4 minutes (at most 8):
 #   1. conformance: swap_blocks through pageable host memory (bf16, fp8) and producer/consumer
 #      generation equal to a plain run, on the cuda backend;
 #   2. check: tiny Llama on cuda, a producer engine saves block files, a consumer loads them:
@@ -16,10 +16,10 @@
 # ms vs recompute.
 source benchmarks/device_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-t conformance ${CONF_S:-150} python3 -m tessellm.testing --backend cuda -q -k "pageable or kv_connector"
-t check ${CHECK_S:-90} python3 benchmarks/kvconn_gpu.py check
+t conformance ${CONF_S:-90} python3 -m tessellm.testing --backend cuda -q -k "pageable or kv_connector"
+t check ${CHECK_S:-60} python3 benchmarks/kvconn_gpu.py check
 grep -E "CHECK|kv_" "$OUT/check.txt"
-t io ${IO_S:-120} python3 benchmarks/kvconn_io.py 1.0 --device cuda
+t io ${IO_S:-90} python3 benchmarks/kvconn_io.py 1.0 --device cuda
 grep -E "GB/s|round trip" "$OUT/io.txt"
-t ttft ${TTFT_S:-300} python3 benchmarks/kvconn_gpu.py ttft ${TTFT_TOKENS:-8000}
+t ttft ${TTFT_S:-240} python3 benchmarks/kvconn_gpu.py ttft ${TTFT_TOKENS:-8000}
 grep -E "TTFT|connector" "$OUT/ttft.txt"
