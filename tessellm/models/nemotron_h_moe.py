@@ -30,6 +30,8 @@ from tessellm.models.deepseek_v2 import DeepseekRouter
 from tessellm.models.dense_mlp import DenseMLP
 
 _EXPERT = re.compile(r"experts\.(\d+)\.(up_proj|down_proj)\.weight$")
+_FP8_EXPERT = re.compile(r"(?:experts\.\d+|fc[12]_latent_proj)\.")  # never quantized here
+_SCALES = ("weight_scale", "weight_scale_inv", "input_scale")
 _SHARED = {"up_proj": ("fc_in", 0), "down_proj": ("fc_out", None)}
 
 
@@ -71,6 +73,16 @@ class NemotronHMoE(nn.Module):
 
     def load_checkpoint_tensor(self, attr: str, tensor) -> str:
         """``attr``: the name under ``mixer.``; returns the parameter it filled."""
+        if _FP8_EXPERT.match(attr):
+            tensor = materialize(tensor)
+        if _FP8_EXPERT.match(attr) and (attr.rpartition(".")[2] in _SCALES
+                                        or tensor.dtype in (torch.float8_e4m3fn,
+                                                            torch.float8_e4m3fnuz)):
+            raise ValueError(f"Checkpoint tensor mixer.{attr} is an fp8 expert's; Nemotron-H's "
+                             "relu2 experts are kept in the model dtype (the fused MoE op's fp8 "
+                             "experts are SwiGLU), so fp8 expert checkpoints are not supported "
+                             "yet: load the bf16 checkpoint, with quantization='fp8' for the "
+                             "other layers.")
         match = _EXPERT.match(attr)
         if match is not None:
             self.experts.load_expert(int(match[1]), match[2], tensor)

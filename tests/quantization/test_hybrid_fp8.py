@@ -24,7 +24,8 @@ import torch
 from tessellm import LLM, SamplingParams
 from tessellm.quantization.packed import quantize_fp8
 from tests.quantization.block_fp8_checkpoint import (assert_serves_dequantized, build,
-                                                     checkpoint_maker, generate)
+                                                     checkpoint_maker, generate,
+                                                     write_fp8_per_tensor)
 
 PROMPTS = [[5, 17, 42, 99, 3, 120], [7, 7, 7], list(range(40, 80)), [100, 12]]
 MAX_NEW = 10
@@ -277,3 +278,18 @@ def test_cuda_fp8_hybrids_greedy(checkpoints, granite_moe_dir):
         agreement = _top1_agreement(path, continuations, quantization=quant, **kw)
         print(f"{path}: top-1 agreement {agreement:.3f}")
         assert agreement >= 0.6, (path, agreement)
+
+
+def test_nemotron_h_fp8_experts_are_refused_by_name(tmp_path):
+    """Nemotron-H's relu2 experts stay in the model dtype: an fp8 expert checkpoint is refused
+    naming the tensor (its codes were copied without their scale, then a scale had "no
+    place"), while quantization="fp8" on the bf16 checkpoint serves the other layers."""
+    from tests.models.test_nemotron_h import nemotron_config
+    from tests.models.variant_parity import save_tiny
+
+    dense = save_tiny(nemotron_config(initializer_range=0.05), str(tmp_path / "dense"))
+    fp8_dir, _ = write_fp8_per_tensor(dense, str(tmp_path / "fp8"), str(tmp_path / "deq"))
+    with pytest.raises(ValueError, match=r"mixer\.experts\.\d+\.\w+_proj\.\w+ is an fp8 "
+                                         r"expert's; Nemotron-H's relu2 experts are kept"):
+        build(fp8_dir)
+    assert len(generate(dense, PROMPTS[:1], 4, quantization="fp8")[0]) == 4
