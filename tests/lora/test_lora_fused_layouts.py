@@ -193,7 +193,7 @@ def test_another_family_adapter_is_refused(layout_setup, family, adapter_family,
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("config_class,arch", [("DeepseekV3Config", "DeepseekV3ForCausalLM")])
+@pytest.mark.parametrize("config_class,arch", [("Mamba2Config", "Mamba2ForCausalLM")])
 def test_architecture_without_lora_layout_is_refused(config_class, arch):
     import transformers
 
