@@ -462,4 +462,5 @@ class Scheduler(SchedulerUpdate):
                               self.num_preemptions_total, self.kv.stats.queries, self.kv.stats.hits,
                               self.spec_stats.copy() if self.spec_stats.num_drafts else None,
                               None if self.kv.host is None else self.kv.host.stats_dict(),
-                              None if self.connector is None else self.connector.stats.as_dict())
+                              None if self.connector is None else self.connector.stats.as_dict(),
+                              None if self.kv.states is None else self.kv.states.stats_dict())

@@ -56,6 +56,8 @@ class SchedulerStats:
     kv_offload: Optional[dict] = None
     # A KV connector's totals since start (KVConnectorStats.as_dict); None: no connector.
     kv_connector: Optional[dict] = None
+    # Recurrent-state snapshots for prefix caching (StateSnapshots.stats_dict); None: no pool.
+    state_snapshots: Optional[dict] = None
 
 
 class ContextLengthError(ValueError):

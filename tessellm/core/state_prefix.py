@@ -69,10 +69,18 @@ class StateSnapshots:
         self.published: OrderedDict[int, object] = OrderedDict()  # slot -> Block, LRU first
         self.num_saved = 0  # snapshots taken (for stats and tests)
         self.num_restored = 0  # prefix hits that started from a snapshot
+        self.num_evicted = 0  # published snapshots given up (taken over, or left with their block)
 
     @property
     def num_free(self) -> int:
         return len(self.free)
+
+    def stats_dict(self) -> dict:
+        """For the metrics (``tessellm:recurrent_state_snapshot*``, docs/metrics.md): the pool's
+        ``slots``, those ``used`` (pending or published), and totals since start: ``saves``
+        (slots taken for a save), ``restores`` (hits started from a snapshot), ``evictions``."""
+        return dict(slots=self.num_slots, used=self.num_slots - len(self.free),
+                    saves=self.num_saved, restores=self.num_restored, evictions=self.num_evicted)
 
     def take(self, evict: bool = True) -> Optional[int]:
         """A slot for a new save: a free one, else (``evict``) the least recently used published
@@ -82,6 +90,7 @@ class StateSnapshots:
         elif self.published and evict:
             slot, block = self.published.popitem(last=False)
             block.state_slot = None
+            self.num_evicted += 1
         else:
             return None
         self.num_saved += 1
@@ -105,7 +114,8 @@ class StateSnapshots:
         if slot is None:
             return
         block.state_slot = None
-        self.published.pop(slot, None)
+        if self.published.pop(slot, None) is not None:
+            self.num_evicted += 1
         self.free.append(slot)
 
     def clear(self, blocks) -> None:

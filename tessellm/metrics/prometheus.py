@@ -128,6 +128,7 @@ class EngineMetrics:
         self._add_spec_decode_metrics()
         self._kv_offload = None  # created when the core first reports a host tier
         self._kv_connector = None  # created when the core first reports a KV connector
+        self._state_snapshots = None  # created when the core first reports a snapshot pool
         self.iteration_tokens = self._child(Histogram, "iteration_tokens_total", "Tokens computed "
                                             "per engine step (prefill chunks plus decodes).",
                                             buckets=ITERATION_TOKEN_BUCKETS)
@@ -193,6 +194,31 @@ class EngineMetrics:
         for key, metric in self._kv_connector.items():
             metric.update(totals.get(key, 0))
 
+    def _observe_state_snapshots(self, pool: Optional[dict]) -> None:
+        """Prefix caching's recurrent-state snapshots (Mamba / gated DeltaNet models,
+        core/state_prefix.py): ``recurrent_state_snapshot_slots`` and ``_used`` gauges,
+        ``recurrent_state_snapshot_{saves,restores,evictions}_total``."""
+        if not pool:
+            return
+        if self._state_snapshots is None:
+            gauges = {"slots": "Recurrent-state snapshot slots of prefix caching (the pool size).",
+                      "used": "Recurrent-state snapshot slots holding a snapshot (pending or "
+                              "serving hits)."}
+            counters = {"saves": "Recurrent-state snapshots saved (a slot taken for a save).",
+                        "restores": "Prefix hits that started from a recurrent-state snapshot.",
+                        "evictions": "Recurrent-state snapshots given up (taken over for a new "
+                                     "save, or dropped with their cached block)."}
+            self._state_snapshots = {
+                **{k: self._child(Gauge, f"recurrent_state_snapshot_{k}", doc)
+                   for k, doc in gauges.items()},
+                **{k: _CumulativeCounter(self._child(Counter, f"recurrent_state_snapshot_{k}", doc))
+                   for k, doc in counters.items()}}
+        for key, metric in self._state_snapshots.items():
+            if key in ("slots", "used"):
+                metric.set(pool.get(key, 0))
+            else:
+                metric.update(pool.get(key, 0))
+
     def _spec_position(self, pos: int) -> _CumulativeCounter:
         if pos not in self._spec_per_pos:
             self._spec_per_pos[pos] = _CumulativeCounter(
@@ -248,6 +274,7 @@ class EngineMetrics:
         self._observe_spec_decode(stats.spec_decode)
         self._observe_kv_offload(stats.kv_offload)
         self._observe_kv_connector(stats.kv_connector)
+        self._observe_state_snapshots(stats.state_snapshots)
         for n in stats.step_num_tokens:
             self.iteration_tokens.observe(n)
         if stats.device_memory_used_bytes is not None:

@@ -50,6 +50,10 @@ class EngineStats:
     # prompt tokens, and those loaded through it), blocks_loaded, blocks_saved (offered to the
     # workers), load_failures (requests recomputed); None: no connector.
     kv_connector: Optional[dict] = None
+    # Recurrent-state snapshots of prefix caching (Mamba / gated DeltaNet models;
+    # core/state_prefix.py): slots and used now, saves, restores and evictions since start;
+    # None: no pool.
+    state_snapshots: Optional[dict] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineStats":
@@ -159,7 +163,8 @@ def merge_engine_stats(parts: list[EngineStats]) -> EngineStats:
         triton_compilations_after_ready=sum(p.triton_compilations_after_ready for p in parts),
         spec_decode=_merge_spec_decode([p.spec_decode for p in parts if p.spec_decode]),
         kv_offload=_merge_kv_offload([p.kv_offload for p in parts if p.kv_offload]),
-        kv_connector=_merge_totals([p.kv_connector for p in parts if p.kv_connector]))
+        kv_connector=_merge_totals([p.kv_connector for p in parts if p.kv_connector]),
+        state_snapshots=_merge_totals([p.state_snapshots for p in parts if p.state_snapshots]))
 
 
 def _merge_totals(parts: list[dict]) -> Optional[dict]:

@@ -113,6 +113,7 @@ def test_a_full_pool_gives_the_least_recently_used_snapshot_and_never_a_pending_
     assert s.kv.find_cached_prefix(req("x", 9, start=100), count=False) == []
     assert len(s.kv.find_cached_prefix(req("y", 9, start=200), count=False)) == 2
     check_pool(s.kv)
+    assert s.kv.states.stats_dict() == dict(slots=2, used=2, saves=4, restores=0, evictions=2)
     # Two prompts in one step reserve both slots: a third finds none free, none published.
     s2 = make(snapshots=2)
     for i, rid in enumerate("def"):
@@ -131,6 +132,8 @@ def test_a_snapshot_leaves_with_its_evicted_block_and_with_a_preempted_request()
     run_step(s)
     assert s.kv.find_cached_prefix(req("x", 9), count=False) == []
     check_pool(s.kv)
+    # a's 2 snapshots left with its blocks; b's step holds a pending one (after its 12 tokens)
+    assert s.kv.states.stats_dict() == dict(slots=4, used=1, saves=3, restores=0, evictions=2)
     # b's pending snapshot (its step never came back) is freed with its blocks.
     s2 = make(snapshots=4)
     s2.add_request(req("c", 9))
@@ -139,6 +142,7 @@ def test_a_snapshot_leaves_with_its_evicted_block_and_with_a_preempted_request()
     s2._preempt(s2.running.pop())
     assert s2.kv.states.num_free == 4
     check_pool(s2.kv)
+    assert s2.kv.states.num_evicted == 0  # pending, never published: not counted as evicted
 
 
 @pytest.mark.parametrize("setting,match", [
@@ -182,3 +186,13 @@ def test_a_shared_prefix_gains_a_snapshot_where_a_second_prompt_leaves_it():
     out, _ = run_step(s)
     assert out.new_requests[0].num_computed_tokens == 8 and out.state_restores == {"c": 2}
     check_pool(s.kv)
+
+
+def test_data_parallel_cores_add_up_their_snapshot_pools():
+    from tessellm.metrics.stats import EngineStats, merge_engine_stats
+
+    a = dict(slots=4, used=3, saves=7, restores=2, evictions=1)
+    b = dict(slots=4, used=1, saves=1, restores=0, evictions=0)
+    merged = merge_engine_stats([EngineStats(state_snapshots=a), EngineStats(state_snapshots=b)])
+    assert merged.state_snapshots == dict(slots=8, used=4, saves=8, restores=2, evictions=1)
+    assert merge_engine_stats([EngineStats(), EngineStats()]).state_snapshots is None

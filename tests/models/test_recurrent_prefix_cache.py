@@ -122,8 +122,29 @@ def test_a_full_snapshot_pool_gives_up_the_least_recently_used(mamba2):
     with LLM(path, dtype="float32", block_size=4, recurrent_state_snapshots=2) as llm:
         tokens, cached = run(llm, *names)
         check_pool(llm.engine.core.kv)
+        pool = llm.engine.core.scheduler.stats().state_snapshots
     assert cached == [0, 0, 0, 0, 40]
     assert tokens == [want[n] for n in names]
+    # The pool's metrics, from the scheduler's stats as the engine process sends them. Saves: a
+    # at 44 and its decode at 48 (a free slot), other1 at 40 (taking a's decode snapshot, the
+    # first to go; its own decode save finds no free slot), other2 at 40 (taking a's at 44), a
+    # again at 44 (taking other1's): 5 saves, 3 evictions, other2's hit the one restore.
+    assert pool == dict(slots=2, used=2, saves=5, restores=1, evictions=3)
+    from prometheus_client import CollectorRegistry
+
+    from tessellm.metrics.prometheus import EngineMetrics
+    from tessellm.metrics.stats import EngineStats
+
+    metrics = EngineMetrics("m", CollectorRegistry())
+    metrics.observe_stats(EngineStats(state_snapshots=pool))
+    text = metrics.render().decode()
+    for line in ('recurrent_state_snapshot_slots{model_name="m"} 2.0',
+                 'recurrent_state_snapshot_used{model_name="m"} 2.0',
+                 'recurrent_state_snapshot_restores_total{model_name="m"} 1.0',
+                 'recurrent_state_snapshot_saves_total{model_name="m"} 5.0',
+                 'recurrent_state_snapshot_evictions_total{model_name="m"} 3.0'):
+        assert "tessellm:" + line in text
+    assert "recurrent_state_snapshot" not in EngineMetrics("m", CollectorRegistry()).render().decode()
 
 
 def test_a_shared_prefix_gains_a_snapshot_where_a_second_prompt_leaves_it(model):
