@@ -39,6 +39,10 @@ class EngineArgs:
     # many recurrent-state snapshots (one per cached block boundary) the cache keeps; their
     # memory comes out of the KV cache budget. None: those fitting in a quarter of it.
     recurrent_state_snapshots: Optional[int] = None
+    # With them: a prefill also ends a chunk, and keeps the state, every N blocks (so the second
+    # request sharing a prefix hits it, up to a multiple of N blocks); 0: only at the last full
+    # block of a prompt and where a chunk ends anyway. More steps per prompt, more snapshots.
+    recurrent_state_snapshot_interval: int = 0
     enable_chunked_prefill: bool = True
     seed: int = 0
     load_format: str = "auto"  # auto, safetensors, gguf, dummy
@@ -143,6 +147,10 @@ class EngineArgs:
         snaps = self.recurrent_state_snapshots
         if snaps is not None and (not isinstance(snaps, int) or snaps < 0):
             raise ValueError(f"recurrent_state_snapshots must be an integer >= 0, got {snaps!r}.")
+        every = self.recurrent_state_snapshot_interval
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ValueError("recurrent_state_snapshot_interval must be an integer >= 0 (blocks; "
+                             f"0: off), got {every!r}.")
         rank = self.data_parallel_rank
         if not isinstance(rank, int) or not 0 <= rank < self.data_parallel_size:
             raise ValueError(f"data_parallel_rank must be in 0..{self.data_parallel_size - 1}, got "

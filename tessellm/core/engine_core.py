@@ -163,6 +163,8 @@ class EngineCore(EngineSleep):
             prefix_caching = states is not None
         self.kv = BlockManager(num_blocks, args.block_size, prefix_caching)
         self.kv.states = states
+        if states is not None:
+            states.every = args.recurrent_state_snapshot_interval
         if args.kv_offloading_size is not None:
             self.kv.host = self._host_kv_tier(args)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, max_batched, self.max_model_len,

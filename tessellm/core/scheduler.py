@@ -318,7 +318,7 @@ class Scheduler(SchedulerUpdate):
             return num_new
         if start < cut < start + num_new:
             num_new = cut - start
-        return align_chunk(start, num_new, req.num_tokens, self.kv.block_size)
+        return align_chunk(start, num_new, req.num_tokens, self.kv.block_size, self.kv.states.every)
 
     def _save_state(self, req: Request, start: int, num_new: int, saves: dict[str, int]) -> None:
         """Reserve a snapshot of the request's state after this chunk when it ends on a

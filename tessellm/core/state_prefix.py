@@ -44,6 +44,11 @@ Invariants
       B = S + b: KV hit on S's blocks, no snapshot in them -> chunk 1 ends at S's last full
           block and saves there (the snapshot goes to A's cached block)
       C = S + c: hit on S's blocks, starting from B's snapshot
+
+  With ``every`` (``recurrent_state_snapshot_interval``, blocks) a prefill chunk also stops at
+  every multiple of ``every`` blocks (``align_chunk``) and saves there, so B already hits S up
+  to its last such multiple (one step per ``every`` blocks of a prompt: the state is only
+  materialized at a chunk's end).
 * A decode step that fills a block saves the state there too, replacing the request's previous
   decode snapshot (a request keeps one: its latest boundary), so a next chat turn (this
   request's tokens, then more) hits through the answer. Such a save only takes a free slot,
@@ -61,10 +66,11 @@ class StateSnapshots:
     """``num_slots`` snapshot slots of the runner's snapshot pool (``MambaStateCache``'s
     ``snapshots``): which block holds each, least recently used first."""
 
-    def __init__(self, num_slots: int):
+    def __init__(self, num_slots: int, every: int = 0):
         if num_slots < 1:
             raise ValueError(f"A recurrent-state snapshot pool needs >= 1 slot, got {num_slots}.")
         self.num_slots = num_slots
+        self.every = every  # recurrent_state_snapshot_interval: blocks between prefill saves
         self.free = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest first
         self.published: OrderedDict[int, object] = OrderedDict()  # slot -> Block, LRU first
         self.num_saved = 0  # snapshots taken (for stats and tests)
@@ -125,10 +131,16 @@ class StateSnapshots:
         self.free = list(range(self.num_slots - 1, -1, -1))
 
 
-def align_chunk(start: int, num_new: int, num_tokens: int, block_size: int) -> int:
+def align_chunk(start: int, num_new: int, num_tokens: int, block_size: int, every: int = 0) -> int:
     """``num_new`` tokens from ``start`` cut so the chunk ends on a block boundary where it can
     (module docstring): before the known tokens' end, rounded down to a boundary (unless that
-    leaves nothing); reaching the end, first up to the last boundary a hit may end at."""
+    leaves nothing); reaching the end, first up to the last boundary a hit may end at. With
+    ``every`` (blocks), first at the next multiple of ``every`` blocks a hit may end at."""
+    if every:
+        step = every * block_size
+        stop = (start // step + 1) * step
+        if start + num_new > stop and stop <= (num_tokens - 1) // block_size * block_size:
+            return stop - start
     end = start + num_new
     if end >= num_tokens:
         last = (num_tokens - 1) // block_size * block_size

@@ -48,6 +48,10 @@ HELP = {
                                  "at cached block boundaries for prefix-cache hits, out of the KV "
                                  "cache memory (default: a quarter of it; 0: no prefix caching "
                                  "for them; docs/state_space.md)",
+    "recurrent_state_snapshot_interval": "with those snapshots: a prefill also stops a chunk and "
+                                         "keeps the state every N blocks, so the second request "
+                                         "sharing a prefix hits it (more steps per prompt; 0: off; "
+                                         "docs/state_space.md)",
     "enable_chunked_prefill": "split long prompts over several steps",
     "seed": "random seed (sampling without a per-request seed)",
     "load_format": "auto, safetensors, gguf or dummy (random weights)",

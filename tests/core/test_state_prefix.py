@@ -196,3 +196,48 @@ def test_data_parallel_cores_add_up_their_snapshot_pools():
     merged = merge_engine_stats([EngineStats(state_snapshots=a), EngineStats(state_snapshots=b)])
     assert merged.state_snapshots == dict(slots=8, used=4, saves=8, restores=2, evictions=1)
     assert merge_engine_stats([EngineStats(), EngineStats()]).state_snapshots is None
+
+
+@pytest.mark.parametrize("start,num_new,num_tokens,every,want", [
+    (0, 64, 45, 2, 8),  # stops at every 2 blocks (8 tokens) ...
+    (8, 64, 45, 2, 8),
+    (40, 64, 45, 2, 4),  # ... and the last boundary a hit may end at (44) as before
+    (0, 64, 45, 3, 12),
+    (2, 64, 45, 1, 2),  # a chunk starting inside a block (after a hit) ends at the next boundary
+    (0, 6, 45, 2, 4),  # a chunk ending before the stop is aligned as without
+    (44, 1, 45, 1, 1),  # the prompt's tail (and a decode) is never cut
+])
+def test_align_chunk_every_n_blocks(start, num_new, num_tokens, every, want):
+    assert align_chunk(start, num_new, num_tokens, 4, every) == want
+
+
+def test_a_shared_prefix_hits_from_its_second_request_with_an_interval():
+    """recurrent_state_snapshot_interval=2 (blocks): A = S + a is prefilled in chunks ending at
+    8 and 12, keeping the state at both; B = S + b then hits S's first 8 tokens (its KV blocks
+    end at 8 and a snapshot is kept there) instead of computing S whole."""
+    from tessellm.core.request import Request
+    from tessellm.core.sampling_params import SamplingParams
+
+    def prompt(rid, tail):
+        return Request(rid, list(range(1, 11)) + tail, SamplingParams(max_tokens=2), eos_token_ids=[0])
+
+    s = make()
+    s.kv.states.every = 2
+    s.add_request(prompt("a", [50, 51, 52, 53, 54]))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 8} and out.state_saves == {"a": 0}
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 4} and out.state_saves == {"a": 1}
+    finish(s, "a")
+    s.add_request(prompt("b", [60, 61, 62, 63, 64]))
+    out, _ = run_step(s)
+    assert out.new_requests[0].num_computed_tokens == 8 and out.state_restores == {"b": 0}
+    check_pool(s.kv)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_a_bad_snapshot_interval_is_refused(bad):
+    from tessellm.config import EngineArgs
+
+    with pytest.raises(ValueError, match="recurrent_state_snapshot_interval must be an integer >= 0"):
+        EngineArgs(recurrent_state_snapshot_interval=bad).validate()

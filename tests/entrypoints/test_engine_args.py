@@ -31,6 +31,7 @@ NON_DEFAULT = {
     "pooler_config": '{"pooling_type": "MEAN"}', "override_pooler_config": '{"normalize": false}',
     "hf_overrides": '{"num_labels": 1}',
     "kv_offloading_size": 2.5, "kv_offloading_backend": "native", "recurrent_state_snapshots": 5,
+    "recurrent_state_snapshot_interval": 4,
     "kv_transfer_config": '{"kv_connector": "SharedStorageConnector"}',
     "enable_sleep_mode": True,
     "enable_prompt_embeds": True,

@@ -160,6 +160,21 @@ def test_a_shared_prefix_gains_a_snapshot_where_a_second_prompt_leaves_it(model)
     assert tokens == [want[n] for n in names]
 
 
+def test_with_an_interval_the_second_request_sharing_a_prefix_hits(model):
+    """recurrent_state_snapshot_interval=2: a is prefilled in chunks of 8 tokens, keeping the
+    state after 8, 16, .., 40 and 44; inside, sharing a's first 42 tokens, then hits 40 (without
+    the interval it is computed whole, above), starting from the snapshot after 40."""
+    names = ("a", "inside")
+    path, want = model, hf(model, *names)
+    with LLM(path, dtype="float32", block_size=4, recurrent_state_snapshot_interval=2) as llm:
+        tokens, cached = run(llm, *names)
+        kv = llm.engine.core.kv
+        check_pool(kv)
+        assert kv.states.num_restored == 1
+    assert cached == [0, 40]
+    assert tokens == [want[n] for n in names]
+
+
 def test_a_next_chat_turn_hits_through_the_answer(model):
     """A request keeps its state after the last block its decode steps fill (48 of a's 45 + 6
     tokens); the next turn (a, its answer, then more) hits 48: the prompt and the answer."""
