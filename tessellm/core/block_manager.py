@@ -12,7 +12,11 @@ Invariants
   prompt's *last* blocks are evicted before its first ones (the first are the most shareable).
 * A full block's hash chains its parent's hash and its own token ids (plus an extra key such as
   a cache salt, a LoRA adapter id, the images whose placeholders the block covers:
-  ``Request.block_key``): ``h_i = hash((h_{i-1}, tokens_i, extra))``. Equal prefixes share blocks.
+  ``Request.block_key``): ``h_i = H(h_{i-1}, tokens_i, extra)``. Equal prefixes share blocks.
+  ``H`` is a 128-bit BLAKE2b (``hash_block``), not Python's ``hash()``: a tuple hash of small
+  ints can be inverted with ~2^32 work, so one tenant could craft a block whose hash equals a
+  known prompt's and have another tenant's request read its KV (vLLM's CVE-2025-25183); it is
+  also the same in every process.
 * A prefix hit never covers a request's last prompt token: that token's logits are needed.
 * With a host tier (``host``, ``core/kv_offload.py``), a cached block evicted here is stored
   there first, and a prefix that misses here but hits there is loaded into fresh blocks, which
@@ -31,6 +35,8 @@ Picture of one request (block_size 4, 10 tokens, 9 computed)::
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
@@ -65,7 +71,14 @@ class PrefixCacheStats:
 
 
 def hash_block(parent_hash: Optional[int], token_ids: tuple[int, ...], extra: object = None) -> int:
-    return hash((parent_hash, token_ids, extra))
+    """A block's prefix hash (module docstring): BLAKE2b-128 over its parent's hash, its token
+    ids and ``repr(extra)`` (None, strings, ints and tuples of them), as an int."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(b"-" if parent_hash is None else parent_hash.to_bytes(16, "little"))
+    h.update(len(token_ids).to_bytes(4, "little") + array("q", token_ids).tobytes())
+    if extra is not None:
+        h.update(repr(extra).encode())
+    return int.from_bytes(h.digest(), "little")
 
 
 class BlockManager:

@@ -64,6 +64,25 @@ def test_different_prefix_or_salt_does_not_hit():
     assert kv.find_cached_prefix(salted) == []
 
 
+def test_block_hashes_are_collision_resistant_and_the_same_in_every_process():
+    """Prefix hashes are BLAKE2b, not Python's hash(): distinct keys Python's hash() equates
+    (hash(-1) == hash(-2): a tuple hash of small ints is as easy to collide by construction)
+    stay distinct, and a salted prompt's hashes are equal in two interpreters (str and None
+    hash per process)."""
+    from tessellm.core.block_manager import hash_block
+
+    assert hash((None, (1, 2), -1)) == hash((None, (1, 2), -2))
+    assert hash_block(None, (1, 2), -1) != hash_block(None, (1, 2), -2)
+    assert hash_block(None, (1, 2)) != hash_block(None, (1,), 2)
+    code = ("from tessellm.core.block_manager import BlockManager; from tessellm.core.request import "
+            "Request; from tessellm.core.sampling_params import SamplingParams; "
+            "r = Request('a', list(range(12)), SamplingParams(), cache_salt='t'); "
+            "BlockManager(8, 4).update_block_hashes(r); print(r.block_hashes)")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout for _ in range(2)}
+    assert len(runs) == 1 and len(eval(runs.pop())) == 3
+
+
 def test_freed_cached_block_is_revived_then_evicted_lru():
     kv = BlockManager(num_blocks=4, block_size=2)
     a = req("a", [1, 2, 3, 4, 5])
