@@ -103,22 +103,28 @@ class Request:
     def cache_key(self) -> object:
         """The extra key of its prefix hashes: KV computed under another adapter or another
         cache salt, or from other prompt embeddings, is never shared."""
+        return self._extra_key(None)
+
+    def _extra_key(self, lora: object) -> object:
         key = self.cache_salt
         if self.lora_request is not None:
-            key = (key, "lora", self.lora_request.lora_int_id)
+            key = (key, "lora", self.lora_request.lora_int_id if lora is None else lora)
         if self.prompt_embeds is not None:
             key = (key, "embeds", self.prompt_embeds.identifier)
         return key
 
-    def block_key(self, start: int, end: int) -> object:
+    def block_key(self, start: int, end: int, lora: object = None) -> object:
         """The extra key of the prefix hash of the block over tokens ``[start, end)``:
-        ``cache_key``, plus the content hashes of the images whose placeholders it covers."""
+        ``cache_key``, plus the content hashes of the images whose placeholders it covers.
+        ``lora``: the adapter's part instead of its ``lora_int_id`` (which means something in
+        one engine only; the KV connector's keys give a digest of the adapter's files)."""
+        key = self._extra_key(lora)
         if not self.mm_features:
-            return self.cache_key
+            return key
         from tessellm.multimodal.inputs import block_extra_keys
 
         images = block_extra_keys(self.mm_features, start, end)
-        return (self.cache_key, images) if images else self.cache_key
+        return (key, images) if images else key
 
     @property
     def num_prompt_tokens(self) -> int:

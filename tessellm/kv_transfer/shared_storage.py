@@ -12,7 +12,8 @@ Layout::
                tensor/pipeline layout, drafter); engines that differ never read each other's
     key:       the block's chained prefix hash, sha256 (as the prefix cache's, but stable
                across processes: key_i = sha256(key_{i-1}, tokens_i, extra_i), where extra is
-               the prefix cache's extra key: cache salt, LoRA adapter, images)
+               the prefix cache's extra key: cache salt, LoRA adapter, images; the adapter as a
+               digest of its files, never its lora_int_id, which means something in one engine)
 
     file:  a 128-byte header | payload (the block of every cache tensor of the rank, in order)
     header: b"TSLKV\x00\x02\n", the key (64 bytes), rank (u32), checksum kind (u32: 0 none,
@@ -73,6 +74,32 @@ def chain_key(parent: Optional[str], tokens, extra) -> str:
     return h.hexdigest()
 
 
+def adapter_identity(path: str) -> str:
+    """A LoRA adapter as the connector's keys name it: a BLAKE2b digest of the contents of
+    its ``adapter_config.json`` and weights file (as ``tessellm.lora.peft`` reads them). Its
+    ``lora_int_id`` is no identity across engines (two engines may bind one id to other
+    files); a digest of the contents is: the same adapter in any directory, under any name or
+    id, shares KV, and another one never does. A directory without those files (the request
+    fails to load it) is named by its real path."""
+    h = hashlib.blake2b(digest_size=16)
+    found = False
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        file = os.path.join(path, name)
+        try:
+            with open(file, "rb") as f:
+                h.update(b"\x00" + name.encode() + b"\x00")
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        except OSError:
+            continue
+        found = found or name != "adapter_config.json"
+        if name == "adapter_model.safetensors":
+            break  # the .bin is read only without it
+    if not found:
+        return "path:" + os.path.realpath(path)
+    return "files:" + h.hexdigest()
+
+
 class SharedStorageConnector(KVConnectorBase):
     def __init__(self, config, role, context):
         super().__init__(config, role, context)
@@ -111,6 +138,7 @@ class SharedStorageConnector(KVConnectorBase):
         # full, or a hot prefix, is not checked file by file again. A file that goes away
         # after the check fails its load on the worker: a recompute, never a wrong token.
         self._checked: OrderedDict[str, None] = OrderedDict()
+        self._adapters: dict[str, str] = {}  # adapter directory -> adapter_identity (read once)
         self._warned = False
 
     def path(self, key: str, rank: int) -> str:
@@ -122,11 +150,22 @@ class SharedStorageConnector(KVConnectorBase):
         """The request's keys, one per full block of its known tokens (extended as it grows)."""
         keys = self._keys.setdefault(request.request_id, [])
         tokens, bs = request.all_token_ids, self.context.block_size
+        lora = None
+        if request.lora_request is not None and (len(keys) + 1) * bs <= len(tokens):
+            lora = self._adapter(request.lora_request.lora_path)
         while (len(keys) + 1) * bs <= len(tokens):
             i = len(keys)
             keys.append(chain_key(keys[-1] if keys else None, tokens[i * bs:(i + 1) * bs],
-                                  request.block_key(i * bs, (i + 1) * bs)))
+                                  request.block_key(i * bs, (i + 1) * bs, lora)))
         return keys
+
+    def _adapter(self, path: str) -> str:
+        """The adapter's part of the keys, read once per directory (an engine binds an id to
+        one directory for its life: tessellm.lora.store)."""
+        ident = self._adapters.get(path)
+        if ident is None:
+            ident = self._adapters[path] = adapter_identity(path)
+        return ident
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
         if not self.config.is_consumer:
@@ -544,4 +583,4 @@ def _sum64(rows):
     return out
 
 
-__all__ = ["SharedStorageConnector", "KVConnectorRole", "chain_key"]
+__all__ = ["SharedStorageConnector", "KVConnectorRole", "adapter_identity", "chain_key"]

@@ -116,9 +116,9 @@ def test_corrupt_truncated_and_missing_files(tiny_model_dir, tmp_path):
     (ns,) = os.listdir(tmp_path)
     conn = _connector(tmp_path, ns)
     keys_p = conn.block_keys(SimpleNamespace(request_id="p", all_token_ids=p,
-                                             block_key=lambda a, b: None))
+                                             lora_request=None, block_key=lambda a, b, lora: None))
     keys_q = conn.block_keys(SimpleNamespace(request_id="q", all_token_ids=q,
-                                             block_key=lambda a, b: None))
+                                             lora_request=None, block_key=lambda a, b, lora: None))
     with open(conn.path(keys_p[4], 0), "r+b") as f:  # block 4 of p: cut short
         f.truncate(os.path.getsize(f.name) - 8)
     with open(conn.path(keys_q[7], 0), "r+b") as f:  # block 7 of q: one payload byte flipped
@@ -213,7 +213,7 @@ def test_producer_outputs_wait_only_in_steps_that_sample(tmp_path):
     a kv_both engine (a disk tier) never waits."""
     tokens = list(range(3, 23))  # 5 blocks
     req = SimpleNamespace(request_id="r", all_token_ids=tokens, num_tokens=20,
-                          block_key=lambda a, b: None)
+                          lora_request=None, block_key=lambda a, b, lora: None)
     for role, want in (("kv_producer", [False, True]), ("kv_both", [False, False])):
         conn = SharedStorageConnector(parse_kv_transfer_config(_kv(tmp_path, role)),
                                       KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
@@ -276,7 +276,7 @@ def test_a_load_failing_on_one_tensor_parallel_rank_fails_on_all(tiny_model_dir,
     _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_producer"), tensor_parallel_size=2)
     (ns,) = os.listdir(tmp_path)
     keys = _connector(tmp_path, ns).block_keys(SimpleNamespace(
-        request_id="p", all_token_ids=prompts[0], block_key=lambda a, b: None))
+        request_id="p", all_token_ids=prompts[0], lora_request=None, block_key=lambda a, b, lora: None))
     with open(_connector(tmp_path, ns).path(keys[3], 1), "r+b") as f:  # block 3, rank 1
         f.seek(-3, os.SEEK_END)
         byte = f.read(1)
@@ -304,6 +304,38 @@ def test_engines_of_another_layout_or_weights_do_not_share(tiny_model_dir, tmp_p
             out = llm.generate({"prompt_token_ids": prompts[0]}, params, use_tqdm=False)[0]
         assert out.num_cached_tokens == 0
     assert len(os.listdir(tmp_path / "kv")) == 3
+
+
+def test_lora_adapters_are_keyed_by_their_files_not_their_ids(tiny_model_dir, tmp_path):
+    """A lora_int_id means something in one engine only: another adapter under the producer's
+    id is a miss (the consumer's own adapter's tokens, as peft's); the producer's adapter (its
+    files copied elsewhere) under another id and name is a hit."""
+    import shutil
+
+    from tessellm.lora import LoRARequest
+    from tests.lora.adapters import make_adapters, peft_greedy
+
+    model = tiny_model_dir("llama-sharp")
+    paths = make_adapters(model, str(tmp_path / "adapters"),
+                          specs={"a": (4, ["q_proj", "v_proj"], dict(lora_alpha=8)),
+                                 "b": (4, ["k_proj", "v_proj"], dict(lora_alpha=8))})
+    copy = shutil.copytree(paths["a"], tmp_path / "elsewhere" / "a")
+    prompt = _prompts(1)[0]
+    want = {n: peft_greedy(model, p, [prompt], 4)[0] for n, p in paths.items()}
+    assert want["a"] != want["b"]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    def run(role: str, lora):
+        with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+                 max_model_len=128, enable_lora=True, max_lora_rank=8,
+                 kv_transfer_config=_kv(tmp_path / "kv", role)) as llm:
+            out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False,
+                               lora_request=lora)[0]
+        return list(out.outputs[0].token_ids), out.num_cached_tokens
+
+    assert run("kv_producer", LoRARequest("a", 1, paths["a"])) == (want["a"], 0)
+    assert run("kv_consumer", LoRARequest("b", 1, paths["b"])) == (want["b"], 0)
+    assert run("kv_consumer", LoRARequest("a-copy", 7, str(copy))) == (want["a"], 40)
 
 
 class RecordingConnector(KVConnectorBase):
