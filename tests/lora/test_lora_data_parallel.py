@@ -10,9 +10,10 @@ from tessellm import LLM, SamplingParams
 from tessellm.lora import LoRARequest
 from tests.lora.adapters import peft_greedy
 
-# Four prompts with no full block in common: the balancer spreads them (3 + 1 at most: an
-# adapter's requests gather on one core while it is at most 2 requests above the other).
-PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 7, 7], [300, 12, 9, 1, 44], [8, 80, 18]]
+# Four 150-token prompts with no full block in common. The balancer weighs tokens and lets an
+# adapter's requests gather on one core while it is at most max(2 x the prompt, 16 blocks)
+# tokens above the other (300 here): three go to the first core, the fourth to the second.
+PROMPTS = [[3 + (31 * i + 97 * j) % 297 for j in range(150)] for i in range(4)]
 
 
 def test_adapter_runs_on_every_core_and_unload_reaches_them(lora_setup, tmp_path):
