@@ -29,7 +29,8 @@ from tessellm.models.decoder import DecoderMLP
 from tessellm.models.granite import GraniteForCausalLM
 from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.moe import MixtralForCausalLM
-from tessellm.quantization.stored_parts import checkpoint_block_rows, split_rows
+from tessellm.quantization.stored_parts import (checkpoint_block_rows, checkpoint_packing,
+                                                split_rows)
 
 _MOE = ".block_sparse_moe."
 
@@ -93,19 +94,22 @@ class GraniteMoeSharedForCausalLM(GraniteMoeForCausalLM):
         place for)."""
         size = getattr(self.config, "shared_intermediate_size", 0) or 0
         return shared_mlp_names(super().checkpoint_names(weights), size, ".mlp.shared_mlp.",
-                                checkpoint_block_rows(self.config))
+                                checkpoint_block_rows(self.config),
+                                checkpoint_packing(self.config))
 
 
-def shared_mlp_names(weights, size: int, into: str, block_rows: Optional[int] = None):
+def shared_mlp_names(weights, size: int, into: str, block_rows: Optional[int] = None,
+                     packing: Optional[str] = None):
     """The fused ``shared_mlp.input_linear`` cut into ``{into}gate_proj`` / ``up_proj`` (``size``
     rows each) and ``shared_mlp.output_linear`` renamed ``{into}down_proj``; others as they are.
     ``into``: ".mlp.shared_mlp." beside experts, ".mlp." where it is the layer's only MLP;
-    ``block_rows``: a block-wise fp8 checkpoint's block rows (its scales are cut by blocks)."""
+    ``block_rows``: a block-wise fp8 checkpoint's block rows (its scales are cut by blocks);
+    ``packing``: "awq" / "gptq" for an int4 checkpoint (its tensors cut by output columns)."""
     for name, tensor in weights:
-        if ".shared_mlp.input_linear." in name:  # the weight, or its fp8 scales
+        if ".shared_mlp.input_linear." in name:  # the weight, its fp8 scales or int4 tensors
             head, _, piece = name.partition(".shared_mlp.input_linear.")
             gate, up = split_rows(piece, tensor, [size, size], block_rows=block_rows,
-                                  where=head + ".shared_mlp.input_linear")
+                                  where=head + ".shared_mlp.input_linear", packing=packing)
             yield f"{head}{into}gate_proj.{piece}", gate
             yield f"{head}{into}up_proj.{piece}", up
         else:

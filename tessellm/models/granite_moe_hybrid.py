@@ -25,7 +25,7 @@ from tessellm.models.decoder import DecoderMLP
 from tessellm.models.granite_moe import GraniteMoeSharedForCausalLM, shared_mlp_names
 from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.mamba_decoder_layer import HybridLayers
-from tessellm.quantization.stored_parts import checkpoint_block_rows
+from tessellm.quantization.stored_parts import checkpoint_block_rows, checkpoint_packing
 
 
 class GraniteMoeHybridForCausalLM(HybridLayers, GraniteMoeSharedForCausalLM):
@@ -34,6 +34,9 @@ class GraniteMoeHybridForCausalLM(HybridLayers, GraniteMoeSharedForCausalLM):
         self.dense = not (getattr(config, "num_local_experts", 0) or 0)
         super().__init__(config, ctx)
         self.finish_hybrid(ctx)
+
+    def is_sparse(self, config, index: int) -> bool:
+        return not self.dense
 
     def make_rotary(self, config, head_size: int, ctx: ModelContext):
         if getattr(config, "position_embedding_type", None) != "rope":
@@ -54,4 +57,5 @@ class GraniteMoeHybridForCausalLM(HybridLayers, GraniteMoeSharedForCausalLM):
         # the quantized loader sees them too)
         return shared_mlp_names(LlamaForCausalLM.checkpoint_names(self, weights),
                                 self.config.shared_intermediate_size, ".mlp.",
-                                checkpoint_block_rows(self.config))
+                                checkpoint_block_rows(self.config),
+                                checkpoint_packing(self.config))

@@ -37,7 +37,11 @@ class _MoeForCausalLM(LlamaForCausalLM):
     shared_expert = False
 
     def __init__(self, config, ctx: ModelContext):
-        self.expert_quant = expert_quant(ctx.quant_spec) if ctx.quant_method is not None else None
+        # (asked only where a layer holds experts: a model whose layers are all dense MLPs,
+        # mlp_only_layers, serves any scheme its linear layers take)
+        sparse = any(self.is_sparse(config, i) for i in range(config.num_hidden_layers))
+        self.expert_quant = (expert_quant(ctx.quant_spec)
+                             if ctx.quant_method is not None and sparse else None)
         super().__init__(config, ctx)
 
     # -- per-family config -----------------------------------------------------------------

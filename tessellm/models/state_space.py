@@ -16,8 +16,9 @@ token before it and cannot be rebuilt from a block hash, so:
   ``mtp.*`` layer, ``models/mtp.py``), EAGLE-1 heads and attention-only draft models are
   served, EAGLE-3 and recurrent draft models not yet; verify steps run eagerly (no verify
   graphs);
-- int8 / fp8 quantization runs on the linear projections only (``_quantization_refused``: the
-  conv, A_log, D, dt_bias and norms stay in the model dtype, as vLLM keeps them);
+- int8 / fp8 / AWQ / GPTQ quantization runs on the linear projections only
+  (``_quantization_refused``: the conv, A_log, D, dt_bias and norms stay in the model dtype,
+  as vLLM keeps them);
 - LoRA runs on Bamba's and Granite 4.0-H's attention, MLP (Bamba) and Mamba in/out
   projections, Nemotron-H's attention, MLP and Mamba in_proj, and Qwen3-Next's attention and
   DeltaNet projections (``lora/families.py``), is refused for Mamba2 and Falcon-H1; pipeline parallelism
@@ -94,9 +95,11 @@ def _spec_method(value):
 
 
 # served: the linear projections in int8 / fp8 (per tensor, channel or block; quantized on load
-# or from such a checkpoint), the recurrent kernels' small parameters kept in the model dtype
+# or from such a checkpoint) or AWQ / GPTQ int4 (from such a checkpoint: stored multi-part
+# tensors cut by output columns, ``quantization/stored_parts.py``), the recurrent kernels' small
+# parameters kept in the model dtype
 _QUANT_SERVED = {"int8", "fp8", "fp8_e4m3", "fbgemm_fp8", "fp8_block", "w8a16",
-                 "int8_weight_only", "compressed-tensors"}
+                 "int8_weight_only", "compressed-tensors", "awq", "gptq"}
 
 
 def _quantization_refused(args, config, arch: str) -> tuple[bool, str, str]:
@@ -113,8 +116,8 @@ def _quantization_refused(args, config, arch: str) -> tuple[bool, str, str]:
                 "load; load an unquantized checkpoint without quantization=")
     bad = sorted(schemes - _QUANT_SERVED)
     return (bool(bad), f"quantization {', '.join(bad)}",
-            "they serve int8 and fp8 (quantization='fp8', 'fp8_block' or 'int8', or an fp8 "
-            "checkpoint); load one of those or an unquantized checkpoint")
+            "they serve int8, fp8, AWQ and GPTQ (quantization='fp8', 'fp8_block' or 'int8', or "
+            "an fp8, AWQ or GPTQ checkpoint); load one of those or an unquantized checkpoint")
 
 
 def state_snapshots(enabled: bool, config, executor):
