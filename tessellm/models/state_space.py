@@ -114,6 +114,10 @@ def _quantization_refused(args, config, arch: str) -> tuple[bool, str, str]:
     if arch == "FalconH1ForCausalLM" and schemes:
         return (True, "quantization", "its muP multipliers are folded into the dense weights at "
                 "load; load an unquantized checkpoint without quantization=")
+    if "gptq" in schemes and ckpt.get("desc_act"):
+        return (True, "GPTQ act-order (desc_act)", "its stored multi-part projections are cut "
+                "without the act-order permutation tested; use a GPTQ checkpoint quantized with "
+                "desc_act=false, AWQ or fp8")
     bad = sorted(schemes - _QUANT_SERVED)
     return (bool(bad), f"quantization {', '.join(bad)}",
             "they serve int8, fp8, AWQ and GPTQ (quantization='fp8', 'fp8_block' or 'int8', or "

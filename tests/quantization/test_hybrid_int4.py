@@ -209,3 +209,19 @@ def test_cut_by_columns_of_each_format():
                                          "GPTQ int4 tensor"):
         split_rows("qzeros", pack_gptq_zeros(q[:1, :24]), [4, 20], where="layers.0.x",
                    packing="gptq")
+
+
+def test_gptq_act_order_is_refused():
+    """GPTQ act-order (desc_act) on a hybrid model: refused at engine start, before any worker."""
+    from types import SimpleNamespace
+
+    from tessellm.models.state_space import check_engine_args
+
+    config = _configs()["granite-4.0-h"]
+    config.architectures = ["GraniteMoeHybridForCausalLM"]
+    config.quantization_config = {"quant_method": "gptq", "bits": 4, "group_size": GROUP,
+                                  "desc_act": True}
+    with pytest.raises(ValueError, match=r"does not support GPTQ act-order \(desc_act\) yet"):
+        check_engine_args(SimpleNamespace(quantization=None), config)
+    config.quantization_config["desc_act"] = False
+    check_engine_args(SimpleNamespace(quantization=None), config)
