@@ -80,8 +80,6 @@ def check_engine_args(args, config) -> None:
                              f"support {what} yet; {fix}.")
 
 
-
-
 # speculative decoding methods served over a recurrent target (the others are refused)
 SPEC_METHODS = ("ngram", "mtp", "draft_model", "eagle", "replay")
 
