@@ -94,8 +94,8 @@ def test_mamba2_async_scheduling_with_preemption(mamba2_dir):
 def test_mamba2_refuses_what_a_recurrent_state_cannot_do(mamba2_dir):
     with pytest.raises(ValueError, match="Mamba layers do not run on backend 'tpu' yet"):
         LLM(mamba2_dir, dtype="float32", device="tpu", emulate=True)
-    with pytest.raises(ValueError, match="does not support quantization gptq yet"):
-        LLM(mamba2_dir, dtype="float32", quantization="gptq")
+    with pytest.raises(ValueError, match="does not support quantization gguf yet"):
+        LLM(mamba2_dir, dtype="float32", quantization="gguf")
     with pytest.raises(ValueError, match="does not support speculative decoding with method "
                                          "'eagle3' yet"):
         LLM(mamba2_dir, dtype="float32", speculative_config={
