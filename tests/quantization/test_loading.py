@@ -5,7 +5,8 @@ load to int8 / fp8.
 Each quantized checkpoint comes with the dense weights it stands for. The check is twofold:
 every layer's packed segments dequantize to exactly those weights (fused q/k/v and gate/up
 shards included), and a whole-model forward matches the dense model built from them.
-AWQ/GPTQ run on the cuda backend's Triton kernels (through the interpreter on a CPU).
+AWQ/GPTQ run on the cuda backend's Triton kernels (through the interpreter on a CPU) and on the
+cpu backend (torch's CPU int4 kernel, or its float32 reference ops).
 """
 
 from __future__ import annotations
@@ -206,3 +207,49 @@ def test_dummy_weights_quantized(dense_dir):
                                 registry.backends[backend], torch.float32, DEV, 16,
                                 quantization="int8")
     assert torch.isfinite(_prefill_logits(model, kernel)).all()
+
+
+@pytest.mark.parametrize("fmt, act_order, sym", [("awq", False, False), ("gptq", False, True),
+                                                 ("gptq", True, False)],
+                         ids=["awq", "gptq-sym", "gptq-act-order"])
+def test_int4_checkpoint_served_on_cpu(dense_dir, tmp_path, monkeypatch, fmt, act_order, sym):
+    """The cpu backend serves AWQ/GPTQ. Its float32 reference path (TESSELLM_CPU_INT4PACK=0,
+    and act-order segments always) gives the dense-equivalent checkpoint's greedy tokens. With
+    torch's CPU int4 kernel (group 128 here; bfloat16 activations and scales) every layer's
+    product is within a bfloat16-sized bound of the dense one: greedy tokens of this random
+    model, whose top logits are near ties, may then differ after a few steps, so the kernel is
+    checked per layer (the cuda path's logits are checked in test_int4_checkpoint)."""
+    from tessellm.backends.cpu.quant_ops import repacked
+    from tessellm.entrypoints.llm import LLM
+    from tessellm.testing.harness import greedy_tokens
+
+    quant_dir, equiv_dir = _int4_checkpoint(dense_dir, tmp_path, fmt, 128, act_order, sym)
+    prompts = [[1, 17, 42, 99, 3], [5, 250, 7]]
+    kw = dict(device="cpu", dtype="float32", max_model_len=128, num_kv_blocks=32, max_num_seqs=4)
+    dense = greedy_tokens(LLM(equiv_dir, **kw), prompts, 8)
+    monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "0")
+    llm = LLM(quant_dir, **kw)  # the scheme comes from quantization_config
+    assert greedy_tokens(llm, prompts, 8) == dense
+    assert not any(repacked(s) for l in quantized_linears(llm.engine.core.runner.model).values()
+                   for s in l.segments)
+    del llm
+
+    monkeypatch.setenv("TESSELLM_CPU_INT4PACK", "1")
+    llm = LLM(quant_dir, **kw)
+    assert len(greedy_tokens(llm, prompts, 8)[0]) == 8
+    layers = quantized_linears(llm.engine.core.runner.model)
+    assert len(layers) == 4 * SHAPES["num_hidden_layers"]  # stayed int4 (q/k/v, gate/up merged)
+    state = load_file(os.path.join(equiv_dir, "model.safetensors"))
+    fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    g = torch.Generator().manual_seed(5)
+    for name, layer in layers.items():
+        # act-order segments (perm) take the reference path; the others the int4 kernel
+        assert all(repacked(s) == (s.perm is None) for s in layer.segments), name
+        stem, _, kind = name.rpartition(".")
+        w = torch.cat([state[f"model.{stem}.{p}.weight"] for p in fused.get(kind, (kind,))])
+        x = torch.randn(3, layer.input_size, generator=g)
+        ref = x @ w.t()
+        out = layer.quant_method.apply(layer, x)
+        bound = 2.0 ** -7 * (x.abs() @ w.abs().t()) + 2.0 ** -8 * ref.abs()
+        assert out.dtype == x.dtype and bool(((out - ref).abs() <= bound).all()), name
+    assert any(s.perm is not None for l in layers.values() for s in l.segments) == act_order

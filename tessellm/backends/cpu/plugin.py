@@ -31,7 +31,7 @@ def tessellm_register_backends(register):
         validation_note="Conformance suite on every CI run; with TESSELLM_CPU_COMPILE=1 the "
                         "compiled decode step passes the graph tests and greedy parity with eager.",
         capabilities={"graph_capture": "opt-in: TESSELLM_CPU_COMPILE=1 (torch.compile)",
-                      "quantization": ["int8", "fp8", "fp8_block", "gguf"], "logit_softcap": True,
+                      "quantization": ["int8", "fp8", "fp8_block", "awq", "gptq", "gguf"], "logit_softcap": True,
                       "attention_sinks": True, "mla": True, "mamba2": True, "gated_delta": True,
                       "key_limits": True},
     ))
@@ -85,8 +85,8 @@ def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
 
 @hookimpl
 def tessellm_quant_method(backend: Backend, spec):
-    """int8, fp8 (W8A8 emulated in float32) and gguf through torch ops (int4 and grouped int8
-    through torch's CPU int4 kernel, ``cpu/quant_ops.py``); awq/gptq: None."""
+    """int8, fp8 (W8A8 emulated in float32), awq, gptq and gguf through torch ops (int4 and
+    grouped int8 through torch's CPU int4 kernel, ``cpu/quant_ops.py``)."""
     if backend.name != NAME:
         return None
     from tessellm.backends.cpu.quant_ops import CpuQuantOps, direct_apply

@@ -14,7 +14,9 @@ Both rewrites are exact in real arithmetic; what changes against the float32 ref
 result are bfloat16, the sums float32 in another order. Greedy tokens can therefore differ from
 the float32 path after some steps (``tests/quantization/test_cpu_quant_ops.py`` bounds the error
 against the dequantized weight). ``TESSELLM_CPU_INT4PACK=0`` keeps the float32 reference path.
-Groups of 16 (Q6_K), per-channel int8 and fp8 go through the reference ops.
+Groups of 16 (Q6_K), per-channel int8 and fp8 go through the reference ops, and so do GPTQ
+act-order segments (``perm``: x gathered, then dequantized slabs in float32) and int4 groups the
+kernel does not take (per channel over an input size outside 32-256).
 
 Block-wise fp8 (``fp8_block``: Qwen3-FP8, DeepSeek-V3) is dequantized once, on a segment's first
 product, to float32 (this backend's compute dtype) and kept, its e4m3 codes released as above
@@ -151,6 +153,9 @@ def int4pack_mm(x: torch.Tensor, packed) -> torch.Tensor:
 
 class CpuQuantOps(TorchQuantOps):
     name = "cpu"
+    # AWQ/GPTQ segments are ``Int4Weight``s: group 32-256 through the int4 kernel, others
+    # (act-order ``perm``, per channel over K not in GROUPS) through the reference slabs.
+    schemes = TorchQuantOps.schemes | {"awq", "gptq"}
     quantized_lm_head = True  # the GGUF loader may hand this ops the LM head's Q8_0 blocks
 
     def int4_mm(self, x: torch.Tensor, w: Int4Weight, bias=None) -> torch.Tensor:
