@@ -213,9 +213,9 @@ def test_dummy_weights_quantized(dense_dir):
                                                  ("gptq", True, False)],
                          ids=["awq", "gptq-sym", "gptq-act-order"])
 def test_int4_checkpoint_served_on_cpu(dense_dir, tmp_path, monkeypatch, fmt, act_order, sym):
-    """The cpu backend serves AWQ/GPTQ. Its float32 reference path (TESSELLM_CPU_INT4PACK=0,
-    and act-order segments always) gives the dense-equivalent checkpoint's greedy tokens. With
-    torch's CPU int4 kernel (group 128 here; bfloat16 activations and scales) every layer's
+    """The cpu backend serves AWQ/GPTQ. Its float32 reference path (TESSELLM_CPU_INT4PACK=0)
+    gives the dense-equivalent checkpoint's greedy tokens. With torch's CPU int4 kernel (group
+    128 here, act-order: x gathered first; bfloat16 activations and scales) every layer's
     product is within a bfloat16-sized bound of the dense one: greedy tokens of this random
     model, whose top logits are near ties, may then differ after a few steps, so the kernel is
     checked per layer (the cuda path's logits are checked in test_int4_checkpoint)."""
@@ -243,8 +243,7 @@ def test_int4_checkpoint_served_on_cpu(dense_dir, tmp_path, monkeypatch, fmt, ac
     fused = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     g = torch.Generator().manual_seed(5)
     for name, layer in layers.items():
-        # act-order segments (perm) take the reference path; the others the int4 kernel
-        assert all(repacked(s) == (s.perm is None) for s in layer.segments), name
+        assert all(repacked(s) for s in layer.segments), name  # the int4 kernel, act-order too
         stem, _, kind = name.rpartition(".")
         w = torch.cat([state[f"model.{stem}.{p}.weight"] for p in fused.get(kind, (kind,))])
         x = torch.randn(3, layer.input_size, generator=g)
@@ -252,4 +251,6 @@ def test_int4_checkpoint_served_on_cpu(dense_dir, tmp_path, monkeypatch, fmt, ac
         out = layer.quant_method.apply(layer, x)
         bound = 2.0 ** -7 * (x.abs() @ w.abs().t()) + 2.0 ** -8 * ref.abs()
         assert out.dtype == x.dtype and bool(((out - ref).abs() <= bound).all()), name
+        got = torch.cat([s.dequantize(torch.float32) for s in layer.segments])
+        assert torch.equal(got, w), name  # the released codes come back from the repack
     assert any(s.perm is not None for l in layers.values() for s in l.segments) == act_order

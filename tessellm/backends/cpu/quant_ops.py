@@ -14,9 +14,9 @@ Both rewrites are exact in real arithmetic; what changes against the float32 ref
 result are bfloat16, the sums float32 in another order. Greedy tokens can therefore differ from
 the float32 path after some steps (``tests/quantization/test_cpu_quant_ops.py`` bounds the error
 against the dequantized weight). ``TESSELLM_CPU_INT4PACK=0`` keeps the float32 reference path.
-Groups of 16 (Q6_K), per-channel int8 and fp8 go through the reference ops, and so do GPTQ
-act-order segments (``perm``: x gathered, then dequantized slabs in float32) and int4 groups the
-kernel does not take (per channel over an input size outside 32-256).
+GPTQ act-order segments (``perm``: rows stored sorted by group) gather ``x[:, perm]`` and then
+take the kernel. Groups of 16 (Q6_K), per-channel int8, fp8 and int4 groups the kernel does not
+take (per channel over an input size outside 32-256) go through the reference ops.
 
 Block-wise fp8 (``fp8_block``: Qwen3-FP8, DeepSeek-V3) is dequantized once, on a segment's first
 product, to float32 (this backend's compute dtype) and kept, its e4m3 codes released as above
@@ -64,8 +64,10 @@ def _pack(codes_nk: torch.Tensor, scale_kn: torch.Tensor, zero_kn: torch.Tensor)
 
 
 def repack_int4(w: Int4Weight):
-    """``(packed, scale_and_zero, group, doubled=False)``, or None when the kernel cannot run it."""
-    if w.perm is not None or w.group_size not in GROUPS:
+    """``(packed, scale_and_zero, group, doubled=False)``, or None when the kernel cannot run it.
+    A GPTQ act-order segment's rows are already sorted by group (``perm``): its product gathers
+    ``x[:, perm]`` first (``int4_mm``)."""
+    if w.group_size not in GROUPS:
         return None
     codes = unpack_int4(w.qweight).to(torch.int32).t()  # [N, K]
     scales = w.scales.float()
@@ -132,7 +134,8 @@ def _with_codes(w: PackedWeight) -> PackedWeight:
     packed = getattr(w, _ATTR)
     codes = unpacked_codes(packed)
     if w.kind == "int4":
-        return Int4Weight(pack_int4(codes.t()), w.scales, w.offsets, w.zero_point, w.group_size)
+        return Int4Weight(pack_int4(codes.t()), w.scales, w.offsets, w.zero_point, w.group_size,
+                          w.perm)
     k = codes.shape[1] // 2
     q = 16 * (codes[:, :k] - 8) + codes[:, k:]  # q = 16 (hi - 8) + lo
     return Int8Weight(q.to(torch.int8), w.scales, w.group_size)
@@ -153,8 +156,8 @@ def int4pack_mm(x: torch.Tensor, packed) -> torch.Tensor:
 
 class CpuQuantOps(TorchQuantOps):
     name = "cpu"
-    # AWQ/GPTQ segments are ``Int4Weight``s: group 32-256 through the int4 kernel, others
-    # (act-order ``perm``, per channel over K not in GROUPS) through the reference slabs.
+    # AWQ/GPTQ segments are ``Int4Weight``s: group 32-256 through the int4 kernel (act-order:
+    # x gathered first), others (per channel over K not in GROUPS) through the reference slabs.
     schemes = TorchQuantOps.schemes | {"awq", "gptq"}
     quantized_lm_head = True  # the GGUF loader may hand this ops the LM head's Q8_0 blocks
 
@@ -162,7 +165,8 @@ class CpuQuantOps(TorchQuantOps):
         packed = _cached(w) if _use_kernel(x, w) else None
         if packed is None:
             return super().int4_mm(x, w, bias)
-        return _finish(int4pack_mm(x, packed), x.dtype, bias)
+        xs = x if w.perm is None else x.index_select(-1, w.perm.long())  # act-order
+        return _finish(int4pack_mm(xs, packed), x.dtype, bias)
 
     def int8_mm(self, x: torch.Tensor, w: Int8Weight, bias=None) -> torch.Tensor:
         packed = _cached(w) if _use_kernel(x, w) else None
@@ -221,7 +225,8 @@ def direct_apply(method) -> None:
                 return int4pack_mm(x, packed).to(x.dtype)
         y = generic(layer, x, bias)
         segs = layer._modules.get("segments")
-        if entry is None and segs is not None and len(segs) == 1 and repacked(segs[0]):
+        if (entry is None and segs is not None and len(segs) == 1 and repacked(segs[0])
+                and getattr(segs[0], "perm", None) is None):
             layer.__dict__[_DIRECT] = (segs, segs[0], getattr(segs[0], _ATTR))
         return y
 
