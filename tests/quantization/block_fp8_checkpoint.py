@@ -50,8 +50,8 @@ def write_block_fp8(dense_dir: str, fp8_dir: str, dequant_dir: str, block=BLOCK,
         fp8[name.replace(".weight", ".weight_scale_inv")] = s
         dense[name] = dequantize_block(q, s, tuple(block))
     qc = dict(quantization_config or CONFIG, weight_block_size=list(block))
-    _write(fp8_dir, fp8, dense_dir, qc)
-    _write(dequant_dir, dense, dense_dir, None)
+    write_checkpoint(fp8_dir, fp8, dense_dir, qc)
+    write_checkpoint(dequant_dir, dense, dense_dir, None)
     return fp8_dir, dequant_dir
 
 
@@ -69,8 +69,8 @@ def write_fp8_per_tensor(dense_dir: str, fp8_dir: str, dequant_dir: str) -> tupl
         fp8[name + "_scale"] = scale.reshape(())
         fp8[name.replace(".weight", ".input_scale")] = torch.tensor(0.05)
         dense[name] = q.float() * scale
-    _write(fp8_dir, fp8, dense_dir, {"quant_method": "fp8", "activation_scheme": "static"})
-    _write(dequant_dir, dense, dense_dir, None)
+    write_checkpoint(fp8_dir, fp8, dense_dir, {"quant_method": "fp8", "activation_scheme": "static"})
+    write_checkpoint(dequant_dir, dense, dense_dir, None)
     return fp8_dir, dequant_dir
 
 
@@ -135,7 +135,9 @@ def assert_serves_dequantized(fp8_dir: str, deq_dir: str, prompts, max_new: int)
     assert got == hf_greedy(deq_dir, prompts, max_new)
 
 
-def _write(path: str, tensors: dict, config_from: str, quantization_config) -> None:
+def write_checkpoint(path: str, tensors: dict, config_from: str, quantization_config=None) -> str:
+    """``tensors`` as one safetensors file with ``config_from``'s JSON files, the config's
+    ``quantization_config`` replaced by ``quantization_config`` (dropped when None)."""
     os.makedirs(path, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
     for extra in os.listdir(config_from):
@@ -150,3 +152,4 @@ def _write(path: str, tensors: dict, config_from: str, quantization_config) -> N
         config["quantization_config"] = quantization_config
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
+    return path

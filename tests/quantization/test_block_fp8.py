@@ -230,7 +230,7 @@ def test_static_per_channel_checkpoint_without_input_scales_is_refused(checkpoin
     from safetensors.torch import load_file
 
     from tessellm.quantization.packed import quantize_fp8
-    from tests.quantization.block_fp8_checkpoint import _write, quantized_names
+    from tests.quantization.block_fp8_checkpoint import quantized_names, write_checkpoint
 
     _, dequant_dir = checkpoints("qwen3")
     state = load_file(os.path.join(dequant_dir, "model.safetensors"))
@@ -238,7 +238,7 @@ def test_static_per_channel_checkpoint_without_input_scales_is_refused(checkpoin
         seg = quantize_fp8(state[name])
         state[name], state[name + "_scale"] = seg.qweight, seg.scales[:, None]
     path = str(tmp_path / "static")
-    _write(path, state, dequant_dir, {"quant_method": "fp8", "activation_scheme": "static"})
+    write_checkpoint(path, state, dequant_dir, {"quant_method": "fp8", "activation_scheme": "static"})
     with pytest.raises(ValueError, match=r"activation_scheme 'static', but layers\.\d+\.\S+ "
                                          r"has no input_scale; set \"activation_scheme\": "
                                          r"\"dynamic\""):

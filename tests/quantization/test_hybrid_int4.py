@@ -18,16 +18,15 @@ its tiny model here has dense MLPs (``mlp_only_layers``).
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tessellm.quantization.int4 import pack_awq, pack_gptq_zeros
 from tessellm.quantization.packed import pack_int4
-from tests.quantization.block_fp8_checkpoint import build, generate, quantized_names
+from tests.quantization.block_fp8_checkpoint import build, generate, quantized_names, write_checkpoint
 
 PROMPTS = [[5, 17, 42, 99, 3, 120], list(range(40, 60))]
 MAX_NEW = 5
@@ -68,24 +67,6 @@ def _configs():
     }
 
 
-def _write(path: str, tensors: dict, config_from: str, quantization_config=None) -> str:
-    os.makedirs(path, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()},
-              os.path.join(path, "model.safetensors"))
-    for extra in os.listdir(config_from):
-        if extra.endswith(".json") and extra != "config.json":
-            with open(os.path.join(config_from, extra)) as f, \
-                    open(os.path.join(path, extra), "w") as g:
-                g.write(f.read())
-    with open(os.path.join(config_from, "config.json")) as f:
-        config = json.load(f)
-    if quantization_config is not None:
-        config["quantization_config"] = quantization_config
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    return path
-
-
 def write_int4(dense_dir: str, root, fmts=("awq", "gptq"), extra_packed=()) -> dict:
     """The ``{fmt: dir}`` of int4 checkpoints of one set of random codes (every quantized
     linear of ``quantized_names``, plus ``extra_packed`` name fragments), and ``"deq"``: their
@@ -116,8 +97,8 @@ def write_int4(dense_dir: str, root, fmts=("awq", "gptq"), extra_packed=()) -> d
                        "zero_point": True, "version": "gemm"},
                "gptq": {"quant_method": "gptq", "bits": 4, "group_size": GROUP,
                         "desc_act": False, "sym": False, "checkpoint_format": "gptq"}}
-    out = {fmt: _write(str(root / fmt), quant[fmt], dense_dir, configs[fmt]) for fmt in fmts}
-    out["deq"] = _write(str(root / "deq"), dense, dense_dir)
+    out = {fmt: write_checkpoint(str(root / fmt), quant[fmt], dense_dir, configs[fmt]) for fmt in fmts}
+    out["deq"] = write_checkpoint(str(root / "deq"), dense, dense_dir)
     return out
 
 
