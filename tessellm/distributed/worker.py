@@ -278,12 +278,14 @@ class Worker:
         (``LLM.shutdown``: a second engine in this process can size its cache from it again)."""
         if self.runner is not None and self.runner.kv_connector is not None:
             self.runner.kv_connector.shutdown()  # its saves under way are written first
+        if self.runner is not None and self.device.type != "cpu":
+            self.backend.synchronize()  # copies in flight from pinned memory: done (their events)
         self.runner = None
         self.sleep_state = None
         gc.collect()  # graphs and compiled steps hold reference cycles
         if self.device.type != "cpu" and hasattr(torch, "accelerator"):
             torch.accelerator.empty_cache()  # the caching allocator's blocks: free for others
-            _empty_host_cache()  # the host KV tier's pinned chunks: back to the OS
+        _empty_host_cache(self.device)  # the host KV tier's pinned chunks: back to the OS
 
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
         """Launch the step; ``.result()`` on the handle waits for its tokens (and for the KV
@@ -311,7 +313,7 @@ class Worker:
         if state is not None:
             state.wake_up(tags)
             if self.device.type != "cpu":
-                _empty_host_cache()  # the weights' pinned host copies: back to the OS
+                _empty_host_cache(self.device)  # the weights' pinned host copies: back to the OS
 
     def load_weights(self, weights) -> int:
         """Copy new values into the model's weights, in place (HF-named ``(name, tensor)``
@@ -442,11 +444,18 @@ def _set_current_device(device: torch.device) -> None:
         module.set_device(device)
 
 
-def _empty_host_cache() -> None:
+def _empty_host_cache(device: torch.device) -> None:
     """Give the pinned host memory torch's caching host allocator keeps after its tensors are
-    gone back to the OS (``torch.accelerator.empty_host_cache``, where this torch has it): the
-    host KV tier's chunks after shutdown, sleep mode's weight copies after a wake."""
+    gone back to the OS: the host KV tier's chunks after shutdown, sleep mode's weight copies
+    after a wake. A freed pinned block stays cached for reuse (and counted in
+    ``host_memory_stats()["allocated_bytes"]``) until this. ``torch.accelerator.empty_host_cache``
+    is torch 2.12+; older CUDA/ROCm builds (the H100 image's torch 2.11) have only
+    ``torch._C._host_emptyCache`` (torch 2.5+). Nothing to do on cpu (no pinned memory)."""
+    if device.type in ("cpu", "meta"):
+        return
     empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if empty is None and device.type == "cuda":
+        empty = getattr(torch._C, "_host_emptyCache", None)
     if empty is not None:
         empty()
 

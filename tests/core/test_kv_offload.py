@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -378,6 +379,44 @@ def test_too_small_a_tier_mean_pooling_and_recurrent_models_are_refused(tiny_mod
     mamba = SimpleNamespace(architectures=["Mamba2ForCausalLM"])
     with pytest.raises(ValueError, match="does not support KV offloading"):
         check_engine_args(EngineArgs(kv_offloading_size=1.0), mamba)
+
+
+def test_shutdown_drops_the_host_tier_before_emptying_the_host_cache(tiny_model_dir, monkeypatch):
+    """After stores and loads, ``shutdown`` leaves no reference to the tier's buffer by the
+    time it empties torch's host cache (a pinned block still referenced then stays pinned for
+    the process's life), and it empties it on every device (a no-op on cpu)."""
+    import tessellm.distributed.worker as worker_module
+
+    p, q, r = _prompts(3)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    llm = LLM(tiny_model_dir("llama"), device="cpu", block_size=BS, num_kv_blocks=16,
+              max_model_len=64, kv_offloading_size=0.01)
+    for prompt in (p, q, r, p):
+        llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
+    assert llm.engine.core.kv.host.stats.blocks_loaded > 0
+    buffer = llm.engine.core.runner.host_kv
+    refs = [weakref.ref(buffer)] + [weakref.ref(t) for c in buffer.chunks for t in c.tensors]
+    del buffer
+    alive_then = []
+    empty = worker_module._empty_host_cache
+    monkeypatch.setattr(worker_module, "_empty_host_cache",
+                        lambda device: alive_then.append(sum(r() is not None for r in refs))
+                        or empty(device))
+    llm.shutdown()
+    assert alive_then == [0]
+
+
+def test_host_cache_is_emptied_on_a_torch_without_the_accelerator_api(monkeypatch):
+    """torch 2.11 (the H100 image's) has no ``torch.accelerator.empty_host_cache``; its CUDA
+    host allocator is emptied through ``torch._C._host_emptyCache`` then."""
+    from tessellm.distributed.worker import _empty_host_cache
+
+    calls = []
+    monkeypatch.delattr(torch.accelerator, "empty_host_cache", raising=False)
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: calls.append("cuda"), raising=False)
+    _empty_host_cache(torch.device("cpu"))
+    _empty_host_cache(torch.device("cuda", 0))
+    assert calls == ["cuda"]
 
 
 @pytest.mark.gpu
