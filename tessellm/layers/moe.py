@@ -37,7 +37,7 @@ import torch.nn as nn
 from tessellm.backends.reference.moe import (SILU, ExpertActivation, fused_experts_reference,
                                              fused_moe_reference)
 from tessellm.distributed.parallel_state import TensorParallel
-from tessellm.layers import moe_fp8
+from tessellm.layers import moe_fp8, moe_int4
 from tessellm.layers.linear import Linear, materialize
 
 # Checkpoint names of an expert's three projections -> (our tensor, shard in it).
@@ -158,13 +158,18 @@ class FusedMoE(nn.Module):
                                     requires_grad=False)
             self.w2 = nn.Parameter(torch.empty(num_experts, hidden, self.local),
                                    requires_grad=False)
+        elif quant.kind in moe_int4.INT4_KINDS:
+            moe_int4.allocate(self, quant, num_experts, hidden)
+            moe_int4.expect(self)
+            self._op_kwargs = {"int4": True}
         else:
             moe_fp8.allocate(self, quant, num_experts, hidden)
             if quant.kind == "fp8_block":
                 self._op_kwargs = {"block_shape": quant.block}
         self._moe = getattr(ops, "fused_moe", None) or fused_moe_reference
         self._experts = getattr(ops, "fused_experts", None) or fused_experts_reference
-        if self._op_kwargs and not getattr(ops, "fused_moe_block_fp8", False):
+        flag = "fused_moe_int4" if "int4" in self._op_kwargs else "fused_moe_block_fp8"
+        if self._op_kwargs and not getattr(ops, flag, False):
             self._moe, self._experts = fused_moe_reference, fused_experts_reference
         if activation != SILU:
             self._op_kwargs = {"activation": activation}
@@ -175,9 +180,12 @@ class FusedMoE(nn.Module):
         return () if self.quant is None else (self.w13_scale, self.w2_scale)
 
     def _kwargs(self) -> dict:
+        kwargs = self._op_kwargs
+        if "int4" in kwargs:  # the zero codes as they are now (moved)
+            kwargs = dict(kwargs, w13_zeros=self.w13_zeros, w2_zeros=self.w2_zeros)
         if self.expert_map is not None:  # the buffer as it is now (moved, or re-made on wake)
-            return dict(self._op_kwargs, expert_map=self.expert_map)
-        return self._op_kwargs
+            return dict(kwargs, expert_map=self.expert_map)
+        return kwargs
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's partial ``[T, H]`` (the whole result when not tensor-parallel)."""
@@ -210,6 +218,9 @@ class FusedMoE(nn.Module):
                                  "right architecture?")
             shard = 0 if shard == 1 else shard
         start = self.tp.rank * self.local if self.sliced else 0
+        if self.quant is not None and self.quant.kind in moe_int4.INT4_KINDS:
+            return moe_int4.load(self, expert, name, shard, attr, materialize(tensor), start,
+                                 f"expert {expert} {part}")
         if attr != "weight":
             if self.quant is None:
                 raise ValueError(f"Expert {expert} {part} has a {attr} in the checkpoint, but "

@@ -33,9 +33,12 @@ from tessellm.quantization.packed import quantize_fp8
 
 @dataclass(frozen=True)
 class ExpertQuant:
-    kind: str  # "fp8": a scale per output row; "fp8_block": per (bn x bk) block
+    kind: str  # "fp8": a scale per output row; "fp8_block": per (bn x bk) block; "awq" /
+    # "gptq": int4 codes with group scales and zeros (layers/moe_int4.py)
     block: Optional[tuple[int, int]] = None
     fp8_dtype: torch.dtype = torch.float8_e4m3fn
+    group_size: int = 0  # int4: inputs per group (-1 / 0: per channel)
+    zero_offset: int = 0  # int4: added to stored zeros (1 for GPTQ v1 checkpoints)
 
 
 def expert_quant(spec) -> Optional[ExpertQuant]:
@@ -48,10 +51,13 @@ def expert_quant(spec) -> Optional[ExpertQuant]:
         return ExpertQuant("fp8")
     if spec.scheme == "fp8_block":
         return ExpertQuant("fp8_block", tuple(spec.config.get("weight_block_size", (128, 128))))
+    if spec.scheme in ("awq", "gptq"):  # layers/moe_int4.py
+        return ExpertQuant(spec.scheme, group_size=int(spec.config.get("group_size", 128)),
+                           zero_offset=int(spec.config.get("zero_offset", 0)))
     raise ValueError(f"MoE models quantized with {spec.scheme!r} are not supported: tessellm "
-                     "keeps MoE experts in fp8 only (per-tensor, per-channel or block-wise fp8 "
-                     "checkpoints, or quantization='fp8' / 'fp8_block' on a dense one); load it "
-                     "with one of those or unquantized.")
+                     "keeps MoE experts in fp8 (per-tensor, per-channel or block-wise fp8 "
+                     "checkpoints, or quantization='fp8' / 'fp8_block' on a dense one) or int4 "
+                     "(AWQ / GPTQ checkpoints); load it with one of those or unquantized.")
 
 
 def allocate(moe, quant: ExpertQuant, num_experts: int, hidden: int) -> None:
@@ -128,7 +134,12 @@ def load(moe, expert: int, name: str, shard: Optional[int], attr: str, src, star
 
 
 def missing_scales(moe, prefix: str) -> None:
-    """Refuse fp8 codes whose scale the checkpoint never gave (they would read as scale 1)."""
+    """Refuse fp8 codes whose scale the checkpoint never gave (they would read as scale 1),
+    int4 experts missing a tensor (``moe_int4.missing``)."""
+    if moe.quant is not None and moe.quant.kind in ("awq", "gptq"):
+        from tessellm.layers import moe_int4
+
+        return moe_int4.missing(moe, prefix)
     if moe.awaiting_scale:
         expert, name, shard = sorted(moe.awaiting_scale, key=str)[0]
         expert = moe.expert_ids[expert]  # the global id (expert parallelism: rows are local)
@@ -140,6 +151,10 @@ def missing_scales(moe, prefix: str) -> None:
 
 def init_dummy(moe, generator: torch.Generator, scale: float) -> None:
     """Random experts (``load_format="dummy"``): uniform values quantized like a checkpoint's."""
+    if moe.quant.kind in ("awq", "gptq"):
+        from tessellm.layers import moe_int4
+
+        return moe_int4.init_dummy(moe, generator, scale)
     for e in range(moe.w13.shape[0]):
         for name, shard in (("w13", 0), ("w13", 1), ("w2", None)):
             rows = getattr(moe, name).data[e, slice(None) if shard is None else

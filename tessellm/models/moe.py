@@ -9,8 +9,10 @@ Qwen), or all experts' in two stacked tensors (``...experts.gate_up_proj`` / ``d
 Qwen3-VL-MoE ships its language model; ``layers.moe.stacked_expert_weights``), and load into
 our stacked ``w13`` / ``w2``; Mixtral's ``block_sparse_moe`` is our ``mlp``.
 fp8 checkpoints add each expert projection's ``weight_scale`` (per tensor or channel) or
-``weight_scale_inv`` (per block) beside it (``layers/moe_fp8.py``); the attention and dense MLP
-linears take the model's quant method.
+``weight_scale_inv`` (per block) beside it (``layers/moe_fp8.py``); AWQ / GPTQ checkpoints
+store ``qweight`` / ``qzeros`` / ``scales`` (/ ``g_idx``) in its place (``layers/moe_int4.py``),
+except in layers their ``modules_to_not_convert`` or ``dynamic`` rules leave float; the
+attention and dense MLP linears take the model's quant method.
 """
 
 from __future__ import annotations
@@ -24,17 +26,26 @@ import torch.nn as nn
 from tessellm.layers.context import ModelContext
 from tessellm.layers.moe import EXPERT_PARTS, FusedMoE, SparseMoeBlock, stacked_expert_weights
 from tessellm.layers.moe_fp8 import expert_quant, missing_scales
+from tessellm.layers.moe_int4 import INT4_KINDS, experts_excluded
 from tessellm.models.layer_windows import window_by_layer_type, window_everywhere
 from tessellm.models.decoder import DecoderMLP
 from tessellm.models.llama import LlamaForCausalLM, _strip_prefix
 
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\."
-                     r"(weight|weight_scale|weight_scale_inv|input_scale)$")
+                     r"(weight|weight_scale|weight_scale_inv|input_scale|qweight|qzeros|scales"
+                     r"|g_idx)$")
+# the checkpoint's names of an expert's projections, by family (``experts_excluded``)
+_HF_PARTS = {".mlp.": ("gate_proj", "up_proj", "down_proj"),
+             ".block_sparse_moe.": ("w1", "w3", "w2")}
 _STACKED = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
 class _MoeForCausalLM(LlamaForCausalLM):
     shared_expert = False
+    moe_prefix = ".mlp."  # where a layer's experts sit in the checkpoint's names
+    # False where the checkpoint stores experts as stacked 3-D parameters (Granite's), which
+    # AWQ / GPTQ tools leave float: an int4 checkpoint's experts load float then
+    int4_experts = True
 
     def __init__(self, config, ctx: ModelContext):
         # (asked only where a layer holds experts: a model whose layers are all dense MLPs,
@@ -63,6 +74,20 @@ class _MoeForCausalLM(LlamaForCausalLM):
     def mlp_bias(self, config) -> bool:
         return False
 
+    def layer_expert_quant(self, config, ctx: ModelContext, index: int):
+        """``expert_quant`` for layer ``index``'s experts: None where an int4 checkpoint leaves
+        them float (``moe_int4.experts_excluded``, or a family whose experts no int4 tool
+        quantizes: ``int4_experts`` False)."""
+        quant = self.expert_quant
+        if quant is None or quant.kind not in INT4_KINDS:
+            return quant
+        if not self.int4_experts:
+            return None
+        names = [f"model.layers.{index}{self.moe_prefix}experts.{e}.{part}"
+                 for e in range(self.num_experts(config))
+                 for part in _HF_PARTS.get(self.moe_prefix, _HF_PARTS[".mlp."])]
+        return None if experts_excluded(ctx.quant_spec, names) else quant
+
     # -- layers ----------------------------------------------------------------------------
 
     def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
@@ -71,7 +96,8 @@ class _MoeForCausalLM(LlamaForCausalLM):
         experts = FusedMoE(self.num_experts(config), config.hidden_size, self.expert_size(config),
                            config.num_experts_per_tok, ctx.ops,
                            renormalize=self.renormalize(config), tp=ctx.tp,
-                           quant=self.expert_quant, expert_parallel=ctx.expert_parallel)
+                           quant=self.layer_expert_quant(config, ctx, index),
+                           expert_parallel=ctx.expert_parallel)
         shared = None
         if self.shared_expert and getattr(config, "shared_expert_intermediate_size", 0):
             shared = DecoderMLP(config, ctx, config.shared_expert_intermediate_size)
@@ -100,7 +126,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
                     prefix, expert, part, attr = match.groups()
                     params = modules[prefix].load_expert(int(expert), part, tensor, attr)
                     loaded.update(f"{prefix}.{param}" for param in params)
-                    if attr == "weight":
+                    if attr in ("weight", "qweight"):
                         filled.setdefault(prefix, set()).add((int(expert), EXPERT_PARTS[part]))
 
         loaded |= super().load_weights((self.rename_full(n), t) for n, t in others())
@@ -134,6 +160,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
 
 
 class MixtralForCausalLM(_MoeForCausalLM):
+    moe_prefix = ".block_sparse_moe."
     def num_experts(self, config) -> int:
         return config.num_local_experts
 

@@ -238,7 +238,7 @@ def test_block_fp8_experts_split_by_expert(checkpoints):
 
 def test_moe_with_int8_is_refused(checkpoints):
     _, deq_dir = checkpoints("qwen3-moe")
-    with pytest.raises(ValueError, match="keeps MoE experts in fp8 only"):
+    with pytest.raises(ValueError, match="MoE models quantized with .int8. are not supported"):
         LLM(deq_dir, dtype="float32", quantization="int8")
 
 

@@ -28,6 +28,14 @@ top k; "sigmoid" (DeepSeek-V3 style) takes sigmoid of each logit, then the top k
 ``fused_experts_reference`` is the same product with the routing given (``topk_weights``,
 ``topk_ids``), for routers the contract's two scorings do not describe (DeepSeek's).
 
+int4 experts (AWQ / GPTQ W4A16; keyword-only ``int4=True``): ``w13`` int32 ``[E, 2I, H/8]`` and
+``w2`` int32 ``[E, H, I/8]``, each row's inputs packed 8 codes per word (low nibble first);
+``w13_scale [E, 2I, H/g]`` / ``w2_scale [E, H, I/g]`` a float scale per group of g inputs (g
+from the shapes: K / G, each projection its own); ``w13_zeros`` / ``w2_zeros`` uint8 zero codes
+of the same shapes, or None for 8 (symmetric GPTQ)::
+
+    W[e, n, k] = (q[e, n, k] - zeros[e, n, k // g]) * scale[e, n, k // g]   (float32, then cast)
+
 Expert parallelism (keyword-only ``expert_map``, an int tensor ``[E_global]``: global expert
 id -> this rank's local index into ``w13`` / ``w2``, or -1 where another rank holds it): the
 routing runs over all ``E_global`` logits as before, then each (token, slot) pair whose expert
@@ -105,9 +113,13 @@ def route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
 
 
 def dequantize_experts(w: torch.Tensor, scale: Optional[torch.Tensor], dtype,
-                       block_shape=None) -> torch.Tensor:
+                       block_shape=None, zeros: Optional[torch.Tensor] = None,
+                       int4: bool = False) -> torch.Tensor:
     """``w`` as ``dtype``: fp8 weights times their per-output-channel ``scale`` ``[E, N]``, or
-    with ``block_shape`` their block scales ``[E, Nb, Kb]`` (float32 products, then cast)."""
+    with ``block_shape`` their block scales ``[E, Nb, Kb]``, or with ``int4`` packed int4 codes
+    ``[..., N, K/8]`` with group scales and ``zeros`` (float32 products, then cast)."""
+    if int4:
+        return dequantize_int4(w, scale, zeros, dtype)
     if scale is None:
         return w.to(dtype)
     if block_shape is not None:
@@ -115,6 +127,16 @@ def dequantize_experts(w: torch.Tensor, scale: Optional[torch.Tensor], dtype,
 
         return dequantize_block(w, scale, block_shape, dtype)
     return (w.float() * scale.float()[..., None]).to(dtype)
+
+
+def dequantize_int4(w: torch.Tensor, scale: torch.Tensor, zeros: Optional[torch.Tensor],
+                    dtype) -> torch.Tensor:
+    """int4 experts ``w [..., N, K/8]`` (module docstring) as ``dtype`` ``[..., N, K]``."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=w.device)
+    q = ((w[..., None] >> shifts) & 0xF).reshape(*w.shape[:-1], w.shape[-1] * 8)
+    group = q.shape[-1] // scale.shape[-1]
+    z = 8.0 if zeros is None else zeros.float().repeat_interleave(group, -1)
+    return ((q.float() - z) * scale.float().repeat_interleave(group, -1)).to(dtype)
 
 
 def local_expert_ids(ids: torch.Tensor, expert_map: Optional[torch.Tensor]) -> torch.Tensor:
@@ -133,13 +155,16 @@ def fused_moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, w13: 
                         w13_bias: Optional[torch.Tensor] = None,
                         w2_bias: Optional[torch.Tensor] = None,
                         block_shape=None,
-                        expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        expert_map: Optional[torch.Tensor] = None, int4: bool = False,
+                        w13_zeros: Optional[torch.Tensor] = None,
+                        w2_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loop over experts; returns ``[T, H]`` in hidden's dtype. Experts run in hidden's
     dtype (as HF transformers does), their weighted outputs are summed in float32."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
     return fused_experts_reference(hidden, weights, ids, w13, w2, w13_scale, w2_scale,
                                    activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
-                                   block_shape=block_shape, expert_map=expert_map)
+                                   block_shape=block_shape, expert_map=expert_map, int4=int4,
+                                   w13_zeros=w13_zeros, w2_zeros=w2_zeros)
 
 
 def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
@@ -150,7 +175,9 @@ def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
                             w13_bias: Optional[torch.Tensor] = None,
                             w2_bias: Optional[torch.Tensor] = None,
                             block_shape=None,
-                            expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            expert_map: Optional[torch.Tensor] = None, int4: bool = False,
+                            w13_zeros: Optional[torch.Tensor] = None,
+                            w2_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The oracle of the optional ``FusedOps.fused_experts``: ``fused_moe_reference`` with the
     routing done by the caller (``topk_weights`` float32 and ``topk_ids`` ``[T, k]``: DeepSeek's
     grouped top-k, ``models/moe_routing.py``). Each weight multiplies its expert's output as
@@ -158,15 +185,14 @@ def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
     weights, ids = topk_weights, local_expert_ids(topk_ids, expert_map)
     dtype = hidden.dtype
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    inter = w2.shape[-1]
     for e in range(w13.shape[0]):
         token_idx, slot = torch.where(ids == e)
         if token_idx.numel() == 0:
             continue
         up13 = dequantize_experts(w13[e], None if w13_scale is None else w13_scale[e], dtype,
-                                  block_shape)
+                                  block_shape, None if w13_zeros is None else w13_zeros[e], int4)
         down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype,
-                                  block_shape)
+                                  block_shape, None if w2_zeros is None else w2_zeros[e], int4)
         gate_up = F.linear(hidden[token_idx], up13, None if w13_bias is None else w13_bias[e])
         act = activation(gate_up)
         y = F.linear(act, down, None if w2_bias is None else w2_bias[e])

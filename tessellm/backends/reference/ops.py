@@ -46,6 +46,8 @@ class ReferenceOps:
             cls.fused_moe_block_fp8 = False
         if "fused_moe" in cls.__dict__ and "fused_moe_expert_map" not in cls.__dict__:
             cls.fused_moe_expert_map = False
+        if "fused_moe" in cls.__dict__ and "fused_moe_int4" not in cls.__dict__:
+            cls.fused_moe_int4 = False
 
     def fused_moe(self, hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
                   renormalize: bool = True, w13_scale=None, w2_scale=None, **variant):
@@ -58,6 +60,8 @@ class ReferenceOps:
     fused_moe_block_fp8 = True
     # Expert parallelism (keyword ``expert_map``, reference/moe.py) is taken.
     fused_moe_expert_map = True
+    # AWQ / GPTQ int4 experts (keywords ``int4``, ``w13_zeros``, ``w2_zeros``) are taken.
+    fused_moe_int4 = True
 
     def fused_experts(self, hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
                       w2_scale=None, **variant):

@@ -1,0 +1,188 @@
+"""AWQ and GPTQ int4 MoE experts (W4A16, ``layers/moe_int4.py``): tiny random Mixtral and
+Qwen3-MoE checkpoints packed the way AutoAWQ / GPTQ store them (random codes, zeros and fp16
+scales per group of 32 inputs, ``test_hybrid_int4.write_int4``: every expert projection one
+tensor set under HF's names, the router and norms float), served on the cpu backend (float32),
+give the greedy tokens HF transformers gives on the *dequantized* checkpoint. The experts keep
+the checkpoint's codes (repacked along the inputs); the fused MoE op on int4 experts (the cpu
+op and the Triton kernel, interpreted) equals the pure-torch reference; bad checkpoints are
+refused with one sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tessellm.backends.reference.moe import dequantize_int4, fused_moe_reference
+from tessellm.quantization.int4 import unpack_awq
+from tessellm.quantization.packed import pack_int4, quantize_int4
+from tests.quantization.block_fp8_checkpoint import build, generate
+from tests.quantization.test_hybrid_int4 import GROUP, write_int4
+
+PROMPTS = [[5, 17, 42, 99, 3, 120], list(range(40, 60))]
+MAX_NEW = 6
+
+
+def _configs():
+    from transformers import MixtralConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                  num_experts_per_tok=2, initializer_range=0.1)
+    return {
+        "mixtral": MixtralConfig(**common, intermediate_size=64, num_local_experts=4),
+        "qwen3-moe": Qwen3MoeConfig(**common, head_dim=16, intermediate_size=96,
+                                    moe_intermediate_size=64, num_experts=8, norm_topk_prob=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root, made = tmp_path_factory.mktemp("moe-int4"), {}
+
+    def make(arch: str) -> dict:
+        if arch not in made:
+            torch.manual_seed(3)
+            model = AutoModelForCausalLM.from_config(_configs()[arch], dtype=torch.float32)
+            dense = str(root / f"{arch}-dense")
+            model.save_pretrained(dense)
+            made[arch] = write_int4(dense, root / arch)
+        return made[arch]
+
+    return make
+
+
+def _experts(model):
+    from tessellm.layers.moe import FusedMoE
+
+    return [m for m in model.modules() if isinstance(m, FusedMoE)]
+
+
+@pytest.mark.parametrize("arch, fmt", [("mixtral", "awq"), ("qwen3-moe", "gptq"),
+                                       pytest.param("mixtral", "gptq", marks=pytest.mark.slow),
+                                       pytest.param("qwen3-moe", "awq", marks=pytest.mark.slow)])
+def test_int4_moe_serves_the_dequantized_model(checkpoints, arch, fmt):
+    """Greedy float32 tokens of the int4 checkpoint (cpu backend: experts dequantized per
+    touched expert) are HF transformers' on the dequantized checkpoint."""
+    from tests.conftest import hf_greedy
+
+    dirs = checkpoints(arch)
+    want = hf_greedy(dirs["deq"], PROMPTS, MAX_NEW)
+    assert generate(dirs[fmt], PROMPTS, MAX_NEW) == want
+
+
+def test_experts_keep_the_checkpoint_codes(checkpoints):
+    """Expert 2's up projection of layer 1 holds the AWQ checkpoint's codes (repacked along
+    the inputs), zeros and scales; the router stays a float Linear."""
+    dirs = checkpoints("qwen3-moe")
+    model = build(dirs["awq"])
+    moe = _experts(model)[1]
+    state = load_file(os.path.join(dirs["awq"], "model.safetensors"))
+    name = "model.layers.1.mlp.experts.2.up_proj"
+    inter = moe.local
+    codes = unpack_awq(state[f"{name}.qweight"]).to(torch.int32)  # [K, N]
+    assert moe.w13.dtype == torch.int32
+    assert torch.equal(moe.w13[2, inter:], pack_int4(codes).t())
+    assert torch.equal(moe.w13_zeros[2, inter:], unpack_awq(state[f"{name}.qzeros"]).t())
+    assert torch.equal(moe.w13_scale[2, inter:], state[f"{name}.scales"].float().t())
+    deq = load_file(os.path.join(dirs["deq"], "model.safetensors"))
+    got = dequantize_int4(moe.w13[2], moe.w13_scale[2], moe.w13_zeros[2], torch.float32)
+    torch.testing.assert_close(got[inter:], deq[f"{name}.weight"], rtol=0, atol=0)
+    assert model.layers[1].mlp.gate.weight.dtype == torch.float32
+
+
+def _experts_int4(e, n, k, group, seed):
+    """Random ``[E, N, K]`` weights quantized round-to-nearest in the experts' layout."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(e, n, k, generator=g) / k ** 0.5
+    parts = [quantize_int4(we, group) for we in w]
+    return (torch.stack([pack_int4(q).t() for q, _, _ in parts]).contiguous(),
+            torch.stack([s.t() for _, s, _ in parts]).contiguous(),
+            torch.stack([z.t().to(torch.uint8) for _, _, z in parts]).contiguous())
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 33])
+@pytest.mark.parametrize("group13, group2, zeros", [(32, 16, True), (64, 32, False)])
+def test_triton_int4_fused_moe_matches_reference(tokens, group13, group2, zeros):
+    """The Triton grouped GEMMs dequantize int4 tiles (zero codes, or 8 without) as the
+    reference does: float32 equal to rounding, at decode and grouped sizes (interpreted)."""
+    pytest.importorskip("triton")
+    from tessellm.kernels.moe import fused_moe
+
+    e, h, i = 8, 64, 32
+    q13, s13, z13 = _experts_int4(e, 2 * i, h, group13, seed=tokens)
+    q2, s2, z2 = _experts_int4(e, h, i, group2, seed=tokens + 1)
+    if not zeros:
+        z13 = z2 = None
+    g = torch.Generator().manual_seed(tokens + 2)
+    x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
+    kw = dict(int4=True, w13_zeros=z13, w2_zeros=z2)
+    want = fused_moe_reference(x, logits, q13, q2, 2, "softmax", True, s13, s2, **kw)
+    got = fused_moe(x, logits, q13, q2, 2, "softmax", True, s13, s2, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _rewrite(src: str, dst, drop=(), config_changes=None) -> str:
+    os.makedirs(dst, exist_ok=True)
+    state = load_file(os.path.join(src, "model.safetensors"))
+    for name in drop:
+        del state[name]
+    save_file(state, os.path.join(dst, "model.safetensors"))
+    for f in os.listdir(src):
+        if f.endswith(".json"):
+            with open(os.path.join(src, f)) as a:
+                data = json.load(a)
+            if f == "config.json" and config_changes:
+                data["quantization_config"].update(config_changes)
+            with open(os.path.join(dst, f), "w") as b:
+                json.dump(data, b)
+    return str(dst)
+
+
+def test_a_missing_expert_qzeros_is_refused(checkpoints, tmp_path):
+    path = _rewrite(checkpoints("mixtral")["awq"], tmp_path / "no-zeros",
+                    drop=["model.layers.0.block_sparse_moe.experts.3.w3.qzeros"])
+    with pytest.raises(ValueError, match=r"The AWQ checkpoint has no qzeros for the up projection "
+                                         r"of expert 3 in layers\.0\.mlp\.experts; is it "
+                                         r"complete\?"):
+        build(path)
+
+
+def test_gptq_act_order_experts_are_refused(checkpoints, tmp_path):
+    dirs = checkpoints("qwen3-moe")
+    path = _rewrite(dirs["gptq"], tmp_path / "act-order")
+    state = load_file(os.path.join(path, "model.safetensors"))
+    name = "model.layers.0.mlp.experts.1.gate_proj.g_idx"
+    state[name] = state[name].flip(0).contiguous()
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"expert 1 gate_proj is GPTQ act-order .*desc_act=false"):
+        build(path)
+
+
+def test_modules_to_not_convert_keeps_a_layers_experts_float(checkpoints, tmp_path):
+    """Experts the AWQ config lists in modules_to_not_convert load as float (stored as
+    ``.weight``); a config naming only some of one layer's experts is refused."""
+    dirs = checkpoints("mixtral")
+    state = load_file(os.path.join(dirs["awq"], "model.safetensors"))
+    deq = load_file(os.path.join(dirs["deq"], "model.safetensors"))
+    prefix = "model.layers.1.block_sparse_moe.experts."
+    for name in [n for n in state if n.startswith(prefix)]:
+        del state[name]
+    state.update({n: t for n, t in deq.items() if n.startswith(prefix)})
+    path = _rewrite(dirs["awq"], tmp_path / "skip",
+                    config_changes={"modules_to_not_convert": ["gate", "layers.1.block_sparse_moe"]})
+    save_file(state, os.path.join(path, "model.safetensors"))
+    experts = _experts(build(path))
+    assert experts[0].w13.dtype == torch.int32 and experts[1].w13.dtype == torch.float32
+    assert generate(path, PROMPTS[:1], 3) == generate(dirs["deq"], PROMPTS[:1], 3)
+    path = _rewrite(path, tmp_path / "partial",
+                    config_changes={"modules_to_not_convert": ["experts.0"]})
+    with pytest.raises(ValueError, match="leaves some expert projections of one layer "
+                                         "unquantized"):
+        build(path)
