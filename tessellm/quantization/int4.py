@@ -49,7 +49,8 @@ def _pack_last(cols: torch.Tensor) -> torch.Tensor:
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """AWQ int32 ``[R, N/8]`` -> codes ``[R, N]`` (uint8)."""
     shifts = torch.tensor(AWQ_REVERSE, dtype=torch.int32, device=packed.device) * 4
-    return ((packed[..., None] >> shifts) & 0xF).reshape(packed.shape[0], -1).to(torch.uint8)
+    return (torch.bitwise_right_shift(packed[..., None], shifts) & 0xF).reshape(
+        packed.shape[0], -1).to(torch.uint8)  # (not `>>`: torch-xla, packed.unpack_int4)
 
 
 def pack_gptq_zeros(z: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,8 @@ def pack_gptq_zeros(z: torch.Tensor) -> torch.Tensor:
 
 def unpack_gptq_zeros(packed: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    return ((packed[..., None] >> shifts) & 0xF).reshape(packed.shape[0], -1).to(torch.uint8)
+    return (torch.bitwise_right_shift(packed[..., None], shifts) & 0xF).reshape(
+        packed.shape[0], -1).to(torch.uint8)  # (not `>>`: torch-xla, packed.unpack_int4)
 
 
 def act_order_perm(g_idx: torch.Tensor, group: int) -> torch.Tensor | None:

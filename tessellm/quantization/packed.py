@@ -148,7 +148,9 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """int32 ``[K/8, N]`` -> uint8 ``[K, N]`` in 0..15."""
     shifts = _SHIFTS.to(qweight.device)[None, :, None]
-    q = (qweight[:, None, :] >> shifts) & 0xF
+    # torch.bitwise_right_shift, not ``>>``: torch-xla 2.9 lowers ``>>`` of a negative int32 as a
+    # division rounded toward zero, which corrupts the codes of every word with bit 31 set
+    q = torch.bitwise_right_shift(qweight[:, None, :], shifts) & 0xF
     return q.reshape(-1, qweight.shape[1]).to(torch.uint8)
 
 

@@ -82,3 +82,31 @@ def test_mixed_run_compiles_every_program_at_start_and_none_after(tiny_llama):
     # decode: 1, 2, 4 sequences; mixed: 8, 16, 32 tokens x 1, 2, 4 sequences
     assert pre["shapes"] == 12 and pre["compiled"] == 12
     assert c1 - c0 == 0 and c2 - c1 == 0 and after_ready == 0  # ready means warm
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_int4_checkpoint_greedy_on_xla(tiny_llama, tmp_path, fmt):
+    """An AWQ / GPTQ checkpoint of the tiny Llama (groups of 32, written by the test-side packer)
+    served on XLA, each int4 layer dequantized inside the traced step (``tpu/quant_ops.py``),
+    gives the greedy tokens of its dequantized float32 checkpoint on the cpu backend; the
+    layers stayed int4 and the run compiled nothing after start-up."""
+    from tessellm import LLM, SamplingParams
+    from tessellm.quantization.loading import quantized_linears
+    from tests.quantization.int4_checkpoint import write_int4
+
+    dirs = write_int4(tiny_llama, tmp_path, fmts=(fmt,))
+    prompts = [{"prompt_token_ids": p} for p in ([1, 17, 42, 99, 3], [5, 200, 7], [9] * 12)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    engine = dict(dtype="float32", block_size=16, num_kv_blocks=32, max_model_len=64,
+                  max_num_seqs=4, max_num_batched_tokens=32)
+    with LLM(dirs["deq"], device="cpu", **engine) as cpu:
+        expected = _tokens(cpu, prompts, params)
+    with LLM(dirs[fmt], device="tpu", **engine) as tpu:
+        layers = quantized_linears(tpu.engine.core.runner.model)
+        c0 = _compiles()
+        got = _tokens(tpu, prompts, params)
+        compiled = _compiles() - c0
+    assert {type(s).__name__ for l in layers.values() for s in l.segments} == {"Int4Weight"}
+    assert len(layers) == 4 * 2  # qkv, o, gate_up, down per layer
+    assert got == expected
+    assert compiled == 0

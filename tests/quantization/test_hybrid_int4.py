@@ -22,15 +22,14 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tessellm.quantization.int4 import pack_awq, pack_gptq_zeros
 from tessellm.quantization.packed import pack_int4
-from tests.quantization.block_fp8_checkpoint import build, generate, quantized_names, write_checkpoint
+from tests.quantization.block_fp8_checkpoint import build, generate
+from tests.quantization.int4_checkpoint import GROUP, write_int4
 
 PROMPTS = [[5, 17, 42, 99, 3, 120], list(range(40, 60))]
 MAX_NEW = 5
-GROUP = 32
 # int4 GEMMs are the cuda backend's (Triton, interpreted on host tensors): the cpu backend
 # serves no AWQ / GPTQ
 CUDA_EMULATED = dict(device="cuda", emulate=True)
@@ -65,41 +64,6 @@ def _configs():
                                                 mamba_chunk_size=8,
                                                 position_embedding_type="rope"),
     }
-
-
-def write_int4(dense_dir: str, root, fmts=("awq", "gptq"), extra_packed=()) -> dict:
-    """The ``{fmt: dir}`` of int4 checkpoints of one set of random codes (every quantized
-    linear of ``quantized_names``, plus ``extra_packed`` name fragments), and ``"deq"``: their
-    dequantized checkpoint."""
-    g = torch.Generator().manual_seed(1)
-    state = load_file(os.path.join(dense_dir, "model.safetensors"))
-    names = [n[:-len(".weight")] for n in state
-             if n in quantized_names(state) or any(e in n for e in extra_packed)]
-    quant = {fmt: dict(state) for fmt in fmts}
-    dense = dict(state)
-    for name in names:
-        n, k = state[f"{name}.weight"].shape
-        q = torch.randint(0, 16, (k, n), generator=g)
-        z = torch.randint(1, 16, (k // GROUP, n), generator=g)  # (GPTQ v1 stores zero - 1)
-        s = (torch.rand(k // GROUP, n, generator=g) * 0.01 + 0.004).half()
-        rows = torch.arange(k) // GROUP
-        dense[f"{name}.weight"] = ((q - z[rows]) * s.float()[rows]).t().contiguous()
-        for fmt, tensors in quant.items():
-            del tensors[f"{name}.weight"]
-            if fmt == "awq":
-                tensors.update({f"{name}.qweight": pack_awq(q), f"{name}.qzeros": pack_awq(z)})
-            else:
-                tensors.update({f"{name}.qweight": pack_int4(q),
-                                f"{name}.qzeros": pack_gptq_zeros(z - 1),
-                                f"{name}.g_idx": rows.to(torch.int32)})
-            tensors[f"{name}.scales"] = s
-    configs = {"awq": {"quant_method": "awq", "bits": 4, "group_size": GROUP,
-                       "zero_point": True, "version": "gemm"},
-               "gptq": {"quant_method": "gptq", "bits": 4, "group_size": GROUP,
-                        "desc_act": False, "sym": False, "checkpoint_format": "gptq"}}
-    out = {fmt: write_checkpoint(str(root / fmt), quant[fmt], dense_dir, configs[fmt]) for fmt in fmts}
-    out["deq"] = write_checkpoint(str(root / "deq"), dense, dense_dir)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ class TorchQuantOps:
         shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=x.device)[None, :, None]
         groups = k // w.group_size
         for n0, n1 in _slabs(n, k):
-            q = ((w.qweight[:, None, n0:n1] >> shifts) & 0xF).to(ct)  # [K/8, 8, n]
+            q = (_shr(w.qweight[:, None, n0:n1], shifts) & 0xF).to(ct)  # [K/8, 8, n]
             q = q.view(groups, w.group_size, n1 - n0)
             if w.zero_point:
                 q.sub_(w.zero_point)
@@ -114,9 +114,42 @@ class TorchQuantOps:
         return True
 
 
+def _shr(words: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Arithmetic right shift of int32 words. ``torch.bitwise_right_shift`` rather than ``>>``:
+    torch-xla 2.9 lowers the operator ``>>`` of a negative int32 as a division rounded toward
+    zero (``-634788036 >> 4`` gave -39674252, not -39674253), which corrupts the high codes of
+    every word with bit 31 set; the function lowers to XLA's arithmetic shift."""
+    return torch.bitwise_right_shift(words, shifts)
+
+
 def _finish(out: torch.Tensor, dtype: torch.dtype, bias) -> torch.Tensor:
     out = out.to(dtype)
     return out if bias is None else out.add_(bias)
+
+
+def int4_mm_whole(x: torch.Tensor, w: Int4Weight, bias=None) -> torch.Tensor:
+    """``TorchQuantOps.int4_mm`` without slabs, for tracing compilers (the tpu backend's XLA):
+    the whole weight dequantized in x's dtype by one elementwise chain, then one matmul, so the
+    traced graph is a fixed handful of ops per layer that the compiler can fuse into the dot's
+    operand, instead of a Python loop of slab writes::
+
+        codes [K/8, N] int32 --(>> 4j) & 15--> q [G, group, N] --(q * s + z)--> w [K, N];  x @ w
+
+    with ``z = offsets - zero_point * s`` (per group, ``[G, N]``). Same values as the slab form
+    up to the order of the float sums (one matmul instead of one per slab)."""
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm.long())
+    k8, n = w.qweight.shape
+    dt = _compute_dtype(x)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=x.device)[None, :, None]
+    q = (_shr(w.qweight[:, None, :], shifts) & 0xF).to(dt)  # [K/8, 8, N]
+    q = q.view(k8 * 8 // w.group_size, w.group_size, n)
+    s = w.scales.to(dt)
+    z = -w.zero_point * s if w.zero_point else None
+    if w.offsets is not None:
+        z = w.offsets.to(dt) if z is None else z + w.offsets.to(dt)
+    wd = q * s[:, None, :] if z is None else torch.addcmul(z[:, None, :], q, s[:, None, :])
+    return _finish(torch.matmul(x.to(dt), wd.view(k8 * 8, n)), x.dtype, bias)
 
 
 def dense_reference(x: torch.Tensor, w_dense: torch.Tensor, bias=None) -> torch.Tensor:

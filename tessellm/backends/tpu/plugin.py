@@ -97,7 +97,8 @@ def tessellm_register_backends(register):
                     "ragged paged attention on TPU, a pure-XLA padded path elsewhere "
                     "(PJRT_DEVICE=CPU for tests).",
         validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
-        capabilities={"graph_capture": True, "quantization": ["int8", "fp8", "fp8_block", "gguf"],
+        capabilities={"graph_capture": True, "quantization": ["int8", "fp8", "fp8_block", "awq", "gptq",
+                                                           "gguf"],
                       "kv_cache_dtypes": ["auto"],
                       "sliding_window": True, "logit_softcap": True, "attention_sinks": True, "key_limits": True,
                       "shape_buckets": "powers of two (tokens from 8, sequences)",
@@ -134,10 +135,11 @@ def tessellm_graph_runner(backend: Backend, spec: GraphSpec):
 
 @hookimpl
 def tessellm_quant_method(backend: Backend, spec: QuantSpec):
-    """int8, fp8 (emulated W8A8) and gguf through the device-agnostic torch ops."""
+    """int8, fp8 (emulated W8A8), fp8_block and gguf through the device-agnostic torch ops; AWQ
+    and GPTQ int4 dequantized inside the traced graph (``tpu/quant_ops.py``)."""
     if backend.name != NAME:
         return None
-    from tessellm.backends.reference.quant_ops import TorchQuantOps
+    from tessellm.backends.tpu.quant_ops import XlaQuantOps
     from tessellm.quantization import make_quant_method
 
-    return make_quant_method(spec, TorchQuantOps())
+    return make_quant_method(spec, XlaQuantOps())
