@@ -399,8 +399,8 @@ class MambaBatch:
     token_slots_host: list = field(default_factory=list)
     # Verify batches only, optional: per token position j, ``(rows, src, dst)`` int64 device
     # tensors over the sequences longer than j (the state before, from slot src; after, to
-    # dst); built once per step for ops that run the recurrence one position at a time
-    # (``reference/recurrent_verify.positions``).
+    # dst); built once per step, by the first op that runs the recurrence one position at a
+    # time (``reference/recurrent_verify.positions``): None until then.
     positions: Optional[list] = None
 
 

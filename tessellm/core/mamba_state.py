@@ -62,7 +62,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from tessellm.backends.reference.recurrent_verify import verify_positions
 from tessellm.backends.spec import MambaBatch
 
 
@@ -255,7 +254,8 @@ def make_batch(counts: list[int], slots: list[int], device: torch.device, verify
         verifies = MambaBatch(_ints(vq, device), _ints(slots[cut:], device), 0, vq,
                               list(slots[cut:]), token_slots=_ints(token_slots, device),
                               token_slots_host=list(token_slots))
-        verifies.positions = verify_positions(vq, list(slots[cut:]), list(token_slots), device)
+        # (``positions``, what the composed verify ops index by, is built by the first layer
+        # that needs it: ops with their own verify kernels never do)
         batch = make_batch(counts[:cut], slots[:cut], device)
         batch.verifies = verifies
         return batch

@@ -74,6 +74,27 @@ class TritonOps:
 
         return mamba_state_update(x, dt, A, B, C, D, dt_bias, ssm_state, state_indices, dt_limit)
 
+    # Speculative decoding's verify ops (optional ``FusedOps`` members): one launch per op over
+    # every verify sequence's tokens, the state after each token kept (``kernels/mamba/verify.py``,
+    # ``kernels/gated_delta/verify.py``); without them the engine would run the one-token
+    # kernels once per token position, with a state copy before each.
+
+    def mamba_conv1d_verify(self, x, weight, bias, conv_state, batch, activation="silu"):
+        from tessellm.kernels.mamba import mamba_conv1d_verify
+
+        return mamba_conv1d_verify(x, weight, bias, conv_state, batch, activation)
+
+    def mamba_state_update_verify(self, x, dt, A, B, C, D, dt_bias, ssm_state, batch,
+                                  dt_limit=(0.0, float("inf"))):
+        from tessellm.kernels.mamba import mamba_state_update_verify
+
+        return mamba_state_update_verify(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit)
+
+    def gated_delta_verify(self, q, k, v, g, beta, state, batch, scale):
+        from tessellm.kernels.gated_delta import gated_delta_verify
+
+        return gated_delta_verify(q, k, v, g, beta, state, batch, scale)
+
     # The gated delta rule ops (``FusedOps``' ``gated_delta_*``, ``kernels/gated_delta``).
     supports_gated_delta = True
 
