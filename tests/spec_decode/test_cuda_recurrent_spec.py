@@ -1,7 +1,7 @@
 """On a CUDA GPU: speculative decoding on the recurrent-state models (Mamba2, Granite 4.0-H,
-Qwen3-Next), through the cuda backend's path: the verify ops composed from the Triton one-token
-kernels position by position (``reference/recurrent_verify.verify_ops``), verify steps eager
-beside captured decode graphs, async scheduling on (the GPU default). Greedy tokens in float32
+Qwen3-Next), through the cuda backend's path: the fused Triton verify kernels, one launch per
+op over every verify sequence's tokens (``kernels/mamba/verify.py``,
+``kernels/gated_delta/verify.py``), verify steps eager beside captured decode graphs, async scheduling on (the GPU default). Greedy tokens in float32
 equal those without speculation, with drafts both accepted and rejected (the CPU cases:
 test_recurrent_spec.py)."""
 

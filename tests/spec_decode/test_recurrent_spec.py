@@ -96,8 +96,8 @@ def test_ngram_on_qwen3_next_tensor_parallel(qwen3_next_dir):
 
 
 def test_verify_ops_composed_from_one_token_ops():
-    """An ops object without the optional ``*_verify`` ops (a plugin written before API 13, or
-    cuda's Triton ops): the engine composes them from its one-token ops, position by position;
+    """An ops object without the optional ``*_verify`` ops (a plugin written before API 13):
+    the engine composes them from its one-token ops, position by position;
     outputs and every per-token state equal the reference's."""
     import torch
 
@@ -135,8 +135,8 @@ def test_verify_ops_composed_from_one_token_ops():
 
 @pytest.mark.slow  # ~80 s: the Triton kernels in the interpreter
 def test_ngram_on_mamba2_on_emulated_cuda(mamba2_dir):
-    """The cuda backend's path (Triton one-token kernels composed per position, eager verify
-    steps beside captured decode graphs) under the Triton interpreter."""
+    """The cuda backend's path (the fused Triton verify kernels, eager verify steps beside
+    captured decode graphs) under the Triton interpreter."""
     assert_spec_matches_plain(mamba2_dir, device="cuda", emulate=True)
 
 
