@@ -210,6 +210,29 @@ def fp8_gemv_x2() -> Optional[bool]:
     return _switch("TESSELLM_FP8_GEMV_X2")
 
 
+def gemv_prewait() -> tuple[int, bool, bool]:
+    """TESSELLM_GEMV_PREWAIT: what a one-row GEMV program (``gemm/gemv.py``'s FMA kernel,
+    ``gemm/gemv_x2.py``'s tiled kernel) reads of its weights before its PDL wait, while its
+    predecessor still runs (``kernels/pdl.py``; weights are never written by a step): "N" (1-4)
+    its first N weight tiles into registers, "s" its per-channel scales and bias, "l2" its whole
+    weight slice asked of the L2 (``cp.async.bulk.prefetch.L2``, one request a row; sm90+,
+    under PDL only), joined by "+" (e.g. "2+s"); unset or "0": nothing (the default, until a
+    GPU run shows a gain: ``benchmarks/b1pre_device.sh``). Returns (tiles, l2, scales)."""
+    value = os.environ.get("TESSELLM_GEMV_PREWAIT", "").strip().lower()
+    tiles, l2, scales = 0, False, False
+    for part in (p.strip() for p in value.split("+")) if value else ():
+        if part == "l2" and not l2:
+            l2 = True
+        elif part == "s" and not scales:
+            scales = True
+        elif part.isdigit() and int(part) <= 4 and not tiles:
+            tiles = int(part)
+        else:
+            raise ValueError(f"TESSELLM_GEMV_PREWAIT={value!r} is not understood; give weight "
+                             "tiles 0-4, s (scales), l2, or several joined by + (e.g. 2+s).")
+    return tiles, l2, scales
+
+
 def fp8_lm_head() -> bool:
     """TESSELLM_FP8_LM_HEAD: "1" gives the LM head of a ``quantization="fp8"`` model an e4m3
     copy (one scale per vocabulary row, as its linears; ``loader.model_loader._fp8_lm_head``),

@@ -23,7 +23,10 @@ Loads of what no kernel of the step writes (the step's inputs: positions, slot m
 lengths, block tables, cos/sin tables, and the KV cache of tokens cached in earlier steps) may go
 before the wait, between ``pdl_launch`` and ``pdl_wait``: their DRAM latency then hides under
 the predecessor (the split-KV decode kernel prefetches its first K/V tile there). Such a kernel
-still writes nothing before ``pdl_wait``.
+still writes nothing before ``pdl_wait``. Weights are such inputs too: under
+``TESSELLM_GEMV_PREWAIT`` the one-row GEMVs load their first weight tiles and scales there, or
+ask the L2 for their weight slice (``prefetch_l2``), so the next GEMV's weights already stream
+while a norm or the attention before it runs.
 
 On by default on sm90+ (``TESSELLM_PDL=0`` turns it off, ``tessellm.envs``). Measured on an
 H200 (Llama-3.1-8B shapes, bf16, CUDA graphs, 2026-11-21, two runs each way in one session):
@@ -99,3 +102,21 @@ def pdl_wait(USE_PDL: tl.constexpr):
     """``pdl_start``'s second half: the predecessor has completed and its writes are visible."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def prefetch_l2(addr, nbytes):
+    """Ask the L2 for ``nbytes`` bytes from byte address ``addr`` (scalars, int64 / int32):
+    one ``cp.async.bulk.prefetch.L2`` from the program's first thread, the range widened to
+    whole 16-byte units (the instruction's alignment; an allocation is never smaller than
+    one). sm90+, compiled only (inline PTX): callers guard it with a constexpr. A hint: nothing
+    waits for it, it writes nothing."""
+    lo = addr & -16
+    size = (((addr + nbytes + 15) & -16) - lo).to(tl.int32)
+    tl.inline_asm_elementwise(
+        ("{ .reg .pred p; .reg .b32 t;\n"
+         "mov.u32 t, %tid.x;\n"
+         "setp.eq.u32 p, t, 0;\n"
+         "@p cp.async.bulk.prefetch.L2.global [$1], $2;\n"
+         "mov.u32 $0, 0; }"),
+        "=r,l,r", [lo, size], dtype=tl.int32, is_pure=False, pack=1)

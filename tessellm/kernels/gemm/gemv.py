@@ -59,11 +59,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.kernels.gemm.common import (_interpreted, _num_sms, _split_out, _split_stride,
-                                          _split_sum)
+from tessellm import envs
+from tessellm.kernels.gemm.common import (_capability, _interpreted, _num_sms, _split_out,
+                                          _split_stride, _split_sum)
 from tessellm.kernels.activation import silu_mul
 from tessellm.kernels.gemm.fp8_codes import e4m3_to_16bit
-from tessellm.kernels.pdl import pdl_args, pdl_start
+from tessellm.kernels.pdl import (pdl_args, pdl_enabled, pdl_launch, pdl_start, pdl_wait,
+                                  prefetch_l2)
 
 GEMV_MAX_M = 32  # the config tables cover up to this many rows
 
@@ -175,13 +177,34 @@ def _fma_row(acc, wf, x_row, koff, K, EVEN_K: tl.constexpr, PTX: tl.constexpr,
 def _finish(y, s_ptr, bias_ptr, rn, N, pid_k, W_FP8: tl.constexpr, F32_BITS: tl.constexpr,
             HAS_BIAS: tl.constexpr):
     """Per-channel scale and bias (the first K range adds it) on y [..., BLOCK_N]."""
+    s, b = _scale_bias(s_ptr, bias_ptr, rn, N, W_FP8, HAS_BIAS)
+    return _apply_scale_bias(y, s, b, pid_k, W_FP8, F32_BITS, HAS_BIAS)
+
+
+@triton.jit
+def _scale_bias(s_ptr, bias_ptr, rn, N, W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``_finish``'s loads: the scales and bias of outputs ``rn`` (0.0 where there are none).
+    Weights of the step, so they may be loaded before the PDL wait (``Prewait.scales``)."""
     rn_ld = tl.minimum(rn, N - 1)
+    s = 0.0
+    b = 0.0
+    if W_FP8:
+        s = tl.load(s_ptr + rn_ld)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + rn_ld).to(tl.float32)
+    return s, b
+
+
+@triton.jit
+def _apply_scale_bias(y, s, b, pid_k, W_FP8: tl.constexpr, F32_BITS: tl.constexpr,
+                      HAS_BIAS: tl.constexpr):
+    """``_finish``'s arithmetic on loaded scales ``s`` and bias ``b``."""
     if F32_BITS:
         y *= 1.329227995784916e36  # 2^120, exact: undoes _e4m3_to_f32_scaled
     if W_FP8:
-        y *= tl.load(s_ptr + rn_ld)
+        y *= s
     if HAS_BIAS:
-        y += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(bias_ptr + rn_ld).to(tl.float32)
+        y += tl.where(pid_k == 0, 1.0, 0.0) * b
     return y
 
 
@@ -222,17 +245,27 @@ def store_silu_mul(y, out_row, col, limit):
 
 
 @triton.jit
-def _store_row(acc, r, s_ptr, bias_ptr, out_ptr, rn, w_rn, M, N, stride_om, pid_k,
+def _finish_rows(s_ptr, bias_ptr, rn, w_rn, N, W_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SILU_FOLD: tl.constexpr):
+    """The scales and bias (``_scale_bias``) of a program's tile rows: by weight row under
+    SILU_FOLD (``_fold_rows``), else by output column."""
+    if SILU_FOLD:
+        s, b = _scale_bias(s_ptr, bias_ptr, w_rn, 2 * N, W_FP8, HAS_BIAS)
+    else:
+        s, b = _scale_bias(s_ptr, bias_ptr, rn, N, W_FP8, HAS_BIAS)
+    return s, b
+
+
+@triton.jit
+def _store_row(acc, r, s, b, out_ptr, rn, w_rn, M, N, stride_om, pid_k,
                W_FP8: tl.constexpr, F32_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
                SILU_FOLD: tl.constexpr):
-    """Row r's sums to out (``out_ptr``: this split's plane, ``_split_plane``)."""
+    """Row r's sums to out (``out_ptr``: this split's plane, ``_split_plane``); ``s``, ``b``:
+    the tile rows' scales and bias (``_finish_rows``)."""
+    y = _apply_scale_bias(tl.sum(acc, axis=1), s, b, pid_k, W_FP8, F32_BITS, HAS_BIAS)
     if SILU_FOLD:  # w_rn: weight rows in [0, 2N) (gate, up pairs), rn: output columns
-        y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, w_rn, 2 * N, pid_k, W_FP8, F32_BITS,
-                    HAS_BIAS)
         store_silu_mul(y, out_ptr + r * stride_om, rn, tl.where(r < M, N, 0))
     else:
-        y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, rn, N, pid_k, W_FP8, F32_BITS,
-                    HAS_BIAS)
         ptrs = out_ptr + r * stride_om + rn
         ok = (rn < N) & (tl.zeros_like(rn) + r < M)
         tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
@@ -251,11 +284,14 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                      EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                      CHUNK: tl.constexpr, F32_BITS: tl.constexpr, PTX: tl.constexpr,
-                     SILU_FOLD: tl.constexpr, USE_PDL: tl.constexpr):
+                     SILU_FOLD: tl.constexpr, PRE_TILES: tl.constexpr, PRE_L2: tl.constexpr,
+                     PRE_S: tl.constexpr, USE_PDL: tl.constexpr):
     """Up to 4 rows of x (BLOCK_M 1, 2 or 4), one float32 accumulator tile per row.
     SILU_FOLD: W is a stacked [gate; up] ``[2N, K]``, out ``[M, N]`` gets silu(gate) * up
-    (``_fold_rows``, ``store_silu_mul``); the K loop is the same."""
-    pdl_start(USE_PDL)
+    (``_fold_rows``, ``store_silu_mul``); the K loop is the same. PRE_TILES, PRE_L2, PRE_S:
+    what the program reads of its weights before the PDL wait (``Prewait``); the sums are
+    bitwise the same either way (same steps, same order)."""
+    pdl_launch(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn, w_rn = _program_rows(pid_n, N, BLOCK_N, SILU_FOLD)
     row = w_rn.to(tl.int64)[:, None] * stride_wn
@@ -270,24 +306,56 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
         w_rows = w_ptr + row
         acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc1, acc2, acc3 = acc0, acc0, acc0
+    if PRE_S:
+        s, b = _finish_rows(s_ptr, bias_ptr, rn, w_rn, N, W_FP8, HAS_BIAS, SILU_FOLD)
+    if PRE_L2:
+        w_bytes: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        _prefetch_rows_l2(w_ptr, pid_n, N, stride_wn, k_lo,
+                          tl.minimum(k_per_split, K - k_lo) * w_bytes, BLOCK_N, SILU_FOLD)
+    # PRE_TILES: the first steps' weight tiles (a step past the last reads the last again and
+    # adds nothing: ``_pre_k``)
+    if PRE_TILES > 0:
+        w0 = _load_k(w_rows + _pre_k(k_lo, 0, steps, k_in, BLOCK_K),
+                     _pre_k(k_lo, 0, steps, k_in, BLOCK_K), K, EVEN_K)
+    if PRE_TILES > 1:
+        w1 = _load_k(w_rows + _pre_k(k_lo, 1, steps, k_in, BLOCK_K),
+                     _pre_k(k_lo, 1, steps, k_in, BLOCK_K), K, EVEN_K)
+    if PRE_TILES > 2:
+        w2 = _load_k(w_rows + _pre_k(k_lo, 2, steps, k_in, BLOCK_K),
+                     _pre_k(k_lo, 2, steps, k_in, BLOCK_K), K, EVEN_K)
+    if PRE_TILES > 3:
+        w3 = _load_k(w_rows + _pre_k(k_lo, 3, steps, k_in, BLOCK_K),
+                     _pre_k(k_lo, 3, steps, k_in, BLOCK_K), K, EVEN_K)
+    pdl_wait(USE_PDL)
     x0 = x_ptr
     x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm
     x2 = x_ptr + tl.minimum(2, M - 1) * stride_xm
     x3 = x_ptr + tl.minimum(3, M - 1) * stride_xm
-    for i in tl.range(0, steps, num_stages=STAGES):
+    if PRE_TILES > 0:
+        acc0, acc1, acc2, acc3 = _fma_pre(acc0, acc1, acc2, acc3, w0, 0, steps, k_lo, k_in,
+                                          BLOCK_K, x0, x1, x2, x3, x_ptr, K, EVEN_K, BLOCK_M,
+                                          F32_BITS, W_FP8, W_PTX, PTX, CHUNK)
+    if PRE_TILES > 1:
+        acc0, acc1, acc2, acc3 = _fma_pre(acc0, acc1, acc2, acc3, w1, 1, steps, k_lo, k_in,
+                                          BLOCK_K, x0, x1, x2, x3, x_ptr, K, EVEN_K, BLOCK_M,
+                                          F32_BITS, W_FP8, W_PTX, PTX, CHUNK)
+    if PRE_TILES > 2:
+        acc0, acc1, acc2, acc3 = _fma_pre(acc0, acc1, acc2, acc3, w2, 2, steps, k_lo, k_in,
+                                          BLOCK_K, x0, x1, x2, x3, x_ptr, K, EVEN_K, BLOCK_M,
+                                          F32_BITS, W_FP8, W_PTX, PTX, CHUNK)
+    if PRE_TILES > 3:
+        acc0, acc1, acc2, acc3 = _fma_pre(acc0, acc1, acc2, acc3, w3, 3, steps, k_lo, k_in,
+                                          BLOCK_K, x0, x1, x2, x3, x_ptr, K, EVEN_K, BLOCK_M,
+                                          F32_BITS, W_FP8, W_PTX, PTX, CHUNK)
+    for i in tl.range(PRE_TILES, steps, num_stages=STAGES):
         koff = k_lo + i * BLOCK_K + k_in
         w = _load_k(w_rows + koff, koff, K, EVEN_K)
-        if F32_BITS:
-            wf = _e4m3_to_f32_scaled(w)
-        else:
-            wf = _widen(w, x_ptr.dtype.element_ty, W_FP8, W_PTX, True, PTX)
-        acc0 = _fma_row(acc0, wf, x0, koff, K, EVEN_K, PTX, CHUNK)
-        if BLOCK_M > 1:
-            acc1 = _fma_row(acc1, wf, x1, koff, K, EVEN_K, PTX, CHUNK)
-        if BLOCK_M > 2:
-            acc2 = _fma_row(acc2, wf, x2, koff, K, EVEN_K, PTX, CHUNK)
-            acc3 = _fma_row(acc3, wf, x3, koff, K, EVEN_K, PTX, CHUNK)
-    args = (s_ptr, bias_ptr, _split_plane(out_ptr, pid_k, stride_split), rn, w_rn, M, N,
+        acc0, acc1, acc2, acc3 = _fma_step(acc0, acc1, acc2, acc3, w, koff, x0, x1, x2, x3,
+                                           x_ptr, K, EVEN_K, BLOCK_M, F32_BITS, W_FP8, W_PTX,
+                                           PTX, CHUNK)
+    if not PRE_S:
+        s, b = _finish_rows(s_ptr, bias_ptr, rn, w_rn, N, W_FP8, HAS_BIAS, SILU_FOLD)
+    args = (s, b, _split_plane(out_ptr, pid_k, stride_split), rn, w_rn, M, N,
             stride_om, pid_k, W_FP8, F32_BITS, HAS_BIAS, SILU_FOLD)
     _store_row(acc0, 0, *args)
     if BLOCK_M > 1:
@@ -295,6 +363,69 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
     if BLOCK_M > 2:
         _store_row(acc2, 2, *args)
         _store_row(acc3, 3, *args)
+
+
+@triton.jit
+def _fma_step(acc0, acc1, acc2, acc3, w, koff, x0, x1, x2, x3, x_ptr, K, EVEN_K: tl.constexpr,
+              BLOCK_M: tl.constexpr, F32_BITS: tl.constexpr, W_FP8: tl.constexpr,
+              W_PTX: tl.constexpr, PTX: tl.constexpr, CHUNK: tl.constexpr):
+    """One K step of ``_gemv_fma_kernel``: the weight tile ``w`` (at K offsets ``koff``)
+    widened and multiplied into each row's accumulator (``x0``-``x3``: the rows' pointers)."""
+    if F32_BITS:
+        wf = _e4m3_to_f32_scaled(w)
+    else:
+        wf = _widen(w, x_ptr.dtype.element_ty, W_FP8, W_PTX, True, PTX)
+    acc0 = _fma_row(acc0, wf, x0, koff, K, EVEN_K, PTX, CHUNK)
+    if BLOCK_M > 1:
+        acc1 = _fma_row(acc1, wf, x1, koff, K, EVEN_K, PTX, CHUNK)
+    if BLOCK_M > 2:
+        acc2 = _fma_row(acc2, wf, x2, koff, K, EVEN_K, PTX, CHUNK)
+        acc3 = _fma_row(acc3, wf, x3, koff, K, EVEN_K, PTX, CHUNK)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _pre_k(k_lo, j: tl.constexpr, steps, k_in, BLOCK_K: tl.constexpr):
+    """K offsets of pre-loaded step ``j``: the program's last step where ``j`` is past it."""
+    return k_lo + tl.minimum(j, steps - 1) * BLOCK_K + k_in
+
+
+@triton.jit
+def _fma_pre(acc0, acc1, acc2, acc3, w, j: tl.constexpr, steps, k_lo, k_in,
+             BLOCK_K: tl.constexpr, x0, x1, x2, x3, x_ptr, K, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, F32_BITS: tl.constexpr,
+             W_FP8: tl.constexpr, W_PTX: tl.constexpr, PTX: tl.constexpr, CHUNK: tl.constexpr):
+    """``_fma_step`` on pre-loaded step ``j``'s tile; the accumulators unchanged (bitwise)
+    where the program has fewer than ``j + 1`` steps."""
+    koff = _pre_k(k_lo, j, steps, k_in, BLOCK_K)
+    a0, a1, a2, a3 = _fma_step(acc0, acc1, acc2, acc3, w, koff, x0, x1, x2, x3, x_ptr, K,
+                               EVEN_K, BLOCK_M, F32_BITS, W_FP8, W_PTX, PTX, CHUNK)
+    if j > 0:
+        keep = j >= steps
+        a0 = tl.where(keep, acc0, a0)
+        a1 = tl.where(keep, acc1, a1)
+        a2 = tl.where(keep, acc2, a2)
+        a3 = tl.where(keep, acc3, a3)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _program_row(pid_n, i: tl.constexpr, N, BLOCK_N: tl.constexpr, SILU_FOLD: tl.constexpr):
+    """Weight row of a program's tile row ``i`` as a scalar (``_program_rows``' element i)."""
+    if SILU_FOLD:
+        r = tl.minimum(pid_n * (BLOCK_N // 2) + i // 2, N - 1) + (i % 2) * N
+    else:
+        r = tl.minimum(pid_n * BLOCK_N + i, N - 1)
+    return r
+
+
+@triton.jit
+def _prefetch_rows_l2(w_ptr, pid_n, N, stride_wn, k_lo, nbytes, BLOCK_N: tl.constexpr,
+                      SILU_FOLD: tl.constexpr):
+    """Ask the L2 for the ``nbytes`` of each of the program's weight rows it reads from
+    element ``k_lo`` on (``pdl.prefetch_l2``: one request a row from one thread; sm90+)."""
+    for i in tl.static_range(BLOCK_N):
+        r = _program_row(pid_n, i, N, BLOCK_N, SILU_FOLD).to(tl.int64)
+        prefetch_l2((w_ptr + r * stride_wn + k_lo).to(tl.int64), nbytes)
 
 
 @triton.jit
@@ -375,6 +506,31 @@ def _ptx(x: torch.Tensor) -> bool:
     return not _interpreted(x) and torch.version.hip is None
 
 
+@dataclass(frozen=True)
+class Prewait:
+    """What a one-row GEMV program reads of its weights before its PDL wait, while the kernel
+    before it still runs (weights are never written by a step: ``kernels/pdl.py``). The sums
+    and outputs are bitwise the same with any of it."""
+
+    tiles: int = 0  # its first K steps' weight tiles, into registers (0-4)
+    l2: bool = False  # its whole weight slice asked of the L2 (sm90+, under PDL only)
+    scales: bool = False  # its per-channel scales and bias (else loaded in the epilogue)
+
+
+# TESSELLM_GEMV_PREWAIT (``envs.gemv_prewait``), read once; benchmarks set it between
+# captures (a captured graph keeps the launches it was captured with).
+PREWAIT = Prewait(*envs.gemv_prewait())
+
+
+def prewait_args(x: torch.Tensor) -> dict:
+    """The ``PRE_*`` constexprs of a one-row GEMV kernel on ``x``'s device (``PREWAIT``): the
+    L2 request only where it can help and compile (under PDL, so on sm90+)."""
+    p = PREWAIT
+    l2 = (p.l2 and _ptx(x) and pdl_enabled(x.device)
+          and _capability(x.device.index or 0)[0] >= 9)
+    return dict(PRE_TILES=p.tiles, PRE_L2=l2, PRE_S=p.scales)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
          config: Optional[GemvConfig] = None) -> torch.Tensor:
     """``x [M, K] @ weight[N, K].T (+ bias)`` for M <= ``GEMV_MAX_M``, weight in x's dtype."""
@@ -449,5 +605,6 @@ def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False) ->
     else:
         _gemv_fma_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), CHUNK=cfg.chunk,
                                F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x),
-                               SILU_FOLD=silu_fold, **meta, **pdl_args(x.device))
+                               SILU_FOLD=silu_fold, **prewait_args(x), **meta,
+                               **pdl_args(x.device))
     return _split_sum(out, x.dtype)

@@ -41,10 +41,11 @@ import triton.language as tl
 
 from tessellm.kernels.gemm.common import (_interpreted, _num_sms, _split_out, _split_stride,
                                           _split_sum)
-from tessellm.kernels.gemm.gemv import (GemvConfig, _finish, _program_rows, _ptx, _with_split,
-                                        store_silu_mul)
+from tessellm.kernels.gemm.gemv import (GemvConfig, _apply_scale_bias, _finish, _finish_rows,
+                                        _prefetch_rows_l2, _program_rows, _ptx, _with_split,
+                                        prewait_args, store_silu_mul)
 from tessellm.kernels.gemm.gemv_x2_table import X2_TABLE
-from tessellm.kernels.pdl import pdl_args, pdl_start
+from tessellm.kernels.pdl import pdl_args, pdl_launch, pdl_start, pdl_wait
 
 
 @triton.jit
@@ -88,12 +89,15 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
                          words_per_split, stride_split,
                          HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PTX: tl.constexpr,
-                         SILU_FOLD: tl.constexpr, USE_PDL: tl.constexpr):
+                         SILU_FOLD: tl.constexpr, PRE_TILES: tl.constexpr,
+                         PRE_L2: tl.constexpr, PRE_S: tl.constexpr, USE_PDL: tl.constexpr):
     """One row of bf16 x against e4m3 weights, 4 codes a 32-bit word (``_dot4_e4m3_bf16x2``).
     ``KW``: words in a weight row (K / 4); x is read as 64-bit words of 4 values. SILU_FOLD:
     the weight is a stacked [gate; up] ``[2N, K]`` and out ``[1, N]`` gets silu(gate) * up
-    (``gemv._fold_rows``, ``gemv.store_silu_mul``; each row its own scale); same K loop."""
-    pdl_start(USE_PDL)
+    (``gemv._fold_rows``, ``gemv.store_silu_mul``; each row its own scale); same K loop.
+    PRE_TILES, PRE_L2, PRE_S: what the program reads of its weights before the PDL wait
+    (``gemv.Prewait``); bitwise the same sums either way (same steps, same order)."""
+    pdl_launch(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn, w_rn = _program_rows(pid_n, N, BLOCK_N, SILU_FOLD)
     row = w_rn.to(tl.int64)[:, None] * stride_wn_words
@@ -104,26 +108,84 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
     acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     k_lo = pid_k * words_per_split
     steps = tl.cdiv(tl.minimum(words_per_split, KW - k_lo), BLOCK_KW)
-    for i in range(0, steps):
+    if PRE_S:
+        s, b = _finish_rows(s_ptr, bias_ptr, rn, w_rn, N, True, HAS_BIAS, SILU_FOLD)
+    if PRE_L2:
+        _prefetch_rows_l2(w_words, pid_n, N, stride_wn_words, k_lo,
+                          tl.minimum(words_per_split, KW - k_lo) * 4, BLOCK_N, SILU_FOLD)
+    # PRE_TILES: the first steps' weight words (a step past the program's last reads the last
+    # again and adds nothing: ``_x2_pre``)
+    if PRE_TILES > 0:
+        w0 = _x2_words(w_words, row, _x2_pre_k(k_lo, 0, steps, kw, BLOCK_KW), KW, EVEN_K)
+    if PRE_TILES > 1:
+        w1 = _x2_words(w_words, row, _x2_pre_k(k_lo, 1, steps, kw, BLOCK_KW), KW, EVEN_K)
+    if PRE_TILES > 2:
+        w2 = _x2_words(w_words, row, _x2_pre_k(k_lo, 2, steps, kw, BLOCK_KW), KW, EVEN_K)
+    if PRE_TILES > 3:
+        w3 = _x2_words(w_words, row, _x2_pre_k(k_lo, 3, steps, kw, BLOCK_KW), KW, EVEN_K)
+    pdl_wait(USE_PDL)
+    if PRE_TILES > 0:
+        acc = _x2_pre(acc, w0, 0, x_words, same, k_lo, steps, kw, KW, EVEN_K, BLOCK_KW, PTX)
+    if PRE_TILES > 1:
+        acc = _x2_pre(acc, w1, 1, x_words, same, k_lo, steps, kw, KW, EVEN_K, BLOCK_KW, PTX)
+    if PRE_TILES > 2:
+        acc = _x2_pre(acc, w2, 2, x_words, same, k_lo, steps, kw, KW, EVEN_K, BLOCK_KW, PTX)
+    if PRE_TILES > 3:
+        acc = _x2_pre(acc, w3, 3, x_words, same, k_lo, steps, kw, KW, EVEN_K, BLOCK_KW, PTX)
+    for i in range(PRE_TILES, steps):
         koff = k_lo + i * BLOCK_KW + kw
-        if EVEN_K:
-            w = tl.load(w_words + row + koff)
-            x = tl.load(x_words + same + koff)
-        else:
-            w = tl.load(w_words + row + koff, mask=koff < KW, other=0)
-            x = tl.load(x_words + same + koff, mask=koff < KW, other=0)
-        if PTX:
-            acc = _dot4_e4m3_bf16x2(acc, w, x)
-        else:
-            acc = _dot4_e4m3_bf16_ref(acc, w, x)
+        acc = _x2_step(acc, _x2_words(w_words, row, koff, KW, EVEN_K), x_words, same, koff, KW,
+                       EVEN_K, PTX)
+    if not PRE_S:
+        s, b = _finish_rows(s_ptr, bias_ptr, rn, w_rn, N, True, HAS_BIAS, SILU_FOLD)
+    y = _apply_scale_bias(tl.sum(acc, axis=1), s, b, pid_k, True, True, HAS_BIAS)
     if SILU_FOLD:
-        y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, w_rn, 2 * N, pid_k, True, True,
-                    HAS_BIAS)
         store_silu_mul(y, out_ptr, rn, N)
     else:
-        y = _finish(tl.sum(acc, axis=1), s_ptr, bias_ptr, rn, N, pid_k, True, True, HAS_BIAS)
         tl.store(out_ptr + pid_k.to(tl.int64) * stride_split + rn,
                  y.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _x2_words(w_words, row, koff, KW, EVEN_K: tl.constexpr):
+    """The weight words of a tile's rows at word offsets ``koff`` (zeros past KW)."""
+    if EVEN_K:
+        w = tl.load(w_words + row + koff)
+    else:
+        w = tl.load(w_words + row + koff, mask=koff < KW, other=0)
+    return w
+
+
+@triton.jit
+def _x2_step(acc, w, x_words, same, koff, KW, EVEN_K: tl.constexpr, PTX: tl.constexpr):
+    """One K step of ``_gemv_e4m3_x2_kernel``: x's words at ``koff`` against ``w``."""
+    if EVEN_K:
+        x = tl.load(x_words + same + koff)
+    else:
+        x = tl.load(x_words + same + koff, mask=koff < KW, other=0)
+    if PTX:
+        acc = _dot4_e4m3_bf16x2(acc, w, x)
+    else:
+        acc = _dot4_e4m3_bf16_ref(acc, w, x)
+    return acc
+
+
+@triton.jit
+def _x2_pre_k(k_lo, j: tl.constexpr, steps, kw, BLOCK_KW: tl.constexpr):
+    """Word offsets of pre-loaded step ``j``: the program's last step where ``j`` is past it."""
+    return k_lo + tl.minimum(j, steps - 1) * BLOCK_KW + kw
+
+
+@triton.jit
+def _x2_pre(acc, w, j: tl.constexpr, x_words, same, k_lo, steps, kw, KW, EVEN_K: tl.constexpr,
+            BLOCK_KW: tl.constexpr, PTX: tl.constexpr):
+    """``_x2_step`` on pre-loaded step ``j``'s words; acc unchanged (bitwise) where the
+    program has fewer than ``j + 1`` steps."""
+    out = _x2_step(acc, w, x_words, same, _x2_pre_k(k_lo, j, steps, kw, BLOCK_KW), KW, EVEN_K,
+                   PTX)
+    if j > 0:
+        out = tl.where(j >= steps, acc, out)
+    return out
 
 
 @triton.jit
@@ -237,7 +299,7 @@ def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         x, qweight, scales, bias if bias is not None else scales, out, n, kw,
         qweight.stride(0) // 4, words_per_split, _split_stride(out), HAS_BIAS=bias is not None,
         EVEN_K=kw % words_per_split == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
-        SILU_FOLD=False, num_warps=num_warps, **pdl_args(x.device))
+        SILU_FOLD=False, num_warps=num_warps, **prewait_args(x), **pdl_args(x.device))
     return _split_sum(out, x.dtype)
 
 
@@ -261,7 +323,7 @@ def gemv_fp8_x2_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: tor
         x, qweight, scales, bias if bias is not None else scales, out, n // 2, kw,
         qweight.stride(0) // 4, kw, 0, HAS_BIAS=bias is not None,
         EVEN_K=kw % block_kw == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
-        SILU_FOLD=True, num_warps=num_warps, **pdl_args(x.device))
+        SILU_FOLD=True, num_warps=num_warps, **prewait_args(x), **pdl_args(x.device))
     return out
 
 
