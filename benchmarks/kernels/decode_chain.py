@@ -18,6 +18,10 @@ The bf16 chain also runs with the two add-RMSNorms folded into the qkv and gate_
 kinds above; the engine keeps the norms unfused: the fold measured slower).
 b1fp8: the chain with the SiLU fold (the engine's default) against the same with the decode
 attention's last-split reduce, the LM head in e4m3 (fp8 only) and both (session 17).
+prewait: the engine's chain (SiLU fold; fp8 with its e4m3 LM head, TESSELLM_FP8_LM_HEAD) with
+the one-row GEMVs reading weights before their PDL wait (``gemv.Prewait``,
+TESSELLM_GEMV_PREWAIT) at several settings against none, each checked bitwise against none;
+and the GEMVs alone (no attention, norms: GEMV after GEMV) off and at two settings.
 attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
 256 and 512 and workload F's (512-768) at 256, in GB/s of K/V read, by splits.
 """
@@ -262,6 +266,69 @@ def b1fp8_section(out: dict) -> None:
         torch.cuda.empty_cache()
 
 
+# TESSELLM_GEMV_PREWAIT settings the prewait section times (``envs.gemv_prewait``'s grammar);
+# "0" first and last (the spread), "l2" needs sm90 and PDL
+PREWAIT_FP8 = ("0", "1", "1+s", "2", "2+s", "4", "s", "l2", "1+l2+s", "2+l2+s", "0")
+PREWAIT_BF16 = ("0", "1", "2", "4", "l2", "1+l2", "2+l2", "0")
+PREWAIT_GEMV_ONLY = ("0", "1+s", "2+l2+s")
+
+
+def _prewait(value: str):
+    import os
+
+    from tessellm import envs
+    from tessellm.kernels.gemm import gemv as gv
+
+    old = os.environ.get("TESSELLM_GEMV_PREWAIT")
+    os.environ["TESSELLM_GEMV_PREWAIT"] = value
+    try:
+        gv.PREWAIT = gv.Prewait(*envs.gemv_prewait())
+    finally:
+        if old is None:
+            del os.environ["TESSELLM_GEMV_PREWAIT"]
+        else:
+            os.environ["TESSELLM_GEMV_PREWAIT"] = old
+
+
+def prewait_section(out: dict) -> None:
+    """The chain (engine form) at each ``PREWAIT_*`` setting: GPU ms a token, change against
+    the first "0", whether the logits equal those of "0" bitwise; then the GEMVs alone
+    ("gemv-<setting>"). Printed as ``prewait <dtype> <setting> <json>`` (no spaces inside the
+    setting: ``b1pre_device.sh`` reads these lines)."""
+    from tessellm.kernels.pdl import graph_scope
+    from tessellm.quantization.packed import quantize_fp8
+
+    parts = VARIANTS["silu fold"]
+    for fp8 in (True, False):
+        layers, head, nbytes = _weights(fp8)
+        head8 = quantize_fp8(head) if fp8 else None
+        res = {"weight_gb": round(nbytes / 1e9, 3), "runs": {}}
+        ref = None
+        for i, value in enumerate(PREWAIT_FP8 if fp8 else PREWAIT_BF16):
+            _prewait(value)
+            step = _step_fn(layers, head, fp8, parts, head8=head8)
+            with graph_scope():
+                logits = step().clone()
+                ms = round(graph_ms(step, 3), 4)
+            if ref is None:
+                ref = logits
+            name = value if value not in res["runs"] else value + "-again"
+            res["runs"][name] = {"ms": ms, "bitwise": bool(torch.equal(logits, ref))}
+            print("prewait", "fp8" if fp8 else "bf16", name, json.dumps(res["runs"][name]),
+                  flush=True)
+        for value in PREWAIT_GEMV_ONLY:
+            _prewait(value)
+            step = _step_fn(layers, head, fp8, VARIANTS["gemv"], head8=head8)
+            with graph_scope():
+                res["runs"]["gemv-" + value] = {"ms": round(graph_ms(step, 3), 4)}
+            print("prewait", "fp8" if fp8 else "bf16", "gemv-" + value,
+                  json.dumps(res["runs"]["gemv-" + value]), flush=True)
+        _prewait("0")
+        out["fp8" if fp8 else "bf16"] = res
+        del layers, head, head8
+        torch.cuda.empty_cache()
+
+
 def _decode_us(batch, q, kc, vc, splits, tiles, ws) -> float:
     from bench_attention import D
 
@@ -316,7 +383,7 @@ def main() -> None:
     QUICK, FOLD_ONLY, WRITE_DEFAULT = args.quick, args.fold, args.write_default
     args.out.mkdir(parents=True, exist_ok=True)
     run_sections(args.out, args.sections, {"chain": chain_section, "attn_long": attn_long_section,
-                                           "b1fp8": b1fp8_section})
+                                           "b1fp8": b1fp8_section, "prewait": prewait_section})
 
 
 if __name__ == "__main__":

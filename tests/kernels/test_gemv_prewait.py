@@ -25,12 +25,11 @@ BF16 = torch.bfloat16
 # In the interpreter (no L2 request there) two: one tile; four tiles (more than some programs'
 # K steps) with the scales
 PREWAITS = [gv.Prewait(1), gv.Prewait(4, l2=True, scales=True)]
-if ON_GPU:
-    PREWAITS += [gv.Prewait(2, scales=True), gv.Prewait(0, l2=True, scales=True),
-                 gv.Prewait(2, l2=True)]
-# (N, K): K = 100 leaves a partial K step (every config below), 64 whole ones; split K leaves
-# the last split a single step
-SHAPES = [(19, 100)] + ([(13, 64), (1031, 4096)] if ON_GPU else [])
+if ON_GPU:  # and the L2 request alone
+    PREWAITS += [gv.Prewait(0, l2=True)]
+# (N, K): K = 100 leaves a partial K step (every config below); split K leaves the last split
+# a single step; on a GPU also a layer's K
+SHAPES = [(19, 100)] + ([(1031, 4096)] if ON_GPU else [])
 
 
 def _data(m, n, k, bias, seed):

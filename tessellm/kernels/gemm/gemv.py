@@ -392,8 +392,9 @@ def _pre_k(k_lo, j: tl.constexpr, steps, k_in, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _fma_pre(acc0, acc1, acc2, acc3, w, j: tl.constexpr, steps, k_lo, k_in,
-             BLOCK_K: tl.constexpr, x0, x1, x2, x3, x_ptr, K, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, F32_BITS: tl.constexpr,
-             W_FP8: tl.constexpr, W_PTX: tl.constexpr, PTX: tl.constexpr, CHUNK: tl.constexpr):
+             BLOCK_K: tl.constexpr, x0, x1, x2, x3, x_ptr, K, EVEN_K: tl.constexpr,
+             BLOCK_M: tl.constexpr, F32_BITS: tl.constexpr, W_FP8: tl.constexpr,
+             W_PTX: tl.constexpr, PTX: tl.constexpr, CHUNK: tl.constexpr):
     """``_fma_step`` on pre-loaded step ``j``'s tile; the accumulators unchanged (bitwise)
     where the program has fewer than ``j + 1`` steps."""
     koff = _pre_k(k_lo, j, steps, k_in, BLOCK_K)
@@ -509,8 +510,12 @@ def _ptx(x: torch.Tensor) -> bool:
 @dataclass(frozen=True)
 class Prewait:
     """What a one-row GEMV program reads of its weights before its PDL wait, while the kernel
-    before it still runs (weights are never written by a step: ``kernels/pdl.py``). The sums
-    and outputs are bitwise the same with any of it."""
+    before it still runs (``kernels/pdl.py``). Invariant: no kernel of a step writes the
+    weight, scales or bias of a GEMV (every caller passes model parameters, written only
+    between steps). The sums and outputs are bitwise the same with any of it: the same K steps
+    in the same order. Registers (sm_90, Triton 3.9): one tile keeps each launch shape's
+    register bucket (x2 4x256: 39 -> 40, 2x512: 32; FMA 2x1024: 28 -> 30), two tiles take
+    x2 4x256 to 42 and 2x512 to 33-35 (fewer programs an SM), four to 48-60."""
 
     tiles: int = 0  # its first K steps' weight tiles, into registers (0-4)
     l2: bool = False  # its whole weight slice asked of the L2 (sm90+, under PDL only)
