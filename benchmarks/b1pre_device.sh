@@ -43,7 +43,7 @@ t tests_parity ${PARITY_S:-0} env TESSELLM_GEMV_PREWAIT=2+l2+s $PYT -x \
 
 t chain_prewait ${CHAIN_S:-150} python3 benchmarks/kernels/decode_chain.py --out "$OUT" \
   --sections prewait
-grep "^prewait" "$OUT/chain_prewait.txt" 2>/dev/null
+grep "^prewait" "$OUT/chain_prewait.txt" 2>/dev/null  # prewait-error: a setting that failed
 
 # The chain's fastest setting of each dtype (its printed lines: the JSON is written only when
 # the section ends), unless PRE_FP8 / PRE_BF16 say; "2+s" / "2" when the chain did not run.
@@ -84,13 +84,16 @@ import json, os, sys
 out, pre_fp8, pre_bf16 = sys.argv[1:]
 dev = open(os.path.join(out, "device.txt")).readline().strip()
 print(f"SUMMARY device {dev}")
+chain = os.path.join(out, "chain_prewait.txt")
+for line in open(chain) if os.path.exists(chain) else ():
+    if line.startswith("prewait-error"):
+        print("SUMMARY chain FAILED " + line[len("prewait-error "):].strip())
 for name in ("tests", "tests_parity"):
     p = os.path.join(out, name + ".txt")
     if os.path.exists(p):
         lines = [l.strip() for l in open(p) if " passed" in l or " failed" in l or "error" in l]
         print(f"SUMMARY {name}: {lines[-1] if lines else 'no pytest summary (timed out?)'}")
 runs = {}
-chain = os.path.join(out, "chain_prewait.txt")
 for line in open(chain) if os.path.exists(chain) else ():
     p = line.split(" ", 3)
     if len(p) == 4 and p[0] == "prewait":

@@ -111,8 +111,8 @@ def prefetch_l2(addr, nbytes):
     whole 16-byte units (the instruction's alignment; an allocation is never smaller than
     one). sm90+, compiled only (inline PTX): callers guard it with a constexpr. A hint: nothing
     waits for it, it writes nothing."""
-    lo = addr & -16
-    size = (((addr + nbytes + 15) & -16) - lo).to(tl.int32)
+    lo = tl.full([1], 0, tl.int64) + (addr & -16)  # a one-element tensor: the form every
+    size = (((addr + nbytes + 15) & -16) - lo).to(tl.int32)  # Triton takes for inline asm
     tl.inline_asm_elementwise(
         ("{ .reg .pred p; .reg .b32 t;\n"
          "mov.u32 t, %tid.x;\n"
