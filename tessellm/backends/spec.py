@@ -66,6 +66,10 @@ state after each verified token in a slot of its own; plugins of versions 1 to 1
 14 = ``LoRAOps.fused_experts_lora`` (optional: the experts of a MoE layer with each token's
 adapter on every expert's gate/up/down projections, ``ExpertLoRA``); plugins of versions 1 to 13
 keep working (the engine runs the pure-torch reference, ``backends/reference/moe_lora.py``).
+15 = AWQ / GPTQ int4 MoE experts: ``FusedOps.fused_moe`` / ``fused_experts`` take keyword-only
+``int4=True`` with ``w13_zeros`` / ``w2_zeros`` where the ops object declares ``fused_moe_int4 =
+True``; plugins of versions 1 to 14 keep working (such experts run the pure-torch reference,
+``backends/reference/moe.py``).
 
 Ownership
 ---------
@@ -102,7 +106,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 14
+TESSELLM_PLUGIN_API = 15
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -585,6 +589,15 @@ class FusedOps(Protocol):
     # to -1 contributes nothing, so the result is this rank's partial sum over its experts (the
     # model sums the ranks'). For ``fused_moe`` and ``fused_experts`` alike, combined with any
     # variant above; conformance ``test_fused_moe_expert_map``.
+    # Variant (AWQ / GPTQ int4 experts, W4A16), only where the ops object sets
+    # ``fused_moe_int4 = True`` (plugin API 15; else the model runs the reference loop for
+    # them): keyword-only ``int4=True`` with int32 ``w13 [E, 2I, H/8]`` / ``w2 [E, H, I/8]``
+    # (each row's inputs packed 8 codes a word, low nibble first), group scales ``w13_scale
+    # [E, 2I, H/g]`` / ``w2_scale [E, H, I/g]`` (float16 or float32; g = K / G, each projection
+    # its own) and keyword-only ``w13_zeros`` / ``w2_zeros``, uint8 zero codes of the scales'
+    # shapes or None (zero 8: symmetric GPTQ): ``W = (q - zero) * scale`` in float32, rounded
+    # to hidden's dtype (``reference/moe.dequantize_int4``). For ``fused_moe`` and
+    # ``fused_experts`` alike, with ``expert_map``; conformance ``test_fused_moe_int4_experts``.
     #
     # Mamba2 mixer ops, all three together where the ops object declares ``supports_mamba2 =
     # True`` (a model with Mamba layers is refused at load otherwise). Oracles and exact

@@ -77,6 +77,20 @@ def test_int4_moe_serves_the_dequantized_model(checkpoints, arch, fmt):
     assert generate(dirs[fmt], PROMPTS, MAX_NEW) == want
 
 
+@pytest.mark.slow  # ~1 min interpreted; test_triton_int4_fused_moe_matches_reference covers the op
+def test_int4_moe_on_the_cuda_backend_kernels(checkpoints):
+    """The cuda backend's kernels (Triton, interpreted on host tensors here; on the GPU by
+    ``benchmarks/moeint4_device.sh``): int4 experts through the Triton fused MoE give HF's
+    greedy tokens on the dequantized checkpoint."""
+    from tests.conftest import hf_greedy
+
+    dirs = checkpoints("qwen3-moe")
+    want = hf_greedy(dirs["deq"], PROMPTS, MAX_NEW)
+    device = os.environ.get("TESSELLM_TEST_DEVICE", "cuda")
+    emulate = device == "cuda" and not torch.cuda.is_available()
+    assert generate(dirs["awq"], PROMPTS, MAX_NEW, device=device, emulate=emulate) == want
+
+
 def test_experts_keep_the_checkpoint_codes(checkpoints):
     """Expert 2's up projection of layer 1 holds the AWQ checkpoint's codes (repacked along
     the inputs), zeros and scales; the router stays a float Linear."""
@@ -105,6 +119,38 @@ def _experts_int4(e, n, k, group, seed):
     return (torch.stack([pack_int4(q).t() for q, _, _ in parts]).contiguous(),
             torch.stack([s.t() for _, s, _ in parts]).contiguous(),
             torch.stack([z.t().to(torch.uint8) for _, _, z in parts]).contiguous())
+
+
+@pytest.mark.parametrize("tokens, fuse", [(1, True), (5, False), (33, True)])
+@pytest.mark.parametrize("group13, group2, zeros", [(32, 16, True), (64, 32, False)])
+def test_triton_int4_fused_moe_matches_reference(tokens, fuse, group13, group2, zeros):
+    """The Triton grouped GEMMs (on the GPU where there is one, else interpreted) dequantize
+    int4 tiles (zero codes, or 8 without) as the reference does, SiLU-and-mul in GEMM 1's
+    epilogue or apart: float32 equal to rounding, through ``fused_moe`` (its own tiles and
+    routing) and ``fused_moe_triton`` (the routing given)."""
+    pytest.importorskip("triton")
+    from tessellm.backends.reference.moe import route
+    from tessellm.kernels.moe import fused_moe, fused_moe_triton
+
+    e, h, i = 8, 64, 32
+    q13, s13, z13 = _experts_int4(e, 2 * i, h, group13, seed=tokens)
+    q2, s2, z2 = _experts_int4(e, h, i, group2, seed=tokens + 1)
+    if not zeros:
+        z13 = z2 = None
+    g = torch.Generator().manual_seed(tokens + 2)
+    x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
+    want = fused_moe_reference(x, logits, q13, q2, 2, "softmax", True, s13, s2, int4=True,
+                               w13_zeros=z13, w2_zeros=z2)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    to = (lambda t: None if t is None else t.to(dev))  # noqa: E731
+    kw = dict(int4=True, w13_zeros=to(z13), w2_zeros=to(z2))
+    experts = [to(t) for t in (q13, q2, s13, s2)]
+    got = fused_moe(to(x), to(logits), *experts[:2], 2, "softmax", True, *experts[2:], **kw)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    weights, ids = route(logits, 2)
+    tiles = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SILU_MUL=fuse)
+    got = fused_moe_triton(to(x), to(weights), to(ids.to(torch.int32)), *experts, tiles, **kw)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
 def _rewrite(src: str, dst, drop=(), config_changes=None) -> str:

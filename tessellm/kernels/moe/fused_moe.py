@@ -56,13 +56,17 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
                         DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr,
                         HAS_BIAS: tl.constexpr = False, ACT: tl.constexpr = 0,
                         GROUP_N: tl.constexpr = 0, GROUP_K: tl.constexpr = 0,
-                        SCALE_ROW: tl.constexpr = 0):
+                        SCALE_ROW: tl.constexpr = 0, zeros_ptr=None, INT4: tl.constexpr = False,
+                        HAS_ZEROS: tl.constexpr = False):
     """C[p, n] = (sum_k A[p // A_ROW_DIV, k] * B[e, n, k] (* scale[e, n]) (+ bias[e, n]))
     (* weight[p]); with SILU_MUL, C[p, n] = act(that of column n, that of column n + N) (gate
     and up halves): ACT 0 ``silu(g) * u``, 1 gpt-oss's clamped SwiGLU (``alpha``, ``limit``;
     ``reference.moe.ExpertActivation``). HAS_BIAS, ACT: constexpr, no code when off.
     GROUP_K > 0: block scales ``scale[e, n // GROUP_N, k // GROUP_K]`` (``SCALE_ROW``: elements
-    between two block rows) multiply each weight tile before its dot."""
+    between two block rows) multiply each weight tile before its dot. INT4: ``B`` holds int4
+    codes 8 per int32 along k (``B[e, n, k // 8]``), dequantized in the tile as ``(q -
+    zero[e, n, k // GROUP_K]) * scale[e, n, k // GROUP_K]`` (GROUP_N 1; zero 8 without
+    HAS_ZEROS; each K step inside one group)."""
     pdl_start(USE_PDL)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -77,21 +81,32 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # unused (and dropped) unless SILU_MUL
     dt = c_ptr.dtype.element_ty
     if GROUP_K > 0:  # the block row of each column (and of its up column), clamped past N
-        s_col = scale_ptr + expert * stride_se + (tl.minimum(rn, N - 1) // GROUP_N) * SCALE_ROW
-        s_up = scale_ptr + expert * stride_se + ((tl.minimum(rn, N - 1) + N) // GROUP_N) * SCALE_ROW
+        s_off = expert * stride_se + (tl.minimum(rn, N - 1) // GROUP_N) * SCALE_ROW
+        s_up_off = expert * stride_se + ((tl.minimum(rn, N - 1) + N) // GROUP_N) * SCALE_ROW
+        s_col, s_up = scale_ptr + s_off, scale_ptr + s_up_off
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_row + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K), other=0.0)
         b_mask = (rk[:, None] < K) & (rn[None, :] < N)
-        b = tl.load(b_col + rk[:, None], mask=b_mask, other=0.0)
-        if GROUP_K > 0:
+        if INT4:
+            b = _int4_tile(tl.load(b_col + (rk // 8)[:, None], mask=b_mask, other=0), rk,
+                           s_col + k0 // GROUP_K, zeros_ptr + s_off + k0 // GROUP_K,
+                           HAS_ZEROS, dt)
+        else:
+            b = tl.load(b_col + rk[:, None], mask=b_mask, other=0.0)
+        if GROUP_K > 0 and not INT4:
             b = (b.to(tl.float32) * tl.load(s_col + k0 // GROUP_K)[None, :]).to(dt)
         if DOT_FP32:  # the interpreter's bf16 dot is wrong: widen the tiles there
             a = a.to(tl.float32)
         acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PREC)
         if SILU_MUL:
-            b_up = tl.load(b_col + N * stride_bn + rk[:, None], mask=b_mask, other=0.0)
-            if GROUP_K > 0:
+            if INT4:
+                b_up = _int4_tile(tl.load(b_col + N * stride_bn + (rk // 8)[:, None], mask=b_mask,
+                                          other=0), rk, s_up + k0 // GROUP_K,
+                                  zeros_ptr + s_up_off + k0 // GROUP_K, HAS_ZEROS, dt)
+            else:
+                b_up = tl.load(b_col + N * stride_bn + rk[:, None], mask=b_mask, other=0.0)
+            if GROUP_K > 0 and not INT4:
                 b_up = (b_up.to(tl.float32) * tl.load(s_up + k0 // GROUP_K)[None, :]).to(dt)
             acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PREC)
     if HAS_SCALE and GROUP_K == 0:
@@ -119,6 +134,18 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
         acc *= tl.load(weight_ptr + pairs, mask=row_ok, other=0.0)[:, None]
     c = c_ptr + pairs.to(tl.int64)[:, None] * stride_cm + rn[None, :]
     tl.store(c, acc.to(dt), mask=row_ok[:, None] & (rn[None, :] < N))
+
+
+@triton.jit
+def _int4_tile(words, rk, s_ptrs, z_ptrs, HAS_ZEROS: tl.constexpr, dt: tl.constexpr):
+    """``[BLOCK_K, BLOCK_N]`` int32 words (each element's own word) -> the weights in ``dt``:
+    ``(q - zero) * scale`` in float32 (the reference's ``dequantize_int4``), then rounded."""
+    q = ((words >> ((rk % 8) * 4)[:, None]) & 0xF).to(tl.float32)
+    if HAS_ZEROS:
+        q = q - tl.load(z_ptrs).to(tl.float32)[None, :]
+    else:
+        q = q - 8.0
+    return (q * tl.load(s_ptrs).to(tl.float32)[None, :]).to(dt)
 
 
 @triton.jit
@@ -180,14 +207,17 @@ def _silu_and_mul(c1: torch.Tensor, inter: int) -> torch.Tensor:
 
 
 def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out, row_div, tiles,
-                 silu_mul: bool = False, bias=None, activation=None, block_shape=None):
+                 silu_mul: bool = False, bias=None, activation=None, block_shape=None,
+                 int4: bool = False, zeros=None):
     """One grouped GEMM over the ``sorted_ids.numel() // BLOCK_M`` blocks (``align.py``: the
     host's bound on the blocks that can hold pairs). ``silu_mul``: ``w``'s rows are [gate | up]
     and ``out`` gets the activation of the two halves (``out``'s width: half of ``w``'s rows):
     SiLU-and-mul, or ``activation``'s (an ``ExpertActivation``). ``bias`` ``[E, rows of w]``:
     added to each product (before the activation and the routing weight). ``block_shape``:
-    ``scale`` holds block scales ``[E, Nb, Kb]`` (``tiles``' BLOCK_K must divide bk)."""
-    n, k = out.shape[1], w.shape[2]
+    ``scale`` holds block scales ``[E, Nb, Kb]`` (``tiles``' BLOCK_K must divide bk). ``int4``:
+    ``w`` int4 codes ``[E, N, K/8]`` with group scales ``[E, N, G]`` and uint8 ``zeros`` of that
+    shape or None (8); each K step stays inside one group."""
+    n, k = out.shape[1], w.shape[2] * (8 if int4 else 1)
     clamped = activation is not None and activation.kind == "swiglu_oai"
     grid = (sorted_ids.numel() // tiles["BLOCK_M"], triton.cdiv(n, tiles["BLOCK_N"]))
     variant = {}
@@ -195,6 +225,11 @@ def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out
         variant = dict(HAS_BIAS=bias is not None, ACT=1 if clamped else 0)
     if block_shape is not None:
         variant.update(GROUP_N=block_shape[0], GROUP_K=block_shape[1], SCALE_ROW=scale.stride(1))
+    if int4:
+        group = k // scale.shape[2]
+        tiles = dict(tiles, BLOCK_K=_int4_block_k(tiles["BLOCK_K"], group))
+        variant.update(GROUP_N=1, GROUP_K=group, SCALE_ROW=scale.stride(1), INT4=True,
+                       HAS_ZEROS=zeros is not None, zeros_ptr=zeros if zeros is not None else scale)
     _expert_gemm_kernel[grid](
         a, w, out, scale if scale is not None else w, weights if weights is not None else out,
         bias if bias is not None else w, sorted_ids, block_expert, num_padded, n, k,
@@ -205,6 +240,16 @@ def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out
         SILU_MUL=silu_mul, DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32",
         DOT_FP32=a.dtype == torch.bfloat16 and a.device.type == "cpu", **variant, **tiles,
         **pdl_args(a.device))
+
+
+def _int4_block_k(block_k: int, group: int) -> int:
+    """The largest power of two <= ``block_k`` dividing ``group`` (a K step in one group)."""
+    while group % block_k:
+        block_k //= 2
+    if block_k < 16:
+        raise ValueError(f"int4 experts in groups of {group} inputs cannot run the Triton fused "
+                         "MoE (a K step of 16 would span two groups); use the reference op.")
+    return block_k
 
 
 def _sum_topk(c2: torch.Tensor, t: int, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -225,7 +270,9 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
                      tiles: Optional[dict] = None, *, activation=None,
                      w13_bias: Optional[torch.Tensor] = None,
                      w2_bias: Optional[torch.Tensor] = None, block_shape=None,
-                     expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     expert_map: Optional[torch.Tensor] = None, int4: bool = False,
+                     w13_zeros: Optional[torch.Tensor] = None,
+                     w2_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``hidden [T, H]``, routing ``topk_weights`` / ``topk_ids`` ``[T, k]``, experts ``w13
     [E, 2I, H]`` and ``w2 [E, H, I]`` (fp8 with ``*_scale [E, N]``, or hidden's dtype);
     returns ``[T, H]`` in hidden's dtype. ``tiles``: the grouped GEMMs' launch parameters
@@ -245,13 +292,17 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     ``topk_ids`` global, ``w13`` / ``w2`` the local experts): the grouped GEMMs give the pairs of
     other ranks' experts no row (they align as id E, ``align.py``) and their slots of the sum
     stay zero; the decode path sends them to local expert 0 with weight 0 instead (one more
-    read of an expert it likely reads anyway, no extra launch)."""
+    read of an expert it likely reads anyway, no extra launch).
+
+    ``int4`` (AWQ / GPTQ experts, ``reference/moe.py``): ``w13`` / ``w2`` int32 codes ``[E, N,
+    K/8]``, ``*_scale [E, N, K/g]`` group scales, ``*_zeros`` uint8 zero codes or None (8);
+    the grouped GEMMs dequantize each weight tile (W4A16) at every size."""
     t, k = topk_ids.shape
     if activation is not None and activation.kind == "silu":
         activation = None
     variant = (activation is not None or w13_bias is not None or w2_bias is not None
-               or block_shape is not None)
-    num_experts, inter = w13.shape[0], w2.shape[2]
+               or block_shape is not None or int4)
+    num_experts, inter = w13.shape[0], w2.shape[2] * (8 if int4 else 1)
     if expert_map is not None:
         local = expert_map[topk_ids.long()]
         held = local >= 0
@@ -268,6 +319,11 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     if block_shape is not None:  # a K step must lie inside one block column
         tiles["BLOCK_K"] = min(tiles["BLOCK_K"], block_shape[1])
     blocks = {"block_shape": block_shape} if block_shape is not None else {}
+    z13 = z2 = {}
+    if int4:
+        z13 = dict(int4=True, zeros=None if w13_zeros is None else w13_zeros.contiguous())
+        z2 = dict(int4=True, zeros=None if w2_zeros is None else w2_zeros.contiguous())
+        w13_scale, w2_scale = w13_scale.contiguous(), w2_scale.contiguous()
     sorted_ids, block_expert, num_padded = align_by_expert_triton(topk_ids, num_experts,
                                                                   tiles["BLOCK_M"])
     hidden = hidden.contiguous()
@@ -278,16 +334,17 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         act = torch.empty(t * k, inter, dtype=dtype, device=dev)
         tiles1 = dict(tiles, BLOCK_N=max(16, tiles["BLOCK_N"] // 2))
         _expert_gemm(hidden, w13, w13_scale, None, *align, act, k, tiles1, silu_mul=True,
-                     bias=w13_bias, activation=activation, **blocks)
+                     bias=w13_bias, activation=activation, **blocks, **z13)
     else:
         c1 = torch.empty(t * k, w13.shape[1], dtype=dtype, device=dev)  # 2I, or I ungated
-        _expert_gemm(hidden, w13, w13_scale, None, *align, c1, k, tiles, bias=w13_bias, **blocks)
+        _expert_gemm(hidden, w13, w13_scale, None, *align, c1, k, tiles, bias=w13_bias, **blocks,
+                     **z13)
         act = _silu_and_mul(c1, inter) if activation is None else activation(c1)
     # pairs of other ranks' experts (expert_map) are never written: their slots sum as zeros
     c2 = (torch.empty if expert_map is None else torch.zeros)(t * k, w2.shape[1], dtype=dtype,
                                                               device=dev)
     weights = topk_weights.to(torch.float32).contiguous().view(-1)
-    _expert_gemm(act, w2, w2_scale, weights, *align, c2, 1, tiles, bias=w2_bias, **blocks)
+    _expert_gemm(act, w2, w2_scale, weights, *align, c2, 1, tiles, bias=w2_bias, **blocks, **z2)
     return _sum_topk(c2, t, k, dtype)
 
 

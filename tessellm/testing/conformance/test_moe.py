@@ -2,7 +2,7 @@
 sigmoid routing, top-k 1/2/8, experts that receive no token, and fp8 per-channel experts; and
 ``fused_experts`` (optional: the same with the routing given); the declared variants (gpt-oss's
 clamped SwiGLU with biases, Nemotron-H's ungated relu2, block-wise fp8, expert parallelism's
-``expert_map``)."""
+``expert_map``, AWQ / GPTQ int4 experts)."""
 
 from __future__ import annotations
 
@@ -234,3 +234,62 @@ def test_fused_moe_expert_map(target, tokens, top_k):
             parts.append(want.float())
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else _moe_tolerance(dtype)
         torch.testing.assert_close(parts[0] + parts[2], whole.float(), **tol)
+
+
+def _int4_experts(e: int, n: int, k: int, group: int, seed: int):
+    """Random ``[E, N, K]`` weights quantized round-to-nearest (asymmetric) in the contract's
+    int4 layout: ``(codes int32 [E, N, K/8], scales [E, N, K/group], zeros uint8)``."""
+    from tessellm.quantization.packed import pack_int4, quantize_int4
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(e, n, k, generator=g) / k ** 0.5
+    parts = [quantize_int4(we, group) for we in w]
+    return (torch.stack([pack_int4(q).t() for q, _, _ in parts]).contiguous(),
+            torch.stack([s.t() for _, s, _ in parts]).half().contiguous(),
+            torch.stack([z.t().to(torch.uint8) for _, _, z in parts]).contiguous())
+
+
+@pytest.mark.parametrize("tokens", [1, 9, 40])
+def test_fused_moe_int4_experts(target, tokens):
+    """AWQ / GPTQ int4 experts (optional, declared by ``fused_moe_int4``): int32 codes packed
+    along each row's inputs, float16 group scales (w13 in groups of 32, w2 of 16: each
+    projection its own), uint8 zero codes (AWQ) or None (zero 8, symmetric GPTQ), through
+    ``fused_moe`` and ``fused_experts``, with an ``expert_map`` where declared."""
+    from tessellm.backends.reference.moe import route
+
+    e, h, i = 8, 64, 32
+    q13, s13, z13 = _int4_experts(e, 2 * i, h, 32, seed=140 + tokens)
+    q2, s2, z2 = _int4_experts(e, h, i, 16, seed=141 + tokens)
+    g = torch.Generator().manual_seed(142 + tokens)
+    x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
+    dev = target.device
+    for dtype in (torch.float32, target.low_precision_dtype):
+        ops = _moe_ops(target, dtype)
+        if not getattr(ops, "fused_moe_int4", False):
+            pytest.skip(f"{target.name}'s fused_moe does not declare fused_moe_int4 (int4 "
+                        "experts run the reference loop)")
+        xd = x.to(dtype)
+        for zeros in ((z13, z2), (None, None)):
+            kw = dict(int4=True, w13_zeros=zeros[0], w2_zeros=zeros[1])
+            want = fused_moe_reference(xd, logits, q13, q2, 2, "softmax", True, s13, s2, **kw)
+            kw_dev = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+            args = [t.to(dev) for t in (q13, q2, s13, s2)]
+            got = ops.fused_moe(xd.to(dev), logits.to(dev), args[0], args[1], 2, "softmax",
+                                True, args[2], args[3], **kw_dev)
+            assert got.dtype == dtype and got.shape == x.shape
+            torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+            if getattr(ops, "fused_experts", None) is not None:
+                weights, ids = route(logits, 2)
+                got = ops.fused_experts(xd.to(dev), weights.to(dev), ids.to(dev), *args, **kw_dev)
+                torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+        if getattr(ops, "fused_moe_expert_map", False):  # experts 4..7 held here
+            expert_map = torch.tensor([-1] * 4 + [0, 1, 2, 3], dtype=torch.int32)
+            local = [t[4:] for t in (q13, q2, s13, s2, z13, z2)]
+            kw = dict(int4=True, w13_zeros=local[4], w2_zeros=local[5], expert_map=expert_map)
+            want = fused_moe_reference(xd, logits, *local[:2], 2, "softmax", True, *local[2:4],
+                                       **kw)
+            got = ops.fused_moe(xd.to(dev), logits.to(dev), *[t.to(dev) for t in local[:2]], 2,
+                                "softmax", True, *[t.to(dev) for t in local[2:4]],
+                                **{k: v.to(dev) if isinstance(v, torch.Tensor) else v
+                                   for k, v in kw.items()})
+            torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
