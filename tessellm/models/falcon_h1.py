@@ -11,8 +11,9 @@ times ``lm_head_multiplier``, k times ``key_multiplier``, and the mixer's projec
 ``[z | x | B | C | dt]`` sections times ``ssm_multipliers`` (its input times
 ``ssm_in_multiplier``). Every multiplier inside a layer scales a linear map's input or output,
 so it is folded into that projection's weight (and bias, where it scales the output) as the
-checkpoint loads: no step pays for it. (Quantization is refused for these models,
-``state_space.py``; a quantized checkpoint would need the fold in its scales instead.)
+checkpoint loads: no step pays for it. A quantized checkpoint (fp8 per tensor, channel or
+128x128 block; AWQ / GPTQ int4) keeps its codes and takes the fold in its scales
+(``fold_multiplier``); ``quantization="fp8"`` / ``"int8"`` quantize the folded dense weights.
 
 The Mamba mixer's gated norm follows ``mamba_rms_norm`` / ``mamba_norm_before_gate``
 (``layers/mamba_mixer.py``: none, before or after the gate); ``mamba_d_ssm`` sets its width.
@@ -39,6 +40,7 @@ from tessellm.models.bamba import bamba_names
 from tessellm.models.decoder import DecoderAttention
 from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.mamba_decoder_layer import hybrid_mamba_shape, load_mamba_tensors
+from tessellm.quantization.stored_parts import checkpoint_block_rows
 
 
 class FalconH1DecoderLayer(nn.Module):
@@ -66,6 +68,7 @@ class FalconH1ForCausalLM(LlamaForCausalLM):
         self.embedding_multiplier = float(config.embedding_multiplier)
         self.lm_head_multiplier = float(config.lm_head_multiplier)
         self._folds = _multiplier_folds(config)
+        self._block_rows = checkpoint_block_rows(config)  # block-wise fp8 checkpoints, else None
 
     def check_config(self, config) -> None:
         act = getattr(config, "hidden_act", "silu")
@@ -96,25 +99,80 @@ class FalconH1ForCausalLM(LlamaForCausalLM):
         return super().compute_logits(hidden) * self.lm_head_multiplier
 
     def checkpoint_names(self, weights: Iterable[tuple[str, torch.Tensor]]):
-        return bamba_names(weights)
+        """Bamba's renames, and the multipliers folded (``_fold``). Here, not in
+        ``load_weights``: the quantized loader hands a quantized layer's tensors to its method
+        straight after this call (``quantization/loading.py``)."""
+        return self._fold(bamba_names(weights))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded: set[str] = set()
-        folded = self._fold(self.checkpoint_names(weights))
-        loaded |= super().load_weights(load_mamba_tensors(self.layers, folded, loaded))
+        named = self.checkpoint_names(weights)
+        loaded |= super().load_weights(load_mamba_tensors(self.layers, named, loaded))
         return loaded
 
     def _fold(self, weights):
-        """Each tensor of a projection a multiplier scales, scaled (module docstring)."""
+        """Each tensor of a projection a multiplier scales, scaled (module docstring). Both
+        loaders call ``checkpoint_names``, and llama's ``load_weights`` calls it again on what
+        they pass on, so a tensor scaled here carries a mark and is never scaled twice."""
         for name, tensor in weights:
-            suffix = ".".join(name.split(".")[-3:])  # e.g. "self_attn.k_proj.weight"
-            scale = self._folds.get(suffix)
-            if scale is not None:
-                tensor = materialize(tensor)
-                tensor = (tensor.float() * (scale if isinstance(scale, float) else
-                                            scale.view(-1, *[1] * (tensor.dim() - 1)))
-                          ).to(tensor.dtype)
+            layer, _, piece = name.rpartition(".")
+            fold = self._folds.get(".".join(layer.split(".")[-2:]))  # e.g. "self_attn.k_proj"
+            if fold is not None and not getattr(tensor, _FOLDED, False):
+                scaled = fold_multiplier(layer, piece, tensor, *fold, self._block_rows)
+                if scaled is not tensor:
+                    setattr(scaled, _FOLDED, True)
+                    tensor = scaled
             yield name, tensor
+
+
+_FOLDED = "_falcon_h1_folded"  # set on a tensor _fold scaled
+
+
+def fold_multiplier(layer: str, piece: str, tensor, weight_factor, bias_factor,
+                    block_rows: int | None = None):
+    """Checkpoint tensor ``piece`` of ``layer`` with the layer's multipliers folded in: the
+    weight's rows times ``weight_factor`` (a float, or one value a row), the bias's times
+    ``bias_factor``. A quantized weight keeps its codes and takes the factor in its scales,
+    ``w = codes * scale``: fp8 ``weight_scale`` (per tensor, or a row; a per-tensor scale under
+    a factor a row becomes one a row), block ``weight_scale_inv`` (a factor constant on each
+    ``block_rows``-row block: the stored parts of ``in_proj`` start on blocks), AWQ / GPTQ
+    ``scales [G, N]`` (a column per output); ``qweight``, ``qzeros``, ``g_idx`` and input
+    scales pass unchanged."""
+    factor = bias_factor if piece == "bias" else weight_factor
+    dense = piece in ("weight", "bias")
+    if factor is None or piece not in ("weight", "bias", "weight_scale", "weight_scale_inv",
+                                       "scales"):
+        return tensor
+    tensor = materialize(tensor)  # (a new tensor each time: never marked yet)
+    if dense and not (tensor.is_floating_point() and tensor.element_size() > 1):
+        return tensor  # fp8 / int8 codes: the factor goes into their scale
+    out = tensor.float()
+    if isinstance(factor, torch.Tensor):
+        if piece == "scales":  # int4 [G, N]: outputs are columns
+            out = out * factor[None, :]
+        elif piece == "weight_scale_inv":
+            out = out * _block_factor(layer, factor, block_rows, out.shape[0])[:, None]
+        elif piece == "weight_scale" and out.numel() == 1:
+            out = out.reshape(()) * factor  # one scale a row from here on
+        else:
+            out = out * factor.view(-1, *[1] * (out.dim() - 1))
+    else:
+        out = out * factor
+    return out if not dense else out.to(tensor.dtype)  # scales: float32 (no second rounding)
+
+
+def _block_factor(layer: str, factor: torch.Tensor, block_rows: int | None, blocks: int):
+    """A row factor as one value per block of ``block_rows`` rows (refused where a block's rows
+    differ: its one scale cannot carry two multipliers)."""
+    rows = block_rows or factor.numel()
+    padded = torch.cat([factor, factor[-1:].expand(blocks * rows - factor.numel())])
+    per_block = padded.view(blocks, rows)
+    if not bool((per_block == per_block[:, :1]).all()):
+        raise ValueError(f"{layer}: Falcon-H1's ssm_multipliers differ inside one block of "
+                         f"{rows} rows of this block-wise fp8 weight, so its scales cannot carry "
+                         "them; load the unquantized checkpoint (quantization='fp8' quantizes it "
+                         "on load).")
+    return per_block[:, 0]
 
 
 def falcon_mamba_shape(config):
@@ -126,21 +184,21 @@ def falcon_mamba_shape(config):
                                gate_norm=gate_norm)
 
 
-def _multiplier_folds(config) -> dict[str, object]:
-    """Checkpoint name suffix -> the float (or per-row tensor) its tensor is scaled by."""
+def _multiplier_folds(config) -> dict[str, tuple]:
+    """Layer name suffix -> (its weight's factor, its bias's factor): a float, one value a row
+    (``in_proj``), or None where the multipliers leave it unchanged."""
     attn_in, key = float(config.attention_in_multiplier), float(config.key_multiplier)
     attn_out, ssm_out = float(config.attention_out_multiplier), float(config.ssm_out_multiplier)
     gate, down = (float(m) for m in config.mlp_multipliers)
     mup = _mup_vector(config)
-    folds = {"self_attn.q_proj.weight": attn_in, "self_attn.k_proj.weight": attn_in * key,
-             "self_attn.v_proj.weight": attn_in, "self_attn.k_proj.bias": key,
-             "self_attn.o_proj.weight": attn_out, "self_attn.o_proj.bias": attn_out,
-             "mamba.out_proj.weight": ssm_out, "mamba.out_proj.bias": ssm_out,
-             "mlp.gate_proj.weight": gate, "mlp.gate_proj.bias": gate,
-             "mlp.down_proj.weight": down, "mlp.down_proj.bias": down,
-             "mamba.in_proj.weight": mup * float(config.ssm_in_multiplier),
-             "mamba.in_proj.bias": mup}
-    return {k: v for k, v in folds.items() if not (isinstance(v, float) and v == 1.0)}
+    folds = {"self_attn.q_proj": (attn_in, None), "self_attn.k_proj": (attn_in * key, key),
+             "self_attn.v_proj": (attn_in, None), "self_attn.o_proj": (attn_out, attn_out),
+             "mamba.out_proj": (ssm_out, ssm_out), "mlp.gate_proj": (gate, gate),
+             "mlp.down_proj": (down, down),
+             "mamba.in_proj": (mup * float(config.ssm_in_multiplier), mup)}
+    one = lambda f: f is None or (isinstance(f, float) and f == 1.0)  # noqa: E731
+    folds = {k: tuple(None if one(f) else f for f in v) for k, v in folds.items()}
+    return {k: v for k, v in folds.items() if v != (None, None)}
 
 
 def _mup_vector(config) -> torch.Tensor:

@@ -109,9 +109,6 @@ def _quantization_refused(args, config, arch: str) -> tuple[bool, str, str]:
     ckpt = checkpoint_quant_config(config) or {}
     schemes = {str(s).lower() for s in (asked, ckpt.get("quant_method")) if s not in (None, "")}
     schemes -= {"none", "auto"}
-    if arch == "FalconH1ForCausalLM" and schemes:
-        return (True, "quantization", "its muP multipliers are folded into the dense weights at "
-                "load; load an unquantized checkpoint without quantization=")
     if "gptq" in schemes and ckpt.get("desc_act"):
         return (True, "GPTQ act-order (desc_act)", "its stored multi-part projections are cut "
                 "without the act-order permutation tested; use a GPTQ checkpoint quantized with "

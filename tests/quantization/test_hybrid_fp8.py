@@ -204,22 +204,6 @@ def test_schemes_the_hybrid_layers_are_not_built_for_are_refused(checkpoints):
         LLM(checkpoints("qwen3-next")[1], dtype="float32", quantization="gguf")
 
 
-def test_falcon_h1_quantization_is_refused():
-    """Falcon-H1 folds its muP multipliers into the dense weights as they load: refused, not
-    served with the multipliers missing (``state_space.check_engine_args``, before any worker)."""
-    from types import SimpleNamespace
-
-    from transformers import FalconH1Config
-
-    from tessellm.models.state_space import check_engine_args
-
-    config = FalconH1Config(architectures=["FalconH1ForCausalLM"])
-    with pytest.raises(ValueError, match="FalconH1ForCausalLM .* does not support quantization "
-                                         "yet; its muP multipliers"):
-        check_engine_args(SimpleNamespace(quantization="fp8"), config)
-    check_engine_args(SimpleNamespace(quantization=None), config)  # unquantized: served
-
-
 # -- on a GPU (benchmarks/hybq_device.sh) -------------------------------------------------------
 
 ON_GPU = torch.cuda.is_available()
