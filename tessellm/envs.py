@@ -213,7 +213,7 @@ def fp8_gemv_x2() -> Optional[bool]:
 def gemv_prewait() -> tuple[int, bool, bool]:
     """TESSELLM_GEMV_PREWAIT: what a one-row GEMV program (``gemm/gemv.py``'s FMA kernel,
     ``gemm/gemv_x2.py``'s tiled kernel) reads of its weights before its PDL wait, while its
-    predecessor still runs (``kernels/pdl.py``; weights are never written by a step): "N" (1-4)
+    predecessor still runs (``kernels/pdl.py``; weights are never written by a step): "N" (1-2)
     its first N weight tiles into registers, "s" its per-channel scales and bias, "l2" its whole
     weight slice asked of the L2 (``cp.async.bulk.prefetch.L2``, one request a row; sm90+,
     under PDL only), joined by "+" (e.g. "2+s"); unset or "0": nothing (the default, until a
@@ -225,11 +225,11 @@ def gemv_prewait() -> tuple[int, bool, bool]:
             l2 = True
         elif part == "s" and not scales:
             scales = True
-        elif part.isdigit() and int(part) <= 4 and not tiles:
+        elif part.isdigit() and int(part) <= 2 and not tiles:
             tiles = int(part)
         else:
             raise ValueError(f"TESSELLM_GEMV_PREWAIT={value!r} is not understood; give weight "
-                             "tiles 0-4, s (scales), l2, or several joined by + (e.g. 2+s).")
+                             "tiles 0-2, s (scales), l2, or several joined by + (e.g. 2+s).")
     return tiles, l2, scales
 
 

@@ -22,9 +22,9 @@ from tessellm.quantization.packed import quantize_fp8  # noqa: E402
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
 BF16 = torch.bfloat16
-# In the interpreter (no L2 request there) two: one tile; four tiles (more than some programs'
+# In the interpreter (no L2 request there) two: one tile; two tiles (more than some programs'
 # K steps) with the scales
-PREWAITS = [gv.Prewait(1), gv.Prewait(4, l2=True, scales=True)]
+PREWAITS = [gv.Prewait(1), gv.Prewait(2, l2=True, scales=True)]
 if ON_GPU:  # and the L2 request alone
     PREWAITS += [gv.Prewait(0, l2=True)]
 # (N, K): K = 100 leaves a partial K step (every config below); split K leaves the last split
@@ -108,10 +108,10 @@ def test_fma_prewait_is_bitwise_the_plain_kernel(monkeypatch, shape, pre):
 def test_prewait_env(monkeypatch):
     for value, want in (("", (0, False, False)), ("0", (0, False, False)),
                         ("2", (2, False, False)), ("2+s", (2, False, True)),
-                        ("l2", (0, True, False)), ("4+l2+s", (4, True, True))):
+                        ("l2", (0, True, False)), ("1+l2+s", (1, True, True))):
         monkeypatch.setenv("TESSELLM_GEMV_PREWAIT", value)
         assert envs.gemv_prewait() == want
-    for bad in ("5", "regs", "1+2", "l2+l2"):
+    for bad in ("3", "regs", "1+2", "l2+l2"):
         monkeypatch.setenv("TESSELLM_GEMV_PREWAIT", bad)
         with pytest.raises(ValueError, match="TESSELLM_GEMV_PREWAIT"):
             envs.gemv_prewait()

@@ -314,18 +314,13 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                           tl.minimum(k_per_split, K - k_lo) * w_bytes, BLOCK_N, SILU_FOLD)
     # PRE_TILES: the first steps' weight tiles (a step past the last reads the last again and
     # adds nothing: ``_pre_k``)
+    tl.static_assert(PRE_TILES <= 2, "Prewait.tiles: at most 2")
     if PRE_TILES > 0:
         w0 = _load_k(w_rows + _pre_k(k_lo, 0, steps, k_in, BLOCK_K),
                      _pre_k(k_lo, 0, steps, k_in, BLOCK_K), K, EVEN_K)
     if PRE_TILES > 1:
         w1 = _load_k(w_rows + _pre_k(k_lo, 1, steps, k_in, BLOCK_K),
                      _pre_k(k_lo, 1, steps, k_in, BLOCK_K), K, EVEN_K)
-    if PRE_TILES > 2:
-        w2 = _load_k(w_rows + _pre_k(k_lo, 2, steps, k_in, BLOCK_K),
-                     _pre_k(k_lo, 2, steps, k_in, BLOCK_K), K, EVEN_K)
-    if PRE_TILES > 3:
-        w3 = _load_k(w_rows + _pre_k(k_lo, 3, steps, k_in, BLOCK_K),
-                     _pre_k(k_lo, 3, steps, k_in, BLOCK_K), K, EVEN_K)
     pdl_wait(USE_PDL)
     x0 = x_ptr
     x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm
@@ -337,14 +332,6 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                                           F32_BITS, W_FP8, W_PTX, PTX, CHUNK)
     if PRE_TILES > 1:
         acc0, acc1, acc2, acc3 = _fma_pre(acc0, acc1, acc2, acc3, w1, 1, steps, k_lo, k_in,
-                                          BLOCK_K, x0, x1, x2, x3, x_ptr, K, EVEN_K, BLOCK_M,
-                                          F32_BITS, W_FP8, W_PTX, PTX, CHUNK)
-    if PRE_TILES > 2:
-        acc0, acc1, acc2, acc3 = _fma_pre(acc0, acc1, acc2, acc3, w2, 2, steps, k_lo, k_in,
-                                          BLOCK_K, x0, x1, x2, x3, x_ptr, K, EVEN_K, BLOCK_M,
-                                          F32_BITS, W_FP8, W_PTX, PTX, CHUNK)
-    if PRE_TILES > 3:
-        acc0, acc1, acc2, acc3 = _fma_pre(acc0, acc1, acc2, acc3, w3, 3, steps, k_lo, k_in,
                                           BLOCK_K, x0, x1, x2, x3, x_ptr, K, EVEN_K, BLOCK_M,
                                           F32_BITS, W_FP8, W_PTX, PTX, CHUNK)
     for i in tl.range(PRE_TILES, steps, num_stages=STAGES):
@@ -515,9 +502,10 @@ class Prewait:
     between steps). The sums and outputs are bitwise the same with any of it: the same K steps
     in the same order. Registers (sm_90, Triton 3.9): one tile keeps each launch shape's
     register bucket (x2 4x256: 39 -> 40, 2x512: 32; FMA 2x1024: 28 -> 30), two tiles take
-    x2 4x256 to 42 and 2x512 to 33-35 (fewer programs an SM), four to 48-60."""
+    x2 4x256 to 42 and 2x512 to 33-35 (fewer programs an SM); four took 48-60, so at most
+    two."""
 
-    tiles: int = 0  # its first K steps' weight tiles, into registers (0-4)
+    tiles: int = 0  # its first K steps' weight tiles, into registers (0-2)
     l2: bool = False  # its whole weight slice asked of the L2 (sm90+, under PDL only)
     scales: bool = False  # its per-channel scales and bias (else loaded in the epilogue)
 

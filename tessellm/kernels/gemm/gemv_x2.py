@@ -115,23 +115,16 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
                           tl.minimum(words_per_split, KW - k_lo) * 4, BLOCK_N, SILU_FOLD)
     # PRE_TILES: the first steps' weight words (a step past the program's last reads the last
     # again and adds nothing: ``_x2_pre``)
+    tl.static_assert(PRE_TILES <= 2, "Prewait.tiles: at most 2")
     if PRE_TILES > 0:
         w0 = _x2_words(w_words, row, _x2_pre_k(k_lo, 0, steps, kw, BLOCK_KW), KW, EVEN_K)
     if PRE_TILES > 1:
         w1 = _x2_words(w_words, row, _x2_pre_k(k_lo, 1, steps, kw, BLOCK_KW), KW, EVEN_K)
-    if PRE_TILES > 2:
-        w2 = _x2_words(w_words, row, _x2_pre_k(k_lo, 2, steps, kw, BLOCK_KW), KW, EVEN_K)
-    if PRE_TILES > 3:
-        w3 = _x2_words(w_words, row, _x2_pre_k(k_lo, 3, steps, kw, BLOCK_KW), KW, EVEN_K)
     pdl_wait(USE_PDL)
     if PRE_TILES > 0:
         acc = _x2_pre(acc, w0, 0, x_words, same, k_lo, steps, kw, KW, EVEN_K, BLOCK_KW, PTX)
     if PRE_TILES > 1:
         acc = _x2_pre(acc, w1, 1, x_words, same, k_lo, steps, kw, KW, EVEN_K, BLOCK_KW, PTX)
-    if PRE_TILES > 2:
-        acc = _x2_pre(acc, w2, 2, x_words, same, k_lo, steps, kw, KW, EVEN_K, BLOCK_KW, PTX)
-    if PRE_TILES > 3:
-        acc = _x2_pre(acc, w3, 3, x_words, same, k_lo, steps, kw, KW, EVEN_K, BLOCK_KW, PTX)
     for i in range(PRE_TILES, steps):
         koff = k_lo + i * BLOCK_KW + kw
         acc = _x2_step(acc, _x2_words(w_words, row, koff, KW, EVEN_K), x_words, same, koff, KW,
