@@ -35,6 +35,10 @@ from tessellm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
+# With nothing to compute but a KV connector's background loads, a step waits this long (at
+# most) for one to finish: new requests are looked at in between.
+_KV_POLL_S = 0.02
+
 
 @dataclass
 class EngineCoreRequest:
@@ -394,6 +398,11 @@ class EngineCore(EngineSleep):
             if len(self.in_flight) < self.max_in_flight:  # (never deferred: no older step)
                 return ended
         elif not self.in_flight:
+            if self.scheduler.kv_loading:  # only background KV loads under way: wait for one
+                loaded = self.executor.collective_rpc("poll_kv_loads", self.scheduler.kv_poll_meta(),
+                                                      _KV_POLL_S)[0]
+                self.scheduler.finish_kv_loads(loaded)
+                return ended
             self.structured.wait_for_compiles(self.scheduler.waiting)  # instead of spinning
             if self.lora_store is not None:
                 self.lora_store.wait_any(0.05)  # adapters still loading: wait, do not spin

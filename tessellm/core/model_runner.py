@@ -178,7 +178,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.batch.apply(sched, samples_here=self.pp.is_last)
         if sched.kv_transfers:  # the host KV tier: before anything reads or writes the cache
             self.apply_kv_transfers(sched.kv_transfers)
-        failed_loads = self.load_external_kv(sched.kv_connector_meta)  # a KV connector's, after
+        failed_loads, loaded = self.load_external_kv(sched.kv_connector_meta)  # a KV connector's, after
         if self.encoder_cache is not None:
             self.encoder_cache.drop(sched.dropped_request_ids)
         if self.mrope is not None:
@@ -187,7 +187,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             self.mamba.drop(sched.dropped_request_ids)
         if self.spec is not None:
             self.spec.drop(sched)
-        out = ModelRunnerOutput(kv_load_failed=failed_loads)
+        out = ModelRunnerOutput(kv_load_failed=failed_loads, kv_loads_finished=loaded)
         scheduled, ns = sched.num_scheduled_tokens, sched.num_sampled_tokens
         if sched.spec_ahead:  # where they start and what they verify: after the steps in flight
             self.steps.resolve_all()

@@ -76,6 +76,9 @@ class Request:
         # A KV connector's load for it failed once (kv_transfer/base.py): it is recomputed,
         # never offered to the connector again.
         self.kv_load_failed = False
+        # A KV connector loads its blocks in the background: it holds them and waits (vLLM's
+        # WAITING_FOR_REMOTE_KVS), its loaded tokens counted as computed once the load is done.
+        self.kv_loading = False
         # Draft tokens proposed for the next step (speculative decoding); the scheduler moves
         # them into the step it schedules (SchedulerOutput.spec_token_ids). Never in
         # all_token_ids until the model accepts them.

@@ -69,15 +69,22 @@ class RunnerKVCache:
         """The step's copies between the device cache and the host tier, in their order."""
         self.host_kv.apply(transfers, self._block_major_caches(), self.swap_blocks)
 
-    def load_external_kv(self, meta) -> list:
-        """A KV connector's loads of the step, before its forward; the requests whose load
-        failed on this rank (or any tensor-parallel rank)."""
+    def load_external_kv(self, meta, wait: float = 0.0) -> tuple[list, dict]:
+        """A KV connector's loads of the step, before its forward: the requests whose load
+        failed on this rank (or any tensor-parallel rank), and the background loads the step
+        asks about (``meta["check"]``) that finished on every rank (request id -> loaded);
+        ``wait``: seconds to wait for one (a step with nothing else to do)."""
         if meta is None or self.kv_connector is None:
-            return []
+            return [], {}
         failed = self.kv_connector.start_load_kv(meta)
         if self.kv_load_agree is not None and meta.get("loads"):
             failed = self.kv_load_agree([rid for rid, _ in meta["loads"]], failed)
-        return failed
+        finished = {}
+        if meta.get("check"):
+            finished = self.kv_connector.get_finished_loads(meta["check"], wait)
+            if self.kv_load_agree is not None:
+                finished = self.kv_load_agree(meta["check"], finished)
+        return failed, finished
 
     def save_external_kv(self, meta) -> None:
         """A KV connector's saves of the blocks the step filled, after its forward was queued."""

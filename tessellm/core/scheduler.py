@@ -47,6 +47,7 @@ from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.in_flight import InFlightSteps
 from tessellm.core.request import Request, RequestStatus
 from tessellm.core.scheduler_config import SchedulerConfig, SchedulerStats, check_prompt_fits  # noqa: F401
+from tessellm.core.scheduler_kv_loads import SchedulerKVLoads
 from tessellm.core.scheduler_update import SchedulerUpdate
 from tessellm.core.spec_ahead import SpecAhead
 from tessellm.core.state_prefix import align_chunk, saves_at
@@ -57,7 +58,7 @@ from tessellm.lora.scheduling import LORA_WAIT, acquire_slot, lora_step_fields, 
 from tessellm.multimodal.encoder_budget import end_outside_images, make_encoder_budget
 
 
-class Scheduler(SchedulerUpdate):
+class Scheduler(SchedulerUpdate, SchedulerKVLoads):
     """Step-by-step admission, budgets and preemption (here); ``update`` after the model ran
     is in scheduler_update.py, the configuration and stats in scheduler_config.py."""
 
@@ -79,6 +80,7 @@ class Scheduler(SchedulerUpdate):
         self.kept_blocks: dict[str, int] = {}  # blocks cut since the last step (rejected drafts)
         self.encoder = make_encoder_budget(config)  # image models: the vision encoder's budget
         self.connector = None  # a KV connector's scheduler half (--kv-transfer-config), or None
+        self.kv_loading: dict[str, Request] = {}  # its background loads under way (scheduler_kv_loads.py)
 
     # -- admission -------------------------------------------------------------------------
 
@@ -106,7 +108,7 @@ class Scheduler(SchedulerUpdate):
         return aborted
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.kv_loading)
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -186,8 +188,8 @@ class Scheduler(SchedulerUpdate):
         if self.kv.host is not None and self.kv.host.transfers and not out.is_empty:
             out.kv_transfers = self.kv.host.take_transfers()  # before this step's forward
         if self.connector is not None and not out.is_empty:
-            out.kv_connector_meta = self.connector.build_connector_meta(out, self.requests,
-                                                                        self.kv.block_ids)
+            out.kv_connector_meta = self._with_check(
+                self.connector.build_connector_meta(out, self.requests, self.kv.block_ids))
         if self.lora is not None:
             lora_step_fields(self, out)
         self.num_scheduled_tokens_total += out.total_num_scheduled_tokens
@@ -226,8 +228,9 @@ class Scheduler(SchedulerUpdate):
             self.lora.begin_admission()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
-            if self._waits_for_sibling(req) or (req.grammar is not None and not req.grammar.ready):
-                skipped.append(req)  # its grammar still compiles: others go ahead
+            if req.kv_loading or self._waits_for_sibling(req) or (req.grammar is not None
+                                                                  and not req.grammar.ready):
+                skipped.append(req)  # its KV loads, its grammar still compiles: others go ahead
                 continue
             if req.grammar is not None and req.grammar.error is not None:
                 req.stop_reason = req.grammar.error  # the front end's refusal (a 400), as LoRA's
@@ -245,8 +248,18 @@ class Scheduler(SchedulerUpdate):
             prefix = self.kv.find_cached_prefix(req, count=False) if use_cache else []
             offloaded = self.kv.find_offloaded(req, len(prefix)) if use_cache else []
             num_hit = (len(prefix) + len(offloaded)) * self.kv.block_size
-            num_ext = self._num_external(req, num_hit) if use_cache else 0
+            num_ext, load_async = self._num_external(req, num_hit) if use_cache else (0, False)
             num_hit += num_ext
+            if num_ext and load_async:  # loaded in the background; it waits in its place
+                if self._start_kv_load(req, prefix, offloaded, num_hit, num_ext):
+                    release_slot(self, req)  # taken again when it runs
+                    skipped.append(req)
+                    continue
+                if self.running or self._release_waiting_blocks(req):
+                    release_slot(self, req)
+                    skipped.append(req)
+                    break
+                num_hit, num_ext = num_hit - num_ext, 0  # nothing else holds blocks: as below
             cut = self.kv.state_cut(req, len(prefix)) if use_cache else 0
             num_new, images = self._fit_images(req, req.num_computed_tokens + num_hit,
                                                self._align(req, req.num_computed_tokens + num_hit,
@@ -254,15 +267,15 @@ class Scheduler(SchedulerUpdate):
                                                                                 already=num_hit),
                                                            cut),
                                                False)
-            block_ids = (self.kv.allocate(req, num_ext + num_new + self._lookahead(num_hit + num_new),
-                                          prefix, offloaded)
+            block_ids = (self.kv.allocate(req, num_ext + num_new + self._lookahead(
+                req.num_computed_tokens + num_hit + num_new), prefix, offloaded)
                          if num_new else None)
             if block_ids is None:
                 release_slot(self, req)
             if num_new == 0:
                 skipped.append(req)
                 break
-            if block_ids is None and not self.running:
+            if block_ids is None and not self.running and not self._release_waiting_blocks(req):
                 self._finish_outgrown(req)  # nothing else holds blocks: it can never fit
                 continue
             if block_ids is None:
@@ -301,14 +314,16 @@ class Scheduler(SchedulerUpdate):
         self.waiting.extendleft(reversed(skipped))
         return budget
 
-    def _num_external(self, req: Request, num_hit: int) -> int:
+    def _num_external(self, req: Request, num_hit: int) -> tuple[int, bool]:
         """Tokens the KV connector loads after a hit of ``num_hit`` (whole blocks, never the
-        last prompt token; none for a request whose earlier load failed)."""
+        last prompt token; none for a request whose earlier load failed), and whether it loads
+        them in the background."""
         if self.connector is None or req.kv_load_failed or not self.kv.enable_prefix_caching:
-            return 0
+            return 0, False
         num = self.connector.get_num_new_matched_tokens(req, num_hit)
+        num, load_async = num if isinstance(num, tuple) else (num, False)
         limit = ((req.num_tokens - 1) // self.kv.block_size) * self.kv.block_size - num_hit
-        return max(0, min(num - num % self.kv.block_size, limit))
+        return max(0, min(num - num % self.kv.block_size, limit)), bool(load_async)
     def _align(self, req: Request, start: int, num_new: int, cut: int = 0) -> int:
         """A prefill chunk cut to end on a block boundary where it can (recurrent-state
         snapshots, ``state_prefix.align_chunk``), and at ``cut`` when it passes it (where its
@@ -449,7 +464,8 @@ class Scheduler(SchedulerUpdate):
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req)
+        if not req.kv_loading:  # a background load's blocks go once it is reported
+            self.kv.free(req)
         release_slot(self, req)
         self.kept_blocks.pop(req.request_id, None)
         self.finished_ids.add(req.request_id)

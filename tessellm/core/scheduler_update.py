@@ -60,6 +60,8 @@ class SchedulerUpdate:
                 self.spec_stats.observe(num_drafts, len(new_tokens) - 1)
             req.spec_token_ids = result.spec_token_ids.get(rid, [])
             outputs.append(self._append(req, new_tokens, result))
+        if result.kv_loads_finished:  # background KV loads (scheduler_kv_loads.py)
+            self.finish_kv_loads(result.kv_loads_finished)
         return outputs
 
     def _recompute_failed_load(self, req: Request) -> None:

@@ -177,6 +177,9 @@ class ModelRunnerOutput:
     # A KV connector's loads that failed on some rank (missing, corrupt, another layout): these
     # requests' results of the step are dropped and they are recomputed without the connector.
     kv_load_failed: list[str] = field(default_factory=list)
+    # A KV connector's background loads (``meta["check"]``) finished on every rank: request id
+    # -> True (its blocks are in the cache) or False (failed: recomputed).
+    kv_loads_finished: dict[str, bool] = field(default_factory=dict)
 
 
 # -- field-by-name encoding helpers (the codecs: tessellm.distributed.codec, engine_process) --

@@ -266,12 +266,23 @@ class Worker:
         if self.tp.size > 1:
             self.runner.kv_load_agree = self._agree_on_failed_loads
 
-    def _agree_on_failed_loads(self, request_ids: list, failed: list) -> list:
+    def _agree_on_failed_loads(self, request_ids: list, failed):
         """The requests whose load failed on any tensor-parallel rank (one small all-reduce,
-        in steps that load)."""
+        in steps that load); or, for ``failed`` a dict of background loads finished here
+        (request id -> loaded), those finished on every rank, loaded unless one failed."""
+        if isinstance(failed, dict):
+            rows = [[float(r in failed), float(failed.get(r) is False)] for r in request_ids]
+            sums = self.tp.all_reduce(torch.tensor(rows, device=self.device).view(-1)).view(-1, 2)
+            return {r: s[1] == 0 for r, s in zip(request_ids, sums.tolist()) if s[0] == self.tp.size}
         flags = torch.tensor([float(r in failed) for r in request_ids], device=self.device)
         flags = self.tp.all_reduce(flags)
         return [r for r, f in zip(request_ids, flags.tolist()) if f > 0]
+
+    def poll_kv_loads(self, meta: dict, wait: float) -> dict:
+        """A step with nothing to compute while a KV connector loads in the background: the
+        loads to start, and those of ``meta["check"]`` finished on every rank (waiting up to
+        ``wait`` seconds for one)."""
+        return self.runner.load_external_kv(meta, wait)[1]
 
     def release(self) -> None:
         """Drop the model, its KV cache and graphs, and give the device memory back to the device

@@ -16,10 +16,14 @@ One step (the scheduler, then every worker)::
     allocate blocks (n external count as computed)
     update_state_after_alloc(req, blocks, ...)
     build_connector_meta(step) ------ meta ----->   start_load_kv(meta): files -> blocks
+      (+ "check": background loads under way)         (background loads: a loader thread)
+                                                    get_finished_loads(meta["check"])
                                                     forward pass
                                                     save_kv(meta): newly full blocks -> files
     update(): a failed load  <-- kv_load_failed --  (request ids whose load failed)
       means the request is recomputed (never wrong tokens)
+    finished background loads <-- kv_loads_finished --  (request id -> loaded or failed)
+      are admitted (or recomputed)
 
 Invariants
 ----------
@@ -31,6 +35,11 @@ Invariants
   The step's result for it is dropped. A connector never raises into the engine for a cache miss.
 * ``save_kv`` sees blocks that are full, computed by this step's forward pass (or earlier), and
   whose tokens are all known; each block of a request is offered once.
+* A background load (``get_num_new_matched_tokens`` -> ``(n, True)``): the request holds its
+  blocks from admission on but is not scheduled; the engine asks the worker half about it in
+  every step (``meta["check"]``; with nothing else to run, in a poll that waits a moment) and
+  admits it, its loaded tokens computed, once every rank reports the copies done. A failure
+  frees its blocks and recomputes it from its tokens; other requests never wait for it.
 """
 
 from __future__ import annotations
@@ -94,12 +103,18 @@ class KVConnectorBase:
 
     # -- scheduler half (the engine core's process; plain Python) --------------------------
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         """Tokens after the first ``num_computed_tokens`` (the device and host-tier hit, a
         multiple of the block size) that this connector can load for a request being admitted:
         a multiple of the block size, leaving the last prompt token out. Called at every
         admission attempt (a request may wait for blocks and be asked again); must not change
-        state a later call depends on."""
+        state a later call depends on.
+
+        Returns the count, or ``(count, load_async)``: with ``load_async`` the load runs in the
+        background (vLLM's ``WAITING_FOR_REMOTE_KVS``): the request gets its blocks and waits,
+        without running, while other requests keep running, until the worker half's
+        ``get_finished_loads`` reports its load; a plain count (or False) loads it in the step
+        that admits it, before that step's forward."""
         return 0
 
     def update_state_after_alloc(self, request, block_ids: list, first_block: int,
@@ -130,11 +145,23 @@ class KVConnectorBase:
         ``synchronize()`` (waits for the device's queued work), and the device."""
 
     def start_load_kv(self, meta: dict) -> list:
-        """Fill the step's loaded blocks before its forward pass. Returns the ids of the
-        requests whose load failed on this rank (their blocks may hold anything). Under tensor
-        parallelism the ranks agree on the failures when ``meta["loads"]`` lists the step's
-        loads, each item starting with its request id (one all-reduce in such steps)."""
+        """Fill the step's loaded blocks before its forward pass, and start its background
+        loads. Returns the ids of the requests whose (step) load failed on this rank (their
+        blocks may hold anything). Under tensor parallelism the ranks agree on the failures
+        when ``meta["loads"]`` lists the step's loads, each item starting with its request id
+        (one all-reduce in such steps)."""
         return []
+
+    def get_finished_loads(self, request_ids: list, timeout: float = 0.0) -> dict:
+        """Of ``request_ids`` (the background loads the scheduler still waits for: the engine
+        puts them in ``meta["check"]`` of every step while there are any, and calls this after
+        ``start_load_kv``), those finished on this rank: request id -> True (its blocks are in
+        the cache: copies done, the device reads them in the next step) or False (failed: the
+        request is recomputed). Waits up to ``timeout`` seconds for one when none has finished
+        (the engine has nothing else to run). Until a load is reported, its blocks are neither
+        freed nor reused, even if the request is aborted. Under tensor parallelism a load
+        counts as finished when every rank reports it (one all-reduce in steps that check)."""
+        return {}
 
     def save_kv(self, meta: dict):
         """After the step's forward pass was queued: save the blocks the metadata names.

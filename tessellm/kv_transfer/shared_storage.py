@@ -59,8 +59,12 @@ MAGIC = b"TSLKV\x00\x02\n"
 _HEADER = struct.Struct("<8s64sIIQQ16s")
 HEADER_BYTES = 128  # the header, zero padded: the payload starts here
 CHECKSUMS = ("none", "sum64", "crc32")
-_EXTRA_KEYS = {"shared_storage_path", "checksum", "wait_for_save", "io_threads"}
-_MAX_PENDING = 4 << 30  # host bytes of saves not yet written before a save waits for the oldest
+_EXTRA_KEYS = {"shared_storage_path", "checksum", "wait_for_save", "io_threads", "load_async"}
+# Staging: host buffers of a chunk of blocks each, made once and reused (pinned on a GPU).
+_CHUNK_BYTES = 256 << 20  # a chunk's bytes at most (and at least one block) ...
+_CHUNK_BLOCKS = 1024  # ... and its blocks at most
+_LOAD_BUFFERS = 2  # a chunk's files are read while the one before is copied to the device
+_SAVE_BUFFERS = 8  # chunks copied out and not yet written; past that a save waits for the disk
 _MAX_CHECKED = 1 << 17  # keys remembered as present (~20 MB of strings)
 
 
@@ -117,12 +121,15 @@ class SharedStorageConnector(KVConnectorBase):
         if self.checksum not in CHECKSUMS:
             raise ValueError(f"SharedStorageConnector's checksum must be one of {', '.join(CHECKSUMS)}, "
                              f"got {self.checksum!r}.")
-        wait = extra.get("wait_for_save", config.kv_role == "kv_producer")
+        wait = extra.get("wait_for_save", False)
+        load_async = extra.get("load_async", True)
         threads = extra.get("io_threads", min(8, os.cpu_count() or 1))
-        if not isinstance(wait, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError("SharedStorageConnector's wait_for_save is true or false and its "
-                             f"io_threads a positive integer, got {wait!r} and {threads!r}.")
-        self.wait_for_saves, self.io_threads = wait, threads
+        if (not isinstance(wait, bool) or not isinstance(load_async, bool)
+                or not isinstance(threads, int) or threads < 1):
+            raise ValueError("SharedStorageConnector's wait_for_save and load_async are true or "
+                             f"false and its io_threads a positive integer, got {wait!r}, "
+                             f"{load_async!r} and {threads!r}.")
+        self.wait_for_saves, self.load_async, self.io_threads = wait, load_async, threads
         self.root = os.path.join(path, context.namespace)
         try:
             os.makedirs(self.root, exist_ok=True)
@@ -167,9 +174,9 @@ class SharedStorageConnector(KVConnectorBase):
             ident = self._adapters[path] = adapter_identity(path)
         return ident
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         if not self.config.is_consumer:
-            return 0
+            return 0, False
         bs = self.context.block_size
         keys = self.block_keys(request)
         n = 0
@@ -183,7 +190,7 @@ class SharedStorageConnector(KVConnectorBase):
             else:
                 break
             n += 1
-        return n * bs
+        return n * bs, self.load_async
 
     def _loadable(self, key: str, rank: int) -> bool:
         """The rank's file is there and exactly as long as a header and this engine's block
@@ -214,6 +221,9 @@ class SharedStorageConnector(KVConnectorBase):
 
     def build_connector_meta(self, scheduler_output, requests, block_ids) -> Optional[dict]:
         loads, self._loads = self._loads, []
+        background = []
+        if self.load_async:
+            loads, background = [], loads
         saves, starts = [], {}
         if self.config.is_producer:
             starts = {r.request_id: r.num_computed_tokens for r in scheduler_output.new_requests}
@@ -244,9 +254,9 @@ class SharedStorageConnector(KVConnectorBase):
                 if req is None or starts.get(rid, 0) + num[rid] >= req.num_tokens:
                     self._unsynced.discard(rid)
                     wait = True
-        if not loads and not saves and not wait:
+        if not loads and not background and not saves and not wait:
             return None
-        return {"loads": loads, "saves": saves, "wait": wait}
+        return {"loads": loads, "async_loads": background, "saves": saves, "wait": wait}
 
     def request_failed_load(self, request) -> None:
         # The worker removed the bad file: later lookups miss it. The request itself is
@@ -264,6 +274,9 @@ class SharedStorageConnector(KVConnectorBase):
     # -- worker half -----------------------------------------------------------------------
 
     def register_kv_caches(self, caches, swap_blocks, synchronize, device) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        torch = _torch()
         self.caches = caches
         self.swap_blocks = swap_blocks
         self.synchronize = synchronize
@@ -274,90 +287,167 @@ class SharedStorageConnector(KVConnectorBase):
         self.layout = hashlib.blake2b(layout, digest_size=16).digest()
         self.device = device
         self.pin = device.type not in ("cpu", "xla")
-        self._readers = None  # thread pools for the files, made on first use
-        self._writers = None
+        chunk = max(1, min(_CHUNK_BLOCKS, _CHUNK_BYTES // max(1, self.block_bytes)))
+        # Host buffers kept for the engine's life (a fresh 1 GiB pinned buffer costs ~0.5 s of
+        # cudaHostAlloc: that, not the files, was most of a slow load), a chunk of blocks each.
+        self._load_staging = _Staging(chunk, self.block_bytes, _LOAD_BUFFERS, self.pin)
+        self._save_staging = _Staging(chunk, self.block_bytes, _SAVE_BUFFERS, self.pin)
+        if self.pin and self.config.is_consumer:
+            self._load_staging.reserve(_LOAD_BUFFERS)  # at start, not in a request's TTFT
+        if self.pin and self.config.is_producer:
+            self._save_staging.reserve(1)
+        # A stream of its own for the background loads' copies (none on the cpu: plain copies).
+        self._stream = None
+        if self.pin:
+            try:
+                self._stream = torch.Stream(device=device)
+            except (RuntimeError, TypeError, ValueError):
+                self._stream = None
+        self._readers = ThreadPoolExecutor(self.io_threads, thread_name_prefix="tessellm-kv-read")
+        self._writers = ThreadPoolExecutor(self.io_threads, thread_name_prefix="tessellm-kv-write")
         self._writer = None  # runs each step's saves in order (its writes fan out to _writers)
-        self._pending: deque = deque()  # (future, host bytes) of saves not known written yet
-        self._loading: list = []  # (event, pinned buffer) of loads the device may still read
-        self._spares: deque = deque(maxlen=2)  # pageable buffers done with, reused (no page faults)
-        self._spare_lock = threading.Lock()
-
-    def _buffer(self, n: int):
-        """A host buffer of ``n`` blocks, tensor-major (pinned where the device pins; else a
-        spare when one is big enough): the flat uint8 tensor and each cache tensor's contiguous
-        ``[n, block bytes]`` part."""
-        need = n * self.block_bytes
-        flat = None
-        if not self.pin:
-            with self._spare_lock:  # the writer thread gives buffers back
-                for i, spare in enumerate(self._spares):
-                    if spare.numel() >= need:
-                        del self._spares[i]
-                        flat = spare
-                        break
-        if flat is None:
-            flat = _host_empty((need,), _torch().uint8, self.pin)
-        view = flat[:need]
-        return flat, [view[n * o:n * (o + nb)].view(n, nb) for o, nb in zip(self.offsets, self.nbytes)]
-
-    def _release(self, flat) -> None:
-        """A pageable buffer whose copies are done: kept for the next step (pinned ones go back
-        to torch's caching host allocator)."""
-        if not flat.is_pinned():
-            with self._spare_lock:
-                self._spares.append(flat)
+        self._loader = None  # runs background loads in order (their reads fan out to _readers)
+        self._pending: deque = deque()  # futures of saves not known written yet
+        # Background loads: request id -> None (under way), True (loaded), False (failed).
+        self._load_status: dict = {}
+        self._load_cond = threading.Condition()
 
     def _views(self, mv, n: int, i: int) -> list:
         """Block ``i``'s part of every cache tensor in a buffer of ``n`` blocks: the payload of
         its file, in order."""
         return [mv[n * o + i * nb:n * o + (i + 1) * nb] for o, nb in zip(self.offsets, self.nbytes)]
 
-    def _map(self, which: str, fn, n: int) -> list:
+    def _parts(self, flat, n: int) -> list:
+        """Each cache tensor's contiguous ``[n, block bytes]`` part of a buffer of ``n`` blocks
+        (tensor-major: one ``swap_blocks`` per cache tensor)."""
+        view = flat[:n * self.block_bytes]
+        return [view[n * o:n * (o + nb)].view(n, nb) for o, nb in zip(self.offsets, self.nbytes)]
+
+    def _map(self, pool, fn, n: int) -> list:
         """``fn(run)`` over contiguous runs of ``range(n)``, one a thread of the pool (one run
         for few blocks), concatenated: each returns a list, one item a block."""
         if n < 4 or self.io_threads == 1:
             return fn(range(n))
-        pool = getattr(self, which)
-        if pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix=f"tessellm-kv{which}")
-            setattr(self, which, pool)
         k = min(self.io_threads, n)
         runs = [range(n * j // k, n * (j + 1) // k) for j in range(k)]
         return [x for part in pool.map(fn, runs) for x in part]
 
     def start_load_kv(self, meta: dict) -> list:
+        """The step's loads: ``loads`` (the step that admits them reads them: filled before its
+        forward) and ``async_loads`` (started on the loader thread; ``get_finished_loads``
+        says when they are in the cache)."""
+        background = meta.get("async_loads") or []
+        if background:
+            torch = _torch()
+            # The copies wait for the work queued so far (steps in flight may still write a
+            # block these requests were given after it was freed), not for what comes later.
+            after = None
+            if self._stream is not None:
+                after = torch.Event(device=self.device)
+                after.record()
+            if self._loader is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._loader = ThreadPoolExecutor(1, thread_name_prefix="tessellm-kv-load")
+            with self._load_cond:
+                for rid, _ in background:
+                    self._load_status[rid] = None
+            for rid, pairs in background:
+                self._loader.submit(self._load_in_background, rid, pairs, after)
         loads = meta.get("loads") or []
         if not loads:
             return []
         items = [(key, block) for _, pairs in loads for key, block in pairs]
-        n = len(items)
-        flat, parts = self._buffer(n)
-        mv = memoryview(flat.numpy())
-
-        def read(run) -> list:  # on a pool thread: the files, then their sum64s in one pass
-            got = [self._read(items[i][0], self._views(mv, n, i)) for i in run]
-            if any(g is not None and g[0] == 1 for g in got):
-                sums = _sum_parts(parts, run)
-                for j, g in enumerate(got):
-                    if g is not None and g[0] == 1 and int(sums[j]) != g[1]:
-                        self._drop(self.path(items[run[j]][0], self.context.rank), "checksum mismatch")
-                        got[j] = None
-            return [g is not None for g in got]
-
-        bad = {i for i, ok in enumerate(self._map("_readers", read, n)) if not ok}
-        failed, mapping, start = [], [], 0
+        bad = self._load(items, None, None)
+        failed, start = [], 0
         for rid, pairs in loads:
-            idx = range(start, start + len(pairs))
-            start += len(pairs)
-            if bad.intersection(idx):
+            if bad.intersection(range(start, start + len(pairs))):
                 failed.append(rid)
-            else:
-                mapping += [(i, items[i][1]) for i in idx]
-        if mapping:
-            self._copy_in(flat, parts, mapping)
+            start += len(pairs)
         return failed
+
+    def _load_in_background(self, rid: str, pairs, after) -> None:
+        """On the loader thread: the request's files into its blocks, on the connector's own
+        stream (the forward passes go on meanwhile), then its status once the copies are done."""
+        ok = False
+        try:
+            ok = not self._load([tuple(p) for p in pairs], self._stream, after, wait=True)
+        except Exception:  # noqa: BLE001 - a failed load is a recompute, never a dead engine
+            logger.exception("KV load of request %s failed: it is recomputed.", rid)
+        with self._load_cond:
+            if rid in self._load_status:
+                self._load_status[rid] = ok
+            self._load_cond.notify_all()
+
+    def get_finished_loads(self, request_ids: list, timeout: float = 0.0) -> dict:
+        """Of ``request_ids`` (background loads the scheduler waits for), those finished on
+        this rank: request id -> True (in the cache) or False (failed: recompute). Waits up to
+        ``timeout`` seconds for one when none is. Forgets finished loads no longer asked about."""
+        wanted = set(request_ids)
+        with self._load_cond:
+            if timeout > 0:
+                self._load_cond.wait_for(
+                    lambda: any(self._load_status.get(r) is not None for r in wanted), timeout)
+            for rid in [r for r, s in self._load_status.items() if s is not None and r not in wanted]:
+                del self._load_status[rid]
+            return {r: self._load_status[r] for r in request_ids
+                    if self._load_status.get(r) is not None}
+
+    def _load(self, items: list, stream, after, wait: bool = False) -> set:
+        """``(key, block)`` pairs read from their files and copied into the blocks, a staging
+        chunk at a time (the next chunk's files are read while the last one's copies run).
+        ``stream``: the copies' stream (None: the current one); ``after``: an event they wait
+        for; ``wait``: return once the copies are done. Returns the indices that failed (their
+        blocks may hold anything)."""
+        torch = _torch()
+        staging, bad = self._load_staging, set()
+        last = None
+        for lo in range(0, len(items), staging.chunk):
+            chunk = items[lo:lo + staging.chunk]
+            n = len(chunk)
+            flat = staging.acquire()
+            parts = self._parts(flat, n)
+            mv = memoryview(flat.numpy())
+
+            def read(run, chunk=chunk, parts=parts, mv=mv, n=n) -> list:  # a pool thread
+                got = [self._read(chunk[i][0], self._views(mv, n, i)) for i in run]
+                if any(g is not None and g[0] == 1 for g in got):
+                    sums = _sum_parts(parts, run)
+                    for j, g in enumerate(got):
+                        if g is not None and g[0] == 1 and int(sums[j]) != g[1]:
+                            self._drop(self.path(chunk[run[j]][0], self.context.rank), "checksum mismatch")
+                            got[j] = None
+                return [g is not None for g in got]
+
+            oks = self._map(self._readers, read, n)
+            del mv
+            bad.update(lo + i for i, ok in enumerate(oks) if not ok)
+            mapping = [(i, chunk[i][1]) for i, ok in enumerate(oks) if ok]
+            event = None
+            if mapping:
+                if stream is not None:
+                    with stream:
+                        if after is not None:
+                            stream.wait_event(after)
+                            after = None  # the stream keeps the order from here on
+                        self._copy_in(parts, mapping)
+                        event = torch.Event(device=self.device)
+                        event.record(stream)
+                else:
+                    self._copy_in(parts, mapping)
+                    if self.device.type != "cpu":
+                        event = torch.Event(device=self.device)
+                        event.record()
+            staging.release(flat, event)  # reused once its copies are done
+            last = event or last
+        if wait and last is not None:
+            _wait_event(last)
+        return bad
+
+    def _copy_in(self, parts, mapping) -> None:
+        for cache, part in zip(self.caches, parts):
+            src = part.view(cache.dtype).view(part.shape[0], *cache.shape[1:])
+            self.swap_blocks(src, cache, mapping)
 
     def _read(self, key: str, views: list) -> Optional[tuple]:
         """The rank's file of ``key`` into ``views``: (checksum kind, checksum) for a whole file
@@ -392,81 +482,65 @@ class SharedStorageConnector(KVConnectorBase):
         except OSError:
             pass
 
-    def _copy_in(self, flat, parts, mapping) -> None:
-        """Each cache tensor's part of the buffer into the device blocks. Where the device pins,
-        the buffer is kept until an event behind the copies completes (no host sync: the step
-        in flight keeps running); else a sync before it goes away."""
-        torch = _torch()
-        for cache, part in zip(self.caches, parts):
-            src = part.view(cache.dtype).view(part.shape[0], *cache.shape[1:])
-            self.swap_blocks(src, cache, mapping)
-        if self.pin and flat.is_pinned():
-            event = torch.Event(device=self.device)
-            event.record()
-            self._loading = [(e, h) for e, h in self._loading if not e.query()] + [(event, flat)]
-        else:
-            self.synchronize()  # pageable buffers (or the cpu backend): done before they go
-            self._release(flat)
-
     def save_kv(self, meta: dict):
-        """Queue the copies of the blocks to save behind the step's forward (into one host
-        buffer, pinned where the device pins) and hand the files to the writer thread: it waits
-        for the copies (an event, not a stream sync: the host goes on launching the next step)
-        and writes them over its pool. Returns a future of every save so far when the metadata
-        says the step's outputs wait (``wait``: it samples for a request with saves in flight),
-        else None (the writes go on behind later steps)."""
+        """Queue the copies of the blocks to save behind the step's forward, a staging chunk
+        at a time, and hand each chunk to the writer thread: it waits for the chunk's copies
+        (an event, not a stream sync: the host goes on launching the next step) and writes the
+        files over its pool. Returns a future of every save so far when the metadata says the
+        step's outputs wait (``wait``), else None (the writes go on behind later steps)."""
         torch = _torch()
         rank = self.context.rank
         saves = [(k, b) for k, b in (meta.get("saves") or ())
                  if not os.path.exists(self.path(k, rank))]
-        if saves:
-            n, mapping = len(saves), [(b, i) for i, (_, b) in enumerate(saves)]
-            flat, parts = self._buffer(n)
+        staging = self._save_staging
+        for lo in range(0, len(saves), staging.chunk):
+            chunk = saves[lo:lo + staging.chunk]
+            n = len(chunk)
+            flat = staging.acquire()  # waits for a writer when the disk is behind
+            parts = self._parts(flat, n)
+            mapping = [(b, i) for i, (_, b) in enumerate(chunk)]
             for cache, part in zip(self.caches, parts):
                 self.swap_blocks(cache, part.view(cache.dtype).view(n, *cache.shape[1:]), mapping)
-            if self.pin and flat.is_pinned():
+            event = None
+            if self.device.type != "cpu":
                 event = torch.Event(device=self.device)
                 event.record()
-                ready = event.synchronize
-            else:
-                self.synchronize()  # pageable copies (or the cpu backend): done when this returns
-                ready = None
-            while self._pending and sum(b for _, b in self._pending) + flat.numel() > _MAX_PENDING:
-                self._pending.popleft()[0].result()  # the disk is behind: hold the host memory
             if self._writer is None:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="tessellm-kv-save")
-            self._pending.append((self._writer.submit(self._write_step, saves, flat, parts, ready),
-                                  flat.numel()))
-        while self._pending and self._pending[0][0].done():
-            self._pending.popleft()
+            self._pending.append(self._writer.submit(self._write_chunk, chunk, flat, parts, event))
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
         if meta.get("wait") and self._pending:
-            return self._pending[-1][0]  # one writer thread, in order: the last is the latest
+            return self._pending[-1]  # one writer thread, in order: the last is the latest
         return None
 
-    def _write_step(self, saves, flat, parts, ready) -> None:
-        if ready is not None:
-            ready()  # the step's copies into the buffer are done
-        n = len(saves)
-        mv = memoryview(flat.numpy())
+    def _write_chunk(self, saves, flat, parts, event) -> None:
+        try:
+            if event is not None:
+                _wait_event(event)  # the step's copies into the buffer are done
+            n = len(saves)
+            mv = memoryview(flat.numpy())
 
-        def write(run) -> list:  # on a pool thread: the run's sum64s in one pass, then the files
-            sums = _sum_parts(parts, run) if self.checksum == "sum64" else None
-            for j, i in enumerate(run):
-                self._write(saves[i][0], self._views(mv, n, i), None if sums is None else int(sums[j]))
-            return []
+            def write(run) -> list:  # a pool thread: the run's sum64s in one pass, then the files
+                sums = _sum_parts(parts, run) if self.checksum == "sum64" else None
+                for j, i in enumerate(run):
+                    self._write(saves[i][0], self._views(mv, n, i), None if sums is None else int(sums[j]))
+                return []
 
-        self._map("_writers", write, n)
-        del mv
-        self._release(flat)
+            self._map(self._writers, write, n)
+            del mv
+        finally:
+            self._save_staging.release(flat)
 
     def wait_for_save(self) -> None:
         if self._pending:
-            self._pending[-1][0].result()
+            self._pending[-1].result()
 
     def shutdown(self) -> None:
-        for name in ("_writer", "_writers", "_readers"):  # the saves under way are written first
+        # The saves under way are written first; background loads end (their blocks go away).
+        for name in ("_loader", "_writer", "_writers", "_readers"):
             pool = getattr(self, name, None)
             if pool is not None:
                 pool.shutdown(wait=True)
@@ -500,6 +574,64 @@ def _torch():
     import torch
 
     return torch
+
+
+class _Staging:
+    """Host buffers of ``chunk`` blocks each (pinned where the device pins), made at most
+    ``limit`` times and reused for the engine's life. ``acquire`` takes a free one; when all
+    are out it waits for the copies of the oldest busy one, or for a writer to give one back.
+    ``release`` gives one back, busy until ``event`` (its copies) completes."""
+
+    def __init__(self, chunk: int, block_bytes: int, limit: int, pin: bool):
+        self.chunk, self.nbytes, self.limit, self.pin = chunk, chunk * block_bytes, limit, pin
+        self.made = 0
+        self.free: list = []
+        self.busy: deque = deque()  # (buffer, event), oldest first
+        self.cond = threading.Condition()
+
+    def reserve(self, n: int) -> None:
+        with self.cond:
+            while self.made < min(n, self.limit):
+                self.free.append(_host_empty((self.nbytes,), _torch().uint8, self.pin))
+                self.made += 1
+
+    def acquire(self):
+        event = None
+        with self.cond:
+            while True:
+                while self.busy and self.busy[0][1].query():
+                    self.free.append(self.busy.popleft()[0])
+                if self.free:
+                    return self.free.pop()  # the warmest
+                if self.made < self.limit:
+                    self.made += 1
+                    break
+                if self.busy:
+                    flat, event = self.busy.popleft()
+                    break
+                self.cond.wait()  # every buffer is with a writer
+        if event is not None:
+            _wait_event(event)
+            return flat
+        try:
+            return _host_empty((self.nbytes,), _torch().uint8, self.pin)
+        except BaseException:
+            with self.cond:
+                self.made -= 1
+            raise
+
+    def release(self, flat, event=None) -> None:
+        with self.cond:
+            if event is None:
+                self.free.append(flat)
+            else:
+                self.busy.append((flat, event))
+            self.cond.notify()
+
+
+def _wait_event(event) -> None:
+    """The host waits for a device event (the GIL let go)."""
+    event.synchronize()
 
 
 def _sum_parts(parts, run: range):

@@ -129,7 +129,7 @@ def test_corrupt_truncated_and_missing_files(tiny_model_dir, tmp_path):
     rows, stats = _run(model, [p, q], kv_transfer_config=_kv(tmp_path, "kv_consumer"))
     assert [t for t, _, _ in rows] == want
     assert rows[0][1:] == (16, 42 - 16 + 5)  # blocks 0..3 loaded
-    assert rows[1][1:] == (0, 2 + 42 + 5)  # the step over garbage (2 tokens) dropped; all recomputed
+    assert rows[1][1:] == (0, 42 + 5)  # its background load failed: all recomputed, no step lost
     assert stats.kv_connector["load_failures"] == 1 and stats.kv_connector["hits"] == 16 + 40
     assert not os.path.exists(conn.path(keys_q[7], 0))  # the corrupt file is gone
     _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_producer"))  # ... and saved afresh
@@ -208,15 +208,19 @@ def test_worker_half_round_trip_over_every_cache_layout(checksum, tmp_path):
 
 
 def test_producer_outputs_wait_only_in_steps_that_sample(tmp_path):
-    """A producer's step carries "wait" (its outputs wait for the saves in flight) only when it
-    samples a token for a request with saves: its prompt's last chunk, not the chunks before;
-    a kv_both engine (a disk tier) never waits."""
+    """With wait_for_save, a producer's step carries "wait" (its outputs wait for the saves in
+    flight) only when it samples a token for a request with saves: its prompt's last chunk, not
+    the chunks before; by default (the first token never waits for files) and on a kv_both
+    engine (a disk tier) no step waits."""
     tokens = list(range(3, 23))  # 5 blocks
     req = SimpleNamespace(request_id="r", all_token_ids=tokens, num_tokens=20,
                           lora_request=None, block_key=lambda a, b, lora: None)
-    for role, want in (("kv_producer", [False, True]), ("kv_both", [False, False])):
-        conn = SharedStorageConnector(parse_kv_transfer_config(_kv(tmp_path, role)),
-                                      KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
+    for role, wait, want in (("kv_producer", True, [False, True]), ("kv_producer", None, [False, False]),
+                             ("kv_both", None, [False, False])):
+        config = parse_kv_transfer_config(_kv(tmp_path, role))
+        if wait is not None:
+            config.kv_connector_extra_config["wait_for_save"] = wait
+        conn = SharedStorageConnector(config, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
         waits, saved = [], []
         for start, num in ((0, 12), (12, 8)):  # a chunked prefill: 12 tokens, then 8
             seen = [SimpleNamespace(request_id="r", num_computed_tokens=start)]
@@ -413,7 +417,8 @@ def test_bad_connector_settings_are_one_clear_error(tiny_model_dir, tmp_path):
                        KVConnectorRole.SCHEDULER, ctx)
     for extra, match in (({"checksum": "md5"}, "checksum must be one of none, sum64, crc32"),
                          ({"io_threads": 0}, "io_threads a positive integer"),
-                         ({"wait_for_save": "yes"}, "wait_for_save is true or false")):
+                         ({"wait_for_save": "yes"}, "wait_for_save and load_async are true or false"),
+                         ({"load_async": 1}, "wait_for_save and load_async are true or false")):
         config = parse_kv_transfer_config(_kv(tmp_path, "kv_both"))
         config.kv_connector_extra_config.update(extra)
         with pytest.raises(ValueError, match=match):
