@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import random
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -57,10 +58,12 @@ def _files(path) -> list[str]:
     return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
 
 
-def test_producer_saves_and_consumer_loads(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("load_async", [True, False], ids=["background", "in-step"])
+def test_producer_saves_and_consumer_loads(load_async, tiny_model_dir, tmp_path):
     """Disaggregated prefill: the producer computes two prompts (one block file each per full
-    block); the consumer loads their 40 tokens (10 blocks), computes 2 prompt tokens and 5
-    decodes each, and gives HF's tokens, the producer's and a plain run's."""
+    block); the consumer loads their 40 tokens (10 blocks), in the background or in the step
+    that admits them, computes 2 prompt tokens and 5 decodes each, and gives HF's tokens, the
+    producer's and a plain run's."""
     model = tiny_model_dir("llama")
     prompts = _prompts(2)
     want = hf_greedy(model, prompts, 6)
@@ -69,7 +72,9 @@ def test_producer_saves_and_consumer_loads(tiny_model_dir, tmp_path):
     # (tokens 44..47; 47 is the last output, never fed back: not computed, not saved).
     assert len(_files(tmp_path)) == 2 * 11
     assert made_stats.kv_connector["blocks_saved"] == 2 * 11 and made_stats.kv_connector["hits"] == 0
-    used, stats = _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_consumer"))
+    consumer = _kv(tmp_path, "kv_consumer")
+    consumer["kv_connector_extra_config"]["load_async"] = load_async
+    used, stats = _run(model, prompts, kv_transfer_config=consumer)
     assert [t for t, _, _ in used] == [t for t, _, _ in made] == want
     assert [(c, n) for _, c, n in used] == [(40, 2 + 5)] * 2
     assert stats.kv_connector == dict(queries=2 * 42, hits=2 * 40, blocks_loaded=20, blocks_saved=0,
@@ -159,6 +164,63 @@ def test_with_the_host_tier(tiny_model_dir, tmp_path):
     assert conn["hits"] == 40 and host.hits == 40 and host.blocks_loaded == 10
 
 
+class GatedStorage(SharedStorageConnector):
+    """The shared-storage connector whose background loads start when the test opens a gate,
+    as on a slow disk: the engine must run other requests meanwhile."""
+
+    gate = threading.Event()
+
+    def _load_in_background(self, rid, pairs, after):
+        GatedStorage.gate.wait(60)
+        super()._load_in_background(rid, pairs, after)
+
+
+@pytest.mark.parametrize("corrupt", [False, True], ids=["loads", "fails"])
+def test_background_load_while_other_requests_run(corrupt, tiny_model_dir, tmp_path):
+    """A consumer engine with three requests; the middle one's prompt is in the store and
+    loads in the background (held until the other two have finished: they are admitted,
+    prefilled and decoded to the end meanwhile, the one queued behind it too). Then it loads
+    (40 cached tokens) or, its file corrupt, fails and is recomputed from its tokens; every
+    request gives HF's tokens."""
+    model = tiny_model_dir("llama")
+    p, q, r = _prompts(3)
+    want = dict(zip("pqr", hf_greedy(model, [p, q, r], 8)))
+    _run(model, [p], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    if corrupt:
+        (ns,) = os.listdir(tmp_path)
+        keys = _connector(tmp_path, ns).block_keys(SimpleNamespace(
+            request_id="p", all_token_ids=p, lora_request=None, block_key=lambda a, b, lora: None))
+        with open(_connector(tmp_path, ns).path(keys[5], 0), "r+b") as f:
+            f.seek(-7, os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-7, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 0x21]))
+    register_kv_connector("GatedStorage", f"{__name__}:GatedStorage")
+    GatedStorage.gate.clear()
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    kv = {**_kv(tmp_path, "kv_consumer"), "kv_connector": "GatedStorage"}
+    outs, done_while_loading = {}, None
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=64,
+             max_model_len=128, kv_transfer_config=kv) as llm:
+        engine, sched = llm.engine, llm.engine.core.scheduler
+        for rid, prompt in (("q", q), ("p", p), ("r", r)):
+            engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+        for _ in range(400):
+            if not engine.has_unfinished_requests():
+                break
+            outs.update((o.request_id, o) for o in engine.step() if o.finished)
+            if done_while_loading is None and {"q", "r"} <= set(outs):
+                done_while_loading = "p" in sched.kv_loading and "p" not in outs
+                GatedStorage.gate.set()
+        stats = sched.stats().kv_connector
+    GatedStorage.gate.set()
+    assert done_while_loading  # q and r ran to the end while p's load was held
+    assert {rid: list(o.outputs[0].token_ids) for rid, o in outs.items()} == want
+    assert outs["p"].num_cached_tokens == (0 if corrupt else 40)
+    assert stats["load_failures"] == int(corrupt) and stats["blocks_loaded"] == 10
+    assert not sched.kv_loading and sched.kv.num_free_blocks == 64  # every block given back
+
+
 def _connector(path, namespace: str, role=KVConnectorRole.SCHEDULER, **extra) -> SharedStorageConnector:
     config = parse_kv_transfer_config(_kv(path, "kv_both"))
     config.kv_connector_extra_config.update(extra)
@@ -166,12 +228,17 @@ def _connector(path, namespace: str, role=KVConnectorRole.SCHEDULER, **extra) ->
 
 
 @pytest.mark.parametrize("checksum", ["sum64", "crc32", "none"])
-def test_worker_half_round_trip_over_every_cache_layout(checksum, tmp_path):
+def test_worker_half_round_trip_over_every_cache_layout(checksum, tmp_path, monkeypatch):
     """The worker half over a heads-major cache (IPEX's: a transposed view), a latent cache
-    without values (MLA) and an fp8 cache, with each checksum: blocks saved (over the writer
-    pool), the caches wiped, loaded into other blocks, equal byte for byte; a block of another
-    layout is refused (a failed load); a flipped payload byte fails the load unless unchecked."""
+    without values (MLA) and an fp8 cache, with each checksum, through staging chunks of 2
+    blocks: blocks saved (over the writer pool), the caches wiped, loaded into other blocks in
+    the step and in the background, equal byte for byte, no staging buffer made past the
+    limit; a block of another layout is refused (a failed load); a flipped payload byte fails
+    the load unless unchecked."""
     from tessellm.backends.reference.kv_transfer import swap_blocks
+    from tessellm.kv_transfer import shared_storage
+
+    monkeypatch.setattr(shared_storage, "_CHUNK_BLOCKS", 2)
 
     g = torch.Generator().manual_seed(0)
     heads_major = torch.randn(10, 2, BS, 8, generator=g).transpose(1, 2)
@@ -188,10 +255,15 @@ def test_worker_half_round_trip_over_every_cache_layout(checksum, tmp_path):
     for c in caches:
         c.view(torch.uint8).zero_()
     assert conn.start_load_kv({"loads": [["r1", [["a", 9], ["b", 0]]], ["r2", [["c", 4]]]]}) == []
+    assert conn.start_load_kv({"async_loads": [["r6", [["d", 1], ["e", 8]]]]}) == []
+    assert conn.get_finished_loads(["r6"], timeout=30) == {"r6": True}
+    assert conn.get_finished_loads([]) == {} and not conn._load_status  # forgotten once not asked
     for old, new in zip(before, caches):
-        for src, dst in ((7, 9), (2, 0), (3, 4)):
+        for src, dst in ((7, 9), (2, 0), (3, 4), (5, 1), (6, 8)):
             assert torch.equal(new[dst].view(torch.uint8), old[src].view(torch.uint8))
         assert not new[7].view(torch.uint8).any()
+    assert conn._load_staging.chunk == 2 and conn._load_staging.made <= shared_storage._LOAD_BUFFERS
+    assert conn._save_staging.made <= 3  # 5 blocks: 3 chunks
     other = _connector(tmp_path, "ns", KVConnectorRole.WORKER)  # one tensor fewer: another layout
     other.register_kv_caches(caches[:2], swap_blocks, lambda: None, torch.device("cpu"))
     assert other.start_load_kv({"loads": [["r3", [["a", 1]]]]}) == ["r3"]
