@@ -8,6 +8,9 @@
       prompt (8000), max_tokens=1, two prompts per engine (run 2: pinned buffers cached): the
       latency without a connector (recompute), on the producer (prefill + saving its files: its
       output waits for them), on the consumer (loading them), with the GB/s each moved.
+  python3 benchmarks/kvconn_gpu.py overlap [TOKENS] a request decoding while a TOKENS-long prompt
+      arrives: recomputed, loaded in the admitting step, loaded in the background; the
+      decoding request's largest inter-token gap meanwhile and the long prompt's TTFT.
 Files go under $KV_DIR (default: a fresh directory in /tmp); removed at the end.
 """
 
@@ -108,6 +111,61 @@ def ttft(tokens: int = 8000) -> None:
     shutil.rmtree(store, ignore_errors=True)
 
 
+def overlap(tokens: int = 8000) -> None:
+    """A request decoding while another's TOKENS-long prompt arrives, on three consumer
+    engines: without a connector (the prompt is prefilled), loading its KV in the step that
+    admits it (load_async false), and loading it in the background (the default). Prints the
+    decoding request's inter-token gaps (median before, max while the long prompt is served)
+    and the long prompt's TTFT."""
+    from tessellm import LLM, SamplingParams
+
+    model = os.environ.get("TTFT_MODEL", "benchmarks/model-configs/llama-3.1-8b")
+    rng = random.Random(1)
+    long_prompt = [rng.randrange(1000, 100000) for _ in range(tokens)]
+    short = [rng.randrange(1000, 100000) for _ in range(32)]
+    store = _store()
+    engine_args = dict(device=os.environ.get("DEVICE", "cuda"), load_format="dummy", dtype="bfloat16",
+                       num_kv_blocks=2 * -(-tokens // 16) + 256, max_model_len=tokens + 512,
+                       enforce_eager=True)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    with LLM(model, kv_transfer_config=_kv(store, "kv_producer"), **engine_args) as llm:
+        llm.generate({"prompt_token_ids": long_prompt}, one, use_tqdm=False)
+    for name, load_async in (("recompute", None), ("load in step", False), ("load in background", True)):
+        kv = None
+        if load_async is not None:
+            kv = _kv(store, "kv_consumer")
+            kv["kv_connector_extra_config"]["load_async"] = load_async
+        with LLM(model, kv_transfer_config=kv, **engine_args) as llm:
+            llm.generate({"prompt_token_ids": [7] * 64}, one, use_tqdm=False)  # warm
+            engine = llm.engine
+            engine.add_request("d", {"prompt_token_ids": short},
+                               SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+            sched, did = engine.core.scheduler, engine.outputs.core_ids("d")[0]
+            stamps, added, done, seen = [], None, None, 0
+            while engine.has_unfinished_requests():
+                outs = engine.step()  # final outputs only: d's tokens from the scheduler
+                now = time.perf_counter()
+                d = sched.requests.get(did)
+                if d is not None and d.num_output_tokens > seen:
+                    seen = d.num_output_tokens
+                    stamps.append(now)
+                if any(o.request_id == "l" and o.finished for o in outs):
+                    done = now
+                if added is None and len(stamps) == 40:
+                    engine.add_request("l", {"prompt_token_ids": long_prompt}, one)
+                    added = now
+                if done is not None and len(stamps) > 40 and stamps[-1] > done + 0.2:
+                    engine.abort_request("d")
+                    break
+            gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+            before = sorted(g for g, t in zip(gaps, stamps[1:]) if t <= added)
+            during = [g for g, t in zip(gaps, stamps[1:]) if added < t <= (done or t) + 1e-3]
+            print(f"OVERLAP {name}: decode gap median {before[len(before) // 2] * 1e3:.1f} ms before, "
+                  f"max {max(during or [0]) * 1e3:.0f} ms while the {tokens}-token prompt is served "
+                  f"({len(during)} tokens then); its TTFT {(done - added) * 1e3:.0f} ms", flush=True)
+    shutil.rmtree(store, ignore_errors=True)
+
+
 def _store_bytes(store: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store) for f in fs)
 
@@ -118,4 +176,5 @@ def _files(store: str) -> int:
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "check"
-    {"check": check, "ttft": lambda: ttft(int(sys.argv[2]) if len(sys.argv) > 2 else 8000)}[what]()
+    arg = int(sys.argv[2]) if len(sys.argv) > 2 else 8000
+    {"check": check, "ttft": lambda: ttft(arg), "overlap": lambda: overlap(arg)}[what]()
