@@ -177,15 +177,15 @@ class GatedStorage(SharedStorageConnector):
 
 @pytest.mark.parametrize("corrupt", [False, True], ids=["loads", "fails"])
 def test_background_load_while_other_requests_run(corrupt, tiny_model_dir, tmp_path):
-    """A consumer engine with three requests; the middle one's prompt is in the store and
-    loads in the background (held until the other two have finished: they are admitted,
-    prefilled and decoded to the end meanwhile, the one queued behind it too). Then it loads
-    (40 cached tokens) or, its file corrupt, fails and is recomputed from its tokens; every
-    request gives HF's tokens."""
+    """A consumer engine with four requests; p's prompt is in the store and loads in the
+    background (held until q and r have finished: they are admitted, prefilled and decoded to
+    the end meanwhile, r queued behind it too). Then it loads (40 cached tokens) or, its file
+    corrupt, fails and is recomputed from its tokens; every request gives HF's tokens. a, also
+    in the store, is aborted while it loads: its blocks come back once its load ends."""
     model = tiny_model_dir("llama")
-    p, q, r = _prompts(3)
+    p, q, r, a = _prompts(4)
     want = dict(zip("pqr", hf_greedy(model, [p, q, r], 8)))
-    _run(model, [p], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    _run(model, [p, a], kv_transfer_config=_kv(tmp_path, "kv_producer"))
     if corrupt:
         (ns,) = os.listdir(tmp_path)
         keys = _connector(tmp_path, ns).block_keys(SimpleNamespace(
@@ -199,25 +199,30 @@ def test_background_load_while_other_requests_run(corrupt, tiny_model_dir, tmp_p
     GatedStorage.gate.clear()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     kv = {**_kv(tmp_path, "kv_consumer"), "kv_connector": "GatedStorage"}
-    outs, done_while_loading = {}, None
+    outs, done_while_loading, aborted_while_loading = {}, None, False
     with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=64,
              max_model_len=128, kv_transfer_config=kv) as llm:
         engine, sched = llm.engine, llm.engine.core.scheduler
-        for rid, prompt in (("q", q), ("p", p), ("r", r)):
+        for rid, prompt in (("q", q), ("p", p), ("a", a), ("r", r)):
             engine.add_request(rid, {"prompt_token_ids": prompt}, params)
         for _ in range(400):
             if not engine.has_unfinished_requests():
                 break
             outs.update((o.request_id, o) for o in engine.step() if o.finished)
+            if "a" in engine.outputs.states and any(r.kv_loading for r in sched.requests.values()
+                                                    if r.prompt_token_ids == a):
+                engine.abort_request("a")  # while loading: its blocks wait for the load's end
+                aborted_while_loading = True
             if done_while_loading is None and {"q", "r"} <= set(outs):
                 done_while_loading = "p" in sched.kv_loading and "p" not in outs
                 GatedStorage.gate.set()
         stats = sched.stats().kv_connector
     GatedStorage.gate.set()
-    assert done_while_loading  # q and r ran to the end while p's load was held
+    assert done_while_loading and aborted_while_loading  # q and r ran to the end while p's load was held
+    outs.pop("a", None)
     assert {rid: list(o.outputs[0].token_ids) for rid, o in outs.items()} == want
     assert outs["p"].num_cached_tokens == (0 if corrupt else 40)
-    assert stats["load_failures"] == int(corrupt) and stats["blocks_loaded"] == 10
+    assert stats["load_failures"] == int(corrupt) and stats["blocks_loaded"] == 20  # p's, a's
     assert not sched.kv_loading and sched.kv.num_free_blocks == 64  # every block given back
 
 
