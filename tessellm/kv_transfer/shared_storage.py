@@ -31,13 +31,15 @@ loadable; the worker checks the rest when it loads, and a failure there makes th
 recompute (``base.py``) and removes the file (a producer's next save of that block writes it
 afresh). Nothing else is ever deleted: the directory grows until someone clears it.
 
-The worker half moves a step's blocks through one host buffer (pinned where the device pins),
-tensor-major so each cache tensor's part is one ``swap_blocks``; a pool of threads reads the
-files straight into it (``preadv``, one call per file) and writes them from it (``writev``):
-no intermediate copies, the file I/O outside the GIL. Saves are written behind the step: the
-step's outputs wait for them only where the role needs it (``wait_for_save``, default on for
-``kv_producer``: a client that got the producer's response finds the files) and only in a
-step that samples a token for a request with saves in flight.
+The worker half moves blocks through staging buffers of a chunk of blocks each, made once and
+kept (pinned where the device pins; tensor-major so each cache tensor's part is one
+``swap_blocks``); a pool of threads reads the files straight into them (``preadv``, one call
+per file) and writes them from them (``writev``): no intermediate copies, the file I/O outside
+the GIL. Loads run in the background by default (``load_async``): a loader thread reads a
+request's files and copies them into its blocks on the connector's own stream while the
+engine runs other requests, and ``get_finished_loads`` reports them. Saves are written behind
+the step; outputs wait for them only with ``wait_for_save`` (then only in a step that samples
+a token for a request with saves in flight).
 """
 
 from __future__ import annotations
