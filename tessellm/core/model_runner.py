@@ -176,6 +176,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
         """Launch one step; its ``StepHandle.result()`` waits for the sampled tokens."""
         self.batch.apply(sched, samples_here=self.pp.is_last)
+        self.guard_external_kv_reads(sched)  # a KV connector's saves still reading reused blocks
         if sched.kv_transfers:  # the host KV tier: before anything reads or writes the cache
             self.apply_kv_transfers(sched.kv_transfers)
         failed_loads, loaded = self.load_external_kv(sched.kv_connector_meta)  # a KV connector's, after

@@ -86,6 +86,14 @@ class RunnerKVCache:
                 finished = self.kv_load_agree(meta["check"], finished)
         return failed, finished
 
+    def guard_external_kv_reads(self, sched) -> None:
+        """Before the step touches the cache: a KV connector's copies still reading blocks the
+        step may write (freed and given out again) finish first, on the device."""
+        if self.kv_connector is not None and self.kv_connector.pending_block_reads():
+            written = {b for r in sched.new_requests for b in r.block_ids}
+            written.update(b for c in sched.cached_requests for b in c.new_block_ids)
+            self.kv_connector.before_writing(written)
+
     def save_external_kv(self, meta) -> None:
         """A KV connector's saves of the blocks the step filled, after its forward was queued."""
         if meta is not None and self.kv_connector is not None:

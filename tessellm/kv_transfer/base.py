@@ -173,6 +173,18 @@ class KVConnectorBase:
         must be copied by work queued behind the forward pass (the scheduler may reuse them)."""
         return None
 
+    def pending_block_reads(self) -> bool:
+        """Whether copies out of the cache (saves on a stream of the connector's own) may still
+        be reading blocks; then the engine calls ``before_writing`` before each step."""
+        return False
+
+    def before_writing(self, block_ids: set) -> None:
+        """The step about to be launched may write these blocks (every block of its new
+        requests, the blocks appended to its running ones): make the device wait (not the
+        host) for the copies still reading any of them. A block is written only after it was
+        freed and given out again, so a copy queued behind the forward that filled it races
+        only with such a step."""
+
     def wait_for_save(self) -> None:
         """Return once every save handed to ``save_kv`` so far is durable (visible to a reader)."""
 

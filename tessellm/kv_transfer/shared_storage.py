@@ -44,6 +44,7 @@ a token for a request with saves in flight).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -299,18 +300,15 @@ class SharedStorageConnector(KVConnectorBase):
             self._load_staging.reserve(_LOAD_BUFFERS)  # at start, not in a request's TTFT
         if self.pin and self.config.is_producer:
             self._save_staging.reserve(_SAVE_RESERVE)
-        # A stream of its own for the background loads' copies (none on the cpu: plain copies).
-        self._stream = None
-        if self.pin:
-            try:
-                self._stream = torch.Stream(device=device)
-            except (RuntimeError, TypeError, ValueError):
-                self._stream = None
+        # Streams of its own for the background loads' copies and the saves' (none on the cpu:
+        # plain copies): neither waits for the other, nor the forward passes for them.
+        self._stream, self._save_stream = _new_stream(torch, device), _new_stream(torch, device)
         self._readers = ThreadPoolExecutor(self.io_threads, thread_name_prefix="tessellm-kv-read")
         self._writers = ThreadPoolExecutor(self.io_threads, thread_name_prefix="tessellm-kv-write")
         self._writer = None  # runs each step's saves in order (its writes fan out to _writers)
         self._loader = None  # runs background loads in order (their reads fan out to _readers)
         self._pending: deque = deque()  # futures of saves not known written yet
+        self._reads: deque = deque()  # (event, block ids) of saves' copies on the own stream
         # Background loads: request id -> None (under way), True (loaded), False (failed).
         self._load_status: dict = {}
         self._load_cond = threading.Condition()
@@ -356,7 +354,11 @@ class SharedStorageConnector(KVConnectorBase):
                 for rid, _ in background:
                     self._load_status[rid] = None
             for rid, pairs in background:
-                self._loader.submit(self._load_in_background, rid, pairs, after)
+                # ... and for saves' copies still reading a block it was given after a free
+                blocks = {b for _, b in pairs}
+                waits = [after] + [e for e, bs in self._reads if not bs.isdisjoint(blocks)]
+                self._loader.submit(self._load_in_background, rid, pairs,
+                                    None if after is None else waits)
         loads = meta.get("loads") or []
         if not loads:
             return []
@@ -399,7 +401,7 @@ class SharedStorageConnector(KVConnectorBase):
     def _load(self, items: list, stream, after, wait: bool = False) -> set:
         """``(key, block)`` pairs read from their files and copied into the blocks, a staging
         chunk at a time (the next chunk's files are read while the last one's copies run).
-        ``stream``: the copies' stream (None: the current one); ``after``: an event they wait
+        ``stream``: the copies' stream (None: the current one); ``after``: events they wait
         for; ``wait``: return once the copies are done. Returns the indices that failed (their
         blocks may hold anything)."""
         torch = _torch()
@@ -430,9 +432,9 @@ class SharedStorageConnector(KVConnectorBase):
             if mapping:
                 if stream is not None:
                     with stream:
-                        if after is not None:
-                            stream.wait_event(after)
-                            after = None  # the stream keeps the order from here on
+                        for event in after or ():
+                            stream.wait_event(event)
+                        after = None  # the stream keeps the order from here on
                         self._copy_in(parts, mapping)
                         event = torch.Event(device=self.device)
                         event.record(stream)
@@ -495,19 +497,26 @@ class SharedStorageConnector(KVConnectorBase):
         rank = self.context.rank
         saves = [(k, b) for k, b in (meta.get("saves") or ())
                  if not os.path.exists(self.path(k, rank))]
-        staging = self._save_staging
+        staging, stream = self._save_staging, self._save_stream
+        if saves and stream is not None:  # the copies wait for the step, the next step does not
+            ready = torch.Event(device=self.device)
+            ready.record()
+            stream.wait_event(ready)
         for lo in range(0, len(saves), staging.chunk):
             chunk = saves[lo:lo + staging.chunk]
             n = len(chunk)
             flat = staging.acquire()  # waits for a writer when the disk is behind
             parts = self._parts(flat, n)
             mapping = [(b, i) for i, (_, b) in enumerate(chunk)]
-            for cache, part in zip(self.caches, parts):
-                self.swap_blocks(cache, part.view(cache.dtype).view(n, *cache.shape[1:]), mapping)
-            event = None
-            if self.device.type != "cpu":
-                event = torch.Event(device=self.device)
-                event.record()
+            with stream if stream is not None else contextlib.nullcontext():
+                for cache, part in zip(self.caches, parts):
+                    self.swap_blocks(cache, part.view(cache.dtype).view(n, *cache.shape[1:]), mapping)
+                event = None
+                if self.device.type != "cpu":
+                    event = torch.Event(device=self.device)
+                    event.record(stream)
+            if stream is not None:  # a later step writing one of these blocks waits for them
+                self._reads.append((event, frozenset(b for _, b in chunk)))
             if self._writer is None:
                 from concurrent.futures import ThreadPoolExecutor
 
@@ -536,6 +545,17 @@ class SharedStorageConnector(KVConnectorBase):
             del mv
         finally:
             self._save_staging.release(flat)
+
+    def pending_block_reads(self) -> bool:
+        reads = getattr(self, "_reads", None)
+        while reads and reads[0][0].query():
+            reads.popleft()
+        return bool(reads)
+
+    def before_writing(self, block_ids: set) -> None:
+        for event, blocks in self._reads:
+            if not blocks.isdisjoint(block_ids):
+                event.wait()  # the current stream waits for that chunk's copies
 
     def wait_for_save(self) -> None:
         if self._pending:
@@ -630,6 +650,16 @@ class _Staging:
             else:
                 self.busy.append((flat, event))
             self.cond.notify()
+
+
+def _new_stream(torch, device):
+    """A stream of the device's, or None (the cpu, xla, or a runtime without streams)."""
+    if device.type in ("cpu", "xla"):
+        return None
+    try:
+        return torch.Stream(device=device)
+    except (RuntimeError, TypeError, ValueError):
+        return None
 
 
 def _wait_event(event) -> None:

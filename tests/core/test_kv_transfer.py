@@ -284,6 +284,34 @@ def test_worker_half_round_trip_over_every_cache_layout(checksum, tmp_path, monk
     conn.shutdown()
 
 
+def test_saves_copies_guard_only_the_blocks_a_step_writes(tmp_path):
+    """Saves copied on the connector's own stream (a GPU's) are still reading their blocks:
+    a step writing one of them (freed, given out again) makes the device wait for that chunk's
+    copies, and only for those; copies done are forgotten. The events stand in for a device's
+    (the cpu has no streams: its copies are done when save_kv returns)."""
+    from collections import deque
+
+    class Event:
+        def __init__(self, done=False):
+            self.done, self.waited = done, 0
+
+        def query(self):
+            return self.done
+
+        def wait(self):
+            self.waited += 1
+
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER)
+    old, a, b = Event(done=True), Event(), Event()
+    conn._reads = deque([(old, frozenset({1})), (a, frozenset({2, 3})), (b, frozenset({7}))])
+    assert conn.pending_block_reads() and [e for e, _ in conn._reads] == [a, b]
+    conn.before_writing({1, 3, 9})
+    assert (a.waited, b.waited) == (1, 0)
+    a.done = b.done = True
+    assert not conn.pending_block_reads()
+    assert KVConnectorBase.pending_block_reads(conn) is False  # the default: nothing to guard
+
+
 def test_producer_outputs_wait_only_in_steps_that_sample(tmp_path):
     """With wait_for_save, a producer's step carries "wait" (its outputs wait for the saves in
     flight) only when it samples a token for a request with saves: its prompt's last chunk, not
