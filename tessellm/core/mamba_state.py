@@ -109,14 +109,19 @@ class MambaStateCache:
         self._copy(src, list(saves.values()), to_pool=True)
 
     def _copy(self, slots: list[int], pool_slots: list[int], to_pool: bool) -> None:
-        slot_idx, pool_idx = (torch.tensor(v, dtype=torch.long).to(self.device, non_blocking=True)
-                              for v in (slots, pool_slots))
+        """Whole slots between the states and the snapshot pool (``slots[i]`` <-> ``pool_slots[i]``)
+        as one multi-tensor copy of every layer's conv and SSM slot (one launch on a device
+        that fuses ``_foreach_copy_``, e.g. CUDA's): a restore or save sits on the prefill's
+        time to first token, where an index_select and an index_copy_ per layer and tensor
+        (and two index uploads) cost ~4 launches a layer."""
+        dst, src = [], []
         for layer, pools in zip(self.layers, self.snapshots):
             for state, pool in zip((layer.conv_state, layer.ssm_state), pools):
-                if to_pool:
-                    pool.index_copy_(0, pool_idx, state.index_select(0, slot_idx))
-                else:
-                    state.index_copy_(0, slot_idx, pool.index_select(0, pool_idx))
+                for s, p in zip(slots, pool_slots):
+                    dst.append(pool[p] if to_pool else state[s])
+                    src.append(state[s] if to_pool else pool[p])
+        if dst:
+            torch._foreach_copy_(dst, src)
 
     def spare(self, slot: int, j: int) -> int:
         """Slot ``slot``'s spare for the state after token ``j`` of a verify step."""
