@@ -167,3 +167,17 @@ def test_direct_apply_is_the_generic_apply_bitwise(bundled_model):
     assert torch.equal(method.apply(layer, x[None])[0], want)
     bias = torch.randn(want.shape[-1])
     assert torch.equal(method.apply(layer, x, bias), generic(layer, x, bias))
+
+
+def test_outputs_not_a_multiple_of_16_take_the_reference_path():
+    """The CPU int4 kernel packs 16 output rows a tile: an int4 segment of 8 outputs (a Mamba
+    in_proj's dt part) and a grouped int8 one of 24 run the float32 reference instead."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (K, 8), dtype=torch.int32, generator=g)
+    seg = Int4Weight(pack_int4(q), torch.rand(K // 64, 8, generator=g) * 0.02, None, 8, 64)
+    x = torch.randn(2, K, generator=g)
+    assert repack_int4(seg) is None
+    ref = x @ seg.dequantize(torch.float32).t()
+    assert torch.allclose(CpuQuantOps().int4_mm(x, seg), ref, rtol=1e-5, atol=1e-5)
+    seg8 = quantize_int8(torch.randn(24, K, generator=g), group_size=64)
+    assert repack_int8(seg8) is None

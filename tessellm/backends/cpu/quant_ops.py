@@ -67,7 +67,7 @@ def repack_int4(w: Int4Weight):
     """``(packed, scale_and_zero, group, doubled=False)``, or None when the kernel cannot run it.
     A GPTQ act-order segment's rows are already sorted by group (``perm``): its product gathers
     ``x[:, perm]`` first (``int4_mm``)."""
-    if w.group_size not in GROUPS:
+    if w.group_size not in GROUPS or w.out_features % 16:  # the kernel packs 16 rows a tile
         return None
     codes = unpack_int4(w.qweight).to(torch.int32).t()  # [N, K]
     scales = w.scales.float()
@@ -81,7 +81,7 @@ def repack_int8(w: Int8Weight):
     """Grouped int8 as two int4 halves stacked along K (``doubled``: x is fed twice)."""
     g = w.group_size
     n, k = w.qweight.shape
-    if g not in GROUPS or k % g or w.scales.shape[0] == 1:
+    if g not in GROUPS or k % g or w.scales.shape[0] == 1 or n % 16:
         return None
     q = w.qweight.to(torch.int32)
     hi, lo = (q >> 4) + 8, q & 0xF  # q = 16 (hi - 8) + lo, both in 0..15
