@@ -19,7 +19,10 @@ down_proj``, ``mlp.shared_experts.*``. V3's multi-token-prediction layers (``lay
 fp8 checkpoints (DeepSeek-V3/R1's block-wise ``weight_scale_inv``): the MLPs, shared experts and
 routed experts keep fp8 (``layers/moe_fp8.py``); MLA's projections are dequantized to the model
 dtype as they load (``quantization.fp8_block.dequantized_stream``): the MLA layers have no
-quantized path (their ``kv_b_proj`` is absorbed into the attention).
+quantized path (their ``kv_b_proj`` is absorbed into the attention). AWQ / GPTQ int4
+checkpoints likewise: the routed experts keep int4 (``layers/moe_int4.py``), the MLPs and shared
+experts take the int4 linears, MLA's projections are dequantized as they load
+(``quantization.int4.dequantized_int4_stream``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from tessellm.models.llama import _strip_prefix
 from tessellm.models.moe import _MoeForCausalLM
 from tessellm.models.moe_routing import V2_METHODS, check_grouping, route_v2, route_v3
 from tessellm.quantization.fp8_block import dequantized_stream
+from tessellm.quantization.int4 import dequantized_int4_stream
 
 _ATTN_WEIGHT = re.compile(r"^layers\.\d+\.self_attn\.\w+\.weight$")
 # MLA's projections: whole tensors, cut by each layer's own tensor-parallel split.
@@ -153,8 +157,12 @@ class DeepseekV2ForCausalLM(_MoeForCausalLM):
         the rest as for the MoE families (experts stacked, shared experts' gate/up fused)."""
         modules = dict(self.named_modules())
         loaded: set[str] = set()
-        if self.expert_quant is not None:  # an fp8 checkpoint: MLA's projections made dense
-            weights = dequantized_stream(weights, self.expert_quant.block, _is_mla_weight)
+        quant = self.expert_quant
+        if quant is not None and quant.kind in ("awq", "gptq"):  # MLA's projections made dense
+            weights = dequantized_int4_stream(weights, quant.kind, quant.group_size,
+                                              quant.zero_offset, _is_mla_weight)
+        elif quant is not None:  # an fp8 checkpoint: MLA's projections made dense
+            weights = dequantized_stream(weights, quant.block, _is_mla_weight)
 
         def others():
             for name, tensor in weights:

@@ -158,3 +158,44 @@ class Int4Method(QuantLinearMethod):
 
 def _without_perm(seg: Int4Weight) -> Int4Weight:
     return Int4Weight(seg.qweight, seg.scales, seg.offsets, seg.zero_point, seg.group_size)
+
+
+def dequantized_int4_stream(weights, fmt: str, group_size: int, zero_offset: int, wanted):
+    """Checkpoint tensors with each AWQ / GPTQ projection ``<p>`` for which ``wanted(<p>.weight)``
+    holds turned into one dense float32 ``<p>.weight [N, K]`` (``(q - zero) * scale`` of its
+    ``qweight``, ``qzeros``, ``scales``, by ``g_idx`` where given: act-order too): for layers
+    that keep dense weights (DeepSeek's MLA projections). Each projection is yielded once its
+    tensors are in (a GPTQ one also waits for its ``g_idx``, else comes at the end); everything
+    else passes through."""
+    from tessellm.quantization.sharding import materialize
+
+    waiting: dict[str, dict] = {}
+    for name, tensor in weights:
+        prefix, _, attr = name.rpartition(".")
+        if attr not in ("qweight", "qzeros", "scales", "g_idx") or not wanted(f"{prefix}.weight"):
+            yield name, tensor
+            continue
+        parts = waiting.setdefault(prefix, {})
+        parts[attr] = materialize(tensor)
+        if len(parts) == (4 if fmt == "gptq" else 3):
+            del waiting[prefix]
+            yield f"{prefix}.weight", _dequantize_parts(parts, fmt, group_size, zero_offset)
+    for prefix, parts in waiting.items():
+        missing = [a for a in ("qweight", "qzeros", "scales") if a not in parts]
+        if missing:
+            raise ValueError(f"The checkpoint has no {prefix}.{missing[0]} for its int4 "
+                             f"{prefix}; is it complete?")
+        yield f"{prefix}.weight", _dequantize_parts(parts, fmt, group_size, zero_offset)
+
+
+def _dequantize_parts(parts: dict, fmt: str, group_size: int, zero_offset: int) -> torch.Tensor:
+    if fmt == "awq":
+        q, z = unpack_awq(parts["qweight"]), unpack_awq(parts["qzeros"]).to(torch.int32)
+    else:
+        q = unpack_int4(parts["qweight"])
+        z = unpack_gptq_zeros(parts["qzeros"]).to(torch.int32) + zero_offset
+    k = q.shape[0]
+    group = k if group_size in (-1, 0) or group_size > k else group_size
+    rows = parts["g_idx"].long() if "g_idx" in parts else torch.arange(k) // group
+    w = (q.float() - z[rows].float()) * parts["scales"].float()[rows]
+    return w.t().contiguous()

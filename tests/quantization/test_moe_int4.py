@@ -21,14 +21,16 @@ from tessellm.backends.reference.moe import dequantize_int4, fused_moe_reference
 from tessellm.quantization.int4 import unpack_awq
 from tessellm.quantization.packed import pack_int4, quantize_int4
 from tests.quantization.block_fp8_checkpoint import build, generate
-from tests.quantization.test_hybrid_int4 import GROUP, write_int4
+from tests.quantization.test_hybrid_int4 import _configs as hybrid_configs
+from tests.quantization.test_hybrid_int4 import write_int4
 
 PROMPTS = [[5, 17, 42, 99, 3, 120], list(range(40, 60))]
 MAX_NEW = 6
 
 
 def _configs():
-    from transformers import MixtralConfig, Qwen3MoeConfig
+    from transformers import (DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
+                              Qwen3MoeConfig)
 
     common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
@@ -37,6 +39,22 @@ def _configs():
         "mixtral": MixtralConfig(**common, intermediate_size=64, num_local_experts=4),
         "qwen3-moe": Qwen3MoeConfig(**common, head_dim=16, intermediate_size=96,
                                     moe_intermediate_size=64, num_experts=8, norm_topk_prob=True),
+        # a shared expert (int4) behind its float sigmoid gate
+        "qwen2-moe": Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=64,
+                                    num_experts=4, shared_expert_intermediate_size=64),
+        "olmoe": OlmoeConfig(**common, intermediate_size=64, num_experts=4),
+        # layer 0 dense, layer 1 MoE with a shared expert; MLA's int4 projections dequantized
+        "deepseek-v3": DeepseekV3Config(**dict(common, num_key_value_heads=4),
+                                        intermediate_size=96, moe_intermediate_size=64,
+                                        n_routed_experts=8, n_shared_experts=1,
+                                        first_k_dense_replace=1, kv_lora_rank=32,
+                                        q_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                        v_head_dim=16, n_group=4, topk_group=2,
+                                        routed_scaling_factor=2.5),
+        # the hybrid's tiny model with its MoE layers (test_hybrid_int4 keeps dense MLPs)
+        "qwen3-next": hybrid_configs()["qwen3-next"],
+        # Granite's experts are stacked 3-D parameters, which int4 tools leave float
+        "granite-4.0-h": hybrid_configs()["granite-4.0-h"],
     }
 
 
@@ -49,10 +67,15 @@ def checkpoints(tmp_path_factory):
     def make(arch: str) -> dict:
         if arch not in made:
             torch.manual_seed(3)
-            model = AutoModelForCausalLM.from_config(_configs()[arch], dtype=torch.float32)
+            config = _configs()[arch]
+            if arch == "qwen3-next":
+                config.mlp_only_layers = []
+            if arch == "granite-4.0-h":
+                config.num_local_experts, config.num_experts_per_tok = 4, 2
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             dense = str(root / f"{arch}-dense")
             model.save_pretrained(dense)
-            made[arch] = write_int4(dense, root / arch)
+            made[arch] = write_int4(dense, root / arch, extra_packed=("in_proj_ba",))
         return made[arch]
 
     return make
@@ -65,6 +88,9 @@ def _experts(model):
 
 
 @pytest.mark.parametrize("arch, fmt", [("mixtral", "awq"), ("qwen3-moe", "gptq"),
+                                       ("qwen2-moe", "awq"), ("olmoe", "gptq"),
+                                       ("deepseek-v3", "awq"), ("qwen3-next", "gptq"),
+                                       ("granite-4.0-h", "awq"),
                                        pytest.param("mixtral", "gptq", marks=pytest.mark.slow),
                                        pytest.param("qwen3-moe", "awq", marks=pytest.mark.slow)])
 def test_int4_moe_serves_the_dequantized_model(checkpoints, arch, fmt):
@@ -211,3 +237,13 @@ def test_modules_to_not_convert_keeps_a_layers_experts_float(checkpoints, tmp_pa
     with pytest.raises(ValueError, match="leaves some expert projections of one layer "
                                          "unquantized"):
         build(path)
+
+
+def test_dummy_weights_quantize_the_experts(checkpoints):
+    """load_format="dummy" on an AWQ checkpoint: random experts quantized round-to-nearest in
+    the int4 layout (their dequantized values within the uniform range, up to rounding), no tensor awaited."""
+    from tessellm.backends.reference.moe import dequantize_int4
+
+    moe = _experts(build(checkpoints("qwen3-moe")["awq"], load_format="dummy"))[0]
+    w = dequantize_int4(moe.w2, moe.w2_scale, moe.w2_zeros, torch.float32)
+    assert w.shape == (8, 64, 64) and 0.01 < w.abs().max() < 0.025 and not moe.awaiting_scale
