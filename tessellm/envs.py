@@ -216,9 +216,11 @@ def gemv_prewait() -> tuple[int, bool, bool]:
     predecessor still runs (``kernels/pdl.py``; weights are never written by a step): "N" (1-2)
     its first N weight tiles into registers, "s" its per-channel scales and bias, "l2" its whole
     weight slice asked of the L2 (``cp.async.bulk.prefetch.L2``, one request a row; sm90+,
-    under PDL only), joined by "+" (e.g. "2+s"); unset or "0": nothing (the default, until a
-    GPU run shows a gain: ``benchmarks/b1pre_device.sh``). Returns (tiles, l2, scales)."""
-    value = os.environ.get("TESSELLM_GEMV_PREWAIT", "").strip().lower()
+    under PDL only), joined by "+" (e.g. "2+s"); "0": nothing. Unset: "1", the fastest setting
+    measured (H100, 2026-12-06, ``benchmarks/b1pre_device.sh``: engine B1 fp8 3.101 -> 2.958
+    ms/token with "1+s", bf16 5.299 -> 5.243 with "1"; "2" and "l2" slower than "1" in the kernel
+    chain). Returns (tiles, l2, scales)."""
+    value = os.environ.get("TESSELLM_GEMV_PREWAIT", "1").strip().lower()
     tiles, l2, scales = 0, False, False
     for part in (p.strip() for p in value.split("+")) if value else ():
         if part == "l2" and not l2:

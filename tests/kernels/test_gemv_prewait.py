@@ -115,6 +115,8 @@ def test_prewait_env(monkeypatch):
         monkeypatch.setenv("TESSELLM_GEMV_PREWAIT", bad)
         with pytest.raises(ValueError, match="TESSELLM_GEMV_PREWAIT"):
             envs.gemv_prewait()
+    monkeypatch.delenv("TESSELLM_GEMV_PREWAIT")
+    assert envs.gemv_prewait() == (1, False, False)  # the default: one tile before the wait
 
 
 def test_l2_request_only_where_it_compiles_and_helps(monkeypatch):
