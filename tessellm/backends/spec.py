@@ -71,6 +71,12 @@ keep working (the engine runs the pure-torch reference, ``backends/reference/moe
 True``; plugins of versions 1 to 14 keep working (such experts run the pure-torch reference,
 ``backends/reference/moe.py``).
 
+16 = captured verify steps on models with recurrent states (``FusedOps.recurrent_verify_graphs``,
+optional: the ops object's own ``*_verify`` ops read only the batch's device tensors, so the
+engine replays verify steps of such models from graphs); plugins of versions 1 to 15 keep
+working (with their own verify ops, such steps run eagerly; without, the engine's composition
+is captured).
+
 Ownership
 ---------
 A backend belongs to the plugin that registered it. A hook result for a backend owned by
@@ -106,7 +112,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 15
+TESSELLM_PLUGIN_API = 16
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -637,6 +643,14 @@ class FusedOps(Protocol):
     # ``test_recurrent_verify.py``. Without them the engine composes each from the ops object's
     # own one-token op (``mamba_state_update``, ``gated_delta_step``; the conv in pure torch),
     # one token position at a time.
+    #
+    # Optional (plugin API 16): ``recurrent_verify_graphs = True`` declares that the ops' own
+    # verify ops may run in a captured verify step (``MambaStateCache.verify_batch``): every
+    # sequence has the same length, ``query_start_loc_host`` is set but ``state_indices_host``
+    # and ``token_slots_host`` are empty and ``positions`` None (read the device tensors), and
+    # padding sequences share the scratch slot as their state and every token's slot (what
+    # lands there is never read back). Without the flag an ops object with its own verify ops
+    # runs verify steps eagerly; one without them has the engine's composition captured.
     #
     # Optional: ``swap_blocks(src, dst, block_mapping)``, the host KV tier's copies
     # (``--kv-offloading-size``, ``core/kv_offload.py``): ``dst[d] = src[s]`` for each ``(s, d)``

@@ -244,6 +244,37 @@ class MambaStateCache:
         self.step.batch = MambaBatch(query_start_loc, slots, n, list(range(n + 1)), [])
         return self.step.batch
 
+    def verify_batch(self, slots: torch.Tensor, token_slots: torch.Tensor,
+                     query_start_loc: torch.Tensor, length: int) -> MambaBatch:
+        """Set the step's batch inside a captured verify step (``spec_decode/verify_graphs.py``):
+        every row of ``slots [S]`` a sequence of ``length`` tokens verifying drafts, the state
+        after each token to ``token_slots [S * length]`` (padded sequences: the scratch slot for
+        all), ``query_start_loc`` its ``S + 1`` offsets on the device. Like ``decode_batch``,
+        the slots are not on the host (the verify ops read the device tensors)."""
+        n = slots.shape[0]
+        verifies = MambaBatch(query_start_loc, slots, 0, list(range(0, n * length + 1, length)),
+                              [], token_slots=token_slots)
+        self.step.batch = MambaBatch(query_start_loc[:1], slots[:0], 0, [0], [],
+                                     verifies=verifies)
+        return self.step.batch
+
+    def all_verify(self, num_seqs: int) -> bool:
+        """Whether every one of the current step's ``num_seqs`` sequences verifies drafts (the
+        steps a captured verify graph may replay)."""
+        ver = self.step.batch.verifies if self.step.batch is not None else None
+        return ver is not None and len(ver.state_indices_host) == num_seqs
+
+    def graph_verify_slots(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The current (all-verify) step's state slots ``[size]`` and token slots ``[size, q]``,
+        padded to ``size`` sequences with the scratch slot: a verify graph's inputs."""
+        ver = self.step.batch.verifies
+        n, q = len(ver.state_indices_host), ver.query_start_loc_host[1]
+        slots = np.full(size, self.scratch, dtype=np.int32)
+        slots[:n] = ver.state_indices_host
+        tokens = np.full((size, q), self.scratch, dtype=np.int32)
+        tokens[:n] = np.asarray(ver.token_slots_host, dtype=np.int32).reshape(n, q)
+        return slots, tokens
+
 
 def make_batch(counts: list[int], slots: list[int], device: torch.device, verify: int = 0,
                token_slots: Optional[list[int]] = None) -> MambaBatch:

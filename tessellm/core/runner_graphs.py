@@ -4,8 +4,9 @@ A mixin of ``ModelRunner`` (tessellm/core/model_runner.py), which owns the state
 ``graph_runner`` (the backend's, None: eager), ``buckets`` (a compiling device's shapes),
 ``kernel``, ``model``, ``lora``, ``mamba`` (recurrent-state slots), ``spec``, ``overlap`` (the decode micro-batch split, or
 None), ``verify_graph_factory`` / ``verify_graphs``, and the flags ``_graphs_ready`` /
-``_lora_graphs``. Captured steps are pure decode: one query token per row, padded to the graph
-runner's capture sizes.
+``_lora_graphs``. Captured decode steps have one query token per row, padded to the graph
+runner's capture sizes; verify steps (speculative decoding) have q per sequence
+(``spec_decode/verify_graphs.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from tessellm.backends.reference.recurrent_verify import verify_ops_capturable
 from tessellm.core.attention_batch import AttentionBatch
 from tessellm.core.input_batch import RunnerRequest
 from tessellm.core.input_builder import HostInputs
@@ -72,10 +74,10 @@ class RunnerGraphs:
             spec.proposer.capture_graphs()  # a draft model's own graphs (the target's are done)
         if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
             return
-        if self.mamba is not None:  # the verify ops' per-token slots are host-built step
-            # inputs the graphs do not take (decode steps keep their graphs)
-            logger.info("Speculative decoding: verify steps of a model with recurrent states "
-                        "run eagerly (no verify graphs); decode steps replay their graphs.")
+        if self.mamba is not None and not verify_ops_capturable(self.mamba.layers[0].ops):
+            logger.info("Speculative decoding: the backend's own recurrent verify ops do not "
+                        "declare recurrent_verify_graphs; verify steps run eagerly (decode steps "
+                        "replay their graphs).")
             return
         from tessellm.spec_decode.verify_graphs import VerifyGraphs, capture_sizes
 
@@ -84,7 +86,8 @@ class RunnerGraphs:
             self.verify_graphs = VerifyGraphs(self.model, self.kernel, self.device, self.max_model_len,
                                               self.block_size, self.verify_graph_factory,
                                               spec.config.num_speculative_tokens + 1, sizes,
-                                              self.lora.batch if self._lora_graphs else None)
+                                              self.lora.batch if self._lora_graphs else None,
+                                              self.mamba)
             self.verify_graphs.capture()
 
     @runner_grad_mode
@@ -130,3 +133,4 @@ class RunnerGraphs:
         if host.any_prompt_logprobs or (self.spec is not None and self.spec.wants_tensors):
             return None  # the graph returns logits only
         return self.graph_runner.padded_size(len(states))
+

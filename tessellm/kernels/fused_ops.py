@@ -79,7 +79,9 @@ class TritonOps:
     # Speculative decoding's verify ops (optional ``FusedOps`` members): one launch per op over
     # every verify sequence's tokens, the state after each token kept (``kernels/mamba/verify.py``,
     # ``kernels/gated_delta/verify.py``); without them the engine would run the one-token
-    # kernels once per token position, with a state copy before each.
+    # kernels once per token position, with a state copy before each. They read only device
+    # tensors: a captured verify step replays them.
+    recurrent_verify_graphs = True
 
     def mamba_conv1d_verify(self, x, weight, bias, conv_state, batch, activation="silu"):
         from tessellm.kernels.mamba import mamba_conv1d_verify

@@ -14,8 +14,8 @@ token before it and cannot be rebuilt from a block hash, so:
   the drafts are checked, the one after the accepted prefix (``core/mamba_state.py``,
   ``backends/reference/recurrent_verify.py``); n-gram, replay and MTP drafts (Qwen3-Next's
   ``mtp.*`` layer, ``models/mtp.py``), EAGLE-1 heads and attention-only draft models are
-  served, EAGLE-3 and recurrent draft models not yet; verify steps run eagerly (no verify
-  graphs);
+  served, EAGLE-3 and recurrent draft models not yet; verify steps in which every request
+  verifies as many drafts replay verify graphs (state and token slots graph inputs);
 - int8 / fp8 / AWQ / GPTQ quantization runs on the linear projections only
   (``_quantization_refused``: the conv, A_log, D, dt_bias and norms stay in the model dtype,
   as vLLM keeps them);

@@ -14,6 +14,14 @@ The attention batch has no decodes: one prefill-with-context chunk of q tokens p
 (``query_start_loc = arange(S + 1) * q``), the path the conformance suite checks ("verify").
 A step is replayed only when every request has q tokens and samples all q rows (no prompt
 logprobs, no async feed); anything else runs eagerly.
+
+A model with recurrent states (Mamba2 mixers, gated DeltaNet) takes two more inputs, from which
+the step's ``MambaBatch`` is set inside the graph (``MambaStateCache.verify_batch``)::
+
+    state slots:   [S]      each sequence's own slot      padding sequences: the scratch slot
+    token slots:   [S, q]   the slot of the state after each token (core/mamba_state.py)
+
+and such a step replays only when all its sequences verify drafts (``all_verify``).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ def capture_sizes(max_num_seqs: int, disable_by_batch_size: int) -> tuple[int, .
 class VerifyGraphs:
     def __init__(self, model, kernel, device: torch.device, max_model_len: int, block_size: int,
                  make_runner: Callable[[tuple[int, ...]], object], max_q: int, sizes: tuple[int, ...],
-                 lora_batch=None):
+                 lora_batch=None, mamba=None):
         self.model = model
         self.kernel = kernel
         self.device = device
@@ -55,6 +63,9 @@ class VerifyGraphs:
         # token row's adapter slot ([S, q] int32, -1: none) before the table and prepares it
         # inside the graph, so verify steps with adapters replay too. None: base model only.
         self.lora = lora_batch
+        # Recurrent states (``core/mamba_state.MambaStateCache``): the graphs then take each
+        # sequence's state slot ([S] int32) and token slots ([S, q] int32) before the table.
+        self.mamba = mamba
 
     def capture(self) -> None:
         for q in range(2, self.max_q + 1):
@@ -73,6 +84,7 @@ class VerifyGraphs:
                 torch.full((s, q), -1, dtype=torch.int64, device=dev),  # slots
                 torch.full((s,), q, dtype=torch.int32, device=dev),  # seq lens
                 *self._lora_input(s, q),  # LoRA slot per token row (LoRA graphs only)
+                *self._state_inputs(s, q),  # state and token slots (recurrent models only)
                 torch.zeros((s, self.width), dtype=torch.int32, device=dev))  # tables (last)
 
     def _lora_input(self, s: int, q: int) -> tuple:
@@ -80,11 +92,20 @@ class VerifyGraphs:
             return ()
         return (torch.full((s, q), -1, dtype=torch.int32, device=self.device),)
 
+    def _state_inputs(self, s: int, q: int) -> tuple:
+        if self.mamba is None:
+            return ()
+        scratch = self.mamba.scratch
+        return (torch.full((s,), scratch, dtype=torch.int32, device=self.device),
+                torch.full((s, q), scratch, dtype=torch.int32, device=self.device))
+
     def _step(self, input_ids, positions, slot_mapping, seq_lens, *rest):
         s, q = input_ids.shape
         block_tables = rest[-1]
         if self.lora is not None:
             self.lora.set(rest[0].reshape(-1))
+        if self.mamba is not None:
+            self.mamba.verify_batch(rest[-3], rest[-2].reshape(-1), self._qsl[q][:s + 1], q)
         batch = AttentionBatch(num_tokens=s * q, num_seqs=s, num_decodes=0,
                                query_start_loc=self._qsl[q][:s + 1], seq_lens=seq_lens,
                                block_tables=block_tables, slot_mapping=slot_mapping.reshape(-1),
@@ -99,6 +120,8 @@ class VerifyGraphs:
         if q not in self.runners or host.feed or host.any_prompt_logprobs:
             return None
         if any(n != q for n in counts) or host.logits_indices.shape[0] != host.num_tokens:
+            return None
+        if self.mamba is not None and not self.mamba.all_verify(len(counts)):
             return None
         padded = self.runners[q].padded_size(len(counts))
         return None if padded is None else (q, padded)
@@ -118,6 +141,9 @@ class VerifyGraphs:
             if lora_slots is not None:
                 adapters[:s] = np.asarray(lora_slots).reshape(s, q)
             inputs.insert(4, to_device(10, adapters))
+        if self.mamba is not None:  # padding sequences in the scratch slot; the table stays last
+            state_slots, token_slots = self.mamba.graph_verify_slots(padded)
+            inputs[-1:-1] = [to_device(12, state_slots), to_device(13, token_slots)]
         queued()
         return self.runners[q].run(inputs)[:s].reshape(s * q, -1)
 

@@ -83,7 +83,9 @@ class ReferenceOps:
     gated_delta_step = staticmethod(gated_delta.gated_delta_step)
 
     # ``FusedOps``' optional verify ops (``reference/recurrent_verify.py``): a verify step of
-    # speculative decoding keeps the recurrent state after each of its tokens.
+    # speculative decoding keeps the recurrent state after each of its tokens; in a captured
+    # verify step their indices are built on the device (``captured_positions``).
+    recurrent_verify_graphs = True
     mamba_conv1d_verify = staticmethod(recurrent_verify.mamba_conv1d_verify)
     mamba_state_update_verify = staticmethod(recurrent_verify.mamba_state_update_verify)
     gated_delta_verify = staticmethod(recurrent_verify.gated_delta_verify)

@@ -45,11 +45,30 @@ def verify_positions(qsl: list[int], slots: list[int], token_slots: list[int],
     return out
 
 
+def captured_positions(state_indices: torch.Tensor, token_slots: torch.Tensor,
+                       length: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``verify_positions`` of a captured verify step (``MambaStateCache.verify_batch``): every
+    sequence ``length`` tokens long, the slots on the device only, so the indices are built
+    there (device ops a graph can hold, no host list read)."""
+    base = torch.arange(state_indices.shape[0], device=state_indices.device) * length
+    slots, out = token_slots.long(), []
+    for j in range(length):
+        rows = base + j
+        src = state_indices.long() if j == 0 else slots[rows - 1]
+        out.append((rows, src, slots[rows]))
+    return out
+
+
 def positions(batch) -> list:
     """The batch's per-position indices (``MambaBatch.positions``, built here when absent)."""
     if batch.positions is None:
-        batch.positions = verify_positions(batch.query_start_loc_host, batch.state_indices_host,
-                                           batch.token_slots_host, batch.state_indices.device)
+        qsl = batch.query_start_loc_host
+        if batch.state_indices_host or len(qsl) < 2:
+            batch.positions = verify_positions(qsl, batch.state_indices_host,
+                                               batch.token_slots_host, batch.state_indices.device)
+        else:  # a captured verify step: no host slots, sequences of one length
+            batch.positions = captured_positions(batch.state_indices, batch.token_slots,
+                                                 qsl[1] - qsl[0])
     return batch.positions
 
 
@@ -92,6 +111,17 @@ def gated_delta_verify(q, k, v, g, beta, state, batch, scale: float, step=gated_
         return step(qs, ks, vs, gs, bs, state, dst, scale)
 
     return _per_token(one, (state,), batch, torch.empty_like(v), (q, k, v, g, beta))
+
+
+VERIFY_OPS = ("mamba_conv1d_verify", "mamba_state_update_verify", "gated_delta_verify")
+
+
+def verify_ops_capturable(ops) -> bool:
+    """Whether a captured verify step may run the ops' verify ops: the composition here (no op
+    of its own: its indices are built on the device, ``captured_positions``) or own ops
+    declared to read no host list (``FusedOps.recurrent_verify_graphs``, ``backends/spec.py``)."""
+    own = any(getattr(ops, name, None) is not None for name in VERIFY_OPS)
+    return not own or bool(getattr(ops, "recurrent_verify_graphs", False))
 
 
 def verify_ops(ops) -> tuple:

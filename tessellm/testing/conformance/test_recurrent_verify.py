@@ -5,7 +5,8 @@ here) against the token-by-token recurrence: verify sequences of uneven lengths 
 and 1..5 drafts) in non-consecutive slots, their per-token states in spare slots, after a
 prefill sequence or alone, and a batch padded as a captured verify step pads it (sequences of
 the same length whose state and token slots are all one scratch slot: their outputs and that
-slot are not checked). Each token's output and the state after each token (in its
+slot are not checked), also as a captured verify step gives it (no host slot lists: ops that
+declare ``recurrent_verify_graphs``, or the engine's composition). Each token's output and the state after each token (in its
 ``token_slots`` slot; the last one in the sequence's own slot) equal the recurrence's; slots the
 step does not name stay untouched."""
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from tessellm.backends.reference.gated_delta import sequential_gated_delta
 from tessellm.backends.reference.mamba import sequential_scan
-from tessellm.backends.reference.recurrent_verify import verify_ops
+from tessellm.backends.reference.recurrent_verify import verify_ops, verify_ops_capturable
 from tessellm.backends.spec import OpsSpec
 from tessellm.core.mamba_state import make_batch
 
@@ -31,7 +32,8 @@ class Layout:
     """A verify step: ``lengths[i]`` tokens (1 + drafts) of sequence i in slot ``slots[i]``,
     its tokens but the last in ``spares[i]``; ``prefill``: a 3-token prefill sequence in slot
     ``4`` before them (its rows first); ``padding``: sequences after them, as long as the first,
-    all in slot ``scratch``; ``total`` slots in all."""
+    all in slot ``scratch``; ``total`` slots in all; ``captured``: the verify batch as a captured
+    verify step has it (``MambaStateCache.verify_batch``: the host slot lists empty)."""
 
     lengths: tuple
     slots: tuple
@@ -40,6 +42,7 @@ class Layout:
     padding: int = 0
     scratch: int = 0
     total: int = 14
+    captured: bool = False
 
     @property
     def token_slots(self) -> list:
@@ -56,7 +59,10 @@ class Layout:
         verify = len(counts)
         if self.prefill:
             counts, slots = [3] + counts, [4] + slots
-        return make_batch(counts, slots, device, verify, self.token_slots)
+        batch = make_batch(counts, slots, device, verify, self.token_slots)
+        if self.captured:
+            batch.verifies.state_indices_host, batch.verifies.token_slots_host = [], []
+        return batch
 
 
 LAYOUTS = {
@@ -64,6 +70,8 @@ LAYOUTS = {
     "k5": Layout((6, 6, 2), (2, 7, 5), ((8, 9, 10, 11, 12), (13, 14, 15, 16, 17), (18,)),
                  prefill=False, total=20),
     "padded": Layout((3, 3), (6, 1), ((8, 9), (10, 11)), padding=2, scratch=0, total=12),
+    "captured": Layout((4, 4), (3, 7), ((8, 9, 10), (11, 12, 13)), prefill=False, padding=1,
+                       scratch=0, captured=True),
 }
 LAYOUT = LAYOUTS["mixed"]
 
@@ -73,10 +81,12 @@ def _verify_batch(device):
     return LAYOUT.batch(device)
 
 
-def _ops(target, flag):
+def _ops(target, flag, layout=None):
     ops = target.registry.fused_ops(target.backend, OpsSpec(torch.float32))
     if ops is None or not getattr(ops, flag, False):
         pytest.skip(f"{target.name} does not declare {flag}")
+    if layout is not None and layout.captured and not verify_ops_capturable(ops):
+        pytest.skip(f"{target.name}'s own verify ops do not declare recurrent_verify_graphs")
     return ops
 
 
@@ -94,7 +104,7 @@ def _check_states(state, init, want_after, layout: Layout):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_mamba_verify_ops_keep_each_tokens_state(target, name):
     layout = LAYOUTS[name]
-    ops = _ops(target, "supports_mamba2")
+    ops = _ops(target, "supports_mamba2", layout)
     conv_op, ssm_op, _ = verify_ops(ops)
     dev = target.device
     g = torch.Generator().manual_seed(7)
@@ -140,7 +150,7 @@ def test_mamba_verify_ops_keep_each_tokens_state(target, name):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_gated_delta_verify_keeps_each_tokens_state(target, name):
     layout = LAYOUTS[name]
-    ops = _ops(target, "supports_gated_delta")
+    ops = _ops(target, "supports_gated_delta", layout)
     delta_op = verify_ops(ops)[2]
     dev = target.device
     g = torch.Generator().manual_seed(8)

@@ -1,0 +1,82 @@
+"""Captured verify steps on models with recurrent states (``spec_decode/verify_graphs.py`` with
+``MambaStateCache.verify_batch``): the state slots and token slots are graph inputs, padding
+sequences run in the scratch slot, and the verify ops read only device tensors (here the cpu
+backend's reference ops, whose composition builds its per-position indices on the device,
+``reference/recurrent_verify.captured_positions``). A stand-in graph runner keeps static
+buffers and calls the step on replay, as a device graph runner replays it (the same padding,
+bucketing and buffer reuse; tests/spec_decode/test_verify_graphs.py does the same for dense
+models). Greedy n-gram speculation on tiny Mamba2 and Qwen3-Next models in float32 gives the
+tokens of decoding without it, with verify steps replayed, drafts accepted and rejected. On a
+CUDA GPU the same with the cuda backend's own graphs and fused verify kernels (the ``gpu``
+case, benchmarks/hverify_device.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessellm import LLM, SamplingParams
+from tests.models.variant_parity import save_tiny
+from tests.spec_decode.test_recurrent_spec import ENGINE, NGRAM, VOCAB, repetitive_prompts
+from tests.spec_decode.test_verify_graphs import StandInGraphRunner
+
+SIZES = (2, 4)  # a step of one sequence replays the graph of two: one padding sequence
+ARGS = dict(ENGINE, max_num_seqs=2)
+
+
+def _generate(path, spec=None, stand_in=False, **engine):
+    """Greedy tokens, spec stats and how many verify steps replayed a graph (``stand_in``: the
+    stand-in runner's graphs captured after load; else the backend's own, if any)."""
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    with LLM(path, speculative_config=spec, **{**ARGS, **engine}) as llm:
+        core = llm.engine.core
+        runner = core.runner
+        if stand_in:
+            runner.graph_runner = StandInGraphRunner(SIZES)
+            runner.verify_graph_factory = StandInGraphRunner
+            runner.capture_graphs()
+        replays = []
+        graphs = runner.verify_graphs
+        if spec is not None:
+            assert graphs is not None and set(graphs.runners) == {2, 3, 4}
+            run = graphs.run
+            graphs.run = lambda *a, **k: replays.append(1) or run(*a, **k)  # counted, then run
+        outs = llm.generate([{"prompt_token_ids": p} for p in repetitive_prompts()], params,
+                            use_tqdm=False)
+        stats = core.scheduler.spec_stats.copy() if spec is not None else None
+    return [list(o.outputs[0].token_ids) for o in outs], stats, len(replays)
+
+
+def _model(tmp_path, family) -> str:
+    if family == "mamba2":
+        from tests.models.test_mamba2 import mamba2_config as make
+    else:
+        from tests.models.test_qwen3_next import qwen3_next_config as make
+    return save_tiny(make(vocab_size=VOCAB), str(tmp_path / family))
+
+
+@pytest.mark.parametrize("family", ["mamba2", pytest.param("qwen3_next", marks=pytest.mark.slow)])
+def test_captured_verify_steps_give_the_plain_tokens(tmp_path, family):
+    """(qwen3_next is slow, ~15 s: the runner's path is the same; its ops' composition under
+    capture is the conformance suite's padded case)"""
+    path = _model(tmp_path, family)
+    want, _, _ = _generate(path)
+    got, stats, replays = _generate(path, NGRAM, stand_in=True)
+    assert got == want
+    assert replays > 0, "no verify step was replayed from a graph"
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["mamba2", "qwen3_next"])
+def test_cuda_verify_graphs_give_the_plain_tokens(tmp_path, monkeypatch, family):
+    """The cuda backend's CUDA graphs (decode and verify, capture sizes 1..max_num_seqs) over
+    its fused verify kernels; Qwen3-Next's graphs are opt-in (TESSELLM_RECURRENT_STATE_GRAPHS)."""
+    monkeypatch.setenv("TESSELLM_RECURRENT_STATE_GRAPHS", "1")
+    path = _model(tmp_path, family)
+    want, _, _ = _generate(path, device="cuda")
+    got, stats, replays = _generate(path, NGRAM, device="cuda")
+    assert got == want
+    assert replays > 0, "no verify step was replayed from a graph"
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
