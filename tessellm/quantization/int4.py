@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from tessellm.quantization import sharding
-from tessellm.quantization.base import QuantLinearMethod
+from tessellm.quantization.base import QuantLinearMethod, dense_segment
 from tessellm.quantization.packed import (Int4Weight, cat_segments, pack_int4, quantize_int4,
                                           unpack_int4)
 
@@ -80,9 +80,11 @@ def act_order_perm(g_idx: torch.Tensor, group: int) -> torch.Tensor | None:
 
 class Int4Method(QuantLinearMethod):
     """``config``: ``format`` ("awq" | "gptq"), ``group_size`` (-1: per channel),
-    ``zero_offset`` (1 for GPTQ v1 checkpoints that store zero - 1, else 0)."""
+    ``zero_offset`` (1 for GPTQ v1 checkpoints that store zero - 1, else 0). A layer the
+    checkpoint left unquantized (``modules_to_not_convert``, GPTQ ``dynamic`` "-:" rules) stores
+    a float ``weight``: kept as a dense segment (the model dtype), per shard."""
 
-    accepts = ("qweight", "qzeros", "scales", "g_idx")
+    accepts = ("qweight", "qzeros", "scales", "g_idx", "weight")
 
     def __init__(self, ops, config=None):
         super().__init__(ops, config)
@@ -98,6 +100,8 @@ class Int4Method(QuantLinearMethod):
         pieces[name] = tensor.to(layer.quant_device)
 
     def _missing(self, pieces):
+        if "weight" in pieces:
+            return []
         return [a for a in ("qweight", "qzeros", "scales") if a not in pieces]
 
     def _group(self, k: int) -> int:
@@ -105,6 +109,11 @@ class Int4Method(QuantLinearMethod):
         return k if g in (-1, 0) or g > k else g
 
     def _finish(self, layer, pieces, rows):
+        if "weight" in pieces:
+            if "qweight" in pieces:
+                raise ValueError(f"{layer.quant_name} has both a float weight and int4 qweight "
+                                 "in the checkpoint; is it complete and consistent?")
+            return dense_segment(pieces["weight"], layer)
         k = layer.input_size
         group = self._group(k)
         if self.format == "awq":
@@ -132,7 +141,7 @@ class Int4Method(QuantLinearMethod):
         return Int4Weight(pack_int4(q), scales.contiguous(), offsets, 0, group, perm)
 
     def _merge(self, segments):
-        perms = [s.perm for s in segments]
+        perms = [getattr(s, "perm", None) for s in segments]  # (a dense segment has none)
         if len(segments) > 1 and perms[0] is not None and all(
                 p is not None and torch.equal(p, perms[0]) for p in perms):
             merged = cat_segments([_without_perm(s) for s in segments])

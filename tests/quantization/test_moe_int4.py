@@ -247,3 +247,50 @@ def test_dummy_weights_quantize_the_experts(checkpoints):
     moe = _experts(build(checkpoints("qwen3-moe")["awq"], load_format="dummy"))[0]
     w = dequantize_int4(moe.w2, moe.w2_scale, moe.w2_zeros, torch.float32)
     assert w.shape == (8, 64, 64) and 0.01 < w.abs().max() < 0.025 and not moe.awaiting_scale
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
+def test_ranks_hold_their_part_of_the_int4_experts(checkpoints, fmt):
+    """Tensor parallelism (T=2): each rank holds its 32 rows of every expert's gate and up and
+    the 32 input columns (one group) of its down, with their scales and zeros, as the one-device
+    experts; expert parallelism: each rank holds its 4 experts whole."""
+    from tessellm.distributed.parallel_state import TensorParallel
+
+    path = checkpoints("qwen3-moe")[fmt]
+    one = _experts(build(path))[1]
+    deq = (lambda m, name, e: dequantize_int4(  # noqa: E731
+        getattr(m, name)[e], getattr(m, f"{name}_scale")[e], getattr(m, f"{name}_zeros")[e],
+        torch.float32))
+    for rank in range(2):
+        part = _experts(build(path, tp=TensorParallel(rank, 2)))[1]
+        rows = slice(rank * 32, (rank + 1) * 32)
+        for e in (0, 7):
+            w13 = deq(one, "w13", e)
+            assert torch.equal(deq(part, "w13", e), torch.cat([w13[:64][rows], w13[64:][rows]]))
+            assert torch.equal(deq(part, "w2", e), deq(one, "w2", e)[:, rows])
+        ep = _experts(build(path, tp=TensorParallel(rank, 2), expert_parallel=True))[1]
+        for local in (0, 3):
+            assert torch.equal(deq(ep, "w13", local), deq(one, "w13", 4 * rank + local))
+            assert torch.equal(deq(ep, "w2", local), deq(one, "w2", 4 * rank + local))
+
+
+def test_dense_layers_left_unquantized_serve_float(checkpoints, tmp_path):
+    """An int4 checkpoint whose modules_to_not_convert leaves layer 0's attention float (stored
+    as ``.weight``, q/k/v fused in one layer here): those layers keep dense segments, and the
+    model gives HF's tokens on the dequantized checkpoint."""
+    from tessellm.quantization.packed import DenseWeight
+    from tests.conftest import hf_greedy
+
+    dirs = checkpoints("qwen3-moe")
+    state = load_file(os.path.join(dirs["gptq"], "model.safetensors"))
+    deq = load_file(os.path.join(dirs["deq"], "model.safetensors"))
+    prefix = "model.layers.0.self_attn."
+    for name in [n for n in state if n.startswith(prefix) and "norm" not in n]:
+        del state[name]
+    state.update({n: t for n, t in deq.items() if n.startswith(prefix)})
+    path = _rewrite(dirs["gptq"], tmp_path / "float-attn",
+                    config_changes={"modules_to_not_convert": ["model.layers.0.self_attn"]})
+    save_file(state, os.path.join(path, "model.safetensors"))
+    attn = build(path).layers[0].self_attn
+    assert all(isinstance(s, DenseWeight) for s in attn.qkv_proj.segments)
+    assert generate(path, PROMPTS, MAX_NEW) == hf_greedy(dirs["deq"], PROMPTS, MAX_NEW)
