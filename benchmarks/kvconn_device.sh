@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # KV connectors (--kv-transfer-config, docs/kv_transfer.md) on one GPU, ~5 minutes (at most 8):
 #   1. conformance: swap_blocks through pageable host memory (bf16, fp8) and producer/consumer
-#      generation equal to a plain run, on the cuda backend;
+#      generation equal to a plain run (loads in the background and in the step), on cuda;
 #   2. check: tiny Llama on cuda, a producer engine saves block files, a consumer loads them:
 #      tokens equal HF's and a plain run's, 40 of 42 prompt tokens loaded;
 #   3. io: the connector's worker half alone on a Llama-8B-shaped cache on the GPU, 1 GiB:
@@ -14,7 +14,7 @@
 #      and the long prompt's TTFT, recomputed vs loaded in the admitting step vs in the background.
 # Run from the repository root: bash benchmarks/kvconn_device.sh   (OUT=... for the logs;
 # KV_DIR=... for where the files go, default /tmp)
-# Expect: conformance 3 passed; "CHECK PASS"; io lines "save ... GB/s", "load ... GB/s" (the
+# Expect: conformance 4 passed; "CHECK PASS"; io lines "save ... GB/s", "load ... GB/s" (the
 # second page-cache load as fast as the first now) and "round trip equal"; TTFT lines per role
 # and run, the producer's and consumer's with GB/s and ms vs recompute; three OVERLAP lines.
 source benchmarks/device_env.sh

@@ -121,9 +121,12 @@ def test_swap_blocks_through_pageable_host_memory(target, dtype):
     assert torch.equal(back.cpu().view(torch.uint8), _oracle(want_host, 32, loads).view(torch.uint8))
 
 
-def test_generation_through_a_kv_connector_equals_without(target, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("load_async", [True, False], ids=["background", "in-step"])
+def test_generation_through_a_kv_connector_equals_without(target, tiny_llama_dir, tmp_path, load_async):
     """Disaggregated prefill on the backend: a producer engine saves a prompt's blocks to
-    files, a consumer engine loads 36 of its 40 tokens and generates the same greedy tokens."""
+    files (copied out on the connector's own stream where the device has streams), a consumer
+    engine loads 36 of its 40 tokens (in the background on its own stream, or in the step that
+    admits it) and generates the same greedy tokens."""
     target.skip_if_emulated("allocating the KV cache")
     from tessellm import LLM
 
@@ -133,7 +136,8 @@ def test_generation_through_a_kv_connector_equals_without(target, tiny_llama_dir
     for role in (None, "kv_producer", "kv_consumer"):
         kv = None if role is None else {
             "kv_connector": "SharedStorageConnector", "kv_role": role,
-            "kv_connector_extra_config": {"shared_storage_path": str(tmp_path)}}
+            "kv_connector_extra_config": {"shared_storage_path": str(tmp_path),
+                                          "load_async": load_async}}
         with LLM(tiny_llama_dir, device=target.name, dtype="float32", block_size=4,
                  num_kv_blocks=32, max_model_len=128, kv_transfer_config=kv) as llm:
             outs[role] = greedy_tokens(llm, [prompt], 4)[0]
