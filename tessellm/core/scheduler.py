@@ -142,8 +142,13 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             lookahead = self._lookahead(req.num_computed_tokens + ahead + num_new)
             new_block_ids = self.kv.allocate(req, ahead + num_new + lookahead)
             while new_block_ids is None:
+                if self.connector is not None and self._free_waiting_blocks(req):
+                    new_block_ids = self.kv.allocate(req, ahead + num_new + lookahead)
+                    continue  # a loaded request waiting to run gave its blocks back
                 j = self._victim_index(i)  # the newest request after req that may be preempted
                 if j == i and len(self.running) == 1:
+                    if self.kv_loading:
+                        break  # background loads hold blocks: it waits for them to end
                     # Alone and still out of blocks: it outgrew the whole cache and would only
                     # preempt itself forever. It ends here, as if at its length limit.
                     self._finish_outgrown(req)
@@ -255,7 +260,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
                     release_slot(self, req)  # taken again when it runs
                     skipped.append(req)
                     continue
-                if self.running or self._release_waiting_blocks(req):
+                if self.running or self.kv_loading or self._free_waiting_blocks(req):
                     release_slot(self, req)
                     skipped.append(req)
                     break
@@ -275,7 +280,8 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             if num_new == 0:
                 skipped.append(req)
                 break
-            if block_ids is None and not self.running and not self._release_waiting_blocks(req):
+            if (block_ids is None and not self.running and not self.kv_loading
+                    and not self._free_waiting_blocks(req)):
                 self._finish_outgrown(req)  # nothing else holds blocks: it can never fit
                 continue
             if block_ids is None:

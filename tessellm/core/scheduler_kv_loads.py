@@ -88,15 +88,14 @@ class SchedulerKVLoads:
             self.connector.request_failed_load(req)
             self.connector.stats.load_failures += 1
 
-    def _release_waiting_blocks(self, req: Request) -> bool:
-        """Nothing runs and ``req`` finds no blocks: True when it should wait, because
-        background loads hold blocks (they end soon) or a loaded request waiting behind it held
-        some (released here, the newest first: its loaded blocks stay in the prefix cache, so
-        it finds what is not evicted again)."""
-        if self.kv_loading:
-            return True
+    def _free_waiting_blocks(self, req: Request) -> bool:
+        """Blocks are short for ``req``: a loaded request waiting to run (it computed nothing
+        yet) gives its blocks back, the newest first, before any running request is preempted.
+        They stay in the prefix cache, so it finds what is not evicted by then again. False
+        when no waiting request holds blocks (background loads under way keep theirs)."""
         for other in reversed(self.waiting):
-            if other is not req and other.num_computed_tokens and self.kv.block_ids(other.request_id):
+            if (other is not req and not other.kv_loading and other.num_computed_tokens
+                    and self.kv.block_ids(other.request_id)):
                 self.kv.free(other)
                 other.num_computed_tokens = 0
                 return True

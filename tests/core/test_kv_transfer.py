@@ -226,6 +226,41 @@ def test_background_load_while_other_requests_run(corrupt, tiny_model_dir, tmp_p
     assert not sched.kv_loading and sched.kv.num_free_blocks == 64  # every block given back
 
 
+def test_a_cache_too_small_for_a_running_request_and_a_loaded_one(tiny_model_dir, tmp_path):
+    """16 blocks: q runs (5 prompt blocks, growing to 10) while p's load (10 blocks) is held:
+    q waits instead of ending as if it outgrew the cache; once p is loaded and waits to run,
+    it gives its blocks back to q (nothing preempted, nothing lost), loads again once q is
+    done and both give HF's tokens."""
+    model = tiny_model_dir("llama")
+    p, q = _prompts(2)[0], _prompts(1, length=20, seed=5)[0]
+    want = hf_greedy(model, [p, q], 20)
+    _run(model, [p], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    register_kv_connector("GatedStorage", f"{__name__}:GatedStorage")
+    GatedStorage.gate.clear()
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    kv = {**_kv(tmp_path, "kv_consumer"), "kv_connector": "GatedStorage"}
+    outs, stalled = {}, 0
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=16,
+             max_model_len=128, kv_transfer_config=kv) as llm:
+        engine, sched = llm.engine, llm.engine.core.scheduler
+        engine.add_request("q", {"prompt_token_ids": q}, params)
+        engine.step()
+        engine.add_request("p", {"prompt_token_ids": p}, params)
+        for _ in range(400):
+            if not engine.has_unfinished_requests():
+                break
+            before = sched.num_scheduled_tokens_total
+            outs.update((o.request_id, o) for o in engine.step() if o.finished)
+            if sched.kv_loading and sched.num_scheduled_tokens_total == before:
+                stalled += 1  # q found no block while p's load holds 11
+                GatedStorage.gate.set()
+        stats = sched.stats()
+    GatedStorage.gate.set()
+    assert stalled and stats.num_preemptions_total == 0
+    assert {rid: list(o.outputs[0].token_ids) for rid, o in outs.items()} == {"p": want[0], "q": want[1]}
+    assert stats.kv_connector["blocks_loaded"] >= 10 and stats.kv_connector["load_failures"] == 0
+
+
 def _connector(path, namespace: str, role=KVConnectorRole.SCHEDULER, **extra) -> SharedStorageConnector:
     config = parse_kv_transfer_config(_kv(path, "kv_both"))
     config.kv_connector_extra_config.update(extra)
