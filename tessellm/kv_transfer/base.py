@@ -29,7 +29,8 @@ Invariants
 ----------
 * External tokens are whole blocks that continue the request's device and host-tier hit, and
   never cover its last prompt token (its logits are needed). They count as computed from
-  admission on: the blocks are filled before the forward pass of the step that admits it.
+  admission on: the blocks are filled before the forward pass of the step that admits it (a
+  load in the step), or before the request is first scheduled (a background load, below).
 * A load that fails on any rank (missing, corrupt, a mismatched layout) is reported for the
   request; the scheduler then recomputes the request from scratch, without the connector.
   The step's result for it is dropped. A connector never raises into the engine for a cache miss.
@@ -40,6 +41,10 @@ Invariants
   every step (``meta["check"]``; with nothing else to run, in a poll that waits a moment) and
   admits it, its loaded tokens computed, once every rank reports the copies done. A failure
   frees its blocks and recomputes it from its tokens; other requests never wait for it.
+  Once loaded and waiting to run, it gives its blocks back (they stay in the prefix cache)
+  before a running request is preempted for blocks.
+* A block the worker half still copies out of (``pending_block_reads``) is written by a later
+  step only after ``before_writing`` made the device wait for that copy.
 """
 
 from __future__ import annotations
