@@ -118,6 +118,12 @@ def _flags(piece: str, result) -> list[str]:
                         if getattr(result, attr, False)]
             at = flags.index("fused MoE") + 1
             flags[at:at] = variants
+        # speculative decoding's verify ops on recurrent layers, and whether graphs may hold them
+        if any(callable(getattr(result, name, None)) for name in
+               ("mamba_conv1d_verify", "mamba_state_update_verify", "gated_delta_verify")):
+            flags.append("recurrent verify")
+            if getattr(result, "recurrent_verify_graphs", False):
+                flags.append("verify graphs")
         return flags
     return []
 

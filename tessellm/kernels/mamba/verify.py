@@ -34,7 +34,7 @@ import triton.language as tl
 def _conv_verify_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, qsl_ptr, idx_ptr, tslot_ptr, out_ptr,
                         C, sx_t, sw_c, ss_slot, ss_c, so_t, K: tl.constexpr,
                         HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+                        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     s = tl.program_id(0)
     start = tl.load(qsl_ptr + s).to(tl.int64)
     length = tl.load(qsl_ptr + s + 1).to(tl.int64) - start
@@ -45,6 +45,9 @@ def _conv_verify_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, qsl_ptr, idx_ptr, tsl
     # the start window [BLOCK_C, K - 1], read whole before any state of this sequence is written
     window = tl.load(state_ptr + slot * ss_slot + cs[:, None] * ss_c + ks[None, :],
                      mask=cm[:, None] & (ks < K - 1)[None, :], other=0.0).to(tl.float32)
+    ws = tl.arange(0, BLOCK_W)
+    weights = tl.load(w_ptr + cs[:, None] * sw_c + ws[None, :],  # [BLOCK_C, K], read once
+                      mask=cm[:, None] & (ws < K)[None, :], other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cs, mask=cm, other=0.0).to(tl.float32)
     for j in range(0, length):
@@ -56,7 +59,7 @@ def _conv_verify_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, qsl_ptr, idx_ptr, tsl
             from_x = tl.load(x_ptr + rows * sx_t + cs, mask=cm & (rows >= start), other=0.0)
             from_window = tl.sum(tl.where(ks[None, :] == j + k, window, 0.0), axis=1)
             val = from_x.to(tl.float32) + from_window  # one of the two is 0: exact
-            acc += val * tl.load(w_ptr + cs * sw_c + k, mask=cm, other=0.0).to(tl.float32)
+            acc += val * tl.sum(tl.where(ws[None, :] == k, weights, 0.0), axis=1)
             if k > 0:  # the state after token j: its last K - 1 inputs (taps 1 .. K - 1)
                 tl.store(state_ptr + out_slot * ss_slot + cs * ss_c + (k - 1),
                          val.to(state_ptr.dtype.element_ty), mask=cm)
@@ -123,13 +126,14 @@ def mamba_conv1d_verify(x, weight, bias, conv_state, batch, activation="silu") -
         x = x.contiguous()
     if conv_state.stride(-1) != 1:
         raise ValueError("mamba_conv1d_verify needs a conv_state whose last dim is contiguous.")
-    block_c = min(triton.next_power_of_2(C), 128)
+    block_c = min(triton.next_power_of_2(C), 64)
     _conv_verify_kernel[(seqs, triton.cdiv(C, block_c))](
         x, weight, bias if bias is not None else weight, conv_state, batch.query_start_loc,
         batch.state_indices, batch.token_slots, out, C, x.stride(0), weight.stride(0),
         conv_state.stride(0), conv_state.stride(1), out.stride(0), K=K,
         HAS_BIAS=bias is not None, SILU=activation == "silu",
-        BLOCK_K=triton.next_power_of_2(max(K - 1, 1)), BLOCK_C=block_c)
+        BLOCK_K=triton.next_power_of_2(max(K - 1, 1)), BLOCK_W=triton.next_power_of_2(K),
+        BLOCK_C=block_c)
     return out
 
 
