@@ -133,4 +133,3 @@ class RunnerGraphs:
         if host.any_prompt_logprobs or (self.spec is not None and self.spec.wants_tensors):
             return None  # the graph returns logits only
         return self.graph_runner.padded_size(len(states))
-
