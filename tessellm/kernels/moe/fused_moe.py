@@ -313,8 +313,10 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         return fused_moe_decode(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale)
     if expert_map is not None:
         topk_ids = torch.where(held, local, num_experts).to(torch.int32)
+    # int4: the weight tile is loaded as one int32 word per element (4 bytes, as a float32
+    # operand's): the large 16-bit prefill tile's stages would not fit in shared memory
     tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device,
-                                                                   hidden.element_size())
+                                                         4 if int4 else hidden.element_size())
     fuse = tiles.pop("SILU_MUL", tiles["BLOCK_M"] <= 32)
     if block_shape is not None:  # a K step must lie inside one block column
         tiles["BLOCK_K"] = min(tiles["BLOCK_K"], block_shape[1])
