@@ -186,6 +186,15 @@ def recurrent_state_device_graphs(gated_delta: bool = False) -> bool:
     return (not gated_delta) if value is None else value
 
 
+def recurrent_verify_graphs() -> bool:
+    """TESSELLM_RECURRENT_VERIFY_GRAPHS: "1" captures the verify steps of speculative decoding
+    on the recurrent-state models in graphs (``spec_decode/verify_graphs.py`` with
+    ``MambaStateCache.verify_batch``; their decode graphs follow TESSELLM_RECURRENT_STATE_GRAPHS).
+    Off by default until they have run on a GPU (``benchmarks/hverify_device.sh``): verify
+    steps then run eagerly, through the fused verify kernels on cuda and rocm."""
+    return _switch("TESSELLM_RECURRENT_VERIFY_GRAPHS") is True
+
+
 def decode_overlap_min_rows() -> Optional[int]:
     """TESSELLM_DECODE_OVERLAP: "1" splits large pure-decode steps into two micro-batches whose
     attention (on a second stream) overlaps the other's GEMMs (``core/decode_overlap.py``).

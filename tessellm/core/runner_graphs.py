@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from tessellm import envs
 from tessellm.backends.reference.recurrent_verify import verify_ops_capturable
 from tessellm.core.attention_batch import AttentionBatch
 from tessellm.core.input_batch import RunnerRequest
@@ -73,6 +74,10 @@ class RunnerGraphs:
         if spec is not None:
             spec.proposer.capture_graphs()  # a draft model's own graphs (the target's are done)
         if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
+            return
+        if self.mamba is not None and not envs.recurrent_verify_graphs():
+            logger.info("Speculative decoding on a recurrent-state model: verify steps run "
+                        "eagerly (TESSELLM_RECURRENT_VERIFY_GRAPHS=1 captures them).")
             return
         if self.mamba is not None and not verify_ops_capturable(self.mamba.layers[0].ops):
             logger.info("Speculative decoding: the backend's own recurrent verify ops do not "
