@@ -7,7 +7,10 @@
 #       a message when it is not importable), interleaved rounds (benchmarks/cpu_b1.py); then
 #       the eager gguf decode step with its C/Python fast paths on and off (benchmarks/cpu_b1_ab.py)
 #   S   the sampler's per-step cost at batch 1 and 256 (benchmarks/sampler_cost.py)
-# Writes $OUT/{meta.txt,c_*.json,b1.json,sampler.json,summary.txt}.
+#   INT4  AWQ / GPTQ (SmolLM2 quantized by the test-side packer, groups of 64) against fp32 and
+#       the GGUF Q4_1 path, batch-1 decode and 128-token prefill, 2 threads (benchmarks/cpu_int4.py;
+#       not in the default PARTS)
+# Writes $OUT/{meta.txt,c_*.json,b1.json,sampler.json,int4.json,summary.txt}.
 #
 #   OUT=benchmarks/results/cpu-$(date -u +%F) bash benchmarks/cpu_speed.sh
 #   PARTS="B1 S" B1_ROUNDS=3 C_ROUNDS=1 bash benchmarks/cpu_speed.sh
@@ -55,6 +58,12 @@ if [[ " $PARTS " == *" B1 "* ]]; then
   $PY benchmarks/cpu_b1_ab.py --threads 2 --rounds "$B1_ROUNDS" > "$OUT/b1_ab.log" 2>&1
   tail -3 "$OUT/b1_ab.log"
 fi
+if [[ " $PARTS " == *" INT4 "* ]]; then
+  echo "== INT4 AWQ / GPTQ vs fp32 and gguf (load $(cut -d' ' -f1 /proc/loadavg))"
+  $PY benchmarks/cpu_int4.py --rounds "$B1_ROUNDS" --output-len "$B1_OUT_LEN" \
+      --output-json "$OUT/int4.json" > "$OUT/int4.log" 2>&1
+  grep "^round" "$OUT/int4.log"
+fi
 if [[ " $PARTS " == *" S "* ]]; then
   echo "== sampler (load $(cut -d' ' -f1 /proc/loadavg))"
   $PY benchmarks/sampler_cost.py --device "${SAMPLER_DEVICE:-cpu}" --vocab "${SAMPLER_VOCAB:-49152}" \
@@ -80,6 +89,11 @@ if b1:
                                                      if "decode_vs_llama_cpp" in e else ""))
     for k, v in b1["greedy_agreement"].items():
         print(f"B1 {k}: {v}")
+i4 = load(f"{out}/int4.json")
+if i4:
+    for name, e in i4["engines"].items():
+        print(f"INT4 {name}: decode {e['decode_ms_per_token_median']:.2f} ms/token, prefill "
+              f"{e['prefill_ms_median']:.0f} ms")
 s = load(f"{out}/sampler.json")
 if s:
     for k, v in s["us_per_step"].items():
