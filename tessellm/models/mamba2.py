@@ -68,6 +68,10 @@ class Mamba2ForCausalLM(nn.Module):
         self.pp = ctx.pp  # a stage builds its layers [start_layer, end_layer) (the others:
         self.start_layer, self.end_layer = ctx.pp.layer_range(config.num_hidden_layers)  # Missing)
         self.tie_word_embeddings = self.ties_embeddings(config)
+        # EAGLE-3 (tessellm.spec_decode) sets layer indices whose inputs each forward keeps in
+        # ``aux_hidden_states`` (once, at start-up); empty: none kept.
+        self.aux_hidden_layers: tuple[int, ...] = ()
+        self.aux_hidden_states: list[torch.Tensor] = []
         if ctx.pp.is_first:
             self.embeddings = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx.tp)
         self.layers = nn.ModuleList(
@@ -125,8 +129,13 @@ class Mamba2ForCausalLM(nn.Module):
             residual = None
         else:
             hidden, residual = intermediate
-        for layer in self.layers[self.start_layer:self.end_layer]:
-            hidden, residual = layer(positions, hidden, residual, metadata)
+        aux = self.aux_hidden_layers
+        if aux:  # EAGLE-3: the residual stream entering these layers, whatever their mixer
+            self.aux_hidden_states = []
+        for i in range(self.start_layer, self.end_layer):
+            if aux and i in aux:  # each mixer sums its own output: the stream is whole here
+                self.aux_hidden_states.append(hidden if residual is None else hidden + residual)
+            hidden, residual = self.layers[i](positions, hidden, residual, metadata)
         if not self.pp.is_last:
             return hidden, residual
         hidden, _ = self.norm_f(hidden, residual)

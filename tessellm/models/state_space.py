@@ -13,8 +13,9 @@ token before it and cannot be rebuilt from a block hash, so:
 - speculative decoding keeps the state after each verified token in a spare slot and, once
   the drafts are checked, the one after the accepted prefix (``core/mamba_state.py``,
   ``backends/reference/recurrent_verify.py``); n-gram, replay and MTP drafts (Qwen3-Next's
-  ``mtp.*`` layer, ``models/mtp.py``), EAGLE-1 heads and attention-only draft models are
-  served, EAGLE-3 and recurrent draft models not yet; verify steps in which every request
+  ``mtp.*`` layer, ``models/mtp.py``), EAGLE-1 and EAGLE-3 heads (EAGLE-3 reads the residual
+  stream entering the chosen layers, Mamba / DeltaNet or attention alike) and attention-only
+  draft models are served, recurrent draft models not yet; verify steps in which every request
   verifies as many drafts replay verify graphs (state and token slots graph inputs);
 - int8 / fp8 / AWQ / GPTQ quantization runs on the linear projections only
   (``_quantization_refused``: the conv, A_log, D, dt_bias and norms stay in the model dtype,
@@ -62,8 +63,7 @@ def check_engine_args(args, config) -> None:
     refused = [
         (method is not None and method not in SPEC_METHODS,
          f"speculative decoding with method {method!r}",
-         f"use method {', '.join(SPEC_METHODS)} (EAGLE-3 reads hidden states of inner layers, "
-         "which these models do not keep yet)"),
+         f"use method {', '.join(SPEC_METHODS)}"),
         (getattr(args, "enable_lora", False) and family_of([arch])[1] is None, "LoRA",
          "drop enable_lora (Bamba, Granite 4.0-H, Nemotron-H and Qwen3-Next take adapters)"),
         (getattr(args, "kv_offloading_size", None) is not None, "KV offloading",
@@ -81,7 +81,7 @@ def check_engine_args(args, config) -> None:
 
 
 # speculative decoding methods served over a recurrent target (the others are refused)
-SPEC_METHODS = ("ngram", "mtp", "draft_model", "eagle", "replay")
+SPEC_METHODS = ("ngram", "mtp", "draft_model", "eagle", "eagle3", "replay")
 
 
 def _spec_method(value):

@@ -96,10 +96,6 @@ def test_mamba2_refuses_what_a_recurrent_state_cannot_do(mamba2_dir):
         LLM(mamba2_dir, dtype="float32", device="tpu", emulate=True)
     with pytest.raises(ValueError, match="does not support quantization gguf yet"):
         LLM(mamba2_dir, dtype="float32", quantization="gguf")
-    with pytest.raises(ValueError, match="does not support speculative decoding with method "
-                                         "'eagle3' yet"):
-        LLM(mamba2_dir, dtype="float32", speculative_config={
-            "method": "eagle3", "model": mamba2_dir, "num_speculative_tokens": 2})
 
 
 def test_mamba2_refused_on_ops_without_the_flag(mamba2_dir):

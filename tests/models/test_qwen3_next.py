@@ -75,10 +75,6 @@ def test_qwen3_next_async_scheduling_with_preemption(qwen3_next_dir):
 def test_qwen3_next_refuses_what_a_recurrent_state_cannot_do(qwen3_next_dir):
     with pytest.raises(ValueError, match="does not support KV offloading yet"):
         LLM(qwen3_next_dir, dtype="float32", kv_offloading_size=0.01)
-    with pytest.raises(ValueError, match="does not support speculative decoding with method "
-                                         "'eagle3' yet"):
-        LLM(qwen3_next_dir, dtype="float32", speculative_config={
-            "method": "eagle3", "model": qwen3_next_dir, "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="does not support quantization gguf yet"):
         LLM(qwen3_next_dir, dtype="float32", quantization="gguf")
     with pytest.raises(ValueError, match="do not run on backend 'tpu' yet"):

@@ -14,6 +14,7 @@ is mocked."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tessellm import LLM, SamplingParams
 from tests.models.variant_parity import prompts, save_tiny
@@ -164,13 +165,70 @@ def test_eagle_over_mamba2_equals_plain_greedy(mamba2_dir, tmp_path):
                                            "num_speculative_tokens": 2})
 
 
-def test_unserved_methods_are_refused(mamba2_dir, tmp_path):
-    with pytest.raises(ValueError, match="does not support speculative decoding with method "
-                                         "'eagle3' yet; use method ngram, mtp, draft_model, "
-                                         "eagle"):
-        LLM(mamba2_dir, dtype="float32",
-            speculative_config={"method": "eagle3", "model": str(tmp_path),
-                                "num_speculative_tokens": 2})
+def _save_eagle3_head(path: str, aux_layers: list[int], seed: int = 5) -> str:
+    """A random EAGLE-3 head (public layout, as tests/spec_decode/test_draft_proposers.py builds
+    them) over a target of ``VOCAB`` tokens and TINY's width, reading ``aux_layers``' inputs."""
+    import json
+    import os
+
+    from tests.models.variant_parity import TINY
+    from tests.spec_decode.test_draft_proposers import _save_head
+
+    _save_head(path, "eagle3", {**TINY, "vocab_size": VOCAB}, seed, draft_vocab=VOCAB)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["eagle_aux_hidden_state_layer_ids"] = aux_layers
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+@pytest.mark.parametrize("name", ["mamba2", "qwen3_next",
+                                  pytest.param("granite4h", marks=pytest.mark.slow)])
+def test_eagle3_over_hybrids_keeps_hf_greedy_tokens(name, tmp_path):
+    """A random EAGLE-3 head over a 4-layer Mamba2 target (it reads the residual stream entering
+    Mamba layers 0, 2 and 3), over Qwen3-Next (entering DeltaNet layer 0, the gated attention
+    layer 1 and DeltaNet layer 3) and (slow: the Qwen3-Next case runs the same llama-family
+    layer loop) Granite 4.0-H (Mamba layer 0, attention layer 1, Mamba layer 2): its drafts are
+    verified and the states rolled back, and the greedy tokens are HF transformers'."""
+    from tests.models.test_mamba2 import mamba2_config
+    from tests.models.test_qwen3_next import qwen3_next_config
+    from tests.models.variant_parity import hf_reference
+
+    if name == "mamba2":
+        config, aux = mamba2_config(vocab_size=VOCAB, num_hidden_layers=4), [0, 2, 3]
+    elif name == "granite4h":
+        from tests.models.test_granite_moe_hybrid import granite_hybrid_config
+
+        config, aux = granite_hybrid_config(vocab_size=VOCAB), [0, 1, 2]
+    else:
+        config, aux = qwen3_next_config(vocab_size=VOCAB), [0, 1, 3]
+    path = save_tiny(config, str(tmp_path / name))
+    spec = {"method": "eagle3", "model": _save_eagle3_head(str(tmp_path / "eagle3"), aux),
+            "num_speculative_tokens": 2}
+    want, _ = hf_reference(path, repetitive_prompts(), 20)
+    got, stats = generate(path, spec)
+    assert got == want
+    assert stats.num_drafts > 0 and stats.num_draft_tokens >= stats.num_drafts
+    assert stats.num_accepted_tokens < stats.num_draft_tokens, "some drafts should be rejected"
+    # What the head reads: the residual stream entering each chosen layer, HF's hidden states
+    # (``hidden_states[i]`` enters layer i), here of a whole prompt's prefill (one chunk: no
+    # prefix caching, whose snapshots cut it at a block boundary).
+    prompt = repetitive_prompts()[0]
+    with LLM(path, speculative_config=spec, enable_prefix_caching=False, **ENGINE) as llm:
+        llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1), use_tqdm=False)
+        ours = llm.engine.core.executor.worker.runner.model.aux_hidden_states
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+    assert len(ours) == 3
+    for i, got_layer in zip(aux, ours):
+        torch.testing.assert_close(got_layer, theirs[i][0], rtol=1e-4, atol=1e-4)
+
+
+def test_recurrent_draft_models_are_refused(mamba2_dir):
     with pytest.raises(ValueError, match="keeps a per-request recurrent state .*Mamba2ForCausalLM"
                                          ".* use an attention-only draft model"):
         LLM(mamba2_dir, dtype="float32", device="cpu",
