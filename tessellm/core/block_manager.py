@@ -193,6 +193,10 @@ class BlockManager:
             block = blocks[i]
             if block.block_hash is not None:
                 continue
+            if self.states is not None and block.state_slot in self.states.if_accepted:
+                # a save a step still in flight listed, computed before it (that step starts
+                # after it): never written, and no step kept it (settle_state_saves ran first)
+                self.states.cancel(block)
             block_hash = request.block_hashes[i]
             if block_hash in self.cached:
                 # another block already holds this prefix; keep ours private (its snapshot
@@ -234,6 +238,59 @@ class BlockManager:
         if rolling and block.state_slot is not None:
             self.rolling[request.request_id] = block
         return block.state_slot
+
+    def reserve_save_if_accepted(self, request: Request, block_index: int) -> Optional[int]:
+        """A snapshot slot for the state after block ``block_index`` of ``request``, which the
+        step being scheduled may compute (speculative decoding: its last token may be a draft,
+        and a step ahead may start earlier than scheduled). The step lists it in
+        ``state_saves_if_accepted``; a step still in flight that listed the same block shares
+        its slot. None when the pool has no free slot or the block holds another snapshot."""
+        blocks = self.req_blocks.get(request.request_id, [])
+        if self.states is None or block_index >= len(blocks):
+            return None
+        block = blocks[block_index]
+        if block.block_hash is not None:
+            return None
+        pending = self.states.if_accepted
+        if block.state_slot is None:
+            block.state_slot = self.states.take(evict=False)
+            if block.state_slot is None:
+                return None
+        elif block.state_slot not in pending:
+            return None  # a prefill chunk's save, or one already kept
+        pending[block.state_slot] = pending.get(block.state_slot, 0) + 1
+        return block.state_slot
+
+    def settle_state_saves(self, request: Request, saves: list, start: int, end: int) -> None:
+        """A step's ``state_saves_if_accepted`` for ``request`` (``[[n, slot], ...]``) once it
+        is known that it computed and kept tokens ``start .. end - 1``. A save with
+        ``start < n <= end`` holds the state after the accepted block ending at ``n`` (the
+        runner copied it from that token's state): the latest such becomes the request's
+        rolling decode save, replacing the previous one. A save this step did not keep is
+        given up unless a step still in flight listed it too; none is ever published with a
+        state past a rejected draft, which no prefix ever had."""
+        blocks = self.req_blocks.get(request.request_id, [])
+        pending = self.states.if_accepted
+        latest = None
+        for n, slot in saves:
+            i = n // self.block_size - 1
+            block = blocks[i] if i < len(blocks) else None
+            if block is None or block.state_slot != slot or slot not in pending:
+                continue  # its block left with the slot, or an earlier step kept it
+            if start < n <= end:
+                del pending[slot]
+                if latest is not None:
+                    self.states.cancel(latest)
+                latest = block
+            elif pending[slot] > 1:
+                pending[slot] -= 1  # a step in flight may still compute it
+            else:
+                self.states.cancel(block)
+        if latest is not None:
+            previous = self.rolling.pop(request.request_id, None)
+            if previous is not None and previous is not latest:
+                self.states.release(previous)
+            self.rolling[request.request_id] = latest
 
     # -- allocation ------------------------------------------------------------------------
 

@@ -35,6 +35,8 @@ Invariants:
       begin_step:  state[slot of r] <- pool[state_restores[r]]      (a hit's start)
       forward
       save:        pool[state_saves[r]] <- state[slot of r]          (chunk ends on a boundary)
+                   pool[s] <- spare(slot of r, j) or state[slot of r]  (state_saves_if_accepted:
+                                                   a verify step's token j ends a block)
 
 Per step the runner calls ``drop`` (after the scheduler's deltas) and ``begin_step`` (with the
 step's requests in row order); the layers read the ``MambaBatch`` from ``step.batch``.
@@ -103,10 +105,30 @@ class MambaStateCache:
         self.snapshots = [tuple(_zeros((num, *t.shape[1:]), t.dtype, self.device)
                                 for t in (layer.conv_state, layer.ssm_state)) for layer in self.layers]
 
-    def save(self, saves: dict[str, int]) -> None:
-        """Copy the states of ``saves``' requests (after the step) into their snapshot slots."""
-        src = [self.slot_of[rid] for rid in saves]
-        self._copy(src, list(saves.values()), to_pool=True)
+    def save(self, saves: dict[str, int], if_accepted: Optional[dict[str, list]] = None,
+             rows: Optional[dict[str, tuple[int, int]]] = None) -> None:
+        """Copy the states of ``saves``' requests (after the step) into their snapshot slots,
+        and for ``if_accepted`` (``SchedulerOutput.state_saves_if_accepted``: request id ->
+        ``[[n, pool slot], ...]``) the state after each request's first ``n`` tokens where
+        this step computed token ``n - 1``: a verify step's per-token state (its spare slot,
+        or the request's slot for its last token), or a one-token step's state. ``rows``:
+        request id -> (tokens computed before this step, tokens it computes)."""
+        src, dst = [self.slot_of[rid] for rid in saves], list(saves.values())
+        for rid, pairs in (if_accepted or {}).items():
+            start, count = rows[rid]
+            slot = self.slot_of[rid]
+            verifies = self.verifying.get(rid, (None,))[0] == start  # set by this begin_step
+            for n, pool_slot in pairs:
+                j = n - start - 1  # this step's token whose state it is
+                if j == count - 1:
+                    src.append(slot)
+                elif 0 <= j < count - 1 and verifies:
+                    src.append(self.spare(slot, j))
+                else:
+                    continue  # not computed by this step: the scheduler gives the slot up
+                dst.append(pool_slot)
+        if src:
+            self._copy(src, dst, to_pool=True)
 
     def _copy(self, slots: list[int], pool_slots: list[int], to_pool: bool) -> None:
         """Whole slots between the states and the snapshot pool (``slots[i]`` <-> ``pool_slots[i]``)

@@ -223,8 +223,10 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             self.save_external_kv(sched.kv_connector_meta)
             return StepHandle.done(out)
         logits = self._forward(host, states, counts, out)
-        if sched.state_saves:  # prefix caching: states at block boundaries (core/state_prefix.py)
-            self.mamba.save(sched.state_saves)
+        if sched.state_saves or sched.state_saves_if_accepted:  # prefix caching: states at
+            rows = {st.request_id: (st.num_computed_tokens, n)  # block boundaries (state_prefix.py)
+                    for st, n in zip(states, counts) if st.request_id in sched.state_saves_if_accepted}
+            self.mamba.save(sched.state_saves, sched.state_saves_if_accepted, rows)
         handle = StepHandle.done(out)
         if logits is not None:
             rows, out_pos, sampling_states, starts = _sampled_rows(states, counts, num_sampled)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Iterable
+from typing import Iterable, Optional
 
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.engine_output import EngineCoreOutput
@@ -126,6 +126,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             self.encoder.begin(self.running, self._next_position)
         saves: dict[str, int] = {}  # recurrent-state snapshots (state_prefix.py)
         restores: dict[str, int] = {}
+        saves_if_accepted: dict[str, list] = {}  # ... at boundaries a verify step may cross
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -167,10 +168,11 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
                 tokens = req.all_token_ids[start:start + num_new]
             cached_reqs.append(CachedRequestData(req.request_id, new_block_ids, start, tokens))
             num_scheduled[req.request_id] = num_new
-            self._save_state(req, start, num_new, saves)
+            reserved = self.ahead.take(req.request_id) if self.ahead is not None else None
+            self._save_state(req, start, num_new, saves, saves_if_accepted,
+                             bool(drafts) or reserved is not None)
             if images:
                 self.encoder.take(req, images)
-            reserved = self.ahead.take(req.request_id) if self.ahead is not None else None
             if reserved is not None:
                 reserved_drafts[req.request_id] = reserved
             if drafts:
@@ -189,7 +191,8 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
                               finished_request_ids=self.finished_ids,
                               preempted_request_ids=self.preempted_ids,
                               encoder_inputs=self.encoder.encoded if self.encoder else {},
-                              state_saves=saves, state_restores=restores)
+                              state_saves=saves, state_restores=restores,
+                              state_saves_if_accepted=saves_if_accepted)
         if self.kv.host is not None and self.kv.host.transfers and not out.is_empty:
             out.kv_transfers = self.kv.host.take_transfers()  # before this step's forward
         if self.connector is not None and not out.is_empty:
@@ -341,25 +344,56 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             num_new = cut - start
         return align_chunk(start, num_new, req.num_tokens, self.kv.block_size, self.kv.states.every)
 
-    def _save_state(self, req: Request, start: int, num_new: int, saves: dict[str, int]) -> None:
+    def _save_state(self, req: Request, start: int, num_new: int, saves: dict[str, int],
+                    saves_if_accepted: Optional[dict[str, list]] = None,
+                    verifies: bool = False) -> None:
         """Reserve a snapshot of the request's state after this chunk when it ends on a
         boundary a later hit may end at (``state_prefix.saves_at``), or after a decode token
         that fills a block (the request's one rolling decode snapshot: a next chat turn, its
-        prompt this request's tokens and more, hits up to there). Not under speculation (a
-        verify step's state may hold rejected drafts)."""
+        prompt this request's tokens and more, hits up to there). Under speculation a decoding
+        step (``verifies``: it carries drafts, or reserves them a step ahead) reserves one at
+        each boundary its tokens cross, kept only if the token before it is accepted
+        (``saves_if_accepted``, ``BlockManager.settle_state_saves``)."""
         if self.kv.states is None:
             return
         bs = self.kv.block_size
         index = saves_at(start, num_new, req.num_tokens, bs)
         end = start + num_new
-        decode = (index is None and num_new == 1 and end % bs == 0
-                  and end == req.num_tokens + self.in_flight.samples_ahead(req.request_id)
-                  and not self.config.num_speculative_tokens)
+        decoding = index is None and (verifies or (
+            num_new == 1 and end == req.num_tokens + self.in_flight.samples_ahead(req.request_id)))
+        if decoding and self.config.num_speculative_tokens:
+            if saves_if_accepted is not None:
+                self._save_state_if_accepted(req, start, end, saves_if_accepted)
+            return
+        decode = decoding and end % bs == 0
         if decode:
             index = end // bs - 1
         slot = None if index is None else self.kv.reserve_state_save(req, index, rolling=decode)
         if slot is not None:
             saves[req.request_id] = slot
+
+    def _save_state_if_accepted(self, req: Request, start: int, end: int,
+                                saves_if_accepted: dict[str, list]) -> None:
+        """A decoding step under speculation computes tokens up to ``end - 1``, some of them
+        drafts, from ``start`` (a step ahead may start earlier, the step in flight may accept
+        fewer than all its drafts: from the request's computed tokens, yet not before its last
+        known token): a snapshot slot at
+        each block boundary in between (``[[n, slot], ...]``: the state after ``n`` tokens),
+        which the runner fills from the step's per-token state where it computes token
+        ``n - 1`` and the scheduler keeps once that token is accepted::
+
+            block_size 4, 9 computed, verify [t9 d0 d1 d2] (tokens 9 .. 12): boundary 12, the
+            state after token 11 (d1): kept when d0 and d1 are accepted
+        """
+        bs = self.kv.block_size
+        pairs = []
+        first = min(start, max(req.num_computed_tokens, req.num_tokens - 1))  # its earliest start
+        for n in range((first // bs + 1) * bs, end + 1, bs):
+            slot = self.kv.reserve_save_if_accepted(req, n // bs - 1)
+            if slot is not None:
+                pairs.append([n, slot])
+        if pairs:
+            saves_if_accepted[req.request_id] = pairs
 
     def _victim_index(self, i: int) -> int:
         """Index of the request to preempt for ``running[i]``: the newest one after it (under

@@ -45,7 +45,11 @@ class SchedulerUpdate:
             computed, num_drafts = computed_and_drafts(sched, result, rid, num)
             if num_drafts and new_tokens:
                 rejected = num_drafts - (len(new_tokens) - 1)
+            start = req.num_computed_tokens
             req.num_computed_tokens += computed - rejected
+            if rid in sched.state_saves_if_accepted:  # snapshots past rejected drafts go
+                self.kv.settle_state_saves(req, sched.state_saves_if_accepted[rid], start,
+                                           req.num_computed_tokens)
             if rejected or computed != num:  # slots past what its steps may still write go back
                 keep = req.num_computed_tokens + self.in_flight.tokens_ahead(rid) + self.config.num_lookahead_tokens
                 give_back(self.kv, req, keep, self.kept_blocks)

@@ -76,6 +76,9 @@ class StateSnapshots:
         self.num_saved = 0  # snapshots taken (for stats and tests)
         self.num_restored = 0  # prefix hits that started from a snapshot
         self.num_evicted = 0  # published snapshots given up (taken over, or left with their block)
+        # Pending saves of speculating requests (``state_saves_if_accepted``): slot -> the
+        # steps in flight that list it; a slot leaves once a step kept its boundary.
+        self.if_accepted: dict[int, int] = {}
 
     @property
     def num_free(self) -> int:
@@ -120,14 +123,23 @@ class StateSnapshots:
         if slot is None:
             return
         block.state_slot = None
+        self.if_accepted.pop(slot, None)
         if self.published.pop(slot, None) is not None:
             self.num_evicted += 1
         self.free.append(slot)
+
+    def cancel(self, block) -> None:
+        """``block``'s pending save is not kept (a save past a rejected draft, or an earlier
+        boundary of the same step): its slot is free again and the save not counted."""
+        if block.state_slot is not None and block.state_slot not in self.published:
+            self.num_saved -= 1
+        self.release(block)
 
     def clear(self, blocks) -> None:
         for block in blocks:
             block.state_slot = None
         self.published.clear()
+        self.if_accepted.clear()
         self.free = list(range(self.num_slots - 1, -1, -1))
 
 

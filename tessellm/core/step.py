@@ -132,6 +132,12 @@ class SchedulerOutput:
     # Request id -> the snapshot slot that receives its state after this step's forward (its
     # chunk ends on a block boundary a later prefix hit may end at).
     state_saves: dict[str, int] = field(default_factory=dict)
+    # Speculative decoding: request id -> ``[[n, slot], ...]``: the state after the request's
+    # first ``n`` tokens, which this step computes (a verify step keeps the state after each
+    # of its tokens), copied into snapshot ``slot`` after the forward. Drafts before token
+    # ``n - 1`` may be rejected: the scheduler keeps the snapshot only once it knows token
+    # ``n - 1`` was accepted (``BlockManager.settle_state_saves``; core/state_prefix.py).
+    state_saves_if_accepted: dict[str, list] = field(default_factory=dict)
     # Since the last step: requests that ended (finished or aborted); the runner drops them.
     finished_request_ids: set[str] = field(default_factory=set)
     # Preempted while building this step: the runner drops their state; they come back later as

@@ -241,3 +241,36 @@ def test_a_bad_snapshot_interval_is_refused(bad):
 
     with pytest.raises(ValueError, match="recurrent_state_snapshot_interval must be an integer >= 0"):
         EngineArgs(recurrent_state_snapshot_interval=bad).validate()
+
+
+def test_speculation_keeps_a_snapshot_only_past_accepted_tokens():
+    """Speculative decoding (state_saves_if_accepted): a verify step that crosses a block
+    boundary in its middle reserves a snapshot there; a rejected draft before it gives the slot
+    back (never published), the next verify step crossing it again keeps it as the request's
+    rolling decode snapshot, published with its block."""
+    from tessellm.core.step import ModelRunnerOutput
+
+    kv = BlockManager(64, 4, True)
+    kv.states = StateSnapshots(8)
+    s = Scheduler(SchedulerConfig(8, 64, 256, num_speculative_tokens=3), kv)
+    s.add_request(req("a", 9, max_tokens=20))
+    while s.requests["a"].num_output_tokens == 0:
+        run_step(s)  # the prompt: 0 .. 8 (a snapshot after 8), then token 9 sampled
+    a = s.requests["a"]
+    assert a.num_computed_tokens == 9 and list(kv.states.published) == [0]
+    a.spec_token_ids = [20, 21, 22]
+    out = s.schedule()  # verify [t9 d0 d1 d2]: tokens 9 .. 12, boundary 12 after d1
+    assert out.num_scheduled_tokens == {"a": 4} and not out.state_saves
+    assert out.state_saves_if_accepted == {"a": [[12, 1]]}
+    assert kv.req_blocks["a"][2].state_slot == 1 and kv.states.num_free == 6
+    s.update(out, ModelRunnerOutput({"a": [20, 30]}, spec_token_ids={"a": [31, 32, 33]}))
+    assert a.num_computed_tokens == 11  # t9 and d0 kept, d1 rejected: the state at 12 goes
+    assert kv.req_blocks["a"][2].state_slot is None and kv.states.num_free == 7
+    assert "a" not in kv.rolling and kv.states.num_saved == 1
+    out = s.schedule()  # verify [t11 d0 d1 d2]: tokens 11 .. 14, boundary 12 after t11
+    assert out.state_saves_if_accepted == {"a": [[12, 1]]}
+    s.update(out, ModelRunnerOutput({"a": [40]}, spec_token_ids={"a": []}))  # all rejected
+    assert a.num_computed_tokens == 12 and kv.rolling["a"] is kv.req_blocks["a"][2]
+    assert list(kv.states.published) == [1, 0]  # the decode snapshot: the first to go
+    assert kv.states.num_saved == 2
+    check_pool(kv)

@@ -17,6 +17,7 @@ from tessellm.core.block_manager import BlockManager, hash_block
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
+from tessellm.core.spec_ahead import computed_and_drafts
 from tessellm.core.state_prefix import StateSnapshots
 from tessellm.core.step import ModelRunnerOutput
 from tests.core.test_state_prefix import check_pool
@@ -210,6 +211,7 @@ class RunnerTables:
             slot = out.state_restores.get(new.request_id)
             if slot is not None:  # the snapshot holds the state of exactly the hit's tokens
                 saver, end = self.pool[slot]
+                assert saver is not None, "a snapshot past a rejected draft restored"
                 assert end == new.num_computed_tokens
                 assert saver.all_token_ids[:end] == new.all_token_ids[:end]
             elif s.kv.states is not None:
@@ -230,6 +232,28 @@ class RunnerTables:
             self.tables[cached.request_id].extend(cached.new_block_ids)
         for rid in out.num_scheduled_tokens:
             assert self.tables[rid] == s.kv.block_ids(rid), (rid, self.tables[rid], s.kv.block_ids(rid))
+
+
+    def run(self, s: Scheduler, out, result: ModelRunnerOutput) -> None:
+        """The step's saves of speculating requests (``state_saves_if_accepted``), as the
+        runner makes them once the step runs, just before ``update``: the state after ``n``
+        tokens where the step computed token ``n - 1``, a rejected draft's state (None) past
+        its accepted ones. A slot its block gave back since is left alone: on the device this
+        write came before whatever was written there later."""
+        bs = s.kv.block_size
+        for rid, pairs in out.state_saves_if_accepted.items():
+            req = s.requests.get(rid)
+            dropped = any(st.sched is out and rid in st.dropped for st in s.in_flight.steps)
+            if req is None or req.is_finished or dropped:
+                continue
+            start = req.num_computed_tokens  # the steps before this one are back
+            computed, drafts = computed_and_drafts(out, result, rid, out.num_scheduled_tokens[rid])
+            kept = computed - (drafts - (len(result.sampled.get(rid, [])) - 1) if drafts else 0)
+            blocks = s.kv.req_blocks.get(rid, [])
+            for n, slot in pairs:
+                i = n // bs - 1
+                if i < len(blocks) and blocks[i].state_slot == slot and start < n <= start + computed:
+                    self.pool[slot] = (req, n) if n <= start + kept else (None, n)
 
 
 def depth(s: Scheduler) -> int:
@@ -255,7 +279,9 @@ def step(s: Scheduler, model: FakeModel, budget: int, waited: dict, stats: Count
             del waited[rid]
     while queue and (len(queue) >= depth(s) or out.is_empty or rng_bool(model)):
         done = queue.pop(0)
-        s.update(done, model.run(s, done))
+        result = model.run(s, done)
+        runner.run(s, done, result)
+        s.update(done, result)
         check_invariants(s, budget)
     s.take_finished_outputs()
     stats["steps"] += 1
