@@ -52,8 +52,23 @@ Invariants
 * A decode step that fills a block saves the state there too, replacing the request's previous
   decode snapshot (a request keeps one: its latest boundary), so a next chat turn (this
   request's tokens, then more) hits through the answer. Such a save only takes a free slot,
-  and its snapshot is the first given up until a hit uses it; none under speculative decoding
-  (a verify step's state may include rejected drafts).
+  and its snapshot is the first given up until a hit uses it.
+* Under speculative decoding a decoding step's tokens may be drafts, and a step ahead (async
+  scheduling) starts where only the runner knows: such a step reserves a slot at *each*
+  boundary it may cross (``SchedulerOutput.state_saves_if_accepted``, from the request's
+  computed tokens, not before its last known token, to the step's furthest token; a step in
+  flight that listed the same boundary shares the slot). The runner copies the state after
+  token ``n - 1`` where its step computed it: a verify step keeps each token's state in a spare
+  slot (``core/mamba_state.py``), so a boundary in the middle of its ``k + 1`` tokens is served::
+
+      block_size 4, 9 computed, verify [t9 d0 d1 d2] (tokens 9 .. 12): boundary 12 is the
+      state after d1 (token 11, spare 2): kept if d0 and d1 are accepted, else given back
+      and listed again by the next step, which starts at token <= 11
+
+  ``BlockManager.settle_state_saves`` (in ``update``, before any block is published) keeps a
+  save only when the step computed and kept token ``n - 1`` (the latest becomes the request's
+  rolling decode snapshot); one no step in flight may still compute is given back. So no
+  snapshot past a rejected draft is ever published.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ token before it and cannot be rebuilt from a block hash, so:
   ``mtp.*`` layer, ``models/mtp.py``), EAGLE-1 and EAGLE-3 heads (EAGLE-3 reads the residual
   stream entering the chosen layers, Mamba / DeltaNet or attention alike) and attention-only
   draft models are served, recurrent draft models not yet; verify steps in which every request
-  verifies as many drafts replay verify graphs (state and token slots graph inputs);
+  verifies as many drafts replay verify graphs (state and token slots graph inputs); with
+  prefix caching, the state after the accepted tokens is kept at the block boundaries they
+  cross (``core/state_prefix.py``);
 - int8 / fp8 / AWQ / GPTQ quantization runs on the linear projections only
   (``_quantization_refused``: the conv, A_log, D, dt_bias and norms stay in the model dtype,
   as vLLM keeps them);
