@@ -29,18 +29,20 @@ _a, _b = prompts((5, 3), VOCAB, seed=11)
 A = _a * 3 + _b  # 18 tokens that repeat themselves: drafts to find
 
 
-def _config(name: str):
+def _config(name: str, **overrides):
+    if name == "mamba2_4":  # EAGLE-3 reads three distinct layers
+        return _config("mamba2", num_hidden_layers=4, **overrides)
     if name == "mamba2":
         from tests.models.test_mamba2 import mamba2_config
 
-        return mamba2_config(vocab_size=VOCAB)
+        return mamba2_config(vocab_size=VOCAB, **overrides)
     if name == "granite4h":
         from tests.models.test_granite_moe_hybrid import granite_hybrid_config
 
-        return granite_hybrid_config(vocab_size=VOCAB)
+        return granite_hybrid_config(vocab_size=VOCAB, **overrides)
     from tests.models.test_qwen3_next import qwen3_next_config
 
-    return qwen3_next_config(vocab_size=VOCAB)
+    return qwen3_next_config(vocab_size=VOCAB, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +115,60 @@ def test_async_scheduling_with_drafts_reserved_ahead(saved):
     assert cached == [0, 16, (len(A) + MAX_NEW - 1) // BLOCK * BLOCK]
 
 
-def test_draft_model_with_prefix_caching(saved, tmp_path):
-    """An attention-only draft model (a tiny random Llama) over Mamba2: the same hits, HF's
-    tokens (the draft's own KV for the hit prefix is the cached blocks')."""
-    from transformers import LlamaConfig
+@pytest.mark.parametrize("method", ["draft_model", "eagle3"])
+def test_drafters_with_prefix_caching(method, saved, tmp_path):
+    """An attention-only draft model (a tiny random Llama) over Mamba2, and a random EAGLE-3
+    head over a 4-layer Mamba2 (reading layers 0, 2 and 3): the same hits, HF's tokens (a
+    drafter's own KV for a hit prefix is the cached blocks')."""
+    if method == "draft_model":
+        from transformers import LlamaConfig
 
-    from tests.models.variant_parity import TINY
+        from tests.models.variant_parity import TINY
 
-    draft = save_tiny(LlamaConfig(**{**TINY, "vocab_size": VOCAB, "num_hidden_layers": 1}),
-                      str(tmp_path / "draft"), seed=4)
-    path = saved("mamba2")
-    spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3}
+        path = saved("mamba2")
+        draft = save_tiny(LlamaConfig(**{**TINY, "vocab_size": VOCAB, "num_hidden_layers": 1}),
+                          str(tmp_path / "draft"), seed=4)
+    else:
+        from tests.spec_decode.test_recurrent_spec import _save_eagle3_head
+
+        path = saved("mamba2_4")
+        draft = _save_eagle3_head(str(tmp_path / "eagle3"), [0, 2, 3])
+    spec = {"method": method, "model": draft, "num_speculative_tokens": 3}
     with LLM(path, speculative_config=spec, **ENGINE) as llm:
         tokens, want, cached = _turns(llm, path)
         check_pool(llm.engine.core.kv)
+    assert tokens == want
+    assert cached == [0, 16, (len(A) + MAX_NEW - 1) // BLOCK * BLOCK]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,method", [("mamba2", "ngram"), ("granite4h", "ngram"),
+                                         ("granite4h", "eagle3")])
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_cuda_speculation_with_prefix_caching(name, method, async_scheduling, tmp_path,
+                                              monkeypatch):
+    """On a CUDA GPU: the Triton one-token kernels composed per verify position, decode graphs
+    beside eager verify steps (n-gram; EAGLE-3 reads hidden states, so its target runs
+    eagerly), the snapshot copies eager around them; the same hits and HF's tokens, with and
+    without async scheduling."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from tests.models.test_mamba2 import hf_norms_each_group
+    from tests.spec_decode.test_recurrent_spec import _save_eagle3_head
+
+    monkeypatch.delenv("TESSELLM_RECURRENT_STATE_GRAPHS", raising=False)  # on by default
+    config = _config(name)
+    if not hf_norms_each_group(config):  # older HF norms all groups at once
+        config = _config(name, **{"n_groups" if name == "mamba2" else "mamba_n_groups": 1})
+    path = save_tiny(config, str(tmp_path / name))
+    spec = NGRAM if method == "ngram" else {
+        "method": "eagle3", "model": _save_eagle3_head(str(tmp_path / "eagle3"), [0, 1, 2]),
+        "num_speculative_tokens": 3}
+    with LLM(path, speculative_config=spec, async_scheduling=async_scheduling,
+             **{**ENGINE, "device": "cuda"}) as llm:
+        assert llm.engine.core.runner.graph_runner is not None
+        tokens, want, cached = _turns(llm, path)
     assert tokens == want
     assert cached == [0, 16, (len(A) + MAX_NEW - 1) // BLOCK * BLOCK]
