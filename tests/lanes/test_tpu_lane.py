@@ -110,3 +110,20 @@ def test_int4_checkpoint_greedy_on_xla(tiny_llama, tmp_path, fmt):
     assert len(layers) == 4 * 2  # qkv, o, gate_up, down per layer
     assert got == expected
     assert compiled == 0
+
+
+def test_reference_ops_unpack_words_with_the_sign_bit_on_xla():
+    """The reference ops' int32 unpacking (int4 codes, structured output's token bitmask) on XLA
+    tensors reads the same bits as on the host, words with bit 31 set included (torch-xla lowers
+    ``>>`` of a negative int32 as a rounded division; they use ``torch.bitwise_right_shift``)."""
+    import torch
+
+    from tessellm.backends.reference.logits import unpack_bitmask
+    from tessellm.quantization.int4 import unpack_awq
+    from tessellm.quantization.packed import unpack_int4
+
+    dev = torch_xla.device()
+    words = torch.tensor([[-3, -634788036, 5, -2**31]], dtype=torch.int32)
+    assert torch.equal(unpack_bitmask(words.to(dev), 128).cpu(), unpack_bitmask(words, 128))
+    assert torch.equal(unpack_int4(words.t().to(dev)).cpu(), unpack_int4(words.t()))
+    assert torch.equal(unpack_awq(words.to(dev)).cpu(), unpack_awq(words))

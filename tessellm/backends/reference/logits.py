@@ -9,7 +9,9 @@ import torch
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """int32 ``[R, W]`` packed mask -> bool ``[R, vocab_size]`` (True: allowed)."""
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    # torch.bitwise_right_shift, not ``>>``: torch-xla 2.9 lowers ``>>`` of a negative int32 as a
+    # division rounded toward zero, which would read wrong bits from every word with bit 31 set
+    bits = torch.bitwise_right_shift(bitmask.unsqueeze(-1), shifts) & 1
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
