@@ -251,20 +251,26 @@ class Worker:
         """A KV connector's worker half on this rank (``--kv-transfer-config``,
         tessellm/kv_transfer): this rank's block-major caches, copied through the backend's
         ``swap_blocks``; a load that fails on any tensor-parallel rank fails on all."""
-        from tessellm.backends.reference.kv_transfer import swap_blocks
-        from tessellm.backends.spec import OpsSpec
         from tessellm.kv_transfer import KVConnectorContext, KVConnectorRole, make_connector
         from tessellm.kv_transfer.config import parse_kv_transfer_config
 
         ctx = KVConnectorContext(**{**context, "rank": self.rank})
         connector = make_connector(parse_kv_transfer_config(config), KVConnectorRole.WORKER, ctx)
-        ops = get_registry().fused_ops(self.backend, OpsSpec(self.dtype))
-        connector.register_kv_caches(self.runner._block_major_caches(),
-                                     getattr(ops, "swap_blocks", None) or swap_blocks,
-                                     self.backend.synchronize, self.device)
         self.runner.kv_connector = connector
+        self._register_kv_connector_caches()
         if self.tp.size > 1:
             self.runner.kv_load_agree = self._agree_on_failed_loads
+
+    def _register_kv_connector_caches(self) -> None:
+        """The KV connector's worker half gets this rank's cache tensors (again after sleep
+        mode allocated the cache anew: the old tensors are gone)."""
+        from tessellm.backends.reference.kv_transfer import swap_blocks
+        from tessellm.backends.spec import OpsSpec
+
+        ops = get_registry().fused_ops(self.backend, OpsSpec(self.dtype))
+        self.runner.kv_connector.register_kv_caches(self.runner._block_major_caches(),
+                                                    getattr(ops, "swap_blocks", None) or swap_blocks,
+                                                    self.backend.synchronize, self.device)
 
     def _agree_on_failed_loads(self, request_ids: list, failed):
         """The requests whose load failed on any tensor-parallel rank (one small all-reduce,
@@ -313,6 +319,8 @@ class Worker:
 
         if getattr(self, "sleep_state", None) is None:
             self.sleep_state = RunnerSleep(self.runner)
+        if self.runner.kv_connector is not None:
+            self.runner.kv_connector.wait_for_save()  # its copies out of the cache are done
         report = self.sleep_state.sleep(level, self.kv_dtype)
         gc.collect()  # released graphs hold reference cycles
         if self.device.type != "cpu" and hasattr(torch, "accelerator"):
@@ -323,6 +331,8 @@ class Worker:
         state = getattr(self, "sleep_state", None)
         if state is not None:
             state.wake_up(tags)
+            if self.runner.kv_connector is not None and (tags is None or "kv_cache" in tags):
+                self._register_kv_connector_caches()  # the cache is new tensors now
             if self.device.type != "cpu":
                 _empty_host_cache(self.device)  # the weights' pinned host copies: back to the OS
 

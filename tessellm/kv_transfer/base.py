@@ -147,7 +147,9 @@ class KVConnectorBase:
                            device) -> None:
         """This rank's cache tensors (block-major: dim 0 the block; keys and values of every
         attention layer in order), the backend's ``swap_blocks(src, dst, mapping)`` and
-        ``synchronize()`` (waits for the device's queued work), and the device."""
+        ``synchronize()`` (waits for the device's queued work), and the device. Called again,
+        with new tensors of the same layout, after sleep mode allocated the cache anew (its
+        saves were waited for with ``wait_for_save`` before the old cache went)."""
 
     def start_load_kv(self, meta: dict) -> list:
         """Fill the step's loaded blocks before its forward pass, and start its background

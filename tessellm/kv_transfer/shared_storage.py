@@ -280,6 +280,10 @@ class SharedStorageConnector(KVConnectorBase):
     def register_kv_caches(self, caches, swap_blocks, synchronize, device) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        if getattr(self, "_readers", None) is not None:  # the cache allocated anew (sleep mode)
+            self.wait_for_save()
+            self.caches = caches  # same layout: the rest stays
+            return
         torch = _torch()
         self.caches = caches
         self.swap_blocks = swap_blocks
@@ -376,7 +380,8 @@ class SharedStorageConnector(KVConnectorBase):
         stream (the forward passes go on meanwhile), then its status once the copies are done."""
         ok = False
         try:
-            ok = not self._load([tuple(p) for p in pairs], self._stream, after, wait=True)
+            with _torch().inference_mode():  # thread-local: the cache may be inference tensors
+                ok = not self._load([tuple(p) for p in pairs], self._stream, after, wait=True)
         except Exception:  # noqa: BLE001 - a failed load is a recompute, never a dead engine
             logger.exception("KV load of request %s failed: it is recomputed.", rid)
         with self._load_cond:

@@ -226,6 +226,22 @@ def test_background_load_while_other_requests_run(corrupt, tiny_model_dir, tmp_p
     assert not sched.kv_loading and sched.kv.num_free_blocks == 64  # every block given back
 
 
+def test_sleep_mode_gives_the_connector_the_new_cache(tiny_model_dir, tmp_path):
+    """Sleep mode frees the KV cache and wake_up allocates it anew: the connector's worker
+    half loads into the new tensors (HF's tokens, 40 cached), not the old ones."""
+    model = tiny_model_dir("llama")
+    p = _prompts(1)[0]
+    _run(model, [p], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+             max_model_len=128, enable_sleep_mode=True,
+             kv_transfer_config=_kv(tmp_path, "kv_consumer")) as llm:
+        llm.sleep(1)
+        llm.wake_up()
+        out = llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0]
+    assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (hf_greedy(model, [p], 6)[0], 40)
+
+
 def test_a_cache_too_small_for_a_running_request_and_a_loaded_one(tiny_model_dir, tmp_path):
     """16 blocks: q runs (5 prompt blocks, growing to 10) while p's load (10 blocks) is held:
     q waits instead of ending as if it outgrew the cache; once p is loaded and waits to run,
