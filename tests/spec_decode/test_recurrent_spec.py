@@ -184,13 +184,16 @@ def _save_eagle3_head(path: str, aux_layers: list[int], seed: int = 5) -> str:
 
 
 @pytest.mark.parametrize("name", ["mamba2", "qwen3_next",
-                                  pytest.param("granite4h", marks=pytest.mark.slow)])
+                                  *(pytest.param(n, marks=pytest.mark.slow)
+                                    for n in ("granite4h", "nemotron_h", "falcon_h1"))])
 def test_eagle3_over_hybrids_keeps_hf_greedy_tokens(name, tmp_path):
     """A random EAGLE-3 head over a 4-layer Mamba2 target (it reads the residual stream entering
     Mamba layers 0, 2 and 3), over Qwen3-Next (entering DeltaNet layer 0, the gated attention
     layer 1 and DeltaNet layer 3) and (slow: the Qwen3-Next case runs the same llama-family
-    layer loop) Granite 4.0-H (Mamba layer 0, attention layer 1, Mamba layer 2): its drafts are
-    verified and the states rolled back, and the greedy tokens are HF transformers'."""
+    layer loop) Granite 4.0-H (Mamba layer 0, attention layer 1, Mamba layer 2), Nemotron-H (its
+    Mamba, attention and last Mamba layers) and Falcon-H1 (attention and Mamba side by side):
+    its drafts are verified and the states rolled back, and the greedy tokens are HF
+    transformers'."""
     from tests.models.test_mamba2 import mamba2_config
     from tests.models.test_qwen3_next import qwen3_next_config
     from tests.models.variant_parity import hf_reference
@@ -201,6 +204,14 @@ def test_eagle3_over_hybrids_keeps_hf_greedy_tokens(name, tmp_path):
         from tests.models.test_granite_moe_hybrid import granite_hybrid_config
 
         config, aux = granite_hybrid_config(vocab_size=VOCAB), [0, 1, 2]
+    elif name == "nemotron_h":  # Mamba, attention, Mamba (the MoE and MLP layers between)
+        from tests.models.test_nemotron_h import nemotron_config
+
+        config, aux = nemotron_config(vocab_size=VOCAB), [0, 1, 4]
+    elif name == "falcon_h1":  # attention and Mamba side by side in each layer
+        from tests.models.test_falcon_h1 import falcon_h1_config
+
+        config, aux = falcon_h1_config(vocab_size=VOCAB), [0, 1, 2]
     else:
         config, aux = qwen3_next_config(vocab_size=VOCAB), [0, 1, 3]
     path = save_tiny(config, str(tmp_path / name))
