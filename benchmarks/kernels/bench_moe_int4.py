@@ -1,14 +1,15 @@
 """int4 (AWQ / GPTQ, W4A16) fused MoE against the bf16 fused MoE on one Qwen3-30B-A3B layer
 (GPU only).
 
-    python3 benchmarks/kernels/bench_moe_int4.py [--json out.json] [--flush]
+    python3 benchmarks/kernels/bench_moe_int4.py [--json out.json] [--flush] [--sweep]
 
 Shapes (benchmarks/model-configs/qwen3-30b-a3b): 128 experts, top-8, hidden 2048, expert
 intermediate 768, softmax routing renormalized; int4 experts in groups of 128 with uint8 zero
 codes (AWQ's layout after load, ``layers/moe_int4.py``) and float16 scales; activations bf16.
 Tokens 1, 16, 256, 2048. Each time is GPU time per call from CUDA-graph replays
 (``gpu_timing.gtime``; ``--flush``: L2 flushed before each call). The int4 result is checked
-against the pure-torch reference (``reference/moe.py``) at 16 tokens.
+against the pure-torch reference (``reference/moe.py``) at 16 tokens. ``--sweep`` also times
+the int4 grouped GEMMs under a few tile settings (``tile_sweep``).
 
 Bytes per layer: bf16 experts 3 x 2048 x 768 x 2 B = 9.44 MB each (1.21 GB for 128); int4
 2.36 MB + scales and zeros (3 x 2048 x 6 x 3 B = 0.11 MB) each: ~3.9x fewer. At 1 token 8
@@ -33,6 +34,7 @@ from tessellm.backends.reference.moe import fused_moe_reference  # noqa: E402
 from tessellm.kernels.moe import fused_moe  # noqa: E402
 
 E, TOP_K, H, I, GROUP = 128, 8, 2048, 768, 128
+DEV = "cuda"
 
 
 def int4_experts(n: int, k: int, dev: str):
@@ -46,9 +48,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--flush", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also time int4 tile settings")
     args = parser.parse_args()
     torch.manual_seed(0)
-    dev, dtype = "cuda", torch.bfloat16
+    dev, dtype = DEV, torch.bfloat16
     w13 = (torch.randn(E, 2 * I, H, device=dev) / H ** 0.5).to(dtype)
     w2 = (torch.randn(E, H, I, device=dev) / I ** 0.5).to(dtype)
     q13, s13, z13 = int4_experts(2 * I, H, dev)
@@ -73,9 +76,43 @@ def main() -> None:
               f"  (int4/bf16 {row['int4_over_bf16']:.2f})"
               + (f"  int4 rel err vs reference {row['int4_max_rel_err']:.2e}"
                  if "int4_max_rel_err" in row else ""), flush=True)
+    sweep = tile_sweep(q13, q2, s13, s2, kw, dtype, args.flush) if args.sweep else []
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
-                                                   flush=args.flush, rows=rows), indent=1))
+        Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(DEV),
+                                                   flush=args.flush, rows=rows, sweep=sweep),
+                                              indent=1))
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried by --sweep for the int4 grouped GEMMs
+SWEEP = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 2), (16, 64, 64, 4, 3), (32, 64, 64, 4, 4),
+         (32, 128, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 128, 4, 3), (128, 128, 64, 8, 3)]
+
+
+def tile_sweep(q13, q2, s13, s2, kw, dtype, flush: bool) -> list:
+    """GPU time of ``fused_moe_triton`` (routing given) for each tile of ``SWEEP`` at each token
+    count, SiLU-and-mul fused for BLOCK_M <= 32 (as the default): data to tune ``_tiles``' int4
+    choice. A tile that fails to compile is reported and skipped."""
+    from tessellm.kernels.moe import fused_moe_triton, topk_routing
+
+    out = []
+    for tokens in (1, 16, 256, 2048):
+        x = torch.randn(tokens, H, device=DEV).to(dtype)
+        weights, ids = topk_routing(torch.randn(tokens, E, device=DEV), TOP_K, "softmax", True)
+        best = None
+        for bm, bn, bk, warps, stages in SWEEP:
+            tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+            try:
+                us = gtime(lambda: fused_moe_triton(x, weights, ids, q13, q2, s13, s2, tiles,
+                                                    **kw), flush=flush)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"  tokens {tokens}: tile {tiles} failed: {type(e).__name__}", flush=True)
+                continue
+            out.append(dict(tokens=tokens, tile=tiles, int4_us=us))
+            best = min(best or (us, tiles), (us, tiles), key=lambda b: b[0])
+        if best:
+            print(f"sweep tokens {tokens:5d}: best int4 {best[0]:8.1f} us with {best[1]}",
+                  flush=True)
+    return out
 
 
 if __name__ == "__main__":
