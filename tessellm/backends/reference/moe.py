@@ -133,7 +133,10 @@ def dequantize_int4(w: torch.Tensor, scale: torch.Tensor, zeros: Optional[torch.
                     dtype) -> torch.Tensor:
     """int4 experts ``w [..., N, K/8]`` (module docstring) as ``dtype`` ``[..., N, K]``."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=w.device)
-    q = ((w[..., None] >> shifts) & 0xF).reshape(*w.shape[:-1], w.shape[-1] * 8)
+    # (torch.bitwise_right_shift, not ``>>``: torch-xla lowers ``>>`` of a negative int32 as a
+    # rounded division, reading wrong codes from words with bit 31 set)
+    q = torch.bitwise_right_shift(w[..., None], shifts) & 0xF
+    q = q.reshape(*w.shape[:-1], w.shape[-1] * 8)
     group = q.shape[-1] // scale.shape[-1]
     z = 8.0 if zeros is None else zeros.float().repeat_interleave(group, -1)
     return ((q.float() - z) * scale.float().repeat_interleave(group, -1)).to(dtype)
