@@ -113,9 +113,10 @@ def test_int4_checkpoint_greedy_on_xla(tiny_llama, tmp_path, fmt):
 
 
 def test_reference_ops_unpack_words_with_the_sign_bit_on_xla():
-    """The reference ops' int32 unpacking (int4 codes, structured output's token bitmask) on XLA
-    tensors reads the same bits as on the host, words with bit 31 set included (torch-xla lowers
-    ``>>`` of a negative int32 as a rounded division; they use ``torch.bitwise_right_shift``)."""
+    """The reference ops' int32 unpacking (int4 codes, int4 MoE experts, structured output's
+    token bitmask) on XLA tensors reads the same bits as on the host, words with bit 31 set
+    included (torch-xla lowers ``>>`` of a negative int32 as a rounded division; they use
+    ``torch.bitwise_right_shift``)."""
     import torch
 
     from tessellm.backends.reference.logits import unpack_bitmask
@@ -127,3 +128,8 @@ def test_reference_ops_unpack_words_with_the_sign_bit_on_xla():
     assert torch.equal(unpack_bitmask(words.to(dev), 128).cpu(), unpack_bitmask(words, 128))
     assert torch.equal(unpack_int4(words.t().to(dev)).cpu(), unpack_int4(words.t()))
     assert torch.equal(unpack_awq(words.to(dev)).cpu(), unpack_awq(words))
+    from tessellm.backends.reference.moe import dequantize_int4
+
+    scale = torch.ones(1, 1)
+    assert torch.equal(dequantize_int4(words.to(dev), scale.to(dev), None, torch.float32).cpu(),
+                       dequantize_int4(words, scale, None, torch.float32))
