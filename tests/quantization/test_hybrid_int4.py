@@ -30,8 +30,8 @@ from tests.quantization.int4_checkpoint import GROUP, write_int4
 
 PROMPTS = [[5, 17, 42, 99, 3, 120], list(range(40, 60))]
 MAX_NEW = 5
-# int4 GEMMs are the cuda backend's (Triton, interpreted on host tensors): the cpu backend
-# serves no AWQ / GPTQ
+# int4 GEMMs are the cuda backend's here (Triton, interpreted on host tensors); the cpu
+# backend's int4 path on a hybrid runs in test_falcon_h1_quant.py
 CUDA_EMULATED = dict(device="cuda", emulate=True)
 
 

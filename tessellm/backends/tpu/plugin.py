@@ -20,7 +20,8 @@ NAME = "tpu"
 VALIDATION_NOTE = ("Never run on a TPU. Lane tpu-xla-cpu (torch-xla 2.9.0, torch 2.9.0, "
                    "PJRT_DEVICE=CPU): the model step ran for real as bucketed XLA programs on "
                    "PJRT's CPU device, KV cache in XLA tensors: the conformance suite and greedy "
-                   "parity with the cpu backend on SmolLM2 and a tiny Llama, every bucket's "
+                   "parity with the cpu backend on SmolLM2 and a tiny Llama (and its AWQ / GPTQ "
+                   "checkpoints against their dequantized float32 model), every bucket's "
                    "program compiled at start-up and none after (docs/plugins.md 5.1). "
                    "ragged_paged_attention (Pallas, real TPU only) never ran.")
 
