@@ -21,7 +21,6 @@ from tests.spec_decode.test_recurrent_spec import ENGINE, NGRAM, VOCAB, repetiti
 from tests.spec_decode.test_verify_graphs import StandInGraphRunner
 
 
-
 @pytest.fixture(autouse=True)
 def _verify_graphs_on(monkeypatch):
     """Captured verify steps on recurrent-state models are opt-in (envs.recurrent_verify_graphs)."""
@@ -98,3 +97,27 @@ def test_verify_graphs_are_opt_in(monkeypatch):
     assert envs.recurrent_verify_graphs() is False
     monkeypatch.setenv("TESSELLM_RECURRENT_VERIFY_GRAPHS", "1")
     assert envs.recurrent_verify_graphs() is True
+
+
+def test_own_verify_ops_are_not_captured_unless_declared():
+    """A plugin's ops subclassing ReferenceOps with a verify op of its own (which may read the
+    batch's host lists) does not inherit the reference's ``recurrent_verify_graphs``; the
+    reference's own and a subclass that declares it are captured."""
+    from tessellm.backends.reference.ops import ReferenceOps
+    from tessellm.backends.reference import recurrent_verify
+    from tessellm.backends.reference.recurrent_verify import verify_ops_capturable
+
+    class OwnVerify(ReferenceOps):
+        mamba_conv1d_verify = staticmethod(recurrent_verify.mamba_conv1d_verify)
+
+    class OwnVerifyDeclared(ReferenceOps):
+        mamba_conv1d_verify = staticmethod(recurrent_verify.mamba_conv1d_verify)
+        recurrent_verify_graphs = True
+
+    class OtherOps(ReferenceOps):  # no verify op of its own: the reference's, captured
+        pass
+
+    assert not verify_ops_capturable(OwnVerify())
+    assert verify_ops_capturable(OwnVerifyDeclared())
+    assert verify_ops_capturable(OtherOps())
+    assert verify_ops_capturable(ReferenceOps())

@@ -48,6 +48,9 @@ class ReferenceOps:
             cls.fused_moe_expert_map = False
         if "fused_moe" in cls.__dict__ and "fused_moe_int4" not in cls.__dict__:
             cls.fused_moe_int4 = False
+        if ("recurrent_verify_graphs" not in cls.__dict__
+                and any(name in cls.__dict__ for name in recurrent_verify.VERIFY_OPS)):
+            cls.recurrent_verify_graphs = False  # its own verify ops may read the host lists
 
     def fused_moe(self, hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
                   renormalize: bool = True, w13_scale=None, w2_scale=None, **variant):
