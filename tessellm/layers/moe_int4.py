@@ -96,11 +96,13 @@ def allocate(moe, quant, num_experts: int, hidden: int) -> None:
     if hidden % 8 or hidden % g13:
         raise ValueError(f"int4 experts need hidden_size {hidden} to be a multiple of 8 and of "
                          f"the group size {g13}; the config does not match the weights.")
-    if local % 8 or (local % g2 if local >= g2 else whole_i % g2):
+    # a rank's inputs of the down projection: whole groups, or a part of one group (a rank
+    # keeps one scale per row then; a slice across two groups would take the first's alone)
+    if local % 8 or (local % g2 if local >= g2 else g2 % local or whole_i % g2):
         raise ValueError(f"int4 experts need each rank's intermediate size ({local} at "
                          f"tensor_parallel_size={moe.tp.size if moe.sliced else 1}) to be a "
-                         f"multiple of 8 and of the group size {g2}; use a tensor_parallel_size "
-                         "that leaves whole groups per rank.")
+                         f"multiple of 8 and of the group size {g2} (or to divide it); use a "
+                         "tensor_parallel_size that leaves whole groups per rank.")
     groups2 = max(1, local // g2)
     scale_dtype = torch.float32 if torch.get_default_dtype() == torch.float32 else torch.float16
 

@@ -294,3 +294,22 @@ def test_dense_layers_left_unquantized_serve_float(checkpoints, tmp_path):
     attn = build(path).layers[0].self_attn
     assert all(isinstance(s, DenseWeight) for s in attn.qkv_proj.segments)
     assert generate(path, PROMPTS, MAX_NEW) == hf_greedy(dirs["deq"], PROMPTS, MAX_NEW)
+
+
+def test_a_rank_slice_across_two_groups_is_refused():
+    """Under tensor parallelism a rank's inputs of the down projection smaller than a group must
+    lie in one group (it keeps one scale per row): 96 inputs, groups of 32, 4 ranks of 24 would
+    give rank 1 inputs 24..47 (groups 0 and 1) with group 0's scale alone."""
+    from types import SimpleNamespace
+
+    from tessellm.layers import moe_int4
+
+    quant = SimpleNamespace(group_size=32)
+    for local, size in ((24, 4), (40, 3)):  # 96 / 4; 120 / 3 (40 = a group and a third)
+        moe = SimpleNamespace(local=local, tp=SimpleNamespace(size=size), sliced=True)
+        with pytest.raises(ValueError, match="multiple of 8 and of the group size 32 .or to divide it"):
+            moe_int4.allocate(moe, quant, num_experts=2, hidden=64)
+    for local, size in ((16, 4), (32, 2), (64, 1)):  # whole groups, or a part of one group
+        moe = SimpleNamespace(local=local, tp=SimpleNamespace(size=size), sliced=True)
+        moe_int4.allocate(moe, quant, num_experts=2, hidden=64)
+        assert moe.w2_scale.shape == (2, 64, max(1, local // 32))
