@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 from tessellm.layers.context import ModelContext
 from tessellm.layers.moe import FusedMoE
-from tessellm.layers.moe_fp8 import expert_quant
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.decoder import DecoderMLP
 from tessellm.models.deepseek_mla import MLAttention
@@ -90,11 +89,10 @@ class DeepseekMoE(nn.Module):
     """Routed experts plus shared experts; the output is a partial sum under tensor
     parallelism (each rank holds a slice of every expert and of the shared MLP)."""
 
-    def __init__(self, config, ctx: ModelContext, v3: bool):
+    def __init__(self, config, ctx: ModelContext, v3: bool, quant=None):
         super().__init__()
         inter = config.moe_intermediate_size
         self.gate = DeepseekRouter(config, v3)
-        quant = expert_quant(ctx.quant_spec) if ctx.quant_method is not None else None
         self.experts = FusedMoE(config.n_routed_experts, config.hidden_size, inter,
                                 config.num_experts_per_tok, ctx.ops, tp=ctx.tp, quant=quant,
                                 expert_parallel=ctx.expert_parallel)
@@ -139,6 +137,9 @@ class DeepseekV2ForCausalLM(_MoeForCausalLM):
     def make_attention(self, config, ctx: ModelContext, rotary, index: int) -> Optional[nn.Module]:
         return MLAttention(config, ctx, rotary, self.rope_interleaved(config))
 
+    def num_experts(self, config) -> int:
+        return config.n_routed_experts
+
     def is_sparse(self, config, index: int) -> bool:
         freq = getattr(config, "moe_layer_freq", 1) or 1
         return (config.n_routed_experts > 0 and index >= (config.first_k_dense_replace or 0)
@@ -147,7 +148,7 @@ class DeepseekV2ForCausalLM(_MoeForCausalLM):
     def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
         if not self.is_sparse(config, index):
             return DecoderMLP(config, ctx)
-        return DeepseekMoE(config, ctx, self.v3)
+        return DeepseekMoE(config, ctx, self.v3, self.layer_expert_quant(config, ctx, index))
 
     def attention_biases(self, config) -> tuple[bool, bool]:
         return False, False  # MLA's biases are its own (``attention_bias``, deepseek_mla.py)

@@ -82,7 +82,7 @@ class Ernie4_5_MoeForCausalLM(_MoeForCausalLM, Ernie4_5ForCausalLM):
         bias = self.mlp_bias(config)
         if not self.is_sparse(config, index):
             return DecoderMLP(config, ctx, bias=bias)
-        return ErnieMoE(config, ctx, self.expert_quant, summed=bias)
+        return ErnieMoE(config, ctx, self.layer_expert_quant(config, ctx, index), summed=bias)
 
     def rename(self, name: str) -> str:
         return name.replace(".mlp.moe_statics.", ".mlp.")

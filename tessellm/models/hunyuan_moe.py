@@ -52,7 +52,7 @@ class HunyuanMoE(nn.Module):
 
 class HunYuanMoEV1ForCausalLM(_MoeForCausalLM, HunYuanDenseV1ForCausalLM):
     def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
-        return HunyuanMoE(config, ctx, index, self.expert_quant)
+        return HunyuanMoE(config, ctx, index, self.layer_expert_quant(config, ctx, index))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """As the MoE families; the router (``mlp.gate.wg``) is our ``mlp.gate``, kept

@@ -86,7 +86,8 @@ class PhimoeForCausalLM(MixtralForCausalLM):
 
     def make_mlp(self, config, ctx: ModelContext, index: int) -> nn.Module:
         experts = FusedMoE(config.num_local_experts, config.hidden_size, config.intermediate_size,
-                           2, ctx.ops, tp=ctx.tp, quant=self.expert_quant)
+                           2, ctx.ops, tp=ctx.tp,
+                           quant=self.layer_expert_quant(config, ctx, index))
         return SparsemixerMoeBlock(experts, config.hidden_size, config.num_local_experts,
                                    float(getattr(config, "router_jitter_noise", 0.0) or 0.0))
 
