@@ -1,5 +1,5 @@
 """The warm-up of a model with Mamba layers leaves no Mamba kernel variant to compile: every
-Triton specialisation of the conv1d, conv state, chunked scan and state update launches that
+Triton specialisation of the conv1d, conv state, SSD scan kernels and state update launches that
 real requests of other lengths then hit was launched during the warm-up already.
 
 The cuda backend runs emulated (Triton's interpreter on the CPU), so nothing compiles here;
@@ -9,6 +9,7 @@ spy that forwards every launch to the real kernel."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from types import SimpleNamespace
 
@@ -17,12 +18,15 @@ import torch
 
 from tessellm import LLM, SamplingParams
 from tessellm.core import warmup
-from tessellm.kernels.mamba import chunk_scan, conv1d, state_update
+from tessellm.kernels.mamba import conv1d, ssd, state_update
 from tests.models.test_mamba2 import mamba2_config
 from tests.models.variant_parity import save_tiny
 
 KERNELS = [(conv1d, "_conv_out_kernel"), (conv1d, "_conv_state_kernel"),
-           (chunk_scan, "_chunk_scan_kernel"), (state_update, "_state_update_kernel")]
+           (ssd, "_dt_cumsum"), (ssd, "_chunk_cb"), (ssd, "_chunk_states"),
+           (ssd, "_state_passing"), (ssd, "_chunk_output"), (state_update, "_state_update_kernel")]
+# int arguments the kernels declare ``do_not_specialize`` (one variant for every value)
+UNSPECIALIZED = {"nc"}
 
 
 def _spec(value):
@@ -39,10 +43,12 @@ class _Spy:
 
     def __init__(self, name, kernel, seen):
         self.name, self.kernel, self.seen = name, kernel, seen
+        self.args = list(inspect.signature(kernel.fn).parameters)
 
     def __getitem__(self, grid):
         def launch(*args, **constexprs):
-            self.seen.add((self.name, tuple(map(_spec, args)), tuple(sorted(constexprs.items()))))
+            key = tuple("any" if n in UNSPECIALIZED else _spec(a) for n, a in zip(self.args, args))
+            self.seen.add((self.name, key, tuple(sorted(constexprs.items()))))
             return self.kernel[grid](*args, **constexprs)
         return launch
 

@@ -1,9 +1,10 @@
 """The Triton Mamba2 kernels (``kernels/mamba``: the causal conv1d with per-request state, the
-single-token state update, the chunked SSD scan) against the pure-torch reference ops on the
-CPU, at tiny sizes (the kernels on the GPU where there is one, else through the Triton
-interpreter on the CPU): mixed steps of decodes and prefill chunks shorter and longer than the
-conv window, non-consecutive state slots, sizes that are not powers of two, float32 and float16,
-and the strided views the mixer passes (x, B and C column slices of the conv's output)."""
+single-token state update, the chunked SSD scan: its parallel kernels and the sequential
+fallback) against the pure-torch reference ops on the CPU, at tiny sizes (the kernels on the GPU
+where there is one, else through the Triton interpreter on the CPU): mixed steps of decodes and
+prefill chunks shorter and longer than the conv window, non-consecutive state slots, sizes that
+are not powers of two, float32 and float16, and the strided views the mixer passes (x, B and C
+column slices of the conv's output)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,62 @@ def test_chunk_scan_matches_reference(dtype, dt_limit):
     tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got.cpu(), want, **tol)
     torch.testing.assert_close(got_state.cpu(), want_state, **tol)
+
+
+@pytest.mark.parametrize("dtype,groups",
+                         [(torch.float32, 2), (torch.float32, 1), (torch.float16, 1)])
+def test_ssd_kernels_over_many_chunks_match_reference(dtype, groups):
+    """The parallel SSD kernels (``kernels/mamba/ssd.py``) with 16-token chunks, so tiny
+    sequences span several: a sequence inside one chunk, one ending on a chunk boundary, longer
+    ones ending inside a chunk, from earlier states (one fresh), heads sharing B and C; the
+    state passing over chunks and the slots the step does not name (left alone)."""
+    from tessellm.kernels.mamba.ssd import ssd_chunk_scan
+
+    g = torch.Generator().manual_seed(5)
+    lengths, slots = [7, 48, 21, 70], [3, 0, 6, 1]
+    T, H, P, N = sum(lengths), 4, 12, 10
+    x = torch.randn(T, H, P, generator=g).to(dtype)
+    dt = (torch.randn(T, H, generator=g) - 1.0).to(dtype)
+    B, C = (torch.randn(T, groups, N, generator=g).to(dtype) for _ in range(2))
+    A = -torch.rand(H, generator=g) * 0.5 - 0.05
+    D, dt_bias = torch.randn(H, generator=g), torch.randn(H, generator=g) * 0.5
+    state = (torch.randn(7, H, P, N, generator=g) * 0.3).to(dtype)
+    state[0] = 0.0
+    batch = make_batch(lengths, slots, torch.device("cpu"))
+    want_state, got_state = state.clone(), state.clone().to(DEVICE)
+    want = ref.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, want_state, batch, 8)
+    got = ssd_chunk_scan(*_on_device(x, dt, A, B, C, D, dt_bias), got_state,
+                         make_batch(lengths, slots, DEVICE), chunk=16)
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.cpu(), want, **tol)
+    torch.testing.assert_close(got_state.cpu(), want_state, **tol)
+    torch.testing.assert_close(got_state.cpu()[[2, 4, 5]], state[[2, 4, 5]])
+
+
+def test_sequential_scan_fallback_matches_reference(monkeypatch):
+    """Where the SSD kernels' scratch would pass ``SSD_SCRATCH_LIMIT``, ``mamba_chunk_scan``
+    runs the sequential kernel: the same outputs and states."""
+    from tessellm.kernels.mamba import chunk_scan, ssd
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the SSD kernels ran past the scratch limit")
+
+    monkeypatch.setattr(chunk_scan, "SSD_SCRATCH_LIMIT", 0)
+    monkeypatch.setattr(ssd, "ssd_chunk_scan", refuse)
+    g = torch.Generator().manual_seed(6)
+    lengths, slots = [5, 40], [2, 0]
+    T, H, P, G, N = sum(lengths), 2, 8, 1, 16
+    x, dt = torch.randn(T, H, P, generator=g), torch.randn(T, H, generator=g) - 1.0
+    B, C = (torch.randn(T, G, N, generator=g) for _ in range(2))
+    A, D, dt_bias = -torch.rand(H, generator=g) - 0.1, torch.randn(H, generator=g), torch.zeros(H)
+    state = torch.randn(3, H, P, N, generator=g) * 0.3
+    want_state, got_state = state.clone(), state.clone().to(DEVICE)
+    want = ref.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, want_state,
+                              make_batch(lengths, slots, torch.device("cpu")), 8)
+    got = chunk_scan.mamba_chunk_scan(*_on_device(x, dt, A, B, C, D, dt_bias), got_state,
+                                      make_batch(lengths, slots, DEVICE), 8)
+    torch.testing.assert_close(got.cpu(), want, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(got_state.cpu(), want_state, atol=2e-4, rtol=2e-4)
 
 
 def test_mixer_step_on_strided_views_matches_reference():

@@ -1,10 +1,17 @@
 """The Mamba2 chunked SSD scan of prefill chunks in Triton (``FusedOps.mamba_chunk_scan``; the
 oracle is ``backends/reference/mamba.ssd_chunk_scan``).
 
-One program per (sequence, head, block of head dims) walks its sequence a chunk of ``Q`` tokens
-at a time, carrying that block of the state ``h [BLOCK_P, N]`` in registers from the slot's
-initial state to the final one, which it writes back. Per chunk, with ``a = cumsum(dt * A)``
-over its tokens (a token past the sequence's end has ``dt = 0``: no decay, no input)::
+``mamba_chunk_scan`` runs the parallel SSD kernels of ``ssd.py`` (parallel over chunks, heads
+and tiles). The sequential kernel here is their fallback where their scratch would not fit: it
+keeps the state in registers and needs no memory beyond ``y``, but walks each sequence's tokens
+in order (one program per sequence and head: ~1.3 us a token on an H100, 2 ms a layer for a
+1500-token chunk).
+
+The sequential kernel: one program per (sequence, head, block of head dims) walks its sequence a
+chunk of ``Q`` tokens at a time, carrying that block of the state ``h [BLOCK_P, N]`` in
+registers from the slot's initial state to the final one, which it writes back. Per chunk, with
+``a = cumsum(dt * A)`` over its tokens (a token past the sequence's end has ``dt = 0``: no
+decay, no input)::
 
     y   = ((C B^T) * [s <= l] exp(a_l - a_s)) @ (dt x)  +  exp(a_l) * (C @ h^T)  +  D x
     h   = exp(a_Q) h  +  (dt x * exp(a_Q - a_s))^T @ B
@@ -19,6 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from tessellm.kernels.mamba import ssd
 
 
 @triton.jit
@@ -74,10 +83,31 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dt_bias_ptr, s
     tl.store(sptrs, state.to(state_ptr.dtype.element_ty), mask=smask)
 
 
+# The SSD kernels' float32 chunk states ([chunks, H, P, N]) beyond this: the sequential kernel
+# (a 16k-token chunk of 128 heads of 64 x 128 is 1 GiB; serving steps stay far below).
+SSD_SCRATCH_LIMIT = 1 << 30
+
+
 def mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size: int,
                      dt_limit=(0.0, float("inf"))) -> torch.Tensor:
     """``x [T, H, P]``, ``dt [T, H]``, ``B, C [T, G, N]``, ``ssm_state [slots, H, P, N]``
     (contiguous); ``batch`` a ``MambaBatch``. Returns ``y [T, H, P]``."""
+    T, H, P = x.shape
+    N = ssm_state.shape[-1]
+    if T == 0 or not batch.state_indices_host:
+        return torch.empty_like(x)
+    x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
+    if not ssm_state.is_contiguous():
+        raise ValueError("mamba_chunk_scan needs a contiguous ssm_state.")
+    chunks = (T + len(batch.state_indices_host) * (ssd.CHUNK - 1)) // ssd.CHUNK  # at most
+    if chunks * H * P * N * 4 <= SSD_SCRATCH_LIMIT:
+        return ssd.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit)
+    return sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit)
+
+
+def sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
+                          dt_limit=(0.0, float("inf"))) -> torch.Tensor:
+    """The sequential kernel (arguments as ``mamba_chunk_scan``)."""
     T, H, P = x.shape
     N = ssm_state.shape[-1]
     y = torch.empty_like(x)

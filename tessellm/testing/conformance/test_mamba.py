@@ -2,7 +2,8 @@
 ``mamba_state_update``; declared by ``supports_mamba2``) against the token-by-token recurrence:
 a mixed step of decodes and prefill chunks of uneven lengths (shorter than the conv kernel,
 longer than a scan chunk) in non-consecutive state slots, continued over a second step so the
-states written by the first are read back; slots the step does not name stay untouched. And the
+states written by the first are read back; slots the step does not name stay untouched; prefill
+chunks of hundreds of tokens (many scan chunks) the same way. And the
 conv1d of a captured decode step, whose slots are on the device only."""
 
 from __future__ import annotations
@@ -109,6 +110,46 @@ def test_mamba_scan_and_state_update_match_the_recurrence(target, dt_limit):
             row += n
             start[i] = end
     torch.testing.assert_close(state.cpu()[[1, 3, 5, 7]], untouched)
+
+
+def test_mamba_scan_long_sequences_over_many_chunks(target):
+    """Prefill chunks of several hundred tokens (a parallel SSD kernel cuts them into chunks of
+    its own: 64 to 256 tokens), of different lengths, from earlier states, over two steps whose
+    cut falls inside a chunk, in non-consecutive slots; heads sharing B and C (one group)."""
+    dtype = torch.float32
+    ops = _mamba_ops(target, dtype)
+    g = torch.Generator().manual_seed(4)
+    h, p, n = 6, 8, 16
+    A = -torch.rand(h, generator=g) * 0.5 - 0.02  # slow decay: early tokens still count at the end
+    D, dt_bias = torch.randn(h, generator=g), torch.randn(h, generator=g) * 0.5
+    slots = [3, 0, 6]
+    steps = [[260, 37, 129], [100, 291, 5]]
+    total = [sum(s[i] for s in steps) for i in range(3)]
+    seqs = [(torch.randn(t, h, p, generator=g), torch.randn(t, h, generator=g) - 2.0,
+             torch.randn(t, 1, n, generator=g), torch.randn(t, 1, n, generator=g)) for t in total]
+    init = torch.randn(8, h, p, n, generator=g) * 0.3
+    init[0] = 0.0  # one fresh request
+    untouched = init[[1, 2, 4, 5, 7]].clone()
+    dev = target.device
+    state = init.clone().to(dev)
+    params = [t.to(dev) for t in (A, D, dt_bias)]
+    start = [0] * 3
+    for lengths in steps:
+        batch = _batch(lengths, slots, dev)
+        parts = [[t[start[i]:start[i] + k] for t in seqs[i]] for i, k in enumerate(lengths)]
+        x, dt, B, C = (torch.cat([q[j] for q in parts]).to(dev) for j in range(4))
+        got = ops.mamba_chunk_scan(x, dt, params[0], B, C, params[1], params[2], state,
+                                   batch.prefills, 256, (0.0, float("inf"))).cpu()
+        row = 0
+        for i, k in enumerate(lengths):
+            end = start[i] + k
+            xs, dts, Bs, Cs = (t[:end] for t in seqs[i])
+            want, final = sequential_scan(xs, dts, A, Bs, Cs, D, dt_bias, init[slots[i]])
+            torch.testing.assert_close(got[row:row + k], want[start[i]:end], atol=5e-4, rtol=5e-4)
+            torch.testing.assert_close(state[slots[i]].cpu(), final, atol=5e-4, rtol=5e-4)
+            row += k
+            start[i] = end
+    torch.testing.assert_close(state.cpu()[[1, 2, 4, 5, 7]], untouched)
 
 
 def test_mamba_conv1d_decodes_without_host_slots(target):

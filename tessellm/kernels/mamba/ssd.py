@@ -1,0 +1,257 @@
+"""The Mamba2 SSD scan of prefill chunks as parallel Triton kernels (``FusedOps.mamba_chunk_scan``;
+the oracle is ``backends/reference/mamba.ssd_chunk_scan``).
+
+Each sequence of the step is cut into chunks of ``Q`` tokens from its first token (its last
+chunk shorter), numbered over the whole step (``nc`` chunks). With ``a = cumsum(dt * A)`` over
+a chunk's tokens and ``h_in`` the state entering it::
+
+    y_l   = sum_{s <= l} (C_l . B_s) exp(a_l - a_s) dt_s x_s  +  exp(a_l) C_l . h_in  +  D x_l
+    h_out = exp(a_end) h_in  +  sum_s exp(a_end - a_s) dt_s x_s (outer) B_s
+
+Five launches, each parallel over chunks (and heads, tiles) except the third, which walks each
+sequence's chunks (a few dozen steps of an ``[H, P, N]`` update, not its tokens)::
+
+    1. _dt_cumsum     (chunk, heads)       dt = clamp(softplus(dt + bias)), a = cumsum(dt A)
+    2. _chunk_cb      (chunk, group, rows)  C B^T of the chunk, shared by the group's heads
+    3. _chunk_states  (chunk, head, tile)   the chunk's own contribution to h_out, h_in = 0
+    4. _state_passing (sequence, head, tile) h_in of every chunk from the slot's state; the
+                                              sequence's final state back to its slot
+    5. _chunk_output  (chunk rows, head, tile) y
+
+Everything is float32 (``tf32x3`` products for float32 inputs: float32-level accuracy; plain
+TF32 for 16-bit inputs, whose B, C and x are exact in TF32; float32 on ROCm). Scratch: the
+chunk states, float32 ``[nc, H, P, N]`` (the largest), and ``[H, nc, Q]`` dt and cumsums,
+``[nc, G, Q, Q]`` C B^T.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 128  # Q: tokens a chunk (a power of two, a multiple of the row / column blocks below)
+
+
+@triton.jit(do_not_specialize=["nc"])  # (one variant for any chunk count)
+def _dt_cumsum(dt_ptr, a_ptr, bias_ptr, meta_ptr, dtc_ptr, acs_ptr, H, nc, dt_lo, dt_hi,
+               sdt_t, CLAMP: tl.constexpr, Q: tl.constexpr, BLOCK_H: tl.constexpr):
+    c = tl.program_id(0)
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ls = tl.arange(0, Q)
+    start = tl.load(meta_ptr + 2 * c).to(tl.int64)
+    length = tl.load(meta_ptr + 2 * c + 1)
+    hm, lm = hs < H, ls < length
+    dt = tl.load(dt_ptr + (start + ls)[:, None] * sdt_t + hs[None, :],
+                 mask=lm[:, None] & hm[None, :], other=0.0).to(tl.float32)  # [Q, BLOCK_H]
+    dt += tl.load(bias_ptr + hs, mask=hm, other=0.0).to(tl.float32)[None, :]
+    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))
+    if CLAMP:
+        dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+    dt = tl.where(lm[:, None], dt, 0.0)  # past the sequence's end: no decay, no input
+    a = tl.cumsum(dt * tl.load(a_ptr + hs, mask=hm, other=0.0).to(tl.float32)[None, :], axis=0)
+    offs = hs[None, :].to(tl.int64) * nc * Q + c * Q + ls[:, None]
+    tl.store(dtc_ptr + offs, dt, mask=hm[None, :])
+    tl.store(acs_ptr + offs, a, mask=hm[None, :])
+
+
+@triton.jit
+def _chunk_cb(b_ptr, c_ptr, meta_ptr, cb_ptr, G, N, sb_t, sb_g, sc_t, sc_g,
+              PREC: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    c = tl.program_id(0)
+    g = tl.program_id(1)
+    m0 = tl.program_id(2) * BLOCK_M
+    start = tl.load(meta_ptr + 2 * c).to(tl.int64)
+    length = tl.load(meta_ptr + 2 * c + 1)
+    ls = m0 + tl.arange(0, BLOCK_M)
+    ss = tl.arange(0, Q)
+    ks = tl.arange(0, BLOCK_K)
+    lm, sm = ls < length, (ss < length) & (ss < m0 + BLOCK_M)  # the causal part only
+    acc = tl.zeros((BLOCK_M, Q), dtype=tl.float32)
+    for k0 in range(0, N, BLOCK_K):
+        km = k0 + ks < N
+        cc = tl.load(c_ptr + (start + ls)[:, None] * sc_t + g * sc_g + (k0 + ks)[None, :],
+                     mask=lm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        bb = tl.load(b_ptr + (start + ss)[:, None] * sb_t + g * sb_g + (k0 + ks)[None, :],
+                     mask=sm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(cc, tl.trans(bb), input_precision=PREC)
+    tl.store(cb_ptr + ((c.to(tl.int64) * G + g) * Q + ls[:, None]) * Q + ss[None, :], acc)
+
+
+@triton.jit(do_not_specialize=["nc"])  # (one variant for any chunk count)
+def _chunk_states(x_ptr, b_ptr, meta_ptr, dtc_ptr, acs_ptr, st_ptr, H, heads_per_group, P, N,
+                  nc, sx_t, sx_h, sb_t, sb_g, PREC: tl.constexpr, Q: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    ps = (tl.program_id(2) // tiles_n) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ns = (tl.program_id(2) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pm, nm = ps < P, ns < N
+    g = h // heads_per_group
+    start = tl.load(meta_ptr + 2 * c).to(tl.int64)
+    length = tl.load(meta_ptr + 2 * c + 1)
+    row = (h.to(tl.int64) * nc + c) * Q
+    a_end = tl.load(acs_ptr + row + Q - 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for s0 in range(0, length, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        sm = ss < length
+        w = tl.load(dtc_ptr + row + ss) * tl.exp(a_end - tl.load(acs_ptr + row + ss))
+        x = tl.load(x_ptr + (start + ss)[:, None] * sx_t + h * sx_h + ps[None, :],
+                    mask=sm[:, None] & pm[None, :], other=0.0).to(tl.float32)  # [S, BLOCK_P]
+        bb = tl.load(b_ptr + (start + ss)[:, None] * sb_t + g * sb_g + ns[None, :],
+                     mask=sm[:, None] & nm[None, :], other=0.0).to(tl.float32)  # [S, BLOCK_N]
+        acc += tl.dot(tl.trans(x * w[:, None]), bb, input_precision=PREC)
+    tl.store(st_ptr + ((c.to(tl.int64) * H + h) * P + ps[:, None]) * N + ns[None, :], acc,
+             mask=pm[:, None] & nm[None, :])
+
+
+@triton.jit(do_not_specialize=["nc"])  # (one variant for any chunk count)
+def _state_passing(state_ptr, idx_ptr, seq_chunks_ptr, acs_ptr, st_ptr, H, PN, nc, ss_slot,
+                   ss_h, Q: tl.constexpr, BLOCK: tl.constexpr):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    slot = tl.load(idx_ptr + s).to(tl.int64)
+    c0 = tl.load(seq_chunks_ptr + s).to(tl.int64)
+    n = tl.load(seq_chunks_ptr + s + 1) - tl.load(seq_chunks_ptr + s)
+    sptrs = state_ptr + slot * ss_slot + h * ss_h + offs  # a head's [P, N] is contiguous
+    state = tl.load(sptrs, mask=m, other=0.0).to(tl.float32)
+    for i in range(0, n):
+        c = c0 + i
+        ptrs = st_ptr + (c * H + h) * PN + offs
+        own = tl.load(ptrs, mask=m, other=0.0)
+        tl.store(ptrs, state, mask=m)  # the chunk's slot now holds the state entering it
+        decay = tl.exp(tl.load(acs_ptr + (h * nc + c) * Q + Q - 1))
+        state = decay * state + own
+    tl.store(sptrs, state.to(state_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["nc"])  # (one variant for any chunk count)
+def _chunk_output(x_ptr, c_ptr, d_ptr, meta_ptr, dtc_ptr, acs_ptr, cb_ptr, st_ptr, y_ptr, H, G,
+                  heads_per_group, P, N, nc, sx_t, sx_h, sc_t, sc_g, sy_t, sy_h,
+                  PREC: tl.constexpr, Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    c = tl.program_id(0) // (Q // BLOCK_M)
+    m0 = (tl.program_id(0) % (Q // BLOCK_M)) * BLOCK_M
+    h = tl.program_id(1)
+    ps = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    start = tl.load(meta_ptr + 2 * c).to(tl.int64)
+    length = tl.load(meta_ptr + 2 * c + 1)
+    if m0 >= length:
+        return
+    g = h // heads_per_group
+    ls = m0 + tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    lm, pm = ls < length, ps < P
+    row = (h.to(tl.int64) * nc + c) * Q
+    a_l = tl.load(acs_ptr + row + ls)
+    # the state entering the chunk, read through C: exp(a_l) C_l . h_in
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    st = st_ptr + (c.to(tl.int64) * H + h) * P * N
+    for k0 in range(0, N, BLOCK_K):
+        km = k0 + ks < N
+        cc = tl.load(c_ptr + (start + ls)[:, None] * sc_t + g * sc_g + (k0 + ks)[None, :],
+                     mask=lm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        hh = tl.load(st + ps[None, :] * N + (k0 + ks)[:, None], mask=km[:, None] & pm[None, :],
+                     other=0.0)  # [BLOCK_K, BLOCK_P]
+        acc += tl.dot(cc, hh, input_precision=PREC)
+    acc *= tl.exp(a_l)[:, None]
+    # the chunk's own tokens up to each row: (C B^T * decay) @ (dt x)
+    cb = cb_ptr + ((c.to(tl.int64) * G + g) * Q + ls[:, None]) * Q
+    for s0 in range(0, tl.minimum(m0 + BLOCK_M, length), BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        sm = ss < length
+        a_s = tl.load(acs_ptr + row + ss)
+        dt_s = tl.load(dtc_ptr + row + ss)
+        causal = (ls[:, None] >= ss[None, :]) & sm[None, :]
+        w = tl.load(cb + ss[None, :]) * tl.exp(tl.where(causal, a_l[:, None] - a_s[None, :],
+                                                          float("-inf")))
+        x = tl.load(x_ptr + (start + ss)[:, None] * sx_t + h * sx_h + ps[None, :],
+                    mask=sm[:, None] & pm[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(w, x * dt_s[:, None], input_precision=PREC)
+    x = tl.load(x_ptr + (start + ls)[:, None] * sx_t + h * sx_h + ps[None, :],
+                mask=lm[:, None] & pm[None, :], other=0.0).to(tl.float32)
+    acc += tl.load(d_ptr + h).to(tl.float32) * x
+    tl.store(y_ptr + (start + ls)[:, None] * sy_t + h * sy_h + ps[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=lm[:, None] & pm[None, :])
+
+
+class _Chunks:
+    """A step's chunking, on the device: per chunk ``[token start, length]`` (int32 ``[nc, 2]``)
+    and per sequence its first chunk (int32 ``[seqs + 1]``)."""
+
+    def __init__(self, qsl_host: list[int], q: int, device: torch.device):
+        meta, firsts = [], [0]
+        for lo, hi in zip(qsl_host[:-1], qsl_host[1:]):
+            for c0 in range(lo, hi, q):
+                meta += (c0, min(q, hi - c0))
+            firsts.append(len(meta) // 2)
+        self.count = len(meta) // 2
+        meta += [0] * (-len(meta) % 4)  # seq_chunks 16-byte aligned (one Triton variant)
+        both = torch.tensor(meta + firsts, dtype=torch.int32).to(device, non_blocking=True)
+        self.meta, self.seq_chunks = both[:len(meta)], both[len(meta):]
+
+
+# The last step's chunking: every Mamba layer of a step scans the same batch (one upload a step)
+_last: tuple = (None, 0, None)
+
+
+def _chunks(batch, q: int) -> _Chunks:
+    global _last
+    if _last[0] is not batch or _last[1] != q:  # (the cache holds the batch: ``is`` is safe)
+        _last = (batch, q, _Chunks(batch.query_start_loc_host, q, batch.query_start_loc.device))
+    return _last[2]
+
+
+def ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit=(0.0, float("inf")),
+                   chunk: int = CHUNK) -> torch.Tensor:
+    """``x [T, H, P]``, ``dt [T, H]``, ``B, C [T, G, N]`` (last dim contiguous), ``ssm_state
+    [slots, H, P, N]`` (contiguous); ``batch`` a ``MambaBatch`` with host lists. Returns
+    ``y [T, H, P]``; each sequence's final state is written to its slot."""
+    T, H, P = x.shape
+    G, N = B.shape[1], ssm_state.shape[-1]
+    y = torch.empty_like(x)
+    seqs = len(batch.state_indices_host)
+    chunks = _chunks(batch, chunk)
+    nc, Q = chunks.count, chunk
+    if nc == 0:
+        return y
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    # (ROCm's Triton may not take TF32 products: full float32 there for 16-bit inputs)
+    prec = "tf32x3" if x.dtype == torch.float32 else ("ieee" if torch.version.hip else "tf32")
+    dev = x.device
+    dtc = torch.empty(H, nc, Q, dtype=torch.float32, device=dev)
+    acs = torch.empty(H, nc, Q, dtype=torch.float32, device=dev)
+    cb = torch.empty(nc, G, Q, Q, dtype=torch.float32, device=dev)
+    states = torch.empty(nc, H, P, N, dtype=torch.float32, device=dev)
+    block_h = min(16, triton.next_power_of_2(H))
+    _dt_cumsum[(nc, triton.cdiv(H, block_h))](
+        dt, A, dt_bias, chunks.meta, dtc, acs, H, nc, lo, hi if hi != float("inf") else 3.0e38,
+        dt.stride(0), CLAMP=lo > 0.0 or hi != float("inf"), Q=Q, BLOCK_H=block_h)
+    # Tiles and warps: no register spills in ptxas -v for sm_90 at Mamba2-2.7B / Granite 4.0-H
+    # sizes (P 64, N 128), TF32 and tf32x3 alike; not tuned on a GPU yet.
+    block_k = max(16, min(32, triton.next_power_of_2(N)))
+    cb_m = min(32, Q)
+    _chunk_cb[(nc, G, Q // cb_m)](
+        B, C, chunks.meta, cb, G, N, B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        PREC=prec, Q=Q, BLOCK_M=cb_m, BLOCK_K=block_k, num_warps=8)
+    block_p = max(16, min(64, triton.next_power_of_2(P)))
+    block_n = max(16, min(64, triton.next_power_of_2(N)))
+    block_s = min(32, Q)
+    _chunk_states[(nc, H, triton.cdiv(P, block_p) * triton.cdiv(N, block_n))](
+        x, B, chunks.meta, dtc, acs, states, H, H // G, P, N, nc, x.stride(0), x.stride(1),
+        B.stride(0), B.stride(1), PREC=prec, Q=Q, BLOCK_S=block_s, BLOCK_P=block_p,
+        BLOCK_N=block_n)
+    block = min(1024, triton.next_power_of_2(P * N))
+    _state_passing[(seqs, H, triton.cdiv(P * N, block))](
+        ssm_state, batch.state_indices, chunks.seq_chunks, acs, states, H, P * N, nc,
+        ssm_state.stride(0), ssm_state.stride(1), Q=Q, BLOCK=block)
+    block_m = min(64, Q)
+    _chunk_output[(nc * (Q // block_m), H, triton.cdiv(P, block_p))](
+        x, C, D, chunks.meta, dtc, acs, cb, states, y, H, G, H // G, P, N, nc, x.stride(0),
+        x.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1), PREC=prec, Q=Q,
+        BLOCK_M=block_m, BLOCK_S=block_s, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=8)
+    return y
