@@ -12,8 +12,8 @@ served by tessellm and by HF transformers. The stored multi-part tensors (a Mamb
 MLP) are cut by output columns, in 8-column words where the format packs along the outputs
 (``quantization/stored_parts.py``): a wrong cut gives other tokens. A part that ends inside a
 packed word (Qwen3-Next-80B's ``in_proj_ba``: [b 2 | a 2] per key head) is refused naming the
-layer. Qwen3-Next's MoE experts are not served in int4 (tessellm keeps experts in fp8 only):
-its tiny model here has dense MLPs (``mlp_only_layers``).
+layer. Qwen3-Next's tiny model here has dense MLPs (``mlp_only_layers``); its int4 MoE experts
+(and Granite 4.0-H's float ones beside int4 projections) are served in ``test_moe_int4.py``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _configs():
                   max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.1)
     return {
         # per key head: in_proj_qkvz [q 32 | k 32 | v 64 | z 64], in_proj_ba [b 8 | a 8] (whole
-        # words of 8 outputs); dense MLPs (mlp_only_layers): tessellm keeps MoE experts in fp8
+        # words of 8 outputs); dense MLPs (mlp_only_layers): int4 experts in test_moe_int4.py
         "qwen3-next": Qwen3NextConfig(**common, num_hidden_layers=2, head_dim=32,
                                       mlp_only_layers=[0, 1],
                                       linear_num_key_heads=2, linear_num_value_heads=16,
