@@ -121,6 +121,34 @@ def test_ssd_kernels_over_many_chunks_match_reference(dtype, groups):
     torch.testing.assert_close(got_state.cpu()[[2, 4, 5]], state[[2, 4, 5]])
 
 
+def test_ssd_chunking_lives_with_its_batch():
+    """The SSD scan's per-step chunking is made once per ``MambaBatch`` (every Mamba layer of a
+    step scans the same batch) and kept on that batch: nothing in the module holds a step's
+    batch (and its device tensors) after the step, e.g. past an engine's shutdown."""
+    import gc
+    import weakref
+
+    from tessellm.kernels.mamba import ssd
+
+    g = torch.Generator().manual_seed(1)
+    T, H, P, N = 20, 2, 4, 8
+    x, dt = torch.randn(T, H, P, generator=g), torch.randn(T, H, generator=g) - 1.0
+    B, C = (torch.randn(T, 1, N, generator=g) for _ in range(2))
+    A, D, dt_bias = -torch.rand(H, generator=g) - 0.1, torch.randn(H, generator=g), torch.zeros(H)
+    state = torch.zeros(3, H, P, N)
+    batch = make_batch([5, 15], [2, 0], DEVICE)
+    args = _on_device(x, dt, A, B, C, D, dt_bias)
+    first = ssd.ssd_chunk_scan(*args, state.clone().to(DEVICE), batch, chunk=16)
+    made = ssd._chunks(batch, 16)
+    assert ssd._chunks(batch, 16) is made  # once a step, for every layer
+    again = ssd.ssd_chunk_scan(*args, state.clone().to(DEVICE), batch, chunk=16)
+    torch.testing.assert_close(again, first)
+    gone = weakref.ref(batch)
+    del batch
+    gc.collect()
+    assert gone() is None
+
+
 def test_sequential_scan_fallback_matches_reference(monkeypatch):
     """Where the SSD kernels' scratch would pass ``SSD_SCRATCH_LIMIT``, ``mamba_chunk_scan``
     runs the sequential kernel: the same outputs and states."""

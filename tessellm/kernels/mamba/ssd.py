@@ -195,15 +195,15 @@ class _Chunks:
         self.meta, self.seq_chunks = both[:len(meta)], both[len(meta):]
 
 
-# The last step's chunking: every Mamba layer of a step scans the same batch (one upload a step)
-_last: tuple = (None, 0, None)
-
-
 def _chunks(batch, q: int) -> _Chunks:
-    global _last
-    if _last[0] is not batch or _last[1] != q:  # (the cache holds the batch: ``is`` is safe)
-        _last = (batch, q, _Chunks(batch.query_start_loc_host, q, batch.query_start_loc.device))
-    return _last[2]
+    """The step's chunking, made by its first Mamba layer and kept on the batch (every layer
+    of a step scans the same batch: one upload a step; it goes with the batch, as
+    ``MambaBatch.positions`` does)."""
+    made = getattr(batch, "_ssd_chunks", None)
+    if made is None or made[0] != q:
+        made = (q, _Chunks(batch.query_start_loc_host, q, batch.query_start_loc.device))
+        batch._ssd_chunks = made
+    return made[1]
 
 
 def ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit=(0.0, float("inf")),
