@@ -161,6 +161,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
 
 class MixtralForCausalLM(_MoeForCausalLM):
     moe_prefix = ".block_sparse_moe."
+
     def num_experts(self, config) -> int:
         return config.num_local_experts
 
