@@ -147,6 +147,27 @@ def test_ssd_chunking_lives_with_its_batch():
     del batch
     gc.collect()
     assert gone() is None
+def test_ssd_chunking_follows_the_batch_contents():
+    """The SSD kernels' chunking, built once for a step's layers, is rebuilt when a batch object
+    is reused with other sequence lengths (its host and device lists rewritten in place)."""
+    from tessellm.kernels.mamba.ssd import ssd_chunk_scan
+
+    g = torch.Generator().manual_seed(7)
+    T, H, P, G, N = 70, 2, 8, 1, 16
+    x, dt = torch.randn(T, H, P, generator=g), torch.randn(T, H, generator=g) - 1.0
+    B, C = (torch.randn(T, G, N, generator=g) for _ in range(2))
+    A, D, dt_bias = -torch.rand(H, generator=g) - 0.1, torch.randn(H, generator=g), torch.zeros(H)
+    args = _on_device(x, dt, A, B, C, D, dt_bias)
+    batch = make_batch([40, 30], [0, 1], DEVICE)
+    ssd_chunk_scan(*args, torch.zeros(2, H, P, N, device=DEVICE), batch, chunk=16)
+    batch.query_start_loc_host[:] = [0, 20, 70]
+    batch.query_start_loc.copy_(torch.tensor([0, 20, 70], dtype=torch.int32))
+    want_state, got_state = torch.zeros(2, H, P, N), torch.zeros(2, H, P, N, device=DEVICE)
+    want = ref.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, want_state,
+                              make_batch([20, 50], [0, 1], torch.device("cpu")), 8)
+    got = ssd_chunk_scan(*args, got_state, batch, chunk=16)
+    torch.testing.assert_close(got.cpu(), want, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(got_state.cpu(), want_state, atol=2e-4, rtol=2e-4)
 
 
 def test_sequential_scan_fallback_matches_reference(monkeypatch):

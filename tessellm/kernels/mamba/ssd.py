@@ -198,10 +198,12 @@ class _Chunks:
 def _chunks(batch, q: int) -> _Chunks:
     """The step's chunking, made by its first Mamba layer and kept on the batch (every layer
     of a step scans the same batch: one upload a step; it goes with the batch, as
-    ``MambaBatch.positions`` does)."""
+    ``MambaBatch.positions`` does). Keyed by the sequence bounds too: a batch object reused
+    with other lengths (its lists rewritten in place) gets its own."""
+    key = (q, tuple(batch.query_start_loc_host))
     made = getattr(batch, "_ssd_chunks", None)
-    if made is None or made[0] != q:
-        made = (q, _Chunks(batch.query_start_loc_host, q, batch.query_start_loc.device))
+    if made is None or made[0] != key:
+        made = (key, _Chunks(batch.query_start_loc_host, q, batch.query_start_loc.device))
         batch._ssd_chunks = made
     return made[1]
 
