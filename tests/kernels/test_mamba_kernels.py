@@ -147,6 +147,8 @@ def test_ssd_chunking_lives_with_its_batch():
     del batch
     gc.collect()
     assert gone() is None
+
+
 def test_ssd_chunking_follows_the_batch_contents():
     """The SSD kernels' chunking, built once for a step's layers, is rebuilt when a batch object
     is reused with other sequence lengths (its host and device lists rewritten in place)."""
