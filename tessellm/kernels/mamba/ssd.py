@@ -119,13 +119,19 @@ def _state_passing(state_ptr, idx_ptr, seq_chunks_ptr, acs_ptr, st_ptr, H, PN, n
     n = tl.load(seq_chunks_ptr + s + 1) - tl.load(seq_chunks_ptr + s)
     sptrs = state_ptr + slot * ss_slot + h * ss_h + offs  # a head's [P, N] is contiguous
     state = tl.load(sptrs, mask=m, other=0.0).to(tl.float32)
+    # chunk c + 1's own state and decay are loaded before chunk c's store (prefetched: the loop
+    # is latency-bound, and the store may alias the next load for the compiler)
+    ptrs = st_ptr + (c0 * H + h) * PN + offs
+    dec = tl.load(acs_ptr + (h * nc + c0) * Q + Q - 1, mask=n > 0, other=0.0)
+    own = tl.load(ptrs, mask=m & (offs < PN * n), other=0.0)  # (n == 0: nothing to load)
     for i in range(0, n):
-        c = c0 + i
-        ptrs = st_ptr + (c * H + h) * PN + offs
-        own = tl.load(ptrs, mask=m, other=0.0)
+        dec_next = tl.load(acs_ptr + (h * nc + c0 + i + 1) * Q + Q - 1, mask=i + 1 < n,
+                           other=0.0)
+        own_next = tl.load(ptrs + H * PN, mask=m & (offs < PN * (n - 1 - i)), other=0.0)
         tl.store(ptrs, state, mask=m)  # the chunk's slot now holds the state entering it
-        decay = tl.exp(tl.load(acs_ptr + (h * nc + c) * Q + Q - 1))
-        state = decay * state + own
+        state = tl.exp(dec) * state + own
+        ptrs += H * PN
+        dec, own = dec_next, own_next
     tl.store(sptrs, state.to(state_ptr.dtype.element_ty), mask=m)
 
 
