@@ -609,7 +609,8 @@ class FusedOps(Protocol):
     # True`` (a model with Mamba layers is refused at load otherwise). Oracles and exact
     # semantics: ``backends/reference/mamba.py``; conformance ``test_mamba.py``. ``batch`` is a
     # ``MambaBatch``; states live in slots (``conv_state [slots, C, K-1]``, ``ssm_state [slots,
-    # H, P, N]``), read and written in place at ``batch.state_indices``:
+    # H, P, N]``), read and written in place at ``batch.state_indices``. Token inputs (x, dt,
+    # B, C) are views of the mixer's projections: the last dim contiguous, rows strided.
     # ``mamba_conv1d(x [T, C], weight [C, K], bias [C] | None, conv_state, batch, activation)``:
     # each sequence's depthwise causal conv continuing from its state (SiLU when activation is
     # "silu"), ``[T, C]`` out. ``mamba_chunk_scan(x [T, H, P], dt [T, H], A [H], B [T, G, N],

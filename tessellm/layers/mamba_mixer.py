@@ -102,6 +102,7 @@ class MambaMixer2(nn.Module):
                                           reduce_results=reduce_output or out_bias)
         self.conv_state = self.ssm_state = None  # bound by the state cache
         self.step = None
+        self._decay: Optional[tuple[int, torch.Tensor]] = None  # (A_log's version, A): decay()
 
     def load_checkpoint_tensor(self, attr: str, tensor) -> None:
         """``attr``: the name under the mixer (``in_proj.weight``, ``conv1d.weight``, ``A_log``,
@@ -139,18 +140,35 @@ class MambaMixer2(nn.Module):
         """The state cache's tensors for this layer and the step holder it sets each step."""
         self.conv_state, self.ssm_state, self.step = conv_state, ssm_state, step
 
+    def decay(self) -> torch.Tensor:
+        """``A = -exp(A_log)`` in float32, made once and again only when ``A_log`` changes in
+        place (its version counter moves: a weight update or wake-up marks it,
+        ``runner_sleep.mark_weights_changed``), not three launches per layer and step. Made
+        afresh where a cached tensor could go stale or cannot be tracked: inside a CUDA graph
+        capture (a replay after a weight update reads ``A_log`` itself), under
+        ``torch.compile``, or for an inference-mode ``A_log`` (no version counter)."""
+        a_log = self.A_log
+        if (torch.compiler.is_compiling() or a_log.is_inference()
+                or (a_log.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return -torch.exp(a_log.float())
+        version = a_log._version
+        if self._decay is None or self._decay[0] != version:
+            self._decay = (version, -torch.exp(a_log.float()))
+        return self._decay[1]
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         s, n, batch, t = self.shape, self.local, self.step.batch, hidden.shape[0]
         gn = n.n_groups * s.d_state
+        # xbc and dt stay column views of in_proj's output (rows strided, the last dim
+        # contiguous: what the ops take, ``backends/spec.py``), no copy each
         z, xbc, dt = self.in_proj(hidden).split([n.intermediate, n.conv_dim, n.num_heads], dim=-1)
-        xbc, m = causal_conv(self.ops, xbc.contiguous(), self.conv1d.weight[:, 0],
+        xbc, m = causal_conv(self.ops, xbc, self.conv1d.weight[:, 0],
                              self.conv1d.bias, self.conv_state, batch)
         x, B, C = xbc.split([n.intermediate, gn, gn], dim=-1)
         x = x.reshape(t, n.num_heads, s.head_dim)
         B = B.reshape(t, n.n_groups, s.d_state)
         C = C.reshape(t, n.n_groups, s.d_state)
-        dt = dt.contiguous()
-        A = -torch.exp(self.A_log.float())
+        A = self.decay()
         nd = batch.num_decodes
         parts = []
         if nd:
@@ -203,15 +221,18 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
 
     ``before_gate`` (HF's ``FalconH1RMSNormGated`` with ``norm_before_gate``): ``y`` is normed
     (float32), times ``weight``, then times ``silu(z)``, then rounded to y's dtype."""
-    h = y.float() if before_gate else y.float() * F.silu(z.float())
+    # y * silu(z) and weight * g promote to float32 inside one kernel (y, weight exact in it):
+    # no separate casts; the group norm is one F.rms_norm (one fused kernel where torch has
+    # one, e.g. CUDA), not pow, mean, add, rsqrt and mul
+    h = y.float() if before_gate else F.silu(z.float()) * y
     g = h.reshape(*h.shape[:-1], groups, -1)
     if reduce is None:
-        var = g.pow(2).mean(-1, keepdim=True)
+        g = F.rms_norm(g, (g.shape[-1],), eps=eps).reshape(h.shape)
     else:
         var = reduce.all_reduce(g.pow(2).sum(-1, keepdim=True)) / group_size
-    g = (g * torch.rsqrt(var + eps)).reshape(h.shape)
+        g = (g * torch.rsqrt(var + eps)).reshape(h.shape)
     if before_gate:
-        return (weight.float() * g * F.silu(z.float())).to(y.dtype)
+        return (weight * g * F.silu(z.float())).to(y.dtype)
     return weight * g.to(y.dtype)
 
 

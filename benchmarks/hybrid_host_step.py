@@ -1,0 +1,133 @@
+"""Host time of a hybrid model's eager prefill step after a recurrent-state prefix hit, and
+the torch ops it runs per layer: random weights, token ids fed (the models of
+``recurrent_state_graphs.py``; ``--tiny`` shrinks their widths to 64 for the CPU, where the
+op path is the same shared mixer code around the backend's ops).
+
+Per model an engine starts with prefix caching on; prompt A (``--input-len`` tokens) is
+answered with one token, then B = A + ``--suffix`` tokens: B starts from A's snapshot and
+computes its ``suffix`` (+ A's tail past its last full block) tokens in eager steps. Per round
+``step_ms`` holds B's engine steps' wall times (medians over rounds), ``b_ms`` their sum and
+``b_ms_per_layer`` that over the layers; the last round runs under the torch
+profiler: ``ops_per_layer`` is the number of aten ops (top-level calls, not their children)
+in B's steps over the number of layers, ``top_ops`` the most frequent. One JSON line per
+model::
+
+    python benchmarks/hybrid_host_step.py --device cpu --tiny --models mamba2 granite4h
+    python benchmarks/hybrid_host_step.py --device cuda --models mamba2 granite4h
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from recurrent_state_graphs import write_config  # noqa: E402
+
+
+def shrink(path: str) -> None:
+    """The written config at widths of 64 (CPU runs: host work, not products, dominates)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    small = {"hidden_size": 64, "num_heads": 4, "head_dim": 32, "state_size": 16,
+             "vocab_size": 1024, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128, "shared_intermediate_size": 128, "mamba_n_heads": 4,
+             "mamba_d_head": 32, "mamba_d_state": 16}
+    for key, value in small.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    config.save_pretrained(path)
+
+
+def aten_counts(prof) -> collections.Counter:
+    """Top-level aten ops (an op called inside another is not counted again)."""
+    counts = collections.Counter()
+    for event in prof.events():
+        if event.name.startswith("aten::") and (event.cpu_parent is None
+                                                or not event.cpu_parent.name.startswith("aten::")):
+            counts[event.name] += 1
+    return counts
+
+
+def run(path: str, input_len: int, suffix: int, device: str, dtype: str, trials: int) -> dict:
+    import torch
+
+    from tessellm import LLM, SamplingParams
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    rounds, counts = [], collections.Counter()
+    with LLM(path, load_format="dummy", dtype=dtype, max_model_len=input_len + suffix + 64,
+             max_num_seqs=4, enable_prefix_caching=True, device=device) as llm:
+        core = llm.engine.core
+        layers = core.runner.model.config.num_hidden_layers
+        step = core.step
+        for trial in range(trials + 1):
+            a = [(7 * j + 13 * trial) % 1000 + 10 for j in range(input_len)]
+            b = a + [(11 * j + 17 * trial) % 1000 + 10 for j in range(suffix)]
+            llm.generate([{"prompt_token_ids": a}], one, use_tqdm=False)
+            sync()
+            times, profiled = [], trial == trials
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+            def timed(*args, _times=times, **kwargs):
+                if profiled:
+                    prof.__enter__()
+                t0 = time.perf_counter()
+                try:
+                    out = step(*args, **kwargs)
+                    sync()
+                    return out
+                finally:
+                    _times.append((time.perf_counter() - t0) * 1e3)
+                    if profiled:
+                        prof.__exit__(None, None, None)
+                        counts.update(aten_counts(prof))
+
+            core.step = timed
+            out = llm.generate([{"prompt_token_ids": b}], one, use_tqdm=False)[0]
+            del core.step
+            if not profiled:
+                rounds.append(times)
+        computed = len(b) - out.num_cached_tokens
+    steps = [t for t in zip(*rounds)]  # per step position: its time in each round
+    total = sum(counts.values())
+    return {"layers": layers, "cached_tokens": out.num_cached_tokens, "computed": computed,
+            "step_ms": [round(statistics.median(s), 2) for s in steps],
+            "b_ms": round(statistics.median(sum(r) for r in rounds), 2),
+            "b_ms_per_layer": round(statistics.median(sum(r) for r in rounds) / layers, 3),
+            "ops_per_layer": round(total / layers, 1),
+            "top_ops": {k: round(v / layers, 1) for k, v in counts.most_common(12)}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["mamba2"])
+    p.add_argument("--layers", type=int, default=0, help="0: the model's own layer count")
+    p.add_argument("--input-len", type=int, default=200)
+    p.add_argument("--suffix", type=int, default=40)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="", help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--tiny", action="store_true", help="widths of 64 (CPU)")
+    p.add_argument("--trials", type=int, default=3)
+    args = p.parse_args()
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    with tempfile.TemporaryDirectory() as root:
+        for name in args.models:
+            path = write_config(name, args.layers, root)
+            if args.tiny:
+                shrink(path)
+            row = {"model": name, "device": args.device, "dtype": dtype, "tiny": args.tiny,
+                   **run(path, args.input_len, args.suffix, args.device, dtype, args.trials)}
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

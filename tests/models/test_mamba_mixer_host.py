@@ -1,0 +1,100 @@
+"""Host work of the Mamba2 mixer's eager steps (``layers/mamba_mixer.py``): per layer and step,
+the mixer's own code around the backend's ops copies nothing (in_proj's parts go to the ops
+as views) and does not recompute ``A = -exp(A_log)``, which is made once and again only after
+a weight update. Counted with a dispatch mode on the CPU, the backend's ops (which do run)
+left out of the count."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tessellm.backends.reference.ops import ReferenceOps
+from tessellm.core.mamba_state import MambaStateCache, make_batch
+from tessellm.core.runner_sleep import mark_weights_changed
+from tessellm.layers.context import ModelContext
+from tessellm.layers.mamba_mixer import MambaMixer2, MambaShape
+
+SHAPE = MambaShape(hidden_size=32, num_heads=4, head_dim=16, n_groups=2, d_state=8, d_conv=4,
+                   chunk_size=8, proj_bias=False, conv_bias=True, eps=1e-5,
+                   dt_limit=(0.0, float("inf")))
+
+
+class _Count(TorchDispatchMode):
+    """Aten ops by name, except while ``paused``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.off = collections.Counter(), 0
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.off += 1
+        try:
+            yield
+        finally:
+            self.off -= 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.off:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _OpsUncounted:
+    """The backend's ops, each run with the counter paused: what is counted is the mixer's."""
+
+    def __init__(self, ops, count: _Count):
+        self._ops, self._count = ops, count
+
+    def __getattr__(self, name):
+        value = getattr(self._ops, name)
+        if not callable(value):
+            return value
+
+        def call(*args, **kwargs):
+            with self._count.paused():
+                return value(*args, **kwargs)
+        return call
+
+
+def _mixer(count: _Count) -> tuple[MambaMixer2, MambaStateCache]:
+    torch.manual_seed(0)
+    ctx = ModelContext(ops=_OpsUncounted(ReferenceOps(), count), make_attention_kernel=None,
+                       dtype=torch.float32, device=torch.device("cpu"))
+    mixer = MambaMixer2(SHAPE, ctx)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    cache = MambaStateCache([mixer], num_slots=3, device=torch.device("cpu"), dtype=torch.float32)
+    return mixer, cache
+
+
+def test_mixer_step_copies_nothing_and_reuses_its_decay():
+    count = _Count()
+    mixer, cache = _mixer(count)
+    hidden = torch.randn(1 + 1 + 7 + 12, SHAPE.hidden_size)
+    cache.step.batch = make_batch([1, 1, 7, 12], [2, 0, 1, 3], torch.device("cpu"))
+    with torch.no_grad():
+        mixer(hidden)  # the first step makes A
+        with count:
+            out = mixer(hidden)
+    assert out.shape == hidden.shape and torch.isfinite(out).all()
+    own = count.ops
+    assert own["exp"] == 0 and own["neg"] == 0, f"A recomputed in a step: {dict(own)}"
+    copies = {k: own[k] for k in ("clone", "copy_", "_to_copy", "contiguous") if own[k]}
+    assert not copies, f"the mixer's own code copied tensors: {copies}"
+
+
+def test_mixer_decay_follows_a_weight_update():
+    mixer, _ = _mixer(_Count())
+    first = mixer.decay()
+    assert mixer.decay() is first
+    torch.testing.assert_close(first, -torch.exp(mixer.A_log.float()), atol=0, rtol=0)
+    new = torch.linspace(-1.0, 1.0, SHAPE.num_heads)
+    mixer.load_checkpoint_tensor("A_log", new)  # through .data: the version moves only when
+    mark_weights_changed([mixer])  # the engine marks it (load_weights, wake-up)
+    torch.testing.assert_close(mixer.decay(), -torch.exp(new), atol=0, rtol=0)
