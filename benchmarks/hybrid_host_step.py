@@ -5,7 +5,8 @@ op path is the same shared mixer code around the backend's ops).
 
 Per model an engine starts with prefix caching on; prompt A (``--input-len`` tokens) is
 answered with one token, then B = A + ``--suffix`` tokens: B starts from A's snapshot and
-computes its ``suffix`` (+ A's tail past its last full block) tokens in eager steps. Per round
+computes its ``suffix`` (+ A's tail past its last full block) tokens in eager steps. The first
+round warms up (first compiles); per later round
 ``step_ms`` holds B's engine steps' wall times (medians over rounds), ``b_ms`` their sum and
 ``b_ms_per_layer`` that over the layers; the last round runs under the torch
 profiler: ``ops_per_layer`` is the number of aten ops (top-level calls, not their children)
@@ -94,7 +95,7 @@ def run(path: str, input_len: int, suffix: int, device: str, dtype: str, trials:
             core.step = timed
             out = llm.generate([{"prompt_token_ids": b}], one, use_tqdm=False)[0]
             del core.step
-            if not profiled:
+            if 0 < trial < trials:  # round 0 warms (first compiles), the last is profiled
                 rounds.append(times)
         computed = len(b) - out.num_cached_tokens
     steps = [t for t in zip(*rounds)]  # per step position: its time in each round
@@ -116,7 +117,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="", help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--tiny", action="store_true", help="widths of 64 (CPU)")
-    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--trials", type=int, default=3, help="rounds after the warm one (>= 2)")
     args = p.parse_args()
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     with tempfile.TemporaryDirectory() as root:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from tessellm.backends.reference.recurrent_verify import verify_ops
 from tessellm.layers.context import ModelContext
+from tessellm.layers.derived import DerivedWeight, as_float, neg_exp_float
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
 from tessellm.layers.mamba_mixer import causal_conv
 from tessellm.quantization.stored_parts import split_stored
@@ -101,6 +102,7 @@ class GatedDeltaNet(nn.Module):
         self.conv1d = _ConvWeight(n.conv_dim, s.conv_width)
         self.dt_bias = nn.Parameter(torch.ones(n.value_heads), requires_grad=False)
         self.A_log = nn.Parameter(torch.zeros(n.value_heads), requires_grad=False)
+        self._decay, self._dt_bias = DerivedWeight(neg_exp_float), DerivedWeight(as_float)
         self.norm = _NormWeight(s.value_dim)  # one per value head dim: every rank's whole
         self.out_proj = RowParallelLinear(s.values, s.hidden_size, bias=False,
                                           quant_method=ctx.quant_method, tp=tp,
@@ -179,7 +181,9 @@ class GatedDeltaNet(nn.Module):
         k = k.reshape(t, s.key_heads, s.key_dim)
         v = v.reshape(t, s.value_heads, s.value_dim)
         beta = torch.sigmoid(b)
-        g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
+        # float32: a + dt_bias promotes inside the add (no casts); -exp(A_log) and the float32
+        # dt_bias kept between steps (``layers/derived.py``)
+        g = self._decay(self.A_log) * F.softplus(a + self._dt_bias(self.dt_bias))
         scale = s.key_dim ** -0.5
         nd = batch.num_decodes
         parts = []
@@ -205,10 +209,11 @@ def norm_then_gate(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
     """HF's ``Qwen3NextRMSNormGated``: ``o`` RMS-normed over its last dim in float32, rounded to
     its dtype, times ``weight``, times ``silu(z)`` in float32, rounded to o's dtype (the norm
     before the gate, unlike Mamba2's ``gated_rms_norm``)."""
-    h = o.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    # one F.rms_norm (one fused kernel where torch has one, e.g. CUDA), the product with
+    # silu(z) promoting h inside the multiply
+    h = F.rms_norm(o.float(), (o.shape[-1],), eps=eps)
     h = weight * h.to(o.dtype)
-    return (h * F.silu(z.float())).to(o.dtype)
+    return (F.silu(z.float()) * h).to(o.dtype)
 
 
 class _ConvWeight(nn.Module):

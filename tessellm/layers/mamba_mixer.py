@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from tessellm.backends.reference.recurrent_verify import verify_ops
 from tessellm.layers.context import ModelContext
+from tessellm.layers.derived import DerivedWeight, neg_exp_float
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
 from tessellm.quantization.stored_parts import split_stored
 
@@ -102,7 +103,7 @@ class MambaMixer2(nn.Module):
                                           reduce_results=reduce_output or out_bias)
         self.conv_state = self.ssm_state = None  # bound by the state cache
         self.step = None
-        self._decay: Optional[tuple[int, torch.Tensor]] = None  # (A_log's version, A): decay()
+        self._decay = DerivedWeight(neg_exp_float)  # A from A_log: decay()
 
     def load_checkpoint_tensor(self, attr: str, tensor) -> None:
         """``attr``: the name under the mixer (``in_proj.weight``, ``conv1d.weight``, ``A_log``,
@@ -141,20 +142,9 @@ class MambaMixer2(nn.Module):
         self.conv_state, self.ssm_state, self.step = conv_state, ssm_state, step
 
     def decay(self) -> torch.Tensor:
-        """``A = -exp(A_log)`` in float32, made once and again only when ``A_log`` changes in
-        place (its version counter moves: a weight update or wake-up marks it,
-        ``runner_sleep.mark_weights_changed``), not three launches per layer and step. Made
-        afresh where a cached tensor could go stale or cannot be tracked: inside a CUDA graph
-        capture (a replay after a weight update reads ``A_log`` itself), under
-        ``torch.compile``, or for an inference-mode ``A_log`` (no version counter)."""
-        a_log = self.A_log
-        if (torch.compiler.is_compiling() or a_log.is_inference()
-                or (a_log.is_cuda and torch.cuda.is_current_stream_capturing())):
-            return -torch.exp(a_log.float())
-        version = a_log._version
-        if self._decay is None or self._decay[0] != version:
-            self._decay = (version, -torch.exp(a_log.float()))
-        return self._decay[1]
+        """``A = -exp(A_log)`` in float32, kept between steps while ``A_log`` is unchanged
+        (``layers/derived.py``): not three launches per layer and step."""
+        return self._decay(self.A_log)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         s, n, batch, t = self.shape, self.local, self.step.batch, hidden.shape[0]
@@ -186,7 +176,7 @@ class MambaMixer2(nn.Module):
         y = parts[0] if len(parts) == 1 else torch.cat(parts)
         y = y.reshape(t, n.intermediate)
         if self.norm is None:
-            return self.out_proj((y.float() * F.silu(z.float())).to(y.dtype))
+            return self.out_proj((F.silu(z.float()) * y).to(y.dtype))  # y promotes in the mul
         # G == 1 split over ranks: the norm's one group spans them all (sum of squares summed)
         reduce = self.tp if (s.n_groups == 1 and self.tp.size > 1) else None
         y = gated_rms_norm(y, z, self.norm.weight, n.n_groups, s.eps, reduce, s.intermediate,

@@ -1,0 +1,44 @@
+"""A tensor derived from a weight (``-exp(A_log)`` in float32, a float32 copy of a bias) that a
+layer would otherwise remake in every step: made once, and again only when the weight changes
+in place (its version counter moves: the engine marks every weight after a weight update or a
+wake-up, ``core/runner_sleep.mark_weights_changed``; the cpu backend's packed weights follow
+the same rule).
+
+Made afresh, not kept, where a kept tensor could go stale or the version cannot be read:
+inside a CUDA graph capture (a replay after a weight update must read the weight itself, as no
+Python runs to notice the change), under ``torch.compile``, and for inference-mode weights
+(they have no version counter).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+class DerivedWeight:
+    """``derived(weight)``: ``make(weight)``, kept per (weight, version)."""
+
+    def __init__(self, make: Callable[[torch.Tensor], torch.Tensor]):
+        self.make = make
+        self.entry: Optional[tuple[torch.Tensor, int, torch.Tensor]] = None
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        if (torch.compiler.is_compiling() or weight.is_inference()
+                or (weight.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return self.make(weight)
+        version = weight._version
+        entry = self.entry
+        if entry is None or entry[0] is not weight or entry[1] != version:
+            entry = self.entry = (weight, version, self.make(weight))
+        return entry[2]
+
+
+def neg_exp_float(weight: torch.Tensor) -> torch.Tensor:
+    """``-exp(weight)`` in float32: a Mamba / gated DeltaNet head's decay rate from ``A_log``."""
+    return -torch.exp(weight.float())
+
+
+def as_float(weight: torch.Tensor) -> torch.Tensor:
+    return weight.float()
