@@ -8,12 +8,15 @@ column slices of the conv's output)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from tessellm.backends.reference import mamba as ref
 from tessellm.core.mamba_state import make_batch
 from tessellm.kernels.mamba import mamba_conv1d, mamba_state_update
+from tests.kernels.offline_compile import run_compile_script
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -170,6 +173,48 @@ def test_ssd_chunking_follows_the_batch_contents():
     got = ssd_chunk_scan(*args, got_state, batch, chunk=16)
     torch.testing.assert_close(got.cpu(), want, atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(got_state.cpu(), want_state, atol=2e-4, rtol=2e-4)
+
+
+_COMPILE_SSD = """
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tessellm.kernels.mamba import ssd
+
+H, P, N = 128, 64, 128  # Granite 4.0-H small's heads (Mamba2-2.7B: the same but 80 heads)
+MODEL = {"x_ptr", "dt_ptr", "b_ptr", "c_ptr", "d_ptr", "bias_ptr", "y_ptr", "state_ptr"}
+done = []
+for dt, prec in (("bf16", "tf32"), ("fp32", "tf32x3")):
+    for name, cfg in ssd.launch_configs(H, P, N, ssd.CHUNK, prec, clamp=True).items():
+        fn, consts = getattr(ssd, name), dict(cfg)
+        warps = consts.pop("num_warps", 4)
+        sig = {}
+        for arg in fn.arg_names:
+            if arg in consts:
+                sig[arg] = "constexpr"
+            elif arg in MODEL:
+                sig[arg] = "*" + dt
+            elif arg.endswith("_ptr"):  # the step's indices, the scratch (float32), A
+                sig[arg] = "*i32" if arg.startswith(("meta", "idx", "seq")) else "*fp32"
+            else:
+                sig[arg] = "fp32" if arg.startswith("dt_") else "i32"
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        asm = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                             options=dict(num_warps=warps)).asm
+        done.append([name, dt, "cubin" in asm])
+print("RESULT" + json.dumps(done))
+"""
+
+
+def test_ssd_kernels_compile_for_sm90():
+    """Each SSD kernel with the constexprs and warps its launch passes (``launch_configs``),
+    compiled for an H100 (offline, no GPU), for 16-bit (TF32 products) and float32 models
+    (tf32x3): the compiled form the interpreter tests cannot show."""
+    proc = run_compile_script(_COMPILE_SSD)
+    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-3000:]
+    done = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert len(done) == 10 and all(ok for _, _, ok in done), done
 
 
 def test_sequential_scan_fallback_matches_reference(monkeypatch):

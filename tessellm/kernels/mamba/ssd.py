@@ -214,6 +214,24 @@ def _chunks(batch, q: int) -> _Chunks:
     return made[1]
 
 
+def launch_configs(H: int, P: int, N: int, Q: int, prec: str, clamp: bool) -> dict:
+    """Each kernel's constexprs and warps (what its launch passes; the sm_90 compile test
+    compiles these). Tiles and warps: no register spills in ``ptxas -v`` for sm_90 at Mamba2-2.7B
+    and Granite 4.0-H sizes (P 64, N 128), TF32 and tf32x3 alike; not tuned on a GPU yet."""
+    block_p = max(16, min(64, triton.next_power_of_2(P)))
+    block_k = max(16, min(32, triton.next_power_of_2(N)))
+    block_s = min(32, Q)
+    return {
+        "_dt_cumsum": dict(CLAMP=clamp, Q=Q, BLOCK_H=min(16, triton.next_power_of_2(H))),
+        "_chunk_cb": dict(PREC=prec, Q=Q, BLOCK_M=min(32, Q), BLOCK_K=block_k, num_warps=8),
+        "_chunk_states": dict(PREC=prec, Q=Q, BLOCK_S=block_s, BLOCK_P=block_p,
+                              BLOCK_N=max(16, min(64, triton.next_power_of_2(N)))),
+        "_state_passing": dict(Q=Q, BLOCK=min(1024, triton.next_power_of_2(P * N))),
+        "_chunk_output": dict(PREC=prec, Q=Q, BLOCK_M=min(64, Q), BLOCK_S=block_s,
+                              BLOCK_P=block_p, BLOCK_K=block_k, num_warps=8),
+    }
+
+
 def ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit=(0.0, float("inf")),
                    chunk: int = CHUNK) -> torch.Tensor:
     """``x [T, H, P]``, ``dt [T, H]``, ``B, C [T, G, N]`` (last dim contiguous), ``ssm_state
@@ -235,31 +253,25 @@ def ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit=(0.0, 
     acs = torch.empty(H, nc, Q, dtype=torch.float32, device=dev)
     cb = torch.empty(nc, G, Q, Q, dtype=torch.float32, device=dev)
     states = torch.empty(nc, H, P, N, dtype=torch.float32, device=dev)
-    block_h = min(16, triton.next_power_of_2(H))
-    _dt_cumsum[(nc, triton.cdiv(H, block_h))](
+    cfg = launch_configs(H, P, N, Q, prec, clamp=lo > 0.0 or hi != float("inf"))
+    k = cfg["_dt_cumsum"]
+    _dt_cumsum[(nc, triton.cdiv(H, k["BLOCK_H"]))](
         dt, A, dt_bias, chunks.meta, dtc, acs, H, nc, lo, hi if hi != float("inf") else 3.0e38,
-        dt.stride(0), CLAMP=lo > 0.0 or hi != float("inf"), Q=Q, BLOCK_H=block_h)
-    # Tiles and warps: no register spills in ptxas -v for sm_90 at Mamba2-2.7B / Granite 4.0-H
-    # sizes (P 64, N 128), TF32 and tf32x3 alike; not tuned on a GPU yet.
-    block_k = max(16, min(32, triton.next_power_of_2(N)))
-    cb_m = min(32, Q)
-    _chunk_cb[(nc, G, Q // cb_m)](
-        B, C, chunks.meta, cb, G, N, B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-        PREC=prec, Q=Q, BLOCK_M=cb_m, BLOCK_K=block_k, num_warps=8)
-    block_p = max(16, min(64, triton.next_power_of_2(P)))
-    block_n = max(16, min(64, triton.next_power_of_2(N)))
-    block_s = min(32, Q)
-    _chunk_states[(nc, H, triton.cdiv(P, block_p) * triton.cdiv(N, block_n))](
+        dt.stride(0), **k)
+    k = cfg["_chunk_cb"]
+    _chunk_cb[(nc, G, Q // k["BLOCK_M"])](
+        B, C, chunks.meta, cb, G, N, B.stride(0), B.stride(1), C.stride(0), C.stride(1), **k)
+    k = cfg["_chunk_states"]
+    tiles = triton.cdiv(P, k["BLOCK_P"]) * triton.cdiv(N, k["BLOCK_N"])
+    _chunk_states[(nc, H, tiles)](
         x, B, chunks.meta, dtc, acs, states, H, H // G, P, N, nc, x.stride(0), x.stride(1),
-        B.stride(0), B.stride(1), PREC=prec, Q=Q, BLOCK_S=block_s, BLOCK_P=block_p,
-        BLOCK_N=block_n)
-    block = min(1024, triton.next_power_of_2(P * N))
-    _state_passing[(seqs, H, triton.cdiv(P * N, block))](
+        B.stride(0), B.stride(1), **k)
+    k = cfg["_state_passing"]
+    _state_passing[(seqs, H, triton.cdiv(P * N, k["BLOCK"]))](
         ssm_state, batch.state_indices, chunks.seq_chunks, acs, states, H, P * N, nc,
-        ssm_state.stride(0), ssm_state.stride(1), Q=Q, BLOCK=block)
-    block_m = min(64, Q)
-    _chunk_output[(nc * (Q // block_m), H, triton.cdiv(P, block_p))](
+        ssm_state.stride(0), ssm_state.stride(1), **k)
+    k = cfg["_chunk_output"]
+    _chunk_output[(nc * (Q // k["BLOCK_M"]), H, triton.cdiv(P, k["BLOCK_P"]))](
         x, C, D, chunks.meta, dtc, acs, cb, states, y, H, G, H // G, P, N, nc, x.stride(0),
-        x.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1), PREC=prec, Q=Q,
-        BLOCK_M=block_m, BLOCK_S=block_s, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=8)
+        x.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1), **k)
     return y
