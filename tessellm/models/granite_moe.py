@@ -37,6 +37,7 @@ _MOE = ".block_sparse_moe."
 
 class GraniteMoeForCausalLM(GraniteForCausalLM, MixtralForCausalLM):
     int4_experts = False  # stacked 3-D experts: AWQ / GPTQ checkpoints keep them float
+
     def attention_biases(self, config) -> tuple[bool, bool]:
         return LlamaForCausalLM.attention_biases(self, config)  # Granite's, not Mixtral's
 
