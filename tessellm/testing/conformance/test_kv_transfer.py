@@ -141,6 +141,7 @@ def test_generation_through_a_kv_connector_equals_without(target, tiny_llama_dir
         with LLM(tiny_llama_dir, device=target.name, dtype="float32", block_size=4,
                  num_kv_blocks=32, max_model_len=128, kv_transfer_config=kv) as llm:
             outs[role] = greedy_tokens(llm, [prompt], 4)[0]
-            if role == "kv_consumer":
-                assert llm.engine.core.scheduler.stats().kv_connector["hits"] == 36
+            if role == "kv_consumer":  # loaded, not recomputed after a failed load
+                stats = llm.engine.core.scheduler.stats().kv_connector
+                assert (stats["hits"], stats["blocks_loaded"], stats["load_failures"]) == (36, 9, 0)
     assert outs[None] == outs["kv_producer"] == outs["kv_consumer"]
