@@ -5,9 +5,10 @@ wake-up, ``core/runner_sleep.mark_weights_changed``; the cpu backend's packed we
 the same rule).
 
 Made afresh, not kept, where a kept tensor could go stale or the version cannot be read:
-inside a CUDA graph capture (a replay after a weight update must read the weight itself, as no
-Python runs to notice the change), under ``torch.compile``, and for inference-mode weights
-(they have no version counter).
+inside a device graph capture (CUDA / ROCm or XPU graphs: a replay after a weight update must
+read the weight itself, as no Python runs to notice the change, and a kept tensor replaced
+after the capture would be freed under the graph), under ``torch.compile``, and for
+inference-mode weights (they have no version counter).
 """
 
 from __future__ import annotations
@@ -25,14 +26,20 @@ class DerivedWeight:
         self.entry: Optional[tuple[torch.Tensor, int, torch.Tensor]] = None
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        if (torch.compiler.is_compiling() or weight.is_inference()
-                or (weight.is_cuda and torch.cuda.is_current_stream_capturing())):
+        if torch.compiler.is_compiling() or weight.is_inference() or _capturing(weight.device):
             return self.make(weight)
         version = weight._version
         entry = self.entry
         if entry is None or entry[0] is not weight or entry[1] != version:
             entry = self.entry = (weight, version, self.make(weight))
         return entry[2]
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a graph is being captured on ``device``'s current stream: CUDA / ROCm graphs,
+    XPU graphs (``torch.xpu.is_current_stream_capturing``), any device module that says so."""
+    capturing = getattr(getattr(torch, device.type, None), "is_current_stream_capturing", None)
+    return bool(capturing is not None and capturing())
 
 
 def neg_exp_float(weight: torch.Tensor) -> torch.Tensor:

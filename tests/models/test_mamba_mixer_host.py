@@ -98,3 +98,19 @@ def test_mixer_decay_follows_a_weight_update():
     mixer.load_checkpoint_tensor("A_log", new)  # through .data: the version moves only when
     mark_weights_changed([mixer])  # the engine marks it (load_weights, wake-up)
     torch.testing.assert_close(mixer.decay(), -torch.exp(new), atol=0, rtol=0)
+
+
+def test_derived_weights_are_made_afresh_under_any_device_graph_capture(monkeypatch):
+    """A derived tensor is never kept while a graph is captured on the weight's device (CUDA,
+    XPU, any device module that reports a capture): the graph must read the weight itself, and
+    a kept tensor replaced after a weight update would be freed under it. Here the cpu module
+    stands in for such a device."""
+    from tessellm.layers.derived import DerivedWeight, neg_exp_float
+
+    derived, weight = DerivedWeight(neg_exp_float), torch.randn(4)
+    kept = derived(weight)
+    assert derived(weight) is kept  # no capture: kept
+    monkeypatch.setattr(torch.cpu, "is_current_stream_capturing", lambda: True, raising=False)
+    during = derived(weight)
+    assert during is not kept and torch.equal(during, kept)
+    assert derived(weight) is not during  # nothing kept from inside the capture
