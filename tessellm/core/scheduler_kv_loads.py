@@ -21,6 +21,7 @@ import time
 from typing import Optional
 
 from tessellm.core.request import Request
+from tessellm.kv_transfer.base import KVConnectorBase
 
 
 class SchedulerKVLoads:
@@ -31,6 +32,12 @@ class SchedulerKVLoads:
         """Blocks for the request's hit (``num_hit`` tokens, the last ``num_ext`` of them from
         the connector) and its load started; False (nothing changed) when the blocks are not
         there."""
+        if type(self.connector).get_finished_loads is KVConnectorBase.get_finished_loads:
+            raise ValueError(f"KV connector {type(self.connector).__name__} loads in the "
+                             "background (get_num_new_matched_tokens returned (n, True)) but has "
+                             "no get_finished_loads of its own, so no load would ever be reported "
+                             "and its requests would wait forever; implement get_finished_loads "
+                             "(tessellm/kv_transfer/base.py) or return a plain count.")
         block_ids = self.kv.allocate(req, num_ext, prefix, offloaded)
         if block_ids is None:
             return False

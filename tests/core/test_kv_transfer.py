@@ -595,3 +595,22 @@ def test_bad_connector_settings_are_one_clear_error(tiny_model_dir, tmp_path):
         with pytest.raises(ValueError, match="load_weights would change the weights while a KV connector"):
             llm.load_weights(path=tiny_model_dir("llama"))
     assert json.loads(json.dumps(parse_kv_transfer_config(_kv(tmp_path, "kv_both")).to_dict()))
+
+
+class SilentBackgroundConnector(KVConnectorBase):
+    """A third-party connector that asks for a background load but never reports one."""
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        return 2 * BS, True
+
+
+def test_a_background_load_nobody_reports_is_one_clear_error(tiny_model_dir):
+    """A connector returning (n, True) without a get_finished_loads of its own is told so at
+    its first such load, instead of its requests waiting forever."""
+    register_kv_connector("SilentBackground", f"{__name__}:SilentBackgroundConnector")
+    with LLM(tiny_model_dir("llama"), device="cpu", block_size=BS, num_kv_blocks=16,
+             max_model_len=64, kv_transfer_config={"kv_connector": "SilentBackground"}) as llm:
+        with pytest.raises(ValueError, match="SilentBackgroundConnector loads in the background .* "
+                                             "implement get_finished_loads"):
+            llm.generate({"prompt_token_ids": list(range(5, 5 + 3 * BS))},
+                         SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
