@@ -67,6 +67,10 @@ import torch
 from tessellm.backends.spec import MambaBatch
 
 
+# Fresh slots zeroed through one view each per state tensor up to this many (``_zero``)
+ZERO_VIEWS_MAX_SLOTS = 4
+
+
 @dataclass
 class MambaStep:
     """What the Mamba layers of one model share: the current step's batch (set by the cache
@@ -145,6 +149,20 @@ class MambaStateCache:
         if dst:
             torch._foreach_copy_(dst, src)
 
+    def _zero(self, slots: list[int]) -> None:
+        """Zero ``slots`` of every layer's conv and SSM state. A few slots (a step's new
+        requests, usually one): one multi-tensor zeroing of their views (one launch on CUDA;
+        an index upload and an ``index_fill_`` per layer and tensor are 2 launches a layer on
+        a new prompt's first step). Many (the memory-profile step): ``index_fill_`` per tensor,
+        not a view per slot, layer and tensor."""
+        states = [t for layer in self.layers for t in (layer.conv_state, layer.ssm_state)]
+        if len(slots) <= ZERO_VIEWS_MAX_SLOTS:
+            torch._foreach_zero_([t[s] for t in states for s in slots])
+            return
+        idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        for t in states:
+            t.index_fill_(0, idx, 0)
+
     def spare(self, slot: int, j: int) -> int:
         """Slot ``slot``'s spare for the state after token ``j`` of a verify step."""
         return self.num_slots + 1 + slot * self.spec_tokens + j
@@ -209,10 +227,7 @@ class MambaStateCache:
                 self._accepted(st, slot, keep)
             slots.append(slot)
         if fresh:
-            idx = torch.tensor(fresh, dtype=torch.long, device=self.device)
-            for layer in self.layers:
-                layer.conv_state.index_fill_(0, idx, 0)
-                layer.ssm_state.index_fill_(0, idx, 0)
+            self._zero(fresh)
         if restores:
             self._copy([self.slot_of[r] for r in restores], list(restores.values()), to_pool=False)
         if keep[0]:  # the state after each accepted prefix into its request's slot
