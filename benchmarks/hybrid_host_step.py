@@ -10,8 +10,9 @@ round warms up (first compiles); per later round
 ``step_ms`` holds B's engine steps' wall times (medians over rounds), ``b_ms`` their sum and
 ``b_ms_per_layer`` that over the layers; the last round runs under the torch
 profiler: ``ops_per_layer`` is the number of aten ops (top-level calls, not their children)
-in B's steps over the number of layers, ``top_ops`` the most frequent. One JSON line per
-model::
+in B's steps over the number of layers, ``launches_per_layer`` the kernel launches (cuda),
+``fused_rms_norm_per_layer`` torch's fused RMSNorm calls, ``top_ops`` the most frequent. One
+JSON line per model::
 
     python benchmarks/hybrid_host_step.py --device cpu --tiny --models mamba2 granite4h
     python benchmarks/hybrid_host_step.py --device cuda --models mamba2 granite4h
@@ -47,10 +48,18 @@ def shrink(path: str) -> None:
     config.save_pretrained(path)
 
 
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel", "hipLaunchKernel")
+
+
 def aten_counts(prof) -> collections.Counter:
-    """Top-level aten ops (an op called inside another is not counted again)."""
+    """Top-level aten ops (an op called inside another is not counted again), and under
+    ``launches`` / ``fused_rms_norm`` every kernel launch and ``aten::_fused_rms_norm`` call."""
     counts = collections.Counter()
     for event in prof.events():
+        if event.name in LAUNCHES:
+            counts["launches"] += 1
+        elif event.name == "aten::_fused_rms_norm":
+            counts["fused_rms_norm"] += 1
         if event.name.startswith("aten::") and (event.cpu_parent is None
                                                 or not event.cpu_parent.name.startswith("aten::")):
             counts[event.name] += 1
@@ -76,7 +85,10 @@ def run(path: str, input_len: int, suffix: int, device: str, dtype: str, trials:
             llm.generate([{"prompt_token_ids": a}], one, use_tqdm=False)
             sync()
             times, profiled = [], trial == trials
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if device == "cuda":  # the runtime's launch calls show with device activity on
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            prof = torch.profiler.profile(activities=acts)
 
             def timed(*args, _times=times, **kwargs):
                 if profiled:
@@ -99,12 +111,15 @@ def run(path: str, input_len: int, suffix: int, device: str, dtype: str, trials:
                 rounds.append(times)
         computed = len(b) - out.num_cached_tokens
     steps = [t for t in zip(*rounds)]  # per step position: its time in each round
+    launches, fused = counts.pop("launches", 0), counts.pop("fused_rms_norm", 0)
     total = sum(counts.values())
     return {"layers": layers, "cached_tokens": out.num_cached_tokens, "computed": computed,
             "step_ms": [round(statistics.median(s), 2) for s in steps],
             "b_ms": round(statistics.median(sum(r) for r in rounds), 2),
             "b_ms_per_layer": round(statistics.median(sum(r) for r in rounds) / layers, 3),
             "ops_per_layer": round(total / layers, 1),
+            "launches_per_layer": round(launches / layers, 1),  # cuda: kernel launches
+            "fused_rms_norm_per_layer": round(fused / layers, 1),
             "top_ops": {k: round(v / layers, 1) for k, v in counts.most_common(12)}}
 
 
