@@ -195,6 +195,16 @@ def recurrent_verify_graphs() -> bool:
     return _switch("TESSELLM_RECURRENT_VERIFY_GRAPHS") is True
 
 
+def ssd_scan() -> bool:
+    """TESSELLM_SSD_SCAN: "1" runs Mamba2 prefill chunks through the parallel SSD kernels
+    (``kernels/mamba/ssd.py``: five launches parallel over chunks, heads and tiles) instead of
+    the sequential chunk scan (``kernels/mamba/chunk_scan.py``, one program per sequence and
+    head walking its tokens). Off by default until the SSD kernels have run on a GPU
+    (``benchmarks/ssd_device.sh``); checked so far in Triton's interpreter and an offline sm_90
+    compile."""
+    return _switch("TESSELLM_SSD_SCAN") is True
+
+
 def decode_overlap_min_rows() -> Optional[int]:
     """TESSELLM_DECODE_OVERLAP: "1" splits large pure-decode steps into two micro-batches whose
     attention (on a second stream) overlaps the other's GEMMs (``core/decode_overlap.py``).

@@ -29,6 +29,13 @@ KERNELS = [(conv1d, "_conv_out_kernel"), (conv1d, "_conv_state_kernel"),
 UNSPECIALIZED = {"nc"}
 
 
+@pytest.fixture(autouse=True)
+def _ssd_scan_on(monkeypatch):
+    """The parallel SSD prefill kernels are opt-in (``envs.ssd_scan``): switched on, the
+    warm-up must compile them (KERNELS)."""
+    monkeypatch.setenv("TESSELLM_SSD_SCAN", "1")
+
+
 def _spec(value):
     if isinstance(value, torch.Tensor):
         return (str(value.dtype), value.data_ptr() % 16 == 0)

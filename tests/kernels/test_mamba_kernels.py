@@ -21,6 +21,13 @@ from tests.kernels.offline_compile import run_compile_script
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture(autouse=True)
+def _ssd_scan_on(monkeypatch):
+    """The parallel SSD prefill kernels are opt-in (``envs.ssd_scan``); these tests are theirs
+    (the sequential kernel: the fallback case and the conformance suite's default)."""
+    monkeypatch.setenv("TESSELLM_SSD_SCAN", "1")
+
+
 def _on_device(*tensors):
     return [t.to(DEVICE) for t in tensors]
 

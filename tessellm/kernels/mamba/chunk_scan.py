@@ -2,7 +2,8 @@
 oracle is ``backends/reference/mamba.ssd_chunk_scan``).
 
 ``mamba_chunk_scan`` runs the parallel SSD kernels of ``ssd.py`` (parallel over chunks, heads
-and tiles). The sequential kernel here is their fallback where their scratch would not fit: it
+and tiles) when ``TESSELLM_SSD_SCAN=1`` (``envs.ssd_scan``: opt-in until they have run on a GPU),
+the sequential kernel otherwise, and where their scratch would not fit: the sequential kernel
 keeps the state in registers and needs no memory beyond ``y``, but walks each sequence's tokens
 in order (one program per sequence and head: ~1.3 us a token on an H100, 2 ms a layer for a
 1500-token chunk).
@@ -27,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tessellm import envs
 from tessellm.kernels.mamba import ssd
 
 
@@ -100,7 +102,7 @@ def mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size: i
     if not ssm_state.is_contiguous():
         raise ValueError("mamba_chunk_scan needs a contiguous ssm_state.")
     chunks = (T + len(batch.state_indices_host) * (ssd.CHUNK - 1)) // ssd.CHUNK  # at most
-    if chunks * H * P * N * 4 <= SSD_SCRATCH_LIMIT:
+    if envs.ssd_scan() and chunks * H * P * N * 4 <= SSD_SCRATCH_LIMIT:
         return ssd.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit)
     return sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit)
 
