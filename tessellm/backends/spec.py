@@ -76,6 +76,10 @@ optional: the ops object's own ``*_verify`` ops read only the batch's device ten
 engine replays verify steps of such models from graphs); plugins of versions 1 to 15 keep
 working (with their own verify ops, such steps run eagerly; without, the engine's composition
 is captured).
+17 = ``FusedOps.mamba_strided_inputs`` (optional): the ops' ``mamba_conv1d`` /
+``mamba_state_update`` / ``mamba_chunk_scan`` (and their verify forms) take ``x`` and ``dt`` as
+row-strided views of the mixer's projection (the last dim contiguous), sparing two copies a
+layer and step; plugins of versions 1 to 16 keep working (their ops get contiguous copies).
 
 Ownership
 ---------
@@ -112,7 +116,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 16
+TESSELLM_PLUGIN_API = 17
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -609,8 +613,11 @@ class FusedOps(Protocol):
     # True`` (a model with Mamba layers is refused at load otherwise). Oracles and exact
     # semantics: ``backends/reference/mamba.py``; conformance ``test_mamba.py``. ``batch`` is a
     # ``MambaBatch``; states live in slots (``conv_state [slots, C, K-1]``, ``ssm_state [slots,
-    # H, P, N]``), read and written in place at ``batch.state_indices``. Token inputs (x, dt,
-    # B, C) are views of the mixer's projections: the last dim contiguous, rows strided.
+    # H, P, N]``), read and written in place at ``batch.state_indices``. Token inputs B and C
+    # (and x after the conv) are views of the conv's output: the last dim contiguous, rows
+    # strided. Optional (plugin API 17): ``mamba_strided_inputs = True`` declares that the ops
+    # also take the conv's input ``x`` and ``dt`` as such views of the mixer's projection;
+    # without it they get contiguous copies.
     # ``mamba_conv1d(x [T, C], weight [C, K], bias [C] | None, conv_state, batch, activation)``:
     # each sequence's depthwise causal conv continuing from its state (SiLU when activation is
     # "silu"), ``[T, C]`` out. ``mamba_chunk_scan(x [T, H, P], dt [T, H], A [H], B [T, G, N],

@@ -59,6 +59,8 @@ class TritonOps:
     # Mamba2 mixer ops (``FusedOps``' ``mamba_*``): ``kernels/mamba`` says which run in Triton.
     supports_mamba2 = True
 
+    mamba_strided_inputs = True  # x and dt as row-strided views (plugin API 17)
+
     def mamba_conv1d(self, x, weight, bias, conv_state, batch, activation="silu"):
         from tessellm.kernels.mamba import mamba_conv1d
 

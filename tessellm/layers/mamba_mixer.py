@@ -150,8 +150,10 @@ class MambaMixer2(nn.Module):
         s, n, batch, t = self.shape, self.local, self.step.batch, hidden.shape[0]
         gn = n.n_groups * s.d_state
         # xbc and dt stay column views of in_proj's output (rows strided, the last dim
-        # contiguous: what the ops take, ``backends/spec.py``), no copy each
+        # contiguous), no copy each, where the ops declare they take them (``backends/spec.py``)
         z, xbc, dt = self.in_proj(hidden).split([n.intermediate, n.conv_dim, n.num_heads], dim=-1)
+        if not getattr(self.ops, "mamba_strided_inputs", False):  # a plugin of API < 17
+            xbc, dt = xbc.contiguous(), dt.contiguous()
         xbc, m = causal_conv(self.ops, xbc, self.conv1d.weight[:, 0],
                              self.conv1d.bias, self.conv_state, batch)
         x, B, C = xbc.split([n.intermediate, gn, gn], dim=-1)

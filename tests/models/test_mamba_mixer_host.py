@@ -114,3 +114,30 @@ def test_derived_weights_are_made_afresh_under_any_device_graph_capture(monkeypa
     during = derived(weight)
     assert during is not kept and torch.equal(during, kept)
     assert derived(weight) is not during  # nothing kept from inside the capture
+
+
+def test_ops_without_the_strided_flag_get_contiguous_rows():
+    """A plugin's own Mamba ops (plugin API < 17, no ``mamba_strided_inputs``) get ``x`` and
+    ``dt`` as contiguous copies, and the step's output is the reference ops' one."""
+    seen = []
+
+    class PluginOps(ReferenceOps):
+        def mamba_conv1d(self, x, *args, **kwargs):
+            seen.append(("x", x.is_contiguous()))
+            return super().mamba_conv1d(x, *args, **kwargs)
+
+        def mamba_chunk_scan(self, x, dt, *args, **kwargs):
+            seen.append(("dt", dt.is_contiguous()))
+            return super().mamba_chunk_scan(x, dt, *args, **kwargs)
+
+    assert ReferenceOps.mamba_strided_inputs and not PluginOps.mamba_strided_inputs
+    hidden = torch.randn(7 + 12, SHAPE.hidden_size)
+    outs = []
+    for ops in (ReferenceOps(), PluginOps()):
+        mixer, cache = _mixer(_Count())
+        mixer.ops = ops
+        cache.step.batch = make_batch([7, 12], [0, 1], torch.device("cpu"))
+        with torch.no_grad():
+            outs.append(mixer(hidden))
+    assert seen and all(contiguous for _, contiguous in seen), seen
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)

@@ -10,6 +10,11 @@ from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_r
 from tessellm.quantization.packed import Fp8Activation
 
 
+# the Mamba ops that take a layer's token rows (``mamba_strided_inputs``)
+MAMBA_TOKEN_OPS = ("mamba_conv1d", "mamba_chunk_scan", "mamba_state_update",
+                   "mamba_conv1d_verify", "mamba_state_update_verify")
+
+
 class ReferenceOps:
     """Pure-torch ``FusedOps``. Computes norms in float32 like HF transformers does."""
 
@@ -51,6 +56,9 @@ class ReferenceOps:
         if ("recurrent_verify_graphs" not in cls.__dict__
                 and any(name in cls.__dict__ for name in recurrent_verify.VERIFY_OPS)):
             cls.recurrent_verify_graphs = False  # its own verify ops may read the host lists
+        if ("mamba_strided_inputs" not in cls.__dict__
+                and any(name in cls.__dict__ for name in MAMBA_TOKEN_OPS)):
+            cls.mamba_strided_inputs = False  # its own Mamba ops may assume contiguous rows
 
     def fused_moe(self, hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
                   renormalize: bool = True, w13_scale=None, w2_scale=None, **variant):
@@ -75,6 +83,8 @@ class ReferenceOps:
 
     # ``FusedOps``' Mamba2 mixer ops (``reference/mamba.py``): loops over the step's sequences.
     supports_mamba2 = True
+    # x and dt may be row-strided views of the mixer's projection (plugin API 17)
+    mamba_strided_inputs = True
     mamba_conv1d = staticmethod(mamba.causal_conv1d)
     mamba_chunk_scan = staticmethod(mamba.ssd_chunk_scan)
     mamba_state_update = staticmethod(mamba.selective_state_update)
