@@ -4,7 +4,7 @@ a mixed step of decodes and prefill chunks of uneven lengths (shorter than the c
 longer than a scan chunk) in non-consecutive state slots, continued over a second step so the
 states written by the first are read back; slots the step does not name stay untouched; prefill
 chunks of hundreds of tokens (many scan chunks) the same way; the conv's x and the scan's dt
-given as the mixer gives them (strided rows). And the
+given as the mixer gives them (strided rows where the ops declare ``mamba_strided_inputs``). And the
 conv1d of a captured decode step, whose slots are on the device only."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_mamba_conv1d_continues_each_sequence(target):
     for lengths in steps:
         batch = _batch(lengths, slots, target.device)
         x = torch.cat([h[1 + start[i]:1 + start[i] + n] for i, (h, n) in enumerate(zip(history, lengths))])
-        x = _strided_rows(x, target.device)  # as the mixer passes it: a view of in_proj's output
+        x = _strided_rows(x, target.device, ops)  # as the mixer passes it: a view of in_proj's output
         got = ops.mamba_conv1d(x, weight.to(target.device), bias.to(target.device),
                                dev_state, batch, "silu").cpu()
         row = 0
@@ -69,9 +69,12 @@ def test_mamba_conv1d_continues_each_sequence(target):
     torch.testing.assert_close(dev_state.cpu()[[2, 4, 6]], untouched)
 
 
-def _strided_rows(x, device):
-    """``x [T, C]`` on ``device`` as a column view of a wider tensor (rows strided, the last dim
-    contiguous): how the mixer passes its projections' parts (``backends/spec.py``)."""
+def _strided_rows(x, device, ops):
+    """``x [T, C]`` on ``device`` as the mixer passes it to ``ops``: a column view of a wider
+    tensor (rows strided, the last dim contiguous) where the ops declare
+    ``mamba_strided_inputs`` (plugin API 17, ``backends/spec.py``), a contiguous copy otherwise."""
+    if not getattr(ops, "mamba_strided_inputs", False):
+        return x.to(device).contiguous()
     wide = torch.cat([x, torch.full((x.shape[0], 3), float("nan"))], dim=1).to(device)
     return wide[:, :x.shape[1]]
 
@@ -102,7 +105,7 @@ def test_mamba_scan_and_state_update_match_the_recurrence(target, dt_limit):
         batch = _batch(lengths, slots, dev)
         parts = [[t[start[i]:start[i] + n] for t in seqs[i]] for i, n in enumerate(lengths)]
         x, dt, B, C = (torch.cat([p[j] for p in parts]).to(dev) for j in range(4))
-        dt = _strided_rows(dt.cpu(), dev)
+        dt = _strided_rows(dt.cpu(), dev, ops)
         nd, rows = batch.num_decodes, batch.query_start_loc_host[batch.num_decodes]
         y_dec = ops.mamba_state_update(x[:rows], dt[:rows], params[0], B[:rows], C[:rows], params[1],
                                        params[2], state, batch.state_indices[:nd], dt_limit)
@@ -148,7 +151,7 @@ def test_mamba_scan_long_sequences_over_many_chunks(target):
         batch = _batch(lengths, slots, dev)
         parts = [[t[start[i]:start[i] + k] for t in seqs[i]] for i, k in enumerate(lengths)]
         x, dt, B, C = (torch.cat([q[j] for q in parts]).to(dev) for j in range(4))
-        dt = _strided_rows(dt.cpu(), dev)
+        dt = _strided_rows(dt.cpu(), dev, ops)
         got = ops.mamba_chunk_scan(x, dt, params[0], B, C, params[1], params[2], state,
                                    batch.prefills, 256, (0.0, float("inf"))).cpu()
         row = 0
