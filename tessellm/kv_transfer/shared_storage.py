@@ -361,8 +361,11 @@ class SharedStorageConnector(KVConnectorBase):
                 # ... and for saves' copies still reading a block it was given after a free
                 blocks = {b for _, b in pairs}
                 waits = [after] + [e for e, bs in self._reads if not bs.isdisjoint(blocks)]
-                self._loader.submit(self._load_in_background, rid, pairs,
-                                    None if after is None else waits)
+                if self.device.type == "xla":  # lazy tensors are traced on the thread that
+                    self._load_in_background(rid, pairs, None)  # steps: load here, done next step
+                else:
+                    self._loader.submit(self._load_in_background, rid, pairs,
+                                        None if after is None else waits)
         loads = meta.get("loads") or []
         if not loads:
             return []
@@ -380,7 +383,11 @@ class SharedStorageConnector(KVConnectorBase):
         stream (the forward passes go on meanwhile), then its status once the copies are done."""
         ok = False
         try:
-            with _torch().inference_mode():  # thread-local: the cache may be inference tensors
+            torch = _torch()
+            # grad modes are thread-local: the cache may be inference tensors (written only in
+            # inference mode) or not (xla's: an inference view of them cannot be written)
+            inference = any(cache.is_inference() for cache in self.caches)
+            with torch.inference_mode() if inference else torch.no_grad():
                 ok = not self._load([tuple(p) for p in pairs], self._stream, after, wait=True)
         except Exception:  # noqa: BLE001 - a failed load is a recompute, never a dead engine
             logger.exception("KV load of request %s failed: it is recomputed.", rid)
@@ -445,9 +452,7 @@ class SharedStorageConnector(KVConnectorBase):
                         event.record(stream)
                 else:
                     self._copy_in(parts, mapping)
-                    if self.device.type != "cpu":
-                        event = torch.Event(device=self.device)
-                        event.record()
+                    event = _copies_done(torch, self.device)
             staging.release(flat, event)  # reused once its copies are done
             last = event or last
         if wait and last is not None:
@@ -516,10 +521,7 @@ class SharedStorageConnector(KVConnectorBase):
             with stream if stream is not None else contextlib.nullcontext():
                 for cache, part in zip(self.caches, parts):
                     self.swap_blocks(cache, part.view(cache.dtype).view(n, *cache.shape[1:]), mapping)
-                event = None
-                if self.device.type != "cpu":
-                    event = torch.Event(device=self.device)
-                    event.record(stream)
+                event = _copies_done(torch, self.device, stream)
             if stream is not None:  # a later step writing one of these blocks waits for them
                 self._reads.append((event, frozenset(b for _, b in chunk)))
             if self._writer is None:
@@ -665,6 +667,17 @@ def _new_stream(torch, device):
         return torch.Stream(device=device)
     except (RuntimeError, TypeError, ValueError):
         return None
+
+
+def _copies_done(torch, device, stream=None):
+    """An event recorded after the copies queued so far (on ``stream``, else the current
+    stream), or None where they are done when the calls return: the cpu, and xla, whose
+    host <-> device transfers are synchronous and which has no events."""
+    if device.type in ("cpu", "xla"):
+        return None
+    event = torch.Event(device=device)
+    event.record(stream)
+    return event
 
 
 def _wait_event(event) -> None:
