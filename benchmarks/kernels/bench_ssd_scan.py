@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -24,24 +25,14 @@ from tessellm.core.mamba_state import make_batch
 from tessellm.kernels.mamba import ssd
 from tessellm.kernels.mamba.chunk_scan import sequential_chunk_scan
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_timing
+from gpu_timing import events_ms  # noqa: E402
+
 SHAPES = {"mamba2-2.7b": dict(H=80, P=64, G=1, N=128),
           "granite-4.0-h-small": dict(H=128, P=64, G=1, N=128)}
 CASES = [[512], [1500], [3000], [8000], [750] * 4]
 DTYPE = torch.bfloat16
 TOL = 2e-2
-
-
-def _ms(fn, iters: int) -> float:
-    for _ in range(2):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,9 +69,9 @@ def main() -> int:
             dy, ds = _rel(y_ssd, y_seq), _rel(s_ssd, s_seq)
             worst = max(worst, dy, ds)
             work = init.clone()
-            t_seq = _ms(lambda: sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, work, batch),
+            t_seq = events_ms(lambda: sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, work, batch),
                         3 if T >= 3000 else 10)
-            t_ssd = _ms(lambda: ssd.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, work, batch), 50)
+            t_ssd = events_ms(lambda: ssd.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, work, batch), 50)
             label = f"{T}" if seqs == 1 else f"{seqs}x{lengths[0]}"
             print(f"{name:22s} {label:>12s} {t_seq:9.3f} {t_ssd:9.3f} {t_seq / t_ssd:7.1f} "
                   f"{dy:9.2e} {ds:10.2e}", flush=True)
