@@ -36,8 +36,9 @@ class DerivedWeight:
 
 
 def _capturing(device: torch.device) -> bool:
-    """Whether a graph is being captured on ``device``'s current stream: CUDA / ROCm graphs,
-    XPU graphs (``torch.xpu.is_current_stream_capturing``), any device module that says so."""
+    """Whether a graph is being captured on ``device``'s current stream: asked of the torch
+    device module named by ``device.type`` (CUDA / ROCm, XPU, or any other that offers
+    ``is_current_stream_capturing``), so no backend is named here."""
     capturing = getattr(getattr(torch, device.type, None), "is_current_stream_capturing", None)
     return bool(capturing is not None and capturing())
 
