@@ -287,14 +287,15 @@ def _connector(path, namespace: str, role=KVConnectorRole.SCHEDULER, **extra) ->
 def test_worker_half_round_trip_over_every_cache_layout(checksum, tmp_path, monkeypatch):
     """The worker half over a heads-major cache (IPEX's: a transposed view), a latent cache
     without values (MLA) and an fp8 cache, with each checksum, through staging chunks of 2
-    blocks: blocks saved (over the writer pool), the caches wiped, loaded into other blocks in
+    blocks: blocks saved (over the writer pool; a block already saved is not written again),
+    the caches wiped, loaded into other blocks in
     the step and in the background, equal byte for byte, no staging buffer made past the
     limit; a block of another layout is refused (a failed load); a flipped payload byte fails
     the load unless unchecked."""
     from tessellm.backends.reference.kv_transfer import swap_blocks
-    from tessellm.kv_transfer import shared_storage
+    from tessellm.kv_transfer import shared_storage_worker
 
-    monkeypatch.setattr(shared_storage, "_CHUNK_BLOCKS", 2)
+    monkeypatch.setattr(shared_storage_worker, "_CHUNK_BLOCKS", 2)
 
     g = torch.Generator().manual_seed(0)
     heads_major = torch.randn(10, 2, BS, 8, generator=g).transpose(1, 2)
@@ -307,7 +308,13 @@ def test_worker_half_round_trip_over_every_cache_layout(checksum, tmp_path, monk
     keys = ["a", "b", "c", "d", "e"]
     assert conn.save_kv({"saves": [[k, b] for k, b in zip(keys, (7, 2, 3, 5, 6))]}) is None
     conn.wait_for_save()  # written behind the step (kv_both: nothing waits for them)
-    assert conn.save_kv({"saves": [["a", 7]], "wait": True}) is None  # there; none in flight
+    assert conn.files_written == 5
+    inode = os.stat(conn.path("a", 0)).st_ino
+    # A block whose file is there is not written again (asked on the write pool, not in the
+    # step: the step's future still covers it).
+    conn.save_kv({"saves": [["a", 7]], "wait": True}).result()
+    assert (conn.files_written, conn.files_present) == (5, 1)
+    assert os.stat(conn.path("a", 0)).st_ino == inode
     for c in caches:
         c.view(torch.uint8).zero_()
     assert conn.start_load_kv({"loads": [["r1", [["a", 9], ["b", 0]]], ["r2", [["c", 4]]]]}) == []
@@ -318,7 +325,7 @@ def test_worker_half_round_trip_over_every_cache_layout(checksum, tmp_path, monk
         for src, dst in ((7, 9), (2, 0), (3, 4), (5, 1), (6, 8)):
             assert torch.equal(new[dst].view(torch.uint8), old[src].view(torch.uint8))
         assert not new[7].view(torch.uint8).any()
-    assert conn._load_staging.chunk == 2 and conn._load_staging.made <= shared_storage._LOAD_BUFFERS
+    assert conn._load_staging.chunk == 2 and conn._load_staging.made <= shared_storage_worker._LOAD_BUFFERS
     assert conn._save_staging.made <= 3  # 5 blocks: 3 chunks
     other = _connector(tmp_path, "ns", KVConnectorRole.WORKER)  # one tensor fewer: another layout
     other.register_kv_caches(caches[:2], swap_blocks, lambda: None, torch.device("cpu"))

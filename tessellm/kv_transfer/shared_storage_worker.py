@@ -1,0 +1,347 @@
+"""The shared-storage connector's worker half (one per rank): blocks between this rank's cache
+and its files, through staging buffers (``staging.py``) and thread pools.
+
+Threads::
+
+    stepping thread    start_load_kv: in-step loads (read + copied before the forward);
+                         background loads handed to the loader
+                       save_kv: the step's saves copied into staging buffers (on the
+                         connector's own stream, behind the forward), handed to the writer
+    tessellm-kv-load   one: a background load at a time, its reads fanned out to the readers,
+                         its copies on the connector's own stream, then its status
+    tessellm-kv-save   one: a step's saves in order; waits for their copies, fans the files out
+                         to the write pool
+    tessellm-kv-read   io_threads: files read into a staging buffer (preadv), sum64 checked
+    tessellm-kv-write  io_threads: whether a block's file is there already (a stat), else
+                         its sum64 and file (writev to a temporary name, renamed)
+
+The stepping thread never touches the file system for a save: whether a block's file exists
+is asked on the write pool, after the copy, so a step costs no ``stat`` per block it fills.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections import deque
+from typing import Optional
+
+from tessellm.kv_transfer import shared_storage_format as fmt
+from tessellm.kv_transfer.staging import (Staging, copies_done, new_stream, torch_module,
+                                          wait_event)
+
+logger = logging.getLogger(__name__)
+
+# Staging: host buffers of a chunk of blocks each, made once and reused (pinned on a GPU).
+_CHUNK_BYTES = 256 << 20  # a chunk's bytes at most (and at least one block) ...
+_CHUNK_BLOCKS = 1024  # ... and its blocks at most
+_LOAD_BUFFERS = 2  # a chunk's files are read while the one before is copied to the device
+_SAVE_BUFFERS = 8  # chunks copied out and not yet written; past that a save waits for the disk
+_SAVE_RESERVE = 4  # made at start on a producer (pinned: 1 GiB of 8B-model KV, ~0.5 s)
+
+
+class SharedStorageWorker:
+    """The worker half of ``SharedStorageConnector`` (a mixin: ``config``, ``context``,
+    ``root``, ``checksum``, ``io_threads`` and ``path`` are the connector's)."""
+
+    def register_kv_caches(self, caches, swap_blocks, synchronize, device) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if getattr(self, "_readers", None) is not None:  # the cache allocated anew (sleep mode)
+            self.wait_for_save()
+            self.caches = caches  # same layout: the rest stays
+            return
+        torch = torch_module()
+        self.caches = caches
+        self.swap_blocks = swap_blocks
+        self.synchronize = synchronize
+        self.nbytes = [t[0].numel() * t.element_size() for t in caches]
+        self.block_bytes = sum(self.nbytes)
+        self.offsets = [sum(self.nbytes[:i]) for i in range(len(caches))]
+        self.layout = fmt.layout_digest(caches)
+        self.device = device
+        self.pin = device.type not in ("cpu", "xla")
+        chunk = max(1, min(_CHUNK_BLOCKS, _CHUNK_BYTES // max(1, self.block_bytes)))
+        # Host buffers kept for the engine's life (a fresh 1 GiB pinned buffer costs ~0.5 s of
+        # cudaHostAlloc: that, not the files, was most of a slow load), a chunk of blocks each.
+        self._load_staging = Staging(chunk, self.block_bytes, _LOAD_BUFFERS, self.pin)
+        self._save_staging = Staging(chunk, self.block_bytes, _SAVE_BUFFERS, self.pin)
+        if self.pin and self.config.is_consumer:
+            self._load_staging.reserve(_LOAD_BUFFERS)  # at start, not in a request's TTFT
+        if self.pin and self.config.is_producer:
+            self._save_staging.reserve(_SAVE_RESERVE)
+        # Streams of its own for the background loads' copies and the saves' (none on the cpu:
+        # plain copies): neither waits for the other, nor the forward passes for them.
+        self._stream, self._save_stream = new_stream(torch, device), new_stream(torch, device)
+        self._readers = ThreadPoolExecutor(self.io_threads, thread_name_prefix="tessellm-kv-read")
+        self._writers = ThreadPoolExecutor(self.io_threads, thread_name_prefix="tessellm-kv-write")
+        self._writer = None  # runs each step's saves in order (its writes fan out to _writers)
+        self._loader = None  # runs background loads in order (their reads fan out to _readers)
+        self._pending: deque = deque()  # futures of saves not known written yet
+        self._reads: deque = deque()  # (event, block ids) of saves' copies on the own stream
+        # Background loads: request id -> None (under way), True (loaded), False (failed).
+        self._load_status: dict = {}
+        self._load_cond = threading.Condition()
+        # Totals of this rank since start (tests, benchmarks): files written, and blocks not
+        # written because their file was there already (another engine's, or a recompute's).
+        self.files_written = self.files_present = 0
+
+    def _views(self, mv, n: int, i: int) -> list:
+        """Block ``i``'s part of every cache tensor in a buffer of ``n`` blocks: the payload of
+        its file, in order."""
+        return [mv[n * o + i * nb:n * o + (i + 1) * nb] for o, nb in zip(self.offsets, self.nbytes)]
+
+    def _parts(self, flat, n: int) -> list:
+        """Each cache tensor's contiguous ``[n, block bytes]`` part of a buffer of ``n`` blocks
+        (tensor-major: one ``swap_blocks`` per cache tensor)."""
+        view = flat[:n * self.block_bytes]
+        return [view[n * o:n * (o + nb)].view(n, nb) for o, nb in zip(self.offsets, self.nbytes)]
+
+    def _map(self, pool, fn, n: int) -> list:
+        """``fn(run)`` over contiguous runs of ``range(n)``, one a thread of the pool (one run
+        for few blocks), concatenated: each returns a list, one item a block."""
+        if n < 4 or self.io_threads == 1:
+            return fn(range(n))
+        k = min(self.io_threads, n)
+        runs = [range(n * j // k, n * (j + 1) // k) for j in range(k)]
+        return [x for part in pool.map(fn, runs) for x in part]
+
+    # -- loads -----------------------------------------------------------------------------
+
+    def start_load_kv(self, meta: dict) -> list:
+        """The step's loads: ``loads`` (the step that admits them reads them: filled before its
+        forward) and ``async_loads`` (started on the loader thread; ``get_finished_loads``
+        says when they are in the cache)."""
+        background = meta.get("async_loads") or []
+        if background:
+            torch = torch_module()
+            # The copies wait for the work queued so far (steps in flight may still write a
+            # block these requests were given after it was freed), not for what comes later.
+            after = None
+            if self._stream is not None:
+                after = torch.Event(device=self.device)
+                after.record()
+            if self._loader is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._loader = ThreadPoolExecutor(1, thread_name_prefix="tessellm-kv-load")
+            with self._load_cond:
+                for rid, _ in background:
+                    self._load_status[rid] = None
+            for rid, pairs in background:
+                # ... and for saves' copies still reading a block it was given after a free
+                blocks = {b for _, b in pairs}
+                waits = [after] + [e for e, bs in self._reads if not bs.isdisjoint(blocks)]
+                if self.device.type == "xla":  # lazy tensors are traced on the thread that
+                    self._load_in_background(rid, pairs, None)  # steps: load here, done next step
+                else:
+                    self._loader.submit(self._load_in_background, rid, pairs,
+                                        None if after is None else waits)
+        loads = meta.get("loads") or []
+        if not loads:
+            return []
+        items = [(key, block) for _, pairs in loads for key, block in pairs]
+        bad = self._load(items, None, None)
+        failed, start = [], 0
+        for rid, pairs in loads:
+            if bad.intersection(range(start, start + len(pairs))):
+                failed.append(rid)
+            start += len(pairs)
+        return failed
+
+    def _load_in_background(self, rid: str, pairs, after) -> None:
+        """On the loader thread: the request's files into its blocks, on the connector's own
+        stream (the forward passes go on meanwhile), then its status once the copies are done."""
+        ok = False
+        try:
+            torch = torch_module()
+            # grad modes are thread-local: the cache may be inference tensors (written only in
+            # inference mode) or not (xla's: an inference view of them cannot be written)
+            inference = any(cache.is_inference() for cache in self.caches)
+            with torch.inference_mode() if inference else torch.no_grad():
+                ok = not self._load([tuple(p) for p in pairs], self._stream, after, wait=True)
+        except Exception:  # noqa: BLE001 - a failed load is a recompute, never a dead engine
+            logger.exception("KV load of request %s failed: it is recomputed.", rid)
+        with self._load_cond:
+            if rid in self._load_status:
+                self._load_status[rid] = ok
+            self._load_cond.notify_all()
+
+    def get_finished_loads(self, request_ids: list, timeout: float = 0.0) -> dict:
+        """Of ``request_ids`` (background loads the scheduler waits for), those finished on
+        this rank: request id -> True (in the cache) or False (failed: recompute). Waits up to
+        ``timeout`` seconds for one when none is. Forgets finished loads no longer asked about."""
+        wanted = set(request_ids)
+        with self._load_cond:
+            if timeout > 0:
+                self._load_cond.wait_for(
+                    lambda: any(self._load_status.get(r) is not None for r in wanted), timeout)
+            for rid in [r for r, s in self._load_status.items() if s is not None and r not in wanted]:
+                del self._load_status[rid]
+            return {r: self._load_status[r] for r in request_ids
+                    if self._load_status.get(r) is not None}
+
+    def _load(self, items: list, stream, after, wait: bool = False) -> set:
+        """``(key, block)`` pairs read from their files and copied into the blocks, a staging
+        chunk at a time (the next chunk's files are read while the last one's copies run).
+        ``stream``: the copies' stream (None: the current one); ``after``: events they wait
+        for; ``wait``: return once the copies are done. Returns the indices that failed (their
+        blocks may hold anything)."""
+        torch = torch_module()
+        staging, bad = self._load_staging, set()
+        rank = self.context.rank
+        last = None
+        for lo in range(0, len(items), staging.chunk):
+            chunk = items[lo:lo + staging.chunk]
+            n = len(chunk)
+            flat = staging.acquire()
+            parts = self._parts(flat, n)
+            mv = memoryview(flat.numpy())
+
+            def read(run, chunk=chunk, parts=parts, mv=mv, n=n) -> list:  # a pool thread
+                got = [fmt.read_block(self.path(chunk[i][0], rank), chunk[i][0], rank, self.layout,
+                                      self.block_bytes, self._views(mv, n, i)) for i in run]
+                if any(g is not None and g[0] == 1 for g in got):
+                    sums = fmt.sum_parts(parts, run)
+                    for j, g in enumerate(got):
+                        if g is not None and g[0] == 1 and int(sums[j]) != g[1]:
+                            fmt.drop(self.path(chunk[run[j]][0], rank), "checksum mismatch")
+                            got[j] = None
+                return [g is not None for g in got]
+
+            oks = self._map(self._readers, read, n)
+            del mv
+            bad.update(lo + i for i, ok in enumerate(oks) if not ok)
+            mapping = [(i, chunk[i][1]) for i, ok in enumerate(oks) if ok]
+            event = None
+            if mapping:
+                if stream is not None:
+                    with stream:
+                        for event in after or ():
+                            stream.wait_event(event)
+                        after = None  # the stream keeps the order from here on
+                        self._copy_in(parts, mapping)
+                        event = torch.Event(device=self.device)
+                        event.record(stream)
+                else:
+                    self._copy_in(parts, mapping)
+                    event = copies_done(torch, self.device)
+            staging.release(flat, event)  # reused once its copies are done
+            last = event or last
+        if wait and last is not None:
+            wait_event(last)
+        return bad
+
+    def _copy_in(self, parts, mapping) -> None:
+        for cache, part in zip(self.caches, parts):
+            src = part.view(cache.dtype).view(part.shape[0], *cache.shape[1:])
+            self.swap_blocks(src, cache, mapping)
+
+    # -- saves -----------------------------------------------------------------------------
+
+    def save_kv(self, meta: dict):
+        """Queue the copies of the blocks to save behind the step's forward, a staging chunk
+        at a time, and hand each chunk to the writer thread: it waits for the chunk's copies
+        (an event, not a stream sync: the host goes on launching the next step) and writes the
+        files over its pool, skipping blocks whose file is there already (that check, a
+        ``stat``, runs there: the step never waits for the file system). Returns a future of
+        every save so far when the metadata says the step's outputs wait (``wait``), else None
+        (the writes go on behind later steps)."""
+        torch = torch_module()
+        saves = [(k, b) for k, b in (meta.get("saves") or ())]
+        staging, stream = self._save_staging, self._save_stream
+        if saves and stream is not None:  # the copies wait for the step, the next step does not
+            ready = torch.Event(device=self.device)
+            ready.record()
+            stream.wait_event(ready)
+        for lo in range(0, len(saves), staging.chunk):
+            chunk = saves[lo:lo + staging.chunk]
+            n = len(chunk)
+            flat = staging.acquire()  # waits for a writer when the disk is behind
+            parts = self._parts(flat, n)
+            mapping = [(b, i) for i, (_, b) in enumerate(chunk)]
+            with stream if stream is not None else contextlib.nullcontext():
+                for cache, part in zip(self.caches, parts):
+                    self.swap_blocks(cache, part.view(cache.dtype).view(n, *cache.shape[1:]), mapping)
+                event = copies_done(torch, self.device, stream)
+            if stream is not None:  # a later step writing one of these blocks waits for them
+                self._reads.append((event, frozenset(b for _, b in chunk)))
+            if self._writer is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="tessellm-kv-save")
+            self._pending.append(self._writer.submit(self._write_chunk, chunk, flat, parts, event))
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
+        if meta.get("wait") and self._pending:
+            return self._pending[-1]  # one writer thread, in order: the last is the latest
+        return None
+
+    def _write_chunk(self, saves, flat, parts, event) -> None:
+        """On the writer thread: a chunk's files, over the write pool, once its copies are done."""
+        try:
+            if event is not None:
+                wait_event(event)  # the step's copies into the buffer are done
+            n = len(saves)
+            rank = self.context.rank
+            mv = memoryview(flat.numpy())
+
+            def write(run) -> list:  # a pool thread: which files are missing, their sum64s, them
+                paths = [self.path(saves[i][0], rank) for i in run]
+                # A file already there (another engine's, an earlier save of this block) is
+                # kept: a whole file of this block, whoever wrote it. Two savers that both find
+                # none each write a whole file and rename it (shared_storage_format.py).
+                todo = [j for j, p in enumerate(paths) if not os.path.exists(p)]
+                done = [False] * len(paths)
+                if not todo:
+                    return done
+                sums = fmt.sum_parts(parts, run) if self.checksum == "sum64" else None
+                for j in todo:
+                    i = run[j]
+                    done[j] = self._write(paths[j], saves[i][0], self._views(mv, n, i),
+                                          None if sums is None else int(sums[j]))
+                return done
+
+            results = self._map(self._writers, write, n)
+            del mv
+            self.files_written += sum(1 for r in results if r is True)
+            self.files_present += sum(1 for r in results if r is False)
+        finally:
+            self._save_staging.release(flat)
+
+    def _write(self, path: str, key: str, views: list, sum64: Optional[int]) -> Optional[bool]:
+        """One block's file: True (written) or None (not: warned about once)."""
+        try:
+            fmt.write_block(path, key, self.context.rank, self.checksum, self.layout,
+                            self.block_bytes, views, sum64)
+            return True
+        except OSError as exc:
+            if not self._warned:  # a full disk: every later save would say the same
+                logger.warning("KV file %s not saved (%s); later failures are not logged.", path, exc)
+                self._warned = True
+            return None
+
+    def pending_block_reads(self) -> bool:
+        reads = getattr(self, "_reads", None)
+        while reads and reads[0][0].query():
+            reads.popleft()
+        return bool(reads)
+
+    def before_writing(self, block_ids: set) -> None:
+        for event, blocks in self._reads:
+            if not blocks.isdisjoint(block_ids):
+                event.wait()  # the current stream waits for that chunk's copies
+
+    def wait_for_save(self) -> None:
+        if getattr(self, "_pending", None):
+            self._pending[-1].result()
+
+    def shutdown(self) -> None:
+        # The saves under way are written first; background loads end (their blocks go away).
+        for name in ("_loader", "_writer", "_writers", "_readers"):
+            pool = getattr(self, name, None)
+            if pool is not None:
+                pool.shutdown(wait=True)
+                setattr(self, name, None)
