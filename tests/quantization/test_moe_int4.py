@@ -179,6 +179,61 @@ def test_triton_int4_fused_moe_matches_reference(tokens, fuse, group13, group2, 
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tokens, inter, group13, group2, zeros, dtype", [
+    (1, 32, 32, 16, True, torch.float32),     # a K step spans groups: a scale a word
+    (2, 40, 64, 8, False, torch.float32),     # 5 words a down row: a masked last step
+    (4, 64, 128, 64, True, torch.bfloat16)])  # a K step inside one group: a scale a row
+def test_triton_int4_moe_decode_matches_reference(tokens, inter, group13, group2, zeros, dtype):
+    """The int4 decode kernels (``kernels/moe/decode_int4.py``: packed words streamed, nibbles
+    unpacked in registers, a word's products scaled once), which ``fused_moe_triton`` takes up
+    to ``DECODE_MAX_TOKENS`` tokens: float32 equal to the reference to reassociation, bf16
+    activations (float16 scales) to bf16 rounding; other ranks' experts (``expert_map``)
+    contribute nothing."""
+    pytest.importorskip("triton")
+    from tessellm.backends.reference.moe import fused_experts_reference, route
+    from tessellm.kernels.moe import fused_moe, fused_moe_triton
+    from tessellm.kernels.moe.decode_int4 import fused_moe_int4_decode
+
+    e, h = 8, 128
+    q13, s13, z13 = _experts_int4(e, 2 * inter, h, group13, seed=tokens)
+    q2, s2, z2 = _experts_int4(e, h, inter, group2, seed=tokens + 1)
+    if dtype != torch.float32:
+        s13, s2 = s13.half(), s2.half()
+    if not zeros:
+        z13 = z2 = None
+    g = torch.Generator().manual_seed(tokens + 2)
+    x, logits = torch.randn(tokens, h, generator=g).to(dtype), torch.randn(tokens, e, generator=g)
+    weights, ids = route(logits, 2)
+    kw = dict(int4=True, w13_zeros=z13, w2_zeros=z2)
+    want = fused_experts_reference(x, weights, ids, q13, q2, s13, s2, **kw)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    to = (lambda t: None if t is None else t.to(dev))  # noqa: E731
+    experts = [to(t) for t in (q13, q2, s13, s2)]
+    kw_dev = dict(int4=True, w13_zeros=to(z13), w2_zeros=to(z2))
+    ids32 = to(ids.to(torch.int32))
+    if tokens == 1:  # other tiles: 4 rows a program of the up kernel, 1 of the down one
+        got = fused_moe_int4_decode(to(x), to(weights), ids32, *experts, to(z13), to(z2),
+                                    up_rows=4, down_rows=1)
+        torch.testing.assert_close(got.cpu(), want, **tol)
+    got = fused_moe_int4_decode(to(x), to(weights), ids32, *experts, to(z13), to(z2))
+    torch.testing.assert_close(got.cpu(), want, **tol)
+    # fused_moe_triton at decode sizes is this path, and fused_moe (routing first) with it
+    assert torch.equal(fused_moe_triton(to(x), to(weights), ids32, *experts, **kw_dev), got)
+    routed = fused_moe(to(x), to(logits), *experts[:2], 2, "softmax", True, *experts[2:],
+                       **kw_dev)
+    torch.testing.assert_close(routed.cpu(), want, **tol)
+    # expert parallelism: this rank holds experts 0-3 of 8 (local ids 0-3), as the layer calls
+    expert_map = torch.tensor([0, 1, 2, 3, -1, -1, -1, -1], dtype=torch.int32)
+    local = [t[:4] if t is not None else None for t in (q13, q2, s13, s2, z13, z2)]
+    want = fused_experts_reference(x, weights, ids, *local[:4], int4=True, w13_zeros=local[4],
+                                   w2_zeros=local[5], expert_map=expert_map)
+    got = fused_moe_triton(to(x), to(weights), ids32, *[to(t) for t in local[:4]], int4=True,
+                           w13_zeros=to(local[4]), w2_zeros=to(local[5]),
+                           expert_map=to(expert_map))
+    torch.testing.assert_close(got.cpu(), want, **tol)
+
+
 def _rewrite(src: str, dst, drop=(), config_changes=None) -> str:
     os.makedirs(dst, exist_ok=True)
     state = load_file(os.path.join(src, "model.safetensors"))

@@ -42,6 +42,7 @@ from tessellm.kernels.activation import _silu_and_mul_kernel
 from tessellm.kernels.moe.align import align_by_expert_triton
 from tessellm.kernels.moe.decode import (decode_max_tokens, decode_route, fused_moe_decode,
                                          fused_moe_decode_routed)
+from tessellm.kernels.moe.decode_int4 import fused_moe_int4_decode
 from tessellm.kernels.moe.routing import route_triton
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
@@ -88,10 +89,12 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
         rk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_row + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K), other=0.0)
         b_mask = (rk[:, None] < K) & (rn[None, :] < N)
-        if INT4:
-            b = _int4_tile(tl.load(b_col + (rk // 8)[:, None], mask=b_mask, other=0), rk,
+        if INT4:  # each packed word loaded once ([BLOCK_K / 8, BLOCK_N]), 8 codes unpacked
+            rkw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            w_mask = (rkw[:, None] < K // 8) & (rn[None, :] < N)
+            b = _int4_tile(tl.load(b_col + rkw[:, None], mask=w_mask, other=0),
                            s_col + k0 // GROUP_K, zeros_ptr + s_off + k0 // GROUP_K,
-                           HAS_ZEROS, dt)
+                           HAS_ZEROS, dt, BLOCK_K, BLOCK_N)
         else:
             b = tl.load(b_col + rk[:, None], mask=b_mask, other=0.0)
         if GROUP_K > 0 and not INT4:
@@ -101,9 +104,10 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
         acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PREC)
         if SILU_MUL:
             if INT4:
-                b_up = _int4_tile(tl.load(b_col + N * stride_bn + (rk // 8)[:, None], mask=b_mask,
-                                          other=0), rk, s_up + k0 // GROUP_K,
-                                  zeros_ptr + s_up_off + k0 // GROUP_K, HAS_ZEROS, dt)
+                b_up = _int4_tile(tl.load(b_col + N * stride_bn + rkw[:, None], mask=w_mask,
+                                          other=0), s_up + k0 // GROUP_K,
+                                  zeros_ptr + s_up_off + k0 // GROUP_K, HAS_ZEROS, dt, BLOCK_K,
+                                  BLOCK_N)
             else:
                 b_up = tl.load(b_col + N * stride_bn + rk[:, None], mask=b_mask, other=0.0)
             if GROUP_K > 0 and not INT4:
@@ -137,15 +141,20 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
 
 
 @triton.jit
-def _int4_tile(words, rk, s_ptrs, z_ptrs, HAS_ZEROS: tl.constexpr, dt: tl.constexpr):
-    """``[BLOCK_K, BLOCK_N]`` int32 words (each element's own word) -> the weights in ``dt``:
-    ``(q - zero) * scale`` in float32 (the reference's ``dequantize_int4``), then rounded."""
-    q = ((words >> ((rk % 8) * 4)[:, None]) & 0xF).to(tl.float32)
+def _int4_tile(words, s_ptrs, z_ptrs, HAS_ZEROS: tl.constexpr, dt: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_K / 8, BLOCK_N]`` packed int32 words (8 inputs each, low nibble first) -> the
+    ``[BLOCK_K, BLOCK_N]`` weights in ``dt``: ``(q - zero) * scale`` in float32 (the
+    reference's ``dequantize_int4``), then rounded. The tile lies in one group: a scale and a
+    zero a column (``s_ptrs`` / ``z_ptrs`` ``[BLOCK_N]``)."""
+    nib = (tl.arange(0, 8) * 4)[None, :, None]
+    q = ((words[:, None, :] >> nib) & 0xF).to(tl.float32)  # [BLOCK_K / 8, 8, BLOCK_N]
     if HAS_ZEROS:
-        q = q - tl.load(z_ptrs).to(tl.float32)[None, :]
+        q = q - tl.load(z_ptrs).to(tl.float32)[None, None, :]
     else:
         q = q - 8.0
-    return (q * tl.load(s_ptrs).to(tl.float32)[None, :]).to(dt)
+    w = (q * tl.load(s_ptrs).to(tl.float32)[None, None, :]).to(dt)
+    return tl.reshape(w, (BLOCK_K, BLOCK_N))  # row 8 w + j: input j of word w
 
 
 @triton.jit
@@ -252,6 +261,12 @@ def _int4_block_k(block_k: int, group: int) -> int:
     return block_k
 
 
+def _int4_groups_of_words(w13, w13_scale, w2, w2_scale) -> bool:
+    """Whether each packed word of the int4 experts lies in one group (g a multiple of 8)."""
+    return all((w.shape[2] * 8 // s.shape[2]) % 8 == 0 for w, s in ((w13, w13_scale),
+                                                                      (w2, w2_scale)))
+
+
 def _sum_topk(c2: torch.Tensor, t: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """``c2 [T*k, H]`` (weighted rows) -> ``[T, H]``: the k slots of each token summed in
     float32, written in ``dtype``, one launch."""
@@ -296,7 +311,8 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
 
     ``int4`` (AWQ / GPTQ experts, ``reference/moe.py``): ``w13`` / ``w2`` int32 codes ``[E, N,
     K/8]``, ``*_scale [E, N, K/g]`` group scales, ``*_zeros`` uint8 zero codes or None (8);
-    the grouped GEMMs dequantize each weight tile (W4A16) at every size."""
+    the grouped GEMMs dequantize each weight tile (W4A16); up to ``DECODE_MAX_TOKENS`` tokens
+    (no ``tiles``, no other variant) the int4 decode kernels run instead (``decode_int4.py``)."""
     t, k = topk_ids.shape
     if activation is not None and activation.kind == "silu":
         activation = None
@@ -306,15 +322,24 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     if expert_map is not None:
         local = expert_map[topk_ids.long()]
         held = local >= 0
-    if tiles is None and 0 < t <= decode_max_tokens() and not variant:
+    # int4 experts take their own decode kernels (``decode_int4.py``) where nothing else
+    # of the variant is asked for and every packed word lies in one group
+    plain = (activation is None and w13_bias is None and w2_bias is None
+             and block_shape is None)
+    int4_decode = int4 and plain and _int4_groups_of_words(w13, w13_scale, w2, w2_scale)
+    if tiles is None and 0 < t <= decode_max_tokens() and (not variant or int4_decode):
         if expert_map is not None:
             topk_weights = torch.where(held, topk_weights.float(), 0.0)
             topk_ids = torch.where(held, local, 0)
+        if int4_decode:
+            return fused_moe_int4_decode(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
+                                         w2_scale, w13_zeros, w2_zeros)
         return fused_moe_decode(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale)
     if expert_map is not None:
         topk_ids = torch.where(held, local, num_experts).to(torch.int32)
-    # int4: the weight tile is loaded as one int32 word per element (4 bytes, as a float32
-    # operand's): the large 16-bit prefill tile's stages would not fit in shared memory
+    # int4: the large 16-bit prefill tile is not taken yet (sized as a float32 operand's): the
+    # words are loaded once now (half a byte an element) but its 4 stages have not been timed
+    # with the dequantization in the loop (benchmarks/kernels/bench_moe_int4.py --sweep)
     tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device,
                                                          4 if int4 else hidden.element_size())
     fuse = tiles.pop("SILU_MUL", tiles["BLOCK_M"] <= 32)

@@ -1,0 +1,201 @@
+"""Fused MoE decode (a few tokens) on AWQ / GPTQ int4 experts (W4A16): two GEMV-style launches.
+
+The int4 twin of ``decode.py`` (same grids, same rounding points of the activation and of the
+weighted sum), for the contract's int4 experts (``reference/moe.py``: ``w13`` int32 ``[E, 2I,
+H/8]``, ``w2`` int32 ``[E, H, I/8]``, 8 codes a word along the inputs, low nibble first; group
+scales ``[E, N, K/g]`` and uint8 zero codes of that shape, or 8 without)::
+
+    _moe_up_int4_kernel    grid (I / BLOCK_N, T * k): program (n, p) streams the packed words of
+        rows n-block of the gate and of the up half of w13[ids[p]] over all of H
+        -> act[p, n-block] = silu(gate) * up
+    _moe_down_int4_kernel  grid (H / BLOCK_N, T): program (n, t) loops over the k slots of
+        token t (w2[ids[t, j]][n-block] @ act[t * k + j], times the slot's weight, rounded,
+        summed in float32) -> out[t, n-block]
+
+Each program loads every packed word once (``[BLOCK_N, BLOCK_KW]`` int32, 4 words = 16 bytes
+a thread), unpacks its 8 nibbles in registers (``[BLOCK_N, BLOCK_KW, 8]``), and meets them with
+the 8 inputs of x under the word (one 16-byte load in bf16); each word lies in one group
+(g a multiple of 8), so the word's 8 products ``(q - zero) * x`` are summed first and multiplied
+by the group's scale once (where a K step lies in one group the scale and zero are one load a
+row a step). The weights are thus not rounded to the activations' dtype one by one as the
+reference's dequantized matrix is: the result equals the reference to float32 reassociation
+(float32 models) or to bf16 / fp16 rounding of the weights (half models); the grouped GEMMs
+(``fused_moe.py``) keep the reference's per-weight rounding. At 1 token a Qwen3-30B-A3B layer
+reads 8 experts x 3 x 2048 x 768 / 2 B = 18.9 MB of codes (+ 0.9 MB of scales and zeros)
+instead of bf16's 75.5 MB.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tessellm import envs
+from tessellm.kernels.pdl import pdl_args, pdl_start
+
+# Weight rows a program of the up and the down kernel (``fused_moe_int4_decode``'s
+# ``up_rows`` / ``down_rows`` override; benchmarks/kernels/bench_moe_int4.py --sweep times others).
+INT4_DECODE_ROWS = (2, 2)
+
+
+@triton.jit
+def _int4_row_dot(w_rows, s_rows, z_rows, x_row, same3, k0, KWORDS, GROUP: tl.constexpr,
+                  HAS_ZEROS: tl.constexpr, SCALE_STEP: tl.constexpr, EVEN_K: tl.constexpr,
+                  BLOCK_KW: tl.constexpr):
+    """``[BN, BLOCK_KW]`` float32 partial sums: for each packed word at word offsets ``kw = k0
+    + [0, BLOCK_KW)`` of the rows ``w_rows`` ([BN, 1] pointers), ``scale * sum_j (q_j - zero)
+    * x[8 kw + j]``. x is loaded in the unpacked tile's shape (``same3``: [BN, 1, 1] zeros) so
+    that it takes the tile's register layout. SCALE_STEP: the whole step lies in one group
+    (``k0``'s): one scale and zero a row."""
+    kw = k0 + tl.arange(0, BLOCK_KW)[None, :]
+    nib = tl.arange(0, 8)[None, None, :]
+    k3 = kw[:, :, None] * 8 + nib  # [1, KW, 8] input offsets
+    if EVEN_K:
+        words = tl.load(w_rows + kw)
+        x = tl.load(x_row + same3 + k3).to(tl.float32)
+    else:
+        ok = kw < KWORDS
+        words = tl.load(w_rows + kw, mask=ok, other=0)
+        x = tl.load(x_row + same3 + k3, mask=(same3 + kw[:, :, None]) < KWORDS,
+                    other=0.0).to(tl.float32)
+    q = ((words[:, :, None] >> (nib * 4)) & 0xF).to(tl.float32)
+    if SCALE_STEP:
+        g = k0 * 8 // GROUP
+        scale = tl.load(s_rows + g).to(tl.float32)
+        if HAS_ZEROS:
+            q = q - tl.load(z_rows + g).to(tl.float32)[:, :, None]
+        else:
+            q = q - 8.0
+        return tl.sum(q * x, axis=2) * scale
+    g = kw * 8 // GROUP  # [1, KW]: each word in one group
+    if EVEN_K:
+        scale = tl.load(s_rows + g).to(tl.float32)
+    else:
+        scale = tl.load(s_rows + g, mask=kw < KWORDS, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        q = q - tl.load(z_rows + g, mask=kw < KWORDS, other=0).to(tl.float32)[:, :, None]
+    else:
+        q = q - 8.0
+    return tl.sum(q * x, axis=2) * scale
+
+
+@triton.jit
+def _moe_up_int4_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, act_ptr, I, KWORDS, stride_xm,
+                        stride_we, stride_wn, stride_se, stride_sn, stride_am,
+                        TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                        SCALE_STEP: tl.constexpr, EVEN_K: tl.constexpr, K_STEPS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
+    pid_n, p = tl.program_id(0), tl.program_id(1)
+    expert = tl.load(ids_ptr + p).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_ld = tl.minimum(rn, I - 1).to(tl.int64)[:, None]  # rows past I read row I-1, never stored
+    gate_rows = w_ptr + expert * stride_we + rn_ld * stride_wn
+    up_rows = gate_rows + I * stride_wn
+    gate_s = expert * stride_se + rn_ld * stride_sn
+    up_s = gate_s + I * stride_sn
+    x_row = x_ptr + (p // TOP_K).to(tl.int64) * stride_xm
+    acc_g = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    same3 = tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32)
+    for s in tl.static_range(K_STEPS):  # unrolled: every load of the program can be in flight
+        acc_g += _int4_row_dot(gate_rows, s_ptr + gate_s, z_ptr + gate_s, x_row, same3,
+                               s * BLOCK_KW, KWORDS, GROUP, HAS_ZEROS, SCALE_STEP, EVEN_K,
+                               BLOCK_KW)
+        acc_u += _int4_row_dot(up_rows, s_ptr + up_s, z_ptr + up_s, x_row, same3, s * BLOCK_KW,
+                               KWORDS, GROUP, HAS_ZEROS, SCALE_STEP, EVEN_K, BLOCK_KW)
+    g = tl.sum(acc_g, axis=1)
+    u = tl.sum(acc_u, axis=1)
+    dt = act_ptr.dtype.element_ty
+    g = g.to(dt).to(tl.float32)  # the reference's rounding points: gate/up, SiLU, product
+    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u.to(dt).to(tl.float32)
+    tl.store(act_ptr + p.to(tl.int64) * stride_am + rn, a.to(dt), mask=rn < I)
+
+
+@triton.jit
+def _moe_down_int4_kernel(act_ptr, ids_ptr, weights_ptr, w_ptr, s_ptr, z_ptr, out_ptr, H,
+                          KWORDS, stride_am, stride_we, stride_wn, stride_se, stride_sn,
+                          stride_om, TOP_K: tl.constexpr, GROUP: tl.constexpr,
+                          HAS_ZEROS: tl.constexpr, SCALE_STEP: tl.constexpr,
+                          EVEN_K: tl.constexpr, K_STEPS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
+    pid_n, t = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_ld = tl.minimum(rn, H - 1).to(tl.int64)[:, None]
+    dt = out_ptr.dtype.element_ty
+    out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    same3 = tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + t * TOP_K + j).to(tl.int64)
+        rows = w_ptr + expert * stride_we + rn_ld * stride_wn
+        s_off = expert * stride_se + rn_ld * stride_sn
+        a_row = act_ptr + (t * TOP_K + j) * stride_am
+        acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+        for s in tl.static_range(K_STEPS):
+            acc += _int4_row_dot(rows, s_ptr + s_off, z_ptr + s_off, a_row, same3,
+                                 s * BLOCK_KW, KWORDS, GROUP, HAS_ZEROS, SCALE_STEP, EVEN_K,
+                                 BLOCK_KW)
+        y = tl.sum(acc, axis=1) * tl.load(weights_ptr + t * TOP_K + j)
+        out += y.to(dt).to(tl.float32)  # each slot's weighted row rounded, as the grouped path
+    tl.store(out_ptr + t * stride_om + rn, out.to(dt), mask=rn < H)
+
+
+def _tiles(k_dim: int, group: int, interpreted: bool, rows: int) -> dict:
+    """``rows`` rows a program, ``BLOCK_KW`` packed words a row a step (at most 512 / rows; the
+    largest power of two dividing the row's words when one is at least 16: no masked lanes),
+    as many warps as give every thread 4 words (16 bytes) of the ``[rows, BLOCK_KW]`` tile."""
+    kwords = k_dim // 8
+    if interpreted:
+        block_kw = min(16, triton.next_power_of_2(kwords))
+        warps = 1
+    else:
+        block_kw = min(512 // rows, triton.next_power_of_2(kwords))
+        pow2_divisor = kwords & -kwords
+        if pow2_divisor >= 16:
+            block_kw = min(block_kw, pow2_divisor)
+        warps = max(1, min(8, rows * block_kw // 128))
+    return dict(BLOCK_N=rows, BLOCK_KW=block_kw, K_STEPS=triton.cdiv(kwords, block_kw),
+                EVEN_K=kwords % block_kw == 0, SCALE_STEP=group % (8 * block_kw) == 0,
+                GROUP=group, num_warps=warps)
+
+
+def fused_moe_int4_decode(hidden: torch.Tensor, topk_weights: torch.Tensor,
+                          topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                          w13_scale: torch.Tensor, w2_scale: torch.Tensor,
+                          w13_zeros: Optional[torch.Tensor] = None,
+                          w2_zeros: Optional[torch.Tensor] = None, up_rows: Optional[int] = None,
+                          down_rows: Optional[int] = None) -> torch.Tensor:
+    """``fused_moe_triton``'s contract on int4 experts (module docstring for the layout) in two
+    launches; ``topk_ids`` local expert ids (in range). ``up_rows`` / ``down_rows``: weight
+    rows a program of each kernel (default ``INT4_DECODE_ROWS``; benchmarks sweep them)."""
+    interp = envs.triton_interpret()
+    default = (16, 16) if interp else INT4_DECODE_ROWS  # interpreted: few, large programs
+    up_rows, down_rows = up_rows or default[0], down_rows or default[1]
+    t, k = topk_ids.shape
+    h, inter = w13.shape[2] * 8, w2.shape[2] * 8
+    hidden = hidden.contiguous()
+    dev, dtype = hidden.device, hidden.dtype
+    out = torch.empty(t, h, dtype=dtype, device=dev)
+    if t == 0:
+        return out
+    weights = topk_weights.to(torch.float32).contiguous()
+    ids = topk_ids.contiguous()
+    w13_scale, w2_scale = w13_scale.contiguous(), w2_scale.contiguous()
+    z13 = w13_zeros.contiguous() if w13_zeros is not None else w13_scale
+    z2 = w2_zeros.contiguous() if w2_zeros is not None else w2_scale
+    act = torch.empty(t * k, inter, dtype=dtype, device=dev)
+    up = _tiles(h, h // w13_scale.shape[2], interp, up_rows)
+    _moe_up_int4_kernel[(triton.cdiv(inter, up["BLOCK_N"]), t * k)](
+        hidden, ids, w13, w13_scale, z13, act, inter, h // 8, hidden.stride(0), w13.stride(0),
+        w13.stride(1), w13_scale.stride(0), w13_scale.stride(1), act.stride(0), TOP_K=k,
+        HAS_ZEROS=w13_zeros is not None, **up, **pdl_args(dev))
+    down = _tiles(inter, inter // w2_scale.shape[2], interp, down_rows)
+    _moe_down_int4_kernel[(triton.cdiv(h, down["BLOCK_N"]), t)](
+        act, ids, weights, w2, w2_scale, z2, out, h, inter // 8, act.stride(0), w2.stride(0),
+        w2.stride(1), w2_scale.stride(0), w2_scale.stride(1), out.stride(0), TOP_K=k,
+        HAS_ZEROS=w2_zeros is not None, **down, **pdl_args(dev))
+    return out
