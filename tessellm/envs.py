@@ -175,34 +175,37 @@ def decode_gemm_silu_tiles() -> Optional[tuple[int, int, int, int, int]]:
     return tuple(int(p) for p in parts)
 
 
-def recurrent_state_device_graphs(gated_delta: bool = False) -> bool:
+def recurrent_state_device_graphs() -> bool:
     """TESSELLM_RECURRENT_STATE_GRAPHS: whether the recurrent-state models replay captured
     decode graphs on a GPU (state slots a graph input, padded rows in a scratch slot:
-    docs/state_space.md). Default on for the Mamba2-mixer models (Mamba2, Bamba, Granite 4.0-H,
-    Nemotron-H, Falcon-H1: on an H100 their graphs gave eager's tokens, 4.9-7.5x faster decode
-    steps, benchmarks/results/h100-2026-12-06-s16); off for Qwen3-Next's gated DeltaNet
-    (``gated_delta``) until its graphs have run on a GPU. "0" turns both off, "1" both on."""
+    docs/state_space.md). Default on: for the Mamba2-mixer models (Mamba2, Bamba, Granite 4.0-H,
+    Nemotron-H, Falcon-H1) on an H100 their graphs gave eager's tokens with 4.9-7.5x faster
+    decode steps (benchmarks/results/h100-2026-12-06-s16); Qwen3-Next's gated DeltaNet
+    gave the plain greedy tokens with decode and verify graphs there (h100-2026-12-06-s18 and
+    -s19). "0" turns them off."""
     value = _switch("TESSELLM_RECURRENT_STATE_GRAPHS")
-    return (not gated_delta) if value is None else value
+    return True if value is None else value
 
 
 def recurrent_verify_graphs() -> bool:
     """TESSELLM_RECURRENT_VERIFY_GRAPHS: "1" captures the verify steps of speculative decoding
     on the recurrent-state models in graphs (``spec_decode/verify_graphs.py`` with
     ``MambaStateCache.verify_batch``; their decode graphs follow TESSELLM_RECURRENT_STATE_GRAPHS).
-    Off by default until they have run on a GPU (``benchmarks/hverify_device.sh``): verify
-    steps then run eagerly, through the fused verify kernels on cuda and rocm."""
-    return _switch("TESSELLM_RECURRENT_VERIFY_GRAPHS") is True
+    On by default (on an H100 they gave the plain greedy tokens for Mamba2 and Qwen3-Next,
+    ``benchmarks/hverify_device.sh``, benchmarks/results/h100-2026-12-06-s19); "0" runs verify
+    steps eagerly, through the fused verify kernels on cuda and rocm."""
+    return _switch("TESSELLM_RECURRENT_VERIFY_GRAPHS") is not False
 
 
 def ssd_scan() -> bool:
     """TESSELLM_SSD_SCAN: "1" runs Mamba2 prefill chunks through the parallel SSD kernels
     (``kernels/mamba/ssd.py``: five launches parallel over chunks, heads and tiles) instead of
     the sequential chunk scan (``kernels/mamba/chunk_scan.py``, one program per sequence and
-    head walking its tokens). Off by default until the SSD kernels have run on a GPU
-    (``benchmarks/ssd_device.sh``); checked so far in Triton's interpreter and an offline sm_90
-    compile."""
-    return _switch("TESSELLM_SSD_SCAN") is True
+    head walking its tokens). On by default: on an H100 the SSD kernels passed the kernel,
+    conformance and model tests and ran 2.0-7.6x faster than the sequential scan at 512-8000
+    tokens (``benchmarks/ssd_device.sh``, benchmarks/results/h100-2026-12-06-s19); "0" takes
+    the sequential scan."""
+    return _switch("TESSELLM_SSD_SCAN") is not False
 
 
 def decode_overlap_min_rows() -> Optional[int]:

@@ -77,7 +77,7 @@ class RunnerGraphs:
             return
         if self.mamba is not None and not envs.recurrent_verify_graphs():
             logger.info("Speculative decoding on a recurrent-state model: verify steps run "
-                        "eagerly (TESSELLM_RECURRENT_VERIFY_GRAPHS=1 captures them).")
+                        "eagerly (TESSELLM_RECURRENT_VERIFY_GRAPHS=0).")
             return
         if self.mamba is not None and not verify_ops_capturable(self.mamba.layers[0].ops):
             logger.info("Speculative decoding: the backend's own recurrent verify ops do not "

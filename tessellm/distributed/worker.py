@@ -107,8 +107,8 @@ class Worker:
             # pooling steps are prefills (eager) only
             eager = args.enforce_eager or self.backend.emulated  # no device graphs on the host
             if (hasattr(model, "mamba_layers") and self.backend.device_type != "cpu"
-                    and not recurrent_state_device_graphs(_gated_delta(model))):
-                eager = True  # Qwen3-Next's state-slot graphs not yet run on a GPU (envs.py)
+                    and not recurrent_state_device_graphs()):
+                eager = True  # TESSELLM_RECURRENT_STATE_GRAPHS=0 (envs.py)
             graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, eager,
                                                                    dtype=self.dtype))
         from tessellm.spec_decode.runner_part import build_spec_decode
@@ -412,14 +412,6 @@ class SavingStep:
         out = self.handle.result()
         self.saving.result()
         return out
-
-
-def _gated_delta(model) -> bool:
-    """Whether the model's recurrent-state layers are gated DeltaNets (Qwen3-Next), whose
-    captured decode graphs have not run on a GPU yet (``envs.recurrent_state_device_graphs``)."""
-    from tessellm.layers.gated_deltanet import GatedDeltaNet
-
-    return any(isinstance(layer, GatedDeltaNet) for layer in model.mamba_layers())
 
 
 def _pooler(config, model):

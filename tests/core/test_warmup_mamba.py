@@ -31,8 +31,8 @@ UNSPECIALIZED = {"nc"}
 
 @pytest.fixture(autouse=True)
 def _ssd_scan_on(monkeypatch):
-    """The parallel SSD prefill kernels are opt-in (``envs.ssd_scan``): switched on, the
-    warm-up must compile them (KERNELS)."""
+    """With the parallel SSD prefill kernels on (``envs.ssd_scan``, the default), the warm-up
+    must compile them (KERNELS)."""
     monkeypatch.setenv("TESSELLM_SSD_SCAN", "1")
 
 

@@ -23,8 +23,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture(autouse=True)
 def _ssd_scan_on(monkeypatch):
-    """The parallel SSD prefill kernels are opt-in (``envs.ssd_scan``); these tests are theirs
-    (the sequential kernel: the fallback case and the conformance suite's default)."""
+    """The parallel SSD prefill kernels (``envs.ssd_scan``, the default) are what these tests
+    check; the sequential kernel (TESSELLM_SSD_SCAN=0) has its fallback case."""
     monkeypatch.setenv("TESSELLM_SSD_SCAN", "1")
 
 

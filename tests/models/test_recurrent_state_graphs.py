@@ -90,33 +90,14 @@ def test_reference_conv1d_decodes_by_device_slots():
     torch.testing.assert_close(got_state, want_state)
 
 
-@pytest.mark.parametrize("value,mamba2,gated_delta", [(None, True, False), ("0", False, False),
-                                                      ("1", True, True)])
-def test_device_graphs_switch(monkeypatch, value, mamba2, gated_delta):
-    """On a GPU the Mamba2-mixer models replay graphs by default (run on an H100); Qwen3-Next's
-    gated DeltaNet only when asked, until its graphs have run on one (envs.py)."""
+@pytest.mark.parametrize("value,want", [(None, True), ("0", False), ("1", True)])
+def test_device_graphs_switch(monkeypatch, value, want):
+    """On a GPU the recurrent-state models (Mamba2 mixers and Qwen3-Next's gated DeltaNet) replay
+    decode graphs by default (both ran on an H100); "0" keeps them eager (envs.py)."""
     from tessellm.envs import recurrent_state_device_graphs
 
     if value is None:
         monkeypatch.delenv("TESSELLM_RECURRENT_STATE_GRAPHS", raising=False)
     else:
         monkeypatch.setenv("TESSELLM_RECURRENT_STATE_GRAPHS", value)
-    assert recurrent_state_device_graphs() is mamba2
-    assert recurrent_state_device_graphs(gated_delta=True) is gated_delta
-
-
-def test_worker_tells_gated_deltanet_models(model):
-    """The worker's choice of the switch above: Qwen3-Next's layers are gated DeltaNets, the
-    others' Mamba2 mixers (session 16's first GPU run of it crashed at every Mamba model's
-    start, reading ``mamba_layers`` as a list: a CPU engine never takes that branch)."""
-    from tessellm.backends.registry import BackendRegistry
-    from tessellm.config import resolve_model
-    from tessellm.distributed.worker import _gated_delta
-    from tessellm.loader.model_loader import build_model
-
-    name, path = model
-    registry = BackendRegistry()
-    built, *_ = build_model(resolve_model(path), "safetensors", registry,
-                            registry.backends["cpu"], torch.float32, torch.device("cpu"),
-                            block_size=16)
-    assert _gated_delta(built) is (name == "qwen3next")
+    assert recurrent_state_device_graphs() is want

@@ -23,8 +23,8 @@ from tests.spec_decode.test_verify_graphs import StandInGraphRunner
 
 @pytest.fixture(autouse=True)
 def _verify_graphs_on(monkeypatch):
-    """Captured verify steps on recurrent-state models are opt-in (envs.recurrent_verify_graphs)."""
-    monkeypatch.setenv("TESSELLM_RECURRENT_VERIFY_GRAPHS", "1")
+    """Captured verify steps on recurrent-state models, the default (envs.recurrent_verify_graphs)."""
+    monkeypatch.delenv("TESSELLM_RECURRENT_VERIFY_GRAPHS", raising=False)
 
 
 SIZES = (2, 4)  # a step of one sequence replays the graph of two: one padding sequence
@@ -79,8 +79,9 @@ def test_captured_verify_steps_give_the_plain_tokens(tmp_path, family):
 @pytest.mark.parametrize("family", ["mamba2", "qwen3_next"])
 def test_cuda_verify_graphs_give_the_plain_tokens(tmp_path, monkeypatch, family):
     """The cuda backend's CUDA graphs (decode and verify, capture sizes 1..max_num_seqs) over
-    its fused verify kernels; Qwen3-Next's graphs are opt-in (TESSELLM_RECURRENT_STATE_GRAPHS)."""
-    monkeypatch.setenv("TESSELLM_RECURRENT_STATE_GRAPHS", "1")
+    its fused verify kernels (both switches at their defaults)."""
+    monkeypatch.delenv("TESSELLM_RECURRENT_STATE_GRAPHS", raising=False)
+    monkeypatch.delenv("TESSELLM_RECURRENT_VERIFY_GRAPHS", raising=False)
     path = _model(tmp_path, family)
     want, _, _ = _generate(path, device="cuda")
     got, stats, replays = _generate(path, NGRAM, device="cuda")
@@ -89,14 +90,15 @@ def test_cuda_verify_graphs_give_the_plain_tokens(tmp_path, monkeypatch, family)
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
-def test_verify_graphs_are_opt_in(monkeypatch):
-    """Until a GPU run shows them right, recurrent-state verify steps are captured only on request."""
+def test_verify_graphs_switch(monkeypatch):
+    """Recurrent-state verify steps are captured by default (they ran on an H100); "0" keeps
+    them eager."""
     from tessellm import envs
 
-    monkeypatch.delenv("TESSELLM_RECURRENT_VERIFY_GRAPHS")
-    assert envs.recurrent_verify_graphs() is False
-    monkeypatch.setenv("TESSELLM_RECURRENT_VERIFY_GRAPHS", "1")
+    monkeypatch.delenv("TESSELLM_RECURRENT_VERIFY_GRAPHS", raising=False)
     assert envs.recurrent_verify_graphs() is True
+    monkeypatch.setenv("TESSELLM_RECURRENT_VERIFY_GRAPHS", "0")
+    assert envs.recurrent_verify_graphs() is False
 
 
 def test_own_verify_ops_are_not_captured_unless_declared():
