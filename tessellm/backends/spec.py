@@ -545,6 +545,14 @@ class FusedOps(Protocol):
     # ``backends/reference/ops.linear_silu_and_mul``. Quantized layers: ``QuantMethod``'s
     # optional ``apply_silu_and_mul``.
     #
+    # Optional (plugin API 18): ``linear_add_rms_norm(x, weight, residual, norm_weight, eps,
+    # bias=None)``, ``fused_add_rms_norm(linear(x, weight, bias), residual, norm_weight, eps)``
+    # -> ``(normed, residual)`` (the residual may be updated in place, as ``fused_add_rms_norm``
+    # may), so the norm after o_proj can run in the GEMV's epilogue: the decoder layer asks for
+    # it at one row under ``TESSELLM_GEMV_NORM_EPILOGUE=1`` (``layers.linear.
+    # fused_linear_add_rms_norm``). The oracle is ``backends/reference/ops.linear_add_rms_norm``.
+    # Quantized layers: ``QuantMethod``'s optional ``apply_add_rms_norm``.
+    #
     # Optional, the fp8 activation fold (asked unless ``TESSELLM_FP8_ACT_FOLD=0``, for the
     # input of an fp8 linear on its W8A8 path, ``layers.linear.fp8_input_dtype``):
     # ``rms_norm_fp8(x, weight, eps, fp8_dtype)``, ``fused_add_rms_norm_fp8(x, residual, weight,
@@ -775,6 +783,12 @@ class QuantMethod(Protocol):
     # for this layer (the caller then runs ``apply`` and the activation). The MLP asks for it at
     # 1-2 rows (decode). ``quantization.base.QuantLinearMethod`` serves it through its
     # ``QuantOps``' optional ``fp8_mm_silu_and_mul``.
+    #
+    # Optional (plugin API 18): ``apply_add_rms_norm(layer, x, residual, norm_weight, eps,
+    # bias=None)``, ``fused_add_rms_norm(apply(layer, x, bias), residual, norm_weight, eps)`` ->
+    # ``(normed, residual)`` in one product, or None where the method cannot for this layer.
+    # ``quantization.base.QuantLinearMethod`` serves it through its ``QuantOps``' optional
+    # ``fp8_mm_add_rms_norm``.
     #
     # Optional, the fp8 activation fold: ``prequantized_dtype(layer, rows)``, the fp8 dtype in
     # which ``layer`` takes its input already quantized per token at ``rows`` rows, or None (it

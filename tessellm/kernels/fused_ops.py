@@ -16,7 +16,9 @@ from tessellm import envs
 from tessellm.kernels.activation import _silu_and_mul_kernel, launch_silu_and_mul_fp8
 from tessellm.kernels.gemm.decode_gemm import (DecodeGemmConfig, decode_gemm,
                                                 decode_gemm_silu_and_mul)
-from tessellm.kernels.gemm.gemv import GEMV_FOLD_MAX_M, gemv, gemv_silu_and_mul
+from tessellm.kernels.gemm.gemv import (GEMV_FOLD_MAX_M, gemv, gemv_silu_and_mul,
+                                        gemv_then_add_rms_norm)
+from tessellm.kernels.gemm.norm_epilogue import norm_epilogue_applies
 from tessellm.kernels.norm import (_rows, add_norm_buffers, launch_rms_norm, launch_rms_norm_fp8,
                                    residual_buffers)
 from tessellm.kernels.pdl import pdl_args
@@ -250,6 +252,18 @@ class TritonOps:
             return decode_gemm_silu_and_mul(x, weight, bias,
                                             self.__dict__["_decode_gemm_silu_config"])
         return self.silu_and_mul(self.linear(x, weight, bias))
+
+    def linear_add_rms_norm(self, x: torch.Tensor, weight: torch.Tensor,
+                            residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                            bias=None):
+        """``fused_add_rms_norm(linear(x, weight, bias), residual, norm_weight, eps)``: one
+        launch where ``linear`` takes the one-row GEMV (the norm in its last program,
+        ``gemm/norm_epilogue.py``, bitwise the two launches), else those two. Returns
+        ``(normed, residual)``, the residual updated in place where it can be."""
+        if (x.dim() == 2 and x.shape[0] == 1 and self._gemv_applies(x, weight)
+                and norm_epilogue_applies(x, weight.shape[0], residual, norm_weight)):
+            return gemv_then_add_rms_norm(x, weight, residual, norm_weight, eps, bias)
+        return self.fused_add_rms_norm(self.linear(x, weight, bias), residual, norm_weight, eps)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)

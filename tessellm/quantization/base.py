@@ -58,6 +58,13 @@ class QuantOps(Protocol):
     # decode (the cuda one: ``gemv_x2.gemv_fp8_x2_silu_and_mul`` at one row). The oracle is
     # ``backends/reference/quant_ops.fp8_mm_silu_and_mul``; without it the MLP runs the two.
     #
+    # Optional: ``fp8_mm_add_rms_norm(x, w, residual, norm_weight, eps, bias=None)``,
+    # ``fused_add_rms_norm(fp8_mm(x, w, bias), residual, norm_weight, eps)`` -> ``(normed,
+    # residual)``, so a backend can run the norm after the GEMM in one launch at batch-1
+    # decode (the cuda one: ``gemv_x2.gemv_fp8_x2_then_add_rms_norm``, its last program;
+    # asked only under ``TESSELLM_GEMV_NORM_EPILOGUE=1``). The oracle is
+    # ``backends/reference/quant_ops.fp8_mm_add_rms_norm``.
+    #
     # Optional, a pair (the fp8 activation fold): ``fp8_mm_prequantized(xa, w, bias=None)``,
     # ``fp8_mm``'s W8A8 product for an activation its producer already quantized per token
     # (``xa``: a ``packed.Fp8Activation``; returns ``[M, N]`` in ``xa.dtype``), and
@@ -79,6 +86,8 @@ class QuantLinearMethod:
         self.config = dict(config or {})
         if getattr(ops, "fp8_mm_silu_and_mul", None) is None:
             self.apply_silu_and_mul = None  # not offered (layers.linear.fused_silu_and_mul)
+        if getattr(ops, "fp8_mm_add_rms_norm", None) is None:
+            self.apply_add_rms_norm = None  # not offered (layers.linear.fused_linear_add_rms_norm)
         if getattr(ops, "fp8_mm_prequantized", None) is None:
             self.prequantized_dtype = None  # not offered (layers.linear.fp8_input_dtype)
             self.apply_prequantized = None
@@ -162,6 +171,18 @@ class QuantLinearMethod:
         if len(segs) != 1 or segs[0].kind != "fp8" or x.dim() != 2:
             return None
         return self.ops.fp8_mm_silu_and_mul(x, segs[0], bias)
+
+    def apply_add_rms_norm(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor,
+                           norm_weight: torch.Tensor, eps: float, bias=None):
+        """The optional ``QuantMethod`` member: ``fused_add_rms_norm(apply(layer, x, bias),
+        residual, norm_weight, eps)`` -> ``(normed, residual)`` in one product where the
+        backend's ``QuantOps`` offers it (``ops.fp8_mm_add_rms_norm``; without it this member
+        is None) for the layer's weight (one fp8 segment); None where it does not (the caller
+        runs ``apply``, then the norm). x is ``[M, K]``."""
+        segs = layer.segments
+        if len(segs) != 1 or segs[0].kind != "fp8" or x.dim() != 2:
+            return None
+        return self.ops.fp8_mm_add_rms_norm(x, segs[0], residual, norm_weight, eps, bias)
 
     def prequantized_dtype(self, layer: nn.Module, rows: int) -> Optional[torch.dtype]:
         """The optional ``QuantMethod`` member of the fp8 activation fold: the fp8 dtype in which

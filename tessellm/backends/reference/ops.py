@@ -111,6 +111,15 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> tor
     return ReferenceOps().silu_and_mul(F.linear(x, weight, bias))
 
 
+def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                        norm_weight: torch.Tensor, eps: float, bias=None):
+    """The oracle of the optional ``FusedOps.linear_add_rms_norm``: ``fused_add_rms_norm(x @
+    weight.T + bias, residual, norm_weight, eps)``, the product rounded to x's dtype first:
+    ``(normed, x W^T + b + residual)``. A function, not a ``ReferenceOps`` member."""
+    return ReferenceOps().fused_add_rms_norm(F.linear(x, weight, bias), residual, norm_weight,
+                                             eps)
+
+
 def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  fp8_dtype: torch.dtype) -> Fp8Activation:
     """The oracle of the optional ``FusedOps.rms_norm_fp8``: ``rms_norm`` rounded to its output

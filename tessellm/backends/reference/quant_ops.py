@@ -165,3 +165,13 @@ def fp8_mm_silu_and_mul(x: torch.Tensor, w: Fp8Weight, bias=None) -> torch.Tenso
     wd = w.qweight.float() * w.scales.float()[:, None]
     y = F.linear(x.float(), wd, None if bias is None else bias.float()).to(x.dtype)
     return ReferenceOps().silu_and_mul(y)
+
+
+def fp8_mm_add_rms_norm(x: torch.Tensor, w: Fp8Weight, residual: torch.Tensor,
+                        norm_weight: torch.Tensor, eps: float, bias=None):
+    """The oracle of the optional ``QuantOps.fp8_mm_add_rms_norm``: ``fp8_mm_silu_and_mul``'s
+    W8A16 product (the weight dequantized, float32, rounded to x's dtype), then
+    ``ReferenceOps.fused_add_rms_norm`` with ``residual``: ``(normed, product + residual)``."""
+    wd = w.qweight.float() * w.scales.float()[:, None]
+    y = F.linear(x.float(), wd, None if bias is None else bias.float()).to(x.dtype)
+    return ReferenceOps().fused_add_rms_norm(y, residual, norm_weight, eps)

@@ -64,6 +64,9 @@ from tessellm.kernels.gemm.common import (_capability, _interpreted, _num_sms, _
                                           _split_stride, _split_sum)
 from tessellm.kernels.activation import silu_mul
 from tessellm.kernels.gemm.fp8_codes import e4m3_to_16bit
+from tessellm.kernels.gemm.norm_epilogue import (NORM_EPILOGUE_MAX_N, NormEpilogue,
+                                                  epilogue_args, make_epilogue, norm_epilogue,
+                                                  norm_epilogue_applies)
 from tessellm.kernels.pdl import (pdl_args, pdl_enabled, pdl_launch, pdl_start, pdl_wait,
                                   prefetch_l2)
 
@@ -279,18 +282,22 @@ def _split_plane(out_ptr, pid_k, stride_split):
 
 @triton.jit
 def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
-                     stride_om, stride_split, k_per_split,
+                     stride_om, stride_split, k_per_split, res_ptr, g_ptr, normed_ptr,
+                     counter_ptr, eps,
                      W_FP8: tl.constexpr, W_PTX: tl.constexpr, HAS_BIAS: tl.constexpr,
                      EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                      CHUNK: tl.constexpr, F32_BITS: tl.constexpr, PTX: tl.constexpr,
                      SILU_FOLD: tl.constexpr, PRE_TILES: tl.constexpr, PRE_L2: tl.constexpr,
-                     PRE_S: tl.constexpr, USE_PDL: tl.constexpr):
+                     PRE_S: tl.constexpr, NORM_EPI: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     """Up to 4 rows of x (BLOCK_M 1, 2 or 4), one float32 accumulator tile per row.
     SILU_FOLD: W is a stacked [gate; up] ``[2N, K]``, out ``[M, N]`` gets silu(gate) * up
     (``_fold_rows``, ``store_silu_mul``); the K loop is the same. PRE_TILES, PRE_L2, PRE_S:
     what the program reads of its weights before the PDL wait (``Prewait``); the sums are
-    bitwise the same either way (same steps, same order)."""
+    bitwise the same either way (same steps, same order). NORM_EPI (one row, one K range, no
+    SILU_FOLD): the last program runs the residual-add RMSNorm of the output row
+    (``norm_epilogue``)."""
     pdl_launch(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn, w_rn = _program_rows(pid_n, N, BLOCK_N, SILU_FOLD)
@@ -350,6 +357,8 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
     if BLOCK_M > 2:
         _store_row(acc2, 2, *args)
         _store_row(acc3, 3, *args)
+    if NORM_EPI:
+        norm_epilogue(out_ptr, res_ptr, g_ptr, normed_ptr, counter_ptr, N, eps, NORM_BLOCK, PTX)
 
 
 @triton.jit
@@ -565,7 +574,31 @@ def _fold_config(cfg: GemvConfig, m: int, n: int) -> GemvConfig:
     return dataclasses.replace(cfg, split_k=1)
 
 
-def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False) -> torch.Tensor:
+def gemv_then_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                           norm_weight: torch.Tensor, eps: float,
+                           bias: Optional[torch.Tensor] = None,
+                           config: Optional[GemvConfig] = None) -> tuple:
+    """``fused_add_rms_norm(gemv(x, weight, bias), residual, norm_weight, eps)`` in one launch
+    (``norm_epilogue``) for one 16-bit row: returns ``(normed [1, N], residual)``, the residual
+    updated in place, bitwise the two launches. The FMA kernel on ``gemv_config``'s tiles,
+    whole K a program (the last program needs every output).
+    ``norm_epilogue.norm_epilogue_applies`` must hold."""
+    if weight.dtype != x.dtype:
+        raise TypeError(f"gemv: weight is {weight.dtype} but x is {x.dtype}; cast one of them")
+    n = weight.shape[0]
+    if not norm_epilogue_applies(x, n, residual, norm_weight):
+        raise ValueError(f"gemv_then_add_rms_norm: one 16-bit row, a residual [1, {n}] of x's "
+                         f"dtype and a norm weight [{n}] (at most {NORM_EPILOGUE_MAX_N} "
+                         f"outputs); got x {tuple(x.shape)} {x.dtype}, residual "
+                         f"{tuple(residual.shape)} {residual.dtype}, weight "
+                         f"{tuple(norm_weight.shape)}")
+    norm = make_epilogue(x, weight.data_ptr(), n, residual, norm_weight, eps)
+    _launch(x, weight, None, bias, config, w_ptx=False, norm=norm)
+    return norm.normed, residual
+
+
+def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False,
+            norm: Optional[NormEpilogue] = None) -> torch.Tensor:
     x = x.contiguous()
     m, k = x.shape
     n = w.shape[0]
@@ -579,6 +612,8 @@ def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False) ->
     if silu_fold:
         cfg = _fold_config(cfg, m, n)
         n //= 2  # the output width, I; the grid below covers BLOCK_N / 2 outputs a program
+    if norm is not None:  # the FMA kernel, whole K a program (norm_epilogue)
+        cfg = dataclasses.replace(cfg, dot=False, split_k=1)
     if not cfg.dot and m > 4:
         raise ValueError(f"gemv: the FMA kernel takes at most 4 rows, got {m}; use dot=True")
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k
@@ -598,6 +633,6 @@ def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False) ->
     else:
         _gemv_fma_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), CHUNK=cfg.chunk,
                                F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x),
-                               SILU_FOLD=silu_fold, **prewait_args(x), **meta,
-                               **pdl_args(x.device))
+                               SILU_FOLD=silu_fold, **epilogue_args(norm, x),
+                               **prewait_args(x), **meta, **pdl_args(x.device))
     return _split_sum(out, x.dtype)

@@ -45,6 +45,9 @@ from tessellm.kernels.gemm.gemv import (GemvConfig, _apply_scale_bias, _finish, 
                                         _prefetch_rows_l2, _program_rows, _ptx, _with_split,
                                         prewait_args, store_silu_mul)
 from tessellm.kernels.gemm.gemv_x2_table import X2_TABLE
+from tessellm.kernels.gemm.norm_epilogue import (NORM_EPILOGUE_MAX_N, epilogue_args,
+                                                  make_epilogue, norm_epilogue,
+                                                  norm_epilogue_applies)
 from tessellm.kernels.pdl import pdl_args, pdl_launch, pdl_start, pdl_wait
 
 
@@ -86,17 +89,20 @@ def _dot4_e4m3_bf16_ref(acc, w, x):
 
 @triton.jit
 def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_wn_words,
-                         words_per_split, stride_split,
-                         HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                         words_per_split, stride_split, res_ptr, g_ptr, normed_ptr, counter_ptr,
+                         eps, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PTX: tl.constexpr,
                          SILU_FOLD: tl.constexpr, PRE_TILES: tl.constexpr,
-                         PRE_L2: tl.constexpr, PRE_S: tl.constexpr, USE_PDL: tl.constexpr):
+                         PRE_L2: tl.constexpr, PRE_S: tl.constexpr, NORM_EPI: tl.constexpr,
+                         NORM_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """One row of bf16 x against e4m3 weights, 4 codes a 32-bit word (``_dot4_e4m3_bf16x2``).
     ``KW``: words in a weight row (K / 4); x is read as 64-bit words of 4 values. SILU_FOLD:
     the weight is a stacked [gate; up] ``[2N, K]`` and out ``[1, N]`` gets silu(gate) * up
     (``gemv._fold_rows``, ``gemv.store_silu_mul``; each row its own scale); same K loop.
     PRE_TILES, PRE_L2, PRE_S: what the program reads of its weights before the PDL wait
-    (``gemv.Prewait``); bitwise the same sums either way (same steps, same order)."""
+    (``gemv.Prewait``); bitwise the same sums either way (same steps, same order).
+    NORM_EPI (one K range, no SILU_FOLD): the last program runs the residual-add RMSNorm of
+    the output row (``norm_epilogue``)."""
     pdl_launch(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn, w_rn = _program_rows(pid_n, N, BLOCK_N, SILU_FOLD)
@@ -137,6 +143,9 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
     else:
         tl.store(out_ptr + pid_k.to(tl.int64) * stride_split + rn,
                  y.to(out_ptr.dtype.element_ty), mask=rn < N)
+        if NORM_EPI:
+            norm_epilogue(out_ptr, res_ptr, g_ptr, normed_ptr, counter_ptr, N, eps, NORM_BLOCK,
+                          PTX)
 
 
 @triton.jit
@@ -292,7 +301,8 @@ def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         x, qweight, scales, bias if bias is not None else scales, out, n, kw,
         qweight.stride(0) // 4, words_per_split, _split_stride(out), HAS_BIAS=bias is not None,
         EVEN_K=kw % words_per_split == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
-        SILU_FOLD=False, num_warps=num_warps, **prewait_args(x), **pdl_args(x.device))
+        SILU_FOLD=False, num_warps=num_warps, **epilogue_args(None, x), **prewait_args(x),
+        **pdl_args(x.device))
     return _split_sum(out, x.dtype)
 
 
@@ -316,8 +326,38 @@ def gemv_fp8_x2_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: tor
         x, qweight, scales, bias if bias is not None else scales, out, n // 2, kw,
         qweight.stride(0) // 4, kw, 0, HAS_BIAS=bias is not None,
         EVEN_K=kw % block_kw == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
-        SILU_FOLD=True, num_warps=num_warps, **prewait_args(x), **pdl_args(x.device))
+        SILU_FOLD=True, num_warps=num_warps, **epilogue_args(None, x), **prewait_args(x),
+        **pdl_args(x.device))
     return out
+
+
+def gemv_fp8_x2_then_add_rms_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                             residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                             bias: Optional[torch.Tensor] = None,
+                             config: Optional[tuple] = None) -> tuple:
+    """``fused_add_rms_norm(gemv_fp8_x2(x, qweight, scales, bias), residual, norm_weight,
+    eps)`` in one launch (``norm_epilogue``): returns ``(normed [1, N], residual)``, the
+    residual ``[1, N]`` updated in place, bitwise the two launches. The tiled kernel on
+    ``gemv_x2_config``'s tiles (a streamed table entry's first three), whole K a program (the
+    last program needs every output). ``norm_epilogue.norm_epilogue_applies`` must hold."""
+    n, k = qweight.shape
+    if not norm_epilogue_applies(x, n, residual, norm_weight):
+        raise ValueError(f"gemv_fp8_x2_then_add_rms_norm: one row, a residual [1, {n}] of x's dtype "
+                         f"and a norm weight [{n}] (at most {NORM_EPILOGUE_MAX_N} outputs); got "
+                         f"x {tuple(x.shape)}, residual {tuple(residual.shape)} "
+                         f"{residual.dtype}, weight {tuple(norm_weight.shape)}")
+    block_n, block_kw, num_warps = tuple(config or gemv_x2_config(n, k))[:3]
+    x = _x2_checked(x, qweight)
+    kw = k // 4
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    norm = make_epilogue(x, qweight.data_ptr(), n, residual, norm_weight, eps)
+    _gemv_e4m3_x2_kernel[(triton.cdiv(n, block_n), 1)](
+        x, qweight, scales, bias if bias is not None else scales, out, n, kw,
+        qweight.stride(0) // 4, kw, 0, HAS_BIAS=bias is not None,
+        EVEN_K=kw % block_kw == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
+        SILU_FOLD=False, num_warps=num_warps, **epilogue_args(norm, x), **prewait_args(x),
+        **pdl_args(x.device))
+    return norm.normed, residual
 
 
 def _x2_checked(x: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from tessellm.kernels.fused_ops import TritonOps
 from tessellm.kernels.gemm.common import _interpreted
 from tessellm.kernels.gemm.fp8_block import fp8_block_mm
 from tessellm.kernels.gemm.fp8 import _scaled_mm_ok, fp8_gemm, quantize_fp8_rows, scaled_mm_plan
-from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2_silu_and_mul
+from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2_silu_and_mul, gemv_fp8_x2_then_add_rms_norm
+from tessellm.kernels.gemm.norm_epilogue import norm_epilogue_applies
 from tessellm.kernels.gemm.w8a8 import gemv_w8a8, w8a8_native
 from tessellm.kernels.gemm.weight_only import (
     DEQUANT_MIN_M,
@@ -91,6 +92,19 @@ class TritonQuantOps:
                 and self.fp8_weight_only_max_m >= 1 and _use_gemv_x2(x, w.qweight)):
             return gemv_fp8_x2_silu_and_mul(x, w.qweight, w.scales, bias)
         return _SILU.silu_and_mul(self.fp8_mm(x, w, bias))
+
+    def fp8_mm_add_rms_norm(self, x, w: Fp8Weight, residual, norm_weight, eps: float,
+                            bias=None):
+        """``fused_add_rms_norm(fp8_mm(x, w, bias), residual, norm_weight, eps)`` (the optional
+        ``QuantOps`` member): one launch where ``fp8_mm`` takes the one-row ``gemv_fp8_x2`` (the
+        norm in its last program, ``gemm/norm_epilogue.py``, bitwise the two launches), else
+        ``fp8_mm`` then the Triton add-RMSNorm. Returns ``(normed, residual)``."""
+        if (x.dim() == 2 and x.shape[0] == 1 and self.fp8_skinny_w8a8_max_m < 1
+                and self.fp8_weight_only_max_m >= 1 and _use_gemv_x2(x, w.qweight)
+                and norm_epilogue_applies(x, w.qweight.shape[0], residual, norm_weight)):
+            return gemv_fp8_x2_then_add_rms_norm(x, w.qweight, w.scales, residual, norm_weight,
+                                                 eps, bias)
+        return _SILU.fused_add_rms_norm(self.fp8_mm(x, w, bias), residual, norm_weight, eps)
 
     def fp8_mm(self, x, w: Fp8Weight, bias=None):
         """Decode: W8A16 up to ``fp8_weight_only_max_m`` rows (or, if asked, up to
