@@ -112,6 +112,15 @@ def silu_fold() -> bool:
     return _switch("TESSELLM_SILU_FOLD") is not False
 
 
+def gemv_norm_epilogue() -> bool:
+    """TESSELLM_GEMV_NORM_EPILOGUE: "1" runs the decoder's post-attention residual-add RMSNorm
+    in the last program of the o_proj GEMV at one row (``kernels/gemm/norm_epilogue.py``,
+    ``layers.linear.fused_linear_add_rms_norm``): one launch a layer fewer at batch-1 decode,
+    bitwise the two launches. Off by default until timed on a GPU
+    (``benchmarks/b1fuse_device.sh``)."""
+    return _switch("TESSELLM_GEMV_NORM_EPILOGUE") is True
+
+
 def fp8_act_fold() -> bool:
     """TESSELLM_FP8_ACT_FOLD: "0" keeps a separate per-token fp8 quantization launch before each
     W8A8 GEMM (the path before 2026-12-05). Default on: where the backend's ``FusedOps`` offer

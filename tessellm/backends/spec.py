@@ -80,6 +80,10 @@ is captured).
 ``mamba_state_update`` / ``mamba_chunk_scan`` (and their verify forms) take ``x`` and ``dt`` as
 row-strided views of the mixer's projection (the last dim contiguous), sparing two copies a
 layer and step; plugins of versions 1 to 16 keep working (their ops get contiguous copies).
+18 = ``FusedOps.linear_add_rms_norm``, ``QuantOps.fp8_mm_add_rms_norm`` and
+``QuantMethod.apply_add_rms_norm`` (optional): a product followed by the residual-add RMSNorm
+in one call (batch-1 decode under ``TESSELLM_GEMV_NORM_EPILOGUE=1``); plugins of versions 1 to
+17 keep working (the decoder runs the product, then the norm).
 
 Ownership
 ---------
@@ -116,7 +120,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 17
+TESSELLM_PLUGIN_API = 18
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although

@@ -216,6 +216,37 @@ def fused_silu_and_mul(layer: nn.Module, x: torch.Tensor, max_rows: int) -> Opti
     return apply(layer, x, layer.bias)
 
 
+def fused_linear_add_rms_norm(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor,
+                              norm: nn.Module, consumer: Optional[nn.Module] = None):
+    """``norm(layer(x), residual)`` as one product (at one row: the GEMV with the residual-add
+    RMSNorm in its last program, one launch instead of two) where the backend offers it, else
+    None: the caller runs the layer, then the norm. Only for a plain ``Linear`` whose output is
+    whole on this rank (no tensor-parallel sum, not a LoRA wrapper) into an ``RMSNorm``
+    without a reduce group whose output ``consumer`` takes unquantized, and one row of x
+    (decode at batch 1; the rows are looked at only where the op is offered). Returns
+    ``(normed, residual)``. Asked only under ``TESSELLM_GEMV_NORM_EPILOGUE=1``
+    (``tessellm.envs.gemv_norm_epilogue``; the decoder layer checks it once)."""
+    if (not isinstance(layer, Linear) or isinstance(x, Fp8Activation)
+            or getattr(norm, "reduce", None) is not None or residual is None):
+        return None
+    tp = getattr(layer, "tp", None)
+    if tp is not None and tp.size > 1:
+        return None
+    ops = getattr(norm, "ops", None)
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "eps", None)
+    if ops is None or weight is None or eps is None:
+        return None
+    if layer.quant_method is None:
+        mm = getattr(ops, "linear_add_rms_norm", None)
+        if mm is None or x.dim() != 2 or x.shape[0] != 1 or fp8_input_dtype(consumer, 1):
+            return None
+        return mm(x, layer.weight, residual, weight, eps, layer.bias)
+    apply = getattr(layer.quant_method, "apply_add_rms_norm", None)
+    if apply is None or x.dim() != 2 or x.shape[0] != 1 or fp8_input_dtype(consumer, 1):
+        return None
+    return apply(layer, x, residual, weight, eps, layer.bias)
+
+
 def fp8_input_dtype(layer: Optional[nn.Module], rows: int) -> Optional[torch.dtype]:
     """The fp8 activation fold's one decision: the fp8 dtype in which ``layer`` takes its
     input pre-quantized per token (an ``Fp8Activation`` from the op producing it: RMSNorm or

@@ -21,7 +21,7 @@ from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.attention import Attention
 from tessellm.layers.context import ModelContext
 from tessellm.layers.linear import (ColumnParallelLinear, RowParallelLinear, fp8_input_dtype,
-                                    fused_silu_and_mul, materialize)
+                                    fused_linear_add_rms_norm, fused_silu_and_mul, materialize)
 from tessellm.layers.norm import RMSNorm, add_and_norm
 from tessellm.layers.rotary import RotaryEmbedding
 
@@ -204,10 +204,33 @@ class DecoderLayer(nn.Module):
         o_reduced = self.self_attn.o_proj.reduce_results
         self.post_attention_layernorm = norm(None if o_reduced else ctx.tp)
         self._plain_mlp = isinstance(self.mlp, DecoderMLP)  # its gate_up_proj takes the norm
+        # TESSELLM_GEMV_NORM_EPILOGUE: at one row, o_proj and post_attention_layernorm as one
+        # product (``fused_linear_add_rms_norm``) where nothing sits between them
+        self._o_norm_fused = (envs.gemv_norm_epilogue() and residual_multiplier == 1.0
+                              and isinstance(self.self_attn, DecoderAttention)
+                              and type(self.self_attn).forward is DecoderAttention.forward
+                              and type(self).after_attention is DecoderLayer.after_attention
+                              and type(self.post_attention_layernorm) is RMSNorm)
 
     def forward(self, positions, hidden, residual, metadata):
         hidden, residual = self.input_norm(hidden, residual)
+        if self._o_norm_fused:
+            return self._forward_o_norm_fused(positions, hidden, residual, metadata)
         return self.after_attention(self.self_attn(positions, hidden, metadata), residual)
+
+    def _forward_o_norm_fused(self, positions, hidden, residual, metadata):
+        """``forward`` after the input norm, with o_proj and the post-attention norm as one
+        product where the backend offers it at this row count (else as ``after_attention``)."""
+        attn = self.self_attn
+        q, k, v = attn.project(positions, hidden)
+        a = attn.attend(positions, q, k, v, metadata)
+        gate_up = self.mlp.gate_up_proj if self._plain_mlp else None
+        fused = fused_linear_add_rms_norm(attn.o_proj, a, residual, self.post_attention_layernorm,
+                                          consumer=gate_up)
+        if fused is None:
+            return self.after_attention(attn.o_proj(a), residual)
+        hidden, residual = fused
+        return self.mlp(hidden), residual
 
     def input_norm(self, hidden, residual):
         """``input_layernorm`` (the residual stream starts at the first layer's input)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessellm.backends.reference.ops import ReferenceOps, linear_silu_and_mul
+from tessellm.backends.reference.ops import ReferenceOps, linear_add_rms_norm, linear_silu_and_mul
 from tessellm.backends.spec import FusedOps, OpsSpec
 from tessellm.testing.harness import tolerance
 
@@ -98,6 +98,37 @@ def test_linear_silu_and_mul(target, rows, d, k):
         assert out.shape == (rows, d) and out.dtype == dtype
         want = linear_silu_and_mul(x.cpu().float(), w.cpu().float(), b.cpu().float()).to(dtype)
         torch.testing.assert_close(out.cpu(), want, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 24, 64), (1, 50, 96), (2, 16, 64)])
+def test_linear_add_rms_norm(target, rows, n, k):
+    """The optional ``linear_add_rms_norm`` (``fused_add_rms_norm`` of ``linear``'s output:
+    ``(normed, residual)``) against ``reference.ops.linear_add_rms_norm`` in float32; skipped
+    where the backend lacks it (the decoder then runs ``linear`` and the norm)."""
+    for dtype in _dtypes(target):
+        ops = _ops(target, dtype)
+        if getattr(ops, "linear_add_rms_norm", None) is None:
+            pytest.skip(f"{target.name} has no linear_add_rms_norm (optional)")
+        x = _rand(rows, k, dtype=dtype, device=target.device, seed=13)
+        w = (_rand(n, k, dtype=torch.float32, device=target.device, seed=14) * 0.2).to(dtype)
+        b = _rand(n, dtype=dtype, device=target.device, seed=15)
+        r = _rand(rows, n, dtype=dtype, device=target.device, seed=16)
+        g = _rand(n, dtype=dtype, device=target.device, seed=17)
+        out, res = ops.linear_add_rms_norm(x, w, r.clone(), g, 1e-5, b)
+        assert out.shape == (rows, n) and res.shape == (rows, n) and res.dtype == dtype
+        want_out, want_res = linear_add_rms_norm(x.cpu().float(), w.cpu().float(),
+                                                 r.cpu().float(), g.cpu().float(), 1e-5,
+                                                 b.cpu().float())
+        torch.testing.assert_close(res.cpu(), want_res.to(dtype), **tolerance(dtype))
+        torch.testing.assert_close(out.cpu().float(), want_out, **_norm_tolerance(dtype))
+
+
+def _norm_tolerance(dtype):
+    """A normed row of a rounded product: each element may sit one model-dtype rounding of the
+    residual away from the float32 oracle, scaled by the norm."""
+    if dtype == torch.float32:
+        return tolerance(dtype)
+    return dict(atol=5e-2, rtol=5e-2)
 
 
 def _fp8_close(xa, y, dtype, what: str):

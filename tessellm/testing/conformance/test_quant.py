@@ -106,6 +106,49 @@ def test_apply_silu_and_mul(target):
         pytest.skip(f"{target.name} offers no apply_silu_and_mul")
 
 
+def test_apply_add_rms_norm(target):
+    """The optional ``QuantMethod.apply_add_rms_norm`` at one row: None (not offered: the
+    decoder runs ``apply`` and the norm) or ``fused_add_rms_norm`` of the quantized product,
+    ``(normed, residual)``, within the scheme's error of the dense one. x in float32 and in
+    the low-precision dtype (the one-row fused kernels take 16-bit rows)."""
+    from tessellm.backends.reference.ops import ReferenceOps
+
+    tried, missing = 0, []
+    for scheme in _schemes(target, missing):
+        method = target.registry.quant_method(target.backend, QuantSpec(scheme, dtype=torch.float32))
+        if getattr(method, "apply_add_rms_norm", None) is None:
+            continue
+        g = torch.Generator().manual_seed(2)
+        weight = torch.randn(48, 64, generator=g).to(target.device)
+        layer = torch.nn.Module()
+        layer.input_size, layer.output_size, layer.output_sizes = 64, 48, [48]
+        with torch.device(target.device):
+            method.create_weights(layer, 64, 48, torch.float32)
+        try:
+            method.quantize_dense(layer, weight)
+        except NotImplementedError:
+            continue
+        method.process_weights_after_loading(layer)
+        for dtype in (torch.float32, target.low_precision_dtype):
+            x = torch.randn(1, 64, generator=g).to(target.device, dtype)
+            res = torch.randn(1, 48, generator=g).to(target.device, dtype)
+            norm_w = (1 + 0.1 * torch.randn(48, generator=g)).to(target.device, dtype)
+            out = method.apply_add_rms_norm(layer, x, res.clone(), norm_w, 1e-5)
+            if out is None:
+                continue
+            tried += 1
+            normed, new_res = out
+            want_n, want_r = ReferenceOps().fused_add_rms_norm(
+                x.float() @ weight.t(), res.float(), norm_w.float(), 1e-5)
+            assert normed.shape == want_n.shape and new_res.shape == want_r.shape
+            for got, want in ((new_res, want_r), (normed, want_n)):
+                rel = ((got.float() - want).norm() / want.norm()).item()
+                assert rel < 2 * REL_TOL.get(scheme, 0.2), f"{scheme}: relative error {rel:.3f}"
+    _skip_missing(target, missing)
+    if not tried:
+        pytest.skip(f"{target.name} offers no apply_add_rms_norm")
+
+
 def test_apply_prequantized(target):
     """The optional fp8 activation fold of a quant method (``prequantized_dtype``,
     ``apply_prequantized``): where a layer of one fp8 segment asks for its input quantized at
