@@ -22,6 +22,9 @@ prewait: the engine's chain (SiLU fold; fp8 with its e4m3 LM head, TESSELLM_FP8_
 the one-row GEMVs reading weights before their PDL wait (``gemv.Prewait``,
 TESSELLM_GEMV_PREWAIT) at several settings against none, each checked bitwise against none;
 and the GEMVs alone (no attention, norms: GEMV after GEMV) off and at two settings.
+b1fuse: the engine's chain against the add-RMSNorm in the o (and down) GEMVs' last program
+(``gemm/norm_epilogue.py``, TESSELLM_GEMV_NORM_EPILOGUE), with and without the last-split
+reduce, and without the norms at all (what they cost).
 attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
 256 and 512 and workload F's (512-768) at 256, in GB/s of K/V read, by splits.
 """
@@ -63,20 +66,24 @@ def _weights(fp8: bool):
 
 
 def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs=None,
-             fold=None, head8=None, refine=16):
+             fold=None, head8=None, refine=16, norm_epi=()):
     """``fold``: a ``GemvConfig``; the two add-RMSNorms of a layer folded into the qkv and
     gate_up GEMVs at that launch shape (``gemv_norm.py``, bf16 only), as the engine runs them.
     ``head8``: the LM head as an ``Fp8Weight`` (TESSELLM_FP8_LM_HEAD), as the engine runs it
     (``fp8_head_mm``: ``gemv_fp8_x2``, then the ``refine`` largest logits recomputed from
-    ``head``; 0: not)."""
+    ``head``; 0: not). ``norm_epi``: the GEMVs ("o", "down") that run the add-RMSNorm after
+    them in their last program (``gemm/norm_epilogue.py``; "o" is what the engine runs under
+    TESSELLM_GEMV_NORM_EPILOGUE=1, "down" the next layer's input norm, not wired in the
+    engine)."""
     from bench_attention import BS, DTYPE, KVH, MAX_MODEL_LEN, D, H, make_batch
 
     from tessellm.backends.spec import AttentionSpec
     from tessellm.kernels.attention import TritonAttentionKernel
     from tessellm.kernels.fused_ops import TritonOps
-    from tessellm.kernels.gemm.gemv import gemv, gemv_silu_and_mul
+    from tessellm.kernels.gemm.gemv import gemv, gemv_silu_and_mul, gemv_then_add_rms_norm
     from tessellm.kernels.gemm.gemv_norm import gemv_add_rms_norm
-    from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2, gemv_fp8_x2_silu_and_mul
+    from tessellm.kernels.gemm.gemv_x2 import (gemv_fp8_x2, gemv_fp8_x2_silu_and_mul,
+                                               gemv_fp8_x2_then_add_rms_norm)
 
     ops = TritonOps()
     if head8 is not None:
@@ -113,15 +120,22 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
     def norm(h):
         return ops.fused_add_rms_norm(h, res, norm_w, 1e-5)[0] if "norm" in parts else h
 
+    def lin_norm(a, w, site):  # the GEMV; the norm after it in its last program where asked
+        if site not in norm_epi:
+            return lin(a, w), False
+        if fp8:
+            return gemv_fp8_x2_then_add_rms_norm(a, w.qweight, w.scales, res, norm_w, 1e-5)[0], True
+        return gemv_then_add_rms_norm(a, w, res, norm_w, 1e-5)[0], True
+
     def norm_lin(h, w):
         if fold is not None:
             return gemv_add_rms_norm(h, res, norm_w, 1e-5, w, config=fold)[0]
         return lin(norm(h), w)
 
     def step():
-        h = x
+        h, normed = x, False
         for w in layers:
-            qkv = norm_lin(h, w["qkv"])
+            qkv = lin(h, w["qkv"]) if normed else norm_lin(h, w["qkv"])
             o = qkv[:, :H * D]
             if "attn" in parts:
                 q = qkv[:, :H * D].view(1, H, D)
@@ -129,16 +143,18 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
                 v = qkv[:, (H + KVH) * D:].view(1, KVH, D)
                 o = kernel.forward(q, k, v, kc, vc, md, D ** -0.5, positions=positions,
                                    cos_sin_cache=cos_sin).view(1, H * D)
-            h = lin(o, w["o"])
+            h, normed = lin_norm(o, w["o"], "o")
             if "silufold" in parts:  # the engine's MLP at 1-2 rows: one launch
-                act = silu_lin(norm(h), w["gate_up"])
+                act = silu_lin(h if normed else norm(h), w["gate_up"])
             else:
-                gu = norm_lin(h, w["gate_up"])
+                gu = lin(h, w["gate_up"]) if normed else norm_lin(h, w["gate_up"])
                 act = ops.silu_and_mul(gu) if "silu" in parts else gu[:, :INTER]
-            h = lin(act, w["down"])
+            h, normed = lin_norm(act, w["down"], "down")
+        if not normed:
+            h = norm(h)
         if head8 is not None:  # the engine's form: the e4m3 GEMV, its top 16 refined
-            return head8_mm(norm(h), head8)
-        return gemv(norm(h), head)
+            return head8_mm(h, head8)
+        return gemv(h, head)
 
     return step
 
@@ -340,6 +356,53 @@ def prewait_section(out: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def b1fuse_section(out: dict) -> None:
+    """The engine's chain (SiLU fold, prewait default; fp8 with its e4m3 LM head as under
+    TESSELLM_FP8_LM_HEAD=1, and without) against the same with the add-RMSNorm in the o GEMV's
+    last program (TESSELLM_GEMV_NORM_EPILOGUE=1, what the engine runs), in the o and down GEMVs'
+    (the next layer's input norm too: not wired in the engine), each also with the decode
+    attention's last-split reduce (TESSELLM_ATTN_LAST_REDUCE=1); the base timed again last
+    (the spread). GPU ms a token; printed as ``b1fuse <dtype> <json>``."""
+    from tessellm.kernels.pdl import graph_scope
+    from tessellm.quantization.packed import quantize_fp8
+
+    last = {"last_reduce_max_decodes": 16}
+    parts = VARIANTS["silu fold"]
+    for fp8 in (True, False):
+        layers, head, nbytes = _weights(fp8)
+        head8 = quantize_fp8(head) if fp8 else None
+        res = {"weight_gb": round(nbytes / 1e9, 3)}
+        runs = {"base": {}, "o norm epi": dict(norm_epi=("o",)),
+                "o+down norm epi": dict(norm_epi=("o", "down")),
+                "last reduce": dict(attn_attrs=last),
+                "o norm epi + last reduce": dict(norm_epi=("o",), attn_attrs=last),
+                "o+down norm epi + last reduce": dict(norm_epi=("o", "down"), attn_attrs=last),
+                "-norm (both norms gone)": dict(parts=("attn", "silufold")),
+                "base again": {}}
+        if fp8:
+            runs.update({"fp8 head": dict(head8=head8),
+                         "fp8 head + o norm epi": dict(head8=head8, norm_epi=("o",)),
+                         "fp8 head + o+down norm epi + last reduce": dict(
+                             head8=head8, norm_epi=("o", "down"), attn_attrs=last)})
+        for name, kw in runs.items():
+            kw = dict(kw)
+            p = kw.pop("parts", parts)
+            dtype = "fp8" if fp8 else "bf16"
+            try:
+                step = _step_fn(layers, head, fp8, p, **kw)
+                with graph_scope():
+                    res[name] = round(graph_ms(step, 3), 4)
+            except Exception as e:  # noqa: BLE001 - one failing setting leaves the others
+                res[name] = f"{type(e).__name__}: {e}"[:200]
+                print("b1fuse-error", dtype, f"{name}: {res[name]}", flush=True)
+                continue
+            print("b1fuse-run", dtype, name, res[name], flush=True)
+        out["fp8" if fp8 else "bf16"] = res
+        print("b1fuse", "fp8" if fp8 else "bf16", json.dumps(res), flush=True)
+        del layers, head, head8
+        torch.cuda.empty_cache()
+
+
 def _decode_us(batch, q, kc, vc, splits, tiles, ws) -> float:
     from bench_attention import D
 
@@ -394,7 +457,8 @@ def main() -> None:
     QUICK, FOLD_ONLY, WRITE_DEFAULT = args.quick, args.fold, args.write_default
     args.out.mkdir(parents=True, exist_ok=True)
     run_sections(args.out, args.sections, {"chain": chain_section, "attn_long": attn_long_section,
-                                           "b1fp8": b1fp8_section, "prewait": prewait_section})
+                                           "b1fp8": b1fp8_section, "prewait": prewait_section,
+                                           "b1fuse": b1fuse_section})
 
 
 if __name__ == "__main__":

@@ -49,17 +49,27 @@ def _run(path, monkeypatch, fused: bool):
                                              eps)
 
     monkeypatch.setattr(CpuOps, "linear_add_rms_norm", linear_add_rms_norm, raising=False)
-    llm = LLM(path, dtype="bfloat16", enable_prefix_caching=False)
-    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=3)
+    llm = LLM(path, dtype="bfloat16", device="cpu", enable_prefix_caching=False)
+    return _generate(llm), calls
+
+
+def _generate(llm, max_tokens=3):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=3)
     one = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)  # M = 1
     two = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-    return [(o.outputs[0].token_ids, _logprobs(o)) for o in one + two], calls
+    llm.shutdown()
+    return [(o.outputs[0].token_ids, _logprobs(o)) for o in one + two]
 
 
 def _logprobs(out):
     return [sorted((t, lp.logprob) for t, lp in step.items()) for step in out.outputs[0].logprobs]
 
 
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(),
+                              reason="Triton's interpreter on the cpu backend; the GPU has its own test")
+
+
+@CPU_ONLY
 def test_greedy_tokens_unchanged_with_the_fused_path(tiny_llama, monkeypatch):
     monkeypatch.setenv("TESSELLM_GEMV_NORM_EPILOGUE", "1")
     want, calls_two = _run(tiny_llama, monkeypatch, fused=False)
@@ -69,10 +79,36 @@ def test_greedy_tokens_unchanged_with_the_fused_path(tiny_llama, monkeypatch):
     assert got == want
 
 
+@CPU_ONLY
 def test_off_by_default(tiny_llama, monkeypatch):
     monkeypatch.delenv("TESSELLM_GEMV_NORM_EPILOGUE", raising=False)
     _, calls = _run(tiny_llama, monkeypatch, fused=True)
     assert calls == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend's kernels on a GPU")
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_cuda_same_bits_with_the_epilogue(tiny_llama, monkeypatch, quantization):
+    """On the cuda backend (bf16, CUDA graphs, PDL), with TESSELLM_GEMV_NORM_EPILOGUE off and
+    on: the fused kernel runs (counted) and greedy tokens and logprobs are the same bits."""
+    from tessellm.kernels import fused_ops
+    from tessellm.kernels.gemm import quant_ops
+
+    calls = []
+    for mod, name in ((fused_ops, "gemv_then_add_rms_norm"),
+                      (quant_ops, "gemv_fp8_x2_then_add_rms_norm")):
+        def counted(*a, _f=getattr(mod, name), **kw):
+            calls.append(1)
+            return _f(*a, **kw)
+        monkeypatch.setattr(mod, name, counted)
+    kw = dict(dtype="bfloat16", enable_prefix_caching=False, quantization=quantization)
+    monkeypatch.delenv("TESSELLM_GEMV_NORM_EPILOGUE", raising=False)
+    want = _generate(LLM(tiny_llama, **kw), max_tokens=8)
+    assert not calls
+    monkeypatch.setenv("TESSELLM_GEMV_NORM_EPILOGUE", "1")
+    got = _generate(LLM(tiny_llama, **kw), max_tokens=8)
+    assert calls, "the fused kernel never ran"
+    assert got == want
 
 
 def test_fused_only_for_a_plain_one_row_layer():
@@ -83,15 +119,16 @@ def test_fused_only_for_a_plain_one_row_layer():
     from tessellm.distributed.parallel_state import TensorParallel
     from tessellm.lora.layers import LoRABatch, LoRALinear
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     tp = TensorParallel(0, 1)
-    layer = RowParallelLinear(32, 16, tp=tp)
+    layer = RowParallelLinear(32, 16, tp=tp).to(dev)
     torch.nn.init.normal_(layer.weight, std=0.2)
     layer.weight.data = layer.weight.data.bfloat16()
-    x = torch.randn(1, 32).bfloat16()
-    res = torch.randn(1, 16).bfloat16()
+    x = torch.randn(1, 32).bfloat16().to(dev)
+    res = torch.randn(1, 16).bfloat16().to(dev)
     ops = TritonOps()
-    norm = RMSNorm(16, 1e-5, ops)
-    norm.weight.data = torch.randn(16).bfloat16()
+    norm = RMSNorm(16, 1e-5, ops).to(dev)
+    norm.weight.data = torch.randn(16).bfloat16().to(dev)
     assert fused_linear_add_rms_norm(layer, x, res.clone(), RMSNorm(16, 1e-5, ReferenceOps())) \
         is None  # no such op
     got = fused_linear_add_rms_norm(layer, x, res.clone(), norm)
@@ -99,5 +136,5 @@ def test_fused_only_for_a_plain_one_row_layer():
     assert got is not None and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert fused_linear_add_rms_norm(layer, torch.cat([x, x]), torch.cat([res, res]),
                                      norm) is None  # not batch-1 decode
-    wrapped = LoRALinear(layer, LoRABatch(None, 2), num_slots=2, rank=4)
+    wrapped = LoRALinear(layer, LoRABatch(None, 2), num_slots=2, rank=4).to(dev)
     assert fused_linear_add_rms_norm(wrapped, x, res.clone(), norm) is None
