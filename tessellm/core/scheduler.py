@@ -296,8 +296,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
                     self.kv.host.stats.queries += req.num_tokens
                     self.kv.host.stats.hits += len(offloaded) * self.kv.block_size
                 if self.connector is not None:
-                    self.connector.stats.queries += req.num_tokens
-                    self.connector.stats.hits += num_ext
+                    self.connector.stats.record_lookup(req.request_id, req.num_tokens, num_ext)
             if self.connector is not None:  # its blocks after the device and host-tier hit
                 first = (num_hit - num_ext) // self.kv.block_size
                 self.connector.update_state_after_alloc(req, self.kv.block_ids(req.request_id), first,
@@ -511,6 +510,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         self.finished_ids.add(req.request_id)
         del self.requests[req.request_id]
         if self.connector is not None:
+            self.connector.stats.request_finished(req.request_id)
             self.connector.request_finished(req)
 
     def stats(self) -> SchedulerStats:

@@ -46,8 +46,7 @@ class SchedulerKVLoads:
             if self.kv.host is not None:
                 self.kv.host.stats.queries += req.num_tokens
                 self.kv.host.stats.hits += len(offloaded) * self.kv.block_size
-        self.connector.stats.queries += req.num_tokens
-        self.connector.stats.hits += num_ext
+        self.connector.stats.record_lookup(req.request_id, req.num_tokens, num_ext)
         first = (num_hit - num_ext) // self.kv.block_size
         self.connector.update_state_after_alloc(req, self.kv.block_ids(req.request_id), first,
                                                 num_ext // self.kv.block_size)
@@ -87,13 +86,14 @@ class SchedulerKVLoads:
                 continue
             if ok:
                 self.kv.publish_full_blocks(req, req.num_computed_tokens)
+                self.connector.stats.confirm(rid)
                 continue
             req.kv_load_failed = True  # recomputed from its tokens, without the connector
             req.num_cached_tokens = -1
             req.num_computed_tokens = 0
             self.kv.free(req)
             self.connector.request_failed_load(req)
-            self.connector.stats.load_failures += 1
+            self.connector.stats.record_failed_load(rid)
 
     def _free_waiting_blocks(self, req: Request) -> bool:
         """Blocks are short for ``req``: a loaded request waiting to run (it computed nothing

@@ -40,6 +40,8 @@ class SchedulerUpdate:
             if rid in result.kv_load_failed:
                 self._recompute_failed_load(req)
                 continue
+            if self.connector is not None:  # its loads (if any) worked: counted now
+                self.connector.stats.confirm(rid)
             new_tokens = result.sampled.get(rid)
             rejected = 0
             computed, num_drafts = computed_and_drafts(sched, result, rid, num)
@@ -75,7 +77,7 @@ class SchedulerUpdate:
         req.kv_load_failed = True
         req.num_cached_tokens = -1  # counted again when it is admitted again
         self.connector.request_failed_load(req)
-        self.connector.stats.load_failures += 1
+        self.connector.stats.record_failed_load(req.request_id)
         if req in self.running:
             self.running.remove(req)
         self._preempt(req)

@@ -83,13 +83,56 @@ class KVConnectorContext:
 @dataclass
 class KVConnectorStats:
     """Totals since start (``SchedulerStats.kv_connector``; vLLM's
-    ``external_prefix_cache_*`` count these beside the host tier's)."""
+    ``external_prefix_cache_*`` count these beside the host tier's). Running totals that
+    only grow (Prometheus counters are fed their differences): a load's hits and blocks are
+    counted once it is known to have worked (the step that loaded it came back without a
+    failure for it, or its background load was reported loaded), never counted and taken
+    back. The scheduler records lookups, confirmations and failures; a connector records its
+    loads (``record_load``) and its saves (``blocks_saved``)."""
 
-    queries: int = 0  # prompt tokens of admitted requests looked up
-    hits: int = 0  # of which loaded through the connector
-    blocks_loaded: int = 0
+    queries: int = 0  # prompt tokens of admitted requests looked up, each request once
+    hits: int = 0  # of which loaded through the connector (a request whose load failed: none)
+    blocks_loaded: int = 0  # loaded into the cache for a request that went on to run
     blocks_saved: int = 0  # offered to the worker half for saving
     load_failures: int = 0  # requests recomputed because a load failed
+    # request id -> [hit tokens, blocks] of its loads not yet known to have worked.
+    _pending: dict = field(default_factory=dict, repr=False, compare=False)
+    _looked_up: set = field(default_factory=set, repr=False, compare=False)
+
+    def record_lookup(self, request_id: str, num_tokens: int, num_hit: int) -> None:
+        """A request's admission looked it up: counted at its first admission only (one
+        preempted, or recomputed after a failed load, or whose loaded blocks were given back
+        before it ran, is admitted again: the same prompt, not another query); its hit counts
+        once its load worked."""
+        if request_id not in self._looked_up:
+            self._looked_up.add(request_id)
+            self.queries += num_tokens
+            if num_hit:
+                self._pending.setdefault(request_id, [0, 0])[0] += num_hit
+
+    def record_load(self, request_id: str, num_blocks: int) -> None:
+        """The connector loads ``num_blocks`` blocks for the request (counted once they are in)."""
+        if num_blocks:
+            self._pending.setdefault(request_id, [0, 0])[1] += num_blocks
+
+    def confirm(self, request_id: str) -> None:
+        """The request's loads so far worked (a step ran it, or its background load ended)."""
+        if self._pending:
+            hits, blocks = self._pending.pop(request_id, (0, 0))
+            self.hits += hits
+            self.blocks_loaded += blocks
+
+    def record_failed_load(self, request_id: str) -> None:
+        """The request's load failed: it is recomputed without the connector, so none of its
+        tokens come from the connector."""
+        self.load_failures += 1
+        self._pending.pop(request_id, None)
+
+    def request_finished(self, request_id: str) -> None:
+        """The request ended (a load it never ran after, e.g. aborted while loading, counts
+        nothing)."""
+        self._pending.pop(request_id, None)
+        self._looked_up.discard(request_id)
 
     def as_dict(self) -> dict:
         return dict(queries=self.queries, hits=self.hits, blocks_loaded=self.blocks_loaded,

@@ -155,7 +155,7 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
             keys = self._keys[rid]
             self._loads.append([rid, [[keys[i], int(block_ids[i])]
                                       for i in range(first_block, first_block + num_blocks)]])
-            self.stats.blocks_loaded += num_blocks
+            self.stats.record_load(rid, num_blocks)  # counted once the load worked
         # What it holds from admission on is saved already (or was loaded from here).
         self._saved[rid] = max(self._saved.get(rid, 0), first_block + num_blocks)
 
