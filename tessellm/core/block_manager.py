@@ -253,7 +253,7 @@ class BlockManager:
             return None
         pending = self.states.if_accepted
         if block.state_slot is None:
-            block.state_slot = self.states.take(evict=False)
+            block.state_slot = self.states.take(evict=False, count=False)  # counted once kept
             if block.state_slot is None:
                 return None
         elif block.state_slot not in pending:
@@ -287,6 +287,7 @@ class BlockManager:
             else:
                 self.states.cancel(block)
         if latest is not None:
+            self.states.num_saved += 1  # one kept (the earlier boundaries of the step given up)
             previous = self.rolling.pop(request.request_id, None)
             if previous is not None and previous is not latest:
                 self.states.release(previous)

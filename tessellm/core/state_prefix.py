@@ -88,7 +88,10 @@ class StateSnapshots:
         self.every = every  # recurrent_state_snapshot_interval: blocks between prefill saves
         self.free = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest first
         self.published: OrderedDict[int, object] = OrderedDict()  # slot -> Block, LRU first
-        self.num_saved = 0  # snapshots taken (for stats and tests)
+        # Snapshots saved (for stats and tests): a prefill or decode save when its slot is taken,
+        # a speculating step's once a step kept it (settle_state_saves). Only grows: the
+        # metrics feed a Prometheus counter its differences.
+        self.num_saved = 0
         self.num_restored = 0  # prefix hits that started from a snapshot
         self.num_evicted = 0  # published snapshots given up (taken over, or left with their block)
         # Pending saves of speculating requests (``state_saves_if_accepted``): slot -> the
@@ -102,13 +105,15 @@ class StateSnapshots:
     def stats_dict(self) -> dict:
         """For the metrics (``tessellm:recurrent_state_snapshot*``, docs/metrics.md): the pool's
         ``slots``, those ``used`` (pending or published), and totals since start: ``saves``
-        (slots taken for a save), ``restores`` (hits started from a snapshot), ``evictions``."""
+        (snapshots saved: a speculating step's once kept), ``restores`` (hits started from a
+        snapshot), ``evictions``."""
         return dict(slots=self.num_slots, used=self.num_slots - len(self.free),
                     saves=self.num_saved, restores=self.num_restored, evictions=self.num_evicted)
 
-    def take(self, evict: bool = True) -> Optional[int]:
+    def take(self, evict: bool = True, count: bool = True) -> Optional[int]:
         """A slot for a new save: a free one, else (``evict``) the least recently used published
-        snapshot's (taken off its block); None when there is none (the save is skipped)."""
+        snapshot's (taken off its block); None when there is none (the save is skipped).
+        ``count``: the save counts now (a speculating step's counts once kept)."""
         if self.free:
             slot = self.free.pop()
         elif self.published and evict:
@@ -117,7 +122,8 @@ class StateSnapshots:
             self.num_evicted += 1
         else:
             return None
-        self.num_saved += 1
+        if count:
+            self.num_saved += 1
         return slot
 
     def publish(self, block, first_to_go: bool = False) -> None:
@@ -145,9 +151,7 @@ class StateSnapshots:
 
     def cancel(self, block) -> None:
         """``block``'s pending save is not kept (a save past a rejected draft, or an earlier
-        boundary of the same step): its slot is free again and the save not counted."""
-        if block.state_slot is not None and block.state_slot not in self.published:
-            self.num_saved -= 1
+        boundary of the same step): its slot is free again (the save was never counted)."""
         self.release(block)
 
     def clear(self, blocks) -> None:

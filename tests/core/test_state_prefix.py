@@ -263,6 +263,9 @@ def test_speculation_keeps_a_snapshot_only_past_accepted_tokens():
     assert out.num_scheduled_tokens == {"a": 4} and not out.state_saves
     assert out.state_saves_if_accepted == {"a": [[12, 1]]}
     assert kv.req_blocks["a"][2].state_slot == 1 and kv.states.num_free == 6
+    # ... counted only once a step keeps it: the total never goes down (a Prometheus counter
+    # fed its differences would count a decrease as a restart: every save again)
+    assert kv.states.num_saved == 1
     s.update(out, ModelRunnerOutput({"a": [20, 30]}, spec_token_ids={"a": [31, 32, 33]}))
     assert a.num_computed_tokens == 11  # t9 and d0 kept, d1 rejected: the state at 12 goes
     assert kv.req_blocks["a"][2].state_slot is None and kv.states.num_free == 7
