@@ -210,10 +210,11 @@ def ssd_scan() -> bool:
     """TESSELLM_SSD_SCAN: "1" runs Mamba2 prefill chunks through the parallel SSD kernels
     (``kernels/mamba/ssd.py``: five launches parallel over chunks, heads and tiles) instead of
     the sequential chunk scan (``kernels/mamba/chunk_scan.py``, one program per sequence and
-    head walking its tokens). On by default: on an H100 the SSD kernels passed the kernel,
-    conformance and model tests and ran 2.0-7.6x faster than the sequential scan at 512-8000
-    tokens (``benchmarks/ssd_device.sh``, benchmarks/results/h100-2026-12-06-s19); "0" takes
-    the sequential scan."""
+    head walking its tokens; that kernel still runs steps whose longest sequence is under
+    ``chunk_scan.SSD_MIN_TOKENS``, where its one launch costs less). On by default: on an H100
+    the SSD kernels passed the kernel, conformance and model tests and ran 2.0-7.6x faster than
+    the sequential scan at 512-8000 tokens (``benchmarks/ssd_device.sh``,
+    benchmarks/results/h100-2026-12-06-s19); "0" takes the sequential scan."""
     return _switch("TESSELLM_SSD_SCAN") is not False
 
 

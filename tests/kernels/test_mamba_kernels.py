@@ -235,12 +235,50 @@ def test_sequential_scan_fallback_matches_reference(monkeypatch):
     monkeypatch.setattr(chunk_scan, "SSD_SCRATCH_LIMIT", 0)
     monkeypatch.setattr(ssd, "ssd_chunk_scan", refuse)
     g = torch.Generator().manual_seed(6)
-    lengths, slots = [5, 40], [2, 0]
+    lengths, slots = [5, chunk_scan.SSD_MIN_TOKENS + 6], [2, 0]  # long enough for the SSD
     T, H, P, G, N = sum(lengths), 2, 8, 1, 16
     x, dt = torch.randn(T, H, P, generator=g), torch.randn(T, H, generator=g) - 1.0
     B, C = (torch.randn(T, G, N, generator=g) for _ in range(2))
     A, D, dt_bias = -torch.rand(H, generator=g) - 0.1, torch.randn(H, generator=g), torch.zeros(H)
     state = torch.randn(3, H, P, N, generator=g) * 0.3
+    want_state, got_state = state.clone(), state.clone().to(DEVICE)
+    want = ref.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, want_state,
+                              make_batch(lengths, slots, torch.device("cpu")), 8)
+    got = chunk_scan.mamba_chunk_scan(*_on_device(x, dt, A, B, C, D, dt_bias), got_state,
+                                      make_batch(lengths, slots, DEVICE), 8)
+    torch.testing.assert_close(got.cpu(), want, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(got_state.cpu(), want_state, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("lengths", [[1, 9, 40], [63, 2]])
+def test_short_chunks_take_the_sequential_scan(monkeypatch, lengths):
+    """With the SSD kernels on, a step whose longest prefill sequence is under
+    ``SSD_MIN_TOKENS`` (cached-prefix tails, decode-sized mixed steps) runs the sequential
+    kernel (one launch, not five): the reference's outputs and states; one sequence at the
+    threshold takes the SSD kernels again."""
+    from tessellm.kernels.mamba import chunk_scan, ssd
+
+    assert chunk_scan.SSD_MIN_TOKENS > max(lengths)
+    H, P, G, N = 2, 8, 1, 16
+    assert not chunk_scan.use_ssd(make_batch(lengths, [0] * len(lengths), DEVICE), H, P, N)
+    assert chunk_scan.use_ssd(make_batch(lengths + [chunk_scan.SSD_MIN_TOKENS],
+                                         [0] * (len(lengths) + 1), DEVICE), H, P, N)
+    monkeypatch.setenv("TESSELLM_SSD_SCAN", "0")
+    assert not chunk_scan.use_ssd(make_batch([chunk_scan.SSD_MIN_TOKENS], [0], DEVICE), H, P, N)
+    monkeypatch.setenv("TESSELLM_SSD_SCAN", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the SSD kernels ran on short chunks")
+
+    monkeypatch.setattr(ssd, "ssd_chunk_scan", refuse)
+    g = torch.Generator().manual_seed(8)
+    slots = [3, 0, 1][:len(lengths)]
+    T = sum(lengths)
+    x, dt = torch.randn(T, H, P, generator=g), torch.randn(T, H, generator=g) - 1.0
+    B, C = (torch.randn(T, G, N, generator=g) for _ in range(2))
+    A, D = -torch.rand(H, generator=g) - 0.1, torch.randn(H, generator=g)
+    dt_bias = torch.randn(H, generator=g) * 0.5
+    state = torch.randn(4, H, P, N, generator=g) * 0.3
     want_state, got_state = state.clone(), state.clone().to(DEVICE)
     want = ref.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, want_state,
                               make_batch(lengths, slots, torch.device("cpu")), 8)

@@ -3,9 +3,10 @@ oracle is ``backends/reference/mamba.ssd_chunk_scan``).
 
 ``mamba_chunk_scan`` runs the parallel SSD kernels of ``ssd.py`` (parallel over chunks, heads
 and tiles) by default (``envs.ssd_scan``; 2.0-7.6x the sequential kernel on an H100 at 512-8000
-tokens), the sequential kernel with ``TESSELLM_SSD_SCAN=0`` and where their scratch would not fit: the sequential kernel
-keeps the state in registers and needs no memory beyond ``y``, but walks each sequence's tokens
-in order (one program per sequence and head: ~1.3 us a token on an H100, 2 ms a layer for a
+tokens), the sequential kernel with ``TESSELLM_SSD_SCAN=0``, for steps whose longest sequence
+is short (``SSD_MIN_TOKENS``: one launch beats five there) and where their scratch would not
+fit: the sequential kernel keeps the state in registers and needs no memory beyond ``y``, but
+walks each sequence's tokens in order (one program per sequence and head: ~1.3 us a token on an H100, 2 ms a layer for a
 1500-token chunk).
 
 The sequential kernel: one program per (sequence, head, block of head dims) walks its sequence a
@@ -89,6 +90,33 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dt_bias_ptr, s
 # (a 16k-token chunk of 128 heads of 64 x 128 is 1 GiB; serving steps stay far below).
 SSD_SCRATCH_LIMIT = 1 << 30
 
+# Steps whose longest sequence is shorter than this run the sequential kernel even with the
+# SSD kernels on: the SSD kernels cost five launches (and four scratch allocations) a
+# layer however few the tokens, and below one SSD chunk (128) a sequence has no chunks to run in
+# parallel, while the sequential kernel is one launch whose time grows with the longest
+# sequence (~1.3 us a token on an H100: 2.0 ms a layer for 1500 tokens, session 18). Cached
+# prefix steps (a block's tail plus a short suffix) and decode-sized mixed steps fall below it.
+# Chosen from that per-token cost against ~5 launches of a few us each (GPU) and their host
+# launch cost in eager steps (where back-to-back calls measure the larger of the two): the
+# crossover is expected between 32 and 128 tokens; 64 until benchmarks/hybfast_device.sh
+# (bench_ssd_scan.py --lengths: seq vs ssd ms at 16 to 4096 tokens, its "crossover" line) has
+# measured it.
+SSD_MIN_TOKENS = 64
+
+
+def use_ssd(batch, H: int, P: int, N: int) -> bool:
+    """Whether ``mamba_chunk_scan`` runs the SSD kernels for ``batch`` (its prefill sequences):
+    not turned off (``TESSELLM_SSD_SCAN=0``), the longest sequence at least ``SSD_MIN_TOKENS``
+    and the SSD's chunk states within ``SSD_SCRATCH_LIMIT``."""
+    if not envs.ssd_scan():
+        return False
+    qsl = batch.query_start_loc_host
+    longest = max(hi - lo for lo, hi in zip(qsl[:-1], qsl[1:]))
+    if longest < SSD_MIN_TOKENS:
+        return False
+    chunks = (qsl[-1] + (len(qsl) - 1) * (ssd.CHUNK - 1)) // ssd.CHUNK  # at most
+    return chunks * H * P * N * 4 <= SSD_SCRATCH_LIMIT
+
 
 def mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size: int,
                      dt_limit=(0.0, float("inf"))) -> torch.Tensor:
@@ -101,8 +129,7 @@ def mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size: i
     x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
     if not ssm_state.is_contiguous():
         raise ValueError("mamba_chunk_scan needs a contiguous ssm_state.")
-    chunks = (T + len(batch.state_indices_host) * (ssd.CHUNK - 1)) // ssd.CHUNK  # at most
-    if envs.ssd_scan() and chunks * H * P * N * 4 <= SSD_SCRATCH_LIMIT:
+    if use_ssd(batch, H, P, N):
         return ssd.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit)
     return sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit)
 
