@@ -207,6 +207,31 @@ class CheckedFusedOps(_Checked):
     def __init__(self, ops, plugin: str, backend: str, always: bool):
         super().__init__(ops, plugin, backend, "tessellm_fused_ops", always)
         self._calls = dict.fromkeys(self._OPS, 0)
+        if callable(getattr(ops, "gated_rms_norm", None)):  # optional (plugin API 18)
+            self._calls["gated_rms_norm"] = 0
+            self.gated_rms_norm = self._checked_gated_rms_norm
+
+    def _tick_optional(self, op: str) -> None:
+        self._calls[op] += 1
+        if self._calls[op] >= CHECKED_OP_CALLS and not self._always:
+            setattr(self, op, getattr(self._inner, op))
+
+    def _checked_gated_rms_norm(self, y, z, weight, group_size, eps, mode="gate_then_norm"):
+        """The plugin's gated RMSNorm: its result's shape, dtype and device, and its first rows
+        against ``reference/gated_norm.py`` (each row's output depends on that row alone)."""
+        from tessellm.backends.reference.gated_norm import gated_rms_norm
+
+        if _compiling():
+            return self._inner.gated_rms_norm(y, z, weight, group_size, eps, mode)
+        rows = _rows(y)
+        z_rows = None if rows is None else z[:PROBE_ROWS].detach().clone()
+        out = self._inner.gated_rms_norm(y, z, weight, group_size, eps, mode)
+        self._tensor("gated_rms_norm", out, y.shape, y.dtype, y.device)
+        if rows is not None:
+            want = gated_rms_norm(rows, z_rows, weight, group_size, eps, mode)
+            self._close("gated_rms_norm", out[:len(rows)], want, _rel(y.dtype), f" ({mode})")
+        self._tick_optional("gated_rms_norm")
+        return out
 
     def _tick(self, op: str) -> None:
         self._calls[op] += 1

@@ -108,7 +108,8 @@ def _flags(piece: str, result) -> list[str]:
         optional = {"linear": "linear", "linear + SiLU": "linear_silu_and_mul",
                     "all-reduce + norm": "all_reduce_add_rms_norm",
                     "fused MoE": "fused_moe", "fused experts": "fused_experts",
-                    "fp8 act fold": "silu_and_mul_fp8", "KV block swap": "swap_blocks"}
+                    "fp8 act fold": "silu_and_mul_fp8", "KV block swap": "swap_blocks",
+                    "gated RMSNorm": "gated_rms_norm"}
         flags = [label for label, attr in optional.items()
                  if callable(getattr(result, attr, None))]
         if callable(getattr(result, "fused_moe", None)):  # its declared variants after it

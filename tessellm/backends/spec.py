@@ -84,6 +84,10 @@ layer and step; plugins of versions 1 to 16 keep working (their ops get contiguo
 ``QuantMethod.apply_add_rms_norm`` (optional): a product followed by the residual-add RMSNorm
 in one call (batch-1 decode under ``TESSELLM_GEMV_NORM_EPILOGUE=1``); plugins of versions 1 to
 17 keep working (the decoder runs the product, then the norm).
+19 = ``FusedOps.gated_rms_norm`` (optional): the recurrent mixers' gated RMSNorm (Mamba2,
+Granite 4.0-H, Bamba, Nemotron-H, Falcon-H1, Qwen3-Next's gated DeltaNet) in one op; plugins of
+versions 1 to 18 keep working (the layers run the pure-torch reference,
+``backends/reference/gated_norm.py``).
 
 Ownership
 ---------
@@ -120,7 +124,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 18
+TESSELLM_PLUGIN_API = 19
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -637,6 +641,17 @@ class FusedOps(Protocol):
     # of each sequence (``dt`` raw: ``clamp(softplus(dt + dt_bias), *dt_limit)`` is the step),
     # ``[T, H, P]`` out. ``mamba_state_update(x [S, H, P], dt [S, H], A, B [S, G, N], C, D,
     # dt_bias, ssm_state, state_indices [S], dt_limit)``: one token per sequence.
+    #
+    # Optional (plugin API 19): ``gated_rms_norm(y [T, C], z [T, C], weight, group_size, eps,
+    # mode)``, the gated RMSNorm after the recurrent mixers (Mamba2's ``MambaRMSNormGated``,
+    # Falcon-H1's, Qwen3-Next's): ``y`` normed per group of ``group_size`` channels, gated by
+    # ``silu(z)``; ``mode`` "gate_then_norm" (``weight * round(norm(y * silu(z)))``),
+    # "norm_then_gate" (``round(weight * norm(y) * silu(z))``, float32 throughout) or
+    # "norm_round_then_gate" (``round(silu(z) * round(weight * round(norm(y))))``); ``weight``
+    # ``[C]`` or ``[group_size]`` (shared by the groups), in y's dtype; ``z`` may be a column view
+    # (rows strided, the last dim contiguous). Returns y's shape and dtype. Oracle and exact
+    # semantics: ``backends/reference/gated_norm.py``; conformance ``test_gated_rms_norm``.
+    # Without it the layers run that reference (torch ops).
     #
     # Gated delta rule ops (gated DeltaNet linear attention: Qwen3-Next), both together where
     # the ops object declares ``supports_gated_delta = True``, beside ``mamba_conv1d`` (the

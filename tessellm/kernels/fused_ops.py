@@ -58,6 +58,12 @@ class TritonOps:
         return fused_moe_triton(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale,
                                 **variant)
 
+    def gated_rms_norm(self, y, z, weight, group_size, eps, mode="gate_then_norm"):
+        """The recurrent mixers' gated RMSNorm in one launch (``kernels/gated_norm.py``)."""
+        from tessellm.kernels.gated_norm import gated_rms_norm
+
+        return gated_rms_norm(y, z, weight, group_size, eps, mode)
+
     # Mamba2 mixer ops (``FusedOps``' ``mamba_*``): ``kernels/mamba`` says which run in Triton.
     supports_mamba2 = True
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tessellm.backends.reference.gated_norm import gated_rms_norm as reference_gated_norm
 from tessellm.backends.reference.recurrent_verify import verify_ops
 from tessellm.layers.context import ModelContext
 from tessellm.layers.derived import DerivedWeight, as_float, neg_exp_float
@@ -107,6 +108,9 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = RowParallelLinear(s.values, s.hidden_size, bias=False,
                                           quant_method=ctx.quant_method, tp=tp,
                                           reduce_results=False)
+        # the backend's one-launch gated norm (``FusedOps.gated_rms_norm``, optional), else
+        # ``norm_then_gate`` (the reference's function in torch ops)
+        self._fused_norm = callable(getattr(ops, "gated_rms_norm", None))
         self.conv_state = self.ssm_state = None  # bound by the state cache
         self.step = None
 
@@ -199,21 +203,13 @@ class GatedDeltaNet(nn.Module):
             parts.append(verify_ops(self.ops)[2](q[m:], k[m:], v[m:], g[m:], beta[m:],
                                                  self.ssm_state, batch.verifies, scale))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
-        z = qkvz[:, s.conv_dim:].reshape(t, s.value_heads, s.value_dim)
-        o = norm_then_gate(o, z, self.norm.weight, s.eps)
-        return self.out_proj(o.reshape(t, s.values))
-
-
-def norm_then_gate(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
-                   eps: float) -> torch.Tensor:
-    """HF's ``Qwen3NextRMSNormGated``: ``o`` RMS-normed over its last dim in float32, rounded to
-    its dtype, times ``weight``, times ``silu(z)`` in float32, rounded to o's dtype (the norm
-    before the gate, unlike Mamba2's ``gated_rms_norm``)."""
-    # one F.rms_norm (one fused kernel where torch has one, e.g. CUDA), the product with
-    # silu(z) promoting h inside the multiply
-    h = F.rms_norm(o.float(), (o.shape[-1],), eps=eps)
-    h = weight * h.to(o.dtype)
-    return (F.silu(z.float()) * h).to(o.dtype)
+        # HF's ``Qwen3NextRMSNormGated``: each value head's o RMS-normed in float32, rounded,
+        # times the shared weight, times silu(z) (``reference/gated_norm.py``'s
+        # "norm_round_then_gate"): the backend's one launch, else the reference's torch ops
+        norm = self.ops.gated_rms_norm if self._fused_norm else reference_gated_norm
+        o = norm(o.reshape(t, s.values), qkvz[:, s.conv_dim:], self.norm.weight, s.value_dim,
+                 s.eps, "norm_round_then_gate")
+        return self.out_proj(o)
 
 
 class _ConvWeight(nn.Module):

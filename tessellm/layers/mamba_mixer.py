@@ -8,7 +8,8 @@ over flat tokens and the per-request state cache (``core/mamba_state.py``)::
                                               chunked SSD scan; both continue the SSM state
     out_proj(rmsnorm_gated(y, z))             per group of I / G channels: norm(y * silu(z))
                                               (``gate_norm``: Falcon-H1 may norm before the
-                                              gate, norm(y) * silu(z), or not at all)
+                                              gate, norm(y) * silu(z), or not at all; the
+                                              backend's ``gated_rms_norm``: one launch on cuda)
 
 The device ops come from the backend (``FusedOps.mamba_*``, declared by ``supports_mamba2``);
 ``I = expand * hidden`` (``H * P``), ``G`` groups share B and C, ``N`` is the state size.
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tessellm.backends.reference.gated_norm import gated_rms_norm as reference_gated_norm
 from tessellm.backends.reference.recurrent_verify import verify_ops
 from tessellm.layers.context import ModelContext
 from tessellm.layers.derived import DerivedWeight, neg_exp_float
@@ -47,7 +49,9 @@ class MambaShape:
     dt_limit: tuple[float, float]
     out_bias: Optional[bool] = None  # out_proj's bias (None: as proj_bias); Falcon-H1 sets it apart
     gate_norm: str = "after_gate"  # "after_gate": norm(y * silu(z)); "before_gate": norm(y) *
-    # silu(z); "none": y * silu(z), no norm weight (both Falcon-H1's, by its config)
+    # silu(z); "none": y * silu(z), no norm weight (both Falcon-H1's, by its config);
+    # "after_gate_float32": Falcon-H1's norm(y * silu(z)), weight applied before the rounding
+    # (``backends/reference/gated_norm.py``'s modes)
 
     @property
     def intermediate(self) -> int:
@@ -101,6 +105,9 @@ class MambaMixer2(nn.Module):
         self.out_proj = RowParallelLinear(inter, s.hidden_size, bias=out_bias,
                                           quant_method=ctx.quant_method, tp=tp,
                                           reduce_results=reduce_output or out_bias)
+        # the backend's one-launch gated norm (``FusedOps.gated_rms_norm``, optional), else the
+        # reference's torch ops
+        self._fused_norm = callable(getattr(ctx.ops, "gated_rms_norm", None))
         self.conv_state = self.ssm_state = None  # bound by the state cache
         self.step = None
         self._decay = DerivedWeight(neg_exp_float)  # A from A_log: decay()
@@ -179,14 +186,20 @@ class MambaMixer2(nn.Module):
         y = y.reshape(t, n.intermediate)
         if self.norm is None:
             return self.out_proj((F.silu(z.float()) * y).to(y.dtype))  # y promotes in the mul
-        # G == 1 split over ranks: the norm's one group spans them all (sum of squares summed)
-        reduce = self.tp if (s.n_groups == 1 and self.tp.size > 1) else None
-        y = gated_rms_norm(y, z, self.norm.weight, n.n_groups, s.eps, reduce, s.intermediate,
-                           before_gate=s.gate_norm == "before_gate")
-        return self.out_proj(y)
+        mode = GATED_NORM_MODE[s.gate_norm]
+        if s.n_groups == 1 and self.tp.size > 1:  # the one group's channels over the ranks
+            return self.out_proj(tp_gated_rms_norm(y, z, self.norm.weight, s.eps, mode,
+                                                   self.tp, s.intermediate))
+        # the backend's one launch (``FusedOps.gated_rms_norm``), else the reference's torch ops
+        norm = self.ops.gated_rms_norm if self._fused_norm else reference_gated_norm
+        return self.out_proj(norm(y, z, self.norm.weight, n.intermediate // n.n_groups, s.eps,
+                                  mode))
 
 
-GATE_NORMS = ("after_gate", "before_gate", "none")
+GATE_NORMS = ("after_gate", "after_gate_float32", "before_gate", "none")
+# ``MambaShape.gate_norm`` -> the ``mode`` of ``FusedOps.gated_rms_norm``
+GATED_NORM_MODE = {"after_gate": "gate_then_norm", "after_gate_float32": "gate_then_norm_float32",
+                   "before_gate": "norm_then_gate"}
 
 
 def causal_conv(ops, x: torch.Tensor, weight: torch.Tensor, bias, conv_state: torch.Tensor,
@@ -203,29 +216,19 @@ def causal_conv(ops, x: torch.Tensor, weight: torch.Tensor, bias, conv_state: to
     return out, m
 
 
-def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int,
-                   eps: float, reduce=None, group_size: Optional[int] = None,
-                   before_gate: bool = False) -> torch.Tensor:
-    """HF's ``MambaRMSNormGated`` (norm after the gate): in float32 ``h = y * silu(z)``,
-    RMS-normed over each of ``groups`` equal slices of the channels, rounded to y's dtype, times
-    ``weight``. ``reduce``: a tensor-parallel group holding the rest of the one group's channels
-    (``group_size`` in all): the sum of squares is summed over it.
-
-    ``before_gate`` (HF's ``FalconH1RMSNormGated`` with ``norm_before_gate``): ``y`` is normed
-    (float32), times ``weight``, then times ``silu(z)``, then rounded to y's dtype."""
-    # y * silu(z) and weight * g promote to float32 inside one kernel (y, weight exact in it):
-    # no separate casts; the group norm is one F.rms_norm (one fused kernel where torch has
-    # one, e.g. CUDA), not pow, mean, add, rsqrt and mul
-    h = y.float() if before_gate else F.silu(z.float()) * y
-    g = h.reshape(*h.shape[:-1], groups, -1)
-    if reduce is None:
-        g = F.rms_norm(g, (g.shape[-1],), eps=eps).reshape(h.shape)
-    else:
-        var = reduce.all_reduce(g.pow(2).sum(-1, keepdim=True)) / group_size
-        g = (g * torch.rsqrt(var + eps)).reshape(h.shape)
-    if before_gate:
-        return (weight * g * F.silu(z.float())).to(y.dtype)
-    return weight * g.to(y.dtype)
+def tp_gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+                      mode: str, tp, group_size: int) -> torch.Tensor:
+    """``reference/gated_norm.gated_rms_norm`` of one group (``G == 1``) whose ``group_size``
+    channels are split over the tensor-parallel ranks ``tp``: the sum of squares is summed over
+    them; the mode's rounding points as there."""
+    h = F.silu(z.float()) * y if mode.startswith("gate_then_norm") else y.float()
+    var = tp.all_reduce(h.pow(2).sum(-1, keepdim=True)) / group_size
+    g = h * torch.rsqrt(var + eps)
+    if mode == "gate_then_norm":
+        return weight * g.to(y.dtype)
+    if mode == "gate_then_norm_float32":
+        return (weight * g).to(y.dtype)
+    return (weight * g * F.silu(z.float())).to(y.dtype)  # norm_then_gate
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def falcon_mamba_shape(config):
     if not config.mamba_rms_norm:
         gate_norm = "none"
     else:
-        gate_norm = "before_gate" if config.mamba_norm_before_gate else "after_gate"
+        gate_norm = "before_gate" if config.mamba_norm_before_gate else "after_gate_float32"
     return dataclasses.replace(hybrid_mamba_shape(config), out_bias=bool(config.projectors_bias),
                                gate_norm=gate_norm)
 

@@ -61,6 +61,38 @@ def test_rms_norm_with_the_wrong_cast_order_is_caught():
         ops.rms_norm(x, w, 1e-6)
 
 
+def test_gated_rms_norm_is_checked_then_called_directly(monkeypatch):
+    """The optional ``gated_rms_norm`` (plugin API 18) is checked on its first calls against
+    ``reference/gated_norm.py`` (a plugin that rounds at the wrong point is named), then the
+    plugin's own method runs; ops without it get none from the wrapper."""
+    from tessellm.backends.reference.gated_norm import gated_rms_norm
+
+    monkeypatch.delenv("TESSELLM_VALIDATE_PLUGINS", raising=False)
+
+    class Gated(ReferenceOps):
+        def __init__(self, late: bool):
+            self.late = late
+
+        def gated_rms_norm(self, y, z, weight, group_size, eps, mode="gate_then_norm"):
+            out = gated_rms_norm(y, z, weight, group_size, eps, mode)
+            return out * 1.5 if self.late else out
+
+    y, z = torch.randn(5, 32, dtype=torch.bfloat16), torch.randn(5, 32, dtype=torch.bfloat16)
+    w = torch.randn(32, dtype=torch.bfloat16)
+    inner = Gated(late=False)
+    ops = checked.checked_ops(inner, "mine", "mine")
+    for _ in range(checked.CHECKED_OP_CALLS):
+        assert ops.gated_rms_norm.__self__ is ops
+        assert torch.equal(ops.gated_rms_norm(y, z, w, 16, 1e-5),
+                           gated_rms_norm(y, z, w, 16, 1e-5))
+    assert ops.gated_rms_norm.__self__ is inner
+    wrong = checked.checked_ops(Gated(late=True), "mine", "mine")
+    with pytest.raises(PluginError, match=r"gated_rms_norm returned values off by .* "
+                                          r"\(norm_then_gate\)"):
+        wrong.gated_rms_norm(y, z, w, 16, 1e-5, "norm_then_gate")
+    assert getattr(checked.checked_ops(ReferenceOps(), "m", "m"), "gated_rms_norm", None) is None
+
+
 def test_partial_rotary_reference_leaves_the_tail_unrotated():
     t, d, r = 3, 8, 4
     q, k = torch.randn(t, 2 * d), torch.randn(t, d)

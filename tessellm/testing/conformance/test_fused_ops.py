@@ -1,11 +1,13 @@
-"""The backend's fused ops (RMSNorm, residual-add RMSNorm, NeoX rotary, SiLU-and-mul) against
-the pure-torch reference ops."""
+"""The backend's fused ops (RMSNorm, residual-add RMSNorm, NeoX rotary, SiLU-and-mul, and the
+optional ones: linear + SiLU, the gated RMSNorm, the fp8 activation fold) against the pure-torch
+reference ops."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tessellm.backends.reference.gated_norm import GATED_NORM_MODES
 from tessellm.backends.reference.ops import ReferenceOps, linear_add_rms_norm, linear_silu_and_mul
 from tessellm.backends.spec import FusedOps, OpsSpec
 from tessellm.testing.harness import tolerance
@@ -129,6 +131,30 @@ def _norm_tolerance(dtype):
     if dtype == torch.float32:
         return tolerance(dtype)
     return dict(atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("mode", GATED_NORM_MODES)
+@pytest.mark.parametrize("rows,channels,group_size,shared", [(1, 64, 64, False),
+                                                             (5, 96, 48, False),
+                                                             (3, 64, 16, True)])
+def test_gated_rms_norm(target, mode, rows, channels, group_size, shared):
+    """The optional ``gated_rms_norm`` (plugin API 19: the recurrent mixers' gated RMSNorm, a
+    weight per channel or shared by the groups, ``z`` a column view) against
+    ``reference/gated_norm.py``; skipped where the backend lacks it (the layers then run the
+    reference's torch ops)."""
+    from tessellm.backends.reference.gated_norm import gated_rms_norm
+
+    for dtype in _dtypes(target):
+        ops = _ops(target, dtype)
+        if getattr(ops, "gated_rms_norm", None) is None:
+            pytest.skip(f"{target.name} has no gated_rms_norm (optional)")
+        y = _rand(rows, channels, dtype=dtype, device=target.device, seed=14)
+        z = _rand(rows, channels + 8, dtype=dtype, device=target.device, seed=15)[:, 3:3 + channels]
+        w = _rand(group_size if shared else channels, dtype=dtype, device=target.device, seed=16)
+        out = ops.gated_rms_norm(y, z, w, group_size, 1e-5, mode)
+        assert out.shape == y.shape and out.dtype == dtype
+        want = gated_rms_norm(y.cpu(), z.cpu(), w.cpu(), group_size, 1e-5, mode)
+        torch.testing.assert_close(out.cpu(), want, **tolerance(dtype))
 
 
 def _fp8_close(xa, y, dtype, what: str):
