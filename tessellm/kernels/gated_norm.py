@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.backends.reference.gated_norm import GATED_NORM_MODES, check_gated_norm
-
 MAX_BLOCK = 8192  # channels of a group held at once (above: tiles, two passes)
+# the reference's modes (``reference/gated_norm.GATED_NORM_MODES``), in the order of ``MODE``
+# (this package imports no backend: a copy, which the kernel tests compare)
+MODES = ("gate_then_norm", "norm_then_gate", "norm_round_then_gate", "gate_then_norm_float32")
 
 
 @triton.jit
@@ -90,8 +91,16 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     """``backends/reference/gated_norm.gated_rms_norm`` in one launch: ``y, z [..., C]`` (z may
     be a column view: rows strided, the last dim contiguous), ``weight [C]`` or
     ``[group_size]``; returns a new tensor of y's shape and dtype."""
-    check_gated_norm(y, z, weight, group_size, mode)
-    shape, channels = y.shape, y.shape[-1]
+    channels = y.shape[-1]
+    if mode not in MODES:
+        raise ValueError(f"gated_rms_norm mode {mode!r} is not one of {MODES}.")
+    if z.shape != y.shape or group_size <= 0 or channels % group_size:
+        raise ValueError(f"gated_rms_norm: y {tuple(y.shape)} and z {tuple(z.shape)} must match "
+                         f"and split into groups of {group_size} channels.")
+    if weight.dim() != 1 or weight.shape[0] not in (channels, group_size):
+        raise ValueError(f"gated_rms_norm: weight {tuple(weight.shape)} must be [{channels}] "
+                         f"(per channel) or [{group_size}] (shared by the groups).")
+    shape = y.shape
     y2, z2 = _rows(y), _rows(z)
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
@@ -101,6 +110,6 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     block = min(MAX_BLOCK, triton.next_power_of_2(group_size))
     _gated_rms_norm_kernel[(y2.shape[0], channels // group_size)](
         y2, z2, weight, out, group_size, eps, y2.stride(0), z2.stride(0), out.stride(0),
-        group_size if weight.shape[0] == channels else 0, MODE=GATED_NORM_MODES.index(mode),
+        group_size if weight.shape[0] == channels else 0, MODE=MODES.index(mode),
         BLOCK=block, TILED=block < group_size, num_warps=max(1, min(16, block // 256)))
     return out.view(shape)
