@@ -17,7 +17,7 @@
 # length, then "crossover <model>: ssd wins from N tokens on (SSD_MIN_TOKENS is 64)": if N is
 # far from 64 (e.g. 32 or 128), SSD_MIN_TOKENS in kernels/mamba/chunk_scan.py should become N;
 # gnorm: fused faster at every row count (torch ops: 4-7 launches), largest difference
-# under 1e-2 (rc=0); host_step: one JSON line per model; against session 18's hybhost run
+# under 2e-2 (rc=0; ~4e-3 expected); host_step: one JSON line per model; against session 18's hybhost run
 # (launches_per_layer ~44 for two steps before its cuts) the gated norm is 1 launch a Mamba
 # layer and step where it was ~4-5 (F.rms_norm fused, casts, SiLU, products), and the cached
 # prompt's steps (under 64 new tokens) launch the sequential scan, not the SSD's five kernels.

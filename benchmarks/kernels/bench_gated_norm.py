@@ -8,7 +8,7 @@ small (one group of 8192), Nemotron-H 8B (8 groups of 1024), Qwen3-Next-80B (32 
 128, one shared weight); 1 / 16 / 256 / 4096 rows (decodes to a prefill chunk). Per case: the
 milliseconds per call of each (CUDA events around back-to-back eager calls: launches in, as an
 eager step runs them), the speed-up, and the largest difference relative to the largest value
-(exit 1 past 1e-2: a bf16 rounding or two).
+(exit 1 past 2e-2: a bf16 rounding or two).
 
     python benchmarks/kernels/bench_gated_norm.py      (repo root, on a GPU)
 """
@@ -33,7 +33,7 @@ SHAPES = {"mamba2-2.7b": (5120, 5120, False, "gate_then_norm"),
           "qwen3-next-80b": (4096, 128, True, "norm_round_then_gate")}
 ROWS = [1, 16, 256, 4096]
 DTYPE = torch.bfloat16
-TOL = 1e-2
+TOL = 2e-2
 
 
 def main() -> int:
