@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Hybrid models' step cost on one GPU (hybfast, session 19), ~5 minutes cold (each part
-# time-boxed, 8 at most), with TESSELLM_SSD_SCAN=1 (the parallel SSD scan, opt-in):
+# time-boxed, 8 at most), with TESSELLM_SSD_SCAN=1 (the parallel SSD scan, the default since 85a1586):
 #   tests      the gated-norm kernel against the reference and HF's modules, the Mamba kernels
 #              (the short-chunk choice of the scan included), compiled for the GPU
 #   conf       the cuda conformance of the gated RMSNorm (plugin API 18) and the Mamba ops
