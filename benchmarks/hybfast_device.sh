@@ -3,7 +3,7 @@
 # time-boxed, 8 at most), with TESSELLM_SSD_SCAN=1 (the parallel SSD scan, the default since 85a1586):
 #   tests      the gated-norm kernel against the reference and HF's modules, the Mamba kernels
 #              (the short-chunk choice of the scan included), compiled for the GPU
-#   conf       the cuda conformance of the gated RMSNorm (plugin API 18) and the Mamba ops
+#   conf       the cuda conformance of the gated RMSNorm (plugin API 19) and the Mamba ops
 #   families   greedy fp32 parity with HF through the Triton path (mamba2, granite-4h: the
 #              fused gated norm and the scan's per-call choice in the models)
 #   ssd        one layer's scan, sequential against SSD at 16-4096 tokens (Mamba2-2.7B and

@@ -207,7 +207,7 @@ class CheckedFusedOps(_Checked):
     def __init__(self, ops, plugin: str, backend: str, always: bool):
         super().__init__(ops, plugin, backend, "tessellm_fused_ops", always)
         self._calls = dict.fromkeys(self._OPS, 0)
-        if callable(getattr(ops, "gated_rms_norm", None)):  # optional (plugin API 18)
+        if callable(getattr(ops, "gated_rms_norm", None)):  # optional (plugin API 19)
             self._calls["gated_rms_norm"] = 0
             self.gated_rms_norm = self._checked_gated_rms_norm
 

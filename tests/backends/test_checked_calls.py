@@ -62,7 +62,7 @@ def test_rms_norm_with_the_wrong_cast_order_is_caught():
 
 
 def test_gated_rms_norm_is_checked_then_called_directly(monkeypatch):
-    """The optional ``gated_rms_norm`` (plugin API 18) is checked on its first calls against
+    """The optional ``gated_rms_norm`` (plugin API 19) is checked on its first calls against
     ``reference/gated_norm.py`` (a plugin that rounds at the wrong point is named), then the
     plugin's own method runs; ops without it get none from the wrapper."""
     from tessellm.backends.reference.gated_norm import gated_rms_norm
