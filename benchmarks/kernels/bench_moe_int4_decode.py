@@ -8,9 +8,10 @@ hidden 2048, expert intermediate 768) and Mixtral-8x7B (8 experts, top-2, hidden
 intermediate 14336); int4 experts in groups of 128 with uint8 zero codes (AWQ's layout after
 load) and float16 scales, activations bf16, routing included (``fused_moe``). Tokens 1, 2, 4,
 16; at 1-4 both take their decode kernels (``decode.py``, ``decode_int4.py``), at 16 the
-grouped GEMMs. Also timed: the int4 grouped GEMMs at the same token counts (``int4_grouped``:
-the path int4 took at every size before the decode kernels), and at 1 token the int4 decode
-kernels with other rows a program (``rows UP,DOWN``). GPU time per call from CUDA-graph
+grouped GEMMs. Also timed: int4 with GPTQ act order (``w13_perm``: x gathered per expert),
+the int4 grouped GEMMs at the same token counts (``int4_grouped``: the path int4 took at every
+size before the decode kernels), and at 1 token the int4 decode kernels with other rows a
+program (``rows UP,DOWN``). GPU time per call from CUDA-graph
 replays, L2 flushed before each (``gpu_timing.gtime``; ``--no-flush``: not). Each int4 decode
 result is checked against the pure-torch reference (``int4 rel err``: of the largest output).
 
@@ -62,6 +63,8 @@ def bench_shape(name: str, flush: bool) -> list:
     q13, s13, z13 = int4_experts(e, 2 * inter, h)
     q2, s2, z2 = int4_experts(e, h, inter)
     kw = dict(int4=True, w13_zeros=z13, w2_zeros=z2)
+    # GPTQ act order: each expert's w13 inputs in a random order (x gathered through it)
+    perm = torch.stack([torch.randperm(h, device=DEV) for _ in range(e)]).to(torch.int32)
     rows = []
     for tokens in (1, 2, 4, 16):
         x = torch.randn(tokens, h, device=DEV).to(dtype)
@@ -79,12 +82,15 @@ def bench_shape(name: str, flush: bool) -> list:
         grouped = _tiles(tokens * top_k, e, x.device, 4)
         row["int4_grouped_us"] = gtime(lambda: fused_moe_triton(x, weights, ids, q13, q2, s13,
                                                                 s2, grouped, **kw), flush=flush)
+        row["int4_act_order_us"] = gtime(lambda: fused_moe(x, logits, q13, q2, top_k,
+                                                           "softmax", True, s13, s2,
+                                                           w13_perm=perm, **kw), flush=flush)
         row["int4_over_bf16"] = row["int4_us"] / row["bf16_us"]
         rows.append(row)
         print(f"{name} tokens {tokens:3d}: bf16 {row['bf16_us']:7.1f} us  int4 "
               f"{row['int4_us']:7.1f} us (int4/bf16 {row['int4_over_bf16']:.2f})  int4 grouped "
-              f"{row['int4_grouped_us']:7.1f} us  int4 rel err {row['int4_max_rel_err']:.1e}",
-              flush=True)
+              f"{row['int4_grouped_us']:7.1f} us  act-order {row['int4_act_order_us']:7.1f} us"
+              f"  int4 rel err {row['int4_max_rel_err']:.1e}", flush=True)
         if tokens == 1:
             sweep = {}
             for up, down in ROWS:

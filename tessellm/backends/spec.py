@@ -88,6 +88,10 @@ in one call (batch-1 decode under ``TESSELLM_GEMV_NORM_EPILOGUE=1``); plugins of
 Granite 4.0-H, Bamba, Nemotron-H, Falcon-H1, Qwen3-Next's gated DeltaNet) in one op; plugins of
 versions 1 to 18 keep working (the layers run the pure-torch reference,
 ``backends/reference/gated_norm.py``).
+20 = GPTQ act-order (``desc_act``) int4 MoE experts: ``FusedOps.fused_moe`` / ``fused_experts``
+take keyword-only ``w13_perm`` (int32 ``[E, H]``, each expert's input order) with ``int4=True``
+where the ops object declares ``fused_moe_int4_act_order = True``; plugins of versions 1 to 19
+keep working (such experts run the pure-torch reference, ``backends/reference/moe.py``).
 
 Ownership
 ---------
@@ -124,7 +128,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 19
+TESSELLM_PLUGIN_API = 20
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -624,6 +628,12 @@ class FusedOps(Protocol):
     # shapes or None (zero 8: symmetric GPTQ): ``W = (q - zero) * scale`` in float32, rounded
     # to hidden's dtype (``reference/moe.dequantize_int4``). For ``fused_moe`` and
     # ``fused_experts`` alike, with ``expert_map``; conformance ``test_fused_moe_int4_experts``.
+    # GPTQ act-order int4 experts, only where the ops object also sets
+    # ``fused_moe_int4_act_order = True`` (plugin API 20): keyword-only ``w13_perm``, int32
+    # ``[E, H]``: expert e's w13 inputs are stored in the order ``w13_perm[e]`` (groups
+    # contiguous), so its gate / up rows multiply ``hidden[t, w13_perm[e]]`` (the down
+    # projection's order is folded into w13's rows at load); conformance
+    # ``test_fused_moe_int4_act_order``.
     #
     # Mamba2 mixer ops, all three together where the ops object declares ``supports_mamba2 =
     # True`` (a model with Mamba layers is refused at load otherwise). Oracles and exact

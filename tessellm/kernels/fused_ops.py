@@ -39,12 +39,14 @@ class TritonOps:
     fused_moe_expert_map = True
     # AWQ / GPTQ int4 experts (``int4``): codes dequantized tile by tile in the grouped GEMMs
     fused_moe_int4 = True
+    # GPTQ act-order int4 experts (``w13_perm``): the first GEMM gathers x in each expert's order
+    fused_moe_int4_act_order = True
 
     def fused_moe(self, hidden, router_logits, w13, w2, top_k, scoring="softmax",
                   renormalize=True, w13_scale=None, w2_scale=None, **variant):
         """Grouped GEMMs over expert-sorted token blocks (``tessellm/kernels/moe``);
         ``variant``: keyword-only ``activation``, ``w13_bias``, ``w2_bias``, ``block_shape``,
-        ``expert_map``, ``int4`` with ``w13_zeros`` / ``w2_zeros``."""
+        ``expert_map``, ``int4`` with ``w13_zeros`` / ``w2_zeros`` (and ``w13_perm``)."""
         from tessellm.kernels.moe import fused_moe
 
         return fused_moe(hidden, router_logits, w13, w2, top_k, scoring, renormalize,

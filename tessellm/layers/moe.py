@@ -171,6 +171,7 @@ class FusedMoE(nn.Module):
         flag = "fused_moe_int4" if "int4" in self._op_kwargs else "fused_moe_block_fp8"
         if self._op_kwargs and not getattr(ops, flag, False):
             self._moe, self._experts = fused_moe_reference, fused_experts_reference
+        self._act_order_op = bool(getattr(ops, "fused_moe_int4_act_order", False))
         if activation != SILU:
             self._op_kwargs = {"activation": activation}
             if activation.kind not in getattr(ops, "fused_moe_activations", ("silu",)):
@@ -183,9 +184,17 @@ class FusedMoE(nn.Module):
         kwargs = self._op_kwargs
         if "int4" in kwargs:  # the zero codes as they are now (moved)
             kwargs = dict(kwargs, w13_zeros=self.w13_zeros, w2_zeros=self.w2_zeros)
+            if self.w13_perm is not None:  # GPTQ act order (layers/moe_int4.py)
+                kwargs["w13_perm"] = self.w13_perm
         if self.expert_map is not None:  # the buffer as it is now (moved, or re-made on wake)
             return dict(kwargs, expert_map=self.expert_map)
         return kwargs
+
+    def act_order_loaded(self) -> None:
+        """GPTQ act-order int4 experts loaded (``w13_perm``): the reference loop unless the ops
+        declare ``fused_moe_int4_act_order`` (plugin API 20)."""
+        if not self._act_order_op:
+            self._moe, self._experts = fused_moe_reference, fused_experts_reference
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's partial ``[T, H]`` (the whole result when not tensor-parallel)."""

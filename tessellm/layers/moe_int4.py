@@ -16,8 +16,20 @@ Checkpoints store one projection of one expert per tensor set, K inputs and N ou
 ``qzeros [K/g, N/8]`` (v1 stores zero - 1), ``scales``, ``g_idx [K]``. Each is unpacked,
 turned to the rows above and cut to this rank's part (w13: its rows; w2: its inputs, whole
 groups), then packed again along K. Scales keep the checkpoint's precision (float16, or
-float32 in a float32 model). GPTQ act-order (a ``g_idx`` other than ``k // g``) is refused on
-experts. Layers the checkpoint leaves unquantized (``modules_to_not_convert``, GPTQ's
+float32 in a float32 model).
+
+GPTQ act-order (``desc_act``: a ``g_idx`` other than ``k // g``, each group's g inputs spread
+over K) is served by the standard trick, once every tensor of the layer is in (``missing``):
+each projection's inputs are sorted by group (``quantization.int4.act_order_perm``), so the
+codes take the layout above with the checkpoint's scales and zeros as they are. The down
+projection's order ``p2`` (over the intermediate size) costs nothing at run time: the gate and
+up rows of ``w13`` (codes, scales, zeros) are permuted by ``p2`` as well, so the activation
+comes out in ``w2``'s sorted input order. The gate / up order ``p13`` (over hidden, one per
+expert: gate and up share it, as they share their inputs) is kept as ``w13_perm [E, H]`` and
+the op gathers each expert's x through it (plugin API 20, ``reference/moe.py``). Refused: gate
+and up with different orders, and act-order experts cut across ranks (tensor parallelism
+without expert parallelism: a rank's slice of the intermediate size is not a set of whole
+sorted groups). Layers the checkpoint leaves unquantized (``modules_to_not_convert``, GPTQ's
 ``dynamic`` "-:" rules, or experts no int4 tool quantizes: stacked 3-D expert parameters)
 keep float experts: ``experts_excluded``.
 """
@@ -29,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from tessellm.quantization.int4 import unpack_awq, unpack_gptq_zeros
+from tessellm.quantization.int4 import act_order_perm, unpack_awq, unpack_gptq_zeros
 from tessellm.quantization.packed import pack_int4, quantize_int4, unpack_int4
 
 INT4_KINDS = ("awq", "gptq")
@@ -115,6 +127,9 @@ def allocate(moe, quant, num_experts: int, hidden: int) -> None:
     moe.w2_scale = param(num_experts, hidden, groups2, dtype=scale_dtype)
     moe.w13_zeros = param(num_experts, 2 * local, hidden // g13, dtype=torch.uint8, fill=8)
     moe.w2_zeros = param(num_experts, hidden, groups2, dtype=torch.uint8, fill=8)
+    # GPTQ act order: each expert's w13 input order [E, H] once a layer has one, else None
+    moe.register_buffer("w13_perm", None, persistent=False)
+    moe.act_order = {}  # (expert, name, shard) -> the sorting permutation, until ``missing``
 
 
 def load(moe, expert: int, name: str, shard: Optional[int], attr: str, src: torch.Tensor,
@@ -126,10 +141,23 @@ def load(moe, expert: int, name: str, shard: Optional[int], attr: str, src: torc
     k = getattr(moe, name).shape[2] * 8 * (moe.tp.size if name == "w2" and moe.sliced else 1)
     group = group_of(quant, k)
     if attr == "g_idx":
-        if not torch.equal(src.long(), torch.arange(src.numel(), device=src.device) // group):
-            raise ValueError(f"{where} is GPTQ act-order (its g_idx is not k // {group}); "
-                             "tessellm does not serve act-order (desc_act) MoE experts: use a "
-                             "GPTQ checkpoint quantized with desc_act=false, or AWQ.")
+        if src.numel() != k:
+            raise ValueError(f"{where}.g_idx has {src.numel()} entries in the checkpoint for "
+                             f"{k} inputs; the config does not match the weights.")
+        try:
+            perm = act_order_perm(src, group)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e} Use a GPTQ checkpoint quantized with "
+                             "desc_act=false, or AWQ.") from None
+        if perm is None:
+            return []
+        if moe.sliced:
+            raise ValueError(f"{where} is GPTQ act-order (desc_act) and "
+                             f"tensor_parallel_size={moe.tp.size} would cut each expert's "
+                             "intermediate size across ranks, which act-order groups do not "
+                             "allow; use enable_expert_parallel (whole experts per rank), "
+                             "tensor_parallel_size=1, or a desc_act=false checkpoint.")
+        moe.act_order[(expert, name, shard)] = perm
         return []
     if attr == "weight":
         raise ValueError(f"{where} is stored unquantized in a {quant.kind.upper()} checkpoint "
@@ -192,13 +220,54 @@ def expect(moe) -> None:
 
 
 def missing(moe, prefix: str) -> None:
-    """Refuse int4 experts whose qweight, qzeros or scales the checkpoint never gave."""
+    """Refuse int4 experts whose qweight, qzeros or scales the checkpoint never gave; then
+    sort the inputs of GPTQ act-order experts (module docstring)."""
     if moe.awaiting_scale:
         expert, name, shard, attr = sorted(moe.awaiting_scale, key=str)[0]
         part = {("w13", 0): "gate", ("w13", 1): "up", ("w2", None): "down"}[(name, shard)]
         raise ValueError(f"The {moe.quant.kind.upper()} checkpoint has no {attr} for the {part} "
                          f"projection of expert {moe.expert_ids[expert]} in {prefix}; is it "
                          "complete?")
+    if moe.act_order:
+        _sort_act_order(moe, prefix)
+
+
+def _sort_act_order(moe, prefix: str) -> None:
+    """Each act-order projection's inputs sorted by group; the down projection's order folded
+    into w13's gate and up rows, the gate / up order kept as ``w13_perm`` (module docstring).
+    Consumes ``moe.act_order`` (a second call does nothing)."""
+    pending, moe.act_order = moe.act_order, {}
+    num_experts, hidden, local = moe.w13.shape[0], moe.w13.shape[2] * 8, moe.local
+    perm13 = None
+    for e in range(num_experts):
+        gate, up = pending.get((e, "w13", 0)), pending.get((e, "w13", 1))
+        down = pending.get((e, "w2", None))
+        if (gate is None) != (up is None) or (gate is not None and not torch.equal(gate, up)):
+            raise ValueError(f"The gate and up projections of expert {moe.expert_ids[e]} in "
+                             f"{prefix} have different GPTQ act-order g_idx; tessellm keeps "
+                             "them as one int4 matrix over their common inputs, which needs one "
+                             "input order (GPTQ gives them one when both see the same "
+                             "calibration inputs): use such a checkpoint, or desc_act=false.")
+        if gate is not None:
+            if perm13 is None:
+                perm13 = torch.arange(hidden, dtype=torch.int32,
+                                      device=moe.w13.device).repeat(num_experts, 1)
+            perm13[e] = gate.to(perm13.device)
+            moe.w13.data[e] = _sorted_inputs(moe.w13.data[e], gate)
+        if down is not None:
+            moe.w2.data[e] = _sorted_inputs(moe.w2.data[e], down)
+            rows = torch.cat([down, down + local]).long().to(moe.w13.device)
+            for t in (moe.w13, moe.w13_scale, moe.w13_zeros):
+                t.data[e] = t.data[e][rows]
+    if perm13 is not None:
+        moe.w13_perm = perm13
+        moe.act_order_loaded()
+
+
+def _sorted_inputs(codes: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Packed rows ``[N, K/8]`` with their K inputs taken in the order ``perm``."""
+    q = unpack_int4(codes.t())  # [K, N]
+    return pack_int4(q[perm.long().to(q.device)]).t()
 
 
 def init_dummy(moe, generator: torch.Generator, scale: float) -> None:

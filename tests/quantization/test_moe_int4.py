@@ -260,15 +260,135 @@ def test_a_missing_expert_qzeros_is_refused(checkpoints, tmp_path):
         build(path)
 
 
-def test_gptq_act_order_experts_are_refused(checkpoints, tmp_path):
+_GATE, _UP = ("gate_proj", "w1"), ("up_proj", "w3")
+
+
+def _act_order(dirs: dict, root, seed: int = 5) -> dict:
+    """``{"gptq": dir, "deq": dir}``: the GPTQ checkpoint of ``dirs`` made act-order
+    (``desc_act``) on every expert projection: each takes a random order of its inputs
+    (``g_idx[order] = arange(K) // group``, as GPTQ writes it; an expert's gate and up share
+    one, as they share their inputs), its codes, zeros and scales kept, and the dequantized
+    checkpoint rewritten to match (``W[:, k] = (q[k] - zero[g_idx[k]]) * scale[g_idx[k]]``)."""
+    from tessellm.quantization.int4 import unpack_gptq_zeros
+    from tessellm.quantization.packed import unpack_int4
+
+    g = torch.Generator().manual_seed(seed)
+    quant = load_file(os.path.join(dirs["gptq"], "model.safetensors"))
+    dense = load_file(os.path.join(dirs["deq"], "model.safetensors"))
+    orders = {}
+    for key in sorted(quant):
+        if ".experts." not in key or not key.endswith(".g_idx"):
+            continue
+        name = key[:-len(".g_idx")]
+        base, proj = name.rsplit(".", 1)
+        k = quant[key].numel()
+        group = k // quant[f"{name}.scales"].shape[0]
+        shared = (base, "gate_up") if proj in _GATE + _UP else (base, proj)
+        order = orders.setdefault(shared, torch.randperm(k, generator=g))
+        g_idx = torch.empty(k, dtype=torch.long)
+        g_idx[order] = torch.arange(k) // group
+        quant[key] = g_idx.to(torch.int32)
+        q = unpack_int4(quant[f"{name}.qweight"]).long()  # [K, N]
+        z = unpack_gptq_zeros(quant[f"{name}.qzeros"]).long() + 1  # (GPTQ v1: zero - 1)
+        s = quant[f"{name}.scales"].float()
+        dense[f"{name}.weight"] = ((q - z[g_idx]) * s[g_idx]).t().contiguous()
+    out = {"gptq": _rewrite(dirs["gptq"], root / "gptq", config_changes={"desc_act": True}),
+           "deq": _rewrite(dirs["deq"], root / "deq")}
+    save_file(quant, os.path.join(out["gptq"], "model.safetensors"))
+    save_file(dense, os.path.join(out["deq"], "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen3-moe", pytest.param("mixtral", marks=pytest.mark.slow)])
+def test_gptq_act_order_experts_serve_the_dequantized_model(checkpoints, arch, tmp_path):
+    """GPTQ act-order experts (each projection's groups spread over its inputs): inputs sorted
+    by group at load, the down projection's order folded into w13's rows, the gate / up order
+    kept as ``w13_perm`` (cpu backend, float32): HF's greedy tokens on the dequantized
+    checkpoint."""
+    from tests.conftest import hf_greedy
+
+    dirs = _act_order(checkpoints(arch), tmp_path)
+    moe = _experts(build(dirs["gptq"]))[-1]
+    assert moe.w13_perm is not None and moe.w13_perm.shape == (moe.w13.shape[0], 64)
+    assert not torch.equal(moe.w13_perm[0].long(), torch.arange(64))
+    assert generate(dirs["gptq"], PROMPTS, MAX_NEW) == hf_greedy(dirs["deq"], PROMPTS, MAX_NEW)
+
+
+@pytest.mark.slow  # ~1 min interpreted; the op is covered by test_triton_int4_act_order_*
+def test_gptq_act_order_experts_on_the_cuda_backend_kernels(checkpoints, tmp_path):
+    """The same act-order checkpoint through the cuda backend's Triton fused MoE (decode
+    kernels and grouped GEMMs gathering x through ``w13_perm``): HF's greedy tokens."""
+    from tests.conftest import hf_greedy
+
+    dirs = _act_order(checkpoints("qwen3-moe"), tmp_path)
+    device = os.environ.get("TESSELLM_TEST_DEVICE", "cuda")
+    emulate = device == "cuda" and not torch.cuda.is_available()
+    assert (generate(dirs["gptq"], PROMPTS, MAX_NEW, device=device, emulate=emulate)
+            == hf_greedy(dirs["deq"], PROMPTS, MAX_NEW))
+
+
+@pytest.mark.parametrize("tokens", [2, 20])
+def test_triton_int4_act_order_matches_reference(tokens):
+    """``w13_perm`` through the Triton kernels (the decode kernels at 2 tokens, the grouped
+    GEMMs at 20) equals the reference, which equals the plain product on the dequantized
+    weights with their inputs put back in order."""
+    pytest.importorskip("triton")
+    from tessellm.backends.reference.moe import fused_experts_reference, route
+    from tessellm.kernels.moe import fused_moe_triton
+
+    e, h, i = 8, 64, 32
+    q13, s13, z13 = _experts_int4(e, 2 * i, h, 32, seed=tokens)
+    q2, s2, z2 = _experts_int4(e, h, i, 16, seed=tokens + 1)
+    g = torch.Generator().manual_seed(tokens + 2)
+    perm = torch.stack([torch.randperm(h, generator=g) for _ in range(e)]).to(torch.int32)
+    x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
+    weights, ids = route(logits, 2)
+    kw = dict(int4=True, w13_zeros=z13, w2_zeros=z2)
+    want = fused_experts_reference(x, weights, ids, q13, q2, s13, s2, w13_perm=perm, **kw)
+    # the oracle's meaning: w13[e] in the checkpoint's input order is W[:, perm^-1]
+    w13 = dequantize_int4(q13, s13, z13, torch.float32)
+    unsorted = torch.empty_like(w13)
+    for ex in range(e):
+        unsorted[ex][:, perm[ex].long()] = w13[ex]
+    plain = fused_experts_reference(x, weights, ids, unsorted,
+                                    dequantize_int4(q2, s2, z2, torch.float32))
+    torch.testing.assert_close(want, plain, rtol=1e-5, atol=1e-5)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    to = (lambda t: t.to(dev))  # noqa: E731
+    got = fused_moe_triton(to(x), to(weights), to(ids.to(torch.int32)),
+                           *[to(t) for t in (q13, q2, s13, s2)], int4=True,
+                           w13_zeros=to(z13), w2_zeros=to(z2), w13_perm=to(perm))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_act_order_gate_and_up_in_different_orders_are_refused(checkpoints, tmp_path):
     dirs = checkpoints("qwen3-moe")
     path = _rewrite(dirs["gptq"], tmp_path / "act-order")
     state = load_file(os.path.join(path, "model.safetensors"))
     name = "model.layers.0.mlp.experts.1.gate_proj.g_idx"
     state[name] = state[name].flip(0).contiguous()
     save_file(state, os.path.join(path, "model.safetensors"))
-    with pytest.raises(ValueError, match=r"expert 1 gate_proj is GPTQ act-order .*desc_act=false"):
+    with pytest.raises(ValueError, match=r"The gate and up projections of expert 1 in "
+                                         r"layers\.0\.mlp\.experts have different GPTQ "
+                                         r"act-order g_idx; .*desc_act=false"):
         build(path)
+
+
+def test_gptq_act_order_experts_cut_across_ranks_are_refused(checkpoints, tmp_path):
+    """Tensor parallelism without expert parallelism would cut an act-order expert's
+    intermediate size: refused, naming the way out (the engine refuses desc_act checkpoints
+    under tensor parallelism before loading; this is a config saying desc_act=false over
+    act-order experts); expert parallelism keeps experts whole."""
+    from tessellm.distributed.parallel_state import TensorParallel
+
+    path = _act_order(checkpoints("qwen3-moe"), tmp_path)["gptq"]
+    path = _rewrite(path, tmp_path / "says-no-act-order", config_changes={"desc_act": False})
+    with pytest.raises(ValueError, match=r"is GPTQ act-order \(desc_act\) and "
+                                         r"tensor_parallel_size=2 would cut .*"
+                                         r"enable_expert_parallel"):
+        build(path, tp=TensorParallel(0, 2))
+    ep = _experts(build(path, tp=TensorParallel(1, 2), expert_parallel=True))[-1]
+    assert ep.w13_perm is not None and ep.w13_perm.shape[0] == 4
 
 
 def test_modules_to_not_convert_keeps_a_layers_experts_float(checkpoints, tmp_path):

@@ -97,6 +97,7 @@ class CpuOps(ReferenceOps):
     fused_moe_block_fp8 = True  # block-wise fp8 experts dequantized per touched expert
     fused_moe_expert_map = True  # expert parallelism: other ranks' experts' pairs skipped
     fused_moe_int4 = True  # AWQ / GPTQ int4 experts dequantized per touched expert
+    fused_moe_int4_act_order = True  # GPTQ act order (w13_perm): the inputs gathered per expert
 
     def __init__(self):
         # id(weight) -> (weight, its version counter when packed, the packed weight)

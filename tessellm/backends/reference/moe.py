@@ -36,6 +36,12 @@ of the same shapes, or None for 8 (symmetric GPTQ)::
 
     W[e, n, k] = (q[e, n, k] - zeros[e, n, k // g]) * scale[e, n, k // g]   (float32, then cast)
 
+GPTQ act-order int4 experts (keyword-only ``w13_perm``, int32 ``[E, H]``, with ``int4``): expert
+e's ``w13`` inputs are stored in the order ``w13_perm[e]`` (the checkpoint's inputs sorted by
+group, so that each group's inputs are contiguous), so its gate / up rows multiply
+``hidden[t, w13_perm[e]]``; the down projection's act order is folded into the rows of ``w13``
+at load (``layers/moe_int4.py``) and needs nothing here.
+
 Expert parallelism (keyword-only ``expert_map``, an int tensor ``[E_global]``: global expert
 id -> this rank's local index into ``w13`` / ``w2``, or -1 where another rank holds it): the
 routing runs over all ``E_global`` logits as before, then each (token, slot) pair whose expert
@@ -160,14 +166,15 @@ def fused_moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, w13: 
                         block_shape=None,
                         expert_map: Optional[torch.Tensor] = None, int4: bool = False,
                         w13_zeros: Optional[torch.Tensor] = None,
-                        w2_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        w2_zeros: Optional[torch.Tensor] = None,
+                        w13_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loop over experts; returns ``[T, H]`` in hidden's dtype. Experts run in hidden's
     dtype (as HF transformers does), their weighted outputs are summed in float32."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
     return fused_experts_reference(hidden, weights, ids, w13, w2, w13_scale, w2_scale,
                                    activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
                                    block_shape=block_shape, expert_map=expert_map, int4=int4,
-                                   w13_zeros=w13_zeros, w2_zeros=w2_zeros)
+                                   w13_zeros=w13_zeros, w2_zeros=w2_zeros, w13_perm=w13_perm)
 
 
 def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
@@ -180,7 +187,8 @@ def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
                             block_shape=None,
                             expert_map: Optional[torch.Tensor] = None, int4: bool = False,
                             w13_zeros: Optional[torch.Tensor] = None,
-                            w2_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            w2_zeros: Optional[torch.Tensor] = None,
+                            w13_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The oracle of the optional ``FusedOps.fused_experts``: ``fused_moe_reference`` with the
     routing done by the caller (``topk_weights`` float32 and ``topk_ids`` ``[T, k]``: DeepSeek's
     grouped top-k, ``models/moe_routing.py``). Each weight multiplies its expert's output as
@@ -196,7 +204,10 @@ def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
                                   block_shape, None if w13_zeros is None else w13_zeros[e], int4)
         down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype,
                                   block_shape, None if w2_zeros is None else w2_zeros[e], int4)
-        gate_up = F.linear(hidden[token_idx], up13, None if w13_bias is None else w13_bias[e])
+        x = hidden[token_idx]
+        if w13_perm is not None:  # GPTQ act order: the inputs in w13's stored order
+            x = x[:, w13_perm[e].long()]
+        gate_up = F.linear(x, up13, None if w13_bias is None else w13_bias[e])
         act = activation(gate_up)
         y = F.linear(act, down, None if w2_bias is None else w2_bias[e])
         y = y * weights[token_idx, slot, None].to(dtype)

@@ -53,6 +53,8 @@ class ReferenceOps:
             cls.fused_moe_expert_map = False
         if "fused_moe" in cls.__dict__ and "fused_moe_int4" not in cls.__dict__:
             cls.fused_moe_int4 = False
+        if "fused_moe" in cls.__dict__ and "fused_moe_int4_act_order" not in cls.__dict__:
+            cls.fused_moe_int4_act_order = False
         if ("recurrent_verify_graphs" not in cls.__dict__
                 and any(name in cls.__dict__ for name in recurrent_verify.VERIFY_OPS)):
             cls.recurrent_verify_graphs = False  # its own verify ops may read the host lists
@@ -73,6 +75,8 @@ class ReferenceOps:
     fused_moe_expert_map = True
     # AWQ / GPTQ int4 experts (keywords ``int4``, ``w13_zeros``, ``w2_zeros``) are taken.
     fused_moe_int4 = True
+    # GPTQ act-order int4 experts (keyword ``w13_perm``, plugin API 20) are taken.
+    fused_moe_int4_act_order = True
 
     def fused_experts(self, hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
                       w2_scale=None, **variant):

@@ -44,15 +44,18 @@ INT4_DECODE_ROWS = (2, 2)
 @triton.jit
 def _int4_row_dot(w_rows, s_rows, z_rows, x_row, same3, k0, KWORDS, GROUP: tl.constexpr,
                   HAS_ZEROS: tl.constexpr, SCALE_STEP: tl.constexpr, EVEN_K: tl.constexpr,
-                  BLOCK_KW: tl.constexpr):
+                  BLOCK_KW: tl.constexpr, perm_row=None, HAS_PERM: tl.constexpr = False):
     """``[BN, BLOCK_KW]`` float32 partial sums: for each packed word at word offsets ``kw = k0
     + [0, BLOCK_KW)`` of the rows ``w_rows`` ([BN, 1] pointers), ``scale * sum_j (q_j - zero)
     * x[8 kw + j]``. x is loaded in the unpacked tile's shape (``same3``: [BN, 1, 1] zeros) so
     that it takes the tile's register layout. SCALE_STEP: the whole step lies in one group
-    (``k0``'s): one scale and zero a row."""
+    (``k0``'s): one scale and zero a row. HAS_PERM (GPTQ act order): input i of the row is
+    x[perm_row[i]]."""
     kw = k0 + tl.arange(0, BLOCK_KW)[None, :]
     nib = tl.arange(0, 8)[None, None, :]
     k3 = kw[:, :, None] * 8 + nib  # [1, KW, 8] input offsets
+    if HAS_PERM:
+        k3 = tl.load(perm_row + k3, mask=kw[:, :, None] < KWORDS, other=0)
     if EVEN_K:
         words = tl.load(w_rows + kw)
         x = tl.load(x_row + same3 + k3).to(tl.float32)
@@ -83,11 +86,13 @@ def _int4_row_dot(w_rows, s_rows, z_rows, x_row, same3, k0, KWORDS, GROUP: tl.co
 
 
 @triton.jit
-def _moe_up_int4_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, act_ptr, I, KWORDS, stride_xm,
-                        stride_we, stride_wn, stride_se, stride_sn, stride_am,
+def _moe_up_int4_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, act_ptr, perm_ptr, I, KWORDS,
+                        stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_am,
                         TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                         SCALE_STEP: tl.constexpr, EVEN_K: tl.constexpr, K_STEPS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, HAS_PERM: tl.constexpr,
+                        USE_PDL: tl.constexpr):
+    """HAS_PERM: ``perm_ptr`` ``[E, H]`` int32, each expert's input order (GPTQ act order)."""
     pdl_start(USE_PDL)
     pid_n, p = tl.program_id(0), tl.program_id(1)
     expert = tl.load(ids_ptr + p).to(tl.int64)
@@ -98,15 +103,17 @@ def _moe_up_int4_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, act_ptr, I, KWORDS,
     gate_s = expert * stride_se + rn_ld * stride_sn
     up_s = gate_s + I * stride_sn
     x_row = x_ptr + (p // TOP_K).to(tl.int64) * stride_xm
+    perm_row = perm_ptr + expert * KWORDS * 8
     acc_g = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     same3 = tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32)
     for s in tl.static_range(K_STEPS):  # unrolled: every load of the program can be in flight
         acc_g += _int4_row_dot(gate_rows, s_ptr + gate_s, z_ptr + gate_s, x_row, same3,
                                s * BLOCK_KW, KWORDS, GROUP, HAS_ZEROS, SCALE_STEP, EVEN_K,
-                               BLOCK_KW)
+                               BLOCK_KW, perm_row, HAS_PERM)
         acc_u += _int4_row_dot(up_rows, s_ptr + up_s, z_ptr + up_s, x_row, same3, s * BLOCK_KW,
-                               KWORDS, GROUP, HAS_ZEROS, SCALE_STEP, EVEN_K, BLOCK_KW)
+                               KWORDS, GROUP, HAS_ZEROS, SCALE_STEP, EVEN_K, BLOCK_KW, perm_row,
+                               HAS_PERM)
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
     dt = act_ptr.dtype.element_ty
@@ -168,10 +175,12 @@ def fused_moe_int4_decode(hidden: torch.Tensor, topk_weights: torch.Tensor,
                           w13_scale: torch.Tensor, w2_scale: torch.Tensor,
                           w13_zeros: Optional[torch.Tensor] = None,
                           w2_zeros: Optional[torch.Tensor] = None, up_rows: Optional[int] = None,
-                          down_rows: Optional[int] = None) -> torch.Tensor:
+                          down_rows: Optional[int] = None,
+                          w13_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``fused_moe_triton``'s contract on int4 experts (module docstring for the layout) in two
     launches; ``topk_ids`` local expert ids (in range). ``up_rows`` / ``down_rows``: weight
-    rows a program of each kernel (default ``INT4_DECODE_ROWS``; benchmarks sweep them)."""
+    rows a program of each kernel (default ``INT4_DECODE_ROWS``; benchmarks sweep them).
+    ``w13_perm`` ``[E, H]``: GPTQ act order (``reference/moe.py``), x gathered in its order."""
     interp = envs.triton_interpret()
     default = (16, 16) if interp else INT4_DECODE_ROWS  # interpreted: few, large programs
     up_rows, down_rows = up_rows or default[0], down_rows or default[1]
@@ -187,12 +196,14 @@ def fused_moe_int4_decode(hidden: torch.Tensor, topk_weights: torch.Tensor,
     w13_scale, w2_scale = w13_scale.contiguous(), w2_scale.contiguous()
     z13 = w13_zeros.contiguous() if w13_zeros is not None else w13_scale
     z2 = w2_zeros.contiguous() if w2_zeros is not None else w2_scale
+    perm = ids if w13_perm is None else w13_perm.to(torch.int32).contiguous()
     act = torch.empty(t * k, inter, dtype=dtype, device=dev)
     up = _tiles(h, h // w13_scale.shape[2], interp, up_rows)
     _moe_up_int4_kernel[(triton.cdiv(inter, up["BLOCK_N"]), t * k)](
-        hidden, ids, w13, w13_scale, z13, act, inter, h // 8, hidden.stride(0), w13.stride(0),
-        w13.stride(1), w13_scale.stride(0), w13_scale.stride(1), act.stride(0), TOP_K=k,
-        HAS_ZEROS=w13_zeros is not None, **up, **pdl_args(dev))
+        hidden, ids, w13, w13_scale, z13, act, perm, inter, h // 8, hidden.stride(0),
+        w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1), act.stride(0),
+        TOP_K=k, HAS_ZEROS=w13_zeros is not None, HAS_PERM=w13_perm is not None, **up,
+        **pdl_args(dev))
     down = _tiles(inter, inter // w2_scale.shape[2], interp, down_rows)
     _moe_down_int4_kernel[(triton.cdiv(h, down["BLOCK_N"]), t)](
         act, ids, weights, w2, w2_scale, z2, out, h, inter // 8, act.stride(0), w2.stride(0),

@@ -58,7 +58,8 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
                         HAS_BIAS: tl.constexpr = False, ACT: tl.constexpr = 0,
                         GROUP_N: tl.constexpr = 0, GROUP_K: tl.constexpr = 0,
                         SCALE_ROW: tl.constexpr = 0, zeros_ptr=None, INT4: tl.constexpr = False,
-                        HAS_ZEROS: tl.constexpr = False):
+                        HAS_ZEROS: tl.constexpr = False, perm_ptr=None,
+                        HAS_PERM: tl.constexpr = False):
     """C[p, n] = (sum_k A[p // A_ROW_DIV, k] * B[e, n, k] (* scale[e, n]) (+ bias[e, n]))
     (* weight[p]); with SILU_MUL, C[p, n] = act(that of column n, that of column n + N) (gate
     and up halves): ACT 0 ``silu(g) * u``, 1 gpt-oss's clamped SwiGLU (``alpha``, ``limit``;
@@ -67,7 +68,8 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
     between two block rows) multiply each weight tile before its dot. INT4: ``B`` holds int4
     codes 8 per int32 along k (``B[e, n, k // 8]``), dequantized in the tile as ``(q -
     zero[e, n, k // GROUP_K]) * scale[e, n, k // GROUP_K]`` (GROUP_N 1; zero 8 without
-    HAS_ZEROS; each K step inside one group)."""
+    HAS_ZEROS; each K step inside one group). HAS_PERM (GPTQ act order): A's columns are
+    gathered through ``perm[e, k]`` (``[E, K]`` int32): C = A[:, perm[e]] @ B[e]^T."""
     pdl_start(USE_PDL)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -87,7 +89,13 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
         s_col, s_up = scale_ptr + s_off, scale_ptr + s_up_off
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_row + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K), other=0.0)
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + expert * K + rk, mask=rk < K, other=0)
+            a = tl.load(a_row + cols[None, :], mask=row_ok[:, None] & (rk[None, :] < K),
+                        other=0.0)
+        else:
+            a = tl.load(a_row + rk[None, :], mask=row_ok[:, None] & (rk[None, :] < K),
+                        other=0.0)
         b_mask = (rk[:, None] < K) & (rn[None, :] < N)
         if INT4:  # each packed word loaded once ([BLOCK_K / 8, BLOCK_N]), 8 codes unpacked
             rkw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
@@ -217,7 +225,7 @@ def _silu_and_mul(c1: torch.Tensor, inter: int) -> torch.Tensor:
 
 def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out, row_div, tiles,
                  silu_mul: bool = False, bias=None, activation=None, block_shape=None,
-                 int4: bool = False, zeros=None):
+                 int4: bool = False, zeros=None, perm=None):
     """One grouped GEMM over the ``sorted_ids.numel() // BLOCK_M`` blocks (``align.py``: the
     host's bound on the blocks that can hold pairs). ``silu_mul``: ``w``'s rows are [gate | up]
     and ``out`` gets the activation of the two halves (``out``'s width: half of ``w``'s rows):
@@ -225,7 +233,8 @@ def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out
     added to each product (before the activation and the routing weight). ``block_shape``:
     ``scale`` holds block scales ``[E, Nb, Kb]`` (``tiles``' BLOCK_K must divide bk). ``int4``:
     ``w`` int4 codes ``[E, N, K/8]`` with group scales ``[E, N, G]`` and uint8 ``zeros`` of that
-    shape or None (8); each K step stays inside one group."""
+    shape or None (8); each K step stays inside one group; ``perm`` ``[E, K]`` int32: ``a``'s
+    columns in that order per expert (GPTQ act order)."""
     n, k = out.shape[1], w.shape[2] * (8 if int4 else 1)
     clamped = activation is not None and activation.kind == "swiglu_oai"
     grid = (sorted_ids.numel() // tiles["BLOCK_M"], triton.cdiv(n, tiles["BLOCK_N"]))
@@ -239,6 +248,8 @@ def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out
         tiles = dict(tiles, BLOCK_K=_int4_block_k(tiles["BLOCK_K"], group))
         variant.update(GROUP_N=1, GROUP_K=group, SCALE_ROW=scale.stride(1), INT4=True,
                        HAS_ZEROS=zeros is not None, zeros_ptr=zeros if zeros is not None else scale)
+    if perm is not None:
+        variant.update(HAS_PERM=True, perm_ptr=perm)
     _expert_gemm_kernel[grid](
         a, w, out, scale if scale is not None else w, weights if weights is not None else out,
         bias if bias is not None else w, sorted_ids, block_expert, num_padded, n, k,
@@ -287,7 +298,8 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
                      w2_bias: Optional[torch.Tensor] = None, block_shape=None,
                      expert_map: Optional[torch.Tensor] = None, int4: bool = False,
                      w13_zeros: Optional[torch.Tensor] = None,
-                     w2_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     w2_zeros: Optional[torch.Tensor] = None,
+                     w13_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``hidden [T, H]``, routing ``topk_weights`` / ``topk_ids`` ``[T, k]``, experts ``w13
     [E, 2I, H]`` and ``w2 [E, H, I]`` (fp8 with ``*_scale [E, N]``, or hidden's dtype);
     returns ``[T, H]`` in hidden's dtype. ``tiles``: the grouped GEMMs' launch parameters
@@ -312,7 +324,9 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     ``int4`` (AWQ / GPTQ experts, ``reference/moe.py``): ``w13`` / ``w2`` int32 codes ``[E, N,
     K/8]``, ``*_scale [E, N, K/g]`` group scales, ``*_zeros`` uint8 zero codes or None (8);
     the grouped GEMMs dequantize each weight tile (W4A16); up to ``DECODE_MAX_TOKENS`` tokens
-    (no ``tiles``, no other variant) the int4 decode kernels run instead (``decode_int4.py``)."""
+    (no ``tiles``, no other variant) the int4 decode kernels run instead (``decode_int4.py``).
+    ``w13_perm`` ``[E, H]`` int32 (GPTQ act order, ``reference/moe.py``): each expert's first
+    GEMM gathers the hidden columns in its order."""
     t, k = topk_ids.shape
     if activation is not None and activation.kind == "silu":
         activation = None
@@ -333,7 +347,7 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
             topk_ids = torch.where(held, local, 0)
         if int4_decode:
             return fused_moe_int4_decode(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
-                                         w2_scale, w13_zeros, w2_zeros)
+                                         w2_scale, w13_zeros, w2_zeros, w13_perm=w13_perm)
         return fused_moe_decode(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale)
     if expert_map is not None:
         topk_ids = torch.where(held, local, num_experts).to(torch.int32)
@@ -348,7 +362,8 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     blocks = {"block_shape": block_shape} if block_shape is not None else {}
     z13 = z2 = {}
     if int4:
-        z13 = dict(int4=True, zeros=None if w13_zeros is None else w13_zeros.contiguous())
+        z13 = dict(int4=True, zeros=None if w13_zeros is None else w13_zeros.contiguous(),
+                   perm=None if w13_perm is None else w13_perm.to(torch.int32).contiguous())
         z2 = dict(int4=True, zeros=None if w2_zeros is None else w2_zeros.contiguous())
         w13_scale, w2_scale = w13_scale.contiguous(), w2_scale.contiguous()
     sorted_ids, block_expert, num_padded = align_by_expert_triton(topk_ids, num_experts,

@@ -2,7 +2,7 @@
 sigmoid routing, top-k 1/2/8, experts that receive no token, and fp8 per-channel experts; and
 ``fused_experts`` (optional: the same with the routing given); the declared variants (gpt-oss's
 clamped SwiGLU with biases, Nemotron-H's ungated relu2, block-wise fp8, expert parallelism's
-``expert_map``, AWQ / GPTQ int4 experts)."""
+``expert_map``, AWQ / GPTQ int4 experts, GPTQ act-order int4 experts)."""
 
 from __future__ import annotations
 
@@ -292,4 +292,38 @@ def test_fused_moe_int4_experts(target, tokens):
                                 "softmax", True, *[t.to(dev) for t in local[2:4]],
                                 **{k: v.to(dev) if isinstance(v, torch.Tensor) else v
                                    for k, v in kw.items()})
+            torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+
+
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_fused_moe_int4_act_order(target, tokens):
+    """GPTQ act-order int4 experts (optional, declared by ``fused_moe_int4_act_order``): keyword
+    ``w13_perm`` ``[E, H]`` int32, each expert's own input order of w13, through ``fused_moe``
+    and ``fused_experts`` (the reference gathers ``hidden[:, w13_perm[e]]``)."""
+    from tessellm.backends.reference.moe import route
+
+    e, h, i = 8, 64, 32
+    q13, s13, z13 = _int4_experts(e, 2 * i, h, 32, seed=150 + tokens)
+    q2, s2, z2 = _int4_experts(e, h, i, 16, seed=151 + tokens)
+    g = torch.Generator().manual_seed(152 + tokens)
+    perm = torch.stack([torch.randperm(h, generator=g) for _ in range(e)]).to(torch.int32)
+    x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
+    dev = target.device
+    for dtype in (torch.float32, target.low_precision_dtype):
+        ops = _moe_ops(target, dtype)
+        if not getattr(ops, "fused_moe_int4_act_order", False):
+            pytest.skip(f"{target.name}'s fused_moe does not declare fused_moe_int4_act_order "
+                        "(GPTQ act-order int4 experts run the reference loop)")
+        xd = x.to(dtype)
+        kw = dict(int4=True, w13_zeros=z13, w2_zeros=z2, w13_perm=perm)
+        want = fused_moe_reference(xd, logits, q13, q2, 2, "softmax", True, s13, s2, **kw)
+        kw_dev = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        args = [t.to(dev) for t in (q13, q2, s13, s2)]
+        got = ops.fused_moe(xd.to(dev), logits.to(dev), args[0], args[1], 2, "softmax", True,
+                            args[2], args[3], **kw_dev)
+        assert got.dtype == dtype and got.shape == x.shape
+        torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+        if getattr(ops, "fused_experts", None) is not None:
+            weights, ids = route(logits, 2)
+            got = ops.fused_experts(xd.to(dev), weights.to(dev), ids.to(dev), *args, **kw_dev)
             torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
