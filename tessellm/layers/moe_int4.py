@@ -127,8 +127,12 @@ def allocate(moe, quant, num_experts: int, hidden: int) -> None:
     moe.w2_scale = param(num_experts, hidden, groups2, dtype=scale_dtype)
     moe.w13_zeros = param(num_experts, 2 * local, hidden // g13, dtype=torch.uint8, fill=8)
     moe.w2_zeros = param(num_experts, hidden, groups2, dtype=torch.uint8, fill=8)
-    # GPTQ act order: each expert's w13 input order [E, H] once a layer has one, else None
-    moe.register_buffer("w13_perm", None, persistent=False)
+    # GPTQ act order: each expert's w13 input order [E, H] once a layer has one, else None (a
+    # buffer: it moves with the module)
+    if isinstance(moe, torch.nn.Module):
+        moe.register_buffer("w13_perm", None, persistent=False)
+    else:
+        moe.w13_perm = None
     moe.act_order = {}  # (expert, name, shard) -> the sorting permutation, until ``missing``
 
 
