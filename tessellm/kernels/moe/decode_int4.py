@@ -12,15 +12,15 @@ scales ``[E, N, K/g]`` and uint8 zero codes of that shape, or 8 without)::
         token t (w2[ids[t, j]][n-block] @ act[t * k + j], times the slot's weight, rounded,
         summed in float32) -> out[t, n-block]
 
-Each program loads every packed word once (``[BLOCK_N, BLOCK_KW]`` int32, 4 words = 16 bytes
-a thread), unpacks its 8 nibbles in registers (``[BLOCK_N, BLOCK_KW, 8]``), and meets them with
-the 8 inputs of x under the word (one 16-byte load in bf16); each word lies in one group
-(g a multiple of 8), so the word's 8 products ``(q - zero) * x`` are summed first and multiplied
-by the group's scale once (where a K step lies in one group the scale and zero are one load a
-row a step). The weights are thus not rounded to the activations' dtype one by one as the
-reference's dequantized matrix is: the result equals the reference to float32 reassociation
-(float32 models) or to bf16 / fp16 rounding of the weights (half models); the grouped GEMMs
-(``fused_moe.py``) keep the reference's per-weight rounding. At 1 token a Qwen3-30B-A3B layer
+Each program loads every packed word once (``[BLOCK_N, NG, WPG, 1]`` int32: a K step of NG runs
+of WPG words, each run inside one group; 4 words = 16 bytes a thread), unpacks its 8 nibbles in
+registers (``[BLOCK_N, NG, WPG, 8]``) and meets them with the 8 inputs of x under the word (one
+16-byte load in bf16); a run's products are summed first, ``scale * (sum q x - zero * sum x)``,
+so a scale and a zero are one load a row and run (g a multiple of 8). The weights are thus not
+rounded to the activations' dtype one by one as the reference's dequantized matrix is: the
+result equals the reference to float32 reassociation (float32 models) or to bf16 / fp16
+rounding of the weights (half models); the grouped GEMMs (``fused_moe.py``) keep the
+reference's per-weight rounding. At 1 token a Qwen3-30B-A3B layer
 reads 8 experts x 3 x 2048 x 768 / 2 B = 18.9 MB of codes (+ 0.9 MB of scales and zeros)
 instead of bf16's 75.5 MB.
 """
@@ -42,55 +42,51 @@ INT4_DECODE_ROWS = (2, 2)
 
 
 @triton.jit
-def _int4_row_dot(w_rows, s_rows, z_rows, x_row, same3, k0, KWORDS, GROUP: tl.constexpr,
-                  HAS_ZEROS: tl.constexpr, SCALE_STEP: tl.constexpr, EVEN_K: tl.constexpr,
-                  BLOCK_KW: tl.constexpr, perm_row=None, HAS_PERM: tl.constexpr = False):
-    """``[BN, BLOCK_KW]`` float32 partial sums: for each packed word at word offsets ``kw = k0
-    + [0, BLOCK_KW)`` of the rows ``w_rows`` ([BN, 1] pointers), ``scale * sum_j (q_j - zero)
-    * x[8 kw + j]``. x is loaded in the unpacked tile's shape (``same3``: [BN, 1, 1] zeros) so
-    that it takes the tile's register layout. SCALE_STEP: the whole step lies in one group
-    (``k0``'s): one scale and zero a row. HAS_PERM (GPTQ act order): input i of the row is
-    x[perm_row[i]]."""
-    kw = k0 + tl.arange(0, BLOCK_KW)[None, :]
-    nib = tl.arange(0, 8)[None, None, :]
-    k3 = kw[:, :, None] * 8 + nib  # [1, KW, 8] input offsets
+def _int4_row_dot(w_rows, s_rows, z_rows, x_row, same4, k0, KWORDS, GROUP: tl.constexpr,
+                  HAS_ZEROS: tl.constexpr, WPG: tl.constexpr, NG: tl.constexpr,
+                  EVEN_K: tl.constexpr, perm_row=None, HAS_PERM: tl.constexpr = False):
+    """``[BN, NG]`` float32 partial sums of one K step of ``NG * WPG`` packed words from word
+    ``k0`` of the rows ``w_rows`` (``[BN, 1, 1, 1]`` pointers), in ``NG`` runs of ``WPG`` words
+    that each lie in one group: ``scale * (sum q x - zero * sum x)`` over the run's 8 WPG inputs
+    (``scale``, ``zero``: the run's group's, one load a row and run). The words are loaded once
+    (``[BN, NG, WPG, 1]``) and their 8 nibbles unpacked in registers (``[BN, NG, WPG, 8]``); x
+    is loaded in that shape (``same4``: ``[BN, 1, 1, 1]`` zeros) so that it takes the tile's
+    register layout. ``s_rows`` / ``z_rows``: ``[BN, 1]`` pointers to the rows' scales and
+    zeros. HAS_PERM (GPTQ act order): input i of the row is x[perm_row[i]]."""
+    gi = tl.arange(0, NG)
+    kw = k0 + gi[None, :, None, None] * WPG + tl.arange(0, WPG)[None, None, :, None]
+    nib = tl.arange(0, 8)[None, None, None, :]
+    k4 = kw * 8 + nib  # [1, NG, WPG, 8] input offsets
     if HAS_PERM:
-        k3 = tl.load(perm_row + k3, mask=kw[:, :, None] < KWORDS, other=0)
+        k4 = tl.load(perm_row + k4, mask=kw < KWORDS, other=0)
     if EVEN_K:
         words = tl.load(w_rows + kw)
-        x = tl.load(x_row + same3 + k3).to(tl.float32)
+        x = tl.load(x_row + same4 + k4).to(tl.float32)
     else:
-        ok = kw < KWORDS
-        words = tl.load(w_rows + kw, mask=ok, other=0)
-        x = tl.load(x_row + same3 + k3, mask=(same3 + kw[:, :, None]) < KWORDS,
-                    other=0.0).to(tl.float32)
-    q = ((words[:, :, None] >> (nib * 4)) & 0xF).to(tl.float32)
-    if SCALE_STEP:
-        g = k0 * 8 // GROUP
-        scale = tl.load(s_rows + g).to(tl.float32)
-        if HAS_ZEROS:
-            q = q - tl.load(z_rows + g).to(tl.float32)[:, :, None]
-        else:
-            q = q - 8.0
-        return tl.sum(q * x, axis=2) * scale
-    g = kw * 8 // GROUP  # [1, KW]: each word in one group
+        words = tl.load(w_rows + kw, mask=kw < KWORDS, other=0)
+        x = tl.load(x_row + same4 + k4, mask=(same4 + kw) < KWORDS, other=0.0).to(tl.float32)
+    q = ((words >> (nib * 4)) & 0xF).to(tl.float32)
+    qx = tl.sum(tl.sum(q * x, axis=3), axis=2)  # [BN, NG]
+    g = ((k0 + gi * WPG) * 8 // GROUP)[None, :]  # [1, NG]: the runs' groups
+    g_ok = (k0 + gi * WPG)[None, :] < KWORDS
     if EVEN_K:
         scale = tl.load(s_rows + g).to(tl.float32)
     else:
-        scale = tl.load(s_rows + g, mask=kw < KWORDS, other=0.0).to(tl.float32)
+        scale = tl.load(s_rows + g, mask=g_ok, other=0.0).to(tl.float32)
+    xs = tl.sum(tl.sum(x, axis=3), axis=2)
     if HAS_ZEROS:
-        q = q - tl.load(z_rows + g, mask=kw < KWORDS, other=0).to(tl.float32)[:, :, None]
+        zero = tl.load(z_rows + g, mask=g_ok, other=0).to(tl.float32)
     else:
-        q = q - 8.0
-    return tl.sum(q * x, axis=2) * scale
+        zero = 8.0
+    return scale * (qx - zero * xs)
 
 
 @triton.jit
 def _moe_up_int4_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, act_ptr, perm_ptr, I, KWORDS,
                         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_am,
                         TOP_K: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                        SCALE_STEP: tl.constexpr, EVEN_K: tl.constexpr, K_STEPS: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, HAS_PERM: tl.constexpr,
+                        WPG: tl.constexpr, NG: tl.constexpr, EVEN_K: tl.constexpr,
+                        K_STEPS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr,
                         USE_PDL: tl.constexpr):
     """HAS_PERM: ``perm_ptr`` ``[E, H]`` int32, each expert's input order (GPTQ act order)."""
     pdl_start(USE_PDL)
@@ -98,22 +94,21 @@ def _moe_up_int4_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, act_ptr, perm_ptr, 
     expert = tl.load(ids_ptr + p).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_ld = tl.minimum(rn, I - 1).to(tl.int64)[:, None]  # rows past I read row I-1, never stored
-    gate_rows = w_ptr + expert * stride_we + rn_ld * stride_wn
+    gate_rows = w_ptr + expert * stride_we + (rn_ld * stride_wn)[:, :, None, None]
     up_rows = gate_rows + I * stride_wn
     gate_s = expert * stride_se + rn_ld * stride_sn
     up_s = gate_s + I * stride_sn
     x_row = x_ptr + (p // TOP_K).to(tl.int64) * stride_xm
     perm_row = perm_ptr + expert * KWORDS * 8
-    acc_g = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    same3 = tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32)
+    acc_g = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    same4 = tl.zeros((BLOCK_N, 1, 1, 1), dtype=tl.int32)
     for s in tl.static_range(K_STEPS):  # unrolled: every load of the program can be in flight
-        acc_g += _int4_row_dot(gate_rows, s_ptr + gate_s, z_ptr + gate_s, x_row, same3,
-                               s * BLOCK_KW, KWORDS, GROUP, HAS_ZEROS, SCALE_STEP, EVEN_K,
-                               BLOCK_KW, perm_row, HAS_PERM)
-        acc_u += _int4_row_dot(up_rows, s_ptr + up_s, z_ptr + up_s, x_row, same3, s * BLOCK_KW,
-                               KWORDS, GROUP, HAS_ZEROS, SCALE_STEP, EVEN_K, BLOCK_KW, perm_row,
-                               HAS_PERM)
+        acc_g += _int4_row_dot(gate_rows, s_ptr + gate_s, z_ptr + gate_s, x_row, same4,
+                               s * NG * WPG, KWORDS, GROUP, HAS_ZEROS, WPG, NG, EVEN_K,
+                               perm_row, HAS_PERM)
+        acc_u += _int4_row_dot(up_rows, s_ptr + up_s, z_ptr + up_s, x_row, same4, s * NG * WPG,
+                               KWORDS, GROUP, HAS_ZEROS, WPG, NG, EVEN_K, perm_row, HAS_PERM)
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
     dt = act_ptr.dtype.element_ty
@@ -126,48 +121,48 @@ def _moe_up_int4_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, act_ptr, perm_ptr, 
 def _moe_down_int4_kernel(act_ptr, ids_ptr, weights_ptr, w_ptr, s_ptr, z_ptr, out_ptr, H,
                           KWORDS, stride_am, stride_we, stride_wn, stride_se, stride_sn,
                           stride_om, TOP_K: tl.constexpr, GROUP: tl.constexpr,
-                          HAS_ZEROS: tl.constexpr, SCALE_STEP: tl.constexpr,
+                          HAS_ZEROS: tl.constexpr, WPG: tl.constexpr, NG: tl.constexpr,
                           EVEN_K: tl.constexpr, K_STEPS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr):
+                          USE_PDL: tl.constexpr):
     pdl_start(USE_PDL)
     pid_n, t = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_ld = tl.minimum(rn, H - 1).to(tl.int64)[:, None]
     dt = out_ptr.dtype.element_ty
     out = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    same3 = tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32)
+    same4 = tl.zeros((BLOCK_N, 1, 1, 1), dtype=tl.int32)
     for j in tl.static_range(TOP_K):
         expert = tl.load(ids_ptr + t * TOP_K + j).to(tl.int64)
-        rows = w_ptr + expert * stride_we + rn_ld * stride_wn
+        rows = w_ptr + expert * stride_we + (rn_ld * stride_wn)[:, :, None, None]
         s_off = expert * stride_se + rn_ld * stride_sn
         a_row = act_ptr + (t * TOP_K + j) * stride_am
-        acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
         for s in tl.static_range(K_STEPS):
-            acc += _int4_row_dot(rows, s_ptr + s_off, z_ptr + s_off, a_row, same3,
-                                 s * BLOCK_KW, KWORDS, GROUP, HAS_ZEROS, SCALE_STEP, EVEN_K,
-                                 BLOCK_KW)
+            acc += _int4_row_dot(rows, s_ptr + s_off, z_ptr + s_off, a_row, same4,
+                                 s * NG * WPG, KWORDS, GROUP, HAS_ZEROS, WPG, NG, EVEN_K)
         y = tl.sum(acc, axis=1) * tl.load(weights_ptr + t * TOP_K + j)
         out += y.to(dt).to(tl.float32)  # each slot's weighted row rounded, as the grouped path
     tl.store(out_ptr + t * stride_om + rn, out.to(dt), mask=rn < H)
 
 
 def _tiles(k_dim: int, group: int, interpreted: bool, rows: int) -> dict:
-    """``rows`` rows a program, ``BLOCK_KW`` packed words a row a step (at most 512 / rows; the
-    largest power of two dividing the row's words when one is at least 16: no masked lanes),
-    as many warps as give every thread 4 words (16 bytes) of the ``[rows, BLOCK_KW]`` tile."""
-    kwords = k_dim // 8
-    if interpreted:
-        block_kw = min(16, triton.next_power_of_2(kwords))
-        warps = 1
-    else:
-        block_kw = min(512 // rows, triton.next_power_of_2(kwords))
-        pow2_divisor = kwords & -kwords
-        if pow2_divisor >= 16:
-            block_kw = min(block_kw, pow2_divisor)
-        warps = max(1, min(8, rows * block_kw // 128))
-    return dict(BLOCK_N=rows, BLOCK_KW=block_kw, K_STEPS=triton.cdiv(kwords, block_kw),
-                EVEN_K=kwords % block_kw == 0, SCALE_STEP=group % (8 * block_kw) == 0,
-                GROUP=group, num_warps=warps)
+    """``rows`` rows a program, ``NG * WPG`` packed words a row a step: at most 512 / rows, the
+    largest power of two dividing the row's words when one is at least 16 (no masked lanes), in
+    runs of ``WPG`` words inside one group (a step inside one group where the group's words are
+    not a power of two); as many warps as give every thread 4 words (16 bytes) of the tile."""
+    kwords, group_words = k_dim // 8, group // 8
+    block_kw = min(16 if interpreted else 512 // rows, triton.next_power_of_2(kwords))
+    pow2_divisor = kwords & -kwords
+    if pow2_divisor >= 16 and not interpreted:
+        block_kw = min(block_kw, pow2_divisor)
+    # a step inside one group, or whole groups of a power of two words each
+    if (group_words % block_kw if group_words >= block_kw
+            else group_words & (group_words - 1)):
+        block_kw = min(block_kw, group_words & -group_words)
+    wpg = min(group_words, block_kw)
+    warps = 1 if interpreted else max(1, min(8, rows * block_kw // 128))
+    return dict(BLOCK_N=rows, WPG=wpg, NG=block_kw // wpg, K_STEPS=triton.cdiv(kwords, block_kw),
+                EVEN_K=kwords % block_kw == 0, GROUP=group, num_warps=warps)
 
 
 def fused_moe_int4_decode(hidden: torch.Tensor, topk_weights: torch.Tensor,
