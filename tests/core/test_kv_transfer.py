@@ -355,6 +355,46 @@ def test_worker_half_round_trip_over_every_cache_layout(checksum, tmp_path, monk
     conn.shutdown()
 
 
+def test_two_engines_saving_the_same_blocks_at_once(tmp_path):
+    """Two engines' worker halves sharing a directory save the same 24 blocks at the same
+    time, over and over (the files removed in between, so both find them missing): each
+    writes temporary files of its own and renames them, so every file is whole and loads
+    equal to its block, no temporary file is left, and every block was written or found."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+
+    g = torch.Generator().manual_seed(1)
+    caches = [torch.randn(24, BS, 2, 8, generator=g), torch.randn(24, BS, 1, 12, generator=g)]
+    conns = [_connector(tmp_path, "ns", KVConnectorRole.WORKER, io_threads=3) for _ in range(2)]
+    for c in conns:
+        c.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    saves = {"saves": [[f"k{i}", i] for i in range(24)]}
+    for _ in range(5):
+        for f in _files(tmp_path):
+            os.unlink(f)
+        start = threading.Barrier(2)
+
+        def save(conn):
+            start.wait()
+            conn.save_kv(saves)
+            conn.wait_for_save()
+
+        threads = [threading.Thread(target=save, args=(c,)) for c in conns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [os.path.basename(f) for f in _files(tmp_path)] == sorted(f"k{i}.r0.kv" for i in range(24))
+    assert sum(c.files_written + c.files_present for c in conns) == 2 * 5 * 24
+    before = [c.clone() for c in caches]
+    for c in caches:
+        c.zero_()
+    assert conns[0].start_load_kv({"loads": [["r", [[f"k{i}", 23 - i] for i in range(24)]]]}) == []
+    for old, new in zip(before, caches):
+        assert torch.equal(new, old.flip(0))
+    for c in conns:
+        c.shutdown()
+
+
 def test_saves_copies_guard_only_the_blocks_a_step_writes(tmp_path):
     """Saves copied on the connector's own stream (a GPU's) are still reading their blocks:
     a step writing one of them (freed, given out again) makes the device wait for that chunk's
