@@ -79,6 +79,8 @@ class RunnerKVCache:
         failed = self.kv_connector.start_load_kv(meta)
         if self.kv_load_agree is not None and meta.get("loads"):
             failed = self.kv_load_agree([rid for rid, _ in meta["loads"]], failed)
+        if failed:  # what the step computes over those blocks is not to be saved
+            self.kv_connector.load_failed(failed)
         finished = {}
         if meta.get("check"):
             finished = self.kv_connector.get_finished_loads(meta["check"], wait)

@@ -35,7 +35,9 @@ Invariants
   request; the scheduler then recomputes the request from scratch, without the connector.
   The step's result for it is dropped. A connector never raises into the engine for a cache miss.
 * ``save_kv`` sees blocks that are full, computed by this step's forward pass (or earlier), and
-  whose tokens are all known; each block of a request is offered once.
+  whose tokens are all known; each block of a request is offered once (again after its load
+  failed: it is recomputed). Blocks a request computed over a failed load (``load_failed``)
+  are never saved.
 * A background load (``get_num_new_matched_tokens`` -> ``(n, True)``): the request holds its
   blocks from admission on but is not scheduled; the engine asks the worker half about it in
   every step (``meta["check"]``; with nothing else to run, in a poll that waits a moment) and
@@ -201,6 +203,13 @@ class KVConnectorBase:
         when ``meta["loads"]`` lists the step's loads, each item starting with its request id
         (one all-reduce in such steps)."""
         return []
+
+    def load_failed(self, request_ids: list) -> None:
+        """The requests whose step load (``start_load_kv``) failed in this step on some rank:
+        every rank is told the same list, after ``start_load_kv`` and before ``save_kv``. What
+        the device computes for them in this step, and in steps scheduled before the scheduler
+        learns of the failure, is computed over blocks holding anything: a connector that
+        saves must not save it (the request is recomputed, and saves its blocks then)."""
 
     def get_finished_loads(self, request_ids: list, timeout: float = 0.0) -> dict:
         """Of ``request_ids`` (the background loads the scheduler still waits for: the engine

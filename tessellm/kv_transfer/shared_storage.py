@@ -164,7 +164,7 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         background = []
         if self.load_async:
             loads, background = [], loads
-        saves, starts = [], {}
+        saves, starts, owners = [], {}, []
         if self.config.is_producer:
             starts = {r.request_id: r.num_computed_tokens for r in scheduler_output.new_requests}
             starts.update((c.request_id, c.num_computed_tokens)
@@ -180,7 +180,11 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                 if full <= done:
                     continue
                 keys, ids = self.block_keys(req), block_ids(rid)
-                saves += [[keys[i], int(ids[i])] for i in range(done, min(full, len(keys), len(ids)))]
+                stop = min(full, len(keys), len(ids))
+                saves += [[keys[i], int(ids[i])] for i in range(done, stop)]
+                # whose they are: a worker drops those of a request whose load failed (computed
+                # over it); none after that (a recompute never loads: it saves what it computes)
+                owners += [None if req.kv_load_failed else rid] * max(0, stop - done)
                 self._saved[rid] = full
                 self._unsynced.add(rid)
             self.stats.blocks_saved += len(saves)
@@ -196,7 +200,8 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                     wait = True
         if not loads and not background and not saves and not wait:
             return None
-        return {"loads": loads, "async_loads": background, "saves": saves, "wait": wait}
+        return {"loads": loads, "async_loads": background, "saves": saves, "save_owners": owners,
+                "wait": wait}
 
     def request_failed_load(self, request) -> None:
         # The worker removed the bad file: later lookups miss it. The request itself is

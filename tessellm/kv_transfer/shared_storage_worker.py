@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Optional
 
 from tessellm.kv_transfer import shared_storage_format as fmt
@@ -40,6 +40,7 @@ _CHUNK_BLOCKS = 1024  # ... and its blocks at most
 _LOAD_BUFFERS = 2  # a chunk's files are read while the one before is copied to the device
 _SAVE_BUFFERS = 8  # chunks copied out and not yet written; past that a save waits for the disk
 _SAVE_RESERVE = 4  # made at start on a producer (pinned: 1 GiB of 8B-model KV, ~0.5 s)
+_FAILED_KEPT = 4096  # request ids of failed loads remembered (a request's steps in flight: few)
 
 
 class SharedStorageWorker:
@@ -87,6 +88,16 @@ class SharedStorageWorker:
         # Totals of this rank since start (tests, benchmarks): files written, and blocks not
         # written because their file was there already (another engine's, or a recompute's).
         self.files_written = self.files_present = 0
+        # Requests whose step load failed (load_failed), the latest few: saves the scheduler
+        # offered for them before it learned of the failure are dropped.
+        self._failed_loads: OrderedDict = OrderedDict()
+
+    def load_failed(self, request_ids: list) -> None:
+        for rid in request_ids:
+            self._failed_loads[rid] = None
+            self._failed_loads.move_to_end(rid)
+        while len(self._failed_loads) > _FAILED_KEPT:
+            self._failed_loads.popitem(last=False)
 
     def _views(self, mv, n: int, i: int) -> list:
         """Block ``i``'s part of every cache tensor in a buffer of ``n`` blocks: the payload of
@@ -251,6 +262,9 @@ class SharedStorageWorker:
         (the writes go on behind later steps)."""
         torch = torch_module()
         saves = [(k, b) for k, b in (meta.get("saves") or ())]
+        owners = meta.get("save_owners")
+        if self._failed_loads and owners:  # computed over a failed load: never saved
+            saves = [s for s, rid in zip(saves, owners) if rid not in self._failed_loads]
         staging, stream = self._save_staging, self._save_stream
         if saves and stream is not None:  # the copies wait for the step, the next step does not
             ready = torch.Event(device=self.device)

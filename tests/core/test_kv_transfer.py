@@ -14,6 +14,7 @@ import random
 import threading
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,6 +146,42 @@ def test_corrupt_truncated_and_missing_files(tiny_model_dir, tmp_path):
     assert rows == [(want[1], 40, 2 + 5)]
     rows, _ = _run(model, [p], kv_transfer_config=_kv(tmp_path / "absent", "kv_consumer"))
     assert rows == [(want[0], 0, 42 + 5)]
+
+
+def test_blocks_computed_over_a_failed_load_are_never_saved(tiny_model_dir, tmp_path):
+    """A kv_both engine loading in the step (load_async false) whose load fails (a flipped
+    byte in block 3): the same step computes the prompt's next blocks over the failed load's
+    garbage; they must not be saved (their files would be named by the right tokens and
+    served to every later engine). It recomputes them and saves them right, so a consumer
+    then loads all of the prompt's blocks and gives HF's tokens."""
+    model = tiny_model_dir("llama")
+    p = _prompts(1)[0]
+    longer = p[:40] + _prompts(1, length=20, seed=7)[0]  # 15 blocks; p's first 10 on disk
+    want = hf_greedy(model, [longer], 6)
+    _run(model, [p], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    (ns,) = os.listdir(tmp_path)
+    conn = _connector(tmp_path, ns)
+    keys = conn.block_keys(SimpleNamespace(request_id="x", all_token_ids=longer,
+                                           lora_request=None, block_key=lambda a, b, lora: None))
+    with open(conn.path(keys[3], 0), "r+b") as f:
+        f.seek(-9, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-9, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    both = _kv(tmp_path, "kv_both")
+    both["kv_connector_extra_config"]["load_async"] = False
+    rows, stats = _run(model, [longer], kv_transfer_config=both)
+    # the failed step computed its 20 tokens (dropped), then all 60 again
+    assert rows == [(want[0], 0, 20 + 60 + 5)] and stats.kv_connector["load_failures"] == 1
+    # The blocks past p's hold what a producer that computed the prompt cleanly saves (the
+    # tiny model's greedy tokens would not show the difference).
+    _run(model, [longer], kv_transfer_config=_kv(tmp_path / "clean", "kv_producer"))
+    for key in keys[10:15]:
+        got, ref = (np.fromfile(os.path.join(root, ns, f"{key}.r0.kv"), np.float32,
+                                offset=HEADER_BYTES) for root in (tmp_path, tmp_path / "clean"))
+        assert np.allclose(got, ref, atol=1e-5), key  # saved over the failed load: off by ~3e-2
+    rows, _ = _run(model, [longer], kv_transfer_config=_kv(tmp_path, "kv_consumer"))
+    assert rows == [(want[0], 56, 4 + 5)]
 
 
 def test_with_the_host_tier(tiny_model_dir, tmp_path):
@@ -395,6 +432,22 @@ def test_two_engines_saving_the_same_blocks_at_once(tmp_path):
         c.shutdown()
 
 
+def test_a_failed_loads_later_saves_are_dropped_too(tmp_path):
+    """Under async scheduling the step after a failed load was scheduled before the scheduler
+    knew: its saves of that request (computed over the failed load) are dropped too, the
+    other requests' and the recompute's (offered without an owner) are written."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+
+    caches = [torch.randn(8, BS, 2, 8)]
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER)
+    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    conn.load_failed(["r"])
+    conn.save_kv({"saves": [["a", 1], ["b", 2], ["c", 3]], "save_owners": ["r", "q", None]})
+    conn.wait_for_save()
+    assert [os.path.exists(conn.path(k, 0)) for k in "abc"] == [False, True, True]
+    conn.shutdown()
+
+
 def test_saves_copies_guard_only_the_blocks_a_step_writes(tmp_path):
     """Saves copied on the connector's own stream (a GPU's) are still reading their blocks:
     a step writing one of them (freed, given out again) makes the device wait for that chunk's
@@ -429,7 +482,7 @@ def test_producer_outputs_wait_only_in_steps_that_sample(tmp_path):
     the chunks before; by default (the first token never waits for files) and on a kv_both
     engine (a disk tier) no step waits."""
     tokens = list(range(3, 23))  # 5 blocks
-    req = SimpleNamespace(request_id="r", all_token_ids=tokens, num_tokens=20,
+    req = SimpleNamespace(request_id="r", all_token_ids=tokens, num_tokens=20, kv_load_failed=False,
                           lora_request=None, block_key=lambda a, b, lora: None)
     for role, wait, want in (("kv_producer", True, [False, True]), ("kv_producer", None, [False, False]),
                              ("kv_both", None, [False, False])):
