@@ -200,50 +200,65 @@ class SharedStorageWorker:
         ``stream``: the copies' stream (None: the current one); ``after``: events they wait
         for; ``wait``: return once the copies are done. Returns the indices that failed (their
         blocks may hold anything)."""
-        torch = torch_module()
         staging, bad = self._load_staging, set()
-        rank = self.context.rank
         last = None
         for lo in range(0, len(items), staging.chunk):
             chunk = items[lo:lo + staging.chunk]
-            n = len(chunk)
             flat = staging.acquire()
-            parts = self._parts(flat, n)
-            mv = memoryview(flat.numpy())
-
-            def read(run, chunk=chunk, parts=parts, mv=mv, n=n) -> list:  # a pool thread
-                got = [fmt.read_block(self.path(chunk[i][0], rank), chunk[i][0], rank, self.layout,
-                                      self.block_bytes, self._views(mv, n, i)) for i in run]
-                if any(g is not None and g[0] == 1 for g in got):
-                    sums = fmt.sum_parts(parts, run)
-                    for j, g in enumerate(got):
-                        if g is not None and g[0] == 1 and int(sums[j]) != g[1]:
-                            fmt.drop(self.path(chunk[run[j]][0], rank), "checksum mismatch")
-                            got[j] = None
-                return [g is not None for g in got]
-
-            oks = self._map(self._readers, read, n)
-            del mv
-            bad.update(lo + i for i, ok in enumerate(oks) if not ok)
-            mapping = [(i, chunk[i][1]) for i, ok in enumerate(oks) if ok]
-            event = None
-            if mapping:
+            try:
+                event, after = self._load_chunk(chunk, lo, flat, stream, after, bad)
+            except BaseException:
+                # Nothing may still copy into the blocks once this returns (a failed load's
+                # blocks are freed) nor out of the buffer once it is given back.
                 if stream is not None:
-                    with stream:
-                        for event in after or ():
-                            stream.wait_event(event)
-                        after = None  # the stream keeps the order from here on
-                        self._copy_in(parts, mapping)
-                        event = torch.Event(device=self.device)
-                        event.record(stream)
+                    stream.synchronize()
                 else:
-                    self._copy_in(parts, mapping)
-                    event = copies_done(torch, self.device)
+                    self.synchronize()
+                staging.release(flat)
+                raise
             staging.release(flat, event)  # reused once its copies are done
             last = event or last
         if wait and last is not None:
             wait_event(last)
         return bad
+
+    def _load_chunk(self, chunk: list, lo: int, flat, stream, after, bad: set) -> tuple:
+        """One staging chunk of ``_load``: its files read into ``flat`` over the reader pool
+        (indices that failed, from ``lo``, added to ``bad``), the rest copied into their
+        blocks. Returns the copies' event (None: done, or nothing copied) and the events
+        later copies still wait for."""
+        torch = torch_module()
+        rank, n = self.context.rank, len(chunk)
+        parts = self._parts(flat, n)
+        mv = memoryview(flat.numpy())
+
+        def read(run) -> list:  # a pool thread
+            got = [fmt.read_block(self.path(chunk[i][0], rank), chunk[i][0], rank, self.layout,
+                                  self.block_bytes, self._views(mv, n, i)) for i in run]
+            if any(g is not None and g[0] == 1 for g in got):
+                sums = fmt.sum_parts(parts, run)
+                for j, g in enumerate(got):
+                    if g is not None and g[0] == 1 and int(sums[j]) != g[1]:
+                        fmt.drop(self.path(chunk[run[j]][0], rank), "checksum mismatch")
+                        got[j] = None
+            return [g is not None for g in got]
+
+        oks = self._map(self._readers, read, n)
+        del mv
+        bad.update(lo + i for i, ok in enumerate(oks) if not ok)
+        mapping = [(i, chunk[i][1]) for i, ok in enumerate(oks) if ok]
+        if not mapping:
+            return None, after
+        if stream is None:
+            self._copy_in(parts, mapping)
+            return copies_done(torch, self.device), after
+        with stream:
+            for wait in after or ():
+                stream.wait_event(wait)
+            self._copy_in(parts, mapping)
+            event = torch.Event(device=self.device)
+            event.record(stream)
+        return event, None  # the stream keeps the order from here on
 
     def _copy_in(self, parts, mapping) -> None:
         for cache, part in zip(self.caches, parts):

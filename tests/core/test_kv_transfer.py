@@ -448,6 +448,29 @@ def test_a_failed_loads_later_saves_are_dropped_too(tmp_path):
     conn.shutdown()
 
 
+def test_a_load_that_raises_gives_its_staging_buffer_back(tmp_path):
+    """A background load that raises half-way (here its copy) is reported failed and gives its
+    staging buffer back: more such loads than there are buffers, then a load that works
+    (a lost buffer would leave the loader waiting for one forever)."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+
+    caches = [torch.randn(8, BS, 2, 8)]
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER)
+    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    conn.save_kv({"saves": [["a", 1]]})
+    conn.wait_for_save()
+    copy_in = conn._copy_in
+    conn._copy_in = lambda parts, mapping: 1 / 0
+    for i in range(3):
+        conn.start_load_kv({"async_loads": [[f"bad{i}", [["a", 5]]]]})
+        assert conn.get_finished_loads([f"bad{i}"], timeout=30) == {f"bad{i}": False}
+    conn._copy_in = copy_in
+    conn.start_load_kv({"async_loads": [["ok", [["a", 6]]]]})
+    assert conn.get_finished_loads(["ok"], timeout=30) == {"ok": True}
+    assert torch.equal(caches[0][6], caches[0][1])
+    conn.shutdown()
+
+
 def test_saves_copies_guard_only_the_blocks_a_step_writes(tmp_path):
     """Saves copied on the connector's own stream (a GPU's) are still reading their blocks:
     a step writing one of them (freed, given out again) makes the device wait for that chunk's
