@@ -10,8 +10,9 @@ load) and float16 scales, activations bf16, routing included (``fused_moe``). To
 16; at 1-4 both take their decode kernels (``decode.py``, ``decode_int4.py``), at 16 the
 grouped GEMMs. Also timed: int4 with GPTQ act order (``w13_perm``: x gathered per expert),
 the int4 grouped GEMMs at the same token counts (``int4_grouped``: the path int4 took at every
-size before the decode kernels), and at 1 token the int4 decode kernels with other rows a
-program (``rows UP,DOWN``). GPU time per call from CUDA-graph
+size before the decode kernels), the int4 decode kernels at every count (``int4_decode``: at 16
+tokens, whether ``DECODE_MAX_TOKENS`` should reach further for int4), and at 1 token the int4
+decode kernels with other rows a program (``rows UP,DOWN``). GPU time per call from CUDA-graph
 replays, L2 flushed before each (``gpu_timing.gtime``; ``--no-flush``: not). Each int4 decode
 result is checked against the pure-torch reference (``int4 rel err``: of the largest output).
 
@@ -82,6 +83,8 @@ def bench_shape(name: str, flush: bool) -> list:
         grouped = _tiles(tokens * top_k, e, x.device, 4)
         row["int4_grouped_us"] = gtime(lambda: fused_moe_triton(x, weights, ids, q13, q2, s13,
                                                                 s2, grouped, **kw), flush=flush)
+        row["int4_decode_us"] = gtime(lambda: fused_moe_int4_decode(
+            x, weights, ids, q13, q2, s13, s2, z13, z2), flush=flush)
         row["int4_act_order_us"] = gtime(lambda: fused_moe(x, logits, q13, q2, top_k,
                                                            "softmax", True, s13, s2,
                                                            w13_perm=perm, **kw), flush=flush)
@@ -89,7 +92,8 @@ def bench_shape(name: str, flush: bool) -> list:
         rows.append(row)
         print(f"{name} tokens {tokens:3d}: bf16 {row['bf16_us']:7.1f} us  int4 "
               f"{row['int4_us']:7.1f} us (int4/bf16 {row['int4_over_bf16']:.2f})  int4 grouped "
-              f"{row['int4_grouped_us']:7.1f} us  act-order {row['int4_act_order_us']:7.1f} us"
+              f"{row['int4_grouped_us']:7.1f} us  decode kernels {row['int4_decode_us']:7.1f}"
+              f" us  act-order {row['int4_act_order_us']:7.1f} us"
               f"  int4 rel err {row['int4_max_rel_err']:.1e}", flush=True)
         if tokens == 1:
             sweep = {}

@@ -98,7 +98,8 @@ def _expert_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, weight_ptr, bias_ptr, so
                         other=0.0)
         b_mask = (rk[:, None] < K) & (rn[None, :] < N)
         if INT4:  # each packed word loaded once ([BLOCK_K / 8, BLOCK_N]), 8 codes unpacked
-            rkw = tl.multiple_of(k0 // 8, BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+            rkw = tl.max_contiguous(tl.multiple_of(k0 // 8 + tl.arange(0, BLOCK_K // 8),
+                                                   BLOCK_K // 8), BLOCK_K // 8)
             w_mask = (rkw[:, None] < K // 8) & (rn[None, :] < N)
             b = _int4_tile(tl.load(b_col + rkw[:, None], mask=w_mask, other=0),
                            s_col + k0 // GROUP_K, zeros_ptr + s_off + k0 // GROUP_K,
