@@ -133,3 +133,134 @@ def test_reference_ops_unpack_words_with_the_sign_bit_on_xla():
     scale = torch.ones(1, 1)
     assert torch.equal(dequantize_int4(words.to(dev), scale.to(dev), None, torch.float32).cpu(),
                        dequantize_int4(words, scale, None, torch.float32))
+
+
+def _moe_case(kind: str, e: int, h: int, i: int):
+    """``(w13, w2, kwargs)`` of ``e`` random experts stored as ``kind``: float32, fp8 with
+    per-channel scales, or AWQ-style int4 (groups of 32 inputs, zero codes)."""
+    import torch
+
+    from tessellm.quantization.packed import pack_int4, quantize_int4
+
+    g = torch.Generator().manual_seed(7)
+    w13, w2 = torch.randn(e, 2 * i, h, generator=g) / h ** 0.5, torch.randn(e, h, i, generator=g) / i ** 0.5
+    if kind == "float":
+        return w13, w2, {}
+    if kind == "fp8":
+        s13, s2 = (w.abs().amax(-1) / 448 for w in (w13, w2))
+        return ((w13 / s13[..., None]).to(torch.float8_e4m3fn),
+                (w2 / s2[..., None]).to(torch.float8_e4m3fn), dict(w13_scale=s13, w2_scale=s2))
+    packed = []
+    for w in (w13, w2):
+        parts = [quantize_int4(we, 32) for we in w]
+        packed.append((torch.stack([pack_int4(q).t() for q, _, _ in parts]).contiguous(),
+                       torch.stack([s.t() for _, s, _ in parts]).half().contiguous(),
+                       torch.stack([z.t().to(torch.uint8) for _, _, z in parts]).contiguous()))
+    (q13, s13, z13), (q2, s2, z2) = packed
+    return q13, q2, dict(w13_scale=s13, w2_scale=s2, int4=True, w13_zeros=z13, w2_zeros=z2)
+
+
+@pytest.mark.parametrize("kind", ["float", "fp8", "int4"])
+def test_moe_experts_compile_once_whatever_the_routing(kind):
+    """The tpu ops' MoE (``tpu/xla_moe.py``) on XLA tensors: for a decode-sized step (4 tokens x
+    top 2 of 16 experts: the gathered form) and a prefill-sized one (16 tokens: the dense form),
+    three different routings give the reference loop's output, compile one program per step
+    size (the first routing's) and none for the others, with no value read back to the host
+    while the step is traced."""
+    import torch
+    import torch_xla.debug.metrics as met
+
+    from tessellm.backends.reference.moe import fused_moe_reference
+    from tessellm.backends.registry import get_registry
+    from tessellm.backends.spec import OpsSpec
+
+    registry = get_registry()
+    ops = registry.fused_ops(registry.backends["tpu"], OpsSpec(torch.float32))
+    dev = torch_xla.device()
+    w13, w2, kw = _moe_case(kind, e=16, h=64, i=32)
+    args = [w13.to(dev), w2.to(dev)]
+    kw_dev = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    for tokens in (4, 16):
+        compiled = []
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed)
+            x, logits = torch.randn(tokens, 64, generator=g), torch.randn(tokens, 16, generator=g) * 4
+            want = fused_moe_reference(x, logits, w13, w2, 2, **kw)
+            c0, reads = _compiles(), met.counter_value("aten::_local_scalar_dense") or 0
+            transfers = (met.metric_data("TransferFromDeviceTime") or (0,))[0]
+            out = ops.fused_moe(x.to(dev), logits.to(dev), *args, 2, **kw_dev)
+            assert (met.counter_value("aten::_local_scalar_dense") or 0) == reads
+            assert (met.metric_data("TransferFromDeviceTime") or (0,))[0] == transfers
+            torch_xla.sync()
+            compiled.append(_compiles() - c0)
+            torch.testing.assert_close(out.cpu(), want, rtol=1e-4, atol=1e-5)
+        assert compiled[0] >= 1 and compiled[1:] == [0, 0], (tokens, compiled)
+    assert not met.executed_fallback_ops()
+
+
+def test_int4_moe_checkpoint_greedy_on_xla(tmp_path):
+    """A tiny Qwen3-MoE AWQ checkpoint (32 experts, top 2; groups of 32) served on XLA with its
+    experts int4 (``tpu/xla_moe.py``: decode steps of 8 padded tokens gather their 16 experts,
+    larger steps run all 32 masked) gives the greedy tokens of its dequantized float32
+    checkpoint on the cpu backend, and the run, whose routing changes at every step, compiles
+    nothing after start-up."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tessellm import LLM, SamplingParams
+    from tests.quantization.int4_checkpoint import write_int4
+    from tests.quantization.test_moe_int4 import _configs
+
+    torch.manual_seed(3)
+    config = _configs()["qwen3-moe"]
+    config.num_experts = 32
+    dense = str(tmp_path / "dense")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(dense)
+    dirs = write_int4(dense, tmp_path, fmts=("awq",))
+    prompts = [{"prompt_token_ids": p} for p in ([1, 17, 42, 99, 3], [5, 100, 7], [9] * 12,
+                                                  list(range(20, 50)))]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    engine = dict(dtype="float32", block_size=16, num_kv_blocks=32, max_model_len=64,
+                  max_num_seqs=4, max_num_batched_tokens=32)
+    with LLM(dirs["deq"], device="cpu", **engine) as cpu:
+        expected = _tokens(cpu, prompts, params)
+    with LLM(dirs["awq"], device="tpu", **engine) as tpu:
+        from tessellm.layers.moe import FusedMoE
+
+        moes = [m for m in tpu.engine.core.runner.model.modules() if isinstance(m, FusedMoE)]
+        c0 = _compiles()
+        got = _tokens(tpu, prompts, params)
+        compiled = _compiles() - c0
+    assert moes and all(m.w13.dtype == torch.int32 for m in moes)
+    assert got == expected
+    assert compiled == 0
+
+
+def test_derived_weights_keep_one_program_on_xla():
+    """A derived weight (``layers/derived.py``: ``-exp(A_log)`` of a Mamba / gated DeltaNet
+    layer) on XLA is made afresh inside each step's program: four steps compile one program, not
+    one with the derivation and one reading a kept copy, and an in-place weight update shows in
+    the next step with no new program."""
+    import torch
+
+    from tessellm.layers.derived import DerivedWeight, neg_exp_float
+
+    dev = torch_xla.device()
+    w0 = torch.randn(8)
+    weight = torch.nn.Parameter(w0.to(dev), requires_grad=False)
+    x = torch.randn(8).to(dev)
+    derived = DerivedWeight(neg_exp_float)
+    torch_xla.sync()
+    compiled, outs = [], []
+    for step in range(5):
+        if step == 4:
+            weight.data.copy_(torch.zeros(8))  # a weight update: A = -1 everywhere
+        c0 = _compiles()
+        out = x * derived(weight)
+        torch_xla.sync()
+        compiled.append(_compiles() - c0)
+        outs.append(out.cpu())
+    assert compiled[0] == 1 and compiled[1:] == [0, 0, 0, 0], compiled
+    for out in outs[:4]:
+        torch.testing.assert_close(out, x.cpu() * -torch.exp(w0))
+    torch.testing.assert_close(outs[4], -x.cpu())

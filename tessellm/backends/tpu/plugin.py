@@ -121,9 +121,9 @@ def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
 def tessellm_fused_ops(backend: Backend, spec: OpsSpec):
     if backend.name != NAME:
         return None
-    from tessellm.backends.reference.ops import ReferenceOps
+    from tessellm.backends.tpu.ops import XlaOps
 
-    return ReferenceOps()
+    return XlaOps()
 
 
 @hookimpl

@@ -1,0 +1,162 @@
+"""Mixture-of-Experts for the tpu backend in static shapes: a step's XLA program does not depend
+on its routing.
+
+The reference loop (``reference/moe.py``) picks each expert's tokens with ``torch.where(ids ==
+e)``: on XLA each of those index tensors has a data-dependent shape, so every expert costs a
+device-to-host sync and the step's program changes with the routing (a compile for each new
+pattern of which experts got how many tokens). Here every shape depends only on the step's
+padded token count T, the experts E, top-k k and the layer's sizes, all fixed per bucket, so a
+bucket's program is compiled once, at start-up, whatever the routing. Two forms, chosen from
+those static sizes alone:
+
+- gathered (``T * k < E``: decode-sized steps): each (token, slot) pair gathers its expert's
+  weights by index (the stored form: int4 codes, fp8 codes, their scales and zero codes),
+  dequantizes them in the graph and runs one batched product per projection; reads T * k
+  experts' weights, not E::
+
+      for slot j < k:   W13 = dequant(w13[ids[:, j]])              [T, 2I, H]
+                        y_j = dequant(w2[ids[:, j]]) @ act(W13 @ x)  [T, H]
+      out = sum_j  weight[:, j] * y_j                                 (float32)
+
+- dense (otherwise: prefill chunks, larger batches): every expert runs on every token, a chunk
+  of experts at a time as one batched product, and the routing masks the sum. Each expert's
+  weights are read once; E / k times the routed FLOPs::
+
+      R[t, e] = weight of e among t's top k, else 0  (experts another rank holds: 0)
+      out = sum_e  where(R[:, e] != 0, R[:, e] * expert_e(x), 0)     (float32)
+
+As in the reference, experts run in hidden's dtype and their weighted outputs are summed in
+float32; a pair whose expert is not routed adds an exact zero (``where``, so even an inf from
+an unrouted expert cannot leak in). On a TPU a grouped matmul over tokens sorted by expert
+(Pallas ``gmm``) would do only the routed work; not used (never run: no TPU here).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tessellm.backends.reference.moe import (SILU, ExpertActivation, dequantize_experts,
+                                             local_expert_ids, route)
+
+# The dense form's working set per chunk of experts, in elements (its dequantized weights plus
+# its [chunk, T, .] activations); bounds the peak memory of a long prefill chunk.
+DENSE_CHUNK_ELEMENTS = 1 << 26
+
+
+def static_fused_moe(hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
+                     renormalize: bool = True, w13_scale=None, w2_scale=None, **variant):
+    """``FusedOps.fused_moe`` (``backends/spec.py``) in static shapes (module docstring)."""
+    weights, ids = route(router_logits, top_k, scoring, renormalize)
+    return static_fused_experts(hidden, weights, ids, w13, w2, w13_scale, w2_scale, **variant)
+
+
+def static_fused_experts(hidden: torch.Tensor, topk_weights: torch.Tensor,
+                         topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                         w13_scale: Optional[torch.Tensor] = None,
+                         w2_scale: Optional[torch.Tensor] = None, *,
+                         activation: ExpertActivation = SILU,
+                         w13_bias: Optional[torch.Tensor] = None,
+                         w2_bias: Optional[torch.Tensor] = None, block_shape=None,
+                         expert_map: Optional[torch.Tensor] = None, int4: bool = False,
+                         w13_zeros: Optional[torch.Tensor] = None,
+                         w2_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``FusedOps.fused_experts`` in static shapes: the routing given (``[T, k]`` weights as
+    they are, global ids), the variants of ``reference/moe.py``; returns ``[T, H]``."""
+    ids = local_expert_ids(topk_ids, expert_map).long()
+    valid = ids >= 0  # False: an expert another rank holds
+    ids = ids.clamp(min=0)  # an index that exists; its weight is masked off
+    experts = _Experts(w13, w2, w13_scale, w2_scale, w13_bias, w2_bias, w13_zeros, w2_zeros,
+                       block_shape, int4, activation, hidden.dtype)
+    tokens, k = ids.shape
+    if tokens * k < w13.shape[0]:
+        out = _gathered(hidden, topk_weights, ids, valid, experts)
+    else:
+        out = _dense(hidden, topk_weights, ids, valid, experts)
+    return out.to(hidden.dtype)
+
+
+class _Experts:
+    """One layer's expert tensors and how to run any subset of them (``pick``: an index tensor
+    for the gathered form, a slice for the dense one)."""
+
+    def __init__(self, w13, w2, s13, s2, b13, b2, z13, z2, block_shape, int4, activation, dtype):
+        self.w13, self.w2, self.s13, self.s2 = w13, w2, s13, s2
+        self.b13, self.b2, self.z13, self.z2 = b13, b2, z13, z2
+        self.block_shape, self.int4, self.act, self.dtype = block_shape, int4, activation, dtype
+
+    def count(self) -> int:
+        return self.w13.shape[0]
+
+    def sizes(self) -> tuple[int, int, int]:
+        """(N rows of w13, H, I) as the experts compute them (int4: 8 codes a word)."""
+        pack = 8 if self.int4 else 1
+        return self.w13.shape[1], self.w2.shape[1], self.w2.shape[2] * pack
+
+    def weights(self, pick) -> tuple[torch.Tensor, torch.Tensor]:
+        """The picked experts' ``w13 [P, N, H]`` and ``w2 [P, H, I]`` in the model dtype."""
+        def take(t):
+            return None if t is None else _take(t, pick)
+
+        w13 = dequantize_experts(take(self.w13), take(self.s13), self.dtype, self.block_shape,
+                                 take(self.z13), self.int4)
+        w2 = dequantize_experts(take(self.w2), take(self.s2), self.dtype, self.block_shape,
+                                take(self.z2), self.int4)
+        return w13, w2
+
+    def bias(self, which: str, pick) -> Optional[torch.Tensor]:
+        b = self.b13 if which == "w13" else self.b2
+        return None if b is None else _take(b, pick).to(self.dtype)
+
+
+def _take(t: torch.Tensor, pick) -> torch.Tensor:
+    return t[pick] if isinstance(pick, slice) else t.index_select(0, pick)
+
+
+def _gathered(hidden, topk_weights, ids, valid, experts: _Experts) -> torch.Tensor:
+    """Slot by slot: each token's expert for that slot, gathered and run batched."""
+    dtype = hidden.dtype
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for j in range(ids.shape[1]):
+        pick = ids[:, j]
+        w13, w2 = experts.weights(pick)  # [T, N, H], [T, H, I]
+        gate_up = torch.einsum("th,tnh->tn", hidden, w13)
+        b13 = experts.bias("w13", pick)
+        if b13 is not None:
+            gate_up = gate_up + b13
+        y = torch.einsum("ti,thi->th", experts.act(gate_up), w2)
+        b2 = experts.bias("w2", pick)
+        if b2 is not None:
+            y = y + b2
+        y = y * topk_weights[:, j, None].to(dtype)
+        out = out + torch.where(valid[:, j, None], y, torch.zeros_like(y)).float()
+    return out
+
+
+def _dense(hidden, topk_weights, ids, valid, experts: _Experts) -> torch.Tensor:
+    """Every expert on every token, chunk by chunk, the routing as a mask."""
+    dtype, num = hidden.dtype, experts.count()
+    tokens = hidden.shape[0]
+    # [T, k, E]: slot j of token t picked expert e (and that expert is held here)
+    hit = (ids[..., None] == torch.arange(num, device=ids.device)) & valid[..., None]
+    routed = hit.any(dim=1).t()  # [E, T]
+    route_w = (hit * topk_weights.float()[..., None]).sum(dim=1).t()  # [E, T] float32
+    n, h, i = experts.sizes()
+    per_expert = tokens * (n + i + h) + n * h + h * i
+    chunk = max(1, min(num, DENSE_CHUNK_ELEMENTS // max(1, per_expert)))
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, num, chunk):
+        pick = slice(start, min(num, start + chunk))
+        w13, w2 = experts.weights(pick)  # [c, N, H], [c, H, I]
+        gate_up = torch.einsum("th,cnh->ctn", hidden, w13)
+        b13 = experts.bias("w13", pick)
+        if b13 is not None:
+            gate_up = gate_up + b13[:, None, :]
+        y = torch.einsum("cti,chi->cth", experts.act(gate_up), w2)
+        b2 = experts.bias("w2", pick)
+        if b2 is not None:
+            y = y + b2[:, None, :]
+        y = y * route_w[pick, :, None].to(dtype)
+        out = out + torch.where(routed[pick, :, None], y, torch.zeros_like(y)).float().sum(0)
+    return out
