@@ -7,8 +7,13 @@ the same rule).
 Made afresh, not kept, where a kept tensor could go stale or the version cannot be read:
 inside a device graph capture (CUDA / ROCm or XPU graphs: a replay after a weight update must
 read the weight itself, as no Python runs to notice the change, and a kept tensor replaced
-after the capture would be freed under the graph), under ``torch.compile``, and for
-inference-mode weights (they have no version counter).
+after the capture would be freed under the graph), under ``torch.compile``, for
+inference-mode weights (they have no version counter), and on devices that trace each step into
+a program (torch-xla's ``xla``, torch's ``lazy``): there the first step would trace the
+derivation and later ones would read the kept result as an input, two different programs for
+one step shape (the bucket compiled at start-up compiled again when next served, and again
+after each weight update); made afresh, the derivation is one fused elementwise op of the same
+program every step. (Reading ``_version`` is host-only: no device sync either way.)
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+
+# Device types whose ops are recorded into a graph program rather than run (module docstring).
+TRACED_DEVICE_TYPES = ("xla", "lazy")
 
 
 class DerivedWeight:
@@ -26,7 +34,8 @@ class DerivedWeight:
         self.entry: Optional[tuple[torch.Tensor, int, torch.Tensor]] = None
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or weight.is_inference() or _capturing(weight.device):
+        if (torch.compiler.is_compiling() or weight.is_inference()
+                or weight.device.type in TRACED_DEVICE_TYPES or _capturing(weight.device)):
             return self.make(weight)
         version = weight._version
         entry = self.entry
