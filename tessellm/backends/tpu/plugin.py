@@ -6,7 +6,8 @@ Pieces: every step padded to shape buckets (``tessellm/core/shape_buckets.py``: 
 sampled rows, block-table width) and run as one XLA program, sampled on the host; attention as
 torch-xla's Pallas ``ragged_paged_attention`` on a real TPU, else a pure-XLA padded path
 (``xla_attention.py``); every bucket's program compiled at start-up as the graph capture
-(``graph_runner.py``); pure-torch fused ops (XLA fuses elementwise chains itself).
+(``graph_runner.py``); pure-torch fused ops (XLA fuses elementwise chains itself), the
+Mixture-of-Experts in static shapes (``xla_moe.py``: no program depends on the routing).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ VALIDATION_NOTE = ("Never run on a TPU. Lane tpu-xla-cpu (torch-xla 2.9.0, torch
                    "PJRT_DEVICE=CPU): the model step ran for real as bucketed XLA programs on "
                    "PJRT's CPU device, KV cache in XLA tensors: the conformance suite and greedy "
                    "parity with the cpu backend on SmolLM2 and a tiny Llama (and its AWQ / GPTQ "
-                   "checkpoints against their dequantized float32 model), every bucket's "
-                   "program compiled at start-up and none after (docs/plugins.md 5.1). "
+                   "checkpoints against their dequantized float32 model; a Qwen3-MoE AWQ one with "
+                   "int4 experts likewise), every bucket's program compiled at start-up and none "
+                   "after, whatever the MoE routing (docs/plugins.md 5.1). "
                    "ragged_paged_attention (Pallas, real TPU only) never ran.")
 
 
