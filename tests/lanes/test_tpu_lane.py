@@ -144,7 +144,8 @@ def test_reference_ops_unpack_words_with_the_sign_bit_on_xla():
 
 def _moe_case(kind: str, e: int, h: int, i: int):
     """``(w13, w2, kwargs)`` of ``e`` random experts stored as ``kind``: float32, fp8 with
-    per-channel scales, or AWQ-style int4 (groups of 32 inputs, zero codes)."""
+    per-channel scales, AWQ-style int4 (groups of 32 inputs, zero codes), or that with GPTQ act
+    order's per-expert input order (``w13_perm``)."""
     import torch
 
     from tessellm.quantization.packed import pack_int4, quantize_int4
@@ -164,10 +165,13 @@ def _moe_case(kind: str, e: int, h: int, i: int):
                        torch.stack([s.t() for _, s, _ in parts]).half().contiguous(),
                        torch.stack([z.t().to(torch.uint8) for _, _, z in parts]).contiguous()))
     (q13, s13, z13), (q2, s2, z2) = packed
-    return q13, q2, dict(w13_scale=s13, w2_scale=s2, int4=True, w13_zeros=z13, w2_zeros=z2)
+    kw = dict(w13_scale=s13, w2_scale=s2, int4=True, w13_zeros=z13, w2_zeros=z2)
+    if kind == "int4-act-order":
+        kw["w13_perm"] = torch.stack([torch.randperm(h, generator=g) for _ in range(e)]).int()
+    return q13, q2, kw
 
 
-@pytest.mark.parametrize("kind", ["float", "fp8", "int4"])
+@pytest.mark.parametrize("kind", ["float", "fp8", "int4", "int4-act-order"])
 def test_moe_experts_compile_once_whatever_the_routing(kind):
     """The tpu ops' MoE (``tpu/xla_moe.py``) on XLA tensors: for a decode-sized step (4 tokens x
     top 2 of 16 experts: the gathered form) and a prefill-sized one (16 tokens: the dense form),

@@ -61,14 +61,17 @@ def static_fused_experts(hidden: torch.Tensor, topk_weights: torch.Tensor,
                          w2_bias: Optional[torch.Tensor] = None, block_shape=None,
                          expert_map: Optional[torch.Tensor] = None, int4: bool = False,
                          w13_zeros: Optional[torch.Tensor] = None,
-                         w2_zeros: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         w2_zeros: Optional[torch.Tensor] = None,
+                         w13_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``FusedOps.fused_experts`` in static shapes: the routing given (``[T, k]`` weights as
-    they are, global ids), the variants of ``reference/moe.py``; returns ``[T, H]``."""
+    they are, global ids), the variants of ``reference/moe.py`` (GPTQ act order's ``w13_perm``:
+    each expert's inputs gathered in its stored order, as the reference does); returns
+    ``[T, H]``."""
     ids = local_expert_ids(topk_ids, expert_map).long()
     valid = ids >= 0  # False: an expert another rank holds
     ids = ids.clamp(min=0)  # an index that exists; its weight is masked off
     experts = _Experts(w13, w2, w13_scale, w2_scale, w13_bias, w2_bias, w13_zeros, w2_zeros,
-                       block_shape, int4, activation, hidden.dtype)
+                       block_shape, int4, activation, hidden.dtype, w13_perm)
     tokens, k = ids.shape
     if tokens * k < w13.shape[0]:
         out = _gathered(hidden, topk_weights, ids, valid, experts)
@@ -81,8 +84,9 @@ class _Experts:
     """One layer's expert tensors and how to run any subset of them (``pick``: an index tensor
     for the gathered form, a slice for the dense one)."""
 
-    def __init__(self, w13, w2, s13, s2, b13, b2, z13, z2, block_shape, int4, activation, dtype):
-        self.w13, self.w2, self.s13, self.s2 = w13, w2, s13, s2
+    def __init__(self, w13, w2, s13, s2, b13, b2, z13, z2, block_shape, int4, activation, dtype,
+                 perm=None):
+        self.w13, self.w2, self.s13, self.s2, self.perm = w13, w2, s13, s2, perm
         self.b13, self.b2, self.z13, self.z2 = b13, b2, z13, z2
         self.block_shape, self.int4, self.act, self.dtype = block_shape, int4, activation, dtype
 
@@ -105,6 +109,24 @@ class _Experts:
                                 take(self.z2), self.int4)
         return w13, w2
 
+    def gate_up(self, hidden: torch.Tensor, w13: torch.Tensor, pick) -> torch.Tensor:
+        """``hidden [T, H]`` through the picked experts' ``w13``: ``[T, N]`` for the gathered
+        form (one expert a token), ``[c, T, N]`` for the dense one; under GPTQ act order each
+        expert reads the inputs in its stored order (``hidden[:, perm[e]]``)."""
+        gathered = not isinstance(pick, slice)
+        if self.perm is None:
+            out = torch.einsum("th,tnh->tn" if gathered else "th,cnh->ctn", hidden, w13)
+        elif gathered:
+            x = torch.gather(hidden, 1, self.perm.index_select(0, pick).long())  # [T, H]
+            out = torch.einsum("th,tnh->tn", x, w13)
+        else:
+            x = hidden[:, self.perm[pick].long()]  # [T, c, H]
+            out = torch.einsum("tch,cnh->ctn", x, w13)
+        b13 = self.bias("w13", pick)
+        if b13 is not None:
+            out = out + (b13 if gathered else b13[:, None, :])
+        return out
+
     def bias(self, which: str, pick) -> Optional[torch.Tensor]:
         b = self.b13 if which == "w13" else self.b2
         return None if b is None else _take(b, pick).to(self.dtype)
@@ -121,10 +143,7 @@ def _gathered(hidden, topk_weights, ids, valid, experts: _Experts) -> torch.Tens
     for j in range(ids.shape[1]):
         pick = ids[:, j]
         w13, w2 = experts.weights(pick)  # [T, N, H], [T, H, I]
-        gate_up = torch.einsum("th,tnh->tn", hidden, w13)
-        b13 = experts.bias("w13", pick)
-        if b13 is not None:
-            gate_up = gate_up + b13
+        gate_up = experts.gate_up(hidden, w13, pick)
         y = torch.einsum("ti,thi->th", experts.act(gate_up), w2)
         b2 = experts.bias("w2", pick)
         if b2 is not None:
@@ -149,10 +168,7 @@ def _dense(hidden, topk_weights, ids, valid, experts: _Experts) -> torch.Tensor:
     for start in range(0, num, chunk):
         pick = slice(start, min(num, start + chunk))
         w13, w2 = experts.weights(pick)  # [c, N, H], [c, H, I]
-        gate_up = torch.einsum("th,cnh->ctn", hidden, w13)
-        b13 = experts.bias("w13", pick)
-        if b13 is not None:
-            gate_up = gate_up + b13[:, None, :]
+        gate_up = experts.gate_up(hidden, w13, pick)
         y = torch.einsum("cti,chi->cth", experts.act(gate_up), w2)
         b2 = experts.bias("w2", pick)
         if b2 is not None:
