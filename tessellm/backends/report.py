@@ -115,7 +115,9 @@ def _flags(piece: str, result) -> list[str]:
         if callable(getattr(result, "fused_moe", None)):  # its declared variants after it
             variants = [label for label, attr in (("block-fp8 experts", "fused_moe_block_fp8"),
                                                   ("expert map", "fused_moe_expert_map"),
-                                                  ("int4 experts", "fused_moe_int4"))
+                                                  ("int4 experts", "fused_moe_int4"),
+                                                  ("int4 act order",
+                                                   "fused_moe_int4_act_order"))
                         if getattr(result, attr, False)]
             at = flags.index("fused MoE") + 1
             flags[at:at] = variants
