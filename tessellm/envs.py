@@ -113,11 +113,12 @@ def silu_fold() -> bool:
 
 
 def gemv_norm_epilogue() -> bool:
-    """TESSELLM_GEMV_NORM_EPILOGUE: "1" runs the decoder's post-attention residual-add RMSNorm
-    in the last program of the o_proj GEMV at one row (``kernels/gemm/norm_epilogue.py``,
-    ``layers.linear.fused_linear_add_rms_norm``): one launch a layer fewer at batch-1 decode,
-    bitwise the two launches. Off by default until timed on a GPU
-    (``benchmarks/b1fuse_device.sh``)."""
+    """TESSELLM_GEMV_NORM_EPILOGUE: "1" runs, at one row, the decoder's post-attention
+    residual-add RMSNorm in the last program of the o_proj GEMV and the next layer's input norm
+    (or the final norm) in down_proj's (``kernels/gemm/norm_epilogue.py``,
+    ``layers.linear.fused_linear_add_rms_norm``, ``models.decoder.link_norm_epilogues``): two
+    launches a layer fewer at batch-1 decode, bitwise the unfused launches. Read when the model
+    is built. Off by default until timed on a GPU (``benchmarks/b1fuse_device.sh``)."""
     return _switch("TESSELLM_GEMV_NORM_EPILOGUE") is True
 
 

@@ -72,9 +72,9 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
     ``head8``: the LM head as an ``Fp8Weight`` (TESSELLM_FP8_LM_HEAD), as the engine runs it
     (``fp8_head_mm``: ``gemv_fp8_x2``, then the ``refine`` largest logits recomputed from
     ``head``; 0: not). ``norm_epi``: the GEMVs ("o", "down") that run the add-RMSNorm after
-    them in their last program (``gemm/norm_epilogue.py``; "o" is what the engine runs under
-    TESSELLM_GEMV_NORM_EPILOGUE=1, "down" the next layer's input norm, not wired in the
-    engine)."""
+    them in their last program (``gemm/norm_epilogue.py``; both are what the engine runs under
+    TESSELLM_GEMV_NORM_EPILOGUE=1: "down" runs the next layer's input norm or the final
+    one)."""
     from bench_attention import BS, DTYPE, KVH, MAX_MODEL_LEN, D, H, make_batch
 
     from tessellm.backends.spec import AttentionSpec
@@ -359,8 +359,8 @@ def prewait_section(out: dict) -> None:
 def b1fuse_section(out: dict) -> None:
     """The engine's chain (SiLU fold, prewait default; fp8 with its e4m3 LM head as under
     TESSELLM_FP8_LM_HEAD=1, and without) against the same with the add-RMSNorm in the o GEMV's
-    last program (TESSELLM_GEMV_NORM_EPILOGUE=1, what the engine runs), in the o and down GEMVs'
-    (the next layer's input norm too: not wired in the engine), each also with the decode
+    last program only, and in the o and down GEMVs' (the next layer's input norm and the final
+    one too: what the engine runs under TESSELLM_GEMV_NORM_EPILOGUE=1), each also with the decode
     attention's last-split reduce (TESSELLM_ATTN_LAST_REDUCE=1); the base timed again last
     (the spread). GPU ms a token; printed as ``b1fuse <dtype> <json>``."""
     from tessellm.kernels.pdl import graph_scope
@@ -381,7 +381,7 @@ def b1fuse_section(out: dict) -> None:
                 "base again": {}}
         if fp8:
             runs.update({"fp8 head": dict(head8=head8),
-                         "fp8 head + o norm epi": dict(head8=head8, norm_epi=("o",)),
+                         "fp8 head + o+down norm epi": dict(head8=head8, norm_epi=("o", "down")),
                          "fp8 head + o+down norm epi + last reduce": dict(
                              head8=head8, norm_epi=("o", "down"), attn_attrs=last)})
         for name, kw in runs.items():

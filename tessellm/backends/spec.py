@@ -560,8 +560,8 @@ class FusedOps(Protocol):
     # Optional (plugin API 18): ``linear_add_rms_norm(x, weight, residual, norm_weight, eps,
     # bias=None)``, ``fused_add_rms_norm(linear(x, weight, bias), residual, norm_weight, eps)``
     # -> ``(normed, residual)`` (the residual may be updated in place, as ``fused_add_rms_norm``
-    # may), so the norm after o_proj can run in the GEMV's epilogue: the decoder layer asks for
-    # it at one row under ``TESSELLM_GEMV_NORM_EPILOGUE=1`` (``layers.linear.
+    # may), so the norm after o_proj or down_proj can run in the GEMV's epilogue: the decoder
+    # asks for it at one row under ``TESSELLM_GEMV_NORM_EPILOGUE=1`` (``layers.linear.
     # fused_linear_add_rms_norm``). The oracle is ``backends/reference/ops.linear_add_rms_norm``.
     # Quantized layers: ``QuantMethod``'s optional ``apply_add_rms_norm``.
     #

@@ -153,12 +153,16 @@ class DecoderMLP(nn.Module):
     def forward(self, x):
         """``x``: the hidden states, or them quantized for gate_up_proj (an ``Fp8Activation``
         from the norm before, ``DecoderLayer``)."""
+        return self.down_proj(self.activation(x))
+
+    def activation(self, x):
+        """silu_and_mul(gate_up_proj(x)): what down_proj takes."""
         # decode (1-2 rows, or more: _silu_rows): the backend's product may run the
         # activation in its epilogue
         act = fused_silu_and_mul(self.gate_up_proj, x, max_rows=self._silu_rows)
         if act is None:
             act = self._silu_and_mul(self.gate_up_proj(x))
-        return self.down_proj(act)
+        return act
 
     def _silu_and_mul(self, y):
         fp8 = fp8_input_dtype(self.down_proj, y.shape[0]) if self._fp8_fold else None
@@ -211,6 +215,9 @@ class DecoderLayer(nn.Module):
                               and type(self.self_attn).forward is DecoderAttention.forward
                               and type(self).after_attention is DecoderLayer.after_attention
                               and type(self.post_attention_layernorm) is RMSNorm)
+        # (the next norm, the layer taking its output) down_proj may run that norm in its
+        # epilogue for (``link_norm_epilogues``): a tuple, so no submodule is registered
+        self._next_norm: Optional[tuple] = None
 
     def forward(self, positions, hidden, residual, metadata):
         hidden, residual = self.input_norm(hidden, residual)
@@ -230,7 +237,18 @@ class DecoderLayer(nn.Module):
         if fused is None:
             return self.after_attention(attn.o_proj(a), residual)
         hidden, residual = fused
-        return self.mlp(hidden), residual
+        if self._next_norm is None:
+            return self.mlp(hidden), residual
+        # down_proj and the next layer's input norm (or the final norm) as one product too:
+        # the norm is handed to its module, whose next call returns it (link_norm_epilogues)
+        nxt, consumer = self._next_norm
+        act = self.mlp.activation(hidden)
+        fused = fused_linear_add_rms_norm(self.mlp.down_proj, act, residual, nxt,
+                                          consumer=consumer)
+        if fused is None:
+            return self.mlp.down_proj(act), residual
+        nxt.hand_off(*fused)
+        return fused
 
     def input_norm(self, hidden, residual):
         """``input_layernorm`` (the residual stream starts at the first layer's input)."""
@@ -250,6 +268,36 @@ class DecoderLayer(nn.Module):
         if self.residual_multiplier != 1.0:
             out = out * self.residual_multiplier
         return out, residual
+
+
+def link_norm_epilogues(layers, start: int, end: int, final_norm: Optional[nn.Module]) -> int:
+    """``TESSELLM_GEMV_NORM_EPILOGUE``'s second half: each ``DecoderLayer`` in
+    ``layers[start:end]`` running its fused o_proj path with a plain ``DecoderMLP`` gets the
+    norm its output goes to next (the next layer's ``input_layernorm``, or ``final_norm`` after
+    the last: None where the stage does not end in it), so at one row its down_proj runs that
+    residual-add RMSNorm in its GEMV's last program and hands the result to the norm module
+    (``RMSNorm.hand_off``). Only where that norm is exactly the next thing to take ``(hidden,
+    residual)``: a next layer that is a plain ``DecoderLayer`` (its own ``forward`` and
+    ``input_norm``) and an ``RMSNorm`` without a reduce group. The caller passes
+    ``final_norm`` only where its forward calls ``final_norm(hidden, residual)`` on the last
+    layer's output. Returns how many layers were linked."""
+    linked = 0
+    for i in range(start, end):
+        layer = layers[i]
+        if not getattr(layer, "_o_norm_fused", False) or type(layer.mlp) is not DecoderMLP:
+            continue
+        norm, consumer = final_norm, None
+        if i + 1 < end:
+            nxt = layers[i + 1]
+            if not (isinstance(nxt, DecoderLayer) and type(nxt).forward is DecoderLayer.forward
+                    and type(nxt).input_norm is DecoderLayer.input_norm):
+                continue
+            norm, consumer = nxt.input_layernorm, nxt.self_attn.qkv_proj
+        if type(norm) is not RMSNorm or norm.reduce is not None:
+            continue
+        layer._next_norm = (norm, consumer)
+        linked += 1
+    return linked
 
 
 def shard_heads(num_heads: int, num_kv_heads: int, rank: int, size: int) -> tuple[int, int, int]:

@@ -18,6 +18,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
+from tessellm import envs
 from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.attention import Attention
 from tessellm.layers.context import ModelContext
@@ -25,7 +26,7 @@ from tessellm.layers.linear import materialize
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from tessellm.models.decoder import DecoderLayer, DecoderMLP
+from tessellm.models.decoder import DecoderLayer, DecoderMLP, link_norm_epilogues
 from tessellm.models.layer_windows import window_by_layer_type, window_everywhere
 from tessellm.models.micro_batches import MicroBatches
 
@@ -70,6 +71,10 @@ class LlamaForCausalLM(nn.Module):
             tied = self.embed_tokens.weight if self.tie_word_embeddings and ctx.pp.is_first else None
             self.lm_head = ParallelLMHead(vocab, hidden, ctx.tp, weight=tied,
                                           bias=self.lm_head_bias)
+        # batch 1: down_proj runs the next norm (decoder.py), where this forward runs the layers
+        if envs.gemv_norm_epilogue() and type(self).forward is LlamaForCausalLM.forward:
+            link_norm_epilogues(self.layers, self.start_layer, self.end_layer,
+                                self.norm if ctx.pp.is_last else None)
 
     def make_layer(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
                    index: int) -> nn.Module:
@@ -180,6 +185,9 @@ class LlamaForCausalLM(nn.Module):
         reduces, so it is summed here too, on a copy (the norm sums the original)."""
         if residual is None:
             return hidden
+        handoff = getattr(self.layers[i].input_layernorm, "_handoff", None)
+        if handoff is not None and handoff[0] is hidden and handoff[1] is residual:
+            return residual.clone()  # layer i - 1 added its output into it (hand_off)
         reduce = getattr(self.layers[i].input_layernorm, "reduce", None)
         return (hidden if reduce is None else reduce.all_reduce(hidden.clone())) + residual
 

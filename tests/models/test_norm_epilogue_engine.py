@@ -1,7 +1,8 @@
-"""o_proj and the post-attention residual-add RMSNorm as one product at one row
-(``layers.linear.fused_linear_add_rms_norm``, ``TESSELLM_GEMV_NORM_EPILOGUE=1``): taken only at
-one row, only when asked, never under LoRA or tensor parallelism, and greedy tokens (and
-logprobs) unchanged.
+"""o_proj and the post-attention residual-add RMSNorm as one product at one row, and down_proj
+with the next layer's input norm (or the final norm), handed to that norm module
+(``layers.linear.fused_linear_add_rms_norm``, ``models.decoder.link_norm_epilogues``,
+``TESSELLM_GEMV_NORM_EPILOGUE=1``): taken only at one row, only when asked, never under LoRA or
+tensor parallelism, and greedy tokens (and logprobs) unchanged.
 
 The engine test runs the cpu backend (bf16) with the op added: once as the cuda backend's two
 launches (its GEMV, then its add-RMSNorm), once as its fused GEMV (``TritonOps
@@ -42,7 +43,7 @@ def _run(path, monkeypatch, fused: bool):
     calls = []
 
     def linear_add_rms_norm(self, x, w, residual, norm_weight, eps, b=None):
-        calls.append(x.shape[0])
+        calls.append((x.shape[0], "down" if w.shape[1] != w.shape[0] else "o"))
         if fused:
             return triton_ops.linear_add_rms_norm(x, w, residual, norm_weight, eps, b)
         return triton_ops.fused_add_rms_norm(triton_ops.linear(x, w, b), residual, norm_weight,
@@ -74,9 +75,23 @@ def test_greedy_tokens_unchanged_with_the_fused_path(tiny_llama, monkeypatch):
     monkeypatch.setenv("TESSELLM_GEMV_NORM_EPILOGUE", "1")
     want, calls_two = _run(tiny_llama, monkeypatch, fused=False)
     got, calls = _run(tiny_llama, monkeypatch, fused=True)
-    assert calls == calls_two and calls and set(calls) == {1}, \
+    assert calls == calls_two and calls and {rows for rows, _ in calls} == {1}, \
         f"the layer asked for the fused product at rows {calls}"
+    sites = [site for _, site in calls]
+    assert sites.count("o") == sites.count("down") > 0, "o_proj and down_proj both fused"
     assert got == want
+    # against the engine without the path at all (the cpu backend's own ops: other kernels,
+    # so the logprobs only close): the hand-off of down_proj's norm to the next layer and to
+    # the final norm computes what the unfused layers do
+    monkeypatch.setenv("TESSELLM_GEMV_NORM_EPILOGUE", "0")
+    plain, none = _run(tiny_llama, monkeypatch, fused=True)
+    assert none == []
+    for (tokens, lps), (want_tokens, want_lps) in zip(got, plain):
+        assert tokens == want_tokens
+        for step, want_step in zip(lps, want_lps):
+            assert [t for t, _ in step] == [t for t, _ in want_step]
+            for (_, lp), (_, want_lp) in zip(step, want_step):
+                assert abs(lp - want_lp) < 0.05
 
 
 @CPU_ONLY
