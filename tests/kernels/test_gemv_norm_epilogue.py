@@ -199,3 +199,23 @@ def test_norm_epilogue_compiles_for_sm90():
         assert k["atom_acq_rel"] >= 1, (name, k)
         assert k["mul_rn"] >= 1 and k["ld_cg"] >= 1 and k["bar"] >= 1, (name, k)
         assert k["pdl"] >= 2, (name, k)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_rows_of_several_chunks(fp8):
+    """A row longer than ``NORM_CHUNK`` (two chunks and a ragged tail on the CPU, the o / down
+    shapes' eight on a GPU): the chunked sum of squares is the whole row's pairwise tree, so
+    the bits are those of the norm kernel."""
+    n, k = (520, 32) if not ON_GPU else (4096, 4096)
+    x, w, res, g_w, _ = _data(n, k, BF16, False, 6)
+    r1, r2 = res.clone(), res.clone()
+    if fp8:
+        q = quantize_fp8(w)
+        y = gemv_x2.gemv_fp8_x2(x, q.qweight, q.scales, split_k=1)
+        fused = gemv_x2.gemv_fp8_x2_then_add_rms_norm(x, q.qweight, q.scales, r1, g_w, 1e-5)
+    else:
+        w = w.to(BF16)
+        y = gv.gemv(x, w)
+        fused = gv.gemv_then_add_rms_norm(x, w, r1, g_w, 1e-5)
+    unfused = OPS.fused_add_rms_norm(y, r2, g_w, 1e-5)
+    assert torch.equal(fused[1], unfused[1]) and torch.equal(fused[0], unfused[0])

@@ -34,7 +34,8 @@ import triton.language as tl
 
 from tessellm.kernels.pairwise_sum import pairwise_sum
 
-NORM_EPILOGUE_MAX_N = 8192  # outputs the last program normalizes in registers (32 a thread at 4096)
+NORM_EPILOGUE_MAX_N = 16384  # outputs the last program normalizes (chunk by chunk, unrolled)
+NORM_CHUNK = tl.constexpr(512)  # values of the row a chunk: 4 a thread at 4 warps
 
 
 class NormEpilogue(NamedTuple):
@@ -66,25 +67,44 @@ def norm_epilogue(y_ptr, res_ptr, g_ptr, normed_ptr, counter_ptr, N, eps,
     outputs); the last program to arrive runs the residual-add RMSNorm of the whole row
     ``y[0:N]``: ``res = round(y + res)`` (stored in place), ``normed = round(g *
     round(res * rstd))``, as ``norm.add_rms_norm_row``. The grid is one-dimensional along N
-    (axis 1 of size 1)."""
+    (axis 1 of size 1). The row goes in chunks of ``NORM_CHUNK`` (a few values a thread: the
+    GEMV's register budget, and so its programs an SM, stays that of its K loop), twice: the
+    sum of squares, then the stores (the sums re-formed from y and the residual, which the
+    first pass leaves unchanged). The sum is ``pairwise_sum``'s tree over the whole row: each
+    chunk's subtree, then the tree of the chunks' sums, the same additions in the same order."""
     # Every thread's stores come before the counter's release (the barrier); the program that
     # takes the count to the grid size reads them all after its acquire.
     tl.debug_barrier()
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if done == tl.num_programs(0) - 1:
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")  # for the next launch
-        cols = tl.arange(0, NORM_BLOCK)
-        mask = cols < N
+        CHUNK: tl.constexpr = NORM_CHUNK if NORM_CHUNK < NORM_BLOCK else NORM_BLOCK
+        NUM_CHUNKS: tl.constexpr = NORM_BLOCK // CHUNK
         dt = res_ptr.dtype.element_ty
-        y = tl.load(y_ptr + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        r = tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (y + r).to(dt)
-        tl.store(res_ptr + cols, h, mask=mask)
-        hf = h.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(pairwise_sum(_square_rn(hf, PTX)) / N + eps)
-        xn = (hf * rstd).to(dt).to(tl.float32)
-        w = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(normed_ptr + cols, (w * xn).to(normed_ptr.dtype.element_ty), mask=mask)
+        part = tl.arange(0, NUM_CHUNKS)
+        sums = tl.zeros([NUM_CHUNKS], dtype=tl.float32)
+        for c in range(NUM_CHUNKS):
+            hf = _residual_sum(y_ptr, res_ptr, c * CHUNK + tl.arange(0, CHUNK), N, dt)
+            sums = tl.where(part == c, pairwise_sum(_square_rn(hf, PTX)), sums)
+        rstd = 1.0 / tl.sqrt(pairwise_sum(sums) / N + eps)
+        for c in range(NUM_CHUNKS):
+            cols = c * CHUNK + tl.arange(0, CHUNK)
+            mask = cols < N
+            hf = _residual_sum(y_ptr, res_ptr, cols, N, dt)
+            tl.store(res_ptr + cols, hf.to(dt), mask=mask)
+            xn = (hf * rstd).to(dt).to(tl.float32)
+            w = tl.load(g_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(normed_ptr + cols, (w * xn).to(normed_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _residual_sum(y_ptr, res_ptr, cols, N, dt: tl.constexpr):
+    """``round_dt(y + res)`` at ``cols`` as float32 (0 past N); y read past L1 (``.cg``: the
+    other programs stored it)."""
+    mask = cols < N
+    y = tl.load(y_ptr + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    r = tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return (y + r).to(dt).to(tl.float32)
 
 
 _COUNTERS: dict = {}
