@@ -7,24 +7,26 @@
 #   bash benchmarks/b1fuse_device.sh         # from the repo root; ~8 min on a cold H100
 #
 # Parts (each time-boxed with device_env.sh's t helper; SECONDS 0 skips one):
-#   1. GPU tests (TESTS_S 130): tests/kernels/test_gemv_norm_epilogue.py (the fused GEMVs
+#   1. GPU tests (TESTS_S 150): tests/kernels/test_gemv_norm_epilogue.py (the fused GEMVs
 #      bitwise the GEMV then fused_add_rms_norm at o / down / a ragged shape, bf16 + fp16 FMA and
-#      e4m3 x2, each launch twice: the counter's reset; sm_90 compile), the cuda engine test
-#      (tests/models/test_norm_epilogue_engine.py -k cuda: a tiny Llama in bf16 and fp8, off vs
-#      on, greedy tokens and logprobs the same bits, the fused kernel counted), and the cuda
-#      conformance cases of the new optional ops (CONF_S 60).
-#   2. The B1 kernel chain (decode_chain.py --sections b1fuse, CHAIN_S 180): 32 layers + LM head
+#      e4m3 x2, each launch twice: the counter's reset; rows of several chunks; sm_90 compile),
+#      the cuda engine test (tests/models/test_norm_epilogue_engine.py: a tiny Llama in bf16
+#      and fp8, off vs on, greedy tokens and logprobs the same bits, the fused kernels counted;
+#      its cpu-backend cases skip on a GPU), and the cuda conformance cases of the new
+#      optional ops (CONF_S 45).
+#   2. Engine B1 (bench latency: Llama-3.1-8B shapes, dummy weights, 512-token prompt, 256
+#      greedy tokens, 3 iterations), one process each: fp8 (TESSELLM_FP8_LM_HEAD=1) off, on;
+#      bf16 off, on (B1_FIRST_S 90 for the first, B1_S 50 each after).
+#   3. The B1 kernel chain (decode_chain.py --sections b1fuse, CHAIN_S 150): 32 layers + LM head
 #      in one CUDA graph with PDL as the engine runs them (SiLU fold, prewait default), fp8 then
 #      bf16: base; the norm in the o GEMV's last program only ("o norm epi"); in the o and
 #      down GEMVs' ("o+down": what the engine runs); each with the last-split reduce
 #      (TESSELLM_ATTN_LAST_REDUCE's path); the chain
 #      without any norm (what the 64 norms cost); fp8 also with the e4m3 LM head; base again.
-#   3. Engine B1 (bench latency: Llama-3.1-8B shapes, dummy weights, 512-token prompt, 256
-#      greedy tokens, 3 iterations), one process each: fp8 (TESSELLM_FP8_LM_HEAD=1) off, on;
-#      bf16 off, on; then fp8 off again and fp8 on with TESSELLM_ATTN_LAST_REDUCE=1 while
-#      time is left (a run starts only while the script is under DEADLINE, 440 s).
-#      B1_FIRST_S 100 for the first (compiles), B1_S 50 each after.
-#   4. One SUMMARY line per measurement on stdout (also $OUT/summary.txt).
+#   4. While time is left: engine fp8 off again (the spread) and fp8 on with
+#      TESSELLM_ATTN_LAST_REDUCE=1. An engine run starts only while the script is under
+#      DEADLINE (440 s); every part's limit is cut to what is left of BUDGET (520 s).
+#   5. One SUMMARY line per measurement on stdout (also $OUT/summary.txt).
 #
 # Expectations, written before any GPU run (H100 80GB HBM3; session 18's fp8 B1 2.958 ms):
 #   - tests: all pass (bitwise; a failure means the counter's acquire or the .cg read-back is
@@ -52,23 +54,27 @@ LAT="$B latency --load-format dummy --max-model-len 4096 --model $L8 --num-iters
 } | tee "$OUT/device.txt"
 
 PYT="python3 -m pytest -q -p no:cacheprovider"
-t tests ${TESTS_S:-130} $PYT tests/kernels/test_gemv_norm_epilogue.py \
+# cap SECONDS: a part's limit, cut to what is left of BUDGET (520 s) less a 10 s reserve
+cap() { local left=$(( ${BUDGET:-520} - SECONDS - 10 )); [ "$left" -lt 0 ] && left=0
+        [ "$1" -lt "$left" ] && echo "$1" || echo "$left"; }
+t tests $(cap ${TESTS_S:-150}) $PYT tests/kernels/test_gemv_norm_epilogue.py \
   tests/models/test_norm_epilogue_engine.py
-t conformance ${CONF_S:-60} python3 -m tessellm.testing --backend cuda -q \
+t conformance $(cap ${CONF_S:-45}) python3 -m tessellm.testing --backend cuda -q \
   -k "linear_add_rms_norm or apply_add_rms_norm"
-
-t chain_b1fuse ${CHAIN_S:-180} python3 benchmarks/kernels/decode_chain.py --out "$OUT" \
-  --sections b1fuse
-grep "^b1fuse-\(run\|error\)" "$OUT/chain_b1fuse.txt" 2>/dev/null
 
 b1() { local name=$1 secs=$2; shift 2
        if [ "$SECONDS" -gt "${DEADLINE:-440}" ]; then echo "=== $name skipped (${SECONDS} s > DEADLINE)"; return; fi
-       t "$name" "$secs" "$@" --output-json "$OUT/$name.json"; }
+       t "$name" "$(cap "$secs")" "$@" --output-json "$OUT/$name.json"; }
 F8="env TESSELLM_FP8_LM_HEAD=1"
-b1 b1_fp8_off ${B1_FIRST_S:-100} $F8 TESSELLM_GEMV_NORM_EPILOGUE=0 $LAT --quantization fp8
+b1 b1_fp8_off ${B1_FIRST_S:-90} $F8 TESSELLM_GEMV_NORM_EPILOGUE=0 $LAT --quantization fp8
 b1 b1_fp8_on ${B1_S:-50} $F8 TESSELLM_GEMV_NORM_EPILOGUE=1 $LAT --quantization fp8
 b1 b1_bf16_off ${B1_S:-50} env TESSELLM_GEMV_NORM_EPILOGUE=0 $LAT
 b1 b1_bf16_on ${B1_S:-50} env TESSELLM_GEMV_NORM_EPILOGUE=1 $LAT
+
+t chain_b1fuse $(cap ${CHAIN_S:-150}) python3 benchmarks/kernels/decode_chain.py --out "$OUT" \
+  --sections b1fuse
+grep "^b1fuse-\(run\|error\)" "$OUT/chain_b1fuse.txt" 2>/dev/null
+
 b1 b1_fp8_off_again ${B1_S:-50} $F8 TESSELLM_GEMV_NORM_EPILOGUE=0 $LAT --quantization fp8
 b1 b1_fp8_on_last_reduce ${B1_S:-50} $F8 TESSELLM_GEMV_NORM_EPILOGUE=1 \
   TESSELLM_ATTN_LAST_REDUCE=1 $LAT --quantization fp8
