@@ -80,10 +80,11 @@ def _gated_rms_norm_kernel(y_ptr, z_ptr, w_ptr, out_ptr, group_size, eps, sy, sz
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as ``[rows, C]`` with a contiguous last dim (a view when its layout allows)."""
+    """``t`` as ``[rows, C]`` with a contiguous last dim (a view when its layout allows; ``t``
+    itself when it is one: no op)."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int,
@@ -106,10 +107,10 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
         weight = weight.contiguous()
     out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
     if y2.shape[0] == 0:
-        return out.view(shape)
+        return out if y.dim() == 2 else out.view(shape)
     block = min(MAX_BLOCK, triton.next_power_of_2(group_size))
     _gated_rms_norm_kernel[(y2.shape[0], channels // group_size)](
         y2, z2, weight, out, group_size, eps, y2.stride(0), z2.stride(0), out.stride(0),
         group_size if weight.shape[0] == channels else 0, MODE=MODES.index(mode),
         BLOCK=block, TILED=block < group_size, num_warps=max(1, min(16, block // 256)))
-    return out.view(shape)
+    return out if y.dim() == 2 else out.view(shape)

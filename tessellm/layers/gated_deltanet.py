@@ -29,7 +29,7 @@ from tessellm.backends.reference.recurrent_verify import verify_ops
 from tessellm.layers.context import ModelContext
 from tessellm.layers.derived import DerivedWeight, as_float, neg_exp_float
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
-from tessellm.layers.mamba_mixer import causal_conv
+from tessellm.layers.mamba_mixer import causal_conv, depthwise_weight, step_rows
 from tessellm.quantization.stored_parts import split_stored
 
 
@@ -104,6 +104,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(n.value_heads), requires_grad=False)
         self.A_log = nn.Parameter(torch.zeros(n.value_heads), requires_grad=False)
         self._decay, self._dt_bias = DerivedWeight(neg_exp_float), DerivedWeight(as_float)
+        self._conv_weight = DerivedWeight(depthwise_weight)  # [C, 1, K] as [C, K], a view
         self.norm = _NormWeight(s.value_dim)  # one per value head dim: every rank's whole
         self.out_proj = RowParallelLinear(s.values, s.hidden_size, bias=False,
                                           quant_method=ctx.quant_method, tp=tp,
@@ -178,8 +179,8 @@ class GatedDeltaNet(nn.Module):
         s, batch, t = self.local, self.step.batch, hidden.shape[0]
         qkvz = self.in_proj_qkvz(hidden)
         b, a = self.in_proj_ba(hidden).split([s.value_heads, s.value_heads], dim=-1)
-        qkv, m = causal_conv(self.ops, qkvz[:, :s.conv_dim], self.conv1d.weight[:, 0], None,
-                             self.conv_state, batch)
+        qkv, m = causal_conv(self.ops, qkvz[:, :s.conv_dim], self._conv_weight(self.conv1d.weight),
+                             None, self.conv_state, batch)
         q, k, v = qkv.split([s.keys, s.keys, s.values], dim=-1)
         q = q.reshape(t, s.key_heads, s.key_dim)
         k = k.reshape(t, s.key_heads, s.key_dim)
@@ -192,13 +193,14 @@ class GatedDeltaNet(nn.Module):
         nd = batch.num_decodes
         parts = []
         if nd:
-            parts.append(self.ops.gated_delta_step(q[:nd], k[:nd], v[:nd], g[:nd], beta[:nd],
-                                                   self.ssm_state, batch.state_indices[:nd],
+            idx = batch.state_indices
+            parts.append(self.ops.gated_delta_step(*step_rows((q, k, v, g, beta), 0, nd, t),
+                                                   self.ssm_state,
+                                                   idx if idx.shape[0] == nd else idx[:nd],
                                                    scale))
         if batch.prefills is not None:
-            parts.append(self.ops.gated_delta_chunk(q[nd:m], k[nd:m], v[nd:m], g[nd:m],
-                                                    beta[nd:m], self.ssm_state, batch.prefills,
-                                                    scale))
+            parts.append(self.ops.gated_delta_chunk(*step_rows((q, k, v, g, beta), nd, m, t),
+                                                    self.ssm_state, batch.prefills, scale))
         if batch.verifies is not None:  # speculative decoding: the state after each token kept
             parts.append(verify_ops(self.ops)[2](q[m:], k[m:], v[m:], g[m:], beta[m:],
                                                  self.ssm_state, batch.verifies, scale))

@@ -111,6 +111,7 @@ class MambaMixer2(nn.Module):
         self.conv_state = self.ssm_state = None  # bound by the state cache
         self.step = None
         self._decay = DerivedWeight(neg_exp_float)  # A from A_log: decay()
+        self._conv_weight = DerivedWeight(depthwise_weight)  # conv1d.weight [C, 1, K] as [C, K]
 
     def load_checkpoint_tensor(self, attr: str, tensor) -> None:
         """``attr``: the name under the mixer (``in_proj.weight``, ``conv1d.weight``, ``A_log``,
@@ -161,7 +162,7 @@ class MambaMixer2(nn.Module):
         z, xbc, dt = self.in_proj(hidden).split([n.intermediate, n.conv_dim, n.num_heads], dim=-1)
         if not getattr(self.ops, "mamba_strided_inputs", False):  # a plugin of API < 17
             xbc, dt = xbc.contiguous(), dt.contiguous()
-        xbc, m = causal_conv(self.ops, xbc, self.conv1d.weight[:, 0],
+        xbc, m = causal_conv(self.ops, xbc, self._conv_weight(self.conv1d.weight),
                              self.conv1d.bias, self.conv_state, batch)
         x, B, C = xbc.split([n.intermediate, gn, gn], dim=-1)
         x = x.reshape(t, n.num_heads, s.head_dim)
@@ -171,12 +172,15 @@ class MambaMixer2(nn.Module):
         nd = batch.num_decodes
         parts = []
         if nd:
+            xs, dts, Bs, Cs = step_rows((x, dt, B, C), 0, nd, t)
+            idx = batch.state_indices
             parts.append(self.ops.mamba_state_update(
-                x[:nd], dt[:nd], A, B[:nd], C[:nd], self.D, self.dt_bias, self.ssm_state,
-                batch.state_indices[:nd], s.dt_limit))
+                xs, dts, A, Bs, Cs, self.D, self.dt_bias, self.ssm_state,
+                idx if idx.shape[0] == nd else idx[:nd], s.dt_limit))
         if batch.prefills is not None:
+            xs, dts, Bs, Cs = step_rows((x, dt, B, C), nd, m, t)
             parts.append(self.ops.mamba_chunk_scan(
-                x[nd:m], dt[nd:m], A, B[nd:m], C[nd:m], self.D, self.dt_bias, self.ssm_state,
+                xs, dts, A, Bs, Cs, self.D, self.dt_bias, self.ssm_state,
                 batch.prefills, s.chunk_size, s.dt_limit))
         if batch.verifies is not None:  # speculative decoding: the state after each token kept
             parts.append(verify_ops(self.ops)[1](
@@ -194,6 +198,19 @@ class MambaMixer2(nn.Module):
         norm = self.ops.gated_rms_norm if self._fused_norm else reference_gated_norm
         return self.out_proj(norm(y, z, self.norm.weight, n.intermediate // n.n_groups, s.eps,
                                   mode))
+
+
+def depthwise_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The depthwise conv's ``[C, 1, K]`` weight as the ops take it, ``[C, K]`` (a view)."""
+    return weight[:, 0]
+
+
+def step_rows(tensors, lo: int, hi: int, total: int):
+    """Rows ``lo:hi`` of each tensor: the tensors themselves when that is all of them (a step of
+    prefills alone, or of decodes alone: no slice ops a layer and step)."""
+    if lo == 0 and hi == total:
+        return tensors
+    return tuple(t[lo:hi] for t in tensors)
 
 
 GATE_NORMS = ("after_gate", "after_gate_float32", "before_gate", "none")

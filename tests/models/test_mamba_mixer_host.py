@@ -141,3 +141,21 @@ def test_ops_without_the_strided_flag_get_contiguous_rows():
             outs.append(mixer(hidden))
     assert seen and all(contiguous for _, contiguous in seen), seen
     torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+
+
+def test_whole_step_rows_are_not_sliced():
+    """A step of prefills alone (a cached prompt's computed tail) or of decodes alone hands the
+    ops x, dt, B and C whole, and the conv its weight as a view made once: no slice or select
+    op in the mixer's own code a layer and step (a mixed step slices the two parts)."""
+    count = _Count()
+    mixer, cache = _mixer(count)
+    for counts, slots in (([7, 12], [0, 1]), ([1, 1, 1], [2, 0, 1])):
+        hidden = torch.randn(sum(counts), SHAPE.hidden_size)
+        cache.step.batch = make_batch(counts, slots, torch.device("cpu"))
+        with torch.no_grad():
+            mixer(hidden)
+            count.ops.clear()
+            with count:
+                mixer(hidden)
+        sliced = {k: count.ops[k] for k in ("slice", "select") if count.ops[k]}
+        assert not sliced, f"{counts}: the mixer sliced whole rows: {sliced}"

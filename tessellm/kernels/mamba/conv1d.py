@@ -86,8 +86,10 @@ def mamba_conv1d(x, weight, bias, conv_state, batch, activation="silu") -> torch
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
-    qsl = batch.query_start_loc_host
-    longest = max(b - a for a, b in zip(qsl, qsl[1:]))
+    # the longest sequence: the leading decodes have one token (only the rest are walked on
+    # the host, once a layer: a mixed step's hundreds of decodes cost nothing here)
+    qsl = batch.query_start_loc_host[batch.num_decodes:]
+    longest = max((b - a for a, b in zip(qsl, qsl[1:])), default=1)
     # two variants only, both met by the serving warm-up (core/warmup.py): steps of decodes
     # alone, and any step with a longer sequence (a block per length would compile 2, 4, 8 on
     # the first prompts of those lengths after ready)
