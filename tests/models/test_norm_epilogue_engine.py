@@ -153,3 +153,29 @@ def test_fused_only_for_a_plain_one_row_layer():
                                      norm) is None  # not batch-1 decode
     wrapped = LoRALinear(layer, LoRABatch(None, 2), num_slots=2, rank=4).to(dev)
     assert fused_linear_add_rms_norm(wrapped, x, res.clone(), norm) is None
+
+
+def test_eagle_stream_reads_the_handed_off_residual():
+    """EAGLE-3 reads the residual stream entering a layer (``_stream_into``): after a hand-off
+    (the layer before added its down_proj output into the residual and normed it) that is the
+    residual itself, as a copy; otherwise hidden + residual as before."""
+    from types import SimpleNamespace
+
+    from tessellm.models.llama import LlamaForCausalLM
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    norm = RMSNorm(8, 1e-5, TritonOps()).to(dev)
+    model = SimpleNamespace(layers=[SimpleNamespace(input_layernorm=norm)])
+    hidden, residual = torch.randn(1, 8, device=dev), torch.randn(1, 8, device=dev)
+    assert torch.equal(LlamaForCausalLM._stream_into(model, 0, hidden, residual), hidden + residual)
+    norm.hand_off(hidden, residual)
+    got = LlamaForCausalLM._stream_into(model, 0, hidden, residual)
+    assert torch.equal(got, residual) and got.data_ptr() != residual.data_ptr()
+    assert norm(hidden, residual) == (hidden, residual)  # the hand-off, then consumed
+    assert norm._handoff is None
+    norm.hand_off(hidden, residual)  # a call with other tensors drops it and computes
+    other = residual.clone()
+    out, res = norm(hidden.clone(), other)
+    assert norm._handoff is None and res is not residual
+    want = TritonOps().fused_add_rms_norm(hidden.clone(), residual.clone(), norm.weight, 1e-5)
+    assert torch.equal(out, want[0])
