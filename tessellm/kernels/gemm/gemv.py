@@ -29,6 +29,11 @@ as the GEMV stores them and runs ``activation.silu_mul``, so out ``[M, I]`` is b
 then ``silu_and_mul``. No split-K there (the epilogue needs whole sums); ``gemv_x2`` folds its
 e4m3 kernel the same way.
 
+The residual-add RMSNorm after the product (``gemv_then_add_rms_norm``, ``NORM_EPI``; the
+decoder's o_proj / down_proj at one row under ``TESSELLM_GEMV_NORM_EPILOGUE=1``): the last
+program to finish normalizes the whole output row (``norm_epilogue.py``), bitwise the GEMV then
+``fused_add_rms_norm``; no split-K there either.
+
 Invariant: every program reads whole weight rows of its ``BLOCK_N`` outputs over its K range.
 Rows past N are clamped to row N-1 (read again, never stored), so weight loads carry no N mask;
 K needs a mask only when ``BLOCK_K * SPLIT_K`` does not divide K (``EVEN_K``). With

@@ -29,6 +29,8 @@ read rate of the large shapes.
 ``gemv_fp8_x2_silu_and_mul``: the tiled kernel with SILU_FOLD (the MLP's gate_up at one row):
 program rows in (gate j, up j + I) pairs, each with its own scale, SiLU-and-mul in the
 epilogue, bitwise ``gemv_fp8_x2`` then ``silu_and_mul`` (``gemv.py``'s SiLU paragraph).
+``gemv_fp8_x2_then_add_rms_norm``: the tiled kernel with NORM_EPI, the residual-add RMSNorm of
+the output row by the last program to finish (``norm_epilogue.py``).
 """
 
 from __future__ import annotations
