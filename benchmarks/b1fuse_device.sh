@@ -7,7 +7,7 @@
 #   bash benchmarks/b1fuse_device.sh         # from the repo root; ~8 min on a cold H100
 #
 # Parts (each time-boxed with device_env.sh's t helper; SECONDS 0 skips one):
-#   1. GPU tests (TESTS_S 150): tests/kernels/test_gemv_norm_epilogue.py (the fused GEMVs
+#   1. GPU tests (TESTS_S 180): tests/kernels/test_gemv_norm_epilogue.py (the fused GEMVs
 #      bitwise the GEMV then fused_add_rms_norm at o / down / a ragged shape, bf16 + fp16 FMA and
 #      e4m3 x2, each launch twice: the counter's reset; rows of several chunks; sm_90 compile),
 #      the cuda engine test (tests/models/test_norm_epilogue_engine.py: a tiny Llama in bf16
@@ -57,7 +57,7 @@ PYT="python3 -m pytest -q -p no:cacheprovider"
 # cap SECONDS: a part's limit, cut to what is left of BUDGET (520 s) less a 10 s reserve
 cap() { local left=$(( ${BUDGET:-520} - SECONDS - 10 )); [ "$left" -lt 0 ] && left=0
         [ "$1" -lt "$left" ] && echo "$1" || echo "$left"; }
-t tests $(cap ${TESTS_S:-150}) $PYT tests/kernels/test_gemv_norm_epilogue.py \
+t tests $(cap ${TESTS_S:-180}) $PYT tests/kernels/test_gemv_norm_epilogue.py \
   tests/models/test_norm_epilogue_engine.py
 t conformance $(cap ${CONF_S:-45}) python3 -m tessellm.testing --backend cuda -q \
   -k "linear_add_rms_norm or apply_add_rms_norm"

@@ -116,7 +116,8 @@ def test_cuda_same_bits_with_the_epilogue(tiny_llama, monkeypatch, quantization)
             calls.append(1)
             return _f(*a, **kw)
         monkeypatch.setattr(mod, name, counted)
-    kw = dict(dtype="bfloat16", enable_prefix_caching=False, quantization=quantization)
+    kw = dict(dtype="bfloat16", enable_prefix_caching=False, quantization=quantization,
+              max_num_seqs=4)
     monkeypatch.delenv("TESSELLM_GEMV_NORM_EPILOGUE", raising=False)
     want = _generate(LLM(tiny_llama, **kw), max_tokens=8)
     assert not calls
