@@ -38,7 +38,9 @@ from tessellm.kernels.pdl import pdl_args, pdl_start
 
 # Weight rows a program of the up and the down kernel (``fused_moe_int4_decode``'s
 # ``up_rows`` / ``down_rows`` override; benchmarks/kernels/bench_moe_int4.py --sweep times others).
-INT4_DECODE_ROWS = (2, 2)
+# (4, 2) was the fastest of six at 1 token on an H100 for both Qwen3-30B-A3B (22.7 us against 24.1
+# for 2, 2) and Mixtral-8x7B (163.2 against 168.8): benchmarks/results/h100-2026-12-06-s19/moeint4dec.
+INT4_DECODE_ROWS = (4, 2)
 
 
 @triton.jit
