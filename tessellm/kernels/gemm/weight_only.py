@@ -99,13 +99,31 @@ def _w8a16_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
 
 
 @triton.jit
+def _int4_codes(q_ptr, k0, k_hi, rn, N, stride_qk, BLOCK_K: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` int4 codes of inputs ``k0 ..`` (``k0`` a multiple of
+    ``BLOCK_K``, inputs at or past ``k_hi`` zero) and columns ``rn``, from q int32 ``[K/8, N]``:
+    each packed word is loaded once (a ``[BLOCK_K / 8, BLOCK_N]`` tile, contiguous along N) and
+    its 8 nibbles are unpacked in registers; row ``8 w + j`` of the result is nibble j of word
+    row w. (Loading the word once per code, as this kernel first did, issued 8 loads a word.)"""
+    rkw = tl.max_contiguous(tl.multiple_of(k0 // 8 + tl.arange(0, BLOCK_K // 8), BLOCK_K // 8),
+                            BLOCK_K // 8)
+    words = tl.load(q_ptr + rkw[:, None].to(tl.int64) * stride_qk + rn[None, :],
+                    mask=(rkw[:, None] < k_hi // 8) & (rn[None, :] < N), other=0)
+    nib = (tl.arange(0, 8) * 4)[None, :, None]
+    codes = (words[:, None, :] >> nib) & 0xF  # [BLOCK_K / 8, 8, BLOCK_N]
+    return tl.reshape(codes, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
 def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K,
                       stride_xm, stride_qk, stride_sg, stride_og, stride_om, stride_split,
                       GROUP_SIZE: tl.constexpr, ZERO_POINT: tl.constexpr,
                       HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
-    """q int32 ``[K/8, N]`` (8 codes per word along K); scales/offsets ``[G, N]``."""
+    """q int32 ``[K/8, N]`` (8 codes per word along K); scales/offsets ``[G, N]``. K is a
+    multiple of 8 (whole words); ``BLOCK_K`` a multiple of 8 dividing the group."""
     pid_k, rm, rn, k_lo, k_hi = _tile_ranges(K, SPLIT_K, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xm
@@ -113,9 +131,7 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K,
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < k_hi
         x = tl.load(x_row + rk[None, :], mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
-        packed = tl.load(q_ptr + (rk // 8)[:, None].to(tl.int64) * stride_qk + rn[None, :],
-                         mask=k_ok[:, None] & (rn[None, :] < N), other=0)
-        codes = (packed >> ((rk % 8) * 4)[:, None]) & 0xF
+        codes = _int4_codes(q_ptr, k0, k_hi, rn, N, stride_qk, BLOCK_K, BLOCK_N)
         if DOT_FP32:
             x = x.to(tl.float32)
         part = tl.dot(x, (codes - ZERO_POINT).to(x.dtype), input_precision=DOT_PREC)
@@ -132,17 +148,18 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K,
 def _int4_dequant_kernel(q_ptr, s_ptr, o_ptr, out_ptr, K, N, stride_qk, stride_sg, stride_og,
                          GROUP_SIZE: tl.constexpr, ZERO_POINT: tl.constexpr,
                          HAS_OFFSETS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out ``[N, K]`` (x's dtype) = the dense weight, for the large-M cuBLAS path."""
-    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    """out ``[N, K]`` (x's dtype) = the dense weight, for the large-M cuBLAS path (each word
+    loaded once, ``_int4_codes``; ``BLOCK_K`` divides the group)."""
+    k0 = tl.program_id(0) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rk[:, None] < K) & (rn[None, :] < N)
-    packed = tl.load(q_ptr + (rk // 8)[:, None].to(tl.int64) * stride_qk + rn[None, :], mask=ok,
-                     other=0)
-    w = (((packed >> ((rk % 8) * 4)[:, None]) & 0xF) - ZERO_POINT).to(tl.float32)
-    g = (rk // GROUP_SIZE)[:, None]
-    w *= tl.load(s_ptr + g * stride_sg + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+    codes = _int4_codes(q_ptr, k0, K, rn, N, stride_qk, BLOCK_K, BLOCK_N)
+    g = k0 // GROUP_SIZE
+    w = (codes - ZERO_POINT).to(tl.float32)
+    w *= tl.load(s_ptr + g * stride_sg + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_OFFSETS:
-        w += tl.load(o_ptr + g * stride_og + rn[None, :], mask=ok, other=0.0).to(tl.float32)
+        w += tl.load(o_ptr + g * stride_og + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rn[None, :].to(tl.int64) * K + rk[:, None],
              w.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -205,7 +222,8 @@ def int4_dequantize(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """The dense ``[N, K]`` weight in ``dtype`` (rows in the permuted input order)."""
     k, n = w.qweight.shape[0] * 8, w.qweight.shape[1]
     out = torch.empty(n, k, dtype=dtype, device=w.qweight.device)
-    bk, bn = 64, 64
+    group = w.group_size  # a K block inside one group (or the one group, per channel)
+    bk, bn = (64 if group % 64 == 0 or group >= k else group & -group), 64
     offsets = w.offsets if w.offsets is not None else w.scales
     _int4_dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](
         w.qweight, w.scales, offsets, out, k, n, w.qweight.stride(0), w.scales.stride(0),
