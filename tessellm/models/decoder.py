@@ -277,15 +277,16 @@ def link_norm_epilogues(layers, start: int, end: int, final_norm: Optional[nn.Mo
     the last: None where the stage does not end in it), so at one row its down_proj runs that
     residual-add RMSNorm in its GEMV's last program and hands the result to the norm module
     (``RMSNorm.hand_off``). Only where that norm is exactly the next thing to take ``(hidden,
-    residual)``: a next layer that is a plain ``DecoderLayer`` (its own ``forward`` and
-    ``input_norm``) and an ``RMSNorm`` without a reduce group. The caller passes
+    residual)``: layers that run ``DecoderLayer.forward`` itself, a next layer that runs
+    ``DecoderLayer.input_norm`` too, and an ``RMSNorm`` without a reduce group. The caller passes
     ``final_norm`` only where its forward calls ``final_norm(hidden, residual)`` on the last
     layer's output. Returns how many layers were linked."""
     linked = 0
     for i in range(start, end):
         layer = layers[i]
-        if not getattr(layer, "_o_norm_fused", False) or type(layer.mlp) is not DecoderMLP:
-            continue
+        if (not getattr(layer, "_o_norm_fused", False) or type(layer.mlp) is not DecoderMLP
+                or type(layer).forward is not DecoderLayer.forward):
+            continue  # (a forward of its own may change the output the norm was formed from)
         norm, consumer = final_norm, None
         if i + 1 < end:
             nxt = layers[i + 1]

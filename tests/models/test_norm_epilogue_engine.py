@@ -27,15 +27,25 @@ from tests.conftest import _tiny_configs  # noqa: E402
 PROMPTS = [[(5 * j + 3) % 384 for j in range(11)], [(7 * j + 1) % 384 for j in range(6)]]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
+def _save(tmp_path_factory, family):
     from transformers import AutoModelForCausalLM
 
-    config = _tiny_configs()["llama"]
+    config = _tiny_configs()[family]
     torch.manual_seed(1234)
-    path = str(tmp_path_factory.mktemp("normepi-llama"))
+    path = str(tmp_path_factory.mktemp(f"normepi-{family}"))
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return _save(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def tiny_family(tmp_path_factory, request):
+    """Llama, and Qwen3 (q/k norms in the attention's projection, tied embeddings' cousin)."""
+    return _save(tmp_path_factory, request.param)
 
 
 def _run(path, monkeypatch, fused: bool):
@@ -43,7 +53,7 @@ def _run(path, monkeypatch, fused: bool):
     calls = []
 
     def linear_add_rms_norm(self, x, w, residual, norm_weight, eps, b=None):
-        calls.append((x.shape[0], "down" if w.shape[1] != w.shape[0] else "o"))
+        calls.append((x.shape[0], w.data_ptr()))  # which weight: each layer's o_proj, down_proj
         if fused:
             return triton_ops.linear_add_rms_norm(x, w, residual, norm_weight, eps, b)
         return triton_ops.fused_add_rms_norm(triton_ops.linear(x, w, b), residual, norm_weight,
@@ -71,20 +81,23 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(),
 
 
 @CPU_ONLY
-def test_greedy_tokens_unchanged_with_the_fused_path(tiny_llama, monkeypatch):
+def test_greedy_tokens_unchanged_with_the_fused_path(tiny_family, monkeypatch):
     monkeypatch.setenv("TESSELLM_GEMV_NORM_EPILOGUE", "1")
-    want, calls_two = _run(tiny_llama, monkeypatch, fused=False)
-    got, calls = _run(tiny_llama, monkeypatch, fused=True)
-    assert calls == calls_two and calls and {rows for rows, _ in calls} == {1}, \
+    want, calls_two = _run(tiny_family, monkeypatch, fused=False)
+    got, calls = _run(tiny_family, monkeypatch, fused=True)
+    rows = [r for r, _ in calls]
+    assert rows == [r for r, _ in calls_two] and rows and set(rows) == {1}, \
         f"the layer asked for the fused product at rows {calls}"
-    sites = [site for _, site in calls]
-    assert sites.count("o") == sites.count("down") > 0, "o_proj and down_proj both fused"
+    weights = [w for _, w in calls]
+    layers = _tiny_configs()["llama"].num_hidden_layers
+    assert len(set(weights)) == 2 * layers and len({weights.count(w) for w in weights}) == 1, \
+        "each layer's o_proj and down_proj fused, as often"
     assert got == want
     # against the engine without the path at all (the cpu backend's own ops: other kernels,
     # so the logprobs only close): the hand-off of down_proj's norm to the next layer and to
     # the final norm computes what the unfused layers do
     monkeypatch.setenv("TESSELLM_GEMV_NORM_EPILOGUE", "0")
-    plain, none = _run(tiny_llama, monkeypatch, fused=True)
+    plain, none = _run(tiny_family, monkeypatch, fused=True)
     assert none == []
     for (tokens, lps), (want_tokens, want_lps) in zip(got, plain):
         assert tokens == want_tokens
