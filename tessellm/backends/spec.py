@@ -428,6 +428,15 @@ class MambaBatch:
     # dst); built once per step, by the first op that runs the recurrence one position at a
     # time (``reference/recurrent_verify.positions``): None until then.
     positions: Optional[list] = None
+    # Recurrent-state prefix caching (core/state_prefix.py): ``(sequence, offset, snapshot
+    # slot)`` triples, the state after the sequence's first ``offset`` tokens of this step (0 <
+    # offset < its length: a block boundary inside its prefill chunk) kept in that slot of the
+    # layer's snapshot pools (``snapshot_pools``: conv ``[S, C, K-1]``, state ``[S, ...]``)
+    # besides the state after its last token in its own slot. Empty: none. An op that
+    # declares ``recurrent_state_saves`` writes them itself (plugin API 21); the layers
+    # run any other op once per piece between such offsets and copy the states between
+    # (``reference/state_saves.py``).
+    state_saves: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------

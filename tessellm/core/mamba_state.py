@@ -108,6 +108,8 @@ class MambaStateCache:
 
         self.snapshots = [tuple(_zeros((num, *t.shape[1:]), t.dtype, self.device)
                                 for t in (layer.conv_state, layer.ssm_state)) for layer in self.layers]
+        for layer, pools in zip(self.layers, self.snapshots):  # saves inside a step write them
+            layer.snapshot_pools = pools
 
     def save(self, saves: dict[str, int], if_accepted: Optional[dict[str, list]] = None,
              rows: Optional[dict[str, tuple[int, int]]] = None) -> None:
@@ -198,12 +200,15 @@ class MambaStateCache:
                 self.free.append(slot)
 
     def begin_step(self, states, counts: list[int], profile: bool = False,
-                   restores: Optional[dict[str, int]] = None) -> MambaBatch:
+                   restores: Optional[dict[str, int]] = None,
+                   within: Optional[dict[str, list]] = None) -> MambaBatch:
         """The step's ``MambaBatch`` (``states``: the runner's requests in row order, before
         their ``num_computed_tokens`` advance; ``counts``: tokens each computes). New requests
         get a slot; slots of requests at their first token are zeroed, those of ``restores``
         (request id -> snapshot slot: a prefix hit) copied from the snapshot. ``profile``: the
-        memory-profile forward (slots assigned round-robin and not kept)."""
+        memory-profile forward (slots assigned round-robin and not kept). ``within``
+        (``SchedulerOutput.state_saves_within``): request id -> ``[[n, snapshot slot], ...]``,
+        the states after ``n`` tokens inside its prefill chunk (``MambaBatch.state_saves``)."""
         restores = restores or {}
         slots, fresh, keep = [], [], ([], [])
         for i, st in enumerate(states):
@@ -246,7 +251,12 @@ class MambaStateCache:
                                slots[len(slots) - verify:]):
             token_slots += [self.spare(slot, j) for j in range(n - 1)] + [slot]
             self.verifying[st.request_id] = (st.num_computed_tokens, n, slot)
-        self.step.batch = make_batch(counts, slots, self.device, verify, token_slots)
+        saves = []
+        for i, st in enumerate(states[:len(states) - verify] if within else ()):
+            for n, pool_slot in within.get(st.request_id, ()):
+                if 0 < n - st.num_computed_tokens < counts[i]:
+                    saves.append((i, n - st.num_computed_tokens, pool_slot))
+        self.step.batch = make_batch(counts, slots, self.device, verify, token_slots, saves)
         return self.step.batch
 
     def _accepted(self, st, slot: int, keep: tuple[list, list]) -> None:
@@ -314,11 +324,12 @@ class MambaStateCache:
 
 
 def make_batch(counts: list[int], slots: list[int], device: torch.device, verify: int = 0,
-               token_slots: Optional[list[int]] = None) -> MambaBatch:
+               token_slots: Optional[list[int]] = None, saves: Optional[list] = None) -> MambaBatch:
     """The ``MambaBatch`` of sequences of ``counts`` tokens in ``slots`` (decodes first: the
     leading sequences of one token). ``verify``: the last so many sequences verify drafts
     (``MambaBatch.verifies``; ``token_slots``: the slot for the state after each of their
-    tokens)."""
+    tokens). ``saves``: ``(sequence, offset, snapshot slot)``, ``MambaBatch.state_saves`` (of
+    sequences before the verifying ones)."""
     if verify:
         cut = len(counts) - verify
         vq = [0]
@@ -329,7 +340,7 @@ def make_batch(counts: list[int], slots: list[int], device: torch.device, verify
                               token_slots_host=list(token_slots))
         # (``positions``, what the composed verify ops index by, is built by the first layer
         # that needs it: ops with their own verify kernels never do)
-        batch = make_batch(counts[:cut], slots[:cut], device)
+        batch = make_batch(counts[:cut], slots[:cut], device, saves=saves)
         batch.verifies = verifies
         return batch
     qsl = [0]
@@ -342,8 +353,10 @@ def make_batch(counts: list[int], slots: list[int], device: torch.device, verify
     if decodes < len(counts):
         pq = [q - qsl[decodes] for q in qsl[decodes:]]
         prefills = MambaBatch(_ints(pq, device), _ints(slots[decodes:], device), 0, pq,
-                              list(slots[decodes:]))
-    return MambaBatch(_ints(qsl, device), _ints(slots, device), decodes, qsl, list(slots), prefills)
+                              list(slots[decodes:]),
+                              state_saves=[(i - decodes, o, p) for i, o, p in saves or ()])
+    return MambaBatch(_ints(qsl, device), _ints(slots, device), decodes, qsl, list(slots), prefills,
+                      state_saves=list(saves or ()))
 
 
 def _ints(values: list[int], device: torch.device) -> torch.Tensor:

@@ -213,7 +213,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         host = build_inputs(states, counts, num_sampled, self.batch.tables, self.block_size,
                             self.steps.input_token)
         if self.mamba is not None:  # state slots of this step's requests, in row order
-            self.mamba.begin_step(states, counts, restores=sched.state_restores)
+            self.mamba.begin_step(states, counts, restores=sched.state_restores,
+                                  within=sched.state_saves_within)
         if self.mrope is not None:  # rotary positions: delta added, [3, T] over image tokens
             host.positions = self.mrope.positions(states, counts, host.positions, host.query_start_loc)
         if self.pooler is not None:  # an embedding model: pooled vectors, nothing sampled

@@ -50,7 +50,7 @@ from tessellm.core.scheduler_config import SchedulerConfig, SchedulerStats, chec
 from tessellm.core.scheduler_kv_loads import SchedulerKVLoads
 from tessellm.core.scheduler_update import SchedulerUpdate
 from tessellm.core.spec_ahead import SpecAhead
-from tessellm.core.state_prefix import align_chunk, saves_at
+from tessellm.core.state_prefix import align_chunk, saves_at, saves_within
 from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,  # noqa: F401
                                 SchedulerOutput)
 from tessellm.spec_decode.metrics import SpecDecodeStats
@@ -127,6 +127,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         saves: dict[str, int] = {}  # recurrent-state snapshots (state_prefix.py)
         restores: dict[str, int] = {}
         saves_if_accepted: dict[str, list] = {}  # ... at boundaries a verify step may cross
+        within: dict[str, list] = {}  # ... at boundaries inside a prefill chunk
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -170,7 +171,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             num_scheduled[req.request_id] = num_new
             reserved = self.ahead.take(req.request_id) if self.ahead is not None else None
             self._save_state(req, start, num_new, saves, saves_if_accepted,
-                             bool(drafts) or reserved is not None)
+                             bool(drafts) or reserved is not None, within)
             if images:
                 self.encoder.take(req, images)
             if reserved is not None:
@@ -182,7 +183,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             i += 1
 
         if not preempted:
-            budget = self._admit_waiting(budget, num_scheduled, new_reqs, saves, restores)
+            budget = self._admit_waiting(budget, num_scheduled, new_reqs, saves, restores, within)
 
         self.num_preemptions_total += preempted
         out = SchedulerOutput(new_reqs, cached_reqs, num_scheduled, sum(num_scheduled.values()),
@@ -192,7 +193,8 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
                               preempted_request_ids=self.preempted_ids,
                               encoder_inputs=self.encoder.encoded if self.encoder else {},
                               state_saves=saves, state_restores=restores,
-                              state_saves_if_accepted=saves_if_accepted)
+                              state_saves_if_accepted=saves_if_accepted,
+                              state_saves_within=within)
         if self.kv.host is not None and self.kv.host.transfers and not out.is_empty:
             out.kv_transfers = self.kv.host.take_transfers()  # before this step's forward
         if self.connector is not None and not out.is_empty:
@@ -230,7 +232,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
 
     def _admit_waiting(self, budget: int, num_scheduled: dict[str, int],
                        new_reqs: list[NewRequestData], saves: dict[str, int],
-                       restores: dict[str, int]) -> int:
+                       restores: dict[str, int], within: Optional[dict[str, list]] = None) -> int:
         skipped: list[Request] = []
         if self.lora is not None:
             self.lora.begin_admission()
@@ -315,7 +317,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
                 self.kv.block_ids(req.request_id), req.num_computed_tokens, req.mm_features,
                 req.pooling_task, req.prompt_embeds))
             num_scheduled[req.request_id] = num_new
-            self._save_state(req, req.num_computed_tokens, num_new, saves)
+            self._save_state(req, req.num_computed_tokens, num_new, saves, within=within, cut=cut)
             if images:
                 self.encoder.take(req, images)
             budget -= num_new
@@ -337,22 +339,26 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         snapshots, ``state_prefix.align_chunk``), and at ``cut`` when it passes it (where its
         cached KV blocks end past its snapshot hit: ``BlockManager.state_cut``); unchanged
         without snapshots."""
-        if self.kv.states is None or num_new == 0:
-            return num_new
+        if self.kv.states is None or num_new == 0 or self.kv.states.within:
+            return num_new  # saves inside the step (``_save_state``): no cut needed
         if start < cut < start + num_new:
             num_new = cut - start
         return align_chunk(start, num_new, req.num_tokens, self.kv.block_size, self.kv.states.every)
 
     def _save_state(self, req: Request, start: int, num_new: int, saves: dict[str, int],
                     saves_if_accepted: Optional[dict[str, list]] = None,
-                    verifies: bool = False) -> None:
+                    verifies: bool = False, within: Optional[dict[str, list]] = None,
+                    cut: int = 0) -> None:
         """Reserve a snapshot of the request's state after this chunk when it ends on a
         boundary a later hit may end at (``state_prefix.saves_at``), or after a decode token
         that fills a block (the request's one rolling decode snapshot: a next chat turn, its
         prompt this request's tokens and more, hits up to there). Under speculation a decoding
         step (``verifies``: it carries drafts, or reserves them a step ahead) reserves one at
         each boundary its tokens cross, kept only if the token before it is accepted
-        (``saves_if_accepted``, ``BlockManager.settle_state_saves``)."""
+        (``saves_if_accepted``, ``BlockManager.settle_state_saves``). A prefill chunk also
+        reserves one at each boundary inside it worth a snapshot (``within``:
+        ``state_prefix.saves_within``; ``cut``: ``BlockManager.state_cut``), saved by the
+        step's ops where they pass it."""
         if self.kv.states is None:
             return
         bs = self.kv.block_size
@@ -360,6 +366,14 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         end = start + num_new
         decoding = index is None and (verifies or (
             num_new == 1 and end == req.num_tokens + self.in_flight.samples_ahead(req.request_id)))
+        if within is not None and self.kv.states.within and not decoding and num_new > 1:
+            pairs = []
+            for n in saves_within(start, num_new, req.num_tokens, bs, self.kv.states.every, cut):
+                slot = self.kv.reserve_state_save(req, n // bs - 1)
+                if slot is not None:
+                    pairs.append([n, slot])
+            if pairs:
+                within[req.request_id] = pairs
         if decoding and self.config.num_speculative_tokens:
             if saves_if_accepted is not None:
                 self._save_state_if_accepted(req, start, end, saves_if_accepted)

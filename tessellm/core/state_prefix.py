@@ -86,6 +86,9 @@ class StateSnapshots:
             raise ValueError(f"A recurrent-state snapshot pool needs >= 1 slot, got {num_slots}.")
         self.num_slots = num_slots
         self.every = every  # recurrent_state_snapshot_interval: blocks between prefill saves
+        # Saves inside a prefill step (``saves_within``): a chunk need not stop at a boundary to
+        # save there. False: the older scheduling, a chunk cut at each boundary it saves at.
+        self.within = True
         self.free = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest first
         self.published: OrderedDict[int, object] = OrderedDict()  # slot -> Block, LRU first
         # Snapshots saved (for stats and tests): a prefill or decode save when its slot is taken,
@@ -178,6 +181,22 @@ def align_chunk(start: int, num_new: int, num_tokens: int, block_size: int, ever
         return last - start if start < last else num_new
     aligned = end // block_size * block_size
     return aligned - start if aligned > start else num_new
+
+
+def saves_within(start: int, num_new: int, num_tokens: int, block_size: int, every: int = 0,
+                 cut: int = 0) -> list[int]:
+    """The block boundaries strictly inside the chunk of ``num_new`` tokens from ``start`` whose
+    state is worth a snapshot, saved inside the step (``SchedulerOutput.state_saves_within``):
+    the last boundary a hit may end at, ``cut`` (where the request's cached KV blocks end
+    past its snapshot hit: ``BlockManager.state_cut``) and, with ``every`` (blocks), each
+    multiple of ``every`` blocks a hit may end at. The chunk's end is ``saves_at``'s."""
+    end = start + num_new
+    last = (num_tokens - 1) // block_size * block_size
+    marks = {last, cut}
+    if every:
+        step = every * block_size
+        marks.update(range((start // step + 1) * step, min(end, last + 1), step))
+    return sorted(n for n in marks if start < n < end and n <= last and n % block_size == 0)
 
 
 def saves_at(start: int, num_new: int, num_tokens: int, block_size: int) -> Optional[int]:

@@ -132,6 +132,10 @@ class SchedulerOutput:
     # Request id -> the snapshot slot that receives its state after this step's forward (its
     # chunk ends on a block boundary a later prefix hit may end at).
     state_saves: dict[str, int] = field(default_factory=dict)
+    # Request id -> ``[[n, slot], ...]``: the state after the request's first ``n`` tokens, a
+    # block boundary strictly inside this step's prefill chunk, copied into snapshot ``slot``
+    # where the step's ops compute it (``MambaBatch.state_saves``; core/state_prefix.py).
+    state_saves_within: dict[str, list] = field(default_factory=dict)
     # Speculative decoding: request id -> ``[[n, slot], ...]``: the state after the request's
     # first ``n`` tokens, which this step computes (a verify step keeps the state after each
     # of its tokens), copied into snapshot ``slot`` after the forward. Drafts before token

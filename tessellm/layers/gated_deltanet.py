@@ -29,7 +29,7 @@ from tessellm.backends.reference.recurrent_verify import verify_ops
 from tessellm.layers.context import ModelContext
 from tessellm.layers.derived import DerivedWeight, as_float, neg_exp_float
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
-from tessellm.layers.mamba_mixer import causal_conv, depthwise_weight, step_rows
+from tessellm.layers.mamba_mixer import causal_conv, depthwise_weight, run_saving, step_rows
 from tessellm.quantization.stored_parts import split_stored
 
 
@@ -179,8 +179,9 @@ class GatedDeltaNet(nn.Module):
         s, batch, t = self.local, self.step.batch, hidden.shape[0]
         qkvz = self.in_proj_qkvz(hidden)
         b, a = self.in_proj_ba(hidden).split([s.value_heads, s.value_heads], dim=-1)
+        pools = getattr(self, "snapshot_pools", (None, None))  # MambaStateCache.allocate_snapshots
         qkv, m = causal_conv(self.ops, qkvz[:, :s.conv_dim], self._conv_weight(self.conv1d.weight),
-                             None, self.conv_state, batch)
+                             None, self.conv_state, batch, pools[0])
         q, k, v = qkv.split([s.keys, s.keys, s.values], dim=-1)
         q = q.reshape(t, s.key_heads, s.key_dim)
         k = k.reshape(t, s.key_heads, s.key_dim)
@@ -199,8 +200,10 @@ class GatedDeltaNet(nn.Module):
                                                    idx if idx.shape[0] == nd else idx[:nd],
                                                    scale))
         if batch.prefills is not None:
-            parts.append(self.ops.gated_delta_chunk(*step_rows((q, k, v, g, beta), nd, m, t),
-                                                    self.ssm_state, batch.prefills, scale))
+            def chunk(rows, b):
+                return self.ops.gated_delta_chunk(*rows, self.ssm_state, b, scale)
+            parts.append(run_saving(chunk, list(step_rows((q, k, v, g, beta), nd, m, t)),
+                                    batch.prefills, [(self.ssm_state, pools[1])]))
         if batch.verifies is not None:  # speculative decoding: the state after each token kept
             parts.append(verify_ops(self.ops)[2](q[m:], k[m:], v[m:], g[m:], beta[m:],
                                                  self.ssm_state, batch.verifies, scale))

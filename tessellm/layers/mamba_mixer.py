@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from tessellm.backends.reference.gated_norm import gated_rms_norm as reference_gated_norm
 from tessellm.backends.reference.recurrent_verify import verify_ops
+from tessellm.backends.reference.state_saves import run_with_saves
 from tessellm.layers.context import ModelContext
 from tessellm.layers.derived import DerivedWeight, neg_exp_float
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
@@ -162,8 +163,9 @@ class MambaMixer2(nn.Module):
         z, xbc, dt = self.in_proj(hidden).split([n.intermediate, n.conv_dim, n.num_heads], dim=-1)
         if not getattr(self.ops, "mamba_strided_inputs", False):  # a plugin of API < 17
             xbc, dt = xbc.contiguous(), dt.contiguous()
+        pools = getattr(self, "snapshot_pools", (None, None))  # MambaStateCache.allocate_snapshots
         xbc, m = causal_conv(self.ops, xbc, self._conv_weight(self.conv1d.weight),
-                             self.conv1d.bias, self.conv_state, batch)
+                             self.conv1d.bias, self.conv_state, batch, pools[0])
         x, B, C = xbc.split([n.intermediate, gn, gn], dim=-1)
         x = x.reshape(t, n.num_heads, s.head_dim)
         B = B.reshape(t, n.n_groups, s.d_state)
@@ -178,10 +180,12 @@ class MambaMixer2(nn.Module):
                 xs, dts, A, Bs, Cs, self.D, self.dt_bias, self.ssm_state,
                 idx if idx.shape[0] == nd else idx[:nd], s.dt_limit))
         if batch.prefills is not None:
-            xs, dts, Bs, Cs = step_rows((x, dt, B, C), nd, m, t)
-            parts.append(self.ops.mamba_chunk_scan(
-                xs, dts, A, Bs, Cs, self.D, self.dt_bias, self.ssm_state,
-                batch.prefills, s.chunk_size, s.dt_limit))
+            def scan(rows, b):
+                return self.ops.mamba_chunk_scan(rows[0], rows[1], A, rows[2], rows[3], self.D,
+                                                 self.dt_bias, self.ssm_state, b, s.chunk_size,
+                                                 s.dt_limit)
+            parts.append(run_saving(scan, list(step_rows((x, dt, B, C), nd, m, t)),
+                                    batch.prefills, [(self.ssm_state, pools[1])]))
         if batch.verifies is not None:  # speculative decoding: the state after each token kept
             parts.append(verify_ops(self.ops)[1](
                 x[m:], dt[m:], A, B[m:], C[m:], self.D, self.dt_bias, self.ssm_state,
@@ -220,17 +224,29 @@ GATED_NORM_MODE = {"after_gate": "gate_then_norm", "after_gate_float32": "gate_t
 
 
 def causal_conv(ops, x: torch.Tensor, weight: torch.Tensor, bias, conv_state: torch.Tensor,
-                batch) -> tuple[torch.Tensor, int]:
+                batch, pool=None) -> tuple[torch.Tensor, int]:
     """``silu(causal conv)`` of the step's rows, continuing each sequence's conv state, and the
     number of rows before the verify rows (``MambaBatch.verifies``: run through the backend's
-    ``mamba_conv1d_verify``, which keeps the conv state after each of their tokens)."""
+    ``mamba_conv1d_verify``, which keeps the conv state after each of their tokens). ``pool``:
+    the conv snapshot pool that ``batch.state_saves`` name slots of (``run_with_saves``)."""
+    def conv(xs, b):
+        return ops.mamba_conv1d(xs[0], weight, bias, conv_state, b, "silu")
+
     if batch.verifies is None:
-        return ops.mamba_conv1d(x, weight, bias, conv_state, batch, "silu"), x.shape[0]
+        return run_saving(conv, [x], batch, [(conv_state, pool)]), x.shape[0]
     m = x.shape[0] - batch.verifies.query_start_loc_host[-1]
     out = verify_ops(ops)[0](x[m:], weight, bias, conv_state, batch.verifies, "silu")
     if m:
-        out = torch.cat([ops.mamba_conv1d(x[:m], weight, bias, conv_state, batch, "silu"), out])
+        out = torch.cat([run_saving(conv, [x[:m]], batch, [(conv_state, pool)]), out])
     return out, m
+
+
+def run_saving(op, inputs: list, batch, pairs: list) -> torch.Tensor:
+    """``op(inputs, batch)``, keeping the states ``batch.state_saves`` ask for on the way
+    (``reference/state_saves.py``: the op run once per piece between them)."""
+    if not batch.state_saves:
+        return op(inputs, batch)
+    return run_with_saves(op, inputs, batch, pairs)
 
 
 def tp_gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -8,13 +8,16 @@ import pytest
 
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
-from tessellm.core.state_prefix import StateSnapshots, align_chunk, saves_at
+from tessellm.core.state_prefix import StateSnapshots, align_chunk, saves_at, saves_within
 from tests.core.test_scheduler import req, run_step
 
 
-def make(num_blocks=64, budget=64, snapshots=8, block_size=4):
+def make(num_blocks=64, budget=64, snapshots=8, block_size=4, within=False):
+    """``within``: saves inside a prefill step (the default scheduling); False: the older one,
+    a chunk cut at each boundary it saves at (``StateSnapshots.within``)."""
     kv = BlockManager(num_blocks, block_size, True)
     kv.states = StateSnapshots(snapshots)
+    kv.states.within = within
     return Scheduler(SchedulerConfig(8, budget, 256), kv)
 
 
@@ -277,3 +280,61 @@ def test_speculation_keeps_a_snapshot_only_past_accepted_tokens():
     assert list(kv.states.published) == [1, 0]  # the decode snapshot: the first to go
     assert kv.states.num_saved == 2
     check_pool(kv)
+
+
+@pytest.mark.parametrize("start,num_new,num_tokens,every,cut,want", [
+    (0, 11, 11, 0, 0, [8]),  # the last boundary a hit may end at, inside the whole prompt
+    (0, 12, 12, 0, 0, [8]),  # never past it (the last token is never a hit)
+    (0, 8, 11, 0, 0, []),  # the chunk's end is saves_at's
+    (0, 11, 11, 1, 0, [4, 8]),  # every block
+    (4, 16, 30, 2, 0, [8, 16]),  # every 2 blocks from 4: 8 and 16 (20 is the chunk's end)
+    (0, 20, 20, 0, 8, [8, 16]),  # where the request's cached KV blocks end (state_cut)
+    (0, 3, 3, 0, 0, []),  # shorter than a block
+])
+def test_saves_within(start, num_new, num_tokens, every, cut, want):
+    assert saves_within(start, num_new, num_tokens, 4, every, cut) == want
+
+
+def test_saves_inside_the_step_need_no_cut():
+    """A prompt runs in one step, its state after its last full block saved inside it; a
+    longer prompt hits there and runs its rest in one step too (not up to its own last full
+    block, then the tail)."""
+    s = make(within=True)
+    s.add_request(req("a", 11))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 11}
+    assert out.state_saves_within == {"a": [[8, 0]]} and not out.state_saves
+    finish(s, "a")
+    check_pool(s.kv)
+    s.add_request(req("b", 15))  # a's 11 prompt tokens, then more
+    out, _ = run_step(s)
+    assert out.state_restores == {"b": 0} and out.new_requests[0].num_computed_tokens == 8
+    assert out.num_scheduled_tokens == {"b": 7}  # 8 .. 15 in one step, saving after 12
+    assert [n for n, _ in out.state_saves_within["b"]] == [12]
+    finish(s, "b")
+    check_pool(s.kv)
+
+
+def test_saves_inside_the_step_at_the_interval_and_at_a_shared_prefix_end():
+    s = make(within=True)
+    s.kv.states.every = 2
+    s.add_request(req("a", 21))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 21}
+    assert [n for n, _ in out.state_saves_within["a"]] == [8, 16, 20]
+    finish(s, "a")
+    check_pool(s.kv)
+    s.kv.states.every = 0
+    s.add_request(req("b", 19))  # a's first 19 tokens: KV hit of 4 blocks, snapshots at 8, 16
+    out, _ = run_step(s)
+    assert out.new_requests[0].num_computed_tokens == 16 and out.num_scheduled_tokens == {"b": 3}
+    finish(s, "b")
+    s2 = make(within=True)
+    s2.add_request(req("a", 21))
+    finish(s2, "a")  # saves after 20 only
+    s2.add_request(req("c", 19))  # KV hit of 16 tokens, no snapshot in it: computed whole,
+    out, _ = run_step(s2)  # saving where those blocks end (16) inside its one step
+    assert out.new_requests[0].num_computed_tokens == 0 and out.num_scheduled_tokens == {"c": 19}
+    assert [n for n, _ in out.state_saves_within["c"]] == [16]
+    finish(s2, "c")
+    check_pool(s2.kv)
