@@ -14,6 +14,7 @@ import torch
 
 from tessellm import LLM, SamplingParams
 from tests.core.test_state_prefix import check_pool
+from tests.models.test_granite_moe_hybrid import granite_hybrid_config
 from tests.models.test_mamba2 import mamba2_config
 from tests.models.test_qwen3_next import qwen3_next_config
 from tests.models.variant_parity import hf_reference, prompts, save_tiny
@@ -30,6 +31,7 @@ PROMPTS = {
     "other2": prompts((44,), seed=11)[0],
 }
 CONFIGS = {"mamba2": mamba2_config, "qwen3_next": qwen3_next_config}
+MORE = {"granite4h": granite_hybrid_config}  # mamba_chunk_size 8: chunks across block ends
 
 
 _HF: dict = {}
@@ -51,7 +53,7 @@ def saved(tmp_path_factory):
 
     def get(name: str) -> str:
         if name not in paths:
-            paths[name] = save_tiny(CONFIGS[name](), str(tmp_path_factory.mktemp(name)))
+            paths[name] = save_tiny({**CONFIGS, **MORE}[name](), str(tmp_path_factory.mktemp(name)))
         return paths[name]
     return get
 
@@ -86,6 +88,37 @@ def test_a_longer_prompt_starts_from_the_snapshot(model):
     assert tokens == [want["a"], want["longer"], want["a"]]
     with LLM(path, dtype="float32", block_size=4, enable_prefix_caching=False) as llm:
         assert run(llm, "a", "longer") == ([want["a"], want["longer"]], [0, 0])
+
+
+@pytest.mark.parametrize("name", ["mamba2", "granite4h", "qwen3_next"])
+def test_a_hit_runs_its_rest_in_one_step_saving_inside_it(saved, name):
+    """longer (51 tokens) hits a's snapshot after 44 and computes 44 .. 51 in one step, its
+    state after 48 saved inside that step (not a step up to 48, then the tail): a second
+    longer hits 48 from it. Greedy tokens as HF's."""
+    path = saved(name)
+    want = hf(path, "a", "longer")
+    with LLM(path, dtype="float32", block_size=4) as llm:
+        core = llm.engine.core
+        tokens, cached = run(llm, "a")
+        core_step, steps = core.step, []
+
+        def counted(*args, **kwargs):
+            out = core_step(*args, **kwargs)
+            steps.append(out)
+            return out
+
+        core.step = counted
+        first = llm.generate([{"prompt_token_ids": PROMPTS["longer"]}],
+                             SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+                             use_tqdm=False)[0]
+        num_steps = len(steps)
+        core.step = core_step
+        more, more_cached = run(llm, "longer")
+        check_pool(core.kv)
+    assert first.num_cached_tokens == 44 and list(first.outputs[0].token_ids) == want["longer"][:1]
+    assert num_steps == 1
+    assert cached + more_cached == [0, 48]
+    assert tokens + more == [want["a"], want["longer"]]
 
 
 def test_chunked_prefill_keeps_a_snapshot_at_each_block_boundary_chunk_end(model):
