@@ -1,0 +1,82 @@
+"""States saved inside a prefill step (``MambaBatch.state_saves``, reference/state_saves.py):
+the recurrent ops run once per piece between the save offsets give one call's outputs and final
+states, and each snapshot slot gets the state after its offset (the same op run over that
+prefix alone). The pure-torch references and the Triton kernels (TRITON_INTERPRET=1 on the
+CPU; tests/kernels/conftest.py), at tiny sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessellm.backends.reference import gated_delta as ref_delta
+from tessellm.backends.reference import mamba as ref_mamba
+from tessellm.backends.reference.state_saves import run_with_saves
+from tessellm.backends.spec import MambaBatch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+LENS = [13, 1, 9]  # three sequences (the second one token: a piece of its own round)
+SLOTS = [4, 0, 2]
+SAVES = [(0, 4, 1), (0, 8, 3), (2, 5, 0)]  # (sequence, offset, snapshot slot)
+
+
+def batch(lens, slots, saves=()):
+    q = [0]
+    for n in lens:
+        q.append(q[-1] + n)
+    return MambaBatch(torch.tensor(q, dtype=torch.int32, device=DEVICE),
+                      torch.tensor(slots, dtype=torch.int32, device=DEVICE),
+                      0, q, list(slots), state_saves=list(saves))
+
+
+def ops(kind):
+    if kind == "reference":
+        return (ref_mamba.causal_conv1d,
+                lambda *a: ref_mamba.ssd_chunk_scan(*a[:9], 4, a[10]),
+                ref_delta.gated_delta_chunk)
+    from tessellm.kernels.gated_delta import gated_delta_chunk
+    from tessellm.kernels.mamba import mamba_chunk_scan, mamba_conv1d
+
+    return mamba_conv1d, mamba_chunk_scan, gated_delta_chunk
+
+
+def check(op, inputs, state, pool_shape):
+    """``op(inputs, batch)`` with the saves against one call, and each pool slot against the
+    op run over the sequence's prefix alone from the same start state."""
+    start = state.clone()
+    pool = torch.zeros(pool_shape, dtype=state.dtype, device=DEVICE)
+    want = op(inputs, batch(LENS, SLOTS))
+    want_state = state.clone()
+    state.copy_(start)
+    got = run_with_saves(op, inputs, batch(LENS, SLOTS, SAVES), [(state, pool)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
+    q = batch(LENS, SLOTS).query_start_loc_host
+    for seq, offset, p in SAVES:
+        alone = start.clone()
+        rows = [t[q[seq]:q[seq] + offset] for t in inputs]
+        b = batch([offset], [SLOTS[seq]])
+        state.copy_(alone)
+        op(rows, b)
+        torch.testing.assert_close(pool[p], state[SLOTS[seq]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["reference", "triton"])
+def test_conv_and_scans_save_inside_the_step(kind):
+    conv, scan, delta = ops(kind)
+    g = torch.Generator().manual_seed(0)
+    T, C, K, H, P, G, N = sum(LENS), 12, 4, 4, 8, 2, 8
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    w, bias = r(C, K), r(C)
+    check(lambda xs, b: conv(xs[0], w, bias, conv_state, b, "silu"), [r(T, C)],
+          conv_state := r(5, C, K - 1), (4, C, K - 1))
+    A, D, dt_bias = -torch.rand(H, generator=g).to(DEVICE), r(H), r(H)
+    ssm = r(5, H, P, N)
+    check(lambda xs, b: scan(xs[0], xs[1], A, xs[2], xs[3], D, dt_bias, ssm, b, 4,
+                             (0.0, float("inf"))),
+          [r(T, H, P), r(T, H), r(T, G, N), r(T, G, N)], ssm, (4, H, P, N))
+    Hk, Hv, Kd, V = 2, 4, 8, 8
+    st = r(5, Hv, Kd, V) * 0.1
+    check(lambda xs, b: delta(*xs, st, b, Kd ** -0.5),
+          [r(T, Hk, Kd), r(T, Hk, Kd), r(T, Hv, V), -torch.rand(T, Hv, generator=g).to(DEVICE),
+           torch.rand(T, Hv, generator=g).to(DEVICE)], st, (4, Hv, Kd, V))
