@@ -17,8 +17,10 @@ t ttft ${TTFT_S:-240} python3 benchmarks/mprefix_ttft.py --models mamba2 granite
 grep '"speedup"' "$OUT/ttft.txt"
 # Expect: mprefix_cuda 2 passed; recurrent_graphs all passed; one JSON line per model with
 # "layers" 24 (mamba2) / 40 (granite4h), cache_on.cached_tokens 2992 (block 16) and
-# cache_on.steps 2 (32 tokens to B's last full block, where its snapshot is saved, then 8):
-# cache_on.ttft_ms about two eager prefill steps of a few tokens (step_ms: each step's host
-# time), far under cache_off.ttft_ms (3032 tokens, one step). cold_ms (the first round) above
+# cache_on.steps one fewer than before session 19's in-step saves (B's 40 tokens in one prefill
+# step, its state after its last full block saved inside it, core/state_prefix.py; before: 32
+# tokens to that block, then 8):
+# cache_on.ttft_ms about one eager prefill step of a few tokens (step_ms: each step's host
+# time), under cache_off.ttft_ms (3032 tokens, one step). cold_ms (the first round) above
 # ttft_ms is a first-use cost the warm-up missed; $OUT/mprefix_<model>_cache_on.txt says where
 # B's time goes (ops by device and host time).

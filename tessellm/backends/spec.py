@@ -430,13 +430,13 @@ class MambaBatch:
     positions: Optional[list] = None
     # Recurrent-state prefix caching (core/state_prefix.py): ``(sequence, offset, snapshot
     # slot)`` triples, the state after the sequence's first ``offset`` tokens of this step (0 <
-    # offset < its length: a block boundary inside its prefill chunk) kept in that slot of the
-    # layer's snapshot pools (``snapshot_pools``: conv ``[S, C, K-1]``, state ``[S, ...]``)
-    # besides the state after its last token in its own slot. Empty: none. An op that
-    # declares ``recurrent_state_saves`` writes them itself (plugin API 21); the layers
-    # run any other op once per piece between such offsets and copy the states between
-    # (``reference/state_saves.py``).
+    # offset < its length: a block boundary inside its prefill chunk) to keep in that slot of
+    # the layer's snapshot pools, besides the state after its last token in its own slot.
+    # Empty: none. The ops never see it set: the layers run an op once per piece between the
+    # offsets and copy the states between (``reference/state_saves.py``), with ``pieces`` the
+    # plan of those calls (built once per step by the first layer, None until then).
     state_saves: list = field(default_factory=list)
+    pieces: Optional[tuple] = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ boundaries and a prefix hit may only end where a copy exists::
 
     block_size 4, prompt of 11 tokens (the last full boundary a hit may end at: 8)
     tokens:    t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9 t10
-    chunks:    [ step 1: t0 .. t7        ] [ step 2: t8 .. t10 ]     (cut at 8: ``align_chunk``)
+    step 1:    [ t0 .. t10, the state after t7 saved inside the step          ]
     blocks:    [   b3 (h0)  ] [   b9 (h1) ] [ b4 ]
     snapshots:                 s2 = state after t7, kept on b9 (``Block.state_slot``)
 
@@ -16,14 +16,24 @@ boundaries and a prefix hit may only end where a copy exists::
 
 Invariants
 ----------
-* A prefill chunk of a request ends on a block boundary whenever it can (``align_chunk``): a
-  chunk that stops before the request's known tokens end is rounded down to a boundary, and
-  the chunk that would reach the end stops first at the last boundary a hit may end at
-  (``(num_tokens - 1) // block_size * block_size``; a hit never covers the last prompt
-  token); that tail then runs in the next step. A chunk ending on a boundary saves the state
-  there: the scheduler takes a snapshot slot (``StateSnapshots.take``) for the block that ends
-  there and names it in ``SchedulerOutput.state_saves``; the runner copies the request's
-  state into it after the step's forward.
+* Saves inside a prefill step (``StateSnapshots.within``, the default): a prefill chunk
+  saves the state at the boundaries inside it worth a snapshot (``saves_within``: the last
+  boundary a hit may end at, ``(num_tokens - 1) // block_size * block_size`` since a hit never
+  covers the last prompt token; where the request's cached KV blocks end past its snapshot
+  hit, ``BlockManager.state_cut``; with ``every``, each multiple of ``every`` blocks), and at
+  its own end when that is such a boundary (``saves_at``). The scheduler takes a snapshot
+  slot (``StateSnapshots.take``) for the block that ends at each and names it in
+  ``SchedulerOutput.state_saves_within`` (inside) or ``state_saves`` (the chunk's end); the
+  layers keep the inner ones while the step runs (``MambaBatch.state_saves``: the recurrent
+  ops run once per piece between them, ``backends/reference/state_saves.py``), the runner
+  copies the request's state into the end's after the step's forward. So a chunk never
+  stops early to save: a cached prompt's rest is one step, not one up to its last full block
+  and one for the tail.
+* Without it (``within`` False, the older scheduling): a prefill chunk ends on a block
+  boundary whenever it can (``align_chunk``): a chunk that stops before the request's known
+  tokens end is rounded down to a boundary, and the chunk that would reach the end stops
+  first at the last boundary a hit may end at; that tail then runs in the next step. A chunk
+  ending on a boundary saves the state there (``state_saves``).
 * A snapshot belongs to one block (``Block.state_slot``): pending until the block is
   published in the prefix cache (its step came back), then in the pool's LRU. It leaves with
   its block (the block is evicted, or freed unpublished) or, when the pool is full, the least
@@ -36,19 +46,19 @@ Invariants
   after the step that wrote it came back, so a slot taken over for a new save is never read
   half-written.
 * A new request whose cached KV blocks run past its snapshot hit (another prompt shares more
-  of its prefix than that prompt kept a state for, e.g. a common system prompt) ends its first
-  chunk where those blocks end (``BlockManager.state_cut``) and saves the state there: the
-  next request sharing that prefix hits all of it::
+  of its prefix than that prompt kept a state for, e.g. a common system prompt) saves the
+  state where those blocks end (``BlockManager.state_cut``; inside its first chunk, or, in the
+  older scheduling, ending that chunk there): the next request sharing that prefix hits all
+  of it::
 
       A = S + a (no hit; its state kept after its last full block, past S)
       B = S + b: KV hit on S's blocks, no snapshot in them -> chunk 1 ends at S's last full
           block and saves there (the snapshot goes to A's cached block)
       C = S + c: hit on S's blocks, starting from B's snapshot
 
-  With ``every`` (``recurrent_state_snapshot_interval``, blocks) a prefill chunk also stops at
-  every multiple of ``every`` blocks (``align_chunk``) and saves there, so B already hits S up
-  to its last such multiple (one step per ``every`` blocks of a prompt: the state is only
-  materialized at a chunk's end).
+  With ``every`` (``recurrent_state_snapshot_interval``, blocks) a prefill also saves at every
+  multiple of ``every`` blocks, so B already hits S up to its last such multiple (inside the
+  step; in the older scheduling a chunk stops there, one step per ``every`` blocks).
 * A decode step that fills a block saves the state there too, replacing the request's previous
   decode snapshot (a request keeps one: its latest boundary), so a next chat turn (this
   request's tokens, then more) hits through the answer. Such a save only takes a free slot,
@@ -87,7 +97,8 @@ class StateSnapshots:
         self.num_slots = num_slots
         self.every = every  # recurrent_state_snapshot_interval: blocks between prefill saves
         # Saves inside a prefill step (``saves_within``): a chunk need not stop at a boundary to
-        # save there. False: the older scheduling, a chunk cut at each boundary it saves at.
+        # save there. False: the older scheduling, a chunk cut at each boundary it saves at
+        # (kept for the scheduler's tests and as a fallback; no setting turns it on).
         self.within = True
         self.free = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest first
         self.published: OrderedDict[int, object] = OrderedDict()  # slot -> Block, LRU first

@@ -18,7 +18,7 @@ chunked scan's chunks start at the piece's first token).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -27,55 +27,64 @@ def run_with_saves(op: Callable, inputs: Sequence[torch.Tensor], batch,
                    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """``op(inputs, batch)`` (each input ``[T, ...]`` over the batch's rows; returns ``[T,
     ...]``) with ``batch.state_saves`` served: ``pairs`` are the (state, snapshot pool) tensors
-    the op leaves each slot's state in (a conv state and its pool, or an SSM state and its)."""
+    the op leaves each slot's state in (a conv state and its pool, or an SSM state and its).
+    The rounds are planned once per step (``MambaBatch.pieces``), shared by every layer."""
+    if not batch.state_saves:
+        return op(inputs, batch)
+    if batch.pieces is None:
+        batch.pieces = plan(batch)
+    rounds, order = batch.pieces
+    outs = []
+    for ranges, sub, saves in rounds:
+        rows = [t[ranges[0][0]:ranges[0][1]] if len(ranges) == 1
+                else torch.cat([t[a:b] for a, b in ranges]) for t in inputs]
+        outs.append(op(rows, sub))
+        if saves:
+            dst = [pool[p] for state, pool in pairs for _, p in saves]
+            src = [state[s] for state, pool in pairs for s, _ in saves]
+            torch._foreach_copy_(dst, src)
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if order is None:
+        return out
+    result = torch.empty_like(out)
+    result[order] = out
+    return result
+
+
+def plan(batch) -> tuple[list, Optional[torch.Tensor]]:
+    """The rounds that serve ``batch.state_saves``: per round, the row ranges of the pieces it
+    runs, their ``MambaBatch`` (each piece a sequence in its request's slot) and the (state
+    slot, snapshot slot) copies after it; and the rows' order in the rounds' outputs as an
+    index (None when it is the batch's own: one sequence, or its pieces in row order)."""
     from tessellm.backends.spec import MambaBatch
 
-    saves = batch.state_saves
-    if not saves:
-        return op(inputs, batch)
     qsl, slots = batch.query_start_loc_host, batch.state_indices_host
     cuts: dict[int, list[tuple[int, int]]] = {}
-    for seq, offset, pool_slot in saves:
+    for seq, offset, pool_slot in batch.state_saves:
         cuts.setdefault(seq, []).append((offset, pool_slot))
-    # per sequence: its pieces [(first row, end row, pool slot after it or None), ...]
-    pieces = []
+    pieces = []  # per sequence: [(first row, end row, snapshot slot after it or None), ...]
     for s in range(len(slots)):
-        a, b = qsl[s], qsl[s + 1]
-        seq_pieces = []
+        a, seq_pieces = qsl[s], []
         for offset, pool_slot in sorted(cuts.get(s, ())):
             seq_pieces.append((a, qsl[s] + offset, pool_slot))
             a = qsl[s] + offset
-        seq_pieces.append((a, b, None))
+        seq_pieces.append((a, qsl[s + 1], None))
         pieces.append(seq_pieces)
     device = batch.query_start_loc.device
-    outs, order = [], []
+    rounds, order = [], []
     for r in range(max(len(p) for p in pieces)):
-        seqs = [s for s in range(len(slots)) if r < len(pieces[s]) and pieces[s][r][1] > pieces[s][r][0]]
-        if not seqs:
-            continue
+        seqs = [s for s in range(len(slots)) if r < len(pieces[s])]
         ranges = [pieces[s][r][:2] for s in seqs]
-        rows = [t[ranges[0][0]:ranges[0][1]] if len(ranges) == 1
-                else torch.cat([t[a:b] for a, b in ranges]) for t in inputs]
         q = [0]
         for a, b in ranges:
             q.append(q[-1] + b - a)
         sub_slots = [slots[s] for s in seqs]
-        sub = MambaBatch(torch.tensor(q, dtype=torch.int32, device=device),
-                         torch.tensor(sub_slots, dtype=torch.int32, device=device), 0, q, sub_slots)
-        outs.append(op(rows, sub))
+        sub = MambaBatch(torch.tensor(q, dtype=torch.int32).to(device, non_blocking=True),
+                         torch.tensor(sub_slots, dtype=torch.int32).to(device, non_blocking=True),
+                         0, q, sub_slots)
+        saves = [(slots[s], pieces[s][r][2]) for s in seqs if pieces[s][r][2] is not None]
+        rounds.append((ranges, sub, saves))
         order += [i for a, b in ranges for i in range(a, b)]
-        dst, src = [], []
-        for s in seqs:
-            pool_slot = pieces[s][r][2]
-            if pool_slot is not None:
-                for state, pool in pairs:
-                    dst.append(pool[pool_slot])
-                    src.append(state[slots[s]])
-        if dst:
-            torch._foreach_copy_(dst, src)
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
     if order == list(range(len(order))):
-        return out
-    result = torch.empty_like(out)
-    result[torch.tensor(order, dtype=torch.long, device=out.device)] = out
-    return result
+        return rounds, None
+    return rounds, torch.tensor(order, dtype=torch.long).to(device, non_blocking=True)
