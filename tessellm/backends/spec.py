@@ -432,9 +432,11 @@ class MambaBatch:
     # slot)`` triples, the state after the sequence's first ``offset`` tokens of this step (0 <
     # offset < its length: a block boundary inside its prefill chunk) to keep in that slot of
     # the layer's snapshot pools, besides the state after its last token in its own slot.
-    # Empty: none. The ops never see it set: the layers run an op once per piece between the
-    # offsets and copy the states between (``reference/state_saves.py``), with ``pieces`` the
-    # plan of those calls (built once per step by the first layer, None until then).
+    # Empty: none. Ops ignore it: the layers take the conv states from the conv's input
+    # before ``mamba_conv1d`` runs, and run a scan (``mamba_chunk_scan``, ``gated_delta_chunk``)
+    # once per piece between the offsets, copying the states between
+    # (``reference/state_saves.py``), with ``pieces`` the plan of those calls (built once per
+    # step by the first layer, None until then; the pieces' batches carry no saves).
     state_saves: list = field(default_factory=list)
     pieces: Optional[tuple] = None
 

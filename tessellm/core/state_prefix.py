@@ -24,8 +24,9 @@ Invariants
   its own end when that is such a boundary (``saves_at``). The scheduler takes a snapshot
   slot (``StateSnapshots.take``) for the block that ends at each and names it in
   ``SchedulerOutput.state_saves_within`` (inside) or ``state_saves`` (the chunk's end); the
-  layers keep the inner ones while the step runs (``MambaBatch.state_saves``: the recurrent
-  ops run once per piece between them, ``backends/reference/state_saves.py``), the runner
+  layers keep the inner ones while the step runs (``MambaBatch.state_saves``: the conv
+  state from the conv's input, the scans run once per piece between them,
+  ``backends/reference/state_saves.py``), the runner
   copies the request's state into the end's after the step's forward. So a chunk never
   stops early to save: a cached prompt's rest is one step, not one up to its last full block
   and one for the tail.

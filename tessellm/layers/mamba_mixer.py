@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from tessellm.backends.reference.gated_norm import gated_rms_norm as reference_gated_norm
 from tessellm.backends.reference.recurrent_verify import verify_ops
-from tessellm.backends.reference.state_saves import run_with_saves
+from tessellm.backends.reference.state_saves import run_with_saves, save_conv_states
 from tessellm.layers.context import ModelContext
 from tessellm.layers.derived import DerivedWeight, neg_exp_float
 from tessellm.layers.linear import ColumnParallelLinear, RowParallelLinear, materialize
@@ -228,16 +228,15 @@ def causal_conv(ops, x: torch.Tensor, weight: torch.Tensor, bias, conv_state: to
     """``silu(causal conv)`` of the step's rows, continuing each sequence's conv state, and the
     number of rows before the verify rows (``MambaBatch.verifies``: run through the backend's
     ``mamba_conv1d_verify``, which keeps the conv state after each of their tokens). ``pool``:
-    the conv snapshot pool that ``batch.state_saves`` name slots of (``run_with_saves``)."""
-    def conv(xs, b):
-        return ops.mamba_conv1d(xs[0], weight, bias, conv_state, b, "silu")
-
+    the conv snapshot pool that ``batch.state_saves`` name slots of (``save_conv_states``)."""
+    if batch.state_saves:  # the states inside the step: the inputs before each offset
+        save_conv_states(x, conv_state, batch, pool)
     if batch.verifies is None:
-        return run_saving(conv, [x], batch, [(conv_state, pool)]), x.shape[0]
+        return ops.mamba_conv1d(x, weight, bias, conv_state, batch, "silu"), x.shape[0]
     m = x.shape[0] - batch.verifies.query_start_loc_host[-1]
     out = verify_ops(ops)[0](x[m:], weight, bias, conv_state, batch.verifies, "silu")
     if m:
-        out = torch.cat([run_saving(conv, [x[:m]], batch, [(conv_state, pool)]), out])
+        out = torch.cat([ops.mamba_conv1d(x[:m], weight, bias, conv_state, batch, "silu"), out])
     return out, m
 
 

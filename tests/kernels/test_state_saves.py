@@ -11,13 +11,14 @@ import torch
 
 from tessellm.backends.reference import gated_delta as ref_delta
 from tessellm.backends.reference import mamba as ref_mamba
-from tessellm.backends.reference.state_saves import run_with_saves
+from tessellm.backends.reference.state_saves import run_with_saves, save_conv_states
 from tessellm.backends.spec import MambaBatch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LENS = [13, 1, 9]  # three sequences (the second one token: a piece of its own round)
 SLOTS = [4, 0, 2]
 SAVES = [(0, 4, 1), (0, 8, 3), (2, 5, 0)]  # (sequence, offset, snapshot slot)
+CONV_SAVES = [(0, 2, 1), (0, 8, 3), (2, 5, 0)]  # offset 2: under the window (K - 1 = 3)
 
 
 def batch(lens, slots, saves=()):
@@ -38,6 +39,20 @@ def ops(kind):
     from tessellm.kernels.mamba import mamba_chunk_scan, mamba_conv1d
 
     return mamba_conv1d, mamba_chunk_scan, gated_delta_chunk
+
+
+def check_conv(conv, x, state, pool_shape):
+    """``save_conv_states`` before one conv call: each pool slot the conv state after its
+    offset (the conv run over the sequence's prefix alone); the call itself unchanged."""
+    start = state.clone()
+    pool = torch.zeros(pool_shape, dtype=state.dtype, device=DEVICE)
+    save_conv_states(x, state, batch(LENS, SLOTS, CONV_SAVES), pool)
+    torch.testing.assert_close(state, start, rtol=0, atol=0)
+    q = batch(LENS, SLOTS).query_start_loc_host
+    for seq, offset, p in CONV_SAVES:
+        state.copy_(start)
+        conv(x[q[seq]:q[seq] + offset], batch([offset], [SLOTS[seq]]))
+        torch.testing.assert_close(pool[p], state[SLOTS[seq]], rtol=0, atol=0)
 
 
 def check(op, inputs, state, pool_shape):
@@ -68,6 +83,9 @@ def test_conv_and_scans_save_inside_the_step(kind):
     T, C, K, H, P, G, N = sum(LENS), 12, 4, 4, 8, 2, 8
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
     w, bias = r(C, K), r(C)
+    x, conv_state = r(T, C), r(5, C, K - 1)
+    check_conv(lambda rows, b: conv(rows, w, bias, conv_state, b, "silu"), x, conv_state,
+               (4, C, K - 1))
     check(lambda xs, b: conv(xs[0], w, bias, conv_state, b, "silu"), [r(T, C)],
           conv_state := r(5, C, K - 1), (4, C, K - 1))
     A, D, dt_bias = -torch.rand(H, generator=g).to(DEVICE), r(H), r(H)

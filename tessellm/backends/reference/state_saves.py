@@ -88,3 +88,25 @@ def plan(batch) -> tuple[list, Optional[torch.Tensor]]:
     if order == list(range(len(order))):
         return rounds, None
     return rounds, torch.tensor(order, dtype=torch.long).to(device, non_blocking=True)
+
+
+def save_conv_states(x: torch.Tensor, conv_state: torch.Tensor, batch, pool: torch.Tensor) -> None:
+    """The conv states ``batch.state_saves`` ask for, straight from the conv's input: the state
+    after a sequence's first ``offset`` tokens is the ``K - 1`` inputs before that token (older
+    state first where ``offset < K - 1``), so no conv runs twice. ``x [T, C]`` (rows may be
+    strided), ``conv_state [slots, C, K - 1]`` and ``pool [S, C, K - 1]``; call it before the
+    conv op (which overwrites each slot's state)."""
+    width = conv_state.shape[-1]
+    qsl, slots = batch.query_start_loc_host, batch.state_indices_host
+    dst, src = [], []
+    for seq, offset, pool_slot in batch.state_saves:
+        a = qsl[seq]
+        if offset >= width:
+            window = x[a + offset - width:a + offset].t()
+        else:
+            window = torch.cat([conv_state[slots[seq]][:, offset:],
+                                x[a:a + offset].t().to(conv_state.dtype)], dim=1)
+        dst.append(pool[pool_slot])
+        src.append(window)
+    if dst:
+        torch._foreach_copy_(dst, src)
