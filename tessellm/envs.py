@@ -118,7 +118,8 @@ def gemv_norm_epilogue() -> bool:
     (or the final norm) in down_proj's (``kernels/gemm/norm_epilogue.py``,
     ``layers.linear.fused_linear_add_rms_norm``, ``models.decoder.link_norm_epilogues``): two
     launches a layer fewer at batch-1 decode, bitwise the unfused launches. Read when the model
-    is built. Off by default until timed on a GPU (``benchmarks/b1fuse_device.sh``)."""
+    is built. Off by default: on an H100 it made B1 slower (fp8 3.009 -> 3.590 ms/token, bf16
+    5.359 -> 5.827; ``benchmarks/b1fuse_device.sh``, benchmarks/README.md session 19)."""
     return _switch("TESSELLM_GEMV_NORM_EPILOGUE") is True
 
 
