@@ -91,11 +91,15 @@ def plan_for(core) -> WarmupPlan:
     per_request_blocks = 4
     max_batch = min(cfg.max_num_seqs, core.info.num_kv_blocks // per_request_blocks)
     batches = sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)})
+    # a prompt past the token budget: chunked prefill, its first chunk a whole budget (the
+    # Mamba scan's parallel kernels run only on chunks of ``SSD_MIN_TOKENS`` or more); shorter
+    # than the budget plus 64 where the context or the KV cache is too small for that
     chunked = cfg.max_num_batched_tokens + 64
-    fits = chunked <= min(core.max_model_len - 8, capacity // 2)
+    room = min(core.max_model_len - 8, capacity // 2)
+    chunked_len = chunked if chunked <= room else (room if room > longest else None)
     return WarmupPlan(sorted(n for n in lens if n <= longest), batches, samplers,
                       prefix_hit_len=min(4 * core.info.block_size + 3, longest),
-                      chunked_len=chunked if fits else None)
+                      chunked_len=chunked_len)
 
 
 class _Driver:

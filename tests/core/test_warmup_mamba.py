@@ -1,6 +1,7 @@
 """The warm-up of a model with Mamba layers leaves no Mamba kernel variant to compile: every
-Triton specialisation of the conv1d, conv state, SSD scan kernels and state update launches that
-real requests of other lengths then hit was launched during the warm-up already.
+Triton specialisation of the conv1d, conv state, SSD scan kernels (and the sequential scan of
+short chunks) and state update launches that real requests of other lengths then hit was
+launched during the warm-up already.
 
 The cuda backend runs emulated (Triton's interpreter on the CPU), so nothing compiles here;
 each launch's specialisation key is computed the way Triton's JIT forms it (constexprs, each
@@ -18,13 +19,14 @@ import torch
 
 from tessellm import LLM, SamplingParams
 from tessellm.core import warmup
-from tessellm.kernels.mamba import conv1d, ssd, state_update
+from tessellm.kernels.mamba import chunk_scan, conv1d, ssd, state_update
 from tests.models.test_mamba2 import mamba2_config
 from tests.models.variant_parity import save_tiny
 
 KERNELS = [(conv1d, "_conv_out_kernel"), (conv1d, "_conv_state_kernel"),
            (ssd, "_dt_cumsum"), (ssd, "_chunk_cb"), (ssd, "_chunk_states"),
-           (ssd, "_state_passing"), (ssd, "_chunk_output"), (state_update, "_state_update_kernel")]
+           (ssd, "_state_passing"), (ssd, "_chunk_output"), (state_update, "_state_update_kernel"),
+           (chunk_scan, "_chunk_scan_kernel")]  # the sequential scan: chunks under SSD_MIN_TOKENS
 # int arguments the kernels declare ``do_not_specialize`` (one variant for every value)
 UNSPECIALIZED = {"nc"}
 
