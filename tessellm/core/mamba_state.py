@@ -349,15 +349,32 @@ def make_batch(counts: list[int], slots: list[int], device: torch.device, verify
     decodes = 0
     while decodes < len(counts) and counts[decodes] == 1:
         decodes += 1
-    prefills = None
-    if decodes < len(counts):
-        pq = [q - qsl[decodes] for q in qsl[decodes:]]
-        prefills = MambaBatch(_ints(pq, device), _ints(slots[decodes:], device), 0, pq,
-                              list(slots[decodes:]),
-                              state_saves=[(i - decodes, o, p) for i, o, p in saves or ()])
-    return MambaBatch(_ints(qsl, device), _ints(slots, device), decodes, qsl, list(slots), prefills,
+    if decodes == len(counts):
+        qsl_d, slots_d = _ints_views(device, qsl, slots)
+        return MambaBatch(qsl_d, slots_d, decodes, qsl, list(slots),
+                          state_saves=list(saves or ()))
+    # the prefill sequences' own offsets and slots go up in the same copy (one a step), each
+    # list 16-byte aligned as a tensor of its own would be (the Triton kernels compile one
+    # variant for aligned pointers: a slice of slots at the decodes' count would be another)
+    pq, pslots = [q - qsl[decodes] for q in qsl[decodes:]], list(slots[decodes:])
+    qsl_d, slots_d, pq_d, pslots_d = _ints_views(device, qsl, slots, pq, pslots)
+    prefills = MambaBatch(pq_d, pslots_d, 0, pq, pslots,
+                          state_saves=[(i - decodes, o, p) for i, o, p in saves or ()])
+    return MambaBatch(qsl_d, slots_d, decodes, qsl, list(slots), prefills,
                       state_saves=list(saves or ()))
 
 
 def _ints(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+
+
+def _ints_views(device: torch.device, *lists: list[int]) -> list[torch.Tensor]:
+    """The int lists as int32 tensors on ``device``, each a view of one upload (one host-to-device
+    copy a step, not one a list); each view starts 16-byte aligned (a kernel may assume it)."""
+    flat, bounds = [], []
+    for values in lists:
+        flat += [0] * (-len(flat) % 4)
+        bounds.append((len(flat), len(flat) + len(values)))
+        flat += values
+    both = _ints(flat, device)
+    return [both[a:b] for a, b in bounds]

@@ -159,3 +159,20 @@ def test_whole_step_rows_are_not_sliced():
                 mixer(hidden)
         sliced = {k: count.ops[k] for k in ("slice", "select") if count.ops[k]}
         assert not sliced, f"{counts}: the mixer sliced whole rows: {sliced}"
+
+
+def test_a_steps_batch_goes_up_in_one_copy():
+    """``make_batch`` uploads a step's offsets and slots, the prefills' own included, as views
+    of one tensor (one host-to-device copy a step), each starting 16-byte aligned like a tensor
+    of its own (the Triton kernels' one variant), with the values of the lists."""
+    batch = make_batch([1, 1, 1, 7, 12], [4, 2, 0, 1, 3], torch.device("cpu"))
+    parts = (batch.query_start_loc, batch.state_indices, batch.prefills.query_start_loc,
+             batch.prefills.state_indices)
+    assert len({t.untyped_storage().data_ptr() for t in parts}) == 1
+    assert all(t.data_ptr() % 16 == 0 for t in parts)
+    assert batch.query_start_loc.tolist() == [0, 1, 2, 3, 10, 22]
+    assert batch.state_indices.tolist() == [4, 2, 0, 1, 3]
+    assert batch.prefills.query_start_loc.tolist() == [0, 7, 19]
+    assert batch.prefills.state_indices.tolist() == [1, 3]
+    decodes = make_batch([1, 1], [2, 0], torch.device("cpu"))
+    assert decodes.prefills is None and decodes.state_indices.tolist() == [2, 0]
