@@ -121,6 +121,31 @@ def test_a_hit_runs_its_rest_in_one_step_saving_inside_it(saved, name):
     assert tokens + more == [want["a"], want["longer"]]
 
 
+@pytest.mark.parametrize("engine", [dict(max_num_batched_tokens=24, async_scheduling=True),
+                                    dict(max_num_batched_tokens=64)], ids=["chunks-async", "whole"])
+def test_batched_prompts_save_inside_steps(mamba2, engine):
+    """Several prompts in one step, each saving inside it every 2 blocks (pieces of several
+    sequences per scan call, their rows reordered), chunked prefill under async scheduling
+    too: then prompts sharing their prefixes hit those snapshots; greedy tokens as without
+    prefix caching."""
+    first = ("a", "other1", "other2")
+    then = ("longer", "inside", "inside2")
+    kw = dict(dtype="float32", block_size=4, recurrent_state_snapshot_interval=2, **engine)
+
+    def batched(llm, names):
+        outs = llm.generate([{"prompt_token_ids": PROMPTS[n]} for n in names], GREEDY,
+                            use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens for o in outs]
+
+    with LLM(mamba2, **kw) as llm:
+        got = batched(llm, first), batched(llm, then)
+        check_pool(llm.engine.core.kv)
+    with LLM(mamba2, enable_prefix_caching=False, **kw) as llm:
+        want = batched(llm, first), batched(llm, then)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    assert got[1][1] == [44, 40, 40]  # a's state after 44, and after 40 (its interval)
+
+
 def test_chunked_prefill_keeps_a_snapshot_at_each_block_boundary_chunk_end(model):
     """Chunks of 16 tokens: a's states after 16, 32 and 44 are kept; a prompt sharing a's first
     42 tokens hits 10 KV blocks (40 tokens), cut back to the snapshot after 32."""
