@@ -17,10 +17,13 @@
 # length, then "crossover <model>: ssd wins from N tokens on (SSD_MIN_TOKENS is 64)": if N is
 # far from 64 (e.g. 32 or 128), SSD_MIN_TOKENS in kernels/mamba/chunk_scan.py should become N;
 # gnorm: fused faster at every row count (torch ops: 4-7 launches), largest difference
-# under 2e-2 (rc=0; ~4e-3 expected); host_step: one JSON line per model; against session 18's hybhost run
-# (launches_per_layer ~44 for two steps before its cuts) the gated norm is 1 launch a Mamba
-# layer and step where it was ~4-5 (F.rms_norm fused, casts, SiLU, products), and the cached
-# prompt's steps (under 64 new tokens) launch the sequential scan, not the SSD's five kernels.
+# under 2e-2 (rc=0; ~4e-3 expected); host_step: one JSON line per model, against this
+# morning's (session 19, main 51baaf5: mamba2 80 ops / 32.4 launches a layer for B's two
+# steps, 1.27 ms host a layer; granite4h 95 / 38, 1.60 ms): B's rest now one step (3f6bebf),
+# and per Mamba layer and step the gated norm 1 launch where it was ~4-5 (casts, SiLU,
+# products, F.rms_norm), the sequential scan (1 launch, under 64 tokens) not the SSD's 5, no
+# to / promote_types / select ops, no slices of whole rows: ops_per_layer well under 40 and
+# launches_per_layer about 8 (mamba2), b_ms_per_layer well under 1.27.
 source benchmarks/device_env.sh
 export TESSELLM_SSD_SCAN=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 P="python3 -m pytest -q -p no:cacheprovider"
