@@ -23,7 +23,7 @@
 # and per Mamba layer and step the gated norm 1 launch where it was ~4-5 (casts, SiLU,
 # products, F.rms_norm), the sequential scan (1 launch, under 64 tokens) not the SSD's 5, no
 # to / promote_types / select ops, no slices of whole rows: ops_per_layer well under 40 and
-# launches_per_layer about 8 (mamba2), b_ms_per_layer well under 1.27.
+# launches_per_layer about 7-9 (mamba2), b_ms_per_layer well under 1.27.
 source benchmarks/device_env.sh
 export TESSELLM_SSD_SCAN=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 P="python3 -m pytest -q -p no:cacheprovider"
