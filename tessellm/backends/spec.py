@@ -667,8 +667,10 @@ class FusedOps(Protocol):
     # mode)``, the gated RMSNorm after the recurrent mixers (Mamba2's ``MambaRMSNormGated``,
     # Falcon-H1's, Qwen3-Next's): ``y`` normed per group of ``group_size`` channels, gated by
     # ``silu(z)``; ``mode`` "gate_then_norm" (``weight * round(norm(y * silu(z)))``),
-    # "norm_then_gate" (``round(weight * norm(y) * silu(z))``, float32 throughout) or
-    # "norm_round_then_gate" (``round(silu(z) * round(weight * round(norm(y))))``); ``weight``
+    # "gate_then_norm_float32" (``round(weight * norm(y * silu(z)))``: Falcon-H1 without
+    # ``mamba_norm_before_gate``), "norm_then_gate" (``round(weight * norm(y) * silu(z))``,
+    # float32 throughout) or "norm_round_then_gate" (``round(silu(z) * round(weight *
+    # round(norm(y))))``): all four (``reference/gated_norm.GATED_NORM_MODES``); ``weight``
     # ``[C]`` or ``[group_size]`` (shared by the groups), in y's dtype; ``z`` may be a column view
     # (rows strided, the last dim contiguous). Returns y's shape and dtype. Oracle and exact
     # semantics: ``backends/reference/gated_norm.py``; conformance ``test_gated_rms_norm``.
