@@ -22,7 +22,7 @@ one and its tiles from (M, N, K) with ``gemv_config``:
   tile.T)``: weight rows in the tensor cores' M slot, x's few rows in the N slot.
 
 SiLU-and-mul in the epilogue (``gemv_silu_and_mul``, ``SILU_FOLD``; the engine's MLP at 1-2
-rows under ``TESSELLM_SILU_FOLD=1``, one launch a layer fewer; off by default until timed):
+rows unless ``TESSELLM_SILU_FOLD=0``, one launch a layer fewer; on by default since timed, ``envs.silu_fold``):
 W is the stacked ``[gate; up]`` ``[2I, K]`` and a program's BLOCK_N rows are BLOCK_N / 2 pairs
 (gate row j, up row j + I), read by the same K loop; the epilogue rounds both sums to x's dtype
 as the GEMV stores them and runs ``activation.silu_mul``, so out ``[M, I]`` is bitwise the GEMV

@@ -1,5 +1,6 @@
 """The residual-add RMSNorm after a one-row GEMV, run by the GEMV's last program (batch-1
-decode, ``TESSELLM_GEMV_NORM_EPILOGUE``; off by default until timed on a GPU).
+decode, ``TESSELLM_GEMV_NORM_EPILOGUE``; off by default: correct but slower on an H100,
+B1 fp8 +19% / bf16 +9%, benchmarks/README.md session 19).
 
 At batch 1 the decoder runs ``o_proj`` (or ``down_proj``) as a one-row GEMV and then
 ``fused_add_rms_norm`` on its output: a launch of one program that reads 8 KB, reduces and
