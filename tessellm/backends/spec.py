@@ -92,6 +92,11 @@ versions 1 to 18 keep working (the layers run the pure-torch reference,
 take keyword-only ``w13_perm`` (int32 ``[E, H]``, each expert's input order) with ``int4=True``
 where the ops object declares ``fused_moe_int4_act_order = True``; plugins of versions 1 to 19
 keep working (such experts run the pure-torch reference, ``backends/reference/moe.py``).
+21 = ``FusedOps.mamba_state_saves`` (optional): the ops' ``mamba_chunk_scan`` takes keyword-only
+``snapshots`` (the layer's SSM snapshot pool) and keeps the states ``MambaBatch.state_saves``
+ask for (recurrent-state prefix caching, saved inside a prefill step); plugins of versions 1
+to 20 keep working (the layers run their scan once per piece between the saves,
+``backends/reference/state_saves.py``).
 
 Ownership
 ---------
@@ -128,7 +133,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 20
+TESSELLM_PLUGIN_API = 21
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -432,11 +437,13 @@ class MambaBatch:
     # slot)`` triples, the state after the sequence's first ``offset`` tokens of this step (0 <
     # offset < its length: a block boundary inside its prefill chunk) to keep in that slot of
     # the layer's snapshot pools, besides the state after its last token in its own slot.
-    # Empty: none. Ops ignore it: the layers take the conv states from the conv's input
-    # before ``mamba_conv1d`` runs, and run a scan (``mamba_chunk_scan``, ``gated_delta_chunk``)
-    # once per piece between the offsets, copying the states between
-    # (``reference/state_saves.py``), with ``pieces`` the plan of those calls (built once per
-    # step by the first layer, None until then; the pieces' batches carry no saves).
+    # Empty: none. Ops ignore it, but for ``mamba_chunk_scan`` given ``snapshots`` (where the
+    # ops declare ``mamba_state_saves``, plugin API 21). Otherwise the layers take the conv
+    # states from the conv's input before ``mamba_conv1d`` runs, and run a scan
+    # (``mamba_chunk_scan``, ``gated_delta_chunk``) once per piece between the offsets,
+    # copying the states between (``reference/state_saves.py``), with ``pieces`` the plan of
+    # those calls (built once per step by the first layer, None until then; the pieces'
+    # batches carry no saves).
     state_saves: list = field(default_factory=list)
     pieces: Optional[tuple] = None
 
@@ -662,6 +669,12 @@ class FusedOps(Protocol):
     # of each sequence (``dt`` raw: ``clamp(softplus(dt + dt_bias), *dt_limit)`` is the step),
     # ``[T, H, P]`` out. ``mamba_state_update(x [S, H, P], dt [S, H], A, B [S, G, N], C, D,
     # dt_bias, ssm_state, state_indices [S], dt_limit)``: one token per sequence.
+    # Optional (plugin API 21): ``mamba_state_saves = True`` declares that ``mamba_chunk_scan``
+    # takes keyword-only ``snapshots [S, H, P, N]`` and, for each ``(sequence, offset, slot)``
+    # of ``batch.state_saves``, writes the state after the sequence's first ``offset`` tokens
+    # to ``snapshots[slot]`` (in its dtype); the same outputs and final states as without.
+    # Oracle: ``reference/state_saves.run_with_saves`` over the reference scan; conformance
+    # ``test_mamba_scan_keeps_states_inside_the_step``.
     #
     # Optional (plugin API 19): ``gated_rms_norm(y [T, C], z [T, C], weight, group_size, eps,
     # mode)``, the gated RMSNorm after the recurrent mixers (Mamba2's ``MambaRMSNormGated``,

@@ -76,11 +76,15 @@ class TritonOps:
 
         return mamba_conv1d(x, weight, bias, conv_state, batch, activation)
 
+    # the scan keeps ``batch.state_saves`` itself, given the pool (plugin API 21)
+    mamba_state_saves = True
+
     def mamba_chunk_scan(self, x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size,
-                         dt_limit=(0.0, float("inf"))):
+                         dt_limit=(0.0, float("inf")), snapshots=None):
         from tessellm.kernels.mamba import mamba_chunk_scan
 
-        return mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size, dt_limit)
+        return mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size, dt_limit,
+                                snapshots=snapshots)
 
     def mamba_state_update(self, x, dt, A, B, C, D, dt_bias, ssm_state, state_indices,
                            dt_limit=(0.0, float("inf"))):

@@ -184,8 +184,14 @@ class MambaMixer2(nn.Module):
                 return self.ops.mamba_chunk_scan(rows[0], rows[1], A, rows[2], rows[3], self.D,
                                                  self.dt_bias, self.ssm_state, b, s.chunk_size,
                                                  s.dt_limit)
-            parts.append(run_saving(scan, list(step_rows((x, dt, B, C), nd, m, t)),
-                                    batch.prefills, [(self.ssm_state, pools[1])]))
+            rows = step_rows((x, dt, B, C), nd, m, t)
+            if batch.prefills.state_saves and getattr(self.ops, "mamba_state_saves", False):
+                parts.append(self.ops.mamba_chunk_scan(   # the op keeps them (plugin API 21)
+                    *rows[:2], A, *rows[2:], self.D, self.dt_bias, self.ssm_state,
+                    batch.prefills, s.chunk_size, s.dt_limit, snapshots=pools[1]))
+            else:
+                parts.append(run_saving(scan, list(rows), batch.prefills,
+                                        [(self.ssm_state, pools[1])]))
         if batch.verifies is not None:  # speculative decoding: the state after each token kept
             parts.append(verify_ops(self.ops)[1](
                 x[m:], dt[m:], A, B[m:], C[m:], self.D, self.dt_bias, self.ssm_state,

@@ -98,3 +98,31 @@ def test_conv_and_scans_save_inside_the_step(kind):
     check(lambda xs, b: delta(*xs, st, b, Kd ** -0.5),
           [r(T, Hk, Kd), r(T, Hk, Kd), r(T, Hv, V), -torch.rand(T, Hv, generator=g).to(DEVICE),
            torch.rand(T, Hv, generator=g).to(DEVICE)], st, (4, Hv, Kd, V))
+
+
+@pytest.mark.parametrize("lens,saves", [([13, 1, 9], SAVES),  # the sequential kernel, per piece
+                                         ([150, 20], [(0, 16, 1), (0, 128, 3), (1, 8, 0)])])  # SSD
+def test_triton_scan_keeps_the_states_itself(lens, saves):
+    """``mamba_chunk_scan(..., snapshots=)`` (``FusedOps.mamba_state_saves``): the SSD kernels'
+    chunks start at the offsets (the states entering them kept), the sequential kernel runs
+    per piece; against the reference scan run per piece."""
+    from tessellm.kernels.mamba import mamba_chunk_scan
+
+    g = torch.Generator().manual_seed(2)
+    T, H, P, G, N = sum(lens), 4, 8, 2, 8
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    A, D, dt_bias = -torch.rand(H, generator=g).to(DEVICE) * 0.3, r(H), r(H)
+    x, dt, B, C = r(T, H, P), r(T, H) - 1.0, r(T, G, N), r(T, G, N)
+    slots = [4, 0, 2][:len(lens)]
+    init = r(5, H, P, N) * 0.3
+    state, pool = init.clone(), torch.zeros(4, H, P, N, device=DEVICE)
+    got = mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, state, batch(lens, slots, saves), 16,
+                           snapshots=pool)
+    ref_state, ref_pool = init.clone(), torch.zeros_like(pool)
+    want = run_with_saves(lambda t, b: ref_mamba.ssd_chunk_scan(t[0], t[1], A, t[2], t[3], D,
+                                                                dt_bias, ref_state, b, 16),
+                          [x, dt, B, C], batch(lens, slots, saves), [(ref_state, ref_pool)])
+    torch.testing.assert_close(got, want, rtol=5e-4, atol=5e-4)
+    torch.testing.assert_close(state, ref_state, rtol=5e-4, atol=5e-4)
+    torch.testing.assert_close(pool, ref_pool, rtol=5e-4, atol=5e-4)
+    assert pool.abs().sum(dim=(1, 2, 3)).gt(0).sum() == len(saves)

@@ -119,9 +119,12 @@ def use_ssd(batch, H: int, P: int, N: int) -> bool:
 
 
 def mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size: int,
-                     dt_limit=(0.0, float("inf"))) -> torch.Tensor:
+                     dt_limit=(0.0, float("inf")), snapshots=None) -> torch.Tensor:
     """``x [T, H, P]``, ``dt [T, H]``, ``B, C [T, G, N]``, ``ssm_state [slots, H, P, N]``
-    (contiguous); ``batch`` a ``MambaBatch``. Returns ``y [T, H, P]``."""
+    (contiguous); ``batch`` a ``MambaBatch``. Returns ``y [T, H, P]``. ``snapshots``: the
+    pool ``batch.state_saves`` name slots of (``FusedOps.mamba_state_saves``): the SSD
+    kernels keep them in their one pass; the sequential kernel runs once per piece between
+    them (``reference/state_saves.py``)."""
     T, H, P = x.shape
     N = ssm_state.shape[-1]
     if T == 0 or not batch.state_indices_host:
@@ -130,7 +133,14 @@ def mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size: i
     if not ssm_state.is_contiguous():
         raise ValueError("mamba_chunk_scan needs a contiguous ssm_state.")
     if use_ssd(batch, H, P, N):
-        return ssd.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit)
+        return ssd.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit,
+                                  snapshots=snapshots)
+    if getattr(batch, "state_saves", None) and snapshots is not None:
+        from tessellm.kernels.recurrent_pieces import run_with_saves
+
+        return run_with_saves(lambda t, b: sequential_chunk_scan(
+            t[0], t[1], A, t[2], t[3], D, dt_bias, ssm_state, b, dt_limit),
+            [x, dt, B, C], batch, [(ssm_state, snapshots)])
     return sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit)
 
 

@@ -189,16 +189,35 @@ class _Chunks:
     """A step's chunking, on the device: per chunk ``[token start, length]`` (int32 ``[nc, 2]``)
     and per sequence its first chunk (int32 ``[seqs + 1]``)."""
 
-    def __init__(self, qsl_host: list[int], q: int, device: torch.device):
-        meta, firsts = [], [0]
-        for lo, hi in zip(qsl_host[:-1], qsl_host[1:]):
-            for c0 in range(lo, hi, q):
-                meta += (c0, min(q, hi - c0))
+    def __init__(self, qsl_host: list[int], q: int, device: torch.device, saves=()):
+        # ``saves`` (``MambaBatch.state_saves``): chunks also start at each save's offset, so
+        # the state entering that chunk (``_state_passing``) is the one to keep; ``save_chunks``
+        # and ``save_slots`` (int64, on the device): those chunks and their snapshot slots.
+        cuts: dict[int, list] = {}
+        for seq, offset, pool_slot in saves:
+            cuts.setdefault(seq, []).append((offset, pool_slot))
+        meta, firsts, save_chunks, save_slots = [], [0], [], []
+        for s, (lo, hi) in enumerate(zip(qsl_host[:-1], qsl_host[1:])):
+            bounds = [lo]
+            for offset, pool_slot in sorted(cuts.get(s, ())):
+                bounds.append(lo + offset)
+                save_slots.append(pool_slot)
+            bounds.append(hi)
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+                if i:
+                    save_chunks.append(len(meta) // 2)
+                for c0 in range(a, b, q):
+                    meta += (c0, min(q, b - c0))
             firsts.append(len(meta) // 2)
         self.count = len(meta) // 2
         meta += [0] * (-len(meta) % 4)  # seq_chunks 16-byte aligned (one Triton variant)
         both = torch.tensor(meta + firsts, dtype=torch.int32).to(device, non_blocking=True)
-        self.meta, self.seq_chunks = both[:len(meta)], both[len(meta):]
+        self.meta, self.seq_chunks = both[:len(meta)], both[len(meta):len(meta) + len(firsts)]
+        self.save_chunks = self.save_slots = None
+        if save_chunks:
+            idx = torch.tensor(save_chunks + save_slots, dtype=torch.long).to(device,
+                                                                              non_blocking=True)
+            self.save_chunks, self.save_slots = idx[:len(save_chunks)], idx[len(save_chunks):]
 
 
 def _chunks(batch, q: int) -> _Chunks:
@@ -206,10 +225,11 @@ def _chunks(batch, q: int) -> _Chunks:
     of a step scans the same batch: one upload a step; it goes with the batch, as
     ``MambaBatch.positions`` does). Keyed by the sequence bounds too: a batch object reused
     with other lengths (its lists rewritten in place) gets its own."""
-    key = (q, tuple(batch.query_start_loc_host))
+    saves = tuple(getattr(batch, "state_saves", ()))
+    key = (q, tuple(batch.query_start_loc_host), saves)
     made = getattr(batch, "_ssd_chunks", None)
     if made is None or made[0] != key:
-        made = (key, _Chunks(batch.query_start_loc_host, q, batch.query_start_loc.device))
+        made = (key, _Chunks(batch.query_start_loc_host, q, batch.query_start_loc.device, saves))
         batch._ssd_chunks = made
     return made[1]
 
@@ -233,14 +253,19 @@ def launch_configs(H: int, P: int, N: int, Q: int, prec: str, clamp: bool) -> di
 
 
 def ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit=(0.0, float("inf")),
-                   chunk: int = CHUNK) -> torch.Tensor:
+                   chunk: int = CHUNK, snapshots=None) -> torch.Tensor:
     """``x [T, H, P]``, ``dt [T, H]``, ``B, C [T, G, N]`` (last dim contiguous), ``ssm_state
     [slots, H, P, N]`` (contiguous); ``batch`` a ``MambaBatch`` with host lists. Returns
-    ``y [T, H, P]``; each sequence's final state is written to its slot."""
+    ``y [T, H, P]``; each sequence's final state is written to its slot. ``snapshots``
+    ``[S, H, P, N]``: the pool that ``batch.state_saves`` name slots of (the chunks start at
+    each save's offset; the state entering that chunk is copied there)."""
     T, H, P = x.shape
     G, N = B.shape[1], ssm_state.shape[-1]
     y = torch.empty_like(x)
     seqs = len(batch.state_indices_host)
+    if snapshots is None and getattr(batch, "state_saves", None):
+        raise ValueError("ssd_chunk_scan: the batch names state saves but no snapshot pool "
+                         "was given (snapshots=).")
     chunks = _chunks(batch, chunk)
     nc, Q = chunks.count, chunk
     if nc == 0:
@@ -270,6 +295,9 @@ def ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit=(0.0, 
     _state_passing[(seqs, H, triton.cdiv(P * N, k["BLOCK"]))](
         ssm_state, batch.state_indices, chunks.seq_chunks, acs, states, H, P * N, nc,
         ssm_state.stride(0), ssm_state.stride(1), **k)
+    if chunks.save_chunks is not None:  # the states at the saves' offsets: entering their chunks
+        snapshots.index_copy_(0, chunks.save_slots,
+                              states.index_select(0, chunks.save_chunks).to(snapshots.dtype))
     k = cfg["_chunk_output"]
     _chunk_output[(nc * (Q // k["BLOCK_M"]), H, triton.cdiv(P, k["BLOCK_P"]))](
         x, C, D, chunks.meta, dtc, acs, cb, states, y, H, G, H // G, P, N, nc, x.stride(0),

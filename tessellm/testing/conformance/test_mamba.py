@@ -187,3 +187,41 @@ def test_mamba_conv1d_decodes_without_host_slots(target):
     torch.testing.assert_close(got[:3], want[:3])
     torch.testing.assert_close(got_state[:6].cpu(), want_state[:6].cpu())
     torch.testing.assert_close(got_state[[1, 2, 4]].cpu(), init[[1, 2, 4]].cpu())
+
+
+def test_mamba_scan_keeps_states_inside_the_step(target):
+    """Ops that declare ``mamba_state_saves`` (plugin API 21): ``mamba_chunk_scan`` given a
+    snapshot pool writes the state after each ``MambaBatch.state_saves`` offset there (short
+    and long sequences, offsets inside and across the op's chunks), outputs and final states
+    as without saves; each snapshot the recurrence's state after that many tokens."""
+    dtype = torch.float32
+    ops = _mamba_ops(target, dtype)
+    if not getattr(ops, "mamba_state_saves", False):
+        pytest.skip(f"{target.name} does not declare mamba_state_saves (the layers run its scan "
+                    "once per piece between the saves)")
+    g = torch.Generator().manual_seed(5)
+    A = -torch.rand(H, generator=g) * 0.5 - 0.05
+    D, dt_bias = torch.randn(H, generator=g), torch.randn(H, generator=g) * 0.5
+    dev = target.device
+    for lengths, saves in (([13, 40], [(0, 4, 2), (1, 16, 0), (1, 32, 1)]),
+                           ([300, 7], [(0, 16, 1), (0, 272, 3), (1, 3, 0)])):
+        slots = [5, 1]
+        seqs = [_ssm_inputs(n, g) for n in lengths]
+        init = torch.randn(6, H, P, N, generator=g) * 0.3
+        batch = make_batch(lengths, slots, dev, saves=saves).prefills
+        x, dt, B, C = (torch.cat([s[j] for s in seqs]).to(dev) for j in range(4))
+        state, pool = init.clone().to(dev), torch.zeros(4, H, P, N, device=dev)
+        params = [t.to(dev) for t in (A, D, dt_bias)]
+        got = ops.mamba_chunk_scan(x, dt, params[0], B, C, params[1], params[2], state, batch,
+                                   CHUNK, (0.0, float("inf")), snapshots=pool).cpu()
+        row = 0
+        for i, n in enumerate(lengths):
+            want, final = sequential_scan(*seqs[i][:2], A, *seqs[i][2:], D, dt_bias,
+                                          init[slots[i]])
+            torch.testing.assert_close(got[row:row + n], want, atol=5e-4, rtol=5e-4)
+            torch.testing.assert_close(state[slots[i]].cpu(), final, atol=5e-4, rtol=5e-4)
+            row += n
+        for seq, offset, slot in saves:
+            xs, dts, Bs, Cs = (t[:offset] for t in seqs[seq])
+            _, at = sequential_scan(xs, dts, A, Bs, Cs, D, dt_bias, init[slots[seq]])
+            torch.testing.assert_close(pool[slot].cpu(), at, atol=5e-4, rtol=5e-4)
