@@ -7,8 +7,9 @@ Per model and setting an engine starts with the serving warm-up (``kernel_warmup
 ``--trials`` rounds, each with fresh token ids: prompt A (``--input-len`` tokens) is prefilled
 and answered with one token, then prompt B = A + ``--suffix`` tokens is sent and its first token
 timed (``llm.generate``, between device syncs). With prefix caching on, B starts from the state
-snapshot after A's last full block and computes the rest in two steps (up to its own last full
-block, where it saves a snapshot, then its tail: ``align_chunk``); off, it is computed whole.
+snapshot after A's last full block and computes the rest in one step, saving its state after
+its own last full block inside that step (``state_saves_within``; before session 19: two steps,
+up to that block, then the tail); off, it is computed whole.
 
 The first round is the cold one (the first restore, the first prefill of B's chunk sizes since
 start); ``ttft_ms`` is the median of the others (the steady state), ``cold_ms`` the first.
