@@ -13,6 +13,7 @@ from tessellm.kernels.fused_ops import TritonOps
 from tessellm.kernels.gemm.common import _interpreted
 from tessellm.kernels.gemm.fp8_block import fp8_block_mm
 from tessellm.kernels.gemm.fp8 import _scaled_mm_ok, fp8_gemm, quantize_fp8_rows, scaled_mm_plan
+from tessellm.kernels.gemm.gemv_int4 import INT4_GEMV_MAX_M, gemv_int4
 from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2_silu_and_mul, gemv_fp8_x2_then_add_rms_norm
 from tessellm.kernels.gemm.norm_epilogue import norm_epilogue_applies
 from tessellm.kernels.gemm.w8a8 import gemv_w8a8, w8a8_native
@@ -71,6 +72,11 @@ class TritonQuantOps:
         return int8_gemm(x, w, bias)
 
     def int4_mm(self, x, w: Int4Weight, bias=None):
+        """Decode (1..``INT4_GEMV_MAX_M`` rows): the int4 GEMV (``gemv_int4``); up to
+        ``dequant_min_m`` rows the tiled GEMM dequantizing in its tiles; from there on the
+        weight dequantized once and cuBLAS (compute-bound prefill)."""
+        if 0 < x.shape[0] <= INT4_GEMV_MAX_M and w.qweight.shape[0] > 0:
+            return gemv_int4(x, w, bias)
         if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
             if w.perm is not None:
                 x = x.index_select(-1, w.perm)
