@@ -31,14 +31,15 @@ def main() -> None:
             compile_report(f"gemv rows={rows} offsets={offsets}", gemv_int4._gemv_int4_kernel,
                            gemv_types, dict(GROUP_SIZE=128, ZERO_POINT=0 if offsets else 8,
                                             HAS_OFFSETS=offsets, HAS_BIAS=False, ROWS=rows,
-                                            BLOCK_N=64, BKW=16, EVEN_K=True, EVEN_N=True,
+                                            BLOCK_N=64, BKW=32 if rows == 1 else 16,
+                                            EVEN_K=True, EVEN_N=True,
                                             USE_PDL=True), warps=4)
     gemm_types = dict(common, out_ptr="*fp32", M="i32", N="i32", K="i32", SPLIT_K="i32")
-    for bm, bn, bk, warps, stages in ((16, 64, 128, 4, 4), (64, 64, 64, 4, 4)):
+    for bm, bn, bk, warps, stages in ((16, 64, 128, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3)):
         compile_report(f"tiled {bm}x{bn}x{bk}", weight_only._int4_gemm_kernel, gemm_types,
                        dict(GROUP_SIZE=128, ZERO_POINT=8, HAS_OFFSETS=False, HAS_BIAS=False,
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_FP32=False,
-                            DOT_PREC="tf32"), warps=warps, stages=stages)
+                            DOT_PREC="tf32", W16=1), warps=warps, stages=stages)
     deq_types = dict(q_ptr="*i32", s_ptr="*fp16", o_ptr="*fp32", out_ptr="*bf16", K="i32",
                      N="i32", stride_qk="i32", stride_sg="i32", stride_og="i32")
     compile_report("dequantize 64x64", weight_only._int4_dequant_kernel, deq_types,

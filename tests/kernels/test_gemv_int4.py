@@ -125,3 +125,12 @@ def test_int4_mm_dispatch_by_rows():
         assert torch.equal(got, path(x, w))
         _check(got, x, w, None, torch.float32)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiled_int4_gemm_half_activations(dtype):
+    """16-bit x: the codes widened by bits (``_codes_to_16bit``; bf16 on a GPU only)."""
+    for layout in ("awq", "gptq-sym"):
+        w = _weight(layout, 64, 256, 64, seed=13)
+        x = torch.randn(9, 256, generator=torch.Generator().manual_seed(14)).to(DEV, dtype)
+        _check(wo.int4_gemm(x, w), x, w, None, dtype)
