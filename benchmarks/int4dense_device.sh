@@ -18,6 +18,6 @@ t int4dense_quant_kernels ${INT4D_QTEST_S:-90} python3 -m pytest -q -p no:cachep
   tests/quantization/test_kernels.py -k "int4 or dequantize or other_dtypes"
 t int4dense_checkpoints ${INT4D_CKPT_S:-90} python3 -m pytest -q -p no:cacheprovider \
   tests/quantization/test_loading.py -k "test_int4_checkpoint and not cpu"
-t int4dense_bench ${INT4D_BENCH_S:-150} python3 benchmarks/kernels/bench_int4_dense.py \
+t int4dense_bench ${INT4D_BENCH_S:-200} python3 benchmarks/kernels/bench_int4_dense.py \
   --json "$OUT/int4dense_bench.json"
 grep -v -i warn "$OUT/int4dense_bench.txt" | tail -28

@@ -115,7 +115,7 @@ cases = {
     "w8a16-fp8": (wo._w8a16_gemm_kernel, dict(x_ptr=bf, w_ptr="*fp8e4nv", s_ptr=f32, bias_ptr=bf, out_ptr=f32),
                   dict(tiled, GROUP_SIZE=1, PER_CHANNEL=True, W_FP8=True, W_PTX=True)),
     "int4": (wo._int4_gemm_kernel, dict(x_ptr=bf, q_ptr="*i32", s_ptr=bf, o_ptr=bf, bias_ptr=bf, out_ptr=f32),
-             dict(tiled, GROUP_SIZE=128, ZERO_POINT=8, HAS_OFFSETS=True)),
+             dict(tiled, GROUP_SIZE=128, ZERO_POINT=8, HAS_OFFSETS=True, W16=1)),
     "fp8-gemm": (fp8._fp8_gemm_kernel, dict(x_ptr="*fp8e4nv", sx_ptr=f32, w_ptr="*fp8e4nv", sw_ptr=f32,
                                             bias_ptr=bf, out_ptr=f32),
                  dict(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, DOT_FP32=False)),

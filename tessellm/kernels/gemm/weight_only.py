@@ -135,7 +135,7 @@ def _int4_gemm_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K,
                       HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SPLIT_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
-                      W16: tl.constexpr = 0):
+                      W16: tl.constexpr):
     """q int32 ``[K/8, N]`` (8 codes per word along K); scales/offsets ``[G, N]``. K is a
     multiple of 8 (whole words); ``BLOCK_K`` a multiple of 8 dividing the group. W16: 1 (bf16
     x) or 2 (fp16 x): codes widened by bits (``_codes_to_16bit``); 0: by ``.to``."""
