@@ -488,3 +488,34 @@ def test_a_rank_slice_across_two_groups_is_refused():
         moe = SimpleNamespace(local=local, tp=SimpleNamespace(size=size), sliced=True)
         moe_int4.allocate(moe, quant, num_experts=2, hidden=64)
         assert moe.w2_scale.shape == (2, 64, max(1, local // 32))
+
+
+def test_an_older_plugins_own_fused_experts_gets_no_w13_perm():
+    """A plugin ops class of API 19 subclassing ``ReferenceOps`` with its own ``fused_experts``
+    (declaring int4 experts, which it takes) never saw API 20's ``w13_perm``: it does not
+    inherit the reference's act-order declaration, so act-order experts run the reference loop
+    instead of handing it a keyword it does not know (or would drop, silently wrong)."""
+    from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
+    from tessellm.backends.reference.ops import ReferenceOps
+    from tessellm.layers.moe import FusedMoE
+    from tessellm.layers.moe_fp8 import ExpertQuant
+
+    class Api19Ops(ReferenceOps):
+        fused_moe_int4 = True
+
+        def fused_experts(self, hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
+                          w2_scale=None, *, int4=False, w13_zeros=None, w2_zeros=None):
+            return fused_experts_reference(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
+                                           w2_scale, int4=int4, w13_zeros=w13_zeros,
+                                           w2_zeros=w2_zeros)
+
+    ops = Api19Ops()
+    assert ops.fused_moe_int4 and not ops.fused_moe_int4_act_order
+    assert not ops.fused_moe_expert_map and ops.fused_moe_activations == ("silu",)
+    moe = FusedMoE(4, 64, 32, 2, ops, quant=ExpertQuant("gptq", group_size=32))
+    assert moe._experts == ops.fused_experts  # plain int4 experts: the plugin's op
+    moe.w13_perm = torch.arange(64, dtype=torch.int32).repeat(4, 1)
+    moe.act_order_loaded()
+    assert moe._experts is fused_experts_reference and moe._moe is fused_moe_reference
+    # the reference's own declarations stand for a subclass that replaces neither op
+    assert type("Plain", (ReferenceOps,), {})().fused_moe_int4_act_order

@@ -40,21 +40,22 @@ class ReferenceOps:
         return F.silu(x[..., :d]) * x[..., d:]
 
     # ``ExpertActivation.kind``s (and expert biases) ``fused_moe`` takes (reference/moe.py);
-    # a subclass with its own fused_moe serves SiLU only unless it says so.
+    # a subclass with its own fused_moe or fused_experts serves SiLU only unless it says so.
     fused_moe_activations = ("silu", "swiglu_oai", "relu2")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "fused_moe" in cls.__dict__ and "fused_moe_activations" not in cls.__dict__:
+        # A subclass with its own fused_moe or fused_experts (the layer hands both the same
+        # keywords) takes no variant it does not declare itself: a flag inherited from here
+        # speaks for the reference loop, not for its op (e.g. a plugin of API 19 declaring
+        # fused_moe_int4 over its own fused_experts never saw API 20's w13_perm).
+        own = "fused_moe" in cls.__dict__ or "fused_experts" in cls.__dict__
+        if own and "fused_moe_activations" not in cls.__dict__:
             cls.fused_moe_activations = ("silu",)
-        if "fused_moe" in cls.__dict__ and "fused_moe_block_fp8" not in cls.__dict__:
-            cls.fused_moe_block_fp8 = False
-        if "fused_moe" in cls.__dict__ and "fused_moe_expert_map" not in cls.__dict__:
-            cls.fused_moe_expert_map = False
-        if "fused_moe" in cls.__dict__ and "fused_moe_int4" not in cls.__dict__:
-            cls.fused_moe_int4 = False
-        if "fused_moe" in cls.__dict__ and "fused_moe_int4_act_order" not in cls.__dict__:
-            cls.fused_moe_int4_act_order = False
+        for flag in ("fused_moe_block_fp8", "fused_moe_expert_map", "fused_moe_int4",
+                     "fused_moe_int4_act_order"):
+            if own and flag not in cls.__dict__:
+                setattr(cls, flag, False)
         if ("recurrent_verify_graphs" not in cls.__dict__
                 and any(name in cls.__dict__ for name in recurrent_verify.VERIFY_OPS)):
             cls.recurrent_verify_graphs = False  # its own verify ops may read the host lists
