@@ -42,6 +42,19 @@ class TritonOps:
     # GPTQ act-order int4 experts (``w13_perm``): the first GEMM gathers x in each expert's order
     fused_moe_int4_act_order = True
 
+    def __init_subclass__(cls, **kwargs):
+        """A subclass (a plugin's ops may build on these) that replaces an op keeps none of
+        the declarations added for this class's own op after its plugin API: one written for
+        API 19 / 20 with its own ``fused_moe`` / ``fused_experts`` or ``mamba_chunk_scan``
+        would otherwise be handed ``w13_perm`` (API 20) or ``snapshots`` (API 21), keywords it
+        never took. It declares them itself where its op takes them."""
+        super().__init_subclass__(**kwargs)
+        own_moe = "fused_moe" in cls.__dict__ or "fused_experts" in cls.__dict__
+        if own_moe and "fused_moe_int4_act_order" not in cls.__dict__:
+            cls.fused_moe_int4_act_order = False
+        if "mamba_chunk_scan" in cls.__dict__ and "mamba_state_saves" not in cls.__dict__:
+            cls.mamba_state_saves = False
+
     def fused_moe(self, hidden, router_logits, w13, w2, top_k, scoring="softmax",
                   renormalize=True, w13_scale=None, w2_scale=None, **variant):
         """Grouped GEMMs over expert-sorted token blocks (``tessellm/kernels/moe``);

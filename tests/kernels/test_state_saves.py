@@ -126,3 +126,55 @@ def test_triton_scan_keeps_the_states_itself(lens, saves):
     torch.testing.assert_close(state, ref_state, rtol=5e-4, atol=5e-4)
     torch.testing.assert_close(pool, ref_pool, rtol=5e-4, atol=5e-4)
     assert pool.abs().sum(dim=(1, 2, 3)).gt(0).sum() == len(saves)
+
+
+def test_a_triton_ops_subclass_with_its_own_scan_is_not_handed_snapshots():
+    """A plugin's ops built on ``TritonOps`` (plugins may import ``tessellm/kernels``) with its
+    own ``mamba_chunk_scan`` of API 20 (no ``snapshots`` keyword): it does not inherit
+    ``mamba_state_saves`` (API 21), so the layers run its scan once per piece, nor GPTQ act
+    order over its own ``fused_experts`` (API 20); the cuda backend's ops keep both."""
+    pytest.importorskip("triton")
+    from tessellm.backends.cuda.ops import CudaOps
+    from tessellm.kernels.fused_ops import TritonOps
+
+    class Api20Ops(TritonOps):
+        def mamba_chunk_scan(self, x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size,
+                             dt_limit=(0.0, float("inf"))):
+            return super().mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
+                                            chunk_size, dt_limit)
+
+        def fused_experts(self, hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
+                          w2_scale=None, **variant):
+            return super().fused_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
+                                         w2_scale, **variant)
+
+    class Declared(Api20Ops):
+        mamba_state_saves = True
+
+    assert not Api20Ops.mamba_state_saves and not Api20Ops.fused_moe_int4_act_order
+    assert Declared.mamba_state_saves
+    assert CudaOps.mamba_state_saves and CudaOps.fused_moe_int4_act_order
+    # the layer's choice (layers/mamba_mixer.py): the per-piece path, which never passes
+    # ``snapshots``, gives the one-call result through the API 20 scan
+    lens, slots, saves = [13, 9], [4, 2], [(0, 4, 1), (1, 5, 0)]
+    g = torch.Generator().manual_seed(3)
+    H, P, N = 2, 4, 8
+    x = torch.randn(22, H, P, generator=g).to(DEVICE)
+    dt = torch.randn(22, H, generator=g).to(DEVICE)
+    B = torch.randn(22, 1, N, generator=g).to(DEVICE)
+    C = torch.randn(22, 1, N, generator=g).to(DEVICE)
+    A = (-torch.rand(H, generator=g) - 0.1).to(DEVICE)
+    D, dt_bias = torch.randn(H, generator=g).to(DEVICE), torch.randn(H, generator=g).to(DEVICE)
+    init = (torch.randn(6, H, P, N, generator=g) * 0.3).to(DEVICE)
+    ops = Api20Ops()
+
+    def scan(rows, b):
+        return ops.mamba_chunk_scan(rows[0], rows[1], A, rows[2], rows[3], D, dt_bias, state, b,
+                                    8)
+
+    state, pool = init.clone(), torch.zeros(4, H, P, N, device=DEVICE)
+    got = run_with_saves(scan, [x, dt, B, C], batch(lens, slots, saves), [(state, pool)])
+    state_plain = init.clone()
+    want = ops.mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, state_plain, batch(lens, slots), 8)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(state, state_plain, atol=1e-4, rtol=1e-4)
