@@ -35,7 +35,8 @@ def main() -> None:
                                             EVEN_K=True, EVEN_N=True,
                                             USE_PDL=True), warps=4)
     gemm_types = dict(common, out_ptr="*fp32", M="i32", N="i32", K="i32", SPLIT_K="i32")
-    for bm, bn, bk, warps, stages in ((16, 64, 128, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3)):
+    for bm, bn, bk, warps, stages in ((16, 64, 128, 4, 4), (64, 64, 64, 4, 4),
+                                      (128, 128, 64, 8, 3)):
         compile_report(f"tiled {bm}x{bn}x{bk}", weight_only._int4_gemm_kernel, gemm_types,
                        dict(GROUP_SIZE=128, ZERO_POINT=8, HAS_OFFSETS=False, HAS_BIAS=False,
                             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_FP32=False,

@@ -2,7 +2,7 @@
 (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096) at 1, 4, 16, 128 and
 1024 rows, CUDA-graph timed with the L2 flushed before each call (gpu_timing.gtime).
 
-    python3 benchmarks/kernels/bench_int4_dense.py [--sym] [--no-flush] [--json PATH]
+    python3 benchmarks/kernels/bench_int4_dense.py [--sym] [--no-flush] [--json PATH] [--sweep]
 
 Columns (us a call, and effective TB/s: the weight's bytes, codes + scales (+ offsets) for int4,
 read once, over the time): ``bf16`` F.linear on the dense bf16 weight; ``old`` the int4 path
@@ -12,6 +12,9 @@ TritonQuantOps.int4_mm as it is (``path``: gemv / tiled / deq); then the new til
 the new dequantize-then-cuBLAS at every row count, to place ``INT4_GEMV_MAX_M`` and
 ``DEQUANT_MIN_M``. ``err``: the new path's largest error over the largest output, against
 x @ dequantized weight in float32. Groups of 128, asymmetric (AWQ: offsets) unless --sym.
+``--sweep`` (instead of the table): the GEMV at 1 and 4 rows over word rows a step (BKW) and
+``PROGRAMS_PER_SM`` (the split-K target), one line a shape and row count: the default's time
+and the best setting's, to tune ``gemv_int4.gemv_int4_config``.
 """
 
 from __future__ import annotations
@@ -121,14 +124,58 @@ def _weight(n, k, sym):
     return Int4Weight(pack_int4(q), s.half(), -(z.float() * s.float()), 0, 128)
 
 
+def sweep(flush: bool, sym: bool) -> None:
+    print(f"{torch.cuda.get_device_name()} | GEMV sweep, us (L2 {'flushed' if flush else 'warm'})",
+          flush=True)
+    config = gi.gemv_int4_config
+    for name, (n, k) in SHAPES.items():
+        w = _weight(n, k, sym)
+        for m in (1, 4):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            base = gtime(lambda: gi.gemv_int4(x, w), flush=flush)
+            best = (base, "default")
+            for bkw in (16, 32, 64):
+                for pps in (4, 8, 16):
+                    def cfg(*a, bkw=bkw, pps=pps, **kw):
+                        old, gi.PROGRAMS_PER_SM = gi.PROGRAMS_PER_SM, pps
+                        try:
+                            t = config(*a, **kw)
+                        finally:
+                            gi.PROGRAMS_PER_SM = old
+                        kwd = k // 8
+                        steps = triton.cdiv(kwd, bkw)
+                        split = t["SPLIT_K"]
+                        while split > 1 and steps // split < 2:
+                            split //= 2
+                        return dict(t, BKW=bkw, SPLIT_K=split, grid=(t["grid"][0], split),
+                                    EVEN_K=kwd % bkw == 0 and steps % split == 0)
+                    gi.gemv_int4_config = cfg
+                    try:
+                        us = gtime(lambda: gi.gemv_int4(x, w), flush=flush)
+                    except Exception as e:  # noqa: BLE001 (a setting that fails: skip it)
+                        print(f"sweep {name} M={m} BKW={bkw} pps={pps}: {type(e).__name__}")
+                        us = float("inf")
+                    finally:
+                        gi.gemv_int4_config = config
+                    if us < best[0]:
+                        best = (us, f"BKW={bkw} PROGRAMS_PER_SM={pps}")
+            print(f"sweep {name:8} M={m}: default {base:7.1f} us, best {best[0]:7.1f} us "
+                  f"({best[1]})", flush=True)
+        del w
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sym", action="store_true", help="GPTQ symmetric (zero point 8)")
     ap.add_argument("--no-flush", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     flush = not args.no_flush
+    if args.sweep:
+        return sweep(flush, args.sym)
     ops = quant_ops.TritonQuantOps()
     rows_out = []
     print(f"{torch.cuda.get_device_name()} | groups of 128, {'sym' if args.sym else 'asym'}, "

@@ -6,8 +6,9 @@ float offsets ``[G, N]``: ``w[n, k] = (q - zero_point) * scale + offset``). No t
 at a few rows the product is bound by the weight read (half a byte a weight), so each program
 streams ``BLOCK_N`` columns of words over its K range::
 
-    words   [BKW, BLOCK_N] int32        one load a word (8 words, two 16-byte loads a thread)
-    q_j     (words >> 4j) & 15          nibble j, unpacked in registers (j = 0..7)
+    words   [BKW, BLOCK_N] int32        one load a word (16 words, four 16-byte loads a thread)
+    q_j     (words >> 4j) & 15          nibble j, unpacked in registers (j = 0..7), made
+                                        float32 by bits (``_nibble_f32``: no I2F)
     x_j     x[m, 8 w + j]               [BKW], broadcast along N
     acc_m  += s * (sum_j q_j x_j  -  zero_point * sum_j x_j)   [BKW, BLOCK_N] per row m
               (offsets: s * sum_j q_j x_j + offset * sum_j x_j)
@@ -16,11 +17,13 @@ streams ``BLOCK_N`` columns of words over its K range::
 Every tile stays in the words' register layout (no layout conversion in the loop: a
 ``[BKW, 8, BLOCK_N]`` tile with x loaded ``[BKW, 8, 1]`` made Triton spread the 8 nibbles over
 threads and keep all 64 columns in each, 254 registers at one row), a scale (and an offset) is
-one load a word row, and the per-code work is an unpack and a float32 FMA per row. The weights are not rounded to x's dtype one by one as the reference's
-dequantized matrix is: the result equals the reference to float32 reassociation (float32 x)
-or to the rounding of the weights (16-bit x). K is split over ``SPLIT_K`` programs (partial
-planes, ``common._split_sum``: deterministic) until the grid has about ``PROGRAMS_PER_SM``
-programs a multiprocessor. PDL hooks as the other decode kernels (``kernels/pdl.py``).
+one load a word row, and the per-code work is a shift, a LOP3, an FADD and a float32 FMA per
+row. The weights are not rounded to x's dtype one by one as the reference's dequantized
+matrix is: the result equals the reference to float32 reassociation (float32 x) or to the
+rounding of the weights (16-bit x). K is split over ``SPLIT_K`` programs (partial planes,
+``common._split_sum``, deterministic, as ``gemv.py``) until the grid has about
+``PROGRAMS_PER_SM`` programs a multiprocessor. PDL hooks as the other decode kernels
+(``kernels/pdl.py``).
 
 Not timed yet (benchmarks/int4dense_device.sh times it against the tiled kernel and bf16).
 """
@@ -31,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.kernels.gemm.common import _interpreted, _num_sms, _split_out, _split_stride, _split_sum
+from tessellm.kernels.gemm.common import (_interpreted, _num_sms, _split_out, _split_stride,
+                                          _split_sum)
 from tessellm.kernels.pdl import pdl_args, pdl_start
 from tessellm.quantization.packed import Int4Weight
 

@@ -175,7 +175,8 @@ def _int4_dequant_kernel(q_ptr, s_ptr, o_ptr, out_ptr, K, N, stride_qk, stride_s
     ok = (rk[:, None] < K) & (rn[None, :] < N)
     codes = _int4_codes(q_ptr, k0, K, rn, N, stride_qk, BLOCK_K, BLOCK_N)
     g = k0 // GROUP_SIZE
-    w = (codes - ZERO_POINT).to(tl.float32)
+    # the code under float32's exponent of 2^23 reads as 2^23 + q: exact, and no I2F per code
+    w = (codes | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + ZERO_POINT)
     w *= tl.load(s_ptr + g * stride_sg + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_OFFSETS:
         w += tl.load(o_ptr + g * stride_og + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
