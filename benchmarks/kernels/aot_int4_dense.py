@@ -5,7 +5,11 @@ layout conversions and ptxas' registers and spills (``aot_moe_int4.compile_repor
 
 Shapes as the engine launches them on an H100 / H200: bf16 x, float16 scales, groups of 128;
 the GEMV at 1 and 4 rows, symmetric (zero point 8) and with offsets; the tiled GEMM at its
-decode (16x64x128) and mid (64x64x64) tiles; the dequantize kernel.
+decode (16x64x128), mid (64x64x64) and large (128x128x64) tiles; the dequantize kernel.
+Session 19 (CPU, Triton 3.9): GEMV 66-72 registers at 1 row (BKW 32), 124-153 at 4 (BKW 16),
+tiled 125-128 (246 at 128x128x64), dequantize 32; no spills anywhere. The GEMV's first form,
+a ``[BKW, 8, BLOCK_N]`` tile with x loaded ``[BKW, 8, 1]``, took 254 registers at one row and
+spilled 1.7-12 KB at four (Triton laid the 8 nibbles across threads).
 """
 
 from __future__ import annotations
