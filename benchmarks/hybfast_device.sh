@@ -14,14 +14,14 @@
 # TESTS_S=0 / SSD_S=0 / GN_S=0 / HOST_S=0 skip a part)
 # Expect: tests, conf, families all passed (conf: no skips of gated_rms_norm); ssd: a table per
 # model (seq ms, ssd ms, x, auto ms), auto ms the smaller of seq / ssd (within noise) at every
-# length, then "crossover <model>: ssd wins from N tokens on (SSD_MIN_TOKENS is 64)": if N is
-# far from 64 (e.g. 32 or 128), SSD_MIN_TOKENS in kernels/mamba/chunk_scan.py should become N;
+# length, then "crossover <model>: ssd wins from N tokens on (SSD_MIN_TOKENS is ...)": session 19's
+# H100 run said 256 (of 16/32/64/128/256/...), SSD_MIN_TOKENS is 192 since;
 # gnorm: fused faster at every row count (torch ops: 4-7 launches), largest difference
 # under 2e-2 (rc=0; ~4e-3 expected); host_step: one JSON line per model, against this
 # morning's (session 19, main 51baaf5: mamba2 80 ops / 32.4 launches a layer for B's two
 # steps, 1.27 ms host a layer; granite4h 95 / 38, 1.60 ms): B's rest now one step (3f6bebf),
 # and per Mamba layer and step the gated norm 1 launch where it was ~4-5 (casts, SiLU,
-# products, F.rms_norm), the sequential scan (1 launch, under 64 tokens) not the SSD's 5, no
+# products, F.rms_norm), the sequential scan (1 launch, under SSD_MIN_TOKENS) not the SSD's 5, no
 # to / promote_types / select ops, no slices of whole rows: ops_per_layer well under 40 and
 # launches_per_layer about 7-9 (mamba2), b_ms_per_layer well under 1.27.
 source benchmarks/device_env.sh

@@ -74,6 +74,9 @@ def _as_gpu(core):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 def test_warmup_launches_every_mamba_kernel_variant_requests_hit(tmp_path, monkeypatch):
     seen: set = set()
+    # the tiny engine's budget (64 tokens) under the SSD's threshold (192): its whole-budget
+    # chunk takes the SSD kernels as a serving engine's (budget 2048+) does
+    monkeypatch.setattr(chunk_scan, "SSD_MIN_TOKENS", 64)
     for module, name in KERNELS:
         monkeypatch.setattr(module, name, _Spy(name, getattr(module, name), seen))
     path = save_tiny(mamba2_config(), str(tmp_path / "mamba2"))

@@ -29,16 +29,20 @@ def test_reference_is_hf_bitwise(dtype):
     """Each mode is what HF's module computes, bit for bit: Mamba2's (Granite 4.0-H, Bamba,
     Nemotron-H share it), Falcon-H1's both ways round, Qwen3-Next's per value head."""
     from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1RMSNormGated
-    from transformers.models.mamba2.modeling_mamba2 import Mamba2RMSNormGated
+    from transformers.models.mamba2 import modeling_mamba2
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
 
     rows, channels, groups = 5, 48, 2
     y, z, w = _inputs(rows, channels, channels, dtype, 1)
-    mamba = Mamba2RMSNormGated(channels, channels // groups, eps=EPS).to(dtype)
-    mamba.weight.data.copy_(w)
-    want = mamba(y, z)
-    assert want.dtype == dtype
-    assert torch.equal(gated_rms_norm(y, z, w, channels // groups, EPS, "gate_then_norm"), want)
+    # the group-wise module (transformers 5.25); older ones (5.17, the GPU image's) normed all
+    # groups together, which no released Mamba2 checkpoint's mamba_ssm does: compared where present
+    gated = getattr(modeling_mamba2, "Mamba2RMSNormGated", None)
+    if gated is not None:
+        mamba = gated(channels, channels // groups, eps=EPS).to(dtype)
+        mamba.weight.data.copy_(w)
+        want = mamba(y, z)
+        assert want.dtype == dtype
+        assert torch.equal(gated_rms_norm(y, z, w, channels // groups, EPS, "gate_then_norm"), want)
     for before, mode in ((True, "norm_then_gate"), (False, "gate_then_norm_float32")):
         falcon = FalconH1RMSNormGated(channels, eps=EPS, n_groups=groups,
                                       norm_before_gate=before).to(dtype)
@@ -130,7 +134,8 @@ def test_mixers_take_the_backends_gated_norm(gate_norm):
     from tessellm.layers.gated_deltanet import DeltaNetShape, GatedDeltaNet
     from tessellm.layers.mamba_mixer import MambaMixer2, MambaShape
 
-    cpu = torch.device("cpu")
+    # the Triton kernel takes device tensors where it is compiled (a GPU), host ones interpreted
+    cpu = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mamba = MambaShape(hidden_size=32, num_heads=4, head_dim=16, n_groups=2, d_state=8,
                        d_conv=4, chunk_size=8, proj_bias=False, conv_bias=True, eps=1e-5,
                        dt_limit=(0.0, float("inf")), gate_norm=gate_norm)
@@ -138,7 +143,8 @@ def test_mixers_take_the_backends_gated_norm(gate_norm):
                           conv_width=4, eps=1e-5)
     for make in ((lambda ctx: MambaMixer2(mamba, ctx)),
                  (lambda ctx: GatedDeltaNet(delta, ctx))):
-        hidden, outs = torch.randn(1 + 9, 32, generator=torch.Generator().manual_seed(4)), []
+        hidden = torch.randn(1 + 9, 32, generator=torch.Generator().manual_seed(4)).to(cpu)
+        outs = []
         for ops in (ReferenceOps(), _FusedNormOps()):
             torch.manual_seed(0)
             layer = make(ModelContext(ops=ops, make_attention_kernel=None, dtype=torch.float32,

@@ -96,12 +96,11 @@ SSD_SCRATCH_LIMIT = 1 << 30
 # parallel, while the sequential kernel is one launch whose time grows with the longest
 # sequence (~1.3 us a token on an H100: 2.0 ms a layer for 1500 tokens, session 18). Cached
 # prefix steps (a block's tail plus a short suffix) and decode-sized mixed steps fall below it.
-# Chosen from that per-token cost against ~5 launches of a few us each (GPU) and their host
-# launch cost in eager steps (where back-to-back calls measure the larger of the two): the
-# crossover is expected between 32 and 128 tokens; 64 until benchmarks/hybfast_device.sh
-# (bench_ssd_scan.py --lengths: seq vs ssd ms at 16 to 4096 tokens, its "crossover" line) has
-# measured it.
-SSD_MIN_TOKENS = 64
+# Measured on an H100 (session 19, benchmarks/hybfast_device.sh, bench_ssd_scan.py --lengths,
+# Mamba2-2.7B and Granite 4.0-H small heads, bf16): sequential 0.096-0.104 ms against SSD's
+# 0.128-0.133 at 128 tokens, 0.182-0.196 against 0.130-0.131 at 256 (the SSD's five launches
+# cost ~0.13 ms up to ~1k tokens, the sequential kernel ~0.7 us a token): they cross near 180.
+SSD_MIN_TOKENS = 192
 
 
 def use_ssd(batch, H: int, P: int, N: int) -> bool:
