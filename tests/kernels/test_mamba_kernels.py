@@ -224,6 +224,47 @@ def test_ssd_kernels_compile_for_sm90():
     assert len(done) == 10 and all(ok for _, _, ok in done), done
 
 
+_COMPILE_SEQUENTIAL = """
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tessellm.kernels.mamba import chunk_scan
+
+fn = chunk_scan._chunk_scan_kernel
+MODEL = {"x_ptr", "dt_ptr", "b_ptr", "c_ptr", "d_ptr", "dt_bias_ptr", "y_ptr", "state_ptr",
+         "snap_ptr"}
+done = []
+for dt in ("bf16", "fp32"):
+    for saves in (False, True):
+        consts = dict(CLAMP=True, SAVES=saves, Q=32, BLOCK_P=64, BLOCK_N=128)
+        sig = {}
+        for arg in fn.arg_names:
+            if arg in consts:
+                sig[arg] = "constexpr"
+            elif arg in MODEL:
+                sig[arg] = "*" + dt
+            elif arg.endswith("_ptr"):
+                sig[arg] = "*fp32" if arg == "a_ptr" else "*i32"
+            else:
+                sig[arg] = "fp32" if arg.startswith("dt_") else "i32"
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        asm = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm
+        done.append([dt, saves, "cubin" in asm])
+print("RESULT" + json.dumps(done))
+"""
+
+
+def test_sequential_scan_compiles_for_sm90():
+    """The sequential scan kernel, with and without its in-pass state saves (the ``while``
+    walk to each save offset), compiled for an H100 (offline, no GPU) at Granite 4.0-H's
+    head sizes: the compiled form the interpreter tests cannot show."""
+    proc = run_compile_script(_COMPILE_SEQUENTIAL)
+    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-3000:]
+    done = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert len(done) == 4 and all(ok for *_, ok in done), done
+
+
 def test_sequential_scan_fallback_matches_reference(monkeypatch):
     """Where the SSD kernels' scratch would pass ``SSD_SCRATCH_LIMIT``, ``mamba_chunk_scan``
     runs the sequential kernel: the same outputs and states."""

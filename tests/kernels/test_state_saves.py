@@ -178,3 +178,46 @@ def test_a_triton_ops_subclass_with_its_own_scan_is_not_handed_snapshots():
     want = ops.mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, state_plain, batch(lens, slots), 8)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(state, state_plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lens,saves", [
+    ([13, 1, 9], SAVES),
+    # chunk-crossing offsets (the kernel's chunks are 32 tokens), a sequence without saves,
+    # saves at a sequence's start and end and two at one offset
+    ([70, 40, 5], [(0, 33, 2), (0, 64, 0), (2, 0, 1), (2, 5, 3), (0, 33, 4)]),
+])
+def test_sequential_scan_saves_in_its_one_pass(lens, saves):
+    """The sequential kernel given ``snapshots=`` stores the states at the offsets as it walks
+    (one launch): its outputs, final states and snapshots are bitwise those of the kernel run
+    once per piece between the offsets (``run_with_saves``; float32 states)."""
+    from tessellm.kernels.mamba.chunk_scan import sequential_chunk_scan
+
+    g = torch.Generator().manual_seed(3)
+    T, H, P, G, N = sum(lens), 4, 8, 2, 8
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    A, D, dt_bias = -torch.rand(H, generator=g).to(DEVICE) * 0.3, r(H), r(H)
+    x, dt, B, C = r(T, H, P), r(T, H) - 1.0, r(T, G, N), r(T, G, N)
+    slots = [4, 0, 2]
+    init = r(5, H, P, N) * 0.3
+    state, pool = init.clone(), torch.zeros(5, H, P, N, device=DEVICE)
+    got = sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, state, batch(lens, slots, saves),
+                                snapshots=pool)
+    ref_state, ref_pool = init.clone(), torch.zeros_like(pool)
+    want = run_with_saves(lambda t, b: sequential_chunk_scan(t[0], t[1], A, t[2], t[3], D,
+                                                             dt_bias, ref_state, b),
+                          [x, dt, B, C], batch(lens, slots, saves), [(ref_state, ref_pool)])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(state, ref_state, rtol=0, atol=0)
+    torch.testing.assert_close(pool, ref_pool, rtol=0, atol=0)
+    assert pool.abs().sum(dim=(1, 2, 3)).gt(0).sum() == len(saves)
+    # and the snapshots are the states after each prefix (the scan of it alone)
+    q = batch(lens, slots).query_start_loc_host
+    for seq, offset, p in saves:
+        alone = init.clone()
+        sequential_chunk_scan(x[q[seq]:q[seq] + offset], dt[q[seq]:q[seq] + offset], A,
+                              B[q[seq]:q[seq] + offset], C[q[seq]:q[seq] + offset], D, dt_bias,
+                              alone, batch([offset], [slots[seq]]))
+        torch.testing.assert_close(pool[p], alone[slots[seq]], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outside the batch"):
+        sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, init.clone(),
+                              batch(lens, slots, [(1, lens[1] + 1, 0)]), snapshots=pool)

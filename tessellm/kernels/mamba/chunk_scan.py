@@ -34,11 +34,46 @@ from tessellm.kernels.mamba import ssd
 
 
 @triton.jit
+def _scan_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, state, start, c0, end, h, g, A, D, bias,
+                dt_lo, dt_hi, ps, ns, ls, pm, nm, causal, sx_t, sx_h, sdt_t, sb_t, sb_g, sc_t,
+                sc_g, sy_t, sy_h, CLAMP: tl.constexpr):
+    """Tokens ``c0 .. end - 1`` (at most ``Q``) of a sequence: stores their ``y`` and returns
+    the state after them."""
+    rows = c0 + ls
+    rm = rows < end
+    tok = start + rows
+    dt = tl.load(dt_ptr + tok * sdt_t + h, mask=rm, other=0.0).to(tl.float32) + bias
+    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))
+    if CLAMP:
+        dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+    dt = tl.where(rm, dt, 0.0)
+    a = tl.cumsum(dt * A, axis=0)  # [Q]
+    a_end = tl.sum(dt * A, axis=0)
+    x = tl.load(x_ptr + tok[:, None] * sx_t + h * sx_h + ps[None, :],
+                mask=rm[:, None] & pm[None, :], other=0.0).to(tl.float32)  # [Q, BLOCK_P]
+    B = tl.load(b_ptr + tok[:, None] * sb_t + g * sb_g + ns[None, :],
+                mask=rm[:, None] & nm[None, :], other=0.0).to(tl.float32)  # [Q, BLOCK_N]
+    C = tl.load(c_ptr + tok[:, None] * sc_t + g * sc_g + ns[None, :],
+                mask=rm[:, None] & nm[None, :], other=0.0).to(tl.float32)
+    xdt = x * dt[:, None]
+    decay = tl.where(causal, tl.exp(a[:, None] - a[None, :]), 0.0)
+    scores = tl.dot(C, tl.trans(B), input_precision="tf32x3") * decay  # [Q, Q]
+    y = tl.dot(scores, xdt, input_precision="tf32x3")
+    y += tl.exp(a)[:, None] * tl.dot(C, tl.trans(state), input_precision="tf32x3")
+    y += D * x
+    tl.store(y_ptr + tok[:, None] * sy_t + h * sy_h + ps[None, :],
+             y.to(y_ptr.dtype.element_ty), mask=rm[:, None] & pm[None, :])
+    to_end = xdt * tl.exp(a_end - a)[:, None]  # [Q, BLOCK_P]
+    return tl.exp(a_end) * state + tl.dot(tl.trans(to_end), B, input_precision="tf32x3")
+
+
+@triton.jit
 def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dt_bias_ptr, state_ptr,
-                       qsl_ptr, idx_ptr, y_ptr, heads_per_group, P, N, dt_lo, dt_hi,
+                       qsl_ptr, idx_ptr, y_ptr, snap_ptr, save_first_ptr, save_off_ptr,
+                       save_slot_ptr, heads_per_group, P, N, dt_lo, dt_hi,
                        sx_t, sx_h, sdt_t, sb_t, sb_g, sc_t, sc_g, ss_slot, ss_h, ss_p, sy_t, sy_h,
-                       CLAMP: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       snap_slot, CLAMP: tl.constexpr, SAVES: tl.constexpr, Q: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     s = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(qsl_ptr + s).to(tl.int64)
@@ -52,38 +87,78 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dt_bias_ptr, s
     A = tl.load(a_ptr + h).to(tl.float32)
     D = tl.load(d_ptr + h).to(tl.float32)
     bias = tl.load(dt_bias_ptr + h).to(tl.float32)
-    sptrs = state_ptr + slot * ss_slot + h * ss_h + ps[:, None] * ss_p + ns[None, :]
+    inner = h * ss_h + ps[:, None] * ss_p + ns[None, :]
+    sptrs = state_ptr + slot * ss_slot + inner
     smask = pm[:, None] & nm[None, :]
     state = tl.load(sptrs, mask=smask, other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_N]
     causal = ls[:, None] >= ls[None, :]
-    for c0 in range(0, length, Q):
-        rows = c0 + ls
-        rm = rows < length
-        tok = start + rows
-        dt = tl.load(dt_ptr + tok * sdt_t + h, mask=rm, other=0.0).to(tl.float32) + bias
-        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))))
-        if CLAMP:
-            dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
-        dt = tl.where(rm, dt, 0.0)
-        a = tl.cumsum(dt * A, axis=0)  # [Q]
-        a_end = tl.sum(dt * A, axis=0)
-        x = tl.load(x_ptr + tok[:, None] * sx_t + h * sx_h + ps[None, :],
-                    mask=rm[:, None] & pm[None, :], other=0.0).to(tl.float32)  # [Q, BLOCK_P]
-        B = tl.load(b_ptr + tok[:, None] * sb_t + g * sb_g + ns[None, :],
-                    mask=rm[:, None] & nm[None, :], other=0.0).to(tl.float32)  # [Q, BLOCK_N]
-        C = tl.load(c_ptr + tok[:, None] * sc_t + g * sc_g + ns[None, :],
-                    mask=rm[:, None] & nm[None, :], other=0.0).to(tl.float32)
-        xdt = x * dt[:, None]
-        decay = tl.where(causal, tl.exp(a[:, None] - a[None, :]), 0.0)
-        scores = tl.dot(C, tl.trans(B), input_precision="tf32x3") * decay  # [Q, Q]
-        y = tl.dot(scores, xdt, input_precision="tf32x3")
-        y += tl.exp(a)[:, None] * tl.dot(C, tl.trans(state), input_precision="tf32x3")
-        y += D * x
-        tl.store(y_ptr + tok[:, None] * sy_t + h * sy_h + ps[None, :],
-                 y.to(y_ptr.dtype.element_ty), mask=rm[:, None] & pm[None, :])
-        to_end = xdt * tl.exp(a_end - a)[:, None]  # [Q, BLOCK_P]
-        state = tl.exp(a_end) * state + tl.dot(tl.trans(to_end), B, input_precision="tf32x3")
+    if SAVES:
+        # the sequence's saves k .. k_end - 1 (offsets ascending, within 0 .. length): a chunk
+        # ends at the next one, whose state is then stored into its snapshot slot, and the
+        # next chunk starts there (the chunks of the scan run once per piece between them)
+        k = tl.load(save_first_ptr + s)
+        k_end = tl.load(save_first_ptr + s + 1)
+        c0 = start * 0
+        while (c0 < length) | (k < k_end):
+            nxt = tl.load(save_off_ptr + k, mask=k < k_end, other=0).to(tl.int64)
+            nxt = tl.where(k < k_end, nxt, length)
+            end = tl.minimum(c0 + Q, nxt)
+            state = _scan_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, state, start, c0, end, h, g,
+                                A, D, bias, dt_lo, dt_hi, ps, ns, ls, pm, nm, causal, sx_t,
+                                sx_h, sdt_t, sb_t, sb_g, sc_t, sc_g, sy_t, sy_h, CLAMP)
+            if (end == nxt) & (k < k_end):
+                pool_slot = tl.load(save_slot_ptr + k).to(tl.int64)
+                tl.store(snap_ptr + pool_slot * snap_slot + inner,
+                         state.to(snap_ptr.dtype.element_ty), mask=smask)
+                k += 1
+            c0 = end
+    else:
+        for c0 in range(0, length, Q):
+            state = _scan_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, state, start, c0, length, h,
+                                g, A, D, bias, dt_lo, dt_hi, ps, ns, ls, pm, nm, causal, sx_t,
+                                sx_h, sdt_t, sb_t, sb_g, sc_t, sc_g, sy_t, sy_h, CLAMP)
     tl.store(sptrs, state.to(state_ptr.dtype.element_ty), mask=smask)
+
+
+class _Saves:
+    """A step's saves (``MambaBatch.state_saves``) as the sequential kernel reads them, on the
+    device (one int32 upload a step): per sequence the first of its saves (``first [seqs +
+    1]``), and per save its offset and snapshot slot, each sequence's in offset order."""
+
+    def __init__(self, batch, device: torch.device):
+        qsl = batch.query_start_loc_host
+        per: list[list[tuple[int, int]]] = [[] for _ in range(len(qsl) - 1)]
+        for seq, offset, pool_slot in batch.state_saves:
+            if not 0 <= seq < len(per) or not 0 <= offset <= qsl[seq + 1] - qsl[seq]:
+                raise ValueError(f"mamba_chunk_scan: state save {(seq, offset, pool_slot)} "
+                                 f"is outside the batch's sequences (lengths "
+                                 f"{[b - a for a, b in zip(qsl[:-1], qsl[1:])]}).")
+            per[seq].append((offset, pool_slot))
+        first, offsets, slots = [0], [], []
+        for saves in per:
+            for offset, pool_slot in sorted(saves):
+                offsets.append(offset)
+                slots.append(pool_slot)
+            first.append(len(offsets))
+        views = []
+        flat: list[int] = []
+        for values in (first, offsets, slots):  # each view 16-byte aligned
+            flat += [0] * (-len(flat) % 4)
+            views.append((len(flat), len(flat) + len(values)))
+            flat += values
+        both = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
+        self.first, self.offsets, self.slots = (both[a:b] for a, b in views)
+
+
+def _saves(batch) -> _Saves:
+    """The step's saves, made by its first Mamba layer and kept on the batch (as the SSD
+    kernels' ``_chunks``), keyed by the sequence bounds and the saves."""
+    key = (tuple(batch.query_start_loc_host), tuple(batch.state_saves))
+    made = getattr(batch, "_scan_saves", None)
+    if made is None or made[0] != key:
+        made = (key, _Saves(batch, batch.query_start_loc.device))
+        batch._scan_saves = made
+    return made[1]
 
 
 # The SSD kernels' float32 chunk states ([chunks, H, P, N]) beyond this: the sequential kernel
@@ -122,8 +197,8 @@ def mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size: i
     """``x [T, H, P]``, ``dt [T, H]``, ``B, C [T, G, N]``, ``ssm_state [slots, H, P, N]``
     (contiguous); ``batch`` a ``MambaBatch``. Returns ``y [T, H, P]``. ``snapshots``: the
     pool ``batch.state_saves`` name slots of (``FusedOps.mamba_state_saves``): the SSD
-    kernels keep them in their one pass; the sequential kernel runs once per piece between
-    them (``reference/state_saves.py``)."""
+    kernels keep them in their one pass (their chunks start at each offset), and so does the
+    sequential kernel (``sequential_chunk_scan``)."""
     T, H, P = x.shape
     N = ssm_state.shape[-1]
     if T == 0 or not batch.state_indices_host:
@@ -134,18 +209,16 @@ def mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size: i
     if use_ssd(batch, H, P, N):
         return ssd.ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit,
                                   snapshots=snapshots)
-    if getattr(batch, "state_saves", None) and snapshots is not None:
-        from tessellm.kernels.recurrent_pieces import run_with_saves
-
-        return run_with_saves(lambda t, b: sequential_chunk_scan(
-            t[0], t[1], A, t[2], t[3], D, dt_bias, ssm_state, b, dt_limit),
-            [x, dt, B, C], batch, [(ssm_state, snapshots)])
-    return sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit)
+    return sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit,
+                                 snapshots=snapshots)
 
 
 def sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
-                          dt_limit=(0.0, float("inf"))) -> torch.Tensor:
-    """The sequential kernel (arguments as ``mamba_chunk_scan``)."""
+                          dt_limit=(0.0, float("inf")), snapshots=None) -> torch.Tensor:
+    """The sequential kernel (arguments as ``mamba_chunk_scan``). With ``snapshots`` and
+    ``batch.state_saves`` it keeps the states at the saves' offsets in its one pass: a chunk
+    ends at each, its state is stored into the snapshot slot, and the next chunk starts there
+    (the chunks of one call per piece between them: the same outputs and states)."""
     T, H, P = x.shape
     N = ssm_state.shape[-1]
     y = torch.empty_like(x)
@@ -155,15 +228,30 @@ def sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
     x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
     if not ssm_state.is_contiguous():
         raise ValueError("mamba_chunk_scan needs a contiguous ssm_state.")
+    saves = getattr(batch, "state_saves", None)
+    if saves and snapshots is None:
+        raise ValueError("mamba_chunk_scan: the batch names state saves but no snapshot pool "
+                         "was given (snapshots=).")
+    if saves:
+        if snapshots.shape[1:] != ssm_state.shape[1:] or not snapshots.is_contiguous():
+            raise ValueError(f"mamba_chunk_scan: the snapshot pool {tuple(snapshots.shape)} "
+                             f"must be contiguous and shaped as the state slots "
+                             f"{tuple(ssm_state.shape[1:])}.")
+        plan = _saves(batch)
+        snap, first, offs, pslots = snapshots, plan.first, plan.offsets, plan.slots
+    else:  # unused pointers (SAVES off)
+        snap, first, offs, pslots = ssm_state, batch.query_start_loc, batch.query_start_loc, \
+            batch.query_start_loc
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     # the state block [BLOCK_P, N] lives in registers: fewer head dims a program for large N
     block_p = max(16, min(triton.next_power_of_2(P), 32 if N > 128 else 64))
     grid = (seqs, H, triton.cdiv(P, block_p))
     _chunk_scan_kernel[grid](
         x, dt, A, B, C, D, dt_bias, ssm_state, batch.query_start_loc, batch.state_indices, y,
-        H // B.shape[1], P, N, lo, hi if hi != float("inf") else 3.0e38,
+        snap, first, offs, pslots, H // B.shape[1], P, N, lo, hi if hi != float("inf") else 3.0e38,
         x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0),
         C.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0),
-        y.stride(1), CLAMP=lo > 0.0 or hi != float("inf"), Q=32,
+        y.stride(1), snap.stride(0), CLAMP=lo > 0.0 or hi != float("inf"), SAVES=bool(saves),
+        Q=32,
         BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(N)))
     return y
