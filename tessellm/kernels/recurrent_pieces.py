@@ -117,3 +117,45 @@ def save_conv_states(x: torch.Tensor, conv_state: torch.Tensor, batch, pool: tor
         src.append(window)
     if dst:
         torch._foreach_copy_(dst, src)
+
+
+class SavePlan:
+    """A step's saves (``MambaBatch.state_saves``) as the sequential scan kernels read them
+    (``kernels/mamba/chunk_scan.py``, ``kernels/gated_delta/chunk.py``), on the device (one int32 upload a step): per sequence the first of its saves (``first [seqs +
+    1]``), and per save its offset and snapshot slot, each sequence's in offset order."""
+
+    def __init__(self, batch, device: torch.device, op: str):
+        qsl = batch.query_start_loc_host
+        per: list[list[tuple[int, int]]] = [[] for _ in range(len(qsl) - 1)]
+        for seq, offset, pool_slot in batch.state_saves:
+            if not 0 <= seq < len(per) or not 0 <= offset <= qsl[seq + 1] - qsl[seq]:
+                raise ValueError(f"{op}: state save {(seq, offset, pool_slot)} "
+                                 f"is outside the batch's sequences (lengths "
+                                 f"{[b - a for a, b in zip(qsl[:-1], qsl[1:])]}).")
+            per[seq].append((offset, pool_slot))
+        first, offsets, slots = [0], [], []
+        for saves in per:
+            for offset, pool_slot in sorted(saves):
+                offsets.append(offset)
+                slots.append(pool_slot)
+            first.append(len(offsets))
+        views = []
+        flat: list[int] = []
+        for values in (first, offsets, slots):  # each view 16-byte aligned
+            flat += [0] * (-len(flat) % 4)
+            views.append((len(flat), len(flat) + len(values)))
+            flat += values
+        both = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
+        self.first, self.offsets, self.slots = (both[a:b] for a, b in views)
+
+
+def save_plan(batch, op: str) -> SavePlan:
+    """The step's saves, made by its first recurrent layer and kept on the batch (as the SSD
+    kernels' ``_chunks``: one upload a step), keyed by the sequence bounds and the saves.
+    ``op`` names the caller in the error for a save outside its sequence."""
+    key = (tuple(batch.query_start_loc_host), tuple(batch.state_saves))
+    made = getattr(batch, "_scan_saves", None)
+    if made is None or made[0] != key:
+        made = (key, SavePlan(batch, batch.query_start_loc.device, op))
+        batch._scan_saves = made
+    return made[1]

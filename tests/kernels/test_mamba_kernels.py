@@ -235,7 +235,7 @@ fn = chunk_scan._chunk_scan_kernel
 MODEL = {"x_ptr", "dt_ptr", "b_ptr", "c_ptr", "d_ptr", "dt_bias_ptr", "y_ptr", "state_ptr",
          "snap_ptr"}
 done = []
-for dt in ("bf16", "fp32"):
+for dt in ("bf16",):
     for saves in (False, True):
         consts = dict(CLAMP=True, SAVES=saves, Q=32, BLOCK_P=64, BLOCK_N=128)
         sig = {}
@@ -251,14 +251,33 @@ for dt in ("bf16", "fp32"):
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
         asm = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm
         done.append([dt, saves, "cubin" in asm])
+# the gated delta rule's chunk kernel (Qwen3-Next's 128 x 128 heads), with and without saves
+from tessellm.kernels.gated_delta import chunk
+fn = chunk._chunk_kernel
+for saves in (False, True):
+    consts = dict(SAVES=saves, Q=32, BLOCK_K=128, BLOCK_V=32)
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in consts:
+            sig[arg] = "constexpr"
+        elif arg in ("qsl_ptr", "idx_ptr") or arg.startswith("save_"):
+            sig[arg] = "*i32"
+        elif arg.endswith("_ptr"):
+            sig[arg] = "*bf16"
+        else:
+            sig[arg] = "fp32" if arg in ("scale", "eps") else "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    asm = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm
+    done.append(["delta", saves, "cubin" in asm])
 print("RESULT" + json.dumps(done))
 """
 
 
 def test_sequential_scan_compiles_for_sm90():
-    """The sequential scan kernel, with and without its in-pass state saves (the ``while``
-    walk to each save offset), compiled for an H100 (offline, no GPU) at Granite 4.0-H's
-    head sizes: the compiled form the interpreter tests cannot show."""
+    """The sequential scan kernel and the gated delta rule's chunk kernel, with and without
+    their in-pass state saves (the ``while`` walk to each save offset), compiled for an H100
+    (offline, no GPU) at Granite 4.0-H's and Qwen3-Next's head sizes: the compiled form the
+    interpreter tests cannot show."""
     proc = run_compile_script(_COMPILE_SEQUENTIAL)
     assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-3000:]
     done = json.loads(proc.stdout.split("RESULT", 1)[1])

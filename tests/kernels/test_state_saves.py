@@ -221,3 +221,38 @@ def test_sequential_scan_saves_in_its_one_pass(lens, saves):
     with pytest.raises(ValueError, match="outside the batch"):
         sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, init.clone(),
                               batch(lens, slots, [(1, lens[1] + 1, 0)]), snapshots=pool)
+
+
+@pytest.mark.parametrize("lens,saves", [
+    ([13, 1, 9], SAVES),
+    ([70, 40, 5], [(0, 33, 2), (0, 64, 0), (2, 0, 1), (2, 5, 3), (0, 33, 4)]),
+])
+def test_gated_delta_chunk_saves_in_its_one_pass(lens, saves):
+    """The gated delta chunk kernel given ``snapshots=``: as the sequential Mamba scan, its
+    outputs, final states and snapshots bitwise those of the kernel run once per piece."""
+    from tessellm.kernels.gated_delta import gated_delta_chunk
+
+    g = torch.Generator().manual_seed(4)
+    T, Hk, Hv, Kd, V = sum(lens), 2, 4, 8, 8
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    inputs = [r(T, Hk, Kd), r(T, Hk, Kd), r(T, Hv, V),
+              -torch.rand(T, Hv, generator=g).to(DEVICE), torch.rand(T, Hv, generator=g).to(DEVICE)]
+    slots = [4, 0, 2]
+    init = r(5, Hv, Kd, V) * 0.1
+    state, pool = init.clone(), torch.zeros(5, Hv, Kd, V, device=DEVICE)
+    got = gated_delta_chunk(*inputs, state, batch(lens, slots, saves), Kd ** -0.5,
+                            snapshots=pool)
+    ref_state, ref_pool = init.clone(), torch.zeros_like(pool)
+    want = run_with_saves(lambda t, b: gated_delta_chunk(*t, ref_state, b, Kd ** -0.5),
+                          inputs, batch(lens, slots, saves), [(ref_state, ref_pool)])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(state, ref_state, rtol=0, atol=0)
+    torch.testing.assert_close(pool, ref_pool, rtol=0, atol=0)
+    assert pool.abs().sum(dim=(1, 2, 3)).gt(0).sum() == len(saves)
+    q = batch(lens, slots).query_start_loc_host
+    for seq, offset, p in saves:  # each snapshot the reference's state after that prefix
+        alone = init.clone()
+        if offset:  # (at offset 0: the state the sequence started from)
+            ref_delta.gated_delta_chunk(*(t[q[seq]:q[seq] + offset] for t in inputs), alone,
+                                        batch([offset], [slots[seq]]), Kd ** -0.5)
+        torch.testing.assert_close(pool[p], alone[slots[seq]], rtol=1e-4, atol=1e-4)

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from tessellm import envs
 from tessellm.kernels.mamba import ssd
+from tessellm.kernels.recurrent_pieces import save_plan
 
 
 @triton.jit
@@ -120,47 +121,6 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dt_bias_ptr, s
     tl.store(sptrs, state.to(state_ptr.dtype.element_ty), mask=smask)
 
 
-class _Saves:
-    """A step's saves (``MambaBatch.state_saves``) as the sequential kernel reads them, on the
-    device (one int32 upload a step): per sequence the first of its saves (``first [seqs +
-    1]``), and per save its offset and snapshot slot, each sequence's in offset order."""
-
-    def __init__(self, batch, device: torch.device):
-        qsl = batch.query_start_loc_host
-        per: list[list[tuple[int, int]]] = [[] for _ in range(len(qsl) - 1)]
-        for seq, offset, pool_slot in batch.state_saves:
-            if not 0 <= seq < len(per) or not 0 <= offset <= qsl[seq + 1] - qsl[seq]:
-                raise ValueError(f"mamba_chunk_scan: state save {(seq, offset, pool_slot)} "
-                                 f"is outside the batch's sequences (lengths "
-                                 f"{[b - a for a, b in zip(qsl[:-1], qsl[1:])]}).")
-            per[seq].append((offset, pool_slot))
-        first, offsets, slots = [0], [], []
-        for saves in per:
-            for offset, pool_slot in sorted(saves):
-                offsets.append(offset)
-                slots.append(pool_slot)
-            first.append(len(offsets))
-        views = []
-        flat: list[int] = []
-        for values in (first, offsets, slots):  # each view 16-byte aligned
-            flat += [0] * (-len(flat) % 4)
-            views.append((len(flat), len(flat) + len(values)))
-            flat += values
-        both = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
-        self.first, self.offsets, self.slots = (both[a:b] for a, b in views)
-
-
-def _saves(batch) -> _Saves:
-    """The step's saves, made by its first Mamba layer and kept on the batch (as the SSD
-    kernels' ``_chunks``), keyed by the sequence bounds and the saves."""
-    key = (tuple(batch.query_start_loc_host), tuple(batch.state_saves))
-    made = getattr(batch, "_scan_saves", None)
-    if made is None or made[0] != key:
-        made = (key, _Saves(batch, batch.query_start_loc.device))
-        batch._scan_saves = made
-    return made[1]
-
-
 # The SSD kernels' float32 chunk states ([chunks, H, P, N]) beyond this: the sequential kernel
 # (a 16k-token chunk of 128 heads of 64 x 128 is 1 GiB; serving steps stay far below).
 SSD_SCRATCH_LIMIT = 1 << 30
@@ -237,7 +197,7 @@ def sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
             raise ValueError(f"mamba_chunk_scan: the snapshot pool {tuple(snapshots.shape)} "
                              f"must be contiguous and shaped as the state slots "
                              f"{tuple(ssm_state.shape[1:])}.")
-        plan = _saves(batch)
+        plan = save_plan(batch, "mamba_chunk_scan")
         snap, first, offs, pslots = snapshots, plan.first, plan.offsets, plan.slots
     else:  # unused pointers (SAVES off)
         snap, first, offs, pslots = ssm_state, batch.query_start_loc, batch.query_start_loc, \
