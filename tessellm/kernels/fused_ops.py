@@ -21,6 +21,7 @@ from tessellm.kernels.gemm.gemv import (GEMV_FOLD_MAX_M, gemv, gemv_silu_and_mul
 from tessellm.kernels.gemm.norm_epilogue import norm_epilogue_applies
 from tessellm.kernels.norm import (_rows, add_norm_buffers, launch_rms_norm, launch_rms_norm_fp8,
                                    residual_buffers)
+from tessellm.kernels.op_flags import FUSED_OPS_FLAGS, drop_unowned_flags
 from tessellm.kernels.pdl import pdl_args
 from tessellm.kernels.rotary import _rotary_kernel
 from tessellm.quantization.packed import Fp8Activation
@@ -43,17 +44,12 @@ class TritonOps:
     fused_moe_int4_act_order = True
 
     def __init_subclass__(cls, **kwargs):
-        """A subclass (a plugin's ops may build on these) that replaces an op keeps none of
-        the declarations added for this class's own op after its plugin API: one written for
-        API 19 / 20 with its own ``fused_moe`` / ``fused_experts`` or ``mamba_chunk_scan``
-        would otherwise be handed ``w13_perm`` (API 20) or ``snapshots`` (API 21), keywords it
-        never took. It declares them itself where its op takes them."""
+        """A subclass (a plugin's ops may build on these) that defines one of an optional
+        flag's ops itself (``op_flags.FUSED_OPS_FLAGS``) without setting the flag in its own
+        body gets the flag off: one written for API 20 with its own ``mamba_chunk_scan`` would
+        otherwise be handed ``snapshots`` (API 21), a keyword it never took."""
         super().__init_subclass__(**kwargs)
-        own_moe = "fused_moe" in cls.__dict__ or "fused_experts" in cls.__dict__
-        if own_moe and "fused_moe_int4_act_order" not in cls.__dict__:
-            cls.fused_moe_int4_act_order = False
-        if "mamba_chunk_scan" in cls.__dict__ and "mamba_state_saves" not in cls.__dict__:
-            cls.mamba_state_saves = False
+        drop_unowned_flags(cls, FUSED_OPS_FLAGS)
 
     def fused_moe(self, hidden, router_logits, w13, w2, top_k, scoring="softmax",
                   renormalize=True, w13_scale=None, w2_scale=None, **variant):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tessellm.kernels.op_flags import LORA_OPS_FLAGS, drop_unowned_flags
+
 
 @dataclass
 class ReferenceLoRAMeta:
@@ -39,6 +41,13 @@ def check_slots(token_slots: torch.Tensor, num_slots: int) -> None:
 class ReferenceLoRAOps:
     name = "reference"
     supports_graph_capture = False
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass that defines one of ``prepare`` / ``shrink`` / ``expand`` /
+        ``expand_slices`` / ``fused_experts_lora`` itself captures only if it says so
+        (``supports_graph_capture`` in its own body; ``op_flags.LORA_OPS_FLAGS``)."""
+        super().__init_subclass__(**kwargs)
+        drop_unowned_flags(cls, LORA_OPS_FLAGS)
 
     def fused_experts_lora(self, hidden, topk_weights, topk_ids, w13, w2, token_slots, lora,
                            **variant):

@@ -7,12 +7,8 @@ import torch.nn.functional as F
 
 from tessellm.backends.reference import gated_delta, mamba, recurrent_verify
 from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
+from tessellm.kernels.op_flags import FUSED_OPS_FLAGS, drop_unowned_flags
 from tessellm.quantization.packed import Fp8Activation
-
-
-# the Mamba ops that take a layer's token rows (``mamba_strided_inputs``)
-MAMBA_TOKEN_OPS = ("mamba_conv1d", "mamba_chunk_scan", "mamba_state_update",
-                   "mamba_conv1d_verify", "mamba_state_update_verify")
 
 
 class ReferenceOps:
@@ -39,29 +35,16 @@ class ReferenceOps:
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 
-    # ``ExpertActivation.kind``s (and expert biases) ``fused_moe`` takes (reference/moe.py);
-    # a subclass with its own fused_moe or fused_experts serves SiLU only unless it says so.
+    # ``ExpertActivation.kind``s (and expert biases) ``fused_moe`` takes (reference/moe.py).
     fused_moe_activations = ("silu", "swiglu_oai", "relu2")
 
     def __init_subclass__(cls, **kwargs):
+        """A subclass that defines one of an optional flag's ops itself (``kernels/op_flags.
+        FUSED_OPS_FLAGS``) without setting the flag in its own body gets the flag off: a flag
+        inherited from here speaks for the reference's op, not for its replacement (a plugin of
+        API 19 with its own ``fused_experts`` never saw API 20's ``w13_perm``)."""
         super().__init_subclass__(**kwargs)
-        # A subclass with its own fused_moe or fused_experts (the layer hands both the same
-        # keywords) takes no variant it does not declare itself: a flag inherited from here
-        # speaks for the reference loop, not for its op (e.g. a plugin of API 19 declaring
-        # fused_moe_int4 over its own fused_experts never saw API 20's w13_perm).
-        own = "fused_moe" in cls.__dict__ or "fused_experts" in cls.__dict__
-        if own and "fused_moe_activations" not in cls.__dict__:
-            cls.fused_moe_activations = ("silu",)
-        for flag in ("fused_moe_block_fp8", "fused_moe_expert_map", "fused_moe_int4",
-                     "fused_moe_int4_act_order"):
-            if own and flag not in cls.__dict__:
-                setattr(cls, flag, False)
-        if ("recurrent_verify_graphs" not in cls.__dict__
-                and any(name in cls.__dict__ for name in recurrent_verify.VERIFY_OPS)):
-            cls.recurrent_verify_graphs = False  # its own verify ops may read the host lists
-        if ("mamba_strided_inputs" not in cls.__dict__
-                and any(name in cls.__dict__ for name in MAMBA_TOKEN_OPS)):
-            cls.mamba_strided_inputs = False  # its own Mamba ops may assume contiguous rows
+        drop_unowned_flags(cls, FUSED_OPS_FLAGS)
 
     def fused_moe(self, hidden, router_logits, w13, w2, top_k: int, scoring: str = "softmax",
                   renormalize: bool = True, w13_scale=None, w2_scale=None, **variant):

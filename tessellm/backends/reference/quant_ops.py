@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tessellm.backends.reference.ops import ReferenceOps
+from tessellm.kernels.op_flags import QUANT_OPS_FLAGS, drop_unowned_flags
 from tessellm.quantization.fp8_block import Fp8BlockWeight, dequantize_block
 from tessellm.quantization.packed import Fp8Activation, Fp8Weight, Int4Weight, Int8Weight
 
@@ -37,6 +38,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class TorchQuantOps:
     name = "torch"
     schemes = frozenset({"int8", "fp8", "fp8_block", "gguf"})
+
+    def __init_subclass__(cls, **kwargs):
+        """The one rule of optional flags (``op_flags.drop_unowned_flags``); ``QuantOps``
+        has none yet (``op_flags.QUANT_OPS_FLAGS``): one added there is dropped from a subclass
+        that replaces its op."""
+        super().__init_subclass__(**kwargs)
+        drop_unowned_flags(cls, QUANT_OPS_FLAGS)
 
     def int8_mm(self, x: torch.Tensor, w: Int8Weight, bias=None) -> torch.Tensor:
         n, k = w.qweight.shape

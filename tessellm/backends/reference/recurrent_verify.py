@@ -26,6 +26,7 @@ import torch
 
 from tessellm.backends.reference.gated_delta import gated_delta_step
 from tessellm.backends.reference.mamba import _conv1d_decodes, selective_state_update
+from tessellm.kernels import op_flags
 
 
 def verify_positions(qsl: list[int], slots: list[int], token_slots: list[int],
@@ -113,7 +114,7 @@ def gated_delta_verify(q, k, v, g, beta, state, batch, scale: float, step=gated_
     return _per_token(one, (state,), batch, torch.empty_like(v), (q, k, v, g, beta))
 
 
-VERIFY_OPS = ("mamba_conv1d_verify", "mamba_state_update_verify", "gated_delta_verify")
+VERIFY_OPS = op_flags.VERIFY_OPS
 
 
 def verify_ops_capturable(ops) -> bool:

@@ -26,6 +26,7 @@ from tessellm.kernels.gemm.weight_only import (
     int8_dequantize,
     int8_gemm,
 )
+from tessellm.kernels.op_flags import QUANT_OPS_FLAGS, drop_unowned_flags
 from tessellm.quantization.packed import Fp8Activation, Fp8Weight, Int4Weight, Int8Weight
 
 # fp8 GEMMs of at most this many rows read the weight as W8A16 instead of quantizing x for
@@ -54,6 +55,13 @@ class TritonQuantOps:
 
     name = "triton"
     schemes = frozenset({"int8", "fp8", "fp8_block", "awq", "gptq", "gguf"})
+
+    def __init_subclass__(cls, **kwargs):
+        """The one rule of optional flags (``op_flags.drop_unowned_flags``); ``QuantOps``
+        has none yet (``op_flags.QUANT_OPS_FLAGS``): one added there is dropped from a subclass
+        that replaces its op."""
+        super().__init_subclass__(**kwargs)
+        drop_unowned_flags(cls, QUANT_OPS_FLAGS)
 
     def __init__(self, use_scaled_mm: bool = True, dequant_min_m: int = DEQUANT_MIN_M,
                  fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M,

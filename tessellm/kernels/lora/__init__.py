@@ -10,6 +10,7 @@ from tessellm.kernels.lora.expand import lora_expand, lora_expand_slices
 from tessellm.kernels.lora.meta import LoRABatchMeta, prepare
 from tessellm.kernels.lora.moe import fused_experts_lora_triton
 from tessellm.kernels.lora.shrink import lora_shrink
+from tessellm.kernels.op_flags import LORA_OPS_FLAGS, drop_unowned_flags
 
 __all__ = ["LoRABatchMeta", "TritonLoRAOps", "lora_expand", "lora_expand_slices", "lora_shrink",
            "prepare"]
@@ -20,6 +21,13 @@ class TritonLoRAOps:
 
     name = "triton"
     supports_graph_capture = True  # prepare, shrink and expand never read the device
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass that defines one of ``prepare`` / ``shrink`` / ``expand`` /
+        ``expand_slices`` / ``fused_experts_lora`` itself captures only if it says so
+        (``supports_graph_capture`` in its own body; ``op_flags.LORA_OPS_FLAGS``)."""
+        super().__init_subclass__(**kwargs)
+        drop_unowned_flags(cls, LORA_OPS_FLAGS)
 
     def prepare(self, token_slots: torch.Tensor, num_slots: int) -> LoRABatchMeta:
         if token_slots.dim() != 1:
