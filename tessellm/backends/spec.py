@@ -539,6 +539,10 @@ class FusedOps(Protocol):
     conformance suite and the first-call checks compare against). Every op returns tensors of
     its input's shape, dtype and device unless said otherwise; inputs are contiguous, outputs
     need not be.
+
+    An optional flag below speaks for the op(s) it describes (``kernels/op_flags.
+    FUSED_OPS_FLAGS``): a subclass of ``ReferenceOps`` or ``TritonOps`` that defines one of
+    them in its own body without setting the flag there gets it off (docs/plugins.md, 2.5).
     """
 
     def rms_norm(self, x, weight, eps: float):
@@ -941,7 +945,9 @@ class LoRAOps(Protocol):
     Both return None. Inputs are on the spec's device; ``x``, ``lora_a``, ``lora_b`` have a
     contiguous last dim (``buf`` and ``out`` may be column slices). Optional attribute
     ``supports_graph_capture`` (default False): all three calls run without host
-    synchronisation, so a decode step with LoRA can be captured. A backend that does not
+    synchronisation, so a decode step with LoRA can be captured (a subclass of
+    ``TritonLoRAOps`` with one of these ops, ``expand_slices`` or ``fused_experts_lora`` of its
+    own does not inherit it: ``kernels/op_flags.LORA_OPS_FLAGS``). A backend that does not
     provide the hook gets the reference (correct everywhere, not capturable: it groups rows by
     slot on the host).
     """
