@@ -4,8 +4,10 @@ loop over experts, whose data-dependent shapes would sync and recompile as the r
 
 from __future__ import annotations
 
+from tessellm.backends.reference.lora import ReferenceLoRAOps
 from tessellm.backends.reference.ops import ReferenceOps
-from tessellm.backends.tpu.xla_moe import static_fused_experts, static_fused_moe
+from tessellm.backends.tpu.xla_moe import (static_fused_experts, static_fused_experts_lora,
+                                           static_fused_moe)
 
 
 class XlaOps(ReferenceOps):
@@ -28,3 +30,13 @@ class XlaOps(ReferenceOps):
     fused_moe_expert_map = True
     fused_moe_int4 = True
     fused_moe_int4_act_order = True  # GPTQ act order's w13_perm (plugin API 20)
+
+
+class XlaLoRAOps(ReferenceLoRAOps):
+    """The reference LoRA ops with the MoE experts' adapters in static shapes
+    (``xla_moe.static_fused_experts_lora``) instead of the reference's grouping of each
+    expert's rows by slot on the host. The dense layers' shrink / expand are still the
+    reference's (rows grouped by slot on the host: data-dependent shapes on XLA)."""
+
+    name = "xla"
+    fused_experts_lora = staticmethod(static_fused_experts_lora)

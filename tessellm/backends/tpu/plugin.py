@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from tessellm.backends.spec import (QuantSpec, VALIDATED_UNTESTED, AttentionSpec, Backend, GraphSpec,
-                                    OpsSpec, hookimpl)
+                                    LoRAOpsSpec, OpsSpec, hookimpl)
 
 NAME = "tpu"
 VALIDATION_NOTE = ("Never run on a TPU. Lane tpu-xla-cpu (torch-xla 2.9.0, torch 2.9.0, "
@@ -126,6 +126,16 @@ def tessellm_fused_ops(backend: Backend, spec: OpsSpec):
     from tessellm.backends.tpu.ops import XlaOps
 
     return XlaOps()
+
+
+@hookimpl
+def tessellm_lora_ops(backend: Backend, spec: LoRAOpsSpec):
+    """The reference LoRA ops, MoE experts' adapters in static shapes (``xla_moe.py``)."""
+    if backend.name != NAME:
+        return None
+    from tessellm.backends.tpu.ops import XlaLoRAOps
+
+    return XlaLoRAOps()
 
 
 @hookimpl

@@ -39,6 +39,7 @@ import torch
 
 from tessellm.backends.reference.moe import (SILU, ExpertActivation, dequantize_experts,
                                              local_expert_ids, route)
+from tessellm.backends.reference.moe_lora import check_expert_lora
 
 # The dense form's working set per chunk of experts, in elements (its dequantized weights plus
 # its [chunk, T, .] activations); bounds the peak memory of a long prefill chunk.
@@ -136,7 +137,7 @@ def _take(t: torch.Tensor, pick) -> torch.Tensor:
     return t[pick] if isinstance(pick, slice) else t.index_select(0, pick)
 
 
-def _gathered(hidden, topk_weights, ids, valid, experts: _Experts) -> torch.Tensor:
+def _gathered(hidden, topk_weights, ids, valid, experts: _Experts, lora=None) -> torch.Tensor:
     """Slot by slot: each token's expert for that slot, gathered and run batched."""
     dtype = hidden.dtype
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
@@ -144,16 +145,21 @@ def _gathered(hidden, topk_weights, ids, valid, experts: _Experts) -> torch.Tens
         pick = ids[:, j]
         w13, w2 = experts.weights(pick)  # [T, N, H], [T, H, I]
         gate_up = experts.gate_up(hidden, w13, pick)
-        y = torch.einsum("ti,thi->th", experts.act(gate_up), w2)
+        if lora is not None:
+            gate_up = lora.add(gate_up, hidden, pick, "w13")
+        act = experts.act(gate_up)
+        y = torch.einsum("ti,thi->th", act, w2)
         b2 = experts.bias("w2", pick)
         if b2 is not None:
             y = y + b2
+        if lora is not None:
+            y = lora.add(y, act, pick, "w2")
         y = y * topk_weights[:, j, None].to(dtype)
         out = out + torch.where(valid[:, j, None], y, torch.zeros_like(y)).float()
     return out
 
 
-def _dense(hidden, topk_weights, ids, valid, experts: _Experts) -> torch.Tensor:
+def _dense(hidden, topk_weights, ids, valid, experts: _Experts, lora=None) -> torch.Tensor:
     """Every expert on every token, chunk by chunk, the routing as a mask."""
     dtype, num = hidden.dtype, experts.count()
     tokens = hidden.shape[0]
@@ -169,10 +175,78 @@ def _dense(hidden, topk_weights, ids, valid, experts: _Experts) -> torch.Tensor:
         pick = slice(start, min(num, start + chunk))
         w13, w2 = experts.weights(pick)  # [c, N, H], [c, H, I]
         gate_up = experts.gate_up(hidden, w13, pick)
-        y = torch.einsum("cti,chi->cth", experts.act(gate_up), w2)
+        if lora is not None:
+            gate_up = lora.add(gate_up, hidden, pick, "w13")
+        act = experts.act(gate_up)
+        y = torch.einsum("cti,chi->cth", act, w2)
         b2 = experts.bias("w2", pick)
         if b2 is not None:
             y = y + b2[:, None, :]
+        if lora is not None:
+            y = lora.add(y, act, pick, "w2")
         y = y * route_w[pick, :, None].to(dtype)
         out = out + torch.where(routed[pick, :, None], y, torch.zeros_like(y)).float().sum(0)
     return out
+
+
+def static_fused_experts_lora(hidden: torch.Tensor, topk_weights: torch.Tensor,
+                              topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                              token_slots: torch.Tensor, lora, *,
+                              activation: Optional[ExpertActivation] = None,
+                              w13_bias: Optional[torch.Tensor] = None,
+                              w2_bias: Optional[torch.Tensor] = None,
+                              expert_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``LoRAOps.fused_experts_lora`` (``backends/spec.py``, ``ExpertLoRA``) in static shapes:
+    the two forms above, each pair's adapter added to its expert's products by the same fixed
+    shapes (no grouping of rows by slot on the host, as ``reference/moe_lora.py`` does)."""
+    check_expert_lora(lora, w13, w2, token_slots, hidden)
+    ids = local_expert_ids(topk_ids, expert_map).long()
+    valid = ids >= 0
+    ids = ids.clamp(min=0)
+    experts = _Experts(w13, w2, None, None, w13_bias, w2_bias, None, None, None, False,
+                       activation or SILU, hidden.dtype)
+    adapters = _Adapters(lora, token_slots)
+    tokens, k = ids.shape
+    form = _gathered if tokens * k < w13.shape[0] else _dense
+    return form(hidden, topk_weights, ids, valid, experts, adapters).to(hidden.dtype)
+
+
+class _Adapters:
+    """Each token's adapter on the picked experts' products: ``c + scaling[s] * B (A x)`` in
+    float32, rounded once, for tokens with a slot (``s >= 0``); the others' rows unchanged."""
+
+    def __init__(self, lora, token_slots: torch.Tensor):
+        self.lora = lora
+        slots = token_slots.long()
+        self.has = slots >= 0  # [T]
+        self.slots = slots.clamp(min=0)
+        self.count, self.experts = lora.w13_a.shape[:2]
+
+    def add(self, c: torch.Tensor, x: torch.Tensor, pick, which: str) -> torch.Tensor:
+        a, b = (self.lora.w13_a, self.lora.w13_b) if which == "w13" else (self.lora.w2_a,
+                                                                          self.lora.w2_b)
+        rank = b.shape[-1]
+        parts = a.shape[2] // rank
+        scaling = self.lora.scaling.float()
+        if not isinstance(pick, slice):  # gathered: c [T, N], x [T, K], pick [T]
+            flat = self.slots * self.experts + pick
+            at = a.flatten(0, 1).index_select(0, flat).float()  # [T, n*R, K]
+            bt = b.flatten(0, 1).index_select(0, flat).float()  # [T, N, R]
+            buf = torch.einsum("tk,trk->tr", x.float(), at).view(-1, parts, rank)
+            delta = torch.einsum("tpr,tpnr->tpn", buf,
+                                 bt.view(bt.shape[0], parts, -1, rank)).flatten(1)
+            delta = scaling.index_select(0, self.slots)[:, None] * delta
+            return torch.where(self.has[:, None], c.float() + delta, c.float()).to(c.dtype)
+        # dense: c [E', T, N], x [T, K] (w13) or [E', T, K] (w2); each slot's term, masked
+        xs = x.float() if x.dim() == 3 else x.float().expand(c.shape[0], *x.shape)
+        delta = torch.zeros(c.shape, dtype=torch.float32, device=c.device)
+        for s in range(self.count):  # a fixed count: the adapter slots
+            a_s, b_s = a[s, pick].float(), b[s, pick].float()  # [E', n*R, K], [E', N, R]
+            buf = torch.einsum("ctk,crk->ctr", xs, a_s)
+            buf = buf.view(*buf.shape[:2], parts, rank)
+            term = torch.einsum("ctpr,cpnr->ctpn", buf,
+                                b_s.view(b_s.shape[0], parts, -1, rank)).flatten(2)
+            mine = (self.slots == s) & self.has  # [T]
+            delta = delta + torch.where(mine[None, :, None], scaling[s] * term,
+                                        torch.zeros_like(term))
+        return torch.where(self.has[None, :, None], c.float() + delta, c.float()).to(c.dtype)
