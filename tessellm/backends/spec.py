@@ -97,6 +97,10 @@ keep working (such experts run the pure-torch reference, ``backends/reference/mo
 ask for (recurrent-state prefix caching, saved inside a prefill step); plugins of versions 1
 to 20 keep working (the layers run their scan once per piece between the saves,
 ``backends/reference/state_saves.py``).
+22 = ``FusedOps.gated_delta_state_saves`` (optional): the ops' ``gated_delta_chunk`` takes
+keyword-only ``snapshots`` (the layer's state snapshot pool) and keeps the states
+``MambaBatch.state_saves`` ask for, as ``mamba_chunk_scan`` under API 21; plugins of versions 1
+to 21 keep working (the layers run their ``gated_delta_chunk`` once per piece between the saves).
 
 Ownership
 ---------
@@ -133,7 +137,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 21
+TESSELLM_PLUGIN_API = 22
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -437,8 +441,9 @@ class MambaBatch:
     # slot)`` triples, the state after the sequence's first ``offset`` tokens of this step (0 <
     # offset < its length: a block boundary inside its prefill chunk) to keep in that slot of
     # the layer's snapshot pools, besides the state after its last token in its own slot.
-    # Empty: none. Ops ignore it, but for ``mamba_chunk_scan`` given ``snapshots`` (where the
-    # ops declare ``mamba_state_saves``, plugin API 21). Otherwise the layers take the conv
+    # Empty: none. Ops ignore it, but for ``mamba_chunk_scan`` / ``gated_delta_chunk`` given
+    # ``snapshots`` (where the ops declare ``mamba_state_saves`` / ``gated_delta_state_saves``,
+    # plugin API 21 / 22). Otherwise the layers take the conv
     # states from the conv's input before ``mamba_conv1d`` runs, and run a scan
     # (``mamba_chunk_scan``, ``gated_delta_chunk``) once per piece between the offsets,
     # copying the states between (``reference/state_saves.py``), with ``pieces`` the plan of
@@ -705,6 +710,12 @@ class FusedOps(Protocol):
     # L2-normalize q and k per head (``x * rsqrt(sum(x^2) + 1e-6)``) and scale q by ``scale``;
     # ``g`` is the float32 log decay (<= 0), ``beta`` the write strength; value head h reads key
     # head ``h // (Hv / Hk)``; ``[*, Hv, V]`` out in v's dtype.
+    # Optional (plugin API 22): ``gated_delta_state_saves = True`` declares that
+    # ``gated_delta_chunk`` takes keyword-only ``snapshots [S, Hv, K, V]`` and writes the state
+    # after each ``batch.state_saves`` offset to ``snapshots[slot]`` (in its dtype), as
+    # ``mamba_chunk_scan`` under ``mamba_state_saves``; the same outputs and final states as
+    # without. Oracle: ``reference/state_saves.run_with_saves`` over the reference; conformance
+    # ``test_gated_delta_keeps_states_inside_the_step``.
     #
     # Optional, speculative decoding on these models: ``mamba_conv1d_verify(x, weight, bias,
     # conv_state, batch, activation)``, ``mamba_state_update_verify(x, dt, A, B, C, D, dt_bias,
