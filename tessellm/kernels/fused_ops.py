@@ -127,10 +127,13 @@ class TritonOps:
     # The gated delta rule ops (``FusedOps``' ``gated_delta_*``, ``kernels/gated_delta``).
     supports_gated_delta = True
 
-    def gated_delta_chunk(self, q, k, v, g, beta, state, batch, scale):
+    # the chunk kernel keeps ``batch.state_saves`` itself, given the pool (plugin API 22)
+    gated_delta_state_saves = True
+
+    def gated_delta_chunk(self, q, k, v, g, beta, state, batch, scale, snapshots=None):
         from tessellm.kernels.gated_delta import gated_delta_chunk
 
-        return gated_delta_chunk(q, k, v, g, beta, state, batch, scale)
+        return gated_delta_chunk(q, k, v, g, beta, state, batch, scale, snapshots=snapshots)
 
     def gated_delta_step(self, q, k, v, g, beta, state, state_indices, scale):
         from tessellm.kernels.gated_delta import gated_delta_step

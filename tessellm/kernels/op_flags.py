@@ -40,6 +40,7 @@ FUSED_OPS_FLAGS: Mapping[str, tuple[tuple[str, ...], Any]] = {
     "fused_moe_int4_act_order": (MOE_OPS, False),  # keyword w13_perm (API 20)
     "mamba_strided_inputs": (MAMBA_TOKEN_OPS, False),  # row-strided x and dt (API 17)
     "mamba_state_saves": (("mamba_chunk_scan",), False),  # keyword snapshots (API 21)
+    "gated_delta_state_saves": (("gated_delta_chunk",), False),  # keyword snapshots (API 22)
     "recurrent_verify_graphs": (VERIFY_OPS, False),  # own verify ops in a captured step (API 16)
 }
 

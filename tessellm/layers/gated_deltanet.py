@@ -202,8 +202,13 @@ class GatedDeltaNet(nn.Module):
         if batch.prefills is not None:
             def chunk(rows, b):
                 return self.ops.gated_delta_chunk(*rows, self.ssm_state, b, scale)
-            parts.append(run_saving(chunk, list(step_rows((q, k, v, g, beta), nd, m, t)),
-                                    batch.prefills, [(self.ssm_state, pools[1])]))
+            rows = step_rows((q, k, v, g, beta), nd, m, t)
+            if batch.prefills.state_saves and getattr(self.ops, "gated_delta_state_saves", False):
+                parts.append(self.ops.gated_delta_chunk(   # the op keeps them (plugin API 22)
+                    *rows, self.ssm_state, batch.prefills, scale, snapshots=pools[1]))
+            else:
+                parts.append(run_saving(chunk, list(rows), batch.prefills,
+                                        [(self.ssm_state, pools[1])]))
         if batch.verifies is not None:  # speculative decoding: the state after each token kept
             parts.append(verify_ops(self.ops)[2](q[m:], k[m:], v[m:], g[m:], beta[m:],
                                                  self.ssm_state, batch.verifies, scale))

@@ -299,35 +299,45 @@ def test_cuda_hits_with_decode_graphs_and_async_scheduling(name, tmp_path):
     assert tokens == [want["longer"], want["inside"]]
 
 
-@pytest.mark.parametrize("name", ["mamba2", "granite4h"])
+@pytest.mark.parametrize("name", ["mamba2", "granite4h", "qwen3_next"])
 def test_triton_sequential_scan_saves_in_its_pass(saved, name, monkeypatch):
-    """The cpu backend with the Triton ops' scan (``FusedOps.mamba_state_saves``, in Triton's
-    interpreter): a hit's rest (44 .. 51, under ``SSD_MIN_TOKENS``: the sequential kernel) keeps
-    the state after 48 inside that scan's one launch per layer (not once per piece); a second
-    longer hits 48 from it. Greedy tokens as HF's."""
+    """The cpu backend with the Triton ops' scan (``FusedOps.mamba_state_saves``; Qwen3-Next:
+    the gated delta chunk op, ``gated_delta_state_saves``), in Triton's interpreter: a hit's
+    rest (44 .. 51; Mamba: under ``SSD_MIN_TOKENS``, the sequential kernel) keeps the state
+    after 48 inside the op's one launch per layer (not once per piece); a second longer hits
+    48 from it. Greedy tokens as HF's."""
     pytest.importorskip("triton")
     from tessellm.backends.cpu.ops import CpuOps
     from tessellm.kernels.fused_ops import TritonOps
+    from tessellm.kernels.gated_delta import chunk as delta_chunk
     from tessellm.kernels.mamba import chunk_scan
 
-    scans, kernel = [], chunk_scan.sequential_chunk_scan
+    delta = name == "qwen3_next"
+    module, fn, op, flag, layer = (
+        (delta_chunk, "gated_delta_chunk", "gated_delta_chunk", "gated_delta_state_saves",
+         "GatedDeltaNet") if delta else
+        (chunk_scan, "sequential_chunk_scan", "mamba_chunk_scan", "mamba_state_saves",
+         "MambaMixer2"))
+    scans, kernel = [], getattr(module, fn)
 
-    def sequential(*args, snapshots=None, **kwargs):
-        scans.append(bool(args[8].state_saves) and snapshots is not None)
+    def counted(*args, snapshots=None, **kwargs):
+        scans.append(bool(args[6 if delta else 8].state_saves) and snapshots is not None)
         return kernel(*args, snapshots=snapshots, **kwargs)
 
-    monkeypatch.setattr(chunk_scan, "sequential_chunk_scan", sequential)
+    monkeypatch.setattr(module, fn, counted)
+    if delta:  # TritonOps imports the kernel's function from the package
+        import tessellm.kernels.gated_delta as package
+        monkeypatch.setattr(package, fn, counted)
     triton_ops = TritonOps()
-    monkeypatch.setattr(CpuOps, "mamba_chunk_scan",
-                        lambda self, *a, **kw: triton_ops.mamba_chunk_scan(*a, **kw))
-    monkeypatch.setattr(CpuOps, "mamba_state_saves", True, raising=False)
+    monkeypatch.setattr(CpuOps, op, lambda self, *a, **kw: getattr(triton_ops, op)(*a, **kw))
+    monkeypatch.setattr(CpuOps, flag, True, raising=False)
     path = saved(name)
     want = hf(path, "a", "longer")
     with LLM(path, dtype="float32", block_size=4) as llm:
         tokens, cached = run(llm, "a", "longer", "longer")
         layers = sum(1 for m in llm.engine.core.runner.model.modules()
-                     if type(m).__name__ == "MambaMixer2")
-    assert cached == [0, 44, 48]
+                     if type(m).__name__ == layer)
+    assert layers and cached == [0, 44, 48]
     assert tokens == [want["a"], want["longer"], want["longer"]]
     # a saves at 44 inside its prefill, longer at 48: each one call per layer, saves in it
     assert sum(scans) == 2 * layers and len(scans) == 3 * layers

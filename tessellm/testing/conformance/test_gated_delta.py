@@ -76,3 +76,34 @@ def test_gated_delta_ops_come_with_the_conv(target):
     one declares the other's op too."""
     ops = _gated_delta_ops(target, torch.float32)
     assert callable(getattr(ops, "mamba_conv1d", None))
+
+
+def test_gated_delta_keeps_states_inside_the_step(target):
+    """Ops that declare ``gated_delta_state_saves`` (plugin API 22): ``gated_delta_chunk``
+    given a snapshot pool writes the state after each ``MambaBatch.state_saves`` offset there
+    (offsets inside and across 32-token chunks), outputs and final states as without saves;
+    each snapshot the recurrence's state after that many tokens."""
+    dtype = torch.float32
+    ops = _gated_delta_ops(target, dtype)
+    if not getattr(ops, "gated_delta_state_saves", False):
+        pytest.skip(f"{target.name} does not declare gated_delta_state_saves (the layers run "
+                    "its chunk op once per piece between the saves)")
+    g = torch.Generator().manual_seed(6)
+    scale = K ** -0.5
+    lengths, slots, saves = [13, 70], [5, 1], [(0, 4, 2), (1, 16, 0), (1, 64, 1)]
+    seqs = [_inputs(n, g) for n in lengths]
+    init = torch.randn(6, HV, K, V, generator=g) * 0.3
+    dev = target.device
+    batch = make_batch(lengths, slots, dev, saves=saves).prefills
+    q, k, v, gate, beta = (torch.cat([s[j] for s in seqs]).to(dev) for j in range(5))
+    state, pool = init.clone().to(dev), torch.zeros(3, HV, K, V, device=dev)
+    got = ops.gated_delta_chunk(q, k, v, gate, beta, state, batch, scale, snapshots=pool).cpu()
+    row = 0
+    for i, n in enumerate(lengths):
+        want, final = sequential_gated_delta(*seqs[i], init[slots[i]], scale)
+        torch.testing.assert_close(got[row:row + n], want, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(state[slots[i]].cpu(), final, atol=2e-4, rtol=2e-4)
+        row += n
+    for seq, offset, slot in saves:
+        _, at = sequential_gated_delta(*(t[:offset] for t in seqs[seq]), init[slots[seq]], scale)
+        torch.testing.assert_close(pool[slot].cpu(), at, atol=2e-4, rtol=2e-4)
