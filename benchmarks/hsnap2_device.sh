@@ -12,7 +12,7 @@
 # host_step: one JSON line per model, against hybfast_device.sh's session-19 H100 run
 # (b_ms_per_layer 0.50, mamba2): B's rest saves the state after its last full block inside
 # the step; the sequential scan now keeps it in its one launch, where it ran once per piece
-# (2 scan launches and a state copy a layer): launches_per_layer down by about 2, b_ms_per_layer
+# (2 scan launches, a state copy and a cat a layer): launches_per_layer down by about 3, b_ms_per_layer
 # down by those launches' host cost (unmeasured when this landed).
 source benchmarks/device_env.sh
 export TESSELLM_SSD_SCAN=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

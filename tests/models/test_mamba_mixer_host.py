@@ -176,3 +176,52 @@ def test_a_steps_batch_goes_up_in_one_copy():
     assert batch.prefills.state_indices.tolist() == [1, 3]
     decodes = make_batch([1, 1], [2, 0], torch.device("cpu"))
     assert decodes.prefills is None and decodes.state_indices.tolist() == [2, 0]
+
+
+def test_a_step_saving_inside_it_adds_one_copy_a_layer():
+    """A cached prompt's rest saving its state inside the step (``MambaBatch.state_saves``):
+    with ops that keep the scan's saves themselves (``mamba_state_saves``; here the Triton
+    scan, in the interpreter) the mixer's own code adds only the conv snapshot's one copy a
+    layer (no second scan call, no state copy, no cat of the pieces' outputs); with ops that
+    do not, it runs the scan once per piece: two calls, a copy and a cat. The snapshots agree."""
+    import pytest
+
+    pytest.importorskip("triton")
+    from tessellm.kernels.fused_ops import TritonOps
+
+    triton_ops = TritonOps()
+
+    class SavingOps(ReferenceOps):
+        mamba_state_saves = True
+
+        def mamba_chunk_scan(self, *args, **kwargs):
+            return triton_ops.mamba_chunk_scan(*args, **kwargs)
+
+    class PieceOps(ReferenceOps):
+        def mamba_chunk_scan(self, *args, **kwargs):
+            return triton_ops.mamba_chunk_scan(*args, **kwargs)
+
+    got = {}
+    for name, ops in (("saving", SavingOps()), ("pieces", PieceOps())):
+        count = _Count()
+        mixer, cache = _mixer(count)
+        mixer.ops = _OpsUncounted(ops, count)
+        cache.allocate_snapshots(2)
+        hidden = torch.randn(7 + 40, SHAPE.hidden_size, generator=torch.Generator().manual_seed(1))
+        cache.step.batch = make_batch([7, 40], [0, 1], torch.device("cpu"), saves=[(1, 32, 1)])
+        scans = []
+        inner = ops.mamba_chunk_scan
+        ops.mamba_chunk_scan = lambda *a, **kw: (scans.append(1), inner(*a, **kw))[1]
+        with torch.no_grad(), count:
+            out = mixer(hidden)
+        own = {k: count.ops[k] for k in ("cat", "copy_", "_foreach_copy_", "index_copy_", "index")
+               if count.ops[k]}
+        got[name] = (out, [p.clone() for p in cache.snapshots[0]], own, len(scans))
+    out, pools, own, calls = got["saving"]
+    assert calls == 1 and own == {"_foreach_copy_": 1}, own  # the conv snapshot's copy
+    p_out, p_pools, p_own, p_calls = got["pieces"]
+    assert p_calls == 2 and p_own.get("cat") and p_own.get("_foreach_copy_") == 2, p_own
+    torch.testing.assert_close(out, p_out, rtol=0, atol=0)
+    for a, b in zip(pools, p_pools):
+        assert b[1].abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
