@@ -16,9 +16,12 @@ pieces give what one call over the whole sequence gives (up to the op's float ro
 chunked scan's chunks start at the piece's first token).
 
 Plain torch (no Triton, nothing of the engine or the contract: a ``MambaBatch``'s pieces are
-made with ``dataclasses.replace``), so both the layers (for any backend's ops) and the Triton
-ops' own scan (``kernels/mamba/chunk_scan.py``, where its sequential kernel runs) use it; the
-pure-torch reference re-exports it (``backends/reference/state_saves.py``).
+made with ``dataclasses.replace``), so the layers use it for any backend's ops that do not keep
+the saves themselves; the pure-torch reference re-exports it
+(``backends/reference/state_saves.py``). The Triton ops keep them in one pass (plugin API 21 /
+22): the sequential Mamba scan and the gated delta chunk kernel read ``save_plan`` (below), a
+chunk ending at each offset and its state stored into the snapshot slot; the SSD kernels start
+a chunk at each offset (``kernels/mamba/ssd.py``).
 """
 
 from __future__ import annotations
