@@ -124,8 +124,9 @@ def save_conv_states(x: torch.Tensor, conv_state: torch.Tensor, batch, pool: tor
 
 class SavePlan:
     """A step's saves (``MambaBatch.state_saves``) as the sequential scan kernels read them
-    (``kernels/mamba/chunk_scan.py``, ``kernels/gated_delta/chunk.py``), on the device (one int32 upload a step): per sequence the first of its saves (``first [seqs +
-    1]``), and per save its offset and snapshot slot, each sequence's in offset order."""
+    (``kernels/mamba/chunk_scan.py``, ``kernels/gated_delta/chunk.py``), on the device (one
+    int32 upload a step): per sequence the first of its saves (``first [seqs + 1]``), and per
+    save its offset and snapshot slot, each sequence's in offset order."""
 
     def __init__(self, batch, device: torch.device, op: str):
         qsl = batch.query_start_loc_host
