@@ -33,7 +33,8 @@ def _full_step() -> SchedulerOutput:
         lora_prefetch=[{"name": "b", "id": 4, "path": "/b"}], lora_unloads=[5], spec_ahead={"c": 3}, kept_blocks={"c": 2},
         encoder_inputs={"n": [0, 1]}, kv_transfers=[[0, 7, 1], [1, 2, 9]],
         kv_connector_meta={"loads": [["n", [["k0", 5]]]], "saves": [["k1", 8]]},
-        state_restores={"n": 3}, state_saves={"c": 4}, state_saves_if_accepted={"c": [[12, 5], [16, 6]]},
+        state_restores={"n": 3}, state_saves={"c": 4}, state_saves_within={"n": [[16, 7]]},
+        state_saves_if_accepted={"c": [[12, 5], [16, 6]]},
         finished_request_ids={"f1", "f2"}, preempted_request_ids={"p"})
 
 

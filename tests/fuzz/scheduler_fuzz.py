@@ -70,14 +70,20 @@ def check_invariants(s: Scheduler, budget: int, out=None) -> None:
     if kv.states is not None:
         check_pool(kv)
     if out is not None and kv.states is not None:
+        # saves inside a chunk (state_saves_within), also written after the step's restores
+        within = {slot for pairs in out.state_saves_within.values() for _, slot in pairs}
         for rid, slot in out.state_restores.items():  # a hit starts from its last block's state
             # (or already taken over by a save later in the step, which the device runs after)
             assert (any(b.state_slot == slot for b in kv.req_blocks[rid])
-                    or slot in out.state_saves.values()), (rid, slot)
+                    or slot in out.state_saves.values() or slot in within), (rid, slot)
         for rid, slot in out.state_saves.items():  # the block its chunk ends in waits for it
             start = s.requests[rid].num_computed_tokens + s.in_flight.tokens_ahead(rid)
             assert start % kv.block_size == 0, (rid, start)
             assert kv.req_blocks[rid][start // kv.block_size - 1].state_slot == slot
+        for rid, pairs in out.state_saves_within.items():  # each on a block boundary, its block's
+            for n, slot in pairs:
+                assert n % kv.block_size == 0, (rid, n)
+                assert kv.req_blocks[rid][n // kv.block_size - 1].state_slot == slot, (rid, n)
     if out is not None:
         assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens.values()) <= budget
         for rid, n in out.num_scheduled_tokens.items():
@@ -220,6 +226,12 @@ class RunnerTables:
             req = s.requests[rid]
             end = req.num_computed_tokens + s.in_flight.tokens_ahead(rid)
             self.pool[slot] = (req, end)  # a decode step ahead: its last token known later
+        for rid, pairs in out.state_saves_within.items():  # block boundaries inside the chunk
+            req = s.requests[rid]
+            end = req.num_computed_tokens + s.in_flight.tokens_ahead(rid)  # after this step
+            for n, slot in pairs:
+                assert end - out.num_scheduled_tokens[rid] < n < end, (rid, n, end)
+                self.pool[slot] = (req, n)
         for rid in out.dropped_request_ids:
             self.tables.pop(rid, None)
         for rid, num_blocks in out.kept_blocks.items():
