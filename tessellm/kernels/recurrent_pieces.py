@@ -163,3 +163,21 @@ def save_plan(batch, op: str) -> SavePlan:
         made = (key, SavePlan(batch, batch.query_start_loc.device, op))
         batch._scan_saves = made
     return made[1]
+
+
+def save_pointers(batch, snapshots, state, op: str) -> tuple:
+    """A scan kernel's save arguments ``(snapshot pool, first save per sequence, offsets,
+    slots)`` when the batch names in-pass saves (``batch.state_saves``), the pool checked
+    against the ``state`` slots; otherwise placeholders the kernel never reads (SAVES off)."""
+    saves = getattr(batch, "state_saves", None)
+    if not saves:
+        qsl = batch.query_start_loc
+        return state, qsl, qsl, qsl
+    if snapshots is None:
+        raise ValueError(f"{op}: the batch names state saves but no snapshot pool was given "
+                         "(snapshots=).")
+    if snapshots.shape[1:] != state.shape[1:] or not snapshots.is_contiguous():
+        raise ValueError(f"{op}: the snapshot pool {tuple(snapshots.shape)} must be contiguous "
+                         f"and shaped as the state slots {tuple(state.shape[1:])}.")
+    plan = save_plan(batch, op)
+    return snapshots, plan.first, plan.offsets, plan.slots

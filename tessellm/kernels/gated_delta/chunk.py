@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.kernels.recurrent_pieces import save_plan
+from tessellm.kernels.recurrent_pieces import save_pointers
 
 # The in-op L2 normalization's epsilon of q and k: the contract's (the reference's
 # ``backends.reference.gated_delta.L2_EPS``; kernels import no backend, and
@@ -146,19 +146,7 @@ def gated_delta_chunk(q, k, v, g, beta, state, batch, scale: float,
     if not state.is_contiguous():
         raise ValueError("gated_delta_chunk needs a contiguous state.")
     saves = getattr(batch, "state_saves", None)
-    if saves and snapshots is None:
-        raise ValueError("gated_delta_chunk: the batch names state saves but no snapshot pool "
-                         "was given (snapshots=).")
-    if saves:
-        if snapshots.shape[1:] != state.shape[1:] or not snapshots.is_contiguous():
-            raise ValueError(f"gated_delta_chunk: the snapshot pool {tuple(snapshots.shape)} "
-                             f"must be contiguous and shaped as the state slots "
-                             f"{tuple(state.shape[1:])}.")
-        plan = save_plan(batch, "gated_delta_chunk")
-        snap, first, offs, pslots = snapshots, plan.first, plan.offsets, plan.slots
-    else:  # unused pointers (SAVES off)
-        qsl = batch.query_start_loc
-        snap, first, offs, pslots = state, qsl, qsl, qsl
+    snap, first, offs, pslots = save_pointers(batch, snapshots, state, "gated_delta_chunk")
     # the state block [K, BLOCK_V] lives in registers: fewer value dims a program for large K
     block_v = max(16, min(triton.next_power_of_2(V), 32 if K > 64 else 64))
     grid = (seqs, H, triton.cdiv(V, block_v))

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from tessellm import envs
 from tessellm.kernels.mamba import ssd
-from tessellm.kernels.recurrent_pieces import save_plan
+from tessellm.kernels.recurrent_pieces import save_pointers
 
 
 @triton.jit
@@ -189,19 +189,7 @@ def sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
     if not ssm_state.is_contiguous():
         raise ValueError("mamba_chunk_scan needs a contiguous ssm_state.")
     saves = getattr(batch, "state_saves", None)
-    if saves and snapshots is None:
-        raise ValueError("mamba_chunk_scan: the batch names state saves but no snapshot pool "
-                         "was given (snapshots=).")
-    if saves:
-        if snapshots.shape[1:] != ssm_state.shape[1:] or not snapshots.is_contiguous():
-            raise ValueError(f"mamba_chunk_scan: the snapshot pool {tuple(snapshots.shape)} "
-                             f"must be contiguous and shaped as the state slots "
-                             f"{tuple(ssm_state.shape[1:])}.")
-        plan = save_plan(batch, "mamba_chunk_scan")
-        snap, first, offs, pslots = snapshots, plan.first, plan.offsets, plan.slots
-    else:  # unused pointers (SAVES off)
-        snap, first, offs, pslots = ssm_state, batch.query_start_loc, batch.query_start_loc, \
-            batch.query_start_loc
+    snap, first, offs, pslots = save_pointers(batch, snapshots, ssm_state, "mamba_chunk_scan")
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     # the state block [BLOCK_P, N] lives in registers: fewer head dims a program for large N
     block_p = max(16, min(triton.next_power_of_2(P), 32 if N > 128 else 64))
