@@ -369,7 +369,14 @@ class EngineCore(EngineSleep):
         self.scheduler.abort_requests(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.in_flight)
+        # A KV connector's saves not yet reported settled: the engine polls until they are,
+        # so its stats count every block written (LLM.generate returns once they are)
+        return (self.scheduler.has_unfinished() or bool(self.in_flight)
+                or self._kv_saves_in_flight())
+
+    def _kv_saves_in_flight(self) -> bool:
+        connector = self.scheduler.connector
+        return connector is not None and connector.stats.saves_in_flight > 0
 
     def step(self) -> list[EngineCoreOutput]:
         """Schedule and run one step; return what requests produced.
@@ -403,6 +410,16 @@ class EngineCore(EngineSleep):
                                                       _KV_POLL_S)[0]
                 self.scheduler.finish_kv_loads(loaded)
                 return ended
+            if self.scheduler.connector is not None:
+                if self.scheduler.kv_lookups_pending():  # connector lookups off the step
+                    self.scheduler.connector.wait_for_lookups(_KV_POLL_S)
+                    return ended
+                if self._kv_saves_in_flight():  # only saves under way: their counts
+                    settled = self.executor.collective_rpc("poll_kv_saves", _KV_POLL_S)[0]
+                    if settled:
+                        self.scheduler.connector.stats.record_saves(settled)
+                    if not self.scheduler.waiting:
+                        return ended
             self.structured.wait_for_compiles(self.scheduler.waiting)  # instead of spinning
             if self.lora_store is not None:
                 self.lora_store.wait_any(0.05)  # adapters still loading: wait, do not spin

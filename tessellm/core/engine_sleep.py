@@ -91,7 +91,7 @@ class EngineSleep:
         if needs_sleep_mode and not self.enable_sleep_mode:
             raise ValueError(f"{what} needs sleep mode; start the engine with enable_sleep_mode=True "
                              "(--enable-sleep-mode).")
-        if self.has_unfinished_requests():
+        if self.scheduler.has_unfinished() or self.in_flight:  # (a connector's saves: waited for)
             raise ValueError(f"{what}: {len(self.scheduler.requests)} request(s) are still running; "
                              "call it once they finish (or abort them).")
 

@@ -188,7 +188,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             self.mamba.drop(sched.dropped_request_ids)
         if self.spec is not None:
             self.spec.drop(sched)
-        out = ModelRunnerOutput(kv_load_failed=failed_loads, kv_loads_finished=loaded)
+        out = ModelRunnerOutput(kv_load_failed=failed_loads, kv_loads_finished=loaded,
+                                kv_saves=self.settled_external_saves())
         scheduled, ns = sched.num_scheduled_tokens, sched.num_sampled_tokens
         if sched.spec_ahead:  # where they start and what they verify: after the steps in flight
             self.steps.resolve_all()

@@ -81,6 +81,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         self.encoder = make_encoder_budget(config)  # image models: the vision encoder's budget
         self.connector = None  # a KV connector's scheduler half (--kv-transfer-config), or None
         self.kv_loading: dict[str, Request] = {}  # its background loads under way (scheduler_kv_loads.py)
+        self.kv_lookups: set[str] = set()  # requests whose connector lookup is under way, off the step
 
     # -- admission -------------------------------------------------------------------------
 
@@ -106,6 +107,10 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             self._finish(req, RequestStatus.FINISHED_ABORTED)
             aborted.append(req)
         return aborted
+
+    def kv_lookups_pending(self) -> bool:
+        """Waiting requests whose KV connector lookup is under way (nothing else may run)."""
+        return bool(self.kv_lookups)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.kv_loading)
@@ -258,7 +263,12 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             prefix = self.kv.find_cached_prefix(req, count=False) if use_cache else []
             offloaded = self.kv.find_offloaded(req, len(prefix)) if use_cache else []
             num_hit = (len(prefix) + len(offloaded)) * self.kv.block_size
-            num_ext, load_async = self._num_external(req, num_hit) if use_cache else (0, False)
+            ext = self._num_external(req, num_hit) if use_cache else (0, False)
+            if ext is None:  # the connector looks it up off the step: others go ahead
+                release_slot(self, req)
+                skipped.append(req)
+                continue
+            num_ext, load_async = ext
             num_hit += num_ext
             if num_ext and load_async:  # loaded in the background; it waits in its place
                 if self._start_kv_load(req, prefix, offloaded, num_hit, num_ext):
@@ -297,7 +307,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
                 if self.kv.host is not None:  # vLLM's external prefix cache: the host tier
                     self.kv.host.stats.queries += req.num_tokens
                     self.kv.host.stats.hits += len(offloaded) * self.kv.block_size
-                if self.connector is not None:
+                if self.connector is not None and not req.kv_load_failed:  # it was asked
                     self.connector.stats.record_lookup(req.request_id, req.num_tokens, num_ext)
             if self.connector is not None:  # its blocks after the device and host-tier hit
                 first = (num_hit - num_ext) // self.kv.block_size
@@ -324,14 +334,19 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         self.waiting.extendleft(reversed(skipped))
         return budget
 
-    def _num_external(self, req: Request, num_hit: int) -> tuple[int, bool]:
+    def _num_external(self, req: Request, num_hit: int) -> Optional[tuple[int, bool]]:
         """Tokens the KV connector loads after a hit of ``num_hit`` (whole blocks, never the
         last prompt token; none for a request whose earlier load failed), and whether it loads
-        them in the background."""
+        them in the background; None while the connector's lookup is under way (off the step:
+        the request is asked about again at its next admission attempt)."""
         if self.connector is None or req.kv_load_failed or not self.kv.enable_prefix_caching:
             return 0, False
         num = self.connector.get_num_new_matched_tokens(req, num_hit)
         num, load_async = num if isinstance(num, tuple) else (num, False)
+        if num is None:
+            self.kv_lookups.add(req.request_id)
+            return None
+        self.kv_lookups.discard(req.request_id)
         limit = ((req.num_tokens - 1) // self.kv.block_size) * self.kv.block_size - num_hit
         return max(0, min(num - num % self.kv.block_size, limit)), bool(load_async)
     def _align(self, req: Request, start: int, num_new: int, cut: int = 0) -> int:
@@ -524,6 +539,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         self.finished_ids.add(req.request_id)
         del self.requests[req.request_id]
         if self.connector is not None:
+            self.kv_lookups.discard(req.request_id)
             self.connector.stats.request_finished(req.request_id)
             self.connector.request_finished(req)
 

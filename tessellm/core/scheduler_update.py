@@ -68,6 +68,8 @@ class SchedulerUpdate:
             outputs.append(self._append(req, new_tokens, result))
         if result.kv_loads_finished:  # background KV loads (scheduler_kv_loads.py)
             self.finish_kv_loads(result.kv_loads_finished)
+        if result.kv_saves and self.connector is not None:  # saves settled on the workers
+            self.connector.stats.record_saves(result.kv_saves)
         return outputs
 
     def _recompute_failed_load(self, req: Request) -> None:

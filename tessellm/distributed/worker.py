@@ -290,6 +290,12 @@ class Worker:
         ``wait`` seconds for one)."""
         return self.runner.load_external_kv(meta, wait)[1]
 
+    def poll_kv_saves(self, wait: float):
+        """Nothing to compute while a KV connector's saves are unsettled: those settled since
+        the last report (``[saved, failed, dropped]`` blocks, or None), waiting up to ``wait``
+        seconds for those in flight."""
+        return self.runner.settled_external_saves(wait)
+
     def release(self) -> None:
         """Drop the model, its KV cache and graphs, and give the device memory back to the device
         (``LLM.shutdown``: a second engine in this process can size its cache from it again)."""
@@ -309,7 +315,7 @@ class Worker:
         connector's saves of the step, when it has any)."""
         handle = self.runner.execute_async(sched)
         saving, self.runner.pending_save = self.runner.pending_save, None
-        return handle if saving is None else SavingStep(handle, saving)
+        return handle if saving is None else SavingStep(handle, saving, self.runner)
 
     # -- sleep mode and weight updates (core/runner_sleep.py; every rank via collective_rpc) --
 
@@ -404,13 +410,19 @@ class SavingStep:
     tokens, then for the saves (written by the connector's thread while the device runs the
     next step), so no output leaves before its blocks are saved."""
 
-    def __init__(self, handle, saving):
+    def __init__(self, handle, saving, runner):
         self.handle = handle
         self.saving = saving
+        self.runner = runner
 
     def result(self):
         out = self.handle.result()
         self.saving.result()
+        settled = self.runner.settled_external_saves()  # the saves waited for, reported with it
+        if settled and getattr(out, "kv_saves", None):
+            settled = [a + b for a, b in zip(out.kv_saves, settled)]
+        if settled:
+            out.kv_saves = settled
         return out
 
 

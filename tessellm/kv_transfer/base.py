@@ -86,31 +86,34 @@ class KVConnectorContext:
 class KVConnectorStats:
     """Totals since start (``SchedulerStats.kv_connector``; vLLM's
     ``external_prefix_cache_*`` count these beside the host tier's). Running totals that
-    only grow (Prometheus counters are fed their differences): a load's hits and blocks are
-    counted once it is known to have worked (the step that loaded it came back without a
-    failure for it, or its background load was reported loaded), never counted and taken
-    back. The scheduler records lookups, confirmations and failures; a connector records its
-    loads (``record_load``) and its saves (``blocks_saved``)."""
+    only grow (Prometheus counters are fed their differences).
 
-    queries: int = 0  # prompt tokens of admitted requests looked up, each request once
+    Lookups count at every admission that asks the connector (as the device prefix cache's:
+    a request preempted, or whose loaded blocks were given back before it ran, is looked up
+    again and counts again; one recomputed after a failed load is not asked), so hits never
+    exceed queries. A load's hits and blocks count once it is known to have worked (the step
+    that loaded it came back without a failure for it, or its background load was reported
+    loaded), never counted and taken back. Saves count when the worker half reports them
+    done (``record_saves``: written, or found there already; a failed write counts in
+    ``save_failures``), not when they are offered."""
+
+    queries: int = 0  # prompt tokens of admissions looked up through the connector
     hits: int = 0  # of which loaded through the connector (a request whose load failed: none)
     blocks_loaded: int = 0  # loaded into the cache for a request that went on to run
-    blocks_saved: int = 0  # offered to the worker half for saving
+    blocks_saved: int = 0  # saves done: the block is in the store (written, or there already)
+    save_failures: int = 0  # blocks whose write failed (no file: a later lookup misses)
     load_failures: int = 0  # requests recomputed because a load failed
     # request id -> [hit tokens, blocks] of its loads not yet known to have worked.
     _pending: dict = field(default_factory=dict, repr=False, compare=False)
-    _looked_up: set = field(default_factory=set, repr=False, compare=False)
+    # Blocks offered to the worker half and not yet reported done, failed or dropped.
+    saves_in_flight: int = field(default=0, repr=False, compare=False)
 
     def record_lookup(self, request_id: str, num_tokens: int, num_hit: int) -> None:
-        """A request's admission looked it up: counted at its first admission only (one
-        preempted, or recomputed after a failed load, or whose loaded blocks were given back
-        before it ran, is admitted again: the same prompt, not another query); its hit counts
-        once its load worked."""
-        if request_id not in self._looked_up:
-            self._looked_up.add(request_id)
-            self.queries += num_tokens
-            if num_hit:
-                self._pending.setdefault(request_id, [0, 0])[0] += num_hit
+        """An admission looked the request up (``num_tokens`` prompt tokens, ``num_hit`` of
+        them to load); its hit counts once its load worked."""
+        self.queries += num_tokens
+        if num_hit:
+            self._pending.setdefault(request_id, [0, 0])[0] += num_hit
 
     def record_load(self, request_id: str, num_blocks: int) -> None:
         """The connector loads ``num_blocks`` blocks for the request (counted once they are in)."""
@@ -130,15 +133,28 @@ class KVConnectorStats:
         self.load_failures += 1
         self._pending.pop(request_id, None)
 
+    def record_offered(self, num_blocks: int) -> None:
+        """Blocks handed to the worker half to save (counted once it reports them)."""
+        self.saves_in_flight += num_blocks
+
+    def record_saves(self, counts) -> None:
+        """The worker half's report (``ModelRunnerOutput.kv_saves``): ``[saved, failed,
+        dropped]`` blocks settled since its last report (dropped: computed over a failed load,
+        never saved, neither a save nor a failure)."""
+        saved, failed, dropped = counts
+        self.blocks_saved += saved
+        self.save_failures += failed
+        self.saves_in_flight = max(0, self.saves_in_flight - saved - failed - dropped)
+
     def request_finished(self, request_id: str) -> None:
         """The request ended (a load it never ran after, e.g. aborted while loading, counts
         nothing)."""
         self._pending.pop(request_id, None)
-        self._looked_up.discard(request_id)
 
     def as_dict(self) -> dict:
         return dict(queries=self.queries, hits=self.hits, blocks_loaded=self.blocks_loaded,
-                    blocks_saved=self.blocks_saved, load_failures=self.load_failures)
+                    blocks_saved=self.blocks_saved, save_failures=self.save_failures,
+                    load_failures=self.load_failures)
 
 
 class KVConnectorBase:
@@ -158,7 +174,11 @@ class KVConnectorBase:
         multiple of the block size) that this connector can load for a request being admitted:
         a multiple of the block size, leaving the last prompt token out. Called at every
         admission attempt (a request may wait for blocks and be asked again); must not change
-        state a later call depends on.
+        state a later call depends on. It runs in the scheduler's step: it must not wait for
+        a disk or a network. A count it cannot give yet (a lookup under way off the step) is
+        None, or ``(None, False)`` (vLLM's contract): the request stays in its place in the
+        queue, others go ahead, and it is asked again at the next admission attempt; with
+        nothing else to run the engine calls ``wait_for_lookups``.
 
         Returns the count, or ``(count, load_async)``: with ``load_async`` the load runs in the
         background (vLLM's ``WAITING_FOR_REMOTE_KVS``): the request gets its blocks and waits,
@@ -179,6 +199,10 @@ class KVConnectorBase:
         worker half; ``requests``: request id -> ``Request`` of the scheduler; ``block_ids(rid)``:
         the blocks a request holds, in order. None: nothing for the workers this step."""
         return None
+
+    def wait_for_lookups(self, timeout: float) -> None:
+        """Nothing else to run while lookups are under way (``get_num_new_matched_tokens``
+        returned None): return once one is done, or after ``timeout`` seconds."""
 
     def request_failed_load(self, request) -> None:
         """A worker reported the request's load failed; it is being recomputed."""
@@ -246,6 +270,16 @@ class KVConnectorBase:
 
     def wait_for_save(self) -> None:
         """Return once every save handed to ``save_kv`` so far is durable (visible to a reader)."""
+
+    def take_save_counts(self, timeout: float = 0.0) -> Optional[list]:
+        """The saves settled since the last call, ``[saved, failed, dropped]`` blocks (saved:
+        written, or found there already; dropped: computed over a failed load, never saved),
+        or None (nothing settled). The engine calls it as each step is launched, after a step
+        whose outputs waited for its saves, and, with nothing else to run while saves offered
+        by the scheduler half are unsettled, with ``timeout`` (seconds to wait for one).
+        Only a connector whose scheduler half counts its offers (``stats.record_offered``)
+        must report them: the engine keeps polling until each offered block is reported."""
+        return None
 
     def shutdown(self) -> None:
         """The engine stops."""

@@ -40,6 +40,7 @@ token for a request with saves in flight).
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from typing import Optional
 
@@ -51,6 +52,18 @@ from tessellm.kv_transfer.shared_storage_worker import SharedStorageWorker
 
 _EXTRA_KEYS = {"shared_storage_path", "checksum", "wait_for_save", "io_threads", "load_async"}
 _MAX_CHECKED = 1 << 17  # keys remembered as present (~20 MB of strings)
+_LOOKUP_TTL_S = 1.0  # a waiting request's miss is looked up again after this (a producer writes)
+
+
+class _Lookup:
+    """A request's lookup off the step: the one under way (``future``: found keys, first
+    miss), whether one came back (``answered``), its first missing block's index (None: none
+    missing) and when it came back."""
+
+    __slots__ = ("future", "answered", "miss", "when")
+
+    def __init__(self):
+        self.future, self.answered, self.miss, self.when = None, False, None, 0.0
 
 
 class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
@@ -97,6 +110,10 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         # after the check fails its load on the worker: a recompute, never a wrong token.
         self._checked: OrderedDict[str, None] = OrderedDict()
         self._adapters: dict[str, str] = {}  # adapter directory -> adapter_identity (read once)
+        # Lookups off the step (get_num_new_matched_tokens): request id -> its _Lookup, while
+        # the request lives; the thread pool that stats the files, made at the first lookup.
+        self._lookups: dict[str, _Lookup] = {}
+        self._lookup_threads = None
         self._warned = False
 
     def path(self, key: str, rank: int) -> str:
@@ -126,22 +143,80 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         return ident
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        """The request's loadable run of blocks after ``num_computed_tokens``, from keys known
+        to be there (the LRU of checked keys) and the request's lookup: the files are never
+        asked about here, in the scheduler's step, but on the lookup thread (``_look``). Until
+        a request's first lookup is back it answers None (the scheduler asks again at the next
+        admission attempt; idle, it waits for the lookup); after that, what is known at once,
+        and a lookup that went stale (its first miss, or the first key not known, moved; or
+        the miss is older than ``_LOOKUP_TTL_S``: a producer may have written it since) is
+        refreshed in the background for the next attempt."""
         if not self.config.is_consumer:
             return 0, False
-        bs = self.context.block_size
+        bs, rid = self.context.block_size, request.request_id
         keys = self.block_keys(request)
-        n = 0
-        for key in keys[num_computed_tokens // bs:(request.num_tokens - 1) // bs]:
-            if key in self._checked:
-                self._checked.move_to_end(key)
-            elif all(self._loadable(key, r) for r in range(self.context.world_size)):
-                self._checked[key] = None
-                if len(self._checked) > _MAX_CHECKED:
-                    self._checked.popitem(last=False)
-            else:
-                break
-            n += 1
-        return n * bs, self.load_async
+        lo, hi = num_computed_tokens // bs, (request.num_tokens - 1) // bs
+        look = self._lookups.get(rid)
+        if look is not None and look.future is not None and look.future.done():
+            self._settle_lookup(look)
+        i = self._known(keys, lo, hi)
+        if i >= hi:
+            return (i - lo) * bs, self.load_async
+        if look is None or (look.future is None and (look.miss != i or time.monotonic() - look.when
+                                                     > _LOOKUP_TTL_S)):
+            look = self._lookups[rid] = look or _Lookup()
+            look.future = self._lookup_pool().submit(self._look, keys[i:hi], i)
+        if not look.answered:
+            return None, False
+        return (i - lo) * bs, self.load_async
+
+    def _known(self, keys: list, lo: int, hi: int) -> int:
+        """The first index from ``lo`` (below ``hi``) whose key is not known to be loadable."""
+        i = lo
+        while i < hi and keys[i] in self._checked:
+            self._checked.move_to_end(keys[i])
+            i += 1
+        return i
+
+    def _settle_lookup(self, look) -> None:
+        """A lookup is back (on the scheduler's thread): its keys found go in the LRU."""
+        future, look.future = look.future, None
+        try:
+            found, miss = future.result()
+        except Exception:  # noqa: BLE001 - a lookup that fails finds nothing
+            found, miss = [], None
+        for key in found:
+            self._checked[key] = None
+            self._checked.move_to_end(key)
+        while len(self._checked) > _MAX_CHECKED:
+            self._checked.popitem(last=False)
+        look.miss, look.when, look.answered = miss, time.monotonic(), True
+
+    def _look(self, keys: list, start: int) -> tuple:
+        """On the lookup thread: the keys, in order, whose files every rank has with the
+        right length (one ``stat`` per rank), up to the first that is not; and that one's index
+        (None: all were)."""
+        found = []
+        for key in keys:
+            if not all(self._loadable(key, r) for r in range(self.context.world_size)):
+                return found, start + len(found)
+            found.append(key)
+        return found, None
+
+    def _lookup_pool(self):
+        if self._lookup_threads is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._lookup_threads = ThreadPoolExecutor(min(4, self.io_threads),
+                                                      thread_name_prefix="tessellm-kv-lookup")
+        return self._lookup_threads
+
+    def wait_for_lookups(self, timeout: float) -> None:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        futures = [look.future for look in self._lookups.values() if look.future is not None]
+        if futures:
+            wait(futures, timeout, FIRST_COMPLETED)
 
     def _loadable(self, key: str, rank: int) -> bool:
         """The rank's file is there and exactly as long as a header and this engine's block
@@ -187,7 +262,7 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                 owners += [None if req.kv_load_failed else rid] * max(0, stop - done)
                 self._saved[rid] = full
                 self._unsynced.add(rid)
-            self.stats.blocks_saved += len(saves)
+            self.stats.record_offered(len(saves))  # counted as the workers report them
         # The step's outputs wait for the saves in flight when it samples a token for a request
         # that has any (its prompt's last chunk, or a decode): its response means its files.
         wait = False
@@ -208,11 +283,13 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         # recomputed without the connector; it saves what it computes afresh.
         for key in self._keys.get(request.request_id, ()):
             self._checked.pop(key, None)
+        self._lookups.pop(request.request_id, None)
         self._saved.pop(request.request_id, None)
         self._unsynced.discard(request.request_id)
 
     def request_finished(self, request) -> None:
         self._keys.pop(request.request_id, None)
+        self._lookups.pop(request.request_id, None)  # a lookup under way: its result goes
         self._saved.pop(request.request_id, None)
         self._unsynced.discard(request.request_id)
 

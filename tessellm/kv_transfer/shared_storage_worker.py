@@ -88,6 +88,10 @@ class SharedStorageWorker:
         # Totals of this rank since start (tests, benchmarks): files written, and blocks not
         # written because their file was there already (another engine's, or a recompute's).
         self.files_written = self.files_present = 0
+        # Saves settled since the engine last asked (take_save_counts): saved (written or
+        # there already), failed, dropped (computed over a failed load).
+        self._settled = [0, 0, 0]
+        self._settled_lock = threading.Lock()
         # Requests whose step load failed (load_failed), the latest few: saves the scheduler
         # offered for them before it learned of the failure are dropped.
         self._failed_loads: OrderedDict = OrderedDict()
@@ -279,7 +283,9 @@ class SharedStorageWorker:
         saves = [(k, b) for k, b in (meta.get("saves") or ())]
         owners = meta.get("save_owners")
         if self._failed_loads and owners:  # computed over a failed load: never saved
-            saves = [s for s, rid in zip(saves, owners) if rid not in self._failed_loads]
+            kept = [s for s, rid in zip(saves, owners) if rid not in self._failed_loads]
+            self._settle(0, 0, len(saves) - len(kept))
+            saves = kept
         staging, stream = self._save_staging, self._save_stream
         if saves and stream is not None:  # the copies wait for the step, the next step does not
             ready = torch.Event(device=self.device)
@@ -335,10 +341,35 @@ class SharedStorageWorker:
 
             results = self._map(self._writers, write, n)
             del mv
-            self.files_written += sum(1 for r in results if r is True)
-            self.files_present += sum(1 for r in results if r is False)
+            written = sum(1 for r in results if r is True)
+            present = sum(1 for r in results if r is False)
+            self.files_written += written
+            self.files_present += present
+            self._settle(written + present, n - written - present, 0)
+        except BaseException:
+            self._settle(0, len(saves), 0)  # nothing of the chunk is known written
+            raise
         finally:
             self._save_staging.release(flat)
+
+    def _settle(self, saved: int, failed: int, dropped: int) -> None:
+        if saved or failed or dropped:
+            with self._settled_lock:
+                for i, k in enumerate((saved, failed, dropped)):
+                    self._settled[i] += k
+
+    def take_save_counts(self, timeout: float = 0.0) -> Optional[list]:
+        pending = getattr(self, "_pending", None)
+        if timeout > 0 and pending:
+            from concurrent.futures import wait
+
+            wait(list(pending), timeout)
+        lock = getattr(self, "_settled_lock", None)
+        if lock is None:
+            return None
+        with lock:
+            counts, self._settled = self._settled, [0, 0, 0]
+        return counts if any(counts) else None
 
     def _write(self, path: str, key: str, views: list, sum64: Optional[int]) -> Optional[bool]:
         """One block's file: True (written) or None (not: warned about once)."""
@@ -369,7 +400,7 @@ class SharedStorageWorker:
 
     def shutdown(self) -> None:
         # The saves under way are written first; background loads end (their blocks go away).
-        for name in ("_loader", "_writer", "_writers", "_readers"):
+        for name in ("_loader", "_writer", "_writers", "_readers", "_lookup_threads"):
             pool = getattr(self, name, None)
             if pool is not None:
                 pool.shutdown(wait=True)

@@ -180,14 +180,16 @@ class EngineMetrics:
     def _observe_kv_connector(self, totals: Optional[dict]) -> None:
         """A KV connector (--kv-transfer-config): ``kv_connector_{queries,hits}_total`` in
         prompt tokens, ``kv_connector_blocks_{loaded,saved}_total``,
-        ``kv_connector_load_failures_total`` (requests recomputed)."""
+        ``kv_connector_save_failures_total`` (blocks), ``kv_connector_load_failures_total``
+        (requests recomputed)."""
         if not totals:
             return
         if self._kv_connector is None:
-            docs = {"queries": "Prompt tokens of admitted requests looked up through the KV connector.",
+            docs = {"queries": "Prompt tokens of admissions looked up through the KV connector.",
                     "hits": "Prompt tokens loaded through the KV connector (not recomputed).",
                     "blocks_loaded": "KV blocks loaded through the KV connector.",
-                    "blocks_saved": "KV blocks handed to the KV connector to save.",
+                    "blocks_saved": "KV blocks saved through the KV connector (written, or there already).",
+                    "save_failures": "KV blocks whose save through the KV connector failed.",
                     "load_failures": "Requests recomputed because a KV connector load failed."}
             self._kv_connector = {k: _CumulativeCounter(self._child(Counter, f"kv_connector_{k}", doc))
                                   for k, doc in docs.items()}

@@ -79,7 +79,7 @@ def test_producer_saves_and_consumer_loads(load_async, tiny_model_dir, tmp_path)
     assert [t for t, _, _ in used] == [t for t, _, _ in made] == want
     assert [(c, n) for _, c, n in used] == [(40, 2 + 5)] * 2
     assert stats.kv_connector == dict(queries=2 * 42, hits=2 * 40, blocks_loaded=20, blocks_saved=0,
-                                      load_failures=0)
+                                      save_failures=0, load_failures=0)
     assert len(_files(tmp_path)) == 2 * 11  # a consumer writes nothing
     # The metrics, from the scheduler's stats as the engine process sends them.
     from prometheus_client import CollectorRegistry
@@ -139,7 +139,7 @@ def test_corrupt_truncated_and_missing_files(tiny_model_dir, tmp_path):
     # Exact: each prompt looked up once (q's recompute is no second query); q's failed load
     # gives no hit and no loaded block.
     assert stats.kv_connector == dict(queries=2 * 42, hits=16, blocks_loaded=4, blocks_saved=0,
-                                      load_failures=1)
+                                      save_failures=0, load_failures=1)
     assert not os.path.exists(conn.path(keys_q[7], 0))  # the corrupt file is gone
     _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_producer"))  # ... and saved afresh
     rows, _ = _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_consumer"))
@@ -175,6 +175,10 @@ def test_blocks_computed_over_a_failed_load_are_never_saved(engine, tiny_model_d
     both["kv_connector_extra_config"]["load_async"] = False
     rows, stats = _run(model, [longer], kv_transfer_config=both, **engine)
     assert rows[0][:2] == (want[0], 0) and stats.kv_connector["load_failures"] == 1
+    # Saves count as done (not as offered): the recompute's 15 prompt blocks and its decode
+    # block (60..63), each written or found there; the blocks computed over the failed load
+    # were dropped, neither saved nor failed.
+    assert (stats.kv_connector["blocks_saved"], stats.kv_connector["save_failures"]) == (16, 0)
     if not engine:  # the failed step computed its 20 tokens (dropped), then all 60 again
         assert rows[0][2] == 20 + 60 + 5
     # The blocks past p's hold what a producer that computed the prompt cleanly saves (the
@@ -270,7 +274,7 @@ def test_background_load_while_other_requests_run(corrupt, tiny_model_dir, tmp_p
     # Each request looked up once (p recomputed after its failed load is no second query);
     # p's failed load, and a's (aborted before it ran), count no hit and no block.
     assert stats == dict(queries=4 * 42, hits=40 * (1 - corrupt), blocks_loaded=10 * (1 - corrupt),
-                         blocks_saved=0, load_failures=int(corrupt))
+                         blocks_saved=0, save_failures=0, load_failures=int(corrupt))
     # Running totals only grow (the metrics feed counters their differences).
     assert all(a[k] <= b[k] for a, b in zip(totals, totals[1:]) for k in a)
     assert not sched.kv_loading and sched.kv.num_free_blocks == 64  # every block given back
@@ -324,11 +328,12 @@ def test_a_cache_too_small_for_a_running_request_and_a_loaded_one(tiny_model_dir
     GatedStorage.gate.set()
     assert stalled and stats.num_preemptions_total == 0
     assert {rid: list(o.outputs[0].token_ids) for rid, o in outs.items()} == {"p": want[0], "q": want[1]}
-    # p is admitted twice (it gave its loaded blocks back): one query, one hit; its second
-    # admission loads again what q's blocks evicted (timing: at least its first 10 blocks).
+    # p is admitted twice (it gave its loaded blocks back): two lookups of its 42 tokens, two
+    # loads: its second admission loads again what q's blocks evicted (the rest is a device
+    # hit) and those hits count too (each loaded block: 4 tokens).
     conn = stats.kv_connector
-    assert (conn["queries"], conn["hits"], conn["load_failures"]) == (42 + 20, 40, 0)
-    assert conn["blocks_loaded"] >= 10
+    assert (conn["queries"], conn["load_failures"]) == (42 + 20 + 42, 0)
+    assert conn["blocks_loaded"] >= 10 and conn["hits"] == BS * conn["blocks_loaded"]
 
 
 def _connector(path, namespace: str, role=KVConnectorRole.SCHEDULER, **extra) -> SharedStorageConnector:
@@ -754,3 +759,94 @@ def test_a_background_load_nobody_reports_is_one_clear_error(tiny_model_dir):
                                              "implement get_finished_loads"):
             llm.generate({"prompt_token_ids": list(range(5, 5 + 3 * BS))},
                          SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+
+
+@pytest.mark.parametrize("load_async", [True, False], ids=["background", "in-step"])
+def test_lookups_stat_files_off_the_step(load_async, tiny_model_dir, tmp_path, monkeypatch):
+    """The consumer's lookups ask the file system only on the lookup thread, never on the
+    engine's (the scheduler's step): every ``stat`` of a block file is made there, the request
+    waits for its first lookup in its place, and it loads its 40 tokens and gives HF's tokens."""
+    import tessellm.kv_transfer.shared_storage as ss
+
+    model = tiny_model_dir("llama")
+    prompts = _prompts(2)
+    want = hf_greedy(model, prompts, 6)
+    _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    threads = []
+    real = ss.loadable
+    monkeypatch.setattr(ss, "loadable", lambda *a: threads.append(threading.current_thread().name)
+                        or real(*a))
+    consumer = _kv(tmp_path, "kv_consumer")
+    consumer["kv_connector_extra_config"]["load_async"] = load_async
+    rows, stats = _run(model, prompts, kv_transfer_config=consumer)
+    assert rows == [(w, 40, 2 + 5) for w in want]
+    assert len(threads) == 2 * 10 and all(t.startswith("tessellm-kv-lookup") for t in threads)
+    assert (stats.kv_connector["queries"], stats.kv_connector["hits"]) == (2 * 42, 2 * 40)
+
+
+def test_a_lookup_answers_later_refreshes_a_stale_miss_and_forgets_failed_keys(tmp_path, monkeypatch):
+    """The scheduler half on real files: the first ask is None (looked up off the step), then
+    the run of files found; files written after that are found once the miss is stale (the
+    answer meanwhile is what is known, never a wait); a failed load forgets the request's keys
+    (they are looked up again); a finished request's lookup state goes."""
+    import tessellm.kv_transfer.shared_storage as ss
+    from tessellm.kv_transfer import shared_storage_format as fmt
+
+    conn = _connector(tmp_path, "ns")
+    req = SimpleNamespace(request_id="r", all_token_ids=list(range(3, 24)), num_tokens=21,
+                          lora_request=None, block_key=lambda a, b, lora: None)
+    keys = conn.block_keys(req)
+
+    def write(i):
+        fmt.write_block(conn.path(keys[i], 0), keys[i], 0, "none", bytes(16), 16,
+                        [memoryview(bytes(16))], None)
+
+    write(0), write(1)
+    assert conn.get_num_new_matched_tokens(req, 0) == (None, False)
+    conn.wait_for_lookups(5)
+    assert conn.get_num_new_matched_tokens(req, 0) == (2 * BS, True)
+    assert conn.get_num_new_matched_tokens(req, BS) == (BS, True)  # after a device hit of one block
+    for i in (2, 3, 4):
+        write(i)
+    assert conn.get_num_new_matched_tokens(req, 0) == (2 * BS, True)  # the miss is fresh
+    monkeypatch.setattr(ss, "_LOOKUP_TTL_S", 0.0)
+    assert conn.get_num_new_matched_tokens(req, 0) == (2 * BS, True)  # stale: refreshed behind
+    conn.wait_for_lookups(5)
+    assert conn.get_num_new_matched_tokens(req, 0) == (5 * BS, True)  # never the last token's block
+    conn.request_failed_load(req)
+    assert not any(k in conn._checked for k in keys)
+    assert conn.get_num_new_matched_tokens(req, 0) == (None, False)
+    conn.request_finished(req)
+    assert not conn._lookups
+
+
+def test_saves_count_once_written_and_failed_writes_as_failures(tiny_model_dir, tmp_path, monkeypatch):
+    """A producer without wait_for_save (its outputs never wait for the files): its stats count
+    blocks as saved once written, and a write that fails (a full disk, here every third)
+    as a save failure, exactly, by the time generate returns; only the written blocks have
+    files, and a consumer finds the run of them up to the first failure."""
+    from tessellm.kv_transfer import shared_storage_format as fmt
+
+    model = tiny_model_dir("llama")
+    prompts = _prompts(2)
+    calls, lock = [0], threading.Lock()
+    real = fmt.write_block
+
+    def full_disk(path, *args):
+        with lock:
+            calls[0] += 1
+            fail = calls[0] % 3 == 0
+        if fail:
+            raise OSError(28, "No space left on device")
+        return real(path, *args)
+
+    monkeypatch.setattr(fmt, "write_block", full_disk)
+    _, stats = _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    conn = stats.kv_connector
+    assert calls[0] == 2 * 11 and conn["save_failures"] == 2 * 11 // 3
+    assert conn["blocks_saved"] == 2 * 11 - 2 * 11 // 3 == len(_files(tmp_path))
+    monkeypatch.setattr(fmt, "write_block", real)
+    # A second producer engine finds every block there but the failed ones and writes those.
+    _, stats = _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    assert (stats.kv_connector["blocks_saved"], stats.kv_connector["save_failures"]) == (2 * 11, 0)
+    assert len(_files(tmp_path)) == 2 * 11
