@@ -79,6 +79,9 @@ class Int4Weight(PackedWeight):
         self.register_buffer("scales", scales)
         self.register_buffer("offsets", offsets)
         self.register_buffer("perm", perm)
+        # the codes re-laid for a backend's kernel at load (the cuda backend's tensor-core
+        # GEMM: ``kernels/gemm/int4_tc.py``); None in the checkpoint layout only
+        self.register_buffer("tc_qweight", None)
         self.zero_point = zero_point  # 0, or 8 for GGUF Q4_0 (signed codes stored with +8)
         self.group_size = group_size
 
