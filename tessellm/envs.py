@@ -287,6 +287,13 @@ def attn_last_split_reduce() -> Optional[bool]:
     return _switch("TESSELLM_ATTN_LAST_REDUCE")
 
 
+def int4_tc() -> Optional[bool]:
+    """TESSELLM_INT4_TC: "1" re-lays dense AWQ / GPTQ int4 weights at load for the cuda
+    backend's tensor-core GEMM (``kernels/gemm/int4_tc.py``, 5+ rows), "0" keeps only the
+    checkpoint layout and the tiled GEMM; unset: the backend's default."""
+    return _switch("TESSELLM_INT4_TC")
+
+
 def fp8_lean_w8a8() -> Optional[bool]:
     """TESSELLM_FP8_LEAN_W8A8: "0" takes the fp8 W8A8 prefill GEMM's checks and views again
     every call (the path before 2026-12-04; benchmarks), "1" caches them per weight (default)."""

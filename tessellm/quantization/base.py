@@ -65,6 +65,12 @@ class QuantOps(Protocol):
     # asked only under ``TESSELLM_GEMV_NORM_EPILOGUE=1``). The oracle is
     # ``backends/reference/quant_ops.fp8_mm_add_rms_norm``.
     #
+    # Optional: ``prepare_int4(w)``, called once per ``Int4Weight`` segment of an AWQ / GPTQ
+    # layer after loading (``int4.Int4Method.process_weights_after_loading``): the backend may
+    # attach codes re-laid for its kernels (the cuda one: ``w.tc_qweight``, the tensor-core
+    # GEMM's layout, ``kernels/gemm/int4_tc.py``); ``w.qweight`` and the rest keep the
+    # checkpoint layout, which the reference and every other backend read.
+    #
     # Optional, a pair (the fp8 activation fold): ``fp8_mm_prequantized(xa, w, bias=None)``,
     # ``fp8_mm``'s W8A8 product for an activation its producer already quantized per token
     # (``xa``: a ``packed.Fp8Activation``; returns ``[M, N]`` in ``xa.dtype``), and

@@ -140,6 +140,17 @@ class Int4Method(QuantLinearMethod):
         offsets = -(zeros.float() * scales.float())
         return Int4Weight(pack_int4(q), scales.contiguous(), offsets, 0, group, perm)
 
+    def process_weights_after_loading(self, layer) -> None:
+        """The base's (segments from the staged checkpoint pieces), then each int4 segment
+        handed to the backend's optional ``QuantOps.prepare_int4`` (a load-time re-layout for
+        its kernels; the checkpoint layout stays the segment's contract)."""
+        super().process_weights_after_loading(layer)
+        prepare = getattr(self.ops, "prepare_int4", None)
+        if prepare is not None:
+            for seg in layer.segments:
+                if seg.kind == "int4":
+                    prepare(seg)
+
     def _merge(self, segments):
         perms = [getattr(s, "perm", None) for s in segments]  # (a dense segment has none)
         if len(segments) > 1 and perms[0] is not None and all(

@@ -14,6 +14,8 @@ from tessellm.kernels.gemm.common import _interpreted
 from tessellm.kernels.gemm.fp8_block import fp8_block_mm
 from tessellm.kernels.gemm.fp8 import _scaled_mm_ok, fp8_gemm, quantize_fp8_rows, scaled_mm_plan
 from tessellm.kernels.gemm.gemv_int4 import INT4_GEMV_MAX_M, gemv_int4
+from tessellm.kernels.gemm.int4_tc import (int4_tc_dequantize, int4_tc_gemm, int4_tc_pack,
+                                           tc_layout_ok)
 from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2_silu_and_mul, gemv_fp8_x2_then_add_rms_norm
 from tessellm.kernels.gemm.norm_epilogue import norm_epilogue_applies
 from tessellm.kernels.gemm.w8a8 import gemv_w8a8, w8a8_native
@@ -42,6 +44,10 @@ FP8_SKINNY_W8A8_MAX_M = 0
 # host's launch work (H200, 2026-12-04: 128 fp8 GEMMs at M = 512 took 8.3 ms eager against
 # 6.8 ms as a graph, so ~65 us of host time each; benchmarks/results/h200-2026-12-04-gpuperf).
 FP8_LEAN_W8A8 = True  # default of TESSELLM_FP8_LEAN_W8A8
+# Dense AWQ / GPTQ int4 from 5 rows on: the tensor-core GEMM on codes re-laid at load
+# (``int4_tc.py``; default of TESSELLM_INT4_TC). The checkpoint layout stays beside it for the
+# 1-4-row GEMV (``gemv_int4``) and the reference, so the codes take twice their memory.
+INT4_TC = True
 _SILU = TritonOps()  # fp8_mm_silu_and_mul's activation where the GEMV cannot fold it
 
 
@@ -73,22 +79,38 @@ class TritonQuantOps:
                                       else fp8_skinny_w8a8_max_m)  # None: read when built
         lean = envs.fp8_lean_w8a8()
         self.lean_w8a8 = FP8_LEAN_W8A8 if lean is None else lean  # read when built
+        tc = envs.int4_tc()
+        self.int4_tc = INT4_TC if tc is None else tc  # read when built
 
     def int8_mm(self, x, w: Int8Weight, bias=None):
         if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
             return F.linear(x, int8_dequantize(w, x.dtype), bias)
         return int8_gemm(x, w, bias)
 
+    def prepare_int4(self, w: Int4Weight) -> None:
+        """The optional ``QuantOps`` member, once per int4 segment after loading: adds the
+        codes in the tensor-core GEMM's layout (``w.tc_qweight``, ``int4_tc.int4_tc_pack``)
+        where ``int4_tc`` is on and K and the group are multiples of 128; the checkpoint
+        layout stays (the GEMV and the reference read it)."""
+        k = w.qweight.shape[0] * 8
+        if self.int4_tc and w.tc_qweight is None and tc_layout_ok(k, w.group_size):
+            w.tc_qweight = int4_tc_pack(w.qweight)
+
     def int4_mm(self, x, w: Int4Weight, bias=None):
         """Decode (1..``INT4_GEMV_MAX_M`` rows): the int4 GEMV (``gemv_int4``); up to
-        ``dequant_min_m`` rows the tiled GEMM dequantizing in its tiles; from there on the
-        weight dequantized once and cuBLAS (compute-bound prefill)."""
+        ``dequant_min_m`` rows the tensor-core GEMM on the tc layout (``int4_tc_gemm``, where
+        ``prepare_int4`` made it) or else the tiled GEMM dequantizing in its tiles; from there
+        on the weight dequantized once and cuBLAS (compute-bound prefill)."""
         if 0 < x.shape[0] <= INT4_GEMV_MAX_M and w.qweight.shape[0] > 0:
             return gemv_int4(x, w, bias)
+        tc = w.tc_qweight is not None
         if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
             if w.perm is not None:
                 x = x.index_select(-1, w.perm)
-            return F.linear(x, int4_dequantize(w, x.dtype), bias)
+            dense = int4_tc_dequantize(w, x.dtype) if tc else int4_dequantize(w, x.dtype)
+            return F.linear(x, dense, bias)
+        if tc:
+            return int4_tc_gemm(x, w, bias)
         return int4_gemm(x, w, bias)
 
     def fp8_block_mm(self, x, w, bias=None):
