@@ -98,7 +98,7 @@ def tessellm_quant_method(backend: Backend, spec: QuantSpec):
     from tessellm.kernels.gemm.quant_ops import TritonQuantOps
     from tessellm.quantization import make_quant_method
 
-    return make_quant_method(spec, TritonQuantOps(use_scaled_mm=False))
+    return make_quant_method(spec, TritonQuantOps(use_scaled_mm=False, int4_tc=False))
 
 
 @hookimpl

@@ -57,6 +57,8 @@ class TritonQuantOps:
     GEMMs of at most this many rows run weight-only (W8A16, ``fp8_weight_only_gemm``); 0 never.
     ``fp8_skinny_w8a8_max_m``: up to this many rows take ``gemv.gemv_w8a8`` instead, where the
     GPU has fp8 MMA (default ``FP8_SKINNY_W8A8_MAX_M``: 0, never; slower on an H200).
+    ``int4_tc``: False never re-lays int4 codes for the tensor-core GEMM (``prepare_int4``);
+    None: ``INT4_TC`` / TESSELLM_INT4_TC.
     """
 
     name = "triton"
@@ -71,7 +73,7 @@ class TritonQuantOps:
 
     def __init__(self, use_scaled_mm: bool = True, dequant_min_m: int = DEQUANT_MIN_M,
                  fp8_weight_only_max_m: int = FP8_WEIGHT_ONLY_MAX_M,
-                 fp8_skinny_w8a8_max_m: Optional[int] = None):
+                 fp8_skinny_w8a8_max_m: Optional[int] = None, int4_tc: Optional[bool] = None):
         self.use_scaled_mm = use_scaled_mm
         self.dequant_min_m = dequant_min_m
         self.fp8_weight_only_max_m = fp8_weight_only_max_m
@@ -80,7 +82,8 @@ class TritonQuantOps:
         lean = envs.fp8_lean_w8a8()
         self.lean_w8a8 = FP8_LEAN_W8A8 if lean is None else lean  # read when built
         tc = envs.int4_tc()
-        self.int4_tc = INT4_TC if tc is None else tc  # read when built
+        # read when built; an explicit False (the rocm backend: not run on AMD yet) stays off
+        self.int4_tc = (INT4_TC if tc is None else tc) if int4_tc is not False else False
 
     def int8_mm(self, x, w: Int8Weight, bias=None):
         if x.shape[0] >= self.dequant_min_m and not _interpreted(x):

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Dense AWQ / GPTQ int4 (W4A16) through the tensor-core GEMM on the load-time tc layout
+# (kernels/gemm/int4_tc.py, TESSELLM_INT4_TC, default on) on one GPU, ~6 minutes (8 at most):
+#   int4tc_kernels      tests/kernels/test_int4_tc.py (row tiers 5..600, split-K, tc dequantize)
+#                       + tests/kernels/test_gemv_int4.py (the GEMV and the old tiled GEMM)
+#   int4tc_conformance  the quant conformance case on cuda (awq / gptq at 1 and 5 rows)
+#   int4tc_quant        tests/quantization/test_kernels.py int4 cases, test_loading's AWQ /
+#                       GPTQ / act-order checkpoints' logits on cuda
+#   int4tc_bench        Llama-3.1-8B layer shapes at 1/4/16/64/256/1024 rows, L2 flushed:
+#                       bf16 cuBLAS vs old int4 (TESSELLM_INT4_TC=0 path) vs new, us a product
+#   int4tc_sweep        int4_tc_gemm's launch settings at 16/64/256 rows (INT4TC_SWEEP_S=0 skips)
+# Run from the repository root: bash benchmarks/int4tc_device.sh   (OUT=... for the logs)
+# Expect: "rc=0" five times, "passed" and no "failed" (test_tc_row_tiers_on_gpu 8 passed);
+# the table: one line a shape and row count, err ~1e-2 or below, path gemv at 1-4 rows, tc at
+# 16-256, deq at 1024; six "layer M=..." lines. Hoped for: new/bf16 under 1 at 16-64 rows
+# (bf16 ~182-185 us a layer, old 298 at 16), new/old well under 1 at 16-256, new ~ old at 1024
+# (tcdeq ~ the old dequantize). Read from it: the "tc" column at 1 and 4 rows against "new"
+# (the GEMV): if tc is as fast, the GEMV and the checkpoint layout's second copy can go;
+# "tc" vs "tcdeq" at 256/1024 places DEQUANT_MIN_M (512). Then 12 "sweep <shape> M=..." lines
+# (default vs best (BLOCK_M, BLOCK_N, warps, stages, programs/SM)) to tune int4_tc_config.
+source benchmarks/device_env.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+t int4tc_kernels ${INT4TC_TEST_S:-120} python3 -m pytest -q -p no:cacheprovider \
+  tests/kernels/test_int4_tc.py tests/kernels/test_gemv_int4.py
+t int4tc_conformance ${INT4TC_CONF_S:-50} python3 -m tessellm.testing --backend cuda -q \
+  -k "declared_schemes"
+t int4tc_quant ${INT4TC_QTEST_S:-80} python3 -m pytest -q -p no:cacheprovider \
+  tests/quantization/test_kernels.py tests/quantization/test_loading.py \
+  -k "int4 or dequantize or other_dtypes or test_int4_checkpoint"
+t int4tc_bench ${INT4TC_BENCH_S:-120} python3 benchmarks/kernels/bench_int4_tc.py \
+  --json "$OUT/int4tc_bench.json"
+grep -v -i warn "$OUT/int4tc_bench.txt" | tail -32
+t int4tc_sweep ${INT4TC_SWEEP_S:-110} python3 benchmarks/kernels/bench_int4_tc.py --sweep
+grep -h "^sweep" "$OUT/int4tc_sweep.txt"
