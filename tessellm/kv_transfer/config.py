@@ -60,7 +60,7 @@ def parse_kv_transfer_config(value) -> Optional[KVTransferConfig]:
     name = d.get("kv_connector")
     if not isinstance(name, str) or not name:
         raise ValueError(f"kv_transfer_config needs \"kv_connector\", the connector's name "
-                         f"(built in: SharedStorageConnector), e.g. '{EXAMPLE}'.")
+                         f"(built in: SharedStorageConnector, ZmqPeerConnector), e.g. '{EXAMPLE}'.")
     role = d.get("kv_role", "kv_both")
     if role not in ROLES:
         raise ValueError(f"kv_transfer_config's kv_role must be one of {', '.join(ROLES)}, "

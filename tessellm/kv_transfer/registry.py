@@ -17,7 +17,8 @@ from tessellm.kv_transfer.config import KVTransferConfig
 
 ENTRY_POINT_GROUP = "tessellm.kv_connectors"
 
-_BUILTIN = {"SharedStorageConnector": "tessellm.kv_transfer.shared_storage:SharedStorageConnector"}
+_BUILTIN = {"SharedStorageConnector": "tessellm.kv_transfer.shared_storage:SharedStorageConnector",
+            "ZmqPeerConnector": "tessellm.kv_transfer.zmq_peer:ZmqPeerConnector"}
 
 
 class KVConnectorRegistry:

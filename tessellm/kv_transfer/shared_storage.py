@@ -69,37 +69,47 @@ class _Lookup:
 class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
     """Files in a shared directory (module docstring); the worker half is ``SharedStorageWorker``."""
 
+    extra_keys = _EXTRA_KEYS  # the settings a subclass reads (kv_connector_extra_config)
+
     def __init__(self, config, role, context):
         super().__init__(config, role, context)
         extra = config.kv_connector_extra_config
-        unknown = sorted(set(extra) - _EXTRA_KEYS)
+        name = type(self).__name__
+        unknown = sorted(set(extra) - self.extra_keys)
         if unknown:
-            raise ValueError(f"SharedStorageConnector's kv_connector_extra_config has unknown "
-                             f"key(s) {unknown}; it reads {', '.join(sorted(_EXTRA_KEYS))}.")
-        path = extra.get("shared_storage_path")
-        if not isinstance(path, str) or not path:
-            raise ValueError("SharedStorageConnector needs kv_connector_extra_config."
-                             "shared_storage_path, the directory its KV files go in, e.g. "
-                             "'{\"shared_storage_path\": \"/tmp/kv\"}'.")
+            raise ValueError(f"{name}'s kv_connector_extra_config has unknown "
+                             f"key(s) {unknown}; it reads {', '.join(sorted(self.extra_keys))}.")
         self.checksum = extra.get("checksum", "sum64")
         if self.checksum not in CHECKSUMS:
-            raise ValueError(f"SharedStorageConnector's checksum must be one of {', '.join(CHECKSUMS)}, "
+            raise ValueError(f"{name}'s checksum must be one of {', '.join(CHECKSUMS)}, "
                              f"got {self.checksum!r}.")
         wait = extra.get("wait_for_save", False)
         load_async = extra.get("load_async", True)
         threads = extra.get("io_threads", min(8, os.cpu_count() or 1))
         if (not isinstance(wait, bool) or not isinstance(load_async, bool)
                 or not isinstance(threads, int) or threads < 1):
-            raise ValueError("SharedStorageConnector's wait_for_save and load_async are true or "
+            raise ValueError(f"{name}'s wait_for_save and load_async are true or "
                              f"false and its io_threads a positive integer, got {wait!r}, "
                              f"{load_async!r} and {threads!r}.")
         self.wait_for_saves, self.load_async, self.io_threads = wait, load_async, threads
-        self.root = os.path.join(path, context.namespace)
+        self.setup_store(extra)
+        self._init_state()
+
+    def setup_store(self, extra: dict) -> None:
+        """Where the blocks go (here: the directory), from ``kv_connector_extra_config``."""
+        path = extra.get("shared_storage_path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("SharedStorageConnector needs kv_connector_extra_config."
+                             "shared_storage_path, the directory its KV files go in, e.g. "
+                             "'{\"shared_storage_path\": \"/tmp/kv\"}'.")
+        self.root = os.path.join(path, self.context.namespace)
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"SharedStorageConnector cannot use shared_storage_path {path!r}: "
                              f"{exc.strerror or exc}; give a writable directory.") from None
+
+    def _init_state(self) -> None:
         # The scheduler half: per request, its blocks' keys and how many are saved or loaded.
         self._keys: dict[str, list[str]] = {}
         self._saved: dict[str, int] = {}  # leading blocks already saved or offered to the workers

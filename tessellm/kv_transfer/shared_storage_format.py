@@ -151,10 +151,7 @@ def write_block(path: str, key: str, rank: int, checksum: str, layout: bytes, bl
                 views: list, sum64: Optional[int]) -> None:
     """``views`` (the payload's parts, in order) as the file at ``path``: a temporary file of
     this writer's, renamed over it. Raises OSError (the temporary file removed)."""
-    kind = CHECKSUMS.index(checksum)
-    value = sum64 if kind == 1 else crc32(views) if kind == 2 else 0
-    header = HEADER.pack(MAGIC, key_bytes(key), rank, kind, block_bytes, value,
-                         layout).ljust(HEADER_BYTES, b"\0")
+    header = block_header(key, rank, checksum, layout, block_bytes, views, sum64)
     tmp = f"{path}.tmp{_TMP_TOKEN}.{os.getpid()}.{threading.get_ident()}"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -169,6 +166,36 @@ def write_block(path: str, key: str, rank: int, checksum: str, layout: bytes, bl
         except OSError:
             pass
         raise
+
+
+def block_header(key: str, rank: int, checksum: str, layout: bytes, block_bytes: int,
+                 views: list, sum64: Optional[int]) -> bytes:
+    """A block's 128-byte header (its checksum over ``views``, the payload's parts, unless
+    ``sum64`` is given for a sum64)."""
+    kind = CHECKSUMS.index(checksum)
+    value = sum64 if kind == 1 else crc32(views) if kind == 2 else 0
+    return HEADER.pack(MAGIC, key_bytes(key), rank, kind, block_bytes, value,
+                       layout).ljust(HEADER_BYTES, b"\0")
+
+
+def decode_block(raw, key: str, rank: int, layout: bytes, block_bytes: int, views: list) -> tuple:
+    """A whole block as bytes (header and payload, a file's contents) into ``views``: (checksum
+    kind, checksum), a crc32 checked here (a sum64 is the caller's). Raises ValueError for
+    another key, rank, layout or length, or a crc32 that fails."""
+    raw = memoryview(raw)
+    key_raw, rank_, kind, nbytes, checksum, layout_ = parse_header(bytes(raw[:HEADER_BYTES]))
+    if (key_raw.rstrip(b"\0") != key_bytes(key) or rank_ != rank or layout_ != layout
+            or nbytes != block_bytes or kind >= len(CHECKSUMS)):
+        raise ValueError("another key or layout")
+    if len(raw) != HEADER_BYTES + nbytes:
+        raise ValueError("wrong length")
+    at = HEADER_BYTES
+    for v in views:
+        v[:] = raw[at:at + len(v)]
+        at += len(v)
+    if kind == 2 and crc32(views) != checksum:
+        raise ValueError("checksum mismatch")
+    return kind, checksum
 
 
 def parse_header(raw: bytes) -> tuple:

@@ -232,18 +232,17 @@ class SharedStorageWorker:
         blocks. Returns the copies' event (None: done, or nothing copied) and the events
         later copies still wait for."""
         torch = torch_module()
-        rank, n = self.context.rank, len(chunk)
+        n = len(chunk)
         parts = self._parts(flat, n)
         mv = memoryview(flat.numpy())
 
         def read(run) -> list:  # a pool thread
-            got = [fmt.read_block(self.path(chunk[i][0], rank), chunk[i][0], rank, self.layout,
-                                  self.block_bytes, self._views(mv, n, i)) for i in run]
+            got = self.read_blocks([chunk[i][0] for i in run], [self._views(mv, n, i) for i in run])
             if any(g is not None and g[0] == 1 for g in got):
                 sums = fmt.sum_parts(parts, run)
                 for j, g in enumerate(got):
                     if g is not None and g[0] == 1 and int(sums[j]) != g[1]:
-                        fmt.drop(self.path(chunk[run[j]][0], rank), "checksum mismatch")
+                        self.discard(chunk[run[j]][0], "checksum mismatch")
                         got[j] = None
             return [g is not None for g in got]
 
@@ -263,6 +262,24 @@ class SharedStorageWorker:
             event = torch.Event(device=self.device)
             event.record(stream)
         return event, None  # the stream keeps the order from here on
+
+    # -- the store: files (a subclass may keep blocks elsewhere) ----------------------------
+
+    def read_blocks(self, keys: list, views: list) -> list:
+        """This rank's blocks of ``keys`` read into ``views`` (each block's payload parts), on
+        a reader pool thread: per block (checksum kind, checksum) of a whole block of this
+        key, rank and layout (a crc32 checked; a sum64 is the caller's), else None."""
+        rank = self.context.rank
+        return [fmt.read_block(self.path(key, rank), key, rank, self.layout, self.block_bytes, v)
+                for key, v in zip(keys, views)]
+
+    def discard(self, key: str, why) -> None:
+        """This rank's block of ``key`` failed its load: nobody loads it again."""
+        fmt.drop(self.path(key, self.context.rank), why)
+
+    def present(self, key: str) -> bool:
+        """Whether this rank's block of ``key`` is in the store (a writer pool thread)."""
+        return os.path.exists(self.path(key, self.context.rank))
 
     def _copy_in(self, parts, mapping) -> None:
         for cache, part in zip(self.caches, parts):
@@ -320,22 +337,20 @@ class SharedStorageWorker:
             if event is not None:
                 wait_event(event)  # the step's copies into the buffer are done
             n = len(saves)
-            rank = self.context.rank
             mv = memoryview(flat.numpy())
 
             def write(run) -> list:  # a pool thread: which files are missing, their sum64s, them
-                paths = [self.path(saves[i][0], rank) for i in run]
                 # A file already there (another engine's, an earlier save of this block) is
                 # kept: a whole file of this block, whoever wrote it. Two savers that both find
                 # none each write a whole file and rename it (shared_storage_format.py).
-                todo = [j for j, p in enumerate(paths) if not os.path.exists(p)]
-                done = [False] * len(paths)
+                todo = [j for j, i in enumerate(run) if not self.present(saves[i][0])]
+                done = [False] * len(run)
                 if not todo:
                     return done
                 sums = fmt.sum_parts(parts, run) if self.checksum == "sum64" else None
                 for j in todo:
                     i = run[j]
-                    done[j] = self._write(paths[j], saves[i][0], self._views(mv, n, i),
+                    done[j] = self._write(saves[i][0], self._views(mv, n, i),
                                           None if sums is None else int(sums[j]))
                 return done
 
@@ -371,15 +386,20 @@ class SharedStorageWorker:
             counts, self._settled = self._settled, [0, 0, 0]
         return counts if any(counts) else None
 
-    def _write(self, path: str, key: str, views: list, sum64: Optional[int]) -> Optional[bool]:
-        """One block's file: True (written) or None (not: warned about once)."""
+    def write_block(self, key: str, views: list, sum64: Optional[int]) -> None:
+        """This rank's block of ``key`` (its payload parts) into the store; raises OSError."""
+        fmt.write_block(self.path(key, self.context.rank), key, self.context.rank, self.checksum,
+                        self.layout, self.block_bytes, views, sum64)
+
+    def _write(self, key: str, views: list, sum64: Optional[int]) -> Optional[bool]:
+        """One block saved: True (written) or None (not: warned about once)."""
         try:
-            fmt.write_block(path, key, self.context.rank, self.checksum, self.layout,
-                            self.block_bytes, views, sum64)
+            self.write_block(key, views, sum64)
             return True
         except OSError as exc:
             if not self._warned:  # a full disk: every later save would say the same
-                logger.warning("KV file %s not saved (%s); later failures are not logged.", path, exc)
+                logger.warning("KV block %s (rank %d) not saved (%s); later failures are not "
+                               "logged.", key, self.context.rank, exc)
                 self._warned = True
             return None
 

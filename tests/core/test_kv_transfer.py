@@ -850,3 +850,124 @@ def test_saves_count_once_written_and_failed_writes_as_failures(tiny_model_dir, 
     _, stats = _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_producer"))
     assert (stats.kv_connector["blocks_saved"], stats.kv_connector["save_failures"]) == (2 * 11, 0)
     assert len(_files(tmp_path)) == 2 * 11
+
+
+_PRODUCER = """
+import json, sys
+from tessellm import LLM, SamplingParams
+model, port, prompts, tp = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+kv = {"kv_connector": "ZmqPeerConnector", "kv_role": "kv_producer",
+      "kv_connector_extra_config": {"kv_port": port}}
+with LLM(model, device="cpu", dtype="float32", block_size=4, num_kv_blocks=32, max_model_len=128,
+         tensor_parallel_size=tp, kv_transfer_config=kv) as llm:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    stats = llm.engine.core.scheduler.stats().kv_connector
+    print(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "stats": stats}),
+          flush=True)
+    sys.stdin.readline()  # serves its blocks until the test is done
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peer(role: str, **extra) -> dict:
+    return {"kv_connector": "ZmqPeerConnector", "kv_role": role, "kv_connector_extra_config": extra}
+
+
+def _producer_process(model: str, port: int, prompts: list, tp: int = 1):
+    """A producer engine in another process: its tokens and stats once its saves are in its
+    store; it serves them until its stdin closes."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _PRODUCER, model, str(port), json.dumps(prompts),
+                             str(tp)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line:
+        proc.stdin.close()
+        raise AssertionError(f"the producer process ended with {proc.wait(120)} before its output")
+    return proc, json.loads(line)
+
+
+def test_zmq_peer_prefill_in_one_process_decode_in_another(tiny_model_dir, caplog):
+    """Disaggregated prefill over TCP, no shared files: a producer engine in another process
+    prefills two prompts and serves their blocks from its host memory; this process's consumer
+    engine loads their 40 tokens each over the socket (in the background, and in the step that
+    admits them), computes 2 prompt tokens and 5 decodes, and gives HF's tokens and the
+    producer's; the stats are exact on both sides. A consumer of another block size (another
+    namespace) is told so in its log, shares nothing and still gives HF's tokens."""
+    model = tiny_model_dir("llama")
+    prompts = _prompts(2)
+    want = hf_greedy(model, prompts, 6)
+    port = _free_port()
+    proc, made = _producer_process(model, port, prompts)
+    try:
+        assert made["tokens"] == want
+        assert made["stats"] == dict(queries=2 * 42, hits=0, blocks_loaded=0, blocks_saved=2 * 11,
+                                     save_failures=0, load_failures=0)
+        for load_async in (True, False):
+            consumer = _peer("kv_consumer", kv_peer=f"127.0.0.1:{port}", load_async=load_async)
+            rows, stats = _run(model, prompts, kv_transfer_config=consumer)
+            assert rows == [(w, 40, 2 + 5) for w in want]
+            assert stats.kv_connector == dict(queries=2 * 42, hits=2 * 40, blocks_loaded=20,
+                                              blocks_saved=0, save_failures=0, load_failures=0)
+        with LLM(model, device="cpu", dtype="float32", block_size=8, num_kv_blocks=16,
+                 max_model_len=128, kv_transfer_config=_peer("kv_consumer", kv_peer=f"127.0.0.1:{port}")) as llm:
+            out = llm.generate({"prompt_token_ids": prompts[0]},
+                               SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+            assert list(out[0].outputs[0].token_ids) == want[0] and out[0].num_cached_tokens == 0
+        assert "serves namespace" in caplog.text and "no block is shared" in caplog.text
+    finally:
+        proc.stdin.close()
+        assert proc.wait(120) == 0
+
+
+def test_zmq_peer_bad_settings_are_one_clear_error(tiny_model_dir):
+    ctx = KVConnectorContext(BS, "ns")
+    for role, extra, match in (
+            ("kv_consumer", {}, "kv_role kv_consumer needs kv_connector_extra_config.kv_peer"),
+            ("kv_both", {"kv_peer": "nohost"}, "the producer's 'host:port'"),
+            ("kv_producer", {"kv_port": 0}, "kv_port is the TCP port"),
+            ("kv_producer", {"store_bytes": -1}, "store_bytes is the host memory"),
+            ("kv_producer", {"timeout_s": "5"}, "timeout_s is how long"),
+            ("kv_producer", {"shared_storage_path": "/tmp"}, r"unknown key\(s\) \['shared_storage_path'\]")):
+        with pytest.raises(ValueError, match=match):
+            make_connector(parse_kv_transfer_config(_peer(role, **extra)), KVConnectorRole.SCHEDULER, ctx)
+    import zmq
+
+    taken = zmq.Context.instance().socket(zmq.ROUTER)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port} .* another kv_port"):
+            LLM(tiny_model_dir("llama"), device="cpu", block_size=BS, num_kv_blocks=16,
+                max_model_len=64, kv_transfer_config=_peer("kv_producer", kv_port=port))
+    finally:
+        taken.close(0)
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: four worker processes
+def test_zmq_peer_tensor_parallel_ranks_fetch_from_their_peer_rank(tiny_model_dir):
+    """Two tensor-parallel ranks on each side: producer rank r serves its shard on kv_port + r,
+    consumer rank r fetches it from there; HF's tokens, 40 tokens loaded, exact stats (the
+    producer's saves count its output rank's blocks)."""
+    model = tiny_model_dir("llama")
+    prompts = _prompts(1)
+    want = hf_greedy(model, prompts, 6)
+    port = _free_port()
+    proc, made = _producer_process(model, port, prompts, tp=2)
+    try:
+        assert made["tokens"] == want and made["stats"]["blocks_saved"] == 11
+        rows, stats = _run(model, prompts, tensor_parallel_size=2,
+                           kv_transfer_config=_peer("kv_consumer", kv_peer=f"127.0.0.1:{port}"))
+        assert rows == [(want[0], 40, 7)]
+        assert (stats.kv_connector["hits"], stats.kv_connector["load_failures"]) == (40, 0)
+    finally:
+        proc.stdin.close()
+        assert proc.wait(120) == 0

@@ -1,0 +1,275 @@
+"""``ZmqPeerConnector``: disaggregated prefill between engines over TCP (ZeroMQ), with no
+shared file system: the producer keeps the blocks it computes in host memory and serves them;
+the consumer asks it which it has and fetches them.
+
+    producer (kv_producer)                         consumer (kv_consumer)
+    every rank r: a block store in host memory     scheduler half: lookups on its lookup
+      (LRU, store_bytes a rank) and a server         thread, "has" to every rank's server
+      thread on tcp://kv_bind:(kv_port + r)        worker rank r: "get" to the producer's
+      (ROUTER): "has" -> the run of keys held,       rank r (reader pool threads, a socket
+      "get" -> the blocks, header and payload        each), checked and copied in as files are
+
+Everything else is the shared-storage connector's (``shared_storage.py``: keys, the scheduler
+half, background loads, staging buffers, saves behind the step, checksums, stats): only where
+a block lives differs (``setup_store``, ``_look``, ``read_blocks``, ``present``,
+``write_block``, ``discard``). A block travels as a file's bytes (``shared_storage_format``:
+the 128-byte header with its key, rank, layout digest and checksum, then the payload), so the
+consumer checks it as it checks a file, and a request whose block is missing, evicted, corrupt
+or late (``timeout_s``) is recomputed: never a wrong token, never a stalled step. A consumer
+whose engine differs from the producer's (model files, dtypes, block size, layout: another
+namespace) is told so once in its log, and every lookup misses.
+
+Wire protocol (multipart frames; the client is a DEALER): ``[op, namespace, key...]`` with op
+``b"has"`` (reply ``[b"ok", run]``: how many of the keys, from the first, the store holds) or
+``b"get"`` (reply ``[b"ok", block...]``, an empty frame for a block not held); a namespace other
+than the server's gets ``[b"namespace", its namespace]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Optional
+
+from tessellm.kv_transfer import shared_storage_format as fmt
+from tessellm.kv_transfer.shared_storage import _EXTRA_KEYS, SharedStorageConnector
+
+logger = logging.getLogger(__name__)
+
+_PEER_KEYS = (_EXTRA_KEYS - {"shared_storage_path"}) | {"kv_port", "kv_bind", "kv_peer",
+                                                           "store_bytes", "timeout_s"}
+_DEFAULT_PORT = 14579
+_DEFAULT_STORE = 4 << 30  # bytes of blocks a producer rank keeps (LRU)
+_GET_BATCH = 64  # blocks per "get" message
+_POLL_MS = 100  # the server looks at its stop flag this often
+
+
+class BlockStore:
+    """A producer rank's blocks (header and payload bytes, by key), least recently used first
+    out past ``capacity`` bytes. Thread-safe: the writer pool puts, the server gets."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.nbytes = capacity, 0
+        self.blocks: OrderedDict[str, bytes] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def has(self, key: str) -> bool:
+        with self.lock:
+            return key in self.blocks
+
+    def put(self, key: str, blob: bytes) -> None:
+        with self.lock:
+            old = self.blocks.pop(key, None)
+            self.nbytes += len(blob) - (len(old) if old is not None else 0)
+            self.blocks[key] = blob
+            while self.nbytes > self.capacity and len(self.blocks) > 1:
+                self.nbytes -= len(self.blocks.popitem(last=False)[1])
+
+    def run(self, keys: list) -> int:
+        """How many of ``keys``, from the first, are held."""
+        with self.lock:
+            n = 0
+            while n < len(keys) and keys[n] in self.blocks:
+                n += 1
+            return n
+
+    def get(self, keys: list) -> list:
+        with self.lock:
+            out = []
+            for key in keys:
+                blob = self.blocks.get(key)
+                if blob is not None:
+                    self.blocks.move_to_end(key)
+                out.append(blob if blob is not None else b"")
+            return out
+
+
+class BlockServer:
+    """A thread serving a ``BlockStore`` on ``tcp://bind:port`` (a ROUTER socket)."""
+
+    def __init__(self, store: BlockStore, namespace: str, bind: str, port: int):
+        import zmq
+
+        self.store, self.namespace = store, namespace.encode()
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self.sock.bind(f"tcp://{bind}:{port}")
+        except zmq.ZMQError as exc:
+            self.sock.close()
+            raise ValueError(f"ZmqPeerConnector cannot listen on {bind}:{port} ({exc}); give "
+                             "another kv_port (rank r listens on kv_port + r) or kv_bind.") from None
+        self.address = f"{bind}:{port}"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="tessellm-kv-serve", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import zmq
+
+        while not self.stop.is_set():
+            if not self.sock.poll(_POLL_MS):
+                continue
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            ident, op, namespace, keys = frames[0], frames[1], frames[2], frames[3:]
+            if namespace != self.namespace:
+                reply = [b"namespace", self.namespace]
+            elif op == b"has":
+                reply = [b"ok", str(self.store.run([k.decode() for k in keys])).encode()]
+            elif op == b"get":
+                reply = [b"ok"] + self.store.get([k.decode() for k in keys])
+            else:
+                reply = [b"error", b"unknown op " + op]
+            self.sock.send_multipart([ident] + reply, copy=False)
+        self.sock.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+class _Clients(threading.local):
+    """A DEALER socket per thread and peer address (ZeroMQ sockets are not thread-safe). A
+    request that times out drops its socket: a late reply never answers a later request."""
+
+    def request(self, address: str, frames: list, timeout: float) -> Optional[list]:
+        import zmq
+
+        socks = self.__dict__.setdefault("socks", {})
+        sock = socks.get(address)
+        if sock is None:
+            sock = socks[address] = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{address}")
+        sock.send_multipart(frames)
+        if sock.poll(int(timeout * 1000)):
+            return sock.recv_multipart(copy=True)
+        sock.close()
+        del socks[address]
+        return None
+
+
+class ZmqPeerConnector(SharedStorageConnector):
+    """Blocks served by the producer's ranks over TCP (module docstring)."""
+
+    extra_keys = _PEER_KEYS
+
+    def setup_store(self, extra: dict) -> None:
+        port, bind = extra.get("kv_port", _DEFAULT_PORT), extra.get("kv_bind", "127.0.0.1")
+        peer, store = extra.get("kv_peer"), extra.get("store_bytes", _DEFAULT_STORE)
+        timeout = extra.get("timeout_s", 10.0)
+        if not isinstance(port, int) or not 0 < port < 65536 - self.context.world_size:
+            raise ValueError(f"ZmqPeerConnector's kv_port is the TCP port its rank 0 listens on "
+                             f"(rank r: kv_port + r), e.g. {_DEFAULT_PORT}; got {port!r}.")
+        if not isinstance(bind, str) or not bind:
+            raise ValueError(f"ZmqPeerConnector's kv_bind is the address it listens on, e.g. "
+                             f"'0.0.0.0' for every interface; got {bind!r}.")
+        if not isinstance(store, int) or store <= 0:
+            raise ValueError(f"ZmqPeerConnector's store_bytes is the host memory a producer rank "
+                             f"keeps blocks in, a positive integer; got {store!r}.")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise ValueError(f"ZmqPeerConnector's timeout_s is how long a lookup or load waits "
+                             f"for the producer, in seconds; got {timeout!r}.")
+        self.peer = None
+        if self.config.is_consumer:
+            host, _, peer_port = (peer or "").rpartition(":") if isinstance(peer, str) else ("", "", "")
+            if not host or not peer_port.isdigit():
+                raise ValueError(f"ZmqPeerConnector with kv_role {self.config.kv_role} needs "
+                                 "kv_connector_extra_config.kv_peer, the producer's 'host:port' "
+                                 f"(its kv_bind address and kv_port), e.g. '10.0.0.5:{_DEFAULT_PORT}'; "
+                                 f"got {peer!r}.")
+            self.peer = (host, int(peer_port))
+        self.port, self.bind, self.store_bytes, self.timeout = port, bind, store, float(timeout)
+        self._clients = _Clients()
+        self._store: Optional[BlockStore] = None
+        self._server: Optional[BlockServer] = None
+        self._told_namespace = False
+
+    def path(self, key: str, rank: int) -> str:  # for messages only: no files here
+        return f"{key}.r{rank}"
+
+    def _ask(self, rank: int, op: bytes, keys: list) -> Optional[list]:
+        """A request to the producer's rank: its reply's frames after ``ok``, or None (another
+        namespace, no answer in ``timeout_s``, an error: the blocks count as missing)."""
+        address = f"{self.peer[0]}:{self.peer[1] + rank}"
+        reply = self._clients.request(address, [op, self.context.namespace.encode()]
+                                      + [k.encode() for k in keys], self.timeout)
+        if reply is None:
+            logger.warning("KV peer %s did not answer in %.1f s: its blocks count as missing.",
+                           address, self.timeout)
+            return None
+        if reply[0] == b"ok":
+            return reply[1:]
+        if reply[0] == b"namespace" and not self._told_namespace:
+            self._told_namespace = True
+            logger.warning("KV peer %s serves namespace %s, this engine is %s: the engines differ "
+                           "(model files, dtype, KV-cache dtype, block size, parallel layout); "
+                           "no block is shared.", address, reply[1].decode(), self.context.namespace)
+        elif reply[0] != b"namespace":
+            logger.warning("KV peer %s: %s", address, b" ".join(reply).decode(errors="replace"))
+        return None
+
+    # -- scheduler half: lookups (on the lookup thread) -------------------------------------
+
+    def _look(self, keys: list, start: int) -> tuple:
+        n = len(keys)
+        for rank in range(self.context.world_size):
+            reply = self._ask(rank, b"has", keys[:n])
+            n = min(n, int(reply[0])) if reply else 0
+            if n == 0:
+                break
+        return keys[:n], (start + n if n < len(keys) else None)
+
+    # -- worker half ------------------------------------------------------------------------
+
+    def register_kv_caches(self, caches, swap_blocks, synchronize, device) -> None:
+        super().register_kv_caches(caches, swap_blocks, synchronize, device)
+        if self.config.is_producer and self._server is None:
+            self._store = BlockStore(self.store_bytes)
+            self._server = BlockServer(self._store, self.context.namespace, self.bind,
+                                       self.port + self.context.rank)
+            logger.info("KV blocks of rank %d served on %s (%.1f GiB of host memory at most)",
+                        self.context.rank, self._server.address, self.store_bytes / (1 << 30))
+
+    def read_blocks(self, keys: list, views: list) -> list:
+        rank, out = self.context.rank, []
+        for lo in range(0, len(keys), _GET_BATCH):
+            batch = keys[lo:lo + _GET_BATCH]
+            blobs = self._ask(rank, b"get", batch) if self.peer is not None else None
+            for i, key in enumerate(batch):
+                blob = blobs[i] if blobs is not None and i < len(blobs) else b""
+                if not blob:
+                    out.append(None)
+                    continue
+                try:
+                    out.append(fmt.decode_block(blob, key, rank, self.layout, self.block_bytes,
+                                                views[lo + i]))
+                except ValueError as exc:
+                    logger.warning("KV block %s from the peer not loaded (%s): the request is "
+                                   "recomputed.", self.path(key, rank), exc)
+                    out.append(None)
+        return out
+
+    def discard(self, key: str, why) -> None:
+        logger.warning("KV block %s from the peer not loaded (%s): the request is recomputed.",
+                       self.path(key, self.context.rank), why)
+
+    def present(self, key: str) -> bool:
+        return self._store is not None and self._store.has(key)
+
+    def write_block(self, key: str, views: list, sum64) -> None:
+        if self._store is None:
+            return
+        header = fmt.block_header(key, self.context.rank, self.checksum, self.layout,
+                                  self.block_bytes, views, sum64)
+        self._store.put(key, b"".join([header, *views]))
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
