@@ -89,11 +89,11 @@ class RunnerKVCache:
         return failed, finished
 
     def settled_external_saves(self, timeout: float = 0.0):
-        """A KV connector's saves settled since the last call (``[saved, failed, dropped]``
-        blocks, or None); ``timeout``: seconds to wait for those in flight (nothing else to run)."""
+        """A KV connector's saves settled since start (``[saved, failed, dropped]`` blocks, or
+        None); ``timeout``: seconds to wait for those in flight (nothing else to run)."""
         if self.kv_connector is None:
             return None
-        return self.kv_connector.take_save_counts(timeout)
+        return self.kv_connector.save_totals(timeout)
 
     def guard_external_kv_reads(self, sched) -> None:
         """Before the step touches the cache: a KV connector's copies still reading blocks the

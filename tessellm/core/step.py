@@ -190,8 +190,8 @@ class ModelRunnerOutput:
     # A KV connector's background loads (``meta["check"]``) finished on every rank: request id
     # -> True (its blocks are in the cache) or False (failed: recomputed).
     kv_loads_finished: dict[str, bool] = field(default_factory=dict)
-    # A KV connector's saves settled on the output rank since its last report: [saved, failed,
-    # dropped] blocks (KVConnectorBase.take_save_counts); None: none.
+    # A KV connector's saves settled on the output rank since start: [saved, failed, dropped]
+    # blocks (KVConnectorBase.save_totals); None: none.
     kv_saves: Optional[list] = None
 
 

@@ -291,8 +291,8 @@ class Worker:
         return self.runner.load_external_kv(meta, wait)[1]
 
     def poll_kv_saves(self, wait: float):
-        """Nothing to compute while a KV connector's saves are unsettled: those settled since
-        the last report (``[saved, failed, dropped]`` blocks, or None), waiting up to ``wait``
+        """Nothing to compute while a KV connector's saves are unsettled: the saves settled
+        since start (``[saved, failed, dropped]`` blocks, or None), waiting up to ``wait``
         seconds for those in flight."""
         return self.runner.settled_external_saves(wait)
 
@@ -419,8 +419,6 @@ class SavingStep:
         out = self.handle.result()
         self.saving.result()
         settled = self.runner.settled_external_saves()  # the saves waited for, reported with it
-        if settled and getattr(out, "kv_saves", None):
-            settled = [a + b for a, b in zip(out.kv_saves, settled)]
         if settled:
             out.kv_saves = settled
         return out

@@ -95,7 +95,8 @@ class KVConnectorStats:
     that loaded it came back without a failure for it, or its background load was reported
     loaded), never counted and taken back. Saves count when the worker half reports them
     done (``record_saves``: written, or found there already; a failed write counts in
-    ``save_failures``), not when they are offered."""
+    ``save_failures``), not when they are offered: the worker half reports running totals,
+    so a report lost or overtaken costs nothing (the next one carries it)."""
 
     queries: int = 0  # prompt tokens of admissions looked up through the connector
     hits: int = 0  # of which loaded through the connector (a request whose load failed: none)
@@ -105,8 +106,9 @@ class KVConnectorStats:
     load_failures: int = 0  # requests recomputed because a load failed
     # request id -> [hit tokens, blocks] of its loads not yet known to have worked.
     _pending: dict = field(default_factory=dict, repr=False, compare=False)
-    # Blocks offered to the worker half and not yet reported done, failed or dropped.
-    saves_in_flight: int = field(default=0, repr=False, compare=False)
+    # Blocks offered to the worker half, and of those reported settled (done, failed, dropped).
+    saves_offered: int = field(default=0, repr=False, compare=False)
+    saves_settled: int = field(default=0, repr=False, compare=False)
 
     def record_lookup(self, request_id: str, num_tokens: int, num_hit: int) -> None:
         """An admission looked the request up (``num_tokens`` prompt tokens, ``num_hit`` of
@@ -135,16 +137,21 @@ class KVConnectorStats:
 
     def record_offered(self, num_blocks: int) -> None:
         """Blocks handed to the worker half to save (counted once it reports them)."""
-        self.saves_in_flight += num_blocks
+        self.saves_offered += num_blocks
 
-    def record_saves(self, counts) -> None:
+    def record_saves(self, totals) -> None:
         """The worker half's report (``ModelRunnerOutput.kv_saves``): ``[saved, failed,
-        dropped]`` blocks settled since its last report (dropped: computed over a failed load,
-        never saved, neither a save nor a failure)."""
-        saved, failed, dropped = counts
-        self.blocks_saved += saved
-        self.save_failures += failed
-        self.saves_in_flight = max(0, self.saves_in_flight - saved - failed - dropped)
+        dropped]`` blocks settled since start (dropped: computed over a failed load, never
+        saved, neither a save nor a failure). Running totals: an older report changes nothing."""
+        saved, failed, dropped = totals
+        if saved + failed + dropped > self.saves_settled:
+            self.blocks_saved, self.save_failures = saved, failed
+            self.saves_settled = saved + failed + dropped
+
+    @property
+    def saves_in_flight(self) -> int:
+        """Blocks offered to the worker half and not yet reported settled."""
+        return max(0, self.saves_offered - self.saves_settled)
 
     def request_finished(self, request_id: str) -> None:
         """The request ended (a load it never ran after, e.g. aborted while loading, counts
@@ -271,12 +278,12 @@ class KVConnectorBase:
     def wait_for_save(self) -> None:
         """Return once every save handed to ``save_kv`` so far is durable (visible to a reader)."""
 
-    def take_save_counts(self, timeout: float = 0.0) -> Optional[list]:
-        """The saves settled since the last call, ``[saved, failed, dropped]`` blocks (saved:
-        written, or found there already; dropped: computed over a failed load, never saved),
-        or None (nothing settled). The engine calls it as each step is launched, after a step
-        whose outputs waited for its saves, and, with nothing else to run while saves offered
-        by the scheduler half are unsettled, with ``timeout`` (seconds to wait for one).
+    def save_totals(self, timeout: float = 0.0) -> Optional[list]:
+        """The saves settled since start, ``[saved, failed, dropped]`` blocks (saved: written,
+        or found there already; dropped: computed over a failed load, never saved), or None
+        (none yet). The engine asks as each step is launched, after a step whose outputs
+        waited for its saves, and, with nothing else to run while saves offered by the
+        scheduler half are unsettled, with ``timeout`` (seconds to wait for those in flight).
         Only a connector whose scheduler half counts its offers (``stats.record_offered``)
         must report them: the engine keeps polling until each offered block is reported."""
         return None

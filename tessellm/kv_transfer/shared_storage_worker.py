@@ -88,8 +88,8 @@ class SharedStorageWorker:
         # Totals of this rank since start (tests, benchmarks): files written, and blocks not
         # written because their file was there already (another engine's, or a recompute's).
         self.files_written = self.files_present = 0
-        # Saves settled since the engine last asked (take_save_counts): saved (written or
-        # there already), failed, dropped (computed over a failed load).
+        # Saves settled since start (save_totals): saved (written or there already), failed,
+        # dropped (computed over a failed load).
         self._settled = [0, 0, 0]
         self._settled_lock = threading.Lock()
         # Requests whose step load failed (load_failed), the latest few: saves the scheduler
@@ -373,7 +373,7 @@ class SharedStorageWorker:
                 for i, k in enumerate((saved, failed, dropped)):
                     self._settled[i] += k
 
-    def take_save_counts(self, timeout: float = 0.0) -> Optional[list]:
+    def save_totals(self, timeout: float = 0.0) -> Optional[list]:
         pending = getattr(self, "_pending", None)
         if timeout > 0 and pending:
             from concurrent.futures import wait
@@ -383,8 +383,8 @@ class SharedStorageWorker:
         if lock is None:
             return None
         with lock:
-            counts, self._settled = self._settled, [0, 0, 0]
-        return counts if any(counts) else None
+            totals = list(self._settled)
+        return totals if any(totals) else None
 
     def write_block(self, key: str, views: list, sum64: Optional[int]) -> None:
         """This rank's block of ``key`` (its payload parts) into the store; raises OSError."""
