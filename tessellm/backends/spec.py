@@ -101,6 +101,11 @@ to 20 keep working (the layers run their scan once per piece between the saves,
 keyword-only ``snapshots`` (the layer's state snapshot pool) and keeps the states
 ``MambaBatch.state_saves`` ask for, as ``mamba_chunk_scan`` under API 21; plugins of versions 1
 to 21 keep working (the layers run their ``gated_delta_chunk`` once per piece between the saves).
+23 = ``FusedOps.mamba_conv_state_saves`` (optional): the ops' ``mamba_conv1d`` takes keyword-only
+``snapshots`` (the layer's conv snapshot pool) and keeps the conv states
+``MambaBatch.state_saves`` ask for (the Triton conv in its state launch: no copy per save);
+plugins of versions 1 to 22 keep working (the layers copy those states from the conv's input
+before calling their ``mamba_conv1d``).
 
 Ownership
 ---------
@@ -137,7 +142,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 22
+TESSELLM_PLUGIN_API = 23
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -441,9 +446,10 @@ class MambaBatch:
     # slot)`` triples, the state after the sequence's first ``offset`` tokens of this step (0 <
     # offset < its length: a block boundary inside its prefill chunk) to keep in that slot of
     # the layer's snapshot pools, besides the state after its last token in its own slot.
-    # Empty: none. Ops ignore it, but for ``mamba_chunk_scan`` / ``gated_delta_chunk`` given
-    # ``snapshots`` (where the ops declare ``mamba_state_saves`` / ``gated_delta_state_saves``,
-    # plugin API 21 / 22). Otherwise the layers take the conv
+    # Empty: none. Ops ignore it, but for ``mamba_chunk_scan`` / ``gated_delta_chunk`` /
+    # ``mamba_conv1d`` given ``snapshots`` (where the ops declare ``mamba_state_saves`` /
+    # ``gated_delta_state_saves`` / ``mamba_conv_state_saves``, plugin API 21 / 22 / 23).
+    # Otherwise the layers take the conv
     # states from the conv's input before ``mamba_conv1d`` runs, and run a scan
     # (``mamba_chunk_scan``, ``gated_delta_chunk``) once per piece between the offsets,
     # copying the states between (``reference/state_saves.py``), with ``pieces`` the plan of
@@ -684,6 +690,14 @@ class FusedOps(Protocol):
     # to ``snapshots[slot]`` (in its dtype); the same outputs and final states as without.
     # Oracle: ``reference/state_saves.run_with_saves`` over the reference scan; conformance
     # ``test_mamba_scan_keeps_states_inside_the_step``.
+    # Optional (plugin API 23): ``mamba_conv_state_saves = True`` declares that ``mamba_conv1d``
+    # takes keyword-only ``snapshots [S, C, K - 1]`` and, for each ``(sequence, offset, slot)``
+    # of ``batch.state_saves``, writes the conv state after the sequence's first ``offset``
+    # tokens (the K - 1 inputs before that token, older state columns first where ``offset <
+    # K - 1``) to ``snapshots[slot]`` (in its dtype); the same outputs and final states as
+    # without, and without ``snapshots`` the saves are ignored. The layers pass it for the
+    # gated DeltaNet's conv too. Oracle: ``reference/state_saves.save_conv_states`` before the
+    # reference conv; conformance ``test_mamba_conv_keeps_states_inside_the_step``.
     #
     # Optional (plugin API 19): ``gated_rms_norm(y [T, C], z [T, C], weight, group_size, eps,
     # mode)``, the gated RMSNorm after the recurrent mixers (Mamba2's ``MambaRMSNormGated``,

@@ -24,9 +24,9 @@ Invariants
   its own end when that is such a boundary (``saves_at``). The scheduler takes a snapshot
   slot (``StateSnapshots.take``) for the block that ends at each and names it in
   ``SchedulerOutput.state_saves_within`` (inside) or ``state_saves`` (the chunk's end); the
-  layers keep the inner ones while the step runs (``MambaBatch.state_saves``: the conv
-  state from the conv's input; the Triton scans store the states in their one pass, plugin
-  API 21 / 22, other ops' scans run once per piece between them,
+  layers keep the inner ones while the step runs (``MambaBatch.state_saves``: the Triton
+  conv and scans store the states in their one pass, plugin API 23 / 21 / 22, other ops'
+  conv states are copied from the conv's input and their scans run once per piece between them,
   ``backends/reference/state_saves.py``), the runner
   copies the request's state into the end's after the step's forward. So a chunk never
   stops early to save: a cached prompt's rest is one step, not one up to its last full block

@@ -80,10 +80,13 @@ class TritonOps:
 
     mamba_strided_inputs = True  # x and dt as row-strided views (plugin API 17)
 
-    def mamba_conv1d(self, x, weight, bias, conv_state, batch, activation="silu"):
+    # the conv's state launch keeps ``batch.state_saves`` itself, given the pool (plugin API 23)
+    mamba_conv_state_saves = True
+
+    def mamba_conv1d(self, x, weight, bias, conv_state, batch, activation="silu", snapshots=None):
         from tessellm.kernels.mamba import mamba_conv1d
 
-        return mamba_conv1d(x, weight, bias, conv_state, batch, activation)
+        return mamba_conv1d(x, weight, bias, conv_state, batch, activation, snapshots=snapshots)
 
     # the scan keeps ``batch.state_saves`` itself, given the pool (plugin API 21)
     mamba_state_saves = True

@@ -3,7 +3,7 @@ subclass from inheriting a flag its own op does not honour.
 
 An optional flag on an ops object (``backends/spec.py``: ``FusedOps``, ``LoRAOps``) declares a
 variant of one or more of its ops: keywords the engine then passes (``fused_moe_int4``:
-``int4``, ``w13_zeros``; ``mamba_state_saves``: ``snapshots``), inputs it no longer copies
+``int4``, ``w13_zeros``; ``mamba_state_saves``, ``mamba_conv_state_saves``: ``snapshots``), inputs it no longer copies
 (``mamba_strided_inputs``) or calls it makes inside a captured graph
 (``recurrent_verify_graphs``). A plugin's ops often subclass an in-tree base (``ReferenceOps``,
 ``TritonOps``, ``TritonLoRAOps``) and replace one op; the base's flag speaks for the base's op,
@@ -41,6 +41,7 @@ FUSED_OPS_FLAGS: Mapping[str, tuple[tuple[str, ...], Any]] = {
     "mamba_strided_inputs": (MAMBA_TOKEN_OPS, False),  # row-strided x and dt (API 17)
     "mamba_state_saves": (("mamba_chunk_scan",), False),  # keyword snapshots (API 21)
     "gated_delta_state_saves": (("gated_delta_chunk",), False),  # keyword snapshots (API 22)
+    "mamba_conv_state_saves": (("mamba_conv1d",), False),  # keyword snapshots (API 23)
     "recurrent_verify_graphs": (VERIFY_OPS, False),  # own verify ops in a captured step (API 16)
 }
 

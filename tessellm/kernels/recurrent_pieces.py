@@ -19,9 +19,10 @@ Plain torch (no Triton, nothing of the engine or the contract: a ``MambaBatch``'
 made with ``dataclasses.replace``), so the layers use it for any backend's ops that do not keep
 the saves themselves; the pure-torch reference re-exports it
 (``backends/reference/state_saves.py``). The Triton ops keep them in one pass (plugin API 21 /
-22): the sequential Mamba scan and the gated delta chunk kernel read ``save_plan`` (below), a
+22 / 23): the sequential Mamba scan and the gated delta chunk kernel read ``save_plan`` (below), a
 chunk ending at each offset and its state stored into the snapshot slot; the SSD kernels start
-a chunk at each offset (``kernels/mamba/ssd.py``).
+a chunk at each offset (``kernels/mamba/ssd.py``); the causal conv's state launch stores each
+save's window (``kernels/mamba/conv1d.py``).
 """
 
 from __future__ import annotations
@@ -123,8 +124,9 @@ def save_conv_states(x: torch.Tensor, conv_state: torch.Tensor, batch, pool: tor
 
 
 class SavePlan:
-    """A step's saves (``MambaBatch.state_saves``) as the sequential scan kernels read them
-    (``kernels/mamba/chunk_scan.py``, ``kernels/gated_delta/chunk.py``), on the device (one
+    """A step's saves (``MambaBatch.state_saves``) as the sequential scan kernels and the conv
+    read them (``kernels/mamba/chunk_scan.py``, ``kernels/gated_delta/chunk.py``,
+    ``kernels/mamba/conv1d.py``), on the device (one
     int32 upload a step): per sequence the first of its saves (``first [seqs + 1]``), and per
     save its offset and snapshot slot, each sequence's in offset order."""
 

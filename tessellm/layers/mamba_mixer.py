@@ -234,15 +234,22 @@ def causal_conv(ops, x: torch.Tensor, weight: torch.Tensor, bias, conv_state: to
     """``silu(causal conv)`` of the step's rows, continuing each sequence's conv state, and the
     number of rows before the verify rows (``MambaBatch.verifies``: run through the backend's
     ``mamba_conv1d_verify``, which keeps the conv state after each of their tokens). ``pool``:
-    the conv snapshot pool that ``batch.state_saves`` name slots of (``save_conv_states``)."""
-    if batch.state_saves:  # the states inside the step: the inputs before each offset
-        save_conv_states(x, conv_state, batch, pool)
+    the conv snapshot pool that ``batch.state_saves`` name slots of: the op keeps them where it
+    declares ``mamba_conv_state_saves`` (plugin API 23: in its launches), else they are copied
+    from the conv's input first (``save_conv_states``: the inputs before each offset)."""
+    kw = {}
+    if batch.state_saves:
+        if getattr(ops, "mamba_conv_state_saves", False):
+            kw = {"snapshots": pool}
+        else:
+            save_conv_states(x, conv_state, batch, pool)
     if batch.verifies is None:
-        return ops.mamba_conv1d(x, weight, bias, conv_state, batch, "silu"), x.shape[0]
+        return ops.mamba_conv1d(x, weight, bias, conv_state, batch, "silu", **kw), x.shape[0]
     m = x.shape[0] - batch.verifies.query_start_loc_host[-1]
     out = verify_ops(ops)[0](x[m:], weight, bias, conv_state, batch.verifies, "silu")
     if m:
-        out = torch.cat([ops.mamba_conv1d(x[:m], weight, bias, conv_state, batch, "silu"), out])
+        out = torch.cat([ops.mamba_conv1d(x[:m], weight, bias, conv_state, batch, "silu", **kw),
+                         out])
     return out, m
 
 

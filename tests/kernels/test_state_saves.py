@@ -256,3 +256,44 @@ def test_gated_delta_chunk_saves_in_its_one_pass(lens, saves):
             ref_delta.gated_delta_chunk(*(t[q[seq]:q[seq] + offset] for t in inputs), alone,
                                         batch([offset], [slots[seq]]), Kd ** -0.5)
         torch.testing.assert_close(pool[p], alone[slots[seq]], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_keeps_the_conv_states_in_its_launches(kind, dtype):
+    """``mamba_conv1d(..., snapshots=)`` (``FusedOps.mamba_conv_state_saves``, plugin API 23):
+    in a step with a decode first, x row-strided as the mixer passes it, offsets under the
+    window (state columns from the slot), past it, at a sequence's start and end and two at
+    one offset: the outputs, final states and snapshots bitwise what ``save_conv_states``
+    before the plain conv gives; without ``snapshots`` the saves are not the op's."""
+    conv = ops(kind)[0]
+    g = torch.Generator().manual_seed(5)
+    lens, slots, C, K = [1, 13, 2, 9], [3, 4, 0, 2], 12, 4
+    saves = [(1, 2, 1), (1, 8, 3), (1, 13, 4), (3, 5, 0), (2, 0, 5), (1, 8, 6)]
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)  # noqa: E731
+    x = torch.cat([r(sum(lens), C), r(sum(lens), 5)], dim=1)[:, :C]  # rows strided
+    w, bias, init = r(C, K), r(C), r(5, C, K - 1)
+
+    def step(saves):
+        b = batch(lens, slots, saves)
+        b.num_decodes = 1
+        return b
+
+    state, pool = init.clone(), torch.zeros(7, C, K - 1, dtype=dtype, device=DEVICE)
+    got = conv(x, w, bias, state, step(saves), "silu", snapshots=pool)
+    ref_state, ref_pool = init.clone(), torch.zeros_like(pool)
+    save_conv_states(x, ref_state, step(saves), ref_pool)
+    want = conv(x, w, bias, ref_state, step(()), "silu")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(state, ref_state, rtol=0, atol=0)
+    torch.testing.assert_close(pool, ref_pool, rtol=0, atol=0)
+    assert pool.abs().sum(dim=(1, 2)).gt(0).sum() == len(saves)  # slot 2 named by none
+    ignored = init.clone()
+    torch.testing.assert_close(conv(x, w, bias, ignored, step(saves), "silu"), want,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(ignored, ref_state, rtol=0, atol=0)
+    if kind == "triton":
+        with pytest.raises(ValueError, match="outside the batch"):
+            conv(x, w, bias, init.clone(), step([(2, 3, 0)]), "silu", snapshots=pool)
+        with pytest.raises(ValueError, match="snapshot pool"):
+            conv(x, w, bias, init.clone(), step(saves), "silu", snapshots=pool[:, :, :2])

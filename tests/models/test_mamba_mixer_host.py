@@ -178,12 +178,14 @@ def test_a_steps_batch_goes_up_in_one_copy():
     assert decodes.prefills is None and decodes.state_indices.tolist() == [2, 0]
 
 
-def test_a_step_saving_inside_it_adds_one_copy_a_layer():
+def test_a_step_saving_inside_it_adds_no_op_of_the_mixers():
     """A cached prompt's rest saving its state inside the step (``MambaBatch.state_saves``):
-    with ops that keep the scan's saves themselves (``mamba_state_saves``; here the Triton
-    scan, in the interpreter) the mixer's own code adds only the conv snapshot's one copy a
-    layer (no second scan call, no state copy, no cat of the pieces' outputs); with ops that
-    do not, it runs the scan once per piece: two calls, a copy and a cat. The snapshots agree."""
+    with ops that keep the conv's and the scan's saves themselves (``mamba_conv_state_saves``:
+    the reference conv; ``mamba_state_saves``: here the Triton scan, in the interpreter) the
+    mixer's own code adds no op for them; with a conv of API 22 (no ``snapshots``) it copies
+    the conv snapshot from the conv's input (one copy a layer); with a scan that does not keep
+    them either, it runs the scan once per piece: two calls, a copy and a cat. The snapshots
+    agree."""
     import pytest
 
     pytest.importorskip("triton")
@@ -197,12 +199,19 @@ def test_a_step_saving_inside_it_adds_one_copy_a_layer():
         def mamba_chunk_scan(self, *args, **kwargs):
             return triton_ops.mamba_chunk_scan(*args, **kwargs)
 
-    class PieceOps(ReferenceOps):
+    class Api22ConvOps(SavingOps):
+        def mamba_conv1d(self, x, weight, bias, conv_state, batch, activation="silu"):
+            return ReferenceOps.mamba_conv1d(x, weight, bias, conv_state, batch, activation)
+
+    class PieceOps(Api22ConvOps):
         def mamba_chunk_scan(self, *args, **kwargs):
             return triton_ops.mamba_chunk_scan(*args, **kwargs)
 
+    assert not Api22ConvOps.mamba_conv_state_saves and Api22ConvOps.mamba_state_saves
+    assert not PieceOps.mamba_state_saves
     got = {}
-    for name, ops in (("saving", SavingOps()), ("pieces", PieceOps())):
+    for name, ops in (("saving", SavingOps()), ("api22_conv", Api22ConvOps()),
+                      ("pieces", PieceOps())):
         count = _Count()
         mixer, cache = _mixer(count)
         mixer.ops = _OpsUncounted(ops, count)
@@ -218,10 +227,13 @@ def test_a_step_saving_inside_it_adds_one_copy_a_layer():
                if count.ops[k]}
         got[name] = (out, [p.clone() for p in cache.snapshots[0]], own, len(scans))
     out, pools, own, calls = got["saving"]
-    assert calls == 1 and own == {"_foreach_copy_": 1}, own  # the conv snapshot's copy
+    assert calls == 1 and not own, own
+    c_out, c_pools, c_own, c_calls = got["api22_conv"]
+    assert c_calls == 1 and c_own == {"_foreach_copy_": 1}, c_own  # the conv snapshot's copy
     p_out, p_pools, p_own, p_calls = got["pieces"]
     assert p_calls == 2 and p_own.get("cat") and p_own.get("_foreach_copy_") == 2, p_own
-    torch.testing.assert_close(out, p_out, rtol=0, atol=0)
-    for a, b in zip(pools, p_pools):
-        assert b[1].abs().sum() > 0
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for other_out, other_pools in ((c_out, c_pools), (p_out, p_pools)):
+        torch.testing.assert_close(out, other_out, rtol=0, atol=0)
+        for a, b in zip(pools, other_pools):
+            assert b[1].abs().sum() > 0
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -302,7 +302,8 @@ def test_cuda_hits_with_decode_graphs_and_async_scheduling(name, tmp_path):
 @pytest.mark.parametrize("name", ["mamba2", "granite4h", "qwen3_next"])
 def test_triton_sequential_scan_saves_in_its_pass(saved, name, monkeypatch):
     """The cpu backend with the Triton ops' scan (``FusedOps.mamba_state_saves``; Qwen3-Next:
-    the gated delta chunk op, ``gated_delta_state_saves``), in Triton's interpreter: a hit's
+    the gated delta chunk op, ``gated_delta_state_saves``; Mamba2: the conv too,
+    ``mamba_conv_state_saves``), in Triton's interpreter: a hit's
     rest (44 .. 51; Mamba: under ``SSD_MIN_TOKENS``, the sequential kernel) keeps the state
     after 48 inside the op's one launch per layer (not once per piece); a second longer hits
     48 from it. Greedy tokens as HF's."""
@@ -331,6 +332,20 @@ def test_triton_sequential_scan_saves_in_its_pass(saved, name, monkeypatch):
     triton_ops = TritonOps()
     monkeypatch.setattr(CpuOps, op, lambda self, *a, **kw: getattr(triton_ops, op)(*a, **kw))
     monkeypatch.setattr(CpuOps, flag, True, raising=False)
+    # Mamba2: the Triton conv too (one model: ~1 s a call in the interpreter), keeping the
+    # conv states in its state launch (``mamba_conv_state_saves``, API 23) in the steps that save
+    convs, reference_conv = [], CpuOps.mamba_conv1d
+
+    def conv(self, x, weight, bias, conv_state, batch, activation="silu", snapshots=None):
+        convs.append(bool(batch.state_saves) and snapshots is not None)
+        if not convs[-1]:
+            return reference_conv(x, weight, bias, conv_state, batch, activation)
+        return triton_ops.mamba_conv1d(x, weight, bias, conv_state, batch, activation,
+                                       snapshots=snapshots)
+
+    if name == "mamba2":
+        monkeypatch.setattr(CpuOps, "mamba_conv1d", conv)
+        monkeypatch.setattr(CpuOps, "mamba_conv_state_saves", True, raising=False)
     path = saved(name)
     want = hf(path, "a", "longer")
     with LLM(path, dtype="float32", block_size=4) as llm:
@@ -341,3 +356,4 @@ def test_triton_sequential_scan_saves_in_its_pass(saved, name, monkeypatch):
     assert tokens == [want["a"], want["longer"], want["longer"]]
     # a saves at 44 inside its prefill, longer at 48: each one call per layer, saves in it
     assert sum(scans) == 2 * layers and len(scans) == 3 * layers
+    assert sum(convs) == (2 * layers if name == "mamba2" else 0)

@@ -31,9 +31,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from tessellm.kernels.recurrent_pieces import save_conv_states
+
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  conv_state: torch.Tensor, batch, activation: Optional[str] = "silu") -> torch.Tensor:
+                  conv_state: torch.Tensor, batch, activation: Optional[str] = "silu",
+                  snapshots: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Depthwise causal convolution of each sequence, continuing from its conv state.
 
     ``x [T, C]``, ``weight [C, K]``, ``bias [C]`` or None, ``conv_state [slots, C, K - 1]``:
@@ -41,7 +44,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     ``[T, C]`` in x's dtype (``silu`` applied when ``activation`` is "silu"); each sequence's
     last K - 1 inputs (older state first when it is shorter) are written back to its slot.
     The decodes (one token each) are gathered and scattered by the device ``state_indices``,
-    as a captured decode step needs (its host slot list is empty); prefills loop on the host."""
+    as a captured decode step needs (its host slot list is empty); prefills loop on the host.
+    ``snapshots [S, C, K - 1]`` (``FusedOps.mamba_conv_state_saves``, plugin API 23): the conv
+    state after each ``batch.state_saves`` offset goes to its slot (the K - 1 inputs before
+    that token, ``state_saves.save_conv_states``), taken before the states are overwritten;
+    without ``snapshots`` the saves are not this op's (the caller took them)."""
+    if snapshots is not None and getattr(batch, "state_saves", None):
+        save_conv_states(x, conv_state, batch, snapshots)
     out = torch.empty_like(x)
     nd = batch.num_decodes
     if nd:

@@ -73,6 +73,9 @@ class ReferenceOps:
     supports_mamba2 = True
     # x and dt may be row-strided views of the mixer's projection (plugin API 17)
     mamba_strided_inputs = True
+    # the conv keeps ``batch.state_saves`` itself, given the pool (plugin API 23): the windows
+    # before each offset, copied from its input (``state_saves.save_conv_states``)
+    mamba_conv_state_saves = True
     mamba_conv1d = staticmethod(mamba.causal_conv1d)
     mamba_chunk_scan = staticmethod(mamba.ssd_chunk_scan)
     mamba_state_update = staticmethod(mamba.selective_state_update)

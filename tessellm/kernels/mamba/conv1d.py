@@ -12,6 +12,17 @@ Two launches: the outputs (one program per sequence, block of tokens, block of c
 every token is independent), then the new states (one program per sequence and block of
 channels: the last K - 1 inputs, read whole, then a barrier, then written), so no output reads
 a state the step already overwrote.
+
+States inside the step (``snapshots=``, ``MambaBatch.state_saves``; plugin API 23
+``FusedOps.mamba_conv_state_saves``): the conv state after a sequence's first ``offset``
+tokens is the window of the K - 1 inputs before token ``offset``, read as the new state is
+(from x, older columns from the slot's state where ``offset < K - 1``). The state kernel's
+program of the sequence stores each of its saves' windows into the snapshot slot before its
+barrier, so all of a step's conv saves cost no launch of their own (they were a copy per save
+and a cat per save inside the window, built on the host per layer)::
+
+    sequence of 10 tokens, K - 1 = 3, saves at offsets 2 and 6 (to pool slots a and b):
+    pool[a] <- [state[2], x[0], x[1]]   pool[b] <- [x[3], x[4], x[5]]   state <- [x[7], x[8], x[9]]
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from tessellm.kernels.recurrent_pieces import save_pointers
 
 
 @triton.jit
@@ -50,8 +63,23 @@ def _conv_out_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, qsl_ptr, idx_ptr, out_pt
 
 
 @triton.jit
-def _conv_state_kernel(x_ptr, state_ptr, qsl_ptr, idx_ptr, C, sx_t, ss_slot, ss_c,
-                       KM1: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _window(x_ptr, state_ptr, start, end, base, ks, cs, km, cm, sx_t, KM1: tl.constexpr):
+    """The K - 1 inputs before token ``end`` of the sequence from row ``start`` (``[BLOCK_K,
+    BLOCK_C]``, oldest first, in the state's dtype): from x, or from the slot's state at
+    ``base`` (its channels' rows) for those before the step's first token."""
+    j = end - KM1 + ks  # the input that becomes state column k
+    from_x = tl.load(x_ptr + (start + j)[:, None] * sx_t + cs[None, :],
+                     mask=(km & (j >= 0))[:, None] & cm[None, :], other=0.0)
+    from_state = tl.load(base + (KM1 + j)[:, None], mask=(km & (j < 0))[:, None] & cm[None, :],
+                         other=0.0)
+    return from_x.to(state_ptr.dtype.element_ty) + from_state
+
+
+@triton.jit
+def _conv_state_kernel(x_ptr, state_ptr, qsl_ptr, idx_ptr, snap_ptr, save_first_ptr,
+                       save_off_ptr, save_slot_ptr, C, sx_t, ss_slot, ss_c, snap_slot,
+                       SAVES: tl.constexpr, KM1: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     s = tl.program_id(0)
     start = tl.load(qsl_ptr + s).to(tl.int64)
     length = tl.load(qsl_ptr + s + 1).to(tl.int64) - start
@@ -59,13 +87,17 @@ def _conv_state_kernel(x_ptr, state_ptr, qsl_ptr, idx_ptr, C, sx_t, ss_slot, ss_
     ks = tl.arange(0, BLOCK_K)
     km, cm = ks < KM1, cs < C
     slot = tl.load(idx_ptr + s).to(tl.int64)
-    j = length - KM1 + ks  # the input that becomes state column k
     base = state_ptr + slot * ss_slot + cs[None, :] * ss_c
-    from_x = tl.load(x_ptr + (start + j)[:, None] * sx_t + cs[None, :],
-                     mask=(km & (j >= 0))[:, None] & cm[None, :], other=0.0)
-    from_state = tl.load(base + (KM1 + j)[:, None], mask=(km & (j < 0))[:, None] & cm[None, :],
-                         other=0.0)
-    new = from_x.to(state_ptr.dtype.element_ty) + from_state
+    if SAVES:
+        # the sequence's saves (``recurrent_pieces.SavePlan``): the window before each offset,
+        # read from the state before this program overwrites it (the barrier below)
+        for n in range(tl.load(save_first_ptr + s), tl.load(save_first_ptr + s + 1)):
+            offset = tl.load(save_off_ptr + n).to(tl.int64)
+            pool_slot = tl.load(save_slot_ptr + n).to(tl.int64)
+            kept = _window(x_ptr, state_ptr, start, offset, base, ks, cs, km, cm, sx_t, KM1)
+            tl.store(snap_ptr + pool_slot * snap_slot + cs[None, :] * KM1 + ks[:, None],
+                     kept.to(snap_ptr.dtype.element_ty), mask=km[:, None] & cm[None, :])
+    new = _window(x_ptr, state_ptr, start, length, base, ks, cs, km, cm, sx_t, KM1)
     # Shorter than K - 1 (decodes), column k takes the old column k + length: another thread's,
     # maybe another warp's, which could store its own new column before this one read it. The
     # barrier orders every read of the program before any write. (Compiled for sm90 today the
@@ -75,9 +107,12 @@ def _conv_state_kernel(x_ptr, state_ptr, qsl_ptr, idx_ptr, C, sx_t, ss_slot, ss_
     tl.store(base + ks[:, None], new, mask=km[:, None] & cm[None, :])
 
 
-def mamba_conv1d(x, weight, bias, conv_state, batch, activation="silu") -> torch.Tensor:
+def mamba_conv1d(x, weight, bias, conv_state, batch, activation="silu",
+                 snapshots=None) -> torch.Tensor:
     """``x [T, C]`` (rows contiguous), ``weight [C, K]``, ``bias [C]`` or None, ``conv_state
-    [slots, C, K - 1]`` (last dim contiguous); ``batch`` a ``MambaBatch``. Returns ``[T, C]``."""
+    [slots, C, K - 1]`` (last dim contiguous); ``batch`` a ``MambaBatch``. Returns ``[T, C]``.
+    ``snapshots [S, C, K - 1]`` (contiguous): with ``batch.state_saves``, the conv state after
+    each save's offset is stored into its slot by the state launch (no launch of its own)."""
     T, C = x.shape
     K = weight.shape[1]
     out = torch.empty_like(x)
@@ -86,6 +121,12 @@ def mamba_conv1d(x, weight, bias, conv_state, batch, activation="silu") -> torch
         return out
     if x.stride(1) != 1:
         x = x.contiguous()
+    # the saves are the op's only given the pool (else the caller took them)
+    saves = snapshots is not None and bool(getattr(batch, "state_saves", None))
+    if saves:
+        snap, first, offs, pslots = save_pointers(batch, snapshots, conv_state, "mamba_conv1d")
+    else:  # placeholders the kernel never reads
+        snap, first, offs, pslots = conv_state, *(batch.query_start_loc,) * 3
     # the longest sequence: the leading decodes have one token (only the rest are walked on
     # the host, once a layer: a mixed step's hundreds of decodes cost nothing here)
     qsl = batch.query_start_loc_host[batch.num_decodes:]
@@ -101,7 +142,7 @@ def mamba_conv1d(x, weight, bias, conv_state, batch, activation="silu") -> torch
         conv_state.stride(1), out.stride(0), K=K, HAS_BIAS=bias is not None,
         SILU=activation == "silu", BLOCK_T=block_t, BLOCK_C=block_c)
     _conv_state_kernel[(seqs, triton.cdiv(C, block_c))](
-        x, conv_state, batch.query_start_loc, batch.state_indices, C, x.stride(0),
-        conv_state.stride(0), conv_state.stride(1), KM1=K - 1,
-        BLOCK_K=triton.next_power_of_2(K - 1), BLOCK_C=block_c)
+        x, conv_state, batch.query_start_loc, batch.state_indices, snap, first, offs, pslots, C,
+        x.stride(0), conv_state.stride(0), conv_state.stride(1), snap.stride(0),
+        SAVES=saves, KM1=K - 1, BLOCK_K=triton.next_power_of_2(K - 1), BLOCK_C=block_c)
     return out

@@ -189,6 +189,48 @@ def test_mamba_conv1d_decodes_without_host_slots(target):
     torch.testing.assert_close(got_state[[1, 2, 4]].cpu(), init[[1, 2, 4]].cpu())
 
 
+def test_mamba_conv_keeps_states_inside_the_step(target):
+    """Ops that declare ``mamba_conv_state_saves`` (plugin API 23): ``mamba_conv1d`` given a
+    snapshot pool writes the conv state after each ``MambaBatch.state_saves`` offset there (a
+    step with decodes first; offsets under the conv's window, whose state columns come from
+    the slot, and past it; two saves in one sequence), the slots it names alone; outputs and
+    final states as without saves. Each snapshot is the K - 1 inputs before that token."""
+    dtype = torch.float32
+    ops = target.registry.fused_ops(target.backend, OpsSpec(dtype))
+    if ops is None or not callable(getattr(ops, "mamba_conv1d", None)):
+        pytest.skip(f"{target.name} has no mamba_conv1d (Mamba and gated DeltaNet models are "
+                    "refused)")
+    if not getattr(ops, "mamba_conv_state_saves", False):
+        pytest.skip(f"{target.name} does not declare mamba_conv_state_saves (the layers copy "
+                    "the conv states from its input before the op)")
+    g = torch.Generator().manual_seed(6)
+    c, dev = 20, target.device
+    lengths, slots = [1, 1, 13, 2, 9], [5, 0, 3, 6, 1]
+    saves = [(2, 1, 3), (2, 8, 0), (3, 1, 5), (4, 2, 2), (4, 6, 1)]
+    weight, bias = torch.randn(c, K, generator=g), torch.randn(c, generator=g)
+    x = torch.randn(sum(lengths), c, generator=g)
+    init = torch.randn(8, c, K - 1, generator=g)
+    args = [weight.to(dev), bias.to(dev)]
+    want_state = init.clone().to(dev)
+    want = ops.mamba_conv1d(_strided_rows(x, dev, ops), *args, want_state,
+                            make_batch(lengths, slots, dev), "silu").cpu()
+    state, pool = init.clone().to(dev), torch.zeros(7, c, K - 1, device=dev)
+    got = ops.mamba_conv1d(_strided_rows(x, dev, ops), *args, state,
+                           make_batch(lengths, slots, dev, saves=saves), "silu",
+                           snapshots=pool).cpu()
+    torch.testing.assert_close(got, want, **tolerance(dtype))
+    torch.testing.assert_close(state.cpu(), want_state.cpu(), **tolerance(dtype))
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    pool = pool.cpu()
+    for seq, offset, slot in saves:
+        # the sequence's inputs after its state's K - 1: the K - 1 before token ``offset``
+        history = torch.cat([init[slots[seq]], x[starts[seq]:starts[seq] + lengths[seq]].t()], 1)
+        torch.testing.assert_close(pool[slot], history[:, offset:offset + K - 1], rtol=0, atol=0)
+    named = {slot for _, _, slot in saves}
+    for slot in set(range(pool.shape[0])) - named:
+        assert not pool[slot].any(), f"snapshot slot {slot} was named by no save but written"
+
+
 def test_mamba_scan_keeps_states_inside_the_step(target):
     """Ops that declare ``mamba_state_saves`` (plugin API 21): ``mamba_chunk_scan`` given a
     snapshot pool writes the state after each ``MambaBatch.state_saves`` offset there (short

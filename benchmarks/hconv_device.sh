@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The causal conv's in-launch state saves (hconv, session 20: plugin API 23,
+# FusedOps.mamba_conv_state_saves) on one GPU, ~4 minutes cold (each part time-boxed):
+#   tests      the Triton conv given snapshots= against save_conv_states + the plain conv
+#              (bitwise, float32 and bfloat16), the other in-step saves (scans, gated delta) and
+#              the Mamba kernels, compiled for the GPU
+#   conf       the cuda conformance of the state saves: the conv's (API 23) beside the scans'
+#              (API 21 / 22), and the conv1d cases
+#   engine     the GPU prefix-cache hits (decode graphs, async scheduling) on Mamba2 and
+#              Granite 4.0-H: HF's greedy tokens
+#   host_step  per model the host ms of a cached prompt's eager steps and launches per layer
+# Run from the repository root: bash benchmarks/hconv_device.sh   (OUT=... for the logs;
+# TESTS_S=0 / CONF_S=0 / ENGINE_S=0 / HOST_S=0 skip a part)
+# Expect: tests, conf, engine all passed (conf: "0" on the line after it: no SKIPPED among
+# keeps_states_inside, 3 of them: conv, scan, gated delta); host_step: one JSON line per model.
+# Against hybfast_device.sh's session-19 H100 run (mamba2 0.50 ms / 41 ops / 11.3 launches a
+# layer; granite4h 0.76 / 49 / 14.6): B's rest saves the state after its last full block inside
+# its one step (offset 32 of 48 rows); hsnap2 (owed, not run yet) took the scan's per-piece run
+# off (~3 launches a layer), this takes the conv snapshot's copy (1 launch; a slice, a
+# transpose, a select and the foreach copy on the host) into the conv's state launch:
+# launches_per_layer about 4 under hybfast's (~7.3 mamba2, ~10.6 granite4h), ops_per_layer
+# ~4 under hsnap2's. Run hsnap2_device.sh's host_step beside it (same machine) to split the two.
+source benchmarks/device_env.sh
+export TESSELLM_SSD_SCAN=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+P="python3 -m pytest -q -p no:cacheprovider"
+t tests ${TESTS_S:-150} $P tests/kernels/test_state_saves.py tests/kernels/test_mamba_kernels.py
+t conf ${CONF_S:-60} python3 -m tessellm.testing --backend cuda -q -rs \
+  -k "keeps_states_inside or conv1d"
+grep -c "SKIPPED" "$OUT/conf.txt"
+t engine ${ENGINE_S:-120} $P -m gpu tests/models/test_recurrent_prefix_cache.py -k cuda_hits
+t host_step ${HOST_S:-120} python3 benchmarks/hybrid_host_step.py --device cuda \
+  --models mamba2 granite4h
+grep -h '^{' "$OUT/host_step.txt"
