@@ -294,6 +294,13 @@ def int4_tc() -> Optional[bool]:
     return _switch("TESSELLM_INT4_TC")
 
 
+def int4_tc_gemv() -> Optional[bool]:
+    """TESSELLM_INT4_TC_GEMV: "1" runs 1-4-row dense int4 products through the GEMV on the tc
+    layout (``int4_tc.int4_tc_gemv``) and keeps only that layout in memory, "0" through
+    ``gemv_int4`` on the checkpoint layout kept beside it; unset: the backend's default."""
+    return _switch("TESSELLM_INT4_TC_GEMV")
+
+
 def fp8_lean_w8a8() -> Optional[bool]:
     """TESSELLM_FP8_LEAN_W8A8: "0" takes the fp8 W8A8 prefill GEMM's checks and views again
     every call (the path before 2026-12-04; benchmarks), "1" caches them per weight (default)."""

@@ -71,8 +71,15 @@ def main() -> None:
                         HAS_BIAS=False, BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"], W16=1,
                         CODE0=128.0 + (0 if offsets else 8), DOT_FP32=False, DOT_PREC="tf32",
                         EVEN_N=True), t["num_warps"], t["num_stages"], args.ptx)
-            if not offsets or m != 16:
-                continue
+    gemv = dict(types, out_ptr="*fp32")
+    gemv.pop("M")
+    for rows in (1, 4):
+        for offsets in (True, False):
+            report(f"tc gemv rows={rows}{' offsets' if offsets else ' zp8'}",
+                   int4_tc._int4_tc_gemv_kernel, gemv,
+                   dict(GROUP_SIZE=128, ZERO_POINT=0 if offsets else 8, HAS_OFFSETS=offsets,
+                        HAS_BIAS=False, ROWS=rows, BLOCK_N=64, EVEN_N=True, USE_PDL=True), 4, 1,
+                   args.ptx)
     deq = dict(qt_ptr="*i32", s_ptr="*fp16", o_ptr="*fp16", out_ptr="*bf16", N="i32", K="i32",
                stride_qn="i32", stride_sg="i32", stride_og="i32")
     report("tc dequantize", int4_tc._int4_tc_dequant_kernel, deq,

@@ -9,8 +9,9 @@ Columns (us a call, effective TB/s of the weight read in brackets): ``bf16`` F.l
 dense weight; ``old`` TritonQuantOps.int4_mm without the tc layout (TESSELLM_INT4_TC=0: GEMV at
 1-4 rows, the checkpoint-layout tiled GEMM to 511, dequantize + cuBLAS from 512); ``new``
 TritonQuantOps.int4_mm as it is now (``path``: gemv / tc / deq); ``tc`` int4_tc_gemm at every
-row count (1-4 rows too: whether it could replace the GEMV and so the checkpoint layout's copy);
-``tcdeq`` the tc dequantize kernel then cuBLAS (to place ``DEQUANT_MIN_M``). ``err``: the new
+row count (1-4 rows too); ``tcgemv`` int4_tc_gemv at 1-4 rows (the GEMV on the tc layout:
+if it matches ``new``'s gemv_int4 there, INT4_TC_GEMV can go on and the checkpoint layout's
+second copy of the codes goes); ``tcdeq`` the tc dequantize kernel then cuBLAS (to place ``DEQUANT_MIN_M``). ``err``: the new
 path's largest error over the largest output against x @ the dequantized weight (float32).
 Then one ``layer M=...`` line per row count (the four products summed).
 ``--sweep`` (instead of the table): int4_tc_gemm over (BLOCK_N, num_warps, num_stages) and the
@@ -40,7 +41,7 @@ from tessellm.quantization.packed import Int4Weight, pack_int4, quantize_int4  #
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 ROWS = (1, 4, 16, 64, 256, 1024)
-KEYS = ("bf16", "old", "new", "tc", "tcdeq")
+KEYS = ("bf16", "old", "new", "tc", "tcgemv", "tcdeq")
 
 
 def _weight(n, k, sym):
@@ -103,7 +104,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()} | groups of 128, {'sym' if args.sym else 'asym'}, "
           f"L2 {'flushed' if flush else 'warm'} | us (TB/s)", flush=True)
     print(f"{'shape':8}{'M':>5} {'bf16':>14} {'old':>14} {'new':>14} {'path':>5} "
-          f"{'tc':>8} {'tcdeq':>8} {'new/bf16':>8} {'err':>8}", flush=True)
+          f"{'tc':>8} {'tcgemv':>8} {'tcdeq':>8} {'new/bf16':>8} {'err':>8}", flush=True)
     for name, (n, k) in SHAPES.items():
         w = _weight(n, k, args.sym)
         w_old = _without_tc(w)
@@ -117,10 +118,15 @@ def main() -> None:
             ref = x.float() @ dense.float().t()
             got = ops.int4_mm(x, w).float()
             err = ((got - ref).abs().max() / ref.abs().max()).item()
+            if m <= 4:  # the tc GEMV's error too (the larger of the two is printed)
+                g2 = tc.int4_tc_gemv(x, w).float()
+                err = max(err, ((g2 - ref).abs().max() / ref.abs().max()).item())
             t = dict(bf16=gtime(lambda: F.linear(x, dense), flush=flush),
                      old=gtime(lambda: old_ops.int4_mm(x, w_old), flush=flush),
                      new=gtime(lambda: ops.int4_mm(x, w), flush=flush),
                      tc=gtime(lambda: tc.int4_tc_gemm(x, w), flush=flush),
+                     tcgemv=(gtime(lambda: tc.int4_tc_gemv(x, w), flush=flush) if m <= 4
+                             else float("nan")),
                      tcdeq=gtime(lambda: F.linear(x, tc.int4_tc_dequantize(w, x.dtype)),
                                  flush=flush))
             tb = {key: (dense.nbytes if key == "bf16" else wbytes) / (us * 1e-6) / 1e12
@@ -129,7 +135,8 @@ def main() -> None:
                 totals[(m, key)] = totals.get((m, key), 0.0) + us
             print(f"{name:8}{m:>5} {t['bf16']:7.1f} ({tb['bf16']:4.2f}) {t['old']:7.1f} "
                   f"({tb['old']:4.2f}) {t['new']:7.1f} ({tb['new']:4.2f}) {path:>5} "
-                  f"{t['tc']:8.1f} {t['tcdeq']:8.1f} {t['new'] / t['bf16']:8.2f} {err:8.1e}",
+                  f"{t['tc']:8.1f} {t['tcgemv']:8.1f} {t['tcdeq']:8.1f} "
+                  f"{t['new'] / t['bf16']:8.2f} {err:8.1e}",
                   flush=True)
             rows_out.append(dict(shape=name, n=n, k=k, m=m, path=path, err=err, us=t, tbs=tb))
             del x, ref, got
@@ -138,7 +145,8 @@ def main() -> None:
     for m in ROWS:
         s = {key: totals[(m, key)] for key in KEYS}
         print(f"layer M={m:<5} bf16 {s['bf16']:8.1f}  old {s['old']:8.1f}  new {s['new']:8.1f}  "
-              f"tc {s['tc']:8.1f}  tcdeq {s['tcdeq']:8.1f} us  new/bf16 "
+              f"tc {s['tc']:8.1f}  tcgemv {s['tcgemv']:8.1f}  tcdeq {s['tcdeq']:8.1f} us  "
+              f"new/bf16 "
               f"{s['new'] / s['bf16']:.2f}  new/old {s['new'] / s['old']:.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows_out, indent=1))

@@ -90,8 +90,12 @@ class Int4Weight(PackedWeight):
         return self.qweight.shape[1]
 
     def dequantize(self, dtype=torch.float32):
-        """``[N, K]`` in the layer's input order (``perm`` undone)."""
-        q = unpack_int4(self.qweight).float() - self.zero_point  # [K, N]
+        """``[N, K]`` in the layer's input order (``perm`` undone). A backend that kept only
+        the tc layout (``qweight`` emptied to ``[0, N]``) is read from ``tc_qweight``."""
+        if self.qweight.shape[0] == 0 and self.tc_qweight is not None:
+            q = unpack_int4_tc(self.tc_qweight).float() - self.zero_point
+        else:
+            q = unpack_int4(self.qweight).float() - self.zero_point  # [K, N]
         w = q * self.scales.float().repeat_interleave(self.group_size, dim=0)[: q.shape[0]]
         if self.offsets is not None:
             w = w + self.offsets.float().repeat_interleave(self.group_size, dim=0)[: q.shape[0]]
@@ -146,6 +150,15 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     q = q.to(torch.int64).reshape(k // 8, 8, n) << _SHIFTS.to(q.device, torch.int64)[None, :, None]
     word = q.sum(dim=1)  # disjoint bits: the sum is the bitwise or, in 0 .. 2^32 - 1
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def unpack_int4_tc(qt: torch.Tensor) -> torch.Tensor:
+    """The cuda backend's tc layout (``kernels/gemm/int4_tc.py``: int32 ``[N, K/8]``, nibble i
+    of word j of 128-input block b = input ``128 b + 16 i + j``) -> uint8 ``[K, N]``."""
+    n, kw = qt.shape
+    shifts = _SHIFTS.to(qt.device)
+    q = (qt.reshape(n, kw // 16, 1, 16) >> shifts[None, None, :, None]) & 0xF  # [n, b, i, j]
+    return q.reshape(n, kw * 8).t().to(torch.uint8).contiguous()
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:

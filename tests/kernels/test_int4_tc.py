@@ -129,12 +129,15 @@ def test_load_hook_lays_out_and_int4_mm_dispatches(fmt, monkeypatch):
     """``Int4Method.process_weights_after_loading`` hands each int4 segment to the cuda ops'
     ``prepare_int4``: the tc layout where K and the group are multiples of 128 (not for groups
     of 32); ``int4_mm`` then takes the GEMV at 1-4 rows and the tc GEMM at 5, each equal to the
-    reference. ``TESSELLM_INT4_TC=0`` keeps the checkpoint layout only."""
+    reference. ``TESSELLM_INT4_TC=0`` keeps the checkpoint layout only;
+    ``TESSELLM_INT4_TC_GEMV=1`` keeps the tc layout only (``qweight`` emptied, the dequantized
+    weight unchanged) and takes ``int4_tc_gemv`` at 1-4 rows."""
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(48, 256, generator=gen).to(DEV)
     for group, on in ((128, True), (32, False)):
-        for env in ("1", "0"):
+        for env, gemv in (("1", "0"), ("0", "0"), ("1", "1")):
             monkeypatch.setenv("TESSELLM_INT4_TC", env)
+            monkeypatch.setenv("TESSELLM_INT4_TC_GEMV", gemv)
             ops = quant_ops.TritonQuantOps()
             method = make_quant_method(QuantSpec(fmt, dtype=F32, config={"group_size": group}),
                                        ops)
@@ -142,15 +145,31 @@ def test_load_hook_lays_out_and_int4_mm_dispatches(fmt, monkeypatch):
             with torch.device(DEV):
                 method.create_weights(layer, 256, 48, F32)
             method.quantize_dense(layer, weight)
+            staged = {k: v.clone() for k, v in layer.quant_staged[None].items()}
             method.process_weights_after_loading(layer)
             (seg,) = layer.segments
-            assert (seg.tc_qweight is not None) == (on and env == "1")
+            tc_on = on and env == "1"
+            assert (seg.tc_qweight is not None) == tc_on
+            assert seg.qweight.shape[0] == (0 if tc_on and gemv == "1" else 256 // 8)
+            # the dequantized weight is the checkpoint's whichever layouts are kept
+            ref = make_quant_method(QuantSpec(fmt, dtype=F32, config={"group_size": group}),
+                                    quant_ops.TritonQuantOps(int4_tc=False))
+            ref_layer = torch.nn.Module()
+            with torch.device(DEV):
+                ref.create_weights(ref_layer, 256, 48, F32)
+            for name, t in staged.items():
+                ref.load_weight(ref_layer, name, t, None)
+            ref.process_weights_after_loading(ref_layer)
+            assert torch.equal(seg.dequantize(), ref_layer.segments[0].dequantize())
             for m in (1, 5):
                 x = torch.randn(m, 256, generator=gen).to(DEV)
                 got = method.apply(layer, x)
                 _check(got, x, seg, None, F32)
-                if m == 5 and seg.tc_qweight is not None:
-                    assert torch.equal(got, tc.int4_tc_gemm(x, seg))
+                if seg.tc_qweight is not None:
+                    path = tc.int4_tc_gemm if m == 5 else (
+                        tc.int4_tc_gemv if gemv == "1" else None)
+                    if path is not None:
+                        assert torch.equal(got, path(x, seg))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the row tiers, split-K and cuBLAS path are GPU choices")
@@ -162,3 +181,31 @@ def test_tc_row_tiers_on_gpu(m):
     x = torch.randn(m, 2048, generator=torch.Generator().manual_seed(m)).to(DEV, BF16)
     _check(quant_ops.TritonQuantOps().int4_mm(x, w), x, w, None, BF16)
     _check(tc.int4_tc_gemm(x, w), x, w, None, BF16)
+
+
+@pytest.mark.parametrize("layout", ["awq", "gptq-sym", "gptq-act-order"])
+@pytest.mark.parametrize("m, n, k, group, split", [(1, 48, 256, 128, 1), (2, 40, 384, 128, 3),
+                                                   (3, 64, 512, 256, 2), (4, 32, 256, 256, 1)])
+def test_tc_gemv_matches_the_float64_product(layout, m, n, k, group, split):
+    """The 1-4-row GEMV on the tc layout: float32 FMAs, exact codes, per-block scales."""
+    w = _weight(layout, n, k, group, seed=m + k + 1)
+    gen = torch.Generator().manual_seed(n + 1)
+    x = torch.randn(m, k, generator=gen).to(DEV)
+    bias = torch.randn(n, generator=gen).to(DEV) if layout != "gptq-sym" else None
+    _check(tc.int4_tc_gemv(x, w, bias, split=split), x, w, bias, F32)
+    x16 = x.to(BF16)
+    _check(tc.int4_tc_gemv(x16, w, None if bias is None else bias.to(BF16), split=split), x16, w,
+           None if bias is None else bias.to(BF16), BF16)
+    with pytest.raises(ValueError, match="1 to 4 rows"):
+        tc.int4_tc_gemv(torch.zeros(5, k, device=DEV), w)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="split-K by the SM count is a GPU choice")
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_tc_gemv_on_gpu(m):
+    """The tc GEMV at a realistic shape with its default split-K, bf16, with and without
+    offsets."""
+    for layout in ("awq", "gptq-sym"):
+        w = _weight(layout, 1536, 4096, 128, seed=m)
+        x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(m)).to(DEV, BF16)
+        _check(tc.int4_tc_gemv(x, w), x, w, None, BF16)

@@ -48,7 +48,8 @@ import triton.language as tl
 
 from tessellm.kernels.gemm.common import (_interpreted, _num_sms, _split_out, _split_stride,
                                           _split_sum)
-from tessellm.quantization.packed import Int4Weight, unpack_int4
+from tessellm.kernels.pdl import pdl_args, pdl_start
+from tessellm.quantization.packed import Int4Weight, unpack_int4, unpack_int4_tc
 
 TC_BLOCK_K = 128  # inputs a block of the tc layout: 8 slabs of 16 (one tensor-core K step each)
 TC_WORDS = TC_BLOCK_K // 8
@@ -79,11 +80,8 @@ def int4_tc_pack(qweight: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
 
 
 def int4_tc_unpack(qt: torch.Tensor) -> torch.Tensor:
-    """The tc layout ``[N, K/8]`` -> codes uint8 ``[K, N]`` (tests, the reference's order)."""
-    n, kw = qt.shape
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qt.device)
-    q = (qt.reshape(n, kw // TC_WORDS, 1, TC_WORDS) >> shifts[None, None, :, None]) & 0xF
-    return q.reshape(n, kw * 8).t().to(torch.uint8).contiguous()  # [n, b, i, j] -> k = 128b+16i+j
+    """The tc layout ``[N, K/8]`` -> codes uint8 ``[K, N]`` (``packed.unpack_int4_tc``)."""
+    return unpack_int4_tc(qt)
 
 
 @triton.jit
@@ -180,6 +178,151 @@ def _int4_tc_dequant_kernel(qt_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_qn, stri
         tl.store(row + 16 * i, w.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _tc_row_step(acc, words, s, off, x_blk, rj, ZERO_POINT: tl.constexpr,
+                 HAS_OFFSETS: tl.constexpr):
+    """acc ``[BLOCK_N, 16]`` += one row's products with a block's words ``[BLOCK_N, 16]``:
+    nibble i of word j meets input ``16 i + j`` of the block (``x_blk``: x's row at the block),
+    loaded ``[16]`` and broadcast along N, so every tile stays in the words' register layout."""
+    qx = tl.zeros(words.shape, dtype=tl.float32)
+    xw = tl.zeros((16,), dtype=tl.float32)
+    for i in tl.static_range(8):
+        x = tl.load(x_blk + 16 * i + rj).to(tl.float32)
+        # nibble i under float32's exponent of 2^23 reads as 2^23 + q: exact, no I2F
+        q = ((((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+             - 8388608.0)
+        qx += q * x[None, :]
+        xw += x
+    if HAS_OFFSETS:
+        return acc + s[:, None] * qx + off[:, None] * xw[None, :]
+    return acc + s[:, None] * (qx - ZERO_POINT * xw[None, :])
+
+
+@triton.jit
+def _int4_tc_gemv_kernel(x_ptr, qt_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K,
+                         stride_xm, stride_qn, stride_sg, stride_og, stride_om, stride_split,
+                         GROUP_SIZE: tl.constexpr, ZERO_POINT: tl.constexpr,
+                         HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                         SPLIT_K, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    """The decode GEMV (1-4 rows, no tensor cores) on the tc layout: grid ``(N / BLOCK_N,
+    SPLIT_K)``, each split whole 128-input blocks; a block is one ``[BLOCK_N, 16]`` word load
+    (64 bytes a row), its nibble i met with x's contiguous 16 inputs ``16 i ..`` of the block,
+    a float32 FMA a code and row (``gemv_int4.py``'s arithmetic, in this layout)."""
+    pdl_start(USE_PDL)
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rn = tl.max_contiguous(tl.multiple_of(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), BLOCK_N),
+                           BLOCK_N)
+    rj = tl.arange(0, 16)
+    blocks = K // 128
+    span = tl.cdiv(blocks, SPLIT_K)
+    b_lo = pid_k * span
+    b_hi = tl.minimum(b_lo + span, blocks)
+    q_row = qt_ptr + rn[:, None].to(tl.int64) * stride_qn + rj[None, :]
+    acc0 = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    for b in range(b_lo, b_hi):
+        g = (b * 128) // GROUP_SIZE
+        if EVEN_N:
+            words = tl.load(q_row + b * 16)
+            s = tl.load(s_ptr + g * stride_sg + rn).to(tl.float32)
+            off = s  # (unused without offsets)
+            if HAS_OFFSETS:
+                off = tl.load(o_ptr + g * stride_og + rn).to(tl.float32)
+        else:
+            words = tl.load(q_row + b * 16, mask=rn[:, None] < N, other=0)
+            s = tl.load(s_ptr + g * stride_sg + rn, mask=rn < N, other=0.0).to(tl.float32)
+            off = s
+            if HAS_OFFSETS:
+                off = tl.load(o_ptr + g * stride_og + rn, mask=rn < N, other=0.0).to(tl.float32)
+        x_blk = x_ptr + b * 128
+        acc0 = _tc_row_step(acc0, words, s, off, x_blk, rj, ZERO_POINT, HAS_OFFSETS)
+        if ROWS > 1:
+            acc1 = _tc_row_step(acc1, words, s, off, x_blk + stride_xm, rj, ZERO_POINT,
+                                HAS_OFFSETS)
+        if ROWS > 2:
+            acc2 = _tc_row_step(acc2, words, s, off, x_blk + 2 * stride_xm, rj, ZERO_POINT,
+                                HAS_OFFSETS)
+        if ROWS > 3:
+            acc3 = _tc_row_step(acc3, words, s, off, x_blk + 3 * stride_xm, rj, ZERO_POINT,
+                                HAS_OFFSETS)
+    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        bias = bias * tl.where(pid_k == 0, 1.0, 0.0)
+    out = out_ptr + pid_k.to(tl.int64) * stride_split + rn
+    dt = out_ptr.dtype.element_ty
+    tl.store(out, (tl.sum(acc0, axis=1) + bias).to(dt), mask=rn < N)
+    if ROWS > 1:
+        tl.store(out + stride_om, (tl.sum(acc1, axis=1) + bias).to(dt), mask=rn < N)
+    if ROWS > 2:
+        tl.store(out + 2 * stride_om, (tl.sum(acc2, axis=1) + bias).to(dt), mask=rn < N)
+    if ROWS > 3:
+        tl.store(out + 3 * stride_om, (tl.sum(acc3, axis=1) + bias).to(dt), mask=rn < N)
+
+
+GEMV_PROGRAMS_PER_SM = 8  # the tc GEMV splits K until the grid has about this many an SM
+
+
+def int4_tc_gemv_config(m: int, n: int, k: int, interpreted: bool, num_sms: int = 132,
+                        config: Optional[tuple] = None) -> dict:
+    """``(BLOCK_N, num_warps, programs a multiprocessor)`` by shape alone: 64 rows of words
+    (16 a row: 8 a thread at 4 warps), K split in powers of two while the grid has fewer than
+    ``GEMV_PROGRAMS_PER_SM`` programs an SM and each split keeps 2 blocks. Not swept yet."""
+    bn, warps, pps = config or (64, 4, GEMV_PROGRAMS_PER_SM)
+    if interpreted:
+        bn, warps = 32, 1
+    blocks = k // TC_BLOCK_K
+    tiles = triton.cdiv(n, bn)
+    split = 1
+    if not interpreted:
+        while tiles * split * 2 <= pps * num_sms and blocks // (split * 2) >= 2 and split < 16:
+            split *= 2
+    while split > 1 and (split - 1) * triton.cdiv(blocks, split) >= blocks:
+        split -= 1
+    return dict(BLOCK_N=bn, SPLIT_K=split, EVEN_N=n % bn == 0, num_warps=warps,
+                grid=(tiles, split))
+
+
+def int4_tc_gemv(x: torch.Tensor, w: Int4Weight, bias=None, split: Optional[int] = None,
+                 config: Optional[tuple] = None) -> torch.Tensor:
+    """``x [M, K] @ dequant(w).T (+ bias)`` for 1-4 rows from ``w.tc_qweight`` (no tensor
+    cores). ``split`` (tests) forces SPLIT_K; ``config``: ``int4_tc_gemv_config``'s tuple."""
+    qt = _tc_codes(w)
+    if w.perm is not None:
+        x = x.index_select(-1, w.perm)
+    x = x.contiguous()
+    m, k = x.shape
+    if not 1 <= m <= 4:
+        raise ValueError(f"int4_tc_gemv takes 1 to 4 rows, got {m}; use int4_tc_gemm.")
+    n = qt.shape[0]
+    interp = _interpreted(x)
+    t = int4_tc_gemv_config(m, n, k, interp, 1 if interp else _num_sms(x.device.index or 0),
+                            config)
+    if split is not None:
+        t["SPLIT_K"], t["grid"] = split, (t["grid"][0], split)
+    grid, split = t.pop("grid"), t["SPLIT_K"]
+    out = _split_out(x, m, n, split)
+    offsets = w.offsets if w.offsets is not None else w.scales
+    _int4_tc_gemv_kernel[grid](
+        x, qt, w.scales, offsets, bias if bias is not None else x, out, n, k,
+        x.stride(0), qt.stride(0), w.scales.stride(0), offsets.stride(0), out.stride(-2),
+        _split_stride(out), GROUP_SIZE=w.group_size, ZERO_POINT=w.zero_point,
+        HAS_OFFSETS=w.offsets is not None, HAS_BIAS=bias is not None, ROWS=m, **t,
+        **pdl_args(x.device))
+    return _split_sum(out, x.dtype)
+
+
+def _tc_codes(w: Int4Weight) -> torch.Tensor:
+    if w.tc_qweight is None:
+        raise ValueError("the int4 tc kernels need the weight in the tc layout (w.tc_qweight, "
+                         "made by TritonQuantOps.prepare_int4 at load); use weight_only.int4_gemm "
+                         "or gemv_int4.")
+    return w.tc_qweight
+
+
 def int4_tc_config(m: int, n: int, k: int, interpreted: bool, num_sms: int = 132,
                    config: Optional[tuple] = None) -> dict:
     """Tiles by rows, by shape alone (graph-capture safe): ``(BLOCK_M, BLOCK_N, num_warps,
@@ -224,10 +367,7 @@ def int4_tc_gemm(x: torch.Tensor, w: Int4Weight, bias=None, split: Optional[int]
     """``x [M, K] @ dequant(w).T (+ bias)`` from ``w.tc_qweight`` (the tc layout, set by
     ``TritonQuantOps.prepare_int4``). ``split`` (tests) forces SPLIT_K; ``config``:
     ``int4_tc_config``'s tuple (benchmarks)."""
-    qt = w.tc_qweight
-    if qt is None:
-        raise ValueError("int4_tc_gemm needs the weight in the tc layout (w.tc_qweight, made by "
-                         "TritonQuantOps.prepare_int4 at load); use weight_only.int4_gemm.")
+    qt = _tc_codes(w)
     if w.perm is not None:
         x = x.index_select(-1, w.perm)
     x = x.contiguous()

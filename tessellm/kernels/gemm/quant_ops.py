@@ -14,8 +14,8 @@ from tessellm.kernels.gemm.common import _interpreted
 from tessellm.kernels.gemm.fp8_block import fp8_block_mm
 from tessellm.kernels.gemm.fp8 import _scaled_mm_ok, fp8_gemm, quantize_fp8_rows, scaled_mm_plan
 from tessellm.kernels.gemm.gemv_int4 import INT4_GEMV_MAX_M, gemv_int4
-from tessellm.kernels.gemm.int4_tc import (int4_tc_dequantize, int4_tc_gemm, int4_tc_pack,
-                                           tc_layout_ok)
+from tessellm.kernels.gemm.int4_tc import (int4_tc_dequantize, int4_tc_gemm, int4_tc_gemv,
+                                           int4_tc_pack, tc_layout_ok)
 from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2_silu_and_mul, gemv_fp8_x2_then_add_rms_norm
 from tessellm.kernels.gemm.norm_epilogue import norm_epilogue_applies
 from tessellm.kernels.gemm.w8a8 import gemv_w8a8, w8a8_native
@@ -46,8 +46,12 @@ FP8_SKINNY_W8A8_MAX_M = 0
 FP8_LEAN_W8A8 = True  # default of TESSELLM_FP8_LEAN_W8A8
 # Dense AWQ / GPTQ int4 from 5 rows on: the tensor-core GEMM on codes re-laid at load
 # (``int4_tc.py``; default of TESSELLM_INT4_TC). The checkpoint layout stays beside it for the
-# 1-4-row GEMV (``gemv_int4``) and the reference, so the codes take twice their memory.
+# 1-4-row GEMV (``gemv_int4``) unless INT4_TC_GEMV, so the codes take twice their memory.
 INT4_TC = True
+# 1-4 rows on the tc layout too (``int4_tc.int4_tc_gemv``; default of TESSELLM_INT4_TC_GEMV):
+# then the checkpoint layout is dropped at load (``qweight`` emptied to ``[0, N]``) and the codes
+# take their memory once. Off until measured against ``gemv_int4`` (benchmarks/int4tc_device.sh).
+INT4_TC_GEMV = False
 _SILU = TritonOps()  # fp8_mm_silu_and_mul's activation where the GEMV cannot fold it
 
 
@@ -84,6 +88,8 @@ class TritonQuantOps:
         tc = envs.int4_tc()
         # read when built; an explicit False (the rocm backend: not run on AMD yet) stays off
         self.int4_tc = (INT4_TC if tc is None else tc) if int4_tc is not False else False
+        tc_gemv = envs.int4_tc_gemv()
+        self.int4_tc_gemv = INT4_TC_GEMV if tc_gemv is None else tc_gemv
 
     def int8_mm(self, x, w: Int8Weight, bias=None):
         if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
@@ -93,20 +99,27 @@ class TritonQuantOps:
     def prepare_int4(self, w: Int4Weight) -> None:
         """The optional ``QuantOps`` member, once per int4 segment after loading: adds the
         codes in the tensor-core GEMM's layout (``w.tc_qweight``, ``int4_tc.int4_tc_pack``)
-        where ``int4_tc`` is on and K and the group are multiples of 128; the checkpoint
-        layout stays (the GEMV and the reference read it)."""
+        where ``int4_tc`` is on and K and the group are multiples of 128. The checkpoint layout
+        stays for ``gemv_int4`` unless ``int4_tc_gemv`` (1-4 rows on the tc layout too): then
+        ``w.qweight`` is emptied to ``[0, N]`` (``Int4Weight.dequantize`` reads the tc codes)."""
         k = w.qweight.shape[0] * 8
         if self.int4_tc and w.tc_qweight is None and tc_layout_ok(k, w.group_size):
             w.tc_qweight = int4_tc_pack(w.qweight)
+            if self.int4_tc_gemv:
+                w.qweight = w.qweight.new_empty(0, w.qweight.shape[1])
 
     def int4_mm(self, x, w: Int4Weight, bias=None):
-        """Decode (1..``INT4_GEMV_MAX_M`` rows): the int4 GEMV (``gemv_int4``); up to
+        """Decode (1..``INT4_GEMV_MAX_M`` rows): the int4 GEMV (``gemv_int4``, or
+        ``int4_tc_gemv`` on the tc layout where ``int4_tc_gemv`` is on); up to
         ``dequant_min_m`` rows the tensor-core GEMM on the tc layout (``int4_tc_gemm``, where
         ``prepare_int4`` made it) or else the tiled GEMM dequantizing in its tiles; from there
         on the weight dequantized once and cuBLAS (compute-bound prefill)."""
-        if 0 < x.shape[0] <= INT4_GEMV_MAX_M and w.qweight.shape[0] > 0:
-            return gemv_int4(x, w, bias)
         tc = w.tc_qweight is not None
+        if 0 < x.shape[0] <= INT4_GEMV_MAX_M:
+            if tc and (self.int4_tc_gemv or w.qweight.shape[0] == 0):
+                return int4_tc_gemv(x, w, bias)
+            if w.qweight.shape[0] > 0:
+                return gemv_int4(x, w, bias)
         if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
             if w.perm is not None:
                 x = x.index_select(-1, w.perm)
