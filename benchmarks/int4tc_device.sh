@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Dense AWQ / GPTQ int4 (W4A16) through the tensor-core GEMM on the load-time tc layout
 # (kernels/gemm/int4_tc.py, TESSELLM_INT4_TC, default on) on one GPU, ~6 minutes (8 at most):
-#   int4tc_kernels      tests/kernels/test_int4_tc.py (row tiers 5..600, split-K, tc dequantize)
+#   int4tc_kernels      tests/kernels/test_int4_tc.py (row tiers 5..600, split-K, tc dequantize,
+#                       the tc GEMV at 1/2/4 rows)
 #                       + tests/kernels/test_gemv_int4.py (the GEMV and the old tiled GEMM)
 #   int4tc_conformance  the quant conformance case on cuda (awq / gptq at 1 and 5 rows)
 #   int4tc_quant        tests/quantization/test_kernels.py int4 cases, test_loading's AWQ /
@@ -10,17 +11,18 @@
 #                       bf16 cuBLAS vs old int4 (TESSELLM_INT4_TC=0 path) vs new, us a product
 #   int4tc_sweep        int4_tc_gemm's launch settings at 16/64/256 rows (INT4TC_SWEEP_S=0 skips)
 # Run from the repository root: bash benchmarks/int4tc_device.sh   (OUT=... for the logs)
-# Expect: "rc=0" five times, "passed" and no "failed" (test_tc_row_tiers_on_gpu 8 passed);
+# Expect: "rc=0" five times, "passed" and no "failed" (int4tc_kernels: ~70 passed, 0 skipped);
 # the table: one line a shape and row count, err ~1e-2 or below, path gemv at 1-4 rows, tc at
 # 16-256, deq at 1024; six "layer M=..." lines. Hoped for: new/bf16 under 1 at 16-64 rows
 # (bf16 ~182-185 us a layer, old 298 at 16), new/old well under 1 at 16-256, new ~ old at 1024
-# (tcdeq ~ the old dequantize). Read from it: the "tc" column at 1 and 4 rows against "new"
-# (the GEMV): if tc is as fast, the GEMV and the checkpoint layout's second copy can go;
+# (tcdeq ~ the old dequantize). Read from it: the "tcgemv" column at 1 and 4 rows against
+# "new" (gemv_int4): if tcgemv is as fast, INT4_TC_GEMV (quant_ops.py) goes on and the
+# checkpoint layout's second copy of the codes goes;
 # "tc" vs "tcdeq" at 256/1024 places DEQUANT_MIN_M (512). Then 12 "sweep <shape> M=..." lines
 # (default vs best (BLOCK_M, BLOCK_N, warps, stages, programs/SM)) to tune int4_tc_config.
 source benchmarks/device_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-t int4tc_kernels ${INT4TC_TEST_S:-120} python3 -m pytest -q -p no:cacheprovider \
+t int4tc_kernels ${INT4TC_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_int4_tc.py tests/kernels/test_gemv_int4.py
 t int4tc_conformance ${INT4TC_CONF_S:-50} python3 -m tessellm.testing --backend cuda -q \
   -k "declared_schemes"
@@ -30,5 +32,5 @@ t int4tc_quant ${INT4TC_QTEST_S:-80} python3 -m pytest -q -p no:cacheprovider \
 t int4tc_bench ${INT4TC_BENCH_S:-120} python3 benchmarks/kernels/bench_int4_tc.py \
   --json "$OUT/int4tc_bench.json"
 grep -v -i warn "$OUT/int4tc_bench.txt" | tail -32
-t int4tc_sweep ${INT4TC_SWEEP_S:-110} python3 benchmarks/kernels/bench_int4_tc.py --sweep
+t int4tc_sweep ${INT4TC_SWEEP_S:-100} python3 benchmarks/kernels/bench_int4_tc.py --sweep
 grep -h "^sweep" "$OUT/int4tc_sweep.txt"
