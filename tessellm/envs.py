@@ -269,6 +269,16 @@ def gemv_prewait() -> tuple[int, bool, bool]:
     return tiles, l2, scales
 
 
+def gemv_split_last() -> bool:
+    """TESSELLM_GEMV_SPLIT_LAST: "1" lets the one-row GEMVs (``gemv_x2``'s e4m3 kernel,
+    ``gemv``'s FMA kernel) split K where ``gemv_x2_table.SPLIT_TABLE`` / ``BF16_SPLIT_TABLE``
+    name a split for the weight shape, and wherever their rules split K, with the partial sums
+    combined by each output tile's last program (``kernels/gemm/split_last.py``: no sum and
+    cast launches after the GEMV, a fixed order). Off by default until timed on the device
+    (``benchmarks/gemv8_device.sh``)."""
+    return _switch("TESSELLM_GEMV_SPLIT_LAST") is True
+
+
 def fp8_lm_head() -> bool:
     """TESSELLM_FP8_LM_HEAD: "1" gives the LM head of a ``quantization="fp8"`` model an e4m3
     copy (one scale per vocabulary row, as its linears; ``loader.model_loader._fp8_lm_head``),

@@ -167,7 +167,8 @@ def compile_sm90(fn, ptrs, consts):
 
 bf, f32 = "*bf16", "*fp32"
 norm = dict(res_ptr=bf, g_ptr=bf, normed_ptr=bf, counter_ptr="*i32")
-pre = dict(PRE_TILES=1, PRE_L2=False, PRE_S=True, USE_PDL=True, NORM_EPI=True, NORM_BLOCK=4096)
+pre = dict(PRE_TILES=1, PRE_L2=False, PRE_S=True, USE_PDL=True, NORM_EPI=True, NORM_BLOCK=4096,
+           SPLIT_LAST=0)
 found = {
     "x2": compile_sm90(gemv_x2._gemv_e4m3_x2_kernel,
                        dict(x_ptr=bf, w_ptr="*fp8e4nv", s_ptr=f32, bias_ptr=f32, out_ptr=bf, **norm),

@@ -69,9 +69,12 @@ from tessellm.kernels.gemm.common import (_capability, _interpreted, _num_sms, _
                                           _split_stride, _split_sum)
 from tessellm.kernels.activation import silu_mul
 from tessellm.kernels.gemm.fp8_codes import e4m3_to_16bit
+from tessellm.kernels.gemm.gemv_x2_table import BF16_SPLIT_TABLE
 from tessellm.kernels.gemm.norm_epilogue import (NORM_EPILOGUE_MAX_N, NormEpilogue,
                                                   epilogue_args, make_epilogue, norm_epilogue,
                                                   norm_epilogue_applies)
+from tessellm.kernels.gemm.split_last import (split_last_args, split_last_combine,
+                                              split_last_enabled, tile_counters)
 from tessellm.kernels.pdl import (pdl_args, pdl_enabled, pdl_launch, pdl_start, pdl_wait,
                                   prefetch_l2)
 
@@ -90,6 +93,7 @@ class GemvConfig:
     dot: bool = False  # tensor-core dot (BLOCK_M >= 16 rows of x) instead of FMAs
     chunk: int = 0  # FMA: sum each thread's 16-byte run of K every step (0: at the end)
     f32_bits: bool = False  # FMA, e4m3 on NVIDIA: decode to float32 by bit moves (x 2^-120)
+    split_last: bool = False  # FMA, split_k > 1: combined in the launch (``split_last.py``)
 
 
 @triton.jit
@@ -288,21 +292,23 @@ def _split_plane(out_ptr, pid_k, stride_split):
 @triton.jit
 def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
                      stride_om, stride_split, k_per_split, res_ptr, g_ptr, normed_ptr,
-                     counter_ptr, eps,
+                     counter_ptr, eps, y_ptr, split_ctr_ptr,
                      W_FP8: tl.constexpr, W_PTX: tl.constexpr, HAS_BIAS: tl.constexpr,
                      EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                      CHUNK: tl.constexpr, F32_BITS: tl.constexpr, PTX: tl.constexpr,
                      SILU_FOLD: tl.constexpr, PRE_TILES: tl.constexpr, PRE_L2: tl.constexpr,
                      PRE_S: tl.constexpr, NORM_EPI: tl.constexpr, NORM_BLOCK: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     SPLIT_LAST: tl.constexpr, USE_PDL: tl.constexpr):
     """Up to 4 rows of x (BLOCK_M 1, 2 or 4), one float32 accumulator tile per row.
     SILU_FOLD: W is a stacked [gate; up] ``[2N, K]``, out ``[M, N]`` gets silu(gate) * up
     (``_fold_rows``, ``store_silu_mul``); the K loop is the same. PRE_TILES, PRE_L2, PRE_S:
     what the program reads of its weights before the PDL wait (``Prewait``); the sums are
     bitwise the same either way (same steps, same order). NORM_EPI (one row, one K range, no
     SILU_FOLD): the last program runs the residual-add RMSNorm of the output row
-    (``norm_epilogue``)."""
+    (``norm_epilogue``). SPLIT_LAST (> 0: the number of K ranges, no SILU_FOLD or NORM_EPI):
+    each N tile's last program stores the planes' sum in order to ``y_ptr``
+    (``split_last_combine``; y ``[M, N]`` has the planes' row stride)."""
     pdl_launch(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn, w_rn = _program_rows(pid_n, N, BLOCK_N, SILU_FOLD)
@@ -362,6 +368,9 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
     if BLOCK_M > 2:
         _store_row(acc2, 2, *args)
         _store_row(acc3, 3, *args)
+    if SPLIT_LAST > 0:
+        split_last_combine(out_ptr, y_ptr, split_ctr_ptr, pid_n, rn, M, N, stride_split,
+                           stride_om, stride_om, BLOCK_M, SPLIT_LAST)
     if NORM_EPI:
         norm_epilogue(out_ptr, res_ptr, g_ptr, normed_ptr, counter_ptr, N, eps, NORM_BLOCK, PTX)
 
@@ -476,6 +485,11 @@ def gemv_config(m: int, n: int, k: int, w_fp8: bool, num_sms: int = 132) -> Gemv
     cuBLAS (bf16) or ``weight_only.fp8_w8a16_tiled`` (e4m3) there."""
     if m > GEMV_MAX_M:
         raise ValueError(f"gemv serves at most {GEMV_MAX_M} rows, got {m}; use a GEMM")
+    tuned = BF16_SPLIT_TABLE.get((n, k)) if m == 1 and not w_fp8 else None
+    if tuned is not None and split_last_enabled():  # TESSELLM_GEMV_SPLIT_LAST
+        block_n, block_k, warps, split = tuned
+        return GemvConfig(block_n=block_n, block_k=block_k, num_warps=warps, stages=1,
+                          split_k=split, chunk=8, split_last=True)
     if m <= 2 and w_fp8:
         cfg = GemvConfig(block_n=2, block_k=1024, num_warps=4, stages=1, chunk=16,
                          f32_bits=True)
@@ -624,13 +638,21 @@ def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False,
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.split_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
     out = _split_out(x, m, n, split)  # split > 1: a float32 plane per K range
+    tiles = triton.cdiv(n, cfg.block_n // 2 if silu_fold else cfg.block_n)
+    y = None
+    if (split > 1 and not cfg.dot and not silu_fold and norm is None
+            and (cfg.split_last or split_last_enabled())):  # combined in the launch
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        combine = split_last_args(y, tile_counters(x.device, w.data_ptr(), tiles), split, x)
+    else:
+        combine = split_last_args(None, None, 0, x)
     args = (x, w, scales if scales is not None else x, bias if bias is not None else x, out,
             m, n, k, x.stride(0), w.stride(0), out.stride(-2), _split_stride(out), k_per_split)
     meta = dict(W_FP8=scales is not None, W_PTX=w_ptx, HAS_BIAS=bias is not None,
                 EVEN_K=k % k_per_split == 0, BLOCK_N=cfg.block_n,
                 BLOCK_K=cfg.block_k, STAGES=cfg.stages, num_warps=cfg.num_warps,
                 num_stages=cfg.stages)
-    grid = (triton.cdiv(n, cfg.block_n // 2 if silu_fold else cfg.block_n), split)
+    grid = (tiles, split)
     if cfg.dot:
         _gemv_dot_kernel[grid](*args, BLOCK_M=max(16, triton.next_power_of_2(m)),
                                DOT_FP32=_interpreted(x) or x.dtype == torch.float32, **meta,
@@ -639,5 +661,5 @@ def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False,
         _gemv_fma_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), CHUNK=cfg.chunk,
                                F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x),
                                SILU_FOLD=silu_fold, **epilogue_args(norm, x),
-                               **prewait_args(x), **meta, **pdl_args(x.device))
-    return _split_sum(out, x.dtype)
+                               **prewait_args(x), **combine, **meta, **pdl_args(x.device))
+    return y if y is not None else _split_sum(out, x.dtype)

@@ -46,10 +46,12 @@ from tessellm.kernels.gemm.common import (_interpreted, _num_sms, _split_out, _s
 from tessellm.kernels.gemm.gemv import (GemvConfig, _apply_scale_bias, _finish, _finish_rows,
                                         _prefetch_rows_l2, _program_rows, _ptx, _with_split,
                                         prewait_args, store_silu_mul)
-from tessellm.kernels.gemm.gemv_x2_table import X2_TABLE
+from tessellm.kernels.gemm.gemv_x2_table import SPLIT_TABLE, X2_TABLE
 from tessellm.kernels.gemm.norm_epilogue import (NORM_EPILOGUE_MAX_N, epilogue_args,
                                                   make_epilogue, norm_epilogue,
                                                   norm_epilogue_applies)
+from tessellm.kernels.gemm.split_last import (split_last_args, split_last_combine,
+                                              split_last_enabled, tile_counters)
 from tessellm.kernels.pdl import pdl_args, pdl_launch, pdl_start, pdl_wait
 
 
@@ -92,11 +94,12 @@ def _dot4_e4m3_bf16_ref(acc, w, x):
 @triton.jit
 def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_wn_words,
                          words_per_split, stride_split, res_ptr, g_ptr, normed_ptr, counter_ptr,
-                         eps, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                         eps, y_ptr, split_ctr_ptr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, PTX: tl.constexpr,
                          SILU_FOLD: tl.constexpr, PRE_TILES: tl.constexpr,
                          PRE_L2: tl.constexpr, PRE_S: tl.constexpr, NORM_EPI: tl.constexpr,
-                         NORM_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                         NORM_BLOCK: tl.constexpr, SPLIT_LAST: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     """One row of bf16 x against e4m3 weights, 4 codes a 32-bit word (``_dot4_e4m3_bf16x2``).
     ``KW``: words in a weight row (K / 4); x is read as 64-bit words of 4 values. SILU_FOLD:
     the weight is a stacked [gate; up] ``[2N, K]`` and out ``[1, N]`` gets silu(gate) * up
@@ -104,7 +107,9 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
     PRE_TILES, PRE_L2, PRE_S: what the program reads of its weights before the PDL wait
     (``gemv.Prewait``); bitwise the same sums either way (same steps, same order).
     NORM_EPI (one K range, no SILU_FOLD): the last program runs the residual-add RMSNorm of
-    the output row (``norm_epilogue``)."""
+    the output row (``norm_epilogue``). SPLIT_LAST (> 0: the number of K ranges, no
+    SILU_FOLD or NORM_EPI): ``out_ptr`` holds the float32 planes, and each N tile's last
+    program stores their sum in order to ``y_ptr`` (``split_last_combine``)."""
     pdl_launch(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn, w_rn = _program_rows(pid_n, N, BLOCK_N, SILU_FOLD)
@@ -145,6 +150,9 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
     else:
         tl.store(out_ptr + pid_k.to(tl.int64) * stride_split + rn,
                  y.to(out_ptr.dtype.element_ty), mask=rn < N)
+        if SPLIT_LAST > 0:
+            split_last_combine(out_ptr, y_ptr, split_ctr_ptr, pid_n, rn, 1, N, stride_split,
+                               0, 0, 1, SPLIT_LAST)
         if NORM_EPI:
             norm_epilogue(out_ptr, res_ptr, g_ptr, normed_ptr, counter_ptr, N, eps, NORM_BLOCK,
                           PTX)
@@ -259,13 +267,17 @@ def _gemv_e4m3_x2_stream_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW,
 
 
 def gemv_x2_config(n: int, k: int) -> tuple:
-    """The launch shape for ``gemv_fp8_x2``: the measured table (``gemv_x2_table.X2_TABLE``,
-    by exact (N, K)) where it holds the shape, else (weight rows a program, 32-bit words of K
+    """The launch shape for ``gemv_fp8_x2``: under ``TESSELLM_GEMV_SPLIT_LAST``
+    (``split_last.ENABLED``) ``gemv_x2_table.SPLIT_TABLE``'s split where it holds the shape;
+    else the measured table (``gemv_x2_table.X2_TABLE``, by exact (N, K)) where it holds it,
+    else (weight rows a program, 32-bit words of K
     a step, warps) for ``_gemv_e4m3_x2_kernel``, from the H200 sweep
     (``benchmarks/results/h200-2026-11-21e/x2bench.json``, M = 1, CUDA graph, weights rotated
     past the L2): within 3% of the best of seven tiles on each shape swept, Llama-3.1-8B's qkv,
     o, gate_up, down and LM head, and qkv, o, down at TP 2 (gate_up at TP 2 was not swept)."""
-    tuned = X2_TABLE.get((n, k))
+    tuned = SPLIT_TABLE.get((n, k)) if split_last_enabled() else None
+    if tuned is None:
+        tuned = X2_TABLE.get((n, k))
     if tuned is not None:
         return tuned
     if n >= 65536:  # the LM head: 121.5 us
@@ -277,21 +289,27 @@ def gemv_x2_config(n: int, k: int) -> tuple:
 
 def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, config: Optional[tuple] = None,
-                split_k: Optional[int] = None) -> torch.Tensor:
+                split_k: Optional[int] = None,
+                split_last: Optional[bool] = None) -> torch.Tensor:
     """W8A16 for one row of bf16 x: ``x [1, K] @ (qweight * scales[:, None]).T (+ bias)``
     through ``_dot4_e4m3_bf16x2`` (pairs of products rounded to bf16 before a float32 sum).
     K a multiple of 4; ``qweight`` e4m3fn ``[N, K]`` row-major, ``scales`` float32 ``[N]``.
     ``config`` instead of ``gemv_x2_config``'s: (block_n, block_kw, num_warps) for
-    ``_gemv_e4m3_x2_kernel`` (``split_k`` programs along K, default by ``_with_split``), or
-    (block_n, block_kw, num_warps, programs_per_sm, prefetch) for the streamed kernel
-    (programs_per_sm 0: one program a tile; no split)."""
+    ``_gemv_e4m3_x2_kernel`` (``split_k`` programs along K, default by ``_with_split``),
+    (block_n, block_kw, num_warps, split) for it with that split, combined in the launch
+    (``split_last.py``), or (block_n, block_kw, num_warps, programs_per_sm, prefetch) for the
+    streamed kernel (programs_per_sm 0: one program a tile; no split). ``split_last``: whether
+    a split K of a 3-tuple is combined in the launch (default ``split_last.ENABLED``) or in
+    float32 planes summed by torch after it."""
     k = x.shape[1]
     n = qweight.shape[0]
     config = tuple(config or gemv_x2_config(n, k))
     x = _x2_checked(x, qweight)
     if len(config) == 5:
         return _stream(x, qweight, scales, bias, *config)
-    block_n, block_kw, num_warps = config
+    if len(config) == 4:
+        split_k, split_last = config[3], True
+    block_n, block_kw, num_warps = config[:3]
     kw = k // 4
     if split_k is None:
         split_k = _with_split(GemvConfig(block_n, block_kw * 4, num_warps, 1), n, k,
@@ -299,13 +317,21 @@ def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     words_per_split = triton.cdiv(triton.cdiv(kw, block_kw), split_k) * block_kw
     split = triton.cdiv(kw, words_per_split)
     out = _split_out(x, 1, n, split)
-    _gemv_e4m3_x2_kernel[(triton.cdiv(n, block_n), split)](
+    tiles = triton.cdiv(n, block_n)
+    y = None
+    if split > 1 and (split_last_enabled() if split_last is None else split_last):
+        y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+        combine = split_last_args(y, tile_counters(x.device, qweight.data_ptr(), tiles), split,
+                                  scales)
+    else:
+        combine = split_last_args(None, None, 0, scales)
+    _gemv_e4m3_x2_kernel[(tiles, split)](
         x, qweight, scales, bias if bias is not None else scales, out, n, kw,
         qweight.stride(0) // 4, words_per_split, _split_stride(out), HAS_BIAS=bias is not None,
         EVEN_K=kw % words_per_split == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
         SILU_FOLD=False, num_warps=num_warps, **epilogue_args(None, x), **prewait_args(x),
-        **pdl_args(x.device))
-    return _split_sum(out, x.dtype)
+        **combine, **pdl_args(x.device))
+    return y if y is not None else _split_sum(out, x.dtype)
 
 
 def gemv_fp8_x2_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -329,7 +355,7 @@ def gemv_fp8_x2_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: tor
         qweight.stride(0) // 4, kw, 0, HAS_BIAS=bias is not None,
         EVEN_K=kw % block_kw == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
         SILU_FOLD=True, num_warps=num_warps, **epilogue_args(None, x), **prewait_args(x),
-        **pdl_args(x.device))
+        **split_last_args(None, None, 0, x), **pdl_args(x.device))
     return out
 
 
@@ -362,7 +388,7 @@ def gemv_fp8_x2_then_add_rms_norm(x: torch.Tensor, qweight: torch.Tensor, scales
         qweight.stride(0) // 4, kw, 0, HAS_BIAS=bias is not None,
         EVEN_K=kw % block_kw == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
         SILU_FOLD=False, num_warps=num_warps, **epilogue_args(norm, x), **prewait_args(x),
-        **pdl_args(x.device), **cap)
+        **split_last_args(None, None, 0, x), **pdl_args(x.device), **cap)
     return norm.normed, residual
 
 
