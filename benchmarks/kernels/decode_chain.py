@@ -25,6 +25,9 @@ and the GEMVs alone (no attention, norms: GEMV after GEMV) off and at two settin
 b1fuse: the engine's chain against the add-RMSNorm in the o (and down) GEMVs' last program
 (``gemm/norm_epilogue.py``, TESSELLM_GEMV_NORM_EPILOGUE), with and without the last-split
 reduce, and without the norms at all (what they cost).
+splitlast: the engine's chain (as in prewait, default prewait) with the one-row GEMVs' split K
+combined in the launch (``gemm/split_last.py``, TESSELLM_GEMV_SPLIT_LAST: the shapes of
+``SPLIT_TABLE`` / ``BF16_SPLIT_TABLE``) off, on, off again, then the GEMVs alone off and on.
 attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
 256 and 512 and workload F's (512-768) at 256, in GB/s of K/V read, by splits.
 """
@@ -356,6 +359,46 @@ def prewait_section(out: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def splitlast_section(out: dict) -> None:
+    """The chain (engine form) with ``split_last.ENABLED`` off, on, off again (the spread),
+    then the GEMVs alone off and on: GPU ms a token. Printed as ``splitlast <dtype> <setting>
+    <json>`` (``gemv8_device.sh`` reads these lines). Outputs are not compared here (the
+    chain's steps move its KV state; the kernel tests check the bits)."""
+    from tessellm.kernels.gemm import gemv_x2_table, split_last
+    from tessellm.kernels.pdl import graph_scope
+    from tessellm.quantization.packed import quantize_fp8
+
+    runs = (("off", False, "silu fold"), ("on", True, "silu fold"),
+            ("off-again", False, "silu fold"), ("gemv-off", False, "gemv"),
+            ("gemv-on", True, "gemv"))
+    for fp8 in (True, False):
+        layers, head, nbytes = _weights(fp8)
+        head8 = quantize_fp8(head) if fp8 else None
+        dtype = "fp8" if fp8 else "bf16"
+        floor = nbytes - (head.numel() if fp8 else 0)  # fp8: the e4m3 head
+        res = {"weight_gb": round(floor / 1e9, 3), "floor_ms_4.25TBs": round(floor / 4.25e9, 3),
+               "table": {str(k): v for k, v in (gemv_x2_table.SPLIT_TABLE if fp8 else
+                                               gemv_x2_table.BF16_SPLIT_TABLE).items()},
+               "runs": {}}
+        for name, on, variant in runs:
+            try:
+                split_last.ENABLED = on
+                step = _step_fn(layers, head, fp8, VARIANTS[variant], head8=head8)
+                with graph_scope():
+                    step()
+                    ms = round(graph_ms(step, 3), 4)
+            except Exception as e:  # noqa: BLE001
+                print("splitlast-error", dtype, name, f"{type(e).__name__}: {e}"[:300],
+                      flush=True)
+                continue
+            res["runs"][name] = {"ms": ms}
+            print("splitlast", dtype, name, json.dumps(res["runs"][name]), flush=True)
+        split_last.ENABLED = False
+        out[dtype] = res
+        del layers, head, head8
+        torch.cuda.empty_cache()
+
+
 def b1fuse_section(out: dict) -> None:
     """The engine's chain (SiLU fold, prewait default; fp8 with its e4m3 LM head as under
     TESSELLM_FP8_LM_HEAD=1, and without) against the same with the add-RMSNorm in the o GEMV's
@@ -458,7 +501,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     run_sections(args.out, args.sections, {"chain": chain_section, "attn_long": attn_long_section,
                                            "b1fp8": b1fp8_section, "prewait": prewait_section,
-                                           "b1fuse": b1fuse_section})
+                                           "b1fuse": b1fuse_section,
+                                           "splitlast": splitlast_section})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The one-row e4m3 GEMV (``gemv_fp8_x2``) by launch shape on Llama-3.1-8B's layer shapes
 (GPU only), and the table of winners for ``tessellm/kernels/gemm/gemv_x2_table.py``.
 
-    python3 benchmarks/kernels/x2_sweep.py --out DIR [--write-table]
+    python3 benchmarks/kernels/x2_sweep.py --out DIR [--write-table] [--quick] [--bf16]
 
 Each shape's weight is cloned until the copies pass 1.5 GB (nothing stays in the 60 MB L2);
 one CUDA graph calls the GEMV once on each copy, back to back, with PDL (``graph_scope``, as
@@ -14,6 +14,16 @@ only if it is at least 3% faster (``MIN_GAIN``: one launch shape timed twice in 
 differed by 2.2% on the H200, 2026-12-04). Then ``layers``: qkv, o, gate_up, down of 8 layers (own
 weights each) in one graph with PDL, default launch shapes against the winners, which is the
 GEMV part of a B1 decode step (without the LM head, bf16 in the engine's fp8 mode).
+
+Split K combined in the launch (``split_last.py``, TESSELLM_GEMV_SPLIT_LAST): 4-tuples
+(block_n, block_kw, warps, split) at every split that gives the tile's K steps a different
+division (``split_candidates``), checked like the others and, beyond, bitwise on a second call.
+The fastest one of a shape goes into ``SPLIT_TABLE`` if it beats the old launch (the default
+or its ``X2_TABLE`` winner) by ``MIN_GAIN``. ``--bf16``: the same for ``gemv``'s FMA kernel at one
+bf16 row (``BF16_SPLIT_TABLE``), the default tiles against split ones. ``--quick``: of the old
+launch shapes only the tiled kernel's and the o projection's best streamed one (2026-12-04).
+Every shape prints an ``x2-summary`` line (``bf16-summary``): old and best new, us and TB/s.
+The sweep runs with the flag off (``split_last.ENABLED``), so "default" is the old launch.
 """
 
 from __future__ import annotations
@@ -28,7 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from tessellm.kernels.gemm import gemv_x2
+import triton
+
+from tessellm.kernels.gemm import gemv as gv
+from tessellm.kernels.gemm import gemv_x2, split_last
 from tessellm.kernels.pdl import graph_scope
 from tessellm.quantization.packed import quantize_fp8
 from tessellm.testing.timing import graph_time_us
@@ -41,16 +54,42 @@ COPY_BYTES = 1.5e9  # weight copies a graph rotates through (the L2 holds 60 MB)
 TILES = [(4, 256, 4), (4, 512, 4), (2, 512, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8),
          (4, 1024, 8)]
 OLD_TILES = [(4, 256, 4), (2, 512, 4), (1, 512, 4)]  # the tiled kernel, split by its rule
+QUICK_STREAM = [(8, 512, 8, 8, False), (8, 512, 8, 0, False)]  # o's best two, 2026-12-04
+SPLIT_TILES = [(2, 512, 4), (4, 256, 4), (1, 512, 4), (2, 256, 4)]
+SPLITS = (2, 4)
+# bf16 FMA kernel at one row, the small shapes: (block_n, block_k, warps, chunk) and splits
+BF16_SHAPES = ("qkv", "o")
+BF16_TILES = [(2, 1024, 4, 8), (1, 1024, 4, 8)]
+BF16_SPLITS = (2, 4)
+QUICK = False
 
 
-def candidates() -> list:
-    """Launch shapes swept on every shape: the default first, then the tiled kernel's, then
-    the streamed kernel's (one program a tile or 4, 8, 16 an SM; with and without prefetch)."""
-    out = [None] + list(OLD_TILES)
-    for t in TILES:
-        out += [t + (per_sm, True) for per_sm in (0, 4, 8, 16)]
-        out += [t + (per_sm, False) for per_sm in (0, 8)]
+def split_candidates(k: int) -> list:
+    """(block_n, block_kw, warps, split) for K = ``k``: each tile of ``SPLIT_TILES`` at each
+    split of ``SPLITS`` that divides its K steps differently (the split as the launch takes
+    it: whole steps a range)."""
+    out = []
+    for bn, bkw, warps in SPLIT_TILES:
+        steps = triton.cdiv(k // 4, bkw)
+        for s in SPLITS:
+            eff = triton.cdiv(steps, triton.cdiv(steps, s))
+            if eff > 1 and (bn, bkw, warps, eff) not in out:
+                out.append((bn, bkw, warps, eff))
     return out
+
+
+def candidates(k: int) -> list:
+    """Launch shapes swept on every shape: the default first, then the tiled kernel's, then
+    the streamed kernel's (one program a tile or 4, 8, 16 an SM; with and without prefetch;
+    ``--quick``: two), then the split ones combined in the launch."""
+    out = [None] + list(OLD_TILES)
+    if QUICK:
+        out += QUICK_STREAM
+    else:
+        for t in TILES:
+            out += [t + (per_sm, True) for per_sm in (0, 4, 8, 16)]
+            out += [t + (per_sm, False) for per_sm in (0, 8)]
+    return out + split_candidates(k)
 
 
 def graph_us(fn_list, replays: int = 5) -> float:
@@ -79,14 +118,17 @@ def sweep_shape(name: str, n: int, k: int) -> dict:
     base = gemv_x2.gemv_fp8_x2(x, w.qweight, w.scales)
     res = {"default": list(gemv_x2.gemv_x2_config(n, k)), "floor_us_4.25TBs":
            round(n * k / 4.25e6, 2), "copies": len(copies), "configs": {}}
-    for cfg in candidates():
+    for cfg in candidates(k):
         key = "default" if cfg is None else str(cfg)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         try:
             with graph_scope():  # the launch the graph takes (PDL): one compile
                 out = gemv_x2.gemv_fp8_x2(x, w.qweight, w.scales, config=cfg)
+                again = gemv_x2.gemv_fp8_x2(x, w.qweight, w.scales, config=cfg)
             bad = _check(out, ref, base)
+            if not bad and not torch.equal(out, again):
+                bad = "not the same bits on a second call"
             us = None if bad else graph_us(
                 [lambda q=q, c=cfg: gemv_x2.gemv_fp8_x2(x, q, w.scales, config=c) for q in copies])
         except Exception as e:  # noqa: BLE001 - a launch shape that does not compile or fit
@@ -103,9 +145,24 @@ def sweep_shape(name: str, n: int, k: int) -> dict:
     res["best"] = best
     res["default_us"] = timed.get("default")
     res["best_us"] = timed[best]
+    old = {c: u for c, u in timed.items() if c == "default" or len(_parse(c)) != 4}
+    new = {c: u for c, u in timed.items() if c != "default" and len(_parse(c)) == 4}
+    res["best_old"] = min(old, key=old.get) if old else None
+    res["best_new"] = min(new, key=new.get) if new else None
+    _summary("x2-summary", name, n * k, res, timed)
     del copies
     torch.cuda.empty_cache()
     return res
+
+
+def _summary(tag: str, name: str, nbytes: int, res: dict, timed: dict) -> None:
+    """One line: the default (old) launch, the best old one, the best new (split) one."""
+    parts = [f"{tag} {name}"]
+    for label, key in (("default", "default"), ("best old", res.get("best_old")),
+                       ("best split", res.get("best_new"))):
+        if key in timed:
+            parts.append(f"{label} {key}: {timed[key]:.2f} us {nbytes / timed[key] / 1e6:.2f} TB/s")
+    print(" | ".join(parts), flush=True)
 
 
 def _parse(key: str):
@@ -113,15 +170,17 @@ def _parse(key: str):
         ")", "]").replace("True", "true").replace("False", "false")))
 
 
-def layers_section(table: dict, n_layers: int = 8) -> dict:
-    """The four GEMVs of ``n_layers`` layers in one graph: default shapes vs ``table``'s."""
+def layers_section(table: dict, split_table: dict, n_layers: int = 8) -> dict:
+    """The four GEMVs of ``n_layers`` layers in one graph: default shapes vs ``table``'s
+    (old launches) vs ``split_table``'s over those (the split ones)."""
     layers = [{nm: quantize_fp8(torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02)
                for nm, (n, k) in SHAPES.items()} for _ in range(n_layers)]
     xs = {nm: torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
           for nm, (n, k) in SHAPES.items()}
     nbytes = sum(n * k for n, k in SHAPES.values())
     out = {}
-    for label, cfgs in (("default", {}), ("tuned", table)):
+    for label, cfgs in (("default", {}), ("tuned", table),
+                        ("split", {**table, **split_table})):
         fns = [lambda w=lay[nm], nm=nm, cfgs=cfgs: gemv_x2.gemv_fp8_x2(
             xs[nm], w.qweight, w.scales, config=cfgs.get(SHAPES[nm]))
             for lay in layers for nm in SHAPES]
@@ -134,53 +193,156 @@ def layers_section(table: dict, n_layers: int = 8) -> dict:
     return out
 
 
-TABLE_HEAD = '''"""Launch shapes of ``gemv_fp8_x2`` by exact weight shape (N, K), chosen by measurement
-(``benchmarks/kernels/x2_sweep.py`` writes this file; no autotuning at serve time). A value is
-(block_n, block_kw, num_warps) for ``_gemv_e4m3_x2_kernel`` or (block_n, block_kw, num_warps,
+TABLE_HEAD = '''"""Launch shapes of the one-row GEMVs by exact weight shape (N, K), chosen by measurement
+(``benchmarks/kernels/x2_sweep.py`` writes this file; no autotuning at serve time).
+
+``X2_TABLE`` (``gemv_fp8_x2``, always consulted): a value is (block_n, block_kw, num_warps) for
+``_gemv_e4m3_x2_kernel`` (K split by its rule) or (block_n, block_kw, num_warps,
 programs_per_sm, prefetch) for ``_gemv_e4m3_x2_stream_kernel``. Shapes not here take
 ``gemv_x2_config``'s rules.
+
+``SPLIT_TABLE`` (``gemv_fp8_x2``) and ``BF16_SPLIT_TABLE`` (``gemv``'s FMA kernel at one 16-bit
+row), consulted first and only under ``TESSELLM_GEMV_SPLIT_LAST=1``: (block_n, block_kw or
+block_k, num_warps, split), K split ``split`` ways, the partial sums combined by each tile's
+last program (``split_last.py``). Only shapes where a split beat the old launch by
+``MIN_GAIN``; the others keep the old launch under the flag too.
 {source}"""
 
 X2_TABLE: dict = {{
 {rows}}}
+
+SPLIT_TABLE: dict = {{
+{split_rows}}}
+
+BF16_SPLIT_TABLE: dict = {{
+{bf16_rows}}}
 '''
 
 
-def write_table(path: Path, table: dict, source: str) -> None:
-    rows = "".join(f"    {nk}: {cfg},\n" for nk, cfg in sorted(table.items()))
-    path.write_text(TABLE_HEAD.format(source=source, rows=rows))
+def _rows(table: dict) -> str:
+    return "".join(f"    {nk}: {cfg},\n" for nk, cfg in sorted(table.items()))
+
+
+def write_table(path: Path, table: dict, split_table: dict, bf16_table: dict,
+                source: str) -> None:
+    path.write_text(TABLE_HEAD.format(source=source, rows=_rows(table),
+                                      split_rows=_rows(split_table),
+                                      bf16_rows=_rows(bf16_table)))
+
+
+def _bf16_config(cfg):
+    if cfg is None:
+        return None
+    bn, bk, warps, chunk, split = cfg
+    return gv.GemvConfig(block_n=bn, block_k=bk, num_warps=warps, stages=1, split_k=split,
+                         chunk=chunk, split_last=True)
+
+
+def bf16_sweep_shape(name: str, n: int, k: int) -> dict:
+    """``gemv``'s FMA kernel at one bf16 row: the default launch against split ones
+    (``BF16_TILES`` x ``BF16_SPLITS``, each the split the launch takes), as ``sweep_shape``."""
+    w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+    ref = x.double() @ w.double().t()
+    copies = [w] + [w.clone() for _ in range(max(1, int(COPY_BYTES // (2 * n * k))))]
+    base = gv.gemv(x, w)
+    cands = [None]
+    for bn, bk, warps, chunk in BF16_TILES:
+        steps = triton.cdiv(k, bk)
+        for s in BF16_SPLITS:
+            eff = triton.cdiv(steps, triton.cdiv(steps, s))
+            if eff > 1 and (bn, bk, warps, chunk, eff) not in cands:
+                cands.append((bn, bk, warps, chunk, eff))
+    d = gv.gemv_config(1, n, k, False)
+    res = {"default": [d.block_n, d.block_k, d.num_warps, d.chunk, d.split_k],
+           "floor_us_4.25TBs": round(2 * n * k / 4.25e6, 2), "configs": {}}
+    for cfg in cands:
+        key = "default" if cfg is None else str(cfg)
+        try:
+            c = _bf16_config(cfg)
+            with graph_scope():
+                out = gv.gemv(x, w, config=c)
+                again = gv.gemv(x, w, config=c)
+            bad = _check(out, ref, base)
+            if not bad and not torch.equal(out, again):
+                bad = "not the same bits on a second call"
+            us = None if bad else graph_us([lambda q=q, c=c: gv.gemv(x, q, config=c)
+                                            for q in copies])
+        except Exception as e:  # noqa: BLE001
+            bad, us = f"{type(e).__name__}: {e}"[:160], None
+        row = {"error": bad} if bad else {"us": round(us, 2), "gbs": round(2 * n * k / us / 1e3)}
+        res["configs"][key] = row
+        print("bf16", name, key, json.dumps(row), flush=True)
+    timed = {c: r["us"] for c, r in res["configs"].items() if "us" in r}
+    res["default_us"] = timed.get("default")
+    new = {c: u for c, u in timed.items() if c != "default"}
+    res["best_old"] = "default"
+    res["best_new"] = min(new, key=new.get) if new else None
+    res["best_new_us"] = new.get(res["best_new"])
+    _summary("bf16-summary", name, 2 * n * k, res, timed)
+    del copies
+    torch.cuda.empty_cache()
+    return res
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--write-table", action="store_true",
-                   help="rewrite tessellm/kernels/gemm/gemv_x2_table.py with the winners")
+                   help="rewrite tessellm/kernels/gemm/gemv_x2_table.py with the winners "
+                        "(always written to DIR/gemv_x2_table.py)")
+    p.add_argument("--quick", action="store_true",
+                   help="of the old launch shapes only the tiled ones and two streamed ones")
+    p.add_argument("--bf16", action="store_true",
+                   help="also the bf16 FMA kernel against split ones (BF16_SPLIT_TABLE)")
     args = p.parse_args()
+    global QUICK
+    QUICK = args.quick
+    split_last.ENABLED = False  # "default": the old launch, whatever the environment says
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = {"device": torch.cuda.get_device_name(), "shapes": {}}
-    table = {}
+    table, split_table, bf16_table = {}, {}, {}
     for name, (n, k) in SHAPES.items():
         r = sweep_shape(name, n, k)
         res["shapes"][name] = r
-        best = _parse(r["best"])
-        if best is not None and r["best_us"] < (1 - MIN_GAIN) * r["default_us"]:
+        timed = {c: v["us"] for c, v in r["configs"].items() if "us" in v}
+        best = _parse(r["best_old"]) if r["best_old"] else None
+        if best is not None and timed[r["best_old"]] < (1 - MIN_GAIN) * r["default_us"]:
             table[(n, k)] = best
+        old_us = timed[r["best_old"]] if (n, k) in table else r["default_us"]
+        if r["best_new"] and old_us and timed[r["best_new"]] < (1 - MIN_GAIN) * old_us:
+            split_table[(n, k)] = _parse(r["best_new"])
         (args.out / "x2_sweep.json").write_text(json.dumps(res, indent=1))
+    if args.bf16:
+        res["bf16"] = {}
+        for name in BF16_SHAPES:
+            n, k = SHAPES[name]
+            r = bf16_sweep_shape(name, n, k)
+            res["bf16"][name] = r
+            if r["best_new"] and r["default_us"] and \
+                    r["best_new_us"] < (1 - MIN_GAIN) * r["default_us"]:
+                bn, bk, warps, chunk, split = _parse(r["best_new"])
+                if chunk == 8:  # BF16_SPLIT_TABLE's entries take chunk 8
+                    bf16_table[(n, k)] = (bn, bk, warps, split)
+            (args.out / "x2_sweep.json").write_text(json.dumps(res, indent=1))
     res["table"] = {str(nk): cfg for nk, cfg in table.items()}
-    res["layers"] = layers_section(table)
+    res["split_table"] = {str(nk): cfg for nk, cfg in split_table.items()}
+    res["bf16_split_table"] = {str(nk): cfg for nk, cfg in bf16_table.items()}
+    res["layers"] = layers_section(table, split_table)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     (args.out / "x2_sweep.json").write_text(json.dumps(res, indent=1))
     for name, r in res["shapes"].items():
         print(f"{name:8s} default {r['default_us']} us -> best {r['best_us']} us "
               f"({r['best']}), floor {r['floor_us_4.25TBs']}")
+    source = (f"\n{res['device']}, {time.strftime('%Y-%m-%d')}: x2_sweep.json in "
+              f"benchmarks/results/ (see benchmarks/README.md).\n")
+    write_table(args.out / "gemv_x2_table.py", table, split_table, bf16_table, source)
     if args.write_table:
         path = Path(gemv_x2.__file__).with_name("gemv_x2_table.py")
-        write_table(path, table, f"\n{res['device']}, {time.strftime('%Y-%m-%d')}: "
-                    f"x2_sweep.json in benchmarks/results/ (see benchmarks/README.md).\n")
-        (args.out / "gemv_x2_table.py").write_text(path.read_text())
-        print("table written:", table)
+        path.write_text((args.out / "gemv_x2_table.py").read_text())
+    print("table" + (" written" if args.write_table else " proposed") + ":", table,
+          "split:", split_table, "bf16 split:", bf16_table, flush=True)
 
 
 if __name__ == "__main__":
