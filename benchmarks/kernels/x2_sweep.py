@@ -193,7 +193,8 @@ def layers_section(table: dict, split_table: dict, n_layers: int = 8) -> dict:
     return out
 
 
-TABLE_HEAD = '''"""Launch shapes of the one-row GEMVs by exact weight shape (N, K), chosen by measurement
+TABLE_HEAD = \
+    '''"""Launch shapes of the one-row GEMVs by exact weight shape (N, K), chosen by measurement
 (``benchmarks/kernels/x2_sweep.py`` writes this file; no autotuning at serve time).
 
 ``X2_TABLE`` (``gemv_fp8_x2``, always consulted): a value is (block_n, block_kw, num_warps) for

@@ -40,7 +40,10 @@ K needs a mask only when ``BLOCK_K * SPLIT_K`` does not divide K (``EVEN_K``). W
 ``SPLIT_K`` > 1 each K range stores its float32 partial sums in its own plane of a
 ``[split, M, N]`` buffer, summed over the planes and cast after (``common._split_sum``: the
 same bits every call, where float32 atomics would add in the order the programs finish): two
-extra kernels, so the tables split only where N alone cannot give every SM a program.
+extra kernels, so the tables split only where N alone cannot give every SM a program. Under
+``TESSELLM_GEMV_SPLIT_LAST`` the FMA kernel's planes are added instead by each N tile's last
+program, in the same fixed order, inside the launch (``split_last.py``; ``GemvConfig.split_last``,
+``gemv_x2_table.BF16_SPLIT_TABLE`` at one 16-bit row).
 
 No host-device sync, no autotuning: configs are a pure function of (M, N, K, weight kind), so
 the launch is safe inside CUDA graph capture. On the CPU the kernels run in Triton's

@@ -24,7 +24,9 @@ kernel was slower on qkv, gate_up and down by 5-9% at its best, equal on o; the 
 prefetch slowed 26 of 28 tiles (92 registers instead of 48: half the programs an SM) and a
 persistent grid of 4 programs an SM was the slowest of all. The gap to the weight floor
 (51.3 us a layer at 4.25 TB/s, 61.3 measured) is ~2-3 us a launch of ramp and tail, not the
-read rate of the large shapes.
+read rate of the large shapes. ``TESSELLM_GEMV_SPLIT_LAST`` (``split_last.py``, off until timed):
+the tiled kernel splits K by ``gemv_x2_table.SPLIT_TABLE`` (4-tuples: a split per shape) and its
+rules, each N tile's last program adding the K ranges' planes in a fixed order, no second launch.
 
 ``gemv_fp8_x2_silu_and_mul``: the tiled kernel with SILU_FOLD (the MLP's gate_up at one row):
 program rows in (gate j, up j + I) pairs, each with its own scale, SiLU-and-mul in the
