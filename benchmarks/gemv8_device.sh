@@ -17,13 +17,13 @@
 #      cases of test_gemv.py, test_gemv_prewait.py, test_gemv_silu.py; CONF_S 50: cuda
 #      conformance -k "quant or fused_ops" with the flag on; PARITY_S 0 (skipped): fp32
 #      greedy parity with HF on cuda with the flag on (tests/models/test_cuda_parity.py).
-#   2. Per-shape sweep (x2_sweep.py --quick --bf16 --write-table, SWEEP_S 160): qkv, o,
+#   2. Per-shape sweep (x2_sweep.py --quick --bf16 --write-table, SWEEP_S 180): qkv, o,
 #      gate_up, down at one row, e4m3 x2 old launches (default, tiled tiles, two streamed)
 #      against split ones (4-tuples), then the bf16 FMA kernel default vs split (qkv, o); 1.5 GB of
 #      weight copies a shape in one graph with PDL; "x2-summary" / "bf16-summary" lines (us,
 #      TB/s of old default, best old, best split); then qkv+o+gate_up+down of 8 layers default
 #      vs tuned vs split ("layers"). Winners by >= 3% go into gemv_x2_table.py.
-#   3. The B1 kernel chain (decode_chain.py --sections splitlast, CHAIN_S 120): 32 layers + LM
+#   3. The B1 kernel chain (decode_chain.py --sections splitlast, CHAIN_S 110): 32 layers + LM
 #      head in one CUDA graph with PDL, engine form (SiLU fold, fp8 with its e4m3 LM head),
 #      flag off / on / off again, then the GEMVs alone off / on; fp8 then bf16.
 #   4. Engine B1 (bench latency: Llama-3.1-8B shapes, dummy weights, 512-token prompt, 256
@@ -73,12 +73,12 @@ t conformance ${CONF_S:-50} env TESSELLM_GEMV_SPLIT_LAST=1 python3 -m tessellm.t
   -q -k "quant or fused_ops"
 t tests_parity ${PARITY_S:-0} env TESSELLM_GEMV_SPLIT_LAST=1 $PYT -x tests/models/test_cuda_parity.py
 
-t sweep ${SWEEP_S:-160} python3 benchmarks/kernels/x2_sweep.py --out "$OUT" --quick --bf16 --write-table
+t sweep ${SWEEP_S:-180} python3 benchmarks/kernels/x2_sweep.py --out "$OUT" --quick --bf16 --write-table
 [ -f "$OUT/sweep.txt" ] && grep -E "summary|^layers|^table" "$OUT/sweep.txt"
-[ "${SWEEP_S:-160}" -gt 0 ] && [ -f "$OUT/gemv_x2_table.py" ] && cp "$OUT/gemv_x2_table.py" /tmp/gemv8_table.py
+[ "${SWEEP_S:-180}" -gt 0 ] && [ -f "$OUT/gemv_x2_table.py" ] && cp "$OUT/gemv_x2_table.py" /tmp/gemv8_table.py
 echo "SPLIT_TABLE / BF16_SPLIT_TABLE in use:"; sed -n '/^SPLIT_TABLE/,$p' tessellm/kernels/gemm/gemv_x2_table.py
 
-t chain ${CHAIN_S:-120} python3 benchmarks/kernels/decode_chain.py --out "$OUT" --sections splitlast
+t chain ${CHAIN_S:-110} python3 benchmarks/kernels/decode_chain.py --out "$OUT" --sections splitlast
 [ -f "$OUT/chain.txt" ] && grep "^splitlast" "$OUT/chain.txt"
 
 b1() { local name=$1 secs=$2; shift 2

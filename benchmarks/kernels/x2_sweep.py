@@ -21,7 +21,8 @@ division (``split_candidates``), checked like the others and, beyond, bitwise on
 The fastest one of a shape goes into ``SPLIT_TABLE`` if it beats the old launch (the default
 or its ``X2_TABLE`` winner) by ``MIN_GAIN``. ``--bf16``: the same for ``gemv``'s FMA kernel at one
 bf16 row (``BF16_SPLIT_TABLE``), the default tiles against split ones. ``--quick``: of the old
-launch shapes only the tiled kernel's and the o projection's best streamed one (2026-12-04).
+launch shapes only the tiled kernel's (``OLD_TILES``, ``QUICK_TILES``) and the o projection's
+best two streamed ones (2026-12-04).
 Every shape prints an ``x2-summary`` line (``bf16-summary``): old and best new, us and TB/s.
 The sweep runs with the flag off (``split_last.ENABLED``), so "default" is the old launch.
 """
@@ -55,7 +56,10 @@ TILES = [(4, 256, 4), (4, 512, 4), (2, 512, 4), (8, 256, 4), (8, 512, 8), (16, 2
          (4, 1024, 8)]
 OLD_TILES = [(4, 256, 4), (2, 512, 4), (1, 512, 4)]  # the tiled kernel, split by its rule
 QUICK_STREAM = [(8, 512, 8, 8, False), (8, 512, 8, 0, False)]  # o's best two, 2026-12-04
-SPLIT_TILES = [(2, 512, 4), (4, 256, 4), (1, 512, 4), (2, 256, 4)]
+# --quick: also two tiles of 8 KB a step (whole K = 4096 in one step at 2 x 1024 words), not
+# swept in the tiled kernel before its weight tile was read before the PDL wait
+QUICK_TILES = [(2, 1024, 4), (4, 512, 4)]
+SPLIT_TILES = [(2, 512, 4), (4, 256, 4), (1, 512, 4), (2, 256, 4), (4, 512, 4)]
 SPLITS = (2, 4)
 # bf16 FMA kernel at one row, the small shapes: (block_n, block_k, warps, chunk) and splits
 BF16_SHAPES = ("qkv", "o")
@@ -84,7 +88,7 @@ def candidates(k: int) -> list:
     ``--quick``: two), then the split ones combined in the launch."""
     out = [None] + list(OLD_TILES)
     if QUICK:
-        out += QUICK_STREAM
+        out += QUICK_TILES + QUICK_STREAM
     else:
         for t in TILES:
             out += [t + (per_sm, True) for per_sm in (0, 4, 8, 16)]
@@ -158,7 +162,7 @@ def sweep_shape(name: str, n: int, k: int) -> dict:
 def _summary(tag: str, name: str, nbytes: int, res: dict, timed: dict) -> None:
     """One line: the default (old) launch, the best old one, the best new (split) one."""
     parts = [f"{tag} {name}"]
-    for label, key in (("default", "default"), ("best old", res.get("best_old")),
+    for label, key in (("old", "default"), ("best old", res.get("best_old")),
                        ("best split", res.get("best_new"))):
         if key in timed:
             parts.append(f"{label} {key}: {timed[key]:.2f} us {nbytes / timed[key] / 1e6:.2f} TB/s")
