@@ -87,6 +87,8 @@ class EngineInfo:
     prompt_embeds_hidden_size: int = 0
     # Each rank's device ("cuda:2"), in rank order (data parallelism: /debug/stats shows them).
     devices: list = field(default_factory=list)
+    # A KV connector is configured (--kv-transfer-config): requests may carry kv_transfer_params.
+    kv_connector: bool = False
 
 
 class EngineCore(EngineSleep):
@@ -198,7 +200,8 @@ class EngineCore(EngineSleep):
                                    getattr(args, "reasoning_parser", None), config),
                                prompt_embeds_hidden_size=(text_config(config).hidden_size
                                                           if args.enable_prompt_embeds else 0),
-                               devices=[str(w.get("device")) for w in self.executor.worker_info])
+                               devices=[str(w.get("device")) for w in self.executor.worker_info],
+                               kv_connector=self.scheduler.connector is not None)
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids,
@@ -344,6 +347,10 @@ class EngineCore(EngineSleep):
 
             raise EngineAsleepError(f"The engine is asleep ({', '.join(sorted(self.asleep))}); call "
                                     "wake_up() before sending requests.")
+        if req.sampling_params.kv_transfer_params is not None and self.scheduler.connector is None:
+            raise ValueError("The request carries kv_transfer_params but the engine runs without a "
+                             "KV connector; start it with --kv-transfer-config (docs/kv_transfer.md) "
+                             "or leave kv_transfer_params out.")
         lora = None
         if req.lora_request is not None:
             from tessellm.lora.request import LoRARequest

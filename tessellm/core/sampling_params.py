@@ -47,6 +47,10 @@ class SamplingParams:
     # Constrain the output to a JSON schema, regex, choice, grammar (structured_output/params.py);
     # a dict (as msgpack carries it) is converted.
     structured_outputs: Optional[StructuredOutputsParams] = None
+    # vLLM's per-request KV connector parameters (the OpenAI request's ``kv_transfer_params``;
+    # docs/kv_transfer.md): ``{"do_remote_decode": true}`` makes a producer's output wait for
+    # the request's saves; the other keys a vLLM proxy sends are accepted and not needed.
+    kv_transfer_params: Optional[dict] = None
     extra: dict = field(default_factory=dict, repr=False)  # free-form, ignored by the engine
 
     def __post_init__(self) -> None:
@@ -113,6 +117,9 @@ class SamplingParams:
             _check(all(isinstance(w, (list, tuple)) and w and all(isinstance(t, int) and t >= 0 for t in w)
                        for w in self.bad_words_token_ids),
                    "bad_words_token_ids must be a list of non-empty lists of non-negative token ids.")
+        _check(self.kv_transfer_params is None or isinstance(self.kv_transfer_params, dict),
+               "kv_transfer_params must be a JSON object (e.g. {\"do_remote_decode\": true}) or "
+               f"null, got {type(self.kv_transfer_params).__name__}.")
 
     @property
     def is_greedy(self) -> bool:

@@ -66,6 +66,11 @@ class _Lookup:
         self.future, self.answered, self.miss, self.when = None, False, None, 0.0
 
 
+def _remote_decode(req) -> bool:
+    params = getattr(getattr(req, "sampling_params", None), "kv_transfer_params", None)
+    return bool(params and params.get("do_remote_decode"))
+
+
 class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
     """Files in a shared directory (module docstring); the worker half is ``SharedStorageWorker``."""
 
@@ -275,14 +280,16 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
             self.stats.record_offered(len(saves))  # counted as the workers report them
         # The step's outputs wait for the saves in flight when it samples a token for a request
         # that has any (its prompt's last chunk, or a decode): its response means its files.
+        # A request's kv_transfer_params {"do_remote_decode": true} asks the same of its own
+        # output (vLLM's disaggregation proxies send it to the prefill engine).
         wait = False
-        if self.wait_for_saves and self._unsynced:
+        if self._unsynced:
             num = scheduler_output.num_scheduled_tokens
             for rid in [r for r in self._unsynced if r in num]:
                 req = requests.get(rid)
                 if req is None or starts.get(rid, 0) + num[rid] >= req.num_tokens:
                     self._unsynced.discard(rid)
-                    wait = True
+                    wait = wait or self.wait_for_saves or (req is not None and _remote_decode(req))
         if not loads and not background and not saves and not wait:
             return None
         return {"loads": loads, "async_loads": background, "saves": saves, "save_owners": owners,

@@ -532,6 +532,23 @@ def test_producer_outputs_wait_only_in_steps_that_sample(tmp_path):
             waits.append(meta["wait"])
             saved.append([b for _, b in meta["saves"]])
         assert waits == want and saved == [[0, 1, 2], [3, 4]]
+    # Without wait_for_save, a request whose kv_transfer_params say do_remote_decode (a vLLM
+    # proxy's prefill request) waits on its own: its last chunk's step.
+    conn = SharedStorageConnector(parse_kv_transfer_config(_kv(tmp_path, "kv_producer")),
+                                  KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
+    for params, want in (({"do_remote_decode": True, "remote_host": None}, [False, True]),
+                         ({"do_remote_decode": False}, [False, False])):
+        remote = SimpleNamespace(**{**vars(req), "request_id": f"p{want[1]}"},
+                                 sampling_params=SamplingParams(kv_transfer_params=params))
+        waits = []
+        for start, num in ((0, 12), (12, 8)):
+            seen = [SimpleNamespace(request_id=remote.request_id, num_computed_tokens=start)]
+            out = SimpleNamespace(new_requests=seen if start == 0 else [],
+                                  cached_requests=[] if start == 0 else seen,
+                                  num_scheduled_tokens={remote.request_id: num})
+            meta = conn.build_connector_meta(out, {remote.request_id: remote}, lambda rid: list(range(5)))
+            waits.append(meta["wait"])
+        assert waits == want
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])

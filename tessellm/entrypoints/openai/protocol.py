@@ -81,7 +81,7 @@ class _SamplingFields(_Request):
     watermarking: Optional[bool] = None
     thinking_token_budget: Optional[int] = None
     repetition_detection: Optional[Any] = None
-    kv_transfer_params: Optional[Any] = None
+    kv_transfer_params: Optional[Any] = None  # a KV connector's (SamplingParams.kv_transfer_params)
     ec_transfer_params: Optional[Any] = None
     vllm_xargs: Optional[Any] = None
     # vLLM structured output (docs/structured_output.md): one constraint at most.
@@ -221,7 +221,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "watermarking": (None, False),
     "thinking_token_budget": (None, -1),
     "repetition_detection": (None,),
-    "kv_transfer_params": (None,),
     "ec_transfer_params": (None,),
     "vllm_xargs": (None,),
 }

@@ -34,6 +34,21 @@ def check_model(requested: Optional[str], config: ServerConfig):
     return None
 
 
+def check_kv_transfer_params(req: BaseModel, info) -> None:
+    """vLLM's per-request ``kv_transfer_params``: a JSON object, on an engine with a KV
+    connector (docs/kv_transfer.md)."""
+    params = getattr(req, "kv_transfer_params", None)
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise bad_request("kv_transfer_params must be a JSON object, e.g. {\"do_remote_decode\": "
+                          f"true}}; got {type(params).__name__}.", "kv_transfer_params")
+    if not getattr(info, "kv_connector", False):
+        raise bad_request("kv_transfer_params needs a server started with --kv-transfer-config "
+                          "(a KV connector, docs/kv_transfer.md); leave it out here.",
+                          "kv_transfer_params", "unsupported_parameter")
+
+
 def check_unsupported(req: BaseModel) -> None:
     unsupported = {**UNSUPPORTED, **CHAT_UNSUPPORTED} if isinstance(req, ChatCompletionRequest) else UNSUPPORTED
     for name, neutral in unsupported.items():
@@ -146,6 +161,7 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
             allowed_token_ids=req.allowed_token_ids,
             bad_words=req.bad_words or None,
             structured_outputs=structured,
+            kv_transfer_params=req.kv_transfer_params,
         )
     except ValueError as exc:  # SamplingParams' messages start with the field's name
         name = str(exc).split(" ", 1)[0]

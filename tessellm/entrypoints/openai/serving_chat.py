@@ -28,8 +28,9 @@ from tessellm.entrypoints.openai.protocol_responses import (ChatChoice, ChatChoi
                                                             ChatResponseMessage, ChatStreamChoice,
                                                             DeltaMessage)
 from tessellm.entrypoints.openai.reasoning import ReasoningPlan, ReasoningStream
-from tessellm.entrypoints.openai.sampling import (check_limits, check_model, check_unsupported,
-                                                  resolve_max_tokens, to_sampling_params)
+from tessellm.entrypoints.openai.sampling import (check_kv_transfer_params, check_limits, check_model,
+                                                  check_unsupported, resolve_max_tokens,
+                                                  to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.tools import ToolPlan, tool_call_history
@@ -84,6 +85,7 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     plans. A 400 (OpenAIError) names the chat field at fault."""
     lora = check_model(req.model, config)  # the adapter as served now
     check_unsupported(req)
+    check_kv_transfer_params(req, engine.info)
     check_limits(req, config)
     harmony = harmony_on(engine, config.tool_call_parser)  # gpt-oss (openai/harmony.py)
     plan = ToolPlan(req, TOOL_PARSER if harmony else config.tool_call_parser)

@@ -18,8 +18,9 @@ from tessellm.entrypoints.openai.errors import bad_request, prompt_error
 from tessellm.entrypoints.openai.protocol import CompletionRequest
 from tessellm.entrypoints.openai.protocol_responses import (CompletionChoice, CompletionLogProbs,
                                                             CompletionResponse)
-from tessellm.entrypoints.openai.sampling import (check_limits, check_model, check_unsupported,
-                                                  resolve_max_tokens, to_sampling_params)
+from tessellm.entrypoints.openai.sampling import (check_kv_transfer_params, check_limits, check_model,
+                                                  check_unsupported, resolve_max_tokens,
+                                                  to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.prompts import process_completion_prompt, truncation
@@ -32,6 +33,7 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     req: CompletionRequest = parse_request(CompletionRequest, body)
     lora = check_model(req.model, config)  # the adapter as served now
     check_unsupported(req)
+    check_kv_transfer_params(req, engine.info)
     check_limits(req, config)
     keep = truncation(req, engine.info.max_model_len)
     if req.prompt_embeds is not None:  # as vLLM: the embeddings' prompts first, then prompt's
