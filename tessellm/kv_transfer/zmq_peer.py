@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Optional
 
@@ -43,6 +44,8 @@ _DEFAULT_PORT = 14579
 _DEFAULT_STORE = 4 << 30  # bytes of blocks a producer rank keeps (LRU)
 _GET_BATCH = 64  # blocks per "get" message
 _POLL_MS = 100  # the server looks at its stop flag this often
+_LOOKUP_TIMEOUT_S = 1.0  # a "has" waits at most this (a small message), timeout_s if less
+_DOWN_S = 5.0  # after a peer's silence, its blocks count as missing this long without asking
 
 
 class BlockStore:
@@ -185,6 +188,7 @@ class ZmqPeerConnector(SharedStorageConnector):
             self.peer = (host, int(peer_port))
         self.port, self.bind, self.store_bytes, self.timeout = port, bind, store, float(timeout)
         self._clients = _Clients()
+        self._down_until: dict[str, float] = {}  # peer address -> until when it is not asked
         self._store: Optional[BlockStore] = None
         self._server: Optional[BlockServer] = None
         self._told_namespace = False
@@ -194,14 +198,21 @@ class ZmqPeerConnector(SharedStorageConnector):
 
     def _ask(self, rank: int, op: bytes, keys: list) -> Optional[list]:
         """A request to the producer's rank: its reply's frames after ``ok``, or None (another
-        namespace, no answer in ``timeout_s``, an error: the blocks count as missing)."""
+        namespace, no answer in time, an error: the blocks count as missing). A peer that did
+        not answer is not asked again for ``_DOWN_S`` seconds: a consumer whose producer is
+        down costs its requests one lookup timeout in that time, not one each."""
         address = f"{self.peer[0]}:{self.peer[1] + rank}"
-        reply = self._clients.request(address, [op, self.context.namespace.encode()]
-                                      + [k.encode() for k in keys], self.timeout)
-        if reply is None:
-            logger.warning("KV peer %s did not answer in %.1f s: its blocks count as missing.",
-                           address, self.timeout)
+        if time.monotonic() < self._down_until.get(address, 0.0):
             return None
+        timeout = min(self.timeout, _LOOKUP_TIMEOUT_S) if op == b"has" else self.timeout
+        reply = self._clients.request(address, [op, self.context.namespace.encode()]
+                                      + [k.encode() for k in keys], timeout)
+        if reply is None:
+            self._down_until[address] = time.monotonic() + _DOWN_S
+            logger.warning("KV peer %s did not answer in %.1f s: its blocks count as missing "
+                           "(it is asked again in %.0f s).", address, timeout, _DOWN_S)
+            return None
+        self._down_until.pop(address, None)
         if reply[0] == b"ok":
             return reply[1:]
         if reply[0] == b"namespace" and not self._told_namespace:

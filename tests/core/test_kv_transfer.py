@@ -946,6 +946,21 @@ def test_zmq_peer_prefill_in_one_process_decode_in_another(tiny_model_dir, caplo
         assert proc.wait(120) == 0
 
 
+def test_zmq_peer_down_costs_one_lookup_timeout_not_one_per_request(tiny_model_dir, caplog):
+    """A consumer whose producer does not answer (nothing listens on kv_peer): its first
+    request's lookup times out and counts as a miss (recomputed: HF's tokens); the peer is then
+    not asked for a while, so the next requests are not held by lookups (one warning, not one
+    per request)."""
+    model = tiny_model_dir("llama")
+    prompts = _prompts(3)
+    want = hf_greedy(model, prompts, 6)
+    consumer = _peer("kv_consumer", kv_peer=f"127.0.0.1:{_free_port()}", timeout_s=0.5)
+    rows, stats = _run(model, prompts, kv_transfer_config=consumer)
+    assert rows == [(w, 0, 42 + 5) for w in want]
+    assert stats.kv_connector["hits"] == 0 and stats.kv_connector["load_failures"] == 0
+    assert caplog.text.count("did not answer in 0.5 s") == 1
+
+
 def test_zmq_peer_bad_settings_are_one_clear_error(tiny_model_dir):
     ctx = KVConnectorContext(BS, "ns")
     for role, extra, match in (
