@@ -20,9 +20,11 @@
 #   2. Per-shape sweep (x2_sweep.py --quick --bf16 --write-table, SWEEP_S 180): qkv, o,
 #      gate_up, down at one row, e4m3 x2 old launches (default, tiled tiles, two streamed)
 #      against split ones (4-tuples), then the bf16 FMA kernel default vs split (qkv, o); 1.5 GB of
-#      weight copies a shape in one graph with PDL; "x2-summary" / "bf16-summary" lines (us,
-#      TB/s of old default, best old, best split); then qkv+o+gate_up+down of 8 layers default
-#      vs tuned vs split ("layers"). Winners by >= 3% go into gemv_x2_table.py.
+#      weight copies a shape in one graph with PDL, alone and (qkv, o, gate_up) each call after
+#      the add-RMSNorm kernel, as the chain runs them (those rank by that pair's time);
+#      "x2-summary" / "bf16-summary" lines (us, TB/s of old default, best old, best split);
+#      then qkv+o+gate_up+down of 8 layers default vs tuned vs split ("layers"). Winners by
+#      >= 3% go into gemv_x2_table.py.
 #   3. The B1 kernel chain (decode_chain.py --sections splitlast, CHAIN_S 110): 32 layers + LM
 #      head in one CUDA graph with PDL, engine form (SiLU fold, fp8 with its e4m3 LM head),
 #      flag off / on / off again, then the GEMVs alone off / on; fp8 then bf16.
@@ -38,8 +40,10 @@
 #
 # Expected (not yet run; the design's arithmetic, benchmarks/README.md "Session 20 (gemv8)"):
 #   SUMMARY tests: N passed (0 failed); conformance passed
-#   x2-summary qkv | default (4, 256, 4)-rule: ~8.0 us ~3.1 TB/s | best split: 7-8 us
-#   x2-summary o   | default: ~6.2 us ~2.7 TB/s | best split: 5-6.2 us
+#   x2-summary qkv | old default: ~8.0 us ~3.1 TB/s (alone) | best split: 7-8 us
+#   x2-summary o   | old default: ~6.2 us ~2.7 TB/s (alone) | best split: 5-6.2 us
+#     (after a norm: the pair's time, the norm's ~2 us included; prewait hides part of the
+#     ramp there, so the split's gain, if any, is smaller than alone)
 #     (H200 2026-12-04 old figures; a split wins a shape only by >= 3%, else the table stays
 #     empty there and the flag changes nothing on it)
 #   gate_up / down: no split expected to win (3.7-3.8 TB/s already)
