@@ -189,6 +189,37 @@ def test_flag_takes_the_split_tables_and_the_rules_splits(monkeypatch):
     assert len(sums) == 2  # planes, summed after
 
 
+@pytest.mark.parametrize("entry", [("e4m3", nk) for nk in sorted(gemv_x2_table.SPLIT_TABLE)]
+                         + [("bf16", nk) for nk in sorted(gemv_x2_table.BF16_SPLIT_TABLE)]
+                         or [None], ids=str)
+def test_split_table_entries(monkeypatch, entry):
+    """Each launch of ``SPLIT_TABLE`` / ``BF16_SPLIT_TABLE`` on its own weight shape under the
+    flag (on the CPU, in the interpreter, on a small one, same launch), against the float64
+    product; the same bits twice."""
+    if entry is None:
+        pytest.skip("the split tables are empty")
+    kind, shape = entry
+    monkeypatch.setattr(split_last, "ENABLED", True)
+    n, k = shape if ON_GPU else (19, 100)
+    w, x, _ = _data(1, n, k, False, 17)
+    if kind == "e4m3":
+        cfg = gemv_x2_table.SPLIT_TABLE[shape]
+        seg = quantize_fp8(w).to(DEV)
+        out = gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales, config=cfg)
+        again = gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales, config=cfg)
+        ref = x.double() @ seg.dequantize().double().t()
+    else:
+        bn, bk, warps, split = gemv_x2_table.BF16_SPLIT_TABLE[shape]
+        cfg = gv.GemvConfig(bn, bk, warps, 1, split_k=split, chunk=8, split_last=True)
+        if ON_GPU:
+            assert gv.gemv_config(1, n, k, False) == cfg
+        wb = w.to(DEV, BF16)
+        out, again = gv.gemv(x, wb, config=cfg), gv.gemv(x, wb, config=cfg)
+        ref = x.double() @ wb.double().t()
+    assert torch.equal(out, again)
+    _close(out, ref)
+
+
 def test_folds_and_epilogues_keep_one_k_range(monkeypatch):
     """The SiLU fold and the add-RMSNorm epilogue need whole sums: under the flag, with a
     ``SPLIT_TABLE`` entry for their shape, they take its tiles and no split."""
