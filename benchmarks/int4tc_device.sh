@@ -9,28 +9,48 @@
 #                       GPTQ / act-order checkpoints' logits on cuda
 #   int4tc_bench        Llama-3.1-8B layer shapes at 1/4/16/64/256/1024 rows, L2 flushed:
 #                       bf16 cuBLAS vs old int4 (TESSELLM_INT4_TC=0 path) vs new, us a product
-#   int4tc_sweep        int4_tc_gemm's launch settings at 16/64/256 rows (INT4TC_SWEEP_S=0 skips)
+#   int4tc_sweep        int4_tc_gemm's launch settings at 16/64/256 rows (o, gate_up, down)
+#   int4tc_moe_*        MoE: tests, a Qwen3-30B-A3B layer with the tc kernel off / on, settings
 # Run from the repository root: bash benchmarks/int4tc_device.sh   (OUT=... for the logs)
-# Expect: "rc=0" five times, "passed" and no "failed" (int4tc_kernels: ~70 passed, 0 skipped);
+# Expect: "rc=0" nine times, "passed" and no "failed" (int4tc_kernels: ~70 passed, 0 skipped);
 # the table: one line a shape and row count, err ~1e-2 or below, path gemv at 1-4 rows, tc at
 # 16-256, deq at 1024; six "layer M=..." lines. Hoped for: new/bf16 under 1 at 16-64 rows
 # (bf16 ~182-185 us a layer, old 298 at 16), new/old well under 1 at 16-256, new ~ old at 1024
 # (tcdeq ~ the old dequantize). Read from it: the "tcgemv" column at 1 and 4 rows against
 # "new" (gemv_int4): if tcgemv is as fast, INT4_TC_GEMV (quant_ops.py) goes on and the
 # checkpoint layout's second copy of the codes goes;
-# "tc" vs "tcdeq" at 256/1024 places DEQUANT_MIN_M (512). Then 12 "sweep <shape> M=..." lines
+# "tc" vs "tcdeq" at 256/1024 places DEQUANT_MIN_M (512). Then 9 "sweep <shape> M=..." lines
 # (default vs best (BLOCK_M, BLOCK_N, warps, stages, programs/SM)) to tune int4_tc_config.
+# Then the MoE part (below). Every step's limit sums to 8 minutes; each is an env var
+# (INT4TC_*_S, 0 skips it); a step cut at its limit keeps the lines it printed.
 source benchmarks/device_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-t int4tc_kernels ${INT4TC_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider \
+t int4tc_kernels ${INT4TC_TEST_S:-100} python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_int4_tc.py tests/kernels/test_gemv_int4.py
-t int4tc_conformance ${INT4TC_CONF_S:-50} python3 -m tessellm.testing --backend cuda -q \
+t int4tc_conformance ${INT4TC_CONF_S:-35} python3 -m tessellm.testing --backend cuda -q \
   -k "declared_schemes"
-t int4tc_quant ${INT4TC_QTEST_S:-80} python3 -m pytest -q -p no:cacheprovider \
+t int4tc_quant ${INT4TC_QTEST_S:-60} python3 -m pytest -q -p no:cacheprovider \
   tests/quantization/test_kernels.py tests/quantization/test_loading.py \
   -k "int4 or dequantize or other_dtypes or test_int4_checkpoint"
-t int4tc_bench ${INT4TC_BENCH_S:-120} python3 benchmarks/kernels/bench_int4_tc.py \
+t int4tc_bench ${INT4TC_BENCH_S:-90} python3 benchmarks/kernels/bench_int4_tc.py \
   --json "$OUT/int4tc_bench.json"
 grep -v -i warn "$OUT/int4tc_bench.txt" | tail -32
-t int4tc_sweep ${INT4TC_SWEEP_S:-100} python3 benchmarks/kernels/bench_int4_tc.py --sweep
+t int4tc_sweep ${INT4TC_SWEEP_S:-55} python3 benchmarks/kernels/bench_int4_tc.py --sweep
 grep -h "^sweep" "$OUT/int4tc_sweep.txt"
+# MoE: the int4 grouped GEMMs through the tensor-core kernel (kernels/moe/int4_tc_moe.py,
+# TESSELLM_MOE_INT4_TC, default on) on one Qwen3-30B-A3B layer (128 experts, top 8, 2048 ->
+# 768, groups of 128, zero codes), L2 flushed: tests, then the layer with the kernel off (the
+# dequantized-tile kernel, as before) and on at 16 / 64 / 256 tokens, then its settings.
+# Expect: "tokens N: bf16 .. int4 .. (int4/bf16 r)" three lines per run; session 19 had int4
+# 336 us against bf16 293 at 16 tokens (1.15x); hoped for: "on" well under "off" and under bf16.
+t int4tc_moe_tests ${INT4TC_MOE_TEST_S:-55} python3 -m pytest -q -p no:cacheprovider \
+  tests/kernels/test_moe_int4_tc.py tests/quantization/test_moe_int4.py -k "tc or triton"
+t int4tc_moe_off ${INT4TC_MOE_S:-35} env TESSELLM_MOE_INT4_TC=0 python3 \
+  benchmarks/kernels/bench_moe_int4.py --flush --tokens 16 64 256
+grep -h "tokens" "$OUT/int4tc_moe_off.txt"
+t int4tc_moe_on ${INT4TC_MOE_S:-35} env TESSELLM_MOE_INT4_TC=1 python3 \
+  benchmarks/kernels/bench_moe_int4.py --flush --tokens 16 64 256
+grep -h "tokens" "$OUT/int4tc_moe_on.txt"
+t int4tc_moe_sweep ${INT4TC_MOE_SWEEP_S:-40} python3 benchmarks/kernels/bench_moe_int4.py \
+  --flush --tc-sweep --tokens 16 64 256
+grep -h "^tcsweep" "$OUT/int4tc_moe_sweep.txt"

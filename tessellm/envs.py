@@ -311,6 +311,13 @@ def int4_tc_gemv() -> Optional[bool]:
     return _switch("TESSELLM_INT4_TC_GEMV")
 
 
+def moe_int4_tc() -> Optional[bool]:
+    """TESSELLM_MOE_INT4_TC: "1" runs the Triton fused MoE's int4 grouped GEMMs through the
+    tensor-core kernel (``kernels/moe/int4_tc_moe.py``, K and group multiples of 128), "0"
+    through ``_expert_gemm_kernel``'s dequantized tiles; unset: the module's default."""
+    return _switch("TESSELLM_MOE_INT4_TC")
+
+
 def fp8_lean_w8a8() -> Optional[bool]:
     """TESSELLM_FP8_LEAN_W8A8: "0" takes the fp8 W8A8 prefill GEMM's checks and views again
     every call (the path before 2026-12-04; benchmarks), "1" caches them per weight (default)."""

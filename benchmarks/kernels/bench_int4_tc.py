@@ -15,8 +15,8 @@ second copy of the codes goes); ``tcdeq`` the tc dequantize kernel then cuBLAS (
 path's largest error over the largest output against x @ the dequantized weight (float32).
 Then one ``layer M=...`` line per row count (the four products summed).
 ``--sweep`` (instead of the table): int4_tc_gemm over (BLOCK_N, num_warps, num_stages) and the
-split-K target (programs a multiprocessor) at 16, 64 and 256 rows, one line a shape and row
-count: the default's time and the best setting's (``int4_tc.int4_tc_config``'s tuple).
+split-K target (programs a multiprocessor) at 16, 64 and 256 rows, o / gate_up / down, one line
+a shape and row count: the default's time and the best setting's (``int4_tc.int4_tc_config``'s tuple).
 """
 
 from __future__ import annotations
@@ -62,8 +62,10 @@ def _without_tc(w: Int4Weight) -> Int4Weight:
 def sweep(flush: bool, sym: bool) -> None:
     print(f"{torch.cuda.get_device_name()} | int4_tc sweep, us (L2 {'flushed' if flush else 'warm'})",
           flush=True)
-    settings = [(bn, wp, st) for bn, wp in ((64, 4), (128, 4), (128, 8)) for st in (3, 4, 5)]
+    settings = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3)]
     for name, (n, k) in SHAPES.items():
+        if name == "qkv":  # (o's K, between o's and gate_up's N)
+            continue
         w = _weight(n, k, sym)
         for m in (16, 64, 256):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

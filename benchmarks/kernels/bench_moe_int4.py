@@ -2,6 +2,7 @@
 (GPU only).
 
     python3 benchmarks/kernels/bench_moe_int4.py [--json out.json] [--flush] [--sweep]
+        [--tokens 16 64 256] [--tc-sweep]
 
 Shapes (benchmarks/model-configs/qwen3-30b-a3b): 128 experts, top-8, hidden 2048, expert
 intermediate 768, softmax routing renormalized; int4 experts in groups of 128 with uint8 zero
@@ -9,7 +10,8 @@ codes (AWQ's layout after load, ``layers/moe_int4.py``) and float16 scales; acti
 Tokens 1, 16, 256, 2048. Each time is GPU time per call from CUDA-graph replays
 (``gpu_timing.gtime``; ``--flush``: L2 flushed before each call). The int4 result is checked
 against the pure-torch reference (``reference/moe.py``) at 16 tokens. ``--sweep`` also times
-the int4 grouped GEMMs under a few tile settings (``tile_sweep``).
+the int4 grouped GEMMs under a few tile settings (``tile_sweep``); ``--tc-sweep`` (alone) the
+tensor-core int4 kernel's settings (TESSELLM_MOE_INT4_TC picks that kernel or the tile one).
 
 Bytes per layer: bf16 experts 3 x 2048 x 768 x 2 B = 9.44 MB each (1.21 GB for 128); int4
 2.36 MB + scales and zeros (3 x 2048 x 6 x 3 B = 0.11 MB) each: ~3.9x fewer. At 1 token 8
@@ -49,7 +51,13 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--flush", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time int4 tile settings")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 2048])
+    parser.add_argument("--tc-sweep", action="store_true",
+                        help="only: the tensor-core int4 kernel's launch settings "
+                             "(kernels/moe/int4_tc_moe.py) at --tokens")
     args = parser.parse_args()
+    if args.tc_sweep:
+        return tc_sweep(args.tokens, args.flush)
     torch.manual_seed(0)
     dev, dtype = DEV, torch.bfloat16
     w13 = (torch.randn(E, 2 * I, H, device=dev) / H ** 0.5).to(dtype)
@@ -58,11 +66,11 @@ def main() -> None:
     q2, s2, z2 = int4_experts(H, I, dev)
     kw = dict(int4=True, w13_zeros=z13, w2_zeros=z2)
     rows = []
-    for tokens in (1, 16, 256, 2048):
+    for tokens in args.tokens:
         x = torch.randn(tokens, H, device=dev).to(dtype)
         logits = torch.randn(tokens, E, device=dev)
         row = dict(tokens=tokens)
-        if tokens == 16:
+        if tokens == min(t for t in args.tokens if t > 4):
             ref = fused_moe_reference(x, logits, q13, q2, TOP_K, "softmax", True, s13, s2, **kw)
             out = fused_moe(x, logits, q13, q2, TOP_K, "softmax", True, s13, s2, **kw)
             row["int4_max_rel_err"] = ((out.float() - ref.float()).abs().max()
@@ -114,6 +122,40 @@ def tile_sweep(q13, q2, s13, s2, kw, dtype, flush: bool) -> list:
             print(f"sweep tokens {tokens:5d}: best int4 {best[0]:8.1f} us with {best[1]}",
                   flush=True)
     return out
+
+
+def tc_sweep(token_counts, flush: bool) -> None:
+    """The int4 fused MoE with the tensor-core grouped GEMMs under each (BLOCK_N, num_warps,
+    num_stages) of ``int4_tc_moe.moe_int4_tc_tiles`` (BLOCK_M stays the alignment's): one line
+    a token count, the default's time and the best setting's."""
+    from tessellm.kernels.moe import int4_tc_moe as tm
+
+    torch.manual_seed(0)
+    q13, s13, z13 = int4_experts(2 * I, H, DEV)
+    q2, s2, z2 = int4_experts(H, I, DEV)
+    kw = dict(int4=True, w13_zeros=z13, w2_zeros=z2)
+    tiles = tm.moe_int4_tc_tiles
+    for tokens in token_counts:
+        x = torch.randn(tokens, H, device=DEV).to(torch.bfloat16)
+        logits = torch.randn(tokens, E, device=DEV)
+        run = (lambda: fused_moe(x, logits, q13, q2, TOP_K, "softmax", True, s13, s2, **kw))
+        base = gtime(run, flush=flush)
+        best = (base, "default")
+        for bn, warps in ((64, 4), (128, 4), (128, 8)):
+            for stages in (2, 3, 4):
+                cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                tm.moe_int4_tc_tiles = lambda bm, cfg=cfg: cfg
+                try:
+                    us = gtime(run, flush=flush)
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    print(f"  tokens {tokens}: {cfg} failed: {type(e).__name__}", flush=True)
+                    continue
+                finally:
+                    tm.moe_int4_tc_tiles = tiles
+                if us < best[0]:
+                    best = (us, str(cfg))
+        print(f"tcsweep tokens {tokens:5d}: default {base:8.1f} us, best {best[0]:8.1f} us "
+              f"({best[1]})", flush=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from tessellm.kernels.moe.align import align_by_expert_triton
 from tessellm.kernels.moe.decode import (decode_max_tokens, decode_route, fused_moe_decode,
                                          fused_moe_decode_routed)
 from tessellm.kernels.moe.decode_int4 import fused_moe_int4_decode
+from tessellm.kernels.moe.int4_tc_moe import moe_int4_tc_applies, moe_int4_tc_gemm
 from tessellm.kernels.moe.routing import route_triton
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
@@ -237,6 +238,12 @@ def _expert_gemm(a, w, scale, weights, sorted_ids, block_expert, num_padded, out
     shape or None (8); each K step stays inside one group; ``perm`` ``[E, K]`` int32: ``a``'s
     columns in that order per expert (GPTQ act order)."""
     n, k = out.shape[1], w.shape[2] * (8 if int4 else 1)
+    if (int4 and bias is None and activation is None and block_shape is None
+            and moe_int4_tc_applies(k, k // scale.shape[2])):
+        # K and group multiples of 128: the tensor-core kernel (codes exact in the dot)
+        moe_int4_tc_gemm(a, w, scale, zeros, weights, sorted_ids, block_expert, num_padded, out,
+                         row_div, tiles["BLOCK_M"], silu_mul, perm)
+        return
     clamped = activation is not None and activation.kind == "swiglu_oai"
     grid = (sorted_ids.numel() // tiles["BLOCK_M"], triton.cdiv(n, tiles["BLOCK_N"]))
     variant = {}
