@@ -2,8 +2,9 @@
 # The causal conv's in-launch state saves (hconv, session 20: plugin API 23,
 # FusedOps.mamba_conv_state_saves) on one GPU, ~4 minutes cold (each part time-boxed):
 #   tests      the Triton conv given snapshots= against save_conv_states + the plain conv
-#              (bitwise, float32 and bfloat16), the other in-step saves (scans, gated delta) and
-#              the Mamba kernels, compiled for the GPU
+#              (bitwise, float32 and bfloat16), the other in-step saves (the scans' save loop
+#              now one shared helper, kernels/recurrent_saves.py), the Mamba and gated delta
+#              kernels, compiled for the GPU
 #   conf       the cuda conformance of the state saves: the conv's (API 23) beside the scans'
 #              (API 21 / 22), and the conv1d cases
 #   engine     the GPU prefix-cache hits (decode graphs, async scheduling) on Mamba2 and
@@ -23,7 +24,8 @@
 source benchmarks/device_env.sh
 export TESSELLM_SSD_SCAN=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 P="python3 -m pytest -q -p no:cacheprovider"
-t tests ${TESTS_S:-150} $P tests/kernels/test_state_saves.py tests/kernels/test_mamba_kernels.py
+t tests ${TESTS_S:-180} $P tests/kernels/test_state_saves.py tests/kernels/test_mamba_kernels.py \
+  tests/kernels/test_gated_delta_kernels.py
 t conf ${CONF_S:-60} python3 -m tessellm.testing --backend cuda -q -rs \
   -k "keeps_states_inside or conv1d"
 grep -c "SKIPPED" "$OUT/conf.txt"

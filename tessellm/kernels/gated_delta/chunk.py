@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.recurrent_pieces import save_pointers
+from tessellm.kernels.recurrent_saves import chunk_end, keep_state
 
 # The in-op L2 normalization's epsilon of q and k: the contract's (the reference's
 # ``backends.reference.gated_delta.L2_EPS``; kernels import no backend, and
@@ -102,23 +103,19 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, qsl_ptr, idx_
     strict = ls[:, None] > ls[None, :]
     unit = tl.where(ls[:, None] == ls[None, :], 1.0, 0.0)
     if SAVES:
-        # as the sequential Mamba scan: a chunk ends at each save offset, whose state is then
-        # stored into its snapshot slot, and the next chunk starts there
+        # as the sequential Mamba scan (``kernels/recurrent_saves.py``): a chunk ends at each
+        # save offset, whose state is then stored into its snapshot slot, and the next chunk
+        # starts there
         n = tl.load(save_first_ptr + s)
         n_end = tl.load(save_first_ptr + s + 1)
         c0 = start * 0
         while (c0 < length) | (n < n_end):
-            nxt = tl.load(save_off_ptr + n, mask=n < n_end, other=0).to(tl.int64)
-            nxt = tl.where(n < n_end, nxt, length)
-            end = tl.minimum(c0 + Q, nxt)
+            end, cut = chunk_end(c0, length, n, n_end, save_off_ptr, Q)
             state = _delta_chunk(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, o_ptr, state, start, c0,
                                  end, h, kh, scale, eps, ks, vs, ls, km, vm, causal, strict, unit,
                                  sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sb_t, so_t, so_h, Q)
-            if (end == nxt) & (n < n_end):
-                pool_slot = tl.load(save_slot_ptr + n).to(tl.int64)
-                tl.store(snap_ptr + pool_slot * snap_slot + inner,
-                         state.to(snap_ptr.dtype.element_ty), mask=smask)
-                n += 1
+            n = keep_state(state, end, cut, n, n_end, save_slot_ptr, snap_ptr, snap_slot, inner,
+                           smask)
             c0 = end
     else:
         for c0 in range(0, length, Q):

@@ -32,6 +32,7 @@ import triton.language as tl
 from tessellm import envs
 from tessellm.kernels.mamba import ssd
 from tessellm.kernels.recurrent_pieces import save_pointers
+from tessellm.kernels.recurrent_saves import chunk_end, keep_state
 
 
 @triton.jit
@@ -97,21 +98,17 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dt_bias_ptr, s
         # the sequence's saves k .. k_end - 1 (offsets ascending, within 0 .. length): a chunk
         # ends at the next one, whose state is then stored into its snapshot slot, and the
         # next chunk starts there (the chunks of the scan run once per piece between them)
+        # (``kernels/recurrent_saves.py``, shared with the gated delta chunk kernel)
         k = tl.load(save_first_ptr + s)
         k_end = tl.load(save_first_ptr + s + 1)
         c0 = start * 0
         while (c0 < length) | (k < k_end):
-            nxt = tl.load(save_off_ptr + k, mask=k < k_end, other=0).to(tl.int64)
-            nxt = tl.where(k < k_end, nxt, length)
-            end = tl.minimum(c0 + Q, nxt)
+            end, cut = chunk_end(c0, length, k, k_end, save_off_ptr, Q)
             state = _scan_chunk(x_ptr, dt_ptr, b_ptr, c_ptr, y_ptr, state, start, c0, end, h, g,
                                 A, D, bias, dt_lo, dt_hi, ps, ns, ls, pm, nm, causal, sx_t,
                                 sx_h, sdt_t, sb_t, sb_g, sc_t, sc_g, sy_t, sy_h, CLAMP)
-            if (end == nxt) & (k < k_end):
-                pool_slot = tl.load(save_slot_ptr + k).to(tl.int64)
-                tl.store(snap_ptr + pool_slot * snap_slot + inner,
-                         state.to(snap_ptr.dtype.element_ty), mask=smask)
-                k += 1
+            k = keep_state(state, end, cut, k, k_end, save_slot_ptr, snap_ptr, snap_slot, inner,
+                           smask)
             c0 = end
     else:
         for c0 in range(0, length, Q):
