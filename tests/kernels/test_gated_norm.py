@@ -158,3 +158,44 @@ def test_mixers_take_the_backends_gated_norm(gate_norm):
                 outs.append(layer(hidden))
         assert layer._fused_norm
         torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def _tp_norm_rank(rank, rdzv, modes):
+    """One of two gloo ranks: its half of one group's channels through
+    ``mamba_mixer.tp_gated_rms_norm`` against the reference over the whole group."""
+    import torch.distributed as dist
+
+    from tessellm.distributed.parallel_state import TensorParallel
+    from tessellm.layers.mamba_mixer import tp_gated_rms_norm
+
+    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=2)
+    try:
+        tp = TensorParallel(rank, 2, dist.group.WORLD)
+        for dtype in (torch.float32, torch.bfloat16):
+            y, z, w = _inputs(5, 40, 40, dtype, seed=11)
+            mine = slice(rank * 20, rank * 20 + 20)
+            for mode in modes:
+                want = gated_rms_norm(y, z, w, 40, EPS, mode)[:, mine]
+                got = tp_gated_rms_norm(y[:, mine], z[:, mine], w[mine], EPS, mode, tp, 40)
+                assert got.dtype == dtype and got.shape == want.shape
+                if dtype == torch.float32:  # the sum of squares' order only
+                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+                    continue
+                # bfloat16: the reference's rounding points (a missing or extra one moves
+                # about a third of the outputs by an ulp); the sum's order may flip a rare one
+                off = got != want
+                assert off.float().mean() <= 0.02, f"{mode}: {int(off.sum())} of {off.numel()}"
+                torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_norm_of_one_group_over_ranks(tmp_path):
+    """A mixer with one group (``n_groups == 1``) under tensor parallelism: each rank holds a
+    slice of the group's channels and the mean of squares is summed over the ranks
+    (``mamba_mixer.tp_gated_rms_norm``, gloo, two processes): each Mamba mode (Mamba2's,
+    Falcon-H1's two) as the reference over the whole group, float32 and bfloat16."""
+    from tessellm.testing.ranks import run_ranks
+
+    modes = ("gate_then_norm", "gate_then_norm_float32", "norm_then_gate")
+    run_ranks(_tp_norm_rank, 2, (str(tmp_path / "rdzv"), modes), timeout_s=120)

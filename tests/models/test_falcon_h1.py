@@ -85,6 +85,18 @@ def test_falcon_h1_tensor_parallel_with_biases(tmp_path):
                   max_num_batched_tokens=16)
 
 
+def test_falcon_h1_tensor_parallel_norm_before_gate_over_ranks(tmp_path):
+    """One group of B/C (``mamba_n_groups=1``) at tensor_parallel_size=2 (gloo): the gated
+    norm's one group spans both ranks' slices of the SSM output, so its mean of squares is
+    summed over them (``mamba_mixer.tp_gated_rms_norm``), here normed before the gate
+    (``mamba_norm_before_gate``: norm(y) * silu(z); after the gate, the default, runs in
+    ``test_falcon_h1_tensor_parallel_with_biases``). Greedy tokens as HF's in float32."""
+    config = falcon_h1_config(mamba_n_groups=1, mamba_norm_before_gate=True)
+    path = save_tiny(config, str(tmp_path / "one-group"))
+    assert_parity(path, prompts((5, 21)), max_new=8, tensor_parallel_size=2, device="cpu",
+                  max_num_batched_tokens=16)
+
+
 def test_falcon_h1_preemption(falcon_dir):
     assert_parity_under_preemption(falcon_dir)
 
