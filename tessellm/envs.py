@@ -123,6 +123,20 @@ def gemv_norm_epilogue() -> bool:
     return _switch("TESSELLM_GEMV_NORM_EPILOGUE") is True
 
 
+def norm_fold2() -> bool:
+    """TESSELLM_NORM_FOLD2: "1" splits, at one row, the decoder's post-attention residual-add
+    RMSNorm between the o_proj GEMV (its programs each store their slice of the new residual,
+    of ``residual * norm weight`` and a partial sum of squares) and the gate_up GEMV (its
+    epilogue sums the partials and scales its sums by the norm's rstd), and the next layer's
+    input norm between down_proj and qkv_proj alike (``kernels/gemm/norm_fold.py``,
+    ``layers.linear.fold_norm_out`` / ``fold_norm_in``, ``models.decoder.link_norm_folds``):
+    two launches a layer fewer at batch-1 decode and no work added to either GEMV's weight
+    loop. Not bitwise the unfused path (one rounding of the activation instead of two; the
+    final norm stays a launch). Read when the model is built. Off by default until timed
+    (``benchmarks/b1norm2_device.sh``)."""
+    return _switch("TESSELLM_NORM_FOLD2") is True
+
+
 def fp8_act_fold() -> bool:
     """TESSELLM_FP8_ACT_FOLD: "0" keeps a separate per-token fp8 quantization launch before each
     W8A8 GEMM (the path before 2026-12-05). Default on: where the backend's ``FusedOps`` offer

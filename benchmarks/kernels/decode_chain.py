@@ -28,6 +28,8 @@ reduce, and without the norms at all (what they cost).
 splitlast: the engine's chain (as in prewait, default prewait) with the one-row GEMVs' split K
 combined in the launch (``gemm/split_last.py``, TESSELLM_GEMV_SPLIT_LAST: the shapes of
 ``SPLIT_TABLE`` / ``BF16_SPLIT_TABLE``) off, on, off again, then the GEMVs alone off and on.
+b1norm2: the engine's chain against the add-RMSNorms split between the GEMVs around them
+(``gemm/norm_fold.py``, TESSELLM_NORM_FOLD2), and without the norms at all.
 attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
 256 and 512 and workload F's (512-768) at 256, in GB/s of K/V read, by splits.
 """
@@ -69,7 +71,7 @@ def _weights(fp8: bool):
 
 
 def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs=None,
-             fold=None, head8=None, refine=16, norm_epi=()):
+             fold=None, head8=None, refine=16, norm_epi=(), fold2=False):
     """``fold``: a ``GemvConfig``; the two add-RMSNorms of a layer folded into the qkv and
     gate_up GEMVs at that launch shape (``gemv_norm.py``, bf16 only), as the engine runs them.
     ``head8``: the LM head as an ``Fp8Weight`` (TESSELLM_FP8_LM_HEAD), as the engine runs it
@@ -77,7 +79,9 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
     ``head``; 0: not). ``norm_epi``: the GEMVs ("o", "down") that run the add-RMSNorm after
     them in their last program (``gemm/norm_epilogue.py``; both are what the engine runs under
     TESSELLM_GEMV_NORM_EPILOGUE=1: "down" runs the next layer's input norm or the final
-    one)."""
+    one). ``fold2``: the norms split between the GEMVs around them (``gemm/norm_fold.py``,
+    TESSELLM_NORM_FOLD2=1, with the SiLU fold): o -> gate_up and down -> the next qkv; the
+    first input norm and the final norm stay launches, as in the engine."""
     from bench_attention import BS, DTYPE, KVH, MAX_MODEL_LEN, D, H, make_batch
 
     from tessellm.backends.spec import AttentionSpec
@@ -134,6 +138,43 @@ def _step_fn(layers, head, fp8: bool, parts=("attn", "norm", "silu"), attn_attrs
         if fold is not None:
             return gemv_add_rms_norm(h, res, norm_w, 1e-5, w, config=fold)[0]
         return lin(norm(h), w)
+
+    from tessellm.kernels.gemm.gemv_fold import (gemv_add_rms_norm_fold,
+                                                 gemv_fp8_x2_add_rms_norm_fold,
+                                                 gemv_fp8_x2_rms_scaled, gemv_rms_scaled)
+
+    def fold_out(a, w):  # the producer: (xg, sumsq), res updated in place
+        if fp8:
+            return gemv_fp8_x2_add_rms_norm_fold(a, w.qweight, w.scales, res, norm_w)
+        return gemv_add_rms_norm_fold(a, w, res, norm_w)
+
+    def fold_in(f, w, silu=False):  # the consumer of a producer's (xg, sumsq)
+        if fp8:
+            return gemv_fp8_x2_rms_scaled(f[0], w.qweight, w.scales, f[1], 1e-5,
+                                          silu_and_mul=silu)
+        return gemv_rms_scaled(f[0], w, f[1], 1e-5, silu_and_mul=silu)
+
+    def step_fold2():
+        h, f = x, None
+        for i, w in enumerate(layers):
+            qkv = lin(norm(h), w["qkv"]) if f is None else fold_in(f, w["qkv"])
+            q = qkv[:, :H * D].view(1, H, D)
+            k = qkv[:, H * D:(H + KVH) * D].view(1, KVH, D)
+            v = qkv[:, (H + KVH) * D:].view(1, KVH, D)
+            o = kernel.forward(q, k, v, kc, vc, md, D ** -0.5, positions=positions,
+                               cos_sin_cache=cos_sin).view(1, H * D)
+            act = fold_in(fold_out(o, w["o"]), w["gate_up"], silu=True)
+            if i + 1 < len(layers):
+                f = fold_out(act, w["down"])
+            else:
+                h, f = lin(act, w["down"]), None
+        h = norm(h)
+        if head8 is not None:
+            return head8_mm(h, head8)
+        return gemv(h, head)
+
+    if fold2:
+        return step_fold2
 
     def step():
         h, normed = x, False
@@ -446,6 +487,45 @@ def b1fuse_section(out: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def b1norm2_section(out: dict) -> None:
+    """The engine's chain (SiLU fold, prewait default; fp8 with and without its e4m3 LM head)
+    against the same with the add-RMSNorms split between the GEMVs around them
+    (``gemm/norm_fold.py``, TESSELLM_NORM_FOLD2=1: 63 of the 65 norm launches a token gone),
+    and without the norms at all (what they cost); base and fold timed twice (the spread).
+    GPU ms a token; printed as ``b1norm2 <dtype> <json>``."""
+    from tessellm.kernels.pdl import graph_scope
+    from tessellm.quantization.packed import quantize_fp8
+
+    parts = VARIANTS["silu fold"]
+    for fp8 in (True, False):
+        layers, head, nbytes = _weights(fp8)
+        head8 = quantize_fp8(head) if fp8 else None
+        res = {"weight_gb": round(nbytes / 1e9, 3)}
+        runs = {"base": {}, "fold2": dict(fold2=True),
+                "-norm (both norms gone)": dict(parts=("attn", "silufold")),
+                "base again": {}, "fold2 again": dict(fold2=True)}
+        if fp8:
+            runs.update({"fp8 head": dict(head8=head8),
+                         "fp8 head + fold2": dict(head8=head8, fold2=True)})
+        for name, kw in runs.items():
+            kw = dict(kw)
+            p = kw.pop("parts", parts)
+            dtype = "fp8" if fp8 else "bf16"
+            try:
+                step = _step_fn(layers, head, fp8, p, **kw)
+                with graph_scope():
+                    res[name] = round(graph_ms(step, 3), 4)
+            except Exception as e:  # noqa: BLE001 - one failing setting leaves the others
+                res[name] = f"{type(e).__name__}: {e}"[:200]
+                print("b1norm2-error", dtype, f"{name}: {res[name]}", flush=True)
+                continue
+            print("b1norm2-run", dtype, name, res[name], flush=True)
+        out["fp8" if fp8 else "bf16"] = res
+        print("b1norm2", "fp8" if fp8 else "bf16", json.dumps(res), flush=True)
+        del layers, head, head8
+        torch.cuda.empty_cache()
+
+
 def _decode_us(batch, q, kc, vc, splits, tiles, ws) -> float:
     from bench_attention import D
 
@@ -502,7 +582,8 @@ def main() -> None:
     run_sections(args.out, args.sections, {"chain": chain_section, "attn_long": attn_long_section,
                                            "b1fp8": b1fp8_section, "prewait": prewait_section,
                                            "b1fuse": b1fuse_section,
-                                           "splitlast": splitlast_section})
+                                           "splitlast": splitlast_section,
+                                           "b1norm2": b1norm2_section})
 
 
 if __name__ == "__main__":

@@ -106,6 +106,11 @@ to 21 keep working (the layers run their ``gated_delta_chunk`` once per piece be
 ``MambaBatch.state_saves`` ask for (the Triton conv in its state launch: no copy per save);
 plugins of versions 1 to 22 keep working (the layers copy those states from the conv's input
 before calling their ``mamba_conv1d``).
+24 = ``FusedOps.linear_add_rms_norm_fold`` / ``linear_rms_scaled``, ``QuantOps.
+fp8_mm_add_rms_norm_fold`` / ``fp8_mm_rms_scaled`` and ``QuantMethod.apply_add_rms_norm_fold`` /
+``apply_rms_scaled`` (optional pairs): a residual-add RMSNorm split between the product before
+it and the product after it (batch-1 decode under ``TESSELLM_NORM_FOLD2=1``); plugins of
+versions 1 to 23 keep working (the decoder runs the product, the norm, the product).
 
 Ownership
 ---------
@@ -142,7 +147,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 23
+TESSELLM_PLUGIN_API = 24
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -598,6 +603,20 @@ class FusedOps(Protocol):
     # fused_linear_add_rms_norm``). The oracle is ``backends/reference/ops.linear_add_rms_norm``.
     # Quantized layers: ``QuantMethod``'s optional ``apply_add_rms_norm``.
     #
+    # Optional, a pair (plugin API 24): ``linear_add_rms_norm_fold(x, weight, residual,
+    # norm_weight, bias=None)`` -> ``(xg, sumsq, residual)``: with ``y = x @ weight.T + bias``
+    # rounded to x's dtype and ``h = y + residual`` rounded to the residual's (the new residual,
+    # returned; updated in place where it can be), ``xg = round(h * norm_weight)`` in x's dtype
+    # and ``sumsq`` float32 1-D partial sums whose total is ``sum(h^2)`` (a power-of-two count;
+    # zeros may pad it); and ``linear_rms_scaled(x, weight, sumsq, eps, bias=None,
+    # silu_and_mul=False)``: ``(x @ weight.T) * rsqrt(sum(sumsq) / K + eps) + bias`` rounded to
+    # x's dtype, then ``silu_and_mul`` for a stacked ``[gate; up]`` weight if asked. Together the
+    # RMS-normed ``h`` times the next weight with no norm launch between (the cuda backend: the
+    # one-row GEMVs' epilogues, ``kernels/gemm/norm_fold.py``); the decoder asks at one row under
+    # ``TESSELLM_NORM_FOLD2=1`` (``layers.linear.fold_norm_out`` / ``fold_norm_in``). Oracles:
+    # ``backends/reference/ops.linear_add_rms_norm_fold`` / ``linear_rms_scaled``. Quantized
+    # layers: ``QuantMethod``'s optional ``apply_add_rms_norm_fold`` / ``apply_rms_scaled``.
+    #
     # Optional, the fp8 activation fold (asked unless ``TESSELLM_FP8_ACT_FOLD=0``, for the
     # input of an fp8 linear on its W8A8 path, ``layers.linear.fp8_input_dtype``):
     # ``rms_norm_fp8(x, weight, eps, fp8_dtype)``, ``fused_add_rms_norm_fp8(x, residual, weight,
@@ -873,6 +892,13 @@ class QuantMethod(Protocol):
     # ``(normed, residual)`` in one product, or None where the method cannot for this layer.
     # ``quantization.base.QuantLinearMethod`` serves it through its ``QuantOps``' optional
     # ``fp8_mm_add_rms_norm``.
+    #
+    # Optional, a pair (plugin API 24): ``apply_add_rms_norm_fold(layer, x, residual,
+    # norm_weight, bias=None)`` and ``apply_rms_scaled(layer, x, sumsq, eps, bias=None,
+    # silu_and_mul=False)``, ``FusedOps.linear_add_rms_norm_fold`` / ``linear_rms_scaled`` on
+    # the layer's product, or None where the method cannot for this layer.
+    # ``QuantLinearMethod`` serves them through its ``QuantOps``' optional
+    # ``fp8_mm_add_rms_norm_fold`` / ``fp8_mm_rms_scaled``.
     #
     # Optional, the fp8 activation fold: ``prequantized_dtype(layer, rows)``, the fp8 dtype in
     # which ``layer`` takes its input already quantized per token at ``rows`` rows, or None (it

@@ -18,7 +18,10 @@ from tessellm.kernels.gemm.decode_gemm import (DecodeGemmConfig, decode_gemm,
                                                 decode_gemm_silu_and_mul)
 from tessellm.kernels.gemm.gemv import (GEMV_FOLD_MAX_M, gemv, gemv_silu_and_mul,
                                         gemv_then_add_rms_norm)
+from tessellm.kernels.gemm.gemv_fold import gemv_add_rms_norm_fold, gemv_rms_scaled
 from tessellm.kernels.gemm.norm_epilogue import norm_epilogue_applies
+from tessellm.kernels.gemm.norm_fold import (consume_applies, fold_applies, fold_reference,
+                                             rms_scaled_reference)
 from tessellm.kernels.norm import (_rows, add_norm_buffers, launch_rms_norm, launch_rms_norm_fp8,
                                    residual_buffers)
 from tessellm.kernels.op_flags import FUSED_OPS_FLAGS, drop_unowned_flags
@@ -291,6 +294,31 @@ class TritonOps:
                 and norm_epilogue_applies(x, weight.shape[0], residual, norm_weight)):
             return gemv_then_add_rms_norm(x, weight, residual, norm_weight, eps, bias)
         return self.fused_add_rms_norm(self.linear(x, weight, bias), residual, norm_weight, eps)
+
+    def linear_add_rms_norm_fold(self, x: torch.Tensor, weight: torch.Tensor,
+                                 residual: torch.Tensor, norm_weight: torch.Tensor, bias=None):
+        """The producer's half of a residual-add RMSNorm split between two products
+        (``gemm/norm_fold.py``): at one 16-bit row the GEMV stores the new residual, ``round(h *
+        norm_weight)`` and a partial sum of squares a program in its epilogue
+        (``gemv_fold.gemv_add_rms_norm_fold``); else ``linear`` and the same in torch. Returns
+        ``(xg, sumsq, residual)``, the residual updated in place where it can be."""
+        if (x.dim() == 2 and x.shape[0] == 1 and self._gemv_applies(x, weight)
+                and fold_applies(x, weight.shape[0], residual, norm_weight)):
+            xg, sumsq = gemv_add_rms_norm_fold(x, weight, residual, norm_weight, bias)
+            return xg, sumsq, residual
+        return fold_reference(self.linear(x, weight, bias), residual, norm_weight)
+
+    def linear_rms_scaled(self, x: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tensor,
+                          eps: float, bias=None, silu_and_mul: bool = False) -> torch.Tensor:
+        """The consumer's half: ``(x @ weight.T) * rsqrt(sum(sumsq) / K + eps) + bias`` (then
+        ``silu_and_mul`` if asked): at one 16-bit row the GEMV with the scale in its epilogue
+        (``gemv_fold.gemv_rms_scaled``), else torch's product scaled."""
+        if (x.dim() == 2 and x.shape[0] == 1 and self._gemv_applies(x, weight)
+                and consume_applies(x, sumsq) and not (silu_and_mul and weight.shape[0] % 2)):
+            return gemv_rms_scaled(x, weight, sumsq, eps, bias, silu_and_mul)
+        y = rms_scaled_reference(self.linear(x, weight), sumsq, x.shape[-1], eps, bias)
+        y = y.to(x.dtype)
+        return self.silu_and_mul(y) if silu_and_mul else y
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         x2 = _rows(x)

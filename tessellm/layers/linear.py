@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -245,6 +245,91 @@ def fused_linear_add_rms_norm(layer: nn.Module, x: torch.Tensor, residual: torch
     if apply is None or x.dim() != 2 or x.shape[0] != 1 or fp8_input_dtype(consumer, 1):
         return None
     return apply(layer, x, residual, weight, eps, layer.bias)
+
+
+class NormFold(NamedTuple):
+    """A residual-add RMSNorm whose first half the product before it ran
+    (``fold_norm_out``; ``TESSELLM_NORM_FOLD2``): ``x`` is ``round(h * norm.weight)`` (``h``
+    the new residual), ``sumsq`` float32 partial sums whose total is ``sum(h^2)``, ``norm``
+    the ``RMSNorm`` module (its ``eps`` and ``ops``). The product after it takes it with
+    ``fold_norm_in``, which scales its sums by ``rsqrt(sum(sumsq) / K + eps)``."""
+
+    x: torch.Tensor
+    sumsq: torch.Tensor
+    norm: nn.Module
+
+
+def _plain_whole(layer: Optional[nn.Module]) -> bool:
+    """A plain ``Linear`` (not a LoRA wrapper) whose output is whole on this rank."""
+    tp = getattr(layer, "tp", None)
+    return isinstance(layer, Linear) and (tp is None or tp.size == 1)
+
+
+def fold_norm_takes(layer: Optional[nn.Module], ops) -> bool:
+    """Whether ``layer`` can take a ``NormFold`` in its product (``fold_norm_in`` without the
+    unfused fallback): a plain whole ``Linear`` whose backend offers the consumer's half
+    (``FusedOps.linear_rms_scaled`` for a dense weight, ``QuantMethod.apply_rms_scaled``
+    for a quantized one)."""
+    if not _plain_whole(layer):
+        return False
+    if layer.quant_method is None:
+        return getattr(ops, "linear_rms_scaled", None) is not None
+    return getattr(layer.quant_method, "apply_rms_scaled", None) is not None
+
+
+def fold_norm_out(layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],
+                  norm: nn.Module, consumer: Optional[nn.Module]):
+    """The product of ``layer`` and the first half of ``norm(product, residual)`` in one call
+    where the backend offers it (at one row: the GEMV's epilogue stores the new residual,
+    ``round(h * norm.weight)`` and partial sums of squares), else None: the caller runs the
+    layer, then the norm. ``consumer`` is the layer that takes the norm's output; it must take
+    a ``NormFold`` (``fold_norm_takes``) and not want it quantized. Only for a plain whole
+    ``Linear`` into an ``RMSNorm`` without a reduce group, and one row of x (batch-1 decode;
+    the rows are looked at only where the op is offered). Returns ``(NormFold, residual)``.
+    Asked only under ``TESSELLM_NORM_FOLD2=1`` (``tessellm.envs.norm_fold2``)."""
+    if (not _plain_whole(layer) or isinstance(x, Fp8Activation) or residual is None
+            or getattr(norm, "reduce", None) is not None):
+        return None
+    ops = getattr(norm, "ops", None)
+    weight = getattr(norm, "weight", None)
+    if ops is None or weight is None or getattr(norm, "eps", None) is None \
+            or not fold_norm_takes(consumer, ops):
+        return None
+    if layer.quant_method is None:
+        mm = getattr(ops, "linear_add_rms_norm_fold", None)
+    else:
+        mm = getattr(layer.quant_method, "apply_add_rms_norm_fold", None)
+    if mm is None or x.dim() != 2 or x.shape[0] != 1 or fp8_input_dtype(consumer, 1):
+        return None
+    if layer.quant_method is None:
+        got = mm(x, layer.weight, residual, weight, layer.bias)
+    else:
+        got = mm(layer, x, residual, weight, layer.bias)
+        if got is None:
+            return None
+    xg, sumsq, residual = got
+    return NormFold(xg, sumsq, norm), residual
+
+
+def fold_norm_in(layer: nn.Module, fold: NormFold, silu_and_mul: bool = False) -> torch.Tensor:
+    """``layer``'s product of the RMS-normed row a ``NormFold`` stands for (``silu_and_mul`` of
+    it for a stacked ``[gate; up]`` layer if asked): the backend's consumer half where
+    ``fold_norm_takes``, else the norm finished in torch (``x * rstd``, the norm weight in x
+    already) and the layer as usual."""
+    norm = fold.norm
+    if fold_norm_takes(layer, norm.ops):
+        if layer.quant_method is None:
+            y = norm.ops.linear_rms_scaled(fold.x, layer.weight, fold.sumsq, norm.eps,
+                                           layer.bias, silu_and_mul)
+        else:
+            y = layer.quant_method.apply_rms_scaled(layer, fold.x, fold.sumsq, norm.eps,
+                                                    layer.bias, silu_and_mul)
+        if y is not None:
+            return y
+    x = fold.x
+    rstd = torch.rsqrt(fold.sumsq.float().sum() / x.shape[-1] + norm.eps)
+    y = layer((x.float() * rstd).to(x.dtype))
+    return norm.ops.silu_and_mul(y) if silu_and_mul else y
 
 
 def fp8_input_dtype(layer: Optional[nn.Module], rows: int) -> Optional[torch.dtype]:

@@ -20,7 +20,8 @@ from tessellm import envs
 from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.attention import Attention
 from tessellm.layers.context import ModelContext
-from tessellm.layers.linear import (ColumnParallelLinear, RowParallelLinear, fp8_input_dtype,
+from tessellm.layers.linear import (ColumnParallelLinear, NormFold, RowParallelLinear,
+                                    fold_norm_in, fold_norm_out, fp8_input_dtype,
                                     fused_linear_add_rms_norm, fused_silu_and_mul, materialize)
 from tessellm.layers.norm import RMSNorm, add_and_norm
 from tessellm.layers.rotary import RotaryEmbedding
@@ -89,7 +90,10 @@ class DecoderAttention(nn.Module):
         """q, k, v of ``hidden``: the projection, clamp and q/k norms, and the rotary unless
         the kernel does it (``attend``). The first of ``forward``'s three parts, which the
         decode micro-batch overlap runs apart (``models/micro_batches.py``)."""
-        qkv = self.qkv_proj(hidden)
+        return self.split_qkv(positions, self.qkv_proj(hidden))
+
+    def split_qkv(self, positions, qkv):
+        """``project`` from the projection's output ``qkv`` on."""
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -218,12 +222,49 @@ class DecoderLayer(nn.Module):
         # (the next norm, the layer taking its output) down_proj may run that norm in its
         # epilogue for (``link_norm_epilogues``): a tuple, so no submodule is registered
         self._next_norm: Optional[tuple] = None
+        # TESSELLM_NORM_FOLD2: at one row the post-attention norm split between o_proj and
+        # gate_up (``fold_norm_out`` / ``fold_norm_in``), where nothing sits between them;
+        # ``link_norm_folds`` sets ``_next_fold`` for down_proj and the next layer's qkv
+        self._fold2 = (envs.norm_fold2() and not self._o_norm_fused
+                       and residual_multiplier == 1.0 and self._plain_mlp
+                       and type(self.mlp) is DecoderMLP
+                       and isinstance(self.self_attn, DecoderAttention)
+                       and type(self.self_attn).forward is DecoderAttention.forward
+                       and type(self).after_attention is DecoderLayer.after_attention
+                       and type(self.post_attention_layernorm) is RMSNorm)
+        self._next_fold: Optional[tuple] = None  # (the next layer's norm, its qkv_proj)
 
     def forward(self, positions, hidden, residual, metadata):
+        if self._fold2:
+            return self._forward_fold2(positions, hidden, residual, metadata)
         hidden, residual = self.input_norm(hidden, residual)
         if self._o_norm_fused:
             return self._forward_o_norm_fused(positions, hidden, residual, metadata)
         return self.after_attention(self.self_attn(positions, hidden, metadata), residual)
+
+    def _forward_fold2(self, positions, hidden, residual, metadata):
+        """``forward`` with the norms split between the GEMVs around them where the backend
+        offers it at this row count (``TESSELLM_NORM_FOLD2``). ``hidden`` may be a
+        ``NormFold`` from the layer before (its down_proj ran this layer's input norm's first
+        half, ``link_norm_folds``); this layer may return one for the next."""
+        attn = self.self_attn
+        if isinstance(hidden, NormFold):
+            q, k, v = attn.split_qkv(positions, fold_norm_in(attn.qkv_proj, hidden))
+        else:
+            hidden, residual = self.input_norm(hidden, residual)
+            q, k, v = attn.project(positions, hidden)
+        a = attn.attend(positions, q, k, v, metadata)
+        gate_up = self.mlp.gate_up_proj
+        folded = fold_norm_out(attn.o_proj, a, residual, self.post_attention_layernorm, gate_up)
+        if folded is None:
+            return self.after_attention(attn.o_proj(a), residual)
+        fold, residual = folded
+        act = fold_norm_in(gate_up, fold, silu_and_mul=True)
+        if self._next_fold is not None:
+            nxt = fold_norm_out(self.mlp.down_proj, act, residual, *self._next_fold)
+            if nxt is not None:
+                return nxt
+        return self.mlp.down_proj(act), residual
 
     def _forward_o_norm_fused(self, positions, hidden, residual, metadata):
         """``forward`` after the input norm, with o_proj and the post-attention norm as one
@@ -297,6 +338,30 @@ def link_norm_epilogues(layers, start: int, end: int, final_norm: Optional[nn.Mo
         if type(norm) is not RMSNorm or norm.reduce is not None:
             continue
         layer._next_norm = (norm, consumer)
+        linked += 1
+    return linked
+
+
+def link_norm_folds(layers, start: int, end: int) -> int:
+    """``TESSELLM_NORM_FOLD2``'s second half: each ``DecoderLayer`` in ``layers[start:end]``
+    on its fold path whose next layer is on it too (``forward`` and ``input_norm`` its own)
+    gets that layer's input norm and qkv_proj, so at one row its down_proj runs the norm's
+    first half and hands the next layer a ``NormFold`` instead of ``(hidden, residual)``. Not
+    the last layer: the final norm stays a launch (the LM head reads whole normed rows). Only
+    into an ``RMSNorm`` without a reduce group. Returns how many layers were linked."""
+    linked = 0
+    for i in range(start, end - 1):
+        layer, nxt = layers[i], layers[i + 1]
+        if not (getattr(layer, "_fold2", False) and getattr(nxt, "_fold2", False)
+                and type(layer).forward is DecoderLayer.forward
+                and type(nxt).forward is DecoderLayer.forward
+                and type(nxt).input_norm is DecoderLayer.input_norm
+                and type(nxt.self_attn).project is DecoderAttention.project):
+            continue
+        norm = nxt.input_layernorm
+        if type(norm) is not RMSNorm or norm.reduce is not None:
+            continue
+        layer._next_fold = (norm, nxt.self_attn.qkv_proj)
         linked += 1
     return linked
 

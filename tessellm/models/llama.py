@@ -22,11 +22,12 @@ from tessellm import envs
 from tessellm.distributed.parallel_state import TensorParallel
 from tessellm.layers.attention import Attention
 from tessellm.layers.context import ModelContext
-from tessellm.layers.linear import materialize
+from tessellm.layers.linear import NormFold, materialize
 from tessellm.layers.norm import RMSNorm
 from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from tessellm.models.decoder import DecoderLayer, DecoderMLP, link_norm_epilogues
+from tessellm.models.decoder import (DecoderLayer, DecoderMLP, link_norm_epilogues,
+                                     link_norm_folds)
 from tessellm.models.layer_windows import window_by_layer_type, window_everywhere
 from tessellm.models.micro_batches import MicroBatches
 
@@ -75,6 +76,9 @@ class LlamaForCausalLM(nn.Module):
         if envs.gemv_norm_epilogue() and type(self).forward is LlamaForCausalLM.forward:
             link_norm_epilogues(self.layers, self.start_layer, self.end_layer,
                                 self.norm if ctx.pp.is_last else None)
+        # batch 1: down_proj runs half the next layer's input norm (decoder.link_norm_folds)
+        if envs.norm_fold2() and type(self).forward is LlamaForCausalLM.forward:
+            link_norm_folds(self.layers, self.start_layer, self.end_layer)
 
     def make_layer(self, config, ctx: ModelContext, rotary: RotaryEmbedding,
                    index: int) -> nn.Module:
@@ -185,6 +189,8 @@ class LlamaForCausalLM(nn.Module):
         reduces, so it is summed here too, on a copy (the norm sums the original)."""
         if residual is None:
             return hidden
+        if isinstance(hidden, NormFold):  # layer i - 1 added its output into it already
+            return residual.clone()
         handoff = getattr(self.layers[i].input_layernorm, "_handoff", None)
         if handoff is not None and handoff[0] is hidden and handoff[1] is residual:
             return residual.clone()  # layer i - 1 added its output into it (hand_off)

@@ -71,6 +71,13 @@ class QuantOps(Protocol):
     # GEMM's layout, ``kernels/gemm/int4_tc.py``); ``w.qweight`` and the rest keep the
     # checkpoint layout, which the reference and every other backend read.
     #
+    # Optional, a pair (plugin API 24): ``fp8_mm_add_rms_norm_fold(x, w, residual, norm_weight,
+    # bias=None)`` and ``fp8_mm_rms_scaled(x, w, sumsq, eps, bias=None, silu_and_mul=False)``,
+    # ``FusedOps.linear_add_rms_norm_fold`` / ``linear_rms_scaled`` on the fp8 product (the
+    # cuda one: ``gemv_fold.gemv_fp8_x2_*``, asked at one row under ``TESSELLM_NORM_FOLD2=1``).
+    # The oracles are ``backends/reference/quant_ops.fp8_mm_add_rms_norm_fold`` and
+    # ``fp8_mm_rms_scaled``.
+    #
     # Optional, a pair (the fp8 activation fold): ``fp8_mm_prequantized(xa, w, bias=None)``,
     # ``fp8_mm``'s W8A8 product for an activation its producer already quantized per token
     # (``xa``: a ``packed.Fp8Activation``; returns ``[M, N]`` in ``xa.dtype``), and
@@ -94,6 +101,10 @@ class QuantLinearMethod:
             self.apply_silu_and_mul = None  # not offered (layers.linear.fused_silu_and_mul)
         if getattr(ops, "fp8_mm_add_rms_norm", None) is None:
             self.apply_add_rms_norm = None  # not offered (layers.linear.fused_linear_add_rms_norm)
+        if getattr(ops, "fp8_mm_add_rms_norm_fold", None) is None:
+            self.apply_add_rms_norm_fold = None  # not offered (layers.linear.fold_norm_out)
+        if getattr(ops, "fp8_mm_rms_scaled", None) is None:
+            self.apply_rms_scaled = None  # not offered (layers.linear.fold_norm_in)
         if getattr(ops, "fp8_mm_prequantized", None) is None:
             self.prequantized_dtype = None  # not offered (layers.linear.fp8_input_dtype)
             self.apply_prequantized = None
@@ -189,6 +200,29 @@ class QuantLinearMethod:
         if len(segs) != 1 or segs[0].kind != "fp8" or x.dim() != 2:
             return None
         return self.ops.fp8_mm_add_rms_norm(x, segs[0], residual, norm_weight, eps, bias)
+
+    def apply_add_rms_norm_fold(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor,
+                                norm_weight: torch.Tensor, bias=None):
+        """The optional ``QuantMethod`` member (plugin API 24): the producer's half of a
+        residual-add RMSNorm split between two products, ``(xg, sumsq, residual)`` as
+        ``FusedOps.linear_add_rms_norm_fold`` returns it, through ``ops.
+        fp8_mm_add_rms_norm_fold`` (without it this member is None) for one fp8 segment; None
+        where the layer's weight is not that (the caller runs ``apply``, then the norm)."""
+        segs = layer.segments
+        if len(segs) != 1 or segs[0].kind != "fp8" or x.dim() != 2:
+            return None
+        return self.ops.fp8_mm_add_rms_norm_fold(x, segs[0], residual, norm_weight, bias)
+
+    def apply_rms_scaled(self, layer: nn.Module, x: torch.Tensor, sumsq: torch.Tensor,
+                         eps: float, bias=None, silu_and_mul: bool = False):
+        """The optional ``QuantMethod`` member (plugin API 24): the consumer's half, ``apply``'s
+        product times ``rsqrt(sum(sumsq) / K + eps)`` plus the bias (then ``silu_and_mul`` if
+        asked), through ``ops.fp8_mm_rms_scaled`` (without it this member is None) for one fp8
+        segment; None where the layer's weight is not that."""
+        segs = layer.segments
+        if len(segs) != 1 or segs[0].kind != "fp8" or x.dim() != 2:
+            return None
+        return self.ops.fp8_mm_rms_scaled(x, segs[0], sumsq, eps, bias, silu_and_mul)
 
     def prequantized_dtype(self, layer: nn.Module, rows: int) -> Optional[torch.dtype]:
         """The optional ``QuantMethod`` member of the fp8 activation fold: the fp8 dtype in which

@@ -111,6 +111,43 @@ def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
                                              eps)
 
 
+def linear_add_rms_norm_fold(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                             norm_weight: torch.Tensor, bias=None):
+    """The oracle of the optional ``FusedOps.linear_add_rms_norm_fold`` (the producer's half of
+    a residual-add RMSNorm split between two products): with ``y = x @ weight.T + bias``
+    rounded to x's dtype and ``h = y + residual`` rounded to the residual's, returns
+    ``(round(h * norm_weight), sumsq, h)``: the next product's input in x's dtype, float32
+    partial sums of ``h^2`` (here one) and the new residual."""
+    return fold_out(F.linear(x, weight, bias), residual, norm_weight)
+
+
+def fold_out(y: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor):
+    """``linear_add_rms_norm_fold``'s result from the rounded product ``y``."""
+    h = (y.float() + residual.float()).to(residual.dtype)
+    hf = h.float()
+    return (hf * norm_weight.float()).to(y.dtype), (hf * hf).sum().reshape(1), h
+
+
+def linear_rms_scaled(x: torch.Tensor, weight: torch.Tensor, sumsq: torch.Tensor, eps: float,
+                      bias=None, silu_and_mul: bool = False) -> torch.Tensor:
+    """The oracle of the optional ``FusedOps.linear_rms_scaled`` (the consumer's half):
+    ``(x @ weight.T) * rsqrt(sum(sumsq) / K + eps) + bias`` in float32, rounded to x's dtype,
+    then ``silu_and_mul`` for a stacked ``[gate; up]`` weight if asked. With
+    ``linear_add_rms_norm_fold`` before it, the product of the RMS-normed ``h`` (the norm
+    weight applied to the activation, not to the weight)."""
+    return rms_scaled(F.linear(x.float(), weight.float()), x, sumsq, eps, bias, silu_and_mul)
+
+
+def rms_scaled(y: torch.Tensor, x: torch.Tensor, sumsq: torch.Tensor, eps: float, bias,
+               silu_and_mul: bool) -> torch.Tensor:
+    """``linear_rms_scaled``'s result from the float32 product ``y`` of ``x``."""
+    y = y * torch.rsqrt(sumsq.float().sum() / x.shape[-1] + eps)
+    if bias is not None:
+        y = y + bias.float()
+    y = y.to(x.dtype)
+    return ReferenceOps().silu_and_mul(y) if silu_and_mul else y
+
+
 def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  fp8_dtype: torch.dtype) -> Fp8Activation:
     """The oracle of the optional ``FusedOps.rms_norm_fp8``: ``rms_norm`` rounded to its output

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tessellm.backends.reference.ops import ReferenceOps
+from tessellm.backends.reference.ops import ReferenceOps, fold_out, rms_scaled
 from tessellm.kernels.op_flags import QUANT_OPS_FLAGS, drop_unowned_flags
 from tessellm.quantization.fp8_block import Fp8BlockWeight, dequantize_block
 from tessellm.quantization.packed import Fp8Activation, Fp8Weight, Int4Weight, Int8Weight
@@ -183,3 +183,21 @@ def fp8_mm_add_rms_norm(x: torch.Tensor, w: Fp8Weight, residual: torch.Tensor,
     wd = w.qweight.float() * w.scales.float()[:, None]
     y = F.linear(x.float(), wd, None if bias is None else bias.float()).to(x.dtype)
     return ReferenceOps().fused_add_rms_norm(y, residual, norm_weight, eps)
+
+
+def fp8_mm_add_rms_norm_fold(x: torch.Tensor, w: Fp8Weight, residual: torch.Tensor,
+                             norm_weight: torch.Tensor, bias=None):
+    """The oracle of the optional ``QuantOps.fp8_mm_add_rms_norm_fold``:
+    ``reference.ops.linear_add_rms_norm_fold`` on the W8A16 product (the weight dequantized,
+    float32, rounded to x's dtype): ``(round(h * norm_weight), sumsq, h)``."""
+    wd = w.qweight.float() * w.scales.float()[:, None]
+    y = F.linear(x.float(), wd, None if bias is None else bias.float()).to(x.dtype)
+    return fold_out(y, residual, norm_weight)
+
+
+def fp8_mm_rms_scaled(x: torch.Tensor, w: Fp8Weight, sumsq: torch.Tensor, eps: float,
+                      bias=None, silu_and_mul: bool = False) -> torch.Tensor:
+    """The oracle of the optional ``QuantOps.fp8_mm_rms_scaled``: ``reference.ops.
+    linear_rms_scaled`` on the dequantized weight."""
+    wd = w.qweight.float() * w.scales.float()[:, None]
+    return rms_scaled(F.linear(x.float(), wd), x, sumsq, eps, bias, silu_and_mul)

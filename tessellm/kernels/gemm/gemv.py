@@ -78,6 +78,9 @@ from tessellm.kernels.gemm.norm_epilogue import (NORM_EPILOGUE_MAX_N, NormEpilog
                                                   norm_epilogue_applies)
 from tessellm.kernels.gemm.split_last import (split_last_args, split_last_combine,
                                               split_last_enabled, tile_counters)
+from tessellm.kernels.gemm.norm_fold import (FOLD_IN, FOLD_OUT, NORM_LAST, consumer_args,
+                                             fold_out, fold_out_residual,
+                                             fold_out_weight, fold_rstd, producer_args)
 from tessellm.kernels.pdl import (pdl_args, pdl_enabled, pdl_launch, pdl_start, pdl_wait,
                                   prefetch_l2)
 
@@ -309,9 +312,11 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
     what the program reads of its weights before the PDL wait (``Prewait``); the sums are
     bitwise the same either way (same steps, same order). NORM_EPI (one row, one K range, no
     SILU_FOLD): the last program runs the residual-add RMSNorm of the output row
-    (``norm_epilogue``). SPLIT_LAST (> 0: the number of K ranges, no SILU_FOLD or NORM_EPI):
-    each N tile's last program stores the planes' sum in order to ``y_ptr``
-    (``split_last_combine``; y ``[M, N]`` has the planes' row stride)."""
+    (``norm_epilogue``) where it is ``NORM_LAST``; ``FOLD_OUT`` / ``FOLD_IN`` (one row): the two
+    halves of the norm split between two GEMVs (``norm_fold.py``). SPLIT_LAST (> 0: the number
+    of K ranges, no SILU_FOLD, NORM_LAST or FOLD_OUT): each N tile's last program stores the
+    planes' sum in order to ``y_ptr`` (``split_last_combine``; y ``[M, N]`` has the planes' row
+    stride)."""
     pdl_launch(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn, w_rn = _program_rows(pid_n, N, BLOCK_N, SILU_FOLD)
@@ -333,6 +338,8 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
         w_bytes: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
         _prefetch_rows_l2(w_ptr, pid_n, N, stride_wn, k_lo,
                           tl.minimum(k_per_split, K - k_lo) * w_bytes, BLOCK_N, SILU_FOLD)
+    if NORM_EPI == FOLD_OUT:  # the norm weight: a weight of the step (norm_fold.py)
+        g_out = fold_out_weight(rn, N, g_ptr)
     # PRE_TILES: the first steps' weight tiles (a step past the last reads the last again and
     # adds nothing: ``_pre_k``)
     tl.static_assert(PRE_TILES <= 2, "Prewait.tiles: at most 2")
@@ -343,6 +350,8 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
         w1 = _load_k(w_rows + _pre_k(k_lo, 1, steps, k_in, BLOCK_K),
                      _pre_k(k_lo, 1, steps, k_in, BLOCK_K), K, EVEN_K)
     pdl_wait(USE_PDL)
+    if NORM_EPI == FOLD_OUT:  # the residual, in flight under the K loop (norm_fold.py)
+        r_out = fold_out_residual(rn, N, res_ptr)
     x0 = x_ptr
     x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm
     x2 = x_ptr + tl.minimum(2, M - 1) * stride_xm
@@ -363,18 +372,25 @@ def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                                            PTX, CHUNK)
     if not PRE_S:
         s, b = _finish_rows(s_ptr, bias_ptr, rn, w_rn, N, W_FP8, HAS_BIAS, SILU_FOLD)
-    args = (s, b, _split_plane(out_ptr, pid_k, stride_split), rn, w_rn, M, N,
-            stride_om, pid_k, W_FP8, F32_BITS, HAS_BIAS, SILU_FOLD)
-    _store_row(acc0, 0, *args)
-    if BLOCK_M > 1:
-        _store_row(acc1, 1, *args)
-    if BLOCK_M > 2:
-        _store_row(acc2, 2, *args)
-        _store_row(acc3, 3, *args)
+    if NORM_EPI == FOLD_IN:  # one row: the sums times the norm's rstd (norm_fold.py)
+        acc0 = acc0 * fold_rstd(counter_ptr, K, eps, NORM_BLOCK)
+    if NORM_EPI == FOLD_OUT:  # one row, one K range: h, round(h * g), a partial sum
+        y = _apply_scale_bias(tl.sum(acc0, axis=1), s, b, pid_k, W_FP8, F32_BITS, HAS_BIAS)
+        fold_out(y, r_out, g_out, rn, N, pid_n, normed_ptr, res_ptr, counter_ptr,
+                 NORM_BLOCK)
+    else:
+        args = (s, b, _split_plane(out_ptr, pid_k, stride_split), rn, w_rn, M, N,
+                stride_om, pid_k, W_FP8, F32_BITS, HAS_BIAS, SILU_FOLD)
+        _store_row(acc0, 0, *args)
+        if BLOCK_M > 1:
+            _store_row(acc1, 1, *args)
+        if BLOCK_M > 2:
+            _store_row(acc2, 2, *args)
+            _store_row(acc3, 3, *args)
     if SPLIT_LAST > 0:
         split_last_combine(out_ptr, y_ptr, split_ctr_ptr, pid_n, rn, M, N, stride_split,
                            stride_om, stride_om, BLOCK_M, SPLIT_LAST)
-    if NORM_EPI:
+    if NORM_EPI == NORM_LAST:
         norm_epilogue(out_ptr, res_ptr, g_ptr, normed_ptr, counter_ptr, N, eps, NORM_BLOCK, PTX)
 
 
@@ -620,7 +636,10 @@ def gemv_then_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: torc
 
 
 def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False,
-            norm: Optional[NormEpilogue] = None) -> torch.Tensor:
+            norm: Optional[NormEpilogue] = None, fold: Optional[tuple] = None):
+    """The GEMV of ``x`` against ``w``. ``fold`` (``gemv_fold.py``, one row, the FMA kernel):
+    ``("out", residual, norm_weight)`` runs the producer's half of a split norm (returns
+    ``(xg, sumsq)``, one K range a program) or ``("in", sumsq, eps)`` the consumer's."""
     x = x.contiguous()
     m, k = x.shape
     n = w.shape[0]
@@ -634,7 +653,7 @@ def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False,
     if silu_fold:
         cfg = _fold_config(cfg, m, n)
         n //= 2  # the output width, I; the grid below covers BLOCK_N / 2 outputs a program
-    if norm is not None:  # the FMA kernel, whole K a program (norm_epilogue)
+    if norm is not None or fold is not None:  # the FMA kernel, whole K a program (epilogues)
         cfg = dataclasses.replace(cfg, dot=False, split_k=1)
     if not cfg.dot and m > 4:
         raise ValueError(f"gemv: the FMA kernel takes at most 4 rows, got {m}; use dot=True")
@@ -656,6 +675,11 @@ def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False,
                 BLOCK_K=cfg.block_k, STAGES=cfg.stages, num_warps=cfg.num_warps,
                 num_stages=cfg.stages)
     grid = (tiles, split)
+    epi, sumsq = epilogue_args(norm, x), None
+    if fold is not None and fold[0] == "out":
+        epi, sumsq = producer_args(grid[0], out, fold[1], fold[2])
+    elif fold is not None:
+        epi = consumer_args(fold[1], fold[2], x)
     if cfg.dot:
         _gemv_dot_kernel[grid](*args, BLOCK_M=max(16, triton.next_power_of_2(m)),
                                DOT_FP32=_interpreted(x) or x.dtype == torch.float32, **meta,
@@ -663,6 +687,8 @@ def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False,
     else:
         _gemv_fma_kernel[grid](*args, BLOCK_M=triton.next_power_of_2(m), CHUNK=cfg.chunk,
                                F32_BITS=cfg.f32_bits and w_ptx, PTX=_ptx(x),
-                               SILU_FOLD=silu_fold, **epilogue_args(norm, x),
-                               **prewait_args(x), **combine, **meta, **pdl_args(x.device))
+                               SILU_FOLD=silu_fold, **epi, **prewait_args(x), **combine,
+                               **meta, **pdl_args(x.device))
+    if sumsq is not None:
+        return out, sumsq
     return y if y is not None else _split_sum(out, x.dtype)

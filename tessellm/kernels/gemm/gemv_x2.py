@@ -54,6 +54,8 @@ from tessellm.kernels.gemm.norm_epilogue import (NORM_EPILOGUE_MAX_N, epilogue_a
                                                   norm_epilogue_applies)
 from tessellm.kernels.gemm.split_last import (split_last_args, split_last_combine,
                                               split_last_enabled, tile_counters)
+from tessellm.kernels.gemm.norm_fold import (FOLD_IN, FOLD_OUT, NORM_LAST, fold_out,
+                                             fold_out_residual, fold_out_weight, fold_rstd)
 from tessellm.kernels.pdl import pdl_args, pdl_launch, pdl_start, pdl_wait
 
 
@@ -108,10 +110,12 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
     (``gemv._fold_rows``, ``gemv.store_silu_mul``; each row its own scale); same K loop.
     PRE_TILES, PRE_L2, PRE_S: what the program reads of its weights before the PDL wait
     (``gemv.Prewait``); bitwise the same sums either way (same steps, same order).
-    NORM_EPI (one K range, no SILU_FOLD): the last program runs the residual-add RMSNorm of
-    the output row (``norm_epilogue``). SPLIT_LAST (> 0: the number of K ranges, no
-    SILU_FOLD or NORM_EPI): ``out_ptr`` holds the float32 planes, and each N tile's last
-    program stores their sum in order to ``y_ptr`` (``split_last_combine``)."""
+    NORM_EPI ``NORM_LAST`` (one K range, no SILU_FOLD): the last program runs the residual-add
+    RMSNorm of the output row (``norm_epilogue``); ``FOLD_OUT`` (one K range, no SILU_FOLD) /
+    ``FOLD_IN``: the two halves of the norm split between two GEMVs (``norm_fold.py``).
+    SPLIT_LAST (> 0: the number of K ranges, no SILU_FOLD, NORM_LAST or FOLD_OUT): ``out_ptr``
+    holds the float32 planes, and each N tile's last program stores their sum in order to
+    ``y_ptr`` (``split_last_combine``)."""
     pdl_launch(USE_PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn, w_rn = _program_rows(pid_n, N, BLOCK_N, SILU_FOLD)
@@ -128,6 +132,8 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
     if PRE_L2:
         _prefetch_rows_l2(w_words, pid_n, N, stride_wn_words, k_lo,
                           tl.minimum(words_per_split, KW - k_lo) * 4, BLOCK_N, SILU_FOLD)
+    if NORM_EPI == FOLD_OUT:  # the norm weight: a weight of the step (norm_fold.py)
+        g_out = fold_out_weight(rn, N, g_ptr)
     # PRE_TILES: the first steps' weight words (a step past the program's last reads the last
     # again and adds nothing: ``_x2_pre``)
     tl.static_assert(PRE_TILES <= 2, "Prewait.tiles: at most 2")
@@ -136,6 +142,8 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
     if PRE_TILES > 1:
         w1 = _x2_words(w_words, row, _x2_pre_k(k_lo, 1, steps, kw, BLOCK_KW), KW, EVEN_K)
     pdl_wait(USE_PDL)
+    if NORM_EPI == FOLD_OUT:  # the residual, in flight under the K loop (norm_fold.py)
+        r_out = fold_out_residual(rn, N, res_ptr)
     if PRE_TILES > 0:
         acc = _x2_pre(acc, w0, 0, x_words, same, k_lo, steps, kw, KW, EVEN_K, BLOCK_KW, PTX)
     if PRE_TILES > 1:
@@ -146,16 +154,22 @@ def _gemv_e4m3_x2_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, N, KW, stride_w
                        EVEN_K, PTX)
     if not PRE_S:
         s, b = _finish_rows(s_ptr, bias_ptr, rn, w_rn, N, True, HAS_BIAS, SILU_FOLD)
-    y = _apply_scale_bias(tl.sum(acc, axis=1), s, b, pid_k, True, True, HAS_BIAS)
+    y = tl.sum(acc, axis=1)
+    if NORM_EPI == FOLD_IN:  # the sums times the norm's rstd (norm_fold.py)
+        y = y * fold_rstd(counter_ptr, KW * 4, eps, NORM_BLOCK)
+    y = _apply_scale_bias(y, s, b, pid_k, True, True, HAS_BIAS)
     if SILU_FOLD:
         store_silu_mul(y, out_ptr, rn, N)
+    elif NORM_EPI == FOLD_OUT:  # one K range: h, round(h * g), a partial sum (norm_fold.py)
+        fold_out(y, r_out, g_out, rn, N, pid_n, normed_ptr, res_ptr, counter_ptr,
+                 NORM_BLOCK)
     else:
         tl.store(out_ptr + pid_k.to(tl.int64) * stride_split + rn,
                  y.to(out_ptr.dtype.element_ty), mask=rn < N)
         if SPLIT_LAST > 0:
             split_last_combine(out_ptr, y_ptr, split_ctr_ptr, pid_n, rn, 1, N, stride_split,
                                0, 0, 1, SPLIT_LAST)
-        if NORM_EPI:
+        if NORM_EPI == NORM_LAST:
             norm_epilogue(out_ptr, res_ptr, g_ptr, normed_ptr, counter_ptr, N, eps, NORM_BLOCK,
                           PTX)
 

@@ -149,7 +149,7 @@ def epilogue_args(norm: Optional[NormEpilogue], dummy: torch.Tensor) -> dict:
     """The kernels' norm arguments: ``NORM_EPI`` off with placeholders where ``norm`` is None."""
     if norm is None:
         return dict(res_ptr=dummy, g_ptr=dummy, normed_ptr=dummy, counter_ptr=dummy, eps=0.0,
-                    NORM_EPI=False, NORM_BLOCK=1)
+                    NORM_EPI=0, NORM_BLOCK=1)
     return dict(res_ptr=norm.residual, g_ptr=norm.weight, normed_ptr=norm.normed,
-                counter_ptr=norm.counter, eps=norm.eps, NORM_EPI=True,
+                counter_ptr=norm.counter, eps=norm.eps, NORM_EPI=1,
                 NORM_BLOCK=triton.next_power_of_2(norm.residual.shape[1]))

@@ -17,7 +17,11 @@ from tessellm.kernels.gemm.gemv_int4 import INT4_GEMV_MAX_M, gemv_int4
 from tessellm.kernels.gemm.int4_tc import (int4_tc_dequantize, int4_tc_gemm, int4_tc_gemv,
                                            int4_tc_pack, tc_layout_ok)
 from tessellm.kernels.gemm.gemv_x2 import gemv_fp8_x2_silu_and_mul, gemv_fp8_x2_then_add_rms_norm
+from tessellm.kernels.gemm.gemv_fold import (gemv_fp8_x2_add_rms_norm_fold,
+                                             gemv_fp8_x2_rms_scaled)
 from tessellm.kernels.gemm.norm_epilogue import norm_epilogue_applies
+from tessellm.kernels.gemm.norm_fold import (consume_applies, fold_applies, fold_reference,
+                                             rms_scaled_reference)
 from tessellm.kernels.gemm.w8a8 import gemv_w8a8, w8a8_native
 from tessellm.kernels.gemm.weight_only import (
     DEQUANT_MIN_M,
@@ -157,6 +161,35 @@ class TritonQuantOps:
             return gemv_fp8_x2_then_add_rms_norm(x, w.qweight, w.scales, residual, norm_weight,
                                                  eps, bias)
         return _SILU.fused_add_rms_norm(self.fp8_mm(x, w, bias), residual, norm_weight, eps)
+
+    def fp8_mm_add_rms_norm_fold(self, x, w: Fp8Weight, residual, norm_weight, bias=None):
+        """The producer's half of a split residual-add RMSNorm (the optional ``QuantOps``
+        member; ``gemm/norm_fold.py``): where ``fp8_mm`` takes the one-row ``gemv_fp8_x2``, its
+        epilogue stores the new residual, ``round(h * norm_weight)`` and a partial sum of
+        squares a program; else ``fp8_mm`` and the same in torch. ``(xg, sumsq, residual)``."""
+        if (self._one_row_x2(x, w)
+                and fold_applies(x, w.qweight.shape[0], residual, norm_weight)):
+            xg, sumsq = gemv_fp8_x2_add_rms_norm_fold(x, w.qweight, w.scales, residual,
+                                                      norm_weight, bias)
+            return xg, sumsq, residual
+        return fold_reference(self.fp8_mm(x, w, bias), residual, norm_weight)
+
+    def fp8_mm_rms_scaled(self, x, w: Fp8Weight, sumsq, eps: float, bias=None,
+                          silu_and_mul: bool = False):
+        """The consumer's half (the optional ``QuantOps`` member): ``fp8_mm(x, w) * rsqrt(
+        sum(sumsq) / K + eps) + bias`` (then ``silu_and_mul`` if asked), the scale in the
+        one-row ``gemv_fp8_x2``'s epilogue where ``fp8_mm`` takes it."""
+        if (self._one_row_x2(x, w) and consume_applies(x, sumsq)
+                and not (silu_and_mul and w.qweight.shape[0] % 2)):
+            return gemv_fp8_x2_rms_scaled(x, w.qweight, w.scales, sumsq, eps, bias,
+                                          silu_and_mul)
+        y = rms_scaled_reference(self.fp8_mm(x, w), sumsq, x.shape[-1], eps, bias).to(x.dtype)
+        return _SILU.silu_and_mul(y) if silu_and_mul else y
+
+    def _one_row_x2(self, x, w: Fp8Weight) -> bool:
+        """``fp8_mm`` takes the one-row ``gemv_fp8_x2`` for ``x``."""
+        return (x.dim() == 2 and x.shape[0] == 1 and self.fp8_skinny_w8a8_max_m < 1
+                and self.fp8_weight_only_max_m >= 1 and _use_gemv_x2(x, w.qweight))
 
     def fp8_mm(self, x, w: Fp8Weight, bias=None):
         """Decode: W8A16 up to ``fp8_weight_only_max_m`` rows (or, if asked, up to

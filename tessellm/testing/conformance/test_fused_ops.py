@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from tessellm.backends.reference.gated_norm import GATED_NORM_MODES
-from tessellm.backends.reference.ops import ReferenceOps, linear_add_rms_norm, linear_silu_and_mul
+from tessellm.backends.reference.ops import (ReferenceOps, linear_add_rms_norm,
+                                             linear_add_rms_norm_fold, linear_rms_scaled,
+                                             linear_silu_and_mul)
 from tessellm.backends.spec import FusedOps, OpsSpec
 from tessellm.testing.harness import tolerance
 
@@ -123,6 +125,48 @@ def test_linear_add_rms_norm(target, rows, n, k):
                                                  b.cpu().float())
         torch.testing.assert_close(res.cpu(), want_res.to(dtype), **tolerance(dtype))
         torch.testing.assert_close(out.cpu().float(), want_out, **_norm_tolerance(dtype))
+
+
+@pytest.mark.parametrize("rows,h,k,n", [(1, 64, 48, 40), (1, 96, 32, 24), (2, 64, 32, 16)])
+def test_linear_norm_fold(target, rows, h, k, n):
+    """The optional pair ``linear_add_rms_norm_fold`` / ``linear_rms_scaled`` (API 24: a
+    residual-add RMSNorm split between the product before it and the product after it), each
+    against its oracle in ``reference.ops`` and together against the unfused path (product,
+    ``fused_add_rms_norm``, product), plain and with ``silu_and_mul``; skipped where the
+    backend lacks them (the decoder then runs the three)."""
+    for dtype in _dtypes(target):
+        ops = _ops(target, dtype)
+        if (getattr(ops, "linear_add_rms_norm_fold", None) is None
+                or getattr(ops, "linear_rms_scaled", None) is None):
+            pytest.skip(f"{target.name} has no linear_add_rms_norm_fold / linear_rms_scaled "
+                        "(optional)")
+        dev = target.device
+        x = _rand(rows, k, dtype=dtype, device=dev, seed=20)
+        w = (_rand(h, k, dtype=torch.float32, device=dev, seed=21) * 0.2).to(dtype)
+        r = _rand(rows, h, dtype=dtype, device=dev, seed=22)
+        g = (1 + 0.3 * _rand(h, dtype=torch.float32, device=dev, seed=23)).to(dtype)
+        wc = (_rand(2 * n, h, dtype=torch.float32, device=dev, seed=24) * 0.2).to(dtype)
+        b = _rand(2 * n, dtype=dtype, device=dev, seed=25)
+        xg, sumsq, res = ops.linear_add_rms_norm_fold(x, w, r.clone(), g)
+        assert xg.shape == (rows, h) and xg.dtype == dtype and res.shape == (rows, h)
+        assert sumsq.dtype == torch.float32 and sumsq.dim() == 1
+        want_xg, want_ss, want_res = linear_add_rms_norm_fold(x.cpu(), w.cpu(), r.cpu(), g.cpu())
+        torch.testing.assert_close(res.cpu(), want_res, **tolerance(dtype))
+        torch.testing.assert_close(xg.cpu(), want_xg, **_norm_tolerance(dtype))
+        torch.testing.assert_close(sumsq.sum().cpu(), want_ss.sum(), rtol=1e-2, atol=1e-3)
+        if rows != 1:
+            continue  # the pair serves batch-1 decode; several rows share no sum of squares
+        normed, _ = REF.fused_add_rms_norm(x.cpu().float() @ w.cpu().float().T, r.cpu().float(),
+                                           g.cpu().float(), 1e-5)
+        for silu in (False, True):
+            out = ops.linear_rms_scaled(xg, wc, sumsq, 1e-5, b, silu_and_mul=silu)
+            assert out.shape == (rows, n if silu else 2 * n) and out.dtype == dtype
+            want = linear_rms_scaled(xg.cpu(), wc.cpu(), sumsq.cpu(), 1e-5, b.cpu(), silu)
+            torch.testing.assert_close(out.cpu().float(), want.float(), **_norm_tolerance(dtype))
+            unfused = normed @ wc.cpu().float().T + b.cpu().float()
+            if silu:
+                unfused = REF.silu_and_mul(unfused)
+            torch.testing.assert_close(out.cpu().float(), unfused, **_norm_tolerance(dtype))
 
 
 def _norm_tolerance(dtype):

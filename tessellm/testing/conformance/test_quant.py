@@ -153,6 +153,62 @@ def test_apply_add_rms_norm(target):
         pytest.skip(f"{target.name} offers no apply_add_rms_norm")
 
 
+def test_apply_norm_fold(target):
+    """The optional pair ``QuantMethod.apply_add_rms_norm_fold`` / ``apply_rms_scaled`` (API
+    23) at one row: None (not offered) or the split norm around two quantized products, within
+    the scheme's error of the dense unfused path (product, ``fused_add_rms_norm``, product),
+    plain and with ``silu_and_mul``."""
+    from tessellm.backends.reference.ops import ReferenceOps
+
+    def make(method, out, inp, g):
+        weight = torch.randn(out, inp, generator=g).to(target.device) * inp ** -0.5
+        layer = torch.nn.Module()
+        layer.input_size, layer.output_size, layer.output_sizes = inp, out, [out]
+        with torch.device(target.device):
+            method.create_weights(layer, inp, out, torch.float32)
+        method.quantize_dense(layer, weight)
+        method.process_weights_after_loading(layer)
+        return layer, weight
+
+    tried, missing = 0, []
+    for scheme in _schemes(target, missing):
+        method = target.registry.quant_method(target.backend, QuantSpec(scheme, dtype=torch.float32))
+        if (getattr(method, "apply_add_rms_norm_fold", None) is None
+                or getattr(method, "apply_rms_scaled", None) is None):
+            continue
+        g = torch.Generator().manual_seed(3)
+        try:
+            o, w_o = make(method, 64, 64, g)  # GGUF: blocks of 32
+            c, w_c = make(method, 64, 64, g)
+        except NotImplementedError:
+            continue
+        for dtype in (torch.float32, target.low_precision_dtype):
+            x = torch.randn(1, 64, generator=g).to(target.device, dtype)
+            res = torch.randn(1, 64, generator=g).to(target.device, dtype)
+            norm_w = (1 + 0.1 * torch.randn(64, generator=g)).to(target.device, dtype)
+            out = method.apply_add_rms_norm_fold(o, x, res.clone(), norm_w)
+            if out is None:
+                continue
+            xg, sumsq, new_res = out
+            normed, want_r = ReferenceOps().fused_add_rms_norm(
+                x.float() @ w_o.t(), res.float(), norm_w.float(), 1e-5)
+            for silu in (False, True):
+                y = method.apply_rms_scaled(c, xg, sumsq, 1e-5, None, silu)
+                if y is None:
+                    continue
+                tried += 1
+                want = normed @ w_c.t()
+                if silu:
+                    want = ReferenceOps().silu_and_mul(want)
+                assert y.shape == want.shape and new_res.shape == want_r.shape
+                for got, ref in ((new_res, want_r), (y, want)):
+                    rel = ((got.float() - ref).norm() / ref.norm()).item()
+                    assert rel < 2 * REL_TOL.get(scheme, 0.2), f"{scheme}: relative error {rel:.3f}"
+    _skip_missing(target, missing)
+    if not tried:
+        pytest.skip(f"{target.name} offers no apply_add_rms_norm_fold / apply_rms_scaled")
+
+
 def test_apply_prequantized(target):
     """The optional fp8 activation fold of a quant method (``prequantized_dtype``,
     ``apply_prequantized``): where a layer of one fp8 segment asks for its input quantized at
