@@ -178,11 +178,11 @@ def compile_sm90(fn, ptrs, consts):
     return k.asm["ptx"].count("griddepcontrol")
 
 bf, f32 = "*bf16", "*fp32"
-norm = dict(res_ptr=bf, g_ptr=bf, normed_ptr=bf, counter_ptr=f32)
+norm = dict(res_ptr=bf, g_ptr=bf, normed_ptr=bf, counter_ptr=f32, y_ptr=bf, split_ctr_ptr="*i32")
 found = {}
 for mode, silu in ((2, False), (3, False), (3, True)):
     pre = dict(PRE_TILES=1, PRE_L2=False, PRE_S=True, USE_PDL=True, NORM_EPI=mode,
-               NORM_BLOCK=2048, SILU_FOLD=silu)
+               NORM_BLOCK=2048, SILU_FOLD=silu, SPLIT_LAST=0)
     found[f"x2 {mode} {silu}"] = compile_sm90(
         gemv_x2._gemv_e4m3_x2_kernel,
         dict(x_ptr=bf, w_ptr="*fp8e4nv", s_ptr=f32, bias_ptr=f32, out_ptr=bf, **norm),
