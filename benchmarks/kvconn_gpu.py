@@ -12,7 +12,13 @@
   python3 benchmarks/kvconn_gpu.py overlap [TOKENS] a request decoding while a TOKENS-long prompt
       arrives: recomputed, loaded in the admitting step, loaded in the background; the
       decoding request's largest inter-token gap meanwhile and the long prompt's TTFT.
-Files go under $KV_DIR (default: a fresh directory in /tmp); removed at the end.
+  python3 benchmarks/kvconn_gpu.py peer [TOKENS]    ZmqPeerConnector: a producer engine in a
+      second process (same GPU) prefills two TOKENS-long prompts and serves their KV from host
+      memory over loopback TCP; this process's consumer engine loads each (TTFT, GB/s), and
+      recomputes a third prompt the producer never saw (the baseline, same engine).
+Files go under $KV_DIR (default: a fresh directory in /tmp); removed at the end. TTFT_MODEL
+(default the Llama-3.1-8B config, dummy weights) and DEVICE (default cuda) pick another model
+and device (a smoke run on the cpu: DEVICE=cpu TTFT_MODEL=<tiny model dir> ... peer 200).
 """
 
 from __future__ import annotations
@@ -171,6 +177,85 @@ def overlap(tokens: int = 8000) -> None:
     shutil.rmtree(store, ignore_errors=True)
 
 
+def _peer_engine(tokens: int) -> dict:
+    device = os.environ.get("DEVICE", "cuda")
+    return dict(device=device, load_format="dummy", dtype="bfloat16" if device != "cpu" else "float32",
+                num_kv_blocks=3 * -(-tokens // 16) + 64, max_model_len=tokens + 64,
+                enforce_eager=True)
+
+
+def _peer_prompts(tokens: int) -> list:
+    rng = random.Random(2)
+    return [[rng.randrange(1000, 30000) for _ in range(tokens)] for _ in range(3)]
+
+
+def peer_producer(tokens: int, port: int) -> None:
+    """The producer of ``peer``: prefills the first two prompts, says so, serves until stdin closes."""
+    from tessellm import LLM, SamplingParams
+
+    model = os.environ.get("TTFT_MODEL", "benchmarks/model-configs/llama-3.1-8b")
+    kv = {"kv_connector": "ZmqPeerConnector", "kv_role": "kv_producer",
+          "kv_connector_extra_config": {"kv_port": port, "wait_for_save": True}}
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    with LLM(model, kv_transfer_config=kv, **_peer_engine(tokens)) as llm:
+        llm.generate({"prompt_token_ids": [7] * 64}, one, use_tqdm=False)  # warm
+        firsts = []
+        for run, prompt in enumerate(_peer_prompts(tokens)[:2], 1):
+            t0 = time.perf_counter()
+            out = llm.generate({"prompt_token_ids": prompt}, one, use_tqdm=False)[0]
+            firsts.append(out.outputs[0].token_ids[0])
+            print(f"PEER producer run {run}: {(time.perf_counter() - t0) * 1e3:.0f} ms (prefill, "
+                  "blocks in its store before the response)", flush=True)
+        print(f"  producer connector {llm.engine.core.scheduler.stats().kv_connector}")
+        print(f"READY {' '.join(map(str, firsts))}", flush=True)
+        sys.stdin.readline()
+
+
+def peer(tokens: int = 8000) -> None:
+    import socket
+    import subprocess
+
+    from tessellm import LLM, SamplingParams
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, __file__, "peer_producer", str(tokens), str(port)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            print(line.rstrip(), flush=True)
+            if line.startswith("READY"):
+                want = [int(x) for x in line.split()[1:]]
+                break
+        else:
+            raise SystemExit(f"the producer process ended ({proc.wait()}) before it was ready")
+        model = os.environ.get("TTFT_MODEL", "benchmarks/model-configs/llama-3.1-8b")
+        kv = {"kv_connector": "ZmqPeerConnector", "kv_role": "kv_consumer",
+              "kv_connector_extra_config": {"kv_peer": f"127.0.0.1:{port}"}}
+        one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        with LLM(model, kv_transfer_config=kv, **_peer_engine(tokens)) as llm:
+            llm.generate({"prompt_token_ids": [7] * 64}, one, use_tqdm=False)  # warm
+            block_bytes = llm.engine.core.executor.worker.runner.kv_connector.block_bytes
+            bs = llm.engine.core.info.block_size
+            got = []
+            for name, prompt in zip(("load 1", "load 2", "recompute"), _peer_prompts(tokens)):
+                t0 = time.perf_counter()
+                out = llm.generate({"prompt_token_ids": prompt}, one, use_tqdm=False)[0]
+                dt = time.perf_counter() - t0
+                got.append(out.outputs[0].token_ids[0])
+                moved = out.num_cached_tokens // bs * block_bytes
+                rate = f"; {moved / 2**20:.1f} MiB over TCP: {moved / dt / 1e9:.2f} GB/s" if moved else ""
+                print(f"PEER consumer {name}: TTFT {dt * 1e3:.0f} ms for {tokens} tokens "
+                      f"(cached {out.num_cached_tokens}){rate}", flush=True)
+            print(f"  consumer connector {llm.engine.core.scheduler.stats().kv_connector}")
+            print("PEER first tokens", "equal the producer's" if got[:2] == want else
+                  f"DIFFER: consumer {got[:2]}, producer {want}", flush=True)
+    finally:
+        proc.stdin.close()
+        proc.wait(120)
+
+
 def _store_bytes(store: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store) for f in fs)
 
@@ -182,4 +267,6 @@ def _files(store: str) -> int:
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "check"
     arg = int(sys.argv[2]) if len(sys.argv) > 2 else 8000
-    {"check": check, "ttft": lambda: ttft(arg), "overlap": lambda: overlap(arg)}[what]()
+    {"check": check, "ttft": lambda: ttft(arg), "overlap": lambda: overlap(arg),
+     "peer": lambda: peer(arg),
+     "peer_producer": lambda: peer_producer(arg, int(sys.argv[3]))}[what]()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# KV connectors after session 20 (docs/kv_transfer.md) on one GPU, ~5 minutes (at most 8):
+#   1. check: tiny Llama on cuda, SharedStorageConnector producer -> consumer: tokens equal HF's
+#      and a plain run's, 40 of 42 prompt tokens loaded (lookups now off the step, saves counted
+#      when written: the printed stats show blocks_saved 22 on the producer);
+#   2. peer: ZmqPeerConnector, Llama-3.1-8B dummy weights, bf16: a producer engine in a second
+#      process on the same GPU prefills two 8000-token prompts and serves their KV (~1 GiB
+#      each) from host memory over loopback TCP; this process's consumer loads each (TTFT, GB/s)
+#      and recomputes a third prompt (the baseline, same engine); first tokens compared.
+# Run from the repository root: bash benchmarks/kvfix_device.sh   (OUT=... for the logs;
+# PEER_TOKENS=... another prompt length)
+# Expect: "CHECK PASS" with the producer's connector stats blocks_saved=22; PEER producer run
+# lines, "PEER consumer load 1/2: TTFT ... (cached 7984); ... MiB over TCP: ... GB/s", a
+# "PEER consumer recompute" TTFT (cached 0), and "PEER first tokens equal the producer's".
+source benchmarks/device_env.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+t check ${CHECK_S:-90} python3 benchmarks/kvconn_gpu.py check
+grep -E "CHECK|connector" "$OUT/check.txt"
+t peer ${PEER_S:-360} python3 benchmarks/kvconn_gpu.py peer ${PEER_TOKENS:-8000}
+grep -E "PEER|connector" "$OUT/peer.txt"
