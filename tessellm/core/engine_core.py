@@ -333,6 +333,12 @@ class EngineCore(EngineSleep):
         self.structured.shutdown()
         if self.lora_store is not None:
             self.lora_store.shutdown()
+        connector = getattr(getattr(self, "scheduler", None), "connector", None)
+        if connector is not None:  # its scheduler half (the workers' go with them)
+            try:
+                connector.shutdown()
+            except Exception:  # noqa: BLE001 - a connector's failure never blocks the shutdown
+                logger.exception("The KV connector's scheduler half failed to shut down.")
         self.executor.shutdown()
         if self.backend.emulated:
             from tessellm.backends.emulation import unmark_emulated

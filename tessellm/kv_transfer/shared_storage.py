@@ -295,6 +295,14 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         return {"loads": loads, "async_loads": background, "saves": saves, "save_owners": owners,
                 "wait": wait}
 
+    def shutdown(self) -> None:
+        if self.role is KVConnectorRole.SCHEDULER:  # its lookups: not waited for (a hung mount)
+            if self._lookup_threads is not None:
+                self._lookup_threads.shutdown(wait=False, cancel_futures=True)
+                self._lookup_threads = None
+            return
+        super().shutdown()
+
     def request_failed_load(self, request) -> None:
         # The worker removed the bad file: later lookups miss it. The request itself is
         # recomputed without the connector; it saves what it computes afresh.

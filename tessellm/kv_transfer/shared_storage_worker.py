@@ -420,7 +420,7 @@ class SharedStorageWorker:
 
     def shutdown(self) -> None:
         # The saves under way are written first; background loads end (their blocks go away).
-        for name in ("_loader", "_writer", "_writers", "_readers", "_lookup_threads"):
+        for name in ("_loader", "_writer", "_writers", "_readers"):
             pool = getattr(self, name, None)
             if pool is not None:
                 pool.shutdown(wait=True)
