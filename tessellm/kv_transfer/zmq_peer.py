@@ -21,8 +21,9 @@ namespace) is told so once in its log, and every lookup misses.
 
 Wire protocol (multipart frames; the client is a DEALER): ``[op, namespace, key...]`` with op
 ``b"has"`` (reply ``[b"ok", run]``: how many of the keys, from the first, the store holds) or
-``b"get"`` (reply ``[b"ok", block...]``, an empty frame for a block not held); a namespace other
-than the server's gets ``[b"namespace", its namespace]``.
+``b"get"`` (reply ``[b"ok", block...]``, an empty frame for a block not held) or ``b"drop"``
+(a consumer found the blocks bad: removed, reply ``[b"ok"]``); a namespace other than the
+server's gets ``[b"namespace", its namespace]``.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ class BlockStore:
                 n += 1
             return n
 
+    def drop(self, keys: list) -> None:
+        with self.lock:
+            for key in keys:
+                blob = self.blocks.pop(key, None)
+                if blob is not None:
+                    self.nbytes -= len(blob)
+
     def get(self, keys: list) -> list:
         with self.lock:
             out = []
@@ -125,6 +133,9 @@ class BlockServer:
                 reply = [b"ok", str(self.store.run([k.decode() for k in keys])).encode()]
             elif op == b"get":
                 reply = [b"ok"] + self.store.get([k.decode() for k in keys])
+            elif op == b"drop":
+                self.store.drop([k.decode() for k in keys])
+                reply = [b"ok"]
             else:
                 reply = [b"error", b"unknown op " + op]
             self.sock.send_multipart([ident] + reply, copy=False)
@@ -260,14 +271,16 @@ class ZmqPeerConnector(SharedStorageConnector):
                     out.append(fmt.decode_block(blob, key, rank, self.layout, self.block_bytes,
                                                 views[lo + i]))
                 except ValueError as exc:
-                    logger.warning("KV block %s from the peer not loaded (%s): the request is "
-                                   "recomputed.", self.path(key, rank), exc)
+                    self.discard(key, exc)
                     out.append(None)
         return out
 
     def discard(self, key: str, why) -> None:
-        logger.warning("KV block %s from the peer not loaded (%s): the request is recomputed.",
-                       self.path(key, self.context.rank), why)
+        """A bad block: the producer drops it (its next save of the block stores it afresh)."""
+        logger.warning("KV block %s from the peer not loaded (%s): removed there; the request "
+                       "is recomputed.", self.path(key, self.context.rank), why)
+        if self.peer is not None:
+            self._ask(self.context.rank, b"drop", [key])
 
     def present(self, key: str) -> bool:
         return self._store is not None and self._store.has(key)

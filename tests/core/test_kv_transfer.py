@@ -1003,3 +1003,44 @@ def test_zmq_peer_tensor_parallel_ranks_fetch_from_their_peer_rank(tiny_model_di
     finally:
         proc.stdin.close()
         assert proc.wait(120) == 0
+
+
+def test_zmq_peer_block_server_protocol(monkeypatch):
+    """The producer's block store and server and the consumer's half, in one process over
+    loopback: "has" counts the run held (the scheduler half's lookup, per rank), "get" fills
+    a block's views and checks it as a file (a byte flipped under crc32 fails and is dropped at
+    the producer, so the next lookup misses it), another namespace shares nothing, and the
+    store evicts its least recently used block past its bytes."""
+    from tessellm.kv_transfer import shared_storage_format as fmt
+    from tessellm.kv_transfer.zmq_peer import BlockServer, BlockStore
+
+    port = _free_port()
+    keys = [f"{i:064x}" for i in range(4)]
+    layout = bytes(16)
+    store = BlockStore(capacity=10 * (HEADER_BYTES + 16))
+    for i, key in enumerate(keys[:3]):
+        payload = [memoryview(bytes([i + 1]) * 16)]
+        store.put(key, fmt.block_header(key, 0, "crc32", layout, 16, payload, None) + bytes(payload[0]))
+    server = BlockServer(store, "ns", "127.0.0.1", port)
+    try:
+        config = parse_kv_transfer_config(_peer("kv_consumer", kv_peer=f"127.0.0.1:{port}"))
+        conn = make_connector(config, KVConnectorRole.WORKER, KVConnectorContext(BS, "ns"))
+        conn.layout, conn.block_bytes = layout, 16
+        assert conn._look(keys, 0) == (keys[:3], 3)
+        views = [[memoryview(bytearray(16))] for _ in keys]
+        got = conn.read_blocks(keys, views)
+        assert [g is not None for g in got] == [True, True, True, False]
+        assert [bytes(v[0]) for v in views[:3]] == [bytes([i + 1]) * 16 for i in range(3)]
+        bad = bytearray(store.blocks[keys[1]])
+        bad[-1] ^= 0x5A
+        store.put(keys[1], bytes(bad))
+        assert [g is not None for g in conn.read_blocks(keys[:3], views[:3])] == [True, False, True]
+        assert conn._look(keys, 0) == (keys[:1], 1)  # dropped at the producer
+        other = make_connector(config, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "other"))
+        assert other._look(keys, 0) == ([], 0)
+    finally:
+        server.close()
+    small = BlockStore(capacity=2 * 10)
+    for key in keys[:3]:
+        small.put(key, bytes(10))
+    assert list(small.blocks) == keys[1:3] and small.nbytes == 20
