@@ -93,8 +93,8 @@ def test_tc_gemm_matches_the_float64_product(layout, m, n, k, group, split):
 @pytest.mark.parametrize("dtype", [BF16, F16])
 @pytest.mark.parametrize("layout", ["awq", "gptq-sym"])
 def test_tc_gemm_half_activations(dtype, layout):
-    """16-bit x: fp16 codes widened by bits (1024 + q, taken off by x's column sums; bf16's
-    128 + q on a GPU only), split in two (float32 planes) and not."""
+    """16-bit x: codes widened by bits (fp16 1024 + q, bf16 128 + q; the bias taken off by x's
+    column sums), split in two (float32 planes) and not."""
     w = _weight(layout, 72, 256, 128, seed=13)
     gen = torch.Generator().manual_seed(14)
     x = torch.randn(11, 256, generator=gen).to(DEV, dtype)

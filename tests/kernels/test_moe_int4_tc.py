@@ -79,7 +79,7 @@ def test_int4_tc_moe_matches_reference(tokens, fuse, zeros, act_order, group13, 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_int4_tc_moe_half_activations(dtype):
-    """16-bit activations: fp16 codes widened by bits (bf16's 128 + q on a GPU only); the
+    """16-bit activations: codes widened by bits (fp16 1024 + q, bf16 128 + q); the
     reference rounds each dequantized weight to the dtype, this kernel keeps codes exact."""
     args, kw, want = _case(7, 4, 256, 128, 128, 128, True, False, seed=3)
     args[0] = args[0].to(dtype)

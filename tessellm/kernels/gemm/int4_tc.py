@@ -34,8 +34,9 @@ Small M is bound by the weight read: K is split over ``SPLIT_K`` programs (each 
 partial in its own plane, summed after: deterministic, ``common._split_sum``) until the grid
 fills the GPU. Tiles by rows (``int4_tc_config``): 16/32/64 token columns, 128 from 65 rows.
 Weights whose K or group is not a multiple of 128 keep the checkpoint layout and its kernels.
-No host sync: graph-capture safe. On the CPU it runs in Triton's interpreter (tests), where
-bf16 codes are widened by ``.to`` (the interpreter has no bf16 arithmetic), fp16 by the bits.
+No host sync: graph-capture safe. On the CPU it runs in Triton's interpreter (tests), with the
+same bit widening; there the bf16 operands are then widened to float32 for the dot (the
+interpreter has no bf16 arithmetic; codes and x convert exactly).
 """
 
 from __future__ import annotations
@@ -127,8 +128,7 @@ def _int4_tc_kernel(x_ptr, qt_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K,
                 wi = codes.to(tl.float32)
             if DOT_FP32:
                 xi = xi.to(tl.float32)
-            else:
-                wi = wi.to(xi.dtype)
+            wi = wi.to(xi.dtype)
             part = tl.dot(wi, xi, part, input_precision=DOT_PREC)
             xs += tl.sum(xi.to(tl.float32), axis=0)
         g = (b * 128) // GROUP_SIZE
@@ -357,9 +357,9 @@ def int4_tc_config(m: int, n: int, k: int, interpreted: bool, num_sms: int = 132
 
 
 def _w16(x: torch.Tensor) -> int:
-    if x.dtype == torch.bfloat16 and not _interpreted(x):
-        return 1
-    return 2 if x.dtype == torch.float16 else 0
+    """W16 by x's dtype: codes widened by bits for 16-bit x, the interpreter included (there
+    the bf16 codes are then widened to float32 for its float32 dot: exact)."""
+    return {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
 
 
 def int4_tc_gemm(x: torch.Tensor, w: Int4Weight, bias=None, split: Optional[int] = None,

@@ -94,9 +94,10 @@ def _moe_int4_tc_kernel(a_ptr, w_ptr, c_ptr, s_ptr, z_ptr, weight_ptr, perm_ptr,
             xi = tl.load(a_col + col[:, None], mask=row_ok[None, :], other=0.0)  # [16, BM]
             if DOT_FP32:
                 xi = xi.to(tl.float32)
-            part = tl.dot(_widen(words, i, W16, xi.dtype), xi, part, input_precision=DOT_PREC)
+            part = tl.dot(_widen(words, i, W16, xi.dtype).to(xi.dtype), xi, part,
+                          input_precision=DOT_PREC)
             if SILU_MUL:
-                part_up = tl.dot(_widen(words_up, i, W16, xi.dtype), xi, part_up,
+                part_up = tl.dot(_widen(words_up, i, W16, xi.dtype).to(xi.dtype), xi, part_up,
                                  input_precision=DOT_PREC)
             xsum += tl.sum(xi.to(tl.float32), axis=0)
         g = (b * 128) // GROUP_SIZE
@@ -160,7 +161,7 @@ def moe_int4_tc_gemm(a, w, scale, zeros, weights, sorted_ids, block_expert, num_
     else:
         a = a.index_select(1, order)
     n = out.shape[1]
-    w16 = 1 if a.dtype == torch.bfloat16 and not interp else 2 if a.dtype == torch.float16 else 0
+    w16 = {torch.bfloat16: 1, torch.float16: 2}.get(a.dtype, 0)  # bits (interpreter too)
     t = dict(BLOCK_N=32, num_warps=1, num_stages=1) if interp else moe_int4_tc_tiles(block_m)
     grid = (sorted_ids.numel() // block_m, triton.cdiv(n, t["BLOCK_N"]))
     _moe_int4_tc_kernel[grid](
