@@ -4,7 +4,8 @@
 #   int4tc_kernels      tests/kernels/test_int4_tc.py (row tiers 5..600, split-K, tc dequantize,
 #                       the tc GEMV at 1/2/4 rows)
 #                       + tests/kernels/test_gemv_int4.py (the GEMV and the old tiled GEMM)
-#   int4tc_conformance  the quant conformance case on cuda (awq / gptq at 1 and 5 rows)
+#   int4tc_conformance  the quant conformance cases on cuda (awq / gptq at 1 and 5 rows; K 256
+#                       at 1/4/5/17/40 rows, each row count against the one-row product)
 #   int4tc_quant        tests/quantization/test_kernels.py int4 cases, test_loading's AWQ /
 #                       GPTQ / act-order checkpoints' logits on cuda
 #   int4tc_bench        Llama-3.1-8B layer shapes at 1/4/16/64/256/1024 rows, L2 flushed:
@@ -28,7 +29,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 t int4tc_kernels ${INT4TC_TEST_S:-100} python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_int4_tc.py tests/kernels/test_gemv_int4.py
 t int4tc_conformance ${INT4TC_CONF_S:-35} python3 -m tessellm.testing --backend cuda -q \
-  -k "declared_schemes"
+  -k "declared_schemes or int4_layer_at_every"
 t int4tc_quant ${INT4TC_QTEST_S:-60} python3 -m pytest -q -p no:cacheprovider \
   tests/quantization/test_kernels.py tests/quantization/test_loading.py \
   -k "int4 or dequantize or other_dtypes or test_int4_checkpoint"

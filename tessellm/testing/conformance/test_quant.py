@@ -281,3 +281,43 @@ def test_fp8_block_checkpoint_layer(target):
         assert out.shape == want.shape and out.dtype == torch.float32
         rel = ((out.cpu() - want).norm() / want.norm()).item()
         assert rel < 0.05, f"rows {rows}: relative error {rel:.3f} against the dequantized weight"
+
+
+def test_int4_layer_at_every_row_count(target):
+    """An AWQ / GPTQ layer of two fused shards at K = 256 in groups of 128 (the shape a backend
+    may re-lay for a tensor-core kernel at load: the cuda one's ``prepare_int4``) at 1, 4, 5,
+    17 and 40 rows: each product within the scheme's error of the dense one, and the rows of
+    every row count equal the one-row product's (the decode and the batched kernels agree)."""
+    tried, missing = 0, []
+    for scheme in _schemes(target, missing):
+        if scheme not in ("awq", "gptq"):
+            continue
+        spec = QuantSpec(scheme, {"group_size": 128}, dtype=torch.float32)
+        method = target.registry.quant_method(target.backend, spec)
+        g = torch.Generator().manual_seed(7)
+        sizes, k = [64, 32], 256
+        weight = torch.randn(sum(sizes), k, generator=g)
+        layer = torch.nn.Module()
+        layer.input_size, layer.output_size, layer.output_sizes = k, sum(sizes), sizes
+        with torch.device(target.device):
+            method.create_weights(layer, k, sum(sizes), torch.float32)
+        try:
+            method.quantize_dense(layer, weight.to(target.device))
+        except NotImplementedError:
+            continue
+        method.process_weights_after_loading(layer)
+        tried += 1
+        x = torch.randn(40, k, generator=g)
+        one = method.apply(layer, x[:1].to(target.device)).cpu()
+        for rows in (1, 4, 5, 17, 40):
+            out = method.apply(layer, x[:rows].to(target.device)).cpu()
+            want = x[:rows] @ weight.t()
+            assert out.shape == want.shape and out.dtype == torch.float32
+            rel = ((out - want).norm() / want.norm()).item()
+            assert rel < REL_TOL[scheme], f"{scheme}, {rows} rows: relative error {rel:.3f}"
+            agree = ((out[:1] - one).norm() / one.norm()).item()
+            assert agree < 1e-2, (f"{scheme}: row 0 at {rows} rows differs from the one-row "
+                                  f"product by {agree:.2e}")
+    _skip_missing(target, missing)
+    if not tried:
+        pytest.skip(f"{target.name} declares neither awq nor gptq")
