@@ -25,9 +25,11 @@
 #      "x2-summary" / "bf16-summary" lines (us, TB/s of old default, best old, best split);
 #      then qkv+o+gate_up+down of 8 layers default vs tuned vs split ("layers"). Winners by
 #      >= 3% go into gemv_x2_table.py.
-#   3. The B1 kernel chain (decode_chain.py --sections splitlast, CHAIN_S 110): 32 layers + LM
+#   3. The B1 kernel chain (decode_chain.py --sections splitlast, CHAIN_S 130): 32 layers + LM
 #      head in one CUDA graph with PDL, engine form (SiLU fold, fp8 with its e4m3 LM head),
-#      flag off / on / off again, then the GEMVs alone off / on; fp8 then bf16.
+#      flag off / on / on-split (without PREWAIT_TILES: o reads 2 tiles before its PDL wait,
+#      a guess) / on-prewait (without the split tables) / off again, then the GEMVs alone
+#      off / on; fp8 then bf16.
 #   4. Engine B1 (bench latency: Llama-3.1-8B shapes, dummy weights, 512-token prompt, 256
 #      greedy tokens, 3 iterations; fp8 with TESSELLM_FP8_LM_HEAD=1 as b1pre_device.sh ran
 #      it): fp8 old, fp8 new, bf16 old, bf16 new, fp8 old again (the spread). B1_FIRST_S 100,
@@ -47,7 +49,8 @@
 #     (H200 2026-12-04 old figures; a split wins a shape only by >= 3%, else the table stays
 #     empty there and the flag changes nothing on it)
 #   gate_up / down: no split expected to win (3.7-3.8 TB/s already)
-#   SUMMARY chain fp8 on: -0% to -3% vs off (<= ~0.07 ms of ~2.35 on an H200); bf16 smaller
+#   SUMMARY chain fp8 on: -0% to -3% vs off (<= ~0.07 ms of ~2.35 on an H200); bf16 smaller;
+#     on-prewait (o's 2 tiles) up to ~-2% (~1.5 us of o a layer), or slower (registers)
 #   SUMMARY engine B1 fp8 new: the chain's change within the engine spread (~0.3%)
 # Flip the default (envs.gemv_split_last) only if the engine fp8 "new" beats "old" and "old
 # again" by more than their spread and bf16 is no slower; commit $OUT/gemv_x2_table.py with it.
@@ -82,7 +85,7 @@ t sweep ${SWEEP_S:-180} python3 benchmarks/kernels/x2_sweep.py --out "$OUT" --qu
 [ "${SWEEP_S:-180}" -gt 0 ] && [ -f "$OUT/gemv_x2_table.py" ] && cp "$OUT/gemv_x2_table.py" /tmp/gemv8_table.py
 echo "SPLIT_TABLE / BF16_SPLIT_TABLE in use:"; sed -n '/^SPLIT_TABLE/,$p' tessellm/kernels/gemm/gemv_x2_table.py
 
-t chain ${CHAIN_S:-110} python3 benchmarks/kernels/decode_chain.py --out "$OUT" --sections splitlast
+t chain ${CHAIN_S:-130} python3 benchmarks/kernels/decode_chain.py --out "$OUT" --sections splitlast
 [ -f "$OUT/chain.txt" ] && grep "^splitlast" "$OUT/chain.txt"
 
 b1() { local name=$1 secs=$2; shift 2

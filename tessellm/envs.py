@@ -288,8 +288,9 @@ def gemv_split_last() -> bool:
     ``gemv``'s FMA kernel) split K where ``gemv_x2_table.SPLIT_TABLE`` / ``BF16_SPLIT_TABLE``
     name a split for the weight shape, and wherever their rules split K, with the partial sums
     combined by each output tile's last program (``kernels/gemm/split_last.py``: no sum and
-    cast launches after the GEMV, a fixed order). Off by default until timed on the device
-    (``benchmarks/gemv8_device.sh``)."""
+    cast launches after the GEMV, a fixed order); and the e4m3 GEMV reads
+    ``gemv_x2_table.PREWAIT_TILES``' weight tiles before its PDL wait for the shapes there.
+    Off by default until timed on the device (``benchmarks/gemv8_device.sh``)."""
     return _switch("TESSELLM_GEMV_SPLIT_LAST") is True
 
 

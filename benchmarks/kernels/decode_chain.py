@@ -27,7 +27,8 @@ b1fuse: the engine's chain against the add-RMSNorm in the o (and down) GEMVs' la
 reduce, and without the norms at all (what they cost).
 splitlast: the engine's chain (as in prewait, default prewait) with the one-row GEMVs' split K
 combined in the launch (``gemm/split_last.py``, TESSELLM_GEMV_SPLIT_LAST: the shapes of
-``SPLIT_TABLE`` / ``BF16_SPLIT_TABLE``) off, on, off again, then the GEMVs alone off and on.
+``SPLIT_TABLE`` / ``BF16_SPLIT_TABLE``, and ``PREWAIT_TILES``' per-shape prewait) off, on, on
+with the split only, on with the prewait table only, off again, then the GEMVs alone off and on.
 b1norm2: the engine's chain against the add-RMSNorms split between the GEMVs around them
 (``gemm/norm_fold.py``, TESSELLM_NORM_FOLD2), and without the norms at all.
 attn_long: the split-KV decode kernel at workload L's contexts (1024-2048 keys) at batches
@@ -409,20 +410,29 @@ def splitlast_section(out: dict) -> None:
     from tessellm.kernels.pdl import graph_scope
     from tessellm.quantization.packed import quantize_fp8
 
-    runs = (("off", False, "silu fold"), ("on", True, "silu fold"),
-            ("off-again", False, "silu fold"), ("gemv-off", False, "gemv"),
-            ("gemv-on", True, "gemv"))
+    # (name, flag, variant, tables emptied for the run): "on-split" without PREWAIT_TILES,
+    # "on-prewait" without the split tables, so each one's share shows
+    runs = (("off", False, "silu fold", ()), ("on", True, "silu fold", ()),
+            ("on-split", True, "silu fold", ("PREWAIT_TILES",)),
+            ("on-prewait", True, "silu fold", ("SPLIT_TABLE", "BF16_SPLIT_TABLE")),
+            ("off-again", False, "silu fold", ()), ("gemv-off", False, "gemv", ()),
+            ("gemv-on", True, "gemv", ()))
     for fp8 in (True, False):
         layers, head, nbytes = _weights(fp8)
         head8 = quantize_fp8(head) if fp8 else None
         dtype = "fp8" if fp8 else "bf16"
         floor = nbytes - (head.numel() if fp8 else 0)  # fp8: the e4m3 head
         res = {"weight_gb": round(floor / 1e9, 3), "floor_ms_4.25TBs": round(floor / 4.25e9, 3),
-               "table": {str(k): v for k, v in (gemv_x2_table.SPLIT_TABLE if fp8 else
-                                               gemv_x2_table.BF16_SPLIT_TABLE).items()},
+               "tables": {t: {str(k): v for k, v in getattr(gemv_x2_table, t).items()}
+                          for t in ("SPLIT_TABLE", "PREWAIT_TILES", "BF16_SPLIT_TABLE")},
                "runs": {}}
-        for name, on, variant in runs:
+        for name, on, variant, emptied in runs:
+            if not fp8 and name == "on-prewait":
+                continue  # PREWAIT_TILES is the e4m3 GEMV's
+            saved = {t: dict(getattr(gemv_x2_table, t)) for t in emptied}
             try:
+                for t in emptied:  # in place: the kernels' modules hold these dicts
+                    getattr(gemv_x2_table, t).clear()
                 split_last.ENABLED = on
                 step = _step_fn(layers, head, fp8, VARIANTS[variant], head8=head8)
                 with graph_scope():
@@ -432,6 +442,9 @@ def splitlast_section(out: dict) -> None:
                 print("splitlast-error", dtype, name, f"{type(e).__name__}: {e}"[:300],
                       flush=True)
                 continue
+            finally:
+                for t, v in saved.items():
+                    getattr(gemv_x2_table, t).update(v)
             res["runs"][name] = {"ms": ms}
             print("splitlast", dtype, name, json.dumps(res["runs"][name]), flush=True)
         split_last.ENABLED = False

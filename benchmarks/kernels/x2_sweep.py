@@ -241,6 +241,9 @@ row), consulted first and only under ``TESSELLM_GEMV_SPLIT_LAST=1``: (block_n, b
 block_k, num_warps, split), K split ``split`` ways, the partial sums combined by each tile's
 last program (``split_last.py``). Only shapes where a split beat the old launch by
 ``MIN_GAIN``; the others keep the old launch under the flag too.
+``PREWAIT_TILES`` (``gemv_fp8_x2``, under the same flag): weight tiles a program reads before
+its PDL wait for that shape, instead of ``TESSELLM_GEMV_PREWAIT``'s count; the sweep keeps it
+as it finds it (it times the GEMV after a norm, not after the attention, o's predecessor).
 {source}"""
 
 X2_TABLE: dict = {{
@@ -248,6 +251,9 @@ X2_TABLE: dict = {{
 
 SPLIT_TABLE: dict = {{
 {split_rows}}}
+
+PREWAIT_TILES: dict = {{
+{prewait_rows}}}
 
 BF16_SPLIT_TABLE: dict = {{
 {bf16_rows}}}
@@ -260,8 +266,11 @@ def _rows(table: dict) -> str:
 
 def write_table(path: Path, table: dict, split_table: dict, bf16_table: dict,
                 source: str) -> None:
+    from tessellm.kernels.gemm.gemv_x2_table import PREWAIT_TILES
+
     path.write_text(TABLE_HEAD.format(source=source, rows=_rows(table),
                                       split_rows=_rows(split_table),
+                                      prewait_rows=_rows(PREWAIT_TILES),
                                       bf16_rows=_rows(bf16_table)))
 
 

@@ -220,6 +220,28 @@ def test_split_table_entries(monkeypatch, entry):
     _close(out, ref)
 
 
+def test_prewait_table_sets_the_tiles_of_its_shape(monkeypatch):
+    """``PREWAIT_TILES`` under the flag: its shape's launches read that many tiles before the
+    PDL wait (at most a program's K steps), other shapes and the flag off keep
+    TESSELLM_GEMV_PREWAIT's; the output is bitwise the same either way."""
+    n, k = 19, 100
+    monkeypatch.setattr(gv, "PREWAIT", gv.Prewait(1))
+    monkeypatch.setitem(gemv_x2.PREWAIT_TILES, (n, k), 2)
+    x = torch.zeros(1, k, device=DEV, dtype=BF16)
+    monkeypatch.setattr(split_last, "ENABLED", False)
+    assert gemv_x2._prewait(x, n, k, 3)["PRE_TILES"] == 1
+    w, x, b = _data(1, n, k, True, 23)
+    seg = quantize_fp8(w).to(DEV)
+    want = gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales, b, config=(2, 8, 1))
+    monkeypatch.setattr(split_last, "ENABLED", True)
+    assert gemv_x2._prewait(x, n, k, 3)["PRE_TILES"] == 2
+    assert gemv_x2._prewait(x, n, k, 1)["PRE_TILES"] == 1
+    assert gemv_x2._prewait(x, n + 1, k, 3)["PRE_TILES"] == 1
+    with graph_scope():
+        got = gemv_x2.gemv_fp8_x2(x, seg.qweight, seg.scales, b, config=(2, 8, 1))
+    assert torch.equal(got, want)
+
+
 def test_folds_and_epilogues_keep_one_k_range(monkeypatch):
     """The SiLU fold and the add-RMSNorm epilogue need whole sums: under the flag, with a
     ``SPLIT_TABLE`` entry for their shape, they take its tiles and no split."""

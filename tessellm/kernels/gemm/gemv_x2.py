@@ -48,7 +48,7 @@ from tessellm.kernels.gemm.common import (_interpreted, _num_sms, _split_out, _s
 from tessellm.kernels.gemm.gemv import (GemvConfig, _apply_scale_bias, _finish, _finish_rows,
                                         _prefetch_rows_l2, _program_rows, _ptx, _with_split,
                                         prewait_args, store_silu_mul)
-from tessellm.kernels.gemm.gemv_x2_table import SPLIT_TABLE, X2_TABLE
+from tessellm.kernels.gemm.gemv_x2_table import PREWAIT_TILES, SPLIT_TABLE, X2_TABLE
 from tessellm.kernels.gemm.norm_epilogue import (NORM_EPILOGUE_MAX_N, epilogue_args,
                                                   make_epilogue, norm_epilogue,
                                                   norm_epilogue_applies)
@@ -345,9 +345,21 @@ def gemv_fp8_x2(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         x, qweight, scales, bias if bias is not None else scales, out, n, kw,
         qweight.stride(0) // 4, words_per_split, _split_stride(out), HAS_BIAS=bias is not None,
         EVEN_K=kw % words_per_split == 0, BLOCK_N=block_n, BLOCK_KW=block_kw, PTX=_ptx(x),
-        SILU_FOLD=False, num_warps=num_warps, **epilogue_args(None, x), **prewait_args(x),
+        SILU_FOLD=False, num_warps=num_warps, **epilogue_args(None, x),
+        **_prewait(x, n, k, words_per_split // block_kw),
         **combine, **pdl_args(x.device))
     return y if y is not None else _split_sum(out, x.dtype)
+
+
+def _prewait(x: torch.Tensor, n: int, k: int, steps: int) -> dict:
+    """``prewait_args``, with ``gemv_x2_table.PREWAIT_TILES``' weight tiles for an ``[n, k]``
+    weight under ``TESSELLM_GEMV_SPLIT_LAST``, at most a program's K ``steps`` (the sums are
+    the same with any count)."""
+    pre = prewait_args(x)
+    tiles = PREWAIT_TILES.get((n, k)) if split_last_enabled() else None
+    if tiles is not None:
+        pre["PRE_TILES"] = min(tiles, max(1, steps))
+    return pre
 
 
 def gemv_fp8_x2_silu_and_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
