@@ -402,8 +402,9 @@ def prewait_section(out: dict) -> None:
 
 
 def splitlast_section(out: dict) -> None:
-    """The chain (engine form) with ``split_last.ENABLED`` off, on, off again (the spread),
-    then the GEMVs alone off and on: GPU ms a token. Printed as ``splitlast <dtype> <setting>
+    """The chain (engine form) with ``split_last.ENABLED`` off, on, on without one of the
+    session's tables (fp8), off again (the spread), then the GEMVs alone off and on: GPU ms a
+    token. Printed as ``splitlast <dtype> <setting>
     <json>`` (``gemv8_device.sh`` reads these lines). Outputs are not compared here (the
     chain's steps move its KV state; the kernel tests check the bits)."""
     from tessellm.kernels.gemm import gemv_x2_table, split_last
@@ -427,8 +428,8 @@ def splitlast_section(out: dict) -> None:
                           for t in ("SPLIT_TABLE", "PREWAIT_TILES", "BF16_SPLIT_TABLE")},
                "runs": {}}
         for name, on, variant, emptied in runs:
-            if not fp8 and name == "on-prewait":
-                continue  # PREWAIT_TILES is the e4m3 GEMV's
+            if not fp8 and name in ("on-split", "on-prewait"):
+                continue  # PREWAIT_TILES is the e4m3 GEMV's: bf16 "on" is its split alone
             saved = {t: dict(getattr(gemv_x2_table, t)) for t in emptied}
             try:
                 for t in emptied:  # in place: the kernels' modules hold these dicts
