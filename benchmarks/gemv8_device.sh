@@ -3,7 +3,9 @@
 # (TESSELLM_GEMV_SPLIT_LAST, tessellm/kernels/gemm/split_last.py: each N tile's last program
 # adds the K ranges' float32 planes in a fixed order; no sum/cast launches), old vs new in one
 # call. Off by default; "new" = TESSELLM_GEMV_SPLIT_LAST=1 with the SPLIT_TABLE /
-# BF16_SPLIT_TABLE that part 2 measures and writes (into this tree's copy and $OUT).
+# BF16_SPLIT_TABLE that part 2 measures and writes (into this tree's copy and $OUT), and
+# PREWAIT_TILES as shipped (o: 2 weight tiles before its PDL wait; the sweep keeps it). Where no
+# split wins a shape, "new" differs from "old" there only by PREWAIT_TILES.
 #
 #   bash benchmarks/gemv8_device.sh          # from the repo root; parts 1-3 ~5-6 min on a warm
 #                                            # H200/H100, then the engine runs while under DEADLINE
