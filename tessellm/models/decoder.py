@@ -232,7 +232,7 @@ class DecoderLayer(nn.Module):
                        and type(self.self_attn).forward is DecoderAttention.forward
                        and type(self).after_attention is DecoderLayer.after_attention
                        and type(self.post_attention_layernorm) is RMSNorm)
-        self._next_fold: Optional[tuple] = None  # (the next layer's norm, its qkv_proj)
+        self._next_fold: Optional[tuple] = None  # (the next layer's input norm, that layer)
 
     def forward(self, positions, hidden, residual, metadata):
         if self._fold2:
@@ -260,8 +260,10 @@ class DecoderLayer(nn.Module):
             return self.after_attention(attn.o_proj(a), residual)
         fold, residual = folded
         act = fold_norm_in(gate_up, fold, silu_and_mul=True)
-        if self._next_fold is not None:
-            nxt = fold_norm_out(self.mlp.down_proj, act, residual, *self._next_fold)
+        if self._next_fold is not None:  # the next layer's qkv_proj looked up now (LoRA wraps)
+            norm, layer = self._next_fold
+            nxt = fold_norm_out(self.mlp.down_proj, act, residual, norm,
+                                layer.self_attn.qkv_proj)
             if nxt is not None:
                 return nxt
         return self.mlp.down_proj(act), residual
@@ -345,7 +347,7 @@ def link_norm_epilogues(layers, start: int, end: int, final_norm: Optional[nn.Mo
 def link_norm_folds(layers, start: int, end: int) -> int:
     """``TESSELLM_NORM_FOLD2``'s second half: each ``DecoderLayer`` in ``layers[start:end]``
     on its fold path whose next layer is on it too (``forward`` and ``input_norm`` its own)
-    gets that layer's input norm and qkv_proj, so at one row its down_proj runs the norm's
+    gets that layer's input norm and the layer, so at one row its down_proj runs the norm's
     first half and hands the next layer a ``NormFold`` instead of ``(hidden, residual)``. Not
     the last layer: the final norm stays a launch (the LM head reads whole normed rows). Only
     into an ``RMSNorm`` without a reduce group. Returns how many layers were linked."""
@@ -361,7 +363,7 @@ def link_norm_folds(layers, start: int, end: int) -> int:
         norm = nxt.input_layernorm
         if type(norm) is not RMSNorm or norm.reduce is not None:
             continue
-        layer._next_fold = (norm, nxt.self_attn.qkv_proj)
+        layer._next_fold = (norm, nxt)
         linked += 1
     return linked
 
