@@ -144,8 +144,7 @@ def gated_delta_chunk(q, k, v, g, beta, state, batch, scale: float,
         raise ValueError("gated_delta_chunk needs a contiguous state.")
     saves = getattr(batch, "state_saves", None)
     snap, first, offs, pslots = save_pointers(batch, snapshots, state, "gated_delta_chunk")
-    # the state block [K, BLOCK_V] lives in registers: fewer value dims a program for large K
-    block_v = max(16, min(triton.next_power_of_2(V), 32 if K > 64 else 64))
+    block_v, warps = chunk_config(K, V)
     grid = (seqs, H, triton.cdiv(V, block_v))
     _chunk_kernel[grid](
         q, k, v, g, beta, state, batch.query_start_loc, batch.state_indices, o, snap, first,
@@ -153,5 +152,13 @@ def gated_delta_chunk(q, k, v, g, beta, state, batch, scale: float,
         L2_EPS, H // q.shape[1], K, V, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0), state.stride(1),
         state.stride(2), o.stride(0), o.stride(1), snap.stride(0), SAVES=bool(saves), Q=Q,
-        BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_V=block_v)
+        BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_V=block_v, num_warps=warps)
     return o
+
+
+def chunk_config(K: int, V: int) -> tuple[int, int]:
+    """The chunk kernel's value dims a program and warps for key dim ``K``, value dim ``V``.
+    The state block [K, BLOCK_V] lives in registers: fewer value dims a program for large K.
+    (Compiled for sm90 at K = 128, BLOCK_V 16 / 32 at 4 or 8 warps all spill registers:
+    ``benchmarks/kernels/bench_seq_tiles.py`` times the alternatives.)"""
+    return max(16, min(triton.next_power_of_2(V), 32 if K > 64 else 64)), 4

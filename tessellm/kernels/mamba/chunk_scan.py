@@ -188,8 +188,7 @@ def sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
     saves = getattr(batch, "state_saves", None)
     snap, first, offs, pslots = save_pointers(batch, snapshots, ssm_state, "mamba_chunk_scan")
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    # the state block [BLOCK_P, N] lives in registers: fewer head dims a program for large N
-    block_p = max(16, min(triton.next_power_of_2(P), 32 if N > 128 else 64))
+    block_p, warps = sequential_config(P, N)
     grid = (seqs, H, triton.cdiv(P, block_p))
     _chunk_scan_kernel[grid](
         x, dt, A, B, C, D, dt_bias, ssm_state, batch.query_start_loc, batch.state_indices, y,
@@ -197,6 +196,13 @@ def sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
         x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0),
         C.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0),
         y.stride(1), snap.stride(0), CLAMP=lo > 0.0 or hi != float("inf"), SAVES=bool(saves),
-        Q=32,
-        BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(N)))
+        Q=32, BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(N)), num_warps=warps)
     return y
+
+
+def sequential_config(P: int, N: int) -> tuple[int, int]:
+    """The sequential kernel's head dims a program and warps for head dim ``P``, state ``N``.
+    The state block [BLOCK_P, N] lives in registers: fewer head dims a program for large N.
+    (Compiled for sm90 at N = 128, BLOCK_P 16 / 32 / 64 at 4 or 8 warps all spill registers:
+    ``benchmarks/kernels/bench_seq_tiles.py`` times the alternatives.)"""
+    return max(16, min(triton.next_power_of_2(P), 32 if N > 128 else 64)), 4
