@@ -207,3 +207,20 @@ def test_fold_kernels_compile_for_sm90():
     assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-3000:]
     found = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert len(found) == 6 and all(n >= 2 for n in found.values()), found
+
+
+def test_consumer_sums_many_partials():
+    """The consumer sums a partials buffer of several 512-float chunks (Llama-8B's o / down
+    tiles leave 2,048) in one fixed order: against torch's sum, bf16 and e4m3."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 64, generator=g).to(DEV, BF16)
+    w = (torch.randn(12, 64, generator=g) * 0.1).to(DEV)
+    sumsq = (torch.rand(2048, generator=g) * 3).to(DEV)
+    rstd = 1 / torch.sqrt(sumsq.double().sum() / 64 + EPS)
+    out = gf.gemv_rms_scaled(x, w.to(BF16), sumsq, EPS)
+    want = (x.double() @ w.to(BF16).double().T) * rstd
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+    q = quantize_fp8(w)
+    out = gf.gemv_fp8_x2_rms_scaled(x, q.qweight, q.scales, sumsq, EPS, config=(4, 8, 1))
+    want = (x.double() @ (q.qweight.double() * q.scales.double()[:, None]).T) * rstd
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)

@@ -87,9 +87,12 @@ def fold_out(y, r, g, rn, N, pid_n, out_ptr, res_ptr, part_ptr, PARTS: tl.conste
 @triton.jit
 def fold_rstd(part_ptr, K, eps, PARTS: tl.constexpr):
     """FOLD_IN: ``1 / sqrt(sum(part) / K + eps)`` from the producer's ``PARTS`` partial sums
-    (zeros past its grid), the same bits in every program of the launch."""
-    p = tl.load(part_ptr + tl.arange(0, PARTS))
-    return 1.0 / tl.sqrt(tl.sum(p, 0) / K + eps)
+    (zeros past its grid), the same bits in every program of the launch, chunk by chunk."""
+    CHUNK: tl.constexpr = 512 if PARTS > 512 else PARTS  # 4 floats a thread at 4 warps
+    acc = tl.load(part_ptr + tl.arange(0, CHUNK))
+    for c in tl.static_range(1, PARTS // CHUNK):  # a few registers, whatever the count
+        acc += tl.load(part_ptr + c * CHUNK + tl.arange(0, CHUNK))
+    return 1.0 / tl.sqrt(tl.sum(acc, 0) / K + eps)  # one block reduction
 
 
 def fold_applies(x: torch.Tensor, n: int, residual: torch.Tensor,
