@@ -85,6 +85,8 @@ def test_falcon_h1_tensor_parallel_with_biases(tmp_path):
                   max_num_batched_tokens=16)
 
 
+@pytest.mark.slow  # the default suite: with_biases (after the gate) and test_gated_norm.py's
+# tensor-parallel case (every mode on two ranks) cover the code
 def test_falcon_h1_tensor_parallel_norm_before_gate_over_ranks(tmp_path):
     """One group of B/C (``mamba_n_groups=1``) at tensor_parallel_size=2 (gloo): the gated
     norm's one group spans both ranks' slices of the SSM output, so its mean of squares is
