@@ -50,7 +50,8 @@ from tessellm.kv_transfer.shared_storage_format import (CHECKSUMS, HEADER_BYTES,
                                                         loadable)
 from tessellm.kv_transfer.shared_storage_worker import SharedStorageWorker
 
-_EXTRA_KEYS = {"shared_storage_path", "checksum", "wait_for_save", "io_threads", "load_async"}
+_EXTRA_KEYS = {"shared_storage_path", "checksum", "wait_for_save", "io_threads", "load_async",
+               "lookup_wait_ms"}
 _MAX_CHECKED = 1 << 17  # keys remembered as present (~20 MB of strings)
 _LOOKUP_TTL_S = 1.0  # a waiting request's miss is looked up again after this (a producer writes)
 
@@ -97,6 +98,13 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                              f"false and its io_threads a positive integer, got {wait!r}, "
                              f"{load_async!r} and {threads!r}.")
         self.wait_for_saves, self.load_async, self.io_threads = wait, load_async, threads
+        lookup_wait = extra.get("lookup_wait_ms", 2)
+        if (not isinstance(lookup_wait, (int, float)) or isinstance(lookup_wait, bool)
+                or lookup_wait < 0):
+            raise ValueError(f"{name}'s lookup_wait_ms is how long a step may wait for lookups in "
+                             f"all (milliseconds, 0: never), got {lookup_wait!r}.")
+        self.lookup_wait = lookup_wait / 1000
+        self._wait_left = self.lookup_wait  # of this step's (build_connector_meta starts another)
         self.setup_store(extra)
         self._init_state()
 
@@ -165,7 +173,10 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         admission attempt; idle, it waits for the lookup); after that, what is known at once,
         and a lookup that went stale (its first miss, or the first key not known, moved; or
         the miss is older than ``_LOOKUP_TTL_S``: a producer may have written it since) is
-        refreshed in the background for the next attempt."""
+        refreshed in the background for the next attempt. A step waits for first lookups
+        ``lookup_wait_ms`` (2) in all at most: on a local disk a request's lookup is back
+        within it and the request is admitted in this step; a slow store costs the step 2 ms
+        once, and its requests the next step."""
         if not self.config.is_consumer:
             return 0, False
         bs, rid = self.context.block_size, request.request_id
@@ -181,6 +192,15 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                                                      > _LOOKUP_TTL_S)):
             look = self._lookups[rid] = look or _Lookup()
             look.future = self._lookup_pool().submit(self._look, keys[i:hi], i)
+        if not look.answered and self._wait_left > 0:
+            t0 = time.monotonic()
+            try:
+                look.future.result(self._wait_left)
+            except Exception:  # noqa: BLE001 - still under way (or failed: settled as nothing)
+                pass
+            self._wait_left -= time.monotonic() - t0
+            if look.future.done():
+                return self.get_num_new_matched_tokens(request, num_computed_tokens)
         if not look.answered:
             return None, False
         return (i - lo) * bs, self.load_async
@@ -229,6 +249,7 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
     def wait_for_lookups(self, timeout: float) -> None:
         from concurrent.futures import FIRST_COMPLETED, wait
 
+        self._wait_left = self.lookup_wait  # a step with nothing else: the next one's
         futures = [look.future for look in self._lookups.values() if look.future is not None]
         if futures:
             wait(futures, timeout, FIRST_COMPLETED)
@@ -250,6 +271,7 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         self._saved[rid] = max(self._saved.get(rid, 0), first_block + num_blocks)
 
     def build_connector_meta(self, scheduler_output, requests, block_ids) -> Optional[dict]:
+        self._wait_left = self.lookup_wait  # the next step's
         loads, self._loads = self._loads, []
         background = []
         if self.load_async:

@@ -809,7 +809,7 @@ def test_a_lookup_answers_later_refreshes_a_stale_miss_and_forgets_failed_keys(t
     import tessellm.kv_transfer.shared_storage as ss
     from tessellm.kv_transfer import shared_storage_format as fmt
 
-    conn = _connector(tmp_path, "ns")
+    conn = _connector(tmp_path, "ns", lookup_wait_ms=0)  # a step never waits for a lookup
     req = SimpleNamespace(request_id="r", all_token_ids=list(range(3, 24)), num_tokens=21,
                           lora_request=None, block_key=lambda a, b, lora: None)
     keys = conn.block_keys(req)
@@ -835,6 +835,12 @@ def test_a_lookup_answers_later_refreshes_a_stale_miss_and_forgets_failed_keys(t
     assert conn.get_num_new_matched_tokens(req, 0) == (None, False)
     conn.request_finished(req)
     assert not conn._lookups
+    # By default a step waits for first lookups a little (2 ms in all): here up to 5 s, so the
+    # first ask is answered (the lookup still on the lookup thread).
+    waits = _connector(tmp_path, "ns", lookup_wait_ms=5000)
+    assert waits.get_num_new_matched_tokens(req, 0) == (5 * BS, True)
+    with pytest.raises(ValueError, match="lookup_wait_ms is how long a step may wait"):
+        _connector(tmp_path, "ns", lookup_wait_ms=-1)
 
 
 def test_saves_count_once_written_and_failed_writes_as_failures(tiny_model_dir, tmp_path, monkeypatch):
