@@ -44,11 +44,23 @@ def moe_int4_tc_applies(k: int, group: int) -> bool:
     return (MOE_INT4_TC if on is None else on) and k > 0 and k % 128 == 0 and group % 128 == 0
 
 
+_ORDERS: dict = {}  # (k, device) -> slab_order's tensor, made outside graph capture
+
+
 def slab_order(k: int, device) -> torch.Tensor:
     """int64 ``[K]``: column ``128 b + 16 i + j`` of the slab order holds input ``128 b + 8 j +
-    i`` (nibble i of word j of block b)."""
-    idx = torch.arange(k, device=device).view(k // 128, 16, 8)  # [b, j, i] = 128b + 8j + i
-    return idx.transpose(1, 2).reshape(k)
+    i`` (nibble i of word j of block b). Kept per (K, device) once made eagerly (the engine's
+    warm-up), so a captured step has no launches for it."""
+    key = (k, str(device))
+    order = _ORDERS.get(key)
+    if order is None:
+        idx = torch.arange(k, device=device).view(k // 128, 16, 8)  # [b, j, i] = 128b + 8j + i
+        order = idx.transpose(1, 2).reshape(k).contiguous()
+        capturing = (torch.device(device).type == "cuda"
+                     and torch.cuda.is_current_stream_capturing())
+        if not capturing:
+            _ORDERS[key] = order
+    return order
 
 
 @triton.jit
