@@ -192,7 +192,8 @@ class _CoreLoop:
                 return
             if self.core.has_unfinished_requests():
                 outputs = self._step()
-                if outputs or changed:
+                # going idle: the last stats too (e.g. a KV connector's saves settled late)
+                if outputs or changed or not self.core.has_unfinished_requests():
                     self._send_outputs(outputs)
             elif changed:
                 self._send_outputs([])  # e.g. aborts freed blocks: report the new KV usage

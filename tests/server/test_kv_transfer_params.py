@@ -33,9 +33,9 @@ def test_kv_transfer_params_without_a_connector_is_400(http, path, body, value, 
     assert_still_serving(http)
 
 
-def _hits(client: httpx.Client) -> float:
+def _counter(client: httpx.Client, name: str) -> float:
     text = client.get("/metrics").text
-    m = re.search(r'^tessellm:kv_connector_hits_total\{[^}]*\} ([0-9.e+]+)$', text, re.M)
+    m = re.search(rf'^tessellm:{name}\{{[^}}]*\}} ([0-9.e+]+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
 
 
@@ -63,8 +63,9 @@ def test_a_vllm_proxys_prefill_then_decode_flow(server_factory):
         assert d.json()["choices"][0]["text"] == want
         prompt_tokens = d.json()["usage"]["prompt_tokens"]
         for _ in range(50):  # the engine's stats reach /metrics within a moment
-            hits = _hits(c)
-            if hits:
+            hits, saved = _counter(c, "kv_connector_hits_total"), _counter(p, "kv_connector_blocks_saved_total")
+            if hits and saved:
                 break
             time.sleep(0.1)
         assert 0 < hits < prompt_tokens and hits >= prompt_tokens - 32
+        assert saved >= prompt_tokens // 16  # reported once written, also when the engine is idle
