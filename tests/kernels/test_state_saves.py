@@ -188,8 +188,8 @@ def test_a_triton_ops_subclass_with_its_own_scan_is_not_handed_snapshots():
 ])
 def test_sequential_scan_saves_in_its_one_pass(lens, saves):
     """The sequential kernel given ``snapshots=`` stores the states at the offsets as it walks
-    (one launch): its outputs, final states and snapshots are bitwise those of the kernel run
-    once per piece between the offsets (``run_with_saves``; float32 states)."""
+    (one launch): its outputs, final states and snapshots are those of the kernel run
+    once per piece between the offsets (``run_with_saves``; float32 states), bitwise in the interpreter."""
     from tessellm.kernels.mamba.chunk_scan import sequential_chunk_scan
 
     g = torch.Generator().manual_seed(3)
@@ -206,9 +206,13 @@ def test_sequential_scan_saves_in_its_one_pass(lens, saves):
     want = run_with_saves(lambda t, b: sequential_chunk_scan(t[0], t[1], A, t[2], t[3], D,
                                                              dt_bias, ref_state, b),
                           [x, dt, B, C], batch(lens, slots, saves), [(ref_state, ref_pool)])
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    torch.testing.assert_close(state, ref_state, rtol=0, atol=0)
-    torch.testing.assert_close(pool, ref_pool, rtol=0, atol=0)
+    # Bitwise in the interpreter; compiled for a GPU (H100, session 20) the one-pass and the
+    # per-piece kernels round a few outputs differently (<= 2e-6 absolute, 6e-6 relative: the
+    # compiler contracts the recurrence's multiply-adds differently in the two programs).
+    tol = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(state, ref_state, **tol)
+    torch.testing.assert_close(pool, ref_pool, **tol)
     assert pool.abs().sum(dim=(1, 2, 3)).gt(0).sum() == len(saves)
     # and the snapshots are the states after each prefix (the scan of it alone)
     q = batch(lens, slots).query_start_loc_host
