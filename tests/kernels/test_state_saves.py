@@ -188,8 +188,8 @@ def test_a_triton_ops_subclass_with_its_own_scan_is_not_handed_snapshots():
 ])
 def test_sequential_scan_saves_in_its_one_pass(lens, saves):
     """The sequential kernel given ``snapshots=`` stores the states at the offsets as it walks
-    (one launch): its outputs, final states and snapshots are those of the kernel run
-    once per piece between the offsets (``run_with_saves``; float32 states), bitwise in the interpreter."""
+    (one launch): its outputs, final states and snapshots are those of the kernel run once per
+    piece between the offsets (``run_with_saves``; float32 states), bitwise in the interpreter."""
     from tessellm.kernels.mamba.chunk_scan import sequential_chunk_scan
 
     g = torch.Generator().manual_seed(3)
