@@ -123,7 +123,7 @@ def gemv_norm_epilogue() -> bool:
     return _switch("TESSELLM_GEMV_NORM_EPILOGUE") is True
 
 
-def norm_fold2() -> bool:
+def norm_fold2() -> Optional[bool]:
     """TESSELLM_NORM_FOLD2: "1" splits, at one row, the decoder's post-attention residual-add
     RMSNorm between the o_proj GEMV (its programs each store their slice of the new residual,
     of ``residual * norm weight`` and a partial sum of squares) and the gate_up GEMV (its
@@ -132,9 +132,12 @@ def norm_fold2() -> bool:
     ``layers.linear.fold_norm_out`` / ``fold_norm_in``, ``models.decoder.link_norm_folds``):
     two launches a layer fewer at batch-1 decode and no work added to either GEMV's weight
     loop. Not bitwise the unfused path (one rounding of the activation instead of two; the
-    final norm stays a launch). Read when the model is built. Off by default until timed
-    (``benchmarks/b1norm2_device.sh``)."""
-    return _switch("TESSELLM_NORM_FOLD2") is True
+    final norm stays a launch). Read when the model is built. Unset (None): the backend's
+    choice for a dense 16-bit model (``models.decoder.norm_fold2_on``: the cuda backend's
+    ``CudaOps.norm_fold_default``; timed on an H100, session 20: B1 bf16 5.246 -> 5.154
+    ms/token, -1.75%), off for quantized weights (fp8 B1 2.965 -> 3.113, +5%: the fp8 GEMV's
+    epilogue costs more than the launch it saves) and float32; "0" off everywhere."""
+    return _switch("TESSELLM_NORM_FOLD2")
 
 
 def fp8_act_fold() -> bool:

@@ -286,7 +286,7 @@ def fold_norm_out(layer: nn.Module, x: torch.Tensor, residual: Optional[torch.Te
     a ``NormFold`` (``fold_norm_takes``) and not want it quantized. Only for a plain whole
     ``Linear`` into an ``RMSNorm`` without a reduce group, and one row of x (batch-1 decode;
     the rows are looked at only where the op is offered). Returns ``(NormFold, residual)``.
-    Asked only under ``TESSELLM_NORM_FOLD2=1`` (``tessellm.envs.norm_fold2``)."""
+    Asked only on the fold path (``models.decoder.norm_fold2_on``, ``TESSELLM_NORM_FOLD2``)."""
     if (not _plain_whole(layer) or isinstance(x, Fp8Activation) or residual is None
             or getattr(norm, "reduce", None) is not None):
         return None

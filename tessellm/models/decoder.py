@@ -225,7 +225,7 @@ class DecoderLayer(nn.Module):
         # TESSELLM_NORM_FOLD2: at one row the post-attention norm split between o_proj and
         # gate_up (``fold_norm_out`` / ``fold_norm_in``), where nothing sits between them;
         # ``link_norm_folds`` sets ``_next_fold`` for down_proj and the next layer's qkv
-        self._fold2 = (envs.norm_fold2() and not self._o_norm_fused
+        self._fold2 = (norm_fold2_on(ctx) and not self._o_norm_fused
                        and residual_multiplier == 1.0 and self._plain_mlp
                        and type(self.mlp) is DecoderMLP
                        and isinstance(self.self_attn, DecoderAttention)
@@ -342,6 +342,18 @@ def link_norm_epilogues(layers, start: int, end: int, final_norm: Optional[nn.Mo
         layer._next_norm = (norm, consumer)
         linked += 1
     return linked
+
+
+def norm_fold2_on(ctx) -> bool:
+    """Whether the decoder layers take ``TESSELLM_NORM_FOLD2``'s path: as the variable says
+    where it is set, else the backend's choice (its ``FusedOps.norm_fold_default``, an
+    optional attribute: the cuda backend's is True) for dense bfloat16 / float16 weights only
+    (quantized products and float32 keep the two norm launches; ``envs.norm_fold2``)."""
+    wanted = envs.norm_fold2()
+    if wanted is not None:
+        return wanted
+    return (bool(getattr(ctx.ops, "norm_fold_default", False)) and ctx.quant_method is None
+            and ctx.dtype in (torch.bfloat16, torch.float16))
 
 
 def link_norm_folds(layers, start: int, end: int) -> int:

@@ -77,7 +77,7 @@ class LlamaForCausalLM(nn.Module):
             link_norm_epilogues(self.layers, self.start_layer, self.end_layer,
                                 self.norm if ctx.pp.is_last else None)
         # batch 1: down_proj runs half the next layer's input norm (decoder.link_norm_folds)
-        if envs.norm_fold2() and type(self).forward is LlamaForCausalLM.forward:
+        if type(self).forward is LlamaForCausalLM.forward:  # layers on the fold path only
             link_norm_folds(self.layers, self.start_layer, self.end_layer)
 
     def make_layer(self, config, ctx: ModelContext, rotary: RotaryEmbedding,

@@ -86,7 +86,7 @@ def _close(got, want, tol):
 def test_greedy_tokens_follow_the_unfused_path(tiny_llama, monkeypatch, dtype, tol):
     monkeypatch.delenv("TESSELLM_NORM_FOLD2", raising=False)
     want, none = _run(tiny_llama, monkeypatch, dtype)
-    assert none == [], "off by default"
+    assert none == [], "off by default on the cpu backend (no norm_fold_default)"
     monkeypatch.setenv("TESSELLM_NORM_FOLD2", "1")
     got, calls = _run(tiny_llama, monkeypatch, dtype)
     assert calls and {r for _, r, _ in calls} == {1}, "asked only at one row"
@@ -127,7 +127,7 @@ def test_cuda_greedy_tokens_with_the_fold(tiny_llama, monkeypatch, quantization)
         llm.shutdown()
         return [(o.outputs[0].token_ids, _logprobs(o)) for o in outs]
 
-    monkeypatch.delenv("TESSELLM_NORM_FOLD2", raising=False)
+    monkeypatch.setenv("TESSELLM_NORM_FOLD2", "0")
     want = generate()
     assert not calls
     monkeypatch.setenv("TESSELLM_NORM_FOLD2", "1")
@@ -187,3 +187,28 @@ def test_fold_only_for_a_plain_one_row_pair():
     plain = fold_norm_in(wrapped_c, fold)
     torch.testing.assert_close(plain.float(), ops.linear(normed, gate_up.weight).float(),
                                atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("env,ops,dtype,quant,want", [
+    (None, "cuda", torch.bfloat16, None, True),     # the cuda backend's default: dense 16-bit
+    (None, "cuda", torch.float16, None, True),
+    (None, "cuda", torch.float32, None, False),     # float32 keeps the two norm launches
+    (None, "cuda", torch.bfloat16, "fp8", False),   # quantized weights: opt-in (fp8 B1 +5%)
+    (None, "triton", torch.bfloat16, None, False),  # TritonOps alone (rocm): never timed
+    ("0", "cuda", torch.bfloat16, None, False),
+    ("1", "triton", torch.float32, "fp8", True),
+])
+def test_norm_fold2_default_is_the_backends_for_dense_16_bit(monkeypatch, env, ops, dtype, quant,
+                                                               want):
+    from types import SimpleNamespace
+
+    from tessellm.backends.cuda.ops import CudaOps
+    from tessellm.models.decoder import norm_fold2_on
+
+    if env is None:
+        monkeypatch.delenv("TESSELLM_NORM_FOLD2", raising=False)
+    else:
+        monkeypatch.setenv("TESSELLM_NORM_FOLD2", env)
+    ctx = SimpleNamespace(ops={"cuda": CudaOps, "triton": TritonOps}[ops](), dtype=dtype,
+                          quant_method=quant)
+    assert norm_fold2_on(ctx) is want

@@ -1,5 +1,6 @@
 """The residual-add RMSNorm between two one-row GEMVs, split between them so that it puts no
-work in either one's weight loop (batch-1 decode, ``TESSELLM_NORM_FOLD2``; off by default).
+work in either one's weight loop (batch-1 decode, ``TESSELLM_NORM_FOLD2``; on by default for
+dense 16-bit weights on cuda, ``models.decoder.norm_fold2_on``).
 
 At batch 1 the decoder runs ``o_proj`` (``down_proj``) as a one-row GEMV, then
 ``fused_add_rms_norm`` (one program: ~2 us a launch, the dependent-launch hop and the L2 round
