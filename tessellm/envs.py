@@ -323,9 +323,10 @@ def int4_tc() -> Optional[bool]:
 
 
 def int4_tc_gemv() -> Optional[bool]:
-    """TESSELLM_INT4_TC_GEMV: "1" runs 1-4-row dense int4 products through the GEMV on the tc
-    layout (``int4_tc.int4_tc_gemv``) and keeps only that layout in memory, "0" through
-    ``gemv_int4`` on the checkpoint layout kept beside it; unset: the backend's default."""
+    """TESSELLM_INT4_TC_GEMV: "1" keeps only the tc layout of dense int4 codes in memory (one
+    row through the GEMV on it, ``int4_tc.int4_tc_gemv``, 2+ rows the tc GEMM), "0" keeps the
+    checkpoint layout beside it (twice the codes' memory) for ``gemv_int4`` at 1-4 rows; unset:
+    the backend's default (``quant_ops.INT4_TC_GEMV``: on since the H100 run of session 20)."""
     return _switch("TESSELLM_INT4_TC_GEMV")
 
 

@@ -128,10 +128,10 @@ def test_tc_gemm_refuses_a_weight_without_the_layout():
 def test_load_hook_lays_out_and_int4_mm_dispatches(fmt, monkeypatch):
     """``Int4Method.process_weights_after_loading`` hands each int4 segment to the cuda ops'
     ``prepare_int4``: the tc layout where K and the group are multiples of 128 (not for groups
-    of 32); ``int4_mm`` then takes the GEMV at 1-4 rows and the tc GEMM at 5, each equal to the
-    reference. ``TESSELLM_INT4_TC=0`` keeps the checkpoint layout only;
-    ``TESSELLM_INT4_TC_GEMV=1`` keeps the tc layout only (``qweight`` emptied, the dequantized
-    weight unchanged) and takes ``int4_tc_gemv`` at 1-4 rows."""
+    of 32). ``TESSELLM_INT4_TC_GEMV=1`` (the default) keeps the tc layout only (``qweight``
+    emptied, the dequantized weight unchanged): ``int4_mm`` takes ``int4_tc_gemv`` at one row and
+    the tc GEMM from two; with ``=0`` both layouts, the GEMV at 1-4 rows and the tc GEMM at 5.
+    ``TESSELLM_INT4_TC=0`` keeps the checkpoint layout only. Each equal to the reference."""
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(48, 256, generator=gen).to(DEV)
     for group, on in ((128, True), (32, False)):
@@ -161,12 +161,13 @@ def test_load_hook_lays_out_and_int4_mm_dispatches(fmt, monkeypatch):
                 ref.load_weight(ref_layer, name, t, None)
             ref.process_weights_after_loading(ref_layer)
             assert torch.equal(seg.dequantize(), ref_layer.segments[0].dequantize())
-            for m in (1, 5):
+            for m in (1, 3, 5):
                 x = torch.randn(m, 256, generator=gen).to(DEV)
                 got = method.apply(layer, x)
                 _check(got, x, seg, None, F32)
                 if seg.tc_qweight is not None:
-                    path = tc.int4_tc_gemm if m == 5 else (
+                    # the tc layout alone: the tc GEMV at one row, the tc GEMM from two
+                    path = tc.int4_tc_gemm if m > 4 or (gemv == "1" and m > 1) else (
                         tc.int4_tc_gemv if gemv == "1" else None)
                     if path is not None:
                         assert torch.equal(got, path(x, seg))

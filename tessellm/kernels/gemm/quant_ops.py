@@ -48,14 +48,24 @@ FP8_SKINNY_W8A8_MAX_M = 0
 # host's launch work (H200, 2026-12-04: 128 fp8 GEMMs at M = 512 took 8.3 ms eager against
 # 6.8 ms as a graph, so ~65 us of host time each; benchmarks/results/h200-2026-12-04-gpuperf).
 FP8_LEAN_W8A8 = True  # default of TESSELLM_FP8_LEAN_W8A8
-# Dense AWQ / GPTQ int4 from 5 rows on: the tensor-core GEMM on codes re-laid at load
-# (``int4_tc.py``; default of TESSELLM_INT4_TC). The checkpoint layout stays beside it for the
-# 1-4-row GEMV (``gemv_int4``) unless INT4_TC_GEMV, so the codes take twice their memory.
+# Dense AWQ / GPTQ int4 on codes re-laid at load for the tensor-core GEMM (``int4_tc.py``;
+# default of TESSELLM_INT4_TC). H100, Llama-3.1-8B layer, us (benchmarks/README.md session 20):
+# rows        1      4     16     64    256   1024
+# bf16      180    180    181    181    217    551
+# gemv_int4 107    171      -      -      -      -   (the checkpoint layout's GEMV)
+# old tiled   -      -    307    273    734    763   (checkpoint layout; 1024: dequantize)
+# tc GEMM   128    130    134    233    583      -
+# tc GEMV   105    205      -      -      -      -
+# tc deq.     -      -      -    413    452    802   (tc dequantize + cuBLAS)
 INT4_TC = True
-# 1-4 rows on the tc layout too (``int4_tc.int4_tc_gemv``; default of TESSELLM_INT4_TC_GEMV):
-# then the checkpoint layout is dropped at load (``qweight`` emptied to ``[0, N]``) and the codes
-# take their memory once. Off until measured against ``gemv_int4`` (benchmarks/int4tc_device.sh).
-INT4_TC_GEMV = False
+# The tc layout only (default of TESSELLM_INT4_TC_GEMV): the checkpoint layout is dropped at
+# load (``qweight`` emptied to ``[0, N]``), so the codes take their memory once; one row takes
+# the tc GEMV (105 us a layer against gemv_int4's 107), 2-4 rows the tc GEMM (130 against 171
+# at 4). "0" keeps both layouts (twice the codes' memory) for gemv_int4 at 1-4 rows.
+INT4_TC_GEMV = True
+# From this many rows the tc layout's products dequantize once and let cuBLAS multiply (tc GEMM
+# 233 us a layer at 64 rows against 413, 583 at 256 against 452: the crossover near 160).
+INT4_TC_DEQUANT_MIN_M = 160
 _SILU = TritonOps()  # fp8_mm_silu_and_mul's activation where the GEMV cannot fold it
 
 
@@ -103,9 +113,10 @@ class TritonQuantOps:
     def prepare_int4(self, w: Int4Weight) -> None:
         """The optional ``QuantOps`` member, once per int4 segment after loading: adds the
         codes in the tensor-core GEMM's layout (``w.tc_qweight``, ``int4_tc.int4_tc_pack``)
-        where ``int4_tc`` is on and K and the group are multiples of 128. The checkpoint layout
-        stays for ``gemv_int4`` unless ``int4_tc_gemv`` (1-4 rows on the tc layout too): then
-        ``w.qweight`` is emptied to ``[0, N]`` (``Int4Weight.dequantize`` reads the tc codes)."""
+        where ``int4_tc`` is on and K and the group are multiples of 128. With ``int4_tc_gemv``
+        (the default) ``w.qweight`` is then emptied to ``[0, N]`` (``Int4Weight.dequantize``
+        reads the tc codes): the codes are held once; else the checkpoint layout stays beside
+        them for ``gemv_int4`` at 1-4 rows."""
         k = w.qweight.shape[0] * 8
         if self.int4_tc and w.tc_qweight is None and tc_layout_ok(k, w.group_size):
             w.tc_qweight = int4_tc_pack(w.qweight)
@@ -113,18 +124,22 @@ class TritonQuantOps:
                 w.qweight = w.qweight.new_empty(0, w.qweight.shape[1])
 
     def int4_mm(self, x, w: Int4Weight, bias=None):
-        """Decode (1..``INT4_GEMV_MAX_M`` rows): the int4 GEMV (``gemv_int4``, or
-        ``int4_tc_gemv`` on the tc layout where ``int4_tc_gemv`` is on); up to
-        ``dequant_min_m`` rows the tensor-core GEMM on the tc layout (``int4_tc_gemm``, where
-        ``prepare_int4`` made it) or else the tiled GEMM dequantizing in its tiles; from there
-        on the weight dequantized once and cuBLAS (compute-bound prefill)."""
+        """On the tc layout only (``prepare_int4`` with ``int4_tc_gemv``, the default): one
+        row the tc GEMV (``int4_tc_gemv``), then the tensor-core GEMM (``int4_tc_gemm``), from
+        ``INT4_TC_DEQUANT_MIN_M`` rows (or ``dequant_min_m`` if lower) the weight dequantized
+        once and cuBLAS. With the checkpoint layout kept: 1..``INT4_GEMV_MAX_M`` rows the int4
+        GEMV (``gemv_int4``), then the tc GEMM where the tc layout exists or else the tiled
+        GEMM dequantizing in its tiles, from ``dequant_min_m`` rows dequantize + cuBLAS."""
         tc = w.tc_qweight is not None
-        if 0 < x.shape[0] <= INT4_GEMV_MAX_M:
-            if tc and (self.int4_tc_gemv or w.qweight.shape[0] == 0):
-                return int4_tc_gemv(x, w, bias)
+        m = x.shape[0]
+        if 0 < m <= INT4_GEMV_MAX_M:
             if w.qweight.shape[0] > 0:
                 return gemv_int4(x, w, bias)
-        if x.shape[0] >= self.dequant_min_m and not _interpreted(x):
+            if m == 1:
+                return int4_tc_gemv(x, w, bias)
+        dequant_min_m = min(self.dequant_min_m, INT4_TC_DEQUANT_MIN_M) if tc else \
+            self.dequant_min_m
+        if m >= dequant_min_m and not _interpreted(x):
             if w.perm is not None:
                 x = x.index_select(-1, w.perm)
             dense = int4_tc_dequantize(w, x.dtype) if tc else int4_dequantize(w, x.dtype)
