@@ -14,14 +14,18 @@
 #   int4tc_moe_*        MoE: tests, a Qwen3-30B-A3B layer with the tc kernel off / on, settings
 # Run from the repository root: bash benchmarks/int4tc_device.sh   (OUT=... for the logs)
 # Expect: "rc=0" nine times, "passed" and no "failed" (int4tc_kernels: ~70 passed, 0 skipped);
-# the table: one line a shape and row count, err ~1e-2 or below, path gemv at 1-4 rows, tc at
-# 16-256, deq at 1024; six "layer M=..." lines. Hoped for: new/bf16 under 1 at 16-64 rows
-# (bf16 ~182-185 us a layer, old 298 at 16), new/old well under 1 at 16-256, new ~ old at 1024
-# (tcdeq ~ the old dequantize). Read from it: the "tcgemv" column at 1 and 4 rows against
-# "new" (gemv_int4): if tcgemv is as fast, INT4_TC_GEMV (quant_ops.py) goes on and the
-# checkpoint layout's second copy of the codes goes;
-# "tc" vs "tcdeq" at 256/1024 places DEQUANT_MIN_M (512). Then 9 "sweep <shape> M=..." lines
-# (default vs best (BLOCK_M, BLOCK_N, warps, stages, programs/SM)) to tune int4_tc_config.
+# the table: one line a shape and row count, err ~1e-2 or below. Since c508ae4 (the lead, from
+# the first H100 run) the default holds the tc codes only: path tcgv at 1 row, tc at 4-64,
+# deq at 256-1024 (INT4_TC_DEQUANT_MIN_M 160). The next run must check: (1) the kernel tests
+# pass with that default (the tc GEMM at 2-4 rows, the 33-64-row tier at BLOCK_N 128);
+# (2) "layer M=1" new ~105 us (was gemv_int4 107), "layer M=4" new ~130 (was 171), M=16 ~134,
+# M=64 ~200-233 (BLOCK_N 128 now), M=256 new ~452 (deq; tc 583) -- if tcgemv's lead at 1 row
+# is gone (down: 27.9 vs 26.5 last time) or tc at 4 rows slower than gemv_int4, set
+# TESSELLM_INT4_TC_GEMV=0 and say so; tc vs tcdeq at 128 and 192 rows would place the
+# threshold more exactly (only 64 and 256 are in ROWS); (3) the sweep lines: "default" at 64
+# rows now the old best (o ~22.7, gate_up ~84, down ~48 us); (4) MoE tc on/off at 16/64/256
+# tokens near 0.69-0.98x bf16 with the new tiles (BLOCK_N 128, 4 warps up to 64 pairs), and the
+# MoE sweep's "default" equal to its best (256 tokens: stages 2 gave 372 us, the tiles use 3).
 # Then the MoE part (below). Every step's limit sums to 8 minutes; each is an env var
 # (INT4TC_*_S, 0 skips it); a step cut at its limit keeps the lines it printed.
 source benchmarks/device_env.sh

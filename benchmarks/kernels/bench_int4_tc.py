@@ -8,11 +8,12 @@ layer shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->409
 Columns (us a call, effective TB/s of the weight read in brackets): ``bf16`` F.linear on the
 dense weight; ``old`` TritonQuantOps.int4_mm without the tc layout (TESSELLM_INT4_TC=0: GEMV at
 1-4 rows, the checkpoint-layout tiled GEMM to 511, dequantize + cuBLAS from 512); ``new``
-TritonQuantOps.int4_mm as it is now (``path``: gemv / tc / deq); ``tc`` int4_tc_gemm at every
-row count (1-4 rows too); ``tcgemv`` int4_tc_gemv at 1-4 rows (the GEMV on the tc layout:
-if it matches ``new``'s gemv_int4 there, INT4_TC_GEMV can go on and the checkpoint layout's
-second copy of the codes goes); ``tcdeq`` the tc dequantize kernel then cuBLAS (to place ``DEQUANT_MIN_M``). ``err``: the new
-path's largest error over the largest output against x @ the dequantized weight (float32).
+TritonQuantOps.int4_mm as it is now, on the layout its default keeps (``path``: tcgv / tc /
+deq with the tc codes only, TESSELLM_INT4_TC_GEMV on, the default; gemv / tc / deq with both
+layouts); ``tc`` int4_tc_gemm at every row count (1-4 rows too); ``tcgemv`` int4_tc_gemv at 1-4
+rows; ``tcdeq`` the tc dequantize kernel then cuBLAS (``INT4_TC_DEQUANT_MIN_M``, 160).
+``err``: the new path's largest error over the largest output against x @ the dequantized
+weight (float32).
 Then one ``layer M=...`` line per row count (the four products summed).
 ``--sweep`` (instead of the table): int4_tc_gemm over (BLOCK_N, num_warps, num_stages) and the
 split-K target (programs a multiprocessor) at 16, 64 and 256 rows, o / gate_up / down, one line
@@ -110,22 +111,30 @@ def main() -> None:
     for name, (n, k) in SHAPES.items():
         w = _weight(n, k, args.sym)
         w_old = _without_tc(w)
+        # "new" on the layout the default keeps: the tc codes only where int4_tc_gemv is on
+        w_new = Int4Weight(w.qweight.new_empty(0, w.qweight.shape[1]) if ops.int4_tc_gemv
+                           else w.qweight, w.scales, w.offsets, w.zero_point, w.group_size,
+                           w.perm)
+        w_new.tc_qweight = w.tc_qweight
         dense = w.dequantize(torch.bfloat16).cuda()
         wbytes = w.qweight.nbytes + w.scales.nbytes + (w.offsets.nbytes if w.offsets is not None
                                                        else 0)
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            path = ("gemv" if m <= INT4_GEMV_MAX_M else
-                    "deq" if m >= ops.dequant_min_m else "tc")
+            deq_m = min(ops.dequant_min_m, quant_ops.INT4_TC_DEQUANT_MIN_M)
+            if w_new.qweight.shape[0] > 0:  # both layouts (TESSELLM_INT4_TC_GEMV=0)
+                path = "gemv" if m <= INT4_GEMV_MAX_M else "deq" if m >= deq_m else "tc"
+            else:
+                path = "tcgv" if m == 1 else "deq" if m >= deq_m else "tc"
             ref = x.float() @ dense.float().t()
-            got = ops.int4_mm(x, w).float()
+            got = ops.int4_mm(x, w_new).float()
             err = ((got - ref).abs().max() / ref.abs().max()).item()
             if m <= 4:  # the tc GEMV's error too (the larger of the two is printed)
                 g2 = tc.int4_tc_gemv(x, w).float()
                 err = max(err, ((g2 - ref).abs().max() / ref.abs().max()).item())
             t = dict(bf16=gtime(lambda: F.linear(x, dense), flush=flush),
                      old=gtime(lambda: old_ops.int4_mm(x, w_old), flush=flush),
-                     new=gtime(lambda: ops.int4_mm(x, w), flush=flush),
+                     new=gtime(lambda: ops.int4_mm(x, w_new), flush=flush),
                      tc=gtime(lambda: tc.int4_tc_gemm(x, w), flush=flush),
                      tcgemv=(gtime(lambda: tc.int4_tc_gemv(x, w), flush=flush) if m <= 4
                              else float("nan")),
