@@ -126,20 +126,28 @@ class BlockServer:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 continue
-            ident, op, namespace, keys = frames[0], frames[1], frames[2], frames[3:]
-            if namespace != self.namespace:
-                reply = [b"namespace", self.namespace]
-            elif op == b"has":
-                reply = [b"ok", str(self.store.run([k.decode() for k in keys])).encode()]
-            elif op == b"get":
-                reply = [b"ok"] + self.store.get([k.decode() for k in keys])
-            elif op == b"drop":
-                self.store.drop([k.decode() for k in keys])
-                reply = [b"ok"]
-            else:
-                reply = [b"error", b"unknown op " + op]
-            self.sock.send_multipart([ident] + reply, copy=False)
+            try:
+                reply = self._reply(frames[1:])
+            except Exception as exc:  # noqa: BLE001 - anyone may connect: never the thread's end
+                reply = [b"error", f"bad request ({type(exc).__name__}: {exc}); a request is "
+                                   "[op, namespace, key...], keys ASCII".encode()]
+            self.sock.send_multipart([frames[0]] + reply, copy=False)
         self.sock.close()
+
+    def _reply(self, msg: list) -> list:
+        if len(msg) < 2:
+            raise ValueError(f"{len(msg)} frame(s)")
+        op, namespace, keys = bytes(msg[0]), msg[1], [bytes(k).decode("ascii") for k in msg[2:]]
+        if namespace != self.namespace:
+            return [b"namespace", self.namespace]
+        if op == b"has":
+            return [b"ok", str(self.store.run(keys)).encode()]
+        if op == b"get":
+            return [b"ok"] + self.store.get(keys)
+        if op == b"drop":
+            self.store.drop(keys)
+            return [b"ok"]
+        return [b"error", b"unknown op " + op]
 
     def close(self) -> None:
         self.stop.set()

@@ -1044,6 +1044,19 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
         assert conn._look(keys, 0) == (keys[:1], 1)  # dropped at the producer
         other = make_connector(config, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "other"))
         assert other._look(keys, 0) == ([], 0)
+        import zmq  # anyone may connect: a malformed request gets an error, the server goes on
+
+        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw.connect(f"tcp://127.0.0.1:{port}")
+        try:
+            for bad in ([b"has"], [b"get", b"ns", b"\xff"]):
+                raw.send_multipart(bad)
+                assert raw.poll(5000), f"no reply to {bad}"
+                reply = raw.recv_multipart()
+                assert reply[0] == b"error" and b"bad request" in reply[1], reply
+        finally:
+            raw.close(0)
+        assert conn._look(keys, 0) == (keys[:1], 1) and server.thread.is_alive()
     finally:
         server.close()
     small = BlockStore(capacity=2 * 10)
