@@ -109,8 +109,10 @@ before calling their ``mamba_conv1d``).
 24 = ``FusedOps.linear_add_rms_norm_fold`` / ``linear_rms_scaled``, ``QuantOps.
 fp8_mm_add_rms_norm_fold`` / ``fp8_mm_rms_scaled`` and ``QuantMethod.apply_add_rms_norm_fold`` /
 ``apply_rms_scaled`` (optional pairs): a residual-add RMSNorm split between the product before
-it and the product after it (batch-1 decode under ``TESSELLM_NORM_FOLD2=1``); plugins of
-versions 1 to 23 keep working (the decoder runs the product, the norm, the product).
+it and the product after it (batch-1 decode: ``TESSELLM_NORM_FOLD2``, else the backend's optional
+``FusedOps.norm_fold_default``); plugins of versions 1 to 23 keep working (the decoder runs the
+product, the norm, the product). The same version added ``QuantOps.prepare_int4`` (optional):
+an AWQ / GPTQ weight's codes re-laid for the backend's kernels once at load.
 
 Ownership
 ---------
@@ -612,8 +614,9 @@ class FusedOps(Protocol):
     # silu_and_mul=False)``: ``(x @ weight.T) * rsqrt(sum(sumsq) / K + eps) + bias`` rounded to
     # x's dtype, then ``silu_and_mul`` for a stacked ``[gate; up]`` weight if asked. Together the
     # RMS-normed ``h`` times the next weight with no norm launch between (the cuda backend: the
-    # one-row GEMVs' epilogues, ``kernels/gemm/norm_fold.py``); the decoder asks at one row under
-    # ``TESSELLM_NORM_FOLD2=1`` (``layers.linear.fold_norm_out`` / ``fold_norm_in``). Oracles:
+    # one-row GEMVs' epilogues, ``kernels/gemm/norm_fold.py``); the decoder asks at one row where
+    # ``models.decoder.norm_fold2_on`` says (``TESSELLM_NORM_FOLD2``, else the optional attribute
+    # ``norm_fold_default``; ``layers.linear.fold_norm_out`` / ``fold_norm_in``). Oracles:
     # ``backends/reference/ops.linear_add_rms_norm_fold`` / ``linear_rms_scaled``. Quantized
     # layers: ``QuantMethod``'s optional ``apply_add_rms_norm_fold`` / ``apply_rms_scaled``.
     #

@@ -68,8 +68,8 @@ class QuantOps(Protocol):
     # Optional: ``prepare_int4(w)``, called once per ``Int4Weight`` segment of an AWQ / GPTQ
     # layer after loading (``int4.Int4Method.process_weights_after_loading``): the backend may
     # attach codes re-laid for its kernels (the cuda one: ``w.tc_qweight``, the tensor-core
-    # GEMM's layout, ``kernels/gemm/int4_tc.py``); ``w.qweight`` and the rest keep the
-    # checkpoint layout, which the reference and every other backend read.
+    # GEMM's layout, ``kernels/gemm/int4_tc.py``) and may then empty ``w.qweight`` to ``[0, N]``
+    # (``Int4Weight.dequantize`` reads the re-laid codes then); plugin API 24.
     #
     # Optional, a pair (plugin API 24): ``fp8_mm_add_rms_norm_fold(x, w, residual, norm_weight,
     # bias=None)`` and ``fp8_mm_rms_scaled(x, w, sumsq, eps, bias=None, silu_and_mul=False)``,
