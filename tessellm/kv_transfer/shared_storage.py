@@ -59,12 +59,13 @@ _LOOKUP_TTL_S = 1.0  # a waiting request's miss is looked up again after this (a
 class _Lookup:
     """A request's lookup off the step: the one under way (``future``: found keys, first
     miss), whether one came back (``answered``), its first missing block's index (None: none
-    missing) and when it came back."""
+    missing), when it came back, and whether a step waited for it already (``waited``: once)."""
 
-    __slots__ = ("future", "answered", "miss", "when")
+    __slots__ = ("future", "answered", "miss", "when", "waited")
 
     def __init__(self):
         self.future, self.answered, self.miss, self.when = None, False, None, 0.0
+        self.waited = False
 
 
 def _remote_decode(req) -> bool:
@@ -174,9 +175,10 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         and a lookup that went stale (its first miss, or the first key not known, moved; or
         the miss is older than ``_LOOKUP_TTL_S``: a producer may have written it since) is
         refreshed in the background for the next attempt. A step waits for first lookups
-        ``lookup_wait_ms`` (2) in all at most: on a local disk a request's lookup is back
-        within it and the request is admitted in this step; a slow store costs the step 2 ms
-        once, and its requests the next step."""
+        ``lookup_wait_ms`` (2) in all at most, and for each lookup once: on a local disk a
+        request's lookup is back within it and the request is admitted in this step; a slow or
+        hung store costs the step that first asks about a request 2 ms at most, never the later
+        steps while that lookup is out."""
         if not self.config.is_consumer:
             return 0, False
         bs, rid = self.context.block_size, request.request_id
@@ -192,7 +194,8 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                                                      > _LOOKUP_TTL_S)):
             look = self._lookups[rid] = look or _Lookup()
             look.future = self._lookup_pool().submit(self._look, keys[i:hi], i)
-        if not look.answered and self._wait_left > 0:
+        if not look.answered and not look.waited and self._wait_left > 0:
+            look.waited = True  # a lookup still out after this is not waited for again
             t0 = time.monotonic()
             try:
                 look.future.result(self._wait_left)

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -841,6 +842,33 @@ def test_a_lookup_answers_later_refreshes_a_stale_miss_and_forgets_failed_keys(t
     assert waits.get_num_new_matched_tokens(req, 0) == (5 * BS, True)
     with pytest.raises(ValueError, match="lookup_wait_ms is how long a step may wait"):
         _connector(tmp_path, "ns", lookup_wait_ms=-1)
+
+
+def test_a_hung_lookup_is_waited_for_once_not_every_step(tmp_path, monkeypatch):
+    """A lookup that does not come back (a hung mount, a silent peer) holds the step that first
+    asks about its request ``lookup_wait_ms``, and no later step: the steps after it answer
+    "not yet" at once; once the lookup is back the request is answered."""
+    conn = _connector(tmp_path, "ns", lookup_wait_ms=300)
+    req = SimpleNamespace(request_id="r", all_token_ids=list(range(3, 24)), num_tokens=21,
+                          lora_request=None, block_key=lambda a, b, lora: None)
+    release = threading.Event()
+    real = conn._look
+    monkeypatch.setattr(conn, "_look", lambda keys, start: release.wait(30) and real(keys, start))
+    try:
+        t0 = time.monotonic()
+        assert conn.get_num_new_matched_tokens(req, 0) == (None, False)
+        assert time.monotonic() - t0 >= 0.3
+        for _ in range(3):  # later steps (build_connector_meta gives each its wait afresh)
+            conn.build_connector_meta(SimpleNamespace(new_requests=[], cached_requests=[],
+                                                      num_scheduled_tokens={}), {}, lambda rid: [])
+            t0 = time.monotonic()
+            assert conn.get_num_new_matched_tokens(req, 0) == (None, False)
+            assert time.monotonic() - t0 < 0.15
+    finally:
+        release.set()
+    conn.wait_for_lookups(5)
+    assert conn.get_num_new_matched_tokens(req, 0) == (0, True)
+    conn.shutdown()
 
 
 def test_saves_count_once_written_and_failed_writes_as_failures(tiny_model_dir, tmp_path, monkeypatch):
