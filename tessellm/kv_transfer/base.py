@@ -52,6 +52,7 @@ Invariants
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -209,7 +210,10 @@ class KVConnectorBase:
 
     def wait_for_lookups(self, timeout: float) -> None:
         """Nothing else to run while lookups are under way (``get_num_new_matched_tokens``
-        returned None): return once one is done, or after ``timeout`` seconds."""
+        returned None): return once one is done, or after ``timeout`` seconds. This default
+        sleeps a millisecond (the engine asks again then), so a connector that answers None
+        without overriding it never spins the engine's thread."""
+        time.sleep(min(timeout, 0.001))
 
     def request_failed_load(self, request) -> None:
         """A worker reported the request's load failed; it is being recomputed."""
