@@ -11,11 +11,18 @@ round warms up (first compiles); per later round
 ``b_ms_per_layer`` that over the layers; the last round runs under the torch
 profiler: ``ops_per_layer`` is the number of aten ops (top-level calls, not their children)
 in B's steps over the number of layers, ``launches_per_layer`` the kernel launches (cuda),
-``fused_rms_norm_per_layer`` torch's fused RMSNorm calls, ``top_ops`` the most frequent. One
-JSON line per model::
+``fused_rms_norm_per_layer`` torch's fused RMSNorm calls, ``top_ops`` the most frequent;
+on cuda ``gpu_ms_per_layer`` the kernels' summed device time in that round's B steps over the
+layers (near ``b_ms_per_layer``: the step waits on the GPU, not the host) and
+``top_kernels`` the kernels taking most of it (us a layer). One JSON line per model::
 
     python benchmarks/hybrid_host_step.py --device cpu --tiny --models mamba2 granite4h
     python benchmarks/hybrid_host_step.py --device cuda --models mamba2 granite4h
+
+``--no-inpass scan`` / ``--no-inpass conv`` turn the ops' in-step saves off (the op flags
+``mamba_state_saves`` / ``mamba_conv_state_saves`` unset on the model's ops): the scan then
+runs once per piece between the saves, the conv's windows are copied before it (the paths
+before plugin API 21 / 23's Triton saves), to split a change of the step between them.
 """
 
 from __future__ import annotations
@@ -48,6 +55,10 @@ def shrink(path: str) -> None:
     config.save_pretrained(path)
 
 
+# the ops' in-step save flags --no-inpass unsets
+INPASS_FLAGS = {"scan": ("mamba_state_saves", "gated_delta_state_saves"),
+                "conv": ("mamba_conv_state_saves",)}
+
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel", "hipLaunchKernel")
 
 
@@ -66,18 +77,48 @@ def aten_counts(prof) -> collections.Counter:
     return counts
 
 
-def run(path: str, input_len: int, suffix: int, device: str, dtype: str, trials: int) -> dict:
+def kernel_us(prof) -> collections.Counter:
+    """Device time (us) per GPU kernel (and copy) name in the profiled region, and under
+    ``(name, "n")`` how many ran."""
+    import torch
+
+    times = collections.Counter()
+    for event in prof.events():
+        if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            times[event.name] += event.time_range.elapsed_us()
+            times[event.name, "n"] += 1
+    return times
+
+
+def unset_inpass(model, parts) -> int:
+    """Set the in-step save flags of ``parts`` False on the model's ops objects; how many."""
+    done = set()
+    for module in model.modules():
+        ops = getattr(module, "ops", None)
+        if ops is None or id(ops) in done:
+            continue
+        done.add(id(ops))
+        for part in parts:
+            for flag in INPASS_FLAGS[part]:
+                setattr(ops, flag, False)
+    return len(done)
+
+
+def run(path: str, input_len: int, suffix: int, device: str, dtype: str, trials: int,
+        no_inpass=()) -> dict:
     import torch
 
     from tessellm import LLM, SamplingParams
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    rounds, counts = [], collections.Counter()
+    rounds, counts, kernels = [], collections.Counter(), collections.Counter()
     with LLM(path, load_format="dummy", dtype=dtype, max_model_len=input_len + suffix + 64,
              max_num_seqs=4, enable_prefix_caching=True, device=device) as llm:
         core = llm.engine.core
         layers = core.runner.model.config.num_hidden_layers
+        if no_inpass and not unset_inpass(core.runner.model, no_inpass):
+            raise SystemExit("--no-inpass: no ops object found on the model's modules")
         step = core.step
         for trial in range(trials + 1):
             a = [(7 * j + 13 * trial) % 1000 + 10 for j in range(input_len)]
@@ -103,6 +144,7 @@ def run(path: str, input_len: int, suffix: int, device: str, dtype: str, trials:
                     if profiled:
                         prof.__exit__(None, None, None)
                         counts.update(aten_counts(prof))
+                        kernels.update(kernel_us(prof))
 
             core.step = timed
             out = llm.generate([{"prompt_token_ids": b}], one, use_tqdm=False)[0]
@@ -120,7 +162,14 @@ def run(path: str, input_len: int, suffix: int, device: str, dtype: str, trials:
             "ops_per_layer": round(total / layers, 1),
             "launches_per_layer": round(launches / layers, 1),  # cuda: kernel launches
             "fused_rms_norm_per_layer": round(fused / layers, 1),
-            "top_ops": {k: round(v / layers, 1) for k, v in counts.most_common(12)}}
+            "top_ops": {k: round(v / layers, 1) for k, v in counts.most_common(12)},
+            "gpu_ms_per_layer": round(sum(v for k, v in kernels.items()
+                                          if not isinstance(k, tuple)) / 1e3 / layers, 3),
+            # name: [us a layer, runs a layer]
+            "top_kernels": {k[:48]: [round(v / layers, 1), round(kernels[k, "n"] / layers, 1)]
+                            for k, v in collections.Counter(
+                                {k: v for k, v in kernels.items()
+                                 if not isinstance(k, tuple)}).most_common(8)}}
 
 
 def main() -> None:
@@ -133,6 +182,8 @@ def main() -> None:
     p.add_argument("--dtype", default="", help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--tiny", action="store_true", help="widths of 64 (CPU)")
     p.add_argument("--trials", type=int, default=3, help="rounds after the warm one (>= 2)")
+    p.add_argument("--no-inpass", nargs="*", default=[], choices=sorted(INPASS_FLAGS),
+                   help="the ops' in-step saves off: scan (once per piece), conv (copied)")
     args = p.parse_args()
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     with tempfile.TemporaryDirectory() as root:
@@ -141,7 +192,9 @@ def main() -> None:
             if args.tiny:
                 shrink(path)
             row = {"model": name, "device": args.device, "dtype": dtype, "tiny": args.tiny,
-                   **run(path, args.input_len, args.suffix, args.device, dtype, args.trials)}
+                   "no_inpass": args.no_inpass,
+                   **run(path, args.input_len, args.suffix, args.device, dtype, args.trials,
+                         args.no_inpass)}
             print(json.dumps(row), flush=True)
 
 
