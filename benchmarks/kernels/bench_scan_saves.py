@@ -15,8 +15,8 @@ in, the GPU's when they are longer):
                 the conv's window copied first (``save_conv_states``) then the plain conv
 
 Shapes (bfloat16 as the engine keeps them): ``bench-mamba2`` (``recurrent_state_graphs.py``'s
-Mamba2: 24 heads of 64, state 128, conv 3584 channels), ``bench-granite4h`` (64 heads, conv
-8448), ``mamba2-2.7b`` (80 heads, conv 5376). Outputs and states of ``inpass`` and ``pieces``
+Mamba2: 24 heads of 64, state 128, conv 1792 channels), ``bench-granite4h`` (64 heads, conv
+4352), ``mamba2-2.7b`` (80 heads, conv 5376). Outputs and states of ``inpass`` and ``pieces``
 are checked against each other (exit 1 past 1e-2 relative).
 
     python benchmarks/kernels/bench_scan_saves.py
