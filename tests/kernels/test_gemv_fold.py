@@ -157,25 +157,8 @@ def test_applies_and_errors():
 
 _COMPILE = r"""
 import json
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from tessellm.kernels.gemm import gemv, gemv_x2
-
-def compile_sm90(fn, ptrs, consts):
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name], attrs[(i,)] = ptrs[name], [["tt.divisibility", 16]]
-        elif name == "eps":
-            sig[name] = "fp32"
-        else:
-            sig[name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    return k.asm["ptx"].count("griddepcontrol")
+from tests.kernels.offline_compile import sm90_counts
 
 bf, f32 = "*bf16", "*fp32"
 norm = dict(res_ptr=bf, g_ptr=bf, normed_ptr=bf, counter_ptr=f32, y_ptr=bf, split_ctr_ptr="*i32")
@@ -183,15 +166,16 @@ found = {}
 for mode, silu in ((2, False), (3, False), (3, True)):
     pre = dict(PRE_TILES=1, PRE_L2=False, PRE_S=True, USE_PDL=True, NORM_EPI=mode,
                NORM_BLOCK=2048, SILU_FOLD=silu, SPLIT_LAST=0)
-    found[f"x2 {mode} {silu}"] = compile_sm90(
+    found[f"x2 {mode} {silu}"] = sm90_counts(
         gemv_x2._gemv_e4m3_x2_kernel,
         dict(x_ptr=bf, w_ptr="*fp8e4nv", s_ptr=f32, bias_ptr=f32, out_ptr=bf, **norm),
         dict(HAS_BIAS=False, EVEN_K=True, BLOCK_N=2, BLOCK_KW=512, PTX=True, **pre))
-    found[f"fma {mode} {silu}"] = compile_sm90(
+    found[f"fma {mode} {silu}"] = sm90_counts(
         gemv._gemv_fma_kernel,
         dict(x_ptr=bf, w_ptr=bf, s_ptr=bf, bias_ptr=bf, out_ptr=bf, **norm),
         dict(W_FP8=False, W_PTX=False, HAS_BIAS=False, EVEN_K=True, BLOCK_M=1, BLOCK_N=2,
              BLOCK_K=1024, STAGES=1, CHUNK=8, F32_BITS=False, PTX=True, **pre))
+found = {name: counts["pdl"] for name, counts in found.items()}
 print("RESULT" + json.dumps(found))
 """
 

@@ -140,45 +140,24 @@ def test_ops_linear_add_rms_norm(dtype):
 
 
 _COMPILE = r"""
-import json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
 from tessellm.kernels.gemm import gemv, gemv_x2
-
-def compile_sm90(fn, ptrs, consts):
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name], attrs[(i,)] = ptrs[name], [["tt.divisibility", 16]]
-        elif name == "eps":
-            sig[name] = "fp32"
-        else:
-            sig[name], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    ptx = k.asm["ptx"]
-    return dict(atom_acq_rel=len(re.findall(r"atom\.[a-z_.]*acq_rel[a-z_.]*gpu|atom\.[a-z_.]*gpu[a-z_.]*acq_rel", ptx)),
-                mul_rn=ptx.count("mul.rn.f32"), ld_cg=ptx.count("ld.global.cg"),
-                bar=ptx.count("bar.sync") + ptx.count("barrier.sync"),
-                pdl=ptx.count("griddepcontrol"))
+from tests.kernels.offline_compile import sm90_counts
 
 bf, f32 = "*bf16", "*fp32"
 norm = dict(res_ptr=bf, g_ptr=bf, normed_ptr=bf, counter_ptr="*i32")
 pre = dict(PRE_TILES=1, PRE_L2=False, PRE_S=True, USE_PDL=True, NORM_EPI=True, NORM_BLOCK=4096,
            SPLIT_LAST=0)
 found = {
-    "x2": compile_sm90(gemv_x2._gemv_e4m3_x2_kernel,
-                       dict(x_ptr=bf, w_ptr="*fp8e4nv", s_ptr=f32, bias_ptr=f32, out_ptr=bf, **norm),
-                       dict(HAS_BIAS=False, EVEN_K=True, BLOCK_N=2, BLOCK_KW=512, PTX=True,
+    "x2": sm90_counts(gemv_x2._gemv_e4m3_x2_kernel,
+                      dict(x_ptr=bf, w_ptr="*fp8e4nv", s_ptr=f32, bias_ptr=f32, out_ptr=bf, **norm),
+                      dict(HAS_BIAS=False, EVEN_K=True, BLOCK_N=2, BLOCK_KW=512, PTX=True,
+                           SILU_FOLD=False, **pre)),
+    "fma": sm90_counts(gemv._gemv_fma_kernel,
+                       dict(x_ptr=bf, w_ptr=bf, s_ptr=bf, bias_ptr=bf, out_ptr=bf, **norm),
+                       dict(W_FP8=False, W_PTX=False, HAS_BIAS=False, EVEN_K=True, BLOCK_M=1,
+                            BLOCK_N=2, BLOCK_K=1024, STAGES=1, CHUNK=8, F32_BITS=False, PTX=True,
                             SILU_FOLD=False, **pre)),
-    "fma": compile_sm90(gemv._gemv_fma_kernel,
-                        dict(x_ptr=bf, w_ptr=bf, s_ptr=bf, bias_ptr=bf, out_ptr=bf, **norm),
-                        dict(W_FP8=False, W_PTX=False, HAS_BIAS=False, EVEN_K=True, BLOCK_M=1,
-                             BLOCK_N=2, BLOCK_K=1024, STAGES=1, CHUNK=8, F32_BITS=False, PTX=True,
-                             SILU_FOLD=False, **pre)),
 }
 print("RESULT" + json.dumps(found))
 """
