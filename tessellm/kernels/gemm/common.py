@@ -58,6 +58,29 @@ def _epilogue(acc, out_ptr, bias_ptr, rm, rn, M, N, stride_om, stride_split, pid
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+
+@triton.jit
+def _gemv_rows_epilogue(acc0, acc1, acc2, acc3, out_ptr, bias_ptr, rn, N, stride_om,
+                        stride_split, pid_k, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                        AXIS: tl.constexpr):
+    """The decode GEMVs' store of 1-4 rows (``ROWS``): row r's accumulator tile ``acc<r>``
+    summed over its K axis ``AXIS`` (0 for ``[K, N]`` tiles, 1 for ``[N, K]``) to the columns
+    ``rn``, plus the bias in split 0, stored to split ``pid_k``'s plane of out (rows
+    ``stride_om`` apart, planes ``stride_split``); the tiles of rows past ``ROWS`` are unused."""
+    bias = tl.zeros((rn.shape[0],), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        bias = bias * tl.where(pid_k == 0, 1.0, 0.0)
+    out = out_ptr + pid_k.to(tl.int64) * stride_split + rn
+    dt = out_ptr.dtype.element_ty
+    tl.store(out, (tl.sum(acc0, axis=AXIS) + bias).to(dt), mask=rn < N)
+    if ROWS > 1:
+        tl.store(out + stride_om, (tl.sum(acc1, axis=AXIS) + bias).to(dt), mask=rn < N)
+    if ROWS > 2:
+        tl.store(out + 2 * stride_om, (tl.sum(acc2, axis=AXIS) + bias).to(dt), mask=rn < N)
+    if ROWS > 3:
+        tl.store(out + 3 * stride_om, (tl.sum(acc3, axis=AXIS) + bias).to(dt), mask=rn < N)
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.kernels.gemm.common import (_interpreted, _num_sms, _split_out, _split_stride,
-                                          _split_sum)
+from tessellm.kernels.gemm.common import (_gemv_rows_epilogue, _interpreted, _num_sms,
+                                          _split_out, _split_stride, _split_sum)
 from tessellm.kernels.pdl import pdl_args, pdl_start
 from tessellm.quantization.packed import Int4Weight
 
@@ -125,19 +125,8 @@ def _gemv_int4_kernel(x_ptr, q_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, KW,
         if ROWS > 3:
             acc3 = _row_step(acc3, words, s, off, x_ptr + 3 * stride_xm, rkw, kw_hi, ZERO_POINT,
                              HAS_OFFSETS, EVEN_K)
-    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        bias = bias * tl.where(pid_k == 0, 1.0, 0.0)
-    out = out_ptr + pid_k.to(tl.int64) * stride_split + rn
-    dt = out_ptr.dtype.element_ty
-    tl.store(out, (tl.sum(acc0, axis=0) + bias).to(dt), mask=rn < N)
-    if ROWS > 1:
-        tl.store(out + stride_om, (tl.sum(acc1, axis=0) + bias).to(dt), mask=rn < N)
-    if ROWS > 2:
-        tl.store(out + 2 * stride_om, (tl.sum(acc2, axis=0) + bias).to(dt), mask=rn < N)
-    if ROWS > 3:
-        tl.store(out + 3 * stride_om, (tl.sum(acc3, axis=0) + bias).to(dt), mask=rn < N)
+    _gemv_rows_epilogue(acc0, acc1, acc2, acc3, out_ptr, bias_ptr, rn, N, stride_om,
+                        stride_split, pid_k, HAS_BIAS, ROWS, AXIS=0)
 
 
 def gemv_int4_config(m: int, n: int, k: int, interpreted: bool, num_sms: int = 132) -> dict:

@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tessellm.kernels.gemm.common import (_interpreted, _num_sms, _split_out, _split_stride,
-                                          _split_sum)
+from tessellm.kernels.gemm.common import (_gemv_rows_epilogue, _interpreted, _num_sms,
+                                          _split_out, _split_stride, _split_sum)
 from tessellm.kernels.pdl import pdl_args, pdl_start
 from tessellm.quantization.packed import Int4Weight, unpack_int4, unpack_int4_tc
 
@@ -248,19 +248,8 @@ def _int4_tc_gemv_kernel(x_ptr, qt_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, N, K,
         if ROWS > 3:
             acc3 = _tc_row_step(acc3, words, s, off, x_blk + 3 * stride_xm, rj, ZERO_POINT,
                                 HAS_OFFSETS)
-    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        bias = bias * tl.where(pid_k == 0, 1.0, 0.0)
-    out = out_ptr + pid_k.to(tl.int64) * stride_split + rn
-    dt = out_ptr.dtype.element_ty
-    tl.store(out, (tl.sum(acc0, axis=1) + bias).to(dt), mask=rn < N)
-    if ROWS > 1:
-        tl.store(out + stride_om, (tl.sum(acc1, axis=1) + bias).to(dt), mask=rn < N)
-    if ROWS > 2:
-        tl.store(out + 2 * stride_om, (tl.sum(acc2, axis=1) + bias).to(dt), mask=rn < N)
-    if ROWS > 3:
-        tl.store(out + 3 * stride_om, (tl.sum(acc3, axis=1) + bias).to(dt), mask=rn < N)
+    _gemv_rows_epilogue(acc0, acc1, acc2, acc3, out_ptr, bias_ptr, rn, N, stride_om,
+                        stride_split, pid_k, HAS_BIAS, ROWS, AXIS=1)
 
 
 GEMV_PROGRAMS_PER_SM = 8  # the tc GEMV splits K until the grid has about this many an SM
