@@ -105,6 +105,7 @@ class KVConnectorStats:
     blocks_saved: int = 0  # saves done: the block is in the store (written, or there already)
     save_failures: int = 0  # blocks whose write failed (no file: a later lookup misses)
     load_failures: int = 0  # requests recomputed because a load failed
+    lookup_timeouts: int = 0  # admissions whose lookup did not come back in time: computed
     # request id -> [hit tokens, blocks] of its loads not yet known to have worked.
     _pending: dict = field(default_factory=dict, repr=False, compare=False)
     # Blocks offered to the worker half, and of those reported settled (done, failed, dropped).
@@ -136,6 +137,11 @@ class KVConnectorStats:
         self.load_failures += 1
         self._pending.pop(request_id, None)
 
+    def record_lookup_timeout(self) -> None:
+        """A request's lookup did not come back in time (a hung mount, a silent store): it is
+        admitted without the connector's blocks and computes its prompt."""
+        self.lookup_timeouts += 1
+
     def record_offered(self, num_blocks: int) -> None:
         """Blocks handed to the worker half to save (counted once it reports them)."""
         self.saves_offered += num_blocks
@@ -162,7 +168,7 @@ class KVConnectorStats:
     def as_dict(self) -> dict:
         return dict(queries=self.queries, hits=self.hits, blocks_loaded=self.blocks_loaded,
                     blocks_saved=self.blocks_saved, save_failures=self.save_failures,
-                    load_failures=self.load_failures)
+                    load_failures=self.load_failures, lookup_timeouts=self.lookup_timeouts)
 
 
 class KVConnectorBase:

@@ -39,6 +39,7 @@ token for a request with saves in flight).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -50,22 +51,25 @@ from tessellm.kv_transfer.shared_storage_format import (CHECKSUMS, HEADER_BYTES,
                                                         loadable)
 from tessellm.kv_transfer.shared_storage_worker import SharedStorageWorker
 
+logger = logging.getLogger(__name__)
+
 _EXTRA_KEYS = {"shared_storage_path", "checksum", "wait_for_save", "io_threads", "load_async",
-               "lookup_wait_ms"}
+               "lookup_wait_ms", "lookup_timeout_ms"}
 _MAX_CHECKED = 1 << 17  # keys remembered as present (~20 MB of strings)
 _LOOKUP_TTL_S = 1.0  # a waiting request's miss is looked up again after this (a producer writes)
 
 
 class _Lookup:
     """A request's lookup off the step: the one under way (``future``: found keys, first
-    miss), whether one came back (``answered``), its first missing block's index (None: none
-    missing), when it came back, and whether a step waited for it already (``waited``: once)."""
+    miss), whether one came back (``answered``; or was given up on: its time ran out), its
+    first missing block's index (None: none missing), when it came back, whether a step waited
+    for it already (``waited``: once), and when the request's first lookup started (``since``)."""
 
-    __slots__ = ("future", "answered", "miss", "when", "waited")
+    __slots__ = ("future", "answered", "miss", "when", "waited", "since")
 
     def __init__(self):
         self.future, self.answered, self.miss, self.when = None, False, None, 0.0
-        self.waited = False
+        self.waited, self.since = False, time.monotonic()
 
 
 def _remote_decode(req) -> bool:
@@ -105,6 +109,12 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
             raise ValueError(f"{name}'s lookup_wait_ms is how long a step may wait for lookups in "
                              f"all (milliseconds, 0: never), got {lookup_wait!r}.")
         self.lookup_wait = lookup_wait / 1000
+        timeout = extra.get("lookup_timeout_ms", 5000)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise ValueError(f"{name}'s lookup_timeout_ms is how long a request waits for its "
+                             f"lookup before it computes its prompt instead (milliseconds, "
+                             f"above 0), got {timeout!r}.")
+        self.lookup_timeout = timeout / 1000
         self._wait_left = self.lookup_wait  # of this step's (build_connector_meta starts another)
         self.setup_store(extra)
         self._init_state()
@@ -178,7 +188,9 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         ``lookup_wait_ms`` (2) in all at most, and for each lookup once: on a local disk a
         request's lookup is back within it and the request is admitted in this step; a slow or
         hung store costs the step that first asks about a request 2 ms at most, never the later
-        steps while that lookup is out."""
+        steps while that lookup is out. A first lookup not back within ``lookup_timeout_ms``
+        (5 s) is given up on: the request is answered with what is known (``_give_up``) and
+        computes the rest of its prompt."""
         if not self.config.is_consumer:
             return 0, False
         bs, rid = self.context.block_size, request.request_id
@@ -204,9 +216,27 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
             self._wait_left -= time.monotonic() - t0
             if look.future.done():
                 return self.get_num_new_matched_tokens(request, num_computed_tokens)
+        if not look.answered and time.monotonic() - look.since >= self.lookup_timeout:
+            self._give_up(look, i)
         if not look.answered:
             return None, False
         return (i - lo) * bs, self.load_async
+
+    def _give_up(self, look, miss: int) -> None:
+        """A request's first lookup did not come back in time (a hung mount, a dead store): it
+        counts as answered, missing from ``miss`` on (what is known loads, the rest is
+        computed). The lookup keeps its thread until the store answers; the request is not
+        looked up again meanwhile, and once it is back its keys go in the LRU as any lookup's."""
+        look.answered, look.miss, look.when = True, miss, time.monotonic()
+        self.stats.record_lookup_timeout()
+        if self.stats.lookup_timeouts == 1:  # a dead store: every request would say the same
+            logger.warning("KV lookup not back after %.1f s (does %s hang?): the request "
+                           "computes its prompt; later timeouts are counted (lookup_timeouts), "
+                           "not logged.", self.lookup_timeout, self.store_name())
+
+    def store_name(self) -> str:
+        """The store, for messages."""
+        return self.root
 
     def _known(self, keys: list, lo: int, hi: int) -> int:
         """The first index from ``lo`` (below ``hi``) whose key is not known to be loadable."""

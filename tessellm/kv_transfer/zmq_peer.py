@@ -215,6 +215,9 @@ class ZmqPeerConnector(SharedStorageConnector):
     def path(self, key: str, rank: int) -> str:  # for messages only: no files here
         return f"{key}.r{rank}"
 
+    def store_name(self) -> str:
+        return f"the peer {self.peer[0]}:{self.peer[1]}" if self.peer else "no peer"
+
     def _ask(self, rank: int, op: bytes, keys: list) -> Optional[list]:
         """A request to the producer's rank: its reply's frames after ``ok``, or None (another
         namespace, no answer in time, an error: the blocks count as missing). A peer that did

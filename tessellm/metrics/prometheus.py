@@ -181,7 +181,7 @@ class EngineMetrics:
         """A KV connector (--kv-transfer-config): ``kv_connector_{queries,hits}_total`` in
         prompt tokens, ``kv_connector_blocks_{loaded,saved}_total``,
         ``kv_connector_save_failures_total`` (blocks), ``kv_connector_load_failures_total``
-        (requests recomputed)."""
+        (requests recomputed), ``kv_connector_lookup_timeouts_total`` (requests)."""
         if not totals:
             return
         if self._kv_connector is None:
@@ -190,7 +190,9 @@ class EngineMetrics:
                     "blocks_loaded": "KV blocks loaded through the KV connector.",
                     "blocks_saved": "KV blocks saved through the KV connector (written, or there already).",
                     "save_failures": "KV blocks whose save through the KV connector failed.",
-                    "load_failures": "Requests recomputed because a KV connector load failed."}
+                    "load_failures": "Requests recomputed because a KV connector load failed.",
+                    "lookup_timeouts": "Requests whose KV connector lookup did not come back in "
+                                       "time (they computed their prompts)."}
             self._kv_connector = {k: _CumulativeCounter(self._child(Counter, f"kv_connector_{k}", doc))
                                   for k, doc in docs.items()}
         for key, metric in self._kv_connector.items():

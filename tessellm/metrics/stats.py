@@ -48,7 +48,8 @@ class EngineStats:
     kv_offload: Optional[dict] = None
     # A KV connector (--kv-transfer-config) since start: queries and hits (admitted requests'
     # prompt tokens, and those loaded through it), blocks_loaded, blocks_saved (offered to the
-    # workers), load_failures (requests recomputed); None: no connector.
+    # workers), load_failures (requests recomputed), lookup_timeouts (requests whose lookup
+    # did not come back in time); None: no connector.
     kv_connector: Optional[dict] = None
     # Recurrent-state snapshots of prefix caching (Mamba / gated DeltaNet models;
     # core/state_prefix.py): slots and used now, saves, restores and evictions since start;

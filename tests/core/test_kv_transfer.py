@@ -80,7 +80,7 @@ def test_producer_saves_and_consumer_loads(load_async, tiny_model_dir, tmp_path)
     assert [t for t, _, _ in used] == [t for t, _, _ in made] == want
     assert [(c, n) for _, c, n in used] == [(40, 2 + 5)] * 2
     assert stats.kv_connector == dict(queries=2 * 42, hits=2 * 40, blocks_loaded=20, blocks_saved=0,
-                                      save_failures=0, load_failures=0)
+                                      save_failures=0, load_failures=0, lookup_timeouts=0)
     assert len(_files(tmp_path)) == 2 * 11  # a consumer writes nothing
     # The metrics, from the scheduler's stats as the engine process sends them.
     from prometheus_client import CollectorRegistry
@@ -140,7 +140,8 @@ def test_corrupt_truncated_and_missing_files(tiny_model_dir, tmp_path):
     # Exact: each prompt looked up once (q's recompute is no second query); q's failed load
     # gives no hit and no loaded block.
     assert stats.kv_connector == dict(queries=2 * 42, hits=16, blocks_loaded=4, blocks_saved=0,
-                                      save_failures=0, load_failures=1)
+                                      save_failures=0, load_failures=1,
+                                      lookup_timeouts=0)
     assert not os.path.exists(conn.path(keys_q[7], 0))  # the corrupt file is gone
     _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_producer"))  # ... and saved afresh
     rows, _ = _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_consumer"))
@@ -275,7 +276,8 @@ def test_background_load_while_other_requests_run(corrupt, tiny_model_dir, tmp_p
     # Each request looked up once (p recomputed after its failed load is no second query);
     # p's failed load, and a's (aborted before it ran), count no hit and no block.
     assert stats == dict(queries=4 * 42, hits=40 * (1 - corrupt), blocks_loaded=10 * (1 - corrupt),
-                         blocks_saved=0, save_failures=0, load_failures=int(corrupt))
+                         blocks_saved=0, save_failures=0, load_failures=int(corrupt),
+                         lookup_timeouts=0)
     # Running totals only grow (the metrics feed counters their differences).
     assert all(a[k] <= b[k] for a, b in zip(totals, totals[1:]) for k in a)
     assert not sched.kv_loading and sched.kv.num_free_blocks == 64  # every block given back
@@ -871,6 +873,88 @@ def test_a_hung_lookup_is_waited_for_once_not_every_step(tmp_path, monkeypatch):
     conn.shutdown()
 
 
+def test_a_lookup_that_never_returns_times_out_to_a_prefill(tmp_path):
+    """A lookup whose read never returns (block 1's file is a FIFO nobody writes: opening it to
+    read its header blocks, on the real lookup path) is given up on after
+    ``lookup_timeout_ms``: the request is answered with what is known (nothing: it computes its
+    prompt), counted in ``lookup_timeouts``, and not looked up again while that read hangs;
+    another request's lookup meanwhile answers at once."""
+    from tessellm.kv_transfer import shared_storage_format as fmt
+
+    conn = _connector(tmp_path, "ns", lookup_wait_ms=0, lookup_timeout_ms=300)
+    req, other = (SimpleNamespace(request_id=rid, all_token_ids=list(range(s, s + 21)),
+                                  num_tokens=21, lora_request=None,
+                                  block_key=lambda a, b, lora: None)
+                  for rid, s in (("hung", 3), ("other", 100)))
+    keys, other_keys = conn.block_keys(req), conn.block_keys(other)
+    fmt.write_block(conn.path(other_keys[0], 0), other_keys[0], 0, "none", bytes(16), 16,
+                    [memoryview(bytes(16))], None)
+    fifo = conn.path(keys[0], 0)
+    os.mkfifo(fifo)
+    try:
+        t0 = time.monotonic()
+        assert conn.get_num_new_matched_tokens(req, 0) == (None, False)
+        assert conn.get_num_new_matched_tokens(other, 0) == (None, False)
+        conn.wait_for_lookups(5)  # the other's lookup: back at once
+        assert conn.get_num_new_matched_tokens(other, 0) == (BS, True)
+        while conn.get_num_new_matched_tokens(req, 0) == (None, False):
+            assert time.monotonic() - t0 < 5, "the hung lookup never timed out"
+            conn.wait_for_lookups(0.02)
+        assert time.monotonic() - t0 >= 0.3
+        assert conn.get_num_new_matched_tokens(req, 0) == (0, True)  # computes its prompt
+        assert conn.stats.lookup_timeouts == 1 and conn.stats.as_dict()["lookup_timeouts"] == 1
+        assert not conn._lookups["hung"].future.done()  # the read still hangs: not asked again
+    finally:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the reader gets EOF: a miss
+    conn.shutdown()
+    with pytest.raises(ValueError, match="lookup_timeout_ms is how long a request waits"):
+        _connector(tmp_path, "ns", lookup_timeout_ms=0)
+
+
+def test_a_hung_lookup_does_not_hold_other_requests(tiny_model_dir, tmp_path, monkeypatch):
+    """A consumer engine whose store hangs on one request's files (every check of p's first
+    block never returns): q, in the store, loads its 40 tokens and runs to the end meanwhile;
+    p is admitted once its lookup times out and computes its prompt; both give HF's tokens
+    and the stats count one timeout."""
+    import tessellm.kv_transfer.shared_storage as ss
+
+    model = tiny_model_dir("llama")
+    p, q = _prompts(2)
+    want = dict(zip("pq", hf_greedy(model, [p, q], 6)))
+    _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    (ns,) = os.listdir(tmp_path)
+    hung_key = _connector(tmp_path, ns).block_keys(SimpleNamespace(
+        request_id="p", all_token_ids=p, lora_request=None, block_key=lambda a, b, lora: None))[0]
+    release = threading.Event()
+    real = ss.loadable
+    monkeypatch.setattr(ss, "loadable", lambda path, size: (hung_key not in path
+                                                             or release.wait(30) and False)
+                        and real(path, size))
+    kv = _kv(tmp_path, "kv_consumer")
+    kv["kv_connector_extra_config"]["lookup_timeout_ms"] = 1500
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs, q_done_first = {}, None
+    try:
+        with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=64,
+                 max_model_len=128, kv_transfer_config=kv) as llm:
+            engine, sched = llm.engine, llm.engine.core.scheduler
+            engine.add_request("p", {"prompt_token_ids": p}, params)
+            engine.add_request("q", {"prompt_token_ids": q}, params)
+            t0 = time.monotonic()
+            while engine.has_unfinished_requests() and time.monotonic() - t0 < 30:
+                outs.update((o.request_id, o) for o in engine.step() if o.finished)
+                if q_done_first is None and "q" in outs:
+                    q_done_first = "p" not in outs and sched.connector.stats.lookup_timeouts == 0
+            stats = sched.stats().kv_connector
+    finally:
+        release.set()
+    assert q_done_first  # q ran to the end while p's lookup hung
+    assert {rid: list(o.outputs[0].token_ids) for rid, o in outs.items()} == want
+    assert (outs["p"].num_cached_tokens, outs["q"].num_cached_tokens) == (0, 40)
+    assert stats == dict(queries=2 * 42, hits=40, blocks_loaded=10, blocks_saved=0,
+                         save_failures=0, load_failures=0, lookup_timeouts=1)
+
+
 def test_saves_count_once_written_and_failed_writes_as_failures(tiny_model_dir, tmp_path, monkeypatch):
     """A producer without wait_for_save (its outputs never wait for the files): its stats count
     blocks as saved once written, and a write that fails (a full disk, here every third)
@@ -962,13 +1046,14 @@ def test_zmq_peer_prefill_in_one_process_decode_in_another(tiny_model_dir, caplo
     try:
         assert made["tokens"] == want
         assert made["stats"] == dict(queries=2 * 42, hits=0, blocks_loaded=0, blocks_saved=2 * 11,
-                                     save_failures=0, load_failures=0)
+                                     save_failures=0, load_failures=0, lookup_timeouts=0)
         for load_async in (True, False):
             consumer = _peer("kv_consumer", kv_peer=f"127.0.0.1:{port}", load_async=load_async)
             rows, stats = _run(model, prompts, kv_transfer_config=consumer)
             assert rows == [(w, 40, 2 + 5) for w in want]
             assert stats.kv_connector == dict(queries=2 * 42, hits=2 * 40, blocks_loaded=20,
-                                              blocks_saved=0, save_failures=0, load_failures=0)
+                                              blocks_saved=0, save_failures=0, load_failures=0,
+                                              lookup_timeouts=0)
         with LLM(model, device="cpu", dtype="float32", block_size=8, num_kv_blocks=16,
                  max_model_len=128, kv_transfer_config=_peer("kv_consumer", kv_peer=f"127.0.0.1:{port}")) as llm:
             out = llm.generate({"prompt_token_ids": prompts[0]},
