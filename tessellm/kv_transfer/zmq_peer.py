@@ -97,13 +97,14 @@ class BlockStore:
 
 
 class BlockServer:
-    """A thread serving a ``BlockStore`` on ``tcp://bind:port`` (a ROUTER socket)."""
+    """A thread serving a ``BlockStore`` on ``tcp://bind:port`` (a ROUTER socket of the
+    ZeroMQ context ``zmq_context``; the thread closes it when ``close`` stops it)."""
 
-    def __init__(self, store: BlockStore, namespace: str, bind: str, port: int):
+    def __init__(self, store: BlockStore, namespace: str, bind: str, port: int, zmq_context):
         import zmq
 
         self.store, self.namespace = store, namespace.encode()
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock = zmq_context.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         try:
             self.sock.bind(f"tcp://{bind}:{port}")
@@ -154,25 +155,51 @@ class BlockServer:
         self.thread.join()
 
 
-class _Clients(threading.local):
-    """A DEALER socket per thread and peer address (ZeroMQ sockets are not thread-safe). A
-    request that times out drops its socket: a late reply never answers a later request."""
+class _Clients:
+    """A DEALER socket per thread and peer address (ZeroMQ sockets are not thread-safe), of
+    the connector's own context. A request that times out drops its socket: a late reply never
+    answers a later request. ``close`` closes every socket left and ends the context, once
+    the threads that used them are done (the connector's pools are shut down first)."""
+
+    def __init__(self):
+        import zmq
+
+        self.context = zmq.Context()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set = set()  # every socket not yet closed, of any thread
+
+    @property
+    def closed(self) -> bool:
+        return self.context.closed
 
     def request(self, address: str, frames: list, timeout: float) -> Optional[list]:
         import zmq
 
-        socks = self.__dict__.setdefault("socks", {})
+        socks = self._local.__dict__.setdefault("socks", {})
         sock = socks.get(address)
         if sock is None:
-            sock = socks[address] = zmq.Context.instance().socket(zmq.DEALER)
+            sock = socks[address] = self.context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(f"tcp://{address}")
+            with self._lock:
+                self._open.add(sock)
         sock.send_multipart(frames)
         if sock.poll(int(timeout * 1000)):
             return sock.recv_multipart(copy=True)
+        with self._lock:
+            self._open.discard(sock)
         sock.close()
         del socks[address]
         return None
+
+    def close(self) -> None:
+        """Every socket closed (linger 0: unsent requests dropped) and the context ended."""
+        with self._lock:
+            socks, self._open = self._open, set()
+        for sock in socks:
+            sock.close(linger=0)
+        self.context.term()  # returns at once: no socket of it is open
 
 
 class ZmqPeerConnector(SharedStorageConnector):
@@ -206,7 +233,7 @@ class ZmqPeerConnector(SharedStorageConnector):
                                  f"got {peer!r}.")
             self.peer = (host, int(peer_port))
         self.port, self.bind, self.store_bytes, self.timeout = port, bind, store, float(timeout)
-        self._clients = _Clients()
+        self._zmq = _Clients()  # this connector's sockets and ZeroMQ context
         self._down_until: dict[str, float] = {}  # peer address -> until when it is not asked
         self._store: Optional[BlockStore] = None
         self._server: Optional[BlockServer] = None
@@ -227,7 +254,7 @@ class ZmqPeerConnector(SharedStorageConnector):
         if time.monotonic() < self._down_until.get(address, 0.0):
             return None
         timeout = min(self.timeout, _LOOKUP_TIMEOUT_S) if op == b"has" else self.timeout
-        reply = self._clients.request(address, [op, self.context.namespace.encode()]
+        reply = self._zmq.request(address, [op, self.context.namespace.encode()]
                                       + [k.encode() for k in keys], timeout)
         if reply is None:
             self._down_until[address] = time.monotonic() + _DOWN_S
@@ -264,7 +291,7 @@ class ZmqPeerConnector(SharedStorageConnector):
         if self.config.is_producer and self._server is None:
             self._store = BlockStore(self.store_bytes)
             self._server = BlockServer(self._store, self.context.namespace, self.bind,
-                                       self.port + self.context.rank)
+                                       self.port + self.context.rank, self._zmq.context)
             logger.info("KV blocks of rank %d served on %s (%.1f GiB of host memory at most)",
                         self.context.rank, self._server.address, self.store_bytes / (1 << 30))
 
@@ -304,7 +331,17 @@ class ZmqPeerConnector(SharedStorageConnector):
         self._store.put(key, b"".join([header, *views]))
 
     def shutdown(self) -> None:
+        """The engine stops: lookups under way end (each waits ``timeout_s`` at most, so they
+        are waited for), the worker half's pools finish, the server thread closes its socket,
+        then every client socket is closed and the ZeroMQ context ended: the port is free and
+        no thread of the connector is left once this returns. Again: nothing."""
+        if self._zmq.closed:
+            return
+        if self._lookup_threads is not None:
+            self._lookup_threads.shutdown(wait=True, cancel_futures=True)
+            self._lookup_threads = None
         super().shutdown()
         if self._server is not None:
             self._server.close()
             self._server = None
+        self._zmq.close()

@@ -1080,6 +1080,37 @@ def test_zmq_peer_down_costs_one_lookup_timeout_not_one_per_request(tiny_model_d
     assert caplog.text.count("did not answer in 0.5 s") == 1
 
 
+def test_zmq_peer_shutdown_frees_its_port_threads_and_sockets(tiny_model_dir):
+    """A kv_both engine serving its blocks and fetching them from itself (kv_peer: its own
+    port; p again after q pushed p's blocks out of the device cache loads them over the socket):
+    once it is shut down its port binds again at once, no connector thread is left, and its
+    sockets and ZeroMQ context are closed (the descriptors they held are given back)."""
+    import zmq
+
+    model = tiny_model_dir("llama")
+    p, q = _prompts(2)
+    want = hf_greedy(model, [p], 6)[0]
+    port = _free_port()
+    fds = len(os.listdir("/proc/self/fd"))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    kv = _peer("kv_both", kv_port=port, kv_peer=f"127.0.0.1:{port}")
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=16,
+             max_model_len=64, kv_transfer_config=kv) as llm:
+        for prompt in (p, q, p):
+            out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        assert list(out.outputs[0].token_ids) == want
+        assert llm.engine.core.scheduler.stats().kv_connector["hits"] > 0  # over the socket
+        halves = [llm.engine.core.scheduler.connector, llm.engine.core.runner.kv_connector]
+    assert all(half._zmq.closed for half in halves)  # every socket closed, the context ended
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("tessellm-kv")]
+    assert len(os.listdir("/proc/self/fd")) <= fds
+    ctx = zmq.Context()
+    try:
+        ctx.socket(zmq.ROUTER).bind(f"tcp://127.0.0.1:{port}")  # free again
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_zmq_peer_bad_settings_are_one_clear_error(tiny_model_dir):
     ctx = KVConnectorContext(BS, "ns")
     for role, extra, match in (
@@ -1140,7 +1171,11 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
     for i, key in enumerate(keys[:3]):
         payload = [memoryview(bytes([i + 1]) * 16)]
         store.put(key, fmt.block_header(key, 0, "crc32", layout, 16, payload, None) + bytes(payload[0]))
-    server = BlockServer(store, "ns", "127.0.0.1", port)
+    import zmq
+
+    server_zmq = zmq.Context()
+    server = BlockServer(store, "ns", "127.0.0.1", port, server_zmq)
+    conn = other = None
     try:
         config = parse_kv_transfer_config(_peer("kv_consumer", kv_peer=f"127.0.0.1:{port}"))
         conn = make_connector(config, KVConnectorRole.WORKER, KVConnectorContext(BS, "ns"))
@@ -1157,9 +1192,8 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
         assert conn._look(keys, 0) == (keys[:1], 1)  # dropped at the producer
         other = make_connector(config, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "other"))
         assert other._look(keys, 0) == ([], 0)
-        import zmq  # anyone may connect: a malformed request gets an error, the server goes on
-
-        raw = zmq.Context.instance().socket(zmq.DEALER)
+        # anyone may connect: a malformed request gets an error, the server goes on
+        raw = server_zmq.socket(zmq.DEALER)
         raw.connect(f"tcp://127.0.0.1:{port}")
         try:
             for bad in ([b"has"], [b"get", b"ns", b"\xff"]):
@@ -1172,6 +1206,10 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
         assert conn._look(keys, 0) == (keys[:1], 1) and server.thread.is_alive()
     finally:
         server.close()
+        server_zmq.term()
+        for half in (conn, other):
+            if half is not None:
+                half.shutdown()
     small = BlockStore(capacity=2 * 10)
     for key in keys[:3]:
         small.put(key, bytes(10))
