@@ -69,6 +69,19 @@ class EngineArgs:
     # Schedule step N+1 while step N runs on the device (its sampled ids fed on the device).
     # None: on for GPU backends without pipeline stages.
     async_scheduling: Optional[bool] = None
+    # Decode micro-batch overlap (core/decode_overlap.py, cuda; vLLM's --enable-dbo in spirit):
+    # a step with at least decode_overlap_min_batch decode rows runs as two micro-batches, one's
+    # attention on a side stream beside the other's GEMMs: "mixed" steps (decodes + at least
+    # decode_overlap_min_prefill prefill tokens) split into their decodes and their prefill,
+    # "decode" steps (pure decode) into halves, "all" both. The carve-out: multiprocessors the
+    # split step's GEMMs leave to the attention. None: TESSELLM_DECODE_OVERLAP (off),
+    # TESSELLM_DECODE_OVERLAP_STEPS (mixed), _MIN_ROWS (128), _MIN_PREFILL (512), _SM_CARVEOUT
+    # (unset: cuBLAS's own grid).
+    enable_decode_overlap: Optional[bool] = None
+    decode_overlap_steps: Optional[str] = None
+    decode_overlap_min_batch: Optional[int] = None
+    decode_overlap_min_prefill: Optional[int] = None
+    decode_overlap_sm_carveout: Optional[int] = None
     # Run every kernel variant serving can hit before the engine says ready (core/warmup.py).
     # None: on in the serving engine process, off for LLM(...) (a batch job pays it once anyway).
     kernel_warmup: Optional[bool] = None
@@ -144,6 +157,17 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        least = {"decode_overlap_min_batch": 2, "decode_overlap_min_prefill": 1,
+                 "decode_overlap_sm_carveout": 0}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < low):
+                raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}; leave "
+                                 "it unset for the default.")
+        if self.decode_overlap_steps not in (None, "mixed", "decode", "all"):
+            raise ValueError(f"decode_overlap_steps {self.decode_overlap_steps!r} is not "
+                             "supported; use mixed, decode or all.")
         snaps = self.recurrent_state_snapshots
         if snaps is not None and (not isinstance(snaps, int) or snaps < 0):
             raise ValueError(f"recurrent_state_snapshots must be an integer >= 0, got {snaps!r}.")

@@ -237,21 +237,54 @@ def ssd_scan() -> bool:
     return _switch("TESSELLM_SSD_SCAN") is not False
 
 
+def decode_overlap() -> Optional[bool]:
+    """TESSELLM_DECODE_OVERLAP: "1" splits large steps into two micro-batches whose attention
+    (on a second stream) overlaps the other's GEMMs (``core/decode_overlap.py``); the engine
+    argument ``enable_decode_overlap`` wins where set. Unset: off. Off by default: the
+    pure-decode halves measured slower on an H100 at batch 256 of Llama-3.1-8B shapes (+32% a
+    step at 512 context, +18% at 1536; benchmarks/results/h100-2026-12-05-s15), the mixed split
+    (prefill + decode steps) is not measured yet (``benchmarks/tbo_device.sh``)."""
+    return _switch("TESSELLM_DECODE_OVERLAP")
+
+
 def decode_overlap_min_rows() -> Optional[int]:
-    """TESSELLM_DECODE_OVERLAP: "1" splits large pure-decode steps into two micro-batches whose
-    attention (on a second stream) overlaps the other's GEMMs (``core/decode_overlap.py``).
-    Default off: measured slower on an H100 at batch 256 of Llama-3.1-8B shapes (+32% a step at
-    512 context, +18% at 1536; benchmarks/results/h100-2026-12-05-s15), the halves' GEMMs being
-    memory-bound there. TESSELLM_DECODE_OVERLAP_MIN_ROWS: the fewest rows (padded graph
-    size) a step must have to be split (default 128). None: off; else that minimum."""
-    if _switch("TESSELLM_DECODE_OVERLAP") is not True:
-        return None
-    value = os.environ.get("TESSELLM_DECODE_OVERLAP_MIN_ROWS", "").strip()
+    """TESSELLM_DECODE_OVERLAP_MIN_ROWS: the fewest decode rows (graph steps: the padded size) a
+    step must have to be split (``decode_overlap_min_batch`` wins where set); None: unset."""
+    return _whole("TESSELLM_DECODE_OVERLAP_MIN_ROWS", 2, "rows")
+
+
+def decode_overlap_steps() -> Optional[str]:
+    """TESSELLM_DECODE_OVERLAP_STEPS: which steps split (``decode_overlap_steps`` wins where
+    set): "mixed" (prefill + decode steps: the decodes | the prefill chunks), "decode" (pure
+    decode steps, in halves) or "all"; None: unset."""
+    value = os.environ.get("TESSELLM_DECODE_OVERLAP_STEPS", "").strip().lower()
+    if value and value not in ("mixed", "decode", "all"):
+        raise ValueError(f"TESSELLM_DECODE_OVERLAP_STEPS={value!r} is not understood; use mixed, "
+                         "decode or all.")
+    return value or None
+
+
+def decode_overlap_min_prefill() -> Optional[int]:
+    """TESSELLM_DECODE_OVERLAP_MIN_PREFILL: the fewest prefill tokens a step with decodes must
+    have for the mixed split (``decode_overlap_min_prefill`` wins where set); None: unset."""
+    return _whole("TESSELLM_DECODE_OVERLAP_MIN_PREFILL", 1, "tokens")
+
+
+def decode_overlap_sm_carveout() -> Optional[int]:
+    """TESSELLM_DECODE_OVERLAP_SM_CARVEOUT: multiprocessors the main stream's cuBLAS GEMMs leave
+    free while a split step runs (cuBLASLt's SM count target; ``decode_overlap_sm_carveout``
+    wins where set); None: unset (cuBLAS as it chooses)."""
+    return _whole("TESSELLM_DECODE_OVERLAP_SM_CARVEOUT", 0, "multiprocessors")
+
+
+def _whole(name: str, least: int, what: str) -> Optional[int]:
+    """A whole-number variable of at least ``least``: None when unset or empty."""
+    value = os.environ.get(name, "").strip()
     if not value:
-        return 128
-    if not value.isdigit() or int(value) < 2:
-        raise ValueError(f"TESSELLM_DECODE_OVERLAP_MIN_ROWS={value!r} is not understood; give a "
-                         "whole number of rows >= 2.")
+        return None
+    if not value.isdigit() or int(value) < least:
+        raise ValueError(f"{name}={value!r} is not understood; give a whole number of {what} "
+                         f">= {least}.")
     return int(value)
 
 

@@ -113,6 +113,10 @@ it and the product after it (batch-1 decode: ``TESSELLM_NORM_FOLD2``, else the b
 ``FusedOps.norm_fold_default``); plugins of versions 1 to 23 keep working (the decoder runs the
 product, the norm, the product). The same version added ``QuantOps.prepare_int4`` (optional):
 an AWQ / GPTQ weight's codes re-laid for the backend's kernels once at load.
+25 = ``OverlapStreams.gemm_sm_carveout`` (optional): ``(sms) -> context manager`` in which the
+backend's GEMMs queued on the current stream leave ``sms`` multiprocessors free, held while a
+split decode step's layers are queued (``decode_overlap_sm_carveout``); plugins of versions 1
+to 24 keep working (the carve-out is ignored with a warning).
 
 Ownership
 ---------
@@ -149,7 +153,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 24
+TESSELLM_PLUGIN_API = 25
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -852,6 +856,15 @@ class OverlapStreams(Protocol):
     Nothing ever blocks the host. A tensor one stream made and the other reads must be kept
     referenced until the reader's work has been waited for by the maker's stream (the caller's
     job). ``backends/reference/streams.py`` is the one-stream version (events are None).
+
+    Optional (plugin API 25): ``gemm_sm_carveout``, ``(sms: int) -> context manager``, or None
+    (absent: the same). While the engine holds the scope (it enters it around the queuing, or
+    graph capture, of a split decode step's layers, in the worker process, on the current
+    stream) the backend's GEMMs leave ``sms`` multiprocessors free, so the side stream's
+    attention is never queued behind a GEMM grid that holds every multiprocessor (the cuda
+    backend: cuBLASLt's SM count target, ``backends/cuda/streams.py``). Calling it with a value
+    the device cannot take raises ``ValueError`` naming the range; calling it does no work until
+    the scope is entered, and leaving the scope restores what was set before.
     """
 
     def record(self) -> Any: ...

@@ -59,7 +59,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
                  vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
                  max_model_len: int = 2048, graph_runner=None, pp: Optional[PipelineStage] = None,
                  dtype: torch.dtype = torch.float32, logits_ops=None, spec=None,
-                 verify_graph_factory=None, lora=None, pooler=None):
+                 verify_graph_factory=None, lora=None, pooler=None, decode_overlap=None):
         self.model = model
         self.pp = pp or PipelineStage()
         self.dtype = dtype  # of activations (hidden states sent between stages)
@@ -122,8 +122,9 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         # Per-request recurrent states of Mamba layers (core/mamba_state.py), set by the worker
         # for a model that has them; None otherwise.
         self.mamba = None
-        # Decode micro-batch overlap (TESSELLM_DECODE_OVERLAP, core/decode_overlap.py); None: off.
-        self.overlap = DecodeOverlap.build(self)
+        # Decode micro-batch overlap (core/decode_overlap.py; ``decode_overlap``: its resolved
+        # OverlapSettings, None: off).
+        self.overlap = DecodeOverlap.build(self, decode_overlap)
         # enable_prompt_embeds: steps may embed prompt rows from given embeddings (set by the worker).
         self.prompt_embeds = False
 

@@ -21,6 +21,7 @@ from tessellm.backends.spec import GraphSpec, LogitsOpsSpec
 from tessellm.config import (EngineArgs, generation_eos_ids, resolve_dtype, resolve_max_model_len,
                              text_config)
 from tessellm.core.model_runner import ModelRunner, StepHandle
+from tessellm.core.decode_overlap import settings as overlap_settings
 from tessellm.core.step import SchedulerOutput
 from tessellm.distributed.parallel_state import ParallelConfig, PipelineStage, TensorParallel, init_distributed
 from tessellm import envs
@@ -122,7 +123,8 @@ class Worker:
                                                                LogitsOpsSpec(torch.float32))[0],
                                   spec=spec, verify_graph_factory=_verify_graph_factory(
                                       registry, self.backend, graphs, self.dtype),
-                                  lora=lora, pooler=_pooler(pooling, model))
+                                  lora=lora, pooler=_pooler(pooling, model),
+                                  decode_overlap=overlap_settings(args))
         if hasattr(model, "mamba_layers"):  # one recurrent-state slot per running request
             from tessellm.core.mamba_state import MambaStateCache
 

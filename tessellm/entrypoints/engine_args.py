@@ -69,6 +69,20 @@ HELP = {
                               "expert (docs/parallelism.md)",
     "distributed_executor_backend": "mp: worker processes on this host (default); ray: Ray actors, across nodes",
     "async_scheduling": "schedule step N+1 while step N runs (default: on for GPUs, off on the cpu and with a speculative_config)",
+    "enable_decode_overlap": "cuda: split steps with at least --decode-overlap-min-batch decode "
+                             "rows into two micro-batches, one's attention on a side stream beside "
+                             "the other's GEMMs (default: TESSELLM_DECODE_OVERLAP, off; "
+                             "docs/architecture.md)",
+    "decode_overlap_steps": "with --enable-decode-overlap: which steps split: mixed (decodes | "
+                            "prefill chunks of a chunked-prefill step), decode (pure-decode steps "
+                            "in halves) or all (default: mixed)",
+    "decode_overlap_min_batch": "with --enable-decode-overlap: the fewest decode rows (graph steps: "
+                                "the padded size) a step splits at (default 128)",
+    "decode_overlap_min_prefill": "with --enable-decode-overlap: a mixed split's fewest prefill "
+                                  "tokens beside the decodes (default 512)",
+    "decode_overlap_sm_carveout": "with --enable-decode-overlap: multiprocessors the GEMMs of a "
+                                  "split step leave to the attention beside them (cuBLASLt's SM "
+                                  "count target; default: unset, cuBLAS's own grid)",
     "kernel_warmup": "run every kernel variant serving can hit before ready "
                      "(default: on when serving, off for LLM(...) and the benches)",
     "speculative_config": "speculative decoding as JSON, e.g. '{\"method\": \"ngram\", "
@@ -119,7 +133,8 @@ HELP = {
                          "with TESSELLM_SERVER_DEV_MODE=1; docs/sleep_mode.md)",
 }
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_parallel_size": "-dp"}
-CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"], "reasoning_parser": sorted(REASONING_PARSERS),
+CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"],
+           "decode_overlap_steps": ["mixed", "decode", "all"], "reasoning_parser": sorted(REASONING_PARSERS),
            "runner": ["auto", "generate", "pooling"], "convert": ["auto", "none", "embed", "classify"]}
 
 

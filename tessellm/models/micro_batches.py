@@ -30,6 +30,7 @@ cannot hand its memory to a later launch that could run first. With ``Sequential
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -46,11 +47,14 @@ class MicroBatches:
     """What a model's forward receives in place of the attention metadata when the step is
     split; ``run_layers`` replaces its loop over the decoder layers."""
 
-    def __init__(self, parts: list[MicroBatch], streams):
+    def __init__(self, parts: list[MicroBatch], streams, gemm_scope=None):
         if len(parts) < 2:
             raise ValueError("A split step has at least two micro-batches.")
         self.parts = parts
         self.streams = streams  # OverlapStreams (backends/spec.py)
+        # () -> context manager held while the layers are queued (the GEMMs' SM carve-out,
+        # ``OverlapStreams.gemm_sm_carveout``); None: nothing
+        self.gemm_scope = gemm_scope
 
     def run_layers(self, layers, positions: torch.Tensor, hidden: torch.Tensor,
                    residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,11 +83,12 @@ class MicroBatches:
             flight[p] = None  # q, k, v: free now that the main stream waited for their reader
             hs[p], rs[p] = layer.after_attention(layer.self_attn.o_proj(out), rs[p])
 
-        for p in parts:
-            launch(p, layers[0])
-        for i, layer in enumerate(layers):
+        with self.gemm_scope() if self.gemm_scope is not None else contextlib.nullcontext():
             for p in parts:
-                finish(p, layer)
-                if i + 1 < len(layers):
-                    launch(p, layers[i + 1])
+                launch(p, layers[0])
+            for i, layer in enumerate(layers):
+                for p in parts:
+                    finish(p, layer)
+                    if i + 1 < len(layers):
+                        launch(p, layers[i + 1])
         return torch.cat(hs), torch.cat(rs)

@@ -36,6 +36,8 @@ NON_DEFAULT = {
     "enable_sleep_mode": True,
     "enable_prompt_embeds": True,
     "enable_expert_parallel": True,
+    "enable_decode_overlap": True, "decode_overlap_steps": "all", "decode_overlap_min_batch": 64,
+    "decode_overlap_min_prefill": 1024, "decode_overlap_sm_carveout": 16,
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],

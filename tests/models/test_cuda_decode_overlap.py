@@ -1,6 +1,8 @@
-"""On a CUDA GPU: the decode micro-batch overlap (``TESSELLM_DECODE_OVERLAP=1``) with its two
-streams, in captured graphs and in eager steps, gives HF's greedy tokens in float32 (bf16 at
-Llama-3.1-8B shapes: ``benchmarks/decode_overlap_step.py`` compares the logits)."""
+"""On a CUDA GPU: the decode micro-batch overlap (``enable_decode_overlap``) with its two
+streams gives HF's greedy tokens in float32: pure-decode halves in captured graphs and in eager
+steps, and mixed steps (a 64-token budget: decodes | prefill chunks, eager) with the GEMMs' SM
+carve-out (bf16 at Llama-3.1-8B shapes: ``benchmarks/decode_overlap_step.py`` compares the
+logits, ``benchmarks/tbo_step.py`` times the steps)."""
 
 from __future__ import annotations
 
@@ -16,36 +18,76 @@ pytestmark = [pytest.mark.gpu,
 # 40 prompts: decode batches up to 40 rows (graph size 40, micro-batches of 20)
 PROMPTS = [[(7 * i + 3 * j) % 384 for j in range(5 + (i * 13) % 70)] for i in range(40)]
 MAX_NEW = 12
+ON = dict(enable_decode_overlap=True, decode_overlap_steps="all", decode_overlap_min_batch=2,
+          decode_overlap_min_prefill=8)
 
 
-def _on(monkeypatch) -> None:
-    monkeypatch.setenv("TESSELLM_DECODE_OVERLAP", "1")
-    monkeypatch.setenv("TESSELLM_DECODE_OVERLAP_MIN_ROWS", "2")
-
-
-def _generate(path: str, enforce_eager: bool, overlap: bool):
-    """Greedy tokens of one engine (its KV cache kept small: two engines in turn) and the
-    name of its overlap streams (None: off)."""
-    llm = LLM(path, device="cuda", dtype="float32", enforce_eager=enforce_eager, num_kv_blocks=1024)
+def _generate(path: str, enforce_eager: bool, **kwargs):
+    """Greedy tokens of one engine (its KV cache kept small: two engines in turn), the name
+    of its overlap streams (None: off) and the row counts of the micro-batches it split."""
+    llm = LLM(path, device="cuda", dtype="float32", enforce_eager=enforce_eager, num_kv_blocks=1024,
+              **kwargs)
     runner = llm.engine.core.runner
     assert (runner.graph_runner is None) == enforce_eager
-    assert (runner.overlap is not None) == overlap
-    streams = type(runner.overlap.streams).__name__ if overlap else None
+    overlap = runner.overlap
+    assert (overlap is not None) == bool(kwargs.get("enable_decode_overlap"))
+    seen = []
+    if overlap is not None:
+        split = overlap.split
+
+        def recorded(batch, model):
+            out = split(batch, model)
+            if out is not None:
+                seen.append((batch.num_decodes, batch.num_tokens))
+            return out
+
+        overlap.split = recorded
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                         SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
                         use_tqdm=False)
+    streams = None if overlap is None else type(overlap.streams).__name__
+    scoped = overlap is not None and overlap.gemm_scope is not None
     llm.shutdown()
-    return [o.outputs[0].token_ids for o in outs], streams
+    return [o.outputs[0].token_ids for o in outs], streams, seen, scoped
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True])
-def test_fp32_split_decode_matches_hf(tiny_model_dir, monkeypatch, enforce_eager):
+@pytest.mark.parametrize("enforce_eager,budget,carveout", [(False, None, None), (True, None, None),
+                                                           (False, 64, 16)])
+def test_fp32_split_decode_matches_hf(tiny_model_dir, enforce_eager, budget, carveout):
     path = tiny_model_dir("llama-sharp")
     want = hf_greedy(path, PROMPTS, MAX_NEW, device="cuda")
-    off, _ = _generate(path, enforce_eager, overlap=False)
-    _on(monkeypatch)
-    on, streams = _generate(path, enforce_eager, overlap=True)
-    assert streams == "CudaOverlapStreams"
+    off, *_ = _generate(path, enforce_eager, max_num_batched_tokens=budget)
+    on, streams, seen, scoped = _generate(path, enforce_eager, max_num_batched_tokens=budget,
+                                          decode_overlap_sm_carveout=carveout, **ON)
+    assert streams == "CudaOverlapStreams" and scoped == (carveout is not None)
+    if not enforce_eager:  # graph steps are split at capture: only eager splits are seen here
+        assert budget is None or any(d < n for d, n in seen), "no mixed step was split"
+    else:
+        assert seen and all(d == n for d, n in seen)
     assert on == want, ("the split path parts from HF; the unsplit path "
                         + ("does not" if off == want else "does too (a near-tie?)"))
     assert on == off
+
+
+def test_carveout_scope_sets_and_restores():
+    """The cuda streams' carve-out scope: cuBLASLt and the SM carve-out inside, the settings
+    before it after; a carve-out leaving no SM is refused when the scope is made."""
+    from tessellm.backends.cuda.streams import overlap_streams
+
+    streams = overlap_streams()
+    if streams.gemm_sm_carveout is None:
+        pytest.skip("this torch has no cuBLAS SM carve-out")
+    library = torch.backends.cuda.preferred_blas_library()
+    before = torch._C._get_sm_carveout_experimental()
+    a = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    with streams.gemm_sm_carveout(32):
+        assert torch._C._get_sm_carveout_experimental() == 32
+        assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
+        inside = a @ b
+    assert torch._C._get_sm_carveout_experimental() == before
+    assert torch.backends.cuda.preferred_blas_library() == library
+    torch.testing.assert_close(inside.float(), (a @ b).float(), rtol=2e-2, atol=2e-2)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    with pytest.raises(ValueError, match="decode_overlap_sm_carveout"):
+        streams.gemm_sm_carveout(sms)
