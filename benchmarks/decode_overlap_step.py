@@ -1,8 +1,8 @@
 """A captured decode step's GPU time with the decode micro-batch overlap on or off (run on the
 GPU machine, one process per setting: the variable is read when the engine starts).
 
-``--overlap 1`` sets ``TESSELLM_DECODE_OVERLAP=1`` (and ``_MIN_ROWS`` to ``--min-rows``) before
-the engine starts. The batch's prompts prefill (those steps never split), then one synchronous
+``--overlap 1`` sets ``TESSELLM_DECODE_OVERLAP=1`` (``_STEPS=decode``: the pure-decode halves;
+``_MIN_ROWS`` to ``--min-rows``) before the engine starts. The batch's prompts prefill (those steps never split), then one synchronous
 pure-decode step runs through the graph of its padded size: its logits (the graph's static
 output) are saved to ``--logits-out`` (argmax and the first 2048 vocabulary columns of every
 row), for ``--compare A B`` to set the two settings' logits side by side: the first decode
@@ -36,6 +36,7 @@ def main() -> None:
         return compare(*args.compare)
     os.environ["TESSELLM_DECODE_OVERLAP"] = str(args.overlap)
     os.environ["TESSELLM_DECODE_OVERLAP_MIN_ROWS"] = str(args.min_rows)
+    os.environ["TESSELLM_DECODE_OVERLAP_STEPS"] = "decode"  # this script times pure-decode halves
     import torch
 
     from tessellm import LLM, SamplingParams

@@ -12,6 +12,7 @@
 #                        middle), and the first decode step's bf16 logits on against off (argmax
 #                        agreement, max |diff|) (STEP_S 70 each, 4 runs)   ~ 5 min
 # Run PART=check first on a cold machine: it compiles the split's kernels before F and L time.
+# STEPS (default decode: this script's pure-decode halves; mixed splits are tbo_device.sh's).
 # MIN_ROWS (default 128): the smallest step (graph size) that splits. F and L run 256
 # sequences, so their decode steps split into 128 + 128.
 #   bash benchmarks/overlap_device.sh    (repo root; carry .whl and tessellm.egg-info)
@@ -22,7 +23,7 @@ PART=${PART:-main}
 MIN_ROWS=${MIN_ROWS:-128}
 F="throughput --model $L8 --load-format dummy --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 4096"
 L="throughput --model $L8 --load-format dummy --num-prompts 512 --input-len 1024 --output-len 1024 --max-model-len 4096"
-ON="env TESSELLM_DECODE_OVERLAP=1 TESSELLM_DECODE_OVERLAP_MIN_ROWS=$MIN_ROWS"
+ON="env TESSELLM_DECODE_OVERLAP=1 TESSELLM_DECODE_OVERLAP_STEPS=${STEPS:-decode} TESSELLM_DECODE_OVERLAP_MIN_ROWS=$MIN_ROWS"
 STEP="python3 benchmarks/decode_overlap_step.py --model $L8 --batch 256 --min-rows $MIN_ROWS"
 tput() { for f in "$@"; do [ -f "$OUT/$f.json" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], d['output_tokens_per_s'], 'tok/s', d['elapsed_s'], 's')" "$OUT/$f.json" $f; done; }
 ratio() { [ -f "$OUT/$1.json" ] && [ -f "$OUT/$2.json" ] && python3 -c "import json,sys; a, b = (json.load(open(p))['output_tokens_per_s'] for p in sys.argv[1:3]); print(sys.argv[3], 'on / off = %.3f' % (b / a))" "$OUT/$1.json" "$OUT/$2.json" "$3"; }

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Issue 22 (GPU), tbo: the decode overlap's MIXED split (--enable-decode-overlap, off by default;
+# tessellm/core/decode_overlap.py): a chunked-prefill step's decode rows | its prefill chunks,
+# the decodes' attention (HBM-bound) on a side stream beside the prefill's GEMMs (compute-bound),
+# the GEMMs carved out by N SMs (--decode-overlap-sm-carveout: cuBLASLt's SM count target) so
+# the attention finds room. Random Llama-3.1-8B shapes (--load-format dummy), bf16, one GPU.
+# Each step is time-boxed (seconds, env; 0 skips it); ~8.5 min at the boxes, run it with a
+# 600 s limit:
+#   1. GPU tests (TEST_S 120): tests/models/test_cuda_decode_overlap.py: fp32 greedy tokens =
+#      HF's and the unsplit engine's with two CUDA streams (pure-decode halves in graphs and
+#      eager; mixed splits with a 64-token budget and carve-out 16), the carve-out scope sets
+#      cuBLASLt + the carve-out and restores both. Line: "rc=0" then "N passed".
+#   2. One mixed step timed (STEP_S 100, benchmarks/tbo_step.py): D = 256 and 128 decode rows at
+#      context 640 beside 2 x 512 prompt tokens; JSON lines per setting (gpu_ms, host_ms), then
+#      "SUMMARY D=.. P=..: serial X ms, best overlap_cN Y ms (X/Y), prefill_only A + decode_only
+#      B": X/Y > 1 means the split wins on that step; Y near A means the decodes hid whole.
+#      "BEST_CARVEOUT=N": D=256's best carve-out, used by step 3 (CARVE=N forces one).
+#   3. F bf16 (256 x 512 in / 256 out; F_S 75 each, warm-up WARMUP=tiny so four fit): the
+#      default engine; a smaller token budget alone (--max-num-batched-tokens $BUDGET, 2048:
+#      decode rows ride along with prefill chunks); that budget + the overlap (not carved);
+#      that budget + the overlap carved out by step 2's best (32 when its best is uncarved).
+#      Lines "f_* N tok/s T s", then "ratio X / f_base" for each.
+# What decides the default: the overlap stays off unless "budget+overlap" beats both f_base and
+# f_budget in F (and the step in 2 wins at D=256); then its budget, min batch and carve-out are
+# the ones to make default (the engine's max_num_batched_tokens default is 16384 on GPUs).
+#   COMMIT=<hash> bash benchmarks/tbo_device.sh    (repo root; carry .whl and tessellm.egg-info)
+# Knobs: BUDGET (2048), CARVE (step 2's best), MIN_BATCH (128: --decode-overlap-min-batch),
+# MIN_PREFILL (512), WARMUP (tiny | full), TEST_S, STEP_S, F_S.
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source benchmarks/device_env.sh
+BUDGET=${BUDGET:-2048}
+F="throughput --model $L8 --load-format dummy --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 4096 --warmup ${WARMUP:-tiny}"
+OV="--enable-decode-overlap --decode-overlap-min-batch ${MIN_BATCH:-128} --decode-overlap-min-prefill ${MIN_PREFILL:-512}"
+tput() { for f in "$@"; do [ -f "$OUT/$f.json" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], d['output_tokens_per_s'], 'tok/s', d['elapsed_s'], 's')" "$OUT/$f.json" $f; done; }
+ratio() { [ -f "$OUT/$1.json" ] && [ -f "$OUT/$2.json" ] && python3 -c "import json,sys; a, b = (json.load(open(p))['output_tokens_per_s'] for p in sys.argv[1:3]); print('ratio', sys.argv[2].split('/')[-1][:-5], '/ f_base = %.3f' % (b / a))" "$OUT/$1.json" "$OUT/$2.json"; }
+{
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'carve-out', hasattr(torch._C, '_set_sm_carveout_experimental'))"
+  echo "commit ${COMMIT:-unknown}, budget $BUDGET, overlap flags: $OV"; date -u
+  t tests ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rs tests/models/test_cuda_decode_overlap.py
+  t step ${STEP_S:-100} python3 benchmarks/tbo_step.py --model $L8 --output-json "$OUT/tbo_step.json"
+  grep -E "SUMMARY|BEST_CARVEOUT|Traceback|Error" "$OUT/step.txt" | tail -6
+  [ -f "$OUT/tbo_step.json" ] && python3 -c "
+import json, sys
+for r in json.load(open(sys.argv[1]))['results']:
+    print('  D=%(decodes)d P=%(prompt_tokens)d %(setting)-14s gpu %(gpu_ms)8.3f ms  host %(host_ms)8.3f ms' % r)" "$OUT/tbo_step.json"
+  BEST=${CARVE:-$( [ -f "$OUT/tbo_step.json" ] && python3 -c "
+import json, sys
+rs = [r for r in json.load(open(sys.argv[1]))['results'] if r['decodes'] == 256 and r['setting'].startswith('overlap')]
+print(min(rs, key=lambda r: r['gpu_ms'])['setting'].removeprefix('overlap_c'))" "$OUT/tbo_step.json")}
+  [ -z "$BEST" ] || [ "$BEST" = none ] && BEST=32
+  echo "carve-out for F: $BEST"
+  box "F base" ${F_S:-75} $B $F --output-json "$OUT/f_base.json"
+  box "F budget $BUDGET" ${F_S:-75} $B $F --max-num-batched-tokens $BUDGET --output-json "$OUT/f_budget.json"
+  box "F budget + overlap" ${F_S:-75} $B $F --max-num-batched-tokens $BUDGET $OV --output-json "$OUT/f_overlap.json"
+  box "F budget + overlap, carve-out $BEST" ${F_S:-75} $B $F --max-num-batched-tokens $BUDGET $OV --decode-overlap-sm-carveout $BEST --output-json "$OUT/f_overlap_c$BEST.json"
+  echo "=== summary"
+  tput f_base f_budget f_overlap f_overlap_c$BEST
+  for f in f_budget f_overlap f_overlap_c$BEST; do ratio f_base $f; done
+  grep -h SUMMARY "$OUT/step.txt" 2>/dev/null
+} 2>&1 | tee "$OUT/log.txt"

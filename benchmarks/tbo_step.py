@@ -1,0 +1,147 @@
+"""One mixed (chunked-prefill) step's GPU time, unsplit against the decode overlap's mixed split
+at several GEMM SM carve-outs, in one process (run on the GPU machine; ``tbo_device.sh``).
+
+The step is built by hand on an engine with dummy weights (no scheduler): D decode rows of
+``--context`` keys each (their KV blocks distinct) followed by ``--prompts`` fresh prompts of
+``--prompt-len`` tokens, the order of ``AttentionBatch`` (decodes first). Every setting runs the
+model's forward on that same step (eager, as the engine runs mixed steps; the KV slots it
+writes are the same each time), the split's metadata built inside the timed loop as the runner
+builds it each step:
+
+    prefill_only   the prompts alone (a lower bound for the split: its GEMMs must run anyway)
+    decode_only    the D decodes alone
+    serial         the whole step, unsplit (today's engine)
+    overlap_cN     the mixed split (decodes | prompts, the decodes' attention on the side
+                   stream beside the prompts' GEMMs), GEMMs carved out by N SMs; "none": not
+                   carved (cuBLAS's default path)
+
+Printed per D: one JSON line per setting (``gpu_ms``: CUDA events around ``--iters`` forwards;
+``host_ms``: the host's queuing time per forward; near ``gpu_ms`` means the step is host-bound
+and the GPU figures say little), then ``SUMMARY D=.. P=..: serial .. ms, best overlap_cN ..
+ms (serial / best), prefill_only .. + decode_only ..``: prefill_only is the floor the split
+can approach (the decodes' GEMMs and attention all hidden), prefill_only + decode_only the
+serial sum. Last, ``BEST_CARVEOUT=N`` (or none) of the first D, for the caller's F runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def build_step(d: int, prompts: int, prompt_len: int, context: int, width: int, device,
+               vocab: int = 1000):
+    """``(input_ids, positions, AttentionBatch)`` of the mixed step (blocks of 16 tokens)."""
+    import torch
+
+    from tessellm.core.attention_batch import AttentionBatch
+
+    bs, nxt = 16, 1
+    tables = torch.zeros(d + prompts, width, dtype=torch.int32)
+    positions, slots, lens, qsl = [], [], [], [0]
+    for s in range(d + prompts):
+        n = context if s < d else prompt_len
+        blocks = list(range(nxt, nxt + -(-n // bs)))
+        nxt += len(blocks)
+        tables[s, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        rows = [n - 1] if s < d else list(range(n))
+        positions += rows
+        slots += [blocks[p // bs] * bs + p % bs for p in rows]
+        lens.append(n)
+        qsl.append(qsl[-1] + len(rows))
+    n_tok = qsl[-1]
+    put = lambda x, t: torch.tensor(x, dtype=t, device=device)  # noqa: E731
+    batch = AttentionBatch(num_tokens=n_tok, num_seqs=d + prompts, num_decodes=d,
+                           query_start_loc=put(qsl, torch.int32), seq_lens=put(lens, torch.int32),
+                           block_tables=tables.to(device), slot_mapping=put(slots, torch.int64),
+                           max_query_len=prompt_len, max_seq_len=max(lens),
+                           query_start_loc_host=qsl, seq_lens_host=lens)
+    ids = torch.randint(0, min(vocab, 1000), (n_tok,), device=device)
+    return ids, put(positions, torch.int64), batch, nxt
+
+
+def time_forward(runner, ids, positions, batch, iters: int, split: bool) -> dict:
+    import torch
+
+    def once():
+        md = runner._metadata(batch) if split else runner.kernel.build_metadata(batch)
+        return runner.model(ids, positions, md)
+
+    for _ in range(2):  # JIT compiles, workspaces
+        once()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(iters):
+        once()
+    end.record()
+    host = (time.perf_counter() - t0) / iters
+    torch.cuda.synchronize()
+    return {"gpu_ms": round(start.elapsed_time(end) / iters, 3), "host_ms": round(host * 1e3, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="benchmarks/model-configs/llama-3.1-8b")
+    p.add_argument("--decodes", type=int, nargs="+", default=[256, 128])
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--context", type=int, default=640, help="keys of each decode row")
+    p.add_argument("--carveouts", default="none,0,16,32,48", help="comma list; none: not carved")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args()
+    import torch
+
+    from tessellm import LLM
+    from tessellm.core.decode_overlap import DecodeOverlap, OverlapSettings, sequences
+
+    max_len = max(args.context, args.prompt_len) + 64
+    blocks = max(args.decodes) * -(-args.context // 16) + args.prompts * -(-args.prompt_len // 16) + 64
+    llm = LLM(args.model, load_format="dummy", enforce_eager=True, max_model_len=max_len,
+              enable_prefix_caching=False, num_kv_blocks=blocks, max_num_seqs=max(args.decodes) + 8)
+    runner = llm.engine.core.runner
+    width = -(-max_len // 16)
+    carves = [None if c == "none" else int(c) for c in args.carveouts.split(",")]
+    results = []
+    with torch.inference_mode():
+        for d in args.decodes:
+            ids, pos, batch, _ = build_step(d, args.prompts, args.prompt_len, args.context, width,
+                                            runner.device, runner.vocab_size)
+            t = batch.query_start_loc_host[d]
+            pre, dec = sequences(batch, d, batch.num_seqs), sequences(batch, 0, d)
+            rows = {"prefill_only": time_forward(runner, ids[t:], pos[t:], pre, args.iters, False),
+                    "decode_only": time_forward(runner, ids[:t], pos[:t], dec, args.iters, False),
+                    "serial": time_forward(runner, ids, pos, batch, args.iters, False)}
+            for c in carves:
+                runner.overlap = DecodeOverlap.build(runner, OverlapSettings(
+                    min_rows=1, sm_carveout=c, steps="mixed", min_prefill=1))
+                assert runner.overlap.split(batch, runner.model) is not None
+                rows[f"overlap_c{'none' if c is None else c}"] = time_forward(
+                    runner, ids, pos, batch, args.iters, True)
+            runner.overlap = None
+            for name, r in rows.items():
+                line = {"decodes": d, "prompt_tokens": batch.num_tokens - d, "context": args.context,
+                        "setting": name, **r}
+                results.append(line)
+                print(json.dumps(line))
+            best = min((k for k in rows if k.startswith("overlap")), key=lambda k: rows[k]["gpu_ms"])
+            serial = rows["serial"]["gpu_ms"]
+            print(f"SUMMARY D={d} P={batch.num_tokens - d}: serial {serial} ms, best {best} "
+                  f"{rows[best]['gpu_ms']} ms ({serial / rows[best]['gpu_ms']:.3f}x), prefill_only "
+                  f"{rows['prefill_only']['gpu_ms']} + decode_only {rows['decode_only']['gpu_ms']}")
+    first = [r for r in results if r["decodes"] == args.decodes[0] and r["setting"].startswith("overlap")]
+    print("BEST_CARVEOUT=" + min(first, key=lambda r: r["gpu_ms"])["setting"].removeprefix("overlap_c"))
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "carveout_supported": hasattr(torch._C, "_set_sm_carveout_experimental"),
+           "results": results}
+    print(json.dumps({k: v for k, v in out.items() if k != "results"}))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
