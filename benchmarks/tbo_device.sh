@@ -11,25 +11,31 @@
 #      eager; mixed splits with a 64-token budget and carve-out 16), the carve-out scope sets
 #      cuBLASLt + the carve-out and restores both. Line: "rc=0" then "N passed".
 #   2. One mixed step timed (STEP_S 100, benchmarks/tbo_step.py): D = 256 and 128 decode rows at
-#      context 640 beside 2 x 512 prompt tokens; JSON lines per setting (gpu_ms, host_ms), then
+#      context 640 beside 2 x 384 prompt tokens (F's step at a 1024-token budget); a table per
+#      setting (gpu ms; host ms: queuing time, near gpu means host-bound), then
 #      "SUMMARY D=.. P=..: serial X ms, best overlap_cN Y ms (X/Y), prefill_only A + decode_only
 #      B": X/Y > 1 means the split wins on that step; Y near A means the decodes hid whole.
 #      "BEST_CARVEOUT=N": D=256's best carve-out, used by step 3 (CARVE=N forces one).
 #   3. F bf16 (256 x 512 in / 256 out; F_S 75 each, warm-up WARMUP=tiny so four fit): the
-#      default engine; a smaller token budget alone (--max-num-batched-tokens $BUDGET, 2048:
-#      decode rows ride along with prefill chunks); that budget + the overlap (not carved);
-#      that budget + the overlap carved out by step 2's best (32 when its best is uncarved).
-#      Lines "f_* N tok/s T s", then "ratio X / f_base" for each.
+#      default engine; a smaller token budget alone (--max-num-batched-tokens $BUDGET, 1024:
+#      decode rows ride along with prefill chunks, ~768 prompt tokens beside 256 decodes, so
+#      the prefill spreads over ~170 steps instead of 9); that budget + the overlap (not
+#      carved); that budget + the overlap carved out by step 2's best (32 when its best is
+#      uncarved). Lines "f_* N tok/s T s", then "ratio X / f_base = r" for each. Arithmetic
+#      (H200): F is ~4.3 s of GEMM rows at ~22 us a row + ~1.3 s of decode attention + the
+#      tail; a budget near 768-1024 hides most of that attention under prefill GEMMs (~5.2 s,
+#      ~12.5k tok/s at best) but leaves a tail of shrinking pure-decode batches. A second call
+#      with TEST_S=0 STEP_S=0 BUDGET=768 (or 2048) F_S=75 tries another budget (~5 min).
 # What decides the default: the overlap stays off unless "budget+overlap" beats both f_base and
 # f_budget in F (and the step in 2 wins at D=256); then its budget, min batch and carve-out are
 # the ones to make default (the engine's max_num_batched_tokens default is 16384 on GPUs).
 #   COMMIT=<hash> bash benchmarks/tbo_device.sh    (repo root; carry .whl and tessellm.egg-info)
-# Knobs: BUDGET (2048), CARVE (step 2's best), MIN_BATCH (128: --decode-overlap-min-batch),
+# Knobs: BUDGET (1024), CARVE (step 2's best), MIN_BATCH (128: --decode-overlap-min-batch),
 # MIN_PREFILL (512), WARMUP (tiny | full), TEST_S, STEP_S, F_S.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 source benchmarks/device_env.sh
-BUDGET=${BUDGET:-2048}
+BUDGET=${BUDGET:-1024}
 F="throughput --model $L8 --load-format dummy --num-prompts 256 --input-len 512 --output-len 256 --max-model-len 4096 --warmup ${WARMUP:-tiny}"
 OV="--enable-decode-overlap --decode-overlap-min-batch ${MIN_BATCH:-128} --decode-overlap-min-prefill ${MIN_PREFILL:-512}"
 tput() { for f in "$@"; do [ -f "$OUT/$f.json" ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], d['output_tokens_per_s'], 'tok/s', d['elapsed_s'], 's')" "$OUT/$f.json" $f; done; }
@@ -39,7 +45,7 @@ ratio() { [ -f "$OUT/$1.json" ] && [ -f "$OUT/$2.json" ] && python3 -c "import j
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'carve-out', hasattr(torch._C, '_set_sm_carveout_experimental'))"
   echo "commit ${COMMIT:-unknown}, budget $BUDGET, overlap flags: $OV"; date -u
   t tests ${TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -rs tests/models/test_cuda_decode_overlap.py
-  t step ${STEP_S:-100} python3 benchmarks/tbo_step.py --model $L8 --output-json "$OUT/tbo_step.json"
+  t step ${STEP_S:-100} python3 benchmarks/tbo_step.py --model $L8 --prompt-len 384 --output-json "$OUT/tbo_step.json"
   grep -E "SUMMARY|BEST_CARVEOUT|Traceback|Error" "$OUT/step.txt" | tail -6
   [ -f "$OUT/tbo_step.json" ] && python3 -c "
 import json, sys

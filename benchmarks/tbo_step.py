@@ -15,9 +15,9 @@ builds it each step:
                    stream beside the prompts' GEMMs), GEMMs carved out by N SMs; "none": not
                    carved (cuBLAS's default path)
 
-Printed per D: one JSON line per setting (``gpu_ms``: CUDA events around ``--iters`` forwards;
-``host_ms``: the host's queuing time per forward; near ``gpu_ms`` means the step is host-bound
-and the GPU figures say little), then ``SUMMARY D=.. P=..: serial .. ms, best overlap_cN ..
+Printed per D: one JSON line per setting (``gpu_ms``: CUDA events around ``--iters`` forwards,
+per forward; ``host_ms``: the host's time to queue one forward on an idle GPU; near or above
+``gpu_ms`` means the step is host-bound and the GPU figures say little), then ``SUMMARY D=.. P=..: serial .. ms, best overlap_cN ..
 ms (serial / best), prefill_only .. + decode_only ..``: prefill_only is the floor the split
 can approach (the decodes' GEMMs and attention all hidden), prefill_only + decode_only the
 serial sum. Last, ``BEST_CARVEOUT=N`` (or none) of the first D, for the caller's F runs.
@@ -71,13 +71,15 @@ def time_forward(runner, ids, positions, batch, iters: int, split: bool) -> dict
     for _ in range(2):  # JIT compiles, workspaces
         once()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t0 = time.perf_counter()
+    once()  # from an idle GPU: the host's queuing time of one forward
+    host = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
         once()
     end.record()
-    host = (time.perf_counter() - t0) / iters
     torch.cuda.synchronize()
     return {"gpu_ms": round(start.elapsed_time(end) / iters, 3), "host_ms": round(host * 1e3, 3)}
 
@@ -87,7 +89,7 @@ def main() -> None:
     p.add_argument("--model", default="benchmarks/model-configs/llama-3.1-8b")
     p.add_argument("--decodes", type=int, nargs="+", default=[256, 128])
     p.add_argument("--prompts", type=int, default=2)
-    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, default=384)
     p.add_argument("--context", type=int, default=640, help="keys of each decode row")
     p.add_argument("--carveouts", default="none,0,16,32,48", help="comma list; none: not carved")
     p.add_argument("--iters", type=int, default=10)
