@@ -108,6 +108,8 @@ class DecodeOverlap:
         # () -> context manager held while a split step's layers are queued (the GEMMs' SM
         # carve-out, ``OverlapStreams.gemm_sm_carveout``); None: nothing held
         self.gemm_scope = gemm_scope
+        # steps split so far, by kind (a captured decode graph counts once, at its capture)
+        self.splits = {"mixed": 0, "decode": 0}
 
     @property
     def min_rows(self) -> int:
@@ -162,6 +164,7 @@ class DecodeOverlap:
             return None
         first, second = sequences(batch, 0, c), sequences(batch, c, batch.num_seqs)
         t = first.num_tokens
+        self.splits["decode" if batch.num_decodes == batch.num_seqs else "mixed"] += 1
         return MicroBatches([MicroBatch(slice(0, t), self.kernel.build_metadata(first)),
                              MicroBatch(slice(t, batch.num_tokens), self.kernel.build_metadata(second))],
                             self.streams, self.gemm_scope)

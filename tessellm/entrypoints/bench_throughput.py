@@ -120,10 +120,12 @@ def run_tessellm(args) -> dict:
                      SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     sync = core.backend.synchronize if core is not None and core.parallel.world_size == 1 else (lambda: None)
     sync()  # (with workers, each step's results come back only once the step is done)
+    split_before = _overlap_splits(core)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
     sync()
     elapsed = time.perf_counter() - start
+    split_after = _overlap_splits(core)
     produced = [len(o.outputs[0].token_ids) for o in outs]
     assert produced == [r.output_len for r in reqs], "a request stopped early despite ignore_eos"
     return _summary(args, reqs, elapsed, {"device": info.backend, "dtype": info.dtype,
@@ -137,7 +139,16 @@ def run_tessellm(args) -> dict:
                                           "preemptions": (sum(s.get("num_preemptions_total", 0)
                                                               for s in llm.engine.core_stats()) if dp
                                                           else core.scheduler.num_preemptions_total),
-                                          "spec_decode": None if dp else _spec_decode(core)})
+                                          "spec_decode": None if dp else _spec_decode(core),
+                                          "decode_overlap_splits": split_after and {
+                                              k: v - split_before[k] for k, v in split_after.items()}})
+
+
+def _overlap_splits(core):
+    """Steps the decode overlap split so far by kind (core/decode_overlap.py), None when it is
+    off or the runner is in another process."""
+    overlap = getattr(getattr(core, "runner", None), "overlap", None)
+    return dict(overlap.splits) if overlap is not None else None
 
 
 def _spec_decode(core):

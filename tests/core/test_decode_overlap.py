@@ -197,6 +197,7 @@ def test_mixed_steps_split_decodes_from_prefill(tiny_model_dir, want, monkeypatc
     assert done and all(first == d for d, p, first in seen if first is not None)
     assert all(d >= 2 and p >= 4 for d, p in done)
     assert all(first is None for d, p, first in seen if d < 2 or p < 4)
+    assert runner.overlap.splits == {"mixed": len(done), "decode": 0}  # the bench's counts
 
 
 def test_bad_min_rows_is_refused(monkeypatch):
