@@ -26,6 +26,8 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=512, help="prompt tokens: the context")
     p.add_argument("--overlap", type=int, choices=(0, 1), default=0)
     p.add_argument("--min-rows", type=int, default=128)
+    p.add_argument("--sm-carveout", type=int, default=None,
+                   help="with --overlap 1: SMs the split step's GEMMs leave free (unset: none)")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--output-json", default=None)
     p.add_argument("--logits-out", default=None)
@@ -37,6 +39,8 @@ def main() -> None:
     os.environ["TESSELLM_DECODE_OVERLAP"] = str(args.overlap)
     os.environ["TESSELLM_DECODE_OVERLAP_MIN_ROWS"] = str(args.min_rows)
     os.environ["TESSELLM_DECODE_OVERLAP_STEPS"] = "decode"  # this script times pure-decode halves
+    if args.sm_carveout is not None:
+        os.environ["TESSELLM_DECODE_OVERLAP_SM_CARVEOUT"] = str(args.sm_carveout)
     import torch
 
     from tessellm import LLM, SamplingParams
@@ -72,7 +76,7 @@ def main() -> None:
     torch.cuda.synchronize()
     gpu_ms = start.elapsed_time(end) / args.iters
     result = {"batch": args.batch, "context": args.input_len, "overlap": args.overlap,
-              "min_rows": args.min_rows, "graph_gpu_ms_per_step": round(gpu_ms, 3),
+              "min_rows": args.min_rows, "sm_carveout": args.sm_carveout, "graph_gpu_ms_per_step": round(gpu_ms, 3),
               "engine_start_s": round(start_s, 1), "device": torch.cuda.get_device_name(),
               "decode_gemm": os.environ.get("TESSELLM_DECODE_GEMM", "")}
     print(json.dumps(result))

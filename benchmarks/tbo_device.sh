@@ -31,12 +31,15 @@
 #      its second 256 requests prefill while the first decode, so mixed steps come by
 #      themselves. As a second call: TEST_S=0 STEP_S=0 F_S=0 L_S=130 CARVE=<step 2's best>
 #      bash benchmarks/tbo_device.sh   (~8.5 min). Lines "l_* N tok/s", "ratio l_* / l_base".
+#   5. Optional (DSTEP_S, default 0; ~70 s each, two runs): the pure-decode halves at 512 rows
+#      (context DCTX, 512; 1024 fits an H200's KV cache), unsplit / split with the carve-out, as
+#      captured graphs: JSON lines with graph_gpu_ms_per_step (decode_overlap_step.py).
 # What decides the default: the overlap stays off unless "budget+overlap" beats both f_base and
 # f_budget in F (and the step in 2 wins at D=256); then its budget, min batch and carve-out are
 # the ones to make default (the engine's max_num_batched_tokens default is 16384 on GPUs).
 #   COMMIT=<hash> bash benchmarks/tbo_device.sh    (repo root; carry .whl and tessellm.egg-info)
 # Knobs: BUDGET (1024), CARVE (step 2's best), MIN_BATCH (128: --decode-overlap-min-batch),
-# MIN_PREFILL (512), WARMUP (tiny | full), TEST_S, STEP_S, F_S, L_S.
+# MIN_PREFILL (512), WARMUP (tiny | full), TEST_S, STEP_S, F_S, L_S, DSTEP_S.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 source benchmarks/device_env.sh
@@ -69,6 +72,12 @@ print(min(rs, key=lambda r: r['gpu_ms'])['setting'].removeprefix('overlap_c'))" 
     box "$w budget $BUDGET" $S $B $W --max-num-batched-tokens $BUDGET --output-json "$OUT/${w}_budget.json"
     box "$w budget + overlap" $S $B $W --max-num-batched-tokens $BUDGET $OV --output-json "$OUT/${w}_overlap.json"
     box "$w budget + overlap, carve-out $BEST" $S $B $W --max-num-batched-tokens $BUDGET $OV --decode-overlap-sm-carveout $BEST --output-json "$OUT/${w}_overlap_c$BEST.json"
+  done
+  # 5. optional (DSTEP_S, default 0): a captured pure-decode step of 512 rows at context DCTX
+  #    (512: its KV fits an H100), unsplit against the halves carved out by $BEST
+  for o in 0 1; do
+    TAIL=1 box "decode step 512 rows ctx ${DCTX:-512} halves $o" ${DSTEP_S:-0} python3 benchmarks/decode_overlap_step.py \
+      --model $L8 --batch 512 --input-len ${DCTX:-512} --overlap $o --sm-carveout $BEST --iters 20
   done
   echo "=== summary"
   for w in f l; do
