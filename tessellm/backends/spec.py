@@ -196,6 +196,9 @@ CAPABILITIES = {
                    "supports_key_limits"),
     "lora": ("informative", "bool: the backend has batched LoRA ops of its own (the engine asks "
              "tessellm_lora_ops; without them it runs the pure-torch reference)"),
+    "decode_overlap": ("informative", "bool: a second device stream for the decode micro-batch "
+                       "overlap (--enable-decode-overlap); what the engine uses is "
+                       "Backend.overlap_streams (and its OverlapStreams.gemm_sm_carveout)"),
 }
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)

@@ -48,6 +48,7 @@ def tessellm_register_backends(register):
                       "quantization": ["int8", "fp8", "fp8_block", "awq", "gptq", "gguf"],
                       "kv_cache_dtypes": ["auto", "fp8"], "lora": True, "logit_softcap": True,
                       "attention_sinks": True, "mla": True, "mamba2": True, "gated_delta": True,
+                      "decode_overlap": True,
                       "key_limits": True},
     ))
 
