@@ -4,8 +4,9 @@
 o_proj and down_proj (but the last) produce, each gate_up and qkv_proj (but the first) consume,
 and the greedy tokens follow the unfused path's.
 
-The engine tests run the cpu backend with the two ops added: in float32 through their torch
-forms (the decoder wiring; the norm's weight multiplies the activation before the product
+The cpu backend serves the pair itself (``CpuOps``: torch around its ``linear``; off unless
+asked), checked against HF's greedy tokens. The other engine tests put the cuda backend's ops
+on the cpu backend: in float32 through their torch forms (the decoder wiring; the norm's weight multiplies the activation before the product
 instead of after the norm, a few float32 ulps), and in bf16 through the cuda backend's Triton
 GEMVs in Triton's interpreter (the split norm's rounding differs from the unfused norm's by about
 one bf16 rounding of the activation, so logprobs agree closely, not bitwise).
@@ -98,6 +99,35 @@ def test_greedy_tokens_follow_the_unfused_path(tiny_llama, monkeypatch, dtype, t
     assert len(set(out_w)) == 2 * layers - 1 and len(set(in_w)) == 2 * layers - 1
     assert len(out_w) == len(in_w) and len({out_w.count(w) for w in out_w}) == 1
     _close(got, want, tol)
+
+
+def test_cpu_backend_serves_the_pair(tiny_llama, monkeypatch):
+    """The cpu backend's own pair (``CpuOps.linear_add_rms_norm_fold`` / ``linear_rms_scaled``,
+    torch around its ``linear``): not taken by default; under ``TESSELLM_NORM_FOLD2=1`` taken at
+    one row, and the float32 greedy tokens are HF transformers' and the unfused run's."""
+    from tests.conftest import hf_greedy
+
+    calls = []
+    for name in ("linear_add_rms_norm_fold", "linear_rms_scaled"):
+        def counted(self, *a, _f=getattr(CpuOps, name), _n=name, **kw):
+            calls.append(_n)
+            return _f(self, *a, **kw)
+        monkeypatch.setattr(CpuOps, name, counted)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+
+    def generate():
+        with LLM(tiny_llama, dtype="float32", device="cpu", enable_prefix_caching=False) as llm:
+            out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)[0]
+        return [(out.outputs[0].token_ids, _logprobs(out))]
+
+    monkeypatch.delenv("TESSELLM_NORM_FOLD2", raising=False)
+    want = generate()
+    assert calls == []
+    monkeypatch.setenv("TESSELLM_NORM_FOLD2", "1")
+    got = generate()
+    assert {"linear_add_rms_norm_fold", "linear_rms_scaled"} <= set(calls)
+    assert list(got[0][0]) == hf_greedy(tiny_llama, [PROMPTS[0]], 6)[0]
+    _close(got, want, 1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend's kernels on a GPU")
@@ -195,6 +225,8 @@ def test_fold_only_for_a_plain_one_row_pair():
     (None, "cuda", torch.float32, None, False),     # float32 keeps the two norm launches
     (None, "cuda", torch.bfloat16, "fp8", False),   # quantized weights: opt-in (fp8 B1 +5%)
     (None, "triton", torch.bfloat16, None, False),  # TritonOps alone (rocm): never timed
+    (None, "cpu", torch.bfloat16, None, False),     # the cpu pair: declared, slower (+26%)
+    ("1", "cpu", torch.float32, None, True),
     ("0", "cuda", torch.bfloat16, None, False),
     ("1", "triton", torch.float32, "fp8", True),
 ])
@@ -209,6 +241,6 @@ def test_norm_fold2_default_is_the_backends_for_dense_16_bit(monkeypatch, env, o
         monkeypatch.delenv("TESSELLM_NORM_FOLD2", raising=False)
     else:
         monkeypatch.setenv("TESSELLM_NORM_FOLD2", env)
-    ctx = SimpleNamespace(ops={"cuda": CudaOps, "triton": TritonOps}[ops](), dtype=dtype,
-                          quant_method=quant)
+    backend_ops = {"cuda": CudaOps, "triton": TritonOps, "cpu": CpuOps}[ops]()
+    ctx = SimpleNamespace(ops=backend_ops, dtype=dtype, quant_method=quant)
     assert norm_fold2_on(ctx) is want

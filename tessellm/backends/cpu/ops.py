@@ -13,7 +13,7 @@ from tessellm import envs
 from tessellm.backends.cpu import native
 from tessellm.backends.cpu.moe import fused_moe_grouped, grouped_experts
 from tessellm.backends.reference.logits import ReferenceLogitsOps
-from tessellm.backends.reference.ops import ReferenceOps
+from tessellm.backends.reference.ops import ReferenceOps, fold_out, rms_scaled
 
 # Column blocks of a wide product (the LM head: N = vocab) when it has no packed copy. 2 cores (AVX-512), float32, x
 # [64, 576] @ W[49152, 576].T: 34 ms in blocks of 2048 columns against 54 ms in one call
@@ -126,6 +126,29 @@ class CpuOps(ReferenceOps):
         for start in range(0, n, BLOCK_N):
             torch.mm(x, weight[start:start + BLOCK_N].t(), out=out[:, start:start + BLOCK_N])
         return out
+
+    # The norm-fold pair (plugin API 24): a residual-add RMSNorm split between the product
+    # before it and the one after it, in torch around this backend's ``linear``. Declared so
+    # the decoder's fold path and its conformance cases run here; not taken by default (no
+    # ``norm_fold_default``: on the CPU the native fused add-norm is one call already, and the
+    # split adds elementwise ops to both products; ``TESSELLM_NORM_FOLD2=1`` asks for it).
+
+    def linear_add_rms_norm_fold(self, x, weight, residual, norm_weight, bias=None):
+        """The producer's half: ``reference.ops.linear_add_rms_norm_fold`` on ``linear``'s
+        product (rounded to x's dtype): ``(round(h * norm_weight), sumsq, h)``."""
+        return fold_out(self.linear(x, weight, bias), residual, norm_weight)
+
+    def linear_rms_scaled(self, x, weight, sumsq, eps: float, bias=None,
+                          silu_and_mul: bool = False):
+        """The consumer's half: the float32 product (``linear``'s for float32 operands) times
+        ``rsqrt(sum(sumsq) / K + eps)``, plus the bias, rounded to x's dtype, then
+        ``silu_and_mul`` if asked (``reference.ops.linear_rms_scaled``)."""
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            y = self.linear(x, weight)
+        else:
+            y = F.linear(x.float(), weight.float())
+        y = rms_scaled(y, x, sumsq, eps, bias, False)
+        return self.silu_and_mul(y) if silu_and_mul else y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """float32: the native kernel (``csrc/norm.c``) where it takes ``x``, else ``F.rms_norm``,

@@ -42,9 +42,10 @@ import torch
 from tessellm import envs
 import torch.nn.functional as F
 
+from tessellm.backends.reference.ops import fold_out, rms_scaled
 from tessellm.backends.reference.quant_ops import TorchQuantOps, _finish
-from tessellm.quantization.packed import (Int4Weight, Int8Weight, PackedWeight, pack_int4,
-                                          unpack_int4)
+from tessellm.quantization.packed import (Fp8Activation, Fp8Weight, Int4Weight, Int8Weight,
+                                          PackedWeight, pack_int4, unpack_int4)
 
 GROUPS = (32, 64, 128, 256)
 REFINE = 16  # LM-head logits recomputed in float32 per row (lm_head_mm)  # what the CPU kernel accepts
@@ -173,6 +174,21 @@ class CpuQuantOps(TorchQuantOps):
         if packed is None:
             return super().int8_mm(x, w, bias)
         return _finish(int4pack_mm(x, packed), x.dtype, bias)
+
+    # The norm-fold pair (plugin API 24) on this backend's own fp8 product (``fp8_mm``, W8A8),
+    # as ``CpuOps``' dense pair: declared, taken only under ``TESSELLM_NORM_FOLD2=1``.
+
+    def fp8_mm_add_rms_norm_fold(self, x, w: Fp8Weight, residual, norm_weight, bias=None):
+        """``reference.ops.linear_add_rms_norm_fold`` on ``fp8_mm``'s product."""
+        return fold_out(self.fp8_mm(x, w, bias), residual, norm_weight)
+
+    def fp8_mm_rms_scaled(self, x, w: Fp8Weight, sumsq, eps: float, bias=None,
+                          silu_and_mul: bool = False):
+        """``reference.ops.linear_rms_scaled`` on ``fp8_mm``'s product (x quantized per token,
+        the sums float32, scaled before the one rounding to x's dtype)."""
+        xa = Fp8Activation.quantize(x, w.qweight.dtype)
+        y = self.fp8_mm_prequantized(Fp8Activation(xa.qx, xa.scales, torch.float32), w)
+        return rms_scaled(y, x, sumsq, eps, bias, silu_and_mul)
 
     def fp8_block_mm(self, x: torch.Tensor, w: PackedWeight, bias=None) -> torch.Tensor:
         """Block-wise fp8 through its float32 weight, dequantized once (module docstring)."""
