@@ -59,7 +59,7 @@ ratio() { [ -f "$OUT/$1.json" ] && [ -f "$OUT/$2.json" ] && python3 -c "import j
   [ -f "$OUT/tbo_step.json" ] && python3 -c "
 import json, sys
 for r in json.load(open(sys.argv[1]))['results']:
-    print('  D=%(decodes)d P=%(prompt_tokens)d %(setting)-14s gpu %(gpu_ms)8.3f ms  host %(host_ms)8.3f ms' % r)" "$OUT/tbo_step.json"
+    print('  D=%(decodes)d P=%(prompt_tokens)d %(setting)-17s gpu %(gpu_ms)8.3f ms  host %(host_ms)s ms' % r)" "$OUT/tbo_step.json"
   BEST=${CARVE:-$( [ -f "$OUT/tbo_step.json" ] && python3 -c "
 import json, sys
 rs = [r for r in json.load(open(sys.argv[1]))['results'] if r['decodes'] == 256 and r['setting'].startswith('overlap')]

@@ -10,6 +10,8 @@ builds it each step:
 
     prefill_only   the prompts alone (a lower bound for the split: its GEMMs must run anyway)
     decode_only    the D decodes alone
+    decode_attention  the D decodes' attention alone, every layer (cache write included): what
+                   the split can hide at best, so serial - decode_attention is its ideal
     serial         the whole step, unsplit (today's engine)
     overlap_cN     the mixed split (decodes | prompts, the decodes' attention on the side
                    stream beside the prompts' GEMMs), GEMMs carved out by N SMs; "none": not
@@ -19,10 +21,10 @@ builds it each step:
 
 Printed per D: one JSON line per setting (``gpu_ms``: CUDA events around ``--iters`` forwards,
 per forward; ``host_ms``: the host's time to queue one forward on an idle GPU; near or above
-``gpu_ms`` means the step is host-bound and the GPU figures say little), then ``SUMMARY D=.. P=..: serial .. ms, best overlap_cN ..
-ms (serial / best), prefill_only .. + decode_only ..``: prefill_only is the floor the split
-can approach (the decodes' GEMMs and attention all hidden), prefill_only + decode_only the
-serial sum. Last, ``BEST_CARVEOUT=N`` (or none) of the first D, for the caller's F runs.
+``gpu_ms`` means the step is host-bound and the GPU figures say little), then ``SUMMARY D=..
+P=..: serial .. ms, best overlap_cN .. ms (serial / best), prefill_only .. + decode_only ..,
+ideal ..``: ideal = serial - decode_attention (every decode attention hidden, nothing else
+lost). Last, ``BEST_CARVEOUT=N`` (or none) of the first D, for the caller's F runs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Optional
 
 
 def build_step(d: int, prompts: int, prompt_len: int, context: int, width: int, device,
@@ -86,6 +89,86 @@ def time_forward(runner, ids, positions, batch, iters: int, split: bool) -> dict
     return {"gpu_ms": round(start.elapsed_time(end) / iters, 3), "host_ms": round(host * 1e3, 3)}
 
 
+def time_decode_attention(runner, positions, batch, iters: int) -> dict:
+    """The decodes' attention alone (every layer's ``attend`` on fixed q, k, v, the cache
+    write included): the part of the step the mixed split can hide."""
+    import torch
+
+    model = runner.model
+    layers = [model.layers[i] for i in range(model.start_layer, model.end_layer)]
+    md = runner.kernel.build_metadata(batch)
+    hidden = torch.randn(batch.num_tokens, model.embed_tokens.weight.shape[1],
+                         device=positions.device, dtype=runner.dtype)
+    qkv = [layer.self_attn.project(positions, hidden) for layer in layers]
+
+    def once():
+        for layer, (q, k, v) in zip(layers, qkv):
+            layer.self_attn.attend(positions, q, k, v, md)
+
+    once()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        once()
+    end.record()
+    torch.cuda.synchronize()
+    return {"gpu_ms": round(start.elapsed_time(end) / iters, 3), "host_ms": None}
+
+
+def overlap_on(runner, carveout: Optional[int], priority: Optional[int] = None) -> None:
+    """The runner's mixed split at this carve-out (and, given, side-stream priority)."""
+    from tessellm.core.decode_overlap import DecodeOverlap, OverlapSettings
+
+    runner.overlap = DecodeOverlap.build(runner, OverlapSettings(
+        min_rows=1, sm_carveout=carveout, steps="mixed", min_prefill=1))
+    if priority is not None:  # CUDA streams: lower is higher
+        from tessellm.backends.cuda.streams import CudaOverlapStreams
+
+        runner.overlap.streams = CudaOverlapStreams(runner.device, priority=priority)
+
+
+def sweep(runner, d: int, args, carves: list) -> tuple[dict, int]:
+    """Every setting's timing for D = ``d`` decodes; and the step's prefill tokens."""
+    from tessellm.core.decode_overlap import sequences
+
+    width = -(-runner.max_model_len // 16)
+    ids, pos, batch, _ = build_step(d, args.prompts, args.prompt_len, args.context, width,
+                                    runner.device, runner.vocab_size)
+    t, n = batch.query_start_loc_host[d], args.iters
+    pre, dec = sequences(batch, d, batch.num_seqs), sequences(batch, 0, d)
+    rows = {"prefill_only": time_forward(runner, ids[t:], pos[t:], pre, n, False),
+            "decode_only": time_forward(runner, ids[:t], pos[:t], dec, n, False),
+            "decode_attention": time_decode_attention(runner, pos[:t], dec, n),
+            "serial": time_forward(runner, ids, pos, batch, n, False)}
+    for c in carves:
+        overlap_on(runner, c)
+        assert runner.overlap.split(batch, runner.model) is not None
+        rows[f"overlap_c{'none' if c is None else c}"] = time_forward(runner, ids, pos, batch, n, True)
+    # the best carve-out again with a high-priority side stream (its CTAs scheduled first as
+    # the GEMMs' retire): whether a priority knob would be worth having
+    c = _best(rows).removeprefix("overlap_c")
+    if hasattr(runner.overlap.streams, "stream"):  # CUDA streams only
+        overlap_on(runner, None if c == "none" else int(c), priority=-1)
+        rows[f"prio_c{c}"] = time_forward(runner, ids, pos, batch, n, True)
+    runner.overlap = None
+    return rows, batch.num_tokens - d
+
+
+def _best(rows: dict) -> str:
+    return min((k for k in rows if k.startswith("overlap")), key=lambda k: rows[k]["gpu_ms"])
+
+
+def summary(d: int, p: int, rows: dict) -> str:
+    best, serial = _best(rows), rows["serial"]["gpu_ms"]
+    prio = next((k for k in rows if k.startswith("prio")), None)
+    return (f"SUMMARY D={d} P={p}: serial {serial} ms, best {best} {rows[best]['gpu_ms']} ms "
+            f"({serial / rows[best]['gpu_ms']:.3f}x), prefill_only {rows['prefill_only']['gpu_ms']} "
+            f"+ decode_only {rows['decode_only']['gpu_ms']}, ideal (serial - decode_attention) "
+            f"{serial - rows['decode_attention']['gpu_ms']:.3f}"
+            + (f"; high-priority side stream {rows[prio]['gpu_ms']} ms" if prio else ""))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="benchmarks/model-configs/llama-3.1-8b")
@@ -100,57 +183,26 @@ def main() -> None:
     import torch
 
     from tessellm import LLM
-    from tessellm.core.decode_overlap import DecodeOverlap, OverlapSettings, sequences
 
     max_len = max(args.context, args.prompt_len) + 64
-    blocks = max(args.decodes) * -(-args.context // 16) + args.prompts * -(-args.prompt_len // 16) + 64
+    blocks = max(args.decodes) * -(-args.context // 16) + args.prompts * -(-args.prompt_len // 16)
     llm = LLM(args.model, load_format="dummy", enforce_eager=True, max_model_len=max_len,
-              enable_prefix_caching=False, num_kv_blocks=blocks, max_num_seqs=max(args.decodes) + 8)
+              enable_prefix_caching=False, num_kv_blocks=blocks + 64,
+              max_num_seqs=max(args.decodes) + 8)
     runner = llm.engine.core.runner
-    width = -(-max_len // 16)
     carves = [None if c == "none" else int(c) for c in args.carveouts.split(",")]
-    results = []
+    results, best = [], None
     with torch.inference_mode():
         for d in args.decodes:
-            ids, pos, batch, _ = build_step(d, args.prompts, args.prompt_len, args.context, width,
-                                            runner.device, runner.vocab_size)
-            t = batch.query_start_loc_host[d]
-            pre, dec = sequences(batch, d, batch.num_seqs), sequences(batch, 0, d)
-            rows = {"prefill_only": time_forward(runner, ids[t:], pos[t:], pre, args.iters, False),
-                    "decode_only": time_forward(runner, ids[:t], pos[:t], dec, args.iters, False),
-                    "serial": time_forward(runner, ids, pos, batch, args.iters, False)}
-            for c in carves:
-                runner.overlap = DecodeOverlap.build(runner, OverlapSettings(
-                    min_rows=1, sm_carveout=c, steps="mixed", min_prefill=1))
-                assert runner.overlap.split(batch, runner.model) is not None
-                rows[f"overlap_c{'none' if c is None else c}"] = time_forward(
-                    runner, ids, pos, batch, args.iters, True)
-            # the best carve-out again with a high-priority side stream (its CTAs scheduled
-            # first as the GEMMs' retire): whether a priority knob would be worth having
-            best_c = min((k for k in rows if k.startswith("overlap")), key=lambda k: rows[k]["gpu_ms"])
-            c = best_c.removeprefix("overlap_c")
-            runner.overlap = DecodeOverlap.build(runner, OverlapSettings(
-                min_rows=1, sm_carveout=None if c == "none" else int(c), steps="mixed", min_prefill=1))
-            if hasattr(runner.overlap.streams, "stream"):  # CUDA streams: lower is higher
-                from tessellm.backends.cuda.streams import CudaOverlapStreams
-
-                runner.overlap.streams = CudaOverlapStreams(runner.device, priority=-1)
-                rows[f"prio_c{c}"] = time_forward(runner, ids, pos, batch, args.iters, True)
-            runner.overlap = None
+            rows, prefill = sweep(runner, d, args, carves)
             for name, r in rows.items():
-                line = {"decodes": d, "prompt_tokens": batch.num_tokens - d, "context": args.context,
+                line = {"decodes": d, "prompt_tokens": prefill, "context": args.context,
                         "setting": name, **r}
                 results.append(line)
                 print(json.dumps(line))
-            best = min((k for k in rows if k.startswith("overlap")), key=lambda k: rows[k]["gpu_ms"])
-            serial = rows["serial"]["gpu_ms"]
-            prio = next((k for k in rows if k.startswith("prio")), None)
-            print(f"SUMMARY D={d} P={batch.num_tokens - d}: serial {serial} ms, best {best} "
-                  f"{rows[best]['gpu_ms']} ms ({serial / rows[best]['gpu_ms']:.3f}x), prefill_only "
-                  f"{rows['prefill_only']['gpu_ms']} + decode_only {rows['decode_only']['gpu_ms']}"
-                  + (f"; high-priority side stream {rows[prio]['gpu_ms']} ms" if prio else ""))
-    first = [r for r in results if r["decodes"] == args.decodes[0] and r["setting"].startswith("overlap")]
-    print("BEST_CARVEOUT=" + min(first, key=lambda r: r["gpu_ms"])["setting"].removeprefix("overlap_c"))
+            print(summary(d, prefill, rows))
+            best = best or _best(rows).removeprefix("overlap_c")
+    print("BEST_CARVEOUT=" + best)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "carveout_supported": hasattr(torch._C, "_set_sm_carveout_experimental"),
            "results": results}
