@@ -17,12 +17,15 @@ On a device that does not pin (the cpu backend) one chunk holds every slot, lazi
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from tessellm.core.kv_offload import LOAD, STORE
+from tessellm.backends.reference.kv_transfer import BlockCopies
+from tessellm.backends.reference.kv_transfer import swap_blocks as reference_swap_blocks
+from tessellm.core.kv_offload import LOAD, STORE, copy_phases
 
 MAX_CHUNK = 1 << 30
 ALIGN = 64  # bytes: each tensor's region in a chunk starts on a cache line
@@ -42,6 +45,8 @@ class HostKVBuffer:
         host bytes (uint8) for a buffer that is not pinned."""
         self.block_bytes = [_aligned(_bytes_per_block(t)) for t in caches]
         self.chunks: list[Chunk] = []
+        self.copy_calls = 0  # copies made: one per cache tensor, chunk and phase's stores or loads
+        self._streams = None  # the side streams, made at the first copy (False: none)
         first = 0
         while first < num_blocks:
             n, arena = num_blocks - first, None
@@ -78,31 +83,95 @@ class HostKVBuffer:
         return out
 
     def apply(self, transfers: list, caches: list[torch.Tensor], swap_blocks) -> None:
-        """The step's copies, in order: each run of stores or of loads is one ``swap_blocks``
-        per cache tensor and chunk it touches."""
-        i = 0
-        while i < len(transfers):
-            j = i
-            while j < len(transfers) and transfers[j][0] == transfers[i][0]:
-                j += 1
-            self._run(transfers[i][0], [(int(t[1]), int(t[2])) for t in transfers[i:j]], caches,
-                      swap_blocks)
-            i = j
+        """The step's copies (``kv_offload.copy_phases``: all stores then all loads, unless
+        their order forbids), each phase's stores and loads one copy call per cache tensor and
+        chunk. ``swap_blocks``: the backend's op, or the reference (then each mapping is
+        planned once for every tensor: ``BlockCopies``).
 
-    def _run(self, kind: int, pairs: list[tuple[int, int]], caches, swap_blocks) -> None:
+        On a device with streams the stores go on one side stream and the loads on another,
+        tensor by tensor: a tensor's loads wait for its stores (an event), so the next
+        tensor's device -> host copy runs beside this one's host -> device copy (PCIe is
+        full duplex). Both streams start after the work queued so far on the current stream
+        (the previous step's forward wrote what a store reads) and the current stream waits
+        for both (the forward reads what a load wrote): ordered as on one stream, no host
+        sync."""
+        phases = copy_phases(transfers)
+        device = caches[0].device
+        streams = self._side_streams(device)
+        planned = swap_blocks is reference_swap_blocks
+        ops = []  # (kind, chunk, copy(src, dst)), in the order they must run on each tensor
+        for stores, loads in phases:
+            for kind, pairs in ((STORE, stores), (LOAD, loads)):
+                for chunk, mapping in self._by_chunk(kind, pairs):
+                    with _on(streams and streams[kind]):
+                        ops.append((kind, chunk, _copier(mapping, kind, device, planned, swap_blocks)))
+        if streams is None:
+            for t, cache in enumerate(caches):
+                for kind, chunk, copy in ops:
+                    self._copy(kind, copy, cache, chunk.tensors[t])
+            return
+        current = torch.accelerator.current_stream(device)
+        for stream in streams.values():
+            stream.wait_stream(current)
+        for t, cache in enumerate(caches):
+            for i, (kind, chunk, copy) in enumerate(ops):
+                stream = streams[kind]
+                with stream:
+                    if i and ops[i - 1][0] != kind:  # this tensor's previous copy, other stream
+                        stream.wait_event(done)
+                    self._copy(kind, copy, cache, chunk.tensors[t])
+                    if i + 1 < len(ops) and ops[i + 1][0] != kind:
+                        done = torch.Event(device=device)
+                        done.record(stream)
+        for stream in streams.values():
+            current.wait_stream(stream)
+
+    def _copy(self, kind: int, copy, cache: torch.Tensor, host: torch.Tensor) -> None:
+        if kind == STORE:
+            copy(cache, host)
+        else:
+            copy(host, cache)
+        self.copy_calls += 1
+
+    def _by_chunk(self, kind: int, pairs: list[tuple[int, int]]):
+        """``(chunk, mapping)`` for each chunk the pairs touch, slots made chunk-relative."""
         for chunk in self.chunks:
             lo, hi = chunk.first_slot, chunk.first_slot + chunk.num_slots
             if kind == STORE:  # (device block, host slot)
                 mapping = [(d, s - lo) for d, s in pairs if lo <= s < hi]
             else:  # LOAD: (host slot, device block)
                 mapping = [(s - lo, d) for s, d in pairs if lo <= s < hi]
-            if not mapping:
-                continue
-            for dev, host in zip(caches, chunk.tensors):
-                if kind == STORE:
-                    swap_blocks(dev, host, mapping)
-                elif kind == LOAD:
-                    swap_blocks(host, dev, mapping)
+            if mapping:
+                yield chunk, mapping
+
+    def _side_streams(self, device: torch.device):
+        """{STORE: stream, LOAD: stream} of a pinned buffer's device, made once; None where
+        the copies stay on the current stream (the cpu, a device without streams)."""
+        if self._streams is None:
+            self._streams = False
+            if self.pinned and device.type not in ("cpu", "xla"):
+                try:
+                    self._streams = {STORE: torch.Stream(device=device),
+                                     LOAD: torch.Stream(device=device)}
+                except (RuntimeError, TypeError, ValueError):
+                    pass
+        return self._streams or None
+
+
+def _on(stream):
+    """``with`` the stream current, or nothing."""
+    return stream if stream else contextlib.nullcontext()
+
+
+def _copier(mapping, kind: int, device: torch.device, planned: bool, swap_blocks):
+    """``copy(src, dst)`` for one mapping: the reference's plan (made once, used for every
+    tensor) or the backend's ``swap_blocks``."""
+    if not planned:
+        return lambda src, dst: swap_blocks(src, dst, mapping)
+    cpu = torch.device("cpu")
+    if kind == STORE:
+        return BlockCopies(mapping, device, cpu)
+    return BlockCopies(mapping, cpu, device)
 
 
 def _bytes_per_block(t: torch.Tensor) -> int:

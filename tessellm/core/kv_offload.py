@@ -148,6 +148,36 @@ class HostKVTier:
         return None
 
 
+def copy_phases(transfers: list) -> list[tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+    """The step's ``transfers`` as few batches as their order allows: ``(stores, loads)``
+    phases, each run as all its stores (``(device block, slot)`` pairs, in order) then all its
+    loads (``(slot, device block)``). A step that loads evicts too (each fresh block for a host
+    hit may evict a cached one), so its transfers alternate store, load, store, load...: run
+    as listed that is one copy per block and cache tensor (tens of thousands of small copies
+    for a long prompt), batched it is one per tensor and phase.
+
+    A store moves ahead of the phase's earlier loads unless that would change what it reads or
+    what they read: a store of a device block a load of the phase writes (it must copy the
+    loaded contents), or into a slot a load of the phase reads (the load needs the old ones).
+    Such a store opens the next phase. Stores keep their order among themselves, as do loads
+    (a block or slot written twice: the later copy wins, as listed)."""
+    phases: list[tuple[list, list]] = []
+    loaded_blocks: set[int] = set()  # device blocks the current phase's loads write
+    read_slots: set[int] = set()  # host slots they read
+    for kind, a, b in transfers:
+        a, b = int(a), int(b)
+        if not phases or (kind == STORE and (a in loaded_blocks or b in read_slots)):
+            phases.append(([], []))
+            loaded_blocks, read_slots = set(), set()
+        if kind == STORE:
+            phases[-1][0].append((a, b))
+        else:
+            phases[-1][1].append((a, b))
+            read_slots.add(a)
+            loaded_blocks.add(b)
+    return phases
+
+
 def host_tier_blocks(size_gib, bytes_per_block_all_ranks: int) -> int:
     """Blocks the host tier holds for ``--kv-offloading-size`` GiB over every rank (vLLM's
     meaning: under tensor parallelism the size is the sum over the ranks)."""
