@@ -73,6 +73,42 @@ def test_block_manager_stores_on_eviction_and_loads_back():
     assert all(kv.cached[h].block_id == i for h, i in zip(offloaded, ids))  # device-cached now
 
 
+def test_copy_phases_batch_a_reload_into_one_store_and_one_load():
+    """A reload evicts as it loads (store b1, load into b1, store b2, load into b2...): one
+    phase, all stores then all loads. A store of a block a load of the phase wrote, or into a
+    slot a load of the phase read, opens the next phase; order within each kind is kept."""
+    from tessellm.core.kv_offload import copy_phases
+
+    reload = [t for i in range(100) for t in ((STORE, i, 200 + i), (LOAD, i, i))]
+    assert copy_phases(reload) == [([(i, 200 + i) for i in range(100)], [(i, i) for i in range(100)])]
+    assert copy_phases([(STORE, 1, 0), (LOAD, 5, 1), (STORE, 1, 2), (LOAD, 2, 3)]) == [
+        ([(1, 0)], [(5, 1)]), ([(1, 2)], [(2, 3)])]  # block 1 stored again after its load
+    assert copy_phases([(LOAD, 3, 7), (STORE, 9, 3), (STORE, 8, 4)]) == [
+        ([], [(3, 7)]), ([(9, 3), (8, 4)], [])]  # slot 3 rewritten after its load
+    assert copy_phases([(STORE, 1, 0), (STORE, 2, 0), (LOAD, 0, 4)]) == [([(1, 0), (2, 0)], [(0, 4)])]
+    assert copy_phases([]) == []
+
+
+def test_reload_step_copies_once_per_cache_tensor(tiny_model_dir):
+    """The step that loads P back (10 host hits, each fresh block evicting a cached one into
+    the tier) makes one store copy and one load copy per cache tensor (2 layers x K, V), not
+    one per block: the structure that keeps a long prompt's load near PCIe bandwidth."""
+    model = tiny_model_dir("llama")
+    p, q, r = _prompts(3)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=16,
+             max_model_len=128, kv_offloading_size=0.01) as llm:
+        for x in (p, q, r):
+            llm.generate({"prompt_token_ids": x}, params, use_tqdm=False)
+        host, buf = llm.engine.core.kv.host, llm.engine.core.runner.host_kv
+        stored, calls = host.stats.blocks_stored, buf.copy_calls
+        out = llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0]
+        assert out.num_cached_tokens == 40 and host.stats.blocks_loaded == 10
+        assert host.stats.blocks_stored > stored  # the step stored and loaded
+        assert buf.copy_calls - calls == 2 * 4
+    assert list(out.outputs[0].token_ids) == hf_greedy(model, [p], 1)[0]
+
+
 def test_reference_copies_match_pair_by_pair():
     """The reference swap_blocks' three batched paths (one memory; a gather then host runs; host
     runs then a scatter: the last two are the GPU's, run here on host tensors) and its pair-by-pair

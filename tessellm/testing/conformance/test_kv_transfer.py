@@ -72,6 +72,70 @@ def test_swap_blocks_scattered(target, dtype):
     assert torch.equal(back.cpu().view(torch.uint8), want.view(torch.uint8))
 
 
+def test_host_tier_steps_in_order(target):
+    """The host tier's steps (``HostKVBuffer.apply``) through the backend's op, on its side
+    streams where the device has them: random steps of stores and loads between three cache
+    tensors and a pinned host buffer in two chunks, with the hazards that split a step into
+    phases (a block loaded then stored again, a slot read then rewritten, one written twice),
+    each applied after device work on the current stream that wrote the cache; the caches and
+    the buffer equal copying pair by pair, in order, after every step."""
+    target.skip_if_emulated("device memory copies")
+    import random
+
+    from tessellm.core import host_kv_buffer
+    from tessellm.core.host_kv_buffer import HostKVBuffer
+    from tessellm.core.kv_offload import LOAD, STORE
+
+    swap, dev = _swap(target), target.device
+    g = torch.Generator().manual_seed(13)
+    shapes = [(24, 4, 2, 16), (24, 4, 2, 16), (24, 4, 1, 24)]
+    caches = [torch.zeros(s, dtype=torch.bfloat16, device=dev) for s in shapes]
+    max_chunk, host_kv_buffer.MAX_CHUNK = host_kv_buffer.MAX_CHUNK, 16384  # two chunks
+    try:
+        pin = dev.type not in ("cpu", "xla")
+        buf = HostKVBuffer(caches, 10, pin, lambda n: torch.zeros(n, dtype=torch.uint8))
+    finally:
+        host_kv_buffer.MAX_CHUNK = max_chunk
+    assert len(buf.chunks) == (2 if buf.pinned else 1)
+    want_dev = [torch.zeros(s, dtype=torch.bfloat16) for s in shapes]
+    want_host = [torch.zeros((10, *s[1:]), dtype=torch.bfloat16) for s in shapes]
+    rng = random.Random(0)
+    for step in range(8):
+        fresh = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+        _busy(dev)  # the step's forward, queued: long device work, then the cache written
+        for cache, new, want in zip(caches, fresh, want_dev):
+            cache.copy_(new.to(dev))
+            cache.mul_(1.0)
+            want.copy_(new)
+        transfers = []
+        for _ in range(rng.randrange(2, 30)):
+            blocks, slots = (rng.sample(range(24), 1)[0], rng.randrange(10)) if step % 2 else \
+                (rng.randrange(6), rng.randrange(4))  # odd steps: few blocks, many hazards
+            transfers.append((STORE, blocks, slots) if rng.random() < 0.5 else (LOAD, slots, blocks))
+        buf.apply(transfers, caches, swap)
+        for kind, a, b in transfers:
+            for t in range(len(shapes)):
+                if kind == STORE:
+                    want_host[t][b] = want_dev[t][a]
+                else:
+                    want_dev[t][b] = want_host[t][a]
+        for cache, want in zip(caches, want_dev):  # read on the current stream
+            assert torch.equal(cache.cpu(), want), f"step {step}: {transfers}"
+        target.backend.synchronize()
+        for t in range(len(shapes)):
+            host = torch.cat([c.tensors[t] for c in buf.chunks])
+            assert torch.equal(host, want_host[t]), f"step {step}, host tensor {t}: {transfers}"
+
+
+def _busy(device) -> None:
+    """Some milliseconds of work queued on the device's current stream (none on the cpu)."""
+    if device.type in ("cpu", "xla"):
+        return
+    x = torch.full((1024, 1024), 1e-3, device=device)
+    for _ in range(20):
+        x = x @ x
+
+
 def _oracle(src: torch.Tensor, num_blocks: int, mapping) -> torch.Tensor:
     """Pair by pair, in order, into zeros (host tensors)."""
     out = torch.zeros((num_blocks, *src.shape[1:]), dtype=src.dtype)
