@@ -787,12 +787,15 @@ class FusedOps(Protocol):
     # the block; the same trailing shape and dtype, fp8 included): one is the device's cache of
     # one layer, the other a host buffer of the same layout (pinned where the device's runtime
     # pins), either way round. Called in the worker before a step's forward, once per cache
-    # tensor and run of stores or loads. The copies must be ordered on the current stream
-    # before any work queued after the call (a later step's forward reads what a load wrote;
-    # a later store may reuse a host block a load read); the host may go on before they finish
-    # (the host tier never reads its buffer on the host). A KV connector (``--kv-transfer-config``,
-    # ``tessellm/kv_transfer``) also calls it with short-lived host buffers (pinned where the
-    # device pins, else pageable): before the forward to load, after it to save; it then waits
+    # tensor, host chunk and phase of stores or loads (``core/host_kv_buffer.py``: a phase's
+    # blocks in one mapping), on one of the tier's two side streams where the device has
+    # streams. The copies must be ordered on the current stream (whichever it is: never
+    # assume the compute stream) before any work queued after the call (a later step's forward
+    # reads what a load wrote; a later store may reuse a host block a load read); the host may
+    # go on before they finish (the host tier never reads its buffer on the host). A KV
+    # connector (``--kv-transfer-config``, ``tessellm/kv_transfer``) also calls it with
+    # short-lived host buffers (pinned where the device pins, else pageable): before the
+    # forward to load, after it to save; it then waits
     # for an event recorded on the current stream after the call (or ``synchronize()``)
     # before the host reads or frees such a buffer. Returns None. Oracle and default:
     # ``backends/reference/kv_transfer.swap_blocks`` (a gather or scatter by index on the

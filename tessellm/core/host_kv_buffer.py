@@ -110,9 +110,10 @@ class HostKVBuffer:
                 for kind, chunk, copy in ops:
                     self._copy(kind, copy, cache, chunk.tensors[t])
             return
-        current = torch.accelerator.current_stream(device)
+        ready = torch.Event(device=device)
+        ready.record()  # on the current stream: the work queued so far
         for stream in streams.values():
-            stream.wait_stream(current)
+            stream.wait_event(ready)
         for t, cache in enumerate(caches):
             for i, (kind, chunk, copy) in enumerate(ops):
                 stream = streams[kind]
@@ -124,7 +125,9 @@ class HostKVBuffer:
                         done = torch.Event(device=device)
                         done.record(stream)
         for stream in streams.values():
-            current.wait_stream(stream)
+            done = torch.Event(device=device)
+            done.record(stream)
+            done.wait()  # the current stream waits for the stream's copies
 
     def _copy(self, kind: int, copy, cache: torch.Tensor, host: torch.Tensor) -> None:
         if kind == STORE:

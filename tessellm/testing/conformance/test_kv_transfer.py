@@ -75,14 +75,13 @@ def test_swap_blocks_scattered(target, dtype):
 def test_host_tier_steps_in_order(target):
     """The host tier's steps (``HostKVBuffer.apply``) through the backend's op, on its side
     streams where the device has them: random steps of stores and loads between three cache
-    tensors and a pinned host buffer in two chunks, with the hazards that split a step into
+    tensors and a pinned host buffer in several chunks, with the hazards that split a step into
     phases (a block loaded then stored again, a slot read then rewritten, one written twice),
     each applied after device work on the current stream that wrote the cache; the caches and
     the buffer equal copying pair by pair, in order, after every step."""
     target.skip_if_emulated("device memory copies")
     import random
 
-    from tessellm.core import host_kv_buffer
     from tessellm.core.host_kv_buffer import HostKVBuffer
     from tessellm.core.kv_offload import LOAD, STORE
 
@@ -90,28 +89,32 @@ def test_host_tier_steps_in_order(target):
     g = torch.Generator().manual_seed(13)
     shapes = [(24, 4, 2, 16), (24, 4, 2, 16), (24, 4, 1, 24)]
     caches = [torch.zeros(s, dtype=torch.bfloat16, device=dev) for s in shapes]
-    max_chunk, host_kv_buffer.MAX_CHUNK = host_kv_buffer.MAX_CHUNK, 16384  # two chunks
-    try:
-        pin = dev.type not in ("cpu", "xla")
-        buf = HostKVBuffer(caches, 10, pin, lambda n: torch.zeros(n, dtype=torch.uint8))
-    finally:
-        host_kv_buffer.MAX_CHUNK = max_chunk
-    assert len(buf.chunks) == (2 if buf.pinned else 1)
-    want_dev = [torch.zeros(s, dtype=torch.bfloat16) for s in shapes]
+    pin = dev.type not in ("cpu", "xla")  # pinned: power-of-two chunks, here several
+    buf = HostKVBuffer(caches, 10, pin, lambda n: torch.zeros(n, dtype=torch.uint8))
+    assert len(buf.chunks) > 1 or not buf.pinned
+    for chunk in buf.chunks:
+        for t in chunk.tensors:
+            t.zero_()
     want_host = [torch.zeros((10, *s[1:]), dtype=torch.bfloat16) for s in shapes]
     rng = random.Random(0)
-    for step in range(8):
+    for step in range(9):
         fresh = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+        staged = [f.to(dev) for f in fresh]
         _busy(dev)  # the step's forward, queued: long device work, then the cache written
-        for cache, new, want in zip(caches, fresh, want_dev):
-            cache.copy_(new.to(dev))
-            cache.mul_(1.0)
-            want.copy_(new)
+        for cache, new in zip(caches, staged):
+            cache.copy_(new, non_blocking=True)
+        want_dev = [f.clone() for f in fresh]
         transfers = []
-        for _ in range(rng.randrange(2, 30)):
-            blocks, slots = (rng.sample(range(24), 1)[0], rng.randrange(10)) if step % 2 else \
-                (rng.randrange(6), rng.randrange(4))  # odd steps: few blocks, many hazards
-            transfers.append((STORE, blocks, slots) if rng.random() < 0.5 else (LOAD, slots, blocks))
+        if step % 3 == 0:  # a reload: each load's block evicted (stored) first, one phase
+            blocks, slots = rng.sample(range(24), 5), rng.sample(range(10), 10)
+            for b, store_slot, load_slot in zip(blocks, slots[:5], slots[5:]):
+                transfers += [(STORE, b, store_slot), (LOAD, load_slot, b)]
+        for _ in range(rng.randrange(2, 30) if step % 3 else 0):
+            if step % 3 == 1:  # few blocks and slots: hazards, several phases
+                block, slot = rng.randrange(6), rng.randrange(4)
+            else:
+                block, slot = rng.randrange(24), rng.randrange(10)
+            transfers.append((STORE, block, slot) if rng.random() < 0.5 else (LOAD, slot, block))
         buf.apply(transfers, caches, swap)
         for kind, a, b in transfers:
             for t in range(len(shapes)):
