@@ -29,6 +29,10 @@ from tessellm.core.kv_offload import LOAD, STORE, copy_phases
 
 MAX_CHUNK = 1 << 30
 ALIGN = 64  # bytes: each tensor's region in a chunk starts on a cache line
+# Bytes of one tensor's blocks in one copy call at most: the device-side temporary of a batched
+# copy (``BlockCopies``) lives in a side stream's pool of the caching allocator, so it is kept
+# small (Llama-3.1-8B: 1024 blocks of 32 KiB, a 16k-token reload, in one call per tensor).
+MAX_COPY_BYTES = 32 << 20
 
 
 @dataclass
@@ -44,6 +48,7 @@ class HostKVBuffer:
         """``caches``: the device cache tensors, block-major; ``zeros(nbytes)``: lazily backed
         host bytes (uint8) for a buffer that is not pinned."""
         self.block_bytes = [_aligned(_bytes_per_block(t)) for t in caches]
+        self.max_copy_blocks = max(1, MAX_COPY_BYTES // max(map(_bytes_per_block, caches)))
         self.chunks: list[Chunk] = []
         self.copy_calls = 0  # copies made: one per cache tensor, chunk and phase's stores or loads
         self._streams = None  # the side streams, made at the first copy (False: none)
@@ -137,15 +142,17 @@ class HostKVBuffer:
         self.copy_calls += 1
 
     def _by_chunk(self, kind: int, pairs: list[tuple[int, int]]):
-        """``(chunk, mapping)`` for each chunk the pairs touch, slots made chunk-relative."""
+        """``(chunk, mapping)`` for each chunk the pairs touch, slots made chunk-relative, in
+        pieces of at most ``max_copy_blocks`` pairs."""
         for chunk in self.chunks:
             lo, hi = chunk.first_slot, chunk.first_slot + chunk.num_slots
             if kind == STORE:  # (device block, host slot)
                 mapping = [(d, s - lo) for d, s in pairs if lo <= s < hi]
             else:  # LOAD: (host slot, device block)
                 mapping = [(s - lo, d) for s, d in pairs if lo <= s < hi]
-            if mapping:
-                yield chunk, mapping
+            step = self.max_copy_blocks
+            for i in range(0, len(mapping), step):
+                yield chunk, mapping[i:i + step]
 
     def _side_streams(self, device: torch.device):
         """{STORE: stream, LOAD: stream} of a pinned buffer's device, made once; None where

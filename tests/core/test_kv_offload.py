@@ -89,6 +89,35 @@ def test_copy_phases_batch_a_reload_into_one_store_and_one_load():
     assert copy_phases([]) == []
 
 
+def test_host_buffer_copies_in_bounded_pieces(monkeypatch):
+    """A copy call moves at most ``MAX_COPY_BYTES`` of one tensor (its device temporary stays
+    small): a reload of 10 blocks, plus a store, with room for 4 a call is 3 store and 3 load
+    calls per tensor, and lands as copying pair by pair in order does (a slot written twice
+    included)."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+    from tessellm.core import host_kv_buffer
+    from tessellm.core.host_kv_buffer import HostKVBuffer
+
+    g = torch.Generator().manual_seed(2)
+    caches = [torch.randn(24, BS, 2, 8, generator=g) for _ in range(2)]
+    monkeypatch.setattr(host_kv_buffer, "MAX_COPY_BYTES", 4 * BS * 2 * 8 * 4)
+    buf = HostKVBuffer(caches, 24, False, lambda n: torch.zeros(n, dtype=torch.uint8))
+    assert buf.max_copy_blocks == 4
+    transfers = [t for i in range(10) for t in ((STORE, 2 * i, 23 - i), (LOAD, i, 2 * i))]
+    transfers.insert(1, (STORE, 23, 23))  # slot 23 rewritten: the later store wins
+    want_dev, want_host = [c.clone() for c in caches], [torch.zeros(24, BS, 2, 8) for _ in caches]
+    for kind, a, b in transfers:
+        for dev, host in zip(want_dev, want_host):
+            if kind == STORE:
+                host[b] = dev[a]
+            else:
+                dev[b] = host[a]
+    buf.apply(transfers, caches, swap_blocks)
+    assert buf.copy_calls == 2 * (3 + 3)
+    assert all(torch.equal(c, w) for c, w in zip(caches, want_dev))
+    assert all(torch.equal(c.tensors[t], w) for t, w in enumerate(want_host) for c in buf.chunks)
+
+
 def test_reload_step_copies_once_per_cache_tensor(tiny_model_dir):
     """The step that loads P back (10 host hits, each fresh block evicting a cached one into
     the tier) makes one store copy and one load copy per cache tensor (2 layers x K, V), not
