@@ -39,7 +39,7 @@ CUDA = torch.cuda.is_available()  # (a CPU dry run prints zeros for the device c
 
 def _sync() -> None:
     if CUDA:
-        _sync()
+        torch.cuda.synchronize()
 
 
 class Probe:

@@ -26,8 +26,8 @@ set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 source benchmarks/device_env.sh
 P="python3 benchmarks/firstrun.py --model ${MODEL:-$L8} --num-prompts ${NP:-256} --input-len ${IN:-512} --output-len ${OUTLEN:-256} --max-model-len ${MAXLEN:-4096}"
-CA=/tmp/firstrun-triton-a CC=/tmp/firstrun-triton-c
-rm -rf "$CA" "$CC"; mkdir -p "$CA" "$CC"
+CA=/tmp/firstrun-triton-a TCC=/tmp/firstrun-triton-c
+rm -rf "$CA" "$TCC"; mkdir -p "$CA" "$TCC"
 part() {  # part NAME SECONDS CACHE_DIR ARGS...
   local name=$1 secs=$2 cache=$3; shift 3
   echo "=== $name (limit $secs s; TRITON_CACHE_DIR holds $(find "$cache" -type f | wc -l) files) $(date -u +%T)"
@@ -42,7 +42,7 @@ part() {  # part NAME SECONDS CACHE_DIR ARGS...
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo ${COMMIT:-unknown})"; date -u
   part cold_nowarm "${A_S:-120}" "$CA"
-  part cold_warmup "${C_S:-150}" "$CC" --kernel-warmup
+  part cold_warmup "${C_S:-150}" "$TCC" --kernel-warmup
   part warmcache_prof "${B_S:-120}" "$CA" --profile-s "${PROF_S:-2}"
   echo "=== summary"
   grep -h "SUMMARY\|start .* s:" "$OUT"/cold_nowarm.txt "$OUT"/cold_warmup.txt "$OUT"/warmcache_prof.txt 2>/dev/null
