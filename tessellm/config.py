@@ -61,6 +61,10 @@ class EngineArgs:
     # Which of them this engine is (set by the front end for each core it starts; the core of
     # rank r runs on devices r*world .. r*world+world-1, world = tensor x pipeline parallel size).
     data_parallel_rank: int = 0
+    # How the front end picks a core for each request (core/load_balance.py): "load", the
+    # cores' reported queues (waiting weighs 4x running, as vLLM's DP client), or "tokens", the
+    # prompt + generated tokens the front end has seen per core.
+    data_parallel_balance: str = "load"
     # Expert parallelism for MoE models (docs/parallelism.md): the routed experts are split by
     # expert over the tensor-parallel group (rank r holds experts [r*E/T, (r+1)*E/T) whole)
     # instead of each rank holding a slice of every expert; attention stays tensor-parallel.
@@ -179,6 +183,10 @@ class EngineArgs:
         if not isinstance(rank, int) or not 0 <= rank < self.data_parallel_size:
             raise ValueError(f"data_parallel_rank must be in 0..{self.data_parallel_size - 1}, got "
                              f"{self.data_parallel_rank!r}; leave it unset (the front end sets it).")
+        if self.data_parallel_balance not in ("load", "tokens"):
+            raise ValueError(f"data_parallel_balance {self.data_parallel_balance!r} is not supported; "
+                             "use load (the cores' reported queues, the default) or tokens (the "
+                             "tokens the front end has seen per core).")
         if self.data_parallel_size > 1 and self.distributed_executor_backend == "ray":
             raise ValueError("data_parallel_size > 1 runs its engine cores on this host; with "
                              "distributed_executor_backend='ray' scale out with Ray Serve replicas "

@@ -7,7 +7,8 @@ threads divided between them). The front end (``AsyncLLM`` for the server, ``DPL
 ``LLM(data_parallel_size=N)``) tokenizes once and sends each core request to one core::
 
     front end --add--> LoadBalancer.pick --> core 0 | core 1 | ... (own sockets each)
-              <--outputs, stats, warm, dead-- (read per core, tagged with its index)
+              <--outputs, stats, warm, dead-- (read per core, tagged with its index;
+                 each stats message carries the core's load figures: note_stats)
 
 Invariants:
 
@@ -51,7 +52,7 @@ class EngineCoreGroup:
             self.close()
             raise
         self.info: EngineInfo = self.clients[0].info
-        self.balancer = LoadBalancer(self.size, self.info.block_size)
+        self.balancer = LoadBalancer(self.size, self.info.block_size, policy=args.data_parallel_balance)
         self.stats: list[dict] = [{} for _ in range(self.size)]  # each core's last EngineStats
         self.warm = [False] * self.size  # each core's warm-up is done ("warm")
         self.warmup_reports: list[dict] = [{} for _ in range(self.size)]
@@ -103,6 +104,12 @@ class EngineCoreGroup:
                 self.balancer.release(out.request_id)
             else:
                 self.balancer.generated(out.request_id, len(out.new_token_ids))
+
+    def note_stats(self, core: int, stats: dict) -> None:
+        """A core's stats from its latest outputs message; their load figures go to the
+        balancer (``load_balance.core_load``)."""
+        self.stats[core] = stats
+        self.balancer.report(core, stats.get("load"))
 
     def send_remove_lora(self, lora_id: int) -> None:
         for client in self.clients:

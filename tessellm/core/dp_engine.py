@@ -2,7 +2,8 @@
 
 The same interface as ``LLMEngine`` (what ``LLM`` calls), but the cores run in their own
 processes (``core_group.EngineCoreGroup``, as the server's): this process tokenizes, sends each
-core request to the least-loaded core (``load_balance``), and ``step`` returns what the cores
+core request to the least-loaded core (``load_balance``: by the cores' reported queues, or by
+tokens), and ``step`` returns what the cores
 have produced since the last call, waiting for at least one message. Outputs go through one
 ``OutputProcessor``, so ``LLM.generate`` keeps its input order whichever core ran a prompt.
 
@@ -133,7 +134,7 @@ class DPLLMEngine:
     def _handle(self, core: int, msg: list) -> list[RequestOutput]:
         kind = msg[0]
         if kind == "outputs":
-            self.cores.stats[core] = msg[2]
+            self.cores.note_stats(core, msg[2])
             outputs = [decode_output(v) for v in msg[1]]
             self.cores.note_outputs(outputs)
             results, to_abort = self.outputs.process(outputs)

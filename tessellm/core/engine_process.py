@@ -10,6 +10,7 @@ sockets in a private temp dir. Every message is **msgpack** (never pickle on a s
       output PULL  <--["ready", info] ["startup_failed", msg]--  PUSH
                     ["warm", WarmupReport] (after warm-up, before any step)
                     ["outputs", [out...], EngineStats] ["rejected", rid, msg]
+                    (data parallelism: EngineStats carries "load", the balancer's figures)
                     ["call_result", id, result] ["dead", msg]
 
 Invariants
@@ -44,6 +45,7 @@ from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.prompt_embeds import PromptEmbeds, encode_prompt_embeds
 from tessellm.core.ipc import ParentEndpoints
+from tessellm.core.load_balance import core_load
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.step import STEP_SCHEMA_VERSION, build_dataclass, check_version
@@ -148,7 +150,7 @@ def run_engine_core(args: dict, input_addr: str, output_addr: str, parent_pid: i
 
         report = warm_up(core, core_args, serving=serving)
         out_sock.send(pack(["warm", dataclasses.asdict(report) if report else {}]))
-        _CoreLoop(core, in_sock, out_sock, parent_pid).run()
+        _CoreLoop(core, in_sock, out_sock, parent_pid, report_load=size > 1).run()
     except BaseException as exc:  # noqa: BLE001
         logger.error("Engine core died:\n%s", traceback.format_exc())
         out_sock.send(pack(["dead", f"{type(exc).__name__}: {exc}"]))
@@ -164,7 +166,7 @@ def _close(ctx, *socks) -> None:
 
 
 class _CoreLoop:
-    def __init__(self, core, in_sock, out_sock, parent_pid: int):
+    def __init__(self, core, in_sock, out_sock, parent_pid: int, report_load: bool = False):
         self.core = core
         self.in_sock = in_sock
         self.out_sock = out_sock
@@ -175,6 +177,9 @@ class _CoreLoop:
         # it is not reported.
         self.memory = DeviceMemoryProbe(core.backend if hasattr(core, "runner") else None)
         self.step_num_tokens: list[int] = []  # tokens of each step since the last message
+        # Data parallelism: each stats message carries the balancer's figures (load_balance.py).
+        self.report_load = report_load
+        self.received = 0  # "add" messages handled (rejected ones too): the balancer's sync point
 
     def run(self) -> None:
         self._send_outputs([])  # the stats before any request (device memory after loading)
@@ -210,6 +215,7 @@ class _CoreLoop:
     def _handle(self, msg: list) -> bool:
         kind = msg[0]
         if kind == "add":
+            self.received += 1
             try:
                 self.core.add_request(decode_request(msg[1]))
             except (ValueError, TypeError, KeyError) as exc:  # the front end checks first
@@ -252,10 +258,13 @@ class _CoreLoop:
     def _stats(self, step_num_tokens: Optional[list[int]] = None) -> dict:
         """The scheduler's stats plus the rest of ``EngineStats`` (the front end decodes it)."""
         used, total = self.memory.sample()
-        return {**dataclasses.asdict(self.core.scheduler.stats()), "step_num_tokens": step_num_tokens or [],
-                "device_memory_used_bytes": used, "device_memory_total_bytes": total,
-                "triton_compilations_after_ready": (COMPILE_COUNTER.after_ready +
-                                                    self.core.executor.worker_compilations_after_ready())}
+        stats = {**dataclasses.asdict(self.core.scheduler.stats()), "step_num_tokens": step_num_tokens or [],
+                 "device_memory_used_bytes": used, "device_memory_total_bytes": total,
+                 "triton_compilations_after_ready": (COMPILE_COUNTER.after_ready +
+                                                     self.core.executor.worker_compilations_after_ready())}
+        if self.report_load:
+            stats["load"] = core_load(self.core.scheduler, self.received)
+        return stats
 
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         steps, self.step_num_tokens = self.step_num_tokens, []

@@ -384,7 +384,7 @@ class AsyncLLM:
     def _handle(self, core: int, msg: list) -> None:
         kind = msg[0]
         if kind == "outputs":
-            self.cores.stats[core] = msg[2]
+            self.cores.note_stats(core, msg[2])
             if self.stat_loggers:
                 self._observe_stats(core, msg[2])
             outputs = [decode_output(v) for v in msg[1]]

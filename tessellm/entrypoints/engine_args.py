@@ -64,6 +64,10 @@ HELP = {
     "data_parallel_size": "run this many engine cores on this host, each on its own "
                           "tensor x pipeline parallel devices, requests balanced over them "
                           "(docs/parallelism.md)",
+    "data_parallel_balance": "with -dp N: load (the cores' reported waiting and running requests, "
+                             "free slots and KV blocks; waiting weighs 4x running) or tokens (the "
+                             "prompt + generated tokens the front end has seen per core) "
+                             "(default: load; docs/parallelism.md)",
     "enable_expert_parallel": "MoE: split the routed experts by expert over the tensor-parallel "
                               "ranks (each holds E/T whole experts) instead of slicing every "
                               "expert (docs/parallelism.md)",
@@ -133,7 +137,7 @@ HELP = {
                          "with TESSELLM_SERVER_DEV_MODE=1; docs/sleep_mode.md)",
 }
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_parallel_size": "-dp"}
-CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"],
+CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"], "data_parallel_balance": ["load", "tokens"],
            "decode_overlap_steps": ["mixed", "decode", "all"], "reasoning_parser": sorted(REASONING_PARSERS),
            "runner": ["auto", "generate", "pooling"], "convert": ["auto", "none", "embed", "classify"]}
 

@@ -34,7 +34,7 @@ def _tokens(outs) -> list[list[int]]:
 # -- the balancer ------------------------------------------------------------------------------
 
 def test_balancer_spreads_and_releases():
-    lb = LoadBalancer(2, block_size=4)
+    lb = LoadBalancer(2, block_size=4, policy="tokens")
     picks = []
     for i in range(6):  # prompts shorter than a block: no affinity, least loaded, round-robin
         core = lb.pick([i, i + 1])
@@ -49,7 +49,7 @@ def test_balancer_spreads_and_releases():
 def test_balancer_weighs_tokens_not_requests():
     """One long request is more load than three short ones, and a request's generated tokens
     add to its core's load until it is released."""
-    lb = LoadBalancer(2, block_size=4)
+    lb = LoadBalancer(2, block_size=4, policy="tokens")
     lb.assign("long", 0, 3000)
     for i in range(3):
         lb.assign(f"short{i}", 1, 20)
@@ -66,7 +66,7 @@ def test_balancer_weighs_tokens_not_requests():
 
 
 def test_balancer_prefers_the_prefix_holder_while_loads_are_close():
-    lb = LoadBalancer(2, block_size=4)
+    lb = LoadBalancer(2, block_size=4, policy="tokens")
     shared = list(range(100, 108))  # two full blocks
     first = lb.pick(shared + [1])
     lb.assign("a", first, 9)
@@ -81,12 +81,99 @@ def test_balancer_prefers_the_prefix_holder_while_loads_are_close():
     assert other != first
     # A LoRA adapter is a link of its own: its requests gather where it went first, short
     # prompts too; another adapter's go to the least loaded core.
-    lb = LoadBalancer(2, block_size=4)
+    lb = LoadBalancer(2, block_size=4, policy="tokens")
     lora_core = lb.pick(list(range(50, 58)), lora_id=7)
     lb.assign("l1", lora_core, 8)
     assert lb.pick(list(range(60, 68)), lora_id=7) == lora_core
     assert lb.pick([1, 2], lora_id=7) == lora_core
     assert lb.pick([3, 4], lora_id=8) != lora_core
+
+
+def _report(lb, core, **figures):
+    """Core ``core`` reports (as ``core_load`` would), having received all it was sent."""
+    lb.report(core, {"received": lb.sent[core], **figures})
+
+
+def _send(lb, rid, prompt_len=8, **kw):
+    core = lb.pick(list(range(100 + prompt_len, 100 + 2 * prompt_len)), **kw)
+    lb.assign(rid, core, prompt_len)
+    return core
+
+
+def test_load_policy_avoids_a_core_stalled_by_a_full_batch_or_kv():
+    """The cores' own figures show what the front end's token count cannot: a queue behind a
+    full batch (max_num_seqs) or a full KV cache, or a long prefill ahead. The load policy
+    sends the request elsewhere; the tokens policy, seeing few tokens there, does not."""
+    def stalled(policy, **core0):
+        lb = LoadBalancer(2, block_size=4, affinity=False, policy=policy)
+        for i in range(4):  # four short chats on core 0, one long prompt on core 1
+            lb.assign(f"s{i}", 0, 10)
+        lb.assign("long", 1, 400)
+        _report(lb, 0, **core0)
+        _report(lb, 1, waiting=0, running=1, free_seqs=1, free_blocks=100)
+        return lb.pick(list(range(12)))
+
+    full_batch = dict(waiting=2, running=2, free_seqs=0, free_blocks=100)  # max_num_seqs=2
+    assert stalled("tokens", **full_batch) == 0  # 40 tokens there against 400
+    assert stalled("load", **full_batch) == 1  # 4 x 2 waiting + 2 running there, 1 here
+    full_kv = dict(waiting=0, running=1, free_seqs=5, free_blocks=2)  # 12 tokens need 3 blocks
+    assert stalled("tokens", **full_kv) == 0
+    assert stalled("load", **full_kv) == 1
+    long_prefill = dict(waiting=0, running=1, free_seqs=5, free_blocks=100, prefill_steps=3)
+    assert stalled("load", **long_prefill) == 1
+    idle_room = dict(waiting=0, running=1, free_seqs=5, free_blocks=100)
+    assert stalled("load", **idle_room) == 0  # equal scores: fewer tokens
+
+
+def test_load_policy_counts_what_was_sent_since_the_report():
+    """Requests sent to a core that its last report does not count yet (it reports how many
+    adds it received) weigh as queued there: a burst spreads over the cores instead of landing
+    on the one that last looked idle, and a report that has caught up replaces the estimate."""
+    lb = LoadBalancer(2, block_size=4, affinity=False)
+    assert lb.policy == "load"
+    _report(lb, 0, waiting=0, running=3, free_seqs=5, free_blocks=100)
+    _report(lb, 1, waiting=0, running=0, free_seqs=8, free_blocks=100)
+    picks = [_send(lb, f"r{i}") for i in range(5)]  # no report in between
+    # core 1 scores 1, then 4 x 1 queued + 4 = 8, 12, 16; core 0: 3 + 1 = 4, then 11, 15
+    assert picks == [1, 0, 1, 0, 1], picks
+    assert lb.score(1, 8) == 4 * 3 + 0 + 4
+    # Core 1 has received all three and runs them; core 0 has received one of its two.
+    lb.report(1, {"received": 3, "waiting": 0, "running": 3, "free_seqs": 5, "free_blocks": 90})
+    lb.report(0, {"received": 1, "waiting": 0, "running": 4, "free_seqs": 4, "free_blocks": 90})
+    assert lb.score(1, 8) == 3 + 1 and lb.score(0, 8) == 4 * 1 + 4 + 4
+    assert _send(lb, "r5") == 1
+    # A core that keeps requests waiting gets none while another starts them at once.
+    lb.report(0, {"received": 2, "waiting": 3, "running": 2, "free_seqs": 0, "free_blocks": 0})
+    for i in range(4):
+        _report(lb, 1, waiting=0, running=4 + i, free_seqs=4 - i, free_blocks=80)
+        assert _send(lb, f"q{i}") == 1  # 5 + i against 4 x 3 + 2 + 4 = 18
+
+
+def test_load_policy_keeps_prefix_and_adapter_affinity():
+    """Affinity within two score points of the least (two requests that start at once): an
+    adapter's requests gather on the core that ran it, and spill once that core would queue."""
+    lb = LoadBalancer(2, block_size=4)
+    first = _send(lb, "a0", lora_id=7)
+    _report(lb, first, waiting=0, running=1, free_seqs=3, free_blocks=100)
+    _report(lb, 1 - first, waiting=0, running=0, free_seqs=4, free_blocks=100)
+    assert _send(lb, "a1", lora_id=7) == first  # 1 + 1 against 1: within the slack
+    _report(lb, first, waiting=0, running=2, free_seqs=2, free_blocks=100)
+    assert _send(lb, "a2", lora_id=7) == first  # 3 against 1
+    _report(lb, first, waiting=0, running=3, free_seqs=1, free_blocks=100)
+    assert _send(lb, "a3", lora_id=7) == 1 - first  # 4 against 1: spills
+    # Another adapter: by score alone; a3 has not reached its core yet (8 against 4).
+    assert _send(lb, "b0", lora_id=8) == first
+
+
+def test_balance_policy_is_checked():
+    with pytest.raises(ValueError, match="data_parallel_balance 'queue' is not supported; use load"):
+        LoadBalancer(2, block_size=4, policy="queue")
+    with pytest.raises(ValueError, match="data_parallel_balance 'least' is not supported; use load"):
+        EngineArgs(data_parallel_size=2, data_parallel_balance="least").validate()
+    from tessellm.entrypoints.cli import build_parser
+
+    with pytest.raises(SystemExit):  # argparse: invalid choice, naming load and tokens
+        build_parser().parse_args(["serve", "M", "-dp", "2", "--data-parallel-balance", "least"])
 
 
 def test_balancer_tells_prompt_embeds_apart():
@@ -104,7 +191,7 @@ def test_balancer_tells_prompt_embeds_apart():
                                           4, "float32")
         return EngineCoreRequest(f"r{seed}", [0] * 8, GREEDY, 0.0, prompt_embeds=embeds)
 
-    lb = LoadBalancer(2, block_size=4)
+    lb = LoadBalancer(2, block_size=4, policy="tokens")
     a, b, a2 = request(1), request(2), request(1)
     chain = lambda r: lb.chain(r.prompt_token_ids, None, affinity_key(r))  # noqa: E731
     assert chain(a) == chain(a2)
@@ -148,6 +235,42 @@ def test_offline_dp2(tiny_model_dir):
             two.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
 
 
+def test_load_policy_routes_around_a_busy_core(tiny_model_dir):
+    """Two cores of one request slot each (max_num_seqs=1): a long request holds one, and every
+    short request after it goes to the other (the busy core has not received the long one yet,
+    or reports its slot taken: a request there would queue), with greedy tokens equal to one
+    engine's. Decided by the cores' reports, not by timing: each short is sent once the one
+    before has finished (LLM's engine returns finished requests only)."""
+    path = tiny_model_dir("llama")
+    shorts = [{"prompt_token_ids": [(5 * i + j) % 90 + 3 for j in range(40)]} for i in range(4)]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    kw = {**_kwargs(max_num_seqs=1), "max_model_len": 512}
+    with LLM(path, **kw) as one:
+        expected = _tokens(one.generate(shorts, params, use_tqdm=False))
+    with LLM(path, **kw, data_parallel_size=2, data_parallel_balance="load") as two:
+        engine = two.engine
+        engine.add_request("long", {"prompt_token_ids": [3, 4, 5, 6, 7]},
+                           SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
+        busy = engine.cores.owner("long")
+        got = []
+        for i, prompt in enumerate(shorts):
+            engine.add_request(f"s{i}", prompt, params)
+            assert engine.cores.owner(f"s{i}") == 1 - busy, engine.cores.balancer.reports
+            done = None
+            while done is None:
+                done = next((o for o in engine.step() if o.request_id == f"s{i}" and o.finished), None)
+            got.append(list(done.outputs[0].token_ids))
+        assert engine.cores.owner("long") == busy, "the long request finished before the shorts"
+        # What the cores reported with their last outputs: the balancer's figures.
+        reports = engine.cores.balancer.reports
+        assert (reports[busy].received, reports[busy].running, reports[busy].free_seqs) == (1, 1, 0)
+        assert (reports[1 - busy].received, reports[1 - busy].running) == (len(shorts), 0)
+        sent = engine.requests_sent()
+        assert sent[busy] == 1 and sent[1 - busy] == len(shorts), sent
+        assert got == expected
+        engine.abort_request("long")
+
+
 # -- the serving front end ---------------------------------------------------------------------
 
 def test_async_llm_dp2(tiny_model_dir):
@@ -159,8 +282,9 @@ def test_async_llm_dp2(tiny_model_dir):
     path = tiny_model_dir("llama")
     with LLM(path, **_kwargs()) as one:
         expected = _tokens(one.generate(PROMPTS[:4], GREEDY, use_tqdm=False))
+    # The tokens policy here (the load policy: the offline tests), the same spread for this burst.
     engine = AsyncLLM(EngineArgs(model=path, data_parallel_size=2, kernel_warmup=False,
-                                 enable_sleep_mode=True, **_kwargs()))
+                                 data_parallel_balance="tokens", enable_sleep_mode=True, **_kwargs()))
 
     async def collect(i):
         last = None

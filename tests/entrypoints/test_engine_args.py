@@ -19,6 +19,7 @@ NON_DEFAULT = {
     "enable_prefix_caching": False, "enable_chunked_prefill": False, "seed": 11, "load_format": "dummy",
     "enforce_eager": True, "tokenizer": "/tmp/tok", "kv_cache_dtype": "fp8", "quantization": "int8",
     "tensor_parallel_size": 2, "pipeline_parallel_size": 2, "data_parallel_size": 2,
+    "data_parallel_balance": "tokens",
     "distributed_executor_backend": "ray",
     "async_scheduling": True, "kernel_warmup": False, "emulate": True,
     "speculative_config": '{"method": "ngram", "num_speculative_tokens": 2}',
