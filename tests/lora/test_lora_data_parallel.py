@@ -10,9 +10,9 @@ from tessellm import LLM, SamplingParams
 from tessellm.lora import LoRARequest
 from tests.lora.adapters import peft_greedy
 
-# Four 150-token prompts with no full block in common. The balancer weighs tokens and lets an
-# adapter's requests gather on one core while it is at most max(2 x the prompt, 16 blocks)
-# tokens above the other (300 here): three go to the first core, the fourth to the second.
+# Four 150-token prompts with no full block in common, sent at once. The load balancer counts
+# the requests a core has not received yet as queued there, and lets an adapter's requests
+# gather on one core only while its score is within two of the other's: they alternate.
 PROMPTS = [[3 + (31 * i + 97 * j) % 297 for j in range(150)] for i in range(4)]
 
 

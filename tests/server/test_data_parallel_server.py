@@ -61,6 +61,10 @@ def test_data_parallel_server(server_factory, tmp_path):
     assert all(e["requests_sent_total"] > 0 for e in engines), engines  # both cores took requests
     assert all(e["stats"]["prefix_cache_queries"] > 0 for e in engines), engines
     assert all(e["num_requests"] == 0 and e["num_tokens"] == 0 for e in engines), engines  # nothing owed
+    # The load policy (default) and each core's figures for it: idle, all it was sent received.
+    assert srv.stats()["data_parallel_balance"] == "load"
+    assert all(e["stats"]["load"]["received"] == e["requests_sent_total"] and
+               e["stats"]["load"]["running"] == e["stats"]["load"]["waiting"] == 0 for e in engines), engines
     metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
     assert 'tessellm:engine_num_requests_running{engine="1"' in metrics
     # Kill the core that takes the next request, mid-stream: the stream ends with an error

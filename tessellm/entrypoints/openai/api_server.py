@@ -158,7 +158,8 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
             merge_engine_stats([EngineStats.from_dict(d) for d in per_core]))
         pids, loads, tokens = engine.cores.pids(), engine.cores.loads(), engine.cores.token_loads()
         # One entry per engine core (data parallelism): its stats, pid, the requests the front
-        # end has sent it that are not finished and their tokens (what the load balancer weighs).
+        # end has sent it that are not finished and their tokens (what the tokens policy weighs;
+        # the load policy weighs the figures the core reports, its stats' "load").
         engines = [{"index": i, "pid": pids[i], "devices": engine.cores.clients[i].info.devices,
                     "num_requests": loads[i], "num_tokens": tokens[i],
                     "requests_sent_total": engine.cores.balancer.sent[i], "stats": per_core[i]}
@@ -166,7 +167,7 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
         return {"stats": stats, "num_requests": len(engine.streams), "engine_pid": pids[0],
                 "num_kv_blocks": engine.info.num_kv_blocks, "block_size": engine.info.block_size,
                 "warmup": engine.warmup_report, "data_parallel_size": engine.cores.size,
-                "engines": engines}
+                "data_parallel_balance": engine.cores.balancer.policy, "engines": engines}
 
     @app.get("/metrics")
     async def prometheus_metrics():
