@@ -178,10 +178,10 @@ def block_header(key: str, rank: int, checksum: str, layout: bytes, block_bytes:
                        layout).ljust(HEADER_BYTES, b"\0")
 
 
-def decode_block(raw, key: str, rank: int, layout: bytes, block_bytes: int, views: list) -> tuple:
-    """A whole block as bytes (header and payload, a file's contents) into ``views``: (checksum
-    kind, checksum), a crc32 checked here (a sum64 is the caller's). Raises ValueError for
-    another key, rank, layout or length, or a crc32 that fails."""
+def check_block(raw, key: str, rank: int, layout: bytes, block_bytes: int, crc: bool = False) -> tuple:
+    """A whole block as bytes (header and payload, a file's contents; any buffer) checked
+    without a copy: (checksum kind, checksum). Raises ValueError for another key, rank, layout
+    or length, or (``crc``) a crc32 that fails over the payload; a sum64 is the caller's."""
     raw = memoryview(raw)
     key_raw, rank_, kind, nbytes, checksum, layout_ = parse_header(bytes(raw[:HEADER_BYTES]))
     if (key_raw.rstrip(b"\0") != key_bytes(key) or rank_ != rank or layout_ != layout
@@ -189,12 +189,21 @@ def decode_block(raw, key: str, rank: int, layout: bytes, block_bytes: int, view
         raise ValueError("another key or layout")
     if len(raw) != HEADER_BYTES + nbytes:
         raise ValueError("wrong length")
+    if crc and kind == 2 and zlib.crc32(raw[HEADER_BYTES:]) != checksum:
+        raise ValueError("checksum mismatch")
+    return kind, checksum
+
+
+def decode_block(raw, key: str, rank: int, layout: bytes, block_bytes: int, views: list) -> tuple:
+    """A whole block as bytes (header and payload, a file's contents) into ``views``: (checksum
+    kind, checksum), a crc32 checked here (a sum64 is the caller's). Raises ValueError for
+    another key, rank, layout or length, or a crc32 that fails."""
+    raw = memoryview(raw)
+    kind, checksum = check_block(raw, key, rank, layout, block_bytes, crc=True)
     at = HEADER_BYTES
     for v in views:
         v[:] = raw[at:at + len(v)]
         at += len(v)
-    if kind == 2 and crc32(views) != checksum:
-        raise ValueError("checksum mismatch")
     return kind, checksum
 
 

@@ -234,10 +234,10 @@ class SharedStorageWorker:
         torch = torch_module()
         n = len(chunk)
         parts = self._parts(flat, n)
-        mv = memoryview(flat.numpy())
+        arr = flat.numpy()
 
         def read(run) -> list:  # a pool thread
-            got = self.read_blocks([chunk[i][0] for i in run], [self._views(mv, n, i) for i in run])
+            got = self.read_run([chunk[i][0] for i in run], run, arr, n)
             if any(g is not None and g[0] == 1 for g in got):
                 sums = fmt.sum_parts(parts, run)
                 for j, g in enumerate(got):
@@ -247,7 +247,6 @@ class SharedStorageWorker:
             return [g is not None for g in got]
 
         oks = self._map(self._readers, read, n)
-        del mv
         bad.update(lo + i for i, ok in enumerate(oks) if not ok)
         mapping = [(i, chunk[i][1]) for i, ok in enumerate(oks) if ok]
         if not mapping:
@@ -264,6 +263,31 @@ class SharedStorageWorker:
         return event, None  # the stream keeps the order from here on
 
     # -- the store: files (a subclass may keep blocks elsewhere) ----------------------------
+
+    def read_run(self, keys: list, run: range, flat, n: int) -> list:
+        """``read_blocks`` of blocks ``run`` of a staging buffer of ``n`` (``flat``: its uint8
+        numpy array), on a reader pool thread."""
+        mv = memoryview(flat)
+        return self.read_blocks(keys, [self._views(mv, n, i) for i in run])
+
+    def _placer(self, flat, n: int, first: int = 0):
+        """``place(i, payload)``: a block's payload (uint8, every cache tensor's part in order)
+        into block ``first + i`` of a staging buffer of ``n`` (``flat``: uint8 numpy): one
+        strided copy (numpy lets the GIL go) when the parts are of one size."""
+        import numpy as np
+
+        if len(set(self.nbytes)) == 1:
+            tensors, nb = len(self.nbytes), self.nbytes[0]
+            grid = flat[:n * self.block_bytes].reshape(tensors, n, nb)
+
+            def place(i: int, payload) -> None:
+                np.copyto(grid[:, first + i], payload.reshape(tensors, nb))
+        else:
+            def place(i: int, payload) -> None:
+                j = first + i
+                for o, nb in zip(self.offsets, self.nbytes):
+                    np.copyto(flat[n * o + j * nb:n * o + (j + 1) * nb], payload[o:o + nb])
+        return place
 
     def read_blocks(self, keys: list, views: list) -> list:
         """This rank's blocks of ``keys`` read into ``views`` (each block's payload parts), on

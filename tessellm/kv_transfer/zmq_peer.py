@@ -19,20 +19,37 @@ or late (``timeout_s``) is recomputed: never a wrong token, never a stalled step
 whose engine differs from the producer's (model files, dtypes, block size, layout: another
 namespace) is told so once in its log, and every lookup misses.
 
-Wire protocol (multipart frames; the client is a DEALER): ``[op, namespace, key...]`` with op
-``b"has"`` (reply ``[b"ok", run]``: how many of the keys, from the first, the store holds) or
-``b"get"`` (reply ``[b"ok", block...]``, an empty frame for a block not held) or ``b"drop"``
-(a consumer found the blocks bad: removed, reply ``[b"ok"]``); a namespace other than the
-server's gets ``[b"namespace", its namespace]``.
+Wire protocol ``tslkv-peer/2`` (multipart frames; the client is a DEALER): a request is
+``[b"tslkv-peer/2", op, namespace, tag, key...]`` (``tag``: the client's number for it, echoed
+in the reply, so a late or misrouted reply is never taken for another's); op ``b"has"`` (reply
+``[b"ok", tag, run]``: how many of the keys, from the first, the store holds), ``b"get"``
+(reply ``[b"ok", tag, block...]``, each block a frame of its own, sent zero-copy from the
+store, an empty frame for a block not held) or ``b"drop"`` (a consumer found the blocks bad:
+removed, reply ``[b"ok", tag]``); a namespace other than the server's gets ``[b"namespace",
+tag, its namespace]``; a malformed request or another protocol version ``[b"error", message]``
+(the server goes on). A block's frame is a file's bytes (header with its own version, key,
+rank, layout, checksum; then the payload), checked as a file is.
+
+Speed (``benchmarks/kvpeer_io.py``): a consumer rank's reader threads each keep
+``_IN_FLIGHT`` "get" messages of ``_GET_BYTES`` (8 MiB: 4 blocks of an 8B model) in flight on
+their socket, so the TCP stream never waits for a round trip; replies are received without a
+copy (``recv_multipart(copy=False)``) and each block's payload goes from the ZeroMQ frame into
+the staging buffer in one strided numpy copy (the GIL let go; its crc32, if any, over the
+frame). The staging chunk before is copied to the device meanwhile (two staging buffers). The
+ZeroMQ contexts get ``_io_threads()`` I/O threads (a socket's connection is served by one).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from typing import Optional
+
+import numpy as np
 
 from tessellm.kv_transfer import shared_storage_format as fmt
 from tessellm.kv_transfer.shared_storage import _EXTRA_KEYS, SharedStorageConnector
@@ -43,7 +60,10 @@ _PEER_KEYS = (_EXTRA_KEYS - {"shared_storage_path"}) | {"kv_port", "kv_bind", "k
                                                            "store_bytes", "timeout_s"}
 _DEFAULT_PORT = 14579
 _DEFAULT_STORE = 4 << 30  # bytes of blocks a producer rank keeps (LRU)
-_GET_BATCH = 64  # blocks per "get" message
+PROTOCOL = b"tslkv-peer/2"  # the first frame of every request (version 1 had none)
+_GET_BYTES = 8 << 20  # a "get" message asks for this many bytes of blocks (at least one block)
+_GET_MAX = 64  # ... and this many blocks at most
+_IN_FLIGHT = 4  # "get" messages a reader thread keeps in flight on its socket
 _POLL_MS = 100  # the server looks at its stop flag this often
 _LOOKUP_TIMEOUT_S = 1.0  # a "has" waits at most this (a small message), timeout_s if less
 _DOWN_S = 5.0  # after a peer's silence, its blocks count as missing this long without asking
@@ -131,49 +151,63 @@ class BlockServer:
                 reply = self._reply(frames[1:])
             except Exception as exc:  # noqa: BLE001 - anyone may connect: never the thread's end
                 reply = [b"error", f"bad request ({type(exc).__name__}: {exc}); a request is "
-                                   "[op, namespace, key...], keys ASCII".encode()]
+                                   f"[{PROTOCOL.decode()}, op, namespace, tag, key...], keys "
+                                   "ASCII".encode()]
             self.sock.send_multipart([frames[0]] + reply, copy=False)
         self.sock.close()
 
     def _reply(self, msg: list) -> list:
-        if len(msg) < 2:
+        if not msg or msg[0] != PROTOCOL:
+            raise ValueError(f"not protocol {PROTOCOL.decode()} (an engine of another tessellm "
+                             "version?)" if msg and msg[0].startswith(b"tslkv-peer/")
+                             else f"{len(msg)} frame(s), the first not {PROTOCOL.decode()}")
+        if len(msg) < 4:
             raise ValueError(f"{len(msg)} frame(s)")
-        op, namespace, keys = bytes(msg[0]), msg[1], [bytes(k).decode("ascii") for k in msg[2:]]
+        op, namespace, tag = msg[1], msg[2], msg[3]
+        keys = [bytes(k).decode("ascii") for k in msg[4:]]
         if namespace != self.namespace:
-            return [b"namespace", self.namespace]
+            return [b"namespace", tag, self.namespace]
         if op == b"has":
-            return [b"ok", str(self.store.run(keys)).encode()]
+            return [b"ok", tag, str(self.store.run(keys)).encode()]
         if op == b"get":
-            return [b"ok"] + self.store.get(keys)
+            return [b"ok", tag] + self.store.get(keys)
         if op == b"drop":
             self.store.drop(keys)
-            return [b"ok"]
-        return [b"error", b"unknown op " + op]
+            return [b"ok", tag]
+        raise ValueError(f"unknown op {op!r}")
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
 
 
+def _io_threads() -> int:
+    """ZeroMQ I/O threads of a connector's context: a connection is served by one, so a few
+    carry the reader threads' sockets in parallel (one on a small host)."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
 class _Clients:
     """A DEALER socket per thread and peer address (ZeroMQ sockets are not thread-safe), of
-    the connector's own context. A request that times out drops its socket: a late reply never
-    answers a later request. ``close`` closes every socket left and ends the context, once
-    the threads that used them are done (the connector's pools are shut down first)."""
+    the connector's own context. A request that times out, or whose reply is not its own,
+    drops its socket: a late reply never answers a later request. ``close`` closes every
+    socket left and ends the context, once the threads that used them are done (the
+    connector's pools are shut down first)."""
 
     def __init__(self):
         import zmq
 
-        self.context = zmq.Context()
+        self.context = zmq.Context(io_threads=_io_threads())
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: set = set()  # every socket not yet closed, of any thread
+        self._tags = itertools.count(1)
 
     @property
     def closed(self) -> bool:
         return self.context.closed
 
-    def request(self, address: str, frames: list, timeout: float) -> Optional[list]:
+    def _socket(self, address: str):
         import zmq
 
         socks = self._local.__dict__.setdefault("socks", {})
@@ -184,14 +218,51 @@ class _Clients:
             sock.connect(f"tcp://{address}")
             with self._lock:
                 self._open.add(sock)
-        sock.send_multipart(frames)
-        if sock.poll(int(timeout * 1000)):
-            return sock.recv_multipart(copy=True)
+        return sock
+
+    def _drop(self, address: str, sock) -> None:
         with self._lock:
             self._open.discard(sock)
         sock.close()
-        del socks[address]
-        return None
+        self._local.socks.pop(address, None)
+
+    def exchange(self, address: str, requests: list, timeout: float, window: int = 1):
+        """``requests`` (each ``[op, namespace, key...]``) sent to ``address`` over this
+        thread's socket, up to ``window`` of them in flight; yields each one's reply in order:
+        ``[status, payload...]`` (the status as bytes, the rest ZeroMQ frames received without
+        a copy: ``.buffer`` is the bytes), or None for it and every later one if it
+        did not come back within ``timeout`` seconds of the one before (or came back not
+        tagged as its own: the socket is dropped either way)."""
+        sock = self._socket(address)
+        tags, sent, got = [], 0, 0
+        try:
+            while got < len(requests):
+                while sent < len(requests) and sent - got < window:
+                    tag = str(next(self._tags)).encode()
+                    op, namespace, *keys = requests[sent]
+                    sock.send_multipart([PROTOCOL, op, namespace, tag, *keys])
+                    tags.append(tag)
+                    sent += 1
+                reply = sock.recv_multipart(copy=False) if sock.poll(int(timeout * 1000)) else None
+                if reply is not None and reply[0].bytes == b"error":
+                    reply = [b"error"] + reply[1:]  # untagged: a request it could not read
+                elif reply is not None and len(reply) >= 2 and reply[1].bytes == tags[got]:
+                    reply = [reply[0].bytes] + reply[2:]
+                else:  # none in time, or not this request's
+                    break
+                got += 1
+                yield reply
+        finally:
+            if got < sent:  # replies still due on this socket: nobody else gets them
+                self._drop(address, sock)
+        for _ in range(got, len(requests)):
+            yield None
+
+    def request(self, address: str, frames: list, timeout: float) -> Optional[list]:
+        """One request (``[op, namespace, key...]``): its reply's frames as bytes (status
+        first, the tag left out), or None (no reply in time)."""
+        reply = next(self.exchange(address, [frames], timeout))
+        return None if reply is None else [reply[0]] + [f.bytes for f in reply[1:]]
 
     def close(self) -> None:
         """Every socket closed (linger 0: unsent requests dropped) and the context ended."""
@@ -245,17 +316,26 @@ class ZmqPeerConnector(SharedStorageConnector):
     def store_name(self) -> str:
         return f"the peer {self.peer[0]}:{self.peer[1]}" if self.peer else "no peer"
 
+    def _address(self, rank: int) -> Optional[str]:
+        """The producer rank's address, or None while it counts as down (``_DOWN_S``)."""
+        address = f"{self.peer[0]}:{self.peer[1] + rank}"
+        return None if time.monotonic() < self._down_until.get(address, 0.0) else address
+
     def _ask(self, rank: int, op: bytes, keys: list) -> Optional[list]:
         """A request to the producer's rank: its reply's frames after ``ok``, or None (another
         namespace, no answer in time, an error: the blocks count as missing). A peer that did
         not answer is not asked again for ``_DOWN_S`` seconds: a consumer whose producer is
         down costs its requests one lookup timeout in that time, not one each."""
-        address = f"{self.peer[0]}:{self.peer[1] + rank}"
-        if time.monotonic() < self._down_until.get(address, 0.0):
+        address = self._address(rank)
+        if address is None:
             return None
         timeout = min(self.timeout, _LOOKUP_TIMEOUT_S) if op == b"has" else self.timeout
         reply = self._zmq.request(address, [op, self.context.namespace.encode()]
                                       + [k.encode() for k in keys], timeout)
+        return self._answer(address, reply, timeout)
+
+    def _answer(self, address: str, reply: Optional[list], timeout: float) -> Optional[list]:
+        """A reply's frames after ``ok``; None for any other (told in the log)."""
         if reply is None:
             self._down_until[address] = time.monotonic() + _DOWN_S
             logger.warning("KV peer %s did not answer in %.1f s: its blocks count as missing "
@@ -264,13 +344,15 @@ class ZmqPeerConnector(SharedStorageConnector):
         self._down_until.pop(address, None)
         if reply[0] == b"ok":
             return reply[1:]
+        rest = [bytes(getattr(f, "buffer", f)) for f in reply[1:]]
         if reply[0] == b"namespace" and not self._told_namespace:
             self._told_namespace = True
             logger.warning("KV peer %s serves namespace %s, this engine is %s: the engines differ "
                            "(model files, dtype, KV-cache dtype, block size, parallel layout); "
-                           "no block is shared.", address, reply[1].decode(), self.context.namespace)
+                           "no block is shared.", address, rest[0].decode(errors="replace"),
+                           self.context.namespace)
         elif reply[0] != b"namespace":
-            logger.warning("KV peer %s: %s", address, b" ".join(reply).decode(errors="replace"))
+            logger.warning("KV peer %s: %s", address, b" ".join([reply[0]] + rest).decode(errors="replace"))
         return None
 
     # -- scheduler half: lookups (on the lookup thread) -------------------------------------
@@ -296,21 +378,55 @@ class ZmqPeerConnector(SharedStorageConnector):
                         self.context.rank, self._server.address, self.store_bytes / (1 << 30))
 
     def read_blocks(self, keys: list, views: list) -> list:
-        rank, out = self.context.rank, []
-        for lo in range(0, len(keys), _GET_BATCH):
-            batch = keys[lo:lo + _GET_BATCH]
-            blobs = self._ask(rank, b"get", batch) if self.peer is not None else None
-            for i, key in enumerate(batch):
-                blob = blobs[i] if blobs is not None and i < len(blobs) else b""
-                if not blob:
-                    out.append(None)
-                    continue
+        """Blocks fetched into ``views`` (each block's payload parts, in order)."""
+
+        def place(i: int, payload) -> None:
+            at = 0
+            for v in views[i]:
+                np.copyto(np.frombuffer(v, np.uint8), payload[at:at + len(v)])
+                at += len(v)
+
+        return self._fetch(keys, place)
+
+    def read_run(self, keys: list, run: range, flat, n: int) -> list:
+        """Blocks ``run`` of a staging buffer of ``n`` (``flat``: uint8 numpy) fetched: each
+        payload scattered into the buffer's tensor-major parts by one strided copy."""
+        return self._fetch(keys, self._placer(flat, n, run.start))
+
+    def _fetch(self, keys: list, place) -> list:
+        """This rank's blocks of ``keys`` fetched from the producer's rank (``_IN_FLIGHT``
+        messages of ``_GET_BYTES`` in flight), each checked as a file and its payload handed
+        to ``place(index, uint8 array)`` (a view of the received frame): per block (checksum
+        kind, checksum) of a whole block of this key, rank and layout (a crc32 checked here,
+        over the frame; a sum64 is the caller's), else None. A block that fails its check is
+        dropped at the producer (``discard``) once the messages in flight are in."""
+        rank, out, bad = self.context.rank, [None] * len(keys), []
+        address = self._address(rank) if self.peer is not None else None
+        if address is None or not keys:
+            return out
+        per = max(1, min(_GET_MAX, _GET_BYTES // max(1, self.block_bytes)))
+        namespace = self.context.namespace.encode()
+        batches = [keys[lo:lo + per] for lo in range(0, len(keys), per)]
+        replies = self._zmq.exchange(address, [[b"get", namespace] + [k.encode() for k in b]
+                                               for b in batches], self.timeout, _IN_FLIGHT)
+        for lo, batch, reply in zip(range(0, len(keys), per), batches, replies):
+            blobs = self._answer(address, reply, self.timeout)
+            if blobs is None:
+                break  # the rest are missing (no answer: the socket was dropped)
+            for i, (key, frame) in enumerate(zip(batch, blobs)):
+                raw = frame.buffer
+                if not len(raw):
+                    continue  # not held
                 try:
-                    out.append(fmt.decode_block(blob, key, rank, self.layout, self.block_bytes,
-                                                views[lo + i]))
+                    out[lo + i] = fmt.check_block(raw, key, rank, self.layout, self.block_bytes,
+                                                  crc=True)
+                    place(lo + i, np.frombuffer(raw, np.uint8, offset=fmt.HEADER_BYTES))
                 except ValueError as exc:
-                    self.discard(key, exc)
-                    out.append(None)
+                    out[lo + i] = None
+                    bad.append((key, exc))
+        replies.close()
+        for key, exc in bad:
+            self.discard(key, exc)
         return out
 
     def discard(self, key: str, why) -> None:

@@ -1158,10 +1158,13 @@ def test_zmq_peer_tensor_parallel_ranks_fetch_from_their_peer_rank(tiny_model_di
 def test_zmq_peer_block_server_protocol(monkeypatch):
     """The producer's block store and server and the consumer's half, in one process over
     loopback: "has" counts the run held (the scheduler half's lookup, per rank), "get" fills
-    a block's views and checks it as a file (a byte flipped under crc32 fails and is dropped at
+    a block's views and checks it as a file (one message, or several in flight) (a byte flipped under crc32 fails and is dropped at
     the producer, so the next lookup misses it), another namespace shares nothing, and the
-    store evicts its least recently used block past its bytes."""
+    store evicts its least recently used block past its bytes. A request without the protocol's
+    version frame, of another version, with a key not ASCII or an unknown op gets one error
+    naming it; a reply carries its request's tag."""
     from tessellm.kv_transfer import shared_storage_format as fmt
+    from tessellm.kv_transfer import zmq_peer
     from tessellm.kv_transfer.zmq_peer import BlockServer, BlockStore
 
     port = _free_port()
@@ -1181,10 +1184,12 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
         conn = make_connector(config, KVConnectorRole.WORKER, KVConnectorContext(BS, "ns"))
         conn.layout, conn.block_bytes = layout, 16
         assert conn._look(keys, 0) == (keys[:3], 3)
-        views = [[memoryview(bytearray(16))] for _ in keys]
-        got = conn.read_blocks(keys, views)
-        assert [g is not None for g in got] == [True, True, True, False]
-        assert [bytes(v[0]) for v in views[:3]] == [bytes([i + 1]) * 16 for i in range(3)]
+        for per_message in (64, 1):  # one "get", and four in flight (one block each)
+            monkeypatch.setattr(zmq_peer, "_GET_MAX", per_message)
+            views = [[memoryview(bytearray(16))] for _ in keys]
+            got = conn.read_blocks(keys, views)
+            assert [g is not None for g in got] == [True, True, True, False]
+            assert [bytes(v[0]) for v in views[:3]] == [bytes([i + 1]) * 16 for i in range(3)]
         bad = bytearray(store.blocks[keys[1]])
         bad[-1] ^= 0x5A
         store.put(keys[1], bytes(bad))
@@ -1196,11 +1201,19 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
         raw = server_zmq.socket(zmq.DEALER)
         raw.connect(f"tcp://127.0.0.1:{port}")
         try:
-            for bad in ([b"has"], [b"get", b"ns", b"\xff"]):
+            for bad, why in (([b"has"], b"the first not tslkv-peer/2"),
+                             ([b"get", b"ns", keys[0].encode()], b"the first not tslkv-peer/2"),
+                             ([b"tslkv-peer/1", b"get", b"ns", b"1", keys[0].encode()],
+                              b"another tessellm version"),
+                             ([zmq_peer.PROTOCOL, b"get", b"ns", b"1", b"\xff"], b"UnicodeDecodeError"),
+                             ([zmq_peer.PROTOCOL, b"put", b"ns", b"1"], b"unknown op")):
                 raw.send_multipart(bad)
                 assert raw.poll(5000), f"no reply to {bad}"
                 reply = raw.recv_multipart()
-                assert reply[0] == b"error" and b"bad request" in reply[1], reply
+                assert reply[0] == b"error" and b"bad request" in reply[1] and why in reply[1], reply
+            raw.send_multipart([zmq_peer.PROTOCOL, b"get", b"ns", b"7", keys[0].encode()])
+            assert raw.poll(5000)
+            assert raw.recv_multipart() == [b"ok", b"7", store.blocks[keys[0]]]  # the tag echoed
         finally:
             raw.close(0)
         assert conn._look(keys, 0) == (keys[:1], 1) and server.thread.is_alive()
