@@ -13,6 +13,7 @@ import os
 import random
 import threading
 import time
+import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -1162,7 +1163,8 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
     the producer, so the next lookup misses it), another namespace shares nothing, and the
     store evicts its least recently used block past its bytes. A request without the protocol's
     version frame, of another version, with a key not ASCII or an unknown op gets one error
-    naming it; a reply carries its request's tag."""
+    naming it; a reply carries its request's tag. A store slot whose block went while it was
+    being sent is not written again until the send is done."""
     from tessellm.kv_transfer import shared_storage_format as fmt
     from tessellm.kv_transfer import zmq_peer
     from tessellm.kv_transfer.zmq_peer import BlockServer, BlockStore
@@ -1190,7 +1192,7 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
             got = conn.read_blocks(keys, views)
             assert [g is not None for g in got] == [True, True, True, False]
             assert [bytes(v[0]) for v in views[:3]] == [bytes([i + 1]) * 16 for i in range(3)]
-        bad = bytearray(store.blocks[keys[1]])
+        bad = bytearray(store.blob(keys[1]))
         bad[-1] ^= 0x5A
         store.put(keys[1], bytes(bad))
         assert [g is not None for g in conn.read_blocks(keys[:3], views[:3])] == [True, False, True]
@@ -1213,7 +1215,7 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
                 assert reply[0] == b"error" and b"bad request" in reply[1] and why in reply[1], reply
             raw.send_multipart([zmq_peer.PROTOCOL, b"get", b"ns", b"7", keys[0].encode()])
             assert raw.poll(5000)
-            assert raw.recv_multipart() == [b"ok", b"7", store.blocks[keys[0]]]  # the tag echoed
+            assert raw.recv_multipart() == [b"ok", b"7", store.blob(keys[0])]  # the tag echoed
         finally:
             raw.close(0)
         assert conn._look(keys, 0) == (keys[:1], 1) and server.thread.is_alive()
@@ -1227,3 +1229,16 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
     for key in keys[:3]:
         small.put(key, bytes(10))
     assert list(small.blocks) == keys[1:3] and small.nbytes == 20
+    # a slot being sent is not written until ZeroMQ is done with it (its tracker)
+    slots = BlockStore(capacity=2 * 10)
+    slots.put(keys[0], bytes([1]) * 10)
+    blobs, pinned = slots.get([keys[0]])
+    sent = types.SimpleNamespace(done=False)
+    slots.track(sent, pinned)
+    slots.drop([keys[0]])
+    slots.put(keys[1], bytes([2]) * 10)
+    slots.put(keys[2], bytes([3]) * 10)  # evicts keys[1]: the slot being sent stays as it was
+    assert bytes(blobs[0]) == bytes([1]) * 10 and list(slots.blocks) == [keys[2]]
+    sent.done = True
+    slots.put(keys[3], bytes([4]) * 10)
+    assert slots.blob(keys[2]) == bytes([3]) * 10 and slots.blob(keys[3]) == bytes([4]) * 10
