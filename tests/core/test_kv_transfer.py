@@ -988,6 +988,51 @@ def test_saves_count_once_written_and_failed_writes_as_failures(tiny_model_dir, 
     assert len(_files(tmp_path)) == 2 * 11
 
 
+
+def test_producer_returns_its_tokens_before_a_hung_disk_has_its_files(tiny_model_dir, tmp_path,
+                                                                       monkeypatch):
+    """The producer's saves are off its request's path: with its disk hung (every block write
+    on the real writer thread waits until the disk is released), the engine's steps still give
+    the request its tokens (HF's) to the end while not one file is written; once the disk is
+    back the 11 blocks are written whole and counted, and a consumer loads 40 tokens of them
+    and gives HF's tokens."""
+    from tessellm.kv_transfer import shared_storage_format as fmt
+
+    model = tiny_model_dir("llama")
+    prompts = _prompts(1)
+    want = hf_greedy(model, prompts, 6)
+    release, real, waiting = threading.Event(), fmt.write_block, []
+
+    def hung_disk(path, *args):
+        waiting.append(path)
+        assert release.wait(60), "the test never released the disk"
+        return real(path, *args)
+
+    monkeypatch.setattr(fmt, "write_block", hung_disk)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    try:
+        with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+                 max_model_len=128, kv_transfer_config=_kv(tmp_path, "kv_producer")) as llm:
+            engine, out = llm.engine, None
+            engine.add_request("p", {"prompt_token_ids": prompts[0]}, params)
+            deadline = time.monotonic() + 60
+            while out is None and time.monotonic() < deadline:
+                out = next((o for o in engine.step() if o.request_id == "p" and o.finished), None)
+            assert out is not None and list(out.outputs[0].token_ids) == want[0]
+            assert waiting and _files(tmp_path) == []  # its saves under way, none written
+            assert engine.core.scheduler.stats().kv_connector["blocks_saved"] == 0
+            release.set()
+            while engine.has_unfinished_requests():  # the saves settle
+                engine.step()
+            assert engine.core.scheduler.stats().kv_connector["blocks_saved"] == 11
+    finally:
+        release.set()
+    assert len(_files(tmp_path)) == 11
+    monkeypatch.setattr(fmt, "write_block", real)
+    rows, stats = _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_consumer"))
+    assert rows == [(want[0], 40, 2 + 5)] and stats.kv_connector["load_failures"] == 0
+
+
 _PRODUCER = """
 import json, sys
 from tessellm import LLM, SamplingParams
