@@ -160,13 +160,17 @@ def copy_phases(transfers: list) -> list[tuple[list[tuple[int, int]], list[tuple
     what they read: a store of a device block a load of the phase writes (it must copy the
     loaded contents), or into a slot a load of the phase reads (the load needs the old ones).
     Such a store opens the next phase. Stores keep their order among themselves, as do loads
-    (a block or slot written twice: the later copy wins, as listed)."""
+    (a block or slot written twice: the later copy wins, as listed). A load into a device block
+    a load of the phase writes already opens the next phase too: the phase's loads are copied
+    host chunk by host chunk (``HostKVBuffer.apply``), which keeps their order only within a
+    chunk, and the two may read slots of different chunks."""
     phases: list[tuple[list, list]] = []
     loaded_blocks: set[int] = set()  # device blocks the current phase's loads write
     read_slots: set[int] = set()  # host slots they read
     for kind, a, b in transfers:
         a, b = int(a), int(b)
-        if not phases or (kind == STORE and (a in loaded_blocks or b in read_slots)):
+        if not phases or ((a in loaded_blocks or b in read_slots) if kind == STORE
+                          else b in loaded_blocks):
             phases.append(([], []))
             loaded_blocks, read_slots = set(), set()
         if kind == STORE:

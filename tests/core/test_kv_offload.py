@@ -118,6 +118,30 @@ def test_host_buffer_copies_in_bounded_pieces(monkeypatch):
     assert all(torch.equal(c.tensors[t], w) for t, w in enumerate(want_host) for c in buf.chunks)
 
 
+def test_a_block_loaded_twice_from_two_chunks_keeps_the_later_load(monkeypatch):
+    """Two loads of one step into one device block, from host slots of different chunks, the
+    later slot in the earlier chunk: the later load wins, as listed (the phase's loads are
+    copied chunk by chunk, so the second load opens a phase of its own)."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+    from tessellm.core import host_kv_buffer
+    from tessellm.core.host_kv_buffer import HostKVBuffer
+    from tessellm.core.kv_offload import copy_phases
+
+    # a GPU's chunking (powers of two), in host memory that is not pinned
+    monkeypatch.setattr(host_kv_buffer, "_pinned", lambda n: torch.zeros(n, dtype=torch.uint8))
+    caches = [torch.zeros(8, BS, 2, 8) for _ in range(2)]
+    buf = HostKVBuffer(caches, 10, True, lambda n: torch.zeros(n, dtype=torch.uint8))
+    assert len(buf.chunks) > 1 and buf.chunks[1].first_slot <= 9
+    for chunk in buf.chunks:
+        for t in chunk.tensors:
+            for i in range(chunk.num_slots):
+                t[i] = chunk.first_slot + i  # each slot holds its number
+    transfers = [(LOAD, 9, 3), (LOAD, 0, 3)]  # slot 9 (a later chunk), then slot 0
+    assert copy_phases(transfers) == [([], [(9, 3)]), ([], [(0, 3)])]
+    buf.apply(transfers, caches, swap_blocks)
+    assert all(torch.equal(c[3], torch.zeros(BS, 2, 8)) for c in caches)  # slot 0's, not 9's
+
+
 def test_reload_step_copies_once_per_cache_tensor(tiny_model_dir):
     """The step that loads P back (10 host hits, each fresh block evicting a cached one into
     the tier) makes one store copy and one load copy per cache tensor (2 layers x K, V), not
