@@ -64,6 +64,8 @@ PROTOCOL = b"tslkv-peer/2"  # the first frame of every request (version 1 had no
 _GET_BYTES = 8 << 20  # a "get" message asks for this many bytes of blocks (at least one block)
 _GET_MAX = 64  # ... and this many blocks at most
 _IN_FLIGHT = 4  # "get" messages a reader thread keeps in flight on its socket
+_AHEAD_BYTES = 1 << 30  # a producer's store keeps this much memory made and touched ahead ...
+_AHEAD_SLOTS = 512  # ... and at most this many slots (tiny blocks: little memory)
 _POLL_MS = 100  # the server looks at its stop flag this often
 _LOOKUP_TIMEOUT_S = 1.0  # a "has" waits at most this (a small message), timeout_s if less
 _DOWN_S = 5.0  # after a peer's silence, its blocks count as missing this long without asking
@@ -74,24 +76,70 @@ class BlockStore:
     out past ``capacity`` bytes. Thread-safe: the writer pool puts, the server gets.
 
     The blocks live in slots of slabs of anonymous memory (transparent huge pages asked for),
-    made as the store grows and reused once a block is evicted or replaced: a block is one
+    made and touched ahead of the puts by a thread of the store's (``slot_bytes`` given:
+    ``_AHEAD_BYTES`` or ``_AHEAD_SLOTS`` ahead, within ``capacity``; ``close`` ends it), and
+    reused once a block is evicted or replaced: a block is one
     copy into memory touched before, not a fresh allocation whose page faults cost more than
     the copy (a 2 MiB ``bytes`` a block: ~1 GB/s a core; a warm slot: memory speed). The
     server sends a block straight from its slot (zero-copy); a slot whose block went while a
     send of it is under way is reused only once ZeroMQ is done with it (``track``). A blob of
     another size than the first one put (tests) is kept as its own ``bytes``."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, slot_bytes: int = 0):
         self.capacity, self.nbytes = capacity, 0
         self.blocks: OrderedDict[str, tuple] = OrderedDict()  # key -> (memoryview, slot or None)
         self.lock = threading.Lock()
-        self.slot_bytes = 0  # the first blob's size; slots are this long
+        self.slot_bytes = slot_bytes  # slots are this long (0: the first blob's size)
         self.slots: list = []  # slot -> its memoryview (in a slab)
         self.free: list = []  # slots free to write
         self.sending: dict = {}  # slot -> sends of it under way
         self.gone: set = set()  # slots whose block went while it was being sent
         self.sends: deque = deque()  # (tracker, slots) of sends under way, oldest first
         self._slabs: list = []
+        self._growing = False  # a slab is being made outside the lock
+        # Slots kept made and touched ahead of the puts (by a thread of the store's, while it
+        # may grow): a request's saves then copy into warm memory.
+        self.ahead = min(capacity, _AHEAD_BYTES, _AHEAD_SLOTS * slot_bytes) if slot_bytes else 0
+        self._wake = threading.Condition(self.lock)
+        self._stop = False
+        self._grower = None
+        if self.ahead:
+            self._grower = threading.Thread(target=self._grow_ahead, name="tessellm-kv-store",
+                                            daemon=True)
+            self._grower.start()
+
+    def close(self) -> None:
+        """The thread that makes slots ahead ends (the blocks stay readable)."""
+        with self.lock:
+            self._stop = True
+            self._wake.notify_all()
+        if self._grower is not None:
+            self._grower.join()
+            self._grower = None
+
+    def _grow_ahead(self) -> None:
+        while True:
+            with self.lock:
+                self._wake.wait_for(lambda: self._stop or self._room_ahead())
+                if self._stop:
+                    return
+                self._growing = True
+            made = None
+            try:
+                made = self._make_slab(touch=True)  # the page faults, outside the lock
+            except (OSError, ValueError, MemoryError) as exc:
+                logger.warning("KV block store: no memory made ahead (%s); saves make it.", exc)
+                return
+            finally:
+                with self.lock:
+                    self._growing = False
+                    if made is not None:
+                        self._add_slab(*made)
+
+    def _room_ahead(self) -> bool:
+        """Fewer free slots than ``ahead`` and room for more (under the lock)."""
+        return (not self._growing and len(self.free) * self.slot_bytes < self.ahead
+                and (len(self.slots) + 1) * self.slot_bytes <= self.capacity)
 
     def has(self, key: str) -> bool:
         with self.lock:
@@ -132,9 +180,11 @@ class BlockStore:
         if size != self.slot_bytes:
             return None
         self._reap()
+        if self._grower is not None and self._room_ahead():
+            self._wake.notify()
         while not self.free:
             if (len(self.slots) + 1) * size <= max(self.capacity, size):
-                self._grow()
+                self._grow()  # (the thread ahead may add a slab past this one: trimmed)
                 continue
             old = next((k for k, (_, slot) in self.blocks.items()
                         if slot is not None and not self.sending.get(slot)), None)
@@ -144,6 +194,10 @@ class BlockStore:
         return self.free.pop()
 
     def _grow(self) -> None:
+        """A slab made in the put's path (under the lock; the thread ahead was outrun)."""
+        self._add_slab(*self._make_slab(touch=False))
+
+    def _make_slab(self, touch: bool) -> tuple:
         import mmap
 
         size = self.slot_bytes
@@ -154,6 +208,15 @@ class BlockStore:
                 slab.madvise(mmap.MADV_HUGEPAGE)
             except OSError:
                 pass
+        if touch:  # every page faulted in now (numpy: the GIL let go)
+            np.frombuffer(slab, np.uint8)[::4096] = 0
+        return slab, n
+
+    def _add_slab(self, slab, n: int) -> None:
+        size = self.slot_bytes
+        n = max(0, min(n, max(self.capacity, size) // size - len(self.slots)))
+        if not n:
+            return  # the puts grew it meanwhile
         self._slabs.append(slab)
         whole = memoryview(slab)
         for i in range(n):
@@ -491,7 +554,7 @@ class ZmqPeerConnector(SharedStorageConnector):
     def register_kv_caches(self, caches, swap_blocks, synchronize, device) -> None:
         super().register_kv_caches(caches, swap_blocks, synchronize, device)
         if self.config.is_producer and self._server is None:
-            self._store = BlockStore(self.store_bytes)
+            self._store = BlockStore(self.store_bytes, fmt.HEADER_BYTES + self.block_bytes)
             self._server = BlockServer(self._store, self.context.namespace, self.bind,
                                        self.port + self.context.rank, self._zmq.context)
             logger.info("KV blocks of rank %d served on %s (%.1f GiB of host memory at most)",
@@ -580,4 +643,6 @@ class ZmqPeerConnector(SharedStorageConnector):
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._store is not None:
+            self._store.close()
         self._zmq.close()

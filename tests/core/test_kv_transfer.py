@@ -1209,7 +1209,8 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
     store evicts its least recently used block past its bytes. A request without the protocol's
     version frame, of another version, with a key not ASCII or an unknown op gets one error
     naming it; a reply carries its request's tag. A store slot whose block went while it was
-    being sent is not written again until the send is done."""
+    being sent is not written again until the send is done; a producer's store makes its
+    slots ahead of the puts."""
     from tessellm.kv_transfer import shared_storage_format as fmt
     from tessellm.kv_transfer import zmq_peer
     from tessellm.kv_transfer.zmq_peer import BlockServer, BlockStore
@@ -1287,3 +1288,13 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
     sent.done = True
     slots.put(keys[3], bytes([4]) * 10)
     assert slots.blob(keys[2]) == bytes([3]) * 10 and slots.blob(keys[3]) == bytes([4]) * 10
+    # a producer's store makes its slots ahead of the puts (a thread of its own, up to capacity)
+    ahead = BlockStore(capacity=8 * 10, slot_bytes=10)
+    deadline = time.monotonic() + 10
+    while len(ahead.free) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(ahead.slots) == len(ahead.free) == 8
+    ahead.put(keys[0], bytes([5]) * 10)
+    assert ahead.blob(keys[0]) == bytes([5]) * 10 and len(ahead.slots) == 8
+    ahead.close()
+    assert not ahead._grower
