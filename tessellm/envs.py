@@ -242,8 +242,9 @@ def decode_overlap() -> Optional[bool]:
     (on a second stream) overlaps the other's GEMMs (``core/decode_overlap.py``); the engine
     argument ``enable_decode_overlap`` wins where set. Unset: off. Off by default: the
     pure-decode halves measured slower on an H100 at batch 256 of Llama-3.1-8B shapes (+32% a
-    step at 512 context, +18% at 1536; benchmarks/results/h100-2026-12-05-s15), the mixed split
-    (prefill + decode steps) is not measured yet (``benchmarks/tbo_device.sh``)."""
+    step at 512 context, +18% at 1536; benchmarks/results/h100-2026-12-05-s15), and so was the
+    mixed split (prefill + decode steps: 29.2 -> 31.7 ms a step, launch-bound in eager mode;
+    benchmarks/results/h100-2026-12-06-s21/tbo, ``benchmarks/tbo_device.sh``)."""
     return _switch("TESSELLM_DECODE_OVERLAP")
 
 
