@@ -66,6 +66,9 @@ def _producer(n: int, port: int, device) -> None:
     conn, sync = _connector("kv_producer", {"kv_port": port, "store_bytes": (n + 1) * (BLOCK_BYTES + 4096)},
                             caches, device)
     sync()
+    store, deadline = conn._store, time.monotonic() + 30
+    while len(store.free) * store.slot_bytes < store.ahead and time.monotonic() < deadline:
+        time.sleep(0.05)  # an engine's store makes its memory ahead while the model loads
     for run in ("new", "again"):  # its memory touched for the first time, then reused
         if run == "again":
             conn._store.drop(_keys(n))
