@@ -79,6 +79,15 @@ def time_forward(runner, ids, positions, batch, iters: int, split: bool) -> dict
     t0 = time.perf_counter()
     once()  # from an idle GPU: the host's queuing time of one forward
     host = time.perf_counter() - t0
+    return {"gpu_ms": _gpu_ms(once, iters), "host_ms": round(host * 1e3, 3)}
+
+
+def _gpu_ms(once, iters: int) -> float:
+    """``once()`` queued ``iters`` times back to back from an idle GPU: its time a call (ms,
+    between two events on the stream; where the host queues slower than the GPU runs, the gaps
+    are in it: a launch-bound step reads about its ``host_ms``)."""
+    import torch
+
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -86,7 +95,7 @@ def time_forward(runner, ids, positions, batch, iters: int, split: bool) -> dict
         once()
     end.record()
     torch.cuda.synchronize()
-    return {"gpu_ms": round(start.elapsed_time(end) / iters, 3), "host_ms": round(host * 1e3, 3)}
+    return round(start.elapsed_time(end) / iters, 3)
 
 
 def time_decode_attention(runner, positions, batch, iters: int) -> dict:
@@ -106,14 +115,7 @@ def time_decode_attention(runner, positions, batch, iters: int) -> dict:
             layer.self_attn.attend(positions, q, k, v, md)
 
     once()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        once()
-    end.record()
-    torch.cuda.synchronize()
-    return {"gpu_ms": round(start.elapsed_time(end) / iters, 3), "host_ms": None}
+    return {"gpu_ms": _gpu_ms(once, iters), "host_ms": None}
 
 
 def overlap_on(runner, carveout: Optional[int], priority: Optional[int] = None) -> None:
