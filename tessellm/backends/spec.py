@@ -870,7 +870,8 @@ class OverlapStreams(Protocol):
     attention is never queued behind a GEMM grid that holds every multiprocessor (the cuda
     backend: cuBLASLt's SM count target, ``backends/cuda/streams.py``). Calling it with a value
     the device cannot take raises ``ValueError`` naming the range; calling it does no work until
-    the scope is entered, and leaving the scope restores what was set before.
+    the scope is entered, and leaving the scope restores what was set before. Conformance:
+    ``testing/conformance/test_overlap_streams.py`` (both).
     """
 
     def record(self) -> Any: ...
