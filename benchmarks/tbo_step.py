@@ -82,6 +82,39 @@ def time_forward(runner, ids, positions, batch, iters: int, split: bool) -> dict
     return {"gpu_ms": _gpu_ms(once, iters), "host_ms": round(host * 1e3, 3)}
 
 
+def time_graph(runner, ids, positions, batch, iters: int, split: bool) -> dict:
+    """The same forward captured once in a CUDA graph (its metadata, and the split, built
+    before the capture) and replayed: the step's GPU time without the host's launch cost,
+    which bounds the eager split (``--graph``). ``graph_gpu_ms`` None and ``graph_error`` where
+    the step cannot be captured."""
+    import torch
+
+    md = runner._metadata(batch) if split else runner.kernel.build_metadata(batch)
+
+    def run():
+        return runner.model(ids, positions, md)
+
+    graph = None
+    try:
+        side = torch.cuda.Stream()  # warm-up off the default stream, as torch's capture wants
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        graph.replay()
+        return {"graph_gpu_ms": _gpu_ms(graph.replay, iters)}
+    except Exception as exc:  # noqa: BLE001 - a step that cannot be captured: say why
+        torch.cuda.synchronize()
+        return {"graph_gpu_ms": None, "graph_error": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        del graph
+        torch.cuda.synchronize()
+
+
 def _gpu_ms(once, iters: int) -> float:
     """``once()`` queued ``iters`` times back to back from an idle GPU: its time a call (ms,
     between two events on the stream; where the host queues slower than the GPU runs, the gaps
@@ -139,20 +172,26 @@ def sweep(runner, d: int, args, carves: list) -> tuple[dict, int]:
                                     runner.device, runner.vocab_size)
     t, n = batch.query_start_loc_host[d], args.iters
     pre, dec = sequences(batch, d, batch.num_seqs), sequences(batch, 0, d)
-    rows = {"prefill_only": time_forward(runner, ids[t:], pos[t:], pre, n, False),
-            "decode_only": time_forward(runner, ids[:t], pos[:t], dec, n, False),
+    def timed(ids, pos, batch, split: bool) -> dict:
+        row = time_forward(runner, ids, pos, batch, n, split)
+        if args.graph:
+            row.update(time_graph(runner, ids, pos, batch, n, split))
+        return row
+
+    rows = {"prefill_only": timed(ids[t:], pos[t:], pre, False),
+            "decode_only": timed(ids[:t], pos[:t], dec, False),
             "decode_attention": time_decode_attention(runner, pos[:t], dec, n),
-            "serial": time_forward(runner, ids, pos, batch, n, False)}
+            "serial": timed(ids, pos, batch, False)}
     for c in carves:
         overlap_on(runner, c)
         assert runner.overlap.split(batch, runner.model) is not None
-        rows[f"overlap_c{'none' if c is None else c}"] = time_forward(runner, ids, pos, batch, n, True)
+        rows[f"overlap_c{'none' if c is None else c}"] = timed(ids, pos, batch, True)
     # the best carve-out again with a high-priority side stream (its CTAs scheduled first as
     # the GEMMs' retire): whether a priority knob would be worth having
     c = _best(rows).removeprefix("overlap_c")
     if hasattr(runner.overlap.streams, "stream"):  # CUDA streams only
         overlap_on(runner, None if c == "none" else int(c), priority=-1)
-        rows[f"prio_c{c}"] = time_forward(runner, ids, pos, batch, n, True)
+        rows[f"prio_c{c}"] = timed(ids, pos, batch, True)
     runner.overlap = None
     return rows, batch.num_tokens - d
 
@@ -168,7 +207,10 @@ def summary(d: int, p: int, rows: dict) -> str:
             f"({serial / rows[best]['gpu_ms']:.3f}x), prefill_only {rows['prefill_only']['gpu_ms']} "
             f"+ decode_only {rows['decode_only']['gpu_ms']}, ideal (serial - decode_attention) "
             f"{serial - rows['decode_attention']['gpu_ms']:.3f}"
-            + (f"; high-priority side stream {rows[prio]['gpu_ms']} ms" if prio else ""))
+            + (f"; high-priority side stream {rows[prio]['gpu_ms']} ms" if prio else "")
+            + ("; graphs (no launch cost): " + ", ".join(
+                f"{k} {r['graph_gpu_ms']}" for k, r in rows.items() if "graph_gpu_ms" in r)
+               if any("graph_gpu_ms" in r for r in rows.values()) else ""))
 
 
 def main() -> None:
@@ -181,6 +223,9 @@ def main() -> None:
     p.add_argument("--carveouts", default="none,0,16,32,48", help="comma list; none: not carved")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--output-json", default=None)
+    p.add_argument("--graph", action="store_true",
+                   help="also time each setting's forward captured in a CUDA graph (graph_gpu_ms: "
+                        "the GPU time without the host's launch cost)")
     args = p.parse_args()
     import torch
 
