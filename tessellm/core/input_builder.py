@@ -64,10 +64,14 @@ InputToken = Callable[[RunnerRequest, int, int, list], int]
 
 
 def build_inputs(states: list[RunnerRequest], counts: list[int], num_sampled: Optional[list[int]],
-                 tables: PersistentBlockTable, block_size: int, input_token: InputToken) -> HostInputs:
+                 tables: PersistentBlockTable, block_size: int, input_token: InputToken,
+                 width_multiple: int = 1) -> HostInputs:
     """``num_sampled``: rows each request samples; None when every request samples one (the
     usual decode step: it takes a fast path with no per-request Python beyond the token ids).
-    ``input_token(state, pos, row, feed)`` gives a token the host has not seen (async)."""
+    ``input_token(state, pos, row, feed)`` gives a token the host has not seen (async).
+    ``width_multiple``: the block table's columns are the step's widest table rounded up to a
+    multiple of it (at most the whole table), e.g. 16 for the kernel's
+    ``table_width_multiple``."""
     s = len(states)
     c = np.fromiter((st.num_computed_tokens for st in states), dtype=np.int64, count=s)
     rows = np.fromiter((st.row for st in states), dtype=np.int64, count=s)
@@ -88,6 +92,8 @@ def build_inputs(states: list[RunnerRequest], counts: list[int], num_sampled: Op
         req_of_token = np.repeat(np.arange(s), n)
         ids = _input_ids(states, counts, qsl, input_token, feed)
     width = int(tables.num_blocks[rows].max())
+    if width_multiple > 1:
+        width = min(-(-width // width_multiple) * width_multiple, tables.table.shape[1])
     table = tables.table[rows, :width]
     slots = table[req_of_token, positions // block_size].astype(np.int64) * block_size
     slots += positions % block_size

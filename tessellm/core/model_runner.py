@@ -64,6 +64,9 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.pp = pp or PipelineStage()
         self.dtype = dtype  # of activations (hidden states sent between stages)
         self.kernel = kernel  # the attention kernel all layers share
+        # Eager steps' block tables are this many columns wide at a time (the kernel's wish:
+        # Triton's kernels then see one block-table stride class in every step)
+        self.table_width_multiple = int(getattr(kernel, "table_width_multiple", 1))
         self.backend = backend
         self.device = device
         self.block_size = block_size
@@ -134,7 +137,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
 
     @runner_grad_mode
     def profile_run(self, num_tokens: int) -> None:
-        """One forward at ``num_tokens`` so the allocator reaches its peak before KV sizing.
+        """One forward at ``num_tokens`` so the allocator reaches its peak before KV sizing,
+        and the greedy sampler's argmax over its logits.
 
         The tokens are prompts of at most ``max_model_len`` each, as a real step's are: one
         prompt longer than that would index rotary tables (sized by the model's context) past
@@ -158,7 +162,9 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             self.mamba.begin_step(states, counts, profile=True)
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.dummy(num_tokens))
         if self.pp.is_last and self.pooler is None:
-            self.model.compute_logits(hidden[-min(num_tokens, 256):])
+            logits = self.model.compute_logits(hidden[-min(num_tokens, 256):])
+            if not self.host_sampling:  # greedy's argmax kernel compiles here, not in the first
+                self.sampler.argmax(logits)  # greedy step (LLM(...) runs no kernel warm-up)
         if self.encoder_cache is not None:  # the vision tower's peak too
             self.encoder_cache.profile(num_tokens)
         self.backend.synchronize()
@@ -213,7 +219,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
                                                     sched.lora_prefetch, sched.lora_unloads)
         self.staging.begin_launch()
         host = build_inputs(states, counts, num_sampled, self.batch.tables, self.block_size,
-                            self.steps.input_token)
+                            self.steps.input_token, self.table_width_multiple)
         if self.mamba is not None:  # state slots of this step's requests, in row order
             self.mamba.begin_step(states, counts, restores=sched.state_restores,
                                   within=sched.state_saves_within)

@@ -114,10 +114,10 @@ def run_tessellm(args) -> dict:
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
                      [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
                       for r in warm], use_tqdm=False, lora_request=loras)
-    else:
+    else:  # tiny: the timed run's sampling (greedy), on two short prompts
         warm = make_requests(2, 16, 4, 0.0, info.vocab_size, args.seed + 1)
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
-                     SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+                     SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
     sync = core.backend.synchronize if core is not None and core.parallel.world_size == 1 else (lambda: None)
     sync()  # (with workers, each step's results come back only once the step is done)
     split_before = _overlap_splits(core)

@@ -168,6 +168,7 @@ class TritonMLAAttentionKernel:
     supports_graph_capture = True  # no host sync; the grid depends on host ints of the batch
     kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3")  # fp8: e4m3 latent rows, one scale
     block_h = 16  # query heads a program: tl.dot wants at least 16 rows
+    table_width_multiple = 16  # eager block tables: one stride class (paged.py's reason)
     block_n = 32  # keys a tile
     # Decode splits: enough programs (sequences x head blocks x splits) to fill the GPU
     # (132 SMs on an H100, 2 programs each), each split at least ``min_partition`` keys.

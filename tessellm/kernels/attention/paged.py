@@ -57,6 +57,12 @@ class TritonAttentionKernel:
     # forward takes positions/cos_sin_cache and applies NeoX rotary as it writes the cache
     # (``rotary_and_cache``): one launch per layer instead of two.
     fuses_rotary = True
+    # Eager steps' block tables are padded to a multiple of 16 columns (ModelRunner): Triton
+    # specialises an int argument that is 1 or a multiple of 16, so a table as wide as each
+    # step's longest sequence gave the kernels' ``stride_bt`` three classes, and a mixed step
+    # of a first real batch (its decodes' tables 33 blocks wide, say) compiled variants the
+    # graphs' captures (whole-width tables) and the warm-up had not met (benchmarks/firstrun.py).
+    table_width_multiple = 16
     min_partition = 128  # fewest keys a decode split handles (bounds partial-output traffic)
     target_programs = 1024  # decode programs wanted to fill the GPU (about 8 per SM on H100)
     max_splits = 32

@@ -38,7 +38,7 @@ def _attend_keys(q, acc, m_i, l_i, lo, hi, k_cache_ptr, v_cache_ptr, bt_ptr, kvh
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_offset"])  # (one variant for any number of decodes before)
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, sinks_ptr, key_limits_ptr,
                     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
                     seq_offset, scale_log2, v_scale, window, softcap,
