@@ -101,6 +101,12 @@ class MambaStateCache:
             layer.bind(torch.zeros((total, *conv_shape), dtype=dtype, device=device),
                        torch.zeros((total, *ssm_shape), dtype=dtype, device=device), self.step)
         self.snapshots: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: (conv, ssm) pools
+        # slot -> every layer's conv and SSM state of that slot as views (``_views``), and the
+        # same of the snapshot pools' slots: made on a slot's first copy or zeroing, so a
+        # restore or a new request's first step does not make 2 views a layer and tensor each
+        # time (each an op of host time on the prefill's time to first token)
+        self._state_views: dict[int, list[torch.Tensor]] = {}
+        self._pool_views: dict[int, list[torch.Tensor]] = {}
 
     def allocate_snapshots(self, num: int) -> None:
         """The prefix cache's snapshot pool: ``num`` states of every layer (core/state_prefix.py)."""
@@ -110,6 +116,7 @@ class MambaStateCache:
                                 for t in (layer.conv_state, layer.ssm_state)) for layer in self.layers]
         for layer, pools in zip(self.layers, self.snapshots):  # saves inside a step write them
             layer.snapshot_pools = pools
+        self._pool_views = {}
 
     def save(self, saves: dict[str, int], if_accepted: Optional[dict[str, list]] = None,
              rows: Optional[dict[str, tuple[int, int]]] = None) -> None:
@@ -143,13 +150,23 @@ class MambaStateCache:
         time to first token, where an index_select and an index_copy_ per layer and tensor
         (and two index uploads) cost ~4 launches a layer."""
         dst, src = [], []
-        for layer, pools in zip(self.layers, self.snapshots):
-            for state, pool in zip((layer.conv_state, layer.ssm_state), pools):
-                for s, p in zip(slots, pool_slots):
-                    dst.append(pool[p] if to_pool else state[s])
-                    src.append(state[s] if to_pool else pool[p])
+        for s, p in zip(slots, pool_slots):
+            states, pools = self._views(s, False), self._views(p, True)
+            dst += pools if to_pool else states
+            src += states if to_pool else pools
         if dst:
             torch._foreach_copy_(dst, src)
+
+    def _views(self, slot: int, pool: bool) -> list[torch.Tensor]:
+        """Slot ``slot`` of every layer's conv and SSM state (``pool``: of the snapshot pools),
+        as views made once (the tensors stay; sleep mode resizes their storages in place)."""
+        kept = self._pool_views if pool else self._state_views
+        views = kept.get(slot)
+        if views is None:
+            tensors = ([t for pools in self.snapshots for t in pools] if pool else
+                       [t for layer in self.layers for t in (layer.conv_state, layer.ssm_state)])
+            views = kept[slot] = [t[slot] for t in tensors]
+        return views
 
     def _zero(self, slots: list[int]) -> None:
         """Zero ``slots`` of every layer's conv and SSM state. A few slots (a step's new
@@ -157,10 +174,10 @@ class MambaStateCache:
         an index upload and an ``index_fill_`` per layer and tensor are 2 launches a layer on
         a new prompt's first step). Many (the memory-profile step): ``index_fill_`` per tensor,
         not a view per slot, layer and tensor."""
-        states = [t for layer in self.layers for t in (layer.conv_state, layer.ssm_state)]
         if len(slots) <= ZERO_VIEWS_MAX_SLOTS:
-            torch._foreach_zero_([t[s] for t in states for s in slots])
+            torch._foreach_zero_([v for s in slots for v in self._views(s, False)])
             return
+        states = [t for layer in self.layers for t in (layer.conv_state, layer.ssm_state)]
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
         for t in states:
             t.index_fill_(0, idx, 0)

@@ -23,7 +23,7 @@ from tessellm.kernels.gemm.norm_epilogue import norm_epilogue_applies
 from tessellm.kernels.gemm.norm_fold import (consume_applies, fold_applies, fold_reference,
                                              rms_scaled_reference)
 from tessellm.kernels.norm import (_rows, add_norm_buffers, launch_rms_norm, launch_rms_norm_fp8,
-                                   residual_buffers)
+                                   promoted, residual_buffers, shaped_as)
 from tessellm.kernels.op_flags import FUSED_OPS_FLAGS, drop_unowned_flags
 from tessellm.kernels.pdl import pdl_args
 from tessellm.kernels.rotary import _rotary_kernel
@@ -148,10 +148,9 @@ class TritonOps:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x2 = _rows(x)
-        out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype),
-                          device=x.device)
+        out = torch.empty(x2.shape, dtype=promoted(weight.dtype, x.dtype), device=x.device)
         self._launch_norm(x2, None, weight, out, None, eps)
-        return out.view(x.shape)
+        return shaped_as(out, x)
 
     def fused_add_rms_norm(self, x, residual, weight, eps):
         """Returns ``(rms_norm(x + residual), x + residual)``; the sum overwrites ``residual``
@@ -329,4 +328,4 @@ class TritonOps:
             _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
                 x2, out, d, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4,
                 **pdl_args(x.device))
-        return out.view(*x.shape[:-1], d)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], d)

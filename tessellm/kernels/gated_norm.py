@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tessellm.kernels.host_ints import next_power_of_2
+
 MAX_BLOCK = 8192  # channels of a group held at once (above: tiles, two passes)
 # the reference's modes (``reference/gated_norm.GATED_NORM_MODES``), in the order of ``MODE``
 # (this package imports no backend: a copy, which the kernel tests compare)
@@ -108,7 +110,7 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
     if y2.shape[0] == 0:
         return out if y.dim() == 2 else out.view(shape)
-    block = min(MAX_BLOCK, triton.next_power_of_2(group_size))
+    block = min(MAX_BLOCK, next_power_of_2(group_size))
     _gated_rms_norm_kernel[(y2.shape[0], channels // group_size)](
         y2, z2, weight, out, group_size, eps, y2.stride(0), z2.stride(0), out.stride(0),
         group_size if weight.shape[0] == channels else 0, MODE=MODES.index(mode),

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from tessellm.kernels.fp8_rows import (check_fp8_dtype, fp8_max, fp8_quantize, fp8_row_buffers,
                                        fp8_row_scale)
+from tessellm.kernels.host_ints import next_power_of_2
 from tessellm.kernels.pairwise_sum import pairwise_sum
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
@@ -108,10 +109,22 @@ def _rms_norm_fp8_kernel(x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, hidde
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``[rows, last]`` (a view when possible)."""
+    """``x`` as ``[rows, last]`` (a view when possible; ``x`` itself when it is one: no op a
+    layer and step on the eager path, where each aten op costs host time)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return x.reshape(-1, x.shape[-1])
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(a, b)``, without the op call when they are the same dtype (the
+    usual case: a norm's weight, input and residual all in the model dtype)."""
+    return a if a == b else torch.promote_types(a, b)
+
+
+def shaped_as(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` (rows of ``x``) viewed in ``x``'s shape: ``t`` itself when ``x`` is 2-D."""
+    return t if x.dim() == 2 else t.view(x.shape)
 
 
 def residual_buffers(x: torch.Tensor, residual: torch.Tensor):
@@ -119,10 +132,10 @@ def residual_buffers(x: torch.Tensor, residual: torch.Tensor):
     sum overwrites the residual) when its dtype and layout allow; ``res_result`` is the sum as
     the op returns it (x's shape)."""
     x2, r2 = _rows(x), _rows(residual)
-    res_dtype = torch.promote_types(x.dtype, residual.dtype)
+    res_dtype = promoted(x.dtype, residual.dtype)
     in_place = res_dtype == residual.dtype and r2.data_ptr() == residual.data_ptr()
     new_res = r2 if in_place else torch.empty(r2.shape, dtype=res_dtype, device=x.device)
-    return x2, r2, new_res, residual if in_place else new_res.view(x.shape)
+    return x2, r2, new_res, residual if in_place else shaped_as(new_res, x)
 
 
 def add_norm_buffers(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor):
@@ -130,9 +143,8 @@ def add_norm_buffers(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     (``residual_buffers``), ``result`` what the op returns once a kernel has filled
     ``out``/``new_res``."""
     x2, r2, new_res, res_result = residual_buffers(x, residual)
-    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, new_res.dtype),
-                      device=x.device)
-    return x2, r2, out, new_res, (out.view(x.shape), res_result)
+    out = torch.empty(x2.shape, dtype=promoted(weight.dtype, new_res.dtype), device=x.device)
+    return x2, r2, out, new_res, (shaped_as(out, x), res_result)
 
 
 def _launch(kernel, x2, r2, weight, outs, new_res, eps, **consts):
@@ -141,7 +153,7 @@ def _launch(kernel, x2, r2, weight, outs, new_res, eps, **consts):
     rows, hidden = x2.shape
     if rows == 0:
         return
-    block = triton.next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     has_res = r2 is not None
     first = outs[0]
     kernel[(rows,)](

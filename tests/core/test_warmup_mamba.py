@@ -23,7 +23,7 @@ from tessellm.kernels.mamba import chunk_scan, conv1d, ssd, state_update
 from tests.models.test_mamba2 import mamba2_config
 from tests.models.variant_parity import save_tiny
 
-KERNELS = [(conv1d, "_conv_out_kernel"), (conv1d, "_conv_state_kernel"),
+KERNELS = [(conv1d, "_conv_kernel"),
            (ssd, "_dt_cumsum"), (ssd, "_chunk_cb"), (ssd, "_chunk_states"),
            (ssd, "_state_passing"), (ssd, "_chunk_output"), (state_update, "_state_update_kernel"),
            (chunk_scan, "_chunk_scan_kernel")]  # the sequential scan: chunks under SSD_MIN_TOKENS

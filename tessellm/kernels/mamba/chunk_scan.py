@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from tessellm import envs
+from tessellm.kernels.host_ints import cdiv, next_power_of_2
 from tessellm.kernels.mamba import ssd
 from tessellm.kernels.recurrent_pieces import save_pointers
 from tessellm.kernels.recurrent_saves import chunk_end, keep_state
@@ -189,14 +190,14 @@ def sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
     snap, first, offs, pslots = save_pointers(batch, snapshots, ssm_state, "mamba_chunk_scan")
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     block_p, warps = sequential_config(P, N)
-    grid = (seqs, H, triton.cdiv(P, block_p))
+    grid = (seqs, H, cdiv(P, block_p))
     _chunk_scan_kernel[grid](
         x, dt, A, B, C, D, dt_bias, ssm_state, batch.query_start_loc, batch.state_indices, y,
         snap, first, offs, pslots, H // B.shape[1], P, N, lo, hi if hi != float("inf") else 3.0e38,
         x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0),
         C.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0),
         y.stride(1), snap.stride(0), CLAMP=lo > 0.0 or hi != float("inf"), SAVES=bool(saves),
-        Q=32, BLOCK_P=block_p, BLOCK_N=max(16, triton.next_power_of_2(N)), num_warps=warps)
+        Q=32, BLOCK_P=block_p, BLOCK_N=max(16, next_power_of_2(N)), num_warps=warps)
     return y
 
 
@@ -205,4 +206,4 @@ def sequential_config(P: int, N: int) -> tuple[int, int]:
     The state block [BLOCK_P, N] lives in registers: fewer head dims a program for large N.
     (Compiled for sm90 at N = 128, BLOCK_P 16 / 32 / 64 at 4 or 8 warps all spill registers:
     ``benchmarks/kernels/bench_seq_tiles.py`` times the alternatives.)"""
-    return max(16, min(triton.next_power_of_2(P), 32 if N > 128 else 64)), 4
+    return max(16, min(next_power_of_2(P), 32 if N > 128 else 64)), 4

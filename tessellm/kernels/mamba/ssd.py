@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tessellm.kernels.host_ints import cdiv, next_power_of_2
+
 CHUNK = 128  # Q: tokens a chunk (a power of two, a multiple of the row / column blocks below)
 
 
@@ -238,15 +240,15 @@ def launch_configs(H: int, P: int, N: int, Q: int, prec: str, clamp: bool) -> di
     """Each kernel's constexprs and warps (what its launch passes; the sm_90 compile test
     compiles these). Tiles and warps: no register spills in ``ptxas -v`` for sm_90 at Mamba2-2.7B
     and Granite 4.0-H sizes (P 64, N 128), TF32 and tf32x3 alike; not tuned on a GPU yet."""
-    block_p = max(16, min(64, triton.next_power_of_2(P)))
-    block_k = max(16, min(32, triton.next_power_of_2(N)))
+    block_p = max(16, min(64, next_power_of_2(P)))
+    block_k = max(16, min(32, next_power_of_2(N)))
     block_s = min(32, Q)
     return {
-        "_dt_cumsum": dict(CLAMP=clamp, Q=Q, BLOCK_H=min(16, triton.next_power_of_2(H))),
+        "_dt_cumsum": dict(CLAMP=clamp, Q=Q, BLOCK_H=min(16, next_power_of_2(H))),
         "_chunk_cb": dict(PREC=prec, Q=Q, BLOCK_M=min(32, Q), BLOCK_K=block_k, num_warps=8),
         "_chunk_states": dict(PREC=prec, Q=Q, BLOCK_S=block_s, BLOCK_P=block_p,
-                              BLOCK_N=max(16, min(64, triton.next_power_of_2(N)))),
-        "_state_passing": dict(Q=Q, BLOCK=min(1024, triton.next_power_of_2(P * N))),
+                              BLOCK_N=max(16, min(64, next_power_of_2(N)))),
+        "_state_passing": dict(Q=Q, BLOCK=min(1024, next_power_of_2(P * N))),
         "_chunk_output": dict(PREC=prec, Q=Q, BLOCK_M=min(64, Q), BLOCK_S=block_s,
                               BLOCK_P=block_p, BLOCK_K=block_k, num_warps=8),
     }
@@ -280,26 +282,26 @@ def ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit=(0.0, 
     states = torch.empty(nc, H, P, N, dtype=torch.float32, device=dev)
     cfg = launch_configs(H, P, N, Q, prec, clamp=lo > 0.0 or hi != float("inf"))
     k = cfg["_dt_cumsum"]
-    _dt_cumsum[(nc, triton.cdiv(H, k["BLOCK_H"]))](
+    _dt_cumsum[(nc, cdiv(H, k["BLOCK_H"]))](
         dt, A, dt_bias, chunks.meta, dtc, acs, H, nc, lo, hi if hi != float("inf") else 3.0e38,
         dt.stride(0), **k)
     k = cfg["_chunk_cb"]
     _chunk_cb[(nc, G, Q // k["BLOCK_M"])](
         B, C, chunks.meta, cb, G, N, B.stride(0), B.stride(1), C.stride(0), C.stride(1), **k)
     k = cfg["_chunk_states"]
-    tiles = triton.cdiv(P, k["BLOCK_P"]) * triton.cdiv(N, k["BLOCK_N"])
+    tiles = cdiv(P, k["BLOCK_P"]) * cdiv(N, k["BLOCK_N"])
     _chunk_states[(nc, H, tiles)](
         x, B, chunks.meta, dtc, acs, states, H, H // G, P, N, nc, x.stride(0), x.stride(1),
         B.stride(0), B.stride(1), **k)
     k = cfg["_state_passing"]
-    _state_passing[(seqs, H, triton.cdiv(P * N, k["BLOCK"]))](
+    _state_passing[(seqs, H, cdiv(P * N, k["BLOCK"]))](
         ssm_state, batch.state_indices, chunks.seq_chunks, acs, states, H, P * N, nc,
         ssm_state.stride(0), ssm_state.stride(1), **k)
     if chunks.save_chunks is not None:  # the states at the saves' offsets: entering their chunks
         snapshots.index_copy_(0, chunks.save_slots,
                               states.index_select(0, chunks.save_chunks).to(snapshots.dtype))
     k = cfg["_chunk_output"]
-    _chunk_output[(nc * (Q // k["BLOCK_M"]), H, triton.cdiv(P, k["BLOCK_P"]))](
+    _chunk_output[(nc * (Q // k["BLOCK_M"]), H, cdiv(P, k["BLOCK_P"]))](
         x, C, D, chunks.meta, dtc, acs, cb, states, y, H, G, H // G, P, N, nc, x.stride(0),
         x.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1), **k)
     return y

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tessellm.kernels.host_ints import cdiv, next_power_of_2
+
 
 @triton.jit
 def _state_update_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dt_bias_ptr, state_ptr,
@@ -62,12 +64,12 @@ def mamba_state_update(x, dt, A, B, C, D, dt_bias, ssm_state, state_indices,
     if not ssm_state.is_contiguous():
         raise ValueError("mamba_state_update needs a contiguous ssm_state.")
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    block_p = min(triton.next_power_of_2(P), 32)
-    grid = (S, H, triton.cdiv(P, block_p))
+    block_p = min(next_power_of_2(P), 32)
+    grid = (S, H, cdiv(P, block_p))
     _state_update_kernel[grid](
         x, dt, A, B, C, D, dt_bias, ssm_state, state_indices, y, H // B.shape[1], P, N, lo,
         hi if hi != float("inf") else 3.0e38, x.stride(0), x.stride(1), dt.stride(0), B.stride(0),
         B.stride(1), C.stride(0), C.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0),
         y.stride(1), CLAMP=lo > 0.0 or hi != float("inf"), BLOCK_P=block_p,
-        BLOCK_N=triton.next_power_of_2(N))
+        BLOCK_N=next_power_of_2(N))
     return y

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tessellm.kernels.host_ints import cdiv, next_power_of_2
+
 
 @triton.jit
 def _conv_verify_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, qsl_ptr, idx_ptr, tslot_ptr, out_ptr,
@@ -126,13 +128,13 @@ def mamba_conv1d_verify(x, weight, bias, conv_state, batch, activation="silu") -
         x = x.contiguous()
     if conv_state.stride(-1) != 1:
         raise ValueError("mamba_conv1d_verify needs a conv_state whose last dim is contiguous.")
-    block_c = min(triton.next_power_of_2(C), 64)
-    _conv_verify_kernel[(seqs, triton.cdiv(C, block_c))](
+    block_c = min(next_power_of_2(C), 64)
+    _conv_verify_kernel[(seqs, cdiv(C, block_c))](
         x, weight, bias if bias is not None else weight, conv_state, batch.query_start_loc,
         batch.state_indices, batch.token_slots, out, C, x.stride(0), weight.stride(0),
         conv_state.stride(0), conv_state.stride(1), out.stride(0), K=K,
         HAS_BIAS=bias is not None, SILU=activation == "silu",
-        BLOCK_K=triton.next_power_of_2(max(K - 1, 1)), BLOCK_W=triton.next_power_of_2(K),
+        BLOCK_K=next_power_of_2(max(K - 1, 1)), BLOCK_W=next_power_of_2(K),
         BLOCK_C=block_c)
     return out
 
@@ -153,9 +155,9 @@ def mamba_state_update_verify(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
         raise ValueError("mamba_state_update_verify needs an ssm_state whose last dim is "
                          "contiguous.")
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    block_n = triton.next_power_of_2(N)
-    block_p = min(triton.next_power_of_2(P), 32, max(TILE // block_n, 1))  # the one-token's
-    _ssm_verify_kernel[(seqs, H, triton.cdiv(P, block_p))](
+    block_n = next_power_of_2(N)
+    block_p = min(next_power_of_2(P), 32, max(TILE // block_n, 1))  # the one-token's
+    _ssm_verify_kernel[(seqs, H, cdiv(P, block_p))](
         x, dt, A, B, C, D, dt_bias, ssm_state, batch.query_start_loc, batch.state_indices,
         batch.token_slots, y, H // B.shape[1], P, N, lo, hi if hi != float("inf") else 3.0e38,
         x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0),
