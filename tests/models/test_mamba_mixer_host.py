@@ -237,3 +237,68 @@ def test_a_step_saving_inside_it_adds_no_op_of_the_mixers():
         for a, b in zip(pools, other_pools):
             assert b[1].abs().sum() > 0
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# Top-level aten ops of one Mamba2 layer's eager step on a cached prompt's remainder (its
+# residual-add RMSNorm and mixer through the Triton ops, the kernels' own work not counted):
+# 12 since session 21 (17 before: the norm's reshapes, promote_types and view around rows
+# already 2-D). A bound, so a change that adds host ops a layer fails here.
+LAYER_OPS_MAX = 12
+
+
+def test_cached_remainder_layer_runs_few_host_ops(monkeypatch):
+    """One layer (the residual-add RMSNorm, then the mixer) of a prefix hit's remainder step
+    (one sequence of 48 tokens continuing its slot's state) through the Triton backends' ops
+    (in the interpreter): at most ``LAYER_OPS_MAX`` top-level aten ops outside the kernel
+    launches (``benchmarks/hybrid_host_step.py``'s ``ops_per_layer`` on a GPU); none of them
+    a ``promote_types``, and the norm makes no view of its rows."""
+    import os
+
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (the Triton ops on host tensors)")
+    import triton.runtime.interpreter as interpreter
+
+    from tessellm.kernels.fused_ops import TritonOps
+    from tessellm.layers.norm import RMSNorm
+
+    launch = interpreter.InterpretedFunction.run
+
+    def marked(self, *args, **kwargs):
+        with torch.profiler.record_function("triton_kernel"):
+            return launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", marked)
+    ops = TritonOps()
+    torch.manual_seed(0)
+    ctx = ModelContext(ops=ops, make_attention_kernel=None, dtype=torch.float32,
+                       device=torch.device("cpu"))
+    mixer = MambaMixer2(SHAPE, ctx)
+    norm = RMSNorm(SHAPE.hidden_size, 1e-5, ops)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    cache = MambaStateCache([mixer], num_slots=3, device=torch.device("cpu"), dtype=torch.float32)
+    cache.step.batch = make_batch([48], [1], torch.device("cpu"))
+    hidden, residual = torch.randn(2, 48, SHAPE.hidden_size).unbind(0)
+
+    def layer():
+        h, r = norm(hidden, residual.clone())
+        return mixer(h), r
+
+    with torch.no_grad():
+        want = layer()  # the first call makes A and the conv's weight view
+        with torch.profiler.profile() as prof:
+            got = layer()
+    torch.testing.assert_close(got[1], want[1])
+    counts = collections.Counter()
+    for event in prof.events():
+        parent, top = event.cpu_parent, event.name.startswith("aten::")
+        while parent is not None and top:
+            top = not (parent.name.startswith("aten::") or parent.name == "triton_kernel")
+            parent = parent.cpu_parent
+        if top and event.name != "aten::clone":  # the test's own copy of the residual
+            counts[event.name] += 1
+    assert sum(counts.values()) <= LAYER_OPS_MAX, dict(counts)
+    assert not counts["aten::promote_types"] and not counts["aten::view"], dict(counts)
