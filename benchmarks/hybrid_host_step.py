@@ -19,6 +19,17 @@ layers (near ``b_ms_per_layer``: the step waits on the GPU, not the host) and
     python benchmarks/hybrid_host_step.py --device cpu --tiny --models mamba2 granite4h
     python benchmarks/hybrid_host_step.py --device cuda --models mamba2 granite4h
 
+Session 21 on an H100 (bf16, before the host cuts below): Mamba2 9.82 ms a step, 0.409 ms a
+layer, ``ops_per_layer`` 24.1, ``launches_per_layer`` 7.3, ``gpu_ms_per_layer`` 0.066; Granite
+4.0-H 0.646 / 33.2 / 11.0 / 0.138. Expected after them (the conv in one launch, the norms
+without reshape / view / promote_types, the state cache's slot views kept, plain-int launch
+arithmetic): Mamba2 ``ops_per_layer`` ~17 (``aten::promote_types`` and ``aten::view`` gone,
+``aten::reshape`` 6 -> 4, ``aten::select`` 4 -> 2, 0 once a snapshot slot was restored before),
+``launches_per_layer`` ~6.3, Granite ~23 ops (two norms a layer) and ~10 launches; the host
+time a layer falls by their share (each op ~3-5 us of host on CUDA, a Triton launch ~10-20).
+On the CPU the same counts come from the emulated cuda path's layer test
+(``tests/models/test_mamba_mixer_host.py``, ``TRITON_INTERPRET=1``: 12 ops a layer, 17 before).
+
 ``--no-inpass scan`` / ``--no-inpass conv`` turn the ops' in-step saves off (the op flags
 ``mamba_state_saves`` / ``mamba_conv_state_saves`` unset on the model's ops): the scan then
 runs once per piece between the saves, the conv's windows are copied before it (the paths
