@@ -94,6 +94,28 @@ def test_the_profile_run_compiles_greedy_sampling(tiny_model_dir):
     assert not [k for k in seen.since(start) if k[0].startswith("sampling.")]
 
 
+@pytest.mark.slow  # about 3 minutes of interpreted Triton on one loaded core
+@interpreted
+def test_a_first_batch_without_warmup_meets_the_start_variants(tiny_model_dir):
+    """``LLM(...)`` (no kernel warm-up) after the GPU start: an F-shaped batch (20 prompts a
+    step, a mixed step of 20 decodes beside 20 prompts, graph-replayed decodes) launches no
+    kernel variant the profile forward and the capture did not. On an H100 the first F run
+    compiled five (2.9 s of a 9.0 s run, benchmarks/results/h100-2026-12-06-s21/firstrun/): the
+    prefill kernel for other ``seq_offset`` / block-table stride classes and the split-KV decode
+    kernel for its mixed steps' tables, narrower than the capture's whole-width ones."""
+    budget, seqs = 320, 40
+    with LLM(tiny_model_dir("llama"), device="cuda", emulate=True, dtype="float32",
+             max_num_batched_tokens=budget, max_num_seqs=seqs, max_model_len=256,
+             num_kv_blocks=512) as llm:
+        with record() as seen:
+            _gpu_start(llm, budget, seqs)
+            llm.generate([{"prompt_token_ids": [7] * 16}] * 2, GREEDY, use_tqdm=False)  # bench's tiny
+            start = seen.snapshot()
+            _f_like(llm, seqs, 16, seed=2)
+    missed = seen.since(start)
+    assert not missed, f"variants first launched by the batch: {missed}"
+
+
 @pytest.mark.slow  # a few minutes of interpreted Triton on one core
 @interpreted
 def test_a_first_batch_after_the_warmup_compiles_nothing(tiny_model_dir):
