@@ -255,7 +255,7 @@ for dt in ("bf16",):
 from tessellm.kernels.gated_delta import chunk
 fn = chunk._chunk_kernel
 for saves in (False, True):
-    consts = dict(SAVES=saves, Q=32, BLOCK_K=128, BLOCK_V=32)
+    consts = dict(SAVES=saves, Q=32, BLOCK_K=128, BLOCK_V=chunk.chunk_config(128, 128)[0])
     sig = {}
     for arg in fn.arg_names:
         if arg in consts:

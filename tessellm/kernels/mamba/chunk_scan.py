@@ -204,6 +204,8 @@ def sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
 def sequential_config(P: int, N: int) -> tuple[int, int]:
     """The sequential kernel's head dims a program and warps for head dim ``P``, state ``N``.
     The state block [BLOCK_P, N] lives in registers: fewer head dims a program for large N.
-    (Compiled for sm90 at N = 128, BLOCK_P 16 / 32 / 64 at 4 or 8 warps all spill registers:
-    ``benchmarks/kernels/bench_seq_tiles.py`` times the alternatives.)"""
-    return max(16, min(next_power_of_2(P), 32 if N > 128 else 64)), 4
+    On an H100 at P = 64, N = 128 (Mamba2-2.7B, Granite 4.0-H), BLOCK_P 16 at 4 warps took
+    0.091-0.098 / 1.22 ms for 128 / 2048 tokens against 0.112-0.125 / 1.52-1.67 for 64, the
+    earlier default (``benchmarks/kernels/bench_seq_tiles.py``, benchmarks/README.md session 22);
+    smaller states are untimed and keep the wider block."""
+    return max(16, min(next_power_of_2(P), 16 if N >= 128 else 64)), 4
