@@ -24,31 +24,36 @@ ON = dict(enable_decode_overlap=True, decode_overlap_steps="all", decode_overlap
 
 def _generate(path: str, enforce_eager: bool, **kwargs):
     """Greedy tokens of one engine (its KV cache kept small: two engines in turn), the name
-    of its overlap streams (None: off) and the row counts of the micro-batches it split."""
-    llm = LLM(path, device="cuda", dtype="float32", enforce_eager=enforce_eager, num_kv_blocks=1024,
-              **kwargs)
-    runner = llm.engine.core.runner
-    assert (runner.graph_runner is None) == enforce_eager
-    overlap = runner.overlap
-    assert (overlap is not None) == bool(kwargs.get("enable_decode_overlap"))
-    seen = []
-    if overlap is not None:
-        split = overlap.split
+    of its overlap streams (None: off), the (decode rows, tokens) of the steps it split while
+    serving, and of those it split while capturing graphs."""
+    from tessellm.core.decode_overlap import DecodeOverlap
 
-        def recorded(batch, model):
-            out = split(batch, model)
-            if out is not None:
-                seen.append((batch.num_decodes, batch.num_tokens))
-            return out
+    seen, captured = [], []
+    split = DecodeOverlap.split
+    serving = False
 
-        overlap.split = recorded
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                        SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
-                        use_tqdm=False)
+    def recorded(self, batch, model):  # the real split, its result noted
+        out = split(self, batch, model)
+        if out is not None:
+            (seen if serving else captured).append((batch.num_decodes, batch.num_tokens))
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DecodeOverlap, "split", recorded)
+        llm = LLM(path, device="cuda", dtype="float32", enforce_eager=enforce_eager,
+                  num_kv_blocks=1024, **kwargs)
+        runner = llm.engine.core.runner
+        assert (runner.graph_runner is None) == enforce_eager
+        overlap = runner.overlap
+        assert (overlap is not None) == bool(kwargs.get("enable_decode_overlap"))
+        serving = True
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                            SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
+                            use_tqdm=False)
     streams = None if overlap is None else type(overlap.streams).__name__
     scoped = overlap is not None and overlap.gemm_scope is not None
     llm.shutdown()
-    return [o.outputs[0].token_ids for o in outs], streams, seen, scoped
+    return [o.outputs[0].token_ids for o in outs], streams, seen, captured, scoped
 
 
 @pytest.mark.parametrize("enforce_eager,budget,carveout", [(False, None, None), (True, None, None),
@@ -57,10 +62,11 @@ def test_fp32_split_decode_matches_hf(tiny_model_dir, enforce_eager, budget, car
     path = tiny_model_dir("llama-sharp")
     want = hf_greedy(path, PROMPTS, MAX_NEW, device="cuda")
     off, *_ = _generate(path, enforce_eager, max_num_batched_tokens=budget)
-    on, streams, seen, scoped = _generate(path, enforce_eager, max_num_batched_tokens=budget,
-                                          decode_overlap_sm_carveout=carveout, **ON)
+    on, streams, seen, captured, scoped = _generate(
+        path, enforce_eager, max_num_batched_tokens=budget, decode_overlap_sm_carveout=carveout, **ON)
     assert streams == "CudaOverlapStreams" and scoped == (carveout is not None)
-    if not enforce_eager:  # graph steps are split at capture: only eager splits are seen here
+    if not enforce_eager:  # decode steps replay graphs split at capture; eager steps split live
+        assert captured and all(d == n for d, n in captured), "no decode graph was split"
         assert budget is None or any(d < n for d, n in seen), "no mixed step was split"
     else:
         assert seen and all(d == n for d, n in seen)
