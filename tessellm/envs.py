@@ -371,6 +371,24 @@ def moe_int4_tc() -> Optional[bool]:
     return _switch("TESSELLM_MOE_INT4_TC")
 
 
+def moe_int4_dequant_tokens() -> Optional[int]:
+    """TESSELLM_MOE_INT4_DEQUANT_TOKENS: from this many tokens the Triton fused MoE's int4
+    experts are dequantized to the activations' dtype (a transient workspace, a chunk of experts
+    at a time) and multiplied by the 16-bit grouped GEMMs (``kernels/moe/int4_dequant.py``);
+    0 turns that path off; unset: the module's default (``MOE_INT4_DEQUANT_TOKENS``)."""
+    value = os.environ.get("TESSELLM_MOE_INT4_DEQUANT_TOKENS", "").strip()
+    if not value:
+        return None
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = -1
+    if tokens < 0:
+        raise ValueError(f"TESSELLM_MOE_INT4_DEQUANT_TOKENS={value!r} is not understood; give a "
+                         "token count >= 0 (0: never dequantize).")
+    return tokens
+
+
 def fp8_lean_w8a8() -> Optional[bool]:
     """TESSELLM_FP8_LEAN_W8A8: "0" takes the fp8 W8A8 prefill GEMM's checks and views again
     every call (the path before 2026-12-04; benchmarks), "1" caches them per weight (default)."""

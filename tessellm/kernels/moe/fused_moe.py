@@ -43,7 +43,10 @@ from tessellm.kernels.moe.align import align_by_expert_triton
 from tessellm.kernels.moe.decode import (decode_max_tokens, decode_route, fused_moe_decode,
                                          fused_moe_decode_routed)
 from tessellm.kernels.moe.decode_int4 import fused_moe_int4_decode
-from tessellm.kernels.moe.int4_tc_moe import moe_int4_tc_applies, moe_int4_tc_gemm
+from tessellm.kernels.moe.int4_dequant import (dequantize_int4_experts, expert_chunk,
+                                               moe_int4_dequant_applies)
+from tessellm.kernels.moe.int4_tc_moe import (moe_int4_tc_applies, moe_int4_tc_block_m,
+                                              moe_int4_tc_gemm)
 from tessellm.kernels.moe.routing import route_triton
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
@@ -359,9 +362,16 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         return fused_moe_decode(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale)
     if expert_map is not None:
         topk_ids = torch.where(held, local, num_experts).to(torch.int32)
-    # int4: the large 16-bit prefill tile is not taken yet (sized as a float32 operand's): the
-    # words are loaded once now (half a byte an element) but its 4 stages have not been timed
-    # with the dequantization in the loop (benchmarks/kernels/bench_moe_int4.py --sweep)
+    if int4 and tiles is None and moe_int4_dequant_applies(t, hidden.device):
+        # many tokens: the experts dequantized (a chunk at a time) and the 16-bit GEMMs
+        return _fused_moe_int4_dequant(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
+                                       w2_scale, w13_zeros, w2_zeros, w13_perm, activation,
+                                       w13_bias, w2_bias, expert_map is not None)
+    if tiles is None and int4 and plain and _int4_tc_both(w13, w13_scale, w2, w2_scale):
+        # both GEMMs on the int4 tensor-core kernel: its own alignment block, SiLU fused
+        bm = moe_int4_tc_block_m(t * k, num_experts)
+        tiles = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, SILU_MUL=True)
+    # int4 tiles: the large 16-bit prefill tile is not taken (sized as a float32 operand's)
     tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device,
                                                          4 if int4 else hidden.element_size())
     fuse = tiles.pop("SILU_MUL", tiles["BLOCK_M"] <= 32)
@@ -395,6 +405,67 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
                                                               device=dev)
     weights = topk_weights.to(torch.float32).contiguous().view(-1)
     _expert_gemm(act, w2, w2_scale, weights, *align, c2, 1, tiles, bias=w2_bias, **blocks, **z2)
+    return _sum_topk(c2, t, k, dtype)
+
+
+def _int4_tc_both(w13, w13_scale, w2, w2_scale) -> bool:
+    """Whether both int4 GEMMs run on the tensor-core kernel (``moe_int4_tc_applies``)."""
+    return all(moe_int4_tc_applies(w.shape[2] * 8, w.shape[2] * 8 // s.shape[2])
+               for w, s in ((w13, w13_scale), (w2, w2_scale)))
+
+
+def _fused_moe_int4_dequant(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale,
+                            w13_zeros, w2_zeros, w13_perm, activation, w13_bias, w2_bias,
+                            some_elsewhere: bool) -> torch.Tensor:
+    """``fused_moe_triton``'s int4 product from ``int4_dequant.MOE_INT4_DEQUANT_TOKENS`` tokens
+    (``int4_dequant.py``), the 16-bit tiles: for each chunk of experts (``expert_chunk``: all of
+    them where their 16-bit weights fit ``MOE_INT4_DEQUANT_WORKSPACE_MB``) the chunk's pairs
+    aligned (every other pair takes no row), its w13 dequantized into a workspace and GEMM 1;
+    then (the activation apart on the 16-bit rule's large tiles) for each chunk its w2
+    dequantized and GEMM 2. Each workspace goes back to the allocator after its GEMM; every
+    pair's rows are written by its expert's chunk alone and summed once. ``topk_ids`` local
+    (``num_experts``: a pair another rank holds, ``some_elsewhere``)."""
+    t, k = topk_ids.shape
+    num_experts = w13.shape[0]
+    dev, dtype = hidden.device, hidden.dtype
+    hidden = hidden.contiguous()
+    gated = activation is None or activation.gated
+    tiles = _tiles(t * k, num_experts, dev, hidden.element_size())
+    fuse = tiles.pop("SILU_MUL", tiles["BLOCK_M"] <= 32) and gated
+    ids = topk_ids.to(torch.int32)
+    hit = torch.zeros(num_experts + 1, dtype=torch.int32, device=dev)  # [E]: pairs held elsewhere
+    hit.index_fill_(0, ids.reshape(-1).long(), 1)  # experts no pair routes to stay unwritten
+    perm = None if w13_perm is None else w13_perm.to(torch.int32)
+    chunk = expert_chunk(num_experts, 8 * max(w13[0].numel(), w2[0].numel()),
+                         hidden.element_size())
+    spans = [(lo, min(num_experts, lo + chunk)) for lo in range(0, num_experts, chunk)]
+    part = (lambda x, lo, hi: None if x is None else x[lo:hi])  # noqa: E731
+    aligns = []
+    out1 = torch.empty(t * k, w2.shape[2] * 8 if fuse else w13.shape[1], dtype=dtype, device=dev)
+    tiles1 = dict(tiles, BLOCK_N=max(16, tiles["BLOCK_N"] // 2)) if fuse else tiles
+    for lo, hi in spans:
+        # the chunk's experts as 0 .. hi - lo - 1, every other pair hi - lo (no row)
+        ids_c = ids if len(spans) == 1 else torch.where((ids >= lo) & (ids < hi), ids - lo,
+                                                        hi - lo)
+        aligns.append(align_by_expert_triton(ids_c, hi - lo, tiles["BLOCK_M"]))
+        ws = dequantize_int4_experts(w13, w13_scale, w13_zeros, dtype, lo, hi, hit)
+        p13 = None if perm is None else perm[lo:hi].contiguous()
+        _expert_gemm(hidden, ws, None, None, *aligns[-1], out1, k, tiles1, silu_mul=fuse,
+                     bias=part(w13_bias, lo, hi), activation=activation if fuse else None,
+                     perm=p13)
+        del ws  # back to the allocator: the next chunk's workspace takes its memory
+    if fuse:
+        act = out1
+    else:
+        act = _silu_and_mul(out1, w2.shape[2] * 8) if activation is None else activation(out1)
+        del out1
+    c2 = (torch.zeros if some_elsewhere else torch.empty)(t * k, w2.shape[1], dtype=dtype,
+                                                          device=dev)
+    weights = topk_weights.to(torch.float32).contiguous().view(-1)
+    for (lo, hi), align in zip(spans, aligns):
+        ws = dequantize_int4_experts(w2, w2_scale, w2_zeros, dtype, lo, hi, hit)
+        _expert_gemm(act, ws, None, weights, *align, c2, 1, tiles, bias=part(w2_bias, lo, hi))
+        del ws
     return _sum_topk(c2, t, k, dtype)
 
 

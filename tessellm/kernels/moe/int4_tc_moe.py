@@ -149,6 +149,17 @@ def _widen(words, i: tl.constexpr, W16: tl.constexpr, dtype: tl.constexpr):
     return w
 
 
+def moe_int4_tc_block_m(pairs: int, num_experts: int) -> int:
+    """The alignment block (pairs a program takes; SiLU-and-mul in GEMM 1's epilogue at both)
+    of the fused MoE where both int4 GEMMs take this kernel: 16 up to 16 pairs an expert, 32
+    above, in place of the 16-bit rule (``fused_moe._tiles``: 32 from 2, 64 unfused from 32).
+    H100 sweep (session 22, ``bench_moe_int4.py --flush --sweep``, Qwen3-30B-A3B layer: only
+    BLOCK_M and the fusion of its tiles reach this kernel): 256 tokens (16 pairs an expert)
+    332.7 us at 16 against 387.4 at the rule's 32; 2048 tokens (128) 1,569.6 at 32 against
+    1,648.7 at the rule's 64 unfused."""
+    return 16 if pairs <= 16 * num_experts else 32
+
+
 def moe_int4_tc_tiles(block_m: int) -> dict:
     """Launch settings by the alignment block (the pairs a program takes, ``fused_moe._tiles``'
     BLOCK_M): 128 weight rows, 4 warps up to 64 pairs, 8 above. H100 sweep (session 20,
