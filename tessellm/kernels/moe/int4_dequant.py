@@ -42,11 +42,11 @@ from tessellm import envs
 # The token count from which the int4 fused MoE dequantizes (default of
 # TESSELLM_MOE_INT4_DEQUANT_TOKENS; 0: never). H100, Qwen3-30B-A3B layer, CUDA graph, L2
 # flushed (benchmarks/moeint4_device.sh, session 22): bf16 481 / 697 us at 256 / 2048 tokens,
-# int4 tensor-core 333-387 / 1,570-1,649; the dequantization adds one write of the 16-bit
-# experts (~0.5 ms with the codes' read), so the crossover lies near 1,400 tokens by those two
-# points. 1024 pending the measured crossover (``bench_moe_int4.py --crossover`` prints it;
-# owed on a GPU).
-MOE_INT4_DEQUANT_TOKENS = 1024
+# the int4 tensor-core path 333-387 / 1,570-1,649 (the range: its alignment blocks). Lines
+# through those points, plus one write of the 16-bit experts and one read of the codes for the
+# dequantization (1.5 GB, ~0.5 ms at the H100's ~3 TB/s), cross near 1,400 tokens: 1536 until
+# ``bench_moe_int4.py --crossover`` measures it (it prints the recommended value; owed on a GPU).
+MOE_INT4_DEQUANT_TOKENS = 1536
 # The most 16-bit expert weights one chunk dequantizes at a time (w13 or w2, one at a time).
 MOE_INT4_DEQUANT_WORKSPACE_MB = 512
 
