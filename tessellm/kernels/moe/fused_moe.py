@@ -335,7 +335,10 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     ``int4`` (AWQ / GPTQ experts, ``reference/moe.py``): ``w13`` / ``w2`` int32 codes ``[E, N,
     K/8]``, ``*_scale [E, N, K/g]`` group scales, ``*_zeros`` uint8 zero codes or None (8);
     the grouped GEMMs dequantize each weight tile (W4A16); up to ``DECODE_MAX_TOKENS`` tokens
-    (no ``tiles``, no other variant) the int4 decode kernels run instead (``decode_int4.py``).
+    (no ``tiles``, no other variant) the int4 decode kernels run instead (``decode_int4.py``),
+    and from ``int4_dequant.MOE_INT4_DEQUANT_TOKENS`` tokens (no ``tiles``) the experts are
+    dequantized a chunk at a time into a transient workspace for the 16-bit grouped GEMMs
+    (``_fused_moe_int4_dequant``).
     ``w13_perm`` ``[E, H]`` int32 (GPTQ act order, ``reference/moe.py``): each expert's first
     GEMM gathers the hidden columns in its order."""
     t, k = topk_ids.shape
