@@ -9,7 +9,9 @@
 # Run from the repository root: bash benchmarks/moeint4_device.sh   (OUT=... for the logs)
 # Expect: "rc=0" five times, "passed" and no "failed"; the bench prints one line per token
 # count (bf16 us, int4 us, their ratio, the int4 path taken) and the int4 error vs the reference
-# (bf16: a few 1e-2 of the largest output at most), then "crossover tokens N: tc .. deq .."
+# (bf16: a few 1e-2 of the largest output at most), "dequant w13 x64 tile (rows, words, warps):
+# us GB/s" lines (the dequantization alone, to pick int4_dequant.DEQUANT_TILE: near the HBM's
+# ~3,000 GB/s is the goal), then "crossover tokens N: tc .. deq .."
 # lines and "crossover: dequantize from N tokens" (the value for int4_dequant.py's
 # MOE_INT4_DEQUANT_TOKENS); JSON in $OUT/moeint4_bench.json (and moeint4_bench_flush.json: L2
 # flushed, plus the tensor-core path's alignment-block sweep, "sweep tokens N: best ..." lines,
@@ -23,7 +25,7 @@ t moeint4_kernel_tests ${MOEINT4_KTEST_S:-80} python3 -m pytest -q -p no:cachepr
   tests/kernels/test_moe_int4_tc.py tests/kernels/test_moe_int4_dequant.py
 t moeint4_bench ${MOEINT4_BENCH_S:-90} python3 benchmarks/kernels/bench_moe_int4.py \
   --crossover --json "$OUT/moeint4_bench.json"
-grep -h "tokens" "$OUT/moeint4_bench.txt"
+grep -h "tokens\|dequant" "$OUT/moeint4_bench.txt"
 t moeint4_bench_flush ${MOEINT4_SWEEP_S:-120} python3 benchmarks/kernels/bench_moe_int4.py \
   --flush --crossover --sweep --json "$OUT/moeint4_bench_flush.json"
-grep -h "tokens" "$OUT/moeint4_bench_flush.txt"
+grep -h "tokens\|dequant" "$OUT/moeint4_bench_flush.txt"

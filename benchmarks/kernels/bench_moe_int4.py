@@ -19,7 +19,8 @@ other paths are. The int4 result is checked against the pure-torch reference
 ``--crossover``: at each count above 4 tokens (and 384 .. 3072 between), the tensor-core path
 (``tc``, TESSELLM_MOE_INT4_DEQUANT_TOKENS=0) against the dequantized one (``deq``), and the
 recommended ``MOE_INT4_DEQUANT_TOKENS``: the smallest count from which ``deq`` is faster at
-every larger count measured ("crossover: ..." line). ``--sweep``: the tensor-core path's
+every larger count measured ("crossover: ..." line); first the dequantization alone under a
+few program shapes (``dequant_sweep``: us and GB/s). ``--sweep``: the tensor-core path's
 alignment block and SiLU fusion (``tile_sweep``: the only parts of ``fused_moe_triton``'s tiles
 that reach that kernel); ``--tc-sweep`` (alone) its launch settings (BLOCK_N, warps, stages).
 
@@ -148,6 +149,7 @@ def crossover(q13, q2, s13, s2, kw, dtype, token_counts, flush: bool) -> dict:
     recommended threshold: the smallest count from which the dequantized path is faster at
     every larger count measured (None: it never is at the largest)."""
     counts = sorted({t for t in token_counts if t > 4} | set(CROSSOVER_TOKENS))
+    deq = dequant_sweep(q13, q2, s13, s2, kw, dtype, flush)
     points = []
     for tokens in counts:
         x = torch.randn(tokens, H, device=DEV).to(dtype)
@@ -165,7 +167,34 @@ def crossover(q13, q2, s13, s2, kw, dtype, token_counts, flush: bool) -> dict:
         best = p["tokens"]
     print(f"crossover: dequantize from {best} tokens (MOE_INT4_DEQUANT_TOKENS now "
           f"{dq.MOE_INT4_DEQUANT_TOKENS}; flush={flush})", flush=True)
-    return dict(points=points, recommended=best)
+    return dict(points=points, recommended=best, dequant=deq)
+
+
+DEQUANT_TILES = ((32, 16, 4), (64, 16, 4), (64, 16, 8), (16, 16, 4), (32, 32, 4), (128, 8, 8))
+
+
+def dequant_sweep(q13, q2, s13, s2, kw, dtype, flush: bool) -> list:
+    """``int4_dequant.dequantize_int4_experts`` alone on w13 (the first 64 experts: one chunk
+    of the default budget) under each ``DEQUANT_TILES`` (rows, words, warps): us and GB/s of
+    codes, scales, zeros read and 16-bit weights written; the default's marked."""
+    chunk = min(E, 64)
+    moved = (q13[:chunk].numel() * 4 + s13[:chunk].numel() * 3
+             + q13[:chunk].numel() * 8 * torch.tensor([], dtype=dtype).element_size())
+    default, out = dq.DEQUANT_TILE, []
+    for tile in DEQUANT_TILES:
+        dq.DEQUANT_TILE = tile
+        try:
+            us = gtime(lambda: dq.dequantize_int4_experts(q13, s13, kw["w13_zeros"], dtype, 0,
+                                                          chunk), flush=flush)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"  dequant tile {tile} failed: {type(e).__name__}", flush=True)
+            continue
+        finally:
+            dq.DEQUANT_TILE = default
+        out.append(dict(tile=tile, us=us, gb_s=moved / us / 1e3))
+        print(f"dequant w13 x{chunk} tile {tile}: {us:8.1f} us  {moved / us / 1e3:7.0f} GB/s"
+              + ("  (default)" if tile == default else ""), flush=True)
+    return out
 
 
 # (BLOCK_M, SILU_MUL) tried by --sweep: the tensor-core int4 path takes from the tiles only

@@ -49,6 +49,9 @@ from tessellm import envs
 MOE_INT4_DEQUANT_TOKENS = 1536
 # The most 16-bit expert weights one chunk dequantizes at a time (w13 or w2, one at a time).
 MOE_INT4_DEQUANT_WORKSPACE_MB = 512
+# The dequantization's program: (weight rows, packed words = 8 inputs each, warps). Not timed
+# yet (``bench_moe_int4.py --crossover`` prints its bandwidth under a few settings).
+DEQUANT_TILE = (32, 16, 4)
 
 
 def moe_int4_dequant_tokens() -> int:
@@ -140,7 +143,7 @@ def dequantize_int4_experts(w: torch.Tensor, scale: torch.Tensor, zeros: Optiona
     if hi <= lo or n == 0 or kw == 0:
         return out
     interp = w.device.type == "cpu"
-    block_n, block_w = (16, 8) if interp else (32, 16)
+    block_n, block_w, warps = (16, 8, 4) if interp else DEQUANT_TILE
     w, scale = w.contiguous(), scale.contiguous()
     zeros = zeros.contiguous() if zeros is not None else None
     _dequant_int4_kernel[(hi - lo, triton.cdiv(n, block_n), triton.cdiv(kw, block_w))](
@@ -148,5 +151,5 @@ def dequantize_int4_experts(w: torch.Tensor, scale: torch.Tensor, zeros: Optiona
         lo, n, kw, w.stride(0), w.stride(1), scale.stride(0), scale.stride(1), out.stride(0),
         out.stride(1), GROUP=group, HAS_ZEROS=zeros is not None, HAS_HIT=hit is not None,
         ONE_GROUP=group % (8 * block_w) == 0, BLOCK_N=block_n,
-        BLOCK_W=block_w, num_warps=4)
+        BLOCK_W=block_w, num_warps=warps)
     return out
