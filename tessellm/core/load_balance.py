@@ -98,6 +98,17 @@ def core_load(scheduler, received: int) -> dict:
             "prefill_steps": pending // max(1, config.max_num_batched_tokens), "received": received}
 
 
+def load_score(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_size: int) -> int:
+    """The load policy's score (module docstring) of an engine with ``report`` as its latest
+    figures and ``unreceived`` requests sent to it since, once a prompt of ``num_prompt_tokens``
+    lands there. Shared with the Ray Serve router (entrypoints/ray_serve/prefix_router.py)."""
+    queued = report.waiting + max(0, unreceived) + report.prefill_steps
+    at_once = (queued == 0 and (report.free_seqs is None or report.free_seqs > 0)
+               and (report.free_blocks is None
+                    or -(-num_prompt_tokens // max(1, block_size)) <= report.free_blocks))
+    return _WAITING_WEIGHT * queued + report.running + (1 if at_once else _WAITING_WEIGHT)
+
+
 class LoadBalancer:
     def __init__(self, num_cores: int, block_size: int, affinity: bool = True,
                  max_blocks: int = _MAX_BLOCKS, policy: str = "load"):
@@ -151,10 +162,7 @@ class LoadBalancer:
         """The load policy's score of ``core`` once a prompt of ``num_prompt_tokens`` lands there
         (module docstring): its last report, with what was sent since as queued."""
         r = self.reports[core]
-        queued = r.waiting + max(0, self.sent[core] - r.received) + r.prefill_steps
-        at_once = (queued == 0 and (r.free_seqs is None or r.free_seqs > 0)
-                   and (r.free_blocks is None or -(-num_prompt_tokens // self.block_size) <= r.free_blocks))
-        return _WAITING_WEIGHT * queued + r.running + (1 if at_once else _WAITING_WEIGHT)
+        return load_score(r, self.sent[core] - r.received, num_prompt_tokens, self.block_size)
 
     def report(self, core: int, figures: Optional[dict]) -> None:
         """``core``'s figures from its latest outputs message (``core_load``); None (a core that
