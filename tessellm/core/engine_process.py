@@ -238,7 +238,10 @@ class _CoreLoop:
 
     def _call(self, method: str, args: Optional[list] = None):
         if method in ("stats", "ping"):
-            return self._stats()
+            stats = self._stats()
+            if "load" not in stats:  # asked for: the load figures too (a Ray Serve replica's report)
+                stats["load"] = core_load(self.core.scheduler, self.received)
+            return stats
         if method in _CORE_CALLS:  # sleep mode and weight updates (docs/sleep_mode.md)
             try:
                 result = getattr(self.core, method)(*(args or []))
