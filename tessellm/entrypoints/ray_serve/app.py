@@ -4,7 +4,8 @@
 
     HTTP --> Serve proxy --> TessellmIngress (FastAPI, forwards)  --handle, stream=True-->
              TessellmEngine replica 1..N (AsyncLLM + the OpenAI app), chosen by
-             PrefixAffinityRouter (or Serve's default router when router.prefix_affinity=false)
+             PrefixAffinityRouter, on the replicas' reported engine load (router.balance) and
+             prefix affinity (or Serve's default router when router.prefix_affinity=false)
 
 ``build_app(args)`` is the import path Serve runs
 (``tessellm.entrypoints.ray_serve:build_app``); ``args`` is the dict config.py documents.
@@ -72,7 +73,12 @@ def engine_options(config: RayServeConfig) -> dict:
         opts["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_CLASS_PATH,
             request_router_kwargs={"prefix_affinity": True, "imbalance_threshold": rt.imbalance_threshold,
-                                   "max_entries_per_replica": rt.max_entries_per_replica})
+                                   "max_entries_per_replica": rt.max_entries_per_replica,
+                                   "balance": rt.balance, "chunk_tokens": rt.chunk_tokens},
+            # The replicas' load reports (EngineReplica.record_routing_stats) reach the routers
+            # this often; a report that does not answer within the timeout is skipped.
+            request_routing_stats_period_s=rt.load_report_period_s,
+            request_routing_stats_timeout_s=max(5.0, 2 * rt.load_report_period_s))
     return opts
 
 

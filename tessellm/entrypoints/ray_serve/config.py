@@ -11,7 +11,7 @@ to each field's type. Unknown keys are an error naming the key, never silently i
     num_replicas: 1             # fixed replica count (ignored when autoscaling is given)
     autoscaling: {min_replicas, max_replicas, target_ongoing_requests, ...}
     replica: {num_cpus, num_gpus, resources, max_ongoing_requests, ...}
-    router: {prefix_affinity, chunk_chars, imbalance_threshold, ...}
+    router: {prefix_affinity, balance, imbalance_threshold, load_report_period_s, chunk_chars, ...}
     ingress: {num_replicas, num_cpus, max_ongoing_requests, retries, graceful_shutdown_timeout_s, ...}
 """
 
@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from tessellm.config import EngineArgs
 from tessellm.entrypoints.openai.server_config import ServerConfig
+from tessellm.entrypoints.ray_serve.replica_load import BALANCES
 
 # Ray resources a replica of each in-tree backend asks for. Ray schedules NVIDIA, AMD and Intel
 # GPUs all as "GPU" and TPU chips as "TPU". A plugin backend must name its own resource.
@@ -72,11 +73,15 @@ class RouterOptions:
     """The prefix-affinity request router (see prefix_router.py)."""
 
     prefix_affinity: bool = True  # False: Serve's default power-of-two-choices router
+    balance: str = "load"  # load: the engines' reported queues, scored as the data-parallel
+    #                        balancer does; in_flight: requests in flight (replica_load.py)
+    load_report_period_s: float = 1.0  # how often each replica reports its engine's load
     chunk_chars: int = 128  # prompt characters per prefix chunk (about 30 tokens of English)
     chunk_tokens: int = 32  # token-id prompts: ids per chunk
     max_chunks: int = 64  # only the first max_chunks chunks are looked at
-    imbalance_threshold: int = 8  # leave the prefix's replica when it has this many more
-    #                               requests in flight than the least-loaded one
+    imbalance_threshold: int = 8  # leave the prefix's replica when its load figure is this
+    #                               much above the least one's (load: score points, 8 = two
+    #                               queued requests, or an eighth more; in_flight: requests)
     max_entries_per_replica: int = 50_000  # chunk hashes remembered per replica (LRU)
 
 
@@ -180,6 +185,11 @@ class RayServeConfig:
                 raise ValueError(f"router.{name} must be >= 1, got {getattr(r, name)}.")
         if r.imbalance_threshold < 0:
             raise ValueError(f"router.imbalance_threshold must be >= 0, got {r.imbalance_threshold}.")
+        if r.balance not in BALANCES:
+            raise ValueError(f"router.balance {r.balance!r} is not supported; use load (the engines' "
+                             "reported queues) or in_flight (requests in flight at each replica).")
+        if not r.load_report_period_s > 0:
+            raise ValueError(f"router.load_report_period_s must be > 0, got {r.load_report_period_s}.")
         if self.replica.max_ongoing_requests < 1 or self.ingress.max_ongoing_requests < 1:
             raise ValueError("replica.max_ongoing_requests and ingress.max_ongoing_requests must be >= 1.")
         if self.ingress.num_replicas < 1 or self.ingress.retries < 0:

@@ -10,6 +10,8 @@ Lifecycle, as Serve drives it:
 * ``__init__`` (async): start the engine (loads the model) and wait for its warm-up; Serve routes
   nothing here until it returns, so a replica takes traffic only once it is warm (ready means
   warm, as the plain server's ``/ready``).
+* ``record_routing_stats`` (every ``router.load_report_period_s``): the engine's load figures,
+  which Serve hands to every router (replica_load.py).
 * ``check_health`` (every ``health_check_period_s``): raises once the engine core is dead, so
   Serve replaces the replica; its requests in flight have already failed with a 503.
 * stopping (scale-down, redeploy, shutdown): Serve stops routing here, waits up to
@@ -32,6 +34,7 @@ from typing import Optional
 
 from tessellm.entrypoints.ray_serve.asgi_bridge import ForwardedRequest, stream_asgi
 from tessellm.entrypoints.ray_serve.config import parse_config
+from tessellm.entrypoints.ray_serve.replica_load import load_report
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,21 @@ class EngineReplica:
                 "engine_pid": self.engine.cores.pids()[0], "engine_alive": self.engine_alive(),
                 "in_flight": self.in_flight, "stats": dict(stats),
                 "lora_adapters": sorted(self.held_adapters)}
+
+    async def record_routing_stats(self) -> dict:
+        """This replica's load report for the routers (replica_load.py: its engine's waiting and
+        running requests, free slots and KV blocks, prefill ahead, and its requests in flight).
+        Serve's controller calls it every ``router.load_report_period_s`` and hands the answer
+        to every router as ``RunningReplica.routing_stats``; {} while the engine cannot answer
+        (the routers then count this replica's requests as queued)."""
+        in_flight = self.in_flight  # before the call: what arrives meanwhile counts as new
+        if not self.engine_alive():
+            return {}
+        try:
+            stats = await self.engine.call("stats", timeout=5.0)
+        except Exception:  # noqa: BLE001 - a missed report only ages the routers' view
+            return {}
+        return load_report(stats, in_flight, self.engine.info.block_size)
 
     async def _hold_adapter(self) -> None:
         """Register this request's adapter with Serve's multiplexing (see the module docstring)."""

@@ -56,9 +56,14 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                    help="requests one replica takes at once; Serve queues the rest")
     g.add_argument("--prefix-affinity", action=argparse.BooleanOptionalAction, default=True,
                    help="route shared prompt prefixes to the replica that caches them")
+    g.add_argument("--replica-balance", choices=("load", "in_flight"), default="load",
+                   help="the router's load figure: load (each replica's reported engine queues, "
+                   "scored 4 x queued + running as --data-parallel-balance load) or in_flight "
+                   "(requests in flight at each replica)")
     g.add_argument("--imbalance-threshold", type=int, default=8,
-                   help="leave a prefix's replica when it has this many more requests in flight "
-                   "than the least-loaded one")
+                   help="leave a prefix's replica when its load figure is this much above the "
+                   "least-loaded one's (load: score points, 8 = two queued requests; in_flight: "
+                   "requests)")
 
 
 def config_from_args(args: argparse.Namespace, server_config) -> dict:
@@ -77,7 +82,7 @@ def config_from_args(args: argparse.Namespace, server_config) -> dict:
                           "max_ongoing_requests": args.max_ongoing_requests,
                           "graceful_shutdown_timeout_s": args.shutdown_timeout},
               "ingress": {"graceful_shutdown_timeout_s": args.shutdown_timeout},
-              "router": {"prefix_affinity": args.prefix_affinity,
+              "router": {"prefix_affinity": args.prefix_affinity, "balance": args.replica_balance,
                          "imbalance_threshold": args.imbalance_threshold}}
     if args.max_replicas is not None:
         config["autoscaling"] = {"min_replicas": args.min_replicas if args.min_replicas is not None else 1,

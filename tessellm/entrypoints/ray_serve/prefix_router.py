@@ -5,13 +5,20 @@ ingress replica. It calls ``initialize_state(**router kwargs)`` once, then for e
 ``choose_replicas(candidates, pending_request)`` (the policy, affinity_policy.py) and, once a
 replica accepted it, ``on_request_routed``; ``on_request_completed`` when it ends.
 
+The load figure (``balance``, replica_load.py): ``load`` (default), the replica's engine load
+score (``load_score``, as the data-parallel balancer's) from the figures it reports through
+Serve's routing stats (``record_routing_stats`` of engine_replica.py, read here as
+``RunningReplica.routing_stats``), with the requests that reached it since counted as queued;
+``in_flight``, its requests in flight.
+
 The ingress passes the prompt's chunk hashes as the ``prefix_hashes`` keyword of the handle
 call (prefix_key.py), so nothing here parses a request. A request for a LoRA adapter carries
 it as Serve's multiplexed model id (``handle.options(multiplexed_model_id=...)``); the replicas
 that report it loaded (``RunningReplica.multiplexed_model_ids``, pushed by their
 ``serve.multiplexed`` loader) are preferred (affinity_policy.py). A request's load figure is Serve's
 queue-length cache for the replica (what the replica last reported, plus what this router
-sent since) when it is fresh, else this router's own count of its requests in flight there.
+sent since) when it is fresh, else this router's own count of its requests in flight there;
+the ``load`` balance scores on top of it (replica_load.py).
 This class reads those through the ``RequestRouter`` API of Ray Serve >= 2.50 (tested: 2.60).
 """
 
@@ -24,6 +31,7 @@ from typing import Optional
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from tessellm.entrypoints.ray_serve.affinity_policy import rank_replicas
+from tessellm.entrypoints.ray_serve.replica_load import BALANCES, replica_score, threshold
 from tessellm.core.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
@@ -33,10 +41,17 @@ ROUTER_CLASS_PATH = "tessellm.entrypoints.ray_serve.prefix_router:PrefixAffinity
 
 class PrefixAffinityRouter(RequestRouter):
     def initialize_state(self, prefix_affinity: bool = True, imbalance_threshold: int = 8,
-                         max_entries_per_replica: int = 50_000, **_unused) -> None:
-        """``_unused``: the chunking options, which the ingress applies, travel in the same dict."""
+                         max_entries_per_replica: int = 50_000, balance: str = "in_flight",
+                         chunk_tokens: int = 32, **_unused) -> None:
+        """``balance``: the load figure (module docstring; "in_flight" when not given, as before
+        it existed); ``chunk_tokens``: prompt tokens per prefix chunk, to estimate a prompt's
+        length. ``_unused``: other options that travel in the same dict."""
+        if balance not in BALANCES:
+            raise ValueError(f"router balance {balance!r} is not supported; use one of {BALANCES}.")
         self._affinity = prefix_affinity
         self._threshold = imbalance_threshold
+        self._balance = balance
+        self._chunk_tokens = chunk_tokens
         self._index = PrefixIndex(max_entries_per_replica)
         self._in_flight: Counter = Counter()  # replica unique id -> this router's requests there
         self._routed: dict[str, str] = {}  # internal request id -> replica unique id
@@ -48,12 +63,14 @@ class PrefixAffinityRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True  # no busy loop when all are full
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         self._forget_gone(by_id)
-        loads = {uid: self._load(r) for uid, r in by_id.items()}
-        chain = _chain(pending_request) if self._affinity else []
+        chain = _chain(pending_request)
+        loads = self.replica_loads(candidate_replicas, len(chain) * self._chunk_tokens)
+        chain = chain if self._affinity else []
         model_id = _model_id(pending_request)
         holders = frozenset(uid for uid, r in by_id.items()
                             if model_id and model_id in r.multiplexed_model_ids)
-        ranks = rank_replicas(chain, loads, self._index, self._threshold, holders=holders)
+        slack = threshold(self._threshold, min(loads.values(), default=0), self._balance)
+        ranks = rank_replicas(chain, loads, self._index, slack, holders=holders)
         if chain and ranks:
             self._index.record(ranks[0][0], chain)  # claim it now: a burst agrees before routing ends
         return [[by_id[uid] for uid in rank] for rank in ranks]
@@ -75,7 +92,16 @@ class PrefixAffinityRouter(RequestRouter):
             if self._in_flight[uid] <= 0:
                 del self._in_flight[uid]
 
-    def _load(self, replica: RunningReplica) -> int:
+    def replica_loads(self, replicas: list[RunningReplica], num_prompt_tokens: int) -> dict[str, int]:
+        """Each replica's load figure (unique id -> figure; ``balance``, replica_load.py) for a
+        prompt of about ``num_prompt_tokens``."""
+        if self._balance == "in_flight":
+            return {r.replica_id.unique_id: self._ongoing(r) for r in replicas}
+        return {r.replica_id.unique_id: replica_score(_routing_stats(r), self._ongoing(r), num_prompt_tokens)
+                for r in replicas}
+
+    def _ongoing(self, replica: RunningReplica) -> int:
+        """The replica's requests now: Serve's queue-length cache when fresh, else this router's."""
         cached = self.replica_queue_len_cache.get(replica.replica_id)
         return cached if cached is not None else self._in_flight.get(replica.replica_id.unique_id, 0)
 
@@ -89,6 +115,12 @@ class PrefixAffinityRouter(RequestRouter):
                 del self._in_flight[uid]
             self._routed = {rid: uid for rid, uid in self._routed.items() if uid in ids}
             self._known = ids
+
+
+def _routing_stats(replica: RunningReplica) -> dict:
+    """The replica's latest load report (``record_routing_stats``); {} before its first."""
+    stats = getattr(replica, "routing_stats", None)
+    return stats if isinstance(stats, dict) else {}
 
 
 def _chain(pending_request: Optional[PendingRequest]) -> list[int]:

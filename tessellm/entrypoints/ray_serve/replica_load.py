@@ -1,0 +1,71 @@
+"""An engine replica's load, as the request router weighs it. Plain Python, no Ray.
+
+Two figures (``router.balance``):
+
+* ``load`` (default): the engine's own figures, the same score as the in-process
+  data-parallel balancer's ``--data-parallel-balance load`` (core/load_balance.py,
+  ``load_score``)::
+
+      queued = waiting + requests that reached the replica since its report + prefill steps ahead
+      score  = 4 * queued + running + (1 if the request would start at once there else 4)
+
+  Each replica reports (``record_routing_stats``, Serve's routing-stats API; Serve's
+  controller asks every ``router.load_report_period_s`` and pushes the answer to every router
+  as ``RunningReplica.routing_stats``) its engine's ``core_load`` figures: waiting and running
+  requests, free request slots (``max_num_seqs``) and KV blocks, and the whole steps of prompt
+  still to prefill, together with ``in_flight``, the requests the replica held when it asked.
+  A report is up to a period old, so what arrived since counts as queued: the replica's
+  requests now (Serve's queue-length view of it, which counts every router's requests, when
+  fresh; else this router's own count there) minus the ``in_flight`` of the report, as the
+  balancer counts requests sent since a core's report. A burst thus spreads instead of landing
+  on the replica that last looked idle. "At once": nothing queued, a free request slot and
+  free KV blocks for the prompt (its length estimated from its prefix chain: ``chunk_tokens``
+  tokens a chunk). A replica that has not reported yet counts as idle, with its requests now
+  as queued.
+* ``in_flight``: requests in flight at the replica (Serve's queue-length view, else this
+  router's own count): the router before engine load reports. Blind to what only the engine
+  knows: a queue behind a full batch or a full KV cache, a long prefill.
+
+The balance threshold (affinity_policy.py ranks with it): a replica whose figure is more than
+``threshold(imbalance_threshold, least)`` above the least one's is passed over, prefix or not.
+In ``load`` points, the default 8 is two queued requests, or eight running ones; and an eighth
+above the least once that is more, so a busy fleet does not spill on noise. SGLang's
+cache-aware router has the same idea with an absolute and a relative bound (the system counts
+as imbalanced only when both are exceeded); here the larger of the two is the slack.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tessellm.core.load_balance import CoreLoad, load_score
+
+BALANCES = ("load", "in_flight")  # router.balance
+_SLACK_FRACTION = 8  # load: also an eighth above the least score, when that is more
+
+
+def load_report(stats: dict, in_flight: int, block_size: int) -> dict:
+    """What an engine replica reports to the routers: its engine's load figures (``stats``: the
+    answer of the core's ``stats`` call, which carries ``core_load`` as ``"load"``), the
+    requests it held when it asked (``in_flight``), and its KV block size."""
+    load = stats.get("load") or {"waiting": stats.get("num_waiting", 0),
+                                 "running": stats.get("num_running", 0)}
+    return {"load": dict(load), "in_flight": int(in_flight), "block_size": int(block_size)}
+
+
+def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int) -> int:
+    """A replica's ``load`` score for a prompt of ``num_prompt_tokens`` (module docstring):
+    ``report`` is its latest ``load_report`` (None or {}: none yet), ``ongoing`` its requests
+    now as this router sees them."""
+    if not report or "load" not in report:
+        return load_score(CoreLoad(), ongoing, num_prompt_tokens, 1)
+    figures = CoreLoad.from_dict(report["load"])
+    return load_score(figures, ongoing - int(report.get("in_flight", 0)), num_prompt_tokens,
+                      int(report.get("block_size", 16)))
+
+
+def threshold(imbalance_threshold: int, least: int, balance: str) -> int:
+    """How far above the least figure a replica may be and still win on its prefix."""
+    if balance == "load":
+        return max(imbalance_threshold, least // _SLACK_FRACTION)
+    return imbalance_threshold

@@ -1,0 +1,163 @@
+"""The Ray Serve router on the replicas' engine load (router.balance, replica_load.py), without a
+cluster: Serve's own router objects (RunningReplica, PendingRequest, the queue-length cache)
+around the real PrefixAffinityRouter, fed load reports made from a real engine core's
+scheduler (core_load, as a replica's ``record_routing_stats`` reports it)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+from ray.serve._private.common import (DeploymentHandleSource, DeploymentID, ReplicaID,
+                                       RequestMetadata, RunningReplicaInfo)
+from ray.serve._private.request_router.common import PendingRequest
+from ray.serve._private.request_router.replica_wrapper import RunningReplica
+
+from tessellm import SamplingParams
+from tessellm.config import EngineArgs
+from tessellm.core.engine_core import EngineCore, EngineCoreRequest
+from tessellm.core.load_balance import core_load
+from tessellm.entrypoints.ray_serve.app import engine_options
+from tessellm.entrypoints.ray_serve.config import parse_config
+from tessellm.entrypoints.ray_serve.prefix_router import PrefixAffinityRouter
+from tessellm.entrypoints.ray_serve.replica_load import load_report, replica_score, threshold
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic use
+
+DEPLOYMENT = DeploymentID(name="TessellmEngine", app_name="tessellm")
+CHAIN = [101, 102, 103]  # a prompt's prefix chain (three chunks: ~96 tokens)
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def reports(tiny_model_dir):
+    """Load reports of one real engine core (max_num_seqs=2) in three states: idle; one request
+    running; four requests, two running and two waiting behind the full batch."""
+    args = EngineArgs(model=tiny_model_dir("llama"), device="cpu", dtype="float32", num_kv_blocks=64,
+                      max_model_len=128, max_num_seqs=2)
+    core = EngineCore(args)
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+
+    def report(received: int) -> dict:
+        stats = {"num_running": len(core.scheduler.running), "num_waiting": len(core.scheduler.waiting),
+                 "load": core_load(core.scheduler, received)}  # the core's stats call answers these
+        return load_report(stats, in_flight=received, block_size=args.block_size)
+
+    out = {"idle": report(0)}
+    core.add_request(EngineCoreRequest("r0", list(range(3, 23)), params, 0.0))
+    core.step()
+    out["one"] = report(1)
+    for i in range(1, 4):
+        core.add_request(EngineCoreRequest(f"r{i}", list(range(3 + i, 23 + i)), params, 0.0))
+    core.step()
+    out["queued"] = report(4)
+    return out
+
+
+class _ReplicaInfo(RunningReplicaInfo):
+    """Serve's replica record, for a replica with no actor behind it (the router never calls it;
+    Serve's RunningReplica looks the actor up when built)."""
+
+    def get_actor_handle(self):
+        return None
+
+
+def _replica(uid: str, report: dict) -> RunningReplica:
+    return RunningReplica(_ReplicaInfo(
+        replica_id=ReplicaID(unique_id=uid, deployment_id=DEPLOYMENT), node_id=None, node_ip=None,
+        availability_zone=None, actor_name=uid, max_ongoing_requests=256, routing_stats=report))
+
+
+def _router(**kwargs) -> PrefixAffinityRouter:
+    router = PrefixAffinityRouter(DEPLOYMENT, DeploymentHandleSource.UNKNOWN,
+                                  use_replica_queue_len_cache=True)
+    router.initialize_state(**kwargs)
+    return router
+
+
+def _route(router: PrefixAffinityRouter, replicas: list, chain=CHAIN) -> str:
+    """Route one request as Serve does (choose, send, routed); the first choice's unique id."""
+    async def go():
+        pending = PendingRequest(args=[], kwargs={"prefix_hashes": list(chain)},
+                                 metadata=RequestMetadata(request_id="x", internal_request_id=f"q{next(_ids)}"))
+        ranks = await router.choose_replicas(replicas, pending)
+        chosen = ranks[0][0]
+        router.on_send_request(chosen.replica_id)
+        router.on_request_routed(pending, chosen.replica_id, None)
+        return chosen.replica_id.unique_id
+
+    return asyncio.run(go())
+
+
+def test_the_engine_reports_what_the_score_reads(reports):
+    """The core's figures behind each report, and their scores (4 x queued + running + 1 if it
+    starts at once, else + 4; replica_load.py): the full batch with two waiting scores 14."""
+    one, queued = reports["one"], reports["queued"]
+    assert (one["load"]["running"], one["load"]["waiting"], one["load"]["free_seqs"]) == (1, 0, 1)
+    assert (queued["load"]["running"], queued["load"]["waiting"], queued["load"]["free_seqs"]) == (2, 2, 0)
+    assert queued["in_flight"] == 4 and queued["block_size"] == 16
+    assert replica_score(reports["idle"], 0, 96) == 1
+    assert replica_score(one, 1, 96) == 1 + 1
+    assert replica_score(queued, 4, 96) == 4 * 2 + 2 + 4
+    assert replica_score({}, 0, 96) == 1  # no report yet, nothing sent there: idle
+    # An engine whose KV cache cannot hold the prompt would queue it.
+    assert replica_score(reports["idle"], 0, 64 * 16 + 1) == 4
+
+
+def test_a_prefix_holder_with_a_queue_loses_to_an_idle_replica(reports):
+    """The holder of a prompt's prefix runs a full batch with two requests waiting (score 14); the
+    other replica is idle (1): past the threshold (8), the request goes to the idle one. The
+    in_flight figure (the router before load reports) sees 4 requests against 0, within its
+    threshold, and keeps the request on the holder, behind the queue."""
+    for balance, expected in (("load", "b"), ("in_flight", "a")):
+        router = _router(balance=balance)
+        a, b = _replica("a", reports["queued"]), _replica("b", reports["idle"])
+        router._index.record("a", CHAIN)
+        router.replica_queue_len_cache.update(a.replica_id, 4)  # Serve's view: 4 ongoing there
+        router.replica_queue_len_cache.update(b.replica_id, 0)
+        assert _route(router, [a, b]) == expected, balance
+
+
+def test_a_lightly_loaded_holder_keeps_its_prefix(reports):
+    """One request running, slots and blocks free (score 2 against 1): within the threshold, the
+    prefix's replica wins; the threshold is the larger of 8 and an eighth of the least score."""
+    router = _router(balance="load")
+    a, b = _replica("a", reports["one"]), _replica("b", reports["idle"])
+    router._index.record("a", CHAIN)
+    assert _route(router, [a, b]) == "a"
+    assert threshold(8, 1, "load") == 8 and threshold(8, 200, "load") == 25
+    assert threshold(8, 200, "in_flight") == 8
+
+
+def test_requests_sent_since_the_report_count_as_queued(reports):
+    """Both replicas last reported idle; what reached one since (Serve's queue-length cache, or
+    this router's own count) weighs as queued there, so a burst with one prefix spreads once the
+    holder would queue past the threshold instead of piling onto it until the next report."""
+    router = _router(balance="load")
+    a, b = _replica("a", reports["idle"]), _replica("b", reports["idle"])
+    router._index.record("a", CHAIN)
+    picks = [_route(router, [a, b]) for _ in range(4)]
+    # a: 1, then 4 x 1 + 4 = 8 (within 8 of b's 1), then 12: b takes the third (1 there),
+    # a (12) and b (8, holding the prefix now too) tie on depth: the lower score, b.
+    assert picks == ["a", "a", "b", "b"], picks
+    # A report that has caught up (a received its two and runs them) replaces the estimate.
+    a = _replica("a", {**reports["idle"], "load": {**reports["idle"]["load"], "running": 2,
+                                                     "free_seqs": 0}, "in_flight": 2})
+    assert router.replica_loads([a, b], 96) == {"a": 2 + 4, "b": 4 * 2 + 4}
+
+
+def test_balance_is_a_documented_option_with_a_default():
+    cfg = parse_config({"engine": {"device": "cpu"}})
+    assert cfg.router.balance == "load" and cfg.router.load_report_period_s == 1.0
+    opts = engine_options(cfg)["request_router_config"]
+    assert opts.request_router_kwargs["balance"] == "load"
+    assert opts.request_routing_stats_period_s == 1.0
+    old = engine_options(parse_config({"engine.device": "cpu", "router.balance": "in_flight"}))
+    assert old["request_router_config"].request_router_kwargs["balance"] == "in_flight"
+    with pytest.raises(ValueError, match="router.balance 'queue' is not supported"):
+        parse_config({"engine": {"device": "cpu"}, "router": {"balance": "queue"}})
+    with pytest.raises(ValueError, match="load_report_period_s must be > 0"):
+        parse_config({"engine": {"device": "cpu"}, "router": {"load_report_period_s": 0}})
+    # A router built before the option existed (no balance keyword) keeps the old figure.
+    assert _router()._balance == "in_flight"
