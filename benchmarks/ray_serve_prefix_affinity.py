@@ -1,5 +1,9 @@
 """Fleet prefix-cache hit rate: tessellm's prefix-affinity router vs Serve's default router.
 
+Modes (``--modes``, default all three): ``default`` (Serve's power-of-two-choices router),
+``in_flight`` (prefix affinity, load = requests in flight) and ``load`` (prefix affinity, load =
+the replicas' reported engine load, ``router.balance: load``, the app's default).
+
 A shared-prefix workload (``--groups`` long system prompts, each followed by many different
 short questions, shuffled, sent ``--concurrency`` at a time) runs twice against a fresh
 2-replica Ray Serve app on a local Ray cluster: once with ``router.prefix_affinity=true`` and
@@ -85,7 +89,15 @@ def main(argv=None) -> int:
     p.add_argument("--num-kv-blocks", type=int, default=96, help="per replica (a prefix is ~15 blocks)")
     p.add_argument("--replica-num-cpus", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default="default,in_flight,load",
+                   help="comma-separated: default (Serve's router), in_flight, load (prefix affinity)")
     args = p.parse_args(argv)
+    modes = {"default": ("default (power of two choices)", {"prefix_affinity": False}),
+             "in_flight": ("prefix affinity, balance in_flight", {"prefix_affinity": True, "balance": "in_flight"}),
+             "load": ("prefix affinity, balance load", {"prefix_affinity": True, "balance": "load"})}
+    unknown = [m for m in args.modes.split(",") if m not in modes]
+    if unknown:
+        p.error(f"unknown mode(s) {unknown}; choose from {sorted(modes)}")
 
     import ray
     from ray import serve
@@ -104,11 +116,11 @@ def main(argv=None) -> int:
     results = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for name, affinity in (("default (power of two choices)", False), ("prefix affinity", True)):
+        for name, router in (modes[m] for m in args.modes.split(",")):
             config = {"engine": {"device": "cpu", "max_model_len": 512, "num_kv_blocks": args.num_kv_blocks},
                       "server": {"served_model_names": [MODEL]}, "num_replicas": 2,
                       "replica": {"num_cpus": args.replica_num_cpus}, "ingress": {"num_cpus": 0.25},
-                      "router": {"prefix_affinity": affinity}}
+                      "router": router}
             serve.run(build_app(config), name="bench", route_prefix="/")
             results[name] = run_mode(url, prompts, args.concurrency, args.max_tokens, 2)
             serve.delete("bench")  # fresh replicas (empty caches) for the next mode

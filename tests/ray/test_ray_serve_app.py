@@ -155,6 +155,27 @@ def test_prefix_affinity_sends_a_repeated_prefix_to_one_replica(fleet):
     assert gained >= 5 * 100  # the 5 repeats reused (most of) the ~150-token prefix
 
 
+def test_a_loaded_prefix_holder_passes_new_requests_to_the_other_replica(fleet):
+    """The router ranks replicas by their engines' load (router.balance: load, the default):
+    a burst of six long requests sharing the prefix (each holds its replica for dozens of
+    tokens) goes to the prefix's replica until its load passes the threshold, and the rest to
+    the other replica. Requests in flight alone (the in_flight figure) would keep all six on
+    the holder: 6 against 0 is within the threshold of 8; here two that the holder has not yet
+    reported as running already score 4 x 2 + 4 = 12 there, against 1 on the idle replica.
+    Each replica reports its engine's figures to the routers (routing stats, /debug/replica)."""
+    holder = _complete(fleet, SHARED_PREFIX + "Where is my parcel?", max_tokens=2).headers["x-tessellm-replica"]
+    time.sleep(2.5)  # both replicas report an idle engine (every router.load_report_period_s)
+    with cf.ThreadPoolExecutor(6) as pool:
+        burst = list(pool.map(lambda i: _complete(fleet, SHARED_PREFIX + f"Tell me about parcel {i}.",
+                                                  max_tokens=32, ignore_eos=True), range(6)))
+    assert all(r.status_code == 200 for r in burst), [r.text for r in burst if r.status_code != 200]
+    served = [r.headers["x-tessellm-replica"] for r in burst]
+    assert holder in served and len(set(served)) == 2, served
+    for info in _replicas(fleet).values():
+        load = info["stats"]["load"]  # the figures a replica reports (core_load)
+        assert load["waiting"] == load["running"] == 0 and load["free_seqs"] == CONFIG["engine"]["max_num_seqs"]
+
+
 # -- failures and shutdown -----------------------------------------------------------------
 
 def _stream_outcome(url: str, i: int) -> tuple[str, str]:

@@ -2,9 +2,10 @@
 
 Invariants:
 
-* Load first: only *eligible* replicas, those with at most ``imbalance_threshold`` more
-  requests in flight than the least-loaded one, are preferred; so affinity can cost at most
-  that much queueing, and a hot prefix spills onto other replicas instead of piling up.
+* Load first: only *eligible* replicas, those whose load figure is at most
+  ``imbalance_threshold`` above the least one's, are preferred; so affinity can cost at most
+  that much queueing, and a hot prefix spills onto other replicas instead of piling up. The
+  figure is the router's (replica_load.py): the engine load score, or requests in flight.
 * Among eligible replicas, the one holding the longest prefix of the request's chunk chain
   (``PrefixIndex.match``) wins; ties go to the less loaded, then to the rendezvous hash.
 * A prefix no eligible replica holds goes to the rendezvous (highest-random-weight) winner of
@@ -34,7 +35,7 @@ from tessellm.core.prefix_index import PrefixIndex
 def rank_replicas(chain: list[int], loads: dict[Hashable, int], index: PrefixIndex,
                   imbalance_threshold: int, rng: Optional[random.Random] = None,
                   holders: frozenset = frozenset()) -> list[list]:
-    """Replicas in ranks of preference; ``loads`` maps each candidate to its requests in flight;
+    """Replicas in ranks of preference; ``loads`` maps each candidate to its load figure;
     ``holders``: those holding the request's adapter (LoRA multiplexing)."""
     if not loads:
         return []
