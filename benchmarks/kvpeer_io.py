@@ -10,7 +10,11 @@ MIB (200) of blocks with seeded random bytes on its device, saves them into its 
 three times: in the step (``start_load_kv`` "loads"), again, and in the background (the loader
 thread; timed until ``get_finished_loads`` reports it). Each line: ``load 200 MiB in 81 ms =
 2.59 GB/s`` (GB: 1e9 bytes; the device copies included, timed to a device sync), then whether
-the bytes equal the producer's. The producer prints its saves' times too (into fresh store memory, then into reused). ``--profile``:
+the bytes equal the producer's. The producer prints its resident memory once idle (its store
+made its memory ahead) and its saves' times (into fresh store memory, then into reused).
+KV_AHEAD: the producer's ``store_ahead_bytes``: ``store`` (default: its whole store made
+ahead, the fast path: every save into memory touched before), ``default`` (the connector's
+default: 64 MiB, growing as saves outrun it), or bytes. ``--profile``:
 cProfile's top functions of the consumer's first load (every thread's, via ``threading``'s
 profile hook: the fetches run on the reader pool). KV_THREADS=N: io_threads (default min(8,
 cores)).
@@ -61,14 +65,28 @@ def _keys(n: int) -> list:
     return [f"{i:064x}" for i in range(n)]
 
 
+def _resident() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def _producer(n: int, port: int, device) -> None:
     caches = _caches(n, device, fill=True)
-    conn, sync = _connector("kv_producer", {"kv_port": port, "store_bytes": (n + 1) * (BLOCK_BYTES + 4096)},
-                            caches, device)
+    store_bytes = (n + 1) * (BLOCK_BYTES + 4096)
+    extra = {"kv_port": port, "store_bytes": store_bytes}
+    ahead = os.environ.get("KV_AHEAD", "store")
+    if ahead != "default":
+        extra["store_ahead_bytes"] = store_bytes if ahead == "store" else int(ahead)
+    before = _resident()
+    conn, sync = _connector("kv_producer", extra, caches, device)
     sync()
     store, deadline = conn._store, time.monotonic() + 30
     while len(store.free) * store.slot_bytes < store.ahead and time.monotonic() < deadline:
         time.sleep(0.05)  # an engine's store makes its memory ahead while the model loads
+    time.sleep(0.2)
+    print(f"producer: idle, resident +{(_resident() - before) / 2**20:.0f} MiB "
+          f"(store {store_bytes / 2**20:.0f} MiB, {len(store.slots) * store.slot_bytes / 2**20:.0f}"
+          f" MiB made ahead; KV_AHEAD={ahead})", flush=True)
     for run in ("new", "again"):  # its memory touched for the first time, then reused
         if run == "again":
             conn._store.drop(_keys(n))

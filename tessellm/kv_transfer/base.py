@@ -106,11 +106,17 @@ class KVConnectorStats:
     save_failures: int = 0  # blocks whose write failed (no file: a later lookup misses)
     load_failures: int = 0  # requests recomputed because a load failed
     lookup_timeouts: int = 0  # admissions whose lookup did not come back in time: computed
+    lookups_skipped: int = 0  # admissions not looked up: the store counted as down (computed)
+    saves_skipped: int = 0  # blocks not saved: the store counted as down (or hung on them)
     # request id -> [hit tokens, blocks] of its loads not yet known to have worked.
     _pending: dict = field(default_factory=dict, repr=False, compare=False)
     # Blocks offered to the worker half, and of those reported settled (done, failed, dropped).
     saves_offered: int = field(default=0, repr=False, compare=False)
     saves_settled: int = field(default=0, repr=False, compare=False)
+    # Times the store was marked down: by the scheduler half (its lookups) and, as the worker
+    # half reports them, by the workers (their writes).
+    downs: int = field(default=0, repr=False, compare=False)
+    worker_downs: int = field(default=0, repr=False, compare=False)
 
     def record_lookup(self, request_id: str, num_tokens: int, num_hit: int) -> None:
         """An admission looked the request up (``num_tokens`` prompt tokens, ``num_hit`` of
@@ -142,6 +148,17 @@ class KVConnectorStats:
         admitted without the connector's blocks and computes its prompt."""
         self.lookup_timeouts += 1
 
+    def record_lookup_skipped(self) -> None:
+        """An admission answered without a lookup: the store counts as down (a dead mount, a
+        silent peer); the request computes its prompt."""
+        self.lookups_skipped += 1
+
+    @property
+    def store_down(self) -> int:
+        """Times the store was marked down (a lookup timed out, an I/O error of the store's, a
+        write hung): the scheduler half's and the worker half's."""
+        return self.downs + self.worker_downs
+
     def record_offered(self, num_blocks: int) -> None:
         """Blocks handed to the worker half to save (counted once it reports them)."""
         self.saves_offered += num_blocks
@@ -149,11 +166,16 @@ class KVConnectorStats:
     def record_saves(self, totals) -> None:
         """The worker half's report (``ModelRunnerOutput.kv_saves``): ``[saved, failed,
         dropped]`` blocks settled since start (dropped: computed over a failed load, never
-        saved, neither a save nor a failure). Running totals: an older report changes nothing."""
-        saved, failed, dropped = totals
-        if saved + failed + dropped > self.saves_settled:
-            self.blocks_saved, self.save_failures = saved, failed
-            self.saves_settled = saved + failed + dropped
+        saved, neither a save nor a failure), optionally followed by ``skipped`` (not saved:
+        the store counted as down) and ``downs`` (times the worker half marked its store
+        down). Running totals: an older report changes nothing."""
+        saved, failed, dropped = totals[:3]
+        skipped = totals[3] if len(totals) > 3 else 0
+        if saved + failed + dropped + skipped > self.saves_settled:
+            self.blocks_saved, self.save_failures, self.saves_skipped = saved, failed, skipped
+            self.saves_settled = saved + failed + dropped + skipped
+            if len(totals) > 4:
+                self.worker_downs = totals[4]
 
     @property
     def saves_in_flight(self) -> int:
@@ -168,7 +190,9 @@ class KVConnectorStats:
     def as_dict(self) -> dict:
         return dict(queries=self.queries, hits=self.hits, blocks_loaded=self.blocks_loaded,
                     blocks_saved=self.blocks_saved, save_failures=self.save_failures,
-                    load_failures=self.load_failures, lookup_timeouts=self.lookup_timeouts)
+                    load_failures=self.load_failures, lookup_timeouts=self.lookup_timeouts,
+                    store_down=self.store_down, lookups_skipped=self.lookups_skipped,
+                    saves_skipped=self.saves_skipped)
 
 
 class KVConnectorBase:
@@ -290,8 +314,9 @@ class KVConnectorBase:
 
     def save_totals(self, timeout: float = 0.0) -> Optional[list]:
         """The saves settled since start, ``[saved, failed, dropped]`` blocks (saved: written,
-        or found there already; dropped: computed over a failed load, never saved), or None
-        (none yet). The engine asks as each step is launched, after a step whose outputs
+        or found there already; dropped: computed over a failed load, never saved), optionally
+        followed by ``skipped`` blocks (not saved: the store counted as down) and ``downs``
+        (times this half marked its store down), or None (none yet). The engine asks as each step is launched, after a step whose outputs
         waited for its saves, and, with nothing else to run while saves offered by the
         scheduler half are unsettled, with ``timeout`` (seconds to wait for those in flight).
         Only a connector whose scheduler half counts its offers (``stats.record_offered``)

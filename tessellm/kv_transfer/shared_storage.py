@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from typing import Optional
@@ -48,13 +49,14 @@ from typing import Optional
 from tessellm.kv_transfer.base import KVConnectorBase, KVConnectorRole
 from tessellm.kv_transfer.shared_storage_format import (CHECKSUMS, HEADER_BYTES, MAGIC,
                                                         adapter_identity, block_path, chain_key,
-                                                        loadable)
+                                                        loadable, probe)
 from tessellm.kv_transfer.shared_storage_worker import SharedStorageWorker
+from tessellm.kv_transfer.threads import DaemonPool, StoreHealth
 
 logger = logging.getLogger(__name__)
 
 _EXTRA_KEYS = {"shared_storage_path", "checksum", "wait_for_save", "io_threads", "load_async",
-               "lookup_wait_ms", "lookup_timeout_ms"}
+               "lookup_wait_ms", "lookup_timeout_ms", "store_down_ms"}
 _MAX_CHECKED = 1 << 17  # keys remembered as present (~20 MB of strings)
 _LOOKUP_TTL_S = 1.0  # a waiting request's miss is looked up again after this (a producer writes)
 
@@ -115,8 +117,19 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                              f"lookup before it computes its prompt instead (milliseconds, "
                              f"above 0), got {timeout!r}.")
         self.lookup_timeout = timeout / 1000
+        down = extra.get("store_down_ms", 5000)
+        if not isinstance(down, (int, float)) or isinstance(down, bool) or down <= 0:
+            raise ValueError(f"{name}'s store_down_ms is how long a store that hung or failed "
+                             f"counts as down before a probe asks it again (milliseconds, above "
+                             f"0), got {down!r}.")
+        self.store_down = down / 1000
         self._wait_left = self.lookup_wait  # of this step's (build_connector_meta starts another)
         self.setup_store(extra)
+        # Whether the store counts as down (this half's view: the scheduler half's lookups, a
+        # worker's writes), and the store calls under way on this half's threads: thread ->
+        # when its current call started (a call older than lookup_timeout_ms hangs).
+        self.health = StoreHealth(self.store_name(), self.store_down, self._probe)
+        self._io_since: dict = {}
         self._init_state()
 
     def setup_store(self, extra: dict) -> None:
@@ -193,6 +206,9 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         computes the rest of its prompt."""
         if not self.config.is_consumer:
             return 0, False
+        if self.health.down():  # a dead mount: no lookup, no load (it would hang too)
+            self.stats.record_lookup_skipped()
+            return 0, False
         bs, rid = self.context.block_size, request.request_id
         keys = self.block_keys(request)
         lo, hi = num_computed_tokens // bs, (request.num_tokens - 1) // bs
@@ -205,7 +221,7 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         if look is None or (look.future is None and (look.miss != i or time.monotonic() - look.when
                                                      > _LOOKUP_TTL_S)):
             look = self._lookups[rid] = look or _Lookup()
-            look.future = self._lookup_pool().submit(self._look, keys[i:hi], i)
+            look.future = self._lookup_pool().submit(self._timed, self._look, keys[i:hi], i)
         if not look.answered and not look.waited and self._wait_left > 0:
             look.waited = True  # a lookup still out after this is not waited for again
             t0 = time.monotonic()
@@ -218,21 +234,53 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                 return self.get_num_new_matched_tokens(request, num_computed_tokens)
         if not look.answered and time.monotonic() - look.since >= self.lookup_timeout:
             self._give_up(look, i)
+            return 0, False  # the store is down now: what it said before is not loaded either
         if not look.answered:
             return None, False
         return (i - lo) * bs, self.load_async
 
     def _give_up(self, look, miss: int) -> None:
         """A request's first lookup did not come back in time (a hung mount, a dead store): it
-        counts as answered, missing from ``miss`` on (what is known loads, the rest is
-        computed). The lookup keeps its thread until the store answers; the request is not
-        looked up again meanwhile, and once it is back its keys go in the LRU as any lookup's."""
+        counts as answered, missing from ``miss`` on, and the store is marked down (the
+        request, and every request while it is down, computes its prompt without asking it).
+        The lookup keeps its thread until the store answers; the request is not looked up
+        again meanwhile, and once it is back its keys go in the LRU as any lookup's."""
         look.answered, look.miss, look.when = True, miss, time.monotonic()
         self.stats.record_lookup_timeout()
-        if self.stats.lookup_timeouts == 1:  # a dead store: every request would say the same
-            logger.warning("KV lookup not back after %.1f s (does %s hang?): the request "
-                           "computes its prompt; later timeouts are counted (lookup_timeouts), "
-                           "not logged.", self.lookup_timeout, self.store_name())
+        self._mark_down(f"a lookup not back after {self.lookup_timeout:.1f} s")
+
+    def _mark_down(self, why: str) -> None:
+        self.health.mark_down(why)
+        self.stats.downs = self.health.falls
+
+    def _timed(self, fn, *args):
+        """``fn(*args)``, a call into the store on a pool thread, timed (``_hung``)."""
+        me = threading.get_ident()
+        self._io_since[me] = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self._io_since.pop(me, None)
+
+    def _hung(self) -> Optional[float]:
+        """How long the oldest call into the store under way has taken, if longer than
+        ``lookup_timeout_ms`` (it hangs), else None."""
+        since = list(self._io_since.values())
+        age = time.monotonic() - min(since) if since else 0.0
+        return age if age > self.lookup_timeout else None
+
+    def _probe(self) -> None:
+        """The probe's thread: the store answers (``probe_store``) and no call into it still
+        hangs; raises otherwise (the store stays down)."""
+        hung = self._hung()
+        if hung is not None:
+            raise TimeoutError(f"a call into it has hung {hung:.1f} s")
+        self.probe_store()
+
+    def probe_store(self) -> None:
+        """A cheap question to the store (here: a ``stat`` of the directory and an ``open`` of
+        a name no block has); raises (or hangs) unless it answers."""
+        probe(self.root)
 
     def store_name(self) -> str:
         """The store, for messages."""
@@ -251,8 +299,10 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         future, look.future = look.future, None
         try:
             found, miss = future.result()
-        except Exception:  # noqa: BLE001 - a lookup that fails finds nothing
+        except Exception as exc:  # noqa: BLE001 - a lookup that fails finds nothing
             found, miss = [], None
+            if isinstance(exc, OSError):  # the store's error (a missing file is a miss)
+                self._mark_down(f"a lookup failed: {exc}")
         for key in found:
             self._checked[key] = None
             self._checked.move_to_end(key)
@@ -272,11 +322,9 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         return found, None
 
     def _lookup_pool(self):
-        if self._lookup_threads is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._lookup_threads = ThreadPoolExecutor(min(4, self.io_threads),
-                                                      thread_name_prefix="tessellm-kv-lookup")
+        if self._lookup_threads is None:  # daemons: a lookup hung on a dead mount never holds
+            # the process at exit
+            self._lookup_threads = DaemonPool(min(4, self.io_threads), "tessellm-kv-lookup")
         return self._lookup_threads
 
     def wait_for_lookups(self, timeout: float) -> None:
@@ -351,6 +399,7 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                 "wait": wait}
 
     def shutdown(self) -> None:
+        self.health.close()  # a probe under way: not waited for (a hung mount)
         if self.role is KVConnectorRole.SCHEDULER:  # its lookups: not waited for (a hung mount)
             if self._lookup_threads is not None:
                 self._lookup_threads.shutdown(wait=False, cancel_futures=True)

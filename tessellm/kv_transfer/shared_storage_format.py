@@ -28,6 +28,7 @@ the same block.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -94,22 +95,47 @@ def layout_digest(caches) -> bytes:
     return hashlib.blake2b(layout, digest_size=16).digest()
 
 
+# A missing file (or directory): a miss. Any other error of a lookup's (EIO, ESTALE,
+# ENOTCONN, EACCES...) is the store's: raised, and the store counts as down.
+_MISSING = (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
+PROBE_NAME = ".tessellm-probe"  # a name no block has: opened by the probe
+
+
 def loadable(path: str, block_bytes: Optional[int]) -> bool:
     """The file is there and exactly as long as a header and ``block_bytes`` (one ``stat``;
     without ``block_bytes``, as long as its header says). The header's other fields and the
-    checksum are the loader's to check."""
+    checksum are the loader's to check. Raises OSError for an error of the store's (not a
+    missing file)."""
     try:
         size = os.stat(path).st_size
-    except OSError:
-        return False
+    except OSError as exc:
+        if exc.errno in _MISSING:
+            return False
+        raise
     if block_bytes:
         return size == HEADER_BYTES + block_bytes
     try:
         with open(path, "rb") as f:
             header = parse_header(f.read(HEADER_BYTES))
-    except (OSError, ValueError):
+    except ValueError:
         return False
+    except OSError as exc:
+        if exc.errno in _MISSING:
+            return False
+        raise
     return size == HEADER_BYTES + header[3]
+
+
+def probe(root: str) -> None:
+    """Whether the directory answers: a ``stat`` of it and an ``open`` of a name in it that no
+    block has (a lookup's work, cheap). Returns, or raises OSError; hangs where the store
+    hangs (the caller runs it on a thread of its own)."""
+    os.stat(root)
+    try:
+        fd = os.open(os.path.join(root, PROBE_NAME), os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    os.close(fd)
 
 
 def read_block(path: str, key: str, rank: int, layout: bytes, block_bytes: int,

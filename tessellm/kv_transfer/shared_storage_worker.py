@@ -17,20 +17,32 @@ Threads::
 
 The stepping thread never touches the file system for a save: whether a block's file exists
 is asked on the write pool, after the copy, so a step costs no ``stat`` per block it fills.
+Every pool's threads are daemons (``threads.DaemonPool``): one hung on a dead mount never holds
+the process at exit.
+
+A dead store (``StoreHealth``): a write (or a file check) under way longer than
+``lookup_timeout_ms``, or a write failing with an error of the store's, marks it down. The
+saves queued behind the hung one are given up (counted as skipped, their staging buffers
+back as soon as the writer reaches them), the step's saves while it is down are skipped (no
+copy, no buffer, no thread), and nothing the step's outputs or the engine's shutdown wait for
+waits for a hung write past that bound; after ``store_down_ms`` a probe asks the store again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict, deque
 from typing import Optional
 
 from tessellm.kv_transfer import shared_storage_format as fmt
 from tessellm.kv_transfer.staging import (Staging, copies_done, new_stream, torch_module,
                                           wait_event)
+from tessellm.kv_transfer.threads import DaemonPool
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +53,37 @@ _LOAD_BUFFERS = 2  # a chunk's files are read while the one before is copied to 
 _SAVE_BUFFERS = 8  # chunks copied out and not yet written; past that a save waits for the disk
 _SAVE_RESERVE = 4  # made at start on a producer (pinned: 1 GiB of 8B-model KV, ~0.5 s)
 _FAILED_KEPT = 4096  # request ids of failed loads remembered (a request's steps in flight: few)
+_POLL_S = 0.05  # a wait for saves looks at whether the store hangs this often
+# A write failing with one of these is the store's failure (marked down), not the block's; a
+# full disk (ENOSPC, EDQUOT) is a failed save and the next saves still try.
+_DEAD_ERRNOS = {errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTDOWN,
+                errno.EHOSTUNREACH, errno.ENODEV, errno.ENXIO, errno.ECONNABORTED,
+                errno.ECONNRESET, errno.ECONNREFUSED, errno.ENETDOWN, errno.ENETUNREACH}
+
+
+class _SaveChunk:
+    """A staging chunk's saves on their way to the store: settled once (written or failed by
+    the writer, or given up on while the store hangs: ``abandoned``, counted as skipped)."""
+
+    __slots__ = ("n", "settled", "abandoned", "future")
+
+    def __init__(self, n: int):
+        self.n, self.settled, self.abandoned, self.future = n, False, False, None
+
+
+class _SavesDone:
+    """What a step's outputs wait for (``save_kv`` with ``wait``): every save handed over so
+    far written, or the store marked down (a write hung past ``lookup_timeout_ms``: the saves
+    left are given up, the outputs go)."""
+
+    def __init__(self, worker, future):
+        self.worker, self.future = worker, future
+
+    def result(self, timeout=None):
+        self.worker._wait_saves(self.future)
+
+    def done(self) -> bool:
+        return self.future.done()
 
 
 class SharedStorageWorker:
@@ -48,8 +91,6 @@ class SharedStorageWorker:
     ``root``, ``checksum``, ``io_threads`` and ``path`` are the connector's)."""
 
     def register_kv_caches(self, caches, swap_blocks, synchronize, device) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         if getattr(self, "_readers", None) is not None:  # the cache allocated anew (sleep mode)
             self.wait_for_save()
             self.caches = caches  # same layout: the rest stays
@@ -76,11 +117,13 @@ class SharedStorageWorker:
         # Streams of its own for the background loads' copies and the saves' (none on the cpu:
         # plain copies): neither waits for the other, nor the forward passes for them.
         self._stream, self._save_stream = new_stream(torch, device), new_stream(torch, device)
-        self._readers = ThreadPoolExecutor(self.io_threads, thread_name_prefix="tessellm-kv-read")
-        self._writers = ThreadPoolExecutor(self.io_threads, thread_name_prefix="tessellm-kv-write")
+        self._readers = DaemonPool(self.io_threads, "tessellm-kv-read")
+        self._writers = DaemonPool(self.io_threads, "tessellm-kv-write")
         self._writer = None  # runs each step's saves in order (its writes fan out to _writers)
         self._loader = None  # runs background loads in order (their reads fan out to _readers)
-        self._pending: deque = deque()  # futures of saves not known written yet
+        self._pending: deque = deque()  # _SaveChunks not known written yet, in order
+        self._pending_lock = threading.Lock()  # (the step's thread and the outputs' waiter)
+        self._abandoned: list = []  # _SaveChunks given up on whose writes had not returned
         self._reads: deque = deque()  # (event, block ids) of saves' copies on the own stream
         # Background loads: request id -> None (under way), True (loaded), False (failed).
         self._load_status: dict = {}
@@ -89,8 +132,9 @@ class SharedStorageWorker:
         # written because their file was there already (another engine's, or a recompute's).
         self.files_written = self.files_present = 0
         # Saves settled since start (save_totals): saved (written or there already), failed,
-        # dropped (computed over a failed load).
-        self._settled = [0, 0, 0]
+        # dropped (computed over a failed load), skipped (the store down); and the times this
+        # half marked its store down.
+        self._settled = [0, 0, 0, 0, 0]
         self._settled_lock = threading.Lock()
         # Requests whose step load failed (load_failed), the latest few: saves the scheduler
         # offered for them before it learned of the failure are dropped.
@@ -139,9 +183,7 @@ class SharedStorageWorker:
                 after = torch.Event(device=self.device)
                 after.record()
             if self._loader is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._loader = ThreadPoolExecutor(1, thread_name_prefix="tessellm-kv-load")
+                self._loader = DaemonPool(1, "tessellm-kv-load")
             with self._load_cond:
                 for rid, _ in background:
                     self._load_status[rid] = None
@@ -317,16 +359,20 @@ class SharedStorageWorker:
         at a time, and hand each chunk to the writer thread: it waits for the chunk's copies
         (an event, not a stream sync: the host goes on launching the next step) and writes the
         files over its pool, skipping blocks whose file is there already (that check, a
-        ``stat``, runs there: the step never waits for the file system). Returns a future of
-        every save so far when the metadata says the step's outputs wait (``wait``), else None
-        (the writes go on behind later steps)."""
+        ``stat``, runs there: the step never waits for the file system). Returns what the
+        step's outputs wait for when the metadata says they do (``wait``: every save so far
+        written, or the store given up on), else None (the writes go on behind later steps).
+        While the store counts as down the saves are skipped (counted), nothing copied."""
         torch = torch_module()
         saves = [(k, b) for k, b in (meta.get("saves") or ())]
         owners = meta.get("save_owners")
         if self._failed_loads and owners:  # computed over a failed load: never saved
             kept = [s for s, rid in zip(saves, owners) if rid not in self._failed_loads]
-            self._settle(0, 0, len(saves) - len(kept))
+            self._settle(dropped=len(saves) - len(kept))
             saves = kept
+        if saves and self._store_down():
+            self._settle(skipped=len(saves))
+            saves = []
         staging, stream = self._save_staging, self._save_stream
         if saves and stream is not None:  # the copies wait for the step, the next step does not
             ready = torch.Event(device=self.device)
@@ -335,7 +381,11 @@ class SharedStorageWorker:
         for lo in range(0, len(saves), staging.chunk):
             chunk = saves[lo:lo + staging.chunk]
             n = len(chunk)
-            flat = staging.acquire()  # waits for a writer when the disk is behind
+            # waits for a writer when the disk is behind; not for one that hangs
+            flat = staging.acquire(give_up=self._store_down)
+            if flat is None:  # every buffer is with a write that hangs: the store is down
+                self._settle(skipped=len(saves) - lo)
+                break
             parts = self._parts(flat, n)
             mapping = [(b, i) for i, (_, b) in enumerate(chunk)]
             with stream if stream is not None else contextlib.nullcontext():
@@ -345,21 +395,75 @@ class SharedStorageWorker:
             if stream is not None:  # a later step writing one of these blocks waits for them
                 self._reads.append((event, frozenset(b for _, b in chunk)))
             if self._writer is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._writer = ThreadPoolExecutor(1, thread_name_prefix="tessellm-kv-save")
-            self._pending.append(self._writer.submit(self._write_chunk, chunk, flat, parts, event))
-        while self._pending and self._pending[0].done():
-            self._pending.popleft().result()
+                self._writer = DaemonPool(1, "tessellm-kv-save")
+            task = _SaveChunk(n)
+            task.future = self._writer.submit(self._write_chunk, task, chunk, flat, parts, event)
+            with self._pending_lock:
+                self._pending.append(task)
+        self._reap_saves()
         if meta.get("wait") and self._pending:
-            return self._pending[-1]  # one writer thread, in order: the last is the latest
+            # one writer thread, in order: the last is the latest
+            return _SavesDone(self, self._pending[-1].future)
         return None
 
-    def _write_chunk(self, saves, flat, parts, event) -> None:
-        """On the writer thread: a chunk's files, over the write pool, once its copies are done."""
+    def _reap_saves(self) -> None:
+        """Saves written (or given up on) leave ``_pending``; a writer's error is raised."""
+        done = []
+        with self._pending_lock:
+            while self._pending and (self._pending[0].future.done() or self._pending[0].abandoned):
+                done.append(self._pending.popleft())
+        for task in done:
+            if task.future.done() and not task.abandoned:
+                task.future.result()
+
+    def _store_down(self) -> bool:
+        """Whether saves are to be skipped: the store counts as down, or a call into it has
+        hung past ``lookup_timeout_ms`` (then it is marked down, and the saves under way are
+        given up)."""
+        if self.health.down():
+            return True
+        hung = self._hung()
+        if hung is None:
+            return False
+        self._worker_down(f"a write not done after {hung:.1f} s")
+        return True
+
+    def _worker_down(self, why: str, give_up: bool = True) -> None:
+        """The store is down (marked, counted); ``give_up``: the saves not written yet are
+        given up (counted as skipped)."""
+        self.health.mark_down(why)
+        with self._settled_lock:
+            self._settled[4] = self.health.falls
+        if not give_up:
+            return
+        with self._pending_lock:
+            tasks = [t for t in self._pending if not t.future.done()]
+        for task in tasks:
+            task.abandoned = True
+            self._settle_chunk(task, skipped=task.n)
+        self._abandoned = [t for t in self._abandoned + tasks if not t.future.done()]
+        self._reap_saves()
+
+    def _wait_saves(self, future) -> None:
+        """Until ``future`` (a chunk's save, and every one before it) is done, or the store
+        is down: then the saves left are given up and this returns."""
+        while True:
+            try:
+                future.result(_POLL_S)
+                return
+            except TimeoutError:
+                if self._store_down():
+                    self._worker_down("saves waited for hang")
+                    return
+
+    def _write_chunk(self, task, saves, flat, parts, event) -> None:
+        """On the writer thread: a chunk's files, over the write pool, once its copies are done
+        (none if it was given up on meanwhile: the store is down)."""
         try:
             if event is not None:
                 wait_event(event)  # the step's copies into the buffer are done
+            if task.abandoned:
+                return
             n = len(saves)
             mv = memoryview(flat.numpy())
 
@@ -367,16 +471,25 @@ class SharedStorageWorker:
                 # A file already there (another engine's, an earlier save of this block) is
                 # kept: a whole file of this block, whoever wrote it. Two savers that both find
                 # none each write a whole file and rename it (shared_storage_format.py).
-                todo = [j for j, i in enumerate(run) if not self.present(saves[i][0])]
-                done = [False] * len(run)
-                if not todo:
+                me = threading.get_ident()
+                try:
+                    self._io_since[me] = time.monotonic()  # a stat per block: timed as one call
+                    todo = [j for j, i in enumerate(run) if not self.present(saves[i][0])]
+                    done = [False] * len(run)
+                    if not todo:
+                        return done
+                    sums = fmt.sum_parts(parts, run) if self.checksum == "sum64" else None
+                    for j in todo:
+                        if task.abandoned:  # the store went down: the rest are not tried
+                            done[j] = None
+                            continue
+                        i = run[j]
+                        self._io_since[me] = time.monotonic()
+                        done[j] = self._write(saves[i][0], self._views(mv, n, i),
+                                              None if sums is None else int(sums[j]))
                     return done
-                sums = fmt.sum_parts(parts, run) if self.checksum == "sum64" else None
-                for j in todo:
-                    i = run[j]
-                    done[j] = self._write(saves[i][0], self._views(mv, n, i),
-                                          None if sums is None else int(sums[j]))
-                return done
+                finally:
+                    self._io_since.pop(me, None)
 
             results = self._map(self._writers, write, n)
             del mv
@@ -384,29 +497,39 @@ class SharedStorageWorker:
             present = sum(1 for r in results if r is False)
             self.files_written += written
             self.files_present += present
-            self._settle(written + present, n - written - present, 0)
+            self._settle_chunk(task, saved=written + present, failed=n - written - present)
         except BaseException:
-            self._settle(0, len(saves), 0)  # nothing of the chunk is known written
+            self._settle_chunk(task, failed=len(saves))  # nothing of the chunk is known written
             raise
         finally:
             self._save_staging.release(flat)
 
-    def _settle(self, saved: int, failed: int, dropped: int) -> None:
-        if saved or failed or dropped:
+    def _settle(self, saved: int = 0, failed: int = 0, dropped: int = 0, skipped: int = 0) -> None:
+        if saved or failed or dropped or skipped:
             with self._settled_lock:
-                for i, k in enumerate((saved, failed, dropped)):
+                for i, k in enumerate((saved, failed, dropped, skipped)):
                     self._settled[i] += k
+
+    def _settle_chunk(self, task, **counts) -> None:
+        """A chunk's saves settled, once (the writer and a give-up may both try)."""
+        with self._settled_lock:
+            if task.settled:
+                return
+            task.settled = True
+        self._settle(**counts)
 
     def save_totals(self, timeout: float = 0.0) -> Optional[list]:
         pending = getattr(self, "_pending", None)
-        if timeout > 0 and pending:
-            from concurrent.futures import wait
-
-            wait(list(pending), timeout)
-        lock = getattr(self, "_settled_lock", None)
-        if lock is None:
+        if pending is None:
             return None
-        with lock:
+        if pending:
+            if timeout > 0:
+                from concurrent.futures import wait
+
+                wait([t.future for t in pending], timeout)
+            if not pending[-1].future.done() and self._store_down():  # saves hung: given up
+                self._worker_down("saves hang")
+        with self._settled_lock:
             totals = list(self._settled)
         return totals if any(totals) else None
 
@@ -416,12 +539,15 @@ class SharedStorageWorker:
                         self.layout, self.block_bytes, views, sum64)
 
     def _write(self, key: str, views: list, sum64: Optional[int]) -> Optional[bool]:
-        """One block saved: True (written) or None (not: warned about once)."""
+        """One block saved: True (written) or None (not: warned about once; an error of the
+        store's, not the block's, marks the store down)."""
         try:
             self.write_block(key, views, sum64)
             return True
         except OSError as exc:
-            if not self._warned:  # a full disk: every later save would say the same
+            if exc.errno in _DEAD_ERRNOS:  # (a pool thread: the saves queued fail fast)
+                self._worker_down(f"a write failed: {exc}", give_up=False)
+            elif not self._warned:  # a full disk: every later save would say the same
                 logger.warning("KV block %s (rank %d) not saved (%s); later failures are not "
                                "logged.", key, self.context.rank, exc)
                 self._warned = True
@@ -439,13 +565,30 @@ class SharedStorageWorker:
                 event.wait()  # the current stream waits for that chunk's copies
 
     def wait_for_save(self) -> None:
+        """Every save so far written, or the store down (the rest given up)."""
         if getattr(self, "_pending", None):
-            self._pending[-1].result()
+            self._wait_saves(self._pending[-1].future)
 
     def shutdown(self) -> None:
-        # The saves under way are written first; background loads end (their blocks go away).
+        """The saves under way are written first, while the store takes them (a write hung past
+        ``lookup_timeout_ms`` gives up the rest); then the pools end, waited for
+        ``lookup_timeout_ms`` in all at most: a thread still in a call of the store's then
+        (a hung read or write) is left behind, a daemon (logged)."""
+        if getattr(self, "_pending", None) is not None:
+            self.wait_for_save()
+            hung = sum(t.n for t in self._abandoned if not t.future.done())
+            if hung:
+                logger.warning("KV connector shut down with %d block(s) not saved: %s hangs.",
+                               hung, self.store_name())
+        deadline = time.monotonic() + self.lookup_timeout
+        left = []
         for name in ("_loader", "_writer", "_writers", "_readers"):
             pool = getattr(self, name, None)
             if pool is not None:
-                pool.shutdown(wait=True)
+                left += pool.shutdown(wait=True, cancel_futures=True,
+                                      timeout=max(0.0, deadline - time.monotonic()))
                 setattr(self, name, None)
+        if left:
+            logger.warning("KV connector shut down leaving %d thread(s) in calls of %s that "
+                           "have not returned (%s): daemons, they end with the process.",
+                           len(left), self.store_name(), ", ".join(t.name for t in left))

@@ -33,7 +33,9 @@ class Staging:
                 self.free.append(host_empty((self.nbytes,), torch_module().uint8, self.pin))
                 self.made += 1
 
-    def acquire(self):
+    def acquire(self, give_up=None):
+        """A buffer. ``give_up``: when every buffer is with a writer, asked every 50 ms while
+        waiting for one; True ends the wait and returns None (the writers hang)."""
         event = None
         with self.cond:
             while True:
@@ -47,7 +49,10 @@ class Staging:
                 if self.busy:
                     flat, event = self.busy.popleft()
                     break
-                self.cond.wait()  # every buffer is with a writer
+                if give_up is None:
+                    self.cond.wait()  # every buffer is with a writer
+                elif not self.cond.wait(0.05) and give_up():
+                    return None
         if event is not None:
             wait_event(event)
             return flat

@@ -57,18 +57,22 @@ from tessellm.kv_transfer.shared_storage import _EXTRA_KEYS, SharedStorageConnec
 logger = logging.getLogger(__name__)
 
 _PEER_KEYS = (_EXTRA_KEYS - {"shared_storage_path"}) | {"kv_port", "kv_bind", "kv_peer",
-                                                           "store_bytes", "timeout_s"}
+                                                           "store_bytes", "store_ahead_bytes",
+                                                           "timeout_s"}
 _DEFAULT_PORT = 14579
 _DEFAULT_STORE = 4 << 30  # bytes of blocks a producer rank keeps (LRU)
 PROTOCOL = b"tslkv-peer/2"  # the first frame of every request (version 1 had none)
 _GET_BYTES = 8 << 20  # a "get" message asks for this many bytes of blocks (at least one block)
 _GET_MAX = 64  # ... and this many blocks at most
 _IN_FLIGHT = 4  # "get" messages a reader thread keeps in flight on its socket
-_AHEAD_BYTES = 1 << 30  # a producer's store keeps this much memory made and touched ahead ...
-_AHEAD_SLOTS = 512  # ... and at most this many slots (tiny blocks: little memory)
+_AHEAD_START = 64 << 20  # a producer's store keeps this much memory made and touched ahead of
+# its saves from start (store_ahead_bytes); saves that outrun it double it, up to the larger of
+# store_ahead_bytes and ...
+_AHEAD_BYTES = 1 << 30  # ... this; never more than ...
+_AHEAD_SLOTS = 512  # ... this many slots (tiny blocks: little memory), nor store_bytes
+_SLAB_BYTES = 32 << 20  # memory is made a slab of this many bytes of slots at most at a time
 _POLL_MS = 100  # the server looks at its stop flag this often
 _LOOKUP_TIMEOUT_S = 1.0  # a "has" waits at most this (a small message), timeout_s if less
-_DOWN_S = 5.0  # after a peer's silence, its blocks count as missing this long without asking
 
 
 class BlockStore:
@@ -76,8 +80,11 @@ class BlockStore:
     out past ``capacity`` bytes. Thread-safe: the writer pool puts, the server gets.
 
     The blocks live in slots of slabs of anonymous memory (transparent huge pages asked for),
-    made and touched ahead of the puts by a thread of the store's (``slot_bytes`` given:
-    ``_AHEAD_BYTES`` or ``_AHEAD_SLOTS`` ahead, within ``capacity``; ``close`` ends it), and
+    made and touched ahead of the puts by a thread of the store's (``slot_bytes`` given; the
+    window ahead, ``ahead``, starts at ``ahead_bytes``, and each put that finds no slot made
+    ahead doubles it, up to ``ahead_max``: the larger of ``ahead_bytes`` and ``_AHEAD_BYTES``,
+    ``_AHEAD_SLOTS`` slots and ``capacity`` at most; an idle producer holds ``ahead_bytes``, a
+    busy one ramps up to keep its bursts in warm memory; ``close`` ends the thread), and
     reused once a block is evicted or replaced: a block is one
     copy into memory touched before, not a fresh allocation whose page faults cost more than
     the copy (a 2 MiB ``bytes`` a block: ~1 GB/s a core; a warm slot: memory speed). The
@@ -85,7 +92,7 @@ class BlockStore:
     send of it is under way is reused only once ZeroMQ is done with it (``track``). A blob of
     another size than the first one put (tests) is kept as its own ``bytes``."""
 
-    def __init__(self, capacity: int, slot_bytes: int = 0):
+    def __init__(self, capacity: int, slot_bytes: int = 0, ahead_bytes: int = _AHEAD_START):
         self.capacity, self.nbytes = capacity, 0
         self.blocks: OrderedDict[str, tuple] = OrderedDict()  # key -> (memoryview, slot or None)
         self.lock = threading.Lock()
@@ -98,8 +105,13 @@ class BlockStore:
         self._slabs: list = []
         self._growing = False  # a slab is being made outside the lock
         # Slots kept made and touched ahead of the puts (by a thread of the store's, while it
-        # may grow): a request's saves then copy into warm memory.
-        self.ahead = min(capacity, _AHEAD_BYTES, _AHEAD_SLOTS * slot_bytes) if slot_bytes else 0
+        # may grow): a request's saves then copy into warm memory. The window grows as saves
+        # outrun it (``_outrun``), from ahead_bytes up to ahead_max.
+        self.ahead_max = self.ahead = 0
+        if slot_bytes and ahead_bytes > 0:
+            # 512 slots at most (tiny blocks: few bytes)
+            self.ahead = min(capacity, ahead_bytes, _AHEAD_SLOTS * slot_bytes)
+            self.ahead_max = min(capacity, max(self.ahead, _AHEAD_BYTES), _AHEAD_SLOTS * slot_bytes)
         self._wake = threading.Condition(self.lock)
         self._stop = False
         self._grower = None
@@ -124,9 +136,11 @@ class BlockStore:
                 if self._stop:
                     return
                 self._growing = True
+                # the slots missing from the window (a slab at most)
+                want = -(-(self.ahead - len(self.free) * self.slot_bytes) // self.slot_bytes)
             made = None
             try:
-                made = self._make_slab(touch=True)  # the page faults, outside the lock
+                made = self._make_slab(touch=True, want=want)  # the page faults, outside the lock
             except (OSError, ValueError, MemoryError) as exc:
                 logger.warning("KV block store: no memory made ahead (%s); saves make it.", exc)
                 return
@@ -184,6 +198,7 @@ class BlockStore:
             self._wake.notify()
         while not self.free:
             if (len(self.slots) + 1) * size <= max(self.capacity, size):
+                self._outrun()
                 self._grow()  # (the thread ahead may add a slab past this one: trimmed)
                 continue
             old = next((k for k, (_, slot) in self.blocks.items()
@@ -193,15 +208,24 @@ class BlockStore:
             self._release(self.blocks.pop(old))
         return self.free.pop()
 
+    def _outrun(self) -> None:
+        """A put found no slot made ahead (under the lock): the window doubles (up to
+        ``ahead_max``), and the thread ahead makes it."""
+        if self._grower is not None and self.ahead < self.ahead_max:
+            self.ahead = min(self.ahead_max, max(2 * self.ahead, self.slot_bytes))
+            self._wake.notify()
+
     def _grow(self) -> None:
         """A slab made in the put's path (under the lock; the thread ahead was outrun)."""
         self._add_slab(*self._make_slab(touch=False))
 
-    def _make_slab(self, touch: bool) -> tuple:
+    def _make_slab(self, touch: bool, want: Optional[int] = None) -> tuple:
+        """A slab of ``want`` slots (default: as many as a slab holds), within the capacity."""
         import mmap
 
         size = self.slot_bytes
-        n = max(1, min((32 << 20) // size, max(self.capacity, size) // size - len(self.slots)))
+        n = max(1, min(_SLAB_BYTES // size, max(self.capacity, size) // size - len(self.slots),
+                       want or _SLAB_BYTES))
         slab = mmap.mmap(-1, n * size)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             try:
@@ -465,6 +489,7 @@ class ZmqPeerConnector(SharedStorageConnector):
         port, bind = extra.get("kv_port", _DEFAULT_PORT), extra.get("kv_bind", "127.0.0.1")
         peer, store = extra.get("kv_peer"), extra.get("store_bytes", _DEFAULT_STORE)
         timeout = extra.get("timeout_s", 10.0)
+        ahead = extra.get("store_ahead_bytes", _AHEAD_START)
         if not isinstance(port, int) or not 0 < port < 65536 - self.context.world_size:
             raise ValueError(f"ZmqPeerConnector's kv_port is the TCP port its rank 0 listens on "
                              f"(rank r: kv_port + r), e.g. {_DEFAULT_PORT}; got {port!r}.")
@@ -474,6 +499,11 @@ class ZmqPeerConnector(SharedStorageConnector):
         if not isinstance(store, int) or store <= 0:
             raise ValueError(f"ZmqPeerConnector's store_bytes is the host memory a producer rank "
                              f"keeps blocks in, a positive integer; got {store!r}.")
+        if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 0:
+            raise ValueError(f"ZmqPeerConnector's store_ahead_bytes is the host memory a producer "
+                             f"rank's store makes and touches ahead of its saves from start (it "
+                             f"grows as saves outrun it; 0: none made ahead), an integer >= 0; "
+                             f"got {ahead!r}.")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise ValueError(f"ZmqPeerConnector's timeout_s is how long a lookup or load waits "
                              f"for the producer, in seconds; got {timeout!r}.")
@@ -487,6 +517,7 @@ class ZmqPeerConnector(SharedStorageConnector):
                                  f"got {peer!r}.")
             self.peer = (host, int(peer_port))
         self.port, self.bind, self.store_bytes, self.timeout = port, bind, store, float(timeout)
+        self.store_ahead = ahead
         self._zmq = _Clients()  # this connector's sockets and ZeroMQ context
         self._down_until: dict[str, float] = {}  # peer address -> until when it is not asked
         self._store: Optional[BlockStore] = None
@@ -500,14 +531,14 @@ class ZmqPeerConnector(SharedStorageConnector):
         return f"the peer {self.peer[0]}:{self.peer[1]}" if self.peer else "no peer"
 
     def _address(self, rank: int) -> Optional[str]:
-        """The producer rank's address, or None while it counts as down (``_DOWN_S``)."""
+        """The producer rank's address, or None while it counts as down (``store_down_ms``)."""
         address = f"{self.peer[0]}:{self.peer[1] + rank}"
         return None if time.monotonic() < self._down_until.get(address, 0.0) else address
 
     def _ask(self, rank: int, op: bytes, keys: list) -> Optional[list]:
         """A request to the producer's rank: its reply's frames after ``ok``, or None (another
         namespace, no answer in time, an error: the blocks count as missing). A peer that did
-        not answer is not asked again for ``_DOWN_S`` seconds: a consumer whose producer is
+        not answer is not asked again for ``store_down_ms``: a consumer whose producer is
         down costs its requests one lookup timeout in that time, not one each."""
         address = self._address(rank)
         if address is None:
@@ -520,9 +551,9 @@ class ZmqPeerConnector(SharedStorageConnector):
     def _answer(self, address: str, reply: Optional[list], timeout: float) -> Optional[list]:
         """A reply's frames after ``ok``; None for any other (told in the log)."""
         if reply is None:
-            self._down_until[address] = time.monotonic() + _DOWN_S
+            self._down_until[address] = time.monotonic() + self.store_down
             logger.warning("KV peer %s did not answer in %.1f s: its blocks count as missing "
-                           "(it is asked again in %.0f s).", address, timeout, _DOWN_S)
+                           "(it is asked again in %.1f s).", address, timeout, self.store_down)
             return None
         self._down_until.pop(address, None)
         if reply[0] == b"ok":
@@ -537,6 +568,17 @@ class ZmqPeerConnector(SharedStorageConnector):
         elif reply[0] != b"namespace":
             logger.warning("KV peer %s: %s", address, b" ".join([reply[0]] + rest).decode(errors="replace"))
         return None
+
+    def probe_store(self) -> None:
+        """The probe of a peer marked down by a lookup timeout (``StoreHealth``): a "has" of
+        no keys to every producer rank (not the ranks' own back-off), answered in 1 s."""
+        for rank in range(self.context.world_size):
+            address = f"{self.peer[0]}:{self.peer[1] + rank}" if self.peer else None
+            reply = None if address is None else self._zmq.request(
+                address, [b"has", self.context.namespace.encode()], _LOOKUP_TIMEOUT_S)
+            if reply is None or reply[0] != b"ok":
+                raise ConnectionError(f"{address} did not answer")
+            self._down_until.pop(address, None)
 
     # -- scheduler half: lookups (on the lookup thread) -------------------------------------
 
@@ -554,7 +596,8 @@ class ZmqPeerConnector(SharedStorageConnector):
     def register_kv_caches(self, caches, swap_blocks, synchronize, device) -> None:
         super().register_kv_caches(caches, swap_blocks, synchronize, device)
         if self.config.is_producer and self._server is None:
-            self._store = BlockStore(self.store_bytes, fmt.HEADER_BYTES + self.block_bytes)
+            self._store = BlockStore(self.store_bytes, fmt.HEADER_BYTES + self.block_bytes,
+                                     self.store_ahead)
             self._server = BlockServer(self._store, self.context.namespace, self.bind,
                                        self.port + self.context.rank, self._zmq.context)
             logger.info("KV blocks of rank %d served on %s (%.1f GiB of host memory at most)",
@@ -636,6 +679,7 @@ class ZmqPeerConnector(SharedStorageConnector):
         no thread of the connector is left once this returns. Again: nothing."""
         if self._zmq.closed:
             return
+        self.health.close(wait=2 * _LOOKUP_TIMEOUT_S)  # a probe's socket: done with first
         if self._lookup_threads is not None:
             self._lookup_threads.shutdown(wait=True, cancel_futures=True)
             self._lookup_threads = None

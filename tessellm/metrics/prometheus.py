@@ -181,7 +181,9 @@ class EngineMetrics:
         """A KV connector (--kv-transfer-config): ``kv_connector_{queries,hits}_total`` in
         prompt tokens, ``kv_connector_blocks_{loaded,saved}_total``,
         ``kv_connector_save_failures_total`` (blocks), ``kv_connector_load_failures_total``
-        (requests recomputed), ``kv_connector_lookup_timeouts_total`` (requests)."""
+        (requests recomputed), ``kv_connector_lookup_timeouts_total`` (requests),
+        ``kv_connector_store_down_total``, ``kv_connector_lookups_skipped_total`` (requests) and
+        ``kv_connector_saves_skipped_total`` (blocks)."""
         if not totals:
             return
         if self._kv_connector is None:
@@ -192,7 +194,12 @@ class EngineMetrics:
                     "save_failures": "KV blocks whose save through the KV connector failed.",
                     "load_failures": "Requests recomputed because a KV connector load failed.",
                     "lookup_timeouts": "Requests whose KV connector lookup did not come back in "
-                                       "time (they computed their prompts)."}
+                                       "time (they computed their prompts).",
+                    "store_down": "Times the KV connector's store was marked down (a lookup "
+                                  "timed out, an I/O error, a write hung).",
+                    "lookups_skipped": "Admissions answered without a KV connector lookup while "
+                                       "its store was down (they computed their prompts).",
+                    "saves_skipped": "KV blocks not saved because the connector's store was down."}
             self._kv_connector = {k: _CumulativeCounter(self._child(Counter, f"kv_connector_{k}", doc))
                                   for k, doc in docs.items()}
         for key, metric in self._kv_connector.items():

@@ -49,7 +49,8 @@ class EngineStats:
     # A KV connector (--kv-transfer-config) since start: queries and hits (admitted requests'
     # prompt tokens, and those loaded through it), blocks_loaded, blocks_saved (offered to the
     # workers), load_failures (requests recomputed), lookup_timeouts (requests whose lookup
-    # did not come back in time); None: no connector.
+    # did not come back in time), store_down (times its store was marked down),
+    # lookups_skipped and saves_skipped (requests and blocks while it was); None: no connector.
     kv_connector: Optional[dict] = None
     # Recurrent-state snapshots of prefix caching (Mamba / gated DeltaNet models;
     # core/state_prefix.py): slots and used now, saves, restores and evictions since start;

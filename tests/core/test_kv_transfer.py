@@ -81,7 +81,8 @@ def test_producer_saves_and_consumer_loads(load_async, tiny_model_dir, tmp_path)
     assert [t for t, _, _ in used] == [t for t, _, _ in made] == want
     assert [(c, n) for _, c, n in used] == [(40, 2 + 5)] * 2
     assert stats.kv_connector == dict(queries=2 * 42, hits=2 * 40, blocks_loaded=20, blocks_saved=0,
-                                      save_failures=0, load_failures=0, lookup_timeouts=0)
+                                      save_failures=0, load_failures=0, lookup_timeouts=0,
+                                      store_down=0, lookups_skipped=0, saves_skipped=0)
     assert len(_files(tmp_path)) == 2 * 11  # a consumer writes nothing
     # The metrics, from the scheduler's stats as the engine process sends them.
     from prometheus_client import CollectorRegistry
@@ -141,8 +142,8 @@ def test_corrupt_truncated_and_missing_files(tiny_model_dir, tmp_path):
     # Exact: each prompt looked up once (q's recompute is no second query); q's failed load
     # gives no hit and no loaded block.
     assert stats.kv_connector == dict(queries=2 * 42, hits=16, blocks_loaded=4, blocks_saved=0,
-                                      save_failures=0, load_failures=1,
-                                      lookup_timeouts=0)
+                                      save_failures=0, load_failures=1, lookup_timeouts=0,
+                                      store_down=0, lookups_skipped=0, saves_skipped=0)
     assert not os.path.exists(conn.path(keys_q[7], 0))  # the corrupt file is gone
     _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_producer"))  # ... and saved afresh
     rows, _ = _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_consumer"))
@@ -278,7 +279,7 @@ def test_background_load_while_other_requests_run(corrupt, tiny_model_dir, tmp_p
     # p's failed load, and a's (aborted before it ran), count no hit and no block.
     assert stats == dict(queries=4 * 42, hits=40 * (1 - corrupt), blocks_loaded=10 * (1 - corrupt),
                          blocks_saved=0, save_failures=0, load_failures=int(corrupt),
-                         lookup_timeouts=0)
+                         lookup_timeouts=0, store_down=0, lookups_skipped=0, saves_skipped=0)
     # Running totals only grow (the metrics feed counters their differences).
     assert all(a[k] <= b[k] for a, b in zip(totals, totals[1:]) for k in a)
     assert not sched.kv_loading and sched.kv.num_free_blocks == 64  # every block given back
@@ -874,42 +875,137 @@ def test_a_hung_lookup_is_waited_for_once_not_every_step(tmp_path, monkeypatch):
     conn.shutdown()
 
 
-def test_a_lookup_that_never_returns_times_out_to_a_prefill(tmp_path):
+def _release_fifo(path) -> None:
+    """A FIFO's blocked reader gets EOF (a writer opens it and closes)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_dead_store_is_marked_down_skipped_and_probed_back(tmp_path, caplog):
     """A lookup whose read never returns (block 1's file is a FIFO nobody writes: opening it to
     read its header blocks, on the real lookup path) is given up on after
-    ``lookup_timeout_ms``: the request is answered with what is known (nothing: it computes its
-    prompt), counted in ``lookup_timeouts``, and not looked up again while that read hangs;
-    another request's lookup meanwhile answers at once."""
+    ``lookup_timeout_ms``: the request computes its prompt, counted in ``lookup_timeouts``, and
+    the store is marked down. Another request's lookup answered before that loads. Every later
+    request is answered at once without a lookup (no wait for the timeout, none submitted,
+    counted in ``lookups_skipped``); past ``store_down_ms`` a probe runs off the asking thread
+    and keeps the store down while the read still hangs; once the FIFO gives its reader EOF,
+    the next probe brings the store back and a request finds its stored block again. Logged
+    once."""
+    import logging
+
     from tessellm.kv_transfer import shared_storage_format as fmt
 
-    conn = _connector(tmp_path, "ns", lookup_wait_ms=0, lookup_timeout_ms=300)
-    req, other = (SimpleNamespace(request_id=rid, all_token_ids=list(range(s, s + 21)),
-                                  num_tokens=21, lora_request=None,
-                                  block_key=lambda a, b, lora: None)
-                  for rid, s in (("hung", 3), ("other", 100)))
-    keys, other_keys = conn.block_keys(req), conn.block_keys(other)
-    fmt.write_block(conn.path(other_keys[0], 0), other_keys[0], 0, "none", bytes(16), 16,
-                    [memoryview(bytes(16))], None)
-    fifo = conn.path(keys[0], 0)
+    caplog.set_level(logging.INFO, logger="tessellm.kv_transfer.threads")
+    conn = _connector(tmp_path, "ns", lookup_wait_ms=0, lookup_timeout_ms=300, store_down_ms=300)
+    req = {rid: SimpleNamespace(request_id=rid, all_token_ids=list(range(s, s + 21)),
+                                num_tokens=21, lora_request=None, block_key=lambda a, b, lora: None)
+           for rid, s in (("hung", 3), ("other", 100), ("b", 150), ("c", 200), ("d", 250))}
+    for rid in ("other", "d"):  # each has its first block in the store
+        key = conn.block_keys(req[rid])[0]
+        fmt.write_block(conn.path(key, 0), key, 0, "none", bytes(16), 16, [memoryview(bytes(16))],
+                        None)
+    fifo = conn.path(conn.block_keys(req["hung"])[0], 0)
     os.mkfifo(fifo)
+    ask = conn.get_num_new_matched_tokens
     try:
         t0 = time.monotonic()
-        assert conn.get_num_new_matched_tokens(req, 0) == (None, False)
-        assert conn.get_num_new_matched_tokens(other, 0) == (None, False)
+        assert ask(req["hung"], 0) == (None, False)
+        assert ask(req["other"], 0) == (None, False)
         conn.wait_for_lookups(5)  # the other's lookup: back at once
-        assert conn.get_num_new_matched_tokens(other, 0) == (BS, True)
-        while conn.get_num_new_matched_tokens(req, 0) == (None, False):
+        assert ask(req["other"], 0) == (BS, True)
+        while ask(req["hung"], 0) == (None, False):
             assert time.monotonic() - t0 < 5, "the hung lookup never timed out"
             conn.wait_for_lookups(0.02)
         assert time.monotonic() - t0 >= 0.3
-        assert conn.get_num_new_matched_tokens(req, 0) == (0, True)  # computes its prompt
-        assert conn.stats.lookup_timeouts == 1 and conn.stats.as_dict()["lookup_timeouts"] == 1
+        assert conn.stats.lookup_timeouts == 1 and conn.stats.store_down == 1
         assert not conn._lookups["hung"].future.done()  # the read still hangs: not asked again
+        for rid in ("b", "c", "d"):  # the store is down: answered at once, nothing looked up
+            t1 = time.monotonic()
+            assert ask(req[rid], 0) == (0, False)
+            assert time.monotonic() - t1 < 0.05 and rid not in conn._lookups
+        assert conn.stats.lookups_skipped == 3
+        time.sleep(0.35)  # past the back-off: the next ask starts a probe, not on this thread
+        assert ask(req["d"], 0) == (0, False) and conn.health._probing
+        while conn.health._probing:
+            time.sleep(0.01)
+        assert conn.health.is_down  # a read still hangs: still down
     finally:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the reader gets EOF: a miss
+        _release_fifo(fifo)  # the reader gets EOF: a miss; the store answers again
+    deadline = time.monotonic() + 5
+    got = ask(req["d"], 0)
+    while got != (BS, True):  # skipped, then a probe brings it back, then d's lookup
+        assert time.monotonic() < deadline, f"the store never came back ({got})"
+        conn.wait_for_lookups(0.02)
+        got = ask(req["d"], 0)
+    d = conn.stats.as_dict()
+    assert (d["lookup_timeouts"], d["store_down"]) == (1, 1) and d["lookups_skipped"] >= 4
+    assert caplog.text.count("counts as down") == 1 and "answers again" in caplog.text
     conn.shutdown()
     with pytest.raises(ValueError, match="lookup_timeout_ms is how long a request waits"):
         _connector(tmp_path, "ns", lookup_timeout_ms=0)
+    with pytest.raises(ValueError, match="store_down_ms is how long a store"):
+        _connector(tmp_path, "ns", store_down_ms=0)
+
+
+def test_a_store_whose_writes_hang_skips_saves_and_shuts_down_in_bound(tmp_path, monkeypatch,
+                                                                       caplog):
+    """The worker half over a disk whose writes hang (each write reads a FIFO first, which
+    blocks until the test writes it): a step's outputs waiting for their saves go after
+    ``lookup_timeout_ms``, the store marked down and those saves counted skipped; the next
+    step's saves are skipped at once (no copy, no writer); once the disk answers, a probe (off
+    the step) brings the store back and saves are written again. With the disk hung again,
+    ``shutdown`` returns within its bound, logs what it left, and leaves only daemon threads."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+    from tessellm.kv_transfer import shared_storage_format as fmt
+
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER, lookup_timeout_ms=300,
+                      store_down_ms=300, io_threads=1)
+    caches = [torch.randn(8, BS, 2, 4)]
+    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    disk = str(tmp_path / "disk")
+    os.mkfifo(disk)
+    hang, real = [True], fmt.write_block
+
+    def write_block(path, *args):
+        if hang[0]:
+            with open(disk, "rb") as f:  # blocks until the test opens the FIFO to write
+                f.read()
+        return real(path, *args)
+
+    monkeypatch.setattr(fmt, "write_block", write_block)
+    keys = [f"{i:064x}" for i in range(8)]
+    try:
+        t0 = time.monotonic()
+        conn.save_kv({"saves": [[keys[0], 0], [keys[1], 1]], "wait": True}).result()
+        assert 0.3 <= time.monotonic() - t0 < 3  # not held by the hung write past its bound
+        assert conn.health.is_down and conn.save_totals() == [0, 0, 0, 2, 1]
+        t0 = time.monotonic()
+        assert conn.save_kv({"saves": [[keys[2], 2]], "wait": True}) is None
+        assert time.monotonic() - t0 < 0.05 and conn.save_totals() == [0, 0, 0, 3, 1]
+        hang[0] = False
+        _release_fifo(disk)  # the disk answers: the hung write returns
+        deadline = time.monotonic() + 5
+        while conn.health.down():  # the probe (off this thread) brings it back
+            assert time.monotonic() < deadline, "the store never came back"
+            time.sleep(0.02)
+        conn.save_kv({"saves": [[keys[3], 3]], "wait": True}).result()
+        assert conn.save_totals() == [1, 0, 0, 3, 1]
+        assert os.path.exists(conn.path(keys[3], 0)) and not os.path.exists(conn.path(keys[1], 0))
+        # the disk hangs again: shutdown returns within its bound, leaving daemons behind
+        hang[0] = True
+        assert conn.save_kv({"saves": [[keys[4], 4]]}) is None
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        conn.shutdown()
+        assert time.monotonic() - t0 < 3
+        assert "1 block(s) not saved" in caplog.text and "leaving" in caplog.text
+        left = [t for t in threading.enumerate() if t.name.startswith("tessellm-kv")]
+        assert left and all(t.daemon for t in left)
+    finally:
+        hang[0] = False
+        try:
+            _release_fifo(disk)
+        except OSError:
+            pass  # nobody reads it
 
 
 def test_a_hung_lookup_does_not_hold_other_requests(tiny_model_dir, tmp_path, monkeypatch):
@@ -953,7 +1049,8 @@ def test_a_hung_lookup_does_not_hold_other_requests(tiny_model_dir, tmp_path, mo
     assert {rid: list(o.outputs[0].token_ids) for rid, o in outs.items()} == want
     assert (outs["p"].num_cached_tokens, outs["q"].num_cached_tokens) == (0, 40)
     assert stats == dict(queries=2 * 42, hits=40, blocks_loaded=10, blocks_saved=0,
-                         save_failures=0, load_failures=0, lookup_timeouts=1)
+                         save_failures=0, load_failures=0, lookup_timeouts=1, store_down=1,
+                         lookups_skipped=0, saves_skipped=0)
 
 
 def test_saves_count_once_written_and_failed_writes_as_failures(tiny_model_dir, tmp_path, monkeypatch):
@@ -1092,14 +1189,16 @@ def test_zmq_peer_prefill_in_one_process_decode_in_another(tiny_model_dir, caplo
     try:
         assert made["tokens"] == want
         assert made["stats"] == dict(queries=2 * 42, hits=0, blocks_loaded=0, blocks_saved=2 * 11,
-                                     save_failures=0, load_failures=0, lookup_timeouts=0)
+                                     save_failures=0, load_failures=0, lookup_timeouts=0,
+                                     store_down=0, lookups_skipped=0, saves_skipped=0)
         for load_async in (True, False):
             consumer = _peer("kv_consumer", kv_peer=f"127.0.0.1:{port}", load_async=load_async)
             rows, stats = _run(model, prompts, kv_transfer_config=consumer)
             assert rows == [(w, 40, 2 + 5) for w in want]
             assert stats.kv_connector == dict(queries=2 * 42, hits=2 * 40, blocks_loaded=20,
                                               blocks_saved=0, save_failures=0, load_failures=0,
-                                              lookup_timeouts=0)
+                                              lookup_timeouts=0, store_down=0,
+                                              lookups_skipped=0, saves_skipped=0)
         with LLM(model, device="cpu", dtype="float32", block_size=8, num_kv_blocks=16,
                  max_model_len=128, kv_transfer_config=_peer("kv_consumer", kv_peer=f"127.0.0.1:{port}")) as llm:
             out = llm.generate({"prompt_token_ids": prompts[0]},
@@ -1164,6 +1263,8 @@ def test_zmq_peer_bad_settings_are_one_clear_error(tiny_model_dir):
             ("kv_both", {"kv_peer": "nohost"}, "the producer's 'host:port'"),
             ("kv_producer", {"kv_port": 0}, "kv_port is the TCP port"),
             ("kv_producer", {"store_bytes": -1}, "store_bytes is the host memory"),
+            ("kv_producer", {"store_ahead_bytes": -1}, "store_ahead_bytes is the host memory"),
+            ("kv_producer", {"store_down_ms": "5"}, "store_down_ms is how long"),
             ("kv_producer", {"timeout_s": "5"}, "timeout_s is how long"),
             ("kv_producer", {"shared_storage_path": "/tmp"}, r"unknown key\(s\) \['shared_storage_path'\]")):
         with pytest.raises(ValueError, match=match):
@@ -1298,3 +1399,47 @@ def test_zmq_peer_block_server_protocol(monkeypatch):
     assert ahead.blob(keys[0]) == bytes([5]) * 10 and len(ahead.slots) == 8
     ahead.close()
     assert not ahead._grower
+
+
+def test_zmq_peer_store_makes_its_memory_on_demand():
+    """A producer's block store of 512 MiB of 2 MiB blocks makes and touches 64 MiB ahead of
+    its saves at start (the default ``store_ahead_bytes``; session 21's made the whole 512 MiB,
+    up to 1 GiB): an idle producer's resident memory grows by that, not by its store. Saves
+    that outrun the window double it (up to the store), and the thread ahead then makes it;
+    every block comes back byte for byte. ``store_ahead_bytes`` 0 makes nothing ahead."""
+    from tessellm.kv_transfer.zmq_peer import BlockStore
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    slot = 2 << 20
+    before = resident()
+    store = BlockStore(capacity=256 * slot, slot_bytes=slot)
+    try:
+        deadline = time.monotonic() + 10
+        while len(store.free) * slot < store.ahead and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert store.ahead == 64 << 20 and len(store.slots) == len(store.free) == 32
+        assert resident() - before < 160 << 20  # the 64 MiB ahead (the old store: 512 MiB)
+        with store.lock:
+            store._growing = True  # the thread ahead held back: the puts outrun it
+        blocks = [np.full(slot, i, np.uint8) for i in range(40)]
+        keys = [f"{i:064x}" for i in range(40)]
+        for key, blob in zip(keys, blocks):
+            store.put(key, blob)
+        assert store.ahead == 128 << 20  # the window doubled (one slab made in the puts' path)
+        with store.lock:
+            store._growing = False
+            store._wake.notify()
+        while len(store.free) * slot < store.ahead and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(store.free) == 64 and len(store.slots) == 40 + 64 <= 256
+        assert all(store.blob(k) == b.tobytes() for k, b in zip(keys, blocks))
+    finally:
+        store.close()
+    idle = BlockStore(capacity=8 * slot, slot_bytes=slot, ahead_bytes=0)
+    assert idle._grower is None and not idle.slots
+    idle.put(keys[0], blocks[0])
+    assert idle.blob(keys[0]) == blocks[0].tobytes() and len(idle.slots) == 8  # one slab
