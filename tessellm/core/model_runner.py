@@ -59,7 +59,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
                  vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
                  max_model_len: int = 2048, graph_runner=None, pp: Optional[PipelineStage] = None,
                  dtype: torch.dtype = torch.float32, logits_ops=None, spec=None,
-                 verify_graph_factory=None, lora=None, pooler=None, decode_overlap=None):
+                 verify_graph_factory=None, lora=None, pooler=None, decode_overlap=None,
+                 max_num_seqs: int = 256):
         self.model = model
         self.pp = pp or PipelineStage()
         self.dtype = dtype  # of activations (hidden states sent between stages)
@@ -84,6 +85,12 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.mask_upload = MaskUpload(sample_device)
         self._deferred: Optional[DeferredSample] = None  # a step waiting for its grammar mask
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs  # rows a step holds at most (the profile step's)
+        # Set by ``profile_run``: its peak over what was allocated before it (0: not measured
+        # here), and one logits row's bytes (0: no logits on this stage).
+        self.profile_peak_bytes = 0
+        self.profile_tokens = 0
+        self.logits_row_bytes = 0
         self.batch = InputBatch(-(-max_model_len // block_size))
         self.staging = Staging(device)
         # Speculative decoding (tessellm.spec_decode.runner_part.SpecDecodeRunner), or None.
@@ -137,38 +144,63 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
 
     @runner_grad_mode
     def profile_run(self, num_tokens: int) -> None:
-        """One forward at ``num_tokens`` so the allocator reaches its peak before KV sizing,
-        and the greedy sampler's argmax over its logits.
+        """The memory profile's step (``core/memory_profile.py``): ``num_tokens`` tokens over
+        ``max_num_seqs`` rows, decodes first, prompts of at most ``max_model_len`` (a longer
+        one would index rotary tables, sized by the model's context, past their end); then the
+        logits of its sampled rows through the sampler's widest path, and the greedy argmax.
 
-        The tokens are prompts of at most ``max_model_len`` each, as a real step's are: one
-        prompt longer than that would index rotary tables (sized by the model's context) past
-        their end."""
+        Its K/V go to one block per layer (every table entry is block 0: the values do not
+        matter, the shapes do), so the profile leaves no freed cache blocks behind that no
+        activation fits. Sets ``profile_peak_bytes`` (the allocator's peak over the step,
+        above what was allocated before it; 0 where the device reports none) and
+        ``logits_row_bytes``."""
+        from tessellm.core.memory_profile import profile_sampling_params, profile_shape
         from tessellm.core.sampling_params import SamplingParams
 
         bs = self.block_size
-        counts = [min(self.max_model_len, num_tokens - start)
-                  for start in range(0, num_tokens, self.max_model_len)]
+        spec_tokens = self.spec.config.num_speculative_tokens if self.spec is not None else 0
+        shape = profile_shape(num_tokens, self.max_num_seqs, self.max_model_len, spec_tokens)
+        self.profile_tokens = num_tokens = shape.num_tokens
+        counts = list(shape.counts)
         tables = PersistentBlockTable(-(-self.max_model_len // bs), rows=len(counts))
-        states, first_block = [], 0
-        for i, n in enumerate(counts):
-            blocks = list(range(first_block, first_block + -(-n // bs)))
-            first_block += len(blocks)
-            states.append(RunnerRequest(f"profile-{i}", [0] * n, n, SamplingParams(max_tokens=1),
-                                        blocks, 0, tables.add(blocks)))
-        self.allocate_kv_cache(first_block, self.dtype)
+        params = SamplingParams(max_tokens=1)
+        states = [RunnerRequest(f"profile-{i}", [0] * n, n, params, [0] * -(-n // bs), 0,
+                                tables.add([0] * -(-n // bs))) for i, n in enumerate(counts)]
+        self.allocate_kv_cache(1, self.dtype)
+        before = _allocated(self.device)
+        _reset_peak(self.device)
         host = build_inputs(states, counts, [0] * len(counts), tables, bs, self.steps.input_token)
         ids, positions, attn, _ = self._eager_tensors(host, counts)
         if self.mamba is not None:
             self.mamba.begin_step(states, counts, profile=True)
         hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.dummy(num_tokens))
         if self.pp.is_last and self.pooler is None:
-            logits = self.model.compute_logits(hidden[-min(num_tokens, 256):])
+            rows = torch.arange(num_tokens - shape.sampled_rows, num_tokens, device=hidden.device)
+            logits = self.model.compute_logits(hidden[rows])
+            del hidden
+            self.logits_row_bytes = logits.shape[-1] * logits.element_size()
             if not self.host_sampling:  # greedy's argmax kernel compiles here, not in the first
                 self.sampler.argmax(logits)  # greedy step (LLM(...) runs no kernel warm-up)
+                self._profile_sampler(logits, profile_sampling_params(logits.shape[-1]))
+            del logits
         if self.encoder_cache is not None:  # the vision tower's peak too
             self.encoder_cache.profile(num_tokens)
         self.backend.synchronize()
+        self.profile_peak_bytes = max(0, _peak(self.device) - before)
         self.allocate_kv_cache(0, self.dtype)
+
+    def _profile_sampler(self, logits: torch.Tensor, params) -> None:
+        """The sampler over ``logits``' rows, each a request using ``params`` (one sampled
+        output token so far: penalties read it)."""
+        from tessellm.core.sampling_metadata import build_sampling_batch
+
+        rows = [RunnerRequest(f"profile-sample-{i}", [0, 1], 1, params, [], 1)
+                for i in range(logits.shape[0])]
+        batch = build_sampling_batch(rows, lambda i: 0, self.sampler.device, self.vocab_size,
+                                     self.eos_token_ids)
+        state = self.sampler.generator.get_state()  # the engine's draws stay those of its seed
+        self.sampler(logits, batch)
+        self.sampler.generator.set_state(state)
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -348,7 +380,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             self._step_tensors = StepTensors(ids, positions, attn.slot_mapping, attn, rows, None, hidden,
                                              getattr(self.model, "aux_hidden_states", None))
         if host.prompt_lp_rows:
-            prompt_logprobs(self.model, hidden, host.prompt_lp_rows)
+            prompt_logprobs(self.model, hidden, host.prompt_lp_rows, self.max_num_seqs)
         if not num_rows:
             return None
         return self.model.compute_logits(hidden[rows])
@@ -368,7 +400,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
                             **_embeds_kwargs(self.model, ids, mm, given))
         logits = self.model.compute_logits(hidden[rows])  # always: one program per bucket
         if host.prompt_lp_rows:
-            prompt_logprobs(self.model, hidden, host.prompt_lp_rows)
+            prompt_logprobs(self.model, hidden, host.prompt_lp_rows, self.max_num_seqs)
         self.backend.synchronize()  # XLA: compile (once per bucket) and run the step
         if not num_rows:
             return None
@@ -436,3 +468,24 @@ def _sampled_rows(states: list[RunnerRequest], counts: list[int], num_sampled: O
         sampling.append(st)
         starts.append(starts[-1] + s)
     return rows, out_pos.__getitem__, sampling, starts
+
+
+def _allocated(device: torch.device) -> int:
+    """Bytes the device's caching allocator has handed out (0 where it reports none)."""
+    stats = _memory_stats(device)
+    return int(stats.get("allocated_bytes.all.current", 0))
+
+
+def _peak(device: torch.device) -> int:
+    return int(_memory_stats(device).get("allocated_bytes.all.peak", 0))
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type in ("cuda", "xpu"):
+        getattr(torch, device.type).reset_peak_memory_stats(device)
+
+
+def _memory_stats(device: torch.device) -> dict:
+    if device.type in ("cuda", "xpu"):  # (rocm: torch.cuda)
+        return getattr(torch, device.type).memory_stats(device)
+    return {}

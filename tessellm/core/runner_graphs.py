@@ -66,6 +66,20 @@ class RunnerGraphs:
             self._capture_verify_graphs()
         self._graphs_ready = True
 
+    def graph_memory_estimate(self) -> int:
+        """Bytes ``capture_graphs`` will allocate, for the KV cache's sizing before it
+        (``core/memory_profile.graph_memory_estimate``; ``profile_run`` measured its inputs).
+        0 without captured decode graphs (eager, or a compiling device's buckets)."""
+        from tessellm.core.memory_profile import graph_memory_estimate
+
+        runner = self.graph_runner
+        if (runner is None or self.buckets is not None
+                or not getattr(self.kernel, "supports_graph_capture", False)):
+            return 0
+        per_token = self.profile_peak_bytes / max(1, self.profile_tokens)
+        return graph_memory_estimate(getattr(runner, "capture_sizes", ()), self.logits_row_bytes,
+                                     per_token)
+
     def _capture_verify_graphs(self) -> None:
         """Speculative decoding: graphs of the verify step (q = 2..k+1 tokens per sequence)."""
         spec = self.spec

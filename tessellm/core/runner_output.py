@@ -60,16 +60,26 @@ def collect(handle: StepHandle, tokens: list[int], force_accept: bool = False) -
             state.prompt_logprobs = []
 
 
-def prompt_logprobs(model, hidden: torch.Tensor, rows: list) -> None:
-    """Logprobs of each prompt token given the ones before it, accumulated over chunks."""
+def prompt_logprobs(model, hidden: torch.Tensor, rows: list, chunk: int = 256) -> None:
+    """Logprobs of each prompt token given the ones before it, accumulated over steps; at most
+    ``chunk`` rows of logits at a time (``[rows, vocab]`` float32 twice over: a 16384-token
+    prompt chunk of a 128k vocabulary would take ~20 GiB at once; the memory profile covers
+    the sampler at ``chunk`` rows, core/memory_profile.py)."""
+    chunk = max(1, chunk)
     for state, row0, start, n in rows:
-        logits = model.compute_logits(hidden[row0:row0 + n]).float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        targets = torch.tensor(state.token_ids[start + 1:start + 1 + n], device=logits.device)
-        chosen = logprobs.gather(-1, targets[:, None])
-        ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
-        k = state.params.prompt_logprobs
-        top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
-        for j in range(n):
-            top = list(zip(top_ids[j].tolist(), top_lp[j].tolist())) if k else []
-            state.prompt_logprobs.append((targets[j].item(), chosen[j, 0].item(), ranks[j], top))
+        for i in range(0, n, chunk):
+            _prompt_logprobs(model, hidden, state, row0 + i, start + i, min(chunk, n - i))
+
+
+def _prompt_logprobs(model, hidden: torch.Tensor, state, row0: int, start: int, n: int) -> None:
+    """``n`` prompt rows from ``row0`` (prompt positions from ``start``) into ``state``."""
+    logits = model.compute_logits(hidden[row0:row0 + n]).float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    targets = torch.tensor(state.token_ids[start + 1:start + 1 + n], device=logits.device)
+    chosen = logprobs.gather(-1, targets[:, None])
+    ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+    k = state.params.prompt_logprobs
+    top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+    for j in range(n):
+        top = list(zip(top_ids[j].tolist(), top_lp[j].tolist())) if k else []
+        state.prompt_logprobs.append((targets[j].item(), chosen[j, 0].item(), ranks[j], top))

@@ -124,7 +124,8 @@ class Worker:
                                   spec=spec, verify_graph_factory=_verify_graph_factory(
                                       registry, self.backend, graphs, self.dtype),
                                   lora=lora, pooler=_pooler(pooling, model),
-                                  decode_overlap=overlap_settings(args))
+                                  decode_overlap=overlap_settings(args),
+                                  max_num_seqs=args.max_num_seqs)
         if hasattr(model, "mamba_layers"):  # one recurrent-state slot per running request
             from tessellm.core.mamba_state import MambaStateCache
 
@@ -185,6 +186,16 @@ class Worker:
             self.runner.profile_run(self.max_num_batched_tokens)
             free, total = self.backend.memory_info()
             budget = int(free - total * (1 - args.gpu_memory_utilization))
+            graphs = self.runner.graph_memory_estimate()  # allocated after the cache
+            budget -= graphs
+            self.memory_profile = {"profile_peak": self.runner.profile_peak_bytes,
+                                   "graph_estimate": graphs, "free": free, "total": total}
+            logger.info("Rank %d: memory profile of %d tokens over %d rows: peak %.2f GiB above "
+                        "the weights, %.2f GiB reserved for the decode graphs, %.2f GiB of %.2f "
+                        "free left for the KV cache", self.rank, self.runner.profile_tokens,
+                        min(args.max_num_seqs, self.runner.profile_tokens),
+                        self.runner.profile_peak_bytes / 2**30, graphs / 2**30,
+                        max(budget, 0) / 2**30, free / 2**30)
         self.num_state_snapshots = self._state_snapshots(budget, cap)
         if self.num_state_snapshots:  # prefix caching's recurrent-state snapshots share it
             budget -= self.num_state_snapshots * self._state_bytes()
@@ -226,7 +237,15 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> bool:
         """Allocate the cache and capture graphs; True when graphs were captured."""
         self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
+        free = self.backend.memory_info()[0] if self.backend.device_type != "cpu" else 0
         self.runner.capture_graphs()
+        if free and self.runner.graph_runner is not None:  # against graph_memory_estimate
+            took = free - self.backend.memory_info()[0]
+            estimate = getattr(self, "memory_profile", {}).get("graph_estimate", 0)
+            logger.info("Rank %d: the decode graphs took %.2f GiB (%.2f GiB reserved for them)",
+                        self.rank, took / 2**30, estimate / 2**30)
+            if hasattr(self, "memory_profile"):
+                self.memory_profile["graphs_took"] = took
         return self.runner.graph_runner is not None
 
     def kv_block_bytes(self) -> int:

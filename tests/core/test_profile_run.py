@@ -1,8 +1,23 @@
-"""The memory-profiling forward that sizes the KV cache on accelerators."""
+"""The memory-profiling forward that sizes the KV cache on accelerators
+(``core/memory_profile.py``): its step covers the scheduler's worst step under the engine's
+limits, row by row and in the sampler, and the cache it is sized for leaves its blocks alone."""
 
 from __future__ import annotations
 
+import random
+
+import pytest
+import torch
+
 from tessellm import LLM, SamplingParams
+from tessellm.backends.cuda.graph_runner import default_capture_sizes
+from tessellm.backends.spec import AttentionSpec
+from tessellm.core.block_manager import BlockManager
+from tessellm.core.memory_profile import PROFILE_LOGPROBS, graph_memory_estimate, profile_shape
+from tessellm.core.request import Request
+from tessellm.core.runner_kv_cache import kv_cache_tensors
+from tessellm.core.runner_output import prompt_logprobs
+from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.layers.rotary import RotaryEmbedding
 
 
@@ -27,9 +42,143 @@ def test_profile_run_keeps_positions_inside_the_context(tiny_model_dir):
     del runner.model.forward
     positions = seen[0]
     assert positions.numel() == table.shape[0] + 300
-    assert int(positions.max()) == 127  # every prompt fits the context
+    assert int(positions.max()) <= 127  # every prompt fits the context
     for a, (k, v) in zip(runner.model.attention_layers(), caches):  # profile_run frees them
         a.k_cache, a.v_cache = k, v
     out = llm.generate([{"prompt_token_ids": [1, 2, 3]}],
                        SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("budget,seqs,max_len", [(64, 8, 40), (48, 16, 256), (40, 4, 16)])
+def test_profile_shape_covers_every_step_the_scheduler_sends(budget, seqs, max_len):
+    """A real scheduler under the same limits, fed mixed prompt lengths with arrivals between
+    steps (chunked prefills beside decodes): no step has more tokens, rows or sampled rows than
+    the profile step, and none holds a prompt row longer than the context."""
+    shape = profile_shape(budget, seqs, max_len)
+    assert shape.num_tokens == min(budget, seqs * max_len)
+    assert len(shape.counts) == min(seqs, budget)
+    assert shape.num_decodes >= 1 and max(shape.counts) <= max_len
+    assert list(shape.counts) == sorted(shape.counts)  # decodes first, as the runner orders them
+    rng = random.Random(budget + seqs)
+    sched = Scheduler(SchedulerConfig(seqs, budget, max_len), BlockManager(4096, 4, True))
+    lens = [rng.choice([rng.randrange(1, 5), rng.randrange(1, max_len - 8)]) for _ in range(100)]
+    pending = [Request(f"r{i}", [rng.randrange(1, 500) for _ in range(n)],
+                       SamplingParams(max_tokens=rng.randrange(1, 24), ignore_eos=True), eos_token_ids=[0])
+               for i, n in enumerate(lens)]
+    most = {"tokens": 0, "rows": 0, "sampled": 0, "decodes": 0}
+    while pending or sched.has_unfinished():
+        for _ in range(rng.randrange(0, 6)):
+            if pending:
+                sched.add_request(pending.pop())
+        out = sched.schedule()
+        sampled = {}
+        for rid, n in out.num_scheduled_tokens.items():
+            r = sched.requests[rid]
+            if r.num_computed_tokens + n >= r.num_tokens:
+                sampled[rid] = [7]
+        counts = list(out.num_scheduled_tokens.values())
+        most = {"tokens": max(most["tokens"], sum(counts)), "rows": max(most["rows"], len(counts)),
+                "sampled": max(most["sampled"], len(sampled)),
+                "decodes": max(most["decodes"], sum(1 for n in counts if n == 1))}
+        assert max(counts, default=0) <= max_len
+        sched.update(out, sampled)
+    assert most["tokens"] <= shape.num_tokens and most["rows"] <= len(shape.counts)
+    assert most["sampled"] <= shape.sampled_rows
+    assert most["rows"] == seqs  # the workload reached the row limit, so the bound was tested
+    with_spec = profile_shape(budget, seqs, max_len, spec_tokens=3)
+    assert with_spec.sampled_rows == min(budget, 4 * len(with_spec.counts))  # k + 1 rows a request
+
+
+def test_profile_step_runs_every_row_and_the_widest_sampler(tiny_model_dir):
+    """The profile step's attention batch has ``max_num_seqs`` rows, decodes among them (the
+    split-KV decode path and its workspace), and its sampler sees one row per row with every
+    feature that allocates ``[rows, vocab]``; the engine's sampler draws stay its seed's."""
+    llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", max_model_len=64,
+              max_num_seqs=12, max_num_batched_tokens=100)
+    runner = llm.engine.core.runner
+    batches, sampled = [], []
+    build, call = runner.kernel.build_metadata, type(runner.sampler).__call__
+
+    def spy_build(batch):
+        batches.append(batch)
+        return build(batch)
+
+    def spy_call(sampler, logits, batch):
+        sampled.append((logits.shape, batch))
+        return call(sampler, logits, batch)
+
+    runner.kernel.build_metadata = spy_build
+    type(runner.sampler).__call__ = spy_call
+    generator = runner.sampler.generator.get_state()
+    try:
+        runner.profile_run(100)
+    finally:
+        del runner.kernel.build_metadata
+        type(runner.sampler).__call__ = call
+    shape = profile_shape(100, 12, 64)
+    (batch,) = batches
+    assert (batch.num_tokens, batch.num_seqs, batch.num_decodes) == (100, 12, shape.num_decodes)
+    assert batch.num_decodes > 0 and batch.max_query_len <= 64
+    ((rows, vocab), sb), = sampled
+    assert rows == shape.sampled_rows == 12 and vocab == runner.vocab_size
+    assert not sb.all_greedy and sb.top_p is not None and sb.top_k is None and sb.min_p is not None
+    assert sb.repetition is not None and sb.output_counts.shape == (12, vocab)
+    assert sb.allowed_rows == list(range(12)) and sb.logit_bias and sb.banned
+    assert sb.max_num_logprobs == PROFILE_LOGPROBS
+    assert torch.equal(runner.sampler.generator.get_state(), generator)
+    assert runner.logits_row_bytes == vocab * 4 and runner.profile_tokens == 100
+    # the decode graphs keep one logits output each: the reserve covers them
+    hidden = torch.zeros(max(default_capture_sizes(12)), runner.model.config.hidden_size)
+    kept = sum(runner.model.compute_logits(hidden[:n]).nbytes for n in default_capture_sizes(12))
+    assert graph_memory_estimate(default_capture_sizes(12), runner.logits_row_bytes, 0.0) >= kept
+    for a in runner.model.attention_layers():  # profile_run frees its cache
+        assert a.k_cache.shape[0] == 0
+    llm.shutdown()
+
+
+def test_kv_cache_in_one_allocation_is_disjoint_aligned_and_zeroed():
+    """The CUDA layout (``kv_cache_tensors``): every tensor a view of one allocation, at a
+    multiple of 256 bytes, contiguous, zeroed, and writing one leaves the others as they were."""
+    shapes = [(5, 4, 3, 8), (5, 4, 3, 8), (5, 4, 1, 24), (5, 4, 3, 8)]
+    ts = kv_cache_tensors(shapes, torch.bfloat16, torch.device("cpu"), one_allocation=True)
+    assert [tuple(t.shape) for t in ts] == shapes
+    base = ts[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in ts)
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in ts)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert all((t.data_ptr() - base) % 256 == 0 and t.is_contiguous() and not t.any() for t in ts)
+    ts[1].fill_(1)
+    assert not ts[0].any() and not ts[2].any() and bool((ts[1] == 1).all())
+    per_tensor = kv_cache_tensors(shapes, torch.bfloat16, torch.device("cpu"), one_allocation=False)
+    assert len({t.untyped_storage().data_ptr() for t in per_tensor}) == len(shapes)
+
+
+def test_prompt_logprobs_in_chunks_match_the_whole(tiny_model_dir):
+    """Prompt logprobs take at most ``chunk`` rows of logits at a time, with the same values."""
+    llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", max_model_len=64)
+    model = llm.engine.core.runner.model
+    hidden = torch.randn(20, model.config.hidden_size)
+    seen = []
+    real = model.compute_logits
+
+    def spy(h):
+        seen.append(h.shape[0])
+        return real(h)
+
+    class State:
+        def __init__(self):
+            self.token_ids = list(range(3, 40))
+            self.params = SamplingParams(prompt_logprobs=2)
+            self.prompt_logprobs = []
+
+    whole, chunked = State(), State()
+    prompt_logprobs(model, hidden, [(whole, 2, 4, 15)], chunk=1000)
+    model.compute_logits = spy
+    prompt_logprobs(model, hidden, [(chunked, 2, 4, 15)], chunk=4)
+    del model.compute_logits
+    assert seen == [4, 4, 4, 3]
+    assert [(t, r) for t, _, r, _ in chunked.prompt_logprobs] == [(t, r) for t, _, r, _ in whole.prompt_logprobs]
+    for (_, a, _, ta), (_, b, _, tb) in zip(chunked.prompt_logprobs, whole.prompt_logprobs):
+        assert a == pytest.approx(b, abs=1e-5) and [i for i, _ in ta] == [i for i, _ in tb]
+    llm.shutdown()

@@ -1,0 +1,109 @@
+"""The memory profile: the step the KV cache is sized after, and what it cannot see.
+
+On an accelerator the worker runs one profile step (``ModelRunner.profile_run``) before it
+sizes the KV cache: the caching allocator keeps every block that step allocated, so
+``memory_info``'s free bytes afterwards exclude its peak, and the cache gets what is left under
+``gpu_memory_utilization``. The step must therefore allocate at least what any real step will:
+
+* tokens: the step budget (``max_num_batched_tokens``), prompts of at most ``max_model_len``;
+* rows: ``max_num_seqs`` of them, decodes first (one token each, the split-KV decode path and
+  its workspace), the rest of the budget over as few prefill rows as fit the context (the
+  chunked-prefill path), as a mixed step of a full batch is;
+* sampled rows: one per row, ``num_speculative_tokens + 1`` per row with speculative decoding
+  (at most the budget); their logits go through the sampler's widest path (temperature, top-p
+  over the whole sorted vocabulary, min-p, penalties, logit bias, allowed tokens, min_tokens
+  bans, top logprobs); prompt logprobs are computed in chunks of at most that many rows
+  (``runner_output.prompt_logprobs``).
+
+What the step cannot see, it reserves: the captured decode graphs' pool (each graph keeps its
+own logits output, the largest one's activations are its transient) and their warm-up on the
+capture stream, both allocated after the cache (``graph_memory_estimate``).
+
+Two allocator effects that made the profile miss the first run's peak (H100, workload F: run 1
+grew the allocator by 2.56 GiB in 9 new segments): a KV cache tensor smaller than a cached
+profile block (best fit) took that block, so the activations had to be allocated again; and the
+profile's own KV cache (2 GiB for 16384 tokens of Llama-8B, freed, still cached in 32 MiB
+pieces no activation fits) was counted as used. So the profile writes its K/V into one block
+per layer (the values do not matter, only the shapes), and the cache is one allocation on CUDA
+(``runner_kv_cache.kv_cache_tensors``), larger than any cached block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from tessellm.core.sampling_params import SamplingParams
+
+# Top logprobs the profile's sampler returns (the server's ``max_logprobs`` default).
+PROFILE_LOGPROBS = 20
+# The allocator's granularity for blocks of 1 MiB and more (CUDA's caching allocator rounds a
+# large allocation up to 2 MiB), and a graph's few small buffers beside its logits.
+_LARGE_ROUND = 2 << 20
+
+
+@dataclass(frozen=True)
+class ProfileShape:
+    """The profile step: ``counts[i]`` query tokens of row i (decodes first), and how many
+    rows (from the last token back) it samples."""
+
+    counts: tuple[int, ...]
+    sampled_rows: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for n in self.counts if n == 1)
+
+
+def profile_shape(num_tokens: int, max_num_seqs: int, max_model_len: int,
+                  spec_tokens: int = 0) -> ProfileShape:
+    """The worst step the scheduler can send under these limits (see the module docstring):
+    ``min(max_num_seqs, num_tokens)`` rows, the fewest prefill rows (each at most
+    ``max_model_len`` tokens, at least 2) holding what the decode rows leave of ``num_tokens``
+    (at most what ``max_num_seqs`` prompts of ``max_model_len`` hold: no step has more)."""
+    if num_tokens < 1 or max_num_seqs < 1 or max_model_len < 1:
+        raise ValueError(f"profile_shape needs positive limits, got num_tokens={num_tokens}, "
+                         f"max_num_seqs={max_num_seqs}, max_model_len={max_model_len}.")
+    num_tokens = min(num_tokens, max_num_seqs * max_model_len)
+    rows = min(max_num_seqs, num_tokens)
+    prefills = 0
+    while num_tokens - (rows - prefills) > prefills * max_model_len:
+        prefills += 1
+    decodes = rows - prefills
+    rest = num_tokens - decodes
+    base, extra = divmod(rest, prefills) if prefills else (0, 0)
+    counts = [1] * decodes + [base + (i < extra) for i in range(prefills)]
+    sampled = min(num_tokens, rows * (1 + spec_tokens))
+    return ProfileShape(tuple(counts), sampled)
+
+
+def profile_sampling_params(vocab_size: int) -> SamplingParams:
+    """Every sampler feature that allocates ``[rows, vocab]`` tensors, in one request: random
+    sampling with top-p over the whole sorted vocabulary (no top-k: that path sorts only the
+    top k), min-p, the three penalties, a logit bias, allowed tokens, min_tokens' EOS bans, and
+    top logprobs."""
+    return SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, presence_penalty=0.1,
+                          frequency_penalty=0.1, repetition_penalty=1.1, logit_bias={0: 1.0},
+                          allowed_token_ids=list(range(min(vocab_size, 2))), min_tokens=1,
+                          logprobs=PROFILE_LOGPROBS, max_tokens=2)
+
+
+def graph_memory_estimate(capture_sizes: Sequence[int], logits_row_bytes: int,
+                          step_bytes_per_token: float) -> int:
+    """Bytes the decode graphs take after the cache is allocated: in their pool, each graph's
+    logits (``[size, vocab]``, kept as its output), each rounded up to the allocator's 2 MiB,
+    and the largest graph's transient activations; beside it, the warm-up runs before each
+    capture on the capture stream (their blocks are that stream's: the largest step's
+    activations and logits once more). ``step_bytes_per_token``: the profile step's peak over
+    its tokens (an upper bound per decode token)."""
+    if not capture_sizes:
+        return 0
+    largest = max(capture_sizes)
+    outputs = sum(-(-n * logits_row_bytes // _LARGE_ROUND) * _LARGE_ROUND + _LARGE_ROUND
+                  for n in capture_sizes)
+    transient = int(step_bytes_per_token * largest) + largest * logits_row_bytes
+    return outputs + 2 * transient
