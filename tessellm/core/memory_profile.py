@@ -16,16 +16,19 @@ sizes the KV cache: the caching allocator keeps every block that step allocated,
   (``runner_output.prompt_logprobs``).
 
 What the step cannot see, it reserves: the captured decode graphs' pool (each graph keeps its
-own logits output, the largest one's activations are its transient) and their warm-up on the
+own logits output; the largest one's activations are its transient) and their warm-ups on the
 capture stream, both allocated after the cache (``graph_memory_estimate``).
 
-Two allocator effects that made the profile miss the first run's peak (H100, workload F: run 1
-grew the allocator by 2.56 GiB in 9 new segments): a KV cache tensor smaller than a cached
-profile block (best fit) took that block, so the activations had to be allocated again; and the
-profile's own KV cache (2 GiB for 16384 tokens of Llama-8B, freed, still cached in 32 MiB
-pieces no activation fits) was counted as used. So the profile writes its K/V into one block
-per layer (the values do not matter, only the shapes), and the cache is one allocation on CUDA
-(``runner_kv_cache.kv_cache_tensors``), larger than any cached block.
+Why the first real run grew the allocator (H100, workload F: +2.56 GiB in 9 new segments in run
+1, none in run 2): ``torch.cuda.graph`` empties the caching allocator before every capture
+(``torch.cuda.empty_cache()`` in its ``__enter__``), so the blocks the profile step left cached,
+counted as used when the cache was sized, were given back to the driver before run 1, which then
+allocated them again. After the capture the runner allocates them once more, segment for
+segment as the profile left them (``free_segments`` / ``reserve_segments``), so the first run
+finds them cached. And the profile's own KV cache (2 GiB for 16384 tokens of Llama-8B, freed
+and kept in 32 MiB pieces no activation fits) was counted as used, 1024 blocks the cache did not
+get: the profile now writes its K/V into one block per layer (the values do not matter, the
+shapes do).
 """
 
 from __future__ import annotations
@@ -107,3 +110,53 @@ def graph_memory_estimate(capture_sizes: Sequence[int], logits_row_bytes: int,
                   for n in capture_sizes)
     transient = int(step_bytes_per_token * largest) + largest * logits_row_bytes
     return outputs + 2 * transient
+
+
+def free_segments(device) -> list[int]:
+    """Sizes of the caching allocator's segments on ``device`` that are cached and wholly free
+    on its current stream (the blocks a step left behind), largest first; [] where the device
+    has no such allocator (CUDA and ROCm have)."""
+    import torch
+
+    if device.type != "cuda":
+        return []
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index).cuda_stream
+    sizes = [seg["total_size"] for seg in torch.cuda.memory_snapshot()
+             if seg["device"] == index and seg["stream"] == stream and seg["allocated_size"] == 0
+             and seg["segment_type"] == "large" and tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0)]
+    return sorted(sizes, reverse=True)
+
+
+def reserve_segments(sizes: Sequence[int], device) -> int:
+    """Cache segments of these sizes again (allocated together, then freed: each its own
+    segment where nothing cached fits it), on the current stream. Returns the bytes
+    allocated; 0 when the device refused (a warning: the steps then allocate them as needed)."""
+    import logging
+
+    import torch
+
+    if not sizes:
+        return 0
+    held = []
+    try:
+        for n in sizes:
+            held.append(torch.empty(n, dtype=torch.uint8, device=device))
+    except torch.OutOfMemoryError:
+        logging.getLogger(__name__).warning(
+            "Could not cache the memory profile's %d blocks again after graph capture (%d of "
+            "%.2f GiB allocated); the first steps will allocate them.", len(sizes), len(held),
+            sum(sizes) / 2**30)
+        held = []
+    return sum(t.numel() for t in held)
+
+
+def graph_pool_bytes(device) -> int:
+    """Bytes in the caching allocator's private pools on ``device`` (the captured graphs')."""
+    import torch
+
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if seg["device"] == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))

@@ -91,6 +91,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.profile_peak_bytes = 0
         self.profile_tokens = 0
         self.logits_row_bytes = 0
+        self.profile_segments: list[int] = []  # the allocator segments it left cached
         self.batch = InputBatch(-(-max_model_len // block_size))
         self.staging = Staging(device)
         # Speculative decoding (tessellm.spec_decode.runner_part.SpecDecodeRunner), or None.
@@ -152,9 +153,10 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         Its K/V go to one block per layer (every table entry is block 0: the values do not
         matter, the shapes do), so the profile leaves no freed cache blocks behind that no
         activation fits. Sets ``profile_peak_bytes`` (the allocator's peak over the step,
-        above what was allocated before it; 0 where the device reports none) and
-        ``logits_row_bytes``."""
-        from tessellm.core.memory_profile import profile_sampling_params, profile_shape
+        above what was allocated before it; 0 where the device reports none),
+        ``logits_row_bytes`` and ``profile_segments`` (what graph capture gives back and
+        ``capture_graphs`` caches again)."""
+        from tessellm.core.memory_profile import free_segments, profile_sampling_params, profile_shape
         from tessellm.core.sampling_params import SamplingParams
 
         bs = self.block_size
@@ -188,6 +190,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.backend.synchronize()
         self.profile_peak_bytes = max(0, _peak(self.device) - before)
         self.allocate_kv_cache(0, self.dtype)
+        self.profile_segments = free_segments(self.device)  # cached again after graph capture
 
     def _profile_sampler(self, logits: torch.Tensor, params) -> None:
         """The sampler over ``logits``' rows, each a request using ``params`` (one sampled

@@ -237,15 +237,14 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> bool:
         """Allocate the cache and capture graphs; True when graphs were captured."""
         self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
-        free = self.backend.memory_info()[0] if self.backend.device_type != "cpu" else 0
         self.runner.capture_graphs()
-        if free and self.runner.graph_runner is not None:  # against graph_memory_estimate
-            took = free - self.backend.memory_info()[0]
-            estimate = getattr(self, "memory_profile", {}).get("graph_estimate", 0)
-            logger.info("Rank %d: the decode graphs took %.2f GiB (%.2f GiB reserved for them)",
-                        self.rank, took / 2**30, estimate / 2**30)
-            if hasattr(self, "memory_profile"):
-                self.memory_profile["graphs_took"] = took
+        if hasattr(self, "memory_profile") and self.runner.graph_runner is not None:
+            from tessellm.core.memory_profile import graph_pool_bytes
+
+            took = self.memory_profile["graph_pool"] = graph_pool_bytes(self.device)
+            logger.info("Rank %d: the decode graphs' pool holds %.2f GiB (%.2f GiB reserved for "
+                        "the graphs)", self.rank, took / 2**30,
+                        self.memory_profile["graph_estimate"] / 2**30)
         return self.runner.graph_runner is not None
 
     def kv_block_bytes(self) -> int:
