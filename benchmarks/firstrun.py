@@ -121,6 +121,20 @@ def _pinned_segments() -> int:
         return -1
 
 
+def _memory_profile(llm) -> str:
+    """The worker's KV sizing (``Worker.memory_profile``, in-process executors only): the
+    profile step's peak, the graphs' reserve against their pool, the KV blocks it gave."""
+    worker = getattr(llm.engine.core.executor, "worker", None)
+    mp = getattr(worker, "memory_profile", None)
+    if not mp:
+        return ""
+    gib = 2**30
+    return (f"step peak {mp['profile_peak'] / gib:.2f} GiB above the weights, decode graphs "
+            f"reserved {mp['graph_estimate'] / gib:.2f} GiB / pool {mp.get('graph_pool', 0) / gib:.2f}"
+            f" GiB, free at sizing {mp['free'] / gib:.2f} of {mp['total'] / gib:.2f} GiB, "
+            f"{llm.engine.info.num_kv_blocks} KV blocks")
+
+
 def _delta(a: dict, b: dict) -> dict:
     return {k: b[k] - a[k] for k in a if k not in ("reserved", "peak")}
 
@@ -267,6 +281,9 @@ def main() -> None:
           f"({s1['compile_s'] - s0['compile_s']:.1f} s), {s1['captures']} graphs captured, "
           f"reserved {s1['reserved'] / 2**30:.2f} GiB in {s1['segments']} segments; warm-up: "
           + (f"{report.requests} requests, {report.steps} steps, {report.seconds:.1f} s" if report else "off"))
+    memory = _memory_profile(llm)
+    if memory:
+        print(f"[{lbl}] memory profile: " + memory)
     # the bench's tiny warm-up: 2 prompts of 16 tokens, 4 tokens out
     tiny = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
     if args.profile_s > 0:  # CUPTI's one-time start-up stays out of run 1
@@ -308,6 +325,10 @@ def main() -> None:
               f"+{d['device_allocs']}, alloc retries +{d['alloc_retries']}, pinned segments "
               f"+{d['pinned_segments']}, peak {after['peak'] / 2**30:.2f} GiB | launch host "
               f"{sum(s[1] for s in steps):.2f} s")
+        if CUDA:
+            free, total = torch.cuda.mem_get_info()
+            print(f"[{lbl}]   device memory after run {r + 1}: {(total - free) / 2**30:.2f} of "
+                  f"{total / 2**30:.2f} GiB used (the process and others)")
         if top:
             print(f"[{lbl}]   compiled: " + ", ".join(f"{n} x{c} {s:.2f}s" for n, (c, s) in top[:8]))
         if table:

@@ -23,12 +23,11 @@ Why the first real run grew the allocator (H100, workload F: +2.56 GiB in 9 new 
 1, none in run 2): ``torch.cuda.graph`` empties the caching allocator before every capture
 (``torch.cuda.empty_cache()`` in its ``__enter__``), so the blocks the profile step left cached,
 counted as used when the cache was sized, were given back to the driver before run 1, which then
-allocated them again. After the capture the runner allocates them once more, segment for
-segment as the profile left them (``free_segments`` / ``reserve_segments``), so the first run
-finds them cached. And the profile's own KV cache (2 GiB for 16384 tokens of Llama-8B, freed
-and kept in 32 MiB pieces no activation fits) was counted as used, 1024 blocks the cache did not
-get: the profile now writes its K/V into one block per layer (the values do not matter, the
-shapes do).
+allocated them again. The cuda graph runner now allocates them once more after its captures,
+segment for segment (``backends/cuda/graph_runner.py``), so the first run finds them cached.
+And the profile's own KV cache (2 GiB for 16384 tokens of Llama-8B, freed and kept in 32 MiB
+pieces no activation fits) was counted as used, 1024 blocks the cache did not get: the profile
+now writes its K/V into one block per layer (the values do not matter, the shapes do).
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ PROFILE_LOGPROBS = 20
 # The allocator's granularity for blocks of 1 MiB and more (CUDA's caching allocator rounds a
 # large allocation up to 2 MiB), and a graph's few small buffers beside its logits.
 _LARGE_ROUND = 2 << 20
+_SPECIALISE = 16  # Triton's integer specialisation (divisible by 16 or not)
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,16 @@ def profile_shape(num_tokens: int, max_num_seqs: int, max_model_len: int,
     while num_tokens - (rows - prefills) > prefills * max_model_len:
         prefills += 1
     decodes = rows - prefills
-    rest = num_tokens - decodes
+    # Triton specialises an int argument on its divisibility by 16: the prefill kernel's
+    # ``seq_offset`` (the decodes before it) keeps the class of 0, as the profile step's had
+    # before it had decodes, where a few decode rows can become 2-token prefills instead.
+    short = decodes % _SPECIALISE if decodes >= _SPECIALISE and prefills else 0
+    if num_tokens - decodes - short < 2 * prefills:
+        short = 0
+    decodes -= short
+    rest = num_tokens - decodes - 2 * short
     base, extra = divmod(rest, prefills) if prefills else (0, 0)
-    counts = [1] * decodes + [base + (i < extra) for i in range(prefills)]
+    counts = [1] * decodes + [2] * short + sorted(base + (i < extra) for i in range(prefills))
     sampled = min(num_tokens, rows * (1 + spec_tokens))
     return ProfileShape(tuple(counts), sampled)
 
@@ -110,53 +117,3 @@ def graph_memory_estimate(capture_sizes: Sequence[int], logits_row_bytes: int,
                   for n in capture_sizes)
     transient = int(step_bytes_per_token * largest) + largest * logits_row_bytes
     return outputs + 2 * transient
-
-
-def free_segments(device) -> list[int]:
-    """Sizes of the caching allocator's segments on ``device`` that are cached and wholly free
-    on its current stream (the blocks a step left behind), largest first; [] where the device
-    has no such allocator (CUDA and ROCm have)."""
-    import torch
-
-    if device.type != "cuda":
-        return []
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(index).cuda_stream
-    sizes = [seg["total_size"] for seg in torch.cuda.memory_snapshot()
-             if seg["device"] == index and seg["stream"] == stream and seg["allocated_size"] == 0
-             and seg["segment_type"] == "large" and tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0)]
-    return sorted(sizes, reverse=True)
-
-
-def reserve_segments(sizes: Sequence[int], device) -> int:
-    """Cache segments of these sizes again (allocated together, then freed: each its own
-    segment where nothing cached fits it), on the current stream. Returns the bytes
-    allocated; 0 when the device refused (a warning: the steps then allocate them as needed)."""
-    import logging
-
-    import torch
-
-    if not sizes:
-        return 0
-    held = []
-    try:
-        for n in sizes:
-            held.append(torch.empty(n, dtype=torch.uint8, device=device))
-    except torch.OutOfMemoryError:
-        logging.getLogger(__name__).warning(
-            "Could not cache the memory profile's %d blocks again after graph capture (%d of "
-            "%.2f GiB allocated); the first steps will allocate them.", len(sizes), len(held),
-            sum(sizes) / 2**30)
-        held = []
-    return sum(t.numel() for t in held)
-
-
-def graph_pool_bytes(device) -> int:
-    """Bytes in the caching allocator's private pools on ``device`` (the captured graphs')."""
-    import torch
-
-    if device.type != "cuda":
-        return 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-               if seg["device"] == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))

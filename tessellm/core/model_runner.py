@@ -91,7 +91,6 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.profile_peak_bytes = 0
         self.profile_tokens = 0
         self.logits_row_bytes = 0
-        self.profile_segments: list[int] = []  # the allocator segments it left cached
         self.batch = InputBatch(-(-max_model_len // block_size))
         self.staging = Staging(device)
         # Speculative decoding (tessellm.spec_decode.runner_part.SpecDecodeRunner), or None.
@@ -153,10 +152,9 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         Its K/V go to one block per layer (every table entry is block 0: the values do not
         matter, the shapes do), so the profile leaves no freed cache blocks behind that no
         activation fits. Sets ``profile_peak_bytes`` (the allocator's peak over the step,
-        above what was allocated before it; 0 where the device reports none),
-        ``logits_row_bytes`` and ``profile_segments`` (what graph capture gives back and
-        ``capture_graphs`` caches again)."""
-        from tessellm.core.memory_profile import free_segments, profile_sampling_params, profile_shape
+        above what was allocated before it; 0 where the device reports none) and
+        ``logits_row_bytes``."""
+        from tessellm.core.memory_profile import profile_sampling_params, profile_shape
         from tessellm.core.sampling_params import SamplingParams
 
         bs = self.block_size
@@ -171,11 +169,12 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.allocate_kv_cache(1, self.dtype)
         before = _allocated(self.device)
         _reset_peak(self.device)
-        host = build_inputs(states, counts, [0] * len(counts), tables, bs, self.steps.input_token)
+        host = build_inputs(states, counts, [0] * len(counts), tables, bs, self.steps.input_token,
+                            self.table_width_multiple)  # the table's stride class of real steps
         ids, positions, attn, _ = self._eager_tensors(host, counts)
         if self.mamba is not None:
             self.mamba.begin_step(states, counts, profile=True)
-        hidden = self.model(ids, positions, self.kernel.build_metadata(attn), self.io.dummy(num_tokens))
+        hidden = self.model(ids, positions, self._metadata(attn), self.io.dummy(num_tokens))
         if self.pp.is_last and self.pooler is None:
             rows = torch.arange(num_tokens - shape.sampled_rows, num_tokens, device=hidden.device)
             logits = self.model.compute_logits(hidden[rows])
@@ -190,7 +189,6 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.backend.synchronize()
         self.profile_peak_bytes = max(0, _peak(self.device) - before)
         self.allocate_kv_cache(0, self.dtype)
-        self.profile_segments = free_segments(self.device)  # cached again after graph capture
 
     def _profile_sampler(self, logits: torch.Tensor, params) -> None:
         """The sampler over ``logits``' rows, each a request using ``params`` (one sampled
@@ -473,10 +471,19 @@ def _sampled_rows(states: list[RunnerRequest], counts: list[int], num_sampled: O
     return rows, out_pos.__getitem__, sampling, starts
 
 
+def _memory_stats(device: torch.device) -> dict:
+    """``torch.accelerator``'s allocator statistics for ``device``; {} where it has none (the
+    cpu, XLA, a torch without them)."""
+    acc = getattr(torch, "accelerator", None)
+    if (device.type == "cpu" or acc is None or not hasattr(acc, "memory_stats")
+            or not acc.is_available() or acc.current_accelerator().type != device.type):
+        return {}
+    return acc.memory_stats(device)
+
+
 def _allocated(device: torch.device) -> int:
     """Bytes the device's caching allocator has handed out (0 where it reports none)."""
-    stats = _memory_stats(device)
-    return int(stats.get("allocated_bytes.all.current", 0))
+    return int(_memory_stats(device).get("allocated_bytes.all.current", 0))
 
 
 def _peak(device: torch.device) -> int:
@@ -484,11 +491,5 @@ def _peak(device: torch.device) -> int:
 
 
 def _reset_peak(device: torch.device) -> None:
-    if device.type in ("cuda", "xpu"):
-        getattr(torch, device.type).reset_peak_memory_stats(device)
-
-
-def _memory_stats(device: torch.device) -> dict:
-    if device.type in ("cuda", "xpu"):  # (rocm: torch.cuda)
-        return getattr(torch, device.type).memory_stats(device)
-    return {}
+    if _memory_stats(device):
+        torch.accelerator.reset_peak_memory_stats(device)

@@ -21,7 +21,6 @@ from tessellm.backends.reference.recurrent_verify import verify_ops_capturable
 from tessellm.core.attention_batch import AttentionBatch
 from tessellm.core.input_batch import RunnerRequest
 from tessellm.core.input_builder import HostInputs
-from tessellm.core.memory_profile import reserve_segments
 from tessellm.core.shape_buckets import runner_grad_mode
 
 logger = logging.getLogger(__name__)
@@ -66,10 +65,6 @@ class RunnerGraphs:
             self.graph_runner.capture(self._decode_step, make_inputs)
             self._capture_verify_graphs()
         self._graphs_ready = True
-        # torch.cuda.graph empties the allocator's cache before each capture: the blocks the
-        # memory profile left (counted as used when the KV cache was sized) are cached again,
-        # so the first real steps find them (core/memory_profile.py).
-        reserve_segments(self.profile_segments, self.device)
 
     def graph_memory_estimate(self) -> int:
         """Bytes ``capture_graphs`` will allocate, for the KV cache's sizing before it

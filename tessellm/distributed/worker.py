@@ -238,10 +238,9 @@ class Worker:
         """Allocate the cache and capture graphs; True when graphs were captured."""
         self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
         self.runner.capture_graphs()
-        if hasattr(self, "memory_profile") and self.runner.graph_runner is not None:
-            from tessellm.core.memory_profile import graph_pool_bytes
-
-            took = self.memory_profile["graph_pool"] = graph_pool_bytes(self.device)
+        took = getattr(self.runner.graph_runner, "pool_bytes", None)
+        if hasattr(self, "memory_profile") and took is not None:  # against graph_memory_estimate
+            self.memory_profile["graph_pool"] = took
             logger.info("Rank %d: the decode graphs' pool holds %.2f GiB (%.2f GiB reserved for "
                         "the graphs)", self.rank, took / 2**30,
                         self.memory_profile["graph_estimate"] / 2**30)
