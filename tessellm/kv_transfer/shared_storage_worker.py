@@ -7,8 +7,9 @@ Threads::
                          background loads handed to the loader
                        save_kv: the step's saves copied into staging buffers (on the
                          connector's own stream, behind the forward), handed to the writer
-    tessellm-kv-load   one: a background load at a time, its reads fanned out to the readers,
-                         its copies on the connector's own stream, then its status
+    tessellm-kv-load   one: a background load at a time, its reads fanned out to the readers
+                         (the next chunk's queued before this one's copies: _load), its
+                         copies on the connector's own stream, then its status
     tessellm-kv-save   one: a step's saves in order; waits for their copies, fans the files out
                          to the write pool
     tessellm-kv-read   io_threads: files read into a staging buffer (preadv), sum64 checked
@@ -69,6 +70,16 @@ class _SaveChunk:
 
     def __init__(self, n: int):
         self.n, self.settled, self.abandoned, self.future = n, False, False, None
+
+
+class _LoadChunk:
+    """A staging chunk of a load whose reads are under way: from ``lo``, its ``(key, block)``
+    pairs, buffer, tensor parts, and the reader pool's futures (a list of oks each, in order)."""
+
+    __slots__ = ("lo", "chunk", "flat", "parts", "futures")
+
+    def __init__(self, lo, chunk, flat, parts, futures):
+        self.lo, self.chunk, self.flat, self.parts, self.futures = lo, chunk, flat, parts, futures
 
 
 class _SavesDone:
@@ -242,38 +253,52 @@ class SharedStorageWorker:
 
     def _load(self, items: list, stream, after, wait: bool = False) -> set:
         """``(key, block)`` pairs read from their files and copied into the blocks, a staging
-        chunk at a time (the next chunk's files are read while the last one's copies run).
-        ``stream``: the copies' stream (None: the current one); ``after``: events they wait
-        for; ``wait``: return once the copies are done. Returns the indices that failed (their
-        blocks may hold anything)."""
+        chunk at a time over two buffers, pipelined: a chunk's reads are queued on the reader
+        pool before the chunk before it is copied in, so each reader goes on to the next chunk
+        as it finishes its part of this one (none waits for the slowest at a chunk's end, and
+        ZmqPeer's TCP streams do not drain there) while the finished chunk is copied to the
+        device. ``stream``: the copies' stream (None: the current one); ``after``: events
+        they wait for; ``wait``: return once the copies are done. Returns the indices that
+        failed (their blocks may hold anything)."""
         staging, bad = self._load_staging, set()
-        last = None
-        for lo in range(0, len(items), staging.chunk):
-            chunk = items[lo:lo + staging.chunk]
-            flat = staging.acquire()
-            try:
-                event, after = self._load_chunk(chunk, lo, flat, stream, after, bad)
-            except BaseException:
-                # Nothing may still copy into the blocks once this returns (a failed load's
-                # blocks are freed) nor out of the buffer once it is given back.
-                if stream is not None:
-                    stream.synchronize()
-                else:
-                    self.synchronize()
-                staging.release(flat)
-                raise
-            staging.release(flat, event)  # reused once its copies are done
-            last = event or last
+        starts = list(range(0, len(items), staging.chunk))
+        last = cur = ahead = None
+        try:
+            for k, lo in enumerate(starts):
+                cur, ahead = ahead or self._read_chunk(items, lo, staging.acquire()), None
+                if k + 1 < len(starts):
+                    # the other buffer, once its copies are done (not one another load holds:
+                    # then this chunk is read after the one before, as without the pipeline)
+                    flat = staging.acquire(give_up=lambda: True)
+                    if flat is not None:
+                        ahead = self._read_chunk(items, starts[k + 1], flat)
+                event, after = self._copy_chunk(cur, stream, after, bad)
+                staging.release(cur.flat, event)  # reused once its copies are done
+                cur, last = None, event or last
+        except BaseException:
+            # Nothing may still copy into the blocks once this returns (a failed load's
+            # blocks are freed) nor into or out of a buffer once it is given back.
+            for c in (cur, ahead):
+                if c is not None:
+                    for f in c.futures:
+                        with contextlib.suppress(BaseException):
+                            f.result()
+            if stream is not None:
+                stream.synchronize()
+            else:
+                self.synchronize()
+            for c in (cur, ahead):
+                if c is not None:
+                    staging.release(c.flat)
+            raise
         if wait and last is not None:
             wait_event(last)
         return bad
 
-    def _load_chunk(self, chunk: list, lo: int, flat, stream, after, bad: set) -> tuple:
-        """One staging chunk of ``_load``: its files read into ``flat`` over the reader pool
-        (indices that failed, from ``lo``, added to ``bad``), the rest copied into their
-        blocks. Returns the copies' event (None: done, or nothing copied) and the events
-        later copies still wait for."""
-        torch = torch_module()
+    def _read_chunk(self, items: list, lo: int, flat) -> "_LoadChunk":
+        """A staging chunk's files (``items[lo:]``, a chunk's worth) queued on the reader pool
+        into ``flat``, a run of blocks a thread."""
+        chunk = items[lo:lo + self._load_staging.chunk]
         n = len(chunk)
         parts = self._parts(flat, n)
         arr = flat.numpy()
@@ -288,18 +313,28 @@ class SharedStorageWorker:
                         got[j] = None
             return [g is not None for g in got]
 
-        oks = self._map(self._readers, read, n)
-        bad.update(lo + i for i, ok in enumerate(oks) if not ok)
-        mapping = [(i, chunk[i][1]) for i, ok in enumerate(oks) if ok]
+        k = 1 if n < 4 else min(self.io_threads, n)
+        runs = [range(n * j // k, n * (j + 1) // k) for j in range(k)]
+        return _LoadChunk(lo, chunk, flat, parts, [self._readers.submit(read, r) for r in runs])
+
+    def _copy_chunk(self, c: "_LoadChunk", stream, after, bad: set) -> tuple:
+        """A chunk whose reads were queued (``_read_chunk``): once they are done, the indices
+        that failed (from ``c.lo``) added to ``bad``, the rest copied into their blocks.
+        Returns the copies' event (None: done, or nothing copied) and the events later
+        copies still wait for."""
+        torch = torch_module()
+        oks = [ok for f in c.futures for ok in f.result()]
+        bad.update(c.lo + i for i, ok in enumerate(oks) if not ok)
+        mapping = [(i, c.chunk[i][1]) for i, ok in enumerate(oks) if ok]
         if not mapping:
             return None, after
         if stream is None:
-            self._copy_in(parts, mapping)
+            self._copy_in(c.parts, mapping)
             return copies_done(torch, self.device), after
         with stream:
             for wait in after or ():
                 stream.wait_event(wait)
-            self._copy_in(parts, mapping)
+            self._copy_in(c.parts, mapping)
             event = torch.Event(device=self.device)
             event.record(stream)
         return event, None  # the stream keeps the order from here on
