@@ -1011,14 +1011,16 @@ def test_a_store_whose_writes_hang_skips_saves_and_shuts_down_in_bound(tmp_path,
 def test_a_hung_lookup_does_not_hold_other_requests(tiny_model_dir, tmp_path, monkeypatch):
     """A consumer engine whose store hangs on one request's files (every check of p's first
     block never returns): q, in the store, loads its 40 tokens and runs to the end meanwhile;
-    p is admitted once its lookup times out and computes its prompt; both give HF's tokens
-    and the stats count one timeout."""
+    p is admitted once its lookup times out and computes its prompt, and the store is marked
+    down: r, added then, is not looked up (no second timeout) and computes its prompt although
+    its blocks are in the store; all give HF's tokens, the stats count one timeout, one fall
+    and one skipped lookup."""
     import tessellm.kv_transfer.shared_storage as ss
 
     model = tiny_model_dir("llama")
-    p, q = _prompts(2)
-    want = dict(zip("pq", hf_greedy(model, [p, q], 6)))
-    _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    p, q, r = _prompts(3)
+    want = dict(zip("pqr", hf_greedy(model, [p, q, r], 6)))
+    _run(model, [q, r], kv_transfer_config=_kv(tmp_path, "kv_producer"))
     (ns,) = os.listdir(tmp_path)
     hung_key = _connector(tmp_path, ns).block_keys(SimpleNamespace(
         request_id="p", all_token_ids=p, lora_request=None, block_key=lambda a, b, lora: None))[0]
@@ -1042,15 +1044,19 @@ def test_a_hung_lookup_does_not_hold_other_requests(tiny_model_dir, tmp_path, mo
                 outs.update((o.request_id, o) for o in engine.step() if o.finished)
                 if q_done_first is None and "q" in outs:
                     q_done_first = "p" not in outs and sched.connector.stats.lookup_timeouts == 0
+            assert sched.connector.health.is_down  # p's lookup timed out
+            engine.add_request("r", {"prompt_token_ids": r}, params)
+            while engine.has_unfinished_requests() and time.monotonic() - t0 < 30:
+                outs.update((o.request_id, o) for o in engine.step() if o.finished)
             stats = sched.stats().kv_connector
     finally:
         release.set()
     assert q_done_first  # q ran to the end while p's lookup hung
     assert {rid: list(o.outputs[0].token_ids) for rid, o in outs.items()} == want
-    assert (outs["p"].num_cached_tokens, outs["q"].num_cached_tokens) == (0, 40)
-    assert stats == dict(queries=2 * 42, hits=40, blocks_loaded=10, blocks_saved=0,
+    assert [outs[k].num_cached_tokens for k in "pqr"] == [0, 40, 0]
+    assert stats == dict(queries=3 * 42, hits=40, blocks_loaded=10, blocks_saved=0,
                          save_failures=0, load_failures=0, lookup_timeouts=1, store_down=1,
-                         lookups_skipped=0, saves_skipped=0)
+                         lookups_skipped=1, saves_skipped=0)
 
 
 def test_saves_count_once_written_and_failed_writes_as_failures(tiny_model_dir, tmp_path, monkeypatch):
