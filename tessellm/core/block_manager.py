@@ -41,6 +41,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
+from tessellm.core.cache_view import CacheEvents
 from tessellm.core.kv_offload import HostKVTier
 from tessellm.core.request import Request
 from tessellm.core.state_prefix import StateSnapshots
@@ -81,6 +82,19 @@ def hash_block(parent_hash: Optional[int], token_ids: tuple[int, ...], extra: ob
     return int.from_bytes(h.digest(), "little")
 
 
+def extend_block_hashes(hashes: list[int], token_ids, block_size: int, block_key) -> list[int]:
+    """Extend ``hashes`` (a request's, or a prefix of them) to every full block of
+    ``token_ids``; ``block_key(start, end)`` is the extra key of the block over those tokens
+    (``Request.block_key``). The data-parallel front end hashes prompts with it too
+    (``load_balance.request_block_hashes``): the same hashes as the cores'."""
+    bs = block_size
+    while (len(hashes) + 1) * bs <= len(token_ids):
+        i = len(hashes)
+        parent = hashes[-1] if hashes else None
+        hashes.append(hash_block(parent, tuple(token_ids[i * bs:(i + 1) * bs]), block_key(i * bs, (i + 1) * bs)))
+    return hashes
+
+
 class BlockManager:
     """Allocates KV blocks to requests. One instance per engine (all layers share block ids)."""
 
@@ -100,6 +114,9 @@ class BlockManager:
         # Recurrent-state snapshots at block boundaries (core/state_prefix.py), or None.
         self.states: Optional[StateSnapshots] = None
         self.rolling: dict[str, Block] = {}  # request id -> the block of its latest decode save
+        # Data parallelism: the hashes entering and leaving ``cached``, for the front end's
+        # balancer (core/cache_view.py); None: not recorded.
+        self.events: Optional[CacheEvents] = None
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -122,14 +139,7 @@ class BlockManager:
 
     def update_block_hashes(self, request: Request) -> None:
         """Extend ``request.block_hashes`` to cover every full block of its known tokens."""
-        tokens = request.all_token_ids
-        hashes = request.block_hashes
-        bs = self.block_size
-        while (len(hashes) + 1) * bs <= len(tokens):
-            i = len(hashes)
-            parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs]),
-                                     request.block_key(i * bs, (i + 1) * bs)))
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.block_key)
 
     def find_cached_prefix(self, request: Request, count: bool = True) -> list[Block]:
         """The longest run of cached blocks matching the request's prompt prefix.
@@ -205,6 +215,8 @@ class BlockManager:
                 continue
             block.block_hash = block_hash
             self.cached[block_hash] = block
+            if self.events is not None:
+                self.events.stored(block_hash)
             if block.state_slot is not None:
                 self.states.publish(block, self.rolling.get(request.request_id) is block)
         request.num_published_blocks = max(request.num_published_blocks, num_full)
@@ -341,6 +353,8 @@ class BlockManager:
             self.host.load(block_hash, block.block_id)
             block.block_hash = block_hash
             self.cached[block_hash] = block
+            if self.events is not None:
+                self.events.stored(block_hash)
             blocks.append(block)
         self.host.release()
         return blocks
@@ -356,6 +370,8 @@ class BlockManager:
         if self.states is not None:
             self.states.clear(self.blocks)
         self.cached.clear()
+        if self.events is not None:
+            self.events.cleared()
         if self.host is not None:
             self.host.clear()
         return True
@@ -367,6 +383,8 @@ class BlockManager:
         if block.block_hash is not None:  # evict its cached prefix (to the host tier, if any)
             if self.cached.get(block.block_hash) is block:
                 del self.cached[block.block_hash]
+                if self.events is not None:
+                    self.events.removed(block.block_hash)
                 if self.host is not None:
                     self.host.store(block.block_hash, block.block_id)
             block.block_hash = None

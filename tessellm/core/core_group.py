@@ -8,7 +8,8 @@ threads divided between them). The front end (``AsyncLLM`` for the server, ``DPL
 
     front end --add--> LoadBalancer.pick --> core 0 | core 1 | ... (own sockets each)
               <--outputs, stats, warm, dead-- (read per core, tagged with its index;
-                 each stats message carries the core's load figures: note_stats)
+                 each stats message carries the core's load figures and its prefix
+                 cache's changes: note_stats)
 
 Invariants:
 
@@ -33,7 +34,7 @@ from typing import Optional
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.engine_process import EngineCoreClient, EngineStartupError
-from tessellm.core.load_balance import LoadBalancer
+from tessellm.core.load_balance import LoadBalancer, request_block_hashes
 from tessellm.core.outputs import RequestOutput
 from tessellm.metrics.stats import EngineStats, merge_engine_stats
 
@@ -78,7 +79,9 @@ class EngineCoreGroup:
 
     def send_add(self, req: EngineCoreRequest) -> None:
         lora_id = req.lora_request["id"] if req.lora_request else None  # LoRARequest.to_dict()
-        core = self.balancer.pick(req.prompt_token_ids, lora_id, affinity_key(req))
+        hashes = (request_block_hashes(req, self.balancer.block_size, self.balancer.max_blocks)
+                  if self.balancer.affinity else None)
+        core = self.balancer.pick(req.prompt_token_ids, lora_id, req.cache_salt, block_hashes=hashes)
         self.clients[core].send_add(req)
         self.balancer.assign(req.request_id, core, len(req.prompt_token_ids))
 
@@ -106,10 +109,11 @@ class EngineCoreGroup:
                 self.balancer.generated(out.request_id, len(out.new_token_ids))
 
     def note_stats(self, core: int, stats: dict) -> None:
-        """A core's stats from its latest outputs message; their load figures go to the
-        balancer (``load_balance.core_load``)."""
+        """A core's stats from its latest outputs message; their load figures and prefix-cache
+        changes go to the balancer (``load_balance.core_load``, ``cache_view.CacheEvents``)."""
+        events = stats.pop("prefix_events", None)
         self.stats[core] = stats
-        self.balancer.report(core, stats.get("load"))
+        self.balancer.report(core, stats.get("load"), events)
 
     def send_remove_lora(self, lora_id: int) -> None:
         for client in self.clients:
@@ -158,19 +162,6 @@ class EngineCoreGroup:
             client.request_stop()
         for client in self.clients:
             client.close()
-
-
-def affinity_key(req: EngineCoreRequest):
-    """What besides the prompt's token ids keys its KV in a core's prefix cache, for the
-    balancer's chain: the cache salt, and the content hashes of given embeddings or images,
-    whose placeholder token ids are alike for any content (without them every prompt_embeds
-    prompt of one length would look like one shared prefix)."""
-    key = req.cache_salt
-    if req.prompt_embeds is not None:
-        key = (key, "embeds", req.prompt_embeds.identifier)
-    if req.mm_features:
-        key = (key, "images", tuple(f.identifier for f in req.mm_features))
-    return key
 
 
 # -- front-end helpers shared by AsyncLLM and DPLLMEngine -------------------------------------

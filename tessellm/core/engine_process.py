@@ -10,7 +10,8 @@ sockets in a private temp dir. Every message is **msgpack** (never pickle on a s
       output PULL  <--["ready", info] ["startup_failed", msg]--  PUSH
                     ["warm", WarmupReport] (after warm-up, before any step)
                     ["outputs", [out...], EngineStats] ["rejected", rid, msg]
-                    (data parallelism: EngineStats carries "load", the balancer's figures)
+                    (data parallelism: EngineStats carries "load", the balancer's figures,
+                    and "prefix_events", the prefix cache's changes: core/cache_view.py)
                     ["call_result", id, result] ["dead", msg]
 
 Invariants
@@ -45,6 +46,7 @@ from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.prompt_embeds import PromptEmbeds, encode_prompt_embeds
 from tessellm.core.ipc import ParentEndpoints
+from tessellm.core.cache_view import CacheEvents
 from tessellm.core.load_balance import core_load
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
@@ -180,6 +182,10 @@ class _CoreLoop:
         # Data parallelism: each stats message carries the balancer's figures (load_balance.py).
         self.report_load = report_load
         self.received = 0  # "add" messages handled (rejected ones too): the balancer's sync point
+        # ... and the prefix cache's changes since the last message (core/cache_view.py).
+        self.cache_events = CacheEvents() if report_load else None
+        if self.cache_events is not None:
+            core.scheduler.kv.events = self.cache_events
 
     def run(self) -> None:
         self._send_outputs([])  # the stats before any request (device memory after loading)
@@ -271,7 +277,10 @@ class _CoreLoop:
 
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         steps, self.step_num_tokens = self.step_num_tokens, []
-        self.out_sock.send(pack(["outputs", [encode_output(o) for o in outputs], self._stats(steps)]))
+        stats = self._stats(steps)
+        if self.cache_events is not None:
+            stats["prefix_events"] = self.cache_events.drain()  # only here: never lost to a dev call
+        self.out_sock.send(pack(["outputs", [encode_output(o) for o in outputs], stats]))
 
 
 # -- the API side --------------------------------------------------------------------------

@@ -30,23 +30,29 @@ Invariants:
 * ``load[c]`` is the sum of ``weight`` over the requests ``owner`` gives to core ``c``;
   ``num_requests[c]`` counts them; ``sent[c]`` counts every core request ever sent there, and
   ``sent[c] - reports[c].received`` of them have not reached the core as of its last report.
-* Cost first: a request goes to a core whose cost (the policy's: score, or tokens) is at most
-  ``slack`` above the least one's (load: ``max(2, least // 8)``, two requests that start at
-  once, or an eighth more; tokens: ``max(2 * its prompt tokens, 16 blocks, least // 8)``, two
-  requests like it, a few short chats, or an eighth more), so prefix affinity costs at most that
-  much queueing, and a hot prefix spills onto the other cores instead of piling up on one.
-* Among those, the core that was sent the longest leading run of the request's prefix chain
-  wins (its prefix cache probably holds those KV blocks); ties, and requests whose prefix no
-  eligible core holds, go to the least cost, then the fewest tokens, then round-robin (an idle
-  server spreads its requests instead of always using core 0).
-* The chain is the prompt's full KV blocks, each hash covering its block and every one before it
-  (as the engine's prefix cache hashes them), after a first link for the LoRA adapter and the
-  cache salt: every request for an adapter shares that link, so adapter requests gather on the
-  core that holds the adapter in its slots while costs allow. Only the first ``max_blocks``
-  blocks are hashed: enough to tell a shared system prompt, cheap for a long prompt.
+* Cost first: a request may go to a core whose cost (the policy's: score, or tokens) is at
+  most ``slack`` above the least one's (load: ``max(2, least // 8)``, two requests that start
+  at once, or an eighth more; tokens: ``max(2 * its prompt tokens, 16 blocks, least // 8)``,
+  two requests like it, a few short chats, or an eighth more), plus what that core's cache
+  saves the request over the least-cost core's (load: 4 points, one queued request, per whole
+  step of token budget, ``token_budget``, of prompt it need not prefill; tokens: those
+  tokens). So prefix affinity costs at most that much queueing, and a hot prefix spills onto
+  the other cores instead of piling up on one.
+* Among those, the core holding the longest leading run of the request's chain wins: what its
+  prefix cache holds by its own reports, or will hold, the requests in flight there
+  (``cache_view.CacheView``). Ties, and requests whose prefix no eligible core holds, go to the
+  least cost, then the fewest tokens, then round-robin (an idle server spreads its requests
+  instead of always using core 0).
+* The chain is the prompt's first ``max_blocks`` full KV blocks' prefix-cache hashes, exactly
+  as the cores' block managers compute them (``request_block_hashes``: the cache salt, the
+  LoRA adapter, images and prompt embeddings in each block's key), cut to 64 bits, after a
+  first link for the LoRA adapter: every request for an adapter shares that link, so adapter
+  requests gather on the core that holds the adapter in its slots while costs allow (the cores
+  do not report their adapters: the link counts while the adapter's requests are in flight
+  there, and is remembered after, until it ages out of the view).
 
     prompt:  |<- block 0 ->|<- block 1 ->| ... |tail|
-    chain:   m = H(lora, salt)   h0 = H(m, b0)   h1 = H(h0, b1) ...   (no tail: not cacheable)
+    chain:   ("lora", id)   h0 = H(b0, key)   h1 = H(h0, b1, key) ...   (no tail: not cacheable)
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from tessellm.core.prefix_index import PrefixIndex
+from tessellm.core.block_manager import extend_block_hashes
+from tessellm.core.cache_view import CacheView, short_hash
 
 POLICIES = ("load", "tokens")  # --data-parallel-balance
 _WAITING_WEIGHT = 4  # a queued request weighs this many running ones (vLLM's client: 4)
@@ -62,8 +69,8 @@ _MIN_SLACK_SCORE = 2  # load: score points a core may be above the least and win
 _MIN_SLACK = 2  # tokens: requests like this one a core may be above the least loaded ...
 _MIN_SLACK_BLOCKS = 16  # ... or this many blocks of tokens (noise: a few short chats)
 _SLACK_FRACTION = 8  # ... or this fraction (1/8) of the least cost, when larger
-_MAX_BLOCKS = 32  # leading KV blocks of a prompt hashed for affinity
-_MAX_ENTRIES = 50_000  # chain hashes remembered per core (LRU)
+_MAX_BLOCKS = 256  # leading KV blocks of a prompt hashed for affinity (4096 tokens at 16)
+_MAX_VIEW_ENTRIES = 100_000  # block hashes of a core's prefix cache the view keeps (LRU)
 
 
 @dataclass
@@ -77,6 +84,7 @@ class CoreLoad:
     free_blocks: Optional[int] = None  # KV blocks free (cached-but-free included); None: unknown
     prefill_steps: int = 0  # whole steps of token budget the running requests' prompts still take
     received: int = 0  # requests the core has received from the front end since it started
+    token_budget: Optional[int] = None  # tokens one step computes at most; None: unknown
 
     @classmethod
     def from_dict(cls, d: dict) -> "CoreLoad":
@@ -95,7 +103,8 @@ def core_load(scheduler, received: int) -> dict:
     return {"waiting": len(scheduler.waiting), "running": len(scheduler.running),
             "free_seqs": config.max_num_seqs - len(scheduler.running),
             "free_blocks": scheduler.kv.num_free_blocks,
-            "prefill_steps": pending // max(1, config.max_num_batched_tokens), "received": received}
+            "prefill_steps": pending // max(1, config.max_num_batched_tokens), "received": received,
+            "token_budget": config.max_num_batched_tokens}
 
 
 def load_score(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_size: int) -> int:
@@ -111,7 +120,8 @@ def load_score(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_
 
 class LoadBalancer:
     def __init__(self, num_cores: int, block_size: int, affinity: bool = True,
-                 max_blocks: int = _MAX_BLOCKS, policy: str = "load"):
+                 max_blocks: int = _MAX_BLOCKS, policy: str = "load",
+                 max_view_entries: int = _MAX_VIEW_ENTRIES):
         if policy not in POLICIES:
             raise ValueError(f"data_parallel_balance {policy!r} is not supported; use load (the "
                              "cores' reported queues) or tokens (the tokens the front end has seen).")
@@ -126,18 +136,21 @@ class LoadBalancer:
         self.reports = [CoreLoad() for _ in range(num_cores)]  # each core's latest figures
         self.owner: dict[str, int] = {}  # core request id -> its core
         self.weight: dict[str, int] = {}  # core request id -> its prompt + generated tokens
-        self._index = PrefixIndex(_MAX_ENTRIES)
+        self.view = CacheView(num_cores, max_view_entries)  # what each core's prefix cache holds
+        self._picked: Optional[tuple[int, list]] = None  # the last pick's (core, chain), for assign
         self._next = 0  # where the round-robin among equal cores starts
 
-    def pick(self, prompt_token_ids, lora_id: Optional[int] = None, cache_salt: Optional[object] = None) -> int:
-        """The core for a request (module docstring). ``cache_salt``: any hashable that keys the
-        prompt's KV besides its token ids (the front end passes ``core_group.affinity_key``: the
-        salt, and the hashes of given embeddings or images)."""
+    def pick(self, prompt_token_ids, lora_id: Optional[int] = None, cache_salt: Optional[object] = None,
+             block_hashes: Optional[list[int]] = None) -> int:
+        """The core for a request (module docstring). ``block_hashes``: its prompt's leading
+        block hashes (``request_block_hashes``); without them they are computed from the token
+        ids, ``lora_id`` and ``cache_salt`` as a text prompt's (a string salt, or None)."""
+        self._picked = None
         if self.num_cores == 1:
             return 0
         cores = range(self.num_cores)
         n = len(prompt_token_ids)
-        chain = self.chain(prompt_token_ids, lora_id, cache_salt) if self.affinity else []
+        chain = self.chain(prompt_token_ids, lora_id, cache_salt, block_hashes) if self.affinity else []
         if self.policy == "load":
             cost = [self.score(i, n) for i in cores]
             least = min(cost)
@@ -148,15 +161,30 @@ class LoadBalancer:
             slack = max(_MIN_SLACK * n, _MIN_SLACK_BLOCKS * self.block_size, least // _SLACK_FRACTION)
         eligible = [i for i in cores if cost[i] <= least + slack]
         if chain:
-            depth = self._index.match(chain, eligible)
-            best = max(depth.values())
+            depth = self.view.depths(chain)
+            head = 1 if lora_id is not None else 0  # the adapter link: no tokens saved
+            base = max(depth[i] for i in cores if cost[i] == least)
+            eligible = [i for i in cores
+                        if cost[i] <= least + slack + self._saving(i, (depth[i] - max(base, head)) * self.block_size)]
+            best = max(depth[i] for i in eligible)
             if best > 0:
                 eligible = [i for i in eligible if depth[i] == best]
         choice = min(eligible, key=lambda i: (cost[i], self.load[i], (i - self._next) % self.num_cores))
         self._next = (choice + 1) % self.num_cores
         if chain:
-            self._index.record(choice, chain)
+            self.view.touch(choice, chain)
+            self._picked = (choice, chain)
         return choice
+
+    def _saving(self, core: int, cached_tokens: int) -> int:
+        """What ``cached_tokens`` more prompt tokens in ``core``'s cache are worth in the
+        policy's cost (module docstring)."""
+        if cached_tokens <= 0:
+            return 0
+        if self.policy == "tokens":
+            return cached_tokens
+        budget = self.reports[core].token_budget
+        return _WAITING_WEIGHT * (cached_tokens // budget) if budget else 0
 
     def score(self, core: int, num_prompt_tokens: int) -> int:
         """The load policy's score of ``core`` once a prompt of ``num_prompt_tokens`` lands there
@@ -164,33 +192,40 @@ class LoadBalancer:
         r = self.reports[core]
         return load_score(r, self.sent[core] - r.received, num_prompt_tokens, self.block_size)
 
-    def report(self, core: int, figures: Optional[dict]) -> None:
+    def report(self, core: int, figures: Optional[dict], cache_events: Optional[dict] = None) -> None:
         """``core``'s figures from its latest outputs message (``core_load``); None (a core that
-        reports none) keeps the last."""
+        reports none) keeps the last. ``cache_events``: its prefix cache's changes since its
+        previous message (``cache_view.CacheEvents.drain``)."""
         if figures:
             self.reports[core] = CoreLoad.from_dict(figures)
+        if cache_events:
+            self.view.apply(core, cache_events)
 
-    def chain(self, token_ids, lora_id: Optional[int], cache_salt: Optional[object]) -> list[int]:
+    def chain(self, token_ids, lora_id: Optional[int] = None, cache_salt: Optional[object] = None,
+              block_hashes: Optional[list[int]] = None) -> list:
         """The request's affinity chain (module docstring); [] for a prompt with no full block
-        and no adapter or salt."""
-        n = min(len(token_ids) // self.block_size, self.max_blocks)
-        chain = []
-        h = hash(("tessellm-dp", lora_id, cache_salt))
-        if lora_id is not None or cache_salt is not None:
-            chain.append(h)
-        bs = self.block_size
-        for b in range(n):
-            h = hash((h, tuple(token_ids[b * bs:(b + 1) * bs])))
-            chain.append(h)
+        and no adapter. ``block_hashes``: as ``pick``."""
+        if block_hashes is None:
+            n = min(len(token_ids), self.max_blocks * self.block_size)
+            key = cache_salt if lora_id is None else (cache_salt, "lora", lora_id)  # Request.block_key
+            block_hashes = extend_block_hashes([], token_ids[:n], self.block_size, lambda start, end: key)
+        chain: list = [("lora", lora_id)] if lora_id is not None else []
+        chain.extend(short_hash(h) for h in block_hashes[:self.max_blocks])
         return chain
 
     def assign(self, core_request_id: str, core: int, num_prompt_tokens: int) -> None:
-        """``core_request_id`` (a prompt of ``num_prompt_tokens``) went to ``core``."""
+        """``core_request_id`` (a prompt of ``num_prompt_tokens``) went to ``core`` (the last
+        ``pick``'s choice: its chain counts as held there while it is in flight)."""
         self.owner[core_request_id] = core
         self.weight[core_request_id] = num_prompt_tokens
         self.load[core] += num_prompt_tokens
         self.num_requests[core] += 1
         self.sent[core] += 1
+        picked, self._picked = self._picked, None
+        if picked is not None and picked[0] == core:
+            self.view.hold(core_request_id, core, picked[1])
+            if picked[1] and isinstance(picked[1][0], tuple):  # the adapter stays loaded there
+                self.view.remember(core, picked[1][0])
 
     def generated(self, core_request_id: str, num_tokens: int) -> None:
         """It generated ``num_tokens`` more (ignored once it is released)."""
@@ -205,4 +240,23 @@ class LoadBalancer:
         if core is not None:
             self.load[core] -= self.weight.pop(core_request_id)
             self.num_requests[core] -= 1
+            self.view.drop(core_request_id)
         return core
+
+
+def request_block_hashes(req, block_size: int, max_blocks: int = _MAX_BLOCKS) -> list[int]:
+    """The prefix-cache hashes of the first ``max_blocks`` full blocks of an
+    ``EngineCoreRequest``'s prompt, exactly as its core's block manager computes them (a
+    ``Request`` built from the same fields gives the extra keys: cache salt, LoRA adapter id,
+    images, prompt embeddings)."""
+    n = min(len(req.prompt_token_ids) // block_size, max_blocks)
+    if n == 0:
+        return []
+    from tessellm.core.request import Request
+    from tessellm.lora.request import LoRARequest
+
+    head = req.prompt_token_ids[:n * block_size]
+    shadow = Request(req.request_id, head, req.sampling_params, cache_salt=req.cache_salt,
+                     lora_request=LoRARequest.from_dict(req.lora_request), mm_features=req.mm_features,
+                     prompt_embeds=req.prompt_embeds)
+    return extend_block_hashes([], head, block_size, shadow.block_key)

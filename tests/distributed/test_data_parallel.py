@@ -16,6 +16,7 @@ import pytest
 
 from tessellm import LLM, SamplingParams
 from tessellm.config import EngineArgs
+from tessellm.core.engine_core import EngineCoreRequest
 from tessellm.core.engine_process import EngineDeadError
 from tessellm.core.load_balance import LoadBalancer
 
@@ -77,7 +78,10 @@ def test_balancer_prefers_the_prefix_holder_while_loads_are_close():
         lb.assign(f"b{i}", first, 9)
     assert lb.load[first] == 63
     lb.assign("c", first, 9)
-    other = lb.pick(shared + [3])  # 72 tokens in flight there, 0 here: load wins
+    # 72 tokens there: still within 64 + the 8 prompt tokens its cache saves this request
+    assert lb.pick(shared + [3]) == first
+    lb.assign("d", first, 9)
+    other = lb.pick(shared + [3])  # 81 tokens in flight there, 0 here: load wins
     assert other != first
     # A LoRA adapter is a link of its own: its requests gather where it went first, short
     # prompts too; another adapter's go to the least loaded core.
@@ -165,6 +169,37 @@ def test_load_policy_keeps_prefix_and_adapter_affinity():
     assert _send(lb, "b0", lora_id=8) == first
 
 
+def test_load_policy_follows_the_cores_reported_caches():
+    """The cores' reports of what their prefix caches hold steer a request to the core holding
+    the longest run of its prompt's blocks, while that core's score is within the threshold
+    (2 points, plus 4 per whole step of token budget its cache saves); an eviction or a reset
+    reported by a core is reflected at once."""
+    from tessellm.core.load_balance import request_block_hashes
+
+    lb = LoadBalancer(2, block_size=4)
+    prompt = list(range(200, 213))  # three full blocks and a tail
+    hashes = request_block_hashes(EngineCoreRequest("p", prompt, GREEDY, 0.0), 4)
+    pick = lambda: lb.pick(prompt, block_hashes=hashes)  # noqa: E731
+    idle = dict(waiting=0, running=0, free_seqs=4, free_blocks=100, token_budget=64)
+    _report(lb, 0, **idle)
+    lb.report(1, {"received": 0, **idle}, {"added": [h & (2**64 - 1) for h in hashes[:2]]})
+    assert lb.view.depths(lb.chain(prompt, block_hashes=hashes)) == [0, 2]
+    assert pick() == 1 and pick() == 1  # not round-robin: the holder
+    lb.report(0, None, {"added": [h & (2**64 - 1) for h in hashes]})  # all three on core 0
+    assert pick() == 0
+    lb.report(0, None, {"removed": [hashes[1] & (2**64 - 1)]})  # core 0 evicted the second block
+    assert pick() == 1
+    # Core 1 busy: 4 x 1 waiting + 4 = 8 points against 1, past 1 + 2: core 0 (one block held)
+    _report(lb, 1, **{**idle, "waiting": 1})
+    assert pick() == 0
+    # ... unless its cache saves whole steps: one 4-token block more than core 0's, in steps
+    # of 2 tokens, is 2 steps, 8 points: 8 <= 1 + 2 + 8
+    _report(lb, 1, **{**idle, "waiting": 1, "token_budget": 2})
+    assert pick() == 1
+    lb.report(1, None, {"reset": True})  # core 1's cache was reset (sleep, new weights)
+    assert lb.view.depths(lb.chain(prompt, block_hashes=hashes)) == [1, 0] and pick() == 0
+
+
 def test_balance_policy_is_checked():
     with pytest.raises(ValueError, match="data_parallel_balance 'queue' is not supported; use load"):
         LoadBalancer(2, block_size=4, policy="queue")
@@ -177,13 +212,13 @@ def test_balance_policy_is_checked():
 
 
 def test_balancer_tells_prompt_embeds_apart():
-    """Prompts given as embeddings carry placeholder token ids (all 0): their affinity chain is
-    keyed on the embeddings' hash, so different embeddings are not one shared prefix, and equal
-    ones are."""
+    """Prompts given as embeddings carry placeholder token ids (all 0): their block hashes are
+    keyed on the embeddings' hash (as the core's), so different embeddings are not one shared
+    prefix, and equal ones are."""
     import torch
 
-    from tessellm.core.core_group import affinity_key
     from tessellm.core.engine_core import EngineCoreRequest
+    from tessellm.core.load_balance import request_block_hashes
     from tessellm.core.prompt_embeds import PromptEmbeds
 
     def request(seed: int) -> EngineCoreRequest:
@@ -193,13 +228,14 @@ def test_balancer_tells_prompt_embeds_apart():
 
     lb = LoadBalancer(2, block_size=4, policy="tokens")
     a, b, a2 = request(1), request(2), request(1)
-    chain = lambda r: lb.chain(r.prompt_token_ids, None, affinity_key(r))  # noqa: E731
-    assert chain(a) == chain(a2)
+    chain = lambda r: lb.chain(r.prompt_token_ids, block_hashes=request_block_hashes(r, 4))  # noqa: E731
+    assert chain(a) == chain(a2) and len(chain(a)) == 2
     assert not set(chain(a)) & set(chain(b))
-    first = lb.pick(a.prompt_token_ids, None, affinity_key(a))
+    pick = lambda r: lb.pick(r.prompt_token_ids, block_hashes=request_block_hashes(r, 4))  # noqa: E731
+    first = pick(a)
     lb.assign("a", first, 8)
-    assert lb.pick(b.prompt_token_ids, None, affinity_key(b)) != first  # no shared prefix: least loaded
-    assert lb.pick(a2.prompt_token_ids, None, affinity_key(a2)) == first
+    assert pick(b) != first  # no shared prefix: least loaded
+    assert pick(a2) == first
 
 
 def test_data_parallel_rank_is_checked():

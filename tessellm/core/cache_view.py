@@ -1,0 +1,162 @@
+"""What each data-parallel engine core's prefix cache holds, as the front end sees it.
+
+Two halves, plain Python:
+
+* ``CacheEvents`` (in a core): the block manager notes every block hash that enters its prefix
+  cache (``stored``: a full block published, or loaded from the host tier) or leaves it
+  (``removed``: the block was evicted for reuse; ``cleared``: the whole cache was reset). The
+  core's stats message drains the net change since the last one (``drain``) and carries it to
+  the front end with the load figures it already sends: no extra message, a few bytes per
+  block (vLLM's KV cache events, piggybacked).
+* ``CacheView`` (in the front end, for ``load_balance.LoadBalancer``): per core, the hashes its
+  reports say it holds, plus the chains of the requests in flight there (sent, not finished:
+  their blocks are being computed and cannot be evicted while they run), so a burst sharing a
+  new prefix gathers on one core before its first report. ``depths`` says, per core, how many
+  leading links of a prompt's chain it holds.
+
+Hashes are ``block_manager.hash_block``'s, cut to their low 64 bits (``short_hash``; msgpack
+carries at most 64-bit integers): the front end hashes a prompt's blocks as the core does
+(``load_balance.request_block_hashes``: the same token ids, cache salt, LoRA adapter, images
+and prompt embeddings in the key), so a hash it computes is the one the core reports. A
+collision in 64 bits costs at most a misrouted request, never a wrong KV read (the core
+matches on its own 128-bit hashes).
+
+Invariants:
+
+* ``drain`` returns disjoint ``added`` / ``removed`` lists whose effect on a view that applied
+  every earlier drain is the core's net change: a hash stored then evicted within one interval
+  is only removed, one evicted then stored again only added (the last event wins). ``reset``
+  comes first: the view forgets that core's hashes, then applies the rest.
+* The view is bounded: at most ``max_entries`` reported hashes per core, least recently
+  reported-or-matched dropped first (the core's own cache also evicts its least recently used
+  blocks first), and in flight only the chains of the requests in flight.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Hashable, Optional
+
+_MASK64 = (1 << 64) - 1
+
+
+def short_hash(block_hash: int) -> int:
+    """The low 64 bits of a block hash: what the reports and the view carry."""
+    return block_hash & _MASK64
+
+
+class CacheEvents:
+    """A core's prefix-cache changes since the last ``drain`` (module docstring)."""
+
+    def __init__(self):
+        self._added: set[int] = set()
+        self._removed: set[int] = set()
+        self._reset = False
+
+    def stored(self, block_hash: int) -> None:
+        h = short_hash(block_hash)
+        self._removed.discard(h)
+        self._added.add(h)
+
+    def removed(self, block_hash: int) -> None:
+        h = short_hash(block_hash)
+        self._added.discard(h)
+        self._removed.add(h)
+
+    def cleared(self) -> None:
+        self._added.clear()
+        self._removed.clear()
+        self._reset = True
+
+    def drain(self) -> Optional[dict]:
+        """The net change as a message part (``CacheView.apply``), None when there is none."""
+        if not (self._added or self._removed or self._reset):
+            return None
+        out = {"added": list(self._added), "removed": list(self._removed), "reset": self._reset}
+        self._added, self._removed, self._reset = set(), set(), False
+        return out
+
+
+class CacheView:
+    """Per core, the chain links it holds (module docstring). A link is a short block hash or
+    any other hashable the balancer puts in a chain (its LoRA adapter link)."""
+
+    def __init__(self, num_cores: int, max_entries: int):
+        self.max_entries = max_entries
+        self._cached: list[OrderedDict] = [OrderedDict() for _ in range(num_cores)]  # reported
+        self._flight: list[dict[Hashable, int]] = [{} for _ in range(num_cores)]  # link -> requests
+        self._chains: dict[str, tuple[int, list]] = {}  # request id -> (core, chain) in flight
+
+    # -- reports ------------------------------------------------------------------------------
+
+    def apply(self, core: int, events: Optional[dict]) -> None:
+        """A core's ``CacheEvents.drain`` from its latest stats message."""
+        if not events:
+            return
+        cached = self._cached[core]
+        if events.get("reset"):
+            cached.clear()
+        for h in events.get("removed", ()):
+            cached.pop(h, None)
+        for h in events.get("added", ()):
+            cached[h] = None
+            cached.move_to_end(h)
+        while len(cached) > self.max_entries:
+            cached.popitem(last=False)
+
+    def remember(self, core: int, link: Hashable) -> None:
+        """Count ``link`` as held by ``core`` until it ages out (no core reports it: the
+        balancer's own guesses, e.g. that an adapter stays loaded where it ran)."""
+        self.apply(core, {"added": [link]})
+
+    # -- requests in flight -------------------------------------------------------------------
+
+    def hold(self, request_id: str, core: int, chain: list) -> None:
+        """``request_id`` (prompt chain ``chain``) was sent to ``core``."""
+        if not chain:
+            return
+        self.drop(request_id)
+        flight = self._flight[core]
+        for link in chain:
+            flight[link] = flight.get(link, 0) + 1
+        self._chains[request_id] = (core, chain)
+
+    def drop(self, request_id: str) -> None:
+        """``request_id`` finished, was aborted or rejected (no-op if unknown)."""
+        entry = self._chains.pop(request_id, None)
+        if entry is None:
+            return
+        core, chain = entry
+        flight = self._flight[core]
+        for link in chain:
+            left = flight[link] - 1
+            if left:
+                flight[link] = left
+            else:
+                del flight[link]
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def depths(self, chain: list) -> list[int]:
+        """Per core, how many leading links of ``chain`` it holds (reported or in flight)."""
+        out = []
+        for cached, flight in zip(self._cached, self._flight):
+            n = 0
+            while n < len(chain) and (chain[n] in cached or chain[n] in flight):
+                n += 1
+            out.append(n)
+        return out
+
+    def touch(self, core: int, links: list) -> None:
+        """``links`` (a chain's matched head) were just used on ``core``: most recent now, as
+        the core's LRU sees a prefix hit."""
+        cached = self._cached[core]
+        for link in links:
+            if link in cached:
+                cached.move_to_end(link)
+
+    def num_cached(self, core: int) -> int:
+        return len(self._cached[core])
+
+    def num_in_flight(self, core: int) -> int:
+        return len(self._flight[core])
