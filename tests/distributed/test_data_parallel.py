@@ -307,6 +307,74 @@ def test_load_policy_routes_around_a_busy_core(tiny_model_dir):
         engine.abort_request("long")
 
 
+def test_prefix_goes_to_the_core_that_caches_it(tiny_model_dir):
+    """Two cores of 16 KV blocks and one request slot each; what each core's prefix cache
+    holds is read from its reports, and seen through the cores' own prefix-cache hit counts:
+
+    * a prompt sharing a cached 4-block prefix goes to the core that holds it (its hits grow by
+      the prefix; round-robin would have sent it to the other core);
+    * a core whose cache lost the prefix (a long prompt evicted it there) no longer draws it,
+      though the prefix was sent there too;
+    * a core holding the prefix but busy (its slot taken: score 5 against 1, past the 2-point
+      threshold) loses the request to the idle core, which computes the whole prompt."""
+    from tessellm.core.dp_engine import DPLLMEngine
+
+    path = tiny_model_dir("llama")
+    prefix = [(11 * j) % 90 + 3 for j in range(64)]  # 4 blocks of 16
+    def prompt(tag: int, n: int = 8) -> dict:
+        return {"prompt_token_ids": prefix + [(tag * 7 + j) % 90 + 3 for j in range(n)]}
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    args = EngineArgs(model=path, data_parallel_size=2, **{**_kwargs(max_num_seqs=1), "num_kv_blocks": 16,
+                                                          "max_model_len": 256})
+    engine = DPLLMEngine(args)
+
+    def run(*requests) -> list[int]:
+        """Send (request id, prompt) pairs back to back; wait for all to finish; their cores."""
+        cores = []
+        for rid, p in requests:
+            engine.add_request(rid, p, short)
+            cores.append(engine.cores.owner(rid))
+        left = {rid for rid, _ in requests}
+        while left:
+            left -= {o.request_id for o in engine.step() if o.finished}
+        return cores
+
+    def hits() -> list[int]:
+        return [s["prefix_cache_hits"] for s in engine.core_stats()]
+
+    try:
+        # Both cores compute the prefix: the second request goes elsewhere, the first one's core
+        # having not yet received it (queued there: 8 points against 1).
+        x, y = run(("p1", prompt(1)), ("p2", prompt(2)))
+        assert {x, y} == {0, 1}
+        assert hits() == [0, 0]
+        # A 240-token prompt fills one core's KV cache: the prefix is evicted there.
+        (evicted,) = run(("fill", {"prompt_token_ids": [(5 * j) % 90 + 3 for j in range(240)]}))
+        holder = 1 - evicted
+        (other,) = run(("tiny", {"prompt_token_ids": [4, 5, 6]}))  # no full block: round-robin
+        assert other == holder  # so round-robin's next is the evicted core ...
+        before = hits()
+        (core,) = run(("q", prompt(3)))  # ... but the prefix goes where it is still cached
+        assert core == holder, [engine.cores.balancer.view.num_cached(i) for i in range(2)]
+        after = hits()
+        assert after[holder] - before[holder] == 64 and after[evicted] == before[evicted]
+        # The holder busy with a long request (one slot each): the next one goes to the idle
+        # core and computes its whole prompt there.
+        engine.add_request("long", prompt(4), SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True))
+        assert engine.cores.owner("long") == holder
+        reports = engine.cores.balancer.reports
+        while not (reports[holder].received == engine.requests_sent()[holder] and reports[holder].running == 1):
+            engine.step()
+        assert engine.cores.balancer.score(holder, 72) == 5 and engine.cores.balancer.score(evicted, 72) == 1
+        before = hits()
+        (core,) = run(("c", prompt(5)))
+        assert core == evicted and hits()[evicted] == before[evicted]
+        assert engine.cores.owner("long") == holder, "the long request finished too soon"
+        engine.abort_request("long")
+    finally:
+        engine.shutdown()
+
+
 # -- the serving front end ---------------------------------------------------------------------
 
 def test_async_llm_dp2(tiny_model_dir):
