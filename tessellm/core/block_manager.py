@@ -82,16 +82,21 @@ def hash_block(parent_hash: Optional[int], token_ids: tuple[int, ...], extra: ob
     return int.from_bytes(h.digest(), "little")
 
 
+def iter_block_hashes(token_ids, block_size: int, block_key, parent: Optional[int] = None, start: int = 0):
+    """The hashes of the full blocks of ``token_ids`` from block ``start`` on (``parent``: the
+    hash of block ``start - 1``), one by one; ``block_key(start, end)`` is the extra key of the
+    block over those tokens (``Request.block_key``). The data-parallel front end hashes prompts
+    with it too (``load_balance.iter_request_block_hashes``): the same hashes as the cores'."""
+    bs = block_size
+    for i in range(start, len(token_ids) // bs):
+        parent = hash_block(parent, tuple(token_ids[i * bs:(i + 1) * bs]), block_key(i * bs, (i + 1) * bs))
+        yield parent
+
+
 def extend_block_hashes(hashes: list[int], token_ids, block_size: int, block_key) -> list[int]:
     """Extend ``hashes`` (a request's, or a prefix of them) to every full block of
-    ``token_ids``; ``block_key(start, end)`` is the extra key of the block over those tokens
-    (``Request.block_key``). The data-parallel front end hashes prompts with it too
-    (``load_balance.request_block_hashes``): the same hashes as the cores'."""
-    bs = block_size
-    while (len(hashes) + 1) * bs <= len(token_ids):
-        i = len(hashes)
-        parent = hashes[-1] if hashes else None
-        hashes.append(hash_block(parent, tuple(token_ids[i * bs:(i + 1) * bs]), block_key(i * bs, (i + 1) * bs)))
+    ``token_ids`` (``iter_block_hashes``)."""
+    hashes.extend(iter_block_hashes(token_ids, block_size, block_key, hashes[-1] if hashes else None, len(hashes)))
     return hashes
 
 

@@ -16,7 +16,7 @@ Two halves, plain Python:
 
 Hashes are ``block_manager.hash_block``'s, cut to their low 64 bits (``short_hash``; msgpack
 carries at most 64-bit integers): the front end hashes a prompt's blocks as the core does
-(``load_balance.request_block_hashes``: the same token ids, cache salt, LoRA adapter, images
+(``load_balance.iter_request_block_hashes``: the same token ids, cache salt, LoRA adapter, images
 and prompt embeddings in the key), so a hash it computes is the one the core reports. A
 collision in 64 bits costs at most a misrouted request, never a wrong KV read (the core
 matches on its own 128-bit hashes).
@@ -146,6 +146,9 @@ class CacheView:
                 n += 1
             out.append(n)
         return out
+
+    def holds(self, core: int, link: Hashable) -> bool:
+        return link in self._cached[core] or link in self._flight[core]
 
     def touch(self, core: int, links: list) -> None:
         """``links`` (a chain's matched head) were just used on ``core``: most recent now, as

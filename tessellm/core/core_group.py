@@ -34,7 +34,7 @@ from typing import Optional
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.engine_process import EngineCoreClient, EngineStartupError
-from tessellm.core.load_balance import LoadBalancer, request_block_hashes
+from tessellm.core.load_balance import LoadBalancer, iter_request_block_hashes
 from tessellm.core.outputs import RequestOutput
 from tessellm.metrics.stats import EngineStats, merge_engine_stats
 
@@ -79,8 +79,7 @@ class EngineCoreGroup:
 
     def send_add(self, req: EngineCoreRequest) -> None:
         lora_id = req.lora_request["id"] if req.lora_request else None  # LoRARequest.to_dict()
-        hashes = (request_block_hashes(req, self.balancer.block_size, self.balancer.max_blocks)
-                  if self.balancer.affinity else None)
+        hashes = iter_request_block_hashes(req, self.balancer.block_size) if self.balancer.affinity else None
         core = self.balancer.pick(req.prompt_token_ids, lora_id, req.cache_salt, block_hashes=hashes)
         self.clients[core].send_add(req)
         self.balancer.assign(req.request_id, core, len(req.prompt_token_ids))

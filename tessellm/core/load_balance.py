@@ -58,9 +58,10 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from itertools import islice
+from typing import Iterable, Iterator, Optional
 
-from tessellm.core.block_manager import extend_block_hashes
+from tessellm.core.block_manager import iter_block_hashes
 from tessellm.core.cache_view import CacheView, short_hash
 
 POLICIES = ("load", "tokens")  # --data-parallel-balance
@@ -141,16 +142,18 @@ class LoadBalancer:
         self._next = 0  # where the round-robin among equal cores starts
 
     def pick(self, prompt_token_ids, lora_id: Optional[int] = None, cache_salt: Optional[object] = None,
-             block_hashes: Optional[list[int]] = None) -> int:
-        """The core for a request (module docstring). ``block_hashes``: its prompt's leading
-        block hashes (``request_block_hashes``); without them they are computed from the token
-        ids, ``lora_id`` and ``cache_salt`` as a text prompt's (a string salt, or None)."""
+             block_hashes: Optional[Iterable[int]] = None) -> int:
+        """The core for a request (module docstring). ``block_hashes``: its prompt's block
+        hashes, a list or an iterator (``iter_request_block_hashes``: past the first
+        ``max_blocks`` it is read only while some core holds every block so far); without them
+        they are computed from the token ids, ``lora_id`` and ``cache_salt`` as a text
+        prompt's (a string salt, or None)."""
         self._picked = None
         if self.num_cores == 1:
             return 0
         cores = range(self.num_cores)
         n = len(prompt_token_ids)
-        chain = self.chain(prompt_token_ids, lora_id, cache_salt, block_hashes) if self.affinity else []
+        chain, rest = self._chain(prompt_token_ids, lora_id, cache_salt, block_hashes) if self.affinity else ([], None)
         if self.policy == "load":
             cost = [self.score(i, n) for i in cores]
             least = min(cost)
@@ -163,6 +166,8 @@ class LoadBalancer:
         if chain:
             depth = self.view.depths(chain)
             head = 1 if lora_id is not None else 0  # the adapter link: no tokens saved
+            if len(chain) == head + self.max_blocks and max(depth) == len(chain):
+                self._deepen(chain, depth, rest)
             base = max(depth[i] for i in cores if cost[i] == least)
             eligible = [i for i in cores
                         if cost[i] <= least + slack + self._saving(i, (depth[i] - max(base, head)) * self.block_size)]
@@ -175,6 +180,19 @@ class LoadBalancer:
             self.view.touch(choice, chain)
             self._picked = (choice, chain)
         return choice
+
+    def _deepen(self, chain: list, depth: list[int], rest) -> None:
+        """Some core holds every link of ``chain``: read on into ``rest`` (the prompt's later
+        block hashes) while some core holds them all, so a long cached prefix (a shared document,
+        a long conversation) is measured whole, and hashed only where it is cached."""
+        for h in rest:
+            h = short_hash(h)
+            holders = [i for i, d in enumerate(depth) if d == len(chain) and self.view.holds(i, h)]
+            if not holders:
+                return
+            chain.append(h)
+            for i in holders:
+                depth[i] += 1
 
     def _saving(self, core: int, cached_tokens: int) -> int:
         """What ``cached_tokens`` more prompt tokens in ``core``'s cache are worth in the
@@ -202,16 +220,20 @@ class LoadBalancer:
             self.view.apply(core, cache_events)
 
     def chain(self, token_ids, lora_id: Optional[int] = None, cache_salt: Optional[object] = None,
-              block_hashes: Optional[list[int]] = None) -> list:
-        """The request's affinity chain (module docstring); [] for a prompt with no full block
-        and no adapter. ``block_hashes``: as ``pick``."""
+              block_hashes: Optional[Iterable[int]] = None) -> list:
+        """The request's affinity chain, its first ``max_blocks`` blocks (module docstring); []
+        for a prompt with no full block and no adapter. ``block_hashes``: as ``pick``."""
+        return self._chain(token_ids, lora_id, cache_salt, block_hashes)[0]
+
+    def _chain(self, token_ids, lora_id, cache_salt, block_hashes) -> tuple[list, Iterator[int]]:
+        """The chain, and the iterator of the block hashes past it."""
         if block_hashes is None:
-            n = min(len(token_ids), self.max_blocks * self.block_size)
             key = cache_salt if lora_id is None else (cache_salt, "lora", lora_id)  # Request.block_key
-            block_hashes = extend_block_hashes([], token_ids[:n], self.block_size, lambda start, end: key)
+            block_hashes = iter_block_hashes(token_ids, self.block_size, lambda start, end: key)
+        rest = iter(block_hashes)
         chain: list = [("lora", lora_id)] if lora_id is not None else []
-        chain.extend(short_hash(h) for h in block_hashes[:self.max_blocks])
-        return chain
+        chain.extend(short_hash(h) for h in islice(rest, self.max_blocks))
+        return chain, rest
 
     def assign(self, core_request_id: str, core: int, num_prompt_tokens: int) -> None:
         """``core_request_id`` (a prompt of ``num_prompt_tokens``) went to ``core`` (the last
@@ -244,19 +266,21 @@ class LoadBalancer:
         return core
 
 
-def request_block_hashes(req, block_size: int, max_blocks: int = _MAX_BLOCKS) -> list[int]:
-    """The prefix-cache hashes of the first ``max_blocks`` full blocks of an
-    ``EngineCoreRequest``'s prompt, exactly as its core's block manager computes them (a
-    ``Request`` built from the same fields gives the extra keys: cache salt, LoRA adapter id,
-    images, prompt embeddings)."""
-    n = min(len(req.prompt_token_ids) // block_size, max_blocks)
-    if n == 0:
-        return []
+def iter_request_block_hashes(req, block_size: int) -> Iterator[int]:
+    """The prefix-cache hashes of an ``EngineCoreRequest``'s full prompt blocks, one by one,
+    exactly as its core's block manager computes them (a ``Request`` built from the same fields
+    gives the extra keys: cache salt, LoRA adapter id, images, prompt embeddings)."""
+    if len(req.prompt_token_ids) < block_size:
+        return iter(())
     from tessellm.core.request import Request
     from tessellm.lora.request import LoRARequest
 
-    head = req.prompt_token_ids[:n * block_size]
-    shadow = Request(req.request_id, head, req.sampling_params, cache_salt=req.cache_salt,
+    shadow = Request(req.request_id, req.prompt_token_ids, req.sampling_params, cache_salt=req.cache_salt,
                      lora_request=LoRARequest.from_dict(req.lora_request), mm_features=req.mm_features,
                      prompt_embeds=req.prompt_embeds)
-    return extend_block_hashes([], head, block_size, shadow.block_key)
+    return iter_block_hashes(shadow.prompt_token_ids, block_size, shadow.block_key)
+
+
+def request_block_hashes(req, block_size: int, max_blocks: Optional[int] = None) -> list[int]:
+    """The first ``max_blocks`` (all when None) of ``iter_request_block_hashes``."""
+    return list(islice(iter_request_block_hashes(req, block_size), max_blocks))

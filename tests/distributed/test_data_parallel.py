@@ -200,6 +200,37 @@ def test_load_policy_follows_the_cores_reported_caches():
     assert lb.view.depths(lb.chain(prompt, block_hashes=hashes)) == [1, 0] and pick() == 0
 
 
+def test_balancer_measures_a_long_cached_prefix_whole():
+    """Past the first ``max_blocks`` blocks the prompt's hashes are read on only while some
+    core holds every block so far: a long cached prefix counts whole (and buys more slack),
+    and a prompt nobody holds that far costs no more hashing."""
+    from tessellm.core.load_balance import iter_request_block_hashes
+
+    lb = LoadBalancer(2, block_size=4, max_blocks=2)
+    prompt = list(range(300, 325))  # six full blocks and a tail
+    hashes = [h & (2**64 - 1) for h in iter_request_block_hashes(EngineCoreRequest("p", prompt, GREEDY, 0.0), 4)]
+    assert len(hashes) == 6
+    reads = []
+
+    def counted():
+        for h in hashes:
+            reads.append(h)
+            yield h
+
+    assert lb.pick(prompt, block_hashes=counted()) == 0 and len(reads) == 2  # nobody holds any
+    reads.clear()
+    idle = dict(waiting=0, running=0, free_seqs=4, free_blocks=100, token_budget=8)
+    lb.report(0, {"received": 0, **idle}, {"added": hashes[:2]})
+    _report(lb, 1, **{**idle, "waiting": 1})  # 8 points against 1
+    assert lb.pick(prompt, block_hashes=counted()) == 0 and len(reads) == 3  # one past the 2: nobody
+    lb.report(1, None, {"added": hashes})
+    reads.clear()
+    # Core 1 holds 4 blocks (16 tokens, 2 steps of 8: 8 points) more than core 0: 8 <= 1 + 2 + 8
+    assert lb.pick(prompt, block_hashes=counted()) == 1 and len(reads) == 6
+    lb.report(1, None, {"removed": hashes[3:]})  # 1 block more: no whole step, 8 > 1 + 2
+    assert lb.pick(prompt, block_hashes=iter(hashes)) == 0
+
+
 def test_balance_policy_is_checked():
     with pytest.raises(ValueError, match="data_parallel_balance 'queue' is not supported; use load"):
         LoadBalancer(2, block_size=4, policy="queue")
