@@ -3,7 +3,9 @@
 The same interface as ``LLMEngine`` (what ``LLM`` calls), but the cores run in their own
 processes (``core_group.EngineCoreGroup``, as the server's): this process tokenizes, sends each
 core request to the least-loaded core (``load_balance``: by the cores' reported queues, or by
-tokens), and ``step`` returns what the cores
+tokens), or to the one whose prefix cache holds its prompt's longest prefix while that core is
+close to the least loaded (the cores report their caches' changes: ``cache_view``), and
+``step`` returns what the cores
 have produced since the last call, waiting for at least one message. Outputs go through one
 ``OutputProcessor``, so ``LLM.generate`` keeps its input order whichever core ran a prompt.
 

@@ -43,10 +43,12 @@ Invariants:
   (``cache_view.CacheView``). Ties, and requests whose prefix no eligible core holds, go to the
   least cost, then the fewest tokens, then round-robin (an idle server spreads its requests
   instead of always using core 0).
-* The chain is the prompt's first ``max_blocks`` full KV blocks' prefix-cache hashes, exactly
-  as the cores' block managers compute them (``request_block_hashes``: the cache salt, the
-  LoRA adapter, images and prompt embeddings in each block's key), cut to 64 bits, after a
-  first link for the LoRA adapter: every request for an adapter shares that link, so adapter
+* The chain is the prompt's full KV blocks' prefix-cache hashes, exactly as the cores' block
+  managers compute them (``iter_request_block_hashes``: the cache salt, the LoRA adapter,
+  images and prompt embeddings in each block's key), cut to 64 bits: the first ``max_blocks``,
+  then more only while some core holds every block so far (``_deepen``: a long cached prefix
+  counts whole, an uncached long prompt is not hashed past ``max_blocks``), after a first link
+  for the LoRA adapter: every request for an adapter shares that link, so adapter
   requests gather on the core that holds the adapter in its slots while costs allow (the cores
   do not report their adapters: the link counts while the adapter's requests are in flight
   there, and is remembered after, until it ages out of the view).

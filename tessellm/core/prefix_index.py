@@ -1,8 +1,8 @@
-"""Which replica (Ray Serve) or engine core (data parallelism, ``load_balance.py``) probably
-holds which prompt prefix: the router's memory, plain Python.
+"""Which replica (Ray Serve) probably holds which prompt prefix: the router's memory, plain
+Python. (The data-parallel balancer reads its cores' own reports instead: ``cache_view.py``.)
 
-For each replica, the chunk hashes (``entrypoints/ray_serve/prefix_key.py``; the balancer's own
-chain) of the prompts recently sent to it, in an LRU of bounded size, standing in for that
+For each replica, the chunk hashes (``entrypoints/ray_serve/prefix_key.py``) of the prompts
+recently sent to it, in an LRU of bounded size, standing in for that
 replica's KV prefix cache (which also evicts least recently used blocks first). Invariant: ``match`` counts, per replica, how many *leading*
 hashes of a chain it holds, stopping at the first miss, so a hit at depth k means the first k
 chunks were all sent there recently.
