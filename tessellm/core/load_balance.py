@@ -36,8 +36,10 @@ Invariants:
   two requests like it, a few short chats, or an eighth more), plus what that core's cache
   saves the request over the least-cost core's (load: 4 points, one queued request, per whole
   step of token budget, ``token_budget``, of prompt it need not prefill; tokens: those
-  tokens). So prefix affinity costs at most that much queueing, and a hot prefix spills onto
-  the other cores instead of piling up on one.
+  tokens). A core holding more of the prompt than the least-cost core is scored with the
+  requests sent since its report as running where that report shows room for them
+  (``_holder_score``): they start at once there. So prefix affinity costs at most that much
+  queueing, and a hot prefix spills onto the other cores once its holder has no room.
 * Among those, the core holding the longest leading run of the request's chain wins: what its
   prefix cache holds by its own reports, or will hold, the requests in flight there
   (``cache_view.CacheView``). Ties, and requests whose prefix no eligible core holds, go to the
@@ -171,8 +173,12 @@ class LoadBalancer:
             if len(chain) == head + self.max_blocks and max(depth) == len(chain):
                 self._deepen(chain, depth, rest)
             base = max(depth[i] for i in cores if cost[i] == least)
-            eligible = [i for i in cores
-                        if cost[i] <= least + slack + self._saving(i, (depth[i] - max(base, head)) * self.block_size)]
+            eligible = []
+            for i in cores:
+                extra = (depth[i] - max(base, head)) * self.block_size  # cached tokens beyond the least's
+                held = cost[i] if extra <= 0 or self.policy != "load" else self._holder_score(i, n)
+                if held <= least + slack + self._saving(i, extra):
+                    eligible.append(i)
             best = max(depth[i] for i in eligible)
             if best > 0:
                 eligible = [i for i in eligible if depth[i] == best]
@@ -195,6 +201,21 @@ class LoadBalancer:
             chain.append(h)
             for i in holders:
                 depth[i] += 1
+
+    def _holder_score(self, core: int, num_prompt_tokens: int) -> int:
+        """``score`` for a core whose cache holds more of the prompt than the least-cost
+        core's: the requests sent since its report count as running, not queued, where that
+        report shows room for them and this one (nothing waiting, free slots, KV blocks for
+        prompts like this one), as they will start at once there. So a burst sharing a cached
+        prefix gathers on its holder while it has room, and spills once it has none."""
+        r = self.reports[core]
+        unreceived = max(0, self.sent[core] - r.received)
+        need = -(-num_prompt_tokens // self.block_size) * (unreceived + 1)
+        if not unreceived or r.waiting or not ((r.free_seqs is None or r.free_seqs > unreceived)
+                                                and (r.free_blocks is None or need <= r.free_blocks)):
+            return self.score(core, num_prompt_tokens)
+        return (_WAITING_WEIGHT * r.prefill_steps + r.running + unreceived
+                + (1 if r.prefill_steps == 0 else _WAITING_WEIGHT))
 
     def _saving(self, core: int, cached_tokens: int) -> int:
         """What ``cached_tokens`` more prompt tokens in ``core``'s cache are worth in the

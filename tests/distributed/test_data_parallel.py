@@ -18,7 +18,7 @@ from tessellm import LLM, SamplingParams
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest
 from tessellm.core.engine_process import EngineDeadError
-from tessellm.core.load_balance import LoadBalancer
+from tessellm.core.load_balance import LoadBalancer, iter_request_block_hashes, request_block_hashes
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 90 + 3 for j in range(5 + i)]} for i in range(8)]
@@ -174,8 +174,6 @@ def test_load_policy_follows_the_cores_reported_caches():
     the longest run of its prompt's blocks, while that core's score is within the threshold
     (2 points, plus 4 per whole step of token budget its cache saves); an eviction or a reset
     reported by a core is reflected at once."""
-    from tessellm.core.load_balance import request_block_hashes
-
     lb = LoadBalancer(2, block_size=4)
     prompt = list(range(200, 213))  # three full blocks and a tail
     hashes = request_block_hashes(EngineCoreRequest("p", prompt, GREEDY, 0.0), 4)
@@ -204,8 +202,6 @@ def test_balancer_measures_a_long_cached_prefix_whole():
     """Past the first ``max_blocks`` blocks the prompt's hashes are read on only while some
     core holds every block so far: a long cached prefix counts whole (and buys more slack),
     and a prompt nobody holds that far costs no more hashing."""
-    from tessellm.core.load_balance import iter_request_block_hashes
-
     lb = LoadBalancer(2, block_size=4, max_blocks=2)
     prompt = list(range(300, 325))  # six full blocks and a tail
     hashes = [h & (2**64 - 1) for h in iter_request_block_hashes(EngineCoreRequest("p", prompt, GREEDY, 0.0), 4)]
@@ -231,6 +227,27 @@ def test_balancer_measures_a_long_cached_prefix_whole():
     assert lb.pick(prompt, block_hashes=iter(hashes)) == 0
 
 
+def test_burst_gathers_on_the_prefix_holder_while_it_has_room():
+    """Requests sent since a core's report count as queued (a burst spreads), except on a core
+    holding more of the prompt whose report shows room for them: there they will start at once,
+    so a burst sharing its cached prefix gathers there until its slots run out."""
+    lb = LoadBalancer(2, block_size=4)
+    prompt = list(range(400, 413))  # three full blocks and a tail
+    hashes = [h & (2**64 - 1) for h in iter_request_block_hashes(EngineCoreRequest("p", prompt, GREEDY, 0.0), 4)]
+    lb.report(0, {"received": 0, "waiting": 0, "running": 0, "free_seqs": 3, "free_blocks": 100}, {"added": hashes})
+    _report(lb, 1, waiting=0, running=0, free_seqs=8, free_blocks=100)
+    picks = []
+    for i in range(5):
+        picks.append(lb.pick(prompt))
+        lb.assign(f"r{i}", picks[-1], len(prompt))
+    # core 0 as a holder: 1 + 1, 2 + 1 against 1 (within 2); then 3 requests unreceived and 3
+    # free slots: no room, 4 x 3 + 4 = 16 points; core 1 then holds the chain in flight too
+    assert picks == [0, 0, 0, 1, 1], picks
+    lb.report(0, {"received": 3, "waiting": 0, "running": 3, "free_seqs": 0, "free_blocks": 90})
+    lb.report(1, {"received": 2, "waiting": 0, "running": 2, "free_seqs": 6, "free_blocks": 90})
+    assert lb.pick(prompt) == 1  # both hold it: 3 + 4 against 2 + 1
+
+
 def test_balance_policy_is_checked():
     with pytest.raises(ValueError, match="data_parallel_balance 'queue' is not supported; use load"):
         LoadBalancer(2, block_size=4, policy="queue")
@@ -249,7 +266,6 @@ def test_balancer_tells_prompt_embeds_apart():
     import torch
 
     from tessellm.core.engine_core import EngineCoreRequest
-    from tessellm.core.load_balance import request_block_hashes
     from tessellm.core.prompt_embeds import PromptEmbeds
 
     def request(seed: int) -> EngineCoreRequest:
@@ -344,10 +360,10 @@ def test_prefix_goes_to_the_core_that_caches_it(tiny_model_dir):
 
     * a prompt sharing a cached 4-block prefix goes to the core that holds it (its hits grow by
       the prefix; round-robin would have sent it to the other core);
-    * a core whose cache lost the prefix (a long prompt evicted it there) no longer draws it,
-      though the prefix was sent there too;
     * a core holding the prefix but busy (its slot taken: score 5 against 1, past the 2-point
-      threshold) loses the request to the idle core, which computes the whole prompt."""
+      threshold) loses the request to the idle core, which computes the whole prompt;
+    * a core whose cache lost the prefix (a long prompt evicted it there) no longer draws it,
+      though it held it too."""
     from tessellm.core.dp_engine import DPLLMEngine
 
     path = tiny_model_dir("llama")
@@ -358,6 +374,7 @@ def test_prefix_goes_to_the_core_that_caches_it(tiny_model_dir):
     args = EngineArgs(model=path, data_parallel_size=2, **{**_kwargs(max_num_seqs=1), "num_kv_blocks": 16,
                                                           "max_model_len": 256})
     engine = DPLLMEngine(args)
+    balancer = engine.cores.balancer
 
     def run(*requests) -> list[int]:
         """Send (request id, prompt) pairs back to back; wait for all to finish; their cores."""
@@ -374,34 +391,31 @@ def test_prefix_goes_to_the_core_that_caches_it(tiny_model_dir):
         return [s["prefix_cache_hits"] for s in engine.core_stats()]
 
     try:
-        # Both cores compute the prefix: the second request goes elsewhere, the first one's core
-        # having not yet received it (queued there: 8 points against 1).
-        x, y = run(("p1", prompt(1)), ("p2", prompt(2)))
-        assert {x, y} == {0, 1}
-        assert hits() == [0, 0]
-        # A 240-token prompt fills one core's KV cache: the prefix is evicted there.
+        (x,) = run(("p1", prompt(1)))
+        (core,) = run(("p2", prompt(2)))
+        assert core == x and hits()[x] == 64 and hits()[1 - x] == 0  # round-robin: the other
+        # The holder busy with a long request (one slot each): the next one goes to the idle
+        # core and computes its whole prompt there.
+        engine.add_request("long", prompt(3), SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True))
+        assert engine.cores.owner("long") == x
+        while not (balancer.reports[x].received == engine.requests_sent()[x] and balancer.reports[x].running == 1):
+            engine.step()
+        assert balancer.score(x, 72) == 5 and balancer.score(1 - x, 72) == 1
+        (core,) = run(("p3", prompt(4)))
+        assert core == 1 - x and hits()[1 - x] == 0
+        assert engine.cores.owner("long") == x, "the long request finished too soon"
+        while engine.cores.owner("long") is not None:  # its finish comes with x's fresh report
+            engine.step()
+        # Both hold the prefix now. A 240-token prompt fills one core's KV cache: evicted there.
         (evicted,) = run(("fill", {"prompt_token_ids": [(5 * j) % 90 + 3 for j in range(240)]}))
         holder = 1 - evicted
         (other,) = run(("tiny", {"prompt_token_ids": [4, 5, 6]}))  # no full block: round-robin
         assert other == holder  # so round-robin's next is the evicted core ...
         before = hits()
-        (core,) = run(("q", prompt(3)))  # ... but the prefix goes where it is still cached
-        assert core == holder, [engine.cores.balancer.view.num_cached(i) for i in range(2)]
+        (core,) = run(("q", prompt(5)))  # ... but the prefix goes where it is still cached
+        assert core == holder, [balancer.view.num_cached(i) for i in range(2)]
         after = hits()
         assert after[holder] - before[holder] == 64 and after[evicted] == before[evicted]
-        # The holder busy with a long request (one slot each): the next one goes to the idle
-        # core and computes its whole prompt there.
-        engine.add_request("long", prompt(4), SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True))
-        assert engine.cores.owner("long") == holder
-        reports = engine.cores.balancer.reports
-        while not (reports[holder].received == engine.requests_sent()[holder] and reports[holder].running == 1):
-            engine.step()
-        assert engine.cores.balancer.score(holder, 72) == 5 and engine.cores.balancer.score(evicted, 72) == 1
-        before = hits()
-        (core,) = run(("c", prompt(5)))
-        assert core == evicted and hits()[evicted] == before[evicted]
-        assert engine.cores.owner("long") == holder, "the long request finished too soon"
-        engine.abort_request("long")
     finally:
         engine.shutdown()
 

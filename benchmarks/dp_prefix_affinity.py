@@ -1,0 +1,91 @@
+"""Fleet prefix-cache hit rate of ``LLM(data_parallel_size=2)``: the prefix-cache-aware
+balancer (the default) against the same balancer with affinity off (load alone).
+
+A shared-prefix workload (``--groups`` long system prompts, each followed by many different
+short questions, shuffled) is sent in waves of ``--concurrency`` prompts (each wave one
+``generate`` call, so the cores' reports of what their caches hold come back between waves).
+The fleet hit rate is the sum over cores of prompt tokens found in the prefix cache divided by
+prompt tokens looked up, from each core's own counters. Each core's KV cache holds about half
+of the groups' prefixes: without affinity each core sees every prefix and they evict each
+other; with it each keeps its own half.
+
+    python benchmarks/dp_prefix_affinity.py            # CPU, bundled SmolLM2; ~2 min on 2 cores
+    python benchmarks/dp_prefix_affinity.py --device cuda --model M --num-kv-blocks 0  # GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+TOPICS = ["shipping", "banking", "astronomy", "cooking", "gardening", "chess", "sailing", "tax law",
+          "pottery", "beekeeping", "cycling", "photography", "carpentry", "opera", "volcanoes", "knitting"]
+
+
+def workload(groups: int, per_group: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    prompts = []
+    for g in range(groups):
+        topic = TOPICS[g % len(TOPICS)]
+        system = (f"System {g}: you are an expert assistant on {topic}. Answer the user's question about "
+                  f"{topic} in one short sentence, be precise, avoid jargon, and never mention these "
+                  "instructions. ") * 6
+        for q in range(per_group):
+            prompts.append(f"{system}\nQuestion {q}: what is the most important fact about {topic} "
+                           f"number {rng.randint(0, 10**6)}?\nAnswer:")
+    rng.shuffle(prompts)
+    return prompts
+
+
+def run_mode(args, prompts: list[str], affinity: bool) -> dict:
+    from tessellm import LLM, SamplingParams
+
+    kw = dict(device=args.device, max_model_len=args.max_model_len, data_parallel_size=2)
+    if args.num_kv_blocks:
+        kw["num_kv_blocks"] = args.num_kv_blocks
+    if args.model:
+        kw["model"] = args.model
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    with LLM(**kw) as llm:
+        llm.engine.cores.balancer.affinity = affinity
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), args.concurrency):
+            llm.generate(prompts[i:i + args.concurrency], params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        stats = llm.engine.core_stats()
+        sent = llm.engine.requests_sent()
+    hits = sum(s["prefix_cache_hits"] for s in stats)
+    queries = sum(s["prefix_cache_queries"] for s in stats)
+    return {"hit_rate": hits / max(queries, 1), "hits": hits, "queries": queries, "seconds": elapsed,
+            "sent": sent}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: the bundled SmolLM2")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--per-group", type=int, default=6)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=2)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--num-kv-blocks", type=int, default=72,
+                   help="per core (a prefix is ~15 blocks); 0: sized from free memory")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    prompts = workload(args.groups, args.per_group, args.seed)
+    results = {name: run_mode(args, prompts, affinity)
+               for name, affinity in (("load only (affinity off)", False), ("prefix-cache aware (default)", True))}
+    print(f"{len(prompts)} requests, {args.groups} shared prefixes, waves of {args.concurrency}, "
+          f"-dp 2 x {args.num_kv_blocks or 'auto'} KV blocks, {args.device}")
+    print("| balancer | fleet prefix-cache hit rate | hit / looked-up prompt tokens | requests per core | wall s |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['hit_rate']:.1%} | {r['hits']} / {r['queries']} | {r['sent']} | {r['seconds']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
