@@ -1,8 +1,8 @@
 """Fleet prefix-cache hit rate of ``LLM(data_parallel_size=2)``: the prefix-cache-aware
 balancer (the default) against the same balancer with affinity off (load alone).
 
-A shared-prefix workload (``--groups`` long system prompts, each followed by many different
-short questions, shuffled) is sent in waves of ``--concurrency`` prompts (each wave one
+A shared-prefix workload (``--groups`` system prompts of ``--prefix-len`` tokens, each
+followed by many different short questions, shuffled) is sent in waves of ``--concurrency`` prompts (each wave one
 ``generate`` call, so the cores' reports of what their caches hold come back between waves).
 The fleet hit rate is the sum over cores of prompt tokens found in the prefix cache divided by
 prompt tokens looked up, from each core's own counters. Each core's KV cache holds about half
@@ -10,7 +10,7 @@ of the groups' prefixes: without affinity each core sees every prefix and they e
 other; with it each keeps its own half.
 
     python benchmarks/dp_prefix_affinity.py            # CPU, bundled SmolLM2; ~2 min on 2 cores
-    python benchmarks/dp_prefix_affinity.py --device cuda --model M --num-kv-blocks 0  # GPUs
+    bash benchmarks/dpprefix_device.sh                 # 2 GPUs, Llama-3.1-8B shapes, dummy weights
 """
 
 from __future__ import annotations
@@ -20,26 +20,20 @@ import random
 import sys
 import time
 
-TOPICS = ["shipping", "banking", "astronomy", "cooking", "gardening", "chess", "sailing", "tax law",
-          "pottery", "beekeeping", "cycling", "photography", "carpentry", "opera", "volcanoes", "knitting"]
-
-
-def workload(groups: int, per_group: int, seed: int) -> list[str]:
+def workload(groups: int, per_group: int, prefix_len: int, seed: int) -> list[dict]:
+    """Token-id prompts (any model, a tokenizer or not): per group a ``prefix_len``-token
+    system prompt, then per request a different 12-token question; shuffled."""
     rng = random.Random(seed)
     prompts = []
-    for g in range(groups):
-        topic = TOPICS[g % len(TOPICS)]
-        system = (f"System {g}: you are an expert assistant on {topic}. Answer the user's question about "
-                  f"{topic} in one short sentence, be precise, avoid jargon, and never mention these "
-                  "instructions. ") * 6
-        for q in range(per_group):
-            prompts.append(f"{system}\nQuestion {q}: what is the most important fact about {topic} "
-                           f"number {rng.randint(0, 10**6)}?\nAnswer:")
+    for _ in range(groups):
+        system = [rng.randrange(100, 10_000) for _ in range(prefix_len)]
+        for _ in range(per_group):
+            prompts.append({"prompt_token_ids": system + [rng.randrange(100, 10_000) for _ in range(12)]})
     rng.shuffle(prompts)
     return prompts
 
 
-def run_mode(args, prompts: list[str], affinity: bool) -> dict:
+def run_mode(args, prompts: list[dict], affinity: bool) -> dict:
     from tessellm import LLM, SamplingParams
 
     kw = dict(device=args.device, max_model_len=args.max_model_len, data_parallel_size=2)
@@ -47,6 +41,8 @@ def run_mode(args, prompts: list[str], affinity: bool) -> dict:
         kw["num_kv_blocks"] = args.num_kv_blocks
     if args.model:
         kw["model"] = args.model
+    if args.load_format:
+        kw["load_format"] = args.load_format
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     with LLM(**kw) as llm:
         llm.engine.cores.balancer.affinity = affinity
@@ -65,7 +61,9 @@ def run_mode(args, prompts: list[str], affinity: bool) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: the bundled SmolLM2")
+    p.add_argument("--load-format", default=None, help="e.g. dummy (a config-only model directory)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--prefix-len", type=int, default=240, help="tokens of each shared system prompt")
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--per-group", type=int, default=6)
     p.add_argument("--concurrency", type=int, default=4)
@@ -75,7 +73,7 @@ def main(argv=None) -> int:
                    help="per core (a prefix is ~15 blocks); 0: sized from free memory")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    prompts = workload(args.groups, args.per_group, args.seed)
+    prompts = workload(args.groups, args.per_group, args.prefix_len, args.seed)
     results = {name: run_mode(args, prompts, affinity)
                for name, affinity in (("load only (affinity off)", False), ("prefix-cache aware (default)", True))}
     print(f"{len(prompts)} requests, {args.groups} shared prefixes, waves of {args.concurrency}, "
