@@ -61,7 +61,7 @@ Invariants:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from itertools import islice
 from typing import Iterable, Iterator, Optional
 
@@ -210,12 +210,14 @@ class LoadBalancer:
         prefix gathers on its holder while it has room, and spills once it has none."""
         r = self.reports[core]
         unreceived = max(0, self.sent[core] - r.received)
-        need = -(-num_prompt_tokens // self.block_size) * (unreceived + 1)
+        taken = -(-num_prompt_tokens // self.block_size) * unreceived  # blocks, as prompts like this
         if not unreceived or r.waiting or not ((r.free_seqs is None or r.free_seqs > unreceived)
-                                                and (r.free_blocks is None or need <= r.free_blocks)):
+                                                and (r.free_blocks is None or taken < r.free_blocks)):
             return self.score(core, num_prompt_tokens)
-        return (_WAITING_WEIGHT * r.prefill_steps + r.running + unreceived
-                + (1 if r.prefill_steps == 0 else _WAITING_WEIGHT))
+        started = replace(r, running=r.running + unreceived,
+                          free_seqs=None if r.free_seqs is None else r.free_seqs - unreceived,
+                          free_blocks=None if r.free_blocks is None else r.free_blocks - taken)
+        return load_score(started, 0, num_prompt_tokens, self.block_size)
 
     def _saving(self, core: int, cached_tokens: int) -> int:
         """What ``cached_tokens`` more prompt tokens in ``core``'s cache are worth in the
