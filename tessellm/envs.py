@@ -237,6 +237,15 @@ def ssd_scan() -> bool:
     return _switch("TESSELLM_SSD_SCAN") is not False
 
 
+def triton_fast_launch() -> bool:
+    """TESSELLM_TRITON_FAST_LAUNCH: "0" sends every launch of the kernels that use
+    ``kernels/launch.FastLaunch`` (the Mamba conv and sequential scan, the gated RMSNorm)
+    through Triton's own ``kernel[grid](...)`` path. On by default: a launch whose
+    specialization was seen before calls the kept compiled kernel's launcher directly, ~20 us
+    of binding less a launch (read once, at import)."""
+    return _switch("TESSELLM_TRITON_FAST_LAUNCH") is not False
+
+
 def decode_overlap() -> Optional[bool]:
     """TESSELLM_DECODE_OVERLAP: "1" splits large steps into two micro-batches whose attention
     (on a second stream) overlaps the other's GEMMs (``core/decode_overlap.py``); the engine

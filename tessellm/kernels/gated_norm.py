@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.host_ints import next_power_of_2
+from tessellm.kernels.launch import FastLaunch
 
 MAX_BLOCK = 8192  # channels of a group held at once (above: tiles, two passes)
 # the reference's modes (``reference/gated_norm.GATED_NORM_MODES``), in the order of ``MODE``
@@ -81,6 +82,9 @@ def _gated_rms_norm_kernel(y_ptr, z_ptr, w_ptr, out_ptr, group_size, eps, sy, sz
             tl.store(o_row + c0 + cols, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
+_gated_launch = FastLaunch(_gated_rms_norm_kernel)  # (kernels/launch.py: no binding on a hit)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``[rows, C]`` with a contiguous last dim (a view when its layout allows; ``t``
     itself when it is one: no op)."""
@@ -111,8 +115,9 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     if y2.shape[0] == 0:
         return out if y.dim() == 2 else out.view(shape)
     block = min(MAX_BLOCK, next_power_of_2(group_size))
-    _gated_rms_norm_kernel[(y2.shape[0], channels // group_size)](
-        y2, z2, weight, out, group_size, eps, y2.stride(0), z2.stride(0), out.stride(0),
-        group_size if weight.shape[0] == channels else 0, MODE=MODES.index(mode),
-        BLOCK=block, TILED=block < group_size, num_warps=max(1, min(16, block // 256)))
+    _gated_launch((y2.shape[0], channels // group_size), (y2, z2, weight, out),
+                  (group_size, eps, y2.stride(0), z2.stride(0), out.stride(0),
+                   group_size if weight.shape[0] == channels else 0),
+                  {"MODE": MODES.index(mode), "BLOCK": block, "TILED": block < group_size,
+                   "num_warps": max(1, min(16, block // 256))})
     return out if y.dim() == 2 else out.view(shape)

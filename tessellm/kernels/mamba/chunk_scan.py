@@ -31,6 +31,7 @@ import triton.language as tl
 
 from tessellm import envs
 from tessellm.kernels.host_ints import cdiv, next_power_of_2
+from tessellm.kernels.launch import FastLaunch
 from tessellm.kernels.mamba import ssd
 from tessellm.kernels.recurrent_pieces import save_pointers
 from tessellm.kernels.recurrent_saves import chunk_end, keep_state
@@ -119,6 +120,8 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dt_bias_ptr, s
     tl.store(sptrs, state.to(state_ptr.dtype.element_ty), mask=smask)
 
 
+_scan_launch = FastLaunch(_chunk_scan_kernel)  # (kernels/launch.py: no per-call binding on a hit)
+
 # The SSD kernels' float32 chunk states ([chunks, H, P, N]) beyond this: the sequential kernel
 # (a 16k-token chunk of 128 heads of 64 x 128 is 1 GiB; serving steps stay far below).
 SSD_SCRATCH_LIMIT = 1 << 30
@@ -190,14 +193,16 @@ def sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch,
     snap, first, offs, pslots = save_pointers(batch, snapshots, ssm_state, "mamba_chunk_scan")
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     block_p, warps = sequential_config(P, N)
-    grid = (seqs, H, cdiv(P, block_p))
-    _chunk_scan_kernel[grid](
-        x, dt, A, B, C, D, dt_bias, ssm_state, batch.query_start_loc, batch.state_indices, y,
-        snap, first, offs, pslots, H // B.shape[1], P, N, lo, hi if hi != float("inf") else 3.0e38,
-        x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0),
-        C.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0),
-        y.stride(1), snap.stride(0), CLAMP=lo > 0.0 or hi != float("inf"), SAVES=bool(saves),
-        Q=32, BLOCK_P=block_p, BLOCK_N=max(16, next_power_of_2(N)), num_warps=warps)
+    _scan_launch(
+        (seqs, H, cdiv(P, block_p)),
+        (x, dt, A, B, C, D, dt_bias, ssm_state, batch.query_start_loc, batch.state_indices, y,
+         snap, first, offs, pslots),
+        (H // B.shape[1], P, N, lo, hi if hi != float("inf") else 3.0e38, x.stride(0),
+         x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0), y.stride(1),
+         snap.stride(0)),
+        {"CLAMP": lo > 0.0 or hi != float("inf"), "SAVES": bool(saves), "Q": 32,
+         "BLOCK_P": block_p, "BLOCK_N": max(16, next_power_of_2(N)), "num_warps": warps})
     return y
 
 

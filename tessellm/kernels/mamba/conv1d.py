@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.host_ints import cdiv, next_power_of_2
+from tessellm.kernels.launch import FastLaunch
 from tessellm.kernels.recurrent_pieces import save_pointers
 
 
@@ -102,6 +103,9 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, state_ptr, qsl_ptr, idx_ptr, out_ptr, s
         tl.store(base + ks[:, None], new, mask=km[:, None] & cm[None, :])
 
 
+_conv_launch = FastLaunch(_conv_kernel)  # (kernels/launch.py: no per-call binding on a hit)
+
+
 def mamba_conv1d(x, weight, bias, conv_state, batch, activation="silu",
                  snapshots=None) -> torch.Tensor:
     """``x [T, C]`` (rows contiguous), ``weight [C, K]``, ``bias [C]`` or None, ``conv_state
@@ -133,10 +137,12 @@ def mamba_conv1d(x, weight, bias, conv_state, batch, activation="silu",
     # state, and that program writes the new one after all its reads)
     block_t = 1 if longest == 1 else max(16, next_power_of_2(K - 1))
     block_c = min(next_power_of_2(C), 64)
-    _conv_kernel[(seqs, cdiv(longest, block_t), cdiv(C, block_c))](
-        x, weight, bias if bias is not None else weight, conv_state, batch.query_start_loc,
-        batch.state_indices, out, snap, first, offs, pslots, C, x.stride(0), weight.stride(0),
-        conv_state.stride(0), conv_state.stride(1), out.stride(0), snap.stride(0), K=K,
-        HAS_BIAS=bias is not None, SILU=activation == "silu", SAVES=saves, BLOCK_T=block_t,
-        BLOCK_K=next_power_of_2(K - 1), BLOCK_C=block_c)
+    _conv_launch((seqs, cdiv(longest, block_t), cdiv(C, block_c)),
+                 (x, weight, bias if bias is not None else weight, conv_state,
+                  batch.query_start_loc, batch.state_indices, out, snap, first, offs, pslots),
+                 (C, x.stride(0), weight.stride(0), conv_state.stride(0), conv_state.stride(1),
+                  out.stride(0), snap.stride(0)),
+                 {"K": K, "HAS_BIAS": bias is not None, "SILU": activation == "silu",
+                  "SAVES": saves, "BLOCK_T": block_t, "BLOCK_K": next_power_of_2(K - 1),
+                  "BLOCK_C": block_c})
     return out

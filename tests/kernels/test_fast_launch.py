@@ -1,0 +1,154 @@
+"""``kernels/launch.FastLaunch`` (Triton launches without ``JITFunction.run``'s binding on a
+hit) hands the compiled kernel's launcher exactly what Triton's own path hands it: the same
+compiled kernel (Triton's choice for those arguments: a pointer's alignment, an int of 1 or a
+multiple of 16, a bool for an int, another dtype or constexpr each pick their own) and the
+same grid, stream, function, metadata, hooks and arguments. Run on the CPU through Triton's
+real binder and cache keys, with a stand-in driver (device 0, a stream id, an sm_90 target)
+and compiled kernels that record their launches instead of compiling: no GPU, no interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from tessellm.kernels import launch  # noqa: E402
+
+
+def _body(x_ptr, y_ptr, n, scale, flag, stride, BLOCK: tl.constexpr, MODE: tl.constexpr):
+    pass  # never compiled here
+
+
+class _Driver:
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 77
+
+    def get_current_target(self):
+        return self.target
+
+
+class _Compiled:
+    """A compiled kernel's stand-in: one per Triton cache key, recording its launches."""
+
+    def __init__(self, key, log):
+        self.key, self.log = key, log
+        self.function = f"function of {key}"
+        self.packed_metadata = ("packed", key)
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", tuple(grid), stream, args)
+
+    def run(self, *args):
+        self.log.append((self, args))
+
+
+def _setup(monkeypatch, target):
+    if not launch._run_launches_as_expected():
+        pytest.skip("this Triton's JITFunction.run launches otherwise: FastLaunch stays off")
+    log, runs = [], []
+    monkeypatch.setattr(driver, "_active", _Driver(target))
+    monkeypatch.setattr(launch, "ENABLED", True)
+
+    def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        compiled = self.device_caches[device][0][key] = _Compiled(key, log)
+        return compiled
+
+    run = JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        runs.append(1)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "_do_compile", do_compile)
+    monkeypatch.setattr(JITFunction, "run", counted)
+    return JITFunction(_body), log, runs
+
+
+def _variants():
+    g = torch.zeros(64, dtype=torch.float32)
+    h = torch.zeros(64, dtype=torch.float16)
+    base = ((g, g), (8, 0.5, 3, 64), {"BLOCK": 32, "MODE": 0})
+    yield base
+    yield base  # seen: a hit
+    yield (g, h), base[1], base[2]  # another dtype
+    yield (g, g[1:]), base[1], base[2]  # a pointer 4 bytes off 16: Triton's own path
+    yield base[0], (1, 0.5, 3, 64), base[2]  # n == 1: Triton makes it a constant
+    yield base[0], (16, 0.5, 3, 64), base[2]  # n % 16 == 0
+    yield base[0], (8, 1.0, 1, 64), base[2]
+    yield base[0], (8, 1.0, True, 64), base[2]  # a bool where an int of the same value was
+    yield base[0], (8, 1, 1, 64), base[2]  # an int where a float of the same value was
+    yield base[0], (8, 0.25, 3, 64), base[2]  # another float: the same compiled kernel
+    yield base[0], base[1], {"BLOCK": 64, "MODE": 0}
+    yield base[0], base[1], {"BLOCK": 32, "MODE": 0, "num_warps": 8}
+    yield base  # all seen again
+    yield base[0], (16, 0.5, 3, 64), base[2]
+    yield (g, g[1:]), base[1], base[2]
+
+
+def test_fast_launch_hands_the_launcher_what_triton_does(monkeypatch):
+    kernel, log, runs = _setup(monkeypatch, GPUTarget("cuda", 90, 32))
+    fast = launch.FastLaunch(kernel)
+    grid = (3, 2)
+    seen, hits = set(), 0
+    for tensors, scalars, meta in _variants():
+        key = (tuple((t.dtype, t.data_ptr() % 16) for t in tensors), tuple(map(type, scalars)),
+               scalars, tuple(meta.items()))
+        del log[:], runs[:]
+        kernel[grid](*tensors, *scalars, **meta)  # Triton's own path
+        (want,) = log
+        del log[:], runs[:]
+        fast(grid, tensors, scalars, meta)
+        (got,) = log
+        assert got[0] is want[0], f"{key}: another compiled kernel than Triton's"
+        assert got[1] == want[1], f"{key}: the launcher got other arguments"
+        aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
+        if key in seen and aligned:
+            assert not runs, f"{key}: seen before, yet Triton's run() was called"
+            hits += 1
+        else:
+            assert runs, f"{key}: not seen (or misaligned), so Triton's path must launch it"
+        seen.add(key)
+    assert hits == 3
+    kernels = {id(c) for c, _ in fast.kept.values()}
+    assert len(kernels) == len(fast.kept) - 1  # two floats for the same compiled kernel
+
+
+def test_fast_launch_keeps_nothing_where_the_backend_specializes_more(monkeypatch):
+    """ROCm's backend also specializes a tensor on its extent (buffer ops): every launch goes
+    through Triton's own path there."""
+    pytest.importorskip("triton.backends.amd.compiler")
+    kernel, log, runs = _setup(monkeypatch, GPUTarget("hip", "gfx942", 64))
+    fast = launch.FastLaunch(kernel)
+    g = torch.zeros(64)
+    for _ in range(3):
+        del runs[:]
+        fast((1,), (g, g), (8, 0.5, 3, 64), {"BLOCK": 32, "MODE": 0})
+        assert runs and len(log) == 1
+        del log[:]
+    assert not fast.kept
+
+
+def test_fast_launch_steps_aside_for_a_pre_run_hook(monkeypatch):
+    kernel, log, runs = _setup(monkeypatch, GPUTarget("cuda", 90, 32))
+    fast = launch.FastLaunch(kernel)
+    g = torch.zeros(64)
+    args = ((1,), (g, g), (8, 0.5, 3, 64), {"BLOCK": 32, "MODE": 0})
+    fast(*args)
+    hooked = []
+    kernel.add_pre_run_hook(lambda *a, **k: hooked.append(1))
+    del runs[:]
+    fast(*args)
+    assert runs and hooked
