@@ -94,7 +94,11 @@ class FastLaunch:
         key = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode,
                knobs.compilation.fpsan_homomorphic_casts, *meta.items(),
                *map(_dtype, tensors), *map(type, scalars), *scalars)
-        entry = self.kept.get(key)
+        try:
+            entry = self.kept.get(key)
+        except TypeError:  # an unhashable constexpr: Triton's path, every time
+            self.kernel[grid](*tensors, *scalars, **meta)
+            return
         if entry is None:
             compiled = self.kernel[grid](*tensors, *scalars, **meta)
             self._keep(key, device, compiled, len(tensors) + len(scalars), meta)
@@ -134,6 +138,17 @@ class FastLaunch:
                 plain = False
             self.plain[device] = plain
         return plain
+
+
+_FAST: dict[int, tuple] = {}
+
+
+def fast_launch(kernel) -> FastLaunch:
+    """The one ``FastLaunch`` of ``kernel`` (for wrappers that launch several kernels)."""
+    made = _FAST.get(id(kernel))
+    if made is None or made[0] is not kernel:
+        made = _FAST[id(kernel)] = (kernel, FastLaunch(kernel))
+    return made[1]
 
 
 _data_ptr = torch.Tensor.data_ptr

@@ -23,6 +23,7 @@ import triton.language as tl
 from tessellm.kernels.fp8_rows import (check_fp8_dtype, fp8_max, fp8_quantize, fp8_row_buffers,
                                        fp8_row_scale)
 from tessellm.kernels.host_ints import next_power_of_2
+from tessellm.kernels.launch import fast_launch
 from tessellm.kernels.pairwise_sum import pairwise_sum
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
@@ -156,12 +157,13 @@ def _launch(kernel, x2, r2, weight, outs, new_res, eps, **consts):
     block = next_power_of_2(hidden)
     has_res = r2 is not None
     first = outs[0]
-    kernel[(rows,)](
-        x2, r2 if has_res else x2, weight.contiguous(), *outs, new_res if has_res else first,
-        hidden, eps, x2.stride(0), r2.stride(0) if has_res else 0, first.stride(0),
-        new_res.stride(0) if has_res else 0, HAS_RESIDUAL=has_res, BLOCK=block,
-        num_warps=min(16, max(1, block // 512)), **consts, **NORM_LAUNCH_OPTIONS,
-        **pdl_args(x2.device))
+    fast_launch(kernel)(  # (kernels/launch.py: no per-call binding on a hit)
+        (rows,), (x2, r2 if has_res else x2, weight.contiguous(), *outs,
+                  new_res if has_res else first),
+        (hidden, eps, x2.stride(0), r2.stride(0) if has_res else 0, first.stride(0),
+         new_res.stride(0) if has_res else 0),
+        {"HAS_RESIDUAL": has_res, "BLOCK": block, "num_warps": min(16, max(1, block // 512)),
+         **consts, **NORM_LAUNCH_OPTIONS, **pdl_args(x2.device)})
 
 
 def launch_rms_norm(x2, r2, weight, out, new_res, eps) -> None:
