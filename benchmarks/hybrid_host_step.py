@@ -105,6 +105,8 @@ def unset_inpass(model, parts) -> int:
     """Set the in-step save flags of ``parts`` False on the model's ops objects; how many."""
     done = set()
     for module in model.modules():
+        if hasattr(module, "op_flags"):  # the mixer reads its ops' flags once: again now
+            module._flags = (None, None)
         ops = getattr(module, "ops", None)
         if ops is None or id(ops) in done:
             continue

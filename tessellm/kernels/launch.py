@@ -35,6 +35,12 @@ import torch
 
 from tessellm import envs
 
+try:
+    from triton import knobs
+    from triton.runtime.driver import driver
+except ImportError:  # a Triton before its knobs (3.4): every launch takes Triton's path
+    knobs = driver = None
+
 
 def _run_launches_as_expected() -> bool:
     """Whether this Triton's ``JITFunction.run`` binds and launches the way ``FastLaunch``
@@ -54,7 +60,7 @@ def _run_launches_as_expected() -> bool:
 
 
 def _enabled() -> bool:
-    if not envs.triton_fast_launch():
+    if knobs is None or not envs.triton_fast_launch():
         return False
     if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "on", "true", "yes"):
         return False
@@ -84,9 +90,6 @@ class FastLaunch:
         if not ENABLED or self.names is None or reduce(or_, map(_data_ptr, tensors)) & 15:
             self.kernel[grid](*tensors, *scalars, **meta)
             return
-        from triton import knobs
-        from triton.runtime.driver import driver
-
         if self.kernel.pre_run_hooks or knobs.runtime.add_stages_inspection_hook is not None:
             self.kernel[grid](*tensors, *scalars, **meta)
             return

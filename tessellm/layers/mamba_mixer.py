@@ -96,6 +96,10 @@ class MambaMixer2(nn.Module):
                                             shard_ranges=ranges)
         self.in_proj.stored_whole = True  # one checkpoint tensor for its five parts: cut here
         self._in_parts = [inter, inter, gn, gn, s.num_heads]
+        # this rank's cuts of in_proj's output and of the conv's ([z | xBC | dt], [x | B | C])
+        lgn = local.n_groups * s.d_state
+        self._proj_cut = [local.intermediate, local.conv_dim, local.num_heads]
+        self._xbc_cut = [local.intermediate, lgn, lgn]
         self.conv1d = _Conv1dWeights(local.conv_dim, s.d_conv, s.conv_bias)
         self._conv_rows = [ranges[1], ranges[2], ranges[3]]  # x, B, C channels of the checkpoint
         self.dt_bias = nn.Parameter(torch.ones(local.num_heads), requires_grad=False)
@@ -106,9 +110,7 @@ class MambaMixer2(nn.Module):
         self.out_proj = RowParallelLinear(inter, s.hidden_size, bias=out_bias,
                                           quant_method=ctx.quant_method, tp=tp,
                                           reduce_results=reduce_output or out_bias)
-        # the backend's one-launch gated norm (``FusedOps.gated_rms_norm``, optional), else the
-        # reference's torch ops
-        self._fused_norm = callable(getattr(ctx.ops, "gated_rms_norm", None))
+        self._flags = (None, None)  # (ops, their flags): ``op_flags``
         self.conv_state = self.ssm_state = None  # bound by the state cache
         self.step = None
         self._decay = DerivedWeight(neg_exp_float)  # A from A_log: decay()
@@ -155,18 +157,43 @@ class MambaMixer2(nn.Module):
         (``layers/derived.py``): not three launches per layer and step."""
         return self._decay(self.A_log)
 
+    def op_flags(self) -> tuple[bool, bool, bool, bool]:
+        """The ops' optional flags this mixer reads, ``(mamba_strided_inputs,
+        mamba_conv_state_saves, mamba_state_saves, a gated_rms_norm)``: looked up again only
+        when ``self.ops`` is another object (not through the ops wrapper's ``__getattr__``
+        each layer and step). Flags declare what an ops class does, fixed before the model
+        runs; code that changes them on a live ops object resets ``_flags`` (as
+        ``benchmarks/hybrid_host_step.py --no-inpass`` does)."""
+        ops, flags = self._flags
+        if ops is not self.ops:
+            ops = self.ops
+            flags = (bool(getattr(ops, "mamba_strided_inputs", False)),
+                     bool(getattr(ops, "mamba_conv_state_saves", False)),
+                     bool(getattr(ops, "mamba_state_saves", False)),
+                     # the backend's one-launch gated norm (``FusedOps.gated_rms_norm``,
+                     # optional), else the reference's torch ops
+                     callable(getattr(ops, "gated_rms_norm", None)))
+            self._flags = (ops, flags)
+        return flags
+
+    @property
+    def _fused_norm(self) -> bool:
+        """Whether the ops have the one-launch gated norm (``FusedOps.gated_rms_norm``)."""
+        return self.op_flags()[3]
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         s, n, batch, t = self.shape, self.local, self.step.batch, hidden.shape[0]
-        gn = n.n_groups * s.d_state
+        strided, conv_saves, scan_saves, fused_norm = self.op_flags()
         # xbc and dt stay column views of in_proj's output (rows strided, the last dim
         # contiguous), no copy each, where the ops declare they take them (``backends/spec.py``)
-        z, xbc, dt = self.in_proj(hidden).split([n.intermediate, n.conv_dim, n.num_heads], dim=-1)
-        if not getattr(self.ops, "mamba_strided_inputs", False):  # a plugin of API < 17
+        z, xbc, dt = self.in_proj(hidden).split_with_sizes(self._proj_cut, -1)
+        if not strided:  # a plugin of API < 17
             xbc, dt = xbc.contiguous(), dt.contiguous()
         pools = getattr(self, "snapshot_pools", (None, None))  # MambaStateCache.allocate_snapshots
-        xbc, m = causal_conv(self.ops, xbc, self._conv_weight(self.conv1d.weight),
-                             self.conv1d.bias, self.conv_state, batch, pools[0])
-        x, B, C = xbc.split([n.intermediate, gn, gn], dim=-1)
+        conv = self.conv1d
+        xbc, m = causal_conv(self.ops, xbc, self._conv_weight(conv.weight), conv.bias,
+                             self.conv_state, batch, pools[0], conv_saves)
+        x, B, C = xbc.split_with_sizes(self._xbc_cut, -1)
         x = x.reshape(t, n.num_heads, s.head_dim)
         B = B.reshape(t, n.n_groups, s.d_state)
         C = C.reshape(t, n.n_groups, s.d_state)
@@ -185,7 +212,7 @@ class MambaMixer2(nn.Module):
                                                  self.dt_bias, self.ssm_state, b, s.chunk_size,
                                                  s.dt_limit)
             rows = step_rows((x, dt, B, C), nd, m, t)
-            if batch.prefills.state_saves and getattr(self.ops, "mamba_state_saves", False):
+            if batch.prefills.state_saves and scan_saves:
                 parts.append(self.ops.mamba_chunk_scan(   # the op keeps them (plugin API 21)
                     *rows[:2], A, *rows[2:], self.D, self.dt_bias, self.ssm_state,
                     batch.prefills, s.chunk_size, s.dt_limit, snapshots=pools[1]))
@@ -205,7 +232,7 @@ class MambaMixer2(nn.Module):
             return self.out_proj(tp_gated_rms_norm(y, z, self.norm.weight, s.eps, mode,
                                                    self.tp, s.intermediate))
         # the backend's one launch (``FusedOps.gated_rms_norm``), else the reference's torch ops
-        norm = self.ops.gated_rms_norm if self._fused_norm else reference_gated_norm
+        norm = self.ops.gated_rms_norm if fused_norm else reference_gated_norm
         return self.out_proj(norm(y, z, self.norm.weight, n.intermediate // n.n_groups, s.eps,
                                   mode))
 
@@ -230,16 +257,19 @@ GATED_NORM_MODE = {"after_gate": "gate_then_norm", "after_gate_float32": "gate_t
 
 
 def causal_conv(ops, x: torch.Tensor, weight: torch.Tensor, bias, conv_state: torch.Tensor,
-                batch, pool=None) -> tuple[torch.Tensor, int]:
+                batch, pool=None, conv_saves: Optional[bool] = None) -> tuple[torch.Tensor, int]:
     """``silu(causal conv)`` of the step's rows, continuing each sequence's conv state, and the
     number of rows before the verify rows (``MambaBatch.verifies``: run through the backend's
     ``mamba_conv1d_verify``, which keeps the conv state after each of their tokens). ``pool``:
     the conv snapshot pool that ``batch.state_saves`` name slots of: the op keeps them where it
     declares ``mamba_conv_state_saves`` (plugin API 23: in its launches), else they are copied
-    from the conv's input first (``save_conv_states``: the inputs before each offset)."""
+    from the conv's input first (``save_conv_states``: the inputs before each offset).
+    ``conv_saves``: that flag as the caller read it (None: read here)."""
     kw = {}
     if batch.state_saves:
-        if getattr(ops, "mamba_conv_state_saves", False):
+        if conv_saves is None:
+            conv_saves = getattr(ops, "mamba_conv_state_saves", False)
+        if conv_saves:
             kw = {"snapshots": pool}
         else:
             save_conv_states(x, conv_state, batch, pool)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tessellm.kernels.host_ints import cdiv, next_power_of_2
+from tessellm.kernels.launch import fast_launch
 from tessellm.kernels.recurrent_pieces import save_pointers
 from tessellm.kernels.recurrent_saves import chunk_end, keep_state
 
@@ -145,14 +147,15 @@ def gated_delta_chunk(q, k, v, g, beta, state, batch, scale: float,
     saves = getattr(batch, "state_saves", None)
     snap, first, offs, pslots = save_pointers(batch, snapshots, state, "gated_delta_chunk")
     block_v, warps = chunk_config(K, V)
-    grid = (seqs, H, triton.cdiv(V, block_v))
-    _chunk_kernel[grid](
-        q, k, v, g, beta, state, batch.query_start_loc, batch.state_indices, o, snap, first,
-        offs, pslots, float(scale),
-        L2_EPS, H // q.shape[1], K, V, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0), state.stride(1),
-        state.stride(2), o.stride(0), o.stride(1), snap.stride(0), SAVES=bool(saves), Q=Q,
-        BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_V=block_v, num_warps=warps)
+    fast_launch(_chunk_kernel)(  # (kernels/launch.py: no per-call binding on a hit)
+        (seqs, H, cdiv(V, block_v)),
+        (q, k, v, g, beta, state, batch.query_start_loc, batch.state_indices, o, snap, first,
+         offs, pslots),
+        (float(scale), L2_EPS, H // q.shape[1], K, V, q.stride(0), q.stride(1), k.stride(0),
+         k.stride(1), v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0),
+         state.stride(1), state.stride(2), o.stride(0), o.stride(1), snap.stride(0)),
+        {"SAVES": bool(saves), "Q": Q, "BLOCK_K": max(16, next_power_of_2(K)),
+         "BLOCK_V": block_v, "num_warps": warps})
     return o
 
 

@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.gated_delta.chunk import L2_EPS
+from tessellm.kernels.host_ints import cdiv, next_power_of_2
+from tessellm.kernels.launch import fast_launch
 
 
 @triton.jit
@@ -64,11 +66,11 @@ def gated_delta_step(q, k, v, g, beta, state, state_indices, scale: float) -> to
     q, k, v, g, beta = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, g, beta))
     if not state.is_contiguous():
         raise ValueError("gated_delta_step needs a contiguous state.")
-    block_v = min(triton.next_power_of_2(V), 32)
-    grid = (S, H, triton.cdiv(V, block_v))
-    _step_kernel[grid](
-        q, k, v, g, beta, state, state_indices, o, float(scale), L2_EPS, H // q.shape[1], K, V,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        g.stride(0), beta.stride(0), state.stride(0), state.stride(1), state.stride(2),
-        o.stride(0), o.stride(1), BLOCK_K=triton.next_power_of_2(K), BLOCK_V=block_v)
+    block_v = min(next_power_of_2(V), 32)
+    fast_launch(_step_kernel)(  # (kernels/launch.py: no per-call binding on a hit)
+        (S, H, cdiv(V, block_v)), (q, k, v, g, beta, state, state_indices, o),
+        (float(scale), L2_EPS, H // q.shape[1], K, V, q.stride(0), q.stride(1), k.stride(0),
+         k.stride(1), v.stride(0), v.stride(1), g.stride(0), beta.stride(0), state.stride(0),
+         state.stride(1), state.stride(2), o.stride(0), o.stride(1)),
+        {"BLOCK_K": next_power_of_2(K), "BLOCK_V": block_v})
     return o

@@ -142,15 +142,20 @@ SSD_MIN_TOKENS = 192
 def use_ssd(batch, H: int, P: int, N: int) -> bool:
     """Whether ``mamba_chunk_scan`` runs the SSD kernels for ``batch`` (its prefill sequences):
     not turned off (``TESSELLM_SSD_SCAN=0``), the longest sequence at least ``SSD_MIN_TOKENS``
-    and the SSD's chunk states within ``SSD_SCRATCH_LIMIT``."""
-    if not envs.ssd_scan():
-        return False
+    and the SSD's chunk states within ``SSD_SCRATCH_LIMIT``. Decided once a step (the
+    environment read, the lengths walked), kept on the batch for its other layers."""
     qsl = batch.query_start_loc_host
-    longest = max(hi - lo for lo, hi in zip(qsl[:-1], qsl[1:]))
-    if longest < SSD_MIN_TOKENS:
-        return False
-    chunks = (qsl[-1] + (len(qsl) - 1) * (ssd.CHUNK - 1)) // ssd.CHUNK  # at most
-    return chunks * H * P * N * 4 <= SSD_SCRATCH_LIMIT
+    key = (H, P, N, *qsl)  # (a batch object reused with other lengths: decided again)
+    made = getattr(batch, "_use_ssd", None)
+    if made is not None and made[0] == key:  # every layer of a step: decided by the first
+        return made[1]
+    use = envs.ssd_scan()
+    if use:
+        longest = max(hi - lo for lo, hi in zip(qsl[:-1], qsl[1:]))
+        chunks = (qsl[-1] + (len(qsl) - 1) * (ssd.CHUNK - 1)) // ssd.CHUNK  # at most
+        use = longest >= SSD_MIN_TOKENS and chunks * H * P * N * 4 <= SSD_SCRATCH_LIMIT
+    batch._use_ssd = (key, use)
+    return use
 
 
 def mamba_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, chunk_size: int,

@@ -26,11 +26,14 @@ chunk states, float32 ``[nc, H, P, N]`` (the largest), and ``[H, nc, Q]`` dt and
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from tessellm.kernels.host_ints import cdiv, next_power_of_2
+from tessellm.kernels.launch import fast_launch
 
 CHUNK = 128  # Q: tokens a chunk (a power of two, a multiple of the row / column blocks below)
 
@@ -236,10 +239,12 @@ def _chunks(batch, q: int) -> _Chunks:
     return made[1]
 
 
+@functools.lru_cache(maxsize=64)
 def launch_configs(H: int, P: int, N: int, Q: int, prec: str, clamp: bool) -> dict:
     """Each kernel's constexprs and warps (what its launch passes; the sm_90 compile test
-    compiles these). Tiles and warps: no register spills in ``ptxas -v`` for sm_90 at Mamba2-2.7B
-    and Granite 4.0-H sizes (P 64, N 128), TF32 and tf32x3 alike; not tuned on a GPU yet."""
+    compiles these), made once per shape (shared dicts: read, never changed). Tiles and
+    warps: no register spills in ``ptxas -v`` for sm_90 at Mamba2-2.7B and Granite 4.0-H
+    sizes (P 64, N 128), TF32 and tf32x3 alike; not tuned on a GPU yet."""
     block_p = max(16, min(64, next_power_of_2(P)))
     block_k = max(16, min(32, next_power_of_2(N)))
     block_s = min(32, Q)
@@ -282,26 +287,30 @@ def ssd_chunk_scan(x, dt, A, B, C, D, dt_bias, ssm_state, batch, dt_limit=(0.0, 
     states = torch.empty(nc, H, P, N, dtype=torch.float32, device=dev)
     cfg = launch_configs(H, P, N, Q, prec, clamp=lo > 0.0 or hi != float("inf"))
     k = cfg["_dt_cumsum"]
-    _dt_cumsum[(nc, cdiv(H, k["BLOCK_H"]))](
-        dt, A, dt_bias, chunks.meta, dtc, acs, H, nc, lo, hi if hi != float("inf") else 3.0e38,
-        dt.stride(0), **k)
+    fast_launch(_dt_cumsum)(
+        (nc, cdiv(H, k["BLOCK_H"])), (dt, A, dt_bias, chunks.meta, dtc, acs),
+        (H, nc, lo, hi if hi != float("inf") else 3.0e38, dt.stride(0)), k)
     k = cfg["_chunk_cb"]
-    _chunk_cb[(nc, G, Q // k["BLOCK_M"])](
-        B, C, chunks.meta, cb, G, N, B.stride(0), B.stride(1), C.stride(0), C.stride(1), **k)
+    fast_launch(_chunk_cb)(
+        (nc, G, Q // k["BLOCK_M"]), (B, C, chunks.meta, cb),
+        (G, N, B.stride(0), B.stride(1), C.stride(0), C.stride(1)), k)
     k = cfg["_chunk_states"]
     tiles = cdiv(P, k["BLOCK_P"]) * cdiv(N, k["BLOCK_N"])
-    _chunk_states[(nc, H, tiles)](
-        x, B, chunks.meta, dtc, acs, states, H, H // G, P, N, nc, x.stride(0), x.stride(1),
-        B.stride(0), B.stride(1), **k)
+    fast_launch(_chunk_states)(
+        (nc, H, tiles), (x, B, chunks.meta, dtc, acs, states),
+        (H, H // G, P, N, nc, x.stride(0), x.stride(1), B.stride(0), B.stride(1)), k)
     k = cfg["_state_passing"]
-    _state_passing[(seqs, H, cdiv(P * N, k["BLOCK"]))](
-        ssm_state, batch.state_indices, chunks.seq_chunks, acs, states, H, P * N, nc,
-        ssm_state.stride(0), ssm_state.stride(1), **k)
+    fast_launch(_state_passing)(
+        (seqs, H, cdiv(P * N, k["BLOCK"])),
+        (ssm_state, batch.state_indices, chunks.seq_chunks, acs, states),
+        (H, P * N, nc, ssm_state.stride(0), ssm_state.stride(1)), k)
     if chunks.save_chunks is not None:  # the states at the saves' offsets: entering their chunks
         snapshots.index_copy_(0, chunks.save_slots,
                               states.index_select(0, chunks.save_chunks).to(snapshots.dtype))
     k = cfg["_chunk_output"]
-    _chunk_output[(nc * (Q // k["BLOCK_M"]), H, cdiv(P, k["BLOCK_P"]))](
-        x, C, D, chunks.meta, dtc, acs, cb, states, y, H, G, H // G, P, N, nc, x.stride(0),
-        x.stride(1), C.stride(0), C.stride(1), y.stride(0), y.stride(1), **k)
+    fast_launch(_chunk_output)(
+        (nc * (Q // k["BLOCK_M"]), H, cdiv(P, k["BLOCK_P"])),
+        (x, C, D, chunks.meta, dtc, acs, cb, states, y),
+        (H, G, H // G, P, N, nc, x.stride(0), x.stride(1), C.stride(0), C.stride(1), y.stride(0),
+         y.stride(1)), k)
     return y

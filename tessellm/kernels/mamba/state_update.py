@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from tessellm.kernels.host_ints import cdiv, next_power_of_2
+from tessellm.kernels.launch import fast_launch
 
 
 @triton.jit
@@ -65,11 +66,12 @@ def mamba_state_update(x, dt, A, B, C, D, dt_bias, ssm_state, state_indices,
         raise ValueError("mamba_state_update needs a contiguous ssm_state.")
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
     block_p = min(next_power_of_2(P), 32)
-    grid = (S, H, cdiv(P, block_p))
-    _state_update_kernel[grid](
-        x, dt, A, B, C, D, dt_bias, ssm_state, state_indices, y, H // B.shape[1], P, N, lo,
-        hi if hi != float("inf") else 3.0e38, x.stride(0), x.stride(1), dt.stride(0), B.stride(0),
-        B.stride(1), C.stride(0), C.stride(1), ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0),
-        y.stride(1), CLAMP=lo > 0.0 or hi != float("inf"), BLOCK_P=block_p,
-        BLOCK_N=next_power_of_2(N))
+    fast_launch(_state_update_kernel)(  # (kernels/launch.py: no per-call binding on a hit)
+        (S, H, cdiv(P, block_p)),
+        (x, dt, A, B, C, D, dt_bias, ssm_state, state_indices, y),
+        (H // B.shape[1], P, N, lo, hi if hi != float("inf") else 3.0e38, x.stride(0),
+         x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0), y.stride(1)),
+        {"CLAMP": lo > 0.0 or hi != float("inf"), "BLOCK_P": block_p,
+         "BLOCK_N": next_power_of_2(N)})
     return y
