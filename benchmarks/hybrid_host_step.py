@@ -30,6 +30,14 @@ time a layer falls by their share (each op ~3-5 us of host on CUDA, a Triton lau
 On the CPU the same counts come from the emulated cuda path's layer test
 (``tests/models/test_mamba_mixer_host.py``, ``TRITON_INTERPRET=1``: 12 ops a layer, 17 before).
 
+Session 22 (mambahost2), measured on an H100 before it: Mamba2 9.31 ms, 0.388 ms of host a
+layer against ``gpu_ms_per_layer`` 0.065, 17.0 ops / 6.3 launches; Granite 4.0-H 23.47 /
+0.587 / 0.138 / 19.3 / 10.1. Its cut is inside the launches (``kernels/launch.FastLaunch``:
+Triton's per-call binding skipped once a specialization was seen), so expected after it: the
+same ops and launches a layer, ``b_ms_per_layer`` lower by ~4 launches x 10-20 us (Mamba2) and
+more for Granite; ``TESSELLM_TRITON_FAST_LAUNCH=0`` gives the before on the same machine
+(``benchmarks/mambahost2_device.sh`` runs both).
+
 ``--no-inpass scan`` / ``--no-inpass conv`` turn the ops' in-step saves off (the op flags
 ``mamba_state_saves`` / ``mamba_conv_state_saves`` unset on the model's ops): the scan then
 runs once per piece between the saves, the conv's windows are copied before it (the paths

@@ -152,3 +152,42 @@ def test_fast_launch_steps_aside_for_a_pre_run_hook(monkeypatch):
     del runs[:]
     fast(*args)
     assert runs and hooked
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_launch_results_match_on_the_gpu():
+    """On a GPU: the gated RMSNorm and the sequential Mamba scan, launched many times (the
+    first through Triton's path, the rest through the kept kernels; a row view 4 bytes off
+    alignment through Triton's again), give the reference's results every time."""
+    from tessellm.backends.reference.gated_norm import gated_rms_norm as reference
+    from tessellm.backends.reference.mamba import ssd_chunk_scan
+    from tessellm.core.mamba_state import make_batch
+    from tessellm.kernels.gated_norm import _gated_launch, gated_rms_norm
+    from tessellm.kernels.mamba.chunk_scan import _scan_launch, sequential_chunk_scan
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    for i in range(6):
+        y = torch.randn(9, 65 if i % 3 == 2 else 64, device=dev, generator=g)
+        z = torch.randn(9, y.shape[1], device=dev, generator=g)
+        y, z = y[:, -64:], z[:, -64:]  # i % 3 == 2: rows 4 bytes off 16
+        w = torch.randn(64, device=dev, generator=g)
+        torch.testing.assert_close(gated_rms_norm(y, z, w, 32, 1e-5),
+                                   reference(y, z, w, 32, 1e-5), atol=1e-5, rtol=1e-5)
+    T, H, P, G, N = 40, 2, 16, 1, 16
+    for i in range(4):
+        x, dt = torch.randn(T, H, P, device=dev), torch.randn(T, H, device=dev) - 1.0
+        B, C = torch.randn(T, G, N, device=dev), torch.randn(T, G, N, device=dev)
+        A, D = -torch.rand(H, device=dev) - 0.1, torch.randn(H, device=dev)
+        dt_bias = torch.randn(H, device=dev) * 0.5
+        state = torch.randn(3, H, P, N, device=dev) * 0.3
+        want_state = state.cpu().clone()
+        want = ssd_chunk_scan(x.cpu(), dt.cpu(), A.cpu(), B.cpu(), C.cpu(), D.cpu(),
+                              dt_bias.cpu(), want_state, make_batch([15, 25], [2, 0],
+                                                                    torch.device("cpu")), 8)
+        got = sequential_chunk_scan(x, dt, A, B, C, D, dt_bias, state,
+                                    make_batch([15, 25], [2, 0], dev))
+        torch.testing.assert_close(got.cpu(), want, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(state.cpu(), want_state, atol=2e-4, rtol=2e-4)
+    if launch.ENABLED:
+        assert _gated_launch.kept and _scan_launch.kept

@@ -251,7 +251,8 @@ def test_cached_remainder_layer_runs_few_host_ops(monkeypatch):
     (one sequence of 48 tokens continuing its slot's state) through the Triton backends' ops
     (in the interpreter): at most ``LAYER_OPS_MAX`` top-level aten ops outside the kernel
     launches (``benchmarks/hybrid_host_step.py``'s ``ops_per_layer`` on a GPU); none of them
-    a ``promote_types``, and the norm makes no view of its rows."""
+    a ``promote_types``, and the norm makes no view of its rows; the environment is read for
+    the step's first layer only."""
     import os
 
     import pytest
@@ -270,6 +271,10 @@ def test_cached_remainder_layer_runs_few_host_ops(monkeypatch):
             return launch(self, *args, **kwargs)
 
     monkeypatch.setattr(interpreter.InterpretedFunction, "run", marked)
+    from tessellm import envs
+
+    reads, read = [], envs.ssd_scan
+    monkeypatch.setattr(envs, "ssd_scan", lambda: (reads.append(1), read())[1])
     ops = TritonOps()
     torch.manual_seed(0)
     ctx = ModelContext(ops=ops, make_attention_kernel=None, dtype=torch.float32,
@@ -302,3 +307,6 @@ def test_cached_remainder_layer_runs_few_host_ops(monkeypatch):
             counts[event.name] += 1
     assert sum(counts.values()) <= LAYER_OPS_MAX, dict(counts)
     assert not counts["aten::promote_types"] and not counts["aten::view"], dict(counts)
+    # the scan's choice of kernel (TESSELLM_SSD_SCAN, the lengths) is made once for the step's
+    # batch, not again by each layer (here the second call on the same batch)
+    assert len(reads) == 1
