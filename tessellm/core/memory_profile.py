@@ -24,7 +24,9 @@ Why the first real run grew the allocator (H100, workload F: +2.56 GiB in 9 new 
 (``torch.cuda.empty_cache()`` in its ``__enter__``), so the blocks the profile step left cached,
 counted as used when the cache was sized, were given back to the driver before run 1, which then
 allocated them again. The cuda graph runner now allocates them once more after its captures,
-segment for segment (``backends/cuda/graph_runner.py``), so the first run finds them cached.
+segment for segment (``backends/cuda/graph_runner.py``), so the first run finds them cached;
+and the CUDA KV cache is one allocation, so no per-layer tensor takes one of them first
+(``runner_kv_cache.kv_cache_tensors``).
 And the profile's own KV cache (2 GiB for 16384 tokens of Llama-8B, freed and kept in 32 MiB
 pieces no activation fits) was counted as used, 1024 blocks the cache did not get: the profile
 now writes its K/V into one block per layer (the values do not matter, the shapes do).

@@ -4,7 +4,9 @@ A mixin of ``ModelRunner`` (tessellm/core/model_runner.py), which owns the state
 ``kernel`` (whether it wants the cache heads-major), ``model`` and ``spec`` (whose attention
 layers hold cache), ``block_size`` and ``device``. The worker sizes the cache from
 ``kv_bytes_per_block`` and then calls ``allocate_kv_cache`` once (``distributed/worker.py``);
-``profile_run`` allocates one block per layer for its forward and frees it.
+``profile_run`` allocates one block per layer for its forward and frees it. On CUDA the cache
+is one allocation (``kv_cache_tensors``: per-layer tensors could take a block the memory
+profile left cached, core/memory_profile.py).
 
 With ``--kv-offloading-size`` the worker also calls ``allocate_host_kv_cache``: a host buffer
 per cache tensor, block-major like the cache's storage, pinned where the device can pin; the
@@ -40,17 +42,23 @@ class RunnerKVCache:
         gets that as a ``transpose(1, 2)`` view of ``[blocks, kv_heads, block_size, head]``
         storage (IPEX's CPU paged attention reads it without a copy)."""
         heads_major = getattr(self.kernel, "kv_cache_heads_major", False)
-        for attn in self.kv_layers():
+        layers = self.kv_layers()
+        shapes = []
+        for attn in layers:
             shape = (num_blocks, self.block_size, attn.num_kv_heads, attn.head_size)
             if heads_major:
                 shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_size)
-            attn.k_cache = _zeros(shape, dtype, self.device)
             # A latent cache (MLA, ``layers/mla_attention.py``) has no values of its own.
-            values = _caches_values(attn)
-            attn.v_cache = _zeros(shape, dtype, self.device) if values else None
+            shapes += [shape, shape] if _caches_values(attn) else [shape]
+        for attn in layers:  # the old cache is freed before the new one is allocated
+            attn.k_cache = attn.v_cache = None
+        tensors = iter(kv_cache_tensors(shapes, dtype, self.device))
+        for attn in layers:
+            attn.k_cache = next(tensors)
+            attn.v_cache = next(tensors) if _caches_values(attn) else None
             if heads_major:
                 attn.k_cache = attn.k_cache.transpose(1, 2)
-                attn.v_cache = attn.v_cache.transpose(1, 2) if values else None
+                attn.v_cache = attn.v_cache.transpose(1, 2) if attn.v_cache is not None else None
 
     def kv_bytes_per_block(self, dtype: torch.dtype) -> int:
         elem = torch.empty(0, dtype=dtype).element_size()
@@ -124,6 +132,34 @@ class RunnerKVCache:
         model's layers use the same block ids as the target's)."""
         extra = self.spec.attention_layers() if self.spec is not None else []
         return list(self.model.attention_layers()) + list(extra)
+
+
+# Each tensor of a one-allocation cache starts at a multiple of this many bytes.
+_KV_ALIGN = 256
+
+
+def kv_cache_tensors(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device,
+                     one_allocation: bool = None) -> list[torch.Tensor]:
+    """Zeroed, contiguous cache tensors of these shapes. On CUDA (``one_allocation`` None) they
+    are views of one allocation, each at a multiple of 256 bytes: the caching allocator serves
+    a request from the smallest cached free block that fits, so a per-layer tensor smaller than
+    a block the memory profile's step left cached takes it (workload F on an H100: ~800 MiB
+    tensors against the 896 MiB block of a 16384-token gate/up projection), and the first step
+    of that size allocates a new segment. One allocation larger than any cached block leaves
+    them all to the steps (core/memory_profile.py). Elsewhere one allocation per tensor
+    (``_zeros``: lazily backed host memory on the cpu)."""
+    if one_allocation is None:
+        one_allocation = device.type == "cuda"
+    elem = torch.empty(0, dtype=dtype).element_size()
+    sizes = [int(np.prod(s)) * elem for s in shapes]
+    if not one_allocation or not sum(sizes):
+        return [_zeros(s, dtype, device) for s in shapes]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // _KV_ALIGN) * _KV_ALIGN
+    buf = torch.zeros(total, dtype=torch.uint8, device=device)
+    return [buf[o:o + n].view(dtype).view(s) for o, n, s in zip(offsets, sizes, shapes)]
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

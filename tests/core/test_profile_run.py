@@ -15,6 +15,7 @@ from tessellm.backends.spec import AttentionSpec
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.memory_profile import PROFILE_LOGPROBS, graph_memory_estimate, profile_shape
 from tessellm.core.request import Request
+from tessellm.core.runner_kv_cache import kv_cache_tensors
 from tessellm.core.runner_output import prompt_logprobs
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.layers.rotary import RotaryEmbedding
@@ -134,6 +135,23 @@ def test_profile_step_runs_every_row_and_the_widest_sampler(tiny_model_dir):
     for a in runner.model.attention_layers():  # profile_run frees its cache
         assert a.k_cache.shape[0] == 0
     llm.shutdown()
+
+
+def test_kv_cache_in_one_allocation_is_disjoint_aligned_and_zeroed():
+    """The CUDA layout (``kv_cache_tensors``): every tensor a view of one allocation, at a
+    multiple of 256 bytes, contiguous, zeroed, and writing one leaves the others as they were."""
+    shapes = [(5, 4, 3, 8), (5, 4, 3, 8), (5, 4, 1, 24), (5, 4, 3, 8)]
+    ts = kv_cache_tensors(shapes, torch.bfloat16, torch.device("cpu"), one_allocation=True)
+    assert [tuple(t.shape) for t in ts] == shapes
+    base = ts[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in ts)
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in ts)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert all((t.data_ptr() - base) % 256 == 0 and t.is_contiguous() and not t.any() for t in ts)
+    ts[1].fill_(1)
+    assert not ts[0].any() and not ts[2].any() and bool((ts[1] == 1).all())
+    per_tensor = kv_cache_tensors(shapes, torch.bfloat16, torch.device("cpu"), one_allocation=False)
+    assert len({t.untyped_storage().data_ptr() for t in per_tensor}) == len(shapes)
 
 
 def test_prompt_logprobs_in_chunks_match_the_whole(tiny_model_dir):
