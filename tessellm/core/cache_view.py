@@ -6,7 +6,9 @@ Two halves, plain Python:
   cache (``stored``: a full block published, or loaded from the host tier) or leaves it
   (``removed``: the block was evicted for reuse; ``cleared``: the whole cache was reset). The
   core's stats message drains the net change since the last one (``drain``) and carries it to
-  the front end with the load figures it already sends: no extra message, a few bytes per
+  the front end with the load figures it already sends (after a call that changed the cache,
+  a reset for sleep mode or new weights, the core sends one at once rather than at its next
+  step): no extra message, a few bytes per
   block (vLLM's KV cache events, piggybacked).
 * ``CacheView`` (in the front end, for ``load_balance.LoadBalancer``): per core, the hashes its
   reports say it holds, plus the chains of the requests in flight there (sent, not finished:
@@ -68,9 +70,13 @@ class CacheEvents:
         self._removed.clear()
         self._reset = True
 
+    @property
+    def changed(self) -> bool:
+        return bool(self._added or self._removed or self._reset)
+
     def drain(self) -> Optional[dict]:
         """The net change as a message part (``CacheView.apply``), None when there is none."""
-        if not (self._added or self._removed or self._reset):
+        if not self.changed:
             return None
         out = {"added": list(self._added), "removed": list(self._removed), "reset": self._reset}
         self._added, self._removed, self._reset = set(), set(), False

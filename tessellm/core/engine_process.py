@@ -236,6 +236,8 @@ class _CoreLoop:
             return False
         if kind == "call":
             self.out_sock.send(pack(["call_result", msg[1], self._call(msg[2], *msg[3:])]))
+            if self.cache_events is not None and self.cache_events.changed:
+                self._send_outputs([])  # e.g. a reset (sleep, new weights): the balancer's view now
             return False
         if kind == "shutdown":
             self.shutdown = True

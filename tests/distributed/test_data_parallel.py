@@ -468,7 +468,14 @@ def test_async_llm_dp2(tiny_model_dir):
         assert engine.cores.loads()[owners[0]] == 0
         # Sleep mode reaches every core: the busy core refuses, the idle one sleeps, and the
         # front end refuses requests until wake_up; a reset is done only if every core did it.
+        view = engine.cores.balancer.view
+        assert view.num_cached(owners[0]) > 0  # long0's published blocks, reported
         assert not await engine.reset_prefix_cache()
+        for _ in range(100):  # the idle core did reset: it says so at once, not at its next step
+            if view.num_cached(owners[0]) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert view.num_cached(owners[0]) == 0 and view.num_cached(owners[1]) > 0
         with pytest.raises(ValueError, match=f"engine core {owners[1]} of 2: sleep: 1 request"):
             await engine.sleep(1)
         assert engine.sleeping and await engine.is_sleeping()
