@@ -68,8 +68,9 @@ class RunnerGraphs:
 
     def graph_memory_estimate(self) -> int:
         """Bytes ``capture_graphs`` will allocate, for the KV cache's sizing before it
-        (``core/memory_profile.graph_memory_estimate``; ``profile_run`` measured its inputs).
-        0 without captured decode graphs (eager, or a compiling device's buckets)."""
+        (``core/memory_profile.graph_memory_estimate``; ``profile_run`` measured its inputs),
+        speculative decoding's verify graphs included (not a draft model's own graphs). 0
+        without captured decode graphs (eager, or a compiling device's buckets)."""
         from tessellm.core.memory_profile import graph_memory_estimate
 
         runner = self.graph_runner
@@ -77,8 +78,17 @@ class RunnerGraphs:
                 or not getattr(self.kernel, "supports_graph_capture", False)):
             return 0
         per_token = self.profile_peak_bytes / max(1, self.profile_tokens)
-        return graph_memory_estimate(getattr(runner, "capture_sizes", ()), self.logits_row_bytes,
-                                     per_token)
+        total = graph_memory_estimate(getattr(runner, "capture_sizes", ()), self.logits_row_bytes,
+                                      per_token)
+        spec = self.spec
+        if spec is not None and self.verify_graph_factory is not None and not spec.wants_tensors:
+            from tessellm.spec_decode.verify_graphs import capture_sizes
+
+            # the verify graphs (_capture_verify_graphs): a runner per q, S sequences of q rows
+            sizes = capture_sizes(spec.max_num_seqs, spec.config.disable_by_batch_size)
+            for q in range(2, spec.config.num_speculative_tokens + 2):
+                total += graph_memory_estimate([n * q for n in sizes], self.logits_row_bytes, per_token)
+        return total
 
     def _capture_verify_graphs(self) -> None:
         """Speculative decoding: graphs of the verify step (q = 2..k+1 tokens per sequence)."""

@@ -183,3 +183,26 @@ def test_prompt_logprobs_in_chunks_match_the_whole(tiny_model_dir):
     for (_, a, _, ta), (_, b, _, tb) in zip(chunked.prompt_logprobs, whole.prompt_logprobs):
         assert a == pytest.approx(b, abs=1e-5) and [i for i, _ in ta] == [i for i, _ in tb]
     llm.shutdown()
+
+
+def test_graph_reserve_covers_the_verify_graphs_outputs(tiny_model_dir):
+    """With speculative decoding the verify graphs (a runner per q = 2..k+1, each keeping its
+    ``[S * q, vocab]`` logits) are reserved too: the reserve grows by at least their outputs."""
+    from tessellm.spec_decode.verify_graphs import capture_sizes
+    from tests.spec_decode.test_verify_graphs import StandInGraphRunner
+
+    llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", max_model_len=64,
+              max_num_seqs=8, speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    runner = llm.engine.core.runner
+    runner.profile_run(64)
+    runner.graph_runner = StandInGraphRunner(default_capture_sizes(8))
+    runner.kernel.supports_graph_capture = True
+    runner.verify_graph_factory = None
+    plain = runner.graph_memory_estimate()
+    runner.verify_graph_factory = StandInGraphRunner
+    with_verify = runner.graph_memory_estimate()
+    sizes = capture_sizes(8, runner.spec.config.disable_by_batch_size)
+    kept = sum(n * q * runner.logits_row_bytes for q in (2, 3, 4) for n in sizes)
+    assert plain >= sum(default_capture_sizes(8)) * runner.logits_row_bytes > 0
+    assert with_verify - plain >= kept
+    llm.shutdown()
