@@ -206,3 +206,27 @@ def test_graph_reserve_covers_the_verify_graphs_outputs(tiny_model_dir):
     assert plain >= sum(default_capture_sizes(8)) * runner.logits_row_bytes > 0
     assert with_verify - plain >= kept
     llm.shutdown()
+
+
+def test_graph_runner_keeps_only_wholly_free_default_pool_segments_of_its_stream(monkeypatch):
+    """What the cuda graph runner caches again after capture (torch.cuda.graph empties the
+    cache): wholly free large segments of the current device and stream in the default pool,
+    read from the allocator's snapshot; its pool's bytes from the same snapshot."""
+    from types import SimpleNamespace
+
+    from tessellm.backends.cuda import graph_runner as gr
+
+    def seg(size, used=0, stream=7, device=0, kind="large", pool=(0, 0)):
+        return {"total_size": size, "allocated_size": used, "stream": stream, "device": device,
+                "segment_type": kind, "segment_pool_id": pool}
+
+    snapshot = [seg(896 << 20), seg(448 << 20), seg(900 << 20, used=800 << 20),  # KV in it: kept out
+                seg(2 << 20, kind="small"), seg(64 << 20, stream=9), seg(32 << 20, device=1),
+                seg(62 << 20, pool=(1, 5)), seg(20 << 20, pool=(1, 5), used=4 << 20)]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: snapshot)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=7))
+    assert sorted(gr.cached_segments()) == [448 << 20, 896 << 20]
+    assert gr.pool_bytes((1, 5)) == 82 << 20 and gr.pool_bytes(None) == 0
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: [{"total_size": 1}])
+    assert gr.cached_segments() == []  # an unreadable snapshot: nothing, and a warning

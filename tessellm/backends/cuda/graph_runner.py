@@ -95,12 +95,18 @@ class CudaGraphRunner:
 
 def cached_segments() -> list[int]:
     """Sizes of the wholly free large segments the caching allocator holds on the current
-    device and stream, in its default pool."""
+    device and stream, in its default pool ([] where its snapshot reads otherwise)."""
     device = torch.cuda.current_device()
     stream = torch.cuda.current_stream().cuda_stream
-    return [seg["total_size"] for seg in torch.cuda.memory_snapshot()
-            if seg["device"] == device and seg["stream"] == stream and seg["allocated_size"] == 0
-            and seg["segment_type"] == "large" and tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0)]
+    try:
+        return [seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                if seg["device"] == device and seg["stream"] == stream and seg["allocated_size"] == 0
+                and seg["segment_type"] == "large"
+                and tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0)]
+    except (KeyError, TypeError, RuntimeError) as e:  # (another torch's snapshot format)
+        logger.warning("Allocator snapshot unreadable (%s): the segments graph capture frees "
+                       "are not cached again.", e)
+        return []
 
 
 def cache_again(sizes: Sequence[int]) -> None:
@@ -122,5 +128,8 @@ def pool_bytes(pool) -> int:
     if pool is None:
         return 0
     device = torch.cuda.current_device()
-    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
-               if seg["device"] == device and tuple(seg.get("segment_pool_id", (0, 0))) == tuple(pool))
+    try:
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if seg["device"] == device and tuple(seg.get("segment_pool_id", (0, 0))) == tuple(pool))
+    except (KeyError, TypeError, RuntimeError):  # (another torch's snapshot format)
+        return 0
