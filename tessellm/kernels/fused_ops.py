@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from tessellm import envs
 from tessellm.kernels.activation import _silu_and_mul_kernel, launch_silu_and_mul_fp8
@@ -22,6 +21,8 @@ from tessellm.kernels.gemm.gemv_fold import gemv_add_rms_norm_fold, gemv_rms_sca
 from tessellm.kernels.gemm.norm_epilogue import norm_epilogue_applies
 from tessellm.kernels.gemm.norm_fold import (consume_applies, fold_applies, fold_reference,
                                              rms_scaled_reference)
+from tessellm.kernels.host_ints import cdiv, next_power_of_2
+from tessellm.kernels.launch import fast_launch
 from tessellm.kernels.norm import (_rows, add_norm_buffers, launch_rms_norm, launch_rms_norm_fp8,
                                    promoted, residual_buffers, shaped_as)
 from tessellm.kernels.op_flags import FUSED_OPS_FLAGS, drop_unowned_flags
@@ -209,12 +210,12 @@ class TritonOps:
         assert q3.stride(-1) == 1 and k3.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1
         half = rotary_dim // 2
         hq, hk = q3.shape[1], k3.shape[1]
-        _rotary_kernel[(num_tokens,)](
-            positions.reshape(-1), q3, k3, cos_sin_cache, q3.stride(0), q3.stride(1),
-            k3.stride(0), k3.stride(1), cos_sin_cache.stride(0),
-            NUM_Q_HEADS=hq, Q_HEADS_P2=triton.next_power_of_2(hq),
-            NUM_K_HEADS=hk, K_HEADS_P2=triton.next_power_of_2(hk),
-            HALF=half, HALF_P2=triton.next_power_of_2(half), num_warps=4, **pdl_args(q.device))
+        fast_launch(_rotary_kernel)(  # (kernels/launch.py: no per-call binding on a hit)
+            (num_tokens,), (positions.reshape(-1), q3, k3, cos_sin_cache),
+            (q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), cos_sin_cache.stride(0)),
+            {"NUM_Q_HEADS": hq, "Q_HEADS_P2": next_power_of_2(hq), "NUM_K_HEADS": hk,
+             "K_HEADS_P2": next_power_of_2(hk), "HALF": half, "HALF_P2": next_power_of_2(half),
+             "num_warps": 4, **pdl_args(q.device)})
         return q, k
 
     # Dense products the GEMV (``gemv.py``) runs faster than cuBLAS: 1 row at any width, 2 rows
@@ -324,8 +325,8 @@ class TritonOps:
         d = x2.shape[1] // 2
         out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
         if x2.shape[0]:
-            block = min(1024, triton.next_power_of_2(d))
-            _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-                x2, out, d, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4,
-                **pdl_args(x.device))
+            block = min(1024, next_power_of_2(d))
+            fast_launch(_silu_and_mul_kernel)(  # (kernels/launch.py: no binding on a hit)
+                (x2.shape[0], cdiv(d, block)), (x2, out), (d, x2.stride(0), out.stride(0)),
+                {"BLOCK": block, "num_warps": 4, **pdl_args(x.device)})
         return out if x.dim() == 2 else out.view(*x.shape[:-1], d)
