@@ -239,8 +239,8 @@ def ssd_scan() -> bool:
 
 def triton_fast_launch() -> bool:
     """TESSELLM_TRITON_FAST_LAUNCH: "0" sends every launch of the kernels that use
-    ``kernels/launch.FastLaunch`` (the Mamba conv and sequential scan, the gated RMSNorm)
-    through Triton's own ``kernel[grid](...)`` path. On by default: a launch whose
+    ``kernels/launch.FastLaunch`` (the recurrent layers' kernels, the RMSNorms, SiLU-and-mul,
+    the rotary) through Triton's own ``kernel[grid](...)`` path. On by default: a launch whose
     specialization was seen before calls the kept compiled kernel's launcher directly, ~20 us
     of binding less a launch (read once, at import)."""
     return _switch("TESSELLM_TRITON_FAST_LAUNCH") is not False
