@@ -15,7 +15,8 @@ finer than Triton's: the tensors' dtypes (their pointers all 16-byte aligned: el
 path), every other argument's type and value, the keyword constexprs and launch options, the
 device and Triton's debug knobs. So a hit is always a launch Triton would have made with the same
 compiled kernel; anything else (a miss, a pre-run hook, an add-stages hook, the interpreter,
-a Triton whose ``run`` launches otherwise) goes through ``kernel[grid](...)`` itself.
+``torch.compile`` tracing, a Triton whose ``run`` launches otherwise) goes through
+``kernel[grid](...)`` itself.
 
 Not kept: ``JITFunction.run``'s check that the kernel's globals did not change since it was
 compiled (a module constant rebound at run time: the kept kernel would still be used).
@@ -87,7 +88,8 @@ class FastLaunch:
         self.plain: dict = {}  # device -> whether its backend specializes as the key assumes
 
     def __call__(self, grid, tensors: tuple, scalars: tuple, meta: dict) -> None:
-        if not ENABLED or self.names is None or reduce(or_, map(_data_ptr, tensors)) & 15:
+        if (not ENABLED or self.names is None or _compiling()
+                or reduce(or_, map(_data_ptr, tensors)) & 15):
             self.kernel[grid](*tensors, *scalars, **meta)
             return
         if self.kernel.pre_run_hooks or knobs.runtime.add_stages_inspection_hook is not None:
@@ -155,4 +157,5 @@ def fast_launch(kernel) -> FastLaunch:
 
 
 _data_ptr = torch.Tensor.data_ptr
+_compiling = torch.compiler.is_compiling  # traced: torch.compile wraps Triton's own launch
 _dtype = attrgetter("dtype")
