@@ -22,22 +22,12 @@ from tessellm.backends.reference.moe import (dequantize_int4, fused_experts_refe
 from tessellm.kernels.moe import fused_moe_triton  # noqa: E402
 from tessellm.kernels.moe import int4_dequant as dq  # noqa: E402
 from tessellm.kernels.moe import int4_tc_moe as tm  # noqa: E402
-from tessellm.quantization.packed import pack_int4, quantize_int4  # noqa: E402
+from tests.kernels.test_moe_int4_tc import _experts  # noqa: E402 (the experts' quantized layout)
 
 fm = importlib.import_module("tessellm.kernels.moe.fused_moe")  # (the package's name is the op)
 
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
-
-
-def _experts(e, n, k, group, seed):
-    """Random ``[E, N, K]`` weights quantized round-to-nearest in the experts' layout."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(e, n, k, generator=g) / k ** 0.5
-    parts = [quantize_int4(we, group) for we in w]
-    return (torch.stack([pack_int4(q).t() for q, _, _ in parts]).contiguous(),
-            torch.stack([s.t() for _, s, _ in parts]).contiguous(),
-            torch.stack([z.t().to(torch.uint8) for _, _, z in parts]).contiguous())
 
 
 def _case(tokens, e, h, i, zeros=True, act_order=False, seed=0, expert_map=None, top_k=2):
