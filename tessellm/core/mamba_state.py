@@ -108,12 +108,24 @@ class MambaStateCache:
         self._state_views: dict[int, list[torch.Tensor]] = {}
         self._pool_views: dict[int, list[torch.Tensor]] = {}
 
-    def allocate_snapshots(self, num: int) -> None:
-        """The prefix cache's snapshot pool: ``num`` states of every layer (core/state_prefix.py)."""
-        from tessellm.core.runner_kv_cache import _zeros  # lazily backed on the host
+    def allocate_snapshots(self, num: int, one_allocation: Optional[bool] = None) -> None:
+        """The prefix cache's snapshot pool: ``num`` states of every layer (core/state_prefix.py).
+        Allocated after the memory profile, as the KV cache is, so on CUDA (``one_allocation``
+        None) one allocation per dtype (``runner_kv_cache.kv_cache_tensors``): a per-layer pool
+        smaller than a block the profile's step left cached would take it, and the first step
+        of that size would allocate the block again (core/memory_profile.py); on the host
+        lazily backed memory per pool."""
+        from tessellm.core.runner_kv_cache import kv_cache_tensors
 
-        self.snapshots = [tuple(_zeros((num, *t.shape[1:]), t.dtype, self.device)
-                                for t in (layer.conv_state, layer.ssm_state)) for layer in self.layers]
+        states = [t for layer in self.layers for t in (layer.conv_state, layer.ssm_state)]
+        pools: list = [None] * len(states)
+        for dtype in dict.fromkeys(t.dtype for t in states):
+            idx = [i for i, t in enumerate(states) if t.dtype == dtype]
+            made = kv_cache_tensors([(num, *states[i].shape[1:]) for i in idx], dtype, self.device,
+                                    one_allocation)
+            for i, pool in zip(idx, made):
+                pools[i] = pool
+        self.snapshots = [(pools[2 * j], pools[2 * j + 1]) for j in range(len(self.layers))]
         for layer, pools in zip(self.layers, self.snapshots):  # saves inside a step write them
             layer.snapshot_pools = pools
         self._pool_views = {}

@@ -154,6 +154,41 @@ def test_kv_cache_in_one_allocation_is_disjoint_aligned_and_zeroed():
     assert len({t.untyped_storage().data_ptr() for t in per_tensor}) == len(shapes)
 
 
+class _StateLayer:
+    """A recurrent layer's state shapes, as a Mamba mixer's ``state_shapes`` / ``bind``."""
+
+    def __init__(self, conv, ssm):
+        self.shapes = conv, ssm
+
+    def state_shapes(self):
+        return self.shapes
+
+    def bind(self, conv_state, ssm_state, step):
+        self.conv_state, self.ssm_state = conv_state, ssm_state
+
+
+def test_state_snapshot_pools_in_one_allocation_as_the_kv_cache():
+    """A hybrid model's prefix-cache snapshot pools are allocated after the memory profile, as
+    the KV cache is, so on CUDA they take its layout too (per-layer pools would take blocks the
+    profile left cached): every pool a view of one allocation, shaped ``[num, *state]``,
+    zeroed, each its own; elsewhere a buffer per pool."""
+    from tessellm.core.mamba_state import MambaStateCache
+
+    layers = [_StateLayer((6, 3), (2, 4, 5)), _StateLayer((10, 3), (2, 4, 5)), _StateLayer((6, 3), (1, 8))]
+    cache = MambaStateCache(layers, 3, torch.device("cpu"), torch.bfloat16)
+    cache.allocate_snapshots(7, one_allocation=True)
+    pools = [p for pair in cache.snapshots for p in pair]
+    assert [tuple(p.shape) for p in pools] == [(7, *s) for layer in layers for s in layer.shapes]
+    assert all(p.dtype == torch.bfloat16 and p.is_contiguous() and not p.any() for p in pools)
+    assert len({p.untyped_storage().data_ptr() for p in pools}) == 1
+    spans = sorted((p.data_ptr(), p.data_ptr() + p.nbytes) for p in pools)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    pools[3].fill_(1)
+    assert sum(int(p.count_nonzero()) for p in pools) == pools[3].numel()
+    cache.allocate_snapshots(7)  # the host: a buffer per pool
+    assert len({p.untyped_storage().data_ptr() for pair in cache.snapshots for p in pair}) == 6
+
+
 def test_prompt_logprobs_in_chunks_match_the_whole(tiny_model_dir):
     """Prompt logprobs take at most ``chunk`` rows of logits at a time, with the same values."""
     llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", max_model_len=64)
