@@ -201,9 +201,22 @@ class Worker:
             budget -= self.num_state_snapshots * self._state_bytes()
         blocks = min(cap, budget // per_block) if per_block else cap
         if blocks < 1:
+            if self.backend.device_type == "cpu":
+                fix = (f"{budget / 2**30:.2f} GiB of the cpu KV cache budget (TESSELLM_CPU_KV_CACHE_GB, "
+                       f"default {_CPU_KV_CACHE_DEFAULT >> 30}, split over the ranks) is less than "
+                       f"a block ({per_block} bytes); raise TESSELLM_CPU_KV_CACHE_GB")
+            else:
+                mp = getattr(self, "memory_profile", {})
+                fix = (f"the memory profile's step ({mp.get('profile_peak', 0) / 2**30:.2f} GiB "
+                       f"at max_num_batched_tokens={self.max_num_batched_tokens} over up to "
+                       f"max_num_seqs={args.max_num_seqs} rows) and the decode graphs' reserve "
+                       f"({mp.get('graph_estimate', 0) / 2**30:.2f} GiB) leave no block under "
+                       f"gpu_memory_utilization={args.gpu_memory_utilization}; raise "
+                       "gpu_memory_utilization, lower max_num_batched_tokens or max_num_seqs "
+                       "(or enforce_eager: no graphs)")
             raise RuntimeError(f"No memory is left for the KV cache on {self.backend.name} "
-                               f"(rank {self.rank}) after loading the model; raise "
-                               "gpu_memory_utilization or use a smaller model.")
+                               f"(rank {self.rank}) after loading the model: {fix}, or use a "
+                               "smaller model.")
         return int(blocks)
 
     def _state_bytes(self) -> int:

@@ -265,3 +265,12 @@ def test_graph_runner_keeps_only_wholly_free_default_pool_segments_of_its_stream
     assert gr.pool_bytes((1, 5)) == 82 << 20 and gr.pool_bytes(None) == 0
     monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: [{"total_size": 1}])
     assert gr.cached_segments() == []  # an unreadable snapshot: nothing, and a warning
+
+
+def test_no_room_for_a_kv_block_names_the_budget_to_raise(tiny_model_dir, monkeypatch):
+    """A KV budget smaller than one block is one error naming the knob that sets it (on the
+    cpu, TESSELLM_CPU_KV_CACHE_GB; not gpu_memory_utilization, which the cpu does not read)."""
+    monkeypatch.setenv("TESSELLM_CPU_KV_CACHE_GB", "0.0000001")  # ~100 bytes
+    with pytest.raises(RuntimeError, match="No memory is left for the KV cache.*raise "
+                                           "TESSELLM_CPU_KV_CACHE_GB"):
+        LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", max_model_len=64)
