@@ -96,8 +96,9 @@ class FastLaunch:
             self.kernel[grid](*tensors, *scalars, **meta)
             return
         device = driver.active.get_current_device()
-        key = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode,
-               knobs.compilation.fpsan_homomorphic_casts, *meta.items(),
+        compilation = knobs.compilation  # knobs this Triton has (3.6 lacks fpsan's)
+        key = (device, knobs.runtime.debug, getattr(compilation, "instrumentation_mode", None),
+               getattr(compilation, "fpsan_homomorphic_casts", None), *meta.items(),
                *map(_dtype, tensors), *map(type, scalars), *scalars)
         try:
             entry = self.kept.get(key)
