@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=2)
     p.add_argument("--num-kv-blocks", type=int, default=96, help="per replica (a prefix is ~15 blocks)")
     p.add_argument("--replica-num-cpus", type=float, default=0.5)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="per replica (default: the engine's); small: requests queue in the engine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", default="default,in_flight,load",
                    help="comma-separated: default (Serve's router), in_flight, load (prefix affinity)")
@@ -117,7 +119,10 @@ def main(argv=None) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for name, router in (modes[m] for m in args.modes.split(",")):
-            config = {"engine": {"device": "cpu", "max_model_len": 512, "num_kv_blocks": args.num_kv_blocks},
+            engine = {"device": "cpu", "max_model_len": 512, "num_kv_blocks": args.num_kv_blocks}
+            if args.max_num_seqs is not None:
+                engine["max_num_seqs"] = args.max_num_seqs
+            config = {"engine": engine,
                       "server": {"served_model_names": [MODEL]}, "num_replicas": 2,
                       "replica": {"num_cpus": args.replica_num_cpus}, "ingress": {"num_cpus": 0.25},
                       "router": router}
@@ -128,7 +133,8 @@ def main(argv=None) -> int:
         serve.shutdown()
         ray.shutdown()
     print(f"{len(prompts)} requests, {args.groups} shared prefixes, concurrency {args.concurrency}, "
-          f"2 replicas x {args.num_kv_blocks} KV blocks")
+          f"max_tokens {args.max_tokens}, 2 replicas x {args.num_kv_blocks} KV blocks, "
+          f"max_num_seqs {args.max_num_seqs or 'default'}")
     print("| router | fleet prefix-cache hit rate | hit / looked-up prompt tokens | requests per replica | wall s |")
     print("|---|---|---|---|---|")
     for name, r in results.items():

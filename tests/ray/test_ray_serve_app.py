@@ -28,7 +28,8 @@ MAX_TOKENS = 12
 PROMPTS = ["The capital of France is", "Paged attention is"]
 MESSAGES = [{"role": "user", "content": "Name three colors."}]
 CONFIG = {
-    "engine": {"device": "cpu", "max_model_len": 512, "num_kv_blocks": 96, "max_num_seqs": 16},
+    # Four request slots per engine: a burst can fill one (the load-aware routing test).
+    "engine": {"device": "cpu", "max_model_len": 512, "num_kv_blocks": 96, "max_num_seqs": 4},
     "server": {"served_model_names": [MODEL], "max_n": 4},
     "num_replicas": 2,
     # Fractional CPUs so two replicas and the ingress fit on a 2-core machine; Ray gives an actor
@@ -158,11 +159,12 @@ def test_prefix_affinity_sends_a_repeated_prefix_to_one_replica(fleet):
 def test_a_loaded_prefix_holder_passes_new_requests_to_the_other_replica(fleet):
     """The router ranks replicas by their engines' load (router.balance: load, the default):
     a burst of six long requests sharing the prefix (each holds its replica for dozens of
-    tokens) goes to the prefix's replica until its load passes the threshold, and the rest to
-    the other replica. Requests in flight alone (the in_flight figure) would keep all six on
-    the holder: 6 against 0 is within the threshold of 8; here two that the holder has not yet
-    reported as running already score 4 x 2 + 4 = 12 there, against 1 on the idle replica.
-    Each replica reports its engine's figures to the routers (routing stats, /debug/replica)."""
+    tokens) goes to the prefix's replica while it has request slots (max_num_seqs 4), and once
+    a request would queue there past the threshold, to the other replica: the holder scores
+    1, 2, 3, 4, then 4 + 4 (no slot free), then 4 x 1 queued + 4 + 4 = 12, against 1 on the idle
+    replica. Requests in flight alone (the in_flight figure) would keep all six on the holder:
+    6 against 0 is within the threshold of 8. Each replica reports its engine's figures to the
+    routers (routing stats; /debug/replica shows them too)."""
     holder = _complete(fleet, SHARED_PREFIX + "Where is my parcel?", max_tokens=2).headers["x-tessellm-replica"]
     time.sleep(2.5)  # both replicas report an idle engine (every router.load_report_period_s)
     with cf.ThreadPoolExecutor(6) as pool:

@@ -101,6 +101,12 @@ def test_the_engine_reports_what_the_score_reads(reports):
     assert replica_score(one, 1, 96) == 1 + 1
     assert replica_score(queued, 4, 96) == 4 * 2 + 2 + 4
     assert replica_score({}, 0, 96) == 1  # no report yet, nothing sent there: idle
+    assert replica_score({}, 3, 96) == 3 + 1  # ... three requests there now: running
+    # Since the report, one more request arrived (it takes the free slot: 2 running, none
+    # free), two more (the second queues), or one left (a waiting one takes its slot).
+    assert replica_score(one, 2, 96) == 2 + 4
+    assert replica_score(one, 3, 96) == 4 * 1 + 2 + 4
+    assert replica_score(queued, 3, 96) == 4 * 1 + 2 + 4
     # An engine whose KV cache cannot hold the prompt would queue it.
     assert replica_score(reports["idle"], 0, 64 * 16 + 1) == 4
 
@@ -130,21 +136,45 @@ def test_a_lightly_loaded_holder_keeps_its_prefix(reports):
     assert threshold(8, 200, "in_flight") == 8
 
 
-def test_requests_sent_since_the_report_count_as_queued(reports):
-    """Both replicas last reported idle; what reached one since (Serve's queue-length cache, or
-    this router's own count) weighs as queued there, so a burst with one prefix spreads once the
-    holder would queue past the threshold instead of piling onto it until the next report."""
+def test_requests_since_the_report_fill_its_free_slots_then_queue(reports):
+    """Both replicas last reported idle (two free slots each); what reached one since (Serve's
+    queue-length cache, or this router's own count) runs there while slots are free and queues
+    after. A burst with one prefix stays on its replica while it has slots (a burst of short
+    requests does not spread for nothing) and spills once a request would queue there past the
+    threshold, instead of piling onto it until the next report."""
     router = _router(balance="load")
     a, b = _replica("a", reports["idle"]), _replica("b", reports["idle"])
     router._index.record("a", CHAIN)
     picks = [_route(router, [a, b]) for _ in range(4)]
-    # a: 1, then 4 x 1 + 4 = 8 (within 8 of b's 1), then 12: b takes the third (1 there),
-    # a (12) and b (8, holding the prefix now too) tie on depth: the lower score, b.
-    assert picks == ["a", "a", "b", "b"], picks
-    # A report that has caught up (a received its two and runs them) replaces the estimate.
+    # a scores 1, then 1 + 1 (one running, a slot free), 2 + 4 (none free), then 4 x 1 queued
+    # + 2 + 4 = 10, more than 8 above b's 1: the fourth goes to b.
+    assert picks == ["a", "a", "a", "b"], picks
+    # A newer report replaces the estimate: a's engine runs two; the third, in the replica's
+    # front end still (in flight, not in the engine), queues there. b runs its one.
     a = _replica("a", {**reports["idle"], "load": {**reports["idle"]["load"], "running": 2,
-                                                     "free_seqs": 0}, "in_flight": 2})
-    assert router.replica_loads([a, b], 96) == {"a": 2 + 4, "b": 4 * 2 + 4}
+                                                     "free_seqs": 0}, "in_flight": 3})
+    assert router.replica_loads([a, b], 96) == {"a": 4 * 1 + 2 + 4, "b": 1 + 1}
+
+
+def test_a_burst_chosen_before_any_send_spreads_as_one_sent_in_turn(reports):
+    """Serve routes concurrent requests in tasks of their own: all of a burst may be chosen
+    before any of it is sent and counted in the queue-length cache. The router counts its own
+    choices (until the send), so the burst lands as the sequential one above; then the sends
+    replace the claims, counting each request once."""
+    router = _router(balance="load")
+    a, b = _replica("a", reports["idle"]), _replica("b", reports["idle"])
+    router._index.record("a", CHAIN)
+
+    async def choose_all(n):
+        pending = [PendingRequest(args=[], kwargs={"prefix_hashes": CHAIN}, metadata=RequestMetadata(
+            request_id="x", internal_request_id=f"c{next(_ids)}")) for _ in range(n)]
+        return [(await router.choose_replicas([a, b], p))[0][0] for p in pending]
+
+    chosen = asyncio.run(choose_all(4))
+    assert [r.replica_id.unique_id for r in chosen] == ["a", "a", "a", "b"]
+    for replica in chosen:
+        router.on_send_request(replica.replica_id)
+    assert router.replica_loads([a, b], 96) == {"a": 4 * 1 + 2 + 4, "b": 1 + 1}
 
 
 def test_balance_is_a_documented_option_with_a_default():

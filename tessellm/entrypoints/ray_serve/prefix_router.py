@@ -25,7 +25,8 @@ This class reads those through the ``RequestRouter`` API of Ray Serve >= 2.50 (t
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import time
+from collections import Counter, defaultdict, deque
 from typing import Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -37,6 +38,7 @@ from tessellm.core.prefix_index import PrefixIndex
 logger = logging.getLogger(__name__)
 
 ROUTER_CLASS_PATH = "tessellm.entrypoints.ray_serve.prefix_router:PrefixAffinityRouter"
+_CLAIM_S = 1.0  # how long a choice not followed by a send there still counts (load balance)
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -56,6 +58,11 @@ class PrefixAffinityRouter(RequestRouter):
         self._in_flight: Counter = Counter()  # replica unique id -> this router's requests there
         self._routed: dict[str, str] = {}  # internal request id -> replica unique id
         self._known: frozenset = frozenset()
+        # replica unique id -> when this router chose it first for a request not yet sent: Serve
+        # routes concurrent requests in tasks of their own, so a burst is chosen before any of
+        # it is sent and counted. ``load`` counts these claims too, each until a send there or
+        # for _CLAIM_S (one that went to another rank).
+        self._claims: defaultdict = defaultdict(deque)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> list[list[RunningReplica]]:
@@ -73,7 +80,16 @@ class PrefixAffinityRouter(RequestRouter):
         ranks = rank_replicas(chain, loads, self._index, slack, holders=holders)
         if chain and ranks:
             self._index.record(ranks[0][0], chain)  # claim it now: a burst agrees before routing ends
+        if ranks and self._balance == "load":
+            self._claims[ranks[0][0]].append(time.monotonic())
         return [[by_id[uid] for uid in rank] for rank in ranks]
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        """Serve sent a request there (its queue-length cache counts it now): one claim less."""
+        super().on_send_request(replica_id)
+        claims = self._claims.get(replica_id.unique_id)
+        if claims:
+            claims.popleft()
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         uid = replica_id.unique_id
@@ -101,9 +117,18 @@ class PrefixAffinityRouter(RequestRouter):
                 for r in replicas}
 
     def _ongoing(self, replica: RunningReplica) -> int:
-        """The replica's requests now: Serve's queue-length cache when fresh, else this router's."""
+        """The replica's requests now: Serve's queue-length cache when fresh, else this router's
+        count; with ``load``, plus the requests chosen for it and not yet sent."""
+        uid = replica.replica_id.unique_id
         cached = self.replica_queue_len_cache.get(replica.replica_id)
-        return cached if cached is not None else self._in_flight.get(replica.replica_id.unique_id, 0)
+        ongoing = cached if cached is not None else self._in_flight.get(uid, 0)
+        claims = self._claims.get(uid)
+        if claims:
+            stale = time.monotonic() - _CLAIM_S
+            while claims and claims[0] < stale:
+                claims.popleft()
+            ongoing += len(claims)
+        return ongoing
 
     def _forget_gone(self, by_id: dict) -> None:
         """Drops what this router holds for replicas no longer among the candidates: their index
@@ -113,6 +138,8 @@ class PrefixAffinityRouter(RequestRouter):
             self._index.retain(ids)
             for uid in [u for u in self._in_flight if u not in ids]:
                 del self._in_flight[uid]
+            for uid in [u for u in self._claims if u not in ids]:
+                del self._claims[uid]
             self._routed = {rid: uid for rid, uid in self._routed.items() if uid in ids}
             self._known = ids
 

@@ -6,7 +6,7 @@ Two figures (``router.balance``):
   data-parallel balancer's ``--data-parallel-balance load`` (core/load_balance.py,
   ``load_score``)::
 
-      queued = waiting + requests that reached the replica since its report + prefill steps ahead
+      queued = waiting + arrivals since its report beyond its free slots + prefill steps ahead
       score  = 4 * queued + running + (1 if the request would start at once there else 4)
 
   Each replica reports (``record_routing_stats``, Serve's routing-stats API; Serve's
@@ -14,14 +14,21 @@ Two figures (``router.balance``):
   as ``RunningReplica.routing_stats``) its engine's ``core_load`` figures: waiting and running
   requests, free request slots (``max_num_seqs``) and KV blocks, and the whole steps of prompt
   still to prefill, together with ``in_flight``, the requests the replica held when it asked.
-  A report is up to a period old, so what arrived since counts as queued: the replica's
-  requests now (Serve's queue-length view of it, which counts every router's requests, when
-  fresh; else this router's own count there) minus the ``in_flight`` of the report, as the
-  balancer counts requests sent since a core's report. A burst thus spreads instead of landing
-  on the replica that last looked idle. "At once": nothing queued, a free request slot and
-  free KV blocks for the prompt (its length estimated from its prefix chain: ``chunk_tokens``
-  tokens a chunk). A replica that has not reported yet counts as idle, with its requests now
-  as queued.
+  A report is up to a period old, so the change since is added: the replica's requests now
+  (Serve's queue-length view of it, which counts every router's requests, when fresh; else
+  this router's own count there; plus the requests this router chose for it and has not sent
+  yet, prefix_router.py) minus the engine's waiting and running ones of the report
+  (not the replica's ``in_flight``: a request still in the replica's front end, not yet in its
+  engine, counts as arrived). Arrivals take the free
+  request slots the report showed, as running, unless requests were already waiting there;
+  the rest count as queued. Departures free slots, for the waiting first. (The data-parallel
+  balancer counts every request sent since a core's report as queued, but its reports are a
+  step old, these a second: a burst of short requests would spread for nothing, and a hot
+  prefix lose its replica's cache.) So a burst with a hot prefix stays on the prefix's replica
+  while it has slots, and spills once it would queue. "At once": nothing queued, a free
+  request slot and free KV blocks for the prompt (its length estimated from its prefix chain:
+  ``chunk_tokens`` tokens a chunk; the arrivals' KV is not estimated). A replica that has not
+  reported yet counts as idle with room for anything, its requests now running.
 * ``in_flight``: requests in flight at the replica (Serve's queue-length view, else this
   router's own count): the router before engine load reports. Blind to what only the engine
   knows: a queue behind a full batch or a full KV cache, a long prefill.
@@ -58,10 +65,28 @@ def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int) 
     ``report`` is its latest ``load_report`` (None or {}: none yet), ``ongoing`` its requests
     now as this router sees them."""
     if not report or "load" not in report:
-        return load_score(CoreLoad(), ongoing, num_prompt_tokens, 1)
+        return load_score(CoreLoad(running=max(0, ongoing)), 0, num_prompt_tokens, 1)
     figures = CoreLoad.from_dict(report["load"])
-    return load_score(figures, ongoing - int(report.get("in_flight", 0)), num_prompt_tokens,
-                      int(report.get("block_size", 16)))
+    # Against what the engine counted: a request the replica held but had not yet handed to its
+    # engine (its front end still parsing or tokenizing it) counts as arrived since.
+    change = ongoing - (figures.waiting + figures.running)
+    if change < 0:  # requests finished since: their slots go to the waiting ones first
+        freed = min(-change, figures.running)
+        moved = min(freed, figures.waiting)
+        figures.running += moved - freed
+        figures.waiting -= moved
+        if figures.free_seqs is not None:
+            figures.free_seqs += freed - moved
+    arrived = max(0, change)
+    if figures.waiting:  # they queue behind those
+        started = 0
+    elif figures.free_seqs is None:
+        started = arrived
+    else:
+        started = min(arrived, max(0, figures.free_seqs))
+        figures.free_seqs -= started
+    figures.running += started
+    return load_score(figures, arrived - started, num_prompt_tokens, int(report.get("block_size", 16)))
 
 
 def threshold(imbalance_threshold: int, least: int, balance: str) -> int:
