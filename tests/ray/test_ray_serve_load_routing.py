@@ -107,6 +107,11 @@ def test_the_engine_reports_what_the_score_reads(reports):
     assert replica_score(one, 2, 96) == 2 + 4
     assert replica_score(one, 3, 96) == 4 * 1 + 2 + 4
     assert replica_score(queued, 3, 96) == 4 * 1 + 2 + 4
+    # Waiting with slots and KV blocks free (held back by a step's token budget): about to run.
+    budget = {**one, "load": {**one["load"], "waiting": 2, "free_seqs": 5, "free_blocks": 60}}
+    assert replica_score(budget, 3, 96) == 3 + 1
+    kv_full = {**one, "load": {**one["load"], "waiting": 2, "free_seqs": 5, "free_blocks": 3}}
+    assert replica_score(kv_full, 3, 96) == 4 * 2 + 1 + 4  # 96 tokens need 6 blocks: a queue
     # An engine whose KV cache cannot hold the prompt would queue it.
     assert replica_score(reports["idle"], 0, 64 * 16 + 1) == 4
 

@@ -21,7 +21,11 @@ Two figures (``router.balance``):
   (not the replica's ``in_flight``: a request still in the replica's front end, not yet in its
   engine, counts as arrived). Arrivals take the free
   request slots the report showed, as running, unless requests were already waiting there;
-  the rest count as queued. Departures free slots, for the waiting first. (The data-parallel
+  the rest count as queued. Departures free slots, for the waiting first. Waiting requests
+  the report's free slots and KV blocks could take (at the new prompt's size) count as
+  running: held back by a step's token budget, they start within a step or two, and a
+  snapshot of that a second old is no queue (the prefix benchmark lost over a third of its
+  cache hits to such snapshots). (The data-parallel
   balancer counts every request sent since a core's report as queued, but its reports are a
   step old, these a second: a burst of short requests would spread for nothing, and a hot
   prefix lose its replica's cache.) So a burst with a hot prefix stays on the prefix's replica
@@ -77,6 +81,16 @@ def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int) 
         figures.waiting -= moved
         if figures.free_seqs is not None:
             figures.free_seqs += freed - moved
+    block_size = int(report.get("block_size", 16))
+    if figures.waiting and figures.free_seqs is not None and figures.free_blocks is not None:
+        # Waiting with request slots and KV blocks free: held back by one step's token budget
+        # only, they start within a step or two; a snapshot of that a second old is no queue.
+        need = max(1, -(-num_prompt_tokens // max(1, block_size)))
+        admitted = max(0, min(figures.waiting, figures.free_seqs, figures.free_blocks // need))
+        figures.waiting -= admitted
+        figures.running += admitted
+        figures.free_seqs -= admitted
+        figures.free_blocks -= admitted * need
     arrived = max(0, change)
     if figures.waiting:  # they queue behind those
         started = 0
@@ -86,7 +100,7 @@ def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int) 
         started = min(arrived, max(0, figures.free_seqs))
         figures.free_seqs -= started
     figures.running += started
-    return load_score(figures, arrived - started, num_prompt_tokens, int(report.get("block_size", 16)))
+    return load_score(figures, arrived - started, num_prompt_tokens, block_size)
 
 
 def threshold(imbalance_threshold: int, least: int, balance: str) -> int:
