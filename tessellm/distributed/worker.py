@@ -359,6 +359,7 @@ class Worker:
             self.sleep_state = RunnerSleep(self.runner)
         if self.runner.kv_connector is not None:
             self.runner.kv_connector.wait_for_save()  # its copies out of the cache are done
+            self.runner.kv_connector.release_kv_caches()  # else it holds the cache's memory
         report = self.sleep_state.sleep(level, self.kv_dtype)
         gc.collect()  # released graphs hold reference cycles
         if self.device.type != "cpu" and hasattr(torch, "accelerator"):

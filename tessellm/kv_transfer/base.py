@@ -261,6 +261,12 @@ class KVConnectorBase:
         with new tensors of the same layout, after sleep mode allocated the cache anew (its
         saves were waited for with ``wait_for_save`` before the old cache went)."""
 
+    def release_kv_caches(self) -> None:
+        """Sleep mode frees the cache (after ``wait_for_save``; the engine is idle: no load
+        under way): every reference to the tensors ``register_kv_caches`` gave is dropped here,
+        or their device memory stays taken while the engine sleeps. ``register_kv_caches``
+        gives the new ones at wake."""
+
     def start_load_kv(self, meta: dict) -> list:
         """Fill the step's loaded blocks before its forward pass, and start its background
         loads. Returns the ids of the requests whose (step) load failed on this rank (their

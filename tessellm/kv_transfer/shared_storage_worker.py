@@ -158,6 +158,9 @@ class SharedStorageWorker:
         while len(self._failed_loads) > _FAILED_KEPT:
             self._failed_loads.popitem(last=False)
 
+    def release_kv_caches(self) -> None:
+        self.caches = []  # (the staging buffers are host memory: kept for the wake)
+
     def _views(self, mv, n: int, i: int) -> list:
         """Block ``i``'s part of every cache tensor in a buffer of ``n`` blocks: the payload of
         its file, in order."""

@@ -8,12 +8,14 @@ bad setting."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import random
 import threading
 import time
 import types
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -286,8 +288,9 @@ def test_background_load_while_other_requests_run(corrupt, tiny_model_dir, tmp_p
 
 
 def test_sleep_mode_gives_the_connector_the_new_cache(tiny_model_dir, tmp_path):
-    """Sleep mode frees the KV cache and wake_up allocates it anew: the connector's worker
-    half loads into the new tensors (HF's tokens, 40 cached), not the old ones."""
+    """Sleep mode frees the KV cache (the connector keeps no reference to it: its memory is
+    given back) and wake_up allocates it anew: the connector's worker half loads into the new
+    tensors (HF's tokens, 40 cached), not the old ones."""
     model = tiny_model_dir("llama")
     p = _prompts(1)[0]
     _run(model, [p], kv_transfer_config=_kv(tmp_path, "kv_producer"))
@@ -295,7 +298,10 @@ def test_sleep_mode_gives_the_connector_the_new_cache(tiny_model_dir, tmp_path):
     with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
              max_model_len=128, enable_sleep_mode=True,
              kv_transfer_config=_kv(tmp_path, "kv_consumer")) as llm:
+        old = [weakref.ref(a.k_cache) for a in llm.engine.core.runner.kv_layers()]
         llm.sleep(1)
+        gc.collect()
+        assert all(ref() is None for ref in old)
         llm.wake_up()
         out = llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0]
     assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (hf_greedy(model, [p], 6)[0], 40)
