@@ -20,7 +20,7 @@
 # ops_per_layer / launches_per_layer the same in both (the cut is Python inside the launch,
 # not ops); gpu_ms_per_layer the same.
 source benchmarks/device_env.sh
-export TESSELLM_SSD_SCAN=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TESSELLM_SSD_SCAN=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TESSELLM_TRITON_FAST_LAUNCH=1
 t tests ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fast_launch.py \
   tests/kernels/test_mamba_kernels.py tests/kernels/test_gated_norm.py \
   tests/kernels/test_gated_delta_kernels.py tests/models/test_mamba_mixer_host.py

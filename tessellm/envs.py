@@ -238,12 +238,13 @@ def ssd_scan() -> bool:
 
 
 def triton_fast_launch() -> bool:
-    """TESSELLM_TRITON_FAST_LAUNCH: "0" sends every launch of the kernels that use
-    ``kernels/launch.FastLaunch`` (the recurrent layers' kernels, the RMSNorms, SiLU-and-mul,
-    the rotary) through Triton's own ``kernel[grid](...)`` path. On by default: a launch whose
-    specialization was seen before calls the kept compiled kernel's launcher directly, ~20 us
-    of binding less a launch (read once, at import)."""
-    return _switch("TESSELLM_TRITON_FAST_LAUNCH") is not False
+    """TESSELLM_TRITON_FAST_LAUNCH: "1" lets the kernels that use ``kernels/launch.FastLaunch``
+    (the recurrent layers' kernels, the RMSNorms, SiLU-and-mul, the rotary) call the kept
+    compiled kernel's launcher directly where their specialization was seen before, ~20 us of
+    binding less a launch. Off by default (Triton's own ``kernel[grid](...)`` path) until its
+    GPU run (``benchmarks/mambahost2_device.sh``): its first one, on Triton 3.6, failed on a knob
+    the CPU's Triton has (fixed, not re-run). Read once, at import."""
+    return _switch("TESSELLM_TRITON_FAST_LAUNCH") is True
 
 
 def decode_overlap() -> Optional[bool]:
