@@ -271,8 +271,9 @@ class SharedStorageWorker:
                 cur, ahead = ahead or self._read_chunk(items, lo, staging.acquire()), None
                 if k + 1 < len(starts):
                     # the other buffer, once its copies are done (not one another load holds:
-                    # then this chunk is read after the one before, as without the pipeline)
-                    flat = staging.acquire(give_up=lambda: True)
+                    # then, at once, this chunk is read after the one before, as without the
+                    # pipeline)
+                    flat = staging.acquire(wait=False)
                     if flat is not None:
                         ahead = self._read_chunk(items, starts[k + 1], flat)
                 event, after = self._copy_chunk(cur, stream, after, bad)

@@ -33,9 +33,11 @@ class Staging:
                 self.free.append(host_empty((self.nbytes,), torch_module().uint8, self.pin))
                 self.made += 1
 
-    def acquire(self, give_up=None):
+    def acquire(self, give_up=None, wait: bool = True):
         """A buffer. ``give_up``: when every buffer is with a writer, asked every 50 ms while
-        waiting for one; True ends the wait and returns None (the writers hang)."""
+        waiting for one; True ends the wait and returns None (the writers hang). ``wait``
+        False: None at once when every buffer is with a writer (one busy with copies is
+        still waited for)."""
         event = None
         with self.cond:
             while True:
@@ -49,6 +51,8 @@ class Staging:
                 if self.busy:
                     flat, event = self.busy.popleft()
                     break
+                if not wait:
+                    return None
                 if give_up is None:
                     self.cond.wait()  # every buffer is with a writer
                 elif not self.cond.wait(0.05) and give_up():

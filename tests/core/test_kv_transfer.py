@@ -491,6 +491,33 @@ def test_a_load_that_raises_gives_its_staging_buffer_back(tmp_path):
     conn.shutdown()
 
 
+def test_a_step_load_does_not_wait_for_a_buffer_another_load_holds(tmp_path, monkeypatch):
+    """A step's load of two staging chunks reads its second chunk ahead into the other buffer
+    only when one is free or busy with copies: when another load holds it, the step's load
+    reads its chunks one after the other at once (no wait for the buffer) and still loads
+    every block."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+    from tessellm.kv_transfer import shared_storage_worker
+
+    monkeypatch.setattr(shared_storage_worker, "_CHUNK_BLOCKS", 2)
+    caches = [torch.randn(16, BS, 2, 8)]
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER)
+    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    keys = ["a", "b", "c", "d"]
+    conn.save_kv({"saves": [[k, b] for k, b in zip(keys, (1, 2, 3, 4))]})
+    conn.wait_for_save()
+    staging = conn._load_staging
+    held = staging.acquire()  # another (background) load's buffer
+    waits, wait = [], staging.cond.wait
+    staging.cond.wait = lambda timeout=None: waits.append(timeout) or wait(timeout)
+    assert conn.start_load_kv({"loads": [["r", [[k, b] for k, b in zip(keys, (8, 9, 10, 11))]]]}) == []
+    assert waits == [] and staging.made == shared_storage_worker._LOAD_BUFFERS
+    for src, dst in zip((1, 2, 3, 4), (8, 9, 10, 11)):
+        assert torch.equal(caches[0][dst], caches[0][src])
+    staging.release(held)
+    conn.shutdown()
+
+
 def test_saves_copies_guard_only_the_blocks_a_step_writes(tmp_path):
     """Saves copied on the connector's own stream (a GPU's) are still reading their blocks:
     a step writing one of them (freed, given out again) makes the device wait for that chunk's
