@@ -38,6 +38,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import Future
 from typing import Optional
 
 from tessellm.kv_transfer import shared_storage_format as fmt
@@ -319,7 +320,22 @@ class SharedStorageWorker:
 
         k = 1 if n < 4 else min(self.io_threads, n)
         runs = [range(n * j // k, n * (j + 1) // k) for j in range(k)]
-        return _LoadChunk(lo, chunk, flat, parts, [self._readers.submit(read, r) for r in runs])
+        futures = []
+        try:
+            for r in runs:
+                futures.append(self._readers.submit(read, r))
+        except Exception as exc:  # noqa: BLE001 - the pool shut down under the load
+            # The reads queued write into ``flat``: they end first. The chunk then fails
+            # (every block of it: a failed load, recomputed) and ``_load`` gives ``flat`` back
+            # as any chunk's (a buffer lost here would leave a later load waiting forever).
+            for f in futures:
+                with contextlib.suppress(BaseException):
+                    f.result()
+            logger.warning("KV load could not queue its reads (%s): it is recomputed.", exc)
+            failed: Future = Future()
+            failed.set_result([False] * n)
+            futures = [failed]
+        return _LoadChunk(lo, chunk, flat, parts, futures)
 
     def _copy_chunk(self, c: "_LoadChunk", stream, after, bad: set) -> tuple:
         """A chunk whose reads were queued (``_read_chunk``): once they are done, the indices

@@ -491,6 +491,47 @@ def test_a_load_that_raises_gives_its_staging_buffer_back(tmp_path):
     conn.shutdown()
 
 
+def test_a_load_whose_reads_cannot_be_queued_gives_its_staging_buffer_back(tmp_path):
+    """A load racing shutdown: the reader pool refuses its reads (here after the chunk's first
+    of two is queued). The reads queued end, the load fails the normal way (background:
+    reported failed; in the step: its request listed for a recompute) and its staging buffer
+    is given back: more such loads than there are buffers, then loads that work (a lost
+    buffer would leave the next load waiting for one forever)."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+
+    caches = [torch.randn(24, BS, 2, 8)]
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER, io_threads=2)
+    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    keys = ["a", "b", "c", "d"]
+    conn.save_kv({"saves": [[k, b] for k, b in zip(keys, (1, 2, 3, 4))]})
+    conn.wait_for_save()
+    submit, queued = conn._readers.submit, []
+
+    def refuse_after_one(fn, *args):
+        if len(queued) % 2:
+            queued.append(None)
+            raise RuntimeError("tessellm-kv-read: submit after shutdown")
+        queued.append(submit(fn, *args))
+        return queued[-1]
+
+    conn._readers.submit = refuse_after_one
+    pairs = [[k, b] for k, b in zip(keys, (8, 9, 10, 11))]  # 4 blocks: two reads of 2
+    for i in range(3):
+        conn.start_load_kv({"async_loads": [[f"bad{i}", pairs]]})
+        assert conn.get_finished_loads([f"bad{i}"], timeout=10) == {f"bad{i}": False}
+    assert conn.start_load_kv({"loads": [["r", pairs]]}) == ["r"]
+    assert len(queued) == 8 and all(f.done() for f in queued[::2])
+    assert len(conn._load_staging.free) == conn._load_staging.made  # every buffer back
+    conn._readers.submit = submit
+    conn.start_load_kv({"async_loads": [["ok", pairs]]})
+    assert conn.get_finished_loads(["ok"], timeout=10) == {"ok": True}
+    assert conn.start_load_kv({"loads": [["r2", [[k, b + 11] for k, b in pairs]]]}) == []
+    for src, dst in zip((1, 2, 3, 4), (8, 9, 10, 11)):
+        assert torch.equal(caches[0][dst], caches[0][src])
+        assert torch.equal(caches[0][dst + 11], caches[0][src])
+    conn.shutdown()
+
+
 def test_a_step_load_does_not_wait_for_a_buffer_another_load_holds(tmp_path, monkeypatch):
     """A step's load of two staging chunks reads its second chunk ahead into the other buffer
     only when one is free or busy with copies: when another load holds it, the step's load
