@@ -13,8 +13,11 @@ What each call does to the two kinds of memory (vLLM's tags, ``weights`` and ``k
 
 "Other model tensors" are the buffers and tensor attributes of the model's modules (rotary
 tables, quantization scales, LoRA slots): derived from the config, not the checkpoint, so a
-level-2 sleep keeps them, as vLLM keeps the model's buffers. A draft model's own weights
-(speculative decoding) are kept at level 2 too: ``load_weights`` refills only the target's.
+level-2 sleep keeps them, as vLLM keeps the model's buffers (a recurrent-state model's state
+slots are such attributes). A draft model's own weights (speculative decoding) are kept at
+level 2 too: ``load_weights`` refills only the target's. The KV cache part includes a
+recurrent-state model's prefix-cache snapshot pools (``MambaStateCache.allocate_snapshots``;
+the layers hold them in a tuple): dropped, and zeroed at wake, as the blocks are.
 
 How memory is freed: each storage that a model tensor lives in is resized to 0 bytes and later
 back (``UntypedStorage.resize_``). Every tensor and view sharing that storage (a tied LM head, a
@@ -69,6 +72,7 @@ class RunnerSleep:
         self.kv_asleep = False
         self._stored: list[_Stored] = []
         self._kv: Optional[tuple[int, torch.dtype]] = None  # (blocks, dtype) to reallocate
+        self._snapshots = 0  # recurrent-state snapshots to reallocate (core/mamba_state.py)
         self._recapture = False  # graphs were released at sleep: capture them at wake
 
     @property
@@ -92,6 +96,11 @@ class RunnerSleep:
             report.kv_cache_bytes = blocks * runner.kv_bytes_per_block(kv_dtype)
             self._kv = (blocks, kv_dtype)
             runner.allocate_kv_cache(0, kv_dtype)  # zero-sized tensors: the cache is freed
+            mamba = runner.mamba
+            if mamba is not None and mamba.snapshots:  # the prefix cache's state snapshots
+                self._snapshots = mamba.snapshots[0][0].shape[0]
+                report.kv_cache_bytes += sum(t.nbytes for pools in mamba.snapshots for t in pools)
+                mamba.allocate_snapshots(0)
             self.kv_asleep = True
         if not self.weights_level:
             self._offload(level, report)
@@ -114,6 +123,9 @@ class RunnerSleep:
         if "kv_cache" in tags and self.kv_asleep:
             blocks, dtype = self._kv
             runner.allocate_kv_cache(blocks, dtype)
+            if self._snapshots:
+                runner.mamba.allocate_snapshots(self._snapshots)  # zeroed (the prefix cache
+                self._snapshots = 0  # was emptied at sleep: none is restored before a save)
             self.kv_asleep = False
         runner.backend.synchronize()
         if not self.is_sleeping and self._recapture:

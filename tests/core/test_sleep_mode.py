@@ -228,3 +228,44 @@ def test_load_weights_takes_a_dict_and_refuses_other_things(llm, model_dir, refe
     with pytest.raises(ValueError, match="pairs"):
         llm.load_weights(["model.norm.weight"])
     assert _tokens(llm) == reference
+
+
+def test_recurrent_state_snapshot_pools_are_freed_and_come_back_zeroed(tmp_path):
+    """A hybrid model's prefix-cache snapshot pools (recurrent states, held by each layer in a
+    tuple) are part of the KV cache: sleep frees them (the pool tensors are gone), wake_up
+    allocates them again, zeroed and as large, and a prompt extending an earlier one hits its
+    snapshot in the new pool with HF's greedy tokens."""
+    import gc
+    import weakref
+
+    from tests.models.test_mamba2 import mamba2_config
+    from tests.models.test_recurrent_prefix_cache import PROMPTS as STATE_PROMPTS
+    from tests.models.variant_parity import hf_reference, save_tiny
+
+    path = save_tiny(mamba2_config(), str(tmp_path))
+    names = ("a", "longer")
+    want = hf_reference(path, [STATE_PROMPTS[n] for n in names], GREEDY.max_tokens)[0]
+    with LLM(path, dtype="float32", block_size=4, enable_sleep_mode=True,
+             recurrent_state_snapshots=4) as llm:
+        mamba = llm.engine.core.runner.mamba
+
+        def run():
+            outs = [llm.generate({"prompt_token_ids": STATE_PROMPTS[n]}, GREEDY, use_tqdm=False)[0]
+                    for n in names]
+            return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens for o in outs]
+
+        assert run() == (want, [0, 44])
+        pools = [t for layer in mamba.layers for t in layer.snapshot_pools]
+        shapes = [t.shape for t in pools]
+        assert shapes[0][0] == 4 and any(t.any() for t in pools)  # a's snapshot is in them
+        gone = [weakref.ref(t) for t in pools]
+        del pools
+        llm.sleep(level=1)
+        gc.collect()
+        assert all(r() is None for r in gone)  # nothing holds the old pools' memory
+        assert all(t.numel() == 0 for layer in mamba.layers for t in layer.snapshot_pools)
+        llm.wake_up()
+        pools = [t for layer in mamba.layers for t in layer.snapshot_pools]
+        assert [t.shape for t in pools] == shapes and not any(t.any() for t in pools)
+        del pools
+        assert run() == (want, [0, 44])  # the longer prompt restores a's state from the new pool
