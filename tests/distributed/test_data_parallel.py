@@ -458,6 +458,11 @@ def test_async_llm_dp2(tiny_model_dir):
         while not all(started):  # both are running
             started = [seen or s.get_nowait() is not None for seen, s in zip(started, streams)]
             await asyncio.sleep(0.02)
+        view = engine.cores.balancer.view
+        for _ in range(1000):  # each long request's first full block published and reported
+            if all(view.num_cached(o) > 0 for o in owners):  # (5 prompt tokens: 11 decodes)
+                break
+            await asyncio.sleep(0.02)
         engine.abort("long0")
         for _ in range(100):
             running = [s["num_running"] for s in await engine.call_all("stats")]
@@ -468,8 +473,7 @@ def test_async_llm_dp2(tiny_model_dir):
         assert engine.cores.loads()[owners[0]] == 0
         # Sleep mode reaches every core: the busy core refuses, the idle one sleeps, and the
         # front end refuses requests until wake_up; a reset is done only if every core did it.
-        view = engine.cores.balancer.view
-        assert view.num_cached(owners[0]) > 0  # long0's published blocks, reported
+        assert view.num_cached(owners[0]) > 0  # long0's published blocks, kept after its abort
         assert not await engine.reset_prefix_cache()
         for _ in range(100):  # the idle core did reset: it says so at once, not at its next step
             if view.num_cached(owners[0]) == 0:
