@@ -148,7 +148,7 @@ def test_mixers_take_the_backends_gated_norm(gate_norm):
         for ops in (ReferenceOps(), _FusedNormOps()):
             torch.manual_seed(0)
             layer = make(ModelContext(ops=ops, make_attention_kernel=None, dtype=torch.float32,
-                                      device=cpu))
+                                      device=cpu)).to(cpu)
             with torch.no_grad():
                 for p in layer.parameters():
                     p.copy_(torch.randn_like(p) * 0.3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -189,6 +190,8 @@ def test_a_step_saving_inside_it_adds_no_op_of_the_mixers():
     import pytest
 
     pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (the Triton scan on host tensors)")
     from tessellm.kernels.fused_ops import TritonOps
 
     triton_ops = TritonOps()
