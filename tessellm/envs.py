@@ -242,8 +242,8 @@ def triton_fast_launch() -> bool:
     (the recurrent layers' kernels, the RMSNorms, SiLU-and-mul, the rotary) call the kept
     compiled kernel's launcher directly where their specialization was seen before, ~20 us of
     binding less a launch. Off by default (Triton's own ``kernel[grid](...)`` path) until its
-    GPU run (``benchmarks/mambahost2_device.sh``): its first one, on Triton 3.6, failed on a knob
-    the CPU's Triton has (fixed, not re-run). Read once, at import."""
+    GPU A/B (``benchmarks/mambahost2_device.sh``); on an H100 it passed the kernel and cuda
+    parity tests. Read once, at import."""
     return _switch("TESSELLM_TRITON_FAST_LAUNCH") is True
 
 
