@@ -17,6 +17,7 @@
 # MOE_INT4_DEQUANT_TOKENS), "sweep tokens N: best ..." lines (int4_tc_moe.moe_int4_tc_block_m).
 # JSON in $OUT/moeint4_bench.json and moeint4_bench_flush.json.
 source benchmarks/device_env.sh
+export TESSELLM_MOE_INT4_DEQUANT_TOKENS=${TESSELLM_MOE_INT4_DEQUANT_TOKENS:-1536}  # opt-in in the engine until this run
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 t moeint4_conformance ${MOEINT4_CONF_S:-90} python3 -m tessellm.testing --backend cuda -q -k moe
 t moeint4_tests ${MOEINT4_TEST_S:-100} python3 -m pytest -q -p no:cacheprovider \

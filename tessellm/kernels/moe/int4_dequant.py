@@ -39,14 +39,17 @@ import triton.language as tl
 
 from tessellm import envs
 
-# The token count from which the int4 fused MoE dequantizes (default of
-# TESSELLM_MOE_INT4_DEQUANT_TOKENS; 0: never). H100, Qwen3-30B-A3B layer, CUDA graph, L2
-# flushed (benchmarks/moeint4_device.sh, session 22): bf16 481 / 697 us at 256 / 2048 tokens,
-# the int4 tensor-core path 333-387 / 1,570-1,649 (the range: its alignment blocks). Lines
-# through those points, plus one write of the 16-bit experts and one read of the codes for the
-# dequantization (1.5 GB, ~0.5 ms at the H100's ~3 TB/s), cross near 1,400 tokens: 1536 until
-# ``bench_moe_int4.py --crossover`` measures it (it prints the recommended value; owed on a GPU).
-MOE_INT4_DEQUANT_TOKENS = 1536
+# The token count the H100's data suggest for the dequantized path: H100, Qwen3-30B-A3B layer,
+# CUDA graph, L2 flushed (benchmarks/moeint4_device.sh, session 22): bf16 481 / 697 us at 256 /
+# 2048 tokens, the int4 tensor-core path 333-387 / 1,570-1,649 (the range: its alignment
+# blocks). Lines through those points, plus one write of the 16-bit experts and one read of the
+# codes for the dequantization (1.5 GB, ~0.5 ms at the H100's ~3 TB/s), cross near 1,400 tokens:
+# 1536 until ``bench_moe_int4.py --crossover`` measures it (owed on a GPU).
+MOE_INT4_DEQUANT_SUGGESTED = 1536
+# The default of TESSELLM_MOE_INT4_DEQUANT_TOKENS: 0 (off) until the path has run on a GPU (its
+# Triton dequantization is tested interpreted on the CPU only; the engine's profile forward would
+# take it at start); TESSELLM_MOE_INT4_DEQUANT_TOKENS=1536 turns it on.
+MOE_INT4_DEQUANT_TOKENS = 0
 # The most 16-bit expert weights one chunk dequantizes at a time (w13 or w2, one at a time).
 MOE_INT4_DEQUANT_WORKSPACE_MB = 512
 # The dequantization's program: (weight rows, packed words = 8 inputs each, warps). Not timed
