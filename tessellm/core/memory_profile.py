@@ -20,8 +20,8 @@ own logits output; the largest one's activations are its transient) and their wa
 capture stream, both allocated after the cache (``graph_memory_estimate``).
 
 Why the first real run grew the allocator (H100, workload F: +2.56 GiB in 9 new segments in run
-1, none in run 2): ``torch.cuda.graph`` empties the caching allocator before every capture
-(``torch.cuda.empty_cache()`` in its ``__enter__``), so the blocks the profile step left cached,
+1, none in run 2): torch's CUDA graph context empties the caching allocator before every
+capture (an ``empty_cache`` in its ``__enter__``), so the blocks the profile step left cached,
 counted as used when the cache was sized, were given back to the driver before run 1, which then
 allocated them again. The cuda graph runner now allocates them once more after its captures,
 segment for segment (``backends/cuda/graph_runner.py``), so the first run finds them cached;
