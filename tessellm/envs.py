@@ -387,17 +387,7 @@ def moe_int4_dequant_tokens() -> Optional[int]:
     at a time) and multiplied by the 16-bit grouped GEMMs (``kernels/moe/int4_dequant.py``);
     0 turns that path off; unset: the module's default (``MOE_INT4_DEQUANT_TOKENS``: 0, off until
     the path has run on a GPU; 1536 suggested)."""
-    value = os.environ.get("TESSELLM_MOE_INT4_DEQUANT_TOKENS", "").strip()
-    if not value:
-        return None
-    try:
-        tokens = int(value)
-    except ValueError:
-        tokens = -1
-    if tokens < 0:
-        raise ValueError(f"TESSELLM_MOE_INT4_DEQUANT_TOKENS={value!r} is not understood; give a "
-                         "token count >= 0 (0: never dequantize).")
-    return tokens
+    return _whole("TESSELLM_MOE_INT4_DEQUANT_TOKENS", 0, "tokens (0: never dequantize)")
 
 
 def fp8_lean_w8a8() -> Optional[bool]:

@@ -79,6 +79,16 @@ def _remote_decode(req) -> bool:
     return bool(params and params.get("do_remote_decode"))
 
 
+def _seconds(name: str, extra: dict, key: str, default: float, meaning: str,
+             zero: bool = False) -> float:
+    """``extra[key]`` (milliseconds, ``default`` when absent) in seconds; a bool, a non-number,
+    a negative value (or 0 unless ``zero``) is refused naming ``meaning``."""
+    value = extra.get(key, default)
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or value < 0 or (value == 0 and not zero)):
+        raise ValueError(f"{name}'s {key} is {meaning}, got {value!r}.")
+    return value / 1000
+
 class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
     """Files in a shared directory (module docstring); the worker half is ``SharedStorageWorker``."""
 
@@ -105,24 +115,14 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                              f"false and its io_threads a positive integer, got {wait!r}, "
                              f"{load_async!r} and {threads!r}.")
         self.wait_for_saves, self.load_async, self.io_threads = wait, load_async, threads
-        lookup_wait = extra.get("lookup_wait_ms", 2)
-        if (not isinstance(lookup_wait, (int, float)) or isinstance(lookup_wait, bool)
-                or lookup_wait < 0):
-            raise ValueError(f"{name}'s lookup_wait_ms is how long a step may wait for lookups in "
-                             f"all (milliseconds, 0: never), got {lookup_wait!r}.")
-        self.lookup_wait = lookup_wait / 1000
-        timeout = extra.get("lookup_timeout_ms", 5000)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise ValueError(f"{name}'s lookup_timeout_ms is how long a request waits for its "
-                             f"lookup before it computes its prompt instead (milliseconds, "
-                             f"above 0), got {timeout!r}.")
-        self.lookup_timeout = timeout / 1000
-        down = extra.get("store_down_ms", 5000)
-        if not isinstance(down, (int, float)) or isinstance(down, bool) or down <= 0:
-            raise ValueError(f"{name}'s store_down_ms is how long a store that hung or failed "
-                             f"counts as down before a probe asks it again (milliseconds, above "
-                             f"0), got {down!r}.")
-        self.store_down = down / 1000
+        self.lookup_wait = _seconds(name, extra, "lookup_wait_ms", 2, "how long a step may wait "
+                                    "for lookups in all (milliseconds, 0: never)", zero=True)
+        self.lookup_timeout = _seconds(name, extra, "lookup_timeout_ms", 5000, "how long a request "
+                                       "waits for its lookup before it computes its prompt "
+                                       "instead (milliseconds, above 0)")
+        self.store_down = _seconds(name, extra, "store_down_ms", 5000, "how long a store that hung "
+                                   "or failed counts as down before a probe asks it again "
+                                   "(milliseconds, above 0)")
         self._wait_left = self.lookup_wait  # of this step's (build_connector_meta starts another)
         self.setup_store(extra)
         # Whether the store counts as down (this half's view: the scheduler half's lookups, a
