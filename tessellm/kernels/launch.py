@@ -20,8 +20,8 @@ compiled kernel; anything else (a miss, a pre-run hook, an add-stages hook, the 
 
 Not kept: ``JITFunction.run``'s check that the kernel's globals did not change since it was
 compiled (a module constant rebound at run time: the kept kernel would still be used).
-``TESSELLM_TRITON_FAST_LAUNCH=0`` (``envs.triton_fast_launch``) turns it off (read once, at
-import).
+Opt-in: ``TESSELLM_TRITON_FAST_LAUNCH=1`` (``envs.triton_fast_launch``, read once, at import)
+turns it on; unset or 0, every launch takes Triton's own path.
 """
 
 from __future__ import annotations
