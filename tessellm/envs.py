@@ -73,9 +73,11 @@ def cpu_int4pack() -> bool:
 
 
 def triton_interpret() -> bool:
-    """TRITON_INTERPRET (Triton's own): "1" runs Triton kernels in its interpreter on the CPU;
-    the kernels that pick smaller tiles or skip hardware-only paths there ask here."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """TRITON_INTERPRET (Triton's own): "1" (or "true", "on", "yes", "y", as Triton reads it)
+    runs Triton kernels in its interpreter on the CPU; the kernels that pick smaller tiles or
+    skip hardware-only paths there ask here."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes",
+                                                                      "y")
 
 
 def cpu_compile() -> Optional[bool]:

@@ -27,7 +27,6 @@ turns it on; unset or 0, every launch takes Triton's own path.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 from functools import reduce
 from operator import attrgetter, or_
@@ -63,7 +62,7 @@ def _run_launches_as_expected() -> bool:
 def _enabled() -> bool:
     if knobs is None or not envs.triton_fast_launch():
         return False
-    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "on", "true", "yes"):
+    if envs.triton_interpret():
         return False
     return _run_launches_as_expected()
 

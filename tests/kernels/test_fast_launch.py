@@ -191,3 +191,17 @@ def test_fast_launch_results_match_on_the_gpu():
         torch.testing.assert_close(state.cpu(), want_state, atol=2e-4, rtol=2e-4)
     if launch.ENABLED:
         assert _gated_launch.kept and _scan_launch.kept
+
+
+@pytest.mark.parametrize("value", ["1", "true", "On", "yes"])
+def test_fast_launch_stays_off_under_the_interpreter(monkeypatch, value):
+    """Every spelling of TRITON_INTERPRET that Triton reads as on (``envs.triton_interpret``,
+    the one place it is read) keeps FastLaunch off, even when asked for."""
+    from tessellm import envs
+
+    monkeypatch.setenv("TESSELLM_TRITON_FAST_LAUNCH", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert envs.triton_interpret()
+    assert not launch._enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not envs.triton_interpret()
