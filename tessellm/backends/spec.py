@@ -291,8 +291,13 @@ class AttentionSpec:
     # ``sinks`` keyword, float32 ``[num_heads]`` (this rank's heads). Served only by a kernel
     # that declares ``supports_attention_sinks`` (the engine refuses the model elsewhere).
     attention_sinks: bool = False
-    max_model_len: Optional[int] = None  # longest sequence the engine will run; None: unknown
-    max_num_seqs: Optional[int] = None  # largest batch the scheduler can produce; None: unknown
+    # The engine's limits (None: unknown, e.g. a kernel built outside an engine): a kernel may
+    # size workspaces from them once instead of for a guess. ``max_model_len``: the longest
+    # sequence (a drafter's: plus its lookahead). ``max_num_seqs``: the most query rows of a
+    # step whose sequences all have the same query length (decodes; with speculative decoding,
+    # ``S * q`` rows of the captured verify steps, when more than the scheduler's max_num_seqs).
+    max_model_len: Optional[int] = None
+    max_num_seqs: Optional[int] = None
     # Multi-head latent attention (DeepSeek-V2/V3 MLA, absorbed form): the layer caches one
     # row per token, its latent ``[c_kv | k_pe]`` (``head_size`` wide, ``num_kv_heads`` 1), and
     # each value is the first ``mla_value_size`` dims of that row. ``forward`` then gets

@@ -95,7 +95,9 @@ class Worker:
                                     quantization=args.quantization, tp=self.tp, pp=self.pp,
                                     pooling=pooling is not None,
                                     max_positions=rope_positions(args, self.max_model_len),
-                                    expert_parallel=args.enable_expert_parallel)
+                                    expert_parallel=args.enable_expert_parallel,
+                                    max_model_len=self.max_model_len,
+                                    max_num_seqs=attention_rows(args))
         self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
         if getattr(model, "supports_images", False):  # LoRA on the language model's layers
             lora = _lora_state(args, model.language_model, registry, self.backend,
@@ -466,6 +468,17 @@ def _pooler(config, model):
     from tessellm.pooling.pooler import Pooler
 
     return Pooler(config, model.classify if config.task == "classify" else None)
+
+
+def attention_rows(args: EngineArgs) -> int:
+    """``AttentionSpec.max_num_seqs`` of the target's kernels: the scheduler's max_num_seqs,
+    or the rows of the widest captured verify step where speculative decoding has more."""
+    from tessellm.spec_decode.config import parse_speculative_config
+    from tessellm.spec_decode.verify_graphs import max_verify_rows
+
+    config = parse_speculative_config(args.speculative_config)
+    verify = 0 if config is None else max_verify_rows(args.max_num_seqs, config)
+    return max(args.max_num_seqs, verify)
 
 
 def _verify_graph_factory(registry, backend, graphs, dtype):

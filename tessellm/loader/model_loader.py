@@ -29,7 +29,8 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
                 device: torch.device, block_size: int, kv_cache_dtype: str = "auto", seed: int = 0,
                 quantization: Optional[str] = None, tp: Optional[TensorParallel] = None,
                 pp: Optional[PipelineStage] = None, pooling: bool = False,
-                max_positions: Optional[int] = None, expert_parallel: bool = False):
+                max_positions: Optional[int] = None, expert_parallel: bool = False,
+                max_model_len: Optional[int] = None, max_num_seqs: Optional[int] = None):
     """Returns ``(model, attention_kernel)``; the kernel is shared by every layer.
 
     ``pooling``: an embedding model (tessellm.pooling): its LM head is never used, so a
@@ -49,6 +50,9 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     ``expert_parallel``: EngineArgs.enable_expert_parallel: the routed experts split by expert
     over ``tp`` (``layers/moe.py``); refused for a model without routed experts or a family
     whose experts do not take it (``check_expert_parallel``).
+
+    ``max_model_len`` / ``max_num_seqs``: the engine's limits, given to the attention kernels
+    (``AttentionSpec``: a kernel sizes its decode workspace from them). None: unknown.
     """
     config = source.hf_config
     cls = model_class(config, pooling)  # raises for unsupported architectures before any allocation
@@ -62,7 +66,7 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     check_tensor_parallel_quantization(quant_spec, tp.size)
     ops = registry.fused_ops(backend, OpsSpec(dtype)) or ReferenceOps()
     make_kernel, kernels = attention_kernel_factory(registry, backend, config, dtype, block_size,
-                                                    kv_cache_dtype, tp)
+                                                    kv_cache_dtype, tp, max_model_len, max_num_seqs)
     ctx = ModelContext(ops=ops, make_attention_kernel=make_kernel, dtype=dtype, device=device,
                        quant_method=quant_method, tp=tp, pp=pp,
                        quant_spec=quant_spec if quant_method is not None else None,
@@ -106,11 +110,13 @@ def check_expert_parallel(model, config) -> None:
 
 
 def attention_kernel_factory(registry, backend, config, dtype: torch.dtype, block_size: int,
-                             kv_cache_dtype: str = "auto", tp: Optional[TensorParallel] = None):
+                             kv_cache_dtype: str = "auto", tp: Optional[TensorParallel] = None,
+                             max_model_len: Optional[int] = None, max_num_seqs: Optional[int] = None):
     """``(make_kernel, kernels)``: the ``ModelContext.make_attention_kernel`` of a model of
     ``config`` on this rank (one kernel per distinct argument combination, kept in the
     ``kernels`` dict as built). A drafter with layers of the target's shape (MTP) makes its own
-    factory, so its kernels never see the target's batches."""
+    factory, so its kernels never see the target's batches. ``max_model_len`` /
+    ``max_num_seqs``: the engine's limits, in every ``AttentionSpec`` (None: unknown)."""
     tp = tp or TensorParallel()
     from tessellm.config import text_config
     from tessellm.models.decoder import shard_heads
@@ -136,7 +142,8 @@ def attention_kernel_factory(registry, backend, config, dtype: torch.dtype, bloc
                 "head_size": getattr(text, "head_dim", None) or text.hidden_size // heads,
                 "dtype": dtype, "block_size": block_size, "kv_cache_dtype": kv_cache_dtype,
                 "sliding_window": window, "logit_softcap": logit_softcap,
-                "attention_sinks": attention_sinks, **shape})
+                "attention_sinks": attention_sinks, "max_model_len": max_model_len,
+                "max_num_seqs": max_num_seqs, **shape})
             kernel = mla_kernel_or_refuse(registry, backend, spec)
             if kernel is None:
                 raise RuntimeError(f"No plugin provides an attention kernel for backend "

@@ -60,7 +60,8 @@ class DraftModelProposer(KVDrafter):
         self.model, self.kernel = build_model(
             source, load_format, ctx.registry, ctx.backend, ctx.dtype, ctx.device, ctx.block_size,
             getattr(args, "kv_cache_dtype", "auto"), getattr(args, "seed", 0), tp=ctx.tp,
-            max_positions=ctx.max_model_len + self.k)
+            max_positions=ctx.max_model_len + self.k, max_model_len=ctx.max_model_len + self.k,
+            max_num_seqs=ctx.max_num_seqs)
 
     @torch.inference_mode()
     def propose(self, inp: ProposeInput) -> Proposal:

@@ -67,7 +67,8 @@ class EagleProposer(KVDrafter):
                              head_size=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
                              dtype=ctx.dtype, block_size=ctx.block_size,
                              kv_cache_dtype=getattr(ctx.engine_args, "kv_cache_dtype", "auto"),
-                             sliding_window=None)
+                             sliding_window=None, max_model_len=ctx.max_model_len + self.k,
+                             max_num_seqs=ctx.max_num_seqs)
         self.kernel = ctx.registry.attention_kernel(ctx.backend, spec)
         if self.kernel is None:
             raise RuntimeError(f"No plugin provides an attention kernel for backend "

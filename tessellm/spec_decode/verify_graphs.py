@@ -45,6 +45,14 @@ def capture_sizes(max_num_seqs: int, disable_by_batch_size: int) -> tuple[int, .
     return tuple(s for s in LADDER if s <= min(top, max_num_seqs))
 
 
+def max_verify_rows(max_num_seqs: int, config) -> int:
+    """The most token rows of a captured verify step (``S * q``) under speculative ``config``
+    (0: none is captured): what the target's attention kernel must take as one step of equal
+    query lengths (``AttentionSpec.max_num_seqs``)."""
+    sizes = capture_sizes(max_num_seqs, config.disable_by_batch_size)
+    return max(sizes) * (config.num_speculative_tokens + 1) if sizes else 0
+
+
 class VerifyGraphs:
     def __init__(self, model, kernel, device: torch.device, max_model_len: int, block_size: int,
                  make_runner: Callable[[tuple[int, ...]], object], max_q: int, sizes: tuple[int, ...],

@@ -63,7 +63,10 @@ def tessellm_attention_kernel(backend: Backend, spec: AttentionSpec):
         return TritonMLAAttentionKernel(spec)
     from tessellm.kernels.attention import TritonAttentionKernel
 
-    return TritonAttentionKernel(spec, max_model_len=131072, max_num_seqs=1024)
+    # The engine's limits size the decode workspace; without them (a kernel built outside an
+    # engine) the widest the engine serves by default.
+    return TritonAttentionKernel(spec, max_model_len=spec.max_model_len or 131072,
+                                 max_num_seqs=spec.max_num_seqs or 1024)
 
 
 @hookimpl
