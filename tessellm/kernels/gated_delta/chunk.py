@@ -166,4 +166,4 @@ def chunk_config(K: int, V: int) -> tuple[int, int]:
     (64, 8) took 0.125 / 1.76 ms for 128 / 2048 tokens against 0.445 / 6.98 for (32, 4), the
     earlier default (``benchmarks/kernels/bench_seq_tiles.py``, benchmarks/README.md session 22).
     Eight warps keep the [K, 64] state block at 32 registers a thread for K = 128."""
-    return max(16, min(triton.next_power_of_2(V), 64)), (8 if K > 64 else 4)
+    return max(16, min(next_power_of_2(V), 64)), (8 if K > 64 else 4)
