@@ -11,7 +11,6 @@ import torch
 
 from tessellm import LLM, SamplingParams
 from tessellm.backends.cuda.graph_runner import default_capture_sizes
-from tessellm.backends.spec import AttentionSpec
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.memory_profile import PROFILE_LOGPROBS, graph_memory_estimate, profile_shape
 from tessellm.core.request import Request
