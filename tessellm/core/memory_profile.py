@@ -97,11 +97,11 @@ def profile_sampling_params(vocab_size: int) -> SamplingParams:
     """Every sampler feature that allocates ``[rows, vocab]`` tensors, in one request: random
     sampling with top-p over the whole sorted vocabulary (no top-k: that path sorts only the
     top k), min-p, the three penalties, a logit bias, allowed tokens, min_tokens' EOS bans, and
-    top logprobs."""
+    top logprobs (at most the vocabulary: requests are held to it, and a larger top-k fails)."""
     return SamplingParams(temperature=1.0, top_p=0.9, min_p=0.01, presence_penalty=0.1,
                           frequency_penalty=0.1, repetition_penalty=1.1, logit_bias={0: 1.0},
                           allowed_token_ids=list(range(min(vocab_size, 2))), min_tokens=1,
-                          logprobs=PROFILE_LOGPROBS, max_tokens=2)
+                          logprobs=min(PROFILE_LOGPROBS, vocab_size), max_tokens=2)
 
 
 def graph_memory_estimate(capture_sizes: Sequence[int], logits_row_bytes: int,

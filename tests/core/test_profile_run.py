@@ -273,3 +273,21 @@ def test_no_room_for_a_kv_block_names_the_budget_to_raise(tiny_model_dir, monkey
     with pytest.raises(RuntimeError, match="No memory is left for the KV cache.*raise "
                                            "TESSELLM_CPU_KV_CACHE_GB"):
         LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", max_model_len=64)
+
+
+@pytest.mark.parametrize("vocab", [8, 384])
+def test_profile_sampler_params_run_on_a_small_vocabulary(vocab):
+    """The profile's widest sampler path runs on any vocabulary (its top logprobs at most the
+    vocabulary, as requests are held to: ``input_processor._check_vocab``), through the real
+    sampler."""
+    from tessellm.core.input_batch import RunnerRequest
+    from tessellm.core.memory_profile import profile_sampling_params
+    from tessellm.core.sampler import Sampler
+    from tessellm.core.sampling_metadata import build_sampling_batch
+
+    params = profile_sampling_params(vocab)
+    assert params.logprobs == min(PROFILE_LOGPROBS, vocab)
+    rows = [RunnerRequest(f"r{i}", [0, 1], 1, params, [], 1) for i in range(3)]
+    sampler = Sampler(torch.device("cpu"))
+    batch = build_sampling_batch(rows, lambda i: 0, sampler.device, vocab, (1,))
+    sampler(torch.randn(3, vocab), batch)
