@@ -30,6 +30,17 @@ for _key, _value in _envs.engine_process_env_defaults().items():
     os.environ.setdefault(_key, _value)
 
 
+def pytest_runtest_setup(item):
+    """``@pytest.mark.interpreted``: the test runs Triton kernels on host tensors (an emulated
+    cuda / rocm backend, or the kernels called on CPU tensors), which only Triton's interpreter
+    can do. Where a GPU is visible,
+    TRITON_INTERPRET stays unset (the kernels compile for the GPU), so such a test skips; the
+    same kernels run on the GPU in tests/kernels and the ``gpu``-marked tests."""
+    if item.get_closest_marker("interpreted") and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels on host tensors (emulated cuda/rocm) need TRITON_INTERPRET=1; "
+                    "with a GPU, tests/kernels and -m gpu run these kernels on the device")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _gc_skips_what_is_already_alive():
     """Time, not coverage: every ``LLM.shutdown`` runs ``gc.collect()`` (``worker.release``), a

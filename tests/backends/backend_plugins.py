@@ -6,6 +6,16 @@ import textwrap
 import types
 
 
+def auto_device() -> str:
+    """What ``--device=auto`` picks on this machine among the in-tree backends: cuda where an
+    NVIDIA GPU is visible (rocm on a ROCm build of torch), else cpu (CI, no GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return "rocm" if getattr(torch.version, "hip", None) else "cuda"
+
+
 def make_plugin(name: str, source: str) -> types.ModuleType:
     """A plugin module from source text (the way a plugin author writes one)."""
     module = types.ModuleType(name)

@@ -39,6 +39,7 @@ def assert_same_sets(logits, top_k, top_p, skip=None):
     return torch.isfinite(ref).sum(-1)
 
 
+@pytest.mark.interpreted  # on a GPU: tests/kernels/test_sampling_kernels.py
 def test_triton_argmax_races_the_candidates():
     """The GPU sampler's argmax (tessellm.kernels.sampling, here under TRITON_INTERPRET) over
     candidate columns narrower than its block gives the same tokens as torch's."""

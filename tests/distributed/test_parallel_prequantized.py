@@ -181,6 +181,7 @@ def _assert_same_generation(one, many, atol: float) -> None:
         assert torch.allclose(got, want, rtol=0, atol=atol), (got - want).abs().max()
 
 
+@pytest.mark.interpreted
 def test_int4_tp2_generates_like_one_device(sharp, tmp_path):
     """AWQ on the cuda backend's Triton int4 kernels, emulated on host tensors at both sizes.
     Three new tokens (two decode steps of both prompts): the interpreted decode attention is

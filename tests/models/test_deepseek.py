@@ -82,6 +82,7 @@ def test_deepseek_tensor_parallel(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.interpreted
 @pytest.mark.parametrize("expanded_min_query", [None, 6], ids=["absorbed", "expanded-prefill"])
 def test_deepseek_on_emulated_cuda(expanded_min_query, tmp_path, monkeypatch):
     """The cuda backend's own MLA kernels (``kernels/attention/mla.py``: split-KV decode, and

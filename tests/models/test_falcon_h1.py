@@ -104,6 +104,7 @@ def test_falcon_h1_preemption(falcon_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.interpreted
 def test_falcon_h1_on_emulated_cuda(falcon_dir):
     """The cuda backend's pieces (Triton attention, the Triton conv1d, state update and scan)
     side by side in each layer under the Triton interpreter, with chunked prefill."""

@@ -148,8 +148,9 @@ def test_gemma_other_activation_refused(tmp_path):
 # rocm runs the cuda backend's Triton kernels with other tiles; the default suite keeps cuda's
 # run of that kernel (the interpreter's cost), rocm's runs in the slow lane (ci/matrix.yaml's
 # cpu lane) beside its kernel conformance (rocm-interpret).
-@pytest.mark.parametrize("device", ["cuda", pytest.param("rocm", marks=pytest.mark.slow),
-                                    "xpu", "tpu"])
+@pytest.mark.parametrize("device", [
+    pytest.param("cuda", marks=pytest.mark.interpreted),
+    pytest.param("rocm", marks=[pytest.mark.slow, pytest.mark.interpreted]), "xpu", "tpu"])
 def test_gemma2_on_emulated_backends(device, tmp_path):
     """Each in-tree backend's own soft-capping attention in the whole model, its device
     emulated on host tensors (Triton kernels in the interpreter for cuda and rocm, the padded

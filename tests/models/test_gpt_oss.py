@@ -73,7 +73,7 @@ def test_gpt_oss_tensor_parallel(tiny_gpt_oss):
                   tensor_parallel_size=2)
 
 
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.slow), "tpu"])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=[pytest.mark.slow, pytest.mark.interpreted]), "tpu"])
 def test_gpt_oss_on_emulated_backends(device, tiny_gpt_oss):
     """The backends' own sink kernels in the whole model, the device emulated on host tensors:
     cuda's Triton attention (prefill, split decode with the reduce kernel) and fused MoE with

@@ -62,6 +62,7 @@ def test_granite_hybrid_preemption(hybrid_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.interpreted
 def test_granite_hybrid_on_emulated_cuda(hybrid_dir):
     """The cuda backend's pieces (Triton attention, fused MoE, the Triton conv1d and state
     update, the scan on the device) under the Triton interpreter, with chunked prefill."""

@@ -140,6 +140,7 @@ def test_llama4_ngram_speculation_across_chunks(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.interpreted
 def test_llama4_on_emulated_cuda(tmp_path):
     """The cuda backend's Triton attention (behind the chunk split) and fused MoE (top-2, the
     inputs pre-scaled) under the Triton interpreter, with chunked prefill across a chunk

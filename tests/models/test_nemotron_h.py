@@ -87,6 +87,7 @@ def test_nemotron_h_refusals(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.interpreted
 def test_nemotron_h_on_emulated_cuda(nemotron_dir):
     """The cuda backend's pieces (Triton attention, the Triton conv1d, state update and scan,
     the relu2 experts in the grouped MoE GEMMs) under the Triton interpreter, chunked

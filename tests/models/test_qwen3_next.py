@@ -114,6 +114,7 @@ def test_qwen3_next_config_that_does_not_match_the_weights(qwen3_next_dir, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.interpreted
 def test_qwen3_next_on_emulated_cuda(qwen3_next_dir):
     """The cuda backend's pieces (Triton attention, fused MoE, the Triton conv1d, the gated
     delta step and chunk kernels) under the Triton interpreter, with chunked prefill."""

@@ -21,6 +21,9 @@ from tessellm.kernels.fused_ops import TritonOps  # noqa: E402
 from tessellm.layers.linear import ColumnParallelLinear, fused_silu_and_mul  # noqa: E402
 from tests.conftest import _tiny_configs  # noqa: E402
 
+# Triton on host tensors: on a GPU the same ops run in tests/kernels/test_gemv_silu.py
+pytestmark = pytest.mark.interpreted
+
 PROMPTS = [[(5 * j + 3) % 384 for j in range(11)], [(7 * j + 1) % 384 for j in range(6)]]
 
 

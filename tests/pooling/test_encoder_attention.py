@@ -51,7 +51,7 @@ def test_limits_at_the_last_key_are_full_attention_in_the_reference():
     torch.testing.assert_close(step.ref_out, _sdpa(step), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kernel", ["cpu", "triton"])
+@pytest.mark.parametrize("kernel", ["cpu", pytest.param("triton", marks=pytest.mark.interpreted)])
 def test_backend_kernels_attend_both_ways(kernel):
     if kernel == "cpu":
         from tessellm.backends.cpu.attention import CpuAttentionKernel
@@ -78,7 +78,8 @@ def test_runner_limits_and_split_prompt_refused():
     assert encoder_key_limits([], []).dtype == np.int32
 
 
-@pytest.mark.parametrize("kernel", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("kernel", ["reference", "cpu",
+                                    pytest.param("triton", marks=pytest.mark.interpreted)])
 def test_symmetric_window_is_a_band(kernel):
     """ModernBERT's local layers (``layers/symmetric_window.py``): window half + 1 and limits cut
     to position + half give the band |q - k| <= half of torch's SDPA."""

@@ -128,7 +128,7 @@ def test_generation_is_refused(root):
         _llm(path, runner="generate")
 
 
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.slow), "tpu"])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=[pytest.mark.slow, pytest.mark.interpreted]), "tpu"])
 def test_embeddings_on_emulated_backends(root, device):
     """The same through the cuda backend's Triton kernel (interpreted on the CPU) and the tpu
     backend's bucketed, padded steps (padding rows keep causal limits)."""

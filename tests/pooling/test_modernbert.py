@@ -53,7 +53,7 @@ def _hf_hidden(path, prompts, local_attention=None):
         return [model(torch.tensor([p])).last_hidden_state[0] for p in prompts]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.slow, pytest.mark.interpreted])])
 def test_embeddings_equal_hf(dirs, device):
     path = dirs["embed"]
     prompts = random_prompts(5, seed=1, lo=1, hi=90)

@@ -95,6 +95,7 @@ def checkpoints(tmp_path_factory):
     ("qwen3-next", "gptq"), ("granite-4.0-h", "awq"),
     pytest.param("qwen3-next", "awq", marks=pytest.mark.slow),
     pytest.param("granite-4.0-h", "gptq", marks=pytest.mark.slow)])
+@pytest.mark.interpreted
 def test_int4_hybrid_serves_the_dequantized_model(checkpoints, arch, fmt):
     """The int4 checkpoint's greedy tokens are the dequantized checkpoint's, served by tessellm
     and by HF transformers (float32)."""

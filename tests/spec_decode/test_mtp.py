@@ -319,6 +319,7 @@ def test_other_model_directory_and_pipeline_parallel_are_refused(checkpoints, tm
 # -- other backends ---------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.interpreted
 def test_mtp_on_mla_target_emulated_cuda(checkpoints):
     """The cuda backend in emulation: target and MTP layer on the Triton MLA kernel (each with
     its own kernel and metadata), Triton in the interpreter on host tensors."""

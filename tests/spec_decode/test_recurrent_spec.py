@@ -135,6 +135,7 @@ def test_verify_ops_composed_from_one_token_ops():
 
 
 @pytest.mark.slow  # ~80 s: the Triton kernels in the interpreter
+@pytest.mark.interpreted
 def test_ngram_on_mamba2_on_emulated_cuda(mamba2_dir):
     """The cuda backend's path (the fused Triton verify kernels, eager verify steps beside
     captured decode graphs) under the Triton interpreter."""

@@ -66,6 +66,7 @@ def test_speculation_on_mla_target_keeps_greedy_tokens(models, plain, method, dr
 
 
 @pytest.mark.slow
+@pytest.mark.interpreted
 def test_eagle_on_mla_target_emulated_cuda(models):
     """The cuda backend: the target on the Triton MLA kernel, the head on the Triton paged
     kernel, each with its own metadata (Triton in the interpreter on host tensors)."""

@@ -52,6 +52,7 @@ def llm(tiny_model_dir):
 
 
 @pytest.mark.slow  # about 40 s of interpreted Triton on one core
+@pytest.mark.interpreted
 def test_verify_graphs_give_the_plain_tokens(llm):
     runner = llm.engine.core.runner
     assert set(runner.verify_graphs.runners) == {2, 3, 4}
