@@ -17,7 +17,7 @@ from tests.models.variant_parity import assert_parity, prompts  # noqa: E402
 ON_GPU = torch.cuda.is_available()
 # ~2 min in the interpreter on 2 cores: slow there (tests/kernels/test_decode_gemm.py covers the
 # kernels and the ops' routing by default); in the default suite on a GPU
-pytestmark = [] if ON_GPU else [pytest.mark.slow]
+pytestmark = [pytest.mark.gpu] if ON_GPU else [pytest.mark.slow]
 
 
 def test_decode_gemm_keeps_hf_parity(tmp_path, monkeypatch):

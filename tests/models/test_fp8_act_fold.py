@@ -151,6 +151,7 @@ def test_which_layers_take_a_prequantized_input():
     assert fp8_input_dtype(_fp8_layer([16], TorchQuantOps()), 1) == torch.float8_e4m3fn
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend's fold needs a GPU")
 def test_greedy_tokens_unchanged_with_the_fold_on_cuda(tiny_llama, monkeypatch):
     """The cuda backend as served (its Triton fold kernels, ``torch._scaled_mm`` where it runs):

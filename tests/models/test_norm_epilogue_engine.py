@@ -114,6 +114,7 @@ def test_off_by_default(tiny_llama, monkeypatch):
     assert calls == []
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend's kernels on a GPU")
 @pytest.mark.parametrize("quantization", [None, "fp8"])
 def test_cuda_same_bits_with_the_epilogue(tiny_llama, monkeypatch, quantization):

@@ -130,6 +130,7 @@ def test_cpu_backend_serves_the_pair(tiny_llama, monkeypatch):
     _close(got, want, 1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuda backend's kernels on a GPU")
 @pytest.mark.parametrize("quantization", [None, "fp8"])
 def test_cuda_greedy_tokens_with_the_fold(tiny_llama, monkeypatch, quantization):

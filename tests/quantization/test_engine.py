@@ -52,6 +52,7 @@ def test_quantized_engine_agrees_with_unquantized(dense, bundled_model, scheme, 
     assert _top1_agreement(llm, continuations) >= min_agreement
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="the fp8 KV cache is served by the cuda backend")
 def test_fp8_kv_cache_engine(dense, bundled_model):
     _, continuations = dense

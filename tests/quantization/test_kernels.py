@@ -164,6 +164,7 @@ def test_fp8_w8a16_e4m3fnuz():
     _check(qk.fp8_w8a16(x, qweight, scales, b), x, seg, b, BF16)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="the interpreter runs every dtype in the tests above")
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_other_dtypes(dtype):
@@ -190,6 +191,7 @@ def test_fp8_row_quantizer_matches_torch(dtype):
     assert ((ratio > 0.45) & (ratio < 1.2)).all()  # one step (ties) or the halving bug
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="the split-K and dequantize paths are GPU-only choices")
 def test_gpu_paths_agree():
     """Split-K (small M, long K), single-pass and dequantize+cuBLAS paths give the same y."""

@@ -51,6 +51,7 @@ def test_rows_out_of_order_go_up_whole_with_an_index():
     assert finite == [list(range(V)), [8, 38], [7]]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned buffers need a GPU")
 def test_mask_filled_in_a_lent_pinned_buffer_is_uploaded_as_is():
     """The engine core fills the mask straight into the runner's pinned buffers (in turn);

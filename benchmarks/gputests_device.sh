@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The test suite's GPU set on ONE GPU (~8 min): the part of tests/ most likely to break on a GPU
+# machine, Triton kernels compiled for the device (TRITON_INTERPRET unset; tests/conftest.py
+# leaves it unset where a GPU is visible). The same set as ci/matrix.yaml's cuda lane:
+#   conformance  python -m tessellm.testing --backend cuda (the plugin contract on the device)
+#   kernels      tests/kernels + tests/backends, not slow: kernel tests on cuda tensors, the
+#                backends' registry / report / conformance tests (pytest-xdist -n $XDIST_N
+#                where the image has it, --dist loadfile; else one process)
+#   gpu          every gpu-marked test in tests/ (one process: each test's engine sizes its
+#                KV cache from the free device memory, so no two run at once; tests that need
+#                2+ GPUs skip)
+# Every test runs to the end (no -x); a part cut off by its limit still reports what finished.
+# Each part's outcomes: $OUT/<part>.outcomes (benchmarks/pytest_outcomes.py: outcome, node id,
+# the error's last line), its whole output $OUT/<part>.txt; the end prints per part the counts
+# and each failure's name and error, and rc=1 if anything failed.
+#   bash benchmarks/gputests_device.sh   (repo root; carry .whl and tessellm.egg-info as usual)
+# Knobs: CONF_S / KERNELS_S / GPU_S (part limits, seconds; 0 skips a part), XDIST_N (workers,
+# default 8), PYTEST_ARGS (extra pytest arguments for the kernels and gpu parts, e.g. "-k moe").
+# Read it so: "failed"/"error" lines name tests that break on a GPU; skipped are expected
+# (multi-GPU tests, tests that need TRITON_INTERPRET=1: @pytest.mark.interpreted).
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+source benchmarks/device_env.sh
+unset TRITON_INTERPRET
+export PYTHONPATH=$PYTHONPATH:$PWD/benchmarks  # the outcomes plugin
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/gputests-triton}
+P="python3 -m pytest -q -p no:cacheprovider -p pytest_outcomes -rfE"
+if python3 -c "import pytest_timeout" 2>/dev/null; then P="$P --timeout=${TEST_TIMEOUT_S:-180}"; fi
+if python3 -c "import xdist" 2>/dev/null; then
+  XDIST="-n ${XDIST_N:-8} --dist loadfile"
+else
+  XDIST=""
+fi
+part() {  # part NAME SECONDS CMD...: t's time box, outcomes into $OUT/NAME.outcomes
+  local name=$1; rm -f "$OUT/$name.outcomes"
+  PYTEST_OUTCOMES="$OUT/$name.outcomes" TAIL_T=8 t "$@"
+}
+{
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; echo "commit ${COMMIT:-unknown}"; date -u
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton',
+    triton.__version__, '| transformers', transformers.__version__, '| cuda available',
+    torch.cuda.is_available(), torch.cuda.device_count())"
+  echo "TRITON_INTERPRET=${TRITON_INTERPRET:-unset} | xdist: ${XDIST:-absent, one process}"
+  # the conformance suite is a pytest run too (-p tessellm.testing.plugin): its outcomes as well
+  part conformance ${CONF_S:-90} python3 -m tessellm.testing --backend cuda -q -rfE -p pytest_outcomes
+  part kernels ${KERNELS_S:-240} $P $XDIST -m "not slow" ${PYTEST_ARGS:-} tests/kernels tests/backends
+  part gpu ${GPU_S:-150} $P -m gpu ${PYTEST_ARGS:-} tests
+  echo "=== summary $(date -u +%T)"
+  python3 benchmarks/pytest_outcomes.py "$OUT/conformance.outcomes" "$OUT/kernels.outcomes" \
+    "$OUT/gpu.outcomes"
+  echo "rc=$?"
+} 2>&1 | tee "$OUT/gputests_log.txt"
