@@ -237,7 +237,8 @@ MODEL = {"x_ptr", "dt_ptr", "b_ptr", "c_ptr", "d_ptr", "dt_bias_ptr", "y_ptr", "
 done = []
 for dt in ("bf16",):
     for saves in (False, True):
-        consts = dict(CLAMP=True, SAVES=saves, Q=32, BLOCK_P=64, BLOCK_N=128)
+        block_p, warps = chunk_scan.sequential_config(64, 128)  # what its launch passes
+        consts = dict(CLAMP=True, SAVES=saves, Q=32, BLOCK_P=block_p, BLOCK_N=128)
         sig = {}
         for arg in fn.arg_names:
             if arg in consts:
@@ -249,13 +250,15 @@ for dt in ("bf16",):
             else:
                 sig[arg] = "fp32" if arg.startswith("dt_") else "i32"
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        asm = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm
+        asm = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                             options=dict(num_warps=warps)).asm
         done.append([dt, saves, "cubin" in asm])
 # the gated delta rule's chunk kernel (Qwen3-Next's 128 x 128 heads), with and without saves
 from tessellm.kernels.gated_delta import chunk
 fn = chunk._chunk_kernel
+block_v, warps = chunk.chunk_config(128, 128)  # what its launch passes
 for saves in (False, True):
-    consts = dict(SAVES=saves, Q=32, BLOCK_K=128, BLOCK_V=chunk.chunk_config(128, 128)[0])
+    consts = dict(SAVES=saves, Q=32, BLOCK_K=128, BLOCK_V=block_v)
     sig = {}
     for arg in fn.arg_names:
         if arg in consts:
@@ -267,7 +270,8 @@ for saves in (False, True):
         else:
             sig[arg] = "fp32" if arg in ("scale", "eps") else "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    asm = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm
+    asm = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=warps)).asm
     done.append(["delta", saves, "cubin" in asm])
 print("RESULT" + json.dumps(done))
 """
@@ -276,7 +280,8 @@ print("RESULT" + json.dumps(done))
 def test_sequential_scan_compiles_for_sm90():
     """The sequential scan kernel and the gated delta rule's chunk kernel, with and without
     their in-pass state saves (the ``while`` walk to each save offset), compiled for an H100
-    (offline, no GPU) at Granite 4.0-H's and Qwen3-Next's head sizes: the compiled form the
+    (offline, no GPU) at Granite 4.0-H's and Qwen3-Next's head sizes with the tiles and warps
+    their launches pass (``sequential_config``, ``chunk_config``): the compiled form the
     interpreter tests cannot show."""
     proc = run_compile_script(_COMPILE_SEQUENTIAL)
     assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-3000:]
