@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import weakref
 
 import pytest
@@ -23,6 +24,7 @@ from tessellm.kernels.moe import fused_moe_triton  # noqa: E402
 from tessellm.kernels.moe import int4_dequant as dq  # noqa: E402
 from tessellm.kernels.moe import int4_tc_moe as tm  # noqa: E402
 from tests.kernels.test_moe_int4_tc import _experts  # noqa: E402 (the experts' quantized layout)
+from tests.kernels.offline_compile import run_compile_script  # noqa: E402
 
 fm = importlib.import_module("tessellm.kernels.moe.fused_moe")  # (the package's name is the op)
 
@@ -208,3 +210,37 @@ def test_dequant_path_qwen3_shapes_on_gpu(tokens, monkeypatch):
     got = fused_moe_triton(*args, **kw).float().cpu()
     err = ((got - want).abs().max() / want.abs().max()).item()
     assert err < 2e-2, err
+
+
+_COMPILE_DEQUANT = """
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tessellm.kernels.moe import int4_dequant as dq
+
+fn = dq._dequant_int4_kernel
+block_n, block_w, warps = dq.DEQUANT_TILE
+types = {"w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "hit_ptr": "*i32", "out_ptr": "*bf16"}
+done = []
+for one_group in (True, False):
+    for zeros in (True, False):
+        consts = dict(GROUP=128 if one_group else 32, HAS_ZEROS=zeros, HAS_HIT=True,
+                      ONE_GROUP=one_group, BLOCK_N=block_n, BLOCK_W=block_w)
+        sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        asm = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                             options=dict(num_warps=warps)).asm
+        done.append([one_group, zeros, "cubin" in asm])
+print("RESULT" + json.dumps(done))
+"""
+
+
+def test_dequantize_kernel_compiles_for_sm90():
+    """The dequantization kernel at its GPU program shape (``DEQUANT_TILE``), a scale a row
+    and a scale an input, zero codes or 8, compiled for an H100 (offline, no GPU): the
+    interpreter runs it on the CPU, never the compiler."""
+    proc = run_compile_script(_COMPILE_DEQUANT)
+    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-3000:]
+    done = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert len(done) == 4 and all(ok for *_, ok in done), done
