@@ -34,6 +34,9 @@ Invariants
 * A load that fails on any rank (missing, corrupt, a mismatched layout) is reported for the
   request; the scheduler then recomputes the request from scratch, without the connector.
   The step's result for it is dropped. A connector never raises into the engine for a cache miss.
+* Every load is bounded: one whose store dies under it (a read that hangs, a peer gone, its
+  reads cancelled at shutdown) is reported failed within the connector's bound, never left
+  under way (a background load nobody reports holds its request and blocks forever).
 * ``save_kv`` sees blocks that are full, computed by this step's forward pass (or earlier), and
   whose tokens are all known; each block of a request is offered once (again after its load
   failed: it is recomputed). Blocks a request computed over a failed load (``load_failed``)

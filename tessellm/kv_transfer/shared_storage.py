@@ -124,6 +124,10 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                                    "or failed counts as down before a probe asks it again "
                                    "(milliseconds, above 0)")
         self._wait_left = self.lookup_wait  # of this step's (build_connector_meta starts another)
+        # A load whose block read (a file's, a peer's reply) has not come back after this many
+        # seconds hangs: it fails and its request computes its prompt (setup_store may set
+        # another: ZmqPeer's timeout_s).
+        self.load_timeout = self.lookup_timeout
         self.setup_store(extra)
         # Whether the store counts as down (this half's view: the scheduler half's lookups, a
         # worker's writes), and the store calls under way on this half's threads: thread ->
@@ -264,10 +268,11 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
 
     def _hung(self) -> Optional[float]:
         """How long the oldest call into the store under way has taken, if longer than
-        ``lookup_timeout_ms`` (it hangs), else None."""
+        ``lookup_timeout_ms`` (it hangs; a block's read: longer than ``load_timeout``), else
+        None."""
         since = list(self._io_since.values())
         age = time.monotonic() - min(since) if since else 0.0
-        return age if age > self.lookup_timeout else None
+        return age if age > self.lookup_timeout else self._read_hung()
 
     def _probe(self) -> None:
         """The probe's thread: the store answers (``probe_store``) and no call into it still

@@ -22,11 +22,22 @@ Every pool's threads are daemons (``threads.DaemonPool``): one hung on a dead mo
 the process at exit.
 
 A dead store (``StoreHealth``): a write (or a file check) under way longer than
-``lookup_timeout_ms``, or a write failing with an error of the store's, marks it down. The
+``lookup_timeout_ms``, a block's read under way longer than the load bound (``load_timeout``:
+``lookup_timeout_ms`` here, the peer's ``timeout_s`` for ZmqPeer), or a write failing with an
+error of the store's, marks it down. The
 saves queued behind the hung one are given up (counted as skipped, their staging buffers
 back as soon as the writer reaches them), the step's saves while it is down are skipped (no
 copy, no buffer, no thread), and nothing the step's outputs or the engine's shutdown wait for
 waits for a hung write past that bound; after ``store_down_ms`` a probe asks the store again.
+
+Every load is bounded the same way: the thread that waits for a chunk's reads (the loader, or
+the stepping thread for a load in the step) looks every ``_POLL_S`` at whether a read of the
+store's has hung past ``load_timeout`` (a file that never answers, a peer killed
+mid-transfer), whether its reads were cancelled, or whether the connector shuts down; then
+the load is given up (``_LoadGivenUp``): it fails, as a missing block does (the request's
+blocks are freed and its prompt recomputed), the staging buffers the hung reads may still
+write into are never given out again (``Staging.lose``), and nothing is copied into the
+request's blocks after that.
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait as wait_futures
 from typing import Optional
 
 from tessellm.kv_transfer import shared_storage_format as fmt
@@ -55,12 +66,18 @@ _LOAD_BUFFERS = 2  # a chunk's files are read while the one before is copied to 
 _SAVE_BUFFERS = 8  # chunks copied out and not yet written; past that a save waits for the disk
 _SAVE_RESERVE = 4  # made at start on a producer (pinned: 1 GiB of 8B-model KV, ~0.5 s)
 _FAILED_KEPT = 4096  # request ids of failed loads remembered (a request's steps in flight: few)
-_POLL_S = 0.05  # a wait for saves looks at whether the store hangs this often
+_POLL_S = 0.05  # a wait for saves (or a load's reads) looks at whether the store hangs this often
+_READERS_EXIT_S = 1.0  # shutdown waits this long at most for reader threads (loads given up)
 # A write failing with one of these is the store's failure (marked down), not the block's; a
 # full disk (ENOSPC, EDQUOT) is a failed save and the next saves still try.
 _DEAD_ERRNOS = {errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTDOWN,
                 errno.EHOSTUNREACH, errno.ENODEV, errno.ENXIO, errno.ECONNABORTED,
                 errno.ECONNRESET, errno.ECONNREFUSED, errno.ENETDOWN, errno.ENETUNREACH}
+
+
+class _LoadGivenUp(Exception):
+    """A load's reads are not waited for any more (a read hung past the load bound, its reads
+    cancelled, the connector shutting down): the load fails."""
 
 
 class _SaveChunk:
@@ -75,12 +92,14 @@ class _SaveChunk:
 
 class _LoadChunk:
     """A staging chunk of a load whose reads are under way: from ``lo``, its ``(key, block)``
-    pairs, buffer, tensor parts, and the reader pool's futures (a list of oks each, in order)."""
+    pairs, buffer, tensor parts, the reader pool's futures (a list of oks each, in order), and
+    ``clock``: when its reads last made progress (a block's read started: ``_reading``)."""
 
-    __slots__ = ("lo", "chunk", "flat", "parts", "futures")
+    __slots__ = ("lo", "chunk", "flat", "parts", "futures", "clock")
 
-    def __init__(self, lo, chunk, flat, parts, futures):
+    def __init__(self, lo, chunk, flat, parts, futures, clock=None):
         self.lo, self.chunk, self.flat, self.parts, self.futures = lo, chunk, flat, parts, futures
+        self.clock = clock if clock is not None else [time.monotonic()]
 
 
 class _SavesDone:
@@ -140,6 +159,11 @@ class SharedStorageWorker:
         # Background loads: request id -> None (under way), True (loaded), False (failed).
         self._load_status: dict = {}
         self._load_cond = threading.Condition()
+        # Reads of the store under way on the reader pool: thread -> when its current block's
+        # read started (a read older than load_timeout hangs: the load waiting for it fails).
+        self._read_since: dict = {}
+        self._reader_clock = threading.local()  # a reader thread's chunk's progress clock
+        self._closing = False  # shutdown began: loads under way are given up at once
         # Totals of this rank since start (tests, benchmarks): files written, and blocks not
         # written because their file was there already (another engine's, or a recompute's).
         self.files_written = self.files_present = 0
@@ -209,8 +233,15 @@ class SharedStorageWorker:
                 if self.device.type == "xla":  # lazy tensors are traced on the thread that
                     self._load_in_background(rid, pairs, None)  # steps: load here, done next step
                 else:
-                    self._loader.submit(self._load_in_background, rid, pairs,
-                                        None if after is None else waits)
+                    try:
+                        future = self._loader.submit(self._load_in_background, rid, pairs,
+                                                     None if after is None else waits)
+                    except RuntimeError:  # the loader shut down under the step: a failed load
+                        self._set_load_status(rid, False)
+                        continue
+                    # a load cancelled before it ran (the loader shut down) is a failed load
+                    future.add_done_callback(
+                        lambda f, rid=rid: f.cancelled() and self._set_load_status(rid, False))
         loads = meta.get("loads") or []
         if not loads:
             return []
@@ -234,10 +265,15 @@ class SharedStorageWorker:
             inference = any(cache.is_inference() for cache in self.caches)
             with torch.inference_mode() if inference else torch.no_grad():
                 ok = not self._load([tuple(p) for p in pairs], self._stream, after, wait=True)
+        except CancelledError:  # (the pools shut down under it): a failed load, no traceback
+            logger.info("KV load of request %s cancelled: it is recomputed.", rid)
         except Exception:  # noqa: BLE001 - a failed load is a recompute, never a dead engine
             logger.exception("KV load of request %s failed: it is recomputed.", rid)
+        self._set_load_status(rid, ok)
+
+    def _set_load_status(self, rid: str, ok: bool) -> None:
         with self._load_cond:
-            if rid in self._load_status:
+            if self._load_status.get(rid, False) is None:  # (once: a load reports once)
                 self._load_status[rid] = ok
             self._load_cond.notify_all()
 
@@ -280,21 +316,23 @@ class SharedStorageWorker:
                 event, after = self._copy_chunk(cur, stream, after, bad)
                 staging.release(cur.flat, event)  # reused once its copies are done
                 cur, last = None, event or last
-        except BaseException:
+        except BaseException as exc:
             # Nothing may still copy into the blocks once this returns (a failed load's
-            # blocks are freed) nor into or out of a buffer once it is given back.
-            for c in (cur, ahead):
-                if c is not None:
-                    for f in c.futures:
-                        with contextlib.suppress(BaseException):
-                            f.result()
+            # blocks are freed) nor into or out of a buffer once it is given back: the reads
+            # into a buffer end first (waited for within the load bound), or the buffer is
+            # never given out again (reads hung in the store may still write into it).
+            again = not isinstance(exc, _LoadGivenUp)  # (given up: the bound is spent)
+            settled = [c is not None and self._reads_settle(c, again) for c in (cur, ahead)]
             if stream is not None:
                 stream.synchronize()
             else:
                 self.synchronize()
-            for c in (cur, ahead):
+            for c, done in zip((cur, ahead), settled):
                 if c is not None:
-                    staging.release(c.flat)
+                    (staging.release if done else staging.lose)(c.flat)
+            if isinstance(exc, _LoadGivenUp):  # a failed load, as a missing block's
+                logger.debug("KV load of %d block(s) given up: %s", len(items), exc)
+                return set(range(len(items)))
             raise
         if wait and last is not None:
             wait_event(last)
@@ -308,8 +346,17 @@ class SharedStorageWorker:
         parts = self._parts(flat, n)
         arr = flat.numpy()
 
+        clock = [time.monotonic()]
+
         def read(run) -> list:  # a pool thread
-            got = self.read_run([chunk[i][0] for i in run], run, arr, n)
+            me = threading.get_ident()
+            self._reader_clock.clock = clock
+            self._reading()  # (each block's read, each reply of a peer's, again)
+            try:
+                got = self.read_run([chunk[i][0] for i in run], run, arr, n)
+            finally:
+                self._read_since.pop(me, None)
+                self._reader_clock.clock = None
             if any(g is not None and g[0] == 1 for g in got):
                 sums = fmt.sum_parts(parts, run)
                 for j, g in enumerate(got):
@@ -328,14 +375,14 @@ class SharedStorageWorker:
             # The reads queued write into ``flat``: they end first. The chunk then fails
             # (every block of it: a failed load, recomputed) and ``_load`` gives ``flat`` back
             # as any chunk's (a buffer lost here would leave a later load waiting forever).
-            for f in futures:
-                with contextlib.suppress(BaseException):
-                    f.result()
+            if not self._reads_settle(_LoadChunk(lo, chunk, flat, parts, futures, clock)):
+                self._load_staging.lose(flat)  # hung reads may still write into it
+                raise _LoadGivenUp(f"its reads could not be queued ({exc}) and those queued hang")
             logger.warning("KV load could not queue its reads (%s): it is recomputed.", exc)
             failed: Future = Future()
             failed.set_result([False] * n)
             futures = [failed]
-        return _LoadChunk(lo, chunk, flat, parts, futures)
+        return _LoadChunk(lo, chunk, flat, parts, futures, clock)
 
     def _copy_chunk(self, c: "_LoadChunk", stream, after, bad: set) -> tuple:
         """A chunk whose reads were queued (``_read_chunk``): once they are done, the indices
@@ -343,7 +390,7 @@ class SharedStorageWorker:
         Returns the copies' event (None: done, or nothing copied) and the events later
         copies still wait for."""
         torch = torch_module()
-        oks = [ok for f in c.futures for ok in f.result()]
+        oks = self._await_reads(c)
         bad.update(c.lo + i for i, ok in enumerate(oks) if not ok)
         mapping = [(i, c.chunk[i][1]) for i, ok in enumerate(oks) if ok]
         if not mapping:
@@ -358,6 +405,59 @@ class SharedStorageWorker:
             event = torch.Event(device=self.device)
             event.record(stream)
         return event, None  # the stream keeps the order from here on
+
+    def _await_reads(self, c: "_LoadChunk") -> list:
+        """A chunk's read results (an ok a block), once its reads are done; raises
+        ``_LoadGivenUp`` when they are not waited for any more: the connector shuts down, a
+        read was cancelled, or a read of the store's has hung past ``load_timeout`` (then the
+        store is marked down: saves skip it). The bound is on progress, the load's own: no
+        block of the chunk started (or, from a peer, no reply came) for ``load_timeout``
+        since the later of that and this wait's start; another load's hung read does not fail
+        this one unless this one's reads queue behind it."""
+        start = time.monotonic()
+        while True:
+            pending = [f for f in c.futures if not f.done()]
+            if not pending:
+                break
+            if self._closing:
+                raise _LoadGivenUp("the connector shuts down")
+            now = time.monotonic()
+            hung = now - max(start, c.clock[0])
+            if hung > self.load_timeout:
+                self._worker_down(f"a read not done after {hung:.1f} s", give_up=False)
+                raise _LoadGivenUp(f"a read of {self.store_name()} not done after {hung:.1f} s")
+            wait_futures(pending, _POLL_S, FIRST_COMPLETED)
+        if any(f.cancelled() for f in c.futures):
+            raise _LoadGivenUp("its reads were cancelled (the reader pool shut down)")
+        return [ok for f in c.futures for ok in f.result()]
+
+    def _reads_settle(self, c: "_LoadChunk", wait: bool = True) -> bool:
+        """Whether a chunk's reads are all done (none writes into its buffer any more),
+        waiting for them within the load bound (``_await_reads``) if ``wait``."""
+        if not wait:
+            return all(f.done() for f in c.futures)
+        try:
+            self._await_reads(c)
+        except _LoadGivenUp:
+            return all(f.done() for f in c.futures)
+        except BaseException:  # noqa: BLE001 - a read that raised is done
+            pass
+        return True
+
+    def _read_hung(self) -> Optional[float]:
+        """How long the oldest block read under way has taken, if longer than the load bound
+        (it hangs), else None."""
+        since = list(getattr(self, "_read_since", {}).values())
+        age = time.monotonic() - min(since) if since else 0.0
+        return age if age > self.load_timeout else None
+
+    def _reading(self) -> None:
+        """A reader pool thread starts a block's read (or got a reply from a peer): the load
+        bound counts from here."""
+        local = getattr(self, "_reader_clock", None)  # (none: not a reader pool's call)
+        clock = getattr(local, "clock", None)
+        if clock is not None:
+            clock[0] = self._read_since[threading.get_ident()] = time.monotonic()
 
     # -- the store: files (a subclass may keep blocks elsewhere) ----------------------------
 
@@ -390,9 +490,12 @@ class SharedStorageWorker:
         """This rank's blocks of ``keys`` read into ``views`` (each block's payload parts), on
         a reader pool thread: per block (checksum kind, checksum) of a whole block of this
         key, rank and layout (a crc32 checked; a sum64 is the caller's), else None."""
-        rank = self.context.rank
-        return [fmt.read_block(self.path(key, rank), key, rank, self.layout, self.block_bytes, v)
-                for key, v in zip(keys, views)]
+        rank, out = self.context.rank, []
+        for key, v in zip(keys, views):
+            self._reading()
+            out.append(fmt.read_block(self.path(key, rank), key, rank, self.layout,
+                                      self.block_bytes, v))
+        return out
 
     def discard(self, key: str, why) -> None:
         """This rank's block of ``key`` failed its load: nobody loads it again."""
@@ -480,7 +583,7 @@ class SharedStorageWorker:
         hung = self._hung()
         if hung is None:
             return False
-        self._worker_down(f"a write not done after {hung:.1f} s")
+        self._worker_down(f"a call of the store's not done after {hung:.1f} s")
         return True
 
     def _worker_down(self, why: str, give_up: bool = True) -> None:
@@ -626,9 +729,12 @@ class SharedStorageWorker:
 
     def shutdown(self) -> None:
         """The saves under way are written first, while the store takes them (a write hung past
-        ``lookup_timeout_ms`` gives up the rest); then the pools end, waited for
-        ``lookup_timeout_ms`` in all at most: a thread still in a call of the store's then
-        (a hung read or write) is left behind, a daemon (logged)."""
+        ``lookup_timeout_ms`` gives up the rest); loads under way are given up at once (they
+        fail: a running engine recomputes them); then the pools end, waited for
+        ``lookup_timeout_ms`` in all at most (the readers ``_READERS_EXIT_S``: a load that gave
+        up no longer waits for them): a thread still in a call of the store's then (a hung
+        read or write) is left behind, a daemon (logged)."""
+        self._closing = True
         if getattr(self, "_pending", None) is not None:
             self.wait_for_save()
             hung = sum(t.n for t in self._abandoned if not t.future.done())
@@ -640,8 +746,10 @@ class SharedStorageWorker:
         for name in ("_loader", "_writer", "_writers", "_readers"):
             pool = getattr(self, name, None)
             if pool is not None:
-                left += pool.shutdown(wait=True, cancel_futures=True,
-                                      timeout=max(0.0, deadline - time.monotonic()))
+                bound = max(0.0, deadline - time.monotonic())
+                if name == "_readers":  # (a hung read writes only into a staging buffer,
+                    bound = min(bound, _READERS_EXIT_S)  # nobody's once the loads gave up)
+                left += pool.shutdown(wait=True, cancel_futures=True, timeout=bound)
                 setattr(self, name, None)
         if left:
             logger.warning("KV connector shut down leaving %d thread(s) in calls of %s that "

@@ -67,6 +67,14 @@ class Staging:
                 self.made -= 1
             raise
 
+    def lose(self, flat) -> None:
+        """A buffer that threads hung in a store's call may still write into is never given
+        out again: it no longer counts, so a later ``acquire`` makes another (it is freed once
+        those threads let it go)."""
+        with self.cond:
+            self.made -= 1
+            self.cond.notify()
+
     def release(self, flat, event=None) -> None:
         with self.cond:
             if event is None:

@@ -409,6 +409,7 @@ class _Clients:
         self._lock = threading.Lock()
         self._open: set = set()  # every socket not yet closed, of any thread
         self._tags = itertools.count(1)
+        self.stopping = False  # the connector shuts down: waits for replies end at once
 
     @property
     def closed(self) -> bool:
@@ -450,7 +451,7 @@ class _Clients:
                     sock.send_multipart([PROTOCOL, op, namespace, tag, *keys])
                     tags.append(tag)
                     sent += 1
-                reply = sock.recv_multipart(copy=False) if sock.poll(int(timeout * 1000)) else None
+                reply = self._receive(sock, timeout)
                 if reply is not None and reply[0].bytes == b"error":
                     reply = [b"error"] + reply[1:]  # untagged: a request it could not read
                 elif reply is not None and len(reply) >= 2 and reply[1].bytes == tags[got]:
@@ -464,6 +465,18 @@ class _Clients:
                 self._drop(address, sock)
         for _ in range(got, len(requests)):
             yield None
+
+    def _receive(self, sock, timeout: float):
+        """The socket's next reply (frames, not copied), or None: none within ``timeout``
+        seconds, or the connector shuts down meanwhile (looked at every ``_POLL_MS``)."""
+        end = time.monotonic() + timeout
+        while not self.stopping:
+            left = end - time.monotonic()
+            if sock.poll(max(0, int(min(left, _POLL_MS / 1000) * 1000))):
+                return sock.recv_multipart(copy=False)
+            if left <= _POLL_MS / 1000:
+                return None
+        return None
 
     def request(self, address: str, frames: list, timeout: float) -> Optional[list]:
         """One request (``[op, namespace, key...]``): its reply's frames as bytes (status
@@ -517,6 +530,9 @@ class ZmqPeerConnector(SharedStorageConnector):
                                  f"got {peer!r}.")
             self.peer = (host, int(peer_port))
         self.port, self.bind, self.store_bytes, self.timeout = port, bind, store, float(timeout)
+        # A load waits timeout_s for each reply (the fetch then fails by itself); the loader
+        # gives up on it only a second past that (a peer gone mid-transfer).
+        self.load_timeout = self.timeout + 1.0
         self.store_ahead = ahead
         self._zmq = _Clients()  # this connector's sockets and ZeroMQ context
         self._down_until: dict[str, float] = {}  # peer address -> until when it is not asked
@@ -550,6 +566,8 @@ class ZmqPeerConnector(SharedStorageConnector):
 
     def _answer(self, address: str, reply: Optional[list], timeout: float) -> Optional[list]:
         """A reply's frames after ``ok``; None for any other (told in the log)."""
+        if reply is None and self._zmq.stopping:
+            return None  # the connector shuts down: not the peer's failure
         if reply is None:
             self._down_until[address] = time.monotonic() + self.store_down
             logger.warning("KV peer %s did not answer in %.1f s: its blocks count as missing "
@@ -636,6 +654,7 @@ class ZmqPeerConnector(SharedStorageConnector):
         replies = self._zmq.exchange(address, [[b"get", namespace] + [k.encode() for k in b]
                                                for b in batches], self.timeout, _IN_FLIGHT)
         for lo, batch, reply in zip(range(0, len(keys), per), batches, replies):
+            self._reading()  # a reply came: the load bound counts afresh
             blobs = self._answer(address, reply, self.timeout)
             if blobs is None:
                 break  # the rest are missing (no answer: the socket was dropped)
@@ -679,6 +698,7 @@ class ZmqPeerConnector(SharedStorageConnector):
         no thread of the connector is left once this returns. Again: nothing."""
         if self._zmq.closed:
             return
+        self._zmq.stopping = True  # replies waited for (a load's, a lookup's): not any more
         self.health.close(wait=2 * _LOOKUP_TIMEOUT_S)  # a probe's socket: done with first
         if self._lookup_threads is not None:
             self._lookup_threads.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,204 @@
+"""KV loads whose store dies under them (tessellm/kv_transfer): a block file that turns into a
+reader that never answers (a FIFO swapped in after the lookup saw the file), a producer's
+server thread stopped mid-load, a read cancelled under a load, and a shutdown while a load
+hangs. Every such load is bounded (``lookup_timeout_ms``, ZmqPeer's ``timeout_s``): it fails,
+its request computes its prompt and gives HF's greedy tokens, the failure is counted, other
+requests load and run as before, and shutdown returns in bound without a traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tessellm import LLM, SamplingParams
+from tessellm.kv_transfer import KVConnectorRole
+from tests.conftest import hf_greedy
+from tests.core.test_kv_transfer import (BS, _connector, _free_port, _kv, _peer, _prompts,
+                                         _release_fifo, _run)
+
+
+def _keys(path, prompt) -> tuple:
+    (ns,) = os.listdir(path)
+    conn = _connector(path, ns)
+    keys = conn.block_keys(SimpleNamespace(request_id="x", all_token_ids=prompt, lora_request=None,
+                                           block_key=lambda a, b, lora: None))
+    return conn, keys
+
+
+def _hang(conn, key) -> str:
+    """The block's file becomes a FIFO nobody writes (same name): opening it to read blocks."""
+    path = conn.path(key, 0)
+    os.mkfifo(path + ".fifo")
+    os.replace(path + ".fifo", path)
+    return path
+
+
+def _step_until_looked_up(engine, sched, rid: str) -> None:
+    """Steps (``lookup_wait_ms`` 0: the first answers "not yet") until the request's lookup
+    came back, before its load starts."""
+    for _ in range(200):
+        engine.step()
+        look = sched.connector._lookups.get(rid)
+        if look is not None and look.future is not None and look.future.done():
+            return
+        sched.connector.wait_for_lookups(0.05)
+    raise AssertionError("the lookup never came back")
+
+
+def _drive(engine, deadline_s: float) -> dict:
+    outs, t0 = {}, time.monotonic()
+    while engine.has_unfinished_requests():
+        assert time.monotonic() - t0 < deadline_s, "a request hangs"
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
+    return outs
+
+
+@pytest.mark.parametrize("load_async", [True, False], ids=["background", "in-step"])
+def test_a_load_whose_file_hangs_is_given_up_and_recomputed(load_async, tiny_model_dir, tmp_path,
+                                                            caplog):
+    """p's lookup sees its 10 blocks' files; then block 5's file becomes a reader that never
+    answers (a FIFO: the read of its header blocks, as on a hung mount). p's load is given up
+    after ``lookup_timeout_ms`` (0.4 s): its blocks are freed, it computes its prompt and gives
+    HF's tokens; q, in the store too, added meanwhile, loads its 40 tokens and runs as if
+    nothing happened. One load failure counted; the engine's blocks all come back."""
+    model = tiny_model_dir("llama")
+    p, q = _prompts(2, seed=5)
+    want = dict(zip("pq", hf_greedy(model, [p, q], 6)))
+    _run(model, [p, q], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    conn, keys = _keys(tmp_path, p)
+    kv = _kv(tmp_path, "kv_consumer")
+    kv["kv_connector_extra_config"].update(lookup_wait_ms=0, lookup_timeout_ms=400,
+                                           load_async=load_async)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    fifo = None
+    try:
+        with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=64,
+                 max_model_len=128, kv_transfer_config=kv) as llm:
+            engine, sched = llm.engine, llm.engine.core.scheduler
+            engine.add_request("p", {"prompt_token_ids": p}, params)
+            _step_until_looked_up(engine, sched, "p")
+            fifo = _hang(conn, keys[5])
+            engine.add_request("q", {"prompt_token_ids": q}, params)
+            t0 = time.monotonic()
+            outs = _drive(engine, 20)
+            took = time.monotonic() - t0
+            stats = sched.stats().kv_connector
+            assert not sched.kv_loading and sched.kv.num_free_blocks == 64
+    finally:
+        if fifo is not None:
+            _release_fifo(fifo)
+    assert {rid: list(o.outputs[0].token_ids) for rid, o in outs.items()} == want
+    assert (outs["p"].num_cached_tokens, outs["q"].num_cached_tokens) == (0, 40)
+    assert stats["load_failures"] == 1 and stats["hits"] == 40 and stats["blocks_loaded"] == 10
+    assert 0.4 <= took < 10
+    assert "counts as down (a read not done after" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_a_peer_stopped_mid_load_is_a_recompute(tiny_model_dir):
+    """ZmqPeer: a producer engine serves p's blocks; the consumer's lookup finds them, then the
+    producer's server thread is stopped (its socket closed: the peer gone mid-transfer). The
+    consumer's load waits ``timeout_s`` (0.5 s) for a reply, fails, and p computes its prompt
+    with HF's tokens, counted as a load failure; the consumer's next request runs at once."""
+    model = tiny_model_dir("llama")
+    p, q = _prompts(2, seed=7)
+    want = dict(zip("pq", hf_greedy(model, [p, q], 6)))
+    port = _free_port()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+             max_model_len=128, kv_transfer_config=_peer("kv_producer", kv_port=port)) as producer:
+        producer.generate({"prompt_token_ids": p}, params, use_tqdm=False)
+        consumer_kv = _peer("kv_consumer", kv_peer=f"127.0.0.1:{port}", timeout_s=0.5,
+                            lookup_wait_ms=0)
+        with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+                 max_model_len=128, kv_transfer_config=consumer_kv) as llm:
+            engine, sched = llm.engine, llm.engine.core.scheduler
+            engine.add_request("p", {"prompt_token_ids": p}, params)
+            _step_until_looked_up(engine, sched, "p")
+            server = producer.engine.core.runner.kv_connector._server
+            server.close()  # the peer is gone: nothing answers the load's "get"
+            t0 = time.monotonic()
+            outs = _drive(engine, 20)
+            assert time.monotonic() - t0 < 5
+            engine.add_request("q", {"prompt_token_ids": q}, params)
+            outs.update(_drive(engine, 20))
+            stats = sched.stats().kv_connector
+            assert sched.kv.num_free_blocks == 32
+        producer.engine.core.runner.kv_connector._server = None  # closed above
+    assert {rid: list(o.outputs[0].token_ids) for rid, o in outs.items()} == want
+    assert outs["p"].num_cached_tokens == 0 and stats["load_failures"] == 1
+    assert stats["hits"] == 0
+
+
+def test_shutdown_while_a_load_hangs_returns_in_bound_without_a_traceback(tiny_model_dir,
+                                                                          tmp_path, caplog):
+    """A consumer engine whose background load hangs on a file (a FIFO; ``lookup_timeout_ms``
+    30 s, so only the shutdown ends it) is shut down mid-load: it returns within a second or
+    two, logs no traceback and no error, and leaves only daemon threads (the hung read)."""
+    caplog.set_level(logging.INFO)
+    model = tiny_model_dir("llama")
+    (p,) = _prompts(1, seed=9)
+    _run(model, [p], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    conn, keys = _keys(tmp_path, p)
+    kv = _kv(tmp_path, "kv_consumer")
+    kv["kv_connector_extra_config"].update(lookup_wait_ms=0, lookup_timeout_ms=30000)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    fifo = None
+    try:
+        llm = LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+                  max_model_len=128, kv_transfer_config=kv)
+        engine, sched = llm.engine, llm.engine.core.scheduler
+        engine.add_request("p", {"prompt_token_ids": p}, params)
+        _step_until_looked_up(engine, sched, "p")
+        fifo = _hang(conn, keys[0])
+        for _ in range(5):
+            engine.step()
+        assert "p" in sched.kv_loading  # its load hangs on the FIFO
+        t0 = time.monotonic()
+        llm.shutdown()
+        assert time.monotonic() - t0 < 3
+    finally:
+        if fifo is not None:
+            _release_fifo(fifo)
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("tessellm-kv"))
+
+
+def test_a_load_whose_reads_are_cancelled_fails_and_frees_its_buffer(tmp_path):
+    """The worker half: a load in the step whose reads are queued behind a read that hangs
+    (one reader thread, busy with a background load on a FIFO) and then cancelled (the reader
+    pool shut down with its queue cancelled, as at shutdown) returns its request as failed, no
+    CancelledError raised into the step; the background load on the FIFO fails too once the
+    FIFO gives EOF, and a new reader pool loads again (the buffers were not lost)."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+    from tessellm.kv_transfer.threads import DaemonPool
+
+    caches = [torch.randn(16, BS, 2, 8)]
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER, io_threads=1,
+                      lookup_timeout_ms=30000)
+    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    conn.save_kv({"saves": [["a", 1], ["b", 2]]})
+    conn.wait_for_save()
+    os.mkfifo(conn.path("hang", 0))
+    conn.start_load_kv({"async_loads": [["bg", [["hang", 5]]]]})
+    time.sleep(0.1)  # the only reader thread is in the FIFO's open
+    got = []
+    step = threading.Thread(target=lambda: got.append(conn.start_load_kv({"loads": [["r", [["a", 6]]]]})))
+    step.start()
+    time.sleep(0.1)
+    conn._readers.shutdown(wait=False, cancel_futures=True)  # r's queued read: cancelled
+    step.join(5)
+    assert not step.is_alive() and got == [["r"]]
+    _release_fifo(conn.path("hang", 0))
+    assert conn.get_finished_loads(["bg"], timeout=5) == {"bg": False}
+    conn._readers = DaemonPool(1, "tessellm-kv-read")
+    assert conn.start_load_kv({"loads": [["r2", [["a", 7], ["b", 8]]]]}) == []
+    assert torch.equal(caches[0][7], caches[0][1]) and torch.equal(caches[0][8], caches[0][2])
+    conn.shutdown()
