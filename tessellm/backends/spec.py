@@ -837,6 +837,13 @@ class GraphRunner(Protocol):
     calls it before the weights and KV cache move (``core/runner_sleep.py``) and calls
     ``capture`` again after they are back. Without it the old graphs are kept until the new
     capture replaces them (never replayed in between).
+
+    Optional: ``static_outputs = True`` says the runner keeps each captured step's output alive
+    as a static buffer (device graphs do). The engine's steps then write their logits into one
+    buffer shared by every graph, the decode and verify runners' alike, and return a view of
+    its first rows (``core/runner_graphs.py``): one ``[largest size, vocab]`` buffer instead of
+    one per graph, and the engine's memory reserve counts it once. Without it each step
+    returns logits of its own.
     """
 
     name: str

@@ -15,9 +15,10 @@ sizes the KV cache: the caching allocator keeps every block that step allocated,
   bans, top logprobs); prompt logprobs are computed in chunks of at most that many rows
   (``runner_output.prompt_logprobs``).
 
-What the step cannot see, it reserves: the captured decode graphs' pool (each graph keeps its
-own logits output; the largest one's activations are its transient) and their warm-ups on the
-capture stream, both allocated after the cache (``graph_memory_estimate``).
+What the step cannot see, it reserves: the captured graphs' logits buffer (one for every decode
+and verify graph: each writes its logits into its first rows, ``core/runner_graphs.py``), their
+pool (the largest graph's activations and logits are its transient) and their warm-ups on the
+capture stream, all allocated after the cache (``graph_memory_estimate``).
 
 Why the first real run grew the allocator (H100, workload F: +2.56 GiB in 9 new segments in run
 1, none in run 2): torch's CUDA graph context empties the caching allocator before every
@@ -105,17 +106,30 @@ def profile_sampling_params(vocab_size: int) -> SamplingParams:
 
 
 def graph_memory_estimate(capture_sizes: Sequence[int], logits_row_bytes: int,
-                          step_bytes_per_token: float) -> int:
-    """Bytes the decode graphs take after the cache is allocated: in their pool, each graph's
-    logits (``[size, vocab]``, kept as its output), each rounded up to the allocator's 2 MiB,
-    and the largest graph's transient activations; beside it, the warm-up runs before each
-    capture on the capture stream (their blocks are that stream's: the largest step's
-    activations and logits once more). ``step_bytes_per_token``: the profile step's peak over
-    its tokens (an upper bound per decode token)."""
-    if not capture_sizes:
+                          step_bytes_per_token: float, verify_rows: Sequence[Sequence[int]] = (),
+                          shared_logits: bool = True) -> int:
+    """Bytes the captured graphs take after the cache is allocated. Per graph runner (the
+    decode graphs' ``capture_sizes``; speculative decoding's verify runners, one per q, their
+    graphs' token rows ``S * q`` in ``verify_rows``), in its pool: the largest graph's
+    transient activations and logits (``[rows, vocab]``; every smaller graph reuses them) and a
+    2 MiB allowance per graph for its few small buffers; beside the pool, the warm-up runs before
+    each capture on the capture stream (that stream's blocks: the largest step's activations
+    and logits once more). And the logits the graphs keep: with ``shared_logits`` (a runner
+    with ``static_outputs``) one buffer of the most rows of any graph, rounded up to the
+    allocator's 2 MiB; else each graph's own output, each rounded so.
+    ``step_bytes_per_token``: the profile step's peak over its tokens (an upper bound per decode
+    token)."""
+    runners = [tuple(r) for r in (capture_sizes, *verify_rows) if len(r)]
+    if not runners:
         return 0
-    largest = max(capture_sizes)
-    outputs = sum(-(-n * logits_row_bytes // _LARGE_ROUND) * _LARGE_ROUND + _LARGE_ROUND
-                  for n in capture_sizes)
-    transient = int(step_bytes_per_token * largest) + largest * logits_row_bytes
-    return outputs + 2 * transient
+    kept = ([max(max(r) for r in runners)] if shared_logits
+            else [n for r in runners for n in r])
+    logits = sum(_rounded(n * logits_row_bytes) for n in kept)
+    small = _LARGE_ROUND * sum(len(r) for r in runners)
+    transient = sum(int(step_bytes_per_token * max(r)) + max(r) * logits_row_bytes for r in runners)
+    return logits + small + 2 * transient
+
+
+def _rounded(nbytes: int) -> int:
+    """``nbytes`` as the caching allocator holds a large block: in whole 2 MiB."""
+    return -(-nbytes // _LARGE_ROUND) * _LARGE_ROUND

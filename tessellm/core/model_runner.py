@@ -103,6 +103,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.verify_graph_factory = verify_graph_factory
         self.verify_graphs = None  # tessellm.spec_decode.verify_graphs.VerifyGraphs once captured
         self._graphs_ready = False
+        self._share_logits = False  # captured steps write one logits buffer (runner_graphs.py)
+        self.graph_logits: Optional[torch.Tensor] = None
         # Multi-LoRA: the slots on the model's layers (tessellm.lora.worker), or None.
         self.lora = lora
         self._lora_slots: Optional[np.ndarray] = None  # int32 slot per token row; None: no adapter

@@ -7,6 +7,20 @@ None), ``verify_graph_factory`` / ``verify_graphs``, and the flags ``_graphs_rea
 ``_lora_graphs``. Captured decode steps have one query token per row, padded to the graph
 runner's capture sizes; verify steps (speculative decoding) have q per sequence
 (``spec_decode/verify_graphs.py``).
+
+One logits buffer for every graph: a device graph runner keeps each captured step's output as
+a static buffer (``static_outputs``), so a ``[size, vocab]`` logits output per graph would
+hold ~1 GiB for Llama-3.1-8B at the default sizes (8.3 GiB at max_num_seqs 1024). Instead every
+captured step (decode and verify) copies its logits into rows ``[:n]`` of one buffer of
+``[most rows, vocab]`` (``graph_logits``), inside the graph, and returns that view; the logits
+themselves are transient in the graphs' pool, which every graph reuses::
+
+    graph n:  hidden = model(...);  graph_logits[:n] <- compute_logits(hidden);  -> graph_logits[:n]
+
+A replay overwrites what the previous one returned: the runner samples a step's logits (queues
+the sampler on the same stream) before it launches the next step, structured output's deferred
+sampling included (the engine samples it before anything else is launched), and nothing keeps
+them past that (gathered sampled rows are copies).
 """
 
 from __future__ import annotations
@@ -43,6 +57,9 @@ class RunnerGraphs:
             self.graph_runner = None
             return
         width = -(-self.max_model_len // self.block_size)
+        self.graph_logits = None  # allocated by the first step (a warm-up), at graph_logits_rows
+        self._share_logits = getattr(self.graph_runner, "static_outputs", False)
+        self.graph_logits_rows = max((*self.graph_runner.capture_sizes, *self._verify_rows()))
         self._arange = torch.arange(max(self.graph_runner.capture_sizes) + 1, dtype=torch.int32,
                                     device=self.device)
         # LoRA: graphs cover adapter steps when the backend's ops are capturable; else they
@@ -78,17 +95,43 @@ class RunnerGraphs:
                 or not getattr(self.kernel, "supports_graph_capture", False)):
             return 0
         per_token = self.profile_peak_bytes / max(1, self.profile_tokens)
-        total = graph_memory_estimate(getattr(runner, "capture_sizes", ()), self.logits_row_bytes,
-                                      per_token)
+        verify = ()
         spec = self.spec
         if spec is not None and self.verify_graph_factory is not None and not spec.wants_tensors:
             from tessellm.spec_decode.verify_graphs import capture_sizes
 
             # the verify graphs (_capture_verify_graphs): a runner per q, S sequences of q rows
             sizes = capture_sizes(spec.max_num_seqs, spec.config.disable_by_batch_size)
-            for q in range(2, spec.config.num_speculative_tokens + 2):
-                total += graph_memory_estimate([n * q for n in sizes], self.logits_row_bytes, per_token)
-        return total
+            verify = [[n * q for n in sizes] for q in range(2, spec.config.num_speculative_tokens + 2)]
+        return graph_memory_estimate(getattr(runner, "capture_sizes", ()), self.logits_row_bytes,
+                                     per_token, verify, getattr(runner, "static_outputs", False))
+
+    def _verify_rows(self) -> tuple[int, ...]:
+        """The most token rows of a verify graph (``(S * q,)``), () where none is captured."""
+        spec = self.spec
+        if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
+            return ()
+        from tessellm.spec_decode.verify_graphs import max_verify_rows
+
+        rows = max_verify_rows(spec.max_num_seqs, spec.config)
+        return (rows,) if rows else ()
+
+    def _graph_output(self, logits: torch.Tensor) -> torch.Tensor:
+        """What a captured step returns for its ``logits`` (``[n, vocab]``): rows ``[:n]`` of
+        ``graph_logits``, the one buffer of every graph (see the module docstring), where the
+        graph runner keeps static outputs; else ``logits``."""
+        if not self._share_logits:
+            return logits
+        buf = self.graph_logits
+        if buf is None:  # the first (warm-up) step: outside capture, on the capture stream
+            buf = self.graph_logits = logits.new_empty((self.graph_logits_rows, *logits.shape[1:]))
+        out = buf[:logits.shape[0]]
+        out.copy_(logits)
+        return out
+
+    def release_graph_logits(self) -> None:
+        """Drop the graphs' logits buffer (sleep mode, with the graphs)."""
+        self.graph_logits = None
 
     def _capture_verify_graphs(self) -> None:
         """Speculative decoding: graphs of the verify step (q = 2..k+1 tokens per sequence)."""
@@ -116,7 +159,7 @@ class RunnerGraphs:
                                               self.block_size, self.verify_graph_factory,
                                               spec.config.num_speculative_tokens + 1, sizes,
                                               self.lora.batch if self._lora_graphs else None,
-                                              self.mamba)
+                                              self.mamba, self._graph_output)
             self.verify_graphs.capture()
 
     @runner_grad_mode
@@ -146,7 +189,7 @@ class RunnerGraphs:
                                max_query_len=1, max_seq_len=self.max_model_len,
                                query_start_loc_host=[], seq_lens_host=[])
         hidden = self.model(input_ids, positions, self._metadata(batch))
-        return self.model.compute_logits(hidden)
+        return self._graph_output(self.model.compute_logits(hidden))
 
     def _metadata(self, batch: AttentionBatch):
         """The kernel's metadata for the step, or its micro-batches where the decode overlap

@@ -186,6 +186,7 @@ class RunnerSleep:
             self._recapture = True
         runner._graphs_ready = False
         runner.verify_graphs = None
+        runner.release_graph_logits()
         runner._step_tensors = None
         drafter = getattr(runner.spec, "proposer", None)
         if getattr(drafter, "graph_runner", None) is not None:  # a draft model's own graphs

@@ -255,9 +255,12 @@ class Worker:
         self.runner.capture_graphs()
         took = getattr(self.runner.graph_runner, "pool_bytes", None)
         if hasattr(self, "memory_profile") and took is not None:  # against graph_memory_estimate
+            logits = self.runner.graph_logits  # the graphs' one logits buffer, beside the pool
             self.memory_profile["graph_pool"] = took
-            logger.info("Rank %d: the decode graphs' pool holds %.2f GiB (%.2f GiB reserved for "
-                        "the graphs)", self.rank, took / 2**30,
+            self.memory_profile["graph_logits"] = 0 if logits is None else logits.nbytes
+            logger.info("Rank %d: the decode graphs' pool holds %.2f GiB, their logits buffer "
+                        "%.2f GiB (%.2f GiB reserved for the graphs)", self.rank, took / 2**30,
+                        self.memory_profile["graph_logits"] / 2**30,
                         self.memory_profile["graph_estimate"] / 2**30)
         return self.runner.graph_runner is not None
 

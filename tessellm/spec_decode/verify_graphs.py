@@ -8,7 +8,8 @@ on dim 0) buckets by sequences::
     input_ids, positions, slot_mapping:  [S, q]   (flattened to S*q token rows inside)
     seq_lens:                            [S]      padding sequences: q (they read block 0,
     block_tables:                        [S, W]    write nothing: slot -1)
-    output logits:                       [S, q, vocab]
+    output logits:                       [S, q, vocab]   (a view of the logits buffer every
+                                                          captured step shares, runner_graphs.py)
 
 The attention batch has no decodes: one prefill-with-context chunk of q tokens per sequence
 (``query_start_loc = arange(S + 1) * q``), the path the conformance suite checks ("verify").
@@ -56,7 +57,7 @@ def max_verify_rows(max_num_seqs: int, config) -> int:
 class VerifyGraphs:
     def __init__(self, model, kernel, device: torch.device, max_model_len: int, block_size: int,
                  make_runner: Callable[[tuple[int, ...]], object], max_q: int, sizes: tuple[int, ...],
-                 lora_batch=None, mamba=None):
+                 lora_batch=None, mamba=None, output: Optional[Callable] = None):
         self.model = model
         self.kernel = kernel
         self.device = device
@@ -74,6 +75,9 @@ class VerifyGraphs:
         # Recurrent states (``core/mamba_state.MambaStateCache``): the graphs then take each
         # sequence's state slot ([S] int32) and token slots ([S, q] int32) before the table.
         self.mamba = mamba
+        # logits [S * q, vocab] -> what the graph returns: the model runner's view of the one
+        # logits buffer every captured step writes (core/runner_graphs.py); None: the logits.
+        self.output = output or (lambda logits: logits)
 
     def capture(self) -> None:
         for q in range(2, self.max_q + 1):
@@ -120,7 +124,7 @@ class VerifyGraphs:
                                max_query_len=q, max_seq_len=self.max_model_len,
                                query_start_loc_host=[], seq_lens_host=[])
         hidden = self.model(input_ids.reshape(-1), positions.reshape(-1), self.kernel.build_metadata(batch))
-        return self.model.compute_logits(hidden).view(s, q, -1)
+        return self.output(self.model.compute_logits(hidden)).view(s, q, -1)
 
     def bucket(self, host, counts: list[int]) -> Optional[tuple[int, int]]:
         """(q, padded sequences) when this step can replay a verify graph, else None."""

@@ -34,6 +34,9 @@ class CudaGraphRunner:
     """
 
     name = "cuda-graphs"
+    # Each graph keeps its output as a static buffer: the engine's steps then write their
+    # logits into one buffer every graph shares (core/runner_graphs.py), not one per graph.
+    static_outputs = True
 
     def __init__(self, capture_sizes: Sequence[int]):
         self.capture_sizes = tuple(sorted(set(capture_sizes)))

@@ -8,6 +8,10 @@ returned; ``run`` copies the caller's inputs into them and replays::
     capture:  for size in [max .. 1]:  inputs = make_inputs(size); warm up; record step(*inputs)
     run(x):   size = len(x[0]);  static[size] <- x;  graph[size].replay();  -> static_out[size]
 
+``static_out[size]`` is what the step returned while captured: the engine's steps return rows
+of one logits buffer every graph shares (``static_outputs``, core/runner_graphs.py), so the
+graphs keep one logits buffer between them, not one each.
+
 The same code drives CUDA graphs on NVIDIA (it is torch's one graph API), which is where it has
 actually run (see docs/plugins.md, "What ran where").
 """
@@ -31,6 +35,7 @@ class TorchDeviceGraphRunner:
     the installed torch has it (the same API shape)."""
 
     warmup_runs = 2  # eager runs per bucket before capture (lazy allocations, autotuning)
+    static_outputs = True  # the engine's steps then share one logits buffer (runner_graphs.py)
 
     def __init__(self, capture_sizes: Sequence[int], device_api: str = "cuda",
                  name: str = "hip-graphs"):
