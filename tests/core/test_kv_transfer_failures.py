@@ -202,3 +202,39 @@ def test_a_load_whose_reads_are_cancelled_fails_and_frees_its_buffer(tmp_path):
     assert conn.start_load_kv({"loads": [["r2", [["a", 7], ["b", 8]]]]}) == []
     assert torch.equal(caches[0][7], caches[0][1]) and torch.equal(caches[0][8], caches[0][2])
     conn.shutdown()
+
+
+def test_zmq_peer_shutdown_while_a_load_waits_for_a_gone_peer(tiny_model_dir, caplog):
+    """ZmqPeer with ``timeout_s`` 30: the producer's server stops after the consumer's lookup
+    found p's blocks, so p's load waits for a reply that never comes; the consumer engine
+    shut down then returns within 3 s (the reader's wait for the reply ends on the stop, its
+    socket is closed after it, not under it), with no traceback and no connector thread left
+    reading."""
+    caplog.set_level(logging.INFO)
+    model = tiny_model_dir("llama")
+    (p,) = _prompts(1, seed=11)
+    port = _free_port()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+             max_model_len=128, kv_transfer_config=_peer("kv_producer", kv_port=port)) as producer:
+        producer.generate({"prompt_token_ids": p}, params, use_tqdm=False)
+        llm = LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+                  max_model_len=128, kv_transfer_config=_peer(
+                      "kv_consumer", kv_peer=f"127.0.0.1:{port}", timeout_s=30, lookup_wait_ms=0))
+        engine, sched = llm.engine, llm.engine.core.scheduler
+        engine.add_request("p", {"prompt_token_ids": p}, params)
+        _step_until_looked_up(engine, sched, "p")
+        server = producer.engine.core.runner.kv_connector._server
+        server.close()
+        producer.engine.core.runner.kv_connector._server = None
+        for _ in range(5):
+            engine.step()
+        assert "p" in sched.kv_loading  # its "get" waits for the gone peer
+        halves = [sched.connector, llm.engine.core.runner.kv_connector]
+        t0 = time.monotonic()
+        llm.shutdown()
+        assert time.monotonic() - t0 < 3
+        assert all(half._zmq.closed for half in halves)
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("tessellm-kv-read")]
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
