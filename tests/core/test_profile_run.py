@@ -297,3 +297,29 @@ def test_profile_sampler_params_run_on_a_small_vocabulary(vocab):
     sampler = Sampler(torch.device("cpu"))
     batch = build_sampling_batch(rows, lambda i: 0, sampler.device, vocab, (1,))
     sampler(torch.randn(3, vocab), batch)
+
+
+def test_graph_runner_keeps_the_decode_overlap_side_streams_segments_too(monkeypatch):
+    """With the decode overlap on, an eager split step's side-stream blocks are that stream's:
+    graph capture empties them with the current stream's, so the graph runner caches both
+    again (``kept_segments``: each stream's wholly free large segments, read as for the current
+    one), and a side stream of another device is left alone."""
+    from types import SimpleNamespace
+
+    from tessellm.backends.cuda import graph_runner as gr
+    from tessellm.backends.cuda import streams
+
+    def seg(size, stream, used=0):
+        return {"total_size": size, "allocated_size": used, "stream": stream, "device": 0,
+                "segment_type": "large", "segment_pool_id": (0, 0)}
+
+    snapshot = [seg(896 << 20, 7), seg(64 << 20, 9), seg(40 << 20, 9), seg(30 << 20, 9, used=1),
+                seg(20 << 20, 11)]
+    side = SimpleNamespace(cuda_stream=9, device=torch.device("cuda", 0))
+    other = SimpleNamespace(cuda_stream=11, device=torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: snapshot)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=7))
+    monkeypatch.setattr(streams, "side_streams", lambda: [side, other])
+    assert gr.kept_segments() == [(None, [896 << 20]), (side, [64 << 20, 40 << 20])]
+    assert gr.cached_segments(side) == [64 << 20, 40 << 20]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,7 +31,7 @@ class CudaGraphRunner:
     stream before capture (those the memory profile's step left, which the KV cache was sized
     around) are allocated again after it, as they were, so the first real steps find them
     instead of growing the allocator (H100, workload F: +2.56 GiB in 9 segments in run 1;
-    ``core/memory_profile.py``).
+    ``core/memory_profile.py``); so are a decode-overlap side stream's (``kept_segments``).
     """
 
     name = "cuda-graphs"
@@ -49,7 +50,7 @@ class CudaGraphRunner:
         other through programmatic dependent launch (``pdl.py``), compiled by one warm-up on
         the current stream first."""
         stream = torch.cuda.Stream()
-        kept = cached_segments()  # torch.cuda.graph empties the cache: cached again below
+        kept = kept_segments()  # torch.cuda.graph empties the cache: cached again below
         for size in reversed(self.capture_sizes):
             inputs = make_inputs(size)
             stream.wait_stream(torch.cuda.current_stream())
@@ -69,7 +70,8 @@ class CudaGraphRunner:
                 self._pool = graph.pool()
             self._graphs[size] = (graph, inputs, out)
         torch.cuda.synchronize()
-        cache_again(kept)
+        for on, sizes in kept:
+            cache_again(sizes, on)
         self.pool_bytes = pool_bytes(self._pool)
         logger.info("Captured CUDA graphs for %d batch sizes (%d..%d) in a %.2f GiB pool",
                     len(self._graphs), self.capture_sizes[0], self.capture_sizes[-1],
@@ -96,11 +98,22 @@ class CudaGraphRunner:
         return out
 
 
-def cached_segments() -> list[int]:
-    """Sizes of the wholly free large segments the caching allocator holds on the current
-    device and stream, in its default pool ([] where its snapshot reads otherwise)."""
+def kept_segments() -> list[tuple[Optional[Any], list[int]]]:
+    """``cached_segments`` of the current stream (None) and of each decode-overlap side stream
+    (``backends/cuda/streams.py``: an eager split step's side-stream blocks are that stream's)."""
+    from tessellm.backends.cuda.streams import side_streams
+
     device = torch.cuda.current_device()
-    stream = torch.cuda.current_stream().cuda_stream
+    sides = [s for s in side_streams() if s.device.index == device]
+    return [(None, cached_segments())] + [(s, cached_segments(s)) for s in sides]
+
+
+def cached_segments(stream=None) -> list[int]:
+    """Sizes of the wholly free large segments the caching allocator holds on the current
+    device and ``stream`` (default: the current one), in its default pool ([] where its
+    snapshot reads otherwise)."""
+    device = torch.cuda.current_device()
+    stream = (stream if stream is not None else torch.cuda.current_stream()).cuda_stream
     try:
         return [seg["total_size"] for seg in torch.cuda.memory_snapshot()
                 if seg["device"] == device and seg["stream"] == stream and seg["allocated_size"] == 0
@@ -112,13 +125,15 @@ def cached_segments() -> list[int]:
         return []
 
 
-def cache_again(sizes: Sequence[int]) -> None:
-    """Segments of these sizes cached again (allocated together, then freed; each its own
-    segment unless a cached block fits it). Out of memory: a warning, the steps allocate them."""
+def cache_again(sizes: Sequence[int], stream=None) -> None:
+    """Segments of these sizes cached again on ``stream`` (default: the current one; allocated
+    together, then freed; each its own segment unless a cached block fits it). Out of memory: a
+    warning, the steps allocate them."""
     held = []
     try:
-        for n in sorted(sizes, reverse=True):
-            held.append(torch.empty(n, dtype=torch.uint8, device="cuda"))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for n in sorted(sizes, reverse=True):
+                held.append(torch.empty(n, dtype=torch.uint8, device="cuda"))
     except torch.OutOfMemoryError:
         logger.warning("Could not cache %d of %d segments (%.2f GiB) again after graph capture; "
                        "the first steps will allocate them.", len(sizes) - len(held), len(sizes),

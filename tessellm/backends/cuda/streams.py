@@ -5,7 +5,9 @@ it waits for (recorded on the capturing stream), and every side launch is waited
 capturing stream before the capture ends (``models/micro_batches.py`` waits for each one), so
 the graph holds both streams' kernels with the events as its edges. Tensors the side stream
 allocates come from the graph's pool (the caching allocator routes every stream of the capture
-there). Outside capture (eager steps) the same calls order the two streams at run time.
+there). Outside capture (eager steps) the same calls order the two streams at run time, and
+the side stream's tensors come from its own blocks of the caching allocator, which graph capture
+empties with the current stream's: the graph runner caches both again (``side_streams``).
 
 The GEMM SM carve-out (``gemm_sm_carveout``): concurrent kernels overlap only where both find
 free multiprocessors, and cuBLAS sizes a GEMM for all of them. torch's experimental carve-out
@@ -20,8 +22,18 @@ keeps the carved-out grid at every replay. A torch without the carve-out has no
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
+
+# Every side stream made here (this process): the graph runner caches their segments again
+# after capture as it does the current stream's (``graph_runner.cached_segments``).
+_SIDE_STREAMS: "weakref.WeakSet[torch.cuda.Stream]" = weakref.WeakSet()
+
+
+def side_streams() -> list:
+    """The live side streams of ``CudaOverlapStreams`` (their allocator blocks are theirs)."""
+    return list(_SIDE_STREAMS)
 
 
 def _carveout_supported() -> bool:
@@ -58,6 +70,7 @@ class CudaOverlapStreams:
 
     def __init__(self, device: torch.device, priority: int = 0):
         self.stream = torch.cuda.Stream(device=device, priority=priority)
+        _SIDE_STREAMS.add(self.stream)
         # ``OverlapStreams.gemm_sm_carveout`` (optional): None where this torch lacks it
         self.gemm_sm_carveout = gemm_sm_carveout if _carveout_supported() else None
 
