@@ -15,10 +15,21 @@ sizes the KV cache: the caching allocator keeps every block that step allocated,
   bans, top logprobs); prompt logprobs are computed in chunks of at most that many rows
   (``runner_output.prompt_logprobs``).
 
+Speculative decoding, beyond the ``k + 1`` sampled rows: after the sampler, the step runs what a
+verifying step runs next (``SpecDecodeRunner.profile``). A proposer whose drafts carry their
+distribution (``Proposer.draft_distributions``) has every sampled row verified by the rejection
+sampler (``Sampler.verify``: target and draft probabilities, noise, residual, each ``[rows,
+vocab]``, beside the drafts' distributions the requests hold); greedy drafts (every built-in
+proposer) never reach it, their rows go through the sampler above. A drafter with a model of
+its own (draft model, EAGLE / EAGLE-3 head, MTP layer: ``spec_decode/drafter.py``) then runs
+its eager first forward over the step's rows and its ``k - 1`` draft decode steps, beside the
+target's hidden states an EAGLE head reads; its peak is the step's too where larger.
+
 What the step cannot see, it reserves: the captured graphs' logits buffer (one for every decode
 and verify graph: each writes its logits into its first rows, ``core/runner_graphs.py``), their
 pool (the largest graph's activations and logits are its transient) and their warm-ups on the
-capture stream, all allocated after the cache (``graph_memory_estimate``).
+capture stream, all allocated after the cache (``graph_memory_estimate``); and a drafter's own
+draft-step graphs, in a pool of their own (``draft_graph_memory_estimate``, the worker adds it).
 
 Why the first real run grew the allocator (H100, workload F: +2.56 GiB in 9 new segments in run
 1, none in run 2): torch's CUDA graph context empties the caching allocator before every
@@ -133,3 +144,20 @@ def graph_memory_estimate(capture_sizes: Sequence[int], logits_row_bytes: int,
 def _rounded(nbytes: int) -> int:
     """``nbytes`` as the caching allocator holds a large block: in whole 2 MiB."""
     return -(-nbytes // _LARGE_ROUND) * _LARGE_ROUND
+
+
+def draft_graph_memory_estimate(capture_sizes: Sequence[int], output_row_bytes: int,
+                                logits_row_bytes: int, step_bytes_per_token: float) -> int:
+    """Bytes a drafter's captured draft steps take after the cache
+    (``KVDrafter.capture_graphs``: one graph per size in a pool of their own, each keeping its
+    outputs, ``output_row_bytes`` a row: the draft id, and an EAGLE head's hidden state): each
+    graph's outputs rounded up to the allocator's 2 MiB, the largest graph's transient (its
+    activations, ``step_bytes_per_token`` a row: the drafter's profile forward's peak over its
+    tokens, and its logits, which the graph's argmax reads), and that once more for the
+    warm-ups on the capture stream."""
+    if not capture_sizes:
+        return 0
+    largest = max(capture_sizes)
+    outputs = sum(_rounded(n * output_row_bytes) for n in capture_sizes)
+    transient = int(step_bytes_per_token * largest) + largest * logits_row_bytes
+    return outputs + 2 * transient

@@ -149,7 +149,9 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         """The memory profile's step (``core/memory_profile.py``): ``num_tokens`` tokens over
         ``max_num_seqs`` rows, decodes first, prompts of at most ``max_model_len`` (a longer
         one would index rotary tables, sized by the model's context, past their end); then the
-        logits of its sampled rows through the sampler's widest path, and the greedy argmax.
+        logits of its sampled rows through the sampler's widest path, and the greedy argmax;
+        with speculative decoding the rejection sampler where drafts carry a distribution, then
+        the proposer's own forward (``SpecDecodeRunner.profile``, its peak measured alone too).
 
         Its K/V go to one block per layer (every table entry is block 0: the values do not
         matter, the shapes do), so the profile leaves no freed cache blocks behind that no
@@ -177,8 +179,12 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         if self.mamba is not None:
             self.mamba.begin_step(states, counts, profile=True)
         hidden = self.model(ids, positions, self._metadata(attn), self.io.dummy(num_tokens))
+        rows = torch.arange(num_tokens - shape.sampled_rows, num_tokens, device=hidden.device)
+        tensors = None  # a proposer reading the step's hidden states keeps them while it samples
+        if self.spec is not None and self.spec.wants_tensors:
+            tensors = StepTensors(ids, positions, attn.slot_mapping, attn, rows, None, hidden,
+                                  getattr(self.model, "aux_hidden_states", None))
         if self.pp.is_last and self.pooler is None:
-            rows = torch.arange(num_tokens - shape.sampled_rows, num_tokens, device=hidden.device)
             logits = self.model.compute_logits(hidden[rows])
             del hidden
             self.logits_row_bytes = logits.shape[-1] * logits.element_size()
@@ -186,15 +192,28 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
                 self.sampler.argmax(logits)  # greedy step (LLM(...) runs no kernel warm-up)
                 self._profile_sampler(logits, profile_sampling_params(logits.shape[-1]))
             del logits
+        hidden = None
+        step_peak = 0
+        if self.spec is not None:  # then its proposal: a drafter's own forward, measured alone
+            self.backend.synchronize()
+            step_peak = _peak(self.device)
+            _reset_peak(self.device)
+            start = _allocated(self.device)
+            self.spec.profile(counts, bs, tensors)
+            self.backend.synchronize()
+            self.spec.profile_peak_bytes = max(0, _peak(self.device) - start)
+            self.spec.profile_tokens = num_tokens
+        del tensors
         if self.encoder_cache is not None:  # the vision tower's peak too
             self.encoder_cache.profile(num_tokens)
         self.backend.synchronize()
-        self.profile_peak_bytes = max(0, _peak(self.device) - before)
+        self.profile_peak_bytes = max(0, _peak(self.device) - before, step_peak - before)
         self.allocate_kv_cache(0, self.dtype)
 
     def _profile_sampler(self, logits: torch.Tensor, params) -> None:
         """The sampler over ``logits``' rows, each a request using ``params`` (one sampled
-        output token so far: penalties read it)."""
+        output token so far: penalties read it); then, where drafts carry their distribution,
+        the rejection sampler over the same rows as verifying requests (``_sample``)."""
         from tessellm.core.sampling_metadata import build_sampling_batch
 
         rows = [RunnerRequest(f"profile-sample-{i}", [0, 1], 1, params, [], 1)
@@ -203,6 +222,14 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
                                      self.eos_token_ids)
         state = self.sampler.generator.get_state()  # the engine's draws stay those of its seed
         self.sampler(logits, batch)
+        del batch
+        verify = (self.spec.profile_verify_rows(logits.shape[0], logits.shape[-1], params,
+                                                self.sampler.device) if self.spec is not None else None)
+        if verify is not None:  # drafts with their distribution: the rejection sampler's rows
+            rows, sampling, starts = verify
+            batch = build_sampling_batch(rows, lambda i: 0, self.sampler.device, self.vocab_size,
+                                         self.eos_token_ids)
+            self._sample(logits, batch, sampling, starts)
         self.sampler.generator.set_state(state)
 
     # -- steps -----------------------------------------------------------------------------

@@ -189,9 +189,13 @@ class Worker:
             free, total = self.backend.memory_info()
             budget = int(free - total * (1 - args.gpu_memory_utilization))
             graphs = self.runner.graph_memory_estimate()  # allocated after the cache
+            if self.runner.spec is not None:  # and a drafter's own graphs
+                graphs += self.runner.spec.graph_memory_estimate(self.runner.logits_row_bytes)
             budget -= graphs
             self.memory_profile = {"profile_peak": self.runner.profile_peak_bytes,
                                    "graph_estimate": graphs, "free": free, "total": total}
+            if self.runner.spec is not None:
+                self.memory_profile["draft_peak"] = self.runner.spec.profile_peak_bytes
             logger.info("Rank %d: memory profile of %d tokens over %d rows: peak %.2f GiB above "
                         "the weights, %.2f GiB reserved for the decode graphs, %.2f GiB of %.2f "
                         "free left for the KV cache", self.rank, self.runner.profile_tokens,
@@ -254,6 +258,9 @@ class Worker:
         self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
         self.runner.capture_graphs()
         took = getattr(self.runner.graph_runner, "pool_bytes", None)
+        drafter = getattr(getattr(self.runner.spec, "proposer", None), "graph_runner", None)
+        if took is not None and getattr(drafter, "pool_bytes", None) is not None:
+            took += drafter.pool_bytes  # a drafter's own graphs, in their own pool
         if hasattr(self, "memory_profile") and took is not None:  # against graph_memory_estimate
             logits = self.runner.graph_logits  # the graphs' one logits buffer, beside the pool
             self.memory_profile["graph_pool"] = took

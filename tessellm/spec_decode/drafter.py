@@ -106,20 +106,9 @@ class KVDrafter(Proposer):
     def capture_graphs(self) -> None:
         """Capture the draft step per batch size with the backend's graph runner (none on the
         cpu, or with enforce_eager). Needs the KV cache: called once it exists."""
-        from tessellm.backends.spec import GraphSpec
-
         self._capture_tried = True
-        ctx, args = self.ctx, self.ctx.engine_args
-        eager = bool(getattr(args, "enforce_eager", False)) or getattr(ctx.backend, "emulated", False)
-        if ctx.registry is None or not getattr(self.kernel, "supports_graph_capture", False):
-            return
-        from tessellm.spec_decode.verify_graphs import capture_sizes
-
-        # Drafts happen below the load policy's batch cut-off: capture those buckets only.
-        sizes = capture_sizes(ctx.max_num_seqs, self.config.disable_by_batch_size)
-        if not sizes:
-            return
-        runner = ctx.registry.graph_runner(ctx.backend, GraphSpec(max(sizes), eager, sizes, ctx.dtype))
+        ctx = self.ctx
+        runner = self._make_graph_runner()
         if runner is None:
             return
         width = -(-(ctx.max_model_len + self.k) // ctx.block_size)
@@ -139,6 +128,47 @@ class KVDrafter(Proposer):
         self.graph_runner = runner
         logger.info("Speculative decoding: captured the %s draft step for batch sizes %s",
                     self.config.method, runner.capture_sizes)
+
+    def _make_graph_runner(self):
+        """The backend's graph runner for the draft steps (uncaptured), or None: none on this
+        backend (the cpu, enforce_eager), a kernel that cannot be captured, no bucket below the
+        load policy's batch cut-off."""
+        from tessellm.backends.spec import GraphSpec
+        from tessellm.spec_decode.verify_graphs import capture_sizes
+
+        ctx, args = self.ctx, self.ctx.engine_args
+        eager = bool(getattr(args, "enforce_eager", False)) or getattr(ctx.backend, "emulated", False)
+        if ctx.registry is None or not getattr(self.kernel, "supports_graph_capture", False):
+            return None
+        # Drafts happen below the load policy's batch cut-off: capture those buckets only.
+        sizes = capture_sizes(ctx.max_num_seqs, self.config.disable_by_batch_size)
+        if not sizes:
+            return None
+        return ctx.registry.graph_runner(ctx.backend, GraphSpec(max(sizes), eager, sizes, ctx.dtype))
+
+    def graph_memory_estimate(self, logits_row_bytes: int, step_bytes_per_token: float) -> int:
+        """``draft_graph_memory_estimate`` over the sizes ``capture_graphs`` will capture; the
+        outputs a row: the draft id and, for an EAGLE head, its hidden state; the logits a row
+        the target's (the same tokenizer: an upper bound where a head has a smaller vocabulary)."""
+        from tessellm.core.memory_profile import draft_graph_memory_estimate
+
+        runner = self._make_graph_runner()
+        if runner is None:
+            return 0
+        row = 8 + (self.hidden_size or 0) * torch.empty((), dtype=self.ctx.dtype).element_size()
+        return draft_graph_memory_estimate(getattr(runner, "capture_sizes", ()), row,
+                                           logits_row_bytes, step_bytes_per_token)
+
+    def profile(self, inp) -> None:
+        """``propose`` with every step eager (the graphs come after the cache); the profile's
+        requests forgotten after it."""
+        tried, runner = self._capture_tried, self.graph_runner
+        self._capture_tried, self.graph_runner = True, None
+        try:
+            self.propose(inp)
+        finally:
+            self._capture_tried, self.graph_runner = tried, runner
+            self.remove_requests(inp.order)
 
     def _graph_step(self, ids, positions, slots, seq_lens, *rest):
         """``rest``: (hidden, block table) for EAGLE, (block table,) for a draft model."""

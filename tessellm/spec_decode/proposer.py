@@ -101,6 +101,9 @@ class Proposer:
     aux_hidden_layers: tuple[int, ...] = ()  # ... with these layers' inputs (EAGLE-3)
     # KV slots past a request's computed tokens the scheduler keeps allocated (draft models: k)
     num_lookahead_tokens: int = 0
+    # Proposals may carry ``draft_probs``: the rejection sampler verifies them (the memory
+    # profile runs it over its sampled rows). False: point-mass drafts (every built-in method).
+    draft_distributions: bool = False
 
     def __init__(self, ctx: ProposerContext):
         self.ctx = ctx
@@ -115,6 +118,18 @@ class Proposer:
 
     def capture_graphs(self) -> None:
         """Called after the KV cache exists, when the target captures its graphs."""
+
+    def profile(self, inp: ProposeInput) -> None:
+        """The memory profile's proposal (``core/memory_profile.py``), after the profile step:
+        ``inp`` has every row sampled and ``max_drafts`` drafts wanted; whatever ``propose``
+        allocates on the device should be allocated here at its largest (no graphs: they are
+        captured after the cache, ``graph_memory_estimate``), and nothing kept. Nothing here
+        (a proposer that drafts on the host)."""
+
+    def graph_memory_estimate(self, logits_row_bytes: int, step_bytes_per_token: float) -> int:
+        """Bytes ``capture_graphs`` will allocate, reserved before the KV cache is sized:
+        ``step_bytes_per_token``, the peak of ``profile`` over its tokens. 0 here."""
+        return 0
 
     def propose(self, inp: ProposeInput) -> Proposal:
         raise NotImplementedError

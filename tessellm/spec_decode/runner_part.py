@@ -40,6 +40,10 @@ class SpecDecodeRunner:
         self.proposer = proposer
         self.max_num_seqs = max_num_seqs
         self.num_lookahead_tokens = config.num_lookahead_tokens
+        # Set by the memory profile (``profile``): the proposer's peak above what was allocated
+        # before it (0: not measured here), over the profile step's tokens.
+        self.profile_peak_bytes = 0
+        self.profile_tokens = 0
 
     @property
     def wants_tensors(self) -> bool:
@@ -117,6 +121,52 @@ class SpecDecodeRunner:
         for st in sampling_states:
             st.draft_probs = None  # used once
         return ids.to(device), probs, has.to(device)
+
+
+    # -- the memory profile (core/memory_profile.py) -----------------------------------------
+
+    def profile_verify_rows(self, num_rows: int, vocab: int, params, device: torch.device):
+        """The profile step's sampled rows as verifying requests for the rejection sampler:
+        (rows, sampling states, starts) as ``_sampled_rows`` gives them, every request
+        verifying k drafts (the last what rows are left) with a draft distribution held on
+        the device, as proposals leave them; None where the proposer's drafts are point masses
+        (the runner's sample-and-match then uses the sampler, never ``Sampler.verify``)."""
+        from tessellm.core.input_batch import RunnerRequest
+
+        if not self.proposer.draft_distributions:
+            return None
+        q = self.config.num_speculative_tokens + 1
+        rows, sampling, starts = [], [], [0]
+        for i, first in enumerate(range(0, num_rows, q)):
+            n = min(q, num_rows - first)
+            st = RunnerRequest(f"profile-verify-{i}", [0, 1], 1, params, [], 1,
+                               spec_token_ids=[0] * (n - 1),
+                               draft_probs=torch.full((q - 1, vocab), 1.0 / vocab, device=device))
+            rows.extend([st] * n)
+            sampling.append(st)
+            starts.append(starts[-1] + n)
+        return rows, sampling, starts
+
+    def profile(self, counts: list[int], block_size: int, tensors: Optional[StepTensors]) -> None:
+        """The proposal after the profile step (``Proposer.profile``): row i a request whose
+        ``counts[i]`` tokens from position 0 were just computed and one token sampled, each
+        wanting k drafts, with blocks for them (every one block 0, as the profile step's: the
+        K/V values do not matter). ``tensors``: the step's, for a proposer that reads them."""
+        from tessellm.core.input_batch import RunnerRequest
+        from tessellm.core.sampling_params import SamplingParams
+
+        k = self.config.num_speculative_tokens
+        params = SamplingParams(max_tokens=k + 1)
+        order = [f"profile-{i}" for i in range(len(counts))]
+        states = [RunnerRequest(rid, [0] * (n + 1), n, params, [0] * -(-(n + 1 + k) // block_size), n)
+                  for rid, n in zip(order, counts)]
+        self.proposer.profile(ProposeInput(order, states, list(counts), {rid: [0] for rid in order},
+                                           {}, k, tensors))
+
+    def graph_memory_estimate(self, logits_row_bytes: int) -> int:
+        """The proposer's graphs' bytes (``Proposer.graph_memory_estimate``), from its profile."""
+        per_token = self.profile_peak_bytes / max(1, self.profile_tokens)
+        return self.proposer.graph_memory_estimate(logits_row_bytes, per_token)
 
 
 def build_spec_decode(args, model, kernel, backend, device, dtype, max_model_len: int,
