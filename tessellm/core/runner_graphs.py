@@ -86,7 +86,8 @@ class RunnerGraphs:
     def graph_memory_estimate(self) -> int:
         """Bytes ``capture_graphs`` will allocate, for the KV cache's sizing before it
         (``core/memory_profile.graph_memory_estimate``; ``profile_run`` measured its inputs),
-        speculative decoding's verify graphs included (not a draft model's own graphs). 0
+        speculative decoding's verify graphs included (a drafter's own graphs: the worker adds
+        ``SpecDecodeRunner.graph_memory_estimate``). 0
         without captured decode graphs (eager, or a compiling device's buckets)."""
         from tessellm.core.memory_profile import graph_memory_estimate
 
