@@ -51,7 +51,9 @@ def _stream_segments(stream) -> tuple[int, int, int]:
 def _pools(runner) -> dict:
     verify = getattr(runner, "verify_graphs", None)
     drafter = getattr(getattr(runner.spec, "proposer", None), "graph_runner", None)
+    logits = getattr(runner, "graph_logits", None)  # the graphs' one logits buffer (beside the pools)
     return {"decode": getattr(runner.graph_runner, "pool_bytes", 0) or 0,
+            "logits": 0 if logits is None else logits.nbytes,
             "verify": sum(getattr(r, "pool_bytes", 0) or 0 for r in (verify.runners.values() if verify else ())),
             "draft": getattr(drafter, "pool_bytes", 0) or 0}
 
@@ -88,7 +90,8 @@ def main() -> None:
     print(f"[{lbl}] start {time.perf_counter() - t0:.1f} s | memory profile: step peak "
           f"{mp['profile_peak'] / GIB:.2f} GiB above the weights (drafter alone "
           f"{mp.get('draft_peak', 0) / GIB:.2f}), graphs reserved {mp['graph_estimate'] / GIB:.2f} GiB"
-          f" / pools decode {pools['decode'] / GIB:.2f} + verify {pools['verify'] / GIB:.2f} + draft "
+          f" / pools decode {pools['decode'] / GIB:.2f} + logits {pools['logits'] / GIB:.2f} + verify "
+          f"{pools['verify'] / GIB:.2f} + draft "
           f"{pools['draft'] / GIB:.2f} = {sum(pools.values()) / GIB:.2f} GiB, free at sizing "
           f"{mp['free'] / GIB:.2f} of {mp['total'] / GIB:.2f} GiB, {llm.engine.info.num_kv_blocks} KV blocks",
           flush=True)
