@@ -149,19 +149,22 @@ class SpecDecodeRunner:
 
     def profile(self, counts: list[int], block_size: int, tensors: Optional[StepTensors]) -> None:
         """The proposal after the profile step (``Proposer.profile``): row i a request whose
-        ``counts[i]`` tokens from position 0 were just computed and one token sampled, each
-        wanting k drafts, with blocks for them (every one block 0, as the profile step's: the
-        K/V values do not matter). ``tensors``: the step's, for a proposer that reads them."""
+        ``counts[i]`` tokens from position 0 were just computed and one token sampled (a row
+        filling the context samples none: a prompt chunk), each wanting k drafts, with blocks
+        for them (every one block 0, as the profile step's: the K/V values do not matter).
+        ``tensors``: the step's, for a proposer that reads them."""
         from tessellm.core.input_batch import RunnerRequest
         from tessellm.core.sampling_params import SamplingParams
 
         k = self.config.num_speculative_tokens
         params = SamplingParams(max_tokens=k + 1)
+        context = self.proposer.ctx.max_model_len
         order = [f"profile-{i}" for i in range(len(counts))]
-        states = [RunnerRequest(rid, [0] * (n + 1), n, params, [0] * -(-(n + 1 + k) // block_size), n)
+        states = [RunnerRequest(rid, [0] * (n + (n < context)), n, params,
+                                [0] * -(-(n + 1 + k) // block_size), n)
                   for rid, n in zip(order, counts)]
-        self.proposer.profile(ProposeInput(order, states, list(counts), {rid: [0] for rid in order},
-                                           {}, k, tensors))
+        sampled = {rid: [0] for rid, n in zip(order, counts) if n < context}
+        self.proposer.profile(ProposeInput(order, states, list(counts), sampled, {}, k, tensors))
 
     def graph_memory_estimate(self, logits_row_bytes: int) -> int:
         """The proposer's graphs' bytes (``Proposer.graph_memory_estimate``), from its profile."""

@@ -121,3 +121,26 @@ def test_draft_graph_reserve_covers_the_draft_steps_outputs_and_logits(models): 
         assert reserve == draft_graph_memory_estimate(sizes, 8 + 4 * proposer.hidden_size,
                                                       runner.logits_row_bytes,
                                                       runner.spec.profile_peak_bytes / 24)
+
+
+def test_profile_drafter_stays_inside_the_context(models):  # noqa: F811
+    """Profile rows that fill the context sample nothing (as no real step's could): the draft
+    model is fed their tokens, none past ``max_model_len``, and drafts for none of them."""
+    engine = dict(ENGINE, max_model_len=16, max_num_seqs=2, max_num_batched_tokens=32)
+    with LLM(models["target"], speculative_config=_spec("draft_model", models["draft"], K), **engine) as llm:
+        runner = llm.engine.core.runner
+        proposer = runner.spec.proposer
+        seen = []
+        real = proposer.model.forward
+
+        def spy(ids, positions, *rest):
+            seen.append((ids.shape[0], int(positions.max())))
+            return real(ids, positions, *rest)
+
+        proposer.model.forward = spy
+        try:
+            _profile_with_restored_cache(runner, 32)
+        finally:
+            del proposer.model.forward
+        assert profile_shape(32, 2, 16, K).counts == (16, 16)
+        assert seen == [(32, 15)]  # both prompts fed, no draft step
