@@ -30,12 +30,42 @@ for _key, _value in _envs.engine_process_env_defaults().items():
     os.environ.setdefault(_key, _value)
 
 
+# The suite outside tests/kernels and the gpu-marked tests is the CPU suite: its engines leave
+# ``device`` at "auto", which CI (no GPU) resolves to the cpu backend. Where a GPU is visible, auto
+# would pick it (bf16 by default, CUDA graphs, compiled Triton) under tests written for the cpu
+# backend's float32 results; so for them "auto" means cpu, as on CI. Tests in tests/kernels and
+# gpu-marked tests keep the real auto (a test that names its device is never changed; nor an
+# emulated one: emulate needs an explicit device; nor a test marked auto_device, about the
+# default itself). Only this process: a test that starts a server or CLI as a child passes
+# --device cpu. TESSELLM_TESTS_AUTO_CPU=1 applies this on a machine without a GPU too (to check
+# it), =0 never.
+_AUTO_CPU = {"1": True, "0": False}.get(os.environ.get("TESSELLM_TESTS_AUTO_CPU", ""),
+                                        torch.cuda.is_available())
+_auto_cpu_now = [False]  # for the test being set up (its module fixtures are built in its setup)
+if _AUTO_CPU:
+    from tessellm.config import EngineArgs as _EngineArgs
+
+    _post_init = _EngineArgs.__post_init__
+
+    def _auto_is_cpu_for_cpu_tests(self) -> None:
+        _post_init(self)
+        if _auto_cpu_now[0] and self.device == "auto" and not self.emulate:
+            self.device = "cpu"
+
+    _EngineArgs.__post_init__ = _auto_is_cpu_for_cpu_tests
+
+
 def pytest_runtest_setup(item):
-    """``@pytest.mark.interpreted``: the test runs Triton kernels on host tensors (an emulated
+    """Where a GPU is visible, "auto" means the cpu backend for the CPU suite's engines (above).
+
+    ``@pytest.mark.interpreted``: the test runs Triton kernels on host tensors (an emulated
     cuda / rocm backend, or the kernels called on CPU tensors), which only Triton's interpreter
-    can do. Where a GPU is visible,
-    TRITON_INTERPRET stays unset (the kernels compile for the GPU), so such a test skips; the
-    same kernels run on the GPU in tests/kernels and the ``gpu``-marked tests."""
+    can do. Where a GPU is visible, TRITON_INTERPRET stays unset (the kernels compile for the
+    GPU), so such a test skips; the same kernels run on the GPU in tests/kernels and the
+    ``gpu``-marked tests."""
+    in_kernels = os.sep + os.path.join("tests", "kernels") + os.sep in str(item.path)
+    _auto_cpu_now[0] = (_AUTO_CPU and not in_kernels and item.get_closest_marker("gpu") is None
+                        and item.get_closest_marker("auto_device") is None)
     if item.get_closest_marker("interpreted") and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels on host tensors (emulated cuda/rocm) need TRITON_INTERPRET=1; "
                     "with a GPU, tests/kernels and -m gpu run these kernels on the device")

@@ -10,7 +10,7 @@ import sys
 from tessellm import LLM, SamplingParams
 from tests.multimodal.tiny_llava import PROMPT, image
 
-ARGS = ["--dtype", "float32", "--num-kv-blocks", "32", "--block-size", "4", "--max-tokens", "6"]
+ARGS = ["--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "32", "--block-size", "4", "--max-tokens", "6"]
 
 
 def _cli(llava_dir, *args):

@@ -23,8 +23,8 @@ from tessellm.quantization.packed import Fp8Weight
 ON_GPU = torch.cuda.is_available()
 # On a GPU the cuda backend in bf16 (its one-row e4m3 GEMV takes bf16); on the CPU float32.
 # Eager: the forward hook below must see every decode step (a graph replay runs no hook).
-KW = dict(dtype="bfloat16" if ON_GPU else "float32", max_model_len=128, num_kv_blocks=32,
-          max_num_seqs=2, enforce_eager=True)
+KW = dict(device="cuda" if ON_GPU else "cpu", dtype="bfloat16" if ON_GPU else "float32",
+          max_model_len=128, num_kv_blocks=32, max_num_seqs=2, enforce_eager=True)
 PROMPT = [[(5 * j + 3) % 384 for j in range(9)]]
 W8A16_MAX_ROWS = 32 if ON_GPU else 0  # where the backend's fp8_mm is weight-only (cpu: never)
 

@@ -47,6 +47,7 @@ def test_config_flat_dotted_strings_become_typed_fields():
     assert names.server_config().served_model_names == ["a", "b"]
 
 
+@pytest.mark.auto_device  # the CLI's device default, resolved from the cluster
 def test_cli_flags_make_a_config_and_auto_device_follows_the_cluster():
     from tessellm.entrypoints.ray_serve.launch import config_from_args, resolve_auto_device
     from tessellm.entrypoints.serve import _server_config, add_serve_arguments

@@ -23,7 +23,9 @@ import pytest
 
 API_KEY = "sk-tessellm-test"
 MODEL = "SmolLM2-135M-Instruct"
-SERVER_ARGS = ["--max-model-len", "1024", "--num-kv-blocks", "512", "--max-num-seqs", "64",
+# --device cpu: the server tests are CPU tests, on a GPU machine too (tests/conftest.py pins
+# "auto" in this process only; the server is a child)
+SERVER_ARGS = ["--device", "cpu", "--max-model-len", "1024", "--num-kv-blocks", "512", "--max-num-seqs", "64",
                "--sse-keepalive", "0.2", "--max-body-bytes", "1000000", "--max-n", "4",
                "--max-logprobs", "5"]
 START_TIMEOUT_S = 240
