@@ -45,7 +45,8 @@ def pytest_runtest_logreport(report):
 
 
 def summarise(paths: list[str]) -> int:
-    """Counts per file and every failure / error with its reason; 1 if any failed."""
+    """Counts per file and every failure / error with its reason (and, where FILE's .rc sibling
+    holds a time limit's exit status, that the part was cut off); 1 if any failed or was cut."""
     bad = 0
     for path in paths:
         counts: dict[str, int] = {}
@@ -58,6 +59,13 @@ def summarise(paths: list[str]) -> int:
                     failures.append(f"  {outcome.upper()} {nodeid}: {reason}")
         name = os.path.basename(path).removesuffix(".outcomes")
         summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no test ran"
+        rc_path = path.removesuffix(".outcomes") + ".rc"  # the device scripts' exit status
+        rc = open(rc_path).read().strip() if os.path.exists(rc_path) else None
+        if rc in ("124", "137"):
+            summary += f" (rc={rc}: cut off by its time limit; the rest did not run)"
+            bad += 1
+        elif rc not in (None, "0"):
+            summary += f" (rc={rc})"
         print(f"{name}: {summary}")
         print("\n".join(failures))
         bad += len(failures)
