@@ -13,9 +13,10 @@
 # graphs' pool inside the graphs' reserve), "RUN ... covered" (the batch's step peak not above
 # the profile's), segments +0 (or a few small ones), OOMs +0, no OutOfMemoryError, device memory
 # "under" its limit; overlap90: "side stream at ready: ... N wholly free cached" with N > 0 (before
-# the fix: 0) and its RUN segments +0. ~4 minutes (Triton cache shared by the parts); 6 at the boxes.
+# the fix: 0) and its RUN segments +0; side_stream_test: 1 passed (a side stream's free segment
+# cached again after a capture). ~4 minutes (Triton cache shared by the parts); 7 at the boxes.
 #   bash benchmarks/specprof_device.sh     (repo root; carry .whl and tessellm.egg-info as usual)
-# Knobs: D90_S / D95_S / EAGLE_S / OV_S (part limits, seconds; 0 skips), K (draft tokens, 4).
+# Knobs: D90_S / D95_S / EAGLE_S / OV_S / TEST_S (part limits, seconds; 0 skips), K (draft tokens, 4).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 source benchmarks/device_env.sh
@@ -41,4 +42,6 @@ part() {  # part NAME SECONDS ARGS...
   part draft95 "${D95_S:-90}" --spec "$DRAFT" --gpu-memory-utilization 0.95
   part eagle90 "${EAGLE_S:-0}" --spec "$EAGLE"
   part overlap90 "${OV_S:-90}" --decode-overlap --max-num-batched-tokens 2048
+  t side_stream_test "${TEST_S:-60}" python3 -m pytest -q -p no:cacheprovider \
+    tests/models/test_cuda_decode_overlap.py -k side_streams
 } 2>&1 | tee "$OUT/specprof_log.txt"

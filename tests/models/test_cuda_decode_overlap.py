@@ -97,3 +97,23 @@ def test_carveout_scope_sets_and_restores():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     with pytest.raises(ValueError, match="decode_overlap_sm_carveout"):
         streams.gemm_sm_carveout(sms)
+
+
+def test_graph_capture_caches_the_side_streams_segments_again():
+    """torch's CUDA graph context empties the caching allocator: the side stream's wholly free
+    segments (an eager split step's, the memory profile's among them) are cached again after
+    the captures, on that stream, as the current stream's are (``graph_runner.kept_segments``)."""
+    from tessellm.backends.cuda.graph_runner import CudaGraphRunner, cached_segments
+    from tessellm.backends.cuda.streams import overlap_streams
+
+    streams = overlap_streams()
+    with streams.side(streams.record()):
+        block = torch.ones(48 << 20, dtype=torch.uint8, device="cuda")
+        done = streams.record()
+    streams.wait(done)
+    torch.cuda.synchronize()
+    del block
+    before = sorted(cached_segments(streams.stream))
+    assert before  # (a pooled stream may hold segments of an earlier test's too)
+    CudaGraphRunner([1, 2]).capture(lambda x: x * 2, lambda n: (torch.zeros(n, device="cuda"),))
+    assert sorted(cached_segments(streams.stream)) == before

@@ -70,7 +70,10 @@ class CudaOverlapStreams:
 
     def __init__(self, device: torch.device, priority: int = 0):
         self.stream = torch.cuda.Stream(device=device, priority=priority)
-        _SIDE_STREAMS.add(self.stream)
+        try:
+            _SIDE_STREAMS.add(self.stream)
+        except TypeError:  # (a stream type without weak references: not cached again, as before)
+            pass
         # ``OverlapStreams.gemm_sm_carveout`` (optional): None where this torch lacks it
         self.gemm_sm_carveout = gemm_sm_carveout if _carveout_supported() else None
 
