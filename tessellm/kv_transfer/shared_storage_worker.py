@@ -413,7 +413,8 @@ class SharedStorageWorker:
         store is marked down: saves skip it). The bound is on progress, the load's own: no
         block of the chunk started (or, from a peer, no reply came) for ``load_timeout``
         since the later of that and this wait's start; another load's hung read does not fail
-        this one unless this one's reads queue behind it."""
+        this one, unless every reader thread is in a read hung past the bound: then reads
+        queued cannot start, and the load fails at once."""
         start = time.monotonic()
         while True:
             pending = [f for f in c.futures if not f.done()]
@@ -423,6 +424,9 @@ class SharedStorageWorker:
                 raise _LoadGivenUp("the connector shuts down")
             now = time.monotonic()
             hung = now - max(start, c.clock[0])
+            stuck = [t for t in list(self._read_since.values()) if now - t > self.load_timeout]
+            if len(stuck) >= self.io_threads and not all(f.running() for f in pending):
+                raise _LoadGivenUp(f"every reader thread hangs in a read of {self.store_name()}")
             if hung > self.load_timeout:
                 self._worker_down(f"a read not done after {hung:.1f} s", give_up=False)
                 raise _LoadGivenUp(f"a read of {self.store_name()} not done after {hung:.1f} s")

@@ -240,3 +240,36 @@ def test_zmq_peer_shutdown_while_a_load_waits_for_a_gone_peer(tiny_model_dir, ca
         assert not [t.name for t in threading.enumerate() if t.name.startswith("tessellm-kv-read")]
     assert "Traceback" not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_loads_behind_reader_threads_that_all_hang_fail_at_once(tmp_path):
+    """The worker half with one reader thread: a load whose file hangs (a FIFO) fails after
+    ``lookup_timeout_ms`` (0.3 s) and marks the store down; the next load, whose read cannot
+    start while the only reader hangs, fails at once; once the FIFO answers, loads work again
+    (nothing lost: the staging buffer the hung read held was replaced)."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+
+    caches = [torch.randn(16, BS, 2, 8)]
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER, io_threads=1, lookup_timeout_ms=300)
+    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    conn.save_kv({"saves": [["a", 1]]})
+    conn.wait_for_save()
+    fifo = conn.path("hang", 0)
+    os.mkfifo(fifo)
+    try:
+        t0 = time.monotonic()
+        assert conn.start_load_kv({"loads": [["r1", [["hang", 5]]]]}) == ["r1"]
+        assert 0.3 <= time.monotonic() - t0 < 3 and conn.health.is_down
+        t0 = time.monotonic()
+        conn.start_load_kv({"async_loads": [["r2", [["a", 6]]]]})
+        assert conn.get_finished_loads(["r2"], timeout=5) == {"r2": False}
+        assert time.monotonic() - t0 < 0.25
+    finally:
+        _release_fifo(fifo)
+    deadline = time.monotonic() + 5
+    while conn._read_since:  # the hung read returns (EOF: a miss)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert conn.start_load_kv({"loads": [["r3", [["a", 7]]]]}) == []
+    assert torch.equal(caches[0][7], caches[0][1])
+    conn.shutdown()
