@@ -29,6 +29,7 @@ def emulated_backend(backend):
 
     if getattr(backend, "emulated", False):
         return backend
+    _check_emulation_env(backend)
     device_type = backend.capabilities.get("emulation_device_type", "cpu")
     if device_type == "xla":
         os.environ.setdefault("PJRT_DEVICE", "CPU")  # read by torch-xla at its first use
@@ -40,6 +41,22 @@ def emulated_backend(backend):
         is_available=lambda: True,
         memory_info=None, synchronize=backend.synchronize if device_type != "cpu" else _no_sync,
         description=f"[emulated on {device_type} tensors] {backend.description}")
+
+
+def _check_emulation_env(backend) -> None:
+    """The backend's ``emulation_env`` (spec.CAPABILITIES) is set, or one error naming the fix.
+    Without it the first kernel launch fails deep in the kernel library (Triton compiled for a
+    device instead of interpreted: "0 active drivers", or "cpu tensor?" where a GPU is)."""
+    from tessellm.backends.registry import DeviceError
+
+    needed = backend.capabilities.get("emulation_env") or {}
+    missing = {k: v for k, v in needed.items() if os.environ.get(k) != v}
+    if missing:
+        assign = " ".join(f"{k}={v}" for k, v in missing.items())
+        raise DeviceError(f"Emulating {backend.name!r} runs its kernels on host tensors, which "
+                          f"needs {assign} in the environment before the process starts (read when "
+                          f"the kernels are imported), e.g. `{assign} tessellm serve --device "
+                          f"{backend.name} --emulate`.")
 
 
 def _factory(*args, **kwargs):

@@ -196,6 +196,9 @@ CAPABILITIES = {
                    "supports_key_limits"),
     "lora": ("informative", "bool: the backend has batched LoRA ops of its own (the engine asks "
              "tessellm_lora_ops; without them it runs the pure-torch reference)"),
+    "emulation_env": ("enforced", "dict: environment variables an emulated run of the backend "
+                      "needs, set before its kernels are imported (cuda, rocm: TRITON_INTERPRET=1, "
+                      "Triton's interpreter on host tensors); emulate refuses to start without them"),
     "decode_overlap": ("informative", "bool: a second device stream for the decode micro-batch "
                        "overlap (--enable-decode-overlap); what the engine uses is "
                        "Backend.overlap_streams (and its OverlapStreams.gemm_sm_carveout)"),

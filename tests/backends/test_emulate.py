@@ -38,6 +38,24 @@ def test_emulate_needs_an_explicit_device(tiny_llama):
         LLM(tiny_llama, emulate=True, **ENGINE)
 
 
+@pytest.mark.parametrize("device", ["cuda", "rocm"])
+def test_emulated_triton_backend_without_the_interpreter_says_how(tiny_llama, monkeypatch, device):
+    """cuda / rocm emulated run Triton's interpreter, which TRITON_INTERPRET=1 turns on when the
+    kernels are imported: without it, one sentence at start naming the variable (not Triton's
+    "0 active drivers" at the first launch); the xpu emulation needs nothing."""
+    from tessellm import LLM
+    from tessellm.backends.registry import DeviceError, get_registry
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(DeviceError, match=f"Emulating '{device}' .* needs TRITON_INTERPRET=1 in "
+                                          "the environment before the process starts"):
+        LLM(tiny_llama, device=device, emulate=True, **ENGINE)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(DeviceError, match="TRITON_INTERPRET=1"):
+        get_registry().select(device, emulate=True)
+    assert get_registry().select("xpu", emulate=True).emulated
+
+
 def test_emulate_unknown_device_is_refused():
     from tessellm.backends.registry import DeviceError, get_registry
 

@@ -281,6 +281,7 @@ def test_gguf_split_off_block_boundaries_refused(tmp_path):
     _build(path, "cpu", TensorParallel(0, 1), quantization="gguf")  # whole on one device
 
 
+@pytest.mark.interpreted  # emulated cuda
 def test_gptq_act_order_refused_before_workers_start(sharp, tmp_path):
     from tessellm import LLM
 
@@ -295,6 +296,7 @@ def test_gptq_act_order_refused_before_workers_start(sharp, tmp_path):
         LLM(path, device="cuda", emulate=True, num_kv_blocks=16, tensor_parallel_size=2)
 
 
+@pytest.mark.interpreted  # emulated cuda
 def test_load_time_refusal_reaches_the_engine_caller(sharp, tmp_path):
     """The refusal is raised while a worker loads its layers (it needs their sizes); the
     engine fails at start-up with that sentence, naming the rank."""

@@ -49,7 +49,9 @@ def tessellm_register_backends(register):
                       "kv_cache_dtypes": ["auto", "fp8"], "lora": True, "logit_softcap": True,
                       "attention_sinks": True, "mla": True, "mamba2": True, "gated_delta": True,
                       "decode_overlap": True,
-                      "key_limits": True},
+                      "key_limits": True,
+                      # --emulate: the Triton kernels in Triton's interpreter on host tensors
+                      "emulation_env": {"TRITON_INTERPRET": "1"}},
     ))
 
 

@@ -49,7 +49,9 @@ def tessellm_register_backends(register):
                       "kv_cache_dtypes": ["auto"], "sliding_window": True, "lora": True,
                       "logit_softcap": True, "attention_sinks": True, "mla": True, "mamba2": True,
                       "gated_delta": True, "key_limits": True,
-                      "communicator": "rccl (torch 'nccl')"},
+                      "communicator": "rccl (torch 'nccl')",
+                      # --emulate: the Triton kernels in Triton's interpreter on host tensors
+                      "emulation_env": {"TRITON_INTERPRET": "1"}},
     ))
 
 
