@@ -71,6 +71,27 @@ def test_decode_and_verify_graphs_share_one_logits_buffer_and_keep_hf_tokens(mod
         assert stats.num_accepted_tokens == stats.num_draft_tokens > 0
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_steps_in_flight_sample_their_logits_before_the_next_replay(model, speculative):
+    """Async scheduling: a step is launched while the one before is in flight (its tokens fed
+    on the device); each step's sampler is queued before the next replay overwrites the buffer,
+    so the tokens stay HF's (with speculation: steps ahead verify through the shared buffer)."""
+    want = hf_greedy(model, PROMPTS, MAX_TOKENS)
+    spec = None
+    if speculative:
+        spec = {"method": "replay", "num_speculative_tokens": 3,
+                "replay_records": [{"prompt_token_ids": p, "output_token_ids": w}
+                                   for p, w in zip(PROMPTS, want)]}
+    with LLM(model, async_scheduling=True, speculative_config=spec, **ENGINE) as llm:
+        assert llm.engine.core.max_in_flight == 2
+        runner = _captured(llm)
+        assert _tokens(llm) == want
+        replays = runner.graph_runner.replays
+        if speculative:
+            replays += sum(v.replays for v in runner.verify_graphs.runners.values())
+        assert replays > 0
+
+
 def test_a_replay_returns_its_own_rows(model):
     """Replaying size n gives the logits of its n rows (the eager step's), whatever a larger or
     smaller graph left in the buffer before."""
