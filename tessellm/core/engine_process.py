@@ -47,7 +47,7 @@ from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.prompt_embeds import PromptEmbeds, encode_prompt_embeds
 from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.cache_view import CacheEvents
-from tessellm.core.load_balance import core_load
+from tessellm.core.load_balance import StepTimer, core_load
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.step import STEP_SCHEMA_VERSION, build_dataclass, check_version
@@ -182,10 +182,13 @@ class _CoreLoop:
         # Data parallelism: each stats message carries the balancer's figures (load_balance.py).
         self.report_load = report_load
         self.received = 0  # "add" messages handled (rejected ones too): the balancer's sync point
+        self.step_timer = StepTimer()  # its busy steps' wall time, the balancer's speed figure
         # ... and the prefix cache's changes since the last message (core/cache_view.py).
         self.cache_events = CacheEvents() if report_load else None
         if self.cache_events is not None:
             core.scheduler.kv.events = self.cache_events
+            if core.scheduler.kv.host is not None:  # the host tier's residency too (tier=HOST)
+                core.scheduler.kv.host.events = self.cache_events
 
     def run(self) -> None:
         self._send_outputs([])  # the stats before any request (device memory after loading)
@@ -248,7 +251,7 @@ class _CoreLoop:
         if method in ("stats", "ping"):
             stats = self._stats()
             if "load" not in stats:  # asked for: the load figures too (a Ray Serve replica's report)
-                stats["load"] = core_load(self.core.scheduler, self.received)
+                stats["load"] = core_load(self.core.scheduler, self.received, self.step_timer.ms)
             return stats
         if method in _CORE_CALLS:  # sleep mode and weight updates (docs/sleep_mode.md)
             try:
@@ -261,8 +264,10 @@ class _CoreLoop:
     def _step(self) -> list[EngineCoreOutput]:
         scheduler = self.core.scheduler
         before = scheduler.num_scheduled_tokens_total
+        start = time.perf_counter()
         outputs = self.core.step()
         if scheduler.num_scheduled_tokens_total > before:
+            self.step_timer.record(time.perf_counter() - start)
             self.step_num_tokens.append(scheduler.num_scheduled_tokens_total - before)
         return outputs
 
@@ -274,7 +279,7 @@ class _CoreLoop:
                  "triton_compilations_after_ready": (COMPILE_COUNTER.after_ready +
                                                      self.core.executor.worker_compilations_after_ready())}
         if self.report_load:
-            stats["load"] = core_load(self.core.scheduler, self.received)
+            stats["load"] = core_load(self.core.scheduler, self.received, self.step_timer.ms)
         return stats
 
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:

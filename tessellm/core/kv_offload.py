@@ -35,6 +35,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from tessellm.core.cache_view import HOST, CacheEvents
+
 STORE = 0  # device block -> host slot
 LOAD = 1  # host slot -> device block
 
@@ -73,6 +75,9 @@ class HostKVTier:
         self.held: set[int] = set()  # hashes an allocation under way is about to load
         self.transfers: list[tuple[int, int, int]] = []
         self.stats = OffloadStats(bytes_per_block=bytes_per_block)
+        # Data parallelism: the hashes entering and leaving the tier, for the front end's
+        # balancer (core/cache_view.py, ``tier=HOST``); None: not recorded.
+        self.events: Optional[CacheEvents] = None
 
     @property
     def num_used(self) -> int:
@@ -110,6 +115,8 @@ class HostKVTier:
         if slot is None:
             return  # every slot is being loaded from this very allocation: drop it
         self.lru[block_hash] = slot
+        if self.events is not None:
+            self.events.stored(block_hash, HOST)
         self.transfers.append((STORE, device_block, slot))
         self.stats.blocks_stored += 1
 
@@ -144,6 +151,8 @@ class HostKVTier:
             return self.free_slots.pop()
         for victim in self.lru:
             if victim not in self.held:
+                if self.events is not None:
+                    self.events.removed(victim, HOST)
                 return self.lru.pop(victim)
         return None
 

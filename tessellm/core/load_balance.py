@@ -25,6 +25,19 @@ Two policies (``--data-parallel-balance``):
   than one with three short chats. Blind to what only the core knows: a queue behind a full
   batch (``max_num_seqs``) or a full KV cache, prefix-cache sharing, preemptions.
 
+Speed (both policies): each core also reports ``step_ms``, an exponential moving average of
+the wall time of its steps that computed tokens (``StepTimer``). The cost the policy compares is
+the score (or tokens) times the core's speed factor: its step time over the median of the
+cores' (those that have one; a core with no history counts as average, factor 1), clamped to
+``[1/4, 4]``, and 1 while within a quarter of the median (identical cores on noisy steps are
+not told apart). A score counts requests and steps of work ahead; times the time a step takes
+there it is time, so a core whose steps take twice as long (a slower GPU, a core busy with long
+prefill chunks) gets about half the share. Step time, not tokens per second: a core's tokens
+per second grow with its batch (decode reads the weights once for the whole batch), so a busy
+core would look fast and draw more (a feedback loop); its step time grows with its batch, which
+only adds to the score's own pull away from it. The moving average (``1/16`` per step) and the
+dead band keep the factor from flapping.
+
 Invariants:
 
 * ``load[c]`` is the sum of ``weight`` over the requests ``owner`` gives to core ``c``;
@@ -40,9 +53,14 @@ Invariants:
   requests sent since its report as running where that report shows room for them
   (``_holder_score``): they start at once there. So prefix affinity costs at most that much
   queueing, and a hot prefix spills onto the other cores once its holder has no room.
-* Among those, the core holding the longest leading run of the request's chain wins: what its
+* Among those, the core whose cache is worth most to the request's chain wins: what its
   prefix cache holds by its own reports, or will hold, the requests in flight there
-  (``cache_view.CacheView``). Ties, and requests whose prefix no eligible core holds, go to the
+  (``cache_view.CacheView``). A core's worth is its leading run of device blocks, then the
+  run its host tier holds after them (``--kv-offloading-size``: loaded back, not recomputed),
+  each host block counted as ``3/4`` of a device block (``_HOST_WORTH``: on an H100 a
+  7984-token prompt came back from the host tier in 55 ms of TTFT against 215 ms recomputed,
+  about three quarters of the compute saved). So a device holder beats a host-tier holder of
+  the same prefix, which beats a cold core; the savings above count host blocks so too. Ties, and requests whose prefix no eligible core holds, go to the
   least cost, then the fewest tokens, then round-robin (an idle server spreads its requests
   instead of always using core 0).
 * The chain is the prompt's full KV blocks' prefix-cache hashes, exactly as the cores' block
@@ -66,7 +84,7 @@ from itertools import islice
 from typing import Iterable, Iterator, Optional
 
 from tessellm.core.block_manager import iter_block_hashes
-from tessellm.core.cache_view import CacheView, short_hash
+from tessellm.core.cache_view import HOST, CacheView, short_hash
 
 POLICIES = ("load", "tokens")  # --data-parallel-balance
 _WAITING_WEIGHT = 4  # a queued request weighs this many running ones (vLLM's client: 4)
@@ -75,7 +93,11 @@ _MIN_SLACK = 2  # tokens: requests like this one a core may be above the least l
 _MIN_SLACK_BLOCKS = 16  # ... or this many blocks of tokens (noise: a few short chats)
 _SLACK_FRACTION = 8  # ... or this fraction (1/8) of the least cost, when larger
 _MAX_BLOCKS = 256  # leading KV blocks of a prompt hashed for affinity (4096 tokens at 16)
-_MAX_VIEW_ENTRIES = 100_000  # block hashes of a core's prefix cache the view keeps (LRU)
+_MAX_VIEW_ENTRIES = 100_000  # block hashes of a core's prefix cache the view keeps (LRU), per tier
+_DEVICE_WORTH, _HOST_WORTH = 4, 3  # a cached block's worth, on the device and in the host tier
+_STEP_EMA = 1 / 16  # weight of a step's time in the moving average (StepTimer)
+_SPEED_CLAMP = 4.0  # a core's speed factor stays within [1/4, 4] ...
+_SPEED_DEAD_BAND = 1.25  # ... and is 1 while within a quarter of the median
 
 
 @dataclass
@@ -90,6 +112,7 @@ class CoreLoad:
     prefill_steps: int = 0  # whole steps of token budget the running requests' prompts still take
     received: int = 0  # requests the core has received from the front end since it started
     token_budget: Optional[int] = None  # tokens one step computes at most; None: unknown
+    step_ms: Optional[float] = None  # moving average of its busy steps' wall time; None: no history
 
     @classmethod
     def from_dict(cls, d: dict) -> "CoreLoad":
@@ -97,10 +120,23 @@ class CoreLoad:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def core_load(scheduler, received: int) -> dict:
+class StepTimer:
+    """A core's step time, as a moving average over the steps that computed tokens (module
+    docstring, Speed); None until the first such step. Idle time never counts."""
+
+    def __init__(self):
+        self.ms: Optional[float] = None
+
+    def record(self, seconds: float) -> None:
+        ms = seconds * 1000.0
+        self.ms = ms if self.ms is None else self.ms + _STEP_EMA * (ms - self.ms)
+
+
+def core_load(scheduler, received: int, step_ms: Optional[float] = None) -> dict:
     """What a core reports with each step's outputs (``CoreLoad`` as a dict): its scheduler's
-    queues and free room, and ``received``, the adds it has had. One pass over the running
-    requests (their prompt tokens not yet computed); sent only when there are several cores."""
+    queues and free room, ``received``, the adds it has had, and ``step_ms``, its
+    ``StepTimer``'s. One pass over the running requests (their prompt tokens not yet computed);
+    sent only when there are several cores."""
     pending = 0
     for req in scheduler.running:
         pending += max(0, req.num_prompt_tokens - req.num_computed_tokens)
@@ -109,7 +145,24 @@ def core_load(scheduler, received: int) -> dict:
             "free_seqs": config.max_num_seqs - len(scheduler.running),
             "free_blocks": scheduler.kv.num_free_blocks,
             "prefill_steps": pending // max(1, config.max_num_batched_tokens), "received": received,
-            "token_budget": config.max_num_batched_tokens}
+            "token_budget": config.max_num_batched_tokens,
+            "step_ms": None if step_ms is None else round(step_ms, 3)}
+
+
+def speed_factors(step_ms: list) -> list[float]:
+    """Each core's speed factor (module docstring, Speed) from its step time (None: none yet)."""
+    known = sorted(t for t in step_ms if t)
+    if not known:
+        return [1.0] * len(step_ms)
+    mid = len(known) // 2
+    median = known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+    out = []
+    for t in step_ms:
+        f = t / median if t else 1.0
+        if 1 / _SPEED_DEAD_BAND <= f <= _SPEED_DEAD_BAND:
+            f = 1.0
+        out.append(min(_SPEED_CLAMP, max(1 / _SPEED_CLAMP, f)))
+    return out
 
 
 def load_score(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_size: int) -> int:
@@ -158,30 +211,32 @@ class LoadBalancer:
         cores = range(self.num_cores)
         n = len(prompt_token_ids)
         chain, rest = self._chain(prompt_token_ids, lora_id, cache_salt, block_hashes) if self.affinity else ([], None)
+        speed = speed_factors([r.step_ms for r in self.reports])
         if self.policy == "load":
-            cost = [self.score(i, n) for i in cores]
+            cost = [self.score(i, n) * speed[i] for i in cores]
             least = min(cost)
             slack = max(_MIN_SLACK_SCORE, least // _SLACK_FRACTION)
         else:
-            cost = self.load
+            cost = [self.load[i] * speed[i] for i in cores]
             least = min(cost)
             slack = max(_MIN_SLACK * n, _MIN_SLACK_BLOCKS * self.block_size, least // _SLACK_FRACTION)
         eligible = [i for i in cores if cost[i] <= least + slack]
         if chain:
-            depth = self.view.depths(chain)
+            tiers = [list(t) for t in self.view.tiered_depths(chain)]  # (device, host) runs
             head = 1 if lora_id is not None else 0  # the adapter link: no tokens saved
-            if len(chain) == head + self.max_blocks and max(depth) == len(chain):
-                self._deepen(chain, depth, rest)
-            base = max(depth[i] for i in cores if cost[i] == least)
+            if len(chain) == head + self.max_blocks and max(d + h for d, h in tiers) == len(chain):
+                self._deepen(chain, tiers, rest)
+            worth = [_DEVICE_WORTH * d + _HOST_WORTH * h for d, h in tiers]
+            base = max(max(worth[i] for i in cores if cost[i] == least), _DEVICE_WORTH * head)
             eligible = []
             for i in cores:
-                extra = (depth[i] - max(base, head)) * self.block_size  # cached tokens beyond the least's
-                held = cost[i] if extra <= 0 or self.policy != "load" else self._holder_score(i, n)
+                extra = (worth[i] - base) * self.block_size // _DEVICE_WORTH  # tokens saved beyond the least's
+                held = cost[i] if extra <= 0 or self.policy != "load" else self._holder_score(i, n) * speed[i]
                 if held <= least + slack + self._saving(i, extra):
                     eligible.append(i)
-            best = max(depth[i] for i in eligible)
+            best = max(worth[i] for i in eligible)
             if best > 0:
-                eligible = [i for i in eligible if depth[i] == best]
+                eligible = [i for i in eligible if worth[i] == best]
         choice = min(eligible, key=lambda i: (cost[i], self.load[i], (i - self._next) % self.num_cores))
         self._next = (choice + 1) % self.num_cores
         if chain:
@@ -189,18 +244,27 @@ class LoadBalancer:
             self._picked = (choice, chain)
         return choice
 
-    def _deepen(self, chain: list, depth: list[int], rest) -> None:
-        """Some core holds every link of ``chain``: read on into ``rest`` (the prompt's later
-        block hashes) while some core holds them all, so a long cached prefix (a shared document,
-        a long conversation) is measured whole, and hashed only where it is cached."""
+    def _deepen(self, chain: list, tiers: list[list[int]], rest) -> None:
+        """Some core holds every link of ``chain`` (device run, then host run: ``tiers``): read
+        on into ``rest`` (the prompt's later block hashes) while some core holds them all, so a
+        long cached prefix (a shared document, a long conversation) is measured whole, and
+        hashed only where it is cached."""
         for h in rest:
             h = short_hash(h)
-            holders = [i for i, d in enumerate(depth) if d == len(chain) and self.view.holds(i, h)]
-            if not holders:
+            grown = False
+            for i, t in enumerate(tiers):
+                if t[0] + t[1] != len(chain):
+                    continue
+                if t[1] == 0 and self.view.holds(i, h):
+                    t[0] += 1
+                elif self.view.holds(i, h, HOST):
+                    t[1] += 1
+                else:
+                    continue
+                grown = True
+            if not grown:
                 return
             chain.append(h)
-            for i in holders:
-                depth[i] += 1
 
     def _holder_score(self, core: int, num_prompt_tokens: int) -> int:
         """``score`` for a core whose cache holds more of the prompt than the least-cost
