@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from tessellm.core.block_manager import BlockManager
-from tessellm.core.cache_view import CacheEvents, CacheView, short_hash
+from tessellm.core.cache_view import HOST, CacheEvents, CacheView, short_hash
+from tessellm.core.kv_offload import HostKVTier
 from tessellm.core.engine_core import EngineCoreRequest
 from tessellm.core.load_balance import request_block_hashes
 from tessellm.core.prompt_embeds import PromptEmbeds
@@ -41,6 +42,15 @@ def test_events_carry_the_net_change():
     assert _drain(ev) == ({5}, set(), True)
     ev.stored((1 << 127) + 9)  # 128-bit hashes travel as their low 64 bits
     assert _drain(ev) == ({9}, set(), False)
+    # The host tier's changes ride the same stream, in lists of their own.
+    ev.removed(9)
+    ev.stored(9, HOST)
+    ev.stored(10, HOST)
+    ev.removed(10, HOST)
+    out = ev.drain()
+    assert (set(out["removed"]), set(out["host_added"]), set(out["host_removed"])) == ({9}, {9}, {10})
+    ev.stored(11)
+    assert "host_added" not in ev.drain()  # no host change: no host lists
 
 
 def _request(rid: str, tokens: list[int]) -> Request:
@@ -136,3 +146,59 @@ def test_view_depths_in_flight_and_bound():
     assert set(view._cached[0]) == {1, 5, 6, 7}  # 2 was the oldest
     view.apply(0, {"added": [8], "removed": [], "reset": True})
     assert set(view._cached[0]) == {8} and view.num_cached(1) == 0
+
+
+def test_host_tier_reports_what_it_holds():
+    """A real block manager with a host tier: blocks evicted from the device are reported
+    moved to the host tier, a full tier's least recently used reported gone, a load back
+    reported on the device again. The view that applies the reports holds exactly both tiers'
+    hashes, and its ``tiered_depths`` of a prompt are what the block manager would match: its
+    device hit (``find_cached_prefix``), then its host hit (``find_offloaded``)."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.host = HostKVTier(3)
+    bm.events = bm.host.events = CacheEvents()
+    view = CacheView(1, max_entries=100)
+
+    def sync():
+        view.apply(0, bm.events.drain())
+        assert set(view._cached[0]) == {short_hash(h) for h in bm.cached}
+        assert set(view._host[0]) == {short_hash(h) for h in bm.host.lru}
+
+    def fill(rid: str, tokens: list[int]) -> Request:
+        req = _request(rid, tokens)
+        assert bm.allocate(req, len(tokens)) is not None
+        req.num_computed_tokens = len(tokens)
+        bm.publish_full_blocks(req, len(tokens))
+        bm.free(req)
+        sync()
+        return req
+
+    def tiers(tokens: list[int]) -> tuple[list, tuple[int, int]]:
+        """The view's chain of a prompt and the (device, host) hit the core would have."""
+        probe = _request("probe", tokens + [1])  # one more token: every full block may hit
+        device = len(bm.find_cached_prefix(probe, count=False))
+        return [short_hash(h) for h in probe.block_hashes], (device, len(bm.find_offloaded(probe, device)))
+
+    a_tokens, b_tokens = list(range(10, 22)), list(range(50, 66))
+    fill("a", a_tokens)  # 3 full blocks, device
+    chain_a, hit = tiers(a_tokens)
+    assert hit == (3, 0) and view.tiered_depths(chain_a) == [hit]
+    fill("b", b_tokens)  # 4 blocks: evicts a's three into the host tier
+    assert tiers(a_tokens)[1] == (0, 3) and view.tiered_depths(chain_a) == [(0, 3)]
+    again = _request("a2", a_tokens + [1])
+    offloaded = bm.find_offloaded(again, len(bm.find_cached_prefix(again)))
+    assert bm.allocate(again, 1, [], offloaded) is not None  # loads a's back, evicting b's
+    sync()  # into the full tier: its least recently used go
+    assert view.tiered_depths(chain_a) == [(3, 0)] and view.num_cached(0, HOST) == 3
+    bm.free(again)
+    seen = set()
+    for tokens in (b_tokens, a_tokens, list(range(70, 86)), a_tokens[:8] + [99, 98, 97, 96]):
+        fill(f"r{tokens[0]}", tokens)
+        for probe in (a_tokens, b_tokens):
+            chain, hit = tiers(probe)
+            assert view.tiered_depths(chain) == [hit], (tokens[0], probe[0])
+            seen.add(hit)
+    assert {(0, 3), (1, 3)} <= seen  # host only, and a device run continued from the host
+    assert bm.reset_prefix_cache()
+    sync()
+    assert view.num_cached(0) == 0 and view.num_cached(0, HOST) == 0

@@ -248,6 +248,66 @@ def test_burst_gathers_on_the_prefix_holder_while_it_has_room():
     assert lb.pick(prompt) == 1  # both hold it: 3 + 4 against 2 + 1
 
 
+def test_balancer_weighs_a_host_tier_hit_between_a_device_hit_and_a_miss():
+    """Three idle cores: one holds the prompt's blocks on the device, one in its host tier
+    (evicted there), one nothing. The device holder wins; without it, the host-tier holder
+    beats the cold core (round-robin's next); a host run continuing a shorter device run counts
+    too. Its worth buys slack at 3/4 of a device block's: here three blocks of 4 tokens in
+    steps of 2 tokens, 4 points a step, 3 x 2 x 3 = 18 points over a device hit's 24."""
+    lb = LoadBalancer(3, block_size=4)
+    prompt = list(range(500, 513))  # three full blocks and a tail
+    hashes = [h & (2**64 - 1) for h in iter_request_block_hashes(EngineCoreRequest("p", prompt, GREEDY, 0.0), 4)]
+    idle = dict(waiting=0, running=0, free_seqs=4, free_blocks=100, token_budget=2)
+    lb.report(0, {"received": 0, **idle}, {"added": hashes})
+    lb.report(1, {"received": 0, **idle}, {"host_added": hashes})
+    _report(lb, 2, **idle)
+    assert lb.view.tiered_depths(lb.chain(prompt)) == [(3, 0), (0, 3), (0, 0)]
+    assert [lb.pick(prompt) for _ in range(3)] == [0, 0, 0]
+    lb.report(0, None, {"reset": True})
+    lb._next = 2  # round-robin would pick the cold core
+    assert lb.pick(prompt) == 1
+    lb.report(2, None, {"added": hashes[:1]})  # core 2: one device block, no more
+    assert lb.pick(prompt) == 1  # 3 host blocks (9 quarters) over 1 device block (4)
+    lb.report(2, None, {"host_added": hashes[1:]})  # ... continued from its host tier: 4 + 6
+    assert lb.view.tiered_depths(lb.chain(prompt)) == [(0, 0), (0, 3), (1, 2)] and lb.pick(prompt) == 2
+    # The host holder busy: 4 x 3 waiting + 4 = 16 points against 1; 3 host blocks save 18 > 16 - 1 - 2.
+    lb.report(2, None, {"reset": True})
+    _report(lb, 1, **{**idle, "waiting": 3})
+    assert lb.pick(prompt) == 1
+    _report(lb, 1, **{**idle, "waiting": 4})  # 20 points: past 1 + 2 + 18: the cold core
+    assert lb.pick(prompt) in (0, 2)
+    _report(lb, 0, **idle)
+    lb.report(0, None, {"added": hashes})  # a device holder as busy would keep it: 24 points
+    _report(lb, 0, **{**idle, "waiting": 4})
+    assert lb.pick(prompt) == 0
+
+
+def _share(step_ms: list, n: int = 60) -> list[int]:
+    """Requests each of two cores gets out of ``n``, each core reporting after every pick that
+    it runs all it was sent (none finish), with ``step_ms`` as its step time."""
+    lb = LoadBalancer(2, block_size=4, affinity=False)
+    for i in range(n):
+        for c in range(2):
+            sent = lb.sent[c]
+            lb.report(c, {"received": sent, "waiting": 0, "running": sent, "free_seqs": 1000,
+                          "free_blocks": 10_000, "step_ms": step_ms[c]})
+        lb.assign(f"r{i}", lb.pick([1] * 8), 8)
+    return list(lb.sent)
+
+
+def test_speed_weighting_shifts_share():
+    """A core whose steps take twice as long gets about half the share; equal cores, cores a
+    little apart (noise, within the dead band), and a core with no step time yet (counted as
+    average) share evenly; a very slow core is clamped (it still gets some)."""
+    assert _share([10.0, 10.0]) == [30, 30]
+    assert _share([10.0, 11.0]) == [30, 30]
+    assert _share([10.0, None]) == [30, 30]
+    fast, slow = _share([10.0, 20.0])
+    assert 38 <= fast <= 42 and fast + slow == 60  # 2 : 1
+    fast, slow = _share([10.0, 1000.0])
+    assert 5 <= slow <= 8  # factors 1/4 (clamped) and about 2 (over the median 505): 8 : 1
+
+
 def test_balance_policy_is_checked():
     with pytest.raises(ValueError, match="data_parallel_balance 'queue' is not supported; use load"):
         LoadBalancer(2, block_size=4, policy="queue")
