@@ -480,6 +480,47 @@ def test_prefix_goes_to_the_core_that_caches_it(tiny_model_dir):
         engine.shutdown()
 
 
+def test_prefix_goes_to_the_core_whose_host_tier_holds_it(tiny_model_dir):
+    """Two real cores with a host KV tier: a prefix evicted from one core's device cache into
+    its host tier is reported there (not as gone), and a prompt sharing it goes to that core
+    rather than to the cold one round-robin would pick; the core loads it back (its host-tier
+    hits grow by the prefix). The cores report their step time too."""
+    from tessellm.core.dp_engine import DPLLMEngine
+
+    path = tiny_model_dir("llama")
+    prefix = [(13 * j) % 90 + 3 for j in range(64)]  # 4 blocks of 16
+    short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    args = EngineArgs(model=path, data_parallel_size=2, kv_offloading_size=0.01,
+                      **{**_kwargs(max_num_seqs=1), "num_kv_blocks": 16, "max_model_len": 256})
+    engine = DPLLMEngine(args)
+    balancer = engine.cores.balancer
+
+    def run(rid, tokens) -> int:
+        engine.add_request(rid, {"prompt_token_ids": tokens}, short)
+        core = engine.cores.owner(rid)
+        while engine.cores.owner(rid) is not None:  # its finish comes with its core's report
+            engine.step()
+        return core
+
+    def host_hits() -> list[int]:
+        return [(s.get("kv_offload") or {}).get("hits", 0) for s in engine.core_stats()]
+
+    try:
+        x = run("p", prefix + [5, 6, 7])
+        assert run("tiny", [4, 5, 6]) == 1 - x  # no full block: round-robin
+        # 240 tokens fill x's 16 blocks: the prefix leaves its device cache for its host tier
+        assert run("fill", [(5 * j) % 90 + 3 for j in range(240)]) == x
+        chain = balancer.chain(prefix + [8])
+        assert balancer.view.tiered_depths(chain)[x] == (0, 4)
+        assert balancer.view.tiered_depths(chain)[1 - x] == (0, 0)
+        before = host_hits()
+        assert run("q", prefix + [8, 9]) == x  # round-robin's next was the cold core
+        assert host_hits()[x] - before[x] == 64 and host_hits()[1 - x] == before[1 - x]
+        assert all(r.step_ms and r.step_ms > 0 for r in balancer.reports)
+    finally:
+        engine.shutdown()
+
+
 # -- the serving front end ---------------------------------------------------------------------
 
 def test_async_llm_dp2(tiny_model_dir):
