@@ -47,7 +47,7 @@ from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.prompt_embeds import PromptEmbeds, encode_prompt_embeds
 from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.cache_view import CacheEvents
-from tessellm.core.load_balance import StepTimer, core_load
+from tessellm.core.load_balance import StepTimer, core_load, waiting_kv_blocks
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.step import STEP_SCHEMA_VERSION, build_dataclass, check_version
@@ -252,6 +252,7 @@ class _CoreLoop:
             stats = self._stats()
             if "load" not in stats:  # asked for: the load figures too (a Ray Serve replica's report)
                 stats["load"] = core_load(self.core.scheduler, self.received, self.step_timer.ms)
+            stats["load"]["waiting_blocks"] = waiting_kv_blocks(self.core.scheduler)
             return stats
         if method in _CORE_CALLS:  # sleep mode and weight updates (docs/sleep_mode.md)
             try:

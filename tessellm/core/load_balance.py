@@ -113,6 +113,9 @@ class CoreLoad:
     received: int = 0  # requests the core has received from the front end since it started
     token_budget: Optional[int] = None  # tokens one step computes at most; None: unknown
     step_ms: Optional[float] = None  # moving average of its busy steps' wall time; None: no history
+    # KV blocks its waiting requests need to start, a block shared with a running request or an
+    # earlier waiting one counted once (``waiting_kv_blocks``); None: not reported
+    waiting_blocks: Optional[int] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "CoreLoad":
@@ -149,6 +152,32 @@ def core_load(scheduler, received: int, step_ms: Optional[float] = None) -> dict
             "step_ms": None if step_ms is None else round(step_ms, 3)}
 
 
+def waiting_kv_blocks(scheduler) -> int:
+    """``CoreLoad.waiting_blocks``: the KV blocks the waiting requests need to start. A
+    leading prompt block a running request holds, or an earlier waiting request needs too,
+    counts once (it is shared when they start); a later sample of an n > 1 request shares its
+    first sample's full prompt blocks (it waits for that prefill). Reads the hashes already
+    computed, never hashes: one pass over the waiting requests' blocks, for the Ray Serve
+    replicas' reports (once a period), not every step."""
+    kv = scheduler.kv
+    seen: set = set()
+    total = 0
+    for req in scheduler.waiting:
+        need = kv.blocks_needed(req.num_tokens) - len(kv.req_blocks.get(req.request_id, ()))
+        if req.wait_for is not None:
+            shared = req.num_prompt_tokens // kv.block_size
+        else:
+            shared = 0
+            for h in req.block_hashes:
+                block = kv.cached.get(h)
+                if h not in seen and (block is None or block.ref_cnt == 0):
+                    break
+                shared += 1
+            seen.update(req.block_hashes)
+        total += max(0, need - shared)
+    return total
+
+
 def speed_factors(step_ms: list) -> list[float]:
     """Each core's speed factor (module docstring, Speed) from its step time (None: none yet)."""
     known = sorted(t for t in step_ms if t)
@@ -165,15 +194,21 @@ def speed_factors(step_ms: list) -> list[float]:
     return out
 
 
-def load_score(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_size: int) -> int:
+def load_score(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_size: int,
+               num_samples: int = 1) -> int:
     """The load policy's score (module docstring) of an engine with ``report`` as its latest
     figures and ``unreceived`` requests sent to it since, once a prompt of ``num_prompt_tokens``
-    lands there. Shared with the Ray Serve router (entrypoints/ray_serve/prefix_router.py)."""
+    lands there. Shared with the Ray Serve router (entrypoints/ray_serve/prefix_router.py),
+    whose requests may run ``num_samples`` sequences (n > 1; here each sample is a request of
+    its own): each counts, and needs a slot; they share the prompt's full blocks, each with a
+    block of its own for its tail."""
     queued = report.waiting + max(0, unreceived) + report.prefill_steps
-    at_once = (queued == 0 and (report.free_seqs is None or report.free_seqs > 0)
-               and (report.free_blocks is None
-                    or -(-num_prompt_tokens // max(1, block_size)) <= report.free_blocks))
-    return _WAITING_WEIGHT * queued + report.running + (1 if at_once else _WAITING_WEIGHT)
+    bs = max(1, block_size)
+    blocks = -(-num_prompt_tokens // bs) + (num_samples - 1) * (1 if num_prompt_tokens % bs else 0)
+    at_once = (queued == 0 and (report.free_seqs is None or report.free_seqs >= num_samples)
+               and (report.free_blocks is None or blocks <= report.free_blocks))
+    return (_WAITING_WEIGHT * queued + report.running
+            + num_samples * (1 if at_once else _WAITING_WEIGHT))
 
 
 class LoadBalancer:

@@ -54,13 +54,18 @@ class EngineReplica:
         self.engine = AsyncLLM(args)
         self.app = build_app(self.engine, server)
         self.in_flight = 0
+        self.in_flight_samples = 0  # the sequences those requests run (n each, per prompt)
         self.adapters, self.held_adapters, self._hold = _adapter_multiplexing(server, args)
         await self.engine.wait_until_warm()  # EngineDeadError if the core died: Serve retries
         logger.info("tessellm engine replica %s ready and warm (pid %d)", self.replica_id, os.getpid())
 
-    async def handle_http(self, request: ForwardedRequest, prefix_hashes: Optional[list] = None):
-        """Stream one HTTP request's response (``prefix_hashes`` is for the router only)."""
+    async def handle_http(self, request: ForwardedRequest, prefix_hashes: Optional[list] = None,
+                          num_samples: int = 1):
+        """Stream one HTTP request's response (``prefix_hashes`` and ``num_samples``, the
+        sequences it runs, are for the router; the latter counts in this replica's reports)."""
+        samples = max(1, int(num_samples))
         self.in_flight += 1
+        self.in_flight_samples += samples
         try:
             await self._hold_adapter()
             async for item in stream_asgi(self.app, request):
@@ -69,6 +74,7 @@ class EngineReplica:
                 yield item
         finally:
             self.in_flight -= 1
+            self.in_flight_samples -= samples
 
     async def replica_info(self, prefix_hashes: Optional[list] = None) -> dict:
         """Who this replica is and its engine's counters (fresh from the core when alive)."""
@@ -89,14 +95,15 @@ class EngineReplica:
         Serve's controller calls it every ``router.load_report_period_s`` and hands the answer
         to every router as ``RunningReplica.routing_stats``; {} while the engine cannot answer
         (the routers then count this replica's requests as queued)."""
-        in_flight = self.in_flight  # before the call: what arrives meanwhile counts as new
+        in_flight, samples = self.in_flight, self.in_flight_samples  # before the call: what
+        # arrives meanwhile counts as new
         if not self.engine_alive():
             return {}
         try:
             stats = await self.engine.call("stats", timeout=5.0)
         except Exception:  # noqa: BLE001 - a missed report only ages the routers' view
             return {}
-        return load_report(stats, in_flight, self.engine.info.block_size)
+        return load_report(stats, in_flight, self.engine.info.block_size, samples)
 
     async def _hold_adapter(self) -> None:
         """Register this request's adapter with Serve's multiplexing (see the module docstring)."""

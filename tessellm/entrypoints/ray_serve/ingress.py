@@ -40,7 +40,7 @@ from tessellm.entrypoints.openai.errors import OpenAIError
 from tessellm.entrypoints.ray_serve.asgi_bridge import ForwardedRequest
 from tessellm.entrypoints.ray_serve.config import parse_config
 from tessellm.entrypoints.ray_serve.engine_replica import REPLICA_HEADER
-from tessellm.entrypoints.ray_serve.prefix_key import route_keys
+from tessellm.entrypoints.ray_serve.prefix_key import route_info
 
 logger = logging.getLogger(__name__)
 
@@ -207,12 +207,12 @@ class OpenAIIngress:
                                "server.lora_modules (every replica serves them); loading one at "
                                "run time would reach a single replica.", 400).response()
         r = self.router
-        adapter, chain = route_keys(forwarded.path, body, r.chunk_chars, r.chunk_tokens,
-                                    r.max_chunks, self.lora_names, hashes=r.prefix_affinity)
+        adapter, chain, samples = route_info(forwarded.path, body, r.chunk_chars, r.chunk_tokens,
+                                             r.max_chunks, self.lora_names, hashes=r.prefix_affinity)
         last = None
         for attempt in range(self.retries + 1):
             try:
-                return await self._send(forwarded, chain, adapter)
+                return await self._send(forwarded, chain, adapter, samples)
             except ReplicaLost as exc:
                 logger.warning("Replica lost before answering (attempt %d of %d): %s", attempt + 1,
                                self.retries + 1, exc.__cause__)
@@ -221,12 +221,14 @@ class OpenAIIngress:
                 return _replica_error(exc).response()
         return _replica_error(last).response()
 
-    async def _send(self, forwarded: ForwardedRequest, chain: list[int], adapter: str = ""):
+    async def _send(self, forwarded: ForwardedRequest, chain: list[int], adapter: str = "",
+                    samples: int = 1):
         """Start the call; answer once the first body chunk is in (until then, failures retry).
-        ``adapter``: the LoRA adapter the request names, its Serve multiplexed model id."""
+        ``adapter``: the LoRA adapter the request names, its Serve multiplexed model id;
+        ``samples``: the sequences it runs (``prefix_key.route_info``), for the router."""
         handle = self.engine.options(stream=True, multiplexed_model_id=adapter) if adapter else \
             self.engine.options(stream=True)
-        gen = handle.handle_http.remote(forwarded, prefix_hashes=chain)
+        gen = handle.handle_http.remote(forwarded, prefix_hashes=chain, num_samples=samples)
         handed_over = False
         try:
             try:

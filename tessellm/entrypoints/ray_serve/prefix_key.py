@@ -23,6 +23,10 @@ adapter last (its slots and its KV prefixes are there), under the same load chec
 The adapter's name is also the request's Serve *multiplexed model id* (``route_keys``): the
 ingress passes it to the engine handle, the replica registers it (``serve.multiplexed``), and
 the router prefers the replicas that report holding it (engine_replica.py, prefix_router.py).
+
+Samples (``route_info``): the sequences the request makes the engine run, ``n`` (or
+``best_of`` when larger) times its prompts (a completions batch); the router's load score
+counts each (replica_load.py).
 """
 
 from __future__ import annotations
@@ -44,9 +48,31 @@ def route_keys(path: str, body: bytes, chunk_chars: int, chunk_tokens: int, max_
                lora_names: frozenset = frozenset(), hashes: bool = True) -> tuple[str, list[int]]:
     """``(adapter, chain)``: the served adapter the request names ("" for none: the base model,
     or not a completion) and, with ``hashes``, its chunk chain (``prefix_hashes``)."""
+    return route_info(path, body, chunk_chars, chunk_tokens, max_chunks, lora_names, hashes)[:2]
+
+
+def route_info(path: str, body: bytes, chunk_chars: int, chunk_tokens: int, max_chunks: int,
+               lora_names: frozenset = frozenset(), hashes: bool = True) -> tuple[str, list[int], int]:
+    """``route_keys`` and the request's samples (module docstring; 1 when not a completion)."""
     request = _json_request(path, body)
     if request is None:
-        return "", []
+        return "", [], 1
+    return (*_route_keys(request, chunk_chars, chunk_tokens, max_chunks, lora_names, hashes),
+            _samples(request))
+
+
+def _samples(request: dict) -> int:
+    """The sequences a completion request runs: n (best_of if larger) per prompt. A bad value
+    counts as 1 (the replica's server answers it with a 400)."""
+    n = max((v for v in (request.get("n"), request.get("best_of"))
+             if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1024), default=1)
+    prompt = request.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else 1
+    return n * max(1, min(prompts, 1024))
+
+
+def _route_keys(request: dict, chunk_chars: int, chunk_tokens: int, max_chunks: int,
+                lora_names: frozenset, hashes: bool) -> tuple[str, list[int]]:
     model = request.get("model")
     if isinstance(model, str) and model in lora_names:
         if not hashes:

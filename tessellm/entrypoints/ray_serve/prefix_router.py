@@ -71,7 +71,8 @@ class PrefixAffinityRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         self._forget_gone(by_id)
         chain = _chain(pending_request)
-        loads = self.replica_loads(candidate_replicas, len(chain) * self._chunk_tokens)
+        loads = self.replica_loads(candidate_replicas, len(chain) * self._chunk_tokens,
+                                   _samples(pending_request))
         chain = chain if self._affinity else []
         model_id = _model_id(pending_request)
         holders = frozenset(uid for uid, r in by_id.items()
@@ -108,12 +109,14 @@ class PrefixAffinityRouter(RequestRouter):
             if self._in_flight[uid] <= 0:
                 del self._in_flight[uid]
 
-    def replica_loads(self, replicas: list[RunningReplica], num_prompt_tokens: int) -> dict[str, int]:
+    def replica_loads(self, replicas: list[RunningReplica], num_prompt_tokens: int,
+                      num_samples: int = 1) -> dict[str, int]:
         """Each replica's load figure (unique id -> figure; ``balance``, replica_load.py) for a
-        prompt of about ``num_prompt_tokens``."""
+        prompt of about ``num_prompt_tokens`` running ``num_samples`` sequences."""
         if self._balance == "in_flight":
             return {r.replica_id.unique_id: self._ongoing(r) for r in replicas}
-        return {r.replica_id.unique_id: replica_score(_routing_stats(r), self._ongoing(r), num_prompt_tokens)
+        return {r.replica_id.unique_id: replica_score(_routing_stats(r), self._ongoing(r), num_prompt_tokens,
+                                                      num_samples)
                 for r in replicas}
 
     def _ongoing(self, replica: RunningReplica) -> int:
@@ -155,6 +158,12 @@ def _chain(pending_request: Optional[PendingRequest]) -> list[int]:
         return []
     chain = pending_request.kwargs.get("prefix_hashes")
     return list(chain) if isinstance(chain, (list, tuple)) else []
+
+
+def _samples(pending_request: Optional[PendingRequest]) -> int:
+    """The sequences the request runs (the ingress's ``num_samples``, prefix_key.route_info)."""
+    n = pending_request.kwargs.get("num_samples", 1) if pending_request is not None else 1
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 def _model_id(pending_request: Optional[PendingRequest]) -> str:

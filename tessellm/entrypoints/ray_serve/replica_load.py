@@ -33,6 +33,16 @@ Two figures (``router.balance``):
   request slot and free KV blocks for the prompt (its length estimated from its prefix chain:
   ``chunk_tokens`` tokens a chunk; the arrivals' KV is not estimated). A replica that has not
   reported yet counts as idle with room for anything, its requests now running.
+
+  Samples: the engine counts sequences (a request with ``n`` > 1, or a batch of prompts, is
+  several; ``prefix_key.route_info``), the routers count requests. The replica reports the
+  sequences its requests in flight run (``in_flight_samples``), and the requests now are
+  scaled up by the extra sequences of the report's (as far as they are still there), so a
+  replica running one n = 8 request is not taken for one that freed seven slots. The request
+  being routed adds its own samples (``load_score``: each counts and needs a slot; they share
+  the prompt's blocks). Prefix sharing: the waiting requests' KV need is the engine's own
+  count (``waiting_kv_blocks``: a prompt block they share with a running request or with each
+  other counted once) rather than the new prompt's size times their number.
 * ``in_flight``: requests in flight at the replica (Serve's queue-length view, else this
   router's own count): the router before engine load reports. Blind to what only the engine
   knows: a queue behind a full batch or a full KV cache, a long prefill.
@@ -55,22 +65,36 @@ BALANCES = ("load", "in_flight")  # router.balance
 _SLACK_FRACTION = 8  # load: also an eighth above the least score, when that is more
 
 
-def load_report(stats: dict, in_flight: int, block_size: int) -> dict:
+def load_report(stats: dict, in_flight: int, block_size: int, in_flight_samples: Optional[int] = None) -> dict:
     """What an engine replica reports to the routers: its engine's load figures (``stats``: the
     answer of the core's ``stats`` call, which carries ``core_load`` as ``"load"``), the
-    requests it held when it asked (``in_flight``), and its KV block size."""
+    requests it held when it asked (``in_flight``) and the sequences they run
+    (``in_flight_samples``, as many when None), and its KV block size."""
     load = stats.get("load") or {"waiting": stats.get("num_waiting", 0),
                                  "running": stats.get("num_running", 0)}
-    return {"load": dict(load), "in_flight": int(in_flight), "block_size": int(block_size)}
+    samples = in_flight if in_flight_samples is None else in_flight_samples
+    return {"load": dict(load), "in_flight": int(in_flight), "in_flight_samples": int(samples),
+            "block_size": int(block_size)}
 
 
-def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int) -> int:
-    """A replica's ``load`` score for a prompt of ``num_prompt_tokens`` (module docstring):
-    ``report`` is its latest ``load_report`` (None or {}: none yet), ``ongoing`` its requests
-    now as this router sees them."""
+def _sequences(report: dict, ongoing: int) -> int:
+    """``ongoing`` requests in the engine's unit, sequences (module docstring, Samples): plus
+    the report's extra sequences, in the share of its requests still there at most."""
+    in_flight = int(report.get("in_flight", 0))
+    extra = int(report.get("in_flight_samples", in_flight)) - in_flight
+    if extra <= 0 or in_flight <= 0:
+        return ongoing
+    return ongoing + extra * min(max(0, ongoing), in_flight) // in_flight
+
+
+def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int, num_samples: int = 1) -> int:
+    """A replica's ``load`` score for a prompt of ``num_prompt_tokens`` running ``num_samples``
+    sequences (module docstring): ``report`` is its latest ``load_report`` (None or {}: none
+    yet), ``ongoing`` its requests now as this router sees them."""
     if not report or "load" not in report:
-        return load_score(CoreLoad(running=max(0, ongoing)), 0, num_prompt_tokens, 1)
+        return load_score(CoreLoad(running=max(0, ongoing)), 0, num_prompt_tokens, 1, num_samples)
     figures = CoreLoad.from_dict(report["load"])
+    ongoing = _sequences(report, ongoing)
     # Against what the engine counted: a request the replica held but had not yet handed to its
     # engine (its front end still parsing or tokenizing it) counts as arrived since.
     change = ongoing - (figures.waiting + figures.running)
@@ -85,12 +109,19 @@ def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int) 
     if figures.waiting and figures.free_seqs is not None and figures.free_blocks is not None:
         # Waiting with request slots and KV blocks free: held back by one step's token budget
         # only, they start within a step or two; a snapshot of that a second old is no queue.
-        need = max(1, -(-num_prompt_tokens // max(1, block_size)))
-        admitted = max(0, min(figures.waiting, figures.free_seqs, figures.free_blocks // need))
+        if figures.waiting_blocks is not None:  # the engine's count, prefix sharing included
+            fit = (figures.waiting if figures.waiting_blocks <= figures.free_blocks
+                   else figures.waiting * figures.free_blocks // figures.waiting_blocks)
+            admitted = max(0, min(figures.waiting, figures.free_seqs, fit))
+            taken = -(-figures.waiting_blocks * admitted // figures.waiting)
+        else:  # an engine that does not count it: each at the new prompt's size
+            need = max(1, -(-num_prompt_tokens // max(1, block_size)))
+            admitted = max(0, min(figures.waiting, figures.free_seqs, figures.free_blocks // need))
+            taken = admitted * need
         figures.waiting -= admitted
         figures.running += admitted
         figures.free_seqs -= admitted
-        figures.free_blocks -= admitted * need
+        figures.free_blocks -= taken
     arrived = max(0, change)
     if figures.waiting:  # they queue behind those
         started = 0
@@ -100,7 +131,7 @@ def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int) 
         started = min(arrived, max(0, figures.free_seqs))
         figures.free_seqs -= started
     figures.running += started
-    return load_score(figures, arrived - started, num_prompt_tokens, block_size)
+    return load_score(figures, arrived - started, num_prompt_tokens, block_size, num_samples)
 
 
 def threshold(imbalance_threshold: int, least: int, balance: str) -> int:
