@@ -156,9 +156,9 @@ def waiting_kv_blocks(scheduler) -> int:
     """``CoreLoad.waiting_blocks``: the KV blocks the waiting requests need to start. A
     leading prompt block a running request holds, or an earlier waiting request needs too,
     counts once (it is shared when they start); a later sample of an n > 1 request shares its
-    first sample's full prompt blocks (it waits for that prefill). Reads the hashes already
-    computed, never hashes: one pass over the waiting requests' blocks, for the Ray Serve
-    replicas' reports (once a period), not every step."""
+    first sample's full prompt blocks (it waits for that prefill). A request not hashed yet is
+    hashed here (its admission would hash it anyway, and keeps them: each block is hashed once).
+    For the Ray Serve replicas' reports (once a period), not every step."""
     kv = scheduler.kv
     seen: set = set()
     total = 0
@@ -166,7 +166,10 @@ def waiting_kv_blocks(scheduler) -> int:
         need = kv.blocks_needed(req.num_tokens) - len(kv.req_blocks.get(req.request_id, ()))
         if req.wait_for is not None:
             shared = req.num_prompt_tokens // kv.block_size
+        elif not kv.enable_prefix_caching:
+            shared = 0
         else:
+            kv.update_block_hashes(req)
             shared = 0
             for h in req.block_hashes:
                 block = kv.cached.get(h)

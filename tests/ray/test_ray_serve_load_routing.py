@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 
 import pytest
 from ray.serve._private.common import (DeploymentHandleSource, DeploymentID, ReplicaID,
@@ -17,7 +18,7 @@ from ray.serve._private.request_router.replica_wrapper import RunningReplica
 from tessellm import SamplingParams
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCore, EngineCoreRequest
-from tessellm.core.load_balance import core_load
+from tessellm.core.load_balance import core_load, waiting_kv_blocks
 from tessellm.entrypoints.ray_serve.app import engine_options
 from tessellm.entrypoints.ray_serve.config import parse_config
 from tessellm.entrypoints.ray_serve.prefix_router import PrefixAffinityRouter
@@ -76,10 +77,10 @@ def _router(**kwargs) -> PrefixAffinityRouter:
     return router
 
 
-def _route(router: PrefixAffinityRouter, replicas: list, chain=CHAIN) -> str:
+def _route(router: PrefixAffinityRouter, replicas: list, chain=CHAIN, samples: int = 1) -> str:
     """Route one request as Serve does (choose, send, routed); the first choice's unique id."""
     async def go():
-        pending = PendingRequest(args=[], kwargs={"prefix_hashes": list(chain)},
+        pending = PendingRequest(args=[], kwargs={"prefix_hashes": list(chain), "num_samples": samples},
                                  metadata=RequestMetadata(request_id="x", internal_request_id=f"q{next(_ids)}"))
         ranks = await router.choose_replicas(replicas, pending)
         chosen = ranks[0][0]
@@ -196,3 +197,100 @@ def test_balance_is_a_documented_option_with_a_default():
         parse_config({"engine": {"device": "cpu"}, "router": {"load_report_period_s": 0}})
     # A router built before the option existed (no balance keyword) keeps the old figure.
     assert _router()._balance == "in_flight"
+
+
+def _core_report(core, in_flight: int, samples: int, block_size: int) -> dict:
+    """The replica's report of ``core``, as record_routing_stats builds it from the core's stats
+    call (``core_load`` with ``waiting_kv_blocks``)."""
+    load = {**core_load(core.scheduler, in_flight), "waiting_blocks": waiting_kv_blocks(core.scheduler)}
+    return load_report({"load": load}, in_flight, block_size, samples)
+
+
+def test_a_request_with_n_samples_counts_each(tiny_model_dir):
+    """A real core running one n = 4 request (four core requests, the later samples waiting for
+    the first's prefill): the routers see one request there, the engine four sequences. The
+    replica reports its requests' samples, so the score keeps all four (no free slot: the
+    request routed next queues) instead of taking three for finished; and the request being
+    routed counts each of its samples."""
+    args = EngineArgs(model=tiny_model_dir("llama"), device="cpu", dtype="float32", num_kv_blocks=64,
+                      max_model_len=128, max_num_seqs=4)
+    core = EngineCore(args)
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True, n=4)
+    ids = [f"{i}_r" for i in range(4)]  # input_processor.make_requests' children
+    for i, rid in enumerate(ids):
+        core.add_request(EngineCoreRequest(rid, list(range(3, 40)), params.clone(n=1), 0.0,
+                                           wait_for=ids[0] if i else None))
+    core.step()
+    core.step()
+    report = _core_report(core, in_flight=1, samples=4, block_size=args.block_size)
+    load = report["load"]
+    assert load["running"] + load["waiting"] == 4 and report["in_flight_samples"] == 4
+    assert replica_score(report, 1, 96) == 4 * load["waiting"] + load["running"] + 4  # queues
+    as_requests = {**report, "in_flight_samples": 1}  # what counting requests alone would see
+    assert replica_score(as_requests, 1, 96) < replica_score(report, 1, 96)
+    # The request being routed: each sample counts and needs a slot.
+    assert replica_score(reports_idle(args), 0, 96, num_samples=4) == 4
+    two_slots = {"load": {"waiting": 0, "running": 2, "free_seqs": 2, "free_blocks": 60},
+                 "in_flight": 2, "block_size": 16}
+    assert replica_score(two_slots, 2, 96, num_samples=2) == 2 + 2
+    assert replica_score(two_slots, 2, 96, num_samples=3) == 2 + 3 * 4  # one slot short: queued
+    # 100 tokens: 6 full blocks shared, a tail block each: 6 + 3 fit in 9 blocks, not in 8.
+    tight = {**two_slots, "load": {**two_slots["load"], "free_seqs": 3, "free_blocks": 9}}
+    assert replica_score(tight, 2, 100, num_samples=3) == 2 + 3
+    tight["load"]["free_blocks"] = 8
+    assert replica_score(tight, 2, 100, num_samples=3) == 2 + 3 * 4
+
+
+def reports_idle(args) -> dict:
+    return load_report({"load": {"waiting": 0, "running": 0, "free_seqs": 4, "free_blocks": 60}}, 0,
+                       args.block_size)
+
+
+def test_waiting_requests_kv_counts_shared_prompt_blocks_once(tiny_model_dir):
+    """A real core with one request running on a 64-token prefix and five waiting: three share
+    that prefix (its 4 blocks are held: each needs only its tail block), two share another
+    (the first needs all 5 blocks, the second its tail). The engine counts 3 + 5 + 1 = 9
+    blocks, where the new prompt's size times five would be 25: with 11 free blocks all five
+    start (6 running; the new prompt does not fit the 2 blocks left: 6 + 4), not two of them
+    (a queue of three: 4 x 3 + 3 + 4)."""
+    args = EngineArgs(model=tiny_model_dir("llama"), device="cpu", dtype="float32", num_kv_blocks=16,
+                      max_model_len=128, max_num_seqs=8)
+    core = EngineCore(args)
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    prefix = [(11 * j) % 90 + 3 for j in range(64)]
+    other = [(7 * j) % 90 + 3 for j in range(64)]
+    core.add_request(EngineCoreRequest("r0", prefix + [1] * 8, params, 0.0))
+    core.step()
+    for i in range(3):
+        core.add_request(EngineCoreRequest(f"a{i}", prefix + [i + 2] * 8, params, 0.0))
+    for i in range(2):
+        core.add_request(EngineCoreRequest(f"b{i}", other + [i + 2] * 8, params, 0.0))
+    report = _core_report(core, in_flight=6, samples=6, block_size=args.block_size)
+    load = report["load"]
+    assert (load["running"], load["waiting"], load["waiting_blocks"], load["free_blocks"]) == (1, 5, 9, 11)
+    assert replica_score(report, 6, 72) == 6 + 4
+    naive = {**report, "load": {k: v for k, v in load.items() if k != "waiting_blocks"}}
+    assert replica_score(naive, 6, 72) == 4 * 3 + 3 + 4
+
+
+def test_the_router_counts_the_samples_of_the_request_it_routes(reports):
+    """The holder of the prefix runs one request with a slot free (score 2 against the idle
+    replica's 1): a single sample stays there; eight samples would queue seven behind its one
+    slot (1 + 4 x 8 = 33 against 8), past the threshold: they go to the idle replica. The
+    ingress reads the samples off the body (n, best_of, a batch of prompts)."""
+    from tessellm.entrypoints.ray_serve.prefix_key import route_info
+
+    for samples, expected in ((1, "a"), (8, "b")):
+        router = _router(balance="load")
+        a, b = _replica("a", reports["one"]), _replica("b", {**reports["idle"], "load": {
+            **reports["idle"]["load"], "free_seqs": 8}})
+        router._index.record("a", CHAIN)
+        router.replica_queue_len_cache.update(a.replica_id, 1)
+        router.replica_queue_len_cache.update(b.replica_id, 0)
+        loads = router.replica_loads([a, b], 96, samples)
+        assert loads == ({"a": 2, "b": 1} if samples == 1 else {"a": 1 + 4 * 8, "b": 8})
+        assert _route(router, [a, b], samples=samples) == expected, samples
+    body = lambda **kw: json.dumps({"model": "m", "prompt": "hi", **kw}).encode()  # noqa: E731
+    info = lambda b: route_info("/v1/completions", b, 16, 4, 64)[2]  # noqa: E731
+    assert info(body()) == 1 and info(body(n=4)) == 4 and info(body(n=2, best_of=3)) == 3
+    assert info(body(prompt=["a", "b"], n=3)) == 6 and info(body(n="x")) == 1 and info(b"{bad") == 1
