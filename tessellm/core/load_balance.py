@@ -26,11 +26,13 @@ Two policies (``--data-parallel-balance``):
   batch (``max_num_seqs``) or a full KV cache, prefix-cache sharing, preemptions.
 
 Speed (both policies): each core also reports ``step_ms``, an exponential moving average of
-the wall time of its steps that computed tokens (``StepTimer``). The cost the policy compares is
-the score (or tokens) times the core's speed factor: its step time over the median of the
-cores' (those that have one; a core with no history counts as average, factor 1), clamped to
-``[1/4, 4]``, and 1 while within a quarter of the median (identical cores on noisy steps are
-not told apart). A score counts requests and steps of work ahead; times the time a step takes
+the wall time of its steps that computed tokens (``StepTimer``; none before its 8th). The cost
+the policy compares is the work ahead (``4 x queued + running``; tokens: all of them) times the
+core's speed factor, plus the request's own term: the factor is its step time over the median
+of the cores' (those that have one; a core with no history counts as average, factor 1),
+clamped to ``[1/4, 4]``, and 1 while within a quarter of the median (identical cores on noisy
+steps are not told apart). Idle cores tie whatever their speeds: a step time left over from a
+long prefill never decides alone. A score counts requests and steps of work ahead; times the time a step takes
 there it is time, so a core whose steps take twice as long (a slower GPU, a core busy with long
 prefill chunks) gets about half the share. Step time, not tokens per second: a core's tokens
 per second grow with its batch (decode reads the weights once for the whole batch), so a busy
@@ -51,7 +53,7 @@ Invariants:
   step of token budget, ``token_budget``, of prompt it need not prefill; tokens: those
   tokens). A core holding more of the prompt than the least-cost core is scored with the
   requests sent since its report as running where that report shows room for them
-  (``_holder_score``): they start at once there. So prefix affinity costs at most that much
+  (``_holder_parts``): they start at once there. So prefix affinity costs at most that much
   queueing, and a hot prefix spills onto the other cores once its holder has no room.
 * Among those, the core whose cache is worth most to the request's chain wins: what its
   prefix cache holds by its own reports, or will hold, the requests in flight there
@@ -96,6 +98,7 @@ _MAX_BLOCKS = 256  # leading KV blocks of a prompt hashed for affinity (4096 tok
 _MAX_VIEW_ENTRIES = 100_000  # block hashes of a core's prefix cache the view keeps (LRU), per tier
 _DEVICE_WORTH, _HOST_WORTH = 4, 3  # a cached block's worth, on the device and in the host tier
 _STEP_EMA = 1 / 16  # weight of a step's time in the moving average (StepTimer)
+_MIN_STEPS = 8  # steps before a core's step time counts (its first ones may compile, warm up)
 _SPEED_CLAMP = 4.0  # a core's speed factor stays within [1/4, 4] ...
 _SPEED_DEAD_BAND = 1.25  # ... and is 1 while within a quarter of the median
 
@@ -125,14 +128,21 @@ class CoreLoad:
 
 class StepTimer:
     """A core's step time, as a moving average over the steps that computed tokens (module
-    docstring, Speed); None until the first such step. Idle time never counts."""
+    docstring, Speed); None (no history: average) until ``_MIN_STEPS`` such steps. Idle time
+    never counts."""
 
     def __init__(self):
-        self.ms: Optional[float] = None
+        self._avg: Optional[float] = None
+        self._steps = 0
 
     def record(self, seconds: float) -> None:
         ms = seconds * 1000.0
-        self.ms = ms if self.ms is None else self.ms + _STEP_EMA * (ms - self.ms)
+        self._avg = ms if self._avg is None else self._avg + _STEP_EMA * (ms - self._avg)
+        self._steps += 1
+
+    @property
+    def ms(self) -> Optional[float]:
+        return self._avg if self._steps >= _MIN_STEPS else None
 
 
 def core_load(scheduler, received: int, step_ms: Optional[float] = None) -> dict:
@@ -205,13 +215,20 @@ def load_score(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_
     whose requests may run ``num_samples`` sequences (n > 1; here each sample is a request of
     its own): each counts, and needs a slot; they share the prompt's full blocks, each with a
     block of its own for its tail."""
+    return sum(load_score_parts(report, unreceived, num_prompt_tokens, block_size, num_samples))
+
+
+def load_score_parts(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_size: int,
+                     num_samples: int = 1) -> tuple[int, int]:
+    """``load_score`` as ``(ahead, own)``: the work ahead of the request there (``4 x queued +
+    running``) and its own term (1 a sample if it starts at once, else 4)."""
     queued = report.waiting + max(0, unreceived) + report.prefill_steps
     bs = max(1, block_size)
     blocks = -(-num_prompt_tokens // bs) + (num_samples - 1) * (1 if num_prompt_tokens % bs else 0)
     at_once = (queued == 0 and (report.free_seqs is None or report.free_seqs >= num_samples)
                and (report.free_blocks is None or blocks <= report.free_blocks))
-    return (_WAITING_WEIGHT * queued + report.running
-            + num_samples * (1 if at_once else _WAITING_WEIGHT))
+    return (_WAITING_WEIGHT * queued + report.running,
+            num_samples * (1 if at_once else _WAITING_WEIGHT))
 
 
 class LoadBalancer:
@@ -251,7 +268,7 @@ class LoadBalancer:
         chain, rest = self._chain(prompt_token_ids, lora_id, cache_salt, block_hashes) if self.affinity else ([], None)
         speed = speed_factors([r.step_ms for r in self.reports])
         if self.policy == "load":
-            cost = [self.score(i, n) * speed[i] for i in cores]
+            cost = [self._cost(self._score_parts(i, n), speed[i]) for i in cores]
             least = min(cost)
             slack = max(_MIN_SLACK_SCORE, least // _SLACK_FRACTION)
         else:
@@ -269,7 +286,7 @@ class LoadBalancer:
             eligible = []
             for i in cores:
                 extra = (worth[i] - base) * self.block_size // _DEVICE_WORTH  # tokens saved beyond the least's
-                held = cost[i] if extra <= 0 or self.policy != "load" else self._holder_score(i, n) * speed[i]
+                held = cost[i] if extra <= 0 or self.policy != "load" else self._cost(self._holder_parts(i, n), speed[i])
                 if held <= least + slack + self._saving(i, extra):
                     eligible.append(i)
             best = max(worth[i] for i in eligible)
@@ -304,22 +321,31 @@ class LoadBalancer:
                 return
             chain.append(h)
 
-    def _holder_score(self, core: int, num_prompt_tokens: int) -> int:
-        """``score`` for a core whose cache holds more of the prompt than the least-cost
-        core's: the requests sent since its report count as running, not queued, where that
-        report shows room for them and this one (nothing waiting, free slots, KV blocks for
-        prompts like this one), as they will start at once there. So a burst sharing a cached
-        prefix gathers on its holder while it has room, and spills once it has none."""
+    def _holder_parts(self, core: int, num_prompt_tokens: int) -> tuple[int, int]:
+        """``load_score_parts`` for a core whose cache holds more of the prompt than the
+        least-cost core's: the requests sent since its report count as running, not queued,
+        where that report shows room for them and this one (nothing waiting, free slots, KV
+        blocks for prompts like this one), as they will start at once there. So a burst sharing
+        a cached prefix gathers on its holder while it has room, and spills once it has none."""
         r = self.reports[core]
         unreceived = max(0, self.sent[core] - r.received)
         taken = -(-num_prompt_tokens // self.block_size) * unreceived  # blocks, as prompts like this
         if not unreceived or r.waiting or not ((r.free_seqs is None or r.free_seqs > unreceived)
                                                 and (r.free_blocks is None or taken < r.free_blocks)):
-            return self.score(core, num_prompt_tokens)
+            return self._score_parts(core, num_prompt_tokens)
         started = replace(r, running=r.running + unreceived,
                           free_seqs=None if r.free_seqs is None else r.free_seqs - unreceived,
                           free_blocks=None if r.free_blocks is None else r.free_blocks - taken)
-        return load_score(started, 0, num_prompt_tokens, self.block_size)
+        return load_score_parts(started, 0, num_prompt_tokens, self.block_size)
+
+    @staticmethod
+    def _cost(parts: tuple[int, int], speed: float) -> float:
+        """A load score weighed by the core's speed factor: the work ahead times the factor,
+        plus the request's own term (module docstring, Speed). Idle cores tie whatever their
+        speeds (round-robin spreads an idle fleet's requests, and a stale step time from a
+        long prefill never decides alone)."""
+        ahead, own = parts
+        return ahead * speed + own if speed != 1.0 else ahead + own
 
     def _saving(self, core: int, cached_tokens: int) -> int:
         """What ``cached_tokens`` more prompt tokens in ``core``'s cache are worth in the
@@ -334,8 +360,11 @@ class LoadBalancer:
     def score(self, core: int, num_prompt_tokens: int) -> int:
         """The load policy's score of ``core`` once a prompt of ``num_prompt_tokens`` lands there
         (module docstring): its last report, with what was sent since as queued."""
+        return sum(self._score_parts(core, num_prompt_tokens))
+
+    def _score_parts(self, core: int, num_prompt_tokens: int) -> tuple[int, int]:
         r = self.reports[core]
-        return load_score(r, self.sent[core] - r.received, num_prompt_tokens, self.block_size)
+        return load_score_parts(r, self.sent[core] - r.received, num_prompt_tokens, self.block_size)
 
     def report(self, core: int, figures: Optional[dict], cache_events: Optional[dict] = None) -> None:
         """``core``'s figures from its latest outputs message (``core_load``); None (a core that

@@ -18,7 +18,7 @@ from tessellm import LLM, SamplingParams
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest
 from tessellm.core.engine_process import EngineDeadError
-from tessellm.core.load_balance import LoadBalancer, iter_request_block_hashes, request_block_hashes
+from tessellm.core.load_balance import LoadBalancer, StepTimer, iter_request_block_hashes, request_block_hashes
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 90 + 3 for j in range(5 + i)]} for i in range(8)]
@@ -306,6 +306,20 @@ def test_speed_weighting_shifts_share():
     assert 38 <= fast <= 42 and fast + slow == 60  # 2 : 1
     fast, slow = _share([10.0, 1000.0])
     assert 5 <= slow <= 8  # factors 1/4 (clamped) and about 2 (over the median 505): 8 : 1
+    # Idle cores tie whatever their speeds: round-robin, not the faster one every time.
+    lb = LoadBalancer(2, block_size=4, affinity=False)
+    for c, ms in enumerate((10.0, 40.0)):
+        lb.report(c, {"received": 0, "running": 0, "free_seqs": 4, "free_blocks": 100, "step_ms": ms})
+    assert [lb.pick([1] * 8) for _ in range(4)] == [0, 1, 0, 1]
+    # A core's step time: none before its 8th busy step, then a moving average (1/16 a step).
+    timer = StepTimer()
+    for _ in range(7):
+        timer.record(0.010)
+    assert timer.ms is None
+    timer.record(0.010)
+    assert timer.ms == pytest.approx(10.0)
+    timer.record(0.026)
+    assert timer.ms == pytest.approx(11.0)
 
 
 def test_balance_policy_is_checked():
@@ -495,8 +509,8 @@ def test_prefix_goes_to_the_core_whose_host_tier_holds_it(tiny_model_dir):
     engine = DPLLMEngine(args)
     balancer = engine.cores.balancer
 
-    def run(rid, tokens) -> int:
-        engine.add_request(rid, {"prompt_token_ids": tokens}, short)
+    def run(rid, tokens, params=short) -> int:
+        engine.add_request(rid, {"prompt_token_ids": tokens}, params)
         core = engine.cores.owner(rid)
         while engine.cores.owner(rid) is not None:  # its finish comes with its core's report
             engine.step()
@@ -509,14 +523,15 @@ def test_prefix_goes_to_the_core_whose_host_tier_holds_it(tiny_model_dir):
         x = run("p", prefix + [5, 6, 7])
         assert run("tiny", [4, 5, 6]) == 1 - x  # no full block: round-robin
         # 240 tokens fill x's 16 blocks: the prefix leaves its device cache for its host tier
-        assert run("fill", [(5 * j) % 90 + 3 for j in range(240)]) == x
+        longer = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+        assert run("fill", [(5 * j) % 90 + 3 for j in range(240)], longer) == x
         chain = balancer.chain(prefix + [8])
         assert balancer.view.tiered_depths(chain)[x] == (0, 4)
         assert balancer.view.tiered_depths(chain)[1 - x] == (0, 0)
         before = host_hits()
         assert run("q", prefix + [8, 9]) == x  # round-robin's next was the cold core
         assert host_hits()[x] - before[x] == 64 and host_hits()[1 - x] == before[1 - x]
-        assert all(r.step_ms and r.step_ms > 0 for r in balancer.reports)
+        assert balancer.reports[x].step_ms > 0  # its step time, once it has 8 steps
     finally:
         engine.shutdown()
 
