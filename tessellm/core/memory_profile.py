@@ -12,8 +12,12 @@ sizes the KV cache: the caching allocator keeps every block that step allocated,
 * sampled rows: one per row, ``num_speculative_tokens + 1`` per row with speculative decoding
   (at most the budget); their logits go through the sampler's widest path (temperature, top-p
   over the whole sorted vocabulary, min-p, penalties, logit bias, allowed tokens, min_tokens
-  bans, top logprobs); prompt logprobs are computed in chunks of at most that many rows
-  (``runner_output.prompt_logprobs``).
+  bans, top logprobs);
+* prompt logprobs: a step computes them ``prompt_logprob_chunk(max_num_seqs)`` rows of logits
+  at a time (``runner_output.prompt_logprobs``: at least ``PROMPT_LOGPROB_MIN_ROWS``, so a small
+  ``max_num_seqs`` does not cost a logits call per prompt token); the profile step runs one
+  such chunk (``ProfileShape.prompt_logprob_rows``: fewer only where no step holds that many
+  prompt rows) beside the step's hidden states, as a real step does before its sampled rows.
 
 Speculative decoding, beyond the ``k + 1`` sampled rows: after the sampler, the step runs what a
 verifying step runs next (``SpecDecodeRunner.profile``). A proposer whose drafts carry their
@@ -57,15 +61,26 @@ PROFILE_LOGPROBS = 20
 # large allocation up to 2 MiB), and a graph's few small buffers beside its logits.
 _LARGE_ROUND = 2 << 20
 _SPECIALISE = 16  # Triton's integer specialisation (divisible by 16 or not)
+# The fewest rows of logits prompt logprobs take at a time (a larger ``max_num_seqs`` raises it).
+PROMPT_LOGPROB_MIN_ROWS = 64
+
+
+def prompt_logprob_chunk(max_num_seqs: int) -> int:
+    """Rows of logits a step's prompt logprobs take at a time: ``max_num_seqs`` (the sampler's
+    rows, which the profile covers anyway), at least ``PROMPT_LOGPROB_MIN_ROWS``."""
+    return max(max_num_seqs, PROMPT_LOGPROB_MIN_ROWS)
 
 
 @dataclass(frozen=True)
 class ProfileShape:
-    """The profile step: ``counts[i]`` query tokens of row i (decodes first), and how many
-    rows (from the last token back) it samples."""
+    """The profile step: ``counts[i]`` query tokens of row i (decodes first), how many
+    rows (from the last token back) it samples, and the rows of one prompt-logprob chunk."""
 
     counts: tuple[int, ...]
     sampled_rows: int
+    # rows of logits one prompt-logprob chunk takes: the chunk, or the most prompt rows a step
+    # holds where fewer (one prompt of at most max_model_len within the step's tokens)
+    prompt_logprob_rows: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -102,7 +117,8 @@ def profile_shape(num_tokens: int, max_num_seqs: int, max_model_len: int,
     base, extra = divmod(rest, prefills) if prefills else (0, 0)
     counts = [1] * decodes + [2] * short + sorted(base + (i < extra) for i in range(prefills))
     sampled = min(num_tokens, rows * (1 + spec_tokens))
-    return ProfileShape(tuple(counts), sampled)
+    logprob_rows = min(prompt_logprob_chunk(max_num_seqs), num_tokens, max_model_len)
+    return ProfileShape(tuple(counts), sampled, logprob_rows)
 
 
 def profile_sampling_params(vocab_size: int) -> SamplingParams:

@@ -34,6 +34,7 @@ from tessellm.core.decode_overlap import DecodeOverlap
 from tessellm.backends.reference.logits import ReferenceLogitsOps
 from tessellm.core.input_batch import InputBatch, RunnerRequest  # noqa: F401 (re-exported)
 from tessellm.core.input_builder import HostInputs, build_inputs
+from tessellm.core.memory_profile import prompt_logprob_chunk
 from tessellm.core.pp_io import StageIO
 from tessellm.core.prompt_embeds import embed_step, step_embed_rows
 from tessellm.core.runner_graphs import RunnerGraphs
@@ -86,6 +87,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self._deferred: Optional[DeferredSample] = None  # a step waiting for its grammar mask
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs  # rows a step holds at most (the profile step's)
+        # rows of logits a step's prompt logprobs take at a time (the profile step runs one chunk)
+        self.prompt_logprob_chunk = prompt_logprob_chunk(max_num_seqs)
         # Set by ``profile_run``: its peak over what was allocated before it (0: not measured
         # here), and one logits row's bytes (0: no logits on this stage).
         self.profile_peak_bytes = 0
@@ -148,7 +151,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
     def profile_run(self, num_tokens: int) -> None:
         """The memory profile's step (``core/memory_profile.py``): ``num_tokens`` tokens over
         ``max_num_seqs`` rows, decodes first, prompts of at most ``max_model_len`` (a longer
-        one would index rotary tables, sized by the model's context, past their end); then the
+        one would index rotary tables, sized by the model's context, past their end); then one
+        chunk of prompt logprobs (``prompt_logprob_chunk`` rows, top ``PROFILE_LOGPROBS``); the
         logits of its sampled rows through the sampler's widest path, and the greedy argmax;
         with speculative decoding the rejection sampler where drafts carry a distribution, then
         the proposer's own forward (``SpecDecodeRunner.profile``, its peak measured alone too).
@@ -185,6 +189,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             tensors = StepTensors(ids, positions, attn.slot_mapping, attn, rows, None, hidden,
                                   getattr(self.model, "aux_hidden_states", None))
         if self.pp.is_last and self.pooler is None:
+            self._profile_prompt_logprobs(hidden, shape.prompt_logprob_rows)
             logits = self.model.compute_logits(hidden[rows])
             del hidden
             self.logits_row_bytes = logits.shape[-1] * logits.element_size()
@@ -209,6 +214,19 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
         self.backend.synchronize()
         self.profile_peak_bytes = max(0, _peak(self.device) - before, step_peak - before)
         self.allocate_kv_cache(0, self.dtype)
+
+    def _profile_prompt_logprobs(self, hidden: torch.Tensor, n: int) -> None:
+        """One chunk of prompt logprobs over ``n`` of ``hidden``'s rows, top
+        ``PROFILE_LOGPROBS`` each, as a step with a long prompt asking for them computes it."""
+        from tessellm.core.memory_profile import PROFILE_LOGPROBS
+        from tessellm.core.sampling_params import SamplingParams
+
+        if n < 1:
+            return
+        k = min(PROFILE_LOGPROBS, self.vocab_size)
+        state = RunnerRequest("profile-prompt-logprobs", [0] * (n + 1), n + 1,
+                              SamplingParams(prompt_logprobs=k, max_tokens=1), [], 0)
+        prompt_logprobs(self.model, hidden, [(state, 0, 0, n)], n)
 
     def _profile_sampler(self, logits: torch.Tensor, params) -> None:
         """The sampler over ``logits``' rows, each a request using ``params`` (one sampled
@@ -410,7 +428,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
             self._step_tensors = StepTensors(ids, positions, attn.slot_mapping, attn, rows, None, hidden,
                                              getattr(self.model, "aux_hidden_states", None))
         if host.prompt_lp_rows:
-            prompt_logprobs(self.model, hidden, host.prompt_lp_rows, self.max_num_seqs)
+            prompt_logprobs(self.model, hidden, host.prompt_lp_rows, self.prompt_logprob_chunk)
         if not num_rows:
             return None
         return self.model.compute_logits(hidden[rows])
@@ -430,7 +448,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache):
                             **_embeds_kwargs(self.model, ids, mm, given))
         logits = self.model.compute_logits(hidden[rows])  # always: one program per bucket
         if host.prompt_lp_rows:
-            prompt_logprobs(self.model, hidden, host.prompt_lp_rows, self.max_num_seqs)
+            prompt_logprobs(self.model, hidden, host.prompt_lp_rows, self.prompt_logprob_chunk)
         self.backend.synchronize()  # XLA: compile (once per bucket) and run the step
         if not num_rows:
             return None

@@ -12,7 +12,8 @@ import torch
 from tessellm import LLM, SamplingParams
 from tessellm.backends.cuda.graph_runner import default_capture_sizes
 from tessellm.core.block_manager import BlockManager
-from tessellm.core.memory_profile import PROFILE_LOGPROBS, graph_memory_estimate, profile_shape
+from tessellm.core.memory_profile import (PROFILE_LOGPROBS, PROMPT_LOGPROB_MIN_ROWS, graph_memory_estimate,
+                                         profile_shape)
 from tessellm.core.request import Request
 from tessellm.core.runner_kv_cache import kv_cache_tensors
 from tessellm.core.runner_output import prompt_logprobs
@@ -220,6 +221,45 @@ def test_prompt_logprobs_in_chunks_match_the_whole(tiny_model_dir):
     assert ids_ranks[0] == ids_ranks[1] and len(ids_ranks[0]) == 15
     for (_, a, _, ta), (_, b, _, tb) in zip(chunked.prompt_logprobs, whole.prompt_logprobs):
         assert a == pytest.approx(b, abs=1e-5) and [i for i, _ in ta] == [i for i, _ in tb]
+    llm.shutdown()
+
+
+def test_prompt_logprob_chunk_has_a_floor_the_profile_step_covers(tiny_model_dir):
+    """With ``max_num_seqs=1`` a long prompt's logprobs still take ``PROMPT_LOGPROB_MIN_ROWS``
+    rows of logits at a time (not one logits call per prompt token), and the profile step runs
+    exactly such a chunk, its top logprobs included, beside its hidden states."""
+    llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", max_model_len=128,
+              max_num_seqs=1, max_num_batched_tokens=128)
+    runner = llm.engine.core.runner
+    model = runner.model
+    seen, topk = [], []
+    real, real_topk = model.compute_logits, torch.Tensor.topk
+
+    def spy(h):
+        seen.append(h.shape[0])
+        return real(h)
+
+    def spy_topk(t, k, *args, **kwargs):
+        topk.append((tuple(t.shape), k))
+        return real_topk(t, k, *args, **kwargs)
+
+    model.compute_logits = spy
+    try:
+        out = llm.generate([{"prompt_token_ids": list(range(3, 103))}],
+                           SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1), use_tqdm=False)
+        assert len(out[0].prompt_logprobs) == 100  # the first token's entry is None
+        assert seen == [PROMPT_LOGPROB_MIN_ROWS, 99 - PROMPT_LOGPROB_MIN_ROWS, 1]
+        seen.clear()
+        torch.Tensor.topk = spy_topk
+        runner.profile_run(128)
+    finally:
+        del model.compute_logits
+        torch.Tensor.topk = real_topk
+    assert profile_shape(128, 1, 128).prompt_logprob_rows == PROMPT_LOGPROB_MIN_ROWS
+    assert seen == [PROMPT_LOGPROB_MIN_ROWS, 1]  # the chunk, then the sampled row
+    assert ((PROMPT_LOGPROB_MIN_ROWS, runner.vocab_size), PROFILE_LOGPROBS) in topk
+    assert profile_shape(40, 1, 128).prompt_logprob_rows == 40  # no step holds more
+    assert profile_shape(512, 100, 128).prompt_logprob_rows == 100  # max_num_seqs above the floor
     llm.shutdown()
 
 
