@@ -90,6 +90,37 @@ def test_int4_tc_moe_half_activations(dtype):
     assert err < (2e-3 if dtype == torch.float16 else 1.5e-2 if ON_GPU else 2.5e-2), err
 
 
+def test_int4_tc_block_m_rule_reads_pairs_per_global_expert_with_expert_parallelism(monkeypatch):
+    """With ``expert_map`` (2 of 8 experts on this rank) the BLOCK_M rule gets every pair over
+    the global experts (5 an expert: 16), not over the local ones (20 an expert: 32, though
+    this rank's experts get about a quarter of the pairs); the result equals the reference's."""
+    import importlib
+
+    fm = importlib.import_module("tessellm.kernels.moe.fused_moe")  # the package's name is the op
+    monkeypatch.setenv("TESSELLM_MOE_INT4_TC", "1")
+    monkeypatch.setenv("TESSELLM_MOE_INT4_DEQUANT_TOKENS", "0")
+    (x, weights, ids, q13, q2, s13, s2), kw, _ = _case(20, 8, 256, 128, 128, 128, True, False, seed=4)
+    expert_map = torch.full((8,), -1, dtype=torch.int32, device=DEV)
+    expert_map[torch.tensor([2, 5])] = torch.tensor([0, 1], dtype=torch.int32, device=DEV)
+    held = [2, 5]
+    local = [t[held] for t in (q13, q2, s13, s2, kw["w13_zeros"], kw["w2_zeros"])]
+    seen = []
+    rule = fm.moe_int4_tc_block_m
+
+    def spy(pairs, num_experts):
+        seen.append((pairs, num_experts, rule(pairs, num_experts)))
+        return seen[-1][2]
+
+    monkeypatch.setattr(fm, "moe_int4_tc_block_m", spy)
+    got = fused_moe_triton(x, weights, ids, *local[:4], int4=True, w13_zeros=local[4],
+                           w2_zeros=local[5], expert_map=expert_map)
+    assert seen == [(40, 8, 16)]
+    want = fused_experts_reference(*(t.cpu() for t in (x, weights, ids.long(), *local[:4])),
+                                   int4=True, w13_zeros=local[4].cpu(), w2_zeros=local[5].cpu(),
+                                   expert_map=expert_map.cpu())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="Qwen3-30B-A3B-sized experts need a GPU")
 @pytest.mark.parametrize("tokens", [16, 64, 256])
 def test_int4_tc_moe_qwen3_shapes_on_gpu(tokens):

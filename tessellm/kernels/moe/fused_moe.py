@@ -371,8 +371,11 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
                                        w2_scale, w13_zeros, w2_zeros, w13_perm, activation,
                                        w13_bias, w2_bias, expert_map is not None)
     if tiles is None and int4 and plain and _int4_tc_both(w13, w13_scale, w2, w2_scale):
-        # both GEMMs on the int4 tensor-core kernel: its own alignment block, SiLU fused
-        bm = moe_int4_tc_block_m(t * k, num_experts)
+        # both GEMMs on the int4 tensor-core kernel: its own alignment block, SiLU fused; the
+        # rule reads pairs per expert: over the global experts with expert parallelism (the
+        # pairs of this rank's experts alike under even routing, without a host sync)
+        experts = num_experts if expert_map is None else expert_map.shape[0]
+        bm = moe_int4_tc_block_m(t * k, experts)
         tiles = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, SILU_MUL=True)
     # int4 tiles: the large 16-bit prefill tile is not taken (sized as a float32 operand's)
     tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device,
