@@ -59,6 +59,11 @@ class Worker:
         self.args = args
         self.rank = rank
         self.parallel = parallel
+        # The KV sizing's numbers on an accelerator (num_kv_blocks: the profile step's peak, the
+        # graphs' reserve, free and total bytes; initialize_cache adds the graphs' pools after
+        # capture); None where no profile ran (cpu, or an explicit num_kv_blocks).
+        self.memory_profile: Optional[dict] = None
+        self.num_state_snapshots = 0  # prefix caching's recurrent-state snapshots (num_kv_blocks)
         self.backend = registry.select(args.device, getattr(args, "emulate", False))
         dp_size = getattr(args, "data_parallel_size", 1)
         if parallel.world_size * dp_size > 1:
@@ -212,7 +217,7 @@ class Worker:
                        f"default {_CPU_KV_CACHE_DEFAULT >> 30}, split over the ranks) is less than "
                        f"a block ({per_block} bytes); raise TESSELLM_CPU_KV_CACHE_GB")
             else:
-                mp = getattr(self, "memory_profile", {})
+                mp = self.memory_profile or {}
                 fix = (f"the memory profile's step ({mp.get('profile_peak', 0) / 2**30:.2f} GiB "
                        f"at max_num_batched_tokens={self.max_num_batched_tokens} over up to "
                        f"max_num_seqs={args.max_num_seqs} rows) and the decode graphs' reserve "
@@ -247,7 +252,7 @@ class Worker:
 
     def state_snapshot_slots(self) -> int:
         """The snapshots ``num_kv_blocks`` set aside memory for on this rank."""
-        return getattr(self, "num_state_snapshots", 0)
+        return self.num_state_snapshots
 
     def initialize_state_snapshots(self, num: int) -> None:
         """The snapshot pool of prefix caching for a recurrent-state model: ``num`` states."""
@@ -261,7 +266,7 @@ class Worker:
         drafter = getattr(getattr(self.runner.spec, "proposer", None), "graph_runner", None)
         if took is not None and getattr(drafter, "pool_bytes", None) is not None:
             took += drafter.pool_bytes  # a drafter's own graphs, in their own pool
-        if hasattr(self, "memory_profile") and took is not None:  # against graph_memory_estimate
+        if self.memory_profile is not None and took is not None:  # against graph_memory_estimate
             logits = self.runner.graph_logits  # the graphs' one logits buffer, beside the pool
             self.memory_profile["graph_pool"] = took
             self.memory_profile["graph_logits"] = 0 if logits is None else logits.nbytes
