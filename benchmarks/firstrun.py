@@ -129,7 +129,7 @@ def _memory_profile(llm) -> str:
     if not mp:
         return ""
     gib = 2**30
-    return (f"step peak {mp['profile_peak'] / gib:.2f} GiB above the weights, decode graphs "
+    return (f"step peak {mp['profile_peak'] / gib:.2f} GiB above the weights, graphs "
             f"reserved {mp['graph_estimate'] / gib:.2f} GiB / pool {mp.get('graph_pool', 0) / gib:.2f}"
             f" GiB, free at sizing {mp['free'] / gib:.2f} of {mp['total'] / gib:.2f} GiB, "
             f"{llm.engine.info.num_kv_blocks} KV blocks")

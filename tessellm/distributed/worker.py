@@ -202,7 +202,7 @@ class Worker:
             if self.runner.spec is not None:
                 self.memory_profile["draft_peak"] = self.runner.spec.profile_peak_bytes
             logger.info("Rank %d: memory profile of %d tokens over %d rows: peak %.2f GiB above "
-                        "the weights, %.2f GiB reserved for the decode graphs, %.2f GiB of %.2f "
+                        "the weights, %.2f GiB reserved for the graphs, %.2f GiB of %.2f "
                         "free left for the KV cache", self.rank, self.runner.profile_tokens,
                         min(args.max_num_seqs, self.runner.profile_tokens),
                         self.runner.profile_peak_bytes / 2**30, graphs / 2**30,
@@ -262,19 +262,35 @@ class Worker:
         """Allocate the cache and capture graphs; True when graphs were captured."""
         self.runner.allocate_kv_cache(num_blocks, self.kv_dtype)
         self.runner.capture_graphs()
-        took = getattr(self.runner.graph_runner, "pool_bytes", None)
-        drafter = getattr(getattr(self.runner.spec, "proposer", None), "graph_runner", None)
-        if took is not None and getattr(drafter, "pool_bytes", None) is not None:
-            took += drafter.pool_bytes  # a drafter's own graphs, in their own pool
-        if self.memory_profile is not None and took is not None:  # against graph_memory_estimate
-            logits = self.runner.graph_logits  # the graphs' one logits buffer, beside the pool
+        pools = self._graph_pools()
+        if self.memory_profile is not None and pools is not None:  # against the reserve
+            logits = self.runner.graph_logits  # the graphs' one logits buffer, beside the pools
+            took = sum(pools.values())
             self.memory_profile["graph_pool"] = took
+            self.memory_profile["graph_pools"] = pools
             self.memory_profile["graph_logits"] = 0 if logits is None else logits.nbytes
-            logger.info("Rank %d: the decode graphs' pool holds %.2f GiB, their logits buffer "
-                        "%.2f GiB (%.2f GiB reserved for the graphs)", self.rank, took / 2**30,
+            logger.info("Rank %d: the graphs' pools hold %.2f GiB (decode %.2f, verify %.2f, "
+                        "draft %.2f), their logits buffer %.2f GiB (%.2f GiB reserved for the "
+                        "graphs)", self.rank, took / 2**30, pools["decode"] / 2**30,
+                        pools["verify"] / 2**30, pools["draft"] / 2**30,
                         self.memory_profile["graph_logits"] / 2**30,
                         self.memory_profile["graph_estimate"] / 2**30)
         return self.runner.graph_runner is not None
+
+    def _graph_pools(self) -> Optional[dict]:
+        """Bytes in each kind of captured graphs' private pools, as ``graph_memory_estimate``
+        and ``draft_graph_memory_estimate`` reserve them: the decode graphs', the verify graphs'
+        (a runner and pool per query length) and a drafter's own draft steps'; None where the
+        graph runner reports no pool (no device graphs)."""
+        decode = getattr(self.runner.graph_runner, "pool_bytes", None)
+        if decode is None:
+            return None
+        verify = self.runner.verify_graphs
+        drafter = getattr(getattr(self.runner.spec, "proposer", None), "graph_runner", None)
+        return {"decode": decode,
+                "verify": sum(getattr(r, "pool_bytes", 0) or 0
+                              for r in (verify.runners.values() if verify is not None else ())),
+                "draft": getattr(drafter, "pool_bytes", 0) or 0}
 
     def kv_block_bytes(self) -> int:
         """One KV block's bytes on this rank (its shard, its stage's layers)."""

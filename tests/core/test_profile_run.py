@@ -288,6 +288,36 @@ def test_graph_reserve_covers_the_verify_graphs_outputs(tiny_model_dir):
     llm.shutdown()
 
 
+def test_worker_counts_the_verify_graphs_pools_beside_the_decode_graphs(tiny_model_dir):
+    """After capture the worker's memory profile (the reserve against what the graphs took)
+    counts every graph runner's pool: the decode graphs' and each verify runner's (q = 2..k+1),
+    as ``graph_memory_estimate`` reserves them."""
+    from tests.spec_decode.test_verify_graphs import StandInGraphRunner
+
+    class Pooled(StandInGraphRunner):  # a device runner's pool: 1 MiB a captured size
+        def capture(self, step, make_inputs):
+            super().capture(step, make_inputs)
+            self.pool_bytes = len(self.capture_sizes) << 20
+
+    llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", max_model_len=64,
+              max_num_seqs=4, num_kv_blocks=32,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    worker = llm.engine.core.executor.worker
+    runner = worker.runner
+    runner.graph_runner = Pooled((1, 2, 4))
+    runner.kernel.supports_graph_capture = True
+    runner.verify_graph_factory = Pooled
+    worker.memory_profile = {"graph_estimate": 0}  # (the cpu runs no profile)
+    with torch.inference_mode():
+        worker.initialize_cache(32)
+    verify = list(runner.verify_graphs.runners.values())
+    assert len(verify) == 3
+    want = sum(len(r.capture_sizes) for r in verify) << 20
+    assert worker.memory_profile["graph_pools"] == {"decode": 3 << 20, "verify": want, "draft": 0}
+    assert worker.memory_profile["graph_pool"] == (3 << 20) + want
+    llm.shutdown()
+
+
 def test_graph_runner_keeps_only_wholly_free_default_pool_segments_of_its_stream(monkeypatch):
     """What the cuda graph runner caches again after capture (torch.cuda.graph empties the
     cache): wholly free large segments of the current device and stream in the default pool,
