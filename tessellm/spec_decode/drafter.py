@@ -38,6 +38,9 @@ class KVDrafter(Proposer):
     draft model) and ``to_tokens`` (states -> greedy draft ids in the target's vocabulary)."""
 
     hidden_size: Optional[int] = None  # width of the hidden state fed between draft steps
+    # a vocabulary of the drafter's own, smaller than the target's (EAGLE-3's draft_vocab_size:
+    # its LM head's rows, mapped to target ids by d2t); None: the target's
+    draft_vocab_size: Optional[int] = None
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -149,7 +152,7 @@ class KVDrafter(Proposer):
     def graph_memory_estimate(self, logits_row_bytes: int, step_bytes_per_token: float) -> int:
         """``draft_graph_memory_estimate`` over the sizes ``capture_graphs`` will capture; the
         outputs a row: the draft id and, for an EAGLE head, its hidden state; the logits a row
-        the target's (the same tokenizer: an upper bound where a head has a smaller vocabulary)."""
+        ``draft_logits_row_bytes``."""
         from tessellm.core.memory_profile import draft_graph_memory_estimate
 
         runner = self._make_graph_runner()
@@ -157,7 +160,16 @@ class KVDrafter(Proposer):
             return 0
         row = 8 + (self.hidden_size or 0) * torch.empty((), dtype=self.ctx.dtype).element_size()
         return draft_graph_memory_estimate(getattr(runner, "capture_sizes", ()), row,
-                                           logits_row_bytes, step_bytes_per_token)
+                                           self.draft_logits_row_bytes(logits_row_bytes),
+                                           step_bytes_per_token)
+
+    def draft_logits_row_bytes(self, logits_row_bytes: int) -> int:
+        """One row of the draft step's logits, from the target's ``logits_row_bytes`` (the same
+        tokenizer and dtype): scaled to ``draft_vocab_size`` where the drafter has one."""
+        vocab = self.ctx.vocab_size
+        if not self.draft_vocab_size or not vocab or self.draft_vocab_size >= vocab:
+            return logits_row_bytes
+        return -(-logits_row_bytes * self.draft_vocab_size // vocab)
 
     def profile(self, inp) -> None:
         """``propose`` with every step eager (the graphs come after the cache); the profile's

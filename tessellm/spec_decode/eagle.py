@@ -44,6 +44,7 @@ class EagleProposer(KVDrafter):
                                      load_format, getattr(ctx.engine_args, "seed", 0))
         self.aux_hidden_layers = self.target_layers()
         self.hidden_size = self.head_config.hidden_size
+        self.draft_vocab_size = getattr(self.head_config, "draft_vocab_size", None)
 
     def _model_context(self):
         """The head's layers get the backend's fused ops, an attention kernel for its shape

@@ -123,6 +123,25 @@ def test_draft_graph_reserve_covers_the_draft_steps_outputs_and_logits(models): 
                                                       runner.spec.profile_peak_bytes / 24)
 
 
+def test_draft_graph_reserve_sizes_an_eagle3_heads_logits_by_its_draft_vocabulary(models):  # noqa: F811
+    """An EAGLE-3 head's draft steps compute logits over its own draft vocabulary (96 rows of
+    its LM head, against the target's 384): the reserve sizes them so, not by the target's row."""
+    spec = dict(_spec("eagle3", models["eagle3"], K), disable_by_batch_size=16)
+    with LLM(models["target"], speculative_config=spec, **dict(ENGINE, max_num_seqs=16)) as llm:
+        runner = llm.engine.core.runner
+        proposer = runner.spec.proposer
+        _profile_with_restored_cache(runner, ENGINE["max_num_batched_tokens"])
+        sizes = (1, 2, 4, 8, 12)
+        proposer._make_graph_runner = lambda: StandInGraphRunner(sizes)
+        reserve = runner.spec.graph_memory_estimate(runner.logits_row_bytes)
+        states = torch.zeros(1, proposer.hidden_size)
+        row = proposer.model.lm_head(states).nbytes  # the head's logits: one row
+        assert proposer.draft_vocab_size == 96 and row == 96 * 4 < runner.logits_row_bytes
+        per_token = runner.spec.profile_peak_bytes / runner.spec.profile_tokens
+        assert reserve == draft_graph_memory_estimate(sizes, 8 + 4 * proposer.hidden_size, row, per_token)
+
+
+
 def test_profile_drafter_stays_inside_the_context(models):  # noqa: F811
     """Profile rows that fill the context sample nothing (as no real step's could): the draft
     model is fed their tokens, none past ``max_model_len``, and drafts for none of them."""
