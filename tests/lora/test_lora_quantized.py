@@ -113,8 +113,9 @@ def test_adapter_on_a_gguf_base_matches_the_float_path(smollm2_adapter):
         assert ranks == [1] * len(c), ranks
 
 
-@pytest.mark.parametrize("scheme, backend", [("int8", "cpu"), ("fp8", "cpu"), ("awq", "cuda"),
-                                             ("gptq", "cuda")])
+@pytest.mark.parametrize("scheme, backend", [
+    ("int8", "cpu"), ("fp8", "cpu"), pytest.param("awq", "cuda", marks=pytest.mark.interpreted),
+    pytest.param("gptq", "cuda", marks=pytest.mark.interpreted)])
 def test_lora_linear_on_every_packed_scheme(scheme, backend):
     """One fused [q|k|v]-shaped layer and one row layer per scheme (awq/gptq: the cuda backend's
     Triton kernels, through the interpreter on a CPU; the cpu backend has none), adapters in two

@@ -299,6 +299,7 @@ def test_cuda_hits_with_decode_graphs_and_async_scheduling(name, tmp_path):
     assert tokens == [want["longer"], want["inside"]]
 
 
+@pytest.mark.interpreted  # the Triton ops on the cpu backend's host tensors
 @pytest.mark.parametrize("name", ["mamba2", "granite4h", "qwen3_next"])
 def test_triton_sequential_scan_saves_in_its_pass(saved, name, monkeypatch):
     """The cpu backend with the Triton ops' scan (``FusedOps.mamba_state_saves``; Qwen3-Next:
