@@ -294,3 +294,28 @@ def test_the_router_counts_the_samples_of_the_request_it_routes(reports):
     info = lambda b: route_info("/v1/completions", b, 16, 4, 64)[2]  # noqa: E731
     assert info(body()) == 1 and info(body(n=4)) == 4 and info(body(n=2, best_of=3)) == 3
     assert info(body(prompt=["a", "b"], n=3)) == 6 and info(body(n="x")) == 1 and info(b"{bad") == 1
+
+
+def test_a_replica_with_slower_steps_weighs_its_work_ahead_more(reports):
+    """Two replicas with two requests running each (the engine's own reports), one stepping at
+    10 ms, the other at 40 ms: over the median (25 ms) their factors are 0.4 and 1.6, so their
+    scores are 2 x 0.4 + 1 and 2 x 1.6 + 1; idle ones tie whatever their step times, and one
+    with no step time yet counts as average."""
+    def stepping(ms, running=2):
+        load = {**reports["idle"]["load"], "running": running, "free_seqs": 8, "step_ms": ms}
+        return {**reports["idle"], "load": load, "in_flight": running, "in_flight_samples": running}
+
+    router = _router(balance="load")
+    a, b = _replica("a", stepping(10.0)), _replica("b", stepping(40.0))
+    for replica in (a, b):
+        router.replica_queue_len_cache.update(replica.replica_id, 2)
+    assert router.replica_loads([a, b], 96) == pytest.approx({"a": 2 * 0.4 + 1, "b": 2 * 1.6 + 1})
+    assert _route(router, [a, b], chain=[]) == "a"
+    idle_a, idle_b = _replica("a", stepping(10.0, 0)), _replica("b", stepping(40.0, 0))
+    router = _router(balance="load")
+    assert router.replica_loads([idle_a, idle_b], 96) == {"a": 1, "b": 1}
+    c = _replica("c", stepping(None))
+    router = _router(balance="load")
+    for replica in (a, c):
+        router.replica_queue_len_cache.update(replica.replica_id, 2)
+    assert router.replica_loads([a, c], 96) == {"a": 3, "c": 3}  # c has no step time: a is the median

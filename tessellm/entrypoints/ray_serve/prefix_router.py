@@ -32,7 +32,7 @@ from typing import Optional
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from tessellm.entrypoints.ray_serve.affinity_policy import rank_replicas
-from tessellm.entrypoints.ray_serve.replica_load import BALANCES, replica_score, threshold
+from tessellm.entrypoints.ray_serve.replica_load import BALANCES, replica_score, replica_speeds, threshold
 from tessellm.core.prefix_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
@@ -115,9 +115,10 @@ class PrefixAffinityRouter(RequestRouter):
         prompt of about ``num_prompt_tokens`` running ``num_samples`` sequences."""
         if self._balance == "in_flight":
             return {r.replica_id.unique_id: self._ongoing(r) for r in replicas}
-        return {r.replica_id.unique_id: replica_score(_routing_stats(r), self._ongoing(r), num_prompt_tokens,
-                                                      num_samples)
-                for r in replicas}
+        reports = [_routing_stats(r) for r in replicas]
+        return {r.replica_id.unique_id: replica_score(report, self._ongoing(r), num_prompt_tokens,
+                                                      num_samples, speed)
+                for r, report, speed in zip(replicas, reports, replica_speeds(reports))}
 
     def _ongoing(self, replica: RunningReplica) -> int:
         """The replica's requests now: Serve's queue-length cache when fresh, else this router's

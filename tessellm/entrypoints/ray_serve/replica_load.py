@@ -47,6 +47,12 @@ Two figures (``router.balance``):
   router's own count): the router before engine load reports. Blind to what only the engine
   knows: a queue behind a full batch or a full KV cache, a long prefill.
 
+Speed: a replica's report carries its engine's step time (``core_load``'s ``step_ms``, a moving
+average of its busy steps' wall time); the work ahead in its score (``4 x queued + running``) is
+weighed by its step time over the median of the replicas' (``load_balance.speed_factors``:
+none yet counts as average, within a quarter of the median as equal, clamped to [1/4, 4]), so a
+replica on a slower GPU gets a proportionally smaller share; idle replicas still tie.
+
 The balance threshold (affinity_policy.py ranks with it): a replica whose figure is more than
 ``threshold(imbalance_threshold, least)`` above the least one's is passed over, prefix or not.
 In ``load`` points, the default 8 is two queued requests, or eight running ones; and an eighth
@@ -59,7 +65,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tessellm.core.load_balance import CoreLoad, load_score
+from tessellm.core.load_balance import CoreLoad, load_score, load_score_parts, speed_factors
 
 BALANCES = ("load", "in_flight")  # router.balance
 _SLACK_FRACTION = 8  # load: also an eighth above the least score, when that is more
@@ -87,10 +93,18 @@ def _sequences(report: dict, ongoing: int) -> int:
     return ongoing + extra * min(max(0, ongoing), in_flight) // in_flight
 
 
-def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int, num_samples: int = 1) -> int:
+def replica_speeds(reports: list) -> list[float]:
+    """Each replica's speed factor (module docstring, Speed) from its latest report's step time
+    (``load_balance.speed_factors``: a replica with none counts as average)."""
+    return speed_factors([((r or {}).get("load") or {}).get("step_ms") for r in reports])
+
+
+def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int, num_samples: int = 1,
+                  speed: float = 1.0):
     """A replica's ``load`` score for a prompt of ``num_prompt_tokens`` running ``num_samples``
     sequences (module docstring): ``report`` is its latest ``load_report`` (None or {}: none
-    yet), ``ongoing`` its requests now as this router sees them."""
+    yet), ``ongoing`` its requests now as this router sees them, ``speed`` its speed factor
+    (``replica_speeds``: the work ahead is weighed by it, the request's own term is not)."""
     if not report or "load" not in report:
         return load_score(CoreLoad(running=max(0, ongoing)), 0, num_prompt_tokens, 1, num_samples)
     figures = CoreLoad.from_dict(report["load"])
@@ -131,7 +145,8 @@ def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int, 
         started = min(arrived, max(0, figures.free_seqs))
         figures.free_seqs -= started
     figures.running += started
-    return load_score(figures, arrived - started, num_prompt_tokens, block_size, num_samples)
+    ahead, own = load_score_parts(figures, arrived - started, num_prompt_tokens, block_size, num_samples)
+    return ahead + own if speed == 1.0 else ahead * speed + own
 
 
 def threshold(imbalance_threshold: int, least: int, balance: str) -> int:
