@@ -44,19 +44,30 @@ def pytest_runtest_logreport(report):
         f.write(f"{outcome}\t{report.nodeid}\t{reason}\n")
 
 
+def pytest_collectreport(report):
+    """A module that fails to import (often a package this machine lacks): listed apart."""
+    path = os.environ.get("PYTEST_OUTCOMES")
+    if not path or not report.failed or _config is None or hasattr(_config, "workerinput"):
+        return
+    with open(path, "a") as f:
+        f.write(f"collect_error\t{report.nodeid}\t{_reason(report)}\n")
+
+
 def summarise(paths: list[str]) -> int:
     """Counts per file and every failure / error with its reason (and, where FILE's .rc sibling
     holds a time limit's exit status, that the part was cut off); 1 if any failed or was cut."""
     bad = 0
     for path in paths:
         counts: dict[str, int] = {}
-        failures = []
+        failures, uncollected = [], []
         if os.path.exists(path):
             for line in open(path):
                 outcome, nodeid, reason = (line.rstrip("\n").split("\t") + ["", ""])[:3]
                 counts[outcome] = counts.get(outcome, 0) + 1
                 if outcome in ("failed", "error"):
                     failures.append(f"  {outcome.upper()} {nodeid}: {reason}")
+                elif outcome == "collect_error":  # shown, not counted: often a missing package
+                    uncollected.append(f"  (could not collect {nodeid}: {reason})")
         name = os.path.basename(path).removesuffix(".outcomes")
         summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no test ran"
         rc_path = path.removesuffix(".outcomes") + ".rc"  # the device scripts' exit status
@@ -67,7 +78,7 @@ def summarise(paths: list[str]) -> int:
         elif rc not in (None, "0"):
             summary += f" (rc={rc})"
         print(f"{name}: {summary}")
-        print("\n".join(failures))
+        print("\n".join(failures + uncollected))
         bad += len(failures)
     return 1 if bad else 0
 
