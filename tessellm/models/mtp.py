@@ -252,10 +252,12 @@ def check_mtp_checkpoint(source, layout: Optional[MTPLayout], load_format: str) 
 
 
 def build_mtp_head(target: nn.Module, source, registry, backend, block_size: int,
-                   kv_cache_dtype: str = "auto", load_format: str = "auto", seed: int = 0):
+                   kv_cache_dtype: str = "auto", load_format: str = "auto", seed: int = 0,
+                   max_model_len: Optional[int] = None, max_num_seqs: Optional[int] = None):
     """``(head, attention kernel)``: the first MTP module of ``source`` (the target's own
     checkpoint) over ``target`` (built by ``build_model``: its ``model_context`` is reused),
-    its weights filled (``load_format="dummy"``: random, for benchmarks)."""
+    its weights filled (``load_format="dummy"``: random, for benchmarks). ``max_model_len`` /
+    ``max_num_seqs``: the drafter's limits, in its kernels' ``AttentionSpec`` (None: unknown)."""
     from tessellm.config import text_config
     from tessellm.layers.attention import PerWindowKernels
     from tessellm.layers.linear import use_backend_linear
@@ -277,7 +279,8 @@ def build_mtp_head(target: nn.Module, source, registry, backend, block_size: int
     if layout is QWEN3_NEXT:  # the MTP layer attends in full (no recurrent state of its own)
         config.layer_types = list(config.layer_types[:n]) + ["full_attention"]
     make_kernel, kernels = attention_kernel_factory(registry, backend, config, target_ctx.dtype,
-                                                    block_size, kv_cache_dtype, target_ctx.tp)
+                                                    block_size, kv_cache_dtype, target_ctx.tp,
+                                                    max_model_len, max_num_seqs)
     ctx = dataclasses.replace(target_ctx, make_attention_kernel=make_kernel, pp=MTPStage(n))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(ctx.dtype)

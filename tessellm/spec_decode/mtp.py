@@ -32,7 +32,8 @@ class MTPProposer(EagleProposer):
                                              getattr(args, "load_format", "auto")) else "auto"
         self.model, self.kernel = build_mtp_head(
             ctx.target, model_source(args), ctx.registry, ctx.backend, ctx.block_size,
-            getattr(args, "kv_cache_dtype", "auto"), load_format, getattr(args, "seed", 0))
+            getattr(args, "kv_cache_dtype", "auto"), load_format, getattr(args, "seed", 0),
+            max_model_len=ctx.max_model_len + self.k, max_num_seqs=ctx.max_num_seqs)
         self.head_config = self.model.config
         self.hidden_size = self.head_config.hidden_size
         self.aux_hidden_layers = ()

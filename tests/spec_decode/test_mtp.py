@@ -159,6 +159,18 @@ def test_mtp_keeps_greedy_tokens(checkpoints, family, method):
         assert stats.num_drafts > 0 and stats.num_draft_tokens > stats.num_drafts
 
 
+def test_mtp_kernels_get_the_engine_limits(checkpoints):
+    """The MTP layer's attention kernels see the engine's limits in their ``AttentionSpec``
+    (as the target's, a draft model's and an EAGLE head's do): ``max_model_len`` plus the k
+    draft positions, ``max_num_seqs`` (backends/spec.py; the cuda kernel sizes its decode
+    workspace from them)."""
+    with LLM(checkpoints["glm4.5"], speculative_config=MTP, max_model_len=64, max_num_seqs=3,
+             **ENGINE) as llm:
+        kernel = llm.engine.core.runner.spec.proposer.kernel
+        for k in getattr(kernel, "kernels", [kernel]):
+            assert (k.spec.max_model_len, k.spec.max_num_seqs) == (64 + 3, 3)
+
+
 def test_mtp_that_predicts_the_target_is_always_accepted(tmp_path):
     """Greedy: every draft accepted, the tokens unchanged. Seeded sampling through the
     rejection sampler: the tokens of the run without speculation, drafts accepted. The
