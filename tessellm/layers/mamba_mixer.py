@@ -176,11 +176,6 @@ class MambaMixer2(nn.Module):
             self._flags = (ops, flags)
         return flags
 
-    @property
-    def _fused_norm(self) -> bool:
-        """Whether the ops have the one-launch gated norm (``FusedOps.gated_rms_norm``)."""
-        return self.op_flags()[3]
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         s, n, batch, t = self.shape, self.local, self.step.batch, hidden.shape[0]
         strided, conv_saves, scan_saves, fused_norm = self.op_flags()
