@@ -109,7 +109,7 @@ class EngineCoreGroup:
 
     def note_stats(self, core: int, stats: dict) -> None:
         """A core's stats from its latest outputs message; their load figures and prefix-cache
-        changes go to the balancer (``load_balance.core_load``, ``cache_view.CacheEvents``)."""
+        changes go to the balancer (``load_report.core_load``, ``cache_view.CacheEvents``)."""
         events = stats.pop("prefix_events", None)
         self.stats[core] = stats
         self.balancer.report(core, stats.get("load"), events)

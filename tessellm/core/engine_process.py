@@ -47,7 +47,7 @@ from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.prompt_embeds import PromptEmbeds, encode_prompt_embeds
 from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.cache_view import CacheEvents
-from tessellm.core.load_balance import StepTimer, core_load, waiting_kv_blocks
+from tessellm.core.load_report import StepTimer, core_load, waiting_kv_blocks
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.step import STEP_SCHEMA_VERSION, build_dataclass, check_version

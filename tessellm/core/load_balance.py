@@ -81,15 +81,15 @@ Invariants:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from itertools import islice
 from typing import Iterable, Iterator, Optional
 
 from tessellm.core.block_manager import iter_block_hashes
 from tessellm.core.cache_view import HOST, CacheView, short_hash
+from tessellm.core.load_report import _WAITING_WEIGHT, CoreLoad, load_score_parts, speed_factors
 
 POLICIES = ("load", "tokens")  # --data-parallel-balance
-_WAITING_WEIGHT = 4  # a queued request weighs this many running ones (vLLM's client: 4)
 _MIN_SLACK_SCORE = 2  # load: score points a core may be above the least and win on affinity
 _MIN_SLACK = 2  # tokens: requests like this one a core may be above the least loaded ...
 _MIN_SLACK_BLOCKS = 16  # ... or this many blocks of tokens (noise: a few short chats)
@@ -97,138 +97,6 @@ _SLACK_FRACTION = 8  # ... or this fraction (1/8) of the least cost, when larger
 _MAX_BLOCKS = 256  # leading KV blocks of a prompt hashed for affinity (4096 tokens at 16)
 _MAX_VIEW_ENTRIES = 100_000  # block hashes of a core's prefix cache the view keeps (LRU), per tier
 _DEVICE_WORTH, _HOST_WORTH = 4, 3  # a cached block's worth, on the device and in the host tier
-_STEP_EMA = 1 / 16  # weight of a step's time in the moving average (StepTimer)
-_MIN_STEPS = 8  # steps before a core's step time counts (its first ones may compile, warm up)
-_SPEED_CLAMP = 4.0  # a core's speed factor stays within [1/4, 4] ...
-_SPEED_DEAD_BAND = 1.25  # ... and is 1 while within a quarter of the median
-
-
-@dataclass
-class CoreLoad:
-    """A core's figures for the balancer, as of its latest step (``core_load``). Before its
-    first report a core counts as idle with room for anything."""
-
-    waiting: int = 0  # requests queued (or preempted), not running
-    running: int = 0  # requests holding KV blocks, decoding or prefilling
-    free_seqs: Optional[int] = None  # request slots left (max_num_seqs - running); None: unknown
-    free_blocks: Optional[int] = None  # KV blocks free (cached-but-free included); None: unknown
-    prefill_steps: int = 0  # whole steps of token budget the running requests' prompts still take
-    received: int = 0  # requests the core has received from the front end since it started
-    token_budget: Optional[int] = None  # tokens one step computes at most; None: unknown
-    step_ms: Optional[float] = None  # moving average of its busy steps' wall time; None: no history
-    # KV blocks its waiting requests need to start, a block shared with a running request or an
-    # earlier waiting one counted once (``waiting_kv_blocks``); None: not reported
-    waiting_blocks: Optional[int] = None
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CoreLoad":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-class StepTimer:
-    """A core's step time, as a moving average over the steps that computed tokens (module
-    docstring, Speed); None (no history: average) until ``_MIN_STEPS`` such steps. Idle time
-    never counts."""
-
-    def __init__(self):
-        self._avg: Optional[float] = None
-        self._steps = 0
-
-    def record(self, seconds: float) -> None:
-        ms = seconds * 1000.0
-        self._avg = ms if self._avg is None else self._avg + _STEP_EMA * (ms - self._avg)
-        self._steps += 1
-
-    @property
-    def ms(self) -> Optional[float]:
-        return self._avg if self._steps >= _MIN_STEPS else None
-
-
-def core_load(scheduler, received: int, step_ms: Optional[float] = None) -> dict:
-    """What a core reports with each step's outputs (``CoreLoad`` as a dict): its scheduler's
-    queues and free room, ``received``, the adds it has had, and ``step_ms``, its
-    ``StepTimer``'s. One pass over the running requests (their prompt tokens not yet computed);
-    sent only when there are several cores."""
-    pending = 0
-    for req in scheduler.running:
-        pending += max(0, req.num_prompt_tokens - req.num_computed_tokens)
-    config = scheduler.config
-    return {"waiting": len(scheduler.waiting), "running": len(scheduler.running),
-            "free_seqs": config.max_num_seqs - len(scheduler.running),
-            "free_blocks": scheduler.kv.num_free_blocks,
-            "prefill_steps": pending // max(1, config.max_num_batched_tokens), "received": received,
-            "token_budget": config.max_num_batched_tokens,
-            "step_ms": None if step_ms is None else round(step_ms, 3)}
-
-
-def waiting_kv_blocks(scheduler) -> int:
-    """``CoreLoad.waiting_blocks``: the KV blocks the waiting requests need to start. A
-    leading prompt block a running request holds, or an earlier waiting request needs too,
-    counts once (it is shared when they start); a later sample of an n > 1 request shares its
-    first sample's full prompt blocks (it waits for that prefill). A request not hashed yet is
-    hashed here (its admission would hash it anyway, and keeps them: each block is hashed once).
-    For the Ray Serve replicas' reports (once a period), not every step."""
-    kv = scheduler.kv
-    seen: set = set()
-    total = 0
-    for req in scheduler.waiting:
-        need = kv.blocks_needed(req.num_tokens) - len(kv.req_blocks.get(req.request_id, ()))
-        if req.wait_for is not None:
-            shared = req.num_prompt_tokens // kv.block_size
-        elif not kv.enable_prefix_caching:
-            shared = 0
-        else:
-            kv.update_block_hashes(req)
-            shared = 0
-            for h in req.block_hashes:
-                block = kv.cached.get(h)
-                if h not in seen and (block is None or block.ref_cnt == 0):
-                    break
-                shared += 1
-            seen.update(req.block_hashes)
-        total += max(0, need - shared)
-    return total
-
-
-def speed_factors(step_ms: list) -> list[float]:
-    """Each core's speed factor (module docstring, Speed) from its step time (None: none yet)."""
-    known = sorted(t for t in step_ms if t)
-    if not known:
-        return [1.0] * len(step_ms)
-    mid = len(known) // 2
-    median = known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
-    out = []
-    for t in step_ms:
-        f = t / median if t else 1.0
-        if 1 / _SPEED_DEAD_BAND <= f <= _SPEED_DEAD_BAND:
-            f = 1.0
-        out.append(min(_SPEED_CLAMP, max(1 / _SPEED_CLAMP, f)))
-    return out
-
-
-def load_score(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_size: int,
-               num_samples: int = 1) -> int:
-    """The load policy's score (module docstring) of an engine with ``report`` as its latest
-    figures and ``unreceived`` requests sent to it since, once a prompt of ``num_prompt_tokens``
-    lands there. Shared with the Ray Serve router (entrypoints/ray_serve/prefix_router.py),
-    whose requests may run ``num_samples`` sequences (n > 1; here each sample is a request of
-    its own): each counts, and needs a slot; they share the prompt's full blocks, each with a
-    block of its own for its tail."""
-    return sum(load_score_parts(report, unreceived, num_prompt_tokens, block_size, num_samples))
-
-
-def load_score_parts(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_size: int,
-                     num_samples: int = 1) -> tuple[int, int]:
-    """``load_score`` as ``(ahead, own)``: the work ahead of the request there (``4 x queued +
-    running``) and its own term (1 a sample if it starts at once, else 4)."""
-    queued = report.waiting + max(0, unreceived) + report.prefill_steps
-    bs = max(1, block_size)
-    blocks = -(-num_prompt_tokens // bs) + (num_samples - 1) * (1 if num_prompt_tokens % bs else 0)
-    at_once = (queued == 0 and (report.free_seqs is None or report.free_seqs >= num_samples)
-               and (report.free_blocks is None or blocks <= report.free_blocks))
-    return (_WAITING_WEIGHT * queued + report.running,
-            num_samples * (1 if at_once else _WAITING_WEIGHT))
 
 
 class LoadBalancer:

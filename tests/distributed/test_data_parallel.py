@@ -18,7 +18,8 @@ from tessellm import LLM, SamplingParams
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest
 from tessellm.core.engine_process import EngineDeadError
-from tessellm.core.load_balance import LoadBalancer, StepTimer, iter_request_block_hashes, request_block_hashes
+from tessellm.core.load_balance import LoadBalancer, iter_request_block_hashes, request_block_hashes
+from tessellm.core.load_report import StepTimer
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 90 + 3 for j in range(5 + i)]} for i in range(8)]

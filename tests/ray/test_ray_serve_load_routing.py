@@ -18,7 +18,7 @@ from ray.serve._private.request_router.replica_wrapper import RunningReplica
 from tessellm import SamplingParams
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCore, EngineCoreRequest
-from tessellm.core.load_balance import core_load, waiting_kv_blocks
+from tessellm.core.load_report import core_load, waiting_kv_blocks
 from tessellm.entrypoints.ray_serve.app import engine_options
 from tessellm.entrypoints.ray_serve.config import parse_config
 from tessellm.entrypoints.ray_serve.prefix_router import PrefixAffinityRouter

@@ -3,8 +3,8 @@
 Two figures (``router.balance``):
 
 * ``load`` (default): the engine's own figures, the same score as the in-process
-  data-parallel balancer's ``--data-parallel-balance load`` (core/load_balance.py,
-  ``load_score``)::
+  data-parallel balancer's ``--data-parallel-balance load`` (core/load_report.py,
+  ``load_score``; the policy in core/load_balance.py)::
 
       queued = waiting + arrivals since its report beyond its free slots + prefill steps ahead
       score  = 4 * queued + running + (1 if the request would start at once there else 4)
@@ -49,7 +49,7 @@ Two figures (``router.balance``):
 
 Speed: a replica's report carries its engine's step time (``core_load``'s ``step_ms``, a moving
 average of its busy steps' wall time); the work ahead in its score (``4 x queued + running``) is
-weighed by its step time over the median of the replicas' (``load_balance.speed_factors``:
+weighed by its step time over the median of the replicas' (``load_report.speed_factors``:
 none yet counts as average, within a quarter of the median as equal, clamped to [1/4, 4]), so a
 replica on a slower GPU gets a proportionally smaller share; idle replicas still tie.
 
@@ -65,7 +65,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tessellm.core.load_balance import CoreLoad, load_score, load_score_parts, speed_factors
+from tessellm.core.load_report import CoreLoad, load_score, load_score_parts, speed_factors
 
 BALANCES = ("load", "in_flight")  # router.balance
 _SLACK_FRACTION = 8  # load: also an eighth above the least score, when that is more
@@ -95,7 +95,7 @@ def _sequences(report: dict, ongoing: int) -> int:
 
 def replica_speeds(reports: list) -> list[float]:
     """Each replica's speed factor (module docstring, Speed) from its latest report's step time
-    (``load_balance.speed_factors``: a replica with none counts as average)."""
+    (``load_report.speed_factors``: a replica with none counts as average)."""
     return speed_factors([((r or {}).get("load") or {}).get("step_ms") for r in reports])
 
 
