@@ -65,21 +65,11 @@ class Worker:
         self.memory_profile: Optional[dict] = None
         self.num_state_snapshots = 0  # prefix caching's recurrent-state snapshots (num_kv_blocks)
         self.backend = registry.select(args.device, getattr(args, "emulate", False))
-        dp_size = getattr(args, "data_parallel_size", 1)
-        if parallel.world_size * dp_size > 1:
-            set_worker_threads(self.backend.device_type, parallel.world_size * dp_size)
-        if local_rank is None:  # this host's devices: the data-parallel rank's group, then the rank
-            local_rank = device_index(args, parallel, rank)
-            check_device_index(self.backend, local_rank, args, parallel)
-        self.device = self.backend.torch_device(local_rank)
-        if self.device.type != "cpu":  # this rank's device becomes the process's current one
-            _set_current_device(self.device)
-        if parallel.world_size > 1:
-            self.tp, self.pp = init_distributed(parallel, rank, self.backend.dist_backend,
-                                                init_method, self.device)
-        else:
-            self.tp, self.pp = TensorParallel(), PipelineStage()
+        self._place(local_rank, init_method)
+        from tessellm.pooling.config import pooler_config_for
         from tessellm.pooling.convert import model_source
+        from tessellm.quantization.support import kv_cache_torch_dtype
+        from tessellm.spec_decode.runner_part import build_spec_decode
 
         source = model_source(args)  # hf_overrides and convert applied, as in the engine core
         self.source = source
@@ -87,22 +77,9 @@ class Worker:
         config = text_config(source.hf_config)  # the language model's (LLaVA: text_config)
         self.max_model_len = resolve_max_model_len(args.max_model_len, config)
         torch.manual_seed(args.seed)  # the same on every rank: tensor-parallel ranks sample alike
-        load_format = args.load_format if args.load_format != "auto" else source.kind
-        from tessellm.loader.model_loader import build_model
-        from tessellm.quantization.support import kv_cache_torch_dtype
-
-        from tessellm.pooling.config import pooler_config_for
-
         pooling = pooler_config_for(args, source)  # None: a generating model
         t0 = time.perf_counter()
-        model, kernel = build_model(source, load_format, registry, self.backend, self.dtype,
-                                    self.device, args.block_size, args.kv_cache_dtype, args.seed,
-                                    quantization=args.quantization, tp=self.tp, pp=self.pp,
-                                    pooling=pooling is not None,
-                                    max_positions=rope_positions(args, self.max_model_len),
-                                    expert_parallel=args.enable_expert_parallel,
-                                    max_model_len=self.max_model_len,
-                                    max_num_seqs=attention_rows(args))
+        model, kernel = self._build_model(registry, pooling is not None)
         self.kv_dtype = kv_cache_torch_dtype(kernel, self.dtype)  # fp8 with kv_cache_dtype="fp8"
         if getattr(model, "supports_images", False):  # LoRA on the language model's layers
             lora = _lora_state(args, model.language_model, registry, self.backend,
@@ -110,17 +87,7 @@ class Worker:
         else:
             lora = _lora_state(args, model, registry, self.backend, config, self.device, self.dtype)
         self.fast_all_reduce = self.tp.enable_fast_all_reduce(self.device, self.dtype)
-        graphs = None
-        if self.pp.num_stages == 1 and pooling is None:  # stages exchange tensors: eager only;
-            # pooling steps are prefills (eager) only
-            eager = args.enforce_eager or self.backend.emulated  # no device graphs on the host
-            if (hasattr(model, "mamba_layers") and self.backend.device_type != "cpu"
-                    and not recurrent_state_device_graphs()):
-                eager = True  # TESSELLM_RECURRENT_STATE_GRAPHS=0 (envs.py)
-            graphs = registry.graph_runner(self.backend, GraphSpec(args.max_num_seqs, eager,
-                                                                   dtype=self.dtype))
-        from tessellm.spec_decode.runner_part import build_spec_decode
-
+        graphs = self._graph_runner(registry, model, pooling is not None)
         spec = build_spec_decode(args, model, kernel, self.backend, self.device, self.dtype,
                                  self.max_model_len, config.vocab_size, self.tp, registry)
         self.runner = ModelRunner(model, kernel, self.backend, self.device, args.block_size,
@@ -133,7 +100,67 @@ class Worker:
                                   lora=lora, pooler=_pooler(pooling, model),
                                   decode_overlap=overlap_settings(args),
                                   max_num_seqs=args.max_num_seqs)
-        if hasattr(model, "mamba_layers"):  # one recurrent-state slot per running request
+        self._runner_inputs(model, spec)
+        self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
+        if hasattr(graphs, "max_num_tokens"):  # a plan of step shapes to compile (tpu)
+            graphs.max_num_tokens = self.max_num_batched_tokens
+        logger.info("Rank %d: loaded %s on %s (backend %s) in %.1fs", rank, source.path,
+                    self.device, self.backend.name, time.perf_counter() - t0)
+
+    def _place(self, local_rank: Optional[int], init_method: Optional[str]) -> None:
+        """This rank's device (``local_rank``, else from the data-parallel rank's group and the
+        rank), made the process's current one, its CPU threads where several ranks share the
+        host, and its tensor / pipeline groups (``self.tp`` / ``self.pp``)."""
+        args, parallel = self.args, self.parallel
+        dp_size = getattr(args, "data_parallel_size", 1)
+        if parallel.world_size * dp_size > 1:
+            set_worker_threads(self.backend.device_type, parallel.world_size * dp_size)
+        if local_rank is None:  # this host's devices: the data-parallel rank's group, then the rank
+            local_rank = device_index(args, parallel, self.rank)
+            check_device_index(self.backend, local_rank, args, parallel)
+        self.device = self.backend.torch_device(local_rank)
+        if self.device.type != "cpu":  # this rank's device becomes the process's current one
+            _set_current_device(self.device)
+        if parallel.world_size > 1:
+            self.tp, self.pp = init_distributed(parallel, self.rank, self.backend.dist_backend,
+                                                init_method, self.device)
+        else:
+            self.tp, self.pp = TensorParallel(), PipelineStage()
+
+    def _build_model(self, registry, pooling: bool):
+        """``(model, attention kernel)``: this rank's shard of the model, weights loaded; its
+        kernels given the engine's limits (``attention_rows``: verify steps' rows too)."""
+        from tessellm.loader.model_loader import build_model
+
+        args, source = self.args, self.source
+        load_format = args.load_format if args.load_format != "auto" else source.kind
+        return build_model(source, load_format, registry, self.backend, self.dtype,
+                           self.device, args.block_size, args.kv_cache_dtype, args.seed,
+                           quantization=args.quantization, tp=self.tp, pp=self.pp,
+                           pooling=pooling, max_positions=rope_positions(args, self.max_model_len),
+                           expert_parallel=args.enable_expert_parallel,
+                           max_model_len=self.max_model_len, max_num_seqs=attention_rows(args))
+
+    def _graph_runner(self, registry, model, pooling: bool):
+        """The backend's graph runner for the decode step, or None: pipeline stages exchange
+        tensors and pooling steps are prefills, so both run eagerly. Eager graphs (none
+        captured) with enforce_eager, an emulated backend, or a recurrent-state model on a
+        device with TESSELLM_RECURRENT_STATE_GRAPHS=0 (envs.py)."""
+        if self.pp.num_stages > 1 or pooling:
+            return None
+        eager = self.args.enforce_eager or self.backend.emulated  # no device graphs on the host
+        if (hasattr(model, "mamba_layers") and self.backend.device_type != "cpu"
+                and not recurrent_state_device_graphs()):
+            eager = True
+        return registry.graph_runner(self.backend, GraphSpec(self.args.max_num_seqs, eager,
+                                                             dtype=self.dtype))
+
+    def _runner_inputs(self, model, spec) -> None:
+        """The runner's per-model parts: a recurrent-state slot per running request (with
+        speculative decoding spare slots for each verified token), and prompt embeddings
+        (enable_prompt_embeds) where the model takes them."""
+        args = self.args
+        if hasattr(model, "mamba_layers"):
             from tessellm.core.mamba_state import MambaStateCache
 
             if self.runner.buckets is not None:
@@ -141,7 +168,7 @@ class Worker:
                                  f"{self.backend.name!r} yet: its steps are padded to shape "
                                  "buckets (XLA), which the Mamba ops do not take; use cpu, cuda "
                                  "or rocm.")
-            self.runner.mamba = MambaStateCache(  # spec: spare slots for each verified token
+            self.runner.mamba = MambaStateCache(
                 model.mamba_layers(), args.max_num_seqs, self.device, self.dtype,
                 spec.config.num_speculative_tokens if spec is not None else 0)
         if getattr(args, "enable_prompt_embeds", False):
@@ -149,11 +176,6 @@ class Worker:
 
             check_model_takes_embeds(model)
             self.runner.prompt_embeds = True
-        self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
-        if hasattr(graphs, "max_num_tokens"):  # a plan of step shapes to compile (tpu)
-            graphs.max_num_tokens = self.max_num_batched_tokens
-        logger.info("Rank %d: loaded %s on %s (backend %s) in %.1fs", rank, source.path,
-                    self.device, self.backend.name, time.perf_counter() - t0)
 
     def mark_compile_ready(self) -> None:
         """Warm-up ended (the executor's ``mark_compile_ready``)."""
