@@ -346,7 +346,7 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         activation = None
     variant = (activation is not None or w13_bias is not None or w2_bias is not None
                or block_shape is not None or int4)
-    num_experts, inter = w13.shape[0], w2.shape[2] * (8 if int4 else 1)
+    num_experts = w13.shape[0]
     if expert_map is not None:
         local = expert_map[topk_ids.long()]
         held = local >= 0
@@ -370,16 +370,39 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         return _fused_moe_int4_dequant(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
                                        w2_scale, w13_zeros, w2_zeros, w13_perm, activation,
                                        w13_bias, w2_bias, expert_map is not None)
-    if tiles is None and int4 and plain and _int4_tc_both(w13, w13_scale, w2, w2_scale):
-        # both GEMMs on the int4 tensor-core kernel: its own alignment block, SiLU fused; the
-        # rule reads pairs per expert: over the global experts with expert parallelism (the
-        # pairs of this rank's experts alike under even routing, without a host sync)
-        experts = num_experts if expert_map is None else expert_map.shape[0]
-        bm = moe_int4_tc_block_m(t * k, experts)
-        tiles = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=64, SILU_MUL=True)
-    # int4 tiles: the large 16-bit prefill tile is not taken (sized as a float32 operand's)
-    tiles = dict(tiles) if tiles is not None else _tiles(t * k, num_experts, hidden.device,
-                                                         4 if int4 else hidden.element_size())
+    tc = tiles is None and int4 and plain and _int4_tc_both(w13, w13_scale, w2, w2_scale)
+    tiles = _grouped_tiles(tiles, t * k, num_experts,
+                           num_experts if expert_map is None else expert_map.shape[0],
+                           hidden, int4, tc)
+    return _fused_moe_grouped(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale,
+                              tiles, activation, w13_bias, w2_bias, block_shape, int4, w13_zeros,
+                              w2_zeros, w13_perm, expert_map is not None)
+
+
+def _grouped_tiles(tiles: Optional[dict], pairs: int, num_experts: int, global_experts: int,
+                   hidden: torch.Tensor, int4: bool, tc: bool) -> dict:
+    """The grouped GEMMs' launch parameters (a copy): ``tiles`` where given; where both int4
+    GEMMs take the tensor-core kernel (``tc``) its own alignment block, SiLU fused, by the
+    pairs per expert: over the global experts with expert parallelism (the pairs of this
+    rank's experts alike under even routing, without a host sync); else ``_tiles``' (int4:
+    not the large 16-bit prefill tile, sized as a float32 operand's)."""
+    if tiles is not None:
+        return dict(tiles)
+    if tc:
+        return dict(BLOCK_M=moe_int4_tc_block_m(pairs, global_experts), BLOCK_N=64, BLOCK_K=64,
+                    SILU_MUL=True)
+    return _tiles(pairs, num_experts, hidden.device, 4 if int4 else hidden.element_size())
+
+
+def _fused_moe_grouped(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale,
+                       tiles: dict, activation, w13_bias, w2_bias, block_shape, int4: bool,
+                       w13_zeros, w2_zeros, w13_perm, zero_others: bool) -> torch.Tensor:
+    """``fused_moe_triton``'s grouped GEMMs at ``tiles``: the pairs aligned by expert, GEMM 1
+    (SiLU-and-mul in its epilogue where fused), the activation, GEMM 2 weighted by
+    ``topk_weights``, the sum over each token's k pairs. ``topk_ids`` local, other ranks'
+    pairs as id E (``zero_others``: their slots of GEMM 2's output start as zeros)."""
+    t, k = topk_ids.shape
+    num_experts, inter = w13.shape[0], w2.shape[2] * (8 if int4 else 1)
     fuse = tiles.pop("SILU_MUL", tiles["BLOCK_M"] <= 32)
     if block_shape is not None:  # a K step must lie inside one block column
         tiles["BLOCK_K"] = min(tiles["BLOCK_K"], block_shape[1])
@@ -407,8 +430,8 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
                      **z13)
         act = _silu_and_mul(c1, inter) if activation is None else activation(c1)
     # pairs of other ranks' experts (expert_map) are never written: their slots sum as zeros
-    c2 = (torch.empty if expert_map is None else torch.zeros)(t * k, w2.shape[1], dtype=dtype,
-                                                              device=dev)
+    c2 = (torch.zeros if zero_others else torch.empty)(t * k, w2.shape[1], dtype=dtype,
+                                                       device=dev)
     weights = topk_weights.to(torch.float32).contiguous().view(-1)
     _expert_gemm(act, w2, w2_scale, weights, *align, c2, 1, tiles, bias=w2_bias, **blocks, **z2)
     return _sum_topk(c2, t, k, dtype)
