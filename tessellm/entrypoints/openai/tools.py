@@ -45,7 +45,7 @@ class ToolPlan:
         if self.mode == "auto":
             if tool_parser is None:
                 raise bad_request("tool_choice 'auto' needs a tool-call parser: start the server with "
-                                  "--tool-call-parser (hermes, llama3_json or mistral), or use tool_choice "
+                                  "--tool-call-parser (hermes, llama3_json, mistral or openai), or use tool_choice "
                                   "'required' or a named function.", "tool_choice")
             self.parser = get_tool_parser(tool_parser)
         elif self.mode == "required":
