@@ -97,6 +97,23 @@ def test_invalid_call_falls_back_to_content():
     assert content == text and calls == []
 
 
+def test_auto_without_parser_names_every_parser():
+    """tool_choice 'auto' on a server without --tool-call-parser: a 400 listing every choice."""
+    from tessellm.entrypoints.openai.errors import OpenAIError
+    from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
+    from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS
+    from tessellm.entrypoints.openai.tools import ToolPlan
+
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}],
+                                tools=[{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(OpenAIError) as err:
+        ToolPlan(req, None)
+    assert err.value.param == "tool_choice"
+    for name in TOOL_PARSERS:
+        assert name in str(err.value), name
+    assert "openai" in TOOL_PARSERS
+
+
 def test_unknown_parser_is_named():
     with pytest.raises(ValueError, match="hermes"):
         get_tool_parser("nope")

@@ -25,7 +25,7 @@ from tessellm.entrypoints.openai.errors import bad_request
 from tessellm.entrypoints.openai.protocol_responses import (DeltaFunctionCall, DeltaToolCall, FunctionCall,
                                                             ToolCall)
 from tessellm.entrypoints.openai.tool_parsers import (NamedParser, ParsedToolCall, RequiredParser,
-                                                      ToolParser, get_tool_parser)
+                                                      TOOL_PARSERS, ToolParser, get_tool_parser)
 from tessellm.structured_output.grammar import check_limits
 from tessellm.structured_output.params import StructuredOutputsParams
 
@@ -45,7 +45,7 @@ class ToolPlan:
         if self.mode == "auto":
             if tool_parser is None:
                 raise bad_request("tool_choice 'auto' needs a tool-call parser: start the server with "
-                                  "--tool-call-parser (hermes, llama3_json, mistral or openai), or use tool_choice "
+                                  f"--tool-call-parser ({', '.join(sorted(TOOL_PARSERS))}), or use tool_choice "
                                   "'required' or a named function.", "tool_choice")
             self.parser = get_tool_parser(tool_parser)
         elif self.mode == "required":
