@@ -1,12 +1,15 @@
-"""Keeps the command-line flags that README.md and docs/ name honest.
+"""Keeps the command-line flags and repository paths that README.md and docs/ name honest.
 
-Two checks, both on the text only (nothing is run):
+Checks on the text only (nothing is run):
   * a ``--flag`` given to ``tessellm serve|generate|bench ...|backends`` in a command (a code
     block line or an inline code span) is an option of that very sub-command's parser, and every
     flag in the README's ``tessellm serve`` flag table is a ``serve`` option;
   * any other ``--flag`` in the docs is a tessellm option, a ``"--flag"`` literal of a script in
     the repository (benchmarks/, ci/, examples/, tessellm/), or a flag of an outside tool
-    (pip, pytest, docker, ray) listed below.
+    (pip, pytest, docker, ray) listed below;
+  * a repository path the docs name (``tests/...``, ``tessellm/...``, ``benchmarks/...``, ...;
+    globs aside) and every relative markdown link exist, its ``#anchor`` a heading of the
+    target (GitHub's slugs).
 """
 
 from __future__ import annotations
@@ -115,6 +118,58 @@ def test_every_documented_flag_exists_somewhere():
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             bad += [f"{path.name}:{lineno}: {f}" for f in FLAG.findall(line) if f not in known and f not in literals]
     assert not bad, "flags named in the docs that no parser or script defines:\n" + "\n".join(bad)
+
+
+PATH = re.compile(r"(?<![\w./-])((?:tessellm|tests|benchmarks|examples|deploy|ci|docs|\.ci)/[\w./-]*[\w/])")
+LINK = re.compile(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)")
+
+
+def test_repository_paths_named_in_docs_exist():
+    bad = []
+    for path in DOCS:
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            for m in PATH.finditer(line):
+                if line[m.end():m.end() + 1] in ("*", "{"):  # a glob: tests/models/test_x*.py
+                    continue
+                name = m.group(1).split("::")[0]
+                if not (ROOT / name).exists() and not (path.parent / name).exists():
+                    bad.append(f"{path.name}:{lineno}: {name}")
+            for m in LINK.finditer(line):
+                if m.group(1) != "..." and not (path.parent / m.group(1)).exists():
+                    bad.append(f"{path.name}:{lineno}: link {m.group(1)}")
+    assert not bad, "paths named in the docs that do not exist:\n" + "\n".join(bad)
+
+
+ANCHOR = re.compile(r"\]\(([^)\s:]*)#([^)\s]+)\)")
+
+
+def _slugs(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but - and _ dropped, spaces as -."""
+    out, seen, fence = set(), {}, False
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        m = None if fence else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_markdown_link_anchors_exist():
+    bad, found = [], 0
+    for path in DOCS:
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            for m in ANCHOR.finditer(line):
+                target = path.parent / m.group(1) if m.group(1) else path
+                if target.suffix == ".md" and target.exists():
+                    found += 1
+                    if m.group(2) not in _slugs(target):
+                        bad.append(f"{path.name}:{lineno}: {m.group(1)}#{m.group(2)}")
+    assert found > 10, "no anchored links found: the pattern is broken"
+    assert not bad, "links to headings that do not exist:\n" + "\n".join(bad)
 
 
 if __name__ == "__main__":  # pragma: no cover
