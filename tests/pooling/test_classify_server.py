@@ -101,6 +101,7 @@ def test_score_and_rerank_match_hf(cross):
         assert [(d["index"], d["object"]) for d in body["data"]] == [(i, "score") for i in range(3)]
         torch.testing.assert_close(torch.tensor([d["score"] for d in body["data"]]), want, atol=ATOL, rtol=0)
         assert body["usage"]["prompt_tokens"] == sum(map(len, pairs))
+        assert body["id"].startswith("score-")
     order = torch.argsort(want, descending=True).tolist()
     for name in ("rerank", "rerank_v2"):
         body = _ok(r[name])
@@ -109,6 +110,7 @@ def test_score_and_rerank_match_hf(cross):
         torch.testing.assert_close(torch.tensor([x["relevance_score"] for x in body["results"]]),
                                    want[order], atol=ATOL, rtol=0)
         assert body["usage"]["total_tokens"] == sum(map(len, pairs))
+        assert body["id"].startswith("rerank-"), body["id"]  # vLLM's prefix (docs/pooling.md)
     top = _ok(r["rerank_top"])["results"]
     assert [x["index"] for x in top] == order[:2] and all(x["document"] is None for x in top)
     assert _ok(r["after"])["data"][0]["score"] == pytest.approx(float(want[0]), abs=ATOL)

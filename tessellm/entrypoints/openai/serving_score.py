@@ -36,7 +36,7 @@ async def create_score(engine: AsyncLLM, config: ServerConfig, body, http_reques
     req = parse_request(ScoreRequest, body)
     lora = check_model(req.model, config)
     scores, tokens, request_id = await _score(engine, config, req, req.text_1, req.text_2,
-                                              ("text_1", "text_2"), lora, http_request)
+                                              ("text_1", "text_2"), lora, http_request, "score")
     return ScoreResponse(id=response_id("score", req, request_id), created=int(time.time()),
                          model=lora.lora_name if lora else config.model_name,
                          data=[ScoreData(index=i, score=s) for i, s in enumerate(scores)],
@@ -47,7 +47,7 @@ async def create_rerank(engine: AsyncLLM, config: ServerConfig, body, http_reque
     req = parse_request(RerankRequest, body)
     lora = check_model(req.model, config)
     scores, tokens, request_id = await _score(engine, config, req, req.query, req.documents,
-                                              ("query", "documents"), lora, http_request)
+                                              ("query", "documents"), lora, http_request, "rerank")
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     if req.top_n:
         order = order[:req.top_n]
@@ -60,8 +60,9 @@ async def create_rerank(engine: AsyncLLM, config: ServerConfig, body, http_reque
 
 
 async def _score(engine: AsyncLLM, config: ServerConfig, req, side_1, side_2, names, lora,
-                 http_request: Request) -> tuple[list[float], int, str]:
-    """The scores of the pairs, in pair order; the prompt tokens used; the engine's request id."""
+                 http_request: Request, kind: str) -> tuple[list[float], int, str]:
+    """The scores of the pairs, in pair order; the prompt tokens used; the engine's request id
+    (``{kind}-...``: ``score`` or ``rerank``, vLLM's response id prefixes)."""
     try:
         mode = score_mode(engine.info)
         pairs = form_pairs(side_1, side_2, names)
@@ -70,7 +71,7 @@ async def _score(engine: AsyncLLM, config: ServerConfig, req, side_1, side_2, na
     if len(pairs) > MAX_INPUTS:
         raise bad_request(f"The request has {len(pairs)} pairs, over the limit of {MAX_INPUTS} per "
                           "request; send them in several requests.", names[1])
-    request_id = random_id("score")
+    request_id = random_id(kind)
     if mode == "cross":
         params = classify_params(engine, req)
         sep = engine.info.pooling["use_sep_token"]
