@@ -94,7 +94,7 @@ class EngineReplica:
         running requests, free slots and KV blocks, prefill ahead, and its requests in flight).
         Serve's controller calls it every ``router.load_report_period_s`` and hands the answer
         to every router as ``RunningReplica.routing_stats``; {} while the engine cannot answer
-        (the routers then count this replica's requests as queued)."""
+        (the routers then count this replica's requests as running: ``replica_score``)."""
         in_flight, samples = self.in_flight, self.in_flight_samples  # before the call: what
         # arrives meanwhile counts as new
         if not self.engine_alive():

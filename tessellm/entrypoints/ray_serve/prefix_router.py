@@ -8,7 +8,8 @@ replica accepted it, ``on_request_routed``; ``on_request_completed`` when it end
 The load figure (``balance``, replica_load.py): ``load`` (default), the replica's engine load
 score (``load_score``, as the data-parallel balancer's) from the figures it reports through
 Serve's routing stats (``record_routing_stats`` of engine_replica.py, read here as
-``RunningReplica.routing_stats``), with the requests that reached it since counted as queued;
+``RunningReplica.routing_stats``), with the requests that reached it since taking the free
+slots that report showed (as running), the rest as queued;
 ``in_flight``, its requests in flight.
 
 The ingress passes the prompt's chunk hashes as the ``prefix_hashes`` keyword of the handle

@@ -26,7 +26,8 @@ Two figures (``router.balance``):
   running: held back by a step's token budget, they start within a step or two, and a
   snapshot of that a second old is no queue (the prefix benchmark lost over a third of its
   cache hits to such snapshots). (The data-parallel
-  balancer counts every request sent since a core's report as queued, but its reports are a
+  balancer counts the requests sent since a core's report as queued, except at a core holding
+  the prompt's prefix with room for them (``_holder_parts``), but its reports are a
   step old, these a second: a burst of short requests would spread for nothing, and a hot
   prefix lose its replica's cache.) So a burst with a hot prefix stays on the prefix's replica
   while it has slots, and spills once it would queue. "At once": nothing queued, a free
