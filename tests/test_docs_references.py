@@ -27,7 +27,9 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]")
 # Flags of tools that are not tessellm's: pip, pytest, docker, `ray start`, XLA_FLAGS.
 FOREIGN = {"--no-deps", "--pyargs", "--build-arg", "--address", "--xla"}
-COMMAND = re.compile(r"tessellm\s+(serve|generate|backends|bench\s+(?:throughput|latency|serve))\b")
+# `tessellm bench throughput|latency|serve --launch`: the flags go to the last alternative
+COMMAND = re.compile(r"tessellm\s+(serve|generate|backends|bench\s+(?:(?:throughput|latency|serve)\|)*"
+                     r"(?:throughput|latency|serve))\b")
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -50,10 +52,21 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def _command_spans(text: str):
-    """(line number, command text) for each code-block line and inline code span."""
+    """(line number, command text) for each code-block line and inline code span (a span may
+    run over a line break inside its paragraph)."""
     in_block = False
     pending = ""
+    para: list[tuple[int, str]] = []
+
+    def spans():
+        joined = " ".join(line for _, line in para)
+        for m in re.finditer(r"`([^`]+)`", joined):
+            yield para[0][0] + _line_of(para, m.start()), m.group(1)
+
     for lineno, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```") or not line.strip():
+            yield from spans()
+            para = []
         if line.lstrip().startswith("```"):
             in_block = not in_block
             pending = ""
@@ -65,9 +78,18 @@ def _command_spans(text: str):
                 continue
             yield lineno, pending + body
             pending = ""
-        else:
-            for span in re.findall(r"`([^`]+)`", line):
-                yield lineno, span
+        elif line.strip():
+            para.append((lineno, line))
+    yield from spans()
+
+
+def _line_of(para: list[tuple[int, str]], offset: int) -> int:
+    """Lines past the paragraph's first for a character offset in its lines joined by spaces."""
+    for i, (_, line) in enumerate(para):
+        if offset <= len(line):
+            return i
+        offset -= len(line) + 1
+    return len(para) - 1
 
 
 def _invocations(text: str):
@@ -79,7 +101,8 @@ def _invocations(text: str):
             nxt = COMMAND.search(rest)
             if nxt:
                 rest = rest[: nxt.start()]
-            yield lineno, " ".join(m.group(1).split()), rest
+            words = m.group(1).split()
+            yield lineno, " ".join([words[0], *(w.rsplit("|", 1)[-1] for w in words[1:])]), rest
 
 
 def test_tessellm_command_flags_exist_in_their_parser():
