@@ -66,7 +66,7 @@ def pytest_runtest_setup(item):
     in_kernels = os.sep + os.path.join("tests", "kernels") + os.sep in str(item.path)
     _auto_cpu_now[0] = (_AUTO_CPU and not in_kernels and item.get_closest_marker("gpu") is None
                         and item.get_closest_marker("auto_device") is None)
-    if item.get_closest_marker("interpreted") and os.environ.get("TRITON_INTERPRET") != "1":
+    if item.get_closest_marker("interpreted") and not _envs.triton_interpret():
         pytest.skip("Triton kernels on host tensors (emulated cuda/rocm) need TRITON_INTERPRET=1; "
                     "with a GPU, tests/kernels and -m gpu run these kernels on the device")
 

@@ -50,13 +50,23 @@ def _check_emulation_env(backend) -> None:
     from tessellm.backends.registry import DeviceError
 
     needed = backend.capabilities.get("emulation_env") or {}
-    missing = {k: v for k, v in needed.items() if os.environ.get(k) != v}
+    missing = {k: v for k, v in needed.items() if not _env_is(k, v)}
     if missing:
         assign = " ".join(f"{k}={v}" for k, v in missing.items())
         raise DeviceError(f"Emulating {backend.name!r} runs its kernels on host tensors, which "
                           f"needs {assign} in the environment before the process starts (read when "
                           f"the kernels are imported), e.g. `{assign} tessellm serve --device "
                           f"{backend.name} --emulate`.")
+
+
+def _env_is(name: str, value: str) -> bool:
+    """Whether the environment sets ``name`` to ``value``; TRITON_INTERPRET's "1" in any
+    spelling Triton reads as on (``envs.triton_interpret``: true, on, yes, y)."""
+    if name == "TRITON_INTERPRET" and value == "1":
+        from tessellm import envs
+
+        return envs.triton_interpret()
+    return os.environ.get(name) == value
 
 
 def _factory(*args, **kwargs):

@@ -54,6 +54,8 @@ def test_emulated_triton_backend_without_the_interpreter_says_how(tiny_llama, mo
     with pytest.raises(DeviceError, match="TRITON_INTERPRET=1"):
         get_registry().select(device, emulate=True)
     assert get_registry().select("xpu", emulate=True).emulated
+    monkeypatch.setenv("TRITON_INTERPRET", "true")  # Triton's other spellings of on count
+    assert get_registry().select(device, emulate=True).emulated
 
 
 def test_emulate_unknown_device_is_refused():
