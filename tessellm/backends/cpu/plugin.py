@@ -1,4 +1,5 @@
-"""The cpu backend plugin: pure-torch paged attention, always available.
+"""The cpu backend plugin, always available: paged attention (decodes through the C kernel of
+``csrc/paged_decode.c`` where it builds, batched SDPA otherwise; ``attention.py``).
 
 Graph capture is ``torch.compile`` of the decode step (``graph_runner.py``), opt-in with
 ``TESSELLM_CPU_COMPILE=1``: measured on 2 cores it saves 3-13% of a decode step (3% of a
@@ -26,7 +27,7 @@ def tessellm_register_backends(register):
     register(Backend(
         name=NAME, device_type="cpu", dist_backend="gloo", priority=0,
         is_available=lambda: True, memory_info=_memory_info,
-        description="Pure-torch paged attention on the host CPU.",
+        description="Paged attention on the host CPU (C decode kernel where it builds, else SDPA).",
         validated_on="hardware",
         validation_note="Conformance suite on every CI run; with TESSELLM_CPU_COMPILE=1 the "
                         "compiled decode step passes the graph tests and greedy parity with eager.",
