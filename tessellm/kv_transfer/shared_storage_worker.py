@@ -437,16 +437,20 @@ class SharedStorageWorker:
 
     def _reads_settle(self, c: "_LoadChunk", wait: bool = True) -> bool:
         """Whether a chunk's reads are all done (none writes into its buffer any more),
-        waiting for them within the load bound (``_await_reads``) if ``wait``."""
-        if not wait:
-            return all(f.done() for f in c.futures)
-        try:
-            self._await_reads(c)
-        except _LoadGivenUp:
-            return all(f.done() for f in c.futures)
-        except BaseException:  # noqa: BLE001 - a read that raised is done
-            pass
-        return True
+        waiting for them within the load bound (``_await_reads``) if ``wait``. Reads not
+        waited for any more that have not started are cancelled: they never read the store
+        for the load given up, nor hold its buffer (which then goes back to the pool)."""
+        if wait:
+            try:
+                self._await_reads(c)
+                return True
+            except _LoadGivenUp:
+                pass
+            except BaseException:  # noqa: BLE001 - a read that raised is done
+                return True
+        for f in c.futures:
+            f.cancel()  # (False for one under way: that one may still write into the buffer)
+        return all(f.done() for f in c.futures)
 
     def _read_hung(self) -> Optional[float]:
         """How long the oldest block read under way has taken, if longer than the load bound

@@ -273,3 +273,38 @@ def test_loads_behind_reader_threads_that_all_hang_fail_at_once(tmp_path):
     assert conn.start_load_kv({"loads": [["r3", [["a", 7]]]]}) == []
     assert torch.equal(caches[0][7], caches[0][1])
     conn.shutdown()
+
+
+def test_a_given_up_load_takes_back_its_reads_not_started(tmp_path):
+    """A load given up while its reads wait behind a hung one (one reader thread) cancels
+    them: they never read the store later (for a load nobody waits for), and its staging
+    buffer goes back to the pool instead of being lost (a hung store would otherwise cost a
+    new pinned buffer per load)."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+
+    caches = [torch.randn(16, BS, 2, 8)]
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER, io_threads=1, lookup_timeout_ms=300)
+    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    conn.save_kv({"saves": [["a", 1]]})
+    conn.wait_for_save()
+    reads = []
+    read_run = conn.read_run
+    conn.read_run = lambda keys, *rest: (reads.extend(keys), read_run(keys, *rest))[1]
+    fifo = conn.path("hang", 0)
+    os.mkfifo(fifo)
+    try:
+        assert conn.start_load_kv({"loads": [["r1", [["hang", 5]]]]}) == ["r1"]
+        staging = conn._load_staging
+        made = staging.made  # r1's buffer is lost (its read still hangs in the FIFO)
+        conn.start_load_kv({"async_loads": [["r2", [["a", 6]]]]})
+        assert conn.get_finished_loads(["r2"], timeout=5) == {"r2": False}
+        assert staging.made == made + 1 and len(staging.free) == 1  # r2's buffer is back
+    finally:
+        _release_fifo(fifo)
+    deadline = time.monotonic() + 5
+    while conn._read_since:  # the hung read returns (EOF: a miss)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert reads == ["hang"]  # r2's read was never made
+    conn.shutdown()
