@@ -23,6 +23,7 @@ from tessellm.kernels.fused_ops import TritonOps  # noqa: E402
 from tessellm.layers.linear import RowParallelLinear, fused_linear_add_rms_norm  # noqa: E402
 from tessellm.layers.norm import RMSNorm  # noqa: E402
 from tests.conftest import _tiny_configs  # noqa: E402
+from tests.gpu_set import gpu_when_present  # noqa: E402
 
 PROMPTS = [[(5 * j + 3) % 384 for j in range(11)], [(7 * j + 1) % 384 for j in range(6)]]
 
@@ -141,6 +142,7 @@ def test_cuda_same_bits_with_the_epilogue(tiny_llama, monkeypatch, quantization)
     assert got == want
 
 
+@gpu_when_present
 def test_fused_only_for_a_plain_one_row_layer():
     """A backend without the op, two rows, a LoRA wrapper and a norm with a reduce group keep
     the two launches (None); a plain layer at one row gets the fused product, equal to the
@@ -170,6 +172,7 @@ def test_fused_only_for_a_plain_one_row_layer():
     assert fused_linear_add_rms_norm(wrapped, x, res.clone(), norm) is None
 
 
+@gpu_when_present
 def test_eagle_stream_reads_the_handed_off_residual():
     """EAGLE-3 reads the residual stream entering a layer (``_stream_into``): after a hand-off
     (the layer before added its down_proj output into the residual and normed it) that is the

@@ -26,6 +26,7 @@ from tessellm.layers.linear import (ColumnParallelLinear, NormFold, RowParallelL
                                     fold_norm_in, fold_norm_out)
 from tessellm.layers.norm import RMSNorm  # noqa: E402
 from tests.conftest import _tiny_configs  # noqa: E402
+from tests.gpu_set import gpu_when_present  # noqa: E402
 
 PROMPTS = [[(5 * j + 3) % 384 for j in range(11)], [(7 * j + 1) % 384 for j in range(6)]]
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(),
@@ -184,6 +185,7 @@ def _layers(dev, dtype=torch.bfloat16):
     return o, gate_up, norm, ops
 
 
+@gpu_when_present
 def test_fold_only_for_a_plain_one_row_pair():
     """A backend without the ops, two rows, a LoRA wrapper as producer or consumer and a norm
     with a reduce group keep the unfused launches (None); a plain pair at one row folds, and

@@ -28,6 +28,7 @@ from tessellm.quantization.fp8_block import (Fp8BlockWeight, quantize_fp8_block,
                                              quantize_per_token_group, w8a8_block_reference)
 from tests.quantization.block_fp8_checkpoint import (assert_serves_dequantized, build,
                                                      checkpoint_maker, generate)
+from tests.gpu_set import gpu_when_present
 
 # the Triton kernels' inputs: on the GPU where there is one (the interpreter takes CPU tensors)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,6 +41,7 @@ MAX_NEW = 12
 
 @pytest.mark.parametrize("m,n,k,block", [(1, 40, 96, (16, 32)), (7, 33, 64, (32, 16)),
                                          (5, 130, 200, (128, 128)), (20, 64, 128, (128, 64))])
+@gpu_when_present
 def test_triton_block_gemm_matches_reference(m, n, k, block):
     """Short last blocks in N and K (33 rows of 32, 200 inputs of 128), M above one tile."""
     from tessellm.kernels.gemm.fp8_block import fp8_block_gemm, fp8_block_mm, quantize_fp8_groups
@@ -149,6 +151,7 @@ def test_layers_keep_fp8_codes_and_block_scales(checkpoints, arch):
     assert torch.equal(down.scales, stored["model.layers.1.mlp.down_proj.weight_scale_inv"])
 
 
+@gpu_when_present
 def test_cuda_backend_kernels_serve_a_layer_close_to_the_dequantized_model(checkpoints):
     """The cuda backend's method (Triton W8A8; interpreted on the CPU without a GPU) on the
     Qwen3 checkpoint's layers: each layer's product within e4m3 activation error of the

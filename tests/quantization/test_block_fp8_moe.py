@@ -22,6 +22,7 @@ import torch
 from tessellm import LLM, SamplingParams
 from tests.quantization.block_fp8_checkpoint import (assert_serves_dequantized, build,
                                                      checkpoint_maker, generate)
+from tests.gpu_set import gpu_when_present
 
 PROMPTS = [[5, 17, 42, 99, 3, 120], [7, 7, 7], list(range(40, 80)), [100, 12]]
 MAX_NEW = 12
@@ -259,6 +260,7 @@ def test_fp8_on_load_and_dummy_for_moe(checkpoints):
         assert len(out[0].outputs[0].token_ids) == 4
 
 
+@gpu_when_present
 @pytest.mark.parametrize("fuse", [True, False])
 def test_triton_fused_moe_block_scales_match_reference(fuse):
     """The grouped GEMMs with block scales (on the GPU where there is one, else interpreted),

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from tessellm import LLM, SamplingParams
 from tessellm.layers.vocab import ParallelLMHead
 from tessellm.quantization.packed import Fp8Weight
+from tests.gpu_set import GPU_WHEN_PRESENT
 
 ON_GPU = torch.cuda.is_available()
+pytestmark = GPU_WHEN_PRESENT  # every test runs on the GPU where there is one
 # On a GPU the cuda backend in bf16 (its one-row e4m3 GEMV takes bf16); on the CPU float32.
 # Eager: the forward hook below must see every decode step (a graph replay runs no hook).
 KW = dict(device="cuda" if ON_GPU else "cpu", dtype="bfloat16" if ON_GPU else "float32",

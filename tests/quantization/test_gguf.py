@@ -17,6 +17,7 @@ gguf = pytest.importorskip("gguf")
 from tessellm.backends.reference.quant_ops import TorchQuantOps  # noqa: E402
 from tessellm.loader.gguf_loader import iter_gguf_weights  # noqa: E402
 from tessellm.quantization.gguf import segment_from_blocks  # noqa: E402
+from tests.gpu_set import gpu_when_present  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 ROWS, K = 24, 512
@@ -55,6 +56,7 @@ def test_segment_dequantizes_bit_exactly(qtype):
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("ops", ["torch", "triton"])
+@gpu_when_present
 def test_segment_gemm(qtype, ops):
     if ops == "triton":
         pytest.importorskip("triton")

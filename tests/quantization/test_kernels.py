@@ -18,9 +18,11 @@ from tessellm.kernels.gemm import weight_only as qk  # noqa: E402
 from tessellm.quantization.packed import (Fp8Weight, Int4Weight, pack_int4,  # noqa: E402
                                           quantize_fp8, quantize_fp8_per_token, quantize_int4,
                                           quantize_int8)
+from tests.gpu_set import GPU_WHEN_PRESENT  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
+pytestmark = GPU_WHEN_PRESENT  # every test runs on DEV: in the GPU set where there is one
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (M, N, K): decode-sized, odd, and (GPU) prefill-sized rows that take the dequantize path.
 SHAPES = ([(1, 512, 1024), (7, 384, 4096), (64, 1024, 512), (600, 256, 1024)] if ON_GPU

@@ -17,9 +17,11 @@ from tessellm.kernels.attention import TritonAttentionKernel  # noqa: E402
 from tessellm.backends.reference.attention import paged_attention, write_kv_cache  # noqa: E402
 from tessellm.backends.spec import AttentionSpec  # noqa: E402
 from tessellm.backends.spec import AttentionBatch  # noqa: E402
+from tests.gpu_set import GPU_WHEN_PRESENT  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
+pytestmark = GPU_WHEN_PRESENT  # every test runs on DEV: in the GPU set where there is one
 FP8 = torch.float8_e4m3fn
 KVH, HEAD, BLOCK = 2, 64, 16
 # decodes first, then prefill chunks (context already cached + this step's queries)

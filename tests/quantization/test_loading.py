@@ -25,6 +25,7 @@ from tessellm.loader.model_loader import build_model
 from tessellm.quantization.int4 import pack_awq, pack_gptq_zeros
 from tessellm.quantization.loading import quantized_linears, weight_bytes
 from tessellm.quantization.packed import pack_int4, quantize_fp8
+from tests.gpu_set import gpu_when_present
 
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
@@ -161,6 +162,7 @@ def _assert_layers_equal(model, dense_dir):
 @pytest.mark.parametrize("fmt, act_order, sym", [("awq", False, False), ("gptq", False, True),
                                                  ("gptq", True, False)],
                          ids=["awq", "gptq-sym", "gptq-act-order"])
+@gpu_when_present
 def test_int4_checkpoint(dense_dir, tmp_path, fmt, act_order, sym):
     pytest.importorskip("triton")
     quant_dir, equiv_dir = _int4_checkpoint(dense_dir, tmp_path, fmt, 128, act_order, sym)
@@ -175,6 +177,7 @@ def test_int4_checkpoint(dense_dir, tmp_path, fmt, act_order, sym):
 
 
 @pytest.mark.parametrize("strategy", ["channel", "tensor"])
+@gpu_when_present
 def test_compressed_tensors_fp8_checkpoint(dense_dir, tmp_path, strategy):
     quant_dir, equiv_dir = _fp8_checkpoint(dense_dir, tmp_path, strategy)
     backend = "cuda" if ON_GPU else "cpu"
@@ -187,6 +190,7 @@ def test_compressed_tensors_fp8_checkpoint(dense_dir, tmp_path, strategy):
 
 
 @pytest.mark.parametrize("scheme, tol", [("int8", 0.03), ("fp8", 0.1)])  # random weights
+@gpu_when_present
 def test_quantize_on_load(dense_dir, scheme, tol):
     backend = "cuda" if ON_GPU else "cpu"
     model, kernel = _build(dense_dir, scheme, backend)
@@ -200,6 +204,7 @@ def test_quantize_on_load(dense_dir, scheme, tol):
     assert params <= linear <= params * 1.02  # one byte per weight plus per-channel scales
 
 
+@gpu_when_present
 def test_dummy_weights_quantized(dense_dir):
     backend = "cuda" if ON_GPU else "cpu"
     registry = BackendRegistry()

@@ -21,6 +21,7 @@ from tessellm.backends.reference.moe import dequantize_int4, fused_moe_reference
 from tessellm.quantization.int4 import unpack_awq
 from tessellm.quantization.packed import pack_int4, quantize_int4
 from tests.quantization.block_fp8_checkpoint import build, generate
+from tests.gpu_set import gpu_when_present
 from tests.quantization.test_hybrid_int4 import _configs as hybrid_configs
 from tests.quantization.test_hybrid_int4 import write_int4
 
@@ -104,6 +105,7 @@ def test_int4_moe_serves_the_dequantized_model(checkpoints, arch, fmt):
 
 
 @pytest.mark.slow  # ~1 min interpreted; test_triton_int4_fused_moe_matches_reference covers the op
+@gpu_when_present
 def test_int4_moe_on_the_cuda_backend_kernels(checkpoints):
     """The cuda backend's kernels (Triton, interpreted on host tensors here; on the GPU by
     ``benchmarks/moeint4_device.sh``): int4 experts through the Triton fused MoE give HF's
@@ -149,6 +151,7 @@ def _experts_int4(e, n, k, group, seed):
 
 @pytest.mark.parametrize("tokens, fuse", [(1, True), (5, False), (33, True)])
 @pytest.mark.parametrize("group13, group2, zeros", [(32, 16, True), (64, 32, False)])
+@gpu_when_present
 def test_triton_int4_fused_moe_matches_reference(tokens, fuse, group13, group2, zeros):
     """The Triton grouped GEMMs (on the GPU where there is one, else interpreted) dequantize
     int4 tiles (zero codes, or 8 without) as the reference does, SiLU-and-mul in GEMM 1's
@@ -183,6 +186,7 @@ def test_triton_int4_fused_moe_matches_reference(tokens, fuse, group13, group2, 
     (1, 32, 32, 16, True, torch.float32),     # a K step spans groups: a scale a word
     (2, 40, 64, 8, False, torch.float32),     # 5 words a down row: a masked last step
     (4, 64, 128, 64, True, torch.bfloat16)])  # a K step inside one group: a scale a row
+@gpu_when_present
 def test_triton_int4_moe_decode_matches_reference(tokens, inter, group13, group2, zeros, dtype):
     """The int4 decode kernels (``kernels/moe/decode_int4.py``: packed words streamed, nibbles
     unpacked in registers, a word's products scaled once), which ``fused_moe_triton`` takes up
@@ -315,6 +319,7 @@ def test_gptq_act_order_experts_serve_the_dequantized_model(checkpoints, arch, t
 
 
 @pytest.mark.slow  # ~1 min interpreted; the op is covered by test_triton_int4_act_order_*
+@gpu_when_present
 def test_gptq_act_order_experts_on_the_cuda_backend_kernels(checkpoints, tmp_path):
     """The same act-order checkpoint through the cuda backend's Triton fused MoE (decode
     kernels and grouped GEMMs gathering x through ``w13_perm``): HF's greedy tokens."""
@@ -328,6 +333,7 @@ def test_gptq_act_order_experts_on_the_cuda_backend_kernels(checkpoints, tmp_pat
 
 
 @pytest.mark.parametrize("tokens", [2, 20])
+@gpu_when_present
 def test_triton_int4_act_order_matches_reference(tokens):
     """``w13_perm`` through the Triton kernels (the decode kernels at 2 tokens, the grouped
     GEMMs at 20) equals the reference, which equals the plain product on the dequantized

@@ -15,6 +15,7 @@ from tessellm.config import resolve_model
 from tessellm.quantization import make_quant_method
 from tessellm.quantization.config import parse_checkpoint_config, resolve_quant_spec
 from tessellm.quantization.support import (UnsupportedQuantizationError, quant_method_or_refuse)
+from tests.gpu_set import GPU_WHEN_PRESENT
 
 AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 
@@ -142,7 +143,7 @@ def test_checkpoint_configs_parse():
     assert gptq.config["desc_act"] is True
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=GPU_WHEN_PRESENT)])
 def test_conformance_style_quantize_dense_on_bare_module(backend):
     """A method works on a bare module through ``quantize_dense`` (the conformance suite's way)."""
     if backend == "cuda":
