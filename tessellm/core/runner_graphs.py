@@ -98,7 +98,7 @@ class RunnerGraphs:
         per_token = self.profile_peak_bytes / max(1, self.profile_tokens)
         verify = ()
         spec = self.spec
-        if spec is not None and self.verify_graph_factory is not None and not spec.wants_tensors:
+        if self._verify_captured():
             from tessellm.spec_decode.verify_graphs import capture_sizes
 
             # the verify graphs (_capture_verify_graphs): a runner per q, S sequences of q rows
@@ -110,12 +110,33 @@ class RunnerGraphs:
     def _verify_rows(self) -> tuple[int, ...]:
         """The most token rows of a verify graph (``(S * q,)``), () where none is captured."""
         spec = self.spec
-        if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
+        if not self._verify_captured():
             return ()
         from tessellm.spec_decode.verify_graphs import max_verify_rows
 
         rows = max_verify_rows(spec.max_num_seqs, spec.config)
         return (rows,) if rows else ()
+
+    def _verify_captured(self, log: bool = False) -> bool:
+        """Whether speculative decoding's verify steps are captured (``_capture_verify_graphs``;
+        the reserve and the logits buffer count them only then): not for a drafter that reads
+        the step's tensors, nor on a recurrent-state model whose verify steps stay eager
+        (``log``: say why)."""
+        spec = self.spec
+        if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
+            return False
+        if self.mamba is not None and not envs.recurrent_verify_graphs():
+            if log:
+                logger.info("Speculative decoding on a recurrent-state model: verify steps run "
+                            "eagerly (TESSELLM_RECURRENT_VERIFY_GRAPHS=0).")
+            return False
+        if self.mamba is not None and not verify_ops_capturable(self.mamba.layers[0].ops):
+            if log:
+                logger.info("Speculative decoding: the backend's own recurrent verify ops do not "
+                            "declare recurrent_verify_graphs; verify steps run eagerly (decode "
+                            "steps replay their graphs).")
+            return False
+        return True
 
     def _graph_output(self, logits: torch.Tensor) -> torch.Tensor:
         """What a captured step returns for its ``logits`` (``[n, vocab]``): rows ``[:n]`` of
@@ -141,16 +162,7 @@ class RunnerGraphs:
             self.lora.batch.set(None)  # without capturable LoRA ops verify graphs hold the base model
         if spec is not None:
             spec.proposer.capture_graphs()  # a draft model's own graphs (the target's are done)
-        if spec is None or self.verify_graph_factory is None or spec.wants_tensors:
-            return
-        if self.mamba is not None and not envs.recurrent_verify_graphs():
-            logger.info("Speculative decoding on a recurrent-state model: verify steps run "
-                        "eagerly (TESSELLM_RECURRENT_VERIFY_GRAPHS=0).")
-            return
-        if self.mamba is not None and not verify_ops_capturable(self.mamba.layers[0].ops):
-            logger.info("Speculative decoding: the backend's own recurrent verify ops do not "
-                        "declare recurrent_verify_graphs; verify steps run eagerly (decode steps "
-                        "replay their graphs).")
+        if not self._verify_captured(log=True):
             return
         from tessellm.spec_decode.verify_graphs import VerifyGraphs, capture_sizes
 

@@ -123,3 +123,25 @@ def test_own_verify_ops_are_not_captured_unless_declared():
     assert verify_ops_capturable(OwnVerifyDeclared())
     assert verify_ops_capturable(OtherOps())
     assert verify_ops_capturable(ReferenceOps())
+
+
+def test_eager_verify_steps_reserve_no_verify_graphs(tmp_path, monkeypatch):
+    """Verify steps kept eager on a recurrent-state model (TESSELLM_RECURRENT_VERIFY_GRAPHS=0):
+    the graphs' reserve before the KV cache and their logits buffer are the decode graphs'
+    alone, as captured (no verify graph's logits rows or activations)."""
+    from tessellm.core.memory_profile import graph_memory_estimate
+
+    monkeypatch.setenv("TESSELLM_RECURRENT_VERIFY_GRAPHS", "0")
+    with LLM(_model(tmp_path, "mamba2"), speculative_config=NGRAM, **ARGS) as llm:
+        runner = llm.engine.core.runner
+        runner.logits_row_bytes = runner.vocab_size * 4  # (profile_run's, float32)
+        runner.graph_runner = StandInGraphRunner(SIZES)
+        runner.verify_graph_factory = StandInGraphRunner
+        runner.kernel.supports_graph_capture = True
+        per_token = runner.profile_peak_bytes / max(1, runner.profile_tokens)
+        assert runner.graph_memory_estimate() == graph_memory_estimate(
+            SIZES, runner.logits_row_bytes, per_token)
+        with torch.inference_mode():
+            runner.capture_graphs()
+        assert runner.verify_graphs is None
+        assert runner.graph_logits.shape[0] == max(SIZES)
