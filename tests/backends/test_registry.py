@@ -42,17 +42,18 @@ def test_in_tree_backends_load_through_entry_points():
 
 
 def test_third_party_entry_point_is_discovered(fake_site):
+    # priority 500: above every in-tree backend (cuda 100), so `auto` picks it on a GPU machine too
     fake_site("fakeplug-npu", {"npu": "fakeplug_npu"}, {"fakeplug_npu": """
         from tessellm.backends.spec import Backend, hookimpl
         @hookimpl
         def tessellm_register_backends(register):
-            register(Backend(name="npu", device_type="cpu", dist_backend="gloo", priority=5,
+            register(Backend(name="npu", device_type="cpu", dist_backend="gloo", priority=500,
                              is_available=lambda: True))
     """})
     registry = BackendRegistry()
     assert registry.backends["npu"].plugin_name == "npu"
     assert registry.plugins["npu"].distribution == "fakeplug-npu"
-    assert registry.select("auto").name == "npu"  # priority 5 beats cpu's 0
+    assert registry.select("auto").name == "npu"  # priority 500 beats every in-tree backend
 
 
 def test_get_registry_loads_once_per_process():

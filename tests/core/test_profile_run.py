@@ -385,8 +385,8 @@ def test_graph_runner_keeps_the_decode_overlap_side_streams_segments_too(monkeyp
 
     snapshot = [seg(896 << 20, 7), seg(64 << 20, 9), seg(40 << 20, 9), seg(30 << 20, 9, used=1),
                 seg(20 << 20, 11)]
-    side = SimpleNamespace(cuda_stream=9, device=torch.device("cuda", 0))
-    other = SimpleNamespace(cuda_stream=11, device=torch.device("cuda", 1))
+    side = SimpleNamespace(cuda_stream=9, device_index=0)
+    other = SimpleNamespace(cuda_stream=11, device_index=1)
     monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: snapshot)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(cuda_stream=7))

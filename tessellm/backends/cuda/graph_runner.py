@@ -104,7 +104,7 @@ def kept_segments() -> list[tuple[Optional[Any], list[int]]]:
     from tessellm.backends.cuda.streams import side_streams
 
     device = torch.cuda.current_device()
-    sides = [s for s in side_streams() if s.device.index == device]
+    sides = [s for s in side_streams() if s.device_index == device]
     return [(None, cached_segments())] + [(s, cached_segments(s)) for s in sides]
 
 

@@ -22,18 +22,20 @@ keeps the carved-out grid at every replay. A torch without the carve-out has no
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 
-# Every side stream made here (this process): the graph runner caches their segments again
-# after capture as it does the current stream's (``graph_runner.cached_segments``).
-_SIDE_STREAMS: "weakref.WeakSet[torch.cuda.Stream]" = weakref.WeakSet()
+# Every side stream made here (this process), by (device index, CUDA stream handle): the graph
+# runner caches their segments again after capture as it does the current stream's
+# (``graph_runner.cached_segments``). Held strongly: torch hands out its pooled streams (a few
+# dozen handles a device and priority), so the dict stays small; a WeakSet of the Stream
+# wrappers crashed the process (a segfault reading one's ``device``) on torch 2.11 / H100.
+_SIDE_STREAMS: "dict[tuple[int, int], torch.cuda.Stream]" = {}
 
 
 def side_streams() -> list:
-    """The live side streams of ``CudaOverlapStreams`` (their allocator blocks are theirs)."""
-    return list(_SIDE_STREAMS)
+    """The side streams ``CudaOverlapStreams`` made (their allocator blocks are theirs)."""
+    return list(_SIDE_STREAMS.values())
 
 
 def _carveout_supported() -> bool:
@@ -70,10 +72,7 @@ class CudaOverlapStreams:
 
     def __init__(self, device: torch.device, priority: int = 0):
         self.stream = torch.cuda.Stream(device=device, priority=priority)
-        try:
-            _SIDE_STREAMS.add(self.stream)
-        except TypeError:  # (a stream type without weak references: not cached again, as before)
-            pass
+        _SIDE_STREAMS.setdefault((self.stream.device_index, self.stream.cuda_stream), self.stream)
         # ``OverlapStreams.gemm_sm_carveout`` (optional): None where this torch lacks it
         self.gemm_sm_carveout = gemm_sm_carveout if _carveout_supported() else None
 
