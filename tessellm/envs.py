@@ -26,6 +26,17 @@ def debug() -> bool:
     return _switch("TESSELLM_DEBUG") is True
 
 
+def balance_by_step_time() -> bool:
+    """TESSELLM_BALANCE_BY_STEP_TIME: "1" weighs each data-parallel core's (and Ray Serve
+    replica's) work ahead by its step time over the median (``core/load_report.speed_factors``).
+    Off by default: a step's time follows its batch and prefill as much as the hardware, so
+    equal cores under uneven work look unequal (a prefix holder that ran smaller steps kept a
+    burst it should have spilled); meant for fleets of unequal devices. Set it where the
+    balancer runs (the -dp front end; the Serve routers' processes through the deployment's
+    env_vars)."""
+    return _switch("TESSELLM_BALANCE_BY_STEP_TIME") is True
+
+
 def api_key() -> Optional[str]:
     """TESSELLM_API_KEY: the server's API key when --api-key is not given."""
     return os.environ.get("TESSELLM_API_KEY") or None

@@ -25,7 +25,8 @@ Two policies (``--data-parallel-balance``):
   than one with three short chats. Blind to what only the core knows: a queue behind a full
   batch (``max_num_seqs``) or a full KV cache, prefix-cache sharing, preemptions.
 
-Speed (both policies): each core also reports ``step_ms``, an exponential moving average of
+Speed (both policies; opt-in, ``TESSELLM_BALANCE_BY_STEP_TIME=1``: a step's time follows its
+batch and prefill as much as its hardware): each core also reports ``step_ms``, an exponential moving average of
 the wall time of its steps that computed tokens (``StepTimer``; none before its 8th). The cost
 the policy compares is the work ahead (``4 x queued + running``; tokens: all of them) times the
 core's speed factor, plus the request's own term: the factor is its step time over the median

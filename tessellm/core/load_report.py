@@ -111,10 +111,15 @@ def waiting_kv_blocks(scheduler) -> int:
     return total
 
 
-def speed_factors(step_ms: list) -> list[float]:
-    """Each core's speed factor (module docstring, Speed) from its step time (None: none yet)."""
+def speed_factors(step_ms: list, enabled: Optional[bool] = None) -> list[float]:
+    """Each core's speed factor (module docstring, Speed) from its step time (None: none yet);
+    all 1 unless ``enabled`` (None: ``TESSELLM_BALANCE_BY_STEP_TIME``, off by default)."""
+    if enabled is None:
+        from tessellm import envs
+
+        enabled = envs.balance_by_step_time()
     known = sorted(t for t in step_ms if t)
-    if not known:
+    if not known or not enabled:
         return [1.0] * len(step_ms)
     mid = len(known) // 2
     median = known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2

@@ -19,7 +19,7 @@ from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest
 from tessellm.core.engine_process import EngineDeadError
 from tessellm.core.load_balance import LoadBalancer, iter_request_block_hashes, request_block_hashes
-from tessellm.core.load_report import StepTimer
+from tessellm.core.load_report import StepTimer, speed_factors
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [(7 * i + j) % 90 + 3 for j in range(5 + i)]} for i in range(8)]
@@ -296,10 +296,12 @@ def _share(step_ms: list, n: int = 60) -> list[int]:
     return list(lb.sent)
 
 
-def test_speed_weighting_shifts_share():
+def test_speed_weighting_shifts_share(monkeypatch):
     """A core whose steps take twice as long gets about half the share; equal cores, cores a
     little apart (noise, within the dead band), and a core with no step time yet (counted as
     average) share evenly; a very slow core is clamped (it still gets some)."""
+    assert speed_factors([10.0, 40.0]) == [1.0, 1.0]  # off by default
+    monkeypatch.setenv("TESSELLM_BALANCE_BY_STEP_TIME", "1")
     assert _share([10.0, 10.0]) == [30, 30]
     assert _share([10.0, 11.0]) == [30, 30]
     assert _share([10.0, None]) == [30, 30]

@@ -296,11 +296,12 @@ def test_the_router_counts_the_samples_of_the_request_it_routes(reports):
     assert info(body(prompt=["a", "b"], n=3)) == 6 and info(body(n="x")) == 1 and info(b"{bad") == 1
 
 
-def test_a_replica_with_slower_steps_weighs_its_work_ahead_more(reports):
+def test_a_replica_with_slower_steps_weighs_its_work_ahead_more(reports, monkeypatch):
     """Two replicas with two requests running each (the engine's own reports), one stepping at
     10 ms, the other at 40 ms: over the median (25 ms) their factors are 0.4 and 1.6, so their
     scores are 2 x 0.4 + 1 and 2 x 1.6 + 1; idle ones tie whatever their step times, and one
     with no step time yet counts as average."""
+    monkeypatch.setenv("TESSELLM_BALANCE_BY_STEP_TIME", "1")  # opt-in
     def stepping(ms, running=2):
         load = {**reports["idle"]["load"], "running": running, "free_seqs": 8, "step_ms": ms}
         return {**reports["idle"], "load": load, "in_flight": running, "in_flight_samples": running}

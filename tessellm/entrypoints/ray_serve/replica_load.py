@@ -48,7 +48,7 @@ Two figures (``router.balance``):
   router's own count): the router before engine load reports. Blind to what only the engine
   knows: a queue behind a full batch or a full KV cache, a long prefill.
 
-Speed: a replica's report carries its engine's step time (``core_load``'s ``step_ms``, a moving
+Speed (opt-in, ``TESSELLM_BALANCE_BY_STEP_TIME=1``): a replica's report carries its engine's step time (``core_load``'s ``step_ms``, a moving
 average of its busy steps' wall time); the work ahead in its score (``4 x queued + running``) is
 weighed by its step time over the median of the replicas' (``load_report.speed_factors``:
 none yet counts as average, within a quarter of the median as equal, clamped to [1/4, 4]), so a
