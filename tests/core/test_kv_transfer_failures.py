@@ -242,6 +242,14 @@ def test_zmq_peer_shutdown_while_a_load_waits_for_a_gone_peer(tiny_model_dir, ca
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+
+def _wait_for_hung_reads(conn, seconds: float = 5) -> None:
+    """Until the worker's hung reads have returned (the FIFO released: EOF, a miss)."""
+    deadline = time.monotonic() + seconds
+    while conn._read_since:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
 def test_loads_behind_reader_threads_that_all_hang_fail_at_once(tmp_path):
     """The worker half with one reader thread: a load whose file hangs (a FIFO) fails after
     ``lookup_timeout_ms`` (0.3 s) and marks the store down; the next load, whose read cannot
@@ -266,10 +274,7 @@ def test_loads_behind_reader_threads_that_all_hang_fail_at_once(tmp_path):
         assert time.monotonic() - t0 < 0.25
     finally:
         _release_fifo(fifo)
-    deadline = time.monotonic() + 5
-    while conn._read_since:  # the hung read returns (EOF: a miss)
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_for_hung_reads(conn)
     assert conn.start_load_kv({"loads": [["r3", [["a", 7]]]]}) == []
     assert torch.equal(caches[0][7], caches[0][1])
     conn.shutdown()
@@ -301,10 +306,7 @@ def test_a_given_up_load_takes_back_its_reads_not_started(tmp_path):
         assert staging.made == made + 1 and len(staging.free) == 1  # r2's buffer is back
     finally:
         _release_fifo(fifo)
-    deadline = time.monotonic() + 5
-    while conn._read_since:  # the hung read returns (EOF: a miss)
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_for_hung_reads(conn)
     time.sleep(0.1)
     assert reads == ["hang"]  # r2's read was never made
     conn.shutdown()
