@@ -183,6 +183,102 @@ def test_a_burst_chosen_before_any_send_spreads_as_one_sent_in_turn(reports):
     assert router.replica_loads([a, b], 96) == {"a": 4 * 1 + 2 + 4, "b": 1 + 1}
 
 
+def _pending(chain=CHAIN) -> PendingRequest:
+    """A pending request as Serve makes it (call inside the event loop: it holds a future)."""
+    return PendingRequest(args=[], kwargs={"prefix_hashes": list(chain)}, metadata=RequestMetadata(
+        request_id="x", internal_request_id=f"p{next(_ids)}"))
+
+
+def test_a_probe_answer_below_the_sends_in_transit_loses_none_of_them(reports):
+    """Serve resets its queue-length cache to a replica's own count when a probe or a rejection
+    answers, and misses the requests still on their way there (CI: a burst of six all landed on
+    the holder after such a reset). The router's own count of what it sent there and has not
+    seen complete is the floor: four sent, a probe answering 1, still four (two running in its
+    two slots, two queued); completions take them off, and a cache above the floor (other
+    routers' requests) wins."""
+    router = _router(balance="load")
+    a, b = _replica("a", reports["idle"]), _replica("b", reports["idle"])
+
+    async def send_all():
+        pending = [_pending() for _ in range(4)]
+        for p in pending:
+            await router.choose_replicas([a], p)
+            p.future.set_result(a)
+            router.on_send_request(a.replica_id)
+        return pending
+
+    pending = asyncio.run(send_all())
+    router.on_new_queue_len_info(a.replica_id, 1)  # the replica had received one of them
+    assert router.replica_loads([a, b], 96)["a"] == 4 * 2 + 2 + 4
+    for p in pending[:3]:
+        router.on_request_completed(a.replica_id, p.metadata.internal_request_id)
+        router.decrement_queue_len_cache(a.replica_id)
+    assert router._sent == {"a": 1} and router.replica_loads([a, b], 96)["a"] == 1 + 1
+    router.on_new_queue_len_info(a.replica_id, 3)  # two more from another ingress replica
+    assert router.replica_loads([a, b], 96)["a"] == 4 * 1 + 2 + 4
+
+
+def test_a_claim_lasts_until_its_send_however_late(reports, monkeypatch):
+    """On a busy machine a request may be sent seconds after it was chosen; its claim still
+    counts then, at the replica Serve fulfilled it with (another rank's when the chosen one was
+    full), and the send there replaces it. A cancelled request's claim ends at once."""
+    import tessellm.entrypoints.ray_serve.prefix_router as prefix_router
+
+    clock = [100.0]
+    monkeypatch.setattr(prefix_router.time, "monotonic", lambda: clock[0])
+    router = _router(balance="load")
+    a, b = _replica("a", reports["idle"]), _replica("b", reports["idle"])
+    router._index.record("a", CHAIN)
+
+    async def go():
+        first, moved, cancelled = _pending(), _pending(), _pending()
+        for p in (first, moved, cancelled):
+            assert (await router.choose_replicas([a, b], p))[0][0] is a
+        clock[0] += 10.0  # long past the old one-second claim
+        assert router.replica_loads([a, b], 96) == {"a": 4 * 1 + 2 + 4, "b": 1}  # two slots
+        moved.future.set_result(b)  # Serve took the second rank for it
+        cancelled.future.cancel()
+        assert router.replica_loads([a, b], 96) == {"a": 1 + 1, "b": 1 + 1}
+        router.on_send_request(b.replica_id)
+        assert router._routed == {moved.metadata.internal_request_id: "b"}
+        first.future.set_result(a)
+        router.on_send_request(a.replica_id)
+        assert router._claims == {} and router._sent == {"a": 1, "b": 1}
+        assert router.replica_loads([a, b], 96) == {"a": 1 + 1, "b": 1 + 1}
+        # A retry of a request re-claims: its earlier choice does not count against a replica.
+        retry = _pending()
+        await router.choose_replicas([a, b], retry)
+        await router.choose_replicas([a, b], retry)
+        assert len(router._claims) == 1
+
+    asyncio.run(go())
+
+
+def test_router_drops_the_counts_of_gone_replicas(reports):
+    """A killed replica's requests may never complete; its counts, claims and routes must not
+    outlive it, and a late completion from it is ignored."""
+    router = _router(balance="load")
+    a, b, c = (_replica(uid, reports["idle"]) for uid in "abc")
+
+    async def go():
+        pending = [_pending([]) for _ in range(4)]
+        for p, replica in zip(pending, (a, a, b, a)):
+            await router.choose_replicas([a, b], p)
+            p.future.set_result(replica)  # where Serve sends it, whichever was chosen
+            if p is not pending[3]:  # the last one stays unsent
+                router.on_send_request(replica.replica_id)
+        assert router._sent == {"a": 2, "b": 1} and len(router._claims) == 1
+        await router.choose_replicas([b, c], _pending([]))  # a is gone
+        assert router._sent == {"b": 1} and len(router._routed) == 1
+        assert all(claim.uid != "a" for claim in router._claims.values())
+        return pending
+
+    pending = asyncio.run(go())
+    router.on_request_completed(a.replica_id, pending[0].metadata.internal_request_id)  # late: ignored
+    router.on_request_completed(b.replica_id, pending[2].metadata.internal_request_id)
+    assert router._sent == {} and router._routed == {}
+
+
 def test_balance_is_a_documented_option_with_a_default():
     cfg = parse_config({"engine": {"device": "cpu"}})
     assert cfg.router.balance == "load" and cfg.router.load_report_period_s == 1.0

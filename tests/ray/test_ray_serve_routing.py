@@ -164,28 +164,3 @@ def test_index_is_bounded_and_forgets_gone_replicas():
     assert index.match([1, 2], ["a"]) == {"a": 0}  # the oldest were evicted
     index.retain(["b"])
     assert index.num_entries("a") == 0
-
-
-def test_router_drops_in_flight_counts_of_gone_replicas():
-    """A killed replica's requests may never complete; its counts and routes must not outlive it
-    (the router's own count is the load figure when Serve's queue-length cache is stale)."""
-    from types import SimpleNamespace
-
-    from tessellm.entrypoints.ray_serve.prefix_router import PrefixAffinityRouter
-
-    router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)  # Serve builds it; no cluster here
-    router.initialize_state(prefix_affinity=False)
-
-    def routed(request_id, uid):
-        pending = SimpleNamespace(kwargs={}, metadata=SimpleNamespace(internal_request_id=request_id))
-        router.on_request_routed(pending, SimpleNamespace(unique_id=uid), None)
-
-    router._forget_gone({"a": None, "b": None})
-    for i, uid in enumerate(["a", "a", "b"]):
-        routed(f"r{i}", uid)
-    assert router._in_flight == {"a": 2, "b": 1}
-    router._forget_gone({"b": None, "c": None})  # a was killed: r0 and r1 never complete
-    assert router._in_flight == {"b": 1} and set(router._routed) == {"r2"}
-    router.on_request_completed(SimpleNamespace(unique_id="a"), "r0")  # late completion: ignored
-    router.on_request_completed(SimpleNamespace(unique_id="b"), "r2")
-    assert router._in_flight == {} and router._routed == {}

@@ -18,16 +18,28 @@ it as Serve's multiplexed model id (``handle.options(multiplexed_model_id=...)``
 that report it loaded (``RunningReplica.multiplexed_model_ids``, pushed by their
 ``serve.multiplexed`` loader) are preferred (affinity_policy.py). A request's load figure is Serve's
 queue-length cache for the replica (what the replica last reported, plus what this router
-sent since) when it is fresh, else this router's own count of its requests in flight there;
-the ``load`` balance scores on top of it (replica_load.py).
+sent since) or this router's own count of the requests it sent there and that have not
+completed, whichever is larger: a probe's or a rejection's answer (the replica's count when
+it answered) resets the cache and misses requests still on their way there. With the ``load``
+balance, the requests chosen for a replica and not yet sent count too (claims, below), and
+the score is computed on top (replica_load.py).
+
+Claims: Serve routes concurrent requests in tasks of their own, so a burst is chosen before
+any of it is sent and counted. Each choice claims its replica for its request until the send
+(``on_send_request``, matched to the request whose future Serve fulfilled with that replica),
+moves with the request when Serve fulfils it with another rank's replica, and ends with the
+request if it is cancelled or completes unsent. No timer ends a claim that is still pending:
+on a busy machine the send may come seconds after the choice.
 This class reads those through the ``RequestRouter`` API of Ray Serve >= 2.50 (tested: 2.60).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -39,7 +51,30 @@ from tessellm.core.prefix_index import PrefixIndex
 logger = logging.getLogger(__name__)
 
 ROUTER_CLASS_PATH = "tessellm.entrypoints.ray_serve.prefix_router:PrefixAffinityRouter"
-_CLAIM_S = 1.0  # how long a choice not followed by a send there still counts (load balance)
+_CLAIM_MAX_S = 60.0  # a claim outlives no request: this only bounds one Serve never settles
+
+
+@dataclass
+class _Claim:
+    """A request chosen for a replica and not yet sent (module docstring, Claims)."""
+
+    uid: str  # the replica chosen first
+    since: float
+    request: PendingRequest
+    named: bool  # keyed by the request's internal id (its completion will name it)
+
+    def target(self) -> Optional[str]:
+        """The replica the request will be sent to: the one Serve fulfilled its future with
+        (another rank's, if the chosen one was full), else the chosen one; None once it will not
+        be sent (cancelled, failed)."""
+        future = self.request.future
+        if not future.done():
+            return self.uid
+        if future.cancelled() or future.exception() is not None:
+            return None
+        replica = future.result()
+        replica_id = getattr(replica, "replica_id", None)
+        return getattr(replica_id, "unique_id", None)
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -56,14 +91,12 @@ class PrefixAffinityRouter(RequestRouter):
         self._balance = balance
         self._chunk_tokens = chunk_tokens
         self._index = PrefixIndex(max_entries_per_replica)
-        self._in_flight: Counter = Counter()  # replica unique id -> this router's requests there
-        self._routed: dict[str, str] = {}  # internal request id -> replica unique id
+        self._sent: Counter = Counter()  # replica unique id -> this router's requests sent, not completed
+        self._routed: dict[str, str] = {}  # internal request id -> replica unique id, once sent
+        self._unnamed: Counter = Counter()  # replica unique id -> sent requests with no claim to name them
         self._known: frozenset = frozenset()
-        # replica unique id -> when this router chose it first for a request not yet sent: Serve
-        # routes concurrent requests in tasks of their own, so a burst is chosen before any of
-        # it is sent and counted. ``load`` counts these claims too, each until a send there or
-        # for _CLAIM_S (one that went to another rank).
-        self._claims: defaultdict = defaultdict(deque)
+        self._claims: dict[str, _Claim] = {}  # internal request id -> its claim (``load`` only)
+        self._claim_ids = itertools.count()  # keys for requests that carry no id
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> list[list[RunningReplica]]:
@@ -71,6 +104,8 @@ class PrefixAffinityRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True  # no busy loop when all are full
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         self._forget_gone(by_id)
+        request_id = _request_id(pending_request)
+        self._claims.pop(request_id, None)  # a retry: its earlier choice is not load elsewhere
         chain = _chain(pending_request)
         loads = self.replica_loads(candidate_replicas, len(chain) * self._chunk_tokens,
                                    _samples(pending_request))
@@ -82,58 +117,83 @@ class PrefixAffinityRouter(RequestRouter):
         ranks = rank_replicas(chain, loads, self._index, slack, holders=holders)
         if chain and ranks:
             self._index.record(ranks[0][0], chain)  # claim it now: a burst agrees before routing ends
-        if ranks and self._balance == "load":
-            self._claims[ranks[0][0]].append(time.monotonic())
+        if ranks and self._balance == "load" and pending_request is not None:
+            key = request_id or f"_{next(self._claim_ids)}"
+            self._claims[key] = _Claim(ranks[0][0], time.monotonic(), pending_request, bool(request_id))
         return [[by_id[uid] for uid in rank] for rank in ranks]
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
-        """Serve sent a request there (its queue-length cache counts it now): one claim less."""
+        """Serve sent a request there: it counts as sent, no longer as claimed."""
         super().on_send_request(replica_id)
-        claims = self._claims.get(replica_id.unique_id)
-        if claims:
-            claims.popleft()
+        uid = replica_id.unique_id
+        key = self._sent_claim(uid)
+        claim = self._claims.pop(key) if key is not None else None
+        if claim is not None and claim.named:
+            self._routed[key] = uid
+        else:
+            self._unnamed[uid] += 1
+        self._sent[uid] += 1
+
+    def _sent_claim(self, uid: str) -> Optional[str]:
+        """The claim of the request just sent to ``uid``: the oldest whose future Serve fulfilled
+        with that replica; else (a send Serve made without fulfilling a future first) the oldest
+        pending one there."""
+        fulfilled, pending = None, None
+        for key, claim in self._claims.items():  # in the order they were made
+            if claim.request.future.done():
+                if fulfilled is None and claim.target() == uid:
+                    fulfilled = key
+            elif pending is None and claim.uid == uid:
+                pending = key
+        return fulfilled if fulfilled is not None else pending
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        uid = replica_id.unique_id
         chain = _chain(pending_request) if self._affinity else []
         if chain:
-            self._index.record(uid, chain)  # where it really went (the second rank, if the first was full)
-        request_id = pending_request.metadata.internal_request_id
-        if request_id not in self._routed:
-            self._routed[request_id] = uid
-            self._in_flight[uid] += 1
+            self._index.record(replica_id.unique_id, chain)  # where it really went (the second rank, if the first was full)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._claims.pop(internal_request_id, None)  # it ended before its send
         uid = self._routed.pop(internal_request_id, None)
+        if uid is None and self._unnamed.get(replica_id.unique_id, 0) > 0:
+            uid = replica_id.unique_id
+            _decrement(self._unnamed, uid)
         if uid is not None:
-            self._in_flight[uid] -= 1
-            if self._in_flight[uid] <= 0:
-                del self._in_flight[uid]
+            _decrement(self._sent, uid)
 
     def replica_loads(self, replicas: list[RunningReplica], num_prompt_tokens: int,
                       num_samples: int = 1) -> dict[str, int]:
         """Each replica's load figure (unique id -> figure; ``balance``, replica_load.py) for a
         prompt of about ``num_prompt_tokens`` running ``num_samples`` sequences."""
+        claimed = self._claimed()
+        ongoing = {r.replica_id.unique_id: self._ongoing(r) + claimed.get(r.replica_id.unique_id, 0)
+                   for r in replicas}
         if self._balance == "in_flight":
-            return {r.replica_id.unique_id: self._ongoing(r) for r in replicas}
+            return ongoing
         reports = [_routing_stats(r) for r in replicas]
-        return {r.replica_id.unique_id: replica_score(report, self._ongoing(r), num_prompt_tokens,
-                                                      num_samples, speed)
+        return {r.replica_id.unique_id: replica_score(report, ongoing[r.replica_id.unique_id],
+                                                      num_prompt_tokens, num_samples, speed)
                 for r, report, speed in zip(replicas, reports, replica_speeds(reports))}
 
     def _ongoing(self, replica: RunningReplica) -> int:
-        """The replica's requests now: Serve's queue-length cache when fresh, else this router's
-        count; with ``load``, plus the requests chosen for it and not yet sent."""
-        uid = replica.replica_id.unique_id
+        """The replica's requests now (module docstring): Serve's queue-length cache or this
+        router's requests sent there, whichever is larger."""
         cached = self.replica_queue_len_cache.get(replica.replica_id)
-        ongoing = cached if cached is not None else self._in_flight.get(uid, 0)
-        claims = self._claims.get(uid)
-        if claims:
-            stale = time.monotonic() - _CLAIM_S
-            while claims and claims[0] < stale:
-                claims.popleft()
-            ongoing += len(claims)
-        return ongoing
+        sent = self._sent.get(replica.replica_id.unique_id, 0)
+        return sent if cached is None else max(cached, sent)
+
+    def _claimed(self) -> Counter:
+        """Replica unique id -> the requests chosen for it and not yet sent; drops the claims of
+        requests that will not be sent."""
+        counts: Counter = Counter()
+        oldest = time.monotonic() - _CLAIM_MAX_S
+        for key, claim in list(self._claims.items()):
+            target = claim.target() if claim.since >= oldest else None
+            if target is None:
+                del self._claims[key]
+            else:
+                counts[target] += 1
+        return counts
 
     def _forget_gone(self, by_id: dict) -> None:
         """Drops what this router holds for replicas no longer among the candidates: their index
@@ -141,18 +201,31 @@ class PrefixAffinityRouter(RequestRouter):
         ids = frozenset(by_id)
         if ids != self._known:
             self._index.retain(ids)
-            for uid in [u for u in self._in_flight if u not in ids]:
-                del self._in_flight[uid]
-            for uid in [u for u in self._claims if u not in ids]:
-                del self._claims[uid]
+            for counts in (self._sent, self._unnamed):
+                for uid in [u for u in counts if u not in ids]:
+                    del counts[uid]
+            self._claims = {key: c for key, c in self._claims.items() if c.target() in ids}
             self._routed = {rid: uid for rid, uid in self._routed.items() if uid in ids}
             self._known = ids
+
+
+def _decrement(counts: Counter, key: str) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
 
 
 def _routing_stats(replica: RunningReplica) -> dict:
     """The replica's latest load report (``record_routing_stats``); {} before its first."""
     stats = getattr(replica, "routing_stats", None)
     return stats if isinstance(stats, dict) else {}
+
+
+def _request_id(pending_request: Optional[PendingRequest]) -> Optional[str]:
+    """The request's internal id (Serve's, unique per request); None for none."""
+    if pending_request is None:
+        return None
+    return getattr(pending_request.metadata, "internal_request_id", None) or None
 
 
 def _chain(pending_request: Optional[PendingRequest]) -> list[int]:

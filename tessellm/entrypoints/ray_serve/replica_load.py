@@ -15,9 +15,9 @@ Two figures (``router.balance``):
   requests, free request slots (``max_num_seqs``) and KV blocks, and the whole steps of prompt
   still to prefill, together with ``in_flight``, the requests the replica held when it asked.
   A report is up to a period old, so the change since is added: the replica's requests now
-  (Serve's queue-length view of it, which counts every router's requests, when fresh; else
-  this router's own count there; plus the requests this router chose for it and has not sent
-  yet, prefix_router.py) minus the engine's waiting and running ones of the report
+  (Serve's queue-length view of it, which counts every router's requests, or this router's
+  own count of those it sent there, whichever is larger; plus the requests this router chose
+  for it and has not sent yet, prefix_router.py) minus the engine's waiting and running ones of the report
   (not the replica's ``in_flight``: a request still in the replica's front end, not yet in its
   engine, counts as arrived). Arrivals take the free
   request slots the report showed, as running, unless requests were already waiting there;
@@ -44,8 +44,8 @@ Two figures (``router.balance``):
   the prompt's blocks). Prefix sharing: the waiting requests' KV need is the engine's own
   count (``waiting_kv_blocks``: a prompt block they share with a running request or with each
   other counted once) rather than the new prompt's size times their number.
-* ``in_flight``: requests in flight at the replica (Serve's queue-length view, else this
-  router's own count): the router before engine load reports. Blind to what only the engine
+* ``in_flight``: requests in flight at the replica (Serve's queue-length view, or this
+  router's own count, whichever is larger): the router before engine load reports. Blind to what only the engine
   knows: a queue behind a full batch or a full KV cache, a long prefill.
 
 Speed (opt-in, ``TESSELLM_BALANCE_BY_STEP_TIME=1``): a replica's report carries its engine's step time (``core_load``'s ``step_ms``, a moving
