@@ -18,6 +18,7 @@ import dataclasses
 from typing import Optional
 
 from tessellm.config import EngineArgs
+from tessellm.entrypoints.vllm_args import add_vllm_engine_arguments, engine_overrides, parsed_vllm_args
 from tessellm.reasoning.parsers import REASONING_PARSERS
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"  # the bundled model's name when MODEL is omitted
@@ -136,7 +137,8 @@ HELP = {
                          "between generation phases (RLHF; server: /sleep, /wake_up and /is_sleeping "
                          "with TESSELLM_SERVER_DEV_MODE=1; docs/sleep_mode.md)",
 }
-SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_parallel_size": "-dp"}
+SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_parallel_size": "-dp",
+         "quantization": "-q"}
 CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"], "data_parallel_balance": ["load", "tokens"],
            "decode_overlap_steps": ["mixed", "decode", "all"], "reasoning_parser": sorted(REASONING_PARSERS),
            "runner": ["auto", "generate", "pooling"], "convert": ["auto", "none", "embed", "classify"]}
@@ -171,6 +173,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, **defaults) -> argpars
         if f.name in CHOICES:
             kwargs["choices"] = CHOICES[f.name]
         group.add_argument(*names, **kwargs)
+    add_vllm_engine_arguments(parser)  # vLLM's names tessellm has no field of its own for
     return parser
 
 
@@ -182,7 +185,8 @@ def engine_args_from(args: argparse.Namespace, model: Optional[str] = None, **ov
         values["served_model_name"] = served[0] if isinstance(served, list) else served
     if getattr(args, "chat_template", None) is not None:
         values["chat_template"] = args.chat_template
-    return EngineArgs(model=model, **{**values, **overrides})
+    model, vllm = engine_overrides(parsed_vllm_args(args), model, values)
+    return EngineArgs(model=model, **{**values, **vllm, **overrides})
 
 
 def engine_flags(args: EngineArgs) -> list[str]:

@@ -18,6 +18,7 @@ from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from tessellm import envs
 from tessellm.entrypoints.engine_args import (DEFAULT_SERVED_NAME, add_engine_arguments,  # noqa: F401
                                            engine_args_from)
+from tessellm.entrypoints.vllm_args import add_vllm_server_arguments
 
 logger = logging.getLogger("tessellm.serve")
 
@@ -78,13 +79,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g = parser.add_argument_group("vLLM command-line compatibility (scripts written for `vllm serve`)")
     g.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
                    help="the model, as the positional MODEL (vLLM's older form)")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="accepted, no effect: tessellm runs no code from model repositories "
-                        "(an architecture it does not implement is refused)")
-    g.add_argument("--disable-log-requests", action="store_true",
-                   help="accepted, no effect: tessellm never logs prompts or outputs")
-    g.add_argument("--disable-log-stats", action="store_true",
-                   help="accepted, no effect: engine statistics are on /metrics, not in the log")
+    add_vllm_server_arguments(parser)  # the others (--trust-remote-code ...: the engine group's)
     from tessellm.entrypoints.ray_serve.launch import add_ray_arguments
 
     add_ray_arguments(parser)

@@ -1,0 +1,326 @@
+"""vLLM's engine and server arguments that tessellm has no field of its own for, in one table.
+
+A script written for ``vllm serve`` or ``vllm.LLM(...)`` runs unchanged: each name here is
+either accepted with no effect (``noop``: a knob of vLLM's machinery that tessellm does not
+have, e.g. ``--swap-space``), accepted only at the value that changes nothing (``neutral``:
+``--cpu-offload-gb 0``; any other value is refused with one message naming the argument and
+what to use instead), translated (``alias``: ``--num-gpu-blocks-override`` is
+``--num-kv-blocks``; ``hf``: ``--rope-scaling`` goes into ``--hf-overrides``), or used to find
+the model (``--download-dir``, ``--revision``). Names tessellm implements itself
+(``--max-model-len``, ``--gpu-memory-utilization``, ...) are ``EngineArgs`` fields and server
+flags, not here.
+
+The same table serves three places: the engine flags of every command
+(``add_vllm_engine_arguments``), ``tessellm serve``'s server flags (``add_vllm_server_arguments``)
+and ``LLM(...)``'s keyword arguments (``pop_vllm_kwargs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+_PREFIX = "vllm__"  # the namespace attributes of parsed vLLM arguments (engine_args_from reads them)
+
+
+@dataclass(frozen=True)
+class VllmArg:
+    name: str  # vLLM's field name; the flag is --name-with-dashes
+    kind: str  # noop | neutral | alias | hf | model
+    why: str  # noop: why nothing changes; neutral: what to use instead
+    type: Any = str  # bool, int, float, str or "json"
+    neutral: tuple = ()  # neutral: the values accepted (None always is)
+    target: str = ""  # alias: the tessellm field; hf: the config.json key
+    nargs: Optional[str] = None
+    short: Optional[str] = None
+
+
+_NO_DOWNLOAD = "tessellm never downloads; a model is a directory, a .gguf file or a repo in the local Hugging Face cache"
+_GRAPHS = "tessellm captures decode graphs by batch size on its own; --enforce-eager turns them off"
+_NO_LOGS = "tessellm never logs prompts or outputs"
+_ONE_HOST_DP = ("data parallelism here runs its engine cores on one host (-dp N); across hosts use "
+                "Ray Serve replicas (tessellm serve --ray --num-replicas N, docs/ray_serve.md)")
+_PARTIAL = "chunked prefill is scheduled by --max-num-batched-tokens alone"
+
+ENGINE: tuple[VllmArg, ...] = (
+    # accepted, no effect
+    VllmArg("trust_remote_code", "noop", "tessellm runs no code from model repositories (an "
+            "architecture it does not implement is refused)", bool),
+    VllmArg("disable_log_stats", "noop", "engine statistics are on /metrics, not in the log", bool),
+    VllmArg("disable_log_requests", "noop", _NO_LOGS, bool),
+    VllmArg("enable_log_requests", "noop", _NO_LOGS, bool),
+    VllmArg("swap_space", "noop", "preempted requests are recomputed, never swapped to host memory "
+            "(as in vLLM V1)", float),
+    VllmArg("preemption_mode", "noop", "preempted requests are recomputed"),
+    VllmArg("disable_custom_all_reduce", "noop", "tensor parallelism uses the backend's all-reduce", bool),
+    VllmArg("max_seq_len_to_capture", "noop", _GRAPHS, int),
+    VllmArg("cuda_graph_sizes", "noop", _GRAPHS, int, nargs="+"),
+    VllmArg("compilation_config", "noop", "tessellm does not run torch.compile; " + _GRAPHS, short="-O"),
+    VllmArg("disable_cascade_attn", "noop", "tessellm has no cascade attention", bool),
+    VllmArg("hf_token", "noop", _NO_DOWNLOAD),
+    VllmArg("max_parallel_loading_workers", "noop", "each rank loads its own shard in one pass", int),
+    VllmArg("long_prefill_token_threshold", "noop", _PARTIAL, int),
+    VllmArg("max_num_partial_prefills", "noop", _PARTIAL, int),
+    VllmArg("max_long_partial_prefills", "noop", _PARTIAL, int),
+    VllmArg("prefix_caching_hash_algo", "noop", "prefix-cache blocks are keyed by tessellm's own hash"),
+    VllmArg("show_hidden_metrics_for_version", "noop", "every metric tessellm has is on /metrics"),
+    VllmArg("lora_extra_vocab_size", "noop", "deprecated in vLLM; adapters add no vocabulary", int),
+    VllmArg("use_tqdm_on_load", "noop", "loading logs its own progress", bool),
+    VllmArg("ignore_patterns", "noop", "tessellm reads the checkpoint's safetensors (or .gguf) files only",
+            nargs="+"),
+    VllmArg("model_loader_extra_config", "noop", "the loader takes no extra settings", "json"),
+    VllmArg("pt_load_map_location", "noop", "tensors load straight to their device"),
+    VllmArg("disable_mm_preprocessor_cache", "noop", "images are processed per request, nothing cached", bool),
+    VllmArg("mm_processor_cache_gb", "noop", "images are processed per request, nothing cached", float),
+    VllmArg("tokenizer_pool_size", "noop", "removed in vLLM; prompts are tokenized in the API process", int),
+    VllmArg("disable_async_output_proc", "noop", "outputs are always processed beside the next step", bool),
+    # only the value that changes nothing
+    VllmArg("tokenizer_mode", "neutral", "tessellm loads the model's Hugging Face tokenizer; give "
+            "--tokenizer DIR for another one", neutral=("auto", "hf", "slow")),
+    VllmArg("skip_tokenizer_init", "neutral", "tessellm loads the tokenizer; a prompt may still be "
+            "token ids ({\"prompt_token_ids\": [...]})", bool, neutral=(False,)),
+    VllmArg("tokenizer_revision", "neutral", "the tokenizer comes from the model's directory or --tokenizer DIR"),
+    VllmArg("code_revision", "neutral", "tessellm runs no code from model repositories"),
+    VllmArg("hf_config_path", "neutral", "change the model's config.json with --hf-overrides JSON"),
+    VllmArg("config_format", "neutral", "tessellm reads the Hugging Face config.json",
+            neutral=("auto", "hf")),
+    VllmArg("cpu_offload_gb", "neutral", "all weights stay on the device; use --quantization, a "
+            "smaller --dtype or --tensor-parallel-size", float, neutral=(0,)),
+    VllmArg("kv_cache_memory", "neutral", "size the KV cache with --num-kv-blocks N or "
+            "--gpu-memory-utilization", int),
+    VllmArg("kv_cache_memory_bytes", "neutral", "size the KV cache with --num-kv-blocks N or "
+            "--gpu-memory-utilization", int),
+    VllmArg("calculate_kv_scales", "neutral", "--kv-cache-dtype fp8 uses per-tensor scales of 1.0 "
+            "(docs/quantization.md); leave it out", bool, neutral=(False,)),
+    VllmArg("disable_sliding_window", "neutral", "sliding-window models run with their window; cap "
+            "the context with --max-model-len", bool, neutral=(False,)),
+    VllmArg("model_impl", "neutral", "tessellm runs its own model implementations (transformers' "
+            "modeling code is not used)", neutral=("auto", "vllm")),
+    VllmArg("scheduling_policy", "neutral", "requests are served first come, first served (a "
+            "request's priority field is refused)", neutral=("fcfs",)),
+    VllmArg("guided_decoding_backend", "neutral", "xgrammar is tessellm's structured-output backend",
+            neutral=("auto", "xgrammar")),
+    VllmArg("structured_outputs_config", "neutral", "xgrammar is tessellm's structured-output "
+            "backend; per request, structured_outputs.disable_any_whitespace", "json"),
+    VllmArg("logits_processors", "neutral", "constrain sampling per request with logit_bias, "
+            "allowed_token_ids, bad_words or structured outputs", nargs="+", neutral=([],)),
+    VllmArg("logprobs_mode", "neutral", "logprobs are the model's raw ones (before temperature, "
+            "penalties and top-k/p), as vLLM's default", neutral=("raw_logprobs",)),
+    VllmArg("otlp_traces_endpoint", "neutral", "tessellm has no OpenTelemetry tracing; request "
+            "latencies are histograms on /metrics"),
+    VllmArg("collect_detailed_traces", "neutral", "tessellm has no OpenTelemetry tracing; request "
+            "latencies are histograms on /metrics"),
+    VllmArg("enable_eplb", "neutral", "experts stay where --enable-expert-parallel places them", bool,
+            neutral=(False,)),
+    VllmArg("worker_cls", "neutral", "workers are tessellm's (LLM.collective_rpc calls their methods)",
+            neutral=("auto",)),
+    VllmArg("worker_extension_cls", "neutral", "workers are tessellm's (LLM.collective_rpc calls "
+            "their methods)", neutral=("",)),
+    VllmArg("additional_config", "neutral", "tessellm's backends take no extra config", "json",
+            neutral=({},)),
+    VllmArg("mamba_cache_dtype", "neutral", "recurrent states keep the model's dtype", neutral=("auto",)),
+    VllmArg("long_lora_scaling_factors", "neutral", "long-context LoRA is not supported"),
+    VllmArg("mm_processor_kwargs", "neutral", "images are processed with the checkpoint's "
+            "preprocessor settings", "json", neutral=({},)),
+    VllmArg("media_io_kwargs", "neutral", "images are decoded with default settings", "json",
+            neutral=({},)),
+    VllmArg("kv_events_config", "neutral", "tessellm publishes no KV cache events", "json"),
+    # translated
+    VllmArg("num_gpu_blocks_override", "alias", "--num-kv-blocks", int, target="num_kv_blocks"),
+    VllmArg("rope_scaling", "hf", "--hf-overrides '{\"rope_scaling\": ...}'", "json", target="rope_scaling"),
+    VllmArg("rope_theta", "hf", "--hf-overrides '{\"rope_theta\": ...}'", float, target="rope_theta"),
+    # where the model is
+    VllmArg("download_dir", "model", "the Hugging Face cache directory the model's repo is found in "
+            "(default: the usual one); " + _NO_DOWNLOAD),
+    VllmArg("revision", "model", "the branch, tag or commit of the model's repo in the local "
+            "Hugging Face cache (default: main)"),
+)
+
+SERVER: tuple[VllmArg, ...] = (
+    VllmArg("disable_frontend_multiprocessing", "noop", "the API server and the engine core are "
+            "always separate processes", bool),
+    VllmArg("max_log_len", "noop", _NO_LOGS, int),
+    VllmArg("enable_log_outputs", "noop", _NO_LOGS, bool),
+    VllmArg("enable_log_deltas", "noop", _NO_LOGS, bool),
+    VllmArg("log_error_stack", "noop", "an unhandled error is always logged with its traceback", bool),
+    VllmArg("h11_max_incomplete_event_size", "noop", "the HTTP parser's limit follows --max-header-bytes", int),
+    VllmArg("h11_max_header_count", "noop", "headers are limited by their size (--max-header-bytes)", int),
+    VllmArg("disable_fastapi_docs", "noop", "tessellm serves no /docs, /redoc or /openapi.json", bool),
+    VllmArg("disable_uvicorn_access_log", "alias", "--no-access-log", bool, target="no_access_log"),
+    VllmArg("api_server_count", "neutral", "one API process per server; scale out with -dp N (engine "
+            "cores) or Ray Serve replicas (--ray --num-replicas N)", int, neutral=(1,)),
+    VllmArg("headless", "neutral", _ONE_HOST_DP, bool, neutral=(False,)),
+    VllmArg("data_parallel_size_local", "neutral", _ONE_HOST_DP, int),
+    VllmArg("data_parallel_address", "neutral", _ONE_HOST_DP),
+    VllmArg("data_parallel_rpc_port", "neutral", _ONE_HOST_DP, int),
+    VllmArg("data_parallel_start_rank", "neutral", _ONE_HOST_DP, int, neutral=(0,)),
+    VllmArg("data_parallel_backend", "neutral", _ONE_HOST_DP, neutral=("mp",)),
+    VllmArg("data_parallel_hybrid_lb", "neutral", _ONE_HOST_DP, bool, neutral=(False,)),
+    VllmArg("data_parallel_external_lb", "neutral", _ONE_HOST_DP, bool, neutral=(False,)),
+    VllmArg("tool_parser_plugin", "neutral", "tool parsers are built in: --tool-call-parser "
+            "hermes, llama3_json, mistral or openai", neutral=("",)),
+    VllmArg("tool_server", "neutral", "tessellm runs no tools itself; function calling returns the "
+            "calls to the client"),
+    VllmArg("enable_ssl_refresh", "neutral", "restart the server to load new certificates", bool,
+            neutral=(False,)),
+    VllmArg("enable_tokenizer_info_endpoint", "neutral", "use /tokenize and /detokenize", bool,
+            neutral=(False,)),
+    VllmArg("chat_template_content_format", "neutral", "a message's text parts are joined into one "
+            "string (\"\\n\" between them), as vLLM's auto does for most templates",
+            neutral=("auto", "string")),
+    VllmArg("enable_force_include_usage", "neutral", "ask for usage in a stream with "
+            "stream_options: {\"include_usage\": true} (responses that are not streamed always carry it)",
+            bool, neutral=(False,)),
+    VllmArg("uds", "neutral", "listen on TCP with --host and --port"),
+)
+
+_BY_NAME = {a.name: a for a in ENGINE + SERVER}
+
+
+def _json(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {value!r}") from None
+
+
+def _flag(arg: VllmArg) -> str:
+    return "--" + arg.name.replace("_", "-")
+
+
+def refusal(arg: VllmArg, value, where: str) -> Optional[str]:
+    """The message refusing ``value`` for ``arg`` (None: accepted); ``where`` starts it (e.g.
+    ``"LLM(cpu_offload_gb=...): "``)."""
+    if arg.kind != "neutral" or value is None or value in arg.neutral:
+        return None
+    if isinstance(value, (list, dict)) and not value and not arg.neutral:
+        return None
+    if arg.name == "structured_outputs_config" and isinstance(value, dict):
+        backend = value.get("backend", "auto")
+        rest = set(value) - {"backend", "disable_fallback"}
+        if backend in ("auto", "xgrammar") and not rest:
+            return None
+    accepted = [v for v in arg.neutral if v not in ({}, [])]
+    allowed = f"; accepted: {', '.join(map(repr, accepted))}" if accepted else ""
+    return f"{where}{value!r} is not supported by tessellm (a vLLM setting{allowed}): {arg.why}."
+
+
+class _VllmAction(argparse.Action):
+    def __init__(self, option_strings, dest, vllm: VllmArg, **kwargs):
+        self.vllm = vllm
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        arg = self.vllm
+        if arg.type is bool:
+            values = not (option_string or "").startswith("--no-")
+        message = refusal(arg, values, "")  # argparse names the flag
+        if message:
+            raise argparse.ArgumentError(self, message)
+        if arg.kind == "alias":
+            setattr(namespace, arg.target, values)
+        else:
+            setattr(namespace, _PREFIX + arg.name, values)
+
+
+def _add(group, arg: VllmArg) -> None:
+    names = [_flag(arg)] + ([arg.short] if arg.short else [])
+    if arg.type is bool:
+        names.append("--no-" + _flag(arg)[2:])
+    if arg.kind == "noop":
+        help_text = f"vLLM's; accepted, no effect: {arg.why}"
+    elif arg.kind == "neutral":
+        shown = [v for v in arg.neutral if v not in ({}, [])]
+        help_text = (f"vLLM's; only {' or '.join(map(str, shown))}: " if shown else
+                     "vLLM's; not supported: ") + arg.why
+    elif arg.kind in ("alias", "hf"):
+        help_text = f"vLLM's name for {arg.why}"
+    else:
+        help_text = arg.why
+    kwargs: dict = {"nargs": 0} if arg.type is bool else {
+        "type": _json if arg.type == "json" else arg.type, "metavar": arg.name.upper(),
+        **({"nargs": arg.nargs} if arg.nargs else {})}
+    group.add_argument(*names, action=_VllmAction, vllm=arg, dest=_PREFIX + arg.name,
+                       default=argparse.SUPPRESS, help=help_text, **kwargs)
+
+
+def add_vllm_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "vLLM's engine arguments (scripts written for vLLM run unchanged; docs/openai_api.md)")
+    taken = {s for a in parser._actions for s in a.option_strings}
+    for arg in ENGINE:
+        if _flag(arg) not in taken:  # a command may define one itself
+            _add(group, arg)
+
+
+def add_vllm_server_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("vLLM's server arguments (scripts written for `vllm serve`)")
+    for arg in SERVER:
+        _add(group, arg)
+
+
+def parsed_vllm_args(args: argparse.Namespace) -> dict:
+    """The vLLM arguments a command line gave (name -> value)."""
+    return {k[len(_PREFIX):]: v for k, v in vars(args).items() if k.startswith(_PREFIX)}
+
+
+def engine_overrides(values: dict, model: Optional[str], fields: dict) -> tuple[Optional[str], dict]:
+    """From vLLM arguments (already checked) to the model to load and the EngineArgs fields they
+    set: ``fields`` (the others given) is read for ``hf_overrides`` to lay the rope keys over."""
+    out: dict = {}
+    hf = {ENGINE_BY_NAME[n].target: v for n, v in values.items()
+          if n in ENGINE_BY_NAME and ENGINE_BY_NAME[n].kind == "hf" and v is not None}
+    if hf:
+        base = fields.get("hf_overrides")
+        if isinstance(base, str):
+            base = _json(base)
+        out["hf_overrides"] = {**(base or {}), **hf}
+    for name, value in values.items():
+        arg = ENGINE_BY_NAME.get(name)
+        if arg is not None and arg.kind == "alias" and value is not None:
+            out[arg.target] = value
+    if values.get("download_dir") or values.get("revision"):
+        model = locate_model(model, values.get("download_dir"), values.get("revision"))
+    return model, out
+
+
+ENGINE_BY_NAME = {a.name: a for a in ENGINE}
+
+
+def locate_model(model: Optional[str], download_dir: Optional[str], revision: Optional[str]) -> Optional[str]:
+    """A repo id's directory in ``download_dir`` (vLLM's --download-dir: the Hugging Face cache
+    the weights were downloaded to) at ``revision``; a local directory, a .gguf file or the
+    bundled model stays as given."""
+    import os
+
+    from tessellm.loader.default_model import BUNDLED_MODELS
+
+    if model is None or model in BUNDLED_MODELS or os.path.exists(model):
+        return model
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, cache_dir=download_dir, revision=revision, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        where = f"the Hugging Face cache in {download_dir}" if download_dir else "the local Hugging Face cache"
+        at = f" at revision {revision!r}" if revision else ""
+        raise FileNotFoundError(f"Model {model!r}{at} is not in {where} (tessellm never downloads "
+                                "weights); download it there first, or give its directory.") from exc
+
+
+def pop_vllm_kwargs(kwargs: dict, model: Optional[str], warn: Callable[[str], None] = lambda _m: None
+                    ) -> tuple[Optional[str], dict]:
+    """``LLM(...)``: take vLLM's engine arguments out of ``kwargs`` (a refused value is a
+    ValueError naming it); returns the model to load and ``kwargs`` with their tessellm
+    equivalents in."""
+    values = {}
+    for name in [n for n in kwargs if n in ENGINE_BY_NAME]:
+        value = kwargs.pop(name)
+        message = refusal(ENGINE_BY_NAME[name], value, f"LLM({name}=...): ")
+        if message:
+            raise ValueError(message)
+        values[name] = value
+    model, extra = engine_overrides(values, model, kwargs)
+    return model, {**kwargs, **extra}

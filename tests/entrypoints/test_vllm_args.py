@@ -1,0 +1,147 @@
+"""vLLM's engine and server arguments (tessellm/entrypoints/vllm_args.py): a command line or an
+``LLM(...)`` call written for vLLM runs unchanged, or stops with one message naming the argument
+and what to use instead (never argparse's bare "unrecognized arguments")."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tessellm.config import EngineArgs
+from tessellm.entrypoints.cli import build_parser
+from tessellm.entrypoints.engine_args import engine_args_from
+from tessellm.entrypoints.vllm_args import ENGINE, SERVER, locate_model, pop_vllm_kwargs
+
+# A vLLM deployment's command line (the flags its docs and recipes use most), as-is.
+VLLM_COMMAND = [
+    "--trust-remote-code", "--swap-space", "4", "--disable-log-requests", "--disable-log-stats",
+    "--enable-log-requests", "-O3", "--cuda-graph-sizes", "1", "2", "4", "--max-seq-len-to-capture",
+    "8192", "--disable-custom-all-reduce", "--tokenizer-mode", "auto", "--cpu-offload-gb", "0",
+    "--scheduling-policy", "fcfs", "--guided-decoding-backend", "xgrammar", "--model-impl", "auto",
+    "--structured-outputs-config", '{"backend": "xgrammar"}', "--num-gpu-blocks-override", "77",
+    "--rope-scaling", '{"rope_type": "dynamic", "factor": 2.0}', "--rope-theta", "1e6",
+    "-q", "fp8", "--hf-token", "hf_x", "--max-num-partial-prefills", "2", "--logprobs-mode", "raw_logprobs",
+    "--no-enable-prefix-caching", "--max-model-len", "512",
+]
+SERVE_ONLY = ["--disable-uvicorn-access-log", "--disable-frontend-multiprocessing", "--max-log-len", "100",
+              "--enable-log-outputs", "--disable-fastapi-docs", "--api-server-count", "1",
+              "--chat-template-content-format", "string", "--h11-max-incomplete-event-size", "4194304"]
+
+
+def test_a_vllm_command_line_parses_into_the_same_engine():
+    args = build_parser().parse_args(["serve", "/m", *VLLM_COMMAND, *SERVE_ONLY])
+    ea = engine_args_from(args, args.model)
+    plain = build_parser().parse_args(["serve", "/m", "--no-enable-prefix-caching", "--max-model-len", "512"])
+    expected = engine_args_from(plain, plain.model)
+    expected.num_kv_blocks, expected.quantization = 77, "fp8"  # --num-gpu-blocks-override, -q
+    expected.hf_overrides = {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "rope_theta": 1e6}
+    assert ea == expected
+    assert args.no_access_log  # --disable-uvicorn-access-log
+
+
+def test_the_other_commands_take_the_engine_ones():
+    for command in (["generate", "hi"], ["bench", "throughput"], ["bench", "latency"]):
+        args = build_parser().parse_args([*command, *VLLM_COMMAND])
+        assert engine_args_from(args, None).num_kv_blocks == 77
+
+
+def test_rope_flags_join_hf_overrides():
+    args = build_parser().parse_args(["serve", "--hf-overrides", '{"num_labels": 1}', "--rope-theta", "5e5"])
+    assert engine_args_from(args, None).hf_overrides == {"num_labels": 1, "rope_theta": 5e5}
+
+
+@pytest.mark.parametrize("argv,flag,hint", [
+    (["--cpu-offload-gb", "4"], "--cpu-offload-gb", "--quantization"),
+    (["--scheduling-policy", "priority"], "--scheduling-policy", "first come"),
+    (["--tokenizer-mode", "mistral"], "--tokenizer-mode", "--tokenizer DIR"),
+    (["--structured-outputs-config", '{"backend": "outlines"}'], "--structured-outputs-config", "xgrammar"),
+    (["--kv-cache-memory", "1000000"], "--kv-cache-memory", "--num-kv-blocks"),
+    (["--skip-tokenizer-init"], "--skip-tokenizer-init", "prompt_token_ids"),
+    (["--logits-processors", "my.Proc"], "--logits-processors", "logit_bias"),
+    (["--headless"], "--headless", "--ray"),
+    (["--api-server-count", "4"], "--api-server-count", "-dp N"),
+    (["--tool-parser-plugin", "p.py"], "--tool-parser-plugin", "--tool-call-parser"),
+    (["--otlp-traces-endpoint", "http://x"], "--otlp-traces-endpoint", "/metrics"),
+    (["--compilation-config", "{bad"], "--compilation-config", None),  # not JSON is fine (-O3)
+])
+def test_a_value_that_would_change_something_is_refused_by_name(capsys, argv, flag, hint):
+    parser = build_parser()
+    if hint is None:
+        parser.parse_args(["serve", *argv])
+        return
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["serve", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}" in err and "not supported by tessellm" in err and hint in err, err
+
+
+def test_every_vllm_argument_has_help_and_a_flag():
+    parser = build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    helps = {s: a.help for a in serve._actions for s in a.option_strings}
+    for arg in ENGINE + SERVER:
+        flag = "--" + arg.name.replace("_", "-")
+        assert helps.get(flag), flag
+
+
+def test_llm_kwargs_of_vllm():
+    """LLM(..., trust_remote_code=True, swap_space=4, ...) as vLLM scripts write it."""
+    model, kwargs = pop_vllm_kwargs({"trust_remote_code": True, "swap_space": 4, "disable_log_stats": True,
+                                     "num_gpu_blocks_override": 32, "rope_theta": 1e6, "tokenizer_mode": "auto",
+                                     "enforce_eager": True, "hf_overrides": {"a": 1}}, None)
+    assert model is None and EngineArgs(**kwargs) == EngineArgs(
+        num_kv_blocks=32, enforce_eager=True, hf_overrides={"a": 1, "rope_theta": 1e6})
+    with pytest.raises(ValueError, match=r"LLM\(cpu_offload_gb=\.\.\.\): 8 is not supported.*--quantization"):
+        pop_vllm_kwargs({"cpu_offload_gb": 8}, None)
+
+
+def test_llm_runs_with_vllm_kwargs():
+    """The bundled model with the kwargs of a typical vLLM script: generates, and the translated
+    ones took effect (num_gpu_blocks_override is the KV cache's size)."""
+    from tessellm import LLM, SamplingParams
+
+    llm = LLM(device="cpu", trust_remote_code=True, swap_space=4, disable_log_stats=True,
+              gpu_memory_utilization=0.5, max_model_len=256, num_gpu_blocks_override=40, enforce_eager=True,
+              max_logprobs=5, disable_custom_all_reduce=True)
+    try:
+        assert llm.engine.core.info.num_kv_blocks == 40
+        out = llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 3
+    finally:
+        llm.shutdown()
+
+
+def _hf_cache(root, repo: str, revisions: dict[str, str]) -> dict[str, str]:
+    """A Hugging Face cache layout (models--org--name/{refs,snapshots}) holding ``repo`` at each
+    ref -> commit; returns commit -> snapshot directory."""
+    base = os.path.join(root, "models--" + repo.replace("/", "--"))
+    paths = {}
+    for ref, commit in revisions.items():
+        snap = os.path.join(base, "snapshots", commit)
+        os.makedirs(snap, exist_ok=True)
+        with open(os.path.join(snap, "config.json"), "w") as f:
+            json.dump({"model_type": "llama", "commit": commit}, f)
+        os.makedirs(os.path.join(base, "refs"), exist_ok=True)
+        with open(os.path.join(base, "refs", ref), "w") as f:
+            f.write(commit)
+        paths[commit] = snap
+    return paths
+
+
+def test_download_dir_and_revision_find_the_repo(tmp_path):
+    """--download-dir is the Hugging Face cache the repo was downloaded to (vLLM's), --revision a
+    branch or commit in it; nothing is downloaded."""
+    snaps = _hf_cache(tmp_path, "org/tiny", {"main": "a" * 40, "v2": "b" * 40})
+    assert os.path.samefile(locate_model("org/tiny", str(tmp_path), None), snaps["a" * 40])
+    assert os.path.samefile(locate_model("org/tiny", str(tmp_path), "v2"), snaps["b" * 40])
+    args = build_parser().parse_args(["serve", "org/tiny", "--download-dir", str(tmp_path), "--revision", "v2"])
+    assert os.path.samefile(engine_args_from(args, args.model).model, snaps["b" * 40])
+    assert args.model == "org/tiny"  # the served name stays the repo id
+    assert locate_model(str(tmp_path), str(tmp_path), None) == str(tmp_path)  # a directory stays
+    with pytest.raises(FileNotFoundError, match=f"not in the Hugging Face cache in {tmp_path}"):
+        locate_model("org/other", str(tmp_path), None)
+    with pytest.raises(FileNotFoundError, match="at revision 'v3'"):
+        locate_model("org/tiny", str(tmp_path), "v3")
