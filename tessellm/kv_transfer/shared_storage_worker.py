@@ -343,8 +343,12 @@ class SharedStorageWorker:
         into ``flat``, a run of blocks a thread."""
         chunk = items[lo:lo + self._load_staging.chunk]
         n = len(chunk)
-        parts = self._parts(flat, n)
-        arr = flat.numpy()
+        try:
+            parts = self._parts(flat, n)
+            arr = flat.numpy()
+        except BaseException:
+            self._load_staging.release(flat)  # nothing reads into it yet: a lost one would
+            raise  # leave a later load waiting for a buffer forever
 
         clock = [time.monotonic()]
 
@@ -552,18 +556,25 @@ class SharedStorageWorker:
             if flat is None:  # every buffer is with a write that hangs: the store is down
                 self._settle(skipped=len(saves) - lo)
                 break
-            parts = self._parts(flat, n)
-            mapping = [(b, i) for i, (_, b) in enumerate(chunk)]
-            with stream if stream is not None else contextlib.nullcontext():
-                for cache, part in zip(self.caches, parts):
-                    self.swap_blocks(cache, part.view(cache.dtype).view(n, *cache.shape[1:]), mapping)
-                event = copies_done(torch, self.device, stream)
-            if stream is not None:  # a later step writing one of these blocks waits for them
-                self._reads.append((event, frozenset(b for _, b in chunk)))
-            if self._writer is None:
-                self._writer = DaemonPool(1, "tessellm-kv-save")
             task = _SaveChunk(n)
-            task.future = self._writer.submit(self._write_chunk, task, chunk, flat, parts, event)
+            try:  # the buffer is the writer's once submitted; until then, given back here
+                parts = self._parts(flat, n)
+                mapping = [(b, i) for i, (_, b) in enumerate(chunk)]
+                with stream if stream is not None else contextlib.nullcontext():
+                    for cache, part in zip(self.caches, parts):
+                        self.swap_blocks(cache, part.view(cache.dtype).view(n, *cache.shape[1:]),
+                                         mapping)
+                    event = copies_done(torch, self.device, stream)
+                if stream is not None:  # a later step writing one of these blocks waits for them
+                    self._reads.append((event, frozenset(b for _, b in chunk)))
+                if self._writer is None:
+                    self._writer = DaemonPool(1, "tessellm-kv-save")
+                task.future = self._writer.submit(self._write_chunk, task, chunk, flat, parts,
+                                                  event)
+            except BaseException:
+                self._settle(failed=len(saves) - lo)  # this chunk's and the rest: not saved
+                self._save_back(flat, stream)
+                raise
             with self._pending_lock:
                 self._pending.append(task)
         self._reap_saves()
@@ -571,6 +582,17 @@ class SharedStorageWorker:
             # one writer thread, in order: the last is the latest
             return _SavesDone(self, self._pending[-1].future)
         return None
+
+    def _save_back(self, flat, stream) -> None:
+        """A save buffer whose chunk failed before the writer got it, back to the pool once the
+        copies queued into it so far are done (lost where that cannot be known: never given
+        out again while a copy may still write into it)."""
+        try:
+            event = copies_done(torch_module(), self.device, stream)
+        except Exception:  # noqa: BLE001 - the device's error is the one raised
+            self._save_staging.lose(flat)
+            return
+        self._save_staging.release(flat, event)
 
     def _reap_saves(self) -> None:
         """Saves written (or given up on) leave ``_pending``; a writer's error is raised."""

@@ -491,6 +491,60 @@ def test_a_load_that_raises_gives_its_staging_buffer_back(tmp_path):
     conn.shutdown()
 
 
+def test_a_chunk_that_fails_before_its_reads_or_writer_gives_its_staging_buffer_back(
+        tmp_path, monkeypatch):
+    """A staging buffer taken for a chunk whose setup raises (its per-tensor parts here)
+    before any read or writer has it goes back to the pool: background loads (more than there
+    are buffers), a step's load whose second chunk (read ahead into the other buffer) fails,
+    and a save, which raises, counts its blocks failed and leaves none pending. Then loads and
+    saves work as before (a lost buffer would leave the next one waiting forever)."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+    from tessellm.kv_transfer import shared_storage_worker
+
+    monkeypatch.setattr(shared_storage_worker, "_CHUNK_BLOCKS", 2)
+    caches = [torch.randn(16, BS, 2, 8)]
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER)
+    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    keys = ["a", "b", "c", "d"]
+    conn.save_kv({"saves": [[k, b] for k, b in zip(keys, (1, 2, 3, 4))]})
+    conn.wait_for_save()
+    load, save = conn._load_staging, conn._save_staging
+    parts, calls = conn._parts, []
+
+    def fail_on(*which):
+        def fake(flat, n):
+            calls.append(n)
+            if len(calls) in which:
+                raise ZeroDivisionError("parts")
+            return parts(flat, n)
+        calls.clear()
+        conn._parts = fake
+
+    fail_on(1, 2, 3)
+    for i in range(3):
+        conn.start_load_kv({"async_loads": [[f"bad{i}", [["a", 5]]]]})
+        assert conn.get_finished_loads([f"bad{i}"], timeout=10) == {f"bad{i}": False}
+        assert len(load.free) == load.made
+    fail_on(2)  # the first chunk reads; the second, read ahead, fails
+    with pytest.raises(ZeroDivisionError):
+        conn.start_load_kv({"loads": [["r", [[k, b] for k, b in zip(keys, (8, 9, 10, 11))]]]})
+    assert len(load.free) == load.made == shared_storage_worker._LOAD_BUFFERS
+    fail_on(1)
+    with pytest.raises(ZeroDivisionError):
+        conn.save_kv({"saves": [["e", 5], ["f", 6], ["g", 7]]})  # two chunks: none saved
+    assert len(save.free) == save.made
+    assert conn.save_totals()[:4] == [4, 3, 0, 0]
+    assert not os.path.exists(conn.path("e", 0)) and not os.path.exists(conn.path("g", 0))
+    conn._parts = parts
+    assert conn.start_load_kv({"loads": [["r", [[k, b] for k, b in zip(keys, (8, 9, 10, 11))]]]}) == []
+    conn.save_kv({"saves": [["e", 5]]})
+    conn.wait_for_save()
+    assert os.path.exists(conn.path("e", 0)) and conn.save_totals()[:4] == [5, 3, 0, 0]
+    for src, dst in zip((1, 2, 3, 4), (8, 9, 10, 11)):
+        assert torch.equal(caches[0][dst], caches[0][src])
+    conn.shutdown()
+
+
 def test_a_load_whose_reads_cannot_be_queued_gives_its_staging_buffer_back(tmp_path):
     """A load racing shutdown: the reader pool refuses its reads (here after the chunk's first
     of two is queued). The reads queued end, the load fails the normal way (background:
