@@ -165,6 +165,7 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         # the request lives; the thread pool that stats the files, made at the first lookup.
         self._lookups: dict[str, _Lookup] = {}
         self._lookup_threads = None
+        self._shut = False  # shut down: no lookup pool is made again (lookups answer nothing)
         self._warned = False
 
     def path(self, key: str, rank: int) -> str:
@@ -210,8 +211,8 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         computes the rest of its prompt."""
         if not self.config.is_consumer:
             return 0, False
-        if self.health.down():  # a dead mount: no lookup, no load (it would hang too)
-            self.stats.record_lookup_skipped()
+        if self.health.down() or self._shut:  # a dead mount: no lookup, no load (it would
+            self.stats.record_lookup_skipped()  # hang too); shut down: its pool has ended
             return 0, False
         bs, rid = self.context.block_size, request.request_id
         keys = self.block_keys(request)
@@ -405,6 +406,7 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
 
     def shutdown(self) -> None:
         self.health.close()  # a probe under way: not waited for (a hung mount)
+        self._shut = True
         if self.role is KVConnectorRole.SCHEDULER:  # its lookups: not waited for (a hung mount)
             if self._lookup_threads is not None:
                 self._lookup_threads.shutdown(wait=False, cancel_futures=True)

@@ -212,6 +212,8 @@ class SharedStorageWorker:
         """The step's loads: ``loads`` (the step that admits them reads them: filled before its
         forward) and ``async_loads`` (started on the loader thread; ``get_finished_loads``
         says when they are in the cache)."""
+        if self._closing:
+            return self._refuse_loads(meta)
         background = meta.get("async_loads") or []
         if background:
             torch = torch_module()
@@ -253,6 +255,21 @@ class SharedStorageWorker:
                 failed.append(rid)
             start += len(pairs)
         return failed
+
+    def _refuse_loads(self, meta: dict) -> list:
+        """A step's loads once shutdown began (a step racing the engine's shutdown): each
+        fails, recomputed, as a load given up under way; the pools that ended are not made
+        again (a new one would outlive the connector, its reads into pools already gone)."""
+        background = [rid for rid, _ in meta.get("async_loads") or []]
+        loads = [rid for rid, _ in meta.get("loads") or []]
+        if background or loads:
+            logger.warning("KV connector asked for %d load(s) after its shutdown: they fail "
+                           "(recomputed).", len(background) + len(loads))
+        with self._load_cond:
+            for rid in background:
+                self._load_status[rid] = False
+            self._load_cond.notify_all()
+        return loads
 
     def _load_in_background(self, rid: str, pairs, after) -> None:
         """On the loader thread: the request's files into its blocks, on the connector's own
@@ -540,6 +557,11 @@ class SharedStorageWorker:
             kept = [s for s, rid in zip(saves, owners) if rid not in self._failed_loads]
             self._settle(dropped=len(saves) - len(kept))
             saves = kept
+        if saves and self._closing:  # (its writer pools end or have ended: none made again)
+            logger.warning("KV connector asked to save %d block(s) after its shutdown began: "
+                           "skipped.", len(saves))
+            self._settle(skipped=len(saves))
+            saves = []
         if saves and self._store_down():
             self._settle(skipped=len(saves))
             saves = []

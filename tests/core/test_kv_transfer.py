@@ -976,6 +976,44 @@ def test_a_lookup_answers_later_refreshes_a_stale_miss_and_forgets_failed_keys(t
         _connector(tmp_path, "ns", lookup_wait_ms=-1)
 
 
+def _threads(prefix: str) -> list:
+    return [t for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
+
+
+def test_a_connector_used_after_its_shutdown_makes_no_pool_again(tmp_path):
+    """Once shut down (a step racing the engine's shutdown) the connector's pools stay ended:
+    a background load is reported failed and an in-step load listed failed (both recomputed),
+    a save is skipped (counted, no file written), a lookup answers nothing; no thread of a
+    new loader, saver or lookup pool is started (one would outlive the connector, and a save
+    went on writing files past the shutdown that waited for the saves)."""
+    from tessellm.backends.reference.kv_transfer import swap_blocks
+
+    caches = [torch.randn(8, BS, 2, 8)]
+    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER)
+    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
+    conn.save_kv({"saves": [["a", 1]]})
+    conn.wait_for_save()
+    conn.start_load_kv({"async_loads": [["r0", [["a", 5]]]]})
+    assert conn.get_finished_loads(["r0"], timeout=10) == {"r0": True}
+    conn.shutdown()
+    before = {p: len(_threads(p)) for p in ("tessellm-kv-load", "tessellm-kv-save")}
+    conn.start_load_kv({"async_loads": [["r1", [["a", 6]]]]})
+    assert conn.get_finished_loads(["r1"], timeout=10) == {"r1": False}
+    assert conn.start_load_kv({"loads": [["r2", [["a", 7]]]]}) == ["r2"]
+    conn.save_kv({"saves": [["b", 2]]})
+    assert conn.save_totals()[:4] == [1, 0, 0, 1]
+    assert not os.path.exists(conn.path("b", 0))
+    assert {p: len(_threads(p)) for p in before} == before
+    assert conn._loader is None and conn._writer is None
+
+    sched = _connector(tmp_path, "ns", lookup_wait_ms=5000)
+    req = SimpleNamespace(request_id="q", all_token_ids=list(range(3, 24)), num_tokens=21,
+                          lora_request=None, block_key=lambda a, b, lora: None)
+    sched.shutdown()
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert sched._lookup_threads is None
+
+
 def test_a_hung_lookup_is_waited_for_once_not_every_step(tmp_path, monkeypatch):
     """A lookup that does not come back (a hung mount, a silent peer) holds the step that first
     asks about its request ``lookup_wait_ms``, and no later step: the steps after it answer
