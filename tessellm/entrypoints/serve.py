@@ -79,11 +79,68 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g = parser.add_argument_group("vLLM command-line compatibility (scripts written for `vllm serve`)")
     g.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
                    help="the model, as the positional MODEL (vLLM's older form)")
+    g.add_argument("--response-role", default="assistant",
+                   help="the role of a chat reply after a generation prompt (default: assistant)")
+    g.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name tokens 'token_id:{id}' unless a request sets "
+                        "return_tokens_as_token_ids itself")
+    g.add_argument("--default-chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="chat template variables under each request's chat_template_kwargs, e.g. "
+                        "'{\"enable_thinking\": false}'")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="use a request's chat_template field (else it is a 400)")
+    g.add_argument("--root-path", default="", help="the path prefix a proxy in front leaves on "
+                   "requests (/PREFIX/v1/... is served as /v1/...)")
+    g.add_argument("--allowed-origins", type=_string_list, default=None, metavar="JSON",
+                   help="CORS: origins that browsers may call from, e.g. '[\"*\"]' (default: no CORS "
+                        "headers; vLLM's default is [\"*\"])")
+    g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    g.add_argument("--allowed-methods", type=_string_list, default=None, metavar="JSON",
+                   help="CORS: allowed methods (default with CORS on: all)")
+    g.add_argument("--allowed-headers", type=_string_list, default=None, metavar="JSON",
+                   help="CORS: allowed headers (default with CORS on: all)")
+    g.add_argument("--middleware", action="append", default=[], metavar="MODULE.NAME",
+                   help="an ASGI middleware class or an http middleware function to add (repeatable)")
+    g.add_argument("--enable-request-id-headers", action="store_true",
+                   help="responses carry X-Request-Id (the request's own, else a new one)")
+    g.add_argument("--ssl-keyfile", default=None, help="HTTPS: the private key file")
+    g.add_argument("--ssl-certfile", default=None, help="HTTPS: the certificate file")
+    g.add_argument("--ssl-ca-certs", default=None, help="HTTPS: CA certificates to verify clients with")
+    g.add_argument("--ssl-cert-reqs", type=int, default=0,
+                   help="HTTPS: client certificates: 0 none, 1 optional, 2 required (Python's ssl.CERT_*)")
+    g.add_argument("--ssl-ciphers", default=None, help="HTTPS: cipher suites (TLS 1.2 and below)")
     add_vllm_server_arguments(parser)  # the others (--trust-remote-code ...: the engine group's)
     from tessellm.entrypoints.ray_serve.launch import add_ray_arguments
 
     add_ray_arguments(parser)
     return parser
+
+
+def _json_object(value: str) -> dict:
+    import json
+
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return parsed
+
+
+def _string_list(value: str) -> list:
+    """vLLM's JSON list ('["https://a.example", "https://b.example"]'), or comma-separated."""
+    import json
+
+    if value.lstrip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+        if not all(isinstance(v, str) for v in parsed):
+            raise argparse.ArgumentTypeError("give a JSON list of strings")
+        return parsed
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _lora_dtype(value: str) -> str:
@@ -143,6 +200,7 @@ def run_serve(args: argparse.Namespace) -> int:
         mark_emulated(args.device)
     try:
         config = _server_config(args)
+        ssl = _ssl_options(args)
         sock = _bind(args.host, args.port)
     except (ValueError, OSError) as exc:
         print(f"tessellm serve: {exc}", file=sys.stderr)
@@ -169,7 +227,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     server = draining_server(uvicorn.Config(
         app, log_level=args.uvicorn_log_level, access_log=not args.no_access_log, timeout_graceful_shutdown=5,
-        h11_max_incomplete_event_size=2 * config.max_header_bytes + 8192), app.state.lifecycle,
+        h11_max_incomplete_event_size=2 * config.max_header_bytes + 8192, **ssl),
+        app.state.lifecycle,
         args.shutdown_timeout)
     try:
         server.run(sockets=[sock])
@@ -198,6 +257,31 @@ def _run_ray_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _ssl_options(args: argparse.Namespace) -> dict:
+    """uvicorn's HTTPS settings from vLLM's --ssl-* flags (none: plain HTTP)."""
+    if not getattr(args, "ssl_certfile", None):
+        if getattr(args, "ssl_keyfile", None):
+            raise ValueError("--ssl-keyfile needs --ssl-certfile too.")
+        return {}
+    for flag in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"--{flag.replace('_', '-')} {path!r} is not a file.")
+    return {"ssl_keyfile": args.ssl_keyfile, "ssl_certfile": args.ssl_certfile,
+            "ssl_ca_certs": args.ssl_ca_certs, "ssl_cert_reqs": args.ssl_cert_reqs,
+            **({"ssl_ciphers": args.ssl_ciphers} if args.ssl_ciphers else {})}
+
+
+def _cors(args: argparse.Namespace) -> Optional[dict]:
+    """CORSMiddleware's settings when any CORS flag is given (vLLM's names; unset ones "*")."""
+    given = [getattr(args, n, None) for n in ("allowed_origins", "allowed_methods", "allowed_headers")]
+    if all(v is None for v in given) and not getattr(args, "allow_credentials", False):
+        return None
+    origins, methods, headers = (v if v is not None else ["*"] for v in given)
+    return {"allow_origins": origins, "allow_methods": methods, "allow_headers": headers,
+            "allow_credentials": args.allow_credentials}
+
+
 def _server_config(args: argparse.Namespace):
     from tessellm.entrypoints.openai.lora_modules import parse_lora_modules
     from tessellm.entrypoints.openai.server_config import ServerConfig
@@ -224,7 +308,21 @@ def _server_config(args: argparse.Namespace):
         sse_keepalive_s=args.sse_keepalive, tool_call_parser=args.tool_call_parser,
         responses_store_size=args.responses_store_size,
         lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
-        allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False))
+        allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
+        response_role=getattr(args, "response_role", "assistant"),
+        return_tokens_as_token_ids=getattr(args, "return_tokens_as_token_ids", False),
+        default_chat_template_kwargs=getattr(args, "default_chat_template_kwargs", None),
+        trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
+        root_path=_root_path(getattr(args, "root_path", "")), cors=_cors(args),
+        middleware=list(getattr(args, "middleware", None) or []),
+        request_id_headers=getattr(args, "enable_request_id_headers", False))
+
+
+def _root_path(value: str) -> str:
+    value = (value or "").rstrip("/")
+    if value and not value.startswith("/"):
+        raise ValueError(f"--root-path must start with '/', got {value!r}.")
+    return value
 
 
 def read_chat_template(value: Optional[str]) -> Optional[str]:

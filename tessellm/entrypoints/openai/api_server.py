@@ -38,12 +38,12 @@ from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_va
 from tessellm.entrypoints.openai.lifecycle import Lifecycle
 from tessellm.entrypoints.openai.lora_routes import add_lora_routes, serve_lora
 from tessellm.entrypoints.openai.sleep_routes import add_sleep_routes, check_awake
-from tessellm.entrypoints.openai.middleware import EdgeMiddleware
+from tessellm.entrypoints.openai.middleware import EdgeMiddleware, RequestIdHeaderMiddleware
 from tessellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse,
                                                   TokenizeChatRequest, TokenizeCompletionRequest,
                                                   TokenizeResponse)
 from tessellm.entrypoints.openai.protocol_responses import ModelCard, ModelList
-from tessellm.entrypoints.openai.sampling import check_model
+from tessellm.entrypoints.openai.sampling import check_model, merged_template_kwargs
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.responses.serving import create_response
 from tessellm.entrypoints.openai.responses.store import ResponseStore
@@ -69,7 +69,7 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
         await engine.shutdown()
 
     app = FastAPI(title="tessellm", version=tessellm.__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None, root_path=config.root_path)
     app.state.engine = engine
     app.state.config = config
     app.state.lifecycle = Lifecycle()  # draining on SIGTERM (lifecycle.py)
@@ -83,7 +83,34 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     if envs.server_dev_mode():
         add_sleep_routes(app, engine, _json_body)
     add_error_handling(app, config, app.state.lifecycle)
+    add_vllm_middleware(app, config)
     return app
+
+
+def add_vllm_middleware(app: FastAPI, config: ServerConfig) -> None:
+    """vLLM's server options, outside the edge (a CORS preflight needs no API key): --middleware
+    (a function: an ``http`` middleware; a class: ASGI middleware), --enable-request-id-headers
+    and CORS (--allowed-origins ...)."""
+    import importlib
+    import inspect
+
+    for path in config.middleware:
+        module, _, name = path.rpartition(".")
+        try:
+            target = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ValueError(f"--middleware {path!r}: cannot import it ({exc}); give module.name of a "
+                             "function or an ASGI middleware class.") from None
+        if inspect.isclass(target):
+            app.add_middleware(target)
+        else:
+            app.middleware("http")(target)
+    if config.request_id_headers:
+        app.add_middleware(RequestIdHeaderMiddleware)
+    if config.cors is not None:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, **config.cors)
 
 
 def add_error_handling(app: FastAPI, config: ServerConfig, lifecycle: Lifecycle) -> None:
@@ -277,7 +304,8 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
             images: list = []
             ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
                                         tools, continue_final_message=req.continue_final_message,
-                                        template_kwargs=req.chat_template_kwargs, images=images,
+                                        template_kwargs=merged_template_kwargs(req.chat_template_kwargs, config),
+                                        images=images,
                                         add_special_tokens=req.add_special_tokens)
             if images:  # the placeholders expanded, as the model sees them
                 try:

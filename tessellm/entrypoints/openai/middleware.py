@@ -35,7 +35,7 @@ class EdgeMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        open_path = scope["path"] in self.config.open_paths
+        open_path = self._route_path(scope) in self.config.open_paths
         if self.lifecycle.draining and not open_path:
             retry = self.lifecycle.retry_after_s
             return await _send_error(send, OpenAIError(
@@ -56,6 +56,11 @@ class EdgeMiddleware:
         finally:
             self.lifecycle.in_flight -= 1
 
+    def _route_path(self, scope) -> str:
+        """The path a route sees: --root-path's prefix off (FastAPI takes it off too)."""
+        path, root = scope["path"], self.config.root_path
+        return path[len(root):] if root and path.startswith(root + "/") else path
+
     def _check_headers(self, scope):
         limit = self.config.max_header_bytes
         size = sum(len(k) + len(v) for k, v in scope["headers"])
@@ -63,7 +68,7 @@ class EdgeMiddleware:
             return OpenAIError(f"The request headers are {size} bytes; this server accepts at most "
                                f"{limit} bytes of headers (--max-header-bytes).", 400, None,
                                "headers_too_large")
-        if self.config.api_key is None or scope["path"] in self.config.open_paths:
+        if self.config.api_key is None or self._route_path(scope) in self.config.open_paths:
             return None
         return self._check_key(scope)
 
@@ -119,6 +124,30 @@ async def _run_app(app, scope, receive, send) -> None:
             raise
         logger.exception("Unhandled error in %s %s", scope["method"], scope["path"])
         await _send_error(send, OpenAIError(f"Internal error: {type(exc).__name__}: {exc}", 500))
+
+
+class RequestIdHeaderMiddleware:
+    """vLLM's --enable-request-id-headers: every response carries ``X-Request-Id``, the
+    request's own when it sent one, else a new one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        import uuid
+
+        given = dict(scope["headers"]).get(b"x-request-id")
+        value = given if given else uuid.uuid4().hex.encode()
+
+        async def with_id(message):
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", value)]}
+            await send(message)
+
+        return await self.app(scope, receive, with_id)
 
 
 def _replay(body: bytes, receive):

@@ -102,7 +102,7 @@ class ChatChoiceLogProbs(BaseModel):
 
 
 class ChatResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"  # --response-role
     content: Optional[str] = None
     refusal: Optional[str] = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
@@ -152,7 +152,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     """A stream chunk's delta: only the fields that changed are sent."""
 
-    role: Optional[Literal["assistant"]] = None
+    role: Optional[str] = None  # the first chunk's: "assistant" (--response-role)
     content: Optional[str] = None
     reasoning: Optional[str] = None  # --reasoning-parser: new thinking text (as in the message)
     reasoning_content: Optional[str] = None

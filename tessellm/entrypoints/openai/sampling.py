@@ -49,9 +49,37 @@ def check_kv_transfer_params(req: BaseModel, info) -> None:
                           "kv_transfer_params", "unsupported_parameter")
 
 
+def apply_server_defaults(req: BaseModel, config: ServerConfig) -> None:
+    """The server's defaults for fields a request leaves unset (vLLM's
+    --return-tokens-as-token-ids)."""
+    if getattr(req, "return_tokens_as_token_ids", False) is None:
+        req.return_tokens_as_token_ids = config.return_tokens_as_token_ids
+
+
+def request_chat_template(req: ChatCompletionRequest, config: ServerConfig) -> Optional[str]:
+    """The chat template a request renders with: its own ``chat_template`` with
+    --trust-request-chat-template (vLLM's rule; a 400 without it), else the server's."""
+    if req.chat_template is None:
+        return config.chat_template
+    if not config.trust_request_chat_template:
+        raise bad_request("'chat_template' in a request is used only on a server started with "
+                          "--trust-request-chat-template (as vLLM); remove it, or set the server's "
+                          "template with --chat-template.", "chat_template", "unsupported_parameter")
+    return req.chat_template
+
+
+def merged_template_kwargs(kwargs: Optional[dict], config: ServerConfig) -> Optional[dict]:
+    """A request's chat_template_kwargs over the server's --default-chat-template-kwargs."""
+    if not config.default_chat_template_kwargs:
+        return kwargs
+    return {**config.default_chat_template_kwargs, **(kwargs or {})}
+
+
 def check_unsupported(req: BaseModel) -> None:
     unsupported = {**UNSUPPORTED, **CHAT_UNSUPPORTED} if isinstance(req, ChatCompletionRequest) else UNSUPPORTED
     for name, neutral in unsupported.items():
+        if name == "chat_template":
+            continue  # request_chat_template decides
         if name in type(req).model_fields and getattr(req, name) not in neutral:
             raise bad_request(f"'{name}' is not supported by tessellm yet; remove it from the request.",
                               name, "unsupported_parameter")

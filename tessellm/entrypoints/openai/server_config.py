@@ -25,6 +25,15 @@ class ServerConfig:
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and unload allowed
     responses_store_size: int = 0  # --responses-store-size: responses kept for previous_response_id
     lora: Any = None  # the served adapters (openai.lora_modules.LoRAModules) with --enable-lora
+    # vLLM's server settings
+    response_role: str = "assistant"  # --response-role: the reply's role (add_generation_prompt)
+    return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids: the field's default
+    default_chat_template_kwargs: Optional[dict] = None  # under a request's chat_template_kwargs
+    trust_request_chat_template: bool = False  # a request's chat_template is used (else a 400)
+    root_path: str = ""  # --root-path: the prefix a proxy may leave on paths
+    cors: Optional[dict] = None  # --allowed-origins ...: CORSMiddleware's settings; None: no CORS
+    middleware: list = field(default_factory=list)  # --middleware: import paths
+    request_id_headers: bool = False  # --enable-request-id-headers: X-Request-Id on responses
 
     def lora_for(self, name: Optional[str]):
         """The LoRARequest the ``model`` field names, or None (the base model)."""

@@ -28,9 +28,10 @@ from tessellm.entrypoints.openai.protocol_responses import (ChatChoice, ChatChoi
                                                             ChatResponseMessage, ChatStreamChoice,
                                                             DeltaMessage)
 from tessellm.entrypoints.openai.reasoning import ReasoningPlan, ReasoningStream
-from tessellm.entrypoints.openai.sampling import (check_kv_transfer_params, check_limits, check_model,
-                                                  check_unsupported, resolve_max_tokens,
-                                                  to_sampling_params)
+from tessellm.entrypoints.openai.sampling import (apply_server_defaults, check_kv_transfer_params,
+                                                  check_limits, check_model, check_unsupported,
+                                                  merged_template_kwargs, request_chat_template,
+                                                  resolve_max_tokens, to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.tools import ToolPlan, tool_call_history
@@ -85,17 +86,19 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     plans. A 400 (OpenAIError) names the chat field at fault."""
     lora = check_model(req.model, config)  # the adapter as served now
     check_unsupported(req)
+    apply_server_defaults(req, config)
+    template = request_chat_template(req, config)
     check_kv_transfer_params(req, engine.info)
     check_limits(req, config)
     harmony = harmony_on(engine, config.tool_call_parser)  # gpt-oss (openai/harmony.py)
     plan = ToolPlan(req, TOOL_PARSER if harmony else config.tool_call_parser)
     structured = structured_from_request(req, plan.forced_schema())
     images: list = []  # image_url parts, loaded (docs/multimodal.md)
-    template_kwargs = req.chat_template_kwargs
+    template_kwargs = merged_template_kwargs(req.chat_template_kwargs, config)
     if req.reasoning_effort is not None:  # gpt-oss's template reads it (others ignore it)
         template_kwargs = {**(template_kwargs or {}), "reasoning_effort": req.reasoning_effort}
     tools = harmony_template_tools(plan.template_tools()) if harmony else plan.template_tools()
-    ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
+    ids = await render_messages(engine, req.messages, req.add_generation_prompt, template,
                                 tools, continue_final_message=req.continue_final_message,
                                 template_kwargs=template_kwargs,
                                 check_fits=req.truncate_prompt_tokens is None, images=images,
@@ -125,6 +128,8 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     view = _ChatView(engine, req, lora.lora_name if lora else config.model_name,
                      response_id(id_prefix, req, request_id), plan, reasoning)
     view.harmony = harmony_plan
+    # vLLM's: the reply's role is --response-role after a generation prompt, else the last message's
+    view.role = config.response_role if req.add_generation_prompt else req.messages[-1].role
     view.prompt_tokens = len(processed.prompt_token_ids)
     view.prompt_ids = processed.prompt_token_ids
     return ChatJob(req, lora, processed, params, max_tokens, structured, request_id, view)
@@ -252,6 +257,7 @@ class _ChatView:
         self.top = req.top_logprobs or 0
         self.prompt_tokens = 0
         self.prompt_ids: list[int] = []
+        self.role = "assistant"  # the reply's role (prepare_chat: --response-role)
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
         choices = []
@@ -260,6 +266,7 @@ class _ChatView:
             if self.req.logprobs:
                 logprobs = ChatChoiceLogProbs(content=self.logprobs(co.token_ids, co.logprobs or []))
             message, reason = self.message(co.text, finish_reason(co.finish_reason), co.token_ids)
+            message.role = self.role
             choices.append(ChatChoice(index=co.index, message=message, logprobs=logprobs,
                                       finish_reason=reason, stop_reason=co.stop_reason,
                                       token_ids=list(co.token_ids) if self.req.return_token_ids else None))
@@ -348,7 +355,7 @@ class _ChatChunks:
 
     def start(self):
         prompt_ids = list(self.view.prompt_ids) if self.view.req.return_token_ids else None
-        return [self._chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+        return [self._chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role=self.view.role, content=""))],
                             self._usage_now(0), prompt_ids) for i in range(self.n)]
 
     def update(self, _index: int, out: RequestOutput):

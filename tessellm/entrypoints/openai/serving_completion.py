@@ -19,7 +19,8 @@ from tessellm.entrypoints.openai.protocol import CompletionRequest
 from tessellm.entrypoints.openai.protocol_responses import (CompletionChoice, CompletionLogProbs,
                                                             CompletionResponse)
 from tessellm.entrypoints.openai.sampling import (check_kv_transfer_params, check_limits, check_model,
-                                                  check_unsupported, resolve_max_tokens,
+                                                  apply_server_defaults, check_unsupported,
+                                                  resolve_max_tokens,
                                                   to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
@@ -33,6 +34,7 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     req: CompletionRequest = parse_request(CompletionRequest, body)
     lora = check_model(req.model, config)  # the adapter as served now
     check_unsupported(req)
+    apply_server_defaults(req, config)
     check_kv_transfer_params(req, engine.info)
     check_limits(req, config)
     keep = truncation(req, engine.info.max_model_len)

@@ -1,0 +1,133 @@
+"""vLLM's server flags that change what a client sees, on one server started with all of them
+as a `vllm serve` deployment would be: HTTPS (--ssl-*), --root-path, CORS (--allowed-origins
+...), --middleware, --enable-request-id-headers, --response-role, --return-tokens-as-token-ids,
+--default-chat-template-kwargs and --trust-request-chat-template. Real uvicorn, engine core and
+the bundled model (conftest.py's launcher)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import API_KEY, MODEL, SERVER_ARGS, Server, _free_port, _launcher, stop_server
+
+CHAT = [{"role": "user", "content": "Say hi"}]
+# A template that shows one chat_template_kwargs variable (the bundled model's shows none).
+TEMPLATE = ("{% if greeting %}[{{ greeting }}]{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n"
+            "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+ORIGIN = "https://app.example"
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vllm-flags")
+    key, cert = d / "key.pem", d / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    (d / "t.jinja").write_text(TEMPLATE)
+    port = _free_port()
+    log = tempfile.NamedTemporaryFile(prefix="tessellm-server-", suffix=".log", delete=False)
+    args = [*_launcher(), "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS, "--api-key", API_KEY,
+            "--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--root-path", "/api",
+            "--allowed-origins", json.dumps([ORIGIN]), "--middleware", "tests.server.vllm_middleware.tag",
+            "--enable-request-id-headers", "--response-role", "helper", "--return-tokens-as-token-ids",
+            "--chat-template", str(d / "t.jinja"), "--default-chat-template-kwargs", '{"greeting": "hello"}',
+            "--trust-request-chat-template", "--no-kernel-warmup"]
+    import os
+
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    srv = Server(proc, port, log.name)
+    deadline = time.monotonic() + 240
+    while True:
+        assert proc.poll() is None, srv.log_tail()
+        assert time.monotonic() < deadline, srv.log_tail()
+        try:
+            if httpx.get(f"https://127.0.0.1:{port}/ready", verify=False, timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture()
+def https(tls_server):
+    with httpx.Client(base_url=f"https://127.0.0.1:{tls_server.port}", verify=False, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+def test_https_root_path_middleware_and_request_ids(tls_server, https):
+    with pytest.raises(httpx.HTTPError):  # HTTPS only
+        httpx.get(f"http://127.0.0.1:{tls_server.port}/ping", timeout=5)
+    for path in ("/v1/models", "/api/v1/models"):  # the proxy's prefix is taken off
+        r = https.get(path)
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL, (path, r.text)
+        assert r.headers["x-tagged-by"] == "vllm-middleware"
+        assert len(r.headers["x-request-id"]) == 32
+    assert httpx.get(f"{https.base_url}/api/health", verify=False).status_code == 200  # open, as /health
+    assert httpx.get(f"{https.base_url}/api/v1/models", verify=False).status_code == 401  # the key still
+    r = https.post("/api/tokenize", json={"prompt": "hi"}, headers={"X-Request-Id": "job-42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "job-42"
+
+
+def test_cors(https):
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(f"{https.base_url}/v1/chat/completions", headers=preflight, verify=False)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN  # no key needed
+    r = httpx.options(f"{https.base_url}/v1/chat/completions", verify=False,
+                      headers={**preflight, "Origin": "https://other.example"})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    r = https.get("/v1/models", headers={"Origin": ORIGIN})
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+
+
+def _prompt_text(https, out) -> str:
+    return https.post("/detokenize", json={"tokens": out["prompt_token_ids"]}).json()["prompt"]
+
+
+def test_chat_template_flags(https):
+    """--default-chat-template-kwargs under the request's own; --trust-request-chat-template
+    makes a request's chat_template the one rendered."""
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 1, "return_token_ids": True}
+    out = https.post("/v1/chat/completions", json=body).json()
+    assert _prompt_text(https, out).startswith("[hello]user: Say hi")
+    out = https.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"greeting": "yo"}}).json()
+    assert _prompt_text(https, out).startswith("[yo]user")
+    tokens = https.post("/tokenize", json={"messages": CHAT}).json()["tokens"]
+    assert https.post("/detokenize", json={"tokens": tokens}).json()["prompt"].startswith("[hello]")
+    own = "{{ greeting }}|{% for m in messages %}{{ m.content }}{% endfor %}|"
+    out = https.post("/v1/chat/completions", json={**body, "chat_template": own}).json()
+    assert _prompt_text(https, out) == "hello|Say hi|"
+
+
+def test_response_role_and_token_ids(https):
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "temperature": 0, "logprobs": True,
+            "return_token_ids": True}
+    out = https.post("/v1/chat/completions", json=body).json()
+    choice = out["choices"][0]
+    assert choice["message"]["role"] == "helper"
+    assert [c["token"] for c in choice["logprobs"]["content"]] == [f"token_id:{t}" for t in choice["token_ids"]]
+    mine = https.post("/v1/chat/completions", json={**body, "return_tokens_as_token_ids": False}).json()
+    assert not mine["choices"][0]["logprobs"]["content"][0]["token"].startswith("token_id:")
+    cont = https.post("/v1/chat/completions", json={**body, "add_generation_prompt": False}).json()
+    assert cont["choices"][0]["message"]["role"] == "user"  # vLLM's: the last message's role
+    with https.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        first = json.loads(next(line for line in r.iter_lines() if line.startswith("data: "))[6:])
+    assert first["choices"][0]["delta"]["role"] == "helper"
+    cmpl = https.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "logprobs": 1}).json()
+    assert all(t.startswith("token_id:") for t in cmpl["choices"][0]["logprobs"]["tokens"])
+
+
+def test_request_chat_template_refused_without_the_flag(http):
+    """The shared server has no --trust-request-chat-template: the 400 says which flag allows it."""
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "chat_template": "{{ x }}"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "chat_template" and "--trust-request-chat-template" in err["message"]
