@@ -69,4 +69,9 @@ class PerWindowKernels:
                                           for k in self.kernels)
 
     def build_metadata(self, batch) -> PerKernelMetadata:
-        return PerKernelMetadata((id(k), k.build_metadata(batch)) for k in self.kernels)
+        # From a list, not a generator: a dict subclass built in a traced step is rebuilt from
+        # its constructor's arguments at a graph break (a plugin kernel's data-dependent
+        # index, e.g. the toy's ``slot_mapping[keep]``), and dynamo in torch 2.11 cannot
+        # rebuild a generator there (InternalTorchDynamoError: 'LocalGeneratorObjectVariable'
+        # object has no attribute 'remaining_items'); 2.13 can.
+        return PerKernelMetadata([(id(k), k.build_metadata(batch)) for k in self.kernels])
