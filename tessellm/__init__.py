@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from tessellm.core.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
 from tessellm.core.sampling_params import SamplingParams  # noqa: E402
+from tessellm.structured_output.params import StructuredOutputsParams  # noqa: E402
 
 
 def __getattr__(name):
@@ -23,5 +24,6 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "PoolingParams", "SamplingParams", "BeamSearchParams", "BeamSearchOutput",
-           "BeamSearchSequence", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "PoolingParams", "SamplingParams", "StructuredOutputsParams", "BeamSearchParams",
+           "BeamSearchOutput", "BeamSearchSequence", "RequestOutput", "CompletionOutput", "Logprob",
+           "__version__"]

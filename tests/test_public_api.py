@@ -1,0 +1,42 @@
+"""The names ``tessellm`` exports at the top level, and vLLM's module paths for them: each in
+``__all__`` resolves (``from tessellm import *`` works), and the structured-output params
+are the one class ``SamplingParams`` takes, wherever they are imported from."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import tessellm
+
+
+def test_every_name_in_all_resolves():
+    for name in tessellm.__all__:
+        assert getattr(tessellm, name) is not None, name
+    ns: dict = {}
+    exec("from tessellm import *", ns)
+    assert set(tessellm.__all__) <= set(ns)
+
+
+def test_structured_outputs_params_at_the_top_level_and_vllm_path():
+    from tessellm import SamplingParams, StructuredOutputsParams
+    from tessellm.sampling_params import SamplingParams as S2
+    from tessellm.sampling_params import StructuredOutputsParams as P2
+    from tessellm.structured_output import StructuredOutputsParams as P3
+
+    assert StructuredOutputsParams is P2 is P3 and SamplingParams is S2
+    assert "StructuredOutputsParams" in tessellm.__all__
+    params = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[ab]+"))
+    assert params.structured_outputs.regex == "[ab]+"
+    params = SamplingParams(max_tokens=4, structured_outputs={"choice": ["x", "y"]})
+    assert isinstance(params.structured_outputs, StructuredOutputsParams)
+
+
+def test_import_tessellm_stays_light():
+    """The export costs no import of the model stack or xgrammar (``import tessellm`` is what
+    a client that only builds params pays)."""
+    code = ("import sys, tessellm; from tessellm import StructuredOutputsParams; "
+            "print(sorted(m for m in ('xgrammar', 'tessellm.entrypoints.llm', "
+            "'tessellm.structured_output.manager') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
