@@ -139,7 +139,15 @@ class Worker:
                            quantization=args.quantization, tp=self.tp, pp=self.pp,
                            pooling=pooling, max_positions=rope_positions(args, self.max_model_len),
                            expert_parallel=args.enable_expert_parallel,
-                           max_model_len=self.max_model_len, max_num_seqs=attention_rows(args))
+                           max_model_len=self.max_model_len,
+                           max_num_seqs=attention_rows(args, self._may_capture(pooling)))
+
+    def _may_capture(self, pooling: bool) -> bool:
+        """Whether the decode step may be captured, as far as known before the model is built
+        (``_graph_runner``: none for pipeline stages, pooling, enforce_eager, an emulated
+        backend)."""
+        return not (self.pp.num_stages > 1 or pooling or self.args.enforce_eager
+                    or self.backend.emulated)
 
     def _graph_runner(self, registry, model, pooling: bool):
         """The backend's graph runner for the decode step, or None: pipeline stages exchange
@@ -523,15 +531,22 @@ def _pooler(config, model):
     return Pooler(config, model.classify if config.task == "classify" else None)
 
 
-def attention_rows(args: EngineArgs) -> int:
+def attention_rows(args: EngineArgs, graphs: bool = True) -> int:
     """``AttentionSpec.max_num_seqs`` of the target's kernels: the scheduler's max_num_seqs,
-    or the rows of the widest captured verify step where speculative decoding has more."""
+    or the rows of the widest captured verify step where speculative decoding has more. Only
+    where verify steps may be captured (eager ones take the prefill kernel: the wider limit
+    would only grow the decode workspace): ``graphs`` (the decode step may be captured:
+    ``Worker._may_capture``) and a drafter that does not read the step's tensors (EAGLE, MTP:
+    ``RunnerGraphs._verify_captured``). Still widened where the model turns out recurrent with
+    its verify steps eager (not known before it is built)."""
     from tessellm.spec_decode.config import parse_speculative_config
+    from tessellm.spec_decode.proposer import proposer_class, wants_step_tensors
     from tessellm.spec_decode.verify_graphs import max_verify_rows
 
     config = parse_speculative_config(args.speculative_config)
-    verify = 0 if config is None else max_verify_rows(args.max_num_seqs, config)
-    return max(args.max_num_seqs, verify)
+    if config is None or not graphs or wants_step_tensors(proposer_class(config.method)):
+        return args.max_num_seqs
+    return max(args.max_num_seqs, max_verify_rows(args.max_num_seqs, config))
 
 
 def _verify_graph_factory(registry, backend, graphs, dtype):

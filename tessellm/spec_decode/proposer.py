@@ -148,16 +148,28 @@ _METHODS = {
 }
 
 
-def make_proposer(ctx: ProposerContext) -> Proposer:
-    """The proposer for ``ctx.config.method``, its weights loaded."""
+def proposer_class(method: str) -> type:
+    """The proposer class of a (validated) speculative ``method``; nothing built."""
     import importlib
 
-    module_name, cls_name = _METHODS[ctx.config.method].split(":")
+    module_name, cls_name = _METHODS[method].split(":")
     try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
+        return getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError):
-        raise ValueError(f"speculative_config method {ctx.config.method!r} is not available in this "
+        raise ValueError(f"speculative_config method {method!r} is not available in this "
                          "tessellm build; use ngram or replay.") from None
-    proposer = cls(ctx)
+
+
+def wants_step_tensors(proposer) -> bool:
+    """Whether a proposer (or its class: the flags are class attributes, EAGLE-3's layers
+    come with its ``needs_step_tensors``) reads the step's device tensors: its verify steps
+    then run eagerly (``RunnerGraphs._verify_captured``)."""
+    return bool(proposer.needs_step_tensors or proposer.needs_hidden_states
+                or proposer.aux_hidden_layers)
+
+
+def make_proposer(ctx: ProposerContext) -> Proposer:
+    """The proposer for ``ctx.config.method``, its weights loaded."""
+    proposer = proposer_class(ctx.config.method)(ctx)
     proposer.load_weights()
     return proposer

@@ -47,8 +47,9 @@ class SpecDecodeRunner:
 
     @property
     def wants_tensors(self) -> bool:
-        p = self.proposer
-        return p.needs_step_tensors or p.needs_hidden_states or bool(p.aux_hidden_layers)
+        from tessellm.spec_decode.proposer import wants_step_tensors
+
+        return wants_step_tensors(self.proposer)
 
     def attention_layers(self) -> list:
         return self.proposer.attention_layers()

@@ -59,3 +59,35 @@ def test_verify_steps_widen_the_rows():
     assert attention_rows(args) == 2 * 4  # verify buckets up to 2 sequences (of 3), q = 4
     args.max_num_seqs = 256
     assert attention_rows(args) == 256  # 32 sequences * 4 rows fit
+
+
+def test_rows_widen_only_where_verify_steps_may_be_captured(tmp_path):
+    """Eager verify steps take the prefill kernel: the rows stay the scheduler's where no
+    verify step is captured (the decode step not captured: enforce_eager, an emulated backend,
+    pooling, pipeline stages; or a drafter that reads the step's tensors, whose verify steps
+    run eagerly), so the kernel's decode workspace is not sized for rows that never come."""
+    from tessellm.config import EngineArgs
+    from tessellm.distributed.worker import attention_rows
+
+    args = EngineArgs(model="unused", max_num_seqs=3,
+                      speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    assert attention_rows(args, graphs=True) == 8
+    assert attention_rows(args, graphs=False) == 3
+    for method in ("eagle", "eagle3"):
+        args.speculative_config = {"method": method, "num_speculative_tokens": 3,
+                                   "model": str(tmp_path)}
+        assert attention_rows(args, graphs=True) == 3
+    args.speculative_config = {"method": "draft_model", "num_speculative_tokens": 3,
+                               "model": str(tmp_path)}
+    assert attention_rows(args, graphs=True) == 8
+
+
+def test_an_eager_engine_keeps_the_schedulers_rows(tiny_llama):
+    from tessellm import LLM
+
+    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    with LLM(tiny_llama, device="cpu", enforce_eager=True, speculative_config=spec,
+             **ENGINE) as llm:
+        runner = llm.engine.core.runner
+        assert runner.verify_graphs is None
+        assert runner.kernel.spec.max_num_seqs == 3
