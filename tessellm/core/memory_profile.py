@@ -139,9 +139,11 @@ def graph_memory_estimate(capture_sizes: Sequence[int], logits_row_bytes: int,
     decode graphs' ``capture_sizes``; speculative decoding's verify runners, one per q, their
     graphs' token rows ``S * q`` in ``verify_rows``), in its pool: the largest graph's
     transient activations and logits (``[rows, vocab]``; every smaller graph reuses them) and a
-    2 MiB allowance per graph for its few small buffers; beside the pool, the warm-up runs before
-    each capture on the capture stream (that stream's blocks: the largest step's activations
-    and logits once more). And the logits the graphs keep: with ``shared_logits`` (a runner
+    2 MiB allowance per graph for its few small buffers; beside the pools, the warm-up runs
+    before a capture on its capture stream: the largest step's activations and logits once
+    more, counted once for every runner (each capture empties the allocator's cache first, so
+    a warm-up's blocks are gone before the next runner's warm-up: at most one is held at a
+    time, beside the pools captured so far). And the logits the graphs keep: with ``shared_logits`` (a runner
     with ``static_outputs``) one buffer of the most rows of any graph, rounded up to the
     allocator's 2 MiB; else each graph's own output, each rounded so.
     ``step_bytes_per_token``: the profile step's peak over its tokens (an upper bound per decode
@@ -153,8 +155,8 @@ def graph_memory_estimate(capture_sizes: Sequence[int], logits_row_bytes: int,
             else [n for r in runners for n in r])
     logits = sum(_rounded(n * logits_row_bytes) for n in kept)
     small = _LARGE_ROUND * sum(len(r) for r in runners)
-    transient = sum(int(step_bytes_per_token * max(r)) + max(r) * logits_row_bytes for r in runners)
-    return logits + small + 2 * transient
+    transient = [int(step_bytes_per_token * max(r)) + max(r) * logits_row_bytes for r in runners]
+    return logits + small + sum(transient) + max(transient)
 
 
 def _rounded(nbytes: int) -> int:
