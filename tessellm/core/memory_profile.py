@@ -9,8 +9,9 @@ sizes the KV cache: the caching allocator keeps every block that step allocated,
 * rows: ``max_num_seqs`` of them, decodes first (one token each, the split-KV decode path and
   its workspace), the rest of the budget over as few prefill rows as fit the context (the
   chunked-prefill path), as a mixed step of a full batch is;
-* sampled rows: one per row, ``num_speculative_tokens + 1`` per row with speculative decoding
-  (at most the budget); their logits go through the sampler's widest path (temperature, top-p
+* sampled rows: one per row, ``num_speculative_tokens + 1`` per row that verifies drafts with
+  speculative decoding (at most the budget; only the requests of a step that drafted verify,
+  fewer than ``disable_by_batch_size``: ``SpeculativeConfig.max_verifying_seqs``); their logits go through the sampler's widest path (temperature, top-p
   over the whole sorted vocabulary, min-p, penalties, logit bias, allowed tokens, min_tokens
   bans, top logprobs);
 * prompt logprobs: a step computes them ``prompt_logprob_chunk(max_num_seqs)`` rows of logits
@@ -51,7 +52,7 @@ now writes its K/V into one block per layer (the values do not matter, the shape
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from tessellm.core.sampling_params import SamplingParams
 
@@ -92,11 +93,13 @@ class ProfileShape:
 
 
 def profile_shape(num_tokens: int, max_num_seqs: int, max_model_len: int,
-                  spec_tokens: int = 0) -> ProfileShape:
+                  spec_tokens: int = 0, spec_seqs: Optional[int] = None) -> ProfileShape:
     """The worst step the scheduler can send under these limits (see the module docstring):
     ``min(max_num_seqs, num_tokens)`` rows, the fewest prefill rows (each at most
     ``max_model_len`` tokens, at least 2) holding what the decode rows leave of ``num_tokens``
-    (at most what ``max_num_seqs`` prompts of ``max_model_len`` hold: no step has more)."""
+    (at most what ``max_num_seqs`` prompts of ``max_model_len`` hold: no step has more).
+    Sampled: a row each, and ``spec_tokens`` more for each of at most ``spec_seqs`` rows
+    verifying drafts (None: every row)."""
     if num_tokens < 1 or max_num_seqs < 1 or max_model_len < 1:
         raise ValueError(f"profile_shape needs positive limits, got num_tokens={num_tokens}, "
                          f"max_num_seqs={max_num_seqs}, max_model_len={max_model_len}.")
@@ -116,7 +119,8 @@ def profile_shape(num_tokens: int, max_num_seqs: int, max_model_len: int,
     rest = num_tokens - decodes - 2 * short
     base, extra = divmod(rest, prefills) if prefills else (0, 0)
     counts = [1] * decodes + [2] * short + sorted(base + (i < extra) for i in range(prefills))
-    sampled = min(num_tokens, rows * (1 + spec_tokens))
+    verifying = rows if spec_seqs is None else min(rows, spec_seqs)
+    sampled = min(num_tokens, rows + verifying * spec_tokens)
     logprob_rows = min(prompt_logprob_chunk(max_num_seqs), num_tokens, max_model_len)
     return ProfileShape(tuple(counts), sampled, logprob_rows)
 

@@ -166,8 +166,12 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward):
         from tessellm.core.sampling_params import SamplingParams
 
         bs = self.block_size
-        spec_tokens = self.spec.config.num_speculative_tokens if self.spec is not None else 0
-        shape = profile_shape(num_tokens, self.max_num_seqs, self.max_model_len, spec_tokens)
+        spec_tokens, spec_seqs = 0, None
+        if self.spec is not None:
+            spec_tokens = self.spec.config.num_speculative_tokens
+            spec_seqs = self.spec.config.max_verifying_seqs(self.max_num_seqs)
+        shape = profile_shape(num_tokens, self.max_num_seqs, self.max_model_len, spec_tokens,
+                              spec_seqs)
         self.profile_tokens = num_tokens = shape.num_tokens
         counts = list(shape.counts)
         tables = PersistentBlockTable(-(-self.max_model_len // bs), rows=len(counts))

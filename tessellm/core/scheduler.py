@@ -144,7 +144,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             if num_new == 0:
                 i += 1
                 continue
-            drafts = self._drafts(req, num_new, budget)
+            drafts = self._drafts(req, num_new, budget, len(spec))
             num_new += len(drafts)
             lookahead = self._lookahead(req.num_computed_tokens + ahead + num_new)
             new_block_ids = self.kv.allocate(req, ahead + num_new + lookahead)
@@ -459,13 +459,19 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         return self._num_new_tokens(req, budget,
                                     already=self.in_flight.tokens_ahead(req.request_id) - pending)
 
-    def _drafts(self, req: Request, num_new: int, budget: int) -> list[int]:
+    def _drafts(self, req: Request, num_new: int, budget: int, verifying: int = 0) -> list[int]:
         """The draft tokens a decoding request verifies this step (cut to fit the budget, the
         context and ``max_tokens``). Steps ahead (async scheduling, pipeline stages) take none:
         their verification would need the accepted count before the next launch (async
-        scheduling reserves drafts for them instead, spec_ahead.py)."""
+        scheduling reserves drafts for them instead, spec_ahead.py). ``verifying``: requests
+        given drafts so far this step; at most ``disable_by_batch_size - 1`` are (drafts held
+        from different steps, a request skipped in the step after it drafted, would otherwise
+        exceed the rows the memory profile reserves: ``SpeculativeConfig.max_verifying_seqs``)."""
         drafts = req.spec_token_ids
         if not drafts or num_new != 1 or req.num_computed_tokens != req.num_tokens - 1:
+            return []
+        limit = self.config.disable_by_batch_size
+        if limit and verifying >= limit - 1:
             return []
         if req.sampling_params.needs_penalties:
             return []  # penalties per row would need the drafts' counts: plain decode

@@ -111,6 +111,14 @@ class SpeculativeConfig:
         the K/V of its own drafts there (n-gram and replay write none)."""
         return self.num_speculative_tokens if self.method in MODEL_METHODS + ("mtp",) else 0
 
+    def max_verifying_seqs(self, max_num_seqs: int) -> int:
+        """The most requests of one step that verify drafts: those of a step that drafted
+        (``num_drafts``: fewer than ``disable_by_batch_size``), every one without that limit.
+        The other requests of the step (new prompts joined since) sample one token each."""
+        if self.disable_by_batch_size:
+            return min(max_num_seqs, self.disable_by_batch_size - 1)
+        return max_num_seqs
+
     def num_drafts(self, batch_size: int) -> int:
         """Drafts per decoding request for a step with ``batch_size`` running requests."""
         if self.disable_by_batch_size and batch_size >= self.disable_by_batch_size:

@@ -62,6 +62,53 @@ def test_profile_runs_the_drafters_forward_and_forgets_it(models, plain, method,
         assert _greedy(llm) == plain
 
 
+def test_sampled_rows_reserved_only_for_requests_that_can_verify(tiny_model_dir, monkeypatch):
+    """Under ``disable_by_batch_size`` D only the requests of a step that drafted (fewer than
+    D) verify drafts: the profile samples ``max_num_seqs + (D - 1) x k`` rows, not
+    ``max_num_seqs x (k + 1)`` (Llama-3.1-8B, 256 sequences, k = 3, D = 16: 301 rows of
+    ``[rows, vocab]`` sampler tensors instead of 1024), and the scheduler holds the bound when
+    more requests hold drafts (from different steps): it verifies D - 1 of them per step."""
+    from tessellm.core.block_manager import BlockManager
+    from tessellm.core.request import Request
+    from tessellm.core.sampling_params import SamplingParams
+    from tessellm.core.scheduler import Scheduler, SchedulerConfig
+    from tessellm.spec_decode.config import parse_speculative_config
+
+    config = parse_speculative_config({"method": "ngram", "num_speculative_tokens": K,
+                                       "disable_by_batch_size": 3})
+    assert (config.max_verifying_seqs(8), config.max_verifying_seqs(1)) == (2, 1)
+    assert parse_speculative_config({"method": "ngram", "num_speculative_tokens": K,
+                                     "disable_by_batch_size": 0}).max_verifying_seqs(8) == 8
+    assert profile_shape(64, 8, 64, K, 2).sampled_rows == 8 + 2 * K
+    assert profile_shape(64, 8, 64, K).sampled_rows == 8 * (K + 1)  # no limit: every row
+    assert profile_shape(10, 8, 64, K, 2).sampled_rows == 10  # at most the step's tokens
+
+    seen = []
+    llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", max_model_len=64,
+              max_num_seqs=8, max_num_batched_tokens=64,
+              speculative_config={"method": "ngram", "num_speculative_tokens": K,
+                                  "disable_by_batch_size": 3})
+    runner = llm.engine.core.runner
+    real = runner.model.compute_logits
+    monkeypatch.setattr(runner.model, "compute_logits",
+                        lambda hidden: seen.append(hidden.shape[0]) or real(hidden))
+    runner.profile_run(64)
+    assert seen == [64, 8 + 2 * K]  # one prompt-logprob chunk, then the sampled rows
+    llm.shutdown()
+
+    sched = Scheduler(SchedulerConfig(8, 64, 64, num_speculative_tokens=K,
+                                      disable_by_batch_size=3), BlockManager(64, 4, True))
+    for i in range(4):
+        sched.add_request(Request(f"r{i}", [5 + i] * 6, SamplingParams(max_tokens=20),
+                                  eos_token_ids=[0]))
+    out = sched.schedule()
+    sched.update(out, {rid: [9] for rid in out.num_scheduled_tokens})
+    for r in sched.running:  # each holds drafts (as after steps that drafted)
+        r.spec_token_ids = [9] * K
+    out = sched.schedule()
+    assert len(out.spec_token_ids) == 2 and sum(out.num_scheduled_tokens.values()) == 4 + 2 * K
+
+
 def test_profile_rejection_samples_every_row_when_drafts_carry_a_distribution(tiny_model_dir,
                                                                              monkeypatch):
     """A proposer whose drafts come with their distribution gets the rejection sampler run over
