@@ -51,6 +51,16 @@ class SamplingParams:
     # docs/kv_transfer.md): ``{"do_remote_decode": true}`` makes a producer's output wait for
     # the request's saves; the other keys a vLLM proxy sends are accepted and not needed.
     kv_transfer_params: Optional[dict] = None
+    # vLLM's: keep only the prompt's last N tokens (-1: as many as the context holds with
+    # max_tokens); LLM.generate / LLMEngine.add_request cut the prompt before the length check
+    truncate_prompt_tokens: Optional[int] = None
+    # vLLM's names tessellm takes at the value that changes nothing (_VLLM_NEUTRAL), or translates
+    best_of: Optional[int] = None  # only None or n (no ranking of samples)
+    detokenize: bool = True
+    spaces_between_special_tokens: bool = True
+    logits_processors: Optional[list] = None
+    guided_decoding: Optional[object] = None  # vLLM's older name: moved to structured_outputs
+    extra_args: Optional[dict] = None  # vLLM's: read by custom logits processors only; kept, unused
     extra: dict = field(default_factory=dict, repr=False)  # free-form, ignored by the engine
 
     def __post_init__(self) -> None:
@@ -62,6 +72,10 @@ class SamplingParams:
             self.top_k = 0
         if self.bad_words is not None:
             self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
+        if self.guided_decoding is not None:  # vLLM's older name (GuidedDecodingParams)
+            _check(self.structured_outputs is None, "give structured_outputs or guided_decoding "
+                   "(vLLM's older name for it), not both.")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
@@ -103,6 +117,16 @@ class SamplingParams:
                        f"logit_bias value for token {token} must be a number below +inf (-inf bans the "
                        f"token), got {value!r}.")
 
+        _check(self.truncate_prompt_tokens is None or (isinstance(self.truncate_prompt_tokens, int)
+                                                       and (self.truncate_prompt_tokens == -1
+                                                            or self.truncate_prompt_tokens >= 1)),
+               "truncate_prompt_tokens must be -1 (as many as the context holds) or an integer >= 1, "
+               f"got {self.truncate_prompt_tokens!r}.")
+        _check(self.best_of in (None, self.n), f"best_of ({self.best_of}) other than n ({self.n}) is "
+               "not supported by tessellm (no ranking of samples); leave it unset.")
+        for name, neutral, fix in _VLLM_NEUTRAL:
+            _check(getattr(self, name) in neutral, f"{name}={getattr(self, name)!r} is not supported by "
+                   f"tessellm (a vLLM setting): {fix}.")
         self._validate_token_lists()
 
     def _validate_token_lists(self) -> None:
@@ -140,6 +164,16 @@ class SamplingParams:
         from dataclasses import replace
 
         return replace(self, **changes)
+
+
+# vLLM's fields accepted only at the value that changes nothing: (name, neutral values, the fix)
+_VLLM_NEUTRAL = (
+    ("detokenize", (True,), "the text is always produced; read the output's token_ids"),
+    ("spaces_between_special_tokens", (True,), "special tokens are decoded as the tokenizer "
+     "joins them; use skip_special_tokens"),
+    ("logits_processors", (None, []), "constrain sampling with logit_bias, allowed_token_ids, "
+     "bad_words or structured_outputs"),
+)
 
 
 def _check(ok: bool, message: str) -> None:

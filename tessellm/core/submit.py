@@ -25,7 +25,8 @@ def submit(inputs: InputProcessor, outputs: OutputProcessor, request_id: str,
     """Queue one request; ``in_use``: the caller already holds ``request_id`` (a stream);
     ``lora_request``: its adapter (``tessellm.lora.LoRARequest``) or None; ``abort``: frees
     core request ids in the core (used when ``send`` raises after some samples went)."""
-    processed = prompt if isinstance(prompt, ProcessedPrompt) else inputs.process_prompt(prompt)
+    processed = prompt if isinstance(prompt, ProcessedPrompt) else inputs.process_prompt(
+        prompt, getattr(params, "truncate_prompt_tokens", None))  # vLLM's SamplingParams field
     if in_use or outputs.has_request(request_id):
         raise ValueError(f"Request id {request_id!r} is already in use.")
     core_reqs = inputs.make_requests(request_id, processed, params, lora_request=lora_request)

@@ -204,7 +204,8 @@ class AsyncLLM:
         if pooling is None:
             check_generates(self.info)  # an embedding engine: the caller wants pooling=
         self._ensure_handler()
-        processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
+        processed = prompt if isinstance(prompt, ProcessedPrompt) else self.inputs.process_prompt(
+            prompt, getattr(params, "truncate_prompt_tokens", None))  # vLLM's SamplingParams field
         submit(self.inputs, self.outputs, request_id, processed, params, self.cores.send_add,
                in_use=request_id in self.streams, lora_request=lora_request,
                abort=self.cores.send_abort, pooling=pooling)

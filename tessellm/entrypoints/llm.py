@@ -145,17 +145,33 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True, chat_template: Optional[str] = None,
-             lora_request=None) -> list[RequestOutput]:
+             lora_request=None, *, continue_final_message: bool = False, tools: Optional[list[dict]] = None,
+             chat_template_kwargs: Optional[dict] = None, chat_template_content_format: str = "auto",
+             mm_processor_kwargs: Optional[dict] = None) -> list[RequestOutput]:
         """One conversation (a list of {role, content}) or a list of conversations;
-        ``lora_request`` as in ``generate`` (one adapter, or one per conversation)."""
+        ``lora_request`` as in ``generate`` (one adapter, or one per conversation).
+        vLLM's keywords: ``continue_final_message`` (the last, assistant message is continued,
+        not closed), ``tools`` (OpenAI function definitions, for templates that show them),
+        ``chat_template_kwargs`` (extra template variables, e.g. ``{"enable_thinking": False}``);
+        ``chat_template_content_format`` only ``"auto"`` / ``"string"`` (text parts joined)."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("This model has no tokenizer, so chat templates are unavailable.")
+        if chat_template_content_format not in ("auto", "string"):
+            raise ValueError(f"chat_template_content_format={chat_template_content_format!r} is not "
+                             "supported; use 'auto' or 'string' (text parts are joined into one string).")
+        if mm_processor_kwargs:
+            raise ValueError("mm_processor_kwargs is not supported: images are processed with the "
+                             "checkpoint's preprocessor settings; leave it out.")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message needs add_generation_prompt=False (the last message "
+                             "is continued, no new turn is opened), as in vLLM.")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conv in conversations:
             def render(c):
-                return render_chat(tokenizer, c, add_generation_prompt, chat_template)
+                return render_chat(tokenizer, c, add_generation_prompt, chat_template, tools,
+                                   continue_final_message, chat_template_kwargs)
 
             # image_url / image_pil content parts (docs/multimodal.md): with multi_modal_data
             prompt = chat_prompt_with_images(conv, self.engine.info, tokenizer, render,

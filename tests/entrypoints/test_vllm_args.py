@@ -98,20 +98,84 @@ def test_llm_kwargs_of_vllm():
         pop_vllm_kwargs({"cpu_offload_gb": 8}, None)
 
 
-def test_llm_runs_with_vllm_kwargs():
-    """The bundled model with the kwargs of a typical vLLM script: generates, and the translated
-    ones took effect (num_gpu_blocks_override is the KV cache's size)."""
-    from tessellm import LLM, SamplingParams
+@pytest.fixture(scope="module")
+def llm():
+    """The bundled model with the kwargs of a typical vLLM script."""
+    from tessellm import LLM
 
     llm = LLM(device="cpu", trust_remote_code=True, swap_space=4, disable_log_stats=True,
               gpu_memory_utilization=0.5, max_model_len=256, num_gpu_blocks_override=40, enforce_eager=True,
               max_logprobs=5, disable_custom_all_reduce=True)
-    try:
-        assert llm.engine.core.info.num_kv_blocks == 40
-        out = llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)
-        assert len(out[0].outputs[0].token_ids) == 3
-    finally:
-        llm.shutdown()
+    yield llm
+    llm.shutdown()
+
+
+def test_llm_runs_with_vllm_kwargs(llm):
+    """It generates, and the translated kwargs took effect (num_gpu_blocks_override is the KV
+    cache's size)."""
+    from tessellm import SamplingParams
+
+    assert llm.engine.core.info.num_kv_blocks == 40
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_sampling_params_truncate_prompt_tokens(llm):
+    """vLLM's SamplingParams.truncate_prompt_tokens: the prompt's last N tokens, generated from as
+    that shorter prompt (greedy: the same tokens)."""
+    from tessellm import SamplingParams
+
+    ids = llm.get_tokenizer().encode("one two three four five six seven eight nine ten")
+    greedy = dict(max_tokens=4, temperature=0, ignore_eos=True)
+    cut = llm.generate([{"prompt_token_ids": ids}], SamplingParams(truncate_prompt_tokens=5, **greedy),
+                       use_tqdm=False)[0]
+    same = llm.generate([{"prompt_token_ids": ids[-5:]}], SamplingParams(**greedy), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-5:] and cut.outputs[0].token_ids == same.outputs[0].token_ids
+    long = llm.generate([{"prompt_token_ids": ids * 40}], SamplingParams(truncate_prompt_tokens=-1, **greedy),
+                        use_tqdm=False)[0]
+    n = len(long.prompt_token_ids)  # -1: as many as the context holds (room for one token)
+    assert n == 255 and long.prompt_token_ids == (ids * 40)[-n:]
+
+
+def test_sampling_params_vllm_fields():
+    from tessellm.sampling_params import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
+
+    p = SamplingParams(n=2, best_of=2, detokenize=True, spaces_between_special_tokens=True, logits_processors=[],
+                       guided_decoding=GuidedDecodingParams(choice=["a", "b"], backend="xgrammar"),
+                       extra_args={"k": 1})
+    assert p.structured_outputs == StructuredOutputsParams(choice=["a", "b"]) and p.guided_decoding is None
+    import dataclasses
+
+    assert SamplingParams(**dataclasses.asdict(p)) == p  # as the engine core receives it
+    for kwargs, match in [({"detokenize": False}, "token_ids"), ({"best_of": 3}, "best_of"),
+                          ({"logits_processors": [print]}, "logit_bias"),
+                          ({"spaces_between_special_tokens": False}, "skip_special_tokens"),
+                          ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens")]:
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match="xgrammar"):
+        GuidedDecodingParams(json={"type": "object"}, backend="outlines")
+
+
+def test_llm_chat_vllm_keywords(llm):
+    """LLM.chat's vLLM keywords: chat_template_kwargs and tools reach the template,
+    continue_final_message leaves the last message open."""
+    from tessellm import SamplingParams
+
+    template = ("{% if tools %}T:{{ tools[0].function.name }}|{% endif %}{{ greeting }}|"
+                "{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    one = SamplingParams(max_tokens=1)
+    out = llm.chat([{"role": "user", "content": "hi"}], one, use_tqdm=False, chat_template=template,
+                   tools=tools, chat_template_kwargs={"greeting": "yo"})[0]
+    assert llm.get_tokenizer().decode(out.prompt_token_ids) == "T:f|yo|user:hi;"
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}]
+    out = llm.chat(conv, one, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
+    assert llm.get_tokenizer().decode(out.prompt_token_ids).endswith("The answer is")
+    with pytest.raises(ValueError, match="add_generation_prompt=False"):
+        llm.chat(conv, one, use_tqdm=False, continue_final_message=True)
+    with pytest.raises(ValueError, match="'auto' or 'string'"):
+        llm.chat(conv, one, use_tqdm=False, chat_template_content_format="openai")
 
 
 def _hf_cache(root, repo: str, revisions: dict[str, str]) -> dict[str, str]:

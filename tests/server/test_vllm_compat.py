@@ -153,7 +153,11 @@ _REFUSED = [  # vLLM extras tessellm does not implement: (field, neutral value, 
     ("length_penalty", 1.0, 0.5),  # without use_beam_search (tests/server/test_beam_search_server.py)
     ("spaces_between_special_tokens", True, False), ("priority", 0, 1),
     ("logprob_token_ids", None, [1]), ("vllm_xargs", None, {"a": 1}),
+    ("logits_processors", None, ["my.Processor"]), ("guided_whitespace_pattern", None, " *"),
+    ("structural_tag", None, "{}"),
 ]
+_FIXES = {"logits_processors": "logit_bias", "guided_whitespace_pattern": "disable_any_whitespace",
+          "structural_tag": "response_format"}  # the refusal says what to send instead
 _CHAT_REFUSED = [("echo", False, True),
                  ("chat_template", None, "{{ messages }}"), ("documents", None, [{"text": "x"}])]
 
@@ -175,6 +179,7 @@ def test_vllm_extras_neutral_accepted_else_refused_by_name(http, path, body, fie
         assert r.status_code == 400, (name, r.text)
         err = r.json()["error"]
         assert err["param"] == name and err["code"] == "unsupported_parameter" and name in err["message"]
+        assert _FIXES.get(name, "") in err["message"], err
 
 
 @pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": PROMPT}),

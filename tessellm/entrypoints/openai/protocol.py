@@ -84,6 +84,9 @@ class _SamplingFields(_Request):
     kv_transfer_params: Optional[Any] = None  # a KV connector's (SamplingParams.kv_transfer_params)
     ec_transfer_params: Optional[Any] = None
     vllm_xargs: Optional[Any] = None
+    logits_processors: Optional[Any] = None
+    guided_whitespace_pattern: Optional[str] = None
+    structural_tag: Optional[str] = None  # vLLM's older field (response_format structural_tag now)
     # vLLM structured output (docs/structured_output.md): one constraint at most.
     structured_outputs: Optional[dict[str, Any]] = None
     guided_json: Optional[Union[str, dict[str, Any]]] = None  # older vLLM names
@@ -223,6 +226,21 @@ UNSUPPORTED: dict[str, tuple] = {
     "repetition_detection": (None,),
     "ec_transfer_params": (None,),
     "vllm_xargs": (None,),
+    "logits_processors": (None, []),
+    "guided_whitespace_pattern": (None,),
+    "structural_tag": (None,),
+}
+
+# what to do instead, in the refusal of an UNSUPPORTED field
+UNSUPPORTED_FIX: dict[str, str] = {
+    "logits_processors": "constrain sampling with logit_bias, allowed_token_ids, bad_words or "
+                         "structured outputs",
+    "guided_whitespace_pattern": "send structured_outputs: {\"json\": ..., \"disable_any_whitespace\": "
+                                 "true} for JSON without optional whitespace",
+    "structural_tag": "send response_format: {\"type\": \"structural_tag\", ...}",
+    "priority": "requests are served first come, first served",
+    "spaces_between_special_tokens": "special tokens are decoded as the tokenizer joins them; use "
+                                     "skip_special_tokens",
 }
 
 # chat only (the same names mean something else, or are supported, at /v1/completions)

@@ -12,8 +12,8 @@ from pydantic import BaseModel
 
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
-from tessellm.entrypoints.openai.protocol import (CHAT_UNSUPPORTED, UNSUPPORTED, ChatCompletionRequest,
-                                                  CompletionRequest)
+from tessellm.entrypoints.openai.protocol import (CHAT_UNSUPPORTED, UNSUPPORTED, UNSUPPORTED_FIX,
+                                                  ChatCompletionRequest, CompletionRequest)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.structured_output.params import StructuredOutputsParams
 
@@ -81,7 +81,9 @@ def check_unsupported(req: BaseModel) -> None:
         if name == "chat_template":
             continue  # request_chat_template decides
         if name in type(req).model_fields and getattr(req, name) not in neutral:
-            raise bad_request(f"'{name}' is not supported by tessellm yet; remove it from the request.",
+            fix = UNSUPPORTED_FIX.get(name)
+            raise bad_request(f"'{name}' is not supported by tessellm yet; "
+                              + (f"remove it ({fix})." if fix else "remove it from the request."),
                               name, "unsupported_parameter")
     if isinstance(req, ChatCompletionRequest):
         if req.top_logprobs is not None and not req.logprobs:
