@@ -30,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    _prestart_engine_forkserver(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    from tessellm.entrypoints.vllm_args import expand_argv
+
+    parser = build_parser()
+    argv = expand_argv(list(sys.argv[1:] if argv is None else argv), parser)  # vLLM's --config, --a_b
+    _prestart_engine_forkserver(argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from tessellm import envs
     from tessellm.backends.plugin_checks import PluginError

@@ -147,6 +147,7 @@ SERVER: tuple[VllmArg, ...] = (
     VllmArg("log_error_stack", "noop", "an unhandled error is always logged with its traceback", bool),
     VllmArg("h11_max_incomplete_event_size", "noop", "the HTTP parser's limit follows --max-header-bytes", int),
     VllmArg("h11_max_header_count", "noop", "headers are limited by their size (--max-header-bytes)", int),
+    VllmArg("enable_server_load_tracking", "noop", "the load is always counted: GET /load", bool),
     VllmArg("disable_fastapi_docs", "noop", "tessellm serves no /docs, /redoc or /openapi.json", bool),
     VllmArg("disable_uvicorn_access_log", "alias", "--no-access-log", bool, target="no_access_log"),
     VllmArg("api_server_count", "neutral", "one API process per server; scale out with -dp N (engine "
@@ -250,6 +251,10 @@ def add_vllm_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "vLLM's engine arguments (scripts written for vLLM run unchanged; docs/openai_api.md)")
     taken = {s for a in parser._actions for s in a.option_strings}
+    if "--config" not in taken:  # read before parsing (expand_argv); here for --help
+        group.add_argument("--config", metavar="FILE.yaml", dest=_PREFIX + "config", default=argparse.SUPPRESS,
+                           help="vLLM's: flags from a YAML mapping (e.g. 'max-model-len: 4096'); "
+                                "flags on the command line win")
     for arg in ENGINE:
         if _flag(arg) not in taken:  # a command may define one itself
             _add(group, arg)
@@ -324,3 +329,101 @@ def pop_vllm_kwargs(kwargs: dict, model: Optional[str], warn: Callable[[str], No
         values[name] = value
     model, extra = engine_overrides(values, model, kwargs)
     return model, {**kwargs, **extra}
+
+
+# -- vLLM's command-line conventions: --config FILE.yaml and --flag_with_underscores ----------
+
+def expand_argv(argv: list, parser: argparse.ArgumentParser) -> list:
+    """vLLM's command-line conventions before argparse sees them: ``--max_model_len`` (an
+    underscore form) is ``--max-model-len``; ``--config FILE`` (a YAML mapping of flag names,
+    dashes or underscores, to values) puts its flags right after the sub-command, so a flag on the
+    command line wins. A ``model`` key is the MODEL unless the command line gives one."""
+    argv = [_dashes(a) for a in argv]
+    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    if at is None:
+        return argv
+    if argv[at] == "--config":
+        if at + 1 >= len(argv):
+            raise SystemExit("tessellm: --config needs a YAML file.")
+        path, rest = argv[at + 1], argv[:at] + argv[at + 2:]
+    else:
+        path, rest = argv[at].split("=", 1)[1], argv[:at] + argv[at + 1:]
+    command = next((i for i, a in enumerate(rest) if a in ("serve", "generate", "bench", "backends")), None)
+    if command is None:
+        raise SystemExit("tessellm: --config goes with a command, e.g. tessellm serve --config FILE.yaml.")
+    if rest[command] == "bench":
+        command += 1  # after the bench command's own name
+    known = _options(parser, rest[:command + 1])
+    flags = config_flags(path, known)
+    if "--model" in flags and rest[0:command + 1] and _has_model(parser, rest):
+        i = flags.index("--model")
+        del flags[i:i + 2]
+    return rest[:command + 1] + flags + rest[command + 1:]
+
+
+def _dashes(arg: str) -> str:
+    if not arg.startswith("--") or "_" not in arg:
+        return arg
+    name, eq, value = arg.partition("=")
+    return name.replace("_", "-") + eq + value
+
+
+def _subparser(parser: argparse.ArgumentParser, path: list) -> argparse.ArgumentParser:
+    for word in path:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) and word in action.choices:
+                parser = action.choices[word]
+                break
+    return parser
+
+
+def _options(parser: argparse.ArgumentParser, path: list) -> set:
+    sub = _subparser(parser, [a for a in path if not a.startswith("-")])
+    return {s for a in sub._actions for s in a.option_strings}
+
+
+def _has_model(parser: argparse.ArgumentParser, argv: list) -> bool:
+    """Whether the command line itself names the model (positional MODEL or --model)."""
+    try:
+        args, _ = parser.parse_known_args(argv)
+    except SystemExit:
+        return False
+    return bool(getattr(args, "model", None) or getattr(args, "model_flag", None))
+
+
+def config_flags(path: str, known: set) -> list:
+    """A vLLM YAML config file as command-line flags (``known``: the command's options)."""
+    try:
+        import yaml
+    except ImportError:
+        raise SystemExit("tessellm: --config reads YAML; pip install pyyaml.") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise SystemExit(f"tessellm: --config {path}: {exc.strerror}.") from None
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"tessellm: --config {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise SystemExit(f"tessellm: --config {path} must be a mapping of flag names to values "
+                         "(e.g. 'max-model-len: 4096').")
+    out: list = []
+    for key, value in data.items():
+        flag = "--" + str(key).lstrip("-").replace("_", "-")
+        if flag not in known:
+            raise SystemExit(f"tessellm: --config {path}: '{key}' is not an option of this command "
+                             f"({flag}); see --help.")
+        if isinstance(value, bool):
+            if value:
+                out.append(flag)
+            elif "--no-" + flag[2:] in known:
+                out.append("--no-" + flag[2:])
+        elif isinstance(value, list):
+            out += [flag, *(json.dumps(v) if isinstance(v, (dict, list)) else str(v) for v in value)]
+        elif isinstance(value, dict):
+            out += [flag, json.dumps(value)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out

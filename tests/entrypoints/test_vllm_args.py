@@ -209,3 +209,48 @@ def test_download_dir_and_revision_find_the_repo(tmp_path):
         locate_model("org/other", str(tmp_path), None)
     with pytest.raises(FileNotFoundError, match="at revision 'v3'"):
         locate_model("org/tiny", str(tmp_path), "v3")
+
+
+def _parse(argv):
+    from tessellm.entrypoints.serve import resolve_model_flag
+    from tessellm.entrypoints.vllm_args import expand_argv
+
+    parser = build_parser()
+    args = parser.parse_args(expand_argv(argv, parser))
+    resolve_model_flag(args)
+    return args
+
+
+def test_config_yaml(tmp_path):
+    """vLLM's --config FILE.yaml: its flags (dashes or underscores), the command line's winning."""
+    cfg = tmp_path / "vllm.yaml"
+    cfg.write_text("model: /models/a\nport: 8001\nmax_model_len: 512\nenable-prefix-caching: false\n"
+                   "trust-remote-code: true\nserved-model-name: [a, b]\nhf-overrides: {num_labels: 1}\n"
+                   "swap-space: 4\nnum_gpu_blocks_override: 64\n")
+    args = _parse(["serve", "--config", str(cfg), "--port", "9000"])
+    ea = engine_args_from(args, args.model)
+    assert (args.model, args.port, args.served_model_name) == ("/models/a", 9000, ["a", "b"])
+    assert (ea.max_model_len, ea.enable_prefix_caching, ea.num_kv_blocks) == (512, False, 64)
+    assert json.loads(ea.hf_overrides) == {"num_labels": 1}
+    assert _parse(["serve", "/models/b", f"--config={cfg}"]).model == "/models/b"  # the command line's
+    cfg.write_text("max-model-len: 512\nno-such-flag: 1\n")
+    with pytest.raises(SystemExit, match="'no-such-flag' is not an option"):
+        _parse(["serve", "--config", str(cfg)])
+
+
+def test_underscore_flags():
+    """vLLM's parser takes --max_model_len for --max-model-len."""
+    args = _parse(["serve", "--max_model_len", "77", "--gpu_memory_utilization=0.5", "--swap_space", "4"])
+    ea = engine_args_from(args, args.model)
+    assert (ea.max_model_len, ea.gpu_memory_utilization) == (77, 0.5)
+
+
+def test_config_through_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("cpu-offload-gb: 8\n")
+    out = subprocess.run([sys.executable, "-m", "tessellm.entrypoints.cli", "serve", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "argument --cpu-offload-gb: 8.0 is not supported" in out.stderr, out.stderr

@@ -366,3 +366,26 @@ def test_logprobs_of_masked_tokens_are_numbers(http):
     values += lp["token_logprobs"] + [v for top in lp["top_logprobs"] for v in top.values()]
     assert all(isinstance(v, float) and -9999.0 <= v <= 0 for v in values), values
     assert -9999.0 in values  # the masked ones (only "yes" may be generated)
+
+
+def test_invocations_and_load(server, http):
+    """vLLM's /invocations (SageMaker's one route): the body's shape picks chat or completion, and
+    the answer is that endpoint's; /load (no key) counts the requests in flight."""
+    chat = http.post("/invocations", json={"model": MODEL, "messages": CHAT, "max_tokens": 2, "temperature": 0,
+                                           "return_token_ids": True}).json()
+    same = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 2,
+                                                   "temperature": 0, "return_token_ids": True}).json()
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["token_ids"] == same["choices"][0]["token_ids"]
+    cmpl = http.post("/invocations", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2}).json()
+    assert cmpl["object"] == "text_completion" and cmpl["usage"]["completion_tokens"] == 2
+    r = http.post("/invocations", json={"model": MODEL, "max_tokens": 2})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    assert http.post("/invocations", json={"model": MODEL, "messages": CHAT, "bogus": 1}).status_code == 400
+    load = httpx.get(f"{server.url}/load", timeout=30)
+    assert load.status_code == 200 and load.json()["server_load"] >= 0
+    with http.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 900,
+                                                      "ignore_eos": True, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        lines = r.iter_lines()  # held: a dropped iterator closes the response
+        next(lines)  # the stream has begun
+        assert httpx.get(f"{server.url}/load", timeout=30).json()["server_load"] >= 1

@@ -6,7 +6,8 @@ serving_classify.py), ``/pooling`` (either, per token too: serving_pooling.py), 
 ``/v1/score``, ``/rerank``, ``/v1/rerank``, ``/v2/rerank`` (a cross-encoder or an embedding model: serving_score.py), ``/v1/models`` (and ``/v1/models/{id}``;
 LoRA adapters are listed with their ``parent``), ``/v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter`` (lora_routes.py),
-``/tokenize``, ``/detokenize``, ``/health`` and ``/ping`` (liveness: the API process and the
+``/invocations`` (vLLM's: chat, completion or embedding by the body's shape), ``/load`` (vLLM's:
+requests in flight), ``/tokenize``, ``/detokenize``, ``/health`` and ``/ping`` (liveness: the API process and the
 engine core process are up), ``/ready`` (the engine has loaded, finished its warm-up and answers; 503 with
 ``Retry-After`` while warming up or draining, see lifecycle.py), ``/version``, ``/metrics``
 (Prometheus text, ``tessellm.metrics.prometheus``; one private registry per app) and
@@ -290,6 +291,30 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
         app.add_api_route(path, score, methods=["POST"])
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
         app.add_api_route(path, rerank, methods=["POST"])
+
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        """vLLM's (SageMaker's) one route: the body's shape picks the endpoint: ``messages`` a
+        chat completion (an embedding on a pooling engine), ``prompt`` a completion, ``input``
+        an embedding."""
+        body = await _json_body(request)
+        pooling = getattr(engine.info, "runner", "generate") == "pooling"
+        if isinstance(body, dict) and "messages" in body and not pooling:
+            _check_generates(engine)
+            return await create_chat_completion(engine, config, body, request)
+        if isinstance(body, dict) and "prompt" in body and not pooling:
+            _check_generates(engine)
+            return await create_completion(engine, config, body, request)
+        if isinstance(body, dict) and ("input" in body or "messages" in body):
+            check_awake(engine)
+            return await create_embedding(engine, config, body, request)
+        raise bad_request("/invocations takes a chat completion (messages), a completion (prompt) or an "
+                          "embedding (input) request body.", None, "invalid_request")
+
+    @app.get("/load")
+    async def load():
+        """vLLM's: the requests this server is handling now."""
+        return {"server_load": app.state.lifecycle.in_flight}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
