@@ -300,3 +300,31 @@ def test_expert_map_skips_other_ranks_experts(tokens):
     rows = sorted_ids.cpu()[:num_padded.item()]
     assert sorted(rows[rows < ids.numel()].tolist()) == (
         (sentinel.flatten() < 3).nonzero().flatten().tolist())
+
+
+def test_16bit_tiles_read_pairs_per_global_expert_with_expert_parallelism(monkeypatch):
+    """With ``expert_map`` (2 of 8 experts on this rank) the 16-bit tile rule gets every pair
+    over the global experts, as the int4 tensor-core rule does: 64 pairs are 8 an expert (the
+    16-row tile), not 32 over the 2 local experts (a 32-row tile, though this rank's experts get
+    about a quarter of the pairs); the result equals the reference's."""
+    import importlib
+
+    from tessellm.backends.reference.moe import fused_experts_reference
+
+    fm = importlib.import_module("tessellm.kernels.moe.fused_moe")  # the package's name is the op
+    x, logits, w13, w2 = _case(32, 64, 32, 8, torch.float32, seed=3)
+    held = [2, 5]
+    expert_map = torch.full((8,), -1, dtype=torch.int32)
+    expert_map[held] = torch.arange(2, dtype=torch.int32)
+    weights, ids = route(logits, 2)
+    seen, rule = [], fm._tiles
+    monkeypatch.setattr(fm, "_tiles", lambda pairs, experts, *a: seen.append((pairs, experts))
+                        or rule(pairs, experts, *a))
+    got = fused_moe_triton(*(t.to(DEV) for t in (x, weights, ids, w13[held], w2[held])),
+                           expert_map=expert_map.to(DEV))
+    assert seen == [(64, 8)]
+    want = fused_experts_reference(x, weights, ids, w13[held], w2[held], expert_map=expert_map)
+    torch.testing.assert_close(got.cpu(), want, **_tol(torch.float32))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the hardware rule's choice
+    assert (rule(64, 8)["BLOCK_M"], rule(64, 2)["BLOCK_M"]) == (16, 32)
+

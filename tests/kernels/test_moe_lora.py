@@ -62,6 +62,23 @@ def test_triton_expert_map_skips_other_ranks_experts():
                                atol=1e-4, rtol=1e-4)
 
 
+def test_triton_tiles_read_pairs_per_global_expert_with_expert_parallelism(monkeypatch):
+    """As the base grouped GEMMs (``fused_moe._grouped_tiles``): the tile rule gets the
+    step's pairs over the 6 global experts, not over this rank's 3."""
+    import tessellm.kernels.lora.moe as lm
+
+    hidden, weights, ids, w13, w2, slots, lora = _case(11, 6, 32, 16, 3, 16, seed=9)
+    expert_map = torch.tensor([-1, -1, -1, 0, 1, 2], dtype=torch.int32, device=DEV)
+    part = ExpertLoRA(*(getattr(lora, f)[:, 3:].contiguous() for f in ("w13_a", "w13_b", "w2_a",
+                                                                      "w2_b")), lora.scaling)
+    seen, rule = [], lm._tiles
+    monkeypatch.setattr(lm, "_tiles", lambda pairs, experts, *a: seen.append((pairs, experts))
+                        or rule(pairs, experts, *a))
+    fused_experts_lora_triton(hidden, weights, ids, w13[3:], w2[3:], slots, part,
+                              expert_map=expert_map)
+    assert seen == [(22, 6)]
+
+
 _COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget

@@ -151,7 +151,9 @@ def fused_experts_lora_triton(hidden: torch.Tensor, topk_weights: torch.Tensor,
     local = topk_ids.long() if expert_map is None else expert_map.long()[topk_ids.long()]
     held = local >= 0
     base_ids = torch.where(held, local, num_experts).to(torch.int32)
-    tiles = _tiles(t * k, num_experts, hidden.device, hidden.element_size())
+    # by the pairs per global expert with expert parallelism (``fused_moe._grouped_tiles``)
+    tiles = _tiles(t * k, num_experts if expert_map is None else expert_map.shape[0],
+                   hidden.device, hidden.element_size())
     tiles.pop("SILU_MUL", None)
     hidden = hidden.contiguous()
     dev, dtype = hidden.device, hidden.dtype

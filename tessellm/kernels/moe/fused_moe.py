@@ -369,29 +369,31 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         # many tokens: the experts dequantized (a chunk at a time) and the 16-bit GEMMs
         return _fused_moe_int4_dequant(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
                                        w2_scale, w13_zeros, w2_zeros, w13_perm, activation,
-                                       w13_bias, w2_bias, expert_map is not None)
+                                       w13_bias, w2_bias, expert_map is not None,
+                                       num_experts if expert_map is None else expert_map.shape[0])
     tc = tiles is None and int4 and plain and _int4_tc_both(w13, w13_scale, w2, w2_scale)
-    tiles = _grouped_tiles(tiles, t * k, num_experts,
-                           num_experts if expert_map is None else expert_map.shape[0],
+    tiles = _grouped_tiles(tiles, t * k, num_experts if expert_map is None else expert_map.shape[0],
                            hidden, int4, tc)
     return _fused_moe_grouped(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale,
                               tiles, activation, w13_bias, w2_bias, block_shape, int4, w13_zeros,
                               w2_zeros, w13_perm, expert_map is not None)
 
 
-def _grouped_tiles(tiles: Optional[dict], pairs: int, num_experts: int, global_experts: int,
+def _grouped_tiles(tiles: Optional[dict], pairs: int, global_experts: int,
                    hidden: torch.Tensor, int4: bool, tc: bool) -> dict:
-    """The grouped GEMMs' launch parameters (a copy): ``tiles`` where given; where both int4
-    GEMMs take the tensor-core kernel (``tc``) its own alignment block, SiLU fused, by the
-    pairs per expert: over the global experts with expert parallelism (the pairs of this
-    rank's experts alike under even routing, without a host sync); else ``_tiles``' (int4:
-    not the large 16-bit prefill tile, sized as a float32 operand's)."""
+    """The grouped GEMMs' launch parameters (a copy): ``tiles`` where given; else by the pairs
+    per expert, over the global experts with expert parallelism (``pairs`` is every pair of
+    the step's tokens; this rank's experts get their share of them, alike under even routing,
+    known without a host sync; over the local experts the rule read ``ep`` times the rows an
+    expert gets): where both int4 GEMMs take the tensor-core kernel (``tc``) its own alignment
+    block, SiLU fused; else ``_tiles``' (int4: not the large 16-bit prefill tile, sized as a
+    float32 operand's)."""
     if tiles is not None:
         return dict(tiles)
     if tc:
         return dict(BLOCK_M=moe_int4_tc_block_m(pairs, global_experts), BLOCK_N=64, BLOCK_K=64,
                     SILU_MUL=True)
-    return _tiles(pairs, num_experts, hidden.device, 4 if int4 else hidden.element_size())
+    return _tiles(pairs, global_experts, hidden.device, 4 if int4 else hidden.element_size())
 
 
 def _fused_moe_grouped(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale,
@@ -445,7 +447,7 @@ def _int4_tc_both(w13, w13_scale, w2, w2_scale) -> bool:
 
 def _fused_moe_int4_dequant(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale,
                             w13_zeros, w2_zeros, w13_perm, activation, w13_bias, w2_bias,
-                            some_elsewhere: bool) -> torch.Tensor:
+                            some_elsewhere: bool, global_experts: int) -> torch.Tensor:
     """``fused_moe_triton``'s int4 product from ``int4_dequant.MOE_INT4_DEQUANT_TOKENS`` tokens
     (``int4_dequant.py``), the 16-bit tiles: for each chunk of experts (``expert_chunk``: all of
     them where their 16-bit weights fit ``MOE_INT4_DEQUANT_WORKSPACE_MB``) the chunk's pairs
@@ -453,13 +455,14 @@ def _fused_moe_int4_dequant(hidden, topk_weights, topk_ids, w13, w2, w13_scale, 
     then (the activation apart on the 16-bit rule's large tiles) for each chunk its w2
     dequantized and GEMM 2. Each workspace goes back to the allocator after its GEMM; every
     pair's rows are written by its expert's chunk alone and summed once. ``topk_ids`` local
-    (``num_experts``: a pair another rank holds, ``some_elsewhere``)."""
+    (``num_experts``: a pair another rank holds, ``some_elsewhere``); the tiles by the pairs
+    per global expert (``global_experts``, as ``_grouped_tiles``)."""
     t, k = topk_ids.shape
     num_experts = w13.shape[0]
     dev, dtype = hidden.device, hidden.dtype
     hidden = hidden.contiguous()
     gated = activation is None or activation.gated
-    tiles = _tiles(t * k, num_experts, dev, hidden.element_size())
+    tiles = _tiles(t * k, global_experts, dev, hidden.element_size())
     fuse = tiles.pop("SILU_MUL", tiles["BLOCK_M"] <= 32) and gated
     ids = topk_ids.to(torch.int32)
     hit = torch.zeros(num_experts + 1, dtype=torch.int32, device=dev)  # [E]: pairs held elsewhere
