@@ -267,8 +267,10 @@ class _CoreLoop:
         before = scheduler.num_scheduled_tokens_total
         start = time.perf_counter()
         outputs = self.core.step()
-        if scheduler.num_scheduled_tokens_total > before:
-            self.step_timer.record(time.perf_counter() - start)
+        launched = scheduler.num_scheduled_tokens_total > before
+        # timed when its result is back (a call that only launches a step returns at once)
+        self.step_timer.step(start, time.perf_counter(), launched, len(self.core.in_flight))
+        if launched:
             self.step_num_tokens.append(scheduler.num_scheduled_tokens_total - before)
         return outputs
 

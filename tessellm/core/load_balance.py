@@ -27,7 +27,8 @@ Two policies (``--data-parallel-balance``):
 
 Speed (both policies; opt-in, ``TESSELLM_BALANCE_BY_STEP_TIME=1``: a step's time follows its
 batch and prefill as much as its hardware): each core also reports ``step_ms``, an exponential moving average of
-the wall time of its steps that computed tokens (``StepTimer``; none before its 8th). The cost
+the wall time of its steps that computed tokens, from launch (or the result before) to result
+(``StepTimer``; none before its 8th). The cost
 the policy compares is the work ahead (``4 x queued + running``; tokens: all of them) times the
 core's speed factor, plus the request's own term: the factor is its step time over the median
 of the cores' (those that have one; a core with no history counts as average, factor 1),

@@ -13,6 +13,7 @@ and the Ray Serve router (``entrypoints/ray_serve/replica_load.py``).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -49,11 +50,37 @@ class CoreLoad:
 class StepTimer:
     """A core's step time, as a moving average over the steps that computed tokens (module
     docstring, Speed); None (no history: average) until ``_MIN_STEPS`` such steps. Idle time
-    never counts."""
+    never counts.
+
+    A step is timed when its result comes back, from its launch or from the result before it,
+    whichever is later (``step``): with steps in flight (async scheduling, pipeline stages) a
+    call that only launches one returns at once, and the step's work is in the call that
+    waits for it; a step launched behind another one starts once that one is done::
+
+        sync:   |launch A .. A back|      |launch B .. B back|        A: its call, B: its call
+        async:  |launch A|  |launch B, A back|  |B back|              A: launch A -> A back
+                                                                      B: A back -> B back
+    """
 
     def __init__(self):
         self._avg: Optional[float] = None
         self._steps = 0
+        self._launches: deque = deque()  # launch times of the steps in flight, oldest first
+        self._last_result: Optional[float] = None
+
+    def step(self, start: float, end: float, launched: bool, in_flight: int) -> None:
+        """One engine-core step call from ``start`` to ``end`` (``time.perf_counter``):
+        ``launched`` a step that computes tokens, ``in_flight`` steps left in flight after it;
+        the steps whose results came back in the call are recorded."""
+        if launched:
+            self._launches.append(start)
+        while len(self._launches) > in_flight:
+            began = self._launches.popleft()
+            if self._last_result is not None:
+                began = max(began, self._last_result)
+            if end > began:
+                self.record(end - began)
+            self._last_result = end
 
     def record(self, seconds: float) -> None:
         ms = seconds * 1000.0
