@@ -103,6 +103,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="an ASGI middleware class or an http middleware function to add (repeatable)")
     g.add_argument("--enable-request-id-headers", action="store_true",
                    help="responses carry X-Request-Id (the request's own, else a new one)")
+    g.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="usage carries prompt_tokens_details.cached_tokens (prefix-cache hits)")
+    g.add_argument("--enable-force-include-usage", action="store_true",
+                   help="every stream ends with a usage chunk, as with stream_options.include_usage")
     g.add_argument("--ssl-keyfile", default=None, help="HTTPS: the private key file")
     g.add_argument("--ssl-certfile", default=None, help="HTTPS: the certificate file")
     g.add_argument("--ssl-ca-certs", default=None, help="HTTPS: CA certificates to verify clients with")
@@ -315,7 +319,9 @@ def _server_config(args: argparse.Namespace):
         trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
         root_path=_root_path(getattr(args, "root_path", "")), cors=_cors(args),
         middleware=list(getattr(args, "middleware", None) or []),
-        request_id_headers=getattr(args, "enable_request_id_headers", False))
+        request_id_headers=getattr(args, "enable_request_id_headers", False),
+        prompt_tokens_details=getattr(args, "enable_prompt_tokens_details", False),
+        force_include_usage=getattr(args, "enable_force_include_usage", False))
 
 
 def _root_path(value: str) -> str:

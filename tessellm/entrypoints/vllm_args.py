@@ -171,9 +171,6 @@ SERVER: tuple[VllmArg, ...] = (
     VllmArg("chat_template_content_format", "neutral", "a message's text parts are joined into one "
             "string (\"\\n\" between them), as vLLM's auto does for most templates",
             neutral=("auto", "string")),
-    VllmArg("enable_force_include_usage", "neutral", "ask for usage in a stream with "
-            "stream_options: {\"include_usage\": true} (responses that are not streamed always carry it)",
-            bool, neutral=(False,)),
     VllmArg("uds", "neutral", "listen on TCP with --host and --port"),
 )
 

@@ -1,7 +1,8 @@
 """vLLM's server flags that change what a client sees, on one server started with all of them
 as a `vllm serve` deployment would be: HTTPS (--ssl-*), --root-path, CORS (--allowed-origins
 ...), --middleware, --enable-request-id-headers, --response-role, --return-tokens-as-token-ids,
---default-chat-template-kwargs and --trust-request-chat-template. Real uvicorn, engine core and
+--default-chat-template-kwargs, --trust-request-chat-template, --enable-prompt-tokens-details and
+--enable-force-include-usage. Real uvicorn, engine core and
 the bundled model (conftest.py's launcher)."""
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def tls_server(tmp_path_factory):
             "--allowed-origins", json.dumps([ORIGIN]), "--middleware", "tests.server.vllm_middleware.tag",
             "--enable-request-id-headers", "--response-role", "helper", "--return-tokens-as-token-ids",
             "--chat-template", str(d / "t.jinja"), "--default-chat-template-kwargs", '{"greeting": "hello"}',
-            "--trust-request-chat-template", "--no-kernel-warmup"]
+            "--trust-request-chat-template", "--enable-prompt-tokens-details", "--enable-force-include-usage",
+            "--no-kernel-warmup"]
     import os
 
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -131,3 +133,24 @@ def test_request_chat_template_refused_without_the_flag(http):
     r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "chat_template": "{{ x }}"})
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == "chat_template" and "--trust-request-chat-template" in err["message"]
+
+
+def test_usage_flags(https, http):
+    """--enable-prompt-tokens-details: usage says how many prompt tokens the prefix cache served
+    (none the first time, the whole blocks the second); --enable-force-include-usage: a stream
+    ends with usage though the request did not ask. Without the flags (the shared server) neither."""
+    prompt = "Count slowly from one to twenty, one number per line, and then say done. " * 2
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    first = https.post("/v1/completions", json=body).json()["usage"]
+    again = https.post("/v1/completions", json=body).json()["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["prompt_tokens_details"]["cached_tokens"] == first["prompt_tokens"] // 16 * 16 > 0
+    chat = https.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 1}).json()
+    assert "cached_tokens" in chat["usage"]["prompt_tokens_details"]
+    with https.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+    plain = http.post("/v1/completions", json=body).json()["usage"]
+    assert set(plain) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert all("usage" not in json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))

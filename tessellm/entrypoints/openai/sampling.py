@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.protocol import (CHAT_UNSUPPORTED, UNSUPPORTED, UNSUPPORTED_FIX,
-                                                  ChatCompletionRequest, CompletionRequest)
+                                                  ChatCompletionRequest, CompletionRequest, StreamOptions)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.structured_output.params import StructuredOutputsParams
 
@@ -54,6 +54,9 @@ def apply_server_defaults(req: BaseModel, config: ServerConfig) -> None:
     --return-tokens-as-token-ids)."""
     if getattr(req, "return_tokens_as_token_ids", False) is None:
         req.return_tokens_as_token_ids = config.return_tokens_as_token_ids
+    if config.force_include_usage and getattr(req, "stream", False):  # --enable-force-include-usage
+        options = req.stream_options or StreamOptions()
+        req.stream_options = options.model_copy(update={"include_usage": True})
 
 
 def request_chat_template(req: ChatCompletionRequest, config: ServerConfig) -> Optional[str]:

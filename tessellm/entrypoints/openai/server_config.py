@@ -34,6 +34,8 @@ class ServerConfig:
     cors: Optional[dict] = None  # --allowed-origins ...: CORSMiddleware's settings; None: no CORS
     middleware: list = field(default_factory=list)  # --middleware: import paths
     request_id_headers: bool = False  # --enable-request-id-headers: X-Request-Id on responses
+    prompt_tokens_details: bool = False  # --enable-prompt-tokens-details: usage's cached_tokens
+    force_include_usage: bool = False  # --enable-force-include-usage: usage at the end of every stream
 
     def lora_for(self, name: Optional[str]):
         """The LoRARequest the ``model`` field names, or None (the base model)."""

@@ -187,11 +187,13 @@ async def _sse_events(items, renderer: ChunkRenderer, include_usage: bool, close
         close()  # never awaits: safe while being cancelled
 
 
-def usage(outputs: list[RequestOutput]) -> UsageInfo:
-    """Token counts over finished requests (every prompt, every sample)."""
+def usage(outputs: list[RequestOutput], details: bool = False) -> UsageInfo:
+    """Token counts over finished requests (every prompt, every sample); ``details``
+    (--enable-prompt-tokens-details): the prompt tokens the prefix cache served."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = {"prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}} if details else {}
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, **cached)
 
 
 def prompt_logprobs(out: RequestOutput, asked: Optional[int]) -> Optional[PromptLogprobs]:

@@ -130,6 +130,7 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     view.harmony = harmony_plan
     # vLLM's: the reply's role is --response-role after a generation prompt, else the last message's
     view.role = config.response_role if req.add_generation_prompt else req.messages[-1].role
+    view.usage_details = config.prompt_tokens_details
     view.prompt_tokens = len(processed.prompt_token_ids)
     view.prompt_ids = processed.prompt_token_ids
     return ChatJob(req, lora, processed, params, max_tokens, structured, request_id, view)
@@ -258,6 +259,7 @@ class _ChatView:
         self.prompt_tokens = 0
         self.prompt_ids: list[int] = []
         self.role = "assistant"  # the reply's role (prepare_chat: --response-role)
+        self.usage_details = False  # --enable-prompt-tokens-details
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
         choices = []
@@ -271,7 +273,8 @@ class _ChatView:
                                       finish_reason=reason, stop_reason=co.stop_reason,
                                       token_ids=list(co.token_ids) if self.req.return_token_ids else None))
         return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage([out]),
+            id=self.id, created=self.created, model=self.model, choices=choices,
+            usage=usage([out], self.usage_details),
             prompt_logprobs=prompt_logprobs(out, self.req.prompt_logprobs),
             prompt_token_ids=list(out.prompt_token_ids) if self.req.return_token_ids else None)
 
@@ -422,4 +425,4 @@ class _ChatChunks:
         req = self.view.req
         if not (req.stream_options and req.stream_options.include_usage) or self.final is None:
             return []
-        return [self._chunk([], usage([self.final]))]
+        return [self._chunk([], usage([self.final], self.view.usage_details))]

@@ -60,6 +60,7 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     request_id = random_id("cmpl")
     view = _CompletionView(engine, req, lora.lora_name if lora else config.model_name,
                            response_id("cmpl", req, request_id), [_prompt_text(engine, p) for p in processed])
+    view.usage_details = config.prompt_tokens_details
     if req.use_beam_search:  # n is the beam width (openai/beam_search.py)
         beams = [beam_params(req, p.max_tokens, defaults, structured) for p in params]
         if req.stream:
@@ -150,6 +151,7 @@ class _CompletionView:
         self.created = int(time.time())
         self.n = req.n or 1
         self.prompt_texts = prompt_texts
+        self.usage_details = False  # --enable-prompt-tokens-details
 
     def visible(self, out: RequestOutput) -> RequestOutput:
         return _without_generation(out) if self.req.echo_only else out
@@ -177,7 +179,7 @@ class _CompletionView:
                                                 prompt_token_ids=list(out.prompt_token_ids) if ids else None,
                                                 token_ids=list(co.token_ids) if ids else None))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                  usage=usage(outputs))
+                                  usage=usage(outputs, self.usage_details))
 
     def add_logprobs(self, lp: CompletionLogProbs, token_ids, entries, offset: int,
                      top_k: Optional[int] = None) -> int:
@@ -263,4 +265,4 @@ class _CompletionChunks:
             return []
         view = self.view
         return [CompletionResponse(id=view.id, created=view.created, model=view.model, choices=[],
-                                   usage=usage([o for o in self.finals if o is not None]))]
+                                   usage=usage([o for o in self.finals if o is not None], view.usage_details))]
