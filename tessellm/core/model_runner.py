@@ -11,6 +11,7 @@ One concept a file, the runner only orchestrates them::
     runner_graphs.py      captured decode / verify graphs, precompiled buckets (a mixin)
     runner_kv_cache.py    the KV cache tensors per attention layer, their bytes (a mixin)
     runner_forward.py     the step's forward: eager, captured, bucketed, pooled (a mixin)
+    runner_profile.py     the memory profile's step the KV cache is sized after (a mixin)
 
 A step: apply the scheduler's deltas -> build host inputs -> copy (pinned) -> forward (eager,
 or a captured graph for a pure-decode step) -> logits of the sampled rows -> grammar mask ->
@@ -29,7 +30,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from tessellm.core.block_table import PersistentBlockTable
 from tessellm.core.decode_overlap import DecodeOverlap
 from tessellm.backends.reference.logits import ReferenceLogitsOps
 from tessellm.core.input_batch import InputBatch, RunnerRequest  # noqa: F401 (re-exported)
@@ -39,22 +39,23 @@ from tessellm.core.pp_io import StageIO
 from tessellm.core.runner_forward import RunnerForward
 from tessellm.core.runner_graphs import RunnerGraphs
 from tessellm.core.runner_kv_cache import RunnerKVCache
-from tessellm.core.runner_output import collect, prompt_logprobs
+from tessellm.core.runner_profile import RunnerProfile
+from tessellm.core.runner_output import collect
 from tessellm.core.sampler import Sampler
 from tessellm.core.sampling_metadata import build_sampling_batch
 from tessellm.core.shape_buckets import Buckets, runner_grad_mode
 from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 from tessellm.core.step_pipeline import DeferredSample, LaunchedSteps, Staging, StepHandle
 from tessellm.distributed.parallel_state import PipelineStage
-from tessellm.spec_decode.proposer import StepTensors
 from tessellm.structured_output.apply import MaskUpload, apply_grammar_bitmask
 
 __all__ = ["ModelRunner", "ModelRunnerOutput", "RunnerRequest", "StepHandle"]
 
 
-class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward):
+class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward, RunnerProfile):
     """Steps in, sampled tokens out (see above); graph capture is in runner_graphs.py, the
-    KV cache's allocation in runner_kv_cache.py, the step's forward in runner_forward.py."""
+    KV cache's allocation in runner_kv_cache.py, the step's forward in runner_forward.py, the
+    memory profile's step in runner_profile.py."""
 
     def __init__(self, model, kernel, backend, device: torch.device, block_size: int,
                  vocab_size: int, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
@@ -147,113 +148,6 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward):
     def requests(self) -> dict[str, RunnerRequest]:
         return self.batch.requests
 
-    @runner_grad_mode
-    def profile_run(self, num_tokens: int) -> None:
-        """The memory profile's step (``core/memory_profile.py``): ``num_tokens`` tokens over
-        ``max_num_seqs`` rows, decodes first, prompts of at most ``max_model_len`` (a longer
-        one would index rotary tables, sized by the model's context, past their end); then one
-        chunk of prompt logprobs (``prompt_logprob_chunk`` rows, top ``PROFILE_LOGPROBS``); the
-        logits of its sampled rows through the sampler's widest path, and the greedy argmax;
-        with speculative decoding the rejection sampler where drafts carry a distribution, then
-        the proposer's own forward (``SpecDecodeRunner.profile``, its peak measured alone too).
-
-        Its K/V go to one block per layer (every table entry is block 0: the values do not
-        matter, the shapes do), so the profile leaves no freed cache blocks behind that no
-        activation fits. Sets ``profile_peak_bytes`` (the allocator's peak over the step,
-        above what was allocated before it; 0 where the device reports none) and
-        ``logits_row_bytes``."""
-        from tessellm.core.memory_profile import profile_sampling_params, profile_shape
-        from tessellm.core.sampling_params import SamplingParams
-
-        bs = self.block_size
-        spec_tokens, spec_seqs = 0, None
-        if self.spec is not None:
-            spec_tokens = self.spec.config.num_speculative_tokens
-            spec_seqs = self.spec.config.max_verifying_seqs(self.max_num_seqs)
-        shape = profile_shape(num_tokens, self.max_num_seqs, self.max_model_len, spec_tokens,
-                              spec_seqs)
-        self.profile_tokens = num_tokens = shape.num_tokens
-        counts = list(shape.counts)
-        tables = PersistentBlockTable(-(-self.max_model_len // bs), rows=len(counts))
-        params = SamplingParams(max_tokens=1)
-        states = [RunnerRequest(f"profile-{i}", [0] * n, n, params, [0] * -(-n // bs), 0,
-                                tables.add([0] * -(-n // bs))) for i, n in enumerate(counts)]
-        self.allocate_kv_cache(1, self.dtype)
-        before = _allocated(self.device)
-        _reset_peak(self.device)
-        host = build_inputs(states, counts, [0] * len(counts), tables, bs, self.steps.input_token,
-                            self.table_width_multiple)  # the table's stride class of real steps
-        ids, positions, attn, _ = self._eager_tensors(host, counts)
-        if self.mamba is not None:
-            self.mamba.begin_step(states, counts, profile=True)
-        hidden = self.model(ids, positions, self._metadata(attn), self.io.dummy(num_tokens))
-        rows = torch.arange(num_tokens - shape.sampled_rows, num_tokens, device=hidden.device)
-        tensors = None  # a proposer reading the step's hidden states keeps them while it samples
-        if self.spec is not None and self.spec.wants_tensors:
-            tensors = StepTensors(ids, positions, attn.slot_mapping, attn, rows, None, hidden,
-                                  getattr(self.model, "aux_hidden_states", None))
-        if self.pp.is_last and self.pooler is None:
-            self._profile_prompt_logprobs(hidden, shape.prompt_logprob_rows)
-            logits = self.model.compute_logits(hidden[rows])
-            del hidden
-            self.logits_row_bytes = logits.shape[-1] * logits.element_size()
-            if not self.host_sampling:  # greedy's argmax kernel compiles here, not in the first
-                self.sampler.argmax(logits)  # greedy step (LLM(...) runs no kernel warm-up)
-                self._profile_sampler(logits, profile_sampling_params(logits.shape[-1]))
-            del logits
-        hidden = None
-        step_peak = 0
-        if self.spec is not None:  # then its proposal: a drafter's own forward, measured alone
-            self.backend.synchronize()
-            step_peak = _peak(self.device)
-            _reset_peak(self.device)
-            start = _allocated(self.device)
-            self.spec.profile(counts, bs, tensors)
-            self.backend.synchronize()
-            self.spec.profile_peak_bytes = max(0, _peak(self.device) - start)
-            self.spec.profile_tokens = num_tokens
-        del tensors
-        if self.encoder_cache is not None:  # the vision tower's peak too
-            self.encoder_cache.profile(num_tokens)
-        self.backend.synchronize()
-        self.profile_peak_bytes = max(0, _peak(self.device) - before, step_peak - before)
-        self.allocate_kv_cache(0, self.dtype)
-
-    def _profile_prompt_logprobs(self, hidden: torch.Tensor, n: int) -> None:
-        """One chunk of prompt logprobs over ``n`` of ``hidden``'s rows, top
-        ``PROFILE_LOGPROBS`` each, as a step with a long prompt asking for them computes it."""
-        from tessellm.core.memory_profile import PROFILE_LOGPROBS
-        from tessellm.core.sampling_params import SamplingParams
-
-        if n < 1:
-            return
-        k = min(PROFILE_LOGPROBS, self.vocab_size)
-        state = RunnerRequest("profile-prompt-logprobs", [0] * (n + 1), n + 1,
-                              SamplingParams(prompt_logprobs=k, max_tokens=1), [], 0)
-        prompt_logprobs(self.model, hidden, [(state, 0, 0, n)], n)
-
-    def _profile_sampler(self, logits: torch.Tensor, params) -> None:
-        """The sampler over ``logits``' rows, each a request using ``params`` (one sampled
-        output token so far: penalties read it); then, where drafts carry their distribution,
-        the rejection sampler over the same rows as verifying requests (``_sample``)."""
-        from tessellm.core.sampling_metadata import build_sampling_batch
-
-        rows = [RunnerRequest(f"profile-sample-{i}", [0, 1], 1, params, [], 1)
-                for i in range(logits.shape[0])]
-        batch = build_sampling_batch(rows, lambda i: 0, self.sampler.device, self.vocab_size,
-                                     self.eos_token_ids)
-        state = self.sampler.generator.get_state()  # the engine's draws stay those of its seed
-        self.sampler(logits, batch)
-        del batch
-        verify = (self.spec.profile_verify_rows(logits.shape[0], logits.shape[-1], params,
-                                                self.sampler.device) if self.spec is not None else None)
-        if verify is not None:  # drafts with their distribution: the rejection sampler's rows
-            rows, sampling, starts = verify
-            batch = build_sampling_batch(rows, lambda i: 0, self.sampler.device, self.vocab_size,
-                                         self.eos_token_ids)
-            self._sample(logits, batch, sampling, starts)
-        self.sampler.generator.set_state(state)
-
     # -- steps -----------------------------------------------------------------------------
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -265,7 +159,34 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward):
 
     @runner_grad_mode
     def execute_async(self, sched: SchedulerOutput) -> StepHandle:
-        """Launch one step; its ``StepHandle.result()`` waits for the sampled tokens."""
+        """Launch one step; its ``StepHandle.result()`` waits for the sampled tokens: the
+        scheduler's deltas and the cache's transfers applied (``_begin_step``), the step's rows
+        in order (``_step_rows``), its host inputs (``_host_inputs``), the forward, the
+        sampler (``_launch_sampling``), then the states advanced (``_end_step``)."""
+        out = self._begin_step(sched)
+        order, states, counts, num_sampled = self._step_rows(sched, out)
+        host = self._host_inputs(sched, order, states, counts, num_sampled)
+        if self.pooler is not None:  # an embedding model: pooled vectors, nothing sampled
+            self._pool(host, sched, states, counts, out)
+            for state, n in zip(states, counts):
+                state.num_computed_tokens += n
+            self.save_external_kv(sched.kv_connector_meta)
+            return StepHandle.done(out)
+        logits = self._forward(host, states, counts, out)
+        if sched.state_saves or sched.state_saves_if_accepted:  # prefix caching: states at
+            rows = {st.request_id: (st.num_computed_tokens, n)  # block boundaries (state_prefix.py)
+                    for st, n in zip(states, counts) if st.request_id in sched.state_saves_if_accepted}
+            self.mamba.save(sched.state_saves, sched.state_saves_if_accepted, rows)
+        handle = StepHandle.done(out)
+        if logits is not None:
+            handle = self._launch_sampling(sched, logits, states, counts, num_sampled, out)
+        self._end_step(sched, handle, order, states, counts)
+        return handle
+
+    def _begin_step(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """The scheduler's deltas applied to the batch, the cache's transfers (the host tier's,
+        a KV connector's loads) done before anything reads or writes it, the requests dropped
+        forgotten by every part that keeps per-request state; the step's output to fill."""
         self.batch.apply(sched, samples_here=self.pp.is_last)
         self.guard_external_kv_reads(sched)  # a KV connector's saves still reading reused blocks
         if sched.kv_transfers:  # the host KV tier: before anything reads or writes the cache
@@ -279,8 +200,13 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward):
             self.mamba.drop(sched.dropped_request_ids)
         if self.spec is not None:
             self.spec.drop(sched)
-        out = ModelRunnerOutput(kv_load_failed=failed_loads, kv_loads_finished=loaded,
-                                kv_saves=self.settled_external_saves())
+        return ModelRunnerOutput(kv_load_failed=failed_loads, kv_loads_finished=loaded,
+                                 kv_saves=self.settled_external_saves())
+
+    def _step_rows(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> tuple:
+        """``(order, states, counts, num_sampled)``: the step's requests, decodes first (a
+        recurrent-state model's verifies last), their states, query tokens and sampled rows
+        (None: one each). Steps ahead with reserved drafts start after the steps in flight."""
         scheduled, ns = sched.num_scheduled_tokens, sched.num_sampled_tokens
         if sched.spec_ahead:  # where they start and what they verify: after the steps in flight
             self.steps.resolve_all()
@@ -293,6 +219,13 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward):
         # ns values >= 1: all ones exactly when they sum to the count
         one_each = len(ns) == len(order) and sum(ns.values()) == len(ns)
         num_sampled = None if one_each else [ns.get(r, 0) for r in order]
+        return order, states, counts, num_sampled
+
+    def _host_inputs(self, sched: SchedulerOutput, order: list, states: list, counts: list,
+                     num_sampled):
+        """The step's flat host inputs (``build_inputs``), with the LoRA slots, the recurrent
+        state slots and multimodal rotary positions of its rows; the steps in flight resolved
+        first where the step needs their tokens on the host."""
         if (self.host_sampling or len(self.steps.unresolved) >= 2
                 or any(s.params.needs_history for s in states)):
             # at most two steps in flight; penalties and bad words read every token; sampled on the host,
@@ -309,36 +242,35 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward):
                                   within=sched.state_saves_within)
         if self.mrope is not None:  # rotary positions: delta added, [3, T] over image tokens
             host.positions = self.mrope.positions(states, counts, host.positions, host.query_start_loc)
-        if self.pooler is not None:  # an embedding model: pooled vectors, nothing sampled
-            self._pool(host, sched, states, counts, out)
-            for state, n in zip(states, counts):
-                state.num_computed_tokens += n
-            self.save_external_kv(sched.kv_connector_meta)
-            return StepHandle.done(out)
-        logits = self._forward(host, states, counts, out)
-        if sched.state_saves or sched.state_saves_if_accepted:  # prefix caching: states at
-            rows = {st.request_id: (st.num_computed_tokens, n)  # block boundaries (state_prefix.py)
-                    for st, n in zip(states, counts) if st.request_id in sched.state_saves_if_accepted}
-            self.mamba.save(sched.state_saves, sched.state_saves_if_accepted, rows)
-        handle = StepHandle.done(out)
-        if logits is not None:
-            rows, out_pos, sampling_states, starts = _sampled_rows(states, counts, num_sampled)
-            batch = build_sampling_batch(rows, out_pos, self.sampler.device, self.vocab_size,
-                                         self.eos_token_ids)
+        return host
 
-            def sample(bitmask, bitmask_rows: dict[str, int]) -> StepHandle:
-                if bitmask is not None:  # structured output: disallowed tokens -> -inf
-                    apply_grammar_bitmask(logits, [r.request_id for r in rows], bitmask_rows, bitmask,
-                                          self.logits_ops, self.mask_upload)
-                sampled = self._sample(logits, batch, sampling_states, starts)
-                return self.steps.launch_readback(sampling_states, starts, sampled, out)
+    def _launch_sampling(self, sched: SchedulerOutput, logits, states: list, counts: list,
+                         num_sampled, out: ModelRunnerOutput) -> StepHandle:
+        """The sampled rows' logits masked (structured output) and sampled, their readback
+        started; a ``grammar_deferred`` step's sampling waits for ``sample_deferred``."""
+        rows, out_pos, sampling_states, starts = _sampled_rows(states, counts, num_sampled)
+        batch = build_sampling_batch(rows, out_pos, self.sampler.device, self.vocab_size,
+                                     self.eos_token_ids)
 
-            if sched.grammar_deferred:  # the mask comes later (sample_deferred)
-                if self._deferred is not None:
-                    raise RuntimeError("A step still waits for its grammar mask; call sample_deferred first.")
-                handle = self._deferred = DeferredSample(sample)
-            else:
-                handle = sample(sched.grammar_bitmask, sched.grammar_bitmask_rows)
+        def sample(bitmask, bitmask_rows: dict[str, int]) -> StepHandle:
+            if bitmask is not None:  # structured output: disallowed tokens -> -inf
+                apply_grammar_bitmask(logits, [r.request_id for r in rows], bitmask_rows, bitmask,
+                                      self.logits_ops, self.mask_upload)
+            sampled = self._sample(logits, batch, sampling_states, starts)
+            return self.steps.launch_readback(sampling_states, starts, sampled, out)
+
+        if sched.grammar_deferred:  # the mask comes later (sample_deferred)
+            if self._deferred is not None:
+                raise RuntimeError("A step still waits for its grammar mask; call sample_deferred first.")
+            self._deferred = DeferredSample(sample)
+            return self._deferred
+        return sample(sched.grammar_bitmask, sched.grammar_bitmask_rows)
+
+    def _end_step(self, sched: SchedulerOutput, handle, order: list, states: list,
+                  counts: list) -> None:
+        """The states advanced (the one place they move), the blocks the step filled queued
+        for a KV connector's saves after it, and speculative decoding's record of the step
+        (proposing now where it sampled nothing: a draft fills its KV cache)."""
         for state, n in zip(states, counts):  # the one place the runner's states advance
             state.num_computed_tokens += n
         self.save_external_kv(sched.kv_connector_meta)  # blocks this step filled, queued after it
@@ -347,7 +279,6 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward):
             self._step_tensors = None
             if handle.steps is None:  # sampled nothing: propose now (a draft fills its KV cache)
                 self.spec.propose(handle, self.batch.requests)
-        return handle
 
     def _sample(self, logits, batch, sampling_states, starts):
         """The sampler, or the rejection sampler when drafts carry a draft distribution."""
@@ -390,27 +321,3 @@ def _sampled_rows(states: list[RunnerRequest], counts: list[int], num_sampled: O
         sampling.append(st)
         starts.append(starts[-1] + s)
     return rows, out_pos.__getitem__, sampling, starts
-
-
-def _memory_stats(device: torch.device) -> dict:
-    """``torch.accelerator``'s allocator statistics for ``device``; {} where it has none (the
-    cpu, XLA, a torch without them)."""
-    acc = getattr(torch, "accelerator", None)
-    if (device.type == "cpu" or acc is None or not hasattr(acc, "memory_stats")
-            or not acc.is_available() or acc.current_accelerator().type != device.type):
-        return {}
-    return acc.memory_stats(device)
-
-
-def _allocated(device: torch.device) -> int:
-    """Bytes the device's caching allocator has handed out (0 where it reports none)."""
-    return int(_memory_stats(device).get("allocated_bytes.all.current", 0))
-
-
-def _peak(device: torch.device) -> int:
-    return int(_memory_stats(device).get("allocated_bytes.all.peak", 0))
-
-
-def _reset_peak(device: torch.device) -> None:
-    if _memory_stats(device):
-        torch.accelerator.reset_peak_memory_stats(device)
