@@ -112,14 +112,19 @@ class LLM:
         self.shutdown()
 
     def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None, priority: Optional[list[int]] = None
+                 ) -> list[RequestOutput]:
         """Prompts: a str, a list of str, token-id dicts, ``{"prompt_embeds": tensor[tokens,
         hidden]}`` (with ``enable_prompt_embeds=True``), or a list of those. Outputs keep input order.
+        ``priority``: vLLM's; only zeros (requests are served first come, first served).
 
         ``lora_request``: a ``tessellm.lora.LoRARequest`` for every prompt, or a list with one
         (or None: the base model) per prompt; needs ``LLM(enable_lora=True)``."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if priority is not None and any(priority):
+            raise ValueError("generate(priority=...): tessellm serves requests first come, first served "
+                             "(vLLM's scheduling_policy 'fcfs'); leave priority out or give zeros.")
         params = _per_prompt(sampling_params, len(prompts), self.get_default_sampling_params)
         loras = _per_prompt_lora(lora_request, len(prompts))
         ids = []

@@ -118,6 +118,11 @@ def test_llm_runs_with_vllm_kwargs(llm):
     assert llm.engine.core.info.num_kv_blocks == 40
     out = llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
+    same = llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False,
+                        priority=[0])
+    assert same[0].outputs[0].token_ids == out[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="first come, first served"):
+        llm.generate(["Hello"], SamplingParams(max_tokens=1), use_tqdm=False, priority=[1])
 
 
 def test_sampling_params_truncate_prompt_tokens(llm):
