@@ -33,7 +33,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' "
+    g.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY', any of the keys given "
                    "(default: $TESSELLM_API_KEY; none: no key needed)")
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use for the model (default: MODEL as given)")
@@ -107,6 +108,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="usage carries prompt_tokens_details.cached_tokens (prefix-cache hits)")
     g.add_argument("--enable-force-include-usage", action="store_true",
                    help="every stream ends with a usage chunk, as with stream_options.include_usage")
+    g.add_argument("--log-config-file", default=None, metavar="FILE.json",
+                   help="a JSON logging.config.dictConfig for tessellm's and uvicorn's loggers")
     g.add_argument("--ssl-keyfile", default=None, help="HTTPS: the private key file")
     g.add_argument("--ssl-certfile", default=None, help="HTTPS: the certificate file")
     g.add_argument("--ssl-ca-certs", default=None, help="HTTPS: CA certificates to verify clients with")
@@ -191,6 +194,11 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        log_config = apply_log_config(getattr(args, "log_config_file", None))
+    except ValueError as exc:
+        print(f"tessellm serve: {exc}", file=sys.stderr)
+        return 2
     resolve_model_flag(args)
     from tessellm.core.engine_process import EngineStartupError
     from tessellm.entrypoints.async_llm import AsyncLLM
@@ -231,7 +239,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     server = draining_server(uvicorn.Config(
         app, log_level=args.uvicorn_log_level, access_log=not args.no_access_log, timeout_graceful_shutdown=5,
-        h11_max_incomplete_event_size=2 * config.max_header_bytes + 8192, **ssl),
+        h11_max_incomplete_event_size=2 * config.max_header_bytes + 8192, **ssl,
+        **({"log_config": log_config} if log_config else {})),
         app.state.lifecycle,
         args.shutdown_timeout)
     try:
@@ -244,6 +253,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _run_ray_serve(args: argparse.Namespace) -> int:
     """``--ray``: the same app on Ray Serve replicas (tessellm/entrypoints/ray_serve/)."""
+    if len(args.api_key or ()) > 1:
+        print("tessellm serve --ray: one --api-key (the Ray Serve ingress checks a single key).",
+              file=sys.stderr)
+        return 2
     if getattr(args, "data_parallel_size", 1) > 1:
         print("tessellm serve --ray: --data-parallel-size runs engine cores on one host; on Ray "
               "Serve scale out with --num-replicas instead (docs/ray_serve.md).", file=sys.stderr)
@@ -259,6 +272,25 @@ def _run_ray_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tessellm serve --ray: {exc}", file=sys.stderr)
         return 2
+
+
+def apply_log_config(path: Optional[str]) -> Optional[dict]:
+    """vLLM's --log-config-file: a JSON ``logging.config.dictConfig`` for tessellm's loggers and
+    uvicorn's; applied now (the engine core process keeps its own logging)."""
+    if not path:
+        return None
+    import json
+    import logging.config
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        logging.config.dictConfig(config)
+    except OSError as exc:
+        raise ValueError(f"--log-config-file {path}: {exc.strerror}.") from None
+    except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--log-config-file {path} is not a JSON logging dictConfig ({exc}).") from None
+    return config
 
 
 def _ssl_options(args: argparse.Namespace) -> dict:
@@ -291,6 +323,13 @@ def _server_config(args: argparse.Namespace):
     from tessellm.entrypoints.openai.server_config import ServerConfig
 
     names = args.served_model_name or [args.model if args.model is not None else DEFAULT_SERVED_NAME]
+    keys = list(args.api_key or ([envs.api_key()] if envs.api_key() else []))
+    if any(not k for k in keys):
+        raise ValueError("--api-key: a key may not be empty.")
+    for key in keys[1:]:  # --api-key takes every word after it, as vLLM's
+        if os.path.exists(key) or key.endswith(".gguf"):
+            raise ValueError(f"--api-key took {key!r} as a key, but it names a file; put MODEL before "
+                             "--api-key (which takes every word after it).")
     flags = {"max_body_bytes": "max-request-body-bytes"}
     for name in ("max_n", "max_logprobs", "max_prompts", "max_body_bytes", "max_header_bytes"):
         if getattr(args, name) < 1:
@@ -305,7 +344,7 @@ def _server_config(args: argparse.Namespace):
     if args.sse_keepalive <= 0:
         raise ValueError(f"--sse-keepalive must be > 0 seconds, got {args.sse_keepalive}.")
     return ServerConfig(
-        served_model_names=list(names), api_key=args.api_key or envs.api_key(),
+        served_model_names=list(names), api_key=keys[0] if keys else None, extra_api_keys=tuple(keys[1:]),
         chat_template=read_chat_template(args.chat_template), max_n=args.max_n,
         max_logprobs=args.max_logprobs, max_tokens=args.max_tokens_limit, max_prompts=args.max_prompts,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,

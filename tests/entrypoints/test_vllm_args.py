@@ -259,3 +259,34 @@ def test_config_through_the_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tessellm.entrypoints.cli", "serve", "--config", str(cfg)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "argument --cpu-offload-gb: 8.0 is not supported" in out.stderr, out.stderr
+
+
+def test_log_config_file(tmp_path):
+    """vLLM's --log-config-file: a JSON dictConfig, applied (here: the tessellm logger's level and
+    handler); a bad file is one error naming the flag."""
+    import logging
+
+    from tessellm.entrypoints.serve import apply_log_config
+
+    log_file = tmp_path / "out.log"
+    cfg = {"version": 1, "disable_existing_loggers": False,
+           "handlers": {"f": {"class": "logging.FileHandler", "filename": str(log_file)}},
+           "loggers": {"tessellm.test_log_config": {"handlers": ["f"], "level": "WARNING", "propagate": False}}}
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps(cfg))
+    args = build_parser().parse_args(["serve", "--log-config-file", str(path)])
+    assert apply_log_config(args.log_config_file) == cfg
+    logger = logging.getLogger("tessellm.test_log_config")
+    logger.info("quiet")
+    logger.warning("loud")
+    for h in logger.handlers:
+        h.flush()
+    assert log_file.read_text() == "loud\n"
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="--log-config-file .* is not a JSON logging dictConfig"):
+        apply_log_config(str(path))
+    with pytest.raises(ValueError, match="--log-config-file .*nope.json"):
+        apply_log_config(str(tmp_path / "nope.json"))

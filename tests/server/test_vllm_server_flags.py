@@ -154,3 +154,27 @@ def test_usage_flags(https, http):
     assert set(plain) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
         assert all("usage" not in json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+
+
+def test_several_api_keys(tmp_path):
+    """vLLM's --api-key K1 K2: any of them is accepted (the edge middleware; no engine needed);
+    a word after them that names a file is refused (MODEL put after --api-key)."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from tessellm.entrypoints.cli import build_parser
+    from tessellm.entrypoints.openai.api_server import add_error_handling
+    from tessellm.entrypoints.openai.lifecycle import Lifecycle
+    from tessellm.entrypoints.serve import _server_config
+
+    config = _server_config(build_parser().parse_args(["serve", "--api-key", "k1", "k2"]))
+    assert (config.api_key, config.extra_api_keys) == ("k1", ("k2",))
+    app = FastAPI()
+    app.get("/v1/x")(lambda: {"ok": True})
+    add_error_handling(app, config, Lifecycle())
+    with TestClient(app) as client:
+        for key, status in (("k1", 200), ("k2", 200), ("k3", 401), (None, 401)):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            assert client.get("/v1/x", headers=headers).status_code == status, key
+    with pytest.raises(ValueError, match="put MODEL before --api-key"):
+        _server_config(build_parser().parse_args(["serve", "--api-key", "k1", str(tmp_path)]))

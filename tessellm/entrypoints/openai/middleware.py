@@ -79,8 +79,11 @@ class EdgeMiddleware:
         if not auth:
             return OpenAIError("You didn't provide an API key. Send it in the Authorization header "
                                "as 'Bearer YOUR_KEY'.", 401, None, "missing_api_key")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
-                                                                    self.config.api_key.encode()):
+        given = token.strip().encode()
+        keys = (self.config.api_key, *self.config.extra_api_keys)
+        # every key compared (no early exit): the time taken says nothing about which matched
+        matches = [secrets.compare_digest(given, k.encode()) for k in keys]
+        if scheme.lower() != "bearer" or not any(matches):
             return OpenAIError("Incorrect API key provided.", 401, None, "invalid_api_key")
         return None
 

@@ -10,6 +10,7 @@ from typing import Any, Optional
 class ServerConfig:
     served_model_names: list[str]  # the first one is reported in responses
     api_key: Optional[str] = None  # None: no authentication
+    extra_api_keys: tuple = ()  # --api-key K1 K2 ...: the others, accepted alike (vLLM's list)
     chat_template: Optional[str] = None  # template text (already read from --chat-template)
     tool_call_parser: Optional[str] = None  # --tool-call-parser: parses tool_choice "auto" output
     max_n: int = 16  # most samples per request (n, best_of)
