@@ -240,7 +240,7 @@ def test_a_claim_lasts_until_its_send_however_late(reports, monkeypatch):
         cancelled.future.cancel()
         assert router.replica_loads([a, b], 96) == {"a": 1 + 1, "b": 1 + 1}
         router.on_send_request(b.replica_id)
-        assert router._routed == {moved.metadata.internal_request_id: "b"}
+        assert router._routed == {(moved.metadata.internal_request_id, "b"): 1}
         first.future.set_result(a)
         router.on_send_request(a.replica_id)
         assert router._claims == {} and router._sent == {"a": 1, "b": 1}
@@ -250,6 +250,63 @@ def test_a_claim_lasts_until_its_send_however_late(reports, monkeypatch):
         await router.choose_replicas([a, b], retry)
         await router.choose_replicas([a, b], retry)
         assert len(router._claims) == 1
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("late", ["before the retry's send", "after it", "after the retry's end"])
+def test_a_rejected_send_retried_elsewhere_counts_at_each_until_its_own_completion(reports, late):
+    """Serve 2.60 sends with its rejection protocol (strict max_ongoing_requests, the default): a
+    replica that is full rejects the request, Serve cancels that send and routes the request
+    again under the same internal id. The cancelled send's completion is an RPC away and may
+    come after the retry's send, or its end; it ends the count at the replica that rejected it,
+    not the retry's (the retry's own completion ends that one), and leaves the retry's claim."""
+    router = _router(balance="load")
+    a, b = _replica("a", reports["idle"]), _replica("b", reports["idle"])
+    p = []
+
+    def rejected_send_ends():
+        router.on_request_completed(a.replica_id, p[0].metadata.internal_request_id)
+
+    async def go():
+        p.append(_pending([]))
+        await router.choose_replicas([a, b], p[0])
+        p[0].future.set_result(a)
+        router.on_send_request(a.replica_id)
+        router.on_new_queue_len_info(a.replica_id, 256)  # rejected: a was full
+        p[0].reset_future()  # Serve's retry
+        await router.choose_replicas([a, b], p[0])
+        if late == "before the retry's send":
+            rejected_send_ends()
+            assert len(router._claims) == 1 and router._sent == {}  # the retry's claim stands
+        p[0].future.set_result(b)
+        router.on_send_request(b.replica_id)
+
+    asyncio.run(go())
+    if late == "after it":
+        rejected_send_ends()
+    assert router._sent == ({"a": 1, "b": 1} if late == "after the retry's end" else {"b": 1})
+    router.on_request_completed(b.replica_id, p[0].metadata.internal_request_id)
+    if late == "after the retry's end":
+        assert router._sent == {"a": 1}
+        rejected_send_ends()
+    assert router._sent == {} and router._routed == {} and router._unnamed == {} and router._claims == {}
+
+
+def test_a_failed_send_ends_its_claim_and_no_other_count(reports):
+    """A send that raised (Serve calls on_request_completed for it, with no send before) ends
+    its claim and leaves the counts of the requests sent there alone."""
+    router = _router(balance="load")
+    a = _replica("a", reports["idle"])
+
+    async def go():
+        sent, failed = _pending([]), _pending([])
+        for p in (sent, failed):
+            await router.choose_replicas([a], p)
+            p.future.set_result(a)
+        router.on_send_request(a.replica_id)
+        router.on_request_completed(a.replica_id, failed.metadata.internal_request_id)
+        assert router._sent == {"a": 1} and router._claims == {}
 
     asyncio.run(go())
 

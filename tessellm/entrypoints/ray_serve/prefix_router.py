@@ -92,7 +92,10 @@ class PrefixAffinityRouter(RequestRouter):
         self._chunk_tokens = chunk_tokens
         self._index = PrefixIndex(max_entries_per_replica)
         self._sent: Counter = Counter()  # replica unique id -> this router's requests sent, not completed
-        self._routed: dict[str, str] = {}  # internal request id -> replica unique id, once sent
+        # (internal request id, replica unique id) -> its sends there not completed: a request
+        # Serve retries after a rejection is sent twice, and the rejected send's completion may
+        # come after the retry's send (Serve's cancel is an RPC)
+        self._routed: Counter = Counter()
         self._unnamed: Counter = Counter()  # replica unique id -> sent requests with no claim to name them
         self._known: frozenset = frozenset()
         self._claims: dict[str, _Claim] = {}  # internal request id -> its claim (``load`` only)
@@ -129,7 +132,7 @@ class PrefixAffinityRouter(RequestRouter):
         key = self._sent_claim(uid)
         claim = self._claims.pop(key) if key is not None else None
         if claim is not None and claim.named:
-            self._routed[key] = uid
+            self._routed[key, uid] += 1
         else:
             self._unnamed[uid] += 1
         self._sent[uid] += 1
@@ -153,13 +156,21 @@ class PrefixAffinityRouter(RequestRouter):
             self._index.record(replica_id.unique_id, chain)  # where it really went (the second rank, if the first was full)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._claims.pop(internal_request_id, None)  # it ended before its send
-        uid = self._routed.pop(internal_request_id, None)
-        if uid is None and self._unnamed.get(replica_id.unique_id, 0) > 0:
-            uid = replica_id.unique_id
+        """A request Serve sent to ``replica_id`` ended, or one chosen for it ended unsent (its
+        send raised; a reservation's request). Only that replica's count drops: a request
+        rejected there and retried elsewhere completes once for each."""
+        uid = replica_id.unique_id
+        if self._routed.get((internal_request_id, uid), 0) > 0:
+            _decrement(self._routed, (internal_request_id, uid))
+        else:
+            claim = self._claims.get(internal_request_id)
+            if claim is not None and claim.request.future.done() and claim.target() == uid:
+                del self._claims[internal_request_id]  # it ended before its send
+                return
+            if self._unnamed.get(uid, 0) <= 0:
+                return
             _decrement(self._unnamed, uid)
-        if uid is not None:
-            _decrement(self._sent, uid)
+        _decrement(self._sent, uid)
 
     def replica_loads(self, replicas: list[RunningReplica], num_prompt_tokens: int,
                       num_samples: int = 1) -> dict[str, int]:
@@ -205,7 +216,7 @@ class PrefixAffinityRouter(RequestRouter):
                 for uid in [u for u in counts if u not in ids]:
                     del counts[uid]
             self._claims = {key: c for key, c in self._claims.items() if c.target() in ids}
-            self._routed = {rid: uid for rid, uid in self._routed.items() if uid in ids}
+            self._routed = Counter({key: n for key, n in self._routed.items() if key[1] in ids})
             self._known = ids
 
 
