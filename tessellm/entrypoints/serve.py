@@ -46,7 +46,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "itself for a gpt-oss model")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM compatibility: --tool-call-parser alone enables it")
-    g.add_argument("--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["trace", "debug", "info", "warning", "error", "critical"])
     g.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C, refuse new requests (503) and let those in flight finish for at "

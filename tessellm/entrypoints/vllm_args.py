@@ -76,6 +76,25 @@ ENGINE: tuple[VllmArg, ...] = (
     VllmArg("mm_processor_cache_gb", "noop", "images are processed per request, nothing cached", float),
     VllmArg("tokenizer_pool_size", "noop", "removed in vLLM; prompts are tokenized in the API process", int),
     VllmArg("disable_async_output_proc", "noop", "outputs are always processed beside the next step", bool),
+    # older vLLM releases' flags, still in many scripts
+    VllmArg("enable_reasoning", "noop", "--reasoning-parser alone turns reasoning on (as in newer vLLM)", bool),
+    VllmArg("use_v2_block_manager", "noop", "removed in vLLM; tessellm has one block manager", bool),
+    VllmArg("num_scheduler_steps", "noop", "removed in vLLM (multi-step scheduling); tessellm schedules "
+            "every step (--async-scheduling overlaps them)", int),
+    VllmArg("multi_step_stream_outputs", "noop", "removed in vLLM; every step's tokens stream", bool),
+    VllmArg("scheduler_delay_factor", "noop", "waiting requests are scheduled at the next step", float),
+    VllmArg("max_context_len_to_capture", "noop", _GRAPHS, int),
+    VllmArg("ray_workers_use_nsight", "noop", "profile with nsys around the whole command", bool),
+    VllmArg("tokenizer_pool_type", "noop", "removed in vLLM; prompts are tokenized in the API process"),
+    VllmArg("tokenizer_pool_extra_config", "noop", "removed in vLLM; prompts are tokenized in the API process"),
+    VllmArg("speculative_model", "neutral", "give speculative decoding as --speculative-config "
+            "'{\"method\": \"draft_model\", \"model\": DIR, \"num_speculative_tokens\": 3}' (or "
+            "\"ngram\", \"eagle\", ...; docs/speculative_decoding.md)"),
+    VllmArg("num_speculative_tokens", "neutral", "give it inside --speculative-config "
+            "'{\"method\": ..., \"num_speculative_tokens\": N}' (docs/speculative_decoding.md)", int),
+    VllmArg("worker_use_ray", "neutral", "use --distributed-executor-backend ray", bool, neutral=(False,)),
+    VllmArg("enable_lora_bias", "neutral", "adapters train no biases here; use adapters without "
+            "lora_bias", bool, neutral=(False,)),
     # only the value that changes nothing
     VllmArg("tokenizer_mode", "neutral", "tessellm loads the model's Hugging Face tokenizer; give "
             "--tokenizer DIR for another one", neutral=("auto", "hf", "slow")),

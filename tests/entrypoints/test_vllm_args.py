@@ -24,8 +24,10 @@ VLLM_COMMAND = [
     "--rope-scaling", '{"rope_type": "dynamic", "factor": 2.0}', "--rope-theta", "1e6",
     "-q", "fp8", "--hf-token", "hf_x", "--max-num-partial-prefills", "2", "--logprobs-mode", "raw_logprobs",
     "--no-enable-prefix-caching", "--max-model-len", "512",
+    # older vLLM releases' flags
+    "--enable-reasoning", "--use-v2-block-manager", "--num-scheduler-steps", "8", "--scheduler-delay-factor", "0.5",
 ]
-SERVE_ONLY = ["--disable-uvicorn-access-log", "--disable-frontend-multiprocessing", "--max-log-len", "100",
+SERVE_ONLY = ["--uvicorn-log-level", "critical", "--disable-uvicorn-access-log", "--disable-frontend-multiprocessing", "--max-log-len", "100",
               "--enable-log-outputs", "--disable-fastapi-docs", "--api-server-count", "1",
               "--chat-template-content-format", "string", "--h11-max-incomplete-event-size", "4194304"]
 
@@ -65,6 +67,9 @@ def test_rope_flags_join_hf_overrides():
     (["--tool-parser-plugin", "p.py"], "--tool-parser-plugin", "--tool-call-parser"),
     (["--otlp-traces-endpoint", "http://x"], "--otlp-traces-endpoint", "/metrics"),
     (["--compilation-config", "{bad"], "--compilation-config", None),  # not JSON is fine (-O3)
+    (["--speculative-model", "/d", "--num-speculative-tokens", "3"], "--speculative-model", "--speculative-config"),
+    (["--num-speculative-tokens", "3"], "--num-speculative-tokens", "--speculative-config"),
+    (["--worker-use-ray"], "--worker-use-ray", "--distributed-executor-backend ray"),
 ])
 def test_a_value_that_would_change_something_is_refused_by_name(capsys, argv, flag, hint):
     parser = build_parser()
