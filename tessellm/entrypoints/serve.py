@@ -18,7 +18,7 @@ from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from tessellm import envs
 from tessellm.entrypoints.engine_args import (DEFAULT_SERVED_NAME, add_engine_arguments,  # noqa: F401
                                            engine_args_from)
-from tessellm.entrypoints.vllm_args import add_vllm_server_arguments
+from tessellm.entrypoints.vllm_args import add_vllm_server_arguments, parsed_vllm_args
 
 logger = logging.getLogger("tessellm.serve")
 
@@ -325,6 +325,9 @@ def _server_config(args: argparse.Namespace):
 
     names = args.served_model_name or [args.model if args.model is not None else DEFAULT_SERVED_NAME]
     keys = list(args.api_key or ([envs.api_key()] if envs.api_key() else []))
+    vllm = parsed_vllm_args(args)  # --enable-log-requests, ... (vllm_args.py)
+    if vllm.get("max_log_len") is not None and vllm["max_log_len"] < 0:
+        raise ValueError(f"--max-log-len must be >= 0, got {vllm['max_log_len']}.")
     if any(not k for k in keys):
         raise ValueError("--api-key: a key may not be empty.")
     for key in keys[1:]:  # --api-key takes every word after it, as vLLM's
@@ -361,7 +364,9 @@ def _server_config(args: argparse.Namespace):
         middleware=list(getattr(args, "middleware", None) or []),
         request_id_headers=getattr(args, "enable_request_id_headers", False),
         prompt_tokens_details=getattr(args, "enable_prompt_tokens_details", False),
-        force_include_usage=getattr(args, "enable_force_include_usage", False))
+        force_include_usage=getattr(args, "enable_force_include_usage", False),
+        log_requests=bool(vllm.get("enable_log_requests")), log_outputs=bool(vllm.get("enable_log_outputs")),
+        max_log_len=vllm.get("max_log_len"))
 
 
 def _root_path(value: str) -> str:

@@ -39,7 +39,7 @@ class VllmArg:
 
 _NO_DOWNLOAD = "tessellm never downloads; a model is a directory, a .gguf file or a repo in the local Hugging Face cache"
 _GRAPHS = "tessellm captures decode graphs by batch size on its own; --enforce-eager turns them off"
-_NO_LOGS = "tessellm never logs prompts or outputs"
+_NO_LOGS = "requests are logged only with tessellm serve --enable-log-requests"
 _ONE_HOST_DP = ("data parallelism here runs its engine cores on one host (-dp N); across hosts use "
                 "Ray Serve replicas (tessellm serve --ray --num-replicas N, docs/ray_serve.md)")
 _PARTIAL = "chunked prefill is scheduled by --max-num-batched-tokens alone"
@@ -50,7 +50,8 @@ ENGINE: tuple[VllmArg, ...] = (
             "architecture it does not implement is refused)", bool),
     VllmArg("disable_log_stats", "noop", "engine statistics are on /metrics, not in the log", bool),
     VllmArg("disable_log_requests", "noop", _NO_LOGS, bool),
-    VllmArg("enable_log_requests", "noop", _NO_LOGS, bool),
+    VllmArg("enable_log_requests", "serve", "tessellm serve: one INFO line (logger tessellm.requests) per "
+            "request: its prompt, token ids and sampling parameters (no effect elsewhere)", bool),
     VllmArg("swap_space", "noop", "preempted requests are recomputed, never swapped to host memory "
             "(as in vLLM V1)", float),
     VllmArg("preemption_mode", "noop", "preempted requests are recomputed"),
@@ -160,9 +161,11 @@ ENGINE: tuple[VllmArg, ...] = (
 SERVER: tuple[VllmArg, ...] = (
     VllmArg("disable_frontend_multiprocessing", "noop", "the API server and the engine core are "
             "always separate processes", bool),
-    VllmArg("max_log_len", "noop", _NO_LOGS, int),
-    VllmArg("enable_log_outputs", "noop", _NO_LOGS, bool),
-    VllmArg("enable_log_deltas", "noop", _NO_LOGS, bool),
+    VllmArg("max_log_len", "serve", "with --enable-log-requests / --enable-log-outputs: at most this "
+            "many characters of text and token ids per logged field (default: all)", int),
+    VllmArg("enable_log_outputs", "serve", "one INFO line (logger tessellm.requests) per finished "
+            "request: its text, token ids and finish reason", bool),
+    VllmArg("enable_log_deltas", "noop", "outputs are logged whole, when a request finishes", bool),
     VllmArg("log_error_stack", "noop", "an unhandled error is always logged with its traceback", bool),
     VllmArg("h11_max_incomplete_event_size", "noop", "the HTTP parser's limit follows --max-header-bytes", int),
     VllmArg("h11_max_header_count", "noop", "headers are limited by their size (--max-header-bytes)", int),
@@ -252,6 +255,8 @@ def _add(group, arg: VllmArg) -> None:
         shown = [v for v in arg.neutral if v not in ({}, [])]
         help_text = (f"vLLM's; only {' or '.join(map(str, shown))}: " if shown else
                      "vLLM's; not supported: ") + arg.why
+    elif arg.kind == "serve":
+        help_text = f"vLLM's: {arg.why}"
     elif arg.kind in ("alias", "hf"):
         help_text = f"vLLM's name for {arg.why}"
     else:

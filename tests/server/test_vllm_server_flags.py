@@ -1,8 +1,8 @@
 """vLLM's server flags that change what a client sees, on one server started with all of them
 as a `vllm serve` deployment would be: HTTPS (--ssl-*), --root-path, CORS (--allowed-origins
 ...), --middleware, --enable-request-id-headers, --response-role, --return-tokens-as-token-ids,
---default-chat-template-kwargs, --trust-request-chat-template, --enable-prompt-tokens-details and
---enable-force-include-usage. Real uvicorn, engine core and
+--default-chat-template-kwargs, --trust-request-chat-template, --enable-prompt-tokens-details,
+--enable-force-include-usage and --enable-log-requests / --enable-log-outputs / --max-log-len. Real uvicorn, engine core and
 the bundled model (conftest.py's launcher)."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def tls_server(tmp_path_factory):
             "--enable-request-id-headers", "--response-role", "helper", "--return-tokens-as-token-ids",
             "--chat-template", str(d / "t.jinja"), "--default-chat-template-kwargs", '{"greeting": "hello"}',
             "--trust-request-chat-template", "--enable-prompt-tokens-details", "--enable-force-include-usage",
-            "--no-kernel-warmup"]
+            "--enable-log-requests", "--enable-log-outputs", "--max-log-len", "12", "--no-kernel-warmup"]
     import os
 
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -178,3 +178,25 @@ def test_several_api_keys(tmp_path):
             assert client.get("/v1/x", headers=headers).status_code == status, key
     with pytest.raises(ValueError, match="put MODEL before --api-key"):
         _server_config(build_parser().parse_args(["serve", "--api-key", "k1", str(tmp_path)]))
+
+
+def test_request_logging(tls_server, https):
+    """--enable-log-requests / --enable-log-outputs: a line per request received and per request
+    finished (streamed too), prompt and output cut to --max-log-len (12) characters and ids."""
+    body = {"model": MODEL, "prompt": "Zebra " * 20, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    out = https.post("/v1/completions", json=body).json()
+    with https.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        r.read()
+    deadline = time.monotonic() + 10
+    while True:
+        lines = tls_server.log_tail(400).splitlines()
+        received = [line for line in lines if "Received request" in line and "prompt: 'Zebra Zebra '," in line]
+        ids = [line.split("Received request ", 1)[1].split(":", 1)[0] for line in received]
+        generated = [line for line in lines for rid in ids if f"Generated response {rid} " in line]
+        if len(generated) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(received) == 2 and "temperature=0" in received[0], lines[-20:]
+    assert len(received[0].split("prompt_token_ids: [", 1)[1].split("]", 1)[0].split(", ")) == 12
+    assert len(generated) == 2, lines[-20:]
+    assert repr(out["choices"][0]["text"][:12]) in generated[0] and "finish_reason: length" in generated[0]

@@ -73,6 +73,10 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None, root_path=config.root_path)
     app.state.engine = engine
     app.state.config = config
+    from tessellm.entrypoints.openai.serving import RequestLog
+
+    # --enable-log-requests / --enable-log-outputs (serving.submit and the output paths read it)
+    engine.request_log = RequestLog(config.log_requests, config.log_outputs, config.max_log_len)
     app.state.lifecycle = Lifecycle()  # draining on SIGTERM (lifecycle.py)
     app.state.metrics = EngineMetrics(config.model_name, CollectorRegistry(), engine.info.max_model_len,
                                       num_engines=engine.cores.size)

@@ -37,6 +37,9 @@ class ServerConfig:
     request_id_headers: bool = False  # --enable-request-id-headers: X-Request-Id on responses
     prompt_tokens_details: bool = False  # --enable-prompt-tokens-details: usage's cached_tokens
     force_include_usage: bool = False  # --enable-force-include-usage: usage at the end of every stream
+    log_requests: bool = False  # --enable-log-requests: prompts and params in the log
+    log_outputs: bool = False  # --enable-log-outputs: finished outputs in the log
+    max_log_len: Optional[int] = None  # --max-log-len: characters / ids per logged field
 
     def lora_for(self, name: Optional[str]):
         """The LoRARequest the ``model`` field names, or None (the base model)."""

@@ -100,16 +100,55 @@ class Submitted:
             engine.abort(rid)
 
 
+@dataclass
+class RequestLog:
+    """vLLM's --enable-log-requests / --enable-log-outputs / --max-log-len: one INFO line (logger
+    ``tessellm.requests``) per request received and, with outputs, per request finished."""
+
+    requests: bool = False
+    outputs: bool = False
+    max_len: Optional[int] = None  # characters of text, ids of a token list; None: all
+
+    def _cut(self, value):
+        if self.max_len is None or value is None:
+            return value
+        return value[:self.max_len]
+
+    def received(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams) -> None:
+        if self.requests:
+            _request_logger.info("Received request %s: prompt: %r, prompt_token_ids: %s, params: %s",
+                                 request_id, self._cut(prompt.prompt), self._cut(list(prompt.prompt_token_ids)),
+                                 params)
+
+    def finished(self, out: RequestOutput) -> None:
+        if self.outputs:
+            for co in out.outputs:
+                _request_logger.info("Generated response %s (sample %d): output: %r, output_token_ids: %s, "
+                                     "finish_reason: %s", out.request_id, co.index, self._cut(co.text),
+                                     self._cut(list(co.token_ids)), co.finish_reason)
+
+
+_request_logger = logging.getLogger("tessellm.requests")
+NO_REQUEST_LOG = RequestLog()
+
+
+def request_log(engine: AsyncLLM) -> RequestLog:
+    """The server's request logging (build_app sets ``engine.request_log``)."""
+    return getattr(engine, "request_log", NO_REQUEST_LOG)
+
+
 def submit(engine: AsyncLLM, base_id: str, prompts: list[ProcessedPrompt],
            params: list[SamplingParams], lora_request=None, cache_salt=None) -> Submitted:
     """``cache_salt``: the request's (vLLM's field), for every prompt of it."""
     sub = Submitted([], [], asyncio.Event(), prompts)
+    log = request_log(engine)
     try:
         if cache_salt is not None:
             salt = check_cache_salt(cache_salt)
             prompts = [replace(p, cache_salt=salt) for p in prompts]
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             rid = f"{base_id}-{i}"
+            log.received(rid, prompt, p)
             sub.streams.append(engine.add_request(rid, prompt, p, sub.event, lora_request))
             sub.request_ids.append(rid)
     except BaseException as exc:
@@ -138,6 +177,7 @@ async def collect(engine: AsyncLLM, sub: Submitted, http_request: Request,
                 next_check = time.monotonic() + interval
             if item is not None and item[1].finished:
                 final[item[0]] = item[1]
+                request_log(engine).finished(item[1])
     except Exception as exc:  # noqa: BLE001
         raise engine_error(exc) from None
     finally:
@@ -153,8 +193,18 @@ class ChunkRenderer(Protocol):
 
 def sse_response(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer, heartbeat: float,
                  stream_options) -> StreamingResponse:
-    return sse_stream(iterate_streams(sub.streams, sub.event, heartbeat), renderer, stream_options,
-                      lambda: sub.abort(engine))
+    items = iterate_streams(sub.streams, sub.event, heartbeat)
+    log = request_log(engine)
+    if log.outputs:
+        items = _logged(items, log)
+    return sse_stream(items, renderer, stream_options, lambda: sub.abort(engine))
+
+
+async def _logged(items, log: RequestLog):
+    async for item in items:
+        if item is not None and item[1].finished:
+            log.finished(item[1])
+        yield item
 
 
 def sse_stream(items: AsyncIterator[Optional[tuple[int, RequestOutput]]], renderer: ChunkRenderer,
