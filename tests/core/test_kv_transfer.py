@@ -491,13 +491,9 @@ def test_a_load_that_raises_gives_its_staging_buffer_back(tmp_path):
     conn.shutdown()
 
 
-def test_a_chunk_that_fails_before_its_reads_or_writer_gives_its_staging_buffer_back(
-        tmp_path, monkeypatch):
-    """A staging buffer taken for a chunk whose setup raises (its per-tensor parts here)
-    before any read or writer has it goes back to the pool: background loads (more than there
-    are buffers), a step's load whose second chunk (read ahead into the other buffer) fails,
-    and a save, which raises, counts its blocks failed and leaves none pending. Then loads and
-    saves work as before (a lost buffer would leave the next one waiting forever)."""
+def _four_blocks_saved_in_chunks_of_two(tmp_path, monkeypatch):
+    """A worker connector whose staging chunks hold two blocks, blocks 1-4 of its 16 saved
+    as keys a-d: (connector, caches, keys)."""
     from tessellm.backends.reference.kv_transfer import swap_blocks
     from tessellm.kv_transfer import shared_storage_worker
 
@@ -508,6 +504,19 @@ def test_a_chunk_that_fails_before_its_reads_or_writer_gives_its_staging_buffer_
     keys = ["a", "b", "c", "d"]
     conn.save_kv({"saves": [[k, b] for k, b in zip(keys, (1, 2, 3, 4))]})
     conn.wait_for_save()
+    return conn, caches, keys
+
+
+def test_a_chunk_that_fails_before_its_reads_or_writer_gives_its_staging_buffer_back(
+        tmp_path, monkeypatch):
+    """A staging buffer taken for a chunk whose setup raises (its per-tensor parts here)
+    before any read or writer has it goes back to the pool: background loads (more than there
+    are buffers), a step's load whose second chunk (read ahead into the other buffer) fails,
+    and a save, which raises, counts its blocks failed and leaves none pending. Then loads and
+    saves work as before (a lost buffer would leave the next one waiting forever)."""
+    from tessellm.kv_transfer import shared_storage_worker
+
+    conn, caches, keys = _four_blocks_saved_in_chunks_of_two(tmp_path, monkeypatch)
     load, save = conn._load_staging, conn._save_staging
     parts, calls = conn._parts, []
 
@@ -591,16 +600,9 @@ def test_a_step_load_does_not_wait_for_a_buffer_another_load_holds(tmp_path, mon
     only when one is free or busy with copies: when another load holds it, the step's load
     reads its chunks one after the other at once (no wait for the buffer) and still loads
     every block."""
-    from tessellm.backends.reference.kv_transfer import swap_blocks
     from tessellm.kv_transfer import shared_storage_worker
 
-    monkeypatch.setattr(shared_storage_worker, "_CHUNK_BLOCKS", 2)
-    caches = [torch.randn(16, BS, 2, 8)]
-    conn = _connector(tmp_path, "ns", KVConnectorRole.WORKER)
-    conn.register_kv_caches(caches, swap_blocks, lambda: None, torch.device("cpu"))
-    keys = ["a", "b", "c", "d"]
-    conn.save_kv({"saves": [[k, b] for k, b in zip(keys, (1, 2, 3, 4))]})
-    conn.wait_for_save()
+    conn, caches, keys = _four_blocks_saved_in_chunks_of_two(tmp_path, monkeypatch)
     staging = conn._load_staging
     held = staging.acquire()  # another (background) load's buffer
     waits, wait = [], staging.cond.wait
