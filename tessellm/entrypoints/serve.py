@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -21,6 +22,7 @@ from tessellm.entrypoints.engine_args import (DEFAULT_SERVED_NAME, add_engine_ar
 from tessellm.entrypoints.vllm_args import add_vllm_server_arguments, parsed_vllm_args
 
 logger = logging.getLogger("tessellm.serve")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face repo id: org/name
 
 
 # -- arguments -----------------------------------------------------------------------------
@@ -334,6 +336,10 @@ def _server_config(args: argparse.Namespace):
         if os.path.exists(key) or key.endswith(".gguf"):
             raise ValueError(f"--api-key took {key!r} as a key, but it names a file; put MODEL before "
                              "--api-key (which takes every word after it).")
+        if args.model is None and _REPO_ID.fullmatch(key):  # else the bundled model, under its name
+            raise ValueError(f"--api-key took {key!r} as a key, but no MODEL was given and it reads as "
+                             "a model's repo id; put MODEL before --api-key (which takes every word "
+                             "after it).")
     flags = {"max_body_bytes": "max-request-body-bytes"}
     for name in ("max_n", "max_logprobs", "max_prompts", "max_body_bytes", "max_header_bytes"):
         if getattr(args, name) < 1:

@@ -158,7 +158,8 @@ def test_usage_flags(https, http):
 
 def test_several_api_keys(tmp_path):
     """vLLM's --api-key K1 K2: any of them is accepted (the edge middleware; no engine needed);
-    a word after them that names a file is refused (MODEL put after --api-key)."""
+    a word after them that names a file, or reads as a repo id with no MODEL given, is refused
+    (MODEL put after --api-key)."""
     from fastapi import FastAPI
     from starlette.testclient import TestClient
 
@@ -178,6 +179,11 @@ def test_several_api_keys(tmp_path):
             assert client.get("/v1/x", headers=headers).status_code == status, key
     with pytest.raises(ValueError, match="put MODEL before --api-key"):
         _server_config(build_parser().parse_args(["serve", "--api-key", "k1", str(tmp_path)]))
+    # a repo id (not a file here) after the keys, no MODEL: not served as the bundled model
+    with pytest.raises(ValueError, match="reads as a model's repo id; put MODEL before --api-key"):
+        _server_config(build_parser().parse_args(["serve", "--api-key", "k1", "meta-llama/Llama-3.1-8B"]))
+    config = _server_config(build_parser().parse_args(["serve", "org/model", "--api-key", "k1", "a/b"]))
+    assert config.extra_api_keys == ("a/b",)  # MODEL given: a key may have any shape
 
 
 def test_request_logging(tls_server, https):
