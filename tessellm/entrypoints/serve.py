@@ -236,8 +236,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     host, port = sock.getsockname()[:2]
-    logger.info("Serving %s on http://%s:%d (API key %s)", config.model_name, host, port,
-                "required" if config.api_key else "not required")
+    logger.info("Serving %s on %s://%s:%d (API key %s)", config.model_name, "https" if ssl else "http",
+                host, port, "required" if config.api_key else "not required")
     from tessellm.entrypoints.openai.lifecycle import draining_server
 
     server = draining_server(uvicorn.Config(

@@ -68,6 +68,8 @@ def https(tls_server):
 def test_https_root_path_middleware_and_request_ids(tls_server, https):
     with pytest.raises(httpx.HTTPError):  # HTTPS only
         httpx.get(f"http://127.0.0.1:{tls_server.port}/ping", timeout=5)
+    with open(tls_server.log_path) as f:  # the address the log gives is the one served
+        assert f"on https://127.0.0.1:{tls_server.port} (API key required)" in f.read()
     for path in ("/v1/models", "/api/v1/models"):  # the proxy's prefix is taken off
         r = https.get(path)
         assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL, (path, r.text)
