@@ -357,8 +357,8 @@ def pop_vllm_kwargs(kwargs: dict, model: Optional[str], warn: Callable[[str], No
 def expand_argv(argv: list, parser: argparse.ArgumentParser) -> list:
     """vLLM's command-line conventions before argparse sees them: ``--max_model_len`` (an
     underscore form) is ``--max-model-len``; ``--config FILE`` (a YAML mapping of flag names,
-    dashes or underscores, to values) puts its flags right after the sub-command, so a flag on the
-    command line wins. A ``model`` key is the MODEL unless the command line gives one."""
+    dashes or underscores, to values) puts its flags right after the sub-command (and its MODEL
+    when that comes first, as vLLM's parser does), so a flag on the command line wins. A ``model`` key is the MODEL unless the command line gives one."""
     argv = [_dashes(a) for a in argv]
     at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
     if at is None:
@@ -379,7 +379,10 @@ def expand_argv(argv: list, parser: argparse.ArgumentParser) -> list:
     if "--model" in flags and rest[0:command + 1] and _has_model(parser, rest):
         i = flags.index("--model")
         del flags[i:i + 2]
-    return rest[:command + 1] + flags + rest[command + 1:]
+    at = command + 1
+    if at < len(rest) and not rest[at].startswith("-"):
+        at += 1  # after the command's positional (MODEL): a list flag last would take it as a value
+    return rest[:at] + flags + rest[at:]
 
 
 def _dashes(arg: str) -> str:

@@ -243,6 +243,10 @@ def test_config_yaml(tmp_path):
     assert (ea.max_model_len, ea.enable_prefix_caching, ea.num_kv_blocks) == (512, False, 64)
     assert json.loads(ea.hf_overrides) == {"num_labels": 1}
     assert _parse(["serve", "/models/b", f"--config={cfg}"]).model == "/models/b"  # the command line's
+    cfg.write_text("max_model_len: 512\nserved-model-name: [a, b]\n")  # a list flag last: MODEL not a value of it
+    for argv in (["serve", "org/m", "--config", str(cfg)], ["serve", "--config", str(cfg), "org/m", "--port", "9"]):
+        args = _parse(argv)
+        assert (args.model, args.served_model_name, args.max_model_len) == ("org/m", ["a", "b"], 512), argv
     cfg.write_text("max-model-len: 512\nno-such-flag: 1\n")
     with pytest.raises(SystemExit, match="'no-such-flag' is not an option"):
         _parse(["serve", "--config", str(cfg)])
