@@ -408,8 +408,12 @@ def _options(parser: argparse.ArgumentParser, path: list) -> set:
 
 def _has_model(parser: argparse.ArgumentParser, argv: list) -> bool:
     """Whether the command line itself names the model (positional MODEL or --model)."""
-    try:
-        args, _ = parser.parse_known_args(argv)
+    import contextlib
+    import io
+
+    try:  # a bad flag is argparse's error once, from the real parse after this one
+        with contextlib.redirect_stderr(io.StringIO()):
+            args, _ = parser.parse_known_args(argv)
     except SystemExit:
         return False
     return bool(getattr(args, "model", None) or getattr(args, "model_flag", None))

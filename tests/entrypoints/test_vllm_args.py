@@ -271,6 +271,10 @@ def test_config_through_the_command(tmp_path, monkeypatch, capsys):
         cli.main(["serve", "--config", str(cfg)])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "argument --cpu-offload-gb: 8.0 is not supported" in err, err
+    cfg.write_text("model: org/m\n")  # a model key: the command line is parsed for MODEL first, quietly
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--config", str(cfg), "--cpu-offload-gb", "4"])
+    assert capsys.readouterr().err.count("error:") == 1
 
 
 def test_log_config_file(tmp_path):
