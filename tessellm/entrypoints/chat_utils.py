@@ -18,7 +18,8 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 def render_chat(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,
                 chat_template: Optional[str] = None, tools: Optional[list[dict]] = None,
                 continue_final_message: bool = False,
-                template_kwargs: Optional[dict] = None, add_special_tokens: bool = False) -> list[int]:
+                template_kwargs: Optional[dict] = None, add_special_tokens: bool = False,
+                documents: Optional[list[dict]] = None) -> list[int]:
     """The conversation (``[{role, content}, ...]``) through the chat template, as token ids.
 
     ``chat_template`` (Jinja text) overrides the tokenizer's own; ValueError when neither exists.
@@ -37,6 +38,8 @@ def render_chat(tokenizer, conversation: list[dict], add_generation_prompt: bool
         raise ValueError(f"chat_template_kwargs may not set {', '.join(bad)}.")
     if tools:
         extra["tools"] = tools
+    if documents:  # vLLM's: RAG documents for templates that show them (Command R, Granite, ...)
+        extra["documents"] = documents
     if continue_final_message:
         extra["continue_final_message"] = True
     text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,

@@ -159,7 +159,7 @@ _REFUSED = [  # vLLM extras tessellm does not implement: (field, neutral value, 
 _FIXES = {"logits_processors": "logit_bias", "guided_whitespace_pattern": "disable_any_whitespace",
           "structural_tag": "response_format"}  # the refusal says what to send instead
 _CHAT_REFUSED = [("echo", False, True),
-                 ("chat_template", None, "{{ messages }}"), ("documents", None, [{"text": "x"}])]
+                 ("chat_template", None, "{{ messages }}")]
 
 
 @pytest.mark.parametrize("path,body,fields", [

@@ -110,6 +110,13 @@ def test_chat_template_flags(https):
     own = "{{ greeting }}|{% for m in messages %}{{ m.content }}{% endfor %}|"
     out = https.post("/v1/chat/completions", json={**body, "chat_template": own}).json()
     assert _prompt_text(https, out) == "hello|Say hi|"
+    # vLLM's documents (RAG) reach the template
+    docs_template = "{% for d in documents %}<{{ d.title }}: {{ d.text }}>{% endfor %}{{ messages[0].content }}"
+    docs = [{"title": "a", "text": "Paris"}, {"title": "b", "text": "Rome"}]
+    out = https.post("/v1/chat/completions", json={**body, "chat_template": docs_template, "documents": docs}).json()
+    assert _prompt_text(https, out) == "<a: Paris><b: Rome>Say hi"
+    r = https.post("/v1/chat/completions", json={**body, "documents": ["not an object"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "documents"
 
 
 def test_response_role_and_token_ids(https):

@@ -246,7 +246,6 @@ UNSUPPORTED_FIX: dict[str, str] = {
 # chat only (the same names mean something else, or are supported, at /v1/completions)
 CHAT_UNSUPPORTED: dict[str, tuple] = {
     "echo": (False,),
-    "documents": (None,),
     "chat_template": (None,),  # vLLM too refuses it unless --trust-request-chat-template
     "media_io_kwargs": (None,),
     "mm_processor_kwargs": (None,),

@@ -102,7 +102,7 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
                                 tools, continue_final_message=req.continue_final_message,
                                 template_kwargs=template_kwargs,
                                 check_fits=req.truncate_prompt_tokens is None, images=images,
-                                add_special_tokens=req.add_special_tokens)
+                                add_special_tokens=req.add_special_tokens, documents=_documents(req.documents))
     try:
         ids = truncate(ids, truncation(req, engine.info.max_model_len), req.truncation_side)
         if images:  # the image processor runs off the event loop
@@ -136,6 +136,17 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     return ChatJob(req, lora, processed, params, max_tokens, structured, request_id, view)
 
 
+def _documents(documents) -> Optional[list[dict]]:
+    """vLLM's chat field ``documents``: a list of objects (e.g. ``{"title": ..., "text": ...}``)
+    for the chat template."""
+    if documents is None:
+        return None
+    if not (isinstance(documents, list) and all(isinstance(d, dict) for d in documents)):
+        raise bad_request("documents must be a list of objects, e.g. [{\"title\": \"...\", \"text\": \"...\"}].",
+                          "documents")
+    return documents
+
+
 def _image_or_text_part(i: int, j: int, part) -> dict:
     """A content part of a message with images, as the template (and chat_prompt_with_images)
     takes it."""
@@ -161,7 +172,8 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
                           chat_template: Optional[str], tools: Optional[list[dict]] = None,
                           continue_final_message: bool = False,
                           template_kwargs: Optional[dict] = None, check_fits: bool = True,
-                          images: Optional[list] = None, add_special_tokens: bool = False) -> list[int]:
+                          images: Optional[list] = None, add_special_tokens: bool = False,
+                          documents: Optional[list[dict]] = None) -> list[int]:
     """The messages through the chat template (``chat_utils.render_chat``), off the event loop.
     ``images``: a list that receives the messages' images (``image_url`` parts, in order, then
     the videos of ``video_url`` parts: ``media_data`` splits them; the
@@ -189,7 +201,7 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
 
         def render(conv):
             return render_chat(engine.tokenizer, conv, add_generation_prompt, chat_template, tools,
-                               continue_final_message, template_kwargs, add_special_tokens)
+                               continue_final_message, template_kwargs, add_special_tokens, documents)
 
         try:
             fetched = await fetch_chat_images(conversation, engine)
@@ -204,7 +216,8 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
     try:
         return await engine.run_off_loop(render_chat, engine.tokenizer, conversation,
                                          add_generation_prompt, chat_template, tools,
-                                         continue_final_message, template_kwargs, add_special_tokens)
+                                         continue_final_message, template_kwargs, add_special_tokens,
+                                         documents)
     except Exception as exc:  # noqa: BLE001 - a template error is the request's fault (roles, ...)
         raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
 
