@@ -111,6 +111,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="usage carries prompt_tokens_details.cached_tokens (prefix-cache hits)")
     g.add_argument("--enable-force-include-usage", action="store_true",
                    help="every stream ends with a usage chunk, as with stream_options.include_usage")
+    g.add_argument("--uds", default=None, metavar="PATH",
+                   help="listen on this Unix domain socket instead of --host/--port")
     g.add_argument("--log-config-file", default=None, metavar="FILE.json",
                    help="a JSON logging.config.dictConfig for tessellm's and uvicorn's loggers")
     g.add_argument("--ssl-keyfile", default=None, help="HTTPS: the private key file")
@@ -216,7 +218,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         config = _server_config(args)
         ssl = _ssl_options(args)
-        sock = _bind(args.host, args.port)
+        sock = bind_uds(args.uds) if getattr(args, "uds", None) else _bind(args.host, args.port)
     except (ValueError, OSError) as exc:
         print(f"tessellm serve: {exc}", file=sys.stderr)
         return 2
@@ -235,9 +237,10 @@ def run_serve(args: argparse.Namespace) -> int:
         return 1
     import uvicorn
 
-    host, port = sock.getsockname()[:2]
-    logger.info("Serving %s on %s://%s:%d (API key %s)", config.model_name, "https" if ssl else "http",
-                host, port, "required" if config.api_key else "not required")
+    where = sock.getsockname()
+    where = f"unix:{where}" if isinstance(where, str) else f"{'https' if ssl else 'http'}://{where[0]}:{where[1]}"
+    logger.info("Serving %s on %s (API key %s)", config.model_name, where,
+                "required" if config.api_key else "not required")
     from tessellm.entrypoints.openai.lifecycle import draining_server
 
     server = draining_server(uvicorn.Config(
@@ -392,6 +395,24 @@ def read_chat_template(value: Optional[str]) -> Optional[str]:
     if "{{" in value or "{%" in value:
         return value
     raise ValueError(f"--chat-template {value!r} is not a file; give the path of a Jinja template file.")
+
+
+def bind_uds(path: str) -> socket.socket:
+    """vLLM's --uds: listen on a Unix domain socket (a stale socket file there is replaced)."""
+    import stat
+
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise OSError(f"--uds {path} exists and is not a socket; give another path.")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on --uds {path}: {exc.strerror}.") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _bind(host: str, port: int) -> socket.socket:

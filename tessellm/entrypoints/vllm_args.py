@@ -193,7 +193,6 @@ SERVER: tuple[VllmArg, ...] = (
     VllmArg("chat_template_content_format", "neutral", "a message's text parts are joined into one "
             "string (\"\\n\" between them), as vLLM's auto does for most templates",
             neutral=("auto", "string")),
-    VllmArg("uds", "neutral", "listen on TCP with --host and --port"),
 )
 
 _BY_NAME = {a.name: a for a in ENGINE + SERVER}

@@ -215,3 +215,38 @@ def test_request_logging(tls_server, https):
     assert len(received[0].split("prompt_token_ids: [", 1)[1].split("]", 1)[0].split(", ")) == 12
     assert len(generated) == 2, lines[-20:]
     assert repr(out["choices"][0]["text"][:12]) in generated[0] and "finish_reason: length" in generated[0]
+
+
+def test_uds(tmp_path):
+    """vLLM's --uds: the server's socket is a Unix domain socket (bind_uds, as run_serve binds
+    it), served by uvicorn; a stale socket file is replaced, another file is refused."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from tessellm.entrypoints.cli import build_parser
+    from tessellm.entrypoints.serve import bind_uds
+
+    path = str(tmp_path / "s.sock")
+    assert build_parser().parse_args(["serve", "--uds", path]).uds == path
+    bind_uds(path).close()  # leaves a stale socket file behind
+    sock = bind_uds(path)
+    app = FastAPI()
+    app.get("/ping")(lambda: {"ok": True})
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://tessellm") as c:
+            assert c.get("/ping").json() == {"ok": True}
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="not a socket"):
+        bind_uds(str(tmp_path / "file"))
