@@ -29,6 +29,21 @@ from tessellm import envs as _envs  # noqa: E402
 for _key, _value in _envs.engine_process_env_defaults().items():
     os.environ.setdefault(_key, _value)
 
+# Time, not coverage: this process's torch runs on one thread for the tests outside
+# tests/kernels and tests/backends. Their models are tiny (hidden sizes of 64 to 128, a few
+# tokens a step): a second OpenMP thread buys nothing on ops that small and costs a fork-join
+# and spinning at each of thousands of ops, against the engine cores, servers and ranks this
+# process starts on the same two cores (tests/models on a busy 2-core machine: ~20-50% faster
+# on one). The two directories that test the kernels themselves keep torch's count, so the
+# cpu backend's native kernels (their work cut across ``torch.get_num_threads()`` threads) and
+# the OpenMP ops run threaded there. Children keep their own count (worker.set_worker_threads;
+# the server tests' children run with OMP_NUM_THREADS=1). TESSELLM_TESTS_THREADS=N sets
+# another count for those tests, =0 leaves torch's (the default where torch has more than 4).
+_DEFAULT_THREADS = torch.get_num_threads()
+_TEST_THREADS = (int(os.environ.get("TESSELLM_TESTS_THREADS", "1" if _DEFAULT_THREADS <= 4 else "0"))
+                 or _DEFAULT_THREADS)
+_KERNEL_DIRS = tuple(os.sep + os.path.join("tests", d) + os.sep for d in ("kernels", "backends"))
+
 
 # The suite outside tests/kernels and the gpu-marked tests is the CPU suite: its engines leave
 # ``device`` at "auto", which CI (no GPU) resolves to the cpu backend. Where a GPU is visible, auto
@@ -57,6 +72,7 @@ if _AUTO_CPU:
 
 def pytest_runtest_setup(item):
     """Where a GPU is visible, "auto" means the cpu backend for the CPU suite's engines (above).
+    Torch's thread count for this test (``_TEST_THREADS`` above).
 
     ``@pytest.mark.interpreted``: the test runs Triton kernels on host tensors (an emulated
     cuda / rocm backend, or the kernels called on CPU tensors), which only Triton's interpreter
@@ -64,6 +80,9 @@ def pytest_runtest_setup(item):
     GPU), so such a test skips; the same kernels run on the GPU in tests/kernels and the
     ``gpu``-marked tests."""
     in_kernels = os.sep + os.path.join("tests", "kernels") + os.sep in str(item.path)
+    threads = _DEFAULT_THREADS if any(d in str(item.path) for d in _KERNEL_DIRS) else _TEST_THREADS
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     _auto_cpu_now[0] = (_AUTO_CPU and not in_kernels and item.get_closest_marker("gpu") is None
                         and item.get_closest_marker("auto_device") is None)
     if item.get_closest_marker("interpreted") and not _envs.triton_interpret():
