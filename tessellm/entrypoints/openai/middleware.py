@@ -26,6 +26,16 @@ from tessellm.entrypoints.openai.server_config import ServerConfig
 logger = logging.getLogger(__name__)
 
 
+def bearer_key_ok(authorization: str, keys: Sequence[str]) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer K`` for one of ``keys`` (the plain
+    server's check and the Ray Serve ingress's). Every key is compared in constant time, with no
+    early exit: the time taken says nothing about which key matched, or how much of one."""
+    scheme, _, token = authorization.partition(" ")
+    given = token.strip().encode()
+    matches = [secrets.compare_digest(given, k.encode()) for k in keys]
+    return scheme.lower() == "bearer" and any(matches)
+
+
 class EdgeMiddleware:
     def __init__(self, app, config: ServerConfig, lifecycle: Optional[Lifecycle] = None):
         self.app = app
@@ -75,15 +85,10 @@ class EdgeMiddleware:
     def _check_key(self, scope):
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = auth.partition(" ")
         if not auth:
             return OpenAIError("You didn't provide an API key. Send it in the Authorization header "
                                "as 'Bearer YOUR_KEY'.", 401, None, "missing_api_key")
-        given = token.strip().encode()
-        keys = (self.config.api_key, *self.config.extra_api_keys)
-        # every key compared (no early exit): the time taken says nothing about which matched
-        matches = [secrets.compare_digest(given, k.encode()) for k in keys]
-        if scheme.lower() != "bearer" or not any(matches):
+        if not bearer_key_ok(auth, (self.config.api_key, *self.config.extra_api_keys)):
             return OpenAIError("Incorrect API key provided.", 401, None, "invalid_api_key")
         return None
 
