@@ -259,10 +259,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _run_ray_serve(args: argparse.Namespace) -> int:
     """``--ray``: the same app on Ray Serve replicas (tessellm/entrypoints/ray_serve/)."""
-    if len(args.api_key or ()) > 1:
-        print("tessellm serve --ray: one --api-key (the Ray Serve ingress checks a single key).",
-              file=sys.stderr)
-        return 2
     if getattr(args, "data_parallel_size", 1) > 1:
         print("tessellm serve --ray: --data-parallel-size runs engine cores on one host; on Ray "
               "Serve scale out with --num-replicas instead (docs/ray_serve.md).", file=sys.stderr)
