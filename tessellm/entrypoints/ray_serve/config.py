@@ -7,7 +7,7 @@ to each field's type. Unknown keys are an error naming the key, never silently i
 
     model: null                 # model path / .gguf / cached HF repo id; null: bundled SmolLM2
     engine: {...}               # EngineArgs fields (device, max_model_len, num_kv_blocks, ...)
-    server: {...}               # ServerConfig fields (served_model_names, api_key, max_n, ...)
+    server: {...}               # ServerConfig fields (served_model_names, api_key: K or [K1, K2], max_n, ...)
     num_replicas: 1             # fixed replica count (ignored when autoscaling is given)
     autoscaling: {min_replicas, max_replicas, target_ongoing_requests, ...}
     replica: {num_cpus, num_gpus, resources, max_ongoing_requests, ...}
@@ -120,7 +120,15 @@ class RayServeConfig:
             from tessellm.entrypoints.engine_args import DEFAULT_SERVED_NAME
 
             names = [self.engine.get("served_model_name") or self.model or DEFAULT_SERVED_NAME]
-        return ServerConfig(served_model_names=list(names), **server)
+        keys = server.pop("api_key", None)  # a list: vLLM's --api-key K1 K2, any of them
+        keys = [] if keys is None else [keys] if isinstance(keys, str) else list(keys)
+        extra = server.pop("extra_api_keys", ())
+        keys += [extra] if isinstance(extra, str) else list(extra or ())
+        if not all(isinstance(k, str) and k for k in keys):
+            raise ValueError("server.api_key: each key must be a non-empty string (a list of "
+                             "them accepts any one).")
+        return ServerConfig(served_model_names=list(names), api_key=keys[0] if keys else None,
+                            extra_api_keys=tuple(keys[1:]), **server)
 
     def replica_actor_options(self) -> dict:
         """``ray_actor_options`` for an engine replica: CPUs, and the accelerator its backend uses."""
@@ -288,8 +296,9 @@ def _convert(value, hint, name: str):
             raise ValueError(value)
         if target in (int, float):
             return target(value)
-        if target is list or typing.get_origin(target) is list:
-            return json.loads(value) if value.startswith("[") else value.split(",")  # a,b or ["a"]
+        if target in (list, tuple) or typing.get_origin(target) in (list, tuple):
+            items = json.loads(value) if value.startswith("[") else value.split(",")  # a,b or ["a"]
+            return tuple(items) if target is tuple or typing.get_origin(target) is tuple else items
         if target is dict or typing.get_origin(target) is dict:
             return json.loads(value)
     except (ValueError, json.JSONDecodeError):

@@ -27,7 +27,6 @@ helper a route uses is defined above the class.
 """
 
 import logging  # no `from __future__ import annotations`: FastAPI must see the real Request type
-import secrets
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -37,6 +36,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from tessellm.entrypoints.openai.errors import OpenAIError
+from tessellm.entrypoints.openai.middleware import bearer_key_ok
 from tessellm.entrypoints.ray_serve.asgi_bridge import ForwardedRequest
 from tessellm.entrypoints.ray_serve.config import parse_config
 from tessellm.entrypoints.ray_serve.engine_replica import REPLICA_HEADER
@@ -97,6 +97,18 @@ class _Counted(Response):
             self.done()
 
 
+def api_keys(server) -> tuple:
+    """The keys a request may bear (``server.api_key`` and ``server.extra_api_keys``, vLLM's
+    ``--api-key K1 K2``); empty: no authentication."""
+    return (server.api_key, *server.extra_api_keys) if server.api_key is not None else ()
+
+
+def authorized(keys: tuple, authorization: str) -> bool:
+    """The ingress's own routes (/debug/replica): the plain server's check, any of ``keys``
+    (constant-time per key). Forwarded requests are checked by the replica's app itself."""
+    return not keys or bearer_key_ok(authorization, keys)
+
+
 def _replica_error(exc) -> OpenAIError:
     if isinstance(exc, OpenAIError):
         return exc
@@ -119,7 +131,7 @@ class OpenAIIngress:
         self.engine = engine  # DeploymentHandle of the engine deployment
         self.router = cfg.router
         self.retries = cfg.ingress.retries
-        self.api_key = server.api_key
+        self.api_keys = api_keys(server)
         self.max_body_bytes = server.max_body_bytes
         # Served LoRA adapters (server.lora_modules): their requests route by adapter first.
         from tessellm.entrypoints.openai.lora_modules import parse_lora_modules
@@ -254,8 +266,4 @@ class OpenAIIngress:
                 gen.cancel()
 
     def _authorized(self, request: Request) -> bool:
-        if self.api_key is None:
-            return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
-                                                                     self.api_key.encode())
+        return authorized(self.api_keys, request.headers.get("authorization", ""))
