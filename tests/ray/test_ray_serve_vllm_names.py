@@ -40,3 +40,70 @@ def test_the_ingress_accepts_any_of_several_keys_from_the_cli_and_a_config():
 def test_an_empty_key_in_a_config_is_refused_naming_it():
     with pytest.raises(ValueError, match="server.api_key"):
         parse_config({"engine": {"device": "cpu"}, "server": {"api_key": ["k1", ""]}})
+
+
+# -- vLLM's engine arguments in the engine section -----------------------------------------
+
+def test_vllm_engine_names_in_a_config_are_translated_as_on_tessellm_serve():
+    from tessellm.entrypoints.ray_serve.config import config_to_dict
+
+    cfg = parse_config({"engine": {"device": "cpu", "gpu_memory_utilization": 0.5, "swap_space": 4,
+                                   "num_gpu_blocks_override": 64, "rope-theta": 10000,
+                                   "trust_remote_code": True, "enable_log_requests": True}})
+    assert cfg.engine == {"device": "cpu", "gpu_memory_utilization": 0.5, "num_kv_blocks": 64,
+                          "hf_overrides": {"rope_theta": 10000}}
+    assert cfg.server_config().log_requests is True
+    flat = parse_config({"engine.device": "cpu", "engine.num_gpu_blocks_override": "64",
+                         "engine.swap_space": "4", "engine.cuda_graph_sizes": "1,2"})
+    assert flat.engine == {"device": "cpu", "num_kv_blocks": 64}
+    # what a replica parses again (config_to_dict's engine section) means the same
+    again = parse_config(config_to_dict(cfg, ("model", "engine", "server")), check_resources=False)
+    assert again.engine == cfg.engine and again.engine_args().num_kv_blocks == 64
+    # the command line's vLLM flags, through the same table
+    cli = parse_config(_ray_config(["--num-gpu-blocks-override", "64", "--swap-space", "4"]))
+    assert cli.engine_args().num_kv_blocks == 64
+
+
+@pytest.mark.parametrize("engine,needle", [
+    ({"cpu_offload_gb": 4}, "engine.cpu_offload_gb: 4 is not supported by tessellm"),
+    ({"scheduling_policy": "priority"}, "engine.scheduling_policy: 'priority' is not supported"),
+    ({"swap_space": "lots"}, "'engine.swap_space': cannot read 'lots' as float"),
+    ({"gpu_memory_utilisation": 0.5}, "Unknown option(s) in 'engine': gpu_memory_utilisation"),
+    ({"max_model_len": -1}, "engine section: max_model_len must be a positive integer"),
+])
+def test_a_refused_engine_value_is_one_error_naming_the_key(engine, needle):
+    with pytest.raises(ValueError) as info:
+        parse_config({"engine": {"device": "cpu", **engine}})
+    assert needle in str(info.value)
+
+
+# -- --download-dir / --revision: each replica finds the snapshot on its node ----------------
+
+def _hf_cache(root, repo: str = "org/tiny", sha: str = "a" * 40):
+    snap = root / f"models--{repo.replace('/', '--')}" / "snapshots" / sha
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (root / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+    (root / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text(sha)
+    return str(snap)
+
+
+def test_download_dir_travels_to_the_replicas_which_resolve_it(tmp_path):
+    from tessellm.entrypoints.ray_serve.config import config_to_dict
+
+    missing = str(tmp_path / "not-here")  # the head looks nothing up: it may hold no weights
+    config = _ray_config(["org/tiny", "--download-dir", missing, "--revision", "main"])
+    assert config["model"] == "org/tiny"
+    assert {k: config["engine"][k] for k in ("download_dir", "revision")} == \
+        {"download_dir": missing, "revision": "main"}
+    head = parse_config(config)
+    assert head.server_config().served_model_names == ["org/tiny"]
+    snap = _hf_cache(tmp_path / "cache")
+    for cfg in ({"model": "org/tiny", "engine": {"device": "cpu", "download_dir": str(tmp_path / "cache")}},
+                {"model": "org/tiny", "engine.device": "cpu", "engine.download_dir": str(tmp_path / "cache"),
+                 "engine.revision": "a" * 40}):
+        replica = parse_config(config_to_dict(parse_config(cfg), ("model", "engine", "server")),
+                               check_resources=False)  # as engine_replica.py parses its part
+        assert replica.engine_args().model == snap
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache in"):
+        parse_config(config, check_resources=False).engine_args()

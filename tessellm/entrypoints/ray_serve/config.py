@@ -108,8 +108,19 @@ class RayServeConfig:
     router: RouterOptions = field(default_factory=RouterOptions)
     ingress: IngressOptions = field(default_factory=IngressOptions)
 
-    def engine_args(self) -> EngineArgs:
-        return EngineArgs(model=self.model, **self.engine)
+    def engine_args(self, locate: bool = True) -> EngineArgs:
+        """The replica's EngineArgs. ``engine.download_dir`` / ``engine.revision`` (vLLM's) find
+        a repo id's snapshot in that Hugging Face cache here, on the node this runs on (a
+        replica; ``locate=False``: the head, which checks the config only and may hold no
+        weights)."""
+        engine = dict(self.engine)
+        download_dir, revision = engine.pop("download_dir", None), engine.pop("revision", None)
+        model = self.model
+        if locate and (download_dir or revision):
+            from tessellm.entrypoints.vllm_args import locate_model
+
+            model = locate_model(model, download_dir, revision)
+        return EngineArgs(model=model, **engine)
 
     def server_config(self) -> ServerConfig:
         server = dict(self.server)
@@ -176,7 +187,10 @@ class RayServeConfig:
             raise ValueError(f"engine.data_parallel_size {self.engine['data_parallel_size']} runs "
                              "engine cores on one host, inside one replica; on Ray Serve scale out "
                              "with num_replicas (--num-replicas) instead (docs/ray_serve.md).")
-        self.engine_args().validate()
+        try:
+            self.engine_args(locate=False).validate()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"In the config's engine section: {exc}") from None
         self.server_config()
         if self.num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}.")
@@ -223,6 +237,8 @@ def parse_config(args: Optional[dict], check_resources: bool = True) -> RayServe
     ``check_resources=False`` skips deciding Ray resources (replicas parse their part of the
     config with it; where they run was decided when the app was built)."""
     nested = _unflatten(dict(args or {}))
+    if "engine" in nested:
+        nested["engine"] = _vllm_engine(nested["engine"], nested)
     top = {f.name: f for f in dataclasses.fields(RayServeConfig)}
     unknown = sorted(set(nested) - set(top))
     if unknown:
@@ -232,6 +248,10 @@ def parse_config(args: Optional[dict], check_resources: bool = True) -> RayServe
     for name, value in nested.items():
         if name in _SECTIONS:
             kwargs[name] = None if value is None else _build(_SECTIONS[name], value, name)
+        elif name == "engine":
+            source = {k: value.pop(k) for k in _MODEL_SOURCE if value.get(k) is not None}
+            kwargs[name] = {**_check_fields(EngineArgs, value, name),
+                            **{k: str(v) for k, v in source.items()}}
         elif name in _OPEN_SECTIONS:
             kwargs[name] = _check_fields(_OPEN_SECTIONS[name], value, name)
         elif name == "model":
@@ -243,6 +263,57 @@ def parse_config(args: Optional[dict], check_resources: bool = True) -> RayServe
     config = RayServeConfig(**kwargs)
     config.validate(check_resources)
     return config
+
+
+_MODEL_SOURCE = ("download_dir", "revision")  # kept in engine: each replica finds the model
+
+
+def _vllm_engine(value, nested: dict) -> dict:
+    """vLLM's engine arguments in the engine section, through the same table as ``tessellm
+    serve`` (vllm_args.py): translated to EngineArgs fields, dropped (no effect), or refused
+    naming ``engine.KEY`` and the fix. ``download_dir`` / ``revision`` stay (engine_args());
+    ``enable_log_requests`` is the server's ``log_requests``. Keys may be spelled with dashes
+    (``max-model-len``), as in vLLM's YAML configs."""
+    from tessellm.entrypoints.vllm_args import ENGINE_BY_NAME, engine_overrides, refusal
+
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"Option 'engine' must be a mapping, got {value!r}.")
+    fields = {str(k).replace("-", "_"): v for k, v in value.items()}
+    values: dict = {}
+    for name in [n for n in fields if n in ENGINE_BY_NAME]:
+        arg = ENGINE_BY_NAME[name]
+        v = _vllm_value(fields.pop(name), arg, f"engine.{name}")
+        message = refusal(arg, v, f"engine.{name}: ")
+        if message:
+            raise ValueError(message)
+        values[name] = v
+    if values.pop("enable_log_requests", None):  # tessellm serve --enable-log-requests
+        server = nested.get("server") or {}
+        server = json.loads(server) if isinstance(server, str) else dict(server)
+        server.setdefault("log_requests", True)
+        nested["server"] = server
+    source = {k: values.pop(k) for k in _MODEL_SOURCE if values.get(k) is not None}
+    try:
+        _, translated = engine_overrides(values, None, fields)  # no download_dir here: no lookup
+    except Exception as exc:  # noqa: BLE001 - hf_overrides that is not JSON, under rope_*
+        raise ValueError(f"Option 'engine.hf_overrides': {exc}") from None
+    return {**fields, **translated, **source}
+
+
+def _vllm_value(value, arg, name: str):
+    """A vLLM argument's value given as a string (``serve run engine.swap_space=4``) in its type."""
+    if not isinstance(value, str):
+        return value
+    if arg.nargs:
+        return json.loads(value) if value.startswith("[") else value.split(",")
+    if arg.type == "json":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"Option {name!r}: {value!r} is not valid JSON.") from None
+    return _convert(value, arg.type, name)
 
 
 def _unflatten(args: dict) -> dict:
@@ -274,8 +345,10 @@ def _check_fields(cls, value, section: str) -> dict:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(value) - fields)
     if unknown:
+        vllm = (" (or one of vLLM's engine arguments: tessellm/entrypoints/vllm_args.py, "
+                "e.g. swap_space, num_gpu_blocks_override, download_dir)") if cls is EngineArgs else ""
         raise ValueError(f"Unknown option(s) in {section!r}: {', '.join(unknown)}. Known: "
-                         f"{', '.join(sorted(fields))}.")
+                         f"{', '.join(sorted(fields))}{vllm}.")
     return {k: _convert(v, hints[k], f"{section}.{k}") for k, v in value.items()}
 
 

@@ -69,9 +69,16 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, server_config) -> dict:
     """The app's config dict (config.py) from parsed ``tessellm serve`` flags."""
     from tessellm.entrypoints.engine_args import engine_args_from
+    from tessellm.entrypoints.vllm_args import parsed_vllm_args
 
-    engine = dataclasses.asdict(engine_args_from(args, args.model))
+    # --download-dir / --revision go to the replicas, each of which finds the repo's snapshot on
+    # its own node (config.py engine_args): the head need not hold the weights.
+    source = {k: v for k, v in parsed_vllm_args(args).items() if k in ("download_dir", "revision") and v}
+    head = argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                 if k not in ("vllm__download_dir", "vllm__revision")})
+    engine = dataclasses.asdict(engine_args_from(head, args.model))
     engine.pop("model")
+    engine.update(source)
     server = dataclasses.asdict(server_config)
     server.pop("open_paths")
     server.pop("lora")  # built by each replica from lora_modules
