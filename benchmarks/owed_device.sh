@@ -8,7 +8,7 @@
 #   2 gpu       gputests_device.sh's `gpu` part (every gpu-marked test, one process) -- GPU_S, 170
 #   3 fstart    graphlogits_device.sh's F start at 0.90 (KV blocks ~26,930 expected, the graphs'
 #               reserve ~0.33 GiB, run 1 segments +0) -- F_S, 130
-#   4 specprof  specprof_device.sh's draft90 part (a 1B draft model, k = 4) -- D90_S, 90
+#   4 specprof  specprof_device.sh's draft90 part (a 1B draft model, k = 4) -- D90_S, 70
 # Knobs: the limits above (0 skips a part). Each part's expectations are in its script's header.
 #   bash benchmarks/owed_device.sh     (repo root; carry .whl and tessellm.egg-info as usual)
 set -u
@@ -23,5 +23,5 @@ run_part() {  # run_part NAME CMD...: CMD with OUT=$ROOT_OUT/NAME
 [ "${GRAPHS_S:-200}" -gt 0 ] && run_part graphs env TEST_S="${GRAPHS_S:-200}" F_S=0 RECUR_S=0 bash benchmarks/graphlogits_device.sh
 [ "${GPU_S:-170}" -gt 0 ] && run_part gpu env GPU_S="${GPU_S:-170}" CONF_S=0 KERNELS_S=0 PINNED_S=0 bash benchmarks/gputests_device.sh
 [ "${F_S:-130}" -gt 0 ] && run_part fstart env TEST_S=0 F_S="${F_S:-130}" RECUR_S=0 bash benchmarks/graphlogits_device.sh
-[ "${D90_S:-90}" -gt 0 ] && run_part specprof env D90_S="${D90_S:-90}" D95_S=0 EAGLE_S=0 OV_S=0 TEST_S=0 bash benchmarks/specprof_device.sh
+[ "${D90_S:-70}" -gt 0 ] && run_part specprof env D90_S="${D90_S:-70}" D95_S=0 EAGLE_S=0 OV_S=0 TEST_S=0 bash benchmarks/specprof_device.sh
 echo "##### done $(date -u +%T)"

@@ -225,14 +225,14 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         engine = AsyncLLM(engine_args_from(args, args.model))
     except (EngineStartupError, ValueError) as exc:
-        sock.close()
+        _close_listener(sock, getattr(args, "uds", None))
         print(f"tessellm serve: {exc}", file=sys.stderr)
         return 1
     try:
         app = build_app(engine, config)
     except ValueError as exc:  # a bad --lora-modules adapter
         engine.close()
-        sock.close()
+        _close_listener(sock, getattr(args, "uds", None))
         print(f"tessellm serve: {exc}", file=sys.stderr)
         return 1
     import uvicorn
@@ -254,6 +254,7 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         if not engine.is_dead:
             engine.close()
+        _close_listener(sock, getattr(args, "uds", None))
     return 0
 
 
@@ -407,8 +408,18 @@ def bind_uds(path: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen on --uds {path}: {exc.strerror}.") from None
+    os.chmod(path, 0o666)  # as uvicorn's own --uds does: any local user may connect
     sock.set_inheritable(True)
     return sock
+
+
+def _close_listener(sock: socket.socket, uds: Optional[str]) -> None:
+    """Closes the listening socket (uvicorn may have already); the --uds socket file goes too."""
+    import stat
+
+    sock.close()
+    if uds and os.path.exists(uds) and stat.S_ISSOCK(os.stat(uds).st_mode):
+        os.unlink(uds)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -8,6 +8,7 @@ the bundled model (conftest.py's launcher)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -219,19 +220,23 @@ def test_request_logging(tls_server, https):
 
 def test_uds(tmp_path):
     """vLLM's --uds: the server's socket is a Unix domain socket (bind_uds, as run_serve binds
-    it), served by uvicorn; a stale socket file is replaced, another file is refused."""
+    it), served by uvicorn; a stale socket file is replaced, another file is refused; the file is
+    open to any local user (as uvicorn's own --uds makes it) and goes with the listener."""
     import threading
 
     import uvicorn
     from fastapi import FastAPI
 
     from tessellm.entrypoints.cli import build_parser
-    from tessellm.entrypoints.serve import bind_uds
+    import stat
+
+    from tessellm.entrypoints.serve import _close_listener, bind_uds
 
     path = str(tmp_path / "s.sock")
     assert build_parser().parse_args(["serve", "--uds", path]).uds == path
     bind_uds(path).close()  # leaves a stale socket file behind
     sock = bind_uds(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666
     app = FastAPI()
     app.get("/ping")(lambda: {"ok": True})
     server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
@@ -247,6 +252,8 @@ def test_uds(tmp_path):
     finally:
         server.should_exit = True
         thread.join(10)
+        _close_listener(sock, path)
+    assert not os.path.exists(path)
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="not a socket"):
         bind_uds(str(tmp_path / "file"))
