@@ -473,3 +473,25 @@ def test_a_replica_with_slower_steps_weighs_its_work_ahead_more(reports, monkeyp
     for replica in (a, c):
         router.replica_queue_len_cache.update(replica.replica_id, 2)
     assert router.replica_loads([a, c], 96) == {"a": 3, "c": 3}  # c has no step time: a is the median
+
+
+def test_in_flight_names_its_sends_too(reports):
+    """With ``balance: in_flight`` the choices are not load, but they still name the sends: a
+    request whose send raised (Serve reports it completed, unsent) does not take another
+    request's count off the replica."""
+    router = _router(balance="in_flight")
+    a = _replica("a", reports["idle"])
+
+    async def go():
+        sent, failed = _pending([]), _pending([])
+        for p in (sent, failed):
+            await router.choose_replicas([a], p)
+            p.future.set_result(a)
+        assert router.replica_loads([a], 96) == {"a": 0}  # chosen, not counted
+        router.on_send_request(a.replica_id)
+        router.on_request_completed(a.replica_id, failed.metadata.internal_request_id)  # its send raised
+        assert router._sent == {"a": 1} and router.replica_loads([a], 96) == {"a": 1}
+        router.on_request_completed(a.replica_id, sent.metadata.internal_request_id)
+        assert router._sent == {} and router._claims == {}
+
+    asyncio.run(go())

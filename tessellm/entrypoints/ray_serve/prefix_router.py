@@ -98,7 +98,7 @@ class PrefixAffinityRouter(RequestRouter):
         self._routed: Counter = Counter()
         self._unnamed: Counter = Counter()  # replica unique id -> sent requests with no claim to name them
         self._known: frozenset = frozenset()
-        self._claims: dict[str, _Claim] = {}  # internal request id -> its claim (``load`` only)
+        self._claims: dict[str, _Claim] = {}  # internal request id -> its claim (counted by ``load``)
         self._claim_ids = itertools.count()  # keys for requests that carry no id
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -120,7 +120,7 @@ class PrefixAffinityRouter(RequestRouter):
         ranks = rank_replicas(chain, loads, self._index, slack, holders=holders)
         if chain and ranks:
             self._index.record(ranks[0][0], chain)  # claim it now: a burst agrees before routing ends
-        if ranks and self._balance == "load" and pending_request is not None:
+        if ranks and pending_request is not None:  # (``in_flight`` does not count them: it names sends)
             key = request_id or f"_{next(self._claim_ids)}"
             self._claims[key] = _Claim(ranks[0][0], time.monotonic(), pending_request, bool(request_id))
         return [[by_id[uid] for uid in rank] for rank in ranks]
@@ -177,10 +177,10 @@ class PrefixAffinityRouter(RequestRouter):
         """Each replica's load figure (unique id -> figure; ``balance``, replica_load.py) for a
         prompt of about ``num_prompt_tokens`` running ``num_samples`` sequences."""
         claimed = self._claimed()
+        if self._balance == "in_flight":
+            return {r.replica_id.unique_id: self._ongoing(r) for r in replicas}
         ongoing = {r.replica_id.unique_id: self._ongoing(r) + claimed.get(r.replica_id.unique_id, 0)
                    for r in replicas}
-        if self._balance == "in_flight":
-            return ongoing
         reports = [_routing_stats(r) for r in replicas]
         return {r.replica_id.unique_id: replica_score(report, ongoing[r.replica_id.unique_id],
                                                       num_prompt_tokens, num_samples, speed)
