@@ -54,9 +54,12 @@ def test_prefetched_first_tile_matches_reference(num_splits, min_partition, wind
         torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
 
 
+# The widest split count 16 in the interpreter (32 on a GPU; ~45% of this file's time there):
+# at these contexts (<= 100 keys, 64-key partitions) two splits hold keys either way, and the
+# others are empty splits the reduce skips, as at 8.
 @pytest.mark.parametrize("dtype,head_size,group,splits,window",
-                         [(F32, 64, 4, 8, None), (BF16, 128, 8, 32, None), (F32, 64, 1, 1, None),
-                          (BF16, 64, 4, 4, 24)])
+                         [(F32, 64, 4, 8, None), (BF16, 128, 8, 32 if ON_GPU else 16, None),
+                          (F32, 64, 1, 1, None), (BF16, 64, 4, 4, 24)])
 def test_decode_step_fuses_rotary_and_cache_write(dtype, head_size, group, splits, window):
     """A pure-decode step given unrotated q, k and positions: the split kernel rotates, writes
     the new keys (the same bits as ``rotary_and_cache``) and attends like rotating first; a
