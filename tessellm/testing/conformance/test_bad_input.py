@@ -65,10 +65,8 @@ def test_unknown_quant_scheme_is_refused(target):
 def test_bad_requests_are_rejected_and_engine_keeps_serving(target, tiny_llama_dir):
     from tessellm import LLM
 
-    # Eager: the requests are refused before any step, and the graphs are test_generation's and
-    # test_graph's (a backend's capture, e.g. the toy plugin's dynamo traces, costs seconds).
     llm = LLM(tiny_llama_dir, device=target.name, emulate=target.emulated, dtype="float32",
-              num_kv_blocks=32, max_model_len=128, max_num_seqs=4, enforce_eager=True)
+              num_kv_blocks=32, max_model_len=128, max_num_seqs=4)
     bad = [{"prompt_token_ids": [1, 100000]}, {"prompt_token_ids": [1] * 200},
            {"prompt_token_ids": []}, {"prompt_token_ids": [1, -3]}]
     for prompt in bad:
