@@ -293,10 +293,12 @@ def test_a_rejected_send_retried_elsewhere_counts_at_each_until_its_own_completi
     assert router._sent == {} and router._routed == {} and router._unnamed == {} and router._claims == {}
 
 
-def test_a_failed_send_ends_its_claim_and_no_other_count(reports):
+@pytest.mark.parametrize("balance", ["load", "in_flight"])
+def test_a_failed_send_ends_its_claim_and_no_other_count(reports, balance):
     """A send that raised (Serve calls on_request_completed for it, with no send before) ends
-    its claim and leaves the counts of the requests sent there alone."""
-    router = _router(balance="load")
+    its claim and leaves the counts of the requests sent there alone. With ``balance:
+    in_flight`` the choices are not load, but they still name the sends."""
+    router = _router(balance=balance)
     a = _replica("a", reports["idle"])
 
     async def go():
@@ -304,9 +306,15 @@ def test_a_failed_send_ends_its_claim_and_no_other_count(reports):
         for p in (sent, failed):
             await router.choose_replicas([a], p)
             p.future.set_result(a)
+        if balance == "in_flight":
+            assert router.replica_loads([a], 96) == {"a": 0}  # chosen, not counted
         router.on_send_request(a.replica_id)
-        router.on_request_completed(a.replica_id, failed.metadata.internal_request_id)
+        router.on_request_completed(a.replica_id, failed.metadata.internal_request_id)  # its send raised
         assert router._sent == {"a": 1} and router._claims == {}
+        if balance == "in_flight":
+            assert router.replica_loads([a], 96) == {"a": 1}
+        router.on_request_completed(a.replica_id, sent.metadata.internal_request_id)
+        assert router._sent == {} and router._routed == {}
 
     asyncio.run(go())
 
@@ -474,24 +482,3 @@ def test_a_replica_with_slower_steps_weighs_its_work_ahead_more(reports, monkeyp
         router.replica_queue_len_cache.update(replica.replica_id, 2)
     assert router.replica_loads([a, c], 96) == {"a": 3, "c": 3}  # c has no step time: a is the median
 
-
-def test_in_flight_names_its_sends_too(reports):
-    """With ``balance: in_flight`` the choices are not load, but they still name the sends: a
-    request whose send raised (Serve reports it completed, unsent) does not take another
-    request's count off the replica."""
-    router = _router(balance="in_flight")
-    a = _replica("a", reports["idle"])
-
-    async def go():
-        sent, failed = _pending([]), _pending([])
-        for p in (sent, failed):
-            await router.choose_replicas([a], p)
-            p.future.set_result(a)
-        assert router.replica_loads([a], 96) == {"a": 0}  # chosen, not counted
-        router.on_send_request(a.replica_id)
-        router.on_request_completed(a.replica_id, failed.metadata.internal_request_id)  # its send raised
-        assert router._sent == {"a": 1} and router.replica_loads([a], 96) == {"a": 1}
-        router.on_request_completed(a.replica_id, sent.metadata.internal_request_id)
-        assert router._sent == {} and router._claims == {}
-
-    asyncio.run(go())
