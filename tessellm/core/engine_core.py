@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -96,10 +97,11 @@ class EngineCore(EngineSleep):
         args.validate()
         registry = get_registry()
         self.backend = registry.select(args.device, getattr(args, "emulate", False))
-        if self.backend.emulated:
-            from tessellm.backends.emulation import mark_emulated
+        if self.backend.emulated:  # unmarked at shutdown, or when the engine goes unshut
+            from tessellm.backends.emulation import mark_emulated, unmark_emulated
 
-            mark_emulated(self.backend.name)
+            mark_emulated(self.backend.name)  # (a start that raised, an LLM never shut down)
+            self._unmark_emulated = weakref.finalize(self, unmark_emulated, self.backend.name)
         from tessellm.pooling.convert import model_source
 
         self.source = model_source(args)  # hf_overrides and convert applied
@@ -341,9 +343,7 @@ class EngineCore(EngineSleep):
                 logger.exception("The KV connector's scheduler half failed to shut down.")
         self.executor.shutdown()
         if self.backend.emulated:
-            from tessellm.backends.emulation import unmark_emulated
-
-            unmark_emulated(self.backend.name)
+            self._unmark_emulated()  # once: a finalize runs at most once
 
     # -- the engine loop -------------------------------------------------------------------
 

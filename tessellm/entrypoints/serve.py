@@ -205,16 +205,27 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"tessellm serve: {exc}", file=sys.stderr)
         return 2
     resolve_model_flag(args)
+    if getattr(args, "ray", False):
+        return _run_ray_serve(args)
+    if not getattr(args, "emulate", False):
+        return _serve(args, log_config)
+    # This process's log lines and /version say so while the server lives, and no longer: a
+    # later engine in the same process (a test's) logs unprefixed.
+    from tessellm.backends.emulation import mark_emulated, unmark_emulated
+
+    mark_emulated(args.device)
+    try:
+        return _serve(args, log_config)
+    finally:
+        unmark_emulated(args.device)
+
+
+def _serve(args: argparse.Namespace, log_config: Optional[dict]) -> int:
+    """The OpenAI server on this host: bind, start the engine, run uvicorn until stopped."""
     from tessellm.core.engine_process import EngineStartupError
     from tessellm.entrypoints.async_llm import AsyncLLM
     from tessellm.entrypoints.openai.api_server import build_app
 
-    if getattr(args, "ray", False):
-        return _run_ray_serve(args)
-    if getattr(args, "emulate", False):  # this process's log lines and /version say so too
-        from tessellm.backends.emulation import mark_emulated
-
-        mark_emulated(args.device)
     try:
         config = _server_config(args)
         ssl = _ssl_options(args)

@@ -80,3 +80,37 @@ def test_emulated_tpu_runs_padded_steps_and_matches_cpu(tiny_llama):
         assert runner.buckets is not None and runner.device.type == "cpu"
         got = greedy_tokens(tpu, prompts, 5)
     assert got == expected
+
+
+def _unprefixed(caplog) -> bool:
+    """A record logged now carries no ``[emulated ...]`` prefix."""
+    with caplog.at_level(logging.INFO, logger="tessellm"):
+        logging.getLogger("tessellm.test").info("after")
+    return caplog.records[-1].getMessage() == "after"
+
+
+def test_serve_emulate_marks_the_process_only_while_it_serves(tmp_path, caplog):
+    """``tessellm serve --emulate`` marks its process; once run_serve returns (here: refused at
+    start, a key file without its certificate) a later engine in the process logs unprefixed."""
+    from tessellm.backends.emulation import emulated_names
+    from tessellm.entrypoints.cli import build_parser
+    from tessellm.entrypoints.serve import run_serve
+
+    args = build_parser().parse_args(["serve", "m", "--device", "xpu", "--emulate",
+                                      "--ssl-keyfile", str(tmp_path / "key.pem")])
+    assert run_serve(args) == 2
+    assert emulated_names() == [] and _unprefixed(caplog)
+
+
+def test_emulated_engine_dropped_without_shutdown_unmarks(tiny_llama, caplog):
+    """An emulated LLM never shut down (dropped, or its start raised) unmarks when collected."""
+    import gc
+
+    from tessellm import LLM
+    from tessellm.backends.emulation import emulated_names
+
+    llm = LLM(tiny_llama, device="xpu", emulate=True, **ENGINE)
+    assert emulated_names() == ["xpu"]
+    del llm
+    gc.collect()
+    assert emulated_names() == [] and _unprefixed(caplog)
