@@ -10,7 +10,7 @@ from typing import Optional, Union
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import check_prompt_fits
-from tessellm.core.scheduler_config import RequestParamError
+from tessellm.core.scheduler_config import RequestParamError, prompt_tokens_to_keep
 
 PromptType = Union[str, list[int], dict]
 
@@ -118,8 +118,8 @@ class InputProcessor:
 
     def _check(self, p: ProcessedPrompt, truncate: Optional[int] = None) -> ProcessedPrompt:
         room = 0 if getattr(self.info, "runner", "") == "pooling" else 1  # pooling: may fill the context
-        if truncate is not None:
-            keep = self.info.max_model_len - room if truncate == -1 else truncate
+        keep = prompt_tokens_to_keep(truncate, self.info.max_model_len, room)
+        if keep is not None:
             p.prompt_token_ids = p.prompt_token_ids[-keep:]
         ids = p.prompt_token_ids
         if not ids:

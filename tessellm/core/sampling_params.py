@@ -52,8 +52,8 @@ class SamplingParams:
     # the request's saves; the other keys a vLLM proxy sends are accepted and not needed.
     kv_transfer_params: Optional[dict] = None
     # vLLM's: keep only the prompt's last N tokens (-1: max_model_len - 1 of them, room for one
-    # token, whatever max_tokens); LLM.generate / LLMEngine.add_request cut the prompt before the
-    # length check
+    # token, whatever max_tokens; the server's rule too: prompt_tokens_to_keep); LLM.generate /
+    # LLMEngine.add_request cut the prompt before the length check
     truncate_prompt_tokens: Optional[int] = None
     # vLLM's names tessellm takes at the value that changes nothing (_VLLM_NEUTRAL), or translates
     best_of: Optional[int] = None  # only None or n (no ranking of samples)

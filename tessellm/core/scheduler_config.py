@@ -1,6 +1,8 @@
-"""The scheduler's configuration and statistics, and the one check that a prompt can ever run.
+"""The scheduler's configuration and statistics, the one check that a prompt can ever run and
+the one rule for how much of it ``truncate_prompt_tokens`` keeps.
 
-Plain Python, no torch: the front end imports ``check_prompt_fits`` without the scheduler.
+Plain Python, no torch: the front end imports ``check_prompt_fits`` and ``prompt_tokens_to_keep``
+without the scheduler.
 All three stay importable from ``tessellm.core.scheduler``.
 """
 
@@ -71,6 +73,25 @@ class RequestParamError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+def prompt_tokens_to_keep(truncate_prompt_tokens: Optional[int], max_model_len: int,
+                          room: int = 1) -> Optional[int]:
+    """vLLM's ``truncate_prompt_tokens`` as a count of prompt tokens to keep, one rule for
+    ``LLM.generate`` / ``LLM.embed`` and every server endpoint. None: keep them all. -1: the
+    context length, as vLLM resolves it (max_model_len), less the ``room`` positions the prompt
+    must leave (``check_prompt_fits``: one for a generated token, none for pooling); whatever
+    max_tokens asks for, as in vLLM (a prompt and max_tokens over the context are then refused).
+    A count past the context length is refused, as vLLM refuses it."""
+    if truncate_prompt_tokens is None:
+        return None
+    if truncate_prompt_tokens == -1:
+        return max_model_len - room
+    if truncate_prompt_tokens > max_model_len:
+        raise RequestParamError(f"truncate_prompt_tokens is {truncate_prompt_tokens}, over the model's "
+                                f"context length of {max_model_len} tokens; give at most "
+                                f"{max_model_len}, or -1 for as many as fit.", "truncate_prompt_tokens")
+    return truncate_prompt_tokens
 
 
 def check_prompt_fits(num_tokens: int, max_model_len: int, kv_capacity_tokens: int,

@@ -145,6 +145,28 @@ def test_sampling_params_truncate_prompt_tokens(llm):
                         use_tqdm=False)[0]
     n = len(long.prompt_token_ids)  # -1: as many as the context holds (room for one token)
     assert n == 255 and long.prompt_token_ids == (ids * 40)[-n:]
+    with pytest.raises(ValueError, match="truncate_prompt_tokens is 300, over the model's context length of 256"):
+        llm.generate([{"prompt_token_ids": ids}], SamplingParams(truncate_prompt_tokens=300), use_tqdm=False)
+
+
+def test_truncate_prompt_tokens_is_one_rule_offline_and_served(llm):
+    """The server keeps what LLM.generate keeps (vLLM resolves -1 to the context length in both
+    paths, whatever max_tokens asks), and refuses what it refuses, as a 400 naming the field."""
+    from tessellm import SamplingParams
+    from tessellm.entrypoints.openai.errors import OpenAIError
+    from tessellm.entrypoints.openai.prompts import truncation
+    from tessellm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+
+    ids = list(range(10, 30)) * 20  # 400 tokens, past the context of 256
+    offline = llm.generate([{"prompt_token_ids": ids}], SamplingParams(truncate_prompt_tokens=-1, max_tokens=3),
+                           use_tqdm=False)[0]
+    served = [CompletionRequest(model="m", prompt=ids, max_tokens=3, truncate_prompt_tokens=-1),
+              ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                    max_completion_tokens=3, truncate_prompt_tokens=-1)]
+    assert all(truncation(req, 256) == len(offline.prompt_token_ids) == 255 for req in served)
+    with pytest.raises(OpenAIError) as bad:
+        truncation(CompletionRequest(model="m", prompt=ids, truncate_prompt_tokens=300), 256)
+    assert bad.value.status == 400 and bad.value.param == "truncate_prompt_tokens"
 
 
 def test_sampling_params_vllm_fields():

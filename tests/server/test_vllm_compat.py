@@ -257,8 +257,11 @@ def test_truncate_prompt_tokens(http):
         assert out["usage"]["prompt_tokens"] == 10 and out["choices"][0]["prompt_token_ids"] == want
         same = http.post("/v1/completions", json={**body, "prompt": want}).json()
         assert out["choices"][0]["token_ids"] == same["choices"][0]["token_ids"]
-    out = http.post("/v1/completions", json={**body, "prompt": ids, "truncate_prompt_tokens": -1}).json()
-    assert out["usage"]["prompt_tokens"] == 1024 - 3  # -1: the context less max_tokens
+    whole = {**body, "prompt": ids, "truncate_prompt_tokens": -1, "max_tokens": 1}
+    out = http.post("/v1/completions", json=whole).json()
+    assert out["usage"]["prompt_tokens"] == 1024 - 1  # -1: as offline, the context less one
+    r = http.post("/v1/completions", json={**whole, "max_tokens": 3})  # over the context, as in vLLM
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
     chat = http.post("/v1/chat/completions", json={**body, "messages": CHAT, "truncate_prompt_tokens": 4}).json()
     full = http.post("/tokenize", json={"model": MODEL, "messages": CHAT}).json()["tokens"]
     assert chat["prompt_token_ids"] == full[-4:]

@@ -1,9 +1,9 @@
 """Prompt tokens as a request shapes them: vLLM's ``add_special_tokens`` (a text prompt at
 /v1/completions) and ``truncate_prompt_tokens`` / ``truncation_side`` (both endpoints).
 
-Truncation keeps ``truncate_prompt_tokens`` tokens (-1: the context less the output), the last ones by
-default ("left": the start is cut) or the first ones ("right"), before the prompt is checked
-against the context, so a long document can be cut to fit instead of refused.
+Truncation keeps ``truncate_prompt_tokens`` tokens (-1: as offline, ``prompt_tokens_to_keep``),
+the last ones by default ("left": the start is cut) or the first ones ("right"), before the
+prompt is checked against the context, so a long document can be cut to fit instead of refused.
 """
 
 from __future__ import annotations
@@ -11,26 +11,22 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from tessellm.core.input_processor import ProcessedPrompt
+from tessellm.core.scheduler_config import RequestParamError, prompt_tokens_to_keep
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.openai.errors import bad_request
-from tessellm.entrypoints.openai.sampling import requested_max_tokens
 
 
 def truncation(req, max_model_len: int) -> Optional[int]:
-    """How many prompt tokens to keep (None: all); -1 keeps what leaves room for the requested
-    output tokens (as vLLM); a count past the context length is refused."""
+    """How many prompt tokens to keep (None: all), as offline (``prompt_tokens_to_keep``)."""
     n = req.truncate_prompt_tokens
     if n is None:
         if req.truncation_side is not None:
             raise bad_request("truncation_side needs truncate_prompt_tokens.", "truncation_side")
         return None
-    if n == -1:
-        max_tokens, _ = requested_max_tokens(req)
-        return max(1, max_model_len - (max_tokens or 1))
-    if n > max_model_len:
-        raise bad_request(f"truncate_prompt_tokens is {n}, over the model's context length of "
-                          f"{max_model_len} tokens.", "truncate_prompt_tokens")
-    return n
+    try:
+        return prompt_tokens_to_keep(n, max_model_len)
+    except RequestParamError as exc:
+        raise bad_request(str(exc), exc.param) from None
 
 
 def truncate(ids: list[int], keep: Optional[int], side: Optional[str]) -> list[int]:
