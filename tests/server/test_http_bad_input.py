@@ -122,8 +122,9 @@ def test_over_long_prompt(client, http):
 
 
 def test_missing_or_wrong_api_key(server):
-    for path, body in [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT),
-                       ("/tokenize", {"prompt": "Hi"}), ("/detokenize", {"tokens": [1, 2]})]:
+    """The key guards the /v1 routes, as vLLM's AuthenticationMiddleware does: the others
+    (SageMaker's /invocations, /tokenize, the health routes) and CORS preflights are open."""
+    for path, body in [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)]:
         r = httpx.post(server.url + path, json=body)
         assert_error(r, 401)
         r = httpx.post(server.url + path, json=body, headers={"Authorization": "Bearer wrong"})
@@ -132,6 +133,10 @@ def test_missing_or_wrong_api_key(server):
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
+    for path, body in [("/invocations", COMPLETION), ("/tokenize", {"prompt": "Hi"}),
+                       ("/detokenize", {"tokens": [1, 2]})]:
+        assert httpx.post(server.url + path, json=body).status_code == 200, path
+    assert httpx.options(server.url + "/v1/models").status_code != 401  # a preflight has no key
     assert httpx.get(server.url + "/health").status_code == 200  # liveness needs no key
 
 

@@ -1,5 +1,5 @@
 """The edge: header and body size limits (a body over the limit is answered 413 before it is
-parsed), the API key, and the lifecycle (503 while draining; ``in_flight``), before any route runs.
+parsed), the API key (on ``/v1`` paths, as vLLM: ``needs_api_key``), and the lifecycle (503 while draining; ``in_flight``), before any route runs.
 
 A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which buffers streaming
 responses and hides client disconnects). The body is read here, checked against the limit, and
@@ -34,6 +34,15 @@ def bearer_key_ok(authorization: str, keys: Sequence[str]) -> bool:
     given = token.strip().encode()
     matches = [secrets.compare_digest(given, k.encode()) for k in keys]
     return scheme.lower() == "bearer" and any(matches)
+
+
+def needs_api_key(method: str, path: str) -> bool:
+    """Whether a request must bear the API key (when the server has one): vLLM's rule, its
+    AuthenticationMiddleware's, so a vLLM deployment's clients and probes work unchanged: paths
+    under ``/v1`` only (``/invocations``, ``/tokenize``, ``/pooling``, the health routes are
+    open), and never an ``OPTIONS`` (a CORS preflight carries no credentials). ``path``: as the
+    routes see it, --root-path's prefix off."""
+    return method != "OPTIONS" and path.startswith("/v1")
 
 
 class EdgeMiddleware:
@@ -78,7 +87,7 @@ class EdgeMiddleware:
             return OpenAIError(f"The request headers are {size} bytes; this server accepts at most "
                                f"{limit} bytes of headers (--max-header-bytes).", 400, None,
                                "headers_too_large")
-        if self.config.api_key is None or self._route_path(scope) in self.config.open_paths:
+        if self.config.api_key is None or not needs_api_key(scope["method"], self._route_path(scope)):
             return None
         return self._check_key(scope)
 

@@ -21,7 +21,7 @@ class ServerConfig:
     max_header_bytes: int = 32 << 10  # all request headers together
     sse_keepalive_s: float = 10.0  # an SSE comment after this much silence on a stream
     open_paths: frozenset = field(default_factory=lambda: frozenset(
-        {"/health", "/ping", "/ready", "/version", "/metrics", "/load"}))  # no API key needed
+        {"/health", "/ping", "/ready", "/version", "/metrics", "/load"}))  # answered while draining
     lora_modules: list = field(default_factory=list)  # --lora-modules: [(name, path)] at start
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and unload allowed
     responses_store_size: int = 0  # --responses-store-size: responses kept for previous_response_id

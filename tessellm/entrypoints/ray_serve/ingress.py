@@ -36,7 +36,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from tessellm.entrypoints.openai.errors import OpenAIError
-from tessellm.entrypoints.openai.middleware import bearer_key_ok
+from tessellm.entrypoints.openai.middleware import bearer_key_ok, needs_api_key
 from tessellm.entrypoints.ray_serve.asgi_bridge import ForwardedRequest
 from tessellm.entrypoints.ray_serve.config import parse_config
 from tessellm.entrypoints.ray_serve.engine_replica import REPLICA_HEADER
@@ -266,4 +266,6 @@ class OpenAIIngress:
                 gen.cancel()
 
     def _authorized(self, request: Request) -> bool:
-        return authorized(self.api_keys, request.headers.get("authorization", ""))
+        """The plain server's rule (``needs_api_key``: /v1 paths only), for the ingress's routes."""
+        return (not needs_api_key(request.method, request.scope["path"])
+                or authorized(self.api_keys, request.headers.get("authorization", "")))
