@@ -19,7 +19,7 @@ from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from tessellm import envs
 from tessellm.entrypoints.engine_args import (DEFAULT_SERVED_NAME, add_engine_arguments,  # noqa: F401
                                            engine_args_from)
-from tessellm.entrypoints.vllm_args import add_vllm_server_arguments, parsed_vllm_args
+from tessellm.entrypoints.vllm_args import add_vllm_server_arguments, check_parsed_vllm_args, parsed_vllm_args
 
 logger = logging.getLogger("tessellm.serve")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face repo id: org/name
@@ -339,6 +339,7 @@ def _server_config(args: argparse.Namespace):
     names = args.served_model_name or [args.model if args.model is not None else DEFAULT_SERVED_NAME]
     keys = list(args.api_key or ([envs.api_key()] if envs.api_key() else []))
     vllm = parsed_vllm_args(args)  # --enable-log-requests, ... (vllm_args.py)
+    check_parsed_vllm_args(args)  # --data-parallel-size-local: -dp's value only
     if vllm.get("max_log_len") is not None and vllm["max_log_len"] < 0:
         raise ValueError(f"--max-log-len must be >= 0, got {vllm['max_log_len']}.")
     if any(not k for k in keys):

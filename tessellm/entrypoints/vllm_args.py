@@ -35,6 +35,10 @@ class VllmArg:
     target: str = ""  # alias: the tessellm field; hf: the config.json key
     nargs: Optional[str] = None
     short: Optional[str] = None
+    # neutral: also accepted at the value of this tessellm flag (--data-parallel-size-local equal
+    # to -dp: all ranks on this host); checked once the whole command line is parsed
+    # (check_parsed_vllm_args), as that flag may come after it
+    same_as: str = ""
 
 
 _NO_DOWNLOAD = "tessellm never downloads; a model is a directory, a .gguf file or a repo in the local Hugging Face cache"
@@ -175,7 +179,7 @@ SERVER: tuple[VllmArg, ...] = (
     VllmArg("api_server_count", "neutral", "one API process per server; scale out with -dp N (engine "
             "cores) or Ray Serve replicas (--ray --num-replicas N)", int, neutral=(1,)),
     VllmArg("headless", "neutral", _ONE_HOST_DP, bool, neutral=(False,)),
-    VllmArg("data_parallel_size_local", "neutral", _ONE_HOST_DP, int),
+    VllmArg("data_parallel_size_local", "neutral", _ONE_HOST_DP, int, same_as="data_parallel_size"),
     VllmArg("data_parallel_address", "neutral", _ONE_HOST_DP),
     VllmArg("data_parallel_rpc_port", "neutral", _ONE_HOST_DP, int),
     VllmArg("data_parallel_start_rank", "neutral", _ONE_HOST_DP, int, neutral=(0,)),
@@ -206,14 +210,18 @@ def _json(value: str):
 
 
 def _flag(arg: VllmArg) -> str:
-    return "--" + arg.name.replace("_", "-")
+    return _dashed(arg.name)
+
+
+def _dashed(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def refusal(arg: VllmArg, value, where: str) -> Optional[str]:
     """The message refusing ``value`` for ``arg`` (None: accepted); ``where`` starts it (e.g.
     ``"LLM(cpu_offload_gb=...): "``)."""
-    if arg.kind != "neutral" or value is None or value in arg.neutral:
-        return None
+    if arg.kind != "neutral" or value is None or value in arg.neutral or arg.same_as:
+        return None  # (same_as: check_parsed_vllm_args)
     if isinstance(value, (list, dict)) and not value and not arg.neutral:
         return None
     if arg.name == "structured_outputs_config" and isinstance(value, dict):
@@ -250,6 +258,8 @@ def _add(group, arg: VllmArg) -> None:
         names.append("--no-" + _flag(arg)[2:])
     if arg.kind == "noop":
         help_text = f"vLLM's; accepted, no effect: {arg.why}"
+    elif arg.same_as:
+        help_text = f"vLLM's; only the value of {_dashed(arg.same_as)}: {arg.why}"
     elif arg.kind == "neutral":
         shown = [v for v in arg.neutral if v not in ({}, [])]
         help_text = (f"vLLM's; only {' or '.join(map(str, shown))}: " if shown else
@@ -289,6 +299,20 @@ def add_vllm_server_arguments(parser: argparse.ArgumentParser) -> None:
 def parsed_vllm_args(args: argparse.Namespace) -> dict:
     """The vLLM arguments a command line gave (name -> value)."""
     return {k[len(_PREFIX):]: v for k, v in vars(args).items() if k.startswith(_PREFIX)}
+
+
+def check_parsed_vllm_args(args: argparse.Namespace) -> None:
+    """The neutral arguments whose accepted value is another flag's (``same_as``), now that the
+    whole command line is parsed: one ValueError naming both and the way to do it here."""
+    for name, value in parsed_vllm_args(args).items():
+        arg = _BY_NAME.get(name)
+        if arg is None or not arg.same_as or value is None:
+            continue
+        other = getattr(args, arg.same_as, 1)
+        if value != other:
+            raise ValueError(f"{_flag(arg)} {value!r} is not supported by tessellm (a vLLM setting; "
+                             f"accepted: the same as {_dashed(arg.same_as)}, {other!r} "
+                             f"here, all ranks on this host): {arg.why}.")
 
 
 def engine_overrides(values: dict, model: Optional[str], fields: dict) -> tuple[Optional[str], dict]:

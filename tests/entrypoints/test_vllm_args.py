@@ -83,6 +83,21 @@ def test_a_value_that_would_change_something_is_refused_by_name(capsys, argv, fl
     assert f"argument {flag}" in err and "not supported by tessellm" in err and hint in err, err
 
 
+def test_data_parallel_size_local_is_accepted_at_the_data_parallel_size():
+    """vLLM's --data-parallel-size-local equal to -dp (every rank on this host: a no-op here),
+    before or after -dp; any other value is one error naming both flags and the way out."""
+    from tessellm.entrypoints.serve import _server_config
+
+    parser = build_parser()
+    for argv in (["-dp", "2", "--data-parallel-size-local", "2"], ["--data-parallel-size-local", "2", "-dp", "2"],
+                 ["--data-parallel-size-local", "1"]):
+        _server_config(parser.parse_args(["serve", *argv]))
+    for argv, other in ((["-dp", "2", "--data-parallel-size-local", "1"], 2), (["--data-parallel-size-local", "2"], 1)):
+        with pytest.raises(ValueError, match=f"--data-parallel-size-local .* the same as --data-parallel-size, {other} "
+                                             r"here.*tessellm serve --ray --num-replicas N"):
+            _server_config(parser.parse_args(["serve", *argv]))
+
+
 def test_every_vllm_argument_has_help_and_a_flag():
     parser = build_parser()
     serve = parser._subparsers._group_actions[0].choices["serve"]
