@@ -46,8 +46,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="parses tool calls out of the model's text for tool_choice 'auto' "
                         "(docs/structured_output.md); openai: gpt-oss's harmony format, chosen by "
                         "itself for a gpt-oss model")
-    g.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="accepted for vLLM compatibility: --tool-call-parser alone enables it")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["trace", "debug", "info", "warning", "error", "critical"])
     g.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")

@@ -165,6 +165,8 @@ ENGINE: tuple[VllmArg, ...] = (
 SERVER: tuple[VllmArg, ...] = (
     VllmArg("disable_frontend_multiprocessing", "noop", "the API server and the engine core are "
             "always separate processes", bool),
+    VllmArg("enable_auto_tool_choice", "noop", "--tool-call-parser alone enables tool_choice "
+            "'auto'", bool),
     VllmArg("max_log_len", "serve", "with --enable-log-requests / --enable-log-outputs: at most this "
             "many characters of text and token ids per logged field (default: all)", int),
     VllmArg("enable_log_outputs", "serve", "one INFO line (logger tessellm.requests) per finished "
@@ -200,6 +202,23 @@ SERVER: tuple[VllmArg, ...] = (
 )
 
 _BY_NAME = {a.name: a for a in ENGINE + SERVER}
+SERVER_BY_NAME = {a.name: a for a in SERVER}
+
+# vLLM's server settings that tessellm serve takes as its own flags, by vLLM's name, whose
+# ServerConfig field is spelled otherwise (a Ray Serve config's server section takes either
+# spelling; the others, e.g. api_key, chat_template, response_role, tool_call_parser, are
+# spelled alike). The CORS flags (allowed_origins, ...) become ServerConfig.cors.
+SERVER_FIELDS = {
+    "served_model_name": "served_model_names",
+    "max_tokens_limit": "max_tokens",
+    "max_request_body_bytes": "max_body_bytes",
+    "enable_request_id_headers": "request_id_headers",
+    "enable_prompt_tokens_details": "prompt_tokens_details",
+    "enable_force_include_usage": "force_include_usage",
+    "enable_log_requests": "log_requests",
+    "enable_log_outputs": "log_outputs",
+}
+CORS_FLAGS = ("allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials")
 
 
 def _json(value: str):

@@ -77,6 +77,46 @@ def test_a_refused_engine_value_is_one_error_naming_the_key(engine, needle):
     assert needle in str(info.value)
 
 
+# -- vLLM's server arguments in the server section -----------------------------------------
+
+def test_vllm_server_names_in_a_config_mean_what_the_cli_flags_mean(tmp_path):
+    """A vLLM user's server names (as `vllm serve` flags, dashes or underscores) configure the
+    replicas' app as the same `tessellm serve` flags do; the chat template file is read once."""
+    from tessellm.entrypoints.ray_serve.config import config_to_dict
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    flags = ["--api-key", "k1", "--served-model-name", "chat", "--chat-template", str(template),
+             "--response-role", "bot", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+             "--enable-request-id-headers", "--allowed-origins", '["https://a.example"]',
+             "--enable-log-outputs", "--max-log-len", "9", "--disable-uvicorn-access-log"]
+    cli = parse_config(_ray_config(flags)).server_config()
+    names = {"api_key": "k1", "served_model_name": "chat", "chat_template": str(template),
+             "response-role": "bot", "enable_auto_tool_choice": True, "tool_call_parser": "hermes",
+             "enable_request_id_headers": True, "allowed_origins": '["https://a.example"]',
+             "enable_log_outputs": True, "max_log_len": 9, "disable_uvicorn_access_log": True,
+             "data_parallel_size_local": 1}
+    from_file = parse_config({"engine": {"device": "cpu"}, "server": names})
+    flat = parse_config({"engine.device": "cpu", **{f"server.{k}": str(v) for k, v in names.items()}})
+    for cfg in (from_file, flat):
+        assert cfg.server_config() == cli
+    replica = parse_config(config_to_dict(from_file, ("model", "engine", "server")), check_resources=False)
+    assert replica.server_config() == cli  # the template's text travelled, not its path
+
+
+@pytest.mark.parametrize("server,needle", [
+    ({"api_server_count": 4}, "server.api_server_count: 4 is not supported by tessellm"),
+    ({"data_parallel_size_local": 2}, "server.data_parallel_size_local: 2 is not supported"),
+    ({"served_model_name": "a", "served_model_names": ["b"]}, "give one of them"),
+    ({"chat_template": "/no/such/template.jinja"}, "is not a file"),
+    ({"enable_auto_tool_choise": True}, "or one of vLLM's server arguments"),
+])
+def test_a_refused_server_value_is_one_error_naming_the_key(server, needle):
+    with pytest.raises(ValueError) as info:
+        parse_config({"engine": {"device": "cpu"}, "server": server})
+    assert needle in str(info.value)
+
+
 # -- --download-dir / --revision: each replica finds the snapshot on its node ----------------
 
 def _hf_cache(root, repo: str = "org/tiny", sha: str = "a" * 40):

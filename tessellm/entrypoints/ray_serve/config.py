@@ -8,6 +8,7 @@ to each field's type. Unknown keys are an error naming the key, never silently i
     model: null                 # model path / .gguf / cached HF repo id; null: bundled SmolLM2
     engine: {...}               # EngineArgs fields (device, max_model_len, num_kv_blocks, ...)
     server: {...}               # ServerConfig fields (served_model_names, api_key: K or [K1, K2], max_n, ...)
+    #                             or vLLM's server names (served_model_name, chat_template: a file, ...)
     num_replicas: 1             # fixed replica count (ignored when autoscaling is given)
     autoscaling: {min_replicas, max_replicas, target_ongoing_requests, ...}
     replica: {num_cpus, num_gpus, resources, max_ongoing_requests, ...}
@@ -17,6 +18,7 @@ to each field's type. Unknown keys are an error naming the key, never silently i
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import typing
@@ -239,6 +241,8 @@ def parse_config(args: Optional[dict], check_resources: bool = True) -> RayServe
     nested = _unflatten(dict(args or {}))
     if "engine" in nested:
         nested["engine"] = _vllm_engine(nested["engine"], nested)
+    if "server" in nested:
+        nested["server"] = _vllm_server(nested["server"], nested.get("engine") or {})
     top = {f.name: f for f in dataclasses.fields(RayServeConfig)}
     unknown = sorted(set(nested) - set(top))
     if unknown:
@@ -302,6 +306,66 @@ def _vllm_engine(value, nested: dict) -> dict:
     return {**fields, **translated, **source}
 
 
+def _vllm_server(value, engine: dict) -> dict:
+    """vLLM's server arguments in the server section, as ``tessellm serve`` takes them: the
+    SERVER table of vllm_args.py (no effect: dropped; a value that would change something:
+    refused naming ``server.KEY``, as the flag is), vLLM's spellings of ServerConfig fields
+    (SERVER_FIELDS: served_model_name, enable_request_id_headers, ...), its CORS flags, and
+    chat_template as a file's path (read here, once) or the template's text. Dashes allowed."""
+    from tessellm.entrypoints.vllm_args import CORS_FLAGS, SERVER_BY_NAME, SERVER_FIELDS, refusal
+
+    if isinstance(value, str):
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"Option 'server' must be a mapping, got {value!r}.")
+    fields = {str(k).replace("-", "_"): v for k, v in value.items()}
+    for name in [n for n in fields if n in SERVER_BY_NAME]:
+        arg = SERVER_BY_NAME[name]
+        v = _vllm_value(fields.pop(name), arg, f"server.{name}")
+        message = refusal(arg, v, f"server.{name}: ")
+        if arg.same_as and v is not None and v != engine.get(arg.same_as, 1):
+            message = (f"server.{name}: {v!r} is not supported by tessellm (a vLLM setting; accepted: "
+                       f"engine.{arg.same_as}'s value, {engine.get(arg.same_as, 1)!r}): {arg.why}.")
+        if message:
+            raise ValueError(message)
+        if arg.kind == "serve":  # the others (noop, neutral, uvicorn's access log) change nothing here
+            fields[name] = v
+    for name, target in SERVER_FIELDS.items():
+        if name in fields:
+            if target in fields:
+                raise ValueError(f"server.{name} (vLLM's name) and server.{target} are one setting; "
+                                 "give one of them.")
+            fields[target] = fields.pop(name)
+    cors = {n: fields.pop(n) for n in CORS_FLAGS if n in fields}
+    if cors:
+        if "cors" in fields:
+            raise ValueError(f"server.{next(iter(cors))} (vLLM's CORS flags) and server.cors are one "
+                             "setting; give one of them.")
+        fields["cors"] = _vllm_cors(cors)
+    if isinstance(fields.get("chat_template"), str):
+        from tessellm.entrypoints.serve import read_chat_template
+
+        fields["chat_template"] = read_chat_template(fields["chat_template"])
+    return fields
+
+
+def _vllm_cors(given: dict) -> Optional[dict]:
+    """vLLM's CORS flags (lists as JSON or a,b strings) as ServerConfig.cors, as the CLI makes it."""
+    from types import SimpleNamespace
+
+    from tessellm.entrypoints.serve import _cors, _string_list
+
+    values = {"allow_credentials": bool(_convert(given.get("allow_credentials", False), bool,
+                                                 "server.allow_credentials"))}
+    for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+        value = given.get(name)
+        try:
+            values[name] = _string_list(value) if isinstance(value, str) else value
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"Option 'server.{name}': {exc}.") from None
+    return _cors(SimpleNamespace(**values))
+
+
 def _vllm_value(value, arg, name: str):
     """A vLLM argument's value given as a string (``serve run engine.swap_space=4``) in its type."""
     if not isinstance(value, str):
@@ -346,7 +410,9 @@ def _check_fields(cls, value, section: str) -> dict:
     unknown = sorted(set(value) - fields)
     if unknown:
         vllm = (" (or one of vLLM's engine arguments: tessellm/entrypoints/vllm_args.py, "
-                "e.g. swap_space, num_gpu_blocks_override, download_dir)") if cls is EngineArgs else ""
+                "e.g. swap_space, num_gpu_blocks_override, download_dir)") if cls is EngineArgs else \
+            (" (or one of vLLM's server arguments: tessellm/entrypoints/vllm_args.py, e.g. "
+             "served_model_name, enable_auto_tool_choice, allowed_origins)") if cls is ServerConfig else ""
         raise ValueError(f"Unknown option(s) in {section!r}: {', '.join(unknown)}. Known: "
                          f"{', '.join(sorted(fields))}{vllm}.")
     return {k: _convert(v, hints[k], f"{section}.{k}") for k, v in value.items()}
