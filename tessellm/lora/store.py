@@ -116,8 +116,16 @@ class AdapterStore:
             wait(futures, timeout, return_when=FIRST_COMPLETED)
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        """End the loader thread: a load under way finishes on its own, queued ones are dropped
+        and forgotten. A later ``ensure`` makes a new thread, as the first one did (lazily), and
+        reads a dropped adapter again; the cache and the ids' bindings stay."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:  # (a load that ran pops its own entry when it is done)
+            self._loading = {k: f for k, f in self._loading.items() if not f.cancelled()}
 
 
 def _same_dir(a: str, b: str) -> bool:
