@@ -102,6 +102,44 @@ class _LoadChunk:
         self.clock = clock if clock is not None else [time.monotonic()]
 
 
+class _StepGate:
+    """The step's calls into the worker half (``start_load_kv``, ``save_kv``) against its
+    shutdown. A flag alone narrowed the race without closing it: a step that read "open" just
+    before shutdown began went on to make a loader or writer pool again after shutdown had
+    ended them (threads outliving the connector, files written after the shutdown that waited
+    for the saves), or to use a pool already gone. Here a call is admitted only while the
+    connector is open and holds its place until it returns; shutdown closes the gate (no call
+    is admitted after that: the caller refuses its work) and then waits for the calls inside
+    to leave before it ends anything. A load inside gives up at once (``_await_reads`` reads
+    ``closing``); a save inside hands its chunks to the writer, whose writes shutdown waits
+    for as for any save."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._inside = 0
+        self.closing = False  # read unlocked by loads under way (a bool: set once, never unset)
+
+    @contextlib.contextmanager
+    def enter(self):
+        """Yields whether the call is admitted (False: shutdown began; do none of the work)."""
+        with self._cond:
+            admitted = not self.closing
+            self._inside += admitted
+        try:
+            yield admitted
+        finally:
+            if admitted:
+                with self._cond:
+                    self._inside -= 1
+                    self._cond.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        """No call admitted from now on; whether those inside left within ``timeout``."""
+        with self._cond:
+            self.closing = True
+            return self._cond.wait_for(lambda: self._inside == 0, timeout)
+
+
 class _SavesDone:
     """What a step's outputs wait for (``save_kv`` with ``wait``): every save handed over so
     far written, or the store marked down (a write hung past ``lookup_timeout_ms``: the saves
@@ -163,7 +201,7 @@ class SharedStorageWorker:
         # read started (a read older than load_timeout hangs: the load waiting for it fails).
         self._read_since: dict = {}
         self._reader_clock = threading.local()  # a reader thread's chunk's progress clock
-        self._closing = False  # shutdown began: loads under way are given up at once
+        self._gate = _StepGate()  # shutdown against the step's loads and saves
         # Totals of this rank since start (tests, benchmarks): files written, and blocks not
         # written because their file was there already (another engine's, or a recompute's).
         self.files_written = self.files_present = 0
@@ -208,12 +246,20 @@ class SharedStorageWorker:
 
     # -- loads -----------------------------------------------------------------------------
 
+    @property
+    def _closing(self) -> bool:
+        """Shutdown began: loads under way are given up at once, no step's work is admitted."""
+        gate = getattr(self, "_gate", None)
+        return gate is not None and gate.closing
+
     def start_load_kv(self, meta: dict) -> list:
         """The step's loads: ``loads`` (the step that admits them reads them: filled before its
         forward) and ``async_loads`` (started on the loader thread; ``get_finished_loads``
-        says when they are in the cache)."""
-        if self._closing:
-            return self._refuse_loads(meta)
+        says when they are in the cache). Once shutdown began: refused (``_StepGate``)."""
+        with self._gate.enter() as admitted:
+            return self._start_loads(meta) if admitted else self._refuse_loads(meta)
+
+    def _start_loads(self, meta: dict) -> list:
         background = meta.get("async_loads") or []
         if background:
             torch = torch_module()
@@ -542,6 +588,18 @@ class SharedStorageWorker:
     # -- saves -----------------------------------------------------------------------------
 
     def save_kv(self, meta: dict):
+        """The step's saves (``_save``); once shutdown began they are skipped (``_StepGate``)."""
+        with self._gate.enter() as admitted:
+            if admitted:
+                return self._save(meta)
+        saves = meta.get("saves") or ()
+        if saves:
+            logger.warning("KV connector asked to save %d block(s) after its shutdown began: "
+                           "skipped.", len(saves))
+            self._settle(skipped=len(saves))
+        return None
+
+    def _save(self, meta: dict):
         """Queue the copies of the blocks to save behind the step's forward, a staging chunk
         at a time, and hand each chunk to the writer thread: it waits for the chunk's copies
         (an event, not a stream sync: the host goes on launching the next step) and writes the
@@ -557,11 +615,6 @@ class SharedStorageWorker:
             kept = [s for s, rid in zip(saves, owners) if rid not in self._failed_loads]
             self._settle(dropped=len(saves) - len(kept))
             saves = kept
-        if saves and self._closing:  # (its writer pools end or have ended: none made again)
-            logger.warning("KV connector asked to save %d block(s) after its shutdown began: "
-                           "skipped.", len(saves))
-            self._settle(skipped=len(saves))
-            saves = []
         if saves and self._store_down():
             self._settle(skipped=len(saves))
             saves = []
@@ -785,8 +838,12 @@ class SharedStorageWorker:
         fail: a running engine recomputes them); then the pools end, waited for
         ``lookup_timeout_ms`` in all at most (the readers ``_READERS_EXIT_S``: a load that gave
         up no longer waits for them): a thread still in a call of the store's then (a hung
-        read or write) is left behind, a daemon (logged)."""
-        self._closing = True
+        read or write) is left behind, a daemon (logged). A step's load or save racing it is
+        either refused or waited for (``_StepGate``): none makes or uses a pool after this."""
+        gate = getattr(self, "_gate", None)
+        if gate is not None and not gate.close(self.lookup_timeout + _READERS_EXIT_S):
+            logger.warning("KV connector shut down while a step's load or save was still under "
+                           "way after %.1f s.", self.lookup_timeout + _READERS_EXIT_S)
         if getattr(self, "_pending", None) is not None:
             self.wait_for_save()
             hung = sum(t.n for t in self._abandoned if not t.future.done())
