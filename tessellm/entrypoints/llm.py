@@ -148,17 +148,19 @@ class LLM:
 
         return run_offline(self, prompts, params, lora_request)
 
-    def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True, chat_template: Optional[str] = None,
-             lora_request=None, *, continue_final_message: bool = False, tools: Optional[list[dict]] = None,
-             chat_template_kwargs: Optional[dict] = None, chat_template_content_format: str = "auto",
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, lora_request=None,
+             chat_template: Optional[str] = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: Optional[list[dict]] = None, chat_template_kwargs: Optional[dict] = None,
              mm_processor_kwargs: Optional[dict] = None) -> list[RequestOutput]:
-        """One conversation (a list of {role, content}) or a list of conversations;
-        ``lora_request`` as in ``generate`` (one adapter, or one per conversation).
-        vLLM's keywords: ``continue_final_message`` (the last, assistant message is continued,
-        not closed), ``tools`` (OpenAI function definitions, for templates that show them),
-        ``chat_template_kwargs`` (extra template variables, e.g. ``{"enable_thinking": False}``);
-        ``chat_template_content_format`` only ``"auto"`` / ``"string"`` (text parts joined)."""
+        """One conversation (a list of {role, content}) or a list of conversations; the
+        arguments in vLLM's order, positional as there. ``lora_request`` as in ``generate`` (one
+        adapter, or one per conversation); ``continue_final_message`` (the last, assistant
+        message is continued, not closed), ``tools`` (OpenAI function definitions, for templates
+        that show them), ``chat_template_kwargs`` (extra template variables, e.g.
+        ``{"enable_thinking": False}``); ``chat_template_content_format`` only ``"auto"`` /
+        ``"string"`` (text parts joined)."""
+        _check_chat_positions(lora_request, chat_template_content_format)
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("This model has no tokenizer, so chat templates are unavailable.")
@@ -285,3 +287,17 @@ def _per_prompt(params, n: int, default) -> list[SamplingParams]:
     if len(params) != n:
         raise ValueError(f"Got {len(params)} SamplingParams for {n} prompts; give one, or one per prompt.")
     return params
+
+
+def _check_chat_positions(lora_request, content_format) -> None:
+    """``LLM.chat`` took ``add_generation_prompt, chat_template, lora_request`` as its 4th-6th
+    positional arguments; vLLM's order (now this one's) is ``lora_request, chat_template,
+    chat_template_content_format``. A call in the old order fails here, naming the fix, rather
+    than running with a flag taken for an adapter (or an adapter for a format)."""
+    if isinstance(lora_request, bool):
+        raise ValueError(f"LLM.chat's 4th positional argument is lora_request (vLLM's order), got "
+                         f"{lora_request!r}; pass add_generation_prompt={lora_request!r} by keyword.")
+    if not isinstance(content_format, str):
+        raise ValueError("LLM.chat's 6th positional argument is chat_template_content_format "
+                         f"(vLLM's order), got a {type(content_format).__name__}; pass "
+                         "lora_request=... by keyword.")

@@ -225,6 +225,29 @@ def test_llm_chat_vllm_keywords(llm):
         llm.chat(conv, one, use_tqdm=False, chat_template_content_format="openai")
 
 
+def test_llm_chat_positional_order_is_vllms(llm):
+    """LLM.chat(messages, sampling_params, use_tqdm, lora_request, chat_template,
+    chat_template_content_format, add_generation_prompt, continue_final_message, ...): vLLM's
+    positions give what its keywords give; a call in tessellm's old order (add_generation_prompt
+    4th, lora_request 6th) is one error naming the keyword to use."""
+    from tessellm import SamplingParams
+
+    template = "{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}]
+    one = SamplingParams(max_tokens=1)
+    by_position = llm.chat(conv, one, False, None, template, "string", False, True)[0]
+    by_keyword = llm.chat(conv, one, use_tqdm=False, chat_template=template, add_generation_prompt=False,
+                          continue_final_message=True)[0]
+    assert by_position.prompt_token_ids == by_keyword.prompt_token_ids
+    assert llm.get_tokenizer().decode(by_position.prompt_token_ids) == "user:hi;assistant:The answer is"
+    with pytest.raises(ValueError, match="4th positional argument is lora_request .* add_generation_prompt=False"):
+        llm.chat(conv, one, False, False)
+    from tessellm.lora.request import LoRARequest
+
+    with pytest.raises(ValueError, match="6th positional argument is chat_template_content_format .* lora_request="):
+        llm.chat(conv, one, False, None, template, LoRARequest("a", 1, "/nowhere"))
+
+
 def _hf_cache(root, repo: str, revisions: dict[str, str]) -> dict[str, str]:
     """A Hugging Face cache layout (models--org--name/{refs,snapshots}) holding ``repo`` at each
     ref -> commit; returns commit -> snapshot directory."""
