@@ -49,6 +49,12 @@ def server_dev_mode() -> bool:
     return _switch("TESSELLM_SERVER_DEV_MODE") is True
 
 
+def torch_profiler_dir() -> Optional[str]:
+    """TESSELLM_TORCH_PROFILER_DIR, else vLLM's VLLM_TORCH_PROFILER_DIR: where
+    ``LLM.stop_profile()`` writes each rank's Chrome trace; unset: no trace files."""
+    return os.environ.get("TESSELLM_TORCH_PROFILER_DIR") or os.environ.get("VLLM_TORCH_PROFILER_DIR") or None
+
+
 def cpu_kv_cache_bytes() -> Optional[int]:
     """TESSELLM_CPU_KV_CACHE_GB: KV cache size for the cpu backend, in GiB."""
     value = os.environ.get("TESSELLM_CPU_KV_CACHE_GB")

@@ -1,13 +1,13 @@
 """vLLM's ``vllm.sampling_params`` names, for code written against it:
-``from tessellm.sampling_params import SamplingParams, StructuredOutputsParams`` (and
-``GuidedDecodingParams``, vLLM's older name for the latter)."""
+``from tessellm.sampling_params import SamplingParams, StructuredOutputsParams, RequestOutputKind``
+(and ``GuidedDecodingParams``, vLLM's older name for ``StructuredOutputsParams``)."""
 
 from typing import Optional
 
-from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.structured_output.params import StructuredOutputsParams
 
-__all__ = ["SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams"]
+__all__ = ["SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "RequestOutputKind"]
 
 
 def GuidedDecodingParams(*, backend: Optional[str] = None, whitespace_pattern: Optional[str] = None,  # noqa: N802

@@ -23,17 +23,19 @@ import zmq
 from tessellm.config import EngineArgs
 from tessellm.core.core_group import EngineCoreGroup, core_refusal, load_front_tokenizer
 from tessellm.core.engine_process import EngineDeadError, decode_output, unpack
+from tessellm.core.engine_surface import EngineSurface, engine_metrics
 from tessellm.core.input_processor import InputProcessor, PromptType
 from tessellm.core.output_processor import OutputProcessor
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.submit import submit
+from tessellm.metrics.stats import EngineStats, IterationStats, merge_engine_stats
 from tessellm.pooling.front import POOLING_SAMPLING, check_generates, resolve_pooling_params
 
 _POLL_MS = 500  # the cores' liveness is checked this often (their messages never say a core died)
 
 
-class DPLLMEngine:
+class DPLLMEngine(EngineSurface):
     def __init__(self, args: EngineArgs, final_only: bool = False):
         self.args = args
         # serving=False: the cores warm up as LLM(...) does (off unless kernel_warmup=True).
@@ -46,6 +48,7 @@ class DPLLMEngine:
             raise
         self.inputs = InputProcessor(self.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, final_only)
+        self.metrics = engine_metrics(args, self.info)  # get_metrics() (engine_surface.py)
         self.failure: Optional[Exception] = None
         self._poller = zmq.Poller()
         for client in self.cores.clients:
@@ -139,7 +142,9 @@ class DPLLMEngine:
             self.cores.note_stats(core, msg[2])
             outputs = [decode_output(v) for v in msg[1]]
             self.cores.note_outputs(outputs)
-            results, to_abort = self.outputs.process(outputs)
+            iteration = IterationStats()
+            results, to_abort = self.outputs.process(outputs, iteration)
+            self.metrics.observe_outputs(iteration)
             if to_abort:
                 self.cores.send_abort(to_abort)
             for result in results:
@@ -164,6 +169,13 @@ class DPLLMEngine:
         self.failure = EngineDeadError(f"The engine is dead ({reason}); create a new LLM.")
         self.cores.close()
         raise self.failure
+
+    def _engine_stats(self) -> EngineStats:
+        """The cores' last stats as one engine's; their last steps' token counts left out (each
+        reading would count them again)."""
+        stats = merge_engine_stats([EngineStats.from_dict(s) for s in self.core_stats()])
+        stats.step_num_tokens = []
+        return stats
 
     def core_stats(self) -> list[dict]:
         """Each core's last ``EngineStats`` (as a dict), in core order."""

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCore
+from tessellm.core.engine_surface import EngineSurface, engine_metrics
 from tessellm.core.input_processor import InputProcessor, PromptType
 from tessellm.core.output_processor import OutputProcessor
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.submit import submit
 from tessellm.loader.model_loader import load_tokenizer
+from tessellm.metrics.stats import EngineStats, IterationStats
 from tessellm.pooling.front import POOLING_SAMPLING, check_generates, resolve_pooling_params
 
 
-class LLMEngine:
+class LLMEngine(EngineSurface):
     def __init__(self, args: EngineArgs, final_only: bool = False):
         if args.data_parallel_size > 1:
             raise ValueError("LLMEngine runs one engine core in this process; for "
@@ -38,6 +41,7 @@ class LLMEngine:
             self.tokenizer = load_tokenizer(source.path, source.kind, args.tokenizer)
         self.inputs = InputProcessor(self.core.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, final_only)
+        self.metrics = engine_metrics(args, self.core.info)  # get_metrics() (engine_surface.py)
         self.failure: Optional[Exception] = None  # what broke a step: raised again by every call
 
     @property
@@ -103,8 +107,16 @@ class LLMEngine:
             exc.add_note("The engine failed in this step and cannot go on; create a new LLM.")
             self.failure = exc
             raise
-        results, to_abort = self.outputs.process(core_outputs)
+        iteration = IterationStats()
+        results, to_abort = self.outputs.process(core_outputs, iteration)
+        self.metrics.observe_outputs(iteration)
         if to_abort:
             self.core.abort_requests(to_abort)
         return results
+
+    def _engine_stats(self) -> EngineStats:
+        return EngineStats.from_dict(dataclasses.asdict(self.core.scheduler.stats()))
+
+    def _hf_config(self):
+        return self.core.source.hf_config
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 from tessellm.core.detokenizer import IncrementalDetokenizer
 from tessellm.core.outputs import CompletionOutput, Logprob, RequestOutput
-from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.metrics.stats import IterationStats, RequestTimes
 
@@ -33,6 +33,9 @@ class _Sample:
     finish_reason: Optional[str] = None
     stop_reason: Optional[object] = None
     times: Optional[RequestTimes] = None  # for the metrics
+    # output_kind DELTA: how much of the tokens, logprobs and text earlier outputs carried
+    sent_tokens: int = 0
+    sent_text: int = 0
 
 
 @dataclass
@@ -46,6 +49,7 @@ class _RequestState:
     num_cached_tokens: int = 0
     pooling: Optional[object] = None  # a pooling request's PoolingParams (normalize resolved)
     pooled: Optional[list] = None  # its raw pooled vector from the core, once it came
+    lora_request: Optional[object] = None  # its adapter, shown on its outputs
 
     @property
     def finished(self) -> bool:
@@ -69,7 +73,7 @@ class OutputProcessor:
 
     def add_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     params: SamplingParams, core_ids: list[str],
-                    arrival_time: Optional[float] = None, pooling=None) -> None:
+                    arrival_time: Optional[float] = None, pooling=None, lora_request=None) -> None:
         arrival = time.time() if arrival_time is None else arrival_time
         samples = []
         for i, cid in enumerate(core_ids):
@@ -83,7 +87,7 @@ class OutputProcessor:
                                    times=RequestTimes(arrival, len(prompt_token_ids))))
             self.core_to_parent[cid] = (request_id, i)
         self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, samples,
-                                                pooling=pooling)
+                                                pooling=pooling, lora_request=lora_request)
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self.states
@@ -132,7 +136,7 @@ class OutputProcessor:
         for state in touched.values():
             if state.finished:
                 results.append(self._finish(state))
-            elif not self.final_only:
+            elif not self.final_only and state.params.output_kind != RequestOutputKind.FINAL_ONLY:
                 results.append(self._output(state))
         return results, to_abort
 
@@ -179,13 +183,20 @@ class OutputProcessor:
 
             return pooling_output(state)
         outs = []
+        delta = state.params.output_kind == RequestOutputKind.DELTA
         for s in state.samples:
             done = s.finish_reason is not None
             text = s.detok.visible_text(done) if s.detok is not None else ""
-            outs.append(CompletionOutput(s.index, text, list(s.token_ids), s.cumulative_logprob,
-                                         s.logprobs, s.finish_reason, s.stop_reason))
+            ids, logprobs = list(s.token_ids), s.logprobs
+            if delta:  # only what is new since this request's previous output
+                text, ids = text[s.sent_text:], ids[s.sent_tokens:]
+                logprobs = None if logprobs is None else logprobs[s.sent_tokens:]
+                s.sent_text, s.sent_tokens = s.sent_text + len(text), len(s.token_ids)
+            outs.append(CompletionOutput(s.index, text, ids, s.cumulative_logprob, logprobs,
+                                         s.finish_reason, s.stop_reason, state.lora_request))
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs,
-                             state.finished, state.prompt_logprobs, state.num_cached_tokens)
+                             state.finished, state.prompt_logprobs, state.num_cached_tokens,
+                             metrics=state.samples[0].times, lora_request=state.lora_request)
 
     def _finish(self, state: _RequestState) -> RequestOutput:
         result = self._output(state)

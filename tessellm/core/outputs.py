@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -27,6 +27,7 @@ class CompletionOutput:
     logprobs: Optional[SampleLogprobs] = None
     finish_reason: Optional[str] = None  # "stop", "length", "abort"; None while running
     stop_reason: Optional[object] = None  # the stop string or token id that ended it
+    lora_request: Optional[object] = None  # the request's LoRARequest (None: the base model)
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -41,3 +42,15 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: Optional[PromptLogprobs] = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # vLLM's other fields, same names: the first sample's RequestTimes (arrival, first scheduled,
+    # first and last token times: tessellm.metrics.stats), the request's LoRARequest
+    metrics: Optional[object] = None
+    lora_request: Optional[object] = None
+    # What a KV connector hands back for a remote decode: None (tessellm's connectors share a
+    # store keyed by block hashes, so the decode side needs nothing from the prefill side)
+    kv_transfer_params: Optional[dict] = None
+    # Encoder-decoder models' fields (tessellm runs decoder-only models: always None), and the
+    # image placeholders' positions (vLLM's multi_modal_placeholders; empty here)
+    encoder_prompt: Optional[str] = None
+    encoder_prompt_token_ids: Optional[list[int]] = None
+    multi_modal_placeholders: dict = field(default_factory=dict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -9,6 +10,15 @@ from typing import Optional, Union
 from tessellm.structured_output.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.IntEnum):
+    """vLLM's: what each ``RequestOutput`` of a request holds while it runs (``LLMEngine.step``,
+    ``AsyncLLM``). ``LLM.generate`` returns finished outputs only, whatever the kind."""
+
+    CUMULATIVE = 0  # everything generated so far
+    DELTA = 1  # only what is new since the request's previous output
+    FINAL_ONLY = 2  # no output until the request finishes
 
 
 @dataclass
@@ -62,6 +72,7 @@ class SamplingParams:
     logits_processors: Optional[list] = None
     guided_decoding: Optional[object] = None  # vLLM's older name: moved to structured_outputs
     extra_args: Optional[dict] = None  # vLLM's: read by custom logits processors only; kept, unused
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # an int after msgpack: converted
     extra: dict = field(default_factory=dict, repr=False)  # free-form, ignored by the engine
 
     def __post_init__(self) -> None:
@@ -71,6 +82,9 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        _check(self.output_kind in tuple(RequestOutputKind), "output_kind must be a RequestOutputKind "
+               f"(tessellm.sampling_params: CUMULATIVE, DELTA or FINAL_ONLY), got {self.output_kind!r}.")
+        self.output_kind = RequestOutputKind(self.output_kind)
         if self.bad_words is not None:
             self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
         if self.guided_decoding is not None:  # vLLM's older name (GuidedDecodingParams)
@@ -145,6 +159,11 @@ class SamplingParams:
         _check(self.kv_transfer_params is None or isinstance(self.kv_transfer_params, dict),
                "kv_transfer_params must be a JSON object (e.g. {\"do_remote_decode\": true}) or "
                f"null, got {type(self.kv_transfer_params).__name__}.")
+
+    @classmethod
+    def from_optional(cls, **kwargs) -> "SamplingParams":
+        """vLLM's: the fields given as None take their defaults (e.g. straight from a request)."""
+        return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
     @property
     def is_greedy(self) -> bool:

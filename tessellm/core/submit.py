@@ -34,7 +34,8 @@ def submit(inputs: InputProcessor, outputs: OutputProcessor, request_id: str,
         for req in core_reqs:
             req.pooling_task = pooling.task
     outputs.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
-                        [r.request_id for r in core_reqs], core_reqs[0].arrival_time, pooling)
+                        [r.request_id for r in core_reqs], core_reqs[0].arrival_time, pooling,
+                        lora_request)
     sent: list[str] = []
     try:
         for req in core_reqs:

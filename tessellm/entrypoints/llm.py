@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence, Union
+import os
+from typing import Callable, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
@@ -50,6 +51,18 @@ class LLM:
         else:
             self.engine = LLMEngine(args, final_only=True)
         self._ids = itertools.count()
+
+    @property
+    def llm_engine(self):
+        """vLLM's name for the engine (``LLMEngine``, or ``DPLLMEngine`` with data parallelism):
+        ``llm.llm_engine.get_tokenizer()``, ``.model_config``, ``.vllm_config``, ``.add_request``,
+        ``.step()``, ``.has_unfinished_requests()`` (tessellm/core/engine_surface.py)."""
+        return self.engine
+
+    def get_metrics(self) -> list:
+        """vLLM's: the engine's metrics since it started, as ``tessellm.metrics.reader``'s
+        ``Counter`` / ``Gauge`` / ``Histogram`` (names ``tessellm:...``, docs/metrics.md)."""
+        return self.engine.get_metrics()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``generate`` uses without sampling params: the model's generation_config.json
@@ -105,6 +118,39 @@ class LLM:
                              "(tessellm.distributed.worker.Worker), e.g. 'kv_block_bytes'.")
         return core.executor.collective_rpc(method, *args)
 
+    def apply_model(self, func) -> list:
+        """vLLM's: ``func(model)`` (the ``torch.nn.Module``) in this process, its result in a
+        list. Only where the model runs in this process: tessellm never sends a Python function to
+        another process (no pickling), so with tensor/pipeline parallelism use ``collective_rpc``."""
+        executor = self.engine.core.executor
+        worker = getattr(executor, "worker", None)
+        if worker is None:
+            raise ValueError("apply_model needs the model in this process (tensor_parallel_size=1, "
+                             "pipeline_parallel_size=1): tessellm sends no Python function to worker "
+                             "processes; use collective_rpc with a Worker method instead.")
+        return [func(worker.runner.model)]
+
+    def start_profile(self) -> None:
+        """vLLM's: run torch.profiler on every rank until ``stop_profile``."""
+        self.collective_rpc("start_profile")
+        self._profiling = True
+
+    def stop_profile(self, trace_dir: Optional[str] = None) -> list[str]:
+        """Stop the profiler; returns each rank's table of the ops that took the most time.
+        ``trace_dir`` (else ``TESSELLM_TORCH_PROFILER_DIR`` or vLLM's ``VLLM_TORCH_PROFILER_DIR``):
+        a Chrome trace per rank there, ``rank{N}.trace.json``."""
+        from tessellm import envs
+
+        if not getattr(self, "_profiling", False):
+            raise ValueError("stop_profile: no profile is running; call start_profile() first.")
+        trace_dir = trace_dir or envs.torch_profiler_dir()
+        path = None
+        if trace_dir:
+            os.makedirs(trace_dir, exist_ok=True)
+            path = os.path.join(trace_dir, "rank{rank}.trace.json")
+        self._profiling = False
+        return self.collective_rpc("stop_profile", (25, path))
+
     def __enter__(self) -> "LLM":
         return self
 
@@ -112,11 +158,14 @@ class LLM:
         self.shutdown()
 
     def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = True, lora_request=None, priority: Optional[list[int]] = None
+                 use_tqdm: Union[bool, Callable] = True, lora_request=None, priority: Optional[list[int]] = None
                  ) -> list[RequestOutput]:
         """Prompts: a str, a list of str, token-id dicts, ``{"prompt_embeds": tensor[tokens,
-        hidden]}`` (with ``enable_prompt_embeds=True``), or a list of those. Outputs keep input order.
+        hidden]}`` (with ``enable_prompt_embeds=True``), or a list of those (``tessellm.inputs``:
+        ``TextPrompt``, ``TokensPrompt``). Outputs keep input order.
         ``priority``: vLLM's; only zeros (requests are served first come, first served).
+        ``use_tqdm``: False hides the progress bar; a callable (vLLM's) makes it, called as
+        ``tqdm`` is (``total=``, ``desc=``).
 
         ``lora_request``: a ``tessellm.lora.LoRARequest`` for every prompt, or a list with one
         (or None: the base model) per prompt; needs ``LLM(enable_lora=True)``."""
@@ -137,7 +186,7 @@ class LLM:
             for rid in ids:  # leave the engine clean for the next call
                 self.engine.abort_request(rid)
             raise
-        return self._run(ids, use_tqdm and len(ids) >= _TQDM_MIN_PROMPTS)
+        return self._run(ids, use_tqdm)
 
     def beam_search(self, prompts, params, lora_request=None) -> list:
         """vLLM's ``LLM.beam_search``: per prompt a ``BeamSearchOutput`` whose ``sequences``
@@ -148,7 +197,7 @@ class LLM:
 
         return run_offline(self, prompts, params, lora_request)
 
-    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, lora_request=None,
+    def chat(self, messages, sampling_params=None, use_tqdm: Union[bool, Callable] = True, lora_request=None,
              chat_template: Optional[str] = None, chat_template_content_format: str = "auto",
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              tools: Optional[list[dict]] = None, chat_template_kwargs: Optional[dict] = None,
@@ -188,7 +237,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
     def embed(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
-              use_tqdm: bool = True, lora_request=None) -> list:
+              use_tqdm: Union[bool, Callable] = True, lora_request=None) -> list:
         """Embeddings of prompts (as ``generate`` takes them) on a pooling engine
         (``LLM(model, runner="pooling")``): one ``EmbeddingRequestOutput`` each, in input order,
         ``.outputs.embedding`` a list of floats. ``pooling_params``: one
@@ -201,7 +250,7 @@ class LLM:
                                     pooling_task="embed")]
 
     def classify(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
-                 use_tqdm: bool = True, lora_request=None) -> list:
+                 use_tqdm: Union[bool, Callable] = True, lora_request=None) -> list:
         """Class probabilities of prompts on a sequence classifier (``*ForSequenceClassification``,
         docs/pooling.md): one ``ClassificationRequestOutput`` each, ``.outputs.probs`` softmax over
         the labels (sigmoid for one label; raw logits with ``PoolingParams(use_activation=False)``)."""
@@ -210,8 +259,8 @@ class LLM:
         return [ClassificationRequestOutput.from_base(o) for o in self.encode(
             prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request, pooling_task="classify")]
 
-    def score(self, data_1, data_2, truncate_prompt_tokens: Optional[int] = None, use_tqdm: bool = True,
-              pooling_params=None, lora_request=None, chat_template: Optional[str] = None) -> list:
+    def score(self, data_1, data_2, truncate_prompt_tokens: Optional[int] = None,
+              use_tqdm: Union[bool, Callable] = True, pooling_params=None, lora_request=None, chat_template: Optional[str] = None) -> list:
         """Scores of text pairs (one text against many, or two lists pairwise): a cross-encoder's
         sigmoid relevance, or the cosine similarity of an embedding model's vectors
         (``tessellm.pooling.score``). One ``ScoringRequestOutput`` per pair, in order.
@@ -223,7 +272,8 @@ class LLM:
                          chat_template)
 
     def encode(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
-               use_tqdm: bool = True, lora_request=None, pooling_task: Optional[str] = None) -> list:
+               use_tqdm: Union[bool, Callable] = True, lora_request=None,
+               pooling_task: Optional[str] = None) -> list:
         """As ``embed``, the vectors as tensors: ``PoolingRequestOutput.outputs.data``.
         ``pooling_task``: ``embed`` or ``classify`` (None: what the model does), or
         ``token_embed`` / ``token_classify``: a ``[prompt tokens, width]`` tensor, one row per
@@ -256,11 +306,22 @@ class LLM:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
-        return self._run(ids, use_tqdm and len(ids) >= _TQDM_MIN_PROMPTS)
+        return self._run(ids, use_tqdm)
 
-    def _run(self, ids: list[str], show_progress: bool) -> list[RequestOutput]:
+    def reward(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
+               use_tqdm: Union[bool, Callable] = True, lora_request=None) -> list:
+        """vLLM's: a reward model's scores per prompt token, i.e. ``encode(...,
+        pooling_task="token_classify")``: ``.outputs.data`` is ``[prompt tokens, labels]``."""
+        return self.encode(prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request,
+                           pooling_task="token_classify")
+
+    def _run(self, ids: list[str], use_tqdm: Union[bool, Callable]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Generating", disable=not show_progress)
+        if callable(use_tqdm):  # vLLM's: the caller's progress bar
+            bar = use_tqdm(total=len(ids), desc="Processed prompts")
+        else:
+            show = use_tqdm and len(ids) >= _TQDM_MIN_PROMPTS
+            bar = tqdm(total=len(ids), desc="Generating", disable=not show)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 if out.finished:

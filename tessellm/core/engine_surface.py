@@ -1,0 +1,114 @@
+"""vLLM's ``LLMEngine`` names that user code reaches through ``llm.llm_engine``:
+``get_tokenizer()``, ``model_config``, ``vllm_config`` and ``get_metrics()``, on both offline
+engines (``LLMEngine``, ``DPLLMEngine``). Read-only views built from the engine's ``args`` and
+``info``; setting a field changes nothing (build a new ``LLM`` instead)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from tessellm.metrics.prometheus import EngineMetrics
+from tessellm.metrics.reader import Metric, read_metrics
+from tessellm.metrics.stats import EngineStats
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """vLLM's ``ModelConfig``: the fields its users read most."""
+
+    model: str  # as given to LLM(...) (the resolved path when none was)
+    tokenizer: Optional[str]
+    served_model_name: str
+    max_model_len: int
+    dtype: torch.dtype
+    runner_type: str  # "generate" or "pooling"
+    hf_config: Optional[object]  # the transformers config (None in a data-parallel front end)
+    vocab_size: int
+
+    def get_vocab_size(self) -> int:
+        return self.vocab_size
+
+    def get_hidden_size(self) -> int:
+        if self.hf_config is None:
+            raise ValueError("get_hidden_size: the model's config is in the engine cores' processes "
+                             "(data_parallel_size > 1); read config.json of the model instead.")
+        return self.hf_config.hidden_size
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    num_gpu_blocks: int  # KV blocks (tessellm's num_kv_blocks)
+    enable_prefix_caching: bool
+    gpu_memory_utilization: float
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: Optional[int]
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """vLLM's ``VllmConfig``: its four most read parts."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    parallel_config: ParallelConfig
+
+
+class EngineSurface:
+    """Mixed into an offline engine that has ``args``, ``info``, ``tokenizer`` and ``metrics``."""
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    @property
+    def model_config(self) -> ModelConfig:
+        args, info = self.args, self.info
+        return ModelConfig(args.model or info.model_path, args.tokenizer,
+                           args.served_model_name or args.model or info.model_path, info.max_model_len,
+                           getattr(torch, info.dtype), info.runner, self._hf_config(), info.vocab_size)
+
+    @property
+    def vllm_config(self) -> VllmConfig:
+        args, info = self.args, self.info
+        return VllmConfig(self.model_config,
+                          CacheConfig(info.block_size, info.num_kv_blocks, args.enable_prefix_caching,
+                                      args.gpu_memory_utilization),
+                          SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, info.max_model_len),
+                          ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size,
+                                         args.data_parallel_size))
+
+    def _hf_config(self):
+        return None
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's metrics since it started (vLLM's ``LLM.get_metrics()``): counters,
+        gauges and histograms, as the server's ``/metrics`` shows them (docs/metrics.md)."""
+        self.metrics.observe_stats(self._engine_stats())
+        return read_metrics(self.metrics.registry)
+
+    def _engine_stats(self) -> EngineStats:
+        raise NotImplementedError
+
+
+def engine_metrics(args, info) -> EngineMetrics:
+    """An offline engine's own metrics registry (never the process-wide one), labelled with the
+    served model name as the server's are."""
+    return EngineMetrics(args.served_model_name or args.model or info.model_path, CollectorRegistry(),
+                         info.max_model_len)

@@ -1,0 +1,60 @@
+"""vLLM's ``LLM.get_metrics()`` shapes (``vllm.v1.metrics.reader``): the engine's Prometheus
+metrics as plain objects, read from its registry (names start with ``tessellm:``, not ``vllm:``;
+the same metrics as the server's ``/metrics``, docs/metrics.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+
+@dataclass
+class Metric:
+    name: str  # e.g. "tessellm:prompt_tokens" (a counter's name without "_total", as vLLM's)
+    labels: dict[str, str]
+
+
+@dataclass
+class Counter(Metric):
+    value: int
+
+
+@dataclass
+class Gauge(Metric):
+    value: float
+
+
+@dataclass
+class Histogram(Metric):
+    count: int
+    sum: float
+    buckets: dict[str, int]  # upper bound ("0.5", ..., "+Inf") -> observations at or below it
+
+
+def read_metrics(registry: CollectorRegistry) -> list[Metric]:
+    """One ``Metric`` per labelled series of every family in ``registry``."""
+    metrics: list[Metric] = []
+    for family in registry.collect():
+        if family.type == "counter":
+            metrics += [Counter(family.name, s.labels, int(s.value))
+                        for s in family.samples if s.name.endswith("_total")]
+        elif family.type == "gauge":
+            metrics += [Gauge(family.name, s.labels, s.value) for s in family.samples]
+        elif family.type == "histogram":
+            metrics += _histograms(family)
+    return metrics
+
+
+def _histograms(family) -> list[Histogram]:
+    series: dict[tuple, Histogram] = {}
+    for s in family.samples:
+        labels = {k: v for k, v in s.labels.items() if k != "le"}
+        h = series.setdefault(tuple(sorted(labels.items())), Histogram(family.name, labels, 0, 0.0, {}))
+        if s.name.endswith("_bucket"):
+            h.buckets[s.labels["le"]] = int(s.value)
+        elif s.name.endswith("_count"):
+            h.count = int(s.value)
+        elif s.name.endswith("_sum"):
+            h.sum = s.value
+    return list(series.values())
