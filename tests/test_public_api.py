@@ -40,3 +40,23 @@ def test_import_tessellm_stays_light():
             "'tessellm.structured_output.manager') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_vllm_module_paths_for_prompts_outputs_and_params():
+    """``vllm.inputs`` / ``vllm.outputs`` / ``vllm.pooling_params`` / ``RequestOutputKind``'s
+    paths, under tessellm's name: the same classes the engine takes and returns."""
+    from tessellm.core.sampling_params import RequestOutputKind
+    from tessellm.inputs import TextPrompt, TokensPrompt
+    from tessellm.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput, ScoringRequestOutput
+    from tessellm.pooling.outputs import PoolingRequestOutput as P1
+    from tessellm.pooling.outputs import ScoringRequestOutput as S1
+    from tessellm.pooling.params import PoolingParams as PP1
+    from tessellm.pooling_params import PoolingParams
+    from tessellm.sampling_params import RequestOutputKind as K2
+
+    assert RequestOutput is tessellm.RequestOutput and CompletionOutput is tessellm.CompletionOutput
+    assert PoolingRequestOutput is P1 and ScoringRequestOutput is S1 and PoolingParams is PP1
+    assert RequestOutputKind is K2 and K2.FINAL_ONLY == 2
+    assert TokensPrompt(prompt_token_ids=[1, 2]) == {"prompt_token_ids": [1, 2]}
+    assert TextPrompt(prompt="hi", cache_salt="a") == {"prompt": "hi", "cache_salt": "a"}
+    assert TokensPrompt.__required_keys__ == {"prompt_token_ids"}

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from tessellm.config import EngineArgs
 from tessellm.core.llm_engine import LLMEngine
 from tessellm.core.outputs import RequestOutput
-from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
 from tessellm.entrypoints.vllm_args import pop_vllm_kwargs
 from tessellm.multimodal.chat import chat_prompt_with_images
@@ -47,9 +47,9 @@ class LLM:
         if args.data_parallel_size > 1:  # N engine cores in their own processes (docs/parallelism.md)
             from tessellm.core.dp_engine import DPLLMEngine
 
-            self.engine = DPLLMEngine(args, final_only=True)
+            self.engine = DPLLMEngine(args)
         else:
-            self.engine = LLMEngine(args, final_only=True)
+            self.engine = LLMEngine(args)
         self._ids = itertools.count()
 
     @property
@@ -174,7 +174,7 @@ class LLM:
         if priority is not None and any(priority):
             raise ValueError("generate(priority=...): tessellm serves requests first come, first served "
                              "(vLLM's scheduling_policy 'fcfs'); leave priority out or give zeros.")
-        params = _per_prompt(sampling_params, len(prompts), self.get_default_sampling_params)
+        params = _final_only(_per_prompt(sampling_params, len(prompts), self.get_default_sampling_params))
         loras = _per_prompt_lora(lora_request, len(prompts))
         ids = []
         try:
@@ -337,6 +337,18 @@ def _per_prompt_lora(lora, n: int) -> list:
     if len(lora) != n:
         raise ValueError(f"Got {len(lora)} LoRA requests for {n} prompts; give one, or one per prompt.")
     return list(lora)
+
+
+def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
+    """The params as ``generate`` runs them: finished outputs only (vLLM's FINAL_ONLY; a batch
+    wants no partial ones), one copy per distinct object; requests added through
+    ``llm.llm_engine`` keep their own ``output_kind``."""
+    copies: dict[int, SamplingParams] = {}
+    for p in params:
+        if id(p) not in copies:
+            copies[id(p)] = p if p.output_kind == RequestOutputKind.FINAL_ONLY else p.clone(
+                output_kind=RequestOutputKind.FINAL_ONLY)
+    return [copies[id(p)] for p in params]
 
 
 def _per_prompt(params, n: int, default) -> list[SamplingParams]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
-from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.core.scheduler_config import RequestParamError
 from tessellm.pooling.params import POOLING_TASKS, PoolingParams
 
-POOLING_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0)
+# One result per request, when it finishes (no partial outputs while its prompt is computed)
+POOLING_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)
 
 
 class RunnerMismatchError(ValueError):

@@ -110,10 +110,14 @@ def test_token_classify_equals_hf_score_head_per_token(num_labels, classifier_di
         probs = llm.encode([{"prompt_token_ids": p} for p in prompts], pooling_task="token_classify")
         logits = llm.encode([{"prompt_token_ids": p} for p in prompts], pooling_task="token_classify",
                             pooling_params=PoolingParams(use_activation=False))
-    for p, prob, logit in zip(prompts, probs, logits):
+        # vLLM's LLM.reward: the same per-token scores
+        rewards = llm.reward([{"prompt_token_ids": p} for p in prompts],
+                             pooling_params=PoolingParams(use_activation=False))
+    for p, prob, logit, reward in zip(prompts, probs, logits, rewards):
         ref = hf_token_logits(path, p)
         assert logit.outputs.data.shape == (len(p), num_labels)
         torch.testing.assert_close(logit.outputs.data, ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(reward.outputs.data, ref, atol=ATOL, rtol=0)
         act = torch.sigmoid(ref) if num_labels == 1 else torch.softmax(ref, dim=-1)
         torch.testing.assert_close(prob.outputs.data, act, atol=ATOL, rtol=0)
 

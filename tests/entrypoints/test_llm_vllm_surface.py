@@ -1,0 +1,131 @@
+"""vLLM's offline names beyond ``generate`` on the real engine (tiny random llama, cpu,
+float32): ``llm.llm_engine`` and its config views, stepping the engine by hand,
+``get_metrics``, ``RequestOutput``'s vLLM fields, ``use_tqdm`` callables, ``apply_model`` and
+the profiler."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tqdm.auto import tqdm
+
+from tessellm import LLM, SamplingParams
+from tessellm.inputs import TokensPrompt
+from tessellm.metrics.reader import Counter, Histogram
+
+ENGINE = dict(device="cpu", dtype="float32", block_size=4, num_kv_blocks=128, max_num_seqs=8)
+PROMPTS = [[5, 9, 11], [7, 3, 2, 8], [1, 2, 3, 4, 5]]
+
+
+def _greedy(max_tokens: int = 4) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir) -> str:
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def llm(model):
+    with LLM(model, **ENGINE) as engine:
+        yield engine
+
+
+def test_llm_engine_and_its_config_views(llm):
+    engine = llm.llm_engine
+    assert engine is llm.engine
+    assert engine.get_tokenizer() is None  # the tiny model has no tokenizer files
+    mc = engine.model_config
+    assert (mc.max_model_len, mc.dtype, mc.runner_type) == (512, torch.float32, "generate")
+    assert (mc.get_vocab_size(), mc.get_hidden_size(), mc.hf_config.num_hidden_layers) == (384, 64, 2)
+    vc = engine.vllm_config
+    assert vc.model_config == mc
+    assert (vc.cache_config.block_size, vc.cache_config.num_gpu_blocks) == (4, 128)
+    assert vc.scheduler_config.max_num_seqs == 8
+    assert (vc.parallel_config.tensor_parallel_size, vc.parallel_config.data_parallel_size) == (1, 1)
+
+
+def test_stepping_the_engine_by_hand_gives_every_step(llm):
+    """``llm.llm_engine.add_request`` + ``step()`` (vLLM's loop): an output per step, growing
+    to what ``generate`` returns for the same prompt (generate itself returns finished ones)."""
+    engine = llm.llm_engine
+    engine.add_request("by-hand", TokensPrompt(prompt_token_ids=PROMPTS[0]), _greedy(4))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += [list(o.outputs[0].token_ids) for o in engine.step() if o.request_id == "by-hand"]
+    final = llm.generate([TokensPrompt(prompt_token_ids=PROMPTS[0])], _greedy(4), use_tqdm=False)
+    assert [len(ids) for ids in seen] == [1, 2, 3, 4]
+    assert seen[-1] == final[0].outputs[0].token_ids
+
+
+def _by_name(metrics) -> dict:
+    out: dict = {}
+    for m in metrics:
+        key = (m.name, m.labels.get("finished_reason"))
+        out[key] = m.value if isinstance(m, Counter) else m
+    return out
+
+
+def test_get_metrics_counts_what_ran(llm):
+    before = _by_name(llm.get_metrics())
+    llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy(4), use_tqdm=False)
+    after = _by_name(llm.get_metrics())
+
+    def grew(name, reason=None):
+        return after[(name, reason)] - before[(name, reason)]
+
+    assert grew("tessellm:prompt_tokens") == sum(len(p) for p in PROMPTS)
+    assert grew("tessellm:generation_tokens") == 4 * len(PROMPTS)
+    assert grew("tessellm:request_success", "length") == len(PROMPTS)
+    e2e = after[("tessellm:e2e_request_latency_seconds", None)]
+    assert isinstance(e2e, Histogram) and e2e.count - before[(e2e.name, None)].count == len(PROMPTS)
+    assert e2e.buckets["+Inf"] == e2e.count
+    assert after[("tessellm:num_requests_running", None)].value == 0
+
+
+def test_request_output_has_vllms_fields(llm):
+    out = llm.generate([PROMPTS[1]], _greedy(3), use_tqdm=False)[0]
+    times = out.metrics
+    assert times.arrival_time <= times.first_scheduled_time <= times.first_token_time <= times.last_token_time
+    assert (times.num_prompt_tokens, times.num_generation_tokens) == (4, 3)
+    assert (out.lora_request, out.outputs[0].lora_request, out.kv_transfer_params) == (None, None, None)
+    assert (out.encoder_prompt, out.encoder_prompt_token_ids, out.multi_modal_placeholders) == (None, None, {})
+
+
+def test_use_tqdm_takes_a_progress_bar_factory(llm):
+    made, updates = [], []
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, disable=True, **kwargs)
+            made.append(self)
+
+        def update(self, n=1):
+            updates.append(n)
+            return super().update(n)
+
+    outs = llm.generate(PROMPTS[:2], _greedy(2), use_tqdm=Bar)
+    assert len(outs) == 2 and len(made) == 1
+    assert made[0].total == 2 and sum(updates) == 2
+
+
+def test_apply_model_runs_on_the_loaded_model(llm, model):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    count = llm.apply_model(lambda m: sum(p.numel() for p in m.parameters()))
+    assert count == [sum(p.numel() for p in hf.parameters())]
+
+
+def test_profile_writes_a_trace_per_rank(llm, tmp_path):
+    with pytest.raises(ValueError, match="start_profile"):
+        llm.stop_profile()
+    llm.start_profile()
+    llm.generate([PROMPTS[0]], _greedy(2), use_tqdm=False)
+    tables = llm.stop_profile(str(tmp_path))
+    assert len(tables) == 1 and "Self CPU" in tables[0]
+    trace = json.loads((tmp_path / "rank0.trace.json").read_text())
+    assert trace["traceEvents"]
