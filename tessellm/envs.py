@@ -43,10 +43,11 @@ def api_key() -> Optional[str]:
 
 
 def server_dev_mode() -> bool:
-    """TESSELLM_SERVER_DEV_MODE: "1" adds the server's development routes (vLLM's
-    VLLM_SERVER_DEV_MODE): /sleep, /wake_up, /is_sleeping, /reset_prefix_cache, /load_weights
+    """TESSELLM_SERVER_DEV_MODE (else vLLM's VLLM_SERVER_DEV_MODE): "1" adds the server's
+    development routes: /sleep, /wake_up, /is_sleeping, /reset_prefix_cache, /load_weights
     (docs/sleep_mode.md). Off by default: they let any client empty the device."""
-    return _switch("TESSELLM_SERVER_DEV_MODE") is True
+    ours = _switch("TESSELLM_SERVER_DEV_MODE")
+    return ours if ours is not None else _switch("VLLM_SERVER_DEV_MODE") is True
 
 
 def torch_profiler_dir() -> Optional[str]:

@@ -24,6 +24,7 @@ from tessellm.core.kv_offload import GIB, HostKVTier, host_tier_blocks
 from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
+from tessellm.core.engine_profile import EngineProfile
 from tessellm.core.engine_sleep import EngineSleep
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.distributed.executor import make_executor
@@ -92,7 +93,7 @@ class EngineInfo:
     kv_connector: bool = False
 
 
-class EngineCore(EngineSleep):
+class EngineCore(EngineSleep, EngineProfile):
     def __init__(self, args: EngineArgs):
         args.validate()
         registry = get_registry()

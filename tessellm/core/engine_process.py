@@ -60,7 +60,8 @@ logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 1000  # how often an idle core checks that its parent is still alive
 # EngineCore methods the API process may call (its dev routes): answered {"result"} or {"error"}.
-_CORE_CALLS = frozenset({"sleep", "wake_up", "is_sleeping", "reset_prefix_cache", "load_weights_from_path"})
+_CORE_CALLS = frozenset({"sleep", "wake_up", "is_sleeping", "reset_prefix_cache", "load_weights_from_path",
+                         "start_profile", "stop_profile"})
 
 
 # -- encoding ------------------------------------------------------------------------------

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from typing import Callable, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
@@ -132,24 +131,13 @@ class LLM:
 
     def start_profile(self) -> None:
         """vLLM's: run torch.profiler on every rank until ``stop_profile``."""
-        self.collective_rpc("start_profile")
-        self._profiling = True
+        self.engine.core.start_profile()
 
     def stop_profile(self, trace_dir: Optional[str] = None) -> list[str]:
         """Stop the profiler; returns each rank's table of the ops that took the most time.
         ``trace_dir`` (else ``TESSELLM_TORCH_PROFILER_DIR`` or vLLM's ``VLLM_TORCH_PROFILER_DIR``):
-        a Chrome trace per rank there, ``rank{N}.trace.json``."""
-        from tessellm import envs
-
-        if not getattr(self, "_profiling", False):
-            raise ValueError("stop_profile: no profile is running; call start_profile() first.")
-        trace_dir = trace_dir or envs.torch_profiler_dir()
-        path = None
-        if trace_dir:
-            os.makedirs(trace_dir, exist_ok=True)
-            path = os.path.join(trace_dir, "rank{rank}.trace.json")
-        self._profiling = False
-        return self.collective_rpc("stop_profile", (25, path))
+        a Chrome trace per rank there (``EngineCore.stop_profile`` names them)."""
+        return self.engine.core.stop_profile(trace_dir)
 
     def __enter__(self) -> "LLM":
         return self

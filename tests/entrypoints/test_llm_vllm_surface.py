@@ -127,5 +127,6 @@ def test_profile_writes_a_trace_per_rank(llm, tmp_path):
     llm.generate([PROMPTS[0]], _greedy(2), use_tqdm=False)
     tables = llm.stop_profile(str(tmp_path))
     assert len(tables) == 1 and "Self CPU" in tables[0]
-    trace = json.loads((tmp_path / "rank0.trace.json").read_text())
+    (trace_file,) = tmp_path.glob("rank0.pid*.trace.json")
+    trace = json.loads(trace_file.read_text())
     assert trace["traceEvents"]

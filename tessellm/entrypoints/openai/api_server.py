@@ -38,7 +38,9 @@ from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error, prompt_error
 from tessellm.entrypoints.openai.lifecycle import Lifecycle
 from tessellm.entrypoints.openai.lora_routes import add_lora_routes, serve_lora
+from tessellm.entrypoints.openai.profile_routes import add_profile_routes
 from tessellm.entrypoints.openai.sleep_routes import add_sleep_routes, check_awake
+from tessellm.entrypoints.openai.vllm_routes import missing_route_message
 from tessellm.entrypoints.openai.middleware import EdgeMiddleware, RequestIdHeaderMiddleware
 from tessellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse,
                                                   TokenizeChatRequest, TokenizeCompletionRequest,
@@ -87,6 +89,8 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     add_lora_routes(app, engine, config, _json_body)
     if envs.server_dev_mode():
         add_sleep_routes(app, engine, _json_body)
+    if envs.torch_profiler_dir():  # as vLLM: the profiler routes only with a trace directory
+        add_profile_routes(app, engine)
     add_error_handling(app, config, app.state.lifecycle)
     add_vllm_middleware(app, config)
     return app
@@ -144,8 +148,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return from_validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request, exc: StarletteHTTPException):
+    async def _http_error(request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:  # one of vLLM's routes not offered: say why and the fix
+            message = missing_route_message(request.url.path, request.scope.get("root_path", "")) or message
         return OpenAIError(message, exc.status_code).response()
     # Any other exception: a 500 from EdgeMiddleware (middleware.py says why not a handler here).
 
