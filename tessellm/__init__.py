@@ -17,6 +17,18 @@ def __getattr__(name):
         from tessellm.pooling.params import PoolingParams
 
         return PoolingParams
+    if name in ("EngineArgs", "AsyncEngineArgs"):  # vLLM's: its argument names taken, as LLM(...) takes them
+        from tessellm.entrypoints.vllm_args import vllm_engine_args
+
+        return vllm_engine_args
+    if name in ("AsyncLLM", "AsyncLLMEngine"):  # vLLM's: AsyncLLMEngine.from_engine_args(AsyncEngineArgs(...))
+        from tessellm.entrypoints.async_llm import AsyncLLM
+
+        return AsyncLLM
+    if name == "LLMEngine":
+        from tessellm.core.llm_engine import LLMEngine
+
+        return LLMEngine
     if name in ("BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"):  # as vLLM's
         from tessellm.entrypoints import beam_search
 
@@ -24,6 +36,6 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "PoolingParams", "SamplingParams", "StructuredOutputsParams", "BeamSearchParams",
-           "BeamSearchOutput", "BeamSearchSequence", "RequestOutput", "CompletionOutput", "Logprob",
-           "__version__"]
+__all__ = ["LLM", "LLMEngine", "AsyncLLM", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs", "PoolingParams",
+           "SamplingParams", "StructuredOutputsParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
+           "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

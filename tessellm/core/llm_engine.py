@@ -19,6 +19,11 @@ from tessellm.pooling.front import POOLING_SAMPLING, check_generates, resolve_po
 
 
 class LLMEngine(EngineSurface):
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
+        """vLLM's constructor name (``LLMEngine.from_engine_args(EngineArgs(...))``)."""
+        return cls(args)
+
     def __init__(self, args: EngineArgs, final_only: bool = False):
         if args.data_parallel_size > 1:
             raise ValueError("LLMEngine runs one engine core in this process; for "

@@ -54,3 +54,20 @@ class RequestOutput:
     encoder_prompt: Optional[str] = None
     encoder_prompt_token_ids: Optional[list[int]] = None
     multi_modal_placeholders: dict = field(default_factory=dict)
+
+    def add(self, newer: "RequestOutput") -> None:
+        """vLLM's: fold a later DELTA output of this request into this one (what a consumer that
+        fell behind gets): texts, token ids and logprobs joined per sample, the rest the newer's."""
+        mine = {c.index: c for c in self.outputs}
+        for c in newer.outputs:
+            old = mine.get(c.index)
+            if old is None:
+                self.outputs.append(c)
+                continue
+            old.text, old.token_ids = old.text + c.text, old.token_ids + c.token_ids
+            if c.logprobs is not None:
+                old.logprobs = (old.logprobs or []) + c.logprobs
+            old.cumulative_logprob, old.finish_reason, old.stop_reason = (c.cumulative_logprob, c.finish_reason,
+                                                                          c.stop_reason)
+        self.finished, self.num_cached_tokens, self.metrics = newer.finished, newer.num_cached_tokens, newer.metrics
+        self.prompt_logprobs = self.prompt_logprobs or newer.prompt_logprobs

@@ -11,7 +11,8 @@ core sends and routes each ``RequestOutput`` to its request's stream::
         '-> RequestStream <------------------ latest RequestOutput -------'
 
 Outputs are cumulative (each holds the whole text so far), so a stream keeps only the newest
-one: a slow consumer skips intermediate states instead of queueing them.
+one: a slow consumer skips intermediate states instead of queueing them. (A request whose
+``output_kind`` is DELTA: the stream folds the outputs not yet taken into one.)
 
 Everything here runs on the event loop thread, except tokenization and chat templating
 (``process_prompt_async``, ``run_off_loop``: a small thread pool, so a huge prompt never stalls
@@ -45,7 +46,7 @@ from tessellm.core.engine_process import EngineDeadError, decode_output, unpack
 from tessellm.core.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from tessellm.core.output_processor import OutputProcessor
 from tessellm.core.outputs import RequestOutput
-from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.core.scheduler_config import ContextLengthError
 from tessellm.core.submit import submit
 from tessellm.metrics.stats import EngineStats, IterationStats, StatLogger, merge_engine_stats
@@ -57,16 +58,22 @@ _POLL_MS = 500  # the output handler checks the core is alive after this much si
 
 
 class RequestStream:
-    """The newest output of one request, or its error. ``event`` may be shared by a group."""
+    """The newest output of one request, or its error. ``event`` may be shared by a group.
+    ``delta`` (the request's ``output_kind`` is DELTA): outputs not yet taken are folded into
+    one (``RequestOutput.add``), so a slow consumer loses no text."""
 
-    def __init__(self, request_id: str, event: Optional[asyncio.Event] = None):
+    def __init__(self, request_id: str, event: Optional[asyncio.Event] = None, delta: bool = False):
         self.request_id = request_id
         self.event = event or asyncio.Event()
+        self.delta = delta
         self._latest: Optional[RequestOutput] = None
         self._error: Optional[BaseException] = None
 
     def put(self, output: RequestOutput) -> None:
-        self._latest = output
+        if self.delta and self._latest is not None:
+            self._latest.add(output)
+        else:
+            self._latest = output
         self.event.set()
 
     def put_error(self, error: BaseException) -> None:
@@ -111,6 +118,11 @@ async def iterate_streams(streams: list[RequestStream], event: asyncio.Event,
 
 
 class AsyncLLM:
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "AsyncLLM":
+        """vLLM's constructor name (``AsyncLLMEngine.from_engine_args(AsyncEngineArgs(...))``)."""
+        return cls(args)
+
     def __init__(self, args: EngineArgs):
         self.args = args
         self.cores = EngineCoreGroup(args)  # one engine core, or data_parallel_size of them
@@ -209,13 +221,14 @@ class AsyncLLM:
         submit(self.inputs, self.outputs, request_id, processed, params, self.cores.send_add,
                in_use=request_id in self.streams, lora_request=lora_request,
                abort=self.cores.send_abort, pooling=pooling)
-        stream = RequestStream(request_id, event)
+        stream = RequestStream(request_id, event, params.output_kind == RequestOutputKind.DELTA)
         self.streams[request_id] = stream
         return stream
 
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs (cumulative); cancelling the iteration aborts it."""
+        """Stream a request's outputs (cumulative, or as ``params.output_kind`` says); cancelling
+        the iteration aborts it."""
         request_id = request_id or os.urandom(12).hex()
         stream = self.add_request(request_id, prompt, params or SamplingParams(**self.info.default_sampling))
         try:

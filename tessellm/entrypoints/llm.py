@@ -8,12 +8,11 @@ from typing import Callable, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
-from tessellm.config import EngineArgs
 from tessellm.core.llm_engine import LLMEngine
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
-from tessellm.entrypoints.vllm_args import pop_vllm_kwargs
+from tessellm.entrypoints.vllm_args import vllm_engine_args
 from tessellm.multimodal.chat import chat_prompt_with_images
 
 _TQDM_MIN_PROMPTS = 8
@@ -33,16 +32,12 @@ class LLM:
                  max_num_batched_tokens: Optional[int] = None, enable_prefix_caching: bool = True,
                  seed: int = 0, load_format: str = "auto", **kwargs):
         # vLLM's arguments tessellm has no field of its own for (entrypoints/vllm_args.py):
-        # accepted with no effect, refused by name, or translated
-        kwargs.pop("max_logprobs", None)  # the server's limit (--max-logprobs); none offline
-        named = dict(model=model, device=device, dtype=dtype, max_model_len=max_model_len,
-                     block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
-                     max_num_batched_tokens=max_num_batched_tokens,
-                     enable_prefix_caching=enable_prefix_caching, seed=seed, load_format=load_format)
-        named["model"], kwargs = pop_vllm_kwargs(kwargs, model)
-        for name in [k for k in kwargs if k in named]:  # num_gpu_blocks_override -> num_kv_blocks
-            named[name] = kwargs.pop(name)
-        args = EngineArgs(**named, **kwargs)
+        # accepted with no effect, refused by name, or translated (num_gpu_blocks_override -> num_kv_blocks)
+        args = vllm_engine_args(model, device=device, dtype=dtype, max_model_len=max_model_len,
+                                block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens,
+                                enable_prefix_caching=enable_prefix_caching, seed=seed, load_format=load_format,
+                                **kwargs)
         if args.data_parallel_size > 1:  # N engine cores in their own processes (docs/parallelism.md)
             from tessellm.core.dp_engine import DPLLMEngine
 

@@ -394,6 +394,16 @@ def pop_vllm_kwargs(kwargs: dict, model: Optional[str], warn: Callable[[str], No
     return model, {**kwargs, **extra}
 
 
+def vllm_engine_args(model: Optional[str] = None, **kwargs):
+    """vLLM's ``EngineArgs(...)`` / ``AsyncEngineArgs(...)`` call: tessellm's ``EngineArgs``,
+    vLLM's names translated, accepted or refused as for ``LLM(...)`` (``tessellm.AsyncEngineArgs``)."""
+    from tessellm.config import EngineArgs
+
+    kwargs.pop("max_logprobs", None)  # the server's limit (--max-logprobs); none in an engine
+    model, kwargs = pop_vllm_kwargs(kwargs, model)
+    return EngineArgs(model=model, **kwargs)
+
+
 # -- vLLM's command-line conventions: --config FILE.yaml and --flag_with_underscores ----------
 
 def expand_argv(argv: list, parser: argparse.ArgumentParser) -> list:

@@ -5,6 +5,7 @@ the profiler."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -130,3 +131,31 @@ def test_profile_writes_a_trace_per_rank(llm, tmp_path):
     (trace_file,) = tmp_path.glob("rank0.pid*.trace.json")
     trace = json.loads(trace_file.read_text())
     assert trace["traceEvents"]
+
+
+def test_async_engine_built_the_vllm_way(model):
+    """``AsyncLLMEngine.from_engine_args(AsyncEngineArgs(...))`` with a vLLM-only argument, then
+    ``generate(prompt, params, request_id)``: cumulative outputs, and DELTA ones that add up to
+    the same tokens even when the consumer lags (untaken deltas are folded together)."""
+    from tessellm import AsyncEngineArgs, AsyncLLMEngine
+    from tessellm.sampling_params import RequestOutputKind
+
+    async def run():
+        args = AsyncEngineArgs(model=model, device="cpu", dtype="float32", num_kv_blocks=32,
+                               disable_log_stats=True)
+        engine = AsyncLLMEngine.from_engine_args(args)
+        try:
+            prompt = TokensPrompt(prompt_token_ids=PROMPTS[2])
+            whole = [o async for o in engine.generate(prompt, _greedy(8), "c")][-1]
+            deltas = []
+            async for out in engine.generate(prompt, _greedy(8).clone(output_kind=RequestOutputKind.DELTA), "d"):
+                deltas.append(out)
+                await asyncio.sleep(0.05)  # a slow consumer
+            return whole, deltas
+        finally:
+            await engine.shutdown()
+
+    whole, deltas = asyncio.run(run())
+    assert whole.finished and len(whole.outputs[0].token_ids) == 8
+    assert deltas[-1].finished and all(not d.finished for d in deltas[:-1])
+    assert [t for d in deltas for t in d.outputs[0].token_ids] == whole.outputs[0].token_ids
