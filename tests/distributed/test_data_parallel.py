@@ -386,6 +386,11 @@ def test_offline_dp2(tiny_model_dir):
         # Each core really ran its share: its prefix-cache lookups count its prompts' tokens.
         queried = [s["prefix_cache_queries"] for s in two.engine.core_stats()]
         assert all(q > 0 for q in queried) and sum(queried) == sum(len(p["prompt_token_ids"]) for p in PROMPTS)
+        # vLLM's views: get_metrics() adds the cores' counts up; llm_engine's config views
+        names = ("tessellm:prompt_tokens", "tessellm:prefix_cache_queries")
+        assert {m.name: m.value for m in two.get_metrics() if m.name in names} == dict.fromkeys(names, sum(queried))
+        assert two.llm_engine.vllm_config.parallel_config.data_parallel_size == 2
+        assert two.llm_engine.model_config.max_model_len == 128
         # The engine goes on after a batch.
         assert _tokens(two.generate(PROMPTS[:2], GREEDY, use_tqdm=False)) == expected[:2]
         os.kill(two.engine.cores.pids()[1], signal.SIGKILL)
