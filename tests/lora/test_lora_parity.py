@@ -51,6 +51,7 @@ def test_mixed_batch_matches_peft(lora_setup, expected, variant):
                         lora_request=[loras[n] if n else None for _, n in jobs])
     for (p, name), out in zip(jobs, outs):
         assert out.outputs[0].token_ids == want[name][p], (name, p)
+        assert out.lora_request == out.outputs[0].lora_request == (loras[name] if name else None)  # vLLM's field
     core = llm.engine.core
     assert core.kv.num_free_blocks == core.kv.num_blocks
     assert all(n == 0 for n in core.scheduler.lora.users)
