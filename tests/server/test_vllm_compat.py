@@ -158,8 +158,7 @@ _REFUSED = [  # vLLM extras tessellm does not implement: (field, neutral value, 
 ]
 _FIXES = {"logits_processors": "logit_bias", "guided_whitespace_pattern": "disable_any_whitespace",
           "structural_tag": "response_format"}  # the refusal says what to send instead
-_CHAT_REFUSED = [("echo", False, True),
-                 ("chat_template", None, "{{ messages }}")]
+_CHAT_REFUSED = [("chat_template", None, "{{ messages }}")]
 
 
 @pytest.mark.parametrize("path,body,fields", [
@@ -180,6 +179,24 @@ def test_vllm_extras_neutral_accepted_else_refused_by_name(http, path, body, fie
         err = r.json()["error"]
         assert err["param"] == name and err["code"] == "unsupported_parameter" and name in err["message"]
         assert _FIXES.get(name, "") in err["message"], err
+
+
+def test_chat_echo_puts_the_continued_message_first(http):
+    """vLLM's chat ``echo``: with the reply continuing the last (assistant) message, its text
+    comes before the generated text, in the response and as the stream's first content delta;
+    with a new assistant turn (the last message is the user's) nothing is echoed."""
+    partial = "Hi! My name is"
+    body = {"model": MODEL, "messages": CHAT + [{"role": "assistant", "content": partial}], "max_tokens": 5,
+            "temperature": 0, "ignore_eos": True, "add_generation_prompt": False, "continue_final_message": True}
+    plain = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    echoed = http.post("/v1/chat/completions", json={**body, "echo": True}).json()["choices"][0]["message"]
+    assert echoed["content"] == partial + plain and echoed["role"] == "assistant"
+    deltas = [e["choices"][0]["delta"].get("content") for e in _events(http, "/v1/chat/completions",
+                                                                        {**body, "echo": True})]
+    assert deltas[:2] == ["", partial] and "".join(d or "" for d in deltas) == partial + plain
+    fresh = {"model": MODEL, "messages": CHAT, "max_tokens": 3, "temperature": 0}
+    assert (http.post("/v1/chat/completions", json={**fresh, "echo": True}).json()["choices"][0]["message"]
+            == http.post("/v1/chat/completions", json=fresh).json()["choices"][0]["message"])
 
 
 @pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": PROMPT}),

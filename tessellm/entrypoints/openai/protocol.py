@@ -184,7 +184,8 @@ class ChatCompletionRequest(_SamplingFields):
     # for the chat template (gpt-oss's writes "Reasoning: high" into its system message)
     reasoning_effort: Optional[Literal["low", "medium", "high"]] = None
     add_special_tokens: bool = False  # true: the tokenizer's BOS etc. added to the template's text
-    echo: bool = False  # vLLM extras accepted only at their neutral value (CHAT_UNSUPPORTED)
+    echo: bool = False  # vLLM's: the last message's text first, when the reply continues it
+    # vLLM extras accepted only at their neutral value (CHAT_UNSUPPORTED)
     documents: Optional[Any] = None
     chat_template: Optional[str] = None
     media_io_kwargs: Optional[Any] = None
@@ -245,7 +246,6 @@ UNSUPPORTED_FIX: dict[str, str] = {
 
 # chat only (the same names mean something else, or are supported, at /v1/completions)
 CHAT_UNSUPPORTED: dict[str, tuple] = {
-    "echo": (False,),
     "chat_template": (None,),  # vLLM too refuses it unless --trust-request-chat-template
     "media_io_kwargs": (None,),
     "mm_processor_kwargs": (None,),

@@ -130,6 +130,7 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     view.harmony = harmony_plan
     # vLLM's: the reply's role is --response-role after a generation prompt, else the last message's
     view.role = config.response_role if req.add_generation_prompt else req.messages[-1].role
+    view.echo = _echo_text(req, view.role)
     view.usage_details = config.prompt_tokens_details
     view.prompt_tokens = len(processed.prompt_token_ids)
     view.prompt_ids = processed.prompt_token_ids
@@ -160,6 +161,17 @@ def _image_or_text_part(i: int, j: int, part) -> dict:
                       + (f" but no {part.type}" if media else "")
                       + "; give text, image_url or video_url parts.", f"messages.{i}.content.{j}",
                       "invalid_value" if media else "unsupported_parameter")
+
+
+def _echo_text(req: ChatCompletionRequest, role: str) -> str:
+    """vLLM's chat ``echo``: the last message's text (text parts joined by newlines) when it has
+    the reply's role, i.e. the reply continues it (``continue_final_message``); else nothing."""
+    last = req.messages[-1]
+    if not req.echo or last.role != role or last.content is None:
+        return ""
+    if isinstance(last.content, str):
+        return last.content
+    return "\n".join(p.text for p in last.content if p.text is not None)
 
 
 def _text_len(content) -> int:
@@ -272,6 +284,7 @@ class _ChatView:
         self.prompt_tokens = 0
         self.prompt_ids: list[int] = []
         self.role = "assistant"  # the reply's role (prepare_chat: --response-role)
+        self.echo = ""  # vLLM's echo: text put before each choice's content (_echo_text)
         self.usage_details = False  # --enable-prompt-tokens-details
 
     def response(self, out: RequestOutput) -> ChatCompletionResponse:
@@ -282,6 +295,8 @@ class _ChatView:
                 logprobs = ChatChoiceLogProbs(content=self.logprobs(co.token_ids, co.logprobs or []))
             message, reason = self.message(co.text, finish_reason(co.finish_reason), co.token_ids)
             message.role = self.role
+            if self.echo:
+                message.content = self.echo + (message.content or "")
             choices.append(ChatChoice(index=co.index, message=message, logprobs=logprobs,
                                       finish_reason=reason, stop_reason=co.stop_reason,
                                       token_ids=list(co.token_ids) if self.req.return_token_ids else None))
@@ -371,8 +386,12 @@ class _ChatChunks:
 
     def start(self):
         prompt_ids = list(self.view.prompt_ids) if self.view.req.return_token_ids else None
-        return [self._chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role=self.view.role, content=""))],
-                            self._usage_now(0), prompt_ids) for i in range(self.n)]
+        chunks = [self._chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role=self.view.role, content=""))],
+                              self._usage_now(0), prompt_ids) for i in range(self.n)]
+        if self.view.echo:  # vLLM's echo: the continued message's text, before the generated text
+            chunks += [self._chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=self.view.echo))],
+                                   self._usage_now(0)) for i in range(self.n)]
+        return chunks
 
     def update(self, _index: int, out: RequestOutput):
         chunks = []
