@@ -1,13 +1,16 @@
 """vLLM's ``vllm.sampling_params`` names, for code written against it:
-``from tessellm.sampling_params import SamplingParams, StructuredOutputsParams, RequestOutputKind``
+``from tessellm.sampling_params import SamplingParams, StructuredOutputsParams, RequestOutputKind,
+BeamSearchParams``
 (and ``GuidedDecodingParams``, vLLM's older name for ``StructuredOutputsParams``)."""
 
 from typing import Optional
 
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
+from tessellm.entrypoints.beam_search import BeamSearchParams
 from tessellm.structured_output.params import StructuredOutputsParams
 
-__all__ = ["SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "RequestOutputKind"]
+__all__ = ["SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "RequestOutputKind",
+           "BeamSearchParams"]
 
 
 def GuidedDecodingParams(*, backend: Optional[str] = None, whitespace_pattern: Optional[str] = None,  # noqa: N802

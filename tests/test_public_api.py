@@ -52,11 +52,12 @@ def test_vllm_module_paths_for_prompts_outputs_and_params():
     from tessellm.pooling.outputs import ScoringRequestOutput as S1
     from tessellm.pooling.params import PoolingParams as PP1
     from tessellm.pooling_params import PoolingParams
+    from tessellm.sampling_params import BeamSearchParams
     from tessellm.sampling_params import RequestOutputKind as K2
 
     assert RequestOutput is tessellm.RequestOutput and CompletionOutput is tessellm.CompletionOutput
     assert PoolingRequestOutput is P1 and ScoringRequestOutput is S1 and PoolingParams is PP1
-    assert RequestOutputKind is K2 and K2.FINAL_ONLY == 2
+    assert RequestOutputKind is K2 and K2.FINAL_ONLY == 2 and BeamSearchParams is tessellm.BeamSearchParams
     assert TokensPrompt(prompt_token_ids=[1, 2]) == {"prompt_token_ids": [1, 2]}
     assert TextPrompt(prompt="hi", cache_salt="a") == {"prompt": "hi", "cache_salt": "a"}
     assert TokensPrompt.__required_keys__ == {"prompt_token_ids"}

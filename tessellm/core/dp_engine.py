@@ -29,6 +29,7 @@ from tessellm.core.output_processor import OutputProcessor
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.submit import submit
+from tessellm.lora.request import lora_off_error
 from tessellm.metrics.stats import EngineStats, IterationStats, merge_engine_stats
 from tessellm.pooling.front import POOLING_SAMPLING, check_generates, resolve_pooling_params
 
@@ -85,8 +86,7 @@ class DPLLMEngine(EngineSurface):
 
     def _check_lora(self, lora_request) -> None:
         if lora_request is not None and not self.args.enable_lora:
-            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} was given but the engine runs "
-                             "without LoRA; pass enable_lora=True (--enable-lora).")
+            raise lora_off_error(lora_request)
 
     def remove_lora(self, lora_id: int) -> None:
         """Every core frees the adapter's slot and cached weights."""

@@ -30,6 +30,7 @@ from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.distributed.executor import make_executor
 from tessellm.distributed.worker import default_max_num_batched_tokens
 from tessellm.generation_config import default_sampling
+from tessellm.lora.request import lora_off_error
 from tessellm.multimodal.encoder_budget import encoder_budget_args
 from tessellm.multimodal.limits import check_multimodal_args, model_mm_limits
 from tessellm.reasoning.parsers import resolve_reasoning_parser
@@ -299,8 +300,7 @@ class EngineCore(EngineSleep, EngineProfile):
         """Read and check an adapter now (offline ``LLM``: a bad one raises ValueError here,
         before any request names it)."""
         if self.lora_store is None:
-            raise ValueError(f"LoRA adapter {lora.lora_name!r} was given but the engine runs "
-                             "without LoRA; pass enable_lora=True (--enable-lora).")
+            raise lora_off_error(lora)
         self.lora_store.claim(lora)
         if not self.lora_store.ready(lora.lora_int_id):
             self.lora_store.forget_error(lora.lora_int_id)

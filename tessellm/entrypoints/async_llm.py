@@ -49,6 +49,7 @@ from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.core.scheduler_config import ContextLengthError
 from tessellm.core.submit import submit
+from tessellm.lora.request import lora_off_error
 from tessellm.metrics.stats import EngineStats, IterationStats, StatLogger, merge_engine_stats
 from tessellm.pooling.front import check_generates
 
@@ -226,11 +227,15 @@ class AsyncLLM:
         return stream
 
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
-                       request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+                       request_id: Optional[str] = None, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (cumulative, or as ``params.output_kind`` says); cancelling
-        the iteration aborts it."""
+        the iteration aborts it. ``lora_request``: a ``tessellm.lora.LoRARequest`` (vLLM's
+        keyword; needs ``enable_lora=True``)."""
+        if lora_request is not None and not self.args.enable_lora:
+            raise lora_off_error(lora_request)
         request_id = request_id or os.urandom(12).hex()
-        stream = self.add_request(request_id, prompt, params or SamplingParams(**self.info.default_sampling))
+        stream = self.add_request(request_id, prompt, params or SamplingParams(**self.info.default_sampling),
+                                  lora_request=lora_request)
         try:
             async for item in iterate_streams([stream], stream.event):
                 yield item[1]

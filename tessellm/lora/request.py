@@ -45,3 +45,9 @@ class LoRARequest:
     @staticmethod
     def from_dict(d: Optional[dict]) -> Optional["LoRARequest"]:
         return None if d is None else LoRARequest(d["name"], int(d["id"]), d["path"])
+
+
+def lora_off_error(lora: LoRARequest) -> ValueError:
+    """The error for an adapter given to an engine that runs without LoRA."""
+    return ValueError(f"LoRA adapter {lora.lora_name!r} was given but the engine runs without LoRA; "
+                      "pass enable_lora=True (--enable-lora).")

@@ -138,6 +138,7 @@ def test_async_engine_built_the_vllm_way(model):
     ``generate(prompt, params, request_id)``: cumulative outputs, and DELTA ones that add up to
     the same tokens even when the consumer lags (untaken deltas are folded together)."""
     from tessellm import AsyncEngineArgs, AsyncLLMEngine
+    from tessellm.lora.request import LoRARequest
     from tessellm.sampling_params import RequestOutputKind
 
     async def run():
@@ -151,6 +152,8 @@ def test_async_engine_built_the_vllm_way(model):
             async for out in engine.generate(prompt, _greedy(8).clone(output_kind=RequestOutputKind.DELTA), "d"):
                 deltas.append(out)
                 await asyncio.sleep(0.05)  # a slow consumer
+            with pytest.raises(ValueError, match="enable_lora=True"):  # vLLM's lora_request keyword, checked
+                await anext(engine.generate(prompt, _greedy(2), "l", lora_request=LoRARequest("a", 1, "/x")))
             return whole, deltas
         finally:
             await engine.shutdown()
