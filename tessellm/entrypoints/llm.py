@@ -243,7 +243,8 @@ class LLM:
             prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request, pooling_task="classify")]
 
     def score(self, data_1, data_2, truncate_prompt_tokens: Optional[int] = None,
-              use_tqdm: Union[bool, Callable] = True, pooling_params=None, lora_request=None, chat_template: Optional[str] = None) -> list:
+              use_tqdm: Union[bool, Callable] = True, pooling_params=None, lora_request=None,
+              chat_template: Optional[str] = None) -> list:
         """Scores of text pairs (one text against many, or two lists pairwise): a cross-encoder's
         sigmoid relevance, or the cosine similarity of an embedding model's vectors
         (``tessellm.pooling.score``). One ``ScoringRequestOutput`` per pair, in order.
