@@ -1,5 +1,5 @@
 """vLLM's ``LLMEngine`` names that user code reaches through ``llm.llm_engine``:
-``get_tokenizer()``, ``model_config``, ``vllm_config`` and ``get_metrics()``, on both offline
+``get_tokenizer()``, ``set_tokenizer()``, ``model_config``, ``vllm_config`` and ``get_metrics()``, on both offline
 engines (``LLMEngine``, ``DPLLMEngine``). Read-only views built from the engine's ``args`` and
 ``info``; setting a field changes nothing (build a new ``LLM`` instead)."""
 
@@ -72,10 +72,16 @@ class VllmConfig:
 
 
 class EngineSurface:
-    """Mixed into an offline engine that has ``args``, ``info``, ``tokenizer`` and ``metrics``."""
+    """Mixed into an offline engine that has ``args``, ``info``, ``tokenizer``, ``inputs``,
+    ``outputs`` and ``metrics``."""
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """vLLM's: requests added from now on are tokenized and detokenized with ``tokenizer``
+        (a Hugging Face tokenizer; its ids must be the model's)."""
+        self.tokenizer = self.inputs.tokenizer = self.outputs.tokenizer = tokenizer
 
     @property
     def model_config(self) -> ModelConfig:

@@ -66,6 +66,10 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def set_tokenizer(self, tokenizer) -> None:
+        """vLLM's: later prompts are tokenized, and outputs detokenized, with ``tokenizer``."""
+        self.engine.set_tokenizer(tokenizer)
+
     def shutdown(self) -> None:
         """Stop the engine's worker processes (tensor/pipeline parallelism) now; they are also
         stopped when the program exits."""

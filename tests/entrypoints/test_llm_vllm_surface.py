@@ -162,3 +162,19 @@ def test_async_engine_built_the_vllm_way(model):
     assert whole.finished and len(whole.outputs[0].token_ids) == 8
     assert deltas[-1].finished and all(not d.finished for d in deltas[:-1])
     assert [t for d in deltas for t in d.outputs[0].token_ids] == whole.outputs[0].token_ids
+
+
+def test_set_tokenizer_takes_text_prompts_from_then_on(model):
+    """A model without tokenizer files, then vLLM's ``set_tokenizer``: text prompts are
+    tokenized with it and the outputs' text is its decoding of the generated ids."""
+    from tests.tiny_tokenizer import bpe_tokenizer
+
+    tok = bpe_tokenizer(["hello world, the quick brown fox"] * 4, ["<s>"], vocab_size=300)
+    with LLM(model, **ENGINE) as fresh:
+        with pytest.raises(ValueError, match="no tokenizer"):
+            fresh.generate("hello world", _greedy(2), use_tqdm=False)
+        fresh.set_tokenizer(tok)
+        assert fresh.get_tokenizer() is tok and fresh.llm_engine.get_tokenizer() is tok
+        out = fresh.generate("hello world", _greedy(5), use_tqdm=False)[0]
+    assert out.prompt_token_ids == tok.encode("hello world")
+    assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
