@@ -118,6 +118,8 @@ class SamplingParams:
                f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
+            _check(value != -1, f"{name}=-1 (vLLM's: every token of the vocabulary) is not supported; "
+                   "ask for the top k you need, e.g. 20.")
             _check(value is None or (isinstance(value, int) and value >= 0),
                    f"{name} must be None or an integer >= 0, got {value!r}.")
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}.")

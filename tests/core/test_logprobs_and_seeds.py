@@ -63,3 +63,9 @@ def test_seeded_sampling_survives_preemption(tiny_model_dir):
     tight = tight_llm.generate(prompts, params, use_tqdm=False)
     assert tight_llm.engine.core.scheduler.num_preemptions_total > 0
     assert [o.outputs[0].token_ids for o in tight] == [o.outputs[0].token_ids for o in roomy]
+
+
+def test_whole_vocabulary_logprobs_are_refused_by_name():
+    for name in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=f"{name}=-1 .*top k"):
+            SamplingParams(**{name: -1})
