@@ -246,6 +246,8 @@ def test_llm_chat_positional_order_is_vllms(llm):
 
     with pytest.raises(ValueError, match="6th positional argument is chat_template_content_format .* lora_request="):
         llm.chat(conv, one, False, None, template, LoRARequest("a", 1, "/nowhere"))
+    with pytest.raises(ValueError, match="content_format must be 'auto' or 'string', got a NoneType"):
+        llm.chat(conv, one, chat_template_content_format=None)  # a keyword caller: told the values
 
 
 def _hf_cache(root, repo: str, revisions: dict[str, str]) -> dict[str, str]:
