@@ -358,7 +358,8 @@ def _check_chat_positions(lora_request, content_format) -> None:
     if isinstance(lora_request, bool):
         raise ValueError(f"LLM.chat's 4th positional argument is lora_request (vLLM's order), got "
                          f"{lora_request!r}; pass add_generation_prompt={lora_request!r} by keyword.")
-    if not isinstance(content_format, str):
-        raise ValueError("LLM.chat's 6th positional argument is chat_template_content_format "
-                         f"(vLLM's order), got a {type(content_format).__name__}; pass "
-                         "lora_request=... by keyword.")
+    if not isinstance(content_format, str):  # (a keyword caller's None lands here too)
+        raise ValueError("chat_template_content_format must be 'auto' or 'string', got a "
+                         f"{type(content_format).__name__}. LLM.chat's 6th positional argument is "
+                         "chat_template_content_format (vLLM's order); a call in the old order "
+                         "puts lora_request there: pass lora_request=... by keyword.")

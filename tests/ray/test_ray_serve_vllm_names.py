@@ -104,6 +104,15 @@ def test_vllm_server_names_in_a_config_mean_what_the_cli_flags_mean(tmp_path):
     assert replica.server_config() == cli  # the template's text travelled, not its path
 
 
+def test_data_parallel_size_local_equal_to_the_engines_dp_as_flat_strings():
+    """`serve run engine.data_parallel_size=1 server.data_parallel_size_local=1`: both strings,
+    equal once read as numbers: accepted (the string "1" was compared with the number 1)."""
+    flat = {"engine.device": "cpu", "engine.data_parallel_size": "1", "server.data_parallel_size_local": "1"}
+    assert parse_config(flat).server_config() == parse_config({"engine.device": "cpu"}).server_config()
+    with pytest.raises(ValueError, match="data_parallel_size_local: 2 is not supported .* value, 1\\)"):
+        parse_config({**flat, "server.data_parallel_size_local": "2"})
+
+
 @pytest.mark.parametrize("server,needle", [
     ({"api_server_count": 4}, "server.api_server_count: 4 is not supported by tessellm"),
     ({"data_parallel_size_local": 2}, "server.data_parallel_size_local: 2 is not supported"),

@@ -71,3 +71,44 @@ def test_sleep_routes_off_without_dev_mode(tiny_model_dir, monkeypatch):
 
     asyncio.run(serve(EngineArgs(model=tiny_model_dir("llama"), device="cpu", num_kv_blocks=16), scenario,
                       with_engine=True))
+
+
+def test_dev_routes_need_the_api_key():
+    """The key guards vLLM's /v1 paths only (middleware.needs_api_key), but the dev-mode routes,
+    which sleep the engine or load weights from a path, keep it (docs/sleep_mode.md: "behind
+    the API key"): without it each is a 401 and reaches no engine; with it the route runs. Every
+    route add_sleep_routes adds is one of DEV_PATHS, so a new one cannot come unguarded. The
+    edge and the routes are the server's own; the engine is a recorder (no model needed)."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from tessellm.entrypoints.openai.api_server import _json_body, add_error_handling
+    from tessellm.entrypoints.openai.lifecycle import Lifecycle
+    from tessellm.entrypoints.openai.server_config import ServerConfig
+    from tessellm.entrypoints.openai.sleep_routes import DEV_PATHS, add_sleep_routes
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        async def core_call(self, method, *args):
+            self.calls.append(method)
+            return 1
+
+    app, engine = FastAPI(), Recorder()
+    add_sleep_routes(app, engine, _json_body)
+    assert {r.path for r in app.routes if r.path in DEV_PATHS or "sleep" in r.path} == DEV_PATHS
+    add_error_handling(app, ServerConfig(["m"], api_key="k", root_path="/api"), Lifecycle())
+    routes = [(next(iter(r.methods)), r.path) for r in app.routes if r.path in DEV_PATHS]
+    with TestClient(app) as client:
+        for method, path in routes:
+            for prefix in ("", "/api"):  # as sent, and behind a proxy that keeps --root-path
+                for headers in ({}, {"Authorization": "Bearer wrong"}):
+                    r = client.request(method, prefix + path, json={"path": "/x"}, headers=headers)
+                    assert r.status_code == 401, (method, prefix + path, r.status_code)
+        assert engine.calls == []
+        for method, path in routes:
+            r = client.request(method, path, json={"path": "/x"}, headers={"Authorization": "Bearer k"})
+            assert r.status_code == 200, (path, r.text)
+    assert sorted(engine.calls) == sorted(["sleep", "wake_up", "is_sleeping", "reset_prefix_cache",
+                                           "load_weights_from_path"])

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from tessellm.entrypoints.openai.errors import OpenAIError
 from tessellm.entrypoints.openai.lifecycle import Lifecycle
 from tessellm.entrypoints.openai.server_config import ServerConfig
+from tessellm.entrypoints.openai.sleep_routes import DEV_PATHS
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,11 @@ def bearer_key_ok(authorization: str, keys: Sequence[str]) -> bool:
 def needs_api_key(method: str, path: str) -> bool:
     """Whether a request must bear the API key (when the server has one): vLLM's rule, its
     AuthenticationMiddleware's, so a vLLM deployment's clients and probes work unchanged: paths
-    under ``/v1`` only (``/invocations``, ``/tokenize``, ``/pooling``, the health routes are
-    open), and never an ``OPTIONS`` (a CORS preflight carries no credentials). ``path``: as the
-    routes see it, --root-path's prefix off."""
-    return method != "OPTIONS" and path.startswith("/v1")
+    under ``/v1`` (``/invocations``, ``/tokenize``, ``/pooling``, the health routes are open),
+    and never an ``OPTIONS`` (a CORS preflight carries no credentials). Stricter than vLLM in
+    one thing: the dev-mode routes (``/sleep``, ``/load_weights``, ...: ``DEV_PATHS``) keep the
+    key, as docs/sleep_mode.md promises. ``path``: as the routes see it, --root-path's prefix off."""
+    return method != "OPTIONS" and (path.startswith("/v1") or path in DEV_PATHS)
 
 
 class EdgeMiddleware:

@@ -7,7 +7,8 @@ TESSELLM_SERVER_DEV_MODE=1), and the refusal of requests while the engine sleeps
     POST /reset_prefix_cache         empty the prefix cache
     POST /load_weights  {"path": dir}   new weights from safetensors files (every rank reads them)
 
-Behind the API key like every route. While any part sleeps, inference routes answer 503 with an
+Behind the API key (``DEV_PATHS``: the edge keys them though they are not ``/v1`` paths; vLLM
+leaves them open). While any part sleeps, inference routes answer 503 with an
 OpenAI error object (``check_awake``); the engine core refuses such a request too.
 """
 
@@ -19,6 +20,10 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
+
+# The routes add_sleep_routes adds: they change or free the model, so the API key guards them
+# (middleware.needs_api_key) as it guards /v1.
+DEV_PATHS = frozenset({"/sleep", "/wake_up", "/is_sleeping", "/reset_prefix_cache", "/load_weights"})
 
 
 def check_awake(engine) -> None:

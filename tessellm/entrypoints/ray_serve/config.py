@@ -323,9 +323,11 @@ def _vllm_server(value, engine: dict) -> dict:
         arg = SERVER_BY_NAME[name]
         v = _vllm_value(fields.pop(name), arg, f"server.{name}")
         message = refusal(arg, v, f"server.{name}: ")
-        if arg.same_as and v is not None and v != engine.get(arg.same_as, 1):
+        # (the engine's value as given: a string from `serve run engine.KEY=V`)
+        other = arg.same_as and _vllm_value(engine.get(arg.same_as, 1), arg, f"engine.{arg.same_as}")
+        if arg.same_as and v is not None and v != other:
             message = (f"server.{name}: {v!r} is not supported by tessellm (a vLLM setting; accepted: "
-                       f"engine.{arg.same_as}'s value, {engine.get(arg.same_as, 1)!r}): {arg.why}.")
+                       f"engine.{arg.same_as}'s value, {other!r}): {arg.why}.")
         if message:
             raise ValueError(message)
         if arg.kind == "serve":  # the others (noop, neutral, uvicorn's access log) change nothing here
