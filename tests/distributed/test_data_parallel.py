@@ -377,7 +377,7 @@ def test_offline_dp2(tiny_model_dir):
     path = tiny_model_dir("llama")
     with LLM(path, **_kwargs()) as one:
         expected = _tokens(one.generate(PROMPTS, GREEDY, use_tqdm=False))
-    with LLM(path, **_kwargs(data_parallel_size=2)) as two:
+    with LLM(path, disable_log_stats=False, **_kwargs(data_parallel_size=2)) as two:  # get_metrics
         got = two.generate(PROMPTS, GREEDY, use_tqdm=False)
         assert [o.request_id for o in got] == [str(i) for i in range(len(PROMPTS))]  # input order
         assert _tokens(got) == expected

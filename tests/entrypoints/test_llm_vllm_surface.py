@@ -31,7 +31,7 @@ def model(tiny_model_dir) -> str:
 
 @pytest.fixture(scope="module")
 def llm(model):
-    with LLM(model, **ENGINE) as engine:
+    with LLM(model, disable_log_stats=False, **ENGINE) as engine:  # as vLLM: get_metrics needs it
         yield engine
 
 
@@ -85,6 +85,18 @@ def test_get_metrics_counts_what_ran(llm):
     assert isinstance(e2e, Histogram) and e2e.count - before[(e2e.name, None)].count == len(PROMPTS)
     assert e2e.buckets["+Inf"] == e2e.count
     assert after[("tessellm:num_requests_running", None)].value == 0
+
+
+def test_metrics_are_kept_only_when_asked(model):
+    """As vLLM's, ``LLM(...)`` feeds no Prometheus metrics unless ``disable_log_stats=False``
+    (observing every token's latency costs host time in every step of a batch);
+    ``get_metrics`` then says how to turn them on, and the outputs still carry their times."""
+    with LLM(model, **ENGINE) as plain:
+        assert plain.llm_engine.metrics is None
+        with pytest.raises(ValueError, match="disable_log_stats=False"):
+            plain.get_metrics()
+        out = plain.generate([PROMPTS[0]], _greedy(2), use_tqdm=False)[0]
+    assert out.metrics.num_generation_tokens == 2 and out.metrics.first_token_time is not None
 
 
 def test_request_output_has_vllms_fields(llm):
