@@ -8,11 +8,12 @@ from typing import Callable, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
+from tessellm.config import EngineArgs
 from tessellm.core.llm_engine import LLMEngine
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
-from tessellm.entrypoints.vllm_args import vllm_engine_args
+from tessellm.entrypoints.vllm_args import vllm_engine_kwargs
 from tessellm.multimodal.chat import chat_prompt_with_images
 
 _TQDM_MIN_PROMPTS = 8
@@ -35,11 +36,10 @@ class LLM:
         # accepted with no effect, refused by name, or translated (num_gpu_blocks_override -> num_kv_blocks).
         # disable_log_stats: as vLLM's LLM, metrics (get_metrics) only with disable_log_stats=False
         log_stats = not kwargs.pop("disable_log_stats", True)
-        args = vllm_engine_args(model, device=device, dtype=dtype, max_model_len=max_model_len,
-                                block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens,
-                                enable_prefix_caching=enable_prefix_caching, seed=seed, load_format=load_format,
-                                **kwargs)
+        args = EngineArgs(**vllm_engine_kwargs(
+            model, device=device, dtype=dtype, max_model_len=max_model_len, block_size=block_size,
+            num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching, seed=seed, load_format=load_format, **kwargs))
         if args.data_parallel_size > 1:  # N engine cores in their own processes (docs/parallelism.md)
             from tessellm.core.dp_engine import DPLLMEngine
 

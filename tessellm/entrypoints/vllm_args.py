@@ -394,14 +394,13 @@ def pop_vllm_kwargs(kwargs: dict, model: Optional[str], warn: Callable[[str], No
     return model, {**kwargs, **extra}
 
 
-def vllm_engine_args(model: Optional[str] = None, **kwargs):
-    """vLLM's ``EngineArgs(...)`` / ``AsyncEngineArgs(...)`` call: tessellm's ``EngineArgs``,
-    vLLM's names translated, accepted or refused as for ``LLM(...)`` (``tessellm.AsyncEngineArgs``)."""
-    from tessellm.config import EngineArgs
-
+def vllm_engine_kwargs(model: Optional[str] = None, **kwargs) -> dict:
+    """tessellm's ``EngineArgs`` keyword arguments for ``LLM(...)``'s (or vLLM's
+    ``EngineArgs(...)``'s: ``tessellm.EngineArgs``, vllm_engine_args.py): vLLM's names translated,
+    accepted or refused."""
     kwargs.pop("max_logprobs", None)  # the server's limit (--max-logprobs); none in an engine
     model, kwargs = pop_vllm_kwargs(kwargs, model)
-    return EngineArgs(model=model, **kwargs)
+    return dict(model=model, **kwargs)
 
 
 # -- vLLM's command-line conventions: --config FILE.yaml and --flag_with_underscores ----------
