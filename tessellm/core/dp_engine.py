@@ -60,11 +60,12 @@ class DPLLMEngine(EngineSurface):
     @property
     def core(self):
         """``LLMEngine.core`` is the in-process ``EngineCore``; here the cores are in other
-        processes, so what reaches into one (sleep mode, ``load_weights``, ``collective_rpc``)
-        is refused with this error."""
+        processes, so what reaches into one (sleep mode, ``load_weights``, ``collective_rpc``,
+        ``apply_model``, the profiler) is refused with this error."""
         raise NotImplementedError("LLM(data_parallel_size=N) runs its engine cores in their own "
-                                  "processes: sleep mode, load_weights and collective_rpc are not "
-                                  "offered there yet (tessellm serve -dp N's routes reach every core).")
+                                  "processes: sleep mode, load_weights, collective_rpc, apply_model and "
+                                  "start_profile / stop_profile are not offered there yet (tessellm serve "
+                                  "-dp N's routes reach every core).")
 
     # -- requests (as LLMEngine) --------------------------------------------------------------
 

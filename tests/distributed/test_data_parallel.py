@@ -391,6 +391,8 @@ def test_offline_dp2(tiny_model_dir):
         assert {m.name: m.value for m in two.get_metrics() if m.name in names} == dict.fromkeys(names, sum(queried))
         assert two.llm_engine.vllm_config.parallel_config.data_parallel_size == 2
         assert two.llm_engine.model_config.max_model_len == 128
+        with pytest.raises(NotImplementedError, match="start_profile"):  # names what was asked for
+            two.start_profile()
         # The engine goes on after a batch.
         assert _tokens(two.generate(PROMPTS[:2], GREEDY, use_tqdm=False)) == expected[:2]
         os.kill(two.engine.cores.pids()[1], signal.SIGKILL)
