@@ -143,6 +143,12 @@ def test_profile_writes_a_trace_per_rank(llm, tmp_path):
     (trace_file,) = tmp_path.glob("rank0.pid*.trace.json")
     trace = json.loads(trace_file.read_text())
     assert trace["traceEvents"]
+    with pytest.raises(ValueError, match="stop_profile"):  # one at a time
+        llm.start_profile()
+        llm.start_profile()
+    odd = tmp_path / "run{rank}{x}"  # braces in the directory are kept as they are
+    llm.stop_profile(str(odd))
+    assert list(odd.glob("rank0.pid*.trace.json"))
 
 
 def test_async_engine_built_the_vllm_way(model):
