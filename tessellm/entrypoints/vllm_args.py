@@ -52,7 +52,8 @@ ENGINE: tuple[VllmArg, ...] = (
     # accepted, no effect
     VllmArg("trust_remote_code", "noop", "tessellm runs no code from model repositories (an "
             "architecture it does not implement is refused)", bool),
-    VllmArg("disable_log_stats", "noop", "engine statistics are on /metrics, not in the log", bool),
+    VllmArg("disable_log_stats", "noop", "engine statistics are on /metrics, not in the log (LLM(...) "
+            "reads it itself: get_metrics needs disable_log_stats=False, as vLLM's)", bool),
     VllmArg("disable_log_requests", "noop", _NO_LOGS, bool),
     VllmArg("enable_log_requests", "serve", "tessellm serve: one INFO line (logger tessellm.requests) per "
             "request: its prompt, token ids and sampling parameters (no effect elsewhere)", bool),
