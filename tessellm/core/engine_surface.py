@@ -116,13 +116,16 @@ class EngineSurface:
     def _engine_stats(self) -> EngineStats:
         raise NotImplementedError
 
-    def _process_outputs(self, core_outputs: list) -> tuple[list, list[str]]:
-        """The output processor's (results, core ids to abort) for a step's core outputs; its
-        token counts and latencies go to ``metrics`` when the engine keeps them."""
+    def _process_outputs(self, core_outputs: list, step_num_tokens: list[int]) -> tuple[list, list[str]]:
+        """The output processor's (results, core ids to abort) for a step's core outputs; their
+        token counts and latencies, and the tokens each step computed (``step_num_tokens``), go
+        to ``metrics`` when the engine keeps them."""
         iteration = IterationStats()
         results, to_abort = self.outputs.process(core_outputs, iteration)
         if self.metrics is not None:
             self.metrics.observe_outputs(iteration)
+            for n in step_num_tokens:
+                self.metrics.iteration_tokens.observe(n)
         return results, to_abort
 
 

@@ -106,13 +106,15 @@ class LLMEngine(EngineSurface):
         state is lost): the engine is finished then, and every later call raises the same
         exception (with a note saying so) instead of failing on the lost state."""
         self._check_alive()
+        before = self.core.scheduler.num_scheduled_tokens_total
         try:
             core_outputs = self.core.step()
         except Exception as exc:
             exc.add_note("The engine failed in this step and cannot go on; create a new LLM.")
             self.failure = exc
             raise
-        results, to_abort = self._process_outputs(core_outputs)
+        computed = self.core.scheduler.num_scheduled_tokens_total - before
+        results, to_abort = self._process_outputs(core_outputs, [computed] if computed else [])
         if to_abort:
             self.core.abort_requests(to_abort)
         return results

@@ -389,6 +389,8 @@ def test_offline_dp2(tiny_model_dir):
         # vLLM's views: get_metrics() adds the cores' counts up; llm_engine's config views
         names = ("tessellm:prompt_tokens", "tessellm:prefix_cache_queries")
         assert {m.name: m.value for m in two.get_metrics() if m.name in names} == dict.fromkeys(names, sum(queried))
+        (steps,) = [m for m in two.get_metrics() if m.name == "tessellm:iteration_tokens_total"]
+        assert steps.count > 0 and steps.sum > 0  # the cores' steps, from their outputs messages
         assert two.llm_engine.vllm_config.parallel_config.data_parallel_size == 2
         assert two.llm_engine.model_config.max_model_len == 128
         with pytest.raises(NotImplementedError, match="start_profile"):  # names what was asked for

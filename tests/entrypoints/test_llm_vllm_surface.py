@@ -72,7 +72,7 @@ def _by_name(metrics) -> dict:
 
 def test_get_metrics_counts_what_ran(llm):
     before = _by_name(llm.get_metrics())
-    llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy(4), use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy(4), use_tqdm=False)
     after = _by_name(llm.get_metrics())
 
     def grew(name, reason=None):
@@ -85,6 +85,10 @@ def test_get_metrics_counts_what_ran(llm):
     assert isinstance(e2e, Histogram) and e2e.count - before[(e2e.name, None)].count == len(PROMPTS)
     assert e2e.buckets["+Inf"] == e2e.count
     assert after[("tessellm:num_requests_running", None)].value == 0
+    # each step's computed tokens: the prompts' uncached tokens, then one per decode step
+    steps = after[("tessellm:iteration_tokens_total", None)]
+    computed = sum(len(p) - o.num_cached_tokens + 3 for p, o in zip(PROMPTS, outs))
+    assert steps.sum - before[(steps.name, None)].sum == computed and steps.count > before[(steps.name, None)].count
 
 
 def test_metrics_are_kept_only_when_asked(model):
