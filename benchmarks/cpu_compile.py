@@ -18,9 +18,11 @@ import time
 def decode_ms(llm, batch: int, prompt_len: int, steps: int, rounds: int, seed: int) -> list[float]:
     """Per round: mean ms of ``steps`` engine steps once ``batch`` requests are all decoding."""
     from tessellm import SamplingParams
+    from tessellm.sampling_params import RequestOutputKind  # FINAL_ONLY: steps build no per-step outputs
 
     engine, vocab = llm.engine, llm.engine.core.vocab_size
-    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     rng = random.Random(seed)
     out = []
     for r in range(rounds):

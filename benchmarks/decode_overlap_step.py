@@ -44,6 +44,7 @@ def main() -> None:
     import torch
 
     from tessellm import LLM, SamplingParams
+    from tessellm.sampling_params import RequestOutputKind  # FINAL_ONLY: steps build no per-step outputs
 
     t0 = time.perf_counter()
     llm = LLM(args.model, load_format="dummy", max_model_len=args.input_len + 256,
@@ -54,7 +55,8 @@ def main() -> None:
     for i in range(args.batch):
         ids = [(7 * i + j) % 1000 + 10 for j in range(args.input_len)]
         eng.add_request(str(i), {"prompt_token_ids": ids},
-                        SamplingParams(max_tokens=64, ignore_eos=True, temperature=0))
+                        SamplingParams(max_tokens=64, ignore_eos=True, temperature=0,
+                                       output_kind=RequestOutputKind.FINAL_ONLY))
     while any(r.num_output_tokens == 0 for r in core.scheduler.running) or core.scheduler.waiting:
         eng.step()
     sched = core.scheduler.schedule()  # the first pure-decode step: every request decodes

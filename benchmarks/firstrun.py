@@ -266,6 +266,7 @@ def main() -> None:
     probe.install()
     from tessellm import LLM, SamplingParams
     from tessellm.metrics.compile_counter import COUNTER
+    from tessellm.sampling_params import RequestOutputKind  # FINAL_ONLY: steps build no per-step outputs
 
     t0 = time.perf_counter()
     s0 = probe.snapshot()
@@ -285,7 +286,8 @@ def main() -> None:
     if memory:
         print(f"[{lbl}] memory profile: " + memory)
     # the bench's tiny warm-up: 2 prompts of 16 tokens, 4 tokens out
-    tiny = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
+    tiny = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0,
+                          output_kind=RequestOutputKind.FINAL_ONLY)
     if args.profile_s > 0:  # CUPTI's one-time start-up stays out of run 1
         run_batch(llm, _requests(2, 16, vocab, 1), tiny, "tiny-prof", 0.5, clock)
     s2 = probe.snapshot()
@@ -293,7 +295,8 @@ def main() -> None:
     s3 = probe.snapshot()
     print(f"[{lbl}] tiny warm-up: {s3['compiles'] - s2['compiles']} compiles "
           f"({s3['compile_s'] - s2['compile_s']:.2f} s)")
-    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     runs = []
     for r in range(args.runs):
         prompts = _requests(args.num_prompts, args.input_len, vocab, 100 + r)

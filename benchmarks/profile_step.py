@@ -16,6 +16,7 @@ import time
 import torch
 
 from tessellm import LLM, SamplingParams
+from tessellm.sampling_params import RequestOutputKind  # FINAL_ONLY: steps build no per-step outputs
 
 
 def main() -> None:
@@ -34,7 +35,8 @@ def main() -> None:
     for i in range(args.batch):
         ids = [(7 * i + j) % 1000 + 10 for j in range(args.input_len)]
         eng.add_request(str(i), {"prompt_token_ids": ids},
-                        SamplingParams(max_tokens=args.steps + 50, ignore_eos=True, temperature=0))
+                        SamplingParams(max_tokens=args.steps + 50, ignore_eos=True, temperature=0,
+                                       output_kind=RequestOutputKind.FINAL_ONLY))
     while any(r.num_output_tokens == 0 for r in core.scheduler.running) or core.scheduler.waiting:
         eng.step()
     for _ in range(3):

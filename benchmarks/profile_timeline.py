@@ -15,6 +15,7 @@ import json
 import time
 
 from tessellm import LLM, SamplingParams
+from tessellm.sampling_params import RequestOutputKind  # FINAL_ONLY: steps build no per-step outputs
 from tessellm.entrypoints.bench_throughput import make_requests
 
 
@@ -72,7 +73,8 @@ def run_stamped(eng, core, reqs, prefix: str) -> list[tuple[float, str, int]]:
 
     for i, r in enumerate(reqs):
         eng.add_request(f"{prefix}{i}", {"prompt_token_ids": r.prompt_token_ids},
-                        SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0))
+                        SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0,
+                                       output_kind=RequestOutputKind.FINAL_ONLY))
     core.backend.synchronize()
     core.scheduler.schedule = stamped
     try:

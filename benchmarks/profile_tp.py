@@ -18,6 +18,7 @@ import json
 import time
 
 from tessellm import LLM, SamplingParams
+from tessellm.sampling_params import RequestOutputKind  # FINAL_ONLY: steps build no per-step outputs
 
 
 def main() -> None:
@@ -34,7 +35,8 @@ def main() -> None:
     eng, core = llm.engine, llm.engine.core
     for i in range(args.batch):
         eng.add_request(str(i), {"prompt_token_ids": [(7 * i + j) % 1000 + 10 for j in range(512)]},
-                        SamplingParams(max_tokens=3 * args.steps + 50, ignore_eos=True, temperature=0))
+                        SamplingParams(max_tokens=3 * args.steps + 50, ignore_eos=True, temperature=0,
+                                       output_kind=RequestOutputKind.FINAL_ONLY))
     while core.scheduler.waiting or any(r.num_output_tokens == 0 for r in core.scheduler.running):
         eng.step()
     for _ in range(5):

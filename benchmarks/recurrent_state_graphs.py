@@ -63,6 +63,7 @@ def decode_ms(path: str, batch: int, input_len: int, steps: int, eager: bool, dt
     import torch
 
     from tessellm import LLM, SamplingParams
+    from tessellm.sampling_params import RequestOutputKind  # FINAL_ONLY: steps build no per-step outputs
 
     t0 = time.perf_counter()
     with LLM(path, load_format="dummy", dtype=dtype, max_model_len=input_len + steps + 64,
@@ -73,7 +74,8 @@ def decode_ms(path: str, batch: int, input_len: int, steps: int, eager: bool, dt
         for i in range(batch):
             ids = [(7 * i + j) % 1000 + 10 for j in range(input_len)]
             eng.add_request(str(i), {"prompt_token_ids": ids},
-                            SamplingParams(max_tokens=steps + 16, ignore_eos=True, temperature=0))
+                            SamplingParams(max_tokens=steps + 16, ignore_eos=True, temperature=0,
+                                           output_kind=RequestOutputKind.FINAL_ONLY))
         while any(r.num_output_tokens == 0 for r in core.scheduler.running) or core.scheduler.waiting:
             eng.step()
         for _ in range(3):  # warm: the decode path's first calls

@@ -57,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spec_cpu import _loadavg  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
 from tessellm import LLM  # noqa: E402
 from tessellm.core.sampling_params import SamplingParams  # noqa: E402
+from tessellm.sampling_params import RequestOutputKind  # noqa: E402
 
 PHASES = {  # name -> (module path, attribute path): functions wrapped with a timer
     "step": ("tessellm.core.llm_engine", "LLMEngine.step"),
@@ -134,7 +135,8 @@ def run(llm, prompts: list[list[int]], tokens: int, batch: int, timers: Timers) 
 
     engine = llm.engine
     engine.core.scheduler.spec_stats = SpecDecodeStats()
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     phases: dict[str, float] = {}
     outs: dict[str, list[int]] = {}
     steps = 0

@@ -18,9 +18,9 @@ def __getattr__(name):
 
         return PoolingParams
     if name in ("EngineArgs", "AsyncEngineArgs"):  # vLLM's: its argument names taken, as LLM(...) takes them
-        from tessellm.entrypoints.vllm_args import vllm_engine_args
+        from tessellm.entrypoints import vllm_engine_args
 
-        return vllm_engine_args
+        return vllm_engine_args.VllmEngineArgs if name == "EngineArgs" else vllm_engine_args.VllmAsyncEngineArgs
     if name in ("AsyncLLM", "AsyncLLMEngine"):  # vLLM's: AsyncLLMEngine.from_engine_args(AsyncEngineArgs(...))
         from tessellm.entrypoints.async_llm import AsyncLLM
 

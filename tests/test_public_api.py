@@ -61,3 +61,25 @@ def test_vllm_module_paths_for_prompts_outputs_and_params():
     assert TokensPrompt(prompt_token_ids=[1, 2]) == {"prompt_token_ids": [1, 2]}
     assert TextPrompt(prompt="hi", cache_salt="a") == {"prompt": "hi", "cache_salt": "a"}
     assert TokensPrompt.__required_keys__ == {"prompt_token_ids"}
+
+
+def test_vllm_engine_args_are_classes():
+    """``tessellm.EngineArgs`` / ``AsyncEngineArgs`` as vLLM code uses them: classes (the async
+    one a subclass) taking vLLM's argument names, whose objects every engine takes
+    (``isinstance``, ``dataclasses.replace``) and built from the command line
+    (``add_cli_args`` / ``from_cli_args``)."""
+    import argparse
+    import dataclasses
+
+    from tessellm.config import EngineArgs
+
+    args = tessellm.AsyncEngineArgs(model="m", num_gpu_blocks_override=32, swap_space=4, max_logprobs=5)
+    assert isinstance(args, tessellm.EngineArgs) and isinstance(args, EngineArgs)
+    assert issubclass(tessellm.AsyncEngineArgs, tessellm.EngineArgs)
+    assert (args.model, args.num_kv_blocks) == ("m", 32)
+    again = dataclasses.replace(args, max_num_seqs=4)
+    assert type(again) is tessellm.AsyncEngineArgs and (again.num_kv_blocks, again.max_num_seqs) == (32, 4)
+    parser = tessellm.EngineArgs.add_cli_args(argparse.ArgumentParser())
+    cli = parser.parse_args(["--model", "m", "--max-num-seqs", "3", "--num-gpu-blocks-override", "16"])
+    parsed = tessellm.EngineArgs.from_cli_args(cli)
+    assert type(parsed) is tessellm.EngineArgs and (parsed.model, parsed.max_num_seqs, parsed.num_kv_blocks) == ("m", 3, 16)

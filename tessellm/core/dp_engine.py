@@ -30,14 +30,14 @@ from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.submit import submit
 from tessellm.lora.request import lora_off_error
-from tessellm.metrics.stats import EngineStats, IterationStats, merge_engine_stats
+from tessellm.metrics.stats import EngineStats, merge_engine_stats
 from tessellm.pooling.front import POOLING_SAMPLING, check_generates, resolve_pooling_params
 
 _POLL_MS = 500  # the cores' liveness is checked this often (their messages never say a core died)
 
 
 class DPLLMEngine(EngineSurface):
-    def __init__(self, args: EngineArgs, final_only: bool = False):
+    def __init__(self, args: EngineArgs, final_only: bool = False, log_stats: bool = True):
         self.args = args
         # serving=False: the cores warm up as LLM(...) does (off unless kernel_warmup=True).
         self.cores = EngineCoreGroup(args, serving=False)
@@ -49,7 +49,7 @@ class DPLLMEngine(EngineSurface):
             raise
         self.inputs = InputProcessor(self.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, final_only)
-        self.metrics = engine_metrics(args, self.info)  # get_metrics() (engine_surface.py)
+        self.metrics = engine_metrics(args, self.info, log_stats)  # get_metrics() (engine_surface.py)
         self.failure: Optional[Exception] = None
         self._poller = zmq.Poller()
         for client in self.cores.clients:
@@ -60,11 +60,12 @@ class DPLLMEngine(EngineSurface):
     @property
     def core(self):
         """``LLMEngine.core`` is the in-process ``EngineCore``; here the cores are in other
-        processes, so what reaches into one (sleep mode, ``load_weights``, ``collective_rpc``)
-        is refused with this error."""
+        processes, so what reaches into one (sleep mode, ``load_weights``, ``collective_rpc``,
+        ``apply_model``, the profiler) is refused with this error."""
         raise NotImplementedError("LLM(data_parallel_size=N) runs its engine cores in their own "
-                                  "processes: sleep mode, load_weights and collective_rpc are not "
-                                  "offered there yet (tessellm serve -dp N's routes reach every core).")
+                                  "processes: sleep mode, load_weights, collective_rpc, apply_model and "
+                                  "start_profile / stop_profile are not offered there yet (tessellm serve "
+                                  "-dp N's routes reach every core).")
 
     # -- requests (as LLMEngine) --------------------------------------------------------------
 
@@ -142,9 +143,7 @@ class DPLLMEngine(EngineSurface):
             self.cores.note_stats(core, msg[2])
             outputs = [decode_output(v) for v in msg[1]]
             self.cores.note_outputs(outputs)
-            iteration = IterationStats()
-            results, to_abort = self.outputs.process(outputs, iteration)
-            self.metrics.observe_outputs(iteration)
+            results, to_abort = self._process_outputs(outputs, msg[2].get("step_num_tokens", []))
             if to_abort:
                 self.cores.send_abort(to_abort)
             for result in results:

@@ -30,6 +30,8 @@ class EngineProfile:
         path = None
         if trace_dir:
             os.makedirs(trace_dir, exist_ok=True)
-            path = os.path.join(trace_dir, f"rank{{rank}}.pid{os.getpid()}.trace.json")
+            # each worker fills in {rank} (str.format): the directory's own braces escaped
+            escaped = trace_dir.replace("{", "{{").replace("}", "}}")
+            path = os.path.join(escaped, f"rank{{rank}}.pid{os.getpid()}.trace.json")
         self._profiling = False
         return self.executor.collective_rpc("stop_profile", 25, path)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from tessellm.metrics.prometheus import EngineMetrics
 from tessellm.metrics.reader import Metric, read_metrics
-from tessellm.metrics.stats import EngineStats
+from tessellm.metrics.stats import EngineStats, IterationStats
 
 
 @dataclass(frozen=True)
@@ -106,15 +106,34 @@ class EngineSurface:
     def get_metrics(self) -> list[Metric]:
         """The engine's metrics since it started (vLLM's ``LLM.get_metrics()``): counters,
         gauges and histograms, as the server's ``/metrics`` shows them (docs/metrics.md)."""
+        if self.metrics is None:
+            raise ValueError("get_metrics: this engine keeps no metrics (LLM(...) leaves them off, as "
+                             "vLLM's does: they cost host time in every step); pass "
+                             "LLM(..., disable_log_stats=False).")
         self.metrics.observe_stats(self._engine_stats())
         return read_metrics(self.metrics.registry)
 
     def _engine_stats(self) -> EngineStats:
         raise NotImplementedError
 
+    def _process_outputs(self, core_outputs: list, step_num_tokens: list[int]) -> tuple[list, list[str]]:
+        """The output processor's (results, core ids to abort) for a step's core outputs; their
+        token counts and latencies, and the tokens each step computed (``step_num_tokens``), go
+        to ``metrics`` when the engine keeps them."""
+        iteration = IterationStats()
+        results, to_abort = self.outputs.process(core_outputs, iteration)
+        if self.metrics is not None:
+            self.metrics.observe_outputs(iteration)
+            for n in step_num_tokens:
+                self.metrics.iteration_tokens.observe(n)
+        return results, to_abort
 
-def engine_metrics(args, info) -> EngineMetrics:
+
+def engine_metrics(args, info, log_stats: bool) -> Optional[EngineMetrics]:
     """An offline engine's own metrics registry (never the process-wide one), labelled with the
-    served model name as the server's are."""
+    served model name as the server's are; None without ``log_stats`` (``LLM``'s default, as
+    vLLM's: a histogram observation per running request per step is host time in the hot loop)."""
+    if not log_stats:
+        return None
     return EngineMetrics(args.served_model_name or args.model or info.model_path, CollectorRegistry(),
                          info.max_model_len)

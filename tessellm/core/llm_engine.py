@@ -14,7 +14,7 @@ from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.submit import submit
 from tessellm.loader.model_loader import load_tokenizer
-from tessellm.metrics.stats import EngineStats, IterationStats
+from tessellm.metrics.stats import EngineStats
 from tessellm.pooling.front import POOLING_SAMPLING, check_generates, resolve_pooling_params
 
 
@@ -24,7 +24,7 @@ class LLMEngine(EngineSurface):
         """vLLM's constructor name (``LLMEngine.from_engine_args(EngineArgs(...))``)."""
         return cls(args)
 
-    def __init__(self, args: EngineArgs, final_only: bool = False):
+    def __init__(self, args: EngineArgs, final_only: bool = False, log_stats: bool = True):
         if args.data_parallel_size > 1:
             raise ValueError("LLMEngine runs one engine core in this process; for "
                              "data_parallel_size > 1 use LLM(data_parallel_size=N) or "
@@ -46,7 +46,7 @@ class LLMEngine(EngineSurface):
             self.tokenizer = load_tokenizer(source.path, source.kind, args.tokenizer)
         self.inputs = InputProcessor(self.core.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, final_only)
-        self.metrics = engine_metrics(args, self.core.info)  # get_metrics() (engine_surface.py)
+        self.metrics = engine_metrics(args, self.core.info, log_stats)  # get_metrics() (engine_surface.py)
         self.failure: Optional[Exception] = None  # what broke a step: raised again by every call
 
     @property
@@ -106,15 +106,15 @@ class LLMEngine(EngineSurface):
         state is lost): the engine is finished then, and every later call raises the same
         exception (with a note saying so) instead of failing on the lost state."""
         self._check_alive()
+        before = self.core.scheduler.num_scheduled_tokens_total
         try:
             core_outputs = self.core.step()
         except Exception as exc:
             exc.add_note("The engine failed in this step and cannot go on; create a new LLM.")
             self.failure = exc
             raise
-        iteration = IterationStats()
-        results, to_abort = self.outputs.process(core_outputs, iteration)
-        self.metrics.observe_outputs(iteration)
+        computed = self.core.scheduler.num_scheduled_tokens_total - before
+        results, to_abort = self._process_outputs(core_outputs, [computed] if computed else [])
         if to_abort:
             self.core.abort_requests(to_abort)
         return results

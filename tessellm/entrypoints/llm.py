@@ -8,11 +8,12 @@ from typing import Callable, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
+from tessellm.config import EngineArgs
 from tessellm.core.llm_engine import LLMEngine
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
-from tessellm.entrypoints.vllm_args import vllm_engine_args
+from tessellm.entrypoints.vllm_args import vllm_engine_kwargs
 from tessellm.multimodal.chat import chat_prompt_with_images
 
 _TQDM_MIN_PROMPTS = 8
@@ -32,18 +33,19 @@ class LLM:
                  max_num_batched_tokens: Optional[int] = None, enable_prefix_caching: bool = True,
                  seed: int = 0, load_format: str = "auto", **kwargs):
         # vLLM's arguments tessellm has no field of its own for (entrypoints/vllm_args.py):
-        # accepted with no effect, refused by name, or translated (num_gpu_blocks_override -> num_kv_blocks)
-        args = vllm_engine_args(model, device=device, dtype=dtype, max_model_len=max_model_len,
-                                block_size=block_size, num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens,
-                                enable_prefix_caching=enable_prefix_caching, seed=seed, load_format=load_format,
-                                **kwargs)
+        # accepted with no effect, refused by name, or translated (num_gpu_blocks_override -> num_kv_blocks).
+        # disable_log_stats: as vLLM's LLM, metrics (get_metrics) only with disable_log_stats=False
+        log_stats = not kwargs.pop("disable_log_stats", True)
+        args = EngineArgs(**vllm_engine_kwargs(
+            model, device=device, dtype=dtype, max_model_len=max_model_len, block_size=block_size,
+            num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching, seed=seed, load_format=load_format, **kwargs))
         if args.data_parallel_size > 1:  # N engine cores in their own processes (docs/parallelism.md)
             from tessellm.core.dp_engine import DPLLMEngine
 
-            self.engine = DPLLMEngine(args)
+            self.engine = DPLLMEngine(args, log_stats=log_stats)
         else:
-            self.engine = LLMEngine(args)
+            self.engine = LLMEngine(args, log_stats=log_stats)
         self._ids = itertools.count()
 
     @property
@@ -55,7 +57,8 @@ class LLM:
 
     def get_metrics(self) -> list:
         """vLLM's: the engine's metrics since it started, as ``tessellm.metrics.reader``'s
-        ``Counter`` / ``Gauge`` / ``Histogram`` (names ``tessellm:...``, docs/metrics.md)."""
+        ``Counter`` / ``Gauge`` / ``Histogram`` (names ``tessellm:...``, docs/metrics.md); needs
+        ``LLM(..., disable_log_stats=False)``, as vLLM's."""
         return self.engine.get_metrics()
 
     def get_default_sampling_params(self) -> SamplingParams:

@@ -52,7 +52,8 @@ ENGINE: tuple[VllmArg, ...] = (
     # accepted, no effect
     VllmArg("trust_remote_code", "noop", "tessellm runs no code from model repositories (an "
             "architecture it does not implement is refused)", bool),
-    VllmArg("disable_log_stats", "noop", "engine statistics are on /metrics, not in the log", bool),
+    VllmArg("disable_log_stats", "noop", "engine statistics are on /metrics, not in the log (LLM(...) "
+            "reads it itself: get_metrics needs disable_log_stats=False, as vLLM's)", bool),
     VllmArg("disable_log_requests", "noop", _NO_LOGS, bool),
     VllmArg("enable_log_requests", "serve", "tessellm serve: one INFO line (logger tessellm.requests) per "
             "request: its prompt, token ids and sampling parameters (no effect elsewhere)", bool),
@@ -394,14 +395,13 @@ def pop_vllm_kwargs(kwargs: dict, model: Optional[str], warn: Callable[[str], No
     return model, {**kwargs, **extra}
 
 
-def vllm_engine_args(model: Optional[str] = None, **kwargs):
-    """vLLM's ``EngineArgs(...)`` / ``AsyncEngineArgs(...)`` call: tessellm's ``EngineArgs``,
-    vLLM's names translated, accepted or refused as for ``LLM(...)`` (``tessellm.AsyncEngineArgs``)."""
-    from tessellm.config import EngineArgs
-
+def vllm_engine_kwargs(model: Optional[str] = None, **kwargs) -> dict:
+    """tessellm's ``EngineArgs`` keyword arguments for ``LLM(...)``'s (or vLLM's
+    ``EngineArgs(...)``'s: ``tessellm.EngineArgs``, vllm_engine_args.py): vLLM's names translated,
+    accepted or refused."""
     kwargs.pop("max_logprobs", None)  # the server's limit (--max-logprobs); none in an engine
     model, kwargs = pop_vllm_kwargs(kwargs, model)
-    return EngineArgs(model=model, **kwargs)
+    return dict(model=model, **kwargs)
 
 
 # -- vLLM's command-line conventions: --config FILE.yaml and --flag_with_underscores ----------

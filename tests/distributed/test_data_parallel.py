@@ -377,7 +377,7 @@ def test_offline_dp2(tiny_model_dir):
     path = tiny_model_dir("llama")
     with LLM(path, **_kwargs()) as one:
         expected = _tokens(one.generate(PROMPTS, GREEDY, use_tqdm=False))
-    with LLM(path, **_kwargs(data_parallel_size=2)) as two:
+    with LLM(path, disable_log_stats=False, **_kwargs(data_parallel_size=2)) as two:  # get_metrics
         got = two.generate(PROMPTS, GREEDY, use_tqdm=False)
         assert [o.request_id for o in got] == [str(i) for i in range(len(PROMPTS))]  # input order
         assert _tokens(got) == expected
@@ -389,8 +389,12 @@ def test_offline_dp2(tiny_model_dir):
         # vLLM's views: get_metrics() adds the cores' counts up; llm_engine's config views
         names = ("tessellm:prompt_tokens", "tessellm:prefix_cache_queries")
         assert {m.name: m.value for m in two.get_metrics() if m.name in names} == dict.fromkeys(names, sum(queried))
+        (steps,) = [m for m in two.get_metrics() if m.name == "tessellm:iteration_tokens_total"]
+        assert steps.count > 0 and steps.sum > 0  # the cores' steps, from their outputs messages
         assert two.llm_engine.vllm_config.parallel_config.data_parallel_size == 2
         assert two.llm_engine.model_config.max_model_len == 128
+        with pytest.raises(NotImplementedError, match="start_profile"):  # names what was asked for
+            two.start_profile()
         # The engine goes on after a batch.
         assert _tokens(two.generate(PROMPTS[:2], GREEDY, use_tqdm=False)) == expected[:2]
         os.kill(two.engine.cores.pids()[1], signal.SIGKILL)

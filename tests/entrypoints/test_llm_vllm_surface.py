@@ -31,7 +31,7 @@ def model(tiny_model_dir) -> str:
 
 @pytest.fixture(scope="module")
 def llm(model):
-    with LLM(model, **ENGINE) as engine:
+    with LLM(model, disable_log_stats=False, **ENGINE) as engine:  # as vLLM: get_metrics needs it
         yield engine
 
 
@@ -72,7 +72,7 @@ def _by_name(metrics) -> dict:
 
 def test_get_metrics_counts_what_ran(llm):
     before = _by_name(llm.get_metrics())
-    llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy(4), use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy(4), use_tqdm=False)
     after = _by_name(llm.get_metrics())
 
     def grew(name, reason=None):
@@ -85,6 +85,22 @@ def test_get_metrics_counts_what_ran(llm):
     assert isinstance(e2e, Histogram) and e2e.count - before[(e2e.name, None)].count == len(PROMPTS)
     assert e2e.buckets["+Inf"] == e2e.count
     assert after[("tessellm:num_requests_running", None)].value == 0
+    # each step's computed tokens: the prompts' uncached tokens, then one per decode step
+    steps = after[("tessellm:iteration_tokens_total", None)]
+    computed = sum(len(p) - o.num_cached_tokens + 3 for p, o in zip(PROMPTS, outs))
+    assert steps.sum - before[(steps.name, None)].sum == computed and steps.count > before[(steps.name, None)].count
+
+
+def test_metrics_are_kept_only_when_asked(model):
+    """As vLLM's, ``LLM(...)`` feeds no Prometheus metrics unless ``disable_log_stats=False``
+    (observing every token's latency costs host time in every step of a batch);
+    ``get_metrics`` then says how to turn them on, and the outputs still carry their times."""
+    with LLM(model, **ENGINE) as plain:
+        assert plain.llm_engine.metrics is None
+        with pytest.raises(ValueError, match="disable_log_stats=False"):
+            plain.get_metrics()
+        out = plain.generate([PROMPTS[0]], _greedy(2), use_tqdm=False)[0]
+    assert out.metrics.num_generation_tokens == 2 and out.metrics.first_token_time is not None
 
 
 def test_request_output_has_vllms_fields(llm):
@@ -131,6 +147,12 @@ def test_profile_writes_a_trace_per_rank(llm, tmp_path):
     (trace_file,) = tmp_path.glob("rank0.pid*.trace.json")
     trace = json.loads(trace_file.read_text())
     assert trace["traceEvents"]
+    with pytest.raises(ValueError, match="stop_profile"):  # one at a time
+        llm.start_profile()
+        llm.start_profile()
+    odd = tmp_path / "run{rank}{x}"  # braces in the directory are kept as they are
+    llm.stop_profile(str(odd))
+    assert list(odd.glob("rank0.pid*.trace.json"))
 
 
 def test_async_engine_built_the_vllm_way(model):
