@@ -30,10 +30,12 @@ def build(path: str, compiled: bool):
 def run(llm, ids: list[int], n: int, tag: str):
     """(ms of each decode step, greedy tokens) of one request."""
     from tessellm import SamplingParams
+    from tessellm.sampling_params import RequestOutputKind
 
-    eng = llm.engine
+    eng = llm.engine  # final-only, as LLM.generate runs: the steps time no per-step outputs
     eng.add_request(tag, {"prompt_token_ids": ids},
-                    SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+                    SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                                   output_kind=RequestOutputKind.FINAL_ONLY))
     times, tokens = [], []
     while eng.has_unfinished_requests():
         start = time.perf_counter()
