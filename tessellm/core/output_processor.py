@@ -50,6 +50,7 @@ class _RequestState:
     pooling: Optional[object] = None  # a pooling request's PoolingParams (normalize resolved)
     pooled: Optional[list] = None  # its raw pooled vector from the core, once it came
     lora_request: Optional[object] = None  # its adapter, shown on its outputs
+    sent_prompt_logprobs: bool = False  # output_kind DELTA: an earlier output carried them
 
     @property
     def finished(self) -> bool:
@@ -182,21 +183,30 @@ class OutputProcessor:
             from tessellm.pooling.outputs import pooling_output
 
             return pooling_output(state)
-        outs = []
-        delta = state.params.output_kind == RequestOutputKind.DELTA
-        for s in state.samples:
-            done = s.finish_reason is not None
-            text = s.detok.visible_text(done) if s.detok is not None else ""
-            ids, logprobs = list(s.token_ids), s.logprobs
-            if delta:  # only what is new since this request's previous output
-                text, ids = text[s.sent_text:], ids[s.sent_tokens:]
-                logprobs = None if logprobs is None else logprobs[s.sent_tokens:]
-                s.sent_text, s.sent_tokens = s.sent_text + len(text), len(s.token_ids)
-            outs.append(CompletionOutput(s.index, text, ids, s.cumulative_logprob, logprobs,
-                                         s.finish_reason, s.stop_reason, state.lora_request))
+        outs = [self._completion(state, s) for s in state.samples]
+        prompt_logprobs = state.prompt_logprobs
+        if state.params.output_kind == RequestOutputKind.DELTA:  # vLLM's: in the first output only
+            prompt_logprobs = None if state.sent_prompt_logprobs else prompt_logprobs
+            state.sent_prompt_logprobs = prompt_logprobs is not None or state.sent_prompt_logprobs
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs,
-                             state.finished, state.prompt_logprobs, state.num_cached_tokens,
+                             state.finished, prompt_logprobs, state.num_cached_tokens,
                              metrics=state.samples[0].times, lora_request=state.lora_request)
+
+    def _completion(self, state: _RequestState, s: _Sample) -> CompletionOutput:
+        """One sample's output, a snapshot: nothing in it changes after it is returned. A
+        running sample's token ids and logprobs are copied (a slice: a few microseconds for
+        thousands of tokens); a finished sample's lists no longer grow, so they are handed over."""
+        done = s.finish_reason is not None
+        text = s.detok.visible_text(done) if s.detok is not None else ""
+        ids, logprobs = s.token_ids, s.logprobs
+        if state.params.output_kind == RequestOutputKind.DELTA:  # only what is new since the last
+            text, ids = text[s.sent_text:], ids[s.sent_tokens:]
+            logprobs = None if logprobs is None else logprobs[s.sent_tokens:]
+            s.sent_text, s.sent_tokens = s.sent_text + len(text), len(s.token_ids)
+        elif not done:
+            ids, logprobs = ids[:], None if logprobs is None else logprobs[:]
+        return CompletionOutput(s.index, text, ids, s.cumulative_logprob, logprobs,
+                                s.finish_reason, s.stop_reason, state.lora_request)
 
     def _finish(self, state: _RequestState) -> RequestOutput:
         result = self._output(state)

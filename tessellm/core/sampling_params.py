@@ -82,7 +82,9 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-        _check(self.output_kind in tuple(RequestOutputKind), "output_kind must be a RequestOutputKind "
+        # an int (msgpack's form of it) is taken; a bool or float is not (True == DELTA otherwise)
+        _check(isinstance(self.output_kind, int) and not isinstance(self.output_kind, bool)
+               and self.output_kind in tuple(RequestOutputKind), "output_kind must be a RequestOutputKind "
                f"(tessellm.sampling_params: CUMULATIVE, DELTA or FINAL_ONLY), got {self.output_kind!r}.")
         self.output_kind = RequestOutputKind(self.output_kind)
         if self.bad_words is not None:
