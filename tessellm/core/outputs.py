@@ -33,6 +33,43 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+class GrowingPrefix:
+    """The first ``size`` items of a list that is only ever appended to (a running sample's
+    token ids or logprobs): what an output holds in place of a copy until it is read. Building a
+    cumulative output then costs O(1) per sample, not O(tokens so far); an output that nobody
+    reads (a server's stream keeps only the newest) is never copied."""
+
+    __slots__ = ("items", "size")
+
+    def __init__(self, items: list, size: int):
+        self.items, self.size = items, size
+
+    def read(self) -> list:
+        return self.items[:self.size]
+
+
+def _snapshot_field(name: str) -> property:
+    """A CompletionOutput field that may be given as a ``GrowingPrefix``: the list is copied out
+    of it on the first read, and kept."""
+    private = "_" + name
+
+    def get(self):
+        value = self.__dict__[private]
+        if isinstance(value, GrowingPrefix):
+            value = self.__dict__[private] = value.read()
+        return value
+
+    def put(self, value) -> None:
+        self.__dict__[private] = value
+
+    return property(get, put, doc=f"CompletionOutput.{name} (a snapshot: it never changes once returned)")
+
+
+# Properties over the dataclass's fields (its __init__, repr and == go through them).
+CompletionOutput.token_ids = _snapshot_field("token_ids")
+CompletionOutput.logprobs = _snapshot_field("logprobs")
+
+
 @dataclass
 class RequestOutput:
     request_id: str
