@@ -6,6 +6,7 @@ themselves (SamplingParams' own validation). Every refusal names the field.
 
 from __future__ import annotations
 
+import re
 from typing import Optional, Union
 
 from pydantic import BaseModel
@@ -163,7 +164,7 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
                        defaults: Optional[dict] = None) -> SamplingParams:
     """``defaults``: the model's generation-config values for the fields the request leaves
     unset (tessellm/generation_config.py); the neutral ones otherwise."""
-    num_logprobs, _ = _num_logprobs(req)
+    num_logprobs, logprobs_field = _num_logprobs(req)
     defaults = defaults or {}
 
     def pick(name: str, neutral):
@@ -197,7 +198,9 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
             kv_transfer_params=req.kv_transfer_params,
         )
     except ValueError as exc:  # SamplingParams' messages start with the field's name
-        name = str(exc).split(" ", 1)[0]
+        name = re.match(r"\w*", str(exc)).group()  # "logprobs=-1 (...)" names logprobs too
+        if name == "logprobs":  # the request's field that set it (chat: top_logprobs)
+            name = logprobs_field
         raise bad_request(str(exc), name if name in type(req).model_fields else None) from exc
 
 
