@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Callable, Optional, Sequence, Union
 
@@ -333,13 +334,19 @@ def _per_prompt_lora(lora, n: int) -> list:
 def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
     """The params as ``generate`` runs them: finished outputs only (vLLM's FINAL_ONLY; a batch
     wants no partial ones), one copy per distinct object; requests added through
-    ``llm.llm_engine`` keep their own ``output_kind``."""
+    ``llm.llm_engine`` keep their own ``output_kind``. A shallow copy (no re-validation: the
+    user's params were checked when built), so a batch of distinct params costs ~1 us each."""
     copies: dict[int, SamplingParams] = {}
     for p in params:
         if id(p) not in copies:
-            copies[id(p)] = p if p.output_kind == RequestOutputKind.FINAL_ONLY else p.clone(
-                output_kind=RequestOutputKind.FINAL_ONLY)
+            copies[id(p)] = p if p.output_kind == RequestOutputKind.FINAL_ONLY else _with_final_only(p)
     return [copies[id(p)] for p in params]
+
+
+def _with_final_only(params: SamplingParams) -> SamplingParams:
+    final = copy.copy(params)
+    final.output_kind = RequestOutputKind.FINAL_ONLY
+    return final
 
 
 def _per_prompt(params, n: int, default) -> list[SamplingParams]:
