@@ -71,7 +71,9 @@ class LLM:
         return self.engine.tokenizer
 
     def set_tokenizer(self, tokenizer) -> None:
-        """vLLM's: later prompts are tokenized, and outputs detokenized, with ``tokenizer``."""
+        """vLLM's: later prompts are tokenized, and outputs detokenized, with ``tokenizer``
+        (its ids must be the model's; structured outputs keep the model's own tokenizer files:
+        ``EngineSurface.set_tokenizer``)."""
         self.engine.set_tokenizer(tokenizer)
 
     def shutdown(self) -> None:

@@ -200,3 +200,8 @@ def test_set_tokenizer_takes_text_prompts_from_then_on(model):
         out = fresh.generate("hello world", _greedy(5), use_tqdm=False)[0]
     assert out.prompt_token_ids == tok.encode("hello world")
     assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+    tok.add_tokens([f"<extra{i}>" for i in range(500)])  # ids past the model's vocabulary (384)
+    with LLM(model, **ENGINE) as fresh:
+        with pytest.raises(ValueError, match="over the model's vocabulary of 384"):
+            fresh.set_tokenizer(tok)
+        assert fresh.get_tokenizer() is None

@@ -133,3 +133,22 @@ def test_chat_template_only_in_the_processors_legacy_file(llava_dir, tmp_path):
         out = llm.chat(_user({"type": "image_url", "image_url": {"url": data_url(img)}},
                              _text("What is this?")), GREEDY)
     assert _tokens(out) == hf_greedy(llava_dir, [hf_chat_prompt(llava_dir, "What is this?")], [img], MAX_NEW)
+
+
+def test_set_tokenizer_adopts_the_processors_chat_template(llm, llava_dir):
+    """vLLM's ``set_tokenizer`` with a tokenizer that has no chat template (as llava-hf's): it
+    takes the processor's, as the model's own tokenizer does at start, so chat still renders."""
+    from transformers import AutoTokenizer
+
+    own = llm.get_tokenizer()
+    tok = AutoTokenizer.from_pretrained(llava_dir)
+    tok.chat_template = None
+    img = image(37)
+    try:
+        llm.set_tokenizer(tok)
+        assert tok.chat_template
+        out = llm.chat(_user({"type": "image_url", "image_url": {"url": data_url(img)}},
+                             _text("What is this?")), GREEDY)
+    finally:
+        llm.set_tokenizer(own)
+    assert _tokens(out) == hf_greedy(llava_dir, [hf_chat_prompt(llava_dir, "What is this?")], [img], MAX_NEW)
