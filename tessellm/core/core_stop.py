@@ -5,8 +5,8 @@ within the time its parent gives it.
 their daemon threads, leaving ``.tmp`` files), ends the LoRA loader and stops the worker processes
 (TP/PP ranks, whose own KV saves are written as they exit). The core process
 (``engine_process.run_engine_core``) runs it after its loop, whichever way the loop ended: the
-``shutdown`` message, the parent gone, an error in warm-up or the loop, or SIGTERM, which raises
-``CoreTerminated`` in the core's main thread (the core then stops as on an error: ``dead``).
+``shutdown`` message, the parent gone, an error in warm-up or the loop, or SIGTERM (``StopSignal``:
+the loop ends between steps, warm-up at once; the core then stops as on an error: ``dead``).
 
 Invariant: the core never outlives its parent's patience, and its shutdown is never cut short
 by the parent while it keeps to its bound::
@@ -15,8 +15,8 @@ by the parent while it keeps to its bound::
       ["shutdown"] ------------------------------------> loop ends
       join, at most CLOSE_WAIT_S (= SHUTDOWN_BOUND_S + 2)  EngineCore.shutdown(), at most
                                                             SHUTDOWN_BOUND_S, then exit
-      still running: SIGTERM ---------------------------> still in its loop: CoreTerminated,
-                                                            shutdown at most TERM_BOUND_S;
+      still running: SIGTERM ---------------------------> still in its loop: it ends after the
+                                                            step, shutdown at most TERM_BOUND_S;
                                                             already shutting down: ignored
       join, at most ipc.TERMINATE_GRACE_S (> TERM_BOUND_S), then SIGKILL
 
@@ -44,11 +44,16 @@ class CoreTerminated(BaseException):
 
 
 class StopSignal:
-    """SIGTERM raises ``CoreTerminated`` in the core's main thread until ``begun`` is set (from
-    then on the shutdown under way is never cut short), and shortens ``bound``, the shutdown's
-    time, to what is left of the grace before the kill."""
+    """What SIGTERM does in the core's main thread: during warm-up it raises ``CoreTerminated``
+    at once; once the loop runs (``interrupt`` off) it only sets ``requested``, which the loop
+    checks between steps (raised mid-step it could cut a KV save's bookkeeping in half, and the
+    shutdown would then wait for a save that never ends). Once ``begun`` (the shutdown under
+    way), it does nothing. Either way ``bound``, the shutdown's time, shrinks to what is left
+    of the grace before the kill."""
 
     def __init__(self):
+        self.interrupt = True
+        self.requested = False
         self.begun = False
         self.bound = SHUTDOWN_BOUND_S
 
@@ -56,11 +61,18 @@ class StopSignal:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        if not self.begun:
-            self.begun = True
-            self.bound = TERM_BOUND_S
+    def check(self) -> None:
+        """Raise ``CoreTerminated`` if SIGTERM arrived (the loop ended for it)."""
+        if self.requested:
             raise CoreTerminated("The engine core process got SIGTERM; it shuts down.")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.begun or self.requested:
+            return
+        self.requested = True
+        self.bound = TERM_BOUND_S
+        if self.interrupt:
+            self.check()
 
 
 def shut_down(core, bound: float) -> None:

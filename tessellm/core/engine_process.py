@@ -163,10 +163,12 @@ def run_engine_core(args: dict, input_addr: str, output_addr: str, parent_pid: i
 
             report = warm_up(core, core_args, serving=serving)
             out_sock.send(pack(["warm", dataclasses.asdict(report) if report else {}]))
-            _CoreLoop(core, in_sock, out_sock, parent_pid, report_load=size > 1).run()
+            stop.interrupt = False  # from here a SIGTERM ends the loop between steps
+            _CoreLoop(core, in_sock, out_sock, parent_pid, report_load=size > 1, stop=stop).run()
+            stop.check()
         finally:
             stop.begun = True  # a SIGTERM from now on no longer cuts anything short
-    except BaseException as exc:  # noqa: BLE001 - a SIGTERM (CoreTerminated) included
+    except BaseException as exc:  # noqa: BLE001 - a SIGTERM's CoreTerminated included
         if isinstance(exc, CoreTerminated):
             logger.info("%s", exc)
         else:
@@ -186,12 +188,14 @@ def _close(ctx, *socks) -> None:
 
 
 class _CoreLoop:
-    def __init__(self, core, in_sock, out_sock, parent_pid: int, report_load: bool = False):
+    def __init__(self, core, in_sock, out_sock, parent_pid: int, report_load: bool = False,
+                 stop: Optional[StopSignal] = None):
         self.core = core
         self.in_sock = in_sock
         self.out_sock = out_sock
         self.parent_pid = parent_pid
         self.shutdown = False
+        self.stop = stop or StopSignal()  # its ``requested``: SIGTERM arrived (core_stop.py)
         # Device memory is read where the model runs. With worker processes (tensor or pipeline
         # parallel) asking here would open a device context in a process that has none: then
         # it is not reported.
@@ -210,7 +214,7 @@ class _CoreLoop:
 
     def run(self) -> None:
         self._send_outputs([])  # the stats before any request (device memory after loading)
-        while not self.shutdown:
+        while not (self.shutdown or self.stop.requested):
             if parent_gone(self.parent_pid):  # the API process died
                 logger.info("The API process is gone; the engine core exits.")
                 return
@@ -220,7 +224,7 @@ class _CoreLoop:
                 changed = self._drain_inputs()
             elif not busy:
                 continue
-            if self.shutdown:
+            if self.shutdown or self.stop.requested:
                 return
             if self.core.has_unfinished_requests():
                 outputs = self._step()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,7 +17,8 @@ import pytest
 from tessellm import SamplingParams
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest
-from tessellm.core.engine_process import EngineCoreClient, unpack
+from tessellm.core.core_stop import CLOSE_WAIT_S, SHUTDOWN_BOUND_S
+from tessellm.core.engine_process import EngineCoreClient, pack, unpack
 from tessellm.core.ipc import TERMINATE_GRACE_S
 from tessellm.kv_transfer.shared_storage_format import loadable
 from tests.distributed.test_worker_failure import _descendants, _worker_processes
@@ -112,13 +115,52 @@ def test_sigterm_shuts_the_core_down(tiny_model_dir, tmp_path):
         t0 = time.monotonic()
         os.kill(client.proc.pid, signal.SIGTERM)
         client.proc.join(timeout=TERMINATE_GRACE_S)
-        assert client.exit_code() == 1 and time.monotonic() - t0 < TERMINATE_GRACE_S
+        took = time.monotonic() - t0
+        assert client.exit_code() == 1 and took < TERMINATE_GRACE_S, (client.exit_code(), took)
         said = []
         while client.output.poll(500):  # its last messages: outputs, stats, then why it stopped
             said.append(unpack(client.output.recv()))
         assert said[-1] == ["dead", "CoreTerminated: The engine core process got SIGTERM; it shuts down."]
     finally:
         client.close()
+    _assert_all_saved(tmp_path, ranks=1)
+
+
+def test_an_error_in_the_loop_shuts_the_core_down(tiny_model_dir, tmp_path):
+    """A core whose loop fails (here a message it does not know) reports it (``dead``) and
+    still shuts down: its saves under way are written."""
+    client = _saving_client(tiny_model_dir("llama"), tmp_path)
+    try:
+        client.input.send(pack(["no-such-message"]))
+        client.proc.join(timeout=CLOSE_WAIT_S)
+        assert client.exit_code() == 1
+        said = []
+        while client.output.poll(500):
+            said.append(unpack(client.output.recv()))
+        assert said[-1][0] == "dead" and "no-such-message" in said[-1][1]
+    finally:
+        client.close()
+    _assert_all_saved(tmp_path, ranks=1)
+
+
+def test_a_core_whose_parent_is_gone_shuts_down(tiny_model_dir, tmp_path):
+    """The API process dies (``os._exit``, no close) right after the step: its core notices,
+    and writes its saves under way before it exits."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = ("import os\n"
+              "from tests.core.test_core_process_shutdown import _saving_client\n"
+              f"client = _saving_client({tiny_model_dir('llama')!r}, {str(tmp_path)!r})\n"
+              "print(client.proc.pid, flush=True)\n"
+              "os._exit(0)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert parent.returncode == 0, parent.stderr
+    core = int(parent.stdout.split()[-1])
+    deadline = time.monotonic() + 2 + SHUTDOWN_BOUND_S  # it polls for its parent every second
+    while _running(core) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(core)
     _assert_all_saved(tmp_path, ranks=1)
 
 
