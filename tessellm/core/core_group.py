@@ -32,6 +32,7 @@ from collections import defaultdict
 from typing import Optional
 
 from tessellm.config import EngineArgs
+from tessellm.core.core_stop import CLOSE_WAIT_S
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.engine_process import EngineCoreClient, EngineStartupError
 from tessellm.core.load_balance import LoadBalancer, iter_request_block_hashes
@@ -159,8 +160,9 @@ class EngineCoreGroup:
         rather than one after the other."""
         for client in self.clients:
             client.request_stop()
+        deadline = time.monotonic() + CLOSE_WAIT_S  # one wait for all, as they stop together
         for client in self.clients:
-            client.close()
+            client.close(max(0.0, deadline - time.monotonic()))
 
 
 # -- front-end helpers shared by AsyncLLM and DPLLMEngine -------------------------------------

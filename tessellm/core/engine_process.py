@@ -26,6 +26,11 @@ Invariants
   API process) is gone, so a killed server never leaves an orphan holding the device.
 * A crash in the core is sent as ``dead`` before the process exits; the client also notices a
   core that vanished without a word (killed) from its exit code.
+* Every exit after ``ready`` ends in ``EngineCore.shutdown()`` (the KV connector's saves under
+  way written, the LoRA loader ended, the worker processes stopped): the ``shutdown`` message,
+  the parent gone, an error in warm-up or the loop, SIGTERM (sent as ``dead``: the core stops
+  as on an error). It is bounded, and the client waits longer than that before it terminates
+  the core (``core_stop.py``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from tessellm import envs
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.prompt_embeds import PromptEmbeds, encode_prompt_embeds
+from tessellm.core.core_stop import CLOSE_WAIT_S, CoreTerminated, StopSignal, shut_down
 from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.cache_view import CacheEvents
 from tessellm.core.load_report import StepTimer, core_load, waiting_kv_blocks
@@ -147,19 +153,32 @@ def run_engine_core(args: dict, input_addr: str, output_addr: str, parent_pid: i
         _close(ctx, out_sock, in_sock)
         raise SystemExit(1)
     out_sock.send(pack(["ready", dataclasses.asdict(core.info)]))
+    stop = StopSignal()
+    failed = False
     try:
-        # Loaded: the API process starts serving /health now; /ready waits for "warm".
-        from tessellm.core.warmup import warm_up
+        try:
+            stop.install()
+            # Loaded: the API process starts serving /health now; /ready waits for "warm".
+            from tessellm.core.warmup import warm_up
 
-        report = warm_up(core, core_args, serving=serving)
-        out_sock.send(pack(["warm", dataclasses.asdict(report) if report else {}]))
-        _CoreLoop(core, in_sock, out_sock, parent_pid, report_load=size > 1).run()
-    except BaseException as exc:  # noqa: BLE001
-        logger.error("Engine core died:\n%s", traceback.format_exc())
+            report = warm_up(core, core_args, serving=serving)
+            out_sock.send(pack(["warm", dataclasses.asdict(report) if report else {}]))
+            stop.interrupt = False  # from here a SIGTERM ends the loop between steps
+            _CoreLoop(core, in_sock, out_sock, parent_pid, report_load=size > 1, stop=stop).run()
+            stop.check()
+        finally:
+            stop.begun = True  # a SIGTERM from now on no longer cuts anything short
+    except BaseException as exc:  # noqa: BLE001 - a SIGTERM's CoreTerminated included
+        if isinstance(exc, CoreTerminated):
+            logger.info("%s", exc)
+        else:
+            logger.error("Engine core died:\n%s", traceback.format_exc())
         out_sock.send(pack(["dead", f"{type(exc).__name__}: {exc}"]))
-        _close(ctx, out_sock, in_sock)
-        raise SystemExit(1)
+        failed = True
+    shut_down(core, stop.bound)
     _close(ctx, out_sock, in_sock)
+    if failed:
+        raise SystemExit(1)
 
 
 def _close(ctx, *socks) -> None:
@@ -169,12 +188,14 @@ def _close(ctx, *socks) -> None:
 
 
 class _CoreLoop:
-    def __init__(self, core, in_sock, out_sock, parent_pid: int, report_load: bool = False):
+    def __init__(self, core, in_sock, out_sock, parent_pid: int, report_load: bool = False,
+                 stop: Optional[StopSignal] = None):
         self.core = core
         self.in_sock = in_sock
         self.out_sock = out_sock
         self.parent_pid = parent_pid
         self.shutdown = False
+        self.stop = stop or StopSignal()  # its ``requested``: SIGTERM arrived (core_stop.py)
         # Device memory is read where the model runs. With worker processes (tensor or pipeline
         # parallel) asking here would open a device context in a process that has none: then
         # it is not reported.
@@ -193,7 +214,7 @@ class _CoreLoop:
 
     def run(self) -> None:
         self._send_outputs([])  # the stats before any request (device memory after loading)
-        while not self.shutdown:
+        while not (self.shutdown or self.stop.requested):
             if parent_gone(self.parent_pid):  # the API process died
                 logger.info("The API process is gone; the engine core exits.")
                 return
@@ -203,7 +224,7 @@ class _CoreLoop:
                 changed = self._drain_inputs()
             elif not busy:
                 continue
-            if self.shutdown:
+            if self.shutdown or self.stop.requested:
                 return
             if self.core.has_unfinished_requests():
                 outputs = self._step()
@@ -404,8 +425,10 @@ class EngineCoreClient:
             except zmq.ZMQError:
                 pass
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Ask the core to stop, then make sure it has; remove the socket files. Idempotent."""
+    def close(self, timeout: float = CLOSE_WAIT_S) -> None:
+        """Ask the core to stop, then make sure it has; remove the socket files. Idempotent.
+        ``timeout``: how long the core may take to stop (its shutdown's bound and some: core_stop.py),
+        after which it is terminated, then killed."""
         if self.closed:
             return
         self.request_stop()

@@ -46,7 +46,12 @@ class ParentEndpoints:
         self._release()
 
 
-def stop_processes(procs: list, timeout: float = 5.0) -> None:
+# How long a terminated (SIGTERM) child has to exit before it is killed. An engine core spends
+# less than this on its shutdown after a SIGTERM (engine_process.py).
+TERMINATE_GRACE_S = 5.0
+
+
+def stop_processes(procs: list, timeout: float = TERMINATE_GRACE_S) -> None:
     """Terminate the children still running, then kill the ones that do not exit in time."""
     for proc in procs:
         if proc.exitcode is None:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from tessellm.core.scheduler_config import check_truncate_prompt_tokens
 from tessellm.structured_output.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
@@ -136,11 +137,7 @@ class SamplingParams:
                        f"logit_bias value for token {token} must be a number below +inf (-inf bans the "
                        f"token), got {value!r}.")
 
-        _check(self.truncate_prompt_tokens is None or (isinstance(self.truncate_prompt_tokens, int)
-                                                       and (self.truncate_prompt_tokens == -1
-                                                            or self.truncate_prompt_tokens >= 1)),
-               "truncate_prompt_tokens must be -1 (as many as the context holds) or an integer >= 1, "
-               f"got {self.truncate_prompt_tokens!r}.")
+        check_truncate_prompt_tokens(self.truncate_prompt_tokens)  # the server's check too
         _check(self.best_of in (None, self.n), f"best_of ({self.best_of}) other than n ({self.n}) is "
                "not supported by tessellm (no ranking of samples); leave it unset.")
         for name, neutral, fix in _VLLM_NEUTRAL:

@@ -75,6 +75,16 @@ class RequestParamError(ValueError):
         self.param = param
 
 
+def check_truncate_prompt_tokens(value) -> None:
+    """vLLM's ``truncate_prompt_tokens`` is None, -1 or an integer >= 1 (0 would empty the
+    prompt); else RequestParamError naming it. The one check of SamplingParams, PoolingParams and
+    every server endpoint (``prompt_tokens_to_keep``)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value >= 1)):
+        return
+    raise RequestParamError("truncate_prompt_tokens must be -1 (as many as the context holds) or an "
+                            f"integer >= 1, got {value!r}.", "truncate_prompt_tokens")
+
+
 def prompt_tokens_to_keep(truncate_prompt_tokens: Optional[int], max_model_len: int,
                           room: int = 1) -> Optional[int]:
     """vLLM's ``truncate_prompt_tokens`` as a count of prompt tokens to keep, one rule for
@@ -82,7 +92,8 @@ def prompt_tokens_to_keep(truncate_prompt_tokens: Optional[int], max_model_len: 
     context length, as vLLM resolves it (max_model_len), less the ``room`` positions the prompt
     must leave (``check_prompt_fits``: one for a generated token, none for pooling); whatever
     max_tokens asks for, as in vLLM (a prompt and max_tokens over the context are then refused).
-    A count past the context length is refused, as vLLM refuses it."""
+    A count past the context length is refused, as vLLM refuses it, and so is 0."""
+    check_truncate_prompt_tokens(truncate_prompt_tokens)
     if truncate_prompt_tokens is None:
         return None
     if truncate_prompt_tokens == -1:

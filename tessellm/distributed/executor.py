@@ -308,6 +308,7 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
         worker = Worker(EngineArgs(**args), rank, config, init_method)
         results.send(pack(["ready", rank, worker.info()]))
         serve_worker(worker, cmds, results, config.output_rank, parent_pid)
+        worker.release()  # the KV connector's saves under way are written before the rank exits
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the core
         if not isinstance(exc, SystemExit):
             logger.error("Worker failed:\n%s", traceback.format_exc())

@@ -28,6 +28,7 @@ from tessellm.distributed.parallel_state import ParallelConfig
 logger = logging.getLogger(__name__)
 
 _WAIT_S = 0.5
+_RELEASE_S = 5.0  # how long shutdown waits for the ranks to release (their KV saves written)
 
 
 def ray_resources(device_type: str, backend_name: str) -> dict[str, float]:
@@ -227,7 +228,13 @@ class RayExecutor(Executor):
     def shutdown(self) -> None:
         import ray
 
-        for actor in getattr(self, "_actors", []):
+        actors = getattr(self, "_actors", [])
+        if actors and hasattr(self, "worker_info") and self._dead is None:  # started, all alive
+            # Each rank's KV connector writes its saves under way first (Worker.release), as an
+            # mp worker does; bounded, then the actors are killed whatever they are doing.
+            ray.wait([a.call.remote("release", []) for a in actors], num_returns=len(actors),
+                     timeout=_RELEASE_S)
+        for actor in actors:
             try:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - already dead

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from tessellm.core.scheduler_config import RequestParamError
+from tessellm.core.scheduler_config import RequestParamError, check_truncate_prompt_tokens
 
 _EPS = 1e-12  # torch.nn.functional.normalize's floor on the norm
 # What a pooling request asks for (vLLM's PoolingTask names): one vector per prompt, or one row
@@ -66,10 +66,7 @@ class PoolingParams:
         if self.use_activation is not None and not isinstance(self.use_activation, bool):
             raise RequestParamError(f"use_activation must be true or false, got {self.use_activation!r}.",
                                     "use_activation")
-        k = self.truncate_prompt_tokens
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1)):
-            raise RequestParamError(f"truncate_prompt_tokens must be a positive integer or -1, got {k!r}.",
-                                    "truncate_prompt_tokens")
+        check_truncate_prompt_tokens(self.truncate_prompt_tokens)
 
     def apply(self, pooled, default_normalize: bool) -> np.ndarray:
         """The embedding (float32) from the engine's raw pooled vector, or each row of a

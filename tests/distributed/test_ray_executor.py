@@ -61,3 +61,22 @@ def test_dead_actor_fails_fast(ray_cluster, reference, async_scheduling):
     with pytest.raises(WorkerDiedError, match="rank 1"):
         llm.generate([{"prompt_token_ids": PROMPTS[0]}], use_tqdm=False)
     llm.shutdown()
+
+
+def test_shutdown_writes_the_ranks_kv_saves_under_way(ray_cluster, tiny_model_dir, tmp_path):
+    """Shut down right after the step whose blocks are being saved: each Ray rank releases its
+    worker (its KV connector writes its saves under way) before its actor is killed."""
+    from tessellm import SamplingParams
+    from tests.core.test_core_process_shutdown import BS, _assert_all_saved, _producer, _prompts
+
+    llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", block_size=BS, num_kv_blocks=1024,
+              max_model_len=512, max_num_batched_tokens=4096, max_num_seqs=8, tensor_parallel_size=2,
+              distributed_executor_backend="ray", kv_transfer_config=_producer(tmp_path))
+    engine = llm.engine
+    for i, prompt in enumerate(_prompts()):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompt},
+                           SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    while not any(out.finished for out in engine.step()):
+        pass
+    llm.shutdown()
+    _assert_all_saved(tmp_path, ranks=2)

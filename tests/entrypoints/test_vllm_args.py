@@ -182,6 +182,18 @@ def test_truncate_prompt_tokens_is_one_rule_offline_and_served(llm):
     with pytest.raises(OpenAIError) as bad:
         truncation(CompletionRequest(model="m", prompt=ids, truncate_prompt_tokens=300), 256)
     assert bad.value.status == 400 and bad.value.param == "truncate_prompt_tokens"
+    # 0 would empty the prompt: refused offline, and by the server with the same words (the
+    # field's range check, ge=-1, lets it through)
+    with pytest.raises(ValueError) as offline_zero:
+        SamplingParams(truncate_prompt_tokens=0)
+    for req in (CompletionRequest(model="m", prompt=ids, truncate_prompt_tokens=0),
+                ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
+                                      truncate_prompt_tokens=0)):
+        with pytest.raises(OpenAIError) as bad:
+            truncation(req, 256)
+        assert (bad.value.status, bad.value.param) == (400, "truncate_prompt_tokens")
+        assert bad.value.message == str(offline_zero.value) == (
+            "truncate_prompt_tokens must be -1 (as many as the context holds) or an integer >= 1, got 0.")
 
 
 def test_sampling_params_vllm_fields():

@@ -285,6 +285,10 @@ def test_truncate_prompt_tokens(http):
     for bad in ({"truncate_prompt_tokens": 2000}, {"truncation_side": "left"}):
         r = http.post("/v1/completions", json={**body, "prompt": PROMPT, **bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
+    for path, prompt in (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", {"messages": CHAT})):
+        r = http.post(path, json={**body, **prompt, "truncate_prompt_tokens": 0})  # would empty the prompt
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "truncate_prompt_tokens" and "got 0" in r.json()["error"]["message"]
 
 
 def test_request_id_names_the_response(http):
