@@ -39,7 +39,11 @@ for _key, _value in _envs.engine_process_env_defaults().items():
 # the OpenMP ops run threaded there. Children keep their own count (worker.set_worker_threads;
 # the server tests' children run with OMP_NUM_THREADS=1). TESSELLM_TESTS_THREADS=N sets
 # another count for those tests, =0 leaves torch's (the default where torch has more than 4).
-_DEFAULT_THREADS = torch.get_num_threads()
+# Under pytest-xdist (.ci/run: two worker processes on CI's two cores), each worker takes its
+# share of the cores for those two directories: a kernel test of one worker threaded across both
+# cores would fight the other worker's test for them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_DEFAULT_THREADS = max(1, torch.get_num_threads() // _WORKERS)
 _TEST_THREADS = (int(os.environ.get("TESSELLM_TESTS_THREADS", "1" if _DEFAULT_THREADS <= 4 else "0"))
                  or _DEFAULT_THREADS)
 _KERNEL_DIRS = tuple(os.sep + os.path.join("tests", d) + os.sep for d in ("kernels", "backends"))
@@ -117,6 +121,30 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"tessellm children of this process: {counts['forked']} forked, "
             f"{counts['forked_new']} by a new forkserver, {counts['spawned']} spawned")
+
+
+# Test files that start a local Ray cluster (ray.init, or the `serve --ray` launcher): under
+# pytest-xdist they run on one worker, one after another. Two clusters at once on a 2-core
+# machine would each claim the cores Ray counts for its actors and placement (the fleets ask
+# for num_cpus=2), and share Ray's session directory.
+_RAY_SCOPES = ("tests/ray/", "tests/distributed/test_ray_executor.py")
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which may not be installed
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (.ci/run), with the Ray test files (``_RAY_SCOPES``) as one unit:
+    each test file runs whole on one worker (its module fixtures, an engine or a server, are
+    built once), and the Ray files all on the same one. Other modes are xdist's own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class RayFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "ray cluster" if scope.startswith(_RAY_SCOPES) else scope
+
+    return RayFilesTogether(config, log)
 
 
 def pytest_unconfigure(config):

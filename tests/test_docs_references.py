@@ -25,8 +25,9 @@ from tessellm.entrypoints.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]")
-# Flags of tools that are not tessellm's: pip, pytest, docker, `ray start`, XLA_FLAGS.
-FOREIGN = {"--no-deps", "--pyargs", "--build-arg", "--address", "--xla"}
+# Flags of tools that are not tessellm's: pip, pytest (pytest-xdist's --dist), docker,
+# `ray start`, XLA_FLAGS.
+FOREIGN = {"--no-deps", "--pyargs", "--dist", "--build-arg", "--address", "--xla"}
 # `tessellm bench throughput|latency|serve --launch`: the flags go to the last alternative
 COMMAND = re.compile(r"tessellm\s+(serve|generate|backends|bench\s+(?:(?:throughput|latency|serve)\|)*"
                      r"(?:throughput|latency|serve))\b")

@@ -1343,9 +1343,15 @@ def test_producer_returns_its_tokens_before_a_hung_disk_has_its_files(tiny_model
 
     monkeypatch.setattr(fmt, "write_block", hung_disk)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    # The disk hangs on purpose for as long as the request runs: the connector's hang detector
+    # (a store call not back after lookup_timeout_ms, 5 s by default, marks the store down and
+    # gives the saves up) waits longer than this test can take, or a slow machine (two test
+    # workers, other load) trips it before the disk is released (seen: no save reached the disk).
+    kv = _kv(tmp_path, "kv_producer")
+    kv["kv_connector_extra_config"]["lookup_timeout_ms"] = 120_000
     try:
         with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
-                 max_model_len=128, kv_transfer_config=_kv(tmp_path, "kv_producer")) as llm:
+                 max_model_len=128, kv_transfer_config=kv) as llm:
             engine, out = llm.engine, None
             engine.add_request("p", {"prompt_token_ids": prompts[0]}, params)
             deadline = time.monotonic() + 60
