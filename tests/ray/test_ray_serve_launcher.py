@@ -157,15 +157,28 @@ def test_joining_with_more_than_the_cluster_has_is_refused_at_once(launcher):
     assert httpx.get(f"{launcher.url}/ready", timeout=30).status_code == 200
 
 
-def _stream(url: str, i: int, results: dict) -> None:
+def _stream(url: str, i: int, results: dict, streaming: threading.Event) -> None:
+    """One streamed completion; ``streaming`` is set at its first event. ``results[i]``: the
+    status, last event and finish reason, or (status, every line) when it is no full stream
+    (e.g. a 503 JSON body: the request reached the ingress after the drain began)."""
     body = {"model": MODEL, "prompt": f"Write a long story about a cat named {i}.", "max_tokens": 48,
             "temperature": 0, "stream": True, "ignore_eos": True}
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=180) as r:
-            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            lines, events = [], []
+            for line in r.iter_lines():
+                lines.append(line)
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    streaming.set()
+        if len(events) < 2:
+            results[i] = (r.status_code, lines)
+            return
         results[i] = (r.status_code, events[-1], json.loads(events[-2])["choices"][0]["finish_reason"])
     except Exception as exc:  # noqa: BLE001 - recorded, asserted below
         results[i] = repr(exc)
+    finally:
+        streaming.set()  # ended without an event: the test need not wait for it
 
 
 def test_sigterm_lets_four_streams_finish_and_leaves_no_ray_process(launcher):
@@ -174,10 +187,15 @@ def test_sigterm_lets_four_streams_finish_and_leaves_no_ray_process(launcher):
     assert {"raylet", "gcs_server"} <= {p.name() for p in tree}
     assert launcher.ray_processes()
     results: dict = {}
-    streams = [threading.Thread(target=_stream, args=(launcher.url, i, results)) for i in range(4)]
+    streaming = [threading.Event() for _ in range(4)]
+    streams = [threading.Thread(target=_stream, args=(launcher.url, i, results, streaming[i]))
+               for i in range(4)]
     for t in streams:
         t.start()
-    time.sleep(2.0)  # all four are streaming
+    # All four are streaming (each has its first event) before the signal: one still on its way
+    # to the ingress when the drain begins is answered 503, as a new request must be.
+    for event in streaming:
+        assert event.wait(180), f"a stream sent nothing in 180 s: {results}"
     launcher.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # new requests are refused while the four go on
