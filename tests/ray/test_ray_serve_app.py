@@ -13,7 +13,9 @@ import gc
 import json
 import os
 import signal
+import threading
 import time
+from typing import Optional
 
 import httpx
 import openai
@@ -180,16 +182,26 @@ def test_a_loaded_prefix_holder_passes_new_requests_to_the_other_replica(fleet):
 
 # -- failures and shutdown -----------------------------------------------------------------
 
-def _stream_outcome(url: str, i: int) -> tuple[str, str]:
-    """("ok"|"error", replica) for one streamed completion; raises if it hangs or breaks silently."""
+def _stream_outcome(url: str, i: int, started: Optional[threading.Event] = None) -> tuple[str, str]:
+    """("ok"|"error", replica) for one streamed completion; raises if it hangs or breaks silently.
+    ``started`` is set at its first event (or when it ends without one)."""
     body = {"model": MODEL, "prompt": f"Write a long story about a cat named {i}.", "max_tokens": 64,
             "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-        replica = r.headers.get("x-tessellm-replica", "")
-        if r.status_code != 200:
-            assert r.status_code >= 500 and "error" in json.loads(r.read()), r.status_code
-            return "error", replica
-        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+            replica = r.headers.get("x-tessellm-replica", "")
+            if r.status_code != 200:
+                assert r.status_code >= 500 and "error" in json.loads(r.read()), r.status_code
+                return "error", replica
+            events = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if started is not None:
+                        started.set()
+    finally:
+        if started is not None:
+            started.set()
     assert events and events[-1] == "[DONE]", f"stream {i} ended without [DONE]: {events[-3:]}"
     payloads = [json.loads(e) for e in events[:-1]]
     if "error" in payloads[-1]:
@@ -242,9 +254,12 @@ def test_scale_down_drains_in_flight_requests(fleet):
 
     from tessellm.entrypoints.ray_serve import build_app
 
+    started = [threading.Event() for _ in range(6)]
     with cf.ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(_stream_outcome, fleet, 100 + i) for i in range(6)]
-        time.sleep(2.0)  # all six are streaming, on both replicas
+        futures = [pool.submit(_stream_outcome, fleet, 100 + i, started[i]) for i in range(6)]
+        # All six streaming, on both replicas, before the scale-down (not a guessed sleep: on a
+        # loaded machine a stream can take seconds to reach its replica).
+        assert all(e.wait(180) for e in started)
         serve.run(build_app({**CONFIG, "num_replicas": 1}), name="tessellm", route_prefix="/")
         outcomes = [f.result(timeout=180) for f in futures]
     assert [k for k, _ in outcomes] == ["ok"] * 6, outcomes  # the stopped replica finished its streams
