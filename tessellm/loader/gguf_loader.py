@@ -27,16 +27,13 @@ import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import gguf
 import numpy as np
 import torch
-from transformers import (CohereConfig, ExaoneConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig,
-                          Glm4Config, GPTNeoXConfig, LlamaConfig, Olmo2Config, Phi3Config,
-                          PhiConfig,
-                          PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2MoeConfig,
-                          Qwen3Config, Qwen3MoeConfig, Starcoder2Config)
+import transformers
+from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 from tessellm.loader.gguf_families import (FAMILY_GLOBAL_NAMES, FAMILY_LAYER_NAMES, FUSED_ROWS,
                                            GEMMA_NORM_PLUS_ONE, NORM_EPSILON, falcon_config,
@@ -49,25 +46,27 @@ from tessellm.loader.gguf_rope import gguf_rope_scaling
 
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (gguf_rope.py)
 
-# GGUF `general.architecture` -> (HF architecture name, config class, llama.cpp permuted q/k rows)
+# GGUF `general.architecture` -> (HF architecture name, transformers config class name, llama.cpp
+# permuted q/k rows). Names, resolved when a file of that architecture loads: a transformers
+# release without one family's config (ExaoneConfig is newer than 5.17) still loads the others.
 _ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", LlamaConfig, True),
-    "qwen2": ("Qwen2ForCausalLM", Qwen2Config, False),
-    "gemma3": ("Gemma3ForCausalLM", Gemma3TextConfig, False),
-    "qwen3": ("Qwen3ForCausalLM", Qwen3Config, False),  # gguf_families.py
-    "starcoder2": ("Starcoder2ForCausalLM", Starcoder2Config, False),
-    "phi2": ("PhiForCausalLM", PhiConfig, False),
-    "phi3": ("Phi3ForCausalLM", Phi3Config, False),
-    "gptneox": ("GPTNeoXForCausalLM", GPTNeoXConfig, False),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", True),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", False),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", False),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", False),  # gguf_families.py
+    "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", False),
+    "phi2": ("PhiForCausalLM", "PhiConfig", False),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", False),
+    "gptneox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", False),
     "falcon": ("FalconForCausalLM", None, False),  # gguf_families.falcon_config
-    "gemma": ("GemmaForCausalLM", GemmaConfig, False),
-    "gemma2": ("Gemma2ForCausalLM", Gemma2Config, False),
-    "olmo2": ("Olmo2ForCausalLM", Olmo2Config, False),
-    "command-r": ("CohereForCausalLM", CohereConfig, False),
-    "exaone": ("ExaoneForCausalLM", ExaoneConfig, False),
-    "glm4": ("Glm4ForCausalLM", Glm4Config, False),
-    "qwen2moe": ("Qwen2MoeForCausalLM", Qwen2MoeConfig, False),  # gguf_moe.py
-    "qwen3moe": ("Qwen3MoeForCausalLM", Qwen3MoeConfig, False),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", False),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", False),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", False),
+    "command-r": ("CohereForCausalLM", "CohereConfig", False),
+    "exaone": ("ExaoneForCausalLM", "ExaoneConfig", False),
+    "glm4": ("Glm4ForCausalLM", "Glm4Config", False),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", False),  # gguf_moe.py
+    "qwen3moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", False),
 }
 
 # GGUF tensor name (without `.weight`/`.bias`) -> HF module name
@@ -183,6 +182,18 @@ def _architecture(header: _Header) -> str:
     return arch
 
 
+def _config_class(arch: str, name: Optional[str]):
+    """transformers' config class ``name`` for a GGUF file of ``arch``; a clear error where this
+    transformers release lacks it."""
+    if name is None:
+        return None
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ValueError(f"GGUF architecture {arch!r} needs transformers' {name}, which transformers "
+                         f"{transformers.__version__} lacks; upgrade it: pip install -U transformers")
+    return cls
+
+
 def _hparam(header: _Header, arch: str, key: str, default: Any = ...) -> Any:
     """Metadata `{arch}.{key}`; ValueError if it is missing and there is no default."""
     value = header.metadata.get(f"{arch}.{key}", default)
@@ -223,7 +234,8 @@ def load_gguf_config(path: str | os.PathLike) -> PretrainedConfig:
     from a GGUF file's metadata."""
     header = _read_header(path)
     arch = _architecture(header)
-    hf_arch, config_class, _ = _ARCHITECTURES[arch]
+    hf_arch, config_name, _ = _ARCHITECTURES[arch]
+    config_class = _config_class(arch, config_name)
     hp = functools.partial(_hparam, header, arch)
     tensor_names, extra = {t.name for t in header.tensors}, {}
     embed_rows = next((t.shape[0] for t in header.tensors if t.name == "token_embd.weight"), None)

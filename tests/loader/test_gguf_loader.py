@@ -204,3 +204,14 @@ def test_moe_gguf_of_other_architectures_is_a_clear_error(tmp_path):
         with pytest.raises(ValueError, match=r"mixture-of-experts 'llama' GGUF.*'qwen2moe', "
                                              r"'qwen3moe' only"):
             load(path)
+
+
+def test_a_family_config_this_transformers_lacks_is_one_clear_error():
+    """The families' config classes resolve by name when a file of theirs loads, so an older
+    transformers (the GPU image's 5.17 has no ExaoneConfig) still imports the loader and loads the
+    other families; the missing one is one error naming the class and the fix."""
+    from tessellm.loader import gguf_loader
+
+    assert gguf_loader._config_class("llama", "LlamaConfig").__name__ == "LlamaConfig"
+    with pytest.raises(ValueError, match=r"'exaone' needs transformers' NoSuchConfig.*pip install -U transformers"):
+        gguf_loader._config_class("exaone", "NoSuchConfig")
