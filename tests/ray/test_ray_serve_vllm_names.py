@@ -156,3 +156,39 @@ def test_download_dir_travels_to_the_replicas_which_resolve_it(tmp_path):
         assert replica.engine_args().model == snap
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache in"):
         parse_config(config, check_resources=False).engine_args()
+
+
+# -- where Serve listens: the proxies' http_options, never silently dropped ------------------
+
+@pytest.mark.parametrize("config,needle", [
+    ({"server": {"host": "0.0.0.0"}}, "server.host: where Serve listens"),
+    ({"server": {"ssl-certfile": "/c.pem"}}, "server.ssl_certfile: where Serve listens"),
+    ({"server.port": "9000"}, "server.port: where Serve listens"),
+    ({"port": 9000}, "port: where Serve listens"),
+])
+def test_listener_keys_in_a_config_point_at_serves_http_options(config, needle):
+    with pytest.raises(ValueError) as info:
+        parse_config({"engine.device": "cpu", **config})
+    assert needle in str(info.value) and "http_options" in str(info.value)
+
+
+def test_serve_ray_passes_https_to_the_proxies_and_refuses_what_they_cannot_do(tmp_path):
+    pytest.importorskip("ray.serve")
+    from tessellm.entrypoints.ray_serve.launch import http_options
+
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--ray", "--device", "cpu", "--host", "0.0.0.0", "--port", "8443",
+                              "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)])
+    assert http_options(args) == {"host": "0.0.0.0", "port": 8443, "ssl_certfile": str(cert),
+                                  "ssl_keyfile": str(key)}
+    plain = parser.parse_args(["serve", "--ray", "--device", "cpu"])
+    assert http_options(plain) == {"host": plain.host, "port": plain.port}
+    for flags, needle in ((["--uds", str(tmp_path / "s.sock")], "--uds: Ray Serve's proxies listen on TCP"),
+                          (["--ssl-certfile", str(cert), "--ssl-cert-reqs", "2"], "--ssl-cert-reqs"),
+                          (["--ssl-certfile", str(cert), "--ssl-ciphers", "ECDHE"], "--ssl-ciphers"),
+                          (["--ssl-certfile", str(tmp_path / "none.pem")], "is not a file")):
+        with pytest.raises(ValueError, match=needle):
+            http_options(parser.parse_args(["serve", "--ray", "--device", "cpu", *flags]))

@@ -241,6 +241,7 @@ def parse_config(args: Optional[dict], check_resources: bool = True) -> RayServe
     nested = _unflatten(dict(args or {}))
     if "engine" in nested:
         nested["engine"] = _vllm_engine(nested["engine"], nested)
+    _check_listener(nested, "")
     if "server" in nested:
         nested["server"] = _vllm_server(nested["server"], nested.get("engine") or {})
     top = {f.name: f for f in dataclasses.fields(RayServeConfig)}
@@ -306,6 +307,20 @@ def _vllm_engine(value, nested: dict) -> dict:
     return {**fields, **translated, **source}
 
 
+# `tessellm serve` / vLLM listener flags: on Ray Serve the proxies' http_options, not the app's
+_LISTENER = frozenset({"host", "port", "uds", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
+                       "ssl_cert_reqs", "ssl_ciphers", "ssl_keyfile_password"})
+
+
+def _check_listener(fields: dict, where: str) -> None:
+    listener = sorted(n for n in (str(k).replace("-", "_") for k in fields) if n in _LISTENER)
+    if listener:
+        raise ValueError(f"{where}{listener[0]}: where Serve listens is its proxies' setting, not the "
+                         "application's: set it under http_options in the Serve config file "
+                         "(http_options: {host, port, ssl_keyfile, ssl_certfile, ssl_ca_certs}), or "
+                         "give `tessellm serve --ray` --host / --port / --ssl-*.")
+
+
 def _vllm_server(value, engine: dict) -> dict:
     """vLLM's server arguments in the server section, as ``tessellm serve`` takes them: the
     SERVER table of vllm_args.py (no effect: dropped; a value that would change something:
@@ -319,6 +334,7 @@ def _vllm_server(value, engine: dict) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"Option 'server' must be a mapping, got {value!r}.")
     fields = {str(k).replace("-", "_"): v for k, v in value.items()}
+    _check_listener(fields, "server.")
     for name in [n for n in fields if n in SERVER_BY_NAME]:
         arg = SERVER_BY_NAME[name]
         v = _vllm_value(fields.pop(name), arg, f"server.{name}")

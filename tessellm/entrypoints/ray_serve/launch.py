@@ -66,6 +66,38 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                    "requests)")
 
 
+def http_options(args: argparse.Namespace) -> dict:
+    """Ray Serve's proxy settings (``serve.start(http_options=...)``) from ``tessellm serve``'s
+    listener flags: --host, --port and HTTPS (--ssl-keyfile / --ssl-certfile / --ssl-ca-certs,
+    which Serve's HTTPOptions takes). The listener flags Serve's proxy has no setting for are
+    refused, never dropped: a server asked for HTTPS that answered plain HTTP would be worse."""
+    from tessellm.entrypoints.serve import _ssl_options
+
+    if getattr(args, "uds", None):
+        raise ValueError("--uds: Ray Serve's proxies listen on TCP only (--host / --port); drop "
+                         "--uds, or serve without --ray.")
+    if getattr(args, "ssl_cert_reqs", 0):
+        raise ValueError("--ssl-cert-reqs: Ray Serve's proxy has no such setting (it verifies client "
+                         "certificates against --ssl-ca-certs when given); drop it, or serve without --ray.")
+    if getattr(args, "ssl_ciphers", None):
+        raise ValueError("--ssl-ciphers: Ray Serve's proxy has no such setting; drop it, or serve "
+                         "without --ray.")
+    options = {"host": args.host, "port": args.port}
+    ssl = _ssl_options(args)  # the files checked as the plain server checks them
+    if ssl:
+        from ray.serve.config import HTTPOptions
+
+        if "ssl_certfile" not in HTTPOptions.model_fields:
+            import ray
+
+            raise ValueError(f"--ssl-certfile: this Ray ({ray.__version__}) serves plain HTTP only; "
+                             "upgrade Ray (`pip install -U \"ray[serve]\"`: its proxies take TLS "
+                             "files), or terminate TLS in front of Serve.")
+        options.update({k: v for k, v in ssl.items()
+                        if k in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs") and v is not None})
+    return options
+
+
 def config_from_args(args: argparse.Namespace, server_config) -> dict:
     """The app's config dict (config.py) from parsed ``tessellm serve`` flags."""
     from tessellm.entrypoints.engine_args import engine_args_from
@@ -126,6 +158,7 @@ def run_ray_serve(args: argparse.Namespace, server_config) -> int:
     from tessellm.entrypoints.ray_serve.resources import ResourceShortfall
 
     config = config_from_args(args, server_config)
+    http_options(args)  # its refusals before Ray starts
     stop = StopSignal().install()  # before Ray starts: a signal during start-up still cleans up
     cluster, serving = None, False
     try:
@@ -136,8 +169,9 @@ def run_ray_serve(args: argparse.Namespace, server_config) -> int:
         config = fit_to_cluster(config, args.ray_schedule_timeout, stop)
         serving = True
         _deploy(config, args, stop)
-        logger.info("Serving %s through Ray Serve on http://%s:%d (%s). Ray's tools:\n%s",
-                    server_config.model_name, args.host, args.port, _replicas_text(config),
+        logger.info("Serving %s through Ray Serve on %s://%s:%d (%s). Ray's tools:\n%s",
+                    server_config.model_name, "https" if getattr(args, "ssl_certfile", None) else "http",
+                    args.host, args.port, _replicas_text(config),
                     cluster.tools_hint())
         while not stop.requested.wait(1.0):
             pass
@@ -213,7 +247,7 @@ def _deploy(config: dict, args: argparse.Namespace, stop) -> None:
     from tessellm.entrypoints.ray_serve.app import build_app
     from tessellm.entrypoints.ray_serve.resources import ResourceShortfall
 
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options=http_options(args))
     serve.run_many([serve.RunTarget(build_app(config), name=APP_NAME, route_prefix="/")],
                    wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     started = time.monotonic()
