@@ -56,7 +56,7 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
         outputs = await beam_search(engine, [processed], beams, lora, req.cache_salt, http_request,
                                     config.sse_keepalive_s)
         return view.response(outputs[0])
-    sub = submit(engine, job.request_id, [processed], [job.params], lora, req.cache_salt)
+    sub = submit(engine, job.request_id, [processed], [job.params], lora, req.cache_salt, req.priority)
     if req.stream:
         return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s, req.stream_options)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
@@ -89,7 +89,7 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     apply_server_defaults(req, config)
     template = request_chat_template(req, config)
     check_kv_transfer_params(req, engine.info)
-    check_limits(req, config)
+    check_limits(req, config, engine.info.vocab_size)
     harmony = harmony_on(engine, config.tool_call_parser)  # gpt-oss (openai/harmony.py)
     plan = ToolPlan(req, TOOL_PARSER if harmony else config.tool_call_parser)
     structured = structured_from_request(req, plan.forced_schema())
