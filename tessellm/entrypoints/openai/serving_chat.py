@@ -280,7 +280,7 @@ class _ChatView:
         self.model = model
         self.id = request_id
         self.created = int(time.time())
-        self.top = req.top_logprobs or 0
+        self.top = None if req.top_logprobs == -1 else req.top_logprobs or 0  # -1: all of them
         self.prompt_tokens = 0
         self.prompt_ids: list[int] = []
         self.role = "assistant"  # the reply's role (prepare_chat: --response-role)
