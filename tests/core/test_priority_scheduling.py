@@ -159,3 +159,15 @@ def test_fcfs_refuses_a_priority_naming_the_flag(path):
     assert len(out[0].outputs[0].token_ids) == 4
     with pytest.raises(ValueError, match="scheduling_policy 'lifo' is not supported"):
         LLM(path, dtype="float32", scheduling_policy="lifo")
+
+
+def test_priority_and_extra_args_reach_the_cores_request(path):
+    """What the engine core schedules: the request's priority and SamplingParams.extra_args
+    (vLLM's vllm_xargs land there), as given to add_request."""
+    llm = LLM(path, dtype="float32", scheduling_policy="priority")
+    params = SamplingParams(max_tokens=2, extra_args={"tenant": "blue", "tags": ["a", 1]})
+    llm.engine.add_request("r", {"prompt_token_ids": [1, 2, 3]}, params, priority=7)
+    core_req = llm.engine.core.scheduler.requests["r"]
+    assert core_req.priority == 7 and core_req.sampling_params.extra_args == {"tenant": "blue", "tags": ["a", 1]}
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
