@@ -85,6 +85,8 @@ def test_fcfs_server_refuses_priority_and_caps_whole_vocabulary(http, path, body
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == "priority", r.text
     assert "--scheduling-policy priority" in err["message"]
+    r = http.post(path, json={**body, "priority": 1, "use_beam_search": True, "n": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority", r.text
     assert http.post(path, json={**body, "priority": 0}).status_code == 200
     r = http.post(path, json={**body, "prompt_logprobs": -1})
     err = r.json()["error"]

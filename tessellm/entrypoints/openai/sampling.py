@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 from pydantic import BaseModel
 
+from tessellm.core.input_processor import check_priority
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.protocol import (CHAT_UNSUPPORTED, UNSUPPORTED, UNSUPPORTED_FIX,
@@ -109,13 +110,19 @@ def check_unsupported(req: BaseModel) -> None:
 
 
 def check_limits(req: Union[CompletionRequest, ChatCompletionRequest], config: ServerConfig,
-                 vocab_size: int) -> None:
+                 info) -> None:
+    """The server's limits, and what the engine (``info``: its EngineInfo) takes: logprob
+    counts against its vocabulary, a priority under its scheduling policy (beam search too)."""
+    try:
+        check_priority(req.priority, info.scheduling_policy)
+    except ValueError as exc:
+        raise bad_request(str(exc), "priority") from None
     n = req.n or 1
     if n > config.max_n:
         raise bad_request(f"n is {n}, over this server's limit of {config.max_n} (--max-n).", "n")
     num_logprobs, field = _num_logprobs(req)
     for value, name in ((num_logprobs, field), (req.prompt_logprobs, "prompt_logprobs")):
-        _check_logprobs_limit(value, name, config.max_logprobs, vocab_size)
+        _check_logprobs_limit(value, name, config.max_logprobs, info.vocab_size)
     max_tokens, field = requested_max_tokens(req)
     if max_tokens is not None and config.max_tokens is not None and max_tokens > config.max_tokens:
         raise bad_request(f"{field} is {max_tokens}, over this server's limit of {config.max_tokens} "

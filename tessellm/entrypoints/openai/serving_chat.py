@@ -89,7 +89,7 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     apply_server_defaults(req, config)
     template = request_chat_template(req, config)
     check_kv_transfer_params(req, engine.info)
-    check_limits(req, config, engine.info.vocab_size)
+    check_limits(req, config, engine.info)
     harmony = harmony_on(engine, config.tool_call_parser)  # gpt-oss (openai/harmony.py)
     plan = ToolPlan(req, TOOL_PARSER if harmony else config.tool_call_parser)
     structured = structured_from_request(req, plan.forced_schema())

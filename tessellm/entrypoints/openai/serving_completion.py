@@ -36,7 +36,7 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     check_unsupported(req)
     apply_server_defaults(req, config)
     check_kv_transfer_params(req, engine.info)
-    check_limits(req, config, engine.info.vocab_size)
+    check_limits(req, config, engine.info)
     keep = truncation(req, engine.info.max_model_len)
     if req.prompt_embeds is not None:  # as vLLM: the embeddings' prompts first, then prompt's
         prompts, processed = await _embeds_prompts(engine, req, keep, config.max_prompts)
