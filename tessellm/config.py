@@ -173,9 +173,9 @@ class EngineArgs:
                                       or value < low):
                 raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}; leave "
                                  "it unset for the default.")
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy {self.scheduling_policy!r} is not supported; use "
-                             "fcfs (first come, first served) or priority (lower priority value first).")
+        from tessellm.core.request_queue import check_policy
+
+        check_policy(self.scheduling_policy)
         if self.decode_overlap_steps not in (None, "mixed", "decode", "all"):
             raise ValueError(f"decode_overlap_steps {self.decode_overlap_steps!r} is not "
                              "supported; use mixed, decode or all.")

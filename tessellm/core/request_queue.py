@@ -21,9 +21,6 @@ from typing import Iterable, Iterator
 
 from tessellm.core.request import Request
 
-POLICIES = ("fcfs", "priority")
-
-
 def priority_key(req: Request) -> tuple:
     """The priority policy's order: lower ``priority`` first, then earlier arrival."""
     return req.priority, req.arrival_time
@@ -83,11 +80,14 @@ class PriorityQueue:
         return len(self._heap)
 
 
-def make_queue(policy: str):
-    """The waiting queue for ``policy`` ("fcfs" or "priority")."""
-    if policy == "priority":
-        return PriorityQueue()
-    if policy != "fcfs":
+def check_policy(policy: str) -> None:
+    """``scheduling_policy`` is "fcfs" or "priority"; else one ValueError naming it."""
+    if policy not in ("fcfs", "priority"):
         raise ValueError(f"scheduling_policy {policy!r} is not supported; use fcfs (first come, "
                          "first served) or priority (lower priority value first).")
-    return FCFSQueue()
+
+
+def make_queue(policy: str):
+    """The waiting queue for ``policy`` ("fcfs" or "priority")."""
+    check_policy(policy)
+    return PriorityQueue() if policy == "priority" else FCFSQueue()
