@@ -73,6 +73,10 @@ class EngineArgs:
     # Schedule step N+1 while step N runs on the device (its sampled ids fed on the device).
     # None: on for GPU backends without pipeline stages.
     async_scheduling: Optional[bool] = None
+    # vLLM's --scheduling-policy (core/request_queue.py): "fcfs", first come, first served
+    # (a request's priority must be 0), or "priority": waiting requests by (priority, arrival
+    # time), lower first, and the lowest-priority running request preempted when blocks run out.
+    scheduling_policy: str = "fcfs"
     # Decode micro-batch overlap (core/decode_overlap.py, cuda; vLLM's --enable-dbo in spirit):
     # a step with at least decode_overlap_min_batch decode rows runs as two micro-batches, one's
     # attention on a side stream beside the other's GEMMs: "mixed" steps (decodes + at least
@@ -169,6 +173,9 @@ class EngineArgs:
                                       or value < low):
                 raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}; leave "
                                  "it unset for the default.")
+        from tessellm.core.request_queue import check_policy
+
+        check_policy(self.scheduling_policy)
         if self.decode_overlap_steps not in (None, "mixed", "decode", "all"):
             raise ValueError(f"decode_overlap_steps {self.decode_overlap_steps!r} is not "
                              "supported; use mixed, decode or all.")

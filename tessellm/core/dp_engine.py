@@ -70,12 +70,13 @@ class DPLLMEngine(EngineSurface):
     # -- requests (as LLMEngine) --------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: PromptType, params: Optional[SamplingParams] = None,
-                    lora_request=None) -> None:
+                    lora_request=None, priority: int = 0) -> None:
         self._check_alive()
         check_generates(self.info)
         self._check_lora(lora_request)
         submit(self.inputs, self.outputs, request_id, prompt, params or self.default_sampling_params(),
-               self.cores.send_add, lora_request=lora_request, abort=self.cores.send_abort)
+               self.cores.send_add, lora_request=lora_request, abort=self.cores.send_abort,
+               priority=priority)
 
     def add_pooling_request(self, request_id: str, prompt: PromptType, params=None, lora_request=None) -> None:
         self._check_alive()

@@ -62,6 +62,8 @@ class EngineCoreRequest:
     # A prompt given as embeddings (tessellm.core.prompt_embeds.PromptEmbeds); its
     # prompt_token_ids are placeholders. None: a token prompt.
     prompt_embeds: Optional[object] = None
+    # vLLM's request priority: under scheduling_policy "priority", lower values first.
+    priority: int = 0
 
 
 @dataclass
@@ -92,6 +94,8 @@ class EngineInfo:
     devices: list = field(default_factory=list)
     # A KV connector is configured (--kv-transfer-config): requests may carry kv_transfer_params.
     kv_connector: bool = False
+    # --scheduling-policy: "fcfs" or "priority" (only then may a request's priority be non-zero).
+    scheduling_policy: str = "fcfs"
 
 
 class EngineCore(EngineSleep, EngineProfile):
@@ -185,6 +189,7 @@ class EngineCore(EngineSleep, EngineProfile):
                                                    and self.executor.supports_deferred_sample
                                                    and args.speculative_config is None,
                                                    pooling=self.pooling is not None,
+                                                   policy=args.scheduling_policy,
                                                    **_speculation(args),
                                                    **encoder_budget),
                                    self.kv)
@@ -205,7 +210,8 @@ class EngineCore(EngineSleep, EngineProfile):
                                prompt_embeds_hidden_size=(text_config(config).hidden_size
                                                           if args.enable_prompt_embeds else 0),
                                devices=[str(w.get("device")) for w in self.executor.worker_info],
-                               kv_connector=self.scheduler.connector is not None)
+                               kv_connector=self.scheduler.connector is not None,
+                               scheduling_policy=args.scheduling_policy)
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids,
@@ -369,7 +375,7 @@ class EngineCore(EngineSleep, EngineProfile):
             self.lora_store.claim(lora)
         request = Request(req.request_id, req.prompt_token_ids, req.sampling_params,
                           self.eos_token_ids, req.arrival_time, req.cache_salt, req.wait_for, lora,
-                          req.mm_features, req.pooling_task, req.prompt_embeds)
+                          req.mm_features, req.pooling_task, req.prompt_embeds, req.priority)
         if lora is not None:
             self.lora_store.ensure(lora)  # read off the step loop, before it is scheduled
             self.scheduler.lora.announce(lora)  # worker processes read it in their own thread

@@ -92,7 +92,8 @@ def encode_request(req: EngineCoreRequest) -> dict:
             "prompt_token_ids": list(req.prompt_token_ids), "sampling_params": params,
             "arrival_time": req.arrival_time, "cache_salt": req.cache_salt, "wait_for": req.wait_for,
             "lora_request": req.lora_request, "mm_features": encode_features(req.mm_features),
-            "pooling_task": req.pooling_task, "prompt_embeds": encode_prompt_embeds(req.prompt_embeds)}
+            "pooling_task": req.pooling_task, "prompt_embeds": encode_prompt_embeds(req.prompt_embeds),
+            "priority": req.priority}
 
 
 def decode_request(d: dict) -> EngineCoreRequest:

@@ -147,6 +147,13 @@ class InputProcessor:
         if len(self._valid_specs) > 256:
             self._valid_specs.pop(next(iter(self._valid_specs)))
 
+    def _whole_vocab_logprobs(self, params: SamplingParams) -> SamplingParams:
+        """vLLM's ``logprobs=-1`` / ``prompt_logprobs=-1``: every token of the vocabulary, a
+        count the core then treats as any other top k."""
+        changes = {name: self.info.vocab_size for name in ("logprobs", "prompt_logprobs")
+                   if getattr(params, name) == -1}
+        return params.clone(**changes) if changes else params
+
     def _check_vocab(self, params: SamplingParams) -> None:
         """What only the model can judge: token ids and logprob counts against its vocabulary
         (refused here: inside a step they would fail the whole batch), stop strings without a
@@ -215,13 +222,16 @@ class InputProcessor:
 
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                       arrival_time: Optional[float] = None,
-                      lora_request=None) -> list[EngineCoreRequest]:
+                      lora_request=None, priority: int = 0) -> list[EngineCoreRequest]:
         """One core request per sample; samples after the first reuse its prompt blocks.
-        ``lora_request``: the adapter (``tessellm.lora.LoRARequest``), None for the base model."""
+        ``lora_request``: the adapter (``tessellm.lora.LoRARequest``), None for the base model;
+        ``priority``: vLLM's (``check_priority``)."""
+        check_priority(priority, self.info.scheduling_policy)
         lora = None if lora_request is None else lora_request.to_dict()
         arrival = time.time() if arrival_time is None else arrival_time
         if params.bad_words:
             params = params.clone(bad_words_token_ids=self._bad_words_token_ids(params))
+        params = self._whole_vocab_logprobs(params)
         self._check_vocab(params)
         if params.structured_outputs is not None:
             self._check_structured(params.structured_outputs)
@@ -234,15 +244,31 @@ class InputProcessor:
         if params.n == 1:
             return [EngineCoreRequest(request_id, prompt.prompt_token_ids, params, arrival,
                                       cache_salt=salt, lora_request=lora, mm_features=mm,
-                                      prompt_embeds=embeds)]
+                                      prompt_embeds=embeds, priority=priority)]
         child_ids = [child_request_id(request_id, i) for i in range(params.n)]
         reqs = []
         for i, cid in enumerate(child_ids):
             child_params = params.clone(n=1, seed=None if params.seed is None else params.seed + i)
             reqs.append(EngineCoreRequest(cid, prompt.prompt_token_ids, child_params, arrival,
                                           cache_salt=salt, wait_for=child_ids[0] if i else None,
-                                          lora_request=lora, mm_features=mm, prompt_embeds=embeds))
+                                          lora_request=lora, mm_features=mm, prompt_embeds=embeds,
+                                          priority=priority))
         return reqs
+
+
+_INT64 = 2**63
+
+
+def check_priority(priority, policy: str) -> None:
+    """vLLM's request priority: an integer (lower is served first), non-zero only on an engine
+    started with scheduling_policy "priority"; else RequestParamError naming it."""
+    if not isinstance(priority, int) or isinstance(priority, bool) or not -_INT64 <= priority < _INT64:
+        raise RequestParamError(f"priority must be an integer (lower is served first), got {priority!r}.",
+                                "priority")
+    if priority and policy != "priority":
+        raise RequestParamError(f"priority is {priority}, but this engine serves requests first come, "
+                                "first served; start it with scheduling_policy='priority' "
+                                "(--scheduling-policy priority), or leave priority at 0.", "priority")
 
 
 def check_cache_salt(salt) -> str:

@@ -55,15 +55,18 @@ class LLMEngine(EngineSurface):
         return self.core.info
 
     def add_request(self, request_id: str, prompt: PromptType,
-                    params: Optional[SamplingParams] = None, lora_request=None) -> None:
+                    params: Optional[SamplingParams] = None, lora_request=None,
+                    priority: int = 0) -> None:
         """Validate and queue a request. Raises ValueError (nothing queued) on bad input,
-        a bad LoRA adapter included (``lora_request``: a ``tessellm.lora.LoRARequest``)."""
+        a bad LoRA adapter included (``lora_request``: a ``tessellm.lora.LoRARequest``).
+        ``priority``: vLLM's; non-zero only with ``scheduling_policy="priority"`` (lower first)."""
         self._check_alive()
         check_generates(self.core.info)
         if lora_request is not None:
             self.core.add_lora(lora_request)
         submit(self.inputs, self.outputs, request_id, prompt, params or self.default_sampling_params(),
-               self.core.add_request, lora_request=lora_request, abort=self.core.abort_requests)
+               self.core.add_request, lora_request=lora_request, abort=self.core.abort_requests,
+               priority=priority)
 
     def add_pooling_request(self, request_id: str, prompt: PromptType, params=None,
                             lora_request=None) -> None:

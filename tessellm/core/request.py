@@ -47,13 +47,16 @@ class Request:
                  eos_token_ids: Iterable[int] = (), arrival_time: Optional[float] = None,
                  cache_salt: Optional[str] = None, wait_for: Optional[str] = None,
                  lora_request=None, mm_features=None, pooling_task: Optional[str] = None,
-                 prompt_embeds=None):
+                 prompt_embeds=None, priority: int = 0):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = frozenset(eos_token_ids)  # any of these ends it (unless ignore_eos)
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.cache_salt = cache_salt  # extra key for the prefix hash (isolates tenants)
+        # vLLM's: under scheduling_policy "priority", lower values are scheduled first (and
+        # preempted last); ignored under "fcfs", where the front end allows only 0.
+        self.priority = priority
         # Multi-LoRA: the adapter (tessellm.lora.LoRARequest) or None for the base model, and
         # the device slot it holds while running (-1: none; tessellm.lora.slots).
         self.lora_request = lora_request

@@ -40,8 +40,9 @@ class SamplingParams:
     presence_penalty: float = 0.0  # in [-2, 2]; subtracted once per token seen in the output
     frequency_penalty: float = 0.0  # in [-2, 2]; subtracted per occurrence in the output
     repetition_penalty: float = 1.0  # > 0; divides positive logits of prompt+output tokens
-    logprobs: Optional[int] = None  # top-k logprobs per output token (plus the sampled one)
-    prompt_logprobs: Optional[int] = None  # top-k logprobs per prompt token
+    # top-k logprobs per output token (plus the sampled one); -1: the whole vocabulary (vLLM's)
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None  # top-k logprobs per prompt token; -1 as above
     skip_special_tokens: bool = True  # in the detokenized text
     include_stop_str_in_output: bool = False
     logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit
@@ -72,7 +73,10 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logits_processors: Optional[list] = None
     guided_decoding: Optional[object] = None  # vLLM's older name: moved to structured_outputs
-    extra_args: Optional[dict] = None  # vLLM's: read by custom logits processors only; kept, unused
+    # vLLM's: free-form values for custom extensions (the OpenAI request's vllm_xargs), carried
+    # to the engine core with the request (Request.sampling_params.extra_args); nothing of
+    # tessellm's reads them (it has no custom logits processors)
+    extra_args: Optional[dict] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # an int after msgpack: converted
     extra: dict = field(default_factory=dict, repr=False)  # free-form, ignored by the engine
 
@@ -121,10 +125,8 @@ class SamplingParams:
                f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _check(value != -1, f"{name}=-1 (vLLM's: every token of the vocabulary) is not supported; "
-                   "ask for the top k you need, e.g. 20.")
-            _check(value is None or (isinstance(value, int) and value >= 0),
-                   f"{name} must be None or an integer >= 0, got {value!r}.")
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= -1),
+                   f"{name} must be None, an integer >= 0 or -1 (the whole vocabulary), got {value!r}.")
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}.")
         _check(all(isinstance(s, str) and s for s in self.stop),
                "stop must be a string or a list of non-empty strings.")

@@ -9,9 +9,12 @@ Invariants
 * ``num_computed_tokens <= num_tokens``; a request samples a token in a step exactly when the
   step brings ``num_computed_tokens`` up to ``num_tokens`` (chunks before that only fill K/V).
 * Per step: sum of scheduled tokens <= ``max_num_batched_tokens``; running <= ``max_num_seqs``.
-* Running requests are served in order (oldest first). When blocks run out, the newest running
-  request is preempted (its blocks freed, ``num_computed_tokens`` reset) and put back at the
-  front of ``waiting``; it is recomputed later from its tokens, so its results are unchanged.
+* Running requests are served in order: oldest first under the ``fcfs`` policy, by
+  ``(priority, arrival_time)`` under ``priority`` (``running`` is kept sorted so, and
+  ``waiting`` is a heap on that key: core/request_queue.py). When blocks run out, the last
+  running request in that order (the newest; the lowest-priority) is preempted (its blocks
+  freed, ``num_computed_tokens`` reset) and put back in ``waiting`` (at the front; in its place
+  by priority); it is recomputed later from its tokens, so its results are unchanged.
 * No waiting request is admitted in a step that preempted (it would only be preempted again).
 * Several batches may be in flight (``in_flight``, an ``InFlightSteps``: the steps scheduled
   whose results have not come back, and what they owe each request): under pipeline
@@ -38,14 +41,15 @@ Invariants
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections import deque
 from typing import Iterable, Optional
 
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.in_flight import InFlightSteps
 from tessellm.core.request import Request, RequestStatus
+from tessellm.core.request_queue import make_queue, priority_key
 from tessellm.core.scheduler_config import SchedulerConfig, SchedulerStats, check_prompt_fits  # noqa: F401
 from tessellm.core.scheduler_kv_loads import SchedulerKVLoads
 from tessellm.core.scheduler_update import SchedulerUpdate
@@ -66,7 +70,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         self.config = config
         self.kv = block_manager
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = make_queue(config.policy)  # FCFSQueue or PriorityQueue
         self.running: list[Request] = []
         self.finished_ids: set[str] = set()  # ended since the last step: the runner drops them
         self.preempted_ids: set[str] = set()  # preempted while building the current step
@@ -88,7 +92,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
     def add_request(self, request: Request) -> None:
         self.check_fits(request)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def check_fits(self, request: Request) -> None:
         """Refuse a request that could never run, before it is queued."""
@@ -242,7 +246,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         if self.lora is not None:
             self.lora.begin_admission()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting.popleft()
+            req = self.waiting.take()
             if req.kv_loading or self._waits_for_sibling(req) or (req.grammar is not None
                                                                   and not req.grammar.ready):
                 skipped.append(req)  # its KV loads, its grammar still compiles: others go ahead
@@ -321,7 +325,10 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
                 req.num_cached_tokens = num_hit
                 req.first_scheduled_time = time.time()
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            if self.config.policy == "priority":  # running stays in the order it is served
+                bisect.insort(self.running, req, key=priority_key)
+            else:
+                self.running.append(req)
             new_reqs.append(NewRequestData(
                 req.request_id, req.prompt_token_ids, list(req.all_token_ids), req.sampling_params,
                 self.kv.block_ids(req.request_id), req.num_computed_tokens, req.mm_features,
@@ -331,7 +338,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             if images:
                 self.encoder.take(req, images)
             budget -= num_new
-        self.waiting.extendleft(reversed(skipped))
+        self.waiting.requeue_all(skipped)
         return budget
 
     def _num_external(self, req: Request, num_hit: int) -> Optional[tuple[int, bool]]:
@@ -424,8 +431,9 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             saves_if_accepted[req.request_id] = pairs
 
     def _victim_index(self, i: int) -> int:
-        """Index of the request to preempt for ``running[i]``: the newest one after it (under
-        pipeline parallelism, the newest not in flight), else ``i`` itself."""
+        """Index of the request to preempt for ``running[i]``: the last one after it (the
+        newest; under the priority policy the lowest-priority; under pipeline parallelism the
+        last not in flight), else ``i`` itself."""
         for j in range(len(self.running) - 1, i, -1):
             if self.config.async_scheduling or self.running[j].request_id not in self.in_flight:
                 return j
@@ -529,7 +537,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         req.num_preemptions += 1
         req.spec_token_ids = []
         self.kept_blocks.pop(req.request_id, None)
-        self.waiting.appendleft(req)
+        self.waiting.requeue(req)
         self.preempted_ids.add(req.request_id)  # the runner drops its state; resumes as new
 
     def _finish(self, req: Request, status: RequestStatus) -> None:

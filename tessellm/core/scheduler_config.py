@@ -43,6 +43,10 @@ class SchedulerConfig:
     # Image models: no chunk ends inside an image's placeholders (vLLM's
     # ``disable_chunked_mm_input``; tessellm.multimodal.encoder_budget.end_outside_images).
     disable_chunked_mm_input: bool = False
+    # vLLM's --scheduling-policy (core/request_queue.py): "fcfs" serves requests in arrival
+    # order; "priority" by (priority, arrival time), lower first, and preempts the request
+    # last in that order when blocks run out.
+    policy: str = "fcfs"
 
 
 @dataclass

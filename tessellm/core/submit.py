@@ -21,15 +21,17 @@ def submit(inputs: InputProcessor, outputs: OutputProcessor, request_id: str,
            send: Callable[[EngineCoreRequest], None], in_use: bool = False,
            lora_request=None,
            abort: Optional[Callable[[list[str]], None]] = None,
-           pooling=None) -> list[EngineCoreRequest]:
+           pooling=None, priority: int = 0) -> list[EngineCoreRequest]:
     """Queue one request; ``in_use``: the caller already holds ``request_id`` (a stream);
     ``lora_request``: its adapter (``tessellm.lora.LoRARequest``) or None; ``abort``: frees
-    core request ids in the core (used when ``send`` raises after some samples went)."""
+    core request ids in the core (used when ``send`` raises after some samples went);
+    ``priority``: vLLM's (scheduling_policy "priority": lower first)."""
     processed = prompt if isinstance(prompt, ProcessedPrompt) else inputs.process_prompt(
         prompt, getattr(params, "truncate_prompt_tokens", None))  # vLLM's SamplingParams field
     if in_use or outputs.has_request(request_id):
         raise ValueError(f"Request id {request_id!r} is already in use.")
-    core_reqs = inputs.make_requests(request_id, processed, params, lora_request=lora_request)
+    core_reqs = inputs.make_requests(request_id, processed, params, lora_request=lora_request,
+                                     priority=priority)
     if pooling is not None:  # the core pools it as its task says (tessellm.pooling.pooler)
         for req in core_reqs:
             req.pooling_task = pooling.task

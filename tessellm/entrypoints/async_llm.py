@@ -209,10 +209,11 @@ class AsyncLLM:
 
     def add_request(self, request_id: str, prompt: Union[PromptType, ProcessedPrompt],
                     params: SamplingParams, event: Optional[asyncio.Event] = None,
-                    lora_request=None, pooling=None) -> RequestStream:
+                    lora_request=None, pooling=None, priority: int = 0) -> RequestStream:
         """Queue a request in the core; raises ValueError (nothing queued) on bad input.
         ``lora_request``: its adapter (``tessellm.lora.LoRARequest``, checked by the caller);
-        ``pooling``: an embedding request's resolved PoolingParams (tessellm.pooling.front)."""
+        ``pooling``: an embedding request's resolved PoolingParams (tessellm.pooling.front);
+        ``priority``: vLLM's (scheduling_policy "priority": lower first)."""
         self._check_alive()
         if pooling is None:
             check_generates(self.info)  # an embedding engine: the caller wants pooling=
@@ -221,13 +222,14 @@ class AsyncLLM:
             prompt, getattr(params, "truncate_prompt_tokens", None))  # vLLM's SamplingParams field
         submit(self.inputs, self.outputs, request_id, processed, params, self.cores.send_add,
                in_use=request_id in self.streams, lora_request=lora_request,
-               abort=self.cores.send_abort, pooling=pooling)
+               abort=self.cores.send_abort, pooling=pooling, priority=priority)
         stream = RequestStream(request_id, event, params.output_kind == RequestOutputKind.DELTA)
         self.streams[request_id] = stream
         return stream
 
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
-                       request_id: Optional[str] = None, lora_request=None) -> AsyncIterator[RequestOutput]:
+                       request_id: Optional[str] = None, lora_request=None,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (cumulative, or as ``params.output_kind`` says); cancelling
         the iteration aborts it. ``lora_request``: a ``tessellm.lora.LoRARequest`` (vLLM's
         keyword; needs ``enable_lora=True``)."""
@@ -235,7 +237,7 @@ class AsyncLLM:
             raise lora_off_error(lora_request)
         request_id = request_id or os.urandom(12).hex()
         stream = self.add_request(request_id, prompt, params or SamplingParams(**self.info.default_sampling),
-                                  lora_request=lora_request)
+                                  lora_request=lora_request, priority=priority)
         try:
             async for item in iterate_streams([stream], stream.event):
                 yield item[1]

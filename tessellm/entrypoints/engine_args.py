@@ -74,6 +74,9 @@ HELP = {
                               "expert (docs/parallelism.md)",
     "distributed_executor_backend": "mp: worker processes on this host (default); ray: Ray actors, across nodes",
     "async_scheduling": "schedule step N+1 while step N runs (default: on for GPUs, off on the cpu and with a speculative_config)",
+    "scheduling_policy": "fcfs (first come, first served; a request's priority must be 0) or "
+                         "priority (waiting requests by their priority, lower first, then arrival; "
+                         "the lowest-priority running request is the one preempted)",
     "enable_decode_overlap": "cuda: split steps with at least --decode-overlap-min-batch decode "
                              "rows into two micro-batches, one's attention on a side stream beside "
                              "the other's GEMMs (default: TESSELLM_DECODE_OVERLAP, off; "
@@ -140,7 +143,8 @@ HELP = {
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_parallel_size": "-dp",
          "quantization": "-q"}
 CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"], "data_parallel_balance": ["load", "tokens"],
-           "decode_overlap_steps": ["mixed", "decode", "all"], "reasoning_parser": sorted(REASONING_PARSERS),
+           "decode_overlap_steps": ["mixed", "decode", "all"], "scheduling_policy": ["fcfs", "priority"],
+           "reasoning_parser": sorted(REASONING_PARSERS),
            "runner": ["auto", "generate", "pooling"], "convert": ["auto", "none", "embed", "classify"]}
 
 

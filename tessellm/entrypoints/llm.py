@@ -156,7 +156,8 @@ class LLM:
         """Prompts: a str, a list of str, token-id dicts, ``{"prompt_embeds": tensor[tokens,
         hidden]}`` (with ``enable_prompt_embeds=True``), or a list of those (``tessellm.inputs``:
         ``TextPrompt``, ``TokensPrompt``). Outputs keep input order.
-        ``priority``: vLLM's; only zeros (requests are served first come, first served).
+        ``priority``: vLLM's, one integer per prompt (lower is served first); non-zero values
+        need ``LLM(scheduling_policy="priority")``.
         ``use_tqdm``: False hides the progress bar; a callable (vLLM's) makes it, called as
         ``tqdm`` is (``total=``, ``desc=``).
 
@@ -164,16 +165,16 @@ class LLM:
         (or None: the base model) per prompt; needs ``LLM(enable_lora=True)``."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        if priority is not None and any(priority):
-            raise ValueError("generate(priority=...): tessellm serves requests first come, first served "
-                             "(vLLM's scheduling_policy 'fcfs'); leave priority out or give zeros.")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"generate(priority=...) has {len(priority)} values for {len(prompts)} "
+                             "prompts; give one priority per prompt.")
         params = _final_only(_per_prompt(sampling_params, len(prompts), self.get_default_sampling_params))
         loras = _per_prompt_lora(lora_request, len(prompts))
         ids = []
         try:
-            for prompt, p, lora in zip(prompts, params, loras):
+            for prompt, p, lora, prio in zip(prompts, params, loras, priority or [0] * len(prompts)):
                 rid = str(next(self._ids))
-                self.engine.add_request(rid, prompt, p, lora)
+                self.engine.add_request(rid, prompt, p, lora, priority=prio)
                 ids.append(rid)
         except Exception:
             for rid in ids:  # leave the engine clean for the next call

@@ -54,7 +54,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    "most this long, then exit (keep Kubernetes' terminationGracePeriodSeconds above it)")
     g = parser.add_argument_group("limits")
     g.add_argument("--max-n", type=int, default=16, help="most samples per request (n)")
-    g.add_argument("--max-logprobs", type=int, default=20, help="most logprobs / top_logprobs")
+    g.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs / top_logprobs / prompt_logprobs per token; -1: no limit "
+                        "(a request's -1, the whole vocabulary, counts as the vocabulary's size)")
     g.add_argument("--max-tokens-limit", type=int, default=None,
                    help="most output tokens per request (default: the context length)")
     g.add_argument("--max-prompts", type=int, default=64, help="most prompts in one completions request")
@@ -352,7 +354,7 @@ def _server_config(args: argparse.Namespace):
                              "after it).")
     flags = {"max_body_bytes": "max-request-body-bytes"}
     for name in ("max_n", "max_logprobs", "max_prompts", "max_body_bytes", "max_header_bytes"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) < 1 and not (name == "max_logprobs" and args.max_logprobs == -1):
             flag = flags.get(name, name.replace("_", "-"))
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, name)}.")
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:

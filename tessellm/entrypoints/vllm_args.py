@@ -123,8 +123,6 @@ ENGINE: tuple[VllmArg, ...] = (
             "the context with --max-model-len", bool, neutral=(False,)),
     VllmArg("model_impl", "neutral", "tessellm runs its own model implementations (transformers' "
             "modeling code is not used)", neutral=("auto", "vllm")),
-    VllmArg("scheduling_policy", "neutral", "requests are served first come, first served (a "
-            "request's priority field is refused)", neutral=("fcfs",)),
     VllmArg("guided_decoding_backend", "neutral", "xgrammar is tessellm's structured-output backend",
             neutral=("auto", "xgrammar")),
     VllmArg("structured_outputs_config", "neutral", "xgrammar is tessellm's structured-output "

@@ -65,7 +65,30 @@ def test_seeded_sampling_survives_preemption(tiny_model_dir):
     assert [o.outputs[0].token_ids for o in tight] == [o.outputs[0].token_ids for o in roomy]
 
 
-def test_whole_vocabulary_logprobs_are_refused_by_name():
+def test_whole_vocabulary_logprobs_match_hf_log_softmax(llm_and_path):
+    """vLLM's logprobs=-1 / prompt_logprobs=-1: every token of the vocabulary, each entry HF's
+    log-softmax (ranks 1..vocab)."""
+    from transformers import AutoModelForCausalLM
+
+    llm, path = llm_and_path
+    vocab = llm.engine.info.vocab_size
+    prompt = [5, 77, 31, 200]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=-1, prompt_logprobs=-1)
+    out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    tokens = out.outputs[0].token_ids
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + tokens])).logits[0].float(), -1)
+    rows = [(ref[len(prompt) - 1 + i], e) for i, e in enumerate(out.outputs[0].logprobs)]
+    rows += [(ref[j - 1], out.prompt_logprobs[j]) for j in range(1, len(prompt))]
+    for row, entry in rows:
+        assert sorted(entry) == list(range(vocab))
+        got = torch.tensor([entry[t].logprob for t in range(vocab)])
+        assert torch.allclose(got, row, atol=1e-4)
+        assert sorted(e.rank for e in entry.values()) == list(range(1, vocab + 1))
+
+
+def test_logprobs_below_minus_one_are_refused_by_name():
     for name in ("logprobs", "prompt_logprobs"):
-        with pytest.raises(ValueError, match=f"{name}=-1 .*top k"):
-            SamplingParams(**{name: -1})
+        with pytest.raises(ValueError, match=f"{name} must be None, an integer >= 0 or -1"):
+            SamplingParams(**{name: -2})

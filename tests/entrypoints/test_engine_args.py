@@ -21,7 +21,7 @@ NON_DEFAULT = {
     "tensor_parallel_size": 2, "pipeline_parallel_size": 2, "data_parallel_size": 2,
     "data_parallel_balance": "tokens",
     "distributed_executor_backend": "ray",
-    "async_scheduling": True, "kernel_warmup": False, "emulate": True,
+    "async_scheduling": True, "scheduling_policy": "priority", "kernel_warmup": False, "emulate": True,
     "speculative_config": '{"method": "ngram", "num_speculative_tokens": 2}',
     "enable_lora": True, "max_loras": 3, "max_cpu_loras": 9, "max_lora_rank": 16,
     "generation_config": "vllm", "override_generation_config": '{"temperature": 0.5}',

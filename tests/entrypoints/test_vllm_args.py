@@ -56,7 +56,6 @@ def test_rope_flags_join_hf_overrides():
 
 @pytest.mark.parametrize("argv,flag,hint", [
     (["--cpu-offload-gb", "4"], "--cpu-offload-gb", "--quantization"),
-    (["--scheduling-policy", "priority"], "--scheduling-policy", "first come"),
     (["--tokenizer-mode", "mistral"], "--tokenizer-mode", "--tokenizer DIR"),
     (["--structured-outputs-config", '{"backend": "outlines"}'], "--structured-outputs-config", "xgrammar"),
     (["--kv-cache-memory", "1000000"], "--kv-cache-memory", "--num-kv-blocks"),

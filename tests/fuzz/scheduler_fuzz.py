@@ -15,6 +15,7 @@ from collections import Counter
 
 from tessellm.core.block_manager import BlockManager, hash_block
 from tessellm.core.request import Request
+from tessellm.core.request_queue import priority_key
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.core.spec_ahead import computed_and_drafts
@@ -44,6 +45,9 @@ def check_invariants(s: Scheduler, budget: int, out=None) -> None:
     assert len(set(ids_running)) == len(ids_running) and len(set(ids_waiting)) == len(ids_waiting)
     assert set(ids_running) | set(ids_waiting) == set(s.requests)
     assert len(s.running) <= s.config.max_num_seqs
+    if s.config.policy == "priority":  # served, and preempted from the back, in priority order
+        keys = [priority_key(r) for r in s.running]
+        assert keys == sorted(keys), keys
     for rid in kv.req_blocks:
         assert rid in s.requests, f"blocks leaked by finished request {rid}"
     for req in s.requests.values():
@@ -134,9 +138,11 @@ def random_config(rng: random.Random):
                           pipeline_parallel_size=rng.randint(2, 3) if mode == "pp" else 1,
                           num_lookahead_tokens=rng.choice([0, 0, 0, 2, 3]))
     kv = BlockManager(num_blocks, bs, enable_prefix_caching=rng.random() < 0.7)
-    snapshots = random.Random(rng.random()).randint(0, 6)  # its own stream: the draws above stay
+    own = random.Random(rng.random())  # its own stream: the draws above stay
+    snapshots = own.randint(0, 6)
     if kv.enable_prefix_caching and snapshots:  # a recurrent-state model (core/state_prefix.py)
         kv.states = StateSnapshots(snapshots)
+    cfg.policy = own.choice(["fcfs", "fcfs", "priority"])  # core/request_queue.py
     return Scheduler(cfg, kv)
 
 
@@ -181,7 +187,8 @@ def run_scenario(seed: int, num_events: int = 120) -> dict:
             for k in range(n):  # n>1 forks: siblings with the same prompt
                 rid = f"r{counter}-{k}"
                 s.add_request(Request(rid, list(prompt), params, eos_token_ids=[EOS], cache_salt=salt,
-                                      wait_for=f"r{counter}-0" if k else None))
+                                      wait_for=f"r{counter}-0" if k else None,
+                                      priority=counter % 3 if s.config.policy == "priority" else 0))
             stats["added"] += n
         elif r < 0.38 and s.requests:
             rid = rng.choice(sorted(s.requests))

@@ -66,7 +66,7 @@ def test_vllm_engine_names_in_a_config_are_translated_as_on_tessellm_serve():
 
 @pytest.mark.parametrize("engine,needle", [
     ({"cpu_offload_gb": 4}, "engine.cpu_offload_gb: 4 is not supported by tessellm"),
-    ({"scheduling_policy": "priority"}, "engine.scheduling_policy: 'priority' is not supported"),
+    ({"scheduling_policy": "lifo"}, "scheduling_policy 'lifo' is not supported; use fcfs"),
     ({"swap_space": "lots"}, "'engine.swap_space': cannot read 'lots' as float"),
     ({"gpu_memory_utilisation": 0.5}, "Unknown option(s) in 'engine': gpu_memory_utilisation"),
     ({"max_model_len": -1}, "engine section: max_model_len must be a positive integer"),

@@ -14,14 +14,17 @@ from tessellm.core.engine_output import EngineCoreOutput
 def test_request_round_trip_is_plain_msgpack():
     params = SamplingParams(n=1, temperature=0.7, top_k=5, seed=3, max_tokens=9, stop=["\n"],
                             stop_token_ids=[2], logit_bias={17: -5.0, 4: 2.5}, logprobs=2,
-                            extra={"not": object()})  # free-form extras stay behind
-    req = EngineCoreRequest("r1", [1, 2, 3], params, 123.5, cache_salt="s", wait_for="r0")
+                            extra={"not": object()},  # free-form extras stay behind
+                            extra_args={"tenant": "blue", "w": 2, "r": 0.5, "tags": ["a", 1]})  # vllm_xargs
+    req = EngineCoreRequest("r1", [1, 2, 3], params, 123.5, cache_salt="s", wait_for="r0", priority=-4)
     data = pack(["add", encode_request(req)])
     # plain msgpack: a reader with no custom hooks (no pickle, no ext types) decodes it
     assert msgpack.unpackb(data, raw=False, strict_map_key=False)[0] == "add"
     back = decode_request(unpack(data)[1])
     assert back.request_id == "r1" and back.prompt_token_ids == [1, 2, 3]
     assert back.arrival_time == 123.5 and back.cache_salt == "s" and back.wait_for == "r0"
+    assert back.priority == -4
+    assert back.sampling_params.extra_args == {"tenant": "blue", "w": 2, "r": 0.5, "tags": ["a", 1]}
     assert back.sampling_params.logit_bias == {17: -5.0, 4: 2.5}
     assert back.sampling_params.clone(extra={}) == params.clone(extra={})
 

@@ -1,7 +1,7 @@
 """A request value that only SamplingParams refuses becomes a 400 whose ``param`` names the
-request's field (``to_sampling_params``). The HTTP routes' pydantic bounds (``ge=0``) catch
-``logprobs=-1`` first today; a request built past them (vLLM's protocol takes -1) reaches
-SamplingParams' refusal, whose message starts ``logprobs=-1 (...)``."""
+request's field (``to_sampling_params``). The HTTP routes' pydantic bounds (``ge=-1``) catch
+``logprobs=-2`` first; a request built past them reaches SamplingParams' refusal, whose message
+starts ``logprobs must be ...`` (chat: the request's field is top_logprobs)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("request_, param", [
-    (CompletionRequest.model_construct(prompt="hi", logprobs=-1), "logprobs"),
-    (CompletionRequest.model_construct(prompt="hi", prompt_logprobs=-1), "prompt_logprobs"),
-    (ChatCompletionRequest.model_construct(messages=MESSAGES, logprobs=True, top_logprobs=-1), "top_logprobs"),
+    (CompletionRequest.model_construct(prompt="hi", logprobs=-2), "logprobs"),
+    (CompletionRequest.model_construct(prompt="hi", prompt_logprobs=-2), "prompt_logprobs"),
+    (ChatCompletionRequest.model_construct(messages=MESSAGES, logprobs=True, top_logprobs=-2), "top_logprobs"),
     (CompletionRequest.model_construct(prompt="hi", temperature=-1.0), "temperature"),
 ])
 def test_the_error_names_the_requests_field(request_, param):

@@ -61,7 +61,8 @@ class _SamplingFields(_Request):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    prompt_logprobs: Optional[int] = Field(None, ge=0)  # top-k logprobs per prompt token (not streamed)
+    # top-k logprobs per prompt token (not streamed); -1: the whole vocabulary (vLLM)
+    prompt_logprobs: Optional[int] = Field(None, ge=-1)
     truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)  # keep this many prompt tokens (-1: context)
     truncation_side: Optional[Literal["left", "right"]] = None  # left (default) keeps the last ones
     return_tokens_as_token_ids: Optional[bool] = None  # logprobs' tokens as "token_id:{id}"
@@ -74,16 +75,18 @@ class _SamplingFields(_Request):
     bad_words: Optional[list[str]] = None  # words never generated (SamplingParams.bad_words)
     use_beam_search: bool = False  # n is the beam width (openai/beam_search.py)
     length_penalty: Optional[float] = None  # beam search only (None: 1.0)
+    # lower is served first; non-zero needs --scheduling-policy priority (core/request_queue.py)
+    priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX)
+    # vLLM's: merged into SamplingParams.extra_args, for custom extensions
+    vllm_xargs: Optional[dict[str, Union[str, int, float, list[Union[str, int, float]]]]] = None
     # vLLM extras accepted only at their neutral value (UNSUPPORTED)
     spaces_between_special_tokens: bool = True
     logprob_token_ids: Optional[list[int]] = None
-    priority: int = 0
     watermarking: Optional[bool] = None
     thinking_token_budget: Optional[int] = None
     repetition_detection: Optional[Any] = None
     kv_transfer_params: Optional[Any] = None  # a KV connector's (SamplingParams.kv_transfer_params)
     ec_transfer_params: Optional[Any] = None
-    vllm_xargs: Optional[Any] = None
     logits_processors: Optional[Any] = None
     guided_whitespace_pattern: Optional[str] = None
     structural_tag: Optional[str] = None  # vLLM's older field (response_format structural_tag now)
@@ -171,7 +174,7 @@ class ChatTool(_Request):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = Field(None, ge=0)
+    top_logprobs: Optional[int] = Field(None, ge=-1)  # -1: the whole vocabulary (vLLM)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     response_format: Optional[ResponseFormat] = None
     tools: Optional[list[ChatTool]] = None
@@ -221,12 +224,10 @@ UNSUPPORTED: dict[str, tuple] = {
     # vLLM extras
     "spaces_between_special_tokens": (True,),
     "logprob_token_ids": (None,),
-    "priority": (0,),
     "watermarking": (None, False),
     "thinking_token_budget": (None, -1),
     "repetition_detection": (None,),
     "ec_transfer_params": (None,),
-    "vllm_xargs": (None,),
     "logits_processors": (None, []),
     "guided_whitespace_pattern": (None,),
     "structural_tag": (None,),
@@ -239,7 +240,6 @@ UNSUPPORTED_FIX: dict[str, str] = {
     "guided_whitespace_pattern": "send structured_outputs: {\"json\": ..., \"disable_any_whitespace\": "
                                  "true} for JSON without optional whitespace",
     "structural_tag": "send response_format: {\"type\": \"structural_tag\", ...}",
-    "priority": "requests are served first come, first served",
     "spaces_between_special_tokens": "special tokens are decoded as the tokenizer joins them; use "
                                      "skip_special_tokens",
 }

@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 from pydantic import BaseModel
 
+from tessellm.core.input_processor import check_priority
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.protocol import (CHAT_UNSUPPORTED, UNSUPPORTED, UNSUPPORTED_FIX,
@@ -108,21 +109,34 @@ def check_unsupported(req: BaseModel) -> None:
                           "best_of", "unsupported_parameter")
 
 
-def check_limits(req: Union[CompletionRequest, ChatCompletionRequest], config: ServerConfig) -> None:
+def check_limits(req: Union[CompletionRequest, ChatCompletionRequest], config: ServerConfig,
+                 info) -> None:
+    """The server's limits, and what the engine (``info``: its EngineInfo) takes: logprob
+    counts against its vocabulary, a priority under its scheduling policy (beam search too)."""
+    try:
+        check_priority(req.priority, info.scheduling_policy)
+    except ValueError as exc:
+        raise bad_request(str(exc), "priority") from None
     n = req.n or 1
     if n > config.max_n:
         raise bad_request(f"n is {n}, over this server's limit of {config.max_n} (--max-n).", "n")
     num_logprobs, field = _num_logprobs(req)
-    if num_logprobs is not None and num_logprobs > config.max_logprobs:
-        raise bad_request(f"{field} is {num_logprobs}, over this server's limit of "
-                          f"{config.max_logprobs} (--max-logprobs).", field)
-    if req.prompt_logprobs is not None and req.prompt_logprobs > config.max_logprobs:
-        raise bad_request(f"prompt_logprobs is {req.prompt_logprobs}, over this server's limit of "
-                          f"{config.max_logprobs} (--max-logprobs).", "prompt_logprobs")
+    for value, name in ((num_logprobs, field), (req.prompt_logprobs, "prompt_logprobs")):
+        _check_logprobs_limit(value, name, config.max_logprobs, info.vocab_size)
     max_tokens, field = requested_max_tokens(req)
     if max_tokens is not None and config.max_tokens is not None and max_tokens > config.max_tokens:
         raise bad_request(f"{field} is {max_tokens}, over this server's limit of {config.max_tokens} "
                           "output tokens per request (--max-tokens-limit).", field)
+
+
+def _check_logprobs_limit(value: Optional[int], name: str, limit: int, vocab_size: int) -> None:
+    """vLLM's rule: -1 asks for the whole vocabulary, and counts as ``vocab_size`` against
+    --max-logprobs (itself -1: no limit)."""
+    if value is None or limit == -1 or (vocab_size if value == -1 else value) <= limit:
+        return
+    asked = f"-1 (the whole vocabulary, {vocab_size} tokens)" if value == -1 else str(value)
+    raise bad_request(f"{name} is {asked}, over this server's limit of {limit} (--max-logprobs; "
+                      "a server started with --max-logprobs -1 has no limit).", name)
 
 
 def requested_max_tokens(req) -> tuple[Optional[int], str]:
@@ -196,9 +210,10 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
             bad_words=req.bad_words or None,
             structured_outputs=structured,
             kv_transfer_params=req.kv_transfer_params,
+            extra_args=dict(req.vllm_xargs) if req.vllm_xargs else None,  # vLLM's: merged there
         )
     except ValueError as exc:  # SamplingParams' messages start with the field's name
-        name = re.match(r"\w*", str(exc)).group()  # "logprobs=-1 (...)" names logprobs too
+        name = re.match(r"\w*", str(exc)).group()
         if name == "logprobs":  # the request's field that set it (chat: top_logprobs)
             name = logprobs_field
         raise bad_request(str(exc), name if name in type(req).model_fields else None) from exc

@@ -14,7 +14,7 @@ class ServerConfig:
     chat_template: Optional[str] = None  # template text (already read from --chat-template)
     tool_call_parser: Optional[str] = None  # --tool-call-parser: parses tool_choice "auto" output
     max_n: int = 16  # most samples per request (n, best_of)
-    max_logprobs: int = 20  # most top logprobs per token (logprobs / top_logprobs)
+    max_logprobs: int = 20  # most top logprobs per token (logprobs / top_logprobs); -1: no limit
     max_tokens: Optional[int] = None  # most output tokens per request; None: the context length
     max_prompts: int = 64  # most prompts in one /v1/completions request
     max_body_bytes: int = 4 << 20  # request body

@@ -138,8 +138,9 @@ def request_log(engine: AsyncLLM) -> RequestLog:
 
 
 def submit(engine: AsyncLLM, base_id: str, prompts: list[ProcessedPrompt],
-           params: list[SamplingParams], lora_request=None, cache_salt=None) -> Submitted:
-    """``cache_salt``: the request's (vLLM's field), for every prompt of it."""
+           params: list[SamplingParams], lora_request=None, cache_salt=None,
+           priority: int = 0) -> Submitted:
+    """``cache_salt``, ``priority``: the request's (vLLM's fields), for every prompt of it."""
     sub = Submitted([], [], asyncio.Event(), prompts)
     log = request_log(engine)
     try:
@@ -149,7 +150,8 @@ def submit(engine: AsyncLLM, base_id: str, prompts: list[ProcessedPrompt],
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             rid = f"{base_id}-{i}"
             log.received(rid, prompt, p)
-            sub.streams.append(engine.add_request(rid, prompt, p, sub.event, lora_request))
+            sub.streams.append(engine.add_request(rid, prompt, p, sub.event, lora_request,
+                                                  priority=priority))
             sub.request_ids.append(rid)
     except BaseException as exc:
         sub.abort(engine)

@@ -56,7 +56,7 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
         outputs = await beam_search(engine, [processed], beams, lora, req.cache_salt, http_request,
                                     config.sse_keepalive_s)
         return view.response(outputs[0])
-    sub = submit(engine, job.request_id, [processed], [job.params], lora, req.cache_salt)
+    sub = submit(engine, job.request_id, [processed], [job.params], lora, req.cache_salt, req.priority)
     if req.stream:
         return sse_response(engine, sub, _ChatChunks(view), config.sse_keepalive_s, req.stream_options)
     outputs = await collect(engine, sub, http_request, config.sse_keepalive_s)
@@ -89,7 +89,7 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     apply_server_defaults(req, config)
     template = request_chat_template(req, config)
     check_kv_transfer_params(req, engine.info)
-    check_limits(req, config)
+    check_limits(req, config, engine.info)
     harmony = harmony_on(engine, config.tool_call_parser)  # gpt-oss (openai/harmony.py)
     plan = ToolPlan(req, TOOL_PARSER if harmony else config.tool_call_parser)
     structured = structured_from_request(req, plan.forced_schema())
@@ -280,7 +280,7 @@ class _ChatView:
         self.model = model
         self.id = request_id
         self.created = int(time.time())
-        self.top = req.top_logprobs or 0
+        self.top = None if req.top_logprobs == -1 else req.top_logprobs or 0  # -1: all of them
         self.prompt_tokens = 0
         self.prompt_ids: list[int] = []
         self.role = "assistant"  # the reply's role (prepare_chat: --response-role)

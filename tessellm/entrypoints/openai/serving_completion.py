@@ -36,7 +36,7 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
     check_unsupported(req)
     apply_server_defaults(req, config)
     check_kv_transfer_params(req, engine.info)
-    check_limits(req, config)
+    check_limits(req, config, engine.info)
     keep = truncation(req, engine.info.max_model_len)
     if req.prompt_embeds is not None:  # as vLLM: the embeddings' prompts first, then prompt's
         prompts, processed = await _embeds_prompts(engine, req, keep, config.max_prompts)
@@ -69,7 +69,7 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
                                       req.stream_options)
         return view.response(await beam_search(engine, processed, beams, lora, req.cache_salt, http_request,
                                                config.sse_keepalive_s))
-    sub = submit(engine, request_id, processed, params, lora, req.cache_salt)
+    sub = submit(engine, request_id, processed, params, lora, req.cache_salt, req.priority)
     if req.stream:
         return sse_response(engine, sub, _CompletionChunks(view, len(prompts)), config.sse_keepalive_s,
                             req.stream_options)
