@@ -25,7 +25,7 @@ if "TRITON_INTERPRET" not in os.environ:
 import torch  # noqa: E402, F401
 
 from tessellm import envs as _envs  # noqa: E402
-from tessellm.loader.transformers_classes import dtype_kwargs  # noqa: E402
+from tessellm.loader.transformers_classes import TransformersTooOld, dtype_kwargs  # noqa: E402
 
 for _key, _value in _envs.engine_process_env_defaults().items():
     os.environ.setdefault(_key, _value)
@@ -201,7 +201,11 @@ def tiny_model_dir(tmp_path_factory):
     def make(arch: str) -> str:
         if arch not in made:
             torch.manual_seed(1234)
-            model = AutoModelForCausalLM.from_config(configs[arch], **dtype_kwargs(torch.float32))
+            try:
+                config = configs[arch]
+            except TransformersTooOld as exc:  # e.g. qwen3 on the floor release (4.48)
+                pytest.skip(str(exc))
+            model = AutoModelForCausalLM.from_config(config, **dtype_kwargs(torch.float32))
             path = os.path.join(root, arch)
             model.save_pretrained(path)
             made[arch] = path

@@ -9,7 +9,8 @@ needs a newer release only when a model of that family loads:
     LLM("a Qwen3 checkpoint")          -> transformers_class("Qwen3Config", "Qwen3")  or
                                           AutoConfig on config.json's model_type "qwen3"
         transformers has it            -> the class
-        transformers lacks it          -> one ValueError: the family, the installed release,
+        transformers lacks it          -> one TransformersTooOld (a ValueError): the family, the
+                                          installed release,
                                           pip install -U "transformers>=4.51.3"
 
 Invariant (tests/loader/test_transformers_floor.py): tessellm's ``from transformers import X``
@@ -47,6 +48,10 @@ FIRST_RELEASE = {
 }
 
 
+class TransformersTooOld(ValueError):
+    """A model needs a transformers class or model type the installed release lacks."""
+
+
 def _installed_version() -> str:
     import transformers
 
@@ -71,24 +76,24 @@ def upgrade_message(family: str, needs: str, since: Optional[str]) -> str:
 
 def transformers_class(name: str, family: str):
     """transformers' class ``name`` (e.g. ``"Qwen3Config"``) for a model of ``family``; a
-    ValueError naming the family, the installed release and the fix where this release lacks it."""
+    TransformersTooOld naming the family, the installed release and the fix where it lacks it."""
     import transformers
 
     cls = getattr(transformers, name, None)
     if cls is None:
-        raise ValueError(upgrade_message(family, name, FIRST_RELEASE.get(name)))
+        raise TransformersTooOld(upgrade_message(family, name, FIRST_RELEASE.get(name)))
     return cls
 
 
 def auto_config(path: str):
     """``AutoConfig.from_pretrained(path)``; a checkpoint whose ``model_type`` this transformers
-    does not know is the ValueError above instead of transformers' own KeyError / ValueError."""
+    does not know is TransformersTooOld instead of transformers' own KeyError / ValueError."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = _model_type(path)
     if model_type is not None and model_type not in CONFIG_MAPPING:
-        raise ValueError(upgrade_message(f"{model_type!r} ({path})", f"model type {model_type!r}",
+        raise TransformersTooOld(upgrade_message(f"{model_type!r} ({path})", f"model type {model_type!r}",
                                          FIRST_RELEASE.get(model_type)))
     return AutoConfig.from_pretrained(path)
 

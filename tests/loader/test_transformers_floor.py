@@ -18,7 +18,8 @@ from packaging.version import Version
 from tessellm.config import resolve_model
 from tessellm.loader import transformers_classes
 from tessellm.loader.gguf_loader import _ARCHITECTURES
-from tessellm.loader.transformers_classes import (FIRST_RELEASE, TRANSFORMERS_FLOOR, auto_config,
+from tessellm.loader.transformers_classes import (FIRST_RELEASE, TRANSFORMERS_FLOOR,
+                                                  TransformersTooOld, auto_config,
                                                   transformers_class)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -90,8 +91,9 @@ def test_a_class_this_release_has_resolves():
 
 
 def test_a_missing_class_is_one_error_naming_family_release_and_fix(monkeypatch):
+    assert issubclass(TransformersTooOld, ValueError)  # the CLI prints a ValueError as one line
     monkeypatch.setitem(FIRST_RELEASE, "NoSuchConfig", "99.1.0")
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(TransformersTooOld) as info:
         transformers_class("NoSuchConfig", "Nosuch")
     message = str(info.value)
     assert message.startswith("Loading a Nosuch model needs transformers' NoSuchConfig (new in "
@@ -117,7 +119,7 @@ def test_a_model_type_this_release_lacks_is_one_clear_error(tmp_path, monkeypatc
     transformers' KeyError, from the same path LLM(...) takes (config.resolve_model)."""
     monkeypatch.setitem(FIRST_RELEASE, "no_such_type", "99.2.0")
     path = _checkpoint(tmp_path, "no_such_type")
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(TransformersTooOld, match=re.escape(
             f"Loading a 'no_such_type' ({path}) model needs transformers' model type 'no_such_type' "
             f"(new in transformers 99.2.0), which the installed transformers {transformers.__version__} "
             'lacks; fix: pip install -U "transformers>=99.2.0"')):
