@@ -66,12 +66,12 @@ def dtype_kwargs(dtype) -> dict:
     return {"dtype" if Version(_installed_version()) >= Version("4.56") else "torch_dtype": dtype}
 
 
-def upgrade_message(family: str, needs: str, since: Optional[str]) -> str:
-    """One sentence: the family, what it needs, the installed transformers, the fix."""
+def upgrade_message(subject: str, needs: str, since: Optional[str]) -> str:
+    """One sentence: what is loaded, what it needs, the installed transformers, the fix."""
     floor = f"transformers>={since}" if since else "transformers"
     newer = f" (new in transformers {since})" if since else ""
-    return (f"Loading a {family} model needs transformers' {needs}{newer}, which the installed "
-            f"transformers {_installed_version()} lacks; fix: pip install -U \"{floor}\"")
+    return (f"{subject} needs transformers' {needs}{newer}, which the installed transformers "
+            f"{_installed_version()} lacks; fix: pip install -U \"{floor}\"")
 
 
 def transformers_class(name: str, family: str):
@@ -81,20 +81,21 @@ def transformers_class(name: str, family: str):
 
     cls = getattr(transformers, name, None)
     if cls is None:
-        raise TransformersTooOld(upgrade_message(family, name, FIRST_RELEASE.get(name)))
+        raise TransformersTooOld(upgrade_message(f"A {family} model", name, FIRST_RELEASE.get(name)))
     return cls
 
 
 def auto_config(path: str):
-    """``AutoConfig.from_pretrained(path)``; a checkpoint whose ``model_type`` this transformers
-    does not know is TransformersTooOld instead of transformers' own KeyError / ValueError."""
+    """``AutoConfig.from_pretrained(path)``; a checkpoint of a family newer than this transformers
+    (its ``model_type`` in FIRST_RELEASE, unknown here) is TransformersTooOld instead of
+    transformers' own error. Other unknown types keep that error (custom code, a typo)."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = _model_type(path)
-    if model_type is not None and model_type not in CONFIG_MAPPING:
-        raise TransformersTooOld(upgrade_message(f"{model_type!r} ({path})", f"model type {model_type!r}",
-                                         FIRST_RELEASE.get(model_type)))
+    if model_type in FIRST_RELEASE and model_type not in CONFIG_MAPPING:
+        raise TransformersTooOld(upgrade_message(f"The {model_type!r} checkpoint {path}",
+                                                 f"{model_type!r} config", FIRST_RELEASE[model_type]))
     return AutoConfig.from_pretrained(path)
 
 

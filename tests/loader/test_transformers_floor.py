@@ -96,7 +96,7 @@ def test_a_missing_class_is_one_error_naming_family_release_and_fix(monkeypatch)
     with pytest.raises(TransformersTooOld) as info:
         transformers_class("NoSuchConfig", "Nosuch")
     message = str(info.value)
-    assert message.startswith("Loading a Nosuch model needs transformers' NoSuchConfig (new in "
+    assert message.startswith("A Nosuch model needs transformers' NoSuchConfig (new in "
                               "transformers 99.1.0)")
     assert f"installed transformers {transformers.__version__} lacks" in message
     assert message.endswith('fix: pip install -U "transformers>=99.1.0"')
@@ -120,10 +120,17 @@ def test_a_model_type_this_release_lacks_is_one_clear_error(tmp_path, monkeypatc
     monkeypatch.setitem(FIRST_RELEASE, "no_such_type", "99.2.0")
     path = _checkpoint(tmp_path, "no_such_type")
     with pytest.raises(TransformersTooOld, match=re.escape(
-            f"Loading a 'no_such_type' ({path}) model needs transformers' model type 'no_such_type' "
-            f"(new in transformers 99.2.0), which the installed transformers {transformers.__version__} "
+            f"The 'no_such_type' checkpoint {path} needs transformers' 'no_such_type' config (new in "
+            f"transformers 99.2.0), which the installed transformers {transformers.__version__} "
             'lacks; fix: pip install -U "transformers>=99.2.0"')):
         resolve_model(path)
+
+
+def test_an_unknown_model_type_of_no_listed_family_keeps_transformers_error(tmp_path):
+    """Not a newer release's family (custom code, a typo): transformers' own error, which says so."""
+    with pytest.raises(ValueError) as info:
+        auto_config(_checkpoint(tmp_path, "no_such_type"))
+    assert not isinstance(info.value, TransformersTooOld) and "no_such_type" in str(info.value)
 
 
 def test_a_known_model_type_loads_its_config(tmp_path):
