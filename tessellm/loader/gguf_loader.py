@@ -48,7 +48,8 @@ ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (ggu
 
 # GGUF `general.architecture` -> (HF architecture name, transformers config class name, llama.cpp
 # permuted q/k rows). Names, resolved when a file of that architecture loads: a transformers
-# release without one family's config (ExaoneConfig is newer than 5.17) still loads the others.
+# release without one family's config (ExaoneConfig arrived in 5.24: transformers_classes.py) still
+# loads the others.
 _ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", True),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", False),
