@@ -317,9 +317,9 @@ def resolve_model(model: Optional[str]) -> ModelSource:
     path = model if os.path.isdir(model) else _from_hf_cache(model)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json; give a model directory or a .gguf file.")
-    from transformers import AutoConfig
+    from tessellm.loader.transformers_classes import auto_config
 
-    config = AutoConfig.from_pretrained(path)
+    config = auto_config(path)  # a model type newer than this transformers: one clear error
     has_tok = any(os.path.exists(os.path.join(path, f))
                   for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
     return ModelSource(path, "dir", config, has_tok)

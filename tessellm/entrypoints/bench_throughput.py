@@ -192,14 +192,17 @@ def _load_hf(source, load_format: str, dtype, device):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tessellm.loader.transformers_classes import dtype_kwargs
+
     if load_format == "dummy":
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(source.hf_config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(source.hf_config, **dtype_kwargs(dtype))
     elif source.kind == "gguf":
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(source.path),
-                                                     gguf_file=os.path.basename(source.path), dtype=dtype)
+                                                     gguf_file=os.path.basename(source.path),
+                                                     **dtype_kwargs(dtype))
     else:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.path, **dtype_kwargs(dtype))
     return model.to(device).eval()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from transformers import Gemma3TextConfig
+from tessellm.loader.transformers_classes import transformers_class
 
 GEMMA3_LAYER_NAMES = {  # blk.{i}.KEY -> model.layers.{i}.VALUE (overrides of the llama names)
     "ffn_norm": "pre_feedforward_layernorm",
@@ -41,14 +41,15 @@ END_OF_TURN_ID = 106  # in every Gemma 3 vocabulary; HF's generation_config list
 
 
 def gemma3_config(hp, common: dict, eos, embed_rows,
-                  rope_scaling: Optional[dict] = None) -> Gemma3TextConfig:
+                  rope_scaling: Optional[dict] = None):
     """``hp(key, default)`` reads ``gemma3.<key>``; ``common``: the fields every architecture
     reads alike (gguf_loader.py). Defaults as HF's GGUF loading uses them: sliding pattern
     5 local : 1 global, local rope base 10000, query scale head_dim. ``rope_scaling`` (the
-    4B-27B models' linear factor 8) applies to the global layers, as in HF and llama.cpp."""
+    4B-27B models' linear factor 8) applies to the global layers, as in HF and llama.cpp.
+    Returns a ``Gemma3TextConfig`` (transformers >= 4.50: resolved here, by name)."""
     hidden, heads = common["hidden_size"], common["num_attention_heads"]
     extra = {"rope_scaling": rope_scaling} if rope_scaling else {}
-    return Gemma3TextConfig(
+    return transformers_class("Gemma3TextConfig", "Gemma 3")(
         **extra,
         architectures=["Gemma3ForCausalLM"],
         **common,

@@ -32,7 +32,6 @@ from typing import Any, Optional
 import gguf
 import numpy as np
 import torch
-import transformers
 from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 from tessellm.loader.gguf_families import (FAMILY_GLOBAL_NAMES, FAMILY_LAYER_NAMES, FUSED_ROWS,
@@ -43,12 +42,14 @@ from tessellm.loader.gguf_gemma3 import GEMMA3_LAYER_NAMES, gemma3_config, gemma
 from tessellm.loader.gguf_moe import (MOE_ARCHS, MOE_LAYER_NAMES, expert_kind, moe_fields,
                                       split_experts)
 from tessellm.loader.gguf_rope import gguf_rope_scaling
+from tessellm.loader.transformers_classes import transformers_class
 
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (gguf_rope.py)
 
 # GGUF `general.architecture` -> (HF architecture name, transformers config class name, llama.cpp
 # permuted q/k rows). Names, resolved when a file of that architecture loads: a transformers
-# release without one family's config (ExaoneConfig is newer than 5.17) still loads the others.
+# release without one family's config (ExaoneConfig arrived in 5.24: transformers_classes.py) still
+# loads the others.
 _ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "LlamaConfig", True),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", False),
@@ -183,15 +184,9 @@ def _architecture(header: _Header) -> str:
 
 
 def _config_class(arch: str, name: Optional[str]):
-    """transformers' config class ``name`` for a GGUF file of ``arch``; a clear error where this
-    transformers release lacks it."""
-    if name is None:
-        return None
-    cls = getattr(transformers, name, None)
-    if cls is None:
-        raise ValueError(f"GGUF architecture {arch!r} needs transformers' {name}, which transformers "
-                         f"{transformers.__version__} lacks; upgrade it: pip install -U transformers")
-    return cls
+    """transformers' config class ``name`` for a GGUF file of ``arch``; one clear error where this
+    transformers release lacks it (``transformers_classes.transformers_class``)."""
+    return None if name is None else transformers_class(name, f"GGUF {arch!r}")
 
 
 def _hparam(header: _Header, arch: str, key: str, default: Any = ...) -> Any:
@@ -276,7 +271,13 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
     )
-    if _read_header(path).metadata.get("general.architecture") == "gemma3":
+    metadata = _read_header(path).metadata
+    eos = metadata.get("tokenizer.ggml.eos_token_id")
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos and eos < len(tokenizer):
+        # transformers before 4.56 (4.48 and 4.51 measured) makes the bundled SmolLM2's EOS
+        # <|im_start|> (id 1); the file says <|im_end|> (2), as llama.cpp and the engine use it.
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    if metadata.get("general.architecture") == "gemma3":
         gemma3_tokenizer_fixups(tokenizer)
     return tokenizer
 

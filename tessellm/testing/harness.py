@@ -172,10 +172,12 @@ def save_tiny_llama(root: str, seed: int = 1234) -> str:
     """Build a random Llama from an HF config (head size 16) and save it as safetensors."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from tessellm.loader.transformers_classes import dtype_kwargs
+
     path = os.path.join(root, "tiny-llama")
     if not os.path.exists(os.path.join(path, "config.json")):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY_LLAMA), **dtype_kwargs(torch.float32))
         model.save_pretrained(path)
     return path
 

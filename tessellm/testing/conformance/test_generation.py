@@ -35,7 +35,9 @@ def test_cpu_matches_hf_transformers(target, tiny_llama_dir, cpu_tokens):
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    from tessellm.loader.transformers_classes import dtype_kwargs
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, **dtype_kwargs(torch.float32))
     hf.generation_config.eos_token_id = None  # as our ignore_eos: EOS may be chosen, never stops
     for prompt, got in zip(PROMPTS[:2], cpu_tokens[:2]):
         ids = hf.generate(torch.tensor([prompt]), max_new_tokens=8,
