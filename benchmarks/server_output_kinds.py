@@ -121,9 +121,10 @@ async def run(args) -> dict:
     from tessellm.entrypoints.openai.server_config import ServerConfig
 
     with tempfile.TemporaryDirectory() as root:
+        per_request = args.tokens + 64  # the chat prompt's tokens and more
         engine = AsyncLLM(EngineArgs(model=tiny_model(root), device="cpu", dtype="float32",
-                                     max_num_seqs=args.requests, num_kv_blocks=args.requests * 8,
-                                     max_model_len=256))
+                                     max_num_seqs=args.requests, max_model_len=per_request,
+                                     num_kv_blocks=args.requests * (per_request // 16 + 1)))
         results: dict = {"tessellm": os.path.dirname(tessellm.__file__), "requests": args.requests,
                          "tokens": args.tokens, "scenarios": {}}
         try:
