@@ -10,9 +10,11 @@ core sends and routes each ``RequestOutput`` to its request's stream::
         |                                                                  | detokenize, stop strings
         '-> RequestStream <------------------ latest RequestOutput -------'
 
-Outputs are cumulative (each holds the whole text so far), so a stream keeps only the newest
-one: a slow consumer skips intermediate states instead of queueing them. (A request whose
-``output_kind`` is DELTA: the stream folds the outputs not yet taken into one.)
+Outputs are cumulative by default (each holds the whole text so far), so a stream keeps only
+the newest one: a slow consumer skips intermediate states instead of queueing them. A request
+whose ``output_kind`` is DELTA (the OpenAI server's streams) gets only what is new in each, and
+its stream folds the outputs not yet taken into one; FINAL_ONLY (the server's requests
+answered whole) gets one output, at the end.
 
 Everything here runs on the event loop thread, except tokenization and chat templating
 (``process_prompt_async``, ``run_off_loop``: a small thread pool, so a huge prompt never stalls

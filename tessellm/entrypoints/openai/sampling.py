@@ -12,7 +12,7 @@ from typing import Optional, Union
 from pydantic import BaseModel
 
 from tessellm.core.input_processor import check_priority
-from tessellm.core.sampling_params import SamplingParams
+from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.protocol import (CHAT_UNSUPPORTED, UNSUPPORTED, UNSUPPORTED_FIX,
                                                   ChatCompletionRequest, CompletionRequest, StreamOptions)
@@ -188,6 +188,7 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
     try:
         return SamplingParams(
             n=req.n or 1,
+            output_kind=output_kind(req),
             temperature=pick("temperature", 1.0),
             top_p=pick("top_p", 1.0),
             top_k=pick("top_k", 0) or 0,
@@ -217,6 +218,12 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
         if name == "logprobs":  # the request's field that set it (chat: top_logprobs)
             name = logprobs_field
         raise bad_request(str(exc), name if name in type(req).model_fields else None) from exc
+
+
+def output_kind(req) -> RequestOutputKind:
+    """vLLM's server's: a stream takes DELTA outputs (only what is new each step), a request
+    answered whole FINAL_ONLY (one output, at its end); see serving.py."""
+    return RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY
 
 
 def _prompt_logprobs(req, num_logprobs: Optional[int]) -> Optional[int]:

@@ -6,6 +6,11 @@ chunk, ``data: [DONE]`` at the end, an SSE comment (``: keep-alive``) after ever
 open, and an error that happens mid-stream as a last ``data: {"error": ...}`` event.
 Whatever ends the stream (done, error, client gone: Starlette cancels the generator) aborts
 the requests that are still running, which frees their KV blocks in the core.
+
+Output kinds (``to_sampling_params``, as vLLM's server): a streamed request's outputs are
+DELTA, each with only what is new (a renderer sends it as it is, keeping what it needs of the
+whole in ``output_so_far``); a request answered whole is FINAL_ONLY, so ``collect`` gets one
+output, the finished one, and is not woken by the steps before it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.entrypoints.async_llm import AsyncLLM, RequestStream, iterate_streams
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request, from_validation_error
+from tessellm.entrypoints.openai.output_so_far import RequestSoFar
 from tessellm.entrypoints.openai.protocol_responses import PromptLogprob, PromptLogprobs, UsageInfo
 
 logger = logging.getLogger(__name__)
@@ -203,9 +209,15 @@ def sse_response(engine: AsyncLLM, sub: Submitted, renderer: ChunkRenderer, hear
 
 
 async def _logged(items, log: RequestLog):
+    """``items`` as they are; each request's whole output logged when it finishes (its DELTA
+    outputs folded)."""
+    so_far: dict[int, RequestSoFar] = {}
     async for item in items:
-        if item is not None and item[1].finished:
-            log.finished(item[1])
+        if item is not None:
+            whole = so_far.setdefault(item[0], RequestSoFar())
+            whole.add(item[1])
+            if whole.finished:
+                log.finished(whole.output())
         yield item
 
 

@@ -21,6 +21,7 @@ from tessellm.entrypoints.openai.beam_search import beam_params, beam_search, be
 from tessellm.entrypoints.openai.errors import bad_request, prompt_error
 from tessellm.entrypoints.openai.harmony import TOOL_PARSER, HarmonyPlan, HarmonyStream, harmony_on
 from tessellm.entrypoints.openai.harmony import template_tools as harmony_template_tools
+from tessellm.entrypoints.openai.output_so_far import RequestSoFar
 from tessellm.entrypoints.openai.protocol import ChatCompletionRequest, ChatMessage
 from tessellm.entrypoints.openai.protocol_responses import (ChatChoice, ChatChoiceLogProbs,
                                                             ChatCompletionChunk, ChatCompletionResponse,
@@ -358,22 +359,27 @@ def _top(token: str, lp: Logprob) -> ChatLogProbTop:
 
 
 class _ChatChunks:
-    """Stream rendering: a role chunk per choice, then content deltas; finish_reason on the last."""
+    """Stream rendering of DELTA outputs (serving.py; a beam search's one finished output is its
+    own delta): a role chunk per choice, then content deltas; finish_reason on the last. The
+    parsers (tools, reasoning, harmony) read each choice's whole text, kept in ``RequestSoFar``."""
 
     def __init__(self, view: _ChatView):
         self.view = view
         self.n = view.req.n or 1
-        self.sent_text = [0] * self.n
-        self.sent_tokens = [0] * self.n
+        self.so_far = RequestSoFar()
         self.sent_ids = [0] * self.n  # return_token_ids: a held-back chunk's ids go with the next
         self.done = [False] * self.n
-        self.final: Optional[RequestOutput] = None
         plan = view.plan
         self.tools = [plan.view() if plan is not None else None for _ in range(self.n)]
         thinking = view.reasoning
         self.thinking = [ReasoningStream(thinking) if thinking is not None else None for _ in range(self.n)]
         harmony = view.harmony
         self.harmony = [HarmonyStream(harmony) if harmony is not None else None for _ in range(self.n)]
+
+    @property
+    def final(self) -> Optional[RequestOutput]:
+        """The finished output, whole (its usage; /v1/responses), once the stream had it."""
+        return self.so_far.output() if self.so_far.finished else None
 
     def _chunk(self, choices, usage_info=None, prompt_ids=None) -> ChatCompletionChunk:
         v = self.view
@@ -395,50 +401,46 @@ class _ChatChunks:
 
     def update(self, _index: int, out: RequestOutput):
         chunks = []
-        if out.finished:
-            self.final = out
+        self.so_far.add(out)
         for co in out.outputs:
             i = co.index
             if self.done[i]:
                 continue
-            text = co.text[self.sent_text[i]:]
-            new_ids = co.token_ids[self.sent_tokens[i]:]
-            reason = finish_reason(co.finish_reason)
+            whole = self.so_far.choice(i)
+            text, new_ids, reason = co.text, co.token_ids, finish_reason(co.finish_reason)
             if not (text or reason or (new_ids and self.view.req.logprobs)):
                 continue
             logprobs = None
             if self.view.req.logprobs:
-                entries = (co.logprobs or [])[self.sent_tokens[i]:len(co.token_ids)]
-                logprobs = ChatChoiceLogProbs(content=self.view.logprobs(new_ids, entries))
-            self.sent_text[i], self.sent_tokens[i] = len(co.text), len(co.token_ids)
+                logprobs = ChatChoiceLogProbs(content=self.view.logprobs(new_ids, co.logprobs or []))
             self.done[i] = reason is not None
             delta = DeltaMessage(content=text) if text else DeltaMessage()
             if self.harmony[i] is not None:
-                fields, content, pieces = self.harmony[i].delta(co.text, reason is not None)
+                fields, content, pieces = self.harmony[i].delta(whole.text, reason is not None)
                 delta = DeltaMessage(content=content or None, tool_calls=pieces or None, **fields)
                 reason = self.view.tool_reason(self.harmony[i].view.num_calls > 0, reason)
                 if not (delta.content or delta.reasoning or delta.tool_calls or reason or logprobs):
                     continue  # held back (a marker may be starting)
             elif self.thinking[i] is not None:
-                delta, reason = self._reasoning_delta(i, co, reason)
+                delta, reason = self._reasoning_delta(i, whole, reason)
                 if not (delta.content or delta.reasoning or delta.tool_calls or reason or logprobs):
                     continue  # held back (a marker may be starting), or reasoning not asked for
             elif self.tools[i] is not None:
-                delta, reason = self._tool_delta(i, co.text, reason)
+                delta, reason = self._tool_delta(i, whole.text, reason)
                 if not (delta.content or delta.tool_calls or reason or logprobs):
                     continue  # held back: it may be the start of a tool call
             ids = None
             if self.view.req.return_token_ids:
-                ids, self.sent_ids[i] = list(co.token_ids[self.sent_ids[i]:]), len(co.token_ids)
+                ids, self.sent_ids[i] = whole.token_ids[self.sent_ids[i]:], len(whole.token_ids)
             chunks.append(self._chunk([ChatStreamChoice(index=i, delta=delta, logprobs=logprobs,
                                                         finish_reason=reason, token_ids=ids,
                                                         stop_reason=co.stop_reason if reason else None)],
-                                      self._usage_now(len(co.token_ids))))
+                                      self._usage_now(len(whole.token_ids))))
         return chunks
 
-    def _reasoning_delta(self, i: int, co, reason: Optional[str]):
+    def _reasoning_delta(self, i: int, whole, reason: Optional[str]):
         final = reason is not None
-        fields, answer = self.thinking[i].delta(co.text, co.token_ids, final)
+        fields, answer = self.thinking[i].delta(whole.text, whole.token_ids, final)
         tools = self.tools[i]
         if tools is None:
             content, pieces = self.thinking[i].new_answer(answer), []
@@ -455,6 +457,7 @@ class _ChatChunks:
 
     def finish(self):
         req = self.view.req
-        if not (req.stream_options and req.stream_options.include_usage) or self.final is None:
+        final = self.final
+        if not (req.stream_options and req.stream_options.include_usage) or final is None:
             return []
-        return [self._chunk([], usage([self.final], self.view.usage_details))]
+        return [self._chunk([], usage([final], self.view.usage_details))]

@@ -15,6 +15,7 @@ from tessellm.core.outputs import Logprob, RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.openai.beam_search import beam_params, beam_search, beam_search_stream
 from tessellm.entrypoints.openai.errors import bad_request, prompt_error
+from tessellm.entrypoints.openai.output_so_far import RequestSoFar
 from tessellm.entrypoints.openai.protocol import CompletionRequest
 from tessellm.entrypoints.openai.protocol_responses import (CompletionChoice, CompletionLogProbs,
                                                             CompletionResponse)
@@ -209,54 +210,55 @@ class _CompletionView:
 
 
 class _CompletionChunks:
-    """Stream rendering: per choice, the text and tokens not sent yet."""
+    """Stream rendering of DELTA outputs (serving.py; a beam search's one finished output per
+    prompt is its own delta): per choice, what each output adds, the echoed prompt before its
+    first text; the totals (usage, the prompt's logprobs) kept in ``RequestSoFar``."""
 
     def __init__(self, view: _CompletionView, num_prompts: int):
         self.view = view
-        self.sent_text: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
+        self.so_far = [RequestSoFar() for _ in range(num_prompts)]
+        self.started: set[int] = set()  # choices that had their first chunk
+        self.done: set[int] = set()  # choices that had their finish_reason
         self.offsets: dict[int, int] = {}
-        self.finals: list[Optional[RequestOutput]] = [None] * num_prompts
 
     def start(self):
         return []
 
     def update(self, pi: int, out: RequestOutput):
-        view, chunks = self.view, []
+        view, chunks, so_far = self.view, [], self.so_far[pi]
         if view.req.echo_only and not out.finished:
+            so_far.keep_prompt_logprobs(out)  # DELTA: in the first output only
             return []
         out = view.visible(out)
-        if out.finished:
-            self.finals[pi] = out
+        so_far.add(out)
         for co in out.outputs:
             index = pi * view.n + co.index
-            first = index not in self.sent_text
-            text = co.text[self.sent_text.get(index, 0):]
-            new_ids = co.token_ids[self.sent_tokens.get(index, 0):]
-            done = finish_reason(co.finish_reason)
-            if not (first or text or new_ids or done) or self.sent_tokens.get(index) == -1:
+            first = index not in self.started
+            text, new_ids, done = co.text, co.token_ids, finish_reason(co.finish_reason)
+            if index in self.done or not (first or text or new_ids or done):
                 continue
             logprobs = None
             if view.req.logprobs is not None:
                 logprobs = CompletionLogProbs()
                 offset = self.offsets.get(index, 0)
                 if first and view.req.echo:
-                    offset = view.add_logprobs(logprobs, out.prompt_token_ids, out.prompt_logprobs or [], 0,
+                    offset = view.add_logprobs(logprobs, out.prompt_token_ids, so_far.prompt_logprobs or [], 0,
                                                view.req.logprobs)
-                start = self.sent_tokens.get(index, 0)
-                self.offsets[index] = view.add_logprobs(logprobs, new_ids, (co.logprobs or [])[start:], offset)
+                self.offsets[index] = view.add_logprobs(logprobs, new_ids, co.logprobs or [], offset)
             if first and view.req.echo:
                 text = view.prompt_texts[pi] + text
-            self.sent_text[index] = len(co.text)
-            self.sent_tokens[index] = -1 if done else len(co.token_ids)
+            self.started.add(index)
+            if done:
+                self.done.add(index)
             options, ids = view.req.stream_options, view.req.return_token_ids
             choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=done,
                                       stop_reason=co.stop_reason if done else None,
                                       prompt_token_ids=list(out.prompt_token_ids) if ids and first else None,
                                       token_ids=list(new_ids) if ids else None)
+            num_tokens = len(so_far.choice(co.index).token_ids)
             chunks.append(CompletionResponse(
                 id=view.id, created=view.created, model=view.model, choices=[choice],
-                usage=options.usage_now(len(out.prompt_token_ids), len(co.token_ids)) if options else None))
+                usage=options.usage_now(len(out.prompt_token_ids), num_tokens) if options else None))
         return chunks
 
     def finish(self):
@@ -264,5 +266,6 @@ class _CompletionChunks:
         if not (req.stream_options and req.stream_options.include_usage):
             return []
         view = self.view
+        finals = [s.output() for s in self.so_far if s.finished]
         return [CompletionResponse(id=view.id, created=view.created, model=view.model, choices=[],
-                                   usage=usage([o for o in self.finals if o is not None], view.usage_details))]
+                                   usage=usage(finals, view.usage_details))]
