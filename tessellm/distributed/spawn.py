@@ -44,6 +44,14 @@ forked it, while its import state is the one that forkserver was started with.
 
 A child's parent is the forkserver, not the caller: a child that must exit with the caller asks
 ``parent_gone()``, not ``os.getppid()``.
+
+**Ctrl-C.** A terminal sends SIGINT to its whole foreground process group: the caller, and every
+child (engine core, worker ranks) with it. A child ignores it (``SIG_IGN``, set before its target
+runs): its caller stops it through the normal path (the core's ``shutdown`` message, a worker's
+``shutdown`` command, a KV connector's saves written on the way), as vLLM's engine core does. A
+child that took the interrupt itself would die mid-step with a ``KeyboardInterrupt`` traceback,
+and race the caller's orderly shutdown (a server's drain saw its core dead). SIGTERM is left as
+it is (``core/core_stop.py``), and a child still exits by itself once its caller is gone.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import signal
 import sys
 import threading
 import types
@@ -319,7 +328,9 @@ def _received_stdio(*dupfds) -> tuple:
 
 def _run(target, args: tuple, env: dict, stdio: tuple, state: Optional[tuple] = None) -> None:
     """The child: the caller's environment and standard streams, then ``target(*args)``.
-    ``state``: forked, by the forkserver of this import state."""
+    ``state``: forked, by the forkserver of this import state. Ctrl-C is the caller's to handle
+    (module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.clear()
     os.environ.update(env)
     if state is not None:

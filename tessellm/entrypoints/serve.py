@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ from tessellm.entrypoints.vllm_args import add_vllm_server_arguments, check_pars
 
 logger = logging.getLogger("tessellm.serve")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face repo id: org/name
+_CTRL_C = 130  # the exit status of a program a Ctrl-C ended (128 + SIGINT), as a shell reports it
 
 
 # -- arguments -----------------------------------------------------------------------------
@@ -237,6 +239,10 @@ def _serve(args: argparse.Namespace, log_config: Optional[dict]) -> int:
         _close_listener(sock, getattr(args, "uds", None))
         print(f"tessellm serve: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while the engine starts: its core process is stopped
+        _close_listener(sock, getattr(args, "uds", None))
+        print("tessellm serve: interrupted while the engine started.", file=sys.stderr)
+        return _CTRL_C
     try:
         app = build_app(engine, config)
     except ValueError as exc:  # a bad --lora-modules adapter
@@ -260,11 +266,14 @@ def _serve(args: argparse.Namespace, log_config: Optional[dict]) -> int:
         args.shutdown_timeout)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # a second Ctrl-C, re-raised by uvicorn once it stopped
+        return _CTRL_C
     finally:
         if not engine.is_dead:
             engine.close()
         _close_listener(sock, getattr(args, "uds", None))
-    return 0
+    # Ctrl-C ends as one does (130), after the same drain and shutdown as SIGTERM's (0).
+    return _CTRL_C if app.state.lifecycle.stopped_by == signal.SIGINT else 0
 
 
 def _run_ray_serve(args: argparse.Namespace) -> int:
@@ -500,7 +509,7 @@ def _stream_to_terminal(engine) -> int:
     except KeyboardInterrupt:
         engine.abort_request("generate")
         print()
-        return 130
+        return _CTRL_C
     elapsed = time.perf_counter() - t0
     print()
     print(f"[{num_tokens} tokens in {elapsed:.1f}s, {num_tokens / max(elapsed, 1e-9):.1f} tok/s]",
