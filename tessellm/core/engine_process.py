@@ -357,6 +357,8 @@ class EngineCoreClient:
         self.proc = spawn_process(run_engine_core, name, (engine_args_to_dict(args), input_addr, output_addr,
                                                           os.getpid(), serving), daemon)
         self._ipc.adopt(self.proc)
+        # Dropped without close (the program ends): the core stops as close() stops it.
+        self._ipc.farewell([self.input], pack(["shutdown"]), CLOSE_WAIT_S)
         if wait:
             self.wait_ready(startup_timeout)
 
@@ -419,6 +421,7 @@ class EngineCoreClient:
         if self.closed or getattr(self, "_stop_sent", False):
             return
         self._stop_sent = True
+        self._ipc.stopping()  # close() waits its own bound: none again at exit
         if self.proc.is_alive():
             try:
                 self.input.send(pack(["shutdown"]), zmq.NOBLOCK)

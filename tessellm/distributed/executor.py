@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 import traceback
 from typing import Optional
 
@@ -41,6 +42,7 @@ from tessellm.distributed.spawn import parent_gone, spawn_process
 logger = logging.getLogger(__name__)
 
 _POLL_MS = 500  # how often a waiting side checks that the other is still alive
+_SHUTDOWN_WAIT_S = 10.0  # how long the ranks have to stop (their KV saves written) once asked
 
 
 class WorkerDiedError(RuntimeError):
@@ -162,6 +164,8 @@ class MultiprocExecutor(Executor):
                                   init_method, addr, results_addr, os.getpid()))
             self._procs.append(proc)
             self._ipc.adopt(proc)
+        # Dropped without shutdown (the program ends): the ranks stop as shutdown() stops them.
+        self._ipc.farewell(self._cmds, pack(["shutdown"]), _SHUTDOWN_WAIT_S)
         try:
             infos = {}
             while len(infos) < parallel.world_size:
@@ -271,14 +275,16 @@ class MultiprocExecutor(Executor):
     def shutdown(self) -> None:
         if getattr(self, "_procs", None) is None:
             return
+        self._ipc.stopping()  # the wait is this one's: none again at exit if it overruns
         if self._dead is None:
             try:
                 for sock in self._cmds:
                     sock.send(pack(["shutdown"]))
             except Exception:  # noqa: BLE001 - best effort; the processes are stopped below
                 pass
+            deadline = time.monotonic() + _SHUTDOWN_WAIT_S
             for proc in self._procs:
-                proc.join(timeout=10)
+                proc.join(timeout=max(0.0, deadline - time.monotonic()))
         self._stop_processes()
         self._ipc.release()
         self._procs = None
