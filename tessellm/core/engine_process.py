@@ -57,6 +57,7 @@ from tessellm.core.load_report import StepTimer, core_load, waiting_kv_blocks
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.step import STEP_SCHEMA_VERSION, build_dataclass, check_version
+from tessellm.distributed.executor import WorkerDiedError
 from tessellm.distributed.spawn import parent_gone, spawn_process
 from tessellm.metrics.compile_counter import COUNTER as COMPILE_COUNTER
 from tessellm.metrics.device_memory import DeviceMemoryProbe
@@ -171,6 +172,8 @@ def run_engine_core(args: dict, input_addr: str, output_addr: str, parent_pid: i
     except BaseException as exc:  # noqa: BLE001 - a SIGTERM's CoreTerminated included
         if isinstance(exc, CoreTerminated):
             logger.info("%s", exc)
+        elif isinstance(exc, WorkerDiedError):  # the rank logged its own traceback: one line here
+            logger.error("Engine core died: %s", exc)
         else:
             logger.error("Engine core died:\n%s", traceback.format_exc())
         out_sock.send(pack(["dead", f"{type(exc).__name__}: {exc}"]))

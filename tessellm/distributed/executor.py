@@ -17,7 +17,11 @@ worker or Ray actor returns step N's tokens only once it has launched N+1 (or is
 
 A worker that dies or raises makes the next call fail fast with ``WorkerDiedError`` naming the
 rank and the reason; the remaining workers are stopped (no rank is left waiting in a
-collective for a peer that will never come).
+collective for a peer that will never come). An ``mp`` rank that raises releases what it holds
+before it exits (its KV connector's saves under way written, its sockets closed), as one that is
+told to shut down does; the others are told to shut down too, and given the same time
+(``_SHUTDOWN_WAIT_S``) before they are terminated: one waiting in a collective for the failed
+rank fails there once that rank is gone, and exits the same way.
 """
 
 from __future__ import annotations
@@ -264,8 +268,24 @@ class MultiprocExecutor(Executor):
     def _fail(self, reason: str) -> None:
         logger.error("%s Stopping the other workers.", reason)
         self._dead = reason
-        self._stop_processes()
+        self._ipc.stopping()
+        self._wind_down()
         raise WorkerDiedError(reason)
+
+    def _wind_down(self) -> None:
+        """After a failure: every rank still running is told to shut down (and the failed one
+        is releasing), then given ``_SHUTDOWN_WAIT_S`` to exit before it is terminated."""
+        import zmq
+
+        for sock in self._cmds:
+            try:
+                sock.send(pack(["shutdown"]), zmq.NOBLOCK)
+            except zmq.ZMQError:  # that rank is gone
+                pass
+        deadline = time.monotonic() + _SHUTDOWN_WAIT_S
+        for proc in self._procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._stop_processes()
 
     def _stop_processes(self) -> None:
         from tessellm.core.ipc import stop_processes
@@ -308,6 +328,7 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
     results = ctx.socket(zmq.PUSH)
     results.connect(results_addr)
     config = ParallelConfig(**parallel)
+    worker = None
     try:
         from tessellm.distributed.worker import Worker
 
@@ -319,6 +340,7 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
         if not isinstance(exc, SystemExit):
             logger.error("Worker failed:\n%s", traceback.format_exc())
             results.send(pack(["error", rank, f"{type(exc).__name__}: {exc}"]))
+        _release_failed(worker)  # the core knows; now what the rank holds (its saves under way)
         cmds.close(linger=0)
         results.close(linger=2000)  # let the error reach the core
         ctx.term()
@@ -328,11 +350,24 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
     ctx.term()
 
 
+def _release_failed(worker) -> None:
+    """``worker.release()`` after a failure (not built, or released already: nothing); a
+    failure of its own is logged, the rank exits all the same."""
+    if worker is None or worker.runner is None:
+        return
+    try:
+        worker.release()
+    except Exception:  # noqa: BLE001
+        logger.exception("Worker rank %d failed to release after its failure.", worker.rank)
+
+
 def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> None:
+    from tessellm import envs
     from tessellm.metrics.compile_counter import COUNTER
 
     held = None  # a launched step whose tokens wait for the next step or a flush (deferred)
     reported = 0  # compilations after ready that the core knows of
+    fails_at, steps = envs.test_worker_fails_at(), 0  # a test's failing rank (envs.py)
 
     def send(handle) -> None:
         nonlocal reported
@@ -353,6 +388,10 @@ def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> No
         kind = msg[0]
         if kind == "execute":
             handle = worker.execute_async(decode_scheduler_output(msg[1]))
+            steps += 1
+            if fails_at == (worker.rank, steps):
+                raise RuntimeError(f"rank {worker.rank} fails in its step {steps} "
+                                   "(TESSELLM_TEST_WORKER_FAILS_AT, a test's hook)")
             if held is not None:  # launched first, so the device has the next step queued
                 send(held)
                 held = None
