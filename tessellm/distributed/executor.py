@@ -338,7 +338,11 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
         worker.release()  # the KV connector's saves under way are written before the rank exits
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the core
         if not isinstance(exc, SystemExit):
-            logger.error("Worker failed:\n%s", traceback.format_exc())
+            if _told_to_stop(cmds):  # a peer failed first (this rank's collective with it broke)
+                logger.warning("Worker stopped after another rank's failure: %s: %s",
+                               type(exc).__name__, exc)
+            else:
+                logger.error("Worker failed:\n%s", traceback.format_exc())
             results.send(pack(["error", rank, f"{type(exc).__name__}: {exc}"]))
         _release_failed(worker)  # the core knows; now what the rank holds (its saves under way)
         cmds.close(linger=0)
@@ -348,6 +352,19 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
     cmds.close(linger=0)
     results.close(linger=2000)
     ctx.term()
+
+
+def _told_to_stop(cmds) -> bool:
+    """Whether the core has told this failed rank to shut down already (it does when another
+    rank failed: ``MultiprocExecutor._wind_down``); reads the commands waiting."""
+    import zmq
+
+    while True:
+        try:
+            if unpack(cmds.recv(zmq.NOBLOCK))[0] == "shutdown":
+                return True
+        except zmq.Again:
+            return False
 
 
 def _release_failed(worker) -> None:
