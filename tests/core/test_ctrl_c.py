@@ -123,11 +123,12 @@ def _free_port() -> int:
 
 
 def _serve_argv(model: str, store, port: int) -> list[str]:
-    argv = [sys.executable, "-m", "tessellm.entrypoints.cli", "serve", model, "--host", "127.0.0.1",
-            "--port", str(port), "--tensor-parallel-size", "2"]
-    for key, value in _engine_flags(store).items():
-        argv += [f"--{key.replace('_', '-')}", json.dumps(value) if isinstance(value, dict) else str(value)]
-    return argv
+    from tessellm.config import EngineArgs
+    from tessellm.entrypoints.engine_args import engine_flags
+
+    args = EngineArgs(model=model, tensor_parallel_size=2, **_engine_flags(store))
+    return [sys.executable, "-m", "tessellm.entrypoints.cli", "serve", model, "--host", "127.0.0.1",
+            "--port", str(port), *engine_flags(args)]
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, log_path) -> None:
