@@ -30,7 +30,8 @@ Invariants
   way written, the LoRA loader ended, the worker processes stopped): the ``shutdown`` message,
   the parent gone, an error in warm-up or the loop, SIGTERM (sent as ``dead``: the core stops
   as on an error). It is bounded, and the client waits longer than that before it terminates
-  the core (``core_stop.py``).
+  the core (``core_stop.py``). SIGINT (Ctrl-C to the process group) is ignored: the parent
+  sends ``shutdown``, at its exit too.
 """
 
 from __future__ import annotations
