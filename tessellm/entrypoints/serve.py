@@ -239,10 +239,9 @@ def _serve(args: argparse.Namespace, log_config: Optional[dict]) -> int:
         _close_listener(sock, getattr(args, "uds", None))
         print(f"tessellm serve: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C while the engine starts: its core process is stopped
+    except KeyboardInterrupt:  # Ctrl-C while the engine starts (its core is stopped): the --uds file too
         _close_listener(sock, getattr(args, "uds", None))
-        print("tessellm serve: interrupted while the engine started.", file=sys.stderr)
-        return _CTRL_C
+        raise
     try:
         app = build_app(engine, config)
     except ValueError as exc:  # a bad --lora-modules adapter
@@ -518,6 +517,14 @@ def _stream_to_terminal(engine) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while it starts (imports; serve: the engine's start)
+        print("tessellm: interrupted.", file=sys.stderr)
+        return _CTRL_C
+
+
+def _main(argv: Optional[list[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("serve", "generate") else "serve"
     parser = argparse.ArgumentParser(prog=f"tessellm {command}")
