@@ -195,6 +195,37 @@ def test_ctrl_c_stops_serve_cleanly(tiny_model_dir, tmp_path):
     _assert_saves_whole(store, ranks=2)
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def test_ctrl_c_while_serve_starts(tiny_model_dir, tmp_path):
+    """Ctrl-C once the engine's forkserver runs (importing torch and tessellm for a few
+    seconds, or forking the core by then): the forkserver and the children it forks never take
+    the interrupt (before, the forkserver printed a KeyboardInterrupt traceback from its
+    imports); the server ends as a Ctrl-C, with one line, and leaves no process behind."""
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = _start(_serve_argv(tiny_model_dir("llama"), tmp_path / "kv", _free_port()), log)
+    try:
+        deadline = time.monotonic() + START_BOUND_S
+        while not any(b"forkserver" in _cmdline(pid) for pid in _session_processes(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, _log(log_path)[-3000:]
+            time.sleep(0.02)
+        status, took = _ctrl_c(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = _log(log_path)
+    assert status == 130 and took < EXIT_BOUND_S, (status, took, text[-3000:])
+    assert "Traceback" not in text and "interrupted" in text, text[-5000:]
+    _assert_no_process_left(proc.pid)
+
+
 # -- LLM(...) ------------------------------------------------------------------------------------
 
 _SCRIPT = """\
