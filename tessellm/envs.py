@@ -457,6 +457,20 @@ def omp_threads_set() -> bool:
     return "OMP_NUM_THREADS" in os.environ
 
 
+def test_worker_fails_at() -> Optional[tuple[int, int]]:
+    """TESSELLM_TEST_WORKER_FAILS_AT: "RANK:STEP" makes worker process RANK (``mp`` executor) raise
+    in its STEP-th step (1: the first), right after launching it, its KV saves under way: the
+    tests of a failing rank (tests/distributed/test_worker_failure.py). Unset: never."""
+    value = os.environ.get("TESSELLM_TEST_WORKER_FAILS_AT", "").strip()
+    if not value:
+        return None
+    rank, _, step = value.partition(":")
+    if not (rank.isdigit() and step.isdigit() and int(step) >= 1):
+        raise ValueError(f"TESSELLM_TEST_WORKER_FAILS_AT={value!r} is not understood; give RANK:STEP, "
+                         "e.g. 1:2 (rank 1 fails in its second step).")
+    return int(rank), int(step)
+
+
 def engine_process_env_defaults() -> dict[str, str]:
     """Set for the engine-core process unless the user set them: OpenMP threads that spin while
     idle steal the cores the API process needs (measured on 2 cores: 7x slower steps)."""

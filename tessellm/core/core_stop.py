@@ -22,6 +22,11 @@ by the parent while it keeps to its bound::
 
 A shutdown that overruns its bound (a store or a worker that hangs) is left to its daemon
 thread: the process exits without it.
+
+SIGINT (a terminal's Ctrl-C, sent to the whole process group) is ignored by the core and its
+workers (``distributed/spawn.py``): the parent stops them through the ``shutdown`` message, as
+above, whether it is a server draining or an ``LLM`` script ending on its KeyboardInterrupt
+(``core/ipc.py``: the farewell of a client released without its close).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ Invariants
   way written, the LoRA loader ended, the worker processes stopped): the ``shutdown`` message,
   the parent gone, an error in warm-up or the loop, SIGTERM (sent as ``dead``: the core stops
   as on an error). It is bounded, and the client waits longer than that before it terminates
-  the core (``core_stop.py``).
+  the core (``core_stop.py``). SIGINT (Ctrl-C to the process group) is ignored: the parent
+  sends ``shutdown``, at its exit too.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from tessellm.core.load_report import StepTimer, core_load, waiting_kv_blocks
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
 from tessellm.core.step import STEP_SCHEMA_VERSION, build_dataclass, check_version
+from tessellm.distributed.executor import WorkerDiedError
 from tessellm.distributed.spawn import parent_gone, spawn_process
 from tessellm.metrics.compile_counter import COUNTER as COMPILE_COUNTER
 from tessellm.metrics.device_memory import DeviceMemoryProbe
@@ -172,6 +174,8 @@ def run_engine_core(args: dict, input_addr: str, output_addr: str, parent_pid: i
     except BaseException as exc:  # noqa: BLE001 - a SIGTERM's CoreTerminated included
         if isinstance(exc, CoreTerminated):
             logger.info("%s", exc)
+        elif isinstance(exc, WorkerDiedError):  # the rank logged its own traceback: one line here
+            logger.error("Engine core died: %s", exc)
         else:
             logger.error("Engine core died:\n%s", traceback.format_exc())
         out_sock.send(pack(["dead", f"{type(exc).__name__}: {exc}"]))
@@ -358,6 +362,8 @@ class EngineCoreClient:
         self.proc = spawn_process(run_engine_core, name, (engine_args_to_dict(args), input_addr, output_addr,
                                                           os.getpid(), serving), daemon)
         self._ipc.adopt(self.proc)
+        # Dropped without close (the program ends): the core stops as close() stops it.
+        self._ipc.farewell([self.input], pack(["shutdown"]), CLOSE_WAIT_S)
         if wait:
             self.wait_ready(startup_timeout)
 
@@ -420,6 +426,7 @@ class EngineCoreClient:
         if self.closed or getattr(self, "_stop_sent", False):
             return
         self._stop_sent = True
+        self._ipc.stopping()  # close() waits its own bound: none again at exit
         if self.proc.is_alive():
             try:
                 self.input.send(pack(["shutdown"]), zmq.NOBLOCK)

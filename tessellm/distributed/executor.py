@@ -17,7 +17,11 @@ worker or Ray actor returns step N's tokens only once it has launched N+1 (or is
 
 A worker that dies or raises makes the next call fail fast with ``WorkerDiedError`` naming the
 rank and the reason; the remaining workers are stopped (no rank is left waiting in a
-collective for a peer that will never come).
+collective for a peer that will never come). An ``mp`` rank that raises releases what it holds
+before it exits (its KV connector's saves under way written, its sockets closed), as one that is
+told to shut down does; the others are told to shut down too, and given the same time
+(``_SHUTDOWN_WAIT_S``) before they are terminated: one waiting in a collective for the failed
+rank fails there once that rank is gone, and exits the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 import traceback
 from typing import Optional
 
@@ -41,6 +46,7 @@ from tessellm.distributed.spawn import parent_gone, spawn_process
 logger = logging.getLogger(__name__)
 
 _POLL_MS = 500  # how often a waiting side checks that the other is still alive
+_SHUTDOWN_WAIT_S = 10.0  # how long the ranks have to stop (their KV saves written) once asked
 
 
 class WorkerDiedError(RuntimeError):
@@ -162,6 +168,8 @@ class MultiprocExecutor(Executor):
                                   init_method, addr, results_addr, os.getpid()))
             self._procs.append(proc)
             self._ipc.adopt(proc)
+        # Dropped without shutdown (the program ends): the ranks stop as shutdown() stops them.
+        self._ipc.farewell(self._cmds, pack(["shutdown"]), _SHUTDOWN_WAIT_S)
         try:
             infos = {}
             while len(infos) < parallel.world_size:
@@ -260,8 +268,24 @@ class MultiprocExecutor(Executor):
     def _fail(self, reason: str) -> None:
         logger.error("%s Stopping the other workers.", reason)
         self._dead = reason
-        self._stop_processes()
+        self._ipc.stopping()
+        self._wind_down()
         raise WorkerDiedError(reason)
+
+    def _wind_down(self) -> None:
+        """After a failure: every rank still running is told to shut down (and the failed one
+        is releasing), then given ``_SHUTDOWN_WAIT_S`` to exit before it is terminated."""
+        import zmq
+
+        for sock in self._cmds:
+            try:
+                sock.send(pack(["shutdown"]), zmq.NOBLOCK)
+            except zmq.ZMQError:  # that rank is gone
+                pass
+        deadline = time.monotonic() + _SHUTDOWN_WAIT_S
+        for proc in self._procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._stop_processes()
 
     def _stop_processes(self) -> None:
         from tessellm.core.ipc import stop_processes
@@ -271,14 +295,16 @@ class MultiprocExecutor(Executor):
     def shutdown(self) -> None:
         if getattr(self, "_procs", None) is None:
             return
+        self._ipc.stopping()  # the wait is this one's: none again at exit if it overruns
         if self._dead is None:
             try:
                 for sock in self._cmds:
                     sock.send(pack(["shutdown"]))
             except Exception:  # noqa: BLE001 - best effort; the processes are stopped below
                 pass
+            deadline = time.monotonic() + _SHUTDOWN_WAIT_S
             for proc in self._procs:
-                proc.join(timeout=10)
+                proc.join(timeout=max(0.0, deadline - time.monotonic()))
         self._stop_processes()
         self._ipc.release()
         self._procs = None
@@ -302,6 +328,7 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
     results = ctx.socket(zmq.PUSH)
     results.connect(results_addr)
     config = ParallelConfig(**parallel)
+    worker = None
     try:
         from tessellm.distributed.worker import Worker
 
@@ -311,8 +338,13 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
         worker.release()  # the KV connector's saves under way are written before the rank exits
     except BaseException as exc:  # noqa: BLE001 - every failure is reported to the core
         if not isinstance(exc, SystemExit):
-            logger.error("Worker failed:\n%s", traceback.format_exc())
+            if _told_to_stop(cmds):  # a peer failed first (this rank's collective with it broke)
+                logger.warning("Worker stopped after another rank's failure: %s: %s",
+                               type(exc).__name__, exc)
+            else:
+                logger.error("Worker failed:\n%s", traceback.format_exc())
             results.send(pack(["error", rank, f"{type(exc).__name__}: {exc}"]))
+        _release_failed(worker)  # the core knows; now what the rank holds (its saves under way)
         cmds.close(linger=0)
         results.close(linger=2000)  # let the error reach the core
         ctx.term()
@@ -322,11 +354,37 @@ def run_worker(args: dict, rank: int, parallel: dict, init_method: str, cmd_addr
     ctx.term()
 
 
+def _told_to_stop(cmds) -> bool:
+    """Whether the core has told this failed rank to shut down already (it does when another
+    rank failed: ``MultiprocExecutor._wind_down``); reads the commands waiting."""
+    import zmq
+
+    while True:
+        try:
+            if unpack(cmds.recv(zmq.NOBLOCK))[0] == "shutdown":
+                return True
+        except zmq.Again:
+            return False
+
+
+def _release_failed(worker) -> None:
+    """``worker.release()`` after a failure (not built, or released already: nothing); a
+    failure of its own is logged, the rank exits all the same."""
+    if worker is None or worker.runner is None:
+        return
+    try:
+        worker.release()
+    except Exception:  # noqa: BLE001
+        logger.exception("Worker rank %d failed to release after its failure.", worker.rank)
+
+
 def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> None:
+    from tessellm import envs
     from tessellm.metrics.compile_counter import COUNTER
 
     held = None  # a launched step whose tokens wait for the next step or a flush (deferred)
     reported = 0  # compilations after ready that the core knows of
+    fails_at, steps = envs.test_worker_fails_at(), 0  # a test's failing rank (envs.py)
 
     def send(handle) -> None:
         nonlocal reported
@@ -347,6 +405,10 @@ def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> No
         kind = msg[0]
         if kind == "execute":
             handle = worker.execute_async(decode_scheduler_output(msg[1]))
+            steps += 1
+            if fails_at == (worker.rank, steps):
+                raise RuntimeError(f"rank {worker.rank} fails in its step {steps} "
+                                   "(TESSELLM_TEST_WORKER_FAILS_AT, a test's hook)")
             if held is not None:  # launched first, so the device has the next step queued
                 send(held)
                 held = None

@@ -44,6 +44,17 @@ forked it, while its import state is the one that forkserver was started with.
 
 A child's parent is the forkserver, not the caller: a child that must exit with the caller asks
 ``parent_gone()``, not ``os.getppid()``.
+
+**Ctrl-C.** A terminal sends SIGINT to its whole foreground process group: the caller, and every
+child (engine core, worker ranks) with it. A child ignores it (``SIG_IGN``, set before its target
+runs): its caller stops it through the normal path (the core's ``shutdown`` message, a worker's
+``shutdown`` command, a KV connector's saves written on the way), as vLLM's engine core does. A
+child that took the interrupt itself would die mid-step with a ``KeyboardInterrupt`` traceback,
+and race the caller's orderly shutdown (a server's drain saw its core dead). A forkserver (or a
+spawned child) is started with SIGINT blocked, a mask it and its forks inherit: neither its
+imports nor a child before ``_run`` is interrupted (the caller's SIGINT stays pending for it,
+never lost). SIGTERM is left as it is (``core/core_stop.py``), and a child still exits by
+itself once its caller is gone.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import signal
 import sys
 import threading
 import types
@@ -125,7 +137,8 @@ def spawn_process(target, name: str, args: tuple, daemon: bool = True):
             counts["spawned"] += 1
             proc = multiprocessing.get_context("spawn").Process(
                 target=_run, name=name, args=(target, args, env, _CallerStdio()), daemon=daemon)
-            proc.start()
+            with _sigint_blocked():
+                proc.start()
             return proc
         # The child's own children (an engine core's workers) are forked by the same
         # forkserver while the child's import state is this one.
@@ -225,7 +238,8 @@ class _Forkserver(multiprocessing.forkserver.ForkServer):
     def __init__(self):
         super().__init__()
         self.set_forkserver_preload(_PRELOAD)
-        self.ensure_running()
+        with _sigint_blocked():  # the forkserver and its forks: Ctrl-C is the caller's
+            self.ensure_running()
         self.owner = os.getpid()  # a process forked from this one (os.fork) starts its own
         self.children: weakref.WeakSet = weakref.WeakSet()
         self.forked = 0  # children started
@@ -317,9 +331,28 @@ def _received_stdio(*dupfds) -> tuple:
     return tuple(d.detach() if d is not None else None for d in dupfds)
 
 
+@contextlib.contextmanager
+def _sigint_blocked():
+    """SIGINT blocked in this thread while a process starts (a fork and exec inherit the mask:
+    module docstring); one that arrives meanwhile is delivered once unblocked. The resource
+    tracker is started first: its own start (within a forkserver's or a spawn's) blocks SIGINT
+    and then unblocks it, which would undo this block."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _run(target, args: tuple, env: dict, stdio: tuple, state: Optional[tuple] = None) -> None:
     """The child: the caller's environment and standard streams, then ``target(*args)``.
-    ``state``: forked, by the forkserver of this import state."""
+    ``state``: forked, by the forkserver of this import state. Ctrl-C is the caller's to handle
+    (module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # ignored now: its exec'd tools may take it
     os.environ.clear()
     os.environ.update(env)
     if state is not None:

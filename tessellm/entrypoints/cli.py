@@ -30,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while a command starts (imports; serve: the engine's start,
+        print("tessellm: interrupted.", file=sys.stderr)  # its core stopped on the way out)
+        return 130  # as a shell reports a Ctrl-C (128 + SIGINT)
+
+
+def _main(argv=None) -> int:
     from tessellm.entrypoints.vllm_args import expand_argv
 
     parser = build_parser()

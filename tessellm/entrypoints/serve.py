@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ from tessellm.entrypoints.vllm_args import add_vllm_server_arguments, check_pars
 
 logger = logging.getLogger("tessellm.serve")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face repo id: org/name
+_CTRL_C = 130  # the exit status of a program a Ctrl-C ended (128 + SIGINT), as a shell reports it
 
 
 # -- arguments -----------------------------------------------------------------------------
@@ -239,6 +241,9 @@ def _serve(args: argparse.Namespace, log_config: Optional[dict]) -> int:
         _close_listener(sock, getattr(args, "uds", None))
         print(f"tessellm serve: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while the engine starts (its core is stopped): the --uds file too
+        _close_listener(sock, getattr(args, "uds", None))
+        raise
     try:
         app = build_app(engine, config)
     except ValueError as exc:  # a bad --lora-modules adapter
@@ -262,11 +267,14 @@ def _serve(args: argparse.Namespace, log_config: Optional[dict]) -> int:
         args.shutdown_timeout)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # a second Ctrl-C, re-raised by uvicorn once it stopped
+        return _CTRL_C
     finally:
         if not engine.is_dead:
             engine.close()
         _close_listener(sock, getattr(args, "uds", None))
-    return 0
+    # Ctrl-C ends as one does (130), after the same drain and shutdown as SIGTERM's (0).
+    return _CTRL_C if app.state.lifecycle.stopped_by == signal.SIGINT else 0
 
 
 def _run_ray_serve(args: argparse.Namespace) -> int:
@@ -502,7 +510,7 @@ def _stream_to_terminal(engine) -> int:
     except KeyboardInterrupt:
         engine.abort_request("generate")
         print()
-        return 130
+        return _CTRL_C
     elapsed = time.perf_counter() - t0
     print()
     print(f"[{num_tokens} tokens in {elapsed:.1f}s, {num_tokens / max(elapsed, 1e-9):.1f} tok/s]",
@@ -511,6 +519,14 @@ def _stream_to_terminal(engine) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while it starts (imports; serve: the engine's start)
+        print("tessellm: interrupted.", file=sys.stderr)
+        return _CTRL_C
+
+
+def _main(argv: Optional[list[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("serve", "generate") else "serve"
     parser = argparse.ArgumentParser(prog=f"tessellm {command}")

@@ -8,7 +8,10 @@
   ``Retry-After``, while the listening socket stays open, so a load balancer sees a clean refusal,
   not a reset; requests in flight (streams included) run to their end, for at most
   ``--shutdown-timeout`` seconds; then uvicorn closes the connections, the engine core stops and
-  the process exits 0. A second signal exits at once.
+  the process exits: 0 after SIGTERM, 130 after SIGINT (Ctrl-C, as a shell reports one; the
+  engine core and its workers ignore the terminal's SIGINT and are stopped by this process:
+  ``distributed/spawn.py``). A second signal exits at once (its requests cut short), the engine
+  core still stopped through its shutdown.
 
 ``in_flight`` counts requests inside the app (a stream until its last byte), kept by the edge
 middleware.
@@ -28,6 +31,7 @@ logger = logging.getLogger("tessellm.serve")
 @dataclass
 class Lifecycle:
     draining: bool = False
+    stopped_by: int = 0  # the signal that began the drain (0: none)
     in_flight: int = 0
     retry_after_s: int = 5  # what a refused client is told to wait
 
@@ -41,6 +45,7 @@ def draining_server(uvicorn_config, lifecycle: Lifecycle, shutdown_timeout: floa
             if lifecycle.draining or self.should_exit:  # a second signal: the usual fast exit
                 return super().handle_exit(sig, frame)
             lifecycle.draining = True
+            lifecycle.stopped_by = sig
             logger.info("Got %s: draining (no new requests; %d in flight, up to %.0fs).",
                         signal.Signals(sig).name, lifecycle.in_flight, shutdown_timeout)
             loop = asyncio.get_event_loop()
