@@ -393,13 +393,37 @@ def pop_vllm_kwargs(kwargs: dict, model: Optional[str], warn: Callable[[str], No
     return model, {**kwargs, **extra}
 
 
+def plain_names(kwargs: dict) -> dict:
+    """``LLM(**vars(args))`` of a parser built by ``EngineArgs.add_cli_args`` (vLLM's example
+    scripts): the vLLM flags given on its command line are parsed under ``vllm__NAME``; here they
+    are ``NAME`` again, as ``LLM(...)`` takes them."""
+    out = {k.removeprefix(_PREFIX): v for k, v in kwargs.items()}
+    if "config" in out:
+        raise ValueError("--config FILE.yaml was parsed but not read: parse the command line with "
+                         "tessellm.utils.FlexibleArgumentParser (vLLM's parser), which reads the file.")
+    return out
+
+
 def vllm_engine_kwargs(model: Optional[str] = None, **kwargs) -> dict:
     """tessellm's ``EngineArgs`` keyword arguments for ``LLM(...)``'s (or vLLM's
     ``EngineArgs(...)``'s: ``tessellm.EngineArgs``, vllm_engine_args.py): vLLM's names translated,
     accepted or refused."""
+    kwargs = plain_names(kwargs)
     kwargs.pop("max_logprobs", None)  # the server's limit (--max-logprobs); none in an engine
     model, kwargs = pop_vllm_kwargs(kwargs, model)
-    return dict(model=model, **kwargs)
+    return dict(model=model, **_none_is_default(kwargs))
+
+
+def _none_is_default(kwargs: dict) -> dict:
+    """vLLM's ``None`` for an engine argument means "the engine's default" (``max_num_seqs=None``
+    in its examples): an argument given as None takes tessellm's default where that is not None."""
+    import dataclasses
+
+    from tessellm.config import EngineArgs
+
+    defaulted = {f.name for f in dataclasses.fields(EngineArgs)
+                 if f.default is not None and f.default is not dataclasses.MISSING}
+    return {k: v for k, v in kwargs.items() if not (v is None and k in defaulted)}
 
 
 # -- vLLM's command-line conventions: --config FILE.yaml and --flag_with_underscores ----------
@@ -433,6 +457,23 @@ def expand_argv(argv: list, parser: argparse.ArgumentParser) -> list:
     if at < len(rest) and not rest[at].startswith("-"):
         at += 1  # after the command's positional (MODEL): a list flag last would take it as a value
     return rest[:at] + flags + rest[at:]
+
+
+def flexible_argv(argv: list, known: set) -> list:
+    """vLLM's conventions for a script's own parser (``tessellm.utils.FlexibleArgumentParser``,
+    no sub-command): ``--max_model_len`` is ``--max-model-len``; ``--config FILE`` puts the
+    file's flags first, so a flag on the command line wins. ``known``: the parser's options."""
+    argv = [_dashes(a) for a in argv]
+    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    if at is None:
+        return argv
+    if argv[at] == "--config":
+        if at + 1 >= len(argv):
+            raise SystemExit("--config needs a YAML file.")
+        path, rest = argv[at + 1], argv[:at] + argv[at + 2:]
+    else:
+        path, rest = argv[at].split("=", 1)[1], argv[:at] + argv[at + 1:]
+    return config_flags(path, known) + rest
 
 
 def _dashes(arg: str) -> str:
