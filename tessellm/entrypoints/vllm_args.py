@@ -131,6 +131,9 @@ ENGINE: tuple[VllmArg, ...] = (
             "allowed_token_ids, bad_words or structured outputs", nargs="+", neutral=([],)),
     VllmArg("logprobs_mode", "neutral", "logprobs are the model's raw ones (before temperature, "
             "penalties and top-k/p), as vLLM's default", neutral=("raw_logprobs",)),
+    VllmArg("profiler_config", "neutral", "LLM.start_profile / stop_profile write torch profiler "
+            "traces to TESSELLM_TORCH_PROFILER_DIR (or vLLM's VLLM_TORCH_PROFILER_DIR) or to "
+            "stop_profile(trace_dir); set one of those instead", "json"),
     VllmArg("otlp_traces_endpoint", "neutral", "tessellm has no OpenTelemetry tracing; request "
             "latencies are histograms on /metrics"),
     VllmArg("collect_detailed_traces", "neutral", "tessellm has no OpenTelemetry tracing; request "

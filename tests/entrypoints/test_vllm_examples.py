@@ -13,6 +13,7 @@ import shutil
 import pytest
 
 from tessellm import LLM, AsyncEngineArgs, AsyncLLM, EngineArgs, SamplingParams
+from tessellm.config import CompilationConfig
 from tessellm.inputs import TokensPrompt
 from tessellm.metrics.reader import Counter, Vector
 from tessellm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -45,7 +46,8 @@ def test_example_parser_takes_vllm_flags_config_and_underscores(model, tmp_path)
     assert FromArgparseUtils is FlexibleArgumentParser
     config = tmp_path / "c.yaml"
     config.write_text("max_num_seqs: 3\nmax-model-len: 128\n")
-    parser = _parser(model=model, trust_remote_code=True, **{k: v for k, v in SMALL.items() if k != "max_model_len"})
+    parser = _parser(model=model, trust_remote_code=True, compilation_config=CompilationConfig(level=3),
+                     **{k: v for k, v in SMALL.items() if k != "max_model_len"})
     args = parser.parse_args(["--trust-remote-code", "--swap_space", "4", "--disable-log-stats",
                               "--config", str(config), "--max-model-len", "64"])
     assert (args.max_num_seqs, args.max_model_len) == (3, 64)
@@ -63,6 +65,13 @@ def test_an_unread_config_flag_says_to_use_flexible_argument_parser(model):
     args = EngineArgs.add_cli_args(argparse.ArgumentParser()).parse_args(["--config", "x.yaml"])
     with pytest.raises(ValueError, match="FlexibleArgumentParser"):
         LLM(model=model, **{k: v for k, v in vars(args).items() if k != "model"})
+
+
+def test_profiler_config_is_refused_naming_the_trace_directory_settings(model):
+    """vLLM's newer profiling example: ``LLM(profiler_config={...})``; tessellm's trace directory
+    is an environment variable or ``stop_profile``'s argument."""
+    with pytest.raises(ValueError, match="TESSELLM_TORCH_PROFILER_DIR"):
+        LLM(model, profiler_config={"profiler": "torch", "torch_profiler_dir": "/tmp/p"}, **SMALL)
 
 
 def test_none_means_the_engine_default(model):
