@@ -100,3 +100,14 @@ def test_vllm_module_paths_for_engine_args_and_configs():
     assert KVTransferConfig is K1 and LoRARequest is L1 and FlexibleArgumentParser is F1
     config = CompilationConfig(level=3, cudagraph_capture_sizes=[1, 2])
     assert config.level == 3 and config == {"level": 3, "cudagraph_capture_sizes": [1, 2]}
+
+
+def test_vllm_top_level_prompt_and_output_names():
+    """``from vllm import TokensPrompt, EmbeddingRequestOutput, ...`` (vLLM's top level)."""
+    import tessellm.inputs
+    import tessellm.outputs
+
+    for name in ("TextPrompt", "TokensPrompt", "PromptType"):
+        assert getattr(tessellm, name) is getattr(tessellm.inputs, name)
+    for name in ("PoolingRequestOutput", "EmbeddingRequestOutput", "ClassificationOutput", "ScoringRequestOutput"):
+        assert getattr(tessellm, name) is getattr(tessellm.outputs, name)
