@@ -436,16 +436,9 @@ def expand_argv(argv: list, parser: argparse.ArgumentParser) -> list:
     underscore form) is ``--max-model-len``; ``--config FILE`` (a YAML mapping of flag names,
     dashes or underscores, to values) puts its flags right after the sub-command (and its MODEL
     when that comes first, as vLLM's parser does), so a flag on the command line wins. A ``model`` key is the MODEL unless the command line gives one."""
-    argv = [_dashes(a) for a in argv]
-    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
-    if at is None:
-        return argv
-    if argv[at] == "--config":
-        if at + 1 >= len(argv):
-            raise SystemExit("tessellm: --config needs a YAML file.")
-        path, rest = argv[at + 1], argv[:at] + argv[at + 2:]
-    else:
-        path, rest = argv[at].split("=", 1)[1], argv[:at] + argv[at + 1:]
+    path, rest = _split_config([_dashes(a) for a in argv])
+    if path is None:
+        return rest
     command = next((i for i, a in enumerate(rest) if a in ("serve", "generate", "bench", "backends")), None)
     if command is None:
         raise SystemExit("tessellm: --config goes with a command, e.g. tessellm serve --config FILE.yaml.")
@@ -466,17 +459,20 @@ def flexible_argv(argv: list, known: set) -> list:
     """vLLM's conventions for a script's own parser (``tessellm.utils.FlexibleArgumentParser``,
     no sub-command): ``--max_model_len`` is ``--max-model-len``; ``--config FILE`` puts the
     file's flags first, so a flag on the command line wins. ``known``: the parser's options."""
-    argv = [_dashes(a) for a in argv]
+    path, rest = _split_config([_dashes(a) for a in argv])
+    return rest if path is None else config_flags(path, known) + rest
+
+
+def _split_config(argv: list) -> tuple[Optional[str], list]:
+    """``--config FILE`` (or ``--config=FILE``) taken out of ``argv``: (FILE or None, the rest)."""
     at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
     if at is None:
-        return argv
-    if argv[at] == "--config":
-        if at + 1 >= len(argv):
-            raise SystemExit("--config needs a YAML file.")
-        path, rest = argv[at + 1], argv[:at] + argv[at + 2:]
-    else:
-        path, rest = argv[at].split("=", 1)[1], argv[:at] + argv[at + 1:]
-    return config_flags(path, known) + rest
+        return None, argv
+    if argv[at] != "--config":
+        return argv[at].split("=", 1)[1], argv[:at] + argv[at + 1:]
+    if at + 1 >= len(argv):
+        raise SystemExit("tessellm: --config needs a YAML file.")
+    return argv[at + 1], argv[:at] + argv[at + 2:]
 
 
 def _dashes(arg: str) -> str:

@@ -4,7 +4,8 @@ the EBNF xgrammar compiles.
 vLLM hands a grammar that looks like Lark to xgrammar after rewriting it as EBNF; so does
 tessellm. The subset taken is what such grammars use: ``name: a b | c`` rules (``?name`` and
 ``!name`` marks and ``.N`` priorities dropped), continuation lines starting with ``|``, string
-literals, ``/regex/`` terminals (their text as an EBNF character-class expression), ``[x]`` for an
+literals (an ``i`` flag dropped: matched as spelt), ``/regex/`` terminals (their text as an EBNF
+character-class expression; flags dropped), ``[x]`` for an
 optional ``x``, ``( ) * + ?`` as in EBNF, ``//`` comments and ``%ignore`` lines (dropped; the
 grammar matches exactly what it spells, whitespace included). ``start`` is EBNF's ``root``.
 ``%import`` and other directives are refused by name.
