@@ -4,7 +4,13 @@ __version__ = "0.1.0"
 
 from tessellm.core.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
 from tessellm.core.sampling_params import SamplingParams  # noqa: E402
+from tessellm.inputs import PromptType, TextPrompt, TokensPrompt  # noqa: E402 - vLLM's top-level names
 from tessellm.structured_output.params import StructuredOutputsParams  # noqa: E402
+
+
+_POOLING_OUTPUTS = ("PoolingRequestOutput", "PoolingOutput", "EmbeddingRequestOutput", "EmbeddingOutput",
+                    "ClassificationRequestOutput", "ClassificationOutput", "ScoringRequestOutput",
+                    "ScoringOutput")
 
 
 def __getattr__(name):
@@ -29,6 +35,10 @@ def __getattr__(name):
         from tessellm.core.llm_engine import LLMEngine
 
         return LLMEngine
+    if name in _POOLING_OUTPUTS:  # vLLM's top-level names of tessellm.outputs' pooling results
+        from tessellm.pooling import outputs
+
+        return getattr(outputs, name)
     if name in ("BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"):  # as vLLM's
         from tessellm.entrypoints import beam_search
 
@@ -38,4 +48,5 @@ def __getattr__(name):
 
 __all__ = ["LLM", "LLMEngine", "AsyncLLM", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs", "PoolingParams",
            "SamplingParams", "StructuredOutputsParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence",
-           "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+           "RequestOutput", "CompletionOutput", "Logprob", "TextPrompt", "TokensPrompt", "PromptType",
+           *_POOLING_OUTPUTS, "__version__"]

@@ -9,8 +9,26 @@ from typing import Optional
 
 import torch
 
+from tessellm.kv_transfer.config import KVTransferConfig  # noqa: F401 - vLLM's vllm.config path
+
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
+
+
+class CompilationConfig(dict):
+    """vLLM's ``vllm.config.CompilationConfig(level=3, cudagraph_capture_sizes=[1, 2, 4])``, so
+    scripts that build one run: its fields are kept (as a dict, also read as attributes), and
+    ``LLM(compilation_config=...)`` has no effect, as ``-O``: tessellm does not run torch.compile
+    and captures decode graphs by batch size on its own (``enforce_eager=True`` turns them off)."""
+
+    def __init__(self, **fields):
+        super().__init__(fields)
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"CompilationConfig has no {name!r}") from None
 
 
 @dataclass

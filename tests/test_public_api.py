@@ -83,3 +83,31 @@ def test_vllm_engine_args_are_classes():
     cli = parser.parse_args(["--model", "m", "--max-num-seqs", "3", "--num-gpu-blocks-override", "16"])
     parsed = tessellm.EngineArgs.from_cli_args(cli)
     assert type(parsed) is tessellm.EngineArgs and (parsed.model, parsed.max_num_seqs, parsed.num_kv_blocks) == ("m", 3, 16)
+
+
+def test_vllm_module_paths_for_engine_args_and_configs():
+    """``vllm.engine.arg_utils``, ``vllm.config``, ``vllm.utils`` and ``vllm.lora.request`` paths
+    the example scripts import from."""
+    from tessellm.config import CompilationConfig, KVTransferConfig
+    from tessellm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from tessellm.kv_transfer.config import KVTransferConfig as K1
+    from tessellm.lora import LoRARequest as L1
+    from tessellm.lora.request import LoRARequest
+    from tessellm.utils import FlexibleArgumentParser
+    from tessellm.utils.argparse_utils import FlexibleArgumentParser as F1
+
+    assert EngineArgs is tessellm.EngineArgs and AsyncEngineArgs is tessellm.AsyncEngineArgs
+    assert KVTransferConfig is K1 and LoRARequest is L1 and FlexibleArgumentParser is F1
+    config = CompilationConfig(level=3, cudagraph_capture_sizes=[1, 2])
+    assert config.level == 3 and config == {"level": 3, "cudagraph_capture_sizes": [1, 2]}
+
+
+def test_vllm_top_level_prompt_and_output_names():
+    """``from vllm import TokensPrompt, EmbeddingRequestOutput, ...`` (vLLM's top level)."""
+    import tessellm.inputs
+    import tessellm.outputs
+
+    for name in ("TextPrompt", "TokensPrompt", "PromptType"):
+        assert getattr(tessellm, name) is getattr(tessellm.inputs, name)
+    for name in ("PoolingRequestOutput", "EmbeddingRequestOutput", "ClassificationOutput", "ScoringRequestOutput"):
+        assert getattr(tessellm, name) is getattr(tessellm.outputs, name)

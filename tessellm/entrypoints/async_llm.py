@@ -231,10 +231,12 @@ class AsyncLLM:
 
     async def generate(self, prompt: PromptType, params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None, lora_request=None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, *, sampling_params: Optional[SamplingParams] = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (cumulative, or as ``params.output_kind`` says); cancelling
         the iteration aborts it. ``lora_request``: a ``tessellm.lora.LoRARequest`` (vLLM's
-        keyword; needs ``enable_lora=True``)."""
+        keyword; needs ``enable_lora=True``). ``sampling_params``: vLLM's keyword for ``params``."""
+        params = params if sampling_params is None else sampling_params
         if lora_request is not None and not self.args.enable_lora:
             raise lora_off_error(lora_request)
         request_id = request_id or os.urandom(12).hex()

@@ -14,7 +14,7 @@ from tessellm.core.llm_engine import LLMEngine
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
-from tessellm.entrypoints.vllm_args import vllm_engine_kwargs
+from tessellm.entrypoints.vllm_args import plain_names, vllm_engine_kwargs
 from tessellm.multimodal.chat import chat_prompt_with_images
 
 _TQDM_MIN_PROMPTS = 8
@@ -36,6 +36,7 @@ class LLM:
         # vLLM's arguments tessellm has no field of its own for (entrypoints/vllm_args.py):
         # accepted with no effect, refused by name, or translated (num_gpu_blocks_override -> num_kv_blocks).
         # disable_log_stats: as vLLM's LLM, metrics (get_metrics) only with disable_log_stats=False
+        kwargs = plain_names(kwargs)  # LLM(**vars(args)) of EngineArgs.add_cli_args's parser
         log_stats = not kwargs.pop("disable_log_stats", True)
         args = EngineArgs(**vllm_engine_kwargs(
             model, device=device, dtype=dtype, max_model_len=max_model_len, block_size=block_size,

@@ -131,6 +131,9 @@ ENGINE: tuple[VllmArg, ...] = (
             "allowed_token_ids, bad_words or structured outputs", nargs="+", neutral=([],)),
     VllmArg("logprobs_mode", "neutral", "logprobs are the model's raw ones (before temperature, "
             "penalties and top-k/p), as vLLM's default", neutral=("raw_logprobs",)),
+    VllmArg("profiler_config", "neutral", "LLM.start_profile / stop_profile write torch profiler "
+            "traces to TESSELLM_TORCH_PROFILER_DIR (or vLLM's VLLM_TORCH_PROFILER_DIR) or to "
+            "stop_profile(trace_dir); set one of those instead", "json"),
     VllmArg("otlp_traces_endpoint", "neutral", "tessellm has no OpenTelemetry tracing; request "
             "latencies are histograms on /metrics"),
     VllmArg("collect_detailed_traces", "neutral", "tessellm has no OpenTelemetry tracing; request "
@@ -393,13 +396,37 @@ def pop_vllm_kwargs(kwargs: dict, model: Optional[str], warn: Callable[[str], No
     return model, {**kwargs, **extra}
 
 
+def plain_names(kwargs: dict) -> dict:
+    """``LLM(**vars(args))`` of a parser built by ``EngineArgs.add_cli_args`` (vLLM's example
+    scripts): the vLLM flags given on its command line are parsed under ``vllm__NAME``; here they
+    are ``NAME`` again, as ``LLM(...)`` takes them."""
+    out = {k.removeprefix(_PREFIX): v for k, v in kwargs.items()}
+    if "config" in out:
+        raise ValueError("--config FILE.yaml was parsed but not read: parse the command line with "
+                         "tessellm.utils.FlexibleArgumentParser (vLLM's parser), which reads the file.")
+    return out
+
+
 def vllm_engine_kwargs(model: Optional[str] = None, **kwargs) -> dict:
     """tessellm's ``EngineArgs`` keyword arguments for ``LLM(...)``'s (or vLLM's
     ``EngineArgs(...)``'s: ``tessellm.EngineArgs``, vllm_engine_args.py): vLLM's names translated,
     accepted or refused."""
+    kwargs = plain_names(kwargs)
     kwargs.pop("max_logprobs", None)  # the server's limit (--max-logprobs); none in an engine
     model, kwargs = pop_vllm_kwargs(kwargs, model)
-    return dict(model=model, **kwargs)
+    return dict(model=model, **_none_is_default(kwargs))
+
+
+def _none_is_default(kwargs: dict) -> dict:
+    """vLLM's ``None`` for an engine argument means "the engine's default" (``max_num_seqs=None``
+    in its examples): an argument given as None takes tessellm's default where that is not None."""
+    import dataclasses
+
+    from tessellm.config import EngineArgs
+
+    defaulted = {f.name for f in dataclasses.fields(EngineArgs)
+                 if f.default is not None and f.default is not dataclasses.MISSING}
+    return {k: v for k, v in kwargs.items() if not (v is None and k in defaulted)}
 
 
 # -- vLLM's command-line conventions: --config FILE.yaml and --flag_with_underscores ----------
@@ -409,16 +436,9 @@ def expand_argv(argv: list, parser: argparse.ArgumentParser) -> list:
     underscore form) is ``--max-model-len``; ``--config FILE`` (a YAML mapping of flag names,
     dashes or underscores, to values) puts its flags right after the sub-command (and its MODEL
     when that comes first, as vLLM's parser does), so a flag on the command line wins. A ``model`` key is the MODEL unless the command line gives one."""
-    argv = [_dashes(a) for a in argv]
-    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
-    if at is None:
-        return argv
-    if argv[at] == "--config":
-        if at + 1 >= len(argv):
-            raise SystemExit("tessellm: --config needs a YAML file.")
-        path, rest = argv[at + 1], argv[:at] + argv[at + 2:]
-    else:
-        path, rest = argv[at].split("=", 1)[1], argv[:at] + argv[at + 1:]
+    path, rest = _split_config([_dashes(a) for a in argv])
+    if path is None:
+        return rest
     command = next((i for i, a in enumerate(rest) if a in ("serve", "generate", "bench", "backends")), None)
     if command is None:
         raise SystemExit("tessellm: --config goes with a command, e.g. tessellm serve --config FILE.yaml.")
@@ -433,6 +453,26 @@ def expand_argv(argv: list, parser: argparse.ArgumentParser) -> list:
     if at < len(rest) and not rest[at].startswith("-"):
         at += 1  # after the command's positional (MODEL): a list flag last would take it as a value
     return rest[:at] + flags + rest[at:]
+
+
+def flexible_argv(argv: list, known: set) -> list:
+    """vLLM's conventions for a script's own parser (``tessellm.utils.FlexibleArgumentParser``,
+    no sub-command): ``--max_model_len`` is ``--max-model-len``; ``--config FILE`` puts the
+    file's flags first, so a flag on the command line wins. ``known``: the parser's options."""
+    path, rest = _split_config([_dashes(a) for a in argv])
+    return rest if path is None else config_flags(path, known) + rest
+
+
+def _split_config(argv: list) -> tuple[Optional[str], list]:
+    """``--config FILE`` (or ``--config=FILE``) taken out of ``argv``: (FILE or None, the rest)."""
+    at = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    if at is None:
+        return None, argv
+    if argv[at] != "--config":
+        return argv[at].split("=", 1)[1], argv[:at] + argv[at + 1:]
+    if at + 1 >= len(argv):
+        raise SystemExit("tessellm: --config needs a YAML file.")
+    return argv[at + 1], argv[:at] + argv[at + 2:]
 
 
 def _dashes(arg: str) -> str:

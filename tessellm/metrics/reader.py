@@ -26,6 +26,14 @@ class Gauge(Metric):
 
 
 @dataclass
+class Vector(Metric):
+    """A counter kept per position (vLLM's: ``spec_decode_num_accepted_tokens_per_pos``): one
+    series per ``position`` label, as a list indexed by position."""
+
+    values: list[int]
+
+
+@dataclass
 class Histogram(Metric):
     count: int
     sum: float
@@ -37,8 +45,11 @@ def read_metrics(registry: CollectorRegistry) -> list[Metric]:
     metrics: list[Metric] = []
     for family in registry.collect():
         if family.type == "counter":
-            metrics += [Counter(family.name, s.labels, int(s.value))
-                        for s in family.samples if s.name.endswith("_total")]
+            totals = [s for s in family.samples if s.name.endswith("_total")]
+            if any("position" in s.labels for s in totals):
+                metrics += _vectors(family.name, totals)
+            else:
+                metrics += [Counter(family.name, s.labels, int(s.value)) for s in totals]
         elif family.type == "gauge":
             metrics += [Gauge(family.name, s.labels, s.value) for s in family.samples]
         elif family.type == "histogram":
@@ -58,3 +69,12 @@ def _histograms(family) -> list[Histogram]:
         elif s.name.endswith("_sum"):
             h.sum = s.value
     return list(series.values())
+
+
+def _vectors(name: str, samples) -> list[Vector]:
+    by_series: dict[tuple, dict[int, int]] = {}
+    for s in samples:
+        labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "position"))
+        by_series.setdefault(labels, {})[int(s.labels["position"])] = int(s.value)
+    return [Vector(name, dict(labels), [counts.get(i, 0) for i in range(max(counts) + 1)])
+            for labels, counts in by_series.items()]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tessellm.structured_output.lark import is_lark, lark_to_ebnf
 from tessellm.structured_output.params import StructuredOutputsParams
 
 MAX_SPEC_BYTES = 64 * 1024
@@ -72,7 +73,8 @@ def build_grammar(params: StructuredOutputsParams):
         if kind == "choice":
             return xgr.Grammar.from_ebnf("root ::= " + " | ".join(_ebnf_string(c) for c in params.choice))
         if kind == "grammar":
-            return xgr.Grammar.from_ebnf(params.grammar)
+            return xgr.Grammar.from_ebnf(lark_to_ebnf(params.grammar) if is_lark(params.grammar)
+                                         else params.grammar)
         return _structural_tag(xgr, json.loads(params.spec_text()))
     except ValueError:
         raise
