@@ -120,6 +120,13 @@ async def iterate_streams(streams: list[RequestStream], event: asyncio.Event,
             yield None
 
 
+class _Done:
+    """An awaitable that is already done (``await engine.shutdown()`` with nothing to wait on)."""
+
+    def __await__(self):
+        return iter(())
+
+
 class AsyncLLM:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLM":
@@ -499,16 +506,21 @@ class AsyncLLM:
 
     # -- shutdown ---------------------------------------------------------------------------
 
-    async def shutdown(self) -> None:
+    def shutdown(self):
+        """Stop the engine: its output handlers cancelled, the core processes stopped (``close``).
+        Synchronous, as vLLM's ``AsyncLLM.shutdown()``; it returns an awaitable too, so
+        ``await engine.shutdown()`` also waits until the handlers have ended."""
         handlers, self._handlers = self._handlers, []
         for handler in handlers:
             handler.cancel()
-        for handler in handlers:
-            try:
-                await handler
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
         self.close()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here (a script after asyncio.run): nothing to wait on
+            loop = None
+        if handlers and loop is not None and all(h.get_loop() is loop for h in handlers):
+            return asyncio.gather(*handlers, return_exceptions=True)  # CancelledError included
+        return _Done()
 
     def close(self) -> None:
         """Stop the core processes (synchronous; safe when no event loop runs)."""

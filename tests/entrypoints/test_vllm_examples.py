@@ -142,6 +142,32 @@ def test_async_generate_takes_sampling_params_by_name(model):
     assert joined == whole and whole
 
 
+def test_async_shutdown_is_synchronous_as_vllms_and_awaitable(model):
+    """vLLM's async example ends with a plain ``engine.shutdown()`` (no await): the core
+    processes stop there and then, with no "never awaited" warning; awaiting it works too."""
+    import warnings
+
+    async def run(wait: bool):
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **SMALL))
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        async for _ in engine.generate("the cat", params, "a"):
+            pass
+        cores = engine.cores
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a coroutine never awaited would warn
+            result = engine.shutdown()
+            if wait:
+                await result
+        return engine, cores
+
+    for wait in (False, True):
+        engine, cores = asyncio.run(run(wait))
+        assert engine.dead_reason == "shut down"
+        for client in cores.clients:  # close() waited for them (bounded): the processes ended
+            assert not client.proc.is_alive()
+    engine.shutdown()  # again, outside any loop: a no-op
+
+
 def test_get_metrics_gives_accepted_tokens_per_position_as_a_vector(model):
     """vLLM's spec_decode example reads ``spec_decode_num_accepted_tokens_per_pos`` as a
     ``Vector`` (one count per draft position)."""
