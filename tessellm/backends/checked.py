@@ -146,7 +146,8 @@ def _attention_probe(batch, q, k, v):
     """``(first row, (q, k, v) rows, their key limits or None)`` of a sequence with no cached
     context, copied before the kernel may change them in place; None when this step has none
     or cannot be probed. With ``key_limits`` the rows stop before the first whose limit lies
-    past them (the probe holds only its own rows' keys)."""
+    past them (the probe holds only its own rows' keys). Only rows whose keys the cache keeps
+    (``_own_slots``)."""
     if batch is None or not batch.seq_lens_host or not _probing(q):
         return None
     starts, lens = batch.query_start_loc_host, batch.seq_lens_host
@@ -161,11 +162,30 @@ def _attention_probe(batch, q, k, v):
                 while any(x >= r for x in lim[:r]):
                     r = next(i for i, x in enumerate(lim) if x >= r)
                 lim = lim[:r]
-            if r == 0:
+            if r == 0 or not _own_slots(batch.slot_mapping, a, r):
                 continue
             rows = tuple(None if x is None else x[a:a + r].detach().clone() for x in (q, k, v))
             return a, rows, lim
     return None
+
+
+def _own_slots(slot_mapping: torch.Tensor, a: int, r: int) -> bool:
+    """Whether rows ``a .. a + r - 1`` write their k/v to cache slots of their own: each a
+    real slot (not -1), and no other row of the step writes it. The kernel reads the rows'
+    keys back from the cache, the reference takes them from the rows; where another row
+    writes the same slot the cache holds that row's key and the two differ by design. The
+    memory profile's step is such a step (``RunnerProfile.profile_run``: every block-table
+    entry is block 0, so token t of every sequence goes to slot t % block_size; its prompts
+    are all token 0). There, probed, a right kernel failed on the GPU wherever the output
+    depends on which key a slot holds: a Mamba layer before the attention (rows at other
+    positions differ), attention sinks (the weights of equal values no longer sum to 1).
+    Two host syncs, in checked steps only."""
+    mine = slot_mapping[a:a + r]
+    host = mine.tolist()
+    if min(host) < 0 or len(set(host)) != r:
+        return False
+    others = torch.cat([slot_mapping[:a], slot_mapping[a + r:]])
+    return not bool(torch.isin(others, mine).any())
 
 
 def _rotated(rows, positions, cos_sin_cache):

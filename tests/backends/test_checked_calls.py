@@ -203,3 +203,50 @@ def test_plugin_expert_lora_is_checked_against_the_reference(monkeypatch):
                                           r"off by"):
         ops.fused_experts_lora(r(3, 16), weights, ids, r(4, 16, 16), r(4, 16, 8),
                                torch.tensor([0, -1, 1], dtype=torch.int32), lora)
+
+
+def test_probe_rows_need_cache_slots_of_their_own():
+    """The attention probe's reference takes the rows' own k/v; the kernel reads them back
+    from the cache. Rows whose slot another row of the step writes too (the memory profile's
+    step), or that write none (-1), are not probed."""
+    slots = torch.tensor([4, 5, 6, 7, 20, 21])
+    assert checked._own_slots(slots, 0, 4)
+    assert checked._own_slots(slots, 4, 2)
+    profile = torch.tensor([0, 1, 2, 0, 1, 2, 3])  # every table entry block 0, block size 3
+    assert not checked._own_slots(profile, 0, 2)
+    assert not checked._own_slots(profile, 3, 4)
+    assert not checked._own_slots(torch.tensor([-1, 3]), 0, 1)
+    assert not checked._own_slots(torch.tensor([3, 3, 5]), 0, 2)
+
+
+@pytest.mark.parametrize("family", ["granite-4h", "gpt-oss"])
+def test_memory_profile_step_passes_the_checked_kernel(family, tmp_path, monkeypatch):
+    """The memory profile's step (``RunnerProfile.profile_run``, on GPUs only) writes every
+    token's k/v to block 0, so the cache holds other rows' keys. Probed, a right kernel failed
+    there on an H100 wherever the output depends on which key a slot holds: Granite 4.0-H (a
+    Mamba layer before the attention: rows differ by position) off by ~3, gpt-oss (attention
+    sinks) by ~2%. Here the cpu backend's kernel, checked on every call, through that step
+    and then a real one (whose rows are probed)."""
+    from tessellm import LLM, SamplingParams
+    from tests.models.variant_parity import save_tiny
+
+    path = str(tmp_path / family)
+    if family == "gpt-oss":
+        from tests.models.test_gpt_oss import save_gpt_oss
+
+        save_gpt_oss(path)
+    else:
+        from tests.models.test_granite_moe_hybrid import granite_hybrid_config
+
+        save_tiny(granite_hybrid_config(), path)
+    monkeypatch.setenv("TESSELLM_VALIDATE_PLUGINS", "1")
+    with LLM(path, device="cpu", dtype="float32", max_num_seqs=4, max_model_len=128) as llm:
+        runner = llm.engine.core.executor.worker.runner
+        kernels = getattr(runner.kernel, "kernels", [runner.kernel])  # gpt-oss: per window
+        assert all(isinstance(k, checked.CheckedAttentionKernel) for k in kernels)
+        cache = runner.kv_layers()[0].k_cache
+        runner.profile_run(64)  # 64 tokens over 4 rows, all in block 0; frees the cache
+        runner.allocate_kv_cache(cache.shape[0], cache.dtype)  # as the worker does next
+        out = llm.generate([{"prompt_token_ids": [5, 9, 17, 30, 41]}],
+                           SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
