@@ -14,6 +14,7 @@ from tessellm.core.llm_engine import LLMEngine
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
+from tessellm.entrypoints.interrupt import sigint_between_steps
 from tessellm.entrypoints.vllm_args import plain_names, vllm_engine_kwargs
 from tessellm.multimodal.chat import chat_prompt_with_images
 
@@ -177,7 +178,7 @@ class LLM:
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, prompt, p, lora, priority=prio)
                 ids.append(rid)
-        except Exception:
+        except BaseException:  # a Ctrl-C while adding too
             for rid in ids:  # leave the engine clean for the next call
                 self.engine.abort_request(rid)
             raise
@@ -318,12 +319,21 @@ class LLM:
         else:
             show = use_tqdm and len(ids) >= _TQDM_MIN_PROMPTS
             bar = tqdm(total=len(ids), desc="Generating", disable=not show)
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-                    bar.update(1)
-        bar.close()
+        try:
+            with sigint_between_steps() as interrupt:  # Ctrl-C between steps (interrupt.py)
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            done[out.request_id] = out
+                            bar.update(1)
+                    interrupt.step_ended()
+        except KeyboardInterrupt:  # the program goes on (a notebook): the next call starts clean
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
         return [done[rid] for rid in ids]
 
 
