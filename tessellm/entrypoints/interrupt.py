@@ -63,4 +63,4 @@ def sigint_between_steps() -> Iterator[SigintBetweenSteps]:
     finally:
         if signal.getsignal(signal.SIGINT) is deferred:
             signal.signal(signal.SIGINT, handler)
-        deferred.step_ended()  # one that came after the last step's end
+    deferred.step_ended()  # one after the last step's end (steps that raised: their error goes)

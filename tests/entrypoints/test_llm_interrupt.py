@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tessellm import LLM, SamplingParams
+from tessellm.entrypoints.interrupt import sigint_between_steps
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
@@ -72,3 +73,26 @@ def test_a_programs_own_handler_is_called_once_the_step_ends(llm):
         assert len(outs) == 2 and seen == [signal.SIGINT]  # its handler ran; the call went on
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_sigint_during_a_step_interrupts_at_once():
+    with sigint_between_steps() as interrupt:
+        interrupt(signal.SIGINT, None)  # noted: the step goes on
+        with pytest.raises(KeyboardInterrupt):
+            interrupt(signal.SIGINT, None)  # a step that does not end: the program's handler now
+        interrupt.step_ended()  # nothing left to deliver
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_outside_the_main_thread_the_handler_is_left_alone():
+    seen = []
+
+    def steps():
+        with sigint_between_steps() as interrupt:
+            seen.append(signal.getsignal(signal.SIGINT))
+            interrupt.step_ended()
+
+    thread = threading.Thread(target=steps)
+    thread.start()
+    thread.join()
+    assert seen == [signal.default_int_handler]
