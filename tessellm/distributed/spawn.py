@@ -352,7 +352,9 @@ def _run(target, args: tuple, env: dict, stdio: tuple, state: Optional[tuple] = 
     ``state``: forked, by the forkserver of this import state. Ctrl-C is the caller's to handle
     (module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # ignored now: its exec'd tools may take it
+    # Ignored now, so unblocked (no mask left for its subprocesses). They inherit the SIG_IGN
+    # (exec keeps an ignored signal ignored): a compiler it runs mid-step is not cut by Ctrl-C.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     os.environ.clear()
     os.environ.update(env)
     if state is not None:
