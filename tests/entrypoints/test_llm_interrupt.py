@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import pytest
 
@@ -26,11 +25,11 @@ def llm(tiny_model_dir):
     llm.shutdown()
 
 
-def _interrupt_after(seconds: float, times: int = 1) -> threading.Thread:
-    """A real SIGINT to this process (as a terminal's Ctrl-C or a notebook's interrupt)."""
+def _interrupt_after(seconds: float, returned: threading.Event) -> threading.Thread:
+    """A real SIGINT to this process (as a terminal's Ctrl-C or a notebook's interrupt), unless
+    the call ``returned`` first (a fast device: then the test fails, not the session)."""
     def send():
-        for _ in range(times):
-            time.sleep(seconds)
+        if not returned.wait(seconds):
             os.kill(os.getpid(), signal.SIGINT)
 
     thread = threading.Thread(target=send, daemon=True)
@@ -38,12 +37,20 @@ def _interrupt_after(seconds: float, times: int = 1) -> threading.Thread:
     return thread
 
 
+def _generate(llm, prompts, params, returned: threading.Event):
+    try:
+        return llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        returned.set()
+
+
 def test_an_interrupted_generate_leaves_the_llm_serving(llm):
     before = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     for _ in range(3):  # wherever in a step the signal lands
-        thread = _interrupt_after(0.5)
+        returned = threading.Event()
+        thread = _interrupt_after(0.3, returned)
         with pytest.raises(KeyboardInterrupt):
-            llm.generate(PROMPTS * 16, LONG, use_tqdm=False)
+            _generate(llm, PROMPTS * 32, LONG, returned)
         thread.join()
         assert not llm.llm_engine.has_unfinished_requests()  # its requests aborted
         after = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
@@ -54,10 +61,11 @@ def test_an_interrupted_generate_leaves_the_llm_serving(llm):
 def test_a_program_that_ignores_sigint_keeps_its_handler(llm):
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        thread = _interrupt_after(0.05)
-        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)  # not interrupted
+        returned = threading.Event()
+        thread = _interrupt_after(0.05, returned)
+        outs = _generate(llm, PROMPTS * 8, LONG, returned)  # not interrupted
         thread.join()
-        assert len(outs) == 2 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert len(outs) == 16 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -66,9 +74,9 @@ def test_a_programs_own_handler_is_called_once_the_step_ends(llm):
     seen = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
     try:
-        thread = _interrupt_after(0.05)
-        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
-                            use_tqdm=False)
+        returned = threading.Event()
+        thread = _interrupt_after(0.05, returned)
+        outs = _generate(llm, PROMPTS, LONG, returned)
         thread.join()
         assert len(outs) == 2 and seen == [signal.SIGINT]  # its handler ran; the call went on
     finally:
