@@ -1,6 +1,6 @@
 """vLLM's ``cache_salt`` through the server: a salted request shares prefix-cache blocks only
 with requests of the same salt (the engine's prefix-cache hit counters show it), at
-/v1/completions and /v1/chat/completions; an empty salt is a 400 naming the field."""
+/v1/completions, /v1/chat/completions and /v1/responses; an empty salt is a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -22,13 +22,16 @@ def prompt():
     return " ".join(rng.choice(["red", "green", "blue", "cat", "dog", "sun"]) for _ in range(80))
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses"])
 def test_salted_prompts_share_blocks_only_within_their_salt(server, http, prompt, path):
     body = {"model": MODEL, "max_tokens": 1, "temperature": 0}
     # chat: the prompt as the system message, so the template's default system prompt (which the
     # server's other unsalted chat requests share) is not the first block
     body |= {"prompt": prompt} if path == "/v1/completions" else {
         "messages": [{"role": "system", "content": prompt}, {"role": "user", "content": "Go on."}]}
+    if path == "/v1/responses":  # the same conversation: instructions are the system message
+        body = {"model": MODEL, "max_output_tokens": 1, "temperature": 0, "instructions": prompt,
+                "input": "Go on."}
 
     def hits_of(**extra) -> int:
         before = _hits(server)

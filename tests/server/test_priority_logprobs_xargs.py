@@ -92,3 +92,15 @@ def test_fcfs_server_refuses_priority_and_caps_whole_vocabulary(http, path, body
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"] == "prompt_logprobs", r.text
     assert f"-1 (the whole vocabulary, {VOCAB} tokens), over this server's limit of 5" in err["message"]
+
+
+def test_responses_take_priority_as_chat_does(open_http, http):
+    """vLLM's /v1/responses field ``priority``: taken by a priority server, refused (naming the
+    flag) by a first-come-first-served one, as at /v1/chat/completions."""
+    body = {"model": MODEL, "input": "Hi", "max_output_tokens": 2, "priority": -3}
+    r = open_http.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    r = http.post("/v1/responses", json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "priority", r.text
+    assert "--scheduling-policy priority" in err["message"]

@@ -87,6 +87,7 @@ class ResponsesRequest(_Strict):
     request_id: Optional[str] = None
     cache_salt: Optional[str] = None
     structured_outputs: Optional[dict[str, Any]] = None  # e.g. {"disable_any_whitespace": true}
+    priority: int = 0  # lower is served first; non-zero needs --scheduling-policy priority
     # unsupported (refused unless neutral)
     conversation: Optional[Any] = None
     background: Optional[bool] = None
@@ -97,7 +98,7 @@ class ResponsesRequest(_Strict):
 
 # passed as they are to the chat request, whose validation and messages name them the same way
 VLLM_EXTRAS = ("top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "seed", "stop",
-               "ignore_eos", "request_id", "cache_salt", "structured_outputs")
+               "ignore_eos", "request_id", "cache_salt", "structured_outputs", "priority")
 
 # field -> (values that mean "not used", how to do without it)
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {

@@ -52,7 +52,8 @@ async def create_response(engine: AsyncLLM, config: ServerConfig, store: Respons
     except OpenAIError as exc:
         raise rename_error(exc) from None
     _check_logprobs(job)
-    sub = submit(engine, job.request_id, [job.processed], [job.params], job.lora)
+    sub = submit(engine, job.request_id, [job.processed], [job.params], job.lora, job.req.cache_salt,
+                 job.req.priority)  # the chat request's (to_chat_request: VLLM_EXTRAS)
     result = _Result(engine, req, job, store)
     if req.stream:
         return StreamingResponse(_events(engine, sub, result, config.sse_keepalive_s),
