@@ -99,7 +99,6 @@ class EngineSleep:
         if self.asleep.get("weights"):
             raise EngineAsleepError("The weights are asleep; call wake_up(tags=['weights']) before "
                                     "save_sharded_state.")
-        os.makedirs(path, exist_ok=True)  # a bad path fails here, not in a worker process
         return self.executor.save_sharded_state(path, pattern, max_size)
 
     def _check_idle(self, what: str, needs_sleep_mode: bool = False) -> None:

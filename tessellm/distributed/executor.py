@@ -79,6 +79,7 @@ class Executor:
                            max_size: Optional[int] = None) -> list[str]:
         """Every rank writes its weights under ``path`` (``loader/sharded_state.py``); the
         files written, rank by rank."""
+        os.makedirs(path, exist_ok=True)  # a bad path fails here, not in a worker process
         return [f for files in self.collective_rpc("save_sharded_state", path, pattern, max_size)
                 for f in files]
 

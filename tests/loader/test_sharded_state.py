@@ -41,9 +41,13 @@ def _copy_metadata(src: str, dst: str) -> None:
 
 
 def _save(path: str, out: str, tp: int, **save) -> list:
+    """Greedy results and the files saved (through vLLM v1's ``engine_core``, at TP=2 its
+    older ``model_executor``)."""
     with LLM(path, device="cpu", num_kv_blocks=64, seed=0, tensor_parallel_size=tp) as llm:
         expected = _run(llm)
-        files = llm.llm_engine.engine_core.save_sharded_state(path=out, **save)
+        engine = llm.llm_engine
+        saver = engine.engine_core if tp == 1 else engine.model_executor
+        files = saver.save_sharded_state(path=out, **save)
     _copy_metadata(path, out)
     return expected, files
 
@@ -99,3 +103,33 @@ def test_refusals(tiny_model_dir, tmp_path):
     with LLM(path, device="cpu", num_kv_blocks=64, quantization="int8") as llm:
         with pytest.raises(ValueError, match="cannot save a quantized model"):
             llm.save_sharded_state(str(tmp_path / "q"))
+
+
+def test_vllm_example_scripts_pattern(tiny_model_dir, tmp_path):
+    """vLLM's save_sharded_state.py / load_sharded_state.py: EngineArgs from the example's
+    flags, ``LLM(**dataclasses.asdict(engine_args))``, the v1 save path, every file whose
+    extension is not a weight's copied over; then the load script's start; and a sharded
+    state given without load_format is refused naming it."""
+    import dataclasses
+
+    from tessellm import EngineArgs
+    from tessellm.utils import FlexibleArgumentParser
+
+    model, out = tiny_model_dir("llama"), str(tmp_path / "out")
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", model, "--device", "cpu", "--num-kv-blocks", "64"])
+    llm = LLM(**dataclasses.asdict(EngineArgs.from_cli_args(args)))
+    expected = _run(llm)
+    os.makedirs(out, exist_ok=True)
+    assert hasattr(llm.llm_engine, "engine_core")  # the example's v1 check
+    llm.llm_engine.engine_core.save_sharded_state(path=out, pattern=None, max_size=5 * 1024**3)
+    llm.shutdown()
+    for file in os.listdir(model):
+        if os.path.splitext(file)[1] not in (".bin", ".pt", ".safetensors"):
+            shutil.copy(os.path.join(model, file), out)
+    args = parser.parse_args(["--model", out, "--device", "cpu", "--num-kv-blocks", "64",
+                              "--load-format", "sharded_state"])
+    with LLM(**dataclasses.asdict(EngineArgs.from_cli_args(args))) as llm:
+        assert _run(llm) == expected
+    with pytest.raises(ValueError, match="load_format='sharded_state'"):
+        LLM(out, device="cpu", num_kv_blocks=64)
