@@ -10,13 +10,14 @@ shares storage with another (a tied LM head and embedding) is stored under the
 lexicographically smallest of the names that cover the same memory, and filled through it.
 
 Each file's safetensors metadata records the layout it was saved from (``tensor_parallel_size``,
-``pipeline_parallel_size``, ``rank``, ``dtype``), so a mismatch is refused by name before any
-tensor is copied. Quantized models (their packed segments are built at load, with attributes
-a state dict does not hold) are refused for now; save and load the dense model.
+``pipeline_parallel_size``, ``rank``, ``dtype``, ``quantization``), so a mismatch is refused by
+name before any tensor is copied. Quantized layers keep their packed segments as stored
+(``loader/sharded_quant.py``: int8 and fp8; other schemes refused).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -61,8 +62,8 @@ def _covers(outer: tuple[int, int], inner: tuple[int, int], contiguous: bool, sm
 def save_sharded_state(model: torch.nn.Module, path: str, rank: int, layout: dict,
                        pattern: Optional[str] = None, max_size: Optional[int] = None) -> list[str]:
     """Write this rank's tensors under ``path``; returns the files written. ``layout``:
-    ``tensor_parallel_size``, ``pipeline_parallel_size`` and ``dtype``, kept in each file's
-    metadata. ``max_size``: bytes a file at most (one tensor larger than it gets a file alone)."""
+    ``tensor_parallel_size``, ``pipeline_parallel_size``, ``dtype`` and ``quantization`` (a
+    scheme, or None), kept in each file's metadata. ``max_size``: bytes a file at most (one tensor larger than it gets a file alone)."""
     from safetensors.torch import save_file
 
     pattern = pattern or DEFAULT_PATTERN
@@ -71,6 +72,10 @@ def save_sharded_state(model: torch.nn.Module, path: str, rank: int, layout: dic
         raise ValueError(f"save_sharded_state: max_size must be a positive number of bytes, got {max_size}.")
     os.makedirs(path, exist_ok=True)
     meta = {k: str(v) for k, v in layout.items()} | {"rank": str(rank), "format": "tessellm-sharded-state"}
+    if layout.get("quantization") is not None:
+        from tessellm.loader.sharded_quant import QUANTIZED_KEY, describe
+
+        meta[QUANTIZED_KEY] = describe(model)
     parts, part, size = [], {}, 0
     for name, t in unique_tensors(model.state_dict()).items():
         nbytes = t.numel() * t.element_size()
@@ -127,14 +132,21 @@ def load_sharded_state(model: torch.nn.Module, path: str, rank: int, layout: dic
                          f"(tensor_parallel_size={layout['tensor_parallel_size']}, "
                          f"pipeline_parallel_size={layout['pipeline_parallel_size']}); start it "
                          "with the layout the state was saved from.")
-    state = unique_tensors(model.state_dict())
-    seen: set[str] = set()
-    for file in by_rank[rank]:
-        with safe_open(file, framework="pt") as f:
-            _check_layout(file, f.metadata() or {}, layout)
-            for name in f.keys():
-                _copy_into(state, name, f.get_tensor(name), file)
-                seen.add(name)
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(f, framework="pt")) for f in by_rank[rank]]
+        where = {}
+        for file, h in zip(by_rank[rank], handles):
+            _check_layout(file, h.metadata() or {}, layout)
+            where.update({name: (file, h) for name in h.keys()})
+        if layout.get("quantization") is not None:
+            from tessellm.loader.sharded_quant import QUANTIZED_KEY, rebuild
+
+            rebuild(model, (handles[0].metadata() or {}).get(QUANTIZED_KEY),
+                    lambda name: _saved(where, name, path, rank), path)
+        state = unique_tensors(model.state_dict())
+        for name, (file, h) in where.items():
+            _copy_into(state, name, h.get_tensor(name), file)
+    seen = set(where)
     missing = sorted(set(state) - seen)
     if missing:
         raise ValueError(f"load_format='sharded_state': rank {rank}'s files in {path} lack "
@@ -142,8 +154,16 @@ def load_sharded_state(model: torch.nn.Module, path: str, rank: int, layout: dic
                          "saved from this model with the same options?")
 
 
+def _saved(where: dict, name: str, path: str, rank: int) -> torch.Tensor:
+    if name not in where:
+        raise ValueError(f"load_format='sharded_state': rank {rank}'s files in {path} lack "
+                         f"{name!r}, which their description of the quantized layers names; "
+                         "were they all copied?")
+    return where[name][1].get_tensor(name)
+
+
 def _check_layout(file: str, meta: dict, layout: dict) -> None:
-    for key in ("tensor_parallel_size", "pipeline_parallel_size", "dtype"):
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "dtype", "quantization"):
         if key in meta and meta[key] != str(layout[key]):
             raise ValueError(f"load_format='sharded_state': {os.path.basename(file)} was saved with "
                              f"{key}={meta[key]}, this engine has {key}={layout[key]}; start it "
