@@ -63,7 +63,9 @@ def save_sharded_state(model: torch.nn.Module, path: str, rank: int, layout: dic
                        pattern: Optional[str] = None, max_size: Optional[int] = None) -> list[str]:
     """Write this rank's tensors under ``path``; returns the files written. ``layout``:
     ``tensor_parallel_size``, ``pipeline_parallel_size``, ``dtype`` and ``quantization`` (a
-    scheme, or None), kept in each file's metadata. ``max_size``: bytes a file at most (one tensor larger than it gets a file alone)."""
+    scheme, or None), kept in each file's metadata. ``max_size``: bytes a file at most (a
+    tensor larger than that gets a file alone); each part is written once full, so host memory
+    holds one part at a time."""
     from safetensors.torch import save_file
 
     pattern = pattern or DEFAULT_PATTERN
@@ -76,21 +78,22 @@ def save_sharded_state(model: torch.nn.Module, path: str, rank: int, layout: dic
         from tessellm.loader.sharded_quant import QUANTIZED_KEY, describe
 
         meta[QUANTIZED_KEY] = describe(model)
-    parts, part, size = [], {}, 0
+    files: list[str] = []
+
+    def write(tensors: dict) -> None:
+        files.append(os.path.join(path, pattern.format(rank=rank, part=len(files))))
+        save_file(tensors, files[-1], metadata=meta)
+
+    part, size = {}, 0
     for name, t in unique_tensors(model.state_dict()).items():
         nbytes = t.numel() * t.element_size()
         if part and max_size is not None and size + nbytes > max_size:
-            parts.append(part)
+            write(part)
             part, size = {}, 0
         part[name] = t.detach().to("cpu").contiguous()
         size += nbytes
-    if part or not parts:
-        parts.append(part)
-    files = []
-    for i, tensors in enumerate(parts):
-        file = os.path.join(path, pattern.format(rank=rank, part=i))
-        save_file(tensors, file, metadata=meta)
-        files.append(file)
+    if part or not files:
+        write(part)
     return files
 
 
