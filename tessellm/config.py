@@ -63,7 +63,7 @@ class EngineArgs:
     recurrent_state_snapshot_interval: int = 0
     enable_chunked_prefill: bool = True
     seed: int = 0
-    load_format: str = "auto"  # auto, safetensors, gguf, dummy
+    load_format: str = "auto"  # auto, safetensors, gguf, dummy, sharded_state (loader/sharded_state.py)
     enforce_eager: bool = False
     tokenizer: Optional[str] = None  # a directory with tokenizer files; default: the model's
     served_model_name: Optional[str] = None
@@ -169,9 +169,9 @@ class EngineArgs:
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype {self.dtype!r} is not supported; use auto, float32, bfloat16 or "
                              "float16 (or torch.float32, torch.bfloat16, torch.float16).")
-        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy", "sharded_state"):
             raise ValueError(f"load_format {self.load_format!r} is not supported; "
-                             "use auto, safetensors, gguf or dummy.")
+                             "use auto, safetensors, gguf, dummy or sharded_state.")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be a power of two up to 128, got {self.block_size}.")
         if self.distributed_executor_backend not in (None, "uni", "mp", "ray"):

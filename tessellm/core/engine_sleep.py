@@ -87,6 +87,20 @@ class EngineSleep:
         """``load_weights(path=path)`` (the server's dev route)."""
         return self.load_weights(path=path)
 
+    def save_sharded_state(self, path: str, pattern: Optional[str] = None,
+                           max_size: Optional[int] = None) -> list[str]:
+        """vLLM's ``engine_core.save_sharded_state``: every rank writes its loaded weights under
+        ``path`` (``model-rank-{rank}-part-{part}.safetensors``, or ``pattern``; ``max_size``
+        bytes a file at most), for a later ``load_format="sharded_state"`` start with the same
+        parallel layout (``loader/sharded_state.py``). Returns the files written, rank by rank.
+        The model's other files (config.json, tokenizer) are the caller's to copy there."""
+        from tessellm.core.runner_sleep import EngineAsleepError
+
+        if self.asleep.get("weights"):
+            raise EngineAsleepError("The weights are asleep; call wake_up(tags=['weights']) before "
+                                    "save_sharded_state.")
+        return self.executor.save_sharded_state(path, pattern, max_size)
+
     def _check_idle(self, what: str, needs_sleep_mode: bool = False) -> None:
         if needs_sleep_mode and not self.enable_sleep_mode:
             raise ValueError(f"{what} needs sleep mode; start the engine with enable_sleep_mode=True "

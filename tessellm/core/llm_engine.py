@@ -50,6 +50,16 @@ class LLMEngine(EngineSurface):
         self.failure: Optional[Exception] = None  # what broke a step: raised again by every call
 
     @property
+    def engine_core(self) -> EngineCore:
+        """vLLM v1's name for the engine core (``llm.llm_engine.engine_core.save_sharded_state``)."""
+        return self.core
+
+    @property
+    def model_executor(self):
+        """vLLM v0's name for the executor (``llm.llm_engine.model_executor.save_sharded_state``)."""
+        return self.core.executor
+
+    @property
     def info(self):
         """The engine's ``EngineInfo`` (model, context length, KV blocks, default sampling)."""
         return self.core.info

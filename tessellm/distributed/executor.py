@@ -75,6 +75,14 @@ class Executor:
     def collective_rpc(self, method: str, *args) -> list:
         raise NotImplementedError
 
+    def save_sharded_state(self, path: str, pattern: Optional[str] = None,
+                           max_size: Optional[int] = None) -> list[str]:
+        """Every rank writes its weights under ``path`` (``loader/sharded_state.py``); the
+        files written, rank by rank."""
+        os.makedirs(path, exist_ok=True)  # a bad path fails here, not in a worker process
+        return [f for files in self.collective_rpc("save_sharded_state", path, pattern, max_size)
+                for f in files]
+
     def mark_compile_ready(self) -> None:
         """Warm-up ended: every worker process counts its Triton compilations as 'after ready'
         from now on (``tessellm.metrics.compile_counter``)."""

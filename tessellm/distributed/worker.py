@@ -465,6 +465,23 @@ class Worker:
 
         return self.load_weights(iter_safetensors_weights(path, self.dtype, lazy=True))
 
+    def save_sharded_state(self, path: str, pattern: Optional[str] = None,
+                           max_size: Optional[int] = None) -> list[str]:
+        """This rank's weights, as loaded, into its own files under ``path``
+        (``loader/sharded_state.py``); returns the files written."""
+        from tessellm.core.runner_sleep import check_weights_awake
+        from tessellm.loader.model_loader import sharded_state_layout
+        from tessellm.loader.sharded_quant import check_supported
+        from tessellm.loader.sharded_state import save_sharded_state
+        from tessellm.quantization.config import resolve_quant_spec
+
+        check_weights_awake(getattr(self, "sleep_state", None))
+        spec = resolve_quant_spec(self.args.quantization, self.source)
+        scheme = spec.scheme if spec is not None else None
+        check_supported(self.runner.model, scheme, "save")
+        layout = sharded_state_layout(self.tp.size, self.pp.num_stages, self.dtype, scheme)
+        return save_sharded_state(self.runner.model, path, self.rank, layout, pattern, max_size)
+
     # -- diagnostics (benchmarks/profile_tp.py; every rank at once through collective_rpc) ----
 
     def time_decode_graph(self, batch: int, iters: int = 50) -> Optional[float]:

@@ -55,7 +55,8 @@ HELP = {
                                          "docs/state_space.md)",
     "enable_chunked_prefill": "split long prompts over several steps",
     "seed": "random seed (sampling without a per-request seed)",
-    "load_format": "auto, safetensors, gguf or dummy (random weights)",
+    "load_format": "auto, safetensors, gguf, dummy (random weights) or sharded_state (each "
+                   "rank's own files, written by save_sharded_state; docs/parallelism.md)",
     "enforce_eager": "no graph capture",
     "tokenizer": "a directory with tokenizer files (default: the model's)",
     "kv_cache_dtype": "auto | fp8 (e4m3 cache with per-tensor scales; cuda)",

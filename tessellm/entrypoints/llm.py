@@ -112,6 +112,17 @@ class LLM:
         cache is emptied. Returns how many of the model's weights were filled."""
         return self.engine.core.load_weights(weights, path)
 
+    def save_sharded_state(self, path: str, pattern: Optional[str] = None,
+                           max_size: Optional[int] = None) -> list[str]:
+        """Every rank's weights, as loaded, into its own files under ``path`` (vLLM's
+        ``llm.llm_engine.engine_core.save_sharded_state``); start from them later with
+        ``LLM(path, load_format="sharded_state")`` and the same parallel layout, after copying
+        the model's config.json and tokenizer files there (docs/parallelism.md)."""
+        if not hasattr(self.engine, "engine_core"):
+            raise ValueError("save_sharded_state: the engine cores run in their own processes "
+                             "(data_parallel_size > 1); save from an LLM with data_parallel_size=1.")
+        return self.engine.engine_core.save_sharded_state(path, pattern, max_size)
+
     def collective_rpc(self, method: str, args: tuple = ()) -> list:
         """Call ``method`` of every rank's worker (``tessellm.distributed.worker.Worker``) with
         ``args`` (msgpack-able values across processes); one result per rank, in rank order.

@@ -80,8 +80,11 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
         torch.set_default_dtype(previous)
     if expert_parallel:
         check_expert_parallel(model, config)
-    _load_weights(model, source, load_format, dtype, seed, quant_spec if quant_method else None,
-                  optional=("lm_head.weight",) if pooling else ())
+    if load_format == "sharded_state":
+        _load_sharded_state(model, source, quant_spec if quant_method else None, dtype, tp, pp, pooling)
+    else:
+        _load_weights(model, source, load_format, dtype, seed, quant_spec if quant_method else None,
+                      optional=("lm_head.weight",) if pooling else ())
     if pooling:
         _drop_lm_head(model)
     use_backend_linear(model, ops)
@@ -254,6 +257,31 @@ def _drop_lm_head(model) -> None:
         if head.tied is None and head.weight.numel():
             head.weight = torch.nn.Parameter(head.weight.new_empty(0, head.weight.shape[-1]),
                                              requires_grad=False)
+
+
+def _load_sharded_state(model, source: ModelSource, quant_spec, dtype: torch.dtype,
+                        tp: TensorParallel, pp: PipelineStage, pooling: bool) -> None:
+    """``load_format="sharded_state"``: this rank's own files (``loader/sharded_state.py``);
+    quantized layers rebuilt as saved (``loader/sharded_quant.py``), never quantized again."""
+    from tessellm.loader.sharded_quant import check_supported
+    from tessellm.loader.sharded_state import load_sharded_state
+
+    if pooling:
+        raise ValueError("load_format='sharded_state' does not load pooling (embedding) models "
+                         "yet; load the checkpoint with load_format='auto'.")
+    scheme = quant_spec.scheme if quant_spec is not None else None
+    check_supported(model, scheme, "load")
+    load_sharded_state(model, source.path, pp.stage * tp.size + tp.rank,
+                       sharded_state_layout(tp.size, pp.num_stages, dtype, scheme))
+    if quant_spec is not None:
+        _fp8_lm_head(model, quant_spec)
+
+
+def sharded_state_layout(tp_size: int, pp_size: int, dtype: torch.dtype,
+                         quantization: Optional[str]) -> dict:
+    """What a sharded state records and must match at load (``loader/sharded_state.py``)."""
+    return {"tensor_parallel_size": tp_size, "pipeline_parallel_size": pp_size,
+            "dtype": str(dtype).removeprefix("torch."), "quantization": quantization}
 
 
 def _load_weights(model, source: ModelSource, load_format: str, dtype: torch.dtype, seed: int,

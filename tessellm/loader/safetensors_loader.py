@@ -20,6 +20,12 @@ def safetensors_files(model_dir: str) -> list[str]:
     if not files:
         raise FileNotFoundError(f"No .safetensors weights in {model_dir}; pass load_format='dummy' "
                                 "for random weights, or a directory holding the checkpoint.")
+    from tessellm.loader.sharded_state import rank_files
+
+    if sum(len(parts) for parts in rank_files(model_dir).values()) == len(files):
+        raise ValueError(f"{model_dir} holds a sharded state (each rank's saved weights, "
+                         "model-rank-N-part-M.safetensors), not a checkpoint; start it with "
+                         "load_format='sharded_state' and the parallel layout it was saved from.")
     return [os.path.join(model_dir, f) for f in files]
 
 
