@@ -165,7 +165,7 @@ def test_adapter_resolved_when_the_request_arrives(lora_setup, monkeypatch, rout
     class Handed(Exception):
         pass
 
-    def add_request(rid, prompt, params, event, lora_request):
+    def add_request(rid, prompt, params, event, lora_request, **_):  # (priority, ...)
         handed.append(lora_request)
         raise Handed
 
