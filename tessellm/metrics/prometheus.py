@@ -24,9 +24,9 @@ from typing import Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from tessellm.metrics.names import PREFIX, NamedView
 from tessellm.metrics.stats import EngineStats, FinishedRequest, IterationStats
 
-PREFIX = "tessellm:"
 FINISH_REASONS = ("stop", "length", "abort")
 
 # Bucket upper bounds (+Inf is added by prometheus_client).
@@ -69,13 +69,19 @@ class _CumulativeCounter:
 class EngineMetrics:
     """The Prometheus metrics of one engine, labelled with its ``model_name``.
 
-    ``max_model_len`` sets the top of the per-request token histograms.
+    ``max_model_len`` sets the top of the per-request token histograms; ``num_engines`` > 1 adds
+    the per-core gauges (fed by ``observe_engine_stats``). ``names``: tessellm, vllm or both
+    (``tessellm.metrics.names``); ``data_parallel_size``: the engine cores the stats come from
+    (> 1: no ``engine`` label on vLLM's names of whole-engine series); ``cache_config``
+    (block_size, num_gpu_blocks, ...): the labels of ``vllm:cache_config_info``.
     """
 
     def __init__(self, model_name: str, registry: CollectorRegistry, max_model_len: int = 8192,
-                 num_engines: int = 1):
+                 num_engines: int = 1, names: str = "tessellm", data_parallel_size: int = 1,
+                 cache_config: Optional[dict] = None):
         self.model_name = model_name
         self.registry = registry
+        self.view = NamedView(registry, names, max(num_engines, data_parallel_size), cache_config)
         self._add_core_metrics()
         self._add_request_metrics(one_two_five_buckets(max_model_len))
         if num_engines > 1:
@@ -324,22 +330,8 @@ class EngineMetrics:
     # -- exposition ----------------------------------------------------------------------
 
     def render(self) -> bytes:
-        """This registry in the Prometheus text format, without the ``*_created`` series."""
-        return generate_latest(_WithoutCreated(self.registry))
+        """The registry in the Prometheus text format, under the chosen names, without the
+        ``*_created`` series (``tessellm.metrics.names.NamedView``)."""
+        return generate_latest(self.view)
 
     content_type: str = CONTENT_TYPE_LATEST
-
-
-class _WithoutCreated:
-    """A registry view that drops prometheus_client's ``*_created`` timestamps: one extra series
-    per counter and histogram that dashboards never read. (prometheus_client can only turn them
-    off process-wide; this keeps the choice to one registry.)"""
-
-    def __init__(self, registry: CollectorRegistry):
-        self.registry = registry
-
-    def collect(self):
-        for family in self.registry.collect():  # fresh objects on every collect: ours to edit
-            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
-            yield family
-
