@@ -54,9 +54,9 @@ VLLM_PER_ENGINE = {"engine_num_requests_running": "num_requests_running",
                    "engine_kv_cache_usage_perc": "kv_cache_usage_perc"}
 
 
-def check_metrics_names(value, where: str = "metrics_names") -> str:
+def check_metrics_names(value, where: str = "metrics_names ") -> str:
     if value not in METRICS_NAMES:
-        raise ValueError(f"{where} {value!r} is not understood; use tessellm (tessellm:NAME, the "
+        raise ValueError(f"{where}{value!r} is not understood; use tessellm (tessellm:NAME, the "
                          "default), vllm (vLLM's vllm:NAME names and labels, for dashboards and "
                          "routers written for vLLM) or both (docs/metrics.md).")
     return value
