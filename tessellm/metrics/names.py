@@ -45,8 +45,8 @@ VLLM_FAMILIES = frozenset({
     "request_prompt_tokens", "request_generation_tokens", "iteration_tokens_total",
     "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
     "spec_decode_num_accepted_tokens_per_pos"})
-# vLLM <= 0.10's name of the KV usage gauge (removed in 0.11); Gateway API Inference Extension
-# releases before v0.5 read it by default.
+# vLLM <= 0.10's name of the KV usage gauge (removed later); older Gateway API Inference
+# Extension releases read it by default.
 VLLM_ALIASES = {"kv_cache_usage_perc": ("gpu_cache_usage_perc",)}
 # Data parallelism: a core's own gauge -> vLLM's name for it (labelled engine="i" as vLLM's).
 VLLM_PER_ENGINE = {"engine_num_requests_running": "num_requests_running",

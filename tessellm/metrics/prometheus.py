@@ -1,4 +1,5 @@
-"""Prometheus metrics of one engine: the names vLLM users know, with the ``tessellm:`` prefix.
+"""Prometheus metrics of one engine: the names vLLM users know, with the ``tessellm:`` prefix
+(or vLLM's own ``vllm:`` names, or both: ``metrics_names``, ``tessellm.metrics.names``).
 
 ``EngineMetrics`` is a stat logger (see ``tessellm.metrics.stats.StatLogger``): the front end
 that reads the core's messages (``AsyncLLM``) calls ``observe_stats`` with each message's
