@@ -115,3 +115,36 @@ def test_a_bad_value_is_one_clear_error(monkeypatch):
                           "prom"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "--metrics-names: invalid choice: 'prom' (choose from" in out.stderr
+
+
+def test_ray_serve_config_takes_the_setting():
+    """A Ray Serve / KubeRay app sets it in its engine section (flat, as ``serve run`` gives it)."""
+    from tessellm.entrypoints.ray_serve.config import parse_config
+
+    config = parse_config({"engine.device": "cpu", "engine.metrics_names": "both"}, check_resources=False)
+    assert config.engine_args(locate=False).metrics_names == "both"
+    with pytest.raises(ValueError, match="metrics_names 'vLLM' is not understood"):
+        parse_config({"engine.device": "cpu", "engine.metrics_names": "vLLM"}, check_resources=False)
+
+
+def test_data_parallel_cores_under_vllms_engine_label():
+    """-dp N: each core's own gauges as vLLM's ``{engine="i"}`` series; the whole engine's other
+    series under vLLM's names carry no engine label (they are no one core's)."""
+    from prometheus_client import CollectorRegistry
+
+    from tessellm.metrics.prometheus import EngineMetrics
+    from tessellm.metrics.stats import EngineStats
+
+    metrics = EngineMetrics(SERVED_NAME, CollectorRegistry(), 1024, num_engines=2, names="vllm",
+                            data_parallel_size=2, cache_config={"block_size": "16"})
+    metrics.observe_engine_stats(1, EngineStats(num_running=3, num_waiting=2, kv_cache_usage=0.5))
+    metrics.observe_stats(EngineStats(num_running=3, num_waiting=2, kv_cache_usage=0.25))
+    fams = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    running = samples(fams["vllm:num_requests_running"])
+    assert running == {("vllm:num_requests_running", (("engine", str(i)), ("model_name", SERVED_NAME))): v
+                       for i, v in ((0, 0.0), (1, 3.0))}
+    assert samples(fams["tessellm:num_requests_running"]) == {
+        ("tessellm:num_requests_running", (("model_name", SERVED_NAME),)): 3.0}
+    assert [s.labels for s in fams["vllm:prompt_tokens"].samples] == [{"model_name": SERVED_NAME}]
+    assert [s.labels["engine"] for s in fams["vllm:cache_config_info"].samples] == ["0", "1"]
+    assert "tessellm:engine_num_requests_running" not in fams
