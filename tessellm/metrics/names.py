@@ -8,7 +8,7 @@ names chosen by ``metrics_names`` (EngineArgs, ``--metrics-names``, ``TESSELLM_M
   (``vllm:NAME{model_name, engine}``), so dashboards, alerts, autoscalers and the Gateway API
   Inference Extension written for vLLM read it unchanged; the series vLLM has no name for stay
   ``tessellm:`` (no ``vllm:`` name is invented), plus vLLM's ``vllm:cache_config_info`` and its
-  pre-0.11 ``vllm:gpu_cache_usage_perc``.
+  older name ``vllm:gpu_cache_usage_perc``; with LoRA, ``vllm:lora_requests_info``.
 - ``both``: all of the above (a migration: old and new dashboards side by side).
 
 One collector renders the registry once per scrape; a ``vllm:`` series is a relabelled copy of
@@ -44,7 +44,7 @@ VLLM_FAMILIES = frozenset({
     "inter_token_latency_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
     "request_prompt_tokens", "request_generation_tokens", "iteration_tokens_total",
     "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
-    "spec_decode_num_accepted_tokens_per_pos"})
+    "spec_decode_num_accepted_tokens_per_pos", "lora_requests_info"})
 # vLLM <= 0.10's name of the KV usage gauge (removed later); older Gateway API Inference
 # Extension releases read it by default.
 VLLM_ALIASES = {"kv_cache_usage_perc": ("gpu_cache_usage_perc",)}
@@ -111,7 +111,9 @@ class NamedView:
     def _renamed(self, family, name: str) -> Metric:
         old, new = family.name, VLLM_PREFIX + name
         out = Metric(new, family.documentation, family.type)
-        extra = {} if "engine" in (family.samples[0].labels if family.samples else {}) else self.engine_label
+        labels = family.samples[0].labels if family.samples else {}
+        # vLLM labels its engine metrics model_name + engine; lora_requests_info has neither
+        extra = self.engine_label if "model_name" in labels and "engine" not in labels else {}
         out.samples = [s._replace(name=new + s.name[len(old):], labels={**s.labels, **extra})
                        for s in family.samples]
         return out

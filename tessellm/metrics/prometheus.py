@@ -20,6 +20,7 @@ index, as vLLM labels its engines), show how the load balancer spreads the work:
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -136,6 +137,8 @@ class EngineMetrics:
         self._kv_offload = None  # created when the core first reports a host tier
         self._kv_connector = None  # created when the core first reports a KV connector
         self._state_snapshots = None  # created when the core first reports a snapshot pool
+        self._lora_info = None  # created when the core first reports LoRA
+        self._lora_labels: Optional[tuple] = None
         self.iteration_tokens = self._child(Histogram, "iteration_tokens_total", "Tokens computed "
                                             "per engine step (prefill chunks plus decodes).",
                                             buckets=ITERATION_TOKEN_BUCKETS)
@@ -237,6 +240,27 @@ class EngineMetrics:
             else:
                 metric.update(pool.get(key, 0))
 
+    def _observe_lora(self, lora: Optional[dict]) -> None:
+        """vLLM's ``lora_requests_info`` (what the Gateway API Inference Extension's LoRA
+        affinity reads): one series whose labels are ``max_lora`` and the comma-joined
+        adapters of running and of waiting requests, valued at the time it was last set (a
+        reader takes the series of the largest value). vLLM keeps every label set it ever
+        showed; here the previous one is dropped when they change, so /metrics stays small."""
+        if not lora:
+            return
+        if self._lora_info is None:
+            self._lora_info = Gauge(PREFIX + "lora_requests_info", "LoRA adapters of the running "
+                                    "and the waiting requests, and the adapter slots; the value is "
+                                    "when it was last set.", ["max_lora", "waiting_lora_adapters",
+                                                              "running_lora_adapters"],
+                                    registry=self.registry)
+        labels = (str(lora["max_lora"]), ",".join(lora["waiting"]), ",".join(lora["running"]))
+        if labels != self._lora_labels:
+            if self._lora_labels is not None:
+                self._lora_info.remove(*self._lora_labels)
+            self._lora_labels = labels
+        self._lora_info.labels(*labels).set(time.time())
+
     def _spec_position(self, pos: int) -> _CumulativeCounter:
         if pos not in self._spec_per_pos:
             self._spec_per_pos[pos] = _CumulativeCounter(
@@ -293,6 +317,7 @@ class EngineMetrics:
         self._observe_kv_offload(stats.kv_offload)
         self._observe_kv_connector(stats.kv_connector)
         self._observe_state_snapshots(stats.state_snapshots)
+        self._observe_lora(stats.lora)
         for n in stats.step_num_tokens:
             self.iteration_tokens.observe(n)
         if stats.device_memory_used_bytes is not None:
