@@ -160,6 +160,11 @@ class EngineArgs:
     # Prompts given as embeddings ({"prompt_embeds": tensor[tokens, hidden]}; the completions
     # API's base64 torch.save bytes), vLLM's flag (tessellm/core/prompt_embeds.py).
     enable_prompt_embeds: bool = False
+    # The Prometheus names of /metrics and LLM.get_metrics() (tessellm/metrics/names.py):
+    # "tessellm" (tessellm:NAME), "vllm" (vLLM's vllm:NAME names and labels, for dashboards,
+    # autoscalers and routers written for vLLM) or "both"; None: TESSELLM_METRICS_NAMES, else
+    # tessellm.
+    metrics_names: Optional[str] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, torch.dtype):  # vLLM's LLM(dtype=torch.bfloat16)
@@ -229,6 +234,9 @@ class EngineArgs:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         self._validate_speculative()
+        from tessellm.metrics.names import resolve_metrics_names
+
+        resolve_metrics_names(self.metrics_names)
         if self.enable_prompt_embeds and self.speculative_config is not None:
             raise ValueError("enable_prompt_embeds does not combine with speculative decoding yet "
                              "(a drafter reads token ids); drop one of them.")

@@ -42,6 +42,13 @@ def api_key() -> Optional[str]:
     return os.environ.get("TESSELLM_API_KEY") or None
 
 
+def metrics_names() -> Optional[str]:
+    """TESSELLM_METRICS_NAMES: the names /metrics and ``LLM.get_metrics()`` use when the engine
+    argument ``metrics_names`` is unset: tessellm, vllm or both (tessellm/metrics/names.py);
+    None: unset."""
+    return os.environ.get("TESSELLM_METRICS_NAMES", "").strip().lower() or None
+
+
 def server_dev_mode() -> bool:
     """TESSELLM_SERVER_DEV_MODE (else vLLM's VLLM_SERVER_DEV_MODE): "1" adds the server's
     development routes: /sleep, /wake_up, /is_sleeping, /reset_prefix_cache, /load_weights

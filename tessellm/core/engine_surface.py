@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from prometheus_client import CollectorRegistry
 
+from tessellm.metrics.names import engine_metrics_options
 from tessellm.metrics.prometheus import EngineMetrics
 from tessellm.metrics.reader import Metric, read_metrics
 from tessellm.metrics.stats import EngineStats, IterationStats
@@ -122,7 +123,7 @@ class EngineSurface:
                              "vLLM's does: they cost host time in every step); pass "
                              "LLM(..., disable_log_stats=False).")
         self.metrics.observe_stats(self._engine_stats())
-        return read_metrics(self.metrics.registry)
+        return read_metrics(self.metrics.view)
 
     def _engine_stats(self) -> EngineStats:
         raise NotImplementedError
@@ -147,4 +148,4 @@ def engine_metrics(args, info, log_stats: bool) -> Optional[EngineMetrics]:
     if not log_stats:
         return None
     return EngineMetrics(args.served_model_name or args.model or info.model_path, CollectorRegistry(),
-                         info.max_model_len)
+                         info.max_model_len, **engine_metrics_options(args, info))

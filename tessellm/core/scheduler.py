@@ -58,7 +58,7 @@ from tessellm.core.state_prefix import align_chunk, saves_at, saves_within
 from tessellm.core.step import (CachedRequestData, ModelRunnerOutput, NewRequestData,  # noqa: F401
                                 SchedulerOutput)
 from tessellm.spec_decode.metrics import SpecDecodeStats
-from tessellm.lora.scheduling import LORA_WAIT, acquire_slot, lora_step_fields, release_slot
+from tessellm.lora.scheduling import LORA_WAIT, acquire_slot, lora_stats, lora_step_fields, release_slot
 from tessellm.multimodal.encoder_budget import end_outside_images, make_encoder_budget
 
 
@@ -563,4 +563,5 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
                               self.spec_stats.copy() if self.spec_stats.num_drafts else None,
                               None if self.kv.host is None else self.kv.host.stats_dict(),
                               None if self.connector is None else self.connector.stats.as_dict(),
-                              None if self.kv.states is None else self.kv.states.stats_dict())
+                              None if self.kv.states is None else self.kv.states.stats_dict(),
+                              None if self.lora is None else lora_stats(self))

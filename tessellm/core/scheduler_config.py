@@ -64,6 +64,8 @@ class SchedulerStats:
     kv_connector: Optional[dict] = None
     # Recurrent-state snapshots for prefix caching (StateSnapshots.stats_dict); None: no pool.
     state_snapshots: Optional[dict] = None
+    # With LoRA (lora/scheduling.lora_stats): adapters of running and waiting requests, slots.
+    lora: Optional[dict] = None
 
 
 class ContextLengthError(ValueError):

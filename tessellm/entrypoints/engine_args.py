@@ -137,6 +137,10 @@ HELP = {
     "override_pooler_config": "vLLM's older name for --pooler-config (laid over it)",
     "enable_prompt_embeds": "accept prompts given as embeddings: {\"prompt_embeds\": tensor[tokens, hidden]} "
                             "offline, base64 torch.save bytes in /v1/completions' prompt_embeds",
+    "metrics_names": "the Prometheus names of /metrics and LLM.get_metrics(): tessellm "
+                     "(tessellm:NAME), vllm (vLLM's vllm:NAME names and labels, for dashboards, "
+                     "autoscalers and routers written for vLLM) or both (unset: "
+                     "TESSELLM_METRICS_NAMES, else tessellm; docs/metrics.md)",
     "enable_sleep_mode": "allow sleep / wake_up: free the device memory of the weights and KV cache "
                          "between generation phases (RLHF; server: /sleep, /wake_up and /is_sleeping "
                          "with TESSELLM_SERVER_DEV_MODE=1; docs/sleep_mode.md)",
@@ -144,6 +148,7 @@ HELP = {
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_parallel_size": "-dp",
          "quantization": "-q"}
 CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"], "data_parallel_balance": ["load", "tokens"],
+           "metrics_names": ["tessellm", "vllm", "both"],
            "decode_overlap_steps": ["mixed", "decode", "all"], "scheduling_policy": ["fcfs", "priority"],
            "reasoning_parser": sorted(REASONING_PARSERS),
            "runner": ["auto", "generate", "pooling"], "convert": ["auto", "none", "embed", "classify"]}

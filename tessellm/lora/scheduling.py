@@ -12,6 +12,18 @@ from tessellm.lora.slots import FAILED, WAIT
 LORA_WAIT = WAIT
 
 
+def lora_stats(scheduler) -> dict:
+    """What vLLM's ``lora_requests_info`` gauge tells a router: the adapters of the running and
+    of the waiting requests (each name once, in queue order) and the adapter slots
+    (``max_loras``). Once per stats message, with LoRA on: a pass over the queues."""
+    return {"running": _adapter_names(scheduler.running), "waiting": _adapter_names(scheduler.waiting),
+            "max_lora": len(scheduler.lora.slot_ids)}
+
+
+def _adapter_names(requests) -> list[str]:
+    return list(dict.fromkeys(r.lora_request.lora_name for r in requests if r.lora_request is not None))
+
+
 def acquire_slot(scheduler, req) -> int:
     """The request's slot (>= 0), LORA_WAIT, or FAILED (then the request is finished with the
     adapter's load error as its abort)."""

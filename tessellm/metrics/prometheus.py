@@ -1,4 +1,5 @@
-"""Prometheus metrics of one engine: the names vLLM users know, with the ``tessellm:`` prefix.
+"""Prometheus metrics of one engine: the names vLLM users know, with the ``tessellm:`` prefix
+(or vLLM's own ``vllm:`` names, or both: ``metrics_names``, ``tessellm.metrics.names``).
 
 ``EngineMetrics`` is a stat logger (see ``tessellm.metrics.stats.StatLogger``): the front end
 that reads the core's messages (``AsyncLLM``) calls ``observe_stats`` with each message's
@@ -19,14 +20,15 @@ index, as vLLM labels its engines), show how the load balancer spreads the work:
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from tessellm.metrics.names import PREFIX, NamedView
 from tessellm.metrics.stats import EngineStats, FinishedRequest, IterationStats
 
-PREFIX = "tessellm:"
 FINISH_REASONS = ("stop", "length", "abort")
 
 # Bucket upper bounds (+Inf is added by prometheus_client).
@@ -69,13 +71,19 @@ class _CumulativeCounter:
 class EngineMetrics:
     """The Prometheus metrics of one engine, labelled with its ``model_name``.
 
-    ``max_model_len`` sets the top of the per-request token histograms.
+    ``max_model_len`` sets the top of the per-request token histograms; ``num_engines`` > 1 adds
+    the per-core gauges (fed by ``observe_engine_stats``). ``names``: tessellm, vllm or both
+    (``tessellm.metrics.names``); ``data_parallel_size``: the engine cores the stats come from
+    (> 1: no ``engine`` label on vLLM's names of whole-engine series); ``cache_config``
+    (block_size, num_gpu_blocks, ...): the labels of ``vllm:cache_config_info``.
     """
 
     def __init__(self, model_name: str, registry: CollectorRegistry, max_model_len: int = 8192,
-                 num_engines: int = 1):
+                 num_engines: int = 1, names: str = "tessellm", data_parallel_size: int = 1,
+                 cache_config: Optional[dict] = None):
         self.model_name = model_name
         self.registry = registry
+        self.view = NamedView(registry, names, max(num_engines, data_parallel_size), cache_config)
         self._add_core_metrics()
         self._add_request_metrics(one_two_five_buckets(max_model_len))
         if num_engines > 1:
@@ -129,6 +137,8 @@ class EngineMetrics:
         self._kv_offload = None  # created when the core first reports a host tier
         self._kv_connector = None  # created when the core first reports a KV connector
         self._state_snapshots = None  # created when the core first reports a snapshot pool
+        self._lora_info = None  # created when the core first reports LoRA
+        self._lora_labels: Optional[tuple] = None
         self.iteration_tokens = self._child(Histogram, "iteration_tokens_total", "Tokens computed "
                                             "per engine step (prefill chunks plus decodes).",
                                             buckets=ITERATION_TOKEN_BUCKETS)
@@ -230,6 +240,27 @@ class EngineMetrics:
             else:
                 metric.update(pool.get(key, 0))
 
+    def _observe_lora(self, lora: Optional[dict]) -> None:
+        """vLLM's ``lora_requests_info`` (what the Gateway API Inference Extension's LoRA
+        affinity reads): one series whose labels are ``max_lora`` and the comma-joined
+        adapters of running and of waiting requests, valued at the time it was last set (a
+        reader takes the series of the largest value). vLLM keeps every label set it ever
+        showed; here the previous one is dropped when they change, so /metrics stays small."""
+        if not lora:
+            return
+        if self._lora_info is None:
+            self._lora_info = Gauge(PREFIX + "lora_requests_info", "LoRA adapters of the running "
+                                    "and the waiting requests, and the adapter slots; the value is "
+                                    "when it was last set.", ["max_lora", "waiting_lora_adapters",
+                                                              "running_lora_adapters"],
+                                    registry=self.registry)
+        labels = (str(lora["max_lora"]), ",".join(lora["waiting"]), ",".join(lora["running"]))
+        if labels != self._lora_labels:
+            if self._lora_labels is not None:
+                self._lora_info.remove(*self._lora_labels)
+            self._lora_labels = labels
+        self._lora_info.labels(*labels).set(time.time())
+
     def _spec_position(self, pos: int) -> _CumulativeCounter:
         if pos not in self._spec_per_pos:
             self._spec_per_pos[pos] = _CumulativeCounter(
@@ -286,6 +317,7 @@ class EngineMetrics:
         self._observe_kv_offload(stats.kv_offload)
         self._observe_kv_connector(stats.kv_connector)
         self._observe_state_snapshots(stats.state_snapshots)
+        self._observe_lora(stats.lora)
         for n in stats.step_num_tokens:
             self.iteration_tokens.observe(n)
         if stats.device_memory_used_bytes is not None:
@@ -324,22 +356,8 @@ class EngineMetrics:
     # -- exposition ----------------------------------------------------------------------
 
     def render(self) -> bytes:
-        """This registry in the Prometheus text format, without the ``*_created`` series."""
-        return generate_latest(_WithoutCreated(self.registry))
+        """The registry in the Prometheus text format, under the chosen names, without the
+        ``*_created`` series (``tessellm.metrics.names.NamedView``)."""
+        return generate_latest(self.view)
 
     content_type: str = CONTENT_TYPE_LATEST
-
-
-class _WithoutCreated:
-    """A registry view that drops prometheus_client's ``*_created`` timestamps: one extra series
-    per counter and histogram that dashboards never read. (prometheus_client can only turn them
-    off process-wide; this keeps the choice to one registry.)"""
-
-    def __init__(self, registry: CollectorRegistry):
-        self.registry = registry
-
-    def collect(self):
-        for family in self.registry.collect():  # fresh objects on every collect: ours to edit
-            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
-            yield family
-

@@ -1,6 +1,7 @@
 """vLLM's ``LLM.get_metrics()`` shapes (``vllm.v1.metrics.reader``): the engine's Prometheus
-metrics as plain objects, read from its registry (names start with ``tessellm:``, not ``vllm:``;
-the same metrics as the server's ``/metrics``, docs/metrics.md)."""
+metrics as plain objects, read from its registry or a view of it (``tessellm.metrics.names``:
+``tessellm:`` names by default, vLLM's ``vllm:`` names with ``metrics_names="vllm"``; the same
+metrics as the server's ``/metrics``, docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class Histogram(Metric):
 
 
 def read_metrics(registry: CollectorRegistry) -> list[Metric]:
-    """One ``Metric`` per labelled series of every family in ``registry``."""
+    """One ``Metric`` per labelled series of every family in ``registry`` (anything with
+    ``collect()``: a registry, or ``EngineMetrics.view``)."""
     metrics: list[Metric] = []
     for family in registry.collect():
         if family.type == "counter":

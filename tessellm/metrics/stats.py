@@ -56,6 +56,9 @@ class EngineStats:
     # core/state_prefix.py): slots and used now, saves, restores and evictions since start;
     # None: no pool.
     state_snapshots: Optional[dict] = None
+    # With LoRA: {"running": [adapter names], "waiting": [...], "max_lora": slots} now (the
+    # adapters of running and of waiting requests); None: LoRA off.
+    lora: Optional[dict] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineStats":
@@ -166,7 +169,16 @@ def merge_engine_stats(parts: list[EngineStats]) -> EngineStats:
         spec_decode=_merge_spec_decode([p.spec_decode for p in parts if p.spec_decode]),
         kv_offload=_merge_kv_offload([p.kv_offload for p in parts if p.kv_offload]),
         kv_connector=_merge_totals([p.kv_connector for p in parts if p.kv_connector]),
-        state_snapshots=_merge_totals([p.state_snapshots for p in parts if p.state_snapshots]))
+        state_snapshots=_merge_totals([p.state_snapshots for p in parts if p.state_snapshots]),
+        lora=_merge_lora([p.lora for p in parts if p.lora]))
+
+
+def _merge_lora(parts: list[dict]) -> Optional[dict]:
+    """The cores' adapters, each name once; slots per core (every core has as many)."""
+    if not parts:
+        return None
+    return {key: list(dict.fromkeys(n for p in parts for n in p[key])) for key in ("running", "waiting")} | \
+        {"max_lora": parts[0]["max_lora"]}
 
 
 def _merge_totals(parts: list[dict]) -> Optional[dict]:

@@ -58,6 +58,7 @@ from tessellm.entrypoints.openai.serving_completion import create_completion
 from tessellm.entrypoints.openai.serving_embedding import create_embedding
 from tessellm.entrypoints.openai.serving_pooling import create_pooling
 from tessellm.entrypoints.openai.serving_score import create_rerank, create_score
+from tessellm.metrics.names import engine_metrics_options
 from tessellm.metrics.prometheus import EngineMetrics
 from tessellm.metrics.stats import EngineStats, merge_engine_stats
 from tessellm.pooling.front import check_generates
@@ -81,7 +82,8 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
     engine.request_log = RequestLog(config.log_requests, config.log_outputs, config.max_log_len)
     app.state.lifecycle = Lifecycle()  # draining on SIGTERM (lifecycle.py)
     app.state.metrics = EngineMetrics(config.model_name, CollectorRegistry(), engine.info.max_model_len,
-                                      num_engines=engine.cores.size)
+                                      num_engines=engine.cores.size,
+                                      **engine_metrics_options(engine.args, engine.info))
     engine.add_stat_logger(app.state.metrics)
     _add_status_routes(app, engine, app.state.metrics)
     serve_lora(engine, config)  # --enable-lora: reads --lora-modules (ValueError if one is bad)
