@@ -64,6 +64,9 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     seed: int = 0
     load_format: str = "auto"  # auto, safetensors, gguf, dummy, sharded_state (loader/sharded_state.py)
+    # vLLM's: a dict or its JSON; only {"pattern": "..."} (load_format="sharded_state": the file
+    # name save_sharded_state(pattern=...) wrote; loader/sharded_state.extra_config_pattern).
+    model_loader_extra_config: Optional[object] = None
     enforce_eager: bool = False
     tokenizer: Optional[str] = None  # a directory with tokenizer files; default: the model's
     served_model_name: Optional[str] = None
@@ -259,6 +262,9 @@ class EngineArgs:
         from tessellm.pooling.convert import parse_hf_overrides
 
         parse_hf_overrides(self.hf_overrides)
+        from tessellm.loader.sharded_state import extra_config_pattern
+
+        extra_config_pattern(self.model_loader_extra_config, self.load_format)
         from tessellm.generation_config import check_choice, parse_override
 
         check_choice(self.generation_config)

@@ -131,12 +131,14 @@ class Worker:
         """``(model, attention kernel)``: this rank's shard of the model, weights loaded; its
         kernels given the engine's limits (``attention_rows``: verify steps' rows too)."""
         from tessellm.loader.model_loader import build_model
+        from tessellm.loader.sharded_state import extra_config_pattern
 
         args, source = self.args, self.source
         load_format = args.load_format if args.load_format != "auto" else source.kind
         return build_model(source, load_format, registry, self.backend, self.dtype,
                            self.device, args.block_size, args.kv_cache_dtype, args.seed,
                            quantization=args.quantization, tp=self.tp, pp=self.pp,
+                           pattern=extra_config_pattern(args.model_loader_extra_config, args.load_format),
                            pooling=pooling, max_positions=rope_positions(args, self.max_model_len),
                            expert_parallel=args.enable_expert_parallel,
                            max_model_len=self.max_model_len,

@@ -128,6 +128,10 @@ HELP = {
     "convert": "embed: serve a *ForCausalLM checkpoint as an embedding model; classify: as its family's "
                "*ForSequenceClassification (the score head from the checkpoint's score.weight, or from "
                "LM-head rows with --hf-overrides classifier_from_token); both mean --runner pooling",
+    "model_loader_extra_config": "vLLM's loader settings as JSON; only '{\"pattern\": "
+                                 "\"NAME-{rank}-{part}.safetensors\"}': the file name a sharded "
+                                 "state was saved under (--load-format sharded_state; "
+                                 "docs/parallelism.md)",
     "hf_overrides": "JSON laid over the checkpoint's config.json, e.g. '{\"architectures\": "
                     "[\"Qwen3ForSequenceClassification\"], \"classifier_from_token\": [\"no\", \"yes\"], "
                     "\"is_original_qwen3_reranker\": true}' (docs/pooling.md)",

@@ -76,7 +76,6 @@ ENGINE: tuple[VllmArg, ...] = (
     VllmArg("use_tqdm_on_load", "noop", "loading logs its own progress", bool),
     VllmArg("ignore_patterns", "noop", "tessellm reads the checkpoint's safetensors (or .gguf) files only",
             nargs="+"),
-    VllmArg("model_loader_extra_config", "noop", "the loader takes no extra settings", "json"),
     VllmArg("pt_load_map_location", "noop", "tensors load straight to their device"),
     VllmArg("disable_mm_preprocessor_cache", "noop", "images are processed per request, nothing cached", bool),
     VllmArg("mm_processor_cache_gb", "noop", "images are processed per request, nothing cached", float),

@@ -30,7 +30,8 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
                 quantization: Optional[str] = None, tp: Optional[TensorParallel] = None,
                 pp: Optional[PipelineStage] = None, pooling: bool = False,
                 max_positions: Optional[int] = None, expert_parallel: bool = False,
-                max_model_len: Optional[int] = None, max_num_seqs: Optional[int] = None):
+                max_model_len: Optional[int] = None, max_num_seqs: Optional[int] = None,
+                pattern: Optional[str] = None):
     """Returns ``(model, attention_kernel)``; the kernel is shared by every layer.
 
     ``pooling``: an embedding model (tessellm.pooling): its LM head is never used, so a
@@ -53,6 +54,9 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
 
     ``max_model_len`` / ``max_num_seqs``: the engine's limits, given to the attention kernels
     (``AttentionSpec``: a kernel sizes its decode workspace from them). None: unknown.
+
+    ``pattern``: ``load_format="sharded_state"``'s file name (vLLM's
+    ``model_loader_extra_config={"pattern": ...}``); None: the default one.
     """
     config = source.hf_config
     cls = model_class(config, pooling)  # raises for unsupported architectures before any allocation
@@ -81,7 +85,8 @@ def build_model(source: ModelSource, load_format: str, registry, backend, dtype:
     if expert_parallel:
         check_expert_parallel(model, config)
     if load_format == "sharded_state":
-        _load_sharded_state(model, source, quant_spec if quant_method else None, dtype, tp, pp, pooling)
+        _load_sharded_state(model, source, quant_spec if quant_method else None, dtype, tp, pp, pooling,
+                            pattern)
     else:
         _load_weights(model, source, load_format, dtype, seed, quant_spec if quant_method else None,
                       optional=("lm_head.weight",) if pooling else ())
@@ -260,7 +265,8 @@ def _drop_lm_head(model) -> None:
 
 
 def _load_sharded_state(model, source: ModelSource, quant_spec, dtype: torch.dtype,
-                        tp: TensorParallel, pp: PipelineStage, pooling: bool) -> None:
+                        tp: TensorParallel, pp: PipelineStage, pooling: bool,
+                        pattern: Optional[str] = None) -> None:
     """``load_format="sharded_state"``: this rank's own files (``loader/sharded_state.py``);
     quantized layers rebuilt as saved (``loader/sharded_quant.py``), never quantized again."""
     from tessellm.loader.sharded_quant import check_supported
@@ -272,7 +278,7 @@ def _load_sharded_state(model, source: ModelSource, quant_spec, dtype: torch.dty
     scheme = quant_spec.scheme if quant_spec is not None else None
     check_supported(model, scheme, "load")
     load_sharded_state(model, source.path, pp.stage * tp.size + tp.rank,
-                       sharded_state_layout(tp.size, pp.num_stages, dtype, scheme))
+                       sharded_state_layout(tp.size, pp.num_stages, dtype, scheme), pattern)
     if quant_spec is not None:
         _fp8_lm_head(model, quant_spec)
 

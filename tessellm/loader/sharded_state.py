@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 from typing import Optional
@@ -103,6 +104,38 @@ def check_pattern(pattern: str) -> None:
                          f"{{part}}, e.g. {DEFAULT_PATTERN!r}.")
 
 
+def extra_config_pattern(extra: Optional[object], load_format: str) -> Optional[str]:
+    """The file pattern in vLLM's ``model_loader_extra_config`` (a dict or its JSON;
+    ``{"pattern": "..."}``, as ``save_sharded_state(pattern=...)`` wrote), None when it names
+    none (the default pattern). ``pattern`` is the only key read, and only by
+    ``load_format="sharded_state"``: anything else is refused by name."""
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra) if extra.strip() else None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model_loader_extra_config is not valid JSON ({exc}): {extra!r}; "
+                             'give e.g. \'{"pattern": "%s"}\'.' % DEFAULT_PATTERN) from None
+    if not extra:
+        return None
+    if not isinstance(extra, dict):
+        raise ValueError(f"model_loader_extra_config must be a dict (or its JSON), got {extra!r}; "
+                         f"give e.g. {{'pattern': {DEFAULT_PATTERN!r}}}.")
+    other = sorted(set(extra) - {"pattern"})
+    if other:
+        raise ValueError(f"model_loader_extra_config key(s) {other} are not supported by tessellm: "
+                         "it reads only 'pattern' (the sharded-state file name, with "
+                         "load_format='sharded_state'); leave the others out.")
+    if load_format != "sharded_state":
+        raise ValueError(f"model_loader_extra_config's 'pattern' is read by load_format='sharded_state' "
+                         f"only (load_format is {load_format!r}); add load_format='sharded_state' "
+                         "or leave the pattern out.")
+    pattern = extra["pattern"]
+    if not isinstance(pattern, str):
+        raise ValueError(f"model_loader_extra_config's 'pattern' must be a string, got {pattern!r}.")
+    check_pattern(pattern)
+    return pattern
+
+
 def rank_files(path: str, pattern: str = DEFAULT_PATTERN) -> dict[int, list[str]]:
     """The sharded-state files under ``path``, by rank (parts in order)."""
     check_pattern(pattern)
@@ -126,8 +159,9 @@ def load_sharded_state(model: torch.nn.Module, path: str, rank: int, layout: dic
         raise FileNotFoundError(
             f"load_format='sharded_state': {path} holds no sharded-state files "
             f"({(pattern or DEFAULT_PATTERN).format(rank='N', part='M')}); write them with "
-            "llm.llm_engine.engine_core.save_sharded_state(path=...) first, or load the "
-            "checkpoint with load_format='auto'.")
+            "llm.llm_engine.engine_core.save_sharded_state(path=...) first (files saved with "
+            "another pattern: give it as model_loader_extra_config={'pattern': ...}), or load "
+            "the checkpoint with load_format='auto'.")
     world = layout["tensor_parallel_size"] * layout["pipeline_parallel_size"]
     if len(by_rank) != world or rank not in by_rank:
         raise ValueError(f"load_format='sharded_state': {path} holds files of {len(by_rank)} "

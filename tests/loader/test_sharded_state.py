@@ -153,3 +153,32 @@ def test_vllm_example_scripts_pattern(tiny_model_dir, tmp_path):
         assert _run(llm) == expected
     with pytest.raises(ValueError, match="load_format='sharded_state'"):
         LLM(out, device="cpu", num_kv_blocks=64)
+
+
+def test_custom_pattern_round_trip_via_model_loader_extra_config(tiny_model_dir, tmp_path):
+    """A state saved under ``save_sharded_state(pattern=...)`` loads with vLLM's
+    ``model_loader_extra_config={"pattern": ...}`` (a dict, or its JSON on the command line),
+    not without it; other keys, and a pattern without load_format="sharded_state", are refused."""
+    from tessellm.entrypoints.engine_args import add_engine_arguments, engine_args_from
+    from tessellm.utils import FlexibleArgumentParser
+
+    path, out = tiny_model_dir("llama"), str(tmp_path / "sharded")
+    pattern = "weights-{rank}-of-part-{part}.safetensors"
+    expected, files = _save(path, out, 1, pattern=pattern)
+    assert [os.path.basename(f) for f in files] == ["weights-0-of-part-0.safetensors"]
+    kwargs = dict(device="cpu", num_kv_blocks=64, seed=0, load_format="sharded_state")
+    with LLM(out, model_loader_extra_config={"pattern": pattern}, **kwargs) as llm:
+        assert _run(llm) == expected
+    with pytest.raises(FileNotFoundError, match="model_loader_extra_config"):
+        LLM(out, **kwargs)
+    args = add_engine_arguments(FlexibleArgumentParser()).parse_args(
+        ["--load-format", "sharded_state", "--model-loader-extra-config", f'{{"pattern": "{pattern}"}}'])
+    assert args.model_loader_extra_config == f'{{"pattern": "{pattern}"}}'
+    engine_args_from(args, out).validate()
+    with pytest.raises(ValueError, match=r"key\(s\) \['concurrency'\] are not supported.*only 'pattern'"):
+        LLM(out, model_loader_extra_config={"pattern": pattern, "concurrency": 2}, **kwargs)
+    with pytest.raises(ValueError, match="read by load_format='sharded_state' only"):
+        LLM(path, device="cpu", model_loader_extra_config={"pattern": pattern})
+    with pytest.raises(ValueError, match=r"must name both \{rank\} and \{part\}"):
+        LLM(out, model_loader_extra_config={"pattern": "model.safetensors"}, **kwargs)
+    LLM(path, device="cpu", num_kv_blocks=64, model_loader_extra_config={}).shutdown()  # vLLM's default
