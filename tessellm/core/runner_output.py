@@ -15,6 +15,8 @@ tells the runner with its next step (``SchedulerOutput.kept_blocks``, ``InputBat
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from tessellm.core.step_pipeline import StepHandle
@@ -36,11 +38,7 @@ def collect(handle: StepHandle, tokens: list[int], force_accept: bool = False) -
     """Put a resolved step's tokens into the requests' states and its output. ``force_accept``:
     every draft is accepted (``accept``; benchmark mode of replay)."""
     result, out, start = handle.sampled, handle.out, handle.sample_start
-    lp = None
-    if result.sampled_logprob is not None:
-        lp = (result.sampled_logprob.tolist(), result.sampled_rank.tolist(),
-              result.topk_ids.tolist() if result.topk_ids is not None else None,
-              result.topk_logprobs.tolist() if result.topk_logprobs is not None else None)
+    lp = _host_logprobs(result)
     for i, state in enumerate(handle.states):
         first, end = start[i], start[i + 1]
         if end - first == 1:
@@ -52,12 +50,32 @@ def collect(handle: StepHandle, tokens: list[int], force_accept: bool = False) -
         out.sampled[state.request_id] = accepted
         k = state.params.logprobs
         if k is not None and lp is not None:
-            out.logprobs[state.request_id] = [
-                (tok, lp[0][r], lp[1][r], list(zip(lp[2][r][:k], lp[3][r][:k])) if k and lp[2] is not None else [])
-                for r, tok in zip(range(first, end), accepted)]
+            out.logprobs[state.request_id] = [(tok, lp[0][r], lp[1][r], _top(lp, r, k))
+                                              for r, tok in zip(range(first, end), accepted)]
         if state.prompt_logprobs and len(state.prompt_logprobs) == state.num_prompt_tokens - 1:
             out.prompt_logprobs[state.request_id] = [None] + state.prompt_logprobs
             state.prompt_logprobs = []
+
+
+def _host_logprobs(result) -> Optional[tuple]:
+    """The step's logprobs as host lists: sampled logprobs, ranks, the top-k ids and values
+    (None: no row asked a top k), and {row: (ids, values)} of the whole-vocabulary rows."""
+    if result.sampled_logprob is None:
+        return None
+    full = {}
+    if result.full_rows:
+        full = dict(zip(result.full_rows, zip(result.full_ids.tolist(), result.full_logprobs.tolist())))
+    return (result.sampled_logprob.tolist(), result.sampled_rank.tolist(),
+            result.topk_ids.tolist() if result.topk_ids is not None else None,
+            result.topk_logprobs.tolist() if result.topk_logprobs is not None else None, full)
+
+
+def _top(lp: tuple, row: int, k: int) -> list:
+    """Row ``row``'s top ``k`` (id, logprob) pairs, best first."""
+    if row in lp[4]:
+        ids, values = lp[4][row]
+        return list(zip(ids[:k], values[:k]))
+    return list(zip(lp[2][row][:k], lp[3][row][:k])) if k and lp[2] is not None else []
 
 
 def prompt_logprobs(model, hidden: torch.Tensor, rows: list, chunk: int = 256) -> None:

@@ -58,7 +58,13 @@ class SamplingBatch:
     allowed_rows: Optional[list[int]] = None
     allowed_masks: Optional[list[torch.Tensor]] = None
     seeds: Optional[list[tuple[int, int]]] = None  # (row, seed mixed with output position)
-    max_num_logprobs: Optional[int] = None  # top-k logprobs to return; None: none
+    # top-k logprobs of the rows asking fewer than the whole vocabulary (0: none of them);
+    # None: no row asks logprobs
+    max_num_logprobs: Optional[int] = None
+    # Rows asking the whole vocabulary (logprobs=-1) and that count: sorted on their own, so
+    # the other rows keep their small top-k and host copy. None: no such row.
+    full_logprob_rows: Optional[list[int]] = None
+    full_num_logprobs: int = 0
     # The largest top_k when every row has one (host int, no device sync): top-k/top-p then
     # look at that many candidates (``topk``) instead of sorting the whole vocabulary.
     top_k_max: Optional[int] = None
@@ -72,6 +78,11 @@ class SamplerOutput:
     sampled_rank: Optional[torch.Tensor] = None
     topk_ids: Optional[torch.Tensor] = None
     topk_logprobs: Optional[torch.Tensor] = None
+    # The whole-vocabulary rows' (SamplingBatch.full_logprob_rows) logprobs sorted descending,
+    # ids and values [F, V], row i of them for batch row full_logprob_rows[i].
+    full_ids: Optional[torch.Tensor] = None
+    full_logprobs: Optional[torch.Tensor] = None
+    full_rows: Optional[list[int]] = None
 
 
 def seed_for_position(seed: int, position: int) -> int:
@@ -107,7 +118,7 @@ class Sampler:
             tokens = self._sample(logits, batch)
         out = SamplerOutput(tokens)
         if batch.max_num_logprobs is not None:
-            self._logprobs(raw, tokens, batch.max_num_logprobs, out)
+            self._logprobs(raw, tokens, batch, out)
         return out
 
     @staticmethod
@@ -144,7 +155,7 @@ class Sampler:
                                   has_draft_probs, self.generator, batch.seeds)
         out = SamplerOutput(tokens)
         if batch.max_num_logprobs is not None:
-            self._logprobs(raw, tokens, batch.max_num_logprobs, out)
+            self._logprobs(raw, tokens, batch, out)
         return out
 
     def target_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -233,13 +244,21 @@ class Sampler:
             tokens[rows] = self.argmax(probs[rows], q)
         return tokens
 
-    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, k: int, out: SamplerOutput) -> None:
+    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch,
+                  out: SamplerOutput) -> None:
+        """The sampled token's logprob and rank for every row; the top ``max_num_logprobs``
+        for all rows, and the whole vocabulary sorted for ``full_logprob_rows`` only (a batch
+        of 64 with one logprobs=-1 request sorts and copies one vocabulary row, not 64)."""
         logprobs = torch.log_softmax(raw, dim=-1)
         chosen = logprobs.gather(-1, tokens[:, None])
         out.sampled_logprob = chosen.squeeze(-1)
-        if k > 0:
-            out.topk_logprobs, out.topk_ids = logprobs.topk(k, dim=-1)
+        if batch.max_num_logprobs:
+            out.topk_logprobs, out.topk_ids = logprobs.topk(batch.max_num_logprobs, dim=-1)
         out.sampled_rank = self._rank(logprobs, chosen, out.topk_logprobs) + 1
+        if batch.full_logprob_rows:
+            rows = torch.tensor(batch.full_logprob_rows, device=logprobs.device)
+            out.full_logprobs, out.full_ids = logprobs[rows].topk(batch.full_num_logprobs, dim=-1)
+            out.full_rows = batch.full_logprob_rows
 
     def _rank(self, logprobs: torch.Tensor, chosen: torch.Tensor, top: Optional[torch.Tensor]) -> torch.Tensor:
         """int64 [B]: how many tokens have a larger logprob than the sampled one (``chosen``

@@ -49,9 +49,21 @@ def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Callable[[int],
         batch.allowed_masks = [_disallowed(rows[i], device, vocab_size) for i in allowed]
     batch.seeds = [(i, seed_for_position(p.seed, out_pos(i))) for i, p in enumerate(params)
                    if p.seed is not None and not p.is_greedy] or None
-    wanted = [p.logprobs for p in params if p.logprobs is not None]
-    batch.max_num_logprobs = max(wanted) if wanted else None
+    _add_logprobs(batch, params, vocab_size)
     return batch
+
+
+def _add_logprobs(batch: SamplingBatch, params: list, vocab_size: int) -> None:
+    """Rows asking the whole vocabulary (logprobs=-1, made ``vocab_size`` by the front end) go
+    to ``full_logprob_rows``; ``max_num_logprobs`` is the others' largest count."""
+    wanted = [(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None]
+    if not wanted:
+        return
+    full = [(i, k) for i, k in wanted if k >= vocab_size]
+    batch.max_num_logprobs = max((k for _, k in wanted if k < vocab_size), default=0)
+    if full:
+        batch.full_logprob_rows = [i for i, _ in full]
+        batch.full_num_logprobs = max(k for _, k in full)
 
 
 def _add_penalties(batch: SamplingBatch, rows: Sequence[RunnerRequest], device: torch.device,

@@ -147,7 +147,8 @@ class LaunchedSteps:
             buffer = self._take_readback(n)
             host = buffer[:n]
             host.copy_(result.token_ids, non_blocking=True)
-            for name in ("sampled_logprob", "sampled_rank", "topk_ids", "topk_logprobs"):
+            for name in ("sampled_logprob", "sampled_rank", "topk_ids", "topk_logprobs",
+                         "full_ids", "full_logprobs"):
                 value = getattr(result, name)
                 if value is not None:
                     setattr(result, name, value.to("cpu", non_blocking=True))

@@ -88,6 +88,65 @@ def test_whole_vocabulary_logprobs_match_hf_log_softmax(llm_and_path):
         assert sorted(e.rank for e in entry.values()) == list(range(1, vocab + 1))
 
 
+def _hf_log_softmax(path: str, prompt: list, tokens: list) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([prompt + tokens])).logits[0].float(), -1)
+
+
+def test_whole_vocabulary_row_beside_small_k_rows(llm_and_path):
+    """One logprobs=-1 request in a batch with k=2 (sampled, seeded), k=0 and no-logprobs ones:
+    the -1 rows are sorted on their own (the others keep their small top-k), and every
+    request's logprobs equal HF's log-softmax and its own results when it runs alone."""
+    llm, path = llm_and_path
+    vocab = llm.engine.info.vocab_size
+    prompts = [[5, 77, 31, 200], [9, 14, 300, 41, 2], [60, 61, 62], [7, 8]]
+    params = [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=-1),
+              SamplingParams(max_tokens=4, temperature=1.0, seed=7, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=0),
+              SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)]
+    mixed = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, param, out in zip(prompts, params, mixed):
+        alone = llm.generate({"prompt_token_ids": prompt}, param, use_tqdm=False)[0].outputs[0]
+        got = out.outputs[0]
+        assert got.token_ids == alone.token_ids
+        if param.logprobs is None:
+            assert got.logprobs is None
+            continue
+        ref = _hf_log_softmax(path, prompt, got.token_ids)
+        for i, (tok, entry, solo) in enumerate(zip(got.token_ids, got.logprobs, alone.logprobs)):
+            row = ref[len(prompt) - 1 + i]
+            assert {t: (e.logprob, e.rank) for t, e in entry.items()} == \
+                   {t: (e.logprob, e.rank) for t, e in solo.items()}
+            assert entry[tok].logprob == pytest.approx(row[tok].item(), abs=1e-4)
+            assert entry[tok].rank == int((row > row[tok]).sum()) + 1
+            k = vocab if param.logprobs == -1 else param.logprobs
+            top = sorted((t for t in entry if entry[t].rank <= k), key=lambda t: entry[t].rank)
+            assert [entry[t].rank for t in top] == list(range(1, k + 1))
+            assert len(entry) == k + (entry[tok].rank > k)  # the top k and the sampled token
+            if k:
+                got_top = torch.tensor([entry[t].logprob for t in top])
+                assert torch.allclose(got_top, row.topk(k).values, atol=1e-4)
+
+
+def test_sampler_whole_vocabulary_rows_equal_a_batch_wide_topk():
+    """The sampler's split (whole-vocabulary rows sorted alone, the others their small k) gives
+    the very values and ids of the batch-wide top-k it replaces."""
+    from tessellm.core.sampler import Sampler, SamplingBatch
+
+    vocab = 300
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(0))
+    batch = SamplingBatch(None, True, None, None, None, max_num_logprobs=2, full_logprob_rows=[1, 4],
+                          full_num_logprobs=vocab)
+    out = Sampler(torch.device("cpu"))(logits, batch)
+    ref_lp, ref_ids = torch.log_softmax(logits, -1).topk(vocab, dim=-1)
+    assert torch.equal(out.full_ids, ref_ids[[1, 4]]) and torch.equal(out.full_logprobs, ref_lp[[1, 4]])
+    assert torch.equal(out.topk_ids, ref_ids[:, :2]) and torch.equal(out.topk_logprobs, ref_lp[:, :2])
+    assert out.full_rows == [1, 4] and out.sampled_rank.tolist() == [1] * 6
+
+
 def test_logprobs_below_minus_one_are_refused_by_name():
     for name in ("logprobs", "prompt_logprobs"):
         with pytest.raises(ValueError, match=f"{name} must be None, an integer >= 0 or -1"):
