@@ -178,9 +178,9 @@ def test_rank_counts_tokens_ahead_inside_and_outside_the_top_logprobs():
         for device_side in (False, True):
             sampler = Sampler(torch.device("cpu"))
             sampler.on_host = not device_side
-            from tessellm.core.sampler import SamplerOutput
+            from tessellm.core.sampler import SamplerOutput, SamplingBatch
             out = SamplerOutput(tokens)
-            sampler._logprobs(logits, tokens, k, out)
+            sampler._logprobs(logits, tokens, SamplingBatch(None, True, None, None, None, max_num_logprobs=k), out)
             assert torch.equal(out.sampled_rank, full + 1)
             assert out.sampled_rank.tolist() == ranks_wanted.tolist()
 
