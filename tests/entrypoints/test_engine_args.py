@@ -30,7 +30,7 @@ NON_DEFAULT = {
     "reasoning_parser": "qwen3",
     "runner": "pooling", "task": "embed", "convert": "embed",
     "pooler_config": '{"pooling_type": "MEAN"}', "override_pooler_config": '{"normalize": false}',
-    "hf_overrides": '{"num_labels": 1}',
+    "hf_overrides": '{"num_labels": 1}', "model_loader_extra_config": '{}',
     "kv_offloading_size": 2.5, "kv_offloading_backend": "native", "recurrent_state_snapshots": 5,
     "recurrent_state_snapshot_interval": 4,
     "kv_transfer_config": '{"kv_connector": "SharedStorageConnector"}',
