@@ -4,12 +4,12 @@ the EBNF xgrammar compiles.
 vLLM hands a grammar that looks like Lark to xgrammar after rewriting it as EBNF; so does
 tessellm. The subset taken is what such grammars use: ``name: a b | c`` rules (``?name`` and
 ``!name`` marks and ``.N`` priorities dropped), continuation lines starting with ``|``, string
-literals (``"x"i`` matches either case), ``/regex/`` terminals (rewritten as EBNF: literal
-characters quoted, classes kept, ``\d \w \s`` and ``.`` spelt out, ``(?:`` groups; flags other
-than ``s`` dropped; anchors and look-arounds refused), ``-> alias`` dropped, ``x ~ n`` and
-``x ~ m..n`` as ``x{n}`` and ``x{m,n}``, ``[x]`` for an optional ``x``, ``( ) * + ?`` as in EBNF,
-``//`` comments and ``%ignore`` lines (dropped; the grammar matches exactly what it spells,
-whitespace included). ``start`` is EBNF's ``root``.
+literals (``"x"i`` matches either case; ``"a".."z"`` a range), ``/regex/`` terminals (rewritten
+as EBNF: literal characters quoted, classes kept, ``\d \w \s`` and ``.`` spelt out, ``(?:``
+groups; flags other than ``s`` dropped; anchors and look-arounds refused), ``-> alias``
+dropped, ``x ~ n`` and ``x ~ m..n`` as ``x{n}`` and ``x{m,n}``, ``[x]`` for an optional ``x``,
+``( ) * + ?`` as in EBNF, ``//`` comments and ``%ignore`` lines (dropped; the grammar matches
+exactly what it spells, whitespace included). ``start`` is EBNF's ``root``.
 ``%import`` and other directives are refused by name.
 """
 
@@ -18,8 +18,9 @@ from __future__ import annotations
 import re
 
 _RULE = re.compile(r"^[?!]?([A-Za-z_][A-Za-z0-9_]*)(?:\.-?\d+)?\s*:(?!:)(.*)$")
-_TOKEN = re.compile(r'//.*|"(?:\\.|[^"\\])*"i?|/(?:\\.|[^/\\\n])+/[imslux]*|->\s*\w+|~\s*\d+(?:\.\.\d+)?'
-                    r'|[A-Za-z_][A-Za-z0-9_]*|\S')
+_RANGE = r'"[^"\\]"\.\."[^"\\]"'  # "a".."z"
+_TOKEN = re.compile(r'//.*|' + _RANGE + r'|"(?:\\.|[^"\\])*"i?|/(?:\\.|[^/\\\n])+/[imslux]*|->\s*\w+'
+                    r'|~\s*\d+(?:\.\.\d+)?|[A-Za-z_][A-Za-z0-9_]*|\S')
 _CLASS_ESCAPES = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " \\t\\n\\r\\f\\v"}
 _ANY = {False: "[^\\n]", True: "[\\u0000-\\U0010FFFF]"}
 
@@ -65,7 +66,9 @@ def _body(text: str) -> str:
     for token in _TOKEN.findall(text):
         if token.startswith("//"):
             break  # a comment to the end of the line
-        if token.startswith('"'):
+        if re.fullmatch(_RANGE, token):
+            out.append(f"[{_class_member(token[1])}-{_class_member(token[6])}]")
+        elif token.startswith('"'):
             out.append(_either_case(token[:-1]) if token.endswith('"i') else token)
         elif token.startswith("/") and len(token) > 1:
             end = token.rindex("/")
@@ -155,6 +158,10 @@ def _char_class(chars: str, regex: str) -> str:
                              "EBNF spelling; list the characters.")
         return "\\" + escape if escape not in "/" else escape
     return re.sub(r"\\(.)", member, chars)
+
+
+def _class_member(char: str) -> str:
+    return "\\" + char if char in "]\\-^" else char
 
 
 def _quoted(char: str) -> str:

@@ -44,6 +44,8 @@ def test_aliases_case_flags_and_repeats():
                      ("selec ab", False)]:
         assert accepts(lark, text) == ok, text
     assert accepts('start: "x" ~ 2', "xx") and not accepts('start: "x" ~ 2', "x")
+    digits = 'start: DIGIT+\nDIGIT: "0".."9"'
+    assert accepts(digits, "0429") and not accepts(digits, "04a")
 
 
 def test_a_dot_all_regex_matches_newlines():
