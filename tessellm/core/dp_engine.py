@@ -49,7 +49,8 @@ class DPLLMEngine(EngineSurface):
             raise
         self.inputs = InputProcessor(self.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer, final_only)
-        self.metrics = engine_metrics(args, self.info, log_stats)  # get_metrics() (engine_surface.py)
+        # get_metrics() (engine_surface.py), with each core's engine="i" gauges
+        self.metrics = engine_metrics(args, self.info, log_stats, num_engines=self.cores.size)
         self.failure: Optional[Exception] = None
         self._poller = zmq.Poller()
         for client in self.cores.clients:
@@ -176,6 +177,9 @@ class DPLLMEngine(EngineSurface):
         stats = merge_engine_stats([EngineStats.from_dict(s) for s in self.core_stats()])
         stats.step_num_tokens = []
         return stats
+
+    def _cores_engine_stats(self) -> list[EngineStats]:
+        return [EngineStats.from_dict(s) for s in self.core_stats()]
 
     def core_stats(self) -> list[dict]:
         """Each core's last ``EngineStats`` (as a dict), in core order."""

@@ -123,10 +123,16 @@ class EngineSurface:
                              "vLLM's does: they cost host time in every step); pass "
                              "LLM(..., disable_log_stats=False).")
         self.metrics.observe_stats(self._engine_stats())
+        for core, stats in enumerate(self._cores_engine_stats()):
+            self.metrics.observe_engine_stats(core, stats)
         return read_metrics(self.metrics.view)
 
     def _engine_stats(self) -> EngineStats:
         raise NotImplementedError
+
+    def _cores_engine_stats(self) -> list[EngineStats]:
+        """Each data-parallel core's own stats (its ``engine="i"`` gauges); none with one core."""
+        return []
 
     def _process_outputs(self, core_outputs: list, step_num_tokens: list[int]) -> tuple[list, list[str]]:
         """The output processor's (results, core ids to abort) for a step's core outputs; their
@@ -141,11 +147,11 @@ class EngineSurface:
         return results, to_abort
 
 
-def engine_metrics(args, info, log_stats: bool) -> Optional[EngineMetrics]:
+def engine_metrics(args, info, log_stats: bool, num_engines: int = 1) -> Optional[EngineMetrics]:
     """An offline engine's own metrics registry (never the process-wide one), labelled with the
     served model name as the server's are; None without ``log_stats`` (``LLM``'s default, as
     vLLM's: a histogram observation per running request per step is host time in the hot loop)."""
     if not log_stats:
         return None
     return EngineMetrics(args.served_model_name or args.model or info.model_path, CollectorRegistry(),
-                         info.max_model_len, **engine_metrics_options(args, info))
+                         info.max_model_len, num_engines=num_engines, **engine_metrics_options(args, info))

@@ -36,6 +36,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import AsyncIterator, Optional, Union
 
 import zmq
@@ -58,6 +59,7 @@ from tessellm.pooling.front import check_generates
 logger = logging.getLogger(__name__)
 
 _POLL_MS = 500  # the output handler checks the core is alive after this much silence
+_CANCEL_WAIT_S = 10  # shutdown() from another thread waits this long for the handlers to end
 
 
 class RequestStream:
@@ -118,6 +120,12 @@ async def iterate_streams(streams: list[RequestStream], event: asyncio.Event,
             await asyncio.wait_for(event.wait(), heartbeat)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             yield None
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Done:
@@ -511,13 +519,24 @@ class AsyncLLM:
         Synchronous, as vLLM's ``AsyncLLM.shutdown()``; it returns an awaitable too, so
         ``await engine.shutdown()`` also waits until the handlers have ended."""
         handlers, self._handlers = self._handlers, []
-        for handler in handlers:
-            handler.cancel()
-        self.close()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop here (a script after asyncio.run): nothing to wait on
             loop = None
+        for owner in {h.get_loop() for h in handlers}:
+            own = [h for h in handlers if h.get_loop() is owner]
+            if owner is not loop and owner.is_running():
+                # A loop another thread runs: its tasks are cancelled there (Task.cancel is not
+                # thread-safe), and they end before their sockets close.
+                try:
+                    asyncio.run_coroutine_threadsafe(_cancel_and_wait(own), owner).result(_CANCEL_WAIT_S)
+                except FutureTimeout:
+                    logger.warning("AsyncLLM.shutdown: the output handlers did not end within %ss",
+                                   _CANCEL_WAIT_S)
+            elif not owner.is_closed():
+                for handler in own:
+                    handler.cancel()
+        self.close()
         if handlers and loop is not None and all(h.get_loop() is loop for h in handlers):
             return asyncio.gather(*handlers, return_exceptions=True)  # CancelledError included
         return _Done()

@@ -66,7 +66,7 @@ def save_sharded_state(model: torch.nn.Module, path: str, rank: int, layout: dic
     ``tensor_parallel_size``, ``pipeline_parallel_size``, ``dtype`` and ``quantization`` (a
     scheme, or None), kept in each file's metadata. ``max_size``: bytes a file at most (a
     tensor larger than that gets a file alone); each part is written once full, so host memory
-    holds one part at a time."""
+    holds one part at a time. This rank's files of an earlier save there are removed first."""
     from safetensors.torch import save_file
 
     pattern = pattern or DEFAULT_PATTERN
@@ -74,6 +74,8 @@ def save_sharded_state(model: torch.nn.Module, path: str, rank: int, layout: dic
     if max_size is not None and max_size <= 0:
         raise ValueError(f"save_sharded_state: max_size must be a positive number of bytes, got {max_size}.")
     os.makedirs(path, exist_ok=True)
+    for stale in rank_files(path, pattern).get(rank, []):
+        os.remove(stale)  # an earlier save's parts: the load reads every part of the rank
     meta = {k: str(v) for k, v in layout.items()} | {"rank": str(rank), "format": "tessellm-sharded-state"}
     if layout.get("quantization") is not None:
         from tessellm.loader.sharded_quant import QUANTIZED_KEY, describe

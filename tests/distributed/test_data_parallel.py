@@ -670,3 +670,16 @@ def test_cuda_cores_take_their_own_devices(tiny_model_dir, tp):
     cores = count // tp + 1
     with pytest.raises(EngineStartupError, match=f"needs {cores * tp} cuda devices, but {count} are visible"):
         LLM(path, data_parallel_size=cores, tensor_parallel_size=tp, **kw)
+
+
+def test_offline_dp2_get_metrics_under_vllms_names(tiny_model_dir):
+    """LLM(data_parallel_size=2, metrics_names="vllm").get_metrics(): each core's gauges as
+    vLLM's ``{engine="i"}`` series (vLLM's get_metrics shows them per engine), not dropped."""
+    path = tiny_model_dir("llama")
+    with LLM(path, disable_log_stats=False, metrics_names="vllm",
+             **_kwargs(data_parallel_size=2)) as two:
+        two.generate(PROMPTS, GREEDY, use_tqdm=False)
+        metrics = two.get_metrics()
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert sorted(m.labels["engine"] for m in metrics if m.name == name) == ["0", "1"], name
+    assert {m.name for m in metrics} >= {"vllm:prompt_tokens", "vllm:cache_config_info"}

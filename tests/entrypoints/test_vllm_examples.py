@@ -168,6 +168,38 @@ def test_async_shutdown_is_synchronous_as_vllms_and_awaitable(model):
     engine.shutdown()  # again, outside any loop: a no-op
 
 
+def test_async_shutdown_from_another_thread_cancels_on_the_engines_loop(model):
+    """An engine served by an event loop in one thread, shut down from another (vLLM cancels its
+    output handler thread-safely): the handlers are cancelled on their own loop (a debug loop
+    refuses a cancel from another thread) and end."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    loop.set_debug(True)  # non-thread-safe calls into the loop raise
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start():
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **SMALL))
+        async for _ in engine.generate("the cat", SamplingParams(max_tokens=2, temperature=0), "a"):
+            pass
+        return engine
+
+    try:
+        engine = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=300)
+        handlers = list(engine._handlers)
+        assert handlers and not any(h.done() for h in handlers)
+        engine.shutdown()  # this thread runs no loop
+        asyncio.run_coroutine_threadsafe(asyncio.wait(handlers, timeout=30), loop).result(timeout=60)
+        assert all(h.cancelled() for h in handlers)
+        assert engine.dead_reason == "shut down"
+        engine.shutdown()  # twice: a no-op
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
+
+
 def test_get_metrics_gives_accepted_tokens_per_position_as_a_vector(model):
     """vLLM's spec_decode example reads ``spec_decode_num_accepted_tokens_per_pos`` as a
     ``Vector`` (one count per draft position)."""

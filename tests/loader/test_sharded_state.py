@@ -182,3 +182,23 @@ def test_custom_pattern_round_trip_via_model_loader_extra_config(tiny_model_dir,
     with pytest.raises(ValueError, match=r"must name both \{rank\} and \{part\}"):
         LLM(out, model_loader_extra_config={"pattern": "model.safetensors"}, **kwargs)
     LLM(path, device="cpu", num_kv_blocks=64, model_loader_extra_config={}).shutdown()  # vLLM's default
+
+
+def test_a_second_save_into_the_same_folder_replaces_the_rank_files(tmp_path):
+    """Saving again where fewer parts are written (a larger max_size) leaves none of the first
+    save's parts behind: the load reads the second save's weights, not a stale part's."""
+    from tessellm.loader.sharded_state import load_sharded_state, save_sharded_state
+
+    layout = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "dtype": "torch.float32",
+              "quantization": None}
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    assert len(save_sharded_state(model, str(tmp_path), 0, layout, max_size=64)) == 4
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert len(save_sharded_state(model, str(tmp_path), 0, layout)) == 1
+    assert rank_files(str(tmp_path)) == {0: [str(tmp_path / "model-rank-0-part-0.safetensors")]}
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    load_sharded_state(fresh, str(tmp_path), 0, layout)
+    for saved, loaded in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(saved, loaded)
