@@ -234,7 +234,7 @@ def bundled_hf_model():
 
 
 def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int,
-              device: str = "cpu", dtype=None) -> list[list[int]]:
+              device: str = "cpu", dtype=None, attn_implementation=None) -> list[list[int]]:
     """Greedy tokens from HF transformers, one prompt at a time (no padding effects).
 
     Compare with our ``ignore_eos=True``: EOS may be chosen and does not stop. (HF's
@@ -242,7 +242,9 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int,
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwargs(dtype or torch.float32)).to(device)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwargs(dtype or torch.float32),
+                                              **attn).to(device)
     hf.generation_config.eos_token_id = None
     outs = []
     for p in prompts:
