@@ -42,16 +42,22 @@ def _add(client: EngineCoreClient, rid: str, prompt: list[int], max_tokens: int)
     client.send_add(EngineCoreRequest(rid, prompt, params, time.time()))
 
 
-def _wait_for_tokens(client: EngineCoreClient, timeout: float = 60.0) -> None:
-    """Until the core sends a step's outputs with tokens in them (its prefill ran)."""
+def _wait_for_tokens(client: EngineCoreClient, rids: set, timeout: float = 60.0) -> None:
+    """Until the core has sent a token of every request in ``rids`` (their prefills ran, so
+    every prompt's saves are under way). Not the first outputs: the core may take the adds
+    over several loop turns (a loaded machine), and a first step of one request alone saved
+    120 of the 960 blocks before the message that ends the core arrived."""
     deadline = time.monotonic() + timeout
+    waiting = set(rids)
     while time.monotonic() < deadline:
         if client.output.poll(100):
             msg = unpack(client.output.recv())
             assert msg[0] != "dead", msg
-            if msg[0] == "outputs" and any(o.get("new_token_ids") for o in msg[1]):
-                return
-    raise AssertionError("the core produced no token")
+            if msg[0] == "outputs":
+                waiting -= {o["request_id"] for o in msg[1] if o.get("new_token_ids")}
+                if not waiting:
+                    return
+    raise AssertionError(f"the core produced no token for {sorted(waiting)}")
 
 
 def _files(path) -> list[str]:
@@ -72,7 +78,7 @@ def _saving_client(model: str, path, **engine) -> EngineCoreClient:
     try:
         for i, prompt in enumerate(_prompts()):
             _add(client, f"r{i}", prompt, max_tokens=1)
-        _wait_for_tokens(client)
+        _wait_for_tokens(client, {f"r{i}" for i in range(len(_prompts()))})
     except BaseException:
         client.close()
         raise
