@@ -412,8 +412,8 @@ def moe_int4_dequant_tokens() -> Optional[int]:
     """TESSELLM_MOE_INT4_DEQUANT_TOKENS: from this many tokens the Triton fused MoE's int4
     experts are dequantized to the activations' dtype (a transient workspace, a chunk of experts
     at a time) and multiplied by the 16-bit grouped GEMMs (``kernels/moe/int4_dequant.py``);
-    0 turns that path off; unset: the module's default (``MOE_INT4_DEQUANT_TOKENS``: 0, off until
-    the path has run on a GPU; 1536 suggested)."""
+    0 turns that path off; unset: the module's default (``MOE_INT4_DEQUANT_TOKENS``: 2048, where
+    the H100's crossover lies)."""
     return _whole("TESSELLM_MOE_INT4_DEQUANT_TOKENS", 0, "tokens (0: never dequantize)")
 
 

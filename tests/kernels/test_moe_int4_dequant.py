@@ -167,10 +167,10 @@ def test_dispatch_by_tokens(monkeypatch, workspaces):
 
 
 def test_defaults():
-    """The threshold lies where the H100's data put the crossover (between 256 and 2048
-    tokens); the tensor-core path's alignment block is 16 up to 16 pairs an expert, then 32;
+    """The threshold lies where the H100's crossover lies (session 27: 1536-2048 tokens), on by
+    default; the tensor-core path's alignment block is 16 up to 16 pairs an expert, then 32;
     a chunk takes all experts that fit the budget, else equal chunks."""
-    assert 256 < dq.MOE_INT4_DEQUANT_SUGGESTED <= 2048 and dq.MOE_INT4_DEQUANT_TOKENS == 0  # opt-in
+    assert 1024 < dq.MOE_INT4_DEQUANT_TOKENS == dq.MOE_INT4_DEQUANT_SUGGESTED <= 4096
     assert tm.moe_int4_tc_block_m(16 * 128, 128) == 16
     assert tm.moe_int4_tc_block_m(16 * 128 + 1, 128) == 32
     # Qwen3-30B-A3B: w13 [128, 1536, 2048] bf16, 6.3 MB an expert, 805 MB in all: 2 chunks

@@ -39,22 +39,20 @@ import triton.language as tl
 
 from tessellm import envs
 
-# The token count the H100's data suggest for the dequantized path: H100, Qwen3-30B-A3B layer,
-# CUDA graph, L2 flushed (benchmarks/moeint4_device.sh, session 22): bf16 481 / 697 us at 256 /
-# 2048 tokens, the int4 tensor-core path 333-387 / 1,570-1,649 (the range: its alignment
-# blocks). Lines through those points, plus one write of the 16-bit experts and one read of the
-# codes for the dequantization (1.5 GB, ~0.5 ms at the H100's ~3 TB/s), cross near 1,400 tokens:
-# 1536 until ``bench_moe_int4.py --crossover`` measures it (owed on a GPU).
-MOE_INT4_DEQUANT_SUGGESTED = 1536
-# The default of TESSELLM_MOE_INT4_DEQUANT_TOKENS: 0 (off) until the path has run on a GPU (its
-# Triton dequantization is tested interpreted on the CPU only; the engine's profile forward would
-# take it at start); TESSELLM_MOE_INT4_DEQUANT_TOKENS=1536 turns it on.
-MOE_INT4_DEQUANT_TOKENS = 0
+# From this many tokens the dequantized path: H100, Qwen3-30B-A3B layer, CUDA graph, L2 flushed
+# (``bench_moe_int4.py --flush --crossover``, session 27, the (16, 16, 2) dequantization below):
+# tensor-core / dequantized 1,283 / 1,307 us at 1536 tokens, 1,630 / 1,403 at 2048, 2,958 / 1,744
+# at 4096 (bf16's fused MoE: 674 at 2048, 994 at 4096). TESSELLM_MOE_INT4_DEQUANT_TOKENS sets
+# it (0: never).
+MOE_INT4_DEQUANT_SUGGESTED = 2048
+MOE_INT4_DEQUANT_TOKENS = MOE_INT4_DEQUANT_SUGGESTED
 # The most 16-bit expert weights one chunk dequantizes at a time (w13 or w2, one at a time).
 MOE_INT4_DEQUANT_WORKSPACE_MB = 512
-# The dequantization's program: (weight rows, packed words = 8 inputs each, warps). Not timed
-# yet (``bench_moe_int4.py --crossover`` prints its bandwidth under a few settings).
-DEQUANT_TILE = (32, 16, 4)
+# The dequantization's program: (weight rows, packed words = 8 inputs each, warps). H100,
+# session 27 (``bench_moe_int4.py --crossover``, w13 of 64 Qwen3-30B-A3B experts, L2 flushed):
+# (16, 16, 2) 225 us (2,257 GB/s of codes read and bf16 written), (16, 16, 4) 232, 231-319 for
+# 4-16 rows and 8-32 words; 509 for the earlier (32, 16, 4), 548-1,016 for larger tiles.
+DEQUANT_TILE = (16, 16, 2)
 
 
 def moe_int4_dequant_tokens() -> int:
