@@ -19,6 +19,14 @@ or late (``timeout_s``) is recomputed: never a wrong token, never a stalled step
 whose engine differs from the producer's (model files, dtypes, block size, layout: another
 namespace) is told so once in its log, and every lookup misses.
 
+Routing (xPyD, vLLM's proxy flow; ``params.py``): a producer hands back, for a finished
+``do_remote_decode`` request, where it serves the blocks (``request_finished``:
+``remote_host`` = ``kv_host``, ``remote_port`` = ``kv_port``...); a consumer request whose
+``kv_transfer_params`` carry them is looked up at and loaded from that producer (``_source``:
+its "where", which travels to the workers in the step's ``meta["sources"]``; a socket per
+thread and producer, kept), ``kv_peer`` (optional) being the default. A producer that does not
+answer is a miss for its requests alone (``_down_until`` per address, ``_mark_down``).
+
 Wire protocol ``tslkv-peer/2`` (multipart frames; the client is a DEALER): a request is
 ``[b"tslkv-peer/2", op, namespace, tag, key...]`` (``tag``: the client's number for it, echoed
 in the reply, so a late or misrouted reply is never taken for another's); op ``b"has"`` (reply
