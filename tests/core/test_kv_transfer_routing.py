@@ -33,43 +33,49 @@ def _plain(model: str, prompts: list) -> list:
         return [list(_greedy(llm, p).outputs[0].token_ids) for p in prompts]
 
 
-def test_two_producers_one_consumer_each_prompt_from_its_producer(tiny_model_dir):
+@pytest.mark.parametrize("load_async", [True, False], ids=["background", "in-step"])
+def test_two_producers_one_consumer_each_prompt_from_its_producer(load_async, tiny_model_dir):
     """xPyD: a proxy sends prompt A to producer 1 and prompt B to producer 2 (max_tokens 1,
     do_remote_decode), and each response's kv_transfer_params with the whole request to one
-    consumer that has no kv_peer: it loads A's 40 tokens from producer 1 and B's from producer
-    2 (neither holds the other's), and gives a plain engine's greedy tokens. A request that
-    names no producer computes its prompt (nothing asked)."""
+    consumer that has no kv_peer: it loads A's 40 tokens from producer 1 and B's 28 from
+    producer 2 (neither holds the other's; both in one step's load, in the step or in the
+    background), and gives a plain engine's greedy tokens. A request that names no producer
+    computes its prompt (nothing asked)."""
     model = tiny_model_dir("llama")
-    prompts = _prompts(3)
+    prompts = _prompts(2) + [_prompts(1, length=30, seed=7)[0]]
+    prompts[1], prompts[2] = prompts[2], prompts[1]  # A: 42 tokens, B: 30, C: 42
     want = _plain(model, prompts)
     ports = [_free_port(), _free_port()]
     with _llm(model, _peer("kv_producer", kv_port=ports[0])) as p1, \
             _llm(model, _peer("kv_producer", kv_port=ports[1])) as p2, \
-            _llm(model, _peer("kv_consumer", timeout_s=2.0)) as consumer:
+            _llm(model, _peer("kv_consumer", timeout_s=2.0, load_async=load_async)) as consumer:
         routed = []
-        for producer, port, prompt in ((p1, ports[0], prompts[0]), (p2, ports[1], prompts[1])):
+        for producer, port, prompt, held in ((p1, ports[0], prompts[0], 40), (p2, ports[1], prompts[1], 28)):
             out = _greedy(producer, prompt, 1, PREFILL)
             params = out.kv_transfer_params
             assert params == {"do_remote_prefill": True, "do_remote_decode": False,
                               "remote_engine_id": params["remote_engine_id"],
                               "remote_host": "127.0.0.1", "remote_port": port, "tp_size": 1,
-                              "remote_num_tokens": 40}
+                              "remote_num_tokens": held}
             assert list(out.outputs[0].token_ids) == want[prompts.index(prompt)][:1]
             routed.append(params)
         assert routed[0]["remote_engine_id"] != routed[1]["remote_engine_id"]
         # a request without do_remote_decode gets none back
         assert _greedy(p1, prompts[2], 1).kv_transfer_params is None
-        for prompt, params, tokens in zip(prompts, routed, want):
-            out = _greedy(consumer, prompt, params=params)
-            assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (tokens, 40)
-            assert out.kv_transfer_params is None  # a consumer hands nothing back
+        outs = consumer.generate([{"prompt_token_ids": p} for p in prompts[:2]],
+                                 [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                 kv_transfer_params=params) for params in routed],
+                                 use_tqdm=False)
+        assert [(list(o.outputs[0].token_ids), o.num_cached_tokens) for o in outs] == [
+            (want[0], 40), (want[1], 28)]
+        assert [o.kv_transfer_params for o in outs] == [None, None]  # a consumer hands none back
         out = _greedy(consumer, prompts[2])  # no params, no kv_peer: computed
         assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want[2], 0)
         stats = consumer.engine.core.scheduler.stats().kv_connector
         assert (stats["hits"], stats["blocks_loaded"], stats["remote_prefill_fallbacks"],
-                stats["load_failures"]) == (80, 20, 0, 0)
+                stats["load_failures"]) == (68, 17, 0, 0)
         for producer in (p1, p2):
-            assert producer.engine.core.scheduler.stats().kv_connector["blocks_saved"] >= 10
+            assert producer.engine.core.scheduler.stats().kv_connector["blocks_saved"] >= 7
 
 
 def test_a_routed_request_whose_producer_fails_is_recomputed_alone(tiny_model_dir, caplog):
