@@ -8,6 +8,8 @@ object is one error naming the key."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tessellm import LLM, SamplingParams
@@ -124,3 +126,32 @@ def test_proxy_params_and_other_connectors_keys_are_accepted():
     for params in (PREFILL, {"do_remote_prefill": True, "remote_request_id": "x", "transfer_id": 3},
                    {"do_remote_prefill": True, "remote_host": None, "remote_port": None}):
         assert SamplingParams(kv_transfer_params=params).kv_transfer_params == params
+
+
+def test_a_routed_producer_that_hangs_is_marked_down_alone(caplog):
+    """A routed request's lookup not back within lookup_timeout_ms (its producer silent) is
+    given up on (counted) and marks that producer down, not the connector's store: kv_peer's
+    requests still look up, and the silent producer is not asked meanwhile."""
+    from types import SimpleNamespace
+
+    from tessellm.kv_transfer import (KVConnectorContext, KVConnectorRole, make_connector,
+                                      parse_kv_transfer_config)
+
+    silent, peer = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    kv = parse_kv_transfer_config(_peer("kv_consumer", kv_peer=peer, lookup_timeout_ms=100))
+    conn = make_connector(kv, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
+    host, port = silent.split(":")
+    params = {"do_remote_prefill": True, "remote_host": host, "remote_port": int(port)}
+    req = SimpleNamespace(request_id="r", all_token_ids=list(range(3, 24)), num_tokens=21,
+                          lora_request=None, block_key=lambda a, b, lora: None,
+                          sampling_params=SimpleNamespace(kv_transfer_params=params))
+    try:
+        assert conn.get_num_new_matched_tokens(req, 0) == (None, False)  # asked, not back
+        time.sleep(0.15)
+        assert conn.get_num_new_matched_tokens(req, 0) == (0, False)  # given up
+        assert (conn.stats.lookup_timeouts, conn.stats.store_down) == (1, 0)
+        assert not conn.health.down()  # kv_peer's store: untouched
+        assert conn._address(0, silent) is None and conn._address(0) == peer
+        assert f"KV peer {silent}: a lookup not back" in caplog.text
+    finally:
+        conn.shutdown()
