@@ -1534,7 +1534,9 @@ def test_zmq_peer_bad_settings_are_one_clear_error(tiny_model_dir):
 def test_zmq_peer_tensor_parallel_ranks_fetch_from_their_peer_rank(tiny_model_dir):
     """Two tensor-parallel ranks on each side: producer rank r serves its shard on kv_port + r,
     consumer rank r fetches it from there; HF's tokens, 40 tokens loaded, exact stats (the
-    producer's saves count its output rank's blocks)."""
+    producer's saves count its output rank's blocks). A consumer without kv_peer whose request
+    names the producer (kv_transfer_params, routed: where travels to the worker processes in
+    the step's metadata) loads the same from it."""
     model = tiny_model_dir("llama")
     prompts = _prompts(1)
     want = hf_greedy(model, prompts, 6)
@@ -1546,6 +1548,15 @@ def test_zmq_peer_tensor_parallel_ranks_fetch_from_their_peer_rank(tiny_model_di
                            kv_transfer_config=_peer("kv_consumer", kv_peer=f"127.0.0.1:{port}"))
         assert rows == [(want[0], 40, 7)]
         assert (stats.kv_connector["hits"], stats.kv_connector["load_failures"]) == (40, 0)
+        routed = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": port, "tp_size": 2}
+        with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+                 max_model_len=128, tensor_parallel_size=2, kv_transfer_config=_peer("kv_consumer")) as llm:
+            out = llm.generate({"prompt_token_ids": prompts[0]},
+                               SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                              kv_transfer_params=routed), use_tqdm=False)[0]
+            assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want[0], 40)
+            stats = llm.engine.core.scheduler.stats().kv_connector
+            assert (stats["hits"], stats["remote_prefill_fallbacks"]) == (40, 0)
     finally:
         proc.stdin.close()
         assert proc.wait(120) == 0
