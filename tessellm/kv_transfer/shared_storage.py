@@ -229,8 +229,9 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         bs, rid = self.context.block_size, request.request_id
         keys = self.block_keys(request)
         lo, hi = num_computed_tokens // bs, (request.num_tokens - 1) // bs
-        held = (_params(request) or {}).get("remote_num_tokens")
-        if isinstance(held, int) and (_params(request) or {}).get("do_remote_prefill"):
+        params = _params(request) or {}
+        held = params.get("remote_num_tokens")
+        if isinstance(held, int) and params.get("do_remote_prefill"):
             hi = max(lo, min(hi, held // bs))  # the producer holds no block past these
         look = self._lookups.get(rid)
         if look is not None and look.future is not None and look.future.done():
@@ -337,7 +338,7 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         except Exception as exc:  # noqa: BLE001 - a lookup that fails finds nothing
             found, miss = [], None
             if isinstance(exc, OSError):  # the store's error (a missing file is a miss)
-                self._mark_down(f"a lookup failed: {exc}")
+                self._mark_down(f"a lookup failed: {exc}", look.where)
         for key in found:
             self._checked[self._check_key(key, look.where)] = None
             self._checked.move_to_end(self._check_key(key, look.where))
