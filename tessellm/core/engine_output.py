@@ -30,3 +30,6 @@ class EngineCoreOutput:
     # Pooling engine: the prompt's pooled hidden state (raw float32 values), with its finish;
     # a per-token task's rows as ModelRunnerOutput.pooled describes them.
     pooled: Optional[object] = None
+    # With its finish: what its KV connector handed back (a producer's kv_transfer_params for
+    # the decode engine: RequestOutput.kv_transfer_params); None otherwise.
+    kv_transfer_params: Optional[dict] = None

@@ -51,6 +51,7 @@ class _RequestState:
     pooled: Optional[list] = None  # its raw pooled vector from the core, once it came
     lora_request: Optional[object] = None  # its adapter, shown on its outputs
     sent_prompt_logprobs: bool = False  # output_kind DELTA: an earlier output carried them
+    kv_transfer_params: Optional[dict] = None  # its KV connector's, with its finish
 
     @property
     def finished(self) -> bool:
@@ -147,6 +148,8 @@ class OutputProcessor:
         state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
         if out.pooled is not None:
             state.pooled = out.pooled
+        if out.kv_transfer_params is not None:
+            state.kv_transfer_params = out.kv_transfer_params
         if out.prompt_logprobs is not None and state.prompt_logprobs is None:
             state.prompt_logprobs = [None] + [self._logprob_dict(e) for e in out.prompt_logprobs[1:]]
         finished = out.finish_reason is not None
@@ -190,7 +193,8 @@ class OutputProcessor:
             state.sent_prompt_logprobs = prompt_logprobs is not None or state.sent_prompt_logprobs
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs,
                              state.finished, prompt_logprobs, state.num_cached_tokens,
-                             metrics=state.samples[0].times, lora_request=state.lora_request)
+                             metrics=state.samples[0].times, lora_request=state.lora_request,
+                             kv_transfer_params=state.kv_transfer_params)
 
     def _completion(self, state: _RequestState, s: _Sample) -> CompletionOutput:
         """One sample's output, a snapshot: nothing in it changes after it is returned. Its

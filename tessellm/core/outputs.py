@@ -83,8 +83,8 @@ class RequestOutput:
     # first and last token times: tessellm.metrics.stats), the request's LoRARequest
     metrics: Optional[object] = None
     lora_request: Optional[object] = None
-    # What a KV connector hands back for a remote decode: None (tessellm's connectors share a
-    # store keyed by block hashes, so the decode side needs nothing from the prefill side)
+    # What a KV connector hands back with the finish of a do_remote_decode request (a producer:
+    # where the decode engine fetches its blocks, docs/kv_transfer.md); None otherwise
     kv_transfer_params: Optional[dict] = None
     # Encoder-decoder models' fields (tessellm runs decoder-only models: always None), and the
     # image placeholders' positions (vLLM's multi_modal_placeholders; empty here)
@@ -108,3 +108,4 @@ class RequestOutput:
                                                                           c.stop_reason)
         self.finished, self.num_cached_tokens, self.metrics = newer.finished, newer.num_cached_tokens, newer.metrics
         self.prompt_logprobs = self.prompt_logprobs or newer.prompt_logprobs
+        self.kv_transfer_params = newer.kv_transfer_params or self.kv_transfer_params

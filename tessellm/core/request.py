@@ -82,6 +82,9 @@ class Request:
         # A KV connector loads its blocks in the background: it holds them and waits (vLLM's
         # WAITING_FOR_REMOTE_KVS), its loaded tokens counted as computed once the load is done.
         self.kv_loading = False
+        # What its KV connector handed back when it finished (``request_finished``: a
+        # producer's kv_transfer_params for the decode engine), for its final output; or None.
+        self.kv_transfer_params_out: Optional[dict] = None
         # Draft tokens proposed for the next step (speculative decoding); the scheduler moves
         # them into the step it schedules (SchedulerOutput.spec_token_ids). Never in
         # all_token_ids until the model accepts them.

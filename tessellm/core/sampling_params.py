@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from tessellm.core.scheduler_config import check_truncate_prompt_tokens
+from tessellm.kv_transfer.params import check_kv_transfer_params
 from tessellm.structured_output.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
@@ -162,6 +163,8 @@ class SamplingParams:
         _check(self.kv_transfer_params is None or isinstance(self.kv_transfer_params, dict),
                "kv_transfer_params must be a JSON object (e.g. {\"do_remote_decode\": true}) or "
                f"null, got {type(self.kv_transfer_params).__name__}.")
+        if self.kv_transfer_params is not None:
+            check_kv_transfer_params(self.kv_transfer_params)  # a malformed key: named
 
     @classmethod
     def from_optional(cls, **kwargs) -> "SamplingParams":

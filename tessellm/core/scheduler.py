@@ -555,7 +555,8 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         if self.connector is not None:
             self.kv_lookups.discard(req.request_id)
             self.connector.stats.request_finished(req.request_id)
-            self.connector.request_finished(req)
+            params = self.connector.request_finished(req)
+            req.kv_transfer_params_out = params if isinstance(params, dict) else None
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,

@@ -106,7 +106,8 @@ class SchedulerUpdate:
                                 logprobs[:len(appended)] if logprobs is not None else None,
                                 result.prompt_logprobs.get(rid),
                                 num_cached_tokens=max(req.num_cached_tokens, 0),
-                                first_scheduled_time=req.first_scheduled_time if first else None)
+                                first_scheduled_time=req.first_scheduled_time if first else None,
+                                kv_transfer_params=req.kv_transfer_params_out)
 
     def _pooled(self, req: Request, pooled: list[float]) -> EngineCoreOutput:
         self._finish(req, RequestStatus.FINISHED_STOPPED)  # frees its blocks now

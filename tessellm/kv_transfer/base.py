@@ -111,6 +111,10 @@ class KVConnectorStats:
     lookup_timeouts: int = 0  # admissions whose lookup did not come back in time: computed
     lookups_skipped: int = 0  # admissions not looked up: the store counted as down (computed)
     saves_skipped: int = 0  # blocks not saved: the store counted as down (or hung on them)
+    # Requests whose kv_transfer_params named a producer (do_remote_prefill, remote_host and
+    # remote_port) that computed their prompt instead: the producer unreachable, of another
+    # layout or without the blocks (nothing loaded), or the load from it failed. Once each.
+    remote_prefill_fallbacks: int = 0
     # request id -> [hit tokens, blocks] of its loads not yet known to have worked.
     _pending: dict = field(default_factory=dict, repr=False, compare=False)
     # Blocks offered to the worker half, and of those reported settled (done, failed, dropped).
@@ -195,7 +199,8 @@ class KVConnectorStats:
                     blocks_saved=self.blocks_saved, save_failures=self.save_failures,
                     load_failures=self.load_failures, lookup_timeouts=self.lookup_timeouts,
                     store_down=self.store_down, lookups_skipped=self.lookups_skipped,
-                    saves_skipped=self.saves_skipped)
+                    saves_skipped=self.saves_skipped,
+                    remote_prefill_fallbacks=self.remote_prefill_fallbacks)
 
 
 class KVConnectorBase:
@@ -251,8 +256,14 @@ class KVConnectorBase:
     def request_failed_load(self, request) -> None:
         """A worker reported the request's load failed; it is being recomputed."""
 
-    def request_finished(self, request) -> None:
-        """The request ended (finished or aborted): drop its state."""
+    def request_finished(self, request) -> Optional[dict]:
+        """The request ended (finished or aborted; ``request.status`` says which): drop its
+        state. Returns the ``kv_transfer_params`` its final output carries
+        (``RequestOutput.kv_transfer_params``, the OpenAI response's field; vLLM's second
+        return value), or None: a producer hands back where a decode engine finds the blocks
+        of a ``do_remote_decode`` request (``kv_transfer/params.py``). Plain data: it crosses
+        processes."""
+        return None
 
     # -- worker half (each rank's process) -------------------------------------------------
 

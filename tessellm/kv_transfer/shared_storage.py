@@ -47,6 +47,7 @@ from collections import OrderedDict
 from typing import Optional
 
 from tessellm.kv_transfer.base import KVConnectorBase, KVConnectorRole
+from tessellm.kv_transfer.params import remote_decode
 from tessellm.kv_transfer.shared_storage_format import (CHECKSUMS, HEADER_BYTES, MAGIC,
                                                         adapter_identity, block_path, chain_key,
                                                         loadable, probe)
@@ -65,18 +66,19 @@ class _Lookup:
     """A request's lookup off the step: the one under way (``future``: found keys, first
     miss), whether one came back (``answered``; or was given up on: its time ran out), its
     first missing block's index (None: none missing), when it came back, whether a step waited
-    for it already (``waited``: once), and when the request's first lookup started (``since``)."""
+    for it already (``waited``: once), when the request's first lookup started (``since``),
+    and where it looks (``where``: None, the connector's own store; else the producer its
+    kv_transfer_params name, ``_source``)."""
 
-    __slots__ = ("future", "answered", "miss", "when", "waited", "since")
+    __slots__ = ("future", "answered", "miss", "when", "waited", "since", "where")
 
-    def __init__(self):
+    def __init__(self, where: Optional[str] = None):
         self.future, self.answered, self.miss, self.when = None, False, None, 0.0
-        self.waited, self.since = False, time.monotonic()
+        self.waited, self.since, self.where = False, time.monotonic(), where
 
 
-def _remote_decode(req) -> bool:
-    params = getattr(getattr(req, "sampling_params", None), "kv_transfer_params", None)
-    return bool(params and params.get("do_remote_decode"))
+def _params(req) -> Optional[dict]:
+    return getattr(getattr(req, "sampling_params", None), "kv_transfer_params", None)
 
 
 def _seconds(name: str, extra: dict, key: str, default: float, meaning: str,
@@ -167,6 +169,11 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         self._lookup_threads = None
         self._shut = False  # shut down: no lookup pool is made again (lookups answer nothing)
         self._warned = False
+        # Requests whose kv_transfer_params name a producer (``_source``): request id ->
+        # [where, admitted once, counted in remote_prefill_fallbacks]; and where the next
+        # step's loads read from (request id -> where; only those not from the own store).
+        self._routes: dict[str, list] = {}
+        self._load_sources: dict[str, str] = {}
 
     def path(self, key: str, rank: int) -> str:
         return block_path(self.root, key, rank)
@@ -211,22 +218,32 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         computes the rest of its prompt."""
         if not self.config.is_consumer:
             return 0, False
-        if self.health.down() or self._shut:  # a dead mount: no lookup, no load (it would
-            self.stats.record_lookup_skipped()  # hang too); shut down: its pool has ended
+        where = self._source(request)
+        if where is not None and request.request_id not in self._routes:
+            self._routes[request.request_id] = [where, False, False]
+        # a dead mount (or default peer): no lookup, no load (it would hang too), but a request
+        # routed to another producer still asks that one; shut down: its pool has ended
+        if (where is None and self.health.down()) or self._shut:
+            self.stats.record_lookup_skipped()
             return 0, False
         bs, rid = self.context.block_size, request.request_id
         keys = self.block_keys(request)
         lo, hi = num_computed_tokens // bs, (request.num_tokens - 1) // bs
+        params = _params(request) or {}
+        held = params.get("remote_num_tokens")
+        if isinstance(held, int) and params.get("do_remote_prefill"):
+            hi = max(lo, min(hi, held // bs))  # the producer holds no block past these
         look = self._lookups.get(rid)
         if look is not None and look.future is not None and look.future.done():
             self._settle_lookup(look)
-        i = self._known(keys, lo, hi)
+        i = self._known(keys, lo, hi, where)
         if i >= hi:
             return (i - lo) * bs, self.load_async
         if look is None or (look.future is None and (look.miss != i or time.monotonic() - look.when
                                                      > _LOOKUP_TTL_S)):
-            look = self._lookups[rid] = look or _Lookup()
-            look.future = self._lookup_pool().submit(self._timed, self._look, keys[i:hi], i)
+            look = self._lookups[rid] = look or _Lookup(where)
+            routed = () if where is None else (where,)  # (a subclass's _look(keys, start) too)
+            look.future = self._lookup_pool().submit(self._timed, self._look, keys[i:hi], i, *routed)
         if not look.answered and not look.waited and self._wait_left > 0:
             look.waited = True  # a lookup still out after this is not waited for again
             t0 = time.monotonic()
@@ -252,11 +269,23 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         again meanwhile, and once it is back its keys go in the LRU as any lookup's."""
         look.answered, look.miss, look.when = True, miss, time.monotonic()
         self.stats.record_lookup_timeout()
-        self._mark_down(f"a lookup not back after {self.lookup_timeout:.1f} s")
+        self._mark_down(f"a lookup not back after {self.lookup_timeout:.1f} s", look.where)
 
-    def _mark_down(self, why: str) -> None:
+    def _mark_down(self, why: str, where: Optional[str] = None) -> None:
+        """The store is down (``where``: a producer a request named, not the own store: a
+        subclass that routes marks that one alone)."""
         self.health.mark_down(why)
         self.stats.downs = self.health.falls
+
+    def _source(self, request) -> Optional[str]:
+        """Where the request's blocks are looked up and loaded from: None, the connector's own
+        store (here always); a subclass that routes by ``kv_transfer_params`` returns the
+        producer they name (plain data: it travels to the workers in the step's metadata)."""
+        return None
+
+    def _check_key(self, key: str, where: Optional[str]):
+        """A key's entry in the LRU of keys known to be loadable, per store."""
+        return key if where is None else (where, key)
 
     def _timed(self, fn, *args):
         """``fn(*args)``, a call into the store on a pool thread, timed (``_hung``)."""
@@ -292,11 +321,12 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         """The store, for messages."""
         return self.root
 
-    def _known(self, keys: list, lo: int, hi: int) -> int:
-        """The first index from ``lo`` (below ``hi``) whose key is not known to be loadable."""
+    def _known(self, keys: list, lo: int, hi: int, where: Optional[str] = None) -> int:
+        """The first index from ``lo`` (below ``hi``) whose key is not known to be loadable
+        from ``where``."""
         i = lo
-        while i < hi and keys[i] in self._checked:
-            self._checked.move_to_end(keys[i])
+        while i < hi and self._check_key(keys[i], where) in self._checked:
+            self._checked.move_to_end(self._check_key(keys[i], where))
             i += 1
         return i
 
@@ -308,18 +338,18 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
         except Exception as exc:  # noqa: BLE001 - a lookup that fails finds nothing
             found, miss = [], None
             if isinstance(exc, OSError):  # the store's error (a missing file is a miss)
-                self._mark_down(f"a lookup failed: {exc}")
+                self._mark_down(f"a lookup failed: {exc}", look.where)
         for key in found:
-            self._checked[key] = None
-            self._checked.move_to_end(key)
+            self._checked[self._check_key(key, look.where)] = None
+            self._checked.move_to_end(self._check_key(key, look.where))
         while len(self._checked) > _MAX_CHECKED:
             self._checked.popitem(last=False)
         look.miss, look.when, look.answered = miss, time.monotonic(), True
 
-    def _look(self, keys: list, start: int) -> tuple:
+    def _look(self, keys: list, start: int, where: Optional[str] = None) -> tuple:
         """On the lookup thread: the keys, in order, whose files every rank has with the
         right length (one ``stat`` per rank), up to the first that is not; and that one's index
-        (None: all were)."""
+        (None: all were). ``where``: ``_source``'s (None here)."""
         found = []
         for key in keys:
             if not all(self._loadable(key, r) for r in range(self.context.world_size)):
@@ -349,17 +379,25 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
 
     def update_state_after_alloc(self, request, block_ids, first_block, num_blocks):
         rid = request.request_id
+        route = self._routes.get(rid)
         if num_blocks:
             keys = self._keys[rid]
             self._loads.append([rid, [[keys[i], int(block_ids[i])]
                                       for i in range(first_block, first_block + num_blocks)]])
             self.stats.record_load(rid, num_blocks)  # counted once the load worked
+            if route is not None:
+                self._load_sources[rid] = route[0]
+        if route is not None and not route[1]:  # its first admission: nothing from its producer
+            route[1] = True  # (nor from this engine's own cache) is a fallback
+            if first_block + num_blocks == 0:
+                self._fall_back(route)
         # What it holds from admission on is saved already (or was loaded from here).
         self._saved[rid] = max(self._saved.get(rid, 0), first_block + num_blocks)
 
     def build_connector_meta(self, scheduler_output, requests, block_ids) -> Optional[dict]:
         self._wait_left = self.lookup_wait  # the next step's
         loads, self._loads = self._loads, []
+        sources, self._load_sources = self._load_sources, {}
         background = []
         if self.load_async:
             loads, background = [], loads
@@ -398,11 +436,14 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
                 req = requests.get(rid)
                 if req is None or starts.get(rid, 0) + num[rid] >= req.num_tokens:
                     self._unsynced.discard(rid)
-                    wait = wait or self.wait_for_saves or (req is not None and _remote_decode(req))
+                    wait = wait or self.wait_for_saves or (req is not None and remote_decode(_params(req)))
         if not loads and not background and not saves and not wait:
             return None
-        return {"loads": loads, "async_loads": background, "saves": saves, "save_owners": owners,
+        meta = {"loads": loads, "async_loads": background, "saves": saves, "save_owners": owners,
                 "wait": wait}
+        if sources:  # request id -> the producer its loads read from (absent: the own store)
+            meta["sources"] = sources
+        return meta
 
     def shutdown(self) -> None:
         self.health.close()  # a probe under way: not waited for (a hung mount)
@@ -417,17 +458,28 @@ class SharedStorageConnector(SharedStorageWorker, KVConnectorBase):
     def request_failed_load(self, request) -> None:
         # The worker removed the bad file: later lookups miss it. The request itself is
         # recomputed without the connector; it saves what it computes afresh.
+        route = self._routes.get(request.request_id)
         for key in self._keys.get(request.request_id, ()):
-            self._checked.pop(key, None)
+            self._checked.pop(self._check_key(key, route and route[0]), None)
+        if route is not None:
+            self._fall_back(route)
         self._lookups.pop(request.request_id, None)
         self._saved.pop(request.request_id, None)
         self._unsynced.discard(request.request_id)
 
-    def request_finished(self, request) -> None:
+    def _fall_back(self, route: list) -> None:
+        """A routed request computes its prompt instead of loading it (counted once)."""
+        if not route[2]:
+            route[2] = True
+            self.stats.remote_prefill_fallbacks += 1
+
+    def request_finished(self, request) -> Optional[dict]:
         self._keys.pop(request.request_id, None)
         self._lookups.pop(request.request_id, None)  # a lookup under way: its result goes
         self._saved.pop(request.request_id, None)
         self._unsynced.discard(request.request_id)
+        self._routes.pop(request.request_id, None)
+        return None  # the blocks are found by their keys: a decode needs nothing from here
 
 
 __all__ = ["CHECKSUMS", "HEADER_BYTES", "MAGIC", "KVConnectorRole", "SharedStorageConnector",

@@ -75,6 +75,20 @@ _DEAD_ERRNOS = {errno.EIO, errno.ESTALE, errno.ENOTCONN, errno.ETIMEDOUT, errno.
                 errno.ECONNRESET, errno.ECONNREFUSED, errno.ENETDOWN, errno.ENETUNREACH}
 
 
+def _split_at_source(runs: list, chunk: list) -> list:
+    """The reader threads' runs of a chunk, each cut where its items' store (``where``)
+    changes: a run reads from one store (a step's loads may come from several producers)."""
+    out = []
+    for run in runs:
+        start = run.start
+        for i in range(run.start + 1, run.stop):
+            if chunk[i][2] != chunk[i - 1][2]:
+                out.append(range(start, i))
+                start = i
+        out.append(range(start, run.stop))
+    return out
+
+
 class _LoadGivenUp(Exception):
     """A load's reads are not waited for any more (a read hung past the load bound, its reads
     cancelled, the connector shutting down): the load fails."""
@@ -260,7 +274,10 @@ class SharedStorageWorker:
             return self._start_loads(meta) if admitted else self._refuse_loads(meta)
 
     def _start_loads(self, meta: dict) -> list:
+        """``meta["sources"]`` (request id -> where, for loads not from the connector's own
+        store: ``_source``) travels with each load's blocks as ``(key, block, where)``."""
         background = meta.get("async_loads") or []
+        sources = meta.get("sources") or {}
         if background:
             torch = torch_module()
             # The copies wait for the work queued so far (steps in flight may still write a
@@ -278,11 +295,12 @@ class SharedStorageWorker:
                 # ... and for saves' copies still reading a block it was given after a free
                 blocks = {b for _, b in pairs}
                 waits = [after] + [e for e, bs in self._reads if not bs.isdisjoint(blocks)]
+                items = [(key, block, sources.get(rid)) for key, block in pairs]
                 if self.device.type == "xla":  # lazy tensors are traced on the thread that
-                    self._load_in_background(rid, pairs, None)  # steps: load here, done next step
+                    self._load_in_background(rid, items, None)  # steps: load here, done next step
                 else:
                     try:
-                        future = self._loader.submit(self._load_in_background, rid, pairs,
+                        future = self._loader.submit(self._load_in_background, rid, items,
                                                      None if after is None else waits)
                     except RuntimeError:  # the loader shut down under the step: a failed load
                         self._set_load_status(rid, False)
@@ -293,7 +311,7 @@ class SharedStorageWorker:
         loads = meta.get("loads") or []
         if not loads:
             return []
-        items = [(key, block) for _, pairs in loads for key, block in pairs]
+        items = [(key, block, sources.get(rid)) for rid, pairs in loads for key, block in pairs]
         bad = self._load(items, None, None)
         failed, start = [], 0
         for rid, pairs in loads:
@@ -317,9 +335,10 @@ class SharedStorageWorker:
             self._load_cond.notify_all()
         return loads
 
-    def _load_in_background(self, rid: str, pairs, after) -> None:
-        """On the loader thread: the request's files into its blocks, on the connector's own
-        stream (the forward passes go on meanwhile), then its status once the copies are done."""
+    def _load_in_background(self, rid: str, items: list, after) -> None:
+        """On the loader thread: the request's files (``(key, block, where)`` items) into its
+        blocks, on the connector's own stream (the forward passes go on meanwhile), then its
+        status once the copies are done."""
         ok = False
         try:
             torch = torch_module()
@@ -327,7 +346,7 @@ class SharedStorageWorker:
             # inference mode) or not (xla's: an inference view of them cannot be written)
             inference = any(cache.is_inference() for cache in self.caches)
             with torch.inference_mode() if inference else torch.no_grad():
-                ok = not self._load([tuple(p) for p in pairs], self._stream, after, wait=True)
+                ok = not self._load(items, self._stream, after, wait=True)
         except CancelledError:  # (the pools shut down under it): a failed load, no traceback
             logger.info("KV load of request %s cancelled: it is recomputed.", rid)
         except Exception:  # noqa: BLE001 - a failed load is a recompute, never a dead engine
@@ -355,7 +374,8 @@ class SharedStorageWorker:
                     if self._load_status.get(r) is not None}
 
     def _load(self, items: list, stream, after, wait: bool = False) -> set:
-        """``(key, block)`` pairs read from their files and copied into the blocks, a staging
+        """``(key, block, where)`` items (``where``: the store to read from, None: the
+        connector's own) read from their files and copied into the blocks, a staging
         chunk at a time over two buffers, pipelined: a chunk's reads are queued on the reader
         pool before the chunk before it is copied in, so each reader goes on to the next chunk
         as it finishes its part of this one (none waits for the slowest at a chunk's end, and
@@ -417,10 +437,12 @@ class SharedStorageWorker:
 
         def read(run) -> list:  # a pool thread
             me = threading.get_ident()
+            where = chunk[run.start][2]
+            routed = () if where is None else (where,)  # (a subclass's read_run without it too)
             self._reader_clock.clock = clock
             self._reading()  # (each block's read, each reply of a peer's, again)
             try:
-                got = self.read_run([chunk[i][0] for i in run], run, arr, n)
+                got = self.read_run([chunk[i][0] for i in run], run, arr, n, *routed)
             finally:
                 self._read_since.pop(me, None)
                 self._reader_clock.clock = None
@@ -428,12 +450,12 @@ class SharedStorageWorker:
                 sums = fmt.sum_parts(parts, run)
                 for j, g in enumerate(got):
                     if g is not None and g[0] == 1 and int(sums[j]) != g[1]:
-                        self.discard(chunk[run[j]][0], "checksum mismatch")
+                        self.discard(chunk[run[j]][0], "checksum mismatch", *routed)
                         got[j] = None
             return [g is not None for g in got]
 
         k = 1 if n < 4 else min(self.io_threads, n)
-        runs = [range(n * j // k, n * (j + 1) // k) for j in range(k)]
+        runs = _split_at_source([range(n * j // k, n * (j + 1) // k) for j in range(k)], chunk)
         futures = []
         try:
             for r in runs:
@@ -536,9 +558,10 @@ class SharedStorageWorker:
 
     # -- the store: files (a subclass may keep blocks elsewhere) ----------------------------
 
-    def read_run(self, keys: list, run: range, flat, n: int) -> list:
+    def read_run(self, keys: list, run: range, flat, n: int, where: Optional[str] = None) -> list:
         """``read_blocks`` of blocks ``run`` of a staging buffer of ``n`` (``flat``: its uint8
-        numpy array), on a reader pool thread."""
+        numpy array), on a reader pool thread; ``where``: the store they come from (None: the
+        connector's own; a subclass that routes, ``_source``, reads its)."""
         mv = memoryview(flat)
         return self.read_blocks(keys, [self._views(mv, n, i) for i in run])
 
@@ -572,8 +595,9 @@ class SharedStorageWorker:
                                       self.block_bytes, v))
         return out
 
-    def discard(self, key: str, why) -> None:
-        """This rank's block of ``key`` failed its load: nobody loads it again."""
+    def discard(self, key: str, why, where: Optional[str] = None) -> None:
+        """This rank's block of ``key`` (from ``where``: ``read_run``'s) failed its load:
+        nobody loads it again."""
         fmt.drop(self.path(key, self.context.rank), why)
 
     def present(self, key: str) -> bool:

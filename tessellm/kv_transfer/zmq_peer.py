@@ -19,6 +19,14 @@ or late (``timeout_s``) is recomputed: never a wrong token, never a stalled step
 whose engine differs from the producer's (model files, dtypes, block size, layout: another
 namespace) is told so once in its log, and every lookup misses.
 
+Routing (xPyD, vLLM's proxy flow; ``params.py``): a producer hands back, for a finished
+``do_remote_decode`` request, where it serves the blocks (``request_finished``:
+``remote_host`` = ``kv_host``, ``remote_port`` = ``kv_port``...); a consumer request whose
+``kv_transfer_params`` carry them is looked up at and loaded from that producer (``_source``:
+its "where", which travels to the workers in the step's ``meta["sources"]``; a socket per
+thread and producer, kept), ``kv_peer`` (optional) being the default. A producer that does not
+answer is a miss for its requests alone (``_down_until`` per address, ``_mark_down``).
+
 Wire protocol ``tslkv-peer/2`` (multipart frames; the client is a DEALER): a request is
 ``[b"tslkv-peer/2", op, namespace, tag, key...]`` (``tag``: the client's number for it, echoed
 in the reply, so a late or misrouted reply is never taken for another's); op ``b"has"`` (reply
@@ -44,21 +52,24 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from typing import Optional
 
 import numpy as np
 
 from tessellm.kv_transfer import shared_storage_format as fmt
-from tessellm.kv_transfer.shared_storage import _EXTRA_KEYS, SharedStorageConnector
+from tessellm.kv_transfer.params import decode_params, remote_decode, remote_producer
+from tessellm.kv_transfer.shared_storage import _EXTRA_KEYS, SharedStorageConnector, _params
 
 logger = logging.getLogger(__name__)
 
 _PEER_KEYS = (_EXTRA_KEYS - {"shared_storage_path"}) | {"kv_port", "kv_bind", "kv_peer",
                                                            "store_bytes", "store_ahead_bytes",
-                                                           "timeout_s"}
+                                                           "timeout_s", "kv_host"}
 _DEFAULT_PORT = 14579
 _DEFAULT_STORE = 4 << 30  # bytes of blocks a producer rank keeps (LRU)
 PROTOCOL = b"tslkv-peer/2"  # the first frame of every request (version 1 had none)
@@ -73,6 +84,7 @@ _AHEAD_SLOTS = 512  # ... this many slots (tiny blocks: little memory), nor stor
 _SLAB_BYTES = 32 << 20  # memory is made a slab of this many bytes of slots at most at a time
 _POLL_MS = 100  # the server looks at its stop flag this often
 _LOOKUP_TIMEOUT_S = 1.0  # a "has" waits at most this (a small message), timeout_s if less
+_WILDCARDS = ("0.0.0.0", "*", "::", "[::]")  # kv_bind values that name no address to reach
 
 
 class BlockStore:
@@ -493,6 +505,28 @@ class _Clients:
         self.context.term()  # returns at once: no socket of it is open
 
 
+def _host_port(address) -> Optional[tuple]:
+    """``"host:port"`` as ``(host, port)``, or None: not of that form."""
+    host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+def _reachable_host(bind: str) -> str:
+    """The address a producer hands back (``remote_host``) when no ``kv_host`` is given:
+    ``kv_bind`` itself, or for a wildcard bind the address of this host's outward interface
+    (a UDP socket's route: nothing is sent), else its name."""
+    if bind not in _WILDCARDS:
+        return bind
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostname()
+
+
 class ZmqPeerConnector(SharedStorageConnector):
     """Blocks served by the producer's ranks over TCP (module docstring)."""
 
@@ -520,15 +554,20 @@ class ZmqPeerConnector(SharedStorageConnector):
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             raise ValueError(f"ZmqPeerConnector's timeout_s is how long a lookup or load waits "
                              f"for the producer, in seconds; got {timeout!r}.")
-        self.peer = None
-        if self.config.is_consumer:
-            host, _, peer_port = (peer or "").rpartition(":") if isinstance(peer, str) else ("", "", "")
-            if not host or not peer_port.isdigit():
-                raise ValueError(f"ZmqPeerConnector with kv_role {self.config.kv_role} needs "
-                                 "kv_connector_extra_config.kv_peer, the producer's 'host:port' "
-                                 f"(its kv_bind address and kv_port), e.g. '10.0.0.5:{_DEFAULT_PORT}'; "
-                                 f"got {peer!r}.")
-            self.peer = (host, int(peer_port))
+        self.peer = None  # the default producer (kv_peer); requests may name others
+        if self.config.is_consumer and peer is not None:
+            self.peer = _host_port(peer)
+            if self.peer is None:
+                raise ValueError(f"ZmqPeerConnector's kv_peer is the default producer's "
+                                 "'host:port' (its kv_host or kv_bind address and kv_port), e.g. "
+                                 f"'10.0.0.5:{_DEFAULT_PORT}'; got {peer!r}. Leave it out to fetch "
+                                 "only from the producers requests name (kv_transfer_params).")
+        host = extra.get("kv_host")
+        if host is not None and (not isinstance(host, str) or not host or host in _WILDCARDS):
+            raise ValueError(f"ZmqPeerConnector's kv_host is the address consumers reach this "
+                             f"producer at (handed back as remote_host), e.g. '10.0.0.5'; got {host!r}.")
+        self.host = host or _reachable_host(bind)
+        self.engine_id = uuid.uuid4().hex  # handed back as remote_engine_id (messages only)
         self.port, self.bind, self.store_bytes, self.timeout = port, bind, store, float(timeout)
         # A load waits timeout_s for each reply (the fetch then fails by itself); the loader
         # gives up on it only a second past that (a peer gone mid-transfer).
@@ -546,17 +585,26 @@ class ZmqPeerConnector(SharedStorageConnector):
     def store_name(self) -> str:
         return f"the peer {self.peer[0]}:{self.peer[1]}" if self.peer else "no peer"
 
-    def _address(self, rank: int) -> Optional[str]:
-        """The producer rank's address, or None while it counts as down (``store_down_ms``)."""
-        address = f"{self.peer[0]}:{self.peer[1] + rank}"
-        return None if time.monotonic() < self._down_until.get(address, 0.0) else address
+    def _rank_address(self, rank: int, where: Optional[str] = None) -> Optional[str]:
+        """``host:port`` of the producer's rank (``where``: a producer a request named, its
+        rank 0's ``host:port``; None: kv_peer), or None: no producer."""
+        peer = _host_port(where) if where is not None else self.peer
+        return None if peer is None else f"{peer[0]}:{peer[1] + rank}"
 
-    def _ask(self, rank: int, op: bytes, keys: list) -> Optional[list]:
+    def _address(self, rank: int, where: Optional[str] = None) -> Optional[str]:
+        """The producer rank's address, or None: none, or it counts as down (``store_down_ms``)."""
+        address = self._rank_address(rank, where)
+        if address is None or time.monotonic() < self._down_until.get(address, 0.0):
+            return None
+        return address
+
+    def _ask(self, rank: int, op: bytes, keys: list, where: Optional[str] = None) -> Optional[list]:
         """A request to the producer's rank: its reply's frames after ``ok``, or None (another
         namespace, no answer in time, an error: the blocks count as missing). A peer that did
         not answer is not asked again for ``store_down_ms``: a consumer whose producer is
-        down costs its requests one lookup timeout in that time, not one each."""
-        address = self._address(rank)
+        down costs its requests one lookup timeout in that time, not one each (a producer a
+        request named as another's: that one alone)."""
+        address = self._address(rank, where)
         if address is None:
             return None
         timeout = min(self.timeout, _LOOKUP_TIMEOUT_S) if op == b"has" else self.timeout
@@ -598,16 +646,49 @@ class ZmqPeerConnector(SharedStorageConnector):
                 raise ConnectionError(f"{address} did not answer")
             self._down_until.pop(address, None)
 
-    # -- scheduler half: lookups (on the lookup thread) -------------------------------------
+    # -- scheduler half: routing, lookups (on the lookup thread) ----------------------------
 
-    def _look(self, keys: list, start: int) -> tuple:
+    def _source(self, request) -> Optional[str]:
+        """The producer the request's kv_transfer_params name (``do_remote_prefill`` with
+        ``remote_host`` and ``remote_port``: a proxy passed the producer's response params on),
+        or None: kv_peer's."""
+        return remote_producer(_params(request))
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        if self.peer is None and self._source(request) is None:
+            return 0, False  # no kv_peer, and the request names no producer: nothing to ask
+        return super().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def _mark_down(self, why: str, where: Optional[str] = None) -> None:
+        """A producer a request named that hung: that one alone is not asked for
+        ``store_down_ms`` (kv_peer and the other producers go on)."""
+        if where is None:
+            super()._mark_down(why)
+            return
+        logger.warning("KV peer %s: %s; not asked for %.1f s.", where, why, self.store_down)
+        for rank in range(self.context.world_size):
+            self._down_until[self._rank_address(rank, where)] = time.monotonic() + self.store_down
+
+    def _look(self, keys: list, start: int, where: Optional[str] = None) -> tuple:
         n = len(keys)
         for rank in range(self.context.world_size):
-            reply = self._ask(rank, b"has", keys[:n])
+            reply = self._ask(rank, b"has", keys[:n], where)
             n = min(n, int(reply[0])) if reply else 0
             if n == 0:
                 break
         return keys[:n], (start + n if n < len(keys) else None)
+
+    def request_finished(self, request) -> Optional[dict]:
+        """A producer's ``do_remote_decode`` request that finished (not aborted): where a
+        decode engine fetches its blocks (``params.decode_params``). Its output left once its
+        saves were in this engine's store (``do_remote_decode`` waits for them)."""
+        super().request_finished(request)
+        if (not self.config.is_producer or not remote_decode(_params(request))
+                or request.status.finish_reason in (None, "abort")):
+            return None
+        bs = self.context.block_size
+        return decode_params(self.engine_id, self.host, self.port, self.context.world_size,
+                             len(request.prompt_token_ids) // bs * bs)
 
     # -- worker half ------------------------------------------------------------------------
 
@@ -621,7 +702,7 @@ class ZmqPeerConnector(SharedStorageConnector):
             logger.info("KV blocks of rank %d served on %s (%.1f GiB of host memory at most)",
                         self.context.rank, self._server.address, self.store_bytes / (1 << 30))
 
-    def read_blocks(self, keys: list, views: list) -> list:
+    def read_blocks(self, keys: list, views: list, where: Optional[str] = None) -> list:
         """Blocks fetched into ``views`` (each block's payload parts, in order)."""
 
         def place(i: int, payload) -> None:
@@ -630,14 +711,15 @@ class ZmqPeerConnector(SharedStorageConnector):
                 np.copyto(np.frombuffer(v, np.uint8), payload[at:at + len(v)])
                 at += len(v)
 
-        return self._fetch(keys, place)
+        return self._fetch(keys, place, where)
 
-    def read_run(self, keys: list, run: range, flat, n: int) -> list:
-        """Blocks ``run`` of a staging buffer of ``n`` (``flat``: uint8 numpy) fetched: each
-        payload scattered into the buffer's tensor-major parts by one strided copy."""
-        return self._fetch(keys, self._placer(flat, n, run.start))
+    def read_run(self, keys: list, run: range, flat, n: int, where: Optional[str] = None) -> list:
+        """Blocks ``run`` of a staging buffer of ``n`` (``flat``: uint8 numpy) fetched from
+        ``where`` (a producer a request named; None: kv_peer): each payload scattered into the
+        buffer's tensor-major parts by one strided copy."""
+        return self._fetch(keys, self._placer(flat, n, run.start), where)
 
-    def _fetch(self, keys: list, place) -> list:
+    def _fetch(self, keys: list, place, where: Optional[str] = None) -> list:
         """This rank's blocks of ``keys`` fetched from the producer's rank (``_IN_FLIGHT``
         messages of ``_GET_BYTES`` in flight), each checked as a file and its payload handed
         to ``place(index, uint8 array)`` (a view of the received frame): per block (checksum
@@ -645,7 +727,7 @@ class ZmqPeerConnector(SharedStorageConnector):
         over the frame; a sum64 is the caller's), else None. A block that fails its check is
         dropped at the producer (``discard``) once the messages in flight are in."""
         rank, out, bad = self.context.rank, [None] * len(keys), []
-        address = self._address(rank) if self.peer is not None else None
+        address = self._address(rank, where)
         if address is None or not keys:
             return out
         per = max(1, min(_GET_MAX, _GET_BYTES // max(1, self.block_bytes)))
@@ -671,15 +753,15 @@ class ZmqPeerConnector(SharedStorageConnector):
                     bad.append((key, exc))
         replies.close()
         for key, exc in bad:
-            self.discard(key, exc)
+            self.discard(key, exc, where)
         return out
 
-    def discard(self, key: str, why) -> None:
+    def discard(self, key: str, why, where: Optional[str] = None) -> None:
         """A bad block: the producer drops it (its next save of the block stores it afresh)."""
-        logger.warning("KV block %s from the peer not loaded (%s): removed there; the request "
-                       "is recomputed.", self.path(key, self.context.rank), why)
-        if self.peer is not None:
-            self._ask(self.context.rank, b"drop", [key])
+        logger.warning("KV block %s from the peer %s not loaded (%s): removed there; the "
+                       "request is recomputed.", self.path(key, self.context.rank),
+                       self._rank_address(self.context.rank, where), why)
+        self._ask(self.context.rank, b"drop", [key], where)
 
     def present(self, key: str) -> bool:
         return self._store is not None and self._store.has(key)

@@ -192,8 +192,9 @@ class EngineMetrics:
         prompt tokens, ``kv_connector_blocks_{loaded,saved}_total``,
         ``kv_connector_save_failures_total`` (blocks), ``kv_connector_load_failures_total``
         (requests recomputed), ``kv_connector_lookup_timeouts_total`` (requests),
-        ``kv_connector_store_down_total``, ``kv_connector_lookups_skipped_total`` (requests) and
-        ``kv_connector_saves_skipped_total`` (blocks)."""
+        ``kv_connector_store_down_total``, ``kv_connector_lookups_skipped_total`` (requests),
+        ``kv_connector_saves_skipped_total`` (blocks) and
+        ``kv_connector_remote_prefill_fallbacks_total`` (requests)."""
         if not totals:
             return
         if self._kv_connector is None:
@@ -209,7 +210,9 @@ class EngineMetrics:
                                   "timed out, an I/O error, a write hung).",
                     "lookups_skipped": "Admissions answered without a KV connector lookup while "
                                        "its store was down (they computed their prompts).",
-                    "saves_skipped": "KV blocks not saved because the connector's store was down."}
+                    "saves_skipped": "KV blocks not saved because the connector's store was down.",
+                    "remote_prefill_fallbacks": "Requests whose kv_transfer_params named a KV "
+                                                "producer that computed their prompt instead."}
             self._kv_connector = {k: _CumulativeCounter(self._child(Counter, f"kv_connector_{k}", doc))
                                   for k, doc in docs.items()}
         for key, metric in self._kv_connector.items():

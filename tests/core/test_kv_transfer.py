@@ -84,7 +84,8 @@ def test_producer_saves_and_consumer_loads(load_async, tiny_model_dir, tmp_path)
     assert [(c, n) for _, c, n in used] == [(40, 2 + 5)] * 2
     assert stats.kv_connector == dict(queries=2 * 42, hits=2 * 40, blocks_loaded=20, blocks_saved=0,
                                       save_failures=0, load_failures=0, lookup_timeouts=0,
-                                      store_down=0, lookups_skipped=0, saves_skipped=0)
+                                      store_down=0, lookups_skipped=0, saves_skipped=0,
+                                      remote_prefill_fallbacks=0)
     assert len(_files(tmp_path)) == 2 * 11  # a consumer writes nothing
     # The metrics, from the scheduler's stats as the engine process sends them.
     from prometheus_client import CollectorRegistry
@@ -145,7 +146,8 @@ def test_corrupt_truncated_and_missing_files(tiny_model_dir, tmp_path):
     # gives no hit and no loaded block.
     assert stats.kv_connector == dict(queries=2 * 42, hits=16, blocks_loaded=4, blocks_saved=0,
                                       save_failures=0, load_failures=1, lookup_timeouts=0,
-                                      store_down=0, lookups_skipped=0, saves_skipped=0)
+                                      store_down=0, lookups_skipped=0, saves_skipped=0,
+                                      remote_prefill_fallbacks=0)
     assert not os.path.exists(conn.path(keys_q[7], 0))  # the corrupt file is gone
     _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_producer"))  # ... and saved afresh
     rows, _ = _run(model, [q], kv_transfer_config=_kv(tmp_path, "kv_consumer"))
@@ -281,7 +283,8 @@ def test_background_load_while_other_requests_run(corrupt, tiny_model_dir, tmp_p
     # p's failed load, and a's (aborted before it ran), count no hit and no block.
     assert stats == dict(queries=4 * 42, hits=40 * (1 - corrupt), blocks_loaded=10 * (1 - corrupt),
                          blocks_saved=0, save_failures=0, load_failures=int(corrupt),
-                         lookup_timeouts=0, store_down=0, lookups_skipped=0, saves_skipped=0)
+                         lookup_timeouts=0, store_down=0, lookups_skipped=0, saves_skipped=0,
+                         remote_prefill_fallbacks=0)
     # Running totals only grow (the metrics feed counters their differences).
     assert all(a[k] <= b[k] for a, b in zip(totals, totals[1:]) for k in a)
     assert not sched.kv_loading and sched.kv.num_free_blocks == 64  # every block given back
@@ -1286,7 +1289,8 @@ def test_a_hung_lookup_does_not_hold_other_requests(tiny_model_dir, tmp_path, mo
     assert [outs[k].num_cached_tokens for k in "pqr"] == [0, 40, 0]
     assert stats == dict(queries=3 * 42, hits=40, blocks_loaded=10, blocks_saved=0,
                          save_failures=0, load_failures=0, lookup_timeouts=1, store_down=1,
-                         lookups_skipped=1, saves_skipped=0)
+                         lookups_skipped=1, saves_skipped=0,
+                         remote_prefill_fallbacks=0)
 
 
 def test_saves_count_once_written_and_failed_writes_as_failures(tiny_model_dir, tmp_path, monkeypatch):
@@ -1432,7 +1436,8 @@ def test_zmq_peer_prefill_in_one_process_decode_in_another(tiny_model_dir, caplo
         assert made["tokens"] == want
         assert made["stats"] == dict(queries=2 * 42, hits=0, blocks_loaded=0, blocks_saved=2 * 11,
                                      save_failures=0, load_failures=0, lookup_timeouts=0,
-                                     store_down=0, lookups_skipped=0, saves_skipped=0)
+                                     store_down=0, lookups_skipped=0, saves_skipped=0,
+                                     remote_prefill_fallbacks=0)
         for load_async in (True, False):
             consumer = _peer("kv_consumer", kv_peer=f"127.0.0.1:{port}", load_async=load_async)
             rows, stats = _run(model, prompts, kv_transfer_config=consumer)
@@ -1440,7 +1445,8 @@ def test_zmq_peer_prefill_in_one_process_decode_in_another(tiny_model_dir, caplo
             assert stats.kv_connector == dict(queries=2 * 42, hits=2 * 40, blocks_loaded=20,
                                               blocks_saved=0, save_failures=0, load_failures=0,
                                               lookup_timeouts=0, store_down=0,
-                                              lookups_skipped=0, saves_skipped=0)
+                                              lookups_skipped=0, saves_skipped=0,
+                                              remote_prefill_fallbacks=0)
         with LLM(model, device="cpu", dtype="float32", block_size=8, num_kv_blocks=16,
                  max_model_len=128, kv_transfer_config=_peer("kv_consumer", kv_peer=f"127.0.0.1:{port}")) as llm:
             out = llm.generate({"prompt_token_ids": prompts[0]},
@@ -1501,8 +1507,9 @@ def test_zmq_peer_shutdown_frees_its_port_threads_and_sockets(tiny_model_dir):
 def test_zmq_peer_bad_settings_are_one_clear_error(tiny_model_dir):
     ctx = KVConnectorContext(BS, "ns")
     for role, extra, match in (
-            ("kv_consumer", {}, "kv_role kv_consumer needs kv_connector_extra_config.kv_peer"),
-            ("kv_both", {"kv_peer": "nohost"}, "the producer's 'host:port'"),
+            ("kv_consumer", {"kv_peer": "host:0"}, "kv_peer is the default producer's 'host:port'"),
+            ("kv_both", {"kv_peer": "nohost"}, "the default producer's 'host:port'"),
+            ("kv_producer", {"kv_host": "0.0.0.0"}, "kv_host is the address consumers reach"),
             ("kv_producer", {"kv_port": 0}, "kv_port is the TCP port"),
             ("kv_producer", {"store_bytes": -1}, "store_bytes is the host memory"),
             ("kv_producer", {"store_ahead_bytes": -1}, "store_ahead_bytes is the host memory"),
@@ -1527,7 +1534,9 @@ def test_zmq_peer_bad_settings_are_one_clear_error(tiny_model_dir):
 def test_zmq_peer_tensor_parallel_ranks_fetch_from_their_peer_rank(tiny_model_dir):
     """Two tensor-parallel ranks on each side: producer rank r serves its shard on kv_port + r,
     consumer rank r fetches it from there; HF's tokens, 40 tokens loaded, exact stats (the
-    producer's saves count its output rank's blocks)."""
+    producer's saves count its output rank's blocks). A consumer without kv_peer whose request
+    names the producer (kv_transfer_params, routed: where travels to the worker processes in
+    the step's metadata) loads the same from it."""
     model = tiny_model_dir("llama")
     prompts = _prompts(1)
     want = hf_greedy(model, prompts, 6)
@@ -1539,6 +1548,15 @@ def test_zmq_peer_tensor_parallel_ranks_fetch_from_their_peer_rank(tiny_model_di
                            kv_transfer_config=_peer("kv_consumer", kv_peer=f"127.0.0.1:{port}"))
         assert rows == [(want[0], 40, 7)]
         assert (stats.kv_connector["hits"], stats.kv_connector["load_failures"]) == (40, 0)
+        routed = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": port, "tp_size": 2}
+        with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+                 max_model_len=128, tensor_parallel_size=2, kv_transfer_config=_peer("kv_consumer")) as llm:
+            out = llm.generate({"prompt_token_ids": prompts[0]},
+                               SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                              kv_transfer_params=routed), use_tqdm=False)[0]
+            assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want[0], 40)
+            stats = llm.engine.core.scheduler.stats().kv_connector
+            assert (stats["hits"], stats["remote_prefill_fallbacks"]) == (40, 0)
     finally:
         proc.stdin.close()
         assert proc.wait(120) == 0

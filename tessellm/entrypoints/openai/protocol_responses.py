@@ -97,6 +97,13 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Optional[UsageInfo] = None
     system_fingerprint: Optional[str] = None
+    # vLLM's: a KV producer's params for the decode engine (a do_remote_decode request's
+    # response; docs/kv_transfer.md); no key otherwise
+    kv_transfer_params: Optional[dict] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unasked(self, handler):
+        return _drop_none(handler(self), ("kv_transfer_params",))
 
 
 class ChatLogProbTop(BaseModel):
@@ -156,10 +163,11 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: Optional[str] = None
     prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM extra: here, not in the choice (as vLLM)
     prompt_token_ids: Optional[list[int]] = None  # vLLM's return_token_ids
+    kv_transfer_params: Optional[dict] = None  # as CompletionResponse's
 
     @model_serializer(mode="wrap")
     def _drop_unasked(self, handler):
-        return _drop_none(handler(self), ("prompt_token_ids",))
+        return _drop_none(handler(self), ("prompt_token_ids", "kv_transfer_params"))
 
 
 class DeltaMessage(BaseModel):

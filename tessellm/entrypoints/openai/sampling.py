@@ -17,6 +17,7 @@ from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.protocol import (CHAT_UNSUPPORTED, UNSUPPORTED, UNSUPPORTED_FIX,
                                                   ChatCompletionRequest, CompletionRequest, StreamOptions)
 from tessellm.entrypoints.openai.server_config import ServerConfig
+from tessellm.kv_transfer.params import check_kv_transfer_params as check_kv_params_keys
 from tessellm.structured_output.params import StructuredOutputsParams
 
 _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
@@ -49,6 +50,10 @@ def check_kv_transfer_params(req: BaseModel, info) -> None:
         raise bad_request("kv_transfer_params needs a server started with --kv-transfer-config "
                           "(a KV connector, docs/kv_transfer.md); leave it out here.",
                           "kv_transfer_params", "unsupported_parameter")
+    try:
+        check_kv_params_keys(params)
+    except ValueError as exc:
+        raise bad_request(str(exc), "kv_transfer_params") from None
 
 
 def apply_server_defaults(req: BaseModel, config: ServerConfig) -> None:

@@ -305,7 +305,8 @@ class _ChatView:
             id=self.id, created=self.created, model=self.model, choices=choices,
             usage=usage([out], self.usage_details),
             prompt_logprobs=prompt_logprobs(out, self.req.prompt_logprobs),
-            prompt_token_ids=list(out.prompt_token_ids) if self.req.return_token_ids else None)
+            prompt_token_ids=list(out.prompt_token_ids) if self.req.return_token_ids else None,
+            kv_transfer_params=out.kv_transfer_params)
 
     def message(self, text: str, reason: Optional[str],
                 token_ids=()) -> tuple[ChatResponseMessage, Optional[str]]:

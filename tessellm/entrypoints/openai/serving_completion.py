@@ -132,6 +132,11 @@ def _without_generation(out: RequestOutput) -> RequestOutput:
     return replace(out, outputs=outputs)
 
 
+def _kv_transfer_params(outputs: list[RequestOutput]) -> Optional[dict]:
+    """The response's kv_transfer_params (vLLM's: the first prompt's; a proxy sends one)."""
+    return next((o.kv_transfer_params for o in outputs if o.kv_transfer_params), None)
+
+
 def _prompt_text(engine: AsyncLLM, processed) -> str:
     if processed.prompt is not None:
         return processed.prompt
@@ -180,7 +185,8 @@ class _CompletionView:
                                                 prompt_token_ids=list(out.prompt_token_ids) if ids else None,
                                                 token_ids=list(co.token_ids) if ids else None))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                  usage=usage(outputs, self.usage_details))
+                                  usage=usage(outputs, self.usage_details),
+                                  kv_transfer_params=_kv_transfer_params(outputs))
 
     def add_logprobs(self, lp: CompletionLogProbs, token_ids, entries, offset: int,
                      top_k: Optional[int] = None) -> int:

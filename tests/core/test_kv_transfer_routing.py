@@ -1,0 +1,157 @@
+"""Per-request ``kv_transfer_params`` that route (vLLM's disaggregation proxy flow, xPyD): a
+``ZmqPeerConnector`` producer hands back where its blocks are (``RequestOutput.kv_transfer_params``)
+for a ``do_remote_decode`` request, and a consumer given those params fetches the request's
+blocks from *that* producer: two producers behind one consumer, each prompt's blocks from its
+own, greedy tokens equal to a plain engine's. A producer that is gone, or holds no such
+blocks, costs its request a recompute (counted), never another request's load; a malformed
+object is one error naming the key."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tests.core.test_kv_transfer import BS, _free_port, _peer, _prompts
+
+# vLLM's toy proxy's prefill request carries these (its NIXL fields unset)
+PREFILL = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+           "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
+def _llm(model: str, kv=None) -> LLM:
+    return LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+               max_model_len=128, kv_transfer_config=kv)
+
+
+def _greedy(llm: LLM, prompt: list, max_tokens: int = 6, params=None):
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, kv_transfer_params=params)
+    return llm.generate({"prompt_token_ids": prompt}, sp, use_tqdm=False)[0]
+
+
+def _plain(model: str, prompts: list) -> list:
+    with _llm(model) as llm:
+        return [list(_greedy(llm, p).outputs[0].token_ids) for p in prompts]
+
+
+@pytest.mark.parametrize("load_async", [True, False], ids=["background", "in-step"])
+def test_two_producers_one_consumer_each_prompt_from_its_producer(load_async, tiny_model_dir):
+    """xPyD: a proxy sends prompt A to producer 1 and prompt B to producer 2 (max_tokens 1,
+    do_remote_decode), and each response's kv_transfer_params with the whole request to one
+    consumer that has no kv_peer: it loads A's 40 tokens from producer 1 and B's 28 from
+    producer 2 (neither holds the other's; both in one step's load, in the step or in the
+    background), and gives a plain engine's greedy tokens. A request that names no producer
+    computes its prompt (nothing asked)."""
+    model = tiny_model_dir("llama")
+    prompts = _prompts(2) + [_prompts(1, length=30, seed=7)[0]]
+    prompts[1], prompts[2] = prompts[2], prompts[1]  # A: 42 tokens, B: 30, C: 42
+    want = _plain(model, prompts)
+    ports = [_free_port(), _free_port()]
+    with _llm(model, _peer("kv_producer", kv_port=ports[0])) as p1, \
+            _llm(model, _peer("kv_producer", kv_port=ports[1])) as p2, \
+            _llm(model, _peer("kv_consumer", timeout_s=2.0, load_async=load_async)) as consumer:
+        routed = []
+        for producer, port, prompt, held in ((p1, ports[0], prompts[0], 40), (p2, ports[1], prompts[1], 28)):
+            out = _greedy(producer, prompt, 1, PREFILL)
+            params = out.kv_transfer_params
+            assert params == {"do_remote_prefill": True, "do_remote_decode": False,
+                              "remote_engine_id": params["remote_engine_id"],
+                              "remote_host": "127.0.0.1", "remote_port": port, "tp_size": 1,
+                              "remote_num_tokens": held}
+            assert list(out.outputs[0].token_ids) == want[prompts.index(prompt)][:1]
+            routed.append(params)
+        assert routed[0]["remote_engine_id"] != routed[1]["remote_engine_id"]
+        # a request without do_remote_decode gets none back
+        assert _greedy(p1, prompts[2], 1).kv_transfer_params is None
+        outs = consumer.generate([{"prompt_token_ids": p} for p in prompts[:2]],
+                                 [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                 kv_transfer_params=params) for params in routed],
+                                 use_tqdm=False)
+        assert [(list(o.outputs[0].token_ids), o.num_cached_tokens) for o in outs] == [
+            (want[0], 40), (want[1], 28)]
+        assert [o.kv_transfer_params for o in outs] == [None, None]  # a consumer hands none back
+        out = _greedy(consumer, prompts[2])  # no params, no kv_peer: computed
+        assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want[2], 0)
+        stats = consumer.engine.core.scheduler.stats().kv_connector
+        assert (stats["hits"], stats["blocks_loaded"], stats["remote_prefill_fallbacks"],
+                stats["load_failures"]) == (68, 17, 0, 0)
+        for producer in (p1, p2):
+            assert producer.engine.core.scheduler.stats().kv_connector["blocks_saved"] >= 7
+
+
+def test_a_routed_request_whose_producer_fails_is_recomputed_alone(tiny_model_dir, caplog):
+    """A consumer whose kv_peer is producer 1: a request routed to a port where nothing listens
+    is recomputed (a plain engine's tokens) and counted in remote_prefill_fallbacks, and the
+    gone producer is not asked again meanwhile, while requests routed to producer 1 (its
+    kv_peer) still load: the default store was never marked down. A request routed to a live
+    producer that does not hold its blocks is a fallback too."""
+    model = tiny_model_dir("llama")
+    prompts = _prompts(3, seed=1)
+    want = _plain(model, prompts)
+    port, gone = _free_port(), _free_port()
+    with _llm(model, _peer("kv_producer", kv_port=port)) as p1, \
+            _llm(model, _peer("kv_consumer", kv_peer=f"127.0.0.1:{port}", timeout_s=0.5)) as consumer:
+        params = [_greedy(p1, p, 1, PREFILL).kv_transfer_params for p in prompts[:2]]
+        dead = dict(params[0], remote_port=gone)
+        out = _greedy(consumer, prompts[0], params=dead)
+        assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want[0], 0)
+        out = _greedy(consumer, prompts[1], params=params[1])  # its producer: loads
+        assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want[1], 40)
+        out = _greedy(consumer, prompts[2], params=params[1])  # p1 never saw this prompt
+        assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want[2], 0)
+        stats = consumer.engine.core.scheduler.stats().kv_connector
+        assert (stats["remote_prefill_fallbacks"], stats["hits"], stats["store_down"],
+                stats["lookups_skipped"], stats["load_failures"]) == (2, 40, 0, 0, 0)
+    assert caplog.text.count(f"127.0.0.1:{gone} did not answer") == 1
+
+
+@pytest.mark.parametrize("params,words", [
+    ({"do_remote_prefill": "yes"}, ["do_remote_prefill", "true or false"]),
+    ({"do_remote_prefill": True, "remote_host": "h", "remote_port": 70000}, ["remote_port", "1-65535"]),
+    ({"do_remote_prefill": True, "remote_host": "h"}, ["remote_port is missing"]),
+    ({"do_remote_prefill": True, "remote_host": 5, "remote_port": 1}, ["remote_host"]),
+    ({"do_remote_decode": True, "do_remote_prefill": True}, ["not both"]),
+    ({"tp_size": 0}, ["tp_size", ">= 1"]),
+    ({"remote_block_ids": 3}, ["remote_block_ids"])])
+def test_a_malformed_kv_transfer_params_is_one_error_naming_the_key(params, words):
+    with pytest.raises(ValueError) as exc:
+        SamplingParams(kv_transfer_params=params)
+    assert all(w in str(exc.value) for w in ["kv_transfer_params", *words]), str(exc.value)
+
+
+def test_proxy_params_and_other_connectors_keys_are_accepted():
+    """What vLLM's proxy sends the prefill engine (nulls), and keys another connector reads,
+    pass; a do_remote_prefill without a producer (the shared-storage flow) too."""
+    for params in (PREFILL, {"do_remote_prefill": True, "remote_request_id": "x", "transfer_id": 3},
+                   {"do_remote_prefill": True, "remote_host": None, "remote_port": None}):
+        assert SamplingParams(kv_transfer_params=params).kv_transfer_params == params
+
+
+def test_a_routed_producer_that_hangs_is_marked_down_alone(caplog):
+    """A routed request's lookup not back within lookup_timeout_ms (its producer silent) is
+    given up on (counted) and marks that producer down, not the connector's store: kv_peer's
+    requests still look up, and the silent producer is not asked meanwhile."""
+    from types import SimpleNamespace
+
+    from tessellm.kv_transfer import (KVConnectorContext, KVConnectorRole, make_connector,
+                                      parse_kv_transfer_config)
+
+    silent, peer = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    kv = parse_kv_transfer_config(_peer("kv_consumer", kv_peer=peer, lookup_timeout_ms=100))
+    conn = make_connector(kv, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
+    host, port = silent.split(":")
+    params = {"do_remote_prefill": True, "remote_host": host, "remote_port": int(port)}
+    req = SimpleNamespace(request_id="r", all_token_ids=list(range(3, 24)), num_tokens=21,
+                          lora_request=None, block_key=lambda a, b, lora: None,
+                          sampling_params=SimpleNamespace(kv_transfer_params=params))
+    try:
+        assert conn.get_num_new_matched_tokens(req, 0) == (None, False)  # asked, not back
+        time.sleep(0.15)
+        assert conn.get_num_new_matched_tokens(req, 0) == (0, False)  # given up
+        assert (conn.stats.lookup_timeouts, conn.stats.store_down) == (1, 0)
+        assert not conn.health.down()  # kv_peer's store: untouched
+        assert conn._address(0, silent) is None and conn._address(0) == peer
+        assert f"KV peer {silent}: a lookup not back" in caplog.text
+    finally:
+        conn.shutdown()
