@@ -25,13 +25,9 @@ VLLM_ITERATION_TOKEN_BUCKETS = (1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
 def vllm_1_2_5_buckets(max_value: int) -> tuple[float, ...]:
     """vLLM's ``build_1_2_5_buckets``: 1, 2, 5, 10, 20, 50, ... while <= ``max_value``
     (tessellm's ``one_two_five_buckets`` goes one bound past the limit instead)."""
-    buckets, scale = [], 1
-    while True:
-        for m in (1, 2, 5):
-            if m * scale > max_value:
-                return tuple(buckets)
-            buckets.append(float(m * scale))
-        scale *= 10
+    from tessellm.metrics.prometheus import one_two_five_buckets
+
+    return tuple(b for b in one_two_five_buckets(max_value) if b <= max_value)
 
 
 def vllm_buckets(max_model_len: int) -> dict[str, tuple[float, ...]]:
