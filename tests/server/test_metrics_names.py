@@ -148,6 +148,8 @@ def test_get_metrics_under_vllm_names(tiny_model_dir):
     assert metrics["vllm:prompt_tokens"].value == 3 and metrics["vllm:generation_tokens"].value == 3
     assert metrics["vllm:prompt_tokens"].labels["engine"] == "0"
     assert metrics["vllm:e2e_request_latency_seconds"].count == 1
+    ttft = metrics["vllm:time_to_first_token_seconds"]  # vLLM's bounds here too
+    assert list(ttft.buckets) == [str(b) for b in VLLM_BUCKETS[ttft.name]] + ["+Inf"]
     assert metrics["vllm:spec_decode_num_accepted_tokens_per_pos"].values == [0]
     assert not any(n.startswith("tessellm:") and n[len("tessellm:"):] in VLLM_FAMILIES for n in metrics)
 
