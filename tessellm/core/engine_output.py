@@ -27,6 +27,10 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     # time.time() when the request was first scheduled; on its first output only (queue time).
     first_scheduled_time: Optional[float] = None
+    # time.monotonic() when the scheduler queued it and first scheduled it; on its first output
+    # only (vLLM's RequestStateStats.queued_ts / scheduled_ts, in RequestOutput.metrics).
+    queued_ts: Optional[float] = None
+    scheduled_ts: Optional[float] = None
     # Pooling engine: the prompt's pooled hidden state (raw float32 values), with its finish;
     # a per-token task's rows as ModelRunnerOutput.pooled describes them.
     pooled: Optional[object] = None

@@ -10,8 +10,10 @@ sockets in a private temp dir. Every message is **msgpack** (never pickle on a s
       output PULL  <--["ready", info] ["startup_failed", msg]--  PUSH
                     ["warm", WarmupReport] (after warm-up, before any step)
                     ["outputs", [out...], EngineStats] ["rejected", rid, msg]
-                    (data parallelism: EngineStats carries "load", the balancer's figures,
-                    and "prefix_events", the prefix cache's changes: core/cache_view.py)
+                    (EngineStats carries "timestamp", the core's time.monotonic() when
+                    it sent the outputs (RequestOutput.metrics' first/last_token_ts); data
+                    parallelism: "load", the balancer's figures, and "prefix_events", the
+                    prefix cache's changes: core/cache_view.py)
                     ["call_result", id, result] ["dead", msg]
 
 Invariants
@@ -315,6 +317,7 @@ class _CoreLoop:
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         steps, self.step_num_tokens = self.step_num_tokens, []
         stats = self._stats(steps)
+        stats["timestamp"] = time.monotonic()  # vLLM's EngineCoreOutputs.timestamp
         if self.cache_events is not None:
             stats["prefix_events"] = self.cache_events.drain()  # only here: never lost to a dev call
         self.out_sock.send(pack(["outputs", [encode_output(o) for o in outputs], stats]))

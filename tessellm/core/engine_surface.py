@@ -134,12 +134,14 @@ class EngineSurface:
         """Each data-parallel core's own stats (its ``engine="i"`` gauges); none with one core."""
         return []
 
-    def _process_outputs(self, core_outputs: list, step_num_tokens: list[int]) -> tuple[list, list[str]]:
-        """The output processor's (results, core ids to abort) for a step's core outputs; their
-        token counts and latencies, and the tokens each step computed (``step_num_tokens``), go
-        to ``metrics`` when the engine keeps them."""
+    def _process_outputs(self, core_outputs: list, step_num_tokens: list[int],
+                         core_timestamp: Optional[float] = None) -> tuple[list, list[str]]:
+        """The output processor's (results, core ids to abort) for a step's core outputs (made
+        by the core at ``core_timestamp``, its ``time.monotonic()``); their token counts and
+        latencies, and the tokens each step computed (``step_num_tokens``), go to ``metrics``
+        when the engine keeps them."""
         iteration = IterationStats()
-        results, to_abort = self.outputs.process(core_outputs, iteration)
+        results, to_abort = self.outputs.process(core_outputs, iteration, core_timestamp)
         if self.metrics is not None:
             self.metrics.observe_outputs(iteration)
             for n in step_num_tokens:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Optional
 
 from tessellm.config import EngineArgs
@@ -127,7 +128,8 @@ class LLMEngine(EngineSurface):
             self.failure = exc
             raise
         computed = self.core.scheduler.num_scheduled_tokens_total - before
-        results, to_abort = self._process_outputs(core_outputs, [computed] if computed else [])
+        results, to_abort = self._process_outputs(core_outputs, [computed] if computed else [],
+                                                  time.monotonic())
         if to_abort:
             self.core.abort_requests(to_abort)
         return results

@@ -4,7 +4,8 @@ A stop string is found here, after detokenization; the request is then finished 
 id returned so the caller aborts it in the core (freeing its blocks).
 
 Given an ``IterationStats``, ``process`` and ``abort`` also record what the metrics need: each
-sample's token arrival times and how it finished (``tessellm.metrics.stats``).
+sample's token arrival times and how it finished (``tessellm.metrics.stats``). Each sample's
+times (``RequestStateStats``, the request's ``RequestOutput.metrics``) are kept in any case.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tessellm.core.detokenizer import IncrementalDetokenizer
 from tessellm.core.outputs import CompletionOutput, GrowingPrefix, Logprob, RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.core.engine_output import EngineCoreOutput
-from tessellm.metrics.stats import IterationStats, RequestTimes
+from tessellm.metrics.stats import IterationStats, RequestStateStats
 
 
 @dataclass
@@ -32,7 +33,7 @@ class _Sample:
     cumulative_logprob: Optional[float] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[object] = None
-    times: Optional[RequestTimes] = None  # for the metrics
+    times: Optional[RequestStateStats] = None  # for the metrics and RequestOutput.metrics
     # output_kind DELTA: how much of the tokens, logprobs and text earlier outputs carried
     sent_tokens: int = 0
     sent_text: int = 0
@@ -86,7 +87,8 @@ class OutputProcessor:
                                                params.min_tokens)
             samples.append(_Sample(i, cid, detok, logprobs=[] if params.logprobs is not None else None,
                                    cumulative_logprob=0.0 if params.logprobs is not None else None,
-                                   times=RequestTimes(arrival, len(prompt_token_ids))))
+                                   times=RequestStateStats(arrival_time=arrival,
+                                                           num_prompt_tokens=len(prompt_token_ids))))
             self.core_to_parent[cid] = (request_id, i)
         self.states[request_id] = _RequestState(request_id, prompt, prompt_token_ids, params, samples,
                                                 pooling=pooling, lora_request=lora_request)
@@ -110,12 +112,16 @@ class OutputProcessor:
                     stats.observe_finished(s.times, "abort")
         return self._finish(state)
 
-    def process(self, outputs: list[EngineCoreOutput],
-                stats: Optional[IterationStats] = None) -> tuple[list[RequestOutput], list[str]]:
+    def process(self, outputs: list[EngineCoreOutput], stats: Optional[IterationStats] = None,
+                core_timestamp: Optional[float] = None) -> tuple[list[RequestOutput], list[str]]:
         """Returns (updated RequestOutputs, core ids to abort because a stop string hit).
 
         ``stats``: filled in with the token counts, latencies and finished samples of this batch.
+        ``core_timestamp``: the core's ``time.monotonic()`` when it made ``outputs`` (now, if
+        not given): the samples' ``first_token_ts`` / ``last_token_ts``.
         """
+        iteration = stats if stats is not None else IterationStats()  # the samples' times
+        core_ts = time.monotonic() if core_timestamp is None else core_timestamp
         touched: dict[str, _RequestState] = {}
         to_abort: list[str] = []
         for out in outputs:
@@ -127,10 +133,10 @@ class OutputProcessor:
             if sample.finish_reason is not None:
                 continue  # n > 1: a stop string ended this sample; its abort is on the way
             num_kept = self._apply(state, sample, out)
-            if stats is not None:
-                stats.observe_output(sample.times, num_kept, out.first_scheduled_time)
-                if sample.finish_reason is not None:  # just now: later outputs are skipped above
-                    stats.observe_finished(sample.times, sample.finish_reason)
+            sample.times.observe_core(out, num_kept, core_ts)
+            iteration.observe_output(sample.times, num_kept, out.first_scheduled_time)
+            if stats is not None and sample.finish_reason is not None:  # just now: later outputs are skipped above
+                stats.observe_finished(sample.times, sample.finish_reason)
             if sample.finish_reason == "stop" and out.finish_reason is None:
                 to_abort.append(out.request_id)
             touched[state.request_id] = state

@@ -79,8 +79,11 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: Optional[PromptLogprobs] = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    # vLLM's other fields, same names: the first sample's RequestTimes (arrival, first scheduled,
-    # first and last token times: tessellm.metrics.stats), the request's LoRARequest
+    # vLLM's other fields, same names: the first sample's RequestStateStats (vLLM's fields:
+    # num_generation_tokens, arrival_time, queued_ts, scheduled_ts, first_token_ts,
+    # last_token_ts, first_token_latency, is_corrupted; plus tessellm's wall-clock
+    # first_scheduled_time, first_token_time, last_token_time: tessellm.metrics.stats), the
+    # request's LoRARequest
     metrics: Optional[object] = None
     lora_request: Optional[object] = None
     # What a KV connector hands back with the finish of a do_remote_decode request (a producer:

@@ -70,6 +70,8 @@ class Request:
         # always means "in the prefix cache": see BlockManager.)
         self.num_cached_tokens = -1
         self.first_scheduled_time: Optional[float] = None  # time.time() when first scheduled
+        self.queued_ts: Optional[float] = None  # time.monotonic() when the scheduler queued it
+        self.scheduled_ts: Optional[float] = None  # time.monotonic() when first scheduled
         self.status = RequestStatus.WAITING
         self.stop_reason: Optional[object] = None  # the stop token id or string that ended it
         self.num_preemptions = 0

@@ -92,6 +92,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
     def add_request(self, request: Request) -> None:
         self.check_fits(request)
         self.requests[request.request_id] = request
+        request.queued_ts = time.monotonic()
         self.waiting.add(request)
 
     def check_fits(self, request: Request) -> None:
@@ -323,7 +324,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             req.num_computed_tokens += num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
-                req.first_scheduled_time = time.time()
+                req.first_scheduled_time, req.scheduled_ts = time.time(), time.monotonic()
             req.status = RequestStatus.RUNNING
             if self.config.policy == "priority":  # running stays in the order it is served
                 bisect.insort(self.running, req, key=priority_key)

@@ -16,6 +16,12 @@ from tessellm.core.spec_ahead import computed_and_drafts, give_back
 from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 
 
+def _schedule_times(req: Request) -> dict:
+    """A request's queue and first-schedule stamps, for its first output."""
+    return {"first_scheduled_time": req.first_scheduled_time, "queued_ts": req.queued_ts,
+            "scheduled_ts": req.scheduled_ts}
+
+
 class SchedulerUpdate:
     """``Scheduler.update`` and what it needs: accepted tokens in, outputs and stops out."""
 
@@ -106,14 +112,13 @@ class SchedulerUpdate:
                                 logprobs[:len(appended)] if logprobs is not None else None,
                                 result.prompt_logprobs.get(rid),
                                 num_cached_tokens=max(req.num_cached_tokens, 0),
-                                first_scheduled_time=req.first_scheduled_time if first else None,
-                                kv_transfer_params=req.kv_transfer_params_out)
+                                kv_transfer_params=req.kv_transfer_params_out,
+                                **(_schedule_times(req) if first else {}))
 
     def _pooled(self, req: Request, pooled: list[float]) -> EngineCoreOutput:
         self._finish(req, RequestStatus.FINISHED_STOPPED)  # frees its blocks now
         return EngineCoreOutput(req.request_id, [], "stop", pooled=pooled,
-                                num_cached_tokens=max(req.num_cached_tokens, 0),
-                                first_scheduled_time=req.first_scheduled_time)
+                                num_cached_tokens=max(req.num_cached_tokens, 0), **_schedule_times(req))
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         params = req.sampling_params

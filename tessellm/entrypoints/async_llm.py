@@ -429,7 +429,7 @@ class AsyncLLM:
                 self._observe_stats(core, msg[2])
             outputs = [decode_output(v) for v in msg[1]]
             self.cores.note_outputs(outputs)
-            self._route(outputs)
+            self._route(outputs, msg[2].get("timestamp"))
         elif kind == "warm":
             self.cores.warm[core], self.cores.warmup_reports[core] = True, msg[1]
             logger.info("The %s is warm: %s", self.cores.name(core), msg[1] or "warm-up off")
@@ -468,11 +468,11 @@ class AsyncLLM:
                                      stat_logger)
                     self.stat_loggers.remove(stat_logger)
 
-    def _route(self, core_outputs) -> None:
+    def _route(self, core_outputs, core_timestamp: Optional[float] = None) -> None:
         if not core_outputs:
             return
         iteration = IterationStats() if self.stat_loggers else None
-        results, to_abort = self.outputs.process(core_outputs, iteration)
+        results, to_abort = self.outputs.process(core_outputs, iteration, core_timestamp)
         if iteration is not None and not iteration.is_empty:
             self._notify("observe_outputs", iteration)
         for result in results:

@@ -12,7 +12,11 @@ names chosen by ``metrics_names`` (EngineArgs, ``--metrics-names``, ``TESSELLM_M
 - ``both``: all of the above (a migration: old and new dashboards side by side).
 
 One collector renders the registry once per scrape; a ``vllm:`` series is a relabelled copy of
-the ``tessellm:`` sample, so the two names of a series always hold equal values.
+the ``tessellm:`` sample, so the two names of a series always hold equal values, except a
+histogram's buckets: its ``vllm:`` name has vLLM's bounds (``tessellm.metrics.vllm_buckets``), so
+a dashboard's ``le="..."`` picks match. Under ``vllm`` the histogram is kept with vLLM's bounds
+only; under ``both``, where the bounds differ, it is observed twice and the ``vllm:`` copy is
+made from the twin kept with vLLM's bounds (``NamedView.twins``): counts and sums stay equal.
 
 Data parallelism (``num_engines`` > 1): vLLM labels each engine core's series ``engine="i"``.
 tessellm keeps the cores' own ``engine_num_requests_{running,waiting}`` and
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from tessellm import envs
@@ -76,12 +81,15 @@ class NamedView:
     """A registry view under the chosen names, without prometheus_client's ``*_created`` series
     (one extra series per counter and histogram that dashboards never read; prometheus_client
     can only turn them off process-wide). ``collect()`` is what ``generate_latest`` and
-    ``tessellm.metrics.reader`` read."""
+    ``tessellm.metrics.reader`` read. ``twins`` (``both`` only): the histograms kept with
+    vLLM's bounds, under the same ``tessellm:`` family names, that the ``vllm:`` copies are made
+    from instead."""
 
     def __init__(self, registry, names: str = "tessellm", num_engines: int = 1,
                  cache_config: Optional[dict] = None):
         self.registry = registry
         self.names = check_metrics_names(names)
+        self.twins = CollectorRegistry(auto_describe=False) if self.names == "both" else None
         self.engine_label = {"engine": "0"} if num_engines == 1 else {}
         self.renames = self._renames(num_engines)
         self.cache_config = [{**(cache_config or {}), "engine": str(i)} for i in range(num_engines)] \
@@ -98,13 +106,14 @@ class NamedView:
         return out
 
     def collect(self):
+        twins = {f.name: f for f in self.twins.collect()} if self.twins is not None else {}
         for family in self.registry.collect():  # fresh objects on every collect: ours to edit
-            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            family.samples = _without_created(family.samples)
             vllm_names = self.renames.get(family.name[len(PREFIX):], ()) if self.names != "tessellm" else ()
             if self.names != "vllm" or not vllm_names:
                 yield family
             for name in vllm_names:
-                yield self._renamed(family, name)
+                yield self._renamed(twins.get(family.name, family), name)
         if self.names != "tessellm":
             yield from self._cache_config_info()
 
@@ -115,7 +124,7 @@ class NamedView:
         # vLLM labels its engine metrics model_name + engine; lora_requests_info has neither
         extra = self.engine_label if "model_name" in labels and "engine" not in labels else {}
         out.samples = [s._replace(name=new + s.name[len(old):], labels={**s.labels, **extra})
-                       for s in family.samples]
+                       for s in _without_created(family.samples)]
         return out
 
     def _cache_config_info(self):
@@ -128,6 +137,10 @@ class NamedView:
         for labels in self.cache_config:
             out.add_sample(out.name, labels, 1.0)
         yield out
+
+
+def _without_created(samples) -> list:
+    return [s for s in samples if not s.name.endswith("_created")]
 
 
 def cache_config_labels(args, info) -> dict:

@@ -28,6 +28,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from tessellm.metrics.names import PREFIX, NamedView
 from tessellm.metrics.stats import EngineStats, FinishedRequest, IterationStats
+from tessellm.metrics.vllm_buckets import vllm_buckets
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -50,6 +51,19 @@ def one_two_five_buckets(limit: int) -> tuple[float, ...]:
             if m * scale >= limit:
                 return tuple(buckets)
         scale *= 10
+
+
+class _BothBounds:
+    """A histogram observed under tessellm's bounds and under vLLM's (``metrics_names=both``,
+    where the two differ): the ``tessellm:`` series read the first, the ``vllm:`` ones the
+    second (``NamedView.twins``)."""
+
+    def __init__(self, ours, theirs):
+        self.ours, self.theirs = ours, theirs
+
+    def observe(self, value: float) -> None:
+        self.ours.observe(value)
+        self.theirs.observe(value)
 
 
 class _CumulativeCounter:
@@ -75,7 +89,9 @@ class EngineMetrics:
     the per-core gauges (fed by ``observe_engine_stats``). ``names``: tessellm, vllm or both
     (``tessellm.metrics.names``); ``data_parallel_size``: the engine cores the stats come from
     (> 1: no ``engine`` label on vLLM's names of whole-engine series); ``cache_config``
-    (block_size, num_gpu_blocks, ...): the labels of ``vllm:cache_config_info``.
+    (block_size, num_gpu_blocks, ...): the labels of ``vllm:cache_config_info``. A histogram's
+    ``vllm:`` name has vLLM's bucket bounds (``tessellm.metrics.vllm_buckets``), its
+    ``tessellm:`` name tessellm's.
     """
 
     def __init__(self, model_name: str, registry: CollectorRegistry, max_model_len: int = 8192,
@@ -84,6 +100,7 @@ class EngineMetrics:
         self.model_name = model_name
         self.registry = registry
         self.view = NamedView(registry, names, max(num_engines, data_parallel_size), cache_config)
+        self._vllm_buckets = vllm_buckets(max_model_len)
         self._add_core_metrics()
         self._add_request_metrics(one_two_five_buckets(max_model_len))
         if num_engines > 1:
@@ -107,6 +124,16 @@ class EngineMetrics:
 
     def _child(self, cls, name: str, doc: str, **kwargs):
         return self._metric(cls, name, doc, **kwargs).labels(model_name=self.model_name)
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]):
+        """A histogram with tessellm's ``buckets``; shown under its vLLM name (``vllm`` names)
+        with vLLM's bounds, under both names (``both``) with each one's (``_BothBounds``)."""
+        theirs = self._vllm_buckets.get(name, buckets) if self.view.names != "tessellm" else buckets
+        if self.view.names == "vllm" or theirs == buckets:
+            return self._child(Histogram, name, doc, buckets=theirs)
+        twin = Histogram(PREFIX + name, doc, ["model_name"], registry=self.view.twins, buckets=theirs)
+        return _BothBounds(self._child(Histogram, name, doc, buckets=buckets),
+                           twin.labels(model_name=self.model_name))
 
     def _add_core_metrics(self) -> None:
         """What the core counts (``EngineStats``)."""
@@ -139,9 +166,9 @@ class EngineMetrics:
         self._state_snapshots = None  # created when the core first reports a snapshot pool
         self._lora_info = None  # created when the core first reports LoRA
         self._lora_labels: Optional[tuple] = None
-        self.iteration_tokens = self._child(Histogram, "iteration_tokens_total", "Tokens computed "
-                                            "per engine step (prefill chunks plus decodes).",
-                                            buckets=ITERATION_TOKEN_BUCKETS)
+        self.iteration_tokens = self._histogram("iteration_tokens_total", "Tokens computed per "
+                                                "engine step (prefill chunks plus decodes).",
+                                                ITERATION_TOKEN_BUCKETS)
 
     def _add_spec_decode_metrics(self) -> None:
         """Speculative decoding, with vLLM's meanings (tessellm.spec_decode.metrics)."""
@@ -290,21 +317,19 @@ class EngineMetrics:
                                registry=self.registry)
         for reason in FINISH_REASONS:  # exported at zero from the start
             self.success.labels(model_name=self.model_name, finished_reason=reason)
-        self.ttft = self._child(Histogram, "time_to_first_token_seconds", "Arrival to the first "
-                                "output token.", buckets=TTFT_BUCKETS)
-        self.itl = self._child(Histogram, "inter_token_latency_seconds", "Time between successive "
-                               "outputs of a request.", buckets=ITL_BUCKETS)
-        self.e2e = self._child(Histogram, "e2e_request_latency_seconds", "Arrival to the final "
-                               "output; requests that finished with stop or length.",
-                               buckets=REQUEST_SECONDS_BUCKETS)
-        self.queue_time = self._child(Histogram, "request_queue_time_seconds", "Arrival to first "
-                                      "scheduled in the engine; requests that finished with stop "
-                                      "or length.", buckets=REQUEST_SECONDS_BUCKETS)
-        self.request_prompt_tokens = self._child(Histogram, "request_prompt_tokens", "Prompt tokens "
-                                                 "per finished request.", buckets=token_buckets)
-        self.request_generation_tokens = self._child(Histogram, "request_generation_tokens", "Output "
-                                                     "tokens per finished request.",
-                                                     buckets=token_buckets)
+        self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to the first output "
+                                    "token.", TTFT_BUCKETS)
+        self.itl = self._histogram("inter_token_latency_seconds", "Time between successive outputs "
+                                   "of a request.", ITL_BUCKETS)
+        self.e2e = self._histogram("e2e_request_latency_seconds", "Arrival to the final output; "
+                                   "requests that finished with stop or length.", REQUEST_SECONDS_BUCKETS)
+        self.queue_time = self._histogram("request_queue_time_seconds", "Arrival to first scheduled "
+                                          "in the engine; requests that finished with stop or length.",
+                                          REQUEST_SECONDS_BUCKETS)
+        self.request_prompt_tokens = self._histogram("request_prompt_tokens", "Prompt tokens per "
+                                                     "finished request.", token_buckets)
+        self.request_generation_tokens = self._histogram("request_generation_tokens", "Output "
+                                                         "tokens per finished request.", token_buckets)
 
     # -- the stat logger interface --------------------------------------------------------
 

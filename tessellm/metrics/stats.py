@@ -8,9 +8,11 @@ Two sources, split by who knows what (the core never waits on the front end)::
                                                     IterationStats, one per message handled:
                                                       TTFT, ITL, token counts, finished requests
 
-Every time is a ``time.time()`` wall-clock stamp: the core and the API process share a host, so
-their stamps are comparable. Latencies are measured at the front end, when an output reaches
-it, which is when a client can first see it.
+Every time the metrics use is a ``time.time()`` wall-clock stamp: the core and the API process
+share a host, so their stamps are comparable. Latencies are measured at the front end, when an
+output reaches it, which is when a client can first see it. ``RequestStateStats`` (each
+``RequestOutput.metrics``) also keeps vLLM's fields, with vLLM's clocks: the core's
+``time.monotonic()`` stamps of queueing, first scheduling and the outputs carrying tokens.
 """
 
 from __future__ import annotations
@@ -68,15 +70,45 @@ class EngineStats:
 
 
 @dataclass
-class RequestTimes:
-    """One sequence (one core request, i.e. one of a request's n samples), as the front end saw it."""
+class RequestStateStats:
+    """One sequence (one core request, i.e. one of a request's n samples): vLLM's
+    ``RequestStateStats`` (what ``RequestOutput.metrics`` is there), plus tessellm's wall-clock
+    stamps that its metrics are computed from.
 
-    arrival_time: float  # when the front end accepted the request
-    num_prompt_tokens: int
+    vLLM's fields keep vLLM's clocks: ``arrival_time`` is the front end's wall clock
+    (``time.time()``); ``queued_ts``, ``scheduled_ts``, ``first_token_ts`` and ``last_token_ts``
+    are the engine core's ``time.monotonic()`` (comparable with each other, not with
+    ``arrival_time``; 0.0 until they happen), so ``queued_ts <= scheduled_ts <= first_token_ts
+    <= last_token_ts``. tessellm's ``*_time`` fields are all wall clock.
+    """
+
+    num_generation_tokens: int = 0  # output tokens that reached the front end so far
+    arrival_time: float = 0.0  # wall clock: when the front end accepted the request
+    queued_ts: float = 0.0  # core, monotonic: when the scheduler queued it
+    scheduled_ts: float = 0.0  # core, monotonic: when it was first scheduled (not after preemption)
+    first_token_ts: float = 0.0  # core, monotonic: the core's outputs carrying its first token
+    last_token_ts: float = 0.0  # core, monotonic: those carrying its newest token
+    first_token_latency: float = 0.0  # seconds, arrival to its first token at the front end (TTFT)
+    is_corrupted: bool = False  # vLLM's NaN-in-logits flag: tessellm does not check, always False
+    # tessellm's (wall clock, time.time())
+    num_prompt_tokens: int = 0
     first_scheduled_time: Optional[float] = None  # from the core: when it left the queue
     first_token_time: Optional[float] = None  # when its first output token reached the front end
     last_token_time: Optional[float] = None  # when its newest output token did
-    num_generation_tokens: int = 0
+
+    def observe_core(self, out, num_new_tokens: int, core_ts: float) -> None:
+        """The core's monotonic stamps from one of its outputs (``EngineCoreOutput``: queued
+        and scheduled on the first only) and ``core_ts``, when the core made that output."""
+        if out.queued_ts is not None and not self.queued_ts:
+            self.queued_ts = out.queued_ts
+        if out.scheduled_ts is not None and not self.scheduled_ts:
+            self.scheduled_ts = out.scheduled_ts
+        if num_new_tokens:
+            self.first_token_ts = self.first_token_ts or core_ts
+            self.last_token_ts = core_ts
+
+
+RequestTimes = RequestStateStats  # tessellm's earlier name
 
 
 @dataclass
@@ -115,8 +147,9 @@ class IterationStats:
         times.num_generation_tokens += num_new_tokens
         if times.first_token_time is None:
             times.first_token_time = self.now
+            times.first_token_latency = self.now - times.arrival_time
             self.num_prompt_tokens += times.num_prompt_tokens
-            self.time_to_first_token.append(self.now - times.arrival_time)
+            self.time_to_first_token.append(times.first_token_latency)
         else:
             self.inter_token_latency.append(self.now - times.last_token_time)
         times.last_token_time = self.now

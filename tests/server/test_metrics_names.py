@@ -1,5 +1,6 @@
 """``--metrics-names``: a real server's /metrics under vLLM's names (``vllm``) and under both
 (``both``): names, types and labels as vLLM's, equal values under the two names of a series,
+vLLM's bucket bounds on the ``vllm:`` histograms (tessellm's on the ``tessellm:`` ones),
 ``vllm:cache_config_info``; ``LLM.get_metrics()`` under the same setting; a bad value is one
 clear error (the flag, the engine argument, the environment variable)."""
 
@@ -20,6 +21,25 @@ SERVED_NAME = "names-model"
 # What a vLLM pod is read for: the Gateway API Inference Extension / llm-d's EPP (queue, running,
 # KV usage, the prefix scorer's cache_config_info), KEDA / HPA, vLLM's Grafana dashboard.
 ROUTER_GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")
+MAX_MODEL_LEN = 1024  # the server tests' --max-model-len (tests/server/conftest.py)
+
+# vLLM v1's bucket bounds (vllm/v1/metrics/loggers.py), written out here rather than imported
+# from tessellm.metrics.vllm_buckets: a change there must fail this test.
+REQUEST_LATENCY = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+VLLM_BUCKETS = {
+    "vllm:time_to_first_token_seconds": [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
+                                         0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+                                         640.0, 2560.0],
+    "vllm:inter_token_latency_seconds": [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                                         1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0],
+    "vllm:e2e_request_latency_seconds": REQUEST_LATENCY,
+    "vllm:request_queue_time_seconds": REQUEST_LATENCY,
+    "vllm:iteration_tokens_total": [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384],
+    # build_1_2_5_buckets(max_model_len): up to 1000 for 1024
+    "vllm:request_prompt_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
+    "vllm:request_generation_tokens": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000],
+}
 
 
 def families(srv) -> dict:
@@ -68,7 +88,15 @@ def test_vllm_names_types_and_labels(names_server):
                                and n not in ("vllm:cache_config_info", "vllm:gpu_cache_usage_perc")})
 
 
+def bounds(family) -> list[float]:
+    """A histogram's finite bucket bounds (its ``le`` values but +Inf)."""
+    return sorted({float(s.labels["le"]) for s in family.samples
+                   if s.name.endswith("_bucket") and s.labels["le"] != "+Inf"})
+
+
 def test_both_names_hold_equal_values(names_server):
+    """Every sample of a vLLM name equals its tessellm twin's; a histogram's buckets differ
+    (each name has its own bounds), its count, sum and +Inf bucket do not."""
     mode, srv = names_server
     if mode != "both":
         pytest.skip("both names only with --metrics-names both")
@@ -83,10 +111,31 @@ def test_both_names_hold_equal_values(names_server):
         ours = {(s.name.replace("tessellm:" + base, ""), tuple(sorted(s.labels.items()))): s.value
                 for s in twin.samples}
         for s in family.samples:
+            if family.type == "histogram" and s.name.endswith("_bucket") and s.labels["le"] != "+Inf":
+                continue  # vLLM's bounds here, tessellm's there
             labels = {k: v for k, v in s.labels.items() if k != "engine"}
             assert ours[(s.name.replace(name, ""), tuple(sorted(labels.items())))] == s.value, s
             compared += 1
-    assert compared > 100  # every bucket of every histogram, too
+    assert compared > 30  # every counter and gauge; each histogram's count, sum and +Inf bucket
+
+
+def test_vllm_histograms_have_vllms_buckets(names_server):
+    """A dashboard or recording rule written for vLLM picks ``le="..."`` values: each ``vllm:``
+    histogram of a real server's /metrics has vLLM's bounds, and saw the request's
+    observations; under both, the ``tessellm:`` histograms keep tessellm's bounds."""
+    from tessellm.metrics.prometheus import ITERATION_TOKEN_BUCKETS, TTFT_BUCKETS, one_two_five_buckets
+
+    mode, srv = names_server
+    fams = families(srv)
+    assert {n for n, f in fams.items() if n.startswith("vllm:") and f.type == "histogram"} == set(VLLM_BUCKETS)
+    for name, expected in VLLM_BUCKETS.items():
+        assert bounds(fams[name]) == [float(b) for b in expected], name
+        counts = [s.value for s in fams[name].samples if s.name.endswith("_count")]
+        assert counts and counts[0] >= 1, name  # the completion was observed
+    if mode == "both":
+        assert bounds(fams["tessellm:time_to_first_token_seconds"]) == list(TTFT_BUCKETS)
+        assert bounds(fams["tessellm:iteration_tokens_total"]) == list(ITERATION_TOKEN_BUCKETS)
+        assert bounds(fams["tessellm:request_prompt_tokens"]) == list(one_two_five_buckets(MAX_MODEL_LEN))
 
 
 def test_get_metrics_under_vllm_names(tiny_model_dir):
@@ -99,6 +148,8 @@ def test_get_metrics_under_vllm_names(tiny_model_dir):
     assert metrics["vllm:prompt_tokens"].value == 3 and metrics["vllm:generation_tokens"].value == 3
     assert metrics["vllm:prompt_tokens"].labels["engine"] == "0"
     assert metrics["vllm:e2e_request_latency_seconds"].count == 1
+    ttft = metrics["vllm:time_to_first_token_seconds"]  # vLLM's bounds here too
+    assert list(ttft.buckets) == [str(b) for b in VLLM_BUCKETS[ttft.name]] + ["+Inf"]
     assert metrics["vllm:spec_decode_num_accepted_tokens_per_pos"].values == [0]
     assert not any(n.startswith("tessellm:") and n[len("tessellm:"):] in VLLM_FAMILIES for n in metrics)
 
