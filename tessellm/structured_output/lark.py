@@ -15,13 +15,18 @@ exactly what it spells, whitespace included). ``start`` is EBNF's ``root``.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import re
+from typing import Optional
 
 _RULE = re.compile(r"^[?!]?([A-Za-z_][A-Za-z0-9_]*)(?:\.-?\d+)?\s*:(?!:)(.*)$")
 _RANGE = r'"[^"\\]"\.\."[^"\\]"'  # "a".."z"
 _TOKEN = re.compile(r'//.*|' + _RANGE + r'|"(?:\\.|[^"\\])*"i?|/(?:\\.|[^/\\\n])+/[imslux]*|->\s*\w+'
                     r'|~\s*\d+(?:\.\.\d+)?|[A-Za-z_][A-Za-z0-9_]*|\S')
 _CLASS_ESCAPES = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " \\t\\n\\r\\f\\v"}
+_TERMINAL = re.compile(r"_*[A-Z][A-Z0-9_]*$")  # Lark's terminal names; rules are lowercase
+_IGNORED = "lark-ignored"  # the rule of %ignore'd text (no Lark name has a '-')
 _ANY = {False: "[^\\n]", True: "[\\u0000-\\U0010FFFF]"}
 
 
@@ -37,9 +42,13 @@ def is_lark(grammar: str) -> bool:
 def lark_to_ebnf(grammar: str) -> str:
     """The EBNF of a Lark grammar (ValueError naming what is not taken)."""
     rules: list[list] = []  # [name, body text]
+    ignored: list[str] = []  # the %ignore lines' terminals
     for number, raw in enumerate(grammar.splitlines(), 1):
         line = raw.strip()
-        if not line or line.startswith("//") or line.startswith("%ignore"):
+        if not line or line.startswith("//"):
+            continue
+        if line.startswith("%ignore"):
+            ignored.append(line[len("%ignore"):].strip())
             continue
         if line.startswith("%"):
             raise ValueError(f"Lark grammar line {number}: {line.split()[0]} is not supported; "
@@ -51,53 +60,70 @@ def lark_to_ebnf(grammar: str) -> str:
         if not match:
             raise ValueError(f"Lark grammar line {number} is neither a rule ('name: ...') nor a "
                              f"continuation ('| ...'): {line!r}.")
-        rules.append([_name(match.group(1)), match.group(2)])
-    if not any(name == "root" for name, _ in rules):
+        rules.append([match.group(1), match.group(2)])
+    if not any(name == "start" for name, _ in rules):
         raise ValueError("The Lark grammar has no 'start' rule; name the top rule start.")
-    return "\n".join(f"{name} ::= {_body(body)}" for name, body in rules)
+    skip = _IGNORED if ignored else None
+    lines = []
+    for name, body in rules:
+        ebnf = _body(body, None if _TERMINAL.match(name) else skip)
+        if name == "start" and skip:
+            ebnf = f"({ebnf}) {skip}"  # ignored text may also end the output
+        lines.append(f"{_name(name)} ::= {ebnf}")
+    if ignored:
+        lines.append(f"{_IGNORED} ::= ({' | '.join(_body(text, None) for text in ignored)})*")
+    return "\n".join(lines)
 
 
 def _name(name: str) -> str:
     return "root" if name == "start" else name
 
 
-def _body(text: str) -> str:
+def _body(text: str, skip: Optional[str]) -> str:
+    """A rule's expansions as EBNF. ``skip``: the rule of ignored text, put before each terminal
+    of a rule (where Lark's lexer skips it: between tokens, never inside a terminal)."""
     out = []
     for token in _TOKEN.findall(text):
         if token.startswith("//"):
             break  # a comment to the end of the line
+        terminal = True
         if re.fullmatch(_RANGE, token):
-            out.append(f"[{_class_member(token[1])}-{_class_member(token[6])}]")
+            atom = f"[{_class_member(token[1])}-{_class_member(token[6])}]"
         elif token.startswith('"'):
-            out.append(_either_case(token[:-1]) if token.endswith('"i') else token)
+            atom = _either_case(token[:-1]) if token.endswith('"i') else token
         elif token.startswith("/") and len(token) > 1:
             end = token.rindex("/")
-            out.append("(" + _regex(token[1:end], "s" in token[end:]) + ")")
+            atom = "(" + _regex(token[1:end], token[end + 1:]) + ")"
+        elif token[0].isalpha() or token[0] == "_":
+            atom, terminal = _name(token), bool(_TERMINAL.match(token))
         elif token.startswith("->"):
             continue  # an alias names the tree node; the language is the same
         elif token.startswith("~"):
             low, _, high = token[1:].strip().partition("..")
-            out.append("{" + low + ("," + high if high else "") + "}")
-        elif token == "[":
-            out.append("(")
-        elif token == "]":
-            out.append(")?")
-        elif token[0].isalpha() or token[0] == "_":
-            out.append(_name(token))
+            atom, terminal = "{" + low + ("," + high if high else "") + "}", False
         else:
-            out.append(token)
+            atom, terminal = {"[": "(", "]": ")?"}.get(token, token), False
+        out.append(f"({skip} {atom})" if terminal and skip else atom)
     return " ".join(out)
 
 
 def _either_case(literal: str) -> str:
     """A ``"x"i`` literal: each letter either case (``[sS]``), other characters as spelt."""
     parts = re.findall(r"\\.|.", literal[1:-1])
-    return "(" + " ".join(f"[{p.lower()}{p.upper()}]" if p.lower() != p.upper() else f'"{p}"'
-                          for p in parts) + ")"
+    return "(" + " ".join(_char(p, True) if len(p) == 1 else f'"{p}"' for p in parts) + ")"
 
 
-def _regex(regex: str, dot_all: bool) -> str:
-    """A Lark ``/regex/`` as EBNF (ValueError naming what has no EBNF spelling)."""
+def _regex(regex: str, flags: str) -> str:
+    """A Lark ``/regex/flags`` as EBNF (ValueError naming what has no EBNF spelling). Flags:
+    ``i`` each letter either case, ``s`` ``.`` matches newlines, ``x`` spaces and ``#``
+    comments in the pattern are not part of it; ``m`` and ``u`` change nothing here (anchors
+    are refused; text patterns are Unicode already)."""
+    if "l" in flags:
+        raise ValueError(f"Lark regex /{regex}/{flags}: the l (locale) flag is for byte patterns and "
+                         "Python refuses it on text; drop it.")
+    fold = "i" in flags
+    if "x" in flags:
+        regex = _verbose(regex)
     out, i = [], 0
     while i < len(regex):
         char = regex[i]
@@ -108,7 +134,7 @@ def _regex(regex: str, dot_all: bool) -> str:
                 end += 1 + (regex[end] == "\\")
             if end >= len(regex):
                 raise ValueError(f"Lark regex /{regex}/: unclosed character class.")
-            out.append(_char_class(regex[i:end + 1], regex))
+            out.append(_char_class(regex[i:end + 1], regex, fold))
             i = end + 1
         elif char == "\\" and i + 1 < len(regex):
             escape = regex[i + 1]
@@ -122,7 +148,7 @@ def _regex(regex: str, dot_all: bool) -> str:
                 raise ValueError(f"Lark regex /{regex}/: \\{escape} has no EBNF spelling; spell it "
                                  "with a character class.")
             else:
-                out.append(_quoted(escape))
+                out.append(_char(escape, fold))
             i += 2
         elif regex.startswith("(?:", i):
             out.append("(")
@@ -139,16 +165,82 @@ def _regex(regex: str, dot_all: bool) -> str:
             out.append(rep.group(0))
             i += len(rep.group(0))
         elif char == ".":
-            out.append(_ANY[dot_all])
+            out.append(_ANY["s" in flags])
             i += 1
         else:
-            out.append(_quoted(char))
+            out.append(_char(char, fold))
             i += 1
     return " ".join(out)
 
 
-def _char_class(chars: str, regex: str) -> str:
-    """A ``[...]`` class with ``\\d \\w \\s`` spelt out (EBNF classes take no class escapes)."""
+def _verbose(regex: str) -> str:
+    """The pattern of an ``x``-flagged regex: unescaped spaces outside classes dropped, ``#`` to
+    the end a comment."""
+    out, i, in_class = [], 0, False
+    while i < len(regex):
+        char = regex[i]
+        if char == "\\":
+            out.append(regex[i:i + 2])
+            i += 2
+            continue
+        if not in_class and char == "#":
+            break
+        if in_class or not char.isspace():
+            out.append(char)
+        if char == "[" and not in_class:
+            in_class = True
+            lead = re.match(r"\^?\]?", regex[i + 1:]).group(0)  # a leading ] is a member
+            out.append(lead)
+            i += len(lead)
+        elif char == "]":
+            in_class = False
+        i += 1
+    return "".join(out)
+
+
+def _char(char: str, fold: bool) -> str:
+    """One character of a regex as EBNF: quoted, or a class of its cases under the i flag."""
+    cases = sorted(_cases(char)) if fold else [char]
+    if len(cases) == 1:
+        return _quoted(char)
+    return "[" + "".join(_class_member(c) for c in cases) + "]"
+
+
+def _cases(char: str) -> frozenset[str]:
+    """``char`` and the characters it matches under the i flag: those joined to it by
+    one-character lower and upper cases (``k``: ``K`` and the Kelvin sign, as Python's
+    IGNORECASE)."""
+    return _fold_groups()[1].get(char, frozenset(char))
+
+
+@functools.cache
+def _fold_groups() -> tuple[list[int], dict[str, frozenset[str]]]:
+    """Every cased code point, sorted, and each one's group of characters equal under case
+    folding (built once, on the first i flag: a pass over Unicode)."""
+    parent: dict[str, str] = {}
+
+    def root(char: str) -> str:
+        while parent.get(char, char) != char:
+            char = parent[char]
+        return char
+
+    for code in range(0x110000):
+        char = chr(code)
+        for other in (char.lower(), char.upper()):
+            if len(other) == 1 and other != char:
+                parent.setdefault(char, char)
+                parent.setdefault(other, other)
+                parent[root(other)] = root(char)
+    groups: dict[str, set[str]] = {}
+    for char in parent:
+        groups.setdefault(root(char), set()).add(char)
+    members = {char: frozenset(group) for group in groups.values() for char in group}
+    return sorted(ord(char) for char in members), members
+
+
+def _char_class(chars: str, regex: str, fold: bool) -> str:
+    """A ``[...]`` class with ``\\d \\w \\s`` spelt out (EBNF classes take no class escapes),
+    and under the i flag each letter's other cases added."""
     def member(match: re.Match) -> str:
         escape = match.group(1)
         if escape in _CLASS_ESCAPES:
@@ -157,11 +249,45 @@ def _char_class(chars: str, regex: str) -> str:
             raise ValueError(f"Lark regex /{regex}/: \\{escape} inside a character class has no "
                              "EBNF spelling; list the characters.")
         return "\\" + escape if escape not in "/" else escape
-    return re.sub(r"\\(.)", member, chars)
+    spelt = re.sub(r"\\(.)", member, chars)
+    if not fold:
+        return spelt
+    members = spelt[2:-1] if spelt.startswith("[^") else spelt[1:-1]
+    return spelt[:-1] + "".join(_class_member(c) for c in sorted(_other_cases(members))) + "]"
+
+
+def _other_cases(members: str) -> set[str]:
+    """The characters that a class's members (EBNF spelling, no brackets) match only through
+    IGNORECASE: the other cases of its letters, ranges included."""
+    found: set[str] = set()
+    items = [_decode(m) for m in re.findall(r"\\u[0-9a-fA-F]{4}|\\.|.", members)]
+    i = 0
+    while i < len(items):
+        if i + 2 < len(items) and items[i + 1] == ("-", False):
+            low, high = ord(items[i][0]), ord(items[i + 2][0])
+            i += 3
+        else:
+            low = high = ord(items[i][0])
+            i += 1
+        cased = _fold_groups()[0]
+        for code in cased[bisect.bisect_left(cased, low):bisect.bisect_right(cased, high)]:
+            found |= _cases(chr(code))
+    return found
+
+
+def _decode(member: str) -> tuple[str, bool]:
+    """A class member's character, and whether it was escaped (an escaped ``-`` is no range)."""
+    if member.startswith("\\u"):
+        return chr(int(member[2:], 16)), True
+    if member.startswith("\\"):
+        return {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}.get(member[1], member[1]), True
+    return member, False
 
 
 def _class_member(char: str) -> str:
-    return "\\" + char if char in "]\\-^" else char
+    if char in "]\\-^":
+        return "\\" + char
+    return char if char.isprintable() else f"\\u{ord(char):04x}" if ord(char) < 0x10000 else char
 
 
 def _quoted(char: str) -> str:
