@@ -5,7 +5,6 @@ and generation under such a grammar gives a sentence of it."""
 
 import importlib.util
 import re
-import shutil
 
 import pytest
 import xgrammar as xgr
@@ -110,15 +109,10 @@ def test_the_locale_flag_is_refused_by_name():
 
 
 @pytest.fixture(scope="module")
-def tiny_llm(tiny_model_dir, tmp_path_factory):
+def tiny_llm(tiny_llm_args):
     from tessellm import LLM
-    from tests.pooling.conftest import save_tokenizer
 
-    path = str(tmp_path_factory.mktemp("lark") / "llama")
-    shutil.copytree(tiny_model_dir("llama"), path)
-    save_tokenizer(path)
-    with LLM(path, device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=64,
-             enforce_eager=True) as llm:
+    with LLM(**tiny_llm_args) as llm:
         yield llm
 
 
