@@ -250,29 +250,59 @@ def _char_class(chars: str, regex: str, fold: bool) -> str:
                              "EBNF spelling; list the characters.")
         return "\\" + escape if escape not in "/" else escape
     spelt = re.sub(r"\\(.)", member, chars)
-    if not fold:
-        return spelt
-    members = spelt[2:-1] if spelt.startswith("[^") else spelt[1:-1]
-    return spelt[:-1] + "".join(_class_member(c) for c in sorted(_other_cases(members))) + "]"
+    negated = spelt.startswith("[^")
+    ranges = _ranges(spelt[2:-1] if negated else spelt[1:-1])
+    extra = sorted(_other_cases(ranges)) if fold else []
+    ranges += [(ord(c), ord(c)) for c in extra]
+    if negated and any(high > 0x7F for _, high in ranges):
+        # xgrammar before 0.2.8 lets a negated class's non-ASCII members through: spelt as the
+        # ranges it matches instead
+        return "[" + "".join(_span(low, high) for low, high in _complement(ranges)) + "]"
+    return spelt[:-1] + "".join(_class_member(c) for c in extra) + "]"
 
 
-def _other_cases(members: str) -> set[str]:
-    """The characters that a class's members (EBNF spelling, no brackets) match only through
-    IGNORECASE: the other cases of its letters, ranges included."""
-    found: set[str] = set()
+def _ranges(members: str) -> list[tuple[int, int]]:
+    """A class's members (EBNF spelling, no brackets) as (first, last) code points."""
     items = [_decode(m) for m in re.findall(r"\\u[0-9a-fA-F]{4}|\\.|.", members)]
-    i = 0
+    found, i = [], 0
     while i < len(items):
         if i + 2 < len(items) and items[i + 1] == ("-", False):
-            low, high = ord(items[i][0]), ord(items[i + 2][0])
+            found.append((ord(items[i][0]), ord(items[i + 2][0])))
             i += 3
         else:
-            low = high = ord(items[i][0])
+            found.append((ord(items[i][0]), ord(items[i][0])))
             i += 1
-        cased = _fold_groups()[0]
+    return found
+
+
+def _other_cases(ranges: list[tuple[int, int]]) -> set[str]:
+    """The characters that a class matches only through the i flag: the other cases of its
+    letters, ranges included."""
+    found: set[str] = set()
+    cased = _fold_groups()[0]
+    for low, high in ranges:
         for code in cased[bisect.bisect_left(cased, low):bisect.bisect_right(cased, high)]:
             found |= _cases(chr(code))
     return found
+
+
+def _complement(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The code points outside ``ranges``, as ranges."""
+    gaps, start = [], 0
+    for low, high in sorted(ranges):
+        if low > start:
+            gaps.append((start, low - 1))
+        start = max(start, high + 1)
+    return gaps + ([(start, 0x10FFFF)] if start <= 0x10FFFF else [])
+
+
+def _span(low: int, high: int) -> str:
+    """One range of a class, its ends escaped past ASCII (a surrogate end has no UTF-8)."""
+    def end(code: int) -> str:
+        if code < 0x80:
+            return _class_member(chr(code))
+        return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    return end(low) if low == high else f"{end(low)}-{end(high)}"
 
 
 def _decode(member: str) -> tuple[str, bool]:

@@ -90,6 +90,7 @@ IGNORE_AND_FLAGS = [
     ('start: WORD+\nWORD: /[a-z]+/\n%ignore WS\nWS: /[ \\n]+/', [("ab\n cd", True), ("ab-cd", False)]),
     ("start: /[a-cé]x/i", [("Bx", True), ("ÉX", True), ("dx", False)]),
     ("start: /[^k]+/i", [("abc", True), ("K", False), ("\u212a", False)]),  # \u212a: the Kelvin sign
+    ("start: /[^é\\]]x/", [("ex", True), ("éx", False), ("]x", False)]),
     ("start: /a b\\ c/x", [("ab c", True), ("a b c", False)]),
     ('start: "n\\t"i /[0-9]/', [("N\t1", True), ("n\\T1", False)]),
 ]
