@@ -4,13 +4,31 @@ the EBNF xgrammar compiles.
 vLLM hands a grammar that looks like Lark to xgrammar after rewriting it as EBNF; so does
 tessellm. The subset taken is what such grammars use: ``name: a b | c`` rules (``?name`` and
 ``!name`` marks and ``.N`` priorities dropped), continuation lines starting with ``|``, string
-literals (``"x"i`` matches either case; ``"a".."z"`` a range), ``/regex/`` terminals (rewritten
-as EBNF: literal characters quoted, classes kept, ``\d \w \s`` and ``.`` spelt out, ``(?:``
-groups; flags other than ``s`` dropped; anchors and look-arounds refused), ``-> alias``
-dropped, ``x ~ n`` and ``x ~ m..n`` as ``x{n}`` and ``x{m,n}``, ``[x]`` for an optional ``x``,
-``( ) * + ?`` as in EBNF, ``//`` comments and ``%ignore`` lines (dropped; the grammar matches
-exactly what it spells, whitespace included). ``start`` is EBNF's ``root``.
-``%import`` and other directives are refused by name.
+literals (``"x"i`` matches either case; ``"a".."z"`` a range), ``/regex/flags`` terminals
+(rewritten as EBNF: literal characters quoted, classes kept, ``\d \w \s`` and ``.`` spelt out,
+``(?:`` groups; anchors and look-arounds refused), ``-> alias`` dropped, ``x ~ n`` and
+``x ~ m..n`` as ``x{n}`` and ``x{m,n}``, ``[x]`` for an optional ``x``, ``( ) * + ?`` as in
+EBNF, ``//`` comments. ``start`` is EBNF's ``root``. ``%import`` and other directives are
+refused by name.
+
+Regex flags: ``i`` gives each letter its other cases, as Python's IGNORECASE (``[a-z]`` also
+matches ``A-Z``, the Kelvin sign and the long s); ``s`` lets ``.`` match a newline; ``x`` drops
+unescaped spaces and ``#`` comments from the pattern; ``m`` and ``u`` change nothing here (no
+anchors are taken; text patterns are Unicode already); ``l`` is refused (Python refuses it on
+text).
+
+``%ignore TERM`` (any number of lines; a terminal name, string or regex each) lets the ignored
+text appear where Lark's lexer skips it: before each terminal that a rule (a lowercase name)
+uses, and at the end of the output; never inside a terminal (an uppercase name's definition
+is taken as spelt)::
+
+    start: "a" NUM             root ::= ((lark-ignored "a") (lark-ignored NUM)) lark-ignored
+    NUM: DIGIT+ "." DIGIT+     NUM ::= DIGIT + "." DIGIT +
+    %ignore " "                lark-ignored ::= (" ")*
+
+The EBNF is the grammar's language as a context-free grammar. Lark's own lexer matches each
+regex terminal greedily, so where one terminal can end inside another's text (``NAME NAME``
+with no separator) Lark parses fewer strings than the EBNF allows.
 """
 
 from __future__ import annotations
