@@ -8,8 +8,9 @@ literals (``"x"i`` matches either case; ``"a".."z"`` a range), ``/regex/flags`` 
 (rewritten as EBNF: literal characters quoted, classes kept, ``\d \w \s`` and ``.`` spelt out,
 ``(?:`` groups; anchors and look-arounds refused), ``-> alias`` dropped, ``x ~ n`` and
 ``x ~ m..n`` as ``x{n}`` and ``x{m,n}``, ``[x]`` for an optional ``x``, ``( ) * + ?`` as in
-EBNF, ``//`` comments. ``start`` is EBNF's ``root``. ``%import`` and other directives are
-refused by name.
+EBNF, ``//`` comments. ``start`` is EBNF's ``root``. ``%import common.NAME`` (``-> ALIAS``,
+or ``common (A, B)``) brings Lark's common terminals (``lark_common.py``); other imports and
+other directives are refused by name.
 
 Regex flags: ``i`` gives each letter its other cases, as Python's IGNORECASE (``[a-z]`` also
 matches ``A-Z``, the Kelvin sign and the long s); ``s`` lets ``.`` match a newline; ``x`` drops
@@ -38,6 +39,8 @@ import functools
 import re
 from typing import Optional
 
+from tessellm.structured_output.lark_common import COMMON
+
 _RULE = re.compile(r"^[?!]?([A-Za-z_][A-Za-z0-9_]*)(?:\.-?\d+)?\s*:(?!:)(.*)$")
 _RANGE = r'"[^"\\]"\.\."[^"\\]"'  # "a".."z"
 _TOKEN = re.compile(r'//.*|' + _RANGE + r'|"(?:\\.|[^"\\])*"i?|/(?:\\.|[^/\\\n])+/[imslux]*|->\s*\w+'
@@ -49,38 +52,21 @@ _ANY = {False: "[^\\n]", True: "[\\u0000-\\U0010FFFF]"}
 
 
 def is_lark(grammar: str) -> bool:
-    """Whether ``grammar`` reads as Lark: no ``::=`` rule, and a ``name:`` rule first."""
+    """Whether ``grammar`` reads as Lark: no ``::=`` rule, and a ``name:`` rule first (after
+    comments and ``%`` directives)."""
     if "::=" in grammar:
         return False
     lines = [ln.strip() for ln in grammar.splitlines()]
-    first = next((ln for ln in lines if ln and not ln.startswith("//")), "")
+    first = next((ln for ln in lines if ln and not ln.startswith(("//", "%"))), "")
     return bool(_RULE.match(first))
 
 
 def lark_to_ebnf(grammar: str) -> str:
     """The EBNF of a Lark grammar (ValueError naming what is not taken)."""
-    rules: list[list] = []  # [name, body text]
-    ignored: list[str] = []  # the %ignore lines' terminals
-    for number, raw in enumerate(grammar.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("//"):
-            continue
-        if line.startswith("%ignore"):
-            ignored.append(line[len("%ignore"):].strip())
-            continue
-        if line.startswith("%"):
-            raise ValueError(f"Lark grammar line {number}: {line.split()[0]} is not supported; "
-                             "define the rule in the grammar itself.")
-        if line.startswith("|") and rules:
-            rules[-1][1] += " " + line
-            continue
-        match = _RULE.match(line)
-        if not match:
-            raise ValueError(f"Lark grammar line {number} is neither a rule ('name: ...') nor a "
-                             f"continuation ('| ...'): {line!r}.")
-        rules.append([match.group(1), match.group(2)])
+    rules, ignored, imports = _read(grammar)
     if not any(name == "start" for name, _ in rules):
         raise ValueError("The Lark grammar has no 'start' rule; name the top rule start.")
+    rules += _imported(imports, {name for name, _ in rules})
     skip = _IGNORED if ignored else None
     lines = []
     for name, body in rules:
@@ -91,6 +77,70 @@ def lark_to_ebnf(grammar: str) -> str:
     if ignored:
         lines.append(f"{_IGNORED} ::= ({' | '.join(_body(text, None) for text in ignored)})*")
     return "\n".join(lines)
+
+
+def _read(grammar: str) -> tuple[list[list[str]], list[str], list[tuple[str, str]]]:
+    """A Lark grammar's rules ([name, body text]), its ``%ignore`` terminals, and the
+    (name, alias) pairs of its ``%import common`` lines."""
+    rules: list[list[str]] = []
+    ignored: list[str] = []
+    imports: list[tuple[str, str]] = []
+    for number, raw in enumerate(grammar.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("//"):
+            continue
+        if line.startswith("%ignore"):
+            ignored.append(line[len("%ignore"):].strip())
+        elif line.startswith("%import"):
+            imports += _import_names(line, number)
+        elif line.startswith("%"):
+            raise ValueError(f"Lark grammar line {number}: {line.split()[0]} is not supported; "
+                             "define the rule in the grammar itself.")
+        elif line.startswith("|") and rules:
+            rules[-1][1] += " " + line
+        elif match := _RULE.match(line):
+            rules.append([match.group(1), match.group(2)])
+        else:
+            raise ValueError(f"Lark grammar line {number} is neither a rule ('name: ...') nor a "
+                             f"continuation ('| ...'): {line!r}.")
+    return rules, ignored, imports
+
+
+def _import_names(line: str, number: int) -> list[tuple[str, str]]:
+    """``%import common.NAME``, ``%import common.NAME -> ALIAS``, ``%import common (A, B)``."""
+    one = re.fullmatch(r"%import\s+common\.(\w+)(?:\s*->\s*(\w+))?", line)
+    if one:
+        return [(one.group(1), one.group(2) or one.group(1))]
+    many = re.fullmatch(r"%import\s+common\s*\(([\w\s,]+)\)", line)
+    if many:
+        return [(name, name) for name in re.findall(r"\w+", many.group(1))]
+    raise ValueError(f"Lark grammar line {number}: {line!r} imports from outside Lark's common "
+                     "terminals; only %import common.NAME (or common (A, B)) is taken: define the "
+                     "rule in the grammar itself.")
+
+
+def _imported(imports: list[tuple[str, str]], defined: set[str]) -> list[list[str]]:
+    """The rules of the imported common terminals, and of those they use (a name the grammar
+    defines itself is the grammar's)."""
+    common = {name: body for name, body in _read(COMMON)[0]}
+    out: list[list[str]] = []
+    wanted = []
+    for name, alias in imports:
+        if name not in common:
+            raise ValueError(f"Lark grammar: common.{name} is not one of Lark's common terminals "
+                             f"({', '.join(sorted(common))}); define it in the grammar itself.")
+        if alias != name and alias not in defined:
+            out.append([alias, name])
+            defined = defined | {alias}
+        wanted.append(name)
+    while wanted:
+        name = wanted.pop()
+        if name in defined:
+            continue
+        defined = defined | {name}
+        out.append([name, common[name]])
+        wanted += [used for used in re.findall(r"\b_?[A-Z][A-Z_]*\b", common[name]) if used in common]
+    return out
 
 
 def _name(name: str) -> str:

@@ -114,8 +114,10 @@ def test_lark_grammar_constrains_generation(model):
 def test_lark_directives_and_a_missing_start_are_refused_by_name():
     from tessellm.structured_output.grammar import build_grammar
 
-    with pytest.raises(ValueError, match="%import is not supported"):
-        build_grammar(StructuredOutputsParams(grammar="start: WORD\n%import common.WORD"))
+    with pytest.raises(ValueError, match="%declare is not supported"):
+        build_grammar(StructuredOutputsParams(grammar="start: WORD\n%declare WORD"))
+    with pytest.raises(ValueError, match="imports from outside Lark's common terminals"):
+        build_grammar(StructuredOutputsParams(grammar="start: WORD\n%import python.NAME -> WORD"))
     with pytest.raises(ValueError, match="no 'start' rule"):
         build_grammar(StructuredOutputsParams(grammar='top: "a"'))
 

@@ -81,6 +81,15 @@ SQL = """
     %ignore " "
     %ignore /\t+/
 """
+IMPORTS = """
+    %import common.WS
+    %import common (SIGNED_NUMBER, ESCAPED_STRING, C_COMMENT)
+    %import common.CNAME -> NAME
+    start: pair ("," pair)*
+    pair: NAME "=" (SIGNED_NUMBER | ESCAPED_STRING)
+    %ignore WS
+    %ignore C_COMMENT
+"""
 # (grammar, text, whether Lark parses it): what Lark's own parser says of each (HAS_LARK checks)
 IGNORE_AND_FLAGS = [
     ('start: "a" "b"\n%ignore " "', [(" a  b ", True), ("ab", True), ("a\tb", False), (" ", False)]),
@@ -92,6 +101,8 @@ IGNORE_AND_FLAGS = [
     ("start: /[^k]+/i", [("abc", True), ("K", False), ("\u212a", False)]),  # \u212a: the Kelvin sign
     ("start: /[^é\\]]x/", [("ex", True), ("éx", False), ("]x", False)]),
     ("start: /a b\\ c/x", [("ab c", True), ("a b c", False)]),
+    (IMPORTS, [('a = 1, b_2="x\\"y"', True), ("a=-.5E-3 /* c * / */ ,b=2", True), ("\n a\t=\n1 ", True),
+               ('a = "x', False), ("2a=1", False), ('a="x\\\\\\"', False), ("a=1/* */*/", False), ("a=+1e", False)]),
     ('start: "n\\t"i /[0-9]/', [("N\t1", True), ("n\\T1", False)]),
 ]
 
@@ -104,9 +115,13 @@ def test_ignore_and_regex_flags_accept_what_lark_parses(lark_text, cases):
             assert lark_parses(lark_text, text) == parses, (lark_text, text)
 
 
-def test_the_locale_flag_is_refused_by_name():
+def test_the_locale_flag_and_imports_other_than_common_terminals_are_refused_by_name():
     with pytest.raises(ValueError, match=r"/ab/l: the l \(locale\) flag"):
         lark_to_ebnf("start: /ab/l")
+    with pytest.raises(ValueError, match="common.NOPE is not one of Lark's common terminals"):
+        lark_to_ebnf("%import common.NOPE\nstart: NOPE")
+    with pytest.raises(ValueError, match="imports from outside Lark's common terminals"):
+        lark_to_ebnf("%import .mine.X\nstart: X")
 
 
 @pytest.fixture(scope="module")
