@@ -102,7 +102,8 @@ IGNORE_AND_FLAGS = [
     ("start: /[^é\\]]x/", [("ex", True), ("éx", False), ("]x", False)]),
     ("start: /a b\\ c/x", [("ab c", True), ("a b c", False)]),
     (IMPORTS, [('a = 1, b_2="x\\"y"', True), ("a=-.5E-3 /* c * / */ ,b=2", True), ("\n a\t=\n1 ", True),
-               ('a = "x', False), ("2a=1", False), ('a="x\\\\\\"', False), ("a=1/* */*/", False), ("a=+1e", False)]),
+               ('a = "x', False), ("2a=1", False), ('a="x\\\\\\"', False), ("a=1/* */*/", False),
+               ("a=+1e", False)]),
     ('start: "n\\t"i /[0-9]/', [("N\t1", True), ("n\\T1", False)]),
 ]
 

@@ -72,4 +72,5 @@ def test_data_parallel_refuses_constrained_requests_under_another_vocabulary(tin
         plain = SamplingParams(max_tokens=2, temperature=0.0)
         assert len(llm.generate(["the cat sat"], plain, use_tqdm=False)[0].outputs[0].token_ids) == 2
         llm.set_tokenizer(own)
-        assert re.fullmatch(REGEX, llm.generate(["the cat sat"], _constrained(), use_tqdm=False)[0].outputs[0].text)
+        out = llm.generate(["the cat sat"], _constrained(), use_tqdm=False)[0].outputs[0]
+        assert re.fullmatch(REGEX, out.text), out.text
