@@ -90,8 +90,17 @@ IMPORTS = """
     %ignore WS
     %ignore C_COMMENT
 """
+VLLM_SQL = """
+start: select_statement
+select_statement: "SELECT" column "from" table "where" condition
+column: "col_1" | "col_2"
+table: "table_1" | "table_2"
+condition: column "=" number
+number: "1" | "2"
+"""  # vLLM's structured-output tests' Lark grammar: no %ignore, so no space is allowed
 # (grammar, text, whether Lark parses it): what Lark's own parser says of each (HAS_LARK checks)
-IGNORE_AND_FLAGS = [
+LARK_PARSES = [
+    (VLLM_SQL, [("SELECTcol_1fromtable_2wherecol_2=1", True), ("SELECT col_1 from table_2 where col_2=1", False)]),
     ('start: "a" "b"\n%ignore " "', [(" a  b ", True), ("ab", True), ("a\tb", False), (" ", False)]),
     (SQL, [("SELECT a,b FROM t", True), ("select  Ab ,\tc  from  T1 ", True), ("selecta from b", False),
            ("select a from\tb", False), ("select a b from c", False), ("select abcde from c", False)]),
@@ -108,7 +117,7 @@ IGNORE_AND_FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("lark_text,cases", IGNORE_AND_FLAGS)
+@pytest.mark.parametrize("lark_text,cases", LARK_PARSES)
 def test_ignore_and_regex_flags_accept_what_lark_parses(lark_text, cases):
     for text, parses in cases:
         assert accepts(lark_text, text) == parses, (lark_text, text)
