@@ -20,6 +20,7 @@ import functools
 import re
 
 _CLASS_ESCAPES = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " \\t\\n\\r\\f\\v"}
+_LAST_CASED = 0x1FFFF  # no code point past the first two planes has another case (Unicode 15)
 _ANY = {False: "[^\\n]", True: "[\\u0000-\\U0010FFFF]"}
 
 
@@ -132,7 +133,7 @@ def _cases(char: str) -> frozenset[str]:
 @functools.cache
 def _fold_groups() -> tuple[list[int], dict[str, frozenset[str]]]:
     """Every cased code point, sorted, and each one's group of characters equal under case
-    folding (built once, on the first i flag: a pass over Unicode)."""
+    folding (built once, on the first i flag: a pass over the first two planes, ~0.1 s)."""
     parent: dict[str, str] = {}
 
     def root(char: str) -> str:
@@ -140,7 +141,7 @@ def _fold_groups() -> tuple[list[int], dict[str, frozenset[str]]]:
             char = parent[char]
         return char
 
-    for code in range(0x110000):
+    for code in range(_LAST_CASED + 1):
         char = chr(code)
         for other in (char.lower(), char.upper()):
             if len(other) == 1 and other != char:
