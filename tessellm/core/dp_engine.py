@@ -48,6 +48,7 @@ class DPLLMEngine(EngineSurface):
             self.cores.close()
             raise
         self.inputs = InputProcessor(self.info, self.tokenizer)
+        self._core_tokenizer = self.tokenizer  # the one the cores compile grammars against
         self.outputs = OutputProcessor(self.tokenizer, final_only)
         # get_metrics() (engine_surface.py), with each core's engine="i" gauges
         self.metrics = engine_metrics(args, self.info, log_stats, num_engines=self.cores.size)
@@ -67,6 +68,19 @@ class DPLLMEngine(EngineSurface):
                                   "processes: sleep mode, load_weights, collective_rpc, apply_model and "
                                   "start_profile / stop_profile are not offered there yet (tessellm serve "
                                   "-dp N's routes reach every core).")
+
+    def _set_grammar_tokenizer(self, tokenizer) -> None:
+        """The cores (other processes) compile grammars against the model's tokenizer files; a
+        tokenizer of another vocabulary cannot reach them (only msgpack crosses), so constrained
+        requests are refused at the edge until the model's vocabulary is set again."""
+        from tessellm.structured_output.compiler import same_vocabulary
+
+        same = self._core_tokenizer is not None and same_vocabulary(self._core_tokenizer, tokenizer)
+        self.inputs.structured_refusal = None if same else (
+            "structured_outputs: set_tokenizer gave a tokenizer whose vocabulary differs from the "
+            "model's, and with data_parallel_size > 1 the engine cores compile grammars against the "
+            "model's own; set the model's tokenizer again, or use LLM(data_parallel_size=1), where "
+            "grammars follow set_tokenizer.")
 
     # -- requests (as LLMEngine) --------------------------------------------------------------
 

@@ -81,19 +81,23 @@ class EngineSurface:
 
     def set_tokenizer(self, tokenizer) -> None:
         """vLLM's: requests added from now on are tokenized and detokenized with ``tokenizer``
-        (a Hugging Face tokenizer; its ids must be the model's), and a vision model's chat
-        template is adopted by it as by the model's own. Structured outputs' grammars keep the
-        model's own tokenizer files (compiled in the engine core, maybe another process; vLLM's
-        engine core does the same): a tokenizer whose ids mean other text is not supported."""
+        (a Hugging Face tokenizer; its ids must be the model's), a vision model's chat template
+        is adopted by it as by the model's own, and structured outputs' grammars are compiled
+        against its vocabulary (``_set_grammar_tokenizer``)."""
         size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
         if size is not None and size > self.info.vocab_size:
             raise ValueError(f"set_tokenizer: the tokenizer has {size} tokens, over the model's vocabulary "
                              f"of {self.info.vocab_size}; give the model's tokenizer (or one with its ids).")
         self.tokenizer = self.inputs.tokenizer = self.outputs.tokenizer = tokenizer
+        self._set_grammar_tokenizer(tokenizer)
         if self.info.mm_limits:
             from tessellm.multimodal.processor import adopt_chat_template
 
             adopt_chat_template(tokenizer, self.info)
+
+    def _set_grammar_tokenizer(self, tokenizer) -> None:
+        """Constrained requests added from now on follow ``tokenizer``'s vocabulary."""
+        raise NotImplementedError
 
     @property
     def model_config(self) -> ModelConfig:

@@ -39,6 +39,9 @@ class InputProcessor:
 
             adopt_chat_template(tokenizer, info)
         self._valid_specs: dict[str, None] = {}  # cache keys of structured outputs that parsed
+        # Set when the engine cannot constrain to this tokenizer's vocabulary (set_tokenizer on a
+        # data-parallel engine): every constrained request is refused with it.
+        self.structured_refusal: Optional[str] = None
 
     def process_prompt(self, prompt: PromptType, truncate: Optional[int] = None) -> ProcessedPrompt:
         """A str, token ids, or a dict (vLLM's TextPrompt / TokensPrompt: ``prompt`` or
@@ -137,6 +140,8 @@ class InputProcessor:
     def _check_structured(self, structured) -> None:
         """Refuse a malformed schema / grammar / regex here, before anything is queued (the
         core compiles it later, off its step loop). Recently accepted specs are remembered."""
+        if self.structured_refusal is not None:
+            raise RequestParamError(self.structured_refusal, "structured_outputs")
         key = structured.cache_key()
         if key in self._valid_specs:
             return

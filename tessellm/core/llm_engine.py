@@ -50,6 +50,9 @@ class LLMEngine(EngineSurface):
         self.metrics = engine_metrics(args, self.core.info, log_stats)  # get_metrics() (engine_surface.py)
         self.failure: Optional[Exception] = None  # what broke a step: raised again by every call
 
+    def _set_grammar_tokenizer(self, tokenizer) -> None:
+        self.core.structured.set_tokenizer(tokenizer)  # the core is in this process
+
     @property
     def engine_core(self) -> EngineCore:
         """vLLM v1's name for the engine core (``llm.llm_engine.engine_core.save_sharded_state``)."""

@@ -74,8 +74,8 @@ class LLM:
 
     def set_tokenizer(self, tokenizer) -> None:
         """vLLM's: later prompts are tokenized, and outputs detokenized, with ``tokenizer``
-        (its ids must be the model's; structured outputs keep the model's own tokenizer files:
-        ``EngineSurface.set_tokenizer``)."""
+        (its ids must fit the model's vocabulary), and structured outputs' grammars of later
+        requests follow its vocabulary (``EngineSurface.set_tokenizer``)."""
         self.engine.set_tokenizer(tokenizer)
 
     def shutdown(self) -> None:

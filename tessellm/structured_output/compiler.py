@@ -61,8 +61,20 @@ class GrammarCompilerPool:
     def _compile(self, params: StructuredOutputsParams):
         return self._compiler.compile_grammar(build_grammar(params))
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, cancel: bool = True) -> None:
+        """Stop the compile threads; ``cancel=False`` lets the compiles already submitted finish
+        (a pool replaced while requests still wait for its grammars)."""
+        self._pool.shutdown(wait=False, cancel_futures=cancel)
+
+
+def same_vocabulary(old, new) -> bool:
+    """Whether two tokenizers (HF tokenizers, or ``xgrammar.TokenizerInfo``) map the same
+    strings to the same ids: a grammar compiled against one is valid for the other."""
+    if old is new:
+        return True
+    if hasattr(old, "get_vocab") and hasattr(new, "get_vocab"):
+        return old.get_vocab() == new.get_vocab()
+    return False
 
 
 def compile_error(exc: BaseException) -> str:

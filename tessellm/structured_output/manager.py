@@ -43,7 +43,7 @@ import threading
 from typing import Callable, Optional
 
 from tessellm.spec_decode.grammar import fill_draft_rows
-from tessellm.structured_output.compiler import GrammarCompilerPool, RequestGrammar
+from tessellm.structured_output.compiler import GrammarCompilerPool, RequestGrammar, same_vocabulary
 from tessellm.structured_output.params import StructuredOutputsParams
 from tessellm.structured_output.reasoning import ReasoningGate
 
@@ -84,6 +84,18 @@ class StructuredOutputManager:
             self._tokenizer = tokenizer
             self._pool = GrammarCompilerPool(tokenizer, self.vocab_size, self.stop_token_ids)
         return self._pool
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Grammars of requests added from now on are compiled against ``tokenizer``
+        (``LLM.set_tokenizer``; an HF tokenizer or an ``xgrammar.TokenizerInfo``). With another
+        vocabulary the compile cache starts anew: requests already added keep the grammars
+        compiled (or being compiled) against the old one, which their token ids follow."""
+        self._load_tokenizer = lambda: tokenizer
+        self._markers = None  # the think markers' ids, found again with this tokenizer
+        if self._pool is not None and not same_vocabulary(self._tokenizer, tokenizer):
+            self._pool.shutdown(cancel=False)
+            self._pool = None  # the next constrained request builds one on ``tokenizer``
+        self._tokenizer = tokenizer
 
     def grammar_for(self, params: StructuredOutputsParams, prompt_token_ids=()):
         """Start (or share) the compile for a new request; returns its matcher-to-be (behind a

@@ -1,0 +1,76 @@
+"""``LLM.set_tokenizer`` (vLLM's) reaches structured output: grammars of later requests are
+compiled against the new tokenizer's vocabulary (the output, decoded with it, follows the
+constraint); the same vocabulary keeps the compile cache; a data-parallel engine, whose cores
+compile in other processes, refuses constrained requests while the vocabularies differ."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tessellm.structured_output import StructuredOutputsParams
+
+pytest.importorskip("xgrammar")
+
+REGEX = r"(cat|mat) [0-9]{2}"
+
+
+def _constrained(seed: int = 0) -> SamplingParams:
+    return SamplingParams(max_tokens=16, temperature=1.0, seed=seed,
+                          structured_outputs=StructuredOutputsParams(regex=REGEX))
+
+
+def _texts(llm: LLM) -> list[str]:
+    outs = llm.generate(["the cat sat"] * 3, [_constrained(seed) for seed in range(3)], use_tqdm=False)
+    return [o.outputs[0].text for o in outs]
+
+
+def _other_vocabulary():
+    """A tokenizer whose every id means other text than the model's tokenizer's: two more
+    special tokens first (ids 0-4) shift every byte and merge, trained on other text."""
+    from tests.pooling.conftest import CHAT_TEMPLATE
+    from tests.tiny_tokenizer import bpe_tokenizer
+
+    corpus = ["pack my box with five dozen liquor jugs", "sphinx of black quartz, judge my vow"]
+    return bpe_tokenizer(corpus * 20, ["<pad>", "<s>", "</s>", "<x>", "<y>"], 300, CHAT_TEMPLATE,
+                         bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_grammars_follow_set_tokenizer(tiny_llm_args):
+    from transformers import AutoTokenizer
+
+    other = _other_vocabulary()
+    with LLM(**tiny_llm_args) as llm:
+        own = llm.get_tokenizer()
+        assert other.get_vocab() != own.get_vocab()
+        assert all(re.fullmatch(REGEX, t) for t in _texts(llm))  # compiled against the model's
+        llm.set_tokenizer(other)
+        texts = _texts(llm)
+        assert all(re.fullmatch(REGEX, t) for t in texts), texts
+        # the ids the grammar allowed are other's: the model's tokenizer reads other text
+        outs = llm.generate(["the cat sat"], _constrained(), use_tqdm=False)[0].outputs[0]
+        assert other.decode(outs.token_ids, skip_special_tokens=True) == outs.text
+        assert own.decode(outs.token_ids, skip_special_tokens=True) != outs.text
+
+        llm.set_tokenizer(own)
+        assert all(re.fullmatch(REGEX, t) for t in _texts(llm))
+        structured = llm.engine.core.structured
+        compiles = structured.pool.num_compiles
+        llm.set_tokenizer(AutoTokenizer.from_pretrained(tiny_llm_args["model"]))  # the same vocabulary
+        assert all(re.fullmatch(REGEX, t) for t in _texts(llm))
+        assert structured.pool.num_compiles == compiles  # the compile cache was kept
+
+
+def test_data_parallel_refuses_constrained_requests_under_another_vocabulary(tiny_llm_args):
+    with LLM(**tiny_llm_args, data_parallel_size=2) as llm:
+        own = llm.get_tokenizer()
+        llm.set_tokenizer(_other_vocabulary())
+        with pytest.raises(ValueError, match="set_tokenizer gave a tokenizer whose vocabulary differs"):
+            llm.generate(["the cat sat"], _constrained(), use_tqdm=False)
+        plain = SamplingParams(max_tokens=2, temperature=0.0)
+        assert len(llm.generate(["the cat sat"], plain, use_tqdm=False)[0].outputs[0].token_ids) == 2
+        llm.set_tokenizer(own)
+        out = llm.generate(["the cat sat"], _constrained(), use_tqdm=False)[0].outputs[0]
+        assert re.fullmatch(REGEX, out.text), out.text
