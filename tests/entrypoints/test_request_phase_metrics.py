@@ -27,12 +27,11 @@ def _histograms(llm) -> dict[str, Histogram]:
 def run(tiny_model_dir):
     """Three n=1 requests, then one n=2 request; the histograms after each batch."""
     with LLM(tiny_model_dir("llama"), disable_log_stats=False, metrics_names="both", **ENGINE) as llm:
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS],
-                            [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in MAX_TOKENS],
-                            use_tqdm=False)
+        params = [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in MAX_TOKENS]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)
         first = _histograms(llm)
-        llm.generate([TokensPrompt(prompt_token_ids=[4, 4, 6])],
-                     SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=3, ignore_eos=True), use_tqdm=False)
+        two = SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=3, ignore_eos=True)
+        llm.generate([TokensPrompt(prompt_token_ids=[4, 4, 6])], two, use_tqdm=False)
         second = _histograms(llm)
     return outs, first, second
 
@@ -59,8 +58,9 @@ def test_phase_times_match_the_requests_stamps(run, prefix):
 
 
 def test_request_parameters_are_counted_per_request(run):
-    """``request_params_n`` and ``request_max_num_generation_tokens`` once per request, ``request_params_max_tokens``
-    and ``request_prefill_kv_computed_tokens`` once per sequence (n=2 counts twice)."""
+    """``request_params_n`` and ``request_max_num_generation_tokens`` once per request,
+    ``request_params_max_tokens`` and ``request_prefill_kv_computed_tokens`` once per sequence
+    (n=2 counts twice)."""
     outs, first, second = run
     for prefix in ("tessellm:", "vllm:"):
         n, most = first[prefix + "request_params_n"], first[prefix + "request_max_num_generation_tokens"]
