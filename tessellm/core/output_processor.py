@@ -109,7 +109,7 @@ class OutputProcessor:
             if s.finish_reason is None:
                 s.finish_reason = "abort"
                 if stats is not None:
-                    stats.observe_finished(s.times, "abort")
+                    stats.observe_finished(s.times, "abort", state.params.max_tokens, state.num_cached_tokens)
         return self._finish(state)
 
     def process(self, outputs: list[EngineCoreOutput], stats: Optional[IterationStats] = None,
@@ -136,13 +136,17 @@ class OutputProcessor:
             sample.times.observe_core(out, num_kept, core_ts)
             iteration.observe_output(sample.times, num_kept, out.first_scheduled_time)
             if stats is not None and sample.finish_reason is not None:  # just now: later outputs are skipped above
-                stats.observe_finished(sample.times, sample.finish_reason)
+                stats.observe_finished(sample.times, sample.finish_reason, state.params.max_tokens,
+                                       state.num_cached_tokens)
             if sample.finish_reason == "stop" and out.finish_reason is None:
                 to_abort.append(out.request_id)
             touched[state.request_id] = state
         results = []
         for state in touched.values():
             if state.finished:
+                if stats is not None and all(s.finish_reason != "abort" for s in state.samples):
+                    stats.observe_request_finished(len(state.samples),
+                                                   [s.times.num_generation_tokens for s in state.samples])
                 results.append(self._finish(state))
             elif not self.final_only and state.params.output_kind != RequestOutputKind.FINAL_ONLY:
                 results.append(self._output(state))

@@ -8,7 +8,8 @@ names chosen by ``metrics_names`` (EngineArgs, ``--metrics-names``, ``TESSELLM_M
   (``vllm:NAME{model_name, engine}``), so dashboards, alerts, autoscalers and the Gateway API
   Inference Extension written for vLLM read it unchanged; the series vLLM has no name for stay
   ``tessellm:`` (no ``vllm:`` name is invented), plus vLLM's ``vllm:cache_config_info`` and its
-  older name ``vllm:gpu_cache_usage_perc``; with LoRA, ``vllm:lora_requests_info``.
+  older names ``vllm:gpu_cache_usage_perc`` and ``vllm:time_per_output_token_seconds``; with
+  LoRA, ``vllm:lora_requests_info``.
 - ``both``: all of the above (a migration: old and new dashboards side by side).
 
 One collector renders the registry once per scrape; a ``vllm:`` series is a relabelled copy of
@@ -17,6 +18,9 @@ histogram's buckets: its ``vllm:`` name has vLLM's bounds (``tessellm.metrics.vl
 a dashboard's ``le="..."`` picks match. Under ``vllm`` the histogram is kept with vLLM's bounds
 only; under ``both``, where the bounds differ, it is observed twice and the ``vllm:`` copy is
 made from the twin kept with vLLM's bounds (``NamedView.twins``): counts and sums stay equal.
+Two histograms mean something else in vLLM (``VLLM_OWN_MEANING``: queue time, iteration tokens):
+their ``vllm:`` series is always made from a twin fed with vLLM's meaning, so it differs from
+the ``tessellm:`` one (``tessellm.metrics.request_metrics``).
 
 Data parallelism (``num_engines`` > 1): vLLM labels each engine core's series ``engine="i"``.
 tessellm keeps the cores' own ``engine_num_requests_{running,waiting}`` and
@@ -48,11 +52,19 @@ VLLM_FAMILIES = frozenset({
     "prompt_tokens", "generation_tokens", "request_success", "time_to_first_token_seconds",
     "inter_token_latency_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
     "request_prompt_tokens", "request_generation_tokens", "iteration_tokens_total",
+    "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
+    "request_time_per_output_token_seconds", "request_params_n", "request_params_max_tokens",
+    "request_max_num_generation_tokens", "request_prefill_kv_computed_tokens",
     "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
     "spec_decode_num_accepted_tokens_per_pos", "lora_requests_info"})
-# vLLM <= 0.10's name of the KV usage gauge (removed later); older Gateway API Inference
-# Extension releases read it by default.
-VLLM_ALIASES = {"kv_cache_usage_perc": ("gpu_cache_usage_perc",)}
+# vLLM's older names, same values: the KV usage gauge's until 0.10 (older Gateway API Inference
+# Extension releases read it by default); inter_token_latency_seconds' until 0.11 (vLLM's
+# example Grafana dashboard's "Time Per Output Token Latency" panel reads it).
+VLLM_ALIASES = {"kv_cache_usage_perc": ("gpu_cache_usage_perc",),
+                "inter_token_latency_seconds": ("time_per_output_token_seconds",)}
+# Families whose vLLM meaning differs from tessellm's: their vllm: series is a histogram of its
+# own, kept in NamedView.twins (tessellm.metrics.request_metrics).
+VLLM_OWN_MEANING = frozenset({"request_queue_time_seconds", "iteration_tokens_total"})
 # Data parallelism: a core's own gauge -> vLLM's name for it (labelled engine="i" as vLLM's).
 VLLM_PER_ENGINE = {"engine_num_requests_running": "num_requests_running",
                    "engine_num_requests_waiting": "num_requests_waiting",
@@ -89,7 +101,7 @@ class NamedView:
                  cache_config: Optional[dict] = None):
         self.registry = registry
         self.names = check_metrics_names(names)
-        self.twins = CollectorRegistry(auto_describe=False) if self.names == "both" else None
+        self.twins = CollectorRegistry(auto_describe=False) if self.names != "tessellm" else None
         self.engine_label = {"engine": "0"} if num_engines == 1 else {}
         self.renames = self._renames(num_engines)
         self.cache_config = [{**(cache_config or {}), "engine": str(i)} for i in range(num_engines)] \
@@ -101,7 +113,7 @@ class NamedView:
         if num_engines == 1:
             return {f: (f, *VLLM_ALIASES.get(f, ())) for f in VLLM_FAMILIES}
         whole = set(VLLM_PER_ENGINE.values())  # the whole engine's gauges: no vLLM name under DP
-        out = {f: (f,) for f in VLLM_FAMILIES - whole}
+        out = {f: (f, *VLLM_ALIASES.get(f, ())) for f in VLLM_FAMILIES - whole}
         out.update({core: (f, *VLLM_ALIASES.get(f, ())) for core, f in VLLM_PER_ENGINE.items()})
         return out
 

@@ -26,32 +26,12 @@ from typing import Optional
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from tessellm.metrics.buckets import (ITERATION_TOKEN_BUCKETS, ITL_BUCKETS,  # noqa: F401 - their old home
+                                      REQUEST_SECONDS_BUCKETS, TTFT_BUCKETS, one_two_five_buckets)
 from tessellm.metrics.names import PREFIX, NamedView
-from tessellm.metrics.stats import EngineStats, FinishedRequest, IterationStats
+from tessellm.metrics.request_metrics import FINISH_REASONS, RequestMetrics  # noqa: F401
+from tessellm.metrics.stats import EngineStats
 from tessellm.metrics.vllm_buckets import vllm_buckets
-
-FINISH_REASONS = ("stop", "length", "abort")
-
-# Bucket upper bounds (+Inf is added by prometheus_client).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
-                1.5, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
-ITL_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-               0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 80.0)
-REQUEST_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0,
-                           60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 3840.0)
-ITERATION_TOKEN_BUCKETS = tuple(float(1 << i) for i in range(15))  # 1 .. 16384
-
-
-def one_two_five_buckets(limit: int) -> tuple[float, ...]:
-    """1, 2, 5, 10, 20, 50, ... up to the first value >= ``limit``."""
-    buckets, scale = [], 1
-    while True:
-        for m in (1, 2, 5):
-            buckets.append(float(m * scale))
-            if m * scale >= limit:
-                return tuple(buckets)
-        scale *= 10
-
 
 class _BothBounds:
     """A histogram observed under tessellm's bounds and under vLLM's (``metrics_names=both``,
@@ -82,7 +62,7 @@ class _CumulativeCounter:
         self.last = total
 
 
-class EngineMetrics:
+class EngineMetrics(RequestMetrics):
     """The Prometheus metrics of one engine, labelled with its ``model_name``.
 
     ``max_model_len`` sets the top of the per-request token histograms; ``num_engines`` > 1 adds
@@ -166,9 +146,10 @@ class EngineMetrics:
         self._state_snapshots = None  # created when the core first reports a snapshot pool
         self._lora_info = None  # created when the core first reports LoRA
         self._lora_labels: Optional[tuple] = None
-        self.iteration_tokens = self._histogram("iteration_tokens_total", "Tokens computed per "
-                                                "engine step (prefill chunks plus decodes).",
-                                                ITERATION_TOKEN_BUCKETS)
+        # vLLM's iteration_tokens_total means something else (request_metrics.py): its own twin
+        self.iteration_tokens = self._child(Histogram, "iteration_tokens_total", "Tokens computed "
+                                            "per engine step (prefill chunks plus decodes).",
+                                            buckets=ITERATION_TOKEN_BUCKETS)
 
     def _add_spec_decode_metrics(self) -> None:
         """Speculative decoding, with vLLM's meanings (tessellm.spec_decode.metrics)."""
@@ -306,31 +287,6 @@ class EngineMetrics:
         for pos, total in enumerate(spec["accepted_per_pos"]):
             self._spec_position(pos).update(total)
 
-    def _add_request_metrics(self, token_buckets: tuple[float, ...]) -> None:
-        """What the front end measures from the outputs (``IterationStats``)."""
-        self.prompt_tokens = self._child(Counter, "prompt_tokens_total", "Prompt tokens of requests "
-                                         "that produced their first token (cached ones included).")
-        self.generation_tokens = self._child(Counter, "generation_tokens_total",
-                                             "Output tokens generated.")
-        self.success = Counter(PREFIX + "request_success_total", "Requests finished, by finish "
-                               "reason (stop, length, abort).", ["model_name", "finished_reason"],
-                               registry=self.registry)
-        for reason in FINISH_REASONS:  # exported at zero from the start
-            self.success.labels(model_name=self.model_name, finished_reason=reason)
-        self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to the first output "
-                                    "token.", TTFT_BUCKETS)
-        self.itl = self._histogram("inter_token_latency_seconds", "Time between successive outputs "
-                                   "of a request.", ITL_BUCKETS)
-        self.e2e = self._histogram("e2e_request_latency_seconds", "Arrival to the final output; "
-                                   "requests that finished with stop or length.", REQUEST_SECONDS_BUCKETS)
-        self.queue_time = self._histogram("request_queue_time_seconds", "Arrival to first scheduled "
-                                          "in the engine; requests that finished with stop or length.",
-                                          REQUEST_SECONDS_BUCKETS)
-        self.request_prompt_tokens = self._histogram("request_prompt_tokens", "Prompt tokens per "
-                                                     "finished request.", token_buckets)
-        self.request_generation_tokens = self._histogram("request_generation_tokens", "Output "
-                                                         "tokens per finished request.", token_buckets)
-
     # -- the stat logger interface --------------------------------------------------------
 
     def observe_stats(self, stats: EngineStats) -> None:
@@ -358,28 +314,6 @@ class EngineMetrics:
         self.engine_running[engine].set(stats.num_running)
         self.engine_waiting[engine].set(stats.num_waiting)
         self.engine_kv_usage[engine].set(stats.kv_cache_usage)
-
-    def observe_outputs(self, it: IterationStats) -> None:
-        if it.num_prompt_tokens:
-            self.prompt_tokens.inc(it.num_prompt_tokens)
-        if it.num_generation_tokens:
-            self.generation_tokens.inc(it.num_generation_tokens)
-        for t in it.time_to_first_token:
-            self.ttft.observe(t)
-        for t in it.inter_token_latency:
-            self.itl.observe(t)
-        for fin in it.finished:
-            self._observe_finished(fin)
-
-    def _observe_finished(self, fin: FinishedRequest) -> None:
-        self.success.labels(model_name=self.model_name, finished_reason=fin.finish_reason).inc()
-        if fin.finish_reason == "abort":  # the client left: its latency says nothing of the engine
-            return
-        self.e2e.observe(fin.e2e_latency)
-        if fin.queue_time is not None:
-            self.queue_time.observe(fin.queue_time)
-        self.request_prompt_tokens.observe(fin.num_prompt_tokens)
-        self.request_generation_tokens.observe(fin.num_generation_tokens)
 
     # -- exposition ----------------------------------------------------------------------
 

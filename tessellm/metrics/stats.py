@@ -113,13 +113,46 @@ RequestTimes = RequestStateStats  # tessellm's earlier name
 
 @dataclass
 class FinishedRequest:
-    """A sequence that finished (any reason); the request-level histograms observe these."""
+    """A sequence that finished (any reason); the request-level histograms observe these.
+
+    The phase times are vLLM's (``FinishedRequestStats``), from the core's monotonic stamps
+    (``RequestStateStats``)::
+
+        queued_ts ---- scheduled_ts ------ first_token_ts ------ last_token_ts
+           |  queued_time  |  prefill_time   |    decode_time      |
+                           |---------- inference_time -------------|
+
+    A preemption inside a phase counts in it. None: the sequence never got that far (never
+    scheduled: no times; scheduled but no token: only ``queued_time``).
+    """
 
     finish_reason: str  # "stop", "length" or "abort"
     e2e_latency: float  # arrival to the final output, seconds
-    queue_time: Optional[float]  # arrival to first scheduled; None if never scheduled
+    queue_time: Optional[float]  # tessellm's: arrival to first scheduled (wall); None if never scheduled
     num_prompt_tokens: int
     num_generation_tokens: int
+    queued_time: Optional[float] = None  # vLLM's: queued_ts to scheduled_ts, in the core
+    prefill_time: Optional[float] = None  # scheduled_ts to first_token_ts
+    decode_time: Optional[float] = None  # first_token_ts to last_token_ts
+    inference_time: Optional[float] = None  # scheduled_ts to last_token_ts (prefill + decode)
+    # decode_time / (num_generation_tokens - 1): the first token is the prefill's; None for <= 1
+    mean_time_per_output_token: Optional[float] = None
+    max_tokens_param: Optional[int] = None  # its SamplingParams.max_tokens (None: up to the context)
+    num_cached_tokens: int = 0  # prompt tokens it did not compute (prefix cache, KV connector)
+
+
+def _phase_times(times: "RequestStateStats") -> dict:
+    """vLLM's ``update_from_finished_request``: the phases this sequence reached."""
+    if not (times.queued_ts and times.scheduled_ts):
+        return {}
+    out = {"queued_time": times.scheduled_ts - times.queued_ts}
+    if times.first_token_ts and times.last_token_ts:
+        decode = times.last_token_ts - times.first_token_ts
+        out.update(prefill_time=times.first_token_ts - times.scheduled_ts, decode_time=decode,
+                   inference_time=times.last_token_ts - times.scheduled_ts)
+        if times.num_generation_tokens > 1:
+            out["mean_time_per_output_token"] = decode / (times.num_generation_tokens - 1)
+    return out
 
 
 @dataclass
@@ -136,6 +169,11 @@ class IterationStats:
     time_to_first_token: list[float] = field(default_factory=list)
     inter_token_latency: list[float] = field(default_factory=list)  # one per output after the first
     finished: list[FinishedRequest] = field(default_factory=list)
+    # Per request (not per sample) whose samples all finished, none aborted: its n, and the
+    # most output tokens any of its samples got (vLLM's n_params_iter,
+    # max_num_generation_tokens_iter).
+    n_params: list[int] = field(default_factory=list)
+    max_num_generation_tokens: list[int] = field(default_factory=list)
 
     def observe_output(self, times: RequestTimes, num_new_tokens: int,
                        first_scheduled_time: Optional[float]) -> None:
@@ -154,12 +192,20 @@ class IterationStats:
             self.inter_token_latency.append(self.now - times.last_token_time)
         times.last_token_time = self.now
 
-    def observe_finished(self, times: RequestTimes, finish_reason: str) -> None:
+    def observe_finished(self, times: RequestTimes, finish_reason: str,
+                         max_tokens: Optional[int] = None, num_cached_tokens: int = 0) -> None:
         queue_time = None
         if times.first_scheduled_time is not None:
             queue_time = max(0.0, times.first_scheduled_time - times.arrival_time)
         self.finished.append(FinishedRequest(finish_reason, self.now - times.arrival_time, queue_time,
-                                             times.num_prompt_tokens, times.num_generation_tokens))
+                                             times.num_prompt_tokens, times.num_generation_tokens,
+                                             max_tokens_param=max_tokens,
+                                             num_cached_tokens=num_cached_tokens, **_phase_times(times)))
+
+    def observe_request_finished(self, n: int, num_generation_tokens: list[int]) -> None:
+        """A request's last sample finished (none aborted): ``n`` and its samples' output counts."""
+        self.n_params.append(n)
+        self.max_num_generation_tokens.append(max(num_generation_tokens, default=0))
 
     @property
     def is_empty(self) -> bool:

@@ -21,11 +21,13 @@ VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15
 VLLM_ITERATION_TOKEN_BUCKETS = (1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
                                 4096.0, 8192.0, 16384.0)
 
+VLLM_N_PARAM_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0)
+
 
 def vllm_1_2_5_buckets(max_value: int) -> tuple[float, ...]:
     """vLLM's ``build_1_2_5_buckets``: 1, 2, 5, 10, 20, 50, ... while <= ``max_value``
     (tessellm's ``one_two_five_buckets`` goes one bound past the limit instead)."""
-    from tessellm.metrics.prometheus import one_two_five_buckets
+    from tessellm.metrics.buckets import one_two_five_buckets
 
     return tuple(b for b in one_two_five_buckets(max_value) if b <= max_value)
 
@@ -33,10 +35,19 @@ def vllm_1_2_5_buckets(max_value: int) -> tuple[float, ...]:
 def vllm_buckets(max_model_len: int) -> dict[str, tuple[float, ...]]:
     """tessellm histogram family (no prefix) -> vLLM's bounds for its ``vllm:`` name."""
     tokens = vllm_1_2_5_buckets(max_model_len)
+    latency = VLLM_REQUEST_LATENCY_BUCKETS
     return {"time_to_first_token_seconds": VLLM_TTFT_BUCKETS,
             "inter_token_latency_seconds": VLLM_ITL_BUCKETS,
-            "e2e_request_latency_seconds": VLLM_REQUEST_LATENCY_BUCKETS,
-            "request_queue_time_seconds": VLLM_REQUEST_LATENCY_BUCKETS,
+            "request_time_per_output_token_seconds": VLLM_ITL_BUCKETS,
+            "e2e_request_latency_seconds": latency,
+            "request_queue_time_seconds": latency,
+            "request_prefill_time_seconds": latency,
+            "request_decode_time_seconds": latency,
+            "request_inference_time_seconds": latency,
             "iteration_tokens_total": VLLM_ITERATION_TOKEN_BUCKETS,
+            "request_params_n": VLLM_N_PARAM_BUCKETS,
             "request_prompt_tokens": tokens,
-            "request_generation_tokens": tokens}
+            "request_generation_tokens": tokens,
+            "request_params_max_tokens": tokens,
+            "request_max_num_generation_tokens": tokens,
+            "request_prefill_kv_computed_tokens": tokens}
