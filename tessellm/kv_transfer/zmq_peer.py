@@ -445,9 +445,16 @@ class _Clients:
         while len(socks) >= self.per_thread:  # (no reply is due on an idle socket)
             oldest = next(iter(socks))
             self._drop(oldest, socks[oldest])
-        sock = socks[address] = self.context.socket(zmq.DEALER)
+        sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"tcp://{address}")
+        try:
+            sock.connect(f"tcp://{address}")
+        except zmq.ZMQError as exc:
+            # an address ZeroMQ cannot read (a request's remote_host): the socket is not kept
+            # (a send on it would wait for a peer forever, and close() would hang on it)
+            sock.close()
+            raise ConnectionError(f"cannot connect to {address}: {exc}") from None
+        socks[address] = sock
         with self._lock:
             self._open.add(sock)
         return sock

@@ -214,3 +214,33 @@ def test_a_thread_keeps_a_few_producer_sockets_at_most():
         for server in servers:
             server.close()
         server_zmq.term()
+
+
+def test_a_producer_address_zeromq_cannot_read_is_marked_down_not_hung(caplog):
+    """A request naming a remote_host ZeroMQ refuses (``bad_host!``) costs its lookup a miss
+    and marks that producer down alone; no socket of it is kept, so a later lookup asks
+    nothing and the connector's shutdown returns (a kept unconnected socket would block a send
+    forever, and the ZeroMQ context's end with it)."""
+    import threading
+    from types import SimpleNamespace
+
+    from tessellm.kv_transfer import (KVConnectorContext, KVConnectorRole, make_connector,
+                                      parse_kv_transfer_config)
+
+    kv = parse_kv_transfer_config(_peer("kv_consumer", lookup_timeout_ms=2000))
+    conn = make_connector(kv, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
+    params = {"do_remote_prefill": True, "remote_host": "bad_host!", "remote_port": 1}
+    SamplingParams(kv_transfer_params=params)  # (the checks at the edge let it through)
+    req = SimpleNamespace(request_id="r", all_token_ids=list(range(3, 24)), num_tokens=21,
+                          lora_request=None, block_key=lambda a, b, lora: None,
+                          sampling_params=SimpleNamespace(kv_transfer_params=params))
+    try:
+        assert conn.get_num_new_matched_tokens(req, 0)[0] == 0
+        assert conn._address(0, "bad_host!:1") is None  # marked down
+        assert "KV peer bad_host!:1: a lookup failed: cannot connect" in caplog.text
+        assert not conn.health.down() and conn.stats.store_down == 0
+    finally:
+        closing = threading.Thread(target=conn.shutdown, daemon=True)
+        closing.start()
+        closing.join(10)
+    assert not closing.is_alive(), "the connector's shutdown hung"
