@@ -17,7 +17,7 @@ Per request (``/v1/completions`` and ``/v1/chat/completions``):
    blocks are in that engine's store, and carries ``kv_transfer_params`` naming it
    (``remote_host``, ``remote_port``...);
 2. to the next decode engine: the original request (streamed if it asked) with those
-   ``kv_transfer_params``: the decode engine loads the blocks from that prefill engine (or,
+   ``kv_transfer_params`` (a client's own are dropped: only a prefill engine names a producer): the decode engine loads the blocks from that prefill engine (or,
    if it is gone or evicted them, recomputes the prompt: same tokens) and answers the client.
 
 The client's ``Authorization`` header is passed on to both engines. Needs ``fastapi``,
@@ -48,6 +48,13 @@ def prefill_body(body: dict) -> dict:
     return body
 
 
+def decode_body(body: dict, params) -> dict:
+    """The decode engine's request: the client's, with the prefill engine's
+    ``kv_transfer_params`` (or none: a client's own never names a producer for it to reach)."""
+    body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+    return {**body, "kv_transfer_params": params} if params else body
+
+
 def build_app(prefill_urls: list[str], decode_urls: list[str], timeout: float = 600.0) -> FastAPI:
     """The proxy over these engines' base URLs (``http://host:port``), round robin on each side."""
     if not prefill_urls or not decode_urls:
@@ -75,9 +82,7 @@ def build_app(prefill_urls: list[str], decode_urls: list[str], timeout: float = 
         first = await prefill.post(path, json=prefill_body(body), headers=headers)
         if first.status_code != 200:  # a bad request: the client gets the engine's error
             return JSONResponse(first.json(), status_code=first.status_code)
-        params = first.json().get("kv_transfer_params")
-        if params:
-            body = {**body, "kv_transfer_params": params}
+        body = decode_body(body, first.json().get("kv_transfer_params"))
         decode = next(request.app.state.next_decode)
         if not body.get("stream"):
             r = await decode.post(path, json=body, headers=headers)

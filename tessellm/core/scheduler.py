@@ -324,6 +324,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             req.num_computed_tokens += num_hit
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
+            if req.scheduled_ts is None:  # its first admission (not again after a failed load)
                 req.first_scheduled_time, req.scheduled_ts = time.time(), time.monotonic()
             req.status = RequestStatus.RUNNING
             if self.config.policy == "priority":  # running stays in the order it is served

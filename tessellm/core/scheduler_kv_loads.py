@@ -53,6 +53,7 @@ class SchedulerKVLoads:
         req.num_computed_tokens += num_hit
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = num_hit
+        if req.scheduled_ts is None:  # its first admission (not again after a failed load)
             req.first_scheduled_time, req.scheduled_ts = time.time(), time.monotonic()
         req.kv_loading = True
         self.kv_loading[req.request_id] = req

@@ -24,8 +24,9 @@ Routing (xPyD, vLLM's proxy flow; ``params.py``): a producer hands back, for a f
 ``remote_host`` = ``kv_host``, ``remote_port`` = ``kv_port``...); a consumer request whose
 ``kv_transfer_params`` carry them is looked up at and loaded from that producer (``_source``:
 its "where", which travels to the workers in the step's ``meta["sources"]``; a socket per
-thread and producer, kept), ``kv_peer`` (optional) being the default. A producer that does not
-answer is a miss for its requests alone (``_down_until`` per address, ``_mark_down``).
+thread and producer, kept: ``_SOCKETS_PER_THREAD`` at most), ``kv_peer`` (optional) being
+the default; ``allowed_producers`` (optional) limits whom requests may name. A producer that
+does not answer is a miss for its requests alone (``_down_until`` per address, ``_mark_down``).
 
 Wire protocol ``tslkv-peer/2`` (multipart frames; the client is a DEALER): a request is
 ``[b"tslkv-peer/2", op, namespace, tag, key...]`` (``tag``: the client's number for it, echoed
@@ -69,7 +70,8 @@ logger = logging.getLogger(__name__)
 
 _PEER_KEYS = (_EXTRA_KEYS - {"shared_storage_path"}) | {"kv_port", "kv_bind", "kv_peer",
                                                            "store_bytes", "store_ahead_bytes",
-                                                           "timeout_s", "kv_host"}
+                                                           "timeout_s", "kv_host",
+                                                           "allowed_producers"}
 _DEFAULT_PORT = 14579
 _DEFAULT_STORE = 4 << 30  # bytes of blocks a producer rank keeps (LRU)
 PROTOCOL = b"tslkv-peer/2"  # the first frame of every request (version 1 had none)
@@ -85,6 +87,9 @@ _SLAB_BYTES = 32 << 20  # memory is made a slab of this many bytes of slots at m
 _POLL_MS = 100  # the server looks at its stop flag this often
 _LOOKUP_TIMEOUT_S = 1.0  # a "has" waits at most this (a small message), timeout_s if less
 _WILDCARDS = ("0.0.0.0", "*", "::", "[::]")  # kv_bind values that name no address to reach
+# Sockets a thread keeps open, one per producer rank it talked to, the least recently used
+# closed past this (xPyD: producers come and go; a kept socket to a gone one reconnects forever)
+_SOCKETS_PER_THREAD = 32
 
 
 class BlockStore:
@@ -408,14 +413,16 @@ def _io_threads() -> int:
 
 class _Clients:
     """A DEALER socket per thread and peer address (ZeroMQ sockets are not thread-safe), of
-    the connector's own context. A request that times out, or whose reply is not its own,
+    the connector's own context; a thread keeps ``per_thread`` at most, closing its least
+    recently used past that. A request that times out, or whose reply is not its own,
     drops its socket: a late reply never answers a later request. ``close`` closes every
     socket left and ends the context, once the threads that used them are done (the
     connector's pools are shut down first)."""
 
-    def __init__(self):
+    def __init__(self, per_thread: int = _SOCKETS_PER_THREAD):
         import zmq
 
+        self.per_thread = per_thread
         self.context = zmq.Context(io_threads=_io_threads())
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -430,14 +437,26 @@ class _Clients:
     def _socket(self, address: str):
         import zmq
 
-        socks = self._local.__dict__.setdefault("socks", {})
+        socks = self._local.__dict__.setdefault("socks", OrderedDict())
         sock = socks.get(address)
-        if sock is None:
-            sock = socks[address] = self.context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
+        if sock is not None:
+            socks.move_to_end(address)
+            return sock
+        while len(socks) >= self.per_thread:  # (no reply is due on an idle socket)
+            oldest = next(iter(socks))
+            self._drop(oldest, socks[oldest])
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
             sock.connect(f"tcp://{address}")
-            with self._lock:
-                self._open.add(sock)
+        except zmq.ZMQError as exc:
+            # an address ZeroMQ cannot read (a request's remote_host): the socket is not kept
+            # (a send on it would wait for a peer forever, and close() would hang on it)
+            sock.close()
+            raise ConnectionError(f"cannot connect to {address}: {exc}") from None
+        socks[address] = sock
+        with self._lock:
+            self._open.add(sock)
         return sock
 
     def _drop(self, address: str, sock) -> None:
@@ -567,6 +586,15 @@ class ZmqPeerConnector(SharedStorageConnector):
             raise ValueError(f"ZmqPeerConnector's kv_host is the address consumers reach this "
                              f"producer at (handed back as remote_host), e.g. '10.0.0.5'; got {host!r}.")
         self.host = host or _reachable_host(bind)
+        allowed = extra.get("allowed_producers")
+        if allowed is not None and (not isinstance(allowed, list) or not all(
+                isinstance(a, str) and a and not any(c.isspace() for c in a) for a in allowed)):
+            raise ValueError("ZmqPeerConnector's allowed_producers is the producers a request's "
+                             "kv_transfer_params may name, a list of 'host' (any port) or "
+                             "'host:port' (its remote_host and remote_port), e.g. ['10.0.0.5', "
+                             f"'10.0.0.6:{_DEFAULT_PORT}']; leave it out to allow any; got {allowed!r}.")
+        self.allowed = None if allowed is None else frozenset(allowed)
+        self._refused: set = set()  # the producers told refused in the log (a few at most)
         self.engine_id = uuid.uuid4().hex  # handed back as remote_engine_id (messages only)
         self.port, self.bind, self.store_bytes, self.timeout = port, bind, store, float(timeout)
         # A load waits timeout_s for each reply (the fetch then fails by itself); the loader
@@ -591,8 +619,23 @@ class ZmqPeerConnector(SharedStorageConnector):
         peer = _host_port(where) if where is not None else self.peer
         return None if peer is None else f"{peer[0]}:{peer[1] + rank}"
 
+    def _allowed(self, where: str) -> bool:
+        """Whether a producer a request named may be asked: ``allowed_producers`` unset, its
+        ``host:port`` or host listed, or kv_peer (a refused one is told in the log once)."""
+        if (self.allowed is None or where in self.allowed or where.rpartition(":")[0] in self.allowed
+                or where == self._rank_address(0)):
+            return True
+        if where not in self._refused and len(self._refused) < 64:
+            self._refused.add(where)
+            logger.warning("KV producer %s named by a request's kv_transfer_params is not in "
+                           "allowed_producers: not asked, the request computes its prompt.", where)
+        return False
+
     def _address(self, rank: int, where: Optional[str] = None) -> Optional[str]:
-        """The producer rank's address, or None: none, or it counts as down (``store_down_ms``)."""
+        """The producer rank's address, or None: none, not allowed (``allowed_producers``), or
+        it counts as down (``store_down_ms``)."""
+        if where is not None and not self._allowed(where):
+            return None
         address = self._rank_address(rank, where)
         if address is None or time.monotonic() < self._down_until.get(address, 0.0):
             return None

@@ -156,6 +156,42 @@ def test_corrupt_truncated_and_missing_files(tiny_model_dir, tmp_path):
     assert rows == [(want[0], 0, 42 + 5)]
 
 
+@pytest.mark.parametrize("load_async", [False, True], ids=["in-step", "background"])
+def test_a_failed_load_keeps_the_first_schedule_stamps(load_async, tiny_model_dir, tmp_path):
+    """A request whose load fails is admitted again to recompute its prompt: its
+    RequestOutput.metrics keep the first admission's scheduled_ts and first_scheduled_time
+    (vLLM's "first scheduled"), not the second's."""
+    model = tiny_model_dir("llama")
+    (p,) = _prompts(1)
+    _run(model, [p], kv_transfer_config=_kv(tmp_path, "kv_producer"))
+    (ns,) = os.listdir(tmp_path)
+    conn = _connector(tmp_path, ns)
+    keys = conn.block_keys(SimpleNamespace(request_id="p", all_token_ids=p, lora_request=None,
+                                           block_key=lambda a, b, lora: None))
+    with open(conn.path(keys[7], 0), "r+b") as f:  # a payload byte flipped: the load fails
+        f.seek(-5, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    kv = _kv(tmp_path, "kv_consumer")
+    kv["kv_connector_extra_config"]["load_async"] = load_async
+    with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
+             max_model_len=128, kv_transfer_config=kv) as llm:
+        engine, sched = llm.engine, llm.engine.core.scheduler
+        engine.add_request("r", {"prompt_token_ids": p},
+                           SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        outs = engine.step()
+        first = (sched.requests["r"].scheduled_ts, sched.requests["r"].first_scheduled_time)
+        assert first[0] is not None
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        assert sched.stats().kv_connector["load_failures"] == 1
+    metrics = outs[-1].metrics
+    assert outs[-1].finished and outs[-1].num_cached_tokens == 0
+    assert (metrics.scheduled_ts, metrics.first_scheduled_time) == first
+    assert metrics.queued_ts <= metrics.scheduled_ts <= metrics.first_token_ts
+
+
 @pytest.mark.parametrize("engine", [{}, dict(async_scheduling=True, max_num_batched_tokens=8)],
                          ids=["whole", "async-chunks"])
 def test_blocks_computed_over_a_failed_load_are_never_saved(engine, tiny_model_dir, tmp_path):

@@ -155,3 +155,92 @@ def test_a_routed_producer_that_hangs_is_marked_down_alone(caplog):
         assert f"KV peer {silent}: a lookup not back" in caplog.text
     finally:
         conn.shutdown()
+
+
+def test_allowed_producers_limits_whom_a_consumer_asks(tiny_model_dir, caplog):
+    """A consumer with allowed_producers asks only the producers listed (by host, or by
+    host:port): a request naming another is not sent to it at all (its prompt computed, a
+    plain engine's tokens, counted as a fallback, one warning however often it is named);
+    one naming a listed producer loads as without the setting."""
+    model = tiny_model_dir("llama")
+    prompts = _prompts(2, seed=3)
+    want = _plain(model, prompts)
+    port = _free_port()
+    with _llm(model, _peer("kv_producer", kv_port=port)) as p1:
+        params = [_greedy(p1, p, 1, PREFILL).kv_transfer_params for p in prompts]
+        with _llm(model, _peer("kv_consumer", allowed_producers=["10.9.9.9", f"127.0.0.1:{port + 1}"])) as c:
+            for prompt, routed in zip(prompts, params):
+                out = _greedy(c, prompt, params=routed)
+                assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want[prompts.index(prompt)], 0)
+            stats = c.engine.core.scheduler.stats().kv_connector
+            assert (stats["remote_prefill_fallbacks"], stats["hits"], stats["store_down"]) == (2, 0, 0)
+        assert caplog.text.count(f"KV producer 127.0.0.1:{port} named by") == 1
+        for allowed in (["127.0.0.1"], [f"127.0.0.1:{port}"]):
+            with _llm(model, _peer("kv_consumer", allowed_producers=allowed)) as c:
+                out = _greedy(c, prompts[0], params=params[0])
+                assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want[0], 40)
+
+
+@pytest.mark.parametrize("value", ["10.0.0.5", ["10.0.0.5", ""], [5], ["10.0.0.5 :1"]])
+def test_a_malformed_allowed_producers_is_one_error(value):
+    from tessellm.kv_transfer import (KVConnectorContext, KVConnectorRole, make_connector,
+                                      parse_kv_transfer_config)
+
+    kv = parse_kv_transfer_config(_peer("kv_consumer", allowed_producers=value))
+    with pytest.raises(ValueError, match="allowed_producers is the producers a request"):
+        make_connector(kv, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
+
+
+def test_a_thread_keeps_a_few_producer_sockets_at_most():
+    """xPyD producers come and go: a thread's sockets to the producers it talked to are kept
+    up to ``per_thread``, the least recently used closed past that (a kept socket to a gone
+    producer would reconnect forever); a producer asked again after its socket went gets a
+    new one and answers."""
+    import zmq
+
+    from tessellm.kv_transfer.zmq_peer import BlockServer, BlockStore, _Clients
+
+    server_zmq = zmq.Context()
+    ports = [_free_port() for _ in range(3)]
+    servers = [BlockServer(BlockStore(capacity=1 << 10), "ns", "127.0.0.1", p, server_zmq) for p in ports]
+    clients = _Clients(per_thread=2)
+    try:
+        for p in ports + ports[:1]:
+            assert clients.request(f"127.0.0.1:{p}", [b"has", b"ns"], 5.0) == [b"ok", b"0"]
+            assert len(clients._open) <= 2
+        assert list(clients._local.socks) == [f"127.0.0.1:{ports[2]}", f"127.0.0.1:{ports[0]}"]
+    finally:
+        clients.close()
+        for server in servers:
+            server.close()
+        server_zmq.term()
+
+
+def test_a_producer_address_zeromq_cannot_read_is_marked_down_not_hung(caplog):
+    """A request naming a remote_host ZeroMQ refuses (``bad_host!``) costs its lookup a miss
+    and marks that producer down alone; no socket of it is kept, so a later lookup asks
+    nothing and the connector's shutdown returns (a kept unconnected socket would block a send
+    forever, and the ZeroMQ context's end with it)."""
+    import threading
+    from types import SimpleNamespace
+
+    from tessellm.kv_transfer import (KVConnectorContext, KVConnectorRole, make_connector,
+                                      parse_kv_transfer_config)
+
+    kv = parse_kv_transfer_config(_peer("kv_consumer", lookup_timeout_ms=2000))
+    conn = make_connector(kv, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
+    params = {"do_remote_prefill": True, "remote_host": "bad_host!", "remote_port": 1}
+    SamplingParams(kv_transfer_params=params)  # (the checks at the edge let it through)
+    req = SimpleNamespace(request_id="r", all_token_ids=list(range(3, 24)), num_tokens=21,
+                          lora_request=None, block_key=lambda a, b, lora: None,
+                          sampling_params=SimpleNamespace(kv_transfer_params=params))
+    try:
+        assert conn.get_num_new_matched_tokens(req, 0)[0] == 0
+        assert conn._address(0, "bad_host!:1") is None  # marked down
+        assert "KV peer bad_host!:1: a lookup failed: cannot connect" in caplog.text
+        assert not conn.health.down() and conn.stats.store_down == 0
+    finally:
+        closing = threading.Thread(target=conn.shutdown, daemon=True)
+        closing.start()
+        closing.join(10)
+    assert not closing.is_alive(), "the connector's shutdown hung"

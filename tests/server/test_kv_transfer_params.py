@@ -126,3 +126,15 @@ def test_a_vllm_proxys_prefill_then_decode_flow(producer, server_factory):
             time.sleep(0.1)
         assert hits >= prompt_tokens - 32  # the first request's blocks; the stream's hit the cache
         assert _counter(c, "kv_connector_remote_prefill_fallbacks_total") == 0
+
+
+def test_the_proxy_never_passes_a_clients_own_producer_on():
+    """The decode request carries the prefill engine's kv_transfer_params, or none: a client's
+    own (naming a host of its choosing for the decode engine to reach) are dropped."""
+    decode_body = _proxy_module().decode_body
+    evil = {"do_remote_prefill": True, "remote_host": "10.6.6.6", "remote_port": 1}
+    body = {"prompt": "x", "max_tokens": 4, "kv_transfer_params": evil}
+    assert decode_body(body, None) == {"prompt": "x", "max_tokens": 4}
+    mine = {"do_remote_prefill": True, "remote_host": "10.0.0.5", "remote_port": 14579}
+    assert decode_body(body, mine) == {"prompt": "x", "max_tokens": 4, "kv_transfer_params": mine}
+    assert body["kv_transfer_params"] == evil  # the client's body itself is not changed
