@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from tessellm import LLM, SamplingParams
+from tessellm import LLM, SamplingParams, StructuredOutputsParams
 from tessellm.sample.logits_processor import MoveDirectionality, process_dict_updates
 from tessellm.sample.logits_processor.load import load_class, spawn_names
 from tessellm.sample.logits_processor.state import batch_update
@@ -90,14 +90,18 @@ def test_preempted_requests_come_back_with_their_target(tokenized_model, plain):
 
 def test_async_scheduling_sees_each_step(tokenized_model, plain):
     """Under async scheduling each step's processor reads the output so far (prompt and output
-    ids of a 3-argument per-request callable): the tokens alternate as it asks."""
+    ids of a 3-argument per-request callable): the tokens alternate as it asks; a constrained
+    request beside it samples after its grammar mask (a deferred sample)."""
     with LLM(tokenized_model, **ENGINE, async_scheduling=True,
              logits_processors=[f"{PROCS}:AlternatingPerReqProcessor"]) as engine:
         assert engine.engine.core.async_scheduling
-        out = engine.generate(PROMPTS[:2], [_greedy(9, alternate=True), _greedy(12)], use_tqdm=False)
+        choice = SamplingParams(temperature=0, max_tokens=8,
+                                structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))
+        out = engine.generate(PROMPTS[:3], [_greedy(9, alternate=True), _greedy(12), choice], use_tqdm=False)
     prompt = out[0].prompt_token_ids
     assert list(out[0].outputs[0].token_ids) == [prompt[0], prompt[-1]] * 4 + [prompt[0]]
     assert _tokens(out)[1] == plain[PROMPTS[1]]
+    assert out[2].outputs[0].text in ("yes", "no")  # a constrained row samples after its mask
 
 
 def test_the_adapter_wraps_a_per_request_callable(tokenized_model, plain):
@@ -141,6 +145,23 @@ def test_speculative_decoding_and_pooling_are_refused(tokenized_model):
     with pytest.raises(ValueError, match="speculative decoding"):
         LLM(tokenized_model, **ENGINE, logits_processors=[DummyLogitsProcessor],
             speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
+    with pytest.raises(ValueError, match="logits_processors apply to generating models"):
+        LLM(tokenized_model, **ENGINE, convert="embed", logits_processors=[DummyLogitsProcessor])
+
+
+def test_tensor_parallel_ranks_load_the_processor_by_name(tokenized_model, plain):
+    """Worker processes (mp executor, gloo) import the class by name; a class of a function
+    body cannot cross and is refused before any worker starts."""
+    with LLM(tokenized_model, **ENGINE, tensor_parallel_size=2, logits_processors=[DummyLogitsProcessor]) as tp:
+        assert len(tp.engine.core.executor.worker_info) == 2
+        out = _tokens(tp.generate(PROMPTS[:2], [_greedy(6, target_token=99), _greedy(12)], use_tqdm=False))
+    assert out == [[99] * 6, plain[PROMPTS[1]]]
+
+    class Local(DummyLogitsProcessor):
+        pass
+
+    with pytest.raises(ValueError, match="defined in a function.*move it into a module"):
+        LLM(tokenized_model, **ENGINE, tensor_parallel_size=2, logits_processors=[Local])
 
 
 def test_classes_are_loaded_by_name_and_checked():
